@@ -1,0 +1,69 @@
+"""`python -m pipeline <command> RECIPE [key=value ...]`: the one entry point the Makefile calls.
+
+Commands are imported lazily so that `validate` and `plan` never import torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline.errors import UserError
+
+# command -> (module, function, one-line help). Each function takes (Resolved, argparse.Namespace).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "build": ("pipeline.data.build", "run", "raw sources -> Alpaca-format JSON + manifest (make data)"),
+    "validate": ("pipeline.validate", "run", "recipe + built data against their schemas; prints a report"),
+    "inspect": ("pipeline.data.inspect", "run", "render samples with trainable tokens marked; length histogram"),
+    "plan": ("pipeline.recipe.plan", "run", "resolved recipe with provenance, derived steps, DeepSpeed JSON, memory"),
+    "train": ("pipeline.train.run", "run", "DeepSpeed training (pt or sft; lora, full or freeze)"),
+    "merge": ("pipeline.merge", "run", "fold the adapter into the base, verify, export HF GPT-2 layout"),
+    "eval": ("pipeline.evaluate.run", "run", "loss/perplexity + generation metrics, base vs tuned, report"),
+    "generate": ("pipeline.model.chat", "run", "complete --prompt TEXT (or chat interactively)"),
+    "deps": ("pipeline.recipe.deps", "run", "print the files a recipe depends on (used by the Makefile)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Recipe-driven fine-tuning of the book's GPT on DeepSpeed.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands below")
+    parser.add_argument("recipe", help="path to a YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, values parsed as YAML")
+    gen = parser.add_argument_group("generate")
+    gen.add_argument("--prompt", help="text to complete; without it, an interactive chat")
+    gen.add_argument("--model", choices=["base", "adapter", "merged"], default=None,
+                     help="which weights to use (default: merged if present, else adapter, else base)")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the recipe's template")
+    insp = parser.add_argument_group("inspect")
+    insp.add_argument("--num", type=int, default=3, help="number of samples to render")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, func_name, _ = COMMANDS[args.command]
+    try:
+        from pipeline.recipe import resolve
+
+        resolved = resolve(args.recipe, args.overrides, command=args.command)
+        func = getattr(importlib.import_module(module_name), func_name)
+        code = func(resolved, args)
+    except UserError as err:
+        for message in err.messages:
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""User mistakes are exceptions of their own, so the CLI can print them without a traceback (exit 2)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class UserError(Exception):
+    """One or more user-facing problems; each message names the file and line/row/key where it can."""
+
+    def __init__(self, messages: str | Iterable[str]):
+        self.messages: list[str] = [messages] if isinstance(messages, str) else list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix, or '' when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
