@@ -1,0 +1,133 @@
+# Recipe-driven fine-tuning: data -> validate -> train -> merge -> eval, re-running only stale stages.
+# `make help` lists targets and variables.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+RECIPE ?= recipes/demo_sft.yaml
+ARGS ?=
+NPROC ?= 1
+HOSTFILE ?=
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
+TESTS ?= tests
+PYTEST_ARGS ?=
+
+export PYTHONUNBUFFERED := 1
+
+STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
+STAGE_GOALS := data validate inspect plan train merge eval chat all
+
+# Several ranks (or nodes) go through the deepspeed launcher; one rank is a plain python process.
+ifeq ($(NPROC)$(HOSTFILE),1)
+LAUNCH := $(PY) -m pipeline
+else
+LAUNCH := $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(NPROC) --module pipeline
+endif
+
+.PHONY: help setup test-deps data validate inspect plan train merge eval chat all test bench clean FORCE
+
+help: ## list targets and variables
+	@echo "usage: make <target> [RECIPE=recipes/x.yaml] [ARGS='key=value ...'] [NPROC=N] [HOSTFILE=file]"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
+	@echo
+	@echo "variables:"
+	@echo "  RECIPE     the experiment (default $(RECIPE))"
+	@echo "  ARGS       recipe overrides, e.g. ARGS='learning_rate=5e-5 max_steps=10'"
+	@echo "  NPROC      ranks per node for train/eval through the deepspeed launcher (default 1)"
+	@echo "  HOSTFILE   DeepSpeed hostfile for multi-node runs"
+	@echo "  TORCH      torch requirement for setup (default $(TORCH)); TORCH_INDEX e.g."
+	@echo "             '--index-url https://download.pytorch.org/whl/cu124' for a CUDA build"
+	@echo "  TESTS, PYTEST_ARGS  what 'make test' runs"
+
+# ---------------------------------------------------------------- setup
+setup: $(VENV)/.setup-done ## create .venv with pinned dependencies and the offline GPT-2 tokenizer
+
+$(VENV)/.setup-done: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH) $(TORCH_INDEX)
+	DS_BUILD_OPS=0 $(PIP) install -q -r requirements.txt
+	$(PY) -m pipeline.data.tokenizer
+	@touch $@
+
+test-deps: $(VENV)/.test-deps-done
+
+$(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
+	$(PIP) install -q -r requirements-test.txt
+	@touch $@
+
+# ---------------------------------------------------------------- stages
+# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE and UPSTREAM (the recipe whose
+# output this one starts from) as make variables, so editing a recipe or anything it extends re-runs
+# what depends on it.
+ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
+-include $(STAMPS)/deps.mk
+endif
+
+$(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(VENV)/.setup-done
+	@mkdir -p $(@D)
+	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp && mv $@.tmp $@ || { rm -f $@.tmp; $(PY) -m pipeline validate $(RECIPE) $(ARGS); exit 2; }
+
+# Overrides change results: a change of ARGS makes every stage of this recipe stale.
+$(STAMPS)/args: FORCE
+	@mkdir -p $(@D)
+	@echo '$(ARGS)' | cmp -s - $@ || echo '$(ARGS)' > $@
+
+ifneq ($(UPSTREAM),)
+UPSTREAM_STAMP := .stamps/$(basename $(notdir $(UPSTREAM)))/train
+$(UPSTREAM_STAMP): FORCE
+	@$(MAKE) --no-print-directory train RECIPE=$(UPSTREAM) NPROC=$(NPROC) HOSTFILE=$(HOSTFILE)
+endif
+
+$(STAMPS)/data: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
+	$(PY) -m pipeline build $(RECIPE) $(ARGS)
+	@touch $@
+
+$(STAMPS)/validate: $(STAMPS)/data
+	$(PY) -m pipeline validate $(RECIPE) $(ARGS)
+	@touch $@
+
+$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP)
+	$(LAUNCH) train $(RECIPE) overwrite_output_dir=true $(ARGS)
+	@touch $@
+
+$(STAMPS)/merge: $(STAMPS)/train
+	$(PY) -m pipeline merge $(RECIPE) $(ARGS)
+	@touch $@
+
+$(STAMPS)/eval: $(STAMPS)/merge
+	$(LAUNCH) eval $(RECIPE) $(ARGS)
+	@touch $@
+
+data: $(STAMPS)/data ## build the recipe's datasets into Alpaca-format JSON (+ manifest)
+validate: $(STAMPS)/validate ## check the recipe and the built data; prints a report
+inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram
+	$(PY) -m pipeline inspect $(RECIPE) $(ARGS)
+plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
+	$(PY) -m pipeline plan $(RECIPE) $(ARGS)
+train: $(STAMPS)/train ## train (NPROC=N ranks, HOSTFILE=... for several nodes)
+merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF GPT-2 layout
+eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
+all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
+	@echo "report: $(OUTPUT_DIR)/eval/report.md"
+chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT='...' for one answer)
+	$(PY) -m pipeline generate $(RECIPE) $(ARGS) $(if $(PROMPT),--prompt '$(PROMPT)')
+
+# ---------------------------------------------------------------- quality
+test: $(VENV)/.test-deps-done ## run the test suite
+	$(PY) -m pytest $(TESTS) $(PYTEST_ARGS)
+
+bench: $(VENV)/.test-deps-done ## benchmarks against the peers (see bench/README.md)
+	$(PIP) install -q -r bench/requirements.txt
+	$(PY) -m bench.run
+
+clean: ## remove generated data, stamps and outputs (keeps .venv)
+	rm -rf .stamps saves datasets/build
+
+FORCE:
