@@ -1,0 +1,333 @@
+"""The evaluation's files: metrics.json (numbers), predictions.jsonl (every example), report.md (for people).
+
+The eval folder is written as a whole (pipeline.io.atomic_dir): it appears complete or not at all.
+Scores are fractions in [0, 1] in the JSON files and percentages in report.md.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipeline.evaluate import metrics as M
+from pipeline.io import atomic_dir, atomic_write, write_json, write_text
+
+SCHEMA_VERSION = 1
+MODELS = ("base", "tuned")
+GEN_METRICS = ("exact_match", "f1", "rouge_l", "bleu")
+LABELS = {
+    "loss": "loss (nats/token)",
+    "perplexity": "perplexity",
+    "exact_match": "exact match (%)",
+    "f1": "token F1 (%)",
+    "rouge_l": "ROUGE-L (%)",
+    "bleu": "BLEU-4, corpus (%)",
+    "sentence_bleu": "BLEU-4, mean sentence (%)",
+}
+SHORT = {"exact_match": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "bleu": "BLEU-4"}
+LOWER_IS_BETTER = {"loss", "perplexity"}
+PERCENT = {"exact_match", "f1", "rouge_l", "bleu", "sentence_bleu"}
+PRIMARY = "f1"  # per-example score that ranks the examples shown in report.md
+EXAMPLES_PER_SECTION = 3
+MAX_SHOWN_CHARS = 800
+
+
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss); None where it overflows a float (JSON has no infinity)."""
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return None
+
+
+def model_summary(
+    loss_sum: float, n_tokens: int, predictions: Sequence[str] | None, references: Sequence[str] | None
+) -> dict[str, Any]:
+    """One model's block of metrics.json: token-weighted loss, perplexity and (sft) generation metrics."""
+    loss = loss_sum / n_tokens if n_tokens else None
+    out: dict[str, Any] = {"loss": loss, "perplexity": perplexity(loss), "loss_tokens": n_tokens}
+    if predictions is not None and references is not None:
+        agg = M.aggregate(list(predictions), list(references))
+        out.update({k: agg[k] for k in (*GEN_METRICS, "sentence_bleu")})
+        out["n"] = agg["n"]
+    return out
+
+
+def deltas(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """tuned - base for every metric both have."""
+    if "base" not in results or "tuned" not in results:
+        return {}
+    base, tuned = results["base"], results["tuned"]
+    return {
+        k: tuned[k] - base[k]
+        for k in LABELS
+        if isinstance(base.get(k), (int, float)) and isinstance(tuned.get(k), (int, float))
+    }
+
+
+def prediction_rows(
+    prompts: Sequence[str], references: Sequence[str], predictions: Mapping[str, Sequence[str]]
+) -> list[dict[str, Any]]:
+    """One predictions.jsonl row per example: prompt, reference, each model's prediction and scores."""
+    rows = []
+    for i, (prompt, ref) in enumerate(zip(prompts, references, strict=True)):
+        row: dict[str, Any] = {"index": i, "prompt": prompt, "reference": ref}
+        for name in MODELS:
+            if name in predictions:
+                pred = predictions[name][i]
+                row[f"{name}_prediction"] = pred
+                row[f"{name}_scores"] = M.score_example(pred, ref)
+        rows.append(row)
+    return rows
+
+
+def write(
+    eval_dir: str | Path,
+    metrics: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] | None,
+    *,
+    output_dir: str | Path | None = None,
+) -> Path:
+    """Write metrics.json, predictions.jsonl (sft), metrics.png, loss_curves.png (when a log exists), report.md.
+
+    `metrics` holds the run information plus "results": {"base"?: {...}, "tuned": {...}} as made by
+    model_summary; `output_dir` is where trainer_log.jsonl / training_loss.png are looked for.
+    """
+    eval_dir = Path(eval_dir)
+    output_dir = Path(output_dir) if output_dir is not None else eval_dir.parent
+    metrics = {"schema_version": SCHEMA_VERSION, **metrics}
+    metrics["delta"] = deltas(metrics["results"])
+    with atomic_dir(eval_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        if rows is not None:
+            with atomic_write(tmp / "predictions.jsonl") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+        figures = {}
+        if plot_metrics(metrics["results"], tmp / "metrics.png"):
+            figures["metrics"] = "metrics.png"
+        log = output_dir / "trainer_log.jsonl"
+        if plot_loss_curves(log, metrics["results"], tmp / "loss_curves.png"):
+            figures["loss"] = "loss_curves.png"
+        elif (output_dir / "training_loss.png").is_file():
+            figures["loss"] = _relative(output_dir / "training_loss.png", eval_dir)
+        write_text(tmp / "report.md", render_markdown(metrics, rows, figures))
+    return eval_dir
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+# ---------------------------------------------------------------- plots
+def _figure(width: float = 7.0, height: float = 4.0):
+    """A pyplot-free Figure (Agg canvas): no global state, no display needed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_metrics(results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
+    """Grouped bars, base vs tuned, of the generation metrics in percent; False when there are none."""
+    names = [k for k in GEN_METRICS if any(k in results.get(m, {}) for m in MODELS)]
+    if not names:
+        return False
+    fig = _figure()
+    ax = fig.add_subplot()
+    present = [m for m in MODELS if m in results]
+    width = 0.8 / len(present)
+    for j, model in enumerate(present):
+        values = [100 * results[model].get(k, 0.0) for k in names]
+        xs = [i + (j - (len(present) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, values, width, label=model, color=("#9e9e9e" if model == "base" else "#1f77b4"))
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(names)), [LABELS[k].replace(" (%)", "") for k in names])
+    ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Generation metrics on the evaluation set")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def read_trainer_log(path: Path) -> list[dict[str, Any]]:
+    """trainer_log.jsonl records; unreadable lines (a torn last line after a crash) are skipped."""
+    records = []
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
+
+
+def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
+    """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines."""
+    records = read_trainer_log(log)
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for rec in records:
+        step = rec.get("step", rec.get("global_step"))
+        if not isinstance(step, (int, float)):
+            continue
+        for key, label in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval (during training)")):
+            value = rec.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                xs, ys = series.setdefault(label, ([], []))
+                xs.append(step)
+                ys.append(value)
+    if not series:
+        return False
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
+    for model, style in (("base", ":"), ("tuned", "--")):
+        loss = results.get(model, {}).get("loss")
+        if isinstance(loss, (int, float)):
+            ax.axhline(loss, linestyle=style, color="gray" if model == "base" else "black",
+                       label=f"{model} model, this evaluation ({loss:.3f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+# ---------------------------------------------------------------- markdown
+def _fmt(key: str, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    if key in PERCENT:
+        return f"{100 * value:.1f}"
+    return f"{value:.4f}" if key == "loss" else f"{value:.2f}"
+
+
+def _fmt_delta(key: str, value: float) -> str:
+    text = f"{100 * value:+.1f}" if key in PERCENT else f"{value:+.4f}" if key == "loss" else f"{value:+.2f}"
+    if abs(value) < 1e-12:
+        return text
+    better = (value < 0) == (key in LOWER_IS_BETTER)
+    return f"{text} {'▲' if better else '▼'}"
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    results, delta = metrics["results"], metrics.get("delta", {})
+    present = [m for m in MODELS if m in results]
+    header = "| metric | " + " | ".join(present) + (" | Δ tuned − base |" if len(present) == 2 else " |")
+    sep = "|---|" + "---:|" * len(present) + ("---:|" if len(present) == 2 else "")
+    lines = [header, sep]
+    for key, label in LABELS.items():
+        if not any(key in results[m] for m in present):
+            continue
+        cells = [_fmt(key, results[m].get(key)) for m in present]
+        if len(present) == 2:
+            cells.append(_fmt_delta(key, delta[key]) if key in delta else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _block(text: str) -> str:
+    """A fenced block that no backtick run inside `text` can close; long texts are cut."""
+    if len(text) > MAX_SHOWN_CHARS:
+        text = text[:MAX_SHOWN_CHARS] + f"… [{len(text) - MAX_SHOWN_CHARS} more characters]"
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def select_examples(rows: Sequence[Mapping[str, Any]], k: int = EXAMPLES_PER_SECTION) -> dict[str, list[Mapping]]:
+    """Best and worst by the tuned model's F1, and the ones whose F1 changed most from base to tuned.
+
+    Sections may share an example (a small eval set has few to show). Ties go to the lower index.
+    """
+    scored = [r for r in rows if "tuned_scores" in r]
+
+    def tuned(r: Mapping) -> float:
+        return r["tuned_scores"][PRIMARY]
+
+    sections = {
+        "Best (highest tuned F1)": sorted(scored, key=lambda r: (-tuned(r), r["index"]))[:k],
+        "Worst (lowest tuned F1)": sorted(scored, key=lambda r: (tuned(r), r["index"]))[:k],
+    }
+    if scored and all("base_scores" in r for r in scored):
+        def change(r: Mapping) -> float:
+            return tuned(r) - r["base_scores"][PRIMARY]
+
+        changed = [r for r in scored if change(r) != 0 or r["tuned_prediction"] != r["base_prediction"]]
+        sections["Changed most from base to tuned"] = sorted(changed, key=lambda r: (-abs(change(r)), r["index"]))[:k]
+    return {title: chosen for title, chosen in sections.items() if chosen}
+
+
+def _example_md(row: Mapping[str, Any]) -> str:
+    parts = [f"**Example {row['index']}**", "", "Prompt:", _block(row["prompt"]), "", "Reference:",
+             _block(row["reference"])]
+    for model in MODELS:
+        if f"{model}_prediction" in row:
+            scores = row[f"{model}_scores"]
+            summary = ", ".join(f"{SHORT[k]} {100 * scores[k]:.1f}" for k in GEN_METRICS)
+            parts += ["", f"{model.capitalize()} ({summary}):", _block(row[f"{model}_prediction"])]
+    return "\n".join(parts)
+
+
+def render_markdown(
+    metrics: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] | None, figures: Mapping[str, str]
+) -> str:
+    info = metrics
+    dec = info.get("decoding") or {}
+    out = [f"# Evaluation report: {info.get('run_name', 'run')}", ""]
+    out += [f"Written {info.get('written_at', _dt.datetime.now().isoformat(timespec='seconds'))}.", ""]
+    out += ["## What was evaluated", ""]
+    facts = [
+        ("recipe", info.get("recipe")),
+        ("stage", info.get("stage")),
+        ("base model", info.get("base_model")),
+        ("tuned model", info.get("tuned_model")),
+        ("data", info.get("data")),
+        ("examples", info.get("n_examples")),
+        ("loss tokens (trained positions)", info.get("results", {}).get("tuned", {}).get("loss_tokens")),
+        ("ranks", info.get("world_size")),
+    ]
+    out += [f"- {name}: `{value}`" for name, value in facts if value is not None]
+    if dec:
+        mode = "sampling" if dec.get("do_sample") else "greedy"
+        settings = ", ".join(f"{k}={v}" for k, v in dec.items() if k != "do_sample")
+        out.append(f"- decoding: {mode} ({settings})")
+    out += ["", "## Metrics", "", metrics_table(metrics), ""]
+    out += [
+        "Loss is the mean cross-entropy per trained token (the same masks as training: response tokens",
+        "and EOS for sft) and perplexity is exp(loss); lower is better. Generation metrics compare each",
+        "greedy/sampled completion with the reference on words: exact match (whitespace-normalised,",
+        "case-sensitive), token F1 (bag of words), ROUGE-L (longest common subsequence F-measure) and",
+        "BLEU-4 (smoothed, NLTK method1); higher is better. ▲ marks an improvement of tuned over base.",
+        "",
+    ]
+    if "metrics" in figures:
+        out += [f"![metrics base vs tuned]({figures['metrics']})", ""]
+    if "loss" in figures:
+        out += ["## Training loss", "", f"![training loss]({figures['loss']})", ""]
+    if rows is None:
+        out += ["Stage pt: loss and perplexity only (no generation).", ""]
+    else:
+        out += ["## Examples", "", f"All {len(rows)} examples with their scores are in `predictions.jsonl`.", ""]
+        for title, chosen in select_examples(rows).items():
+            out += [f"### {title}", ""]
+            for row in chosen:
+                out += [_example_md(row), ""]
+    return "\n".join(out).rstrip() + "\n"

@@ -1,0 +1,137 @@
+"""The eval folder holds what is promised: metrics.json keys, one predictions row per example, a readable report."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.evaluate import report as R
+
+PROMPTS = ["Q: capital of France?", "Q: 2+2?", "Q: colour of the sky?", "Q: say ```code```"]
+REFS = ["Paris", "4", "blue", "ok"]
+BASE = ["London", "4", "", "no"]
+TUNED = ["Paris", "five", "blue sky", "ok"]
+
+
+def _metrics(with_base: bool = True) -> dict:
+    results = {"tuned": R.model_summary(2.0 * 10, 10, TUNED, REFS)}
+    if with_base:
+        results["base"] = R.model_summary(3.0 * 10, 10, BASE, REFS)
+    return {
+        "run_name": "demo_sft",
+        "recipe": "recipes/demo_sft.yaml",
+        "stage": "sft",
+        "base_model": "tiny",
+        "tuned_model": "saves/demo_sft/merged",
+        "data": "val split of [demo]",
+        "n_examples": len(REFS),
+        "decoding": {"do_sample": False, "max_new_tokens": 16},
+        "results": results,
+    }
+
+
+def test_model_summary_values():
+    s = R.model_summary(6.0, 3, ["a b", "x"], ["a b", "y"])
+    assert s["loss"] == pytest.approx(2.0)  # 6 nats over 3 tokens
+    assert s["perplexity"] == pytest.approx(math.exp(2.0))
+    assert s["loss_tokens"] == 3
+    assert s["exact_match"] == pytest.approx(0.5) and s["f1"] == pytest.approx(0.5) and s["n"] == 2
+    assert R.model_summary(0.0, 0, None, None)["loss"] is None  # no tokens: no loss, not a division error
+    assert R.perplexity(1e6) is None  # overflow is not written as infinity (JSON has none)
+
+
+def test_write_sft_report(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "trainer_log.jsonl").write_text(
+        "\n".join(json.dumps({"step": s, "loss": 4.0 - s / 10, **({"eval_loss": 3.9} if s == 5 else {})})
+                  for s in range(1, 11)) + "\n{torn line"
+    )
+    metrics = _metrics()
+    rows = R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED})
+    R.write(out / "eval", metrics, rows, output_dir=out)
+
+    files = {p.name for p in (out / "eval").iterdir()}
+    assert files == {"metrics.json", "predictions.jsonl", "report.md", "metrics.png", "loss_curves.png"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+    saved = json.loads((out / "eval" / "metrics.json").read_text())
+    for model in ("base", "tuned"):
+        assert set(saved["results"][model]) >= {"loss", "perplexity", "exact_match", "f1", "rouge_l", "bleu", "n"}
+        assert saved["results"][model]["n"] == 4
+    # tuned: Paris exact, "five" vs "4" nothing, "blue sky" vs "blue" partly, "ok" exact -> EM 2/4
+    assert saved["results"]["tuned"]["exact_match"] == pytest.approx(0.5)
+    # base: only "4" exact -> 1/4; delta = 0.25; losses 3 and 2 -> delta loss -1
+    assert saved["results"]["base"]["exact_match"] == pytest.approx(0.25)
+    assert saved["delta"]["exact_match"] == pytest.approx(0.25)
+    assert saved["delta"]["loss"] == pytest.approx(-1.0)
+    assert saved["delta"]["perplexity"] == pytest.approx(math.exp(2) - math.exp(3))
+    assert saved["decoding"] == {"do_sample": False, "max_new_tokens": 16} and saved["schema_version"] == 1
+
+    lines = (out / "eval" / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 4
+    first = json.loads(lines[0])
+    assert first["prompt"] == PROMPTS[0] and first["reference"] == "Paris"
+    assert first["base_prediction"] == "London" and first["tuned_prediction"] == "Paris"
+    assert first["tuned_scores"]["exact_match"] == 1.0 and first["base_scores"]["f1"] == 0.0
+    # "blue sky" vs "blue": F1 = 2 * (1/2 * 1) / (3/2) = 2/3
+    assert json.loads(lines[2])["tuned_scores"]["f1"] == pytest.approx(2 / 3)
+
+    md = (out / "eval" / "report.md").read_text(encoding="utf-8")
+    assert "| exact match (%) | 25.0 | 50.0 | +25.0 ▲ |" in md
+    assert "| loss (nats/token) | 3.0000 | 2.0000 | -1.0000 ▲ |" in md  # lower loss is an improvement
+    assert "![metrics base vs tuned](metrics.png)" in md and "![training loss](loss_curves.png)" in md
+    assert "### Best (highest tuned F1)" in md and "### Worst (lowest tuned F1)" in md
+    assert "### Changed most from base to tuned" in md
+    assert "````text\nQ: say ```code```\n````" in md  # a fence longer than any backtick run inside
+    assert "`saves/demo_sft/merged`" in md and "greedy" in md
+
+
+def test_png_files_are_images(tmp_path):
+    R.write(tmp_path / "eval", _metrics(), R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED}))
+    assert (tmp_path / "eval" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tuned_only_and_training_loss_png_fallback(tmp_path):
+    (tmp_path / "training_loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # no trainer_log.jsonl
+    rows = R.prediction_rows(PROMPTS, REFS, {"tuned": TUNED})
+    R.write(tmp_path / "eval", _metrics(with_base=False), rows, output_dir=tmp_path)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(saved["results"]) == {"tuned"} and saved["delta"] == {}
+    row = json.loads((tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()[0])
+    assert "base_prediction" not in row and row["tuned_prediction"] == "Paris"
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "![training loss](../training_loss.png)" in md and "Δ" not in md
+    assert "Changed most" not in md
+
+
+def test_pt_stage_has_loss_only(tmp_path):
+    metrics = {"run_name": "demo_pt", "stage": "pt",
+               "results": {"base": R.model_summary(50.0, 10, None, None), "tuned": R.model_summary(40.0, 10, None, None)}}
+    R.write(tmp_path / "eval", metrics, None, output_dir=tmp_path)
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {"metrics.json", "report.md"}
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["results"]["tuned"]["perplexity"] == pytest.approx(math.exp(4.0))
+    assert "f1" not in saved["results"]["tuned"]
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "| perplexity | 148.41 | 54.60 | -93.8" in md  # e^5 = 148.413, e^4 = 54.598
+    assert "loss and perplexity only" in md
+
+
+def test_rewrite_replaces_previous_eval(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "stale.txt").write_text("old")
+    R.write(tmp_path / "eval", _metrics(), R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED}))
+    assert not (tmp_path / "eval" / "stale.txt").exists()
+
+
+def test_select_examples_order():
+    rows = R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED})
+    sections = R.select_examples(rows, k=2)
+    # tuned F1: [1, 0, 2/3, 1]; base F1: [0, 1, 0, 0]
+    assert [r["index"] for r in sections["Best (highest tuned F1)"]] == [0, 3]  # ties by index
+    assert [r["index"] for r in sections["Worst (lowest tuned F1)"]] == [1, 2]
+    # |change|: 1, 1, 2/3, 1 -> 0, 1 (ties by index)
+    assert [r["index"] for r in sections["Changed most from base to tuned"]] == [0, 1]
+    assert R.select_examples([]) == {}
