@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 from pipeline.errors import UserError
@@ -45,10 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _available(module_name: str) -> bool:
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     module_name, func_name, _ = COMMANDS[args.command]
+    if not _available(module_name):
+        print(f"error: the '{args.command}' command is not built yet ({module_name} does not exist)",
+              file=sys.stderr)
+        return 2
     try:
         from pipeline.recipe import resolve
 

@@ -1,0 +1,232 @@
+"""The DeepSpeed config: generated from the recipe, or the user's JSON with its "auto" values filled.
+
+The optimizer and the LR scheduler are client objects built by the trainer from the recipe, so the
+config has no optimizer/scheduler sections. In a user JSON, an explicit value that contradicts the
+recipe (batch sizes, accumulation, clipping, precision) is a UserError naming the JSON file, the key
+path, both values and the recipe key, so it is caught before launch rather than at engine init.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Mapping
+
+from pipeline.errors import UserError
+from pipeline.recipe.load import Origin
+
+_BIG = 1_000_000_000
+# JSON path -> recipe key; an explicit JSON value must equal the recipe's.
+STRICT: dict[tuple[str, ...], str] = {
+    ("train_micro_batch_size_per_gpu",): "per_device_train_batch_size",
+    ("gradient_accumulation_steps",): "gradient_accumulation_steps",
+    ("train_batch_size",): "total_train_batch_size",
+    ("gradient_clipping",): "max_grad_norm",
+    ("fp16", "enabled"): "fp16",
+    ("bf16", "enabled"): "bf16",
+}
+# JSON path -> recipe key; the JSON's value is adopted unless the recipe set the key itself (then they must agree).
+ADOPTED: dict[tuple[str, ...], str] = {
+    ("fp16", "loss_scale"): "loss_scale",
+    ("fp16", "initial_scale_power"): "initial_scale_power",
+    ("fp16", "loss_scale_window"): "loss_scale_window",
+    ("fp16", "hysteresis"): "hysteresis",
+    ("fp16", "min_loss_scale"): "min_loss_scale",
+    ("zero_optimization", "stage"): "zero_stage",
+    ("zero_optimization", "offload_optimizer", "device"): "offload_optimizer",
+    ("zero_optimization", "offload_param", "device"): "offload_param",
+}
+_CLIENT_SECTIONS = {
+    "optimizer": "the optimizer is AdamW built from the recipe: set learning_rate, weight_decay, adam_beta1, "
+                 "adam_beta2 and adam_epsilon there",
+    "scheduler": "the learning-rate schedule is built from the recipe: set lr_scheduler_type, warmup_ratio or "
+                 "warmup_steps and min_lr_ratio there",
+}
+
+
+def generate(values: Mapping[str, Any], hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for the recipe's values (world size included)."""
+    stage = values["zero_stage"]
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        bucket = hidden_size * hidden_size if hidden_size else 500_000_000
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True,
+                    reduce_bucket_size=bucket, allgather_bucket_size=500_000_000)
+        if values["offload_optimizer"] != "none":
+            zero["offload_optimizer"] = {"device": values["offload_optimizer"], "pin_memory": True}
+    if stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size) if hidden_size else 50_000_000,
+            stage3_param_persistence_threshold=10 * hidden_size if hidden_size else 100_000,
+            stage3_max_live_parameters=_BIG,
+            stage3_max_reuse_distance=_BIG,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+        if values["offload_param"] != "none":
+            zero["offload_param"] = {"device": values["offload_param"], "pin_memory": True}
+    config: dict[str, Any] = {
+        "train_batch_size": values["per_device_train_batch_size"] * values["gradient_accumulation_steps"]
+        * values["world_size"],
+        "train_micro_batch_size_per_gpu": values["per_device_train_batch_size"],
+        "gradient_accumulation_steps": values["gradient_accumulation_steps"],
+        "gradient_clipping": values["max_grad_norm"],
+        "bf16": {"enabled": values["bf16"]},
+        "fp16": {
+            "enabled": values["fp16"],
+            "loss_scale": values["loss_scale"],
+            "initial_scale_power": values["initial_scale_power"],
+            "loss_scale_window": values["loss_scale_window"],
+            "hysteresis": values["hysteresis"],
+            "min_loss_scale": values["min_loss_scale"],
+        },
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _BIG,
+        "wall_clock_breakdown": False,
+    }
+    if stage >= 1 and values["offload_optimizer"] != "none":
+        config["zero_force_ds_cpu_optimizer"] = False  # the trainer's torch AdamW is allowed with offload
+    return config
+
+
+def build_ds_config(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, recipe keys adopted from the user's JSON). Raises UserError with every contradiction."""
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(values.get("model_name_or_path"))
+    hidden = info.n_embd if info else None
+    path = values.get("deepspeed")
+    if path is None:
+        return generate(values, hidden), {}
+    user, text = _read_json(path, origins.get("deepspeed"))
+    problems: list[str] = []
+    for section, advice in _CLIENT_SECTIONS.items():
+        if section in user:
+            problems.append(f"{_at(path, text, (section,))}: {section}: {advice}; remove the '{section}' section")
+    adopted = _adopt(user, values, origins, path, text, problems)
+    merged_values = {**values, **adopted}
+    config = _merge(generate(merged_values, hidden), user, merged_values, origins, path, text, (), problems)
+    for section in _CLIENT_SECTIONS:
+        config.pop(section, None)
+    if problems:
+        raise UserError(problems)
+    return config, adopted
+
+
+def _read_json(path: str, origin: Origin | None) -> tuple[dict[str, Any], str]:
+    where = origin.where + ": deepspeed" if origin is not None and origin.kind in ("file", "cli") else "deepspeed"
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: file {path!r} not found (paths are relative to the current directory "
+                        f"{os.getcwd()})")
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: the DeepSpeed JSON is not UTF-8; save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{where}: cannot read {path!r}: {err.strerror}") from None
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise UserError(f"{path}: duplicate key {key!r} in the DeepSpeed JSON; keep one")
+            out[key] = value
+        return out
+
+    try:
+        data = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1:1: a DeepSpeed config must be a JSON object {{...}}, found {type(data).__name__}")
+    if "bfloat16" in data and "bf16" not in data:  # DeepSpeed's older spelling of the bf16 section
+        data["bf16"] = data.pop("bfloat16")
+    return data, text
+
+
+def _at(path: str, text: str, keys: tuple[str, ...]) -> str:
+    """`file:line:col` of the last key of `keys` in the JSON text (found in order), or just `file`."""
+    pos = 0
+    for key in keys:
+        found = text.find(json.dumps(key), pos)
+        if found < 0:
+            return path
+        pos = found
+    line = text.count("\n", 0, pos) + 1
+    return f"{path}:{line}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
+
+
+def _get(data: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        if not isinstance(data, Mapping) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _recipe_where(key: str, origins: Mapping[str, Origin]) -> str:
+    origin = origins.get(key)
+    if key == "total_train_batch_size":
+        return "per_device_train_batch_size x gradient_accumulation_steps x world size"
+    if origin is None or origin.kind in ("default", "derived"):
+        return origin.kind if origin else "recipe"
+    return origin.where
+
+
+def _contradiction(path: str, text: str, keys: tuple[str, ...], given: Any, key: str, expected: Any,
+                   origins: Mapping[str, Origin]) -> str:
+    dotted = ".".join(keys)
+    return (f"{_at(path, text, keys)}: {dotted} is {json.dumps(given)} but the recipe has {key}: "
+            f"{json.dumps(expected)} ({_recipe_where(key, origins)}); set it to \"auto\" in {path} or make them agree")
+
+
+def _adopt(user: Mapping[str, Any], values: Mapping[str, Any], origins: Mapping[str, Origin], path: str, text: str,
+           problems: list[str]) -> dict[str, Any]:
+    from jsonschema import Draft202012Validator
+
+    from pipeline.recipe import spec
+
+    adopted: dict[str, Any] = {}
+    for keys, key in ADOPTED.items():
+        given = _get(user, keys)
+        if given is None or given == "auto" or given == values[key]:
+            continue
+        if key in ("offload_optimizer", "offload_param") and given == "none":
+            continue
+        if not Draft202012Validator(spec.properties()[key]).is_valid(given):
+            problems.append(f"{_at(path, text, keys)}: {'.'.join(keys)}: given {json.dumps(given)}, expected "
+                            f"{spec.describe(spec.properties()[key])}")
+        elif origins[key].kind in ("file", "cli"):
+            problems.append(_contradiction(path, text, keys, given, key, values[key], origins))
+        else:
+            adopted[key] = given
+    return adopted
+
+
+def _merge(generated: Mapping[str, Any], user: Mapping[str, Any], values: Mapping[str, Any],
+           origins: Mapping[str, Origin], path: str, text: str, prefix: tuple[str, ...],
+           problems: list[str]) -> dict[str, Any]:
+    """The user's JSON over the generated config: "auto" takes the generated value, explicit values are checked."""
+    out = copy.deepcopy(dict(generated))
+    for key, given in user.items():
+        keys = prefix + (key,)
+        ours = generated.get(key)
+        if isinstance(given, Mapping) and isinstance(ours, Mapping):
+            out[key] = _merge(ours, given, values, origins, path, text, keys, problems)
+            continue
+        if given == "auto":
+            if ours is None:
+                problems.append(f"{_at(path, text, keys)}: {'.'.join(keys)} is \"auto\" but nothing in the recipe "
+                                "fills it; give a value")
+            else:
+                out[key] = copy.deepcopy(ours)
+            continue
+        recipe_key = STRICT.get(keys)
+        if recipe_key is not None:
+            expected = values[recipe_key]
+            same = given == expected and isinstance(given, bool) == isinstance(expected, bool)
+            if not same:
+                problems.append(_contradiction(path, text, keys, given, recipe_key, expected, origins))
+        out[key] = copy.deepcopy(given)
+    return out

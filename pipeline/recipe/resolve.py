@@ -1,0 +1,300 @@
+"""One immutable Resolved recipe: defaults <- extends chain <- recipe <- CLI overrides <- derived values.
+
+Step arithmetic (the trainer's contract; `derive_steps` redoes it once the exact example count is known):
+
+    total_train_batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size
+    batches_per_rank       = ceil(num_train_examples / (per_device_train_batch_size * world_size))
+    steps_per_epoch        = floor(batches_per_rank / gradient_accumulation_steps)   # optimizer steps
+    total_steps            = max_steps if set, else ceil(num_train_epochs * steps_per_epoch)
+    num_warmup_steps       = warmup_steps if set, else ceil(warmup_ratio * total_steps) if set, else 0
+
+`num_train_examples` is the sum of `splits.train` over the built manifests of `dataset` (sft) when every
+one exists, else null (and then the step counts that need it are null too). For `stage: pt` it is null
+here: the trainer counts windows after tokenizing and calls `derive_steps`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from pipeline.errors import UserError, did_you_mean
+from pipeline.recipe import spec
+from pipeline.recipe.check import DERIVED_KEYS, check_schema
+from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
+
+_LIST_KEYS = ("dataset", "eval_dataset", "lora_target")
+
+
+class Resolved(Mapping[str, Any]):
+    """Every recipe key with a value and a provenance. Read `r["key"]` or `r.key`; change with `r.replace()`."""
+
+    __slots__ = ("_values", "_origins", "_recipe_path", "_files", "_ds_config")
+
+    def __init__(self, values: Mapping[str, Any], origins: Mapping[str, Origin], recipe_path: str | Path,
+                 files: Iterable[str] = (), ds_config: Mapping[str, Any] | None = None):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_origins", dict(origins))
+        object.__setattr__(self, "_recipe_path", Path(recipe_path))
+        object.__setattr__(self, "_files", tuple(files) or (str(recipe_path),))
+        object.__setattr__(self, "_ds_config", copy.deepcopy(dict(ds_config or {})))
+
+    # Mapping ---------------------------------------------------------------------------------------
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"the recipe has no key {name!r}{did_you_mean(name, self._values)}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Resolved is immutable; use r.replace(key=value)")
+
+    def __reduce__(self):
+        return (Resolved, (self._values, self._origins, self._recipe_path, self._files, self._ds_config))
+
+    def __repr__(self) -> str:
+        return f"Resolved({self._recipe_path}, {len(self._values)} keys)"
+
+    # Provenance and friends --------------------------------------------------------------------------
+    def source(self, key: str) -> str:
+        """`default`, `recipes/x.yaml:12`, `cli` or `derived`."""
+        return self._origins[key].provenance
+
+    def origin(self, key: str) -> Origin:
+        return self._origins[key]
+
+    @property
+    def recipe_path(self) -> Path:
+        return self._recipe_path
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The recipe and every file it extends (the recipe first)."""
+        return self._files
+
+    @property
+    def ds_config(self) -> dict[str, Any]:
+        """The DeepSpeed config (a copy): generated from the recipe, or the user's JSON with "auto" filled."""
+        return copy.deepcopy(self._ds_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._values)
+
+    def replace(self, **changes: Any) -> "Resolved":
+        """A new Resolved with `changes` (provenance `derived`); the DeepSpeed config is rebuilt from them."""
+        unknown = [k for k in changes if k not in self._values]
+        if unknown:
+            raise KeyError(f"unknown recipe keys {unknown}{did_you_mean(unknown[0], self._values)}")
+        values = {**self._values, **changes}
+        origins = {**self._origins, **{k: DERIVED for k in changes}}
+        from pipeline.recipe.dsconfig import build_ds_config
+
+        ds, adopted = build_ds_config(values, origins)
+        values.update(adopted)
+        origins.update({k: DERIVED for k in adopted})
+        return Resolved(values, origins, self._recipe_path, self._files, ds)
+
+
+def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, command: str | None = None,
+            env: Mapping[str, str] = os.environ) -> Resolved:
+    """Load, merge, validate and derive. Raises UserError listing every problem found."""
+    recipe_file = os.fspath(path)
+    messages: list[tuple[tuple, str]] = []
+    chain = None
+    try:
+        chain = load_chain(recipe_file)
+    except UserError as err:
+        messages.extend(err.messages)
+    cli, cli_errors = parse_overrides_partial(overrides)
+    if chain is None:
+        raise UserError(messages + cli_errors)
+
+    merged: dict[str, Entry] = {}
+    for i, layer in enumerate(chain.layers):
+        top = i == len(chain.layers) - 1
+        merged.update({k: e for k, e in layer.items() if top or k != "extends"})
+    merged.update(cli)
+
+    problems, bad = check_schema(merged, recipe_file)
+    problems += [((1, "", 0, i), m) for i, m in enumerate(cli_errors)]
+    values = spec.defaults()
+    origins: dict[str, Origin] = {key: DEFAULT for key in values}
+    props = spec.properties()
+    for key, entry in merged.items():
+        if key in props and key not in bad:
+            values[key], origins[key] = _normalise(key, entry.value, props[key]), entry.origin
+    problems += _derive(values, origins, recipe_file, env, bad)
+
+    from pipeline.recipe import rules
+
+    problems += rules.run(values, origins, recipe_file, command, bad)
+    ds: dict[str, Any] = {}
+    if not ({"deepspeed", "per_device_train_batch_size", "gradient_accumulation_steps"} & bad):
+        from pipeline.recipe.dsconfig import build_ds_config
+
+        try:
+            ds, adopted = build_ds_config(values, origins)
+            values.update(adopted)
+            origins.update({k: DERIVED for k in adopted})
+        except UserError as err:
+            problems += [((2, "", 0, 0), m) for m in err.messages]
+    if problems:
+        problems.sort(key=lambda p: (p[0][0], chain.files.index(p[0][1]) if p[0][1] in chain.files else -1,
+                                     *p[0][2:]))
+        raise UserError(list(dict.fromkeys(m for _, m in problems)))
+    return Resolved(values, origins, recipe_file, chain.files, ds)
+
+
+def _normalise(key: str, value: Any, prop: dict[str, Any]) -> Any:
+    """1e3 for an integer key becomes 1000; comma strings of names become lists."""
+    if isinstance(value, float) and value.is_integer() and spec.is_integer_key(prop):
+        return int(value)
+    if key in _LIST_KEYS and isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> tuple[int, str | None]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default, None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        return default, f"environment {name}={raw!r}: expected an integer >= {minimum} (set by the launcher)"
+    return value, None
+
+
+def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str, env: Mapping[str, str],
+            bad: set[str]) -> list[tuple[tuple, str]]:
+    """Fill the derived keys in place; returns problems with the launcher environment."""
+    problems = []
+    for key, name, default, minimum in (("world_size", "WORLD_SIZE", 1, 1), ("rank", "RANK", 0, 0),
+                                        ("local_rank", "LOCAL_RANK", 0, 0)):
+        values[key], problem = _env_int(env, name, default, minimum)
+        origins[key] = DERIVED
+        if problem:
+            problems.append(((1, "", 0, 0), problem))
+    if values["rank"] >= values["world_size"] and not problems:
+        problems.append(((1, "", 0, 0), f"environment RANK={values['rank']} is not below "
+                                        f"WORLD_SIZE={values['world_size']}"))
+    if values["output_dir"] is None:
+        values["output_dir"], origins["output_dir"] = os.path.join("saves", Path(recipe_file).stem), DERIVED
+    if values["lora_alpha"] is None and "lora_rank" not in bad:
+        values["lora_alpha"], origins["lora_alpha"] = 2 * values["lora_rank"], DERIVED
+    for key in _LIST_KEYS:
+        values[key] = _normalise(key, values[key], spec.properties()[key])
+    if origins["cutoff_len"].kind == "default" and not {"model_name_or_path", "context_length"} & bad:
+        from pipeline.recipe.modelinfo import model_info
+
+        info = model_info(values["model_name_or_path"])
+        context = values["context_length"] or (info.context_length if info else None)
+        if context is not None and context < values["cutoff_len"]:  # the default never exceeds the model
+            values["cutoff_len"], origins["cutoff_len"] = context, DERIVED
+    if {"per_device_train_batch_size", "gradient_accumulation_steps"} & bad:
+        values["total_train_batch_size"] = None
+    else:
+        values["total_train_batch_size"] = (values["per_device_train_batch_size"]
+                                            * values["gradient_accumulation_steps"] * values["world_size"])
+    origins["total_train_batch_size"] = DERIVED
+    n = None if {"dataset", "dataset_dir", "stage"} & bad else count_train_examples(values)
+    _derive_steps_into(values, origins, n, bad)
+    return problems
+
+
+def count_train_examples(values: Mapping[str, Any]) -> int | None:
+    """Sum of `splits.train` over the built manifests of `dataset` (sft), or None when any is missing."""
+    if values.get("stage") != "sft" or not values.get("dataset"):
+        return None
+    total = 0
+    for name in values["dataset"]:
+        manifest = read_manifest(values, name)
+        try:
+            total += int(manifest["splits"]["train"])  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            return None
+    return total
+
+
+def read_manifest(values: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """`<dataset_dir>/build/<name>/manifest.json` as a dict, or None when absent or unreadable."""
+    path = Path(values["dataset_dir"]) / "build" / name / "manifest.json"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: int | None,
+                       bad: set[str] = frozenset()) -> None:
+    needed = {"per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
+              "warmup_ratio", "warmup_steps"}
+    steps_per_epoch = total = warmup = None
+    if not needed & bad:
+        if n is not None:
+            batches_per_rank = math.ceil(n / (values["per_device_train_batch_size"] * values["world_size"]))
+            steps_per_epoch = batches_per_rank // values["gradient_accumulation_steps"]
+        if values["max_steps"] is not None:
+            total = values["max_steps"]
+        elif values["num_train_epochs"] is not None and steps_per_epoch is not None:
+            total = math.ceil(values["num_train_epochs"] * steps_per_epoch)
+        if values["warmup_steps"] is not None:
+            warmup = values["warmup_steps"]
+        elif values["warmup_ratio"] is not None:
+            warmup = math.ceil(values["warmup_ratio"] * total) if total is not None else None
+        else:
+            warmup = 0
+    for key, value in (("num_train_examples", n), ("steps_per_epoch", steps_per_epoch), ("total_steps", total),
+                       ("num_warmup_steps", warmup)):
+        values[key], origins[key] = value, DERIVED
+
+
+def derive_steps(r: Resolved, num_train_examples: int) -> Resolved:
+    """The same Resolved with step counts recomputed from the exact number of training examples (or windows)."""
+    values, origins = r.to_dict(), {k: r.origin(k) for k in r}
+    _derive_steps_into(values, origins, int(num_train_examples))
+    changed = {k: values[k] for k in ("num_train_examples", "steps_per_epoch", "total_steps", "num_warmup_steps")}
+    return r.replace(**changed)
+
+
+def resolved_yaml(r: Resolved) -> str:
+    """Every value with its provenance as a comment, grouped like the schema (for output_dir/resolved.yaml)."""
+    lines = [f"# resolved recipe: {r.recipe_path}", "# value  # provenance: default | file:line | cli | derived"]
+    shown = set()
+    for group, keys in spec.groups().items():
+        lines.append(f"\n# --- {group} ---")
+        for key in keys:
+            lines.append(_yaml_line(r, key))
+            shown.add(key)
+    lines.append("\n# --- derived ---")
+    for key in DERIVED_KEYS:
+        lines.append(_yaml_line(r, key))
+        shown.add(key)
+    rest = [k for k in r if k not in shown]
+    for key in rest:
+        lines.append(_yaml_line(r, key))
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_line(r: Resolved, key: str) -> str:
+    # JSON is valid YAML 1.2 flow syntax, and quotes every string (so 'yes' stays a string).
+    return f"{key}: {json.dumps(r[key], ensure_ascii=False)}  # {r.source(key)}"

@@ -1,0 +1,311 @@
+"""Cross-field rules: each a small named function with its own message, run after the schema check.
+
+A rule declares the keys it reads; it is skipped when one of them already failed the schema (so one
+mistake gives one message), and `commands` limits it to the commands where it matters.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline.errors import did_you_mean
+from pipeline.recipe.load import Origin
+
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "additional_target")
+_RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None)  # commands that run on this machine
+
+
+def cuda_available() -> bool:
+    """Whether this machine has an NVIDIA GPU, without importing torch (tests monkeypatch this)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+@dataclass
+class Context:
+    values: Mapping[str, Any]
+    origins: Mapping[str, Origin]
+    recipe_file: str
+    command: str | None
+
+    def where(self, key: str) -> str:
+        """`file:line:col: key` when the user set it, else `recipe: key`."""
+        origin = self.origins.get(key)
+        if origin is not None and origin.kind in ("file", "cli"):
+            return f"{origin.where}: {key}"
+        return f"{self.recipe_file}: {key}"
+
+    def is_set(self, key: str) -> bool:
+        return self.origins[key].kind in ("file", "cli")
+
+    def set_here(self, key: str) -> bool:
+        """Set in the recipe itself or on the command line (not inherited through extends)."""
+        origin = self.origins[key]
+        return origin.kind == "cli" or (origin.kind == "file" and origin.file == self.recipe_file)
+
+    def sort_key(self, key: str) -> tuple:
+        origin = self.origins.get(key)
+        if origin is not None and origin.kind == "file":
+            return (0, origin.file, origin.line, origin.column)
+        return (1, "", 0, 0)
+
+
+@dataclass(frozen=True)
+class Rule:
+    func: Callable[[Context], list[tuple[str, str]]]  # -> [(key the message is about, message)]
+    keys: tuple[str, ...]
+    commands: tuple[str | None, ...] | None
+
+
+RULES: list[Rule] = []
+
+
+def rule(*keys: str, commands: tuple[str | None, ...] | None = None):
+    def register(func: Callable[[Context], list[tuple[str, str]]]):
+        RULES.append(Rule(func, keys, commands))
+        return func
+    return register
+
+
+def run(values: Mapping[str, Any], origins: Mapping[str, Origin], recipe_file: str, command: str | None,
+        bad: set[str]) -> list[tuple[tuple, str]]:
+    ctx = Context(values, origins, recipe_file, command)
+    problems = []
+    for r in RULES:
+        if (r.commands is not None and command not in r.commands) or bad & set(r.keys):
+            continue
+        for key, message in r.func(ctx):
+            problems.append((ctx.sort_key(key), f"{ctx.where(key)}: {message}"))
+    return problems
+
+
+# --- precision -------------------------------------------------------------------------------------
+
+@rule("fp16", "bf16")
+def fp16_and_bf16(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["fp16"] and ctx.values["bf16"]:
+        key = "fp16" if ctx.sort_key("fp16") >= ctx.sort_key("bf16") else "bf16"
+        return [(key, "fp16 and bf16 are both true; choose one (bf16 on Ampere or newer GPUs and on CPU, "
+                      "fp16 on older GPUs)")]
+    return []
+
+
+@rule("fp16", commands=_RUNS_HERE)
+def fp16_needs_cuda(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["fp16"] and not cuda_available():
+        return [("fp16", "fp16 needs a CUDA GPU and this machine has none; use bf16 on CPU "
+                         "(bf16: true, fp16: false) or neither for fp32")]
+    return []
+
+
+# --- method ----------------------------------------------------------------------------------------
+
+@rule("finetuning_type", *LORA_KEYS)
+def lora_keys_need_lora(ctx: Context) -> list[tuple[str, str]]:
+    kind = ctx.values["finetuning_type"]
+    if kind == "lora":
+        return []
+    return [(key, f"is a LoRA setting but finetuning_type is {kind}; remove it or set finetuning_type: lora")
+            for key in LORA_KEYS if ctx.set_here(key)]
+
+
+@rule("finetuning_type", "freeze_trainable_layers")
+def freeze_key_needs_freeze(ctx: Context) -> list[tuple[str, str]]:
+    kind = ctx.values["finetuning_type"]
+    if kind != "freeze" and ctx.set_here("freeze_trainable_layers"):
+        return [("freeze_trainable_layers", f"only applies to finetuning_type: freeze, but finetuning_type is "
+                                            f"{kind}; remove it or set finetuning_type: freeze")]
+    return []
+
+
+@rule("finetuning_type", "freeze_trainable_layers", "model_name_or_path")
+def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["finetuning_type"] != "freeze":
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    n = ctx.values["freeze_trainable_layers"]
+    if info is not None and n > info.n_layer:
+        return [("freeze_trainable_layers", f"given {n}, expected at most {info.n_layer} (the number of "
+                                            f"transformer blocks of {ctx.values['model_name_or_path']})")]
+    return []
+
+
+@rule("model_name_or_path")
+def model_exists(ctx: Context) -> list[tuple[str, str]]:
+    """A bare name must be a preset; a path may be produced by an upstream recipe, so it is checked at use."""
+    from pipeline.recipe.modelinfo import looks_like_path, presets
+
+    name = ctx.values["model_name_or_path"]
+    names = presets()
+    if names is None or name in names:
+        return []
+    if looks_like_path(name):
+        if ctx.command in ("train", "merge", "eval", "generate", "inspect") and not os.path.isdir(name):
+            return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
+                                           "run that one first")]
+        return []
+    return [("model_name_or_path", f"given {name!r}, expected a preset ({', '.join(names)}) or a checkpoint "
+                                   f"directory{did_you_mean(name, names)}")]
+
+
+@rule("cutoff_len", "context_length", "model_name_or_path")
+def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
+    context = ctx.values["context_length"]
+    if context is None:
+        from pipeline.recipe.modelinfo import model_info
+
+        info = model_info(ctx.values["model_name_or_path"])
+        context = info.context_length if info else None
+    if context is not None and ctx.values["cutoff_len"] > context:
+        return [("cutoff_len", f"given {ctx.values['cutoff_len']}, expected at most {context} (the model's "
+                               "context length); lower cutoff_len or raise context_length")]
+    return []
+
+
+@rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length")
+def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["finetuning_type"] != "lora":
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is None:
+        return []
+    from pipeline.errors import UserError
+    from pipeline.model.config import additional_target_modules, lora_target_modules
+
+    problems = []
+    for key, check in (("lora_target", lora_target_modules), ("additional_target", additional_target_modules)):
+        try:
+            check(info.config, ctx.values[key])
+        except UserError as err:
+            problems += [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
+    return problems
+
+
+@rule("adapter_name_or_path", commands=("train", "merge", "eval", "generate"))
+def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
+    path = ctx.values["adapter_name_or_path"]
+    if path is not None and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return [("adapter_name_or_path", f"{path!r} holds no adapter_config.json; expected a LoRA adapter "
+                                         "directory (e.g. saves/<recipe>/adapter)")]
+    return []
+
+
+# --- training length, warmup, resume ---------------------------------------------------------------
+
+@rule("max_steps", "num_train_epochs", commands=("train", "plan", "validate", None))
+def training_length(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["max_steps"] is None and ctx.values["num_train_epochs"] is None:
+        return [("num_train_epochs", "num_train_epochs and max_steps are both unset; set one "
+                                     "(e.g. num_train_epochs: 3)")]
+    return []
+
+
+@rule("warmup_ratio", "warmup_steps")
+def warmup_once(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["warmup_ratio"] is not None and ctx.values["warmup_steps"] is not None:
+        key = "warmup_steps" if ctx.sort_key("warmup_steps") >= ctx.sort_key("warmup_ratio") else "warmup_ratio"
+        return [(key, f"warmup_ratio ({ctx.values['warmup_ratio']}) and warmup_steps "
+                      f"({ctx.values['warmup_steps']}) are both set; keep one")]
+    return []
+
+
+@rule("per_device_train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_dir", "stage")
+def enough_batches(ctx: Context) -> list[tuple[str, str]]:
+    n = ctx.values["num_train_examples"]
+    if n is None:
+        return []
+    if n == 0:
+        return [("dataset", "the built training split is empty; add data or lower val_size")]
+    if ctx.values["steps_per_epoch"] == 0:
+        micro, world = ctx.values["per_device_train_batch_size"], ctx.values["world_size"]
+        batches = -(-n // (micro * world))
+        return [("gradient_accumulation_steps",
+                 f"given {ctx.values['gradient_accumulation_steps']}, but the {n} training examples make only "
+                 f"{batches} micro-batches per rank (per_device_train_batch_size {micro} x world size {world}): "
+                 "no optimizer step would happen; lower gradient_accumulation_steps or the batch size")]
+    return []
+
+
+@rule("resume_from_checkpoint", commands=("train",))
+def checkpoint_exists(ctx: Context) -> list[tuple[str, str]]:
+    path = ctx.values["resume_from_checkpoint"]
+    if path is not None and path != "latest" and not os.path.isdir(path):
+        return [("resume_from_checkpoint", f"directory {path!r} not found; give a checkpoint-<step> directory "
+                                           "or 'latest'")]
+    return []
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def _registry(ctx: Context) -> dict[str, Any] | None:
+    path = Path(ctx.values["dataset_dir"]) / "dataset_info.json"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None  # missing or broken: `build` and `validate` report the registry itself
+    return data if isinstance(data, dict) else None
+
+
+@rule("dataset", "eval_dataset", "dataset_dir")
+def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
+    registry = _registry(ctx)
+    if registry is None:
+        return []
+    problems = []
+    where = os.path.join(ctx.values["dataset_dir"], "dataset_info.json")
+    for key in ("dataset", "eval_dataset"):
+        for name in ctx.values[key] or []:
+            if name not in registry:
+                problems.append((key, f"dataset {name!r} is not in {where}{did_you_mean(name, registry)}; "
+                                      f"known: {', '.join(sorted(registry)) or 'none'}"))
+    return problems
+
+
+@rule("val_size", "dataset", "dataset_dir", "stage")
+def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["stage"] != "sft":
+        return []
+    from pipeline.recipe.resolve import read_manifest
+
+    problems = []
+    frac = ctx.values["val_size"]
+    for name in ctx.values["dataset"] or []:
+        manifest = read_manifest(ctx.values, name)
+        rows = manifest.get("rows_kept") if manifest else None
+        if not isinstance(rows, int) or rows <= 0:
+            continue
+        if frac * rows < 1:
+            problems.append(("val_size", f"given {frac}, but dataset {name!r} has {rows} rows: the validation "
+                                         f"split would be empty (needs val_size >= {1 / rows:.3g})"))
+        elif (1 - frac) * rows < 1:
+            problems.append(("val_size", f"given {frac}, but dataset {name!r} has {rows} rows: nothing would "
+                                         "be left to train on; lower val_size"))
+    return problems
+
+
+# --- DeepSpeed -------------------------------------------------------------------------------------
+
+@rule("zero_stage", "offload_optimizer", "offload_param", "deepspeed")
+def offload_needs_zero(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["deepspeed"] is not None:
+        return []  # the user's JSON decides; dsconfig checks it
+    stage, problems = ctx.values["zero_stage"], []
+    if ctx.values["offload_param"] != "none" and stage != 3:
+        problems.append(("offload_param", f"offloading parameters needs zero_stage: 3 (zero_stage is {stage})"))
+    if ctx.values["offload_optimizer"] != "none" and stage == 0:
+        problems.append(("offload_optimizer", "offloading optimizer states needs zero_stage 1, 2 or 3 "
+                                              "(zero_stage is 0)"))
+    for key in ("offload_optimizer", "offload_param"):
+        if ctx.values[key] == "nvme":
+            problems.append((key, "nvme offload needs an nvme_path: give a deepspeed JSON with "
+                                  f"zero_optimization.{key}.nvme_path, or use cpu"))
+    return problems
