@@ -1,0 +1,329 @@
+"""LoRA the book's way (LoRALayer, LinearWithLoRA, replace_linear_with_lora), grown into a feature.
+
+Scaling: the book's notes compute alpha * (x @ A @ B). Here the update is scaled by alpha / rank
+(alpha / sqrt(rank) with use_rslora), as in the LoRA paper and PEFT. Two reasons: the effective
+step size then does not grow with the rank, so a learning rate tuned at r=8 still works at r=64
+(keeping alpha = 2 r, the recipe default, gives the same scale 2 at every rank); and the exported
+adapter means the same thing when PEFT loads it. The book's behaviour is alpha_book = alpha / rank.
+
+Init follows the book: A (in x r) kaiming-uniform(a=sqrt(5)), B (r x out) zeros, so a fresh adapter
+leaves the model's output unchanged. In PEFT's file layout lora_A.weight is A^T (r x in) and
+lora_B.weight is B^T (out x r); GPT-2's Conv1D base layers make it fan_in_fan_out: true.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_dir, write_json
+from pipeline.model.config import additional_target_modules, lora_candidates, select_modules
+from pipeline.model.weights import CONV1D, read_tensors
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALayer(nn.Module):
+    """The low-rank update x @ A @ B, scaled by alpha / rank (alpha / sqrt(rank) with rsLoRA)."""
+
+    def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, use_rslora: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(in_dim, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)  # as the book, fan_in = rank
+        self.B = nn.Parameter(torch.zeros(rank, out_dim))
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (x @ self.A @ self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in nn.Linear layout (out x in)."""
+        return self.scaling * (self.A @ self.B).t()
+
+
+class LinearWithLoRA(nn.Module):
+    """linear(x) + lora(dropout(x)); the wrapped Linear keeps its weights (frozen by apply_lora)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.linear = linear
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, generator)
+        self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.lora(self.dropout(x))
+
+
+def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, targets: set[str] | None = None,
+                             dropout: float = 0.0, use_rslora: bool = False, generator: torch.Generator | None = None,
+                             prefix: str = "") -> list[str]:
+    """The book's recursive walk over named_children; `targets` (full module paths) limits which Linears."""
+    replaced = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.Linear) and (targets is None or path in targets):
+            wrapper = LinearWithLoRA(child, rank, alpha, dropout, use_rslora, generator)
+            setattr(model, name, wrapper.train(child.training))  # a new module would start in training mode
+            replaced.append(path)
+        elif not isinstance(child, LinearWithLoRA):
+            replaced += replace_linear_with_lora(child, rank, alpha, targets=targets, dropout=dropout,
+                                                 use_rslora=use_rslora, generator=generator, prefix=path + ".")
+    return replaced
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+
+
+def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 8,
+               alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
+               seed: int | None = None, additional_targets: Iterable[str] | None = None) -> list[str]:
+    """Freeze the model, wrap the targeted Linears (not the output head) with LoRA; returns their paths.
+
+    Patterns match module paths by suffix (PEFT's rule): 'c_attn', 'attn.c_proj', 'c_proj' (both
+    projections), 'h.0.attn.c_attn' (one block); 'all' = every Linear except lm_head. A pattern that
+    matches nothing is a UserError naming the available modules. additional_targets are trained in full.
+    """
+    alpha = 2 * rank if alpha is None else alpha
+    chosen = select_modules(lora_candidates(linear_names(model)), targets)
+    extra = [] if not additional_targets else select_modules(
+        [n for n, _ in model.named_modules() if n], list(additional_targets), key="additional_target")
+    model.requires_grad_(False)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
+                                        use_rslora=use_rslora, generator=generator)
+    for name in extra:
+        model.get_submodule(name).requires_grad_(True)
+    model._lora_additional = extra  # type: ignore[assignment]  # remembered for save_adapter (modules_to_save)
+    return replaced
+
+
+def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:
+    """(trainable, total, percent, printable line); a tied weight counts once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    pct = 100.0 * trainable / max(total, 1)
+    return trainable, total, pct, f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Merge / unmerge
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, keep_original: bool = False) -> list[str]:
+    """Fold scale * (A @ B)^T into each base weight and put the plain Linear back; returns the paths.
+
+    The sum is formed in fp32 and cast back to the base dtype. keep_original=True keeps the exact
+    base weight (and the LoRA module) on the Linear so that unmerge_lora restores it bit for bit.
+    """
+    merged = []
+    for name, wrapper in lora_modules(model).items():
+        linear = wrapper.linear
+        original = linear.weight
+        new = (original.float() + wrapper.lora.delta_weight().float()).to(original.dtype)
+        linear.weight = nn.Parameter(new, requires_grad=original.requires_grad)
+        if keep_original:
+            linear._lora_unmerge = (original, wrapper)  # type: ignore[assignment]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        merged.append(name)
+    return merged
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> list[str]:
+    """Undo merge_lora(keep_original=True): the exact base weights and the LoRA wrappers come back."""
+    restored = []
+    for name, module in list(model.named_modules()):
+        saved = getattr(module, "_lora_unmerge", None)
+        if saved is None:
+            continue
+        original, wrapper = saved
+        module.weight = original
+        del module._lora_unmerge
+        wrapper.linear = module
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+        restored.append(name)
+    if not restored:
+        raise ValueError("nothing to unmerge: merge_lora(model, keep_original=True) was not called")
+    return restored
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapter files (PEFT layout)
+# ------------------------------------------------------------------------------------------------
+
+def hf_path(name: str) -> str:
+    return name if name.startswith("lm_head") else "transformer." + name
+
+
+def _our_path(hf_name: str) -> str:
+    return hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors (+ additional_target modules), keyed as PEFT saves them for GPT2LMHeadModel."""
+    out: dict[str, torch.Tensor] = {}
+    for name, wrapper in lora_modules(model).items():
+        key = PEFT_PREFIX + hf_path(name)
+        out[f"{key}.lora_A.weight"] = wrapper.lora.A.detach().t()
+        out[f"{key}.lora_B.weight"] = wrapper.lora.B.detach().t()
+    for name in getattr(model, "_lora_additional", []):
+        for pname, tensor in model.get_submodule(name).state_dict().items():
+            out[f"{PEFT_PREFIX}{hf_path(name)}.{pname}"] = _hf_layout(f"{name}.{pname}", tensor.detach())
+    return out
+
+
+def _hf_layout(param: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Conv1D weights are stored transposed in HF GPT-2 (the transpose is its own inverse)."""
+    return tensor.t() if param.endswith(CONV1D) else tensor
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
+    """Short suffixes (c_attn, c_proj, ...) when they select exactly `names` among the Linears, else full paths."""
+    candidates = lora_candidates(linear_names(model)) + list(lora_modules(model))
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    if {n for n in candidates if n.rsplit(".", 1)[-1] in leaves} == set(names):
+        return leaves
+    return [hf_path(n) for n in names]
+
+
+def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str, Any] | None = None) -> Path:
+    """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained.
+
+    cfg_info adds to / overrides the config (e.g. {"base_model_name_or_path": "models/gpt2"}).
+    """
+    wrappers = lora_modules(model)
+    if not wrappers:
+        raise ValueError("the model has no LoRA modules to save")
+    first = next(iter(wrappers.values()))
+    ranks = {(w.lora.rank, w.lora.alpha, w.lora.use_rslora) for w in wrappers.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"mixed LoRA settings cannot be described by one adapter_config: {sorted(ranks)}")
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    additional = getattr(model, "_lora_additional", [])
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None,
+        "r": first.lora.rank,
+        "lora_alpha": first.lora.alpha,
+        "lora_dropout": dropout,
+        "target_modules": _target_modules(model, list(wrappers)),
+        "use_rslora": first.lora.use_rslora,
+        "fan_in_fan_out": True,
+        "bias": "none",
+        "modules_to_save": [hf_path(n) for n in additional] or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        **(dict(cfg_info) if cfg_info else {}),
+    }
+    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    with atomic_dir(directory) as tmp:
+        write_json(tmp / ADAPTER_CONFIG, config)
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return Path(directory)
+
+
+def read_adapter_config(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / ADAPTER_CONFIG
+    if not directory.is_dir():
+        raise UserError(f"adapter: '{directory}' is not a directory (expected {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not readable as JSON ({err})") from None
+    problems = []
+    if config.get("peft_type", "LORA") != "LORA":
+        problems.append(f"{path}: peft_type '{config.get('peft_type')}' is not supported (LORA only)")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            problems.append(f"{path}: missing key '{key}'")
+    if problems:
+        raise UserError(problems)
+    return config
+
+
+def _check_settings(wrappers: Mapping[str, LinearWithLoRA], config: Mapping[str, Any], path: Path) -> None:
+    """An adapter loaded into existing LoRA modules must have been trained with the same scaling."""
+    lora = next(iter(wrappers.values())).lora
+    problems = [f"{path}: {key} is {config.get(key)!r} but the model's LoRA uses {ours!r} (set the recipe's"
+                f" {recipe_key} to match the adapter)"
+                for key, ours, recipe_key in (("r", lora.rank, "lora_rank"), ("lora_alpha", lora.alpha, "lora_alpha"),
+                                              ("use_rslora", lora.use_rslora, "use_rslora"))
+                if (config.get(key) or False) != ours]
+    if problems:
+        raise UserError(problems)
+
+
+def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
+    """Load a PEFT-layout adapter; injects LoRA from adapter_config.json unless the model already has it.
+
+    Every tensor is checked against the model: a missing, unexpected or differently shaped tensor
+    (an adapter trained on another model size) is a UserError naming the key and both shapes.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise UserError(f"{weights}: missing; an adapter directory holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}")
+    tensors = {key: tensor for _, key, tensor in read_tensors([weights])}
+    existing = lora_modules(model)
+    if existing:
+        _check_settings(existing, config, directory / ADAPTER_CONFIG)
+    else:
+        targets = config["target_modules"]
+        apply_lora(model, [_our_path(t) for t in ([targets] if isinstance(targets, str) else targets)],
+                   rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                   dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
+                   additional_targets=[_our_path(t) for t in config.get("modules_to_save") or []])
+    model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    problems = []
+    for key, shape in model_keys.items():
+        if key not in tensors:
+            problems.append(f"{weights}: missing tensor '{key}' (the model expects shape {list(shape)})")
+        elif tuple(tensors[key].shape) != shape:
+            problems.append(f"{weights}: tensor '{key}' has shape {list(tensors[key].shape)}, the model expects"
+                            f" {list(shape)} (an adapter for another model size or rank?)")
+    problems += [f"{weights}: unexpected tensor '{k}' (shape {list(tensors[k].shape)}); the model has no such"
+                 " LoRA module" for k in sorted(set(tensors) - set(model_keys))]
+    if problems:
+        raise UserError(problems)
+    with torch.no_grad():
+        for name, wrapper in lora_modules(model).items():
+            key = PEFT_PREFIX + hf_path(name)
+            wrapper.lora.A.copy_(tensors[f"{key}.lora_A.weight"].t())
+            wrapper.lora.B.copy_(tensors[f"{key}.lora_B.weight"].t())
+        for name in getattr(model, "_lora_additional", []):
+            for pname, param in model.get_submodule(name).named_parameters():
+                param.copy_(_hf_layout(f"{name}.{pname}", tensors[f"{PEFT_PREFIX}{hf_path(name)}.{pname}"]))
+    return list(lora_modules(model))

@@ -1,0 +1,232 @@
+"""Weights in and out: presets (seeded random init), Hugging Face GPT-2 checkpoints, our own checkpoints.
+
+Everything is safetensors; nothing is unpickled. HF GPT-2 stores its projections as Conv1D
+(in x out), the transpose of our nn.Linear (out x in); q|k|v stay fused in c_attn either way.
+Directories are written with pipeline.io.atomic_dir: they appear complete or not at all.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_dir, write_json
+from pipeline.model.config import (PRESETS, GPTConfig, checkpoint_kind, config_path, read_config,
+                                   to_hf_config, to_own_config)
+from pipeline.model.gpt import GPTModel
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal-mask buffers old GPT-2 checkpoints carry
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EOS_ID = 50256
+
+load_checkpoint_config = read_config  # the name INTERNALS.md uses
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: GPTConfig | None = None,
+               dtype: torch.dtype = torch.float32) -> GPTModel:
+    """A GPTModel from a preset (random, seeded), an HF GPT-2 directory or one of our checkpoints.
+
+    `cfg` may override the checkpoint's config where the weights allow it (dropout, a shorter
+    context: the position table is cut; untying a tied head: it starts as a copy of wte).
+    """
+    if str(name_or_path) in PRESETS:
+        return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
+    path = config_path(name_or_path)
+    assert path is not None
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    file_cfg = read_config(path.parent)
+    state = read_state_dict(path.parent, hf=checkpoint_kind(raw) == "hf", cfg=file_cfg)
+    return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=path.parent, file_cfg=file_cfg,
+                                 dtype=dtype)
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    if (directory / SINGLE).is_file():
+        return [directory / SINGLE]
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(f"{index}: not a valid safetensors index ({err!r}); expected {{\"weight_map\": {{key: file}}}}")
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise UserError([f"{index}: lists shard '{n}', which is missing from {directory}" for n in missing])
+        return [directory / n for n in names]
+    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    hint = (f" ({', '.join(pickled)} are pickled weights, which this pipeline never loads; convert them to"
+            " safetensors, or download model.safetensors from the hub)") if pickled else ""
+    raise UserError(f"{directory}: no {SINGLE} (nor {INDEX}){hint}")
+
+
+def read_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    yield file, key, handle.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise UserError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt"
+                            " (download or save it again)") from None
+
+
+def read_state_dict(directory: Path, *, hf: bool, cfg: GPTConfig) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Our parameter names -> (file, tensor); HF names lose `transformer.` and Conv1D weights are transposed."""
+    state: dict[str, tuple[Path, torch.Tensor]] = {}
+    for file, key, tensor in read_tensors(_shard_files(directory)):
+        name = key[len("transformer."):] if hf and key.startswith("transformer.") else key
+        if hf:
+            if name.endswith(HF_BUFFERS):
+                continue
+            if name == "lm_head.weight" and cfg.tie_weights:
+                continue  # transformers ties it to wte too
+            if name.endswith(CONV1D):
+                tensor = tensor.t()
+        state[name] = (file, tensor)
+    return state
+
+
+def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, tuple[Path, torch.Tensor]], *, source: Path,
+                          file_cfg: GPTConfig | None = None, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """Check every key and shape against GPTModel(cfg) and assign the tensors (no random init first)."""
+    file_cfg = file_cfg or cfg
+    state = dict(state)
+    if cfg.context_length < file_cfg.context_length and "wpe.weight" in state:
+        file, wpe = state["wpe.weight"]
+        state["wpe.weight"] = (file, wpe[: cfg.context_length])
+    if not cfg.tie_weights and file_cfg.tie_weights and "lm_head.weight" not in state and "wte.weight" in state:
+        file, wte = state["wte.weight"]
+        state["lm_head.weight"] = (file, wte.clone())
+    with torch.device("meta"):
+        model = GPTModel(cfg, seed=None)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_weights:
+        expected.pop("lm_head.weight")
+    problems = []
+    for key, shape in expected.items():
+        if key not in state:
+            problems.append(f"{source}: missing tensor '{key}' (expected shape {list(shape)})")
+        elif tuple(state[key][1].shape) != shape:
+            file, tensor = state[key]
+            problems.append(f"{file.name if file else source}: tensor '{key}' has shape {list(tensor.shape)},"
+                            f" the model expects {list(shape)}")
+    for key in sorted(set(state) - set(expected)):
+        file, tensor = state[key]
+        problems.append(f"{file.name if file else source}: unexpected tensor '{key}' (shape {list(tensor.shape)})")
+    if problems:
+        if cfg != file_cfg:
+            problems.append(f"{source}: the recipe changed the checkpoint's config ({_diff(file_cfg, cfg)});"
+                            " these weights do not fit the changed shapes")
+        raise UserError(problems)
+    model.load_state_dict({k: state[k][1].to(dtype) for k in expected}, assign=True, strict=False)
+    model.tie_weights()
+    return model
+
+
+def _diff(a: GPTConfig, b: GPTConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    return ", ".join(f"{k} {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k])
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+
+def plain_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
+    """Our names -> tensors, the tied head left out (safetensors refuses shared storage)."""
+    from pipeline.model.lora import LinearWithLoRA  # local: lora imports this module's helpers
+
+    if any(isinstance(m, LinearWithLoRA) for m in model.modules()):
+        raise ValueError("the model still holds LoRA wrappers: merge_lora(model) first, or save_adapter()")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.cfg.tie_weights:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model(model: GPTModel, directory: str | Path, dtype: str = "fp32") -> Path:
+    """Our own checkpoint: config.json ("format": "pipeline-gpt") + model.safetensors in our names."""
+    state = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in plain_state_dict(model).items()}
+    with atomic_dir(directory) as tmp:
+        write_json(tmp / "config.json", to_own_config(model.cfg))
+        save_file(state, str(tmp / SINGLE), metadata={"format": "pt"})
+    return Path(directory)
+
+
+def hf_state_dict(model: GPTModel, dtype: str = "fp32") -> dict[str, torch.Tensor]:
+    """HF GPT-2 names (transformer. prefix), Conv1D layout; a missing qkv bias is written as zeros."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in plain_state_dict(model).items():
+        if name.endswith(CONV1D):
+            tensor = tensor.t()
+        out[name if name.startswith("lm_head") else "transformer." + name] = tensor.to(DTYPES[dtype]).contiguous().cpu()
+    if not model.cfg.qkv_bias:  # GPT2LMHeadModel always has a c_attn bias; zeros are the same function
+        for i in range(model.cfg.n_layers):
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * model.cfg.emb_dim, dtype=DTYPES[dtype])
+    return out
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_bytes and shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None) -> Path:
+    """The Hugging Face GPT-2 layout (loads with transformers.GPT2LMHeadModel.from_pretrained).
+
+    Writes config.json, generation_config.json (EOS 50256 as bos/eos/pad) and model.safetensors, or
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger than max_shard_bytes.
+    No tokenizer files: GPT-2's tokenizer is the hub's `openai-community/gpt2` one (tiktoken's gpt2 here).
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"export_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+    state = hf_state_dict(model, dtype)
+    shards = _shards(state, max_shard_bytes)
+    with atomic_dir(directory) as tmp:
+        write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch.")))
+        write_json(tmp / "generation_config.json",
+                   {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID})
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return Path(directory)
+
+
+def shard_bytes_from_gb(gigabytes: float | None) -> int | None:
+    """export_size (GB) -> bytes, as transformers' max_shard_size='5GB' counts (10^9)."""
+    return None if gigabytes is None else max(1, math.floor(gigabytes * 1e9))
+
+
+def note(message: str) -> None:
+    """Status lines go to stderr so that `generate` keeps stdout for the completion only."""
+    print(message, file=sys.stderr, flush=True)

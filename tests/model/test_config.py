@@ -1,0 +1,116 @@
+"""Presets, parameter counts and config reading; torch-free by contract (plan imports it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.model.config import PRESETS, GPTConfig, count_params, read_config, trainable_params
+
+
+def by_hand(V, T, C, L, tied=True):
+    """GPT-2 parameter count written out: embeddings, L blocks, final norm, (untied) head."""
+    ln = 2 * C                                  # weight + bias
+    attn = (C * 3 * C + 3 * C) + (C * C + C)    # fused qkv with bias, output projection
+    mlp = (C * 4 * C + 4 * C) + (4 * C * C + C)
+    return V * C + T * C + L * (ln + attn + ln + mlp) + ln + (0 if tied else V * C)
+
+
+@pytest.mark.parametrize("name,golden", [
+    ("gpt2-small", 124_439_808),    # the published GPT-2 sizes (tied head counted once)
+    ("gpt2-medium", 354_823_168),
+    ("gpt2-large", 774_030_080),
+    ("gpt2-xl", 1_557_611_200),
+])
+def test_gpt2_preset_counts(name, golden):
+    cfg = PRESETS[name]
+    assert count_params(cfg) == golden
+    assert cfg.context_length == 1024 and cfg.qkv_bias and cfg.tie_weights and cfg.vocab_size == 50257
+
+
+def test_small_presets_shapes_and_counts():
+    tiny, mini = PRESETS["tiny"], PRESETS["mini"]
+    assert (tiny.n_layers, tiny.n_heads, tiny.emb_dim, tiny.context_length) == (2, 2, 64, 128)
+    assert (mini.n_layers, mini.n_heads, mini.emb_dim, mini.context_length) == (4, 4, 128, 256)
+    assert count_params(tiny) == by_hand(50257, 128, 64, 2) == 3_324_736
+    assert count_params(mini) == by_hand(50257, 256, 128, 4)
+    assert count_params(tiny.replace(tie_weights=False)) == by_hand(50257, 128, 64, 2, tied=False)
+    assert count_params(tiny.replace(qkv_bias=False)) == by_hand(50257, 128, 64, 2) - 2 * 3 * 64
+    for cfg in PRESETS.values():
+        assert count_params(cfg) == by_hand(cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers)
+
+
+def test_trainable_params_by_hand():
+    tiny = PRESETS["tiny"]  # C = 64, L = 2
+    r = 4
+    per_block = r * (64 + 192) + r * (64 + 64) + r * (64 + 256) + r * (256 + 64)
+    assert trainable_params(tiny, "lora", r, "all") == 2 * per_block == 8192
+    assert trainable_params(tiny, "lora", r, ["c_attn"]) == 2 * r * (64 + 192)
+    assert trainable_params(tiny, "lora", r, "c_attn,mlp.c_proj") == 2 * r * (64 + 192 + 256 + 64)
+    assert trainable_params(tiny, "lora", r, ["c_proj"]) == 2 * r * (64 + 64 + 256 + 64)  # both projections
+    assert trainable_params(tiny, "lora", r, ["h.1.attn.c_attn"]) == r * (64 + 192)
+    assert trainable_params(tiny, "lora", r, ["c_attn"], additional_target=["ln_f"]) == 2 * r * 256 + 128
+    block = by_hand(50257, 128, 64, 1) - 50257 * 64 - 128 * 64 - 128   # one block alone
+    assert trainable_params(tiny, "freeze", freeze_trainable_layers=1) == block + 128
+    assert trainable_params(tiny, "full") == count_params(tiny)
+
+
+def test_bad_targets_are_user_errors():
+    tiny = PRESETS["tiny"]
+    with pytest.raises(UserError) as err:
+        trainable_params(tiny, "lora", 4, ["c_atn", "q_proj"])
+    text = str(err.value)
+    assert "'c_atn' matches no module (did you mean 'c_attn'?)" in text and "'q_proj'" in text
+    assert "attn.c_proj" in text and "mlp.c_fc" in text  # lists what is available
+    with pytest.raises(UserError, match="output head"):
+        trainable_params(tiny, "lora", 4, ["lm_head"])
+    with pytest.raises(UserError, match="freeze_trainable_layers: 3 is out of range"):
+        trainable_params(tiny, "freeze", freeze_trainable_layers=3)
+
+
+def test_read_config_preset_hf_and_own(tmp_path):
+    assert read_config("gpt2-small") is PRESETS["gpt2-small"]
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "n_embd": 48, "n_layer": 3, "n_head": 6, "n_positions": 96, "vocab_size": 1000,
+        "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False, "n_inner": 100, "resid_pdrop": 0.1}))
+    assert read_config(hf) == GPTConfig(vocab_size=1000, context_length=96, emb_dim=48, n_heads=6, n_layers=3,
+                                        drop_rate=0.1, tie_weights=False, ffn_dim=100, layer_norm_eps=1e-6)
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps({"format": "pipeline-gpt", "format_version": 1,
+                                                 **PRESETS["tiny"].replace(qkv_bias=False).to_dict()}))
+    assert read_config(str(own)) == PRESETS["tiny"].replace(qkv_bias=False)
+
+
+def test_read_config_errors(tmp_path):
+    with pytest.raises(UserError) as err:
+        read_config("gpt2-smal")
+    assert "did you mean 'gpt2-small'" in str(err.value) and "tiny" in str(err.value)
+    with pytest.raises(UserError, match="huggingface-cli download openai-community/gpt2"):
+        read_config("openai-community/gpt2")
+    with pytest.raises(UserError, match="no config.json"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json: not readable as JSON"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "n_embd": 8}))
+    with pytest.raises(UserError, match="model_type 'llama' is not supported"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"n_embd": 8, "n_layer": 1, "n_head": 3}))
+    with pytest.raises(UserError, match="emb_dim 8 is not divisible by n_heads 3"):
+        read_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"n_embd": 8, "n_layer": 1, "n_head": 2,
+                                                      "activation_function": "relu"}))
+    with pytest.raises(UserError, match="activation_function 'relu'"):
+        read_config(tmp_path)
+
+
+def test_config_module_does_not_import_torch():
+    code = ("import sys, pipeline.model.config as c; c.trainable_params(c.PRESETS['gpt2-xl'], 'lora', 8, 'all');"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
