@@ -243,7 +243,7 @@ def read_recipe_file(path: Path, file: str) -> dict[str, Entry]:
         raise UserError(f"{file}: cannot read the recipe: {err.strerror}") from None
     text = _decode(data, file)
     root = compose(text, file)
-    if root is None:
+    if root is None or (isinstance(root, ScalarNode) and root.tag == NULL):
         raise UserError(f"{file}:1:1: the recipe is empty; expected 'key: value' lines such as 'model_name_or_path: tiny'")
     if not isinstance(root, MappingNode) or root.tag != MAP:
         kind = "a list" if isinstance(root, SequenceNode) else f"the single value {getattr(root, 'value', '')!r}"

@@ -1,0 +1,147 @@
+"""`plan`: the resolved recipe with provenance, the derived numbers, the DeepSpeed JSON and a memory estimate.
+
+Torch is never imported: the parameter counts come from pipeline.model.config's torch-free layout.
+
+Memory per rank (bytes; w = 2 with bf16/fp16, else 4; P = all parameters, T = trainable ones, N = world size):
+    parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
+    gradients    T * w                      ZeRO-2/3: / N
+    optimizer    T * (8 + 4 if w == 2)      Adam m and v in fp32 (+ fp32 master weights under mixed precision);
+                                            ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU
+    activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
+                                            plus fp32 logits for the loss; an upper bound: sft computes the
+                                            head only where labels are trained)
+with s = cutoff_len, b = per_device_train_batch_size, h = width, a = heads, L = layers, V = vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.recipe import Resolved, spec
+from pipeline.recipe.check import DERIVED_KEYS
+from pipeline.recipe.modelinfo import model_info, param_counts
+from pipeline.recipe.text import format_table
+
+
+@dataclass(frozen=True)
+class Memory:
+    params_total: int
+    params_trainable: int
+    gpu: dict[str, int]  # parameters, gradients, optimizer, activations -> bytes per rank on the accelerator
+    cpu: dict[str, int]  # what offloading moved to host memory, per rank
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(self.gpu.values())
+
+
+def estimate_memory(r: Resolved) -> Memory | None:
+    """Per-rank memory for training, or None when the model cannot be read here."""
+    info = model_info(r["model_name_or_path"])
+    counts = param_counts(r, info) if info else None
+    if info is None or counts is None:
+        return None
+    total, trainable = counts
+    ds = r.ds_config
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    world = r["world_size"]
+    half = bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("fp16", {}).get("enabled"))
+    w = 2 if half else 4
+    params = total * w / (world if stage == 3 else 1)
+    grads = trainable * w / (world if stage >= 2 else 1)
+    optim = trainable * (12 if half else 8) / (world if stage >= 1 else 1)
+    s = min(r["cutoff_len"], r["context_length"] or info.context_length)
+    b, h, a, L, V = r["per_device_train_batch_size"], info.n_embd, info.n_head, info.n_layer, info.vocab_size
+    activations = L * s * b * h * (34 + 5 * a * s / h) * w / 2 + s * b * V * 4
+    gpu = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": activations}
+    cpu: dict[str, float] = {}
+    if stage == 3 and _offloaded(zero, "offload_param"):
+        cpu["parameters"] = gpu.pop("parameters")
+        gpu["parameters"] = 0
+    if stage >= 1 and _offloaded(zero, "offload_optimizer"):
+        cpu["optimizer"] = gpu.pop("optimizer")
+        gpu["optimizer"] = 0
+    order = ("parameters", "gradients", "optimizer", "activations")
+    return Memory(total, trainable, {k: int(round(gpu[k])) for k in order},
+                  {k: int(round(cpu[k])) for k in order if k in cpu})
+
+
+def _offloaded(zero: dict[str, Any], key: str) -> bool:
+    section = zero.get(key)
+    return isinstance(section, dict) and section.get("device", "none") not in ("none", None)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render(r: Resolved) -> str:
+    out = [f"recipe: {r.recipe_path}" + (f" (extends {', '.join(r.files[1:])})" if len(r.files) > 1 else "")]
+    for group, keys in spec.groups().items():
+        out.append(f"\n[{group}]")
+        out.append(format_table([(k, _show(r[k]), r.source(k)) for k in keys], header=("key", "value", "source")))
+    out.append("\n[derived]")
+    out.append(format_table([(k, _show(r[k]), _explain(r, k)) for k in DERIVED_KEYS],
+                            header=("key", "value", "how")))
+    out.append("\n[deepspeed]" + (f" from {r['deepspeed']} (\"auto\" filled from the recipe)" if r["deepspeed"]
+                                  else " generated from the recipe"))
+    out.append(json.dumps(r.ds_config, indent=2))
+    out.append("\n[memory per rank, training]")
+    mem = estimate_memory(r)
+    if mem is None:
+        out.append(f"unknown: the model {r['model_name_or_path']!r} cannot be read here yet "
+                   "(a checkpoint produced by another recipe?)")
+    else:
+        out.append(f"parameters: {mem.params_total:,} total, {mem.params_trainable:,} trainable "
+                   f"({100 * mem.params_trainable / mem.params_total:.2f}%)")
+        rows = [(k, human(v), human(mem.cpu[k]) if k in mem.cpu else "-") for k, v in mem.gpu.items()]
+        rows.append(("total", human(mem.gpu_total), human(sum(mem.cpu.values())) if mem.cpu else "-"))
+        out.append(format_table(rows, header=("", "accelerator", "offloaded to cpu")))
+        out.append("(estimate: weights, gradients and Adam states exact up to framework buffers; activations "
+                   "an upper bound without recomputation)")
+    return "\n".join(out)
+
+
+def _explain(r: Resolved, key: str) -> str:
+    micro, accum, world = r["per_device_train_batch_size"], r["gradient_accumulation_steps"], r["world_size"]
+    n = r["num_train_examples"]
+    if key in ("world_size", "rank", "local_rank"):
+        return f"{key.upper()} from the launcher (default {'1' if key == 'world_size' else '0'})"
+    if key == "total_train_batch_size":
+        return f"per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} x world_size {world}"
+    if key == "num_train_examples":
+        if r["stage"] == "pt":
+            return "pt: the trainer counts windows after tokenizing"
+        return "sum of splits.train in the built manifests" if n is not None else "unknown until `make data`"
+    if key == "steps_per_epoch":
+        if n is None:
+            return "needs num_train_examples"
+        return f"floor(ceil({n} / ({micro} x {world})) / {accum})"
+    if key == "total_steps":
+        if r["max_steps"] is not None:
+            return "max_steps"
+        return f"ceil(num_train_epochs {r['num_train_epochs']} x steps_per_epoch)" if n is not None else \
+            "needs steps_per_epoch"
+    if key == "num_warmup_steps":
+        if r["warmup_steps"] is not None:
+            return "warmup_steps"
+        if r["warmup_ratio"] is not None:
+            return f"ceil(warmup_ratio {r['warmup_ratio']} x total_steps)"
+        return "no warmup set"
+    return ""
+
+
+def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
+    print(render(r))
+    return 0
