@@ -1,0 +1,379 @@
+"""`python -m pipeline merge RECIPE`: fold the LoRA adapter into the base, prove it, export the HF GPT-2 layout.
+
+Incumbents have shipped "merged" models that silently equal the base. Here nothing is written until
+the merged model is shown to be the adapter model:
+
+1. every LoRA layer's adapter is non-empty (lora_B not all zero) and the merged weight differs from
+   the base weight; per layer, merged_linear(x) - base_linear(x) equals the LoRA branch on random x;
+2. on a few real validation samples the merged logits equal the adapter logits (fp32, relative
+   1e-4 of the logits' spread, softmax-invariant centring), then the model cast to export_dtype is
+   checked the same way within that dtype's tolerance, and every LoRA layer must still differ from
+   the base after the cast (a change below bf16/fp16 resolution would be lost in the export).
+
+Any failure is a UserError naming the layer. output_dir/merged/ (config.json, model.safetensors or
+shards + index, generation_config.json, GPT-2 tokenizer files, verification.json) appears complete or
+not at all. For full/freeze runs merge is a re-export of output_dir/model with the same checks.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_dir, write_json, write_text
+from pipeline.model.weights import note
+
+# Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
+# cast errors on tiny..gpt2-small: fp32 ~3e-6, fp16 ~2e-3, bf16 ~1.4e-2.
+LOGIT_RTOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+LAYER_RTOL = 1e-3  # of the LoRA branch's output, plus LAYER_ATOL of the layer's output scale
+LAYER_ATOL = 1e-5
+MAX_UPDATE_LOST = 0.5  # relative error of a layer's update after the export cast (||.||_F)
+NUM_SAMPLES = 4
+MAX_SAMPLE_TOKENS = 256
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def run(r: Mapping[str, Any], args: Any = None) -> int:
+    out = Path(r["output_dir"])
+    if r["finetuning_type"] == "lora":
+        merged, check = merge_adapter(r, adapter_dir(r))
+    else:
+        merged, check = reexport_full(r)
+    target = export(r, merged, out / "merged", check)
+    errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
+    note(f"merged model written to {target} ({r['export_dtype']}); verified on {check.report['samples']} samples,"
+         f" max relative logit error vs the {'adapter' if r['finetuning_type'] == 'lora' else 'trained'} model: {errors}")
+    return 0
+
+
+@dataclass
+class Check:
+    """What the verification measured, and the reference logits the exported files are checked against."""
+
+    report: dict[str, Any]
+    samples: list[list[int]]
+    reference: list[torch.Tensor]
+
+
+# ---------------------------------------------------------------- loading
+def adapter_dir(r: Mapping[str, Any]) -> Path:
+    """The adapter to merge: adapter_name_or_path, else output_dir/adapter; missing -> a UserError with the fix."""
+    from pipeline.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    given = r["adapter_name_or_path"]
+    path = Path(given) if given else Path(r["output_dir"]) / "adapter"
+    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).is_file()]
+    if missing:
+        where = f"adapter_name_or_path '{given}'" if given else f"{path}"
+        raise UserError(
+            f"{where}: no LoRA adapter here (missing {', '.join(missing)}). `make train RECIPE={_recipe(r)}`"
+            " (python -m pipeline train) produces output_dir/adapter/; or point adapter_name_or_path at an"
+            " adapter directory (PEFT layout)."
+        )
+    return path
+
+
+def _recipe(r: Mapping[str, Any]) -> str:
+    return str(getattr(r, "recipe_path", None) or "<recipe>")
+
+
+def _load_base(r: Mapping[str, Any]) -> nn.Module:
+    from pipeline.model.build import load_for_inference
+
+    model = load_for_inference(r, "base")
+    return model.float().eval()
+
+
+def merge_adapter(r: Mapping[str, Any], path: Path) -> tuple[nn.Module, Check]:
+    """(merged fp32 model, verification report); raises UserError when the merge is not the adapter model."""
+    from pipeline.model import lora
+
+    adapted = _load_base(r)
+    lora.load_adapter(adapted, path)
+    adapted.eval()
+    samples = validation_samples(r, adapted.cfg.context_length)
+    merged = copy.deepcopy(adapted)
+    lora.merge_lora(merged)
+    merged.eval()
+    return merged, verify_merge(adapted, merged, samples, r["export_dtype"], source=str(path))
+
+
+def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
+    """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
+    from pipeline.model.weights import load_model
+
+    path = Path(r["output_dir"]) / "model"
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"{path}: no trained model here (finetuning_type {r['finetuning_type']} writes output_dir/model/)."
+            f" `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it."
+        )
+    model = load_model(path).float().eval()
+    base = _load_base(r)
+    samples = validation_samples(r, model.cfg.context_length)
+    changed = [n for n, p in model.state_dict().items()
+               if n in base.state_dict() and base.state_dict()[n].shape == p.shape
+               and not torch.equal(base.state_dict()[n].float(), p.float())]
+    if not changed:
+        raise UserError(f"{path}: every weight equals the base model's ({r['model_name_or_path']}); the"
+                        " training run did not change the model (learning_rate 0? zero steps?)")
+    reference = _logits(model, samples)
+    report = {"source": str(path), "samples": len(samples), "tokens": sum(len(s) for s in samples),
+              "changed_tensors": len(changed), "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
+    check = Check(report, samples, reference)
+    _check_cast(model, check, r["export_dtype"], {})
+    return model, check
+
+
+# ---------------------------------------------------------------- samples
+def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[int]]:
+    """A few real token sequences (val split, else train); deterministic tokens only when there is no data."""
+    limit = min(context_length, MAX_SAMPLE_TOKENS)
+    rows: list[Mapping[str, Any]] = []
+    for split in ("val", "train"):
+        try:
+            from pipeline.data.load import load_split
+
+            rows = load_split(r, split)[:NUM_SAMPLES]
+        except (UserError, ImportError, FileNotFoundError):
+            rows = []
+        if rows:
+            break
+    samples = [ids[:limit] for ids in (_row_ids(row, r) for row in rows) if ids]
+    if samples:
+        return samples
+    note("merge: no built data found for the verification; using fixed pseudo-random token sequences")
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 50257, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
+
+
+def _row_ids(row: Mapping[str, Any], r: Mapping[str, Any]) -> list[int]:
+    from pipeline.data.tokenizer import get_tokenizer
+
+    if "text" in row:
+        return get_tokenizer().encode_ordinary(str(row["text"]))
+    from pipeline.data.templates import get_template
+    from pipeline.data.tokenize import encode_example
+
+    return list(encode_example(row, get_template(r["template"]), get_tokenizer(), r).input_ids)
+
+
+# ---------------------------------------------------------------- verification
+@torch.no_grad()
+def _logits(model: nn.Module, samples: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    device = next(model.parameters()).device
+    return [model(torch.tensor([ids], dtype=torch.long, device=device))[0].float().cpu() for ids in samples]
+
+
+def _rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """max |got - want| / max |want| after centring each position's logits (softmax ignores a shift)."""
+    err = scale = 0.0
+    for g, w in zip(got, want):
+        if not torch.isfinite(g).all():
+            return float("inf")
+        g, w = g - g.mean(-1, keepdim=True), w - w.mean(-1, keepdim=True)
+        err, scale = max(err, (g - w).abs().max().item()), max(scale, w.abs().max().item())
+    return err / max(scale, 1e-12)
+
+
+@torch.no_grad()
+def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequence[int]], export_dtype: str,
+                 *, source: str = "adapter") -> Check:
+    """Prove merged == adapter model layer by layer and on real logits; returns the numbers for verification.json."""
+    from pipeline.model.lora import lora_modules
+
+    wrappers = lora_modules(adapted)
+    if not wrappers:
+        raise UserError(f"{source}: the adapter has no LoRA layers to merge")
+    gen = torch.Generator().manual_seed(0)
+    layers: dict[str, dict[str, float]] = {}
+    problems: list[str] = []
+    for name, wrapper in wrappers.items():
+        base_linear, branch = wrapper.linear, wrapper.lora
+        try:
+            merged_linear = merged.get_submodule(name)
+        except AttributeError:
+            problems.append(f"layer {name}: missing from the merged model")
+            continue
+        if not isinstance(merged_linear, nn.Linear) or lora_modules(merged_linear) or hasattr(merged_linear, "lora"):
+            problems.append(f"layer {name}: still a LoRA wrapper after merging ({type(merged_linear).__name__})")
+            continue
+        if not branch.B.any() or not branch.A.any():
+            which = "lora_B" if not branch.B.any() else "lora_A"
+            problems.append(
+                f"layer {name}: {which} is all zero in {source}, so merging changes nothing (the merged model"
+                " would equal the base). The adapter looks untrained or empty: was it saved before any"
+                " optimizer step, or from ZeRO-3 partitions without gathering? Train again (`make train`)."
+            )
+            continue
+        delta = merged_linear.weight.float() - base_linear.weight.float()
+        if not delta.any():
+            problems.append(f"layer {name}: the merged weight equals the base weight although its LoRA update is"
+                            " non-zero (the adapter looks untrained/empty, or the merge did not apply it)")
+            continue
+        x = torch.randn(8, base_linear.in_features, generator=gen)
+        base_out = base_linear(x)
+        want = branch(x)
+        got = merged_linear(x) - base_out
+        err = (got - want).abs().max().item()
+        bound = LAYER_RTOL * want.abs().max().item() + LAYER_ATOL * base_out.abs().max().item()
+        layers[name] = {"delta_max_abs": delta.abs().max().item(), "branch_max_abs": want.abs().max().item(),
+                        "max_abs_error": err}
+        if not err <= bound:
+            problems.append(
+                f"layer {name}: merged weight - base weight is not the LoRA update (max error {err:.3g} on an"
+                f" update of size {want.abs().max().item():.3g}); a wrong scale (alpha/r) or a transposed delta"
+            )
+    if problems:
+        raise UserError(problems)
+
+    reference = _logits(adapted, samples)
+    fp32_err = _rel_error(_logits(merged, samples), reference)
+    report: dict[str, Any] = {"source": source, "samples": len(samples), "tokens": sum(len(s) for s in samples),
+                              "layers": layers, "logits": {"fp32": fp32_err}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
+    if not fp32_err <= LOGIT_RTOL["fp32"]:
+        raise UserError(f"merged model: logits differ from the adapter model by {fp32_err:.3g} (relative, tolerance"
+                        f" {LOGIT_RTOL['fp32']:g}) although every LoRA layer matches; {_first_changed(adapted, merged)}")
+    check = Check(report, list(map(list, samples)), reference)
+    _check_cast(merged, check, export_dtype, {name: w.linear.weight for name, w in wrappers.items()})
+    return check
+
+
+def _first_changed(adapted: nn.Module, merged: nn.Module) -> str:
+    """Name the non-LoRA tensor the merge altered (the likeliest culprit when only end-to-end logits differ)."""
+    ours = dict(adapted.state_dict())
+    for name, tensor in merged.state_dict().items():
+        if name in ours and ours[name].shape == tensor.shape and not torch.equal(ours[name], tensor):
+            return f"the merge changed '{name}', which LoRA does not touch"
+    return "no single tensor explains it"
+
+
+@torch.no_grad()
+def _check_cast(merged: nn.Module, check: Check, export_dtype: str, base_weights: Mapping[str, torch.Tensor]) -> None:
+    """The model as it will be exported (export_dtype) must still be the adapter model, within that dtype's tolerance."""
+    if export_dtype == "fp32":
+        return
+    dtype = DTYPES[export_dtype]
+    problems = []
+    for name, base_weight in base_weights.items():
+        weight = merged.get_submodule(name).weight
+        delta = weight.float() - base_weight.float()
+        kept = weight.to(dtype).float() - base_weight.to(dtype).float()
+        lost = ((kept - delta).norm() / delta.norm().clamp_min(1e-30)).item()
+        check.report["layers"][name][f"update_lost_{export_dtype}"] = lost
+        if lost > MAX_UPDATE_LOST:
+            problems.append(
+                f"layer {name}: casting to export_dtype {export_dtype} loses {100 * min(lost, 1):.0f}% of the LoRA"
+                f" update (it is small next to the weights and {export_dtype} rounds it away, so the export would"
+                " be close to the base model); use export_dtype: fp32"
+            )
+    if problems:
+        raise UserError(problems)
+    cast = copy.deepcopy(merged).to(dtype)
+    err = _rel_error(_logits(cast, check.samples), check.reference)
+    del cast
+    check.report["logits"][export_dtype] = err
+    check.report["tolerance"][export_dtype] = LOGIT_RTOL[export_dtype]
+    if not err <= LOGIT_RTOL[export_dtype]:
+        raise UserError(f"merged model cast to {export_dtype}: logits differ from the fp32 adapter model by {err:.3g}"
+                        f" (relative, tolerance {LOGIT_RTOL[export_dtype]:g}; inf means overflow); use export_dtype:"
+                        f" {'fp32 or bf16' if export_dtype == 'fp16' else 'fp32'}")
+
+
+# ---------------------------------------------------------------- export
+def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -> Path:
+    """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory.
+
+    The written files are loaded back and checked against the reference logits before the directory
+    is put in place, so what is on disk is what was verified.
+    """
+    from pipeline.model.weights import load_model, save_hf, shard_bytes_from_gb
+
+    dtype = r["export_dtype"]
+    with atomic_dir(target) as tmp:
+        save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(r["export_size"]))
+        written = load_model(tmp).eval()
+        err = _rel_error(_logits(written, check.samples), check.reference)
+        del written
+        if not err <= LOGIT_RTOL[dtype]:
+            raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
+                            f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
+        check.report["logits"]["written"] = err
+        write_tokenizer_files(tmp, model.cfg.context_length)
+        write_json(tmp / "generation_config.json", generation_config(r))
+        write_json(tmp / "verification.json", {**check.report, "export_dtype": dtype})
+    return target
+
+
+def generation_config(r: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers' generate() defaults: GPT-2's EOS, and the recipe's decoding settings."""
+    from pipeline.data.tokenizer import EOS_ID
+
+    config: dict[str, Any] = {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID,
+                              "max_new_tokens": r["max_new_tokens"], "do_sample": bool(r["do_sample"])}
+    if r["do_sample"]:
+        config.update(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"])
+    return config
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by vocab.json / merges.txt."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def _split(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> list[bytes]:
+    """Run byte-level BPE on `token` with merges of lower rank only: the last merge leaves its two parts."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], rank), i) for i in range(len(parts) - 1)]
+        best, i = min(pairs)
+        if best >= rank:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=1)
+def hf_tokenizer_files() -> tuple[str, str]:
+    """(vocab.json, merges.txt) text of GPT-2's tokenizer, rebuilt from the offline tiktoken ranks."""
+    from pipeline.data.tokenizer import EOS_ID, EOS_TEXT, get_tokenizer
+
+    ranks: Mapping[bytes, int] = get_tokenizer()._mergeable_ranks
+    byte_char = _bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    vocab[EOS_TEXT] = EOS_ID
+    merges = ["#version: 0.2"]
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            left, right = _split(token, rank, ranks)
+            merges.append(f"{text(left)} {text(right)}")
+    return json.dumps(vocab, ensure_ascii=False), "\n".join(merges) + "\n"
+
+
+def write_tokenizer_files(directory: Path, context_length: int) -> None:
+    """GPT-2 tokenizer files so that AutoTokenizer.from_pretrained(merged) works offline (EOS 50256)."""
+    from pipeline.data.tokenizer import EOS_TEXT
+
+    vocab, merges = hf_tokenizer_files()
+    write_text(directory / "vocab.json", vocab)
+    write_text(directory / "merges.txt", merges)
+    special = {"bos_token": EOS_TEXT, "eos_token": EOS_TEXT, "unk_token": EOS_TEXT, "pad_token": EOS_TEXT}
+    write_json(directory / "special_tokens_map.json", special)
+    write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
+        "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
+    })

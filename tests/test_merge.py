@@ -1,0 +1,197 @@
+"""Merge: broken merges are caught and named; the export is GPT-2 for transformers and PEFT; files are atomic."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline import merge
+from pipeline.errors import UserError
+from pipeline.model import lora as L
+from pipeline.model.weights import load_model, save_hf
+
+SAMPLES = [[464, 3290, 318, 257, 1332, 13], [15496, 11, 466, 345, 588, 8887, 30]]  # real GPT-2 token ids
+
+
+def adapted_model(seed: int = 0, b_std: float = 0.05, **lora_kwargs) -> nn.Module:
+    """tiny base + LoRA on every Linear with a random (trained-looking) B."""
+    model = load_model("tiny", seed=seed).eval()
+    L.apply_lora(model, lora_kwargs.pop("targets", "all"), rank=4, alpha=8, seed=seed, **lora_kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for wrapper in L.lora_modules(model).values():
+            wrapper.lora.B.copy_(torch.randn(wrapper.lora.B.shape, generator=gen) * b_std)
+    return model
+
+
+def broken_merge(model: nn.Module, wrong: dict[str, str]) -> nn.Module:
+    """An independent merge W + s (A B)^T, except the layers in `wrong` (name -> 'scale' | 'transpose' | 'skip')."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, wrapper in L.lora_modules(merged).items():
+            a, b, s = wrapper.lora.A, wrapper.lora.B, wrapper.lora.scaling
+            how = wrong.get(name)
+            delta = {"scale": (a @ b).t() * wrapper.lora.alpha, "transpose": s * (a @ b), "skip": 0 * a.sum()}.get(
+                how, s * (a @ b).t())
+            linear = wrapper.linear
+            linear.weight = nn.Parameter(linear.weight + delta)
+            parent, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent), child, linear)
+    return merged
+
+
+def test_verify_accepts_a_correct_merge():
+    model = adapted_model()
+    merged = copy.deepcopy(model)
+    L.merge_lora(merged)
+    check = merge.verify_merge(model, merged, SAMPLES, "bf16")
+    assert len(check.report["layers"]) == 8  # tiny: 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+    assert check.report["logits"]["fp32"] < 1e-5
+    assert check.report["logits"]["bf16"] < merge.LOGIT_RTOL["bf16"]
+    # a real update survives the bf16 cast: rounding noise is a small part of it
+    assert max(layer["update_lost_bf16"] for layer in check.report["layers"].values()) < 0.1
+    # the independent merge of this test agrees with the production one, so the fakes below are only wrong where told
+    assert merge.verify_merge(model, broken_merge(model, {}), SAMPLES, "fp32").report["logits"]["fp32"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    "layer, how, words",
+    [
+        ("h.1.mlp.c_fc", "scale", "wrong scale"),  # alpha instead of alpha / r
+        ("h.0.attn.c_proj", "transpose", "transposed delta"),  # square layer: (A B) instead of (A B)^T
+        ("h.1.attn.c_attn", "skip", "equals the base weight"),  # the incumbents' "merged == base"
+    ],
+)
+def test_broken_merge_is_caught_and_named(layer, how, words):
+    model = adapted_model()
+    with pytest.raises(UserError) as err:
+        merge.verify_merge(model, broken_merge(model, {layer: how}), SAMPLES, "fp32")
+    assert len(err.value.messages) == 1
+    assert f"layer {layer}:" in err.value.messages[0] and words in err.value.messages[0]
+
+
+def test_all_zero_b_is_an_untrained_adapter():
+    model = adapted_model()
+    with torch.no_grad():
+        L.lora_modules(model)["h.0.mlp.c_proj"].lora.B.zero_()
+    merged = copy.deepcopy(model)
+    L.merge_lora(merged)
+    with pytest.raises(UserError) as err:
+        merge.verify_merge(model, merged, SAMPLES, "fp32")
+    (message,) = err.value.messages
+    assert "layer h.0.mlp.c_proj: lora_B is all zero" in message and "untrained or empty" in message
+
+
+def test_merge_touching_a_non_lora_weight_is_named():
+    model = adapted_model()
+    merged = copy.deepcopy(model)
+    L.merge_lora(merged)
+    with torch.no_grad():
+        merged.ln_f.weight.mul_(1.5)
+    with pytest.raises(UserError) as err:
+        merge.verify_merge(model, merged, SAMPLES, "fp32")
+    assert "'ln_f.weight'" in err.value.messages[0]
+
+
+def test_update_below_bf16_resolution_is_refused():
+    # B ~ 1e-7: in fp32 the weights move (|W| ~ 0.02, ulp ~ 2e-9) but bf16 (ulp ~ 1e-4) rounds them back
+    model = adapted_model(b_std=1e-7)
+    merged = copy.deepcopy(model)
+    L.merge_lora(merged)
+    merge.verify_merge(model, merged, SAMPLES, "fp32")  # fine in fp32
+    with pytest.raises(UserError) as err:
+        merge.verify_merge(model, merged, SAMPLES, "bf16")
+    assert len(err.value.messages) == 8  # every layer, each named
+    assert err.value.messages[0].startswith("layer h.0.attn.c_attn: casting to export_dtype bf16 loses")
+    assert "use export_dtype: fp32" in err.value.messages[0]
+
+
+# ---------------------------------------------------------------- export
+transformers = pytest.importorskip("transformers")
+RECIPE = {"export_dtype": "fp32", "export_size": 5, "max_new_tokens": 32, "do_sample": False,
+          "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def _export(tmp_path, dtype="fp32", size=5, model=None):
+    model = model or adapted_model()
+    merged = copy.deepcopy(model)
+    L.merge_lora(merged)
+    check = merge.verify_merge(model, merged, SAMPLES, dtype)
+    target = merge.export({**RECIPE, "export_dtype": dtype, "export_size": size}, merged, tmp_path / "merged", check)
+    return model, target
+
+
+def test_export_loads_in_transformers_with_the_adapter_logits(tmp_path):
+    model, target = _export(tmp_path)
+    assert {p.name for p in target.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
+                                                    "tokenizer_config.json", "vocab.json", "merges.txt",
+                                                    "special_tokens_map.json", "verification.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+    hf = transformers.GPT2LMHeadModel.from_pretrained(target).eval()
+    ids = torch.tensor([SAMPLES[1]])
+    with torch.no_grad():
+        want = model(ids)
+        got = hf(ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    gen = json.loads((target / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 50256 and gen["max_new_tokens"] == 32 and gen["do_sample"] is False
+    verification = json.loads((target / "verification.json").read_text())
+    assert verification["logits"]["written"] < 1e-4 and len(verification["layers"]) == 8
+
+
+def test_export_matches_peft_merge_and_unload(tmp_path):
+    """Independent reference: PEFT loads our adapter onto transformers' GPT-2 and merges it itself."""
+    peft = pytest.importorskip("peft")
+    model, target = _export(tmp_path)
+    base = load_model("tiny", seed=0)
+    save_hf(base, tmp_path / "base")
+    L.save_adapter(model, tmp_path / "adapter")
+    hf_base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    reference = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").merge_and_unload().eval()
+    ours = transformers.GPT2LMHeadModel.from_pretrained(target).eval()
+    ids = torch.tensor([SAMPLES[0]])
+    with torch.no_grad():
+        want, got = reference(ids).logits, ours(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    for name, tensor in reference.state_dict().items():  # weight by weight, in HF's Conv1D layout
+        assert torch.allclose(ours.state_dict()[name], tensor, atol=1e-6), name
+
+
+def test_export_bf16_writes_bf16_tensors(tmp_path):
+    _, target = _export(tmp_path, dtype="bf16")
+    with safe_open(target / "model.safetensors", framework="pt") as handle:
+        dtypes = {handle.get_tensor(key).dtype for key in handle.keys()}
+    assert dtypes == {torch.bfloat16}
+    hf = transformers.GPT2LMHeadModel.from_pretrained(target, dtype="auto")
+    assert hf.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16  # config.json says bf16 too
+
+
+def test_export_shards_with_an_index(tmp_path):
+    # tiny fp32 is ~13 MB (wte alone 50257 x 64 x 4 = 12.9 MB); 0.004 GB = 4 MB shards -> wte alone, then the rest
+    model, target = _export(tmp_path, size=0.004)
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    shards = sorted({name for name in index["weight_map"].values()})
+    assert len(shards) >= 2 and not (target / "model.safetensors").exists()
+    assert all((target / name).is_file() for name in shards)
+    assert "transformer.h.0.attn.c_attn.weight" in index["weight_map"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(target).eval()
+    ids = torch.tensor([SAMPLES[0]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids), atol=1e-4)
+
+
+def test_tokenizer_files_make_gpt2s_tokenizer(tmp_path):
+    from pipeline.data.tokenizer import get_tokenizer
+
+    merge.write_tokenizer_files(tmp_path, 128)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    enc = get_tokenizer()
+    for text in ["Hello, do you like tea? In the sunlit terraces", "café 中文 naïve  spaces\n\nü 😀 ### Response:"]:
+        assert tok.encode(text) == enc.encode(text)
+    # GPT-2's known ids (tiktoken docs): "Hello, do you like tea?" -> 15496, 11, 466, 345, 588, 8887, 30
+    assert tok.encode("Hello, do you like tea?") == [15496, 11, 466, 345, 588, 8887, 30]
+    assert tok.eos_token_id == 50256 and tok.model_max_length == 128
