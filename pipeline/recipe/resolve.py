@@ -296,5 +296,20 @@ def resolved_yaml(r: Resolved) -> str:
 
 
 def _yaml_line(r: Resolved, key: str) -> str:
-    # JSON is valid YAML 1.2 flow syntax, and quotes every string (so 'yes' stays a string).
-    return f"{key}: {json.dumps(r[key], ensure_ascii=False)}  # {r.source(key)}"
+    return f"{key}: {_flow(r[key])}  # {r.source(key)}"
+
+
+def _flow(value: Any) -> str:
+    """JSON is YAML flow syntax and quotes every string (so 'yes' stays a string); floats get a '.' so that
+    YAML 1.1 readers (PyYAML's safe_load) read 1e-08 as a number too."""
+    if isinstance(value, float):
+        text = json.dumps(value)
+        mantissa, e, exponent = text.partition("e")
+        if e and "." not in mantissa:
+            text = f"{mantissa}.0e{exponent if exponent[0] in '+-' else '+' + exponent}"
+        return text
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {_flow(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, ensure_ascii=False)

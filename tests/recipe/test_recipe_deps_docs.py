@@ -1,0 +1,84 @@
+"""deps (for the Makefile) and docs (the README's recipe reference, generated from the schema)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.recipe import resolve, spec
+from pipeline.recipe.deps import lines
+from pipeline.recipe.docs import END, START, main as docs_main, render, splice
+
+
+def test_deps_lines(write):
+    write("recipes/common.yaml", "model_name_or_path: tiny\nmax_steps: 2\ncutoff_len: 64\n")
+    write("recipes/demo_pt.yaml", "extends: common.yaml\nstage: pt\ndataset: corpus\n")
+    write("recipes/demo_sft.yaml", "extends: common.yaml\nmodel_name_or_path: saves/demo_pt/model\n"
+                                   "dataset: [a, b]\ndataset_dir: data\n")
+    r = resolve("recipes/demo_sft.yaml", command="deps")
+    assert lines(r) == [
+        "RECIPE_FILES=recipes/demo_sft.yaml recipes/common.yaml",
+        "OUTPUT_DIR=saves/demo_sft",
+        "DATASET_DIR=data",
+        "DATASETS=a b",
+        "STAGE=sft",
+        "UPSTREAM=recipes/demo_pt.yaml",
+    ]
+    assert lines(resolve("recipes/demo_pt.yaml", command="deps"))[-1] == "UPSTREAM="
+
+
+def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
+    write("recipes/a.yaml", "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\noutput_dir: out/first\n")
+    write("recipes/b.yaml", "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nadapter_name_or_path: "
+                            "out/first/adapter\n")
+    write("recipes/broken.yaml", "this: [is broken\n")  # siblings that do not load are ignored
+    assert lines(resolve("recipes/b.yaml", command="deps"))[-1] == "UPSTREAM=recipes/a.yaml"
+
+
+def test_deps_cli(write, capsys):
+    from pipeline.__main__ import main
+
+    write("r.yaml", "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n")
+    assert main(["deps", "r.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "RECIPE_FILES=r.yaml"
+
+
+# --- docs -------------------------------------------------------------------------------------------
+
+def test_reference_has_every_key_once_with_its_default_and_range():
+    text = render()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(\w+)` \|.*$", text, re.M)}
+    assert set(rows) == set(spec.properties())
+    assert rows["learning_rate"] == ("| `learning_rate` | float | `0.0001` | > 0 and <= 1 | Peak learning rate of "
+                                     "AdamW. |")
+    assert rows["stage"].startswith("| `stage` | enum | `sft` | `pt`, `sft` |")
+    assert "| **required** |" in rows["model_name_or_path"]
+    assert "#### train" in text and text.startswith(START) and text.endswith(END)
+
+
+def test_splice_replaces_only_the_region():
+    readme = f"# Title\n\nintro\n{START}\nold\n{END}\n\n## After\n"
+    out = splice(readme, "NEW")
+    assert out == "# Title\n\nintro\nNEW\n\n## After\n"
+    assert splice("no markers", "NEW") is None
+
+
+def test_docs_write_and_check(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n{START}\n{END}\nrest\n", encoding="utf-8")
+    assert docs_main(["--readme", str(readme), "--check"]) == 1
+    assert docs_main(["--readme", str(readme)]) == 0
+    assert docs_main(["--readme", str(readme), "--check"]) == 0
+    assert readme.read_text(encoding="utf-8").endswith(f"{END}\nrest\n")
+    readme.write_text("# no markers\n", encoding="utf-8")
+    assert docs_main(["--readme", str(readme)]) == 1
+
+
+def test_readme_agrees_with_schema():
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    if not readme.exists() or START not in readme.read_text(encoding="utf-8"):
+        pytest.skip("README.md has no recipe-reference markers yet (the lead adds them; then run "
+                    "`python -m pipeline.recipe.docs`)")
+    assert docs_main(["--readme", str(readme), "--check"]) == 0, \
+        "README.md's recipe reference is stale: run `python -m pipeline.recipe.docs`"

@@ -1,0 +1,108 @@
+"""plan: memory estimate (hand-computed for the tiny preset), output sections, and no torch import."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.recipe import resolve
+from pipeline.recipe.plan import estimate_memory, render
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# tiny: vocab 50257, context 128, width 64, 2 heads, 2 blocks, tied head. Counted by hand:
+WTE, WPE = 50257 * 64, 128 * 64
+BLOCK = 2 * 64 * 2 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)  # 2 norms + 4 linears
+TINY_PARAMS = WTE + WPE + 2 * BLOCK + 2 * 64  # + ln_f = 3,324,736
+# LoRA r=8 on every linear of a block: r * (in + out) each
+TINY_LORA_8 = 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # 16,384
+# activations for micro-batch 8, sequence 128: L*s*b*h*(34 + 5*a*s/h) * (bytes/2) + fp32 logits s*b*V*4
+ACT_PER_BYTE = 2 * 128 * 8 * 64 * (34 + 5 * 2 * 128 / 64) / 2
+LOGITS = 128 * 8 * 50257 * 4
+
+RECIPE = "model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\nper_device_train_batch_size: 8\n"
+
+
+def test_hand_counts_match_the_model_library():
+    assert TINY_PARAMS == 3_324_736 and TINY_LORA_8 == 16_384
+
+
+def test_memory_full_fp32_single_rank(write):
+    write("r.yaml", RECIPE + "finetuning_type: full\n")
+    mem = estimate_memory(resolve("r.yaml"))
+    assert (mem.params_total, mem.params_trainable) == (TINY_PARAMS, TINY_PARAMS)
+    assert mem.gpu == {"parameters": TINY_PARAMS * 4, "gradients": TINY_PARAMS * 4,
+                       "optimizer": TINY_PARAMS * 8, "activations": round(ACT_PER_BYTE * 4 + LOGITS)}
+    assert mem.cpu == {}
+
+
+def test_memory_lora_bf16(write):
+    write("r.yaml", RECIPE + "bf16: true\n")
+    mem = estimate_memory(resolve("r.yaml"))
+    assert mem.params_trainable == TINY_LORA_8
+    # bf16 weights; gradients in bf16; Adam m, v and fp32 master copy: 12 bytes per trainable parameter
+    assert mem.gpu == {"parameters": TINY_PARAMS * 2, "gradients": TINY_LORA_8 * 2,
+                       "optimizer": TINY_LORA_8 * 12, "activations": round(ACT_PER_BYTE * 2 + LOGITS)}
+
+
+@pytest.mark.parametrize("stage, params, grads, optim", [
+    (1, TINY_PARAMS * 2, TINY_PARAMS * 2, TINY_PARAMS * 12 / 4),
+    (2, TINY_PARAMS * 2, TINY_PARAMS * 2 / 4, TINY_PARAMS * 12 / 4),
+    (3, TINY_PARAMS * 2 / 4, TINY_PARAMS * 2 / 4, TINY_PARAMS * 12 / 4),
+])
+def test_memory_zero_partitions_over_four_ranks(write, stage, params, grads, optim):
+    write("r.yaml", RECIPE + f"finetuning_type: full\nbf16: true\nzero_stage: {stage}\n")
+    mem = estimate_memory(resolve("r.yaml", env={"WORLD_SIZE": "4", "RANK": "0"}))
+    assert mem.gpu["parameters"] == round(params)
+    assert mem.gpu["gradients"] == round(grads)
+    assert mem.gpu["optimizer"] == round(optim)
+
+
+def test_memory_offload_moves_to_cpu(write):
+    write("r.yaml", RECIPE + "finetuning_type: full\nbf16: true\nzero_stage: 3\noffload_optimizer: cpu\n"
+                             "offload_param: cpu\n")
+    mem = estimate_memory(resolve("r.yaml", env={"WORLD_SIZE": "2", "RANK": "0"}))
+    assert mem.gpu["parameters"] == 0 and mem.gpu["optimizer"] == 0
+    assert mem.cpu == {"parameters": TINY_PARAMS * 2 // 2, "optimizer": TINY_PARAMS * 12 // 2}
+    assert mem.gpu["gradients"] == TINY_PARAMS * 2 // 2
+
+
+def test_memory_unknown_model_is_none(write):
+    write("r.yaml", RECIPE.replace("tiny", "saves/upstream/model"))
+    r = resolve("r.yaml", command="plan")
+    assert estimate_memory(r) is None
+    assert "cannot be read here yet" in render(r)
+
+
+def test_plan_output_has_every_section(write, manifest):
+    manifest("d", train=100)
+    write("r.yaml", RECIPE + "warmup_ratio: 0.1\n")
+    text = render(resolve("r.yaml", ["seed=3"], command="plan"))
+    for header in ("[model]", "[method]", "[train]", "[derived]", "[deepspeed] generated from the recipe",
+                   "[memory per rank, training]"):
+        assert header in text
+    assert any(line.split() == ["seed", "3", "cli"] for line in text.splitlines())
+    assert any(line.split()[:3] == ["model_name_or_path", '"tiny"', "r.yaml:1"] for line in text.splitlines())
+    assert "floor(ceil(100 / (8 x 1)) / 1)" in text  # steps per epoch explained with the numbers
+    assert f"{TINY_PARAMS:,} total, {TINY_LORA_8:,} trainable" in text
+
+
+def test_validate_and_plan_do_not_import_torch(write, manifest, tmp_path):
+    manifest("d", train=100)
+    write("r.yaml", RECIPE)
+    code = ("import sys, io, contextlib\n"
+            "from pipeline.__main__ import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert main(['validate', 'r.yaml']) in (0, 2)\n"  # 2 once the data check finds no built rows
+
+            "    assert main(['plan', 'r.yaml', 'zero_stage=3']) == 0\n"
+            "    assert main(['deps', 'r.yaml']) == 0\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed', 'transformers'))\n"
+            "print(bad)\n")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,127 @@
+"""Cross-field rules: when each one fires, for which command, and that one mistake gives one message."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.recipe import resolve, rules
+
+REAL_CUDA_AVAILABLE = rules.cuda_available  # taken at import, before the autouse fixture stubs it
+
+
+def errors(path: str, overrides=(), **kw) -> list[str]:
+    with pytest.raises(UserError) as exc:
+        resolve(path, overrides, **kw)
+    return exc.value.messages
+
+
+def test_rules_are_small_named_functions():
+    names = [r.func.__name__ for r in rules.RULES]
+    assert len(names) == len(set(names)) >= 15
+
+
+def test_cuda_detection_without_torch(monkeypatch):
+    monkeypatch.setattr(rules.os.path, "exists", lambda p: p == "/dev/nvidia0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert REAL_CUDA_AVAILABLE() is True
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden
+    assert REAL_CUDA_AVAILABLE() is False
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(rules.os.path, "exists", lambda p: False)
+    assert REAL_CUDA_AVAILABLE() is False
+
+
+def test_fp16_allowed_with_cuda(recipe, monkeypatch):
+    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    assert resolve(recipe("fp16: true\n"))["fp16"] is True
+
+
+def test_fp16_without_cuda_only_matters_where_it_runs(recipe):
+    path = recipe("fp16: true\n")
+    assert errors(path, command="train") == [
+        "r.yaml:5:7: fp16: fp16 needs a CUDA GPU and this machine has none; use bf16 on CPU (bf16: true, "
+        "fp16: false) or neither for fp32"]
+    assert resolve(path, command="plan")["fp16"] is True  # planning a GPU run on a laptop is fine
+
+
+def test_one_mistake_one_message(recipe):
+    # fp16 given as a string fails the schema; the precision rules that read it are skipped
+    assert errors(recipe("fp16: 'yes'\nbf16: true\n")) == [
+        "r.yaml:5:7: fp16: given 'yes' (a string), expected true or false (only true and false are booleans: "
+        "yes/no/on/off are read as strings; write true or false)"]
+
+
+def test_lora_keys_inherited_from_a_base_are_fine(write):
+    write("base.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\nlora_rank: 16\n")
+    write("full.yaml", "extends: base.yaml\nfinetuning_type: full\n")
+    assert resolve("full.yaml")["finetuning_type"] == "full"
+    assert errors("full.yaml", ["lora_dropout=0.1"]) == [
+        "command line override lora_dropout=0.1: lora_dropout: is a LoRA setting but finetuning_type is full; "
+        "remove it or set finetuning_type: lora"]
+
+
+def test_training_length_not_needed_for_eval(write):
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\ncutoff_len: 64\n")
+    assert resolve("r.yaml", command="eval")["max_steps"] is None
+    assert len(errors("r.yaml", command="train")) == 1
+
+
+def test_val_size_against_the_built_data(write, manifest):
+    manifest("small", train=4, val=1)  # 5 rows kept
+    write("r.yaml", "model_name_or_path: tiny\ndataset: small\nmax_steps: 1\ncutoff_len: 64\n")
+    assert errors("r.yaml") == [
+        "r.yaml: val_size: given 0.1, but dataset 'small' has 5 rows: the validation split would be empty "
+        "(needs val_size >= 0.2)"]
+    assert resolve("r.yaml", ["val_size=0.2"])["num_train_examples"] == 4
+    assert errors("r.yaml", ["val_size=0.9"]) == [
+        "command line override val_size=0.9: val_size: given 0.9, but dataset 'small' has 5 rows: nothing would "
+        "be left to train on; lower val_size"]
+
+
+def test_accumulation_larger_than_the_data(write, manifest):
+    manifest("d", train=20, val=5)
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n"
+                    "per_device_train_batch_size: 4\ngradient_accumulation_steps: 8\n")
+    # ceil(20 / 4) = 5 micro-batches per rank < 8
+    assert errors("r.yaml") == [
+        "r.yaml:6:30: gradient_accumulation_steps: given 8, but the 20 training examples make only 5 micro-batches "
+        "per rank (per_device_train_batch_size 4 x world size 1): no optimizer step would happen; lower "
+        "gradient_accumulation_steps or the batch size"]
+    assert resolve("r.yaml", ["gradient_accumulation_steps=5"])["steps_per_epoch"] == 1
+
+
+def test_empty_training_split(write, manifest):
+    manifest("d", train=0, val=0)
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n")
+    assert "the built training split is empty" in errors("r.yaml")[0]
+
+
+def test_model_directory_checked_only_where_it_is_used(write):
+    write("r.yaml", "model_name_or_path: saves/pt/model\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n")
+    assert resolve("r.yaml", command="plan")["model_name_or_path"] == "saves/pt/model"
+    assert errors("r.yaml", command="train") == [
+        "r.yaml:1:21: model_name_or_path: directory 'saves/pt/model' not found; if another recipe produces it, run "
+        "that one first"]
+
+
+def test_adapter_and_checkpoint_paths(write):
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n"
+                    "adapter_name_or_path: saves/x/adapter\nresume_from_checkpoint: saves/x/checkpoint-9\n")
+    assert resolve("r.yaml", command="plan")["adapter_name_or_path"] == "saves/x/adapter"
+    assert errors("r.yaml", command="train") == [
+        "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected a LoRA adapter "
+        "directory (e.g. saves/<recipe>/adapter)",
+        "r.yaml:6:25: resume_from_checkpoint: directory 'saves/x/checkpoint-9' not found; give a checkpoint-<step> "
+        "directory or 'latest'"]
+    assert resolve("r.yaml", ["resume_from_checkpoint=latest", "adapter_name_or_path="], command="train")
+
+
+def test_nvme_offload_needs_a_json(recipe):
+    assert errors(recipe("zero_stage: 3\noffload_optimizer: nvme\n")) == [
+        "r.yaml:6:20: offload_optimizer: nvme offload needs an nvme_path: give a deepspeed JSON with "
+        "zero_optimization.offload_optimizer.nvme_path, or use cpu"]
+
+
+def test_offload_optimizer_needs_zero(recipe):
+    assert errors(recipe("offload_optimizer: cpu\n")) == [
+        "r.yaml:5:20: offload_optimizer: offloading optimizer states needs zero_stage 1, 2 or 3 (zero_stage is 0)"]
