@@ -10,15 +10,15 @@ TINY_HF = dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)
 
 
 def hf_gpt2(seed: int = 0, **overrides):
-    """A random transformers GPT2LMHeadModel (eval mode, fp32); biases and norms randomised too so a
-    loader that skipped them (or forgot a transpose) could not pass."""
+    """A random transformers GPT2LMHeadModel (eval mode, fp32). Every tensor gets N(0, 0.1) noise: biases and
+    norms leave their init values (a loader that skipped them could not pass) and greedy decoding does not
+    collapse into repeating one token (as GPT-2's tiny init does), so token-for-token parity means something."""
     config = transformers.GPT2Config(**{**TINY_HF, **overrides})
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln_" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     return model
 
 

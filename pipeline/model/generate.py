@@ -1,0 +1,172 @@
+"""Decoding: greedy or sampled (temperature, top-k, top-p), batched with left padding, with a KV cache.
+
+The book's generate loop, grown up: the prompt is run once and then one token per step against
+cached keys/values; prompts of different lengths are left-padded so that every row's next token
+sits in the last column, with position ids counted over real tokens only.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from pipeline.model.gpt import GPTModel
+from pipeline.model.weights import EOS_ID, note
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) restricted to the top-k tokens, then to the smallest set whose mass reaches top_p.
+
+    T = 1 leaves the distribution unchanged, T < 1 sharpens it, T > 1 flattens it (the book's notes).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # the most likely token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def next_token(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) last-position logits -> (B,) token ids."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _StopCheck:
+    """Ends a row at a stop string, checked on the decoded tail (a stop string spans at most 4 bytes per char,
+    and every token is at least one byte, so the last 4 * len + 4 tokens always contain it)."""
+
+    def __init__(self, stop_strings: Iterable[str] | None, decode: Callable[[list[int]], str] | None):
+        self.strings = [s for s in (stop_strings or ()) if s]
+        if self.strings and decode is None:
+            raise ValueError("stop_strings need a tokenizer (or decode function) to read the text")
+        self.decode = decode
+        self.window = 4 * max((len(s) for s in self.strings), default=0) + 4
+
+    def __call__(self, tokens: list[int]) -> bool:
+        if not self.strings:
+            return False
+        tail = self.decode(tokens[-self.window:])  # type: ignore[misc]
+        return any(s in tail for s in self.strings)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPTModel,
+    prompts: Sequence[int] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = EOS_ID,
+    stop_ids: Iterable[int] = (),
+    stop_strings: Iterable[str] | None = None,
+    tokenizer=None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    pad_id: int = EOS_ID,
+) -> list[list[int]]:
+    """New token ids per prompt (EOS / stop ids left out; a stop string's tokens kept, see generate_text).
+
+    One prompt (a list of ints) or a batch (a list of lists). Sampling is a pure function of `seed`
+    (a private torch.Generator). Prompts longer than the context allows are cut from the left, keeping
+    room for max_new_tokens (at least half the context stays prompt); generation ends at the context.
+    """
+    single = len(prompts) > 0 and isinstance(prompts[0], int)
+    batch = [list(prompts)] if single else [list(p) for p in prompts]  # type: ignore[arg-type]
+    if not batch or any(len(p) == 0 for p in batch):
+        raise ValueError("every prompt needs at least one token")
+    ctx = model.cfg.context_length
+    keep = max(ctx - max_new_tokens, ctx // 2, 1)
+    if any(len(p) > keep for p in batch):
+        note(f"generate: prompt longer than {keep} tokens cut from the left (context_length {ctx})")
+        batch = [p[-keep:] for p in batch]
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(batch, pad_id, device)
+    padded = bool((mask == 0).any())
+    steps = min(max_new_tokens, ctx - ids.shape[1])
+    stoppers = {int(t) for t in stop_ids} | ({eos_id} if eos_id is not None else set())
+    stop_check = _StopCheck(stop_strings, tokenizer.decode if tokenizer is not None else None)
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        out: list[list[int]] = [[] for _ in batch]
+        done = [False] * len(batch)
+        positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
+        step_ids, step_pos, past = ids, positions, None
+        for _ in range(steps):
+            attn = mask if padded else None
+            if use_cache:
+                logits, past = model(step_ids, attention_mask=attn, position_ids=step_pos, past_kv=past, use_cache=True)
+            else:
+                logits = model(ids, attention_mask=attn, position_ids=positions)
+            token = next_token(logits[:, -1], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator)
+            for row, t in enumerate(token.tolist()):
+                if done[row]:
+                    continue
+                if t in stoppers:
+                    done[row] = True
+                    continue
+                out[row].append(t)
+                done[row] = stop_check(out[row])
+            if all(done):
+                break
+            token = torch.where(torch.tensor(done, device=device), torch.full_like(token, pad_id), token)
+            ids = torch.cat([ids, token[:, None]], 1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
+            step_ids = token[:, None]
+            if padded:
+                positions = torch.cat([positions, positions[:, -1:] + 1], 1)  # type: ignore[index]
+                step_pos = positions[:, -1:]
+        return out[0] if single else out
+    finally:
+        model.train(was_training)
+
+
+def cut_at_stop(text: str, stop_strings: Iterable[str] | None) -> str:
+    """The text before the first stop string (the stop string itself is not part of the answer)."""
+    cut = len(text)
+    for s in stop_strings or ():
+        at = text.find(s)
+        if s and at != -1:
+            cut = min(cut, at)
+    return text[:cut]
+
+
+def generate_text(model: GPTModel, tokenizer, prompts: str | Sequence[str], **kwargs) -> str | list[str]:
+    """Text in, completions out (stop strings cut off); kwargs as for generate()."""
+    single = isinstance(prompts, str)
+    texts = [prompts] if single else list(prompts)
+    encoded = [tokenizer.encode(t, allowed_special="all") for t in texts]
+    new = generate(model, encoded, tokenizer=tokenizer, **kwargs)
+    completions = [cut_at_stop(tokenizer.decode(ids), kwargs.get("stop_strings")) for ids in new]
+    return completions[0] if single else completions
