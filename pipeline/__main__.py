@@ -26,7 +26,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items())
+    epilog = ("commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items())
+              + "\n\nexamples:\n"
+                "  python -m pipeline validate recipes/demo_sft.yaml\n"
+                "  python -m pipeline plan recipes/demo_sft.yaml learning_rate=5e-5 lora_target=[c_attn,c_fc]\n"
+                "\noverrides are YAML values applied after the recipe and everything it extends.\n"
+                "exit codes: 0 success, 2 a mistake in the recipe, data or arguments (no traceback), 1 a bug.")
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Recipe-driven fine-tuning of the book's GPT on DeepSpeed.",
@@ -36,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands below")
     parser.add_argument("recipe", help="path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, values parsed as YAML")
+    # the deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment too, which resolve reads)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     gen = parser.add_argument_group("generate")
     gen.add_argument("--prompt", help="text to complete; without it, an interactive chat")
     gen.add_argument("--model", choices=["base", "adapter", "merged"], default=None,

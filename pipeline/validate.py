@@ -21,5 +21,9 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
         return 0
     rows = check_built(r)  # raises UserError listing every bad row
     print("data: OK")
-    print(format_table(rows))
+    try:
+        from pipeline.data.check import format_summary
+    except ImportError:
+        format_summary = format_table
+    print(format_summary(rows))
     return 0

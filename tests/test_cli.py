@@ -69,3 +69,11 @@ def test_plan_and_deps_print_to_stdout(tmp_path, name):
     proc = run_cli(name, "r.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
+    # `deepspeed --module pipeline ...` runs `python -m pipeline --local_rank=N <command> ...`
+    (tmp_path / "r.yaml").write_text(GOOD)
+    proc = run_cli("--local_rank=0", "deps", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("RECIPE_FILES=r.yaml\n")

@@ -138,20 +138,27 @@ def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("model_name_or_path")
 def model_exists(ctx: Context) -> list[tuple[str, str]]:
-    """A bare name must be a preset; a path may be produced by an upstream recipe, so it is checked at use."""
-    from pipeline.recipe.modelinfo import looks_like_path, presets
+    """A bare name must be a preset; a missing path may be produced by an upstream recipe, so it is an error
+    only for the commands that load the model now."""
+    from pipeline.recipe.modelinfo import looks_like_path
 
     name = ctx.values["model_name_or_path"]
-    names = presets()
-    if names is None or name in names:
+    try:
+        from pipeline.model.config import read_config
+    except ImportError:
         return []
-    if looks_like_path(name):
-        if ctx.command in ("train", "merge", "eval", "generate", "inspect") and not os.path.isdir(name):
+    if looks_like_path(name) and not os.path.exists(name):
+        if ctx.command in ("train", "merge", "eval", "generate", "inspect"):
             return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
                                            "run that one first")]
         return []
-    return [("model_name_or_path", f"given {name!r}, expected a preset ({', '.join(names)}) or a checkpoint "
-                                   f"directory{did_you_mean(name, names)}")]
+    from pipeline.errors import UserError
+
+    try:
+        read_config(name)
+    except UserError as err:
+        return [("model_name_or_path", m.removeprefix("model_name_or_path: ")) for m in err.messages]
+    return []
 
 
 @rule("cutoff_len", "context_length", "model_name_or_path")
