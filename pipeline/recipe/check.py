@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from pipeline.errors import did_you_mean
+from pipeline.errors import UserError, did_you_mean
 from pipeline.recipe import spec
-from pipeline.recipe.load import Entry
+from pipeline.recipe.load import Entry, Origin, parse_value
 
 # Keys the pipeline computes itself; setting one in a recipe gets a precise answer instead of "unknown key".
 DERIVED_KEYS = (
@@ -38,7 +38,7 @@ def _kind(value: Any) -> str:
             type(None): "empty"}.get(type(value), type(value).__name__)
 
 
-def _hint(key: str, value: Any, prop: dict[str, Any]) -> str:
+def _hint(value: Any, prop: dict[str, Any]) -> str:
     """A suggestion for the common ways of getting a key wrong."""
     if isinstance(value, str):
         if "enum" in prop and all(isinstance(v, str) for v in prop["enum"]):
@@ -48,9 +48,6 @@ def _hint(key: str, value: Any, prop: dict[str, Any]) -> str:
         if spec.allows_type(prop, "boolean") and value.lower() in _YAML11_BOOLS | {"true", "false"}:
             return " (only true and false are booleans: yes/no/on/off are read as strings; write true or false)"
         if spec.allows_type(prop, "number") or spec.allows_type(prop, "integer"):
-            from pipeline.recipe.load import Origin, parse_value
-            from pipeline.errors import UserError
-
             try:
                 parsed = parse_value(value, Origin("cli", text=""))
             except UserError:
@@ -60,7 +57,7 @@ def _hint(key: str, value: Any, prop: dict[str, Any]) -> str:
             if value.replace("_", "").isdigit():
                 return f" (write {value.replace('_', '')} without underscores)"
     if value is None and not spec.allows_type(prop, "null"):
-        return " (the value is empty; give one or delete the line to use the default)"
+        return " (the value is empty; give one, or leave the key out to use the default)"
     return ""
 
 
@@ -112,7 +109,7 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str) -> tuple[list[t
         given = show(entry.value)
         if kinds & {"type", "anyOf"} and not isinstance(entry.value, (list, dict)) and entry.value is not None:
             given += f" ({_kind(entry.value)})"
-        add(entry, f"{key}: given {given}, expected {spec.describe(prop)}{_hint(key, entry.value, prop)}", key)
+        add(entry, f"{key}: given {given}, expected {spec.describe(prop)}{_hint(entry.value, prop)}", key)
     return problems, bad
 
 

@@ -66,8 +66,8 @@ CASES = [
     Case("fraction for an integer", {"r.yaml": BASE + "lora_rank: 8.5\n"},
          ["r.yaml:5:12: lora_rank: given 8.5 (a number), expected an integer >= 1 and <= 4096"]),
     Case("empty value", {"r.yaml": BASE + "learning_rate:\n"},
-         ["r.yaml:5:15: learning_rate: given null, expected a number > 0 and <= 1 (the value is empty; give one "
-          "or delete the line to use the default)"]),
+         ["r.yaml:5:15: learning_rate: given null, expected a number > 0 and <= 1 (the value is empty; give one, "
+          "or leave the key out to use the default)"]),
     Case("not a finite number", {"r.yaml": BASE + "learning_rate: .nan\n"},
          ["r.yaml:5:16: learning_rate: given nan, expected a finite number"]),
     Case("list item of the wrong type", {"r.yaml": BASE + "lora_target: [c_attn, 3]\n"},
