@@ -1,0 +1,145 @@
+"""From a resolved recipe to a model: base weights, the recipe's overrides, the fine-tuning type.
+
+finetuning_type decides what the optimizer sees:
+  lora    every base weight frozen; LoRA on lora_target (+ additional_target modules trained in full)
+  freeze  only the last freeze_trainable_layers blocks and the final norm ln_f train (embeddings and
+          the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge)
+  full    every weight trains
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model.config import PRESETS, GPTConfig, freeze_trainable_names, read_config
+from pipeline.model.gpt import GPTModel
+from pipeline.model.lora import apply_lora, load_adapter, merge_lora
+from pipeline.model.weights import load_model, note
+
+WHICH = ("base", "adapter", "merged")
+
+
+def get_key(r: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """Resolved fills every schema key; plain dicts in unit tests may leave some out."""
+    try:
+        value = r[key]
+    except KeyError:
+        return default
+    return default if value is None else value
+
+
+def recipe_config(r: Mapping[str, Any]) -> GPTConfig:
+    """The base model's config with the recipe's overrides (null keeps the preset/checkpoint value)."""
+    cfg = read_config(r["model_name_or_path"])
+    changes: dict[str, Any] = {"drop_rate": float(get_key(r, "dropout", 0.0))}
+    for key, field in (("context_length", "context_length"), ("qkv_bias", "qkv_bias"),
+                       ("tie_word_embeddings", "tie_weights")):
+        value = get_key(r, key)
+        if value is not None:
+            changes[field] = value
+    return cfg.replace(**changes)
+
+
+def load_base(r: Mapping[str, Any], *, dropout: bool = True) -> GPTModel:
+    """The base model of the recipe (a preset starts from a seeded random init: say so on stderr)."""
+    name = str(r["model_name_or_path"])
+    cfg = recipe_config(r)
+    if not dropout:
+        cfg = cfg.replace(drop_rate=0.0)
+    seed = int(get_key(r, "seed", 42))
+    if name in PRESETS:
+        note(f"model: preset '{name}' = random weights (seed {seed}); for OpenAI's trained GPT-2 set"
+             " model_name_or_path to a directory with config.json + model.safetensors")
+    return load_model(name, seed=seed, cfg=cfg)
+
+
+def apply_finetuning_type(model: GPTModel, r: Mapping[str, Any]) -> GPTModel:
+    """Freeze / inject per finetuning_type, and load adapter_name_or_path when set."""
+    kind = get_key(r, "finetuning_type", "lora")
+    adapter = get_key(r, "adapter_name_or_path")
+    if kind == "lora":
+        rank = int(get_key(r, "lora_rank", 8))
+        apply_lora(model, get_key(r, "lora_target", "all"), rank=rank, alpha=get_key(r, "lora_alpha", 2 * rank),
+                   dropout=float(get_key(r, "lora_dropout", 0.0)), use_rslora=bool(get_key(r, "use_rslora", False)),
+                   seed=int(get_key(r, "seed", 42)), additional_targets=get_key(r, "additional_target"))
+        if adapter:
+            load_adapter(model, adapter)  # continue training an adapter: same rank/alpha required
+        return model
+    if adapter:  # full/freeze on top of an adapter: fold it into the base first (as LLaMA-Factory does)
+        load_adapter(model, adapter)
+        merge_lora(model)
+    if kind == "freeze":
+        model.requires_grad_(False)
+        for name in freeze_trainable_names(model.cfg, int(get_key(r, "freeze_trainable_layers", 2))):
+            model.get_submodule(name).requires_grad_(True)
+    elif kind == "full":
+        model.requires_grad_(True)
+    else:
+        raise UserError(f"finetuning_type: '{kind}' is not one of lora, full, freeze")
+    return model
+
+
+def build_model(r: Mapping[str, Any]) -> GPTModel:
+    """The model `train` optimises: base weights + recipe overrides + fine-tuning type (on CPU, fp32)."""
+    return apply_finetuning_type(load_base(r), r)
+
+
+def _output_dir(r: Mapping[str, Any]) -> Path:
+    out = get_key(r, "output_dir")
+    if out is None:
+        raise UserError("output_dir is not set (resolve fills saves/<recipe name>)")
+    return Path(out)
+
+
+def tuned_paths(r: Mapping[str, Any]) -> dict[str, Path]:
+    """Where train and merge leave their results for this recipe."""
+    out = _output_dir(r)
+    lora = get_key(r, "finetuning_type", "lora") == "lora"
+    adapter = get_key(r, "adapter_name_or_path")
+    return {"adapter": Path(adapter) if adapter else out / ("adapter" if lora else "model"),
+            "merged": out / "merged"}
+
+
+def default_which(r: Mapping[str, Any]) -> str:
+    """merged if present, else the trained adapter/model, else the base."""
+    paths = tuned_paths(r)
+    for which in ("merged", "adapter"):
+        if paths[which].is_dir():
+            return which
+    return "base"
+
+
+def load_for_inference(r: Mapping[str, Any], which: str | None = None,
+                       device: str | torch.device | None = None) -> GPTModel:
+    """The weights `generate` / `eval` use, in eval mode on `device` (CUDA when available).
+
+    base: the base model. adapter: base + output_dir/adapter (or adapter_name_or_path); for full or
+    freeze fine-tuning, output_dir/model. merged: output_dir/merged (HF layout). None: the newest there is.
+    """
+    which = which or default_which(r)
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    paths = tuned_paths(r)
+    if which == "merged":
+        if not (paths["merged"] / "config.json").is_file():
+            raise UserError(f"--model merged: no merged model at {paths['merged']}; produce it with"
+                            " `make merge` (python -m pipeline merge RECIPE), or use --model adapter")
+        model = load_model(paths["merged"])
+    elif which == "adapter":
+        where = paths["adapter"]
+        if not where.is_dir():
+            raise UserError(f"--model adapter: nothing at {where}; produce it with `make train`"
+                            " (python -m pipeline train RECIPE), or set adapter_name_or_path")
+        if get_key(r, "finetuning_type", "lora") == "lora" or get_key(r, "adapter_name_or_path"):
+            model = load_base(r, dropout=False)
+            load_adapter(model, where)
+        else:
+            model = load_model(where)
+    else:
+        model = load_base(r, dropout=False)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()

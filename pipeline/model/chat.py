@@ -1,0 +1,66 @@
+"""`python -m pipeline generate RECIPE [--prompt TEXT] [--model base|adapter|merged] [--raw]`.
+
+stdout carries only completions (scriptable: `answer=$(python -m pipeline generate r.yaml --prompt ...)`);
+every status line goes to stderr. Without --prompt: a chat reading one message per stdin line, with
+the conversation so far passed to the template as history; an empty line or EOF ends it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Mapping
+
+from pipeline.model.build import get_key, default_which, load_for_inference
+from pipeline.model.generate import generate_text
+from pipeline.model.weights import note
+
+
+def generation_kwargs(r: Mapping[str, Any], template_stops: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe's generation keys as generate() arguments (the template's stop strings added)."""
+    stops = list(get_key(r, "stop_strings", [])) + [s for s in template_stops if s]
+    return {
+        "max_new_tokens": int(get_key(r, "max_new_tokens", 256)),
+        "do_sample": bool(get_key(r, "do_sample", False)),
+        "temperature": float(get_key(r, "temperature", 1.0)),
+        "top_k": int(get_key(r, "top_k", 0)),
+        "top_p": float(get_key(r, "top_p", 1.0)),
+        "stop_strings": list(dict.fromkeys(stops)) or None,
+        "seed": int(get_key(r, "seed", 42)),
+    }
+
+
+def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
+    from pipeline.data.tokenizer import get_tokenizer
+
+    raw = bool(getattr(args, "raw", False))
+    template = None
+    if not raw:
+        from pipeline.data.templates import get_template
+
+        template = get_template(r["template"])
+    which = getattr(args, "model", None) or default_which(r)
+    model = load_for_inference(r, which)
+    tokenizer = get_tokenizer()
+    kwargs = generation_kwargs(r, template.stop_strings if template else ())
+
+    def complete(text: str, history: list[tuple[str, str]]) -> str:
+        prompt = text if template is None else template.prompt(instruction=text, history=history)
+        return generate_text(model, tokenizer, prompt, **kwargs)
+
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None:
+        print(complete(prompt, []), flush=True)
+        return 0
+    note(f"chatting with the {which} model of {r['model_name_or_path']} (template: "
+         f"{'none, --raw' if template is None else r['template']}); an empty line or Ctrl-D ends")
+    history: list[tuple[str, str]] = []
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0
+        reply = complete(line.rstrip("\n"), history)
+        print(reply, flush=True)
+        if template is not None:
+            history.append((line.rstrip("\n"), reply))

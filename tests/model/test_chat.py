@@ -1,0 +1,76 @@
+"""`python -m pipeline generate`: only the completion on stdout, template or --raw, interactive loop."""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.data.templates import get_template
+from pipeline.data.tokenizer import get_tokenizer
+from pipeline.model import chat
+from pipeline.model.build import load_for_inference
+from pipeline.model.generate import generate_text
+from pipeline.model.weights import load_model
+
+
+def recipe(tmp_path, **kw):
+    return {"model_name_or_path": "tiny", "finetuning_type": "lora", "template": "alpaca", "seed": 1,
+            "output_dir": str(tmp_path / "out"), "max_new_tokens": 6, "do_sample": False, "temperature": 1.0,
+            "top_k": 0, "top_p": 1.0, "stop_strings": None, "adapter_name_or_path": None, **kw}
+
+
+def args(**kw):
+    return argparse.Namespace(**{"prompt": None, "model": None, "raw": False, **kw})
+
+
+def expected(r, text):
+    model = load_for_inference(r, "base", device="cpu")
+    return generate_text(model, get_tokenizer(), text, **chat.generation_kwargs(r, get_template("alpaca").stop_strings))
+
+
+def test_prompt_prints_only_the_templated_completion(tmp_path, capsys):
+    r = recipe(tmp_path)
+    assert chat.run(r, args(prompt="Name a colour.")) == 0
+    out, err = capsys.readouterr()
+    assert out == expected(r, get_template("alpaca").prompt(instruction="Name a colour.")) + "\n"
+    assert "random weights" in err
+
+
+def test_raw_sends_the_text_as_is(tmp_path, capsys):
+    r = recipe(tmp_path, do_sample=True, temperature=0.8, top_k=50, seed=3)
+    chat.run(r, args(prompt="Once upon a time", raw=True))
+    raw_out = capsys.readouterr().out
+    assert raw_out == expected(r, "Once upon a time") + "\n"
+
+
+def test_interactive_loop_until_empty_line(tmp_path, capsys, monkeypatch):
+    r = recipe(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nWhat is 2+2?\n\nnever read\n"))
+    assert chat.run(r, args(raw=True)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0] == expected(r, "Hi")
+
+
+def test_generation_kwargs_merge_stop_strings():
+    kw = chat.generation_kwargs({"stop_strings": ["###"], "max_new_tokens": 3}, ("###", "\n\n"))
+    assert kw["stop_strings"] == ["###", "\n\n"] and kw["max_new_tokens"] == 3 and kw["do_sample"] is False
+
+
+def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
+    path, _ = hf_dir
+    (tmp_path / "r.yaml").write_text(f"model_name_or_path: {path}\ndataset: x\nnum_train_epochs: 1\n"
+                                     f"max_new_tokens: 5\noutput_dir: {tmp_path / 'out'}\n")
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    run = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(tmp_path / "r.yaml"), "--prompt",
+                          "The sky is", "--raw"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    tok = get_tokenizer()
+    assert run.stdout == generate_text(load_model(path).eval(), tok, "The sky is", max_new_tokens=5) + "\n"
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(tmp_path / "r.yaml"), "--prompt", "x",
+                          "--model", "merged"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and "make merge" in bad.stderr and bad.stdout == ""
+    assert "Traceback" not in bad.stderr
