@@ -110,7 +110,7 @@ validate: $(STAMPS)/validate ## check the recipe and the built data; prints a re
 inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram
 	$(PY) -m pipeline inspect $(RECIPE) $(ARGS)
 plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
-	$(PY) -m pipeline plan $(RECIPE) $(ARGS)
+	WORLD_SIZE=$(NPROC) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
 train: $(STAMPS)/train ## train (NPROC=N ranks, HOSTFILE=... for several nodes)
 merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF GPT-2 layout
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
