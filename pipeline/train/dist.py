@@ -1,0 +1,82 @@
+"""The few distributed facts the trainer needs: launch environment, rank, barriers, sums over ranks.
+
+Under the deepspeed launcher every rank gets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+a plain `python -m pipeline train` is one rank, so the same variables are filled in (with a free port)
+before DeepSpeed initialises torch.distributed. On a machine without GPUs DeepSpeed's CPU accelerator
+is used with the gloo backend.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Sequence
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_launch_env() -> None:
+    """Give a single plain process the environment the deepspeed launcher would have set."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init() -> None:
+    """torch.distributed through DeepSpeed, with the accelerator's backend (nccl on CUDA, gloo on CPU)."""
+    ensure_launch_env()
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+
+
+def rank() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.barrier()
+
+
+def device() -> Any:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def all_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks (float64, so token counts stay exact)."""
+    import torch
+    import torch.distributed as tdist
+
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on one (a signal seen by one rank stops all at the same step)."""
+    return all_sum([1.0 if flag else 0.0])[0] > 0

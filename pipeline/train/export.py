@@ -1,0 +1,112 @@
+"""The trained weights as people use them: adapter/ (PEFT layout) for LoRA, model/ (our own format) otherwise.
+
+They are taken from the fp32 master weights, whatever the precision and ZeRO stage: under bf16/fp16 the
+module holds rounded 16-bit copies, and under ZeRO-3 each rank holds only a slice of every parameter
+(saving `model.state_dict()` there is how LoRA checkpoints came out empty in LLaMA-Factory #1226 and
+axolotl #705). DeepSpeed's `safe_get_full_fp32_param` gathers a parameter's full fp32 value on every
+rank (a collective under ZeRO-3, so all ranks take part); rank 0 loads the values into a CPU copy of the
+model built from the recipe (frozen weights exactly as loaded, in fp32), writes it with the model layer's
+`save_adapter` / `save_model`, then re-opens the file and checks every expected tensor is there, with
+the expected shape, non-empty and finite.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline.train import dist
+
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+
+
+def full_fp32(engine: Any, param: Any) -> Any:
+    """The complete fp32 value of a trainable parameter (collective under ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    value = safe_get_full_fp32_param(param)
+    if value is not None:
+        return value
+    optimizer = engine.optimizer  # stage 0 with bf16/fp16: DeepSpeed's unfused wrapper keeps the fp32 copies
+    for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+        for p_low, p_high in zip(low, high):
+            if p_low is param:
+                return p_high
+    return param  # fp32 without ZeRO: the parameter is its own master
+
+
+def trainable_state(engine: Any) -> dict[str, Any]:
+    """name -> fp32 CPU tensor for every trainable parameter (every rank must call it)."""
+    return {name: full_fp32(engine, p).detach().float().cpu().clone()
+            for name, p in engine.module.named_parameters() if p.requires_grad}
+
+
+def verify_tensors(path: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Re-open a written safetensors file: exactly the expected keys and shapes, non-empty, finite."""
+    import torch
+    from safetensors import safe_open
+
+    problems = []
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        problems += [f"missing tensor {k}" for k in sorted(set(expected) - keys)]
+        problems += [f"unexpected tensor {k}" for k in sorted(keys - set(expected))]
+        for key in sorted(keys & set(expected)):
+            tensor = handle.get_tensor(key)
+            if tuple(tensor.shape) != tuple(expected[key]):
+                problems.append(f"{key} has shape {list(tensor.shape)}, expected {list(expected[key])}")
+            elif tensor.numel() == 0:
+                problems.append(f"{key} is empty")
+            elif not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{key} holds NaN or inf")
+    if problems:
+        raise RuntimeError(f"{path} was written incompletely: " + "; ".join(problems))
+
+
+class Exporter:
+    """Writes adapter/ or model/ under a directory from the engine's fp32 master weights."""
+
+    def __init__(self, engine: Any, r: Mapping[str, Any], build: Callable[[], Any]):
+        self.engine, self.r, self._build = engine, r, build
+        self._model: Any = None
+
+    @property
+    def lora(self) -> bool:
+        return self.r["finetuning_type"] == "lora"
+
+    def model(self) -> Any:
+        """A CPU fp32 copy of the model (rank 0 only), built once without touching the training RNG."""
+        import torch
+
+        if self._model is None:
+            with torch.random.fork_rng(devices=[]):
+                self._model = self._build().float().cpu().eval()
+        return self._model
+
+    def write(self, directory: str | Path) -> Path | None:
+        """Collective; rank 0 writes directory/adapter or directory/model and returns it."""
+        import torch
+
+        state = trainable_state(self.engine)
+        if not dist.is_main():
+            return None
+        model = self.model()
+        with torch.no_grad():
+            result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"trained parameters not found in the export model: {result.unexpected_keys}")
+        directory = Path(directory)
+        if self.lora:
+            from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
+
+            target = save_adapter(model, directory / ADAPTER_DIR,
+                                  {"base_model_name_or_path": str(self.r["model_name_or_path"])})
+            expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+            verify_tensors(target / ADAPTER_WEIGHTS, expected)
+        else:
+            from pipeline.model.weights import SINGLE, plain_state_dict, save_model
+
+            target = save_model(model, directory / MODEL_DIR)
+            expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
+            verify_tensors(target / SINGLE, expected)
+        return target

@@ -1,0 +1,120 @@
+"""What a run leaves for people to read: trainer_log.jsonl, console lines, training_loss.png, all_results.json.
+
+Only rank 0 writes (the caller passes `enabled=False` elsewhere). trainer_log.jsonl gets one JSON object
+per logging step, appended and flushed as training goes, so `tail -f` works and a crash loses nothing; a
+resumed run first drops the lines past its checkpoint's step so that the file reads as one run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from pipeline.io import write_json, write_text
+
+LOG_FILE = "trainer_log.jsonl"
+PLOT_FILE = "training_loss.png"
+RESULTS_FILE = "all_results.json"
+
+
+def read_log(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a trainer_log.jsonl (a torn last line from a killed run is ignored)."""
+    records = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so that the line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class TrainLog:
+    """Appends records to output_dir/trainer_log.jsonl and prints a short line per record to stderr."""
+
+    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int | None = None):
+        self.path = Path(output_dir) / LOG_FILE
+        self.enabled = enabled
+        if enabled and resume_step is not None:
+            kept = [rec for rec in read_log(self.path) if rec.get("step", 0) <= resume_step]
+            write_text(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({k: _finite(v) for k, v in record.items()}, allow_nan=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+        self.echo(record)
+
+    def echo(self, record: Mapping[str, Any]) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(format_record(record), file=sys.stderr)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_record(record: Mapping[str, Any]) -> str:
+    parts = [f"step {record['step']}"]
+    if "epoch" in record:
+        parts.append(f"epoch {record['epoch']:.2f}")
+    for key, fmt in (("loss", "{:.4f}"), ("l1", "{:.4g}"), ("eval_loss", "{:.4f}"), ("eval_perplexity", "{:.2f}"),
+                     ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"), ("loss_scale", "{:g}"),
+                     ("tokens_per_s", "{:.0f}")):
+        if record.get(key) is not None:
+            parts.append(f"{key} {fmt.format(record[key])}")
+    if "eta" in record:
+        parts.append(f"eta {_hms(record['eta'])}")
+    return " | ".join(parts)
+
+
+def plot_loss(records: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
+    """Train (and eval) loss against the optimizer step; None when there is nothing to plot."""
+    records = list(records)
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_results(output_dir: str | Path, results: Mapping[str, Any]) -> None:
+    write_json(Path(output_dir) / RESULTS_FILE, {k: _finite(v) for k, v in results.items()})

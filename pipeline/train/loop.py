@@ -1,0 +1,298 @@
+"""The training loop, top to bottom: micro-batches -> forward -> (+ L1) -> engine.backward -> engine.step.
+
+DeepSpeed owns everything numerical around the step: gradient accumulation (engine.step only updates at
+the accumulation boundary, and backward divides the loss by gradient_accumulation_steps), averaging over
+ranks, mixed precision with fp32 master weights, fp16 loss scaling, clipping to max_grad_norm, ZeRO. This
+loop feeds batches, watches the loss, and decides when to log, evaluate, save and stop.
+
+Epochs follow the recipe's step arithmetic: an epoch is floor(batches per rank / accumulation) optimizer
+steps; micro-batches left over at the end of an epoch are not used. The data position (epoch, batch index)
+advances with every micro-batch drawn, so a resumed run skips exactly what was consumed.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+from pipeline.errors import UserError
+from pipeline.train import dist
+from pipeline.train.checkpoint import TrainState
+
+MAX_CONSECUTIVE_SKIPS = 16  # nan_policy: skip gives up when this many micro-batches in a row are non-finite
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop finishes the current step, saves a checkpoint and returns.
+
+    A second signal of the same kind gets the default behaviour (Ctrl-C twice interrupts at once).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for signum in EXIT_CODES:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (tests driving run() from a thread): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if dist.is_main():
+            print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """Agreed over ranks, so that every rank stops after the same step."""
+        return dist.any_rank(self.signum is not None)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.signum, 1) if self.signum is not None else 0
+
+
+class BatchStream:
+    """Training micro-batches in order from a resumable position (epoch, batch index within the epoch)."""
+
+    def __init__(self, loader: Any, state: TrainState, accumulation: int):
+        self.loader, self.state, self.accumulation = loader, state, accumulation
+        self._it: Iterator[dict] | None = None
+
+    def next(self) -> dict:
+        while True:
+            if self._it is None:
+                self.loader.set_epoch(self.state.epoch)
+                self._it = self.loader.iter_from(self.state.batch_in_epoch)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.state.batch_in_epoch += 1
+                return batch
+            self.new_epoch()
+
+    def end_of_step(self) -> None:
+        """Start the next epoch when what is left of this one cannot fill an optimizer step."""
+        if self.state.batch_in_epoch + self.accumulation > len(self.loader):
+            self.new_epoch()
+
+    def new_epoch(self) -> None:
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        self._it = None
+
+    @property
+    def epoch_float(self) -> float:
+        return self.state.epoch + self.state.batch_in_epoch / max(1, len(self.loader))
+
+
+@dataclass
+class Window:
+    """Sums since the last log line (local to this rank; summed over ranks when logged)."""
+
+    steps: int = 0
+    loss: float = 0.0
+    l1: float = 0.0
+    tokens: int = 0
+    trained_tokens: int = 0
+    lr: float = 0.0  # of the window's last step
+    started: float = field(default_factory=time.monotonic)
+
+
+def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def l1_penalty(params: list[Any], l1_lambda: float) -> Any:
+    """l1_lambda * sum |w| over the trainable weights (in fp32)."""
+    return l1_lambda * sum(p.float().abs().sum() for p in params)
+
+
+def grad_norm(params: list[Any]) -> float:
+    """Global L2 norm of the (already averaged) gradients, for logging only."""
+    import torch
+
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def loss_scale(engine: Any) -> float | None:
+    optimizer = engine.optimizer
+    for name in ("cur_scale", "loss_scale"):
+        value = getattr(optimizer, name, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _nonfinite_message(r: Mapping[str, Any], step: int, value: float, engine: Any, skipped: bool = False) -> str:
+    scale = f" (fp16 loss scale {loss_scale(engine):g})" if r["fp16"] else ""
+    lead = (f"{MAX_CONSECUTIVE_SKIPS} consecutive micro-batches had a non-finite loss, the last" if skipped
+            else "the training loss")
+    return (f"{lead} at optimizer step {step} is {value}{scale}; stopped before updating the weights (the last "
+            "checkpoint is intact). Try a lower learning_rate, more warmup (warmup_ratio), max_grad_norm 1.0, bf16 "
+            "instead of fp16, or nan_policy: skip to drop such batches")
+
+
+class Trainer:
+    """One training run on a DeepSpeed engine; `train()` is the loop."""
+
+    def __init__(self, engine: Any, r: Mapping[str, Any], state: TrainState, loader: Any, *,
+                 evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
+                 stop: StopRequest):
+        self.engine, self.r, self.state = engine, r, state
+        self.data = BatchStream(loader, state, r["gradient_accumulation_steps"])
+        self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        # DeepSpeed reports the pre-clip global norm except for fp32 without ZeRO, where it clips but
+        # does not keep the value: there the loop measures the same quantity itself.
+        self.own_grad_norm = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+        self.last_saved_step: int | None = None
+        self.last_record: dict[str, Any] = {}
+        self._unflushed = [0, 0]  # this rank's tokens / trained tokens not yet added to state
+
+    # ------------------------------------------------------------------------------------------ one step
+    def micro_batch(self) -> tuple[dict[str, Any], Any]:
+        """The next micro-batch and its loss; a non-finite loss stops the run or (nan_policy: skip) is dropped."""
+        for _ in range(MAX_CONSECUTIVE_SKIPS):
+            batch = _to_device(self.data.next(), self.engine.device)
+            loss = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            value = float(loss.detach())
+            if not dist.any_rank(not math.isfinite(value)):
+                return batch, loss
+            if self.r["nan_policy"] != "skip":
+                raise UserError(_nonfinite_message(self.r, self.state.global_step + 1, value, self.engine))
+            self.state.skipped_batches += 1  # no backward: nothing of this batch reaches the gradients
+            del loss
+        raise UserError(_nonfinite_message(self.r, self.state.global_step + 1, value, self.engine, skipped=True))
+
+    def optimizer_step(self, window: Window) -> float | None:
+        """gradient_accumulation_steps micro-batches and one DeepSpeed update; returns the grad norm."""
+        own_norm = None
+        window.lr = float(self.engine.get_lr()[0])  # the rate this update uses (the scheduler steps after it)
+        l1_lambda = self.r["l1_lambda"]
+        for _ in range(self.r["gradient_accumulation_steps"]):
+            batch, loss = self.micro_batch()
+            total = loss
+            if l1_lambda:
+                penalty = l1_penalty(self.params, l1_lambda)
+                total = loss + penalty
+                window.l1 += float(penalty.detach()) / self.r["gradient_accumulation_steps"]
+            self.engine.backward(total)
+            if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+                own_norm = grad_norm(self.params)
+            self.engine.step()
+            window.loss += float(loss.detach()) / self.r["gradient_accumulation_steps"]
+            tokens, trained = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+            window.tokens += tokens
+            window.trained_tokens += trained
+            self._unflushed[0] += tokens
+            self._unflushed[1] += trained
+        self.data.end_of_step()
+        norm = self.engine.get_global_grad_norm()
+        return own_norm if norm is None else float(norm)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> str:
+        """Runs to total_steps; returns 'done', or 'stopped' after a signal (a checkpoint is saved either way)."""
+        from tqdm import tqdm
+
+        r, state = self.r, self.state
+        total = r["total_steps"]
+        first_step, started = state.global_step, time.monotonic()
+        window = Window()
+        bar = tqdm(total=total, initial=first_step, desc="train", unit="step", file=sys.stderr,
+                   disable=not dist.is_main(), dynamic_ncols=True)
+        try:
+            while state.global_step < total:
+                norm = self.optimizer_step(window)
+                state.global_step += 1
+                window.steps += 1
+                bar.update(1)
+                step, last = state.global_step, state.global_step == total
+                record: dict[str, Any] = {}
+                if step % r["logging_steps"] == 0 or last:
+                    record.update(self.train_metrics(window, norm, started, first_step))
+                    window = Window()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                if self.evaluate is not None and ((r["eval_steps"] and step % r["eval_steps"] == 0) or last):
+                    record.update(self.evaluate())
+                if record:
+                    record = {"step": step, "epoch": round(self.data.epoch_float, 4), **record}
+                    self.log.write(record)
+                    self.last_record.update(record)
+                stopping = self.stop.requested()
+                if step % r["save_steps"] == 0 or stopping:
+                    self.flush_tokens()
+                    self.save()
+                    self.last_saved_step = step
+                if stopping:
+                    return "stopped"
+        finally:
+            bar.close()
+        return "done"
+
+    def flush_tokens(self) -> None:
+        """Add every rank's token counts to the state (collective: at log and save points only)."""
+        tokens, trained = dist.all_sum(self._unflushed)
+        self.state.tokens_seen += int(tokens)
+        self.state.trained_tokens_seen += int(trained)
+        self._unflushed = [0, 0]
+
+    def train_metrics(self, window: Window, norm: float | None, started: float, first_step: int) -> dict[str, Any]:
+        r, state = self.r, self.state
+        loss, l1, tokens, trained = dist.all_sum([window.loss, window.l1, window.tokens, window.trained_tokens])
+        world = dist.world_size()
+        self.flush_tokens()
+        now = time.monotonic()
+        seconds = max(now - window.started, 1e-9)
+        elapsed = now - started
+        done = state.global_step - first_step
+        record: dict[str, Any] = {
+            "loss": loss / world / window.steps,
+            "lr": window.lr,
+            "grad_norm": norm,
+            "tokens_per_s": tokens / seconds,
+            "trained_tokens_per_s": trained / seconds,
+            "tokens_seen": state.tokens_seen,
+            "trained_tokens_seen": state.trained_tokens_seen,
+            "elapsed": round(elapsed, 3),
+            "eta": round(elapsed / max(done, 1) * (r["total_steps"] - state.global_step), 3),
+        }
+        if r["l1_lambda"]:
+            record["l1"] = l1 / world / window.steps
+        if r["fp16"]:
+            record["loss_scale"] = loss_scale(self.engine)
+        if state.skipped_batches:
+            record["skipped_batches"] = state.skipped_batches
+        return record
+
+
+def evaluate(engine: Any, loader: Any) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity."""
+    import torch
+
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            batch = _to_device(batch, engine.device)
+            loss_sum, n = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                 reduction="sum")
+            total += float(loss_sum)
+            count += int(n)
+    engine.train()
+    total, count = dist.all_sum([total, count])
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}

@@ -1,0 +1,258 @@
+"""`python -m pipeline train RECIPE`: the training stage, read top to bottom.
+
+    distributed init -> resume point and output_dir policy -> data -> exact step counts -> model
+    -> AdamW + schedule -> DeepSpeed engine -> (resume) -> loop -> final checkpoint -> adapter/ or model/
+
+One rank is a plain python process; several go through the deepspeed launcher
+(`deepspeed --num_gpus N --module pipeline train RECIPE`, which `make train NPROC=N` runs). Every rank runs
+this same code; only rank 0 prints and writes the shared files.
+
+Exit codes: 0 done; 2 a user mistake (bad recipe, unusable checkpoint, non-finite loss, out of memory: the
+message says what to change); 130 after Ctrl-C and 143 after SIGTERM, both once a checkpoint is saved
+(not 0, so that `make` does not treat an interrupted run as finished; continue it with
+resume_from_checkpoint=latest).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.errors import UserError
+from pipeline.train import checkpoint, dist
+from pipeline.train.checkpoint import TrainState
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves in memory (tests look at the engine; the CLI needs only the exit code)."""
+
+    exit_code: int
+    engine: Any
+    state: TrainState
+    output_dir: Path
+    final: Path | None = None  # output_dir/adapter or output_dir/model
+
+
+def run(r: Any, args: Any = None) -> int:
+    return train(r).exit_code
+
+
+def train(r: Any) -> TrainResult:
+    dist.init()
+    import deepspeed
+
+    from pipeline.data.loaders import count_examples, make_loader
+    from pipeline.model.build import build_model
+    from pipeline.train.export import Exporter
+    from pipeline.train.log import TrainLog
+    from pipeline.train.loop import StopRequest, Trainer, evaluate
+    from pipeline.train.optim import make_optimizer
+    from pipeline.train.safestate import safe_checkpoint_engine
+    from pipeline.train.schedule import make_scheduler
+
+    preflight(r)
+    resume = checkpoint.find_resume(r)
+    if resume is not None:
+        checkpoint.check_compatible(r, resume)
+    output_dir = prepare_output_dir(r, resume)
+
+    seed_everything(r["seed"])
+    rank, world = dist.rank(), dist.world_size()
+    loader = make_loader(r, "train", rank=rank, world_size=world, epoch=0, shuffle=True)
+    r = exact_steps(r, loader)
+    has_val = count_examples(r)["val"] > 0
+    val_loader = make_loader(r, "val", rank=rank, world_size=world, shuffle=False) if has_val else None
+
+    model = build_model(r)
+    optimizer = make_optimizer(model, r)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, r),
+                                      config=r.ds_config)
+    engine.checkpoint_engine = safe_checkpoint_engine()  # safetensors + JSON, never pickle
+    state = checkpoint.load(engine, resume) if resume is not None else TrainState()
+    if dist.is_main():
+        write_run_files(r, output_dir)
+        print_plan(r, model, loader, resume, state)
+
+    exporter = Exporter(engine, r, lambda: quietly(build_model, r))
+    log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None)
+    with StopRequest() as stop:
+        trainer = Trainer(engine, r, state, loader,
+                          evaluate=(lambda: evaluate(engine, val_loader)) if val_loader is not None else None,
+                          save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop)
+        with explain_out_of_memory(r, state):
+            outcome = trainer.train()
+        if outcome == "stopped":
+            if dist.is_main():
+                print(f"stopped at step {state.global_step}: saved {output_dir}/checkpoint-{state.global_step}; "
+                      "continue with resume_from_checkpoint=latest", file=sys.stderr)
+            return TrainResult(stop.exit_code, engine, state, output_dir)
+        if trainer.last_saved_step != state.global_step:
+            trainer.flush_tokens()
+            checkpoint.save(engine, r, state, exporter)
+        final = exporter.write(output_dir)
+
+    if dist.is_main():
+        finish(r, output_dir, trainer.last_record, state, loader, final)
+    dist.barrier()
+    return TrainResult(0, engine, state, output_dir, final)
+
+
+# ---------------------------------------------------------------------------------------------- before training
+
+def preflight(r: Mapping[str, Any]) -> None:
+    """Combinations the trainer cannot honour, caught before any work."""
+    if r["l1_lambda"] and r["zero_stage"] == 3:
+        raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
+                        "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
+    if r["world_size"] != dist.world_size():
+        raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
+                           f"{dist.world_size()}")
+
+
+def _dangerous(path: Path) -> bool:
+    """Directories that must never be emptied by overwrite_output_dir."""
+    path = path.resolve()
+    cwd = Path.cwd().resolve()
+    return path in (cwd, Path.home().resolve(), *cwd.parents) or (path / ".git").exists()
+
+
+def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
+    """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
+    output_dir = Path(r["output_dir"])
+    where = checkpoint._where(r, "output_dir")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"{where}: {output_dir} is a file, not a directory; choose another output_dir")
+    entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if entries and resume is None:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        if not r["overwrite_output_dir"]:
+            raise UserError(f"{where}: {output_dir} is not empty (it holds {shown}); set "
+                            "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to "
+                            "start over (its contents are removed), or choose another output_dir")
+        if _dangerous(output_dir):
+            raise UserError(f"{where}: {output_dir} is the working directory, one of its parents, the home "
+                            "directory or a git checkout; overwrite_output_dir will not empty it. Choose a "
+                            "dedicated output_dir such as saves/<name>")
+    dist.barrier()  # every rank has decided before rank 0 changes anything
+    if dist.is_main():
+        if entries and resume is None:
+            for name in entries:
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_stale(output_dir)
+    dist.barrier()
+    return output_dir
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator too
+
+
+def exact_steps(r: Any, loader: Any) -> Any:
+    """Step counts from the real loader: batches actually drawn per epoch (after the length policy and
+    drop_last), so steps_per_epoch = floor(len(loader) / gradient_accumulation_steps) exactly."""
+    from pipeline.recipe import derive_steps
+
+    per_epoch = len(loader) * loader.batch_size * loader.world_size
+    r = derive_steps(r, per_epoch)
+    if not r["total_steps"]:
+        raise UserError(f"no optimizer step fits: the train split gives {len(loader)} micro-batches per rank per "
+                        f"epoch and gradient_accumulation_steps is {r['gradient_accumulation_steps']}; lower "
+                        "gradient_accumulation_steps or per_device_train_batch_size, or add data")
+    return r
+
+
+def quietly(func: Any, *args: Any) -> Any:
+    """Call without its stderr notes (the export copy of the model repeats what the first build said)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return func(*args)
+
+
+def write_run_files(r: Any, output_dir: Path) -> None:
+    from pipeline.io import write_json, write_text
+    from pipeline.recipe import resolved_yaml
+
+    write_text(output_dir / "resolved.yaml", resolved_yaml(r))
+    write_json(output_dir / "ds_config.json", r.ds_config)
+
+
+def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState) -> None:
+    from pipeline.model.lora import trainable_report
+
+    precision = "bf16" if r["bf16"] else "fp16" if r["fp16"] else "fp32"
+    lines = [
+        trainable_report(model)[3],
+        f"train: stage {r['stage']}, finetuning {r['finetuning_type']}, {precision}, ZeRO stage {r['zero_stage']}, "
+        f"{dist.world_size()} rank(s)",
+        f"data: {loader.num_examples:,} examples, {len(loader):,} micro-batches of {loader.batch_size} per rank "
+        f"per epoch; global batch {r['total_train_batch_size']} "
+        f"({r['per_device_train_batch_size']} x {r['gradient_accumulation_steps']} accumulation x "
+        f"{dist.world_size()} ranks)",
+        f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
+        f"schedule {r['lr_scheduler_type']}",
+    ]
+    if resume is not None:
+        lines.append(f"resuming from {resume} at step {state.global_step} (epoch {state.epoch}, "
+                     f"batch {state.batch_in_epoch})")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(r: Mapping[str, Any], state: TrainState) -> Any:
+    """An out-of-memory error becomes a message naming the knobs that reduce memory."""
+    import torch
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        text = str(err)
+        if not isinstance(err, (torch.OutOfMemoryError, MemoryError)) and "can't allocate memory" not in text \
+                and "out of memory" not in text.lower():
+            raise
+        raise UserError(
+            f"out of memory at optimizer step {state.global_step + 1} ({text.splitlines()[0] if text else 'no detail'}"
+            f"). To use less memory: lower per_device_train_batch_size (now {r['per_device_train_batch_size']}) and "
+            f"raise gradient_accumulation_steps (now {r['gradient_accumulation_steps']}) to keep the global batch; "
+            f"lower cutoff_len (now {r['cutoff_len']}); raise zero_stage (now {r['zero_stage']}) to 2 or 3 and "
+            "offload_optimizer: cpu (offload_param: cpu with stage 3); use finetuning_type: lora (now "
+            f"{r['finetuning_type']}); bf16: true on GPUs that support it. `make plan` estimates a recipe's memory"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------- after training
+
+def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], state: TrainState, loader: Any,
+           final: Path | None) -> None:
+    from pipeline.train.log import PLOT_FILE, plot_loss, read_log, write_results
+
+    records = read_log(output_dir / "trainer_log.jsonl")
+    results = {
+        "global_step": state.global_step,
+        "epoch": last.get("epoch"),
+        "train_loss": last.get("loss"),
+        "eval_loss": last.get("eval_loss"),
+        "eval_perplexity": last.get("eval_perplexity"),
+        "num_train_examples": loader.num_examples,
+        "total_steps": r["total_steps"],
+        "tokens_seen": state.tokens_seen,
+        "trained_tokens_seen": state.trained_tokens_seen,
+        "skipped_batches": state.skipped_batches,
+        "train_runtime_s": last.get("elapsed"),
+        "output": str(final) if final else None,
+    }
+    write_results(output_dir, results)
+    if r["plot_loss"]:
+        plot_loss(records, output_dir / PLOT_FILE, title=f"{Path(str(r['output_dir'])).name}: loss")
+    print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

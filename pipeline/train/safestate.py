@@ -1,0 +1,199 @@
+"""Training state without pickle: tensors in a safetensors file, the structure around them as JSON.
+
+DeepSpeed's `engine.save_checkpoint` / `load_checkpoint` know how to save and restore every ZeRO stage's
+optimizer partitions, loss scaler and counters, but they write pickles (`torch.save`) and read them
+back with `torch.load(weights_only=False)`, which runs arbitrary code from a tampered file. Instead of
+re-implementing DeepSpeed's checkpoint logic, `SafeCheckpointEngine` plugs into its checkpoint-engine
+interface: every state dict DeepSpeed hands it is stored as one safetensors file whose header holds the
+JSON structure (dicts, lists, numbers, strings, and a short allowlist of DeepSpeed classes rebuilt from
+their attributes). Loading never unpickles; an unknown class is refused. The files keep DeepSpeed's
+names (`*_model_states.pt`, `*_optim_states.pt`) because its loader looks for them by name.
+"""
+from __future__ import annotations
+
+import enum
+import importlib
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+STRUCTURE_KEY = "pipeline.structure"
+FORMAT_KEY = "pipeline.format"
+FORMAT = "pipeline-safestate-1"
+
+# Classes DeepSpeed puts into its state dicts, rebuilt from their attributes (never by unpickling).
+ALLOWED_OBJECTS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
+ALLOWED_ENUMS = {
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+}
+
+
+def _qualname(obj_type: type) -> str:
+    return f"{obj_type.__module__}.{obj_type.__qualname__}"
+
+
+def _allowed_class(name: str, allowed: set[str]) -> type:
+    if name not in allowed:
+        raise ValueError(f"checkpoint refers to class {name!r}, which is not on the allowlist of loadable classes")
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+class _Encoder:
+    """Walks a state dict: tensors go to `self.tensors`, everything else becomes tagged JSON."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, Any] = {}
+        self._storages: set[tuple[int, int]] = set()
+
+    def tensor(self, value: Any) -> dict[str, Any]:
+        value = value.detach().to("cpu")
+        storage = value.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        # safetensors refuses tensors that share memory; copy views and repeats (rare, small).
+        if key in self._storages or storage.nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        else:
+            self._storages.add(key)
+        name = f"t{len(self.tensors)}"
+        self.tensors[name] = value.contiguous()
+        return {"$t": "tensor", "k": name}
+
+    def __call__(self, value: Any) -> Any:
+        import torch
+
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, enum.Enum):
+            name = _qualname(type(value))
+            _allowed_class(name, ALLOWED_ENUMS)
+            return {"$t": "enum", "cls": name, "v": value.value}
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$t": "float", "v": repr(value)}
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value)
+        if isinstance(value, torch.Size):
+            return {"$t": "size", "v": list(value)}
+        if isinstance(value, torch.dtype):
+            return {"$t": "dtype", "v": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.device):
+            return {"$t": "device", "v": str(value)}
+        if isinstance(value, dict):
+            items = [[self(k), self(v)] for k, v in value.items()]
+            return {"$t": "odict" if isinstance(value, OrderedDict) else "dict", "v": items}
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, tuple):
+            return {"$t": "tuple", "v": [self(v) for v in value]}
+        if isinstance(value, (set, frozenset)):
+            return {"$t": "set", "v": [self(v) for v in sorted(value, key=repr)]}
+        name = _qualname(type(value))
+        if name in ALLOWED_OBJECTS:
+            return {"$t": "obj", "cls": name, "v": self(dict(vars(value)))}
+        raise TypeError(f"cannot store a {name} in a checkpoint without pickle; add it to "
+                        "pipeline.train.safestate.ALLOWED_OBJECTS if it is plain data")
+
+
+def _decode(value: Any, tensors: dict[str, Any]) -> Any:
+    import torch
+
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tag, payload = value.get("$t"), value.get("v")
+    if tag == "tensor":
+        return tensors[value["k"]]
+    if tag in ("dict", "odict"):
+        pairs = [(_decode(k, tensors), _decode(v, tensors)) for k, v in payload]
+        return OrderedDict(pairs) if tag == "odict" else dict(pairs)
+    if tag == "tuple":
+        return tuple(_decode(v, tensors) for v in payload)
+    if tag == "set":
+        return {_decode(v, tensors) for v in payload}
+    if tag == "float":
+        return float(payload)
+    if tag == "size":
+        return torch.Size(payload)
+    if tag == "dtype":
+        dtype = getattr(torch, payload, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"checkpoint names an unknown dtype {payload!r}")
+        return dtype
+    if tag == "device":
+        return torch.device(payload)
+    if tag == "enum":
+        return _allowed_class(value["cls"], ALLOWED_ENUMS)(payload)
+    if tag == "obj":
+        cls = _allowed_class(value["cls"], ALLOWED_OBJECTS)
+        obj = cls.__new__(cls)
+        obj.__dict__.update(_decode(payload, tensors))
+        return obj
+    raise ValueError(f"checkpoint structure has an unknown tag {tag!r}")
+
+
+def save_state(obj: Any, path: str | Path) -> None:
+    """Write `obj` (nested dicts/lists of tensors and plain values) to one safetensors file."""
+    from safetensors.torch import save as save_bytes
+
+    encoder = _Encoder()
+    structure = encoder(obj)
+    data = save_bytes(encoder.tensors, metadata={FORMAT_KEY: FORMAT,
+                                                 STRUCTURE_KEY: json.dumps(structure, allow_nan=False)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:  # inside a checkpoint's temp directory, which is renamed when complete
+        handle.write(data)
+
+
+def load_state(path: str | Path, map_location: Any = None) -> Any:
+    """Read a file written by `save_state`; tensors land on `map_location` when it is a device (else CPU)."""
+    import torch
+    from safetensors import safe_open
+
+    device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        meta = handle.metadata() or {}
+        if meta.get(FORMAT_KEY) != FORMAT:
+            raise ValueError(f"{path}: not a pipeline state file (no {FORMAT_KEY}={FORMAT} in its header)")
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return _decode(json.loads(meta[STRUCTURE_KEY]), tensors)
+
+
+def safe_checkpoint_engine() -> Any:
+    """A DeepSpeed CheckpointEngine that stores state dicts with `save_state` / `load_state`."""
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    class SafeCheckpointEngine(CheckpointEngine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.name = "pipeline-safetensors"
+
+        def create(self, info: Any) -> None:
+            pass
+
+        def save(self, state_dict: Any, path: str) -> None:
+            save_state(state_dict, path)
+
+        def load(self, path: str, map_location: Any = None) -> Any:
+            return load_state(path, map_location)
+
+        def commit(self, info: Any) -> bool:
+            return True
+
+        def makedirs(self, path: str, exist_ok: bool = False) -> None:
+            os.makedirs(path, exist_ok=exist_ok)
+
+        def preserves_storage_sharing(self) -> bool:
+            return False  # views are copied by save_state itself; no need for DeepSpeed's defensive clones
+
+    return SafeCheckpointEngine()

@@ -1,0 +1,48 @@
+"""Shared values of the training tests: tiny datasets and base recipes."""
+from __future__ import annotations
+
+import random
+
+WORDS = ("red green blue apple river stone cloud seven little happy bright night morning garden "
+         "window paper music light water small large quick slow north south").split()
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, 3)
+        rows.append({"instruction": f"Repeat the words: {' '.join(words)}", "input": "",
+                     "output": " ".join(words) + f" ({i})"})
+    return rows
+
+
+def corpus(n_paragraphs: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(n_paragraphs))
+
+
+BASE_SFT = {
+    "model_name_or_path": "tiny",
+    "stage": "sft",
+    "dataset": "tiny_sft",
+    "dataset_dir": "data",
+    "template": "alpaca",
+    "cutoff_len": 64,
+    "val_size": 0.1,
+    "finetuning_type": "lora",
+    "lora_rank": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 1e-3,
+    "max_steps": 4,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 1,
+    "logging_steps": 1,
+    "save_steps": 1000,
+    "plot_loss": False,
+    "group_by_length": False,
+    "seed": 7,
+}
+BASE_PT = {**BASE_SFT, "stage": "pt", "dataset": "tiny_pt", "cutoff_len": 32, "finetuning_type": "full"}
+BASE_PT.pop("template")

@@ -1,0 +1,73 @@
+"""An independent plain-PyTorch training loop: the yardstick for the DeepSpeed path.
+
+Same model init (the model layer's build_model), same batches (the data layer's loader, in order, epochs cut to
+whole accumulation groups), torch AdamW with decay on matrices only, the warmup + cosine/linear schedule written
+out here from its textbook formula, gradient accumulation by dividing the loss, torch's clip_grad_norm_. No
+DeepSpeed, nothing from pipeline.train.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping
+
+import torch
+
+
+def schedule(step: int, *, kind: str, total: int, warmup: int, min_ratio: float) -> float:
+    if step < warmup:
+        return step / warmup
+    if kind == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = (1 - t) if kind == "linear" else (1 + math.cos(math.pi * t)) / 2
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def batches(r: Mapping[str, Any]) -> Iterator[dict]:
+    from pipeline.data.loaders import make_loader
+
+    loader = make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)
+    gas = r["gradient_accumulation_steps"]
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        usable = len(loader) // gas * gas
+        for k in range(usable):
+            yield loader.batch(k)
+        epoch += 1
+
+
+def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) -> tuple[list[float], list[float], Any]:
+    """(loss per optimizer step, L1 term per step, trained model) after `steps` updates."""
+    from pipeline.model.build import build_model
+
+    torch.manual_seed(r["seed"])
+    model = build_model(r).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=r["learning_rate"],
+                            betas=(r["adam_beta1"], r["adam_beta2"]), eps=r["adam_epsilon"])
+    gas, total = r["gradient_accumulation_steps"], r["max_steps"]
+    warmup = r["warmup_steps"] or 0
+    data = batches(r)
+    losses, l1s = [], []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = r["learning_rate"] * schedule(step, kind=r["lr_scheduler_type"], total=total,
+                                                        warmup=warmup, min_ratio=r["min_lr_ratio"])
+        step_loss = step_l1 = 0.0
+        for _ in range(gas):
+            b = next(data)
+            loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            l1 = r["l1_lambda"] * sum(p.abs().sum() for p in params)
+            ((loss + l1) / gas).backward()
+            step_loss += loss.item() / gas
+            step_l1 += float(l1.detach() if torch.is_tensor(l1) else l1) / gas
+        if r["max_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, r["max_grad_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        l1s.append(step_l1)
+    return losses, l1s, model
