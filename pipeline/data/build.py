@@ -1,0 +1,290 @@
+"""`python -m pipeline build RECIPE` (`make data`): raw sources -> <dataset_dir>/build/<name>/.
+
+Per dataset: read every source (all problems reported together), convert to Alpaca rows (pt: text
+documents), normalise (NFC, CRLF), remove blank and duplicate rows, cap (num_samples, max_samples),
+shuffle with `seed` and split by `val_size`, then write train.json, val.json and manifest.json in one
+atomic directory swap. A dataset whose sources, registry entry and build keys match its manifest is
+left alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline.data.convert import to_rows
+from pipeline.data.problems import Problems
+from pipeline.data.registry import DatasetSpec, resolve_datasets
+from pipeline.data.sources import Table, read_table, read_text
+from pipeline.errors import UserError
+from pipeline.io import atomic_dir
+
+SCHEMA_VERSION = 1
+BUILD_VERSION = 1  # bump when the same inputs would build different files
+BUILD_KEYS = ("stage", "val_size", "seed", "max_samples")
+SPLITS = ("train", "val")
+SFT_REASONS = ("empty instruction", "empty output", "exact duplicate", "over num_samples", "over max_samples")
+PT_REASONS = ("empty text", "exact duplicate", "over num_samples", "over max_samples")
+PROGRESS_MIN_BYTES = 8 << 20
+
+
+def built_dir(r: Mapping[str, Any], name: str) -> Path:
+    return Path(r["dataset_dir"]) / "build" / name
+
+
+def build_keys(r: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: r[key] for key in BUILD_KEYS}
+
+
+def all_specs(r: Mapping[str, Any]) -> list[DatasetSpec]:
+    """The datasets of `dataset` then `eval_dataset`, each once."""
+    seen: dict[str, DatasetSpec] = {}
+    for spec in resolve_datasets(r, "dataset") + resolve_datasets(r, "eval_dataset"):
+        seen.setdefault(spec.name, spec)
+    return list(seen.values())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _source_name(path: Path, dataset_dir: Path) -> str:
+    """How a source is recorded in the manifest: relative to dataset_dir (stable across cwd), else absolute."""
+    try:
+        return path.resolve().relative_to(dataset_dir.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        with open(directory / "manifest.json", encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def up_to_date(manifest: dict[str, Any] | None, directory: Path, wanted: dict[str, Any]) -> bool:
+    """Same code version, registry entry, build keys and source hashes, and the outputs intact."""
+    if not manifest:
+        return False
+    for key in ("schema_version", "build_version", "entry", "build_keys"):
+        if manifest.get(key) != wanted[key]:
+            return False
+    if [(s.get("path"), s.get("sha256")) for s in manifest.get("sources", [])] != wanted["sources"]:
+        return False
+    for file, info in manifest.get("files", {}).items():
+        path = directory / file
+        if not path.is_file() or path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
+            return False
+    return set(manifest.get("files", {})) == {f"{s}.json" for s in SPLITS}
+
+
+def run(r: Mapping[str, Any], args: Any = None) -> int:
+    """Build every dataset the recipe names; print what was built, kept and removed."""
+    for line in build(r):
+        print(line)
+    return 0
+
+
+def build(r: Mapping[str, Any]) -> list[str]:
+    """Build what is stale; returns the summary lines. Raises UserError (writing nothing) on bad data."""
+    dataset_dir = Path(r["dataset_dir"])
+    stale: list[tuple[DatasetSpec, dict[str, Any]]] = []
+    lines: list[str] = []
+    for spec in all_specs(r):
+        directory = built_dir(r, spec.name)
+        sources = [(_source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
+        wanted = {"schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "entry": spec.entry,
+                  "build_keys": build_keys(r), "sources": sources}
+        if up_to_date(read_manifest(directory), directory, wanted):
+            lines.append(f"{spec.name}: up to date ({directory}/manifest.json)")
+        else:
+            stale.append((spec, wanted))
+    problems = Problems()
+    loaded = [(spec, wanted, _read_dataset(spec, r["stage"], problems)) for spec, wanted in stale]
+    problems.raise_if_any()
+    for spec, wanted, (rows, per_source) in loaded:
+        manifest = _write_dataset(spec, wanted, rows, per_source, r)
+        lines.extend(summary(manifest, built_dir(r, spec.name)))
+    return lines
+
+
+def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems) -> tuple[list[dict], list[int]]:
+    """All rows of a dataset's sources (in file order) and the row count per source."""
+    from tqdm import tqdm
+
+    total = sum(p.stat().st_size for p in spec.files)
+    bar = tqdm(total=total, desc=f"build {spec.name}", unit="B", unit_scale=True, file=sys.stderr,
+               disable=True if total < PROGRESS_MIN_BYTES else None)
+    rows: list[dict] = []
+    per_source: list[int] = []
+    for path, shown in zip(spec.files, spec.shown):
+        if spec.formatting == "text" and path.suffix.lower() in (".txt", ".md"):
+            text = read_text(path, shown, problems)
+            table = Table(records=[{spec.columns["text"]: text}] if text is not None else [], where=[1])
+        else:
+            table = read_table(path, shown, problems)
+        converted = to_rows(table, spec, stage, shown, problems)
+        rows.extend(converted)
+        per_source.append(len(converted))
+        bar.update(path.stat().st_size)
+    bar.close()
+    if not rows and not problems:
+        problems.add(spec.shown[0] if len(spec.shown) == 1 else spec.registry, None,
+                     f"dataset '{spec.name}' has no rows")
+    return rows, per_source
+
+
+def clean(rows: list[dict], stage: str, num_samples: int | None, max_samples: int | None
+          ) -> tuple[list[dict], dict[str, int]]:
+    """Remove blank rows, exact duplicates (first kept) and rows over the caps; count each reason."""
+    removed: Counter[str] = Counter()
+    kept: list[dict] = []
+    seen: set = set()
+    for row in rows:
+        if stage == "pt":
+            key: Any = row["text"]
+            if not key or key.isspace():
+                removed["empty text"] += 1
+                continue
+        else:
+            ins, out = row["instruction"], row["output"]
+            if not ins or ins.isspace():
+                removed["empty instruction"] += 1
+                continue
+            if not out or out.isspace():
+                removed["empty output"] += 1
+                continue
+            key = (ins, row["input"], out) if len(row) == 3 else (
+                ins, row["input"], out, row.get("system", ""), tuple(map(tuple, row.get("history", ()))))
+        if key in seen:
+            removed["exact duplicate"] += 1
+            continue
+        seen.add(key)
+        kept.append(row)
+    for reason, cap in (("over num_samples", num_samples), ("over max_samples", max_samples)):
+        if cap is not None and len(kept) > cap:
+            removed[reason] += len(kept) - cap
+            kept = kept[:cap]
+    reasons = PT_REASONS if stage == "pt" else SFT_REASONS
+    return kept, {reason: removed[reason] for reason in reasons}
+
+
+def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Shuffle with `seed`, hold out ceil(val_size x rows) for validation."""
+    n = len(rows)
+    n_val = math.ceil(val_size * n - 1e-9)
+    order = np.random.default_rng(seed).permutation(n)
+    return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
+
+
+def split_text(text: str, fraction: float) -> tuple[str, str]:
+    """Cut at `fraction` of the characters, moved forward (else back) to whitespace; head + tail == text."""
+    k = int(fraction * len(text))
+    forward = next((i for i in range(k, len(text)) if text[i].isspace()), None)
+    if forward is None:
+        forward = next((i for i in range(k - 1, 0, -1) if text[i].isspace()), k)
+    return text[:forward], text[forward:]
+
+
+def split_documents(docs: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict], str]:
+    """Whole documents when there are enough (floor(val_size x docs) >= 1), else each one cut at 1 - val_size."""
+    n_val = math.floor(val_size * len(docs) + 1e-9)
+    if n_val >= 1:
+        train, val = split_rows(docs, n_val / len(docs), seed)
+        return train, val, "documents"
+    train, val = [], []
+    for doc in docs:
+        head, tail = split_text(doc["text"], 1 - val_size)
+        if head.strip():
+            train.append({"text": head})
+        if tail.strip():
+            val.append({"text": tail})
+    return train, val, "within documents"
+
+
+def _dump_rows(rows: list[dict]) -> bytes:
+    """A JSON array with row i (1-based) on line i, so `file:row` is also `file:line`."""
+    if not rows:
+        return b"[]\n"
+    from json.encoder import c_make_encoder, encode_basestring
+
+    if c_make_encoder is None:  # pragma: no cover - CPython always has the C encoder
+        dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+    else:  # one reusable C encoder instead of a new one per row (the build's hottest loop)
+        encoder = c_make_encoder(None, None, encode_basestring, None, ": ", ", ", False, False, False)
+        dumps = lambda row: "".join(encoder(row, 0))  # noqa: E731
+    return ("[" + ",\n".join(map(dumps, rows)) + "]\n").encode("utf-8")
+
+
+def count_tokens(docs: list[dict]) -> int:
+    """Tokens of a pt split as the loader streams it: documents joined by one EOS."""
+    if not docs:
+        return 0
+    from pipeline.data.tokenize import encode_texts
+
+    return sum(map(len, encode_texts([d["text"] for d in docs]))) + len(docs) - 1
+
+
+def _write_dataset(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_source: list[int],
+                   r: Mapping[str, Any]) -> dict[str, Any]:
+    stage = r["stage"]
+    kept, removed = clean(rows, stage, spec.num_samples, r["max_samples"])
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "name": spec.name, "stage": stage,
+        "formatting": spec.formatting, "registry": spec.registry, "entry": spec.entry,
+        "build_keys": wanted["build_keys"],
+        "sources": [{"path": path, "sha256": sha, "rows": n} for (path, sha), n in zip(wanted["sources"], per_source)],
+        "rows_read": len(rows), "rows_kept": len(kept), "removed": removed,
+    }
+    if stage == "pt":
+        train, val, mode = split_documents(kept, r["val_size"], r["seed"])
+        manifest["split_mode"] = mode
+    else:
+        train, val = split_rows(kept, r["val_size"], r["seed"])
+    if not train or not val:
+        gone = ", ".join(f"{k} {v:,}" for k, v in removed.items() if v) or "none"
+        raise UserError(f"dataset '{spec.name}' ({spec.registry}:{spec.line}): {len(kept):,} "
+                        f"{'documents' if stage == 'pt' else 'rows'} remain after cleaning (read {len(rows):,}; "
+                        f"removed: {gone}); val_size {r['val_size']} leaves {len(train):,} for training and "
+                        f"{len(val):,} for validation, and both need at least one. Add data or change val_size")
+    manifest["splits"] = {"train": len(train), "val": len(val)}
+    if stage == "pt":
+        manifest["tokens"] = {"train": count_tokens(train), "val": count_tokens(val)}
+    blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
+    manifest["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()}
+    manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with atomic_dir(built_dir(r, spec.name)) as tmp:
+        for file, blob in blobs.items():
+            (tmp / file).write_bytes(blob)
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+    return manifest
+
+
+def summary(manifest: dict[str, Any], directory: Path) -> list[str]:
+    unit = "documents" if manifest["stage"] == "pt" else "rows"
+    removed = ", ".join(f"{k} {v:,}" for k, v in manifest["removed"].items() if v) or "none"
+    splits = manifest["splits"]
+    lines = [f"{manifest['name']}: built {directory} ({manifest['stage']}, {len(manifest['sources'])} source"
+             f"{'s' if len(manifest['sources']) != 1 else ''})",
+             f"  {unit} read {manifest['rows_read']:,} · kept {manifest['rows_kept']:,} · removed: {removed}",
+             f"  train {splits['train']:,} · val {splits['val']:,}"
+             + (f" {unit} ({manifest['split_mode']})" if "split_mode" in manifest else "")]
+    if "tokens" in manifest:
+        lines.append(f"  tokens: train {manifest['tokens']['train']:,} · val {manifest['tokens']['val']:,}")
+    return lines

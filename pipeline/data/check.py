@@ -1,0 +1,166 @@
+"""Check the built files (used by `validate`): schema + rules per row, `file:row:field` messages.
+
+Rows are checked by a fast path equivalent to schema/alpaca.schema.json (tested against it); only a
+failing row goes through jsonschema, which words its messages. A missing or stale build says to run
+`make data`. Token statistics come from an evenly spaced sample of at most SAMPLE rows per split
+(exact for smaller splits), so validating stays fast on large datasets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from pipeline.data.build import SPLITS, _source_name, all_specs, built_dir, read_manifest, sha256_file
+from pipeline.data.load import MAKE_DATA, build_problem, read_rows
+from pipeline.data.problems import Problems
+from pipeline.data.registry import load_schema
+from pipeline.errors import UserError
+
+SAMPLE = 2000
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
+
+
+def row_ok(row: Any) -> bool:
+    """True iff the row satisfies alpaca.schema.json (fast path, no messages)."""
+    if type(row) is not dict:
+        return False
+    ins, out, inp = row.get("instruction"), row.get("output"), row.get("input")
+    if type(ins) is not str or type(out) is not str or type(inp) is not str or not ins or not out \
+            or ins.isspace() or out.isspace():
+        return False
+    if len(row) > 3:
+        if not row.keys() <= set(ALPACA_FIELDS) or type(row.get("system", "")) is not str:
+            return False
+        history = row.get("history", [])
+        if type(history) is not list:
+            return False
+        for pair in history:
+            if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) is not str:
+                return False
+    return True
+
+
+def text_ok(row: Any) -> bool:
+    text = row.get("text") if type(row) is dict else None
+    return type(text) is str and len(row) == 1 and bool(text) and not text.isspace()
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _field(path: Any) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def row_messages(row: Any, schema_name: str) -> list[tuple[str, str]]:
+    """(field, problem) for each schema violation of one row, worded for people."""
+    import jsonschema
+
+    schema = load_schema(schema_name)
+    allowed = list(schema["properties"])
+    out = []
+    for err in jsonschema.Draft202012Validator(schema).iter_errors(row):
+        field = _field(err.absolute_path)
+        if err.validator == "required":
+            for key in err.validator_value:
+                if isinstance(err.instance, dict) and key not in err.instance:
+                    out.append((_field(list(err.absolute_path) + [key]), "missing"))
+        elif err.validator == "additionalProperties":
+            for key in sorted(set(err.instance) - set(allowed)):
+                out.append((key, f"unknown field; expected {', '.join(allowed)}"))
+        elif err.validator == "type":
+            words = {"string": "a string", "array": "a list", "object": "an object"}
+            out.append((field, f"is {_kind(err.instance)}; expected {words.get(err.validator_value, err.validator_value)}"))
+        elif err.validator == "pattern":
+            out.append((field, "is blank; expected non-empty text"))
+        elif err.validator in ("minItems", "maxItems"):
+            out.append((field, f"has {len(err.instance)} items; expected [instruction, response]"))
+        else:
+            out.append((field, err.message))
+    return out
+
+
+def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> None:
+    ok, schema_name = (text_ok, "text.schema.json") if stage == "pt" else (row_ok, "alpaca.schema.json")
+    for i, row in enumerate(rows, start=1):
+        if not ok(row):
+            for field, text in row_messages(row, schema_name) or [("", "does not match the schema")]:
+                problems.add(file, f"{i}:{field}" if field else i, text)
+
+
+def _sources_changed(r: Mapping[str, Any], manifest: dict[str, Any], spec: Any) -> list[str]:
+    dataset_dir = Path(r["dataset_dir"])
+    now = [(_source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
+    then = [(s.get("path"), s.get("sha256")) for s in manifest.get("sources", [])]
+    if now == then and manifest.get("entry") == spec.entry:
+        return []
+    return [f"{built_dir(r, spec.name)}: the sources or the registry entry of '{spec.name}' changed since it "
+            f"was built; {MAKE_DATA}"]
+
+
+def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
+    from pipeline.data.tokenize import encode_rows, encode_texts
+
+    specs = all_specs(r)
+    stale = [p for p in (build_problem(r, s.name) for s in specs) if p]
+    if stale:
+        raise UserError(stale)
+    problems = Problems()
+    changed: list[str] = []
+    loaded: list[tuple[str, str, Path, list]] = []
+    for spec in specs:
+        directory = built_dir(r, spec.name)
+        manifest = read_manifest(directory) or {}
+        changed += _sources_changed(r, manifest, spec)
+        for split in SPLITS:
+            path = directory / f"{split}.json"
+            try:
+                rows = read_rows(path)
+            except UserError as err:
+                changed += err.messages
+                continue
+            check_rows(rows, str(path), r["stage"], problems)
+            expected = manifest.get("splits", {}).get(split)
+            if expected != len(rows):
+                problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; {MAKE_DATA}")
+            loaded.append((spec.name, split, path, rows))
+    if changed or problems:
+        raise UserError(changed + problems.messages())
+    summary = []
+    for name, split, path, rows in loaded:
+        pick = np.unique(np.linspace(0, len(rows) - 1, min(SAMPLE, len(rows))).astype(int)) if rows else []
+        sample = [rows[i] for i in pick]
+        if r["stage"] == "pt":
+            lengths = np.array([len(t) for t in encode_texts([row["text"] for row in sample])])
+        else:
+            lengths = encode_rows(sample, r["template"], cutoff_len=2**62, train_on_prompt=r["train_on_prompt"],
+                                  mask_history=r["mask_history"]).lengths
+        summary.append({
+            "dataset": name, "split": split, "file": str(path), "rows": len(rows),
+            "tokens_min": int(lengths.min()) if len(lengths) else 0,
+            "tokens_mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0,
+            "tokens_max": int(lengths.max()) if len(lengths) else 0,
+            "over_cutoff_len": int((lengths > r["cutoff_len"]).sum()) if len(lengths) else 0,
+            "sampled": len(sample) if len(sample) < len(rows) else None,
+        })
+    return summary
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    """The summary as a text table (what `validate` prints)."""
+    head = f"{'dataset':<20} {'split':<5} {'rows':>9} {'tokens min':>10} {'mean':>8} {'max':>7} {'>cutoff':>8}"
+    lines = [head]
+    for s in rows:
+        note = f"  (sample of {s['sampled']:,})" if s["sampled"] else ""
+        lines.append(f"{s['dataset']:<20} {s['split']:<5} {s['rows']:>9,} {s['tokens_min']:>10,} "
+                     f"{s['tokens_mean']:>8,.1f} {s['tokens_max']:>7,} {s['over_cutoff_len']:>8,}{note}")
+    return "\n".join(lines)
+

@@ -1,0 +1,197 @@
+"""Records -> Alpaca rows (sft) or text documents (pt), through the registry's column and tag mapping.
+
+An Alpaca row: {"instruction", "input", "output", "system"?, "history"?: [[instruction, response], ...]}.
+ShareGPT: the last assistant turn is the output, the user turn before it the instruction, earlier
+pairs the history, a leading system turn (or the system column) the system prompt.
+Text is normalised here (Unicode NFC, CRLF -> LF) so de-duplication compares like with like.
+Wrong types and missing columns are problems (`file:line: ...`); null counts as empty.
+"""
+from __future__ import annotations
+
+import unicodedata
+from typing import Any
+
+from pipeline.data.problems import Problems
+from pipeline.data.registry import DatasetSpec
+from pipeline.data.sources import Table
+from pipeline.errors import did_you_mean
+
+_MISSING = object()
+
+
+def normalize(text: str) -> str:
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return text
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, str):
+        return "a string"
+    return type(value).__name__
+
+
+def _name(column: str, what: str) -> str:
+    """'answer' (output) when the source column is named differently from the Alpaca field."""
+    return f"'{column}'" if column == what else f"'{column}' ({what})"
+
+
+class _RowError(Exception):
+    pass
+
+
+def _string(value: Any, what: str) -> str:
+    """A text field: str (normalised) or null (empty); anything else is the row's problem."""
+    if type(value) is str:
+        return normalize(value)
+    if value is None:
+        return ""
+    raise _RowError(f"{what} is {_kind(value)}; expected a string")
+
+
+def _field(record: dict, column: str, what: str, required: bool) -> str:
+    value = record.get(column, _MISSING)
+    if value is _MISSING:
+        if required:
+            keys = ", ".join(map(str, record)) or "none"
+            raise _RowError(f"missing {_name(column, what)}{did_you_mean(column, map(str, record))}; "
+                            f"the row has: {keys}")
+        return ""
+    return _string(value, _name(column, what))
+
+
+def _history(value: Any, column: str) -> list[list[str]]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _RowError(f"{_name(column, 'history')} is {_kind(value)}; expected a list of [instruction, response] "
+                        "pairs")
+    out = []
+    for i, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            shape = f"a list of {len(pair)}" if isinstance(pair, (list, tuple)) else _kind(pair)
+            raise _RowError(f"'{column}'[{i}] is {shape}; expected [instruction, response]")
+        out.append([_string(pair[0], f"'{column}'[{i}][0]"), _string(pair[1], f"'{column}'[{i}][1]")])
+    return out
+
+
+def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: Problems) -> list[dict]:
+    """Alpaca rows (sft) or {"text"} documents (pt) of one file; bad records go to `problems`."""
+    cols = spec.columns
+    if stage == "pt":
+        if spec.formatting == "text":
+            needed = {"text": cols["text"]}
+            convert = lambda rec: {"text": _field(rec, cols["text"], "text", True)}  # noqa: E731
+        else:  # alpaca for pt: the prompt (and input) is the document, as in LLaMA-Factory
+            needed = {"prompt": cols["prompt"]}
+
+            def convert(rec: dict) -> dict:
+                text = _field(rec, cols["prompt"], "instruction", True)
+                extra = _field(rec, cols["query"], "input", False)
+                return {"text": f"{text}\n{extra}" if extra else text}
+    elif spec.formatting == "sharegpt":
+        needed = {"messages": cols["messages"]}
+        convert = lambda rec: _sharegpt(rec, spec)  # noqa: E731
+    else:
+        needed = {"prompt": cols["prompt"], "response": cols["response"]}
+        convert = lambda rec: _alpaca(rec, cols)  # noqa: E731
+    if table.header is not None:  # a table: a missing column is one problem for the file, not one per row
+        missing = [(k, c) for k, c in needed.items() if c not in table.header]
+        for key, column in missing:
+            problems.add(shown, None if shown.lower().endswith(".parquet") else 1, f"missing column '{column}' (columns.{key}){did_you_mean(column, table.header)}; "
+                               f"the header has: {', '.join(table.header)}")
+        if missing:
+            return []
+    rows = []
+    for where, record in zip(table.where, table.records):
+        if not isinstance(record, dict):
+            problems.add(shown, where, f"expected a JSON object (one row), got {_kind(record)}")
+            continue
+        try:
+            rows.append(convert(record))
+        except _RowError as err:
+            problems.add(shown, where, str(err))
+    return rows
+
+
+def _alpaca(rec: dict, cols: dict[str, str]) -> dict:
+    ins, inp, out = rec.get(cols["prompt"]), rec.get(cols["query"], ""), rec.get(cols["response"])
+    if (type(ins) is str and type(inp) is str and type(out) is str and cols["system"] not in rec
+            and cols["history"] not in rec):  # the common row: three strings, nothing else to check
+        if ins.isascii() and inp.isascii() and out.isascii() and "\r" not in ins and "\r" not in out \
+                and "\r" not in inp:
+            return {"instruction": ins, "input": inp, "output": out}
+        return {"instruction": normalize(ins), "input": normalize(inp), "output": normalize(out)}
+    row = {
+        "instruction": _field(rec, cols["prompt"], "instruction", True),
+        "input": _field(rec, cols["query"], "input", False),
+        "output": _field(rec, cols["response"], "output", True),
+    }
+    system = _field(rec, cols["system"], "system", False)
+    if system:
+        row["system"] = system
+    history = _history(rec.get(cols["history"]), cols["history"])
+    if history:
+        row["history"] = history
+    return row
+
+
+def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
+    cols, tags = spec.columns, spec.tags
+    column = cols["messages"]
+    turns = rec.get(column, _MISSING)
+    if turns is _MISSING:
+        raise _RowError(f"missing '{column}' (the conversation){did_you_mean(column, map(str, rec))}; "
+                        f"the row has: {', '.join(map(str, rec)) or 'none'}")
+    if not isinstance(turns, list) or not turns:
+        raise _RowError(f"'{column}' is {_kind(turns) if turns != [] else 'an empty list'}; "
+                        "expected a non-empty list of turns")
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    user, assistant, system_role = tags["user_tag"], tags["assistant_tag"], tags["system_tag"]
+    known = [user, assistant, system_role]
+    system = _field(rec, cols["system"], "system", False)
+    texts: list[str] = []
+    for i, turn in enumerate(turns):
+        at = f"{column}[{i}]"
+        if not isinstance(turn, dict):
+            raise _RowError(f"{at} is {_kind(turn)}; expected an object with '{role_tag}' and '{content_tag}'")
+        role = turn.get(role_tag, _MISSING)
+        if role is _MISSING:
+            raise _RowError(f"{at}: missing '{role_tag}' (the role){did_you_mean(role_tag, map(str, turn))}; "
+                            f"the turn has: {', '.join(map(str, turn)) or 'none'}")
+        if content_tag not in turn:
+            raise _RowError(f"{at}: missing '{content_tag}' (the text){did_you_mean(content_tag, map(str, turn))}")
+        content = _string(turn[content_tag], f"{at}.{content_tag}")
+        if role == system_role and i == 0:
+            system = content
+            continue
+        if role in (tags["observation_tag"], tags["function_tag"]):
+            raise _RowError(f"{at}.{role_tag} is '{role}': tool-use turns are not supported")
+        if role not in known:
+            raise _RowError(f"{at}.{role_tag} is {role!r}; expected '{user}' or '{assistant}' "
+                            f"(or '{system_role}' as the first turn){did_you_mean(str(role), known)}")
+        expected = user if len(texts) % 2 == 0 else assistant
+        if role != expected:
+            what = "a system turn is only allowed first" if role == system_role else (
+                f"turns must alternate '{user}', '{assistant}', ... starting with '{user}'")
+            raise _RowError(f"{at}.{role_tag} is '{role}' where '{expected}' was expected; {what}")
+        texts.append(content)
+    if not texts or len(texts) % 2:
+        last = f"'{user}'" if texts else "no"
+        raise _RowError(f"'{column}' ends with {last} turn; the last turn must be '{assistant}' (the response)")
+    row: dict[str, Any] = {"instruction": texts[-2], "input": "", "output": texts[-1]}
+    if system:
+        row["system"] = system
+    if len(texts) > 2:
+        row["history"] = [[texts[i], texts[i + 1]] for i in range(0, len(texts) - 2, 2)]
+    return row

@@ -1,0 +1,74 @@
+"""Built splits as rows: what train, eval and inspect read (never the raw sources).
+
+train = the train.json of every `dataset`; val = their val.json, or with `eval_dataset` the rows of
+those datasets (all of them; only val.json for a name that is also in `dataset`, so nothing trained
+on is evaluated). A missing or stale build is a UserError that says to run `make data`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest
+from pipeline.data.registry import dataset_names
+from pipeline.errors import UserError
+
+MAKE_DATA = "run `make data` (python -m pipeline build RECIPE)"
+
+
+def build_problem(r: Mapping[str, Any], name: str) -> str | None:
+    """Why the build of `name` cannot be used with this recipe, or None."""
+    directory = built_dir(r, name)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return f"{directory}: dataset '{name}' is not built; {MAKE_DATA}"
+    wanted = build_keys(r)
+    changed = [f"{k} {manifest.get('build_keys', {}).get(k)!r} -> {v!r}" for k, v in wanted.items()
+               if manifest.get("build_keys", {}).get(k) != v]
+    if changed:
+        return (f"{directory}: built with other settings than the recipe's ({'; '.join(changed)}); {MAKE_DATA}")
+    missing = [f"{s}.json" for s in SPLITS if not (directory / f"{s}.json").is_file()]
+    if missing:
+        return f"{directory}: {', '.join(missing)} missing; {MAKE_DATA}"
+    return None
+
+
+def split_files(r: Mapping[str, Any], split: str) -> list[Path]:
+    """The built JSON files that make up `split` ("train" or "val"), in recipe order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    train_names = dataset_names(r, "dataset")
+    eval_names = dataset_names(r, "eval_dataset")
+    if split == "train":
+        parts = [(name, "train") for name in train_names]
+    elif eval_names:
+        parts = [(name, s) for name in eval_names for s in (("val",) if name in train_names else SPLITS)]
+    else:
+        parts = [(name, "val") for name in train_names]
+    problems = [p for p in dict.fromkeys(build_problem(r, name) for name, _ in parts) if p]
+    if problems:
+        raise UserError(problems)
+    return [built_dir(r, name) / f"{s}.json" for name, s in parts]
+
+
+def read_rows(path: Path) -> list[Any]:
+    """A built JSON array; a damaged file is a UserError naming its line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte offset {err.start}); {MAKE_DATA}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; {MAKE_DATA}") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}:1: expected a JSON array of rows; {MAKE_DATA}")
+    return rows
+
+
+def load_split(r: Mapping[str, Any], split: str) -> list[dict]:
+    """Alpaca rows (pt: {"text"} documents) of the recipe's `split`, datasets concatenated in order."""
+    rows: list[dict] = []
+    for path in split_files(r, split):
+        rows.extend(read_rows(path))
+    return rows

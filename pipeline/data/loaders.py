@@ -1,0 +1,181 @@
+"""Batches for training and evaluation, sharded across ranks, resumable at any batch.
+
+Batch contract (INTERNALS.md): input_ids (B, T) long, labels (B, T) long with -100 where not
+trained, already shifted (labels[:, t] is the target of position t), attention_mask (B, T); pad 50256.
+
+Order: a permutation seeded by (seed, epoch); with group_by_length, examples are sorted by length
+inside mega-batches of 50 global batches and the global batches are shuffled. A global batch is
+per_device_batch_size x world_size examples; rank k takes the k-th slice of every global batch, so
+a run on N ranks sees the same global batches as a run on 1 rank with an N times larger micro-batch.
+train drops the last incomplete global batch (the book's drop_last=True); val keeps it, padded to a
+multiple of world_size by repeating the first examples (like torch's DistributedSampler) so every
+rank has the same number of batches. The whole plan is a pure function of (seed, epoch, rank,
+world_size), so resuming skips k batches without touching their data (`iter_from(k)`).
+
+sft: examples are prompt + response + EOS, at most cutoff_len tokens; T = longest - 1 per batch.
+pt: the book's sliding windows (create_dataloader_v1): for i in range(0, len(ids) - L, stride),
+input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_stride (null = L).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
+from pipeline.data.tokenizer import EOS_ID
+from pipeline.errors import UserError
+
+MEGA_BATCHES = 50
+
+
+def plan_batches(n: int, lengths: np.ndarray | None = None, *, batch_size: int, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, epoch: int = 0, shuffle: bool = True, drop_last: bool = False,
+                 group_by_length: bool = False) -> list[np.ndarray]:
+    """Example indices of each batch of `rank`; every rank gets the same number of batches."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    size = batch_size * world_size
+    if drop_last:
+        order = order[: (n // size) * size]
+    elif n and n % world_size:
+        order = np.resize(order, n + world_size - n % world_size)  # repeats from the start
+    grouped = group_by_length and shuffle and lengths is not None
+    if grouped and len(order):
+        mega = size * MEGA_BATCHES
+        order = np.concatenate([chunk[np.argsort(-lengths[chunk], kind="stable")]
+                                for chunk in np.split(order, range(mega, len(order), mega))])
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    if grouped and len(batches) > 1:
+        full = [b for b in batches if len(b) == size]
+        rest = [b for b in batches if len(b) != size]
+        batches = [full[i] for i in rng.permutation(len(full))] + rest
+    out = []
+    for b in batches:
+        share = len(b) // world_size
+        out.append(b[rank * share:(rank + 1) * share])
+    return out
+
+
+class Loader:
+    """Re-iterable batches of one split for one rank and epoch; len() = batches per rank per epoch."""
+
+    def __init__(self, n: int, lengths: np.ndarray | None, collate: Callable[[np.ndarray], dict], *,
+                 batch_size: int, world_size: int, rank: int, seed: int, epoch: int, shuffle: bool,
+                 drop_last: bool, group_by_length: bool):
+        self.num_examples = n
+        self._lengths = lengths
+        self._collate = collate
+        self._options = dict(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, shuffle=shuffle,
+                             drop_last=drop_last, group_by_length=group_by_length)
+        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._plan = plan_batches(self.num_examples, self._lengths, epoch=epoch, **self._options)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[dict]:
+        """Batches from index `start` on (resume): the skipped ones are never built."""
+        for indices in self._plan[start:]:
+            yield self._collate(indices)
+
+    def batch(self, k: int) -> dict:
+        return self._collate(self._plan[k])
+
+    def indices(self, k: int) -> np.ndarray:
+        """Example indices of batch k (for tests and audits)."""
+        return self._plan[k]
+
+
+def _batch_size(r: Mapping[str, Any], split: str, batch_size: int | None) -> int:
+    if batch_size is not None:
+        return batch_size
+    return r["per_device_train_batch_size"] if split == "train" else r["per_device_eval_batch_size"]
+
+
+def _check_size(n: int, split: str, size: int, world_size: int, what: str, hint: str) -> None:
+    if n == 0:
+        raise UserError(f"the {split} split has no {what}; {hint}")
+    if split == "train" and n < size * world_size:
+        raise UserError(f"the train split has {n:,} {what}, fewer than one global batch of {size * world_size:,} "
+                        f"(per_device_train_batch_size {size} x {world_size} ranks); lower the batch size or add data")
+
+
+def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+               shuffle: bool = True, batch_size: int | None = None) -> Loader:
+    """Padded batches of templated, masked examples (the length policy already applied)."""
+    data = tokenized_split(r, split)
+    size = _batch_size(r, split, batch_size)
+    dropped = ", ".join(f"{v:,} {k}" for k, v in data.dropped.items() if v)
+    _check_size(len(data), split, size, world_size, "examples",
+                f"{data.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
+    offsets, ids, trainable = data.offsets, data.ids, data.trainable
+
+    def collate(indices: np.ndarray) -> dict:
+        import torch
+
+        starts, ends = offsets[indices], offsets[indices + 1]
+        width = int((ends - starts).max()) - 1
+        input_ids = np.full((len(indices), width), EOS_ID, dtype=np.int64)
+        labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
+        mask = np.zeros((len(indices), width), dtype=np.int64)
+        for b, (a, e) in enumerate(zip(starts, ends)):
+            n = e - a - 1
+            input_ids[b, :n] = ids[a:e - 1]
+            labels[b, :n] = np.where(trainable[a + 1:e], ids[a + 1:e], IGNORE)
+            mask[b, :n] = 1
+        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+                "attention_mask": torch.from_numpy(mask)}
+
+    return Loader(len(data), data.example_lengths(), collate, batch_size=size, world_size=world_size, rank=rank,
+                  seed=r["seed"], epoch=epoch, shuffle=shuffle, drop_last=split == "train",
+                  group_by_length=bool(r["group_by_length"]))
+
+
+def pt_stride(r: Mapping[str, Any]) -> int:
+    return r["pt_stride"] or r["cutoff_len"]
+
+
+def pt_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+              shuffle: bool = True, batch_size: int | None = None) -> Loader:
+    """The book's sliding windows over the split's token stream (documents joined by EOS)."""
+    stream = pt_stream(r, split)
+    length, stride = r["cutoff_len"], pt_stride(r)
+    starts = pt_windows(len(stream), length, stride)
+    size = _batch_size(r, split, batch_size)
+    _check_size(len(starts), split, size, world_size, "windows",
+                f"it has {len(stream):,} tokens and one window needs cutoff_len + 1 = {length + 1:,}; "
+                "lower cutoff_len or add text")
+    span = np.arange(length)
+
+    def collate(indices: np.ndarray) -> dict:
+        import torch
+
+        at = starts[indices][:, None] + span
+        return {"input_ids": torch.from_numpy(stream[at].astype(np.int64)),
+                "labels": torch.from_numpy(stream[at + 1].astype(np.int64)),
+                "attention_mask": torch.ones((len(indices), length), dtype=torch.long)}
+
+    return Loader(len(starts), None, collate, batch_size=size, world_size=world_size, rank=rank, seed=r["seed"],
+                  epoch=epoch, shuffle=shuffle, drop_last=split == "train", group_by_length=False)
+
+
+def make_loader(r: Mapping[str, Any], split: str, **kwargs: Any) -> Loader:
+    """sft_loader or pt_loader, by the recipe's stage."""
+    return (pt_loader if r["stage"] == "pt" else sft_loader)(r, split, **kwargs)
+
+
+def count_examples(r: Mapping[str, Any]) -> dict[str, int]:
+    """Examples per split after the length policy (pt: windows), for exact step counts."""
+    if r["stage"] == "pt":
+        return {s: len(pt_windows(len(pt_stream(r, s)), r["cutoff_len"], pt_stride(r))) for s in ("train", "val")}
+    return {s: len(tokenized_split(r, s)) for s in ("train", "val")}

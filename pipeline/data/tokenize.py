@@ -1,0 +1,347 @@
+"""Tokens and loss masks for sft, the over-length policy, and token streams for pt.
+
+An example is its template segments tokenized one by one (prompt, response, prompt, response, ...;
+each piece on its own, as the prompt is tokenized at inference), with EOS (50256) after every
+response. `trainable[i]` says whether token i is a training target; the loaders shift it so that
+position t predicts token t+1. Over-length examples (more than cutoff_len tokens) follow
+`overlength_policy`: drop (counted), truncate (the response side is cut; counted; an example with no
+trainable token left is dropped instead, counted apart) or error (every one named).
+
+Whole splits are encoded in one batch (tiktoken, threads) into flat numpy arrays and cached per
+process, so train, eval and inspect tokenize a split once.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from pipeline.data.problems import Problems
+from pipeline.data.templates import Template, get_template
+from pipeline.data.tokenizer import EOS_ID, get_tokenizer
+from pipeline.errors import UserError
+
+IGNORE = -100
+POLICIES = ("drop", "truncate", "error")
+OVER = "over cutoff_len"
+NO_ROOM = "no response token fits in cutoff_len"
+_CACHE_SIZE = 6
+_cache: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any = None) -> list[list[int]]:
+    """encode_ordinary for many texts, on several threads (tiktoken releases the GIL)."""
+    enc = tokenizer or get_tokenizer()
+    threads = min(8, os.cpu_count() or 1)
+    if len(texts) < 4096 or threads < 2:
+        return [enc.encode_ordinary(t) for t in texts]
+    size = -(-len(texts) // threads)
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(lambda chunk: [enc.encode_ordinary(t) for t in chunk], chunks))
+    return list(chain.from_iterable(parts))
+
+
+class Encoded(NamedTuple):
+    """One kept example. labels[i] = input_ids[i] where token i is trained, else -100 (not yet shifted)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+class Dropped(NamedTuple):
+    """An example the length policy removed."""
+
+    reason: str
+    length: int
+
+
+@dataclass
+class TokenizedSplit:
+    """Kept examples back to back: example i is ids[offsets[i]:offsets[i+1]]."""
+
+    ids: np.ndarray  # int32
+    trainable: np.ndarray  # bool, aligned with ids
+    offsets: np.ndarray  # int64, n + 1
+    origins: list[str]  # "file:row" of each kept example
+    lengths: np.ndarray  # tokens of every row before the policy (for the histogram)
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    truncated_rows: list[str] = field(default_factory=list)  # origins, for reports
+    dropped_rows: list[str] = field(default_factory=list)
+    is_truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per kept example
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def example_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def example(self, i: int) -> Encoded:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        ids = self.ids[a:b]
+        labels = np.where(self.trainable[a:b], ids, IGNORE)
+        return Encoded(ids.tolist(), labels.tolist(), bool(self.is_truncated[i]))
+
+
+def _as_template(template: Template | str) -> Template:
+    return get_template(template) if isinstance(template, str) else template
+
+
+def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Any = None, *,
+                cutoff_len: int, policy: str = "drop", train_on_prompt: bool = False, mask_history: bool = False,
+                origins: Sequence[str] | None = None) -> TokenizedSplit:
+    """Tokenize, mask and apply the length policy to many Alpaca rows at once."""
+    if policy not in POLICIES:
+        raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
+    template = _as_template(template)
+    origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
+    texts: list[str] = []
+    seg_trainable: list[bool] = []
+    seg_response: list[bool] = []
+    seg_count = np.empty(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history)
+        seg_count[i] = len(segments)
+        for text, trained, response in segments:
+            texts.append(text)
+            seg_trainable.append(trained)
+            seg_response.append(response)
+    tokens = encode_texts(texts, tokenizer)
+    for toks, response in zip(tokens, seg_response):
+        if response:
+            toks.append(EOS_ID)
+    seg_len = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    total = int(seg_len.sum())
+    ids = np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=total)
+    trainable = np.repeat(np.array(seg_trainable, dtype=bool), seg_len)
+    seg_start = np.concatenate([[0], np.cumsum(seg_count)])
+    row_len = np.add.reduceat(seg_len, seg_start[:-1]) if len(rows) else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(row_len)]).astype(np.int64)
+    # Targets are tokens 1..n-1 (token 0 is never predicted): count the trainable ones per row.
+    n_trained = (np.add.reduceat(trainable, offsets[:-1], dtype=np.int64) - trainable[offsets[:-1]]
+                 if len(rows) else np.zeros(0, np.int64))
+
+    new_len = row_len.copy()
+    dropped: dict[str, int] = {OVER: 0, NO_ROOM: 0} if policy != "error" else {}
+    dropped_rows: list[str] = []
+    truncated_rows: list[str] = []
+    over = np.flatnonzero(row_len > cutoff_len)
+    if len(over) and policy == "error":
+        problems = Problems()
+        for i in over:
+            problems.add(*_split_origin(origins[i]), f"{int(row_len[i])} tokens, over cutoff_len {cutoff_len}")
+        messages = problems.messages()
+        messages.append(f"{len(over):,} examples are longer than cutoff_len {cutoff_len} "
+                        "(overlength_policy: error); raise cutoff_len, or set overlength_policy: drop or truncate")
+        raise UserError(messages)
+    is_response = np.array(seg_response, dtype=bool)
+    for i in over:
+        start = int(offsets[i])
+        if policy == "drop":
+            new_len[i] = 0
+            dropped[OVER] += 1
+            dropped_rows.append(origins[i])
+            continue
+        cut = _truncation_point(seg_len[seg_start[i]:seg_start[i + 1]], is_response[seg_start[i]:seg_start[i + 1]],
+                                cutoff_len)
+        left = int(trainable[start + 1:start + cut].sum()) if cut > 1 else 0
+        if left == 0:
+            new_len[i] = 0
+            dropped[NO_ROOM] += 1
+            dropped_rows.append(origins[i])
+        else:
+            new_len[i] = cut
+            n_trained[i] = left
+            truncated_rows.append(origins[i])
+    kept = new_len > 0
+    was_truncated = (new_len < row_len) & kept
+    empty = np.flatnonzero(kept & (n_trained == 0))
+    if len(empty):
+        problems = Problems()
+        for i in empty:
+            problems.add(*_split_origin(origins[i]), "no trainable token: the example would teach nothing "
+                         "(is the output empty?); fix the row and run `make data`")
+        problems.raise_if_any()
+    if len(over):
+        keep = np.ones(total, dtype=bool)
+        for i in over:
+            keep[offsets[i] + new_len[i]:offsets[i + 1]] = False
+        ids, trainable = ids[keep], trainable[keep]
+    return TokenizedSplit(
+        ids=ids, trainable=trainable, offsets=np.concatenate([[0], np.cumsum(new_len[kept])]).astype(np.int64),
+        origins=[o for o, k in zip(origins, kept) if k], lengths=row_len, dropped=dropped,
+        truncated=len(truncated_rows), truncated_rows=truncated_rows, dropped_rows=dropped_rows,
+        is_truncated=was_truncated[kept])
+
+
+def _split_origin(origin: str) -> tuple[str, str | None]:
+    file, _, row = origin.rpartition(":")
+    return (file, row) if file else (origin, None)
+
+
+def _truncation_point(seg_len: np.ndarray, is_response: np.ndarray, cutoff_len: int) -> int:
+    """Keep cutoff_len tokens; if that ends inside a prompt, end at the previous response instead."""
+    ends = np.cumsum(seg_len)
+    j = int(np.searchsorted(ends, cutoff_len - 1, side="right"))  # segment holding the last kept token
+    if is_response[j]:
+        return cutoff_len
+    return int(ends[j - 1]) if j > 0 else 0
+
+
+def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: Any = None,
+                   r: Mapping[str, Any] | None = None, *, cutoff_len: int | None = None, policy: str | None = None,
+                   train_on_prompt: bool | None = None, mask_history: bool | None = None) -> Encoded | Dropped:
+    """One row: Encoded(input_ids, labels) or Dropped(reason, length). Settings from keywords, else from r."""
+    def pick(value: Any, key: str, default: Any) -> Any:
+        return value if value is not None else (r[key] if r is not None else default)
+
+    cutoff = pick(cutoff_len, "cutoff_len", None)
+    if cutoff is None:
+        raise TypeError("encode_example needs cutoff_len (or a recipe r)")
+    split = encode_rows([row], template, tokenizer, cutoff_len=cutoff,
+                        policy=pick(policy, "overlength_policy", "drop"),
+                        train_on_prompt=pick(train_on_prompt, "train_on_prompt", False),
+                        mask_history=pick(mask_history, "mask_history", False))
+    if len(split) == 0:
+        reason = next(k for k, v in split.dropped.items() if v)
+        return Dropped(reason, int(split.lengths[0]))
+    return split.example(0)
+
+
+def encode_prompt(template: Template | str, instruction: str, input: str = "", system: str | None = None,
+                  history: Iterable[Sequence[str]] = (), tokenizer: Any = None) -> list[int]:
+    """The prompt ids exactly as in training (segment by segment, EOS ids after history responses)."""
+    template = _as_template(template)
+    turns = template.turns(instruction, input, "", system, history)
+    texts = [t for p, a in turns[:-1] for t in (p, a)] + [turns[-1][0]]
+    ids: list[int] = []
+    for k, toks in enumerate(encode_texts(texts, tokenizer)):
+        ids.extend(toks)
+        if k % 2:
+            ids.append(EOS_ID)
+    return ids
+
+
+# ---------------------------------------------------------------- whole splits, cached per process
+
+def _file_key(paths: Iterable[Path]) -> tuple:
+    return tuple((str(Path(p).resolve()), os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths)
+
+
+def _cached(key: tuple, make: Any) -> Any:
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    value = make()
+    _cache[key] = value
+    while len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return value
+
+
+def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
+    """The recipe's sft `split` tokenized with its template, masks and length policy (once per process)."""
+    from pipeline.data.load import read_rows, split_files
+
+    paths = split_files(r, split)
+    settings = (r["template"], r["cutoff_len"], r["overlength_policy"], r["train_on_prompt"], r["mask_history"])
+    key = ("sft", _file_key(paths), settings)
+
+    def make() -> TokenizedSplit:
+        rows: list[dict] = []
+        origins: list[str] = []
+        for path in paths:
+            part = read_rows(path)
+            rows.extend(part)
+            origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
+        return encode_rows(rows, r["template"], cutoff_len=r["cutoff_len"], policy=r["overlength_policy"],
+                           train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"], origins=origins)
+
+    return _cached(key, make)
+
+
+def pt_stream(r: Mapping[str, Any], split: str) -> np.ndarray:
+    """The pt `split` as one token stream: documents joined by EOS (int32)."""
+    from pipeline.data.load import read_rows, split_files
+
+    paths = split_files(r, split)
+
+    def make() -> np.ndarray:
+        docs = [row["text"] for path in paths for row in read_rows(path)]
+        tokens = encode_texts(docs)
+        for toks in tokens[:-1]:
+            toks.append(EOS_ID)
+        total = sum(map(len, tokens))
+        return np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=total)
+
+    return _cached(("pt", _file_key(paths)), make)
+
+
+def pt_windows(n_tokens: int, max_length: int, stride: int) -> np.ndarray:
+    """Window starts as in the book's GPTDatasetV1: range(0, len(ids) - max_length, stride)."""
+    return np.arange(0, max(n_tokens - max_length, 0), stride, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- length histogram
+
+def length_table(lengths: np.ndarray, cutoff_len: int, bins: int = 10) -> str:
+    """A text histogram of example lengths; cutoff_len is a bin edge and the bins above it are marked."""
+    lengths = np.asarray(lengths)
+    if len(lengths) == 0:
+        return "no examples"
+    lo, hi = int(lengths.min()) - 1, int(lengths.max())
+    if hi <= cutoff_len:
+        edges = np.linspace(lo, hi, bins + 1)
+    elif lo >= cutoff_len:
+        edges = np.linspace(cutoff_len, hi, bins + 1)
+    else:
+        above = max(2, round(bins * (hi - cutoff_len) / (hi - lo)))
+        edges = np.concatenate([np.linspace(lo, cutoff_len, bins - above + 1), np.linspace(cutoff_len, hi, above + 1)[1:]])
+    edges = np.unique(np.ceil(edges).astype(np.int64))
+    counts = [int(((lengths > a) & (lengths <= b)).sum()) for a, b in zip(edges[:-1], edges[1:])]
+    width = max(max(counts), 1)
+    lines = [f"{'tokens':>15}  {'rows':>9}"]
+    for (a, b), count in zip(zip(edges[:-1], edges[1:]), counts):
+        note = "  over cutoff_len" if a >= cutoff_len else ""
+        lines.append(f"{a + 1:>6,} – {b:<6,}  {count:>9,}  {'#' * round(40 * count / width):<40}{note}".rstrip())
+    over = int((lengths > cutoff_len).sum())
+    p = np.percentile(lengths, [50, 90, 99])
+    lines.append(f"min {int(lengths.min()):,} · median {p[0]:,.0f} · p90 {p[1]:,.0f} · p99 {p[2]:,.0f} · "
+                 f"max {int(lengths.max()):,} · over cutoff_len {cutoff_len:,}: {over:,}")
+    return "\n".join(lines)
+
+
+def plot_lengths(lengths: np.ndarray, cutoff_len: int, path: Path, title: str) -> Path:
+    """Histogram PNG with the cutoff marked (matplotlib, Agg); written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.io import atomic_write
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.hist(np.asarray(lengths), bins=min(50, max(len(np.unique(lengths)), 1)), color="#4c72b0")
+    ax.axvline(cutoff_len, color="#c44e52", linestyle="--", label=f"cutoff_len {cutoff_len}")
+    over = int((np.asarray(lengths) > cutoff_len).sum())
+    ax.set_title(f"{title}: {len(lengths):,} examples, {over:,} over cutoff_len")
+    ax.set_xlabel("tokens per example (prompt + response + EOS)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,271 @@
+"""Build: manifest counts add up, deterministic disjoint split, dedup after NFC, rebuild only when stale,
+sharegpt conversion with custom tags, pt corpora split like the book."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import pytest
+
+from data_helpers import alpaca_rows, jsonl
+from pipeline.data.build import build, built_dir, run, split_text
+from pipeline.data.load import load_split, split_files
+from pipeline.data.tokenizer import get_tokenizer
+from pipeline.errors import UserError
+
+
+def manifest(r, name):
+    return json.loads((built_dir(r, name) / "manifest.json").read_text(encoding="utf-8"))
+
+
+def rows_of(r, name):
+    d = built_dir(r, name)
+    return [json.loads((d / f"{s}.json").read_text(encoding="utf-8")) for s in ("train", "val")]
+
+
+def key(row):
+    return json.dumps(row, sort_keys=True)
+
+
+@pytest.fixture
+def messy(make_recipe):
+    rows = alpaca_rows(40)
+    rows += [
+        {"instruction": "blank output", "input": "", "output": "  \n"},
+        {"instruction": "null output", "input": "", "output": None},
+        {"instruction": "\t", "input": "", "output": "no instruction"},
+        dict(rows[0]), dict(rows[1]),                                     # exact duplicates
+        {"instruction": "Caf\u00e9?", "input": "", "output": "Yes."},
+        {"instruction": "Cafe\u0301?", "input": "", "output": "Yes."},    # same after NFC
+    ]
+    return make_recipe({"m": {"file_name": "raw/m.jsonl"}}, files={"raw/m.jsonl": jsonl(rows)}), rows
+
+
+def test_manifest_counts_add_up(messy):
+    r, rows = messy
+    lines = build(r)
+    m = manifest(r, "m")
+    assert m["rows_read"] == len(rows) == 47
+    assert m["removed"] == {"empty instruction": 1, "empty output": 2, "exact duplicate": 3,
+                            "over num_samples": 0, "over max_samples": 0}
+    assert m["rows_kept"] == 41 == m["rows_read"] - sum(m["removed"].values())
+    assert m["splits"] == {"train": 41 - math.ceil(0.1 * 41), "val": math.ceil(0.1 * 41)} == {"train": 36, "val": 5}
+    raw = os.path.join(r["dataset_dir"], "raw", "m.jsonl")
+    assert m["sources"] == [{"path": "raw/m.jsonl", "sha256": hashlib.sha256(open(raw, "rb").read()).hexdigest(),
+                             "rows": 47}]
+    assert m["schema_version"] == 1 and m["stage"] == "sft"
+    assert m["build_keys"] == {"stage": "sft", "val_size": 0.1, "seed": 42, "max_samples": None}
+    train, val = rows_of(r, "m")
+    assert len(train) == 36 and len(val) == 5
+    for f in ("train.json", "val.json"):
+        blob = (built_dir(r, "m") / f).read_bytes()
+        assert m["files"][f] == {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+    assert "removed: empty instruction 1, empty output 2, exact duplicate 3" in lines[1]
+    # NFC: the decomposed form became the composed one, and counted as a duplicate of it
+    assert {"instruction": "Caf\u00e9?", "input": "", "output": "Yes."} in train + val
+    assert not any("\u0301" in row["instruction"] for row in train + val)
+
+
+def test_rows_sit_on_their_own_lines(messy):
+    r, _ = messy
+    build(r)
+    text = (built_dir(r, "m") / "train.json").read_text(encoding="utf-8").splitlines()
+    rows = json.loads("\n".join(text))
+    assert len(text) == len(rows)
+    for i, line in enumerate(text):  # row i+1 on line i+1
+        assert json.loads(line.lstrip("[").rstrip(",]")) == rows[i]
+
+
+def test_split_is_deterministic_disjoint_and_covering(make_recipe, tmp_path):
+    rows = alpaca_rows(100)
+    a = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)}, val_size=0.25)
+    build(a)
+    train, val = rows_of(a, "d")
+    assert len(val) == 25 and len(train) == 75
+    assert not {key(x) for x in train} & {key(x) for x in val}
+    assert sorted(map(key, train + val)) == sorted(map(key, rows))
+    # the same inputs elsewhere build the same files, byte for byte
+    other = dict(a, dataset_dir=str(tmp_path / "copy"))
+    os.makedirs(other["dataset_dir"] + "/raw")
+    for f in ("dataset_info.json", "raw/d.jsonl"):
+        with open(os.path.join(a["dataset_dir"], f), "rb") as src, open(os.path.join(other["dataset_dir"], f), "wb") as dst:
+            dst.write(src.read())
+    build(other)
+    for s in ("train.json", "val.json"):
+        assert (built_dir(a, "d") / s).read_bytes() == (built_dir(other, "d") / s).read_bytes()
+    # another seed, another split; the order inside a split is shuffled too
+    build(dict(other, seed=7))
+    assert rows_of(other, "d")[1] != val
+    assert [x["instruction"] for x in train] != sorted((x["instruction"] for x in train),
+                                                       key=lambda s: int(s.split()[1][:-1]))
+
+
+def test_unchanged_inputs_are_not_rebuilt(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(alpaca_rows(20))})
+    build(r)
+    stat = os.stat(built_dir(r, "d") / "manifest.json")
+    assert build(r) == [f"d: up to date ({built_dir(r, 'd')}/manifest.json)"]
+    assert os.stat(built_dir(r, "d") / "manifest.json").st_mtime_ns == stat.st_mtime_ns
+
+    def rebuilt(**changes) -> bool:
+        return "built" in build(dict(r, **changes))[0].split(":")[1]
+
+    assert rebuilt(val_size=0.2)
+    assert rebuilt(val_size=0.2) is False
+    assert rebuilt(seed=1) and rebuilt(seed=1) is False
+    assert rebuilt(max_samples=10)
+    assert not rebuilt(max_samples=10, template="chatml", cutoff_len=99)  # tokenization keys do not matter
+    with open(os.path.join(r["dataset_dir"], "raw", "d.jsonl"), "a") as handle:
+        handle.write(json.dumps({"instruction": "new", "output": "row"}) + "\n")
+    assert rebuilt(max_samples=10)
+    with open(os.path.join(r["dataset_dir"], "dataset_info.json"), "w") as handle:
+        json.dump({"d": {"file_name": "raw/d.jsonl", "num_samples": 5}}, handle)
+    assert rebuilt(max_samples=10)
+    (built_dir(r, "d") / "train.json").write_text("[]\n")  # a damaged output is rebuilt
+    assert rebuilt(max_samples=10)
+    assert not [p for p in os.listdir(built_dir(r, "d").parent) if p.startswith(".")]  # no temp dirs left
+
+
+def test_caps_and_too_few_rows(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl", "num_samples": 30}},
+                    files={"raw/d.jsonl": jsonl(alpaca_rows(50))}, max_samples=20)
+    build(r)
+    m = manifest(r, "d")
+    assert m["removed"]["over num_samples"] == 20 and m["removed"]["over max_samples"] == 10
+    assert m["rows_kept"] == 20
+    kept = {x["instruction"] for x in sum(rows_of(r, "d"), [])}
+    assert kept == {x["instruction"] for x in alpaca_rows(20)}  # the first rows, in file order
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}},
+                    files={"raw/d.jsonl": jsonl(alpaca_rows(1) + [{"instruction": "x", "output": ""}])})
+    with pytest.raises(UserError, match=r"dataset 'd' .*: 1 rows remain after cleaning \(read 2; removed: "
+                                        r"empty output 1\); val_size 0.1 leaves 0 for training and 1 for validation"):
+        build(r)
+
+
+def test_sharegpt_with_custom_tags(make_recipe):
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye?"},
+        {"role": "assistant", "content": "Bye."},
+    ]
+    rows = [{"messages": conv}] + [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                 {"role": "assistant", "content": f"a{i}"}], "sys": "S"}
+                                   for i in range(9)]
+    entry = {"file_name": "raw/c.json", "formatting": "sharegpt", "columns": {"messages": "messages", "system": "sys"},
+             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                      "assistant_tag": "assistant", "system_tag": "system"}}
+    r = make_recipe({"c": entry}, files={"raw/c.json": json.dumps(rows)})
+    build(r)
+    got = {x["instruction"]: x for x in load_split(r, "train") + load_split(r, "val")}
+    assert got["Bye?"] == {"instruction": "Bye?", "input": "", "output": "Bye.", "system": "Be brief.",
+                           "history": [["Hi", "Hello"]]}
+    assert got["q3"] == {"instruction": "q3", "input": "", "output": "a3", "system": "S"}
+
+
+def test_sharegpt_bad_conversations(make_recipe):
+    def turns(*pairs):
+        return {"conversations": [{"from": f, "value": v} for f, v in pairs]}
+
+    rows = [
+        turns(("human", "a"), ("gpt", "b")),                          # 1 fine
+        turns(("human", "a"), ("gpt", "b"), ("human", "c")),          # 2 ends with human
+        turns(("humen", "a"), ("gpt", "b")),                          # 3 unknown role
+        turns(("gpt", "a"), ("human", "b")),                          # 4 wrong order
+        {"conversations": []},                                        # 5 empty
+        {"conv": []},                                                 # 6 missing column
+        turns(("human", "a"), ("gpt", "b"), ("system", "c"), ("gpt", "d")),  # 7 system late
+        {"conversations": [{"from": "human", "text": "a"}]},          # 8 missing value
+        turns(("human", "a"), ("observation", "b")),                  # 9 tool turn
+    ]
+    r = make_recipe({"s": {"file_name": "raw/s.jsonl", "formatting": "sharegpt"}}, files={"raw/s.jsonl": jsonl(rows)})
+    with pytest.raises(UserError) as err:
+        build(r)
+    f = os.path.join(r["dataset_dir"], "raw", "s.jsonl")
+    assert err.value.messages == [
+        f"{f}:2: 'conversations' ends with 'human' turn; the last turn must be 'gpt' (the response)",
+        f"{f}:3: conversations[0].from is 'humen'; expected 'human' or 'gpt' (or 'system' as the first turn) "
+        "(did you mean 'human'?)",
+        f"{f}:4: conversations[0].from is 'gpt' where 'human' was expected; turns must alternate 'human', 'gpt', "
+        "... starting with 'human'",
+        f"{f}:5: 'conversations' is an empty list; expected a non-empty list of turns",
+        f"{f}:6: missing 'conversations' (the conversation); the row has: conv",
+        f"{f}:7: conversations[2].from is 'system' where 'human' was expected; a system turn is only allowed first",
+        f"{f}:8: conversations[0]: missing 'value' (the text)",
+        f"{f}:9: conversations[1].from is 'observation': tool-use turns are not supported",
+    ]
+
+
+def test_pt_single_document_split_like_the_book(make_recipe):
+    words = [f"w{i}" for i in range(200)]
+    text = " ".join(words) + "\r\n"
+    r = make_recipe({"book": {"file_name": "raw/verdict.txt", "formatting": "text"}},
+                    files={"raw/verdict.txt": text.encode()}, stage="pt")
+    lines = build(r)
+    train, val = rows_of(r, "book")
+    clean = text.replace("\r\n", "\n")
+    assert train[0]["text"] + val[0]["text"] == clean
+    cut = len(train[0]["text"])
+    assert clean[cut].isspace() and cut >= int(0.9 * len(clean)) and not clean[int(0.9 * len(clean)):cut].count(" ")
+    m = manifest(r, "book")
+    enc = get_tokenizer()
+    assert m["tokens"] == {"train": len(enc.encode_ordinary(train[0]["text"])),
+                           "val": len(enc.encode_ordinary(val[0]["text"]))}
+    assert m["split_mode"] == "within documents" and m["splits"] == {"train": 1, "val": 1}
+    assert any("tokens: train" in line for line in lines)
+
+
+def test_split_text_edges():
+    assert split_text("abcdefghij", 0.9) == ("abcdefghi", "j")  # no whitespace: the book's exact cut
+    assert split_text("aaaa bbbb", 0.9) == ("aaaa", " bbbb")  # back to the last whitespace
+    assert split_text("aa bb cc dd", 0.5) == ("aa bb", " cc dd")
+
+
+def test_pt_folder_of_documents_and_eos_join(make_recipe):
+    files = {f"corpus/doc{i:02d}.txt": f"document number {i}." for i in range(20)}
+    files["corpus/.hidden.txt"] = "skip me"
+    r = make_recipe({"c": {"file_name": "corpus", "formatting": "text"}}, files=files, stage="pt")
+    build(r)
+    m = manifest(r, "c")
+    assert m["split_mode"] == "documents" and m["splits"] == {"train": 18, "val": 2}
+    assert len(m["sources"]) == 20
+    train, val = rows_of(r, "c")
+    enc = get_tokenizer()
+    assert m["tokens"]["train"] == sum(len(enc.encode_ordinary(d["text"])) for d in train) + 17
+    assert sorted(d["text"] for d in train + val) == sorted(f"document number {i}." for i in range(20))
+
+
+def test_pt_from_alpaca_rows_uses_the_prompt(make_recipe):
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl", "columns": {"prompt": "body"}}},
+                    files={"raw/a.jsonl": jsonl([{"body": f"text {i}"} for i in range(10)])}, stage="pt")
+    build(r)
+    assert sorted(d["text"] for d in load_split(r, "train") + load_split(r, "val")) == \
+        sorted(f"text {i}" for i in range(10))
+
+
+def test_eval_dataset_and_load_split(make_recipe):
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
+                    files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(10, "b"))},
+                    dataset=["a"], eval_dataset=["b"])
+    run(r, None)
+    assert len(load_split(r, "train")) == 18
+    assert sorted(x["instruction"] for x in load_split(r, "val")) == sorted(x["instruction"] for x in alpaca_rows(10, "b"))
+    both = dict(r, eval_dataset=["a", "b"])  # a name also trained on contributes only its val split
+    assert len(load_split(both, "val")) == 2 + 10
+    assert [p.name for p in split_files(both, "val")] == ["val.json", "train.json", "val.json"]
+
+
+def test_load_split_missing_or_stale_build(make_recipe):
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": jsonl(alpaca_rows(20))})
+    with pytest.raises(UserError, match=r"dataset 'a' is not built; run `make data`"):
+        load_split(r, "train")
+    build(r)
+    with pytest.raises(UserError, match=r"built with other settings than the recipe's \(val_size 0.1 -> 0.3\); "
+                                        r"run `make data`"):
+        load_split(dict(r, val_size=0.3), "train")
+    (built_dir(r, "a") / "train.json").write_text('[{"instruction": "x",\n oops]')
+    with pytest.raises(UserError, match=r"train.json:2: invalid JSON"):
+        load_split(r, "train")

@@ -1,0 +1,107 @@
+"""check_built: schema + rules on the built files with `file:row:field` messages, and the summary."""
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from data_helpers import alpaca_rows, jsonl
+from pipeline.data.build import build, built_dir
+from pipeline.data.check import check_built, format_summary, row_ok, text_ok
+from pipeline.data.registry import load_schema
+from pipeline.data.tokenizer import get_tokenizer
+from pipeline.errors import UserError
+
+HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n")
+
+
+@pytest.fixture
+def built(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(alpaca_rows(30))})
+    build(r)
+    return r
+
+
+def test_summary_rows_with_exact_token_counts(built):
+    summary = check_built(built)
+    assert [(s["dataset"], s["split"], s["rows"]) for s in summary] == [("d", "train", 27), ("d", "val", 3)]
+    enc = get_tokenizer()
+    val = json.loads((built_dir(built, "d") / "val.json").read_text())
+
+    def length(row):
+        body = row["instruction"] + (f"\n\n### Input:\n{row['input']}" if row["input"] else "")
+        return len(enc.encode_ordinary(HEAD + f"### Instruction:\n{body}\n\n### Response:\n")) + \
+            len(enc.encode_ordinary(row["output"])) + 1
+
+    lengths = [length(row) for row in val]
+    assert summary[1]["tokens_min"] == min(lengths) and summary[1]["tokens_max"] == max(lengths)
+    assert summary[1]["tokens_mean"] == round(sum(lengths) / 3, 1) and summary[1]["sampled"] is None
+    assert summary[1]["over_cutoff_len"] == 0
+    table = format_summary(summary)
+    assert table.splitlines()[2].split()[:3] == ["d", "val", "3"]
+
+
+def test_bad_built_rows_are_named_by_file_row_field(built):
+    path = built_dir(built, "d") / "train.json"
+    rows = json.loads(path.read_text())
+    rows[0]["instruction"] = "   "
+    rows[1]["output"] = 7
+    rows[2]["history"] = [["only one"]]
+    rows[3]["extra"] = 1
+    del rows[4]["input"]
+    rows[5] = ["not", "a", "row"]
+    rows[6]["history"] = [["q", 2]]
+    path.write_text(json.dumps(rows))
+    with pytest.raises(UserError) as err:
+        check_built(built)
+    assert err.value.messages == [
+        f"{path}:1:instruction: is blank; expected non-empty text",
+        f"{path}:2:output: is a number; expected a string",
+        f"{path}:3:history[0]: has 1 items; expected [instruction, response]",
+        f"{path}:4:extra: unknown field; expected instruction, input, output, system, history",
+        f"{path}:5:input: missing",
+        f"{path}:6: is a list; expected an object",
+        f"{path}:7:history[0][1]: is a number; expected a string",
+    ]
+
+
+def test_row_count_mismatch_and_missing_build(built, make_recipe):
+    path = built_dir(built, "d") / "val.json"
+    path.write_text(json.dumps(json.loads(path.read_text())[:2]))
+    with pytest.raises(UserError) as err:
+        check_built(built)
+    assert err.value.messages == [f"{path}: 2 rows, but manifest.json says 3; run `make data` "
+                                  "(python -m pipeline build RECIPE)"]
+    other = make_recipe({"d": {"file_name": "raw/d.jsonl"}, "e": {"file_name": "raw/d.jsonl"}}, dataset=["e"])
+    with pytest.raises(UserError, match="dataset 'e' is not built; run `make data`"):
+        check_built(other)
+
+
+def test_stale_build(built):
+    with pytest.raises(UserError, match=r"built with other settings than the recipe's \(seed 42 -> 1\)"):
+        check_built(dict(built, seed=1))
+    with open(built["dataset_dir"] + "/raw/d.jsonl", "a") as handle:
+        handle.write(json.dumps({"instruction": "late", "output": "row"}) + "\n")
+    with pytest.raises(UserError, match="the sources or the registry entry of 'd' changed since it was built"):
+        check_built(built)
+
+
+def test_fast_path_agrees_with_the_schema():
+    validator = jsonschema.Draft202012Validator(load_schema("alpaca.schema.json"))
+    text_validator = jsonschema.Draft202012Validator(load_schema("text.schema.json"))
+    rng = random.Random(0)
+    values = ["", " ", "x", "\u3000", 0, 1.5, None, True, [], ["a", "b"], [["a", "b"]], [["a"]], [["a", 1]],
+              [["a", "b", "c"]], {}, [("a", "b")], "\n\t"]
+    fields = ["instruction", "input", "output", "system", "history", "extra"]
+    for _ in range(3000):
+        row = {f: rng.choice(values) for f in fields if rng.random() < 0.7}
+        if rng.random() < 0.5:
+            row.update({"instruction": "i", "input": "", "output": "o"})
+        candidate = json.loads(json.dumps(row))  # what a built file can hold (tuples become lists)
+        assert row_ok(candidate) == validator.is_valid(candidate), candidate
+        doc = {"text": rng.choice(values)} if rng.random() < 0.8 else rng.choice(values)
+        doc = json.loads(json.dumps(doc))
+        assert text_ok(doc) == text_validator.is_valid(doc), doc

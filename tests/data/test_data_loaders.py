@@ -1,0 +1,169 @@
+"""Loaders: the book's pt windows, shifted sft labels, rank sharding, deterministic resumable order."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data_helpers import alpaca_rows, jsonl
+from pipeline.data.build import build
+from pipeline.data.loaders import count_examples, plan_batches, pt_loader, sft_loader
+from pipeline.data.tokenize import pt_windows, tokenized_split
+from pipeline.data.tokenizer import get_tokenizer
+from pipeline.errors import UserError
+
+
+def test_pt_windows_hand_computed():
+    # range(0, len(ids) - max_length, stride), the book's GPTDatasetV1
+    assert pt_windows(20, 4, 3).tolist() == [0, 3, 6, 9, 12, 15]
+    assert pt_windows(20, 4, 4).tolist() == [0, 4, 8, 12]
+    assert pt_windows(5, 4, 1).tolist() == [0]
+    assert pt_windows(4, 4, 1).tolist() == []
+
+
+def book_windows(ids, max_length, stride):
+    """The book's GPTDatasetV1, verbatim in spirit."""
+    inputs, targets = [], []
+    for i in range(0, len(ids) - max_length, stride):
+        inputs.append(ids[i:i + max_length])
+        targets.append(ids[i + 1:i + max_length + 1])
+    return inputs, targets
+
+
+@pytest.fixture
+def pt_recipe(make_recipe):
+    text = " ".join(f"word{i}" for i in range(300))
+    r = make_recipe({"book": {"file_name": "raw/book.txt", "formatting": "text"}}, files={"raw/book.txt": text},
+                    stage="pt", cutoff_len=8, pt_stride=5, per_device_train_batch_size=3,
+                    per_device_eval_batch_size=4)
+    build(r)
+    return r
+
+
+def test_pt_loader_matches_the_book(pt_recipe):
+    from pipeline.data.load import load_split
+
+    ids = get_tokenizer().encode_ordinary(load_split(pt_recipe, "train")[0]["text"])
+    inputs, targets = book_windows(ids, 8, 5)
+    loader = pt_loader(pt_recipe, "train", shuffle=False)
+    assert len(loader) == len(inputs) // 3  # drop_last for train
+    batches = list(loader)
+    got_in = torch.cat([b["input_ids"] for b in batches]).tolist()
+    got_lab = torch.cat([b["labels"] for b in batches]).tolist()
+    n = len(loader) * 3
+    assert got_in == inputs[:n] and got_lab == targets[:n]
+    assert all(b["attention_mask"].eq(1).all() for b in batches)
+    val = pt_loader(pt_recipe, "val", shuffle=False)
+    val_ids = get_tokenizer().encode_ordinary(load_split(pt_recipe, "val")[0]["text"])
+    assert len(val) == -(-len(book_windows(val_ids, 8, 5)[0]) // 4)  # the last batch is kept
+    assert count_examples(pt_recipe) == {"train": len(inputs), "val": len(book_windows(val_ids, 8, 5)[0])}
+
+
+def test_pt_stride_defaults_to_cutoff_and_too_short(pt_recipe):
+    from pipeline.data.load import load_split
+
+    r = dict(pt_recipe, pt_stride=None)
+    ids = get_tokenizer().encode_ordinary(load_split(r, "train")[0]["text"])
+    assert count_examples(r)["train"] == len(range(0, len(ids) - 8, 8))
+    with pytest.raises(UserError, match=r"the val split has no windows; it has \d+ tokens and one window needs "
+                                        r"cutoff_len \+ 1 = 1,001"):
+        pt_loader(dict(pt_recipe, cutoff_len=1000), "val")
+
+
+def test_plan_sharding_train_disjoint_and_covering():
+    n, b, w = 23, 2, 3
+    plans = [plan_batches(n, batch_size=b, world_size=w, rank=k, seed=5, drop_last=True) for k in range(w)]
+    assert [len(p) for p in plans] == [3, 3, 3]  # floor(23 / 6) global batches, on every rank
+    seen = np.concatenate([x for p in plans for x in p])
+    assert len(seen) == 18 and len(set(seen.tolist())) == 18
+    one = plan_batches(n, batch_size=b * w, world_size=1, rank=0, seed=5, drop_last=True)
+    for k in range(3):  # N ranks see the same global batches as one rank with an N x larger batch
+        assert sorted(np.concatenate([p[k] for p in plans]).tolist()) == sorted(one[k].tolist())
+
+
+def test_plan_sharding_val_pads_like_distributed_sampler():
+    n, b, w = 23, 2, 3
+    plans = [plan_batches(n, batch_size=b, world_size=w, rank=k, shuffle=False) for k in range(w)]
+    assert [len(p) for p in plans] == [4, 4, 4]
+    assert [len(x) for x in plans[0]] == [2, 2, 2, 2]
+    seen = np.concatenate([x for p in plans for x in p]).tolist()
+    assert sorted(set(seen)) == list(range(23)) and len(seen) == 24 and seen.count(0) == 2
+    single = plan_batches(5, batch_size=4, world_size=1, shuffle=False)
+    assert [x.tolist() for x in single] == [[0, 1, 2, 3], [4]]  # one rank: no padding, last batch smaller
+
+
+def test_plan_order_is_a_pure_function_of_seed_epoch_rank():
+    kw = dict(batch_size=4, world_size=2, rank=1, drop_last=True)
+    a = plan_batches(100, seed=1, epoch=0, **kw)
+    assert all((x == y).all() for x, y in zip(a, plan_batches(100, seed=1, epoch=0, **kw)))
+    assert any((x != y).any() for x, y in zip(a, plan_batches(100, seed=1, epoch=1, **kw)))
+    assert any((x != y).any() for x, y in zip(a, plan_batches(100, seed=2, epoch=0, **kw)))
+
+
+def test_group_by_length_sorts_within_mega_batches():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 500, size=1000)
+    kw = dict(batch_size=4, world_size=1, seed=3, drop_last=True)
+    grouped = plan_batches(1000, lengths, group_by_length=True, **kw)
+    plain = plan_batches(1000, lengths, group_by_length=False, **kw)
+
+    def padding(plan):
+        return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in plan)
+
+    assert sorted(np.concatenate(grouped).tolist()) == list(range(1000))
+    assert padding(grouped) < padding(plain) / 10
+    again = plan_batches(1000, lengths, group_by_length=True, **kw)
+    assert all((x == y).all() for x, y in zip(grouped, again))
+
+
+@pytest.fixture
+def sft_recipe(make_recipe):
+    rows = alpaca_rows(40) + [{"instruction": "long", "input": "", "output": "x " * 400}]
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)},
+                    per_device_train_batch_size=4, per_device_eval_batch_size=3, cutoff_len=128, val_size=0.2)
+    build(r)
+    return r
+
+
+def test_sft_batches_are_padded_and_shifted(sft_recipe):
+    data = tokenized_split(sft_recipe, "train")
+    loader = sft_loader(sft_recipe, "train", epoch=2)
+    assert len(loader) == len(data) // 4
+    for k in range(len(loader)):
+        batch, idx = loader.batch(k), loader.indices(k)
+        assert batch["input_ids"].dtype == torch.long and batch["labels"].shape == batch["input_ids"].shape
+        width = max(len(data.example(i).input_ids) for i in idx) - 1
+        assert batch["input_ids"].shape == (4, width)
+        for row, i in enumerate(idx):
+            ex = data.example(i)
+            n = len(ex.input_ids) - 1
+            assert batch["input_ids"][row, :n].tolist() == ex.input_ids[:-1]
+            assert batch["labels"][row, :n].tolist() == ex.labels[1:]  # labels[t] is the target of position t
+            assert batch["labels"][row, n:].eq(-100).all() and batch["input_ids"][row, n:].eq(50256).all()
+            assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+            assert batch["labels"][row, n - 1] == 50256  # the EOS closing the response is a target
+
+
+def test_resume_skips_batches_exactly(sft_recipe):
+    loader = sft_loader(sft_recipe, "train", rank=1, world_size=2, epoch=1)
+    full = list(loader)
+    tail = list(loader.iter_from(3))
+    assert len(tail) == len(full) - 3
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[3:], tail))
+    loader.set_epoch(2)
+    assert [loader.indices(k).tolist() for k in range(len(loader))] != \
+        [sft_loader(sft_recipe, "train", rank=1, world_size=2, epoch=1).indices(k).tolist() for k in range(len(loader))]
+
+
+def test_counts_after_the_length_policy(sft_recipe):
+    counts = count_examples(sft_recipe)
+    data = tokenized_split(sft_recipe, "train"), tokenized_split(sft_recipe, "val")
+    assert counts == {"train": len(data[0]), "val": len(data[1])}
+    assert counts["train"] + counts["val"] == 40  # the long row was dropped
+    assert sum(d.dropped["over cutoff_len"] for d in data) == 1
+
+
+def test_train_split_smaller_than_a_global_batch(sft_recipe):
+    with pytest.raises(UserError, match=r"the train split has 32 examples, fewer than one global batch of 64 "
+                                        r"\(per_device_train_batch_size 16 x 4 ranks\)"):
+        sft_loader(dict(sft_recipe, per_device_train_batch_size=16), "train", world_size=4)

@@ -1,0 +1,110 @@
+"""Loss masks token by token; expected ids come from separate tokenizer calls on hand-written pieces."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.templates import Segment, Template, get_template
+from pipeline.data.tokenize import Dropped, Encoded, encode_example, encode_rows
+from pipeline.data.tokenizer import EOS_ID, get_tokenizer
+from pipeline.errors import UserError
+
+HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n")
+M = -100
+
+
+def enc(text: str) -> list[int]:
+    return get_tokenizer().encode_ordinary(text)
+
+
+def encode(row, **kw):
+    kw.setdefault("cutoff_len", 1024)
+    return encode_example(row, get_template(kw.pop("template", "alpaca")), get_tokenizer(), **kw)
+
+
+def test_single_turn_trains_response_and_eos_only():
+    row = {"instruction": "Name a primary colour.", "input": "", "output": "Red."}
+    prompt = enc(HEAD + "### Instruction:\nName a primary colour.\n\n### Response:\n")
+    response = enc("Red.")
+    got = encode(row)
+    assert isinstance(got, Encoded)
+    assert got.input_ids == prompt + response + [EOS_ID]
+    assert got.labels == [M] * len(prompt) + response + [EOS_ID]
+    assert not got.truncated
+
+
+def test_input_and_system():
+    row = {"instruction": "Add.", "input": "2 and 3", "output": "5", "system": "You are terse."}
+    prompt = enc("You are terse.\n\n### Instruction:\nAdd.\n\n### Input:\n2 and 3\n\n### Response:\n")
+    got = encode(row)
+    assert got.input_ids == prompt + enc("5") + [EOS_ID]
+    assert got.labels == [M] * len(prompt) + enc("5") + [EOS_ID]
+
+
+def test_history_every_assistant_turn_trained():
+    row = {"instruction": "And 3+3?", "input": "", "output": "6", "history": [["What is 1+1?", "2"]]}
+    p1 = enc(HEAD + "### Instruction:\nWhat is 1+1?\n\n### Response:\n")
+    a1 = enc("2")
+    p2 = enc("\n\n### Instruction:\nAnd 3+3?\n\n### Response:\n")
+    a2 = enc("6")
+    got = encode(row)
+    assert got.input_ids == p1 + a1 + [EOS_ID] + p2 + a2 + [EOS_ID]
+    assert got.labels == [M] * len(p1) + a1 + [EOS_ID] + [M] * len(p2) + a2 + [EOS_ID]
+    masked = encode(row, mask_history=True)
+    assert masked.input_ids == got.input_ids
+    assert masked.labels == [M] * (len(p1) + len(a1) + 1 + len(p2)) + a2 + [EOS_ID]
+
+
+def test_train_on_prompt():
+    row = {"instruction": "And 3+3?", "input": "", "output": "6", "history": [["What is 1+1?", "2"]]}
+    got = encode(row, train_on_prompt=True)
+    assert got.labels == got.input_ids
+    p1 = enc(HEAD + "### Instruction:\nWhat is 1+1?\n\n### Response:\n")
+    both = encode(row, train_on_prompt=True, mask_history=True)
+    history_len = len(p1) + len(enc("2")) + 1
+    assert both.labels == [M] * history_len + got.input_ids[history_len:]
+
+
+def test_chatml_masks():
+    row = {"instruction": "Hi", "input": "", "output": "Hello!", "system": "Be kind."}
+    prompt = enc("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    response = enc("Hello!<|im_end|>")
+    got = encode(row, template="chatml")
+    assert got.input_ids == prompt + response + [EOS_ID]
+    assert got.labels == [M] * len(prompt) + response + [EOS_ID]
+
+
+def test_user_eos_text_is_not_a_special_token():
+    row = {"instruction": "say <|endoftext|>", "input": "", "output": "<|endoftext|>"}
+    got = encode(row)
+    assert got.input_ids.count(EOS_ID) == 1 and got.input_ids[-1] == EOS_ID
+
+
+def test_batch_equals_single_rows():
+    rows = [{"instruction": f"q{i}", "input": "x" * i, "output": f"a{i}", "history": [["h", "r"]] * (i % 3)}
+            for i in range(7)]
+    split = encode_rows(rows, "alpaca", cutoff_len=1024, mask_history=True)
+    for i, row in enumerate(rows):
+        assert split.example(i) == encode(row, mask_history=True)
+
+
+def test_zero_trainable_tokens_is_a_hard_error():
+    class Silent(Template):
+        def segments(self, row, *, train_on_prompt=False, mask_history=False):
+            return [Segment(row["instruction"], False, False), Segment(row["output"], False, True)]
+
+    base = get_template("alpaca")
+    silent = Silent(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+    with pytest.raises(UserError) as err:
+        encode_rows([{"instruction": "a", "input": "", "output": "b"}] * 2, silent, cutoff_len=64,
+                    origins=["build/x/train.json:1", "build/x/train.json:2"])
+    assert err.value.messages[0].startswith("build/x/train.json:1: no trainable token")
+    assert err.value.messages[1].startswith("build/x/train.json:2: no trainable token")
+
+
+def test_encode_example_reads_settings_from_recipe():
+    row = {"instruction": "Q", "input": "", "output": "A " * 50}
+    r = {"cutoff_len": 20, "overlength_policy": "drop", "train_on_prompt": False, "mask_history": False}
+    got = encode_example(row, get_template("alpaca"), get_tokenizer(), r)
+    assert isinstance(got, Dropped) and got.reason == "over cutoff_len"
+    assert got.length == len(enc(HEAD + "### Instruction:\nQ\n\n### Response:\n")) + len(enc("A " * 50)) + 1

@@ -1,0 +1,190 @@
+"""Every class of bad row gives `file:line: problem`, all reported together, capped, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from data_helpers import jsonl
+from pipeline.data.build import build, built_dir
+from pipeline.data.load import load_split
+from pipeline.errors import UserError
+
+GOOD = {"instruction": "Say hi.", "input": "", "output": "Hi."}
+
+
+def good(i: int) -> dict:
+    return {"instruction": f"Say {i}.", "input": "", "output": f"{i}."}
+
+
+def snapshot(folder: str) -> dict[str, bytes]:
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                out[os.path.relpath(os.path.join(root, name), folder)] = handle.read()
+    return out
+
+
+def build_errors(r) -> list[str]:
+    """The build's messages; the build folder is exactly as before (a failed build writes nothing)."""
+    folder = os.path.join(r["dataset_dir"], "build")
+    before = snapshot(folder)
+    with pytest.raises(UserError) as err:
+        build(r)
+    assert snapshot(folder) == before
+    return err.value.messages
+
+
+def test_jsonl_every_bad_row_with_its_line(make_recipe):
+    lines = [
+        json.dumps(good(1)),                                                   # 1
+        '{"instruction": "broken", "output": ',                                # 2 broken JSON
+        '{"instruction": "nan", "input": "", "output": NaN}',                  # 3 NaN
+        '{"instruction": "inf", "input": "", "output": -Infinity}',            # 4 -Infinity
+        "[1, 2]",                                                              # 5 not an object
+        json.dumps({"instrution": "typo", "output": "x"}),                    # 6 missing column
+        json.dumps({"instruction": "num", "output": 42}),                      # 7 output is a number
+        json.dumps({"instruction": "list", "output": ["a", "b"]}),             # 8 output is a list
+        json.dumps({"instruction": "h", "output": "o", "history": [["q"]]}),   # 9 history shape
+        json.dumps({"instruction": "h", "output": "o", "history": "no"}),      # 10 history type
+        "",                                                                    # 11 blank: skipped
+        json.dumps({"instruction": True, "output": "o"}),                     # 12 boolean
+        json.dumps(good(2)),                                                   # 13
+    ]
+    data = "\n".join(lines).encode() + b"\n" + b'{"instruction": "caf\xe9", "output": "x"}\n'  # 14: Latin-1
+    offset = len("\n".join(lines).encode()) + 1 + len(b'{"instruction": "caf')
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": data})
+    f = os.path.join(r["dataset_dir"], "raw", "d.jsonl")
+    assert build_errors(r) == [
+        f"{f}:14: not valid UTF-8 at byte offset {offset} (byte 0xe9); save the file as UTF-8",
+        f"{f}:2: invalid JSON at column 37: Expecting value",
+        f"{f}:3: NaN is not valid JSON (write a number, null or a string)",
+        f"{f}:4: -Infinity is not valid JSON (write a number, null or a string)",
+        f"{f}:5: expected a JSON object (one row), got a list",
+        f"{f}:6: missing 'instruction' (did you mean 'instrution'?); the row has: instrution, output",
+        f"{f}:7: 'output' is a number (42); expected a string",
+        f"{f}:8: 'output' is a list; expected a string",
+        f"{f}:9: 'history'[0] is a list of 1; expected [instruction, response]",
+        f"{f}:10: 'history' is a string; expected a list of [instruction, response] pairs",
+        f"{f}:12: 'instruction' is a boolean (true); expected a string",
+    ]
+
+
+def test_bom_crlf_and_nulls_are_accepted(make_recipe):
+    rows = [good(i) for i in range(8)] + [{"instruction": "Null input.", "input": None, "output": "ok"}]
+    data = b"\xef\xbb\xbf" + jsonl(rows).replace("\n", "\r\n").encode()
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": data}, val_size=0.2)
+    build(r)
+    got = load_split(r, "train") + load_split(r, "val")
+    assert sorted(x["instruction"] for x in got) == sorted(x["instruction"] for x in rows)
+    assert {"instruction": "Null input.", "input": "", "output": "ok"} in got
+
+
+def test_json_array_rows_know_their_lines(make_recipe):
+    text = '[\n  {"instruction": "a", "output": "1"},\n  {"instruction": "b",\n   "output": 2},\n' \
+           '  {"instruction": "c", "output": "3"},\n  {"instruction": "d", "output": [1]}\n]\n'
+    r = make_recipe({"d": {"file_name": "raw/d.json"}}, files={"raw/d.json": text})
+    f = os.path.join(r["dataset_dir"], "raw", "d.json")
+    assert build_errors(r) == [f"{f}:3: 'output' is a number (2); expected a string",
+                               f"{f}:6: 'output' is a list; expected a string"]
+
+
+def test_json_array_broken_and_not_an_array(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.json"}},
+                    files={"raw/d.json": '[\n {"instruction": "a", "output": "1"},\n {"instruction": }\n]'})
+    f = os.path.join(r["dataset_dir"], "raw", "d.json")
+    assert build_errors(r) == [f"{f}:3: invalid JSON at column 18: Expecting value (rows after this point were "
+                               "not read)"]
+    r = make_recipe({"d": {"file_name": "raw/d.json"}}, files={"raw/d.json": '\n"rows"'})
+    assert build_errors(r) == [f"{f}:2: expected a JSON array of rows ([{{...}}, {{...}}]) or JSON Lines "
+                               "(one object per line)"]
+    r = make_recipe({"d": {"file_name": "raw/d.json"}}, files={"raw/d.json": "  \n"})
+    assert build_errors(r) == [f"{f}:1: empty file; expected a JSON array of rows"]
+
+
+def test_json_file_with_json_lines_is_read_as_jsonl(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.json"}}, files={"raw/d.json": jsonl([good(i) for i in range(10)])})
+    build(r)
+    assert len(load_split(r, "train")) == 9
+
+
+def test_utf16_file(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}},
+                    files={"raw/d.jsonl": "\ufeff" .encode("utf-16-le").join([b"\xff\xfe", b""]) + b"{\x00}\x00"})
+    f = os.path.join(r["dataset_dir"], "raw", "d.jsonl")
+    assert build_errors(r) == [f"{f}:1: the file is UTF-16 (byte-order mark at byte offset 0); save it as UTF-8"]
+
+
+def test_csv_lines_are_physical_lines(make_recipe):
+    text = ('question,answer,extra\r\n'            # 1 header
+            'What is 1+1?,2,x\r\n'                 # 2
+            '"A question\nover two lines",4,y\r\n'  # 3-4
+            'too,many,fields,here\r\n'             # 5
+            'Blank answer,,z\r\n'                  # 6 (empty output: removed, counted)
+            'Last?,7,w\r\n')                       # 7
+    r = make_recipe({"d": {"file_name": "raw/d.csv", "columns": {"prompt": "question", "response": "answer"}}},
+                    files={"raw/d.csv": text})
+    f = os.path.join(r["dataset_dir"], "raw", "d.csv")
+    assert build_errors(r) == [f"{f}:5: 4 fields, but the header has 3 (check the delimiter and quoting)"]
+    with open(f, "w", newline="") as handle:
+        handle.write(text.replace("too,many,fields,here\r\n", "Fine,5,v\r\n"))
+    build(r)
+    rows = load_split(r, "train") + load_split(r, "val")
+    assert {"instruction": "A question\nover two lines", "input": "", "output": "4"} in rows
+    assert len(rows) == 4
+    manifest = json.loads((built_dir(r, "d") / "manifest.json").read_text())
+    assert manifest["removed"]["empty output"] == 1
+
+
+def test_csv_missing_column_and_tsv(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.csv", "columns": {"prompt": "question", "response": "answr"}}},
+                    files={"raw/d.csv": "question,answer\nq,a\n"})
+    f = os.path.join(r["dataset_dir"], "raw", "d.csv")
+    assert build_errors(r) == [f"{f}:1: missing column 'answr' (columns.response) (did you mean 'answer'?); "
+                               "the header has: question, answer"]
+    rows = "".join(f"q{i}\t\"a{i}\"\tsys{i}\n" for i in range(10))
+    r = make_recipe({"t": {"file_name": "raw/t.tsv", "columns": {"prompt": "q", "response": "a", "system": "s"}}},
+                    files={"raw/t.tsv": "q\ta\ts\n" + rows}, dataset=["t"])
+    build(r)
+    got = sorted(load_split(r, "train") + load_split(r, "val"), key=lambda x: x["instruction"])
+    assert got[0] == {"instruction": "q0", "input": "", "output": "a0", "system": "sys0"}
+
+
+def test_parquet_column_mapping_and_types(make_recipe, tmp_path):
+    r = make_recipe({"p": {"file_name": "raw/p.parquet",
+                           "columns": {"prompt": "q", "query": "ctx", "response": "a", "history": "turns"}}})
+    os.makedirs(os.path.join(r["dataset_dir"], "raw"), exist_ok=True)
+    f = os.path.join(r["dataset_dir"], "raw", "p.parquet")
+    frame = pd.DataFrame({"q": [f"q{i}" for i in range(10)], "ctx": [None] + ["c"] * 9,
+                          "a": [f"a{i}" for i in range(10)],
+                          "turns": [[["h", "r"]]] + [[] for _ in range(9)]})
+    frame.to_parquet(f)
+    build(r)
+    got = {x["instruction"]: x for x in load_split(r, "train") + load_split(r, "val")}
+    assert got["q0"] == {"instruction": "q0", "input": "", "output": "a0", "history": [["h", "r"]]}
+    assert got["q5"] == {"instruction": "q5", "input": "c", "output": "a5"}
+    pd.DataFrame({"q": ["x", "y", "z"], "ctx": ["", "", ""], "a": [1, 2, 3], "turns": [[], [], []]}).to_parquet(f)
+    assert build_errors(r) == [f"{f}:row {i}: 'a' (output) is a number ({i}); expected a string" for i in (1, 2, 3)]
+    pd.DataFrame({"question": ["x"]}).to_parquet(f)
+    assert build_errors(r) == [f"{f}: missing column 'q' (columns.prompt); the header has: question",
+                               f"{f}: missing column 'a' (columns.response); the header has: question"]
+    with open(f, "wb") as handle:
+        handle.write(b"PAR1 not really")
+    assert build_errors(r)[0].startswith(f"{f}: not a readable Parquet file")
+
+
+def test_problems_are_capped_with_totals_and_across_datasets(make_recipe):
+    bad = "\n".join("{broken" for _ in range(30)) + "\n"
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
+                    files={"raw/a.jsonl": bad, "raw/b.jsonl": '{"output": "x"}\n'}, dataset=["a", "b"])
+    messages = build_errors(r)
+    fa = os.path.join(r["dataset_dir"], "raw", "a.jsonl")
+    fb = os.path.join(r["dataset_dir"], "raw", "b.jsonl")
+    assert messages[0] == f"{fa}:1: invalid JSON at column 2: Expecting property name enclosed in double quotes"
+    assert len([m for m in messages if m.startswith(fa)]) == 20
+    assert messages[20].startswith(f"{fb}:1: missing 'instruction'")
+    assert messages[21] == f"... and 10 more problems not shown (31 in all; {fa}: 30, {fb}: 1)"
+    assert len(messages) == 22
