@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
-from pipeline.model.config import additional_target_modules, lora_candidates, select_modules
+from pipeline.model.config import lora_candidates, select_modules
 from pipeline.model.weights import CONV1D, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from pipeline.data.templates import get_template
 from pipeline.data.tokenizer import get_tokenizer

@@ -163,3 +163,13 @@ def test_shorter_context_override_cuts_positions(hf_dir):
     assert torch.allclose(short(x), hf_logits(ref, x), atol=1e-4, rtol=0)
     with pytest.raises(UserError, match="tensor 'wpe.weight' has shape"):
         load_model(path, cfg=read_config(path).replace(context_length=128))
+
+
+def test_saving_a_model_with_lora_wrappers_is_refused(tmp_path):
+    from pipeline.model.lora import apply_lora
+
+    model = GPTModel(PRESETS["tiny"], seed=0)
+    apply_lora(model, "c_attn", rank=2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        save_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
