@@ -49,7 +49,7 @@ def plot_path(r: Mapping[str, Any]) -> Path:
 def _policy_line(split: str, data: TokenizedSplit, r: Mapping[str, Any]) -> str:
     dropped = data.dropped.get(OVER, 0) + data.dropped.get(NO_ROOM, 0)
     line = (f"{split}: {data.rows:,} rows -> {len(data):,} examples · dropped {dropped:,} "
-            f"({data.dropped.get(OVER, 0):,} {OVER} {r['cutoff_len']}, {data.dropped.get(NO_ROOM, 0):,} with {NO_ROOM})"
+            f"({data.dropped.get(OVER, 0):,} {OVER} {r['cutoff_len']}, {data.dropped.get(NO_ROOM, 0):,} {NO_ROOM})"
             f" · truncated {data.truncated:,}  [overlength_policy: {r['overlength_policy']}]")
     for label, rows in (("dropped", data.dropped_rows), ("truncated", data.truncated_rows)):
         if rows:

@@ -1,28 +1,43 @@
 """Collect every `file:line: problem` of one kind before failing, so a user fixes them in one pass."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from pipeline.errors import UserError
 
 PER_FILE_CAP = 20
 TOTAL_CAP = 60
+_KEEP = 1000  # per file, kept for sorting; beyond that only counted
+_NUMBER = re.compile(r"\d+")
+
+
+def _order(where: int | str | None) -> int:
+    """Sort key: whole-file problems first, then by line/row number."""
+    if where is None:
+        return -1
+    if isinstance(where, int):
+        return where
+    found = _NUMBER.search(where)
+    return int(found.group()) if found else -1
 
 
 class Problems:
-    """Messages grouped by file; at most PER_FILE_CAP shown per file, with the exact totals."""
+    """Messages grouped by file, shown in line order: at most PER_FILE_CAP per file, with exact totals."""
 
     def __init__(self, per_file_cap: int = PER_FILE_CAP, total_cap: int = TOTAL_CAP):
         self.per_file_cap = per_file_cap
         self.total_cap = total_cap
-        self.shown: list[str] = []
+        self.entries: dict[str, list[tuple[int, int, str]]] = {}
         self.count: Counter[str] = Counter()
 
     def add(self, file: str, where: int | str | None, text: str) -> None:
         """One problem at `file:where` (a line, a row, a `row:field`); None when it concerns the whole file."""
         self.count[file] += 1
-        if self.count[file] <= self.per_file_cap and len(self.shown) < self.total_cap:
-            self.shown.append(f"{file}:{where}: {text}" if where is not None else f"{file}: {text}")
+        kept = self.entries.setdefault(file, [])
+        if len(kept) < _KEEP:
+            message = f"{file}:{where}: {text}" if where is not None else f"{file}: {text}"
+            kept.append((_order(where), len(kept), message))
 
     def __bool__(self) -> bool:
         return bool(self.count)
@@ -31,8 +46,11 @@ class Problems:
         return sum(self.count.values())
 
     def messages(self) -> list[str]:
-        out = list(self.shown)
-        hidden = len(self) - len(self.shown)
+        out: list[str] = []
+        for entries in self.entries.values():
+            room = min(self.per_file_cap, self.total_cap - len(out))
+            out.extend(message for _, _, message in sorted(entries)[:max(room, 0)])
+        hidden = len(self) - len(out)
         if hidden:
             per_file = ", ".join(f"{file}: {n:,}" for file, n in self.count.items())
             out.append(f"... and {hidden:,} more problems not shown ({len(self):,} in all; {per_file})")

@@ -30,7 +30,7 @@ from pipeline.errors import UserError
 IGNORE = -100
 POLICIES = ("drop", "truncate", "error")
 OVER = "over cutoff_len"
-NO_ROOM = "no response token fits in cutoff_len"
+NO_ROOM = "prompt fills cutoff_len"
 _CACHE_SIZE = 6
 _cache: OrderedDict[tuple, Any] = OrderedDict()
 

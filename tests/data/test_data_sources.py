@@ -59,7 +59,6 @@ def test_jsonl_every_bad_row_with_its_line(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": data})
     f = os.path.join(r["dataset_dir"], "raw", "d.jsonl")
     assert build_errors(r) == [
-        f"{f}:14: not valid UTF-8 at byte offset {offset} (byte 0xe9); save the file as UTF-8",
         f"{f}:2: invalid JSON at column 37: Expecting value",
         f"{f}:3: NaN is not valid JSON (write a number, null or a string)",
         f"{f}:4: -Infinity is not valid JSON (write a number, null or a string)",
@@ -70,6 +69,7 @@ def test_jsonl_every_bad_row_with_its_line(make_recipe):
         f"{f}:9: 'history'[0] is a list of 1; expected [instruction, response]",
         f"{f}:10: 'history' is a string; expected a list of [instruction, response] pairs",
         f"{f}:12: 'instruction' is a boolean (true); expected a string",
+        f"{f}:14: not valid UTF-8 at byte offset {offset} (byte 0xe9); save the file as UTF-8",
     ]
 
 

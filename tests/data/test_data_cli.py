@@ -1,0 +1,103 @@
+"""The data commands end to end on real recipes: build, validate, inspect; bad rows exit 2 without a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_helpers import REPO, alpaca_rows, jsonl
+from pipeline.__main__ import main
+
+
+def project(tmp_path: Path, registry: dict, files: dict[str, str], recipe: str) -> Path:
+    for name, text in files.items():
+        (tmp_path / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / name).write_text(text, encoding="utf-8")
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(registry, indent=2), encoding="utf-8")
+    (tmp_path / "recipe.yaml").write_text("model_name_or_path: tiny\ndataset_dir: data\nnum_train_epochs: 1\n"
+                                          + recipe, encoding="utf-8")
+    return tmp_path / "recipe.yaml"
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_rows_exit_2_with_every_message(tmp_path):
+    rows = jsonl(alpaca_rows(5)) + '{"instruction": "x", "output": 3}\n{oops\n'
+    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": rows}, "dataset: a\n")
+    done = cli(tmp_path, "build", "recipe.yaml")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "error: data/raw/a.jsonl:6: 'output' is a number (3); expected a string",
+        "error: data/raw/a.jsonl:7: invalid JSON at column 2: Expecting property name enclosed in double quotes",
+    ]
+    assert not (tmp_path / "data" / "build").exists()
+    done = cli(tmp_path, "validate", "recipe.yaml")
+    assert done.returncode == 2 and "is not built; run `make data`" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_sharegpt_and_csv_recipe_builds_validates_inspects(tmp_path, monkeypatch, capsys):
+    conv = [{"conversations": [{"from": "human", "value": f"Hello {i}?"}, {"from": "gpt", "value": f"Hi {i}."}]}
+            for i in range(12)]
+    csv = "question,answer\n" + "".join(f"What is {i}+{i}?,{2 * i}\n" for i in range(12))
+    registry = {"chat": {"file_name": "raw/chat.json", "formatting": "sharegpt"},
+                "sums": {"file_name": "raw/sums.csv", "columns": {"prompt": "question", "response": "answer"}}}
+    project(tmp_path, registry, {"raw/chat.json": json.dumps(conv), "raw/sums.csv": csv},
+            "dataset: chat, sums\ncutoff_len: 64\ntemplate: chatml\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main(["build", "recipe.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "chat: built data/build/chat (sft, 1 source)" in out and "sums: built data/build/sums" in out
+    assert main(["build", "recipe.yaml"]) == 0
+    assert capsys.readouterr().out.count("up to date") == 2
+    assert main(["validate", "recipe.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "data: OK" in out and "chat" in out and "sums" in out
+    assert main(["inspect", "recipe.yaml", "--num", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("── sample") == 2
+    assert "<|im_start|>assistant\n[[" in out and "<|im_end|><|endoftext|>]]" in out
+    assert "train: 20 rows -> 20 examples · dropped 0" in out
+    png = tmp_path / "data" / "build" / "token_lengths-chat+sums.png"
+    assert f"histogram: {png.relative_to(tmp_path)}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_counts_the_length_policy(tmp_path, monkeypatch, capsys):
+    rows = alpaca_rows(20) + [{"instruction": "long", "input": "", "output": "word " * 100}]
+    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(rows)},
+            "dataset: a\ncutoff_len: 60\noverlength_policy: truncate\nval_size: 0.05\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "recipe.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "recipe.yaml", "--num", "0"]) == 0
+    out = capsys.readouterr().out
+    split = "train" if '"long"' in (tmp_path / "data/build/a/train.json").read_text() else "val"
+    line = next(x for x in out.splitlines() if x.startswith(f"{split}:"))
+    assert "truncated 1" in line and "dropped 0" in line
+    assert "data/build/a/" in out.split(f"{split}:", 1)[1].splitlines()[1]  # names the truncated row
+    assert main(["inspect", "recipe.yaml", "overlength_policy=error"]) == 2
+    err = capsys.readouterr().err
+    assert "tokens, over cutoff_len 60" in err and "overlength_policy: error" in err
+
+
+def test_pt_recipe(tmp_path, monkeypatch, capsys):
+    text = " ".join(f"w{i}" for i in range(400))
+    project(tmp_path, {"book": {"file_name": "raw/book.txt", "formatting": "text"}}, {"raw/book.txt": text},
+            "dataset: book\nstage: pt\ncutoff_len: 32\npt_stride: 16\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "recipe.yaml"]) == 0
+    assert "(within documents)" in capsys.readouterr().out
+    assert main(["validate", "recipe.yaml"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "recipe.yaml", "--num", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "── window 1" in out and "stride 16" in out
+    assert sum(1 for x in out.splitlines() if x.startswith(("train:", "val:")) and "windows" in x) == 2
