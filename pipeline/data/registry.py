@@ -270,8 +270,10 @@ def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, a
                                 f"'{formatting}'; expected {', '.join(exts)}")
             return [], []
         return [path], [_shown(str(path))]
+    skip = (base / "build", base / REGISTRY_FILE)  # never read our own output or the registry as data
     found = sorted(p for p in path.rglob("*") if p.suffix.lower() in exts and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                   and not any(p.resolve() == s or p.resolve().is_relative_to(s) for s in skip))
     escaping = [p for p in found if escapes(p)]
     for p in escaping:
         add(("file_name",), f"{_shown(str(p))} (in folder '{file_name}') resolves to {p.resolve()}, outside "

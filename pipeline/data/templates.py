@@ -38,7 +38,9 @@ def _parts(fmt: str) -> tuple[str, ...]:
 def fill(fmt: str, **values: str) -> str:
     """Put values into a template string's slots by concatenation (never str.format)."""
     parts = _parts(fmt)
-    return "".join(values[p] if i % 2 else p for i, p in enumerate(parts))
+    if len(parts) == 3:  # one slot, the usual case: no loop
+        return parts[0] + values[parts[1]] + parts[2]
+    return "".join([values[p] if i % 2 else p for i, p in enumerate(parts)])
 
 
 class Segment(NamedTuple):
@@ -61,6 +63,12 @@ class Template:
     stop_strings: tuple[str, ...] = ()
     description: str = ""
 
+    def __post_init__(self) -> None:
+        for fmt, slots in ((self.system, ["system"]), (self.user, ["content"]), (self.assistant, ["content"]),
+                           (self.query, ["instruction", "input"])):
+            if list(_parts(fmt)[1::2]) != slots:
+                raise ValueError(f"template {self.name}: {fmt!r} must have the slots {slots} in that order")
+
     def _content(self, instruction: str, input: str) -> str:
         return fill(self.query, instruction=instruction, input=input) if input else instruction
 
@@ -71,11 +79,12 @@ class Template:
     def turns(self, instruction: str, input: str = "", output: str = "", system: str | None = None,
               history: Iterable[Sequence[str]] = ()) -> list[tuple[str, str]]:
         """(prompt text, response text) per turn, oldest first; the separator opens every later prompt."""
-        pairs = [(str(q), str(a)) for q, a in history]
+        user, assistant = _parts(self.user), _parts(self.assistant)  # one {content} slot each
+        opening = self._head(system)
         out = []
-        for k, (q, a) in enumerate(pairs + [(self._content(instruction, input), output)]):
-            opening = self._head(system) if k == 0 else self.separator
-            out.append((opening + fill(self.user, content=q), fill(self.assistant, content=a)))
+        for q, a in [*history, (self._content(instruction, input), output)]:
+            out.append((opening + user[0] + str(q) + user[2], assistant[0] + str(a) + assistant[2]))
+            opening = self.separator
         return out
 
     def prompt(self, instruction: str, input: str = "", system: str | None = None,

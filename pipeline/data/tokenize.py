@@ -13,6 +13,7 @@ process, so train, eval and inspect tokenize a split once.
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,17 +36,35 @@ _CACHE_SIZE = 6
 _cache: OrderedDict[tuple, Any] = OrderedDict()
 
 
-def encode_texts(texts: Sequence[str], tokenizer: Any = None) -> list[list[int]]:
-    """encode_ordinary for many texts, on several threads (tiktoken releases the GIL)."""
+PROGRESS_MIN_TEXTS = 100_000
+CHUNK = 8192
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any = None, desc: str | None = None) -> list[list[int]]:
+    """encode_ordinary for many texts, in chunks on several threads (tiktoken releases the GIL).
+
+    With `desc` and many texts, a progress bar (rank 0 only, stderr).
+    """
     enc = tokenizer or get_tokenizer()
     threads = min(8, os.cpu_count() or 1)
     if len(texts) < 4096 or threads < 2:
         return [enc.encode_ordinary(t) for t in texts]
-    size = -(-len(texts) // threads)
-    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    from tqdm import tqdm
+
+    show = desc is not None and len(texts) >= PROGRESS_MIN_TEXTS and os.environ.get("RANK", "0") == "0"
+    bar = tqdm(total=len(texts), desc=desc, unit="text", file=sys.stderr, disable=None if show else True)
+    chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
+
+    def work(chunk: Sequence[str]) -> list[list[int]]:
+        return [enc.encode_ordinary(t) for t in chunk]
+
+    out: list[list[int]] = []
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda chunk: [enc.encode_ordinary(t) for t in chunk], chunks))
-    return list(chain.from_iterable(parts))
+        for part in pool.map(work, chunks):  # in order
+            out.extend(part)
+            bar.update(len(part))
+    bar.close()
+    return out
 
 
 class Encoded(NamedTuple):
@@ -118,7 +137,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
             texts.append(text)
             seg_trainable.append(trained)
             seg_response.append(response)
-    tokens = encode_texts(texts, tokenizer)
+    tokens = encode_texts(texts, tokenizer, desc="tokenize")
     for toks, response in zip(tokens, seg_response):
         if response:
             toks.append(EOS_ID)
@@ -280,7 +299,7 @@ def pt_stream(r: Mapping[str, Any], split: str) -> np.ndarray:
 
     def make() -> np.ndarray:
         docs = [row["text"] for path in paths for row in read_rows(path)]
-        tokens = encode_texts(docs)
+        tokens = encode_texts(docs, desc=f"tokenize {split}")
         for toks in tokens[:-1]:
             toks.append(EOS_ID)
         total = sum(map(len, tokens))

@@ -163,3 +163,13 @@ def test_source_paths(r):
     r["eval_dataset"] = ["other"]
     paths = [p.name for p in source_paths(r)]
     assert paths == ["dataset_info.json", "a.jsonl", "b.csv"]
+
+
+def test_folder_never_reads_the_registry_or_the_build(make_recipe):
+    from data_helpers import alpaca_rows, jsonl
+    from pipeline.data.build import build
+
+    r = make_recipe({"all": {"file_name": "."}}, files={"raw/a.jsonl": jsonl(alpaca_rows(20))}, dataset=["all"])
+    build(r)
+    (spec,) = resolve_datasets(r)
+    assert [p.name for p in spec.files] == ["a.jsonl"]

@@ -188,3 +188,12 @@ def test_problems_are_capped_with_totals_and_across_datasets(make_recipe):
     assert messages[20].startswith(f"{fb}:1: missing 'instruction'")
     assert messages[21] == f"... and 10 more problems not shown (31 in all; {fa}: 30, {fb}: 1)"
     assert len(messages) == 22
+
+
+def test_empty_files(make_recipe):
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": "\n\n"})
+    f = os.path.join(r["dataset_dir"], "raw", "d.jsonl")
+    assert build_errors(r) == [f"{f}: dataset 'd' has no rows"]
+    r = make_recipe({"c": {"file_name": "raw/c.csv"}}, files={"raw/c.csv": ""}, dataset=["c"])
+    c = os.path.join(r["dataset_dir"], "raw", "c.csv")
+    assert build_errors(r) == [f"{c}:1: empty file; expected a header line naming the columns"]
