@@ -106,6 +106,7 @@ def generate(
         note(f"generate: prompt longer than {keep} tokens cut from the left (context_length {ctx})")
         batch = [p[-keep:] for p in batch]
     device = next(model.parameters()).device
+    pad_id = pad_id if pad_id < model.cfg.vocab_size else 0  # pads are masked out: any valid id will do
     ids, mask = _left_pad(batch, pad_id, device)
     padded = bool((mask == 0).any())
     steps = min(max_new_tokens, ctx - ids.shape[1])
