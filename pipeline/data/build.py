@@ -59,7 +59,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _source_name(path: Path, dataset_dir: Path) -> str:
+def source_name(path: Path, dataset_dir: Path) -> str:
     """How a source is recorded in the manifest: relative to dataset_dir (stable across cwd), else absolute."""
     try:
         return path.resolve().relative_to(dataset_dir.resolve()).as_posix()
@@ -106,7 +106,7 @@ def build(r: Mapping[str, Any]) -> list[str]:
     lines: list[str] = []
     for spec in all_specs(r):
         directory = built_dir(r, spec.name)
-        sources = [(_source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
+        sources = [(source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
         wanted = {"schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "entry": spec.entry,
                   "build_keys": build_keys(r), "sources": sources}
         if up_to_date(read_manifest(directory), directory, wanted):
@@ -116,8 +116,16 @@ def build(r: Mapping[str, Any]) -> list[str]:
     problems = Problems()
     loaded = [(spec, wanted, _read_dataset(spec, r["stage"], problems)) for spec, wanted in stale]
     problems.raise_if_any()
+    prepared, errors = [], []
     for spec, wanted, (rows, per_source) in loaded:
-        manifest = _write_dataset(spec, wanted, rows, per_source, r)
+        try:
+            prepared.append((spec, *_prepare(spec, wanted, rows, per_source, r)))
+        except UserError as err:
+            errors += err.messages
+    if errors:  # every dataset is checked before any is written
+        raise UserError(errors)
+    for spec, manifest, blobs in prepared:
+        _write(built_dir(r, spec.name), manifest, blobs)
         lines.extend(summary(manifest, built_dir(r, spec.name)))
     return lines
 
@@ -239,8 +247,9 @@ def count_tokens(docs: list[dict]) -> int:
     return sum(map(len, encode_texts([d["text"] for d in docs]))) + len(docs) - 1
 
 
-def _write_dataset(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_source: list[int],
-                   r: Mapping[str, Any]) -> dict[str, Any]:
+def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_source: list[int],
+             r: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Clean, split and serialise one dataset: (manifest, file name -> bytes); UserError if a split is empty."""
     stage = r["stage"]
     kept, removed = clean(rows, stage, spec.num_samples, r["max_samples"])
     manifest: dict[str, Any] = {
@@ -267,13 +276,17 @@ def _write_dataset(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], 
     blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
     manifest["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()}
     manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    with atomic_dir(built_dir(r, spec.name)) as tmp:
+    return manifest, blobs
+
+
+def _write(directory: Path, manifest: dict[str, Any], blobs: dict[str, bytes]) -> None:
+    """train.json, val.json and manifest.json appear together or not at all (one directory rename)."""
+    with atomic_dir(directory) as tmp:
         for file, blob in blobs.items():
             (tmp / file).write_bytes(blob)
         with open(tmp / "manifest.json", "w", encoding="utf-8") as handle:
             json.dump(manifest, handle, indent=2, ensure_ascii=False)
             handle.write("\n")
-    return manifest
 
 
 def summary(manifest: dict[str, Any], directory: Path) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.data.build import SPLITS, _source_name, all_specs, built_dir, read_manifest, sha256_file
+from pipeline.data.build import SPLITS, source_name, all_specs, built_dir, read_manifest, sha256_file
 from pipeline.data.load import MAKE_DATA, build_problem, read_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import load_schema
@@ -97,7 +97,7 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> No
 
 def _sources_changed(r: Mapping[str, Any], manifest: dict[str, Any], spec: Any) -> list[str]:
     dataset_dir = Path(r["dataset_dir"])
-    now = [(_source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
+    now = [(source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
     then = [(s.get("path"), s.get("sha256")) for s in manifest.get("sources", [])]
     if now == then and manifest.get("entry") == spec.entry:
         return []

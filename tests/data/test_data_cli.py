@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from data_helpers import REPO, alpaca_rows, jsonl
 from pipeline.__main__ import main

@@ -108,3 +108,19 @@ def test_encode_example_reads_settings_from_recipe():
     got = encode_example(row, get_template("alpaca"), get_tokenizer(), r)
     assert isinstance(got, Dropped) and got.reason == "over cutoff_len"
     assert got.length == len(enc(HEAD + "### Instruction:\nQ\n\n### Response:\n")) + len(enc("A " * 50)) + 1
+
+
+def test_render_marks_trained_runs():
+    from pipeline.data.inspect import GREEN, RESET, render
+
+    ids = enc("Q: hi") + enc(" A: yo") + [EOS_ID]
+    flags = [False] * len(enc("Q: hi")) + [True] * (len(enc(" A: yo")) + 1)
+    assert render(ids, flags, color=False) == "Q: hi[[ A: yo<|endoftext|>]]"
+    assert render(ids, flags, color=True) == f"Q: hi{GREEN} A: yo<|endoftext|>{RESET}"
+
+
+def test_threaded_encoding_matches_sequential():
+    from pipeline.data.tokenize import encode_texts
+
+    texts = [f"row {i}: {'é' * (i % 7)} text" for i in range(9000)]
+    assert encode_texts(texts) == [get_tokenizer().encode_ordinary(t) for t in texts]
