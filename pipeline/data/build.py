@@ -228,13 +228,20 @@ def _dump_rows(rows: list[dict]) -> bytes:
     """A JSON array with row i (1-based) on line i, so `file:row` is also `file:line`."""
     if not rows:
         return b"[]\n"
-    from json.encoder import c_make_encoder, encode_basestring
+    from json.encoder import c_make_encoder, encode_basestring as quote
 
     if c_make_encoder is None:  # pragma: no cover - CPython always has the C encoder
-        dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+        general = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
     else:  # one reusable C encoder instead of a new one per row (the build's hottest loop)
-        encoder = c_make_encoder(None, None, encode_basestring, None, ": ", ", ", False, False, False)
-        dumps = lambda row: "".join(encoder(row, 0))  # noqa: E731
+        encoder = c_make_encoder(None, None, quote, None, ": ", ", ", False, False, False)
+        general = lambda row: "".join(encoder(row, 0))  # noqa: E731
+
+    def dumps(row: dict) -> str:
+        if len(row) == 3 and "instruction" in row and "input" in row and "output" in row:
+            return (f'{{"instruction": {quote(row["instruction"])}, "input": {quote(row["input"])}, '
+                    f'"output": {quote(row["output"])}}}')
+        return general(row)
+
     return ("[" + ",\n".join(map(dumps, rows)) + "]\n").encode("utf-8")
 
 

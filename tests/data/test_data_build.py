@@ -269,3 +269,16 @@ def test_load_split_missing_or_stale_build(make_recipe):
     (built_dir(r, "a") / "train.json").write_text('[{"instruction": "x",\n oops]')
     with pytest.raises(UserError, match=r"train.json:2: invalid JSON"):
         load_split(r, "train")
+
+
+def test_dump_rows_is_json_one_row_per_line():
+    from pipeline.data.build import _dump_rows
+
+    rows = [{"instruction": 'quote " back \\ slash', "input": "tab\tnew\nline \u2028 \x00", "output": "é 中 🙂"},
+            {"output": "o", "input": "", "instruction": "reordered"},
+            {"instruction": "i", "input": "", "output": "o", "system": "s", "history": [["a", "b"]]},
+            {"text": "doc"}]
+    blob = _dump_rows(rows).decode("utf-8")
+    assert json.loads(blob) == rows
+    assert [json.loads(line.lstrip("[").rstrip(",]")) for line in blob.rstrip("\n").split("\n")] == rows
+    assert _dump_rows([]) == b"[]\n"
