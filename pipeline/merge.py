@@ -135,35 +135,26 @@ def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
 
 # ---------------------------------------------------------------- samples
 def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[int]]:
-    """A few real token sequences (val split, else train); deterministic tokens only when there is no data."""
+    """A few real token sequences as training sees them (val split, else train); fixed tokens when there is no data."""
+    from pipeline.data.tokenize import pt_stream, tokenized_split
+
     limit = min(context_length, MAX_SAMPLE_TOKENS)
-    rows: list[Mapping[str, Any]] = []
     for split in ("val", "train"):
         try:
-            from pipeline.data.load import load_split
-
-            rows = load_split(r, split)[:NUM_SAMPLES]
-        except (UserError, ImportError, FileNotFoundError):
-            rows = []
-        if rows:
-            break
-    samples = [ids[:limit] for ids in (_row_ids(row, r) for row in rows) if ids]
-    if samples:
-        return samples
-    note("merge: no built data found for the verification; using fixed pseudo-random token sequences")
+            if r["stage"] == "pt":
+                stream = pt_stream(r, split)
+                samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
+            else:
+                data = tokenized_split(r, split)
+                samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]
+        except UserError:
+            samples = []
+        samples = [s for s in samples if s]
+        if samples:
+            return samples
+    note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random tokens")
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, 50257, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
-
-
-def _row_ids(row: Mapping[str, Any], r: Mapping[str, Any]) -> list[int]:
-    from pipeline.data.tokenizer import get_tokenizer
-
-    if "text" in row:
-        return get_tokenizer().encode_ordinary(str(row["text"]))
-    from pipeline.data.templates import get_template
-    from pipeline.data.tokenize import encode_example
-
-    return list(encode_example(row, get_template(r["template"]), get_tokenizer(), r).input_ids)
 
 
 # ---------------------------------------------------------------- verification

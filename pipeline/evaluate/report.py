@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.evaluate import metrics as M
 from pipeline.io import atomic_dir, atomic_write, write_json, write_text
+from pipeline.train.log import LOG_FILE, PLOT_FILE, read_log
 
 SCHEMA_VERSION = 1
 MODELS = ("base", "tuned")
@@ -111,11 +112,11 @@ def write(
         figures = {}
         if plot_metrics(metrics["results"], tmp / "metrics.png"):
             figures["metrics"] = "metrics.png"
-        log = output_dir / "trainer_log.jsonl"
+        log = output_dir / LOG_FILE
         if plot_loss_curves(log, metrics["results"], tmp / "loss_curves.png"):
             figures["loss"] = "loss_curves.png"
-        elif (output_dir / "training_loss.png").is_file():
-            figures["loss"] = _relative(output_dir / "training_loss.png", eval_dir)
+        elif (output_dir / PLOT_FILE).is_file():
+            figures["loss"] = _relative(output_dir / PLOT_FILE, eval_dir)
         write_text(tmp / "report.md", render_markdown(metrics, rows, figures))
     return eval_dir
 
@@ -161,24 +162,9 @@ def plot_metrics(results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     return True
 
 
-def read_trainer_log(path: Path) -> list[dict[str, Any]]:
-    """trainer_log.jsonl records; unreadable lines (a torn last line after a crash) are skipped."""
-    records = []
-    if not path.is_file():
-        return records
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            records.append(rec)
-    return records
-
-
 def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines."""
-    records = read_trainer_log(log)
+    records = [rec for rec in read_log(log) if isinstance(rec, dict)]
     series: dict[str, tuple[list[float], list[float]]] = {}
     for rec in records:
         step = rec.get("step", rec.get("global_step"))
@@ -294,26 +280,29 @@ def render_markdown(
     out = [f"# Evaluation report: {info.get('run_name', 'run')}", ""]
     out += [f"Written {info.get('written_at', _dt.datetime.now().isoformat(timespec='seconds'))}.", ""]
     out += ["## What was evaluated", ""]
+    tokens = next((res.get("loss_tokens") for res in info.get("results", {}).values()), None)
+    loss_on = (f"{info['loss_examples']} examples, {tokens} trained tokens"
+               if info.get("loss_examples") is not None and tokens is not None else None)
     facts = [
         ("recipe", info.get("recipe")),
         ("stage", info.get("stage")),
         ("base model", info.get("base_model")),
         ("tuned model", info.get("tuned_model")),
         ("data", info.get("data")),
-        ("examples", info.get("n_examples")),
-        ("loss tokens (trained positions)", info.get("results", {}).get("tuned", {}).get("loss_tokens")),
+        ("loss and perplexity over", loss_on),
+        ("generation on", f"{info['n_examples']} examples" if info.get("n_examples") is not None else None),
         ("ranks", info.get("world_size")),
     ]
-    out += [f"- {name}: `{value}`" for name, value in facts if value is not None]
+    out += [f"- {name}: {value}" for name, value in facts if value is not None]
     if dec:
         mode = "sampling" if dec.get("do_sample") else "greedy"
         settings = ", ".join(f"{k}={v}" for k, v in dec.items() if k != "do_sample")
         out.append(f"- decoding: {mode} ({settings})")
     out += ["", "## Metrics", "", metrics_table(metrics), ""]
     out += [
-        "Loss is the mean cross-entropy per trained token (the same masks as training: response tokens",
-        "and EOS for sft) and perplexity is exp(loss); lower is better. Generation metrics compare each",
-        "greedy/sampled completion with the reference on words: exact match (whitespace-normalised,",
+        "Loss is the mean cross-entropy per trained token (the masks of training: for sft the response",
+        "tokens and EOS) and perplexity is exp(loss); lower is better. Generation metrics compare each",
+        "completion with the reference on words: exact match (whitespace-normalised,",
         "case-sensitive), token F1 (bag of words), ROUGE-L (longest common subsequence F-measure) and",
         "BLEU-4 (smoothed, NLTK method1); higher is better. ▲ marks an improvement of tuned over base.",
         "",

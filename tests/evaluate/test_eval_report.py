@@ -85,7 +85,7 @@ def test_write_sft_report(tmp_path):
     assert "### Best (highest tuned F1)" in md and "### Worst (lowest tuned F1)" in md
     assert "### Changed most from base to tuned" in md
     assert "````text\nQ: say ```code```\n````" in md  # a fence longer than any backtick run inside
-    assert "`saves/demo_sft/merged`" in md and "greedy" in md
+    assert "- tuned model: saves/demo_sft/merged" in md and "greedy" in md
 
 
 def test_png_files_are_images(tmp_path):

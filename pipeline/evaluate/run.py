@@ -1,0 +1,259 @@
+"""`python -m pipeline eval RECIPE`: held-out loss/perplexity and generation metrics, base vs tuned, and a report.
+
+Read top to bottom: pick the models (tuned = output_dir/merged when it is up to date, else base +
+adapter, or output_dir/model for full/freeze), then for each model
+
+1. loss and perplexity over the whole val split (or eval_dataset) with exactly the training masks:
+   the data layer's loader batches, forward(labels=..., reduction="sum"), summed over trained tokens
+   (so the tuned loss is the trainer's final eval_loss);
+2. sft only: a completion for each of the first max_eval_samples examples with the recipe's decoding
+   settings (batched, left-padded, KV cache), cut at stop strings, scored against the reference.
+
+With WORLD_SIZE > 1 every rank takes every world_size-th batch / example, the sums and predictions
+are gathered, and rank 0 writes output_dir/eval/ (metrics.json, predictions.jsonl, report.md, plots).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+from pipeline.evaluate import report
+from pipeline.model.weights import note
+
+
+def run(r: Mapping[str, Any], args: Any = None) -> int:
+    rank, world = _init_distributed()
+    out = Path(r["output_dir"])
+    tuned_which, tuned_desc = tuned_model(r)
+    sft = r["stage"] == "sft"
+    rows = _generation_rows(r) if sft else []
+    models = ([("base", "base")] if r["eval_base"] else []) + [("tuned", tuned_which)]
+
+    results: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[str]] = {}
+    for name, which in models:
+        from pipeline.model.build import load_for_inference
+
+        model = load_for_inference(r, which, device=_device())
+        loss_sum, tokens, loss_examples = split_loss(model, r, rank=rank, world=world, label=name)
+        if sft:
+            predictions[name] = generate_predictions(model, r, rows, rank=rank, world=world, label=name)
+        if rank == 0:
+            refs = [row["output"] for row in rows] if sft else None
+            results[name] = report.model_summary(loss_sum, tokens, predictions.get(name), refs)
+        del model
+
+    if rank == 0:
+        prompts = [_prompt_text(r, row) for row in rows]
+        rows_out = report.prediction_rows(prompts, [row["output"] for row in rows], predictions) if sft else None
+        metrics = {
+            "run_name": Path(str(getattr(r, "recipe_path", out.name))).stem,
+            "recipe": str(getattr(r, "recipe_path", "")) or None,
+            "written_at": _dt.datetime.now().isoformat(timespec="seconds"),
+            "stage": r["stage"],
+            "base_model": str(r["model_name_or_path"]),
+            "tuned_model": tuned_desc,
+            "data": _data_description(r),
+            "n_examples": len(rows) if sft else None,
+            "loss_examples": loss_examples,
+            "decoding": decoding_settings(r) if sft else None,
+            "world_size": world,
+            "results": results,
+        }
+        target = report.write(out / "eval", metrics, rows_out, output_dir=out)
+        note(_summary_line(results, target))
+    _barrier()
+    return 0
+
+
+# ---------------------------------------------------------------- which models
+def tuned_model(r: Mapping[str, Any]) -> tuple[str, str]:
+    """('merged' | 'adapter', description): merged when it exists and is newer than what it was made from."""
+    from pipeline.model.build import tuned_paths
+
+    paths = tuned_paths(r)
+    trained, merged = paths["adapter"], paths["merged"]
+    kind = "adapter" if r["finetuning_type"] == "lora" or r["adapter_name_or_path"] else "model"
+    if not trained.is_dir() and not (merged / "config.json").is_file():
+        raise UserError(f"{trained}: no trained {kind} to evaluate; `make train RECIPE={_recipe(r)}`"
+                        " (python -m pipeline train) produces it")
+    if (merged / "config.json").is_file():
+        if not trained.is_dir() or _newest(trained) <= (merged / "config.json").stat().st_mtime:
+            return "merged", f"{merged} (merged, Hugging Face GPT-2 layout)"
+        note(f"eval: {merged} is older than {trained}; evaluating the {kind} instead (`make merge` to refresh it)")
+    if kind == "adapter":
+        return "adapter", f"{r['model_name_or_path']} + LoRA adapter {trained}"
+    return "adapter", f"{trained} ({r['finetuning_type']} fine-tuning)"
+
+
+def _newest(directory: Path) -> float:
+    return max((p.stat().st_mtime for p in directory.rglob("*") if p.is_file()), default=0.0)
+
+
+def _recipe(r: Mapping[str, Any]) -> str:
+    return str(getattr(r, "recipe_path", None) or "<recipe>")
+
+
+# ---------------------------------------------------------------- loss and perplexity
+@torch.no_grad()
+def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, world: int = 1,
+               label: str = "") -> tuple[float, int, int]:
+    """(sum of token cross-entropies, trained tokens, examples) over the val split, training's batches and masks.
+
+    The loader is built for one rank and unshuffled, and ranks take every world-th batch, so each
+    example counts exactly once (the loader's multi-rank padding would count some twice).
+    """
+    from pipeline.data.loaders import make_loader
+
+    loader = make_loader(r, "val", rank=0, world_size=1, shuffle=False)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    mine = range(rank, len(loader), world)
+    for k in tqdm(mine, desc=f"{label} loss", unit="batch", disable=rank != 0, leave=False):
+        batch = loader.batch(k)
+        with _autocast(r, device):
+            loss_sum, n = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                                labels=batch["labels"].to(device), reduction="sum")
+        total += float(loss_sum)
+        count += int(n)
+    if world > 1:
+        from pipeline.train.dist import all_sum
+
+        total, count_f = all_sum([total, count])
+        count = int(round(count_f))
+    return total, count, loader.num_examples
+
+
+# ---------------------------------------------------------------- generation
+def _generation_rows(r: Mapping[str, Any]) -> list[dict]:
+    from pipeline.data.load import load_split
+
+    rows = load_split(r, "val")
+    if not rows:
+        raise UserError("the val split is empty: nothing to evaluate; set val_size > 0 (and `make data`) or name"
+                        " an eval_dataset")
+    cap = r["max_eval_samples"]
+    return rows[:cap] if cap else rows
+
+
+def _prompt_text(r: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    from pipeline.data.templates import get_template
+
+    return get_template(r["template"]).prompt(row["instruction"], row.get("input") or "", row.get("system"),
+                                              row.get("history") or ())
+
+
+def stop_strings(r: Mapping[str, Any]) -> list[str]:
+    """The recipe's stop strings plus the template's (chatml stops at <|im_end|>)."""
+    from pipeline.data.templates import get_template
+
+    return list(dict.fromkeys([*(r["stop_strings"] or []), *get_template(r["template"]).stop_strings]))
+
+
+def decoding_settings(r: Mapping[str, Any]) -> dict[str, Any]:
+    settings: dict[str, Any] = {"do_sample": bool(r["do_sample"]), "max_new_tokens": r["max_new_tokens"]}
+    if r["do_sample"]:
+        settings.update(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"], seed=r["seed"])
+    if stop_strings(r):
+        settings["stop_strings"] = stop_strings(r)
+    settings["batch_size"] = r["per_device_eval_batch_size"]
+    return settings
+
+
+def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *,
+                         rank: int = 0, world: int = 1, label: str = "") -> list[str]:
+    """One completion per row (all rows on rank 0 after gathering; other ranks get an empty list)."""
+    from pipeline.data.templates import get_template
+    from pipeline.data.tokenize import encode_prompt
+    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.model.generate import cut_at_stop, generate
+
+    template, tokenizer, stops = get_template(r["template"]), get_tokenizer(), stop_strings(r)
+    mine = list(range(rank, len(rows), world))
+    prompts = {i: encode_prompt(template, rows[i]["instruction"], rows[i].get("input") or "", rows[i].get("system"),
+                                rows[i].get("history") or (), tokenizer) for i in mine}
+    order = sorted(mine, key=lambda i: (len(prompts[i]), i))  # similar lengths together: less padding
+    size = r["per_device_eval_batch_size"]
+    device = next(model.parameters()).device
+    local: dict[int, str] = {}
+    with tqdm(total=len(order), desc=f"{label} generate", unit="ex", disable=rank != 0, leave=False) as bar:
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            with _autocast(r, device):
+                new = generate(model, [prompts[i] for i in chunk], max_new_tokens=r["max_new_tokens"],
+                               do_sample=r["do_sample"], temperature=r["temperature"], top_k=r["top_k"],
+                               top_p=r["top_p"], stop_strings=stops or None, tokenizer=tokenizer,
+                               seed=r["seed"] + chunk[0])
+            for i, ids in zip(chunk, new):
+                local[i] = cut_at_stop(tokenizer.decode(ids), stops)
+            bar.update(len(chunk))
+    gathered = _gather(local, world)
+    return [gathered[i] for i in range(len(rows))] if rank == 0 else []
+
+
+# ---------------------------------------------------------------- ranks and devices
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world size); torch.distributed is set up only when the launcher started several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as tdist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not tdist.is_initialized():
+        from pipeline.train.dist import init
+
+        init()
+    return tdist.get_rank(), tdist.get_world_size()
+
+
+def _gather(local: dict[int, str], world: int) -> dict[int, str]:
+    if world <= 1:
+        return local
+    import torch.distributed as tdist
+
+    parts: list[Any] = [None] * world
+    tdist.all_gather_object(parts, local)
+    return {i: text for part in parts for i, text in part.items()}
+
+
+def _barrier() -> None:
+    from pipeline.train.dist import barrier
+
+    barrier()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _autocast(r: Mapping[str, Any], device: torch.device):
+    """bf16/fp16 compute on CUDA when the recipe trains that way; fp32 otherwise (CPU evaluation)."""
+    dtype = torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else None
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+
+
+# ---------------------------------------------------------------- text
+def _data_description(r: Mapping[str, Any]) -> str:
+    if r["eval_dataset"]:
+        return f"eval_dataset {', '.join(r['eval_dataset'])}"
+    return f"val split of {', '.join(r['dataset'])}"
+
+
+def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str:
+    parts = []
+    for name in report.MODELS:
+        if name in results:
+            res = results[name]
+            text = f"{name}: loss {res['loss']:.4f}" if res.get("loss") is not None else f"{name}:"
+            if "f1" in res:
+                text += f", F1 {100 * res['f1']:.1f}, ROUGE-L {100 * res['rouge_l']:.1f}, BLEU-4 {100 * res['bleu']:.1f}"
+            parts.append(text)
+    return "eval: " + " | ".join(parts) + f"; report: {target / 'report.md'}"

@@ -1,0 +1,261 @@
+"""merge and eval on a finished-looking tiny run: the files they write hold what is promised, and the numbers
+match independent computations (transformers for the export, plain cross-entropy for the loss)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from pipeline import merge
+from pipeline.errors import UserError
+from pipeline.evaluate import metrics as M
+from pipeline.evaluate import run as E
+
+
+def _merge(r):
+    merge.run(r)
+    return Path(r["output_dir"]) / "merged"
+
+
+def _leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- merge
+def test_merge_writes_a_verified_hf_model(make_run):
+    transformers = pytest.importorskip("transformers")
+    from pipeline.data.tokenize import tokenized_split
+    from pipeline.model.build import load_for_inference
+
+    r = make_run(command="merge")
+    merged = _merge(r)
+    verification = json.loads((merged / "verification.json").read_text())
+    assert verification["samples"] == 4 and verification["logits"]["fp32"] < 1e-4
+    hf = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
+    adapted = load_for_inference(r, "adapter", device="cpu")
+    ids = torch.tensor([tokenized_split(r, "val").example(0).input_ids])
+    with torch.no_grad():
+        want, got = adapted(ids), hf(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # the tokenizer travels with it
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    assert tok.eos_token_id == 50256 and tok.encode("What is 2 plus 2?") == [2061, 318, 362, 5556, 362, 30]
+    assert not _leftovers(Path(r["output_dir"]))
+
+
+def test_merge_without_adapter_says_how_to_make_one(make_run):
+    r = make_run(command="merge")
+    adapter = Path(r["output_dir"]) / "adapter"
+    for f in adapter.iterdir():
+        f.unlink()
+    adapter.rmdir()
+    with pytest.raises(UserError) as err:
+        merge.run(r)
+    assert "no LoRA adapter" in err.value.messages[0] and "make train" in err.value.messages[0]
+    assert not (Path(r["output_dir"]) / "merged").exists()
+
+
+def test_merge_refuses_an_adapter_file_with_zero_b_and_writes_nothing(make_run):
+    r = make_run(command="merge")
+    out = Path(r["output_dir"])
+    _merge(r)
+    before = (out / "merged" / "model.safetensors").read_bytes()
+    weights = out / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight"
+    tensors[key] = torch.zeros_like(tensors[key])  # what an adapter saved before any step looks like
+    save_file(tensors, weights)
+    with pytest.raises(UserError) as err:
+        merge.run(r)
+    (message,) = err.value.messages
+    assert message.startswith("layer h.1.mlp.c_fc: lora_B is all zero") and "untrained or empty" in message
+    assert (out / "merged" / "model.safetensors").read_bytes() == before  # the previous export is untouched
+    assert not _leftovers(out)
+
+
+def test_merge_with_a_wrong_scale_is_caught(make_run, monkeypatch):
+    from pipeline.model import lora
+
+    real = lora.merge_lora
+
+    def doubled(model, keep_original=False):  # a merge that folds in 2 x the update of one layer
+        wrapper = lora.lora_modules(model)["h.0.attn.c_attn"]
+        with torch.no_grad():
+            wrapper.linear.weight += wrapper.lora.delta_weight()
+        return real(model, keep_original)
+
+    monkeypatch.setattr(lora, "merge_lora", doubled)
+    r = make_run(command="merge")
+    with pytest.raises(UserError) as err:
+        merge.run(r)
+    assert err.value.messages[0].startswith("layer h.0.attn.c_attn: merged weight - base weight is not the LoRA")
+    assert not (Path(r["output_dir"]) / "merged").exists()
+
+
+def test_merge_full_finetuning_is_a_reexport(make_run):
+    transformers = pytest.importorskip("transformers")
+    from pipeline.model.weights import load_model
+
+    r = make_run("export_dtype=bf16", finetuning_type="full", command="merge")
+    merged = _merge(r)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(merged, dtype="auto").eval()
+    assert hf.lm_head.weight.dtype == torch.bfloat16
+    trained = load_model(Path(r["output_dir"]) / "model").eval()
+    ids = torch.tensor([[464, 2068, 7586, 21831, 318]])
+    with torch.no_grad():
+        want, got = trained(ids), hf.float()(ids).logits
+    assert (got - want).abs().max() <= 5e-2 * want.abs().max()  # bf16 weights
+    assert json.loads((merged / "verification.json").read_text())["changed_tensors"] > 0
+
+
+def test_merge_full_model_equal_to_base_is_refused(make_run):
+    from pipeline.model.build import load_base
+    from pipeline.model.weights import save_model
+
+    r = make_run(finetuning_type="freeze", command="merge")
+    save_model(load_base(r), Path(r["output_dir"]) / "model")  # "trained" but identical to the base
+    with pytest.raises(UserError) as err:
+        merge.run(r)
+    assert "every weight equals the base model" in err.value.messages[0]
+
+
+# ---------------------------------------------------------------- eval
+def _independent_loss(model, r) -> tuple[float, int]:
+    """Sum of -log p(target) over trained tokens, from full logits, one example at a time."""
+    from pipeline.data.tokenize import tokenized_split
+
+    data = tokenized_split(r, "val")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            ex = data.example(i)
+            ids, labels = torch.tensor(ex.input_ids), torch.tensor(ex.labels)
+            logits = model(ids[None, :-1])[0]
+            keep = labels[1:] != -100
+            total += F.cross_entropy(logits[keep], labels[1:][keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total, count
+
+
+def test_eval_writes_base_vs_tuned(make_run):
+    from pipeline.data.load import load_split
+    from pipeline.data.tokenize import encode_prompt
+    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.model.build import load_for_inference
+    from pipeline.model.generate import generate
+
+    r = make_run("max_eval_samples=4")
+    E.run(r)
+    out = Path(r["output_dir"]) / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"base", "tuned"} and metrics["n_examples"] == 4
+    assert "adapter" in metrics["tuned_model"]  # no merged/ yet: base + adapter
+    assert metrics["decoding"] == {"do_sample": False, "max_new_tokens": 6, "batch_size": 1}
+
+    for name, which in (("base", "base"), ("tuned", "adapter")):
+        model = load_for_inference(r, which, device="cpu")
+        loss_sum, tokens = _independent_loss(model, r)
+        res = metrics["results"][name]
+        assert res["loss_tokens"] == tokens and res["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
+        assert res["perplexity"] == pytest.approx(math.exp(loss_sum / tokens), rel=1e-5)
+        # predictions: the first 4 val rows, each the greedy completion of its templated prompt
+        rows = load_split(r, "val")[:4]
+        lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        assert len(lines) == 4
+        tok = get_tokenizer()
+        for row, line in zip(rows, lines):
+            assert line["reference"] == row["output"] and row["instruction"] in line["prompt"]
+            ids = encode_prompt("alpaca", row["instruction"], row.get("input") or "", tokenizer=tok)
+            assert line[f"{name}_prediction"] == tok.decode(generate(model, ids, max_new_tokens=6))
+            assert line[f"{name}_scores"] == M.score_example(line[f"{name}_prediction"], row["output"])
+        assert res["f1"] == pytest.approx(sum(line[f"{name}_scores"]["f1"] for line in lines) / 4)
+    md = (out / "report.md").read_text()
+    assert "| loss (nats/token) |" in md and "![metrics base vs tuned](metrics.png)" in md
+
+
+def test_eval_prefers_an_up_to_date_merged_model(make_run):
+    r = make_run("eval_base=false")
+    _merge(r)
+    assert E.tuned_model(r)[0] == "merged"
+    adapter = Path(r["output_dir"]) / "adapter" / "adapter_config.json"
+    later = (Path(r["output_dir"]) / "merged" / "config.json").stat().st_mtime + 10
+    os.utime(adapter, (later, later))  # retrained after the merge
+    assert E.tuned_model(r)[0] == "adapter"
+    E.run(r)
+    metrics = json.loads((Path(r["output_dir"]) / "eval" / "metrics.json").read_text())
+    assert set(metrics["results"]) == {"tuned"} and metrics["delta"] == {}
+
+
+def test_eval_without_training_says_make_train(make_run):
+    import shutil
+
+    r = make_run()
+    shutil.rmtree(Path(r["output_dir"]) / "adapter")
+    with pytest.raises(UserError) as err:
+        E.run(r)
+    assert "make train" in err.value.messages[0]
+
+
+def test_eval_pt_stage_loss_only(make_run):
+    from pipeline.data.tokenize import pt_stream
+    from pipeline.model.build import load_for_inference
+
+    r = make_run("cutoff_len=32", stage="pt", finetuning_type="full")
+    E.run(r)
+    out = Path(r["output_dir"]) / "eval"
+    assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the book's windows: starts 0, 32, ... < len - 32; inputs [s, s+32), targets shifted by one
+    stream = torch.tensor(pt_stream(r, "val").astype("int64"))
+    starts = range(0, len(stream) - 32, 32)
+    model = load_for_inference(r, "adapter", device="cpu")
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(stream[s:s + 32][None])[0], stream[s + 1:s + 33], reduction="sum").item()
+                  for s in starts]
+    tuned = metrics["results"]["tuned"]
+    assert tuned["loss_tokens"] == 32 * len(starts)
+    assert tuned["loss"] == pytest.approx(sum(losses) / (32 * len(starts)), rel=1e-5)
+    assert "f1" not in tuned and metrics["results"]["base"]["loss"] != tuned["loss"]
+
+
+def test_cli_exit_code_2_for_a_missing_adapter(make_run, capsys):
+    from pipeline.__main__ import main
+
+    r = make_run(trained=False)
+    assert main(["merge", str(r.recipe_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "make train" in err and "Traceback" not in err
+
+
+@pytest.mark.multirank
+def test_eval_on_two_ranks_equals_one_rank(make_run):
+    """Two ranks (the environment the deepspeed launcher sets) shard the examples; rank 0 writes the same files."""
+    import subprocess
+    import sys
+
+    from pipeline.train.dist import free_port
+
+    r = make_run()
+    E.run(r)
+    out = Path(r["output_dir"]) / "eval"
+    one = json.loads((out / "metrics.json").read_text()), (out / "predictions.jsonl").read_text()
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(Path.cwd())}
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "eval", str(r.recipe_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+    two = json.loads((out / "metrics.json").read_text()), (out / "predictions.jsonl").read_text()
+    assert two[0]["world_size"] == 2 and two[1] == one[1]  # every example once, in order, same completions
+    for name in ("base", "tuned"):
+        assert two[0]["results"][name]["loss_tokens"] == one[0]["results"][name]["loss_tokens"]
+        assert two[0]["results"][name]["loss"] == pytest.approx(one[0]["results"][name]["loss"], rel=1e-6)
