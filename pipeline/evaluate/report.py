@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.evaluate import metrics as M
 from pipeline.io import atomic_dir, atomic_write, write_json, write_text
-from pipeline.train.log import LOG_FILE, PLOT_FILE, read_log
+from pipeline.train.log import LOG_FILE, PLOT_FILE, RESULTS_FILE, read_log
 
 SCHEMA_VERSION = 1
 MODELS = ("base", "tuned")
@@ -229,6 +229,33 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _training_line(training: Mapping[str, Any]) -> str:
+    """One sentence from all_results.json: how long training ran and where its losses ended."""
+    parts = []
+    if training.get("global_step") is not None:
+        steps = f"{training['global_step']} optimizer steps"
+        if training.get("num_train_examples") is not None:
+            steps += f" on {training['num_train_examples']} examples"
+        if isinstance(training.get("epoch"), (int, float)):
+            steps += f" ({training['epoch']:.2f} epochs)"
+        parts.append(steps)
+    if isinstance(training.get("train_runtime_s"), (int, float)):
+        parts.append(f"{training['train_runtime_s']:.0f} s")
+    for key, label in (("train_loss", "last train loss"), ("eval_loss", "last eval loss during training")):
+        if isinstance(training.get(key), (int, float)):
+            parts.append(f"{label} {training[key]:.4f}")
+    return ("Trained " + ", ".join(parts) + ".") if parts else ""
+
+
+def read_training_results(output_dir: str | Path) -> dict[str, Any]:
+    """output_dir/all_results.json as train wrote it; {} when absent or unreadable (the report is still useful)."""
+    try:
+        data = json.loads((Path(output_dir) / RESULTS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _block(text: str) -> str:
     """A fenced block that no backtick run inside `text` can close; long texts are cut."""
     if len(text) > MAX_SHOWN_CHARS:
@@ -309,8 +336,14 @@ def render_markdown(
     ]
     if "metrics" in figures:
         out += [f"![metrics base vs tuned]({figures['metrics']})", ""]
-    if "loss" in figures:
-        out += ["## Training loss", "", f"![training loss]({figures['loss']})", ""]
+    training = info.get("training") or {}
+    if training or "loss" in figures:
+        out += ["## Training", ""]
+        line = _training_line(training)
+        if line:
+            out += [line, ""]
+        if "loss" in figures:
+            out += [f"![training loss]({figures['loss']})", ""]
     if rows is None:
         out += ["Stage pt: loss and perplexity only (no generation).", ""]
     else:

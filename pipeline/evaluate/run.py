@@ -64,6 +64,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "loss_examples": loss_examples,
             "decoding": decoding_settings(r) if sft else None,
             "world_size": world,
+            "training": report.read_training_results(out),
             "results": results,
         }
         target = report.write(out / "eval", metrics, rows_out, output_dir=out)

@@ -259,3 +259,41 @@ def test_eval_on_two_ranks_equals_one_rank(make_run):
     for name in ("base", "tuned"):
         assert two[0]["results"][name]["loss_tokens"] == one[0]["results"][name]["loss_tokens"]
         assert two[0]["results"][name]["loss"] == pytest.approx(one[0]["results"][name]["loss"], rel=1e-6)
+
+
+def test_train_zero3_then_merge_then_eval_agree(tmp_path, monkeypatch):
+    """The real chain: an adapter trained under ZeRO-3 merges, and eval's tuned loss is the trainer's final eval_loss
+    (same examples, same masks), for the merged model and for base + adapter alike."""
+    from conftest import resolve_run, write_run  # tests/evaluate/conftest.py (pytest puts its folder on sys.path)
+
+    from pipeline.data.build import build
+    from pipeline.train import dist
+    from pipeline.train.run import train
+
+    dist.ensure_launch_env()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    recipe = write_run(tmp_path, extra="zero_stage: 3\nlearning_rate: 0.01\nwarmup_steps: 0\n"
+                                       "per_device_train_batch_size: 4\nlogging_steps: 1\nplot_loss: false\n")
+    build(resolve_run(recipe, command="train"))
+    trained = train(resolve_run(recipe, "max_steps=3", command="train"))
+    assert trained.exit_code == 0
+    out = Path(trained.output_dir)
+    final_eval_loss = json.loads((out / "all_results.json").read_text())["eval_loss"]
+
+    merge.run(resolve_run(recipe, command="merge"))
+    r = resolve_run(recipe, "max_eval_samples=2")
+    E.run(r)
+    merged_metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert "merged" in merged_metrics["tuned_model"]
+    assert merged_metrics["results"]["tuned"]["loss"] == pytest.approx(final_eval_loss, rel=1e-5)
+    assert merged_metrics["results"]["base"]["loss"] != pytest.approx(final_eval_loss, rel=1e-3)
+    assert merged_metrics["training"]["global_step"] == 3
+    assert "Trained 3 optimizer steps" in (out / "eval" / "report.md").read_text()
+
+    import shutil
+
+    shutil.rmtree(out / "merged")
+    E.run(r)
+    adapter_metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert "adapter" in adapter_metrics["tuned_model"]
+    assert adapter_metrics["results"]["tuned"]["loss"] == pytest.approx(final_eval_loss, rel=1e-5)

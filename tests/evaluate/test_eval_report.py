@@ -48,7 +48,9 @@ def test_write_sft_report(tmp_path):
         "\n".join(json.dumps({"step": s, "loss": 4.0 - s / 10, **({"eval_loss": 3.9} if s == 5 else {})})
                   for s in range(1, 11)) + "\n{torn line"
     )
-    metrics = _metrics()
+    (out / "all_results.json").write_text(json.dumps({"global_step": 10, "epoch": 2.5, "num_train_examples": 16,
+                                                      "train_loss": 3.0, "eval_loss": 3.9, "train_runtime_s": 12.4}))
+    metrics = {**_metrics(), "training": R.read_training_results(out)}
     rows = R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED})
     R.write(out / "eval", metrics, rows, output_dir=out)
 
@@ -86,6 +88,8 @@ def test_write_sft_report(tmp_path):
     assert "### Changed most from base to tuned" in md
     assert "````text\nQ: say ```code```\n````" in md  # a fence longer than any backtick run inside
     assert "- tuned model: saves/demo_sft/merged" in md and "greedy" in md
+    assert ("Trained 10 optimizer steps on 16 examples (2.50 epochs), 12 s, last train loss 3.0000,"
+            " last eval loss during training 3.9000.") in md
 
 
 def test_png_files_are_images(tmp_path):
@@ -103,6 +107,7 @@ def test_tuned_only_and_training_loss_png_fallback(tmp_path):
     assert "base_prediction" not in row and row["tuned_prediction"] == "Paris"
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "![training loss](../training_loss.png)" in md and "Δ" not in md
+    assert R.read_training_results(tmp_path) == {}  # no all_results.json: nothing, not an error
     assert "Changed most" not in md
 
 
