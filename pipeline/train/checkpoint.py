@@ -214,6 +214,31 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- save / load
 
+def attach(engine: Any) -> None:
+    """Prepare a DeepSpeed engine for these checkpoints.
+
+    Its checkpoint engine becomes the safetensors one (never pickle). Its module_state_dict learns to leave
+    out frozen weights reached through a second name: DeepSpeed drops frozen parameters by their first name
+    only, so a frozen tied output head (lm_head.weight = wte.weight) was written into every LoRA checkpoint.
+    """
+    import types
+
+    from pipeline.train.safestate import safe_checkpoint_engine
+
+    engine.checkpoint_engine = safe_checkpoint_engine()
+
+    def module_state_dict(self: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
+                          exclude_frozen_parameters: bool = False) -> Any:
+        state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            for name, param in self.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(prefix + name, None)
+        return state
+
+    engine.module_state_dict = types.MethodType(module_state_dict, engine)
+
+
 @contextlib.contextmanager
 def _weights_only_loads() -> Iterator[None]:
     """Belt and braces: any torch.load DeepSpeed might still reach runs with weights_only=True."""

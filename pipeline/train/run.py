@@ -53,7 +53,6 @@ def train(r: Any) -> TrainResult:
     from pipeline.train.log import TrainLog
     from pipeline.train.loop import StopRequest, Trainer, evaluate
     from pipeline.train.optim import make_optimizer
-    from pipeline.train.safestate import safe_checkpoint_engine
     from pipeline.train.schedule import make_scheduler
 
     preflight(r)
@@ -73,7 +72,7 @@ def train(r: Any) -> TrainResult:
     optimizer = make_optimizer(model, r)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, r),
                                       config=r.ds_config)
-    engine.checkpoint_engine = safe_checkpoint_engine()  # safetensors + JSON, never pickle
+    checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if dist.is_main():
         write_run_files(r, output_dir)

@@ -1,0 +1,144 @@
+"""Checkpoints: layout, manifest, atomicity, retention, damage detection; exact resume mid-epoch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from pipeline.errors import UserError
+from pipeline.train import checkpoint
+from pipeline.train.log import read_log
+from pipeline.train.loop import Trainer
+from pipeline.train.run import train
+from tests.train.helpers import BASE_PT, BASE_SFT
+
+
+def interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Deliver a real SIGTERM to this process right after optimizer step `step`."""
+    original = Trainer.optimizer_step
+
+    def wrapped(self, window):
+        norm = original(self, window)
+        if self.state.global_step + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return norm
+    monkeypatch.setattr(Trainer, "optimizer_step", wrapped)
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+# 9 micro-batches per epoch, accumulation 2 -> 4 steps per epoch: stopping after step 3 is mid-epoch (batch 6),
+# and steps 5..7 run in the second epoch. Dropout makes the RNG state matter.
+RESUME = dict(max_steps=7, warmup_steps=1, gradient_accumulation_steps=2, dropout=0.1, eval_steps=2)
+
+
+@pytest.mark.parametrize("base, keys, final", [
+    (BASE_SFT, dict(finetuning_type="lora", lora_dropout=0.1), "adapter/adapter_model.safetensors"),
+    (BASE_PT, dict(finetuning_type="full"), "model/model.safetensors"),
+], ids=["lora", "full"])
+def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(make_recipe, base, keys, final):
+    straight = train(make_recipe(base, name="straight", **RESUME, **keys))
+
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 3)
+        first = train(make_recipe(base, name="resumed", **RESUME, **keys))
+    assert first.exit_code == 143 and first.state.global_step == 3
+    ckpt = first.output_dir / "checkpoint-3"
+    assert checkpoint.problems_with(ckpt) == []
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 6)
+    assert not (first.output_dir / final).exists()  # an interrupted run is not a finished one
+
+    second = train(make_recipe(base, name="resumed", resume_from_checkpoint="latest", **RESUME, **keys))
+    assert second.exit_code == 0 and second.state.global_step == 7
+    ours = dict(second.engine.module.named_parameters())
+    for name, p in straight.engine.module.named_parameters():
+        assert torch.equal(ours[name], p), name
+    a, b = tensors(straight.output_dir / final), tensors(second.output_dir / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = read_log(straight.output_dir / "trainer_log.jsonl"), read_log(second.output_dir / "trainer_log.jsonl")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5, 6, 7]  # one run's log, no repeats
+    assert [r["loss"] for r in log_b] == [r["loss"] for r in log_a]
+    assert [r.get("eval_loss") for r in log_b] == [r.get("eval_loss") for r in log_a]
+    assert second.state.tokens_seen == straight.state.tokens_seen
+
+
+def test_checkpoint_layout_manifest_and_retention(make_recipe):
+    r = make_recipe(max_steps=5, save_steps=2, save_total_limit=2, warmup_steps=0)
+    result = train(r)
+    out = result.output_dir
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]  # 2 deleted
+    ckpt = out / "checkpoint-4"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    listed = set(manifest["files"])
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert listed == on_disk
+    assert {"trainer_state.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "rng/rank-0.safetensors", "deepspeed/mp_rank_00_model_states.pt"} <= listed
+    # no pickle anywhere: DeepSpeed's files are safetensors too
+    for rel in listed:
+        if rel.endswith((".pt", ".safetensors")):
+            with safe_open(str(ckpt / rel), framework="pt"):
+                pass
+    # the checkpoint's DeepSpeed state holds only the trainable (LoRA) weights
+    from pipeline.train.safestate import load_state
+    module = load_state(ckpt / "deepspeed" / "mp_rank_00_model_states.pt")["module"]
+    assert module and all(".lora." in k for k in module)
+    assert not list(out.glob(".checkpoint-*"))  # no temp directories left
+
+
+def damage(path) -> None:
+    target = path / "adapter" / "adapter_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def test_latest_skips_a_damaged_checkpoint_and_an_explicit_one_is_refused(make_recipe, capsys):
+    r = make_recipe(max_steps=4, save_steps=2, warmup_steps=0)
+    out = train(r).output_dir
+    damage(out / "checkpoint-4")
+    found = checkpoint.find_resume(make_recipe(max_steps=4, save_steps=2, warmup_steps=0,
+                                               resume_from_checkpoint="latest"))
+    assert found == out / "checkpoint-2"
+    assert "checkpoint-4" in capsys.readouterr().err
+    with pytest.raises(UserError) as err:
+        checkpoint.find_resume(make_recipe(max_steps=4, resume_from_checkpoint=str(out / "checkpoint-4")))
+    assert "does not match its sha256" in err.value.messages[0]
+    assert err.value.messages[0].startswith(f"{os.getcwd()}/run.yaml:") or "run.yaml" in err.value.messages[0]
+    (out / "checkpoint-2" / "manifest.json").unlink()
+    with pytest.raises(UserError, match="every checkpoint .* is damaged"):
+        checkpoint.find_resume(make_recipe(max_steps=4, resume_from_checkpoint="latest"))
+
+
+def test_resume_needs_a_checkpoint_and_a_compatible_recipe(make_recipe):
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        train(make_recipe(max_steps=2, resume_from_checkpoint="latest"))
+    train(make_recipe(max_steps=2, warmup_steps=0))
+    with pytest.raises(UserError) as err:
+        train(make_recipe(max_steps=2, lora_rank=8, resume_from_checkpoint="latest"))
+    assert "lora_rank is 8 but" in err.value.messages[0] and "trained with 4" in err.value.messages[0]
+
+
+def test_a_crash_while_saving_leaves_no_checkpoint(make_recipe, monkeypatch):
+    from pipeline.train import export
+
+    def broken(self, directory):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export.Exporter, "write", broken)
+    with pytest.raises(OSError, match="disk full"):
+        train(make_recipe(max_steps=2, save_steps=1, warmup_steps=0))
+    out = make_recipe(max_steps=2).get("output_dir")
+    from pathlib import Path
+    assert checkpoint.list_checkpoints(Path(out)) == []  # only the temp directory, never checkpoint-1
+    assert list(Path(out).glob(".checkpoint-1.tmp"))
+    checkpoint.clean_stale(out)
+    assert not list(Path(out).glob(".checkpoint-*"))

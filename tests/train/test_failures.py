@@ -1,0 +1,151 @@
+"""Failing well: non-finite loss, output_dir policy, out of memory, SIGTERM from outside, impossible combinations."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.__main__ import main
+from pipeline.errors import UserError
+from pipeline.model.gpt import GPTModel
+from pipeline.train import checkpoint
+from pipeline.train.log import read_log
+from pipeline.train.run import train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def poison_forward(monkeypatch, call: int, value: float = math.nan) -> None:
+    """The model's loss is `value` on its `call`-th training forward (1-based)."""
+    original = GPTModel.loss
+    calls = {"n": 0}
+
+    def loss(self, hidden, labels, reduction="mean"):
+        out = original(self, hidden, labels, reduction)
+        if reduction == "mean" and torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == call:
+                return out * value
+        return out
+    monkeypatch.setattr(GPTModel, "loss", loss)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(make_recipe, monkeypatch):
+    poison_forward(monkeypatch, call=5)  # accumulation 2: micro-batch 5 belongs to optimizer step 3
+    r = make_recipe(max_steps=6, save_steps=1, warmup_steps=0)
+    with pytest.raises(UserError) as err:
+        train(r)
+    message = err.value.messages[0]
+    assert "optimizer step 3 is nan" in message and "learning_rate" in message and "nan_policy" in message
+    out = Path(r["output_dir"])
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
+    assert all(checkpoint.problems_with(p) == [] for p in checkpoint.list_checkpoints(out))
+    assert not (out / "adapter").exists()
+    assert [rec["step"] for rec in read_log(out / "trainer_log.jsonl")] == [1, 2]
+
+
+def test_nan_policy_skip_drops_the_batch_and_finishes(make_recipe, monkeypatch):
+    poison_forward(monkeypatch, call=3, value=math.inf)
+    r = make_recipe(max_steps=3, warmup_steps=0, nan_policy="skip")
+    result = train(r)
+    assert result.exit_code == 0 and result.state.skipped_batches == 1
+    assert result.state.batch_in_epoch == 7  # 3 steps x 2 micro-batches + the dropped one
+    results = json.loads((result.output_dir / "all_results.json").read_text())
+    assert results["skipped_batches"] == 1 and math.isfinite(results["train_loss"])
+    assert all(torch.isfinite(p).all() for p in result.engine.module.parameters())
+
+
+def write_recipe(path: Path, **keys) -> Path:
+    from tests.train.helpers import BASE_SFT
+
+    values = {**BASE_SFT, "output_dir": "saves/cli", **keys}
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    return path
+
+
+def test_non_empty_output_dir_without_resume_is_exit_2(workdir, capsys):
+    recipe = write_recipe(workdir / "cli.yaml", max_steps=1)
+    assert main(["build", str(recipe)]) == 0
+    out = workdir / "saves" / "cli"
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "saves/cli is not empty (it holds notes.txt)" in err and "resume_from_checkpoint" in err
+    assert "overwrite_output_dir" in err and "Traceback" not in err
+    assert (out / "notes.txt").read_text() == "mine"  # nothing touched
+    # overwrite_output_dir starts over in the same place
+    assert main(["train", str(recipe), "overwrite_output_dir=true"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_overwrite_never_empties_the_working_directory(workdir):
+    recipe = write_recipe(workdir / "here.yaml", output_dir=".", overwrite_output_dir=True, max_steps=1)
+    assert main(["build", str(recipe)]) == 0
+    assert main(["train", str(recipe)]) == 2
+    assert (workdir / "here.yaml").is_file() and (workdir / "data").is_dir()
+
+
+def test_out_of_memory_names_the_knobs(make_recipe, monkeypatch):
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(GPTModel, "loss", oom)
+    with pytest.raises(UserError) as err:
+        train(make_recipe(max_steps=2))
+    message = err.value.messages[0]
+    assert message.startswith("out of memory at optimizer step 1 (CUDA out of memory. Tried to allocate 20.00 GiB)")
+    for knob in ("per_device_train_batch_size (now 4)", "gradient_accumulation_steps (now 2)", "cutoff_len (now 64)",
+                 "zero_stage (now 0)", "offload_optimizer: cpu", "finetuning_type: lora"):
+        assert knob in message
+
+
+def test_l1_with_zero3_is_refused_before_training(make_recipe):
+    with pytest.raises(UserError, match="l1_lambda > 0 .* zero_stage 3"):
+        train(make_recipe(l1_lambda=1e-4, zero_stage=3))
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
+    recipe = write_recipe(workdir / "long.yaml", max_steps=400, save_steps=1000, eval_steps=None)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a plain `python -m pipeline train` sets its own
+    subprocess.run([sys.executable, "-m", "pipeline", "build", str(recipe)], cwd=workdir, env=env, check=True,
+                   capture_output=True)
+    log = workdir / "saves" / "cli" / "trainer_log.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(recipe)], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: len(read_log(log)) >= 2 or proc.poll() is not None, 240), "training never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    saved = checkpoint.list_checkpoints(workdir / "saves" / "cli")
+    assert len(saved) == 1 and checkpoint.problems_with(saved[0]) == []
+    step = checkpoint.step_of(saved[0])
+    assert 2 <= step < 400 and f"stopped at step {step}" in err and "Traceback" not in err
+    state = json.loads((saved[0] / "trainer_state.json").read_text())
+    assert state["global_step"] == step and (state["batch_in_epoch"] > 0 or state["epoch"] > 0)
+    # it continues from there (max_steps may change on resume: two more steps keep the test short)
+    assert main(["train", str(recipe), "resume_from_checkpoint=latest", f"max_steps={step + 2}"]) == 0
+    assert [rec["step"] for rec in read_log(log)][-3:] == [step, step + 1, step + 2]

@@ -1,0 +1,48 @@
+"""Two ranks through the deepspeed launcher (gloo on CPU) follow the one-rank loss curve of the same global batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.train import dist
+from pipeline.train.log import read_log
+from pipeline.train.run import train
+from tests.train.helpers import BASE_PT
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.multirank
+def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir):
+    # pt windows all have cutoff_len tokens, so the mean over 2 ranks x 2 windows equals the mean over 4 windows.
+    # pt_stride 16 gives the val split 6 windows: no padding copies on 2 ranks, so eval sees the same examples.
+    keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, zero_stage=2,
+                pt_stride=16)
+    one = train(make_recipe(BASE_PT, name="one", per_device_train_batch_size=4, **keys))
+    make_recipe(BASE_PT, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml, builds data
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = str(Path(os.sys.executable).with_name("deepspeed"))
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(dist.free_port()), "--module",
+                           "pipeline", "train", "two.yaml"], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    out = workdir / "saves" / "two"
+    assert proc.stderr.count("trainable params:") == 1  # only rank 0 prints
+    log_one, log_two = read_log(one.output_dir / "trainer_log.jsonl"), read_log(out / "trainer_log.jsonl")
+    assert [r["step"] for r in log_two] == [1, 2, 3, 4]  # one writer: no duplicated lines
+    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-4)
+    assert [r["eval_loss"] for r in log_two if "eval_loss" in r] == \
+        pytest.approx([r["eval_loss"] for r in log_one if "eval_loss" in r], rel=1e-4)
+    assert [r["tokens_seen"] for r in log_two] == [r["tokens_seen"] for r in log_one]  # counted over both ranks
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "rng" / "rank-0.safetensors").is_file() and (ckpt / "rng" / "rank-1.safetensors").is_file()
+    assert {p.name for p in (ckpt / "deepspeed").glob("*optim_states.pt")} == \
+        {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # ZeRO-2 shards
+    assert json.loads((ckpt / "trainer_state.json").read_text())["recipe"]["world_size"] == 2
+    assert (out / "model" / "model.safetensors").is_file()

@@ -1,0 +1,66 @@
+"""Schedules at hand-computed steps; AdamW groups: decay on matrices only."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.train.optim import make_optimizer, param_groups
+from pipeline.train.schedule import lr_factor, make_scheduler
+
+
+@pytest.mark.parametrize("kind, total, warmup, floor, expected", [
+    # warmup rises linearly from 0: step k of w uses k / w
+    ("constant", 10, 4, 0.0, {0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0, 9: 1.0}),
+    # linear: 1 - (step - warmup) / (total - warmup) after warmup
+    ("linear", 10, 2, 0.0, {1: 0.5, 2: 1.0, 4: 0.75, 6: 0.5, 8: 0.25, 10: 0.0, 12: 0.0}),
+    # the floor rescales the decay into [0.2, 1]: 0.2 + 0.8 * 0.5 = 0.6 halfway
+    ("linear", 10, 2, 0.2, {2: 1.0, 6: 0.6, 10: 0.2}),
+    # cosine: (1 + cos(pi t)) / 2; t = 1/4 -> (1 + 0.70710678) / 2 = 0.85355339; with floor 0.1: 0.1 + 0.9 * that
+    ("cosine", 4, 0, 0.1, {0: 1.0, 1: 0.86819805, 2: 0.55, 3: 0.23180195, 4: 0.1}),
+    ("cosine", 12, 2, 0.0, {0: 0.0, 1: 0.5, 2: 1.0, 7: 0.5, 12: 0.0}),
+])
+def test_lr_factor_at_known_steps(kind, total, warmup, floor, expected):
+    for step, value in expected.items():
+        assert lr_factor(step, kind=kind, total_steps=total, warmup_steps=warmup, min_lr_ratio=floor) == \
+            pytest.approx(value, abs=1e-8), (kind, step)
+
+
+def test_unknown_schedule_is_refused():
+    with pytest.raises(ValueError, match="unknown lr_scheduler_type 'poly'"):
+        lr_factor(0, kind="poly", total_steps=10)
+
+
+def recipe(**keys):
+    base = dict(learning_rate=1e-3, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                lr_scheduler_type="cosine", total_steps=6, num_warmup_steps=2, min_lr_ratio=0.0)
+    return {**base, **keys}
+
+
+def test_scheduler_drives_the_optimizer_lr_step_by_step():
+    model = torch.nn.Linear(3, 2)
+    r = recipe()
+    optimizer = make_optimizer(model, r)
+    scheduler = make_scheduler(optimizer, r)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # warmup 0, 0.5 then cosine over 4 steps: 1, (1 + cos(pi/4)) / 2, 0.5, (1 - cos(pi/4)) / 2
+    c = math.cos(math.pi / 4)
+    assert seen == pytest.approx([0.0, 5e-4, 1e-3, 1e-3 * (1 + c) / 2, 5e-4, 1e-3 * (1 - c) / 2])
+
+
+def test_adamw_decays_matrices_only_and_skips_frozen_weights():
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                                torch.nn.Linear(4, 2))
+    model[3].requires_grad_(False)
+    groups = param_groups(model.named_parameters(), 0.1)
+    assert [len(g["params"]) for g in groups] == [2, 3]  # embedding + linear weight | linear bias, norm gain, bias
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in groups[0]["params"]) and all(p.dim() == 1 for p in groups[1]["params"])
+    optimizer = make_optimizer(model, recipe())
+    assert optimizer.defaults["betas"] == (0.8, 0.95) and optimizer.defaults["eps"] == 1e-6
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 5
