@@ -148,7 +148,8 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
             "tokens_min": int(lengths.min()) if len(lengths) else 0,
             "tokens_mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0,
             "tokens_max": int(lengths.max()) if len(lengths) else 0,
-            "over_cutoff_len": int((lengths > r["cutoff_len"]).sum()) if len(lengths) else 0,
+            # pt documents are cut into windows, so only sft examples can be over cutoff_len
+            "over_cutoff_len": None if r["stage"] == "pt" else int((lengths > r["cutoff_len"]).sum()),
             "sampled": len(sample) if len(sample) < len(rows) else None,
         })
     return summary
@@ -161,6 +162,7 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
     for s in rows:
         note = f"  (sample of {s['sampled']:,})" if s["sampled"] else ""
         lines.append(f"{s['dataset']:<20} {s['split']:<5} {s['rows']:>9,} {s['tokens_min']:>10,} "
-                     f"{s['tokens_mean']:>8,.1f} {s['tokens_max']:>7,} {s['over_cutoff_len']:>8,}{note}")
+                     f"{s['tokens_mean']:>8,.1f} {s['tokens_max']:>7,} "
+                     f"{'-' if s['over_cutoff_len'] is None else format(s['over_cutoff_len'], ','):>8}{note}")
     return "\n".join(lines)
 

@@ -106,7 +106,7 @@ def inspect_pt(r: Mapping[str, Any], num: int, color: bool) -> str:
         out.append(f"{split}: {n:,} tokens -> {len(pt_windows(n, length, stride)):,} windows")
     docs = [row["text"] for s in ("train", "val") for row in load_split(r, s)]
     lengths = np.array([len(t) for t in encode_texts(docs)])
-    out += ["", "document lengths in tokens (train + val pieces):", length_table(lengths, length)]
-    path = plot_lengths(lengths, length, plot_path(r), " + ".join(dataset_names(r, "dataset")))
+    out += ["", "document lengths in tokens (train + val):", length_table(lengths, None)]
+    path = plot_lengths(lengths, None, plot_path(r), " + ".join(dataset_names(r, "dataset")))
     out.append(f"histogram: {path}")
     return "\n".join(out)

@@ -315,12 +315,14 @@ def pt_windows(n_tokens: int, max_length: int, stride: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- length histogram
 
-def length_table(lengths: np.ndarray, cutoff_len: int, bins: int = 10) -> str:
-    """A text histogram of example lengths; cutoff_len is a bin edge and the bins above it are marked."""
+def length_table(lengths: np.ndarray, cutoff_len: int | None, bins: int = 10) -> str:
+    """A text histogram of example lengths; cutoff_len (None: no limit) is a bin edge, the bins above it marked."""
     lengths = np.asarray(lengths)
     if len(lengths) == 0:
         return "no examples"
     lo, hi = int(lengths.min()) - 1, int(lengths.max())
+    if cutoff_len is None:
+        return _table(lengths, np.linspace(lo, hi, bins + 1), None)
     if hi <= cutoff_len:
         edges = np.linspace(lo, hi, bins + 1)
     elif lo >= cutoff_len:
@@ -328,21 +330,27 @@ def length_table(lengths: np.ndarray, cutoff_len: int, bins: int = 10) -> str:
     else:
         above = max(2, round(bins * (hi - cutoff_len) / (hi - lo)))
         edges = np.concatenate([np.linspace(lo, cutoff_len, bins - above + 1), np.linspace(cutoff_len, hi, above + 1)[1:]])
+    return _table(lengths, edges, cutoff_len)
+
+
+def _table(lengths: np.ndarray, edges: np.ndarray, cutoff_len: int | None) -> str:
     edges = np.unique(np.ceil(edges).astype(np.int64))
     counts = [int(((lengths > a) & (lengths <= b)).sum()) for a, b in zip(edges[:-1], edges[1:])]
     width = max(max(counts), 1)
     lines = [f"{'tokens':>15}  {'rows':>9}"]
     for (a, b), count in zip(zip(edges[:-1], edges[1:]), counts):
-        note = "  over cutoff_len" if a >= cutoff_len else ""
+        note = "  over cutoff_len" if cutoff_len is not None and a >= cutoff_len else ""
         lines.append(f"{a + 1:>6,} – {b:<6,}  {count:>9,}  {'#' * round(40 * count / width):<40}{note}".rstrip())
-    over = int((lengths > cutoff_len).sum())
     p = np.percentile(lengths, [50, 90, 99])
-    lines.append(f"min {int(lengths.min()):,} · median {p[0]:,.0f} · p90 {p[1]:,.0f} · p99 {p[2]:,.0f} · "
-                 f"max {int(lengths.max()):,} · over cutoff_len {cutoff_len:,}: {over:,}")
+    summary = (f"min {int(lengths.min()):,} · median {p[0]:,.0f} · p90 {p[1]:,.0f} · p99 {p[2]:,.0f} · "
+               f"max {int(lengths.max()):,}")
+    if cutoff_len is not None:
+        summary += f" · over cutoff_len {cutoff_len:,}: {int((lengths > cutoff_len).sum()):,}"
+    lines.append(summary)
     return "\n".join(lines)
 
 
-def plot_lengths(lengths: np.ndarray, cutoff_len: int, path: Path, title: str) -> Path:
+def plot_lengths(lengths: np.ndarray, cutoff_len: int | None, path: Path, title: str) -> Path:
     """Histogram PNG with the cutoff marked (matplotlib, Agg); written atomically."""
     import matplotlib
 
@@ -353,12 +361,17 @@ def plot_lengths(lengths: np.ndarray, cutoff_len: int, path: Path, title: str) -
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.hist(np.asarray(lengths), bins=min(50, max(len(np.unique(lengths)), 1)), color="#4c72b0")
-    ax.axvline(cutoff_len, color="#c44e52", linestyle="--", label=f"cutoff_len {cutoff_len}")
-    over = int((np.asarray(lengths) > cutoff_len).sum())
-    ax.set_title(f"{title}: {len(lengths):,} examples, {over:,} over cutoff_len")
-    ax.set_xlabel("tokens per example (prompt + response + EOS)")
-    ax.set_ylabel("examples")
-    ax.legend()
+    if cutoff_len is None:  # pt documents: no per-example limit
+        ax.set_title(f"{title}: {len(lengths):,} documents")
+        ax.set_xlabel("tokens per document")
+        ax.set_ylabel("documents")
+    else:
+        ax.axvline(cutoff_len, color="#c44e52", linestyle="--", label=f"cutoff_len {cutoff_len}")
+        over = int((np.asarray(lengths) > cutoff_len).sum())
+        ax.set_title(f"{title}: {len(lengths):,} examples, {over:,} over cutoff_len")
+        ax.set_xlabel("tokens per example (prompt + response + EOS)")
+        ax.set_ylabel("examples")
+        ax.legend()
     fig.tight_layout()
     with atomic_write(path, "wb") as handle:
         fig.savefig(handle, format="png")
