@@ -36,35 +36,32 @@ _CACHE_SIZE = 6
 _cache: OrderedDict[tuple, Any] = OrderedDict()
 
 
-PROGRESS_MIN_TEXTS = 100_000
-CHUNK = 8192
+PROGRESS_MIN_ROWS = 50_000
+CHUNK = 8192  # texts per thread task
+ROW_CHUNK = 16384  # rows tokenized at a time: bounds the memory of Python int lists
 
 
-def encode_texts(texts: Sequence[str], tokenizer: Any = None, desc: str | None = None) -> list[list[int]]:
-    """encode_ordinary for many texts, in chunks on several threads (tiktoken releases the GIL).
-
-    With `desc` and many texts, a progress bar (rank 0 only, stderr).
-    """
+def encode_texts(texts: Sequence[str], tokenizer: Any = None) -> list[list[int]]:
+    """encode_ordinary for many texts, in chunks on several threads (tiktoken releases the GIL)."""
     enc = tokenizer or get_tokenizer()
     threads = min(8, os.cpu_count() or 1)
     if len(texts) < 4096 or threads < 2:
         return [enc.encode_ordinary(t) for t in texts]
-    from tqdm import tqdm
-
-    show = desc is not None and len(texts) >= PROGRESS_MIN_TEXTS and os.environ.get("RANK", "0") == "0"
-    bar = tqdm(total=len(texts), desc=desc, unit="text", file=sys.stderr, disable=None if show else True)
-    chunks = [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)]
 
     def work(chunk: Sequence[str]) -> list[list[int]]:
         return [enc.encode_ordinary(t) for t in chunk]
 
-    out: list[list[int]] = []
     with ThreadPoolExecutor(threads) as pool:
-        for part in pool.map(work, chunks):  # in order
-            out.extend(part)
-            bar.update(len(part))
-    bar.close()
-    return out
+        parts = pool.map(work, [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)])  # in order
+        return list(chain.from_iterable(parts))
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar for long tokenizations: rank 0 only, stderr, only on a terminal."""
+    from tqdm import tqdm
+
+    show = total >= PROGRESS_MIN_ROWS and os.environ.get("RANK", "0") == "0"
+    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, disable=None if show else True)
 
 
 class Encoded(NamedTuple):
@@ -126,25 +123,35 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
     template = _as_template(template)
     origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
-    texts: list[str] = []
-    seg_trainable: list[bool] = []
-    seg_response: list[bool] = []
     seg_count = np.empty(len(rows), dtype=np.int64)
-    for i, row in enumerate(rows):
-        segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history)
-        seg_count[i] = len(segments)
-        for text, trained, response in segments:
-            texts.append(text)
-            seg_trainable.append(trained)
-            seg_response.append(response)
-    tokens = encode_texts(texts, tokenizer, desc="tokenize")
-    for toks, response in zip(tokens, seg_response):
-        if response:
-            toks.append(EOS_ID)
-    seg_len = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-    total = int(seg_len.sum())
-    ids = np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=total)
-    trainable = np.repeat(np.array(seg_trainable, dtype=bool), seg_len)
+    seg_response: list[bool] = []
+    lens, id_parts, train_parts = [], [], []
+    bar = _progress(len(rows), "tokenize")
+    for start in range(0, len(rows), ROW_CHUNK):
+        texts: list[str] = []
+        flags: list[bool] = []
+        chunk = rows[start:start + ROW_CHUNK]
+        for i, row in enumerate(chunk, start=start):
+            segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history)
+            seg_count[i] = len(segments)
+            for text, trained, response in segments:
+                texts.append(text)
+                flags.append(trained)
+                seg_response.append(response)
+        tokens = encode_texts(texts, tokenizer)
+        for toks, response in zip(tokens, seg_response[len(seg_response) - len(texts):]):
+            if response:
+                toks.append(EOS_ID)
+        chunk_len = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        lens.append(chunk_len)
+        id_parts.append(np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=int(chunk_len.sum())))
+        train_parts.append(np.repeat(np.array(flags, dtype=bool), chunk_len))
+        bar.update(len(chunk))
+    bar.close()
+    seg_len = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+    ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int32)
+    trainable = np.concatenate(train_parts) if train_parts else np.zeros(0, bool)
+    total = len(ids)
     seg_start = np.concatenate([[0], np.cumsum(seg_count)])
     row_len = np.add.reduceat(seg_len, seg_start[:-1]) if len(rows) else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(row_len)]).astype(np.int64)
@@ -299,7 +306,7 @@ def pt_stream(r: Mapping[str, Any], split: str) -> np.ndarray:
 
     def make() -> np.ndarray:
         docs = [row["text"] for path in paths for row in read_rows(path)]
-        tokens = encode_texts(docs, desc=f"tokenize {split}")
+        tokens = encode_texts(docs)
         for toks in tokens[:-1]:
             toks.append(EOS_ID)
         total = sum(map(len, tokens))

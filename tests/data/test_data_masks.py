@@ -124,3 +124,17 @@ def test_threaded_encoding_matches_sequential():
 
     texts = [f"row {i}: {'é' * (i % 7)} text" for i in range(9000)]
     assert encode_texts(texts) == [get_tokenizer().encode_ordinary(t) for t in texts]
+
+
+def test_row_chunks_join_seamlessly(monkeypatch):
+    import pipeline.data.tokenize as tokenize
+
+    rows = [{"instruction": f"q{i}", "input": "x" * i, "output": f"a{i} " * i, "history": [["h", "r"]] * (i % 3)}
+            for i in range(1, 12)]
+    whole = encode_rows(rows, "alpaca", cutoff_len=50, policy="truncate")
+    monkeypatch.setattr(tokenize, "ROW_CHUNK", 3)
+    chunked = encode_rows(rows, "alpaca", cutoff_len=50, policy="truncate")
+    assert chunked.ids.tolist() == whole.ids.tolist() and chunked.offsets.tolist() == whole.offsets.tolist()
+    assert chunked.trainable.tolist() == whole.trainable.tolist() and chunked.truncated == whole.truncated
+    for i, row in enumerate(rows):
+        assert chunked.example(i) == encode(row, cutoff_len=50, policy="truncate")
