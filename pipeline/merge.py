@@ -7,8 +7,9 @@ the merged model is shown to be the adapter model:
    the base weight; per layer, merged_linear(x) - base_linear(x) equals the LoRA branch on random x;
 2. on a few real validation samples the merged logits equal the adapter logits (fp32, relative
    1e-4 of the logits' spread, softmax-invariant centring), then the model cast to export_dtype is
-   checked the same way within that dtype's tolerance, and every LoRA layer must still differ from
-   the base after the cast (a change below bf16/fp16 resolution would be lost in the export).
+   checked the same way within that dtype's tolerance, after making sure the cast keeps the update
+   (a change below bf16/fp16 resolution would be rounded away and the export would be the base);
+3. the written files are loaded back and give the verified logits.
 
 Any failure is a UserError naming the layer. output_dir/merged/ (config.json, model.safetensors or
 shards + index, generation_config.json, GPT-2 tokenizer files, verification.json) appears complete or
@@ -88,7 +89,7 @@ def _recipe(r: Mapping[str, Any]) -> str:
 def _load_base(r: Mapping[str, Any]) -> nn.Module:
     from pipeline.model.build import load_for_inference
 
-    model = load_for_inference(r, "base")
+    model = load_for_inference(r, "base", device="cpu")  # merge runs on the CPU: exact, and any size fits
     return model.float().eval()
 
 
@@ -117,11 +118,10 @@ def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
             f" `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it."
         )
     model = load_model(path).float().eval()
-    base = _load_base(r)
+    base_state = _load_base(r).state_dict()
     samples = validation_samples(r, model.cfg.context_length)
-    changed = [n for n, p in model.state_dict().items()
-               if n in base.state_dict() and base.state_dict()[n].shape == p.shape
-               and not torch.equal(base.state_dict()[n].float(), p.float())]
+    changed = {n: (p, base_state[n]) for n, p in model.state_dict().items()
+               if n in base_state and base_state[n].shape == p.shape and not torch.equal(base_state[n], p)}
     if not changed:
         raise UserError(f"{path}: every weight equals the base model's ({r['model_name_or_path']}); the"
                         " training run did not change the model (learning_rate 0? zero steps?)")
@@ -129,7 +129,7 @@ def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
     report = {"source": str(path), "samples": len(samples), "tokens": sum(len(s) for s in samples),
               "changed_tensors": len(changed), "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
     check = Check(report, samples, reference)
-    _check_cast(model, check, r["export_dtype"], {})
+    _check_cast(model, check, r["export_dtype"], changed)
     return model, check
 
 
@@ -234,7 +234,8 @@ def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequen
         raise UserError(f"merged model: logits differ from the adapter model by {fp32_err:.3g} (relative, tolerance"
                         f" {LOGIT_RTOL['fp32']:g}) although every LoRA layer matches; {_first_changed(adapted, merged)}")
     check = Check(report, list(map(list, samples)), reference)
-    _check_cast(merged, check, export_dtype, {name: w.linear.weight for name, w in wrappers.items()})
+    _check_cast(merged, check, export_dtype,
+                {name: (merged.get_submodule(name).weight, w.linear.weight) for name, w in wrappers.items()})
     return check
 
 
@@ -248,33 +249,46 @@ def _first_changed(adapted: nn.Module, merged: nn.Module) -> str:
 
 
 @torch.no_grad()
-def _check_cast(merged: nn.Module, check: Check, export_dtype: str, base_weights: Mapping[str, torch.Tensor]) -> None:
-    """The model as it will be exported (export_dtype) must still be the adapter model, within that dtype's tolerance."""
+def _check_cast(model: nn.Module, check: Check, export_dtype: str,
+                updated: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The model as it will be exported (export_dtype) must still be the verified model.
+
+    `updated` maps each fine-tuned weight to (new, base). A dtype with too few mantissa bits rounds a
+    small update away (the export would be close to the base: the bug this stage exists to prevent),
+    so the part of the whole update lost in the cast (Frobenius norm over all of them) must stay under
+    MAX_UPDATE_LOST; then the cast model's logits must match within the dtype's tolerance.
+    """
     if export_dtype == "fp32":
         return
     dtype = DTYPES[export_dtype]
-    problems = []
-    for name, base_weight in base_weights.items():
-        weight = merged.get_submodule(name).weight
-        delta = weight.float() - base_weight.float()
-        kept = weight.to(dtype).float() - base_weight.to(dtype).float()
-        lost = ((kept - delta).norm() / delta.norm().clamp_min(1e-30)).item()
-        check.report["layers"][name][f"update_lost_{export_dtype}"] = lost
-        if lost > MAX_UPDATE_LOST:
-            problems.append(
-                f"layer {name}: casting to export_dtype {export_dtype} loses {100 * min(lost, 1):.0f}% of the LoRA"
-                f" update (it is small next to the weights and {export_dtype} rounds it away, so the export would"
-                " be close to the base model); use export_dtype: fp32"
-            )
-    if problems:
-        raise UserError(problems)
-    cast = copy.deepcopy(merged).to(dtype)
+    lost_sq = update_sq = 0.0
+    per_layer: dict[str, float] = {}
+    for name, (new, base) in updated.items():
+        delta = new.float() - base.float()
+        kept = new.to(dtype).float() - base.to(dtype).float()
+        err, size = (kept - delta).norm().item(), delta.norm().item()
+        per_layer[name] = err / max(size, 1e-30)
+        lost_sq, update_sq = lost_sq + err**2, update_sq + size**2
+    lost = (lost_sq / update_sq) ** 0.5 if update_sq else 0.0
+    check.report["update_lost"] = {export_dtype: lost}
+    if "layers" in check.report:
+        for name, value in per_layer.items():
+            check.report["layers"][name][f"update_lost_{export_dtype}"] = value
+    if lost > MAX_UPDATE_LOST:
+        worst = sorted(per_layer, key=lambda n: -per_layer[n])[:3]
+        raise UserError(
+            f"export_dtype {export_dtype}: casting the merged model loses {100 * min(lost, 1):.0f}% of the"
+            f" fine-tuning update (worst layers: {', '.join(f'{n} {100 * min(per_layer[n], 1):.0f}%' for n in worst)});"
+            f" the update is small next to the weights and {export_dtype} rounds it away, so the export would be"
+            " close to the base model. Use export_dtype: fp32"
+        )
+    cast = copy.deepcopy(model).to(dtype)
     err = _rel_error(_logits(cast, check.samples), check.reference)
     del cast
     check.report["logits"][export_dtype] = err
     check.report["tolerance"][export_dtype] = LOGIT_RTOL[export_dtype]
     if not err <= LOGIT_RTOL[export_dtype]:
-        raise UserError(f"merged model cast to {export_dtype}: logits differ from the fp32 adapter model by {err:.3g}"
+        raise UserError(f"merged model cast to {export_dtype}: logits differ from the fp32 model by {err:.3g}"
                         f" (relative, tolerance {LOGIT_RTOL[export_dtype]:g}; inf means overflow); use export_dtype:"
                         f" {'fp32 or bf16' if export_dtype == 'fp16' else 'fp32'}")
 
