@@ -1,0 +1,111 @@
+"""Dense step: tokens/s of one fully packed LoRA batch (no padding, every position labelled), all three
+contenders, and our achieved FLOP/s against this machine's bf16 matmul peak measured in the same run.
+
+Nothing here can be saved by skipping padding or masked positions, so this isolates the raw speed of the
+forward + backward + optimizer step. FLOPs are counted by `contenders.lora_step_flops` (formula there).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import common
+from bench.contenders import Book, HF, Ours, lora_step_flops
+
+CONTENDERS = ("ours", "hf", "book")
+
+
+def matmul_peak(n: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """Best-of-`repeats` FLOP/s of an n x n x n torch.matmul in bf16 and in fp32 on this CPU."""
+    import torch
+
+    out = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        out[f"{name}_flops"] = 2 * n**3 / best
+    return out
+
+
+def child(contender: str, n_layers: int, batch: int, seq: int, steps: int, recipe: str,
+          profile: bool = False) -> dict[str, Any]:
+    tokens = np.random.default_rng(0).integers(0, 50257, size=(batch, seq + 1), dtype=np.int64)
+    if contender == "ours":
+        ours = Ours(recipe, [])
+        step = ours.trainer([Ours.dense_batch(tokens)] * (steps + 2))
+    else:
+        model: Any = HF(n_layers) if contender == "hf" else Book(n_layers)
+        data = (HF if contender == "hf" else Book).dense_batch(tokens)
+
+        def step() -> None:
+            model.step(data)
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    seconds = common.median(times)
+    result = {"contender": contender, "tokens": batch * seq, "step_seconds": [round(x, 4) for x in times],
+              "seconds": seconds, "tokens_per_s": batch * seq / seconds}
+    if profile:
+        from bench.profiling import profile_step
+
+        result["profile"] = profile_step(step)
+    return result
+
+
+def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, recipe: str, n_layers: int) -> dict[str, Any]:
+    """`recipe` is the sft benchmark's (ours needs a recipe; its data is not used here)."""
+    batch, seq, steps = (4, 64, 1) if quick else (8, 128, 2)
+    started = common.loadavg()
+    peaks = [matmul_peak(2048 if quick else 4096)]
+    args = {"n_layers": n_layers, "batch": batch, "seq": seq, "steps": steps, "recipe": recipe}
+
+    def contender(name: str):
+        return lambda k: common.run_child("bench.dense:child", {**args, "contender": name,
+                                                                 "profile": name == "ours" and k == 0},
+                                          timeout=1800, log_file=log_file)
+
+    print(f"dense: packed batch {batch} x {seq}, gpt2-small widths, {n_layers} layers, LoRA r=16, bf16")
+    results = common.rounds({n: contender(n) for n in CONTENDERS}, min_rounds=1 if quick else 2,
+                            max_rounds=1 if quick else 3, budget_s=budget_s)
+    peaks.append(matmul_peak(2048 if quick else 4096))
+    peak = max(p["bf16_flops"] for p in peaks)
+    flops = lora_step_flops(n_layers, batch, seq)
+    summary = {n: {"tokens_per_s": common.median(r["tokens_per_s"] for r in runs),
+                   "step_seconds": common.median(r["seconds"] for r in runs), "rounds": len(runs)}
+               for n, runs in results.items()}
+    for s in summary.values():
+        s["flops_per_s"] = flops["total"] / s["step_seconds"]
+        s["share_of_peak"] = s["flops_per_s"] / peak
+    ours, hf, book = summary["ours"], summary["hf"], summary["book"]
+    ratios = {"tokens_per_s_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"],
+              "tokens_per_s_vs_book": ours["tokens_per_s"] / book["tokens_per_s"],
+              "share_of_bf16_peak": ours["share_of_peak"]}
+    targets = [common.check(ratios["tokens_per_s_vs_hf"], ">=", 1.2, "dense step tokens/s vs transformers+PEFT"),
+               common.check(ratios["share_of_bf16_peak"], ">=", 0.6, "dense step FLOP/s / measured bf16 peak")]
+    rows = [(n, s["tokens_per_s"], s["tokens_per_s"] / hf["tokens_per_s"], s["flops_per_s"] / 1e9,
+             f"{s['share_of_peak']:.0%}", s["rounds"]) for n, s in summary.items()]
+    text = common.table(["contender", "tokens/s", "vs hf", "GFLOP/s", "of bf16 peak", "rounds"], rows)
+    text += (f"\n\nbf16 matmul peak (best {4096 if not quick else 2048}^3 torch.matmul): {peak / 1e9:,.0f} GFLOP/s; "
+             f"fp32: {max(p['fp32_flops'] for p in peaks) / 1e9:,.0f} GFLOP/s; one step = "
+             f"{flops['total'] / 1e9:,.0f} GFLOP")
+    print(text)
+    payload = {"config": {"model": f"gpt2-small widths, {n_layers} layers", "batch": batch, "seq": seq,
+                          "timed_steps": steps, "lora": "r=16, alpha 32, attention + MLP", "precision": "bf16",
+                          "flop_formula": lora_step_flops.__doc__.strip()},
+               "matmul_peaks": peaks, "bf16_peak_flops": peak, "step_flops": flops, "summary": summary,
+               "ratios": ratios, "targets": targets, "table": text,
+               "profile_ours": next((r["profile"] for r in results["ours"] if r.get("profile")), None),
+               "runs": {n: [{k: v for k, v in r.items() if k != "profile"} for r in runs] for n, runs in results.items()}}
+    common.save("dense", payload, started)
+    return payload
