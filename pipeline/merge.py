@@ -65,21 +65,31 @@ class Check:
 
 
 # ---------------------------------------------------------------- loading
-def adapter_dir(r: Mapping[str, Any]) -> Path:
-    """The adapter to merge: adapter_name_or_path, else output_dir/adapter; missing -> a UserError with the fix."""
+def find_adapter(r: Mapping[str, Any]) -> Path | None:
+    """The adapter this recipe produced (output_dir/adapter), else adapter_name_or_path, else None.
+
+    The trained one comes first: a recipe that continues training from adapter_name_or_path must
+    merge and evaluate what it trained, not where it started.
+    """
     from pipeline.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-    given = r["adapter_name_or_path"]
-    path = Path(given) if given else Path(r["output_dir"]) / "adapter"
-    missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / name).is_file()]
-    if missing:
-        where = f"adapter_name_or_path '{given}'" if given else f"{path}"
+    candidates = [Path(r["output_dir"]) / "adapter"]
+    if r["adapter_name_or_path"]:
+        candidates.append(Path(r["adapter_name_or_path"]))
+    return next((c for c in candidates if (c / ADAPTER_CONFIG).is_file() and (c / ADAPTER_WEIGHTS).is_file()), None)
+
+
+def adapter_dir(r: Mapping[str, Any]) -> Path:
+    """find_adapter, or a UserError that says what produces one."""
+    found = find_adapter(r)
+    if found is None:
+        given = f" nor at adapter_name_or_path '{r['adapter_name_or_path']}'" if r["adapter_name_or_path"] else ""
         raise UserError(
-            f"{where}: no LoRA adapter here (missing {', '.join(missing)}). `make train RECIPE={_recipe(r)}`"
-            " (python -m pipeline train) produces output_dir/adapter/; or point adapter_name_or_path at an"
-            " adapter directory (PEFT layout)."
+            f"{Path(r['output_dir']) / 'adapter'}: no LoRA adapter here{given} (adapter_config.json +"
+            f" adapter_model.safetensors). `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces"
+            " output_dir/adapter/; or point adapter_name_or_path at an adapter directory (PEFT layout)."
         )
-    return path
+    return found
 
 
 def _recipe(r: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,17 +31,15 @@ from pipeline.model.weights import note
 def run(r: Mapping[str, Any], args: Any = None) -> int:
     rank, world = _init_distributed()
     out = Path(r["output_dir"])
-    tuned_which, tuned_desc = tuned_model(r)
+    tuned = tuned_model(r)
     sft = r["stage"] == "sft"
     rows = _generation_rows(r) if sft else []
-    models = ([("base", "base")] if r["eval_base"] else []) + [("tuned", tuned_which)]
+    models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
 
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
     for name, which in models:
-        from pipeline.model.build import load_for_inference
-
-        model = load_for_inference(r, which, device=_device())
+        model = load_model_for_eval(r, which, _device())
         loss_sum, tokens, loss_examples = split_loss(model, r, rank=rank, world=world, label=name)
         if sft:
             predictions[name] = generate_predictions(model, r, rows, rank=rank, world=world, label=name)
@@ -58,7 +57,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "written_at": _dt.datetime.now().isoformat(timespec="seconds"),
             "stage": r["stage"],
             "base_model": str(r["model_name_or_path"]),
-            "tuned_model": tuned_desc,
+            "tuned_model": tuned.description,
             "data": _data_description(r),
             "n_examples": len(rows) if sft else None,
             "loss_examples": loss_examples,
@@ -74,23 +73,55 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
 
 
 # ---------------------------------------------------------------- which models
-def tuned_model(r: Mapping[str, Any]) -> tuple[str, str]:
-    """('merged' | 'adapter', description): merged when it exists and is newer than what it was made from."""
-    from pipeline.model.build import tuned_paths
+@dataclass(frozen=True)
+class Tuned:
+    """The fine-tuned weights to evaluate: kind 'merged' | 'adapter' | 'model', where, and how the report names them."""
 
-    paths = tuned_paths(r)
-    trained, merged = paths["adapter"], paths["merged"]
-    kind = "adapter" if r["finetuning_type"] == "lora" or r["adapter_name_or_path"] else "model"
-    if not trained.is_dir() and not (merged / "config.json").is_file():
-        raise UserError(f"{trained}: no trained {kind} to evaluate; `make train RECIPE={_recipe(r)}`"
-                        " (python -m pipeline train) produces it")
-    if (merged / "config.json").is_file():
-        if not trained.is_dir() or _newest(trained) <= (merged / "config.json").stat().st_mtime:
-            return "merged", f"{merged} (merged, Hugging Face GPT-2 layout)"
-        note(f"eval: {merged} is older than {trained}; evaluating the {kind} instead (`make merge` to refresh it)")
-    if kind == "adapter":
-        return "adapter", f"{r['model_name_or_path']} + LoRA adapter {trained}"
-    return "adapter", f"{trained} ({r['finetuning_type']} fine-tuning)"
+    kind: str
+    path: Path
+    description: str
+
+
+def tuned_model(r: Mapping[str, Any]) -> Tuned:
+    """output_dir/merged when it exists and is newer than what it was made from; else base + the trained
+    adapter (lora) or output_dir/model (full/freeze)."""
+    from pipeline.merge import find_adapter
+
+    out = Path(r["output_dir"])
+    merged = out / "merged" / "config.json"
+    lora = r["finetuning_type"] == "lora"
+    trained = find_adapter(r) if lora else (out / "model" if (out / "model" / "config.json").is_file() else None)
+    if trained is None and not merged.is_file():
+        what = out / ("adapter" if lora else "model")
+        raise UserError(f"{what}: no trained {'adapter' if lora else 'model'} to evaluate; `make train"
+                        f" RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
+    if merged.is_file():
+        if trained is None or _newest(trained) <= merged.stat().st_mtime:
+            return Tuned("merged", merged.parent, f"{merged.parent} (merged, Hugging Face GPT-2 layout)")
+        note(f"eval: {merged.parent} is older than {trained}; evaluating {trained} instead (`make merge` refreshes it)")
+    assert trained is not None
+    if lora:
+        return Tuned("adapter", trained, f"{r['model_name_or_path']} + LoRA adapter {trained}")
+    return Tuned("model", trained, f"{trained} ({r['finetuning_type']} fine-tuning)")
+
+
+def load_model_for_eval(r: Mapping[str, Any], which: Tuned | None, device: torch.device) -> torch.nn.Module:
+    """The base model (which=None) or the tuned one, in eval mode on `device`."""
+    from pipeline.model.build import load_for_inference
+
+    if which is None:
+        return load_for_inference(r, "base", device=device)
+    if which.kind == "merged":
+        return load_for_inference(r, "merged", device=device)
+    if which.kind == "adapter":
+        from pipeline.model.lora import load_adapter
+
+        model = load_for_inference(r, "base", device=device)
+        load_adapter(model, which.path)
+        return model.eval()
+    from pipeline.model.weights import load_model
+
+    return load_model(which.path).to(device).eval()
 
 
 def _newest(directory: Path) -> float:

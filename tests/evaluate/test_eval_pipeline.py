@@ -57,7 +57,7 @@ def test_merge_without_adapter_says_how_to_make_one(make_run):
     adapter.rmdir()
     with pytest.raises(UserError) as err:
         merge.run(r)
-    assert "no LoRA adapter" in err.value.messages[0] and "make train" in err.value.messages[0]
+    assert "no LoRA adapter here" in err.value.messages[0] and "make train" in err.value.messages[0]
     assert not (Path(r["output_dir"]) / "merged").exists()
 
 
@@ -182,11 +182,11 @@ def test_eval_writes_base_vs_tuned(make_run):
 def test_eval_prefers_an_up_to_date_merged_model(make_run):
     r = make_run("eval_base=false")
     _merge(r)
-    assert E.tuned_model(r)[0] == "merged"
+    assert E.tuned_model(r).kind == "merged"
     adapter = Path(r["output_dir"]) / "adapter" / "adapter_config.json"
     later = (Path(r["output_dir"]) / "merged" / "config.json").stat().st_mtime + 10
     os.utime(adapter, (later, later))  # retrained after the merge
-    assert E.tuned_model(r)[0] == "adapter"
+    assert E.tuned_model(r).kind == "adapter"
     E.run(r)
     metrics = json.loads((Path(r["output_dir"]) / "eval" / "metrics.json").read_text())
     assert set(metrics["results"]) == {"tuned"} and metrics["delta"] == {}
@@ -297,3 +297,21 @@ def test_train_zero3_then_merge_then_eval_agree(tmp_path, monkeypatch):
     adapter_metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert "adapter" in adapter_metrics["tuned_model"]
     assert adapter_metrics["results"]["tuned"]["loss"] == pytest.approx(final_eval_loss, rel=1e-5)
+
+
+def test_the_trained_adapter_comes_before_adapter_name_or_path(make_run, tmp_path):
+    """A recipe that continues training from adapter_name_or_path merges/evaluates what it trained."""
+    import shutil
+
+    from conftest import resolve_run
+
+    r = make_run()
+    out = Path(r["output_dir"])
+    start = tmp_path / "start_adapter"
+    shutil.copytree(out / "adapter", start)
+    r2 = resolve_run(r.recipe_path, f"adapter_name_or_path={start}", command="merge")
+    assert merge.find_adapter(r2) == out / "adapter" and E.tuned_model(r2).path == out / "adapter"
+    shutil.rmtree(out / "adapter")  # nothing trained here: merge the given adapter
+    assert merge.find_adapter(r2) == start and E.tuned_model(r2).path == start
+    merge.run(r2)
+    assert json.loads((out / "merged" / "verification.json").read_text())["source"] == str(start)
