@@ -44,8 +44,12 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     kwargs = generation_kwargs(r, template.stop_strings if template else ())
 
     def complete(text: str, history: list[tuple[str, str]]) -> str:
-        prompt = text if template is None else template.prompt(instruction=text, history=history)
-        return generate_text(model, tokenizer, prompt, **kwargs)
+        if template is None:
+            return generate_text(model, tokenizer, text, **kwargs)
+        from pipeline.data.tokenize import encode_prompt
+
+        ids = encode_prompt(template, text, history=history, tokenizer=tokenizer)  # exactly as in training
+        return generate_text(model, tokenizer, ids, **kwargs)
 
     prompt = getattr(args, "prompt", None)
     if prompt is not None:

@@ -163,11 +163,16 @@ def cut_at_stop(text: str, stop_strings: Iterable[str] | None) -> str:
     return text[:cut]
 
 
-def generate_text(model: GPTModel, tokenizer, prompts: str | Sequence[str], **kwargs) -> str | list[str]:
-    """Text in, completions out (stop strings cut off); kwargs as for generate()."""
-    single = isinstance(prompts, str)
-    texts = [prompts] if single else list(prompts)
-    encoded = [tokenizer.encode(t, allowed_special="all") for t in texts]
+def generate_text(model: GPTModel, tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                  **kwargs) -> str | list[str]:
+    """Prompts in (text, or token ids as training encoded them), completions out (stop strings cut off).
+
+    Text is encoded as plain text: a user typing "<|endoftext|>" does not produce the EOS token.
+    kwargs as for generate().
+    """
+    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+    items = [prompts] if single else list(prompts)
+    encoded = [tokenizer.encode_ordinary(p) if isinstance(p, str) else list(p) for p in items]
     new = generate(model, encoded, tokenizer=tokenizer, **kwargs)
     completions = [cut_at_stop(tokenizer.decode(ids), kwargs.get("stop_strings")) for ids in new]
     return completions[0] if single else completions
