@@ -1,0 +1,122 @@
+"""Generation: 256 new tokens (greedy, never stopping early) at batch 1 and 8, our generate with the KV cache,
+transformers' generate on the same weights (written by our save_hf, loaded by from_pretrained), and our
+generate without the cache.
+
+Without the cache every step re-runs the whole sequence (and the output head over every position), so
+256 new tokens at batch 8 would take longer than the whole benchmark budget on this CPU. The no-cache
+comparison is therefore measured over the first `short` new tokens, cached and uncached alike: since an
+uncached step grows with the sequence while a cached step stays nearly constant, the speedup over 256
+tokens is at least the speedup measured over `short`. Batch 8 prompts have different lengths (left
+padding, as a batched chat would). fp32, as `generate` runs by default.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bench import common
+
+PAD = 50256
+
+
+def prompts(batch: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lengths = [32] if batch == 1 else rng.integers(20, 49, size=batch).tolist()
+    return [rng.integers(0, 50000, size=int(n)).tolist() for n in lengths]
+
+
+def left_padded(batch: list[list[int]]) -> tuple[Any, Any]:
+    import torch
+
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, p in enumerate(batch):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers: int) -> dict[str, Any]:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from bench.workload import save_gpt2_small_widths
+    from pipeline.model.generate import generate
+    from pipeline.model.weights import load_model, save_hf
+
+    started = common.loadavg()
+    new, short = (32, 8) if quick else (256, 32)
+    ours = load_model(save_gpt2_small_widths(workdir / f"model-{n_layers}l", n_layers)).eval()
+    hf_dir = workdir / f"hf-{n_layers}l"
+    if not (hf_dir / "config.json").exists():
+        save_hf(ours, hf_dir)
+    theirs = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+    def ours_run(batch: list[list[int]], tokens: int, cache: bool) -> Callable[[int], dict]:
+        def go(k: int) -> dict:
+            seconds, out = timed(lambda: generate(ours, batch, max_new_tokens=tokens, eos_id=None, use_cache=cache))
+            assert all(len(o) == tokens for o in out)
+            return {"seconds": seconds, "first": out[0][:16]}
+        return go
+
+    def hf_run(batch: list[list[int]], tokens: int) -> Callable[[int], dict]:
+        ids, mask = left_padded(batch)
+
+        def go(k: int) -> dict:
+            with torch.inference_mode():
+                seconds, out = timed(lambda: theirs.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                    do_sample=False, pad_token_id=PAD))
+            return {"seconds": seconds, "first": out[0, ids.shape[1]:ids.shape[1] + 16].tolist()}
+        return go
+
+    contenders: dict[str, Callable[[int], dict]] = {}
+    for b in (1, 8):
+        batch = prompts(b)
+        contenders[f"ours cache b{b}"] = ours_run(batch, new, True)
+        contenders[f"transformers b{b}"] = hf_run(batch, new)
+        contenders[f"ours cache b{b} short"] = ours_run(batch, short, True)
+        contenders[f"ours no-cache b{b} short"] = ours_run(batch, short, False)
+    with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
+        generate(ours, prompts(8), max_new_tokens=4, eos_id=None)
+        ids, mask = left_padded(prompts(8))
+        theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    print(f"generation: {new} new tokens, gpt2-small widths, {n_layers} layers, fp32; no-cache over {short} tokens")
+    results = common.rounds(contenders, min_rounds=1 if quick else 2, max_rounds=1 if quick else 3, budget_s=budget_s)
+    med = {name: common.median(r["seconds"] for r in runs) for name, runs in results.items()}
+    summary: dict[str, Any] = {}
+    rows = []
+    for b in (1, 8):
+        cache, hf = med[f"ours cache b{b}"], med[f"transformers b{b}"]
+        speedup = med[f"ours no-cache b{b} short"] / med[f"ours cache b{b} short"]
+        same = results[f"ours cache b{b}"][0]["first"] == results[f"transformers b{b}"][0]["first"]
+        summary[f"b{b}"] = {"ours_cache_tokens_per_s": b * new / cache, "transformers_tokens_per_s": b * new / hf,
+                            "vs_transformers": hf / cache, "cache_speedup_lower_bound": speedup,
+                            "no_cache_short_tokens_per_s": b * short / med[f"ours no-cache b{b} short"],
+                            "same_first_tokens_as_transformers": same}
+        rows.append((b, b * new / cache, b * new / hf, hf / cache, b * short / med[f"ours no-cache b{b} short"],
+                     f">= {speedup:.1f}x", "yes" if same else "no"))
+    text = common.table(["batch", "ours+cache tok/s", "transformers tok/s", "ours vs transformers",
+                         f"ours no-cache tok/s ({short} new)", "cache speedup", "same tokens"], rows)
+    print(text)
+    targets = []
+    for b in (1, 8):
+        s = summary[f"b{b}"]
+        targets.append(common.check(s["cache_speedup_lower_bound"], ">=", 5.0, f"KV cache vs no cache, batch {b}"))
+        targets.append(common.check(s["vs_transformers"], ">=", 1.0, f"generation vs transformers, batch {b}"))
+    payload = {"config": {"model": f"gpt2-small widths, {n_layers} layers", "new_tokens": new,
+                          "no_cache_new_tokens": short, "precision": "fp32", "decoding": "greedy, no early stop"},
+               "summary": summary, "targets": targets, "table": text, "median_seconds": med,
+               "runs": {n: [r["seconds"] for r in runs] for n, runs in results.items()}}
+    common.save("generation", payload, started)
+    return payload
