@@ -192,7 +192,7 @@ class Trainer:
             self.engine.backward(total)
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 own_norm = grad_norm(self.params)
-            self.engine.step()
+            self.engine_step()
             window.loss += float(loss.detach()) / self.r["gradient_accumulation_steps"]
             tokens, trained = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
             window.tokens += tokens
@@ -202,6 +202,18 @@ class Trainer:
         self.data.end_of_step()
         norm = self.engine.get_global_grad_norm()
         return own_norm if norm is None else float(norm)
+
+    def engine_step(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as err:  # DeepSpeed's fp16 scaler gives up when it cannot go below min_loss_scale
+            if "loss scale" not in str(err).lower():
+                raise
+            raise UserError(
+                f"fp16 gradients overflowed at optimizer step {self.state.global_step + 1} even at the minimum loss "
+                f"scale {loss_scale(self.engine)} (min_loss_scale {self.r['min_loss_scale']}): the loss is diverging. "
+                "Try a lower learning_rate, max_grad_norm 1.0, a lower min_loss_scale, or bf16 on GPUs that have it"
+            ) from None
 
     # ------------------------------------------------------------------------------------------ the loop
     def train(self) -> str:
