@@ -50,8 +50,9 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         merged, check = reexport_full(r)
     target = export(r, merged, out / "merged", check)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
+    source = "adapter" if r["finetuning_type"] == "lora" else "trained"
     note(f"merged model written to {target} ({r['export_dtype']}); verified on {check.report['samples']} samples,"
-         f" max relative logit error vs the {'adapter' if r['finetuning_type'] == 'lora' else 'trained'} model: {errors}")
+         f" max relative logit error vs the {source} model: {errors}")
     return 0
 
 
@@ -242,7 +243,8 @@ def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequen
                               "layers": layers, "logits": {"fp32": fp32_err}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
     if not fp32_err <= LOGIT_RTOL["fp32"]:
         raise UserError(f"merged model: logits differ from the adapter model by {fp32_err:.3g} (relative, tolerance"
-                        f" {LOGIT_RTOL['fp32']:g}) although every LoRA layer matches; {_first_changed(adapted, merged)}")
+                        f" {LOGIT_RTOL['fp32']:g}) although every LoRA layer matches;"
+                        f" {_first_changed(adapted, merged)}")
     check = Check(report, list(map(list, samples)), reference)
     _check_cast(merged, check, export_dtype,
                 {name: (merged.get_submodule(name).weight, w.linear.weight) for name, w in wrappers.items()})

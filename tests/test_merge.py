@@ -190,7 +190,8 @@ def test_tokenizer_files_make_gpt2s_tokenizer(tmp_path):
     merge.write_tokenizer_files(tmp_path, 128)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     enc = get_tokenizer()
-    for text in ["Hello, do you like tea? In the sunlit terraces", "café 中文 naïve  spaces\n\nü 😀 ### Response:"]:
+    texts = ["Hello, do you like tea? In the sunlit terraces", "café 中文 naïve  spaces\n\nü 😀 ### Response:"]
+    for text in texts:
         assert tok.encode(text) == enc.encode(text)
     # GPT-2's known ids (tiktoken docs): "Hello, do you like tea?" -> 15496, 11, 466, 345, 588, 8887, 30
     assert tok.encode("Hello, do you like tea?") == [15496, 11, 466, 345, 588, 8887, 30]

@@ -286,6 +286,6 @@ def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str
             res = results[name]
             text = f"{name}: loss {res['loss']:.4f}" if res.get("loss") is not None else f"{name}:"
             if "f1" in res:
-                text += f", F1 {100 * res['f1']:.1f}, ROUGE-L {100 * res['rouge_l']:.1f}, BLEU-4 {100 * res['bleu']:.1f}"
+                text += ", " + ", ".join(f"{report.SHORT[k]} {100 * res[k]:.1f}" for k in ("f1", "rouge_l", "bleu"))
             parts.append(text)
     return "eval: " + " | ".join(parts) + f"; report: {target / 'report.md'}"

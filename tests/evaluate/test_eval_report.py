@@ -112,8 +112,8 @@ def test_tuned_only_and_training_loss_png_fallback(tmp_path):
 
 
 def test_pt_stage_has_loss_only(tmp_path):
-    metrics = {"run_name": "demo_pt", "stage": "pt",
-               "results": {"base": R.model_summary(50.0, 10, None, None), "tuned": R.model_summary(40.0, 10, None, None)}}
+    results = {"base": R.model_summary(50.0, 10, None, None), "tuned": R.model_summary(40.0, 10, None, None)}
+    metrics = {"run_name": "demo_pt", "stage": "pt", "results": results}
     R.write(tmp_path / "eval", metrics, None, output_dir=tmp_path)
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {"metrics.json", "report.md"}
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
