@@ -134,12 +134,11 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- resume
 
-def _where(r: Mapping[str, Any], key: str) -> str:
+def where(r: Mapping[str, Any], key: str) -> str:
+    """`recipes/x.yaml:12: key` when the value came from a file or the command line, else `key`."""
     source = getattr(r, "source", None)
-    if source is None:
-        return key
-    where = source(key)
-    return f"{where}: {key}" if where not in ("default", "derived") else key
+    origin = source(key) if source is not None else "default"
+    return f"{origin}: {key}" if origin not in ("default", "derived") else key
 
 
 def find_resume(r: Mapping[str, Any]) -> Path | None:
@@ -147,12 +146,12 @@ def find_resume(r: Mapping[str, Any]) -> Path | None:
     value = r["resume_from_checkpoint"]
     if value is None:
         return None
-    where = _where(r, "resume_from_checkpoint")
+    at = where(r, "resume_from_checkpoint")
     output_dir = Path(r["output_dir"])
     if value == "latest":
         candidates = list_checkpoints(output_dir)
         if not candidates:
-            raise UserError(f"{where}: 'latest', but {output_dir} holds no checkpoint-<step>/ directory; remove "
+            raise UserError(f"{at}: 'latest', but {output_dir} holds no checkpoint-<step>/ directory; remove "
                             "resume_from_checkpoint to start a new run")
         damaged: list[str] = []
         for path in reversed(candidates):
@@ -163,22 +162,22 @@ def find_resume(r: Mapping[str, Any]) -> Path | None:
                           file=sys.stderr)
                 return path
             damaged.append(f"{path.name} ({problems[0]})")
-        raise UserError(f"{where}: 'latest', but every checkpoint in {output_dir} is damaged: {'; '.join(damaged)}")
+        raise UserError(f"{at}: 'latest', but every checkpoint in {output_dir} is damaged: {'; '.join(damaged)}")
     path = Path(value)
     if not path.exists():
         available = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
-        raise UserError(f"{where}: {value!r} does not exist (checkpoints in {output_dir}: {available}; "
+        raise UserError(f"{at}: {value!r} does not exist (checkpoints in {output_dir}: {available}; "
                         "'latest' picks the newest)")
     problems = problems_with(path)
     if problems:
-        raise UserError([f"{where}: {path} cannot be resumed from: {p}" for p in problems])
+        raise UserError([f"{at}: {path} cannot be resumed from: {p}" for p in problems])
     return path
 
 
 def check_compatible(r: Mapping[str, Any], path: Path) -> None:
     """The recipe must agree with the checkpoint on what the saved state depends on."""
     saved = read_state(path).get("recipe", {})
-    problems = [f"{_where(r, key)} is {json.dumps(r[key])} but {path} was trained with {json.dumps(saved[key])}; "
+    problems = [f"{where(r, key)} is {json.dumps(r[key])} but {path} was trained with {json.dumps(saved[key])}; "
                 f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
                 for key in RESUME_KEYS if key in saved and saved[key] != r[key]]
     if problems:

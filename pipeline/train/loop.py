@@ -251,6 +251,8 @@ class Trainer:
                     self.last_saved_step = step
                 if stopping:
                     return "stopped"
+                if window.steps == 0:  # evaluation and saving do not count against the next window's tokens/s
+                    window.started = time.monotonic()
         finally:
             bar.close()
         return "done"

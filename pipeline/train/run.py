@@ -59,7 +59,6 @@ def train(r: Any) -> TrainResult:
     resume = checkpoint.find_resume(r)
     if resume is not None:
         checkpoint.check_compatible(r, resume)
-    output_dir = prepare_output_dir(r, resume)
 
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
@@ -67,8 +66,9 @@ def train(r: Any) -> TrainResult:
     r = exact_steps(r, loader)
     has_val = count_examples(r)["val"] > 0
     val_loader = make_loader(r, "val", rank=rank, world_size=world, shuffle=False) if has_val else None
-
     model = build_model(r)
+    output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
+
     optimizer = make_optimizer(model, r)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, r),
                                       config=r.ds_config)
@@ -124,18 +124,18 @@ def _dangerous(path: Path) -> bool:
 def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
     output_dir = Path(r["output_dir"])
-    where = checkpoint._where(r, "output_dir")
+    at = checkpoint.where(r, "output_dir")
     if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"{where}: {output_dir} is a file, not a directory; choose another output_dir")
+        raise UserError(f"{at}: {output_dir} is a file, not a directory; choose another output_dir")
     entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
     if entries and resume is None:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         if not r["overwrite_output_dir"]:
-            raise UserError(f"{where}: {output_dir} is not empty (it holds {shown}); set "
+            raise UserError(f"{at}: {output_dir} is not empty (it holds {shown}); set "
                             "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to "
                             "start over (its contents are removed), or choose another output_dir")
         if _dangerous(output_dir):
-            raise UserError(f"{where}: {output_dir} is the working directory, one of its parents, the home "
+            raise UserError(f"{at}: {output_dir} is the working directory, one of its parents, the home "
                             "directory or a git checkout; overwrite_output_dir will not empty it. Choose a "
                             "dedicated output_dir such as saves/<name>")
     dist.barrier()  # every rank has decided before rank 0 changes anything

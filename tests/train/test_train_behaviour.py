@@ -11,7 +11,6 @@ from pipeline.model.weights import load_model
 from pipeline.train import optim
 from pipeline.train.log import read_log
 from pipeline.train.run import train
-from tests.train.helpers import BASE_SFT
 
 
 def changed(result, r) -> dict[str, bool]:
