@@ -166,8 +166,9 @@ def targets_table(targets: Iterable[Mapping[str, Any]]) -> str:
 
 
 def save(name: str, payload: Mapping[str, Any], started_load: list[float]) -> Path:
-    """bench/results/<name>.json: the machine, versions, load before/after, and the benchmark's figures."""
-    path = RESULTS / f"{name}.json"
+    """<results>/<name>.json: the machine, versions, load before/after, and the benchmark's figures.
+    The results folder is bench/results, or $BENCH_RESULTS (quick runs write elsewhere)."""
+    path = Path(os.environ.get("BENCH_RESULTS", RESULTS)) / f"{name}.json"
     record = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
               "load_before": started_load, "load_after": loadavg(), **payload}
     write_json(path, record)

@@ -123,8 +123,7 @@ def child(contender: str, n_layers: int, recipe: str, examples: str, batches: li
     return result
 
 
-def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path) -> dict[str, Any]:
-    n_layers = 2 if quick else 4
+def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers: int) -> dict[str, Any]:
     steps = 2 if quick else 4
     batch_size, cutoff_len = 8, 512
     started = common.loadavg()

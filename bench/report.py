@@ -1,0 +1,92 @@
+"""bench/README.md's figures: rebuilt from bench/results/*.json between the figure markers; the prose around
+them (method, analysis of missed targets) is kept as written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bench.common import BENCH_DIR, RESULTS, table, targets_table
+from bench.profiling import top_table
+from pipeline.io import write_text
+
+README = BENCH_DIR / "README.md"
+START, END = "<!-- figures:start (written by python -m bench.run) -->", "<!-- figures:end -->"
+ORDER = ("sft", "dense", "generation", "data", "startup")
+TITLES = {"sft": "sft throughput (LoRA, useful tokens/s) and peak RSS", "dense": "dense step (fully packed batch)",
+          "generation": "generation (256 new tokens, greedy)", "data": "data stage (200k rows)",
+          "startup": "startup"}
+
+
+def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
+    found = {}
+    for name in ORDER:
+        path = folder / f"{name}.json"
+        if path.exists():
+            found[name] = json.loads(path.read_text(encoding="utf-8"))
+    return found
+
+
+def machine_lines(m: dict[str, Any]) -> list[str]:
+    v = m["versions"]
+    return [f"- CPU: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+            f"{m['memory_gib']} GiB; flags: {', '.join(m['cpu_flags']) or 'n/a'}",
+            f"- {m['platform']}; Python {v['python']}",
+            "- " + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft", "accelerate", "deepspeed",
+                                                      "tiktoken", "numpy", "llms-from-scratch"))]
+
+
+def section(name: str, res: dict[str, Any]) -> list[str]:
+    cfg = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in res.get("config", {}).items()
+                    if k not in ("flop_formula", "recipe") and not isinstance(v, dict))
+    lines = [f"### {TITLES[name]}", "", f"{cfg}. Load average before / after: {res['load_before'][0]} / "
+             f"{res['load_after'][0]} ({res['date']}).", "", res["table"], ""]
+    if res.get("targets"):
+        lines += [targets_table(res["targets"]), ""]
+    missed = not all(t["met"] for t in res.get("targets", []))
+    if missed:
+        for key, label in (("profile_ours", "torch.profiler, one of our steps: top ops by self CPU time"),):
+            if res.get(key):
+                lines += [f"Profile ({label}, {res[key]['total_ms']:,.0f} ms in all):", "", top_table(res[key]), ""]
+        if name == "data" and res.get("profile"):
+            for stage, prof in res["profile"].items():
+                lines += [f"Profile of {stage} (cProfile on 20k rows, {prof['total_s']} s; top functions by own "
+                          "time; `acquire` = the main thread waiting for tiktoken's worker threads):", "",
+                          top_table(prof, 8), ""]
+        if name == "startup" and res.get("validate_import_profile"):
+            prof = res["validate_import_profile"]
+            lines += ["Profile of validate: slowest imports (`python -X importtime`, cumulative seconds):", "",
+                      table(["module", "seconds"], [(r["module"], r["cumulative_s"]) for r in prof["imports"]]), "",
+                      "and cProfile, cumulative seconds per function:", "",
+                      table(["function", "cumulative s", "self s"],
+                            [(r["function"], r["cumulative_s"], r["self_s"]) for r in prof["functions"][:12]]), ""]
+    return lines
+
+
+def figures(results: dict[str, dict[str, Any]], total_s: float | None) -> str:
+    if not results:
+        return "No results yet: run `make bench`."
+    first = next(iter(results.values()))
+    lines = ["## Latest figures", ""]
+    if total_s is not None:
+        lines += [f"Whole run: {total_s / 60:.1f} minutes.", ""]
+    lines += ["Machine:", "", *machine_lines(first["machine"]), ""]
+    everything = [t for r in results.values() for t in r.get("targets", [])]
+    if everything:
+        lines += ["All targets:", "", targets_table(everything), ""]
+    for name, res in results.items():
+        lines += section(name, res)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_readme(total_s: float | None = None, results_dir: Path = RESULTS) -> Path:
+    """Replace the text between the markers (or append the markers) with the current figures."""
+    text = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n\n"
+    block = f"{START}\n{figures(load_results(results_dir), total_s)}{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    write_text(README, text)
+    return README
