@@ -85,6 +85,18 @@ def format_record(record: Mapping[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def running_mean(values: Iterable[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    out, total, kept = [], 0.0, []
+    for value in values:
+        kept.append(value)
+        total += value
+        if len(kept) > window:
+            total -= kept.pop(0)
+        out.append(total / len(kept))
+    return out
+
+
 def plot_loss(records: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Train (and eval) loss against the optimizer step; None when there is nothing to plot."""
     records = list(records)
@@ -97,11 +109,19 @@ def plot_loss(records: Iterable[Mapping[str, Any]], path: str | Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
+    if len(train) >= 20:  # long runs: the raw curve faint, a running mean over ~5% of it on top
+        ax.plot(*zip(*train), color="tab:blue", alpha=0.3, linewidth=0.8)
+        steps, values = zip(*train)
+        ax.plot(steps, running_mean(values, max(2, len(values) // 20)), label="train loss (running mean)",
+                color="tab:blue", linewidth=1.5)
+    elif train:
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
     if evals:
         ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title or "training loss")
