@@ -84,6 +84,8 @@ def train(r: Any) -> TrainResult:
         trainer = Trainer(engine, r, state, loader,
                           evaluate=(lambda: evaluate(engine, val_loader)) if val_loader is not None else None,
                           save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop)
+        if resume is not None:
+            trainer.last_saved_step = state.global_step  # that checkpoint exists already
         with explain_out_of_memory(r, state):
             outcome = trainer.train()
         if outcome == "stopped":

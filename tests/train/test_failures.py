@@ -149,3 +149,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
     # it continues from there (max_steps may change on resume: two more steps keep the test short)
     assert main(["train", str(recipe), "resume_from_checkpoint=latest", f"max_steps={step + 2}"]) == 0
     assert [rec["step"] for rec in read_log(log)][-3:] == [step, step + 1, step + 2]
+
+
+def test_ctrl_c_asks_for_a_clean_stop_and_a_second_one_interrupts():
+    from pipeline.train.loop import StopRequest
+
+    with StopRequest() as stop:
+        assert not stop.requested() and stop.exit_code == 0
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):  # the second Ctrl-C is not deferred
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_export_verification_catches_an_empty_or_partial_adapter(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline.train.export import verify_tensors
+
+    expected = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4)}
+    save_file({"a.lora_A.weight": torch.zeros(0), "a.lora_B.weight": torch.ones(64, 4)}, str(tmp_path / "x"))
+    with pytest.raises(RuntimeError, match=r"a.lora_A.weight has shape \[0\], expected \[4, 64\]"):
+        verify_tensors(tmp_path / "x", expected)
+    save_file({"a.lora_B.weight": torch.full((64, 4), math.nan)}, str(tmp_path / "y"))
+    with pytest.raises(RuntimeError, match="missing tensor a.lora_A.weight; a.lora_B.weight holds NaN"):
+        verify_tensors(tmp_path / "y", expected)

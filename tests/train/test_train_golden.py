@@ -1,6 +1,8 @@
 """The DeepSpeed path reproduces an independent plain-PyTorch loop: losses step by step and final weights."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -26,6 +28,8 @@ def test_fp32_matches_plain_pytorch(make_recipe, base, keys):
     log = read_log(result.output_dir / "trainer_log.jsonl")
     losses, l1s, ref_model = reference.train(r, 5)
     assert [rec["step"] for rec in log] == [1, 2, 3, 4, 5]
+    assert json.loads((result.output_dir / "ds_config.json").read_text()) == r.ds_config
+    assert "learning_rate: 0.001  #" in (result.output_dir / "resolved.yaml").read_text()
     assert [rec["loss"] for rec in log] == pytest.approx(losses, rel=1e-5)
     if r["l1_lambda"]:
         assert [rec["l1"] for rec in log] == pytest.approx(l1s, rel=1e-5)
