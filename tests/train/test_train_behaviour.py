@@ -29,12 +29,17 @@ def test_lora_trains_only_the_adapters(make_recipe):
     assert not any(moved[n] for n in moved if n not in lora)
 
 
-def test_freeze_trains_only_the_last_blocks(make_recipe):
+def test_freeze_trains_only_the_last_blocks_and_saves_a_usable_model(make_recipe):
     r = make_recipe(finetuning_type="freeze", freeze_trainable_layers=1, max_steps=3, warmup_steps=0)
-    moved = changed(train(r), r)
+    result = train(r)
+    moved = changed(result, r)
     trained = {n for n, m in moved.items() if m}
     assert trained == {n for n in moved if n.startswith(("h.1.", "ln_f."))}
     assert any(n.startswith("h.0.") for n in moved) and "wte.weight" in moved
+    # output_dir/model is a model directory the next recipe can start from (model_name_or_path)
+    saved = dict(load_model(result.output_dir / "model").named_parameters())
+    for name, p in result.engine.module.named_parameters():
+        assert torch.equal(saved[name], p.detach()), name
 
 
 @pytest.mark.parametrize("keys", [dict(), dict(zero_stage=2, bf16=True)], ids=["fp32-zero0", "bf16-zero2"])
