@@ -6,11 +6,12 @@ on is evaluated). A missing or stale build is a UserError that says to run `make
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest
+from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
 from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
 
@@ -21,7 +22,9 @@ def build_problem(r: Mapping[str, Any], name: str) -> str | None:
     """Why the build of `name` cannot be used with this recipe, or None."""
     directory = built_dir(r, name)
     manifest = read_manifest(directory)
-    if manifest is None:
+    if manifest is None or not all(isinstance(manifest.get(k), dict) for k in ("build_keys", "splits")):
+        if (directory / "manifest.json").is_file():
+            return f"{directory}/manifest.json: damaged (not a JSON object as the build writes it); {MAKE_DATA}"
         return f"{directory}: dataset '{name}' is not built; {MAKE_DATA}"
     wanted = build_keys(r)
     changed = [f"{k} {manifest.get('build_keys', {}).get(k)!r} -> {v!r}" for k, v in wanted.items()
@@ -52,17 +55,36 @@ def split_files(r: Mapping[str, Any], split: str) -> list[Path]:
     return [built_dir(r, name) / f"{s}.json" for name, s in parts]
 
 
-def read_rows(path: Path) -> list[Any]:
-    """A built JSON array; a damaged file is a UserError naming its line."""
+def edited(path: Path, digest: str | None = None) -> str | None:
+    """Why a built file cannot be trusted: its sha256 is not the one manifest.json recorded (None: it is)."""
+    files = (read_manifest(Path(path).parent) or {}).get("files")
+    recorded = files.get(Path(path).name) if isinstance(files, dict) else None
+    if not isinstance(recorded, dict) or recorded.get("sha256") is None:
+        return None
+    if recorded["sha256"] == (digest or sha256_file(Path(path))):
+        return None
+    return (f"{path}: changed after it was built (its sha256 differs from manifest.json); edit the raw sources "
+            f"instead and {MAKE_DATA}")
+
+
+def read_rows(path: Path, verify: bool = True) -> list[Any]:
+    """A built JSON array; a damaged file is a UserError naming its line, an edited one (verify: the sha256 that
+    manifest.json recorded differs) a UserError too: the raw sources are the truth, `make data` rebuilds."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
+        data = Path(path).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        text = data.decode("utf-8")
+        del data  # large splits: the bytes and the text need not live together with the rows
+        rows = json.loads(text)
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte offset {err.start}); {MAKE_DATA}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; {MAKE_DATA}") from None
     if not isinstance(rows, list):
         raise UserError(f"{path}:1: expected a JSON array of rows; {MAKE_DATA}")
+    problem = edited(path, digest) if verify else None
+    if problem:
+        raise UserError(problem)
     return rows
 
 

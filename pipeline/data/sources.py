@@ -80,6 +80,10 @@ def read_table(path: Path, shown: str, problems: Problems) -> Table:
     text, bad = decode(path.read_bytes(), shown, problems)
     if text is None:
         return Table()
+    if suffix == ".json" and not bad and text.lstrip(" \t\r\n").startswith("{"):
+        whole = _one_object(text, shown, problems)
+        if whole is not None:
+            return whole
     if suffix == ".jsonl" or (suffix == ".json" and text.lstrip(" \t\r\n").startswith("{")):
         return _read_jsonl(text, bad, shown, problems)
     if bad:  # a JSON array or a CSV cannot be re-synchronised after a bad line
@@ -122,6 +126,21 @@ def _read_jsonl(text: str, bad: set[int], shown: str, problems: Problems) -> Tab
         records.append(record)
         where.append(number)
     return table
+
+
+def _one_object(text: str, shown: str, problems: Problems) -> Table | None:
+    """A .json file that is one (pretty-printed) object: one row, or rows nested under a key; None for JSON Lines."""
+    try:
+        record = _DECODER.decode(text)  # JSON Lines stop at the end of line 1 ("Extra data"): cheap
+    except (ValueError, StopIteration):
+        return None
+    nested = [k for k, v in record.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    if nested:
+        problems.add(shown, 1, f"one JSON object whose '{nested[0]}' holds {len(record[nested[0]]):,} rows; expected "
+                               "a JSON array of rows ([{...}, {...}]) or JSON Lines (one object per line): move the "
+                               "rows to the top level")
+        return Table()
+    return Table(records=[record], where=[1])
 
 
 def _read_json_array(text: str, shown: str, problems: Problems) -> Table:

@@ -251,23 +251,36 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     return Path(directory)
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / ADAPTER_CONFIG
     if not directory.is_dir():
         raise UserError(f"adapter: '{directory}' is not a directory (expected {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except FileNotFoundError:
         raise UserError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # UnicodeDecodeError, JSONDecodeError, NaN/Infinity
         raise UserError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
     problems = []
     if config.get("peft_type", "LORA") != "LORA":
         problems.append(f"{path}: peft_type '{config.get('peft_type')}' is not supported (LORA only)")
-    for key in ("r", "lora_alpha", "target_modules"):
+    for key, ok, expected in (
+            ("r", lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+            ("lora_alpha", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a number > 0"),
+            ("target_modules", lambda v: isinstance(v, str) or (isinstance(v, list) and v
+                                                                 and all(isinstance(t, str) for t in v)),
+             "a module name or a list of module names")):
         if key not in config:
             problems.append(f"{path}: missing key '{key}'")
+        elif not ok(config[key]):
+            problems.append(f"{path}: {key} is {json.dumps(config[key])}; expected {expected}")
     if problems:
         raise UserError(problems)
     return config
@@ -295,7 +308,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     config = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise UserError(f"{weights}: missing; an adapter directory holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}")
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        hint = (f" ({', '.join(pickled)} holds pickled weights, which this pipeline never loads: pickle can run"
+                " code; save the adapter with safetensors, e.g. PEFT's save_pretrained(safe_serialization=True))"
+                if pickled else "")
+        raise UserError(f"{weights}: missing; an adapter directory holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}"
+                        f"{hint}")
     tensors = {key: tensor for _, key, tensor in read_tensors([weights])}
     existing = lora_modules(model)
     if existing:

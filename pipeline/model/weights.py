@@ -28,6 +28,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal-mask buffers old GPT-2 checkpoints carry
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EOS_ID = 50256
+MAX_TENSOR_PROBLEMS = 8
 
 load_checkpoint_config = read_config  # the name INTERNALS.md uses
 
@@ -123,12 +124,17 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, tuple[Path, torch.
             problems.append(f"{source}: missing tensor '{key}' (expected shape {list(shape)})")
         elif tuple(state[key][1].shape) != shape:
             file, tensor = state[key]
-            problems.append(f"{file.name if file else source}: tensor '{key}' has shape {list(tensor.shape)},"
+            problems.append(f"{file or source}: tensor '{key}' has shape {list(tensor.shape)},"
                             f" the model expects {list(shape)}")
     for key in sorted(set(state) - set(expected)):
         file, tensor = state[key]
-        problems.append(f"{file.name if file else source}: unexpected tensor '{key}' (shape {list(tensor.shape)})")
+        problems.append(f"{file or source}: unexpected tensor '{key}' (shape {list(tensor.shape)})")
     if problems:
+        if len(problems) > MAX_TENSOR_PROBLEMS:  # weights of another model size: the first ones say enough
+            problems = problems[:MAX_TENSOR_PROBLEMS] + [
+                f"{source}: ... and {len(problems) - MAX_TENSOR_PROBLEMS} more tensors that do not fit; these weights"
+                f" belong to another model than config.json describes ({file_cfg.n_layers} layers, width"
+                f" {file_cfg.emb_dim})"]
         if cfg != file_cfg:
             problems.append(f"{source}: the recipe changed the checkpoint's config ({_diff(file_cfg, cfg)});"
                             " these weights do not fit the changed shapes")

@@ -14,6 +14,8 @@ DERIVED_KEYS = (
     "steps_per_epoch", "total_steps", "num_warmup_steps",
 )
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
+_SHOWN_CHARS = 80  # longer strings and lists are shortened in messages
+_SHOWN_ITEMS = 10
 
 
 def show(value: Any) -> str:
@@ -23,8 +25,12 @@ def show(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, str):
+        if len(value) > _SHOWN_CHARS:  # a pasted file must not flood the terminal
+            return repr(value[:_SHOWN_CHARS]) + f"... ({len(value):,} characters)"
         return repr(value)
     if isinstance(value, list):
+        if len(value) > _SHOWN_ITEMS:
+            return "[" + ", ".join(show(v) for v in value[:_SHOWN_ITEMS]) + f", ... ({len(value):,} items)]"
         return "[" + ", ".join(show(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {show(v)}" for k, v in value.items()) + "}"

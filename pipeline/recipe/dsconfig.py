@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from typing import Any, Mapping
 
 from pipeline.errors import UserError
@@ -41,6 +42,23 @@ _CLIENT_SECTIONS = {
                  "adam_beta2 and adam_epsilon there",
     "scheduler": "the learning-rate schedule is built from the recipe: set lr_scheduler_type, warmup_ratio or "
                  "warmup_steps and min_lr_ratio there",
+}
+
+
+# Sections that are JSON objects (an example each), and keys that only mean something inside a section.
+_SECTIONS = {
+    "zero_optimization": '"zero_optimization": {"stage": 2}',
+    "fp16": '"fp16": {"enabled": "auto"}',
+    "bf16": '"bf16": {"enabled": "auto"}',
+    "activation_checkpointing": '"activation_checkpointing": {"partition_activations": false}',
+}
+_SECTION_KEYS = {
+    **{key: "zero_optimization" for key in (
+        "stage", "offload_optimizer", "offload_param", "overlap_comm", "contiguous_gradients", "reduce_scatter",
+        "reduce_bucket_size", "allgather_partitions", "allgather_bucket_size", "round_robin_gradients",
+        "sub_group_size")},
+    **{key: "fp16" for key in ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                               "min_loss_scale")},
 }
 
 
@@ -99,7 +117,9 @@ def build_ds_config(values: Mapping[str, Any], origins: Mapping[str, Origin]) ->
     if path is None:
         return generate(values, hidden), {}
     user, text = _read_json(path, origins.get("deepspeed"))
-    problems: list[str] = []
+    problems = _nesting_problems(user, path, text)
+    if problems:  # merging a misshapen config would only add confusing follow-up messages
+        raise UserError(problems)
     for section, advice in _CLIENT_SECTIONS.items():
         if section in user:
             problems.append(f"{_at(path, text, (section,))}: {section}: {advice}; remove the '{section}' section")
@@ -135,14 +155,48 @@ def _read_json(path: str, origin: Origin | None) -> tuple[dict[str, Any], str]:
         return out
 
     try:
-        data = json.loads(text, object_pairs_hook=no_duplicates)
+        data = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}:{err.colno}: invalid JSON: {err.msg}") from None
+    except _NonFinite as err:
+        raise UserError(f"{_constant_at(path, text)}: {err.args[0]} is not a number DeepSpeed can use (JSON has no "
+                        "NaN or Infinity); give a finite number or \"auto\"") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}:1:1: a DeepSpeed config must be a JSON object {{...}}, found {type(data).__name__}")
     if "bfloat16" in data and "bf16" not in data:  # DeepSpeed's older spelling of the bf16 section
         data["bf16"] = data.pop("bfloat16")
     return data, text
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _constant_at(path: str, text: str) -> str:
+    """`file:line:col` of the first NaN / Infinity outside a string."""
+    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)', text):
+        if match.group(1):
+            pos = match.start(1)
+            return f"{path}:{text.count(chr(10), 0, pos) + 1}:{pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
+    return path
+
+
+def _nesting_problems(user: Mapping[str, Any], path: str, text: str) -> list[str]:
+    """Sections given as plain values, and section keys written at the top level (DeepSpeed ignores those)."""
+    problems = []
+    for key, value in user.items():
+        if key in _SECTIONS and not isinstance(value, Mapping):
+            problems.append(f"{_at(path, text, (key,))}: {key}: given {json.dumps(value)}, expected an object "
+                            f"{{...}} (e.g. {_SECTIONS[key]})")
+        section = _SECTION_KEYS.get(key) or ("zero_optimization" if key.startswith("stage3_") else None)
+        if section is not None:
+            problems.append(f"{_at(path, text, (key,))}: {key}: belongs inside the \"{section}\" section "
+                            f"(\"{section}\": {{\"{key}\": {json.dumps(value)}}}); at the top level DeepSpeed ignores it")
+    return problems
 
 
 def _at(path: str, text: str, keys: tuple[str, ...]) -> str:

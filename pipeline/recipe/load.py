@@ -174,8 +174,14 @@ def _parse_float(text: str) -> float:
     return float(text)
 
 
-def _yaml_problem(err: yaml.YAMLError) -> tuple[int, int, str]:
+def _yaml_problem(err: yaml.YAMLError, text: str = "") -> tuple[int, int, str]:
     """(line, column, message) of a PyYAML error, 1-based."""
+    if isinstance(err, yaml.reader.ReaderError):  # a control character: PyYAML gives only its offset
+        offset = err.position if isinstance(err.position, int) else 0
+        line = text.count("\n", 0, offset) + 1
+        char = chr(err.character) if isinstance(err.character, int) else str(err.character)
+        return line, offset - (text.rfind("\n", 0, offset) + 1) + 1, (
+            f"control character {char!r} ({err.reason}); a recipe is plain text")
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     line, col = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
     problem = getattr(err, "problem", None) or str(err)
@@ -227,7 +233,7 @@ def compose(text: str, file: str) -> Node | None:
     try:
         return yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as err:
-        line, col, problem = _yaml_problem(err)
+        line, col, problem = _yaml_problem(err, text)
         if "'\\t'" in problem or "\\t" in problem:
             tabs = _tab_positions(text) or [(line, col)]
             raise UserError([f"{file}:{ln}:{c}: tab character; YAML indents and separates with spaces, not tabs"
