@@ -21,7 +21,7 @@ def changed(result, r) -> dict[str, bool]:
 
 
 def test_lora_trains_only_the_adapters(make_recipe):
-    r = make_recipe(max_steps=3, warmup_steps=0)
+    r = make_recipe(max_steps=2, warmup_steps=0)
     moved = changed(train(r), r)
     lora = {n for n in moved if ".lora." in n}
     assert len(lora) == 16  # tiny: 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj) x (A, B)
@@ -59,10 +59,10 @@ def test_clipped_gradient_never_exceeds_max_grad_norm(make_recipe, monkeypatch, 
         return opt
 
     monkeypatch.setattr(optim, "make_optimizer", recording)
-    r = make_recipe(max_steps=4, warmup_steps=0, max_grad_norm=0.05, **keys)
+    r = make_recipe(max_steps=3, warmup_steps=0, max_grad_norm=0.05, **keys)
     result = train(r)
     pre_clip = [rec["grad_norm"] for rec in read_log(result.output_dir / "trainer_log.jsonl")]
-    assert len(seen) == 4 and len(pre_clip) == 4
+    assert len(seen) == 3 and len(pre_clip) == 3
     assert min(pre_clip) > 0.5  # clipping was active at every step: the check below is not vacuous
     assert all(norm <= 0.05 * (1 + 1e-4) for norm in seen), seen
     assert all(norm > 0.04 for norm in seen)  # clipped to the limit, not to zero
@@ -76,9 +76,9 @@ def read_adapter(path) -> dict[str, torch.Tensor]:
 def test_zero_stages_0_2_3_save_complete_and_equal_adapters(make_recipe):
     adapters = {}
     for stage in (0, 2, 3):
-        r = make_recipe(name=f"z{stage}", zero_stage=stage, max_steps=3, warmup_steps=0)
+        r = make_recipe(name=f"z{stage}", zero_stage=stage, max_steps=2, warmup_steps=0, save_steps=2)
         result = train(r)
-        for where in (result.output_dir / "adapter", result.output_dir / "checkpoint-3" / "adapter"):
+        for where in (result.output_dir / "adapter", result.output_dir / "checkpoint-2" / "adapter"):
             tensors = read_adapter(where)
             assert len(tensors) == 16
             assert all(t.numel() > 0 for t in tensors.values())  # not the empty ZeRO-3 shards
