@@ -11,11 +11,14 @@ Every metric is a number in [0, 1] (the report shows them as percentages). Defin
     two tokens, "中" and "文"),
   * runs of other word characters (letters, digits, underscore in any script: "café", "naïve", "42"),
   * one token per remaining non-space character (punctuation: "," "." "!" "?" ...).
-- token F1 (SQuAD-style): bag-of-words overlap; common = sum over tokens of min(count in prediction,
-  count in reference); P = common/len(pred), R = common/len(ref), F1 = 2PR/(P+R).
-- ROUGE-L: L = length of the longest common subsequence of the two token lists; P = L/len(pred),
-  R = L/len(ref), F = 2PR/(P+R) (beta = 1, as the rouge-score package).
-- BLEU-4 (Papineni et al. 2002, one reference): clipped n-gram precisions p_1..p_4, brevity penalty
+  words(text) are the same without the punctuation tokens.
+- token F1 (SQuAD-style, on words: punctuation is dropped as SQuAD does, so that "." matching "."
+  earns nothing; articles are kept): common = sum over words of min(count in prediction, count in
+  reference); P = common/len(pred), R = common/len(ref), F1 = 2PR/(P+R).
+- ROUGE-L (on words, as the rouge-score package): L = length of the longest common subsequence;
+  P = L/len(pred), R = L/len(ref), F = 2PR/(P+R) (beta = 1).
+- BLEU-4 (Papineni et al. 2002, one reference, on tokens: punctuation counts, as in sacreBLEU's
+  13a tokenisation): clipped n-gram precisions p_1..p_4, brevity penalty
   BP = 1 if c > r else exp(1 - r/c) (c, r = prediction/reference lengths; BP = 0 when c = 0),
   BLEU = BP * exp(mean(log p_n)). Smoothing: Chen & Cherry (2014) method 1 as in NLTK's
   SmoothingFunction().method1: a precision whose match count is 0 becomes epsilon / max(1, total) with
@@ -23,8 +26,8 @@ Every metric is a number in [0, 1] (the report shows them as percentages). Defin
   nltk.translate.bleu_score.sentence_bleu(ref, hyp, smoothing_function=method1) on our tokens.
   Corpus BLEU sums the clipped matches, n-gram totals and lengths over all examples before applying
   the same formula (so a one-example corpus scores its sentence BLEU).
-- Empty strings: both empty (no tokens) scores 1 on every metric (nothing was asked, nothing was
-  said); exactly one empty scores 0.
+- Empty strings: both empty (no tokens/words) scores 1 on every metric (nothing was asked, nothing
+  was said); exactly one empty scores 0.
 
 Aggregates: exact match, F1, ROUGE-L and sentence BLEU are means of the per-example scores; `bleu` is
 corpus BLEU.
@@ -43,6 +46,7 @@ EPSILON = 0.1  # Chen & Cherry method 1 / NLTK method1 default
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
 _TOKEN = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])\w)+|[^\w\s]", re.UNICODE)
+_WORD = re.compile(r"\w", re.UNICODE)
 _SPACE = re.compile(r"\s+", re.UNICODE)
 
 METRIC_NAMES = ("exact_match", "f1", "rouge_l", "bleu")
@@ -56,6 +60,11 @@ def normalize(text: str) -> str:
 def tokens(text: str) -> list[str]:
     """Case-folded word/punctuation tokens; CJK ideographs and kana one per character."""
     return _TOKEN.findall(normalize(text).casefold())
+
+
+def words(text: str) -> list[str]:
+    """tokens() without punctuation: what F1 and ROUGE-L compare."""
+    return [t for t in tokens(text) if _WORD.match(t)]
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -77,7 +86,7 @@ def _f_measure(common: int, n_pred: int, n_ref: int) -> float:
 
 
 def token_f1(prediction: str, reference: str) -> float:
-    pred, ref = tokens(prediction), tokens(reference)
+    pred, ref = words(prediction), words(reference)
     empty = _empty_score(pred, ref)
     if empty is not None:
         return empty
@@ -98,7 +107,7 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    pred, ref = tokens(prediction), tokens(reference)
+    pred, ref = words(prediction), words(reference)
     empty = _empty_score(pred, ref)
     if empty is not None:
         return empty

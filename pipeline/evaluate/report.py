@@ -329,9 +329,11 @@ def render_markdown(
     out += [
         "Loss is the mean cross-entropy per trained token (the masks of training: for sft the response",
         "tokens and EOS) and perplexity is exp(loss); lower is better. Generation metrics compare each",
-        "completion with the reference on words: exact match (whitespace-normalised,",
-        "case-sensitive), token F1 (bag of words), ROUGE-L (longest common subsequence F-measure) and",
-        "BLEU-4 (smoothed, NLTK method1); higher is better. ▲ marks an improvement of tuned over base.",
+        "completion with the reference: exact match (whitespace-normalised, case-sensitive), token F1",
+        "(bag of words, case and punctuation ignored), ROUGE-L (longest common subsequence of the words)",
+        "and BLEU-4 (word and punctuation n-grams, smoothed as NLTK's method1; corpus-level, and the mean",
+        "of sentence scores); higher is better. ▲ marks an improvement of tuned over base. Definitions:",
+        "pipeline/evaluate/metrics.py.",
         "",
     ]
     if "metrics" in figures:

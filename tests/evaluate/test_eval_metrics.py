@@ -31,6 +31,11 @@ def test_tokens(text, expected):
     assert M.tokens(text) == expected
 
 
+def test_words_drop_punctuation_only():
+    assert M.words("GPT-2 costs $3.50, 中文!") == ["gpt", "2", "costs", "3", "50", "中", "文"]
+    assert M.words("snake_case ... !!") == ["snake_case"]
+
+
 def test_normalize():
     assert M.normalize("  a \n\t b  ") == "a b"
     assert M.normalize("Cafe\u0301") == "Café"
@@ -66,9 +71,14 @@ def test_f1_clips_repeated_words():
     assert M.token_f1("the the the the", "the cat") == pytest.approx(1 / 3)
 
 
-def test_f1_punctuation_and_case():
-    # pred hello , world ! (4), ref hello world (2): common 2; P = 1/2, R = 1 -> F1 = 2/3
-    assert M.token_f1("Hello, world!", "hello world") == pytest.approx(2 / 3)
+def test_f1_ignores_punctuation_and_case():
+    # words: hello world vs hello world -> F1 = 1
+    assert M.token_f1("Hello, world!", "hello world") == pytest.approx(1.0)
+    # "The." vs "The sun is gray.": words the vs the sun is gray: P = 1, R = 1/4 -> F1 = 2*(1/4)/(5/4) = 2/5
+    # (with "." as a token it would be 4/7: a matching full stop is no evidence of a right answer)
+    assert M.token_f1("The.", "The sun is gray.") == pytest.approx(2 / 5)
+    assert M.token_f1("...", "!!!") == 1.0  # no words on either side: both empty
+    assert M.token_f1("...", "yes.") == 0.0
 
 
 def test_f1_unicode_cjk():
@@ -96,6 +106,8 @@ def test_rouge_l_values():
     assert M.rouge_l("a b c d", "a c e") == pytest.approx(4 / 7)
     # order matters for ROUGE-L but not for F1: b a vs a b -> LCS 1, P = R = 1/2
     assert M.rouge_l("b a", "a b") == pytest.approx(0.5)
+    # punctuation is not a word: "a, b." vs "a b" -> LCS 2 of 2 and 2
+    assert M.rouge_l("a, b.", "a b") == pytest.approx(1.0)
     assert M.token_f1("b a", "a b") == pytest.approx(1.0)
 
 
@@ -144,6 +156,12 @@ def test_bleu_cjk_is_word_level_per_ideograph():
 )
 def test_bleu_empty_and_no_unigram_match(pred, ref, expected):
     assert M.sentence_bleu(pred, ref) == expected
+
+
+def test_bleu_counts_punctuation():
+    # "the cat ." vs "the cat": c = 3, r = 2 -> BP = 1; 1-grams 2/3, 2-grams 1/2, 3-grams 0/1 -> 0.1,
+    # 4-grams none -> 0.1 / max(1, 0) = 0.1; product = 2/3 * 1/2 * 0.1 * 0.1 = 1/300
+    assert M.sentence_bleu("the cat.", "the cat") == pytest.approx(300 ** -0.25)
 
 
 def test_corpus_bleu_sums_counts():
