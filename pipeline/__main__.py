@@ -85,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `python -m pipeline plan r.yaml | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as err:  # a full disk met outside pipeline.io's atomic writes (e.g. inside DeepSpeed)
+        from pipeline.io import disk_full
+
+        if not disk_full(err):
+            raise
+        where = getattr(err, "filename", None) or "a file"
+        print(f"error: {where}: no space left on device ({err}); files are written to a temporary name first, "
+              "so nothing finished was replaced. Free some space or write elsewhere, then run again",
+              file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -1,13 +1,38 @@
-"""Atomic file writes: a crash or a full disk never leaves a half-written file in place of a good one."""
+"""Atomic file writes: a crash or a full disk never leaves a half-written file in place of a good one.
+
+Temp files and folders live beside their target and carry the writer's host and pid in their names
+(`.train.json.<host>.<pid>.XXXX.tmp`, `.a.tmp-<host>-<pid>-XXXX`), so the next write of the same target
+removes what a killed writer left behind without touching a live writer's work. A full disk becomes a
+UserError naming the target (the CLI prints it and exits 2); the previous file or folder is unchanged.
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.errors import UserError
+
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create private (0600/0700) entries; the results get the modes a plain open()/mkdir() gives.
+_MASK = _umask()
+_FILE_MODE = 0o666 & ~_MASK
+_DIR_MODE = 0o777 & ~_MASK
 
 
 def _fsync_dir(path: Path) -> None:
@@ -19,22 +44,70 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _sync(handle: Any, path: Path) -> None:
+    """Flush and fsync `handle` (a temp file for `path`): a full disk shows up here at the latest."""
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, pattern: re.Pattern[str]) -> None:
+    """Delete leftovers of dead writers on this host (`pattern` captures the pid)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            match = pattern.fullmatch(entry.name)
+            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+
+def disk_full(err: BaseException) -> bool:
+    """A write failed because the disk (or the user's quota) is full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)  # safetensors reports the OS error inside its own exception type
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def disk_full_error(path: Path) -> UserError:
+    free = ""
+    with contextlib.suppress(OSError):
+        free = f" ({shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free there)"
+    return UserError(f"{path}: no space left on device while writing it{free}; nothing was replaced (the previous "
+                     f"{path.name}, if any, is unchanged). Free some space or write elsewhere, then run again")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Yield a file object for a temp file beside `path`; on success fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale(path.parent, re.compile(rf"\.{re.escape(path.name)}\.{_HOST}\.(\d+)\.[^.]+\.tmp"))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            _sync(handle, path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if disk_full(err):
+            raise disk_full_error(path) from None
         raise
 
 
@@ -53,25 +126,33 @@ def write_text(path: str | Path, text: str) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success it replaces `path` in one rename.
 
-    A crash leaves only a `.<name>.tmp-*` folder, never a half-filled `path`.
+    A crash leaves only a `.<name>.tmp-*` folder, never a half-filled `path` (the next atomic_dir of the same
+    path removes it). Between the two renames of a replacement, a crash leaves `path` missing and the previous
+    version in `.<name>.old-*`: never a mixture of the two.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    name = re.escape(path.name)
+    # `..x.tmp-...`: what an atomic_dir nested in this one's temp directory left beside it (merge does that)
+    _remove_stale(path.parent, re.compile(rf"\.+{name}\.(?:tmp|old)-{_HOST}-(\d+)(?:-.*)?"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     try:
+        os.chmod(tmp, _DIR_MODE)
         yield tmp
         for child in tmp.rglob("*"):
             if child.is_file():
                 with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
+                    _sync(handle, child)
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{_HOST}-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(err):
+            raise disk_full_error(path) from None
         raise

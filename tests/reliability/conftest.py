@@ -1,0 +1,74 @@
+"""Session references for the kill, signal and corruption tests: one uninterrupted training run (and its merge)
+in a fresh interpreter, with the list of file-system operations it made. Trials copy the project and compare
+their final weights with these, bitwise."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.rel_helpers import BASE, PYTHON, Result, clean_env, make_project, run_main
+
+# 18 training rows, micro-batch 2, accumulation 2: 4 optimizer steps per epoch, so 3 steps stop mid-epoch and
+# a resume must find the right batch. Dropout makes the saved RNG state matter. A checkpoint after every step.
+KILL_RECIPE = BASE.replace("max_steps: 2", "max_steps: 3") + (
+    "save_steps: 1\nlogging_steps: 1\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 2\n"
+    "dropout: 0.1\nlora_dropout: 0.1\nlearning_rate: 1.0e-3\nwarmup_steps: 1\nplot_loss: false\n")
+ADAPTER = "out/adapter/adapter_model.safetensors"
+
+
+def crash_run(n: int, argv: list[str], cwd: Path, ops_file: Path | None = None, timeout: float = 600) -> Result:
+    """`python -m pipeline ARGV` in a fresh interpreter, SIGKILLed before its n-th file operation (0: never)."""
+    proc = subprocess.run([PYTHON, "-m", "tests.reliability.crashpoint", str(n), str(ops_file or "-"), *argv],
+                          cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@dataclass
+class Reference:
+    root: Path  # the project after an uninterrupted build + train (+ merge for `merged`)
+    ops: list[list]  # [index, operation, path] of the run
+    weights: dict  # the final tensors
+
+    def copy(self, dest: Path, output: bool = False) -> Path:
+        """A copy of the project with its built data (and the training output when `output`)."""
+        shutil.copytree(self.root, dest, ignore=None if output else shutil.ignore_patterns("out"))
+        return dest
+
+    def ops_in(self, fragment: str) -> list[int]:
+        return [index for index, _, path in self.ops if fragment in path]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    root = make_project(tmp_path_factory.mktemp("reference") / "proj", KILL_RECIPE)
+    assert run_main(["build", "r.yaml"], root).code == 0
+    ops_file = root.parent / "train_ops.json"
+    result = crash_run(0, ["train", "r.yaml"], root, ops_file)
+    assert result.code == 0, result.err[-3000:]
+    return Reference(root, json.loads(ops_file.read_text()), tensors(root / ADAPTER))
+
+
+@pytest.fixture(scope="session")
+def merged(trained: Reference, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    root = trained.copy(tmp_path_factory.mktemp("merged") / "proj", output=True)
+    ops_file = root.parent / "merge_ops.json"
+    result = crash_run(0, ["merge", "r.yaml"], root, ops_file)
+    assert result.code == 0, result.err[-3000:]
+    return Reference(root, json.loads(ops_file.read_text()), tensors(root / "out" / "merged" / "model.safetensors"))

@@ -1,0 +1,73 @@
+"""`python -m tests.reliability.crashpoint N OPS_FILE ARGS...`: run `python -m pipeline ARGS...` and SIGKILL the
+process right before its N-th file-system mutation inside the current directory (N = 0: never).
+
+A crash can only be observed between two file-system operations, so killing the process before each of
+them in turn is a systematic way to hit every intermediate state a real `kill -9`, OOM kill or power loss
+can leave: half-written temp files, a renamed-away old directory, a checkpoint without its manifest.
+The operations of the run (index, operation, path) are written to OPS_FILE as JSON when it ends normally,
+so a test can pick N among all of them or among those of one phase (e.g. a checkpoint save).
+"""
+from __future__ import annotations
+
+import atexit
+import builtins
+import io
+import json
+import os
+import runpy
+import signal
+import sys
+
+_ROOT = os.getcwd()
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _ours(path: object) -> bool:
+    """Only the project's files count (not torch's or DeepSpeed's caches elsewhere)."""
+    if isinstance(path, int) or path is None:
+        return True  # an fd or dir_fd-relative operation: one of ours (rmtree, fsync)
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    return not os.path.isabs(text) or os.path.abspath(text).startswith(_ROOT + os.sep)
+
+
+def main() -> None:
+    target = int(sys.argv[1])
+    ops_file = sys.argv[2]
+    sys.argv = ["pipeline", *sys.argv[3:]]
+    ops: list[tuple[int, str, str]] = []
+
+    def tick(name: str, path: object) -> None:
+        if not _ours(path):
+            return
+        ops.append((len(ops) + 1, name, os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""))
+        if len(ops) == target:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(module: object, name: str, is_write=lambda *a, **k: True) -> None:
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            if is_write(*args, **kwargs):
+                tick(name, args[0] if args else kwargs.get("path") or kwargs.get("file"))
+            return original(*args, **kwargs)
+        setattr(module, name, wrapped)
+
+    for name in ("replace", "rename", "unlink", "remove", "mkdir", "rmdir", "fsync", "truncate"):
+        wrap(os, name)
+    wrap(os, "open", lambda path, flags, *a, **k: bool(flags & _WRITE_FLAGS))
+    opened = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
+    wrap(builtins, "open", opened)
+    io.open = builtins.open  # pathlib and os.fdopen go through io.open
+
+    def save() -> None:
+        with open(ops_file + ".part", "w", encoding="utf-8") as handle:
+            json.dump(ops, handle)
+        os.replace(ops_file + ".part", ops_file)
+
+    if ops_file != "-":
+        atexit.register(save)
+    runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
