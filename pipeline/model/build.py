@@ -98,9 +98,11 @@ def tuned_paths(r: Mapping[str, Any]) -> dict[str, Path]:
     """Where train and merge leave their results for this recipe."""
     out = _output_dir(r)
     lora = get_key(r, "finetuning_type", "lora") == "lora"
-    adapter = get_key(r, "adapter_name_or_path")
-    return {"adapter": Path(adapter) if adapter else out / ("adapter" if lora else "model"),
-            "merged": out / "merged"}
+    trained = out / ("adapter" if lora else "model")
+    start = get_key(r, "adapter_name_or_path")
+    # What this recipe trained comes first: continued training must be used, not where it started.
+    adapter = Path(start) if lora and start and not trained.is_dir() else trained
+    return {"adapter": adapter, "merged": out / "merged"}
 
 
 def default_which(r: Mapping[str, Any]) -> str:

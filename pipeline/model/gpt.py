@@ -119,8 +119,10 @@ class GPTModel(nn.Module):
     def __init__(self, cfg: GPTConfig, seed: int | None = 0):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # _weight skips nn.Embedding's own normal_ init: init_weights does it (seeded), and on the meta
+        # device (weights.py) that init would import torch._dynamo, costing seconds per process.
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim, _weight=torch.empty(cfg.vocab_size, cfg.emb_dim))
+        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim, _weight=torch.empty(cfg.context_length, cfg.emb_dim))
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.ln_f = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
