@@ -93,8 +93,10 @@ $(STAMPS)/validate: $(STAMPS)/data
 	$(PY) -m pipeline validate $(RECIPE) $(ARGS)
 	@touch $@
 
+# A stale *finished* run (all_results.json) is retrained from scratch; an interrupted one is not wiped:
+# the trainer then asks for resume_from_checkpoint=latest or overwrite_output_dir=true.
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP)
-	$(LAUNCH) train $(RECIPE) overwrite_output_dir=true $(ARGS)
+	$(LAUNCH) train $(RECIPE) $$([ -f $(OUTPUT_DIR)/all_results.json ] && echo overwrite_output_dir=true) $(ARGS)
 	@touch $@
 
 $(STAMPS)/merge: $(STAMPS)/train

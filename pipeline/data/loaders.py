@@ -41,7 +41,10 @@ def plan_batches(n: int, lengths: np.ndarray | None = None, *, batch_size: int, 
     if drop_last:
         order = order[: (n // size) * size]
     elif n and n % world_size:
-        order = np.resize(order, n + world_size - n % world_size)  # repeats from the start
+        # Every rank needs the same number of batches: repeat examples from the start, as index + n so the
+        # Loader can mask their labels (a repeated example must not count twice in an eval loss).
+        pad = world_size - n % world_size
+        order = np.concatenate([order, np.resize(order, pad) + n])
     grouped = group_by_length and shuffle and lengths is not None
     if grouped and len(order):
         mega = size * MEGA_BATCHES
@@ -85,15 +88,26 @@ class Loader:
 
     def iter_from(self, start: int) -> Iterator[dict]:
         """Batches from index `start` on (resume): the skipped ones are never built."""
-        for indices in self._plan[start:]:
-            yield self._collate(indices)
+        for k in range(start, len(self._plan)):
+            yield self.batch(k)
 
     def batch(self, k: int) -> dict:
-        return self._collate(self._plan[k])
+        indices = self._plan[k]
+        repeated = indices >= self.num_examples  # padding repeats (see plan_batches): never trained or scored
+        batch = self._collate(indices % self.num_examples if repeated.any() else indices)
+        if repeated.any():
+            batch["labels"][torch_index(repeated)] = IGNORE
+        return batch
 
     def indices(self, k: int) -> np.ndarray:
         """Example indices of batch k (for tests and audits)."""
         return self._plan[k]
+
+
+def torch_index(mask: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(mask)
 
 
 def _batch_size(r: Mapping[str, Any], split: str, batch_size: int | None) -> int:

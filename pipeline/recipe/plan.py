@@ -127,7 +127,7 @@ def _explain(r: Resolved, key: str) -> str:
     if key == "steps_per_epoch":
         if n is None:
             return "needs num_train_examples"
-        return f"floor(ceil({n} / ({micro} x {world})) / {accum})"
+        return f"floor(floor({n} / ({micro} x {world})) / {accum})"
     if key == "total_steps":
         if r["max_steps"] is not None:
             return "max_steps"

@@ -3,7 +3,7 @@
 Step arithmetic (the trainer's contract; `derive_steps` redoes it once the exact example count is known):
 
     total_train_batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size
-    batches_per_rank       = ceil(num_train_examples / (per_device_train_batch_size * world_size))
+    batches_per_rank       = floor(num_train_examples / (per_device_train_batch_size * world_size))  # drop_last
     steps_per_epoch        = floor(batches_per_rank / gradient_accumulation_steps)   # optimizer steps
     total_steps            = max_steps if set, else ceil(num_train_epochs * steps_per_epoch)
     num_warmup_steps       = warmup_steps if set, else ceil(warmup_ratio * total_steps) if set, else 0
@@ -251,7 +251,7 @@ def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: in
     steps_per_epoch = total = warmup = None
     if not needed & bad:
         if n is not None:
-            batches_per_rank = math.ceil(n / (values["per_device_train_batch_size"] * values["world_size"]))
+            batches_per_rank = n // (values["per_device_train_batch_size"] * values["world_size"])  # train drops the last partial batch
             steps_per_epoch = batches_per_rank // values["gradient_accumulation_steps"]
         if values["max_steps"] is not None:
             total = values["max_steps"]

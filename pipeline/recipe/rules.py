@@ -233,7 +233,11 @@ def enough_batches(ctx: Context) -> list[tuple[str, str]]:
         return [("dataset", "the built training split is empty; add data or lower val_size")]
     if ctx.values["steps_per_epoch"] == 0:
         micro, world = ctx.values["per_device_train_batch_size"], ctx.values["world_size"]
-        batches = -(-n // (micro * world))
+        batches = n // (micro * world)  # the train loader drops the last incomplete batch
+        if batches == 0:
+            return [("per_device_train_batch_size",
+                     f"given {micro}, but the {n} training examples do not fill one batch per rank (world size "
+                     f"{world}; incomplete batches are dropped): lower per_device_train_batch_size or add data")]
         return [("gradient_accumulation_steps",
                  f"given {ctx.values['gradient_accumulation_steps']}, but the {n} training examples make only "
                  f"{batches} micro-batches per rank (per_device_train_batch_size {micro} x world size {world}): "

@@ -87,7 +87,8 @@ def test_plan_sharding_val_pads_like_distributed_sampler():
     assert [len(p) for p in plans] == [4, 4, 4]
     assert [len(x) for x in plans[0]] == [2, 2, 2, 2]
     seen = np.concatenate([x for p in plans for x in p]).tolist()
-    assert sorted(set(seen)) == list(range(23)) and len(seen) == 24 and seen.count(0) == 2
+    # example 0 is repeated once to fill the last rank, marked as 0 + n so that the Loader masks its labels
+    assert sorted(seen) == list(range(23)) + [23]
     single = plan_batches(5, batch_size=4, world_size=1, shuffle=False)
     assert [x.tolist() for x in single] == [[0, 1, 2, 3], [4]]  # one rank: no padding, last batch smaller
 
@@ -167,3 +168,19 @@ def test_train_split_smaller_than_a_global_batch(sft_recipe):
     with pytest.raises(UserError, match=r"the train split has 32 examples, fewer than one global batch of 64 "
                                         r"\(per_device_train_batch_size 16 x 4 ranks\)"):
         sft_loader(dict(sft_recipe, per_device_train_batch_size=16), "train", world_size=4)
+
+
+def test_repeated_padding_examples_are_never_scored():
+    import torch
+    from pipeline.data.loaders import Loader
+
+    def collate(indices):  # one token per example, its label = the example index
+        return {"labels": torch.tensor(indices, dtype=torch.long).reshape(-1, 1)}
+
+    n, w = 5, 2  # 5 val examples on 2 ranks: rank 1 gets example 0 again, which must not count twice
+    labels = []
+    for rank in range(w):
+        loader = Loader(n, None, collate, batch_size=1, world_size=w, rank=rank, seed=0, epoch=0, shuffle=False,
+                        drop_last=False, group_by_length=False)
+        labels += [int(v) for batch in loader for v in batch["labels"].flatten()]
+    assert sorted(labels) == [-100, 0, 1, 2, 3, 4]

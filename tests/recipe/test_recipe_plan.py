@@ -85,7 +85,7 @@ def test_plan_output_has_every_section(write, manifest):
         assert header in text
     assert any(line.split() == ["seed", "3", "cli"] for line in text.splitlines())
     assert any(line.split()[:3] == ["model_name_or_path", '"tiny"', "r.yaml:1"] for line in text.splitlines())
-    assert "floor(ceil(100 / (8 x 1)) / 1)" in text  # steps per epoch explained with the numbers
+    assert "floor(floor(100 / (8 x 1)) / 1)" in text  # steps per epoch explained with the numbers
     assert f"{TINY_PARAMS:,} total, {TINY_LORA_8:,} trainable" in text
 
 

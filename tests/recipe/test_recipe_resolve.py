@@ -100,11 +100,12 @@ def test_default_cutoff_len_is_capped_at_the_model_context(write):
 
 # --- derived values, hand-computed ------------------------------------------------------------------
 # 1000 training examples (600 + 400 over two datasets), micro-batch 8, accumulation 4, 3 epochs, warmup 10%:
-#   world 1: batches/rank = ceil(1000/8)  = 125 -> steps/epoch = 125 // 4 = 31 -> total = 93 -> warmup ceil(9.3) = 10
-#   world 2: batches/rank = ceil(1000/16) = 63  -> 15 -> 45 -> ceil(4.5) = 5
-#   world 8: batches/rank = ceil(1000/64) = 16  -> 4  -> 12 -> ceil(1.2) = 2
+# (the train loader drops the last incomplete global batch, so batches/rank rounds down):
+#   world 1: batches/rank = floor(1000/8)  = 125 -> steps/epoch = 125 // 4 = 31 -> total = 93 -> warmup ceil(9.3) = 10
+#   world 2: batches/rank = floor(1000/16) = 62  -> 15 -> 45 -> ceil(4.5) = 5
+#   world 8: batches/rank = floor(1000/64) = 15  -> 3  -> 9  -> ceil(0.9) = 1
 @pytest.mark.parametrize("world, batch, per_epoch, total, warmup", [
-    (1, 32, 31, 93, 10), (2, 64, 15, 45, 5), (8, 256, 4, 12, 2)])
+    (1, 32, 31, 93, 10), (2, 64, 15, 45, 5), (8, 256, 3, 9, 1)])
 def test_derived_steps_for_world_sizes(write, manifest, world, batch, per_epoch, total, warmup):
     manifest("a", train=600, val=60)
     manifest("b", train=400, val=40)
@@ -157,9 +158,10 @@ def test_pt_steps_come_from_the_trainer(write, manifest):
                     "per_device_train_batch_size: 2\nwarmup_ratio: 0.25\n")
     r = resolve("r.yaml")
     assert r["num_train_examples"] is None and r["total_steps"] is None
-    # the trainer counts 37 windows: ceil(37 / 2) = 19 batches -> 19 steps/epoch -> 38 steps -> warmup ceil(9.5) = 10
+    # the trainer counts 37 windows: floor(37 / 2) = 18 batches (drop_last) -> 18 steps/epoch -> 36 steps
+    # -> warmup ceil(0.25 * 36) = 9
     d = derive_steps(r, 37)
-    assert (d["num_train_examples"], d["steps_per_epoch"], d["total_steps"], d["num_warmup_steps"]) == (37, 19, 38, 10)
+    assert (d["num_train_examples"], d["steps_per_epoch"], d["total_steps"], d["num_warmup_steps"]) == (37, 18, 36, 9)
     assert d.source("total_steps") == "derived"
     assert r["total_steps"] is None  # the original is unchanged
 

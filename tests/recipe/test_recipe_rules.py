@@ -68,7 +68,8 @@ def test_training_length_not_needed_for_eval(write):
 
 def test_val_size_against_the_built_data(write, manifest):
     manifest("small", train=4, val=1)  # 5 rows kept
-    write("r.yaml", "model_name_or_path: tiny\ndataset: small\nmax_steps: 1\ncutoff_len: 64\n")
+    write("r.yaml", "model_name_or_path: tiny\ndataset: small\nmax_steps: 1\ncutoff_len: 64\n"
+                    "per_device_train_batch_size: 2\n")
     assert errors("r.yaml") == [
         "r.yaml: val_size: given 0.1, but dataset 'small' has 5 rows: the validation split would be empty "
         "(needs val_size >= 0.2)"]
