@@ -33,6 +33,15 @@ def init() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if get_accelerator().device_name() == "cpu" and os.environ.get("PIPELINE_DS_SHM_COMM") != "1":
+        # DeepSpeed JIT-compiles a shared-memory allreduce kernel for CPU on first use (~75 s with gcc on a
+        # fresh machine); gloo does the same reductions, so skip it unless PIPELINE_DS_SHM_COMM=1.
+        import importlib
+
+        # (`import deepspeed.comm.torch as m` would give torch itself: deepspeed.comm re-exports `torch`.)
+        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+        if hasattr(ds_comm_torch, "build_shm_op"):
+            ds_comm_torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
 
 

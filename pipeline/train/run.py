@@ -162,12 +162,14 @@ def seed_everything(seed: int) -> None:
 
 
 def exact_steps(r: Any, loader: Any) -> Any:
-    """Step counts from the real loader: batches actually drawn per epoch (after the length policy and
-    drop_last), so steps_per_epoch = floor(len(loader) / gradient_accumulation_steps) exactly."""
+    """Step counts from the real loader's example count (after the length policy; pt: windows).
+
+    derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // accumulation.
+    """
     from pipeline.recipe import derive_steps
 
-    per_epoch = len(loader) * loader.batch_size * loader.world_size
-    r = derive_steps(r, per_epoch)
+    r = derive_steps(r, loader.num_examples)
+    assert r["steps_per_epoch"] == len(loader) // r["gradient_accumulation_steps"], "derive_steps disagrees with the loader"
     if not r["total_steps"]:
         raise UserError(f"no optimizer step fits: the train split gives {len(loader)} micro-batches per rank per "
                         f"epoch and gradient_accumulation_steps is {r['gradient_accumulation_steps']}; lower "
