@@ -159,7 +159,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def targets_table(targets: Iterable[Mapping[str, Any]]) -> str:
-    rows = [(t["what"], f"{t['op']} {t['target']:g}", f"{t['value']:,.3g}", "yes" if t["met"] else
+    def num(v: float) -> str:
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+    rows = [(t["what"], f"{t['op']} {num(t['target'])}", num(t["value"]), "yes" if t["met"] else
              f"**no** ({t['by']:.2f} of the target)" if t["op"] == ">=" else f"**no** ({t['by']:.2f}x the limit)")
             for t in targets]
     return table(["target", "wanted", "measured", "met"], rows)
