@@ -1,0 +1,214 @@
+"""Signals and rank failures while training, on 1 rank (a plain process) and 2 ranks (the deepspeed launcher).
+
+Ctrl-C is SIGINT to the whole foreground process group (what a terminal sends); a scheduler or `kill` sends
+SIGTERM to the launcher, which forwards it to the ranks. Either way the run finishes its step, saves a
+checkpoint that passes its manifest, and exits without a traceback; resuming finishes the run (on 1 rank,
+bitwise equal to the uninterrupted reference). A rank that dies takes the whole job down within a bounded
+time, with a message naming it; the run resumes from its last checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.train import checkpoint
+from pipeline.train.log import read_log
+from tests.reliability.conftest import ADAPTER, Reference, crash_run, same_tensors, tensors
+from tests.reliability.rel_helpers import DEEPSPEED, PYTHON, clean_env
+
+LONG = ["max_steps=200", "save_steps=2"]  # long enough that a signal lands mid-run; a checkpoint every 2 steps
+
+
+def start(argv: list[str], cwd: Path, ranks: int = 1) -> subprocess.Popen:
+    """`python -m pipeline ARGV` (1 rank) or the deepspeed launcher (2 ranks), in its own process group."""
+    from pipeline.train.dist import free_port
+
+    launch = [PYTHON, "-m", "pipeline"] if ranks == 1 else \
+        [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "pipeline"]
+    return subprocess.Popen([*launch, *argv], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while len(read_log(log)) < steps:
+        assert proc.poll() is None, "training ended before the signal"
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    """(exit code, output, seconds until exit); the process group is killed if it overruns."""
+    start_time = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"no exit within {timeout} s:\n{out[-3000:]}")
+    return proc.returncode, out, time.monotonic() - start_time
+
+
+def saved_checkpoint(out_dir: Path, output: str, ranks: int, announced: bool = True) -> int:
+    """The step of the one checkpoint the stop wrote: complete, announced, with every rank's RNG state."""
+    saved = checkpoint.list_checkpoints(out_dir)
+    assert saved, output[-3000:]
+    last = saved[-1]
+    assert checkpoint.problems_with(last) == []
+    step = checkpoint.step_of(last)
+    assert not announced or f"stopped at step {step}: saved {out_dir.name}/checkpoint-{step}" in output, output[-3000:]
+    assert {p.name for p in (last / "rng").iterdir()} == {f"rank-{r}.safetensors" for r in range(ranks)}
+    assert not list(out_dir.glob(".checkpoint-*")), "a half-written checkpoint was left"
+    return step
+
+
+def test_ctrl_c_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path):
+    root = trained.copy(tmp_path / "proj")
+    proc = start(["train", "r.yaml"], root)
+    wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 1)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
+    code, output, _ = finish(proc, 300)
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    step = saved_checkpoint(root / "out", output, 1)
+    assert step < 3 and not (root / "out" / "adapter").exists()
+    result = crash_run(0, ["train", "r.yaml", "resume_from_checkpoint=latest"], root)
+    assert result.code == 0, result.err[-3000:]
+    assert same_tensors(tensors(root / ADAPTER), trained.weights)
+    assert [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train: the stop announcement 'SIGINT: finishing the current step, then saving a checkpoint' is printed to "
+    "sys.stderr from the signal handler; when the signal lands while run.quietly() has redirected sys.stderr "
+    "(building the export model at the first checkpoint save) it is swallowed. StopRequest._handle should print "
+    "to sys.__stderr__"))
+def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, monkeypatch, capfd):
+    from pipeline.train import dist
+    from pipeline.train import run as train_run
+    from tests.reliability.rel_helpers import run_main
+
+    dist.ensure_launch_env()
+    original = train_run.quietly
+
+    def quietly(func, *args):
+        def interrupted(*inner):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the export model is being built
+            return func(*inner)
+        return original(interrupted, *args)
+    monkeypatch.setattr(train_run, "quietly", quietly)
+    root = trained.copy(tmp_path / "proj")
+    result = run_main(["train", "r.yaml"], root)
+    assert result.code == 130, result.err[-3000:]
+    assert "stopped at step " in result.err
+    assert "SIGINT: finishing the current step" in result.err + capfd.readouterr().err
+
+
+def _two_rank_stop(trained: Reference, tmp_path: Path, send) -> str:
+    root = trained.copy(tmp_path / "proj")
+    proc = start(["train", "r.yaml", *LONG], root, ranks=2)
+    wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 1)
+    send(proc)
+    code, output, _ = finish(proc, 240)
+    assert code != 0, "an interrupted run must not look finished to make"
+    step = saved_checkpoint(root / "out", output, 2)
+    assert 1 <= step < 200 and not (root / "out" / "adapter").exists()
+    return output
+
+
+@pytest.mark.multirank
+def test_sigterm_to_the_job_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
+    """A scheduler (SLURM's scancel, `kill -TERM -- -PGID`) signals every process of the job."""
+    output = _two_rank_stop(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+    assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_ctrl_c_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
+    output = _two_rank_stop(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    # the ranks stop cleanly; DeepSpeed's own runner (bin/deepspeed) dies of the KeyboardInterrupt it was sent
+    tracebacks = output.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
+
+
+@pytest.mark.multirank
+@pytest.mark.xfail(strict=True, reason=(
+    "Makefile (make train NPROC>1): SIGTERM to the `deepspeed` launcher process alone (`kill PID`, `timeout`, "
+    "docker/k8s stop) kills only DeepSpeed's runner; it forwards signals only for multi-node pdsh, so "
+    "deepspeed.launcher.launch and the ranks train on as orphans and never save. Launch through a wrapper that "
+    "forwards SIGINT/SIGTERM to launch.py (which passes them to the ranks), e.g. exec python -m "
+    "deepspeed.launcher.launch for one node"))
+def test_sigterm_to_the_launcher_alone_reaches_the_ranks(trained: Reference, tmp_path):
+    import psutil
+
+    root = trained.copy(tmp_path / "proj")
+    proc = start(["train", "r.yaml", *LONG], root, ranks=2)
+    try:
+        wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 1)
+        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in
+                 " ".join(c.cmdline())]
+        assert len(ranks) == 2
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(ranks, timeout=60)
+        assert not alive, "the ranks outlived their launcher"
+        saved_checkpoint(root / "out", "", 2, announced=False)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # orphans too: they stay in the launcher's process group
+        proc.communicate()
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError(f"rank {rank} not found")
+
+
+@pytest.fixture(scope="module")
+def dead_rank(trained: Reference, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, float]:
+    """Two ranks training; rank 1 SIGKILLed after checkpoint-2: (project, exit code, output, seconds to exit)."""
+    root = trained.copy(tmp_path_factory.mktemp("dead_rank") / "proj")
+    proc = start(["train", "r.yaml", *LONG], root, ranks=2)
+    wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 3)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    code, output, seconds = finish(proc, 180)
+    return root, code, output, seconds
+
+
+@pytest.mark.multirank
+def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank):
+    root, code, output, seconds = dead_rank
+    assert code != 0, output[-3000:]
+    assert seconds < 120  # bounded: the launcher notices, the survivor does not wait forever in a collective
+    assert re.search(r"rank\W{0,3}1\b", output), output[-3000:]  # the launcher names it (--local_rank=1 ...)
+    valid = [p for p in checkpoint.list_checkpoints(root / "out") if not checkpoint.problems_with(p)]
+    assert valid, output[-3000:]
+    step = checkpoint.step_of(valid[-1])
+    resumed = start(["train", "r.yaml", *LONG[1:], f"max_steps={step + 1}", "resume_from_checkpoint=latest"],
+                    root, ranks=2)
+    code, output, _ = finish(resumed, 300)
+    assert code == 0, output[-3000:]
+    assert read_log(root / "out" / "trainer_log.jsonl")[-1]["step"] == step + 1
+
+
+@pytest.mark.multirank
+@pytest.mark.xfail(strict=True, reason=(
+    "train: when a rank dies, the survivor fails inside a gloo/NCCL collective and prints its traceback; the only "
+    "hint at the cause is the launcher's log line '[..., --local_rank=1, ...] exits with return code = -9'. The "
+    "trainer should say 'rank 1 died (killed by signal 9)' once, without a traceback"))
+def test_a_dead_rank_is_named_in_one_clear_message(dead_rank):
+    _, code, output, _ = dead_rank
+    assert code != 0 and "Traceback" not in output and re.search(r"rank 1 (died|was killed|exited)", output), \
+        output[-3000:]
