@@ -481,6 +481,12 @@ CASES: list[Case] = [
                                                      "transformer.h.0.ln_1.weight": "model-00002-of-00002.safetensors"}}))),
          ("m/model.safetensors.index.json", "model-00002-of-00002.safetensors", "missing"), argv=GEN_BASE,
          strict_lines=False),
+    Case("merge: no trained adapter", "adapter", {}, ("adapter",), argv=("merge", "r.yaml"), prebuild=True,
+         strict_lines=False),
+    Case("merge: the trained adapter is truncated", "adapter",
+         adapter_case(lambda p: _truncate(p / "adapter_model.safetensors"), name="out/adapter"),
+         ("out/adapter/adapter_model.safetensors", "truncated or corrupt"), argv=("merge", "r.yaml"), prebuild=True,
+         strict_lines=False),
     # ------------------------------------------------------------------ checkpoints (resume_from_checkpoint)
     Case("checkpoint: sha256 mismatch", "checkpoint",
          checkpoint_case("out/checkpoint-2", lambda c: _flip_last_byte(c / "adapter" / "adapter_model.safetensors")),
@@ -564,3 +570,21 @@ SUBPROCESS = [c for c in CASES if c.cli]
 def test_bad_input_through_the_real_cli(case: Case, tmp_path: Path):
     _prepare(case, tmp_path)
     _check(case, tmp_path, lambda argv, root: run_cli(argv, root, timeout=120))
+
+
+@pytest.mark.xfail(strict=True, raises=__import__("pydantic").ValidationError, reason=(
+    "train: a DeepSpeed JSON key DeepSpeed does not know inside a section (here zero_optimization.overlap_comm_typo) "
+    "passes resolve and fails in deepspeed.initialize with a pydantic ValidationError traceback (exit 1), after "
+    "output_dir was created; the trainer should validate r.ds_config with DeepSpeed's config classes before "
+    "touching output_dir and report ds.json, the key and the allowed keys as a UserError"))
+def test_deepspeed_json_with_a_key_deepspeed_does_not_know_is_a_clear_error(tmp_path: Path):
+    from pipeline.train import dist
+
+    dist.ensure_launch_env()
+    make_project(tmp_path, BASE + "deepspeed: ds.json\n")
+    write(tmp_path, "ds.json", {"zero_optimization": {"stage": 2, "overlap_comm_typo": True}})
+    assert run_main(["build", "r.yaml"], tmp_path).code == 0
+    before = snapshot(tmp_path)
+    result = run_main(["train", "r.yaml"], tmp_path)
+    assert_user_error(result, "ds.json", "overlap_comm_typo", strict_lines=False)
+    assert not diff(before, snapshot(tmp_path))

@@ -1,10 +1,12 @@
 """Signals and rank failures while training, on 1 rank (a plain process) and 2 ranks (the deepspeed launcher).
 
-Ctrl-C is SIGINT to the whole foreground process group (what a terminal sends); a scheduler or `kill` sends
-SIGTERM to the launcher, which forwards it to the ranks. Either way the run finishes its step, saves a
-checkpoint that passes its manifest, and exits without a traceback; resuming finishes the run (on 1 rank,
-bitwise equal to the uninterrupted reference). A rank that dies takes the whole job down within a bounded
-time, with a message naming it; the run resumes from its last checkpoint.
+Ctrl-C is SIGINT to the whole foreground process group (what a terminal sends); `kill PID` is SIGTERM to one
+process; a scheduler (SLURM's scancel) sends SIGTERM to every process of the job. The run finishes its step,
+saves a checkpoint that passes its manifest, and exits non-zero without a traceback; resuming finishes the
+run (on 1 rank, bitwise equal to the uninterrupted reference). A rank that dies takes the whole job down
+within a bounded time, with the launcher naming it; the run resumes from its last checkpoint. What does not
+hold yet is written as strict xfails with the reason (a job-wide SIGTERM on 2 ranks, SIGTERM to the launcher
+alone, the announcement of a stop, a clear message for a dead rank).
 """
 from __future__ import annotations
 
@@ -69,13 +71,18 @@ def saved_checkpoint(out_dir: Path, output: str, ranks: int, announced: bool = T
     return step
 
 
-def test_ctrl_c_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path):
+@pytest.mark.parametrize("send, code", [
+    (lambda proc: os.killpg(proc.pid, signal.SIGINT), 130),  # the terminal's Ctrl-C: the whole process group
+    pytest.param(lambda proc: proc.send_signal(signal.SIGTERM), 143, marks=pytest.mark.slow),  # `kill PID`
+], ids=["ctrl-c", "sigterm"])
+def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path,
+                                                                                send, code):
     root = trained.copy(tmp_path / "proj")
     proc = start(["train", "r.yaml"], root)
     wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 1)
-    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C
-    code, output, _ = finish(proc, 300)
-    assert code == 130, output[-3000:]
+    send(proc)
+    exit_code, output, _ = finish(proc, 300)
+    assert exit_code == code, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     step = saved_checkpoint(root / "out", output, 1)
     assert step < 3 and not (root / "out" / "adapter").exists()
@@ -124,19 +131,57 @@ def _two_rank_stop(trained: Reference, tmp_path: Path, send) -> str:
 
 
 @pytest.mark.multirank
-def test_sigterm_to_the_job_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
-    """A scheduler (SLURM's scancel, `kill -TERM -- -PGID`) signals every process of the job."""
-    output = _two_rank_stop(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
-    assert "Traceback" not in output, output[-3000:]
-
-
-@pytest.mark.slow
-@pytest.mark.multirank
 def test_ctrl_c_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
     output = _two_rank_stop(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT))
     # the ranks stop cleanly; DeepSpeed's own runner (bin/deepspeed) dies of the KeyboardInterrupt it was sent
     tracebacks = output.split("Traceback (most recent call last):")[1:]
     assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
+
+
+def ranks_of(launcher: subprocess.Popen) -> list:
+    import psutil
+
+    ranks = [c for c in psutil.Process(launcher.pid).children(recursive=True)
+             if "--local_rank=" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    return ranks
+
+
+@pytest.mark.multirank
+@pytest.mark.xfail(strict=True, reason=(
+    "train: StopRequest restores the default SIGTERM handler after the first SIGTERM ('send it again to stop at "
+    "once'). Under the deepspeed launcher a job-wide SIGTERM (SLURM scancel, kill -TERM -PGID) reaches each rank "
+    "twice, from the scheduler and forwarded by deepspeed.launcher.launch, so the ranks are often killed before "
+    "they save (a race; this test sends the second SIGTERM after the first was seen, which always loses). "
+    "Schedulers escalate with SIGKILL themselves: a repeated SIGTERM should be ignored, only a second Ctrl-C "
+    "should stop at once"))
+def test_sigterm_to_the_job_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
+    import threading
+
+    root = trained.copy(tmp_path / "proj")
+    proc = start(["train", "r.yaml", *LONG], root, ranks=2)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 1)
+        ranks = ranks_of(proc)
+        for rank in ranks:
+            rank.send_signal(signal.SIGTERM)  # the scheduler
+        deadline = time.monotonic() + 60
+        while not any("SIGTERM: finishing the current step" in line for line in list(lines)):
+            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.005)
+        for rank in ranks:
+            with contextlib.suppress(Exception):
+                rank.send_signal(signal.SIGTERM)  # deepspeed.launcher.launch forwarding the SIGTERM it got too
+        proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
+    saved_checkpoint(root / "out", "".join(lines), 2)
 
 
 @pytest.mark.multirank
@@ -153,12 +198,10 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks(trained: Reference, tmp
     proc = start(["train", "r.yaml", *LONG], root, ranks=2)
     try:
         wait_for_steps(proc, root / "out" / "trainer_log.jsonl", 1)
-        ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in
-                 " ".join(c.cmdline())]
-        assert len(ranks) == 2
+        ranks = ranks_of(proc)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(ranks, timeout=60)
+        _, alive = psutil.wait_procs(ranks, timeout=20)  # saving takes a second or two
         assert not alive, "the ranks outlived their launcher"
         saved_checkpoint(root / "out", "", 2, announced=False)
     finally:

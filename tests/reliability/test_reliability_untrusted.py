@@ -168,7 +168,8 @@ def _rehash(ckpt: Path) -> None:
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("victim", ["deepspeed/mp_rank_00_model_states.pt", "rng/rank-0.safetensors"])
+@pytest.mark.parametrize("victim", ["deepspeed/mp_rank_00_model_states.pt",
+                                    pytest.param("rng/rank-0.safetensors", marks=pytest.mark.slow)])
 def test_a_pickle_planted_in_a_checkpoint_never_runs(trained: Reference, tmp_path, victim):
     root = trained.copy(tmp_path / "proj", output=True)
     ckpt = root / "out" / "checkpoint-3"
