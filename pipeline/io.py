@@ -89,12 +89,28 @@ def disk_full_error(path: Path) -> UserError:
                      f"{path.name}, if any, is unchanged). Free some space or write elsewhere, then run again")
 
 
+def _file_leftovers(path: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(path.name)}\.{_HOST}\.(\d+)\.[^.]+\.tmp")
+
+
+def _dir_leftovers(path: Path) -> re.Pattern[str]:
+    # `..x.tmp-...`: what an atomic_dir nested in this one's temp directory left beside it (merge does that)
+    return re.compile(rf"\.+{re.escape(path.name)}\.(?:tmp|old)-{_HOST}-(\d+)(?:-.*)?")
+
+
+def remove_leftovers(path: str | Path) -> None:
+    """Remove what killed writers of `path` left beside it (for a target that is up to date, so not rewritten)."""
+    path = Path(path)
+    for pattern in (_file_leftovers(path), _dir_leftovers(path)):
+        _remove_stale(path.parent, pattern)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Yield a file object for a temp file beside `path`; on success fsync and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path.parent, re.compile(rf"\.{re.escape(path.name)}\.{_HOST}\.(\d+)\.[^.]+\.tmp"))
+    _remove_stale(path.parent, _file_leftovers(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
@@ -132,9 +148,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = re.escape(path.name)
-    # `..x.tmp-...`: what an atomic_dir nested in this one's temp directory left beside it (merge does that)
-    _remove_stale(path.parent, re.compile(rf"\.+{name}\.(?:tmp|old)-{_HOST}-(\d+)(?:-.*)?"))
+    _remove_stale(path.parent, _dir_leftovers(path))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     try:
         os.chmod(tmp, _DIR_MODE)

@@ -24,7 +24,7 @@ from pipeline.data.problems import Problems
 from pipeline.data.registry import DatasetSpec, resolve_datasets
 from pipeline.data.sources import Table, read_table, read_text
 from pipeline.errors import UserError
-from pipeline.io import atomic_dir
+from pipeline.io import atomic_dir, remove_leftovers
 
 SCHEMA_VERSION = 1
 BUILD_VERSION = 1  # bump when the same inputs would build different files
@@ -110,6 +110,7 @@ def build(r: Mapping[str, Any]) -> list[str]:
         wanted = {"schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "entry": spec.entry,
                   "build_keys": build_keys(r), "sources": sources}
         if up_to_date(read_manifest(directory), directory, wanted):
+            remove_leftovers(directory)  # of a build killed after its rename: the result is whole, the old one aside
             lines.append(f"{spec.name}: up to date ({directory}/manifest.json)")
         else:
             stale.append((spec, wanted))
