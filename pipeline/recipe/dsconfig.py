@@ -195,7 +195,8 @@ def _nesting_problems(user: Mapping[str, Any], path: str, text: str) -> list[str
         section = _SECTION_KEYS.get(key) or ("zero_optimization" if key.startswith("stage3_") else None)
         if section is not None:
             problems.append(f"{_at(path, text, (key,))}: {key}: belongs inside the \"{section}\" section "
-                            f"(\"{section}\": {{\"{key}\": {json.dumps(value)}}}); at the top level DeepSpeed ignores it")
+                            f"(\"{section}\": {{\"{key}\": {json.dumps(value)}}}); at the top level DeepSpeed "
+                            "ignores it")
     return problems
 
 
