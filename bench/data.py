@@ -55,7 +55,7 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path) -> dict[
         return common.run_child("bench.data:child", {"recipe_path": str(path)}, timeout=1800, log_file=log_file)
 
     print(f"data: {n:,} generated Alpaca rows")
-    runs = common.rounds({"ours": fresh}, min_rounds=1, max_rounds=1 if quick else 3, budget_s=budget_s)["ours"]
+    runs = common.rounds({"ours": fresh}, min_rounds=1, max_rounds=1 if quick else 2, budget_s=budget_s)["ours"]
     keys = ("rows_per_s", "tokens_per_s", "build_seconds", "validate_seconds", "tokenize_seconds")
     summary = {k: common.median(r[k] for r in runs) for k in keys}
     summary.update(rows=runs[0]["rows"], tokens=runs[0]["tokens"], rounds=len(runs))

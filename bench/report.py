@@ -63,13 +63,14 @@ def section(name: str, res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def figures(results: dict[str, dict[str, Any]], total_s: float | None) -> str:
+def figures(results: dict[str, dict[str, Any]], run: dict[str, Any] | None) -> str:
     if not results:
         return "No results yet: run `make bench`."
     first = next(iter(results.values()))
     lines = ["## Latest figures", ""]
-    if total_s is not None:
-        lines += [f"Whole run: {total_s / 60:.1f} minutes.", ""]
+    if run:
+        lines += [f"Last full `make bench`: {run['total_s'] / 60:.1f} minutes ({run['date']}); a benchmark re-run "
+                  "alone since then shows its own date below.", ""]
     lines += ["Machine:", "", *machine_lines(first["machine"]), ""]
     everything = [t for r in results.values() for t in r.get("targets", [])]
     if everything:
@@ -79,10 +80,12 @@ def figures(results: dict[str, dict[str, Any]], total_s: float | None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_readme(total_s: float | None = None, results_dir: Path = RESULTS) -> Path:
+def write_readme(results_dir: Path = RESULTS) -> Path:
     """Replace the text between the markers (or append the markers) with the current figures."""
     text = README.read_text(encoding="utf-8") if README.exists() else "# Benchmarks\n\n"
-    block = f"{START}\n{figures(load_results(results_dir), total_s)}{END}"
+    run_file = results_dir / "run.json"
+    run = json.loads(run_file.read_text(encoding="utf-8")) if run_file.exists() else None
+    block = f"{START}\n{figures(load_results(results_dir), run)}{END}"
     if START in text and END in text:
         head, rest = text.split(START, 1)
         text = head + block + rest.split(END, 1)[1]

@@ -96,10 +96,16 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
     total = time.monotonic() - started
     print(f"\nall done in {total / 60:.1f} minutes")
+    if not args.quick and set(wanted) == set(BENCHMARKS):
+        from pipeline.io import write_json
+
+        write_json(common.RESULTS / "run.json", {"total_s": round(total, 1), "benchmarks": wanted,
+                                                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                 "load_after": common.loadavg()})
     if not args.no_readme and not args.quick:
         from bench import report
 
-        path = report.write_readme(total_s=total)
+        path = report.write_readme()
         print(f"figures written to {path.relative_to(common.ROOT)}")
     return 0
 

@@ -100,7 +100,7 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, recipe: 
         "train to first step": lambda k: first_step(recipe, workdir / "saves" / f"startup-{k}", log_file),
     }
     print("startup: validate and train (first optimizer step)")
-    results = common.rounds(contenders, min_rounds=1, max_rounds=1 if quick else 3, budget_s=budget_s)
+    results = common.rounds(contenders, min_rounds=1, max_rounds=1 if quick else 2, budget_s=budget_s)
     summary = {name: {key: common.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
     rows = [(name, s["seconds"], s.get("before_loop_seconds", ""), s.get("first_step_seconds", ""), len(results[name]))
             for name, s in summary.items()]
