@@ -170,10 +170,11 @@ def check_recovered(root: Path, trained: Reference) -> None:
     assert snapshot(root / "data") == snapshot(trained.root / "data")
 
 
-def _train_trial(trained: Reference, root: Path, n: int) -> None:
+def _train_trial(trained: Reference, root: Path, n: int, phase=lambda out: True) -> None:
     trained.copy(root)
     result = crash_run(n, ["train", "r.yaml"], root)
     assert result.code == -signal.SIGKILL, (n, result.err[-2000:])
+    assert phase(root / "out"), f"operation {n} is not in the phase this trial means to hit"
     check_after_kill(root, trained)
     recover(root)
     check_recovered(root, trained)
@@ -182,14 +183,16 @@ def _train_trial(trained: Reference, root: Path, n: int) -> None:
 def test_training_killed_during_a_checkpoint_save_resumes_bitwise(trained: Reference, tmp_path: Path):
     window = trained.ops_in(".checkpoint-2.tmp")  # every operation of the step-2 save, temp dir to rename
     assert len(window) > 10
-    _train_trial(trained, tmp_path / "proj", random.Random(SEED).choice(window))
+    _train_trial(trained, tmp_path / "proj", random.Random(SEED).choice(window),
+                 lambda out: (out / "checkpoint-1").is_dir() and not (out / "checkpoint-2").exists())
 
 
 @pytest.mark.slow
 def test_training_killed_while_exporting_the_adapter_resumes_bitwise(trained: Reference, tmp_path: Path):
     window = [i for i in trained.ops_in("out/.adapter.tmp") if i > max(trained.ops_in(".checkpoint-3.tmp"))]
     assert window
-    _train_trial(trained, tmp_path / "proj", random.Random(SEED + 1).choice(window))
+    _train_trial(trained, tmp_path / "proj", random.Random(SEED + 1).choice(window),
+                 lambda out: (out / "checkpoint-3").is_dir() and not (out / "adapter").exists())
 
 
 @pytest.mark.slow
@@ -253,6 +256,7 @@ def _merge_trial(merged: Reference, root: Path, n: int) -> None:
     result = crash_run(n, ["merge", "r.yaml"], root)
     assert result.code == -signal.SIGKILL, (n, result.err[-2000:])
     target = root / "out" / "merged"
+    assert not target.exists() or n not in merged.ops_in(".merged.tmp"), "killed after the phase it meant to hit"
     if target.exists():
         assert same_tensors(tensors(target / "model.safetensors"), merged.weights), "a partial merged/ is visible"
         json.loads((target / "config.json").read_text())
