@@ -30,14 +30,15 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "tiktoke
 # ---------------------------------------------------------------------------------------------- the machine
 
 def cpu_model() -> str:
+    """lscpu's model name, with family/model numbers (a hypervisor may show only "AMD EPYC")."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     except OSError:
         out = ""
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", platform.processor() or "unknown").strip()
+    family, model = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
+    return f"{name} (family {family}, model {model})" if family and model else name
 
 
 def cpu_flags() -> list[str]:

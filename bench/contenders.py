@@ -19,7 +19,7 @@ alpha 32, no dropout, AdamW lr 1e-4, micro-batch = global batch (no accumulation
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 

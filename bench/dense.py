@@ -148,6 +148,7 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, recipe: 
                "matmul_peaks": peaks, "bf16_peak_flops": peak, "step_flops": flops, "summary": summary,
                "ratios": ratios, "targets": targets, "table": text,
                "profile_ours": next((r["profile"] for r in results["ours"] if r.get("profile")), None),
-               "runs": {n: [{k: v for k, v in r.items() if k != "profile"} for r in runs] for n, runs in results.items()}}
+               "runs": {n: [{k: v for k, v in r.items() if k != "profile"} for r in runs]
+                        for n, runs in results.items()}}
     common.save("dense", payload, started)
     return payload
