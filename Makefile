@@ -27,7 +27,7 @@ STAGE_GOALS := data validate inspect plan train merge eval chat all
 ifeq ($(NPROC)$(HOSTFILE),1)
 LAUNCH := $(PY) -m pipeline
 else
-LAUNCH := $(VENV)/bin/deepspeed $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(NPROC) --module pipeline
+LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(NPROC) --module pipeline
 endif
 
 .PHONY: help setup test-deps data validate inspect plan train merge eval chat all test bench clean FORCE

@@ -23,7 +23,7 @@ import pytest
 from pipeline.train import checkpoint
 from pipeline.train.log import read_log
 from tests.reliability.conftest import ADAPTER, Reference, crash_run, same_tensors, tensors
-from tests.reliability.rel_helpers import DEEPSPEED, PYTHON, clean_env
+from tests.reliability.rel_helpers import PYTHON, clean_env
 
 LONG = ["max_steps=200", "save_steps=2"]  # long enough that a signal lands mid-run; a checkpoint every 2 steps
 
@@ -32,8 +32,9 @@ def start(argv: list[str], cwd: Path, ranks: int = 1) -> subprocess.Popen:
     """`python -m pipeline ARGV` (1 rank) or the deepspeed launcher (2 ranks), in its own process group."""
     from pipeline.train.dist import free_port
 
-    launch = [PYTHON, "-m", "pipeline"] if ranks == 1 else \
-        [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "pipeline"]
+    launch = [PYTHON, "-m", "pipeline"] if ranks == 1 else [  # as `make train NPROC=2` launches
+        PYTHON, "-m", "pipeline.launch", "--num_gpus", str(ranks), "--master_port", str(free_port()),
+        "--module", "pipeline"]
     return subprocess.Popen([*launch, *argv], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -92,11 +93,6 @@ def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(
     assert [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train: the stop announcement 'SIGINT: finishing the current step, then saving a checkpoint' is printed to "
-    "sys.stderr from the signal handler; when the signal lands while run.quietly() has redirected sys.stderr "
-    "(building the export model at the first checkpoint save) it is swallowed. StopRequest._handle should print "
-    "to sys.__stderr__"))
 def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, monkeypatch, capfd):
     from pipeline.train import dist
     from pipeline.train import run as train_run
@@ -148,13 +144,6 @@ def ranks_of(launcher: subprocess.Popen) -> list:
 
 
 @pytest.mark.multirank
-@pytest.mark.xfail(strict=True, reason=(
-    "train: StopRequest restores the default SIGTERM handler after the first SIGTERM ('send it again to stop at "
-    "once'). Under the deepspeed launcher a job-wide SIGTERM (SLURM scancel, kill -TERM -PGID) reaches each rank "
-    "twice, from the scheduler and forwarded by deepspeed.launcher.launch, so the ranks are often killed before "
-    "they save (a race; this test sends the second SIGTERM after the first was seen, which always loses). "
-    "Schedulers escalate with SIGKILL themselves: a repeated SIGTERM should be ignored, only a second Ctrl-C "
-    "should stop at once"))
 def test_sigterm_to_the_job_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
     import threading
 
@@ -185,12 +174,6 @@ def test_sigterm_to_the_job_on_two_ranks_saves_a_checkpoint(trained: Reference, 
 
 
 @pytest.mark.multirank
-@pytest.mark.xfail(strict=True, reason=(
-    "Makefile (make train NPROC>1): SIGTERM to the `deepspeed` launcher process alone (`kill PID`, `timeout`, "
-    "docker/k8s stop) kills only DeepSpeed's runner; it forwards signals only for multi-node pdsh, so "
-    "deepspeed.launcher.launch and the ranks train on as orphans and never save. Launch through a wrapper that "
-    "forwards SIGINT/SIGTERM to launch.py (which passes them to the ranks), e.g. exec python -m "
-    "deepspeed.launcher.launch for one node"))
 def test_sigterm_to_the_launcher_alone_reaches_the_ranks(trained: Reference, tmp_path):
     import psutil
 
@@ -247,10 +230,6 @@ def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank):
 
 
 @pytest.mark.multirank
-@pytest.mark.xfail(strict=True, reason=(
-    "train: when a rank dies, the survivor fails inside a gloo/NCCL collective and prints its traceback; the only "
-    "hint at the cause is the launcher's log line '[..., --local_rank=1, ...] exits with return code = -9'. The "
-    "trainer should say 'rank 1 died (killed by signal 9)' once, without a traceback"))
 def test_a_dead_rank_is_named_in_one_clear_message(dead_rank):
     _, code, output, _ = dead_rank
     assert code != 0 and "Traceback" not in output and re.search(r"rank 1 (died|was killed|exited)", output), \
