@@ -306,25 +306,41 @@ def prune(output_dir: Path, limit: int | None, keep: Path) -> list[Path]:
 
 def load(engine: Any, path: Path) -> TrainState:
     """Restore DeepSpeed's state, this rank's RNG and the data position (every rank must call this)."""
-    from pipeline.train.safestate import load_state
+    from pipeline.train.safestate import StateFileError, load_state
 
-    with _weights_only_loads():
-        loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
-                                           load_optimizer_states=True, load_lr_scheduler_states=True)
-    if loaded is None:
-        raise UserError(f"{path}/{DS_TAG}: DeepSpeed found no state to load; the checkpoint is incomplete")
-    rng_file = path / RNG_DIR / f"rank-{dist.rank()}.safetensors"
-    if not rng_file.is_file():
-        raise UserError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
-    _set_rng_state(load_state(rng_file))
+    try:
+        with _weights_only_loads():
+            loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        if loaded is None:
+            raise UserError(f"{path}/{DS_TAG}: DeepSpeed found no state to load; the checkpoint is incomplete")
+        rng_file = path / RNG_DIR / f"rank-{dist.rank()}.safetensors"
+        if not rng_file.is_file():
+            raise UserError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
+        _set_rng_state(load_state(rng_file))
+    except StateFileError as err:
+        raise UserError(f"{err.path}: {err.reason}; this trainer writes and reads only its own safetensors state, "
+                        f"so {path} cannot be resumed from. Resume from another checkpoint "
+                        "(resume_from_checkpoint: <output_dir>/checkpoint-<step>), or start over with "
+                        "overwrite_output_dir: true") from None
     return TrainState.from_dict(read_state(path))
 
 
 def clean_stale(output_dir: str | Path) -> None:
-    """Remove temp directories left by a run killed while saving (rank 0)."""
+    """Tidy up after a run killed while saving (rank 0).
+
+    Temp directories go. A `.checkpoint-<step>.old` is the previous copy of a checkpoint being replaced
+    (see save): if the kill fell between its two renames, `checkpoint-<step>` is missing and the .old copy,
+    when it passes its manifest, is put back instead of deleted.
+    """
     root = Path(output_dir)
-    if root.is_dir():
-        for path in root.glob(f".{PREFIX}*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-        for path in root.glob(f".{PREFIX}*.old"):
+    if not root.is_dir():
+        return
+    for path in root.glob(f".{PREFIX}*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(f".{PREFIX}*.old"):
+        final = root / path.name[1:].removesuffix(".old")
+        if step_of(final) is not None and not final.exists() and not problems_with(path):
+            os.replace(path, final)
+        else:
             shutil.rmtree(path, ignore_errors=True)

@@ -29,7 +29,9 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 class StopRequest:
     """SIGINT / SIGTERM set a flag; the loop finishes the current step, saves a checkpoint and returns.
 
-    A second signal of the same kind gets the default behaviour (Ctrl-C twice interrupts at once).
+    A second Ctrl-C gets the default behaviour (interrupts at once). A repeated SIGTERM is ignored: under the
+    deepspeed launcher a job-wide SIGTERM (scancel, kill -TERM -PGID) reaches each rank twice, from the
+    scheduler and forwarded by the launcher, and schedulers escalate to SIGKILL on their own.
     """
 
     def __init__(self) -> None:
@@ -49,11 +51,17 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGTERM and self.signum == signal.SIGTERM:
+            return  # the same stop, delivered twice
         self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        if dist.is_main():
-            print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
-                  "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            then = "press Ctrl-C again to stop at once"
+        else:
+            then = "a repeated SIGTERM is ignored; SIGKILL stops at once"
+        if dist.is_main():  # sys.__stderr__: sys.stderr may be redirected at this moment (run.quietly)
+            print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint ({then})",
+                  file=sys.__stderr__, flush=True)
 
     def requested(self) -> bool:
         """Agreed over ranks, so that every rank stops after the same step."""

@@ -56,6 +56,7 @@ def train(r: Any) -> TrainResult:
     from pipeline.train.schedule import make_scheduler
 
     preflight(r)
+    check_ds_config(r)
     resume = checkpoint.find_resume(r)
     if resume is not None:
         checkpoint.check_compatible(r, resume)
@@ -86,17 +87,22 @@ def train(r: Any) -> TrainResult:
                           save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop)
         if resume is not None:
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
-        with explain_out_of_memory(r, state):
-            outcome = trainer.train()
-        if outcome == "stopped":
-            if dist.is_main():
-                print(f"stopped at step {state.global_step}: saved {output_dir}/checkpoint-{state.global_step}; "
-                      "continue with resume_from_checkpoint=latest", file=sys.stderr)
-            return TrainResult(stop.exit_code, engine, state, output_dir)
-        if trainer.last_saved_step != state.global_step:
-            trainer.flush_tokens()
-            checkpoint.save(engine, r, state, exporter)
-        final = exporter.write(output_dir)
+        try:
+            with explain_out_of_memory(r, state):
+                outcome = trainer.train()
+            if outcome == "stopped":
+                if dist.is_main():
+                    print(f"stopped at step {state.global_step}: saved {output_dir}/checkpoint-{state.global_step}; "
+                          "continue with resume_from_checkpoint=latest", file=sys.stderr)
+                return TrainResult(stop.exit_code, engine, state, output_dir)
+            if trainer.last_saved_step != state.global_step:
+                trainer.flush_tokens()
+                checkpoint.save(engine, r, state, exporter)
+            final = exporter.write(output_dir)
+        except Exception as err:
+            if not peer_died(err):
+                raise
+            report_dead_peer(err, output_dir, trainer.last_saved_step)
 
     if dist.is_main():
         finish(r, output_dir, trainer.last_record, state, loader, final)
@@ -114,6 +120,75 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["world_size"] != dist.world_size():
         raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
                            f"{dist.world_size()}")
+
+
+def check_ds_config(r: Any) -> None:
+    """DeepSpeed's own config models read the DeepSpeed JSON now, before output_dir is touched.
+
+    deepspeed.initialize would otherwise reject an unknown or mistyped key with a pydantic traceback.
+    """
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(r.ds_config)
+    except pydantic.ValidationError as err:
+        if r["deepspeed"] is None:  # the JSON is the pipeline's own: a bug, not a user mistake
+            raise
+        config = r.ds_config
+        raise UserError([f"{r['deepspeed']} ({checkpoint.where(r, 'deepspeed')}): "
+                         f"{_ds_key_path(config, problem['loc'])}: {_ds_problem(err.title, problem)}"
+                         for problem in err.errors()]) from None
+
+
+def _ds_key_path(config: Any, loc: tuple) -> str:
+    """Where in the JSON a pydantic error location is (DeepSpeed validates each section on its own)."""
+    wanted = [str(part) for part in loc]
+
+    def search(node: Any, path: list[str]) -> list[str] | None:
+        if path[-len(wanted):] == wanted:
+            return path
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in children:
+            found = search(child, [*path, str(key)])
+            if found:
+                return found
+        return None
+
+    return ".".join(search(config, []) or wanted)
+
+
+def _ds_model(title: str) -> Any:
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo = [DeepSpeedConfigModel]
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ == title:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
+
+
+def _ds_problem(title: str, problem: Mapping[str, Any]) -> str:
+    from pipeline.errors import did_you_mean
+
+    if problem.get("type") != "extra_forbidden":
+        return f"{problem['msg']} (given {json_short(problem.get('input'))})"
+    model = _ds_model(title)
+    if model is None:
+        return "DeepSpeed does not know this key; remove it"
+    allowed = sorted({f.alias or name for name, f in model.model_fields.items()})
+    key = str(problem["loc"][-1])
+    return (f"DeepSpeed does not know this key{did_you_mean(key, allowed)}; this section takes "
+            f"{', '.join(allowed)}")
+
+
+def json_short(value: Any) -> str:
+    import json
+
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _dangerous(path: Path) -> bool:
@@ -232,6 +307,40 @@ def explain_out_of_memory(r: Mapping[str, Any], state: TrainState) -> Any:
             "offload_optimizer: cpu (offload_param: cpu with stage 3); use finetuning_type: lora (now "
             f"{r['finetuning_type']}); bf16: true on GPUs that support it. `make plan` estimates a recipe's memory"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------- rank failures
+
+def peer_died(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo / NCCL / the TCP store lost its peer)."""
+    import torch.distributed as tdist
+
+    if dist.world_size() < 2:
+        return False
+    if isinstance(err, getattr(tdist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(hint in text for hint in (
+        "gloo", "nccl", "connection closed by peer", "connection reset by peer", "broken pipe"))
+
+
+def report_dead_peer(err: BaseException, output_dir: Path, last_saved: int | None) -> None:
+    """One message instead of the collective's traceback, then exit 1 (the launcher stops the other ranks).
+
+    Which rank died is certain with two ranks; with more, the launcher's log names it.
+    """
+    import os
+
+    me, world = dist.rank(), dist.world_size()
+    who = f"rank {1 - me}" if world == 2 else "a peer rank"
+    detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    resume = (f"the last checkpoint is {output_dir}/checkpoint-{last_saved}; continue with "
+              "resume_from_checkpoint=latest") if last_saved else "no checkpoint was saved by this run"
+    print(f"error: rank {me}: {who} died (its log above, or the launcher's line naming its --local_rank, says "
+          f"why); stopped training ({detail}). {resume}", file=sys.__stderr__, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)  # not a normal exit: tearing down a process group with a dead peer can hang or abort
 
 
 # ---------------------------------------------------------------------------------------------- after training

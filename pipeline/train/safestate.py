@@ -155,18 +155,34 @@ def save_state(obj: Any, path: str | Path) -> None:
         handle.write(data)
 
 
+class StateFileError(ValueError):
+    """A file that is not a readable `save_state` file (damaged, or planted: a pickle, another format)."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
 def load_state(path: str | Path, map_location: Any = None) -> Any:
-    """Read a file written by `save_state`; tensors land on `map_location` when it is a device (else CPU)."""
+    """Read a file written by `save_state`; tensors land on `map_location` when it is a device (else CPU).
+
+    Whatever is wrong with the file surfaces as one StateFileError naming it.
+    """
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     device = map_location if isinstance(map_location, (str, torch.device)) else "cpu"
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        meta = handle.metadata() or {}
-        if meta.get(FORMAT_KEY) != FORMAT:
-            raise ValueError(f"{path}: not a pipeline state file (no {FORMAT_KEY}={FORMAT} in its header)")
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    return _decode(json.loads(meta[STRUCTURE_KEY]), tensors)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            meta = handle.metadata() or {}
+            if meta.get(FORMAT_KEY) != FORMAT:
+                raise StateFileError(path, f"not a pipeline state file (no {FORMAT_KEY}={FORMAT} in its header)")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        return _decode(json.loads(meta[STRUCTURE_KEY]), tensors)
+    except StateFileError:
+        raise
+    except (SafetensorError, ValueError, KeyError, TypeError) as err:  # not safetensors / a bad structure
+        raise StateFileError(path, f"not a readable pipeline state file ({err})") from None
 
 
 def safe_checkpoint_engine() -> Any:

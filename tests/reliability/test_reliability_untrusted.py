@@ -180,10 +180,6 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(trained: Reference, tmp_pat
     assert result.code != 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train: a checkpoint file that is not a pipeline safetensors state (here a planted pickle, manifest "
-    "re-hashed) raises safetensors' SafetensorError / ValueError out of engine.load_checkpoint -> exit 1 with a "
-    "traceback; pipeline.train.checkpoint.load should turn it into a UserError naming the file"))
 def test_a_pickle_planted_in_a_checkpoint_is_a_clear_error(trained: Reference, tmp_path):
     root = trained.copy(tmp_path / "proj", output=True)
     ckpt = root / "out" / "checkpoint-3"

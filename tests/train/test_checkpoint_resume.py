@@ -148,3 +148,29 @@ def test_a_crash_while_saving_leaves_no_checkpoint(make_recipe, monkeypatch):
     assert list(Path(out).glob(".checkpoint-1.tmp"))
     checkpoint.clean_stale(out)
     assert not list(Path(out).glob(".checkpoint-*"))
+
+
+def _fake_checkpoint(path, step: int) -> None:
+    """A checkpoint directory whose manifest matches its files, built by hand (no training needed)."""
+    import hashlib
+    import json
+
+    path.mkdir(parents=True)
+    state = json.dumps({"global_step": step}).encode()
+    (path / "trainer_state.json").write_bytes(state)
+    files = {"trainer_state.json": {"sha256": hashlib.sha256(state).hexdigest(), "bytes": len(state)}}
+    (path / "manifest.json").write_text(json.dumps({"format": "pipeline-checkpoint", "version": 1, "step": step,
+                                                    "files": files}))
+
+
+def test_a_kill_between_the_renames_of_a_resave_keeps_the_old_checkpoint(tmp_path):
+    # save() replaces an existing checkpoint-N by renaming it to .checkpoint-N.old, then the new one in place
+    _fake_checkpoint(tmp_path / ".checkpoint-4.old", 4)  # killed between the renames: no checkpoint-4
+    _fake_checkpoint(tmp_path / ".checkpoint-6.old", 6)  # killed after both renames: checkpoint-6 is the new one
+    _fake_checkpoint(tmp_path / "checkpoint-6", 6)
+    _fake_checkpoint(tmp_path / ".checkpoint-8.old", 8)
+    (tmp_path / ".checkpoint-8.old" / "trainer_state.json").write_text("{}")  # damaged: not restored
+    checkpoint.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert checkpoint.problems_with(tmp_path / "checkpoint-4") == []
+    assert checkpoint.read_state(tmp_path / "checkpoint-4") == {"global_step": 4}
