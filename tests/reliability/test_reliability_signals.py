@@ -4,9 +4,9 @@ Ctrl-C is SIGINT to the whole foreground process group (what a terminal sends); 
 process; a scheduler (SLURM's scancel) sends SIGTERM to every process of the job. The run finishes its step,
 saves a checkpoint that passes its manifest, and exits non-zero without a traceback; resuming finishes the
 run (on 1 rank, bitwise equal to the uninterrupted reference). A rank that dies takes the whole job down
-within a bounded time, with the launcher naming it; the run resumes from its last checkpoint. What does not
-hold yet is written as strict xfails with the reason (a job-wide SIGTERM on 2 ranks, SIGTERM to the launcher
-alone, the announcement of a stop, a clear message for a dead rank).
+within a bounded time, the survivor saying in one line which rank died; the run resumes from its last
+checkpoint. A repeated SIGTERM (a job-wide one reaches each rank twice) is ignored, and the stop is always
+announced.
 """
 from __future__ import annotations
 
