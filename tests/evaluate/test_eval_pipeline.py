@@ -264,7 +264,7 @@ def test_eval_on_two_ranks_equals_one_rank(make_run):
 def test_train_zero3_then_merge_then_eval_agree(tmp_path, monkeypatch):
     """The real chain: an adapter trained under ZeRO-3 merges, and eval's tuned loss is the trainer's final eval_loss
     (same examples, same masks), for the merged model and for base + adapter alike."""
-    from conftest import resolve_run, write_run  # tests/evaluate/conftest.py (pytest puts its folder on sys.path)
+    from tests.evaluate.conftest import resolve_run, write_run
 
     from pipeline.data.build import build
     from pipeline.train import dist
@@ -303,7 +303,7 @@ def test_the_trained_adapter_comes_before_adapter_name_or_path(make_run, tmp_pat
     """A recipe that continues training from adapter_name_or_path merges/evaluates what it trained."""
     import shutil
 
-    from conftest import resolve_run
+    from tests.evaluate.conftest import resolve_run
 
     r = make_run()
     out = Path(r["output_dir"])
