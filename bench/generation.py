@@ -99,6 +99,18 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers
             return {"seconds": seconds, "first": out[0, ids.shape[1]:ids.shape[1] + 16].tolist()}
         return go
 
+    def one_thread(run: Callable[[int], dict]) -> Callable[[int], dict]:
+        """The same run with torch on one thread: on a shared machine every parallel op of a decoding step
+        waits for a second core, and a step is hundreds of small ops."""
+        def go(k: int) -> dict:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return run(k)
+            finally:
+                torch.set_num_threads(threads)
+        return go
+
     contenders: dict[str, Callable[[int], dict]] = {}
     for b in (1, 8):
         batch = prompts(b)
@@ -106,6 +118,8 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers
         contenders[f"transformers b{b}"] = hf_run(batch, new)
         contenders[f"ours cache b{b} short"] = ours_run(batch, short, True)
         contenders[f"ours no-cache b{b} short"] = ours_run(batch, short, False)
+    contenders["ours cache b1, 1 thread"] = one_thread(ours_run(prompts(1), new, True))
+    contenders["transformers b1, 1 thread"] = one_thread(hf_run(prompts(1), new))
     with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
         generate(ours, prompts(8), max_new_tokens=4, eos_id=None)
         ids, mask = left_padded(prompts(8))
@@ -132,6 +146,11 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers
     text = common.table(["batch", "ours+cache tok/s", "transformers tok/s", "ours vs transformers",
                          f"ours no-cache tok/s ({short} new)", f"cache speedup, {short} new (measured)",
                          f"cache speedup, {new} new (estimated)", "same tokens"], rows)
+    one = {"ours_cache_tokens_per_s": new / med["ours cache b1, 1 thread"],
+           "transformers_tokens_per_s": new / med["transformers b1, 1 thread"]}
+    summary["b1_one_thread"] = one
+    text += (f"\n\nThe same batch-1 runs with torch on 1 thread instead of {torch.get_num_threads()}: ours+cache "
+             f"{one['ours_cache_tokens_per_s']:.1f} tok/s, transformers {one['transformers_tokens_per_s']:.1f} tok/s.")
     print(text)
     targets = []
     for b in (1, 8):
