@@ -148,7 +148,7 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
     except ImportError:
         return []
     if looks_like_path(name) and not os.path.exists(name):
-        if ctx.command in ("train", "merge", "eval", "generate", "inspect"):
+        if ctx.command in ("train", "merge", "eval", "generate"):
             return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
                                            "run that one first")]
         return []
