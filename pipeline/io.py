@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -170,3 +171,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         if disk_full(err):
             raise disk_full_error(path) from None
         raise
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file read in 1 MiB blocks (manifests of builds and checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -24,7 +24,7 @@ from pipeline.data.problems import Problems
 from pipeline.data.registry import DatasetSpec, resolve_datasets
 from pipeline.data.sources import Table, read_table, read_text
 from pipeline.errors import UserError
-from pipeline.io import atomic_dir, remove_leftovers
+from pipeline.io import atomic_dir, remove_leftovers, sha256_file
 
 SCHEMA_VERSION = 1
 BUILD_VERSION = 1  # bump when the same inputs would build different files
@@ -49,14 +49,6 @@ def all_specs(r: Mapping[str, Any]) -> list[DatasetSpec]:
     for spec in resolve_datasets(r, "dataset") + resolve_datasets(r, "eval_dataset"):
         seen.setdefault(spec.name, spec)
     return list(seen.values())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_name(path: Path, dataset_dir: Path) -> str:

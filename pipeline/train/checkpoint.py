@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import random
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
-from pipeline.io import write_json
+from pipeline.io import sha256_file, write_json
 from pipeline.train import dist
 
 FORMAT = "pipeline-checkpoint"
@@ -85,14 +84,6 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: step_of(p) or 0)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _files(root: Path) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
@@ -121,7 +112,7 @@ def problems_with(path: str | Path) -> list[str]:
             problems.append(f"{file} is missing")
         elif file.stat().st_size != info.get("bytes"):
             problems.append(f"{file} has {file.stat().st_size} bytes, the manifest says {info.get('bytes')}")
-        elif _sha256(file) != info.get("sha256"):
+        elif sha256_file(file) != info.get("sha256"):
             problems.append(f"{file} does not match its sha256 in the manifest (corrupted or modified)")
     if STATE not in manifest.get("files", {}):
         problems.append(f"{path / STATE} is not listed in the manifest")
@@ -277,7 +268,7 @@ def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) ->
         for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's helpers cannot read these files
             (tmp / script).unlink(missing_ok=True)
         write_json(tmp / STATE, {**state.to_dict(), "recipe": {k: r[k] for k in RESUME_KEYS if k in r}})
-        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in _files(tmp)}
+        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.global_step, "files": files})
         _fsync_tree(tmp)
         if final.exists():  # a re-run reaching the same step replaces the old checkpoint in one rename
