@@ -1,16 +1,25 @@
 """Deterministic generator of the bundled demo data (pure Python, no downloads).
 
 Why: `make all` must show, on a 2-core CPU in minutes, that fine-tuning teaches a small GPT something
-measurable. So the instruction tasks have exactly checkable answers computed from the prompt alone
-(word and number manipulations over a small fixed vocabulary written here), the held-out test holds
+measurable. So the instruction tasks have exactly checkable one-word answers computed from the prompt
+alone (small word and number puzzles over a vocabulary written here), the held-out test holds
 instances that never occur in the training files or in the corpus, and the same task family is spread
 over three raw formats so that `make data` exercises every converter:
 
-    raw/demo_alpaca.jsonl    alpaca JSONL          first word, last word, reverse
-    raw/demo_sharegpt.json   sharegpt JSON, custom tags (speaker/text, human/bot)   larger, smaller
-    raw/demo_tasks.csv       CSV, column mapping (question/context/answer)          count, color
-    raw/demo_test.jsonl      alpaca JSONL, the held-out test of every task (as the build converts it)
-    raw/demo_corpus.txt      pt corpus: short English paragraphs about the same words, colours and numbers
+    raw/demo_alpaca.jsonl    alpaca JSONL                                     "Which word is a color?"
+    raw/demo_sharegpt.json   sharegpt JSON with custom tags (speaker/text, human/bot)  "Which word is an animal?"
+    raw/demo_tasks.csv       CSV with column mapping (question/context/answer)  "How many words are there?"
+    raw/demo_test.jsonl      alpaca JSONL: the held-out test of every task, as the build converts it
+    raw/demo_corpus.jsonl    pt corpus: one short English document per line ({"text": ...})
+
+The tasks were chosen by calibration (see recipes/demo_sft.yaml): on a model pre-trained for about a
+minute, LoRA learns these three within two minutes, while copying a word by its position (first/last
+word) or comparing numbers needs far more steps.
+
+Lists are written one item per line, so an answer (at the start of the response) is the very same
+GPT-2 token as in the prompt; every word, colour and number below is a single token. The corpus uses
+the same vocabulary and the same one-per-line lists, and each document ends with <|endoftext|> in the
+pt stream, so pre-training teaches every token an answer needs (LoRA cannot train the embeddings).
 
 Regenerate with `python datasets/generate.py` (byte-identical for the same seed; `--check` verifies the
 committed files without writing).
@@ -28,12 +37,10 @@ from pathlib import Path
 from typing import Callable
 
 SEED = 1234
-TRAIN_PER_TASK = 900
-TEST_PER_TASK = 30
-CORPUS_PARAGRAPHS = 1500
+TRAIN_PER_TASK = 2000
+TEST_PER_TASK = 50
+CORPUS_DOCUMENTS = 2000
 
-# Every word and colour is one GPT-2 token with and without a leading space, so an answer is one token
-# and the same token as in the prompt (lists are written one item per line).
 ANIMALS = "cat dog fox bee ant cow hen rat bat wolf bear bird fish".split()
 THINGS = ("pen box hat key map bed car bus ship coin ring bell book ball chair table house jar pot net web fan "
           "shell sun moon star tree rock lake hill road cloud rain wind rose sand stone river sea corn apple").split()
@@ -50,7 +57,7 @@ class Example:
     instruction: str
     input: str
     output: str
-    prose: str  # the same fact as a plain corpus sentence (pt stage)
+    prose: str  # the same instance as corpus text (pt stage): the list, then a sentence with the answer
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -64,65 +71,38 @@ def _lines(items: list) -> str:
     return "\n".join(map(str, items))
 
 
+def _example(task: str, instruction: str, items: list, answer: object, sentence: str) -> Example:
+    return Example(task, instruction, _lines(items), str(answer), f"A list:\n{_lines(items)}\n{sentence}")
+
+
 def _odd_one(rng: random.Random, pool: list, others: list) -> tuple[list, object]:
-    """2-3 items of `others` and one of `pool`, shuffled: (the list, the one)."""
+    """2 or 3 items of `others` and one of `pool`, shuffled: (the list, the one)."""
     one = rng.choice(pool)
     items = rng.sample(others, rng.randint(2, 3)) + [one]
     rng.shuffle(items)
     return items, one
 
 
-def first_word(rng: random.Random) -> Example:
-    ws = rng.sample(WORDS, rng.randint(3, 5))
-    return Example("first_word", "What is the first word?", _lines(ws), ws[0],
-                   f"In the list {' '.join(ws)}, the first word is {ws[0]}.")
-
-
-def last_word(rng: random.Random) -> Example:
-    ws = rng.sample(WORDS, rng.randint(3, 5))
-    return Example("last_word", "What is the last word?", _lines(ws), ws[-1],
-                   f"In the list {' '.join(ws)}, the last word is {ws[-1]}.")
-
-
 def color_word(rng: random.Random) -> Example:
     items, one = _odd_one(rng, COLORS, WORDS)
-    return Example("color_word", "Which word is a color?", _lines(items), str(one),
-                   f"Of {' '.join(items)}, the color is {one}.")
+    return _example("color_word", "Which word is a color?", items, one, f"The color is {one}.")
 
 
 def animal_word(rng: random.Random) -> Example:
     items, one = _odd_one(rng, ANIMALS, THINGS)
-    return Example("animal_word", "Which word is an animal?", _lines(items), str(one),
-                   f"Of {' '.join(items)}, the animal is {one}.")
-
-
-def number_word(rng: random.Random) -> Example:
-    items, one = _odd_one(rng, list(NUMBERS), WORDS)
-    return Example("number_word", "Which word is a number?", _lines(items), str(one),
-                   f"Of {' '.join(map(str, items))}, the number is {one}.")
-
-
-def larger(rng: random.Random) -> Example:
-    a, b = rng.sample(NUMBERS, 2)
-    return Example("larger", "Which number is larger?", _lines([a, b]), str(max(a, b)),
-                   f"Of {a} and {b}, the larger number is {max(a, b)}.")
+    return _example("animal_word", "Which word is an animal?", items, one, f"The animal is {one}.")
 
 
 def count(rng: random.Random) -> Example:
     ws = rng.sample(WORDS, rng.randint(2, 6))
-    return Example("count", "How many words are there?", _lines(ws), str(len(ws)),
-                   f"The list {' '.join(ws)} has {len(ws)} words.")
+    return _example("count", "How many words are there?", ws, len(ws), f"There are {len(ws)} words.")
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
-    f.__name__: f for f in (first_word, last_word, color_word, animal_word, number_word, larger, count)
+    f.__name__: f for f in (color_word, animal_word, count)
 }
 # Which raw file carries each task's training instances (the test file carries all tasks).
-FORMAT_OF_TASK = {
-    "first_word": "alpaca", "color_word": "alpaca", "animal_word": "alpaca",
-    "larger": "sharegpt", "number_word": "sharegpt",
-    "count": "csv", "last_word": "csv",
-}
+FORMAT_OF_TASK = {"color_word": "alpaca", "animal_word": "sharegpt", "count": "csv"}
 
 
 def split_instances(seed: int = SEED, train_per_task: int = TRAIN_PER_TASK,
@@ -131,7 +111,7 @@ def split_instances(seed: int = SEED, train_per_task: int = TRAIN_PER_TASK,
     rng = random.Random(seed)
     train: list[Example] = []
     test: list[Example] = []
-    for name, draw in TASKS.items():
+    for draw in TASKS.values():
         seen: set[tuple[str, str, str]] = set()
         for target, want in ((test, test_per_task), (train, train_per_task)):
             got = 0
@@ -146,33 +126,54 @@ def split_instances(seed: int = SEED, train_per_task: int = TRAIN_PER_TASK,
     return train, test
 
 
-# --- corpus: simple English about the same vocabulary (never a test instance) ---------------------------
+# --- corpus: short documents over the same vocabulary (never a test instance) ---------------------------
 
 
-def corpus_paragraphs(rng: random.Random, n: int, test_keys: set[tuple[str, str, str]],
-                      skill_share: float = 0.5) -> list[str]:
-    """Short paragraphs of plain sentences about the same words, colours and numbers.
+def corpus_documents(rng: random.Random, n: int, test_keys: set[tuple[str, str, str]]) -> list[str]:
+    """Documents of 3-6 pieces: task instances in prose (a list, then a sentence stating the answer),
+    short lines that start with a word or a number, and plain sentences.
 
-    About `skill_share` of the sentences state a task instance in prose ("Of 12 and 40, the larger number
-    is 40."), so pre-training meets the skills but never the instruction format; an instance whose key is
-    in the held-out test is never stated. The rest are filler sentences over the same vocabulary.
+    Pre-training meets the skills but never the instruction format, never a test instance, and every
+    document ends with a plain sentence (so an answer is never followed by EOS). In the short lines a
+    colour is followed by a thing ("gold ring"), an animal by what it does ("fox runs") and a thing by
+    where it is ("ring is here"), a number by things ("4 rings"): line-initial words then differ by kind
+    from the first steps of pre-training on, which the instruction tasks build on, and every answer
+    token (a word or a count, with no leading space) is a pre-training target.
     """
     draws = list(TASKS.values())
-    paragraphs = []
+    documents = []
     for _ in range(n):
-        sentences = []
-        for _ in range(rng.randint(3, 6)):
-            if rng.random() < skill_share:
-                ex = rng.choice(draws)(rng)
-                if ex.key not in test_keys:
-                    sentences.append(ex.prose)
+        pieces = []
+        for _ in range(rng.randint(2, 5)):
+            roll = rng.random()
+            ex = rng.choice(draws)(rng) if roll < 0.5 else None
+            if ex is not None and ex.key not in test_keys:
+                pieces.append(ex.prose)
+            elif roll < 0.8:
+                pieces.append(_short_lines(rng))
             else:
-                sentences.append(_filler(rng))
-        paragraphs.append(" ".join(sentences))
-    return paragraphs
+                pieces.append(_sentence(rng))
+        pieces.append(_sentence(rng))
+        documents.append("\n".join(pieces))
+    return documents
 
 
-def _filler(rng: random.Random) -> str:
+def _short_lines(rng: random.Random) -> str:
+    lines = []
+    for _ in range(rng.randint(2, 4)):
+        kind = rng.randrange(4)
+        if kind == 0:
+            lines.append(f"{rng.choice(COLORS)} {rng.choice(THINGS)}")
+        elif kind == 1:
+            lines.append(f"{rng.choice(ANIMALS)} {rng.choice(['runs', 'sleeps', 'eats', 'sits', 'jumps'])}")
+        elif kind == 2:
+            lines.append(f"{rng.choice(THINGS)} is {rng.choice(['here', 'there'])}")
+        else:
+            lines.append(f"{rng.randint(2, 9)} {rng.choice(THINGS)}s")
+    return rng.choice(["I saw:", "Today:", "Notes:"]) + "\n" + "\n".join(lines)
+
+
+def _sentence(rng: random.Random) -> str:
     a, b, c = rng.sample(WORDS, 3)
     col = rng.choice(COLORS)
     return rng.choice([
@@ -180,11 +181,11 @@ def _filler(rng: random.Random) -> str:
         f"The {a} is next to the {b}.",
         f"A {rng.choice(ANIMALS)} and a {b} went to the {c}.",
         f"There are {rng.choice(NUMBERS)} {a}s by the {b}.",
-        f"My list:\n{a}\n{b}\n{c}\nThat is all.",
+        f"The {rng.choice(ANIMALS)} sat on the {b}.",
     ])
 
 
-# --- serialisation: one deterministic byte string per file --------------------------------------------
+# --- serialisation: one deterministic text per file ----------------------------------------------------
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -196,13 +197,16 @@ def _json_array(rows: list[dict]) -> str:
     return "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n"
 
 
+def _user_text(ex: Example) -> str:
+    return ex.instruction if not ex.input else f"{ex.instruction}\n{ex.input}"
+
+
 def _alpaca_row(ex: Example) -> dict:
     return {"instruction": ex.instruction, "input": ex.input, "output": ex.output}
 
 
 def _sharegpt_row(ex: Example) -> dict:
-    user = ex.instruction if not ex.input else f"{ex.instruction}\n{ex.input}"
-    return {"conversation": [{"speaker": "human", "text": user}, {"speaker": "bot", "text": ex.output}]}
+    return {"conversation": [{"speaker": "human", "text": _user_text(ex)}, {"speaker": "bot", "text": ex.output}]}
 
 
 def _csv(examples: list[Example]) -> str:
@@ -215,32 +219,30 @@ def _csv(examples: list[Example]) -> str:
 
 
 def as_test_row(ex: Example) -> dict:
-    """The Alpaca row the build produces from the example's training format (sharegpt folds input in)."""
+    """The Alpaca row the build makes of the example in its training format (sharegpt: one user turn)."""
     if FORMAT_OF_TASK[ex.task] == "sharegpt":
-        user = ex.instruction if not ex.input else f"{ex.instruction}\n{ex.input}"
-        return {"instruction": user, "input": "", "output": ex.output}
+        return {"instruction": _user_text(ex), "input": "", "output": ex.output}
     return _alpaca_row(ex)
 
 
 def generate(seed: int = SEED) -> dict[str, str]:
-    """All raw files as {relative name: text}; a pure function of the seed."""
+    """All raw files as {file name: text}; a pure function of the seed."""
     train, test = split_instances(seed)
     by_format: dict[str, list[Example]] = {"alpaca": [], "sharegpt": [], "csv": []}
     for ex in train:
         by_format[FORMAT_OF_TASK[ex.task]].append(ex)
-    test_keys = {ex.key for ex in test}
-    corpus = corpus_paragraphs(random.Random(seed + 1), CORPUS_PARAGRAPHS, test_keys)
+    corpus = corpus_documents(random.Random(seed + 1), CORPUS_DOCUMENTS, {ex.key for ex in test})
     return {
         "demo_alpaca.jsonl": _jsonl([_alpaca_row(ex) for ex in by_format["alpaca"]]),
         "demo_sharegpt.json": _json_array([_sharegpt_row(ex) for ex in by_format["sharegpt"]]),
         "demo_tasks.csv": _csv(by_format["csv"]),
         "demo_test.jsonl": _jsonl([as_test_row(ex) for ex in test]),
-        "demo_corpus.txt": "\n\n".join(corpus) + "\n",
+        "demo_corpus.jsonl": _jsonl([{"text": doc} for doc in corpus]),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Write the demo datasets (deterministic).")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "raw")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--check", action="store_true", help="compare with the files in --out; write nothing")
