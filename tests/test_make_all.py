@@ -80,7 +80,11 @@ def scratch_repo(tmp_path_factory) -> Path:
 
 
 def _make_all(root: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    # a fresh shell: no make recursion flags, and no launch variables left by in-process tests (their
+    # MASTER_PORT may still be held by this process's process group)
+    dropped = {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+               "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     return subprocess.run(["make", "all", "RECIPE=recipes/e2e_sft.yaml", f"VENV={root / 'venv'}"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
 
