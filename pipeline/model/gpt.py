@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.model.config import GPTConfig
+from pipeline.model.head_loss import head_cross_entropy_sum
 
 IGNORE_INDEX = -100
 KV = tuple[torch.Tensor, torch.Tensor]  # per layer: keys and values, each (B, n_heads, T_past, head_dim)
@@ -196,8 +197,7 @@ class GPTModel(nn.Module):
         """Cross-entropy with the head computed only where labels != -100 (same value as over full logits)."""
         keep = labels != IGNORE_INDEX
         targets = labels[keep]
-        logits = self.lm_head(hidden[keep]).float()
-        total = F.cross_entropy(logits, targets, reduction="sum")
+        total = head_cross_entropy_sum(self.lm_head, hidden[keep], targets)  # chunked when the head is frozen
         count = targets.numel()
         if reduction == "sum":
             return total, count

@@ -44,7 +44,9 @@ class LoRALayer(nn.Module):
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (x @ self.A @ self.B)
+        # = scaling * (x @ A @ B); scaling the (rank x out) B instead of the (tokens x out) product saves a
+        # pass over every adapted activation, forward and backward (bench/README.md, dense step)
+        return (x @ self.A) @ (self.B * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in nn.Linear layout (out x in)."""
