@@ -24,15 +24,20 @@ def matmul_peak(n: int = 4096, repeats: int = 3, fp32: bool = False) -> dict[str
 
     out = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))[:2 if fp32 else 1]:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
+        best = _best_matmul_seconds(torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype), repeats)
         out[f"{name}_flops"] = 2 * n**3 / best
     return out
+
+
+def _best_matmul_seconds(a, b, repeats: int) -> float:
+    """Fastest of `repeats` timed a @ b, after one untimed warm-up."""
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def step_matmuls(n_layers: int, tokens: int, d: int = 768, vocab: int = 50257) -> list[tuple[int, int, int]]:
@@ -50,13 +55,7 @@ def matmul_ceiling(n_layers: int, tokens: int, repeats: int = 2) -> float:
     flops, seconds = 0.0, 0.0
     for m, k, n in step_matmuls(n_layers, tokens):
         a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
-        a @ b
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        flops, seconds = flops + 2 * m * k * n, seconds + best
+        flops, seconds = flops + 2 * m * k * n, seconds + _best_matmul_seconds(a, b, repeats)
     return flops / seconds
 
 
