@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.config import GPTConfig
 from pipeline.model.head_loss import head_cross_entropy_sum
@@ -130,8 +131,16 @@ class GPTModel(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.wte.weight
+        self.gradient_checkpointing = False
         if seed is not None and self.wte.weight.device.type != "meta":
             self.init_weights(seed)
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (activation
+        checkpointing per block): memory falls from O(layers x activations) to one block's, for about one
+        extra forward. Only in training with grad enabled; results are the same either way (dropout
+        replays its RNG state: torch's non-reentrant checkpoint preserves it)."""
+        self.gradient_checkpointing = bool(enabled)
 
     def tie_weights(self) -> None:
         """Re-establish tying (after load_state_dict(assign=True) replaced the Parameter objects)."""
@@ -165,6 +174,7 @@ class GPTModel(nn.Module):
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
+        segment_ids: torch.Tensor | None = None,
     ):
         """Logits (B, T, V); (logits, new_past_kv) with use_cache; with labels the loss instead.
 
@@ -173,6 +183,10 @@ class GPTModel(nn.Module):
         labels the output head runs only at the labelled positions (with short responses most
         positions are prompt or padding, and the V-wide head is the largest matmul), returning the
         mean cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches.
+
+        segment_ids (B, T) (packed rows, neat_packing): a token attends only to earlier tokens of its
+        own segment (block-diagonal causal attention); the caller supplies position_ids that restart at
+        0 in every segment. Then every packed example computes exactly what it would alone.
         """
         b, t = input_ids.shape
         past_len = past_kv[0][0].shape[2] if past_kv else 0
@@ -180,11 +194,20 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
-        mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
+        if segment_ids is not None:
+            if past_len:
+                raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
+            mask = segment_mask(segment_ids)
+        else:
+            mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         new_kv: list[KV] = []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
         for i, block in enumerate(self.h):
-            x, kv = block(x, mask, past_kv[i] if past_kv else None)
+            if recompute:
+                x, kv = checkpoint(block, x, mask, None, use_reentrant=False)
+            else:
+                x, kv = block(x, mask, past_kv[i] if past_kv else None)
             if use_cache:
                 new_kv.append(kv)
         x = self.ln_f(x)
@@ -226,3 +249,16 @@ def _attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, past_le
         return causal
     keys = attention_mask.to(torch.bool).view(b, 1, 1, total)
     return causal & (keys | (k_pos == q_pos).view(1, 1, t, total))
+
+
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask (True = may attend): causal and within the same segment.
+
+    Padding at the end of a packed row gets its own segment id, so its rows are never empty (a query
+    always sees itself) and no real token sees it.
+    """
+    t = segment_ids.shape[1]
+    pos = torch.arange(t, device=segment_ids.device)
+    causal = (pos.view(1, t) <= pos.view(t, 1)).view(1, 1, t, t)
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
+    return causal & same.unsqueeze(1)
