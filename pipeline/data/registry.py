@@ -89,7 +89,7 @@ def read_registry(dataset_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], 
     if not Path(dataset_dir).is_dir():
         raise UserError(f"dataset_dir '{dataset_dir}' is not a folder; it must hold {REGISTRY_FILE} and the raw files")
     if not path.is_file():
-        raise UserError(f"{shown}: not found; create the dataset registry there (see README: dataset registry)")
+        raise UserError(f"{shown}: not found; create the dataset registry there (see docs/datasets.md: the registry)")
     data = path.read_bytes()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]

@@ -1,7 +1,10 @@
-"""Render the recipe reference from the schema into README.md, between the recipe-reference markers.
+"""Render the recipe key tables from the schema into docs/recipe-reference.md, between its markers.
 
-    python -m pipeline.recipe.docs           # rewrite that region of README.md
-    python -m pipeline.recipe.docs --check   # exit 1 if README.md is stale
+The schema is the single source of truth for keys; the page's prose around the markers is written by
+hand, the tables never are, and a test runs `--check` so that the page cannot drift from the schema.
+
+    python -m pipeline.recipe.docs           # rewrite that region of docs/recipe-reference.md
+    python -m pipeline.recipe.docs --check   # exit 1 if the page is stale
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pipeline.recipe import spec
 
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
-README = Path(__file__).resolve().parents[2] / "README.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
 
 
 def _default(key: str, prop: dict) -> str:
@@ -47,7 +50,7 @@ def render() -> str:
     out = [START, "", "_Generated from `pipeline/recipe/schema/recipe.schema.json` by "
                       "`python -m pipeline.recipe.docs`; do not edit by hand._", ""]
     for group, keys in spec.groups().items():
-        out += [f"#### {group}", "", "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+        out += [f"### {group}", "", "| key | type | default | allowed | description |", "|---|---|---|---|---|"]
         for key in keys:
             p = props[key]
             out.append(f"| `{key}` | {spec.type_name(p)} | {_cell(_default(key, p))} | {_cell(_allowed(p))} | "
@@ -57,34 +60,34 @@ def render() -> str:
     return "\n".join(out)
 
 
-def splice(readme: str, section: str) -> str | None:
-    """README text with the region between the markers replaced, or None when the markers are missing."""
-    start, end = readme.find(START), readme.find(END)
+def splice(page: str, section: str) -> str | None:
+    """The page's text with the region between the markers replaced, or None when the markers are missing."""
+    start, end = page.find(START), page.find(END)
     if start < 0 or end < start:
         return None
-    return readme[:start] + section + readme[end + len(END):]
+    return page[:start] + section + page[end + len(END):]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.recipe.docs", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from the schema")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the page differs from the schema")
+    parser.add_argument("--page", type=Path, default=PAGE, help="the markdown page holding the markers")
     args = parser.parse_args(argv)
-    text = args.readme.read_text(encoding="utf-8") if args.readme.exists() else ""
+    text = args.page.read_text(encoding="utf-8") if args.page.exists() else ""
     updated = splice(text, render())
     if updated is None:
-        print(f"{args.readme}: no {START} ... {END} markers; add them where the reference goes", file=sys.stderr)
+        print(f"{args.page}: no {START} ... {END} markers; add them where the reference goes", file=sys.stderr)
         return 1
     if args.check:
         if updated != text:
-            print(f"{args.readme}: the recipe reference is stale; run python -m pipeline.recipe.docs", file=sys.stderr)
+            print(f"{args.page}: the recipe reference is stale; run python -m pipeline.recipe.docs", file=sys.stderr)
             return 1
         return 0
     if updated != text:
         from pipeline.io import write_text
 
-        write_text(args.readme, updated)
-        print(f"{args.readme}: recipe reference updated")
+        write_text(args.page, updated)
+        print(f"{args.page}: recipe reference updated")
     return 0
 
 

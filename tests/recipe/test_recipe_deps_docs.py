@@ -1,4 +1,4 @@
-"""deps (for the Makefile) and docs (the README's recipe reference, generated from the schema)."""
+"""deps (for the Makefile) and docs (docs/recipe-reference.md's key tables, generated from the schema)."""
 from __future__ import annotations
 
 import re
@@ -54,7 +54,7 @@ def test_reference_has_every_key_once_with_its_default_and_range():
                                      "AdamW. |")
     assert rows["stage"].startswith("| `stage` | enum | `sft` | `pt`, `sft` |")
     assert "| **required** |" in rows["model_name_or_path"]
-    assert "#### train" in text and text.startswith(START) and text.endswith(END)
+    assert "### train" in text and text.startswith(START) and text.endswith(END)
 
 
 def test_splice_replaces_only_the_region():
@@ -65,20 +65,18 @@ def test_splice_replaces_only_the_region():
 
 
 def test_docs_write_and_check(tmp_path, capsys):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# T\n{START}\n{END}\nrest\n", encoding="utf-8")
-    assert docs_main(["--readme", str(readme), "--check"]) == 1
-    assert docs_main(["--readme", str(readme)]) == 0
-    assert docs_main(["--readme", str(readme), "--check"]) == 0
-    assert readme.read_text(encoding="utf-8").endswith(f"{END}\nrest\n")
-    readme.write_text("# no markers\n", encoding="utf-8")
-    assert docs_main(["--readme", str(readme)]) == 1
+    page = tmp_path / "reference.md"
+    page.write_text(f"# T\n{START}\n{END}\nrest\n", encoding="utf-8")
+    assert docs_main(["--page", str(page), "--check"]) == 1
+    assert docs_main(["--page", str(page)]) == 0
+    assert docs_main(["--page", str(page), "--check"]) == 0
+    assert page.read_text(encoding="utf-8").endswith(f"{END}\nrest\n")
+    page.write_text("# no markers\n", encoding="utf-8")
+    assert docs_main(["--page", str(page)]) == 1
 
 
-def test_readme_agrees_with_schema():
-    readme = Path(__file__).resolve().parents[2] / "README.md"
-    if not readme.exists() or START not in readme.read_text(encoding="utf-8"):
-        pytest.skip("README.md has no recipe-reference markers yet (the lead adds them; then run "
-                    "`python -m pipeline.recipe.docs`)")
-    assert docs_main(["--readme", str(readme), "--check"]) == 0, \
-        "README.md's recipe reference is stale: run `python -m pipeline.recipe.docs`"
+def test_reference_page_agrees_with_schema():
+    page = Path(__file__).resolve().parents[2] / "docs" / "recipe-reference.md"
+    assert START in page.read_text(encoding="utf-8"), f"{page}: the recipe-reference markers are missing"
+    assert docs_main(["--page", str(page), "--check"]) == 0, \
+        "docs/recipe-reference.md is stale: run `python -m pipeline.recipe.docs`"

@@ -1,0 +1,56 @@
+"""The documentation holds together: every docs/ page is in the index, every relative link resolves.
+
+README.md is the newcomer's guide and docs/*.md the reference; pages move and headings get renamed, and
+a link that silently points nowhere is the usual casualty. Anchors are checked with GitHub's rule for
+heading ids (lowercase, punctuation dropped, spaces to hyphens).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", ROOT / "INTERNALS.md", *sorted(DOCS.glob("*.md"))]
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (a `[x](y)` inside code is not a link)."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _anchors(path: Path) -> set[str]:
+    ids = set()
+    for line in _prose(path.read_text(encoding="utf-8")).splitlines():
+        m = re.match(r"#{1,6} (.*)", line)
+        if m:
+            ids.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return ids
+
+
+def test_every_docs_page_is_in_the_index():
+    index = (DOCS / "README.md").read_text(encoding="utf-8")
+    linked = {target.split("#")[0] for target in LINK.findall(index)}
+    missing = [p.name for p in DOCS.glob("*.md") if p.name != "README.md" and p.name not in linked]
+    assert not missing, f"docs/README.md does not link {missing}: add a row for each to its table"
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(page):
+    broken = []
+    for target in LINK.findall(_prose(page.read_text(encoding="utf-8"))):
+        if re.match(r"[a-z]+:", target):
+            continue                                    # http(s):, mailto: — not checked offline
+        file_part, _, anchor = target.partition("#")
+        dest = (page.parent / file_part).resolve() if file_part else page
+        if not dest.exists():
+            broken.append(f"{target}: {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest} does not exist")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target}: no heading with id '{anchor}' in {dest.name}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
