@@ -97,7 +97,7 @@ def read_state_dict(directory: Path, *, hf: bool, cfg: GPTConfig) -> dict[str, t
             if name == "lm_head.weight" and cfg.tie_weights:
                 continue  # transformers ties it to wte too
             if name.endswith(CONV1D):
-                tensor = tensor.t()
+                tensor = tensor.t().contiguous()  # a transposed view would become a strided parameter
         state[name] = (file, tensor)
     return state
 
@@ -139,7 +139,9 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, tuple[Path, torch.
             problems.append(f"{source}: the recipe changed the checkpoint's config ({_diff(file_cfg, cfg)});"
                             " these weights do not fit the changed shapes")
         raise UserError(problems)
-    model.load_state_dict({k: state[k][1].to(dtype) for k in expected}, assign=True, strict=False)
+    # assign=True makes these tensors the parameters themselves: they must be dense whatever their source
+    # (a transposed or sliced view would reach DeepSpeed, which views every parameter as bytes).
+    model.load_state_dict({k: state[k][1].to(dtype).contiguous() for k in expected}, assign=True, strict=False)
     model.tie_weights()
     return model
 

@@ -70,6 +70,7 @@ def train(r: Any) -> TrainResult:
     model = build_model(r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
+    check_contiguous(model)
     optimizer = make_optimizer(model, r)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, r),
                                       config=r.ds_config)
@@ -225,6 +226,22 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
         checkpoint.clean_stale(output_dir)
     dist.barrier()
     return output_dir
+
+
+def check_contiguous(model: Any) -> None:
+    """Every parameter dense before DeepSpeed sees it: a bug message naming the tensor, not DeepSpeed's.
+
+    DeepSpeed broadcasts (and ZeRO flattens) each parameter through `p.data.view(torch.uint8)`, which a
+    strided view (a transposed checkpoint tensor, a slice) cannot give; the error it raises names nothing.
+    Costs one flag read per parameter.
+    """
+    strided = [f"'{name}' (shape {list(p.shape)}, stride {list(p.stride())})"
+               for name, p in model.named_parameters() if not p.is_contiguous()]
+    if strided:
+        raise RuntimeError(f"bug: {len(strided)} model parameter(s) are not contiguous in memory, which DeepSpeed "
+                           f"cannot broadcast or partition: {', '.join(strided[:5])}"
+                           f"{' ...' if len(strided) > 5 else ''}. The model loader must hand over dense tensors "
+                           "(.contiguous()); please report this with the recipe's model_name_or_path")
 
 
 def seed_everything(seed: int) -> None:

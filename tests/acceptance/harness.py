@@ -1,0 +1,207 @@
+"""The acceptance harness: artifacts in the formats users bring, and the CLI driven as a user types it.
+
+Reused by every acceptance test (and by other test folders): import from `tests.acceptance.harness`.
+
+- `write_hf_checkpoint(family, directory)`: a tiny random model written by transformers' own
+  save_pretrained (safetensors), the layout `huggingface-cli download` gives. FAMILIES maps a family name
+  to how transformers builds it; add a family by adding an entry (config class, model class, tiny sizes).
+- `write_data(directory)`: a dataset registry (dataset_info.json) with tiny sft and pt sources.
+- `write_recipe(path, **keys)`: a YAML recipe (plain values, one per line).
+- `pipeline(*args, cwd=...)` / `make(*targets, cwd=...)`: run `python -m pipeline ...` or `make ...` in a
+  subprocess and assert the exit code; the result keeps stdout and stderr for further asserts.
+- `scratch_repo(root)`: a scratch copy of the repository (Makefile, code, a venv shim) for `make` runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+WORDS = ("red green blue apple river stone cloud seven little happy bright night morning garden "
+         "window paper music light water small large quick slow north south").split()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+@dataclass(frozen=True)
+class Family:
+    """How transformers builds a tiny random model of one family (all sizes tiny: 2 layers)."""
+
+    config_class: str  # transformers attribute names, imported lazily (transformers is test-only)
+    model_class: str
+    tiny: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family("GPT2Config", "GPT2LMHeadModel",
+                   dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)),
+}
+
+
+def hf_model(family: str = "gpt2", *, seed: int = 0, noise: float = 0.1, **overrides: Any) -> Any:
+    """A random transformers model of `family` in eval mode (fp32).
+
+    Every tensor gets N(0, noise) added: biases and norms leave their init values (a loader that skipped
+    them could not pass) and greedy decoding does not collapse into one repeated token, so token-for-token
+    parity with transformers means something.
+    """
+    import torch
+    import transformers
+
+    spec = FAMILIES[family]
+    config = getattr(transformers, spec.config_class)(**{**spec.tiny, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, spec.model_class)(config).eval()
+    if noise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * noise)
+    return model
+
+
+def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, **overrides: Any) -> Any:
+    """save_pretrained(directory) of a tiny random `family` model (safetensors); returns the model."""
+    model = hf_model(family, seed=seed, **overrides)
+    model.save_pretrained(Path(directory), safe_serialization=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- data, recipes
+
+def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = rng.sample(WORDS, 3)
+        rows.append({"instruction": f"Repeat the words: {' '.join(words)}", "input": "",
+                     "output": " ".join(words) + f" ({i})"})
+    return rows
+
+
+def corpus(n_paragraphs: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(n_paragraphs))
+
+
+def write_data(directory: str | Path, n_sft: int = 24, n_pt: int = 12) -> Path:
+    """directory/dataset_info.json naming `tiny_sft` (alpaca rows) and `tiny_pt` (plain text)."""
+    data = Path(directory)
+    (data / "raw").mkdir(parents=True, exist_ok=True)
+    (data / "raw" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(n_sft)), encoding="utf-8")
+    (data / "raw" / "corpus.txt").write_text(corpus(n_pt), encoding="utf-8")
+    registry = {"tiny_sft": {"file_name": "raw/sft.jsonl", "formatting": "alpaca"},
+                "tiny_pt": {"file_name": "raw/corpus.txt", "formatting": "text"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry, indent=2), encoding="utf-8")
+    return data
+
+
+# A tiny LoRA sft run: every key a user would set; tests override what they vary.
+SFT: dict[str, Any] = {
+    "stage": "sft",
+    "dataset": "tiny_sft",
+    "template": "alpaca",
+    "cutoff_len": 48,
+    "val_size": 0.1,
+    "finetuning_type": "lora",
+    "lora_rank": 4,
+    "lora_target": "all",
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5.0e-3,
+    "max_steps": 2,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "save_steps": 1000,
+    "plot_loss": False,
+    "bf16": False,
+    "seed": 7,
+    "max_new_tokens": 4,
+    "max_eval_samples": 2,
+}
+
+
+def write_recipe(path: str | Path, base: dict[str, Any] | None = None, **keys: Any) -> Path:
+    """A YAML recipe at `path` from `base` (default SFT) updated with `keys`; a None value drops the key.
+
+    LoRA keys are dropped for full/freeze runs (the resolver rejects them without LoRA).
+    """
+    values = {**(SFT if base is None else base), **keys}
+    values = {k: v for k, v in values.items() if v is not None}
+    if values.get("finetuning_type", "lora") != "lora":
+        values = {k: v for k, v in values.items() if not k.startswith("lora_")}
+    path = Path(path)
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment a user's shell would give: offline, no launcher variables left from the test."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+    env.update(extra)
+    return env
+
+
+def _run(argv: list[str], *, cwd: Path, expect: int | None, timeout: float, env: dict[str, str] | None,
+         input: str | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(argv, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
+                          input=input)
+    if expect is not None and proc.returncode != expect:
+        raise AssertionError(f"{' '.join(argv)} (in {cwd}) exited {proc.returncode}, expected {expect}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def pipeline(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 300,
+             env: dict[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in `cwd`, as a user types it; asserts the exit code unless expect=None."""
+    return _run([PYTHON, "-m", "pipeline", *map(str, args)], cwd=Path(cwd), expect=expect, timeout=timeout,
+                env=env, input=input)
+
+
+def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 600,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`make ARGS` in `cwd` (a scratch_repo), asserting the exit code unless expect=None."""
+    return _run(["make", "--no-print-directory", *map(str, args)], cwd=Path(cwd), expect=expect, timeout=timeout,
+                env=env)
+
+
+def scratch_repo(root: str | Path) -> Path:
+    """A scratch repository for `make`: Makefile, pipeline/ and requirements linked, a venv whose python is
+    the one running the tests, datasets/ empty (tests write their own registry with write_data)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("Makefile", "pipeline", "requirements.txt", ".cache"):
+        if (REPO / name).exists() and not (root / name).exists():
+            (root / name).symlink_to(REPO / name)
+    venv = root / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec "{PYTHON}" "$@"\n', encoding="utf-8")
+    python.chmod(0o755)
+    (venv / ".setup-done").touch()  # newer than requirements.txt: make does not re-run setup
+    return root
+
+
+def files_under(directory: str | Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime_ns) of every file below `directory` (to prove nothing changed)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return {}
+    return {p.relative_to(directory).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+Runner = Callable[..., subprocess.CompletedProcess]
