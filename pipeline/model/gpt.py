@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.model.attention import Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
 from pipeline.model.config import GPTConfig
 from pipeline.model.head_loss import head_cross_entropy_sum
 
@@ -85,16 +86,14 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | None, past: KV | None) -> tuple[torch.Tensor, KV]:
         b, t, c = x.shape
         q, k, v = self.c_attn(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and past is None,
-            dropout_p=self.drop_rate if self.training else 0.0,
-        )
+        y = attend(q, k, v, mask, is_causal=mask is None and past is None,
+                   dropout_p=self.drop_rate if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_drop(self.c_proj(y)), (k, v)
 
@@ -194,13 +193,13 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         if segment_ids is not None:
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-            mask = segment_mask(segment_ids)
+            mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0)
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         new_kv: list[KV] = []
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
         for i, block in enumerate(self.h):
@@ -250,15 +249,3 @@ def _attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, past_le
     keys = attention_mask.to(torch.bool).view(b, 1, 1, total)
     return causal & (keys | (k_pos == q_pos).view(1, 1, t, total))
 
-
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean mask (True = may attend): causal and within the same segment.
-
-    Padding at the end of a packed row gets its own segment id, so its rows are never empty (a query
-    always sees itself) and no real token sees it.
-    """
-    t = segment_ids.shape[1]
-    pos = torch.arange(t, device=segment_ids.device)
-    causal = (pos.view(1, t) <= pos.view(t, 1)).view(1, 1, t, t)
-    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
-    return causal & same.unsqueeze(1)

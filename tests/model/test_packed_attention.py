@@ -9,6 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import torch.nn.functional as F
+
+from pipeline.model import attention
 from pipeline.model.config import PRESETS
 from pipeline.model.gpt import GPTModel, segment_mask
 
@@ -80,6 +83,40 @@ def test_gpt2_packed_examples_equal_unpacked_loss_logits_and_gradients():
     cfg = PRESETS["tiny"].replace(context_length=32, drop_rate=0.0)
     model = GPTModel(cfg, seed=4).train()
     packed_equals_unpacked(model, cfg.vocab_size)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa):
+    """A stand-in for torch's CUDA varlen kernel with its documented contract: (N, H, D) tokens, segments
+    cut at cu_seqlens, window (-1, 0) = causal within each segment."""
+    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        seg = [z[a:b].transpose(0, 1)[None] for z in (q, k, v)]  # (1, H, L, D)
+        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True)[0].transpose(0, 1)
+    return out
+
+
+def test_varlen_path_glue_gives_the_same_results(monkeypatch):
+    """The CUDA path's reshaping and segment boundaries, run on CPU with a per-segment reference kernel."""
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(attention, "use_varlen", lambda device, dtype, p: True)
+    cfg = PRESETS["tiny"].replace(context_length=32, drop_rate=0.0)
+    packed_equals_unpacked(GPTModel(cfg, seed=4).train(), cfg.vocab_size)
+
+
+def test_segment_bounds_cut_rows_and_segments():
+    seg = torch.tensor([[0, 0, 1, 1, 1, 9], [0, 1, 1, 1, 1, 1]])
+    bounds = attention.segment_bounds(seg)
+    assert bounds.cu_seqlens.tolist() == [0, 2, 5, 6, 7, 12] and bounds.max_len == 5
+
+
+def test_path_choice():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not attention.use_varlen(cpu, torch.bfloat16, 0.0)
+    assert not attention.use_varlen(cuda, torch.float32, 0.0)
+    assert not attention.use_varlen(cuda, torch.bfloat16, 0.1)
+    assert attention.use_varlen(cuda, torch.bfloat16, 0.0) == (attention._varlen_kernel() is not None)
 
 
 def test_without_segments_examples_see_each_other():
