@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
-from pipeline.data.registry import DatasetSpec, resolve_datasets
+from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
 from pipeline.data.sources import Table, read_table, read_text
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
@@ -91,11 +91,22 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     return 0
 
 
+def text_lines(text: str | None) -> Table:
+    """A .txt file read as LLaMA-Factory reads it for alpaca entries: one row {"text": line} per non-blank line."""
+    table = Table(header=["text"])
+    for number, line in enumerate((text or "").split("\n"), start=1):
+        if line.strip():
+            table.records.append({"text": line.rstrip("\r")})
+            table.where.append(number)
+    return table
+
+
 def build(r: Mapping[str, Any]) -> list[str]:
     """Build what is stale; returns the summary lines. Raises UserError (writing nothing) on bad data."""
     dataset_dir = Path(r["dataset_dir"])
     stale: list[tuple[DatasetSpec, dict[str, Any]]] = []
-    lines: list[str] = []
+    note = unused_note(r)
+    lines: list[str] = [note] if note else []
     for spec in all_specs(r):
         directory = built_dir(r, spec.name)
         sources = [(source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
@@ -133,9 +144,11 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems) -> tuple[li
     rows: list[dict] = []
     per_source: list[int] = []
     for path, shown in zip(spec.files, spec.shown):
-        if spec.formatting == "text" and path.suffix.lower() in (".txt", ".md"):
+        if spec.formatting == "text" and path.suffix.lower() in TEXT_EXTS:
             text = read_text(path, shown, problems)
             table = Table(records=[{spec.columns["text"]: text}] if text is not None else [], where=[1])
+        elif path.suffix.lower() in TEXT_EXTS:  # LLaMA-Factory's way: each line a row of column 'text'
+            table = text_lines(read_text(path, shown, problems))
         else:
             table = read_table(path, shown, problems)
         converted = to_rows(table, spec, stage, shown, problems)

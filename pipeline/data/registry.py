@@ -1,8 +1,11 @@
 """The dataset registry `<dataset_dir>/dataset_info.json`: names -> files and column mappings.
 
-LLaMA-Factory compatible for local files. Validated by schema/registry.schema.json plus rules the
-schema cannot say (which columns fit which formatting, paths that stay inside dataset_dir). Every
-problem names `dataset_info.json:line`; nothing unknown is ignored.
+LLaMA-Factory's dataset_info.json is read as shipped: every entry form it documents is understood
+(alpaca / sharegpt with tags, tools, ranking, kto_tag, multimodal columns, hub URLs, folders, .txt
+corpora through columns.prompt). Only the entries a recipe names are checked in full (schema plus the
+rules the schema cannot say), each problem as `dataset_info.json:line` with a suggestion; entries it
+does not name never block - their problems are one summary line (`unused_note`). What a used entry
+asks for that this pipeline cannot do (images, KTO, ModelScope, loading scripts) is refused with why.
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ from pipeline.data.jsonpos import key_lines, line_of
 REGISTRY_FILE = "dataset_info.json"
 SCHEMA_DIR = Path(__file__).with_name("schema")
 
+_COMMON_COLUMNS = {"system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected",
+                   "kto_tag": "kto_tag", "images": "images", "videos": "videos", "audios": "audios"}
+# Columns each formatting takes, with their defaults (as LLaMA-Factory names them).
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
-    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "system": "system",
-               "history": "history"},
-    "sharegpt": {"messages": "conversations", "system": "system"},
+    "alpaca": {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+               **_COMMON_COLUMNS},
+    "sharegpt": {"messages": "conversations", **_COMMON_COLUMNS},
     "text": {"text": "text"},
 }
 DEFAULT_TAGS: dict[str, str] = {
@@ -31,8 +37,18 @@ DEFAULT_TAGS: dict[str, str] = {
 }
 TABLE_EXTS = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 TEXT_EXTS = (".txt", ".md")
-# LLaMA-Factory keys for remote datasets: recognised, so the message can say what to do instead.
-HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloudfile", "subset", "folder", "split")
+MULTIMODAL_COLUMNS = ("images", "videos", "audios")
+# Where a used entry's rows would come from, when not file_name or hf_hub_url: why each is refused.
+REFUSED_SOURCES = {
+    "ms_hub_url": "ModelScope downloads are not supported: download the files and set file_name (or give the "
+                  "same dataset's hf_hub_url)",
+    "om_hub_url": "Modelers hub downloads are not supported: download the files and set file_name (or give the "
+                  "same dataset's hf_hub_url)",
+    "script_url": "dataset loading scripts are refused: they are Python code, and remote code never runs here; "
+                  "convert the data to JSON/CSV/Parquet and set file_name",
+    "cloud_file_name": "S3/GCS downloads are not supported: download the file and set file_name",
+}
+HUB_ONLY_KEYS = ("subset", "folder")
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,6 +71,18 @@ class DatasetSpec:
     entry: dict[str, Any] = field(repr=False)  # the registry entry as written (part of the build key)
     registry: str = ""
     line: int | None = None
+    ranking: bool = False  # preference data: chosen/rejected columns (stage dpo)
+    given_columns: frozenset[str] = frozenset()  # the columns the entry names explicitly
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The parsed registry: entries, key lines, and each entry's own problems (checked only when used)."""
+
+    entries: dict[str, Any]
+    lines: dict[tuple, int]
+    shown: str
+    problems: dict[str, list[str]]
 
 
 def dataset_names(r: Mapping[str, Any], key: str = "dataset") -> list[str]:
@@ -82,8 +110,8 @@ def _shown(path: str) -> str:
     return os.path.normpath(path)
 
 
-def read_registry(dataset_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[tuple, int], str]:
-    """(entries, key lines, registry path as shown); UserError on a missing, non-JSON or invalid file."""
+def read_registry(dataset_dir: str | os.PathLike[str]) -> Registry:
+    """The registry with every entry's problems found; UserError only when the file itself is unreadable."""
     path = Path(dataset_dir) / REGISTRY_FILE
     shown = _shown(str(path))
     if not Path(dataset_dir).is_dir():
@@ -107,12 +135,31 @@ def read_registry(dataset_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], 
     if not isinstance(entries, dict):
         raise UserError(f"{shown}:1: expected a JSON object mapping dataset names to entries, got {_kind(entries)}")
     lines, duplicates = key_lines(text)
-    problems = [f"{shown}:{dup}: {_path_text(p)} is given twice (first at line {first}); JSON keeps only the last"
-                for p, first, dup in duplicates]
-    problems += _schema_problems(entries, lines, shown)
-    if problems:
-        raise UserError(problems)
-    return entries, lines, shown
+    problems: dict[str, list[tuple[int, str]]] = {}
+    for p, first, dup in duplicates:
+        problems.setdefault(p[0], []).append(
+            (dup, f"{shown}:{dup}: {_path_text(p)} is given twice (first at line {first}); JSON keeps only the last"))
+    for name, item in _schema_problems(entries, lines, shown):
+        problems.setdefault(name, []).append(item)
+    ordered = {name: [text for _, text in sorted(found, key=lambda x: x[0])] for name, found in problems.items()}
+    return Registry(entries, lines, shown, ordered)
+
+
+def unused_note(r: Mapping[str, Any]) -> str | None:
+    """One line about registry entries the recipe does not use that have problems (they never block)."""
+    try:
+        registry = read_registry(r["dataset_dir"])
+    except UserError:
+        return None
+    used = set(dataset_names(r, "dataset")) | set(dataset_names(r, "eval_dataset"))
+    broken = [name for name in registry.problems if name not in used]
+    if not broken:
+        return None
+    listed = ", ".join(f"{n} (line {registry.lines.get((n,), '?')})" for n in broken[:5])
+    more = f" and {len(broken) - 5} more" if len(broken) > 5 else ""
+    return (f"note: {registry.shown}: {len(broken)} entr{'y' if len(broken) == 1 else 'ies'} this recipe does not "
+            f"use ha{'s' if len(broken) == 1 else 've'} problems and {'was' if len(broken) == 1 else 'were'} "
+            f"skipped: {listed}{more}; name one in `dataset` to see its problems")
 
 
 def _reject_constant(name: str) -> Any:
@@ -131,17 +178,19 @@ def _path_text(path: tuple) -> str:
     return f'"{head}"' + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in rest)
 
 
-def _schema_problems(entries: dict[str, Any], lines: dict[tuple, int], shown: str) -> list[str]:
+def _schema_problems(entries: dict[str, Any], lines: dict[tuple, int], shown: str
+                     ) -> list[tuple[str, tuple[int, str]]]:
+    """(entry name, (line, message)) for every schema problem, so each entry's can be shown only when used."""
     import jsonschema
 
     schema = load_schema("registry.schema.json")
     validator = jsonschema.Draft202012Validator(schema)
     dataset_schema = schema["$defs"]["dataset"]
-    out: list[tuple[int, str]] = []
+    out: list[tuple[str, tuple[int, str]]] = []
 
     def add(path: tuple, text: str) -> None:
         line = line_of(lines, path)
-        out.append((line or 0, f"{shown}:{line}: {text}" if line else f"{shown}: {text}"))
+        out.append((path[0], (line or 0, f"{shown}:{line}: {text}" if line else f"{shown}: {text}")))
 
     for err in validator.iter_errors(entries):
         path = tuple(err.absolute_path)
@@ -150,12 +199,11 @@ def _schema_problems(entries: dict[str, Any], lines: dict[tuple, int], shown: st
             sub = _subschema_at(dataset_schema, path[1:])
             allowed = list(sub.get("properties", {}))
             for key in sorted(set(err.instance) - set(allowed)):
-                if key in HUB_KEYS:
-                    hint = ("remote datasets are not downloaded (no network): download the file into dataset_dir "
-                            "and set file_name")
-                else:
-                    hint = f"unknown field{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
-                add(path + (key,), f"{where}: '{key}': {hint}")
+                add(path + (key,), f"{where}: '{key}': unknown field{did_you_mean(key, allowed)}; "
+                                   f"allowed: {', '.join(allowed)}")
+        elif err.validator == "anyOf" and len(path) == 1:
+            add(path, f"{where}: no data source; give 'file_name' (a file or folder relative to dataset_dir) "
+                      "or 'hf_hub_url' (a Hugging Face dataset repository)")
         elif err.validator == "enum":
             options = ", ".join(map(str, err.validator_value))
             add(path, f"{where} is {json.dumps(err.instance)}; expected one of {options}"
@@ -163,13 +211,9 @@ def _schema_problems(entries: dict[str, Any], lines: dict[tuple, int], shown: st
         elif err.validator == "type":
             add(path, f"{where} is {_kind(err.instance)} ({json.dumps(err.instance)[:60]}); "
                       f"expected {_type_words(err.validator_value)}")
-        elif err.validator == "required":
-            missing = [k for k in err.validator_value if k not in err.instance]
-            for key in missing:
-                add(path, f"{where}: missing '{key}' (the data file, relative to dataset_dir)")
         else:
             add(path, f"{where}: {err.message}")
-    return [text for _, text in sorted(out, key=lambda item: item[0])]
+    return out
 
 
 def _type_words(value: Any) -> str:
@@ -192,16 +236,22 @@ def resolve_datasets(r: Mapping[str, Any], key: str = "dataset") -> list[Dataset
     names = dataset_names(r, key)
     if not names:
         return []
-    entries, lines, shown = read_registry(r["dataset_dir"])
+    registry = read_registry(r["dataset_dir"])
+    entries, shown = registry.entries, registry.shown
     problems: list[str] = []
     specs: list[DatasetSpec] = []
     for name in dict.fromkeys(names):
         if name not in entries:
             known = ", ".join(entries) or "none"
+            if len(entries) > 20:
+                known = ", ".join(list(entries)[:20]) + f", ... ({len(entries)} in all)"
             problems.append(f"{recipe_where(r, key)}: dataset '{name}' is not in {shown}"
                             f"{did_you_mean(name, entries)}; registered: {known}")
             continue
-        spec = _spec(name, entries[name], r, lines, shown, problems)
+        if registry.problems.get(name):
+            problems.extend(registry.problems[name])
+            continue
+        spec = _spec(name, entries[name], r, registry.lines, shown, problems)
         if spec is not None:
             specs.append(spec)
     if problems:
@@ -211,35 +261,79 @@ def resolve_datasets(r: Mapping[str, Any], key: str = "dataset") -> list[Dataset
 
 def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tuple, int], shown: str,
           problems: list[str]) -> DatasetSpec | None:
+    """A used entry checked against what the recipe does with it (stage, template), files found."""
     before = len(problems)
 
     def add(path: tuple, text: str) -> None:
         line = line_of(lines, (name,) + path)
         problems.append(f"{shown}:{line}: \"{name}\"{''.join('.' + p for p in path)}: {text}")
 
+    stage = r["stage"]
     formatting = entry.get("formatting", "alpaca")
-    if entry.get("ranking"):
-        add(("ranking",), "preference data (ranking: true) is not supported; the stages are pt and sft")
+    given = entry.get("columns", {})
+    ranking = bool(entry.get("ranking", False))
     allowed = DEFAULT_COLUMNS[formatting]
-    for col in entry.get("columns", {}):
+    for col in given:
         if col not in allowed:
             add(("columns", col), f"column '{col}' does not apply to formatting '{formatting}'; "
                                   f"it takes: {', '.join(allowed)}")
+    for col in MULTIMODAL_COLUMNS:
+        if col in given:
+            add(("columns", col), f"multimodal data ({col}) is not supported: the models here read text only; "
+                                  "name a text-only dataset")
+    if "kto_tag" in given:
+        add(("columns", "kto_tag"), "KTO data (a desirable/undesirable label per row) trains with LLaMA-Factory's "
+                                    "stage kto, which this pipeline does not have; rows labelled undesirable would "
+                                    f"be learned as good answers under stage {stage}")
+    if ranking and stage != "dpo":
+        add(("ranking",), f"preference data (ranking: true: chosen/rejected answers) trains with stage: dpo, but the "
+                          f"recipe's stage is {stage}; set stage: dpo, or name an instruction dataset")
+    if not ranking:
+        for col in ("chosen", "rejected"):
+            if col in given:
+                add(("columns", col), f"column '{col}' is read only for preference data; add \"ranking\": true "
+                                      "(and train with stage: dpo) or remove the column")
+    if "tools" in given:
+        add(("columns", "tools"), _tools_refusal(r))
     if "tags" in entry and formatting != "sharegpt":
         add(("tags",), f"tags apply only to formatting 'sharegpt' (this entry is '{formatting}')")
-    if formatting == "sharegpt" and r["stage"] == "pt":
+    if formatting == "sharegpt" and stage == "pt":
         add(("formatting",), "stage pt reads text corpora: use formatting 'text' (or 'alpaca' with columns.prompt)")
-    if formatting == "text" and r["stage"] == "sft":
+    if formatting == "text" and stage == "sft":
         add(("formatting",), "is 'text' (a pretraining corpus) but the recipe's stage is sft, which needs "
                              "alpaca or sharegpt rows; set stage: pt or name another dataset")
-    columns = {**allowed, **entry.get("columns", {})}
+    columns = {**allowed, **given}
     tags = {**DEFAULT_TAGS, **entry.get("tags", {})}
-    files, shown_files = _find_files(name, entry["file_name"], formatting, Path(r["dataset_dir"]), add)
+    if "hf_hub_url" in entry:
+        from pipeline.data.hub import hub_files
+
+        files, shown_files = hub_files(name, entry, formatting, add)
+    elif "file_name" in entry:
+        for key in HUB_ONLY_KEYS:
+            if key in entry:
+                add((key,), f"'{key}' applies to hf_hub_url entries; for local data, point file_name at the file "
+                            "or folder itself")
+        if entry.get("split", "train") != "train":
+            add(("split",), f"is {entry['split']!r}, but a local file is one split (train); keep one file per split "
+                            "and register each under its own name")
+        files, shown_files = _find_files(name, entry["file_name"], formatting, Path(r["dataset_dir"]), add)
+    else:
+        key = next(k for k in REFUSED_SOURCES if k in entry)
+        add((key,), REFUSED_SOURCES[key])
+        files, shown_files = [], []
+    if formatting == "alpaca" and stage != "pt" and any(p.suffix.lower() in TEXT_EXTS for p in files):
+        add(("file_name",), "a .txt file holds lines of text (column 'text'), a pretraining corpus; stage "
+                            f"{stage} needs instruction/output rows: set stage: pt, or use a JSON/CSV file")
     if len(problems) > before:
         return None
     return DatasetSpec(name=name, formatting=formatting, files=tuple(files), shown=tuple(shown_files),
                        columns=columns, tags=tags, num_samples=entry.get("num_samples"), entry=entry,
-                       registry=shown, line=lines.get((name,)))
+                       registry=shown, line=lines.get((name,)), ranking=ranking, given_columns=frozenset(given))
+
+
+def _tools_refusal(r: Mapping[str, Any]) -> str:
+    return (f"function-calling data (tool descriptions and function_call/observation turns) needs a template that "
+            f"renders tools, and template '{r['template']}' does not; name a dataset without tools")
 
 
 def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, add) -> tuple[list[Path], list[str]]:
@@ -248,7 +342,7 @@ def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, a
     inside = not given.is_absolute()
     path = dataset_dir / given if inside else given
     base = dataset_dir.resolve()
-    exts = TEXT_EXTS if formatting == "text" else TABLE_EXTS
+    exts = TEXT_EXTS if formatting == "text" else TABLE_EXTS + TEXT_EXTS if formatting == "alpaca" else TABLE_EXTS
     if formatting == "text" and path.suffix.lower() in TABLE_EXTS:
         exts = TABLE_EXTS  # a corpus in a table/JSON file: its text column holds the documents
 
@@ -274,6 +368,8 @@ def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, a
     found = sorted(p for p in path.rglob("*") if p.suffix.lower() in exts and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
                    and not any(p.resolve() == s or p.resolve().is_relative_to(s) for s in skip))
+    if formatting == "alpaca" and any(p.suffix.lower() in TABLE_EXTS for p in found):
+        found = [p for p in found if p.suffix.lower() in TABLE_EXTS]  # a README.md beside the data is not data
     escaping = [p for p in found if escapes(p)]
     for p in escaping:
         add(("file_name",), f"{_shown(str(p))} (in folder '{file_name}') resolves to {p.resolve()}, outside "
