@@ -78,7 +78,8 @@ def _snapshot(repo: str, entry: dict[str, Any], add: Callable[[tuple, str], None
                                  f"HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run: {get}")
         else:
             add(("hf_hub_url",), f"dataset '{repo}' could not be downloaded (no connection to the hub?) and is "
-                                 f"not in the cache ({cache_dir()}); run: {get}, or set file_name to a local copy")
+                                 f"not in the cache ({cache_dir()}); run again with network (or: huggingface-cli "
+                                 f"download --repo-type dataset {repo}), or set file_name to a local copy")
         return None
     except RepositoryNotFoundError:
         add(("hf_hub_url",), f"no dataset repository '{repo}' on the Hugging Face hub (or it is private: log in "

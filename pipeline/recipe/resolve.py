@@ -27,6 +27,7 @@ from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target")
+LLAMAFACTORY_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir, used when ours (datasets/) has no registry
 
 
 class Resolved(Mapping[str, Any]):
@@ -195,6 +196,10 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
     if values["rank"] >= values["world_size"] and not problems:
         problems.append(((1, "", 0, 0), f"environment RANK={values['rank']} is not below "
                                         f"WORLD_SIZE={values['world_size']}"))
+    if (origins["dataset_dir"].kind == "default" and "dataset_dir" not in bad
+            and not os.path.isfile(os.path.join(values["dataset_dir"], "dataset_info.json"))
+            and os.path.isfile(os.path.join(LLAMAFACTORY_DATASET_DIR, "dataset_info.json"))):
+        values["dataset_dir"], origins["dataset_dir"] = LLAMAFACTORY_DATASET_DIR, DERIVED  # a LLaMA-Factory checkout
     if values["output_dir"] is None:
         values["output_dir"], origins["output_dir"] = os.path.join("saves", Path(recipe_file).stem), DERIVED
     if values["lora_alpha"] is None and "lora_rank" not in bad:
