@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
 from pipeline.io import sha256_file, write_json
+from pipeline.runtime import deepspeed_compat
 from pipeline.train import dist
 
 FORMAT = "pipeline-checkpoint"
@@ -211,22 +212,10 @@ def attach(engine: Any) -> None:
     out frozen weights reached through a second name: DeepSpeed drops frozen parameters by their first name
     only, so a frozen tied output head (lm_head.weight = wte.weight) was written into every LoRA checkpoint.
     """
-    import types
+    from pipeline.train.safestate import load_state, save_state
 
-    from pipeline.train.safestate import safe_checkpoint_engine
-
-    engine.checkpoint_engine = safe_checkpoint_engine()
-
-    def module_state_dict(self: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
-                          exclude_frozen_parameters: bool = False) -> Any:
-        state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
-        if exclude_frozen_parameters:
-            for name, param in self.module.named_parameters(remove_duplicate=False):
-                if not param.requires_grad:
-                    state.pop(prefix + name, None)
-        return state
-
-    engine.module_state_dict = types.MethodType(module_state_dict, engine)
+    deepspeed_compat.use_checkpoint_engine(engine, deepspeed_compat.checkpoint_engine(save_state, load_state))
+    deepspeed_compat.exclude_frozen_aliases(engine)
 
 
 @contextlib.contextmanager
@@ -265,7 +254,7 @@ def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) ->
     exporter.write(tmp)
     dist.barrier()
     if dist.is_main():
-        for script in ("zero_to_fp32.py", "zero_to_torch.py"):  # DeepSpeed's helpers cannot read these files
+        for script in deepspeed_compat.HELPER_SCRIPTS:  # DeepSpeed's helpers cannot read these files
             (tmp / script).unlink(missing_ok=True)
         write_json(tmp / STATE, {**state.to_dict(), "recipe": {k: r[k] for k in RESUME_KEYS if k in r}})
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}

@@ -11,6 +11,8 @@ import os
 import socket
 from typing import Any, Sequence
 
+from pipeline.runtime import deepspeed_compat
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -33,15 +35,9 @@ def init() -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    deepspeed_compat.guard()
     if get_accelerator().device_name() == "cpu" and os.environ.get("PIPELINE_DS_SHM_COMM") != "1":
-        # DeepSpeed JIT-compiles a shared-memory allreduce kernel for CPU on first use (~75 s with gcc on a
-        # fresh machine); gloo does the same reductions, so skip it unless PIPELINE_DS_SHM_COMM=1.
-        import importlib
-
-        # (`import deepspeed.comm.torch as m` would give torch itself: deepspeed.comm re-exports `torch`.)
-        ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
-        if hasattr(ds_comm_torch, "build_shm_op"):
-            ds_comm_torch.build_shm_op = lambda: None
+        deepspeed_compat.skip_shm_build()  # gloo does the same reductions, without a JIT build
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
 
 

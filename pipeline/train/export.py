@@ -3,8 +3,8 @@
 They are taken from the fp32 master weights, whatever the precision and ZeRO stage: under bf16/fp16 the
 module holds rounded 16-bit copies, and under ZeRO-3 each rank holds only a slice of every parameter
 (saving `model.state_dict()` there is how LoRA checkpoints came out empty in LLaMA-Factory #1226 and
-axolotl #705). DeepSpeed's `safe_get_full_fp32_param` gathers a parameter's full fp32 value on every
-rank (a collective under ZeRO-3, so all ranks take part); rank 0 loads the values into a CPU copy of the
+axolotl #705). `deepspeed_compat.fp32_master` gathers a parameter's full fp32 value on every rank
+(a collective under ZeRO-3, so all ranks take part); rank 0 loads the values into a CPU copy of the
 model built from the recipe (frozen weights exactly as loaded, in fp32), writes it with the model layer's
 `save_adapter` / `save_model`, then re-opens the file and checks every expected tensor is there, with
 the expected shape, non-empty and finite.
@@ -14,30 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pipeline.runtime import deepspeed_compat
 from pipeline.train import dist
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 
 
-def full_fp32(engine: Any, param: Any) -> Any:
-    """The complete fp32 value of a trainable parameter (collective under ZeRO-3)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    value = safe_get_full_fp32_param(param)
-    if value is not None:
-        return value
-    optimizer = engine.optimizer  # stage 0 with bf16/fp16: DeepSpeed's unfused wrapper keeps the fp32 copies
-    for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
-        for p_low, p_high in zip(low, high):
-            if p_low is param:
-                return p_high
-    return param  # fp32 without ZeRO: the parameter is its own master
-
-
 def trainable_state(engine: Any) -> dict[str, Any]:
     """name -> fp32 CPU tensor for every trainable parameter (every rank must call it)."""
-    return {name: full_fp32(engine, p).detach().float().cpu().clone()
+    return {name: deepspeed_compat.fp32_master(engine, p).detach().float().cpu().clone()
             for name, p in engine.module.named_parameters() if p.requires_grad}
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.errors import UserError
+from pipeline.runtime import deepspeed_compat
 from pipeline.train import dist
 from pipeline.train.checkpoint import TrainState
 
@@ -135,17 +136,8 @@ def grad_norm(params: list[Any]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def loss_scale(engine: Any) -> float | None:
-    optimizer = engine.optimizer
-    for name in ("cur_scale", "loss_scale"):
-        value = getattr(optimizer, name, None)
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
-
-
 def _nonfinite_message(r: Mapping[str, Any], step: int, value: float, engine: Any, skipped: bool = False) -> str:
-    scale = f" (fp16 loss scale {loss_scale(engine):g})" if r["fp16"] else ""
+    scale = f" (fp16 loss scale {deepspeed_compat.loss_scale(engine):g})" if r["fp16"] else ""
     lead = (f"{MAX_CONSECUTIVE_SKIPS} consecutive micro-batches had a non-finite loss, the last" if skipped
             else "the training loss")
     return (f"{lead} at optimizer step {step} is {value}{scale}; stopped before updating the weights (the last "
@@ -163,9 +155,7 @@ class Trainer:
         self.data = BatchStream(loader, state, r["gradient_accumulation_steps"])
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
-        # DeepSpeed reports the pre-clip global norm except for fp32 without ZeRO, where it clips but
-        # does not keep the value: there the loop measures the same quantity itself.
-        self.own_grad_norm = not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+        self.own_grad_norm = not deepspeed_compat.reports_grad_norm(engine)  # then the loop measures it itself
         self.last_saved_step: int | None = None
         self.last_record: dict[str, Any] = {}
         self._unflushed = [0, 0]  # this rank's tokens / trained tokens not yet added to state
@@ -219,7 +209,8 @@ class Trainer:
                 raise
             raise UserError(
                 f"fp16 gradients overflowed at optimizer step {self.state.global_step + 1} even at the minimum loss "
-                f"scale {loss_scale(self.engine)} (min_loss_scale {self.r['min_loss_scale']}): the loss is diverging. "
+                f"scale {deepspeed_compat.loss_scale(self.engine)} (min_loss_scale {self.r['min_loss_scale']}): "
+                "the loss is diverging. "
                 "Try a lower learning_rate, max_grad_norm 1.0, a lower min_loss_scale, or bf16 on GPUs that have it"
             ) from None
 
@@ -295,7 +286,7 @@ class Trainer:
         if r["l1_lambda"]:
             record["l1"] = l1 / world / window.steps
         if r["fp16"]:
-            record["loss_scale"] = loss_scale(self.engine)
+            record["loss_scale"] = deepspeed_compat.loss_scale(self.engine)
         if state.skipped_batches:
             record["skipped_batches"] = state.skipped_batches
         return record

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import UserError
+from pipeline.runtime import deepspeed_compat
 from pipeline.train import checkpoint, dist
 from pipeline.train.checkpoint import TrainState
 
@@ -129,10 +130,9 @@ def check_ds_config(r: Any) -> None:
     deepspeed.initialize would otherwise reject an unknown or mistyped key with a pydantic traceback.
     """
     import pydantic
-    from deepspeed.runtime.config import DeepSpeedConfig
 
     try:
-        DeepSpeedConfig(r.ds_config)
+        deepspeed_compat.validate_config(r.ds_config)
     except pydantic.ValidationError as err:
         if r["deepspeed"] is None:  # the JSON is the pipeline's own: a bug, not a user mistake
             raise
@@ -159,27 +159,14 @@ def _ds_key_path(config: Any, loc: tuple) -> str:
     return ".".join(search(config, []) or wanted)
 
 
-def _ds_model(title: str) -> Any:
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    todo = [DeepSpeedConfigModel]
-    while todo:
-        cls = todo.pop()
-        if cls.__name__ == title:
-            return cls
-        todo.extend(cls.__subclasses__())
-    return None
-
-
 def _ds_problem(title: str, problem: Mapping[str, Any]) -> str:
     from pipeline.errors import did_you_mean
 
     if problem.get("type") != "extra_forbidden":
         return f"{problem['msg']} (given {json_short(problem.get('input'))})"
-    model = _ds_model(title)
-    if model is None:
+    allowed = deepspeed_compat.section_keys(title)
+    if allowed is None:
         return "DeepSpeed does not know this key; remove it"
-    allowed = sorted({f.alias or name for name, f in model.model_fields.items()})
     key = str(problem["loc"][-1])
     return (f"DeepSpeed does not know this key{did_you_mean(key, allowed)}; this section takes "
             f"{', '.join(allowed)}")

@@ -3,8 +3,8 @@
 DeepSpeed's `engine.save_checkpoint` / `load_checkpoint` know how to save and restore every ZeRO stage's
 optimizer partitions, loss scaler and counters, but they write pickles (`torch.save`) and read them
 back with `torch.load(weights_only=False)`, which runs arbitrary code from a tampered file. Instead of
-re-implementing DeepSpeed's checkpoint logic, `SafeCheckpointEngine` plugs into its checkpoint-engine
-interface: every state dict DeepSpeed hands it is stored as one safetensors file whose header holds the
+re-implementing DeepSpeed's checkpoint logic, `pipeline.runtime.deepspeed_compat.checkpoint_engine` plugs
+`save_state` / `load_state` into its checkpoint-engine interface: every state dict DeepSpeed hands it is stored as one safetensors file whose header holds the
 JSON structure (dicts, lists, numbers, strings, and a short allowlist of DeepSpeed classes rebuilt from
 their attributes). Loading never unpickles; an unknown class is refused. The files keep DeepSpeed's
 names (`*_model_states.pt`, `*_optim_states.pt`) because its loader looks for them by name.
@@ -20,19 +20,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from pipeline.runtime import deepspeed_compat
+
 STRUCTURE_KEY = "pipeline.structure"
 FORMAT_KEY = "pipeline.format"
 FORMAT = "pipeline-safestate-1"
 
 # Classes DeepSpeed puts into its state dicts, rebuilt from their attributes (never by unpickling).
-ALLOWED_OBJECTS = {
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-}
-ALLOWED_ENUMS = {
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-}
+ALLOWED_OBJECTS = set(deepspeed_compat.STATE_CLASSES)
+ALLOWED_ENUMS = set(deepspeed_compat.STATE_ENUMS)
 
 
 def _qualname(obj_type: type) -> str:
@@ -183,33 +179,3 @@ def load_state(path: str | Path, map_location: Any = None) -> Any:
         raise
     except (SafetensorError, ValueError, KeyError, TypeError) as err:  # not safetensors / a bad structure
         raise StateFileError(path, f"not a readable pipeline state file ({err})") from None
-
-
-def safe_checkpoint_engine() -> Any:
-    """A DeepSpeed CheckpointEngine that stores state dicts with `save_state` / `load_state`."""
-    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
-
-    class SafeCheckpointEngine(CheckpointEngine):
-        def __init__(self) -> None:
-            super().__init__()
-            self.name = "pipeline-safetensors"
-
-        def create(self, info: Any) -> None:
-            pass
-
-        def save(self, state_dict: Any, path: str) -> None:
-            save_state(state_dict, path)
-
-        def load(self, path: str, map_location: Any = None) -> Any:
-            return load_state(path, map_location)
-
-        def commit(self, info: Any) -> bool:
-            return True
-
-        def makedirs(self, path: str, exist_ok: bool = False) -> None:
-            os.makedirs(path, exist_ok=exist_ok)
-
-        def preserves_storage_sharing(self) -> bool:
-            return False  # views are copied by save_state itself; no need for DeepSpeed's defensive clones
-
-    return SafeCheckpointEngine()

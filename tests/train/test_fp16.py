@@ -10,7 +10,8 @@ import torch
 from pipeline.errors import UserError
 from pipeline.recipe import resolve
 from pipeline.train.checkpoint import TrainState
-from pipeline.train.loop import Trainer, Window, loss_scale
+from pipeline.runtime.deepspeed_compat import loss_scale
+from pipeline.train.loop import Trainer, Window
 from tests.train.helpers import BASE_SFT
 
 

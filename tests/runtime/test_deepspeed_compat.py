@@ -1,0 +1,159 @@
+"""One test per DeepSpeed internal the pipeline relies on (pipeline/runtime/deepspeed_compat.py).
+
+Each test checks that the installed DeepSpeed still has what the item assumes (a name, a signature, an
+attribute written by a class) and that the item does its job on small stand-ins; a DeepSpeed upgrade
+that breaks an item fails here, naming it, before a training run does. The end-to-end effects are
+covered by tests/train (checkpoints, resume, fp16, export).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from pathlib import Path
+
+import pydantic
+import pytest
+import torch
+
+from pipeline.runtime import deepspeed_compat as compat
+
+
+def test_installed_deepspeed_is_the_tested_line():
+    import deepspeed
+
+    assert compat.version_problem(deepspeed.__version__) is None, \
+        "a new DeepSpeed: re-read every item of pipeline/runtime/deepspeed_compat.py, then update TESTED"
+
+
+def test_version_problem_names_the_file():
+    assert compat.version_problem("0.19.8") is None and compat.version_problem("0.19.0+cu124") is None
+    message = compat.version_problem("0.20.1")
+    assert "0.20.1" in message and "0.19.x" in message and "deepspeed_compat.py" in message
+    assert compat.version_problem("weird") is not None
+
+
+def test_skip_shm_build_replaces_the_jit_build(monkeypatch):
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    assert hasattr(ds_comm_torch, "build_shm_op"), "deepspeed.comm.torch.build_shm_op is gone: drop skip_shm_build"
+    monkeypatch.setattr(ds_comm_torch, "build_shm_op", ds_comm_torch.build_shm_op)  # restored after the test
+    compat.skip_shm_build()
+    assert ds_comm_torch.build_shm_op() is None
+
+
+def test_checkpoint_engine_overrides_every_method_and_round_trips(tmp_path):
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+    from pipeline.train.safestate import load_state, save_state
+
+    engine = compat.checkpoint_engine(save_state, load_state)
+    assert isinstance(engine, CheckpointEngine)
+    abstract = getattr(CheckpointEngine, "__abstractmethods__", frozenset())
+    assert not abstract - set(vars(type(engine))), f"CheckpointEngine gained abstract methods {abstract}"
+    # Every method DeepSpeed's base would run with torch.save / torch.load semantics is ours.
+    for name in ("create", "save", "load", "commit", "makedirs", "preserves_storage_sharing"):
+        assert name in vars(CheckpointEngine), f"CheckpointEngine.{name} is gone"
+        assert name in vars(type(engine)), name
+    path = tmp_path / "deepspeed" / "mp_rank_00_model_states.pt"
+    engine.makedirs(str(path.parent), exist_ok=True)
+    engine.save({"module": {"w": torch.arange(3.0)}, "step": 4}, str(path))
+    back = engine.load(str(path), map_location="cpu")
+    assert back["step"] == 4 and torch.equal(back["module"]["w"], torch.arange(3.0))
+    holder = types.SimpleNamespace(checkpoint_engine=None)
+    compat.use_checkpoint_engine(holder, engine)
+    assert holder.checkpoint_engine is engine
+    with pytest.raises(compat.IncompatibleDeepSpeed, match="use_checkpoint_engine"):
+        compat.use_checkpoint_engine(object(), engine)
+
+
+def test_module_state_dict_has_deepspeeds_signature_and_drops_frozen_aliases():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    def shape(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(DeepSpeedEngine.module_state_dict) == shape(compat.module_state_dict)
+
+    module = torch.nn.Module()
+    module.wte = torch.nn.Embedding(5, 3)
+    module.lm_head = torch.nn.Linear(3, 5, bias=False)
+    module.lm_head.weight = module.wte.weight  # tied: one parameter, two names
+    module.wte.weight.requires_grad_(False)
+    module.adapter = torch.nn.Linear(3, 3)
+    engine = types.SimpleNamespace(module=module, module_state_dict=lambda **kw: None)
+    compat.exclude_frozen_aliases(engine)
+    assert set(engine.module_state_dict(exclude_frozen_parameters=True)) == {"adapter.weight", "adapter.bias"}
+    assert "lm_head.weight" in engine.module_state_dict()
+
+
+def test_helper_scripts_are_the_ones_deepspeed_copies():
+    import deepspeed.utils
+
+    shipped = Path(deepspeed.utils.__file__).parent
+    for script in compat.HELPER_SCRIPTS:
+        assert (shipped / script).is_file(), f"DeepSpeed no longer ships {script}"
+
+
+def test_state_classes_exist():
+    for name in sorted(compat.STATE_CLASSES | compat.STATE_ENUMS):
+        module, _, attr = name.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), f"{name} is gone: update STATE_CLASSES"
+
+
+def test_fp32_master_reads_the_unfused_wrappers_groups():
+    from deepspeed.runtime.fp16 import unfused_optimizer
+
+    source = inspect.getsource(unfused_optimizer.FP16_UnfusedOptimizer.__init__)
+    assert "self.fp16_groups" in source and "self.fp32_groups" in source
+    low, high, other = torch.nn.Parameter(torch.ones(2)), torch.ones(2), torch.nn.Parameter(torch.zeros(2))
+    engine = types.SimpleNamespace(optimizer=types.SimpleNamespace(fp16_groups=[[low]], fp32_groups=[[high]]))
+    assert compat.fp32_master(engine, low) is high
+    assert compat.fp32_master(engine, other) is other  # fp32 without ZeRO: its own master
+
+
+def test_loss_scale_reads_the_fp16_optimizers_attribute():
+    from deepspeed.runtime.fp16 import fused_optimizer, unfused_optimizer
+
+    for cls in (fused_optimizer.FP16_Optimizer, unfused_optimizer.FP16_UnfusedOptimizer):
+        assert "cur_scale" in inspect.getsource(cls), f"{cls.__name__} no longer keeps cur_scale"
+    assert compat.loss_scale(types.SimpleNamespace(optimizer=types.SimpleNamespace(cur_scale=1024))) == 1024.0
+    assert compat.loss_scale(types.SimpleNamespace(optimizer=torch.optim.SGD([torch.nn.Parameter(torch.ones(1))],
+                                                                            lr=0.1))) is None
+
+
+def test_reports_grad_norm_follows_the_configuration():
+    def engine(zero=0, bf16=False, fp16=False):
+        return types.SimpleNamespace(zero_optimization=lambda: zero, bfloat16_enabled=lambda: bf16,
+                                     fp16_enabled=lambda: fp16)
+
+    assert not compat.reports_grad_norm(engine())
+    assert compat.reports_grad_norm(engine(zero=2)) and compat.reports_grad_norm(engine(bf16=True))
+
+
+def test_validate_config_and_section_keys():
+    compat.validate_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
+    with pytest.raises(pydantic.ValidationError) as err:
+        compat.validate_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stagee": 2}})
+    problem = err.value.errors()[0]
+    assert problem["type"] == "extra_forbidden"
+    keys = compat.section_keys(err.value.title)
+    assert keys is not None and "stage" in keys and "offload_optimizer" in keys
+    assert compat.section_keys("NoSuchModel") is None
+
+
+def test_no_other_module_reaches_into_deepspeed():
+    """Outside deepspeed_compat only DeepSpeed's public entry points are imported (one file to read)."""
+    import re
+
+    public = {"deepspeed", "deepspeed.accelerator", "deepspeed.launcher.runner"}
+    root = Path(compat.__file__).resolve().parents[1]
+    pattern = re.compile(r"^\s*(?:from|import)\s+(deepspeed[\w.]*)|[\"'](deepspeed\.[\w.]+)[\"']", re.M)
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "deepspeed_compat.py":
+            continue
+        for match in pattern.finditer(path.read_text(encoding="utf-8")):
+            name = match.group(1) or match.group(2)
+            if name not in public:
+                found.append(f"{path.relative_to(root.parent)}: {name}")
+    assert not found, "DeepSpeed internals used outside pipeline/runtime/deepspeed_compat.py: " + "; ".join(found)
