@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import importlib.util
 import sys
 
 from pipeline.errors import UserError
@@ -54,21 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _available(module_name: str) -> bool:
-    try:
-        return importlib.util.find_spec(module_name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
     module_name, func_name, _ = COMMANDS[args.command]
-    if not _available(module_name):
-        print(f"error: the '{args.command}' command is not built yet ({module_name} does not exist)",
-              file=sys.stderr)
-        return 2
     try:
         from pipeline.recipe import resolve
 

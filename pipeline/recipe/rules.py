@@ -39,9 +39,6 @@ class Context:
             return f"{origin.where}: {key}"
         return f"{self.recipe_file}: {key}"
 
-    def is_set(self, key: str) -> bool:
-        return self.origins[key].kind in ("file", "cli")
-
     def set_here(self, key: str) -> bool:
         """Set in the recipe itself or on the command line (not inherited through extends)."""
         origin = self.origins[key]
