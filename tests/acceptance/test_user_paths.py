@@ -1,0 +1,117 @@
+"""A user's session after training, through the CLI: resume after a crash, merge, eval, generate.
+
+Starts from a GPT-2 written by transformers' save_pretrained; every golden value comes from transformers
+or PEFT (greedy generation token for token) or from the uninterrupted run (resume, bitwise).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.acceptance.harness import pipeline, write_data, write_hf_checkpoint, write_recipe
+
+PROMPT = "Repeat the words: red river"
+NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Path:
+    """A workdir with data/, a save_pretrained GPT-2 at gpt2/, and one LoRA run trained and merged."""
+    root = tmp_path_factory.mktemp("session")
+    write_data(root / "data")
+    write_hf_checkpoint(root / "gpt2", "gpt2")
+    recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "gpt2"), dataset_dir="data",
+                          output_dir="saves/lora", max_new_tokens=NEW_TOKENS, learning_rate=0.05)
+    pipeline("build", recipe, cwd=root)
+    pipeline("train", recipe, cwd=root)
+    pipeline("merge", recipe, cwd=root)
+    return root
+
+
+def log_losses(out: Path) -> dict[int, float]:
+    lines = (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+    return {e["step"]: e["loss"] for e in map(json.loads, lines) if "loss" in e}
+
+
+@pytest.mark.parametrize("keys, final", [
+    (dict(finetuning_type="lora", lora_dropout=0.1, zero_stage=2), "adapter/adapter_model.safetensors"),
+    pytest.param(dict(finetuning_type="full", zero_stage=3, bf16=True, dropout=0.1), "model/model.safetensors",
+                 marks=pytest.mark.slow),
+], ids=["lora-zero2-fp32", "full-zero3-bf16"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run_bitwise(session, keys, final):
+    """A run killed after its step-2 checkpoint (what `kill -9` or a lost node leaves), resumed with 'latest'."""
+    common = dict(model_name_or_path=str(session / "gpt2"), dataset_dir="data", max_steps=4, save_steps=2,
+                  lr_scheduler_type="cosine", warmup_steps=1, **keys)
+    name = keys["finetuning_type"]
+    straight = write_recipe(session / f"straight_{name}.yaml", output_dir=f"saves/straight_{name}", **common)
+    pipeline("train", straight, cwd=session)
+    a = session / f"saves/straight_{name}"
+
+    b = session / f"saves/crashed_{name}"
+    b.mkdir()
+    shutil.copytree(a / "checkpoint-2", b / "checkpoint-2")
+    for kept in ("resolved.yaml", "ds_config.json"):
+        shutil.copy(a / kept, b / kept)
+    lines = (a / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+    (b / "trainer_log.jsonl").write_text("".join(line + "\n" for line in lines
+                                                 if json.loads(line).get("step", 0) <= 2), encoding="utf-8")
+    crashed = write_recipe(session / f"crashed_{name}.yaml", output_dir=str(b), **common)
+    resumed = pipeline("train", crashed, "resume_from_checkpoint=latest", cwd=session)
+    assert "resuming from" in resumed.stderr and "at step 2" in resumed.stderr
+
+    expected, got = load_file(a / final), load_file(b / final)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert log_losses(b) == log_losses(a)
+    assert json.loads((b / "all_results.json").read_text())["global_step"] == 4
+
+
+def greedy(model, tokenizer) -> str:
+    """transformers' greedy generation of NEW_TOKENS after PROMPT, decoded by transformers' tokenizer."""
+    x = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=50256)
+    return tokenizer.decode(out[0, x.shape[1]:])
+
+
+@pytest.mark.parametrize("which", ["base", "adapter", "merged"])
+def test_generate_agrees_with_transformers_and_peft_token_for_token(session, which):
+    import peft
+    import transformers
+
+    out = session / "saves/lora"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")  # the files merge wrote
+    if which == "merged":
+        reference = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    else:
+        reference = transformers.GPT2LMHeadModel.from_pretrained(session / "gpt2")
+        if which == "adapter":
+            reference = peft.PeftModel.from_pretrained(reference, out / "adapter")
+    expected = greedy(reference.eval(), tokenizer)
+    done = pipeline("generate", session / "lora.yaml", "--model", which, "--raw", "--prompt", PROMPT, cwd=session)
+    assert done.stdout == expected + "\n"
+
+
+def test_the_tuned_model_generates_otherwise_than_the_base(session):
+    """The adapter is not a no-op (learning rate 0.05: two steps change the greedy continuation)."""
+    texts = {which: pipeline("generate", session / "lora.yaml", "--model", which, "--raw", "--prompt", PROMPT,
+                             cwd=session).stdout for which in ("base", "merged")}
+    assert texts["base"] != texts["merged"]
+
+
+def test_eval_reports_base_and_tuned(session):
+    pipeline("eval", session / "lora.yaml", cwd=session)
+    eval_dir = session / "saves/lora/eval"
+    metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+    base, tuned = metrics["results"]["base"], metrics["results"]["tuned"]
+    assert base["n"] == tuned["n"] == metrics["n_examples"] > 0
+    assert base["loss_tokens"] == tuned["loss_tokens"] > 0
+    assert tuned["loss"] != base["loss"]
+    assert len((eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == metrics["n_examples"]
+    assert (eval_dir / "report.md").is_file()
