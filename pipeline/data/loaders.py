@@ -13,6 +13,8 @@ rank has the same number of batches. The whole plan is a pure function of (seed,
 world_size), so resuming skips k batches without touching their data (`iter_from(k)`).
 
 sft: examples are prompt + response + EOS, at most cutoff_len tokens; T = longest - 1 per batch.
+With packing (pipeline.data.packing) the loader's items are packed rows instead of examples: batches,
+shards, epochs and the resume position all count packs; T = the fullest row of the batch.
 pt: the book's sliding windows (create_dataloader_v1): for i in range(0, len(ids) - L, stride),
 input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_stride (null = L).
 """
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from pipeline.data.packing import Packs, collate_packs, pack_examples
 from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
 from pipeline.data.tokenizer import EOS_ID
 from pipeline.errors import UserError
@@ -133,6 +136,15 @@ def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: i
     _check_size(len(data), split, size, world_size, "examples",
                 f"{data.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
     offsets, ids, trainable = data.offsets, data.ids, data.trainable
+    if packing_enabled(r):
+        packs = sft_packs(r, split)
+        _check_size(len(packs), split, size, world_size, "packed rows",
+                    f"{len(data):,} examples packed into rows of cutoff_len {r['cutoff_len']}; add data")
+        neat = bool(r["neat_packing"])
+        return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets,
+                                                                           neat=neat),
+                      batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch,
+                      shuffle=shuffle, drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
 
     def collate(indices: np.ndarray) -> dict:
         import torch
@@ -153,6 +165,20 @@ def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: i
     return Loader(len(data), data.example_lengths(), collate, batch_size=size, world_size=world_size, rank=rank,
                   seed=r["seed"], epoch=epoch, shuffle=shuffle, drop_last=split == "train",
                   group_by_length=bool(r["group_by_length"]))
+
+
+def packing_enabled(r: Mapping[str, Any]) -> bool:
+    """sft rows hold several examples (neat_packing implies packing); pt always concatenates documents."""
+    return r["stage"] != "pt" and bool(r.get("packing") or r.get("neat_packing"))
+
+
+def sft_packs(r: Mapping[str, Any], split: str) -> Packs:
+    """The split's examples packed into rows of cutoff_len positions (once per process and split)."""
+    data = tokenized_split(r, split)
+    cache = data.__dict__.setdefault("_packs", {})  # lives as long as the cached split it was made from
+    if r["cutoff_len"] not in cache:
+        cache[r["cutoff_len"]] = pack_examples(data.example_lengths() - 1, r["cutoff_len"])
+    return cache[r["cutoff_len"]]
 
 
 def pt_stride(r: Mapping[str, Any]) -> int:
@@ -192,4 +218,6 @@ def count_examples(r: Mapping[str, Any]) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
     if r["stage"] == "pt":
         return {s: len(pt_windows(len(pt_stream(r, s)), r["cutoff_len"], pt_stride(r))) for s in ("train", "val")}
+    if packing_enabled(r):
+        return {s: len(sft_packs(r, s)) for s in ("train", "val")}
     return {s: len(tokenized_split(r, s)) for s in ("train", "val")}

@@ -292,8 +292,14 @@ def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
             part = read_rows(path)
             rows.extend(part)
             origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
-        return encode_rows(rows, r["template"], cutoff_len=r["cutoff_len"], policy=r["overlength_policy"],
-                           train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"], origins=origins)
+        try:
+            return encode_rows(rows, r["template"], cutoff_len=r["cutoff_len"], policy=r["overlength_policy"],
+                               train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"], origins=origins)
+        except UserError as err:
+            if r.get("packing") or r.get("neat_packing"):
+                err.messages[-1] += ("; packing never splits an example: with packing too, cutoff_len is the "
+                                     "row length and every example must fit in one row")
+            raise
 
     return _cached(key, make)
 

@@ -142,6 +142,7 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
     example counts exactly once (the loader's multi-rank padding would count some twice).
     """
     from pipeline.data.loaders import make_loader
+    from pipeline.data.packing import model_inputs
 
     loader = make_loader(r, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
@@ -150,8 +151,8 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
     for k in tqdm(mine, desc=f"{label} loss", unit="batch", disable=rank != 0, leave=False):
         batch = loader.batch(k)
         with _autocast(r, device):
-            loss_sum, n = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                                labels=batch["labels"].to(device), reduction="sum")
+            loss_sum, n = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), reduction="sum",
+                                **{k: v.to(device) for k, v in model_inputs(batch).items()})
         total += float(loss_sum)
         count += int(n)
     if world > 1:

@@ -10,6 +10,7 @@ Memory per rank (bytes; w = 2 with bf16/fp16, else 4; P = all parameters, T = tr
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
                                             plus fp32 logits for the loss; an upper bound: sft computes the
                                             head only where labels are trained)
+                 with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
 with s = cutoff_len, b = per_device_train_batch_size, h = width, a = heads, L = layers, V = vocabulary.
 """
 from __future__ import annotations
@@ -55,7 +56,11 @@ def estimate_memory(r: Resolved) -> Memory | None:
     optim = trainable * (12 if half else 8) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     b, h, a, L, V = r["per_device_train_batch_size"], info.n_embd, info.n_head, info.n_layer, info.vocab_size
-    activations = L * s * b * h * (34 + 5 * a * s / h) * w / 2 + s * b * V * 4
+    per_block = s * b * h * (34 + 5 * a * s / h) * w / 2
+    if r["disable_gradient_checkpointing"]:
+        activations = L * per_block + s * b * V * 4
+    else:  # recomputation per block: each block's input is kept, and one block's activations at a time
+        activations = L * s * b * h * w + per_block + s * b * V * 4
     gpu = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": activations}
     cpu: dict[str, float] = {}
     if stage == 3 and _offloaded(zero, "offload_param"):
@@ -109,7 +114,8 @@ def render(r: Resolved) -> str:
         rows.append(("total", human(mem.gpu_total), human(sum(mem.cpu.values())) if mem.cpu else "-"))
         out.append(format_table(rows, header=("", "accelerator", "offloaded to cpu")))
         out.append("(estimate: weights, gradients and Adam states exact up to framework buffers; activations "
-                   "an upper bound without recomputation)")
+                   "an upper bound" + (" without recomputation)" if r["disable_gradient_checkpointing"] else
+                                          " with per-block recomputation)"))
     return "\n".join(out)
 
 
@@ -123,6 +129,8 @@ def _explain(r: Resolved, key: str) -> str:
     if key == "num_train_examples":
         if r["stage"] == "pt":
             return "pt: the trainer counts windows after tokenizing"
+        if n is not None and (r["packing"] or r["neat_packing"]):
+            return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
         return "sum of splits.train in the built manifests" if n is not None else "unknown until `make data`"
     if key == "steps_per_epoch":
         if n is None:
@@ -142,6 +150,18 @@ def _explain(r: Resolved, key: str) -> str:
     return ""
 
 
+def packed_counts(r: Resolved) -> Resolved:
+    """With packing the steps count packed rows: pack the built train split now (tokenizes it, no torch)."""
+    from pipeline.data.loaders import count_examples, packing_enabled
+
+    if not packing_enabled(r) or r["num_train_examples"] is None:
+        return r
+    from pipeline.recipe import derive_steps
+
+    return derive_steps(r, count_examples(r)["train"])
+
+
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
+    r = packed_counts(r)
     print(render(r))
     return 0

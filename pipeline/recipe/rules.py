@@ -172,6 +172,16 @@ def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
+@rule("neat_packing", "stage")
+def neat_packing_is_for_sft(ctx: Context) -> list[tuple[str, str]]:
+    """pt always concatenates documents into windows; dpo rows are chosen/rejected pairs, never packed."""
+    stage = ctx.values["stage"]
+    if ctx.values["neat_packing"] and stage != "sft":
+        return [("neat_packing", f"only applies to stage: sft, but stage is {stage}; remove it (pt always "
+                                 "concatenates documents into windows of cutoff_len, see docs/packing-and-scale.md)")]
+    return []
+
+
 @rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length")
 def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     if ctx.values["finetuning_type"] != "lora":

@@ -46,7 +46,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # position would point at other batches.
 RESUME_KEYS = ("stage", "finetuning_type", "lora_rank", "lora_target", "use_rslora", "additional_target",
                "freeze_trainable_layers", "zero_stage", "bf16", "fp16", "world_size", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "seed", "cutoff_len")
+               "gradient_accumulation_steps", "seed", "cutoff_len", "packing", "neat_packing")
 
 
 @dataclass

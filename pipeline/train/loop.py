@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+from pipeline.data.packing import model_inputs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.train import dist
@@ -165,7 +166,7 @@ class Trainer:
         """The next micro-batch and its loss; a non-finite loss stops the run or (nan_policy: skip) is dropped."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             batch = _to_device(self.data.next(), self.engine.device)
-            loss = self.engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            loss = self.engine(batch["input_ids"], labels=batch["labels"], **model_inputs(batch))
             value = float(loss.detach())
             if not dist.any_rank(not math.isfinite(value)):
                 return batch, loss
@@ -301,8 +302,7 @@ def evaluate(engine: Any, loader: Any) -> dict[str, float]:
     with torch.no_grad():
         for batch in loader:
             batch = _to_device(batch, engine.device)
-            loss_sum, n = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                 reduction="sum")
+            loss_sum, n = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
             total += float(loss_sum)
             count += int(n)
     engine.train()

@@ -69,6 +69,7 @@ def train(r: Any) -> TrainResult:
     has_val = count_examples(r)["val"] > 0
     val_loader = make_loader(r, "val", rank=rank, world_size=world, shuffle=False) if has_val else None
     model = build_model(r)
+    enable_features(model, r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
     check_contiguous(model)
@@ -122,6 +123,28 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["world_size"] != dist.world_size():
         raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
                            f"{dist.world_size()}")
+
+
+def enable_features(model: Any, r: Mapping[str, Any]) -> None:
+    """Gradient checkpointing per the recipe; neat_packing only where the model can honour it.
+
+    neat_packing needs a forward that takes segment_ids (block-diagonal attention with restarting
+    positions); silently training with cross-example attention instead would change the results.
+    """
+    import inspect
+
+    if r["neat_packing"] and "segment_ids" not in inspect.signature(model.forward).parameters:
+        raise UserError(f"{checkpoint.where(r, 'neat_packing')}: neat_packing needs an attention path that keeps "
+                        f"packed examples apart, and the model {r['model_name_or_path']!r} "
+                        f"({type(model).__name__}) has none; set neat_packing: false (plain packing: examples "
+                        "in a row attend to each other) or packing: false")
+    setter = getattr(model, "set_gradient_checkpointing", None)
+    if not r["disable_gradient_checkpointing"]:
+        if setter is None:
+            raise UserError(f"{checkpoint.where(r, 'disable_gradient_checkpointing')}: the model "
+                            f"{type(model).__name__} cannot recompute activations; set "
+                            "disable_gradient_checkpointing: true")
+        setter(True)
 
 
 def check_ds_config(r: Any) -> None:

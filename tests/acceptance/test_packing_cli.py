@@ -1,0 +1,60 @@
+"""Packing and gradient checkpointing as a user runs them: `python -m pipeline plan/train` on a recipe with
+neat_packing, from a GPT-2 written by transformers' save_pretrained, the adapter loaded back with PEFT."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tests.acceptance.harness import pipeline, write_recipe
+
+PACKED = dict(cutoff_len=160, packing=True, neat_packing=True, disable_gradient_checkpointing=False, val_size=0.2)
+
+
+def test_neat_packed_lora_run_from_a_save_pretrained_gpt2(workdir, hf_checkpoint):
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    base = hf_checkpoint("gpt2", n_positions=160)
+    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", output_dir="saves/r",
+                          max_steps=None, num_train_epochs=1, **PACKED)
+    pipeline("build", recipe, cwd=workdir)
+    plan = pipeline("plan", recipe, cwd=workdir).stdout
+    assert "packed rows of cutoff_len 160" in plan
+    packs = int(re.search(r"num_train_examples\s+(\d+)", plan).group(1))
+    unpacked = int(re.search(r"num_train_examples\s+(\d+)",
+                             pipeline("plan", recipe, "packing=false", "neat_packing=false", cwd=workdir).stdout).group(1))
+    assert packs < unpacked  # several examples per row
+    steps = int(re.search(r"total_steps\s+(\d+)", plan).group(1))
+    assert steps == packs // 2  # per_device_train_batch_size 2, one epoch: exact, counted in packs
+
+    done = pipeline("train", recipe, cwd=workdir)
+    assert f"{packs} examples" in done.stderr or f"{packs:,} examples" in done.stderr
+    results = json.loads((workdir / "saves/r/all_results.json").read_text(encoding="utf-8"))
+    assert results["global_step"] == steps and results["num_train_examples"] == packs
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(base).eval()
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931]])
+    with torch.no_grad():
+        before = hf(ids).logits
+        tuned = peft.PeftModel.from_pretrained(hf, workdir / "saves/r/adapter").eval()
+        after = tuned(ids).logits
+    assert torch.isfinite(after).all() and not torch.allclose(before, after)
+
+
+def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
+    base = str(hf_checkpoint("gpt2"))
+    pt = write_recipe(workdir / "pt.yaml", model_name_or_path=base, dataset_dir="data", output_dir="saves/pt",
+                      stage="pt", dataset="tiny_pt", template=None, neat_packing=True)
+    bad = pipeline("train", pt, cwd=workdir, expect=2)
+    assert "neat_packing: only applies to stage: sft, but stage is pt" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (workdir / "saves/pt").exists()
+
+    short = write_recipe(workdir / "short.yaml", model_name_or_path=base, dataset_dir="data",
+                         output_dir="saves/short", overlength_policy="error", **{**PACKED, "cutoff_len": 12})
+    pipeline("build", short, cwd=workdir)
+    bad = pipeline("train", short, cwd=workdir, expect=2)
+    assert "over cutoff_len 12" in bad.stderr and "packing never splits an example" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (workdir / "saves/short").exists()
