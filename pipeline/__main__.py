@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.recipe import resolve
 
         resolved = resolve(args.recipe, args.overrides, command=args.command)
+        if args.command != "deps":
+            from pipeline.recipe.notices import print_notices
+
+            print_notices(resolved)
         func = getattr(importlib.import_module(module_name), func_name)
         code = func(resolved, args)
     except UserError as err:

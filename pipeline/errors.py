@@ -12,9 +12,9 @@ class UserError(Exception):
         super().__init__("\n".join(self.messages))
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """A ' (did you mean X?)' suffix, or '' when nothing is close."""
+def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """A ' (did you mean X?)' suffix, or '' when nothing is close (similarity ratio >= cutoff)."""
     import difflib
 
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""

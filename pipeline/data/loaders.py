@@ -77,6 +77,7 @@ class Loader:
         self._options = dict(batch_size=batch_size, world_size=world_size, rank=rank, seed=seed, shuffle=shuffle,
                              drop_last=drop_last, group_by_length=group_by_length)
         self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
+        self.num_workers = 0  # dataloader_num_workers: batches built in torch DataLoader worker processes
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -91,6 +92,12 @@ class Loader:
 
     def iter_from(self, start: int) -> Iterator[dict]:
         """Batches from index `start` on (resume): the skipped ones are never built."""
+        if self.num_workers > 0:
+            import torch.utils.data
+
+            yield from torch.utils.data.DataLoader(_Batches(self, start), batch_size=None, shuffle=False,
+                                                   num_workers=self.num_workers)
+            return
         for k in range(start, len(self._plan)):
             yield self.batch(k)
 
@@ -105,6 +112,19 @@ class Loader:
     def indices(self, k: int) -> np.ndarray:
         """Example indices of batch k (for tests and audits)."""
         return self._plan[k]
+
+
+class _Batches:
+    """Map-style view of a Loader's batches from `start` on, for torch's DataLoader workers (same order)."""
+
+    def __init__(self, loader: Loader, start: int):
+        self.loader, self.start = loader, start
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.start
+
+    def __getitem__(self, i: int) -> dict:
+        return self.loader.batch(self.start + i)
 
 
 def torch_index(mask: np.ndarray) -> Any:
@@ -211,7 +231,9 @@ def pt_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: in
 
 def make_loader(r: Mapping[str, Any], split: str, **kwargs: Any) -> Loader:
     """sft_loader or pt_loader, by the recipe's stage."""
-    return (pt_loader if r["stage"] == "pt" else sft_loader)(r, split, **kwargs)
+    loader = (pt_loader if r["stage"] == "pt" else sft_loader)(r, split, **kwargs)
+    loader.num_workers = int(r.get("dataloader_num_workers") or 0)
+    return loader
 
 
 def count_examples(r: Mapping[str, Any]) -> dict[str, int]:

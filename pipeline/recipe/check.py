@@ -13,6 +13,8 @@ DERIVED_KEYS = (
     "world_size", "rank", "local_rank", "total_train_batch_size", "num_train_examples",
     "steps_per_epoch", "total_steps", "num_warmup_steps",
 )
+# Key names: only a close match is suggested (at 0.6, do_train would suggest stop_strings).
+KEY_CUTOFF = 0.75
 _YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 _SHOWN_CHARS = 80  # longer strings and lists are shortened in messages
 _SHOWN_ITEMS = 10
@@ -91,7 +93,7 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str) -> tuple[list[t
                 add(entry, f"{key}: is computed by the pipeline (from the launcher and the data); do not set it",
                     key, True)
             else:
-                add(entry, f"{key}: unknown key{did_you_mean(key, props)}", key, True)
+                add(entry, f"{key}: unknown key{did_you_mean(key, props, KEY_CUTOFF)}", key, True)
             continue
         if _non_finite(entry.value):
             add(entry, f"{key}: given {show(entry.value)}, expected a finite number", key)

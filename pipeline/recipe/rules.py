@@ -327,3 +327,44 @@ def offload_needs_zero(ctx: Context) -> list[tuple[str, str]]:
             problems.append((key, "nvme offload needs an nvme_path: give a deepspeed JSON with "
                                   f"zero_optimization.{key}.nvme_path, or use cpu"))
     return problems
+
+
+# --- LLaMA-Factory keys ----------------------------------------------------------------------------
+
+@rule("export_legacy_format", "export_quantization_bit", "export_quantization_dataset")
+def refused_exports(ctx: Context) -> list[tuple[str, str]]:
+    problems = []
+    if ctx.values["export_legacy_format"]:
+        problems.append(("export_legacy_format", "true asks for pickled .bin weights, which are refused here "
+                                                 "(pickles can run code when loaded); merged models are written as "
+                                                 "safetensors, which transformers loads: set it to false"))
+    for key in ("export_quantization_bit", "export_quantization_dataset"):
+        if ctx.values[key] is not None:
+            problems.append((key, "quantized export (GPTQ/AWQ) is not supported; merge writes fp32/bf16/fp16 "
+                                  "safetensors (export_dtype): remove the key"))
+    return problems
+
+
+@rule("do_train", "do_eval", "do_predict", commands=("train",))
+def something_to_do(ctx: Context) -> list[tuple[str, str]]:
+    if not ctx.values["do_train"] and not ctx.values["do_eval"] and not ctx.values["do_predict"]:
+        return [("do_train", "is false and neither do_eval nor do_predict is true: the train command would do "
+                             "nothing; set do_train: true, or do_eval/do_predict to evaluate the model")]
+    return []
+
+
+@rule("report_to", commands=("train",))
+def reporters_installed(ctx: Context) -> list[tuple[str, str]]:
+    import importlib.util
+
+    wanted = ctx.values["report_to"]
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    problems = []
+    for name, module, pip in (("tensorboard", "tensorboard", "tensorboard (pinned in requirements.txt)"),
+                              ("wandb", "wandb", "wandb")):
+        if name in wanted and importlib.util.find_spec(module) is None:
+            problems.append(("report_to", f"{name} is not installed; pip install {pip}, or remove it from "
+                                          "report_to"))
+    if "none" in wanted and len(wanted) > 1:
+        problems.append(("report_to", f"given {wanted}: 'none' cannot be combined with other reporters"))
+    return problems

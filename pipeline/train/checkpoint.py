@@ -168,6 +168,13 @@ def find_resume(r: Mapping[str, Any]) -> Path | None:
 
 def check_compatible(r: Mapping[str, Any], path: Path) -> None:
     """The recipe must agree with the checkpoint on what the saved state depends on."""
+    if read_state(path).get("save_only_model"):
+        weights = path / ("adapter" if (path / "adapter").is_dir() else "model")
+        raise UserError(f"{where(r, 'resume_from_checkpoint')}: {path} was saved with save_only_model: true: it "
+                        "holds the weights only, without the optimizer, scheduler and RNG state a resume needs, so "
+                        f"resuming from it is refused. Start a new run from its weights ({weights} as "
+                        f"{'adapter_name_or_path' if weights.name == 'adapter' else 'model_name_or_path'}), or "
+                        "train with save_only_model: false to get resumable checkpoints")
     saved = read_state(path).get("recipe", {})
     problems = [f"{where(r, key)} is {json.dumps(r[key])} but {path} was trained with {json.dumps(saved[key])}; "
                 f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
@@ -249,14 +256,18 @@ def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False, exclude_frozen_parameters=True)
-    save_state(_rng_state(), tmp / RNG_DIR / f"rank-{dist.rank()}.safetensors")
+    only_model = bool(r.get("save_only_model"))
+    if not only_model:  # save_only_model: the weights only (no optimizer, scheduler, RNG): not resumable
+        engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False,
+                               exclude_frozen_parameters=True)
+        save_state(_rng_state(), tmp / RNG_DIR / f"rank-{dist.rank()}.safetensors")
     exporter.write(tmp)
     dist.barrier()
     if dist.is_main():
         for script in deepspeed_compat.HELPER_SCRIPTS:  # DeepSpeed's helpers cannot read these files
             (tmp / script).unlink(missing_ok=True)
-        write_json(tmp / STATE, {**state.to_dict(), "recipe": {k: r[k] for k in RESUME_KEYS if k in r}})
+        write_json(tmp / STATE, {**state.to_dict(), "recipe": {k: r[k] for k in RESUME_KEYS if k in r},
+                                 **({"save_only_model": True} if only_model else {})})
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.global_step, "files": files})
         _fsync_tree(tmp)

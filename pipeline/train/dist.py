@@ -29,8 +29,11 @@ def ensure_launch_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def init() -> None:
-    """torch.distributed through DeepSpeed, with the accelerator's backend (nccl on CUDA, gloo on CPU)."""
+def init(timeout_s: int | None = None) -> None:
+    """torch.distributed through DeepSpeed, with the accelerator's backend (nccl on CUDA, gloo on CPU).
+
+    `timeout_s` (the recipe's ddp_timeout) bounds how long a rank waits in a collective; None: torch's default.
+    """
     ensure_launch_env()
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -38,7 +41,12 @@ def init() -> None:
     deepspeed_compat.guard()
     if get_accelerator().device_name() == "cpu" and os.environ.get("PIPELINE_DS_SHM_COMM") != "1":
         deepspeed_compat.skip_shm_build()  # gloo does the same reductions, without a JIT build
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    extra: dict[str, Any] = {}
+    if timeout_s is not None:
+        import datetime
+
+        extra["timeout"] = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **extra)
 
 
 def rank() -> int:

@@ -41,12 +41,72 @@ def _finite(value: Any) -> Any:
     return value
 
 
+REPORTERS = ("tensorboard", "wandb")
+RUNS_DIR = "runs"
+
+
+def wanted_reporters(report_to: Any) -> list[str]:
+    """report_to as a list of reporter names ('all': every installed one; 'none': none)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "all" in names:
+        return [n for n in REPORTERS if importlib.util.find_spec(n) is not None]
+    return [n for n in names if n in REPORTERS]
+
+
+class Reporters:
+    """The records of trainer_log.jsonl also sent to tensorboard (output_dir/runs/) and/or wandb (rank 0 only).
+
+    Names follow transformers' Trainer: eval_loss -> eval/loss, loss -> train/loss. Each write is flushed,
+    so a killed run keeps what it logged. wandb reads WANDB_MODE (offline), WANDB_PROJECT and its login itself.
+    """
+
+    def __init__(self, r: Mapping[str, Any], output_dir: str | Path, *, enabled: bool):
+        self.tb = self.wandb_run = None
+        if not enabled:
+            return
+        wanted = wanted_reporters(r["report_to"])
+        if "tensorboard" in wanted:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / RUNS_DIR))
+        if "wandb" in wanted:
+            import os
+
+            import wandb
+
+            config = r.to_dict() if hasattr(r, "to_dict") else dict(r)
+            self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"),
+                                        name=Path(str(output_dir)).name, dir=str(output_dir), config=config)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        step = record.get("step")
+        values = {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): float(v)
+                  for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                  and math.isfinite(v)}
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
 class TrainLog:
     """Appends records to output_dir/trainer_log.jsonl and prints a short line per record to stderr."""
 
-    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int | None = None):
+    def __init__(self, output_dir: str | Path, *, enabled: bool, resume_step: int | None = None,
+                 reporters: Reporters | None = None):
         self.path = Path(output_dir) / LOG_FILE
         self.enabled = enabled
+        self.reporters = reporters
         if enabled and resume_step is not None:
             kept = [rec for rec in read_log(self.path) if rec.get("step", 0) <= resume_step]
             write_text(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
@@ -59,6 +119,12 @@ class TrainLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
         self.echo(record)
+        if self.reporters is not None:
+            self.reporters.write(record)
+
+    def close(self) -> None:
+        if self.reporters is not None:
+            self.reporters.close()
 
     def echo(self, record: Mapping[str, Any]) -> None:
         from tqdm import tqdm

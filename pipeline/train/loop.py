@@ -238,7 +238,7 @@ class Trainer:
                     record.update(self.train_metrics(window, norm, started, first_step))
                     window = Window()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-                if self.evaluate is not None and ((r["eval_steps"] and step % r["eval_steps"] == 0) or last):
+                if self.evaluate is not None and eval_due(r, step, last):
                     record.update(self.evaluate())
                 if record:
                     record = {"step": step, "epoch": round(self.data.epoch_float, 4), **record}
@@ -291,6 +291,25 @@ class Trainer:
         if state.skipped_batches:
             record["skipped_batches"] = state.skipped_batches
         return record
+
+
+def eval_due(r: Mapping[str, Any], step: int, last: bool) -> bool:
+    """Whether to evaluate after optimizer step `step`: eval_strategy (LLaMA-Factory's), then do_eval at the end.
+
+    eval_strategy null: every eval_steps when set; no: never during training; steps: every eval_steps (else
+    every logging_steps, as transformers does); epoch: at each epoch end. The last step evaluates unless
+    do_eval is false.
+    """
+    strategy, every = r.get("eval_strategy"), r["eval_steps"]
+    if strategy == "steps":
+        due = step % (every or r["logging_steps"]) == 0
+    elif strategy == "epoch":
+        due = bool(r["steps_per_epoch"]) and step % r["steps_per_epoch"] == 0
+    elif strategy == "no":
+        due = False
+    else:
+        due = bool(every) and step % every == 0
+    return due or (last and r.get("do_eval") is not False)
 
 
 def evaluate(engine: Any, loader: Any) -> dict[str, float]:

@@ -45,13 +45,17 @@ def run(r: Any, args: Any = None) -> int:
 
 
 def train(r: Any) -> TrainResult:
-    dist.init()
+    if not r.get("do_train", True):  # LLaMA-Factory's do_train: false + do_eval/do_predict: evaluate only
+        from pipeline.evaluate.run import run as evaluate_run
+
+        return TrainResult(evaluate_run(r), None, TrainState(), Path(r["output_dir"]))
+    dist.init(r.get("ddp_timeout"))
     import deepspeed
 
     from pipeline.data.loaders import count_examples, make_loader
     from pipeline.model.build import build_model
     from pipeline.train.export import Exporter
-    from pipeline.train.log import TrainLog
+    from pipeline.train.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, evaluate
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import make_scheduler
@@ -83,7 +87,8 @@ def train(r: Any) -> TrainResult:
         print_plan(r, model, loader, resume, state)
 
     exporter = Exporter(engine, r, lambda: quietly(build_model, r))
-    log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None)
+    log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
+                   reporters=Reporters(r, output_dir, enabled=dist.is_main()))
     with StopRequest() as stop:
         trainer = Trainer(engine, r, state, loader,
                           evaluate=(lambda: evaluate(engine, val_loader)) if val_loader is not None else None,
@@ -97,6 +102,7 @@ def train(r: Any) -> TrainResult:
                 if dist.is_main():
                     print(f"stopped at step {state.global_step}: saved {output_dir}/checkpoint-{state.global_step}; "
                           "continue with resume_from_checkpoint=latest", file=sys.stderr)
+                log.close()
                 return TrainResult(stop.exit_code, engine, state, output_dir)
             if trainer.last_saved_step != state.global_step:
                 trainer.flush_tokens()
@@ -107,9 +113,14 @@ def train(r: Any) -> TrainResult:
                 raise
             report_dead_peer(err, output_dir, trainer.last_saved_step)
 
+    log.close()
     if dist.is_main():
         finish(r, output_dir, trainer.last_record, state, loader, final)
     dist.barrier()
+    if r.get("do_predict"):  # LLaMA-Factory's do_predict: the eval command's predictions, into output_dir/eval/
+        from pipeline.evaluate.run import run as evaluate_run
+
+        evaluate_run(r)
     return TrainResult(0, engine, state, output_dir, final)
 
 
