@@ -30,7 +30,7 @@ else
 LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(NPROC) --module pipeline
 endif
 
-.PHONY: help setup test-deps data validate inspect plan train merge eval chat all test bench clean FORCE
+.PHONY: help setup test-deps data validate inspect plan train merge export eval chat all test bench clean FORCE
 
 help: ## list targets and variables
 	@echo "usage: make <target> [RECIPE=recipes/x.yaml] [ARGS='key=value ...'] [NPROC=N] [HOSTFILE=file]"
@@ -118,6 +118,8 @@ merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF 
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
 	@echo "report: $(OUTPUT_DIR)/eval/report.md"
+export: $(VENV)/.setup-done ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir
+	$(PY) -m pipeline export $(RECIPE) $(ARGS)
 chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT='...' for one answer)
 	$(PY) -m pipeline generate $(RECIPE) $(ARGS) $(if $(PROMPT),--prompt '$(PROMPT)')
 

@@ -48,11 +48,40 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         merged, check = merge_adapter(r, adapter_dir(r))
     else:
         merged, check = reexport_full(r)
-    target = export(r, merged, out / "merged", check)
+    target = export(r, merged, Path(r["export_dir"]) if r.get("export_dir") else out / "merged", check)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     source = "adapter" if r["finetuning_type"] == "lora" else "trained"
     note(f"merged model written to {target} ({r['export_dtype']}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {source} model: {errors}")
+    return 0
+
+
+def export_run(r: Mapping[str, Any], args: Any = None) -> int:
+    """`python -m pipeline export RECIPE`: LLaMA-Factory's merge_lora recipes (llamafactory-cli export).
+
+    model_name_or_path + adapter_name_or_path (an adapter, or a run's output_dir) + export_dir: the adapter
+    folded into the base, verified as `merge` does, written to export_dir. Without an adapter the model
+    itself (e.g. a full fine-tuning run's output) is re-exported to export_dir in the Hugging Face layout.
+    """
+    if not r.get("export_dir"):
+        raise UserError(f"{_recipe(r)}: export needs export_dir (where the merged model goes), e.g. "
+                        "export_dir: saves/merged; to merge a run of this recipe into output_dir/merged use "
+                        "`python -m pipeline merge`")
+    target = Path(r["export_dir"])
+    if r["adapter_name_or_path"]:
+        merged, check = merge_adapter(r, Path(r["adapter_name_or_path"]))
+        source = f"adapter {r['adapter_name_or_path']}"
+    else:
+        merged = _load_base(r)
+        samples = validation_samples(r, merged.cfg.context_length)
+        reference = _logits(merged, samples)
+        check = Check({"source": str(r["model_name_or_path"]), "samples": len(samples), "logits": {"fp32": 0.0},
+                       "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}, samples, reference)
+        _check_cast(merged, check, r["export_dtype"], {})
+        source = f"model {r['model_name_or_path']}"
+    export(r, merged, target, check)
+    note(f"exported {source} onto {r['model_name_or_path']} as {target} ({r['export_dtype']}, shards up to "
+         f"{r['export_size']} GB); loads with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
     return 0
 
 
@@ -100,7 +129,8 @@ def _recipe(r: Mapping[str, Any]) -> str:
 def _load_base(r: Mapping[str, Any]) -> nn.Module:
     from pipeline.model.build import load_for_inference
 
-    model = load_for_inference(r, "base", device="cpu")  # merge runs on the CPU: exact, and any size fits
+    device = "cuda" if r.get("export_device") == "auto" and torch.cuda.is_available() else "cpu"
+    model = load_for_inference(r, "base", device=device)  # export_device cpu (default): exact, and any size fits
     return model.float().eval()
 
 
@@ -150,7 +180,7 @@ def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[i
     from pipeline.data.tokenize import pt_stream, tokenized_split
 
     limit = min(context_length, MAX_SAMPLE_TOKENS)
-    for split in ("val", "train"):
+    for split in ("val", "train") if r.get("dataset") else ():
         try:
             if r["stage"] == "pt":
                 stream = pt_stream(r, split)

@@ -118,7 +118,8 @@ def build(r: Mapping[str, Any]) -> list[str]:
         else:
             stale.append((spec, wanted))
     problems = Problems()
-    loaded = [(spec, wanted, _read_dataset(spec, r["stage"], problems)) for spec, wanted in stale]
+    workers = int(r.get("preprocessing_num_workers") or 1)
+    loaded = [(spec, wanted, _read_dataset(spec, r["stage"], problems, workers)) for spec, wanted in stale]
     problems.raise_if_any()
     prepared, errors = [], []
     for spec, wanted, (rows, per_source) in loaded:
@@ -134,8 +135,31 @@ def build(r: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems) -> tuple[list[dict], list[int]]:
-    """All rows of a dataset's sources (in file order) and the row count per source."""
+def _read_source(spec: DatasetSpec, stage: str, path: Path, shown: str, problems: Problems) -> list[dict]:
+    """The rows of one source file (problems go to `problems`)."""
+    if spec.formatting == "text" and path.suffix.lower() in TEXT_EXTS:
+        text = read_text(path, shown, problems)
+        table = Table(records=[{spec.columns["text"]: text}] if text is not None else [], where=[1])
+    elif path.suffix.lower() in TEXT_EXTS:  # LLaMA-Factory's way: each line a row of column 'text'
+        table = text_lines(read_text(path, shown, problems))
+    else:
+        table = read_table(path, shown, problems)
+    return to_rows(table, spec, stage, shown, problems)
+
+
+def _read_source_apart(spec: DatasetSpec, stage: str, path: Path, shown: str) -> tuple[list[dict], Problems]:
+    """_read_source in a worker process (preprocessing_num_workers): rows and problems come back pickled."""
+    problems = Problems()
+    return _read_source(spec, stage, path, shown, problems), problems
+
+
+def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: int = 1
+                  ) -> tuple[list[dict], list[int]]:
+    """All rows of a dataset's sources (in file order) and the row count per source.
+
+    With workers > 1 and several sources, each file is read and converted in its own process (file order
+    and every problem are kept); one file is read in this process.
+    """
     from tqdm import tqdm
 
     total = sum(p.stat().st_size for p in spec.files)
@@ -143,18 +167,24 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems) -> tuple[li
                disable=True if total < PROGRESS_MIN_BYTES else None)
     rows: list[dict] = []
     per_source: list[int] = []
-    for path, shown in zip(spec.files, spec.shown):
-        if spec.formatting == "text" and path.suffix.lower() in TEXT_EXTS:
-            text = read_text(path, shown, problems)
-            table = Table(records=[{spec.columns["text"]: text}] if text is not None else [], where=[1])
-        elif path.suffix.lower() in TEXT_EXTS:  # LLaMA-Factory's way: each line a row of column 'text'
-            table = text_lines(read_text(path, shown, problems))
-        else:
-            table = read_table(path, shown, problems)
-        converted = to_rows(table, spec, stage, shown, problems)
-        rows.extend(converted)
-        per_source.append(len(converted))
-        bar.update(path.stat().st_size)
+    sources = list(zip(spec.files, spec.shown))
+    if workers > 1 and len(sources) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(sources))) as pool:
+            futures = [pool.submit(_read_source_apart, spec, stage, path, shown) for path, shown in sources]
+            for (path, _), future in zip(sources, futures):
+                converted, found = future.result()
+                problems.extend(found)
+                rows.extend(converted)
+                per_source.append(len(converted))
+                bar.update(path.stat().st_size)
+    else:
+        for path, shown in sources:
+            converted = _read_source(spec, stage, path, shown, problems)
+            rows.extend(converted)
+            per_source.append(len(converted))
+            bar.update(path.stat().st_size)
     bar.close()
     if not rows and not problems:
         problems.add(spec.shown[0] if len(spec.shown) == 1 else spec.registry, None,

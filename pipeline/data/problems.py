@@ -39,6 +39,14 @@ class Problems:
             message = f"{file}:{where}: {text}" if where is not None else f"{file}: {text}"
             kept.append((_order(where), len(kept), message))
 
+    def extend(self, other: "Problems") -> None:
+        """Add another collector's problems (a build worker process's), keeping their order and counts."""
+        for file, entries in other.entries.items():
+            kept = self.entries.setdefault(file, [])
+            room = _KEEP - len(kept)
+            kept.extend((order, len(kept) + i, message) for i, (order, _, message) in enumerate(entries[:max(room, 0)]))
+        self.count.update(other.count)
+
     def __bool__(self) -> bool:
         return bool(self.count)
 

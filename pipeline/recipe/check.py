@@ -69,8 +69,12 @@ def _hint(value: Any, prop: dict[str, Any]) -> str:
     return ""
 
 
-def check_schema(entries: Mapping[str, Entry], recipe_file: str) -> tuple[list[tuple[tuple, str]], set[str]]:
-    """(sortable messages, keys with problems) for the user-set values in `entries`."""
+def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple[str, ...] = ()
+                 ) -> tuple[list[tuple[tuple, str]], set[str]]:
+    """(sortable messages, keys with problems) for the user-set values in `entries`.
+
+    `optional`: required keys the command does without (export/generate need no dataset).
+    """
     from jsonschema import Draft202012Validator
 
     props = spec.properties()
@@ -105,6 +109,8 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str) -> tuple[list[t
     for err in Draft202012Validator(schema).iter_errors(known):
         if err.validator == "required":
             missing = err.message.split("'")[1]
+            if missing in optional:
+                continue
             prop = props[missing]
             add(None, f"{missing}: missing, expected {spec.describe(prop)} (set it in the recipe, "
                       f"a file it extends, or on the command line as {missing}=...)", missing)

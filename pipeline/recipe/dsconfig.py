@@ -44,6 +44,15 @@ _CLIENT_SECTIONS = {
                  "warmup_steps and min_lr_ratio there",
 }
 
+# Top-level keys of LLaMA-Factory's examples/deepspeed/ that cannot work here, and why.
+_REFUSED = {
+    "tensor_parallel": "tensor parallelism (autotp) is not supported: the model is not sharded by layer slices "
+                       "here; spread memory with ZeRO instead (zero_optimization.stage 2 or 3, offload); remove "
+                       "the 'tensor_parallel' section",
+    "zero_force_ds_cpu_optimizer": "true requires DeepSpeed's compiled CPU Adam, but the optimizer is torch's AdamW "
+                                   "built from the recipe (and FP8 training, which LLaMA-Factory's "
+                                   "ds_z3_fp8_config.json is for, is not supported); set it to false or remove it",
+}
 
 # Sections that are JSON objects (an example each), and keys that only mean something inside a section.
 _SECTIONS = {
@@ -120,6 +129,9 @@ def build_ds_config(values: Mapping[str, Any], origins: Mapping[str, Origin]) ->
     problems = _nesting_problems(user, path, text)
     if problems:  # merging a misshapen config would only add confusing follow-up messages
         raise UserError(problems)
+    for key, reason in _REFUSED.items():
+        if key in user and user[key] not in (False, None, {}):
+            problems.append(f"{_at(path, text, (key,))}: {key}: {reason}")
     for section, advice in _CLIENT_SECTIONS.items():
         if section in user:
             problems.append(f"{_at(path, text, (section,))}: {section}: {advice}; remove the '{section}' section")

@@ -27,6 +27,7 @@ from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target")
+NO_DATA_COMMANDS = ("export", "generate", "chat")  # LLaMA-Factory's merge and inference recipes name no dataset
 LLAMAFACTORY_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir, used when ours (datasets/) has no registry
 
 
@@ -131,7 +132,7 @@ def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, comm
         merged.update({k: e for k, e in layer.items() if top or k != "extends"})
     merged.update(cli)
 
-    problems, bad = check_schema(merged, recipe_file)
+    problems, bad = check_schema(merged, recipe_file, optional=("dataset",) if command in NO_DATA_COMMANDS else ())
     problems += [((1, "", 0, i), m) for i, m in enumerate(cli_errors)]
     values = spec.defaults()
     origins: dict[str, Origin] = {key: DEFAULT for key in values}
@@ -200,6 +201,11 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             and not os.path.isfile(os.path.join(values["dataset_dir"], "dataset_info.json"))
             and os.path.isfile(os.path.join(LLAMAFACTORY_DATASET_DIR, "dataset_info.json"))):
         values["dataset_dir"], origins["dataset_dir"] = LLAMAFACTORY_DATASET_DIR, DERIVED  # a LLaMA-Factory checkout
+    adapter = values.get("adapter_name_or_path")
+    if (adapter and "adapter_name_or_path" not in bad and not os.path.isfile(os.path.join(adapter, "adapter_config.json"))
+            and os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json"))):
+        # a run's output_dir (LLaMA-Factory keeps the adapter there; we keep it in output_dir/adapter/)
+        values["adapter_name_or_path"], origins["adapter_name_or_path"] = os.path.join(adapter, "adapter"), DERIVED
     if values["output_dir"] is None:
         values["output_dir"], origins["output_dir"] = os.path.join("saves", Path(recipe_file).stem), DERIVED
     if values["lora_alpha"] is None and "lora_rank" not in bad:

@@ -6,6 +6,7 @@ mistake gives one message), and `commands` limits it to the commands where it ma
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,10 +302,11 @@ def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
         rows = manifest.get("rows_kept") if manifest else None
         if not isinstance(rows, int) or rows <= 0:
             continue
-        if frac * rows < 1:
+        n_val = math.ceil(frac * rows - 1e-9)  # as the build splits (pipeline.data.build.split_rows)
+        if n_val < 1:
             problems.append(("val_size", f"given {frac}, but dataset {name!r} has {rows} rows: the validation "
                                          f"split would be empty (needs val_size >= {1 / rows:.3g})"))
-        elif (1 - frac) * rows < 1:
+        elif rows - n_val < 1:
             problems.append(("val_size", f"given {frac}, but dataset {name!r} has {rows} rows: nothing would "
                                          "be left to train on; lower val_size"))
     return problems
