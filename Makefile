@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 export PYTHONUNBUFFERED := 1
 
 STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
-STAGE_GOALS := data validate inspect plan train merge eval chat all
+STAGE_GOALS := data validate inspect plan train dry-run merge eval chat all
 
 # Several ranks (or nodes) go through the deepspeed launcher; one rank is a plain python process.
 ifeq ($(NPROC)$(HOSTFILE),1)
@@ -30,7 +30,7 @@ else
 LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(NPROC) --module pipeline
 endif
 
-.PHONY: help setup test-deps data validate inspect plan train merge export eval chat all test bench clean FORCE
+.PHONY: help setup test-deps data validate inspect plan train dry-run merge export eval chat all test bench clean FORCE
 
 help: ## list targets and variables
 	@echo "usage: make <target> [RECIPE=recipes/x.yaml] [ARGS='key=value ...'] [NPROC=N] [HOSTFILE=file]"
@@ -97,7 +97,7 @@ $(STAMPS)/validate: $(STAMPS)/data
 # the trainer then asks for resume_from_checkpoint=latest or overwrite_output_dir=true.
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP)
 	$(LAUNCH) train $(RECIPE) $$([ -f $(OUTPUT_DIR)/all_results.json ] && echo overwrite_output_dir=true) $(ARGS)
-	@touch $@
+	@$(if $(findstring --dry-run,$(ARGS)),true,touch $@)
 
 $(STAMPS)/merge: $(STAMPS)/train
 	$(PY) -m pipeline merge $(RECIPE) $(ARGS)
@@ -114,6 +114,8 @@ inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the len
 plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
 	WORLD_SIZE=$(NPROC) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
 train: $(STAMPS)/train ## train (NPROC=N ranks, HOSTFILE=... for several nodes)
+dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
+	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)
 merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF GPT-2 layout
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, values parsed as YAML")
     # the deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment too, which resolve reads)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    tr = parser.add_argument_group("train")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="one optimizer step and a checkpoint write into a temporary folder; reports step time and "
+                         "memory; output_dir is left untouched")
     gen = parser.add_argument_group("generate")
     gen.add_argument("--prompt", help="text to complete; without it, an interactive chat")
     gen.add_argument("--model", choices=["base", "adapter", "merged"], default=None,

@@ -41,10 +41,15 @@ class TrainResult:
 
 
 def run(r: Any, args: Any = None) -> int:
+    if getattr(args, "dry_run", False):
+        from pipeline.train import dryrun
+
+        return dryrun.run(r, train)
     return train(r).exit_code
 
 
-def train(r: Any) -> TrainResult:
+def train(r: Any, one_step: Any = None) -> TrainResult:
+    """A whole run; with `one_step` (pipeline.train.dryrun.OneStep) it stops and saves after the first step."""
     if not r.get("do_train", True):  # LLaMA-Factory's do_train: false + do_eval/do_predict: evaluate only
         from pipeline.evaluate.run import run as evaluate_run
 
@@ -89,7 +94,7 @@ def train(r: Any) -> TrainResult:
     exporter = Exporter(engine, r, lambda: quietly(build_model, r))
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
                    reporters=Reporters(r, output_dir, enabled=dist.is_main()))
-    with StopRequest() as stop:
+    with one_step or StopRequest() as stop:
         trainer = Trainer(engine, r, state, loader,
                           evaluate=(lambda: evaluate(engine, val_loader)) if val_loader is not None else None,
                           save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop)
@@ -98,6 +103,8 @@ def train(r: Any) -> TrainResult:
         try:
             with explain_out_of_memory(r, state):
                 outcome = trainer.train()
+            if outcome == "stopped" and one_step is not None:
+                return TrainResult(0, engine, state, output_dir)
             if outcome == "stopped":
                 if dist.is_main():
                     print(f"stopped at step {state.global_step}: saved {output_dir}/checkpoint-{state.global_step}; "
