@@ -46,6 +46,7 @@ class OneStep:
     started: float = field(default_factory=time.monotonic)
     stepped: float | None = None
     exit_code: int = 0
+    recipe: Any = None  # the recipe with exact step counts, set by train()
 
     def __enter__(self) -> "OneStep":
         self.started = time.monotonic()
@@ -126,7 +127,7 @@ def run(r: Any, train: Any) -> int:
         finished = time.monotonic()
         if dist.is_main():
             records = read_log(scratch / "output_dir" / LOG_FILE)
-            print(report(r, real_output_dir, one, finished, scratch, records[-1] if records else {}), flush=True)
+            print(report(one.recipe or r, real_output_dir, one, finished, scratch, records[-1] if records else {}), flush=True)
         return result.exit_code
     finally:
         cleanup(scratch)

@@ -75,6 +75,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     rank, world = dist.rank(), dist.world_size()
     loader = make_loader(r, "train", rank=rank, world_size=world, epoch=0, shuffle=True)
     r = exact_steps(r, loader)
+    if one_step is not None:
+        one_step.recipe = r  # the dry-run report extrapolates from the exact step count
     has_val = count_examples(r)["val"] > 0
     val_loader = make_loader(r, "val", rank=rank, world_size=world, shuffle=False) if has_val else None
     model = build_model(r)

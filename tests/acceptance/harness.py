@@ -38,11 +38,14 @@ class Family:
     config_class: str  # transformers attribute names, imported lazily (transformers is test-only)
     model_class: str
     tiny: dict[str, Any] = field(default_factory=dict)
+    context_key: str = "max_position_embeddings"  # the config key of the longest sequence
+    hints: tuple[str, ...] = ()  # lower-case substrings of a model line (hub id, preset, folder) naming the family
 
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT2Config", "GPT2LMHeadModel",
-                   dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257)),
+                   dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257),
+                   context_key="n_positions", hints=("gpt2", "gpt-2")),
 }
 
 
@@ -72,6 +75,54 @@ def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: in
     model = hf_model(family, seed=seed, **overrides)
     model.save_pretrained(Path(directory), safe_serialization=True)
     return model
+
+
+def family_of(model_line: str) -> str | None:
+    """The family a recipe's model line names: a preset's own family, else the first FAMILIES hint in it.
+
+    Presets without a family of their own (tiny, mini, ...) are the book's GPT-2. None when nothing matches
+    (a path to another run's output: see family_of_recipe).
+    """
+    from pipeline.model.config import PRESETS
+
+    if model_line in PRESETS:
+        cfg = PRESETS[model_line]
+        named = getattr(cfg, "family", None) or getattr(cfg, "model_type", None)
+        return str(named) if named in FAMILIES else "gpt2"
+    lowered = model_line.lower()
+    hits = [(lowered.find(h), name) for name, fam in FAMILIES.items() for h in fam.hints if h in lowered]
+    return min(hits)[1] if hits else None
+
+
+def recipe_chain_value(path: Path, key: str) -> Any:
+    """A key's value as the recipe or a file it extends writes it (plain safe YAML, no resolution)."""
+    import yaml
+
+    seen = set()
+    while path not in seen:
+        seen.add(path)
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if key in data:
+            return data[key]
+        if not data.get("extends"):
+            return None
+        path = (path.parent / data["extends"]).resolve()
+    return None
+
+
+def family_of_recipe(path: Path, recipes: list[Path]) -> str:
+    """The family of a recipe's model; a model that is another recipe's output (saves/x/model) takes that
+    recipe's family. Unknown: an AssertionError asking to add a hint to FAMILIES."""
+    model = str(recipe_chain_value(path, "model_name_or_path"))
+    family = family_of(model)
+    if family is None:
+        for other in recipes:
+            out = recipe_chain_value(other, "output_dir")
+            if other != path and out and Path(model).parts[:len(Path(out).parts)] == Path(out).parts:
+                return family_of_recipe(other, [r for r in recipes if r != path])
+    assert family is not None, (f"{path}: model_name_or_path {model!r} names no family of "
+                                f"tests/acceptance/harness.py FAMILIES; add its hint there")
+    return family
 
 
 # ---------------------------------------------------------------------------------------------- data, recipes

@@ -1,0 +1,76 @@
+"""Every recipe shipped in recipes/ (examples/ included, and any added later) reaches its first optimizer step.
+
+Each recipe runs as written through `python -m pipeline build` and `python -m pipeline train --dry-run`
+(model load, fine-tuning setup, DeepSpeed initialisation with the recipe's own DeepSpeed JSON, one
+optimizer step, a checkpoint write), with only these overrides:
+
+- model_name_or_path: a 2-layer checkpoint of the recipe's family written by transformers' save_pretrained
+  (the family comes from the model line or preset; a model that is another recipe's output takes that
+  recipe's family), its context as long as the recipe's cutoff_len;
+- dataset_dir: a copy of datasets/ (so nothing is written into the working tree);
+- per_device_train_batch_size at most 2 (the step stays cheap on a CPU; accumulation is kept);
+- without CUDA, fp16 recipes run with fp16=false (fp16 needs a GPU; tests/train/test_fp16.py covers
+  the fp16 path), and adapter_name_or_path (another run's output) is dropped.
+
+The dry run must also leave the recipe's output_dir uncreated.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import FAMILIES, REPO, family_of_recipe, pipeline, recipe_chain_value
+
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+MAX_MICRO_BATCH = 2
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    """A working directory like the repository root: recipes/ linked (DeepSpeed JSON paths are relative to
+    it), datasets/ copied without build/."""
+    root = tmp_path_factory.mktemp("shipped")
+    (root / "recipes").symlink_to(REPO / "recipes")
+    target = root / "datasets"
+    target.mkdir()
+    shutil.copy(REPO / "datasets" / "dataset_info.json", target)
+    shutil.copytree(REPO / "datasets" / "raw", target / "raw")
+    return root
+
+
+def overrides_for(recipe: Path, checkpoint: Path, data: Path) -> list[str]:
+    import torch
+
+    keys = [f"model_name_or_path={checkpoint}", f"dataset_dir={data}"]
+    batch = recipe_chain_value(recipe, "per_device_train_batch_size")
+    if batch is None or batch > MAX_MICRO_BATCH:
+        keys.append(f"per_device_train_batch_size={MAX_MICRO_BATCH}")
+    if recipe_chain_value(recipe, "fp16") and not torch.cuda.is_available():
+        keys.append("fp16=false")
+    if recipe_chain_value(recipe, "adapter_name_or_path"):
+        keys.append("adapter_name_or_path=null")
+    return keys
+
+
+def param(path: Path):
+    """The demo recipes run in every `make test`; the GPU-sized examples (long cutoffs) are `slow` (CI runs them)."""
+    name = path.relative_to(REPO / "recipes").as_posix()
+    return pytest.param(path, id=name, marks=[pytest.mark.slow] if name.startswith("examples/") else [])
+
+
+@pytest.mark.parametrize("recipe", [param(p) for p in RECIPES])
+def test_recipe_reaches_its_first_optimizer_step(recipe, scratch, hf_checkpoint):
+    if recipe_chain_value(recipe, "dataset") is None:
+        pytest.skip("no dataset: not a training recipe (export/merge/chat recipes are covered by their own tests)")
+    family = family_of_recipe(recipe, RECIPES)
+    cutoff = int(recipe_chain_value(recipe, "cutoff_len") or 1024)
+    checkpoint = hf_checkpoint(family, **{FAMILIES[family].context_key: max(64, cutoff)})
+    relative = recipe.relative_to(REPO).as_posix()
+    keys = overrides_for(recipe, checkpoint, scratch / "datasets")
+    pipeline("build", relative, *keys, cwd=scratch)
+    done = pipeline("train", relative, "--dry-run", *keys, cwd=scratch, timeout=600)
+    assert "dry run: ok" in done.stdout, done.stderr[-3000:]
+    output_dir = recipe_chain_value(recipe, "output_dir")
+    assert output_dir and not (scratch / output_dir).exists(), f"the dry run created {output_dir}"
