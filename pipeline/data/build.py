@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
-from pipeline.data.sources import Table, read_table, read_text
+from pipeline.data.sources import Table, read_jsonl_block, read_table, read_text
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
 
@@ -33,6 +33,7 @@ SPLITS = ("train", "val")
 SFT_REASONS = ("empty instruction", "empty output", "exact duplicate", "over num_samples", "over max_samples")
 PT_REASONS = ("empty text", "exact duplicate", "over num_samples", "over max_samples")
 PROGRESS_MIN_BYTES = 8 << 20
+BLOCK_MIN_BYTES = 1 << 20  # preprocessing_num_workers: JSON Lines files this large are read in blocks
 
 
 def built_dir(r: Mapping[str, Any], name: str) -> Path:
@@ -147,18 +148,58 @@ def _read_source(spec: DatasetSpec, stage: str, path: Path, shown: str, problems
     return to_rows(table, spec, stage, shown, problems)
 
 
-def _read_source_apart(spec: DatasetSpec, stage: str, path: Path, shown: str) -> tuple[list[dict], Problems]:
-    """_read_source in a worker process (preprocessing_num_workers): rows and problems come back pickled."""
+def _read_source_apart(spec: DatasetSpec, stage: str, path: Path, shown: str, block: tuple[int, int, int] | None
+                       ) -> tuple[list[dict], Problems] | None:
+    """_read_source in a worker process (preprocessing_num_workers): rows and problems come back pickled.
+
+    `block` = (start byte, end byte, first line) of a JSON Lines file; None (for a block) when it has bad
+    UTF-8, so that the whole file is read serially and the message names exact byte offsets.
+    """
     problems = Problems()
-    return _read_source(spec, stage, path, shown, problems), problems
+    if block is None:
+        return _read_source(spec, stage, path, shown, problems), problems
+    table = read_jsonl_block(path, *block, shown, problems)
+    if table is None:
+        return None
+    return to_rows(table, spec, stage, shown, problems), problems
+
+
+def jsonl_blocks(path: Path, n: int) -> list[tuple[int, int, int]]:
+    """(start, end, first line) of about n blocks of a file, each ending after a newline."""
+    data = path.read_bytes()
+    cuts, line = [0], 1
+    lines = [1]
+    for k in range(1, n):
+        at = data.find(b"\n", max(cuts[-1], len(data) * k // n))
+        if at < 0 or at + 1 >= len(data):
+            break
+        line += data.count(b"\n", cuts[-1], at + 1)
+        cuts.append(at + 1)
+        lines.append(line)
+    cuts.append(len(data))
+    return [(cuts[i], cuts[i + 1], lines[i]) for i in range(len(cuts) - 1)]
+
+
+def _tasks(spec: DatasetSpec, workers: int) -> list[tuple[int, Path, str, tuple[int, int, int] | None]]:
+    """(source index, path, shown, block): JSON Lines files of BLOCK_MIN_BYTES or more split into blocks."""
+    tasks: list[tuple[int, Path, str, tuple[int, int, int] | None]] = []
+    for i, (path, shown) in enumerate(zip(spec.files, spec.shown)):
+        size = path.stat().st_size
+        if path.suffix.lower() == ".jsonl" and size >= BLOCK_MIN_BYTES:
+            blocks = jsonl_blocks(path, min(workers * 2, max(1, size // BLOCK_MIN_BYTES)))
+            tasks.extend((i, path, shown, block) for block in blocks)
+        else:
+            tasks.append((i, path, shown, None))
+    return tasks
 
 
 def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: int = 1
                   ) -> tuple[list[dict], list[int]]:
     """All rows of a dataset's sources (in file order) and the row count per source.
 
-    With workers > 1 and several sources, each file is read and converted in its own process (file order
-    and every problem are kept); one file is read in this process.
+    With workers > 1 (preprocessing_num_workers) the files, and blocks of large JSON Lines files, are read
+    and converted in worker processes; rows keep the file order and every problem keeps its file:line, so
+    the build is the same as a serial one.
     """
     from tqdm import tqdm
 
@@ -166,24 +207,33 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: in
     bar = tqdm(total=total, desc=f"build {spec.name}", unit="B", unit_scale=True, file=sys.stderr,
                disable=True if total < PROGRESS_MIN_BYTES else None)
     rows: list[dict] = []
-    per_source: list[int] = []
-    sources = list(zip(spec.files, spec.shown))
-    if workers > 1 and len(sources) > 1:
+    per_source = [0] * len(spec.files)
+    tasks = _tasks(spec, workers) if workers > 1 else []
+    if len(tasks) > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(sources))) as pool:
-            futures = [pool.submit(_read_source_apart, spec, stage, path, shown) for path, shown in sources]
-            for (path, _), future in zip(sources, futures):
-                converted, found = future.result()
-                problems.extend(found)
-                rows.extend(converted)
-                per_source.append(len(converted))
-                bar.update(path.stat().st_size)
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            futures = [pool.submit(_read_source_apart, spec, stage, path, shown, block)
+                       for _, path, shown, block in tasks]
+            results = [future.result() for future in futures]
+        serial = {i for (i, *_), result in zip(tasks, results) if result is None}
+        for (i, path, shown, block), result in zip(tasks, results):
+            if i in serial:
+                if block is None or block[0] == 0:  # once per file, at its first block
+                    converted = _read_source(spec, stage, path, shown, problems)
+                    rows.extend(converted)
+                    per_source[i] += len(converted)
+                continue
+            converted, found = result
+            problems.extend(found)
+            rows.extend(converted)
+            per_source[i] += len(converted)
+        bar.update(total)
     else:
-        for path, shown in sources:
+        for i, (path, shown) in enumerate(zip(spec.files, spec.shown)):
             converted = _read_source(spec, stage, path, shown, problems)
             rows.extend(converted)
-            per_source.append(len(converted))
+            per_source[i] = len(converted)
             bar.update(path.stat().st_size)
     bar.close()
     if not rows and not problems:

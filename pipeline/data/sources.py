@@ -225,3 +225,35 @@ def _read_parquet(path: Path, shown: str, problems: Problems) -> Table:
     records = arrow.to_pylist()
     return Table(records=records, where=[f"row {i}" for i in range(1, len(records) + 1)],
                  header=list(arrow.column_names))
+
+
+class _ShiftedProblems:
+    """A Problems stand-in for one block of a file: line numbers shifted to the whole file's."""
+
+    def __init__(self, problems: Problems, shift: int):
+        self.problems, self.shift = problems, shift
+
+    def add(self, file: str, where: int | str | None, text: str) -> None:
+        self.problems.add(file, where + self.shift if isinstance(where, int) else where, text)
+
+
+def read_jsonl_block(path: Path, start: int, end: int, first_line: int, shown: str,
+                     problems: Problems) -> Table | None:
+    """Records of bytes [start, end) of a JSON Lines file whose first line is `first_line` of the file.
+
+    None when the block is not valid UTF-8: the caller then reads the whole file serially, whose messages
+    give exact byte offsets. Used by build with preprocessing_num_workers (blocks end at newlines).
+    """
+    with open(path, "rb") as handle:
+        handle.seek(start)
+        data = handle.read(end - start)
+    if start == 0 and data.startswith(BOM):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    table = _read_jsonl(text, set(), shown, _ShiftedProblems(problems, first_line - 1))  # type: ignore[arg-type]
+    table.where = [w + first_line - 1 for w in table.where]
+    return table
+

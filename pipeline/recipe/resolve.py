@@ -201,6 +201,10 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             and not os.path.isfile(os.path.join(values["dataset_dir"], "dataset_info.json"))
             and os.path.isfile(os.path.join(LLAMAFACTORY_DATASET_DIR, "dataset_info.json"))):
         values["dataset_dir"], origins["dataset_dir"] = LLAMAFACTORY_DATASET_DIR, DERIVED  # a LLaMA-Factory checkout
+    if (values.get("gradient_checkpointing") is not None and origins["disable_gradient_checkpointing"].kind == "default"
+            and "gradient_checkpointing" not in bad):  # transformers' name for the same switch, inverted
+        values["disable_gradient_checkpointing"] = not values["gradient_checkpointing"]
+        origins["disable_gradient_checkpointing"] = DERIVED
     adapter = values.get("adapter_name_or_path")
     if (adapter and "adapter_name_or_path" not in bad and not os.path.isfile(os.path.join(adapter, "adapter_config.json"))
             and os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json"))):

@@ -370,3 +370,13 @@ def reporters_installed(ctx: Context) -> list[tuple[str, str]]:
     if "none" in wanted and len(wanted) > 1:
         problems.append(("report_to", f"given {wanted}: 'none' cannot be combined with other reporters"))
     return problems
+
+
+@rule("gradient_checkpointing", "disable_gradient_checkpointing")
+def checkpointing_switches_agree(ctx: Context) -> list[tuple[str, str]]:
+    on = ctx.values["gradient_checkpointing"]
+    disabled = ctx.values["disable_gradient_checkpointing"]
+    if on is not None and ctx.origins["disable_gradient_checkpointing"].kind in ("file", "cli") and disabled == on:
+        return [("gradient_checkpointing", f"is {str(on).lower()} but disable_gradient_checkpointing is also "
+                                           f"{str(on).lower()}; they are the same switch inverted: keep one")]
+    return []

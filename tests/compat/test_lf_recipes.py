@@ -163,3 +163,18 @@ def test_unknown_keys_and_refused_values(tmp_path):
         import wandb  # noqa: F401
     except ImportError:
         assert failed.returncode == 2 and "wandb is not installed" in failed.stderr
+
+
+def test_gradient_checkpointing_alias(tmp_path, monkeypatch):
+    from pipeline.errors import UserError
+    from pipeline.recipe import resolve
+
+    work = lf_checkout(tmp_path, "tiny")
+    monkeypatch.chdir(work)
+    recipe = work / tiny_recipe(work, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    r = resolve(recipe)
+    assert r["disable_gradient_checkpointing"] is False and r.source("disable_gradient_checkpointing") == "derived"
+    assert resolve(recipe, ["gradient_checkpointing=false"])["disable_gradient_checkpointing"] is True
+    with pytest.raises(UserError) as err:
+        resolve(recipe, ["disable_gradient_checkpointing=true", "gradient_checkpointing=true"])
+    assert "they are the same switch inverted" in err.value.messages[0]

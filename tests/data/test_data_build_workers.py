@@ -1,0 +1,72 @@
+"""preprocessing_num_workers: a build read in worker processes (files, and blocks of JSON Lines files) is the
+serial build: the same files byte for byte, the same problems with the same file:line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_helpers import alpaca_rows, jsonl
+from pipeline.data import build as build_module
+from pipeline.data.build import build, built_dir, jsonl_blocks
+from pipeline.errors import UserError
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(build_module, "BLOCK_MIN_BYTES", 1500)  # a few kB of rows become several blocks
+
+
+def outputs(r) -> dict[str, bytes]:
+    folder = built_dir(r, r["dataset"][0])
+    return {name: (folder / name).read_bytes() for name in ("train.json", "val.json")}
+
+
+def test_blocks_cover_the_file_at_line_starts(tmp_path):
+    path = tmp_path / "a.jsonl"
+    text = jsonl(alpaca_rows(50))
+    path.write_text(text, encoding="utf-8")
+    blocks = jsonl_blocks(path, 4)
+    assert len(blocks) == 4 and blocks[0][:1] == (0,) and blocks[-1][1] == len(text.encode())
+    lines = text.splitlines(keepends=True)
+    for start, end, first in blocks:
+        assert text.encode()[start:end].decode() == "".join(lines[first - 1:first - 1 + text.encode()[start:end].count(b"\n")])
+
+
+def test_parallel_build_equals_serial(make_recipe, small_blocks):
+    files = {"raw/a.jsonl": jsonl(alpaca_rows(120)), "raw/b.jsonl": jsonl(alpaca_rows(30, prefix="other")),
+             "raw/c.json": json.dumps(alpaca_rows(20, prefix="third"))}
+    r = make_recipe({"all": {"file_name": "raw"}}, files=files, dataset=["all"])
+    build(r)
+    serial = outputs(r)
+    manifest = json.loads((built_dir(r, "all") / "manifest.json").read_text())
+    build_module.remove_leftovers(built_dir(r, "all"))
+    import shutil
+
+    shutil.rmtree(built_dir(r, "all"))
+    build({**r, "preprocessing_num_workers": 3})
+    assert outputs(r) == serial
+    again = json.loads((built_dir(r, "all") / "manifest.json").read_text())
+    assert again["sources"] == manifest["sources"] and again["rows_read"] == 170
+
+
+def test_parallel_build_reports_the_same_problems(make_recipe, small_blocks):
+    rows = alpaca_rows(120)
+    text = jsonl(rows).splitlines(keepends=True)
+    text[90] = '{"instruction": "x", "output": 3}\n'  # line 91, in a later block
+    text[100] = "{broken\n"  # line 101
+    r = make_recipe({"d": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": "".join(text)}, dataset=["d"])
+    with pytest.raises(UserError) as serial:
+        build(r)
+    with pytest.raises(UserError) as parallel:
+        build({**r, "preprocessing_num_workers": 4})
+    assert parallel.value.messages == serial.value.messages
+    assert any(":91: 'output' is a number (3)" in m for m in serial.value.messages)
+    assert any(":101: invalid JSON" in m for m in serial.value.messages)
+    bad = "".join(text[:90]).encode() + b'{"instruction": "\xff", "output": "y"}\n'
+    (built_dir(r, "d").parent.parent / "raw" / "a.jsonl").write_bytes(bad)
+    with pytest.raises(UserError) as serial:
+        build(r)
+    with pytest.raises(UserError) as parallel:
+        build({**r, "preprocessing_num_workers": 4})
+    assert parallel.value.messages == serial.value.messages and "byte offset" in serial.value.messages[0]
