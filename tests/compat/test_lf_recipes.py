@@ -178,3 +178,57 @@ def test_gradient_checkpointing_alias(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         resolve(recipe, ["disable_gradient_checkpointing=true", "gradient_checkpointing=true"])
     assert "they are the same switch inverted" in err.value.messages[0]
+
+
+WANDB_STUB = '''
+"""A stand-in for wandb (not installed here): records what the trainer sends."""
+import json, os
+
+class _Run:
+    def __init__(self, **kwargs):
+        self.path = os.environ["WANDB_STUB_LOG"]
+        self._write({"init": {k: v for k, v in kwargs.items() if k != "config"}, "mode": os.environ.get("WANDB_MODE"),
+                     "config_keys": sorted(kwargs.get("config", {}))})
+    def _write(self, record):
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\\n")
+    def log(self, values, step=None):
+        self._write({"log": values, "step": step})
+    def finish(self):
+        self._write({"finish": True})
+
+def init(**kwargs):
+    return _Run(**kwargs)
+'''
+
+
+def test_report_to_wandb_offline(tmp_path):
+    from tests.acceptance.harness import REPO, cli_env
+
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "wandb.py").write_text(WANDB_STUB, "utf-8")
+    work = lf_checkout(tmp_path / "lf", "tiny")
+    recipe = tiny_recipe(work, report_to="wandb", max_steps=2)
+    env = cli_env(PYTHONPATH=f"{stub}:{REPO}", WANDB_MODE="offline", WANDB_STUB_LOG=str(tmp_path / "wandb.jsonl"))
+    pipeline("build", recipe, cwd=work, env=env)
+    pipeline("train", recipe, cwd=work, env=env)
+    calls = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text("utf-8").splitlines()]
+    assert calls[0]["mode"] == "offline" and calls[0]["init"]["dir"] == "saves/tiny"
+    assert "learning_rate" in calls[0]["config_keys"]
+    logged = [c for c in calls if "log" in c]
+    assert [c["step"] for c in logged] == [1, 2] and "train/loss" in logged[0]["log"]
+    assert "eval/loss" in logged[-1]["log"] and calls[-1] == {"finish": True}
+
+
+def test_eval_due():
+    from pipeline.train.loop import eval_due
+
+    base = {"eval_steps": None, "logging_steps": 2, "steps_per_epoch": 3, "do_eval": None, "eval_strategy": None}
+    due = lambda **k: [s for s in range(1, 7) if eval_due({**base, **k}, s, s == 6)]  # noqa: E731
+    assert due() == [6]
+    assert due(eval_steps=4) == [4, 6]
+    assert due(eval_strategy="steps") == [2, 4, 6]  # every logging_steps without eval_steps
+    assert due(eval_strategy="epoch") == [3, 6]
+    assert due(eval_strategy="no") == [6] and due(eval_strategy="no", do_eval=False) == []
+    assert due(eval_steps=4, do_eval=False) == [4]

@@ -1,0 +1,35 @@
+"""Every key LLaMA-Factory's examples use (train_lora, train_full, merge_lora, inference; commented ones too) is
+known to the recipe schema: implemented, or accepted with a notice. Read off LLaMA-Factory's examples/."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SCHEMA = Path(__file__).resolve().parents[2] / "pipeline/recipe/schema/recipe.schema.json"
+
+LLAMAFACTORY_EXAMPLE_KEYS = """
+adapter_name_or_path cutoff_len dataloader_num_workers dataset dataset_dir ddp_timeout deepspeed do_train
+eval_dataset eval_steps eval_strategy export_device export_dir export_legacy_format export_quantization_bit
+export_quantization_dataset export_size finetuning_type freeze_language_model freeze_multi_modal_projector
+freeze_vision_tower gradient_accumulation_steps gradient_checkpointing gradient_checkpointing_kwargs
+image_max_pixels infer_backend learning_rate logging_steps lora_rank lora_target lr_scheduler_type max_samples
+model_name_or_path num_train_epochs output_dir overwrite_output_dir packing per_device_eval_batch_size
+per_device_train_batch_size plot_loss pref_beta pref_loss preprocessing_num_workers ray_init_kwargs
+ray_num_workers report_to resume_from_checkpoint save_only_model save_steps stage template tokenized_path
+trust_remote_code use_reentrant_gc val_size video_fps video_max_pixels video_maxlen warmup_ratio
+""".split()
+PREFERENCE_KEYS = {"pref_beta", "pref_loss"}  # preference tuning (stage dpo) brings these
+
+
+def test_every_example_key_is_known():
+    props = json.loads(SCHEMA.read_text("utf-8"))["properties"]
+    missing = sorted(k for k in LLAMAFACTORY_EXAMPLE_KEYS if k not in props and k not in PREFERENCE_KEYS)
+    assert missing == []
+
+
+def test_no_effect_keys_say_why():
+    props = json.loads(SCHEMA.read_text("utf-8"))["properties"]
+    for key, prop in props.items():
+        if "x-no-effect" in prop:
+            assert prop["description"].startswith("Accepted from LLaMA-Factory recipes without effect"), key
+            assert prop["x-no-effect"] in prop["description"], key
