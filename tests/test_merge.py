@@ -112,7 +112,7 @@ def test_update_below_bf16_resolution_is_refused():
 
 # ---------------------------------------------------------------- export
 transformers = pytest.importorskip("transformers")
-RECIPE = {"export_dtype": "fp32", "export_size": 5, "max_new_tokens": 32, "do_sample": False,
+RECIPE = {"model_name_or_path": "tiny", "export_dtype": "fp32", "export_size": 5, "max_new_tokens": 32, "do_sample": False,
           "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
@@ -185,11 +185,11 @@ def test_export_shards_with_an_index(tmp_path):
 
 
 def test_tokenizer_files_make_gpt2s_tokenizer(tmp_path):
-    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import gpt2
 
-    merge.write_tokenizer_files(tmp_path, 128)
+    merge.write_tokenizer_files(tmp_path, gpt2(), 128)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    enc = get_tokenizer()
+    enc = gpt2()
     texts = ["Hello, do you like tea? In the sunlit terraces", "café 中文 naïve  spaces\n\nü 😀 ### Response:"]
     for text in texts:
         assert tok.encode(text) == enc.encode(text)

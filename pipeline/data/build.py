@@ -23,6 +23,7 @@ from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
 from pipeline.data.sources import Table, read_jsonl_block, read_table, read_text
+from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
 
@@ -331,13 +332,11 @@ def _dump_rows(rows: list[dict]) -> bytes:
     return ("[" + ",\n".join(map(dumps, rows)) + "]\n").encode("utf-8")
 
 
-def count_tokens(docs: list[dict]) -> int:
+def count_tokens(docs: list[dict], tokenizer: Tokenizer) -> int:
     """Tokens of a pt split as the loader streams it: documents joined by one EOS."""
     if not docs:
         return 0
-    from pipeline.data.tokenize import encode_texts
-
-    return sum(map(len, encode_texts([d["text"] for d in docs]))) + len(docs) - 1
+    return sum(map(len, tokenizer.encode_batch([d["text"] for d in docs]))) + len(docs) - 1
 
 
 def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_source: list[int],
@@ -365,7 +364,9 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_so
                         f"{len(val):,} for validation, and both need at least one. Add data or change val_size")
     manifest["splits"] = {"train": len(train), "val": len(val)}
     if stage == "pt":
-        manifest["tokens"] = {"train": count_tokens(train), "val": count_tokens(val)}
+        tokenizer = recipe_tokenizer(r)
+        manifest["tokens"] = {"train": count_tokens(train, tokenizer), "val": count_tokens(val, tokenizer)}
+        manifest["tokenizer"] = tokenizer.name
     blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
     manifest["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()}
     manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

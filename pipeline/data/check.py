@@ -107,7 +107,8 @@ def _sources_changed(r: Mapping[str, Any], manifest: dict[str, Any], spec: Any) 
 
 def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
-    from pipeline.data.tokenize import encode_rows, encode_texts
+    from pipeline.data.tokenize import encode_rows
+    from pipeline.data.tokenizer import recipe_tokenizer
 
     specs = all_specs(r)
     stale = [p for p in (build_problem(r, s.name) for s in specs) if p]
@@ -141,10 +142,11 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
         pick = np.unique(np.linspace(0, len(rows) - 1, min(SAMPLE, len(rows))).astype(int)) if rows else []
         sample = [rows[i] for i in pick]
         if r["stage"] == "pt":
-            lengths = np.array([len(t) for t in encode_texts([row["text"] for row in sample])])
+            lengths = np.array([len(t) for t in recipe_tokenizer(r).encode_batch([row["text"] for row in sample])])
         else:
-            lengths = encode_rows(sample, r["template"], cutoff_len=2**62, train_on_prompt=r["train_on_prompt"],
-                                  mask_history=r["mask_history"]).lengths
+            lengths = encode_rows(sample, r["template"], recipe_tokenizer(r), cutoff_len=2**62,
+                                  train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"],
+                                  enable_thinking=r.get("enable_thinking", True)).lengths
         summary.append({
             "dataset": name, "split": split, "file": str(path), "rows": len(rows),
             "tokens_min": int(lengths.min()) if len(lengths) else 0,

@@ -15,22 +15,21 @@ import numpy as np
 
 from pipeline.data.build import built_dir
 from pipeline.data.registry import dataset_names
-from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, encode_texts, length_table, plot_lengths,
-                                    pt_stream, pt_windows, tokenized_split)
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, length_table, plot_lengths, pt_stream, pt_windows,
+                                    tokenized_split)
+from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 
 
-def render(ids: Sequence[int], trained: Sequence[bool], color: bool) -> str:
+def render(ids: Sequence[int], trained: Sequence[bool], color: bool, tokenizer: Tokenizer) -> str:
     """Decode ids, marking each run of trained tokens."""
-    enc = get_tokenizer()
     out: list[str] = []
     run: list[int] = []
     state = None
     for token, flag in list(zip(ids, trained)) + [(None, None)]:
         if flag != state and run:
-            text = b"".join(enc.decode_single_token_bytes(t) for t in run).decode("utf-8", errors="replace")
+            text = b"".join(tokenizer.token_bytes(t) for t in run).decode("utf-8", errors="replace")
             out.append((f"{GREEN}{text}{RESET}" if color else f"[[{text}]]") if state else text)
             run = []
         state = flag
@@ -67,16 +66,17 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
 
 def inspect_sft(r: Mapping[str, Any], num: int, color: bool) -> str:
     train, val = tokenized_split(r, "train"), tokenized_split(r, "val")
+    tokenizer = recipe_tokenizer(r)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
     out = [f"template {r['template']} · cutoff_len {r['cutoff_len']} · train_on_prompt {r['train_on_prompt']} · "
            f"mask_history {r['mask_history']}",
-           f"trained tokens (the loss targets) are {mark}; <|endoftext|> is EOS (id 50256)", ""]
+           f"trained tokens (the loss targets) are {mark}; {tokenizer.eos_text} is EOS (id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
         ex = train.example(i)
         trained = [False] + [label != -100 for label in ex.labels[1:]]  # token 0 is never a target
         out.append(f"── sample {i + 1}/{min(num, len(train))} · {train.origins[i]} · {len(ex.input_ids)} tokens, "
                    f"{sum(trained)} trained{' · truncated' if ex.truncated else ''}")
-        out.append(render(ex.input_ids, trained, color))
+        out.append(render(ex.input_ids, trained, color, tokenizer))
         out.append("")
     out += [_policy_line("train", train, r), _policy_line("val", val, r), ""]
     lengths = np.concatenate([train.lengths, val.lengths])
@@ -95,17 +95,18 @@ def inspect_pt(r: Mapping[str, Any], num: int, color: bool) -> str:
     out = [f"stage pt · window cutoff_len {length} · stride {stride} · every token after the first of a window "
            f"is a target ({mark})", ""]
     stream = pt_stream(r, "train")
+    tokenizer = recipe_tokenizer(r)
     starts = pt_windows(len(stream), length, stride)
     for i in range(min(num, len(starts))):
         ids = stream[starts[i]:starts[i] + length].tolist()
         out.append(f"── window {i + 1} · tokens {starts[i]:,}–{starts[i] + length - 1:,} of the train stream")
-        out.append(render(ids, [False] + [True] * (len(ids) - 1), color))
+        out.append(render(ids, [False] + [True] * (len(ids) - 1), color, tokenizer))
         out.append("")
     for split in ("train", "val"):
         n = len(pt_stream(r, split))
         out.append(f"{split}: {n:,} tokens -> {len(pt_windows(n, length, stride)):,} windows")
     docs = [row["text"] for s in ("train", "val") for row in load_split(r, s)]
-    lengths = np.array([len(t) for t in encode_texts(docs)])
+    lengths = np.array([len(t) for t in tokenizer.encode_batch(docs)])
     out += ["", "document lengths in tokens (train + val):", length_table(lengths, None)]
     path = plot_lengths(lengths, None, plot_path(r), " + ".join(dataset_names(r, "dataset")))
     out.append(f"histogram: {path}")

@@ -1,7 +1,7 @@
 """Batches for training and evaluation, sharded across ranks, resumable at any batch.
 
 Batch contract (INTERNALS.md): input_ids (B, T) long, labels (B, T) long with -100 where not
-trained, already shifted (labels[:, t] is the target of position t), attention_mask (B, T); pad 50256.
+trained, already shifted (labels[:, t] is the target of position t), attention_mask (B, T); padded with the tokenizer's pad id (masked out).
 
 Order: a permutation seeded by (seed, epoch); with group_by_length, examples are sorted by length
 inside mega-batches of 50 global batches and the global batches are shuffled. A global batch is
@@ -26,7 +26,7 @@ import numpy as np
 
 from pipeline.data.packing import Packs, collate_packs, pack_examples
 from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
-from pipeline.data.tokenizer import EOS_ID
+from pipeline.data.tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
 
 MEGA_BATCHES = 50
@@ -156,12 +156,13 @@ def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: i
     _check_size(len(data), split, size, world_size, "examples",
                 f"{data.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
     offsets, ids, trainable = data.offsets, data.ids, data.trainable
+    pad = recipe_tokenizer(r).pad_id
     if packing_enabled(r):
         packs = sft_packs(r, split)
         _check_size(len(packs), split, size, world_size, "packed rows",
                     f"{len(data):,} examples packed into rows of cutoff_len {r['cutoff_len']}; add data")
         neat = bool(r["neat_packing"])
-        return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets,
+        return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets, pad,
                                                                            neat=neat),
                       batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch,
                       shuffle=shuffle, drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
@@ -171,7 +172,7 @@ def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: i
 
         starts, ends = offsets[indices], offsets[indices + 1]
         width = int((ends - starts).max()) - 1
-        input_ids = np.full((len(indices), width), EOS_ID, dtype=np.int64)
+        input_ids = np.full((len(indices), width), pad, dtype=np.int64)
         labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
         mask = np.zeros((len(indices), width), dtype=np.int64)
         for b, (a, e) in enumerate(zip(starts, ends)):

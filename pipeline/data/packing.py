@@ -26,7 +26,6 @@ from typing import Mapping
 import numpy as np
 
 from pipeline.data.tokenize import IGNORE
-from pipeline.data.tokenizer import EOS_ID
 
 PAD_SEGMENT = -1  # padding at the end of a row: a segment of its own that no real token attends to
 
@@ -74,14 +73,14 @@ def pack_examples(sizes: np.ndarray, capacity: int) -> Packs:
 
 
 def collate_packs(packs: Packs, indices: np.ndarray, ids: np.ndarray, trainable: np.ndarray, offsets: np.ndarray,
-                  *, neat: bool) -> dict:
+                  pad_id: int, *, neat: bool) -> dict:
     """Rows for the packs `indices`: input_ids, labels, attention_mask (B, T) with T the fullest row;
     with `neat` also segment_ids and position_ids (restarting per example)."""
     import torch
 
     width = int(packs.fill[indices].max())
     b = len(indices)
-    input_ids = np.full((b, width), EOS_ID, dtype=np.int64)
+    input_ids = np.full((b, width), pad_id, dtype=np.int64)
     labels = np.full((b, width), IGNORE, dtype=np.int64)
     mask = np.zeros((b, width), dtype=np.int64)
     segments = np.full((b, width), PAD_SEGMENT, dtype=np.int64)

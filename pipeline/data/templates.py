@@ -1,18 +1,30 @@
-"""Prompt templates, all registered here as data, chosen by the recipe's `template:`.
+"""Prompt templates as data, by LLaMA-Factory's names and with its exact strings, plus the book's alpaca.
 
-A template renders an Alpaca row as turns: [system block] prompt_1 response_1 <EOS> [separator]
-prompt_2 response_2 <EOS> ... (history turns first, the row's instruction/output last). EOS (id 50256)
-is a token, not text: it is added by the tokenizer after each response (see tokenize.py).
+A template renders an Alpaca row (system, history, instruction/input, output) as turns:
+    turn 0 prompt:  prefix, system block (when there is a system prompt), user block
+    turn k prompt:  separator, user block
+    response:       assistant block
+Each block is an "element", tokenized on its own as LLaMA-Factory's `_convert_elements_to_ids` does.
+Inside an element, the template's markup tokens (`special_tokens`, and {bos} / {eos}) are cut out and
+placed by id; the text between them - template text and user text joined - is encoded in one go, so
+its BPE merges are the ones the Hugging Face tokenizer makes. User text is never scanned for special
+tokens: "<|im_end|>" typed by a user stays text. {eos} is the tokenizer's EOS, or, for templates with
+`replace_eos` (LLaMA-Factory's flag), the first stop word.
 
 - alpaca: the book's prompt, exactly ("Below is an instruction that describes a task. Write a response
   that appropriately completes the request.\\n\\n### Instruction:\\n...", "\\n\\n### Input:\\n..." only when
-  the input is non-empty, then "\\n\\n### Response:\\n"). A row's system prompt replaces the first sentence
-  pair, as in LLaMA-Factory's alpaca template.
-- chatml: <|im_start|>role\\n...<|im_end|> markup. GPT-2's vocabulary has no such special tokens, so the
-  markers are ordinary text (several BPE tokens each); the response ends with "<|im_end|>" (trained,
-  so the model learns to close its turn) and then EOS. Generation should stop at "<|im_end|>".
-- empty: no markup at all; instruction and input joined by a newline, the response follows directly.
+  the input is non-empty, then "\\n\\n### Response:\\n"), EOS after each response. A row's system prompt
+  replaces the first sentence pair. Unlike LLaMA-Factory's alpaca, the system block and the prompt are
+  one string (the book tokenizes the prompt whole), and later turns open with "\\n\\n".
+- chatml, qwen, qwen3, qwen3_nothink: <|im_start|>role\\n...<|im_end|>\\n; qwen adds Qwen's default system
+  prompt; qwen3 is a reasoning template: a response without <think>...</think> gets the empty thought
+  "<think>\\n\\n</think>\\n\\n" in front (trained) when enable_thinking, else at the end of the prompt (not
+  trained); with mask_history the earlier responses lose their thoughts and only the last turn gets one.
+- llama3: <|begin_of_text|> then <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>.
+- default: "Human: ...<eos>\\nAssistant:" / "...<eos>\\n" / "System: ...<eos>\\n".
+- empty: no markup at all, and no EOS (as LLaMA-Factory's empty template; use it for raw continuation).
 
+Instruction and input are joined by "\\n" (LLaMA-Factory's Alpaca converter) except in the book's alpaca.
 Placeholders ({content}, {instruction}, {input}, {system}) are filled by splitting the template text
 once and joining the values in: user text is never formatted or scanned again, so a row containing
 "{input}" or "{0.__class__}" stays literal.
@@ -22,11 +34,24 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence, Union
 
 from pipeline.errors import UserError, did_you_mean
 
+if TYPE_CHECKING:
+    from pipeline.data.tokenizer import Tokenizer
+
 _SLOT = re.compile(r"\{(content|instruction|input|system)\}")
+BOS, EOS = "{bos}", "{eos}"
+
+
+class Special(NamedTuple):
+    """A token the template places by id: a markup token ("<|im_start|>"), or BOS / EOS."""
+
+    token: str
+
+
+Piece = Union[str, Special]  # a str is encoded as text; consecutive str pieces belong to different elements
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,116 +69,212 @@ def fill(fmt: str, **values: str) -> str:
 
 
 class Segment(NamedTuple):
-    """A piece of a rendered example: its text, whether its tokens are trained, whether EOS follows it."""
+    """A piece of a rendered example: its pieces, whether its tokens are trained, whether it is a response."""
 
-    text: str
+    pieces: tuple[Piece, ...]
     trainable: bool
-    response: bool  # an assistant turn (EOS follows it)
+    response: bool  # an assistant turn
 
 
 @dataclass(frozen=True)
 class Template:
     name: str
-    system: str  # how a system prompt opens the text: slot {system}
-    default_system: str  # used when the row has no system prompt ("" = no system block)
-    user: str  # one turn's prompt: slot {content}
-    query: str  # how a non-empty input joins the instruction: slots {instruction}, {input}
-    assistant: str  # the response as appended (EOS follows): slot {content}
-    separator: str  # between a response's EOS and the next turn's prompt
-    stop_strings: tuple[str, ...] = ()
+    system: str = "{system}"  # how a system prompt opens the text: slot {system}
+    default_system: str = ""  # used when the row has no system prompt ("" = no system block)
+    user: str = "{content}"  # one turn's prompt: slot {content}
+    query: str = "{instruction}\n{input}"  # how a non-empty input joins the instruction
+    assistant: str = "{content}{eos}"  # the response: slot {content}
+    prefix: str = ""  # before the first turn ({bos} for llama3)
+    separator: str = ""  # opens every later prompt (the book's alpaca: "\n\n")
+    fuse_system: bool = False  # system block and first prompt are one string (the book's alpaca)
+    special_tokens: tuple[str, ...] = ()  # markup tokens the vocabulary must have
+    stop_words: tuple[str, ...] = ()  # generation stops at these tokens (those the vocabulary has)
+    replace_eos: bool = False  # {eos} is stop_words[0] (LLaMA-Factory's replace_eos)
+    thought_words: tuple[str, str] | None = None  # a reasoning template: (open, close) of a thought
     description: str = ""
 
     def __post_init__(self) -> None:
         for fmt, slots in ((self.system, ["system"]), (self.user, ["content"]), (self.assistant, ["content"]),
-                           (self.query, ["instruction", "input"])):
+                           (self.query, ["instruction", "input"]), (self.prefix, []), (self.separator, [])):
             if list(_parts(fmt)[1::2]) != slots:
                 raise ValueError(f"template {self.name}: {fmt!r} must have the slots {slots} in that order")
+        if self.replace_eos and not self.stop_words:
+            raise ValueError(f"template {self.name}: replace_eos needs stop words")
+
+    # ------------------------------------------------------------ rendering
+    @functools.cached_property
+    def _splitter(self) -> re.Pattern[str]:
+        tokens = sorted({*self.special_tokens, BOS, EOS}, key=len, reverse=True)
+        return re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
+
+    def _element(self, fmt: str, lead: str = "", **values: str) -> list[Piece]:
+        """One block: template text split at its markup tokens, the values joined into the text between."""
+        parts = _parts(fmt)
+        out: list[Piece] = []
+        text = lead
+        for i, part in enumerate(parts):
+            if i % 2:
+                text += values[part]
+                continue
+            for j, bit in enumerate(self._splitter.split(part)):
+                if j % 2:
+                    if text:
+                        out.append(text)
+                    out.append(Special(bit))
+                    text = ""
+                else:
+                    text += bit
+        if text:
+            out.append(text)
+        return out
 
     def _content(self, instruction: str, input: str) -> str:
         return fill(self.query, instruction=instruction, input=input) if input else instruction
 
-    def _head(self, system: str | None) -> str:
-        system = system or self.default_system
-        return fill(self.system, system=system) if system else ""
+    def _thought(self) -> str:
+        assert self.thought_words is not None
+        return self.thought_words[0] + self.thought_words[1]
+
+    def _has_thought(self, text: str) -> bool:
+        assert self.thought_words is not None
+        return any(w.strip() in text for w in self.thought_words)
+
+    def remove_thought(self, text: str) -> str:
+        """A response without its thought (LLaMA-Factory's remove_thought)."""
+        if self.thought_words is None:
+            return text
+        start, end = map(re.escape, self.thought_words)
+        return re.sub(f"{start}(.*?){end}", "", text, flags=re.DOTALL).lstrip("\n")
 
     def turns(self, instruction: str, input: str = "", output: str = "", system: str | None = None,
-              history: Iterable[Sequence[str]] = ()) -> list[tuple[str, str]]:
-        """(prompt text, response text) per turn, oldest first; the separator opens every later prompt."""
-        user, assistant = _parts(self.user), _parts(self.assistant)  # one {content} slot each
-        opening = self._head(system)
+              history: Iterable[Sequence[str]] = (), *, mask_history: bool = False,
+              enable_thinking: bool = True) -> list[tuple[list[Piece], list[Piece]]]:
+        """(prompt pieces, response pieces) per turn, oldest first."""
+        pairs = [(str(q), str(a)) for q, a in [*history, (self._content(instruction, input), output)]]
+        system = system or self.default_system
+        last = len(pairs) - 1
         out = []
-        for q, a in [*history, (self._content(instruction, input), output)]:
-            out.append((opening + user[0] + str(q) + user[2], assistant[0] + str(a) + assistant[2]))
-            opening = self.separator
+        for k, (q, a) in enumerate(pairs):
+            prompt: list[Piece] = []
+            if k == 0:
+                prompt += self._element(self.prefix)
+            if self.fuse_system:  # the book's alpaca: one string from the system block (or separator) on
+                opening = (fill(self.system, system=system) if system else "") if k == 0 else self.separator
+                prompt += self._element(self.user, lead=opening, content=q)
+            else:
+                if k == 0 and system:
+                    prompt += self._element(self.system, system=system)
+                elif k > 0:
+                    prompt += self._element(self.separator)
+                prompt += self._element(self.user, content=q)
+            response: list[Piece] = []
+            if self.thought_words is not None:
+                if not enable_thinking or (mask_history and k != last):
+                    a = self.remove_thought(a)
+                if (k == last or not mask_history) and not self._has_thought(a):
+                    if enable_thinking:
+                        response.append(self._thought())
+                    else:
+                        prompt.append(self._thought())
+            response += self._element(self.assistant, content=a)
+            out.append((prompt, response))
         return out
 
-    def prompt(self, instruction: str, input: str = "", system: str | None = None,
-               history: Iterable[Sequence[str]] = ()) -> str:
-        """Everything before the response. With history, earlier turns end in EOS, written here as the
-        text <|endoftext|>; use tokenize.encode_prompt for the exact ids (EOS as id 50256)."""
-        from pipeline.data.tokenizer import EOS_TEXT
-
-        turns = self.turns(instruction, input, "", system, history)
-        return "".join(p + r + EOS_TEXT for p, r in turns[:-1]) + turns[-1][0]
-
-    def response(self, output: str) -> str:
-        """The response text as appended after the prompt (without EOS)."""
-        return fill(self.assistant, content=output)
-
-    def segments(self, row: dict, *, train_on_prompt: bool = False, mask_history: bool = False) -> list[Segment]:
-        """The (text, trainable) pieces of a full example, so masks are built per turn.
+    def segments(self, row: dict, *, train_on_prompt: bool = False, mask_history: bool = False,
+                 enable_thinking: bool = True) -> list[Segment]:
+        """The (pieces, trainable) parts of a full example, so masks are built per turn.
 
         Responses are trained (every turn, or only the last with mask_history); prompts only with
         train_on_prompt (and, with mask_history, only the last turn's prompt).
         """
         turns = self.turns(row["instruction"], row.get("input") or "", row["output"], row.get("system"),
-                           row.get("history") or ())
+                           row.get("history") or (), mask_history=mask_history, enable_thinking=enable_thinking)
         last = len(turns) - 1
         out = []
         for k, (p, a) in enumerate(turns):
             trained = not mask_history or k == last
-            out.append(Segment(p, train_on_prompt and trained, False))
-            out.append(Segment(a, trained, True))
+            out.append(Segment(tuple(p), train_on_prompt and trained, False))
+            out.append(Segment(tuple(a), trained, True))
         return out
+
+    # ------------------------------------------------------------ text views and ids
+    @staticmethod
+    def text(pieces: Iterable[Piece], eos: str = "<|endoftext|>", bos: str = "") -> str:
+        """Pieces as one string (markup tokens as their text); for reports and tests, not for encoding."""
+        return "".join(p if isinstance(p, str) else {EOS: eos, BOS: bos}.get(p.token, p.token) for p in pieces)
+
+    def prompt(self, instruction: str, input: str = "", system: str | None = None,
+               history: Iterable[Sequence[str]] = (), eos: str = "<|endoftext|>", bos: str = "") -> str:
+        """Everything before the last response, as text (EOS written as `eos`)."""
+        turns = self.turns(instruction, input, "", system, history)
+        pieces = [x for p, a in turns[:-1] for x in (*p, *a)] + turns[-1][0]
+        return self.text(pieces, eos, bos)
+
+    def response(self, output: str, eos: str = "") -> str:
+        """The response text as appended after the prompt (EOS written as `eos`, by default nothing)."""
+        return self.text(self._element(self.assistant, content=output), eos)
+
+    def missing_tokens(self, tokenizer: "Tokenizer") -> list[str]:
+        """Markup tokens this template needs that the vocabulary lacks."""
+        return [t for t in self.special_tokens if not tokenizer.has_token(t)]
+
+    def check(self, tokenizer: "Tokenizer", key: str = "template") -> None:
+        """UserError (exit 2) when the tokenizer cannot express this template's markup."""
+        missing = self.missing_tokens(tokenizer)
+        if missing:
+            raise UserError(f"{key}: '{self.name}' needs the special token{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}, which the tokenizer {tokenizer.name} does not have; choose a "
+                            f"template of this model's family ({', '.join(templates_for(tokenizer))})")
+
+    def ids(self, tokenizer: "Tokenizer") -> dict[str, int | None]:
+        """Token string -> id for every Special this template places (BOS may be None: then it is left out)."""
+        self.check(tokenizer)
+        eos = tokenizer.token_id(self.stop_words[0]) if self.replace_eos else tokenizer.eos_id
+        return {BOS: tokenizer.bos_id, EOS: eos, **{t: tokenizer.token_id(t) for t in self.special_tokens}}
+
+    def stop_ids(self, tokenizer: "Tokenizer") -> tuple[int, ...]:
+        """Where generation stops: the template's EOS, its stop words the vocabulary has, the tokenizer's stops."""
+        words = [tokenizer.token_id(w) for w in self.stop_words if tokenizer.has_token(w)]
+        eos = self.ids(tokenizer)[EOS]
+        return tuple(dict.fromkeys([t for t in (eos, *words, *tokenizer.stop_ids) if t is not None]))
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
+QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+IM = ("<|im_start|>", "<|im_end|>")
+_CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
+               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+               assistant="{content}<|im_end|>\n", special_tokens=IM)
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
-        Template(
-            name="alpaca",
-            system="{system}\n\n",
-            default_system=ALPACA_SYSTEM,
-            user="### Instruction:\n{content}\n\n### Response:\n",
-            query="{instruction}\n\n### Input:\n{input}",
-            assistant="{content}",
-            separator="\n\n",
-            description="the book's Alpaca prompt",
-        ),
-        Template(
-            name="chatml",
-            system="<|im_start|>system\n{system}<|im_end|>\n",
-            default_system="",
-            user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-            query="{instruction}\n\n{input}",
-            assistant="{content}<|im_end|>",
-            separator="\n",
-            stop_strings=("<|im_end|>",),
-            description="ChatML markup as plain text (GPT-2 has no <|im_start|> token)",
-        ),
-        Template(
-            name="empty",
-            system="{system}\n",
-            default_system="",
-            user="{content}",
-            query="{instruction}\n{input}",
-            assistant="{content}",
-            separator="",
-            description="no markup: the prompt is the instruction (and input), the response follows",
-        ),
+        Template(name="alpaca", system="{system}\n\n", default_system=ALPACA_SYSTEM,
+                 user="### Instruction:\n{content}\n\n### Response:\n", query="{instruction}\n\n### Input:\n{input}",
+                 assistant="{content}{eos}", separator="\n\n", fuse_system=True,
+                 description="the book's Alpaca prompt"),
+        Template(name="chatml", **_CHATML, stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True,
+                 description="ChatML: <|im_start|>role ... <|im_end|>"),
+        Template(name="qwen", **_CHATML, default_system=QWEN_SYSTEM, stop_words=("<|im_end|>",), replace_eos=True,
+                 description="Qwen / Qwen2 / Qwen2.5: ChatML with Qwen's default system prompt"),
+        Template(name="qwen3", **_CHATML, stop_words=("<|im_end|>",), replace_eos=True,
+                 thought_words=("<think>\n", "\n</think>\n\n"),
+                 description="Qwen3 (reasoning): ChatML, an empty <think></think> where a response has none"),
+        Template(name="qwen3_nothink", **_CHATML, stop_words=("<|im_end|>",), replace_eos=True,
+                 description="Qwen3 without thinking (Qwen3-Instruct-2507 and non-reasoning use)"),
+        Template(name="llama3", prefix="{bos}",
+                 system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+                 user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 assistant="{content}<|eot_id|>",
+                 special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                 stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True,
+                 description="Llama 3 / 3.1 / 3.2 Instruct"),
+        Template(name="default", system="System: {system}{eos}\n", user="Human: {content}{eos}\nAssistant:",
+                 assistant="{content}{eos}\n", description="LLaMA-Factory's default: Human: / Assistant:"),
+        Template(name="empty", assistant="{content}",
+                 description="no markup and no EOS: the prompt is the instruction (and input), the response follows"),
     )
 }
 
@@ -164,3 +285,8 @@ def get_template(name: str) -> Template:
     except KeyError:
         raise UserError(f"template '{name}' is not known{did_you_mean(name, TEMPLATES)}; "
                         f"choose one of {', '.join(TEMPLATES)}") from None
+
+
+def templates_for(tokenizer: "Tokenizer") -> list[str]:
+    """The templates whose markup this tokenizer can express."""
+    return [name for name, t in TEMPLATES.items() if not t.missing_tokens(tokenizer)]

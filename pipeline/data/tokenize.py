@@ -1,21 +1,20 @@
 """Tokens and loss masks for sft, the over-length policy, and token streams for pt.
 
 An example is its template segments tokenized one by one (prompt, response, prompt, response, ...;
-each piece on its own, as the prompt is tokenized at inference), with EOS (50256) after every
-response. `trainable[i]` says whether token i is a training target; the loaders shift it so that
+each piece on its own, as the prompt is tokenized at inference); the template places its markup tokens
+and EOS by id (templates.py), the model's tokenizer encodes the text (tokenizer.py). `trainable[i]` says whether token i is a training target; the loaders shift it so that
 position t predicts token t+1. Over-length examples (more than cutoff_len tokens) follow
 `overlength_policy`: drop (counted), truncate (the response side is cut; counted; an example with no
 trainable token left is dropped instead, counted apart) or error (every one named).
 
 Whole splits are encoded in one batch (tiktoken, threads) into flat numpy arrays and cached per
-process, so train, eval and inspect tokenize a split once.
+process, so train, eval and inspect tokenize a split once. pt documents are joined by the tokenizer's EOS.
 """
 from __future__ import annotations
 
 import os
 import sys
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from pipeline.data.problems import Problems
-from pipeline.data.templates import Template, get_template
-from pipeline.data.tokenizer import EOS_ID, get_tokenizer
+from pipeline.data.templates import Piece, Template, get_template
+from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
 from pipeline.errors import UserError
 
 IGNORE = -100
@@ -37,23 +36,7 @@ _cache: OrderedDict[tuple, Any] = OrderedDict()
 
 
 PROGRESS_MIN_ROWS = 50_000
-CHUNK = 8192  # texts per thread task
 ROW_CHUNK = 16384  # rows tokenized at a time: bounds the memory of Python int lists
-
-
-def encode_texts(texts: Sequence[str], tokenizer: Any = None) -> list[list[int]]:
-    """encode_ordinary for many texts, in chunks on several threads (tiktoken releases the GIL)."""
-    enc = tokenizer or get_tokenizer()
-    threads = min(8, os.cpu_count() or 1)
-    if len(texts) < 4096 or threads < 2:
-        return [enc.encode_ordinary(t) for t in texts]
-
-    def work(chunk: Sequence[str]) -> list[list[int]]:
-        return [enc.encode_ordinary(t) for t in chunk]
-
-    with ThreadPoolExecutor(threads) as pool:
-        parts = pool.map(work, [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)])  # in order
-        return list(chain.from_iterable(parts))
 
 
 def _progress(total: int, desc: str) -> Any:
@@ -115,13 +98,38 @@ def _as_template(template: Template | str) -> Template:
     return get_template(template) if isinstance(template, str) else template
 
 
-def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Any = None, *,
+def _plan(pieces: Sequence[Piece], ids: Mapping[str, int | None], texts: list[str]) -> list[int]:
+    """A segment as a list of ints: i >= 0 is texts[i] (appended here), -1 - t is the fixed token t."""
+    plan = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            plan.append(len(texts))
+            texts.append(piece)
+        elif (token := ids[piece.token]) is not None:  # a template's BOS is left out when the model has none
+            plan.append(-1 - token)
+    return plan
+
+
+def _assemble(plan: list[int], tokens: list[list[int]]) -> list[int]:
+    if len(plan) == 1 and plan[0] >= 0:
+        return tokens[plan[0]]
+    out: list[int] = []
+    for step in plan:
+        if step >= 0:
+            out.extend(tokens[step])
+        else:
+            out.append(-1 - step)
+    return out
+
+
+def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
                 cutoff_len: int, policy: str = "drop", train_on_prompt: bool = False, mask_history: bool = False,
-                origins: Sequence[str] | None = None) -> TokenizedSplit:
+                enable_thinking: bool = True, origins: Sequence[str] | None = None) -> TokenizedSplit:
     """Tokenize, mask and apply the length policy to many Alpaca rows at once."""
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
     template = _as_template(template)
+    ids = template.ids(tokenizer)  # exit 2 here when the vocabulary lacks the template's markup
     origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
     seg_count = np.empty(len(rows), dtype=np.int64)
     seg_response: list[bool] = []
@@ -129,19 +137,19 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     bar = _progress(len(rows), "tokenize")
     for start in range(0, len(rows), ROW_CHUNK):
         texts: list[str] = []
+        plans: list[list[int]] = []
         flags: list[bool] = []
         chunk = rows[start:start + ROW_CHUNK]
         for i, row in enumerate(chunk, start=start):
-            segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history)
+            segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history,
+                                         enable_thinking=enable_thinking)
             seg_count[i] = len(segments)
-            for text, trained, response in segments:
-                texts.append(text)
+            for pieces, trained, response in segments:
+                plans.append(_plan(pieces, ids, texts))
                 flags.append(trained)
                 seg_response.append(response)
-        tokens = encode_texts(texts, tokenizer)
-        for toks, response in zip(tokens, seg_response[len(seg_response) - len(texts):]):
-            if response:
-                toks.append(EOS_ID)
+        encoded = tokenizer.encode_batch(texts)
+        tokens = [_assemble(plan, encoded) for plan in plans]
         chunk_len = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
         lens.append(chunk_len)
         id_parts.append(np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=int(chunk_len.sum())))
@@ -226,12 +234,13 @@ def _truncation_point(seg_len: np.ndarray, is_response: np.ndarray, cutoff_len: 
     return int(ends[j - 1]) if j > 0 else 0
 
 
-def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: Any = None,
+def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: Tokenizer,
                    r: Mapping[str, Any] | None = None, *, cutoff_len: int | None = None, policy: str | None = None,
-                   train_on_prompt: bool | None = None, mask_history: bool | None = None) -> Encoded | Dropped:
+                   train_on_prompt: bool | None = None, mask_history: bool | None = None,
+                   enable_thinking: bool | None = None) -> Encoded | Dropped:
     """One row: Encoded(input_ids, labels) or Dropped(reason, length). Settings from keywords, else from r."""
     def pick(value: Any, key: str, default: Any) -> Any:
-        return value if value is not None else (r[key] if r is not None else default)
+        return value if value is not None else (r.get(key, default) if r is not None else default)
 
     cutoff = pick(cutoff_len, "cutoff_len", None)
     if cutoff is None:
@@ -239,7 +248,8 @@ def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: 
     split = encode_rows([row], template, tokenizer, cutoff_len=cutoff,
                         policy=pick(policy, "overlength_policy", "drop"),
                         train_on_prompt=pick(train_on_prompt, "train_on_prompt", False),
-                        mask_history=pick(mask_history, "mask_history", False))
+                        mask_history=pick(mask_history, "mask_history", False),
+                        enable_thinking=pick(enable_thinking, "enable_thinking", True))
     if len(split) == 0:
         reason = next(k for k, v in split.dropped.items() if v)
         return Dropped(reason, int(split.lengths[0]))
@@ -247,17 +257,17 @@ def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: 
 
 
 def encode_prompt(template: Template | str, instruction: str, input: str = "", system: str | None = None,
-                  history: Iterable[Sequence[str]] = (), tokenizer: Any = None) -> list[int]:
-    """The prompt ids exactly as in training (segment by segment, EOS ids after history responses)."""
+                  history: Iterable[Sequence[str]] = (), *, tokenizer: Tokenizer,
+                  enable_thinking: bool = True) -> list[int]:
+    """The prompt ids exactly as in training (segment by segment, markup and EOS by id)."""
     template = _as_template(template)
-    turns = template.turns(instruction, input, "", system, history)
-    texts = [t for p, a in turns[:-1] for t in (p, a)] + [turns[-1][0]]
-    ids: list[int] = []
-    for k, toks in enumerate(encode_texts(texts, tokenizer)):
-        ids.extend(toks)
-        if k % 2:
-            ids.append(EOS_ID)
-    return ids
+    ids = template.ids(tokenizer)
+    turns = template.turns(instruction, input, "", system, history, enable_thinking=enable_thinking)
+    segments = [s for p, a in turns[:-1] for s in (p, a)] + [turns[-1][0]]
+    texts: list[str] = []
+    plans = [_plan(pieces, ids, texts) for pieces in segments]
+    encoded = tokenizer.encode_batch(texts)
+    return [t for plan in plans for t in _assemble(plan, encoded)]
 
 
 # ---------------------------------------------------------------- whole splits, cached per process
@@ -282,8 +292,11 @@ def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
     from pipeline.data.load import read_rows, split_files
 
     paths = split_files(r, split)
-    settings = (r["template"], r["cutoff_len"], r["overlength_policy"], r["train_on_prompt"], r["mask_history"])
-    key = ("sft", _file_key(paths), settings)
+    tokenizer = recipe_tokenizer(r)
+    thinking = r.get("enable_thinking", True)
+    settings = (r["template"], r["cutoff_len"], r["overlength_policy"], r["train_on_prompt"], r["mask_history"],
+                thinking)
+    key = ("sft", tokenizer.name, _file_key(paths), settings)
 
     def make() -> TokenizedSplit:
         rows: list[dict] = []
@@ -293,8 +306,9 @@ def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
             rows.extend(part)
             origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
         try:
-            return encode_rows(rows, r["template"], cutoff_len=r["cutoff_len"], policy=r["overlength_policy"],
-                               train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"], origins=origins)
+            return encode_rows(rows, r["template"], tokenizer, cutoff_len=r["cutoff_len"],
+                               policy=r["overlength_policy"], train_on_prompt=r["train_on_prompt"],
+                               mask_history=r["mask_history"], enable_thinking=thinking, origins=origins)
         except UserError as err:
             if r.get("packing") or r.get("neat_packing"):
                 err.messages[-1] += ("; packing never splits an example: with packing too, cutoff_len is the "
@@ -305,20 +319,24 @@ def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
 
 
 def pt_stream(r: Mapping[str, Any], split: str) -> np.ndarray:
-    """The pt `split` as one token stream: documents joined by EOS (int32)."""
+    """The pt `split` as one token stream: documents joined by the tokenizer's EOS (int32)."""
     from pipeline.data.load import read_rows, split_files
 
     paths = split_files(r, split)
+    tokenizer = recipe_tokenizer(r)
 
     def make() -> np.ndarray:
         docs = [row["text"] for path in paths for row in read_rows(path)]
-        tokens = encode_texts(docs)
-        for toks in tokens[:-1]:
-            toks.append(EOS_ID)
-        total = sum(map(len, tokens))
-        return np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=total)
+        return join_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)
 
-    return _cached(("pt", _file_key(paths)), make)
+    return _cached(("pt", tokenizer.name, _file_key(paths)), make)
+
+
+def join_documents(tokens: Sequence[list[int]], eos_id: int) -> np.ndarray:
+    """Documents back to back with one EOS between each two (int32)."""
+    total = sum(map(len, tokens)) + max(len(tokens) - 1, 0)
+    joined = chain.from_iterable(chain(t, (eos_id,)) if i < len(tokens) - 1 else t for i, t in enumerate(tokens))
+    return np.fromiter(joined, dtype=np.int32, count=total)
 
 
 def pt_windows(n_tokens: int, max_length: int, stride: int) -> np.ndarray:

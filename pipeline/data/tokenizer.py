@@ -1,30 +1,159 @@
-"""The GPT-2 BPE tokenizer, usable offline.
+"""The model's tokenizer, run through tiktoken: GPT-2's ranks, or a checkpoint's own byte-level BPE.
 
-`make setup` places the GPT-2 ranks (identical to tiktoken's r50k_base, shipped inside the
-openai-whisper source distribution on PyPI) at `.cache/gpt2.tiktoken` and checks their sha256.
-When that file is absent, tiktoken's normal online path (`tiktoken.get_encoding("gpt2")`) is used.
+`load_tokenizer(model_name_or_path)` is the one way every stage gets token ids, so the end-of-text id,
+BOS, padding and the stop tokens are properties of the model's tokenizer, never literals:
+
+- a GPT-2 preset (or "gpt2", or a GPT-2 checkpoint without tokenizer files): GPT-2's ranks, which
+  `make setup` places at `.cache/gpt2.tiktoken` (from the openai-whisper sdist on PyPI, sha256 checked);
+- a checkpoint directory (or a hub id, resolved into the Hugging Face cache by pipeline.model.hub):
+  its tokenizer.json / vocab.json + merges.txt / Meta's original/tokenizer.model, read by
+  pipeline.data.tokenizer_files.
+
+User text is encoded with special-token strings kept literal ("<|im_end|>" typed by a user is text,
+not the end of a turn); only template markup goes through `encode_special` / `token_id`. Tokens a
+checkpoint marks as added but not special (Qwen3's <think>, <tool_call>) are recognised in any text,
+as the Hugging Face tokenizer does.
+
+Pathological input is bounded before encoding, as Meta's Llama 3 tokenizer does: a run of more than
+MAX_RUN characters without whitespace (or of whitespace) is cut into MAX_RUN pieces, because tiktoken's
+merge is quadratic in the length of one pre-token (openai/tiktoken#195) and a tens-of-MB row without
+spaces would otherwise stall build or train. Ordinary text never has such runs and is unaffected.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
 
 import tiktoken
 
-EOS_ID = 50256
-EOS_TEXT = "<|endoftext|>"
+from pipeline.errors import UserError
+
+GPT2_EOS = "<|endoftext|>"
 RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 WHISPER_SDIST = "openai-whisper==20250625"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Same pattern as tiktoken_ext.openai_public.r50k_pat_str (GPT-2's original split, faster form).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+MAX_RUN = 25_000  # Meta's MAX_NO_WHITESPACES_CHARS (llama3/tokenizer.py)
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (MAX_RUN + 1, MAX_RUN + 1))
+BATCH_MIN = 4096  # texts below which one thread encodes
+CHUNK = 8192  # texts per thread task
 
+
+def bounded(text: str) -> list[str]:
+    """`text` cut so that no run of whitespace or of non-whitespace exceeds MAX_RUN characters.
+
+    Cuts fall at run start + k * MAX_RUN, as in Meta's `_split_whitespaces_or_nonwhitespaces`. The
+    lookbehinds make the scan linear: a run is only tried from its first character.
+    """
+    if len(text) <= MAX_RUN:
+        return [text]
+    cuts = [c for m in _LONG_RUN.finditer(text) for c in range(m.start() + MAX_RUN, m.end(), MAX_RUN)]
+    if not cuts:
+        return [text]
+    edges = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(edges[:-1], edges[1:])]
+
+
+@dataclass(frozen=True, eq=False)
+class Tokenizer:
+    """A tiktoken Encoding plus what the checkpoint says about its special tokens.
+
+    eos_id ends a response and separates pt documents (the checkpoint's eos_token); stop_ids are
+    every id generation stops at (eos_id plus generation_config.json's eos_token_id list, e.g.
+    Llama 3's <|eot_id|>, <|eom_id|>, <|end_of_text|>); pad_id fills batches (masked out); bos_id is
+    None when the family has no BOS (Qwen).
+    """
+
+    encoding: tiktoken.Encoding
+    name: str  # "gpt2", or the file it was read from
+    eos_id: int
+    pad_id: int
+    bos_id: int | None = None
+    stop_ids: tuple[int, ...] = ()
+    special: frozenset[str] = frozenset()  # kept literal in user text
+    added: frozenset[str] = frozenset()  # added, not special: recognised in any text (Qwen3's <think>)
+    nfc: bool = False  # the checkpoint normalises text to NFC first (Qwen2)
+    files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
+    _ids: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_ids", dict(self.encoding._special_tokens))
+        object.__setattr__(self, "stop_ids", tuple(dict.fromkeys((self.eos_id, *self.stop_ids))))
+
+    @property
+    def n_vocab(self) -> int:
+        """Ids run 0..n_vocab-1 (a model's embedding may be larger: Qwen pads to 151,936)."""
+        return self.encoding.n_vocab
+
+    @property
+    def eos_text(self) -> str:
+        return self.decode([self.eos_id])
+
+    def _prepare(self, text: str) -> str:
+        if self.nfc and not unicodedata.is_normalized("NFC", text):
+            return unicodedata.normalize("NFC", text)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        """User text: special-token strings stay literal; added non-special tokens are recognised."""
+        text = self._prepare(text)
+        if self.added:
+            return [t for piece in bounded(text)
+                    for t in self.encoding.encode(piece, allowed_special=self.added, disallowed_special=())]
+        pieces = bounded(text)
+        if len(pieces) == 1:
+            return self.encoding.encode_ordinary(text)
+        return list(chain.from_iterable(self.encoding.encode_ordinary(p) for p in pieces))
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """encode() for many texts, in chunks on several threads (tiktoken releases the GIL)."""
+        threads = min(8, os.cpu_count() or 1)
+        if len(texts) < BATCH_MIN or threads < 2:
+            return [self.encode(t) for t in texts]
+
+        def work(chunk: Sequence[str]) -> list[list[int]]:
+            return [self.encode(t) for t in chunk]
+
+        with ThreadPoolExecutor(threads) as pool:
+            parts = pool.map(work, [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)])  # in order
+            return list(chain.from_iterable(parts))
+
+    def encode_special(self, text: str) -> list[int]:
+        """Template markup: every special token of the vocabulary is recognised."""
+        return [t for piece in bounded(self._prepare(text))
+                for t in self.encoding.encode(piece, allowed_special="all", disallowed_special=())]
+
+    def has_token(self, token: str) -> bool:
+        return token in self._ids
+
+    def token_id(self, token: str) -> int:
+        """The id of a special (or added) token; UserError naming the tokenizer when it has none."""
+        try:
+            return self._ids[token]
+        except KeyError:
+            raise UserError(f"{self.name}: the tokenizer has no token {token!r}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def token_bytes(self, token: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token)
+
+
+# ---------------------------------------------------------------- GPT-2
 
 def ranks_path() -> Path:
     return Path(os.environ.get("PIPELINE_GPT2_RANKS", REPO_ROOT / ".cache" / "gpt2.tiktoken"))
@@ -35,21 +164,59 @@ def _sha256(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2 encoding: from the offline ranks file when present, else tiktoken's download."""
+def gpt2() -> Tokenizer:
+    """GPT-2's tokenizer: from the offline ranks file when present, else tiktoken's download."""
     path = ranks_path()
-    if not path.is_file():
-        return tiktoken.get_encoding("gpt2")
-    from tiktoken.load import load_tiktoken_bpe
+    if path.is_file():
+        from tiktoken.load import load_tiktoken_bpe
 
-    ranks = load_tiktoken_bpe(str(path), expected_hash=RANKS_SHA256)
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=GPT2_PATTERN,
-        mergeable_ranks=ranks,
-        special_tokens={EOS_TEXT: EOS_ID},
-        explicit_n_vocab=50257,
-    )
+        ranks = load_tiktoken_bpe(str(path), expected_hash=RANKS_SHA256)
+        encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens={GPT2_EOS: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
+    else:
+        encoding = tiktoken.get_encoding("gpt2")
+    eos = encoding.eot_token
+    return Tokenizer(encoding, "gpt2", eos_id=eos, pad_id=eos, bos_id=eos, stop_ids=(eos,),
+                     special=frozenset({GPT2_EOS}))
+
+
+def is_gpt2_preset(name: str) -> bool:
+    """True for "gpt2" and the presets of the GPT-2 family (pipeline.model.config.PRESETS)."""
+    if name == "gpt2":
+        return True
+    try:
+        from pipeline.model.config import PRESETS
+    except ImportError:  # pragma: no cover - the model layer is always there in this repo
+        return False
+    cfg = PRESETS.get(name)
+    return cfg is not None and getattr(cfg, "family", "gpt2") == "gpt2"
+
+
+# ---------------------------------------------------------------- the one entry point
+
+def load_tokenizer(model_name_or_path: str | Path) -> Tokenizer:
+    """The tokenizer of a model: a GPT-2 preset, a checkpoint directory, or a hub id (resolved offline-first)."""
+    name = str(model_name_or_path)
+    if is_gpt2_preset(name):
+        return gpt2()
+    path = Path(name)
+    if not path.is_dir():
+        from pipeline.model.config import PRESETS
+
+        if name in PRESETS:
+            raise UserError(f"model_name_or_path: preset '{name}' has no tokenizer (presets are shapes with random "
+                            "weights); point model_name_or_path at a checkpoint directory or hub id of this family")
+        from pipeline.model.hub import resolve_model_path
+
+        path = resolve_model_path(name)
+    from pipeline.data.tokenizer_files import read_tokenizer
+
+    return read_tokenizer(path)
+
+
+def recipe_tokenizer(r: Mapping[str, Any]) -> Tokenizer:
+    """The tokenizer of the recipe's base model (model_name_or_path)."""
+    return load_tokenizer(r["model_name_or_path"])
 
 
 def install(dest: Path | None = None) -> Path:
@@ -77,7 +244,7 @@ def install(dest: Path | None = None) -> Path:
 
 if __name__ == "__main__":
     where = install()
-    enc = get_tokenizer()
-    ids = enc.encode("Hello, do you like tea? <|endoftext|> In the sunlit terraces", allowed_special={EOS_TEXT})
-    assert ids[:9] == [15496, 11, 466, 345, 588, 8887, 30, 220, 50256], ids
+    tok = gpt2()
+    ids = tok.encode_special("Hello, do you like tea? <|endoftext|> In the sunlit terraces")
+    assert ids[:9] == [15496, 11, 466, 345, 588, 8887, 30, 220, tok.eos_id], ids
     print(f"GPT-2 tokenizer ready (offline ranks at {where}, sha256 verified)")

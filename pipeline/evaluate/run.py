@@ -176,17 +176,23 @@ def _generation_rows(r: Mapping[str, Any]) -> list[dict]:
 
 
 def _prompt_text(r: Mapping[str, Any], row: Mapping[str, Any]) -> str:
-    from pipeline.data.templates import get_template
+    """The prompt as the model sees it (decoded from the ids, markup tokens included)."""
+    from pipeline.data.tokenizer import recipe_tokenizer
 
-    return get_template(r["template"]).prompt(row["instruction"], row.get("input") or "", row.get("system"),
-                                              row.get("history") or ())
+    tokenizer = recipe_tokenizer(r)
+    return tokenizer.decode(_prompt_ids(r, row, tokenizer))
+
+
+def _prompt_ids(r: Mapping[str, Any], row: Mapping[str, Any], tokenizer: Any) -> list[int]:
+    from pipeline.data.tokenize import encode_prompt
+
+    return encode_prompt(r["template"], row["instruction"], row.get("input") or "", row.get("system"),
+                         row.get("history") or (), tokenizer=tokenizer, enable_thinking=r.get("enable_thinking", True))
 
 
 def stop_strings(r: Mapping[str, Any]) -> list[str]:
-    """The recipe's stop strings plus the template's (chatml stops at <|im_end|>)."""
-    from pipeline.data.templates import get_template
-
-    return list(dict.fromkeys([*(r["stop_strings"] or []), *get_template(r["template"]).stop_strings]))
+    """The recipe's stop strings (the template's stop words are token ids: Template.stop_ids)."""
+    return list(dict.fromkeys(r["stop_strings"] or []))
 
 
 def decoding_settings(r: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,14 +209,13 @@ def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Seq
                          rank: int = 0, world: int = 1, label: str = "") -> list[str]:
     """One completion per row (all rows on rank 0 after gathering; other ranks get an empty list)."""
     from pipeline.data.templates import get_template
-    from pipeline.data.tokenize import encode_prompt
-    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import recipe_tokenizer
     from pipeline.model.generate import cut_at_stop, generate
 
-    template, tokenizer, stops = get_template(r["template"]), get_tokenizer(), stop_strings(r)
+    tokenizer, stops = recipe_tokenizer(r), stop_strings(r)
+    stop_ids = get_template(r["template"]).stop_ids(tokenizer)
     mine = list(range(rank, len(rows), world))
-    prompts = {i: encode_prompt(template, rows[i]["instruction"], rows[i].get("input") or "", rows[i].get("system"),
-                                rows[i].get("history") or (), tokenizer) for i in mine}
+    prompts = {i: _prompt_ids(r, rows[i], tokenizer) for i in mine}
     order = sorted(mine, key=lambda i: (len(prompts[i]), i))  # similar lengths together: less padding
     size = r["per_device_eval_batch_size"]
     device = next(model.parameters()).device
@@ -222,7 +227,7 @@ def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Seq
                 new = generate(model, [prompts[i] for i in chunk], max_new_tokens=r["max_new_tokens"],
                                do_sample=r["do_sample"], temperature=r["temperature"], top_k=r["top_k"],
                                top_p=r["top_p"], stop_strings=stops or None, tokenizer=tokenizer,
-                               seed=r["seed"] + chunk[0])
+                               eos_id=None, stop_ids=stop_ids, pad_id=tokenizer.pad_id, seed=r["seed"] + chunk[0])
             for i, ids in zip(chunk, new):
                 local[i] = cut_at_stop(tokenizer.decode(ids), stops)
             bar.update(len(chunk))

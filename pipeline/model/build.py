@@ -16,6 +16,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, GPTConfig, freeze_trainable_names, read_config
 from pipeline.model.gpt import GPTModel
+from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora
 from pipeline.model.weights import load_model, note
 
@@ -65,11 +66,11 @@ def apply_finetuning_type(model: GPTModel, r: Mapping[str, Any]) -> GPTModel:
         apply_lora(model, get_key(r, "lora_target", "all"), rank=rank, alpha=get_key(r, "lora_alpha", 2 * rank),
                    dropout=float(get_key(r, "lora_dropout", 0.0)), use_rslora=bool(get_key(r, "use_rslora", False)),
                    seed=int(get_key(r, "seed", 42)), additional_targets=get_key(r, "additional_target"))
-        if adapter:
-            load_adapter(model, adapter)  # continue training an adapter: same rank/alpha required
+        if adapter:  # continue training an adapter: same rank/alpha required
+            load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
     if adapter:  # full/freeze on top of an adapter: fold it into the base first (as LLaMA-Factory does)
-        load_adapter(model, adapter)
+        load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         merge_lora(model)
     if kind == "freeze":
         model.requires_grad_(False)
@@ -101,7 +102,8 @@ def tuned_paths(r: Mapping[str, Any]) -> dict[str, Path]:
     trained = out / ("adapter" if lora else "model")
     start = get_key(r, "adapter_name_or_path")
     # What this recipe trained comes first: continued training must be used, not where it started.
-    adapter = Path(start) if lora and start and not trained.is_dir() else trained
+    adapter = resolve_model_path(start, key="adapter_name_or_path") if lora and start and not trained.is_dir() \
+        else trained
     return {"adapter": adapter, "merged": out / "merged"}
 
 

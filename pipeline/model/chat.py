@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pipeline.model.build import get_key, default_which, load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
 
 
-def generation_kwargs(r: Mapping[str, Any], template_stops: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The recipe's generation keys as generate() arguments (the template's stop strings added)."""
-    stops = list(get_key(r, "stop_strings", [])) + [s for s in template_stops if s]
-    return {
+def generation_kwargs(r: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """The recipe's generation keys as generate() arguments (plus the template's stop ids, when given)."""
+    stops = list(get_key(r, "stop_strings", []))
+    kwargs = {
         "max_new_tokens": int(get_key(r, "max_new_tokens", 256)),
         "do_sample": bool(get_key(r, "do_sample", False)),
         "temperature": float(get_key(r, "temperature", 1.0)),
@@ -27,10 +27,13 @@ def generation_kwargs(r: Mapping[str, Any], template_stops: tuple[str, ...] = ()
         "stop_strings": list(dict.fromkeys(stops)) or None,
         "seed": int(get_key(r, "seed", 42)),
     }
+    if stop_ids:
+        kwargs["stop_ids"] = tuple(stop_ids)
+    return kwargs
 
 
 def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
-    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import recipe_tokenizer
 
     raw = bool(getattr(args, "raw", False))
     template = None
@@ -40,15 +43,16 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         template = get_template(r["template"])
     which = getattr(args, "model", None) or default_which(r)
     model = load_for_inference(r, which)
-    tokenizer = get_tokenizer()
-    kwargs = generation_kwargs(r, template.stop_strings if template else ())
+    tokenizer = recipe_tokenizer(r)
+    kwargs = generation_kwargs(r, template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
     def complete(text: str, history: list[tuple[str, str]]) -> str:
         if template is None:
             return generate_text(model, tokenizer, text, **kwargs)
         from pipeline.data.tokenize import encode_prompt
 
-        ids = encode_prompt(template, text, history=history, tokenizer=tokenizer)  # exactly as in training
+        ids = encode_prompt(template, text, history=history, tokenizer=tokenizer,  # exactly as in training
+                            enable_thinking=bool(get_key(r, "enable_thinking", True)))
         return generate_text(model, tokenizer, ids, **kwargs)
 
     prompt = getattr(args, "prompt", None)

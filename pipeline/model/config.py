@@ -95,7 +95,9 @@ def config_path(name_or_path: str | Path) -> Path | None:
     """The config.json a model reference points at, or None for a preset."""
     if str(name_or_path) in PRESETS:
         return None
-    path = Path(name_or_path)
+    from pipeline.model.hub import resolve_model_path
+
+    path = resolve_model_path(name_or_path)  # a hub id becomes its snapshot in the HF cache
     if not path.is_dir():
         raise UserError(_missing_model_message(str(name_or_path)))
     if not (path / "config.json").is_file():
@@ -171,6 +173,9 @@ def from_hf_config(raw: Mapping[str, Any], path: Path | str = "config.json") -> 
 
 def to_hf_config(cfg: GPTConfig, dtype: str = "float32") -> dict[str, Any]:
     """The config.json transformers' GPT2LMHeadModel reads (GPT-2 has no switch for qkv bias: it is always on)."""
+    from pipeline.data.tokenizer import gpt2
+
+    tok = gpt2()
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -189,8 +194,8 @@ def to_hf_config(cfg: GPTConfig, dtype: str = "float32") -> dict[str, Any]:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "use_cache": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
         "tie_word_embeddings": cfg.tie_weights,
         "torch_dtype": dtype,
     }

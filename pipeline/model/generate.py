@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from pipeline.model.gpt import GPTModel
-from pipeline.model.weights import EOS_ID, note
+from pipeline.model.weights import note
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -82,13 +82,13 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    eos_id: int | None = EOS_ID,
+    eos_id: int | None = None,
     stop_ids: Iterable[int] = (),
     stop_strings: Iterable[str] | None = None,
     tokenizer=None,
     seed: int | None = None,
     use_cache: bool = True,
-    pad_id: int = EOS_ID,
+    pad_id: int = 0,
 ) -> list[list[int]]:
     """New token ids per prompt (EOS / stop ids left out; a stop string's tokens kept, see generate_text).
 
@@ -168,11 +168,12 @@ def generate_text(model: GPTModel, tokenizer, prompts: str | Sequence[str] | Seq
     """Prompts in (text, or token ids as training encoded them), completions out (stop strings cut off).
 
     Text is encoded as plain text: a user typing "<|endoftext|>" does not produce the EOS token.
-    kwargs as for generate().
+    kwargs as for generate(); by default generation stops at the tokenizer's stop ids and pads with its pad id.
     """
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
     items = [prompts] if single else list(prompts)
-    encoded = [tokenizer.encode_ordinary(p) if isinstance(p, str) else list(p) for p in items]
+    kwargs = {"stop_ids": tokenizer.stop_ids, "pad_id": tokenizer.pad_id, **kwargs}
+    encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
     new = generate(model, encoded, tokenizer=tokenizer, **kwargs)
     completions = [cut_at_stop(tokenizer.decode(ids), kwargs.get("stop_strings")) for ids in new]
     return completions[0] if single else completions

@@ -27,7 +27,6 @@ INDEX = "model.safetensors.index.json"
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal-mask buffers old GPT-2 checkpoints carry
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-EOS_ID = 50256
 MAX_TENSOR_PROBLEMS = 8
 
 load_checkpoint_config = read_config  # the name INTERNALS.md uses
@@ -205,7 +204,7 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[
 def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None) -> Path:
     """The Hugging Face GPT-2 layout (loads with transformers.GPT2LMHeadModel.from_pretrained).
 
-    Writes config.json, generation_config.json (EOS 50256 as bos/eos/pad) and model.safetensors, or
+    Writes config.json, generation_config.json (GPT-2's <|endoftext|> as bos/eos/pad) and model.safetensors, or
     model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger than max_shard_bytes.
     No tokenizer files: GPT-2's tokenizer is the hub's `openai-community/gpt2` one (tiktoken's gpt2 here).
     """
@@ -215,8 +214,11 @@ def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_sha
     shards = _shards(state, max_shard_bytes)
     with atomic_dir(directory) as tmp:
         write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch.")))
+        from pipeline.data.tokenizer import gpt2
+
+        tok = gpt2()
         write_json(tmp / "generation_config.json",
-                   {"bos_token_id": EOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID})
+                   {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
         else:

@@ -28,6 +28,10 @@ def model_info(name_or_path: str | None) -> ModelInfo | None:
     if not name_or_path:
         return None
     try:
+        from pipeline.model.hub import is_hub_id, resolve_model_path
+
+        if is_hub_id(name_or_path):  # only a cached snapshot here: checks and plan never download weights
+            name_or_path = str(resolve_model_path(name_or_path, download=False))
         cfg = read_config(name_or_path)
     except Exception:  # noqa: BLE001 - any failure means "unknown here"; the model stage reports it properly
         return None

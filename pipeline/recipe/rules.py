@@ -145,13 +145,22 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
         from pipeline.model.config import read_config
     except ImportError:
         return []
+    from pipeline.errors import UserError
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+
+    if is_hub_id(name):  # fetched (or found in the HF cache) by the commands that load the model now
+        if ctx.command in ("train", "merge", "eval", "generate"):
+            try:
+                name = str(resolve_model_path(name))
+            except UserError as err:
+                return [("model_name_or_path", m.removeprefix("model_name_or_path: ")) for m in err.messages]
+        else:
+            return []
     if looks_like_path(name) and not os.path.exists(name):
         if ctx.command in ("train", "merge", "eval", "generate"):
             return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
                                            "run that one first")]
         return []
-    from pipeline.errors import UserError
-
     try:
         read_config(name)
     except UserError as err:
@@ -207,6 +216,14 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
 @rule("adapter_name_or_path", commands=("train", "merge", "eval", "generate"))
 def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
     path = ctx.values["adapter_name_or_path"]
+    if path is not None:
+        from pipeline.errors import UserError
+        from pipeline.model.hub import resolve_model_path
+
+        try:
+            path = str(resolve_model_path(path, key="adapter_name_or_path"))
+        except UserError as err:
+            return [("adapter_name_or_path", m.removeprefix("adapter_name_or_path: ")) for m in err.messages]
     if path is not None and not os.path.isfile(os.path.join(path, "adapter_config.json")):
         return [("adapter_name_or_path", f"{path!r} holds no adapter_config.json; expected a LoRA adapter "
                                          "directory (e.g. saves/<recipe>/adapter)")]

@@ -12,7 +12,7 @@ import pytest
 from data_helpers import alpaca_rows, jsonl
 from pipeline.data.build import build, built_dir, run, split_text
 from pipeline.data.load import load_split, split_files
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
 
 
@@ -211,9 +211,9 @@ def test_pt_single_document_split_like_the_book(make_recipe):
     cut = len(train[0]["text"])
     assert clean[cut].isspace() and cut >= int(0.9 * len(clean)) and not clean[int(0.9 * len(clean)):cut].count(" ")
     m = manifest(r, "book")
-    enc = get_tokenizer()
-    assert m["tokens"] == {"train": len(enc.encode_ordinary(train[0]["text"])),
-                           "val": len(enc.encode_ordinary(val[0]["text"]))}
+    enc = gpt2()
+    assert m["tokens"] == {"train": len(enc.encode(train[0]["text"])),
+                           "val": len(enc.encode(val[0]["text"]))}
     assert m["split_mode"] == "within documents" and m["splits"] == {"train": 1, "val": 1}
     assert any("tokens: train" in line for line in lines)
 
@@ -233,8 +233,8 @@ def test_pt_folder_of_documents_and_eos_join(make_recipe):
     assert m["split_mode"] == "documents" and m["splits"] == {"train": 18, "val": 2}
     assert len(m["sources"]) == 20
     train, val = rows_of(r, "c")
-    enc = get_tokenizer()
-    assert m["tokens"]["train"] == sum(len(enc.encode_ordinary(d["text"])) for d in train) + 17
+    enc = gpt2()
+    assert m["tokens"]["train"] == sum(len(enc.encode(d["text"])) for d in train) + 17
     assert sorted(d["text"] for d in train + val) == sorted(f"document number {i}." for i in range(20))
 
 

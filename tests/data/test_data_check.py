@@ -11,7 +11,7 @@ from data_helpers import alpaca_rows, jsonl
 from pipeline.data.build import build, built_dir
 from pipeline.data.check import check_built, format_summary, row_ok, text_ok
 from pipeline.data.registry import load_schema
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
 
 HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -28,13 +28,13 @@ def built(make_recipe):
 def test_summary_rows_with_exact_token_counts(built):
     summary = check_built(built)
     assert [(s["dataset"], s["split"], s["rows"]) for s in summary] == [("d", "train", 27), ("d", "val", 3)]
-    enc = get_tokenizer()
+    enc = gpt2()
     val = json.loads((built_dir(built, "d") / "val.json").read_text())
 
     def length(row):
         body = row["instruction"] + (f"\n\n### Input:\n{row['input']}" if row["input"] else "")
-        return len(enc.encode_ordinary(HEAD + f"### Instruction:\n{body}\n\n### Response:\n")) + \
-            len(enc.encode_ordinary(row["output"])) + 1
+        return len(enc.encode(HEAD + f"### Instruction:\n{body}\n\n### Response:\n")) + \
+            len(enc.encode(row["output"])) + 1
 
     lengths = [length(row) for row in val]
     assert summary[1]["tokens_min"] == min(lengths) and summary[1]["tokens_max"] == max(lengths)

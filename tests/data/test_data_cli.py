@@ -49,7 +49,7 @@ def test_sharegpt_and_csv_recipe_builds_validates_inspects(tmp_path, monkeypatch
     registry = {"chat": {"file_name": "raw/chat.json", "formatting": "sharegpt"},
                 "sums": {"file_name": "raw/sums.csv", "columns": {"prompt": "question", "response": "answer"}}}
     project(tmp_path, registry, {"raw/chat.json": json.dumps(conv), "raw/sums.csv": csv},
-            "dataset: chat, sums\ncutoff_len: 64\ntemplate: chatml\n")
+            "dataset: chat, sums\ncutoff_len: 64\ntemplate: default\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NO_COLOR", "1")
     assert main(["build", "recipe.yaml"]) == 0
@@ -63,7 +63,7 @@ def test_sharegpt_and_csv_recipe_builds_validates_inspects(tmp_path, monkeypatch
     assert main(["inspect", "recipe.yaml", "--num", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("── sample") == 2
-    assert "<|im_start|>assistant\n[[" in out and "<|im_end|><|endoftext|>]]" in out
+    assert "\nAssistant:[[" in out and "<|endoftext|>\n]]" in out
     assert "train: 20 rows -> 20 examples · dropped 0" in out
     png = tmp_path / "data" / "build" / "token_lengths-chat+sums.png"
     assert f"histogram: {png.relative_to(tmp_path)}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

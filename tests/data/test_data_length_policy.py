@@ -5,15 +5,17 @@ import numpy as np
 import pytest
 
 from pipeline.data.tokenize import NO_ROOM, OVER, encode_rows, length_table
-from pipeline.data.tokenizer import EOS_ID, get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
+
+EOS_ID = 50256  # GPT-2's <|endoftext|> (a published id, not read from the code under test)
 
 HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n")
 
 
 def enc(text: str) -> list[int]:
-    return get_tokenizer().encode_ordinary(text)
+    return gpt2().encode(text)
 
 
 def prompt_ids(q: str) -> list[int]:
@@ -29,13 +31,13 @@ CUTOFF = P + 35  # rows 1..3 fit (P+11, P+21, P+31); rows 4..6 do not
 
 def test_lengths_are_what_we_think():
     assert len(enc(" word" * 10)) == 10
-    split = encode_rows(ROWS, "alpaca", cutoff_len=10_000)
+    split = encode_rows(ROWS, "alpaca", gpt2(), cutoff_len=10_000)
     assert split.lengths.tolist() == LENGTHS
 
 
 def test_drop_counts_exactly():
     origins = [f"t.json:{i}" for i in range(1, 7)]
-    split = encode_rows(ROWS, "alpaca", cutoff_len=CUTOFF, policy="drop", origins=origins)
+    split = encode_rows(ROWS, "alpaca", gpt2(), cutoff_len=CUTOFF, policy="drop", origins=origins)
     assert len(split) == 3 and split.dropped == {OVER: 3, NO_ROOM: 0} and split.truncated == 0
     assert split.origins == ["t.json:1", "t.json:2", "t.json:3"]
     assert split.dropped_rows == ["t.json:4", "t.json:5", "t.json:6"]
@@ -43,7 +45,7 @@ def test_drop_counts_exactly():
 
 
 def test_truncate_cuts_the_response_and_counts():
-    split = encode_rows(ROWS, "alpaca", cutoff_len=CUTOFF, policy="truncate")
+    split = encode_rows(ROWS, "alpaca", gpt2(), cutoff_len=CUTOFF, policy="truncate")
     assert len(split) == 6 and split.truncated == 3 and split.dropped == {OVER: 0, NO_ROOM: 0}
     assert split.example_lengths().tolist() == LENGTHS[:3] + [CUTOFF] * 3
     ex = split.example(5)
@@ -55,7 +57,7 @@ def test_truncate_cuts_the_response_and_counts():
 
 def test_truncate_drops_when_the_prompt_alone_is_too_long():
     rows = [{"instruction": "x " * 200, "input": "", "output": "ok"}]
-    split = encode_rows(rows, "alpaca", cutoff_len=50, policy="truncate")
+    split = encode_rows(rows, "alpaca", gpt2(), cutoff_len=50, policy="truncate")
     assert len(split) == 0 and split.dropped == {OVER: 0, NO_ROOM: 1} and split.truncated == 0
 
 
@@ -64,20 +66,20 @@ def test_truncate_multi_turn_never_ends_inside_a_prompt():
            "history": [["first?", "first answer"]]}
     p1, a1 = prompt_ids("first?"), enc("first answer")
     cutoff = len(p1) + len(a1) + 1 + 5  # 5 tokens into the second prompt
-    split = encode_rows([row], "alpaca", cutoff_len=cutoff, policy="truncate")
+    split = encode_rows([row], "alpaca", gpt2(), cutoff_len=cutoff, policy="truncate")
     assert split.truncated == 1
     ex = split.example(0)
     assert ex.input_ids == p1 + a1 + [EOS_ID]  # cut back to the end of the first response
     assert ex.labels == [-100] * len(p1) + a1 + [EOS_ID]
     # with mask_history nothing trainable is left, so the row is dropped (and counted) instead
-    masked = encode_rows([row], "alpaca", cutoff_len=cutoff, policy="truncate", mask_history=True)
+    masked = encode_rows([row], "alpaca", gpt2(), cutoff_len=cutoff, policy="truncate", mask_history=True)
     assert len(masked) == 0 and masked.dropped[NO_ROOM] == 1
 
 
 def test_error_names_every_row():
     origins = [f"build/d/train.json:{i}" for i in range(1, 7)]
     with pytest.raises(UserError) as err:
-        encode_rows(ROWS, "alpaca", cutoff_len=CUTOFF, policy="error", origins=origins)
+        encode_rows(ROWS, "alpaca", gpt2(), cutoff_len=CUTOFF, policy="error", origins=origins)
     messages = err.value.messages
     assert messages[:3] == [f"build/d/train.json:{i}: {LENGTHS[i - 1]} tokens, over cutoff_len {CUTOFF}"
                             for i in (4, 5, 6)]
@@ -85,13 +87,13 @@ def test_error_names_every_row():
 
 
 def test_exact_fit_is_kept():
-    split = encode_rows(ROWS[:1], "alpaca", cutoff_len=LENGTHS[0], policy="error")
+    split = encode_rows(ROWS[:1], "alpaca", gpt2(), cutoff_len=LENGTHS[0], policy="error")
     assert len(split) == 1 and split.example_lengths()[0] == LENGTHS[0]
 
 
 def test_unknown_policy():
     with pytest.raises(UserError, match="overlength_policy"):
-        encode_rows(ROWS, "alpaca", cutoff_len=10, policy="cut")
+        encode_rows(ROWS, "alpaca", gpt2(), cutoff_len=10, policy="cut")
 
 
 def test_length_table_counts():

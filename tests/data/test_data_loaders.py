@@ -9,7 +9,7 @@ from data_helpers import alpaca_rows, jsonl
 from pipeline.data.build import build
 from pipeline.data.loaders import count_examples, plan_batches, pt_loader, sft_loader
 from pipeline.data.tokenize import pt_windows, tokenized_split
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
 
 
@@ -43,7 +43,7 @@ def pt_recipe(make_recipe):
 def test_pt_loader_matches_the_book(pt_recipe):
     from pipeline.data.load import load_split
 
-    ids = get_tokenizer().encode_ordinary(load_split(pt_recipe, "train")[0]["text"])
+    ids = gpt2().encode(load_split(pt_recipe, "train")[0]["text"])
     inputs, targets = book_windows(ids, 8, 5)
     loader = pt_loader(pt_recipe, "train", shuffle=False)
     assert len(loader) == len(inputs) // 3  # drop_last for train
@@ -54,7 +54,7 @@ def test_pt_loader_matches_the_book(pt_recipe):
     assert got_in == inputs[:n] and got_lab == targets[:n]
     assert all(b["attention_mask"].eq(1).all() for b in batches)
     val = pt_loader(pt_recipe, "val", shuffle=False)
-    val_ids = get_tokenizer().encode_ordinary(load_split(pt_recipe, "val")[0]["text"])
+    val_ids = gpt2().encode(load_split(pt_recipe, "val")[0]["text"])
     assert len(val) == -(-len(book_windows(val_ids, 8, 5)[0]) // 4)  # the last batch is kept
     assert count_examples(pt_recipe) == {"train": len(inputs), "val": len(book_windows(val_ids, 8, 5)[0])}
 
@@ -63,7 +63,7 @@ def test_pt_stride_defaults_to_cutoff_and_too_short(pt_recipe):
     from pipeline.data.load import load_split
 
     r = dict(pt_recipe, pt_stride=None)
-    ids = get_tokenizer().encode_ordinary(load_split(r, "train")[0]["text"])
+    ids = gpt2().encode(load_split(r, "train")[0]["text"])
     assert count_examples(r)["train"] == len(range(0, len(ids) - 8, 8))
     with pytest.raises(UserError, match=r"the val split has no windows; it has \d+ tokens and one window needs "
                                         r"cutoff_len \+ 1 = 1,001"):

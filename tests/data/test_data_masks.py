@@ -5,8 +5,10 @@ import pytest
 
 from pipeline.data.templates import Segment, Template, get_template
 from pipeline.data.tokenize import Dropped, Encoded, encode_example, encode_rows
-from pipeline.data.tokenizer import EOS_ID, get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
+
+EOS_ID = 50256  # GPT-2's <|endoftext|> (a published id, not read from the code under test)
 
 HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n")
@@ -14,12 +16,12 @@ M = -100
 
 
 def enc(text: str) -> list[int]:
-    return get_tokenizer().encode_ordinary(text)
+    return gpt2().encode(text)
 
 
 def encode(row, **kw):
     kw.setdefault("cutoff_len", 1024)
-    return encode_example(row, get_template(kw.pop("template", "alpaca")), get_tokenizer(), **kw)
+    return encode_example(row, get_template(kw.pop("template", "alpaca")), gpt2(), **kw)
 
 
 def test_single_turn_trains_response_and_eos_only():
@@ -65,13 +67,18 @@ def test_train_on_prompt():
     assert both.labels == [M] * history_len + got.input_ids[history_len:]
 
 
-def test_chatml_masks():
-    row = {"instruction": "Hi", "input": "", "output": "Hello!", "system": "Be kind."}
-    prompt = enc("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    response = enc("Hello!<|im_end|>")
-    got = encode(row, template="chatml")
-    assert got.input_ids == prompt + response + [EOS_ID]
-    assert got.labels == [M] * len(prompt) + response + [EOS_ID]
+def test_default_template_masks():
+    """LLaMA-Factory's default template: each block encoded on its own, EOS by id inside the blocks."""
+    row = {"instruction": "Hi", "input": "", "output": "Hello!", "system": "Be kind.", "history": [["Q", "A"]]}
+    E = [EOS_ID]
+    p1 = enc("System: Be kind.") + E + enc("\n") + enc("Human: Q") + E + enc("\nAssistant:")
+    a1 = enc("A") + E + enc("\n")
+    p2 = enc("Human: Hi") + E + enc("\nAssistant:")
+    a2 = enc("Hello!") + E + enc("\n")
+    got = encode(row, template="default")
+    assert got.input_ids == p1 + a1 + p2 + a2
+    assert got.labels == [M] * len(p1) + a1 + [M] * len(p2) + a2
+    assert encode(row, template="default", mask_history=True).labels == [M] * (len(p1) + len(a1) + len(p2)) + a2
 
 
 def test_user_eos_text_is_not_a_special_token():
@@ -83,20 +90,20 @@ def test_user_eos_text_is_not_a_special_token():
 def test_batch_equals_single_rows():
     rows = [{"instruction": f"q{i}", "input": "x" * i, "output": f"a{i}", "history": [["h", "r"]] * (i % 3)}
             for i in range(7)]
-    split = encode_rows(rows, "alpaca", cutoff_len=1024, mask_history=True)
+    split = encode_rows(rows, "alpaca", gpt2(), cutoff_len=1024, mask_history=True)
     for i, row in enumerate(rows):
         assert split.example(i) == encode(row, mask_history=True)
 
 
 def test_zero_trainable_tokens_is_a_hard_error():
     class Silent(Template):
-        def segments(self, row, *, train_on_prompt=False, mask_history=False):
-            return [Segment(row["instruction"], False, False), Segment(row["output"], False, True)]
+        def segments(self, row, *, train_on_prompt=False, mask_history=False, enable_thinking=True):
+            return [Segment((row["instruction"],), False, False), Segment((row["output"],), False, True)]
 
     base = get_template("alpaca")
     silent = Silent(**{k: getattr(base, k) for k in base.__dataclass_fields__})
     with pytest.raises(UserError) as err:
-        encode_rows([{"instruction": "a", "input": "", "output": "b"}] * 2, silent, cutoff_len=64,
+        encode_rows([{"instruction": "a", "input": "", "output": "b"}] * 2, silent, gpt2(), cutoff_len=64,
                     origins=["build/x/train.json:1", "build/x/train.json:2"])
     assert err.value.messages[0].startswith("build/x/train.json:1: no trainable token")
     assert err.value.messages[1].startswith("build/x/train.json:2: no trainable token")
@@ -105,7 +112,7 @@ def test_zero_trainable_tokens_is_a_hard_error():
 def test_encode_example_reads_settings_from_recipe():
     row = {"instruction": "Q", "input": "", "output": "A " * 50}
     r = {"cutoff_len": 20, "overlength_policy": "drop", "train_on_prompt": False, "mask_history": False}
-    got = encode_example(row, get_template("alpaca"), get_tokenizer(), r)
+    got = encode_example(row, get_template("alpaca"), gpt2(), r)
     assert isinstance(got, Dropped) and got.reason == "over cutoff_len"
     assert got.length == len(enc(HEAD + "### Instruction:\nQ\n\n### Response:\n")) + len(enc("A " * 50)) + 1
 
@@ -115,15 +122,13 @@ def test_render_marks_trained_runs():
 
     ids = enc("Q: hi") + enc(" A: yo") + [EOS_ID]
     flags = [False] * len(enc("Q: hi")) + [True] * (len(enc(" A: yo")) + 1)
-    assert render(ids, flags, color=False) == "Q: hi[[ A: yo<|endoftext|>]]"
-    assert render(ids, flags, color=True) == f"Q: hi{GREEN} A: yo<|endoftext|>{RESET}"
+    assert render(ids, flags, color=False, tokenizer=gpt2()) == "Q: hi[[ A: yo<|endoftext|>]]"
+    assert render(ids, flags, color=True, tokenizer=gpt2()) == f"Q: hi{GREEN} A: yo<|endoftext|>{RESET}"
 
 
 def test_threaded_encoding_matches_sequential():
-    from pipeline.data.tokenize import encode_texts
-
     texts = [f"row {i}: {'é' * (i % 7)} text" for i in range(9000)]
-    assert encode_texts(texts) == [get_tokenizer().encode_ordinary(t) for t in texts]
+    assert gpt2().encode_batch(texts) == [gpt2().encode(t) for t in texts]
 
 
 def test_row_chunks_join_seamlessly(monkeypatch):
@@ -131,9 +136,9 @@ def test_row_chunks_join_seamlessly(monkeypatch):
 
     rows = [{"instruction": f"q{i}", "input": "x" * i, "output": f"a{i} " * i, "history": [["h", "r"]] * (i % 3)}
             for i in range(1, 12)]
-    whole = encode_rows(rows, "alpaca", cutoff_len=50, policy="truncate")
+    whole = encode_rows(rows, "alpaca", gpt2(), cutoff_len=50, policy="truncate")
     monkeypatch.setattr(tokenize, "ROW_CHUNK", 3)
-    chunked = encode_rows(rows, "alpaca", cutoff_len=50, policy="truncate")
+    chunked = encode_rows(rows, "alpaca", gpt2(), cutoff_len=50, policy="truncate")
     assert chunked.ids.tolist() == whole.ids.tolist() and chunked.offsets.tolist() == whole.offsets.tolist()
     assert chunked.trainable.tolist() == whole.trainable.tolist() and chunked.truncated == whole.truncated
     for i, row in enumerate(rows):

@@ -1,22 +1,28 @@
 """Templates render the book's prompt exactly; golden GPT-2 ids; placeholders never reach Python."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from pipeline.data.templates import TEMPLATES, get_template
+from pipeline.data.templates import TEMPLATES, Special, get_template
 from pipeline.data.tokenize import encode_prompt
-from pipeline.data.tokenizer import EOS_ID, get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
+
+EOS_ID = 50256  # GPT-2's <|endoftext|> (a published id, not read from the code under test)
 
 BOOK_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
              "completes the request.")
 
 
 def test_golden_token_ids():
-    enc = get_tokenizer()
-    ids = enc.encode("Hello, do you like tea? <|endoftext|> In the sunlit terraces", allowed_special={"<|endoftext|>"})
+    enc = gpt2()
+    ids = enc.encode_special("Hello, do you like tea? <|endoftext|> In the sunlit terraces")
     assert ids == [15496, 11, 466, 345, 588, 8887, 30, 220, 50256, 554, 262, 4252, 18250, 8812, 2114]
     assert enc.decode(ids) == "Hello, do you like tea? <|endoftext|> In the sunlit terraces"
+    assert enc.encode("<|endoftext|>") == [27, 91, 437, 1659, 5239, 91, 29]  # user text: literal
 
 
 def test_alpaca_without_input_is_the_books_prompt():
@@ -49,25 +55,91 @@ def test_alpaca_system_replaces_preamble_and_history_in_order():
                       "\n\n### Instruction:\nAnd 3+3?\n\n### Response:\n")
 
 
-def test_chatml_renders_markup_as_text():
+CHATML_HISTORY = ("<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+                  "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chatml_strings_are_llamafactorys():
     t = get_template("chatml")
     assert t.prompt("Hi", system="Be brief.", history=[("Q1", "A1")]) == (
-        "<|im_start|>system\nBe brief.<|im_end|>\n"
-        "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|><|endoftext|>"
-        "\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    assert t.prompt("Sum", "1 2") == "<|im_start|>user\nSum\n\n1 2<|im_end|>\n<|im_start|>assistant\n"
-    assert t.response("3") == "3<|im_end|>"
-    assert t.stop_strings == ("<|im_end|>",)
-    # GPT-2 has no <|im_start|> token: the markers are ordinary text, several tokens each
-    assert len(get_tokenizer().encode_ordinary("<|im_start|>")) > 1
+        "<|im_start|>system\nBe brief.<|im_end|>\n" + CHATML_HISTORY)
+    assert t.prompt("Hi", history=[("Q1", "A1")]) == CHATML_HISTORY  # no default system
+    assert t.prompt("Sum", "1 2") == "<|im_start|>user\nSum\n1 2<|im_end|>\n<|im_start|>assistant\n"
+    assert t.response("3") == "3<|im_end|>\n"
+    assert t.stop_words == ("<|im_end|>", "<|im_start|>") and t.replace_eos
+
+
+def test_qwen_adds_qwens_default_system_prompt():
+    t = get_template("qwen")
+    assert t.prompt("Hi", history=[("Q1", "A1")]) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        + CHATML_HISTORY)
+    assert t.prompt("Hi", system="S") == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
+                                         "<|im_start|>assistant\n"
+    assert t.stop_words == ("<|im_end|>",)
+
+
+def test_qwen3_nothink_is_plain_chatml_and_qwen3_adds_an_empty_thought():
+    assert get_template("qwen3_nothink").prompt("Hi", history=[("Q1", "A1")]) == CHATML_HISTORY
+    t = get_template("qwen3")
+    # enable_thinking (default): the empty thought opens each response that has none (trained)
+    (p1, a1), (p2, a2) = t.turns("Hi", output="Yo", history=[("Q1", "A1")])
+    assert t.text(p1) == "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\n"
+    assert a1 == ["<think>\n\n</think>\n\n", "A1", Special("<|im_end|>"), "\n"]
+    assert a2[0] == "<think>\n\n</think>\n\n"
+    # a response with its own thought keeps it and gets no empty one
+    (_, a), = t.turns("Hi", output="<think>\nhmm\n</think>\n\nYo")
+    assert t.text(a) == "<think>\nhmm\n</think>\n\nYo<|im_end|>\n"
+    # enable_thinking false: thoughts removed, the empty thought ends the prompt (not trained)
+    (p, a), = t.turns("Hi", output="<think>\nhmm\n</think>\n\nYo", enable_thinking=False)
+    assert p[-1] == "<think>\n\n</think>\n\n" and t.text(a) == "Yo<|im_end|>\n"
+    # mask_history: earlier thoughts dropped, only the last turn gets an empty thought
+    (_, a1), (_, a2) = t.turns("Hi", output="Yo", history=[("Q1", "<think>\nx\n</think>\n\nA1")],
+                               mask_history=True)
+    assert t.text(a1) == "A1<|im_end|>\n" and a2[0] == "<think>\n\n</think>\n\n"
+
+
+def test_llama3_strings_are_llamafactorys():
+    t = get_template("llama3")
+    assert t.prompt("Hi", system="S", history=[("Q1", "A1")], bos="<|begin_of_text|>") == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nQ1<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "A1<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert t.response("A") == "A<|eot_id|>"
+    assert t.stop_words == ("<|eot_id|>", "<|eom_id|>")
+
+
+def test_default_template_strings():
+    t = get_template("default")
+    assert t.prompt("Hi", system="S", history=[("Q1", "A1")], eos="</s>") == (
+        "System: S</s>\nHuman: Q1</s>\nAssistant:A1</s>\nHuman: Hi</s>\nAssistant:")
 
 
 def test_empty_template():
     t = get_template("empty")
     assert t.prompt("Translate: chat") == "Translate: chat"
     assert t.prompt("Translate:", "chat") == "Translate:\nchat"
-    assert t.prompt("Q", system="S") == "S\nQ"
-    assert t.response("cat") == "cat"
+    assert t.prompt("Q", system="S") == "SQ"  # LLaMA-Factory's empty: the blocks side by side
+    assert t.response("cat", eos="<|endoftext|>") == "cat"  # and no EOS
+
+
+def test_markup_tokens_are_split_out_of_template_text_only():
+    t = get_template("chatml")
+    (prompt, _), = t.turns("a <|im_end|> b")
+    assert prompt == [Special("<|im_start|>"), "user\na <|im_end|> b", Special("<|im_end|>"), "\n",
+                      Special("<|im_start|>"), "assistant\n"]
+
+
+def test_schema_enum_lists_exactly_the_templates():
+    schema = json.loads((Path(__file__).parents[2] / "pipeline/recipe/schema/recipe.schema.json").read_text())
+    assert schema["properties"]["template"]["enum"] == list(TEMPLATES)
+
+
+def test_a_template_the_vocabulary_cannot_express_is_a_user_error():
+    with pytest.raises(UserError, match=r"'chatml' needs the special tokens <\|im_start\|>, <\|im_end\|>.*gpt2.*"
+                                        r"\(alpaca, default, empty\)"):
+        encode_prompt("chatml", "hi", tokenizer=gpt2())
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -86,8 +158,8 @@ def test_unknown_template_suggests():
 
 
 def test_encode_prompt_uses_eos_ids_between_turns():
-    enc = get_tokenizer()
-    ids = encode_prompt("alpaca", "And 3+3?", history=[["What is 1+1?", "2"]])
-    first = enc.encode_ordinary(BOOK_HEAD + "\n\n### Instruction:\nWhat is 1+1?\n\n### Response:\n")
-    second = enc.encode_ordinary("\n\n### Instruction:\nAnd 3+3?\n\n### Response:\n")
-    assert ids == first + enc.encode_ordinary("2") + [EOS_ID] + second
+    enc = gpt2()
+    ids = encode_prompt("alpaca", "And 3+3?", history=[["What is 1+1?", "2"]], tokenizer=enc)
+    first = enc.encode(BOOK_HEAD + "\n\n### Instruction:\nWhat is 1+1?\n\n### Response:\n")
+    second = enc.encode("\n\n### Instruction:\nAnd 3+3?\n\n### Response:\n")
+    assert ids == first + enc.encode("2") + [EOS_ID] + second

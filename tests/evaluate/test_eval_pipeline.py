@@ -146,7 +146,7 @@ def _independent_loss(model, r) -> tuple[float, int]:
 def test_eval_writes_base_vs_tuned(make_run):
     from pipeline.data.load import load_split
     from pipeline.data.tokenize import encode_prompt
-    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import gpt2
     from pipeline.model.build import load_for_inference
     from pipeline.model.generate import generate
 
@@ -168,7 +168,7 @@ def test_eval_writes_base_vs_tuned(make_run):
         rows = load_split(r, "val")[:4]
         lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert len(lines) == 4
-        tok = get_tokenizer()
+        tok = gpt2()
         for row, line in zip(rows, lines):
             assert line["reference"] == row["output"] and row["instruction"] in line["prompt"]
             ids = encode_prompt("alpaca", row["instruction"], row.get("input") or "", tokenizer=tok)

@@ -9,7 +9,7 @@ import sys
 
 
 from pipeline.data.templates import get_template
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.model import chat
 from pipeline.model.build import load_for_inference
 from pipeline.model.generate import generate_text
@@ -28,7 +28,7 @@ def args(**kw):
 
 def expected(r, text):
     model = load_for_inference(r, "base", device="cpu")
-    return generate_text(model, get_tokenizer(), text, **chat.generation_kwargs(r, get_template("alpaca").stop_strings))
+    return generate_text(model, gpt2(), text, **chat.generation_kwargs(r, [50256]))
 
 
 def test_prompt_prints_only_the_templated_completion(tmp_path, capsys):
@@ -54,9 +54,10 @@ def test_interactive_loop_until_empty_line(tmp_path, capsys, monkeypatch):
     assert len(lines) == 2 and lines[0] == expected(r, "Hi")
 
 
-def test_generation_kwargs_merge_stop_strings():
-    kw = chat.generation_kwargs({"stop_strings": ["###"], "max_new_tokens": 3}, ("###", "\n\n"))
-    assert kw["stop_strings"] == ["###", "\n\n"] and kw["max_new_tokens"] == 3 and kw["do_sample"] is False
+def test_generation_kwargs_carry_stop_strings_and_ids():
+    kw = chat.generation_kwargs({"stop_strings": ["###", "###"], "max_new_tokens": 3}, (7, 9))
+    assert kw["stop_strings"] == ["###"] and kw["stop_ids"] == (7, 9)
+    assert kw["max_new_tokens"] == 3 and kw["do_sample"] is False
 
 
 def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
@@ -67,7 +68,7 @@ def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
     run = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(tmp_path / "r.yaml"), "--prompt",
                           "The sky is", "--raw"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    tok = get_tokenizer()
+    tok = gpt2()
     assert run.stdout == generate_text(load_model(path).eval(), tok, "The sky is", max_new_tokens=5) + "\n"
     bad = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(tmp_path / "r.yaml"), "--prompt", "x",
                           "--model", "merged"], capture_output=True, text=True, env=env, cwd=tmp_path)

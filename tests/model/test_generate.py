@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.model.config import PRESETS
 from pipeline.model.generate import cut_at_stop, generate, generate_text, logits_to_probs
 from pipeline.model.gpt import GPTModel
@@ -99,7 +99,7 @@ def test_stops_at_eos_and_stop_ids(model):
 
 def test_stop_strings_and_generate_text():
     model = GPTModel(PRESETS["tiny"].replace(context_length=64, tie_weights=False), seed=11).eval()  # full vocab
-    tok = get_tokenizer()
+    tok = gpt2()
     p = tok.encode("Once upon a time")
     free = generate(model, p, max_new_tokens=12)
     text = tok.decode(free)

@@ -231,13 +231,13 @@ def test_template_placeholders_in_user_text_stay_literal(name):
 
 def test_end_of_text_typed_by_a_user_is_text_not_the_eos_token():
     from pipeline.data.tokenize import encode_rows
-    from pipeline.data.tokenizer import get_tokenizer
+    from pipeline.data.tokenizer import gpt2
 
     row = {"instruction": "say <|endoftext|>", "input": "", "output": "<|endoftext|> done"}
-    split = encode_rows([row], "alpaca", cutoff_len=10_000)
+    split = encode_rows([row], "alpaca", gpt2(), cutoff_len=10_000)
     ids = split.ids[split.offsets[0]:split.offsets[1]].tolist()
     assert ids.count(50256) == 1 and ids[-1] == 50256  # only the EOS that closes the response
-    assert get_tokenizer().decode(ids[:-1]).count("<|endoftext|>") == 2
+    assert gpt2().decode(ids[:-1]).count("<|endoftext|>") == 2
 
 
 # ---------------------------------------------------------------------------------------------- dataset paths

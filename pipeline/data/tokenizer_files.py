@@ -1,0 +1,309 @@
+"""A checkpoint's tokenizer files -> a tiktoken-backed Tokenizer, or one exit-2 message saying why not.
+
+Read, in this order of preference:
+- tokenizer.json (Hugging Face `tokenizers`): accepted when it is a byte-level BPE whose merge order
+  follows the token ids (what tiktoken's ranks are: GPT-2, Llama 3, Qwen2/2.5/3). The pre-tokenizer
+  regex and an NFC normaliser are taken from the file; a sentencepiece-style model (Unigram, BPE with
+  byte_fallback, Metaspace: Llama 2, Mistral, Gemma) is refused.
+- vocab.json + merges.txt (GPT-2's slow-tokenizer files, as our merged/ exports write them).
+- original/tokenizer.model in Meta's tiktoken format (base64 token, rank per line).
+- no tokenizer file at all, in a GPT-2 checkpoint (config.json model_type gpt2, or our own format):
+  GPT-2's ranks.
+Special tokens come from tokenizer.json's added_tokens and tokenizer_config.json's added_tokens_decoder;
+BOS / EOS / pad from tokenizer_config.json (else special_tokens_map.json), the stop ids from
+generation_config.json's eos_token_id (an id or a list), with config.json as the last fallback.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tiktoken
+
+from pipeline.data.tokenizer import GPT2_PATTERN, Tokenizer, gpt2
+from pipeline.errors import UserError
+
+# Meta's pattern for Llama 3 (llama_models/llama3/tokenizer.py), used for original/tokenizer.model.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "added_tokens.json")
+SUPPORTED = "byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3)"
+
+
+@functools.lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+@functools.lru_cache(maxsize=None)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _unicode_to_byte_chars() -> dict[str, str]:
+    """The inverse map as a str.translate table source: printable char -> the latin-1 char of its byte; the
+    latin-1 chars that are not byte-level text (space, controls) -> a char latin-1 cannot encode."""
+    table = {chr(b): "\uffff" for b in range(256)}
+    table.update({c: chr(b) for c, b in _unicode_to_byte().items()})
+    return table
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not readable as JSON ({err})") from None
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = _json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _stamp(directory: Path) -> tuple:
+    """What the cache key watches: the tokenizer files' sizes and mtimes."""
+    names = (*TOKENIZER_FILES, "generation_config.json", "config.json", "original/tokenizer.model", "tokenizer.model")
+    return tuple((n, p.stat().st_mtime_ns, p.stat().st_size) for n in names if (p := directory / n).is_file())
+
+
+def read_tokenizer(directory: str | Path) -> Tokenizer:
+    """The Tokenizer of a checkpoint directory (cached per directory and file stamps)."""
+    directory = Path(directory).resolve()
+    return _read(directory, _stamp(directory))
+
+
+@functools.lru_cache(maxsize=8)
+def _read(directory: Path, _stamp: tuple) -> Tokenizer:
+    if (directory / "tokenizer.json").is_file():
+        return _from_tokenizer_json(directory)
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return _from_vocab_merges(directory)
+    if (directory / "original" / "tokenizer.model").is_file():
+        return _from_tiktoken_model(directory / "original" / "tokenizer.model", directory)
+    if (directory / "tokenizer.model").is_file():
+        return _from_tiktoken_model(directory / "tokenizer.model", directory)
+    config = _optional_json(directory / "config.json")
+    if config.get("model_type", "gpt2") == "gpt2" and config.get("family", "gpt2") == "gpt2":
+        return gpt2()  # HF GPT-2 checkpoints saved without tokenizer files, and our own GPT-2 checkpoints
+    raise UserError(f"{directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or "
+                    "original/tokenizer.model); copy the checkpoint's tokenizer files next to its config.json "
+                    "(`huggingface-cli download ORG/NAME tokenizer.json tokenizer_config.json "
+                    "generation_config.json --local-dir DIR`)")
+
+
+# ---------------------------------------------------------------- tokenizer.json
+
+def _pattern(pre: Any, path: Path) -> str:
+    """The split regex of a byte-level pre-tokenizer (GPT-2's when ByteLevel splits itself)."""
+    where = f"{path}: pre_tokenizer"
+    if not isinstance(pre, dict):
+        raise UserError(f"{where} is {pre!r}; expected ByteLevel or Sequence[Split, ByteLevel] ({SUPPORTED})")
+    kind = pre.get("type")
+    if kind == "ByteLevel":
+        if pre.get("add_prefix_space"):
+            raise UserError(f"{where}: ByteLevel add_prefix_space=true is not supported ({SUPPORTED})")
+        if not pre.get("use_regex", True):
+            raise UserError(f"{where}: ByteLevel without a split regex is not supported ({SUPPORTED})")
+        return GPT2_PATTERN
+    if kind == "Sequence":
+        steps = pre.get("pretokenizers") or []
+        if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
+                and not steps[1].get("use_regex", True) and not steps[1].get("add_prefix_space")):
+            split = steps[0]
+            regex = (split.get("pattern") or {}).get("Regex")
+            if regex and split.get("behavior") == "Isolated" and not split.get("invert"):
+                return regex
+        raise UserError(f"{where}: Sequence {[s.get('type') for s in steps]} is not the byte-level form "
+                        f"Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] ({SUPPORTED})")
+    if kind == "Metaspace":
+        raise UserError(f"{path}: a sentencepiece tokenizer (pre_tokenizer Metaspace) is not supported; "
+                        f"supported: {SUPPORTED}")
+    raise UserError(f"{where}: type {kind!r} is not supported ({SUPPORTED})")
+
+
+def _nfc(normalizer: Any, path: Path) -> bool:
+    if normalizer is None:
+        return False
+    if isinstance(normalizer, dict) and normalizer.get("type") == "NFC":
+        return True
+    kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+    hint = " (a sentencepiece tokenizer)" if kind in ("Replace", "Prepend", "Sequence") else ""
+    raise UserError(f"{path}: normalizer {kind!r}{hint} is not supported; only none or NFC ({SUPPORTED})")
+
+
+def _ranks(vocab: Mapping[str, int], merges: Sequence[Any], path: Path, skip: set[str]) -> dict[bytes, int]:
+    """tiktoken ranks from a byte-level BPE vocab, checking that merge order follows the ids (ranks = ids).
+
+    tiktoken merges the adjacent pair whose union has the lowest rank; a Hugging Face BPE merges the pair
+    listed first. The two agree when the merges are listed in the order of their results' ids, as in the
+    files converted from tiktoken ranks (Llama 3, Qwen) and GPT-2's.
+    """
+    table = str.maketrans(_unicode_to_byte_chars())
+    ranks: dict[bytes, int] = {}
+    try:
+        for token, index in vocab.items():
+            if token not in skip:
+                ranks[token.translate(table).encode("latin-1")] = int(index)
+    except UnicodeEncodeError:
+        bad = next(t for t in vocab if any(c not in _unicode_to_byte() for c in t))
+        raise UserError(f"{path}: vocab token {bad!r} is not byte-level BPE text; supported: {SUPPORTED}") from None
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise UserError(f"{path}: the vocabulary lacks {len(missing)} of the 256 single bytes; not a byte-level BPE "
+                        f"({SUPPORTED})")
+    get = vocab.get
+    results = [get(m.replace(" ", "", 1)) if isinstance(m, str) else get(m[0] + m[1]) for m in merges]
+    order = np.array([-1 if r is None else r for r in results], dtype=np.int64)
+    bad = np.flatnonzero((order < 0) | (np.diff(order, prepend=0) < 0))
+    if len(bad):
+        k = int(bad[0])
+        raise UserError(f"{path}: merge {k + 1} ({merges[k]!r}) does not follow the token ids, so the ranks are not "
+                        f"tiktoken ranks; supported: {SUPPORTED}")
+    return ranks
+
+
+def _from_tokenizer_json(directory: Path) -> Tokenizer:
+    path = directory / "tokenizer.json"
+    data = _json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise UserError(f"{path}: no 'model' object; not a Hugging Face tokenizer.json")
+    kind = model.get("type")
+    if kind != "BPE":
+        what = " (sentencepiece)" if kind == "Unigram" else ""
+        raise UserError(f"{path}: model.type {kind!r}{what} is not supported; supported: {SUPPORTED}")
+    if model.get("byte_fallback"):
+        raise UserError(f"{path}: model.byte_fallback is true (a sentencepiece-style BPE, e.g. Llama 2 or Mistral); "
+                        f"supported: {SUPPORTED}")
+    pattern = _pattern(data.get("pre_tokenizer"), path)
+    nfc = _nfc(data.get("normalizer"), path)
+    added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
+    ranks = _ranks(model.get("vocab") or {}, model.get("merges") or [], path, set(added))
+    return _assemble(directory, path, pattern, ranks, added, nfc)
+
+
+def _from_vocab_merges(directory: Path) -> Tokenizer:
+    vocab = _json(directory / "vocab.json")
+    lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [line for line in lines if line and not line.startswith("#version")]
+    config = _optional_json(directory / "tokenizer_config.json")
+    named = {_content(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")} - {None}
+    added = {tok: (vocab[tok], True) for tok in named if tok in vocab}
+    ranks = _ranks(vocab, merges, directory / "vocab.json", set(added))
+    return _assemble(directory, directory / "vocab.json", GPT2_PATTERN, ranks, added, False)
+
+
+def _from_tiktoken_model(path: Path, directory: Path) -> Tokenizer:
+    """Meta's tokenizer.model: `base64 rank` lines; the 256 specials follow the ranks (Llama 3's names)."""
+    blob = path.read_bytes()
+    ranks: dict[bytes, int] = {}
+    try:
+        for line in blob.splitlines():
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (ValueError, TypeError):
+        raise UserError(f"{path}: not a tiktoken BPE file (base64 token and rank per line); a sentencepiece "
+                        f"tokenizer.model is not supported; supported: {SUPPORTED}") from None
+    n = len(ranks)
+    added: dict[str, tuple[int, bool]] = {}
+    config = _optional_json(directory / "tokenizer_config.json")
+    for index, entry in (config.get("added_tokens_decoder") or {}).items():
+        added[entry["content"]] = (int(index), bool(entry.get("special", True)))
+    defaults: dict[str, Any] = {}
+    if not added:  # Meta's own tokenizer: its 256 specials, BOS, EOS and stop tokens (eom, eot)
+        added = {name: (n + i, True) for i, name in enumerate(llama3_special_tokens())}
+        defaults = {"bos": added["<|begin_of_text|>"][0], "eos": added["<|end_of_text|>"][0],
+                    "stops": [added["<|eom_id|>"][0], added["<|eot_id|>"][0]]}
+    return _assemble(directory, path, LLAMA3_PATTERN, ranks, added, False, defaults)
+
+
+def llama3_special_tokens(count: int = 256) -> list[str]:
+    """Meta's Llama 3.1+ special token names, in id order from 128000 (llama_models/llama3/tokenizer.py)."""
+    named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    return named + [f"<|reserved_special_token_{3 + i}|>" for i in range(count - len(named))]
+
+
+# ---------------------------------------------------------------- special tokens
+
+def _content(value: Any) -> str | None:
+    """A token as tokenizer_config.json writes it: a string, an AddedToken dict, or null."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, int],
+              added: Mapping[str, tuple[int, bool]], nfc: bool, defaults: Mapping[str, Any] | None = None) -> Tokenizer:
+    """The Tokenizer from ranks + added tokens, with BOS / EOS / pad / stops from the checkpoint's configs
+    (`defaults` fill what no config file says: Meta's tokenizer.model alone)."""
+    defaults = defaults or {}
+    config_file = directory / "tokenizer_config.json"
+    config = _optional_json(config_file)
+    added = dict(added)
+    for index, entry in (config.get("added_tokens_decoder") or {}).items():
+        added.setdefault(entry["content"], (int(index), bool(entry.get("special", True))))
+    taken = set(ranks.values())
+    clash = [t for t, (i, _) in added.items() if i in taken]
+    if clash:
+        raise UserError(f"{source}: added token {clash[0]!r} reuses id {added[clash[0]][0]}, which a BPE token has")
+    name = f"{source}"
+    try:
+        encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens={t: i for t, (i, _) in added.items()})
+    except ValueError as err:
+        raise UserError(f"{source}: not a consistent vocabulary for tiktoken ({err})") from None
+    ids = {t: i for t, (i, _) in added.items()}
+    special_map = _optional_json(directory / "special_tokens_map.json")
+    generation = _optional_json(directory / "generation_config.json")
+    model_config = _optional_json(directory / "config.json")
+
+    def named(key: str) -> int | None:
+        token = _content(config.get(key)) if key in config else _content(special_map.get(key))
+        if token is None:
+            return None
+        if token not in ids:
+            raise UserError(f"{config_file if key in config else directory / 'special_tokens_map.json'}: {key} "
+                            f"{token!r} is not a special token of {source}")
+        return ids[token]
+
+    gen_eos = _ids(generation.get("eos_token_id")) or _ids(model_config.get("eos_token_id")) or defaults.get("stops", [])
+    eos = named("eos_token")
+    if eos is None:
+        eos = defaults.get("eos")
+    if eos is None:
+        eos = gen_eos[0] if gen_eos else None
+    if eos is None:
+        raise UserError(f"{directory}: no end-of-text token: set eos_token in tokenizer_config.json or eos_token_id "
+                        "in generation_config.json")
+    bos = named("bos_token")
+    if bos is None and not config_file.is_file():
+        bos = next(iter(_ids(generation.get("bos_token_id")) or _ids(model_config.get("bos_token_id"))),
+                   defaults.get("bos"))
+    pad = named("pad_token")
+    if pad is None:
+        pad = next(iter(_ids(generation.get("pad_token_id")) or _ids(model_config.get("pad_token_id"))), eos)
+    files = tuple(p for n in (*TOKENIZER_FILES, "original/tokenizer.model") if (p := directory / n).is_file())
+    return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
+                     special=frozenset(t for t, (_, s) in added.items() if s),
+                     added=frozenset(t for t, (_, s) in added.items() if not s), nfc=nfc, files=files)

@@ -1,0 +1,83 @@
+"""Hub ids (`Qwen/Qwen3-0.6B`) -> a local snapshot directory in the standard Hugging Face cache.
+
+`resolve_model_path` is where model_name_or_path and adapter_name_or_path become directories. An
+existing path is returned as it is; an `org/name` id goes through huggingface_hub's snapshot_download,
+fetching only what the pipeline reads (configs, safetensors weights, tokenizer files: never pickles,
+never code), into the cache every Hugging Face tool shares (HF_HUB_CACHE, else HF_HOME/hub, else
+~/.cache/huggingface/hub; layout `models--Org--Name/{refs/main, snapshots/<commit>/...}`).
+With HF_HUB_OFFLINE=1 only the cache is read: a cached snapshot works with no network, a missing one
+is one exit-2 message that says what to run on a machine with network.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+# What a model or adapter snapshot needs; weights as safetensors only (never *.bin / *.pt pickles).
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "original/tokenizer.model", "adapter_config.json",
+]
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def is_hub_id(name: str) -> bool:
+    """`org/name` that is not an existing path (a local directory always wins)."""
+    return bool(HUB_ID.fullmatch(name)) and not Path(name).exists() and ".." not in name
+
+
+def offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def cache_dir() -> Path:
+    """The hub cache, read from the environment at call time (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def download_command(repo_id: str, revision: str | None = None) -> str:
+    include = " ".join(f"'{p}'" for p in ALLOW_PATTERNS)
+    rev = f" --revision {revision}" if revision and revision != "main" else ""
+    return f"hf download {repo_id}{rev} --include {include}"
+
+
+def resolve_model_path(name_or_path: str | Path, revision: str | None = None, key: str = "model_name_or_path",
+                       download: bool = True) -> Path:
+    """A local directory for a path or hub id; hub ids are fetched (or, offline or with download=False,
+    found) in the HF cache."""
+    name = str(name_or_path)
+    if not is_hub_id(name):
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    where = cache_dir()
+    try:
+        folder = snapshot_download(name, revision=revision, cache_dir=where, allow_patterns=ALLOW_PATTERNS,
+                                   local_files_only=offline() or not download)
+    except (RepositoryNotFoundError, GatedRepoError) as err:
+        raise UserError(f"{key}: '{name}' is not a hub repository this machine may read ({type(err).__name__}); "
+                        "check the id, or log in with `hf auth login` for gated models") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{key}: '{name}' has no revision '{revision}'") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
+        state = ("HF_HUB_OFFLINE=1 and it is not" if offline() else "it is not" if not download
+                 else "the hub is unreachable and it is not")
+        raise UserError(f"{key}: '{name}' is neither a local directory nor a cached hub snapshot ({state} in "
+                        f"{where}); on a machine with network run `{download_command(name, revision)}` "
+                        f"(with HF_HOME pointing at the same cache), or set {key} to a local checkpoint "
+                        f"directory [{type(err).__name__}]") from None
+    path = Path(folder)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserError(f"{key}: the snapshot of '{name}' at {path} has no config.json or adapter_config.json; "
+                        f"fetch it with `{download_command(name, revision)}`")
+    return path

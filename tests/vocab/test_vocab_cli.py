@@ -1,0 +1,116 @@
+"""The user's path with a checkpoint's own tokenizer: a transformers-written checkpoint with Qwen3's vocabulary,
+by directory and by hub id from an offline Hugging Face cache, through `python -m pipeline build / validate /
+inspect`; wrong templates and uncached hub ids exit 2 with one message."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.hf_vocab import write_tokenizer_dir
+
+REPO = Path(__file__).resolve().parents[2]
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """GPT2LMHeadModel.save_pretrained with Qwen3's 151,936-row embedding, plus Qwen3's tokenizer files."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("ckpt") / "qwen3-vocab-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=151936, n_positions=128, n_embd=16, n_layer=1, n_head=2)).save_pretrained(d)
+    return write_tokenizer_dir(d, "qwen3")
+
+
+def project(tmp_path: Path, model: str, template: str) -> Path:
+    conv = [{"conversations": [{"from": "human", "value": f"Hello {i}? <|im_end|>"},
+                               {"from": "gpt", "value": f"Hi {i}."}]} for i in range(10)]
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "chat.json").write_text(json.dumps(conv, ensure_ascii=False))
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(
+        {"chat": {"file_name": "raw/chat.json", "formatting": "sharegpt"}}))
+    (tmp_path / "recipe.yaml").write_text(f"model_name_or_path: {model}\ndataset_dir: data\ndataset: chat\n"
+                                          f"template: {template}\ncutoff_len: 64\nnum_train_epochs: 1\n")
+    return tmp_path / "recipe.yaml"
+
+
+def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1", HF_HUB_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_build_validate_inspect_with_the_checkpoints_tokenizer(tmp_path, checkpoint):
+    project(tmp_path, str(checkpoint), "qwen3")
+    for command in ("build", "validate"):
+        done = cli(tmp_path, command, "recipe.yaml")
+        assert done.returncode == 0, done.stderr
+    done = cli(tmp_path, "inspect", "recipe.yaml", "--num", "1")
+    assert done.returncode == 0, done.stderr
+    assert "<|im_end|> is EOS (id 151645)" in done.stdout
+    # the user's "<|im_end|>" is text, the template's is the token; the empty thought opens the trained response
+    assert "<|im_start|>user\nHello " in done.stdout and "? <|im_end|><|im_end|>\n<|im_start|>assistant\n[[" \
+        "<think>\n\n</think>\n\nHi " in done.stdout and ".<|im_end|>\n]]" in done.stdout
+
+
+def test_a_template_the_checkpoint_cannot_express_exits_2(tmp_path, checkpoint):
+    project(tmp_path, str(checkpoint), "llama3")
+    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    done = cli(tmp_path, "validate", "recipe.yaml")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "template: 'llama3' needs the special tokens <|start_header_id|>, <|end_header_id|>, <|eot_id|>" \
+        in done.stderr and "qwen3" in done.stderr
+
+
+def _hub_cache(home: Path, repo_id: str, checkpoint: Path) -> Path:
+    """The documented cache layout: hub/models--Org--Name/{refs/main, snapshots/<commit>/...} (blobs omitted)."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return repo / "snapshots" / SNAPSHOT
+
+
+def test_a_hub_id_resolves_from_the_offline_cache(tmp_path, checkpoint):
+    home = tmp_path / "hf"
+    _hub_cache(home, "Org/Tiny-Qwen", checkpoint)
+    project(tmp_path, "Org/Tiny-Qwen", "qwen3_nothink")
+    for command in ("build", "validate"):
+        done = cli(tmp_path, command, "recipe.yaml", HF_HOME=str(home))
+        assert done.returncode == 0, done.stderr
+    done = cli(tmp_path, "inspect", "recipe.yaml", "--num", "1", HF_HOME=str(home))
+    assert done.returncode == 0, done.stderr
+    assert "<|im_start|>assistant\n[[Hi " in done.stdout
+
+
+def test_an_uncached_hub_id_offline_says_what_to_run(tmp_path):
+    project(tmp_path, "Org/Not-Cached", "qwen3")
+    assert cli(tmp_path, "build", "recipe.yaml", HF_HOME=str(tmp_path / "hf")).returncode == 0
+    done = cli(tmp_path, "validate", "recipe.yaml", HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "'Org/Not-Cached' is neither a local directory nor a cached hub snapshot (HF_HUB_OFFLINE=1" in done.stderr
+    assert "hf download Org/Not-Cached --include 'config.json'" in done.stderr
+
+
+def test_resolve_model_path_in_process(tmp_path, monkeypatch, checkpoint):
+    from pipeline.errors import UserError
+    from pipeline.model.hub import resolve_model_path
+
+    snapshot = _hub_cache(tmp_path / "hf", "Org/Tiny", checkpoint)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model_path("Org/Tiny") == snapshot
+    assert resolve_model_path(str(checkpoint)) == checkpoint  # a local directory is returned as it is
+    with pytest.raises(UserError, match="adapter_name_or_path: 'Org/Adapter' is neither"):
+        resolve_model_path("Org/Adapter", key="adapter_name_or_path")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(UserError, match=r"it is not in .*hf/hub"):  # plan/validate: cache only, no download
+        resolve_model_path("Org/Other", download=False)
