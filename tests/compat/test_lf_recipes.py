@@ -14,6 +14,7 @@ import pytest
 
 from tests.acceptance.harness import pipeline, write_hf_checkpoint
 from tests.compat.conftest import LF_DATA
+from tests.helpers.hf_vocab import write_tokenizer_dir
 
 EXAMPLES = Path(__file__).with_name("lf_examples")
 
@@ -42,7 +43,8 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     ckpt = tmp_path / "ckpt"
-    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048)  # the recipe's cutoff_len 2048 fits
+    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048, vocab_size=151936)  # cutoff_len 2048 fits; Qwen3's rows
+    write_tokenizer_dir(ckpt, "qwen3")  # the recipe's qwen3 templates need the checkpoint's ChatML tokens
     work = lf_checkout(tmp_path / "lf", str(ckpt))
     extra = template_override()
     sft = "examples/train_lora/qwen3_lora_sft.yaml"

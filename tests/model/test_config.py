@@ -92,7 +92,10 @@ def test_read_config_errors(tmp_path):
         read_config("gpt2-smal")
     assert "did you mean 'gpt2-small'" in str(err.value) and "tiny" in str(err.value)
     with pytest.raises(UserError, match="huggingface-cli download openai-community/gpt2"):
-        read_config("openai-community/gpt2")
+        read_config("gpt2")  # not a preset: where OpenAI's weights come from
+    with pytest.raises(UserError, match=r"'openai-community/gpt2' is neither a local directory nor a cached hub "
+                                        r"snapshot .* run `hf download openai-community/gpt2"):
+        read_config("openai-community/gpt2")  # a hub id, offline (tests/conftest.py) and not cached
     with pytest.raises(UserError, match="no config.json"):
         read_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
