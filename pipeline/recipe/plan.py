@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,4 +165,10 @@ def packed_counts(r: Resolved) -> Resolved:
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     r = packed_counts(r)
     print(render(r))
+    from pipeline.recipe.precision import bf16_notice
+    from pipeline.recipe.rules import cuda_available
+
+    notice = bf16_notice(r, cuda=cuda_available())
+    if notice:
+        print(notice, file=sys.stderr)
     return 0

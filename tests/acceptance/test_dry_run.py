@@ -81,3 +81,18 @@ def test_make_dry_run_on_two_ranks(tmp_path, hf_checkpoint):
     done = make("train", "RECIPE=recipes/two.yaml", "ARGS=--dry-run", f"VENV={root / 'venv'}", cwd=root, env=env)
     assert "dry run: ok" in done.stdout
     assert not (root / "saves").exists() and not (root / ".stamps/two/train").exists()
+
+
+def test_bf16_on_a_cpu_without_it_gets_a_notice_in_plan_dry_run_and_train(dry):
+    """A CPU without avx512_bf16/AMX is played through PIPELINE_CPUINFO (this machine may have them)."""
+    workdir, recipe, env = dry
+    (workdir / "cpuinfo").write_text("flags\t\t: fpu sse sse2 avx avx2 avx512f\n", encoding="utf-8")
+    env = {**env, "PIPELINE_CPUINFO": str(workdir / "cpuinfo"), "CUDA_VISIBLE_DEVICES": ""}
+    plan = pipeline("plan", recipe, "bf16=true", cwd=workdir, env=env)
+    assert "notice: cli: bf16 is true" in plan.stderr and "lacks avx512_bf16 and amx_bf16" in plan.stderr
+    assert "bf16: false" in plan.stderr
+    done = pipeline("train", recipe, "--dry-run", "bf16=true", cwd=workdir, env=env)
+    assert "notice: cli: bf16 is true" in done.stderr and "measured here just now" in done.stderr
+    assert "dry run: ok" in done.stdout
+    quiet = pipeline("plan", recipe, "bf16=false", cwd=workdir, env=env)
+    assert "notice" not in quiet.stderr
