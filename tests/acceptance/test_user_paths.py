@@ -115,3 +115,15 @@ def test_eval_reports_base_and_tuned(session):
     assert tuned["loss"] != base["loss"]
     assert len((eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == metrics["n_examples"]
     assert (eval_dir / "report.md").is_file()
+
+
+def test_generate_and_chat_need_no_dataset(session):
+    """A chat needs a model, not data: a recipe of two lines, the HF checkpoint and the trained adapter."""
+    recipe = session / "chat.yaml"
+    recipe.write_text(f"model_name_or_path: {session / 'gpt2'}\nadapter_name_or_path: saves/lora/adapter\n"
+                      f"max_new_tokens: {NEW_TOKENS}\n", encoding="utf-8")
+    one = pipeline("generate", recipe, "--model", "adapter", "--raw", "--prompt", PROMPT, cwd=session)
+    assert one.stdout == pipeline("generate", session / "lora.yaml", "--model", "adapter", "--raw", "--prompt", PROMPT,
+                                  cwd=session).stdout
+    chat = pipeline("generate", recipe, "--raw", cwd=session, input=f"{PROMPT}\n\n")
+    assert chat.stdout == one.stdout
