@@ -13,6 +13,10 @@ RECIPE ?= recipes/demo_sft.yaml
 ARGS ?=
 NPROC ?= 1
 HOSTFILE ?=
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?=
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 TESTS ?= tests
@@ -24,10 +28,13 @@ STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
 STAGE_GOALS := data validate inspect plan train dry-run merge eval chat all
 
 # Several ranks (or nodes) go through the deepspeed launcher; one rank is a plain python process.
-ifeq ($(NPROC)$(HOSTFILE),1)
+# NNODES > 1: this node's part of a job without ssh (docs/packing-and-scale.md); HOSTFILE: DeepSpeed over ssh.
+ifeq ($(NPROC)$(HOSTFILE)$(NNODES),11)
 LAUNCH := $(PY) -m pipeline
 else
-LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) --num_gpus $(NPROC) --module pipeline
+LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) \
+	$(if $(filter-out 1,$(NNODES)),--nnodes $(NNODES) --node_rank $(NODE_RANK) --master_addr '$(MASTER_ADDR)') \
+	$(if $(MASTER_PORT),--master_port $(MASTER_PORT)) --num_gpus $(NPROC) --module pipeline
 endif
 
 .PHONY: help setup test-deps data validate inspect plan train dry-run merge export eval chat all test bench clean FORCE
@@ -41,7 +48,9 @@ help: ## list targets and variables
 	@echo "  RECIPE     the experiment (default $(RECIPE))"
 	@echo "  ARGS       recipe overrides, e.g. ARGS='learning_rate=5e-5 max_steps=10'"
 	@echo "  NPROC      ranks per node for train/eval through the deepspeed launcher (default 1)"
-	@echo "  HOSTFILE   DeepSpeed hostfile for multi-node runs"
+	@echo "  HOSTFILE   DeepSpeed hostfile for multi-node runs (ssh/pdsh from this node)"
+	@echo "  NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT  multi-node without ssh: run on every node with"
+	@echo "             its NODE_RANK (0 on MASTER_ADDR), e.g. NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1"
 	@echo "  TORCH      torch requirement for setup (default $(TORCH)); TORCH_INDEX e.g."
 	@echo "             '--index-url https://download.pytorch.org/whl/cu124' for a CUDA build"
 	@echo "  TESTS, PYTEST_ARGS  what 'make test' runs"
@@ -83,7 +92,8 @@ $(STAMPS)/args: FORCE
 ifneq ($(UPSTREAM),)
 UPSTREAM_STAMP := .stamps/$(basename $(notdir $(UPSTREAM)))/train
 $(UPSTREAM_STAMP): FORCE
-	@$(MAKE) --no-print-directory train RECIPE=$(UPSTREAM) NPROC=$(NPROC) HOSTFILE=$(HOSTFILE)
+	@$(MAKE) --no-print-directory train RECIPE=$(UPSTREAM) NPROC=$(NPROC) HOSTFILE=$(HOSTFILE) NNODES=$(NNODES) \
+		NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)
 endif
 
 $(STAMPS)/data: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
@@ -113,8 +123,8 @@ validate: $(STAMPS)/validate ## check the recipe and the built data; prints a re
 inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram
 	$(PY) -m pipeline inspect $(RECIPE) $(ARGS)
 plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
-	WORLD_SIZE=$(NPROC) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
-train: $(STAMPS)/train ## train (NPROC=N ranks, HOSTFILE=... for several nodes)
+	WORLD_SIZE=$$(( $(NPROC) * $(NNODES) )) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
+train: $(STAMPS)/train ## train (NPROC=N ranks; HOSTFILE=... or NNODES/NODE_RANK/MASTER_ADDR for several nodes)
 dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)
 merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF GPT-2 layout

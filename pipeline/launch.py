@@ -5,6 +5,7 @@ alone (`kill PID`, `timeout`, a container stop) kills the runner and leaves the 
 orphans that never save. This wrapper starts the runner in its own process group, passes SIGINT/SIGTERM
 straight to the ranks (each saves a checkpoint and exits; see pipeline.train), and returns only when
 every process of the job is gone. With a hostfile the runner itself is signalled: it relays to the nodes.
+`--nnodes N --node_rank R` runs this node's part of a job without ssh (pipeline.nodes).
 """
 from __future__ import annotations
 
@@ -42,13 +43,32 @@ def _group_alive(pgid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.errors import UserError
+    from pipeline.nodes import expand
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, hostfile = expand(argv)  # --nnodes N --node_rank R: this node's part of a no-ssh job
+    except UserError as err:
+        for message in err.messages:
+            print(f"error: {message}", file=sys.stderr)
+        return 2
+    try:
+        return _run(argv)
+    finally:
+        if hostfile is not None:
+            hostfile.unlink(missing_ok=True)
+
+
+def _run(argv: list[str]) -> int:
     runner = subprocess.Popen([*_runner(), *argv], start_new_session=True)
     received: list[int] = []
+    # With --no_ssh every node runs its own ranks below the runner, as on one node.
+    remote = ("--hostfile" in argv or "-H" in argv) and "--no_ssh" not in argv
 
     def forward(signum: int, _frame: object) -> None:
         received.append(signum)
-        for pid in _targets(runner, "--hostfile" in argv or "-H" in argv):
+        for pid in _targets(runner, remote):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 

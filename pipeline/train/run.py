@@ -362,7 +362,10 @@ def explain_out_of_memory(r: Mapping[str, Any], state: TrainState) -> Any:
             f"out of memory at optimizer step {state.global_step + 1} ({text.splitlines()[0] if text else 'no detail'}"
             f"). To use less memory: lower per_device_train_batch_size (now {r['per_device_train_batch_size']}) and "
             f"raise gradient_accumulation_steps (now {r['gradient_accumulation_steps']}) to keep the global batch; "
-            f"lower cutoff_len (now {r['cutoff_len']}); raise zero_stage (now {r['zero_stage']}) to 2 or 3 and "
+            f"lower cutoff_len (now {r['cutoff_len']}); "
+            + ("disable_gradient_checkpointing: false (recompute activations per block); "
+               if r["disable_gradient_checkpointing"] else "")
+            + f"raise zero_stage (now {r['zero_stage']}) to 2 or 3 and "
             "offload_optimizer: cpu (offload_param: cpu with stage 3); use finetuning_type: lora (now "
             f"{r['finetuning_type']}); bf16: true on GPUs that support it. `make plan` estimates a recipe's memory"
         ) from None
