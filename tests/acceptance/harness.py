@@ -20,7 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -254,5 +254,3 @@ def files_under(directory: str | Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(directory).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
-
-Runner = Callable[..., subprocess.CompletedProcess]

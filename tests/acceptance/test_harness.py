@@ -1,0 +1,37 @@
+"""The harness itself: family detection from model lines, checkpoint writing (what other suites build on)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.acceptance.harness import REPO, family_of, family_of_recipe, write_hf_checkpoint
+
+
+@pytest.mark.parametrize("line, family", [("models/gpt2-large", "gpt2"), ("openai-community/gpt2", "gpt2"),
+                                          ("tiny", "gpt2"), ("gpt2-small", "gpt2"), ("saves/x/model", None)])
+def test_family_of_a_model_line(line, family):
+    assert family_of(line) == family
+
+
+def test_a_recipe_trained_on_another_recipes_output_takes_its_family(tmp_path):
+    (tmp_path / "up.yaml").write_text("model_name_or_path: models/gpt2\noutput_dir: saves/up\n", encoding="utf-8")
+    (tmp_path / "down.yaml").write_text("extends: base.yaml\n", encoding="utf-8")
+    (tmp_path / "base.yaml").write_text("model_name_or_path: saves/up/model\n", encoding="utf-8")
+    recipes = sorted(tmp_path.glob("*.yaml"))
+    assert family_of_recipe(tmp_path / "down.yaml", recipes) == "gpt2"
+    (tmp_path / "lost.yaml").write_text("model_name_or_path: somewhere/else\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="names no family"):
+        family_of_recipe(tmp_path / "lost.yaml", recipes)
+
+
+def test_the_demo_sft_recipe_is_gpt2_through_demo_pt():
+    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert family_of_recipe(REPO / "recipes" / "demo_sft.yaml", recipes) == "gpt2"
+
+
+def test_write_hf_checkpoint_is_the_save_pretrained_layout(tmp_path):
+    write_hf_checkpoint(tmp_path / "m", "gpt2", n_positions=128)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_layer"] == 2 and config["n_positions"] == 128
+    assert (tmp_path / "m" / "model.safetensors").is_file()
