@@ -187,6 +187,11 @@ def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[i
             if r["stage"] == "pt":
                 stream = pt_stream(r, split)
                 samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
+            elif r["stage"] == "dpo":
+                from pipeline.data.pairs import tokenized_pairs
+
+                data = tokenized_pairs(r, split).chosen
+                samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]
             else:
                 data = tokenized_split(r, split)
                 samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]

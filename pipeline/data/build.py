@@ -33,6 +33,10 @@ BUILD_KEYS = ("stage", "val_size", "seed", "max_samples")
 SPLITS = ("train", "val")
 SFT_REASONS = ("empty instruction", "empty output", "exact duplicate", "over num_samples", "over max_samples")
 PT_REASONS = ("empty text", "exact duplicate", "over num_samples", "over max_samples")
+DPO_REASONS = ("empty instruction", "empty chosen", "empty rejected", "identical chosen and rejected",
+               "exact duplicate", "over num_samples", "over max_samples")
+REASONS = {"pt": PT_REASONS, "sft": SFT_REASONS, "dpo": DPO_REASONS}
+UNITS = {"pt": "documents", "sft": "rows", "dpo": "pairs"}
 PROGRESS_MIN_BYTES = 8 << 20
 BLOCK_MIN_BYTES = 1 << 20  # preprocessing_num_workers: JSON Lines files this large are read in blocks
 
@@ -256,15 +260,17 @@ def clean(rows: list[dict], stage: str, num_samples: int | None, max_samples: in
                 removed["empty text"] += 1
                 continue
         else:
-            ins, out = row["instruction"], row["output"]
-            if not ins or ins.isspace():
-                removed["empty instruction"] += 1
+            reason = _blank(row, ("instruction", "chosen", "rejected") if stage == "dpo" else ("instruction", "output"))
+            if reason:
+                removed[reason] += 1
                 continue
-            if not out or out.isspace():
-                removed["empty output"] += 1
+            if stage == "dpo" and row["chosen"] == row["rejected"]:  # no preference to learn (zero gradient)
+                removed["identical chosen and rejected"] += 1
                 continue
-            key = (ins, row["input"], out) if len(row) == 3 else (
-                ins, row["input"], out, row.get("system", ""), tuple(map(tuple, row.get("history", ()))))
+            answer = (row["chosen"], row["rejected"]) if stage == "dpo" else row["output"]
+            key = (row["instruction"], row["input"], answer) if len(row) == 3 else (
+                row["instruction"], row["input"], answer, row.get("system", ""),
+                tuple(map(tuple, row.get("history", ()))))
         if key in seen:
             removed["exact duplicate"] += 1
             continue
@@ -274,8 +280,16 @@ def clean(rows: list[dict], stage: str, num_samples: int | None, max_samples: in
         if cap is not None and len(kept) > cap:
             removed[reason] += len(kept) - cap
             kept = kept[:cap]
-    reasons = PT_REASONS if stage == "pt" else SFT_REASONS
-    return kept, {reason: removed[reason] for reason in reasons}
+    return kept, {reason: removed[reason] for reason in REASONS[stage]}
+
+
+def _blank(row: dict, fields: tuple[str, ...]) -> str | None:
+    """'empty <field>' for the first empty or whitespace-only field, else None."""
+    for name in fields:
+        text = row[name]
+        if not text or text.isspace():
+            return f"empty {name}"
+    return None
 
 
 def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -359,7 +373,7 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_so
     if not train or not val:
         gone = ", ".join(f"{k} {v:,}" for k, v in removed.items() if v) or "none"
         raise UserError(f"dataset '{spec.name}' ({spec.registry}:{spec.line}): {len(kept):,} "
-                        f"{'documents' if stage == 'pt' else 'rows'} remain after cleaning (read {len(rows):,}; "
+                        f"{UNITS[stage]} remain after cleaning (read {len(rows):,}; "
                         f"removed: {gone}); val_size {r['val_size']} leaves {len(train):,} for training and "
                         f"{len(val):,} for validation, and both need at least one. Add data or change val_size")
     manifest["splits"] = {"train": len(train), "val": len(val)}
@@ -384,7 +398,7 @@ def _write(directory: Path, manifest: dict[str, Any], blobs: dict[str, bytes]) -
 
 
 def summary(manifest: dict[str, Any], directory: Path) -> list[str]:
-    unit = "documents" if manifest["stage"] == "pt" else "rows"
+    unit = UNITS.get(manifest["stage"], "rows")
     removed = ", ".join(f"{k} {v:,}" for k, v in manifest["removed"].items() if v) or "none"
     splits = manifest["splits"]
     lines = [f"{manifest['name']}: built {directory} ({manifest['stage']}, {len(manifest['sources'])} source"

@@ -42,6 +42,16 @@ def row_ok(row: Any) -> bool:
     return True
 
 
+def pair_ok(row: Any) -> bool:
+    """True iff the row satisfies pairwise.schema.json (a preference pair: chosen and rejected in place of output)."""
+    if type(row) is not dict or type(row.get("chosen")) is not str or type(row.get("rejected")) is not str:
+        return False
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not chosen or not rejected or chosen.isspace() or rejected.isspace():
+        return False
+    return row_ok({k: v for k, v in row.items() if k not in ("chosen", "rejected")} | {"output": chosen})
+
+
 def text_ok(row: Any) -> bool:
     text = row.get("text") if type(row) is dict else None
     return type(text) is str and len(row) == 1 and bool(text) and not text.isspace()
@@ -88,11 +98,15 @@ def row_messages(row: Any, schema_name: str) -> list[tuple[str, str]]:
 
 
 def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> None:
-    ok, schema_name = (text_ok, "text.schema.json") if stage == "pt" else (row_ok, "alpaca.schema.json")
+    ok, schema_name = {"pt": (text_ok, "text.schema.json"), "dpo": (pair_ok, "pairwise.schema.json")}.get(
+        stage, (row_ok, "alpaca.schema.json"))
     for i, row in enumerate(rows, start=1):
         if not ok(row):
             for field, text in row_messages(row, schema_name) or [("", "does not match the schema")]:
                 problems.add(file, f"{i}:{field}" if field else i, text)
+        elif stage == "dpo" and row["chosen"] == row["rejected"]:
+            problems.add(file, f"{i}:rejected", "equals chosen: the pair states no preference; `make data` "
+                                                "removes such pairs")
 
 
 def _sources_changed(r: Mapping[str, Any], manifest: dict[str, Any], spec: Any) -> list[str]:
@@ -143,6 +157,11 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
         sample = [rows[i] for i in pick]
         if r["stage"] == "pt":
             lengths = np.array([len(t) for t in recipe_tokenizer(r).encode_batch([row["text"] for row in sample])])
+        elif r["stage"] == "dpo":
+            from pipeline.data.pairs import encode_pairs
+
+            lengths = encode_pairs(sample, r["template"], recipe_tokenizer(r), cutoff_len=2**62,
+                                   enable_thinking=r.get("enable_thinking", True)).lengths
         else:
             lengths = encode_rows(sample, r["template"], recipe_tokenizer(r), cutoff_len=2**62,
                                   train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"],

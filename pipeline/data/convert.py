@@ -1,6 +1,7 @@
-"""Records -> Alpaca rows (sft) or text documents (pt), through the registry's column and tag mapping.
+"""Records -> Alpaca rows (sft), preference pairs (dpo) or text documents (pt), through the registry's mapping.
 
 An Alpaca row: {"instruction", "input", "output", "system"?, "history"?: [[instruction, response], ...]}.
+A preference pair (registry "ranking": true): the same with "chosen" and "rejected" in place of "output".
 ShareGPT: the last assistant turn is the output, the user turn before it the instruction, earlier
 pairs the history, a leading system turn (or the system column) the system prompt.
 Text is normalised here (Unicode NFC, CRLF -> LF) so de-duplication compares like with like.
@@ -99,6 +100,12 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
                 text = _field(rec, cols["prompt"], "instruction", True)
                 extra = _field(rec, cols["query"], "input", False)
                 return {"text": f"{text}\n{extra}" if extra else text}
+    elif spec.ranking and spec.formatting == "sharegpt":
+        needed = {"messages": cols["messages"], "chosen": cols["chosen"], "rejected": cols["rejected"]}
+        convert = lambda rec: _sharegpt_pair(rec, spec)  # noqa: E731
+    elif spec.ranking:
+        needed = {"prompt": cols["prompt"], "chosen": cols["chosen"], "rejected": cols["rejected"]}
+        convert = lambda rec: _alpaca_pair(rec, cols)  # noqa: E731
     elif spec.formatting == "sharegpt":
         needed = {"messages": cols["messages"]}
         convert = lambda rec: _sharegpt(rec, spec)  # noqa: E731
@@ -144,6 +151,59 @@ def _alpaca(rec: dict, cols: dict[str, str]) -> dict:
     if history:
         row["history"] = history
     return row
+
+
+def _alpaca_pair(rec: dict, cols: dict[str, str]) -> dict:
+    """A ranking row in alpaca form: instruction/input (system, history) + chosen and rejected strings."""
+    row = {
+        "instruction": _field(rec, cols["prompt"], "instruction", True),
+        "input": _field(rec, cols["query"], "input", False),
+        "chosen": _field(rec, cols["chosen"], "chosen", True),
+        "rejected": _field(rec, cols["rejected"], "rejected", True),
+    }
+    system = _field(rec, cols["system"], "system", False)
+    if system:
+        row["system"] = system
+    history = _history(rec.get(cols["history"]), cols["history"])
+    if history:
+        row["history"] = history
+    return row
+
+
+def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:
+    """A ranking row in sharegpt form: the conversation ends with a user turn; chosen and rejected are one
+    assistant message object each ({role_tag: assistant_tag, content_tag: text}), as in LLaMA-Factory."""
+    cols, tags = spec.columns, spec.tags
+    role_tag, content_tag, assistant = tags["role_tag"], tags["content_tag"], tags["assistant_tag"]
+    answers = {}
+    for what in ("chosen", "rejected"):
+        column = cols[what]
+        message = rec.get(column, _MISSING)
+        if message is _MISSING:
+            raise _RowError(f"missing {_name(column, what)}{did_you_mean(column, map(str, rec))}; "
+                            f"the row has: {', '.join(map(str, rec)) or 'none'}")
+        if not isinstance(message, dict):
+            raise _RowError(f"{_name(column, what)} is {_kind(message)}; expected a message object "
+                            f"{{\"{role_tag}\": \"{assistant}\", \"{content_tag}\": ...}}")
+        role = message.get(role_tag, _MISSING)
+        if role is not _MISSING and role != assistant:
+            raise _RowError(f"'{column}'.{role_tag} is {role!r}; expected '{assistant}' (the response)")
+        if content_tag not in message:
+            raise _RowError(f"'{column}': missing '{content_tag}' (the text){did_you_mean(content_tag, map(str, message))}")
+        answers[what] = _string(message[content_tag], f"'{column}'.{content_tag}")
+    # The prompt side is an ordinary conversation that ends with the user's turn: reuse the sharegpt reader
+    # with a placeholder response, then put the pair in its place.
+    column = cols["messages"]
+    turns = rec.get(column, _MISSING)
+    if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get(role_tag) == assistant:
+        raise _RowError(f"'{column}' ends with an '{assistant}' turn; for ranking data the conversation ends with "
+                        f"the user's turn and the responses are in {_name(cols['chosen'], 'chosen')} and "
+                        f"{_name(cols['rejected'], 'rejected')}")
+    if isinstance(turns, list):
+        rec = {**rec, column: [*turns, {role_tag: assistant, content_tag: ""}]}
+    row = _sharegpt(rec, spec)
+    del row["output"]
+    return {"instruction": row.pop("instruction"), "input": row.pop("input"), **answers, **row}
 
 
 def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:

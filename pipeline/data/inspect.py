@@ -60,8 +60,35 @@ def _policy_line(split: str, data: TokenizedSplit, r: Mapping[str, Any]) -> str:
 def run(r: Mapping[str, Any], args: Any = None) -> int:
     num = max(0, getattr(args, "num", 3) if args is not None else 3)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    print(inspect_pt(r, num, color) if r["stage"] == "pt" else inspect_sft(r, num, color))
+    show = {"pt": inspect_pt, "dpo": inspect_dpo}.get(r["stage"], inspect_sft)
+    print(show(r, num, color))
     return 0
+
+
+def inspect_dpo(r: Mapping[str, Any], num: int, color: bool) -> str:
+    """Pairs: the chosen and the rejected sequence of each sample, the scored response tokens marked."""
+    from pipeline.data.pairs import tokenized_pairs
+
+    train, val = tokenized_pairs(r, "train"), tokenized_pairs(r, "val")
+    mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
+    out = [f"stage dpo · template {r['template']} · cutoff_len {r['cutoff_len']} · only the last response is scored",
+           f"scored tokens (the summed log-probabilities) are {mark}; <|endoftext|> is EOS (id 50256)", ""]
+    for i in range(min(num, len(train))):
+        out.append(f"── pair {i + 1}/{min(num, len(train))} · {train.origins[i]}")
+        for side, data in (("chosen", train.chosen), ("rejected", train.rejected)):
+            ex = data.example(i)
+            scored = [False] + [label != -100 for label in ex.labels[1:]]
+            out.append(f"{side}: {len(ex.input_ids)} tokens, {sum(scored)} scored{' · truncated' if ex.truncated else ''}")
+            out.append(render(ex.input_ids, scored, color))
+        out.append("")
+    out += [_policy_line("train", train, r).replace(" examples", " pairs"),
+            _policy_line("val", val, r).replace(" examples", " pairs"), ""]
+    lengths = np.concatenate([train.lengths, val.lengths])
+    out += ["token lengths of the longer sequence of each pair (train + val, before the length policy):",
+            length_table(lengths, r["cutoff_len"])]
+    path = plot_lengths(lengths, r["cutoff_len"], plot_path(r), " + ".join(dataset_names(r, "dataset")))
+    out.append(f"histogram: {path}")
+    return "\n".join(out)
 
 
 def inspect_sft(r: Mapping[str, Any], num: int, color: bool) -> str:

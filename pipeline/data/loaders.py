@@ -15,6 +15,7 @@ world_size), so resuming skips k batches without touching their data (`iter_from
 sft: examples are prompt + response + EOS, at most cutoff_len tokens; T = longest - 1 per batch.
 With packing (pipeline.data.packing) the loader's items are packed rows instead of examples: batches,
 shards, epochs and the resume position all count packs; T = the fullest row of the batch.
+dpo: a batch of B pairs is (2B, T): the chosen sequences, then the rejected ones (pipeline.data.pairs).
 pt: the book's sliding windows (create_dataloader_v1): for i in range(0, len(ids) - L, stride),
 input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_stride (null = L).
 """
@@ -105,8 +106,8 @@ class Loader:
         indices = self._plan[k]
         repeated = indices >= self.num_examples  # padding repeats (see plan_batches): never trained or scored
         batch = self._collate(indices % self.num_examples if repeated.any() else indices)
-        if repeated.any():
-            batch["labels"][torch_index(repeated)] = IGNORE
+        if repeated.any():  # pairs: rows are all chosen, then all rejected, so the mask repeats per side
+            batch["labels"][torch_index(np.tile(repeated, len(batch["labels"]) // len(indices)))] = IGNORE
         return batch
 
     def indices(self, k: int) -> np.ndarray:
@@ -166,31 +167,51 @@ def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: i
                                                                            neat=neat),
                       batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch,
                       shuffle=shuffle, drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
+    return Loader(len(data), data.example_lengths(), lambda indices: pad_examples([(data, indices)], pad),
+                  batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch, shuffle=shuffle,
+                  drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
 
-    def collate(indices: np.ndarray) -> dict:
-        import torch
 
-        starts, ends = offsets[indices], offsets[indices + 1]
-        width = int((ends - starts).max()) - 1
-        input_ids = np.full((len(indices), width), pad, dtype=np.int64)
-        labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
-        mask = np.zeros((len(indices), width), dtype=np.int64)
-        for b, (a, e) in enumerate(zip(starts, ends)):
-            n = e - a - 1
-            input_ids[b, :n] = ids[a:e - 1]
-            labels[b, :n] = np.where(trainable[a + 1:e], ids[a + 1:e], IGNORE)
-            mask[b, :n] = 1
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(mask)}
+def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int) -> dict:
+    """One right-padded batch of the given examples of each TokenizedSplit, in order; labels shifted."""
+    import torch
 
-    return Loader(len(data), data.example_lengths(), collate, batch_size=size, world_size=world_size, rank=rank,
-                  seed=r["seed"], epoch=epoch, shuffle=shuffle, drop_last=split == "train",
-                  group_by_length=bool(r["group_by_length"]))
+    spans = [(data, int(data.offsets[i]), int(data.offsets[i + 1])) for data, indices in parts for i in indices]
+    width = max(e - a for _, a, e in spans) - 1
+    input_ids = np.full((len(spans), width), pad, dtype=np.int64)
+    labels = np.full((len(spans), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(spans), width), dtype=np.int64)
+    for b, (data, a, e) in enumerate(spans):
+        n = e - a - 1
+        input_ids[b, :n] = data.ids[a:e - 1]
+        labels[b, :n] = np.where(data.trainable[a + 1:e], data.ids[a + 1:e], IGNORE)
+        mask[b, :n] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask)}
+
+
+def pair_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+                shuffle: bool = True, batch_size: int | None = None) -> Loader:
+    """Batches of B preference pairs as one (2B, T) batch: the B chosen sequences, then the B rejected ones
+    (one forward scores both sides); batch_size counts pairs."""
+    from pipeline.data.pairs import tokenized_pairs
+
+    data = tokenized_pairs(r, split)
+    pad = recipe_tokenizer(r).pad_id
+    size = _batch_size(r, split, batch_size)
+    dropped = ", ".join(f"{v:,} {k}" for k, v in data.dropped.items() if v)
+    _check_size(len(data), split, size, world_size, "pairs",
+                f"{data.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
+    return Loader(len(data), data.example_lengths(),
+                  lambda indices: pad_examples([(data.chosen, indices), (data.rejected, indices)], pad),
+                  batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch, shuffle=shuffle,
+                  drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
 
 
 def packing_enabled(r: Mapping[str, Any]) -> bool:
-    """sft rows hold several examples (neat_packing implies packing); pt always concatenates documents."""
-    return r["stage"] != "pt" and bool(r.get("packing") or r.get("neat_packing"))
+    """sft rows hold several examples (neat_packing implies packing); pt always concatenates documents; dpo
+    pairs are never packed (each side is its own sequence)."""
+    return r["stage"] == "sft" and bool(r.get("packing") or r.get("neat_packing"))
 
 
 def sft_packs(r: Mapping[str, Any], split: str) -> Packs:
@@ -231,8 +252,8 @@ def pt_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: in
 
 
 def make_loader(r: Mapping[str, Any], split: str, **kwargs: Any) -> Loader:
-    """sft_loader or pt_loader, by the recipe's stage."""
-    loader = (pt_loader if r["stage"] == "pt" else sft_loader)(r, split, **kwargs)
+    """sft_loader, pt_loader or pair_loader, by the recipe's stage."""
+    loader = {"pt": pt_loader, "dpo": pair_loader}.get(r["stage"], sft_loader)(r, split, **kwargs)
     loader.num_workers = int(r.get("dataloader_num_workers") or 0)
     return loader
 
@@ -241,6 +262,10 @@ def count_examples(r: Mapping[str, Any]) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
     if r["stage"] == "pt":
         return {s: len(pt_windows(len(pt_stream(r, s)), r["cutoff_len"], pt_stride(r))) for s in ("train", "val")}
+    if r["stage"] == "dpo":
+        from pipeline.data.pairs import tokenized_pairs
+
+        return {s: len(tokenized_pairs(r, s)) for s in ("train", "val")}
     if packing_enabled(r):
         return {s: len(sft_packs(r, s)) for s in ("train", "val")}
     return {s: len(tokenized_split(r, s)) for s in ("train", "val")}

@@ -288,6 +288,13 @@ def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tu
     if ranking and stage != "dpo":
         add(("ranking",), f"preference data (ranking: true: chosen/rejected answers) trains with stage: dpo, but the "
                           f"recipe's stage is {stage}; set stage: dpo, or name an instruction dataset")
+    if ranking and formatting == "text":
+        add(("ranking",), "ranking data needs formatting 'alpaca' or 'sharegpt' (a prompt with chosen and rejected "
+                          "responses), not 'text'")
+    if not ranking and stage == "dpo":
+        add(("ranking",) if "ranking" in entry else (), "has no preference pairs but the recipe's stage is dpo, "
+            "which trains on chosen/rejected pairs; give the dataset \"ranking\": true with chosen and rejected "
+            "columns (LLaMA-Factory's ranking format), or set stage: sft")
     if not ranking:
         for col in ("chosen", "rejected"):
             if col in given:

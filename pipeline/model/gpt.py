@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
 from pipeline.model.config import GPTConfig
-from pipeline.model.head_loss import head_cross_entropy_sum
+from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
 
 IGNORE_INDEX = -100
 KV = tuple[torch.Tensor, torch.Tensor]  # per layer: keys and values, each (B, n_heads, T_past, head_dim)
@@ -216,15 +216,22 @@ class GPTModel(nn.Module):
         return (logits, new_kv) if use_cache else logits
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
-        """Cross-entropy with the head computed only where labels != -100 (same value as over full logits)."""
+        """Cross-entropy with the head computed only where labels != -100 (same value as over full logits).
+
+        reduction="none": per-token cross-entropy (B, T) in fp32, 0 where labels == -100 (a preference loss
+        sums it per sequence into log-probabilities).
+        """
         keep = labels != IGNORE_INDEX
         targets = labels[keep]
+        if reduction == "none":
+            per_token = head_cross_entropy_tokens(self.lm_head, hidden[keep], targets)
+            return torch.zeros(labels.shape, dtype=per_token.dtype, device=labels.device).masked_scatter(keep, per_token)
         total = head_cross_entropy_sum(self.lm_head, hidden[keep], targets)  # chunked when the head is frozen
         count = targets.numel()
         if reduction == "sum":
             return total, count
         if reduction != "mean":
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         return total / max(count, 1)
 
 

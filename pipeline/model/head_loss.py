@@ -22,8 +22,13 @@ CHUNK_ROWS = 128  # fastest on the benchmark's CPU among 64-1024; 128 x 50257 fp
 
 
 def fused_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
+    return (torch.is_grad_enabled() and hidden.requires_grad and chunkable(head, hidden))
+
+
+def chunkable(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """The head is a frozen, unpartitioned bias-free Linear in the hidden states' dtype (bf16/fp32), no autocast."""
     weight = getattr(head, "weight", None)
-    return (torch.is_grad_enabled() and hidden.requires_grad and type(head) is nn.Linear and head.bias is None
+    return (type(head) is nn.Linear and head.bias is None
             and weight is not None and not weight.requires_grad and not hasattr(weight, "ds_id")
             and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float32)
             and not torch.is_autocast_enabled(hidden.device.type))
@@ -32,31 +37,54 @@ def fused_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
 def head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of head(hidden) (N, V) against targets (N,), in fp32."""
     if fused_applies(head, hidden):
-        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets)
+        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets).sum()
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-class _ChunkedHeadCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], CHUNK_ROWS):
-            rows = slice(start, start + CHUNK_ROWS)
-            logits = (hidden[rows] @ weight.T).float()  # the same bf16 matmul as head(hidden), then fp32
-            target = targets[rows]
-            target_logit = logits.gather(1, target[:, None])
-            shift = logits.amax(dim=1, keepdim=True)
-            exp = logits.sub_(shift).exp_()  # in place: one fp32 block, five passes over it in all
-            norm = exp.sum(dim=1, keepdim=True)
-            total += (norm.log() + shift - target_logit).sum()  # log-sum-exp minus the target's logit
+def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy (N,) in fp32 = minus the log-probabilities of the targets (preference losses).
+
+    A frozen head takes the row-block path with or without gradients, so a policy forward and a no-grad
+    reference forward of the same weights give bitwise-equal values (DPO's first step is exactly ln 2).
+    """
+    if chunkable(head, hidden):
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets)
+        return _chunked_tokens(hidden, head.weight, targets, None)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    grad_hidden: torch.Tensor | None) -> torch.Tensor:
+    """Per-token losses by row blocks; fills grad_hidden (d loss_i / d hidden_i) when given."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], CHUNK_ROWS):
+        rows = slice(start, start + CHUNK_ROWS)
+        logits = (hidden[rows] @ weight.T).float()  # the same bf16 matmul as head(hidden), then fp32
+        target = targets[rows]
+        target_logit = logits.gather(1, target[:, None])
+        shift = logits.amax(dim=1, keepdim=True)
+        exp = logits.sub_(shift).exp_()  # in place: one fp32 block, five passes over it in all
+        norm = exp.sum(dim=1, keepdim=True)
+        losses[rows] = (norm.log() + shift - target_logit).squeeze(1)  # log-sum-exp minus the target's logit
+        if grad_hidden is not None:
             grad_logits = exp.div_(norm)  # softmax ...
             grad_logits[torch.arange(target.numel(), device=target.device), target] -= 1.0  # ... minus one-hot
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
-        return total
+    return losses
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Per-token losses (N,); the gradient of each with respect to its hidden row is computed in the forward."""
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden)
+        losses = _chunked_tokens(hidden, weight, targets, grad_hidden)
+        ctx.save_for_backward(grad_hidden)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_total).to(grad_hidden.dtype), None, None
+        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None

@@ -12,10 +12,11 @@ lora_B.weight is B^T (out x r); GPT-2's Conv1D base layers make it fan_in_fan_ou
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -63,8 +64,11 @@ class LinearWithLoRA(nn.Module):
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, generator)
         self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # adapters_disabled(): the base Linear alone (a preference loss's reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.linear(x)
         return self.linear(x) + self.lora(self.dropout(x))
 
 
@@ -116,6 +120,38 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
         model.get_submodule(name).requires_grad_(True)
     model._lora_additional = extra  # type: ignore[assignment]  # remembered for save_adapter (modules_to_save)
     return replaced
+
+
+def keep_starting_modules(model: nn.Module) -> None:
+    """Remember frozen copies of the additional_target modules (trained in full) as they are now, so that
+    adapters_disabled() gives the starting model back; PEFT's modules_to_save keep their original the same way.
+    Not for ZeRO-3-partitioned weights (a copy of a partition is not the module)."""
+    import copy
+
+    model._lora_starting = {name: copy.deepcopy(model.get_submodule(name)).requires_grad_(False)  # type: ignore[assignment]
+                            for name in getattr(model, "_lora_additional", [])}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model without its LoRA updates (and with the kept starting copies of additional_target modules):
+    the base model a LoRA run started from, without a second copy of its weights in memory."""
+    wrappers = list(lora_modules(model).values())
+    swapped = []
+    for name, original in getattr(model, "_lora_starting", {}).items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        swapped.append((owner, child, getattr(owner, child)))
+        setattr(owner, child, original)
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for wrapper in wrappers:
+            wrapper.disabled = False
+        for owner, child, module in swapped:
+            setattr(owner, child, module)
 
 
 def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:

@@ -235,8 +235,8 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
 
 
 def count_train_examples(values: Mapping[str, Any]) -> int | None:
-    """Sum of `splits.train` over the built manifests of `dataset` (sft), or None when any is missing."""
-    if values.get("stage") != "sft" or not values.get("dataset"):
+    """Sum of `splits.train` over the built manifests of `dataset` (sft, dpo), or None when any is missing."""
+    if values.get("stage") not in ("sft", "dpo") or not values.get("dataset"):
         return None
     total = 0
     for name in values["dataset"]:

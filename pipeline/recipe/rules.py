@@ -308,7 +308,7 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("val_size", "dataset", "dataset_dir", "stage")
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
-    if ctx.values["stage"] != "sft":
+    if ctx.values["stage"] not in ("sft", "dpo"):
         return []
     from pipeline.recipe.resolve import read_manifest
 
@@ -396,4 +396,57 @@ def checkpointing_switches_agree(ctx: Context) -> list[tuple[str, str]]:
     if on is not None and ctx.origins["disable_gradient_checkpointing"].kind in ("file", "cli") and disabled == on:
         return [("gradient_checkpointing", f"is {str(on).lower()} but disable_gradient_checkpointing is also "
                                            f"{str(on).lower()}; they are the same switch inverted: keep one")]
+    return []
+
+
+# --- preference tuning (stage dpo) -----------------------------------------------------------------
+
+PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+@rule("stage", *PREF_KEYS)
+def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
+    stage = ctx.values["stage"]
+    if stage == "dpo":
+        return []
+    return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: dpo")
+            for key in PREF_KEYS if ctx.set_here(key)]
+
+
+@rule("stage", "pref_loss", "ref_model")
+def ref_model_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
+    loss = ctx.values["pref_loss"]
+    if ctx.values["stage"] == "dpo" and ctx.values["ref_model"] is not None and loss in REFERENCE_FREE:
+        return [("ref_model", f"is set but pref_loss {loss} uses no reference model; remove ref_model, or choose "
+                              "pref_loss sigmoid, hinge or ipo")]
+    return []
+
+
+@rule("stage", "ref_model", "model_name_or_path")
+def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
+    """The reference scores the policy's tokens: it must read the same vocabulary."""
+    ref = ctx.values["ref_model"]
+    if ctx.values["stage"] != "dpo" or ref is None:
+        return []
+    from pipeline.recipe.modelinfo import looks_like_path, model_info
+
+    if looks_like_path(ref) and not os.path.exists(ref):
+        if ctx.command in ("train", "eval"):
+            return [("ref_model", f"directory {ref!r} not found; expected a model directory or preset name")]
+        return []
+    ref_info, info = model_info(ref), model_info(ctx.values["model_name_or_path"])
+    if ref_info is None:
+        from pipeline.errors import UserError
+        from pipeline.model.config import read_config
+
+        try:
+            read_config(ref)
+        except UserError as err:
+            return [("ref_model", m.removeprefix("model_name_or_path: ")) for m in err.messages]
+        return []
+    if info is not None and ref_info.vocab_size != info.vocab_size:
+        return [("ref_model", f"has a vocabulary of {ref_info.vocab_size:,} tokens but the policy "
+                              f"({ctx.values['model_name_or_path']}) has {info.vocab_size:,}; the reference must "
+                              "score the same tokens: use a model of the same family and tokenizer")]
     return []

@@ -118,6 +118,7 @@ class Window:
     trained_tokens: int = 0
     lr: float = 0.0  # of the window's last step
     started: float = field(default_factory=time.monotonic)
+    extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...), summed
 
 
 def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
@@ -151,8 +152,9 @@ class Trainer:
 
     def __init__(self, engine: Any, r: Mapping[str, Any], state: TrainState, loader: Any, *,
                  evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
-                 stop: StopRequest):
+                 stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, float]]] | None = None):
         self.engine, self.r, self.state = engine, r, state
+        self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
         self.data = BatchStream(loader, state, r["gradient_accumulation_steps"])
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -162,14 +164,18 @@ class Trainer:
         self._unflushed = [0, 0]  # this rank's tokens / trained tokens not yet added to state
 
     # ------------------------------------------------------------------------------------------ one step
-    def micro_batch(self) -> tuple[dict[str, Any], Any]:
-        """The next micro-batch and its loss; a non-finite loss stops the run or (nan_policy: skip) is dropped."""
+    def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        """pt / sft: mean cross-entropy over the labelled tokens."""
+        return self.engine(batch["input_ids"], labels=batch["labels"], **model_inputs(batch)), {}
+
+    def micro_batch(self) -> tuple[dict[str, Any], Any, dict[str, float]]:
+        """The next micro-batch, its loss and metrics; a non-finite loss stops the run or (nan_policy: skip) is dropped."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             batch = _to_device(self.data.next(), self.engine.device)
-            loss = self.engine(batch["input_ids"], labels=batch["labels"], **model_inputs(batch))
+            loss, metrics = self.objective(batch)
             value = float(loss.detach())
             if not dist.any_rank(not math.isfinite(value)):
-                return batch, loss
+                return batch, loss, metrics
             if self.r["nan_policy"] != "skip":
                 raise UserError(_nonfinite_message(self.r, self.state.global_step + 1, value, self.engine))
             self.state.skipped_batches += 1  # no backward: nothing of this batch reaches the gradients
@@ -182,7 +188,9 @@ class Trainer:
         window.lr = float(self.engine.get_lr()[0])  # the rate this update uses (the scheduler steps after it)
         l1_lambda = self.r["l1_lambda"]
         for _ in range(self.r["gradient_accumulation_steps"]):
-            batch, loss = self.micro_batch()
+            batch, loss, metrics = self.micro_batch()
+            for key, value in metrics.items():
+                window.extra[key] = window.extra.get(key, 0.0) + value / self.r["gradient_accumulation_steps"]
             total = loss
             if l1_lambda:
                 penalty = l1_penalty(self.params, l1_lambda)
@@ -266,7 +274,9 @@ class Trainer:
 
     def train_metrics(self, window: Window, norm: float | None, started: float, first_step: int) -> dict[str, Any]:
         r, state = self.r, self.state
-        loss, l1, tokens, trained = dist.all_sum([window.loss, window.l1, window.tokens, window.trained_tokens])
+        names = list(window.extra)  # the same on every rank: one objective
+        loss, l1, tokens, trained, *extra = dist.all_sum([window.loss, window.l1, window.tokens,
+                                                          window.trained_tokens, *window.extra.values()])
         world = dist.world_size()
         self.flush_tokens()
         now = time.monotonic()
@@ -284,6 +294,7 @@ class Trainer:
             "elapsed": round(elapsed, 3),
             "eta": round(elapsed / max(done, 1) * (r["total_steps"] - state.global_step), 3),
         }
+        record.update({name: value / world / window.steps for name, value in zip(names, extra)})
         if r["l1_lambda"]:
             record["l1"] = l1 / world / window.steps
         if r["fp16"]:

@@ -90,6 +90,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, r),
                                       config=r.ds_config)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
+    objective = preference_objective(r, engine) if r["stage"] == "dpo" else None
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if dist.is_main():
         write_run_files(r, output_dir)
@@ -99,9 +100,12 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
                    reporters=Reporters(r, output_dir, enabled=dist.is_main()))
     with one_step or StopRequest() as stop:
-        trainer = Trainer(engine, r, state, loader,
-                          evaluate=(lambda: evaluate(engine, val_loader)) if val_loader is not None else None,
-                          save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop)
+        evaluate_now = None
+        if val_loader is not None:
+            evaluate_now = (lambda: objective.evaluate(val_loader)) if objective else (lambda: evaluate(engine, val_loader))
+        trainer = Trainer(engine, r, state, loader, evaluate=evaluate_now,
+                          save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop,
+                          objective=objective)
         if resume is not None:
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
         try:
@@ -135,6 +139,17 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     return TrainResult(0, engine, state, output_dir, final)
 
 
+def preference_objective(r: Any, engine: Any) -> Any:
+    """stage dpo: the preference loss with its reference (pipeline.train.preference)."""
+    from pipeline.train.preference import PreferenceObjective, build_reference
+
+    reference = build_reference(r, engine)
+    if dist.is_main():
+        what = reference.description if reference is not None else "none (reference-free loss)"
+        print(f"dpo: pref_loss {r['pref_loss']}, pref_beta {r['pref_beta']}; reference: {what}", file=sys.stderr)
+    return PreferenceObjective(r, engine, reference)
+
+
 # ---------------------------------------------------------------------------------------------- before training
 
 def preflight(r: Mapping[str, Any]) -> None:
@@ -142,6 +157,11 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
+    if (r["stage"] == "dpo" and r["finetuning_type"] == "lora" and r["ref_model"] is None
+            and r["pref_loss"] not in ("orpo", "simpo") and r["additional_target"] and r["zero_stage"] == 3):
+        raise UserError("additional_target modules train in full, and under zero_stage 3 their starting weights "
+                        "cannot be kept for the dpo reference (the base with the adapters off); use zero_stage 2 "
+                        "(or lower), give ref_model, or remove additional_target")
     if r["world_size"] != dist.world_size():
         raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
                            f"{dist.world_size()}")

@@ -1,0 +1,144 @@
+"""Preference pairs (stage dpo): tokens, score masks and the over-length policy for chosen/rejected pairs.
+
+A pair is two examples that share the prompt: prompt + chosen + EOS and prompt + rejected + EOS, each
+tokenized exactly as sft tokenizes a row (tokenize.encode_rows), with only the last response scored: the
+prompt, the system block and every history turn are context (mask_history on, train_on_prompt off, as in
+LLaMA-Factory's pairwise data). The over-length policy applies to the pair as a whole: a pair is over
+cutoff_len when either of its sequences is; drop removes the pair, error names it, truncate cuts both
+responses at cutoff_len (the prompt is never cut) and drops the pair, counted as "prompt fills cutoff_len",
+when either sequence would keep no response token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.data.problems import Problems
+from pipeline.data.templates import Template
+from pipeline.data.tokenize import NO_ROOM, OVER, POLICIES, TokenizedSplit, _cached, _file_key, _split_origin, \
+    encode_rows
+from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
+from pipeline.errors import UserError
+
+SIDES = ("chosen", "rejected")
+
+
+@dataclass
+class TokenizedPairs:
+    """Kept pairs: pair i is chosen.example(i) and rejected.example(i)."""
+
+    chosen: TokenizedSplit
+    rejected: TokenizedSplit
+    origins: list[str]
+    lengths: np.ndarray  # per row before the policy: the longer of its two sequences
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+    truncated_rows: list[str] = field(default_factory=list)
+    dropped_rows: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def example_lengths(self) -> np.ndarray:
+        return np.maximum(self.chosen.example_lengths(), self.rejected.example_lengths())
+
+
+def side_rows(rows: Sequence[Mapping[str, Any]], side: str) -> list[dict]:
+    """The pairs' rows with `side` ("chosen" or "rejected") as the Alpaca output."""
+    return [{**{k: v for k, v in row.items() if k not in SIDES}, "output": row[side]} for row in rows]
+
+
+def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
+                 cutoff_len: int, policy: str = "drop", enable_thinking: bool = True,
+                 origins: Sequence[str] | None = None) -> TokenizedPairs:
+    """Tokenize both sides of every pair, score masks on the last response, the length policy per pair."""
+    if policy not in POLICIES:
+        raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
+    origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
+    full = {side: encode_rows(side_rows(rows, side), template, tokenizer, cutoff_len=2**62, policy="drop",
+                              mask_history=True, enable_thinking=enable_thinking, origins=origins)
+            for side in SIDES}
+    lens = {side: full[side].example_lengths() for side in SIDES}
+    pair_len = np.maximum(lens["chosen"], lens["rejected"])
+    over = np.flatnonzero(pair_len > cutoff_len)
+    if len(over) and policy == "error":
+        problems = Problems()
+        for i in over:
+            problems.add(*_split_origin(origins[i]), f"chosen {int(lens['chosen'][i])} / rejected "
+                         f"{int(lens['rejected'][i])} tokens, over cutoff_len {cutoff_len}")
+        raise UserError(problems.messages() + [
+            f"{len(over):,} pairs are longer than cutoff_len {cutoff_len} (overlength_policy: error); raise "
+            "cutoff_len, or set overlength_policy: drop or truncate"])
+    keep = {side: lens[side].copy() for side in SIDES}  # tokens kept per example; 0 = pair dropped
+    dropped: dict[str, int] = {OVER: 0, NO_ROOM: 0} if policy != "error" else {}
+    dropped_rows, truncated_rows = [], []
+    for i in over:
+        if policy == "drop":
+            reason = OVER
+        else:
+            for side in SIDES:
+                keep[side][i] = min(int(lens[side][i]), cutoff_len)
+            reason = None if all(_scored(full[side], i, keep[side][i]) for side in SIDES) else NO_ROOM
+        if reason is None:
+            truncated_rows.append(origins[i])
+            continue
+        for side in SIDES:
+            keep[side][i] = 0
+        dropped[reason] += 1
+        dropped_rows.append(origins[i])
+    kept = keep["chosen"] > 0
+    return TokenizedPairs(
+        chosen=_cut(full["chosen"], keep["chosen"]), rejected=_cut(full["rejected"], keep["rejected"]),
+        origins=[o for o, k in zip(origins, kept) if k], lengths=pair_len, dropped=dropped,
+        truncated=len(truncated_rows), truncated_rows=truncated_rows, dropped_rows=dropped_rows)
+
+
+def _scored(split: TokenizedSplit, i: int, length: int) -> bool:
+    """Whether example i keeps a scored target among its first `length` tokens (targets are tokens 1..)."""
+    start = int(split.offsets[i])
+    return bool(split.trainable[start + 1:start + length].any())
+
+
+def _cut(split: TokenizedSplit, keep: np.ndarray) -> TokenizedSplit:
+    """Example i shortened to its first keep[i] tokens; examples with keep 0 removed."""
+    lengths = split.example_lengths()
+    mask = np.repeat(np.arange(len(lengths)), lengths)  # example of every token
+    position = np.arange(len(split.ids)) - np.repeat(split.offsets[:-1], lengths)
+    tokens = position < keep[mask] if len(mask) else np.zeros(0, bool)
+    kept = keep > 0
+    return TokenizedSplit(ids=split.ids[tokens], trainable=split.trainable[tokens],
+                          offsets=np.concatenate([[0], np.cumsum(keep[kept])]).astype(np.int64),
+                          origins=[o for o, k in zip(split.origins, kept) if k], lengths=lengths,
+                          is_truncated=(keep < lengths)[kept])
+
+
+def tokenized_pairs(r: Mapping[str, Any], split: str) -> TokenizedPairs:
+    """The recipe's dpo `split` as pairs, with its template and length policy (once per process)."""
+    from pipeline.data.load import read_rows, split_files
+
+    paths = split_files(r, split)
+    tokenizer = recipe_tokenizer(r)
+    thinking = r.get("enable_thinking", True)
+    key = ("dpo", tokenizer.name, _file_key(paths), (r["template"], r["cutoff_len"], r["overlength_policy"], thinking))
+
+    def make() -> TokenizedPairs:
+        rows: list[dict] = []
+        origins: list[str] = []
+        for path in paths:
+            part = read_rows(path)
+            rows.extend(part)
+            origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
+        missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not set(SIDES) <= row.keys()]
+        if missing:
+            raise UserError([f"{o}: not a preference pair (no chosen/rejected); the build is from another stage: "
+                             "run `make data`" for o in missing[:5]])
+        return encode_pairs(rows, r["template"], tokenizer, cutoff_len=r["cutoff_len"],
+                            policy=r["overlength_policy"], enable_thinking=thinking, origins=origins)
+
+    return _cached(key, make)
