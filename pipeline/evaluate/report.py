@@ -27,10 +27,16 @@ LABELS = {
     "rouge_l": "ROUGE-L (%)",
     "bleu": "BLEU-4, corpus (%)",
     "sentence_bleu": "BLEU-4, mean sentence (%)",
+    "preference_accuracy": "preference accuracy (%)",
+    "logp_margin": "mean log-prob margin, chosen − rejected",
+    "reward_margin": "mean reward margin",
+    "reward_accuracy": "reward accuracy (%)",
+    "pref_loss": "preference loss",
 }
 SHORT = {"exact_match": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "bleu": "BLEU-4"}
-LOWER_IS_BETTER = {"loss", "perplexity"}
-PERCENT = {"exact_match", "f1", "rouge_l", "bleu", "sentence_bleu"}
+LOWER_IS_BETTER = {"loss", "perplexity", "pref_loss"}
+PERCENT = {"exact_match", "f1", "rouge_l", "bleu", "sentence_bleu", "preference_accuracy", "reward_accuracy"}
+FOUR_DIGITS = {"loss", "reward_margin", "pref_loss"}
 PRIMARY = "f1"  # per-example score that ranks the examples shown in report.md
 EXAMPLES_PER_SECTION = 3
 MAX_SHOWN_CHARS = 800
@@ -202,11 +208,11 @@ def _fmt(key: str, value: Any) -> str:
         return "–"
     if key in PERCENT:
         return f"{100 * value:.1f}"
-    return f"{value:.4f}" if key == "loss" else f"{value:.2f}"
+    return f"{value:.4f}" if key in FOUR_DIGITS else f"{value:.2f}"
 
 
 def _fmt_delta(key: str, value: float) -> str:
-    text = f"{100 * value:+.1f}" if key in PERCENT else f"{value:+.4f}" if key == "loss" else f"{value:+.2f}"
+    text = f"{100 * value:+.1f}" if key in PERCENT else f"{value:+.4f}" if key in FOUR_DIGITS else f"{value:+.2f}"
     if abs(value) < 1e-12:
         return text
     better = (value < 0) == (key in LOWER_IS_BETTER)
@@ -336,6 +342,16 @@ def render_markdown(
         "pipeline/evaluate/metrics.py.",
         "",
     ]
+    if info.get("stage") == "dpo":
+        out += [
+            "Stage dpo: on the held-out preference pairs, the loss is over the chosen responses and the",
+            "generations are scored against them. Preference accuracy is the fraction of pairs where",
+            "log π(chosen) − log π(rejected) > 0; the reward margin is the mean of β((log π − log ref)(chosen)",
+            "− (log π − log ref)(rejected)) with training's reference (0 for the base model when it is the",
+            "reference); reward accuracy the fraction of pairs where that margin is > 0. Definitions:",
+            "pipeline/evaluate/preference.py.",
+            "",
+        ]
     if "metrics" in figures:
         out += [f"![metrics base vs tuned]({figures['metrics']})", ""]
     training = info.get("training") or {}

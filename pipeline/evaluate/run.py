@@ -9,6 +9,9 @@ adapter, or output_dir/model for full/freeze), then for each model
 2. sft only: a completion for each of the first max_eval_samples examples with the recipe's decoding
    settings (batched, left-padded, KV cache), cut at stop strings, scored against the reference.
 
+For a dpo recipe the loss is over the chosen responses of the held-out pairs, the generations are scored
+against the chosen responses, and pipeline.evaluate.preference adds preference accuracy and reward margins.
+
 With WORLD_SIZE > 1 every rank takes every world_size-th batch / example, the sums and predictions
 are gathered, and rank 0 writes output_dir/eval/ (metrics.json, predictions.jsonl, report.md, plots).
 """
@@ -24,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.evaluate import report
+from pipeline.evaluate import preference, report
 from pipeline.model.weights import note
 
 
@@ -32,21 +35,32 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     rank, world = _init_distributed()
     out = Path(r["output_dir"])
     tuned = tuned_model(r)
-    sft = r["stage"] == "sft"
+    sft = r["stage"] in ("sft", "dpo")  # generation metrics (dpo: against the chosen responses)
+    dpo = r["stage"] == "dpo"
     rows = _generation_rows(r) if sft else []
+    pair_scores: dict[str, Any] = {}
     models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
 
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
     for name, which in models:
         model = load_model_for_eval(r, which, _device())
-        loss_sum, tokens, loss_examples = split_loss(model, r, rank=rank, world=world, label=name)
+        if dpo:  # loss = NLL of the chosen responses; the pairs' log-probs for the preference metrics
+            pair_scores[name] = preference.split_logps(model, r, rank=rank, world=world, label=name)
+            loss_sum, tokens, loss_examples = preference.chosen_loss(pair_scores[name])
+        else:
+            loss_sum, tokens, loss_examples = split_loss(model, r, rank=rank, world=world, label=name)
         if sft:
             predictions[name] = generate_predictions(model, r, rows, rank=rank, world=world, label=name)
         if rank == 0:
             refs = [row["output"] for row in rows] if sft else None
             results[name] = report.model_summary(loss_sum, tokens, predictions.get(name), refs)
         del model
+    if dpo:
+        reference = preference.reference_logps(r, pair_scores, rank=rank, world=world)
+        if rank == 0:
+            for name in results:
+                results[name].update(preference.summary(pair_scores[name], reference, r))
 
     if rank == 0:
         prompts = [_prompt_text(r, row) for row in rows]
@@ -171,6 +185,9 @@ def _generation_rows(r: Mapping[str, Any]) -> list[dict]:
     if not rows:
         raise UserError("the val split is empty: nothing to evaluate; set val_size > 0 (and `make data`) or name"
                         " an eval_dataset")
+    if r["stage"] == "dpo":  # generation is scored against the chosen response
+        rows = [{**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "output": row["chosen"]}
+                for row in rows]
     cap = r["max_eval_samples"]
     return rows[:cap] if cap else rows
 

@@ -1,0 +1,90 @@
+"""Held-out preference metrics of a dpo recipe, base vs tuned (used by pipeline.evaluate.run).
+
+For every held-out pair the model's summed log-probabilities of the chosen and the rejected response
+(the training's pair batches and masks). From them:
+
+- preference_accuracy: the fraction of pairs where log pi(chosen) - log pi(rejected) > 0;
+- logp_margin: the mean of log pi(chosen) - log pi(rejected);
+- reward_margin / reward_accuracy: the training's rewards (pipeline.train.preference, TRL's definition):
+  the mean of beta ((pi_c - ref_c) - (pi_r - ref_r)) and the fraction where it is > 0, with the reference
+  of training (ref_model, else the base model; for the base model itself the margin is 0 by definition);
+  orpo / simpo have no reference and use beta x the length-averaged log-probabilities;
+- pref_loss: the recipe's preference loss on the held-out pairs;
+- loss: the mean NLL per token of the chosen responses (the report's loss and perplexity).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from tqdm import tqdm
+
+from pipeline.train.preference import PairLogps, PrefConfig, pair_logps, preference_loss
+
+
+@torch.no_grad()
+def split_logps(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, world: int = 1,
+                label: str = "") -> PairLogps:
+    """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
+    from pipeline.data.loaders import pair_loader
+
+    loader = pair_loader(r, "val", rank=0, world_size=1, shuffle=False)
+    device = next(model.parameters()).device
+    local: dict[int, list[list[float]]] = {}
+    for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
+                  leave=False):
+        batch = {key: value.to(device) for key, value in loader.batch(k).items()}
+        nll = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    reduction="none")
+        scores = pair_logps(nll.float(), batch["labels"])
+        local[k] = [t.cpu().tolist() for t in (scores.chosen, scores.rejected, scores.chosen_tokens,
+                                               scores.rejected_tokens)]
+    if world > 1:
+        import torch.distributed as tdist
+
+        parts: list[Any] = [None] * world
+        tdist.all_gather_object(parts, local)
+        local = {k: v for part in parts for k, v in part.items()}
+    columns = [sum((local[k][i] for k in sorted(local)), []) for i in range(4)]
+    return PairLogps(torch.tensor(columns[0], dtype=torch.float64), torch.tensor(columns[1], dtype=torch.float64),
+                     torch.tensor(columns[2]), torch.tensor(columns[3]))
+
+
+def chosen_loss(scores: PairLogps) -> tuple[float, int, int]:
+    """(summed NLL of the chosen responses, their tokens, pairs): the report's loss is over the chosen side."""
+    return float(-scores.chosen.sum()), int(scores.chosen_tokens.sum()), len(scores.chosen)
+
+
+def reference_logps(r: Mapping[str, Any], scores: Mapping[str, PairLogps], *, rank: int = 0,
+                    world: int = 1) -> PairLogps | None:
+    """The reference's log-probabilities as in training: ref_model, else the base model (already scored when
+    eval_base is on); None for orpo / simpo."""
+    if not PrefConfig.from_recipe(r).needs_reference:
+        return None
+    if r["ref_model"] is None and "base" in scores:
+        return scores["base"]
+    from pipeline.evaluate.run import _device
+
+    if r["ref_model"] is not None:
+        from pipeline.model.weights import load_model
+
+        model = load_model(r["ref_model"], seed=int(r["seed"])).to(_device()).eval()
+    else:
+        from pipeline.model.build import load_for_inference
+
+        model = load_for_inference(r, "base", device=_device())
+    return split_logps(model, r, rank=rank, world=world, label="reference")
+
+
+def summary(scores: PairLogps, reference: PairLogps | None, r: Mapping[str, Any]) -> dict[str, Any]:
+    """One model's preference metrics for metrics.json."""
+    losses, metrics = preference_loss(scores, reference, PrefConfig.from_recipe(r))
+    margin = scores.chosen - scores.rejected
+    return {
+        "preference_accuracy": float((margin > 0).double().mean()),
+        "logp_margin": float(margin.mean()),
+        "reward_margin": float(metrics["rewards/margins"].mean()),
+        "reward_accuracy": float(metrics["rewards/accuracies"].mean()),
+        "pref_loss": float(losses.mean()),
+        "pairs": len(margin),
+    }
