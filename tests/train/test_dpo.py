@@ -1,0 +1,159 @@
+"""Stage dpo in the trainer: step one equals ln 2 (policy = reference), the LoRA reference (adapters off) scores like
+a separate frozen copy, the frozen head keeps its chunked path, ZeRO-3 partitions the frozen copy, exact resume."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.model import head_loss
+from pipeline.model import lora as L
+from pipeline.model.weights import load_model
+from pipeline.train.log import read_log
+from pipeline.train.preference import token_nll
+from pipeline.train.run import train
+from tests.train.helpers import BASE_SFT, WORDS
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b, c = rng.sample(WORDS, 3)
+        rows.append({"instruction": f"Repeat: {a} {b}", "input": "", "chosen": f"{a} {b}",
+                     "rejected": f"{c} {a} ({i})"})
+    return rows
+
+
+BASE_DPO = {**BASE_SFT, "stage": "dpo", "dataset": "tiny_pairs", "max_steps": 3, "val_size": 0.2,
+            "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "pref_beta": 0.5}
+
+
+@pytest.fixture
+def dpo_recipe(workdir: Path, make_recipe):
+    """make_recipe over a registry that also holds an alpaca ranking dataset (LLaMA-Factory's entry form)."""
+    data = workdir / "data"
+    (data / "raw" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pair_rows(30)), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["tiny_pairs"] = {"file_name": "raw/pairs.jsonl", "ranking": True,
+                              "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                                          "rejected": "rejected"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+
+    def make(name: str = "dpo", **keys):
+        return make_recipe({**BASE_DPO, **keys}, name=name)
+
+    return make
+
+
+def test_lora_dpo_first_step_is_ln2_and_logs_trl_metrics(dpo_recipe, monkeypatch):
+    chunked = []
+    original = head_loss._ChunkedHeadCrossEntropy.apply
+    monkeypatch.setattr(head_loss._ChunkedHeadCrossEntropy, "apply",
+                        lambda *a: chunked.append(a[0].shape) or original(*a))
+    result = train(dpo_recipe(eval_steps=3))
+    log = read_log(result.output_dir / "trainer_log.jsonl")
+    first = log[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)  # the reference is the policy at step one
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0 and first["rewards/margins"] == 0.0
+    assert all(key in rec for rec in log for key in METRICS)
+    assert log[-1]["rewards/margins"] > 0 and log[-1]["loss"] < math.log(2)  # learning moves the margin
+    assert "eval_loss" in log[-1] and "eval_rewards/accuracies" in log[-1]
+    assert chunked, "the frozen-head chunked loss path was not used"
+    assert (result.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_adapters_off_reference_equals_a_separate_frozen_copy():
+    base = load_model("tiny", seed=3).eval()
+    frozen_copy = copy.deepcopy(base).requires_grad_(False)
+    policy = base
+    L.apply_lora(policy, "all", rank=4, alpha=8, seed=0, additional_targets=["ln_f"])
+    with torch.no_grad():  # a trained-looking adapter and final norm
+        for wrapper in L.lora_modules(policy).values():
+            wrapper.lora.B.normal_(0, 0.1)
+    L.keep_starting_modules(policy)
+    with torch.no_grad():
+        policy.ln_f.weight.mul_(1.5)
+    ids = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256], [15496, 11, 466, 345, 588, 8887, 30]])
+    batch = {"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1]),
+             "labels": torch.where(torch.arange(6) >= 2, ids[:, 1:], -100)}
+    with torch.no_grad():
+        with L.adapters_disabled(policy):
+            off = token_nll(policy, batch)
+        expected = token_nll(frozen_copy, batch)
+        tuned = token_nll(policy, batch)
+    assert torch.equal(off, expected)
+    assert not torch.allclose(tuned, expected)  # the adapters are back on after the context
+    assert not L.lora_modules(policy)["h.0.attn.c_attn"].disabled
+
+
+def test_reference_free_losses_run_without_a_reference(dpo_recipe):
+    result = train(dpo_recipe(name="orpo", pref_loss="orpo", per_device_train_batch_size=1, max_steps=1))
+    first = read_log(result.output_dir / "trainer_log.jsonl")[0]
+    c, r = first["logps/chosen"], first["logps/rejected"]  # one pair: length-averaged log-probs
+    log_odds = (c - math.log1p(-math.exp(c))) - (r - math.log1p(-math.exp(r)))
+    assert first["loss"] == pytest.approx(-c + 0.5 * math.log1p(math.exp(-log_odds)), rel=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0.5 * c, rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetuning_type, zero_stage", [("full", 0), ("full", 3), ("lora", 3)])
+def test_first_step_is_ln2_for_every_reference(dpo_recipe, finetuning_type, zero_stage):
+    r = dpo_recipe(name=f"{finetuning_type}{zero_stage}", finetuning_type=finetuning_type, zero_stage=zero_stage,
+                   max_steps=2, warmup_steps=0)
+    result = train(r)
+    log = read_log(result.output_dir / "trainer_log.jsonl")
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[1]["loss"] < math.log(2)
+
+
+def test_resume_continues_exactly(dpo_recipe):
+    """Interrupted after step 2 (SIGTERM), resumed: the same losses and rewards as one uninterrupted run."""
+    from tests.train.test_checkpoint_resume import interrupt_after
+
+    keys = dict(max_steps=4, lora_dropout=0.1)  # dropout: the restored RNG state matters
+    straight = train(dpo_recipe(name="straight", **keys))
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 2)
+        first = train(dpo_recipe(name="resumed", **keys))
+    assert first.exit_code == 143 and first.state.global_step == 2
+    resumed = train(dpo_recipe(name="resumed", resume_from_checkpoint="latest", **keys))
+    a = read_log(straight.output_dir / "trainer_log.jsonl")
+    b = read_log(resumed.output_dir / "trainer_log.jsonl")
+    assert [rec["step"] for rec in b] == [1, 2, 3, 4]
+    for key in ("loss", *METRICS):
+        assert [rec[key] for rec in b] == [rec[key] for rec in a], key
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_two_ranks_match_one_rank(dpo_recipe, workdir):
+    import os
+    import subprocess
+
+    from pipeline.train import dist
+
+    keys = dict(max_steps=3, warmup_steps=0, eval_steps=3, zero_stage=2, val_size=0.2)
+    one = train(dpo_recipe(name="one", per_device_train_batch_size=4, **keys))
+    dpo_recipe(name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launcher = str(Path(os.sys.executable).with_name("deepspeed"))
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(dist.free_port()), "--module",
+                           "pipeline", "train", "two.yaml"], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = read_log(one.output_dir / "trainer_log.jsonl")
+    b = read_log(workdir / "saves" / "two" / "trainer_log.jsonl")
+    for key in ("loss", *METRICS, "eval_loss", "eval_rewards/accuracies"):
+        values = [rec[key] for rec in a if key in rec]
+        assert values and [rec[key] for rec in b if key in rec] == pytest.approx(values, rel=1e-4, abs=1e-6), key
