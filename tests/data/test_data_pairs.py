@@ -99,7 +99,7 @@ def test_stage_and_ranking_must_agree(make_recipe):
     with pytest.raises(UserError) as err:
         build(make_recipe(registry, files, stage="sft", dataset=["pa"]))
     assert len(err.value.messages) == 1
-    assert '"pa".ranking: is true (preference pairs' in err.value.messages[0] and "set stage: dpo" in err.value.messages[0]
+    assert '"pa".ranking: preference data' in err.value.messages[0] and "set stage: dpo" in err.value.messages[0]
     with pytest.raises(UserError) as err:
         build(make_recipe(registry, files, stage="dpo", dataset=["plain"]))
     assert len(err.value.messages) == 1
