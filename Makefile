@@ -73,8 +73,8 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 	@touch $@
 
 # ---------------------------------------------------------------- stages
-# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE and UPSTREAM (the recipe whose
-# output this one starts from) as make variables, so editing a recipe or anything it extends re-runs
+# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE, UPSTREAM (the recipe whose
+# output this one starts from) and UPSTREAM_GOAL (train, or merge for its merged/ model) as make variables, so editing a recipe or anything it extends re-runs
 # what depends on it.
 ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
 -include $(STAMPS)/deps.mk
@@ -90,9 +90,9 @@ $(STAMPS)/args: FORCE
 	@echo '$(ARGS)' | cmp -s - $@ || echo '$(ARGS)' > $@
 
 ifneq ($(UPSTREAM),)
-UPSTREAM_STAMP := .stamps/$(basename $(notdir $(UPSTREAM)))/train
+UPSTREAM_STAMP := .stamps/$(basename $(notdir $(UPSTREAM)))/$(UPSTREAM_GOAL)
 $(UPSTREAM_STAMP): FORCE
-	@$(MAKE) --no-print-directory train RECIPE=$(UPSTREAM) NPROC=$(NPROC) HOSTFILE=$(HOSTFILE) NNODES=$(NNODES) \
+	@$(MAKE) --no-print-directory $(UPSTREAM_GOAL) RECIPE=$(UPSTREAM) NPROC=$(NPROC) HOSTFILE=$(HOSTFILE) NNODES=$(NNODES) \
 		NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)
 endif
 

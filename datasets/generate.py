@@ -11,6 +11,9 @@ over three raw formats so that `make data` exercises every converter:
     raw/demo_tasks.csv       CSV with column mapping (question/context/answer)  "How many words are there?"
     raw/demo_test.jsonl      alpaca JSONL: the held-out test of every task, as the build converts it
     raw/demo_corpus.jsonl    pt corpus: one short English document per line ({"text": ...})
+    raw/demo_prefs.jsonl     alpaca ranking JSONL (dpo): chosen = the answer as a sentence, rejected = the bare
+                             answer or a wrong sentence
+    raw/demo_prefs_test.jsonl  the same pairs for the held-out demo_test instances
 
 The tasks were chosen by calibration (see recipes/demo_sft.yaml): on a model pre-trained for about a
 minute, LoRA learns these three within two minutes, while copying a word by its position (first/last
@@ -40,6 +43,7 @@ SEED = 1234
 TRAIN_PER_TASK = 2000
 TEST_PER_TASK = 50
 CORPUS_DOCUMENTS = 2000
+PREF_TRAIN = 1500  # preference pairs for demo_dpo (500 per task)
 
 ANIMALS = "cat dog fox bee ant cow hen rat bat wolf bear bird fish".split()
 THINGS = ("pen box hat key map bed car bus ship coin ring bell book ball chair table house jar pot net web fan "
@@ -225,6 +229,51 @@ def as_test_row(ex: Example) -> dict:
     return _alpaca_row(ex)
 
 
+# --- preference pairs (stage dpo): the answer as a sentence is preferred ----------------------------------
+
+
+def _sentence_of(ex: Example) -> str:
+    """The answer as the corpus states it ("The color is red.", "There are 4 words.")."""
+    return ex.prose.rsplit("\n", 1)[1]
+
+
+def _wrong_sentence(ex: Example, rng: random.Random) -> str:
+    """The sentence with a wrong answer: another word of the list, or another count."""
+    if ex.task == "count":
+        wrong = rng.choice([n for n in range(2, 7) if str(n) != ex.output])
+    else:
+        wrong = rng.choice([w for w in ex.input.split("\n") if w != ex.output])
+    return _sentence_of(ex).replace(f" {ex.output} ", f" {wrong} ").replace(f" {ex.output}.", f" {wrong}.")
+
+
+def preference_pair(ex: Example, i: int, rng: random.Random) -> dict:
+    """LLaMA-Factory's alpaca ranking row: chosen = the answer as a full sentence; rejected = the bare answer
+    (what demo_sft taught, every other pair) or the sentence with a wrong answer (so correctness still counts)."""
+    rejected = ex.output if i % 2 == 0 else _wrong_sentence(ex, rng)
+    return {"instruction": _user_text(ex) if FORMAT_OF_TASK[ex.task] == "sharegpt" else ex.instruction,
+            "input": "" if FORMAT_OF_TASK[ex.task] == "sharegpt" else ex.input,
+            "chosen": _sentence_of(ex), "rejected": rejected}
+
+
+def preference_files(seed: int, test: list[Example]) -> dict[str, str]:
+    """demo_prefs.jsonl (training pairs on fresh instances, never a test instance) and demo_prefs_test.jsonl
+    (the pairs of the held-out demo_test instances). A generator of its own: the other files stay byte-identical."""
+    rng = random.Random(seed + 2)
+    test_keys = {ex.key for ex in test}
+    draws = list(TASKS.values())
+    seen: set[tuple[str, str, str]] = set()
+    train: list[Example] = []
+    while len(train) < PREF_TRAIN:
+        ex = draws[len(train) % len(draws)](rng)
+        if ex.key not in test_keys and ex.key not in seen:
+            seen.add(ex.key)
+            train.append(ex)
+    return {
+        "demo_prefs.jsonl": _jsonl([preference_pair(ex, i, rng) for i, ex in enumerate(train)]),
+        "demo_prefs_test.jsonl": _jsonl([preference_pair(ex, i, rng) for i, ex in enumerate(test)]),
+    }
+
+
 def generate(seed: int = SEED) -> dict[str, str]:
     """All raw files as {file name: text}; a pure function of the seed."""
     train, test = split_instances(seed)
@@ -238,6 +287,7 @@ def generate(seed: int = SEED) -> dict[str, str]:
         "demo_tasks.csv": _csv(by_format["csv"]),
         "demo_test.jsonl": _jsonl([as_test_row(ex) for ex in test]),
         "demo_corpus.jsonl": _jsonl([{"text": doc} for doc in corpus]),
+        **preference_files(seed, test),
     }
 
 

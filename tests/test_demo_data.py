@@ -230,3 +230,36 @@ def test_registry_names_every_raw_file():
     assert files == {f"raw/{p.name}" for p in RAW.iterdir()}
     assert registry()["demo_corpus"]["formatting"] == "text"
     assert registry()["demo_sharegpt"]["formatting"] == "sharegpt"
+
+
+# --- the preference pairs of demo_dpo -------------------------------------------------------------------
+
+def preference_rows(name: str) -> list[dict]:
+    spec = registry()[name]
+    assert spec["ranking"] is True
+    return [json.loads(line) for line in (DATASETS / spec["file_name"]).read_text(encoding="utf-8").splitlines()]
+
+
+SENTENCE = {"Which word is a color?": "The color is {}.", "Which word is an animal?": "The animal is {}.",
+            "How many words are there?": "There are {} words."}
+
+
+def test_preference_pairs_prefer_the_right_answer_as_a_sentence():
+    for name in ("demo_prefs", "demo_prefs_test"):
+        rows = preference_rows(name)
+        for row in rows:
+            question, items = split_question(row)
+            answer = solve(question, items)
+            assert row["chosen"] == SENTENCE[question].format(answer)
+            assert row["rejected"] == answer or (row["rejected"] != row["chosen"] and re.fullmatch(
+                re.escape(SENTENCE[question]).replace(r"\{\}", r"(\w+)"), row["rejected"]))
+        bare = sum(row["rejected"] == solve(*split_question(row)) for row in rows)
+        assert bare == pytest.approx(len(rows) / 2, abs=1)  # half bare answers, half wrong sentences
+
+
+def test_preference_test_pairs_are_the_held_out_instances():
+    test_prompts = [(r["instruction"], r["input"]) for r in heldout_rows()]
+    assert [(r["instruction"], r["input"]) for r in preference_rows("demo_prefs_test")] == test_prompts
+    held_out = {"\n".join(split_question(r)[1]) + split_question(r)[0] for r in heldout_rows()}
+    assert all("\n".join(split_question(r)[1]) + split_question(r)[0] not in held_out
+               for r in preference_rows("demo_prefs"))

@@ -4,8 +4,9 @@
     OUTPUT_DIR=<output_dir>
     DATASET_DIR=<dataset_dir>
     DATASETS=<dataset names, space separated>
-    STAGE=<pt|sft>
+    STAGE=<pt|sft|dpo>
     UPSTREAM=<the recipe in the same folder whose output_dir holds model_name_or_path (or the adapter), or empty>
+    UPSTREAM_GOAL=<merge when that path is the upstream's merged/ model, else train>
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def _output_dir(recipe: Path) -> str | None:
 
 def upstream(r: Resolved) -> str:
     """The recipe next to this one that produces its model (or adapter), or ''."""
+    return _upstream(r)[0]
+
+
+def _upstream(r: Resolved) -> tuple[str, str]:
+    """(that recipe, the make goal that produces the path: merge for its merged/ model, else train), or ('', '')."""
     wanted = [p for p in (r["model_name_or_path"], r["adapter_name_or_path"]) if p]
     here = r.recipe_path
     siblings = sorted(p for p in here.parent.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
@@ -50,8 +56,8 @@ def upstream(r: Resolved) -> str:
                 continue
             out = _output_dir(sibling)
             if out and _inside(path, out):
-                return str(sibling)
-    return ""
+                return str(sibling), "merge" if _inside(path, os.path.join(out, "merged")) else "train"
+    return "", ""
 
 
 def lines(r: Resolved) -> list[str]:
@@ -61,7 +67,7 @@ def lines(r: Resolved) -> list[str]:
         f"DATASET_DIR={r['dataset_dir']}",
         f"DATASETS={' '.join(r['dataset'])}",
         f"STAGE={r['stage']}",
-        f"UPSTREAM={upstream(r)}",
+        *(f"{name}={value}" for name, value in zip(("UPSTREAM", "UPSTREAM_GOAL"), _upstream(r))),
     ]
 
 

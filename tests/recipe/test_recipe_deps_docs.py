@@ -24,8 +24,9 @@ def test_deps_lines(write):
         "DATASETS=a b",
         "STAGE=sft",
         "UPSTREAM=recipes/demo_pt.yaml",
+        "UPSTREAM_GOAL=train",
     ]
-    assert lines(resolve("recipes/demo_pt.yaml", command="deps"))[-1] == "UPSTREAM="
+    assert lines(resolve("recipes/demo_pt.yaml", command="deps"))[-2:] == ["UPSTREAM=", "UPSTREAM_GOAL="]
 
 
 def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
@@ -33,7 +34,10 @@ def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
     write("recipes/b.yaml", "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nadapter_name_or_path: "
                             "out/first/adapter\n")
     write("recipes/broken.yaml", "this: [is broken\n")  # siblings that do not load are ignored
-    assert lines(resolve("recipes/b.yaml", command="deps"))[-1] == "UPSTREAM=recipes/a.yaml"
+    assert lines(resolve("recipes/b.yaml", command="deps"))[-2:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=train"]
+    # a merged model comes from the upstream's merge stage (make runs `merge` there, not only `train`)
+    write("recipes/c.yaml", "model_name_or_path: out/first/merged\ndataset: x\nmax_steps: 1\n")
+    assert lines(resolve("recipes/c.yaml", command="deps"))[-2:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=merge"]
 
 
 def test_deps_cli(write, capsys):

@@ -1,0 +1,139 @@
+"""Stage dpo as a user drives it: LLaMA-Factory ranking data (alpaca and sharegpt forms) and a save_pretrained GPT-2,
+`python -m pipeline build / train / merge / eval`, outputs loaded by transformers and PEFT; each bad input one
+exit-2 message."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.acceptance import harness
+
+WORDS = harness.WORDS
+# LLaMA-Factory's dataset_info.json entries for ranking data (its data/README.md)
+RANKING_ENTRIES = {
+    "prefs_alpaca": {"file_name": "raw/prefs_alpaca.json", "ranking": True,
+                     "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+    "prefs_sharegpt": {"file_name": "raw/prefs_sharegpt.json", "formatting": "sharegpt", "ranking": True,
+                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+}
+DPO = {**harness.SFT, "stage": "dpo", "dataset": "prefs_alpaca,prefs_sharegpt", "val_size": 0.25,
+       "learning_rate": 1e-2, "max_steps": 4, "pref_beta": 0.5, "max_new_tokens": 3, "max_eval_samples": 2}
+
+
+def write_ranking_data(data: Path, n: int = 16) -> None:
+    """Both LLaMA-Factory ranking forms: alpaca (chosen/rejected strings), sharegpt (message objects)."""
+    rng = random.Random(3)
+    alpaca, sharegpt = [], []
+    for i in range(n):
+        a, b, c = rng.sample(WORDS, 3)
+        alpaca.append({"instruction": f"Repeat: {a} {b}", "input": "", "chosen": f"{a} {b}", "rejected": f"{c} ({i})"})
+        sharegpt.append({"conversations": [{"from": "human", "value": f"Say {c} twice"}],
+                         "chosen": {"from": "gpt", "value": f"{c} {c}"},
+                         "rejected": {"from": "gpt", "value": f"{a} ({i})"}})
+    (data / "raw" / "prefs_alpaca.json").write_text(json.dumps(alpaca, indent=1), encoding="utf-8")
+    (data / "raw" / "prefs_sharegpt.json").write_text(json.dumps(sharegpt, indent=1), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**registry, **RANKING_ENTRIES}, indent=2), encoding="utf-8")
+
+
+@pytest.fixture
+def dpo_workdir(workdir: Path) -> Path:
+    write_ranking_data(workdir / "data")
+    return workdir
+
+
+def test_dpo_train_merge_eval_from_llamafactory_ranking_data(dpo_workdir, hf_checkpoint):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir = hf_checkpoint("gpt2")
+    harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path=str(base_dir), output_dir="saves/dpo")
+    for command in ("build", "train", "merge", "eval"):
+        harness.pipeline(command, "dpo.yaml", cwd=dpo_workdir)
+    out = dpo_workdir / "saves" / "dpo"
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy = reference at step one
+    assert all(key in log[-1] for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                          "rewards/margins", "logps/chosen", "logps/rejected"))
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    base, tuned = metrics["results"]["base"], metrics["results"]["tuned"]
+    assert base["reward_margin"] == 0.0 and tuned["reward_margin"] > 0  # the base is the reference
+    assert tuned["preference_accuracy"] >= base["preference_accuracy"]
+    assert {"f1", "exact_match", "preference_accuracy", "pref_loss"} <= tuned.keys()
+    assert "preference accuracy (%)" in (out / "eval" / "report.md").read_text()
+
+    # the user's tools load what we wrote: merged/ in transformers, adapter/ on the base in PEFT, same logits
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter").eval()
+    ids = torch.tensor([[464, 3290, 318, 257, 1332, 13, 15496, 11]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, peft(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, base_logits, atol=1e-3)  # DPO changed the model
+
+    # held-out preference accuracy of the tuned model, recomputed with PEFT's forward
+    from pipeline.data.pairs import tokenized_pairs
+    from pipeline.recipe import resolve
+
+    cwd = os.getcwd()
+    os.chdir(dpo_workdir)  # the recipe's paths are relative to where the user runs the CLI
+    try:
+        pairs = tokenized_pairs(resolve("dpo.yaml", [], command="eval"), "val")
+    finally:
+        os.chdir(cwd)
+    wins = 0
+    for i in range(len(pairs)):
+        scores = []
+        for side in (pairs.chosen, pairs.rejected):
+            ex = side.example(i)
+            x = torch.tensor([ex.input_ids])
+            with torch.no_grad():
+                logp = torch.log_softmax(peft(x).logits[0, :-1].float(), dim=-1)
+            targets = torch.tensor(ex.input_ids[1:])
+            scored = torch.tensor([label != -100 for label in ex.labels[1:]])
+            scores.append(float(logp[torch.arange(len(targets)), targets][scored].sum()))
+        wins += scores[0] > scores[1]
+    assert tuned["preference_accuracy"] == pytest.approx(wins / len(pairs))
+
+
+def test_an_sft_output_as_model_makes_the_sft_recipe_upstream(dpo_workdir):
+    harness.write_recipe(dpo_workdir / "sft.yaml", harness.SFT, model_name_or_path="tiny", output_dir="saves/sft")
+    harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path="saves/sft/merged", output_dir="saves/dpo")
+    deps = harness.pipeline("deps", "dpo.yaml", cwd=dpo_workdir).stdout
+    assert {"UPSTREAM=sft.yaml", "UPSTREAM_GOAL=merge", "STAGE=dpo"} <= set(deps.splitlines())
+
+
+def one_error(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize("command, keys, words", [
+    ("build", dict(dataset="tiny_sft"), ["has no preference pairs but the recipe's stage is dpo",
+                                         '"ranking": true', "or set stage: sft"]),
+    ("build", dict(stage="sft"), ["preference data (ranking: true", "set stage: dpo"]),
+    ("validate", dict(pref_loss="sigmod"), ["pref_loss", "did you mean 'sigmoid'"]),
+    ("validate", dict(pref_loss="orpo", ref_model="tiny"), ["ref_model", "pref_loss orpo uses no reference model"]),
+], ids=["dpo-without-ranking", "ranking-under-sft", "unknown-pref_loss", "ref_model-with-orpo"])
+def test_bad_input_is_one_exit_2_message(dpo_workdir, command, keys, words):
+    harness.write_recipe(dpo_workdir / "bad.yaml", DPO, model_name_or_path="tiny", **keys)
+    if keys.get("stage") == "sft":
+        (dpo_workdir / "bad.yaml").write_text((dpo_workdir / "bad.yaml").read_text().replace(
+            "pref_beta: 0.5\n", "").replace("dataset: \"prefs_alpaca,prefs_sharegpt\"", "dataset: prefs_alpaca"))
+    message = one_error(harness.pipeline(command, "bad.yaml", cwd=dpo_workdir, expect=2))
+    assert all(w in message for w in words), message
+
+
+def test_a_ref_model_with_another_vocabulary_is_refused(dpo_workdir, hf_checkpoint):
+    other = hf_checkpoint("gpt2", vocab_size=1000)
+    harness.write_recipe(dpo_workdir / "bad.yaml", DPO, model_name_or_path=str(hf_checkpoint("gpt2")),
+                         ref_model=str(other))
+    message = one_error(harness.pipeline("validate", "bad.yaml", cwd=dpo_workdir, expect=2))
+    assert "ref_model" in message and "1,000" in message and "50,257" in message
