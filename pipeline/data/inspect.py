@@ -70,16 +70,18 @@ def inspect_dpo(r: Mapping[str, Any], num: int, color: bool) -> str:
     from pipeline.data.pairs import tokenized_pairs
 
     train, val = tokenized_pairs(r, "train"), tokenized_pairs(r, "val")
+    tokenizer = recipe_tokenizer(r)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
     out = [f"stage dpo · template {r['template']} · cutoff_len {r['cutoff_len']} · only the last response is scored",
-           f"scored tokens (the summed log-probabilities) are {mark}; <|endoftext|> is EOS (id 50256)", ""]
+           f"scored tokens (the summed log-probabilities) are {mark}; {tokenizer.eos_text} is EOS "
+           f"(id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
         out.append(f"── pair {i + 1}/{min(num, len(train))} · {train.origins[i]}")
         for side, data in (("chosen", train.chosen), ("rejected", train.rejected)):
             ex = data.example(i)
             scored = [False] + [label != -100 for label in ex.labels[1:]]
             out.append(f"{side}: {len(ex.input_ids)} tokens, {sum(scored)} scored{' · truncated' if ex.truncated else ''}")
-            out.append(render(ex.input_ids, scored, color))
+            out.append(render(ex.input_ids, scored, color, tokenizer))
         out.append("")
     out += [_policy_line("train", train, r).replace(" examples", " pairs"),
             _policy_line("val", val, r).replace(" examples", " pairs"), ""]

@@ -11,7 +11,7 @@ from pipeline.data.build import build, built_dir
 from pipeline.data.check import check_built, pair_ok
 from pipeline.data.pairs import encode_pairs
 from pipeline.data.tokenize import NO_ROOM, OVER, encode_example
-from pipeline.data.tokenizer import get_tokenizer
+from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
 
 # LLaMA-Factory's dataset_info.json entries for ranking data (data/README.md), columns spelled out as there
@@ -109,13 +109,13 @@ def test_stage_and_ranking_must_agree(make_recipe):
 
 def test_only_the_last_response_is_scored_and_tokens_match_sft():
     row = {"instruction": "Greet", "input": "", "chosen": "hello there", "rejected": "go", "history": [["hi", "hey"]]}
-    pairs = encode_pairs([row], "alpaca", cutoff_len=512)
+    pairs = encode_pairs([row], "alpaca", gpt2(), cutoff_len=512)
     chosen = pairs.chosen.example(0)
     # the same tokens as sft tokenizes the row with output = chosen (mask_history: only the last response)
     sft = encode_example({**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "output": "hello there"},
-                         "alpaca", cutoff_len=512, mask_history=True)
+                         "alpaca", gpt2(), cutoff_len=512, mask_history=True)
     assert chosen.input_ids == sft.input_ids and chosen.labels == sft.labels
-    enc = get_tokenizer()
+    enc = gpt2()
     scored = [t for t in chosen.labels if t != -100]
     assert enc.decode(scored) == "hello there<|endoftext|>"
     rejected = pairs.rejected.example(0)
@@ -131,22 +131,22 @@ def pair_with(chosen_words: int, rejected_words: int, prompt: str = "Say it") ->
 
 def test_overlength_policy_applies_to_the_pair_as_a_whole():
     short, long_rejected = pair_with(2, 2), pair_with(2, 60)
-    base = len(encode_pairs([short], "alpaca", cutoff_len=512).rejected.example(0).input_ids)
+    base = len(encode_pairs([short], "alpaca", gpt2(), cutoff_len=512).rejected.example(0).input_ids)
     cutoff = base + 10  # the short pair fits, the long rejected side does not
-    dropped = encode_pairs([short, long_rejected], "alpaca", cutoff_len=cutoff, policy="drop")
+    dropped = encode_pairs([short, long_rejected], "alpaca", gpt2(), cutoff_len=cutoff, policy="drop")
     assert len(dropped) == 1 and dropped.dropped == {OVER: 1, NO_ROOM: 0}
     assert dropped.dropped_rows == ["row 2"]  # the chosen side fitted: the pair still goes
-    truncated = encode_pairs([short, long_rejected], "alpaca", cutoff_len=cutoff, policy="truncate")
+    truncated = encode_pairs([short, long_rejected], "alpaca", gpt2(), cutoff_len=cutoff, policy="truncate")
     assert len(truncated) == 2 and truncated.truncated == 1
     assert len(truncated.rejected.example(1).input_ids) == cutoff
     assert len(truncated.chosen.example(1).input_ids) == len(truncated.chosen.example(0).input_ids)  # fits: uncut
     assert truncated.rejected.example(1).truncated and not truncated.chosen.example(1).truncated
     with pytest.raises(UserError) as err:
-        encode_pairs([short, long_rejected], "alpaca", cutoff_len=cutoff, policy="error")
+        encode_pairs([short, long_rejected], "alpaca", gpt2(), cutoff_len=cutoff, policy="error")
     assert "row 2" in err.value.messages[0] and "over cutoff_len" in err.value.messages[0]
 
 
 def test_a_prompt_with_no_room_left_drops_the_pair():
     long_prompt = pair_with(1, 1, prompt=" ".join(["long"] * 80))
-    out = encode_pairs([pair_with(1, 1), long_prompt], "alpaca", cutoff_len=60, policy="truncate")
+    out = encode_pairs([pair_with(1, 1), long_prompt], "alpaca", gpt2(), cutoff_len=60, policy="truncate")
     assert len(out) == 1 and out.dropped[NO_ROOM] == 1 and out.dropped_rows == ["row 2"]
