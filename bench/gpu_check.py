@@ -1,0 +1,372 @@
+"""GPU check: a few training steps per (model shape x precision x ZeRO stage), a merge verification, one JSON.
+
+Run by bench/gpu_check.sh on a CUDA machine after `make setup` with a CUDA torch (see that script), or
+directly: `.venv/bin/python -m bench.gpu_check --out gpu_check.json`. Every run is the user's path:
+`python -m pipeline train RECIPE` in a subprocess on a generated recipe and synthetic Alpaca-like data
+(random weights: nothing is downloaded). Figures per run, from the run's own trainer_log.jsonl:
+
+- tokens/s: median over the logged steps after the first two (compilation, allocator warm-up);
+- MFU: model FLOPs per token x tokens/s / the GPU's peak dense bf16/fp16 FLOP/s. Model FLOPs per token
+  (PaLM's convention, full fine-tuning): 6 N + 12 L d T, N = parameters in matmuls (the output head
+  included, the embedding lookup not), L layers, d width, T the mean real tokens per row (an upper
+  bound for neat-packed rows, whose attention spans one example); the peak comes from a
+  table of datasheet figures by GPU name (dense, no sparsity), and a measured bf16 matmul peak is reported
+  beside it.
+
+The whole check keeps to --budget-s (default 420 s, so that setup + check stay within 8 minutes on a
+cached pip): runs left when it is spent are reported as skipped, never silently dropped. fp16 on a
+machine without CUDA is skipped with its reason (DeepSpeed refuses it on CPU); a model preset this
+checkout does not have (qwen3-0.6b before the family-generic decoder landed) likewise.
+
+--allow-cpu runs the same code on a CPU (bf16 only) so the tests can exercise it end to end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Dense (no sparsity) peak tensor FLOP/s for bf16/fp16 inputs, from the vendors' datasheets; matched by
+# substring of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" is listed before "H100").
+PEAK_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("A10G", 125.0), ("A10", 125.0), ("L40S", 362.0),
+    ("L40", 181.0), ("L4", 121.0), ("A6000", 155.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+    ("V100", 125.0), ("T4", 65.0),
+]
+MODELS = ("gpt2-small", "qwen3-0.6b")
+PRECISIONS = ("bf16", "fp16")
+ZERO_STAGES = (2, 3)
+
+
+@dataclass
+class Run:
+    model: str
+    precision: str
+    zero_stage: int
+    status: str = "pending"  # ok | failed | skipped
+    reason: str | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+    loss_scale: float | None = None
+    seconds: float | None = None
+    stderr_tail: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.precision}-zero{self.zero_stage}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON of results")
+    p.add_argument("--workdir", type=Path, default=None, help="where recipes, data and runs go (default: a temp dir)")
+    p.add_argument("--models", default=",".join(MODELS), help="model presets, comma-separated")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help="bf16 and/or fp16")
+    p.add_argument("--zero", default=",".join(map(str, ZERO_STAGES)), help="ZeRO stages, comma-separated")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
+    p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
+    p.add_argument("--cutoff", type=int, default=512, help="cutoff_len (rows are neat-packed to it)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this many seconds")
+    p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (bf16 only): for tests")
+    p.add_argument("--no-merge", action="store_true", help="skip the LoRA run + merge verification")
+    p.add_argument("--dry-run", action="store_true", help="write the recipes and print the plan; train nothing")
+    args = p.parse_args(argv)
+    args.models = _split(p, args.models, "--models", None)
+    args.precisions = _split(p, args.precisions, "--precisions", PRECISIONS)
+    try:
+        args.zero = [int(z) for z in _split(p, args.zero, "--zero", None)]
+    except ValueError:
+        p.error(f"--zero: expected stages such as 2,3, got {args.zero!r}")
+    if not set(args.zero) <= {0, 1, 2, 3}:
+        p.error(f"--zero: stages are 0..3, got {args.zero}")
+    for name in ("steps", "batch", "cutoff"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def _split(p: argparse.ArgumentParser, text: str, flag: str, allowed: tuple[str, ...] | None) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        p.error(f"{flag}: nothing given")
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if bad:
+        p.error(f"{flag}: {', '.join(bad)} not one of {', '.join(allowed or ())}")
+    return items
+
+
+def peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return value
+    return None
+
+
+def flops_per_token(info: Any, mean_row: float) -> float:
+    """6 N + 12 L d T (full fine-tuning), N = matmul parameters: blocks + output head."""
+    d, layers, vocab = info.n_embd, info.n_layer, info.vocab_size
+    hidden = getattr(info.config, "hidden_dim", 4 * d)
+    block = 4 * d * d + 2 * d * hidden  # q, k, v, o and the MLP (GPT-2 shape; grouped-query models have fewer)
+    matmul_params = layers * block + d * vocab
+    return 6 * matmul_params + 12 * layers * d * mean_row
+
+
+def write_data(directory: Path, rows: int = 2000, seed: int = 0) -> None:
+    """Alpaca-like lengths (instruction 10-60 words, response 20-200 words) from a fixed vocabulary."""
+    rng = random.Random(seed)
+    words = ("model data train token batch layer weight value signal river stone cloud light water north south "
+             "green blue quick slow small large garden window paper music morning night").split()
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    (directory / "raw").mkdir(parents=True, exist_ok=True)
+    with open(directory / "raw" / "alpaca_like.jsonl", "w", encoding="utf-8") as handle:
+        for _ in range(rows):
+            handle.write(json.dumps({"instruction": text(10, 60), "input": "", "output": text(20, 200)}) + "\n")
+    (directory / "dataset_info.json").write_text(json.dumps(
+        {"alpaca_like": {"file_name": "raw/alpaca_like.jsonl", "formatting": "alpaca"}}, indent=2), encoding="utf-8")
+
+
+def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = False) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "model_name_or_path": run.model, "stage": "sft", "dataset": "alpaca_like", "dataset_dir": str(workdir / "data"),
+        "template": "alpaca", "cutoff_len": args.cutoff, "neat_packing": True, "packing": True, "val_size": 0.01,
+        "overlength_policy": "truncate", "finetuning_type": "lora" if lora else "full",
+        "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-5,
+        "max_steps": args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
+        "save_steps": 100000, "plot_loss": False, "zero_stage": run.zero_stage, "bf16": run.precision == "bf16",
+        "fp16": run.precision == "fp16", "output_dir": str(workdir / "runs" / run.name), "seed": 0,
+        "max_grad_norm": 1.0,
+    }
+    if run.precision == "fp16":
+        values.update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+    if lora:
+        values.update(lora_rank=16, lora_alpha=32, lora_target="all", learning_rate=1.0e-4)
+    return values
+
+
+def write_recipe(path: Path, values: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    return path
+
+
+def available_presets() -> set[str]:
+    from pipeline.model.config import PRESETS
+
+    return set(PRESETS)
+
+
+def plan_runs(args: argparse.Namespace, cuda: bool, bf16_ok: bool = True) -> list[Run]:
+    presets = available_presets()
+    runs = []
+    for model in args.models:
+        for precision in args.precisions:
+            for zero in args.zero:
+                run = Run(model, precision, zero)
+                if model not in presets:
+                    run.status, run.reason = "skipped", f"no preset {model!r} in this checkout"
+                elif precision == "fp16" and not cuda:
+                    run.status, run.reason = "skipped", "fp16 needs CUDA (DeepSpeed refuses it on CPU)"
+                elif precision == "bf16" and not bf16_ok:
+                    run.status, run.reason = "skipped", "this GPU has no bf16 (pre-Ampere): fp16 only"
+                runs.append(run)
+    return runs
+
+
+def pipeline_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int) -> None:
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(pipeline_cmd("train", str(path)), cwd=REPO, env=_env(), capture_output=True,
+                              text=True, timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        run.status, run.reason, run.seconds = "failed", f"timed out after {timeout:.0f} s", time.monotonic() - start
+        return
+    run.seconds = round(time.monotonic() - start, 2)
+    if proc.returncode != 0:
+        run.status, run.reason = "failed", f"exit {proc.returncode}"
+        run.stderr_tail = proc.stderr[-3000:]
+        return
+    records = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines() if line]
+    steady = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:] or \
+        [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    run.status = "ok"
+    run.tokens_per_s = round(statistics.median(steady), 1) if steady else None
+    run.loss_first, run.loss_last = (losses[0], losses[-1]) if losses else (None, None)
+    run.loss_scale = next((r["loss_scale"] for r in reversed(records) if r.get("loss_scale") is not None), None)
+    results = json.loads((output_dir / "all_results.json").read_text())
+    steps, seen = results.get("global_step") or 0, results.get("tokens_seen") or 0
+    run.extra["tokens_seen"] = seen
+    run.extra["mean_row"] = round(seen / (steps * batch), 1) if steps else None  # real tokens per packed row
+
+
+def measured_matmul_tflops(cuda: bool) -> float | None:
+    """Best of a few bf16 8192^3 matmuls (CUDA only): what this GPU delivers to a large dense matmul."""
+    if not cuda:
+        return None
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(8):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return round(2 * 8192 ** 3 / best / 1e12, 1)
+
+
+def merge_check(args: argparse.Namespace, workdir: Path, model: str, timeout: float) -> dict[str, Any]:
+    """A short LoRA run (bf16, ZeRO 2) and `pipeline merge` on it; the merge verifies itself."""
+    run = Run(model, "bf16", 2)
+    run_dir = workdir / "runs" / f"{model}-lora-merge"
+    values = {**recipe(run, args, workdir, lora=True), "output_dir": str(run_dir), "max_steps": 2}
+    path = write_recipe(workdir / "recipes" / f"{model}-lora-merge.yaml", values)
+    start = time.monotonic()
+    out: dict[str, Any] = {"model": model, "recipe": str(path)}
+    for command in ("train", "merge"):
+        left = timeout - (time.monotonic() - start)
+        try:
+            proc = subprocess.run(pipeline_cmd(command, str(path)), cwd=REPO, env=_env(), capture_output=True,
+                                  text=True, timeout=max(left, 1.0))
+        except subprocess.TimeoutExpired:
+            return {**out, "status": "failed", "reason": f"{command} timed out"}
+        if proc.returncode != 0:
+            return {**out, "status": "failed", "reason": f"{command} exit {proc.returncode}",
+                    "stderr_tail": proc.stderr[-3000:]}
+    report = run_dir / "merged" / "verification.json"
+    out.update(status="ok", seconds=round(time.monotonic() - start, 2),
+               verification=json.loads(report.read_text()) if report.is_file() else None)
+    return out
+
+
+def device_facts(cuda: bool) -> dict[str, Any]:
+    import torch
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+                             "host": platform.node()}
+    if cuda:
+        facts.update(name=torch.cuda.get_device_name(0), count=torch.cuda.device_count(),
+                     memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1),
+                     bf16_supported=torch.cuda.is_bf16_supported())
+    else:
+        facts.update(name=platform.processor() or "cpu", count=0)
+    return facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu and not args.dry_run:
+        print("error: no CUDA GPU visible to torch (torch.cuda.is_available() is False): run bench/gpu_check.sh on a "
+              "machine with an NVIDIA GPU, after `make setup` with a CUDA torch (the script does that), or pass "
+              "--allow-cpu to exercise the check on a CPU", file=sys.stderr)
+        return 2
+    import tempfile
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_data(workdir / "data")
+    facts = device_facts(cuda)
+    runs = plan_runs(args, cuda, facts.get("bf16_supported", True))
+    peak = peak_tflops(facts["name"]) if cuda else None
+    result: dict[str, Any] = {"device": facts, "peak_tflops_datasheet": peak, "workdir": str(workdir),
+                              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                              "runs": [], "merge": []}
+    presets = available_presets()
+    for run in runs:  # every run of an available model, even one skipped here (its recipe is checked by tests)
+        if run.model in presets:
+            write_recipe(workdir / "recipes" / f"{run.name}.yaml", recipe(run, args, workdir))
+    if args.dry_run:
+        for run in runs:
+            print(f"{run.name}: {run.status if run.status != 'pending' else 'would run'}"
+                  f"{' (' + run.reason + ')' if run.reason else ''}")
+        result["runs"] = [asdict(r) | {"name": r.name} for r in runs]
+        _write(args.out, result)
+        return 0
+    result["measured_matmul_tflops"] = measured_matmul_tflops(cuda)
+    first = next((r for r in runs if r.status == "pending"), None)
+    if first is not None:  # the data, built once as a user does (`make data`)
+        built = subprocess.run(pipeline_cmd("build", str(workdir / "recipes" / f"{first.name}.yaml")), cwd=REPO,
+                               env=_env(), capture_output=True, text=True, timeout=300)
+        if built.returncode != 0:
+            print(built.stderr, file=sys.stderr)
+            return 1
+    from pipeline.recipe.modelinfo import model_info
+
+    for run in runs:
+        if run.status != "pending":
+            continue
+        left = args.budget_s - (time.monotonic() - started)
+        if left < 20:
+            run.status, run.reason = "skipped", f"time budget of {args.budget_s:.0f} s spent"
+            continue
+        execute(run, workdir / "recipes" / f"{run.name}.yaml", workdir / "runs" / run.name, left, args.batch)
+        info = model_info(run.model)
+        if run.status == "ok" and run.tokens_per_s and info is not None:
+            per_token = flops_per_token(info, run.extra.get("mean_row") or args.cutoff)
+            run.extra["model_flops_per_token"] = per_token
+            run.extra["achieved_tflops"] = round(per_token * run.tokens_per_s / 1e12, 2)
+            if peak:
+                run.mfu = round(per_token * run.tokens_per_s / (peak * 1e12), 4)
+        print(f"{run.name}: {run.status}" + (f", {run.tokens_per_s:,.0f} tokens/s" if run.tokens_per_s else "")
+              + (f", MFU {100 * run.mfu:.1f}%" if run.mfu is not None else "")
+              + (f" ({run.reason})" if run.reason else ""), flush=True)
+    result["runs"] = [asdict(r) | {"name": r.name} for r in runs]
+    if not args.no_merge:
+        for model in dict.fromkeys(r.model for r in runs if r.status == "ok"):
+            left = args.budget_s - (time.monotonic() - started)
+            if left < 20:
+                result["merge"].append({"model": model, "status": "skipped", "reason": "time budget spent"})
+                continue
+            check = merge_check(args, workdir, model, left)
+            print(f"merge {model}: {check['status']}" + (f" ({check.get('reason')})" if check.get("reason") else ""),
+                  flush=True)
+            result["merge"].append(check)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    _write(args.out, result)
+    failed = [r.name for r in runs if r.status == "failed"] + [m["model"] for m in result["merge"]
+                                                              if m["status"] == "failed"]
+    print(f"results: {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""bench/gpu_check.sh and bench.gpu_check on a CPU: every line that runs without CUDA (arguments, the
+setup command, generated recipes through the real resolver, the CPU end-to-end path, the JSON)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_check
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "bench" / "gpu_check.sh"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--precisions", "fp8"], "--precisions: fp8 not one of bf16, fp16"),
+    (["--zero", "2,x"], "--zero: expected stages such as 2,3"),
+    (["--zero", "4"], "--zero: stages are 0..3"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--models", ","], "--models: nothing given"),
+])
+def test_bad_arguments_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        gpu_check.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_peak_table_and_model_flops_by_hand():
+    assert gpu_check.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gpu_check.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
+    assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu_check.peak_tflops("Some Future GPU") is None
+    from pipeline.recipe.modelinfo import model_info
+
+    # gpt2-small: 12 x (4 x 768^2 + 2 x 768 x 3072) + 768 x 50257 = 123,532,032 matmul weights
+    assert gpu_check.flops_per_token(model_info("gpt2-small"), 100) == 6 * 123_532_032 + 12 * 12 * 768 * 100
+
+
+def test_without_cuda_it_refuses_with_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path / "g.json")], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU visible to torch" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "g.json").exists()
+
+
+def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
+    out, work = tmp_path / "g.json", tmp_path / "work"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(work)]) == 0
+    result = json.loads(out.read_text())
+    names = {r["name"]: r for r in result["runs"]}
+    assert set(names) >= {"gpt2-small-bf16-zero2", "gpt2-small-bf16-zero3", "gpt2-small-fp16-zero2",
+                          "gpt2-small-fp16-zero3"}
+    assert names["gpt2-small-fp16-zero2"]["status"] == "skipped"  # this machine has no CUDA
+    recipes = sorted((work / "recipes").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {n for n in names if n.startswith("gpt2-small")}
+    for path in recipes:  # the real resolver and DeepSpeed config on each (plan does not need the GPU)
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "plan", str(path)], cwd=REPO, env=_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        ds = proc.stdout
+        assert ('"stage": 3' in ds) == path.stem.endswith("zero3")
+        if "fp16" in path.stem:
+            assert '"loss_scale": 0' in ds and '"initial_scale_power": 16' in ds  # dynamic loss scaling
+
+
+def test_script_arguments_and_setup_command(tmp_path):
+    run = lambda *a, **env: subprocess.run(["bash", str(SCRIPT), *a], cwd=REPO, env=_env(**env),  # noqa: E731
+                                           capture_output=True, text=True, timeout=120)
+    assert run("--help").returncode == 0
+    bad = run("--bogus")
+    assert bad.returncode == 2 and "unknown argument '--bogus'" in bad.stderr
+    assert run("--cuda", "rocm").returncode == 2
+    no_gpu = run(PATH="/usr/bin:/bin")  # no nvidia-smi here
+    assert no_gpu.returncode == 2 and "nvidia-smi not found" in no_gpu.stderr
+    stub = tmp_path / "make"
+    stub.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/make-args\n')
+    stub.chmod(0o755)
+    out = tmp_path / "g.json"
+    done = run("--out", str(out), "--cuda", "cu126", "--", "--dry-run", "--workdir", str(tmp_path / "w"),
+               GPU_CHECK_ASSUME_GPU="1", GPU_CHECK_MAKE=str(stub), GPU_CHECK_PYTHON=sys.executable)
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "make-args").read_text()
+    assert args.startswith("setup TORCH=torch==") and "--index-url https://download.pytorch.org/whl/cu126" in args
+    assert json.loads(out.read_text())["settings"]["budget_s"] > 60
+
+
+@pytest.mark.slow
+def test_cpu_end_to_end_writes_one_json(tmp_path):
+    """The whole check on a CPU with a tiny model: runs, figures, merge verification, the JSON."""
+    out = tmp_path / "g.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--models", "tiny", "--precisions",
+                           "bf16,fp16", "--zero", "2", "--steps", "3", "--batch", "2", "--cutoff", "96", "--out",
+                           str(out), "--workdir", str(tmp_path / "w")], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    result = json.loads(out.read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    ok = runs["tiny-bf16-zero2"]
+    assert ok["status"] == "ok" and ok["tokens_per_s"] > 0 and ok["mfu"] is None  # no datasheet peak for a CPU
+    assert ok["extra"]["achieved_tflops"] > 0 and ok["loss_first"] is not None
+    assert runs["tiny-fp16-zero2"]["status"] == "skipped"
+    merge = result["merge"][0]
+    assert merge["status"] == "ok" and merge["verification"] is not None
