@@ -82,8 +82,9 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
         _check_cast(merged, check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
     export(r, merged, target, check)
-    note(f"exported {source} onto {r['model_name_or_path']} as {target} ({r['export_dtype']}, shards up to "
-         f"{r['export_size']} GB); loads with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
+    onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
+    note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
+         f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
     return 0
 
 

@@ -205,6 +205,12 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             and "gradient_checkpointing" not in bad):  # transformers' name for the same switch, inverted
         values["disable_gradient_checkpointing"] = not values["gradient_checkpointing"]
         origins["disable_gradient_checkpointing"] = DERIVED
+    model = values.get("model_name_or_path")
+    if (isinstance(model, str) and "model_name_or_path" not in bad and os.path.isdir(model)
+            and not os.path.isfile(os.path.join(model, "config.json"))
+            and os.path.isfile(os.path.join(model, "model", "config.json"))):
+        # a full/freeze run's output_dir (LLaMA-Factory writes the model there; we write output_dir/model/)
+        values["model_name_or_path"], origins["model_name_or_path"] = os.path.join(model, "model"), DERIVED
     adapter = values.get("adapter_name_or_path")
     if (adapter and "adapter_name_or_path" not in bad and not os.path.isfile(os.path.join(adapter, "adapter_config.json"))
             and os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json"))):

@@ -76,6 +76,36 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     assert answer.returncode == 0
 
 
+@pytest.mark.slow
+def test_full_sft_then_export_then_inference(tmp_path):
+    """train_full (ZeRO-3 JSON), then merge_lora/inference recipes whose model_name_or_path is the run's output_dir."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ckpt = tmp_path / "ckpt"
+    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048)
+    work = lf_checkout(tmp_path / "lf", str(ckpt))
+    for recipe in ("merge_lora/qwen3_full_sft.yaml", "inference/qwen3_full_sft.yaml"):  # their model line is the run
+        path = work / "examples" / recipe
+        path.write_text((EXAMPLES / recipe).read_text("utf-8"), "utf-8")
+    extra = template_override()
+    sft = "examples/train_full/qwen3_full_sft.yaml"
+    pipeline("build", sft, *extra, cwd=work)
+    pipeline("train", sft, *extra, cwd=work, timeout=900)
+    assert json.loads((work / "saves/qwen3-4b/full/sft/ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    pipeline("export", "examples/merge_lora/qwen3_full_sft.yaml", *extra, cwd=work)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(work / "saves/qwen3_sft_merged").eval()
+    from pipeline.model.weights import load_model
+
+    ours = load_model(work / "saves/qwen3-4b/full/sft/model").eval()
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]])
+    with torch.no_grad():
+        got, want = exported(ids).logits, ours(ids)
+        base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-5)  # training changed the weights
+    pipeline("chat", "examples/inference/qwen3_full_sft.yaml", *extra, "max_new_tokens=3", "--prompt", "hi", cwd=work)
+
+
 DS_WORKS = ["ds_z0_config.json", "ds_z2_config.json", "ds_z2_offload_config.json", "ds_z3_config.json",
             "ds_z3_offload_config.json"]
 
