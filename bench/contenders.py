@@ -85,7 +85,7 @@ class Ours:
         from pipeline.data.loaders import make_loader
         from pipeline.model.build import build_model
         from pipeline.train.optim import make_optimizer
-        from pipeline.train.run import exact_steps, seed_everything
+        from pipeline.train.run import enable_features, exact_steps, seed_everything
         from pipeline.train.schedule import make_scheduler
 
         r = resolve_recipe(recipe, overrides)
@@ -93,6 +93,7 @@ class Ours:
         self.loader = make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)
         self.r = exact_steps(r, self.loader)
         model = build_model(self.r)
+        enable_features(model, self.r)  # gradient checkpointing per the recipe, as run() does
         optimizer = make_optimizer(model, self.r)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=make_scheduler(optimizer, self.r), config=self.r.ds_config)
