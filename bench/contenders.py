@@ -76,7 +76,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, recipe: str, overrides: list[str]):
-        from pipeline.train import dist
+        from pipeline.runtime import dist
 
         dist.init()
         import deepspeed

@@ -21,8 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "merge": ("pipeline.merge", "run", "fold the adapter into the base, verify, export HF GPT-2 layout"),
     "export": ("pipeline.merge", "export_run", "LLaMA-Factory merge recipe: adapter_name_or_path + export_dir"),
     "eval": ("pipeline.evaluate.run", "run", "loss/perplexity + generation metrics, base vs tuned, report"),
-    "generate": ("pipeline.model.chat", "run", "complete --prompt TEXT (or chat interactively)"),
-    "chat": ("pipeline.model.chat", "run", "same as generate (LLaMA-Factory's verb)"),
+    "generate": ("pipeline.chat", "run", "complete --prompt TEXT (or chat interactively)"),
+    "chat": ("pipeline.chat", "run", "same as generate (LLaMA-Factory's verb)"),
     "deps": ("pipeline.recipe.deps", "run", "print the files a recipe depends on (used by the Makefile)"),
 }
 

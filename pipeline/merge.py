@@ -32,6 +32,7 @@ from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.weights import note
+from pipeline.runtime.layout import RunLayout, trained_weights
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
 # cast errors on tiny..gpt2-small: fp32 ~3e-6, fp16 ~2e-3, bf16 ~1.4e-2.
@@ -45,12 +46,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
-    out = Path(r["output_dir"])
     if r["finetuning_type"] == "lora":
         merged, check = merge_adapter(r, adapter_dir(r))
     else:
         merged, check = reexport_full(r)
-    target = export(r, merged, Path(r["export_dir"]) if r.get("export_dir") else out / "merged", check)
+    target = export(r, merged, Path(r["export_dir"]) if r.get("export_dir") else RunLayout.of(r).merged, check)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     source = "adapter" if r["finetuning_type"] == "lora" else "trained"
     note(f"merged model written to {target} ({r['export_dtype']}); verified on {check.report['samples']} samples,"
@@ -98,31 +98,19 @@ class Check:
 
 
 # ---------------------------------------------------------------- loading
-def find_adapter(r: Mapping[str, Any]) -> Path | None:
-    """The adapter this recipe produced (output_dir/adapter), else adapter_name_or_path, else None.
-
-    The trained one comes first: a recipe that continues training from adapter_name_or_path must
-    merge and evaluate what it trained, not where it started.
-    """
-    from pipeline.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
-    candidates = [Path(r["output_dir"]) / "adapter"]
-    if r["adapter_name_or_path"]:
-        candidates.append(Path(r["adapter_name_or_path"]))
-    return next((c for c in candidates if (c / ADAPTER_CONFIG).is_file() and (c / ADAPTER_WEIGHTS).is_file()), None)
-
-
 def adapter_dir(r: Mapping[str, Any]) -> Path:
-    """find_adapter, or a UserError that says what produces one."""
-    found = find_adapter(r)
+    """The adapter to merge (pipeline.runtime.layout.trained_weights: the one this recipe trained, else
+    adapter_name_or_path), or a UserError that says what produces one."""
+    out = RunLayout.of(r)
+    found = trained_weights(out, "lora", r["adapter_name_or_path"])
     if found is None:
         given = f" nor at adapter_name_or_path '{r['adapter_name_or_path']}'" if r["adapter_name_or_path"] else ""
         raise UserError(
-            f"{Path(r['output_dir']) / 'adapter'}: no LoRA adapter here{given} (adapter_config.json +"
+            f"{out.adapter}: no LoRA adapter here{given} (adapter_config.json +"
             f" adapter_model.safetensors). `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces"
             " output_dir/adapter/; or point adapter_name_or_path at an adapter directory (PEFT layout)."
         )
-    return found
+    return found.path
 
 
 def _recipe(r: Mapping[str, Any]) -> str:
@@ -155,8 +143,9 @@ def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
     """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
     from pipeline.model.weights import load_model
 
-    path = Path(r["output_dir"]) / "model"
-    if not (path / "config.json").is_file():
+    trained = trained_weights(RunLayout.of(r), r["finetuning_type"], None)
+    path = RunLayout.of(r).model
+    if trained is None:
         raise UserError(
             f"{path}: no trained model here (finetuning_type {r['finetuning_type']} writes output_dir/model/)."
             f" `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it."

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from pipeline.data.built import built_dir, read_manifest
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
@@ -41,10 +42,6 @@ PROGRESS_MIN_BYTES = 8 << 20
 BLOCK_MIN_BYTES = 1 << 20  # preprocessing_num_workers: JSON Lines files this large are read in blocks
 
 
-def built_dir(r: Mapping[str, Any], name: str) -> Path:
-    return Path(r["dataset_dir"]) / "build" / name
-
-
 def build_keys(r: Mapping[str, Any]) -> dict[str, Any]:
     return {key: r[key] for key in BUILD_KEYS}
 
@@ -63,15 +60,6 @@ def source_name(path: Path, dataset_dir: Path) -> str:
         return path.resolve().relative_to(dataset_dir.resolve()).as_posix()
     except ValueError:
         return str(path.resolve())
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        with open(directory / "manifest.json", encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def up_to_date(manifest: dict[str, Any] | None, directory: Path, wanted: dict[str, Any]) -> bool:

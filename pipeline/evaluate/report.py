@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.evaluate import metrics as M
 from pipeline.io import atomic_dir, atomic_write, write_json, write_text
-from pipeline.train.log import LOG_FILE, PLOT_FILE, RESULTS_FILE, read_log
+from pipeline.runtime.layout import RunLayout
+from pipeline.runtime.log import read_log
 
 SCHEMA_VERSION = 1
 MODELS = ("base", "tuned")
@@ -106,7 +107,7 @@ def write(
     model_summary; `output_dir` is where trainer_log.jsonl / training_loss.png are looked for.
     """
     eval_dir = Path(eval_dir)
-    output_dir = Path(output_dir) if output_dir is not None else eval_dir.parent
+    run = RunLayout(Path(output_dir) if output_dir is not None else eval_dir.parent)
     metrics = {"schema_version": SCHEMA_VERSION, **metrics}
     metrics["delta"] = deltas(metrics["results"])
     with atomic_dir(eval_dir) as tmp:
@@ -118,11 +119,10 @@ def write(
         figures = {}
         if plot_metrics(metrics["results"], tmp / "metrics.png"):
             figures["metrics"] = "metrics.png"
-        log = output_dir / LOG_FILE
-        if plot_loss_curves(log, metrics["results"], tmp / "loss_curves.png"):
+        if plot_loss_curves(run.trainer_log, metrics["results"], tmp / "loss_curves.png"):
             figures["loss"] = "loss_curves.png"
-        elif (output_dir / PLOT_FILE).is_file():
-            figures["loss"] = _relative(output_dir / PLOT_FILE, eval_dir)
+        elif run.loss_plot.is_file():
+            figures["loss"] = _relative(run.loss_plot, eval_dir)
         write_text(tmp / "report.md", render_markdown(metrics, rows, figures))
     return eval_dir
 
@@ -256,7 +256,7 @@ def _training_line(training: Mapping[str, Any]) -> str:
 def read_training_results(output_dir: str | Path) -> dict[str, Any]:
     """output_dir/all_results.json as train wrote it; {} when absent or unreadable (the report is still useful)."""
     try:
-        data = json.loads((Path(output_dir) / RESULTS_FILE).read_text(encoding="utf-8"))
+        data = json.loads(RunLayout(Path(output_dir)).all_results.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report
 from pipeline.model.weights import note
+from pipeline.runtime.layout import RunLayout, current_weights, describe
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
@@ -80,7 +81,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "training": report.read_training_results(out),
             "results": results,
         }
-        target = report.write(out / "eval", metrics, rows_out, output_dir=out)
+        target = report.write(RunLayout(out).eval, metrics, rows_out, output_dir=out)
         note(_summary_line(results, target))
     _barrier()
     return 0
@@ -89,7 +90,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
 # ---------------------------------------------------------------- which models
 @dataclass(frozen=True)
 class Tuned:
-    """The fine-tuned weights to evaluate: kind 'merged' | 'adapter' | 'model', where, and how the report names them."""
+    """The fine-tuned weights to evaluate (kind and path as in pipeline.runtime.layout.Weights) and how the report
+    names them."""
 
     kind: str
     path: Path
@@ -97,26 +99,15 @@ class Tuned:
 
 
 def tuned_model(r: Mapping[str, Any]) -> Tuned:
-    """output_dir/merged when it exists and is newer than what it was made from; else base + the trained
-    adapter (lora) or output_dir/model (full/freeze)."""
-    from pipeline.merge import find_adapter
-
-    out = Path(r["output_dir"])
-    merged = out / "merged" / "config.json"
-    lora = r["finetuning_type"] == "lora"
-    trained = find_adapter(r) if lora else (out / "model" if (out / "model" / "config.json").is_file() else None)
-    if trained is None and not merged.is_file():
-        what = out / ("adapter" if lora else "model")
-        raise UserError(f"{what}: no trained {'adapter' if lora else 'model'} to evaluate; `make train"
-                        f" RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
-    if merged.is_file():
-        if trained is None or _newest(trained) <= merged.stat().st_mtime:
-            return Tuned("merged", merged.parent, f"{merged.parent} (merged, Hugging Face GPT-2 layout)")
-        note(f"eval: {merged.parent} is older than {trained}; evaluating {trained} instead (`make merge` refreshes it)")
-    assert trained is not None
-    if lora:
-        return Tuned("adapter", trained, f"{r['model_name_or_path']} + LoRA adapter {trained}")
-    return Tuned("model", trained, f"{trained} ({r['finetuning_type']} fine-tuning)")
+    """The current tuned weights (pipeline.runtime.layout.current_weights: merged/ when up to date, else what
+    training produced); a UserError when nothing was trained."""
+    out = RunLayout.of(r)
+    weights = current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+    if weights is None:
+        lora = r["finetuning_type"] == "lora"
+        raise UserError(f"{out.trained_dir(r['finetuning_type'])}: no trained {'adapter' if lora else 'model'} to "
+                        f"evaluate; `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
+    return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))
 
 
 def load_model_for_eval(r: Mapping[str, Any], which: Tuned | None, device: torch.device) -> torch.nn.Module:
@@ -125,21 +116,7 @@ def load_model_for_eval(r: Mapping[str, Any], which: Tuned | None, device: torch
 
     if which is None:
         return load_for_inference(r, "base", device=device)
-    if which.kind == "merged":
-        return load_for_inference(r, "merged", device=device)
-    if which.kind == "adapter":
-        from pipeline.model.lora import load_adapter
-
-        model = load_for_inference(r, "base", device=device)
-        load_adapter(model, which.path)
-        return model.eval()
-    from pipeline.model.weights import load_model
-
-    return load_model(which.path).to(device).eval()
-
-
-def _newest(directory: Path) -> float:
-    return max((p.stat().st_mtime for p in directory.rglob("*") if p.is_file()), default=0.0)
+    return load_for_inference(r, which.kind, which.path, device=device)
 
 
 def _recipe(r: Mapping[str, Any]) -> str:
@@ -170,7 +147,7 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
         total += float(loss_sum)
         count += int(n)
     if world > 1:
-        from pipeline.train.dist import all_sum
+        from pipeline.runtime.dist import all_sum
 
         total, count_f = all_sum([total, count])
         count = int(round(count_f))
@@ -263,7 +240,7 @@ def _init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not tdist.is_initialized():
-        from pipeline.train.dist import init
+        from pipeline.runtime.dist import init
 
         init()
     return tdist.get_rank(), tdist.get_world_size()
@@ -280,7 +257,7 @@ def _gather(local: dict[int, str], world: int) -> dict[int, str]:
 
 
 def _barrier() -> None:
-    from pipeline.train.dist import barrier
+    from pipeline.runtime.dist import barrier
 
     barrier()
 

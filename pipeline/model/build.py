@@ -20,7 +20,7 @@ from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora
 from pipeline.model.weights import load_model, note
 
-WHICH = ("base", "adapter", "merged")
+KINDS = ("base", "adapter", "model", "merged")
 
 
 def get_key(r: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -88,62 +88,23 @@ def build_model(r: Mapping[str, Any]) -> GPTModel:
     return apply_finetuning_type(load_base(r), r)
 
 
-def _output_dir(r: Mapping[str, Any]) -> Path:
-    out = get_key(r, "output_dir")
-    if out is None:
-        raise UserError("output_dir is not set (resolve fills saves/<recipe name>)")
-    return Path(out)
-
-
-def tuned_paths(r: Mapping[str, Any]) -> dict[str, Path]:
-    """Where train and merge leave their results for this recipe."""
-    out = _output_dir(r)
-    lora = get_key(r, "finetuning_type", "lora") == "lora"
-    trained = out / ("adapter" if lora else "model")
-    start = get_key(r, "adapter_name_or_path")
-    # What this recipe trained comes first: continued training must be used, not where it started.
-    adapter = resolve_model_path(start, key="adapter_name_or_path") if lora and start and not trained.is_dir() \
-        else trained
-    return {"adapter": adapter, "merged": out / "merged"}
-
-
-def default_which(r: Mapping[str, Any]) -> str:
-    """merged if present, else the trained adapter/model, else the base."""
-    paths = tuned_paths(r)
-    for which in ("merged", "adapter"):
-        if paths[which].is_dir():
-            return which
-    return "base"
-
-
-def load_for_inference(r: Mapping[str, Any], which: str | None = None,
+def load_for_inference(r: Mapping[str, Any], kind: str = "base", path: str | Path | None = None,
                        device: str | torch.device | None = None) -> GPTModel:
-    """The weights `generate` / `eval` use, in eval mode on `device` (CUDA when available).
+    """Weights for generate / eval / merge, in eval mode on `device` (CUDA when available).
 
-    base: the base model. adapter: base + output_dir/adapter (or adapter_name_or_path); for full or
-    freeze fine-tuning, output_dir/model. merged: output_dir/merged (HF layout). None: the newest there is.
+    kind base: the recipe's base model; adapter: the base + the LoRA adapter at `path`; model or merged: the
+    checkpoint at `path` (our format or the Hugging Face layout). Which weights are current is decided by
+    pipeline.runtime.layout, not here.
     """
-    which = which or default_which(r)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    paths = tuned_paths(r)
-    if which == "merged":
-        if not (paths["merged"] / "config.json").is_file():
-            raise UserError(f"--model merged: no merged model at {paths['merged']}; produce it with"
-                            " `make merge` (python -m pipeline merge RECIPE), or use --model adapter")
-        model = load_model(paths["merged"])
-    elif which == "adapter":
-        where = paths["adapter"]
-        if not where.is_dir():
-            raise UserError(f"--model adapter: nothing at {where}; produce it with `make train`"
-                            " (python -m pipeline train RECIPE), or set adapter_name_or_path")
-        if get_key(r, "finetuning_type", "lora") == "lora" or get_key(r, "adapter_name_or_path"):
-            model = load_base(r, dropout=False)
-            load_adapter(model, where)
-        else:
-            model = load_model(where)
-    else:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "base":
         model = load_base(r, dropout=False)
+    elif kind == "adapter":
+        model = load_base(r, dropout=False)
+        load_adapter(model, path)
+    else:
+        model = load_model(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()

@@ -244,25 +244,16 @@ def count_train_examples(values: Mapping[str, Any]) -> int | None:
     """Sum of `splits.train` over the built manifests of `dataset` (sft, dpo), or None when any is missing."""
     if values.get("stage") not in ("sft", "dpo") or not values.get("dataset"):
         return None
+    from pipeline.data.built import built_dir, read_manifest
+
     total = 0
     for name in values["dataset"]:
-        manifest = read_manifest(values, name)
+        manifest = read_manifest(built_dir(values, name))
         try:
             total += int(manifest["splits"]["train"])  # type: ignore[index]
         except (TypeError, KeyError, ValueError):
             return None
     return total
-
-
-def read_manifest(values: Mapping[str, Any], name: str) -> dict[str, Any] | None:
-    """`<dataset_dir>/build/<name>/manifest.json` as a dict, or None when absent or unreadable."""
-    path = Path(values["dataset_dir"]) / "build" / name / "manifest.json"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: int | None,

@@ -310,12 +310,12 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     if ctx.values["stage"] not in ("sft", "dpo"):
         return []
-    from pipeline.recipe.resolve import read_manifest
+    from pipeline.data.built import built_dir, read_manifest
 
     problems = []
     frac = ctx.values["val_size"]
     for name in ctx.values["dataset"] or []:
-        manifest = read_manifest(ctx.values, name)
+        manifest = read_manifest(built_dir(ctx.values, name))
         rows = manifest.get("rows_kept") if manifest else None
         if not isinstance(rows, int) or rows <= 0:
             continue

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping
 from pipeline.errors import UserError
 from pipeline.io import sha256_file, write_json
 from pipeline.runtime import deepspeed_compat
-from pipeline.train import dist
+from pipeline.runtime import dist
 
 FORMAT = "pipeline-checkpoint"
 VERSION = 1

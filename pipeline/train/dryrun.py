@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.train import dist
+from pipeline.runtime import dist
 
 
 def scratch_dir() -> Path:
@@ -112,8 +112,8 @@ def cleanup(scratch: Path) -> None:
 
 def run(r: Any, train: Any) -> int:
     """`train --dry-run`: train(r) redirected to a scratch folder, stopped after one step, then the report."""
+    from pipeline.runtime.log import LOG_FILE, read_log
     from pipeline.train import checkpoint
-    from pipeline.train.log import LOG_FILE, read_log
 
     dist.init(r.get("ddp_timeout"))
     real_output_dir = str(r["output_dir"])

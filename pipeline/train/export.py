@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.runtime import deepspeed_compat
-from pipeline.train import dist
-
-ADAPTER_DIR = "adapter"
-MODEL_DIR = "model"
+from pipeline.runtime.layout import RunLayout
+from pipeline.runtime import dist
 
 
 def trainable_state(engine: Any) -> dict[str, Any]:
@@ -85,14 +83,14 @@ class Exporter:
         if self.lora:
             from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
 
-            target = save_adapter(model, directory / ADAPTER_DIR,
+            target = save_adapter(model, RunLayout(directory).adapter,
                                   {"base_model_name_or_path": str(self.r["model_name_or_path"])})
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
         else:
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model
 
-            target = save_model(model, directory / MODEL_DIR)
+            target = save_model(model, RunLayout(directory).model)
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
         return target

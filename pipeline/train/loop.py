@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 from pipeline.data.packing import model_inputs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
-from pipeline.train import dist
+from pipeline.runtime import dist
 from pipeline.train.checkpoint import TrainState
 
 MAX_CONSECUTIVE_SKIPS = 16  # nan_policy: skip gives up when this many micro-batches in a row are non-finite

@@ -60,7 +60,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.data.loaders import count_examples, make_loader
     from pipeline.model.build import build_model
     from pipeline.train.export import Exporter
-    from pipeline.train.log import Reporters, TrainLog
+    from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, evaluate
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import make_scheduler
@@ -341,8 +341,10 @@ def write_run_files(r: Any, output_dir: Path) -> None:
     from pipeline.io import write_json, write_text
     from pipeline.recipe import resolved_yaml
 
-    write_text(output_dir / "resolved.yaml", resolved_yaml(r))
-    write_json(output_dir / "ds_config.json", r.ds_config)
+    from pipeline.runtime.layout import RunLayout
+
+    write_text(RunLayout(output_dir).resolved_yaml, resolved_yaml(r))
+    write_json(RunLayout(output_dir).ds_config, r.ds_config)
 
 
 def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState) -> None:
@@ -429,9 +431,10 @@ def report_dead_peer(err: BaseException, output_dir: Path, last_saved: int | Non
 
 def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], state: TrainState, loader: Any,
            final: Path | None) -> None:
-    from pipeline.train.log import PLOT_FILE, plot_loss, read_log, write_results
+    from pipeline.runtime.layout import RunLayout
+    from pipeline.runtime.log import plot_loss, read_log, write_results
 
-    records = read_log(output_dir / "trainer_log.jsonl")
+    records = read_log(RunLayout(output_dir).trainer_log)
     results = {
         "global_step": state.global_step,
         "epoch": last.get("epoch"),
@@ -448,5 +451,5 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
     }
     write_results(output_dir, results)
     if r["plot_loss"]:
-        plot_loss(records, output_dir / PLOT_FILE, title=f"{Path(str(r['output_dir'])).name}: loss")
+        plot_loss(records, RunLayout(output_dir).loss_plot, title=f"{Path(str(r['output_dir'])).name}: loss")
     print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

@@ -38,7 +38,7 @@ def test_merge_writes_a_verified_hf_model(make_run):
     verification = json.loads((merged / "verification.json").read_text())
     assert verification["samples"] == 4 and verification["logits"]["fp32"] < 1e-4
     hf = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
-    adapted = load_for_inference(r, "adapter", device="cpu")
+    adapted = load_for_inference(r, "adapter", Path(r["output_dir"]) / "adapter", device="cpu")
     ids = torch.tensor([tokenized_split(r, "val").example(0).input_ids])
     with torch.no_grad():
         want, got = adapted(ids), hf(ids).logits
@@ -159,7 +159,7 @@ def test_eval_writes_base_vs_tuned(make_run):
     assert metrics["decoding"] == {"do_sample": False, "max_new_tokens": 6, "batch_size": 1}
 
     for name, which in (("base", "base"), ("tuned", "adapter")):
-        model = load_for_inference(r, which, device="cpu")
+        model = load_for_inference(r, which, Path(r["output_dir"]) / which, device="cpu")
         loss_sum, tokens = _independent_loss(model, r)
         res = metrics["results"][name]
         assert res["loss_tokens"] == tokens and res["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
@@ -214,7 +214,7 @@ def test_eval_pt_stage_loss_only(make_run):
     # the book's windows: starts 0, 32, ... < len - 32; inputs [s, s+32), targets shifted by one
     stream = torch.tensor(pt_stream(r, "val").astype("int64"))
     starts = range(0, len(stream) - 32, 32)
-    model = load_for_inference(r, "adapter", device="cpu")
+    model = load_for_inference(r, "model", Path(r["output_dir"]) / "model", device="cpu")
     with torch.no_grad():
         losses = [F.cross_entropy(model(stream[s:s + 32][None])[0], stream[s + 1:s + 33], reduction="sum").item()
                   for s in starts]
@@ -239,7 +239,7 @@ def test_eval_on_two_ranks_equals_one_rank(make_run):
     import subprocess
     import sys
 
-    from pipeline.train.dist import free_port
+    from pipeline.runtime.dist import free_port
 
     r = make_run()
     E.run(r)
@@ -267,7 +267,7 @@ def test_train_zero3_then_merge_then_eval_agree(tmp_path, monkeypatch):
     from tests.evaluate.conftest import resolve_run, write_run
 
     from pipeline.data.build import build
-    from pipeline.train import dist
+    from pipeline.runtime import dist
     from pipeline.train.run import train
 
     dist.ensure_launch_env()
@@ -310,8 +310,8 @@ def test_the_trained_adapter_comes_before_adapter_name_or_path(make_run, tmp_pat
     start = tmp_path / "start_adapter"
     shutil.copytree(out / "adapter", start)
     r2 = resolve_run(r.recipe_path, f"adapter_name_or_path={start}", command="merge")
-    assert merge.find_adapter(r2) == out / "adapter" and E.tuned_model(r2).path == out / "adapter"
+    assert merge.adapter_dir(r2) == out / "adapter" and E.tuned_model(r2).path == out / "adapter"
     shutil.rmtree(out / "adapter")  # nothing trained here: merge the given adapter
-    assert merge.find_adapter(r2) == start and E.tuned_model(r2).path == start
+    assert merge.adapter_dir(r2) == start and E.tuned_model(r2).path == start
     merge.run(r2)
     assert json.loads((out / "merged" / "verification.json").read_text())["source"] == str(start)

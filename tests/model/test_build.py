@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model.build import build_model, default_which, load_for_inference
+from pipeline.model.build import build_model, load_for_inference
 from pipeline.model.config import PRESETS, count_params, trainable_params
 from pipeline.model.lora import LinearWithLoRA, merge_lora, save_adapter, trainable_report
 from pipeline.model.weights import save_hf, save_model
@@ -85,28 +85,23 @@ def test_adapter_continues_and_full_merges_it(tmp_path):
 def test_load_for_inference_base_adapter_merged(tmp_path):
     r = recipe(tmp_path)
     out = tmp_path / "out"
-    assert default_which(r) == "base"
-    with pytest.raises(UserError, match="make train"):
-        load_for_inference(r, "adapter")
-    with pytest.raises(UserError, match="make merge"):
-        load_for_inference(r, "merged")
     trained = build_model(r)
     with torch.no_grad():
         for n, p in trained.named_parameters():
             if ".lora.B" in n:
                 p.normal_(0, 0.05)
     save_adapter(trained, out / "adapter")
-    assert default_which(r) == "adapter"
     x = torch.randint(0, 50257, (1, 10))
-    adapter = load_for_inference(r, "adapter", device="cpu")
+    adapter = load_for_inference(r, "adapter", out / "adapter", device="cpu")
     assert not adapter.training
     assert torch.equal(adapter(x), trained.eval()(x))
     base = load_for_inference(r, "base", device="cpu")
     assert not torch.equal(base(x), adapter(x))
     merge_lora(trained)
     save_hf(trained, out / "merged")
-    assert default_which(r) == "merged"
-    assert torch.allclose(load_for_inference(r, device="cpu")(x), adapter(x), atol=1e-5)
+    assert torch.allclose(load_for_inference(r, "merged", out / "merged", device="cpu")(x), adapter(x), atol=1e-5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        load_for_inference(r, "newest")
 
 
 def test_load_for_inference_full_model_dir(tmp_path):
@@ -116,4 +111,4 @@ def test_load_for_inference_full_model_dir(tmp_path):
         tuned.ln_f.bias.add_(1.0)
     save_model(tuned, tmp_path / "out" / "model")
     x = torch.randint(0, 50257, (1, 10))
-    assert torch.equal(load_for_inference(r, "adapter", device="cpu")(x), tuned.eval()(x))
+    assert torch.equal(load_for_inference(r, "model", tmp_path / "out" / "model", device="cpu")(x), tuned.eval()(x))

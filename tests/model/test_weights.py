@@ -173,3 +173,13 @@ def test_saving_a_model_with_lora_wrappers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="merge_lora"):
         save_hf(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_saving_refuses_a_model_that_still_holds_lora(tmp_path):
+    from pipeline.model.lora import apply_lora
+
+    model = GPTModel(PRESETS["tiny"])
+    apply_lora(model, "all", rank=2)
+    with pytest.raises(ValueError, match="still holds LoRA wrappers"):
+        save_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

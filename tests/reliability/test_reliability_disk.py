@@ -86,7 +86,7 @@ def test_build_on_a_full_disk_exit_2_and_the_previous_build_intact(trained: Refe
 
 @pytest.fixture
 def one_rank() -> None:
-    from pipeline.train import dist
+    from pipeline.runtime import dist
 
     dist.ensure_launch_env()
 

@@ -598,7 +598,7 @@ def test_bad_input_through_the_real_cli(case: Case, tmp_path: Path):
 
 
 def test_deepspeed_json_with_a_key_deepspeed_does_not_know_is_a_clear_error(tmp_path: Path):
-    from pipeline.train import dist
+    from pipeline.runtime import dist
 
     dist.ensure_launch_env()
     make_project(tmp_path, BASE + "deepspeed: ds.json\n")

@@ -162,7 +162,7 @@ def recover(root: Path) -> str:
 
 
 def check_recovered(root: Path, trained: Reference) -> None:
-    from pipeline.train.log import read_log
+    from pipeline.runtime.log import read_log
 
     assert same_tensors(tensors(root / ADAPTER), trained.weights), "resumed weights differ from the uninterrupted run"
     assert [rec["step"] for rec in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
@@ -202,7 +202,7 @@ def test_training_killed_before_random_file_operations_resumes_bitwise(trained: 
 
 
 def _random_kill_trial(trained: Reference, root: Path, rng: random.Random) -> None:
-    from pipeline.train.log import read_log
+    from pipeline.runtime.log import read_log
 
     trained.copy(root)
     proc = popen(["train", "r.yaml"], root)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.train import checkpoint
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from tests.reliability.conftest import ADAPTER, Reference, crash_run, same_tensors, tensors
 from tests.reliability.rel_helpers import PYTHON, clean_env
 
@@ -30,7 +30,7 @@ LONG = ["max_steps=200", "save_steps=2"]  # long enough that a signal lands mid-
 
 def start(argv: list[str], cwd: Path, ranks: int = 1) -> subprocess.Popen:
     """`python -m pipeline ARGV` (1 rank) or the deepspeed launcher (2 ranks), in its own process group."""
-    from pipeline.train.dist import free_port
+    from pipeline.runtime.dist import free_port
 
     launch = [PYTHON, "-m", "pipeline"] if ranks == 1 else [  # as `make train NPROC=2` launches
         PYTHON, "-m", "pipeline.launch", "--num_gpus", str(ranks), "--master_port", str(free_port()),
@@ -94,7 +94,7 @@ def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(
 
 
 def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, monkeypatch, capfd):
-    from pipeline.train import dist
+    from pipeline.runtime import dist
     from pipeline.train import run as train_run
     from tests.reliability.rel_helpers import run_main
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import pytest
 
-from pipeline.train import dist
+from pipeline.runtime import dist
 from tests.train.helpers import BASE_SFT, corpus, sft_rows
 
 

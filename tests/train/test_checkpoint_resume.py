@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.loop import Trainer
 from pipeline.train.run import train
 from tests.train.helpers import BASE_PT, BASE_SFT

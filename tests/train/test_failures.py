@@ -17,7 +17,7 @@ from pipeline.__main__ import main
 from pipeline.errors import UserError
 from pipeline.model.gpt import GPTModel
 from pipeline.train import checkpoint
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train import dist
-from pipeline.train.log import read_log
+from pipeline.runtime import dist
+from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.train.helpers import BASE_PT
 

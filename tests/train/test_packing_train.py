@@ -9,7 +9,7 @@ import torch
 from pipeline.data.loaders import count_examples
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.run import enable_features, train
 from tests.train.helpers import BASE_PT, BASE_SFT
 from tests.train.test_checkpoint_resume import interrupt_after, tensors

@@ -9,7 +9,7 @@ from pipeline.model.build import build_model
 from pipeline.model.lora import ADAPTER_WEIGHTS, load_adapter, lora_modules
 from pipeline.model.weights import load_model
 from pipeline.train import optim
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 
 

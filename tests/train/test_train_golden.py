@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.train.helpers import BASE_PT, BASE_SFT
 from tests.train import reference

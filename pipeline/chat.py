@@ -10,9 +10,11 @@ import argparse
 import sys
 from typing import Any, Mapping, Sequence
 
-from pipeline.model.build import get_key, default_which, load_for_inference
+from pipeline.errors import UserError
+from pipeline.model.build import get_key, load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
+from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
 
 
 def generation_kwargs(r: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dict[str, Any]:
@@ -32,6 +34,27 @@ def generation_kwargs(r: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dic
     return kwargs
 
 
+def chosen_weights(r: Mapping[str, Any], choice: str | None) -> Weights | None:
+    """The weights `--model` asks for (None: the base model). Without --model: the current tuned weights as
+    eval would take them (a stale merged/ is passed over), else the base model."""
+    out = RunLayout.of(r)
+    if choice == "base":
+        return None
+    if choice == "merged":
+        weights = merged_weights(out)
+        if weights is None:
+            raise UserError(f"--model merged: no merged model at {out.merged}; produce it with `make merge` "
+                            "(python -m pipeline merge RECIPE), or use --model adapter")
+        return weights
+    trained = trained_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+    if choice == "adapter":
+        if trained is None:
+            raise UserError(f"--model adapter: nothing at {out.trained_dir(r['finetuning_type'])}; produce it with "
+                            "`make train` (python -m pipeline train RECIPE), or set adapter_name_or_path")
+        return trained
+    return current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+
+
 def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     from pipeline.data.tokenizer import recipe_tokenizer
 
@@ -41,8 +64,8 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         from pipeline.data.templates import get_template
 
         template = get_template(r["template"])
-    which = getattr(args, "model", None) or default_which(r)
-    model = load_for_inference(r, which)
+    weights = chosen_weights(r, getattr(args, "model", None))
+    model = load_for_inference(r, *((weights.kind, weights.path) if weights else ("base",)))
     tokenizer = recipe_tokenizer(r)
     kwargs = generation_kwargs(r, template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
@@ -59,7 +82,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     if prompt is not None:
         print(complete(prompt, []), flush=True)
         return 0
-    note(f"chatting with the {which} model of {r['model_name_or_path']} (template: "
+    note(f"chatting with the {weights.kind if weights else 'base'} model of {r['model_name_or_path']} (template: "
          f"{'none, --raw' if template is None else r['template']}); an empty line or Ctrl-D ends")
     history: list[tuple[str, str]] = []
     while True:

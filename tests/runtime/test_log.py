@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.train.log import TrainLog, format_record, plot_loss, read_log, running_mean, write_results
+from pipeline.runtime.log import TrainLog, format_record, plot_loss, read_log, running_mean, write_results
 
 
 def test_log_appends_json_lines_and_a_resumed_run_drops_lines_past_its_step(tmp_path, capsys):

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 
+from pipeline import chat
 from pipeline.data.templates import get_template
 from pipeline.data.tokenizer import gpt2
-from pipeline.model import chat
 from pipeline.model.build import load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import load_model
@@ -74,3 +74,30 @@ def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
                           "--model", "merged"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "make merge" in bad.stderr and bad.stdout == ""
     assert "Traceback" not in bad.stderr
+
+
+def test_model_choice_follows_the_run_layout(tmp_path, capsys):
+    """--model picks by name; without it, chat takes what eval takes: a stale merged/ is passed over."""
+    import os
+
+    import pytest
+
+    from pipeline.errors import UserError
+
+    r = recipe(tmp_path)
+    out = tmp_path / "out"
+    assert chat.chosen_weights(r, None) is None and chat.chosen_weights(r, "base") is None
+    with pytest.raises(UserError, match="make train"):
+        chat.chosen_weights(r, "adapter")
+    with pytest.raises(UserError, match="make merge"):
+        chat.chosen_weights(r, "merged")
+    (out / "merged").mkdir(parents=True)
+    (out / "merged" / "config.json").write_text("{}")
+    (out / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (out / "adapter" / name).write_text("{}")
+    old = (out / "merged" / "config.json").stat().st_mtime - 100
+    os.utime(out / "merged" / "config.json", (old, old))  # trained again after the merge
+    assert chat.chosen_weights(r, None).kind == "adapter"
+    assert "is older than" in capsys.readouterr().err
+    assert chat.chosen_weights(r, "merged").kind == "merged"

@@ -1,0 +1,148 @@
+"""Where a run's outputs live, and which tuned weights are current: one answer for train, merge, eval, chat.
+
+    output_dir/                 RunLayout(output_dir)
+      resolved.yaml             .resolved_yaml     every value with its provenance (train)
+      ds_config.json            .ds_config         the DeepSpeed config used (train)
+      trainer_log.jsonl         .trainer_log       one record per logging step (train)
+      training_loss.png         .loss_plot
+      all_results.json          .all_results       final numbers of the run
+      checkpoint-<step>/                           resumable state (pipeline.train.checkpoint owns its inside)
+      adapter/                  .adapter           lora: the trained adapter (PEFT layout)
+      model/                    .model             full/freeze: the trained weights (our format)
+      merged/                   .merged            merge: Hugging Face layout, verified
+      eval/                     .eval              eval: metrics.json, predictions.jsonl, report.md
+
+Which tuned weights are current (`current_weights`): merged/ when it is complete and at least as new as
+what it was made from; otherwise what training produced (`trained_weights`): for lora the adapter this
+recipe trained (output_dir/adapter), else the one it started from (adapter_name_or_path); for full/freeze
+output_dir/model. A merged/ older than the training it came from is stale: it is passed over with a
+note, by eval and chat alike. Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.runtime.log import LOG_FILE, PLOT_FILE, RESULTS_FILE
+
+CONFIG = "config.json"  # marks a complete model folder (ours and Hugging Face's): written with the weights
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run's outputs under its output_dir."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, r: Mapping[str, Any]) -> "RunLayout":
+        return cls(Path(r["output_dir"]))
+
+    @property
+    def resolved_yaml(self) -> Path:
+        return self.root / "resolved.yaml"
+
+    @property
+    def ds_config(self) -> Path:
+        return self.root / "ds_config.json"
+
+    @property
+    def trainer_log(self) -> Path:
+        return self.root / LOG_FILE
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / PLOT_FILE
+
+    @property
+    def all_results(self) -> Path:
+        return self.root / RESULTS_FILE
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    def trained_dir(self, finetuning_type: str) -> Path:
+        """Where training writes its final weights: adapter/ for lora, model/ otherwise."""
+        return self.adapter if finetuning_type == "lora" else self.model
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Tuned weights: kind 'adapter' (base + LoRA adapter at path), 'model' (full/freeze weights at path) or
+    'merged' (a merged model at path)."""
+
+    kind: str
+    path: Path
+
+
+def is_adapter(path: Path) -> bool:
+    from pipeline.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # here: pipeline.model.lora imports torch
+
+    return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
+
+
+def is_model(path: Path) -> bool:
+    return (path / CONFIG).is_file()
+
+
+def trained_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: str | None) -> Weights | None:
+    """What training produced: the adapter this recipe trained, else the one it started from (lora), or
+    output_dir/model (full/freeze); None when there is none. The trained adapter comes first: a recipe that
+    continues training from adapter_name_or_path must merge and evaluate what it trained."""
+    if finetuning_type != "lora":
+        return Weights("model", out.model) if is_model(out.model) else None
+    if is_adapter(out.adapter):
+        return Weights("adapter", out.adapter)
+    if not adapter_name_or_path:
+        return None
+    from pipeline.model.hub import resolve_model_path  # a hub id becomes its snapshot in the HF cache
+
+    start = resolve_model_path(adapter_name_or_path, key="adapter_name_or_path")
+    return Weights("adapter", start) if is_adapter(start) else None
+
+
+def merged_weights(out: RunLayout) -> Weights | None:
+    """output_dir/merged when it holds a complete model (fresh or not)."""
+    return Weights("merged", out.merged) if is_model(out.merged) else None
+
+
+def current_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: str | None) -> Weights | None:
+    """merged/ when complete and not older than the trained weights, else the trained weights; None when
+    neither exists. Passing over a stale merged/ is said on stderr."""
+    trained = trained_weights(out, finetuning_type, adapter_name_or_path)
+    merged = merged_weights(out)
+    if merged is None:
+        return trained
+    if trained is None or _newest(trained.path) <= (merged.path / CONFIG).stat().st_mtime:
+        return merged
+    print(f"note: {merged.path} is older than {trained.path}; using {trained.path} instead "
+          "(`make merge` refreshes it)", file=sys.stderr)
+    return trained
+
+
+def describe(weights: Weights, base: str, finetuning_type: str) -> str:
+    """How reports and status lines name these weights."""
+    if weights.kind == "merged":
+        return f"{weights.path} (merged, Hugging Face GPT-2 layout)"
+    if weights.kind == "adapter":
+        return f"{base} + LoRA adapter {weights.path}"
+    return f"{weights.path} ({finetuning_type} fine-tuning)"
+
+
+def _newest(directory: Path) -> float:
+    return max((p.stat().st_mtime for p in directory.rglob("*") if p.is_file()), default=0.0)
