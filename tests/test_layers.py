@@ -7,6 +7,7 @@ hidden by an in-function import is still a circle.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
@@ -102,3 +103,35 @@ def test_no_import_circles():
         if module not in index:
             visit(module)
     assert not circles, "import circles: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+@functools.lru_cache(maxsize=None)
+def _top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            names |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+            names |= {(a.asname or a.name).split(".")[0] for n in ast.walk(node)
+                      if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    return names
+
+
+def test_every_imported_name_exists():
+    """`from pipeline.x import y` (in functions too) names a module or a top-level name of pipeline.x: a moved
+    or renamed function is caught here rather than when that function first runs."""
+    bad = []
+    for module, path in sorted(MODULES.items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "") in MODULES:
+                defined = _top_level_names(MODULES[node.module])
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" not in MODULES and alias.name not in defined:
+                        bad.append(f"{module}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not bad, "\n".join(bad)

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import UserError
-from pipeline.runtime import deepspeed_compat
-from pipeline.train import checkpoint, dist
+from pipeline.runtime import deepspeed_compat, dist
+from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
 
