@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any
 
 from pipeline.errors import UserError
 
@@ -52,17 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen = parser.add_argument_group("generate")
     gen.add_argument("--prompt", help="text to complete; without it, an interactive chat")
     gen.add_argument("--model", choices=["base", "adapter", "merged"], default=None,
-                     help="which weights to use (default: merged if present, else adapter, else base)")
+                     help="which weights to use (default: the tuned model eval uses, else base)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the recipe's template")
     insp = parser.add_argument_group("inspect")
     insp.add_argument("--num", type=int, default=3, help="number of samples to render")
     return parser
 
 
+def steps(command: str, r: Any, args: argparse.Namespace) -> list[str]:
+    """The commands one invocation runs. A LLaMA-Factory train recipe may evaluate instead of training
+    (do_train: false) or after it (do_predict: true, into output_dir/eval/); the stages stay independent."""
+    if command != "train" or getattr(args, "dry_run", False):
+        return [command]
+    if not r.get("do_train", True):
+        return ["eval"]
+    return ["train", "eval"] if r.get("do_predict") else ["train"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
-    module_name, func_name, _ = COMMANDS[args.command]
     try:
         from pipeline.recipe import resolve
 
@@ -71,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.recipe.notices import print_notices
 
             print_notices(resolved)
-        func = getattr(importlib.import_module(module_name), func_name)
-        code = func(resolved, args)
+        code = 0
+        for command in steps(args.command, resolved, args):
+            module_name, func_name, _ = COMMANDS[command]
+            code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
+            if code:
+                break
     except UserError as err:
         for message in err.messages:
             print(f"error: {message}", file=sys.stderr)

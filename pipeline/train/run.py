@@ -50,10 +50,6 @@ def run(r: Any, args: Any = None) -> int:
 
 def train(r: Any, one_step: Any = None) -> TrainResult:
     """A whole run; with `one_step` (pipeline.train.dryrun.OneStep) it stops and saves after the first step."""
-    if not r.get("do_train", True):  # LLaMA-Factory's do_train: false + do_eval/do_predict: evaluate only
-        from pipeline.evaluate.run import run as evaluate_run
-
-        return TrainResult(evaluate_run(r), None, TrainState(), Path(r["output_dir"]))
     dist.init(r.get("ddp_timeout"))
     import deepspeed
 
@@ -132,10 +128,6 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     if dist.is_main():
         finish(r, output_dir, trainer.last_record, state, loader, final)
     dist.barrier()
-    if r.get("do_predict"):  # LLaMA-Factory's do_predict: the eval command's predictions, into output_dir/eval/
-        from pipeline.evaluate.run import run as evaluate_run
-
-        evaluate_run(r)
     return TrainResult(0, engine, state, output_dir, final)
 
 

@@ -69,6 +69,7 @@ def ours(recipe: Path, cwd: Path) -> torch.nn.Module:
     """Our trained model as `generate --model adapter` loads it (in-process, fp32)."""
     import os
 
+    from pipeline.chat import chosen_weights
     from pipeline.model.build import load_for_inference
     from pipeline.recipe import resolve
 
@@ -76,7 +77,8 @@ def ours(recipe: Path, cwd: Path) -> torch.nn.Module:
     os.chdir(cwd)
     try:
         r = resolve(recipe, [], command="generate", env=cli_env(WORLD_SIZE="1"))
-        return load_for_inference(r, "adapter", device="cpu")
+        weights = chosen_weights(r, "adapter")
+        return load_for_inference(r, weights.kind, weights.path, device="cpu")
     finally:
         os.chdir(here)
 
