@@ -56,7 +56,7 @@ def chosen_weights(r: Mapping[str, Any], choice: str | None) -> Weights | None:
 
 
 def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
-    from pipeline.data.tokenizer import recipe_tokenizer
+    from pipeline.data.model_tokenizer import recipe_tokenizer
 
     raw = bool(getattr(args, "raw", False))
     template = None

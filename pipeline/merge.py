@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
+from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.weights import note

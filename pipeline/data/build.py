@@ -24,7 +24,8 @@ from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
 from pipeline.data.sources import Table, read_jsonl_block, read_table, read_text
-from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
+from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
 

@@ -122,7 +122,7 @@ def _sources_changed(r: Mapping[str, Any], manifest: dict[str, Any], spec: Any) 
 def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
     from pipeline.data.tokenize import encode_rows
-    from pipeline.data.tokenizer import recipe_tokenizer
+    from pipeline.data.model_tokenizer import recipe_tokenizer
 
     specs = all_specs(r)
     stale = [p for p in (build_problem(r, s.name) for s in specs) if p]

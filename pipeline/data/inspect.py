@@ -17,7 +17,8 @@ from pipeline.data.build import built_dir
 from pipeline.data.registry import dataset_names
 from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, length_table, plot_lengths, pt_stream, pt_windows,
                                     tokenized_split)
-from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
+from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.data.tokenizer import Tokenizer
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.data.packing import Packs, collate_packs, pack_examples
 from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
-from pipeline.data.tokenizer import recipe_tokenizer
+from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
 
 MEGA_BATCHES = 50

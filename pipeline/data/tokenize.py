@@ -24,7 +24,8 @@ import numpy as np
 
 from pipeline.data.problems import Problems
 from pipeline.data.templates import Piece, Template, get_template
-from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
+from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 
 IGNORE = -100

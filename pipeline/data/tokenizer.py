@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import tiktoken
 
@@ -178,45 +178,6 @@ def gpt2() -> Tokenizer:
     eos = encoding.eot_token
     return Tokenizer(encoding, "gpt2", eos_id=eos, pad_id=eos, bos_id=eos, stop_ids=(eos,),
                      special=frozenset({GPT2_EOS}))
-
-
-def is_gpt2_preset(name: str) -> bool:
-    """True for "gpt2" and the presets of the GPT-2 family (pipeline.model.config.PRESETS)."""
-    if name == "gpt2":
-        return True
-    try:
-        from pipeline.model.config import PRESETS
-    except ImportError:  # pragma: no cover - the model layer is always there in this repo
-        return False
-    cfg = PRESETS.get(name)
-    return cfg is not None and getattr(cfg, "family", "gpt2") == "gpt2"
-
-
-# ---------------------------------------------------------------- the one entry point
-
-def load_tokenizer(model_name_or_path: str | Path) -> Tokenizer:
-    """The tokenizer of a model: a GPT-2 preset, a checkpoint directory, or a hub id (resolved offline-first)."""
-    name = str(model_name_or_path)
-    if is_gpt2_preset(name):
-        return gpt2()
-    path = Path(name)
-    if not path.is_dir():
-        from pipeline.model.config import PRESETS
-
-        if name in PRESETS:
-            raise UserError(f"model_name_or_path: preset '{name}' has no tokenizer (presets are shapes with random "
-                            "weights); point model_name_or_path at a checkpoint directory or hub id of this family")
-        from pipeline.model.hub import resolve_model_path
-
-        path = resolve_model_path(name)
-    from pipeline.data.tokenizer_files import read_tokenizer
-
-    return read_tokenizer(path)
-
-
-def recipe_tokenizer(r: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer of the recipe's base model (model_name_or_path)."""
-    return load_tokenizer(r["model_name_or_path"])
 
 
 def install(dest: Path | None = None) -> Path:

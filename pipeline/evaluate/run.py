@@ -171,7 +171,7 @@ def _generation_rows(r: Mapping[str, Any]) -> list[dict]:
 
 def _prompt_text(r: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     """The prompt as the model sees it (decoded from the ids, markup tokens included)."""
-    from pipeline.data.tokenizer import recipe_tokenizer
+    from pipeline.data.model_tokenizer import recipe_tokenizer
 
     tokenizer = recipe_tokenizer(r)
     return tokenizer.decode(_prompt_ids(r, row, tokenizer))
@@ -203,7 +203,7 @@ def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Seq
                          rank: int = 0, world: int = 1, label: str = "") -> list[str]:
     """One completion per row (all rows on rank 0 after gathering; other ranks get an empty list)."""
     from pipeline.data.templates import get_template
-    from pipeline.data.tokenizer import recipe_tokenizer
+    from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.model.generate import cut_at_stop, generate
 
     tokenizer, stops = recipe_tokenizer(r), stop_strings(r)

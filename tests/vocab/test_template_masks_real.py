@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.data.tokenize import encode_example, encode_prompt
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.errors import UserError
 
 M = -100

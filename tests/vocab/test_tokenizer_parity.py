@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.data.tokenizer import MAX_RUN, bounded, load_tokenizer
+from pipeline.data.model_tokenizer import load_tokenizer
+from pipeline.data.tokenizer import MAX_RUN, bounded
 
 CORPUS = [
     "This is a test sentence.",

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.errors import UserError
 
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}

@@ -1,0 +1,44 @@
+"""The tokenizer of a model: a GPT-2 preset, a checkpoint directory, or a hub id (resolved offline-first).
+
+Apart from pipeline.data.tokenizer (the Tokenizer itself) because finding a model's tokenizer needs the
+model's presets and the hub (pipeline.model.config, pipeline.model.hub), and pipeline.model.config needs
+the Tokenizer: kept in one module, the two would import each other.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.data.tokenizer import Tokenizer, gpt2
+from pipeline.data.tokenizer_files import read_tokenizer
+from pipeline.errors import UserError
+from pipeline.model.config import PRESETS
+
+
+def is_gpt2_preset(name: str) -> bool:
+    """True for "gpt2" and the presets of the GPT-2 family (pipeline.model.config.PRESETS)."""
+    if name == "gpt2":
+        return True
+    cfg = PRESETS.get(name)
+    return cfg is not None and getattr(cfg, "family", "gpt2") == "gpt2"
+
+
+def load_tokenizer(model_name_or_path: str | Path) -> Tokenizer:
+    """The tokenizer of a model: a GPT-2 preset, a checkpoint directory, or a hub id (resolved offline-first)."""
+    name = str(model_name_or_path)
+    if is_gpt2_preset(name):
+        return gpt2()
+    path = Path(name)
+    if not path.is_dir():
+        if name in PRESETS:
+            raise UserError(f"model_name_or_path: preset '{name}' has no tokenizer (presets are shapes with random "
+                            "weights); point model_name_or_path at a checkpoint directory or hub id of this family")
+        from pipeline.model.hub import resolve_model_path
+
+        path = resolve_model_path(name)
+    return read_tokenizer(path)
+
+
+def recipe_tokenizer(r: Mapping[str, Any]) -> Tokenizer:
+    """The tokenizer of the recipe's base model (model_name_or_path)."""
+    return load_tokenizer(r["model_name_or_path"])
