@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 
 # Top to bottom; a module may import its own layer and the layers below. First match wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("pipeline.__main__", "pipeline.launch")),
+    ("cli", ("pipeline.__main__", "pipeline.launch", "pipeline.nodes")),
     ("stages", ("pipeline.train", "pipeline.merge", "pipeline.evaluate", "pipeline.chat", "pipeline.validate",
                 "pipeline.export")),
     ("runtime", ("pipeline.runtime",)),

@@ -19,7 +19,8 @@ from pipeline.data.problems import Problems
 from pipeline.data.templates import Template
 from pipeline.data.tokenize import NO_ROOM, OVER, POLICIES, TokenizedSplit, _cached, _file_key, _split_origin, \
     encode_rows
-from pipeline.data.tokenizer import Tokenizer, recipe_tokenizer
+from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 
 SIDES = ("chosen", "rejected")

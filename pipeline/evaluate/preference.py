@@ -5,7 +5,7 @@ For every held-out pair the model's summed log-probabilities of the chosen and t
 
 - preference_accuracy: the fraction of pairs where log pi(chosen) - log pi(rejected) > 0;
 - logp_margin: the mean of log pi(chosen) - log pi(rejected);
-- reward_margin / reward_accuracy: the training's rewards (pipeline.train.preference, TRL's definition):
+- reward_margin / reward_accuracy: the training's rewards (pipeline.model.preference, TRL's definition):
   the mean of beta ((pi_c - ref_c) - (pi_r - ref_r)) and the fraction where it is > 0, with the reference
   of training (ref_model, else the base model; for the base model itself the margin is 0 by definition);
   orpo / simpo have no reference and use beta x the length-averaged log-probabilities;
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
-from pipeline.train.preference import PairLogps, PrefConfig, pair_logps, preference_loss
+from pipeline.model.preference import PairLogps, PrefConfig, pair_logps, preference_loss
 
 
 @torch.no_grad()
@@ -56,23 +56,21 @@ def chosen_loss(scores: PairLogps) -> tuple[float, int, int]:
 
 
 def reference_logps(r: Mapping[str, Any], scores: Mapping[str, PairLogps], *, rank: int = 0,
-                    world: int = 1) -> PairLogps | None:
+                    world: int = 1, device: torch.device | str = "cpu") -> PairLogps | None:
     """The reference's log-probabilities as in training: ref_model, else the base model (already scored when
     eval_base is on); None for orpo / simpo."""
     if not PrefConfig.from_recipe(r).needs_reference:
         return None
     if r["ref_model"] is None and "base" in scores:
         return scores["base"]
-    from pipeline.evaluate.run import _device
-
     if r["ref_model"] is not None:
         from pipeline.model.weights import load_model
 
-        model = load_model(r["ref_model"], seed=int(r["seed"])).to(_device()).eval()
+        model = load_model(r["ref_model"], seed=int(r["seed"])).to(device).eval()
     else:
         from pipeline.model.build import load_for_inference
 
-        model = load_for_inference(r, "base", device=_device())
+        model = load_for_inference(r, "base", device=device)
     return split_logps(model, r, rank=rank, world=world, label="reference")
 
 

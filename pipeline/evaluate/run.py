@@ -58,7 +58,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             results[name] = report.model_summary(loss_sum, tokens, predictions.get(name), refs)
         del model
     if dpo:
-        reference = preference.reference_logps(r, pair_scores, rank=rank, world=world)
+        reference = preference.reference_logps(r, pair_scores, rank=rank, world=world, device=_device())
         if rank == 0:
             for name in results:
                 results[name].update(preference.summary(pair_scores[name], reference, r))

@@ -14,7 +14,7 @@ import torch
 from pipeline.model import head_loss
 from pipeline.model import lora as L
 from pipeline.model.weights import load_model
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.preference import token_nll
 from pipeline.train.run import train
 from tests.train.helpers import BASE_SFT, WORDS
@@ -140,7 +140,7 @@ def test_two_ranks_match_one_rank(dpo_recipe, workdir):
     import os
     import subprocess
 
-    from pipeline.train import dist
+    from pipeline.runtime import dist
 
     keys = dict(max_steps=3, warmup_steps=0, eval_steps=3, zero_stage=2, val_size=0.2)
     one = train(dpo_recipe(name="one", per_device_train_batch_size=4, **keys))

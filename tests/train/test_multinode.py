@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pipeline.nodes import expand
 from pipeline.errors import UserError
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from tests.train.helpers import BASE_PT
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from pipeline.train.preference import PairLogps, PrefConfig, pair_logps, preference_loss
+from pipeline.model.preference import PairLogps, PrefConfig, pair_logps, preference_loss
 
 # two pairs: summed log-probs and token counts
 PC, PR, NC, NR = [-3.0, -7.5], [-5.0, -6.0], [3, 5], [4, 2]

@@ -1,0 +1,127 @@
+"""Preference losses (stage dpo): DPO (sigmoid), hinge, IPO, ORPO and SimPO, as LLaMA-Factory / TRL define them.
+
+A batch of B pairs is one (2B, T) forward: the B chosen sequences, then the B rejected ones
+(pipeline.data.pairs). The model returns per-token cross-entropy (reduction="none", through the chunked
+frozen-head path: no full fp32 logits), and a sequence's log-probability is minus its sum over the scored
+response tokens. With pi / ref the policy / reference log-probabilities and beta = pref_beta:
+
+    sigmoid (DPO)  h = (pi_c - pi_r) - (ref_c - ref_r);  -(1 - eps) log s(beta h) - eps log s(-beta h)   eps = dpo_label_smoothing
+    hinge          max(0, 1 - beta h)
+    ipo            (h - 1 / (2 beta))^2                                   log-probs averaged per token
+    orpo           -pi_c + beta * -log s(log odds(pi_c) - log odds(pi_r))  averaged; odds(p) = p / (1 - p); no reference
+    simpo          -log s(beta (pi_c - pi_r) - gamma)                     averaged; gamma = simpo_gamma; no reference
+
+(s is the logistic sigmoid.) pref_ftx adds pref_ftx x the mean NLL per token of the chosen response. IPO,
+ORPO and SimPO use length-averaged log-probabilities, as LLaMA-Factory and TRL do. Rewards are
+beta (pi - ref) per side (beta pi without a reference), logged as TRL names them: rewards/chosen,
+rewards/rejected, rewards/accuracies (chosen reward > rejected reward), rewards/margins, logps/chosen,
+logps/rejected (batch means).
+
+The training objective and its reference model are in pipeline.train.preference; eval's preference
+metrics (pipeline.evaluate.preference) use the same formulas from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+AVERAGED = ("ipo", "orpo", "simpo")  # losses on length-averaged log-probabilities
+REFERENCE_FREE = ("orpo", "simpo")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+@dataclass(frozen=True)
+class PrefConfig:
+    loss: str = "sigmoid"
+    beta: float = 0.1
+    ftx: float = 0.0
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+
+    @classmethod
+    def from_recipe(cls, r: Mapping[str, Any]) -> "PrefConfig":
+        return cls(loss=r["pref_loss"], beta=float(r["pref_beta"]), ftx=float(r["pref_ftx"]),
+                   label_smoothing=float(r["dpo_label_smoothing"]), gamma=float(r["simpo_gamma"]))
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss not in REFERENCE_FREE
+
+
+@dataclass
+class PairLogps:
+    """Per pair (B,): summed response log-probabilities of each side and their token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def averaged(self) -> "PairLogps":
+        return PairLogps(self.chosen / self.chosen_tokens.clamp(min=1), self.rejected / self.rejected_tokens.clamp(min=1),
+                         self.chosen_tokens, self.rejected_tokens)
+
+
+def pair_logps(token_nll: torch.Tensor, labels: torch.Tensor) -> PairLogps:
+    """From per-token cross-entropy (2B, T) (0 where unlabelled) of a concatenated chosen|rejected batch."""
+    logps = -token_nll.sum(dim=-1)
+    tokens = (labels != -100).sum(dim=-1)
+    b = labels.shape[0] // 2
+    return PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
+
+
+def preference_loss(policy: PairLogps, reference: PairLogps | None, cfg: PrefConfig
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses (B,) and per-pair metrics (B,) under TRL's names (plus sft_loss / odds_ratio_loss for orpo)."""
+    if cfg.needs_reference and reference is None:
+        raise ValueError(f"pref_loss {cfg.loss} needs reference log-probabilities")
+    sft_loss = -policy.chosen / policy.chosen_tokens.clamp(min=1)  # mean NLL per token of the chosen response
+    pi = policy.averaged() if cfg.loss in AVERAGED else policy
+    ref = None
+    if cfg.needs_reference:
+        assert reference is not None
+        ref = reference.averaged() if cfg.loss in AVERAGED else reference
+    beta = cfg.beta
+    extra: dict[str, torch.Tensor] = {}
+    if ref is not None:
+        h = (pi.chosen - pi.rejected) - (ref.chosen - ref.rejected)
+        if cfg.loss == "sigmoid":
+            eps = cfg.label_smoothing
+            losses = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps
+        elif cfg.loss == "hinge":
+            losses = torch.relu(1 - beta * h)
+        elif cfg.loss == "ipo":
+            losses = (h - 1 / (2 * beta)) ** 2
+        else:
+            raise ValueError(f"unknown pref_loss {cfg.loss!r}")
+        chosen_rewards = beta * (pi.chosen - ref.chosen).detach()
+        rejected_rewards = beta * (pi.rejected - ref.rejected).detach()
+    else:
+        if cfg.loss == "orpo":
+            log_odds = (pi.chosen - pi.rejected) - (torch.log1p(-torch.exp(pi.chosen))
+                                                     - torch.log1p(-torch.exp(pi.rejected)))
+            odds_ratio_loss = -F.logsigmoid(log_odds)
+            losses = sft_loss + beta * odds_ratio_loss
+            extra = {"sft_loss": sft_loss.detach(), "odds_ratio_loss": odds_ratio_loss.detach()}
+        elif cfg.loss == "simpo":
+            losses = -F.logsigmoid(beta * (pi.chosen - pi.rejected) - cfg.gamma)
+        else:
+            raise ValueError(f"unknown pref_loss {cfg.loss!r}")
+        chosen_rewards, rejected_rewards = beta * pi.chosen.detach(), beta * pi.rejected.detach()
+    if cfg.ftx > 1e-6:
+        losses = losses + cfg.ftx * sft_loss
+    metrics = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": pi.chosen.detach(),
+        "logps/rejected": pi.rejected.detach(),
+        **extra,
+    }
+    return losses, metrics
