@@ -32,7 +32,7 @@ from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
-from pipeline.model.weights import note
+from pipeline.model.weights import DTYPES, note
 from pipeline.runtime.layout import RunLayout, trained_weights
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
@@ -43,7 +43,6 @@ LAYER_ATOL = 1e-5
 MAX_UPDATE_LOST = 0.5  # relative error of a layer's update after the export cast (||.||_F)
 NUM_SAMPLES = 4
 MAX_SAMPLE_TOKENS = 256
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:

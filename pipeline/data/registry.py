@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.data.jsonpos import key_lines, line_of
+from pipeline.names import split_names
 
 REGISTRY_FILE = "dataset_info.json"
 SCHEMA_DIR = Path(__file__).with_name("schema")
@@ -87,12 +88,7 @@ class Registry:
 
 def dataset_names(r: Mapping[str, Any], key: str = "dataset") -> list[str]:
     """`dataset` / `eval_dataset` as a list (a resolved recipe already has lists; plain dicts may not)."""
-    value = r[key]
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = value.split(",")
-    return [name.strip() for name in value if name and name.strip()]
+    return split_names(r[key])
 
 
 def recipe_where(r: Mapping[str, Any], key: str) -> str:

@@ -63,7 +63,7 @@ def apply_finetuning_type(model: GPTModel, r: Mapping[str, Any]) -> GPTModel:
     adapter = get_key(r, "adapter_name_or_path")
     if kind == "lora":
         rank = int(get_key(r, "lora_rank", 8))
-        apply_lora(model, get_key(r, "lora_target", "all"), rank=rank, alpha=get_key(r, "lora_alpha", 2 * rank),
+        apply_lora(model, get_key(r, "lora_target", "all"), rank=rank, alpha=get_key(r, "lora_alpha"),
                    dropout=float(get_key(r, "lora_dropout", 0.0)), use_rslora=bool(get_key(r, "use_rslora", False)),
                    seed=int(get_key(r, "seed", 42)), additional_targets=get_key(r, "additional_target"))
         if adapter:  # continue training an adapter: same rank/alpha required

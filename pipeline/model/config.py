@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.names import split_names
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
 FORMAT_VERSION = 1
@@ -275,11 +276,12 @@ def _short_names(names: Iterable[str]) -> list[str]:
 
 def normalise_targets(targets: str | Iterable[str] | None) -> list[str]:
     """'all' | 'c_attn,c_proj' | ['c_attn', ...] -> a list of patterns."""
-    if targets is None:
-        return ["all"]
-    if isinstance(targets, str):
-        targets = targets.split(",")
-    return [t.strip() for t in targets if t and t.strip()]
+    return ["all"] if targets is None else split_names(targets)
+
+
+def default_lora_alpha(rank: int) -> int:
+    """lora_alpha when the recipe leaves it null: twice the rank (LLaMA-Factory's default, the schema's words)."""
+    return 2 * rank
 
 
 def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, key: str = "lora_target") -> list[str]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
-from pipeline.model.config import lora_candidates, select_modules
+from pipeline.model.config import default_lora_alpha, lora_candidates, select_modules
 from pipeline.model.weights import CONV1D, read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -106,7 +106,7 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     projections), 'h.0.attn.c_attn' (one block); 'all' = every Linear except lm_head. A pattern that
     matches nothing is a UserError naming the available modules. additional_targets are trained in full.
     """
-    alpha = 2 * rank if alpha is None else alpha
+    alpha = default_lora_alpha(rank) if alpha is None else alpha
     chosen = select_modules(lora_candidates(linear_names(model)), targets)
     extra = [] if not additional_targets else select_modules(
         [n for n, _ in model.named_modules() if n], list(additional_targets), key="additional_target")

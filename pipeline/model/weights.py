@@ -29,8 +29,6 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal-mask buffers old 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_TENSOR_PROBLEMS = 8
 
-load_checkpoint_config = read_config  # the name INTERNALS.md uses
-
 
 # ------------------------------------------------------------------------------------------------
 # Loading

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.model.config import default_lora_alpha
+from pipeline.names import split_names
 from pipeline.recipe import spec
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
@@ -167,7 +169,7 @@ def _normalise(key: str, value: Any, prop: dict[str, Any]) -> Any:
     if isinstance(value, float) and value.is_integer() and spec.is_integer_key(prop):
         return int(value)
     if key in _LIST_KEYS and isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
+        return split_names(value)
     return value
 
 
@@ -219,7 +221,7 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
     if values["output_dir"] is None:
         values["output_dir"], origins["output_dir"] = os.path.join("saves", Path(recipe_file).stem), DERIVED
     if values["lora_alpha"] is None and "lora_rank" not in bad:
-        values["lora_alpha"], origins["lora_alpha"] = 2 * values["lora_rank"], DERIVED
+        values["lora_alpha"], origins["lora_alpha"] = default_lora_alpha(values["lora_rank"]), DERIVED
     for key in _LIST_KEYS:
         values[key] = _normalise(key, values[key], spec.properties()[key])
     if origins["cutoff_len"].kind == "default" and not {"model_name_or_path", "context_length"} & bad:
