@@ -7,8 +7,8 @@ directly: `.venv/bin/python -m bench.gpu_check --out gpu_check.json`. Every run 
 
 - tokens/s: median over the logged steps after the first two (compilation, allocator warm-up);
 - MFU: model FLOPs per token x tokens/s / the GPU's peak dense bf16/fp16 FLOP/s. Model FLOPs per token
-  (PaLM's convention, full fine-tuning): 6 N + 12 L d T, N = parameters in matmuls (the output head
-  included, the embedding lookup not), L layers, d width, T the mean real tokens per row (an upper
+  (PaLM's convention, full fine-tuning): 6 N + 12 L q T, N = parameters in matmuls (the output head
+  included, the embedding lookup not), L layers, q = heads x head_dim, T the mean real tokens per row (an upper
   bound for neat-packed rows, whose attention spans one example); the peak comes from a
   table of datasheet figures by GPU name (dense, no sparsity), and a measured bf16 matmul peak is reported
   beside it.
@@ -117,13 +117,13 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(info: Any, mean_row: float) -> float:
-    """6 N + 12 L d T (full fine-tuning), N = matmul parameters: blocks + output head."""
-    d, layers, vocab = info.n_embd, info.n_layer, info.vocab_size
-    hidden = getattr(info.config, "hidden_dim", 4 * d)
-    block = 4 * d * d + 2 * d * hidden  # q, k, v, o and the MLP (GPT-2 shape; grouped-query models have fewer)
-    matmul_params = layers * block + d * vocab
-    return 6 * matmul_params + 12 * layers * d * mean_row
+def flops_per_token(cfg: Any, mean_row: float) -> float:
+    """6 N + 12 L q T (full fine-tuning): N = weights of every Linear (blocks and the output head, from the
+    model's own layout, so grouped-query and SwiGLU shapes count right), q = heads x head_dim."""
+    from pipeline.model.config import layout
+
+    matmul_params = sum(m.in_dim * m.out_dim for m in layout(cfg) if m.kind == "linear")
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * mean_row
 
 
 def write_data(directory: Path, rows: int = 2000, seed: int = 0) -> None:
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if built.returncode != 0:
             print(built.stderr, file=sys.stderr)
             return 1
-    from pipeline.recipe.modelinfo import model_info
+    from pipeline.model.config import read_config
 
     for run in runs:
         if run.status != "pending":
@@ -334,9 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             run.status, run.reason = "skipped", f"time budget of {args.budget_s:.0f} s spent"
             continue
         execute(run, workdir / "recipes" / f"{run.name}.yaml", workdir / "runs" / run.name, left, args.batch)
-        info = model_info(run.model)
-        if run.status == "ok" and run.tokens_per_s and info is not None:
-            per_token = flops_per_token(info, run.extra.get("mean_row") or args.cutoff)
+        if run.status == "ok" and run.tokens_per_s:
+            per_token = flops_per_token(read_config(run.model), run.extra.get("mean_row") or args.cutoff)
             run.extra["model_flops_per_token"] = per_token
             run.extra["achieved_tflops"] = round(per_token * run.tokens_per_s / 1e12, 2)
             if peak:

@@ -42,10 +42,14 @@ def test_peak_table_and_model_flops_by_hand():
     assert gpu_check.peak_tflops("NVIDIA H200") == 989.0
     assert gpu_check.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert gpu_check.peak_tflops("Some Future GPU") is None
-    from pipeline.recipe.modelinfo import model_info
+    from pipeline.model.config import PRESETS
 
     # gpt2-small: 12 x (4 x 768^2 + 2 x 768 x 3072) + 768 x 50257 = 123,532,032 matmul weights
-    assert gpu_check.flops_per_token(model_info("gpt2-small"), 100) == 6 * 123_532_032 + 12 * 12 * 768 * 100
+    assert gpu_check.flops_per_token(PRESETS["gpt2-small"], 100) == 6 * 123_532_032 + 12 * 12 * 768 * 100
+    if "qwen3-0.6b" in PRESETS:  # 28 x (1024 x (2048 + 2 x 1024) + 2048 x 1024 + 3 x 1024 x 3072) + 1024 x 151936
+        per_layer = 1024 * (2048 + 2 * 1024) + 2048 * 1024 + 3 * 1024 * 3072
+        assert gpu_check.flops_per_token(PRESETS["qwen3-0.6b"], 100) == \
+            6 * (28 * per_layer + 1024 * 151936) + 12 * 28 * 16 * 128 * 100
 
 
 def test_without_cuda_it_refuses_with_exit_2(tmp_path):

@@ -171,3 +171,21 @@ def test_checkpointing_is_off_in_eval_and_with_cache():
     ids = torch.randint(0, cfg.vocab_size, (1, 6))
     logits, past = model(ids, use_cache=True)
     assert len(past) == cfg.n_layers and torch.allclose(logits, model(ids), atol=1e-6)
+
+
+ROPE_PRESETS = ("llama-3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b")
+
+
+@pytest.mark.parametrize("preset", ROPE_PRESETS)
+def test_rope_families_packed_examples_equal_unpacked(preset):
+    """The same promise for the RoPE families (RMSNorm, SwiGLU, GQA, Qwen3's q/k norm): positions restart
+    per example, so rotary angles match the example run alone. Tiny widths of each published shape."""
+    from pipeline.model import config
+
+    if preset not in config.PRESETS:
+        pytest.skip(f"no {preset} preset in this checkout (model families, issue 13)")
+    cfg = config.PRESETS[preset].replace(vocab_size=50257, context_length=64, emb_dim=64, n_layers=2, n_heads=4,
+                                         n_kv_heads=2, ffn_dim=96, drop_rate=0.0,
+                                         head_size=16 if config.PRESETS[preset].head_size else None)
+    model = GPTModel(cfg, seed=4).train()
+    packed_equals_unpacked(model, cfg.vocab_size)
