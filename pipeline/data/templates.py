@@ -218,13 +218,20 @@ class Template:
         """Markup tokens this template needs that the vocabulary lacks."""
         return [t for t in self.special_tokens if not tokenizer.has_token(t)]
 
+    def vocabulary_problem(self, tokenizer: "Tokenizer") -> str | None:
+        """Why the tokenizer cannot express this template's markup, or None when it can."""
+        missing = self.missing_tokens(tokenizer)
+        if not missing:
+            return None
+        return (f"'{self.name}' needs the special token{'s' if len(missing) > 1 else ''} {', '.join(missing)}, "
+                f"which the tokenizer {tokenizer.name} does not have; choose a template of this model's family "
+                f"({', '.join(templates_for(tokenizer))})")
+
     def check(self, tokenizer: "Tokenizer", key: str = "template") -> None:
         """UserError (exit 2) when the tokenizer cannot express this template's markup."""
-        missing = self.missing_tokens(tokenizer)
-        if missing:
-            raise UserError(f"{key}: '{self.name}' needs the special token{'s' if len(missing) > 1 else ''} "
-                            f"{', '.join(missing)}, which the tokenizer {tokenizer.name} does not have; choose a "
-                            f"template of this model's family ({', '.join(templates_for(tokenizer))})")
+        problem = self.vocabulary_problem(tokenizer)
+        if problem:
+            raise UserError(f"{key}: {problem}")
 
     def ids(self, tokenizer: "Tokenizer") -> dict[str, int | None]:
         """Token string -> id for every Special this template places (BOS may be None: then it is left out)."""

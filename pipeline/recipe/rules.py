@@ -213,6 +213,26 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+@rule("template", "model_name_or_path", "stage", commands=("train", "eval", "generate", "inspect", "validate", None))
+def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
+    """The template's markup tokens are in the model's vocabulary (chatml's <|im_start|> is not in GPT-2's).
+    Checked here when the model is already on disk; otherwise when the data is tokenized."""
+    if ctx.values["stage"] == "pt" or not ctx.values.get("template"):
+        return []
+    from pipeline.data.templates import get_template
+    from pipeline.data.tokenizer import is_gpt2_preset, load_tokenizer
+    from pipeline.errors import UserError
+
+    name = str(ctx.values["model_name_or_path"])
+    if not (is_gpt2_preset(name) or os.path.isdir(name)):
+        return []
+    try:
+        problem = get_template(ctx.values["template"]).vocabulary_problem(load_tokenizer(name))
+    except UserError:  # an unreadable tokenizer or model is reported by the command itself
+        return []
+    return [("template", problem)] if problem else []
+
+
 @rule("adapter_name_or_path", commands=("train", "merge", "eval", "generate"))
 def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
     path = ctx.values["adapter_name_or_path"]

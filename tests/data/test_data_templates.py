@@ -163,3 +163,13 @@ def test_encode_prompt_uses_eos_ids_between_turns():
     first = enc.encode(BOOK_HEAD + "\n\n### Instruction:\nWhat is 1+1?\n\n### Response:\n")
     second = enc.encode("\n\n### Instruction:\nAnd 3+3?\n\n### Response:\n")
     assert ids == first + enc.encode("2") + [EOS_ID] + second
+
+
+def test_validate_names_the_recipe_line_of_a_template_the_model_cannot_express(tmp_path):
+    from pipeline.recipe.resolve import resolve
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\ntemplate: chatml\nnum_train_epochs: 1\n")
+    with pytest.raises(UserError) as err:
+        resolve(str(tmp_path / "r.yaml"), [], command="validate")
+    assert any(m.startswith(f"{tmp_path / 'r.yaml'}:3:11: template: 'chatml' needs the special tokens "
+                            "<|im_start|>, <|im_end|>, which the tokenizer gpt2 does not have") for m in err.value.messages)

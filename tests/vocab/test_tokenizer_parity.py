@@ -96,3 +96,15 @@ def test_long_runs_are_bounded_like_metas_tokenizer(vocab_dirs, hf_reference):
     assert tok.encode(prose) == hf_reference(vocab_dirs["llama3"]).encode(prose, add_special_tokens=False).ids
     spaces = " " * (2 * MAX_RUN + 1)
     assert [len(p) for p in bounded(spaces)] == [MAX_RUN, MAX_RUN, 1]
+
+
+def test_a_megabyte_row_without_spaces_goes_through_the_data_path():
+    """issue 18: one huge row without whitespace is encoded in bounded pieces (sft rows and pt documents)."""
+    from pipeline.data.tokenize import encode_rows, join_documents
+
+    tok = load_tokenizer("gpt2")
+    blob = "x" * 1_000_000 + "é" * 1000
+    split = encode_rows([{"instruction": "copy", "input": blob, "output": blob}], "alpaca", tok, cutoff_len=10**7)
+    assert tok.decode(split.example(0).input_ids).count(blob) == 2
+    stream = join_documents(tok.encode_batch([blob, "short doc"]), tok.eos_id)
+    assert tok.decode(stream.tolist()) == blob + "<|endoftext|>short doc"
