@@ -220,7 +220,7 @@ def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     if ctx.values["stage"] == "pt" or not ctx.values.get("template"):
         return []
     from pipeline.data.templates import get_template
-    from pipeline.data.tokenizer import is_gpt2_preset, load_tokenizer
+    from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
     from pipeline.errors import UserError
 
     name = str(ctx.values["model_name_or_path"])
