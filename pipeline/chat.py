@@ -14,21 +14,13 @@ from pipeline.errors import UserError
 from pipeline.model.build import get_key, load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
+from pipeline.recipe.args import GenerationArgs
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
 
 
 def generation_kwargs(r: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dict[str, Any]:
     """The recipe's generation keys as generate() arguments (plus the template's stop ids, when given)."""
-    stops = list(get_key(r, "stop_strings", []))
-    kwargs = {
-        "max_new_tokens": int(get_key(r, "max_new_tokens", 256)),
-        "do_sample": bool(get_key(r, "do_sample", False)),
-        "temperature": float(get_key(r, "temperature", 1.0)),
-        "top_k": int(get_key(r, "top_k", 0)),
-        "top_p": float(get_key(r, "top_p", 1.0)),
-        "stop_strings": list(dict.fromkeys(stops)) or None,
-        "seed": int(get_key(r, "seed", 42)),
-    }
+    kwargs = GenerationArgs.from_recipe(r).generate_kwargs()
     if stop_ids:
         kwargs["stop_ids"] = tuple(stop_ids)
     return kwargs

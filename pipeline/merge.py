@@ -33,6 +33,7 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.weights import DTYPES, note
+from pipeline.recipe.args import GenerationArgs
 from pipeline.runtime.layout import RunLayout, trained_weights
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
@@ -360,12 +361,13 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
 
 def generation_config(r: Mapping[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
     """transformers' generate() defaults: the tokenizer's BOS / stop ids / pad, and the recipe's decoding settings."""
+    gen = GenerationArgs.from_recipe(r)
     stops = list(tokenizer.stop_ids)
     config: dict[str, Any] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
                               "pad_token_id": tokenizer.pad_id,
-                              "max_new_tokens": r["max_new_tokens"], "do_sample": bool(r["do_sample"])}
-    if r["do_sample"]:
-        config.update(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"])
+                              "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
+    if gen.do_sample:
+        config.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     return config
 
 

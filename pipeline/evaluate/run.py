@@ -29,6 +29,7 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report
 from pipeline.model.weights import note
+from pipeline.recipe.args import GenerationArgs
 from pipeline.runtime.layout import RunLayout, current_weights, describe
 
 
@@ -184,19 +185,9 @@ def _prompt_ids(r: Mapping[str, Any], row: Mapping[str, Any], tokenizer: Any) ->
                          row.get("history") or (), tokenizer=tokenizer, enable_thinking=r.get("enable_thinking", True))
 
 
-def stop_strings(r: Mapping[str, Any]) -> list[str]:
-    """The recipe's stop strings (the template's stop words are token ids: Template.stop_ids)."""
-    return list(dict.fromkeys(r["stop_strings"] or []))
-
-
 def decoding_settings(r: Mapping[str, Any]) -> dict[str, Any]:
-    settings: dict[str, Any] = {"do_sample": bool(r["do_sample"]), "max_new_tokens": r["max_new_tokens"]}
-    if r["do_sample"]:
-        settings.update(temperature=r["temperature"], top_k=r["top_k"], top_p=r["top_p"], seed=r["seed"])
-    if stop_strings(r):
-        settings["stop_strings"] = stop_strings(r)
-    settings["batch_size"] = r["per_device_eval_batch_size"]
-    return settings
+    """The decoding keys the report records (the template's stop words are token ids: Template.stop_ids)."""
+    return {**GenerationArgs.from_recipe(r).settings(), "batch_size": r["per_device_eval_batch_size"]}
 
 
 def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *,
@@ -206,7 +197,8 @@ def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Seq
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.model.generate import cut_at_stop, generate
 
-    tokenizer, stops = recipe_tokenizer(r), stop_strings(r)
+    tokenizer, gen = recipe_tokenizer(r), GenerationArgs.from_recipe(r)
+    stops = list(gen.stop_strings)
     stop_ids = get_template(r["template"]).stop_ids(tokenizer)
     mine = list(range(rank, len(rows), world))
     prompts = {i: _prompt_ids(r, rows[i], tokenizer) for i in mine}
@@ -218,10 +210,9 @@ def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Seq
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
             with _autocast(r, device):
-                new = generate(model, [prompts[i] for i in chunk], max_new_tokens=r["max_new_tokens"],
-                               do_sample=r["do_sample"], temperature=r["temperature"], top_k=r["top_k"],
-                               top_p=r["top_p"], stop_strings=stops or None, tokenizer=tokenizer,
-                               eos_id=None, stop_ids=stop_ids, pad_id=tokenizer.pad_id, seed=r["seed"] + chunk[0])
+                kwargs = {**gen.generate_kwargs(), "seed": gen.seed + chunk[0]}
+                new = generate(model, [prompts[i] for i in chunk], **kwargs, tokenizer=tokenizer, eos_id=None,
+                               stop_ids=stop_ids, pad_id=tokenizer.pad_id)
             for i, ids in zip(chunk, new):
                 local[i] = cut_at_stop(tokenizer.decode(ids), stops)
             bar.update(len(chunk))

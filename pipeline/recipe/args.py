@@ -1,0 +1,54 @@
+"""Typed argument groups: a stage's run() turns the resolved recipe into these, library code takes them.
+
+As LitGPT's args.py feeds a typed setup(), a group gathers the keys one concern reads, with their types,
+so that functions below a stage take explicit values instead of the whole string-keyed recipe. The schema
+stays the single source of keys and defaults: `from_recipe` fills a key a plain mapping leaves out
+(unit tests pass partial dicts) from the schema's default, never from a default written here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pipeline.recipe import spec
+
+
+def _value(r: Mapping[str, Any], key: str) -> Any:
+    value = r.get(key)
+    return spec.defaults().get(key) if value is None else value
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """The recipe's decoding keys (schema group "generation") and the seed: used by chat, eval and merge."""
+
+    max_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_strings: tuple[str, ...]
+    seed: int
+
+    @classmethod
+    def from_recipe(cls, r: Mapping[str, Any]) -> "GenerationArgs":
+        stops = _value(r, "stop_strings") or []
+        return cls(max_new_tokens=int(_value(r, "max_new_tokens")), do_sample=bool(_value(r, "do_sample")),
+                   temperature=float(_value(r, "temperature")), top_k=int(_value(r, "top_k")),
+                   top_p=float(_value(r, "top_p")), stop_strings=tuple(dict.fromkeys(stops)),
+                   seed=int(_value(r, "seed")))
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of pipeline.model.generate.generate / generate_text."""
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
+                "top_k": self.top_k, "top_p": self.top_p, "stop_strings": list(self.stop_strings) or None,
+                "seed": self.seed}
+
+    def settings(self) -> dict[str, Any]:
+        """What a report or generation_config.json records: the sampling keys only when sampling."""
+        out: dict[str, Any] = {"do_sample": self.do_sample, "max_new_tokens": self.max_new_tokens}
+        if self.do_sample:
+            out.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        if self.stop_strings:
+            out["stop_strings"] = list(self.stop_strings)
+        return out
