@@ -91,7 +91,11 @@ def assert_close(theirs: torch.Tensor, mine: torch.Tensor, rel: float = 1e-4) ->
     assert err < rel, f"relative logit error {err:.2e} >= {rel:.0e}"
 
 
-@pytest.mark.parametrize("row", [pytest.param(row, id=row_id(row), marks=[pytest.mark.slow] if row[2] == 2 else [])
+# Every `make test` runs these two rows (one rank, no ZeRO: the cheapest); the others are `slow` (CI runs them).
+EVERY_RUN = {("lora", 0, 1, "fp32"), ("freeze", 0, 1, "bf16")}
+
+
+@pytest.mark.parametrize("row", [pytest.param(row, id=row_id(row), marks=[] if row in EVERY_RUN else [pytest.mark.slow])
                                  for row in ROWS])
 def test_train_merge_and_load_in_the_peers(repo, row):
     import transformers
