@@ -93,4 +93,18 @@ class Exporter:
             target = save_model(model, RunLayout(directory).model)
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
+            copy_tokenizer_files(self.r["model_name_or_path"], target)
         return target
+
+
+def copy_tokenizer_files(model_name_or_path: Any, target: Path) -> None:
+    """The base checkpoint's tokenizer files beside model/, so that model/ (or the run's output_dir, as
+    LLaMA-Factory's inference and merge recipes name it) works as model_name_or_path with its own vocabulary."""
+    import shutil
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    for path in load_tokenizer(model_name_or_path).files:
+        relative = path.name if path.parent.name != "original" else f"original/{path.name}"
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target / relative)

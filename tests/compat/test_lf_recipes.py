@@ -82,7 +82,8 @@ def test_full_sft_then_export_then_inference(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ckpt = tmp_path / "ckpt"
-    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048)
+    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048, vocab_size=151936)  # cutoff_len 2048 fits; Qwen3's rows
+    write_tokenizer_dir(ckpt, "qwen3")  # the recipe's qwen3 templates need the checkpoint's ChatML tokens
     work = lf_checkout(tmp_path / "lf", str(ckpt))
     for recipe in ("merge_lora/qwen3_full_sft.yaml", "inference/qwen3_full_sft.yaml"):  # their model line is the run
         path = work / "examples" / recipe
