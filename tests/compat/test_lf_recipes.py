@@ -265,3 +265,21 @@ def test_eval_due():
     assert due(eval_strategy="epoch") == [3, 6]
     assert due(eval_strategy="no") == [6] and due(eval_strategy="no", do_eval=False) == []
     assert due(eval_steps=4, do_eval=False) == [4]
+
+
+@pytest.mark.slow
+def test_make_export_with_a_merge_lora_recipe(tmp_path):
+    from tests.acceptance.harness import make, scratch_repo
+
+    root = scratch_repo(tmp_path / "repo")
+    shutil.copytree(LF_DATA, root / "data")
+    train = tiny_recipe(root, "train.yaml", output_dir="saves/tiny/lora/sft")
+    pipeline("build", train, cwd=root)
+    pipeline("train", train, cwd=root)
+    (root / "merge.yaml").write_text("model_name_or_path: tiny\nadapter_name_or_path: saves/tiny/lora/sft\n"
+                                     "template: alpaca\nexport_dir: saves/tiny_merged\nexport_size: 5\n"
+                                     "export_device: cpu\nexport_legacy_format: false\n", "utf-8")
+    make("export", "RECIPE=merge.yaml", f"VENV={root / 'venv'}", cwd=root)
+    assert (root / "saves/tiny_merged/model.safetensors").is_file()
+    verification = json.loads((root / "saves/tiny_merged/verification.json").read_text("utf-8"))
+    assert verification["source"].endswith("saves/tiny/lora/sft/adapter")
