@@ -86,6 +86,16 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     return 0
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on: more build workers than that only add process overhead."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def text_lines(text: str | None) -> Table:
     """A .txt file read as LLaMA-Factory reads it for alpaca entries: one row {"text": line} per non-blank line."""
     table = Table(header=["text"])
@@ -113,7 +123,7 @@ def build(r: Mapping[str, Any]) -> list[str]:
         else:
             stale.append((spec, wanted))
     problems = Problems()
-    workers = int(r.get("preprocessing_num_workers") or 1)
+    workers = min(int(r.get("preprocessing_num_workers") or 1), usable_cores())
     loaded = [(spec, wanted, _read_dataset(spec, r["stage"], problems, workers)) for spec, wanted in stale]
     problems.raise_if_any()
     prepared, errors = [], []

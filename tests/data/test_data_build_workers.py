@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(build_module, "BLOCK_MIN_BYTES", 1500)  # a few kB of rows become several blocks
+    monkeypatch.setattr(build_module, "usable_cores", lambda: 4)  # worker processes even on a 1-core machine
 
 
 def outputs(r) -> dict[str, bytes]:
