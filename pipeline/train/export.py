@@ -102,7 +102,7 @@ def copy_tokenizer_files(model_name_or_path: Any, target: Path) -> None:
     LLaMA-Factory's inference and merge recipes name it) works as model_name_or_path with its own vocabulary."""
     import shutil
 
-    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.data.model_tokenizer import load_tokenizer
 
     for path in load_tokenizer(model_name_or_path).files:
         relative = path.name if path.parent.name != "original" else f"original/{path.name}"
