@@ -114,3 +114,33 @@ def test_resolve_model_path_in_process(tmp_path, monkeypatch, checkpoint):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(UserError, match=r"it is not in .*hf/hub"):  # plan/validate: cache only, no download
         resolve_model_path("Org/Other", download=False)
+
+
+def test_an_adapter_hub_id_resolves_from_the_offline_cache(tmp_path):
+    """adapter_name_or_path: Org/Name (a PEFT adapter in the HF cache) through `generate`, as PEFT generates."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_positions=64, n_embd=16, n_layer=2, n_head=2)).save_pretrained(tmp_path / "base")
+    peft = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                     init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "adapter")
+    _hub_cache(tmp_path / "hf", "Org/Tiny-Adapter", tmp_path / "adapter")
+    (tmp_path / "r.yaml").write_text(f"model_name_or_path: {tmp_path / 'base'}\nadapter_name_or_path: Org/Tiny-Adapter\n"
+                                     "lora_rank: 4\nlora_alpha: 8\nlora_target: c_attn\nmax_new_tokens: 6\n"
+                                     f"output_dir: {tmp_path / 'out'}\n")
+    done = cli(tmp_path, "generate", "r.yaml", "--model", "adapter", "--raw", "--prompt", "The sky is",
+               HF_HOME=str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    reference = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    prompt = [464, 6766, 318]  # "The sky is" in GPT-2's vocabulary
+    with torch.no_grad():
+        new = reference.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=50256)[0, 3:].tolist()
+    from pipeline.data.tokenizer import gpt2
+
+    assert gpt2().encode("The sky is") == prompt
+    assert done.stdout == gpt2().decode([t for t in new if t != 50256]) + "\n"
