@@ -61,6 +61,7 @@ def test_build_validate_inspect_with_the_checkpoints_tokenizer(tmp_path, checkpo
         "<think>\n\n</think>\n\nHi " in done.stdout and ".<|im_end|>\n]]" in done.stdout
 
 
+@pytest.mark.slow  # the rule itself: tests/data/test_data_templates.py, in-process
 def test_a_template_the_checkpoint_cannot_express_exits_2(tmp_path, checkpoint):
     project(tmp_path, str(checkpoint), "llama3")
     assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
