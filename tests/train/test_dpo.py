@@ -158,3 +158,13 @@ def test_two_ranks_match_one_rank(dpo_recipe, workdir):
     for key in ("loss", *METRICS, "eval_loss", "eval_rewards/accuracies"):
         values = [rec[key] for rec in a if key in rec]
         assert values and [rec[key] for rec in b if key in rec] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+
+
+def test_additional_target_under_zero3_is_refused_before_any_work(dpo_recipe):
+    from pipeline.errors import UserError
+
+    r = dpo_recipe(name="z3extra", zero_stage=3, additional_target=["ln_f"])
+    with pytest.raises(UserError) as err:
+        train(r)
+    assert "additional_target" in err.value.messages[0] and "zero_stage 2" in err.value.messages[0]
+    assert not (Path(r["output_dir"])).exists()
