@@ -81,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.recipe.notices import print_notices
 
             print_notices(resolved)
+        from pipeline.lock import for_command
+
         code = 0
         for command in steps(args.command, resolved, args):
             module_name, func_name, _ = COMMANDS[command]
-            code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
+            with for_command(command, resolved):  # one writer per output directory
+                code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break
     except UserError as err:

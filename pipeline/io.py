@@ -8,6 +8,7 @@ UserError naming the target (the CLI prints it and exits 2); the previous file o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -17,7 +18,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from pipeline.errors import UserError
 
@@ -102,6 +103,7 @@ def _dir_leftovers(path: Path) -> re.Pattern[str]:
 def remove_leftovers(path: str | Path) -> None:
     """Remove what killed writers of `path` left beside it (for a target that is up to date, so not rewritten)."""
     path = Path(path)
+    _restore_dead_writers_old(path)
     for pattern in (_file_leftovers(path), _dir_leftovers(path)):
         _remove_stale(path.parent, pattern)
 
@@ -139,16 +141,82 @@ def write_text(path: str | Path, text: str) -> None:
         handle.write(text)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # the file system cannot
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _libc_renameat2() -> Any:
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except OSError:
+        return None
+
+
+_RENAMEAT2 = _libc_renameat2()
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def replace_dir(new: str | Path, path: str | Path, aside: str | Path) -> None:
+    """Put the complete directory `new` in place of `path` so that `path` is, at every instant, either its old
+    or its new complete version, a SIGKILL or power loss included.
+
+    Where the file system can swap two names atomically (Linux, renameat2 RENAME_EXCHANGE: ext4, xfs, btrfs,
+    tmpfs), `new` and `path` are swapped and the old version, now under the temp name, is deleted. Elsewhere
+    the old version is first renamed to `aside` (which must carry the writer's host and pid): a crash between
+    the two renames leaves `path` missing and the whole old version in `aside`, and the next writer or reader
+    of `path` (`restore_aside`) puts it back.
+    """
+    new, path, aside = Path(new), Path(path), Path(aside)
+    if not path.exists():
+        os.replace(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # the old version, under the temp name: a leftover if killed now
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        os.replace(new, path)
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+def restore_aside(path: str | Path, aside: Iterable[Path]) -> None:
+    """After a crash between the two renames of a non-atomic replace_dir: `path` is missing and its previous
+    version waits whole in one of `aside` (a dead writer's): put it back."""
+    path = Path(path)
+    for candidate in aside:
+        if path.exists() or path.is_symlink():
+            return
+        with contextlib.suppress(OSError):
+            os.replace(candidate, path)
+
+
+def _restore_dead_writers_old(path: Path) -> None:
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.old-{_HOST}-(\d+)")
+    with contextlib.suppress(OSError):
+        dead = [Path(e.path) for e in os.scandir(path.parent) if (m := pattern.fullmatch(e.name))
+                and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1)))]
+        restore_aside(path, sorted(dead))
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside `path`; on success it replaces `path` in one rename.
+    """Yield a temp directory beside `path`; on success it replaces `path` (see replace_dir).
 
     A crash leaves only a `.<name>.tmp-*` folder, never a half-filled `path` (the next atomic_dir of the same
-    path removes it). Between the two renames of a replacement, a crash leaves `path` missing and the previous
-    version in `.<name>.old-*`: never a mixture of the two.
+    path removes it), and `path` is always either the old or the new complete directory.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _restore_dead_writers_old(path)
     _remove_stale(path.parent, _dir_leftovers(path))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     try:
@@ -158,14 +226,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if child.is_file():
                 with open(child, "rb") as handle:
                     _sync(handle, child)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{_HOST}-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_dir(tmp, path, path.with_name(f".{path.name}.old-{_HOST}-{os.getpid()}"))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if disk_full(err):

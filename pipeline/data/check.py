@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipeline.data.build import SPLITS, source_name, all_specs, built_dir, read_manifest, sha256_file
+from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
 from pipeline.data.load import MAKE_DATA, build_problem, edited, read_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import load_schema
@@ -109,16 +109,6 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> No
                                                 "removes such pairs")
 
 
-def _sources_changed(r: Mapping[str, Any], manifest: dict[str, Any], spec: Any) -> list[str]:
-    dataset_dir = Path(r["dataset_dir"])
-    now = [(source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
-    then = [(s.get("path"), s.get("sha256")) for s in manifest.get("sources", [])]
-    if now == then and manifest.get("entry") == spec.entry:
-        return []
-    return [f"{built_dir(r, spec.name)}: the sources or the registry entry of '{spec.name}' changed since it "
-            f"was built; {MAKE_DATA}"]
-
-
 def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
     from pipeline.data.tokenize import encode_rows
@@ -134,7 +124,6 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
     for spec in specs:
         directory = built_dir(r, spec.name)
         manifest = read_manifest(directory) or {}
-        changed += _sources_changed(r, manifest, spec)
         for split in SPLITS:
             path = directory / f"{split}.json"
             try:

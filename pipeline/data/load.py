@@ -34,7 +34,39 @@ def build_problem(r: Mapping[str, Any], name: str) -> str | None:
     missing = [f"{s}.json" for s in SPLITS if not (directory / f"{s}.json").is_file()]
     if missing:
         return f"{directory}: {', '.join(missing)} missing; {MAKE_DATA}"
-    return None
+    return sources_changed(r, name, manifest)
+
+
+def _source_hash(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - a per-process cache
+    """sha256 of a raw source, hashed once per process while its size, mtime and inode stay the same."""
+    info = path.stat()
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino)
+    if key not in _memo:
+        _memo[key] = sha256_file(path)
+    return _memo[key]
+
+
+def sources_changed(r: Mapping[str, Any], name: str, manifest: Mapping[str, Any]) -> str | None:
+    """Why the build of `name` is stale because its raw sources or its registry entry changed since (None: they
+    did not). train and eval check this too, so that a raw file edited after `make data` is never silently
+    ignored outside make."""
+    from pipeline.data.build import all_specs, source_name
+
+    spec = next((s for s in all_specs(r) if s.name == name), None)
+    if spec is None:
+        return None
+    dataset_dir = Path(r["dataset_dir"])
+    then = {s.get("path"): s.get("sha256") for s in manifest.get("sources", []) if isinstance(s, dict)}
+    now = {source_name(p, dataset_dir): p for p in spec.files}
+    changed = [f"{dataset_dir / rel} {'is new' if rel not in then else 'was edited'}" for rel, path in now.items()
+               if then.get(rel) != _source_hash(path)]
+    changed += [f"{dataset_dir / rel} is gone" for rel in then if rel not in now]
+    if manifest.get("entry") != spec.entry:
+        changed.append(f"the entry of '{name}' in the dataset registry changed")
+    if not changed:
+        return None
+    return (f"{built_dir(r, name)}: built from other sources than the recipe's now ({'; '.join(changed)} since "
+            f"the build); {MAKE_DATA} to rebuild it")
 
 
 def split_files(r: Mapping[str, Any], split: str) -> list[Path]:

@@ -11,9 +11,9 @@
 
 DeepSpeed's `save_checkpoint` / `load_checkpoint` do the per-stage work, through
 `pipeline.train.safestate`'s checkpoint engine, so the files under deepspeed/ are safetensors (with DeepSpeed's
-`.pt` names) and loading never unpickles. All ranks write into `.checkpoint-<step>.tmp/`; rank 0 writes the
-manifest and renames the directory. A crash before the rename leaves only the temp directory, removed by
-the next run. `latest` takes the newest checkpoint whose manifest matches its files.
+`.pt` names) and loading never unpickles. All ranks write into `.checkpoint-<step>.tmp-<host>-<pid of rank 0>/`;
+rank 0 writes the manifest and renames the directory. A crash before the rename leaves only the temp directory,
+removed by the next run once its owner is dead. `latest` takes the newest checkpoint whose manifest matches its files.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
-from pipeline.io import sha256_file, write_json
+from pipeline.io import replace_dir, sha256_file, write_json
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
 
@@ -42,12 +42,23 @@ STATE = "trainer_state.json"
 DS_TAG = "deepspeed"
 RNG_DIR = "rng"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
-# Recipe values a checkpoint is bound to: with another value the saved state cannot be loaded, or the data
-# position would point at other batches.
-RESUME_KEYS = ("stage", "finetuning_type", "lora_rank", "lora_target", "use_rslora", "additional_target",
-               "freeze_trainable_layers", "zero_stage", "bf16", "fp16", "world_size", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "seed", "cutoff_len", "packing", "neat_packing")
-
+# What a resume does when the recipe changed since the checkpoint (the table is docs/resume.md's):
+# REFUSE: the saved state cannot be loaded with another value, or the data position would point at other
+# batches (model, data, shapes, batch layout). APPLY: used from the resumed step on, and said so (the way a user
+# lowers the learning rate mid-run; the schedule continues from the current step with the new settings).
+# KEEP: the checkpoint's value stays (it lives in the optimizer's saved state), with a notice.
+# Every other key (logging, saving, evaluation cadence, output) takes the new value without a word.
+REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "use_rslora", "additional_target",
+          "freeze_trainable_layers", "zero_stage", "bf16", "fp16", "world_size", "per_device_train_batch_size",
+          "gradient_accumulation_steps", "seed", "cutoff_len", "model_name_or_path", "adapter_name_or_path",
+          "context_length", "qkv_bias", "tie_word_embeddings", "dataset", "template", "train_on_prompt",
+          "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",
+          "neat_packing")
+APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
+         "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda")
+KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
+RESUME_KEYS = REFUSE  # the name older code used
+DATA_KEY = "training data"  # the sha256 of every built train.json, saved beside the recipe values
 
 @dataclass
 class TrainState:
@@ -166,8 +177,31 @@ def find_resume(r: Mapping[str, Any]) -> Path | None:
     return path
 
 
-def check_compatible(r: Mapping[str, Any], path: Path) -> None:
-    """The recipe must agree with the checkpoint on what the saved state depends on."""
+def saved_recipe(r: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe values a checkpoint records (trainer_state.json "recipe"), for check_compatible on resume."""
+    values = {k: r[k] for k in (*REFUSE, *APPLY, *KEEP) if k in r}
+    values[DATA_KEY] = training_data(r)
+    return values
+
+
+def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
+    """dataset name -> the sha256 of its built train.json (the rows the data position counts in)."""
+    from pipeline.data.build import built_dir, read_manifest
+
+    out = {}
+    for name in r["dataset"] if isinstance(r["dataset"], list) else [r["dataset"]]:
+        files = (read_manifest(built_dir(r, name)) or {}).get("files") or {}
+        out[name] = (files.get("train.json") or {}).get("sha256")
+    return out
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value)
+
+
+def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
+    """Refuse a resume whose recipe differs from the checkpoint's where the saved state depends on it; returns
+    the notices for the keys that changed and are applied or kept (see REFUSE, APPLY, KEEP)."""
     if read_state(path).get("save_only_model"):
         weights = path / ("adapter" if (path / "adapter").is_dir() else "model")
         raise UserError(f"{where(r, 'resume_from_checkpoint')}: {path} was saved with save_only_model: true: it "
@@ -176,11 +210,46 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> None:
                         f"{'adapter_name_or_path' if weights.name == 'adapter' else 'model_name_or_path'}), or "
                         "train with save_only_model: false to get resumable checkpoints")
     saved = read_state(path).get("recipe", {})
-    problems = [f"{where(r, key)} is {json.dumps(r[key])} but {path} was trained with {json.dumps(saved[key])}; "
+    changed = [k for k in saved if k in r and saved[k] != r[k]]
+    problems = [f"{where(r, key)} is {_show(r[key])} but {path} was trained with {_show(saved[key])}; "
                 f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
-                for key in RESUME_KEYS if key in saved and saved[key] != r[key]]
+                for key in changed if key in REFUSE]
+    if DATA_KEY in saved:
+        now = training_data(r)
+        problems += [f"{where(r, 'dataset')}: the built training rows of '{name}' are not the ones {path} was "
+                     f"trained on (data/build/{name}/train.json was rebuilt from other sources or settings), so "
+                     "its data position would point at other rows; resume with the data it was trained on, or "
+                     f"start a new run from {path}/adapter or {path}/model"
+                     for name in now if name in saved[DATA_KEY] and saved[DATA_KEY][name] != now[name]]
     if problems:
         raise UserError(problems)
+    notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
+               f"{read_state(path).get('global_step', '?')} on" for k in changed if k in APPLY]
+    notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: ignored, the "
+                "checkpoint's optimizer state keeps its value (start a new run to change it)"
+                for k in changed if k in KEEP]
+    return notices
+
+
+def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:
+    """After load: the recipe's learning rate, weight decay and schedule replace the checkpoint's.
+
+    DeepSpeed restores the optimizer's param groups (lr, initial_lr, weight_decay) and the LambdaLR's base_lrs
+    from the checkpoint; the schedule's shape (kind, warmup, total steps, floor) is the recipe's already, since
+    the lambda is built from it. With nothing of APPLY changed nothing is touched (bitwise resume).
+    """
+    saved = read_state(path).get("recipe", {})
+    if not any(k in saved and saved[k] != r[k] for k in APPLY):
+        return
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    decayed = any(p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2 for p in engine.module.parameters())
+    scheduler.base_lrs = [float(r["learning_rate"])] * len(groups)
+    for index, group in enumerate(groups):
+        group["initial_lr"] = float(r["learning_rate"])
+        if index == 0 and decayed:  # pipeline.train.optim: the decayed matrices come first
+            group["weight_decay"] = float(r["weight_decay"])
+        group["lr"] = scheduler.base_lrs[index] * scheduler.lr_lambdas[index](scheduler.last_epoch)
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -251,7 +320,7 @@ def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) ->
 
     output_dir = Path(r["output_dir"])
     final = output_dir / f"{PREFIX}{state.global_step}"
-    tmp = output_dir / f".{final.name}.tmp"
+    tmp = output_dir / f".{final.name}.tmp-{owner()}"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -266,19 +335,13 @@ def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) ->
     if dist.is_main():
         for script in deepspeed_compat.HELPER_SCRIPTS:  # DeepSpeed's helpers cannot read these files
             (tmp / script).unlink(missing_ok=True)
-        write_json(tmp / STATE, {**state.to_dict(), "recipe": {k: r[k] for k in RESUME_KEYS if k in r},
+        write_json(tmp / STATE, {**state.to_dict(), "recipe": saved_recipe(r),
                                  **({"save_only_model": True} if only_model else {})})
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.global_step, "files": files})
         _fsync_tree(tmp)
-        if final.exists():  # a re-run reaching the same step replaces the old checkpoint in one rename
-            old = output_dir / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        # a re-run reaching the same step replaces the old checkpoint: the old or the new one is always there
+        replace_dir(tmp, final, output_dir / f".{final.name}.old-{owner()}")
         prune(output_dir, r["save_total_limit"], keep=final)
     dist.barrier()
     return final
@@ -317,21 +380,53 @@ def load(engine: Any, path: Path) -> TrainState:
     return TrainState.from_dict(read_state(path))
 
 
+_OWNER: str | None = None
+
+
+def owner() -> str:
+    """`<host>-<pid>` of rank 0, the same on every rank: the name of this run's temp checkpoint folders, so that
+    start-up deletes only those of dead runs. The first call is a collective (every rank calls save)."""
+    global _OWNER
+    if _OWNER is None:
+        from pipeline.io import _HOST
+
+        mine = [float(c) for c in f"{_HOST}-{os.getpid()}".encode("ascii").ljust(48, b"\0")]
+        summed = dist.all_sum(mine if dist.is_main() else [0.0] * len(mine))
+        _OWNER = bytes(int(v) for v in summed).rstrip(b"\0").decode("ascii")
+    return _OWNER
+
+
+_TEMP = re.compile(rf"^\.({PREFIX}\d+)\.(tmp|old)(?:-(.+)-(\d+))?$")
+
+
+def _stale(host: str | None, pid: str | None) -> bool:
+    """A temp folder's owner is gone: dead on this host, or this very process (start-up comes before any save
+    of its own, so it is an earlier in-process run's), or named for another host or by an older version of this
+    code while this run holds the output_dir lock (see pipeline.lock)."""
+    from pipeline.io import _HOST, _alive
+
+    if host == _HOST and pid is not None:
+        return int(pid) == os.getpid() or not _alive(int(pid))
+    return True
+
+
 def clean_stale(output_dir: str | Path) -> None:
     """Tidy up after a run killed while saving (rank 0).
 
-    Temp directories go. A `.checkpoint-<step>.old` is the previous copy of a checkpoint being replaced
-    (see save): if the kill fell between its two renames, `checkpoint-<step>` is missing and the .old copy,
-    when it passes its manifest, is put back instead of deleted.
+    Temp directories of dead owners go; a live run's (one that ignored the lock) stay. A
+    `.checkpoint-<step>.old-<owner>` is the previous copy of a checkpoint being replaced (see save): if the kill
+    fell between its two renames (file systems without an atomic swap), `checkpoint-<step>` is missing and the
+    .old copy, when it passes its manifest, is put back instead of deleted.
     """
     root = Path(output_dir)
     if not root.is_dir():
         return
-    for path in root.glob(f".{PREFIX}*.tmp"):
-        shutil.rmtree(path, ignore_errors=True)
-    for path in root.glob(f".{PREFIX}*.old"):
-        final = root / path.name[1:].removesuffix(".old")
-        if step_of(final) is not None and not final.exists() and not problems_with(path):
+    for path in sorted(root.iterdir()):
+        match = _TEMP.match(path.name)
+        if not match or not _stale(match.group(3), match.group(4)):
+            continue
+        final = root / match.group(1)
+        if match.group(2) == "old" and not final.exists() and not problems_with(path):
             os.replace(path, final)
         else:
             shutil.rmtree(path, ignore_errors=True)

@@ -66,8 +66,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     if dist.is_main():
         precision_notice(r)
     resume = checkpoint.find_resume(r)
-    if resume is not None:
-        checkpoint.check_compatible(r, resume)
+    notices = checkpoint.check_compatible(r, resume) if resume is not None else []
 
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
@@ -88,9 +87,13 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
     objective = preference_objective(r, engine) if r["stage"] == "dpo" else None
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
+    if resume is not None:
+        checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
     if dist.is_main():
         write_run_files(r, output_dir)
         print_plan(r, model, loader, resume, state)
+        for notice in notices:
+            print(notice, file=sys.stderr, flush=True)
 
     exporter = Exporter(engine, r, lambda: quietly(build_model, r))
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,

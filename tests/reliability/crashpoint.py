@@ -30,10 +30,9 @@ def _ours(path: object) -> bool:
     return not os.path.isabs(text) or os.path.abspath(text).startswith(_ROOT + os.sep)
 
 
-def main() -> None:
-    target = int(sys.argv[1])
-    ops_file = sys.argv[2]
-    sys.argv = ["pipeline", *sys.argv[3:]]
+def install(target: int) -> list[tuple[int, str, str]]:
+    """Count this process's file-system mutations inside the current directory from now on; SIGKILL it right
+    before the `target`-th (0: never). Returns the list the operations are recorded in."""
     ops: list[tuple[int, str, str]] = []
 
     def tick(name: str, path: object) -> None:
@@ -43,12 +42,13 @@ def main() -> None:
         if len(ops) == target:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def wrap(module: object, name: str, is_write=lambda *a, **k: True) -> None:
+    def wrap(module: object, name: str, is_write=lambda *a, **k: True, at=lambda *a, **k: a[0] if a else
+             k.get("path") or k.get("file")) -> None:
         original = getattr(module, name)
 
         def wrapped(*args, **kwargs):
             if is_write(*args, **kwargs):
-                tick(name, args[0] if args else kwargs.get("path") or kwargs.get("file"))
+                tick(name, at(*args, **kwargs))
             return original(*args, **kwargs)
         setattr(module, name, wrapped)
 
@@ -58,6 +58,17 @@ def main() -> None:
     opened = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")  # noqa: E731
     wrap(builtins, "open", opened)
     io.open = builtins.open  # pathlib and os.fdopen go through io.open
+    import pipeline.io
+
+    wrap(pipeline.io, "_exchange", at=lambda a, b: b)  # the atomic swap of two directories (renameat2)
+    return ops
+
+
+def main() -> None:
+    target = int(sys.argv[1])
+    ops_file = sys.argv[2]
+    sys.argv = ["pipeline", *sys.argv[3:]]
+    ops = install(target)
 
     def save() -> None:
         with open(ops_file + ".part", "w", encoding="utf-8") as handle:

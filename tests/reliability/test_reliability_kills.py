@@ -78,14 +78,9 @@ def _build_trial(trained: Reference, ref: dict, root: Path, kill) -> None:
     raw_before = snapshot(root / "data" / "raw")
     kill(root)
     built = root / "data" / "build" / "a"
-    manifest = complete_build(built)
-    if manifest is None:  # only between the two renames of the swap: the old build waits beside it, whole
-        assert not built.exists(), "a half-written build is visible"
-        aside = list((root / "data" / "build").glob(".a.old-*"))
-        assert len(aside) == 1 and complete_build(aside[0]) is not None
-    else:
-        now = {f: (built / f).read_bytes() for f in ("train.json", "val.json")}
-        assert now in (ref["v1"], ref["v2"]), "the visible build is neither the old nor the new one"
+    assert complete_build(built) is not None, "the build is missing or incomplete"  # the swap is one step
+    now = {f: (built / f).read_bytes() for f in ("train.json", "val.json")}
+    assert now in (ref["v1"], ref["v2"]), "the visible build is neither the old nor the new one"
     assert snapshot(root / "data" / "raw") == raw_before
     result = run_main(["build", "r.yaml"], root)  # recovery: build again
     assert result.code == 0, result.err
@@ -289,7 +284,9 @@ def test_the_crash_runner_counts_and_kills(tmp_path: Path):
     ops_file = tmp_path / "ops.json"
     assert crash_run(0, ["build", "r.yaml"], root, ops_file).code == 0
     ops = json.loads(ops_file.read_text())
-    assert [op[1] for op in ops][-2:] == ["replace", "fsync"] and "ops.json" not in str(ops)
+    renames = [path for _, op, path in ops if op == "replace"]
+    assert "data/build/.a.tmp-" in renames[-1] and "ops.json" not in str(ops)  # the build's final rename
+    assert [op[1] for op in ops][-2:] == ["unlink", "rmdir"]  # then the lock's release
     os.remove(ops_file)
     replace = next(i for i, op, _ in ops if op == "replace")
     shutil.rmtree(root / "data" / "build")

@@ -1,0 +1,125 @@
+"""One writer per output: an exclusive lock on a directory that a command writes (train's output_dir, a
+dataset's build, merge's merged/), held for the command's lifetime.
+
+The lock is `.<name>.lock` beside the directory, locked with flock(2): the kernel releases it on any exit,
+a SIGKILL and an out-of-memory kill included, so a lock whose owner died is stale by construction and the
+next run simply takes it. The file names its holder (pid, host, command, start time) so that a second run
+can say which run holds it. It is removed on release; a killed holder leaves it behind, harmless (the next
+holder takes it over). Beside, not inside, the directory: a run whose recipe turns out to be wrong has then
+written nothing into output_dir, and `overwrite_output_dir` never deletes a live lock.
+
+flock is advisory and per host on network file systems that do not forward it; the pipeline itself always
+takes the lock, so two of its runs on one host never write the same directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.errors import UserError
+
+
+def lock_path(target: str | Path) -> Path:
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, in words, from what the holder wrote into the lock file."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        return (f"`{info['command']}` (pid {info['pid']} on host {info['host']}, started {info['started']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another run (it has not written its name yet)"
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    missing = []
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[Path]:
+    """Hold the lock on `target` (a directory, existing or not) for the block; UserError when another live run
+    holds it. `what` is the command in words (`train recipes/x.yaml`), written for whoever comes second;
+    `at` says where `target` came from (`recipes/x.yaml:7: output_dir`)."""
+    target = Path(target)
+    path = lock_path(target)
+    created = _missing_parents(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            for parent in reversed(created):
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
+            where = f"{at}: " if at else ""
+            raise UserError(f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt "
+                            f"each other. Wait for that run to finish (or stop it), or choose another "
+                            f"directory. The lock is {path}") from None
+        # The previous holder may have removed the file between our open and our flock: then we locked an
+        # orphan inode, and a third run could lock the new file. Only a lock on the file at `path` counts.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # before the unlock, so that nobody locks a file that is about to go
+        os.close(fd)
+        for parent in reversed(created):  # folders made only to hold the lock, if nothing else went there
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+
+
+def targets(command: str, r: Any) -> list[tuple[Path, str]]:
+    """The directories `command` writes that no other run may write at the same time, each with where its
+    name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/, build's datasets."""
+    from pipeline.train.checkpoint import where
+
+    if command == "train":
+        return [(Path(r["output_dir"]), where(r, "output_dir"))] if os.environ.get("RANK", "0") == "0" else []
+    if command == "merge":
+        return [(Path(r["output_dir"]) / "merged", where(r, "output_dir"))]
+    if command == "build":
+        from pipeline.data.build import all_specs, built_dir
+
+        return sorted({(built_dir(r, spec.name), where(r, "dataset")) for spec in all_specs(r)})
+    return []
+
+
+@contextlib.contextmanager
+def for_command(command: str, r: Any) -> Iterator[None]:
+    """Every lock `command` needs, for the duration of the block (none for read-only commands)."""
+    recipe = getattr(r, "recipe_path", None)
+    what = f"python -m pipeline {command} {recipe}" if recipe else f"python -m pipeline {command}"
+    with contextlib.ExitStack() as stack:
+        for target, at in targets(command, r):
+            stack.enter_context(exclusive(target, what, at))
+        yield

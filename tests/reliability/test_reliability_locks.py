@@ -1,0 +1,125 @@
+"""Races: two runs on one output directory. A second `train` on an output_dir a live run writes, a second
+`build` of a dataset being built, a second `merge` into the same merged/: one exit-2 message naming the
+running one, and nothing written. A lock whose owner died (SIGKILL) is stale: the next run takes it. Temp
+checkpoint folders carry their owner; start-up deletes only those of dead owners.
+
+Every trial waits for the phase it means (a line the holder prints, a record in trainer_log.jsonl), never
+for a time."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.lock import lock_path
+from tests.reliability.rel_helpers import PYTHON, assert_user_error, clean_env, make_project, run_cli, run_main
+
+HOLD = ("import sys, time\n"
+        "from pipeline.lock import exclusive\n"
+        "with exclusive(sys.argv[1], 'python -m pipeline holder'):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(600)\n")
+
+
+class Holder:
+    """Another process holding the lock on `target` (a run of the pipeline, as far as the lock can tell)."""
+
+    def __init__(self, target: Path, cwd: Path):
+        self.proc = subprocess.Popen([PYTHON, "-c", HOLD, str(target)], cwd=cwd, env=clean_env(),
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # the phase: the lock is held
+        assert line.strip() == "locked", line
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj")
+
+
+def test_a_build_of_a_dataset_being_built_is_refused_naming_the_running_one(project: Path):
+    holder = Holder(Path("data/build/a"), project)
+    try:
+        result = run_cli(["build", "r.yaml"], project)
+        assert_user_error(result, "data/build/a is in use by `python -m pipeline holder`",
+                          f"pid {holder.proc.pid} on host")
+        assert not (project / "data" / "build" / "a").exists()
+    finally:
+        holder.kill()
+    assert run_main(["build", "r.yaml"], project).code == 0  # the owner died: its lock is stale
+
+
+def test_a_merge_into_a_merged_dir_being_written_is_refused(project: Path):
+    holder = Holder(Path("out/merged"), project)
+    try:
+        assert_user_error(run_main(["merge", "r.yaml"], project), "r.yaml:7: output_dir: out/merged is in use by",
+                          f"pid {holder.proc.pid}")
+    finally:
+        holder.kill()
+
+
+def test_a_lock_left_by_a_killed_run_is_stale_and_taken_over(project: Path):
+    holder = Holder(Path("data/build/a"), project)
+    holder.kill()  # SIGKILL: no chance to clean up
+    assert lock_path(project / "data/build/a").exists()  # the file stays, the kernel's lock does not
+    result = run_main(["build", "r.yaml"], project)
+    assert result.code == 0, result.err
+    assert not lock_path(project / "data/build/a").exists()  # released and removed at the end
+
+
+def test_a_failed_run_leaves_no_lock_and_no_folder(project: Path):
+    (project / "r.yaml").write_text((project / "r.yaml").read_text().replace("output_dir: out", "output_dir: a/b/out"))
+    result = run_main(["train", "r.yaml"], project)  # not built: a user error before anything is written
+    assert result.code == 2
+    assert not (project / "a").exists()
+
+
+def test_a_second_train_on_a_running_output_dir_is_refused_naming_the_running_one(project: Path):
+    assert run_main(["build", "r.yaml"], project).code == 0
+    first = subprocess.Popen([PYTHON, "-m", "pipeline", "train", "r.yaml", "max_steps=500", "save_steps=100",
+                              "logging_steps=1"], cwd=project, env=clean_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        log = project / "out" / "trainer_log.jsonl"
+        deadline = time.monotonic() + 600
+        while not (log.exists() and log.read_text().strip()):  # the phase: the first run is training
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        second = run_cli(["train", "r.yaml", "overwrite_output_dir=true"], project)
+        assert_user_error(second, "r.yaml:7: output_dir: out is in use by `python -m pipeline train r.yaml`",
+                          f"pid {first.pid} on host")
+        assert first.poll() is None and log.read_text().strip()  # the first run goes on, its output untouched
+    finally:
+        os.killpg(first.pid, signal.SIGINT)
+        first.communicate(timeout=300)
+    assert first.returncode == 130
+    assert not lock_path(project / "out").exists()
+
+
+def test_start_up_deletes_only_temp_checkpoints_of_dead_owners(tmp_path: Path):
+    from pipeline.io import _HOST
+    from pipeline.train import checkpoint
+
+    out = tmp_path / "out"
+    live = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(600)"])
+    dead = subprocess.Popen([PYTHON, "-c", "pass"])
+    dead.wait()
+    try:
+        names = {"live": f".checkpoint-4.tmp-{_HOST}-{live.pid}", "dead": f".checkpoint-5.tmp-{_HOST}-{dead.pid}",
+                 "legacy": ".checkpoint-6.tmp", "old_dead": f".checkpoint-7.old-{_HOST}-{dead.pid}"}
+        for name in names.values():
+            (out / name).mkdir(parents=True)
+            (out / name / "half-written").write_text("x")
+        checkpoint.clean_stale(out)
+        assert sorted(p.name for p in out.iterdir()) == [names["live"]]  # a live run's save in progress stays
+    finally:
+        live.kill()
+        live.wait()

@@ -1,0 +1,86 @@
+"""Resume with a changed recipe, one test per class of docs/resume.md's table:
+
+refuse (model, data, shapes: the saved state or the data position would not fit), apply and say so (the
+learning rate, weight decay and schedule: the rate used from the resumed step on is the new recipe's schedule
+at that step), keep with a notice (Adam's betas and epsilon live in the optimizer's saved state).
+Expected learning rates come from the schedule's formula written out here, not from the trainer.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.train.log import read_log
+from pipeline.train.run import train
+
+FIRST = dict(max_steps=2, save_steps=2, warmup_steps=1, learning_rate=1e-3, lr_scheduler_type="cosine")
+
+
+@pytest.fixture
+def first_run(make_recipe):
+    """A finished 2-step run in saves/run (its checkpoint-2 is what the tests resume from)."""
+    result = train(make_recipe(name="run", **FIRST))
+    assert result.exit_code == 0
+    return result.output_dir
+
+
+def resume(make_recipe, **changes):
+    return train(make_recipe(name="run", **{**FIRST, **changes, "resume_from_checkpoint": "latest"}))
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    """Hugging Face's cosine-with-warmup factor, written out: step is 0-based."""
+    if step < warmup:
+        return step / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def test_a_lower_learning_rate_and_a_longer_schedule_are_applied_and_announced(make_recipe, first_run, capsys):
+    capsys.readouterr()
+    result = resume(make_recipe, max_steps=4, learning_rate=2e-4)
+    err = capsys.readouterr().err
+    assert "learning_rate changed from 0.001 to 0.0002: applied from step 2 on" in err, err
+    assert "max_steps changed from 2 to 4: applied" in err
+    lrs = {rec["step"]: rec["lr"] for rec in read_log(result.output_dir / "trainer_log.jsonl")}
+    # optimizer step 3 is 0-based step 2 of the new 4-step cosine schedule with peak 2e-4
+    assert lrs[3] == pytest.approx(2e-4 * cosine(2, 4, 1), rel=1e-6)
+    assert lrs[4] == pytest.approx(2e-4 * cosine(3, 4, 1), rel=1e-6)
+
+
+def test_a_new_weight_decay_is_applied_to_the_decayed_group_only(make_recipe, first_run, capsys):
+    result = resume(make_recipe, max_steps=3, weight_decay=0.25)
+    assert "weight_decay changed from 0.0 to 0.25: applied" in capsys.readouterr().err
+    groups = result.engine.lr_scheduler.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups][0] == 0.25
+    assert all(g["weight_decay"] == 0.0 for g in groups[1:])
+
+
+def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, first_run, capsys):
+    result = resume(make_recipe, max_steps=3, adam_beta2=0.95)
+    err = capsys.readouterr().err
+    assert "adam_beta2 changed from 0.999 to 0.95: ignored, the checkpoint's optimizer state keeps its value" in err
+    assert result.engine.lr_scheduler.optimizer.param_groups[0]["betas"][1] == 0.999
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    (dict(model_name_or_path="mini"), "model_name_or_path is \"mini\" but"),
+    (dict(dataset="tiny_pt", stage="pt"), "stage is \"pt\" but"),
+    (dict(template="chatml"), "template is \"chatml\" but"),
+    (dict(lora_alpha=64), "lora_alpha is 64 but"),
+], ids=["model", "data", "template", "shape"])
+def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
+    with pytest.raises(UserError) as err:
+        resume(make_recipe, **changes)
+    assert any(fragment in m and "resume with the same value" in m for m in err.value.messages), err.value.messages
+
+
+def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
+    raw = workdir / "data" / "raw" / "sft.jsonl"
+    with open(raw, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"instruction": "one more", "input": "", "output": "row"}) + "\n")
+    with pytest.raises(UserError) as err:
+        resume(make_recipe, max_steps=3)  # make_recipe rebuilds the data, as `make data` would
+    assert "the built training rows of 'tiny_sft' are not the ones" in err.value.messages[0]
