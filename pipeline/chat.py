@@ -51,6 +51,10 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     from pipeline.data.model_tokenizer import recipe_tokenizer
 
     raw = bool(getattr(args, "raw", False))
+    prompt = getattr(args, "prompt", None)
+    if prompt is not None and raw and not prompt:
+        raise UserError("--prompt is empty and --raw sends it as is: there is no token to continue from. Give "
+                        "some text to complete, or leave out --raw (the template then wraps the empty instruction)")
     template = None
     if not raw:
         from pipeline.data.templates import get_template
@@ -70,7 +74,6 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
                             enable_thinking=bool(get_key(r, "enable_thinking", True)))
         return generate_text(model, tokenizer, ids, **kwargs)
 
-    prompt = getattr(args, "prompt", None)
     if prompt is not None:
         print(complete(prompt, []), flush=True)
         return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the whole demo chain in a scratch repo: minutes (still run by CI)
+
 REPO = Path(__file__).resolve().parents[1]
 
 PT_RECIPE = """\

@@ -26,7 +26,18 @@ def ensure_launch_env() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+        _CHOSEN_PORT.append(os.environ["MASTER_PORT"])
+
+
+# The port ensure_launch_env picked (a free port is free only until someone else binds it): init() may replace it.
+_CHOSEN_PORT: list[str] = []
+
+
+def _port_taken(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "address already in use" in text or "eaddrinuse" in text
 
 
 def init(timeout_s: int | None = None) -> None:
@@ -46,7 +57,17 @@ def init(timeout_s: int | None = None) -> None:
         import datetime
 
         extra["timeout"] = datetime.timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False, **extra)
+    for attempt in range(5):
+        try:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False,
+                                       **extra)
+            return
+        except Exception as err:
+            # a port we picked ourselves (one plain process) was taken between the pick and the bind: pick again
+            if attempt == 4 or not _port_taken(err) or os.environ["MASTER_PORT"] not in _CHOSEN_PORT:
+                raise
+            os.environ["MASTER_PORT"] = str(free_port())
+            _CHOSEN_PORT.append(os.environ["MASTER_PORT"])
 
 
 def rank() -> int:

@@ -240,19 +240,23 @@ def test_eval_on_two_ranks_equals_one_rank(make_run):
     import sys
 
     from pipeline.runtime.dist import free_port
+    from tests.ports import ATTEMPTS, port_taken
 
     r = make_run()
     E.run(r)
     out = Path(r["output_dir"]) / "eval"
     one = json.loads((out / "metrics.json").read_text()), (out / "predictions.jsonl").read_text()
-    port, procs = str(free_port()), []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(Path.cwd())}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "eval", str(r.recipe_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=300)
+    for attempt in range(ATTEMPTS):  # a port found free may be taken before rank 0 binds it: retry on a clash
+        port, procs = str(free_port()), []
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(Path.cwd())}
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "eval", str(r.recipe_path)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        errs = [proc.communicate(timeout=300)[1] for proc in procs]
+        if all(proc.returncode == 0 for proc in procs) or not any(map(port_taken, errs)):
+            break
+    for proc, err in zip(procs, errs):
         assert proc.returncode == 0, err[-2000:]
     two = json.loads((out / "metrics.json").read_text()), (out / "predictions.jsonl").read_text()
     assert two[0]["world_size"] == 2 and two[1] == one[1]  # every example once, in order, same completions

@@ -1,5 +1,8 @@
 """`python -m tests.reliability.crashpoint N OPS_FILE ARGS...`: run `python -m pipeline ARGS...` and SIGKILL the
-process right before its N-th file-system mutation inside the current directory (N = 0: never).
+process right before its N-th file-system mutation inside the current directory (N = 0: never). With
+CRASHPOINT_PAUSE=<marker> it creates the marker there and waits to be killed from outside instead; with
+CRASHPOINT_PAUSE_AFTER_LOG=<marker> a training run pauses after its first log record until the marker is removed
+(a signal sent meanwhile lands at that phase).
 
 A crash can only be observed between two file-system operations, so killing the process before each of
 them in turn is a systematic way to hit every intermediate state a real `kill -9`, OOM kill or power loss
@@ -17,6 +20,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 
 _ROOT = os.getcwd()
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -30,6 +34,31 @@ def _ours(path: object) -> bool:
     return not os.path.isabs(text) or os.path.abspath(text).startswith(_ROOT + os.sep)
 
 
+def pause(marker: str, until_removed: bool) -> None:
+    """Create `marker` (the test's sign that the phase is reached) and wait: until the test removes it, or
+    forever (the test kills the process). No timing: the test acts at the phase on any machine speed."""
+    fd = os.open(marker + ".part", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)
+    os.replace(marker + ".part", marker)
+    while not until_removed or os.path.exists(marker):
+        time.sleep(0.005)
+
+
+def pause_after_log_record(marker: str) -> None:
+    """Pause a training run right after its first trainer_log.jsonl record (optimizer step 1 done, before the
+    run checks for a stop request) until the test removes `marker`: a signal sent meanwhile stops it at step 1."""
+    from pipeline.runtime.log import TrainLog
+
+    original = TrainLog.write
+
+    def write(self, record):
+        original(self, record)
+        if not os.path.exists(marker + ".done"):
+            open(marker + ".done", "w").close()
+            pause(marker, until_removed=True)
+    TrainLog.write = write
+
+
 def install(target: int) -> list[tuple[int, str, str]]:
     """Count this process's file-system mutations inside the current directory from now on; SIGKILL it right
     before the `target`-th (0: never). Returns the list the operations are recorded in."""
@@ -40,6 +69,8 @@ def install(target: int) -> list[tuple[int, str, str]]:
             return
         ops.append((len(ops) + 1, name, os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else ""))
         if len(ops) == target:
+            if os.environ.get("CRASHPOINT_PAUSE"):  # stop here and let the test kill from outside
+                pause(os.environ["CRASHPOINT_PAUSE"], until_removed=False)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def wrap(module: object, name: str, is_write=lambda *a, **k: True, at=lambda *a, **k: a[0] if a else
@@ -69,6 +100,8 @@ def main() -> None:
     ops_file = sys.argv[2]
     sys.argv = ["pipeline", *sys.argv[3:]]
     ops = install(target)
+    if os.environ.get("CRASHPOINT_PAUSE_AFTER_LOG"):
+        pause_after_log_record(os.environ["CRASHPOINT_PAUSE_AFTER_LOG"])
 
     def save() -> None:
         with open(ops_file + ".part", "w", encoding="utf-8") as handle:

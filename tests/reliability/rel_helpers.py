@@ -117,7 +117,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: no launcher variables left over from other tests."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    # CPU pinned (DeepSpeed's accelerator too): the trials compare weights bitwise with a CPU reference
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", **extra)
     return env
 
 

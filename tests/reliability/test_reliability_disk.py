@@ -99,7 +99,7 @@ def test_training_on_a_full_disk_keeps_the_previous_checkpoint(trained: Referenc
         hit = full_disk(patch, lambda path: "checkpoint-2" in path)
         result = run_main(["train", "r.yaml"], root)
     assert hit
-    assert_user_error(result, "out/.checkpoint-2.tmp/", "no space left on device", strict_lines=False)
+    assert_user_error(result, "out/.checkpoint-2.tmp-", "no space left on device", strict_lines=False)
     out = root / "out"
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-1"]
     assert checkpoint.problems_with(out / "checkpoint-1") == []
@@ -124,8 +124,8 @@ def test_a_full_disk_inside_deepspeeds_save_is_exit_2(trained: Reference, tmp_pa
         original(obj, path)
     monkeypatch.setattr(safestate, "save_state", save_state)
     result = run_main(["train", "r.yaml"], root)
-    assert_user_error(result, "out/.checkpoint-2.tmp/deepspeed/mp_rank_00_model_states.pt: no space left on device",
-                      strict_lines=False)
+    assert_user_error(result, "out/.checkpoint-2.tmp-",
+                      "/deepspeed/mp_rank_00_model_states.pt: no space left on device", strict_lines=False)
     assert [p.name for p in checkpoint.list_checkpoints(root / "out")] == ["checkpoint-1"]
     assert checkpoint.problems_with(root / "out" / "checkpoint-1") == []
 

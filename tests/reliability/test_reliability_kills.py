@@ -1,8 +1,9 @@
 """Kills: SIGKILL during build, training, checkpoint saves and merge, then recovery.
 
-Two ways to kill: before the N-th file-system operation of the run (tests/reliability/crashpoint.py: hits
-every intermediate on-disk state deterministically), and at a random wall-clock moment from outside (what
-`kill -9`, the OOM killer or a preempted node does). Seeds are fixed, so a failure replays.
+Two ways to kill, both aimed at a phase, never at a time: the run SIGKILLs itself before its N-th file-system
+operation (tests/reliability/crashpoint.py: hits every intermediate on-disk state deterministically), or it
+pauses there and this process SIGKILLs it from outside (what `kill -9`, the OOM killer or a preempted node
+does). N is drawn with fixed seeds, so a failure replays.
 
 After a kill, nothing visible is corrupt: a built dataset is the old or the new one, complete; a visible
 checkpoint that passes its sha256 manifest is byte-for-byte the uninterrupted run's checkpoint of that step;
@@ -107,21 +108,31 @@ def test_build_killed_before_every_file_operation(trained: Reference, build_refe
     _kill_at_ops(trained, build_reference, tmp_path, range(1, len(build_reference["ops"]) + 1))
 
 
-def popen(argv: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "pipeline", *argv], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def killed_from_outside(argv: list[str], cwd: Path, n: int, marker: Path) -> None:
+    """`python -m pipeline ARGV` paused right before its n-th file operation, then SIGKILLed by this process (what
+    `kill -9`, the OOM killer or a preempted node does), at that phase on a machine of any speed."""
+    proc = subprocess.Popen([PYTHON, "-m", "tests.reliability.crashpoint", str(n), "-", *argv], cwd=cwd,
+                            env=clean_env(CRASHPOINT_PAUSE=str(marker)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert proc.poll() is None, (n, proc.communicate()[0][-3000:])
+            assert time.monotonic() < deadline, f"operation {n} was never reached"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
 
 
 @pytest.mark.slow
-def test_build_killed_at_random_moments(trained: Reference, build_reference: dict, tmp_path: Path):
+def test_build_killed_from_outside_at_random_phases(trained: Reference, build_reference: dict, tmp_path: Path):
     rng = random.Random(SEED)
     for trial in range(6):
-        def kill(root: Path) -> None:
-            proc = popen(["build", "r.yaml"], root)
-            time.sleep(rng.uniform(0.0, 1.0))  # start-up and the build take about this long
-            proc.kill()
-            proc.communicate(timeout=60)
-        _build_trial(trained, build_reference, tmp_path / f"t{trial}", kill)
+        n = rng.randint(1, len(build_reference["ops"]))
+        _build_trial(trained, build_reference, tmp_path / f"t{trial}",
+                     lambda root: killed_from_outside(["build", "r.yaml"], root, n, root.parent / f"marker{trial}"))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -196,33 +207,24 @@ def test_training_killed_before_random_file_operations_resumes_bitwise(trained: 
         _train_trial(trained, tmp_path / f"op{n}", n)
 
 
-def _random_kill_trial(trained: Reference, root: Path, rng: random.Random) -> None:
-    from pipeline.runtime.log import read_log
-
+def _outside_kill_trial(trained: Reference, root: Path, rng: random.Random) -> None:
     trained.copy(root)
-    proc = popen(["train", "r.yaml"], root)
-    try:
-        deadline = time.monotonic() + 600
-        while not read_log(root / "out" / "trainer_log.jsonl") and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))  # the three steps, their saves and the export take about this long
-        proc.kill()
-    finally:
-        proc.communicate(timeout=120)
+    n = rng.randint(1, len(trained.ops))
+    killed_from_outside(["train", "r.yaml"], root, n, root.parent / f"{root.name}.marker")
     check_after_kill(root, trained)
     recover(root)
     check_recovered(root, trained)
 
 
-def test_training_killed_at_a_random_moment_resumes_bitwise(trained: Reference, tmp_path: Path):
-    _random_kill_trial(trained, tmp_path / "proj", random.Random(SEED))
+def test_training_killed_from_outside_at_a_random_phase_resumes_bitwise(trained: Reference, tmp_path: Path):
+    _outside_kill_trial(trained, tmp_path / "proj", random.Random(SEED))
 
 
 @pytest.mark.slow
-def test_training_killed_at_random_moments_resumes_bitwise(trained: Reference, tmp_path: Path):
+def test_training_killed_from_outside_at_random_phases_resumes_bitwise(trained: Reference, tmp_path: Path):
     rng = random.Random(SEED + 3)
     for trial in range(2):
-        _random_kill_trial(trained, tmp_path / f"t{trial}", rng)
+        _outside_kill_trial(trained, tmp_path / f"t{trial}", rng)
 
 
 def test_a_damaged_checkpoint_is_skipped_with_a_message_and_the_previous_one_used(trained: Reference,

@@ -18,7 +18,9 @@ from tests.train.helpers import BASE_SFT, corpus, sft_rows
 
 @pytest.fixture(scope="session", autouse=True)
 def launch_env() -> None:
-    """One rank in this process (a plain python run does the same in run())."""
+    """One rank in this process (a plain python run does the same in run()), on the CPU: resume and equivalence
+    tests compare weights bitwise, which holds only on one device kind."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.ensure_launch_env()
 
 

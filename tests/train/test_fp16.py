@@ -58,7 +58,21 @@ def test_training_with_fp16_on_a_cpu_is_refused_by_the_recipe(workdir, monkeypat
 
 
 class StubOptimizer:
-    cur_scale = 1024.0
+    """DeepSpeed's own dynamic loss scaler behind the attribute its fp16 optimizers expose (cur_scale)."""
+
+    def __init__(self):
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+        from pipeline.runtime import dist
+
+        dist.init()  # the scaler logs its overflow through deepspeed.comm
+        self.loss_scaler = DynamicLossScaler(init_scale=2.0**12, scale_window=1000, min_scale=1, delayed_shift=1,
+                                             consecutive_hysteresis=False)
+        self.loss_scaler.update_scale(True)  # one overflow: DeepSpeed halves the scale, 4096 -> 2048
+
+    @property
+    def cur_scale(self):
+        return self.loss_scaler.loss_scale
 
 
 class StubEngine:
@@ -123,24 +137,24 @@ def stub_trainer(engine, **keys):
 
 
 def test_fp16_log_carries_the_loss_scale():
-    trainer = stub_trainer(StubEngine([2.0]))
+    trainer = stub_trainer(StubEngine([2.0, 4.0]), gradient_accumulation_steps=2)
     window = Window()
     trainer.optimizer_step(window)
     window.steps = 1
     record = trainer.train_metrics(window, 0.5, started=0.0, first_step=2)
-    assert record["loss_scale"] == 1024.0 and loss_scale(trainer.engine) == 1024.0
-    assert record["loss"] == 2.0 and record["lr"] == 1e-4
+    assert record["loss_scale"] == 2048.0  # DeepSpeed's scaler after one overflow (4096 halved), by hand
+    assert record["loss"] == 3.0  # the mean of the window's two micro-batch losses, by hand
 
 
 def test_fp16_nan_message_names_the_step_and_the_scale():
     with pytest.raises(UserError) as err:
         stub_trainer(StubEngine([math.nan])).optimizer_step(Window())
-    assert "optimizer step 3 is nan (fp16 loss scale 1024)" in err.value.messages[0]
+    assert "optimizer step 3 is nan (fp16 loss scale 2048)" in err.value.messages[0]
 
 
 def test_fp16_scaler_giving_up_is_explained():
     engine = StubEngine([1.0], step_error="Current loss scale already at minimum - cannot decrease scale anymore.")
     with pytest.raises(UserError) as err:
         stub_trainer(engine).optimizer_step(Window())
-    assert "fp16 gradients overflowed at optimizer step 3 even at the minimum loss scale 1024.0" in \
+    assert "fp16 gradients overflowed at optimizer step 3 even at the minimum loss scale 2048.0" in \
         err.value.messages[0]

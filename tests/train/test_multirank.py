@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from pipeline.runtime import dist
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
+from tests.ports import run_on_free_port
 from tests.train.helpers import BASE_PT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,9 +27,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = str(Path(os.sys.executable).with_name("deepspeed"))
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(dist.free_port()), "--module",
-                           "pipeline", "train", "two.yaml"], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_on_free_port(lambda port: [launcher, "--num_gpus", "2", "--master_port", port, "--module",
+                                          "pipeline", "train", "two.yaml"], cwd=workdir, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     out = workdir / "saves" / "two"
     assert proc.stderr.count("trainable params:") == 1  # only rank 0 prints

@@ -13,7 +13,7 @@ import math
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 
 FIRST = dict(max_steps=2, save_steps=2, warmup_steps=1, learning_rate=1e-3, lr_scheduler_type="cosine")
@@ -84,3 +84,16 @@ def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     with pytest.raises(UserError) as err:
         resume(make_recipe, max_steps=3)  # make_recipe rebuilds the data, as `make data` would
     assert "the built training rows of 'tiny_sft' are not the ones" in err.value.messages[0]
+
+
+def test_the_documented_table_lists_exactly_the_classified_keys():
+    from pathlib import Path
+
+    from pipeline.train import checkpoint
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "resume.md").read_text(encoding="utf-8")
+    rows = {line.split("|")[1].strip(): line.split("|")[3] for line in page.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in ("refuse", "apply", "keep")}
+    for name, keys in (("refuse", checkpoint.REFUSE), ("apply", checkpoint.APPLY), ("keep", checkpoint.KEEP)):
+        listed = [part.strip("` ") for part in rows[name].split(",") if part.strip().startswith("`")]
+        assert listed == list(keys), name
