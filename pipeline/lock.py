@@ -100,13 +100,15 @@ def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[
 
 def targets(command: str, r: Any) -> list[tuple[Path, str]]:
     """The directories `command` writes that no other run may write at the same time, each with where its
-    name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/, build's datasets."""
+    name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ (or export_dir), build's datasets."""
     from pipeline.train.checkpoint import where
 
     if command == "train":
         return [(Path(r["output_dir"]), where(r, "output_dir"))] if os.environ.get("RANK", "0") == "0" else []
-    if command == "merge":
-        return [(Path(r["output_dir"]) / "merged", where(r, "output_dir"))]
+    if command in ("merge", "export"):  # merge writes export_dir when the recipe names one, else merged/
+        if r.get("export_dir"):
+            return [(Path(r["export_dir"]), where(r, "export_dir"))]
+        return [(Path(r["output_dir"]) / "merged", where(r, "output_dir"))] if command == "merge" else []
     if command == "build":
         from pipeline.data.build import all_specs, built_dir
 
