@@ -32,11 +32,29 @@ def expected(r, text):
 
 
 def test_prompt_prints_only_the_templated_completion(tmp_path, capsys):
-    r = recipe(tmp_path)
+    """The expected completion is transformers' greedy decoding of the same checkpoint (not our generate)."""
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    hf = write_hf_checkpoint(tmp_path / "gpt2")
+    r = recipe(tmp_path, model_name_or_path=str(tmp_path / "gpt2"))
+    capsys.readouterr()  # transformers' own start-up lines (it imports deepspeed) are not ours
     assert chat.run(r, args(prompt="Name a colour.")) == 0
     out, err = capsys.readouterr()
-    assert out == expected(r, get_template("alpaca").prompt(instruction="Name a colour.")) + "\n"
-    assert "random weights" in err
+    tok = get_tokenizer()
+    ids = tok.encode_ordinary(get_template("alpaca").prompt(instruction="Name a colour."))
+    import torch
+
+    with torch.no_grad():
+        new = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                          max_new_tokens=6, do_sample=False, eos_token_id=50256, pad_token_id=50256)[0, len(ids):]
+    golden = tok.decode([t for t in new.tolist() if t != 50256][:6])
+    assert out == golden + "\n" and golden.strip()
+    assert "random weights" not in err
+
+
+def test_a_preset_has_random_weights_and_says_so(tmp_path, capsys):
+    assert chat.run(recipe(tmp_path), args(prompt="Name a colour.")) == 0
+    assert "random weights" in capsys.readouterr().err
 
 
 def test_raw_sends_the_text_as_is(tmp_path, capsys):

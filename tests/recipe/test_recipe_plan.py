@@ -25,8 +25,19 @@ LOGITS = 128 * 8 * 50257 * 4
 RECIPE = "model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\nper_device_train_batch_size: 8\n"
 
 
-def test_hand_counts_match_the_model_library():
-    assert TINY_PARAMS == 3_324_736 and TINY_LORA_8 == 16_384
+def test_hand_counts_match_transformers_and_peft():
+    """The hand counts above against an independent library: GPT-2 of the tiny shape in transformers, LoRA r=8
+    on every linear of a block in PEFT."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=2,
+                                     tie_word_embeddings=True)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.num_parameters() == TINY_PARAMS == 3_324_736  # tied head counted once
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                                      fan_in_fan_out=True))
+    trainable, _ = lora.get_nb_trainable_parameters()
+    assert trainable == TINY_LORA_8 == 16_384
 
 
 def test_memory_full_fp32_single_rank(write):

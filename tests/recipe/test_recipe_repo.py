@@ -16,4 +16,9 @@ RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.y*ml")
 def test_shipped_recipe_resolves(path, monkeypatch):
     monkeypatch.chdir(REPO)  # dataset_dir and extends paths are relative to the repository root
     r = resolve(path, command="plan")
-    assert r["model_name_or_path"] and r["dataset"]
+    from pipeline.data.build import all_specs
+
+    specs = all_specs(r)  # every dataset is in the registry the recipe points at (a UserError otherwise)
+    assert [s.name for s in specs][:len(r["dataset"])] == list(r["dataset"])
+    missing = [str(f) for s in specs for f in s.files if not Path(f).is_file()]
+    assert not missing, f"{path} trains on files that are not in the repository: {missing}"

@@ -250,4 +250,14 @@ def test_a_missing_recipe(tmp_path):
 
 
 def test_json_dump_of_ds_config_is_valid(recipe):
-    json.dumps(resolve(recipe()).ds_config, allow_nan=False)
+    """The DeepSpeed JSON survives a strict JSON round trip (no NaN/Infinity, no Python-only values) unchanged,
+    and DeepSpeed's own config reader accepts it with the recipe's batch layout."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    r = resolve(recipe())
+    text = json.dumps(r.ds_config, allow_nan=False)
+    assert json.loads(text) == r.ds_config
+    ds = DeepSpeedConfig(json.loads(text))
+    assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == \
+        (r["per_device_train_batch_size"], r["gradient_accumulation_steps"])
+    assert ds.train_batch_size == r["total_train_batch_size"]

@@ -1,0 +1,55 @@
+"""Golden losses from transformers + PEFT, not from this project's model or loss.
+
+A GPT-2 written by transformers' save_pretrained is fine-tuned with LoRA by the trainer; then, on the same
+batches the trainer used, transformers' GPT2LMHeadModel (its logits, torch's cross-entropy) gives the losses:
+- before training: the base model's loss equals the trainer's logged loss of step 1 (LoRA B starts at zero, so
+  step 1's forward is the base model's): data, template, masks, label shift and the loss reduction;
+- after training: the base model with the trained adapter loaded by PEFT gives the same loss as our model,
+  with LoRA's scaling and every adapted layer non-trivial.
+Only the batches come from the project (its loader: what is being trained on); every value compared comes
+from transformers/PEFT.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.train.log import read_log
+from pipeline.train.run import train
+from tests.acceptance.harness import write_hf_checkpoint
+from tests.train.helpers import BASE_SFT
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def hf_loss(model, batch: dict) -> float:
+    """Mean cross-entropy of transformers' logits over the labelled positions (our labels are already shifted:
+    labels[:, t] is the target of position t, as in the book)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                                   ignore_index=-100))
+
+
+def test_losses_equal_transformers_and_peft_on_the_same_batch(make_recipe, workdir):
+    write_hf_checkpoint(workdir / "gpt2")
+    r = make_recipe(BASE_SFT, model_name_or_path="gpt2", max_steps=3, warmup_steps=0, learning_rate=5e-2,
+                    gradient_accumulation_steps=1, lora_target=["c_attn", "c_proj", "c_fc"], lora_alpha=16,
+                    lora_dropout=0.0, dropout=0.0)
+    result = train(r)
+    assert result.exit_code == 0
+    from pipeline.data.loaders import make_loader
+
+    first = next(iter(make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)))
+    base = transformers.GPT2LMHeadModel.from_pretrained(workdir / "gpt2").eval()
+    logged = read_log(result.output_dir / "trainer_log.jsonl")[0]["loss"]
+    assert logged == pytest.approx(hf_loss(base, first), rel=1e-5)
+
+    tuned = peft.PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
+    module = result.engine.module.eval()
+    with torch.no_grad():
+        ours = float(module(first["input_ids"], attention_mask=first["attention_mask"], labels=first["labels"]))
+    golden = hf_loss(tuned, first)
+    assert ours == pytest.approx(golden, rel=1e-5)
+    assert abs(golden - logged) > 1e-2  # the adapter changed the loss: the comparison is not of two base models
