@@ -100,7 +100,8 @@ def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[
 
 def targets(command: str, r: Any) -> list[tuple[Path, str]]:
     """The directories `command` writes that no other run may write at the same time, each with where its
-    name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ (or export_dir), build's datasets."""
+    name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ (or export_dir), build's
+    datasets."""
     from pipeline.train.checkpoint import where
 
     if command == "train":

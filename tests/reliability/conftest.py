@@ -72,3 +72,35 @@ def merged(trained: Reference, tmp_path_factory: pytest.TempPathFactory) -> Refe
     result = crash_run(0, ["merge", "r.yaml"], root, ops_file)
     assert result.code == 0, result.err[-3000:]
     return Reference(root, json.loads(ops_file.read_text()), tensors(root / "out" / "merged" / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+_RUN = {"collected": 0, "deselected": 0, "passed": 0, "other": 0}
+
+
+def _ours(nodeid: str) -> bool:
+    return nodeid.startswith("tests/reliability/")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    _RUN["collected"] = sum(_ours(item.nodeid) for item in items)
+
+
+def pytest_deselected(items: list) -> None:
+    _RUN["deselected"] += sum(_ours(item.nodeid) for item in items)
+
+
+def pytest_runtest_logreport(report) -> None:
+    if _ours(report.nodeid) and (report.when == "call" or report.outcome != "passed"):
+        _RUN["passed" if report.outcome == "passed" and report.when == "call" else "other"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Publish the figures after a complete, green run of this folder (see tests/reliability/figures.py)."""
+    from tests.reliability import figures
+
+    complete = _RUN["collected"] and not _RUN["deselected"] and not _RUN["other"] \
+        and _RUN["passed"] == _RUN["collected"]
+    if complete and exitstatus == 0:
+        figures.publish(figures.COUNTS)

@@ -130,7 +130,8 @@ def run_cli(argv: list[str], cwd: Path, timeout: float = 300, **env: str) -> Res
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def assert_user_error(result: Result, *fragments: str, strict_lines: bool = True, max_line: int = 1500) -> None:
+def assert_user_error(result: Result, *fragments: str, strict_lines: bool = True, max_line: int = 1500,
+                      kind: str = "bad input") -> None:
     """Exit 2, no traceback, an `error:` line holding every fragment, no line flooding the terminal.
 
     strict_lines: every stderr line is an error line (commands that print nothing else on failure)."""
@@ -145,3 +146,6 @@ def assert_user_error(result: Result, *fragments: str, strict_lines: bool = True
     joined = "\n".join(errors)
     missing = [f for f in fragments if f not in joined]
     assert not missing, f"missing {missing} in:\n{joined[:3000]}"
+    from tests.reliability import figures
+
+    figures.record(kind)  # docs/guarantees.md's figures

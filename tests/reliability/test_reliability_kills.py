@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.reliability import figures
 from tests.reliability.conftest import ADAPTER, Reference, crash_run, same_tensors, tensors
 from tests.reliability.rel_helpers import PYTHON, clean_env, jsonl, rows, run_main, snapshot
 
@@ -88,6 +89,7 @@ def _build_trial(trained: Reference, ref: dict, root: Path, kill) -> None:
     assert {f: (built / f).read_bytes() for f in ("train.json", "val.json")} == ref["v2"]
     assert complete_build(built) is not None
     assert hidden(root / "data") == []
+    figures.record("kill")
 
 
 def _kill_at_ops(trained: Reference, ref: dict, tmp_path: Path, picks) -> None:
@@ -184,6 +186,7 @@ def _train_trial(trained: Reference, root: Path, n: int, phase=lambda out: True)
     check_after_kill(root, trained)
     recover(root)
     check_recovered(root, trained)
+    figures.record("kill")
 
 
 def test_training_killed_during_a_checkpoint_save_resumes_bitwise(trained: Reference, tmp_path: Path):
@@ -214,6 +217,7 @@ def _outside_kill_trial(trained: Reference, root: Path, rng: random.Random) -> N
     check_after_kill(root, trained)
     recover(root)
     check_recovered(root, trained)
+    figures.record("kill")
 
 
 def test_training_killed_from_outside_at_a_random_phase_resumes_bitwise(trained: Reference, tmp_path: Path):
@@ -262,6 +266,7 @@ def _merge_trial(merged: Reference, root: Path, n: int) -> None:
     assert result.code == 0, result.err[-3000:]
     assert same_tensors(tensors(target / "model.safetensors"), merged.weights)
     assert hidden(root / "out") == [], "temp files left behind"
+    figures.record("kill")
 
 
 def test_merge_killed_before_a_random_file_operation(merged: Reference, tmp_path: Path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.lock import lock_path
+from tests.reliability import figures
 from tests.reliability.rel_helpers import PYTHON, assert_user_error, clean_env, make_project, run_cli, run_main
 
 HOLD = ("import sys, time\n"
@@ -49,7 +50,7 @@ def test_a_build_of_a_dataset_being_built_is_refused_naming_the_running_one(proj
     try:
         result = run_cli(["build", "r.yaml"], project)
         assert_user_error(result, "data/build/a is in use by `python -m pipeline holder`",
-                          f"pid {holder.proc.pid} on host")
+                          f"pid {holder.proc.pid} on host", kind="race")
         assert not (project / "data" / "build" / "a").exists()
     finally:
         holder.kill()
@@ -60,7 +61,7 @@ def test_a_merge_into_a_merged_dir_being_written_is_refused(project: Path):
     holder = Holder(Path("out/merged"), project)
     try:
         assert_user_error(run_main(["merge", "r.yaml"], project), "r.yaml:7: output_dir: out/merged is in use by",
-                          f"pid {holder.proc.pid}")
+                          f"pid {holder.proc.pid}", kind="race")
     finally:
         holder.kill()
 
@@ -72,6 +73,7 @@ def test_a_lock_left_by_a_killed_run_is_stale_and_taken_over(project: Path):
     result = run_main(["build", "r.yaml"], project)
     assert result.code == 0, result.err
     assert not lock_path(project / "data/build/a").exists()  # released and removed at the end
+    figures.record("race")
 
 
 def test_a_failed_run_leaves_no_lock_and_no_folder(project: Path):
@@ -95,7 +97,7 @@ def test_a_second_train_on_a_running_output_dir_is_refused_naming_the_running_on
             time.sleep(0.05)
         second = run_cli(["train", "r.yaml", "overwrite_output_dir=true"], project)
         assert_user_error(second, "r.yaml:7: output_dir: out is in use by `python -m pipeline train r.yaml`",
-                          f"pid {first.pid} on host")
+                          f"pid {first.pid} on host", kind="race")
         assert first.poll() is None and log.read_text().strip()  # the first run goes on, its output untouched
     finally:
         os.killpg(first.pid, signal.SIGINT)
@@ -120,6 +122,7 @@ def test_start_up_deletes_only_temp_checkpoints_of_dead_owners(tmp_path: Path):
             (out / name / "half-written").write_text("x")
         checkpoint.clean_stale(out)
         assert sorted(p.name for p in out.iterdir()) == [names["live"]]  # a live run's save in progress stays
+        figures.record("race")
     finally:
         live.kill()
         live.wait()

@@ -15,6 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from tests.reliability import figures
 from tests.reliability.conftest import Reference, crash_run, same_tensors, tensors
 from tests.reliability.rel_helpers import PYTHON, clean_env
 
@@ -75,6 +76,7 @@ def test_a_directory_replaced_under_a_kill_at_every_operation_is_always_old_or_n
         assert replace_in_child(root, 0, "atomic").returncode == 0  # the next writer
         assert state(root / "target") == "new"
         assert sorted(p.name for p in root.iterdir()) == ["target"], "leftovers of the killed writer"
+        figures.record("kill")
     assert seen[0] == "old" and seen[-1] == "new", seen  # the kills spanned the whole window
 
 
@@ -95,6 +97,7 @@ def test_without_an_atomic_swap_a_kill_between_the_renames_puts_the_old_one_back
             assert now in ("old", "new"), (n, now)
         assert replace_in_child(root, 0, "fallback").returncode == 0
         assert state(root / "target") == "new" and sorted(p.name for p in root.iterdir()) == ["target"]
+        figures.record("kill")
 
 
 def test_merged_is_always_whole_when_a_merge_over_it_is_killed_at_the_swap(merged: Reference, tmp_path: Path):
@@ -111,3 +114,4 @@ def test_merged_is_always_whole_when_a_merge_over_it_is_killed_at_the_swap(merge
         target = root / "out" / "merged"
         assert same_tensors(tensors(target / "model.safetensors"), merged.weights), n
         json.loads((target / "config.json").read_text())
+        figures.record("kill")

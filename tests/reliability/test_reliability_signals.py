@@ -22,6 +22,7 @@ import pytest
 
 from pipeline.train import checkpoint
 from pipeline.runtime.log import read_log
+from tests.reliability import figures
 from tests.reliability.conftest import ADAPTER, Reference, crash_run, same_tensors, tensors
 from tests.reliability.rel_helpers import PYTHON, clean_env
 
@@ -123,6 +124,7 @@ def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(
     assert result.code == 0, result.err[-3000:]
     assert same_tensors(tensors(root / ADAPTER), trained.weights)
     assert [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
+    figures.record("signal")
 
 
 def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, monkeypatch, capfd):
@@ -154,6 +156,7 @@ def _two_rank_stop(trained: Reference, tmp_path: Path, send) -> str:
     assert code != 0, "an interrupted run must not look finished to make"
     step = saved_checkpoint(root / "out", output, 2)
     assert 1 <= step < 200 and not (root / "out" / "adapter").exists()
+    figures.record("signal")
     return output
 
 
@@ -201,6 +204,7 @@ def test_sigterm_to_the_job_on_two_ranks_saves_a_checkpoint(trained: Reference, 
         proc.wait()
         reader.join(timeout=10)
     saved_checkpoint(root / "out", "".join(lines), 2)
+    figures.record("signal")
 
 
 @pytest.mark.multirank
@@ -216,6 +220,7 @@ def test_sigterm_to_the_launcher_alone_reaches_the_ranks(trained: Reference, tmp
         _, alive = psutil.wait_procs(ranks, timeout=300)  # a bound against a hang, not a speed
         assert not alive, "the ranks outlived their launcher"
         saved_checkpoint(root / "out", "", 2, announced=False)
+        figures.record("signal")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # orphans too: they stay in the launcher's process group
@@ -256,6 +261,7 @@ def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank):
     code, output, _ = finish(resumed, 300)
     assert code == 0, output[-3000:]
     assert read_log(root / "out" / "trainer_log.jsonl")[-1]["step"] == step + 1
+    figures.record("kill")  # a rank SIGKILLed, the job stopped and resumed
 
 
 @pytest.mark.multirank

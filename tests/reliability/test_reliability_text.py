@@ -28,7 +28,8 @@ def test_an_empty_raw_prompt_is_a_clear_error(tmp_path: Path):
 
 @pytest.mark.slow  # four commands in fresh interpreters (about a minute)
 def test_non_ascii_text_goes_through_every_stage_and_the_outputs(tmp_path: Path):
-    recipe = BASE.replace("cutoff_len: 64", "cutoff_len: 128") + "max_new_tokens: 4\nmax_eval_samples: 4\nplot_loss: false\n"
+    recipe = BASE.replace("cutoff_len: 64", "cutoff_len: 128") + \
+        "max_new_tokens: 4\nmax_eval_samples: 4\nplot_loss: false\n"
     root = make_project(tmp_path / "proj", recipe)
     write(root, "data/raw/a.jsonl", jsonl(unicode_rows()))
     for argv in (["build", "r.yaml"], ["validate", "r.yaml"], ["train", "r.yaml"], ["eval", "r.yaml"]):
