@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.data.problems import Problems
 from pipeline.data.templates import Piece, Template, get_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
-from pipeline.data.tokenizer import Tokenizer
+from pipeline.data.tokenizer import MAX_RUN, Tokenizer
 from pipeline.errors import UserError
 
 IGNORE = -100
@@ -123,6 +123,25 @@ def _assemble(plan: list[int], tokens: list[list[int]]) -> list[int]:
     return out
 
 
+_MAX_TOKEN_BYTES: dict[int, int] = {}
+
+
+def encode_cap(tokenizer: Tokenizer, cutoff_len: int) -> int:
+    """Characters of one text beyond which only a prefix needs encoding.
+
+    Every token is at most B bytes and every character at least one byte, so the first (cutoff_len + 1) * B
+    characters hold more than cutoff_len tokens: a longer text is over-length for sure. Encoding only its
+    first (cutoff_len + 1) * B + MAX_RUN characters decides the length policy (drop, error, or the tokens kept by
+    truncate) without encoding, say, a 50 MB row; the kept tokens are exact, because tokenizer.bounded cuts
+    runs at the same places in a prefix as in the whole text, and the one piece the prefix cuts short lies a
+    whole MAX_RUN beyond them.
+    """
+    key = id(tokenizer.encoding)
+    if key not in _MAX_TOKEN_BYTES:
+        _MAX_TOKEN_BYTES[key] = max(map(len, tokenizer.encoding.token_byte_values()))
+    return (cutoff_len + 1) * _MAX_TOKEN_BYTES[key] + MAX_RUN
+
+
 def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
                 cutoff_len: int, policy: str = "drop", train_on_prompt: bool = False, mask_history: bool = False,
                 enable_thinking: bool = True, origins: Sequence[str] | None = None) -> TokenizedSplit:
@@ -132,6 +151,8 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     template = _as_template(template)
     ids = template.ids(tokenizer)  # exit 2 here when the vocabulary lacks the template's markup
     origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
+    cap = encode_cap(tokenizer, cutoff_len)
+    capped: set[int] = set()  # rows whose length below is a lower bound (a text cut at `cap` characters)
     seg_count = np.empty(len(rows), dtype=np.int64)
     seg_response: list[bool] = []
     lens, id_parts, train_parts = [], [], []
@@ -146,6 +167,9 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
                                          enable_thinking=enable_thinking)
             seg_count[i] = len(segments)
             for pieces, trained, response in segments:
+                if any(isinstance(p, str) and len(p) > cap for p in pieces):
+                    pieces = [p[:cap] if isinstance(p, str) else p for p in pieces]
+                    capped.add(i)
                 plans.append(_plan(pieces, ids, texts))
                 flags.append(trained)
                 seg_response.append(response)
@@ -176,7 +200,8 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     if len(over) and policy == "error":
         problems = Problems()
         for i in over:
-            problems.add(*_split_origin(origins[i]), f"{int(row_len[i])} tokens, over cutoff_len {cutoff_len}")
+            count = f"more than {int(row_len[i])}" if i in capped else f"{int(row_len[i])}"
+            problems.add(*_split_origin(origins[i]), f"{count} tokens, over cutoff_len {cutoff_len}")
         messages = problems.messages()
         messages.append(f"{len(over):,} examples are longer than cutoff_len {cutoff_len} "
                         "(overlength_policy: error); raise cutoff_len, or set overlength_policy: drop or truncate")
