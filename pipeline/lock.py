@@ -57,7 +57,16 @@ def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[
     target = Path(target)
     path = lock_path(target)
     created = _missing_parents(path.parent)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # a read-only place (a shared, already built dataset folder): this run cannot write there either, so
+        # there is nothing to guard; a write it does attempt fails with its own message
+        yield path
+        return
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

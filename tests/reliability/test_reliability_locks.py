@@ -126,3 +126,20 @@ def test_start_up_deletes_only_temp_checkpoints_of_dead_owners(tmp_path: Path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_an_up_to_date_build_in_a_read_only_folder_needs_no_lock(project: Path, monkeypatch):
+    """A shared, already built dataset folder the user cannot write: `build` says up to date, as before locks."""
+    import errno
+
+    assert run_main(["build", "r.yaml"], project).code == 0
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):  # the folder refuses new files (EACCES), whoever runs the test
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", read_only)
+    result = run_main(["build", "r.yaml"], project)
+    assert result.code == 0 and "up to date" in result.out, result.err
+    figures.record("race")
