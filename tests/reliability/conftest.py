@@ -76,7 +76,7 @@ def merged(trained: Reference, tmp_path_factory: pytest.TempPathFactory) -> Refe
 
 # ---------------------------------------------------------------------------------------------- figures
 
-_RUN = {"collected": 0, "deselected": 0, "passed": 0, "other": 0}
+_RUN = {"collected": 0, "deselected": 0, "passed": 0, "other": 0, "files": set()}
 
 
 def _ours(nodeid: str) -> bool:
@@ -85,6 +85,7 @@ def _ours(nodeid: str) -> bool:
 
 def pytest_collection_modifyitems(items: list) -> None:
     _RUN["collected"] = sum(_ours(item.nodeid) for item in items)
+    _RUN["files"] = {item.nodeid.split("::")[0] for item in items if _ours(item.nodeid)}
 
 
 def pytest_deselected(items: list) -> None:
@@ -100,7 +101,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     """Publish the figures after a complete, green run of this folder (see tests/reliability/figures.py)."""
     from tests.reliability import figures
 
-    complete = _RUN["collected"] and not _RUN["deselected"] and not _RUN["other"] \
-        and _RUN["passed"] == _RUN["collected"]
+    every_file = {f"tests/reliability/{p.name}" for p in Path(__file__).parent.glob("test_*.py")}
+    complete = _RUN["collected"] and _RUN["files"] == every_file and not _RUN["deselected"] \
+        and not _RUN["other"] and _RUN["passed"] == _RUN["collected"]
     if complete and exitstatus == 0:
         figures.publish(figures.COUNTS)
