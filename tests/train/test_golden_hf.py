@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.train.log import read_log
+from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.acceptance.harness import write_hf_checkpoint
 from tests.train.helpers import BASE_SFT
