@@ -8,6 +8,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
@@ -70,6 +71,26 @@ def steps(command: str, r: Any, args: argparse.Namespace) -> list[str]:
     return ["train", "eval"] if r.get("do_predict") else ["train"]
 
 
+def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
+    """The directories `command` writes that no other run may write meanwhile (pipeline.lock), each with where
+    its name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ or export_dir, the
+    datasets a build writes."""
+    from pipeline.train.checkpoint import where
+
+    if command == "train":
+        return [(Path(r["output_dir"]), where(r, "output_dir"))] if os.environ.get("RANK", "0") == "0" else []
+    if command in ("merge", "export"):
+        if r.get("export_dir"):
+            return [(Path(r["export_dir"]), where(r, "export_dir"))]
+        return [(Path(r["output_dir"]) / "merged", where(r, "output_dir"))] if command == "merge" else []
+    if command == "build":
+        from pipeline.data.build import all_specs
+        from pipeline.data.built import built_dir
+
+        return [(built_dir(r, spec.name), where(r, "dataset")) for spec in all_specs(r)]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
@@ -81,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.recipe.notices import print_notices
 
             print_notices(resolved)
-        from pipeline.lock import for_command
+        from pipeline.lock import holding
 
         code = 0
         for command in steps(args.command, resolved, args):
             module_name, func_name, _ = COMMANDS[command]
-            with for_command(command, resolved):  # one writer per output directory
+            what = f"python -m pipeline {command} {args.recipe}"
+            with holding(lock_targets(command, resolved), what):  # one writer per output directory
                 code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break

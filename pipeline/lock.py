@@ -21,7 +21,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterable, Iterator
 
 from pipeline.errors import UserError
 
@@ -107,31 +107,11 @@ def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[
 
 
 
-def targets(command: str, r: Any) -> list[tuple[Path, str]]:
-    """The directories `command` writes that no other run may write at the same time, each with where its
-    name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ (or export_dir), build's
-    datasets."""
-    from pipeline.train.checkpoint import where
-
-    if command == "train":
-        return [(Path(r["output_dir"]), where(r, "output_dir"))] if os.environ.get("RANK", "0") == "0" else []
-    if command in ("merge", "export"):  # merge writes export_dir when the recipe names one, else merged/
-        if r.get("export_dir"):
-            return [(Path(r["export_dir"]), where(r, "export_dir"))]
-        return [(Path(r["output_dir"]) / "merged", where(r, "output_dir"))] if command == "merge" else []
-    if command == "build":
-        from pipeline.data.build import all_specs, built_dir
-
-        return sorted({(built_dir(r, spec.name), where(r, "dataset")) for spec in all_specs(r)})
-    return []
-
-
 @contextlib.contextmanager
-def for_command(command: str, r: Any) -> Iterator[None]:
-    """Every lock `command` needs, for the duration of the block (none for read-only commands)."""
-    recipe = getattr(r, "recipe_path", None)
-    what = f"python -m pipeline {command} {recipe}" if recipe else f"python -m pipeline {command}"
+def holding(targets: Iterable[tuple[Path, str]], what: str) -> Iterator[None]:
+    """The locks on every (directory, where its name came from) of `targets`, for the duration of the block
+    (`pipeline.__main__.lock_targets` says which directories each command writes)."""
     with contextlib.ExitStack() as stack:
-        for target, at in targets(command, r):
+        for target, at in sorted(set(targets)):
             stack.enter_context(exclusive(target, what, at))
         yield

@@ -186,7 +186,7 @@ def saved_recipe(r: Mapping[str, Any]) -> dict[str, Any]:
 
 def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
     """dataset name -> the sha256 of its built train.json (the rows the data position counts in)."""
-    from pipeline.data.build import built_dir, read_manifest
+    from pipeline.data.built import built_dir, read_manifest
 
     out = {}
     for name in r["dataset"] if isinstance(r["dataset"], list) else [r["dataset"]]:
