@@ -35,8 +35,7 @@ def cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def hub_files(name: str, entry: dict[str, Any], formatting: str, add: Callable[[tuple, str], None]
-              ) -> tuple[list[Path], list[str]]:
+def hub_files(entry: dict[str, Any], add: Callable[[tuple, str], None]) -> tuple[list[Path], list[str]]:
     """(files, how each is shown) of a hub entry, downloading into the cache unless offline; problems via `add`."""
     repo = entry["hf_hub_url"]
     try:

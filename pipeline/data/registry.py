@@ -310,7 +310,7 @@ def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tu
     if "hf_hub_url" in entry:
         from pipeline.data.hub import hub_files
 
-        files, shown_files = hub_files(name, entry, formatting, add)
+        files, shown_files = hub_files(entry, add)
     elif "file_name" in entry:
         for key in HUB_ONLY_KEYS:
             if key in entry:
