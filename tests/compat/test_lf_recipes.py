@@ -144,6 +144,7 @@ def test_deepspeed_examples_refused_with_reason(tmp_path, config, reason):
     assert reason in failed.stderr and "Traceback" not in failed.stderr
 
 
+@pytest.mark.slow  # ~15-45 s: trains through the CLI
 def test_recipe_keys_tensorboard_save_only_model_and_notices(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, report_to="tensorboard", save_only_model=True, save_steps=1, max_steps=2,
@@ -168,6 +169,7 @@ def test_recipe_keys_tensorboard_save_only_model_and_notices(tmp_path):
     assert "was saved with save_only_model: true" in failed.stderr and "resuming from it is refused" in failed.stderr
 
 
+@pytest.mark.slow  # ~15-45 s: trains through the CLI
 def test_do_train_false_with_do_predict_evaluates(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, max_eval_samples=2, max_new_tokens=2, eval_base=False)
@@ -235,6 +237,7 @@ def init(**kwargs):
 '''
 
 
+@pytest.mark.slow  # ~15-45 s: trains through the CLI
 def test_report_to_wandb_offline(tmp_path):
     from tests.acceptance.harness import REPO, cli_env
 
