@@ -113,7 +113,9 @@ def trained_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: 
     from pipeline.model.hub import resolve_model_path  # a hub id becomes its snapshot in the HF cache
 
     start = resolve_model_path(adapter_name_or_path, key="adapter_name_or_path")
-    return Weights("adapter", start) if is_adapter(start) else None
+    # a folder the user named is used even when incomplete: loading it says precisely what is wrong (a missing
+    # adapter_model.safetensors, a pickled adapter_model.bin), instead of "nothing at output_dir/adapter"
+    return Weights("adapter", start) if is_adapter(start) or Path(start).is_dir() else None
 
 
 def merged_weights(out: RunLayout) -> Weights | None:
