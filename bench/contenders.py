@@ -84,6 +84,7 @@ class Ours:
         from bench.workload import resolve_recipe
         from pipeline.data.loaders import make_loader
         from pipeline.model.build import build_model
+        from pipeline.recipe.args import recipe_args
         from pipeline.train.optim import make_optimizer
         from pipeline.train.run import enable_features, exact_steps, seed_everything
         from pipeline.train.schedule import make_scheduler
@@ -92,7 +93,7 @@ class Ours:
         seed_everything(r["seed"])
         self.loader = make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)
         self.r = exact_steps(r, self.loader)
-        model = build_model(self.r)
+        model = build_model(*recipe_args(self.r))
         enable_features(model, self.r)  # gradient checkpointing per the recipe, as run() does
         optimizer = make_optimizer(model, self.r)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -11,10 +11,10 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from pipeline.errors import UserError
-from pipeline.model.build import get_key, load_for_inference
+from pipeline.model.build import load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
-from pipeline.recipe.args import GenerationArgs
+from pipeline.recipe.args import GenerationArgs, recipe_args, value
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
 
 
@@ -61,7 +61,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
 
         template = get_template(r["template"])
     weights = chosen_weights(r, getattr(args, "model", None))
-    model = load_for_inference(r, *((weights.kind, weights.path) if weights else ("base",)))
+    model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)))
     tokenizer = recipe_tokenizer(r)
     kwargs = generation_kwargs(r, template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
@@ -71,7 +71,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         from pipeline.data.tokenize import encode_prompt
 
         ids = encode_prompt(template, text, history=history, tokenizer=tokenizer,  # exactly as in training
-                            enable_thinking=bool(get_key(r, "enable_thinking", True)))
+                            enable_thinking=bool(value(r, "enable_thinking")))
         return generate_text(model, tokenizer, ids, **kwargs)
 
     if prompt is not None:

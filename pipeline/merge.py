@@ -1,4 +1,4 @@
-"""`python -m pipeline merge RECIPE`: fold the LoRA adapter into the base, prove it, export the HF GPT-2 layout.
+"""`python -m pipeline merge RECIPE`: fold the LoRA adapter into the base, prove it, export the family's HF layout.
 
 Incumbents have shipped "merged" models that silently equal the base. Here nothing is written until
 the merged model is shown to be the adapter model:
@@ -12,7 +12,8 @@ the merged model is shown to be the adapter model:
 3. the written files are loaded back and give the verified logits.
 
 Any failure is a UserError naming the layer. output_dir/merged/ (config.json, model.safetensors or
-shards + index, generation_config.json, GPT-2 tokenizer files, verification.json) appears complete or
+shards + index, generation_config.json, tokenizer files: GPT-2's rebuilt, other families' copied from the
+base checkpoint, verification.json) appears complete or
 not at all. For full/freeze runs merge is a re-export of output_dir/model with the same checks.
 """
 from __future__ import annotations
@@ -120,9 +121,10 @@ def _recipe(r: Mapping[str, Any]) -> str:
 
 def _load_base(r: Mapping[str, Any]) -> nn.Module:
     from pipeline.model.build import load_for_inference
+    from pipeline.recipe.args import recipe_args
 
     device = "cuda" if r.get("export_device") == "auto" and torch.cuda.is_available() else "cpu"
-    model = load_for_inference(r, "base", device=device)  # export_device cpu (default): exact, and any size fits
+    model = load_for_inference(recipe_args(r).model, "base", device=device)  # export_device cpu (default): exact, and any size fits
     return model.float().eval()
 
 
@@ -221,15 +223,17 @@ def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequen
     from pipeline.model.lora import lora_modules
 
     wrappers = lora_modules(adapted)
+    shown = hf_namer(adapted)
     if not wrappers:
         raise UserError(f"{source}: the adapter has no LoRA layers to merge")
     gen = torch.Generator().manual_seed(0)
     layers: dict[str, dict[str, float]] = {}
     problems: list[str] = []
-    for name, wrapper in wrappers.items():
+    for ours, wrapper in wrappers.items():
+        name = shown(ours)  # what the user knows the layer as (the family's HF module name)
         base_linear, branch = wrapper.linear, wrapper.lora
         try:
-            merged_linear = merged.get_submodule(name)
+            merged_linear = merged.get_submodule(ours)
         except AttributeError:
             problems.append(f"layer {name}: missing from the merged model")
             continue
@@ -275,16 +279,24 @@ def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequen
                         f" {_first_changed(adapted, merged)}")
     check = Check(report, list(map(list, samples)), reference)
     _check_cast(merged, check, export_dtype,
-                {name: (merged.get_submodule(name).weight, w.linear.weight) for name, w in wrappers.items()})
+                {shown(name): (merged.get_submodule(name).weight, w.linear.weight) for name, w in wrappers.items()})
     return check
+
+
+def hf_namer(model: nn.Module):
+    """Our module/parameter path -> the family's HF name without the model prefix (h.0.attn.c_attn, layers.0...)."""
+    from pipeline.model.lora import family_of_model
+
+    family = family_of_model(model)
+    return lambda name: family.strip(family.to_hf(name))
 
 
 def _first_changed(adapted: nn.Module, merged: nn.Module) -> str:
     """Name the non-LoRA tensor the merge altered (the likeliest culprit when only end-to-end logits differ)."""
-    ours = dict(adapted.state_dict())
+    ours, shown = dict(adapted.state_dict()), hf_namer(adapted)
     for name, tensor in merged.state_dict().items():
         if name in ours and ours[name].shape == tensor.shape and not torch.equal(ours[name], tensor):
-            return f"the merge changed '{name}', which LoRA does not touch"
+            return f"the merge changed '{shown(name)}', which LoRA does not touch"
     return "no single tensor explains it"
 
 
@@ -343,8 +355,11 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
     from pipeline.model.weights import load_model, save_hf, shard_bytes_from_gb
 
     dtype = r["export_dtype"]
+    tokenizer = recipe_tokenizer(r)
+    generation = generation_config(r, tokenizer)
     with atomic_dir(target) as tmp:
-        save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(r["export_size"]))
+        save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(r["export_size"]),
+                special={k: v for k, v in generation.items() if k.endswith("_token_id")})
         written = load_model(tmp).eval()
         err = _rel_error(_logits(written, check.samples), check.reference)
         del written
@@ -352,9 +367,8 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
             raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
-        tokenizer = recipe_tokenizer(r)
         write_tokenizer_files(tmp, tokenizer, model.cfg.context_length)
-        write_json(tmp / "generation_config.json", generation_config(r, tokenizer))
+        write_json(tmp / "generation_config.json", generation)
         write_json(tmp / "verification.json", {**check.report, "export_dtype": dtype})
     return target
 

@@ -141,7 +141,7 @@ def test_pt_stage_files(first_run, scratch_repo):
     out = scratch_repo / "saves" / "e2e_pt"
     config = _json(out / "model" / "config.json")
     assert config["n_layers"] == 2 and config["emb_dim"] == 64 and config["vocab_size"] == 50257
-    assert {"wte.weight", "h.1.mlp.c_fc.weight"} <= set(_safetensors_names(out / "model" / "model.safetensors"))
+    assert {"embed_tokens.weight", "layers.1.mlp.up_proj.weight"} <= set(_safetensors_names(out / "model" / "model.safetensors"))
     results = _json(out / "all_results.json")
     assert results["global_step"] == 60 and results["eval_loss"] < 7.0  # from ln(50257) = 10.8
 

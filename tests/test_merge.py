@@ -12,6 +12,7 @@ from torch import nn
 from pipeline import merge
 from pipeline.errors import UserError
 from pipeline.model import lora as L
+from pipeline.model.families import GPT2
 from pipeline.model.weights import load_model, save_hf
 
 SAMPLES = [[464, 3290, 318, 257, 1332, 13], [15496, 11, 466, 345, 588, 8887, 30]]  # real GPT-2 token ids
@@ -69,7 +70,7 @@ def test_verify_accepts_a_correct_merge():
 def test_broken_merge_is_caught_and_named(layer, how, words):
     model = adapted_model()
     with pytest.raises(UserError) as err:
-        merge.verify_merge(model, broken_merge(model, {layer: how}), SAMPLES, "fp32")
+        merge.verify_merge(model, broken_merge(model, {GPT2.from_hf(layer): how}), SAMPLES, "fp32")
     assert len(err.value.messages) == 1
     assert f"layer {layer}:" in err.value.messages[0] and words in err.value.messages[0]
 
@@ -77,7 +78,7 @@ def test_broken_merge_is_caught_and_named(layer, how, words):
 def test_all_zero_b_is_an_untrained_adapter():
     model = adapted_model()
     with torch.no_grad():
-        L.lora_modules(model)["h.0.mlp.c_proj"].lora.B.zero_()
+        L.lora_modules(model)["layers.0.mlp.down_proj"].lora.B.zero_()
     merged = copy.deepcopy(model)
     L.merge_lora(merged)
     with pytest.raises(UserError) as err:
@@ -91,7 +92,7 @@ def test_merge_touching_a_non_lora_weight_is_named():
     merged = copy.deepcopy(model)
     L.merge_lora(merged)
     with torch.no_grad():
-        merged.ln_f.weight.mul_(1.5)
+        merged.norm.weight.mul_(1.5)
     with pytest.raises(UserError) as err:
         merge.verify_merge(model, merged, SAMPLES, "fp32")
     assert "'ln_f.weight'" in err.value.messages[0]

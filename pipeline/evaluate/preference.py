@@ -69,8 +69,9 @@ def reference_logps(r: Mapping[str, Any], scores: Mapping[str, PairLogps], *, ra
         model = load_model(r["ref_model"], seed=int(r["seed"])).to(device).eval()
     else:
         from pipeline.model.build import load_for_inference
+        from pipeline.recipe.args import recipe_args
 
-        model = load_for_inference(r, "base", device=device)
+        model = load_for_inference(recipe_args(r).model, "base", device=device)
     return split_logps(model, r, rank=rank, world=world, label="reference")
 
 

@@ -114,10 +114,12 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
 def load_model_for_eval(r: Mapping[str, Any], which: Tuned | None, device: torch.device) -> torch.nn.Module:
     """The base model (which=None) or the tuned one, in eval mode on `device`."""
     from pipeline.model.build import load_for_inference
+    from pipeline.recipe.args import recipe_args
 
+    model = recipe_args(r).model
     if which is None:
-        return load_for_inference(r, "base", device=device)
-    return load_for_inference(r, which.kind, which.path, device=device)
+        return load_for_inference(model, "base", device=device)
+    return load_for_inference(model, which.kind, which.path, device=device)
 
 
 def _recipe(r: Mapping[str, Any]) -> str:

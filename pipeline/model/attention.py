@@ -76,11 +76,13 @@ def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: f
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Varlen | None, *,
            is_causal: bool, dropout_p: float) -> torch.Tensor:
-    """Attention of q, k, v (B, H, T, D) -> (B, H, T, D); `mask` None, a boolean mask, or Varlen segments."""
+    """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); H_kv divides H (GQA / MQA);
+    `mask` None, a boolean mask, or Varlen segments."""
     if isinstance(mask, Varlen):
         b, h, t, d = q.shape
         flat = [z.transpose(1, 2).reshape(b * t, z.shape[1], d) for z in (q, k, v)]  # (B*T, H, D)
         y = _varlen_kernel()(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
                              window_size=(-1, 0), enable_gqa=flat[1].shape[1] != h)
         return y.view(b, t, h, d).transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])  # grouped key/value heads (GQA)

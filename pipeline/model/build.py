@@ -8,13 +8,14 @@ finetuning_type decides what the optimizer sees:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Sequence
 
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model.config import PRESETS, GPTConfig, freeze_trainable_names, read_config
+from pipeline.model.config import PRESETS, ModelConfig, freeze_trainable_names, read_config
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora
@@ -23,49 +24,63 @@ from pipeline.model.weights import load_model, note
 KINDS = ("base", "adapter", "model", "merged")
 
 
-def get_key(r: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """Resolved fills every schema key; plain dicts in unit tests may leave some out."""
-    try:
-        value = r[key]
-    except KeyError:
-        return default
-    return default if value is None else value
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which base weights, and what the recipe changes in their config (None keeps the checkpoint's value)."""
+
+    model_name_or_path: str
+    seed: int
+    dropout: float
+    context_length: int | None
+    qkv_bias: bool | None
+    tie_word_embeddings: bool | None
 
 
-def recipe_config(r: Mapping[str, Any]) -> GPTConfig:
+@dataclass(frozen=True)
+class FinetuneArgs:
+    """What the optimizer sees: finetuning_type and its LoRA / freeze settings, and a starting adapter."""
+
+    finetuning_type: str
+    lora_rank: int
+    lora_alpha: float | None  # None: pipeline.model.config.default_lora_alpha(rank)
+    lora_dropout: float
+    lora_target: str | Sequence[str] | None
+    use_rslora: bool
+    additional_target: Sequence[str] | None
+    freeze_trainable_layers: int
+    adapter_name_or_path: str | None
+    seed: int
+
+
+def recipe_config(args: ModelArgs) -> ModelConfig:
     """The base model's config with the recipe's overrides (null keeps the preset/checkpoint value)."""
-    cfg = read_config(r["model_name_or_path"])
-    changes: dict[str, Any] = {"drop_rate": float(get_key(r, "dropout", 0.0))}
-    for key, field in (("context_length", "context_length"), ("qkv_bias", "qkv_bias"),
-                       ("tie_word_embeddings", "tie_weights")):
-        value = get_key(r, key)
+    cfg = read_config(args.model_name_or_path)
+    changes: dict[str, Any] = {"drop_rate": float(args.dropout)}
+    for value, field in ((args.context_length, "context_length"), (args.qkv_bias, "qkv_bias"),
+                         (args.tie_word_embeddings, "tie_weights")):
         if value is not None:
             changes[field] = value
     return cfg.replace(**changes)
 
 
-def load_base(r: Mapping[str, Any], *, dropout: bool = True) -> GPTModel:
+def load_base(args: ModelArgs, *, dropout: bool = True) -> GPTModel:
     """The base model of the recipe (a preset starts from a seeded random init: say so on stderr)."""
-    name = str(r["model_name_or_path"])
-    cfg = recipe_config(r)
+    name = str(args.model_name_or_path)
+    cfg = recipe_config(args)
     if not dropout:
         cfg = cfg.replace(drop_rate=0.0)
-    seed = int(get_key(r, "seed", 42))
     if name in PRESETS:
-        note(f"model: preset '{name}' = random weights (seed {seed}); for OpenAI's trained GPT-2 set"
+        note(f"model: preset '{name}' = random weights (seed {args.seed}); for trained weights set"
              " model_name_or_path to a directory with config.json + model.safetensors")
-    return load_model(name, seed=seed, cfg=cfg)
+    return load_model(name, seed=args.seed, cfg=cfg)
 
 
-def apply_finetuning_type(model: GPTModel, r: Mapping[str, Any]) -> GPTModel:
+def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
     """Freeze / inject per finetuning_type, and load adapter_name_or_path when set."""
-    kind = get_key(r, "finetuning_type", "lora")
-    adapter = get_key(r, "adapter_name_or_path")
+    kind, adapter = ft.finetuning_type, ft.adapter_name_or_path
     if kind == "lora":
-        rank = int(get_key(r, "lora_rank", 8))
-        apply_lora(model, get_key(r, "lora_target", "all"), rank=rank, alpha=get_key(r, "lora_alpha"),
-                   dropout=float(get_key(r, "lora_dropout", 0.0)), use_rslora=bool(get_key(r, "use_rslora", False)),
-                   seed=int(get_key(r, "seed", 42)), additional_targets=get_key(r, "additional_target"))
+        apply_lora(model, ft.lora_target or "all", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
+                   use_rslora=ft.use_rslora, seed=ft.seed, additional_targets=ft.additional_target)
         if adapter:  # continue training an adapter: same rank/alpha required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
@@ -74,7 +89,7 @@ def apply_finetuning_type(model: GPTModel, r: Mapping[str, Any]) -> GPTModel:
         merge_lora(model)
     if kind == "freeze":
         model.requires_grad_(False)
-        for name in freeze_trainable_names(model.cfg, int(get_key(r, "freeze_trainable_layers", 2))):
+        for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers):
             model.get_submodule(name).requires_grad_(True)
     elif kind == "full":
         model.requires_grad_(True)
@@ -83,12 +98,12 @@ def apply_finetuning_type(model: GPTModel, r: Mapping[str, Any]) -> GPTModel:
     return model
 
 
-def build_model(r: Mapping[str, Any]) -> GPTModel:
+def build_model(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
     """The model `train` optimises: base weights + recipe overrides + fine-tuning type (on CPU, fp32)."""
-    return apply_finetuning_type(load_base(r), r)
+    return apply_finetuning_type(load_base(model), finetune)
 
 
-def load_for_inference(r: Mapping[str, Any], kind: str = "base", path: str | Path | None = None,
+def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | None = None,
                        device: str | torch.device | None = None) -> GPTModel:
     """Weights for generate / eval / merge, in eval mode on `device` (CUDA when available).
 
@@ -99,12 +114,12 @@ def load_for_inference(r: Mapping[str, Any], kind: str = "base", path: str | Pat
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "base":
-        model = load_base(r, dropout=False)
+        loaded = load_base(model, dropout=False)
     elif kind == "adapter":
-        model = load_base(r, dropout=False)
-        load_adapter(model, path)
+        loaded = load_base(model, dropout=False)
+        load_adapter(loaded, path)
     else:
-        model = load_model(path)
+        loaded = load_model(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    return loaded.to(device).eval()

@@ -1,47 +1,76 @@
-"""Model sizes as data (LitGPT-style presets) and the torch-free facts derived from them.
+"""Model shapes as data (LitGPT-style config and presets) and the torch-free facts derived from them.
 
-`plan` imports this module to estimate memory, so nothing here may import torch. The module
-`layout(cfg)` is the single description of which parameters a GPTModel has; the parameter counts
-and the LoRA target matching below are computed from it, and the tests check it against the real
-module tree of `pipeline.model.gpt.GPTModel`.
+`plan` imports this module to estimate memory, so nothing here may import torch. One ModelConfig
+describes every supported family by fields (norm, positions, MLP, attention heads, biases, tying);
+pipeline.model.families holds the per-family HF names. `layout(cfg)` is the single description of
+which parameters a GPTModel has; parameter counts and LoRA target matching are computed from it, and
+the tests check it against the real module tree of `pipeline.model.gpt.GPTModel`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.names import split_names
+from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, family_of, hf_fields, HF_CONFIG
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
-FORMAT_VERSION = 1
-HF_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's tanh-approximated GELU under its HF names
+FORMAT_VERSION = 2       # 1: GPT-2 only, HF GPT-2 module names; 2: any family, our module names
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """The book's GPT_CONFIG_124M dict as a dataclass (same key names where the book has them)."""
+class ModelConfig:
+    """A decoder-only transformer by fields; the defaults are GPT-2 small (the book's GPT_CONFIG_124M names)."""
 
+    family: str = "gpt2"             # which HF names / config.json it maps to (pipeline.model.families)
     vocab_size: int = 50257
     context_length: int = 1024
     emb_dim: int = 768
     n_heads: int = 12
     n_layers: int = 12
+    n_kv_heads: int | None = None    # key/value heads (GQA; 1 = MQA); None = n_heads
+    head_size: int | None = None     # explicit head width (Qwen3); None = emb_dim // n_heads
     drop_rate: float = 0.0
+    norm: str = "layernorm"          # layernorm (weight + bias) | rmsnorm (weight only)
+    norm_eps: float = 1e-5
+    positions: str = "learned"       # learned table (GPT-2) | rope (rotary, computed per position: no table)
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None  # {"type": "linear" | "llama3", "factor": .., ...}
+    mlp: str = "gelu"                # gelu: up -> GELU(tanh) -> down | swiglu: down(silu(gate) * up)
+    ffn_dim: int | None = None       # hidden width of the MLP; None means 4 * emb_dim (GPT-2)
+    mlp_bias: bool = True
     qkv_bias: bool = True
+    o_bias: bool = True              # bias of the attention output projection
+    qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn) or three (q_proj, k_proj, v_proj)
     tie_weights: bool = True
-    ffn_dim: int | None = None  # hidden width of the MLP; None means 4 * emb_dim (GPT-2)
-    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
                     for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
                     if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
-        if not problems and self.emb_dim % self.n_heads:
+        for name in ("n_kv_heads", "head_size", "ffn_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"{name} must be a positive integer or null, got {value!r}")
+        if not problems and self.head_size is None and self.emb_dim % self.n_heads:
             problems.append(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
+        if not problems and self.n_heads % self.kv_heads:
+            problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+        for name, allowed in (("family", tuple(FAMILIES)), ("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                                f"{did_you_mean(str(getattr(self, name)), allowed)}")
+        if self.rope_scaling is not None and dict(self.rope_scaling).get("type") not in ROPE_TYPES:
+            problems.append(f"rope_scaling type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_scaling!r}")
         if not 0 <= self.drop_rate < 1:
             problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if problems:
@@ -53,33 +82,86 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+        return self.head_size or self.emb_dim // self.n_heads
 
-    def replace(self, **changes: Any) -> "GPTConfig":
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hf(self) -> Family:
+        return FAMILIES[self.family]
+
+    def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return out
 
 
-def _gpt2(emb_dim: int, n_layers: int, n_heads: int) -> GPTConfig:
-    return GPTConfig(emb_dim=emb_dim, n_layers=n_layers, n_heads=n_heads)
+GPTConfig = ModelConfig  # the book's name
 
 
-# name -> config. The gpt2-* shapes are OpenAI's; the rest are small enough to train on a CPU.
-PRESETS: dict[str, GPTConfig] = {
+def _gpt2(emb_dim: int, n_layers: int, n_heads: int) -> ModelConfig:
+    return ModelConfig(emb_dim=emb_dim, n_layers=n_layers, n_heads=n_heads)
+
+
+def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ffn: int, theta: float,
+            eps: float, tied: bool, head_size: int | None = None, scaling: Mapping[str, Any] | None = None,
+            ) -> ModelConfig:
+    """The shared shape of Llama 3 / Qwen2 / Qwen3: RMSNorm, RoPE, SwiGLU, GQA, no MLP bias."""
+    return ModelConfig(family=family, vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
+                       n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
+                       positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
+                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=family == "qwen3", qkv_fused=False,
+                       tie_weights=tied)
+
+
+def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bool) -> ModelConfig:
+    scaling = {"type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    return _swiglu("llama", vocab=128256, ctx=131072, emb=emb, layers=layers, heads=heads, kv=8, ffn=ffn,
+                   theta=500000.0, eps=1e-5, tied=tied, scaling=scaling)
+
+
+def _qwen2(emb: int, layers: int, heads: int, kv: int, ffn: int, tied: bool, vocab: int = 151936,
+           ctx: int = 32768) -> ModelConfig:
+    return _swiglu("qwen2", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-6, tied=tied)
+
+
+def _qwen3(emb: int, layers: int, heads: int, ffn: int, tied: bool) -> ModelConfig:
+    return _swiglu("qwen3", vocab=151936, ctx=40960, emb=emb, layers=layers, heads=heads, kv=8, ffn=ffn,
+                   theta=1000000.0, eps=1e-6, tied=tied, head_size=128)
+
+
+# name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
+# tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
+PRESETS: dict[str, ModelConfig] = {
     "gpt2-small": _gpt2(768, 12, 12),     # 124M
     "gpt2-medium": _gpt2(1024, 24, 16),   # 355M
     "gpt2-large": _gpt2(1280, 36, 20),    # 774M
     "gpt2-xl": _gpt2(1600, 48, 25),       # 1558M
-    "tiny": GPTConfig(context_length=128, emb_dim=64, n_heads=2, n_layers=2),
-    "mini": GPTConfig(context_length=256, emb_dim=128, n_heads=4, n_layers=4),
-    "small-demo": GPTConfig(context_length=512, emb_dim=384, n_heads=6, n_layers=6),
+    "tiny": ModelConfig(context_length=128, emb_dim=64, n_heads=2, n_layers=2),
+    "mini": ModelConfig(context_length=256, emb_dim=128, n_heads=4, n_layers=4),
+    "small-demo": ModelConfig(context_length=512, emb_dim=384, n_heads=6, n_layers=6),
+    "llama-3.2-1b": _llama3(2048, 16, 32, 8192, 32.0, tied=True),
+    "llama-3.2-3b": _llama3(3072, 28, 24, 8192, 32.0, tied=True),
+    "llama-3.1-8b": _llama3(4096, 32, 32, 14336, 8.0, tied=False),
+    "qwen2.5-0.5b": _qwen2(896, 24, 14, 2, 4864, tied=True),
+    "qwen2.5-1.5b": _qwen2(1536, 28, 12, 2, 8960, tied=True),
+    "qwen2.5-7b": _qwen2(3584, 28, 28, 4, 18944, tied=False, vocab=152064, ctx=131072),
+    "qwen3-0.6b": _qwen3(1024, 28, 16, 3072, tied=True),
+    "qwen3-1.7b": _qwen3(2048, 28, 16, 6144, tied=True),
+    "qwen3-4b": _qwen3(2560, 36, 32, 9728, tied=True),
+    "qwen3-8b": _qwen3(4096, 36, 32, 12288, tied=False),
 }
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a config: preset name, HF GPT-2 config.json, or our own checkpoint's config.json
+# Reading a config: preset name, HF config.json, or our own checkpoint's config.json
 # ---------------------------------------------------------------------------------------------
 
 def _missing_model_message(name: str) -> str:
@@ -103,106 +185,66 @@ def config_path(name_or_path: str | Path) -> Path | None:
         raise UserError(_missing_model_message(str(name_or_path)))
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json in this directory; a model directory holds config.json +"
-                        " model.safetensors (a Hugging Face GPT-2 checkpoint or one saved by this pipeline)")
+                        " model.safetensors (a Hugging Face checkpoint or one saved by this pipeline)")
     return path / "config.json"
 
 
-def read_config(name_or_path: str | Path) -> GPTConfig:
-    """A GPTConfig from a preset name, an HF GPT-2 checkpoint directory, or one of our own checkpoints."""
-    if str(name_or_path) in PRESETS:
-        return PRESETS[str(name_or_path)]
-    path = config_path(name_or_path)
-    assert path is not None
+def read_raw(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not readable as JSON ({err})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_config(name_or_path: str | Path) -> ModelConfig:
+    """A ModelConfig from a preset name, an HF checkpoint directory, or one of our own checkpoints."""
+    if str(name_or_path) in PRESETS:
+        return PRESETS[str(name_or_path)]
+    path = config_path(name_or_path)
+    assert path is not None
+    raw = read_raw(path)
     if raw.get("format") == FORMAT:
         return _from_own(raw, path)
     return from_hf_config(raw, path)
 
 
 def checkpoint_kind(raw: Mapping[str, Any]) -> str:
-    """'pipeline' for our own config.json, 'hf' for a Hugging Face GPT-2 one."""
-    return "pipeline" if raw.get("format") == FORMAT else "hf"
+    """'pipeline' for our own config.json (format version 2), 'pipeline-v1' for version 1, 'hf' otherwise."""
+    if raw.get("format") != FORMAT:
+        return "hf"
+    return "pipeline-v1" if raw.get("format_version", 1) == 1 else "pipeline"
 
 
-def _from_own(raw: Mapping[str, Any], path: Path) -> GPTConfig:
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(raw) - fields - {"format", "format_version"})
+_V1_NAMES = {"layer_norm_eps": "norm_eps"}
+
+
+def _from_own(raw: Mapping[str, Any], path: Path) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    values = {_V1_NAMES.get(k, k): v for k, v in raw.items()}
+    unknown = sorted(set(values) - fields - {"format", "format_version"})
     if unknown:
         raise UserError([f"{path}: unknown key '{k}'{did_you_mean(k, fields)}" for k in unknown])
     try:
-        return GPTConfig(**{k: v for k, v in raw.items() if k in fields})
+        return ModelConfig(**{k: v for k, v in values.items() if k in fields})
     except TypeError as err:
         raise UserError(f"{path}: {err}") from None
 
 
-def from_hf_config(raw: Mapping[str, Any], path: Path | str = "config.json") -> GPTConfig:
-    """Map HF GPT2Config keys (n_embd, n_layer, ...) to ours; refuse variants our model does not implement."""
-    model_type = raw.get("model_type")
-    if model_type not in (None, "gpt2"):
-        raise UserError(f"{path}: model_type '{model_type}' is not supported; only GPT-2 checkpoints"
-                        " (model_type 'gpt2') or our own (\"format\": \"pipeline-gpt\") load")
-    problems = [f"{path}: missing key '{k}' (a GPT-2 config.json has it)"
-                for k in ("n_embd", "n_layer", "n_head") if k not in raw]
-    activation = raw.get("activation_function", "gelu_new")
-    if activation not in HF_ACTIVATIONS:
-        problems.append(f"{path}: activation_function '{activation}' is not supported; expected one of"
-                        f" {', '.join(HF_ACTIVATIONS)} (GPT-2's tanh GELU)")
-    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                    ("add_cross_attention", False)):
-        if key in raw and bool(raw[key]) != ok:
-            problems.append(f"{path}: {key}={raw[key]!r} is not supported (GPT-2 uses {ok})")
-    if problems:
-        raise UserError(problems)
-    return GPTConfig(
-        vocab_size=int(raw.get("vocab_size", 50257)),
-        context_length=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
-        emb_dim=int(raw["n_embd"]),
-        n_heads=int(raw["n_head"]),
-        n_layers=int(raw["n_layer"]),
-        drop_rate=float(raw.get("resid_pdrop", 0.0) or 0.0),
-        qkv_bias=True,
-        tie_weights=bool(raw.get("tie_word_embeddings", True)),
-        ffn_dim=raw.get("n_inner") or None,
-        layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
-    )
+def from_hf_config(raw: Mapping[str, Any], path: Path | str = "config.json") -> ModelConfig:
+    """A Hugging Face config.json of a supported architecture -> ModelConfig (UserError naming file and key)."""
+    return ModelConfig(**hf_fields(raw, path))
 
 
-def to_hf_config(cfg: GPTConfig, dtype: str = "float32") -> dict[str, Any]:
-    """The config.json transformers' GPT2LMHeadModel reads (GPT-2 has no switch for qkv bias: it is always on)."""
-    from pipeline.data.tokenizer import gpt2
-
-    tok = gpt2()
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
-        "n_positions": cfg.context_length,
-        "n_ctx": cfg.context_length,
-        "n_embd": cfg.emb_dim,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_inner": cfg.ffn_dim,
-        "activation_function": "gelu_new",
-        "resid_pdrop": cfg.drop_rate,
-        "embd_pdrop": cfg.drop_rate,
-        "attn_pdrop": cfg.drop_rate,
-        "layer_norm_epsilon": cfg.layer_norm_eps,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "use_cache": True,
-        "bos_token_id": tok.bos_id,
-        "eos_token_id": tok.eos_id,
-        "tie_word_embeddings": cfg.tie_weights,
-        "torch_dtype": dtype,
-    }
+def to_hf_config(cfg: ModelConfig, dtype: str = "float32", special: Mapping[str, int | None] | None = None,
+                 ) -> dict[str, Any]:
+    """The config.json the family's transformers class reads; `special` = bos/eos/pad_token_id."""
+    return HF_CONFIG[cfg.family](cfg, dtype, dict(special or {}))
 
 
-def to_own_config(cfg: GPTConfig) -> dict[str, Any]:
+def to_own_config(cfg: ModelConfig) -> dict[str, Any]:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict()}
 
 
@@ -212,8 +254,8 @@ def to_own_config(cfg: GPTConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    name: str          # our module path == the HF GPT-2 path without the "transformer." prefix
-    kind: str          # "embedding" | "layernorm" | "linear"
+    name: str          # our module path (pipeline.model.families maps it to the family's HF path)
+    kind: str          # "embedding" | "layernorm" | "rmsnorm" | "linear"
     in_dim: int
     out_dim: int
     bias: bool = False
@@ -224,58 +266,78 @@ class ModuleSpec:
             return self.in_dim * self.out_dim
         if self.kind == "layernorm":
             return 2 * self.out_dim
+        if self.kind == "rmsnorm":
+            return self.out_dim
         return self.in_dim * self.out_dim + (self.out_dim if self.bias else 0)
 
 
-def layout(cfg: GPTConfig) -> list[ModuleSpec]:
+def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     """Every parameterised leaf module of GPTModel(cfg), in module order."""
-    c, h = cfg.emb_dim, cfg.hidden_dim
-    mods = [ModuleSpec("wte", "embedding", cfg.vocab_size, c), ModuleSpec("wpe", "embedding", cfg.context_length, c)]
+    c, h, q, kv = cfg.emb_dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    mods = [ModuleSpec("embed_tokens", "embedding", cfg.vocab_size, c)]
+    if cfg.positions == "learned":
+        mods.append(ModuleSpec("pos_embed", "embedding", cfg.context_length, c))
     for i in range(cfg.n_layers):
-        p = f"h.{i}."
-        mods += [
-            ModuleSpec(p + "ln_1", "layernorm", c, c),
-            ModuleSpec(p + "attn.c_attn", "linear", c, 3 * c, cfg.qkv_bias),
-            ModuleSpec(p + "attn.c_proj", "linear", c, c, True),
-            ModuleSpec(p + "ln_2", "layernorm", c, c),
-            ModuleSpec(p + "mlp.c_fc", "linear", c, h, True),
-            ModuleSpec(p + "mlp.c_proj", "linear", h, c, True),
-        ]
-    mods += [ModuleSpec("ln_f", "layernorm", c, c), ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)]
+        p = f"layers.{i}."
+        mods.append(ModuleSpec(p + "input_layernorm", cfg.norm, c, c))
+        if cfg.qkv_fused:
+            mods.append(ModuleSpec(p + "self_attn.qkv_proj", "linear", c, q + 2 * kv, cfg.qkv_bias))
+        else:
+            mods += [ModuleSpec(p + "self_attn.q_proj", "linear", c, q, cfg.qkv_bias),
+                     ModuleSpec(p + "self_attn.k_proj", "linear", c, kv, cfg.qkv_bias),
+                     ModuleSpec(p + "self_attn.v_proj", "linear", c, kv, cfg.qkv_bias)]
+        mods.append(ModuleSpec(p + "self_attn.o_proj", "linear", q, c, cfg.o_bias))
+        if cfg.qk_norm:
+            mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", cfg.head_dim, cfg.head_dim),
+                     ModuleSpec(p + "self_attn.k_norm", "rmsnorm", cfg.head_dim, cfg.head_dim)]
+        mods.append(ModuleSpec(p + "post_attention_layernorm", cfg.norm, c, c))
+        if cfg.mlp == "swiglu":
+            mods.append(ModuleSpec(p + "mlp.gate_proj", "linear", c, h, cfg.mlp_bias))
+        mods += [ModuleSpec(p + "mlp.up_proj", "linear", c, h, cfg.mlp_bias),
+                 ModuleSpec(p + "mlp.down_proj", "linear", h, c, cfg.mlp_bias)]
+    mods += [ModuleSpec("norm", cfg.norm, c, c), ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)]
     return mods
 
 
-def count_params(cfg: GPTConfig) -> int:
+def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:
+    """Activations one block keeps for the backward (no recomputation), Korthikanti et al. 2022 generalised.
+
+    Their GPT figure, s*b*h*(34 + 5*a*s/h) at 2 bytes, counts per block: the attention input 2h, q/k/v 6h,
+    the attention output 2h and its dropout mask h (11h), softmax scores and their mask 5*a*s, the MLP input
+    2h, its 4h-wide hidden before and after GELU 16h and a dropout mask h (19h), and both norms 4h. Here
+    q and k/v have their own widths (GQA: n_kv_heads * head_dim), and SwiGLU keeps four ffn-wide tensors
+    (gate, up, silu(gate), their product) instead of two.
+    """
+    s, b, h, f = seq, batch, cfg.emb_dim, cfg.hidden_dim
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
+    mlp = 2 * h + (8 if cfg.mlp == "swiglu" else 4) * f + h
+    per_token = attention + mlp + 4 * h
+    return (s * b * per_token + 5 * cfg.n_heads * s * s * b) * bytes_per_value / 2
+
+
+def count_params(cfg: ModelConfig) -> int:
     """Distinct parameters (a tied output head shares the token embedding and is not counted twice)."""
     return sum(m.params for m in layout(cfg) if not (m.name == "lm_head" and cfg.tie_weights))
 
 
 def lora_candidates(names: Iterable[str]) -> list[str]:
-    """Linear modules that may take LoRA: all but the output head (its export would not be PEFT's Conv1D)."""
+    """Linear modules that may take LoRA: all but the output head (PEFT would not export it as a base layer)."""
     return [n for n in names if n != "lm_head"]
-
-
-def _strip_hf(pattern: str) -> str:
-    return pattern[len("transformer."):] if pattern.startswith("transformer.") else pattern
 
 
 def matches(name: str, pattern: str) -> bool:
     """PEFT's rule: a pattern matches a module path equal to it or ending in '.' + pattern."""
-    pattern = _strip_hf(pattern)
     return name == pattern or name.endswith("." + pattern)
 
 
 def _short_names(names: Iterable[str]) -> list[str]:
-    """Module paths without their h.N. prefix, de-duplicated in order (c_attn, attn.c_proj, ...)."""
-    seen: dict[str, None] = {}
-    for n in names:
-        parts = n.split(".")
-        seen[".".join(parts[2:]) if parts[0] == "h" and len(parts) > 2 else n] = None
-    return list(seen)
+    """Module paths without their block prefix (h.N. / layers.N.), de-duplicated in order."""
+    return list(dict.fromkeys(re.sub(r"^[^.]+\.\d+\.", "", n) for n in names))
 
 
 def normalise_targets(targets: str | Iterable[str] | None) -> list[str]:
-    """'all' | 'c_attn,c_proj' | ['c_attn', ...] -> a list of patterns."""
+    """'all' | 'q_proj,v_proj' | ['c_attn', ...] -> a list of patterns."""
     return ["all"] if targets is None else split_names(targets)
 
 
@@ -284,53 +346,75 @@ def default_lora_alpha(rank: int) -> int:
     return 2 * rank
 
 
-def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, key: str = "lora_target") -> list[str]:
-    """Module paths matched by the target patterns; a pattern that matches nothing is a UserError."""
-    names = list(names)
+def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, key: str = "lora_target",
+                   family: Family | str = "gpt2") -> list[str]:
+    """Our module paths whose HF names the target patterns match; a pattern that matches nothing is a UserError.
+
+    Patterns are the family's HF module names (PEFT's suffix rule, with or without the model prefix:
+    'c_attn', 'attn.c_proj', 'h.0.attn.c_attn' for GPT-2; 'q_proj', 'mlp.down_proj', 'layers.0.self_attn.q_proj'
+    for Llama and Qwen).
+    """
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    ours = list(names)
+    hf = {n: fam.strip(fam.to_hf(n)) for n in ours}
     patterns = normalise_targets(targets)
     if "all" in patterns:
-        return list(names)
+        return ours
     problems, chosen = [], set()
     for pattern in patterns:
-        if _strip_hf(pattern) == "lm_head" or _strip_hf(pattern).endswith(".lm_head"):
+        bare = fam.strip(pattern)
+        if bare == "lm_head" or bare.endswith(".lm_head"):
             problems.append(f"{key}: '{pattern}': the output head takes no LoRA (train it in full with"
                             " additional_target or finetuning_type: full)")
             continue
-        hit = [n for n in names if matches(n, pattern)]
+        hit = [n for n in ours if matches(hf[n], bare)]
         if not hit:
-            short = _short_names(names)
+            short = _short_names(hf.values())
             leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in short))
+            block = next((re.match(r"^([^.]+)\.\d+\.", n).group(1) for n in hf.values()  # type: ignore[union-attr]
+                          if re.match(r"^([^.]+)\.\d+\.", n)), "layers")
+            example = next((n for n in hf.values() if n.startswith(block + ".0.")), f"{block}.0")
             problems.append(f"{key}: '{pattern}' matches no module{did_you_mean(pattern, leaves + short)}; available:"
-                            f" all, {', '.join(short)} (in every block h.0 .. h.N; a full path such as"
-                            " h.0.attn.c_attn picks one block)")
+                            f" all, {', '.join(short)} (in every block {block}.0 .. {block}.N; a full path such as"
+                            f" {example} picks one block)")
         chosen.update(hit)
     if problems:
         raise UserError(problems)
-    return [n for n in names if n in chosen]
+    return [n for n in ours if n in chosen]
 
 
-def lora_target_modules(cfg: GPTConfig, targets: str | Iterable[str] | None) -> list[ModuleSpec]:
+def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None) -> list[ModuleSpec]:
     linears = {m.name: m for m in layout(cfg) if m.kind == "linear"}
-    return [linears[n] for n in select_modules(lora_candidates(linears), targets)]
+    return [linears[n] for n in select_modules(lora_candidates(linears), targets, family=cfg.family)]
 
 
-def freeze_trainable_names(cfg: GPTConfig, trainable_layers: int) -> list[str]:
+def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int) -> list[str]:
     """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm."""
     if not 1 <= trainable_layers <= cfg.n_layers:
         raise UserError(f"freeze_trainable_layers: {trainable_layers} is out of range; the model has"
                         f" {cfg.n_layers} blocks (use 1..{cfg.n_layers}, or finetuning_type: full)")
-    return [f"h.{i}" for i in range(cfg.n_layers - trainable_layers, cfg.n_layers)] + ["ln_f"]
+    return [f"layers.{i}" for i in range(cfg.n_layers - trainable_layers, cfg.n_layers)] + ["norm"]
 
 
-def additional_target_modules(cfg: GPTConfig, patterns: Iterable[str] | None) -> list[ModuleSpec]:
-    """additional_target: any module (norms, embeddings, head) trained in full alongside LoRA."""
+def module_paths(cfg: ModelConfig) -> list[str]:
+    """Every module path of GPTModel(cfg) with parameters below it: leaves, their parents, and the containers."""
+    paths: dict[str, None] = {}
+    for m in layout(cfg):
+        parts = m.name.split(".")
+        for end in range(1, len(parts) + 1):
+            paths[".".join(parts[:end])] = None
+    return list(paths)
+
+
+def additional_target_modules(cfg: ModelConfig, patterns: Iterable[str] | None) -> list[ModuleSpec]:
+    """additional_target: any module (norms, embeddings, head, whole blocks) trained in full alongside LoRA."""
     if not patterns:
         return []
-    mods = {m.name: m for m in layout(cfg)}
-    return [mods[n] for n in select_modules(mods, list(patterns), key="additional_target")]
+    chosen = select_modules(module_paths(cfg), list(patterns), key="additional_target", family=cfg.family)
+    return [m for m in layout(cfg) if any(m.name == c or m.name.startswith(c + ".") for c in chosen)]
 
 
-def trainable_params(cfg: GPTConfig, finetuning_type: str, lora_rank: int = 8,
+def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
                      additional_target: Iterable[str] | None = None) -> int:
     """How many parameters the optimizer updates (for plan's memory estimate and the trainable report)."""
@@ -342,7 +426,7 @@ def trainable_params(cfg: GPTConfig, finetuning_type: str, lora_rank: int = 8,
     if finetuning_type == "lora":
         lora = sum(lora_rank * (m.in_dim + m.out_dim) for m in lora_target_modules(cfg, lora_target))
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
-        if cfg.tie_weights and "lm_head" in extra and "wte" in extra:
+        if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:
             extra.pop("lm_head")
         return lora + sum(m.params for m in extra.values())
     raise UserError(f"finetuning_type: '{finetuning_type}' is not one of lora, full, freeze"

@@ -1,24 +1,22 @@
-"""The book's GPT model in one file (cf. nanoGPT's model.py), laid out so that real GPT-2 weights load 1:1.
+"""The book's GPT model grown into one decoder for GPT-2, Llama 3 and Qwen2/3 (cf. nanoGPT's model.py).
+
+Family differences are ModelConfig fields, never family checks in this file:
+
+    norm        LayerNorm (GPT-2) | RMSNorm (Llama, Qwen)
+    positions   learned table (GPT-2) | RoPE with theta and scaling (Llama 3.1/3.2's "llama3")
+    mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU)
+    attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
+                per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three
+    head        tied to the token embedding or not
 
 Class names follow the book (GPTModel, TransformerBlock, MultiHeadAttention, FeedForward, LayerNorm,
-GELU); attribute names follow Hugging Face's GPT-2, so a parameter path here is the HF path without
-its `transformer.` prefix:
-
-    book                          here (== HF GPT-2)
-    tok_emb, pos_emb, drop_emb    wte, wpe, drop
-    trf_blocks[i]                 h[i]
-      norm1 / norm2               h.i.ln_1 / h.i.ln_2          (LayerNorm scale/shift -> weight/bias)
-      att.W_query/W_key/W_value   h.i.attn.c_attn             (one fused Linear emb -> 3*emb, q|k|v)
-      att.out_proj                h.i.attn.c_proj
-      ff.layers[0] / [2]          h.i.mlp.c_fc / h.i.mlp.c_proj
-    final_norm, out_head          ln_f, lm_head
-
-Weights are stored as nn.Linear (out x in); HF's Conv1D stores the transpose, which weights.py
-handles on load/save. LoRA targets and PEFT exports therefore use HF's module names directly.
+GELU); module names follow Llama's HF names (embed_tokens, layers.i.self_attn.q_proj, ...), and
+pipeline.model.families maps them to each family's HF names (GPT-2: wte, h.i.attn.c_attn, ...).
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +24,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
-from pipeline.model.config import GPTConfig
+from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
 
 IGNORE_INDEX = -100
-KV = tuple[torch.Tensor, torch.Tensor]  # per layer: keys and values, each (B, n_heads, T_past, head_dim)
+KV = tuple[torch.Tensor, torch.Tensor]  # per layer: keys and values, each (B, n_kv_heads, T_past, head_dim)
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
 
 
 class LayerNorm(nn.Module):
-    """The book's LayerNorm (biased variance, eps 1e-5); its scale/shift are named weight/bias as in HF.
+    """The book's LayerNorm (biased variance); its scale/shift are named weight/bias as in HF.
 
     F.layer_norm computes exactly (x - mean) / sqrt(var + eps) * weight + bias, fused.
     """
@@ -49,6 +48,24 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back before the scale (as Llama's HF code)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
+
+
 class GELU(nn.Module):
     """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) as in the book,
     computed by torch's fused kernel (HF calls it gelu_new)."""
@@ -58,81 +75,159 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """emb -> 4 emb -> GELU -> emb (the book's ff.layers, named c_fc / c_proj like GPT-2)."""
+    """gelu: emb -> hidden -> GELU -> emb (the book's ff.layers); swiglu: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.emb_dim, cfg.hidden_dim)
-        self.act = GELU()
-        self.c_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim)
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.act = nn.SiLU() if self.swiglu else GELU()
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(self.act(self.c_fc(x))))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else self.act(self.up_proj(x))
+        return self.drop(self.down_proj(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ---------------------------------------------------------------------------------------------
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """theta^(-2j/d) per frequency j, rescaled per cfg.rope_scaling (Llama 3.1's "llama3" smooth interpolation:
+    long wavelengths slowed by `factor`, short ones kept, a linear blend between)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = dict(cfg.rope_scaling or {})
+    if s.get("type") == "linear":
+        return inv / s["factor"]
+    if s.get("type") == "llama3":
+        old, factor = s["original_max_position_embeddings"], s["factor"]
+        low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+    """cos and sin for exactly these positions (no table: a 131,072-token context costs nothing at load)."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """HF's (non-interleaved) rotation: the first and second half of each head are the pairs."""
+    cos, sin = rope
+    return x * cos + _rotate_half(x) * sin
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention with one fused q|k|v projection and torch's SDPA kernel.
+    """Causal self-attention with grouped key/value heads and torch's SDPA kernel.
 
     No T x T mask buffer: causality comes from `is_causal`, or from an explicit boolean mask when
-    padding must be hidden or a KV cache shifts the query positions.
+    padding or packed segments must be hidden or a KV cache shifts the query positions. The cache
+    holds the n_kv_heads keys/values, not their repeats (SDPA's enable_gqa shares them).
     """
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.split = (q, kv, kv)
+        self.fused = cfg.qkv_fused
+        if self.fused:
+            self.qkv_proj = nn.Linear(cfg.emb_dim, q + 2 * kv, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(cfg.emb_dim, q, bias=cfg.qkv_bias)
+            self.k_proj = nn.Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
+            self.v_proj = nn.Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.emb_dim, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | None, past: KV | None) -> tuple[torch.Tensor, KV]:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | None, past: KV | None,
+                rope: Rope | None) -> tuple[torch.Tensor, KV]:
+        b, t, _ = x.shape
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split(self.split, dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         y = attend(q, k, v, mask, is_causal=mask is None and past is None,
                    dropout_p=self.drop_rate if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(b, t, c)
-        return self.resid_drop(self.c_proj(y)), (k, v)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        return self.resid_drop(self.o_proj(y)), (k, v)
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (the book's shortcut connections)."""
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections)."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
-        self.attn = MultiHeadAttention(cfg)
-        self.ln_2 = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.emb_dim)
+        self.self_attn = MultiHeadAttention(cfg)
+        self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, past: KV | None) -> tuple[torch.Tensor, KV]:
-        a, kv = self.attn(self.ln_1(x), mask, past)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | None, past: KV | None,
+                rope: Rope | None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.self_attn(self.input_layernorm(x), mask, past, rope)
         x = x + a
-        return x + self.mlp(self.ln_2(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class GPTModel(nn.Module):
-    """Token + position embeddings, n_layers TransformerBlocks, final LayerNorm, output head."""
+    """Token embeddings (+ learned positions), n_layers TransformerBlocks, final norm, output head."""
 
-    def __init__(self, cfg: GPTConfig, seed: int | None = 0):
+    def __init__(self, cfg: ModelConfig, seed: int | None = 0):
         super().__init__()
         self.cfg = cfg
         # _weight skips nn.Embedding's own normal_ init: init_weights does it (seeded), and on the meta
         # device (weights.py) that init would import torch._dynamo, costing seconds per process.
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim, _weight=torch.empty(cfg.vocab_size, cfg.emb_dim))
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim, _weight=torch.empty(cfg.context_length, cfg.emb_dim))
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.emb_dim, _weight=torch.empty(cfg.vocab_size, cfg.emb_dim))
+        if cfg.positions == "learned":
+            self.pos_embed = nn.Embedding(cfg.context_length, cfg.emb_dim,
+                                          _weight=torch.empty(cfg.context_length, cfg.emb_dim))
         self.drop = nn.Dropout(cfg.drop_rate)
-        self.h = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = LayerNorm(cfg.emb_dim, cfg.layer_norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg, cfg.emb_dim)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        if cfg.tie_weights:
-            self.lm_head.weight = self.wte.weight
+        self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
         self.gradient_checkpointing = False
-        if seed is not None and self.wte.weight.device.type != "meta":
+        if cfg.tie_weights:
+            self.lm_head.weight = self.embed_tokens.weight
+        if seed is not None and self.embed_tokens.weight.device.type != "meta":
             self.init_weights(seed)
+
+    def tie_weights(self) -> None:
+        """Re-establish tying (after load_state_dict(assign=True) replaced the Parameter objects)."""
+        if self.cfg.tie_weights:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in the backward instead of keeping them (activation
@@ -141,27 +236,31 @@ class GPTModel(nn.Module):
         replays its RNG state: torch's non-reentrant checkpoint preserves it)."""
         self.gradient_checkpointing = bool(enabled)
 
-    def tie_weights(self) -> None:
-        """Re-establish tying (after load_state_dict(assign=True) replaced the Parameter objects)."""
-        if self.cfg.tie_weights:
-            self.lm_head.weight = self.wte.weight
-
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """GPT-2's init: N(0, 0.02) for matrices and embeddings, residual projections N(0, 0.02/sqrt(2 n_layers)),
         zero biases, unit norms. A private generator makes it a pure function of the seed."""
-        gen = torch.Generator(device=self.wte.weight.device).manual_seed(seed)
+        gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 if module is self.lm_head and self.cfg.tie_weights:
                     continue
-                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("c_proj") else 0.02
+                residual = name.endswith(("o_proj", "down_proj"))
+                std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if residual else 0.02
                 nn.init.normal_(module.weight, 0.0, std, generator=gen)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, LayerNorm):
+            elif isinstance(module, (LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if isinstance(module, LayerNorm):
+                    nn.init.zeros_(module.bias)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope | None:
+        if self.cfg.positions != "rope":
+            return None
+        if self._inv_freq is None or self._inv_freq.device != position_ids.device:
+            self._inv_freq = rope_inv_freq(self.cfg, position_ids.device)
+        return rope_cos_sin(self._inv_freq, position_ids, dtype)
 
     def forward(
         self,
@@ -169,23 +268,20 @@ class GPTModel(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         past_kv: list[KV] | None = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
-        segment_ids: torch.Tensor | None = None,
-    ):
+    ) -> Any:
         """Logits (B, T, V); (logits, new_past_kv) with use_cache; with labels the loss instead.
 
-        attention_mask (B, T_past + T) marks real tokens with 1. labels (B, T) are already shifted
+        attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
+        sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
+        causal mask; pass position_ids restarting at 0 per segment). labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
-        labels the output head runs only at the labelled positions (with short responses most
-        positions are prompt or padding, and the V-wide head is the largest matmul), returning the
-        mean cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches.
-
-        segment_ids (B, T) (packed rows, neat_packing): a token attends only to earlier tokens of its
-        own segment (block-diagonal causal attention); the caller supplies position_ids that restart at
-        0 in every segment. Then every packed example computes exactly what it would alone.
+        labels the output head runs only at the labelled positions, returning the mean
+        cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches.
         """
         b, t = input_ids.shape
         past_len = past_kv[0][0].shape[2] if past_kv else 0
@@ -193,29 +289,34 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        x = self.embed_tokens(input_ids)
+        if self.cfg.positions == "learned":
+            x = x + self.pos_embed(position_ids)
+        x = self.drop(x)
         if segment_ids is not None:
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
             mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0)
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
-        new_kv: list[KV] = []
+        rope = self._rope(position_ids.expand(b, t), x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
-        for i, block in enumerate(self.h):
+        new_kv: list[KV] = []
+        for i, block in enumerate(self.layers):
+            past = past_kv[i] if past_kv else None
             if recompute:
-                x, kv = checkpoint(block, x, mask, None, use_reentrant=False)
+                x, kv = checkpoint(block, x, mask, None, rope, use_reentrant=False)
             else:
-                x, kv = block(x, mask, past_kv[i] if past_kv else None)
+                x, kv = block(x, mask, past, rope)
             if use_cache:
                 new_kv.append(kv)
-        x = self.ln_f(x)
+        x = self.norm(x)
         if labels is not None:
             return self.loss(x, labels, reduction)
         logits = self.lm_head(x)
         return (logits, new_kv) if use_cache else logits
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"):
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> Any:
         """Cross-entropy with the head computed only where labels != -100 (same value as over full logits).
 
         reduction="none": per-token cross-entropy (B, T) in fp32, 0 where labels == -100 (a preference loss
@@ -255,4 +356,3 @@ def _attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, past_le
         return causal
     keys = attention_mask.to(torch.bool).view(b, 1, 1, total)
     return causal & (keys | (k_pos == q_pos).view(1, 1, t, total))
-

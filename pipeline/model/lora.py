@@ -8,7 +8,9 @@ adapter means the same thing when PEFT loads it. The book's behaviour is alpha_b
 
 Init follows the book: A (in x r) kaiming-uniform(a=sqrt(5)), B (r x out) zeros, so a fresh adapter
 leaves the model's output unchanged. In PEFT's file layout lora_A.weight is A^T (r x in) and
-lora_B.weight is B^T (out x r); GPT-2's Conv1D base layers make it fan_in_fan_out: true.
+lora_B.weight is B^T (out x r) whatever the base layer; GPT-2's Conv1D base layers make the config say
+fan_in_fan_out: true (Llama / Qwen nn.Linear: false). Targets and file keys use the family's HF module
+names (pipeline.model.families): c_attn / c_proj / c_fc for GPT-2, q_proj .. down_proj for Llama and Qwen.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.config import default_lora_alpha, lora_candidates, select_modules
-from pipeline.model.weights import CONV1D, read_tensors
+from pipeline.model.families import FAMILIES, GPT2, Family
+from pipeline.model.weights import read_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -102,14 +105,16 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
                seed: int | None = None, additional_targets: Iterable[str] | None = None) -> list[str]:
     """Freeze the model, wrap the targeted Linears (not the output head) with LoRA; returns their paths.
 
-    Patterns match module paths by suffix (PEFT's rule): 'c_attn', 'attn.c_proj', 'c_proj' (both
-    projections), 'h.0.attn.c_attn' (one block); 'all' = every Linear except lm_head. A pattern that
+    Patterns are the family's HF module names, matched by suffix (PEFT's rule): for GPT-2 'c_attn',
+    'attn.c_proj', 'c_proj' (both projections), 'h.0.attn.c_attn' (one block); for Llama / Qwen 'q_proj',
+    'mlp.down_proj', 'layers.0.self_attn.q_proj'; 'all' = every Linear except lm_head. A pattern that
     matches nothing is a UserError naming the available modules. additional_targets are trained in full.
     """
     alpha = default_lora_alpha(rank) if alpha is None else alpha
-    chosen = select_modules(lora_candidates(linear_names(model)), targets)
+    family = family_of_model(model)
+    chosen = select_modules(lora_candidates(linear_names(model)), targets, family=family)
     extra = [] if not additional_targets else select_modules(
-        [n for n, _ in model.named_modules() if n], list(additional_targets), key="additional_target")
+        [n for n, _ in model.named_modules() if n], list(additional_targets), key="additional_target", family=family)
     model.requires_grad_(False)
     generator = None
     if seed is not None:
@@ -217,39 +222,43 @@ def unmerge_lora(model: nn.Module) -> list[str]:
 # Adapter files (PEFT layout)
 # ------------------------------------------------------------------------------------------------
 
-def hf_path(name: str) -> str:
-    return name if name.startswith("lm_head") else "transformer." + name
-
-
-def _our_path(hf_name: str) -> str:
-    return hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
+def family_of_model(model: nn.Module) -> Family:
+    """The model's family (a GPTModel's cfg.family); a bare module (unit tests) counts as GPT-2."""
+    cfg = getattr(model, "cfg", None)
+    return FAMILIES[cfg.family] if cfg is not None else GPT2
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors (+ additional_target modules), keyed as PEFT saves them for GPT2LMHeadModel."""
+    """Only the LoRA tensors (+ additional_target modules), keyed as PEFT saves them for the family's HF class."""
+    family = family_of_model(model)
     out: dict[str, torch.Tensor] = {}
     for name, wrapper in lora_modules(model).items():
-        key = PEFT_PREFIX + hf_path(name)
+        key = PEFT_PREFIX + family.to_hf(name)
         out[f"{key}.lora_A.weight"] = wrapper.lora.A.detach().t()
         out[f"{key}.lora_B.weight"] = wrapper.lora.B.detach().t()
     for name in getattr(model, "_lora_additional", []):
         for pname, tensor in model.get_submodule(name).state_dict().items():
-            out[f"{PEFT_PREFIX}{hf_path(name)}.{pname}"] = _hf_layout(f"{name}.{pname}", tensor.detach())
+            out[f"{PEFT_PREFIX}{family.to_hf(name)}.{pname}"] = _hf_layout(family, f"{name}.{pname}", tensor.detach())
     return out
 
 
-def _hf_layout(param: str, tensor: torch.Tensor) -> torch.Tensor:
+def _hf_layout(family: Family, param: str, tensor: torch.Tensor) -> torch.Tensor:
     """Conv1D weights are stored transposed in HF GPT-2 (the transpose is its own inverse)."""
-    return tensor.t() if param.endswith(CONV1D) else tensor
+    return tensor.t() if family.is_conv1d(param) else tensor
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Short suffixes (c_attn, c_proj, ...) when they select exactly `names` among the Linears, else full paths."""
+    """Short HF suffixes (c_attn, q_proj, ...) when they select exactly `names` among the Linears, else full paths."""
+    family = family_of_model(model)
     candidates = lora_candidates(linear_names(model)) + list(lora_modules(model))
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    if {n for n in candidates if n.rsplit(".", 1)[-1] in leaves} == set(names):
+
+    def leaf(n: str) -> str:
+        return family.to_hf(n).rsplit(".", 1)[-1]
+
+    leaves = sorted({leaf(n) for n in names})
+    if {n for n in candidates if leaf(n) in leaves} == set(names):
         return leaves
-    return [hf_path(n) for n in names]
+    return [family.to_hf(n) for n in names]
 
 
 def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str, Any] | None = None) -> Path:
@@ -266,6 +275,7 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         raise ValueError(f"mixed LoRA settings cannot be described by one adapter_config: {sorted(ranks)}")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     additional = getattr(model, "_lora_additional", [])
+    family = family_of_model(model)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -275,9 +285,9 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, list(wrappers)),
         "use_rslora": first.lora.use_rslora,
-        "fan_in_fan_out": True,
+        "fan_in_fan_out": bool(family.conv1d),
         "bias": "none",
-        "modules_to_save": [hf_path(n) for n in additional] or None,
+        "modules_to_save": [family.to_hf(n) for n in additional] or None,
         "init_lora_weights": True,
         "inference_mode": True,
         **(dict(cfg_info) if cfg_info else {}),
@@ -358,10 +368,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         _check_settings(existing, config, directory / ADAPTER_CONFIG)
     else:
         targets = config["target_modules"]
-        apply_lora(model, [_our_path(t) for t in ([targets] if isinstance(targets, str) else targets)],
+        apply_lora(model, [targets] if isinstance(targets, str) else targets,
                    rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                    dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
-                   additional_targets=[_our_path(t) for t in config.get("modules_to_save") or []])
+                   additional_targets=config.get("modules_to_save") or [])
     model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     problems = []
     for key, shape in model_keys.items():
@@ -374,12 +384,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                  " LoRA module" for k in sorted(set(tensors) - set(model_keys))]
     if problems:
         raise UserError(problems)
+    family = family_of_model(model)
     with torch.no_grad():
         for name, wrapper in lora_modules(model).items():
-            key = PEFT_PREFIX + hf_path(name)
+            key = PEFT_PREFIX + family.to_hf(name)
             wrapper.lora.A.copy_(tensors[f"{key}.lora_A.weight"].t())
             wrapper.lora.B.copy_(tensors[f"{key}.lora_B.weight"].t())
         for name in getattr(model, "_lora_additional", []):
             for pname, param in model.get_submodule(name).named_parameters():
-                param.copy_(_hf_layout(f"{name}.{pname}", tensors[f"{PEFT_PREFIX}{hf_path(name)}.{pname}"]))
+                param.copy_(_hf_layout(family, f"{name}.{pname}",
+                                       tensors[f"{PEFT_PREFIX}{family.to_hf(name)}.{pname}"]))
     return list(lora_modules(model))

@@ -1,8 +1,10 @@
-"""Weights in and out: presets (seeded random init), Hugging Face GPT-2 checkpoints, our own checkpoints.
+"""Weights in and out: presets (seeded random init), Hugging Face checkpoints of every supported family,
+our own checkpoints.
 
-Everything is safetensors; nothing is unpickled. HF GPT-2 stores its projections as Conv1D
-(in x out), the transpose of our nn.Linear (out x in); q|k|v stay fused in c_attn either way.
-Directories are written with pipeline.io.atomic_dir: they appear complete or not at all.
+Everything is safetensors; nothing is unpickled. Names go through the family's map
+(pipeline.model.families): HF GPT-2 stores its projections as Conv1D (in x out), the transpose of our
+nn.Linear (out x in); Llama and Qwen use our names under `model.`. Directories are written with
+pipeline.io.atomic_dir: they appear complete or not at all.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,14 +20,13 @@ from safetensors.torch import save_file
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
-from pipeline.model.config import (PRESETS, GPTConfig, checkpoint_kind, config_path, read_config,
+from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config_path, read_config, read_raw,
                                    to_hf_config, to_own_config)
+from pipeline.model.families import FAMILIES, GPT2, check_exportable
 from pipeline.model.gpt import GPTModel
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal-mask buffers old GPT-2 checkpoints carry
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_TENSOR_PROBLEMS = 8
 
@@ -34,9 +35,9 @@ MAX_TENSOR_PROBLEMS = 8
 # Loading
 # ------------------------------------------------------------------------------------------------
 
-def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: GPTConfig | None = None,
+def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | None = None,
                dtype: torch.dtype = torch.float32) -> GPTModel:
-    """A GPTModel from a preset (random, seeded), an HF GPT-2 directory or one of our checkpoints.
+    """A GPTModel from a preset (random, seeded), an HF checkpoint directory or one of our checkpoints.
 
     `cfg` may override the checkpoint's config where the weights allow it (dropout, a shorter
     context: the position table is cut; untying a tied head: it starts as a copy of wte).
@@ -45,11 +46,11 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: GPTConfig | None
         return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
     path = config_path(name_or_path)
     assert path is not None
-    raw = json.loads(path.read_text(encoding="utf-8"))
     file_cfg = read_config(path.parent)
-    state = read_state_dict(path.parent, hf=checkpoint_kind(raw) == "hf", cfg=file_cfg)
+    kind = checkpoint_kind(read_raw(path))
+    state = read_state_dict(path.parent, kind=kind, cfg=file_cfg)
     return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=path.parent, file_cfg=file_cfg,
-                                 dtype=dtype)
+                                 dtype=dtype, hf_names=kind != "pipeline")
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -83,33 +84,45 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
                             " (download or save it again)") from None
 
 
-def read_state_dict(directory: Path, *, hf: bool, cfg: GPTConfig) -> dict[str, tuple[Path, torch.Tensor]]:
-    """Our parameter names -> (file, tensor); HF names lose `transformer.` and Conv1D weights are transposed."""
+def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Our parameter names -> (file, tensor), through the family's name map.
+
+    kind "hf": HF names (with or without the model prefix), buffers skipped, Conv1D weights transposed;
+    "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
+    """
+    family = GPT2 if kind == "pipeline-v1" else FAMILIES[cfg.family]
     state: dict[str, tuple[Path, torch.Tensor]] = {}
     for file, key, tensor in read_tensors(_shard_files(directory)):
-        name = key[len("transformer."):] if hf and key.startswith("transformer.") else key
-        if hf:
-            if name.endswith(HF_BUFFERS):
+        name = key
+        if kind != "pipeline":
+            if key.endswith(family.skip):
                 continue
-            if name == "lm_head.weight" and cfg.tie_weights:
-                continue  # transformers ties it to wte too
-            if name.endswith(CONV1D):
-                tensor = tensor.t().contiguous()  # a transposed view would become a strided parameter
+            name = family.from_hf(key)
+            if kind == "hf":
+                if name == "lm_head.weight" and cfg.tie_weights:
+                    continue  # transformers ties it to the embedding too
+                if family.is_conv1d(name):
+                    tensor = tensor.t().contiguous()  # a transposed view would become a strided parameter
         state[name] = (file, tensor)
     return state
 
 
-def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, tuple[Path, torch.Tensor]], *, source: Path,
-                          file_cfg: GPTConfig | None = None, dtype: torch.dtype = torch.float32) -> GPTModel:
+def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torch.Tensor]], *, source: Path,
+                          file_cfg: ModelConfig | None = None, dtype: torch.dtype = torch.float32,
+                          hf_names: bool = False) -> GPTModel:
     """Check every key and shape against GPTModel(cfg) and assign the tensors (no random init first)."""
     file_cfg = file_cfg or cfg
     state = dict(state)
-    if cfg.context_length < file_cfg.context_length and "wpe.weight" in state:
-        file, wpe = state["wpe.weight"]
-        state["wpe.weight"] = (file, wpe[: cfg.context_length])
-    if not cfg.tie_weights and file_cfg.tie_weights and "lm_head.weight" not in state and "wte.weight" in state:
-        file, wte = state["wte.weight"]
+    if cfg.context_length < file_cfg.context_length and "pos_embed.weight" in state:
+        file, wpe = state["pos_embed.weight"]
+        state["pos_embed.weight"] = (file, wpe[: cfg.context_length])
+    if not cfg.tie_weights and file_cfg.tie_weights and "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        file, wte = state["embed_tokens.weight"]
         state["lm_head.weight"] = (file, wte.clone())
+    family = FAMILIES[file_cfg.family]
+
+    def shown(key: str) -> str:  # a tensor as the user's files name it (HF names without the model prefix)
+        return family.strip(family.to_hf(key)) if hf_names else key
     with torch.device("meta"):
         model = GPTModel(cfg, seed=None)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -118,14 +131,14 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, tuple[Path, torch.
     problems = []
     for key, shape in expected.items():
         if key not in state:
-            problems.append(f"{source}: missing tensor '{key}' (expected shape {list(shape)})")
+            problems.append(f"{source}: missing tensor '{shown(key)}' (expected shape {list(shape)})")
         elif tuple(state[key][1].shape) != shape:
             file, tensor = state[key]
-            problems.append(f"{file or source}: tensor '{key}' has shape {list(tensor.shape)},"
+            problems.append(f"{file or source}: tensor '{shown(key)}' has shape {list(tensor.shape)},"
                             f" the model expects {list(shape)}")
     for key in sorted(set(state) - set(expected)):
         file, tensor = state[key]
-        problems.append(f"{file or source}: unexpected tensor '{key}' (shape {list(tensor.shape)})")
+        problems.append(f"{file or source}: unexpected tensor '{shown(key)}' (shape {list(tensor.shape)})")
     if problems:
         if len(problems) > MAX_TENSOR_PROBLEMS:  # weights of another model size: the first ones say enough
             problems = problems[:MAX_TENSOR_PROBLEMS] + [
@@ -143,7 +156,7 @@ def model_from_state_dict(cfg: GPTConfig, state: Mapping[str, tuple[Path, torch.
     return model
 
 
-def _diff(a: GPTConfig, b: GPTConfig) -> str:
+def _diff(a: ModelConfig, b: ModelConfig) -> str:
     da, db = a.to_dict(), b.to_dict()
     return ", ".join(f"{k} {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k])
 
@@ -172,15 +185,21 @@ def save_model(model: GPTModel, directory: str | Path, dtype: str = "fp32") -> P
 
 
 def hf_state_dict(model: GPTModel, dtype: str = "fp32") -> dict[str, torch.Tensor]:
-    """HF GPT-2 names (transformer. prefix), Conv1D layout; a missing qkv bias is written as zeros."""
+    """The family's HF names and layout (GPT-2: Conv1D); GPT-2 without qkv bias gets zeros (it always has one)."""
+    cfg = model.cfg
+    family = FAMILIES[cfg.family]
+    problems = [p for p in check_exportable(cfg) if not (family is GPT2 and "qkv_bias" in p)]
+    if problems:
+        raise UserError([f"export: {p}; this model cannot be written in the {family.architecture} layout"
+                         for p in problems])
     out: dict[str, torch.Tensor] = {}
     for name, tensor in plain_state_dict(model).items():
-        if name.endswith(CONV1D):
+        if family.is_conv1d(name):
             tensor = tensor.t()
-        out[name if name.startswith("lm_head") else "transformer." + name] = tensor.to(DTYPES[dtype]).contiguous().cpu()
-    if not model.cfg.qkv_bias:  # GPT2LMHeadModel always has a c_attn bias; zeros are the same function
-        for i in range(model.cfg.n_layers):
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * model.cfg.emb_dim, dtype=DTYPES[dtype])
+        out[family.to_hf(name)] = tensor.to(DTYPES[dtype]).contiguous().cpu()
+    if family is GPT2 and not cfg.qkv_bias:  # GPT2LMHeadModel always has a c_attn bias; zeros are the same function
+        for i in range(cfg.n_layers):
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim, dtype=DTYPES[dtype])
     return out
 
 
@@ -197,24 +216,36 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[
     return shards
 
 
-def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None) -> Path:
-    """The Hugging Face GPT-2 layout (loads with transformers.GPT2LMHeadModel.from_pretrained).
+def default_special_ids(cfg: ModelConfig) -> dict[str, int | None]:
+    """bos/eos/pad ids when the caller knows no tokenizer: GPT-2's <|endoftext|> for GPT-2, none otherwise."""
+    if cfg.family == "gpt2":
+        from pipeline.data.tokenizer import gpt2
 
-    Writes config.json, generation_config.json (GPT-2's <|endoftext|> as bos/eos/pad) and model.safetensors, or
-    model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger than max_shard_bytes.
-    No tokenizer files: GPT-2's tokenizer is the hub's `openai-community/gpt2` one (tiktoken's gpt2 here).
+        tok = gpt2()
+        return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {}
+
+
+def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None,
+            special: Mapping[str, Any] | None = None) -> Path:
+    """The family's Hugging Face layout (loads with transformers.AutoModelForCausalLM.from_pretrained).
+
+    Writes config.json (the family's architectures), generation_config.json (`special`: bos/eos/pad
+    token ids, GPT-2's 50256 by default) and model.safetensors, or model-0000i-of-0000n.safetensors +
+    model.safetensors.index.json when larger than max_shard_bytes. Tokenizer files are the caller's
+    (merge copies the base checkpoint's, or writes GPT-2's).
     """
     if dtype not in DTYPES:
         raise UserError(f"export_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     state = hf_state_dict(model, dtype)
     shards = _shards(state, max_shard_bytes)
+    special = dict(default_special_ids(model.cfg) if special is None else special)
+    ids = {k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     with atomic_dir(directory) as tmp:
-        write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch.")))
-        from pipeline.data.tokenizer import gpt2
-
-        tok = gpt2()
-        write_json(tmp / "generation_config.json",
-                   {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
+        write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch."),
+                                                     {k: (v[0] if isinstance(v, list) and v else v)
+                                                      for k, v in ids.items()}))
+        write_json(tmp / "generation_config.json", special)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
         else:

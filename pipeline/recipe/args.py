@@ -7,9 +7,11 @@ stays the single source of keys and defaults: `from_recipe` fills a key a plain 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
+from pipeline.model.build import FinetuneArgs, ModelArgs
 from pipeline.recipe import spec
 
 
@@ -52,3 +54,27 @@ class GenerationArgs:
         if self.stop_strings:
             out["stop_strings"] = list(self.stop_strings)
         return out
+
+
+def value(r: Mapping[str, Any], key: str) -> Any:
+    """One recipe key, or the schema's default when the mapping lacks it (or holds null)."""
+    return _value(r, key)
+
+
+class RecipeModel(NamedTuple):
+    """The model layer's view of a recipe: its base weights and overrides, and the fine-tuning type."""
+
+    model: ModelArgs
+    finetune: FinetuneArgs
+
+
+def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
+    """Fill dataclass `cls` from the recipe's keys of the same names (schema defaults for keys a mapping lacks;
+    a null the recipe states is kept: for these groups null means "keep the checkpoint's value")."""
+    fallback = spec.defaults()
+    return cls(**{f.name: r[f.name] if f.name in r else fallback[f.name] for f in dataclasses.fields(cls)})
+
+
+def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
+    """Resolved recipe (or a plain dict in tests) -> (ModelArgs, FinetuneArgs) for pipeline.model.build."""
+    return RecipeModel(from_recipe(ModelArgs, r), from_recipe(FinetuneArgs, r))

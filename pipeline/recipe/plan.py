@@ -9,9 +9,12 @@ Memory per rank (bytes; w = 2 with bf16/fp16, else 4; P = all parameters, T = tr
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
                                             plus fp32 logits for the loss; an upper bound: sft computes the
-                                            head only where labels are trained)
+                                            head only where labels are trained). 34h is GPT-2's block; for
+                                            GQA and SwiGLU blocks pipeline.model.config.activation_bytes
+                                            counts q, k/v and the MLP at their own widths.
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
-with s = cutoff_len, b = per_device_train_batch_size, h = width, a = heads, L = layers, V = vocabulary.
+with s = cutoff_len, b = per_device_train_batch_size, h = width, a = heads, L = layers, V = vocabulary
+(50,257 for GPT-2, 128,256 for Llama 3, 151,936 for Qwen).
 """
 from __future__ import annotations
 
@@ -56,8 +59,10 @@ def estimate_memory(r: Resolved) -> Memory | None:
     grads = trainable * w / (world if stage >= 2 else 1)
     optim = trainable * (12 if half else 8) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
-    b, h, a, L, V = r["per_device_train_batch_size"], info.n_embd, info.n_head, info.n_layer, info.vocab_size
-    per_block = s * b * h * (34 + 5 * a * s / h) * w / 2
+    from pipeline.model.config import activation_bytes
+
+    b, h, L, V = r["per_device_train_batch_size"], info.n_embd, info.n_layer, info.vocab_size
+    per_block = activation_bytes(info.config, s, b, w)
     if r["disable_gradient_checkpointing"]:
         activations = L * per_block + s * b * V * 4
     else:  # recomputation per block: each block's input is kept, and one block's activations at a time

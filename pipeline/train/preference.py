@@ -75,7 +75,10 @@ def build_reference(r: Mapping[str, Any], engine: Any) -> AdapterReference | Mod
         return None
     if r["ref_model"] is None and r["finetuning_type"] == "lora":
         return AdapterReference(engine)
+    import dataclasses
+
     from pipeline.model.build import apply_finetuning_type, load_base
+    from pipeline.recipe.args import recipe_args
 
     if r["ref_model"] is not None:
         from pipeline.model.weights import load_model
@@ -85,7 +88,9 @@ def build_reference(r: Mapping[str, Any], engine: Any) -> AdapterReference | Mod
         description = f"ref_model {r['ref_model']}"
     else:
         # the starting weights as the policy gets them (an adapter_name_or_path folded in), not trained
-        model = apply_finetuning_type(load_base(r, dropout=False), {**r.to_dict(), "finetuning_type": "full"})
+        args = recipe_args(r)
+        model = apply_finetuning_type(load_base(args.model, dropout=False),
+                                      dataclasses.replace(args.finetune, finetuning_type="full"))
         description = "the starting model (a frozen copy)"
     model.requires_grad_(False).eval()
     return ModelReference(_place(model, r, engine), description)

@@ -55,6 +55,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     from pipeline.data.loaders import count_examples, make_loader
     from pipeline.model.build import build_model
+    from pipeline.recipe.args import recipe_args
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, evaluate
@@ -76,7 +77,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
     has_val = count_examples(r)["val"] > 0
     val_loader = make_loader(r, "val", rank=rank, world_size=world, shuffle=False) if has_val else None
-    model = build_model(r)
+    model = build_model(*recipe_args(r))
     enable_features(model, r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
@@ -95,7 +96,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         for notice in notices:
             print(notice, file=sys.stderr, flush=True)
 
-    exporter = Exporter(engine, r, lambda: quietly(build_model, r))
+    exporter = Exporter(engine, r, lambda: quietly(build_model, *recipe_args(r)))
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
                    reporters=Reporters(r, output_dir, enabled=dist.is_main()))
     with one_step or StopRequest() as stop:

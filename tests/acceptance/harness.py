@@ -40,12 +40,28 @@ class Family:
     tiny: dict[str, Any] = field(default_factory=dict)
     context_key: str = "max_position_embeddings"  # the config key of the longest sequence
     hints: tuple[str, ...] = ()  # lower-case substrings of a model line (hub id, preset, folder) naming the family
+    tokenizer: str | None = None  # tests.helpers.hf_vocab family whose real tokenizer files go beside the weights
 
 
+_DECODER = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256)
 FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT2Config", "GPT2LMHeadModel",
                    dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=50257),
                    context_key="n_positions", hints=("gpt2", "gpt-2")),
+    # the real vocabularies (Llama 3: 128,256 ids; Qwen: 151,936), GQA, Llama 3.1's rope scaling, Qwen2's q/k/v
+    # biases, Qwen3's explicit head_dim and q/k norms; tokenizer files from tests/helpers/hf_vocab.py
+    "llama": Family("LlamaConfig", "LlamaForCausalLM",
+                    dict(_DECODER, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                         bos_token_id=128000, eos_token_id=128009),
+                    hints=("llama",), tokenizer="llama3"),
+    "qwen2": Family("Qwen2Config", "Qwen2ForCausalLM", dict(_DECODER, vocab_size=151936, tie_word_embeddings=True),
+                    hints=("qwen2",), tokenizer="qwen2"),
+    "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM",
+                    dict(_DECODER, vocab_size=151936, head_dim=16, tie_word_embeddings=False),
+                    hints=("qwen3",), tokenizer="qwen3"),
 }
 
 
@@ -71,9 +87,14 @@ def hf_model(family: str = "gpt2", *, seed: int = 0, noise: float = 0.1, **overr
 
 
 def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, **overrides: Any) -> Any:
-    """save_pretrained(directory) of a tiny random `family` model (safetensors); returns the model."""
+    """save_pretrained(directory) of a tiny random `family` model (safetensors) with the family's tokenizer files
+    (Llama 3 / Qwen: their real vocabularies; GPT-2's comes from the pipeline's own ranks); returns the model."""
     model = hf_model(family, seed=seed, **overrides)
     model.save_pretrained(Path(directory), safe_serialization=True)
+    if FAMILIES[family].tokenizer:
+        from tests.helpers.hf_vocab import write_tokenizer_dir
+
+        write_tokenizer_dir(directory, FAMILIES[family].tokenizer)
     return model
 
 

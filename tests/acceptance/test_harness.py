@@ -9,7 +9,10 @@ from tests.acceptance.harness import REPO, family_of, family_of_recipe, write_hf
 
 
 @pytest.mark.parametrize("line, family", [("models/gpt2-large", "gpt2"), ("openai-community/gpt2", "gpt2"),
-                                          ("tiny", "gpt2"), ("gpt2-small", "gpt2"), ("saves/x/model", None)])
+                                          ("tiny", "gpt2"), ("gpt2-small", "gpt2"), ("saves/x/model", None),
+                                          ("meta-llama/Llama-3.2-1B-Instruct", "llama"), ("llama-3.1-8b", "llama"),
+                                          ("Qwen/Qwen3-0.6B", "qwen3"), ("qwen3-8b", "qwen3"),
+                                          ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2"), ("qwen2.5-7b", "qwen2")])
 def test_family_of_a_model_line(line, family):
     assert family_of(line) == family
 
@@ -35,3 +38,14 @@ def test_write_hf_checkpoint_is_the_save_pretrained_layout(tmp_path):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_layer"] == 2 and config["n_positions"] == 128
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_write_hf_checkpoint_of_the_new_families_loads_with_its_tokenizer(tmp_path, family):
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.model.weights import load_model
+
+    write_hf_checkpoint(tmp_path / "m", family)
+    model = load_model(tmp_path / "m")
+    tokenizer = load_tokenizer(tmp_path / "m")
+    assert model.cfg.family == family and model.cfg.vocab_size >= tokenizer.n_vocab

@@ -71,6 +71,7 @@ def ours(recipe: Path, cwd: Path) -> torch.nn.Module:
 
     from pipeline.chat import chosen_weights
     from pipeline.model.build import load_for_inference
+    from pipeline.recipe.args import recipe_args
     from pipeline.recipe import resolve
 
     here = Path.cwd()
@@ -78,7 +79,7 @@ def ours(recipe: Path, cwd: Path) -> torch.nn.Module:
     try:
         r = resolve(recipe, [], command="generate", env=cli_env(WORLD_SIZE="1"))
         weights = chosen_weights(r, "adapter")
-        return load_for_inference(r, weights.kind, weights.path, device="cpu")
+        return load_for_inference(recipe_args(r).model, weights.kind, weights.path, device="cpu")
     finally:
         os.chdir(here)
 

@@ -101,10 +101,10 @@ def test_head_only_at_labels_matches_full_head_in_bf16():
     assert float(fast.detach()) == pytest.approx(float(full.detach()), rel=2e-3)  # bf16 rounding only
     m.zero_grad()
     fast.backward()
-    fast_grad = m.h[0].attn.c_attn.weight.grad.float().clone()
+    fast_grad = m.layers[0].self_attn.qkv_proj.weight.grad.float().clone()
     m.zero_grad()
     F.cross_entropy(m(ids).float().flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
-    full_grad = m.h[0].attn.c_attn.weight.grad.float()
+    full_grad = m.layers[0].self_attn.qkv_proj.weight.grad.float()
     assert torch.linalg.vector_norm(fast_grad - full_grad) <= 0.02 * torch.linalg.vector_norm(full_grad)
 
 

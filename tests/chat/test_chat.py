@@ -12,6 +12,7 @@ from pipeline import chat
 from pipeline.data.templates import get_template
 from pipeline.data.tokenizer import gpt2
 from pipeline.model.build import load_for_inference
+from pipeline.recipe.args import recipe_args
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import load_model
 
@@ -27,7 +28,7 @@ def args(**kw):
 
 
 def expected(r, text):
-    model = load_for_inference(r, "base", device="cpu")
+    model = load_for_inference(recipe_args(r).model, "base", device="cpu")
     return generate_text(model, gpt2(), text, **chat.generation_kwargs(r, [50256]))
 
 

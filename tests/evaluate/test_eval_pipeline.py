@@ -32,13 +32,14 @@ def test_merge_writes_a_verified_hf_model(make_run):
     transformers = pytest.importorskip("transformers")
     from pipeline.data.tokenize import tokenized_split
     from pipeline.model.build import load_for_inference
+    from pipeline.recipe.args import recipe_args
 
     r = make_run(command="merge")
     merged = _merge(r)
     verification = json.loads((merged / "verification.json").read_text())
     assert verification["samples"] == 4 and verification["logits"]["fp32"] < 1e-4
     hf = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
-    adapted = load_for_inference(r, "adapter", Path(r["output_dir"]) / "adapter", device="cpu")
+    adapted = load_for_inference(recipe_args(r).model, "adapter", Path(r["output_dir"]) / "adapter", device="cpu")
     ids = torch.tensor([tokenized_split(r, "val").example(0).input_ids])
     with torch.no_grad():
         want, got = adapted(ids), hf(ids).logits
@@ -85,7 +86,7 @@ def test_merge_with_a_wrong_scale_is_caught(make_run, monkeypatch):
     real = lora.merge_lora
 
     def doubled(model, keep_original=False):  # a merge that folds in 2 x the update of one layer
-        wrapper = lora.lora_modules(model)["h.0.attn.c_attn"]
+        wrapper = lora.lora_modules(model)["layers.0.self_attn.qkv_proj"]
         with torch.no_grad():
             wrapper.linear.weight += wrapper.lora.delta_weight()
         return real(model, keep_original)
@@ -116,10 +117,11 @@ def test_merge_full_finetuning_is_a_reexport(make_run):
 
 def test_merge_full_model_equal_to_base_is_refused(make_run):
     from pipeline.model.build import load_base
+    from pipeline.recipe.args import recipe_args
     from pipeline.model.weights import save_model
 
     r = make_run(finetuning_type="freeze", command="merge")
-    save_model(load_base(r), Path(r["output_dir"]) / "model")  # "trained" but identical to the base
+    save_model(load_base(recipe_args(r).model), Path(r["output_dir"]) / "model")  # "trained" but identical to the base
     with pytest.raises(UserError) as err:
         merge.run(r)
     assert "every weight equals the base model" in err.value.messages[0]
@@ -148,6 +150,7 @@ def test_eval_writes_base_vs_tuned(make_run):
     from pipeline.data.tokenize import encode_prompt
     from pipeline.data.tokenizer import gpt2
     from pipeline.model.build import load_for_inference
+    from pipeline.recipe.args import recipe_args
     from pipeline.model.generate import generate
 
     r = make_run("max_eval_samples=4")
@@ -159,7 +162,7 @@ def test_eval_writes_base_vs_tuned(make_run):
     assert metrics["decoding"] == {"do_sample": False, "max_new_tokens": 6, "batch_size": 1}
 
     for name, which in (("base", "base"), ("tuned", "adapter")):
-        model = load_for_inference(r, which, Path(r["output_dir"]) / which, device="cpu")
+        model = load_for_inference(recipe_args(r).model, which, Path(r["output_dir"]) / which, device="cpu")
         loss_sum, tokens = _independent_loss(model, r)
         res = metrics["results"][name]
         assert res["loss_tokens"] == tokens and res["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
@@ -205,6 +208,7 @@ def test_eval_without_training_says_make_train(make_run):
 def test_eval_pt_stage_loss_only(make_run):
     from pipeline.data.tokenize import pt_stream
     from pipeline.model.build import load_for_inference
+    from pipeline.recipe.args import recipe_args
 
     r = make_run("cutoff_len=32", stage="pt", finetuning_type="full")
     E.run(r)
@@ -214,7 +218,7 @@ def test_eval_pt_stage_loss_only(make_run):
     # the book's windows: starts 0, 32, ... < len - 32; inputs [s, s+32), targets shifted by one
     stream = torch.tensor(pt_stream(r, "val").astype("int64"))
     starts = range(0, len(stream) - 32, 32)
-    model = load_for_inference(r, "model", Path(r["output_dir"]) / "model", device="cpu")
+    model = load_for_inference(recipe_args(r).model, "model", Path(r["output_dir"]) / "model", device="cpu")
     with torch.no_grad():
         losses = [F.cross_entropy(model(stream[s:s + 32][None])[0], stream[s + 1:s + 33], reduction="sum").item()
                   for s in starts]

@@ -6,6 +6,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.model.build import build_model, load_for_inference
+from pipeline.recipe.args import recipe_args
 from pipeline.model.config import PRESETS, count_params, trainable_params
 from pipeline.model.lora import LinearWithLoRA, merge_lora, save_adapter, trainable_report
 from pipeline.model.weights import save_hf, save_model
@@ -19,96 +20,101 @@ def recipe(tmp_path, **kw):
     return {**base, **kw}
 
 
+def build(r):
+    """build_model from a recipe dict, through the typed arguments train passes."""
+    return build_model(*recipe_args(r))
+
+
 def trainable_names(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_lora_build(tmp_path, capsys):
-    model = build_model(recipe(tmp_path, lora_target=["c_attn", "c_fc"], additional_target=["ln_f"]))
+    model = build(recipe(tmp_path, lora_target=["c_attn", "c_fc"], additional_target=["ln_f"]))
     assert "random weights (seed 42)" in capsys.readouterr().err
-    wrapper = model.h[0].attn.c_attn
+    wrapper = model.layers[0].self_attn.qkv_proj
     assert isinstance(wrapper, LinearWithLoRA) and wrapper.lora.alpha == 8 and wrapper.lora.scaling == 2.0
     assert trainable_report(model)[0] == trainable_params(PRESETS["tiny"], "lora", 4, ["c_attn", "c_fc"],
                                                           additional_target=["ln_f"])
-    assert {"ln_f.weight", "ln_f.bias"} <= trainable_names(model)
-    again = build_model(recipe(tmp_path, lora_target=["c_attn", "c_fc"], additional_target=["ln_f"]))
-    assert torch.equal(again.h[1].mlp.c_fc.lora.A, model.h[1].mlp.c_fc.lora.A)  # seeded
+    assert {"norm.weight", "norm.bias"} <= trainable_names(model)
+    again = build(recipe(tmp_path, lora_target=["c_attn", "c_fc"], additional_target=["ln_f"]))
+    assert torch.equal(again.layers[1].mlp.up_proj.lora.A, model.layers[1].mlp.up_proj.lora.A)  # seeded
 
 
 def test_freeze_and_full_build(tmp_path):
-    frozen = build_model(recipe(tmp_path, finetuning_type="freeze", freeze_trainable_layers=1))
+    frozen = build(recipe(tmp_path, finetuning_type="freeze", freeze_trainable_layers=1))
     names = trainable_names(frozen)
-    assert names and all(n.startswith(("h.1.", "ln_f.")) for n in names)
+    assert names and all(n.startswith(("layers.1.", "norm.")) for n in names)
     assert sum(p.numel() for p in frozen.parameters() if p.requires_grad) == \
         trainable_params(PRESETS["tiny"], "freeze", freeze_trainable_layers=1)
-    full = build_model(recipe(tmp_path, finetuning_type="full"))
+    full = build(recipe(tmp_path, finetuning_type="full"))
     assert trainable_report(full)[0] == count_params(PRESETS["tiny"])
     with pytest.raises(UserError, match="freeze_trainable_layers: 5 is out of range"):
-        build_model(recipe(tmp_path, finetuning_type="freeze", freeze_trainable_layers=5))
+        build(recipe(tmp_path, finetuning_type="freeze", freeze_trainable_layers=5))
 
 
 def test_overrides(tmp_path):
-    model = build_model(recipe(tmp_path, context_length=32, qkv_bias=False, tie_word_embeddings=False, dropout=0.1,
+    model = build(recipe(tmp_path, context_length=32, qkv_bias=False, tie_word_embeddings=False, dropout=0.1,
                                finetuning_type="full"))
-    assert model.wpe.weight.shape[0] == 32 and model.h[0].attn.c_attn.bias is None
-    assert model.lm_head.weight is not model.wte.weight and model.cfg.drop_rate == 0.1
+    assert model.pos_embed.weight.shape[0] == 32 and model.layers[0].self_attn.qkv_proj.bias is None
+    assert model.lm_head.weight is not model.embed_tokens.weight and model.cfg.drop_rate == 0.1
 
 
 def test_hf_checkpoint_with_context_override(tmp_path, hf_dir):
     path, ref = hf_dir
-    model = build_model(recipe(tmp_path, model_name_or_path=str(path), context_length=32)).eval()
-    assert model.wpe.weight.shape[0] == 32
+    model = build(recipe(tmp_path, model_name_or_path=str(path), context_length=32)).eval()
+    assert model.pos_embed.weight.shape[0] == 32
     x = torch.randint(0, 50257, (1, 20))
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x).logits, atol=1e-4)
     with pytest.raises(UserError, match="the recipe changed the checkpoint's config .*qkv_bias True -> False"):
-        build_model(recipe(tmp_path, model_name_or_path=str(path), qkv_bias=False))
+        build(recipe(tmp_path, model_name_or_path=str(path), qkv_bias=False))
 
 
 def test_adapter_continues_and_full_merges_it(tmp_path):
-    trained = build_model(recipe(tmp_path))
+    trained = build(recipe(tmp_path))
     with torch.no_grad():
         for n, p in trained.named_parameters():
             if ".lora." in n:
                 p.normal_(0, 0.05)
     save_adapter(trained, tmp_path / "ad")
     x = torch.randint(0, 50257, (1, 10))
-    cont = build_model(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"))).eval()
+    cont = build(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"))).eval()
     assert torch.equal(cont(x), trained.eval()(x))
-    full = build_model(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"), finetuning_type="full")).eval()
+    full = build(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"), finetuning_type="full")).eval()
     assert not any(isinstance(m, LinearWithLoRA) for m in full.modules())
     assert torch.allclose(full(x), trained(x), atol=1e-5)
     with pytest.raises(UserError, match="r is 4 but the model's LoRA uses 2"):
-        build_model(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"), lora_rank=2))
+        build(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"), lora_rank=2))
 
 
 def test_load_for_inference_base_adapter_merged(tmp_path):
     r = recipe(tmp_path)
     out = tmp_path / "out"
-    trained = build_model(r)
+    trained = build(r)
     with torch.no_grad():
         for n, p in trained.named_parameters():
             if ".lora.B" in n:
                 p.normal_(0, 0.05)
     save_adapter(trained, out / "adapter")
     x = torch.randint(0, 50257, (1, 10))
-    adapter = load_for_inference(r, "adapter", out / "adapter", device="cpu")
+    adapter = load_for_inference(recipe_args(r).model, "adapter", out / "adapter", device="cpu")
     assert not adapter.training
     assert torch.equal(adapter(x), trained.eval()(x))
-    base = load_for_inference(r, "base", device="cpu")
+    base = load_for_inference(recipe_args(r).model, "base", device="cpu")
     assert not torch.equal(base(x), adapter(x))
     merge_lora(trained)
     save_hf(trained, out / "merged")
-    assert torch.allclose(load_for_inference(r, "merged", out / "merged", device="cpu")(x), adapter(x), atol=1e-5)
+    assert torch.allclose(load_for_inference(recipe_args(r).model, "merged", out / "merged", device="cpu")(x), adapter(x), atol=1e-5)
     with pytest.raises(ValueError, match="kind must be one of"):
-        load_for_inference(r, "newest")
+        load_for_inference(recipe_args(r).model, "newest")
 
 
 def test_load_for_inference_full_model_dir(tmp_path):
     r = recipe(tmp_path, finetuning_type="full")
-    tuned = build_model(r)
+    tuned = build(r)
     with torch.no_grad():
-        tuned.ln_f.bias.add_(1.0)
+        tuned.norm.bias.add_(1.0)
     save_model(tuned, tmp_path / "out" / "model")
     x = torch.randint(0, 50257, (1, 10))
-    assert torch.equal(load_for_inference(r, "model", tmp_path / "out" / "model", device="cpu")(x), tuned.eval()(x))
+    assert torch.equal(load_for_inference(recipe_args(r).model, "model", tmp_path / "out" / "model", device="cpu")(x), tuned.eval()(x))

@@ -26,24 +26,24 @@ def test_structure_matches_layout_and_hf_names():
         got = sum(p.numel() for n, p in params.items() if n.rsplit(".", 1)[0] == spec.name)
         assert got == spec.params, spec.name
     assert sum(p.numel() for p in m.parameters()) == sum(s.params for s in layout(cfg))
-    assert "h.1.attn.c_attn.weight" in params and "h.1.mlp.c_fc.weight" in params and "lm_head.weight" in params
-    assert "h.0.attn.c_attn.bias" not in params
+    assert "layers.1.self_attn.qkv_proj.weight" in params and "layers.1.mlp.up_proj.weight" in params and "lm_head.weight" in params
+    assert "layers.0.self_attn.qkv_proj.bias" not in params
     assert all(not n.endswith(".attn.bias") for n, _ in m.state_dict().items())  # no causal-mask buffer
     tied = GPTModel(TINY, seed=0)
-    assert tied.lm_head.weight is tied.wte.weight
+    assert tied.lm_head.weight is tied.embed_tokens.weight
     assert "lm_head.weight" not in dict(tied.named_parameters())  # counted once
 
 
 def test_init_is_gpt2_style_and_seeded():
     cfg = PRESETS["mini"]
     a, b, c = GPTModel(cfg, seed=1), GPTModel(cfg, seed=1), GPTModel(cfg, seed=2)
-    assert torch.equal(a.h[0].attn.c_attn.weight, b.h[0].attn.c_attn.weight)
-    assert not torch.equal(a.h[0].attn.c_attn.weight, c.h[0].attn.c_attn.weight)
-    assert abs(a.wte.weight.std().item() - 0.02) < 0.001
-    assert abs(a.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.001
-    proj = torch.cat([a.h[i].mlp.c_proj.weight.flatten() for i in range(cfg.n_layers)])
+    assert torch.equal(a.layers[0].self_attn.qkv_proj.weight, b.layers[0].self_attn.qkv_proj.weight)
+    assert not torch.equal(a.layers[0].self_attn.qkv_proj.weight, c.layers[0].self_attn.qkv_proj.weight)
+    assert abs(a.embed_tokens.weight.std().item() - 0.02) < 0.001
+    assert abs(a.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 0.001
+    proj = torch.cat([a.layers[i].mlp.down_proj.weight.flatten() for i in range(cfg.n_layers)])
     assert abs(proj.std().item() - 0.02 / math.sqrt(2 * 4)) < 0.0005
-    assert torch.count_nonzero(a.h[0].attn.c_attn.bias) == 0 and torch.all(a.ln_f.weight == 1)
+    assert torch.count_nonzero(a.layers[0].self_attn.qkv_proj.bias) == 0 and torch.all(a.norm.weight == 1)
 
 
 def test_loss_at_labelled_positions_equals_full_cross_entropy(model):

@@ -55,7 +55,7 @@ def test_book_replace_linear_with_lora_walks_everything():
 def test_apply_lora_targets_freeze_and_report():
     model = GPTModel(TINY, seed=0)
     replaced = apply_lora(model, ["c_attn", "mlp.c_proj"], rank=4, alpha=8)
-    assert replaced == ["h.0.attn.c_attn", "h.0.mlp.c_proj", "h.1.attn.c_attn", "h.1.mlp.c_proj"]
+    assert replaced == ["layers.0.self_attn.qkv_proj", "layers.0.mlp.down_proj", "layers.1.self_attn.qkv_proj", "layers.1.mlp.down_proj"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{m}.lora.{x}" for m in replaced for x in "AB"}
     count, total, pct, line = trainable_report(model)
@@ -104,9 +104,9 @@ def test_merge_equals_adapter_and_unmerge_restores_exactly():
     merged = merge_lora(model, keep_original=True)
     assert len(merged) == 8 and not any(isinstance(m, LinearWithLoRA) for m in model.modules())
     assert torch.allclose(model(x), adapter_logits, atol=1e-5, rtol=0)
-    assert not torch.equal(model.h[0].attn.c_attn.weight, base["h.0.attn.c_attn.weight"])
+    assert not torch.equal(model.layers[0].self_attn.qkv_proj.weight, base["layers.0.self_attn.qkv_proj.weight"])
     unmerge_lora(model)
-    assert isinstance(model.h[0].attn.c_attn, LinearWithLoRA)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, LinearWithLoRA)
     for name, p in model.named_parameters():
         if ".lora." not in name:
             assert torch.equal(p, base[name.replace(".linear.", ".")]), name
@@ -170,7 +170,7 @@ def test_peft_loads_our_adapter(tmp_path, hf_dir, use_rslora, targets, extra):
     randomise_lora(ours, seed=5)
     if extra:
         with torch.no_grad():
-            ours.ln_f.weight.mul_(1.5)
+            ours.norm.weight.mul_(1.5)
     save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
     base = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
     tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()

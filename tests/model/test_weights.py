@@ -37,7 +37,7 @@ def test_hf_checkpoint_parity(hf_dir):
     ours = load_model(path).eval()
     x = ids()
     assert torch.allclose(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
-    assert ours.cfg.context_length == 64 and ours.lm_head.weight is ours.wte.weight
+    assert ours.cfg.context_length == 64 and ours.lm_head.weight is ours.embed_tokens.weight
 
 
 def test_hf_checkpoint_without_prefix_and_with_mask_buffers(hf_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_untied_hf_checkpoint(tmp_path, make_hf):
         ref.lm_head.weight.normal_()
     ref.save_pretrained(tmp_path)
     ours = load_model(tmp_path).eval()
-    assert ours.lm_head.weight is not ours.wte.weight
+    assert ours.lm_head.weight is not ours.embed_tokens.weight
     x = ids(3)
     assert torch.allclose(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
 
@@ -117,7 +117,7 @@ def test_own_checkpoint_round_trip(tmp_path):
 
 def test_preset_is_seeded(tmp_path):
     a, b = load_model("tiny", seed=7), load_model("tiny", seed=7)
-    assert torch.equal(a.h[1].mlp.c_fc.weight, b.h[1].mlp.c_fc.weight)
+    assert torch.equal(a.layers[1].mlp.up_proj.weight, b.layers[1].mlp.up_proj.weight)
 
 
 def test_shape_mismatch_and_missing_keys_are_listed(hf_dir, tmp_path):
@@ -158,7 +158,7 @@ def test_shorter_context_override_cuts_positions(hf_dir):
     from pipeline.model.config import read_config
 
     short = load_model(path, cfg=read_config(path).replace(context_length=16)).eval()
-    assert short.wpe.weight.shape == (16, 32)
+    assert short.pos_embed.weight.shape == (16, 32)
     x = ids(8, (1, 16))
     assert torch.allclose(short(x), hf_logits(ref, x), atol=1e-4, rtol=0)
     with pytest.raises(UserError, match="tensor 'wpe.weight' has shape"):

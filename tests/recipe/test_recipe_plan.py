@@ -58,6 +58,22 @@ def test_memory_lora_bf16(write):
                        "optimizer": TINY_LORA_8 * 12, "activations": round(ACT_PER_BYTE * 2 + LOGITS)}
 
 
+def test_memory_qwen3_preset_counts_gqa_swiglu_and_the_152k_head(write):
+    """qwen3-0.6b: 28 blocks, width 1024, 16 query heads and 8 key/value heads of 128, SwiGLU 3072, vocab 151,936."""
+    write("r.yaml", RECIPE.replace("tiny", "qwen3-0.6b") + "bf16: true\nlora_target: [q_proj, v_proj]\n")
+    mem = estimate_memory(resolve("r.yaml"))
+    assert mem.params_total == 596_049_920  # Qwen3-0.6B's published size (0.44B without the embedding)
+    assert mem.params_trainable == 28 * 8 * ((1024 + 2048) + (1024 + 1024))
+    s, b, h, q, kv, f = 128, 8, 1024, 2048, 1024, 3072
+    per_token = (2 * h + 2 * q + 4 * kv + 2 * q + h) + (2 * h + 8 * f + h) + 4 * h  # attention, SwiGLU, norms
+    block = s * b * per_token + 5 * 16 * s * s * b  # bf16: 2 bytes per value
+    logits = s * b * 151_936 * 4
+    assert mem.gpu["activations"] == round(28 * block + logits)  # no recomputation (the default)
+    write("r.yaml", RECIPE.replace("tiny", "qwen3-0.6b") + "bf16: true\ndisable_gradient_checkpointing: false\n")
+    checkpointed = estimate_memory(resolve("r.yaml")).gpu["activations"]
+    assert checkpointed == round(28 * s * b * h * 2 + block + logits)  # each block's input + one block at a time
+
+
 @pytest.mark.parametrize("stage, params, grads, optim", [
     (1, TINY_PARAMS * 2, TINY_PARAMS * 2, TINY_PARAMS * 12 / 4),
     (2, TINY_PARAMS * 2, TINY_PARAMS * 2 / 4, TINY_PARAMS * 12 / 4),

@@ -40,9 +40,10 @@ def batches(r: Mapping[str, Any]) -> Iterator[dict]:
 def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) -> tuple[list[float], list[float], Any]:
     """(loss per optimizer step, L1 term per step, trained model) after `steps` updates."""
     from pipeline.model.build import build_model
+    from pipeline.recipe.args import recipe_args
 
     torch.manual_seed(r["seed"])
-    model = build_model(r).train()
+    model = build_model(*recipe_args(r)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

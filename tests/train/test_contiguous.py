@@ -65,7 +65,7 @@ def test_dense_from_our_checkpoints_and_merged_exports(hf_gpt2_dir, tmp_path):
 def test_check_names_a_strided_parameter(hf_gpt2_dir):
     model = load_model(hf_gpt2_dir)
     check_contiguous(model)  # dense: silent
-    weight = model.get_submodule("h.1.mlp.c_fc").weight
-    model.get_submodule("h.1.mlp.c_fc").weight = torch.nn.Parameter(weight.detach().t().contiguous().t())
-    with pytest.raises(RuntimeError, match=r"bug: 1 model parameter.*'h\.1\.mlp\.c_fc\.weight' \(shape \[128, 32\]"):
+    weight = model.get_submodule("layers.1.mlp.up_proj").weight
+    model.get_submodule("layers.1.mlp.up_proj").weight = torch.nn.Parameter(weight.detach().t().contiguous().t())
+    with pytest.raises(RuntimeError, match=r"bug: 1 model parameter.*'layers\.1\.mlp\.up_proj\.weight' \(shape \[128, 32\]"):
         check_contiguous(model)

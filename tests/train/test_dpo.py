@@ -81,7 +81,7 @@ def test_adapters_off_reference_equals_a_separate_frozen_copy():
             wrapper.lora.B.normal_(0, 0.1)
     L.keep_starting_modules(policy)
     with torch.no_grad():
-        policy.ln_f.weight.mul_(1.5)
+        policy.norm.weight.mul_(1.5)
     ids = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256], [15496, 11, 466, 345, 588, 8887, 30]])
     batch = {"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1]),
              "labels": torch.where(torch.arange(6) >= 2, ids[:, 1:], -100)}
@@ -92,7 +92,7 @@ def test_adapters_off_reference_equals_a_separate_frozen_copy():
         tuned = token_nll(policy, batch)
     assert torch.equal(off, expected)
     assert not torch.allclose(tuned, expected)  # the adapters are back on after the context
-    assert not L.lora_modules(policy)["h.0.attn.c_attn"].disabled
+    assert not L.lora_modules(policy)["layers.0.self_attn.qkv_proj"].disabled
 
 
 def test_reference_free_losses_run_without_a_reference(dpo_recipe):

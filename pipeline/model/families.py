@@ -1,0 +1,292 @@
+"""Model families as data: Hugging Face architectures, module-name maps and config.json translation.
+
+Torch-free (`plan` and the recipe checks import it). Our decoder (pipeline.model.gpt) has one module
+tree whose names follow Llama's HF names, the layout most families share:
+
+    embed_tokens, pos_embed (learned positions only)
+    layers.{i}.input_layernorm
+    layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
+    layers.{i}.post_attention_layernorm
+    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj, down_proj}
+    norm, lm_head
+
+A family maps those names to its HF names the way torchtune's convert_weights.py does: a table of
+templates (`{i}` is the block index), read in both directions, plus the modules whose HF weight is a
+Conv1D (GPT-2 stores in x out, the transpose of nn.Linear). LoRA targets, additional_target, PEFT
+adapters and exports all speak the family's HF names; only the model itself uses ours.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF architecture: its names, and which config.json keys mean what."""
+
+    name: str                      # our family name, stored in ModelConfig.family
+    architecture: str              # config.json "architectures"[0]
+    model_type: str                # config.json "model_type"
+    prefix: str                    # HF prefix of every module but lm_head ("transformer." / "model.")
+    modules: tuple[tuple[str, str], ...] = ()  # (ours, HF without prefix) templates; empty = same names
+    conv1d: frozenset[str] = frozenset()       # our leaf module names whose HF weight is transposed
+    skip: tuple[str, ...] = ()     # HF tensor-name endings that are buffers, not weights (ignored on load)
+    _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for ours, hf in self.modules:
+            self._compiled.append((_template(ours), hf, _template(hf), ours))
+
+    # -- module paths ------------------------------------------------------------------------
+    def to_hf(self, ours: str) -> str:
+        """Our module or parameter path -> the full HF path (prefix included)."""
+        if ours == "lm_head" or ours.startswith("lm_head."):
+            return ours
+        return self.prefix + _rename(ours, [(p, out) for p, out, _, _ in self._compiled])
+
+    def from_hf(self, hf: str) -> str:
+        """A full or prefix-less HF path -> ours (unknown names come back unchanged after the prefix)."""
+        if hf == "lm_head" or hf.startswith("lm_head."):
+            return hf
+        return _rename(self.strip(hf), [(p, out) for _, _, p, out in self._compiled])
+
+    def strip(self, hf: str) -> str:
+        return hf[len(self.prefix):] if hf.startswith(self.prefix) else hf
+
+    def is_conv1d(self, ours_param: str) -> bool:
+        """Whether this parameter of ours is stored transposed by HF (a Conv1D weight)."""
+        module, _, leaf = ours_param.rpartition(".")
+        return leaf == "weight" and module.rsplit(".", 1)[-1] in self.conv1d
+
+
+def _template(text: str) -> re.Pattern:
+    return re.compile("^" + re.escape(text).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<rest>(\..*)?)$")
+
+
+def _rename(path: str, table: list[tuple[re.Pattern, str]]) -> str:
+    """Longest matching template wins (a block's own path before the block's children)."""
+    best: tuple[int, str] | None = None
+    for pattern, out in table:
+        m = pattern.match(path)
+        if m:
+            used = len(path) - len(m.group("rest"))
+            if best is None or used > best[0]:
+                best = (used, out.replace("{i}", m.groupdict().get("i") or "") + m.group("rest"))
+    return best[1] if best else path
+
+
+GPT2 = Family(
+    name="gpt2", architecture="GPT2LMHeadModel", model_type="gpt2", prefix="transformer.",
+    modules=(("embed_tokens", "wte"), ("pos_embed", "wpe"), ("layers", "h"), ("layers.{i}", "h.{i}"),
+             ("layers.{i}.input_layernorm", "h.{i}.ln_1"), ("layers.{i}.self_attn", "h.{i}.attn"),
+             ("layers.{i}.self_attn.qkv_proj", "h.{i}.attn.c_attn"), ("layers.{i}.self_attn.o_proj", "h.{i}.attn.c_proj"),
+             ("layers.{i}.post_attention_layernorm", "h.{i}.ln_2"), ("layers.{i}.mlp", "h.{i}.mlp"),
+             ("layers.{i}.mlp.up_proj", "h.{i}.mlp.c_fc"), ("layers.{i}.mlp.down_proj", "h.{i}.mlp.c_proj"),
+             ("norm", "ln_f")),
+    conv1d=frozenset({"qkv_proj", "o_proj", "up_proj", "down_proj"}),
+    skip=(".attn.bias", ".attn.masked_bias"),
+)
+LLAMA = Family(name="llama", architecture="LlamaForCausalLM", model_type="llama", prefix="model.",
+               skip=(".rotary_emb.inv_freq",))
+QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2", prefix="model.",
+               skip=(".rotary_emb.inv_freq",))
+QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3", prefix="model.",
+               skip=(".rotary_emb.inv_freq",))
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3)}
+BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
+BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
+SUPPORTED = ", ".join(BY_ARCHITECTURE)
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def family_of(raw: Mapping[str, Any], path: Any) -> Family:
+    """The family a HF config.json describes (architectures first, then model_type), or a UserError."""
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and archs:
+        family = BY_ARCHITECTURE.get(str(archs[0]))
+        if family is None:
+            raise UserError(f"{path}: architectures {archs!r} is not supported; supported architectures:"
+                            f" {SUPPORTED}")
+        if raw.get("model_type", family.model_type) != family.model_type:
+            raise UserError(f"{path}: model_type '{raw['model_type']}' does not match architectures {archs!r}"
+                            f" (expected model_type '{family.model_type}'); supported architectures: {SUPPORTED}")
+        return family
+    model_type = raw.get("model_type", "gpt2" if "n_embd" in raw else None)
+    family = BY_MODEL_TYPE.get(str(model_type))
+    if family is None:
+        raise UserError(f"{path}: model_type '{model_type}' is not supported (no \"architectures\" given either);"
+                        f" supported architectures: {SUPPORTED} (model_type {', '.join(BY_MODEL_TYPE)})")
+    return family
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig fields, per family
+# ---------------------------------------------------------------------------------------------
+
+def _need(raw: Mapping[str, Any], path: Any, keys: tuple[str, ...]) -> list[str]:
+    return [f"{path}: missing key '{k}' (a {raw.get('model_type', 'HF')} config.json has it)" for k in keys if k not in raw]
+
+
+def _positive_int(raw: Mapping[str, Any], key: str, path: Any, problems: list[str]) -> None:
+    value = raw.get(key)
+    if value is not None and (type(value) is not int or value < 1):
+        problems.append(f"{path}: {key} is {value!r}; expected a positive integer")
+
+
+def gpt2_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
+    """GPT2Config keys (n_embd, n_layer, ...) -> ModelConfig fields; refuse variants we do not implement."""
+    problems = _need(raw, path, ("n_embd", "n_layer", "n_head"))
+    activation = raw.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        problems.append(f"{path}: activation_function '{activation}' is not supported; expected one of"
+                        " gelu_new, gelu_pytorch_tanh (GPT-2's tanh GELU)")
+    for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                    ("add_cross_attention", False), ("reorder_and_upcast_attn", False)):
+        if key in raw and bool(raw[key]) != ok:
+            problems.append(f"{path}: {key}={raw[key]!r} is not supported (GPT-2 uses {ok})")
+    for key in ("n_embd", "n_layer", "n_head", "vocab_size", "n_positions"):
+        _positive_int(raw, key, path, problems)
+    if not problems and raw["n_embd"] % raw["n_head"]:
+        problems.append(f"{path}: n_embd {raw['n_embd']} is not divisible by n_head {raw['n_head']}")
+    if problems:
+        raise UserError(problems)
+    return dict(
+        family="gpt2", vocab_size=int(raw.get("vocab_size", 50257)),
+        context_length=int(raw.get("n_positions", raw.get("n_ctx", 1024))),
+        emb_dim=int(raw["n_embd"]), n_heads=int(raw["n_head"]), n_layers=int(raw["n_layer"]),
+        drop_rate=float(raw.get("resid_pdrop", 0.0) or 0.0), qkv_bias=True,
+        tie_weights=bool(raw.get("tie_word_embeddings", True)), ffn_dim=raw.get("n_inner") or None,
+        norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+    )
+
+
+def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from transformers 5's rope_parameters or 4's rope_theta + rope_scaling."""
+    params = raw.get("rope_parameters")
+    key = "rope_parameters"
+    if not isinstance(params, dict):
+        params, key = raw.get("rope_scaling") or {}, "rope_scaling"
+        if not isinstance(params, dict):
+            problems.append(f"{path}: rope_scaling is {params!r}; expected an object or null")
+            return 10000.0, None
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind not in ROPE_TYPES:
+        problems.append(f"{path}: {key}.rope_type '{kind}' is not implemented; supported: {', '.join(ROPE_TYPES)}")
+        return theta, None
+    if kind == "default":
+        return theta, None
+    wanted = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
+                                                   "original_max_position_embeddings")
+    missing = [k for k in wanted if not isinstance(params.get(k), (int, float)) or isinstance(params.get(k), bool)]
+    if missing:
+        problems += [f"{path}: {key}.{k} is missing or not a number (rope_type {kind} needs it)" for k in missing]
+        return theta, None
+    return theta, {"type": kind, **{k: params[k] for k in wanted}}
+
+
+def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
+    """LlamaConfig / Qwen2Config / Qwen3Config keys -> ModelConfig fields."""
+    problems = _need(raw, path, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                 "vocab_size"))
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size", "max_position_embeddings", "head_dim"):
+        _positive_int(raw, key, path, problems)
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"{path}: hidden_act '{act}' is not supported; expected 'silu' (SwiGLU)")
+    if raw.get("use_sliding_window"):
+        problems.append(f"{path}: use_sliding_window true is not supported (every layer attends to the full context)")
+    if raw.get("pretraining_tp", 1) not in (1, None):
+        problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
+    theta, scaling = _rope(raw, path, problems)
+    if problems:
+        raise UserError(problems)
+    heads = raw["num_attention_heads"]
+    kv = raw.get("num_key_value_heads") or heads
+    head_dim = raw.get("head_dim")
+    if heads % kv:
+        problems.append(f"{path}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv}")
+    if head_dim is None and raw["hidden_size"] % heads:
+        problems.append(f"{path}: hidden_size {raw['hidden_size']} is not divisible by num_attention_heads {heads}"
+                        " (and no head_dim is given)")
+    if problems:
+        raise UserError(problems)
+    bias = bool(raw.get("attention_bias", False))
+    return dict(
+        family=family.name, vocab_size=raw["vocab_size"], context_length=int(raw.get("max_position_embeddings", 2048)),
+        emb_dim=raw["hidden_size"], n_heads=heads, n_layers=raw["num_hidden_layers"], n_kv_heads=kv,
+        head_size=None if head_dim is None or head_dim * heads == raw["hidden_size"] else head_dim,
+        drop_rate=float(raw.get("attention_dropout", 0.0) or 0.0), norm="rmsnorm",
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)), positions="rope", rope_theta=theta, rope_scaling=scaling,
+        mlp="swiglu", mlp_bias=bool(raw.get("mlp_bias", False)), ffn_dim=raw["intermediate_size"],
+        qkv_bias=True if family is QWEN2 else bias, o_bias=False if family is QWEN2 else bias,
+        qk_norm=family is QWEN3, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
+    )
+
+
+def hf_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
+    family = family_of(raw, path)
+    return gpt2_fields(raw, path) if family is GPT2 else decoder_fields(family, raw, path)
+
+
+def gpt2_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict[str, Any]:
+    """The config.json transformers' GPT2LMHeadModel reads (GPT-2 has no switch for qkv bias: it is always on)."""
+    return {
+        "architectures": [GPT2.architecture], "model_type": GPT2.model_type, "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim, "activation_function": "gelu_new",
+        "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": cfg.norm_eps, "initializer_range": 0.02, "scale_attn_weights": True,
+        "use_cache": True, **special, "tie_word_embeddings": cfg.tie_weights, "torch_dtype": dtype,
+    }
+
+
+def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM (both rope spellings)."""
+    family = FAMILIES[cfg.family]
+    scaling = None
+    if cfg.rope_scaling:
+        scaling = {("rope_type" if k == "type" else k): v for k, v in cfg.rope_scaling.items()}
+    out = {
+        "architectures": [family.architecture], "model_type": family.model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": scaling,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default", **(scaling or {})},
+        "attention_dropout": cfg.drop_rate, "tie_word_embeddings": cfg.tie_weights, "use_cache": True,
+        "initializer_range": 0.02, **special, "torch_dtype": dtype,
+    }
+    if family is LLAMA:
+        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    if family is QWEN3:
+        out["attention_bias"] = cfg.qkv_bias
+    return out
+
+
+HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
+    "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config}
+
+
+def check_exportable(cfg: Any) -> list[str]:
+    """What the family's HF class cannot express (our config allows more combinations than each HF class)."""
+    family = FAMILIES[cfg.family]
+    want: dict[str, Any] = {
+        "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", qkv_fused=True, qk_norm=False, o_bias=True,
+                     mlp_bias=True, kv_heads=cfg.n_heads),
+        "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
+                      o_bias=cfg.qkv_bias),
+        "qwen2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False, o_bias=False,
+                      mlp_bias=False, qkv_bias=True),
+        "qwen3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
+                      o_bias=cfg.qkv_bias, mlp_bias=False),
+    }[family.name]
+    return [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
+            for k, v in want.items() if getattr(cfg, k) != v]

@@ -1,0 +1,86 @@
+"""The user's path for Llama 3 and Qwen3: a save_pretrained checkpoint with its real tokenizer files ->
+`python -m pipeline build / train (LoRA sft) / merge / generate`; transformers (merged/, AutoTokenizer) and PEFT
+(base + adapter/) generate exactly what we generate, token for token.
+
+The checkpoints come from the harness (tests/acceptance/harness.py FAMILIES: 2 layers, GQA, Llama 3.1's rope
+scaling, Qwen3's q/k norms and head_dim, the real 128k / 152k vocabularies).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.acceptance.harness import pipeline, write_data, write_hf_checkpoint, write_recipe
+
+PROMPT = "Repeat the words: red river"
+NEW_TOKENS = 8
+TEMPLATES = {"llama": "llama3", "qwen3": "qwen3_nothink"}
+
+
+@pytest.fixture(scope="module", params=["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
+def session(request, tmp_path_factory) -> tuple[str, Path]:
+    """(family, workdir) with data/, the checkpoint at base/, and one LoRA run trained and merged."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"session_{family}")
+    write_data(root / "data")
+    write_hf_checkpoint(root / "base", family)
+    recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
+                          template=TEMPLATES[family], output_dir="saves/lora", max_new_tokens=NEW_TOKENS,
+                          learning_rate=0.05)
+    pipeline("build", recipe, cwd=root)
+    pipeline("train", recipe, cwd=root)
+    pipeline("merge", recipe, cwd=root)
+    return family, root
+
+
+def test_the_exports_are_the_family_layout(session):
+    family, root = session
+    out = root / "saves/lora"
+    config = json.loads((out / "merged" / "config.json").read_text())
+    assert config["architectures"] == [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
+    assert (out / "merged" / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["fan_in_fan_out"] is False
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj"}
+
+
+def greedy_text(model, tokenizer, stop_ids: set[int]) -> str:
+    """transformers' greedy continuation of PROMPT (no BOS: --raw sends the text as is), cut before a stop id."""
+    x = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False)])
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(stop_ids),
+                             pad_token_id=sorted(stop_ids)[0])[0, x.shape[1]:].tolist()
+    cut = next((i for i, t in enumerate(out) if t in stop_ids), len(out))
+    return tokenizer.decode(out[:cut], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("which", ["base", "adapter", "merged"])
+def test_generate_agrees_with_transformers_and_peft_token_for_token(session, which):
+    import peft
+    import transformers
+
+    family, root = session
+    out = root / "saves/lora"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")  # the files merge wrote
+    stops = json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"]
+    stop_ids = set(stops if isinstance(stops, list) else [stops])
+    if which == "merged":
+        reference = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    else:
+        reference = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+        if which == "adapter":
+            reference = peft.PeftModel.from_pretrained(reference, out / "adapter")
+    expected = greedy_text(reference.eval(), tokenizer, stop_ids)
+    done = pipeline("generate", root / "lora.yaml", "--model", which, "--raw", "--prompt", PROMPT, cwd=root)
+    assert done.stdout == expected + "\n"
+
+
+def test_the_tuned_model_generates_otherwise_than_the_base(session):
+    _, root = session
+    texts = {which: pipeline("generate", root / "lora.yaml", "--model", which, "--raw", "--prompt", PROMPT,
+                             cwd=root).stdout for which in ("base", "merged")}
+    assert texts["base"] != texts["merged"]

@@ -1,0 +1,331 @@
+"""Llama 3, Qwen2 and Qwen3 checkpoints written by transformers: logits, greedy decoding (cached, uncached,
+batched with left padding), export back to the HF layout, PEFT adapters and merging, and bad input.
+
+Every golden value comes from transformers / PEFT. Tiny shapes (2 layers, width 64) with the features that
+distinguish the families: GQA and MQA, Llama 3.1's rope scaling, Qwen2's q/k/v biases, Qwen3's explicit
+head_dim and q/k norms, tied and untied heads.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model.config import PRESETS, count_params, read_config, trainable_params
+from pipeline.model.generate import generate
+from pipeline.model.gpt import GPTModel
+from pipeline.model.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter
+from pipeline.model.weights import load_model, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 512
+COMMON = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256)
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+VARIANTS = {
+    # GQA (8 query heads share 2 key/value heads), Llama 3.1 rope scaling, untied head
+    "llama-gqa-llama3-untied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+        tie_word_embeddings=False)),
+    # MQA, tied head
+    "llama-mqa-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
+    # q/k/v biases, GQA, tied (Qwen2.5 0.5B / 1.5B)
+    "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # head_dim 32 x 4 heads = 128 != width 64, per-head q/k RMSNorm, untied
+    "qwen3-headdim-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def hf_model(name: str, seed: int = 0):
+    """A random transformers model of the variant; every tensor gets N(0, 0.1) noise so that biases and norms
+    leave their init values (a loader that skipped them could not pass) and greedy decoding stays varied."""
+    config_cls, model_cls, extra = VARIANTS[name]
+    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def checkpoint(request, tmp_path_factory):
+    """(variant, directory, transformers model) saved with save_pretrained."""
+    model = hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, path, model
+
+
+def ids(seed=0, shape=(2, 12)):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_is_read_into_fields(checkpoint):
+    name, path, _ = checkpoint
+    cfg = read_config(path)
+    assert cfg.norm == "rmsnorm" and cfg.positions == "rope" and cfg.mlp == "swiglu" and not cfg.qkv_fused
+    expect = {"llama-gqa-llama3-untied": dict(family="llama", kv_heads=2, tie_weights=False, qkv_bias=False),
+              "llama-mqa-tied": dict(family="llama", kv_heads=1, tie_weights=True),
+              "qwen2-bias-tied": dict(family="qwen2", qkv_bias=True, o_bias=False, tie_weights=True),
+              "qwen3-headdim-qknorm": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False)}[name]
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    if name.startswith("llama-gqa"):
+        assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["type"] == "llama3"
+
+
+def test_logits_equal_transformers(checkpoint):
+    name, path, ref = checkpoint
+    ours = load_model(path).eval()
+    x = ids()
+    with torch.no_grad():
+        want = ref(x).logits
+        got = ours(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    # the parameter count of the model and of the torch-free layout agree with transformers'
+    assert count_params(ours.cfg) == sum(p.numel() for p in ref.parameters())
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == ours.cfg.tie_weights
+
+
+def test_greedy_generation_equals_transformers_with_and_without_cache(checkpoint):
+    _, path, ref = checkpoint
+    ours = load_model(path).eval()
+    prompt = ids(1, (1, 9))[0].tolist()
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, 9:].tolist()
+    assert len(set(expected)) > 3  # a varied continuation
+    assert generate(ours, prompt, max_new_tokens=16, eos_id=None) == expected
+    assert generate(ours, prompt, max_new_tokens=16, eos_id=None, use_cache=False) == expected
+
+
+def test_batched_left_padded_generation_equals_one_by_one(checkpoint):
+    name, path, _ = checkpoint
+    if name == "llama-mqa-tied":
+        pytest.skip("the other three variants cover GQA and MHA-free heads")
+    ours = load_model(path).eval()
+    prompts = [ids(2, (1, 4))[0].tolist(), ids(3, (1, 11))[0].tolist(), ids(4, (1, 7))[0].tolist()]
+    alone = [generate(ours, p, max_new_tokens=8, eos_id=None) for p in prompts]
+    assert generate(ours, prompts, max_new_tokens=8, eos_id=None) == alone
+    assert generate(ours, prompts, max_new_tokens=8, eos_id=None, use_cache=False) == alone
+
+
+def test_kv_cache_holds_the_key_value_heads_only(checkpoint):
+    _, path, _ = checkpoint
+    ours = load_model(path).eval()
+    _, past = ours(ids(5, (1, 6)), use_cache=True)
+    assert past[0][0].shape == (1, ours.cfg.kv_heads, 6, ours.cfg.head_dim)
+
+
+def test_export_loads_in_auto_model(checkpoint, tmp_path):
+    name, path, ref = checkpoint
+    ours = load_model(path).eval()
+    save_hf(ours, tmp_path / "out", special={"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0})
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == [type(ref).__name__] and config["eos_token_id"] == 2
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 3]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back) is type(ref)
+    x = ids(6)
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+
+
+def randomise_lora(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for wrapper in lora_modules(model).values():
+            wrapper.lora.B.copy_(torch.randn(wrapper.lora.B.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("targets,extra", [("all", None), (["q_proj", "v_proj", "down_proj"], ["norm"])])
+def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets, extra):
+    peft = pytest.importorskip("peft")
+    name, path, _ = checkpoint
+    if extra and not name.startswith("qwen3"):
+        pytest.skip("the additional_target case runs on one family")
+    ours = load_model(path).eval()
+    apply_lora(ours, targets, rank=4, alpha=8, additional_targets=extra)
+    randomise_lora(ours, seed=1)
+    if extra:
+        with torch.no_grad():
+            ours.norm.weight.mul_(1.5)
+    save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is False
+    if targets == "all":
+        assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])
+    else:
+        assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+        assert config["modules_to_save"] == ["model.norm"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    x = ids(7)
+    with torch.no_grad():
+        want = tuned(x).logits
+        got = ours(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert (got - load_model(path).eval()(x)).abs().max() > 1e-2  # the adapter does change the output
+    # our own loader reads the adapter back; merged and exported, transformers computes the same
+    again = load_model(path).eval()
+    load_adapter(again, tmp_path / "adapter")
+    assert torch.equal(again(x), got)
+    merge_lora(again)
+    save_hf(again, tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(x).logits, want, atol=1e-4, rtol=0)
+
+
+def test_lora_targets_use_the_family_names(checkpoint):
+    _, path, _ = checkpoint
+    cfg = read_config(path)
+    with pytest.raises(UserError) as err:
+        trainable_params(cfg, "lora", 4, ["c_attn"])
+    assert "'c_attn' matches no module" in str(err.value) and "self_attn.q_proj" in str(err.value)
+    model = GPTModel(cfg, seed=0)
+    wrapped = apply_lora(model, ["q_proj", "layers.1.mlp.gate_proj"], rank=2)
+    assert wrapped == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "layers.1.mlp.gate_proj"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
+        trainable_params(cfg, "lora", 2, ["q_proj", "layers.1.mlp.gate_proj"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets: the published shapes, lazily sized positions
+# ------------------------------------------------------------------------------------------------
+
+PRESET_CONFIGS = {
+    "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                         num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                                         tie_word_embeddings=True)),
+    "llama-3.1-8b": ("LlamaConfig", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                         num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                                         tie_word_embeddings=False)),
+    "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                                         tie_word_embeddings=True)),
+    "qwen2.5-7b": ("Qwen2Config", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                                       num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                                       tie_word_embeddings=False)),
+    "qwen3-0.6b": ("Qwen3Config", dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                                       num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                                       vocab_size=151936, tie_word_embeddings=True)),
+    "qwen3-8b": ("Qwen3Config", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
+                                     num_key_value_heads=8, head_dim=128, intermediate_size=12288,
+                                     vocab_size=151936, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(PRESET_CONFIGS))
+def test_preset_parameter_counts_equal_transformers(name):
+    """The published totals (Llama 3.2 1B: 1,235,814,400; Qwen3-0.6B: 596,049,920 ...) counted by transformers on
+    the meta device (no memory)."""
+    config_cls, kw = PRESET_CONFIGS[name]
+    config = getattr(transformers, config_cls)(**kw)
+    with torch.device("meta"):
+        ref = transformers.AutoModelForCausalLM.from_config(config)
+    assert count_params(PRESETS[name]) == sum(p.numel() for p in ref.parameters())
+
+
+def test_rope_positions_allocate_nothing_at_load():
+    cfg = PRESETS["llama-3.2-1b"].replace(n_layers=1, vocab_size=256, emb_dim=64, n_heads=4, n_kv_heads=2,
+                                          ffn_dim=128)
+    assert cfg.context_length == 131072
+    model = GPTModel(cfg, seed=0)
+    sizes = [t.numel() for t in list(model.parameters()) + list(model.buffers())]
+    assert max(sizes) < 131072 and sum(sizes) < 100_000
+    out = model(torch.tensor([[1, 2, 3]]), position_ids=torch.tensor([[131069, 131070, 131071]]))
+    assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one message naming the file and the key
+# ------------------------------------------------------------------------------------------------
+
+def write_config(tmp_path, **changes):
+    config = hf_model("qwen2-bias-tied").config.to_dict()
+    config.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path / "config.json"
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"architectures": ["MistralForCausalLM"]},
+     "architectures ['MistralForCausalLM'] is not supported; supported architectures: GPT2LMHeadModel, "
+     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ({"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+     "rope_parameters.rope_type 'yarn' is not implemented; supported: default, linear, llama3"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
+     "rope_scaling.rope_type 'dynamic' is not implemented"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"use_sliding_window": True}, "use_sliding_window true is not supported"),
+])
+def test_bad_configs_name_file_and_key(tmp_path, changes, words):
+    path = write_config(tmp_path, **changes)
+    with pytest.raises(UserError) as err:
+        read_config(tmp_path)
+    assert any(m.startswith(f"{path}: ") and words in m for m in err.value.messages), err.value.messages
+
+
+def test_weights_that_do_not_fit_the_config_are_listed(tmp_path, checkpoint):
+    name, path, ref = checkpoint
+    if name != "qwen2-bias-tied":
+        pytest.skip("one family is enough")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    state.pop("model.layers.1.self_attn.k_proj.bias")
+    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 64)
+    state["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path)
+    text = "\n".join(err.value.messages)
+    assert "missing tensor 'layers.1.self_attn.k_proj.bias' (expected shape [32])" in text
+    assert "model.safetensors: tensor 'layers.0.self_attn.q_proj.weight' has shape [3, 64], the model expects" \
+           " [64, 64]" in text
+    assert "unexpected tensor 'layers.0.extra.weight'" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing and activation checkpointing in the shared forward
+# ------------------------------------------------------------------------------------------------
+
+def test_segment_ids_attend_within_each_packed_sequence(checkpoint):
+    _, path, _ = checkpoint
+    model = load_model(path).eval()
+    a, b = ids(8, (1, 5)), ids(9, (1, 7))
+    packed = torch.cat([a, b], 1)
+    segments = torch.tensor([[0] * 5 + [1] * 7])
+    positions = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments, position_ids=positions)
+        assert torch.allclose(out[:, :5], model(a), atol=1e-5)
+        assert torch.allclose(out[:, 5:], model(b), atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(checkpoint):
+    name, path, _ = checkpoint
+    if name != "qwen3-headdim-qknorm":
+        pytest.skip("the mechanism is family-independent; one family is enough")
+    model = load_model(path).train()
+    x = ids(10)
+    labels = x.roll(-1, 1)
+    model(x, labels=labels).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.set_gradient_checkpointing(True)
+    model(x, labels=labels).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, plain[n], atol=1e-6, rtol=1e-5), n
