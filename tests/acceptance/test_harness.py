@@ -42,7 +42,7 @@ def test_write_hf_checkpoint_is_the_save_pretrained_layout(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_write_hf_checkpoint_of_the_new_families_loads_with_its_tokenizer(tmp_path, family):
-    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.data.model_tokenizer import load_tokenizer
     from pipeline.model.weights import load_model
 
     write_hf_checkpoint(tmp_path / "m", family)
