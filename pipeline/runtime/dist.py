@@ -21,12 +21,12 @@ def free_port() -> int:
 
 
 def ensure_launch_env() -> None:
-    """Give a single plain process the environment the deepspeed launcher would have set."""
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
+    """Give a single plain process the environment the deepspeed launcher would have set. An empty variable
+    counts as unset: make passes its empty MASTER_ADDR / MASTER_PORT defaults through the environment."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        if not os.environ.get(name):
+            os.environ[name] = value
+    if not os.environ.get("MASTER_PORT"):
         os.environ["MASTER_PORT"] = str(free_port())
         _CHOSEN_PORT.append(os.environ["MASTER_PORT"])
 
