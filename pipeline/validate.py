@@ -14,4 +14,7 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     rows = check_built(r)  # raises UserError listing every bad row
     print("data: OK")
     print(format_summary(rows))
+    if rows and all(row["tokens_min"] is None for row in rows):
+        print(f"note: token lengths need the tokenizer of {r['model_name_or_path']}, which is not on this machine yet "
+              "(a hub id is downloaded by train, or beforehand with `hf download`)")
     return 0

@@ -24,7 +24,7 @@ from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
 from pipeline.data.sources import Table, read_jsonl_block, read_table, read_text
-from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.data.model_tokenizer import available_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
@@ -377,9 +377,10 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_so
                         f"{len(val):,} for validation, and both need at least one. Add data or change val_size")
     manifest["splits"] = {"train": len(train), "val": len(val)}
     if stage == "pt":
-        tokenizer = recipe_tokenizer(r)
-        manifest["tokens"] = {"train": count_tokens(train, tokenizer), "val": count_tokens(val, tokenizer)}
-        manifest["tokenizer"] = tokenizer.name
+        tokenizer = available_tokenizer(r)
+        if tokenizer is not None:  # a hub model not downloaded yet: no token counts (see available_tokenizer)
+            manifest["tokens"] = {"train": count_tokens(train, tokenizer), "val": count_tokens(val, tokenizer)}
+            manifest["tokenizer"] = tokenizer.name
     blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
     manifest["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()}
     manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -111,8 +111,7 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> No
 
 def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
-    from pipeline.data.tokenize import encode_rows
-    from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.data.model_tokenizer import available_tokenizer
 
     specs = all_specs(r)
     stale = [p for p in (build_problem(r, s.name) for s in specs) if p]
@@ -140,31 +139,42 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
             loaded.append((spec.name, split, path, rows))
     if changed or problems:
         raise UserError(changed + problems.messages())
+    tokenizer = available_tokenizer(r)
     summary = []
     for name, split, path, rows in loaded:
         pick = np.unique(np.linspace(0, len(rows) - 1, min(SAMPLE, len(rows))).astype(int)) if rows else []
         sample = [rows[i] for i in pick]
-        if r["stage"] == "pt":
-            lengths = np.array([len(t) for t in recipe_tokenizer(r).encode_batch([row["text"] for row in sample])])
-        elif r["stage"] == "dpo":
-            from pipeline.data.pairs import encode_pairs
-
-            lengths = encode_pairs(sample, r["template"], recipe_tokenizer(r), cutoff_len=2**62,
-                                   enable_thinking=r.get("enable_thinking", True)).lengths
-        else:
-            lengths = encode_rows(sample, r["template"], recipe_tokenizer(r), cutoff_len=2**62,
-                                  train_on_prompt=r["train_on_prompt"], mask_history=r["mask_history"],
-                                  enable_thinking=r.get("enable_thinking", True)).lengths
+        lengths = None if tokenizer is None else _token_lengths(r, sample, tokenizer)
+        known = lengths is not None and len(lengths) > 0
         summary.append({
             "dataset": name, "split": split, "file": str(path), "rows": len(rows),
-            "tokens_min": int(lengths.min()) if len(lengths) else 0,
-            "tokens_mean": round(float(lengths.mean()), 1) if len(lengths) else 0.0,
-            "tokens_max": int(lengths.max()) if len(lengths) else 0,
+            "tokens_min": int(lengths.min()) if known else None,
+            "tokens_mean": round(float(lengths.mean()), 1) if known else None,
+            "tokens_max": int(lengths.max()) if known else None,
             # pt documents are cut into windows, so only sft examples can be over cutoff_len
-            "over_cutoff_len": None if r["stage"] == "pt" else int((lengths > r["cutoff_len"]).sum()),
+            "over_cutoff_len": None if r["stage"] == "pt" or lengths is None else int((lengths > r["cutoff_len"]).sum()),
             "sampled": len(sample) if len(sample) < len(rows) else None,
         })
     return summary
+
+
+def _token_lengths(r: Mapping[str, Any], sample: list[dict], tokenizer: Any) -> np.ndarray:
+    """Token lengths of sampled rows as the recipe's stage tokenizes them (no cutoff)."""
+    if r["stage"] == "pt":
+        return np.array([len(t) for t in tokenizer.encode_batch([row["text"] for row in sample])])
+    if r["stage"] == "dpo":
+        from pipeline.data.pairs import encode_pairs
+
+        return encode_pairs(sample, r["template"], tokenizer, cutoff_len=2**62,
+                            enable_thinking=r.get("enable_thinking", True)).lengths
+    from pipeline.data.tokenize import encode_rows
+
+    return encode_rows(sample, r["template"], tokenizer, cutoff_len=2**62, train_on_prompt=r["train_on_prompt"],
+                       mask_history=r["mask_history"], enable_thinking=r.get("enable_thinking", True)).lengths
+
+
+def _count(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def format_summary(rows: list[dict[str, Any]]) -> str:
@@ -173,8 +183,8 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
     lines = [head]
     for s in rows:
         note = f"  (sample of {s['sampled']:,})" if s["sampled"] else ""
-        lines.append(f"{s['dataset']:<20} {s['split']:<5} {s['rows']:>9,} {s['tokens_min']:>10,} "
-                     f"{s['tokens_mean']:>8,.1f} {s['tokens_max']:>7,} "
-                     f"{'-' if s['over_cutoff_len'] is None else format(s['over_cutoff_len'], ','):>8}{note}")
+        lines.append(f"{s['dataset']:<20} {s['split']:<5} {s['rows']:>9,} {_count(s['tokens_min'], ','):>10} "
+                     f"{_count(s['tokens_mean'], ',.1f'):>8} {_count(s['tokens_max'], ','):>7} "
+                     f"{_count(s['over_cutoff_len'], ','):>8}{note}")
     return "\n".join(lines)
 

@@ -42,3 +42,21 @@ def load_tokenizer(model_name_or_path: str | Path) -> Tokenizer:
 def recipe_tokenizer(r: Mapping[str, Any]) -> Tokenizer:
     """The tokenizer of the recipe's base model (model_name_or_path)."""
     return load_tokenizer(r["model_name_or_path"])
+
+
+def available_tokenizer(r: Mapping[str, Any]) -> Tokenizer | None:
+    """The recipe's tokenizer when the model's files are on this machine; None for a hub id not yet cached.
+
+    `build` and `validate` run before a hub model is downloaded (a user checks the data first, and the weights
+    can be gigabytes): their token statistics are then left out rather than computed with another model's
+    tokenizer, and the commands that load the model (train, eval, ...) fetch it or say what to run.
+    """
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+
+    name = str(r["model_name_or_path"])
+    if is_hub_id(name):
+        try:
+            return load_tokenizer(resolve_model_path(name, download=False))
+        except UserError:
+            return None
+    return load_tokenizer(name)
