@@ -144,6 +144,11 @@ def _alpaca(rec: dict, cols: dict[str, str]) -> dict:
         "input": _field(rec, cols["query"], "input", False),
         "output": _field(rec, cols["response"], "output", True),
     }
+    return _with_context(row, rec, cols)
+
+
+def _with_context(row: dict, rec: dict, cols: dict[str, str]) -> dict:
+    """The row plus its optional system prompt and history (alpaca form, single rows and pairs alike)."""
     system = _field(rec, cols["system"], "system", False)
     if system:
         row["system"] = system
@@ -161,13 +166,7 @@ def _alpaca_pair(rec: dict, cols: dict[str, str]) -> dict:
         "chosen": _field(rec, cols["chosen"], "chosen", True),
         "rejected": _field(rec, cols["rejected"], "rejected", True),
     }
-    system = _field(rec, cols["system"], "system", False)
-    if system:
-        row["system"] = system
-    history = _history(rec.get(cols["history"]), cols["history"])
-    if history:
-        row["history"] = history
-    return row
+    return _with_context(row, rec, cols)
 
 
 def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:

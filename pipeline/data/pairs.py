@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.data.problems import Problems
 from pipeline.data.templates import Template
 from pipeline.data.tokenize import NO_ROOM, OVER, POLICIES, TokenizedSplit, _cached, _file_key, _split_origin, \
-    encode_rows
+    encode_rows, read_split_rows
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
@@ -121,7 +121,7 @@ def _cut(split: TokenizedSplit, keep: np.ndarray) -> TokenizedSplit:
 
 def tokenized_pairs(r: Mapping[str, Any], split: str) -> TokenizedPairs:
     """The recipe's dpo `split` as pairs, with its template and length policy (once per process)."""
-    from pipeline.data.load import read_rows, split_files
+    from pipeline.data.load import split_files
 
     paths = split_files(r, split)
     tokenizer = recipe_tokenizer(r)
@@ -129,12 +129,7 @@ def tokenized_pairs(r: Mapping[str, Any], split: str) -> TokenizedPairs:
     key = ("dpo", tokenizer.name, _file_key(paths), (r["template"], r["cutoff_len"], r["overlength_policy"], thinking))
 
     def make() -> TokenizedPairs:
-        rows: list[dict] = []
-        origins: list[str] = []
-        for path in paths:
-            part = read_rows(path)
-            rows.extend(part)
-            origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
+        rows, origins = read_split_rows(paths)
         missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not set(SIDES) <= row.keys()]
         if missing:
             raise UserError([f"{o}: not a preference pair (no chosen/rejected); the build is from another stage: "

@@ -313,9 +313,22 @@ def _cached(key: tuple, make: Any) -> Any:
     return value
 
 
+def read_split_rows(paths: list) -> tuple[list[dict], list[str]]:
+    """The rows of a split's files and each row's origin (`file:row`, for messages naming the row)."""
+    from pipeline.data.load import read_rows
+
+    rows: list[dict] = []
+    origins: list[str] = []
+    for path in paths:
+        part = read_rows(path)
+        rows.extend(part)
+        origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
+    return rows, origins
+
+
 def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
     """The recipe's sft `split` tokenized with its template, masks and length policy (once per process)."""
-    from pipeline.data.load import read_rows, split_files
+    from pipeline.data.load import split_files
 
     paths = split_files(r, split)
     tokenizer = recipe_tokenizer(r)
@@ -325,12 +338,7 @@ def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
     key = ("sft", tokenizer.name, _file_key(paths), settings)
 
     def make() -> TokenizedSplit:
-        rows: list[dict] = []
-        origins: list[str] = []
-        for path in paths:
-            part = read_rows(path)
-            rows.extend(part)
-            origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
+        rows, origins = read_split_rows(paths)
         try:
             return encode_rows(rows, r["template"], tokenizer, cutoff_len=r["cutoff_len"],
                                policy=r["overlength_policy"], train_on_prompt=r["train_on_prompt"],

@@ -95,7 +95,9 @@ def test_a_hub_id_resolves_from_the_offline_cache(tmp_path, checkpoint):
 def test_an_uncached_hub_id_offline_says_what_to_run(tmp_path):
     project(tmp_path, "Org/Not-Cached", "qwen3")
     assert cli(tmp_path, "build", "recipe.yaml", HF_HOME=str(tmp_path / "hf")).returncode == 0
-    done = cli(tmp_path, "validate", "recipe.yaml", HF_HOME=str(tmp_path / "hf"))
+    done = cli(tmp_path, "validate", "recipe.yaml", HF_HOME=str(tmp_path / "hf"))  # data checks need no weights
+    assert done.returncode == 0 and "token lengths need the tokenizer of Org/Not-Cached" in done.stdout, done.stderr
+    done = cli(tmp_path, "train", "recipe.yaml", HF_HOME=str(tmp_path / "hf"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "'Org/Not-Cached' is neither a local directory nor a cached hub snapshot (HF_HUB_OFFLINE=1" in done.stderr
     assert "hf download Org/Not-Cached --include 'config.json'" in done.stderr
