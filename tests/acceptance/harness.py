@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.train.helpers import WORDS, corpus, sft_rows  # noqa: F401  (re-exported for the acceptance tests)
+
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
-
-WORDS = ("red green blue apple river stone cloud seven little happy bright night morning garden "
-         "window paper music light water small large quick slow north south").split()
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -147,21 +145,6 @@ def family_of_recipe(path: Path, recipes: list[Path]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- data, recipes
-
-def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = rng.sample(WORDS, 3)
-        rows.append({"instruction": f"Repeat the words: {' '.join(words)}", "input": "",
-                     "output": " ".join(words) + f" ({i})"})
-    return rows
-
-
-def corpus(n_paragraphs: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(n_paragraphs))
-
 
 def write_data(directory: str | Path, n_sft: int = 24, n_pt: int = 12) -> Path:
     """directory/dataset_info.json naming `tiny_sft` (alpaca rows) and `tiny_pt` (plain text)."""
