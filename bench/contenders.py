@@ -19,6 +19,7 @@ alpha 32, no dropout, AdamW lr 1e-4, micro-batch = global batch (no accumulation
 """
 from __future__ import annotations
 
+from pipeline.recipe.args import data_args
 from typing import Callable
 
 import numpy as np
@@ -91,7 +92,7 @@ class Ours:
 
         r = resolve_recipe(recipe, overrides)
         seed_everything(r["seed"])
-        self.loader = make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)
+        self.loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
         self.r = exact_steps(r, self.loader)
         model = build_model(*recipe_args(self.r))
         enable_features(model, self.r)  # gradient checkpointing per the recipe, as run() does

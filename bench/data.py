@@ -5,6 +5,7 @@ loss masks, length policy), in tokens/s. Each round runs in a fresh process, so 
 """
 from __future__ import annotations
 
+from pipeline.recipe.args import data_args
 import shutil
 import time
 from pathlib import Path
@@ -29,14 +30,14 @@ def child(recipe_path: str, profile: bool = False) -> dict[str, Any]:
     if profile:
         from bench.profiling import profile_python
 
-        return {"build": profile_python(lambda: build(r)), "validate": profile_python(lambda: check_built(r)),
-                "tokenize": profile_python(lambda: tokenized_split(r, "train"))}
+        return {"build": profile_python(lambda: build(data_args(r))), "validate": profile_python(lambda: check_built(data_args(r))),
+                "tokenize": profile_python(lambda: tokenized_split(data_args(r), "train"))}
     t0 = time.perf_counter()
-    build(r)
+    build(data_args(r))
     t1 = time.perf_counter()
-    summary = check_built(r)
+    summary = check_built(data_args(r))
     t2 = time.perf_counter()
-    split = tokenized_split(r, "train")
+    split = tokenized_split(data_args(r), "train")
     t3 = time.perf_counter()
     rows = sum(s["rows"] for s in summary)
     return {"rows": rows, "build_seconds": t1 - t0, "validate_seconds": t2 - t1, "tokenize_seconds": t3 - t2,

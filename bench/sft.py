@@ -12,6 +12,7 @@ RSS = that process's ru_maxrss after the timed steps).
 """
 from __future__ import annotations
 
+from pipeline.recipe.args import data_args
 import time
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,12 @@ def prepare(workdir: Path, *, n_rows: int, n_layers: int, cutoff_len: int, batch
     keys = workload.sft_recipe_keys(workdir, model=str(model), cutoff_len=cutoff_len, batch_size=batch_size,
                                     val_size=max(0.005, 2 * batch_size / n_rows))
     recipe = workload.write_recipe(workdir / "sft.yaml", keys)
-    build(workload.resolve_recipe(recipe))
+    build(data_args(workload.resolve_recipe(recipe)))
     r = workload.resolve_recipe(recipe)
-    data = tokenized_split(r, "train")
+    data = tokenized_split(data_args(r), "train")
     examples = workdir / "examples.npz"
     np.savez(examples, ids=data.ids, trainable=data.trainable, offsets=data.offsets)
-    loader = sft_loader(r, "train")
+    loader = sft_loader(data_args(r), "train")
     lengths = data.example_lengths()
     return {"recipe": str(recipe), "examples": str(examples), "loader": loader, "lengths": lengths,
             "n_train": len(data)}

@@ -15,9 +15,9 @@ from pipeline.errors import UserError
 
 # command -> (module, function, one-line help). Each function takes (Resolved, argparse.Namespace).
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "build": ("pipeline.data.build", "run", "raw sources -> Alpaca-format JSON + manifest (make data)"),
+    "build": ("pipeline.prepare", "build", "raw sources -> Alpaca-format JSON + manifest (make data)"),
     "validate": ("pipeline.validate", "run", "recipe + built data against their schemas; prints a report"),
-    "inspect": ("pipeline.data.inspect", "run", "render samples with trainable tokens marked; length histogram"),
+    "inspect": ("pipeline.prepare", "inspect", "render samples with trainable tokens marked; length histogram"),
     "plan": ("pipeline.recipe.plan", "run", "resolved recipe with provenance, derived steps, DeepSpeed JSON, memory"),
     "train": ("pipeline.train.run", "run", "DeepSpeed training (pt, sft or dpo; lora, full or freeze)"),
     "merge": ("pipeline.merge", "run", "fold the adapter into the base, verify, export HF GPT-2 layout"),
@@ -86,8 +86,9 @@ def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
     if command == "build":
         from pipeline.data.build import all_specs
         from pipeline.data.built import built_dir
+        from pipeline.recipe.args import data_args
 
-        return [(built_dir(r, spec.name), where(r, "dataset")) for spec in all_specs(r)]
+        return [(built_dir(r["dataset_dir"], spec.name), where(r, "dataset")) for spec in all_specs(data_args(r))]
     return []
 
 

@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 from pipeline.model.build import load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
-from pipeline.recipe.args import GenerationArgs, recipe_args, value
+from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, value
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
 
 
@@ -62,7 +62,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         template = get_template(r["template"])
     weights = chosen_weights(r, getattr(args, "model", None))
     model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)))
-    tokenizer = recipe_tokenizer(r)
+    tokenizer = recipe_tokenizer(data_args(r))
     kwargs = generation_kwargs(r, template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
     def complete(text: str, history: list[tuple[str, str]]) -> str:

@@ -34,7 +34,7 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.weights import DTYPES, note
-from pipeline.recipe.args import GenerationArgs
+from pipeline.recipe.args import GenerationArgs, data_args
 from pipeline.runtime.layout import RunLayout, trained_weights
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
@@ -178,15 +178,15 @@ def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[i
     for split in ("val", "train") if r.get("dataset") else ():
         try:
             if r["stage"] == "pt":
-                stream = pt_stream(r, split)
+                stream = pt_stream(data_args(r), split)
                 samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
             elif r["stage"] == "dpo":
                 from pipeline.data.pairs import tokenized_pairs
 
-                data = tokenized_pairs(r, split).chosen
+                data = tokenized_pairs(data_args(r), split).chosen
                 samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]
             else:
-                data = tokenized_split(r, split)
+                data = tokenized_split(data_args(r), split)
                 samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]
         except UserError:
             samples = []
@@ -195,7 +195,7 @@ def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[i
             return samples
     note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random tokens")
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, recipe_tokenizer(r).n_vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
+    return [torch.randint(0, recipe_tokenizer(data_args(r)).n_vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
 
 
 # ---------------------------------------------------------------- verification
@@ -355,7 +355,7 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
     from pipeline.model.weights import load_model, save_hf, shard_bytes_from_gb
 
     dtype = r["export_dtype"]
-    tokenizer = recipe_tokenizer(r)
+    tokenizer = recipe_tokenizer(data_args(r))
     generation = generation_config(r, tokenizer)
     with atomic_dir(target) as tmp:
         save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(r["export_size"]),

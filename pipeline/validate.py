@@ -5,13 +5,14 @@ import argparse
 
 from pipeline.data.check import check_built, format_summary
 from pipeline.recipe import Resolved
+from pipeline.recipe.args import data_args
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     files = ", ".join(r.files)
     print(f"recipe: OK ({files}; stage {r['stage']}, {r['finetuning_type']}, model {r['model_name_or_path']}, "
           f"dataset {', '.join(r['dataset'])})")
-    rows = check_built(r)  # raises UserError listing every bad row
+    rows = check_built(data_args(r))  # raises UserError listing every bad row
     print("data: OK")
     print(format_summary(rows))
     if rows and all(row["tokens_min"] is None for row in rows):

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("pipeline.__main__", "pipeline.launch", "pipeline.nodes")),
     ("stages", ("pipeline.train", "pipeline.merge", "pipeline.evaluate", "pipeline.chat", "pipeline.validate",
-                "pipeline.export")),
+                "pipeline.prepare", "pipeline.export")),
     ("runtime", ("pipeline.runtime",)),
     ("recipe", ("pipeline.recipe",)),
     ("libraries", ("pipeline.model", "pipeline.data")),

@@ -15,10 +15,11 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from pipeline.data.args import DataArgs
 from pipeline.data.built import built_dir, read_manifest
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
@@ -43,14 +44,15 @@ PROGRESS_MIN_BYTES = 8 << 20
 BLOCK_MIN_BYTES = 1 << 20  # preprocessing_num_workers: JSON Lines files this large are read in blocks
 
 
-def build_keys(r: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: r[key] for key in BUILD_KEYS}
+def build_keys(data: DataArgs) -> dict[str, Any]:
+    """The settings a build depends on besides its sources (recorded in manifest.json)."""
+    return {key: getattr(data, key) for key in BUILD_KEYS}
 
 
-def all_specs(r: Mapping[str, Any]) -> list[DatasetSpec]:
+def all_specs(data: DataArgs) -> list[DatasetSpec]:
     """The datasets of `dataset` then `eval_dataset`, each once."""
     seen: dict[str, DatasetSpec] = {}
-    for spec in resolve_datasets(r, "dataset") + resolve_datasets(r, "eval_dataset"):
+    for spec in resolve_datasets(data, "dataset") + resolve_datasets(data, "eval_dataset"):
         seen.setdefault(spec.name, spec)
     return list(seen.values())
 
@@ -79,13 +81,6 @@ def up_to_date(manifest: dict[str, Any] | None, directory: Path, wanted: dict[st
     return set(manifest.get("files", {})) == {f"{s}.json" for s in SPLITS}
 
 
-def run(r: Mapping[str, Any], args: Any = None) -> int:
-    """Build every dataset the recipe names; print what was built, kept and removed."""
-    for line in build(r):
-        print(line)
-    return 0
-
-
 def usable_cores() -> int:
     """CPU cores this process may run on: more build workers than that only add process overhead."""
     import os
@@ -106,37 +101,37 @@ def text_lines(text: str | None) -> Table:
     return table
 
 
-def build(r: Mapping[str, Any]) -> list[str]:
+def build(data: DataArgs) -> list[str]:
     """Build what is stale; returns the summary lines. Raises UserError (writing nothing) on bad data."""
-    dataset_dir = Path(r["dataset_dir"])
+    dataset_dir = Path(data.dataset_dir)
     stale: list[tuple[DatasetSpec, dict[str, Any]]] = []
-    note = unused_note(r)
+    note = unused_note(data)
     lines: list[str] = [note] if note else []
-    for spec in all_specs(r):
-        directory = built_dir(r, spec.name)
+    for spec in all_specs(data):
+        directory = built_dir(dataset_dir, spec.name)
         sources = [(source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
         wanted = {"schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "entry": spec.entry,
-                  "build_keys": build_keys(r), "sources": sources}
+                  "build_keys": build_keys(data), "sources": sources}
         if up_to_date(read_manifest(directory), directory, wanted):
             remove_leftovers(directory)  # of a build killed after its rename: the result is whole, the old one aside
             lines.append(f"{spec.name}: up to date ({directory}/manifest.json)")
         else:
             stale.append((spec, wanted))
     problems = Problems()
-    workers = min(int(r.get("preprocessing_num_workers") or 1), usable_cores())
-    loaded = [(spec, wanted, _read_dataset(spec, r["stage"], problems, workers)) for spec, wanted in stale]
+    workers = min(int(data.preprocessing_num_workers or 1), usable_cores())
+    loaded = [(spec, wanted, _read_dataset(spec, data.stage, problems, workers)) for spec, wanted in stale]
     problems.raise_if_any()
     prepared, errors = [], []
     for spec, wanted, (rows, per_source) in loaded:
         try:
-            prepared.append((spec, *_prepare(spec, wanted, rows, per_source, r)))
+            prepared.append((spec, *_prepare(spec, wanted, rows, per_source, data)))
         except UserError as err:
             errors += err.messages
     if errors:  # every dataset is checked before any is written
         raise UserError(errors)
     for spec, manifest, blobs in prepared:
-        _write(built_dir(r, spec.name), manifest, blobs)
-        lines.extend(summary(manifest, built_dir(r, spec.name)))
+        _write(built_dir(dataset_dir, spec.name), manifest, blobs)
+        lines.extend(summary(manifest, built_dir(dataset_dir, spec.name)))
     return lines
 
 
@@ -353,10 +348,10 @@ def count_tokens(docs: list[dict], tokenizer: Tokenizer) -> int:
 
 
 def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_source: list[int],
-             r: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bytes]]:
+             data: DataArgs) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Clean, split and serialise one dataset: (manifest, file name -> bytes); UserError if a split is empty."""
-    stage = r["stage"]
-    kept, removed = clean(rows, stage, spec.num_samples, r["max_samples"])
+    stage = data.stage
+    kept, removed = clean(rows, stage, spec.num_samples, data.max_samples)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "name": spec.name, "stage": stage,
         "formatting": spec.formatting, "registry": spec.registry, "entry": spec.entry,
@@ -365,19 +360,19 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_so
         "rows_read": len(rows), "rows_kept": len(kept), "removed": removed,
     }
     if stage == "pt":
-        train, val, mode = split_documents(kept, r["val_size"], r["seed"])
+        train, val, mode = split_documents(kept, data.val_size, data.seed)
         manifest["split_mode"] = mode
     else:
-        train, val = split_rows(kept, r["val_size"], r["seed"])
+        train, val = split_rows(kept, data.val_size, data.seed)
     if not train or not val:
         gone = ", ".join(f"{k} {v:,}" for k, v in removed.items() if v) or "none"
         raise UserError(f"dataset '{spec.name}' ({spec.registry}:{spec.line}): {len(kept):,} "
                         f"{UNITS[stage]} remain after cleaning (read {len(rows):,}; "
-                        f"removed: {gone}); val_size {r['val_size']} leaves {len(train):,} for training and "
+                        f"removed: {gone}); val_size {data.val_size} leaves {len(train):,} for training and "
                         f"{len(val):,} for validation, and both need at least one. Add data or change val_size")
     manifest["splits"] = {"train": len(train), "val": len(val)}
     if stage == "pt":
-        tokenizer = available_tokenizer(r)
+        tokenizer = available_tokenizer(data)
         if tokenizer is not None:  # a hub model not downloaded yet: no token counts (see available_tokenizer)
             manifest["tokens"] = {"train": count_tokens(train, tokenizer), "val": count_tokens(val, tokenizer)}
             manifest["tokenizer"] = tokenizer.name

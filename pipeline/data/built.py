@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MANIFEST = "manifest.json"
 
 
-def built_dir(r: Mapping[str, Any], name: str) -> Path:
-    return Path(r["dataset_dir"]) / "build" / name
+def built_dir(dataset_dir: str | Path, name: str) -> Path:
+    """The folder a build of dataset `name` writes (it holds train.json, val.json, manifest.json)."""
+    return Path(dataset_dir) / "build" / name
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:

@@ -8,10 +8,11 @@ failing row goes through jsonschema, which words its messages. A missing or stal
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
 from pipeline.data.load import MAKE_DATA, build_problem, edited, read_rows
 from pipeline.data.problems import Problems
@@ -109,19 +110,19 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> No
                                                 "removes such pairs")
 
 
-def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
+def check_built(data: DataArgs) -> list[dict[str, Any]]:
     """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
     from pipeline.data.model_tokenizer import available_tokenizer
 
-    specs = all_specs(r)
-    stale = [p for p in (build_problem(r, s.name) for s in specs) if p]
+    specs = all_specs(data)
+    stale = [p for p in (build_problem(data, s.name) for s in specs) if p]
     if stale:
         raise UserError(stale)
     problems = Problems()
     changed: list[str] = []
     loaded: list[tuple[str, str, Path, list]] = []
     for spec in specs:
-        directory = built_dir(r, spec.name)
+        directory = built_dir(data.dataset_dir, spec.name)
         manifest = read_manifest(directory) or {}
         for split in SPLITS:
             path = directory / f"{split}.json"
@@ -130,7 +131,7 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
             except UserError as err:
                 changed += err.messages
                 continue
-            check_rows(rows, str(path), r["stage"], problems)
+            check_rows(rows, str(path), data.stage, problems)
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; {MAKE_DATA}")
@@ -139,12 +140,12 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
             loaded.append((spec.name, split, path, rows))
     if changed or problems:
         raise UserError(changed + problems.messages())
-    tokenizer = available_tokenizer(r)
+    tokenizer = available_tokenizer(data)
     summary = []
     for name, split, path, rows in loaded:
         pick = np.unique(np.linspace(0, len(rows) - 1, min(SAMPLE, len(rows))).astype(int)) if rows else []
         sample = [rows[i] for i in pick]
-        lengths = None if tokenizer is None else _token_lengths(r, sample, tokenizer)
+        lengths = None if tokenizer is None else _token_lengths(data, sample, tokenizer)
         known = lengths is not None and len(lengths) > 0
         summary.append({
             "dataset": name, "split": split, "file": str(path), "rows": len(rows),
@@ -152,25 +153,25 @@ def check_built(r: Mapping[str, Any]) -> list[dict[str, Any]]:
             "tokens_mean": round(float(lengths.mean()), 1) if known else None,
             "tokens_max": int(lengths.max()) if known else None,
             # pt documents are cut into windows, so only sft examples can be over cutoff_len
-            "over_cutoff_len": None if r["stage"] == "pt" or lengths is None else int((lengths > r["cutoff_len"]).sum()),
+            "over_cutoff_len": None if data.stage == "pt" or lengths is None else int((lengths > data.cutoff_len).sum()),
             "sampled": len(sample) if len(sample) < len(rows) else None,
         })
     return summary
 
 
-def _token_lengths(r: Mapping[str, Any], sample: list[dict], tokenizer: Any) -> np.ndarray:
+def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any) -> np.ndarray:
     """Token lengths of sampled rows as the recipe's stage tokenizes them (no cutoff)."""
-    if r["stage"] == "pt":
+    if data.stage == "pt":
         return np.array([len(t) for t in tokenizer.encode_batch([row["text"] for row in sample])])
-    if r["stage"] == "dpo":
+    if data.stage == "dpo":
         from pipeline.data.pairs import encode_pairs
 
-        return encode_pairs(sample, r["template"], tokenizer, cutoff_len=2**62,
-                            enable_thinking=r.get("enable_thinking", True)).lengths
+        return encode_pairs(sample, data.template, tokenizer, cutoff_len=2**62,
+                            enable_thinking=data.enable_thinking).lengths
     from pipeline.data.tokenize import encode_rows
 
-    return encode_rows(sample, r["template"], tokenizer, cutoff_len=2**62, train_on_prompt=r["train_on_prompt"],
-                       mask_history=r["mask_history"], enable_thinking=r.get("enable_thinking", True)).lengths
+    return encode_rows(sample, data.template, tokenizer, cutoff_len=2**62, train_on_prompt=data.train_on_prompt,
+                       mask_history=data.mask_history, enable_thinking=data.enable_thinking).lengths
 
 
 def _count(value: Any, spec: str) -> str:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from pipeline.data.args import DataArgs
 from pipeline.data.build import built_dir
 from pipeline.data.registry import dataset_names
 from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, length_table, plot_lengths, pt_stream, pt_windows,
@@ -39,67 +40,67 @@ def render(ids: Sequence[int], trained: Sequence[bool], color: bool, tokenizer: 
     return "".join(out)
 
 
-def plot_path(r: Mapping[str, Any]) -> Path:
-    names = dataset_names(r, "dataset")
+def plot_path(data: DataArgs) -> Path:
+    """Where the length histogram goes: beside the build of the one dataset, else in build/ named by all of them."""
+    names = dataset_names(data, "dataset")
     if len(names) == 1:
-        return built_dir(r, names[0]) / "token_lengths.png"
-    return Path(r["dataset_dir"]) / "build" / f"token_lengths-{'+'.join(names)}.png"
+        return built_dir(data.dataset_dir, names[0]) / "token_lengths.png"
+    return Path(data.dataset_dir) / "build" / f"token_lengths-{'+'.join(names)}.png"
 
 
-def _policy_line(split: str, data: TokenizedSplit, r: Mapping[str, Any]) -> str:
-    dropped = data.dropped.get(OVER, 0) + data.dropped.get(NO_ROOM, 0)
-    line = (f"{split}: {data.rows:,} rows -> {len(data):,} examples · dropped {dropped:,} "
-            f"({data.dropped.get(OVER, 0):,} {OVER} {r['cutoff_len']}, {data.dropped.get(NO_ROOM, 0):,} {NO_ROOM})"
-            f" · truncated {data.truncated:,}  [overlength_policy: {r['overlength_policy']}]")
-    for label, rows in (("dropped", data.dropped_rows), ("truncated", data.truncated_rows)):
+def _policy_line(split: str, examples: TokenizedSplit, data: DataArgs) -> str:
+    dropped = examples.dropped.get(OVER, 0) + examples.dropped.get(NO_ROOM, 0)
+    line = (f"{split}: {examples.rows:,} rows -> {len(examples):,} examples · dropped {dropped:,} "
+            f"({examples.dropped.get(OVER, 0):,} {OVER} {data.cutoff_len}, {examples.dropped.get(NO_ROOM, 0):,} "
+            f"{NO_ROOM}) · truncated {examples.truncated:,}  [overlength_policy: {data.overlength_policy}]")
+    for label, rows in (("dropped", examples.dropped_rows), ("truncated", examples.truncated_rows)):
         if rows:
             more = f" and {len(rows) - 5:,} more" if len(rows) > 5 else ""
             line += f"\n  {label}: {', '.join(rows[:5])}{more}"
     return line
 
 
-def run(r: Mapping[str, Any], args: Any = None) -> int:
-    num = max(0, getattr(args, "num", 3) if args is not None else 3)
+def inspect(data: DataArgs, num: int = 3) -> str:
+    """The report of `inspect`: `num` samples rendered as the recipe's stage trains them, and the lengths."""
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    show = {"pt": inspect_pt, "dpo": inspect_dpo}.get(r["stage"], inspect_sft)
-    print(show(r, num, color))
-    return 0
+    show = {"pt": inspect_pt, "dpo": inspect_dpo}.get(data.stage, inspect_sft)
+    return show(data, max(0, num), color)
 
 
-def inspect_dpo(r: Mapping[str, Any], num: int, color: bool) -> str:
+def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
     """Pairs: the chosen and the rejected sequence of each sample, the scored response tokens marked."""
     from pipeline.data.pairs import tokenized_pairs
 
-    train, val = tokenized_pairs(r, "train"), tokenized_pairs(r, "val")
-    tokenizer = recipe_tokenizer(r)
+    train, val = tokenized_pairs(data, "train"), tokenized_pairs(data, "val")
+    tokenizer = recipe_tokenizer(data)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
-    out = [f"stage dpo · template {r['template']} · cutoff_len {r['cutoff_len']} · only the last response is scored",
+    out = [f"stage dpo · template {data.template} · cutoff_len {data.cutoff_len} · only the last response is scored",
            f"scored tokens (the summed log-probabilities) are {mark}; {tokenizer.eos_text} is EOS "
            f"(id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
         out.append(f"── pair {i + 1}/{min(num, len(train))} · {train.origins[i]}")
-        for side, data in (("chosen", train.chosen), ("rejected", train.rejected)):
-            ex = data.example(i)
+        for side, examples in (("chosen", train.chosen), ("rejected", train.rejected)):
+            ex = examples.example(i)
             scored = [False] + [label != -100 for label in ex.labels[1:]]
             out.append(f"{side}: {len(ex.input_ids)} tokens, {sum(scored)} scored{' · truncated' if ex.truncated else ''}")
             out.append(render(ex.input_ids, scored, color, tokenizer))
         out.append("")
-    out += [_policy_line("train", train, r).replace(" examples", " pairs"),
-            _policy_line("val", val, r).replace(" examples", " pairs"), ""]
+    out += [_policy_line("train", train, data).replace(" examples", " pairs"),
+            _policy_line("val", val, data).replace(" examples", " pairs"), ""]
     lengths = np.concatenate([train.lengths, val.lengths])
     out += ["token lengths of the longer sequence of each pair (train + val, before the length policy):",
-            length_table(lengths, r["cutoff_len"])]
-    path = plot_lengths(lengths, r["cutoff_len"], plot_path(r), " + ".join(dataset_names(r, "dataset")))
+            length_table(lengths, data.cutoff_len)]
+    path = plot_lengths(lengths, data.cutoff_len, plot_path(data), " + ".join(dataset_names(data, "dataset")))
     out.append(f"histogram: {path}")
     return "\n".join(out)
 
 
-def inspect_sft(r: Mapping[str, Any], num: int, color: bool) -> str:
-    train, val = tokenized_split(r, "train"), tokenized_split(r, "val")
-    tokenizer = recipe_tokenizer(r)
+def inspect_sft(data: DataArgs, num: int, color: bool) -> str:
+    train, val = tokenized_split(data, "train"), tokenized_split(data, "val")
+    tokenizer = recipe_tokenizer(data)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
-    out = [f"template {r['template']} · cutoff_len {r['cutoff_len']} · train_on_prompt {r['train_on_prompt']} · "
-           f"mask_history {r['mask_history']}",
+    out = [f"template {data.template} · cutoff_len {data.cutoff_len} · train_on_prompt {data.train_on_prompt} · "
+           f"mask_history {data.mask_history}",
            f"trained tokens (the loss targets) are {mark}; {tokenizer.eos_text} is EOS (id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
         ex = train.example(i)
@@ -108,24 +109,24 @@ def inspect_sft(r: Mapping[str, Any], num: int, color: bool) -> str:
                    f"{sum(trained)} trained{' · truncated' if ex.truncated else ''}")
         out.append(render(ex.input_ids, trained, color, tokenizer))
         out.append("")
-    out += [_policy_line("train", train, r), _policy_line("val", val, r), ""]
+    out += [_policy_line("train", train, data), _policy_line("val", val, data), ""]
     lengths = np.concatenate([train.lengths, val.lengths])
-    out += ["token lengths (train + val, before the length policy):", length_table(lengths, r["cutoff_len"])]
-    path = plot_lengths(lengths, r["cutoff_len"], plot_path(r), " + ".join(dataset_names(r, "dataset")))
+    out += ["token lengths (train + val, before the length policy):", length_table(lengths, data.cutoff_len)]
+    path = plot_lengths(lengths, data.cutoff_len, plot_path(data), " + ".join(dataset_names(data, "dataset")))
     out.append(f"histogram: {path}")
     return "\n".join(out)
 
 
-def inspect_pt(r: Mapping[str, Any], num: int, color: bool) -> str:
+def inspect_pt(data: DataArgs, num: int, color: bool) -> str:
     from pipeline.data.load import load_split
     from pipeline.data.loaders import pt_stride
 
-    length, stride = r["cutoff_len"], pt_stride(r)
+    length, stride = data.cutoff_len, pt_stride(data)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
     out = [f"stage pt · window cutoff_len {length} · stride {stride} · every token after the first of a window "
            f"is a target ({mark})", ""]
-    stream = pt_stream(r, "train")
-    tokenizer = recipe_tokenizer(r)
+    stream = pt_stream(data, "train")
+    tokenizer = recipe_tokenizer(data)
     starts = pt_windows(len(stream), length, stride)
     for i in range(min(num, len(starts))):
         ids = stream[starts[i]:starts[i] + length].tolist()
@@ -133,11 +134,11 @@ def inspect_pt(r: Mapping[str, Any], num: int, color: bool) -> str:
         out.append(render(ids, [False] + [True] * (len(ids) - 1), color, tokenizer))
         out.append("")
     for split in ("train", "val"):
-        n = len(pt_stream(r, split))
+        n = len(pt_stream(data, split))
         out.append(f"{split}: {n:,} tokens -> {len(pt_windows(n, length, stride)):,} windows")
-    docs = [row["text"] for s in ("train", "val") for row in load_split(r, s)]
+    docs = [row["text"] for s in ("train", "val") for row in load_split(data, s)]
     lengths = np.array([len(t) for t in tokenizer.encode_batch(docs)])
     out += ["", "document lengths in tokens (train + val):", length_table(lengths, None)]
-    path = plot_lengths(lengths, None, plot_path(r), " + ".join(dataset_names(r, "dataset")))
+    path = plot_lengths(lengths, None, plot_path(data), " + ".join(dataset_names(data, "dataset")))
     out.append(f"histogram: {path}")
     return "\n".join(out)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
 from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
@@ -18,15 +19,15 @@ from pipeline.errors import UserError
 MAKE_DATA = "run `make data` (python -m pipeline build RECIPE)"
 
 
-def build_problem(r: Mapping[str, Any], name: str) -> str | None:
+def build_problem(data: DataArgs, name: str) -> str | None:
     """Why the build of `name` cannot be used with this recipe, or None."""
-    directory = built_dir(r, name)
+    directory = built_dir(data.dataset_dir, name)
     manifest = read_manifest(directory)
     if manifest is None or not all(isinstance(manifest.get(k), dict) for k in ("build_keys", "splits")):
         if (directory / "manifest.json").is_file():
             return f"{directory}/manifest.json: damaged (not a JSON object as the build writes it); {MAKE_DATA}"
         return f"{directory}: dataset '{name}' is not built; {MAKE_DATA}"
-    wanted = build_keys(r)
+    wanted = build_keys(data)
     changed = [f"{k} {manifest.get('build_keys', {}).get(k)!r} -> {v!r}" for k, v in wanted.items()
                if manifest.get("build_keys", {}).get(k) != v]
     if changed:
@@ -34,7 +35,7 @@ def build_problem(r: Mapping[str, Any], name: str) -> str | None:
     missing = [f"{s}.json" for s in SPLITS if not (directory / f"{s}.json").is_file()]
     if missing:
         return f"{directory}: {', '.join(missing)} missing; {MAKE_DATA}"
-    return sources_changed(r, name, manifest)
+    return sources_changed(data, name, manifest)
 
 
 def _source_hash(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - a per-process cache
@@ -46,16 +47,16 @@ def _source_hash(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006
     return _memo[key]
 
 
-def sources_changed(r: Mapping[str, Any], name: str, manifest: Mapping[str, Any]) -> str | None:
+def sources_changed(data: DataArgs, name: str, manifest: Mapping[str, Any]) -> str | None:
     """Why the build of `name` is stale because its raw sources or its registry entry changed since (None: they
     did not). train and eval check this too, so that a raw file edited after `make data` is never silently
     ignored outside make."""
     from pipeline.data.build import all_specs, source_name
 
-    spec = next((s for s in all_specs(r) if s.name == name), None)
+    spec = next((s for s in all_specs(data) if s.name == name), None)
     if spec is None:
         return None
-    dataset_dir = Path(r["dataset_dir"])
+    dataset_dir = Path(data.dataset_dir)
     then = {s.get("path"): s.get("sha256") for s in manifest.get("sources", []) if isinstance(s, dict)}
     now = {source_name(p, dataset_dir): p for p in spec.files}
     changed = [f"{dataset_dir / rel} {'is new' if rel not in then else 'was edited'}" for rel, path in now.items()
@@ -65,26 +66,26 @@ def sources_changed(r: Mapping[str, Any], name: str, manifest: Mapping[str, Any]
         changed.append(f"the entry of '{name}' in the dataset registry changed")
     if not changed:
         return None
-    return (f"{built_dir(r, name)}: built from other sources than the recipe's now ({'; '.join(changed)} since "
+    return (f"{built_dir(dataset_dir, name)}: built from other sources than the recipe's now ({'; '.join(changed)} since "
             f"the build); {MAKE_DATA} to rebuild it")
 
 
-def split_files(r: Mapping[str, Any], split: str) -> list[Path]:
+def split_files(data: DataArgs, split: str) -> list[Path]:
     """The built JSON files that make up `split` ("train" or "val"), in recipe order."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-    train_names = dataset_names(r, "dataset")
-    eval_names = dataset_names(r, "eval_dataset")
+    train_names = dataset_names(data, "dataset")
+    eval_names = dataset_names(data, "eval_dataset")
     if split == "train":
         parts = [(name, "train") for name in train_names]
     elif eval_names:
         parts = [(name, s) for name in eval_names for s in (("val",) if name in train_names else SPLITS)]
     else:
         parts = [(name, "val") for name in train_names]
-    problems = [p for p in dict.fromkeys(build_problem(r, name) for name, _ in parts) if p]
+    problems = [p for p in dict.fromkeys(build_problem(data, name) for name, _ in parts) if p]
     if problems:
         raise UserError(problems)
-    return [built_dir(r, name) / f"{s}.json" for name, s in parts]
+    return [built_dir(data.dataset_dir, name) / f"{s}.json" for name, s in parts]
 
 
 def edited(path: Path, digest: str | None = None) -> str | None:
@@ -120,9 +121,9 @@ def read_rows(path: Path, verify: bool = True) -> list[Any]:
     return rows
 
 
-def load_split(r: Mapping[str, Any], split: str) -> list[dict]:
+def load_split(data: DataArgs, split: str) -> list[dict]:
     """Alpaca rows (pt: {"text"} documents) of the recipe's `split`, datasets concatenated in order."""
     rows: list[dict] = []
-    for path in split_files(r, split):
+    for path in split_files(data, split):
         rows.extend(read_rows(path))
     return rows

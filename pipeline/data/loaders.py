@@ -21,10 +21,11 @@ input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_str
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from pipeline.data.args import DataArgs
 from pipeline.data.packing import Packs, collate_packs, pack_examples
 from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
 from pipeline.data.model_tokenizer import recipe_tokenizer
@@ -134,10 +135,10 @@ def torch_index(mask: np.ndarray) -> Any:
     return torch.from_numpy(mask)
 
 
-def _batch_size(r: Mapping[str, Any], split: str, batch_size: int | None) -> int:
+def _batch_size(data: DataArgs, split: str, batch_size: int | None) -> int:
     if batch_size is not None:
         return batch_size
-    return r["per_device_train_batch_size"] if split == "train" else r["per_device_eval_batch_size"]
+    return data.per_device_train_batch_size if split == "train" else data.per_device_eval_batch_size
 
 
 def _check_size(n: int, split: str, size: int, world_size: int, what: str, hint: str) -> None:
@@ -148,28 +149,27 @@ def _check_size(n: int, split: str, size: int, world_size: int, what: str, hint:
                         f"(per_device_train_batch_size {size} x {world_size} ranks); lower the batch size or add data")
 
 
-def sft_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
                shuffle: bool = True, batch_size: int | None = None) -> Loader:
     """Padded batches of templated, masked examples (the length policy already applied)."""
-    data = tokenized_split(r, split)
-    size = _batch_size(r, split, batch_size)
-    dropped = ", ".join(f"{v:,} {k}" for k, v in data.dropped.items() if v)
-    _check_size(len(data), split, size, world_size, "examples",
-                f"{data.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
-    offsets, ids, trainable = data.offsets, data.ids, data.trainable
-    pad = recipe_tokenizer(r).pad_id
-    if packing_enabled(r):
-        packs = sft_packs(r, split)
+    examples = tokenized_split(data, split)
+    size = _batch_size(data, split, batch_size)
+    dropped = ", ".join(f"{v:,} {k}" for k, v in examples.dropped.items() if v)
+    _check_size(len(examples), split, size, world_size, "examples",
+                f"{examples.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
+    offsets, ids, trainable = examples.offsets, examples.ids, examples.trainable
+    pad = recipe_tokenizer(data).pad_id
+    order = dict(batch_size=size, world_size=world_size, rank=rank, seed=data.seed, epoch=epoch, shuffle=shuffle,
+                 drop_last=split == "train", group_by_length=bool(data.group_by_length))
+    if packing_enabled(data):
+        packs = sft_packs(data, split)
         _check_size(len(packs), split, size, world_size, "packed rows",
-                    f"{len(data):,} examples packed into rows of cutoff_len {r['cutoff_len']}; add data")
-        neat = bool(r["neat_packing"])
+                    f"{len(examples):,} examples packed into rows of cutoff_len {data.cutoff_len}; add data")
+        neat = bool(data.neat_packing)
         return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets, pad,
-                                                                           neat=neat),
-                      batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch,
-                      shuffle=shuffle, drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
-    return Loader(len(data), data.example_lengths(), lambda indices: pad_examples([(data, indices)], pad),
-                  batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch, shuffle=shuffle,
-                  drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
+                                                                           neat=neat), **order)
+    return Loader(len(examples), examples.example_lengths(), lambda indices: pad_examples([(examples, indices)], pad),
+                  **order)
 
 
 def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int) -> dict:
@@ -190,50 +190,51 @@ def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int) -> dict:
             "attention_mask": torch.from_numpy(mask)}
 
 
-def pair_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+def pair_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
                 shuffle: bool = True, batch_size: int | None = None) -> Loader:
     """Batches of B preference pairs as one (2B, T) batch: the B chosen sequences, then the B rejected ones
     (one forward scores both sides); batch_size counts pairs."""
     from pipeline.data.pairs import tokenized_pairs
 
-    data = tokenized_pairs(r, split)
-    pad = recipe_tokenizer(r).pad_id
-    size = _batch_size(r, split, batch_size)
-    dropped = ", ".join(f"{v:,} {k}" for k, v in data.dropped.items() if v)
-    _check_size(len(data), split, size, world_size, "pairs",
-                f"{data.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
-    return Loader(len(data), data.example_lengths(),
-                  lambda indices: pad_examples([(data.chosen, indices), (data.rejected, indices)], pad),
-                  batch_size=size, world_size=world_size, rank=rank, seed=r["seed"], epoch=epoch, shuffle=shuffle,
-                  drop_last=split == "train", group_by_length=bool(r["group_by_length"]))
+    pairs = tokenized_pairs(data, split)
+    pad = recipe_tokenizer(data).pad_id
+    size = _batch_size(data, split, batch_size)
+    dropped = ", ".join(f"{v:,} {k}" for k, v in pairs.dropped.items() if v)
+    _check_size(len(pairs), split, size, world_size, "pairs",
+                f"{pairs.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
+    return Loader(len(pairs), pairs.example_lengths(),
+                  lambda indices: pad_examples([(pairs.chosen, indices), (pairs.rejected, indices)], pad),
+                  batch_size=size, world_size=world_size, rank=rank, seed=data.seed, epoch=epoch, shuffle=shuffle,
+                  drop_last=split == "train", group_by_length=bool(data.group_by_length))
 
 
-def packing_enabled(r: Mapping[str, Any]) -> bool:
+def packing_enabled(data: DataArgs) -> bool:
     """sft rows hold several examples (neat_packing implies packing); pt always concatenates documents; dpo
     pairs are never packed (each side is its own sequence)."""
-    return r["stage"] == "sft" and bool(r.get("packing") or r.get("neat_packing"))
+    return data.stage == "sft" and bool(data.packing or data.neat_packing)
 
 
-def sft_packs(r: Mapping[str, Any], split: str) -> Packs:
+def sft_packs(data: DataArgs, split: str) -> Packs:
     """The split's examples packed into rows of cutoff_len positions (once per process and split)."""
-    data = tokenized_split(r, split)
-    cache = data.__dict__.setdefault("_packs", {})  # lives as long as the cached split it was made from
-    if r["cutoff_len"] not in cache:
-        cache[r["cutoff_len"]] = pack_examples(data.example_lengths() - 1, r["cutoff_len"])
-    return cache[r["cutoff_len"]]
+    examples = tokenized_split(data, split)
+    cache = examples.__dict__.setdefault("_packs", {})  # lives as long as the cached split it was made from
+    if data.cutoff_len not in cache:
+        cache[data.cutoff_len] = pack_examples(examples.example_lengths() - 1, data.cutoff_len)
+    return cache[data.cutoff_len]
 
 
-def pt_stride(r: Mapping[str, Any]) -> int:
-    return r["pt_stride"] or r["cutoff_len"]
+def pt_stride(data: DataArgs) -> int:
+    """The step between pt windows: pt_stride, or cutoff_len (no overlap) when null."""
+    return data.pt_stride or data.cutoff_len
 
 
-def pt_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
+def pt_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
               shuffle: bool = True, batch_size: int | None = None) -> Loader:
     """The book's sliding windows over the split's token stream (documents joined by EOS)."""
-    stream = pt_stream(r, split)
-    length, stride = r["cutoff_len"], pt_stride(r)
+    stream = pt_stream(data, split)
+    length, stride = data.cutoff_len, pt_stride(data)
     starts = pt_windows(len(stream), length, stride)
-    size = _batch_size(r, split, batch_size)
+    size = _batch_size(data, split, batch_size)
     _check_size(len(starts), split, size, world_size, "windows",
                 f"it has {len(stream):,} tokens and one window needs cutoff_len + 1 = {length + 1:,}; "
                 "lower cutoff_len or add text")
@@ -247,25 +248,25 @@ def pt_loader(r: Mapping[str, Any], split: str, *, rank: int = 0, world_size: in
                 "labels": torch.from_numpy(stream[at + 1].astype(np.int64)),
                 "attention_mask": torch.ones((len(indices), length), dtype=torch.long)}
 
-    return Loader(len(starts), None, collate, batch_size=size, world_size=world_size, rank=rank, seed=r["seed"],
+    return Loader(len(starts), None, collate, batch_size=size, world_size=world_size, rank=rank, seed=data.seed,
                   epoch=epoch, shuffle=shuffle, drop_last=split == "train", group_by_length=False)
 
 
-def make_loader(r: Mapping[str, Any], split: str, **kwargs: Any) -> Loader:
+def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
     """sft_loader, pt_loader or pair_loader, by the recipe's stage."""
-    loader = {"pt": pt_loader, "dpo": pair_loader}.get(r["stage"], sft_loader)(r, split, **kwargs)
-    loader.num_workers = int(r.get("dataloader_num_workers") or 0)
+    loader = {"pt": pt_loader, "dpo": pair_loader}.get(data.stage, sft_loader)(data, split, **kwargs)
+    loader.num_workers = int(data.dataloader_num_workers or 0)
     return loader
 
 
-def count_examples(r: Mapping[str, Any]) -> dict[str, int]:
+def count_examples(data: DataArgs) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
-    if r["stage"] == "pt":
-        return {s: len(pt_windows(len(pt_stream(r, s)), r["cutoff_len"], pt_stride(r))) for s in ("train", "val")}
-    if r["stage"] == "dpo":
+    if data.stage == "pt":
+        return {s: len(pt_windows(len(pt_stream(data, s)), data.cutoff_len, pt_stride(data))) for s in ("train", "val")}
+    if data.stage == "dpo":
         from pipeline.data.pairs import tokenized_pairs
 
-        return {s: len(tokenized_pairs(r, s)) for s in ("train", "val")}
-    if packing_enabled(r):
-        return {s: len(sft_packs(r, s)) for s in ("train", "val")}
-    return {s: len(tokenized_split(r, s)) for s in ("train", "val")}
+        return {s: len(tokenized_pairs(data, s)) for s in ("train", "val")}
+    if packing_enabled(data):
+        return {s: len(sft_packs(data, s)) for s in ("train", "val")}
+    return {s: len(tokenized_split(data, s)) for s in ("train", "val")}

@@ -7,12 +7,19 @@ the Tokenizer: kept in one module, the two would import each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Protocol
 
 from pipeline.data.tokenizer import Tokenizer, gpt2
 from pipeline.data.tokenizer_files import read_tokenizer
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS
+
+
+class HasModel(Protocol):
+    """An argument group that names the base model (DataArgs, ModelArgs)."""
+
+    @property
+    def model_name_or_path(self) -> str: ...
 
 
 def is_gpt2_preset(name: str) -> bool:
@@ -39,12 +46,12 @@ def load_tokenizer(model_name_or_path: str | Path) -> Tokenizer:
     return read_tokenizer(path)
 
 
-def recipe_tokenizer(r: Mapping[str, Any]) -> Tokenizer:
-    """The tokenizer of the recipe's base model (model_name_or_path)."""
-    return load_tokenizer(r["model_name_or_path"])
+def recipe_tokenizer(args: HasModel) -> Tokenizer:
+    """The tokenizer of the recipe's base model (model_name_or_path of a DataArgs or ModelArgs)."""
+    return load_tokenizer(args.model_name_or_path)
 
 
-def available_tokenizer(r: Mapping[str, Any]) -> Tokenizer | None:
+def available_tokenizer(args: HasModel) -> Tokenizer | None:
     """The recipe's tokenizer when the model's files are on this machine; None for a hub id not yet cached.
 
     `build` and `validate` run before a hub model is downloaded (a user checks the data first, and the weights
@@ -53,7 +60,7 @@ def available_tokenizer(r: Mapping[str, Any]) -> Tokenizer | None:
     """
     from pipeline.model.hub import is_hub_id, resolve_model_path
 
-    name = str(r["model_name_or_path"])
+    name = str(args.model_name_or_path)
     if is_hub_id(name):
         try:
             return load_tokenizer(resolve_model_path(name, download=False))

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pipeline.data.args import DataArgs
 from pipeline.data.problems import Problems
 from pipeline.data.templates import Template
 from pipeline.data.tokenize import NO_ROOM, OVER, POLICIES, TokenizedSplit, _cached, _file_key, _split_origin, \
@@ -119,14 +120,14 @@ def _cut(split: TokenizedSplit, keep: np.ndarray) -> TokenizedSplit:
                           is_truncated=(keep < lengths)[kept])
 
 
-def tokenized_pairs(r: Mapping[str, Any], split: str) -> TokenizedPairs:
+def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
     """The recipe's dpo `split` as pairs, with its template and length policy (once per process)."""
     from pipeline.data.load import split_files
 
-    paths = split_files(r, split)
-    tokenizer = recipe_tokenizer(r)
-    thinking = r.get("enable_thinking", True)
-    key = ("dpo", tokenizer.name, _file_key(paths), (r["template"], r["cutoff_len"], r["overlength_policy"], thinking))
+    paths = split_files(data, split)
+    tokenizer = recipe_tokenizer(data)
+    key = ("dpo", tokenizer.name, _file_key(paths),
+           (data.template, data.cutoff_len, data.overlength_policy, data.enable_thinking))
 
     def make() -> TokenizedPairs:
         rows, origins = read_split_rows(paths)
@@ -134,7 +135,7 @@ def tokenized_pairs(r: Mapping[str, Any], split: str) -> TokenizedPairs:
         if missing:
             raise UserError([f"{o}: not a preference pair (no chosen/rejected); the build is from another stage: "
                              "run `make data`" for o in missing[:5]])
-        return encode_pairs(rows, r["template"], tokenizer, cutoff_len=r["cutoff_len"],
-                            policy=r["overlength_policy"], enable_thinking=thinking, origins=origins)
+        return encode_pairs(rows, data.template, tokenizer, cutoff_len=data.cutoff_len,
+                            policy=data.overlength_policy, enable_thinking=data.enable_thinking, origins=origins)
 
     return _cached(key, make)

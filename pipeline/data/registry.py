@@ -14,8 +14,9 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from pipeline.data.args import DataArgs
 from pipeline.errors import UserError, did_you_mean
 from pipeline.data.jsonpos import key_lines, line_of
 from pipeline.names import split_names
@@ -86,20 +87,9 @@ class Registry:
     problems: dict[str, list[str]]
 
 
-def dataset_names(r: Mapping[str, Any], key: str = "dataset") -> list[str]:
+def dataset_names(data: DataArgs, key: str = "dataset") -> list[str]:
     """`dataset` / `eval_dataset` as a list (a resolved recipe already has lists; plain dicts may not)."""
-    return split_names(r[key])
-
-
-def recipe_where(r: Mapping[str, Any], key: str) -> str:
-    """`recipes/x.yaml:5` (or 'cli', 'default') for a recipe key, when the recipe knows it."""
-    source = getattr(r, "source", None)
-    if callable(source):
-        try:
-            return str(source(key))
-        except Exception:  # a plain mapping stand-in, or a key without provenance
-            return f"recipe key '{key}'"
-    return f"recipe key '{key}'"
+    return split_names(getattr(data, key))
 
 
 def _shown(path: str) -> str:
@@ -141,13 +131,13 @@ def read_registry(dataset_dir: str | os.PathLike[str]) -> Registry:
     return Registry(entries, lines, shown, ordered)
 
 
-def unused_note(r: Mapping[str, Any]) -> str | None:
+def unused_note(data: DataArgs) -> str | None:
     """One line about registry entries the recipe does not use that have problems (they never block)."""
     try:
-        registry = read_registry(r["dataset_dir"])
+        registry = read_registry(data.dataset_dir)
     except UserError:
         return None
-    used = set(dataset_names(r, "dataset")) | set(dataset_names(r, "eval_dataset"))
+    used = set(dataset_names(data, "dataset")) | set(dataset_names(data, "eval_dataset"))
     broken = [name for name in registry.problems if name not in used]
     if not broken:
         return None
@@ -227,12 +217,12 @@ def _subschema_at(schema: dict[str, Any], path: tuple) -> dict[str, Any]:
     return schema
 
 
-def resolve_datasets(r: Mapping[str, Any], key: str = "dataset") -> list[DatasetSpec]:
+def resolve_datasets(data: DataArgs, key: str = "dataset") -> list[DatasetSpec]:
     """The registry entries the recipe names under `key`, with files found; one UserError for all problems."""
-    names = dataset_names(r, key)
+    names = dataset_names(data, key)
     if not names:
         return []
-    registry = read_registry(r["dataset_dir"])
+    registry = read_registry(data.dataset_dir)
     entries, shown = registry.entries, registry.shown
     problems: list[str] = []
     specs: list[DatasetSpec] = []
@@ -241,13 +231,13 @@ def resolve_datasets(r: Mapping[str, Any], key: str = "dataset") -> list[Dataset
             known = ", ".join(entries) or "none"
             if len(entries) > 20:
                 known = ", ".join(list(entries)[:20]) + f", ... ({len(entries)} in all)"
-            problems.append(f"{recipe_where(r, key)}: dataset '{name}' is not in {shown}"
+            problems.append(f"{data.source(key)}: dataset '{name}' is not in {shown}"
                             f"{did_you_mean(name, entries)}; registered: {known}")
             continue
         if registry.problems.get(name):
             problems.extend(registry.problems[name])
             continue
-        spec = _spec(name, entries[name], r, registry.lines, shown, problems)
+        spec = _spec(name, entries[name], data, registry.lines, shown, problems)
         if spec is not None:
             specs.append(spec)
     if problems:
@@ -255,7 +245,7 @@ def resolve_datasets(r: Mapping[str, Any], key: str = "dataset") -> list[Dataset
     return specs
 
 
-def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tuple, int], shown: str,
+def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, int], shown: str,
           problems: list[str]) -> DatasetSpec | None:
     """A used entry checked against what the recipe does with it (stage, template), files found."""
     before = len(problems)
@@ -264,7 +254,7 @@ def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tu
         line = line_of(lines, (name,) + path)
         problems.append(f"{shown}:{line}: \"{name}\"{''.join('.' + p for p in path)}: {text}")
 
-    stage = r["stage"]
+    stage = data.stage
     formatting = entry.get("formatting", "alpaca")
     given = entry.get("columns", {})
     ranking = bool(entry.get("ranking", False))
@@ -297,7 +287,7 @@ def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tu
                 add(("columns", col), f"column '{col}' is read only for preference data; add \"ranking\": true "
                                       "(and train with stage: dpo) or remove the column")
     if "tools" in given:
-        add(("columns", "tools"), _tools_refusal(r))
+        add(("columns", "tools"), _tools_refusal(data.template))
     if "tags" in entry and formatting != "sharegpt":
         add(("tags",), f"tags apply only to formatting 'sharegpt' (this entry is '{formatting}')")
     if formatting == "sharegpt" and stage == "pt":
@@ -319,7 +309,7 @@ def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tu
         if entry.get("split", "train") != "train":
             add(("split",), f"is {entry['split']!r}, but a local file is one split (train); keep one file per split "
                             "and register each under its own name")
-        files, shown_files = _find_files(name, entry["file_name"], formatting, Path(r["dataset_dir"]), add)
+        files, shown_files = _find_files(name, entry["file_name"], formatting, Path(data.dataset_dir), add)
     else:
         key = next(k for k in REFUSED_SOURCES if k in entry)
         add((key,), REFUSED_SOURCES[key])
@@ -334,9 +324,9 @@ def _spec(name: str, entry: dict[str, Any], r: Mapping[str, Any], lines: dict[tu
                        registry=shown, line=lines.get((name,)), ranking=ranking, given_columns=frozenset(given))
 
 
-def _tools_refusal(r: Mapping[str, Any]) -> str:
+def _tools_refusal(template: str) -> str:
     return (f"function-calling data (tool descriptions and function_call/observation turns) needs a template that "
-            f"renders tools, and template '{r['template']}' does not; name a dataset without tools")
+            f"renders tools, and template '{template}' does not; name a dataset without tools")
 
 
 def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, add) -> tuple[list[Path], list[str]]:
@@ -384,10 +374,10 @@ def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, a
     return found, [_shown(str(p)) for p in found]
 
 
-def source_paths(r: Mapping[str, Any]) -> list[Path]:
+def source_paths(data: DataArgs) -> list[Path]:
     """Every file a recipe's data depends on (registry + sources); for the Makefile's dependency list."""
-    specs = resolve_datasets(r, "dataset") + resolve_datasets(r, "eval_dataset")
-    paths = [Path(r["dataset_dir"]) / REGISTRY_FILE]
+    specs = resolve_datasets(data, "dataset") + resolve_datasets(data, "eval_dataset")
+    paths = [Path(data.dataset_dir) / REGISTRY_FILE]
     for spec in specs:
         paths.extend(p for p in spec.files if p not in paths)
     return paths

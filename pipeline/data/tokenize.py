@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from pipeline.data.args import DataArgs
 from pipeline.data.problems import Problems
 from pipeline.data.templates import Piece, Template, get_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
@@ -260,22 +261,12 @@ def _truncation_point(seg_len: np.ndarray, is_response: np.ndarray, cutoff_len: 
     return int(ends[j - 1]) if j > 0 else 0
 
 
-def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: Tokenizer,
-                   r: Mapping[str, Any] | None = None, *, cutoff_len: int | None = None, policy: str | None = None,
-                   train_on_prompt: bool | None = None, mask_history: bool | None = None,
-                   enable_thinking: bool | None = None) -> Encoded | Dropped:
-    """One row: Encoded(input_ids, labels) or Dropped(reason, length). Settings from keywords, else from r."""
-    def pick(value: Any, key: str, default: Any) -> Any:
-        return value if value is not None else (r.get(key, default) if r is not None else default)
-
-    cutoff = pick(cutoff_len, "cutoff_len", None)
-    if cutoff is None:
-        raise TypeError("encode_example needs cutoff_len (or a recipe r)")
-    split = encode_rows([row], template, tokenizer, cutoff_len=cutoff,
-                        policy=pick(policy, "overlength_policy", "drop"),
-                        train_on_prompt=pick(train_on_prompt, "train_on_prompt", False),
-                        mask_history=pick(mask_history, "mask_history", False),
-                        enable_thinking=pick(enable_thinking, "enable_thinking", True))
+def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: Tokenizer, *, cutoff_len: int,
+                   policy: str = "drop", train_on_prompt: bool = False, mask_history: bool = False,
+                   enable_thinking: bool = True) -> Encoded | Dropped:
+    """One row: Encoded(input_ids, labels) or Dropped(reason, length)."""
+    split = encode_rows([row], template, tokenizer, cutoff_len=cutoff_len, policy=policy,
+                        train_on_prompt=train_on_prompt, mask_history=mask_history, enable_thinking=enable_thinking)
     if len(split) == 0:
         reason = next(k for k, v in split.dropped.items() if v)
         return Dropped(reason, int(split.lengths[0]))
@@ -326,25 +317,24 @@ def read_split_rows(paths: list) -> tuple[list[dict], list[str]]:
     return rows, origins
 
 
-def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
+def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     """The recipe's sft `split` tokenized with its template, masks and length policy (once per process)."""
     from pipeline.data.load import split_files
 
-    paths = split_files(r, split)
-    tokenizer = recipe_tokenizer(r)
-    thinking = r.get("enable_thinking", True)
-    settings = (r["template"], r["cutoff_len"], r["overlength_policy"], r["train_on_prompt"], r["mask_history"],
-                thinking)
+    paths = split_files(data, split)
+    tokenizer = recipe_tokenizer(data)
+    settings = (data.template, data.cutoff_len, data.overlength_policy, data.train_on_prompt, data.mask_history,
+                data.enable_thinking)
     key = ("sft", tokenizer.name, _file_key(paths), settings)
 
     def make() -> TokenizedSplit:
         rows, origins = read_split_rows(paths)
         try:
-            return encode_rows(rows, r["template"], tokenizer, cutoff_len=r["cutoff_len"],
-                               policy=r["overlength_policy"], train_on_prompt=r["train_on_prompt"],
-                               mask_history=r["mask_history"], enable_thinking=thinking, origins=origins)
+            return encode_rows(rows, data.template, tokenizer, cutoff_len=data.cutoff_len,
+                               policy=data.overlength_policy, train_on_prompt=data.train_on_prompt,
+                               mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins)
         except UserError as err:
-            if r.get("packing") or r.get("neat_packing"):
+            if data.packing or data.neat_packing:
                 err.messages[-1] += ("; packing never splits an example: with packing too, cutoff_len is the "
                                      "row length and every example must fit in one row")
             raise
@@ -352,12 +342,12 @@ def tokenized_split(r: Mapping[str, Any], split: str) -> TokenizedSplit:
     return _cached(key, make)
 
 
-def pt_stream(r: Mapping[str, Any], split: str) -> np.ndarray:
+def pt_stream(data: DataArgs, split: str) -> np.ndarray:
     """The pt `split` as one token stream: documents joined by the tokenizer's EOS (int32)."""
     from pipeline.data.load import read_rows, split_files
 
-    paths = split_files(r, split)
-    tokenizer = recipe_tokenizer(r)
+    paths = split_files(data, split)
+    tokenizer = recipe_tokenizer(data)
 
     def make() -> np.ndarray:
         docs = [row["text"] for path in paths for row in read_rows(path)]

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
+from pipeline.recipe.args import data_args
 from pipeline.model.preference import PairLogps, PrefConfig, pair_logps, preference_loss
 
 
@@ -28,7 +29,7 @@ def split_logps(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, 
     """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
 
-    loader = pair_loader(r, "val", rank=0, world_size=1, shuffle=False)
+    loader = pair_loader(data_args(r), "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
     local: dict[int, list[list[float]]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report
 from pipeline.model.weights import note
-from pipeline.recipe.args import GenerationArgs
+from pipeline.recipe.args import GenerationArgs, data_args
 from pipeline.runtime.layout import RunLayout, current_weights, describe
 
 
@@ -138,7 +138,7 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
     from pipeline.data.loaders import make_loader
     from pipeline.data.packing import model_inputs
 
-    loader = make_loader(r, "val", rank=0, world_size=1, shuffle=False)
+    loader = make_loader(data_args(r), "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     mine = range(rank, len(loader), world)
@@ -161,7 +161,7 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
 def _generation_rows(r: Mapping[str, Any]) -> list[dict]:
     from pipeline.data.load import load_split
 
-    rows = load_split(r, "val")
+    rows = load_split(data_args(r), "val")
     if not rows:
         raise UserError("the val split is empty: nothing to evaluate; set val_size > 0 (and `make data`) or name"
                         " an eval_dataset")
@@ -176,7 +176,7 @@ def _prompt_text(r: Mapping[str, Any], row: Mapping[str, Any]) -> str:
     """The prompt as the model sees it (decoded from the ids, markup tokens included)."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
 
-    tokenizer = recipe_tokenizer(r)
+    tokenizer = recipe_tokenizer(data_args(r))
     return tokenizer.decode(_prompt_ids(r, row, tokenizer))
 
 
@@ -199,7 +199,7 @@ def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Seq
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.model.generate import cut_at_stop, generate
 
-    tokenizer, gen = recipe_tokenizer(r), GenerationArgs.from_recipe(r)
+    tokenizer, gen = recipe_tokenizer(data_args(r)), GenerationArgs.from_recipe(r)
     stops = list(gen.stop_strings)
     stop_ids = get_template(r["template"]).stop_ids(tokenizer)
     mine = list(range(rank, len(rows), world))

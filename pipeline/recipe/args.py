@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
-from pipeline.model.build import FinetuneArgs, ModelArgs
+from pipeline.data.args import NOT_A_KEY, DataArgs
 from pipeline.recipe import spec
+
+if TYPE_CHECKING:  # the model layer imports torch: validate and plan (which use data_args) must not
+    from pipeline.model.build import FinetuneArgs, ModelArgs
 
 
 def _value(r: Mapping[str, Any], key: str) -> Any:
@@ -72,9 +75,31 @@ def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
     """Fill dataclass `cls` from the recipe's keys of the same names (schema defaults for keys a mapping lacks;
     a null the recipe states is kept: for these groups null means "keep the checkpoint's value")."""
     fallback = spec.defaults()
-    return cls(**{f.name: r[f.name] if f.name in r else fallback[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: r[f.name] if f.name in r else fallback[f.name] for f in dataclasses.fields(cls)
+                  if not f.metadata.get(NOT_A_KEY)})
+
+
+def where(r: Mapping[str, Any], *keys: str) -> dict[str, str]:
+    """Where each key was set (`recipes/x.yaml:5`, 'cli', 'default'), for a resolved recipe; {} for a plain dict."""
+    source = getattr(r, "source", None)
+    if not callable(source):
+        return {}
+    found = {}
+    for key in keys:
+        try:
+            found[key] = str(source(key))
+        except Exception:  # a key without provenance: messages fall back to "recipe key 'KEY'"
+            pass
+    return found
+
+
+def data_args(r: Mapping[str, Any]) -> DataArgs:
+    """Resolved recipe (or a plain dict in tests) -> DataArgs for pipeline.data (datasets, build, tokens, batches)."""
+    return dataclasses.replace(from_recipe(DataArgs, r), where=where(r, "dataset", "eval_dataset"))
 
 
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
     """Resolved recipe (or a plain dict in tests) -> (ModelArgs, FinetuneArgs) for pipeline.model.build."""
+    from pipeline.model.build import FinetuneArgs, ModelArgs
+
     return RecipeModel(from_recipe(ModelArgs, r), from_recipe(FinetuneArgs, r))

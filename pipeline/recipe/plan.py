@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.recipe.args import data_args
 from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.modelinfo import model_info, param_counts
@@ -160,11 +161,11 @@ def packed_counts(r: Resolved) -> Resolved:
     """With packing the steps count packed rows: pack the built train split now (tokenizes it, no torch)."""
     from pipeline.data.loaders import count_examples, packing_enabled
 
-    if not packing_enabled(r) or r["num_train_examples"] is None:
+    if not packing_enabled(data_args(r)) or r["num_train_examples"] is None:
         return r
     from pipeline.recipe import derive_steps
 
-    return derive_steps(r, count_examples(r)["train"])
+    return derive_steps(r, count_examples(data_args(r))["train"])
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:

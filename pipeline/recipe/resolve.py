@@ -250,7 +250,7 @@ def count_train_examples(values: Mapping[str, Any]) -> int | None:
 
     total = 0
     for name in values["dataset"]:
-        manifest = read_manifest(built_dir(values, name))
+        manifest = read_manifest(built_dir(values["dataset_dir"], name))
         try:
             total += int(manifest["splits"]["train"])  # type: ignore[index]
         except (TypeError, KeyError, ValueError):

@@ -335,7 +335,7 @@ def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     problems = []
     frac = ctx.values["val_size"]
     for name in ctx.values["dataset"] or []:
-        manifest = read_manifest(built_dir(ctx.values, name))
+        manifest = read_manifest(built_dir(ctx.values["dataset_dir"], name))
         rows = manifest.get("rows_kept") if manifest else None
         if not isinstance(rows, int) or rows <= 0:
             continue

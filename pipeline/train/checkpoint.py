@@ -190,7 +190,7 @@ def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
 
     out = {}
     for name in r["dataset"] if isinstance(r["dataset"], list) else [r["dataset"]]:
-        files = (read_manifest(built_dir(r, name)) or {}).get("files") or {}
+        files = (read_manifest(built_dir(r["dataset_dir"], name)) or {}).get("files") or {}
         out[name] = (files.get("train.json") or {}).get("sha256")
     return out
 

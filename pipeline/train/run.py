@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.recipe.args import data_args
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat, dist
 from pipeline.train import checkpoint
@@ -71,12 +72,12 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
-    loader = make_loader(r, "train", rank=rank, world_size=world, epoch=0, shuffle=True)
+    loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
     r = exact_steps(r, loader)
     if one_step is not None:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
-    has_val = count_examples(r)["val"] > 0
-    val_loader = make_loader(r, "val", rank=rank, world_size=world, shuffle=False) if has_val else None
+    has_val = count_examples(data_args(r))["val"] > 0
+    val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) if has_val else None
     model = build_model(*recipe_args(r))
     enable_features(model, r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it

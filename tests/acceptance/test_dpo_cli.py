@@ -3,6 +3,7 @@
 exit-2 message."""
 from __future__ import annotations
 
+from pipeline.recipe.args import data_args
 import json
 import os
 import random
@@ -84,7 +85,7 @@ def test_dpo_train_merge_eval_from_llamafactory_ranking_data(dpo_workdir, hf_che
     cwd = os.getcwd()
     os.chdir(dpo_workdir)  # the recipe's paths are relative to where the user runs the CLI
     try:
-        pairs = tokenized_pairs(resolve("dpo.yaml", [], command="eval"), "val")
+        pairs = tokenized_pairs(data_args(resolve("dpo.yaml", [], command="eval")), "val")
     finally:
         os.chdir(cwd)
     wins = 0

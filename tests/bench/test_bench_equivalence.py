@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.workload import alpaca_rows, resolve_recipe, write_dataset, write_recipe
+from pipeline.recipe.args import data_args
 from pipeline.model.config import PRESETS
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPTModel
@@ -40,7 +41,7 @@ def recipes(tmp_path):
     out = {}
     for grouped in (True, False):
         path = write_recipe(tmp_path / f"g{int(grouped)}.yaml", {**keys, "group_by_length": grouped})
-        build(resolve_recipe(path))
+        build(data_args(resolve_recipe(path)))
         out[grouped] = resolve_recipe(path)
     return out
 
@@ -65,7 +66,7 @@ def per_example_losses(model: GPTModel, loader) -> tuple[dict[int, float], float
 def test_length_grouping_keeps_every_examples_loss_and_the_epoch_total(recipes, model):
     from pipeline.data.loaders import sft_loader
 
-    grouped, plain = sft_loader(recipes[True], "train"), sft_loader(recipes[False], "train")
+    grouped, plain = sft_loader(data_args(recipes[True]), "train"), sft_loader(data_args(recipes[False]), "train")
     def padding(loader) -> int:
         return sum(int((loader.batch(k)["attention_mask"] == 0).sum()) for k in range(len(loader)))
 

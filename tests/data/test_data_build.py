@@ -10,18 +10,20 @@ import os
 import pytest
 
 from data_helpers import alpaca_rows, jsonl
-from pipeline.data.build import build, built_dir, run, split_text
+from pipeline.prepare import build as build_command
+from pipeline.recipe.args import data_args
+from pipeline.data.build import build, built_dir, split_text
 from pipeline.data.load import load_split, split_files
 from pipeline.data.tokenizer import gpt2
 from pipeline.errors import UserError
 
 
 def manifest(r, name):
-    return json.loads((built_dir(r, name) / "manifest.json").read_text(encoding="utf-8"))
+    return json.loads((built_dir(r["dataset_dir"], name) / "manifest.json").read_text(encoding="utf-8"))
 
 
 def rows_of(r, name):
-    d = built_dir(r, name)
+    d = built_dir(r["dataset_dir"], name)
     return [json.loads((d / f"{s}.json").read_text(encoding="utf-8")) for s in ("train", "val")]
 
 
@@ -45,7 +47,7 @@ def messy(make_recipe):
 
 def test_manifest_counts_add_up(messy):
     r, rows = messy
-    lines = build(r)
+    lines = build(data_args(r))
     m = manifest(r, "m")
     assert m["rows_read"] == len(rows) == 47
     assert m["removed"] == {"empty instruction": 1, "empty output": 2, "exact duplicate": 3,
@@ -60,7 +62,7 @@ def test_manifest_counts_add_up(messy):
     train, val = rows_of(r, "m")
     assert len(train) == 36 and len(val) == 5
     for f in ("train.json", "val.json"):
-        blob = (built_dir(r, "m") / f).read_bytes()
+        blob = (built_dir(r["dataset_dir"], "m") / f).read_bytes()
         assert m["files"][f] == {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
     assert "removed: empty instruction 1, empty output 2, exact duplicate 3" in lines[1]
     # NFC: the decomposed form became the composed one, and counted as a duplicate of it
@@ -70,8 +72,8 @@ def test_manifest_counts_add_up(messy):
 
 def test_rows_sit_on_their_own_lines(messy):
     r, _ = messy
-    build(r)
-    text = (built_dir(r, "m") / "train.json").read_text(encoding="utf-8").splitlines()
+    build(data_args(r))
+    text = (built_dir(r["dataset_dir"], "m") / "train.json").read_text(encoding="utf-8").splitlines()
     rows = json.loads("\n".join(text))
     assert len(text) == len(rows)
     for i, line in enumerate(text):  # row i+1 on line i+1
@@ -81,7 +83,7 @@ def test_rows_sit_on_their_own_lines(messy):
 def test_split_is_deterministic_disjoint_and_covering(make_recipe, tmp_path):
     rows = alpaca_rows(100)
     a = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)}, val_size=0.25)
-    build(a)
+    build(data_args(a))
     train, val = rows_of(a, "d")
     assert len(val) == 25 and len(train) == 75
     assert not {key(x) for x in train} & {key(x) for x in val}
@@ -92,11 +94,11 @@ def test_split_is_deterministic_disjoint_and_covering(make_recipe, tmp_path):
     for f in ("dataset_info.json", "raw/d.jsonl"):
         with open(os.path.join(a["dataset_dir"], f), "rb") as src, open(os.path.join(other["dataset_dir"], f), "wb") as dst:
             dst.write(src.read())
-    build(other)
+    build(data_args(other))
     for s in ("train.json", "val.json"):
-        assert (built_dir(a, "d") / s).read_bytes() == (built_dir(other, "d") / s).read_bytes()
+        assert (built_dir(a["dataset_dir"], "d") / s).read_bytes() == (built_dir(other["dataset_dir"], "d") / s).read_bytes()
     # another seed, another split; the order inside a split is shuffled too
-    build(dict(other, seed=7))
+    build(data_args(dict(other, seed=7)))
     assert rows_of(other, "d")[1] != val
     assert [x["instruction"] for x in train] != sorted((x["instruction"] for x in train),
                                                        key=lambda s: int(s.split()[1][:-1]))
@@ -104,13 +106,13 @@ def test_split_is_deterministic_disjoint_and_covering(make_recipe, tmp_path):
 
 def test_unchanged_inputs_are_not_rebuilt(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(alpaca_rows(20))})
-    build(r)
-    stat = os.stat(built_dir(r, "d") / "manifest.json")
-    assert build(r) == [f"d: up to date ({built_dir(r, 'd')}/manifest.json)"]
-    assert os.stat(built_dir(r, "d") / "manifest.json").st_mtime_ns == stat.st_mtime_ns
+    build(data_args(r))
+    stat = os.stat(built_dir(r["dataset_dir"], "d") / "manifest.json")
+    assert build(data_args(r)) == [f"d: up to date ({built_dir(r['dataset_dir'], 'd')}/manifest.json)"]
+    assert os.stat(built_dir(r["dataset_dir"], "d") / "manifest.json").st_mtime_ns == stat.st_mtime_ns
 
     def rebuilt(**changes) -> bool:
-        return "built" in build(dict(r, **changes))[0].split(":")[1]
+        return "built" in build(data_args(dict(r, **changes)))[0].split(":")[1]
 
     assert rebuilt(val_size=0.2)
     assert rebuilt(val_size=0.2) is False
@@ -123,15 +125,15 @@ def test_unchanged_inputs_are_not_rebuilt(make_recipe):
     with open(os.path.join(r["dataset_dir"], "dataset_info.json"), "w") as handle:
         json.dump({"d": {"file_name": "raw/d.jsonl", "num_samples": 5}}, handle)
     assert rebuilt(max_samples=10)
-    (built_dir(r, "d") / "train.json").write_text("[]\n")  # a damaged output is rebuilt
+    (built_dir(r["dataset_dir"], "d") / "train.json").write_text("[]\n")  # a damaged output is rebuilt
     assert rebuilt(max_samples=10)
-    assert not [p for p in os.listdir(built_dir(r, "d").parent) if p.startswith(".")]  # no temp dirs left
+    assert not [p for p in os.listdir(built_dir(r["dataset_dir"], "d").parent) if p.startswith(".")]  # no temp dirs left
 
 
 def test_caps_and_too_few_rows(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.jsonl", "num_samples": 30}},
                     files={"raw/d.jsonl": jsonl(alpaca_rows(50))}, max_samples=20)
-    build(r)
+    build(data_args(r))
     m = manifest(r, "d")
     assert m["removed"]["over num_samples"] == 20 and m["removed"]["over max_samples"] == 10
     assert m["rows_kept"] == 20
@@ -141,7 +143,7 @@ def test_caps_and_too_few_rows(make_recipe):
                     files={"raw/d.jsonl": jsonl(alpaca_rows(1) + [{"instruction": "x", "output": ""}])})
     with pytest.raises(UserError, match=r"dataset 'd' .*: 1 rows remain after cleaning \(read 2; removed: "
                                         r"empty output 1\); val_size 0.1 leaves 0 for training and 1 for validation"):
-        build(r)
+        build(data_args(r))
 
 
 def test_sharegpt_with_custom_tags(make_recipe):
@@ -159,8 +161,8 @@ def test_sharegpt_with_custom_tags(make_recipe):
              "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                       "assistant_tag": "assistant", "system_tag": "system"}}
     r = make_recipe({"c": entry}, files={"raw/c.json": json.dumps(rows)})
-    build(r)
-    got = {x["instruction"]: x for x in load_split(r, "train") + load_split(r, "val")}
+    build(data_args(r))
+    got = {x["instruction"]: x for x in load_split(data_args(r), "train") + load_split(data_args(r), "val")}
     assert got["Bye?"] == {"instruction": "Bye?", "input": "", "output": "Bye.", "system": "Be brief.",
                            "history": [["Hi", "Hello"]]}
     assert got["q3"] == {"instruction": "q3", "input": "", "output": "a3", "system": "S"}
@@ -183,7 +185,7 @@ def test_sharegpt_bad_conversations(make_recipe):
     ]
     r = make_recipe({"s": {"file_name": "raw/s.jsonl", "formatting": "sharegpt"}}, files={"raw/s.jsonl": jsonl(rows)})
     with pytest.raises(UserError) as err:
-        build(r)
+        build(data_args(r))
     f = os.path.join(r["dataset_dir"], "raw", "s.jsonl")
     assert err.value.messages == [
         f"{f}:2: 'conversations' ends with 'human' turn; the last turn must be 'gpt' (the response)",
@@ -204,7 +206,7 @@ def test_pt_single_document_split_like_the_book(make_recipe):
     text = " ".join(words) + "\r\n"
     r = make_recipe({"book": {"file_name": "raw/verdict.txt", "formatting": "text"}},
                     files={"raw/verdict.txt": text.encode()}, stage="pt")
-    lines = build(r)
+    lines = build(data_args(r))
     train, val = rows_of(r, "book")
     clean = text.replace("\r\n", "\n")
     assert train[0]["text"] + val[0]["text"] == clean
@@ -228,7 +230,7 @@ def test_pt_folder_of_documents_and_eos_join(make_recipe):
     files = {f"corpus/doc{i:02d}.txt": f"document number {i}." for i in range(20)}
     files["corpus/.hidden.txt"] = "skip me"
     r = make_recipe({"c": {"file_name": "corpus", "formatting": "text"}}, files=files, stage="pt")
-    build(r)
+    build(data_args(r))
     m = manifest(r, "c")
     assert m["split_mode"] == "documents" and m["splits"] == {"train": 18, "val": 2}
     assert len(m["sources"]) == 20
@@ -241,8 +243,8 @@ def test_pt_folder_of_documents_and_eos_join(make_recipe):
 def test_pt_from_alpaca_rows_uses_the_prompt(make_recipe):
     r = make_recipe({"a": {"file_name": "raw/a.jsonl", "columns": {"prompt": "body"}}},
                     files={"raw/a.jsonl": jsonl([{"body": f"text {i}"} for i in range(10)])}, stage="pt")
-    build(r)
-    assert sorted(d["text"] for d in load_split(r, "train") + load_split(r, "val")) == \
+    build(data_args(r))
+    assert sorted(d["text"] for d in load_split(data_args(r), "train") + load_split(data_args(r), "val")) == \
         sorted(f"text {i}" for i in range(10))
 
 
@@ -250,25 +252,25 @@ def test_eval_dataset_and_load_split(make_recipe):
     r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
                     files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(10, "b"))},
                     dataset=["a"], eval_dataset=["b"])
-    run(r, None)
-    assert len(load_split(r, "train")) == 18
-    assert sorted(x["instruction"] for x in load_split(r, "val")) == sorted(x["instruction"] for x in alpaca_rows(10, "b"))
+    build_command(r, None)
+    assert len(load_split(data_args(r), "train")) == 18
+    assert sorted(x["instruction"] for x in load_split(data_args(r), "val")) == sorted(x["instruction"] for x in alpaca_rows(10, "b"))
     both = dict(r, eval_dataset=["a", "b"])  # a name also trained on contributes only its val split
-    assert len(load_split(both, "val")) == 2 + 10
-    assert [p.name for p in split_files(both, "val")] == ["val.json", "train.json", "val.json"]
+    assert len(load_split(data_args(both), "val")) == 2 + 10
+    assert [p.name for p in split_files(data_args(both), "val")] == ["val.json", "train.json", "val.json"]
 
 
 def test_load_split_missing_or_stale_build(make_recipe):
     r = make_recipe({"a": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": jsonl(alpaca_rows(20))})
     with pytest.raises(UserError, match=r"dataset 'a' is not built; run `make data`"):
-        load_split(r, "train")
-    build(r)
+        load_split(data_args(r), "train")
+    build(data_args(r))
     with pytest.raises(UserError, match=r"built with other settings than the recipe's \(val_size 0.1 -> 0.3\); "
                                         r"run `make data`"):
-        load_split(dict(r, val_size=0.3), "train")
-    (built_dir(r, "a") / "train.json").write_text('[{"instruction": "x",\n oops]')
+        load_split(data_args(dict(r, val_size=0.3)), "train")
+    (built_dir(r["dataset_dir"], "a") / "train.json").write_text('[{"instruction": "x",\n oops]')
     with pytest.raises(UserError, match=r"train.json:2: invalid JSON"):
-        load_split(r, "train")
+        load_split(data_args(r), "train")
 
 
 def test_dump_rows_is_json_one_row_per_line():

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from data_helpers import alpaca_rows, jsonl
+from pipeline.recipe.args import data_args
 from pipeline.data import build as build_module
 from pipeline.data.build import build, built_dir, jsonl_blocks
 from pipeline.errors import UserError
@@ -19,7 +20,7 @@ def small_blocks(monkeypatch):
 
 
 def outputs(r) -> dict[str, bytes]:
-    folder = built_dir(r, r["dataset"][0])
+    folder = built_dir(r["dataset_dir"], r["dataset"][0])
     return {name: (folder / name).read_bytes() for name in ("train.json", "val.json")}
 
 
@@ -38,16 +39,16 @@ def test_parallel_build_equals_serial(make_recipe, small_blocks):
     files = {"raw/a.jsonl": jsonl(alpaca_rows(120)), "raw/b.jsonl": jsonl(alpaca_rows(30, prefix="other")),
              "raw/c.json": json.dumps(alpaca_rows(20, prefix="third"))}
     r = make_recipe({"all": {"file_name": "raw"}}, files=files, dataset=["all"])
-    build(r)
+    build(data_args(r))
     serial = outputs(r)
-    manifest = json.loads((built_dir(r, "all") / "manifest.json").read_text())
-    build_module.remove_leftovers(built_dir(r, "all"))
+    manifest = json.loads((built_dir(r["dataset_dir"], "all") / "manifest.json").read_text())
+    build_module.remove_leftovers(built_dir(r["dataset_dir"], "all"))
     import shutil
 
-    shutil.rmtree(built_dir(r, "all"))
-    build({**r, "preprocessing_num_workers": 3})
+    shutil.rmtree(built_dir(r["dataset_dir"], "all"))
+    build(data_args({**r, "preprocessing_num_workers": 3}))
     assert outputs(r) == serial
-    again = json.loads((built_dir(r, "all") / "manifest.json").read_text())
+    again = json.loads((built_dir(r["dataset_dir"], "all") / "manifest.json").read_text())
     assert again["sources"] == manifest["sources"] and again["rows_read"] == 170
 
 
@@ -58,16 +59,16 @@ def test_parallel_build_reports_the_same_problems(make_recipe, small_blocks):
     text[100] = "{broken\n"  # line 101
     r = make_recipe({"d": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": "".join(text)}, dataset=["d"])
     with pytest.raises(UserError) as serial:
-        build(r)
+        build(data_args(r))
     with pytest.raises(UserError) as parallel:
-        build({**r, "preprocessing_num_workers": 4})
+        build(data_args({**r, "preprocessing_num_workers": 4}))
     assert parallel.value.messages == serial.value.messages
     assert any(":91: 'output' is a number (3)" in m for m in serial.value.messages)
     assert any(":101: invalid JSON" in m for m in serial.value.messages)
     bad = "".join(text[:90]).encode() + b'{"instruction": "\xff", "output": "y"}\n'
-    (built_dir(r, "d").parent.parent / "raw" / "a.jsonl").write_bytes(bad)
+    (built_dir(r["dataset_dir"], "d").parent.parent / "raw" / "a.jsonl").write_bytes(bad)
     with pytest.raises(UserError) as serial:
-        build(r)
+        build(data_args(r))
     with pytest.raises(UserError) as parallel:
-        build({**r, "preprocessing_num_workers": 4})
+        build(data_args({**r, "preprocessing_num_workers": 4}))
     assert parallel.value.messages == serial.value.messages and "byte offset" in serial.value.messages[0]

@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 
 from data_helpers import alpaca_rows, jsonl
+from pipeline.recipe.args import data_args
 from pipeline.data.build import build, built_dir
 from pipeline.data.check import check_built, format_summary, row_ok, text_ok
 from pipeline.data.registry import load_schema
@@ -21,15 +22,15 @@ HEAD = ("Below is an instruction that describes a task. Write a response that ap
 @pytest.fixture
 def built(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(alpaca_rows(30))})
-    build(r)
+    build(data_args(r))
     return r
 
 
 def test_summary_rows_with_exact_token_counts(built):
-    summary = check_built(built)
+    summary = check_built(data_args(built))
     assert [(s["dataset"], s["split"], s["rows"]) for s in summary] == [("d", "train", 27), ("d", "val", 3)]
     enc = gpt2()
-    val = json.loads((built_dir(built, "d") / "val.json").read_text())
+    val = json.loads((built_dir(built["dataset_dir"], "d") / "val.json").read_text())
 
     def length(row):
         body = row["instruction"] + (f"\n\n### Input:\n{row['input']}" if row["input"] else "")
@@ -45,7 +46,7 @@ def test_summary_rows_with_exact_token_counts(built):
 
 
 def test_bad_built_rows_are_named_by_file_row_field(built):
-    path = built_dir(built, "d") / "train.json"
+    path = built_dir(built["dataset_dir"], "d") / "train.json"
     rows = json.loads(path.read_text())
     rows[0]["instruction"] = "   "
     rows[1]["output"] = 7
@@ -56,7 +57,7 @@ def test_bad_built_rows_are_named_by_file_row_field(built):
     rows[6]["history"] = [["q", 2]]
     path.write_text(json.dumps(rows))
     with pytest.raises(UserError) as err:
-        check_built(built)
+        check_built(data_args(built))
     assert err.value.messages == [
         f"{path}:1:instruction: is blank; expected non-empty text",
         f"{path}:2:output: is a number; expected a string",
@@ -69,24 +70,24 @@ def test_bad_built_rows_are_named_by_file_row_field(built):
 
 
 def test_row_count_mismatch_and_missing_build(built, make_recipe):
-    path = built_dir(built, "d") / "val.json"
+    path = built_dir(built["dataset_dir"], "d") / "val.json"
     path.write_text(json.dumps(json.loads(path.read_text())[:2]))
     with pytest.raises(UserError) as err:
-        check_built(built)
+        check_built(data_args(built))
     assert err.value.messages == [f"{path}: 2 rows, but manifest.json says 3; run `make data` "
                                   "(python -m pipeline build RECIPE)"]
     other = make_recipe({"d": {"file_name": "raw/d.jsonl"}, "e": {"file_name": "raw/d.jsonl"}}, dataset=["e"])
     with pytest.raises(UserError, match="dataset 'e' is not built; run `make data`"):
-        check_built(other)
+        check_built(data_args(other))
 
 
 def test_stale_build(built):
     with pytest.raises(UserError, match=r"built with other settings than the recipe's \(seed 42 -> 1\)"):
-        check_built(dict(built, seed=1))
+        check_built(data_args(dict(built, seed=1)))
     with open(built["dataset_dir"] + "/raw/d.jsonl", "a") as handle:
         handle.write(json.dumps({"instruction": "late", "output": "row"}) + "\n")
     with pytest.raises(UserError, match=r"data/build/d: built from other sources .*raw/d.jsonl was edited since"):
-        check_built(built)
+        check_built(data_args(built))
 
 
 def test_fast_path_agrees_with_the_schema():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data_helpers import alpaca_rows, jsonl
+from pipeline.recipe.args import data_args
 from pipeline.data.build import build
 from pipeline.data.loaders import count_examples, plan_batches, pt_loader, sft_loader
 from pipeline.data.tokenize import pt_windows, tokenized_split
@@ -36,16 +37,16 @@ def pt_recipe(make_recipe):
     r = make_recipe({"book": {"file_name": "raw/book.txt", "formatting": "text"}}, files={"raw/book.txt": text},
                     stage="pt", cutoff_len=8, pt_stride=5, per_device_train_batch_size=3,
                     per_device_eval_batch_size=4)
-    build(r)
+    build(data_args(r))
     return r
 
 
 def test_pt_loader_matches_the_book(pt_recipe):
     from pipeline.data.load import load_split
 
-    ids = gpt2().encode(load_split(pt_recipe, "train")[0]["text"])
+    ids = gpt2().encode(load_split(data_args(pt_recipe), "train")[0]["text"])
     inputs, targets = book_windows(ids, 8, 5)
-    loader = pt_loader(pt_recipe, "train", shuffle=False)
+    loader = pt_loader(data_args(pt_recipe), "train", shuffle=False)
     assert len(loader) == len(inputs) // 3  # drop_last for train
     batches = list(loader)
     got_in = torch.cat([b["input_ids"] for b in batches]).tolist()
@@ -53,21 +54,21 @@ def test_pt_loader_matches_the_book(pt_recipe):
     n = len(loader) * 3
     assert got_in == inputs[:n] and got_lab == targets[:n]
     assert all(b["attention_mask"].eq(1).all() for b in batches)
-    val = pt_loader(pt_recipe, "val", shuffle=False)
-    val_ids = gpt2().encode(load_split(pt_recipe, "val")[0]["text"])
+    val = pt_loader(data_args(pt_recipe), "val", shuffle=False)
+    val_ids = gpt2().encode(load_split(data_args(pt_recipe), "val")[0]["text"])
     assert len(val) == -(-len(book_windows(val_ids, 8, 5)[0]) // 4)  # the last batch is kept
-    assert count_examples(pt_recipe) == {"train": len(inputs), "val": len(book_windows(val_ids, 8, 5)[0])}
+    assert count_examples(data_args(pt_recipe)) == {"train": len(inputs), "val": len(book_windows(val_ids, 8, 5)[0])}
 
 
 def test_pt_stride_defaults_to_cutoff_and_too_short(pt_recipe):
     from pipeline.data.load import load_split
 
     r = dict(pt_recipe, pt_stride=None)
-    ids = gpt2().encode(load_split(r, "train")[0]["text"])
-    assert count_examples(r)["train"] == len(range(0, len(ids) - 8, 8))
+    ids = gpt2().encode(load_split(data_args(r), "train")[0]["text"])
+    assert count_examples(data_args(r))["train"] == len(range(0, len(ids) - 8, 8))
     with pytest.raises(UserError, match=r"the val split has no windows; it has \d+ tokens and one window needs "
                                         r"cutoff_len \+ 1 = 1,001"):
-        pt_loader(dict(pt_recipe, cutoff_len=1000), "val")
+        pt_loader(data_args(dict(pt_recipe, cutoff_len=1000)), "val")
 
 
 def test_plan_sharding_train_disjoint_and_covering():
@@ -122,13 +123,13 @@ def sft_recipe(make_recipe):
     rows = alpaca_rows(40) + [{"instruction": "long", "input": "", "output": "x " * 400}]
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)},
                     per_device_train_batch_size=4, per_device_eval_batch_size=3, cutoff_len=128, val_size=0.2)
-    build(r)
+    build(data_args(r))
     return r
 
 
 def test_sft_batches_are_padded_and_shifted(sft_recipe):
-    data = tokenized_split(sft_recipe, "train")
-    loader = sft_loader(sft_recipe, "train", epoch=2)
+    data = tokenized_split(data_args(sft_recipe), "train")
+    loader = sft_loader(data_args(sft_recipe), "train", epoch=2)
     assert len(loader) == len(data) // 4
     for k in range(len(loader)):
         batch, idx = loader.batch(k), loader.indices(k)
@@ -146,19 +147,19 @@ def test_sft_batches_are_padded_and_shifted(sft_recipe):
 
 
 def test_resume_skips_batches_exactly(sft_recipe):
-    loader = sft_loader(sft_recipe, "train", rank=1, world_size=2, epoch=1)
+    loader = sft_loader(data_args(sft_recipe), "train", rank=1, world_size=2, epoch=1)
     full = list(loader)
     tail = list(loader.iter_from(3))
     assert len(tail) == len(full) - 3
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(full[3:], tail))
     loader.set_epoch(2)
     assert [loader.indices(k).tolist() for k in range(len(loader))] != \
-        [sft_loader(sft_recipe, "train", rank=1, world_size=2, epoch=1).indices(k).tolist() for k in range(len(loader))]
+        [sft_loader(data_args(sft_recipe), "train", rank=1, world_size=2, epoch=1).indices(k).tolist() for k in range(len(loader))]
 
 
 def test_counts_after_the_length_policy(sft_recipe):
-    counts = count_examples(sft_recipe)
-    data = tokenized_split(sft_recipe, "train"), tokenized_split(sft_recipe, "val")
+    counts = count_examples(data_args(sft_recipe))
+    data = tokenized_split(data_args(sft_recipe), "train"), tokenized_split(data_args(sft_recipe), "val")
     assert counts == {"train": len(data[0]), "val": len(data[1])}
     assert counts["train"] + counts["val"] == 40  # the long row was dropped
     assert sum(d.dropped["over cutoff_len"] for d in data) == 1
@@ -167,7 +168,7 @@ def test_counts_after_the_length_policy(sft_recipe):
 def test_train_split_smaller_than_a_global_batch(sft_recipe):
     with pytest.raises(UserError, match=r"the train split has 32 examples, fewer than one global batch of 64 "
                                         r"\(per_device_train_batch_size 16 x 4 ranks\)"):
-        sft_loader(dict(sft_recipe, per_device_train_batch_size=16), "train", world_size=4)
+        sft_loader(data_args(dict(sft_recipe, per_device_train_batch_size=16)), "train", world_size=4)
 
 
 def test_repeated_padding_examples_are_never_scored():

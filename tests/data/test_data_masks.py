@@ -109,10 +109,9 @@ def test_zero_trainable_tokens_is_a_hard_error():
     assert err.value.messages[1].startswith("build/x/train.json:2: no trainable token")
 
 
-def test_encode_example_reads_settings_from_recipe():
+def test_encode_example_drops_an_example_over_cutoff_len():
     row = {"instruction": "Q", "input": "", "output": "A " * 50}
-    r = {"cutoff_len": 20, "overlength_policy": "drop", "train_on_prompt": False, "mask_history": False}
-    got = encode_example(row, get_template("alpaca"), gpt2(), r)
+    got = encode_example(row, get_template("alpaca"), gpt2(), cutoff_len=20, policy="drop")
     assert isinstance(got, Dropped) and got.reason == "over cutoff_len"
     assert got.length == len(enc(HEAD + "### Instruction:\nQ\n\n### Response:\n")) + len(enc("A " * 50)) + 1
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from data_helpers import jsonl
+from pipeline.recipe.args import data_args
 from pipeline.data.build import build, built_dir
 from pipeline.data.check import check_built, pair_ok
 from pipeline.data.pairs import encode_pairs
@@ -50,17 +51,17 @@ def recipe(make_recipe, **keys):
 
 
 def rows_of(r, name):
-    d = built_dir(r, name)
+    d = built_dir(r["dataset_dir"], name)
     return json.loads((d / "train.json").read_text()) + json.loads((d / "val.json").read_text())
 
 
 def test_alpaca_and_sharegpt_ranking_build_into_pairs(make_recipe):
     r = recipe(make_recipe)
-    build(r)
+    build(data_args(r))
     alpaca = sorted(rows_of(r, "pa"), key=lambda row: row["instruction"])
     assert alpaca == sorted([p for p in ALPACA_PAIRS if p["instruction"] not in ("Same", "Blank")],
                             key=lambda row: row["instruction"])
-    manifest = json.loads((built_dir(r, "pa") / "manifest.json").read_text())
+    manifest = json.loads((built_dir(r["dataset_dir"], "pa") / "manifest.json").read_text())
     assert manifest["removed"]["identical chosen and rejected"] == 1 and manifest["removed"]["empty chosen"] == 1
     assert manifest["rows_read"] == 6 and manifest["rows_kept"] == 4 and manifest["stage"] == "dpo"
     sharegpt = sorted(rows_of(r, "ps"), key=lambda row: row["instruction"])
@@ -71,7 +72,7 @@ def test_alpaca_and_sharegpt_ranking_build_into_pairs(make_recipe):
         {"instruction": "Up?", "input": "", "chosen": "down", "rejected": "left"},
     ]
     assert all(pair_ok(row) for row in alpaca + sharegpt)
-    summary = check_built(r)  # `validate` on the built pairs
+    summary = check_built(data_args(r))  # `validate` on the built pairs
     assert {s["dataset"] for s in summary} == {"pa", "ps"}
 
 
@@ -85,23 +86,23 @@ def test_missing_chosen_and_wrong_message_object_are_named_by_row(make_recipe):
                     {"raw/pairs.jsonl": jsonl(bad_alpaca), "raw/pairs_sg.json": array(bad_sharegpt)},
                     stage="dpo", dataset=["pa", "ps"])
     with pytest.raises(UserError) as err:
-        build(r)
+        build(data_args(r))
     text = "\n".join(err.value.messages)
     assert "pairs.jsonl:2: missing 'chosen'" in text
     assert "pairs_sg.json:2: 'chosen' is a string; expected a message object" in text
     assert "pairs_sg.json:3: 'conversations' ends with an 'gpt' turn; for ranking data" in text
-    assert not built_dir(r, "pa").exists()  # nothing half-written
+    assert not built_dir(r["dataset_dir"], "pa").exists()  # nothing half-written
 
 
 def test_stage_and_ranking_must_agree(make_recipe):
     files = {"raw/pairs.jsonl": jsonl(ALPACA_PAIRS), "raw/sft.jsonl": jsonl([{"instruction": "a", "output": "b"}])}
     registry = {"pa": ALPACA_ENTRY, "plain": {"file_name": "raw/sft.jsonl"}}
     with pytest.raises(UserError) as err:
-        build(make_recipe(registry, files, stage="sft", dataset=["pa"]))
+        build(data_args(make_recipe(registry, files, stage="sft", dataset=["pa"])))
     assert len(err.value.messages) == 1
     assert '"pa".ranking: preference data' in err.value.messages[0] and "set stage: dpo" in err.value.messages[0]
     with pytest.raises(UserError) as err:
-        build(make_recipe(registry, files, stage="dpo", dataset=["plain"]))
+        build(data_args(make_recipe(registry, files, stage="dpo", dataset=["plain"])))
     assert len(err.value.messages) == 1
     assert "has no preference pairs but the recipe's stage is dpo" in err.value.messages[0]
     assert '"ranking": true' in err.value.messages[0]

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from pipeline.recipe.args import data_args
 from pipeline.data.jsonpos import key_lines
 from pipeline.data.registry import resolve_datasets, source_paths
 from pipeline.errors import UserError
@@ -20,7 +21,7 @@ def write_registry(r, text: str) -> str:
 
 def errors(r, key="dataset") -> list[str]:
     with pytest.raises(UserError) as err:
-        resolve_datasets(r, key)
+        resolve_datasets(data_args(r), key)
     return err.value.messages
 
 
@@ -39,7 +40,7 @@ def test_key_lines():
 
 def test_good_entry_defaults(r):
     write_registry(r, json.dumps({"demo": {"file_name": "raw/a.jsonl"}}))
-    (spec,) = resolve_datasets(r)
+    (spec,) = resolve_datasets(data_args(r))
     assert spec.formatting == "alpaca" and spec.columns["prompt"] == "instruction"
     assert spec.columns["response"] == "output" and spec.files[0].name == "a.jsonl"
 
@@ -118,7 +119,7 @@ def test_path_escaping_dataset_dir_is_refused(r, tmp_path):
     write_registry(r, json.dumps({"demo": {"file_name": "raw/link.jsonl"}}))
     assert "outside dataset_dir" in errors(r)[0]
     write_registry(r, json.dumps({"demo": {"file_name": str(outside)}}))  # absolute: the user said so
-    (spec,) = resolve_datasets(r)
+    (spec,) = resolve_datasets(data_args(r))
     assert spec.files == (outside,)
 
 
@@ -155,7 +156,7 @@ def test_rules_beyond_the_schema(r):
 def test_unsupported_extension(r):
     write_registry(r, json.dumps({"demo": {"file_name": "raw/b.csv", "formatting": "text"}}))
     r["stage"] = "pt"
-    (spec,) = resolve_datasets(r)  # a corpus in a table: its text column
+    (spec,) = resolve_datasets(data_args(r))  # a corpus in a table: its text column
     assert spec.columns == {"text": "text"}
     open(os.path.join(r["dataset_dir"], "raw", "c.xlsx"), "w").close()
     write_registry(r, json.dumps({"demo": {"file_name": "raw/c.xlsx"}}))
@@ -165,7 +166,7 @@ def test_unsupported_extension(r):
 def test_source_paths(r):
     write_registry(r, json.dumps({"demo": {"file_name": "raw/a.jsonl"}, "other": {"file_name": "raw"}}))
     r["eval_dataset"] = ["other"]
-    paths = [p.name for p in source_paths(r)]
+    paths = [p.name for p in source_paths(data_args(r))]
     assert paths == ["dataset_info.json", "a.jsonl", "b.csv"]
 
 
@@ -174,6 +175,6 @@ def test_folder_never_reads_the_registry_or_the_build(make_recipe):
     from pipeline.data.build import build
 
     r = make_recipe({"all": {"file_name": "."}}, files={"raw/a.jsonl": jsonl(alpaca_rows(20))}, dataset=["all"])
-    build(r)
-    (spec,) = resolve_datasets(r)
+    build(data_args(r))
+    (spec,) = resolve_datasets(data_args(r))
     assert [p.name for p in spec.files] == ["a.jsonl"]

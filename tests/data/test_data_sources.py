@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from data_helpers import jsonl
+from pipeline.recipe.args import data_args
 from pipeline.data.build import build, built_dir
 from pipeline.data.load import load_split
 from pipeline.errors import UserError
@@ -33,7 +34,7 @@ def build_errors(r) -> list[str]:
     folder = os.path.join(r["dataset_dir"], "build")
     before = snapshot(folder)
     with pytest.raises(UserError) as err:
-        build(r)
+        build(data_args(r))
     assert snapshot(folder) == before
     return err.value.messages
 
@@ -77,8 +78,8 @@ def test_bom_crlf_and_nulls_are_accepted(make_recipe):
     rows = [good(i) for i in range(8)] + [{"instruction": "Null input.", "input": None, "output": "ok"}]
     data = b"\xef\xbb\xbf" + jsonl(rows).replace("\n", "\r\n").encode()
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": data}, val_size=0.2)
-    build(r)
-    got = load_split(r, "train") + load_split(r, "val")
+    build(data_args(r))
+    got = load_split(data_args(r), "train") + load_split(data_args(r), "val")
     assert sorted(x["instruction"] for x in got) == sorted(x["instruction"] for x in rows)
     assert {"instruction": "Null input.", "input": "", "output": "ok"} in got
 
@@ -107,8 +108,8 @@ def test_json_array_broken_and_not_an_array(make_recipe):
 
 def test_json_file_with_json_lines_is_read_as_jsonl(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.json"}}, files={"raw/d.json": jsonl([good(i) for i in range(10)])})
-    build(r)
-    assert len(load_split(r, "train")) == 9
+    build(data_args(r))
+    assert len(load_split(data_args(r), "train")) == 9
 
 
 def test_utf16_file(make_recipe):
@@ -131,11 +132,11 @@ def test_csv_lines_are_physical_lines(make_recipe):
     assert build_errors(r) == [f"{f}:5: 4 fields, but the header has 3 (check the delimiter and quoting)"]
     with open(f, "w", newline="") as handle:
         handle.write(text.replace("too,many,fields,here\r\n", "Fine,5,v\r\n"))
-    build(r)
-    rows = load_split(r, "train") + load_split(r, "val")
+    build(data_args(r))
+    rows = load_split(data_args(r), "train") + load_split(data_args(r), "val")
     assert {"instruction": "A question\nover two lines", "input": "", "output": "4"} in rows
     assert len(rows) == 4
-    manifest = json.loads((built_dir(r, "d") / "manifest.json").read_text())
+    manifest = json.loads((built_dir(r["dataset_dir"], "d") / "manifest.json").read_text())
     assert manifest["removed"]["empty output"] == 1
 
 
@@ -148,8 +149,8 @@ def test_csv_missing_column_and_tsv(make_recipe):
     rows = "".join(f"q{i}\t\"a{i}\"\tsys{i}\n" for i in range(10))
     r = make_recipe({"t": {"file_name": "raw/t.tsv", "columns": {"prompt": "q", "response": "a", "system": "s"}}},
                     files={"raw/t.tsv": "q\ta\ts\n" + rows}, dataset=["t"])
-    build(r)
-    got = sorted(load_split(r, "train") + load_split(r, "val"), key=lambda x: x["instruction"])
+    build(data_args(r))
+    got = sorted(load_split(data_args(r), "train") + load_split(data_args(r), "val"), key=lambda x: x["instruction"])
     assert got[0] == {"instruction": "q0", "input": "", "output": "a0", "system": "sys0"}
 
 
@@ -162,8 +163,8 @@ def test_parquet_column_mapping_and_types(make_recipe, tmp_path):
                           "a": [f"a{i}" for i in range(10)],
                           "turns": [[["h", "r"]]] + [[] for _ in range(9)]})
     frame.to_parquet(f)
-    build(r)
-    got = {x["instruction"]: x for x in load_split(r, "train") + load_split(r, "val")}
+    build(data_args(r))
+    got = {x["instruction"]: x for x in load_split(data_args(r), "train") + load_split(data_args(r), "val")}
     assert got["q0"] == {"instruction": "q0", "input": "", "output": "a0", "history": [["h", "r"]]}
     assert got["q5"] == {"instruction": "q5", "input": "c", "output": "a5"}
     pd.DataFrame({"q": ["x", "y", "z"], "ctx": ["", "", ""], "a": [1, 2, 3], "turns": [[], [], []]}).to_parquet(f)

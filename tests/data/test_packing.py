@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_helpers import alpaca_rows, jsonl
+from pipeline.recipe.args import data_args
 from pipeline.data.build import build
 from pipeline.data.loaders import count_examples, sft_loader, sft_packs
 from pipeline.data.packing import PAD_SEGMENT, pack_examples
@@ -46,20 +47,20 @@ def packed_recipe(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)},
                     per_device_train_batch_size=2, per_device_eval_batch_size=2, cutoff_len=128, val_size=0.2,
                     packing=True, neat_packing=True)
-    build(r)
+    build(data_args(r))
     return r
 
 
 def _unpacked(r):
-    return sft_loader(dict(r, packing=False, neat_packing=False), "train", shuffle=False, batch_size=1)
+    return sft_loader(data_args(dict(r, packing=False, neat_packing=False)), "train", shuffle=False, batch_size=1)
 
 
 def test_packed_rows_hold_the_unpacked_rows_exactly(packed_recipe):
-    data = tokenized_split(packed_recipe, "train")
-    packs = sft_packs(packed_recipe, "train")
+    data = tokenized_split(data_args(packed_recipe), "train")
+    packs = sft_packs(data_args(packed_recipe), "train")
     assert len(packs) < len(data) / 2  # short examples: several per row
     unpacked = _unpacked(packed_recipe)
-    loader = sft_loader(packed_recipe, "train", epoch=1)
+    loader = sft_loader(data_args(packed_recipe), "train", epoch=1)
     seen = []
     for k in range(len(loader)):
         batch = loader.batch(k)
@@ -81,16 +82,16 @@ def test_packed_rows_hold_the_unpacked_rows_exactly(packed_recipe):
 
 
 def test_plain_packing_carries_no_segments(packed_recipe):
-    batch = sft_loader(dict(packed_recipe, neat_packing=False), "train").batch(0)
+    batch = sft_loader(data_args(dict(packed_recipe, neat_packing=False)), "train").batch(0)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
 
 
 def test_counts_sharding_and_resume_count_packs(packed_recipe):
-    n_packs = len(sft_packs(packed_recipe, "train"))
-    assert count_examples(packed_recipe)["train"] == n_packs
-    assert count_examples(packed_recipe)["val"] == len(sft_packs(packed_recipe, "val"))
-    one = sft_loader(dict(packed_recipe, per_device_train_batch_size=4), "train", epoch=3)
-    ranks = [sft_loader(packed_recipe, "train", rank=k, world_size=2, epoch=3) for k in range(2)]
+    n_packs = len(sft_packs(data_args(packed_recipe), "train"))
+    assert count_examples(data_args(packed_recipe))["train"] == n_packs
+    assert count_examples(data_args(packed_recipe))["val"] == len(sft_packs(data_args(packed_recipe), "val"))
+    one = sft_loader(data_args(dict(packed_recipe, per_device_train_batch_size=4)), "train", epoch=3)
+    ranks = [sft_loader(data_args(packed_recipe), "train", rank=k, world_size=2, epoch=3) for k in range(2)]
     assert one.num_examples == ranks[0].num_examples == n_packs and len(one) == len(ranks[0]) == n_packs // 4
     for k in range(len(one)):  # two ranks see the global batches of one rank with twice the batch
         assert sorted(np.concatenate([r.indices(k) for r in ranks]).tolist()) == sorted(one.indices(k).tolist())
@@ -102,17 +103,17 @@ def test_counts_sharding_and_resume_count_packs(packed_recipe):
 
 def test_group_by_length_without_packing_still_groups(packed_recipe):
     r = dict(packed_recipe, packing=False, neat_packing=False, group_by_length=True)
-    loader = sft_loader(r, "train")
-    assert loader.num_examples == len(tokenized_split(r, "train"))
+    loader = sft_loader(data_args(r), "train")
+    assert loader.num_examples == len(tokenized_split(data_args(r), "train"))
 
 
 def test_packing_with_examples_over_cutoff_and_policy_error(make_recipe):
     rows = alpaca_rows(20) + [{"instruction": "long", "input": "", "output": "x " * 100}]
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)}, cutoff_len=48,
                     val_size=0.1, packing=True, overlength_policy="error")
-    build(r)
+    build(data_args(r))
     with pytest.raises(UserError) as err:
-        sft_loader(r, "train")
+        sft_loader(data_args(r), "train")
     text = "\n".join(err.value.messages)
     assert "train.json:" in text and "over cutoff_len 48" in text and "raise cutoff_len" in text
     assert "packing never splits an example" in text
@@ -124,8 +125,8 @@ def test_each_packed_example_has_the_unpacked_loss_and_gradient(packed_recipe):
     from pipeline.model.gpt import GPTModel
 
     model = GPTModel(PRESETS["tiny"].replace(context_length=128, drop_rate=0.0), seed=1).train()
-    packs = sft_packs(packed_recipe, "train")
-    batch = sft_loader(packed_recipe, "train", shuffle=False).batch(0)
+    packs = sft_packs(data_args(packed_recipe), "train")
+    batch = sft_loader(data_args(packed_recipe), "train", shuffle=False).batch(0)
     unpacked = _unpacked(packed_recipe)
 
     def loss_and_grads(ids, labels, **kw):

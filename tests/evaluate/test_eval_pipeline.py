@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from pipeline import merge
+from pipeline.recipe.args import data_args
 from pipeline.errors import UserError
 from pipeline.evaluate import metrics as M
 from pipeline.evaluate import run as E
@@ -40,7 +41,7 @@ def test_merge_writes_a_verified_hf_model(make_run):
     assert verification["samples"] == 4 and verification["logits"]["fp32"] < 1e-4
     hf = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
     adapted = load_for_inference(recipe_args(r).model, "adapter", Path(r["output_dir"]) / "adapter", device="cpu")
-    ids = torch.tensor([tokenized_split(r, "val").example(0).input_ids])
+    ids = torch.tensor([tokenized_split(data_args(r), "val").example(0).input_ids])
     with torch.no_grad():
         want, got = adapted(ids), hf(ids).logits
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
@@ -132,7 +133,7 @@ def _independent_loss(model, r) -> tuple[float, int]:
     """Sum of -log p(target) over trained tokens, from full logits, one example at a time."""
     from pipeline.data.tokenize import tokenized_split
 
-    data = tokenized_split(r, "val")
+    data = tokenized_split(data_args(r), "val")
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(len(data)):
@@ -168,7 +169,7 @@ def test_eval_writes_base_vs_tuned(make_run):
         assert res["loss_tokens"] == tokens and res["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
         assert res["perplexity"] == pytest.approx(math.exp(loss_sum / tokens), rel=1e-5)
         # predictions: the first 4 val rows, each the greedy completion of its templated prompt
-        rows = load_split(r, "val")[:4]
+        rows = load_split(data_args(r), "val")[:4]
         lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         assert len(lines) == 4
         tok = gpt2()
@@ -216,7 +217,7 @@ def test_eval_pt_stage_loss_only(make_run):
     assert {p.name for p in out.iterdir()} == {"metrics.json", "report.md"}
     metrics = json.loads((out / "metrics.json").read_text())
     # the book's windows: starts 0, 32, ... < len - 32; inputs [s, s+32), targets shifted by one
-    stream = torch.tensor(pt_stream(r, "val").astype("int64"))
+    stream = torch.tensor(pt_stream(data_args(r), "val").astype("int64"))
     starts = range(0, len(stream) - 32, 32)
     model = load_for_inference(recipe_args(r).model, "model", Path(r["output_dir"]) / "model", device="cpu")
     with torch.no_grad():
@@ -282,7 +283,7 @@ def test_train_zero3_then_merge_then_eval_agree(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     recipe = write_run(tmp_path, extra="zero_stage: 3\nlearning_rate: 0.01\nwarmup_steps: 0\n"
                                        "per_device_train_batch_size: 4\nlogging_steps: 1\nplot_loss: false\n")
-    build(resolve_run(recipe, command="train"))
+    build(data_args(resolve_run(recipe, command="train")))
     trained = train(resolve_run(recipe, "max_steps=3", command="train"))
     assert trained.exit_code == 0
     out = Path(trained.output_dir)

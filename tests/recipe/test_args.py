@@ -20,3 +20,26 @@ def test_settings_name_sampling_keys_only_when_sampling():
     assert sampled.settings() == {"do_sample": True, "max_new_tokens": spec.defaults()["max_new_tokens"],
                                   "temperature": 0.7, "top_k": 5, "top_p": 0.9, "seed": 3}
     assert sampled.generate_kwargs()["stop_strings"] is None and greedy.generate_kwargs()["stop_strings"] == ["###", "\n"]
+
+
+def test_every_group_field_is_a_schema_key():
+    """A group's field is named as its recipe key, so the schema alone gives its type, default and documentation:
+    a misspelt field would need a default of its own and fails here instead."""
+    import dataclasses
+
+    from pipeline.data.args import NOT_A_KEY, DataArgs
+    from pipeline.model.build import FinetuneArgs, ModelArgs
+
+    keys = set(spec.schema()["properties"])
+    bad = [f"{group.__name__}.{f.name}" for group in (ModelArgs, FinetuneArgs, GenerationArgs, DataArgs)
+           for f in dataclasses.fields(group) if f.name not in keys and not f.metadata.get(NOT_A_KEY)]
+    assert not bad, f"not schema keys: {bad}"
+
+
+def test_data_args_fill_from_the_schema_and_keep_provenance():
+    from pipeline.recipe.args import data_args
+
+    data = data_args({"cutoff_len": 77})
+    defaults = spec.defaults()
+    assert data.cutoff_len == 77 and data.template == defaults["template"] and data.seed == defaults["seed"]
+    assert data.source("dataset") == "recipe key 'dataset'"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.recipe.args import data_args
 from pipeline.recipe import resolve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +19,7 @@ def test_shipped_recipe_resolves(path, monkeypatch):
     r = resolve(path, command="plan")
     from pipeline.data.build import all_specs
 
-    specs = all_specs(r)  # every dataset is in the registry the recipe points at (a UserError otherwise)
+    specs = all_specs(data_args(r))  # every dataset is in the registry the recipe points at (a UserError otherwise)
     assert [s.name for s in specs][:len(r["dataset"])] == list(r["dataset"])
     missing = [str(f) for s in specs for f in s.files if not Path(f).is_file()]
     assert not missing, f"{path} trains on files that are not in the repository: {missing}"

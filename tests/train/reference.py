@@ -7,6 +7,7 @@ DeepSpeed, nothing from pipeline.train.
 """
 from __future__ import annotations
 
+from pipeline.recipe.args import data_args
 import math
 from typing import Any, Iterator, Mapping
 
@@ -26,7 +27,7 @@ def schedule(step: int, *, kind: str, total: int, warmup: int, min_ratio: float)
 def batches(r: Mapping[str, Any]) -> Iterator[dict]:
     from pipeline.data.loaders import make_loader
 
-    loader = make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)
+    loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
     gas = r["gradient_accumulation_steps"]
     epoch = 0
     while True:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.recipe.args import data_args
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.acceptance.harness import write_hf_checkpoint
@@ -41,7 +42,7 @@ def test_losses_equal_transformers_and_peft_on_the_same_batch(make_recipe, workd
     assert result.exit_code == 0
     from pipeline.data.loaders import make_loader
 
-    first = next(iter(make_loader(r, "train", rank=0, world_size=1, epoch=0, shuffle=True)))
+    first = next(iter(make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)))
     base = transformers.GPT2LMHeadModel.from_pretrained(workdir / "gpt2").eval()
     logged = read_log(result.output_dir / "trainer_log.jsonl")[0]["loss"]
     assert logged == pytest.approx(hf_loss(base, first), rel=1e-5)

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from pipeline.recipe.args import data_args
 from pipeline.data.loaders import count_examples
 from pipeline.errors import UserError
 from pipeline.train import checkpoint
@@ -27,8 +28,8 @@ def test_one_full_batch_step_packed_equals_unpacked(make_recipe):
     unpacked_r = make_recipe(BASE_SFT, name="unpacked", cutoff_len=128, max_steps=1, gradient_accumulation_steps=1,
                              warmup_steps=0)
     packed_r = make_recipe(PACKED, name="packed", max_steps=1, gradient_accumulation_steps=1, warmup_steps=0)
-    n_examples = count_examples(unpacked_r)["train"]
-    n_packs = count_examples(packed_r)["train"]
+    n_examples = count_examples(data_args(unpacked_r))["train"]
+    n_packs = count_examples(data_args(packed_r))["train"]
     assert n_packs <= n_examples / 2
     unpacked = train(make_recipe(BASE_SFT, name="unpacked", cutoff_len=128, max_steps=1, warmup_steps=0,
                                  gradient_accumulation_steps=1, per_device_train_batch_size=n_examples))
@@ -94,6 +95,6 @@ def test_neat_packing_needs_a_model_that_keeps_examples_apart(make_recipe):
 
 def test_pt_packs_documents_and_refuses_neat_packing(make_recipe):
     r = make_recipe(BASE_PT, name="pt", packing=True)
-    assert count_examples(r) == count_examples(make_recipe(BASE_PT, name="pt2"))  # pt always concatenates
+    assert count_examples(data_args(r)) == count_examples(data_args(make_recipe(BASE_PT, name="pt2")))  # pt always concatenates
     with pytest.raises(UserError, match="neat_packing: only applies to stage: sft, but stage is pt"):
         make_recipe(BASE_PT, name="pt3", neat_packing=True)

@@ -1,0 +1,49 @@
+"""DataArgs: the recipe keys the data library reads, as one typed, frozen group.
+
+A stage's command turns the resolved recipe into this group (pipeline.recipe.args.data_args) and the data
+library (registry, build, checks, tokenization, loaders, inspect) takes it instead of the string-keyed
+recipe, so a function's signature says what it depends on. The fields are schema keys, named as in the
+schema (tests/recipe/test_args.py ties them): the schema stays the one source of their types, defaults and
+documentation, and nothing here declares a default. Defined in the data layer, filled one layer up,
+because the schema's defaults live in pipeline.recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+NOT_A_KEY = "not_a_key"  # metadata marking a field that is no schema key (provenance for messages)
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    """Where the data is, how it is built, tokenized and batched."""
+
+    model_name_or_path: str  # whose tokenizer encodes the data
+    stage: str
+    dataset_dir: str
+    dataset: str | Sequence[str] | None
+    eval_dataset: str | Sequence[str] | None
+    template: str
+    cutoff_len: int
+    overlength_policy: str
+    train_on_prompt: bool
+    mask_history: bool
+    enable_thinking: bool
+    packing: bool
+    neat_packing: bool
+    pt_stride: int | None
+    max_samples: int | None
+    val_size: float
+    seed: int
+    preprocessing_num_workers: int | None
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    group_by_length: bool
+    dataloader_num_workers: int
+    # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
+    where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
+
+    def source(self, key: str) -> str:
+        """Where a recipe key was set, or `recipe key 'KEY'` when unknown (a plain mapping in tests)."""
+        return self.where.get(key, f"recipe key '{key}'")

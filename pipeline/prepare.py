@@ -1,0 +1,26 @@
+"""The data stage's commands: `build` (`make data`) and `inspect` (`make inspect`).
+
+Each turns the resolved recipe into DataArgs (pipeline.recipe.args.data_args) and hands it to the data
+library, which never reads the string-keyed recipe itself (tests/test_recipe_access.py).
+"""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.data.build import build as build_datasets
+from pipeline.data.inspect import inspect as inspect_data
+from pipeline.recipe import Resolved
+from pipeline.recipe.args import data_args
+
+
+def build(r: Resolved, args: argparse.Namespace | None = None) -> int:
+    """Build every dataset the recipe names; print what was built, kept and removed."""
+    for line in build_datasets(data_args(r)):
+        print(line)
+    return 0
+
+
+def inspect(r: Resolved, args: argparse.Namespace | None = None) -> int:
+    """Render --num samples with their trained tokens marked, and the token-length histogram."""
+    print(inspect_data(data_args(r), getattr(args, "num", 3) if args is not None else 3))
+    return 0
