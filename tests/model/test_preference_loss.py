@@ -3,8 +3,8 @@
 References: DPO (Rafailov et al. 2023, eq. 7) with conservative label smoothing as in TRL's DPOTrainer.dpo_loss
 (`-logsigmoid(beta h)(1 - eps) - logsigmoid(-beta h) eps`); IPO (Azar et al. 2023, eq. 17, TRL: length-averaged
 log-probs, `(h - 1/(2 beta))^2`); hinge (SLiC, TRL: `relu(1 - beta h)`); ORPO (Hong et al. 2024, eq. 6-7 with
-LLaMA-Factory's average log-probs); SimPO (Meng et al. 2024, eq. 6). TRL itself is not installed here (it would
-pull another torch); its formulas are transcribed from trl/trainer/dpo_trainer.py and checked the same way.
+LLaMA-Factory's average log-probs); SimPO (Meng et al. 2024, eq. 6). One batch against TRL's own trainers:
+tests/compat/test_trl_dpo.py.
 """
 from __future__ import annotations
 
