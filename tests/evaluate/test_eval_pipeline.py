@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -146,15 +148,65 @@ def _independent_loss(model, r) -> tuple[float, int]:
     return total, count
 
 
-def test_eval_writes_base_vs_tuned(make_run):
-    from pipeline.data.load import load_split
-    from pipeline.data.tokenize import encode_prompt
+ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{instruction}{input}\n\n### Response:\n")  # the book's format
+
+
+def _squad_words(text: str) -> list[str]:
+    """The words token F1 compares, written out independently of pipeline.evaluate.metrics: NFKC, case-folded,
+    runs of word characters (SQuAD's normalisation without its article removal; punctuation dropped)."""
+    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold())
+
+
+def _hand_exact_match(prediction: str, reference: str) -> float:
+    """Equal after NFKC and whitespace collapsing; case matters."""
+    def squash(text: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", text).split())
+
+    return float(squash(prediction) == squash(reference))
+
+
+def _hand_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1 (Rajpurkar et al. 2016, its evaluate-v1.1.py) on _squad_words."""
+    from collections import Counter
+
+    pred, ref = _squad_words(prediction), _squad_words(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def test_hand_scores_on_fixed_strings():
+    """The hand-written scorers above agree with numbers worked out on paper (and so do ours)."""
+    cases = [("4 plus 4 is 8.", "4 plus 4 is 8.", 1.0, 1.0),
+             ("4  plus 4 is 8.", "4 plus 4 is 8.", 1.0, 1.0),  # whitespace collapsed
+             ("Four plus 4 is 8", "4 plus 4 is 8.", 0.0, 0.8),  # 4 of 5 words each way: P = R = 0.8
+             ("is 8", "4 plus 4 is 8.", 0.0, 2 * 1.0 * 0.4 / 1.4),  # P = 2/2, R = 2/5
+             ("Cat", "cat", 0.0, 1.0), ("", "x", 0.0, 0.0)]
+    for pred, ref, em, f1 in cases:
+        assert (_hand_exact_match(pred, ref), _hand_f1(pred, ref)) == (em, pytest.approx(f1))
+        assert (M.exact_match(pred, ref), M.token_f1(pred, ref)) == (em, pytest.approx(f1))
+
+
+def test_eval_writes_base_vs_tuned(make_run, tmp_path):
+    """Predictions are transformers' greedy decoding of the same base checkpoint (written by save_pretrained) and of
+    PEFT's loading of our adapter on it; scores are computed by hand; losses by plain cross-entropy."""
+    import peft
+    import transformers
+
     from pipeline.data.tokenizer import gpt2
+
+    from pipeline.data.load import load_split
     from pipeline.model.build import load_for_inference
     from pipeline.recipe.args import recipe_args
-    from pipeline.model.generate import generate
+    from tests.acceptance.harness import write_hf_checkpoint
 
-    r = make_run("max_eval_samples=4")
+    write_hf_checkpoint(tmp_path / "base", n_positions=128)
+    r = make_run("max_eval_samples=4", f"model_name_or_path={tmp_path / 'base'}")
     E.run(r)
     out = Path(r["output_dir"]) / "eval"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -162,6 +214,13 @@ def test_eval_writes_base_vs_tuned(make_run):
     assert "adapter" in metrics["tuned_model"]  # no merged/ yet: base + adapter
     assert metrics["decoding"] == {"do_sample": False, "max_new_tokens": 6, "batch_size": 1}
 
+    tok = gpt2().encoding  # tiktoken's GPT-2 encoding itself (the ranks travel with the pipeline: no download)
+    rows = load_split(data_args(r), "val")[:4]
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    references = {"base": transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval(),
+                  "tuned": peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                                          Path(r["output_dir"]) / "adapter").eval()}
     for name, which in (("base", "base"), ("tuned", "adapter")):
         model = load_for_inference(recipe_args(r).model, which, Path(r["output_dir"]) / which, device="cpu")
         loss_sum, tokens = _independent_loss(model, r)
@@ -169,16 +228,24 @@ def test_eval_writes_base_vs_tuned(make_run):
         assert res["loss_tokens"] == tokens and res["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
         assert res["perplexity"] == pytest.approx(math.exp(loss_sum / tokens), rel=1e-5)
         # predictions: the first 4 val rows, each the greedy completion of its templated prompt
-        rows = load_split(data_args(r), "val")[:4]
-        lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-        assert len(lines) == 4
-        tok = gpt2()
         for row, line in zip(rows, lines):
             assert line["reference"] == row["output"] and row["instruction"] in line["prompt"]
-            ids = encode_prompt("alpaca", row["instruction"], row.get("input") or "", tokenizer=tok)
-            assert line[f"{name}_prediction"] == tok.decode(generate(model, ids, max_new_tokens=6))
-            assert line[f"{name}_scores"] == M.score_example(line[f"{name}_prediction"], row["output"])
-        assert res["f1"] == pytest.approx(sum(line[f"{name}_scores"]["f1"] for line in lines) / 4)
+            given = f"\n\n### Input:\n{row['input']}" if row.get("input") else ""
+            ids = tok.encode_ordinary(ALPACA_PROMPT.replace("{instruction}", row["instruction"]).replace("{input}", given))
+            with torch.no_grad():
+                new = references[name].generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                                max_new_tokens=6, do_sample=False, eos_token_id=50256,
+                                                pad_token_id=50256)[0, len(ids):].tolist()
+            golden = tok.decode([t for t in new if t != 50256])
+            assert line[f"{name}_prediction"] == golden
+            scores = line[f"{name}_scores"]
+            assert scores["exact_match"] == _hand_exact_match(golden, row["output"])
+            assert scores["f1"] == pytest.approx(_hand_f1(golden, row["output"]))
+        assert res["exact_match"] == pytest.approx(sum(_hand_exact_match(line[f"{name}_prediction"], row["output"])
+                                                       for row, line in zip(rows, lines)) / 4)
+        assert res["f1"] == pytest.approx(sum(_hand_f1(line[f"{name}_prediction"], row["output"])
+                                              for row, line in zip(rows, lines)) / 4)
+    assert [line["base_prediction"] for line in lines] != [line["tuned_prediction"] for line in lines]
     md = (out / "report.md").read_text()
     assert "| loss (nats/token) |" in md and "![metrics base vs tuned](metrics.png)" in md
 
