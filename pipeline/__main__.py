@@ -63,12 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def steps(command: str, r: Any, args: argparse.Namespace) -> list[str]:
     """The commands one invocation runs. A LLaMA-Factory train recipe may evaluate instead of training
-    (do_train: false) or after it (do_predict: true, into output_dir/eval/); the stages stay independent."""
+    (do_train: false) or after it (do_predict: true, into output_dir/eval/); with overwrite_cache: true, train and
+    eval first build what is stale (a no-op when every build is current); the stages stay independent."""
     if command != "train" or getattr(args, "dry_run", False):
-        return [command]
-    if not r.get("do_train", True):
-        return ["eval"]
-    return ["train", "eval"] if r.get("do_predict") else ["train"]
+        run = [command]
+    elif not r.get("do_train", True):
+        run = ["eval"]
+    else:
+        run = ["train", "eval"] if r.get("do_predict") else ["train"]
+    return ["build", *run] if r.get("overwrite_cache") and command in ("train", "eval") else run
 
 
 def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
@@ -109,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         for command in steps(args.command, resolved, args):
             module_name, func_name, _ = COMMANDS[command]
             what = f"python -m pipeline {command} {args.recipe}"
-            with holding(lock_targets(command, resolved), what):  # one writer per output directory
+            # one writer per output directory; a build that train/eval run themselves (overwrite_cache) waits for
+            # one under way (another rank of the job, a `make data`) and then finds it current
+            wait = command == "build" and args.command != "build"
+            with holding(lock_targets(command, resolved), what, wait):
                 code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break

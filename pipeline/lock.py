@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -49,11 +50,25 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing[::-1]
 
 
+def _try_lock(fd: int) -> bool:
+    """flock without waiting: False when another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[Path]:
+def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool = False) -> Iterator[Path]:
     """Hold the lock on `target` (a directory, existing or not) for the block; UserError when another live run
     holds it. `what` is the command in words (`train recipes/x.yaml`), written for whoever comes second;
-    `at` says where `target` came from (`recipes/x.yaml:7: output_dir`)."""
+    `at` says where `target` came from (`recipes/x.yaml:7: output_dir`). wait=True waits for the holder instead
+    (saying so once): for work that is the same whoever does it, such as a rebuild that the other ranks of a job
+    or a `make data` in another terminal may be doing already."""
     target = Path(target)
     path = lock_path(target)
     created = _missing_parents(path.parent)
@@ -67,21 +82,24 @@ def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[
         # there is nothing to guard; a write it does attempt fails with its own message
         yield path
         return
+    said = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(fd)
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            for parent in reversed(created):
-                with contextlib.suppress(OSError):
-                    parent.rmdir()
-            where = f"{at}: " if at else ""
-            raise UserError(f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt "
-                            f"each other. Wait for that run to finish (or stop it), or choose another "
-                            f"directory. The lock is {path}") from None
+        if not _try_lock(fd):
+            if wait:
+                if not said:
+                    print(f"{target}: waiting for {_holder(path)} to finish", file=sys.stderr, flush=True)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                for parent in reversed(created):
+                    with contextlib.suppress(OSError):
+                        parent.rmdir()
+                where = f"{at}: " if at else ""
+                raise UserError(f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt "
+                                f"each other. Wait for that run to finish (or stop it), or choose another "
+                                f"directory. The lock is {path}")
         # The previous holder may have removed the file between our open and our flock: then we locked an
         # orphan inode, and a third run could lock the new file. Only a lock on the file at `path` counts.
         try:
@@ -108,10 +126,10 @@ def exclusive(target: str | Path, what: str, at: str | None = None) -> Iterator[
 
 
 @contextlib.contextmanager
-def holding(targets: Iterable[tuple[Path, str]], what: str) -> Iterator[None]:
+def holding(targets: Iterable[tuple[Path, str]], what: str, wait: bool = False) -> Iterator[None]:
     """The locks on every (directory, where its name came from) of `targets`, for the duration of the block
-    (`pipeline.__main__.lock_targets` says which directories each command writes)."""
+    (`pipeline.__main__.lock_targets` says which directories each command writes); wait: see exclusive."""
     with contextlib.ExitStack() as stack:
         for target, at in sorted(set(targets)):
-            stack.enter_context(exclusive(target, what, at))
+            stack.enter_context(exclusive(target, what, at, wait))
         yield

@@ -2,7 +2,8 @@
 
 train = the train.json of every `dataset`; val = their val.json, or with `eval_dataset` the rows of
 those datasets (all of them; only val.json for a name that is also in `dataset`, so nothing trained
-on is evaluated). A missing or stale build is a UserError that says to run `make data`.
+on is evaluated). A missing or stale build is a UserError that says to run `make data` (or to set overwrite_cache: true: train
+and eval then build first, see pipeline.__main__.steps).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sh
 from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
 
-MAKE_DATA = "run `make data` (python -m pipeline build RECIPE)"
+MAKE_DATA = ("run `make data` (python -m pipeline build RECIPE), or set overwrite_cache: true so that train and eval "
+             "rebuild it themselves")
 
 
 def build_problem(data: DataArgs, name: str) -> str | None:
@@ -67,7 +69,7 @@ def sources_changed(data: DataArgs, name: str, manifest: Mapping[str, Any]) -> s
     if not changed:
         return None
     return (f"{built_dir(dataset_dir, name)}: built from other sources than the recipe's now ({'; '.join(changed)} since "
-            f"the build); {MAKE_DATA} to rebuild it")
+            f"the build); {MAKE_DATA}")
 
 
 def split_files(data: DataArgs, split: str) -> list[Path]:

@@ -75,7 +75,8 @@ def test_row_count_mismatch_and_missing_build(built, make_recipe):
     with pytest.raises(UserError) as err:
         check_built(data_args(built))
     assert err.value.messages == [f"{path}: 2 rows, but manifest.json says 3; run `make data` "
-                                  "(python -m pipeline build RECIPE)"]
+                                  "(python -m pipeline build RECIPE), or set overwrite_cache: true so that train and "
+                                  "eval rebuild it themselves"]
     other = make_recipe({"d": {"file_name": "raw/d.jsonl"}, "e": {"file_name": "raw/d.jsonl"}}, dataset=["e"])
     with pytest.raises(UserError, match="dataset 'e' is not built; run `make data`"):
         check_built(data_args(other))

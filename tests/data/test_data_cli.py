@@ -100,3 +100,33 @@ def test_pt_recipe(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "── window 1" in out and "stride 16" in out
     assert sum(1 for x in out.splitlines() if x.startswith(("train:", "val:")) and "windows" in x) == 2
+
+
+def test_a_raw_file_edited_after_build_stops_train_unless_overwrite_cache(tmp_path):
+    """A source edited after `build`: train exits 2 naming the file and both ways out; with overwrite_cache=true
+    (LLaMA-Factory's key) it rebuilds the dataset itself and trains on the new rows."""
+    import hashlib
+
+    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(12))},
+            "dataset: a\ncutoff_len: 64\nmax_steps: 1\nper_device_train_batch_size: 2\noutput_dir: out\n"
+            "lora_rank: 2\nplot_loss: false\n")
+    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    raw = tmp_path / "data" / "raw" / "a.jsonl"
+    raw.write_text(jsonl(alpaca_rows(16)), encoding="utf-8")  # four rows added after the build
+    stopped = cli(tmp_path, "train", "recipe.yaml")
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    assert "data/raw/a.jsonl was edited since the build" in stopped.stderr
+    assert "run `make data`" in stopped.stderr and "overwrite_cache: true" in stopped.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
+
+    done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a: built data/build/a" in done.stdout
+    manifest = json.loads((tmp_path / "data" / "build" / "a" / "manifest.json").read_text())
+    assert manifest["sources"][0]["sha256"] == hashlib.sha256(raw.read_bytes()).hexdigest()
+    assert sum(manifest["splits"].values()) == 16
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    # a current build is used as it is, also when asked to overwrite the cache
+    again = cli(tmp_path, "eval", "recipe.yaml", "overwrite_cache=true", "max_eval_samples=1", "max_new_tokens=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "a: up to date" in again.stdout

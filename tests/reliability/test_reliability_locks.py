@@ -57,6 +57,24 @@ def test_a_build_of_a_dataset_being_built_is_refused_naming_the_running_one(proj
     assert run_main(["build", "r.yaml"], project).code == 0  # the owner died: its lock is stale
 
 
+def test_a_rebuild_asked_by_train_waits_for_a_build_under_way(project: Path):
+    """overwrite_cache: train/eval's own build waits for the lock (another rank, a `make data`), then goes on."""
+    holder = Holder(Path("data/build/a"), project)
+    waiter = subprocess.Popen([PYTHON, "-c", "from pipeline.lock import exclusive\n"
+                               "with exclusive('data/build/a', 'python -m pipeline train r.yaml', wait=True):\n"
+                               "    print('locked', flush=True)\n"], cwd=project, env=clean_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = waiter.stderr.readline()  # the phase: it found the lock taken and waits
+        assert "data/build/a: waiting for `python -m pipeline holder`" in said, said
+        assert waiter.poll() is None
+    finally:
+        holder.kill()
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and out == "locked\n", err
+    figures.record("race")
+
+
 def test_a_merge_into_a_merged_dir_being_written_is_refused(project: Path):
     holder = Holder(Path("out/merged"), project)
     try:
