@@ -138,9 +138,8 @@ def test_resume_continues_exactly(dpo_recipe):
 @pytest.mark.multirank
 def test_two_ranks_match_one_rank(dpo_recipe, workdir):
     import os
-    import subprocess
 
-    from pipeline.runtime import dist
+    from tests.ports import run_on_free_port
 
     keys = dict(max_steps=3, warmup_steps=0, eval_steps=3, zero_stage=2, val_size=0.2)
     one = train(dpo_recipe(name="one", per_device_train_batch_size=4, **keys))
@@ -149,9 +148,8 @@ def test_two_ranks_match_one_rank(dpo_recipe, workdir):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     launcher = str(Path(os.sys.executable).with_name("deepspeed"))
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(dist.free_port()), "--module",
-                           "pipeline", "train", "two.yaml"], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_on_free_port(lambda port: [launcher, "--num_gpus", "2", "--master_port", port, "--module", "pipeline",
+                                          "train", "two.yaml"], cwd=workdir, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = read_log(one.output_dir / "trainer_log.jsonl")
     b = read_log(workdir / "saves" / "two" / "trainer_log.jsonl")
