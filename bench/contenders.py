@@ -85,7 +85,7 @@ class Ours:
         from bench.workload import resolve_recipe
         from pipeline.data.loaders import make_loader
         from pipeline.model.build import build_model
-        from pipeline.recipe.args import recipe_args
+        from pipeline.recipe.args import recipe_args, train_args
         from pipeline.train.optim import make_optimizer
         from pipeline.train.run import enable_features, exact_steps, seed_everything
         from pipeline.train.schedule import make_scheduler
@@ -96,16 +96,19 @@ class Ours:
         self.r = exact_steps(r, self.loader)
         model = build_model(*recipe_args(self.r))
         enable_features(model, self.r)  # gradient checkpointing per the recipe, as run() does
-        optimizer = make_optimizer(model, self.r)
+        optimizer = make_optimizer(model, train_args(self.r))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               lr_scheduler=make_scheduler(optimizer, self.r), config=self.r.ds_config)
+                                               lr_scheduler=make_scheduler(optimizer, train_args(self.r)),
+                                               config=self.r.ds_config)
 
     def trainer(self, batches: list[dict]) -> Callable[[], None]:
         """A step function: each call is one Trainer.optimizer_step over the next of `batches`."""
         from pipeline.train.checkpoint import TrainState
         from pipeline.train.loop import Trainer, Window
 
-        trainer = Trainer(self.engine, self.r, TrainState(), FixedLoader(batches), evaluate=None,
+        from pipeline.recipe.args import train_args
+
+        trainer = Trainer(self.engine, train_args(self.r), TrainState(), FixedLoader(batches), evaluate=None,
                           save=lambda: None, log=None, stop=None)
         self.last_loss = float("nan")
 

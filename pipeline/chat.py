@@ -29,7 +29,7 @@ def generation_kwargs(r: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dic
 def chosen_weights(r: Mapping[str, Any], choice: str | None) -> Weights | None:
     """The weights `--model` asks for (None: the base model). Without --model: the current tuned weights as
     eval would take them (a stale merged/ is passed over), else the base model."""
-    out = RunLayout.of(r)
+    out = RunLayout.of(r["output_dir"])
     if choice == "base":
         return None
     if choice == "merged":

@@ -52,7 +52,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         merged, check = merge_adapter(r, adapter_dir(r))
     else:
         merged, check = reexport_full(r)
-    target = export(r, merged, Path(r["export_dir"]) if r.get("export_dir") else RunLayout.of(r).merged, check)
+    target = export(r, merged, Path(r["export_dir"]) if r.get("export_dir") else RunLayout.of(r["output_dir"]).merged, check)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     source = "adapter" if r["finetuning_type"] == "lora" else "trained"
     note(f"merged model written to {target} ({r['export_dtype']}); verified on {check.report['samples']} samples,"
@@ -103,7 +103,7 @@ class Check:
 def adapter_dir(r: Mapping[str, Any]) -> Path:
     """The adapter to merge (pipeline.runtime.layout.trained_weights: the one this recipe trained, else
     adapter_name_or_path), or a UserError that says what produces one."""
-    out = RunLayout.of(r)
+    out = RunLayout.of(r["output_dir"])
     found = trained_weights(out, "lora", r["adapter_name_or_path"])
     if found is None:
         given = f" nor at adapter_name_or_path '{r['adapter_name_or_path']}'" if r["adapter_name_or_path"] else ""
@@ -146,8 +146,8 @@ def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
     """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
     from pipeline.model.weights import load_model
 
-    trained = trained_weights(RunLayout.of(r), r["finetuning_type"], None)
-    path = RunLayout.of(r).model
+    trained = trained_weights(RunLayout.of(r["output_dir"]), r["finetuning_type"], None)
+    path = RunLayout.of(r["output_dir"]).model
     if trained is None:
         raise UserError(
             f"{path}: no trained model here (finetuning_type {r['finetuning_type']} writes output_dir/model/)."

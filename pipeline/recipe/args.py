@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
 from pipeline.recipe import spec
+from pipeline.recipe.check import DERIVED_KEYS
 
 if TYPE_CHECKING:  # the model layer imports torch: validate and plan (which use data_args) must not
     from pipeline.model.build import FinetuneArgs, ModelArgs
@@ -71,12 +72,54 @@ class RecipeModel(NamedTuple):
     finetune: FinetuneArgs
 
 
+@dataclass(frozen=True)
+class TrainArgs:
+    """What the training loop, its optimizer, schedule and checkpoints read: batch and step counts (the derived
+    ones as resolve computed them), the optimizer and schedule, the logging / saving / evaluation cadence, the
+    numeric guards and where checkpoints go."""
+
+    stage: str
+    seed: int
+    output_dir: str
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    total_train_batch_size: int | None
+    steps_per_epoch: int | None
+    total_steps: int | None
+    num_warmup_steps: int | None
+    learning_rate: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    lr_scheduler_type: str
+    min_lr_ratio: float
+    l1_lambda: float
+    logging_steps: int
+    save_steps: int
+    save_total_limit: int | None
+    save_only_model: bool
+    eval_strategy: str | None
+    eval_steps: int | None
+    do_eval: bool | None
+    nan_policy: str
+    fp16: bool
+    bf16: bool
+    min_loss_scale: float
+
+
 def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
     """Fill dataclass `cls` from the recipe's keys of the same names (schema defaults for keys a mapping lacks;
-    a null the recipe states is kept: for these groups null means "keep the checkpoint's value")."""
+    a null the recipe states is kept: for these groups null means "keep the checkpoint's value"). A derived key
+    (total_steps, ...) a plain mapping lacks is None: resolve computes it, the schema has no default for it."""
     fallback = spec.defaults()
-    return cls(**{f.name: r[f.name] if f.name in r else fallback[f.name] for f in dataclasses.fields(cls)
-                  if not f.metadata.get(NOT_A_KEY)})
+    return cls(**{f.name: r[f.name] if f.name in r else None if f.name in DERIVED_KEYS else fallback[f.name]
+                  for f in dataclasses.fields(cls) if not f.metadata.get(NOT_A_KEY)})
+
+
+def train_args(r: Mapping[str, Any]) -> TrainArgs:
+    """Resolved recipe (or a plain dict in tests) -> TrainArgs for the loop, optimizer, schedule, checkpoints."""
+    return from_recipe(TrainArgs, r)
 
 
 def where(r: Mapping[str, Any], *keys: str) -> dict[str, str]:

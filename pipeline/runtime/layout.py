@@ -23,7 +23,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
 
 from pipeline.runtime.log import LOG_FILE, PLOT_FILE, RESULTS_FILE
 
@@ -37,8 +36,9 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def of(cls, r: Mapping[str, Any]) -> "RunLayout":
-        return cls(Path(r["output_dir"]))
+    def of(cls, output_dir: str | Path) -> "RunLayout":
+        """The layout under a recipe's output_dir."""
+        return cls(Path(output_dir))
 
     @property
     def resolved_yaml(self) -> Path:

@@ -62,11 +62,13 @@ class Reporters:
     so a killed run keeps what it logged. wandb reads WANDB_MODE (offline), WANDB_PROJECT and its login itself.
     """
 
-    def __init__(self, r: Mapping[str, Any], output_dir: str | Path, *, enabled: bool):
+    def __init__(self, report_to: Any, config: Mapping[str, Any], output_dir: str | Path, *, enabled: bool):
+        """report_to: the recipe's key (a name, a list, "all" or "none"); config: what wandb records as the
+        run's configuration (the resolved recipe as a plain dict)."""
         self.tb = self.wandb_run = None
         if not enabled:
             return
-        wanted = wanted_reporters(r["report_to"])
+        wanted = wanted_reporters(report_to)
         if "tensorboard" in wanted:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -76,7 +78,6 @@ class Reporters:
 
             import wandb
 
-            config = r.to_dict() if hasattr(r, "to_dict") else dict(r)
             self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"),
                                         name=Path(str(output_dir)).name, dir=str(output_dir), config=config)
 
@@ -166,8 +167,8 @@ def running_mean(values: Iterable[float], window: int) -> list[float]:
 def plot_loss(records: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Train (and eval) loss against the optimizer step; None when there is nothing to plot."""
     records = list(records)
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
-    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), (int, float))]
+    train = [(rec["step"], rec["loss"]) for rec in records if isinstance(rec.get("loss"), (int, float))]
+    evals = [(rec["step"], rec["eval_loss"]) for rec in records if isinstance(rec.get("eval_loss"), (int, float))]
     if not train and not evals:
         return None
     import matplotlib

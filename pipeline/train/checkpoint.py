@@ -31,6 +31,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
 from pipeline.io import replace_dir, sha256_file, write_json
+from pipeline.recipe.args import TrainArgs
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
 
@@ -144,13 +145,12 @@ def where(r: Mapping[str, Any], key: str) -> str:
     return f"{origin}: {key}" if origin not in ("default", "derived") else key
 
 
-def find_resume(r: Mapping[str, Any]) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); a UserError when it cannot be used."""
-    value = r["resume_from_checkpoint"]
+def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_from_checkpoint") -> Path | None:
+    """The checkpoint resume_from_checkpoint (`value`; `at`: where it was set) names: None for a fresh run; a
+    UserError when it cannot be used. 'latest' is the newest intact checkpoint in output_dir."""
     if value is None:
         return None
-    at = where(r, "resume_from_checkpoint")
-    output_dir = Path(r["output_dir"])
+    output_dir = Path(output_dir)
     if value == "latest":
         candidates = list_checkpoints(output_dir)
         if not candidates:
@@ -314,18 +314,19 @@ def _fsync_tree(root: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) -> Path:
-    """Write checkpoint-<step>/ (every rank must call this). Returns its path."""
+def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe: Mapping[str, Any]) -> Path:
+    """Write checkpoint-<step>/ (every rank must call this). Returns its path. `recipe` (saved_recipe) is stored
+    beside the step so that a resume can tell which settings changed."""
     from pipeline.train.safestate import save_state
 
-    output_dir = Path(r["output_dir"])
+    output_dir = Path(train.output_dir)
     final = output_dir / f"{PREFIX}{state.global_step}"
     tmp = output_dir / f".{final.name}.tmp-{owner()}"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    only_model = bool(r.get("save_only_model"))
+    only_model = bool(train.save_only_model)
     if not only_model:  # save_only_model: the weights only (no optimizer, scheduler, RNG): not resumable
         engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False,
                                exclude_frozen_parameters=True)
@@ -335,14 +336,14 @@ def save(engine: Any, r: Mapping[str, Any], state: TrainState, exporter: Any) ->
     if dist.is_main():
         for script in deepspeed_compat.HELPER_SCRIPTS:  # DeepSpeed's helpers cannot read these files
             (tmp / script).unlink(missing_ok=True)
-        write_json(tmp / STATE, {**state.to_dict(), "recipe": saved_recipe(r),
+        write_json(tmp / STATE, {**state.to_dict(), "recipe": dict(recipe),
                                  **({"save_only_model": True} if only_model else {})})
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.global_step, "files": files})
         _fsync_tree(tmp)
         # a re-run reaching the same step replaces the old checkpoint: the old or the new one is always there
         replace_dir(tmp, final, output_dir / f".{final.name}.old-{owner()}")
-        prune(output_dir, r["save_total_limit"], keep=final)
+        prune(output_dir, train.save_total_limit, keep=final)
     dist.barrier()
     return final
 

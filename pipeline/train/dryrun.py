@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.recipe.args import TrainArgs, train_args
 from pipeline.runtime import dist
 
 
@@ -79,7 +80,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def report(r: Mapping[str, Any], real_output_dir: str, one: OneStep, finished: float, scratch: Path,
+def report(train: TrainArgs, real_output_dir: str, one: OneStep, finished: float, scratch: Path,
            record: Mapping[str, Any]) -> str:
     """The lines printed at the end of a dry run (rank 0)."""
     import torch
@@ -92,12 +93,12 @@ def report(r: Mapping[str, Any], real_output_dir: str, one: OneStep, finished: f
     lines = [
         "dry run: ok - model load, fine-tuning setup, DeepSpeed initialisation, one optimizer step and a checkpoint"
         " write all worked",
-        f"  first optimizer step: {step_s:.2f} s{loss} ({r['per_device_train_batch_size']} x "
-        f"{r['gradient_accumulation_steps']} micro-batches per rank; includes one-time warm-up)",
+        f"  first optimizer step: {step_s:.2f} s{loss} ({train.per_device_train_batch_size} x "
+        f"{train.gradient_accumulation_steps} micro-batches per rank; includes one-time warm-up)",
         f"  checkpoint write: {save_s:.2f} s{size}",
         f"  peak memory: {peak_rss_mib():,.0f} MiB resident (rank 0 process)"
         + (f", {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB GPU" if torch.cuda.is_available() else ""),
-        f"  whole run: {r['total_steps']:,} steps x {step_s:.2f} s = about {_duration(r['total_steps'] * step_s)}"
+        f"  whole run: {train.total_steps:,} steps x {step_s:.2f} s = about {_duration(train.total_steps * step_s)}"
         " at this step time (an upper bound: later steps skip the warm-up; evaluation and checkpoints add to it)",
         f"  output_dir {real_output_dir} was not touched; the temporary files are removed",
     ]
@@ -117,7 +118,9 @@ def run(r: Any, train: Any) -> int:
 
     dist.init(r.get("ddp_timeout"))
     real_output_dir = str(r["output_dir"])
-    resume = checkpoint.find_resume(r)  # 'latest' is looked up in the real output_dir, which is only read
+    # 'latest' is looked up in the real output_dir, which is only read
+    resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
+                                    checkpoint.where(r, "resume_from_checkpoint"))
     if resume is not None:
         r = r.replace(resume_from_checkpoint=str(resume))
     r, scratch = redirect(r.replace(logging_steps=1))
@@ -127,7 +130,7 @@ def run(r: Any, train: Any) -> int:
         finished = time.monotonic()
         if dist.is_main():
             records = read_log(scratch / "output_dir" / LOG_FILE)
-            print(report(one.recipe or r, real_output_dir, one, finished, scratch, records[-1] if records else {}), flush=True)
+            print(report(train_args(one.recipe or r), real_output_dir, one, finished, scratch, records[-1] if records else {}), flush=True)
         return result.exit_code
     finally:
         cleanup(scratch)

@@ -50,13 +50,10 @@ def verify_tensors(path: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
 class Exporter:
     """Writes adapter/ or model/ under a directory from the engine's fp32 master weights."""
 
-    def __init__(self, engine: Any, r: Mapping[str, Any], build: Callable[[], Any]):
-        self.engine, self.r, self._build = engine, r, build
+    def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any]):
+        self.engine, self._build = engine, build
+        self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self._model: Any = None
-
-    @property
-    def lora(self) -> bool:
-        return self.r["finetuning_type"] == "lora"
 
     def model(self) -> Any:
         """A CPU fp32 copy of the model (rank 0 only), built once without touching the training RNG."""
@@ -84,7 +81,7 @@ class Exporter:
             from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
 
             target = save_adapter(model, RunLayout(directory).adapter,
-                                  {"base_model_name_or_path": str(self.r["model_name_or_path"])})
+                                  {"base_model_name_or_path": self.base})
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
         else:
@@ -93,7 +90,7 @@ class Exporter:
             target = save_model(model, RunLayout(directory).model)
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
-            copy_tokenizer_files(self.r["model_name_or_path"], target)
+            copy_tokenizer_files(self.base, target)
         return target
 
 

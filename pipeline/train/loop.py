@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.data.packing import model_inputs
+from pipeline.recipe.args import TrainArgs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
@@ -138,8 +139,8 @@ def grad_norm(params: list[Any]) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _nonfinite_message(r: Mapping[str, Any], step: int, value: float, engine: Any, skipped: bool = False) -> str:
-    scale = f" (fp16 loss scale {deepspeed_compat.loss_scale(engine):g})" if r["fp16"] else ""
+def _nonfinite_message(fp16: bool, step: int, value: float, engine: Any, skipped: bool = False) -> str:
+    scale = f" (fp16 loss scale {deepspeed_compat.loss_scale(engine):g})" if fp16 else ""
     lead = (f"{MAX_CONSECUTIVE_SKIPS} consecutive micro-batches had a non-finite loss, the last" if skipped
             else "the training loss")
     return (f"{lead} at optimizer step {step} is {value}{scale}; stopped before updating the weights (the last "
@@ -150,12 +151,12 @@ def _nonfinite_message(r: Mapping[str, Any], step: int, value: float, engine: An
 class Trainer:
     """One training run on a DeepSpeed engine; `train()` is the loop."""
 
-    def __init__(self, engine: Any, r: Mapping[str, Any], state: TrainState, loader: Any, *,
+    def __init__(self, engine: Any, train: TrainArgs, state: TrainState, loader: Any, *,
                  evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
                  stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, float]]] | None = None):
-        self.engine, self.r, self.state = engine, r, state
+        self.engine, self.args, self.state = engine, train, state
         self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
-        self.data = BatchStream(loader, state, r["gradient_accumulation_steps"])
+        self.data = BatchStream(loader, state, train.gradient_accumulation_steps)
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.own_grad_norm = not deepspeed_compat.reports_grad_norm(engine)  # then the loop measures it itself
@@ -176,31 +177,32 @@ class Trainer:
             value = float(loss.detach())
             if not dist.any_rank(not math.isfinite(value)):
                 return batch, loss, metrics
-            if self.r["nan_policy"] != "skip":
-                raise UserError(_nonfinite_message(self.r, self.state.global_step + 1, value, self.engine))
+            if self.args.nan_policy != "skip":
+                raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine))
             self.state.skipped_batches += 1  # no backward: nothing of this batch reaches the gradients
             del loss
-        raise UserError(_nonfinite_message(self.r, self.state.global_step + 1, value, self.engine, skipped=True))
+        raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine, skipped=True))
 
     def optimizer_step(self, window: Window) -> float | None:
         """gradient_accumulation_steps micro-batches and one DeepSpeed update; returns the grad norm."""
         own_norm = None
         window.lr = float(self.engine.get_lr()[0])  # the rate this update uses (the scheduler steps after it)
-        l1_lambda = self.r["l1_lambda"]
-        for _ in range(self.r["gradient_accumulation_steps"]):
+        l1_lambda = self.args.l1_lambda
+        accumulation = self.args.gradient_accumulation_steps
+        for _ in range(accumulation):
             batch, loss, metrics = self.micro_batch()
             for key, value in metrics.items():
-                window.extra[key] = window.extra.get(key, 0.0) + value / self.r["gradient_accumulation_steps"]
+                window.extra[key] = window.extra.get(key, 0.0) + value / accumulation
             total = loss
             if l1_lambda:
                 penalty = l1_penalty(self.params, l1_lambda)
                 total = loss + penalty
-                window.l1 += float(penalty.detach()) / self.r["gradient_accumulation_steps"]
+                window.l1 += float(penalty.detach()) / accumulation
             self.engine.backward(total)
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 own_norm = grad_norm(self.params)
             self.engine_step()
-            window.loss += float(loss.detach()) / self.r["gradient_accumulation_steps"]
+            window.loss += float(loss.detach()) / accumulation
             tokens, trained = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
             window.tokens += tokens
             window.trained_tokens += trained
@@ -218,7 +220,7 @@ class Trainer:
                 raise
             raise UserError(
                 f"fp16 gradients overflowed at optimizer step {self.state.global_step + 1} even at the minimum loss "
-                f"scale {deepspeed_compat.loss_scale(self.engine)} (min_loss_scale {self.r['min_loss_scale']}): "
+                f"scale {deepspeed_compat.loss_scale(self.engine)} (min_loss_scale {self.args.min_loss_scale}): "
                 "the loss is diverging. "
                 "Try a lower learning_rate, max_grad_norm 1.0, a lower min_loss_scale, or bf16 on GPUs that have it"
             ) from None
@@ -228,8 +230,8 @@ class Trainer:
         """Runs to total_steps; returns 'done', or 'stopped' after a signal (a checkpoint is saved either way)."""
         from tqdm import tqdm
 
-        r, state = self.r, self.state
-        total = r["total_steps"]
+        args, state = self.args, self.state
+        total = args.total_steps
         first_step, started = state.global_step, time.monotonic()
         window = Window()
         bar = tqdm(total=total, initial=first_step, desc="train", unit="step", file=sys.stderr,
@@ -242,18 +244,18 @@ class Trainer:
                 bar.update(1)
                 step, last = state.global_step, state.global_step == total
                 record: dict[str, Any] = {}
-                if step % r["logging_steps"] == 0 or last:
+                if step % args.logging_steps == 0 or last:
                     record.update(self.train_metrics(window, norm, started, first_step))
                     window = Window()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
-                if self.evaluate is not None and eval_due(r, step, last):
+                if self.evaluate is not None and eval_due(args, step, last):
                     record.update(self.evaluate())
                 if record:
                     record = {"step": step, "epoch": round(self.data.epoch_float, 4), **record}
                     self.log.write(record)
                     self.last_record.update(record)
                 stopping = self.stop.requested()
-                if step % r["save_steps"] == 0 or stopping:
+                if step % args.save_steps == 0 or stopping:
                     self.flush_tokens()
                     self.save()
                     self.last_saved_step = step
@@ -273,7 +275,7 @@ class Trainer:
         self._unflushed = [0, 0]
 
     def train_metrics(self, window: Window, norm: float | None, started: float, first_step: int) -> dict[str, Any]:
-        r, state = self.r, self.state
+        args, state = self.args, self.state
         names = list(window.extra)  # the same on every rank: one objective
         loss, l1, tokens, trained, *extra = dist.all_sum([window.loss, window.l1, window.tokens,
                                                           window.trained_tokens, *window.extra.values()])
@@ -292,35 +294,35 @@ class Trainer:
             "tokens_seen": state.tokens_seen,
             "trained_tokens_seen": state.trained_tokens_seen,
             "elapsed": round(elapsed, 3),
-            "eta": round(elapsed / max(done, 1) * (r["total_steps"] - state.global_step), 3),
+            "eta": round(elapsed / max(done, 1) * (args.total_steps - state.global_step), 3),
         }
         record.update({name: value / world / window.steps for name, value in zip(names, extra)})
-        if r["l1_lambda"]:
+        if args.l1_lambda:
             record["l1"] = l1 / world / window.steps
-        if r["fp16"]:
+        if args.fp16:
             record["loss_scale"] = deepspeed_compat.loss_scale(self.engine)
         if state.skipped_batches:
             record["skipped_batches"] = state.skipped_batches
         return record
 
 
-def eval_due(r: Mapping[str, Any], step: int, last: bool) -> bool:
+def eval_due(train: TrainArgs, step: int, last: bool) -> bool:
     """Whether to evaluate after optimizer step `step`: eval_strategy (LLaMA-Factory's), then do_eval at the end.
 
     eval_strategy null: every eval_steps when set; no: never during training; steps: every eval_steps (else
     every logging_steps, as transformers does); epoch: at each epoch end. The last step evaluates unless
     do_eval is false.
     """
-    strategy, every = r.get("eval_strategy"), r["eval_steps"]
+    strategy, every = train.eval_strategy, train.eval_steps
     if strategy == "steps":
-        due = step % (every or r["logging_steps"]) == 0
+        due = step % (every or train.logging_steps) == 0
     elif strategy == "epoch":
-        due = bool(r["steps_per_epoch"]) and step % r["steps_per_epoch"] == 0
+        due = bool(train.steps_per_epoch) and step % train.steps_per_epoch == 0
     elif strategy == "no":
         due = False
     else:
         due = bool(every) and step % every == 0
-    return due or (last and r.get("do_eval") is not False)
+    return due or (last and train.do_eval is not False)
 
 
 def evaluate(engine: Any, loader: Any) -> dict[str, float]:

@@ -6,7 +6,9 @@ this optimizer (fp32 master weights under bf16/fp16, ZeRO partitioning) and step
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
+
+from pipeline.recipe.args import TrainArgs
 
 
 def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
@@ -19,11 +21,12 @@ def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float) -
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(model: Any, r: Mapping[str, Any]) -> Any:
+def make_optimizer(model: Any, train: TrainArgs) -> Any:
+    """AdamW over the trainable parameters, weight decay on matrices only (param_groups)."""
     import torch
 
-    groups = param_groups(model.named_parameters(), r["weight_decay"])
+    groups = param_groups(model.named_parameters(), train.weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=r["learning_rate"], betas=(r["adam_beta1"], r["adam_beta2"]),
-                             eps=r["adam_epsilon"], weight_decay=r["weight_decay"])
+    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                             eps=train.adam_epsilon, weight_decay=train.weight_decay)

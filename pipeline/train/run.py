@@ -56,7 +56,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     from pipeline.data.loaders import count_examples, make_loader
     from pipeline.model.build import build_model
-    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, evaluate
@@ -67,7 +67,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     check_ds_config(r)
     if dist.is_main():
         precision_notice(r)
-    resume = checkpoint.find_resume(r)
+    resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
+                                    checkpoint.where(r, "resume_from_checkpoint"))
     notices = checkpoint.check_compatible(r, resume) if resume is not None else []
 
     seed_everything(r["seed"])
@@ -83,8 +84,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
     check_contiguous(model)
-    optimizer = make_optimizer(model, r)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, r),
+    args = train_args(r)
+    optimizer = make_optimizer(model, args)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, args),
                                       config=r.ds_config)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
     objective = preference_objective(r, engine) if r["stage"] == "dpo" else None
@@ -97,15 +99,17 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         for notice in notices:
             print(notice, file=sys.stderr, flush=True)
 
-    exporter = Exporter(engine, r, lambda: quietly(build_model, *recipe_args(r)))
+    exporter = Exporter(engine, r["model_name_or_path"], r["finetuning_type"],
+                        lambda: quietly(build_model, *recipe_args(r)))
+    saved = checkpoint.saved_recipe(r)
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
-                   reporters=Reporters(r, output_dir, enabled=dist.is_main()))
+                   reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main()))
     with one_step or StopRequest() as stop:
         evaluate_now = None
         if val_loader is not None:
             evaluate_now = (lambda: objective.evaluate(val_loader)) if objective else (lambda: evaluate(engine, val_loader))
-        trainer = Trainer(engine, r, state, loader, evaluate=evaluate_now,
-                          save=lambda: checkpoint.save(engine, r, state, exporter), log=log, stop=stop,
+        trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
+                          save=lambda: checkpoint.save(engine, args, state, exporter, saved), log=log, stop=stop,
                           objective=objective)
         if resume is not None:
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
@@ -122,7 +126,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                 return TrainResult(stop.exit_code, engine, state, output_dir)
             if trainer.last_saved_step != state.global_step:
                 trainer.flush_tokens()
-                checkpoint.save(engine, r, state, exporter)
+                checkpoint.save(engine, args, state, exporter, saved)
             final = exporter.write(output_dir)
         except Exception as err:
             if not peer_died(err):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any
+
+from pipeline.recipe.args import TrainArgs
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -28,10 +30,10 @@ def lr_factor(step: int, *, kind: str, total_steps: int, warmup_steps: int = 0, 
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
-def make_scheduler(optimizer: Any, r: Mapping[str, Any]) -> Any:
+def make_scheduler(optimizer: Any, train: TrainArgs) -> Any:
     """A torch LambdaLR following the recipe's schedule; DeepSpeed steps it once per optimizer step."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    factor = functools.partial(lr_factor, kind=r["lr_scheduler_type"], total_steps=r["total_steps"],
-                               warmup_steps=r["num_warmup_steps"] or 0, min_lr_ratio=r["min_lr_ratio"])
+    factor = functools.partial(lr_factor, kind=train.lr_scheduler_type, total_steps=train.total_steps,
+                               warmup_steps=train.num_warmup_steps or 0, min_lr_ratio=train.min_lr_ratio)
     return LambdaLR(optimizer, factor)

@@ -258,10 +258,11 @@ def test_report_to_wandb_offline(tmp_path):
 
 
 def test_eval_due():
+    from pipeline.recipe.args import train_args
     from pipeline.train.loop import eval_due
 
     base = {"eval_steps": None, "logging_steps": 2, "steps_per_epoch": 3, "do_eval": None, "eval_strategy": None}
-    due = lambda **k: [s for s in range(1, 7) if eval_due({**base, **k}, s, s == 6)]  # noqa: E731
+    due = lambda **k: [s for s in range(1, 7) if eval_due(train_args({**base, **k}), s, s == 6)]  # noqa: E731
     assert due() == [6]
     assert due(eval_steps=4) == [4, 6]
     assert due(eval_strategy="steps") == [2, 4, 6]  # every logging_steps without eval_steps

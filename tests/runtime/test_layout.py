@@ -33,7 +33,7 @@ def test_paths_are_the_documented_ones(tmp_path):
         "resolved.yaml", "ds_config.json", "trainer_log.jsonl", "training_loss.png", "all_results.json",
         "adapter", "model", "merged", "eval"]
     assert out.trained_dir("lora") == tmp_path / "adapter" and out.trained_dir("freeze") == tmp_path / "model"
-    assert RunLayout.of({"output_dir": "saves/x"}).root == Path("saves/x")
+    assert RunLayout.of("saves/x").root == Path("saves/x")
 
 
 def test_trained_adapter_comes_before_the_starting_one(tmp_path):

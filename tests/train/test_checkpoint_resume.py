@@ -17,6 +17,12 @@ from pipeline.train.run import train
 from tests.train.helpers import BASE_PT, BASE_SFT
 
 
+def find_resume(r):
+    """The checkpoint a resolved recipe resumes from, as train finds it."""
+    return checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
+                                  checkpoint.where(r, "resume_from_checkpoint"))
+
+
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Deliver a real SIGTERM to this process right after optimizer step `step`."""
     original = Trainer.optimizer_step
@@ -110,18 +116,18 @@ def test_latest_skips_a_damaged_checkpoint_and_an_explicit_one_is_refused(make_r
     r = make_recipe(max_steps=4, save_steps=2, warmup_steps=0)
     out = train(r).output_dir
     damage(out / "checkpoint-4")
-    found = checkpoint.find_resume(make_recipe(max_steps=4, save_steps=2, warmup_steps=0,
+    found = find_resume(make_recipe(max_steps=4, save_steps=2, warmup_steps=0,
                                                resume_from_checkpoint="latest"))
     assert found == out / "checkpoint-2"
     assert "checkpoint-4" in capsys.readouterr().err
     with pytest.raises(UserError) as err:
-        checkpoint.find_resume(make_recipe(max_steps=4, resume_from_checkpoint=str(out / "checkpoint-4")))
+        find_resume(make_recipe(max_steps=4, resume_from_checkpoint=str(out / "checkpoint-4")))
     message = err.value.messages[0]
     assert "run.yaml:" in message and "resume_from_checkpoint" in message  # where the value came from
     assert "adapter_model.safetensors does not match its sha256" in message
     (out / "checkpoint-2" / "manifest.json").unlink()
     with pytest.raises(UserError, match="every checkpoint .* is damaged"):
-        checkpoint.find_resume(make_recipe(max_steps=4, resume_from_checkpoint="latest"))
+        find_resume(make_recipe(max_steps=4, resume_from_checkpoint="latest"))
 
 
 def test_resume_needs_a_checkpoint_and_a_compatible_recipe(make_recipe):

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pipeline.recipe.args import train_args
 from pipeline.errors import UserError
 from pipeline.recipe import resolve
 from pipeline.train.checkpoint import TrainState
@@ -132,7 +133,7 @@ class StubLoader:
 def stub_trainer(engine, **keys):
     r = {"gradient_accumulation_steps": 1, "l1_lambda": 0.0, "nan_policy": "stop", "fp16": True,
          "min_loss_scale": 1, "total_steps": 4, **keys}
-    return Trainer(engine, r, TrainState(global_step=2), StubLoader(), evaluate=None, save=lambda: None, log=None,
+    return Trainer(engine, train_args(r), TrainState(global_step=2), StubLoader(), evaluate=None, save=lambda: None, log=None,
                    stop=None)
 
 

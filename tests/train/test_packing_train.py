@@ -18,6 +18,12 @@ from tests.train.test_checkpoint_resume import interrupt_after, tensors
 PACKED = dict(BASE_SFT, cutoff_len=128, neat_packing=True, packing=True)
 
 
+def find_resume(r):
+    """The checkpoint a resolved recipe resumes from, as train finds it."""
+    return checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
+                                  checkpoint.where(r, "resume_from_checkpoint"))
+
+
 def _params(result) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in result.engine.module.named_parameters() if p.requires_grad}
 
@@ -80,7 +86,7 @@ def test_resume_refuses_a_changed_packing(make_recipe, monkeypatch):
         train(make_recipe(PACKED, name="r", **keys))
     r = make_recipe(BASE_SFT, name="r", cutoff_len=128, resume_from_checkpoint="latest", **keys)
     with pytest.raises(UserError, match="packing is false but .* was trained with true"):
-        checkpoint.check_compatible(r, checkpoint.find_resume(r))
+        checkpoint.check_compatible(r, find_resume(r))
 
 
 def test_neat_packing_needs_a_model_that_keeps_examples_apart(make_recipe):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from pipeline.recipe.args import train_args
 from pipeline.train.optim import make_optimizer, param_groups
 from pipeline.train.schedule import lr_factor, make_scheduler
 
@@ -35,7 +36,7 @@ def test_unknown_schedule_is_refused():
 def recipe(**keys):
     base = dict(learning_rate=1e-3, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
                 lr_scheduler_type="cosine", total_steps=6, num_warmup_steps=2, min_lr_ratio=0.0)
-    return {**base, **keys}
+    return train_args({**base, **keys})
 
 
 def test_scheduler_drives_the_optimizer_lr_step_by_step():
