@@ -24,13 +24,9 @@ ALLOWED: dict[str, set[str] | None] = {
     "pipeline/validate.py": None,
     "pipeline/chat.py": None,
     "pipeline/merge.py": None,
-    "pipeline/evaluate/run.py": None,
-    "pipeline/evaluate/report.py": None,
-    "pipeline/evaluate/preference.py": None,
+    "pipeline/evaluate/run.py": {"run", "tuned_model", "_recipe"},
     "pipeline/train/run.py": None,
     "pipeline/train/dryrun.py": {"run"},
-    "pipeline/train/preference.py": None,
-    "pipeline/model/preference.py": None,
     # resume compares the whole recipe with the one a checkpoint saved: which keys changed, and where they are set
     "pipeline/train/checkpoint.py": {"where", "saved_recipe", "training_data", "check_compatible", "apply_changes"},
 }

@@ -19,17 +19,19 @@ from typing import Any, Mapping
 import torch
 from tqdm import tqdm
 
-from pipeline.recipe.args import data_args
-from pipeline.model.preference import PairLogps, PrefConfig, pair_logps, preference_loss
+from pipeline.data.args import DataArgs
+from pipeline.model.build import ModelArgs
+from pipeline.model.preference import PairLogps, pair_logps, preference_loss
+from pipeline.recipe.args import PreferenceArgs
 
 
 @torch.no_grad()
-def split_logps(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, world: int = 1,
+def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world: int = 1,
                 label: str = "") -> PairLogps:
     """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
 
-    loader = pair_loader(data_args(r), "val", rank=0, world_size=1, shuffle=False)
+    loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
     local: dict[int, list[list[float]]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
@@ -56,29 +58,28 @@ def chosen_loss(scores: PairLogps) -> tuple[float, int, int]:
     return float(-scores.chosen.sum()), int(scores.chosen_tokens.sum()), len(scores.chosen)
 
 
-def reference_logps(r: Mapping[str, Any], scores: Mapping[str, PairLogps], *, rank: int = 0,
-                    world: int = 1, device: torch.device | str = "cpu") -> PairLogps | None:
+def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, scores: Mapping[str, PairLogps], *,
+                    rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> PairLogps | None:
     """The reference's log-probabilities as in training: ref_model, else the base model (already scored when
     eval_base is on); None for orpo / simpo."""
-    if not PrefConfig.from_recipe(r).needs_reference:
+    if not pref.loss_config().needs_reference:
         return None
-    if r["ref_model"] is None and "base" in scores:
+    if pref.ref_model is None and "base" in scores:
         return scores["base"]
-    if r["ref_model"] is not None:
+    if pref.ref_model is not None:
         from pipeline.model.weights import load_model
 
-        model = load_model(r["ref_model"], seed=int(r["seed"])).to(device).eval()
+        model = load_model(pref.ref_model, seed=int(base.seed)).to(device).eval()
     else:
         from pipeline.model.build import load_for_inference
-        from pipeline.recipe.args import recipe_args
 
-        model = load_for_inference(recipe_args(r).model, "base", device=device)
-    return split_logps(model, r, rank=rank, world=world, label="reference")
+        model = load_for_inference(base, "base", device=device)
+    return split_logps(model, data, rank=rank, world=world, label="reference")
 
 
-def summary(scores: PairLogps, reference: PairLogps | None, r: Mapping[str, Any]) -> dict[str, Any]:
+def summary(scores: PairLogps, reference: PairLogps | None, pref: PreferenceArgs) -> dict[str, Any]:
     """One model's preference metrics for metrics.json."""
-    losses, metrics = preference_loss(scores, reference, PrefConfig.from_recipe(r))
+    losses, metrics = preference_loss(scores, reference, pref.loss_config())
     margin = scores.chosen - scores.rejected
     return {
         "preference_accuracy": float((margin > 0).double().mean()),

@@ -276,21 +276,21 @@ def select_examples(rows: Sequence[Mapping[str, Any]], k: int = EXAMPLES_PER_SEC
 
     Sections may share an example (a small eval set has few to show). Ties go to the lower index.
     """
-    scored = [r for r in rows if "tuned_scores" in r]
+    scored = [row for row in rows if "tuned_scores" in row]
 
-    def tuned(r: Mapping) -> float:
-        return r["tuned_scores"][PRIMARY]
+    def tuned(row: Mapping) -> float:
+        return row["tuned_scores"][PRIMARY]
 
     sections = {
-        "Best (highest tuned F1)": sorted(scored, key=lambda r: (-tuned(r), r["index"]))[:k],
-        "Worst (lowest tuned F1)": sorted(scored, key=lambda r: (tuned(r), r["index"]))[:k],
+        "Best (highest tuned F1)": sorted(scored, key=lambda row: (-tuned(row), row["index"]))[:k],
+        "Worst (lowest tuned F1)": sorted(scored, key=lambda row: (tuned(row), row["index"]))[:k],
     }
-    if scored and all("base_scores" in r for r in scored):
-        def change(r: Mapping) -> float:
-            return tuned(r) - r["base_scores"][PRIMARY]
+    if scored and all("base_scores" in row for row in scored):
+        def change(row: Mapping) -> float:
+            return tuned(row) - row["base_scores"][PRIMARY]
 
-        changed = [r for r in scored if change(r) != 0 or r["tuned_prediction"] != r["base_prediction"]]
-        sections["Changed most from base to tuned"] = sorted(changed, key=lambda r: (-abs(change(r)), r["index"]))[:k]
+        changed = [row for row in scored if change(row) != 0 or row["tuned_prediction"] != row["base_prediction"]]
+        sections["Changed most from base to tuned"] = sorted(changed, key=lambda row: (-abs(change(row)), row["index"]))[:k]
     return {title: chosen for title, chosen in sections.items() if chosen}
 
 

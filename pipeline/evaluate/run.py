@@ -28,8 +28,11 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report
+from pipeline.model.build import ModelArgs
 from pipeline.model.weights import note
-from pipeline.recipe.args import GenerationArgs, data_args
+from pipeline.data.args import DataArgs
+from pipeline.data.registry import dataset_names
+from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.runtime.layout import RunLayout, current_weights, describe
 
 
@@ -37,35 +40,37 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     rank, world = _init_distributed()
     out = Path(r["output_dir"])
     tuned = tuned_model(r)
-    sft = r["stage"] in ("sft", "dpo")  # generation metrics (dpo: against the chosen responses)
-    dpo = r["stage"] == "dpo"
-    rows = _generation_rows(r) if sft else []
+    data, ev, gen, pref = data_args(r), eval_args(r), GenerationArgs.from_recipe(r), preference_args(r)
+    sft = ev.stage in ("sft", "dpo")  # generation metrics (dpo: against the chosen responses)
+    dpo = ev.stage == "dpo"
+    rows = _generation_rows(data, ev) if sft else []
     pair_scores: dict[str, Any] = {}
     models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
 
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
     for name, which in models:
-        model = load_model_for_eval(r, which, _device())
+        model = load_model_for_eval(recipe_args(r).model, which, _device())
         if dpo:  # loss = NLL of the chosen responses; the pairs' log-probs for the preference metrics
-            pair_scores[name] = preference.split_logps(model, r, rank=rank, world=world, label=name)
+            pair_scores[name] = preference.split_logps(model, data, rank=rank, world=world, label=name)
             loss_sum, tokens, loss_examples = preference.chosen_loss(pair_scores[name])
         else:
-            loss_sum, tokens, loss_examples = split_loss(model, r, rank=rank, world=world, label=name)
+            loss_sum, tokens, loss_examples = split_loss(model, data, ev, rank=rank, world=world, label=name)
         if sft:
-            predictions[name] = generate_predictions(model, r, rows, rank=rank, world=world, label=name)
+            predictions[name] = generate_predictions(model, data, gen, ev, rows, rank=rank, world=world, label=name)
         if rank == 0:
             refs = [row["output"] for row in rows] if sft else None
             results[name] = report.model_summary(loss_sum, tokens, predictions.get(name), refs)
         del model
     if dpo:
-        reference = preference.reference_logps(r, pair_scores, rank=rank, world=world, device=_device())
+        reference = preference.reference_logps(pref, recipe_args(r).model, data, pair_scores, rank=rank, world=world,
+                                               device=_device())
         if rank == 0:
             for name in results:
-                results[name].update(preference.summary(pair_scores[name], reference, r))
+                results[name].update(preference.summary(pair_scores[name], reference, pref))
 
     if rank == 0:
-        prompts = [_prompt_text(r, row) for row in rows]
+        prompts = [_prompt_text(data, row) for row in rows]
         rows_out = report.prediction_rows(prompts, [row["output"] for row in rows], predictions) if sft else None
         metrics = {
             "run_name": Path(str(getattr(r, "recipe_path", out.name))).stem,
@@ -74,10 +79,10 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "stage": r["stage"],
             "base_model": str(r["model_name_or_path"]),
             "tuned_model": tuned.description,
-            "data": _data_description(r),
+            "data": _data_description(data),
             "n_examples": len(rows) if sft else None,
             "loss_examples": loss_examples,
-            "decoding": decoding_settings(r) if sft else None,
+            "decoding": decoding_settings(gen, ev) if sft else None,
             "world_size": world,
             "training": report.read_training_results(out),
             "results": results,
@@ -111,12 +116,10 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))
 
 
-def load_model_for_eval(r: Mapping[str, Any], which: Tuned | None, device: torch.device) -> torch.nn.Module:
+def load_model_for_eval(model: ModelArgs, which: Tuned | None, device: torch.device) -> torch.nn.Module:
     """The base model (which=None) or the tuned one, in eval mode on `device`."""
     from pipeline.model.build import load_for_inference
-    from pipeline.recipe.args import recipe_args
 
-    model = recipe_args(r).model
     if which is None:
         return load_for_inference(model, "base", device=device)
     return load_for_inference(model, which.kind, which.path, device=device)
@@ -128,7 +131,7 @@ def _recipe(r: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- loss and perplexity
 @torch.no_grad()
-def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, world: int = 1,
+def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: int = 0, world: int = 1,
                label: str = "") -> tuple[float, int, int]:
     """(sum of token cross-entropies, trained tokens, examples) over the val split, training's batches and masks.
 
@@ -138,13 +141,13 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
     from pipeline.data.loaders import make_loader
     from pipeline.data.packing import model_inputs
 
-    loader = make_loader(data_args(r), "val", rank=0, world_size=1, shuffle=False)
+    loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     mine = range(rank, len(loader), world)
     for k in tqdm(mine, desc=f"{label} loss", unit="batch", disable=rank != 0, leave=False):
         batch = loader.batch(k)
-        with _autocast(r, device):
+        with _autocast(ev, device):
             loss_sum, n = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), reduction="sum",
                                 **{k: v.to(device) for k, v in model_inputs(batch).items()})
         total += float(loss_sum)
@@ -158,60 +161,62 @@ def split_loss(model: torch.nn.Module, r: Mapping[str, Any], *, rank: int = 0, w
 
 
 # ---------------------------------------------------------------- generation
-def _generation_rows(r: Mapping[str, Any]) -> list[dict]:
+def _generation_rows(data: DataArgs, ev: EvalArgs) -> list[dict]:
+    """The val rows generation is scored on (dpo: the chosen response as the reference), max_eval_samples first."""
     from pipeline.data.load import load_split
 
-    rows = load_split(data_args(r), "val")
+    rows = load_split(data, "val")
     if not rows:
         raise UserError("the val split is empty: nothing to evaluate; set val_size > 0 (and `make data`) or name"
                         " an eval_dataset")
-    if r["stage"] == "dpo":  # generation is scored against the chosen response
+    if ev.stage == "dpo":  # generation is scored against the chosen response
         rows = [{**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "output": row["chosen"]}
                 for row in rows]
-    cap = r["max_eval_samples"]
+    cap = ev.max_eval_samples
     return rows[:cap] if cap else rows
 
 
-def _prompt_text(r: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+def _prompt_text(data: DataArgs, row: Mapping[str, Any]) -> str:
     """The prompt as the model sees it (decoded from the ids, markup tokens included)."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
 
-    tokenizer = recipe_tokenizer(data_args(r))
-    return tokenizer.decode(_prompt_ids(r, row, tokenizer))
+    tokenizer = recipe_tokenizer(data)
+    return tokenizer.decode(_prompt_ids(data, row, tokenizer))
 
 
-def _prompt_ids(r: Mapping[str, Any], row: Mapping[str, Any], tokenizer: Any) -> list[int]:
+def _prompt_ids(data: DataArgs, row: Mapping[str, Any], tokenizer: Any) -> list[int]:
     from pipeline.data.tokenize import encode_prompt
 
-    return encode_prompt(r["template"], row["instruction"], row.get("input") or "", row.get("system"),
-                         row.get("history") or (), tokenizer=tokenizer, enable_thinking=r.get("enable_thinking", True))
+    return encode_prompt(data.template, row["instruction"], row.get("input") or "", row.get("system"),
+                         row.get("history") or (), tokenizer=tokenizer, enable_thinking=data.enable_thinking)
 
 
-def decoding_settings(r: Mapping[str, Any]) -> dict[str, Any]:
+def decoding_settings(gen: GenerationArgs, ev: EvalArgs) -> dict[str, Any]:
     """The decoding keys the report records (the template's stop words are token ids: Template.stop_ids)."""
-    return {**GenerationArgs.from_recipe(r).settings(), "batch_size": r["per_device_eval_batch_size"]}
+    return {**gen.settings(), "batch_size": ev.per_device_eval_batch_size}
 
 
-def generate_predictions(model: torch.nn.Module, r: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], *,
+def generate_predictions(model: torch.nn.Module, data: DataArgs, gen: GenerationArgs, ev: EvalArgs,
+                         rows: Sequence[Mapping[str, Any]], *,
                          rank: int = 0, world: int = 1, label: str = "") -> list[str]:
     """One completion per row (all rows on rank 0 after gathering; other ranks get an empty list)."""
     from pipeline.data.templates import get_template
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.model.generate import cut_at_stop, generate
 
-    tokenizer, gen = recipe_tokenizer(data_args(r)), GenerationArgs.from_recipe(r)
+    tokenizer = recipe_tokenizer(data)
     stops = list(gen.stop_strings)
-    stop_ids = get_template(r["template"]).stop_ids(tokenizer)
+    stop_ids = get_template(data.template).stop_ids(tokenizer)
     mine = list(range(rank, len(rows), world))
-    prompts = {i: _prompt_ids(r, rows[i], tokenizer) for i in mine}
+    prompts = {i: _prompt_ids(data, rows[i], tokenizer) for i in mine}
     order = sorted(mine, key=lambda i: (len(prompts[i]), i))  # similar lengths together: less padding
-    size = r["per_device_eval_batch_size"]
+    size = ev.per_device_eval_batch_size
     device = next(model.parameters()).device
     local: dict[int, str] = {}
     with tqdm(total=len(order), desc=f"{label} generate", unit="ex", disable=rank != 0, leave=False) as bar:
         for start in range(0, len(order), size):
             chunk = order[start:start + size]
-            with _autocast(r, device):
+            with _autocast(ev, device):
                 kwargs = {**gen.generate_kwargs(), "seed": gen.seed + chunk[0]}
                 new = generate(model, [prompts[i] for i in chunk], **kwargs, tokenizer=tokenizer, eos_id=None,
                                stop_ids=stop_ids, pad_id=tokenizer.pad_id)
@@ -259,17 +264,17 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _autocast(r: Mapping[str, Any], device: torch.device):
+def _autocast(ev: EvalArgs, device: torch.device):
     """bf16/fp16 compute on CUDA when the recipe trains that way; fp32 otherwise (CPU evaluation)."""
-    dtype = torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else None
+    dtype = torch.bfloat16 if ev.bf16 else torch.float16 if ev.fp16 else None
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
 # ---------------------------------------------------------------- text
-def _data_description(r: Mapping[str, Any]) -> str:
-    if r["eval_dataset"]:
-        return f"eval_dataset {', '.join(r['eval_dataset'])}"
-    return f"val split of {', '.join(r['dataset'])}"
+def _data_description(data: DataArgs) -> str:
+    if data.eval_dataset:
+        return f"eval_dataset {', '.join(dataset_names(data, 'eval_dataset'))}"
+    return f"val split of {', '.join(dataset_names(data, 'dataset'))}"
 
 
 def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str:

@@ -23,7 +23,6 @@ metrics (pipeline.evaluate.preference) use the same formulas from here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +41,6 @@ class PrefConfig:
     ftx: float = 0.0
     label_smoothing: float = 0.0
     gamma: float = 0.5
-
-    @classmethod
-    def from_recipe(cls, r: Mapping[str, Any]) -> "PrefConfig":
-        return cls(loss=r["pref_loss"], beta=float(r["pref_beta"]), ftx=float(r["pref_ftx"]),
-                   label_smoothing=float(r["dpo_label_smoothing"]), gamma=float(r["simpo_gamma"]))
 
     @property
     def needs_reference(self) -> bool:

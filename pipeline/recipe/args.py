@@ -17,6 +17,7 @@ from pipeline.recipe.check import DERIVED_KEYS
 
 if TYPE_CHECKING:  # the model layer imports torch: validate and plan (which use data_args) must not
     from pipeline.model.build import FinetuneArgs, ModelArgs
+    from pipeline.model.preference import PrefConfig
 
 
 def _value(r: Mapping[str, Any], key: str) -> Any:
@@ -108,6 +109,38 @@ class TrainArgs:
     min_loss_scale: float
 
 
+@dataclass(frozen=True)
+class EvalArgs:
+    """What eval reads besides the data, model and decoding groups: which models, how many rows, the batch size and
+    the precision of its forward passes."""
+
+    stage: str
+    eval_base: bool
+    max_eval_samples: int | None
+    per_device_eval_batch_size: int
+    bf16: bool
+    fp16: bool
+
+
+@dataclass(frozen=True)
+class PreferenceArgs:
+    """stage dpo: the preference loss and its coefficients, and the reference model (null: the starting model)."""
+
+    pref_loss: str
+    pref_beta: float
+    pref_ftx: float
+    dpo_label_smoothing: float
+    simpo_gamma: float
+    ref_model: str | None
+
+    def loss_config(self) -> PrefConfig:
+        """The model layer's loss settings (pipeline.model.preference.preference_loss)."""
+        from pipeline.model.preference import PrefConfig
+
+        return PrefConfig(loss=self.pref_loss, beta=float(self.pref_beta), ftx=float(self.pref_ftx),
+                          label_smoothing=float(self.dpo_label_smoothing), gamma=float(self.simpo_gamma))
+
+
 def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
     """Fill dataclass `cls` from the recipe's keys of the same names (schema defaults for keys a mapping lacks;
     a null the recipe states is kept: for these groups null means "keep the checkpoint's value"). A derived key
@@ -115,6 +148,16 @@ def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
     fallback = spec.defaults()
     return cls(**{f.name: r[f.name] if f.name in r else None if f.name in DERIVED_KEYS else fallback[f.name]
                   for f in dataclasses.fields(cls) if not f.metadata.get(NOT_A_KEY)})
+
+
+def eval_args(r: Mapping[str, Any]) -> EvalArgs:
+    """Resolved recipe (or a plain dict in tests) -> EvalArgs for pipeline.evaluate."""
+    return from_recipe(EvalArgs, r)
+
+
+def preference_args(r: Mapping[str, Any]) -> PreferenceArgs:
+    """Resolved recipe (or a plain dict in tests) -> PreferenceArgs for stage dpo's training and evaluation."""
+    return from_recipe(PreferenceArgs, r)
 
 
 def train_args(r: Mapping[str, Any]) -> TrainArgs:

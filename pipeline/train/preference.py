@@ -13,7 +13,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model.preference import PrefConfig, pair_logps, preference_loss
+from pipeline.model.preference import pair_logps, preference_loss
+from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
 
 # ---------------------------------------------------------------------------------------------- the reference
@@ -68,56 +69,55 @@ class ModelReference:
         return token_nll(self.model, batch)
 
 
-def build_reference(r: Mapping[str, Any], engine: Any) -> AdapterReference | ModelReference | None:
-    """The reference the recipe asks for (None for orpo / simpo), placed and partitioned like the policy."""
-    cfg = PrefConfig.from_recipe(r)
-    if not cfg.needs_reference:
+def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
+                    zero3_config: Mapping[str, Any] | None = None,
+                    dtype: torch.dtype = torch.float32) -> AdapterReference | ModelReference | None:
+    """The reference the recipe asks for (None for orpo / simpo), placed and partitioned like the policy: on the
+    policy's device in `dtype`, or under ZeRO-3 (zero3_config: the run's DeepSpeed config) an engine of its own."""
+    if not pref.loss_config().needs_reference:
         return None
-    if r["ref_model"] is None and r["finetuning_type"] == "lora":
+    if pref.ref_model is None and models.finetune.finetuning_type == "lora":
         return AdapterReference(engine)
     import dataclasses
 
     from pipeline.model.build import apply_finetuning_type, load_base
-    from pipeline.recipe.args import recipe_args
 
-    if r["ref_model"] is not None:
+    if pref.ref_model is not None:
         from pipeline.model.weights import load_model
 
-        model = load_model(r["ref_model"], seed=int(r["seed"]))
-        check_vocabulary(model, engine.module, r)
-        description = f"ref_model {r['ref_model']}"
+        model = load_model(pref.ref_model, seed=int(models.model.seed))
+        check_vocabulary(model, engine.module, pref.ref_model, models.model.model_name_or_path)
+        description = f"ref_model {pref.ref_model}"
     else:
         # the starting weights as the policy gets them (an adapter_name_or_path folded in), not trained
-        args = recipe_args(r)
-        model = apply_finetuning_type(load_base(args.model, dropout=False),
-                                      dataclasses.replace(args.finetune, finetuning_type="full"))
+        model = apply_finetuning_type(load_base(models.model, dropout=False),
+                                      dataclasses.replace(models.finetune, finetuning_type="full"))
         description = "the starting model (a frozen copy)"
     model.requires_grad_(False).eval()
-    return ModelReference(_place(model, r, engine), description)
+    return ModelReference(_place(model, engine, zero3_config, dtype), description)
 
 
-def check_vocabulary(ref: torch.nn.Module, policy: torch.nn.Module, r: Mapping[str, Any]) -> None:
+def check_vocabulary(ref: torch.nn.Module, policy: torch.nn.Module, ref_model: str, policy_name: str) -> None:
     ref_vocab, vocab = ref.cfg.vocab_size, policy.cfg.vocab_size
     if ref_vocab != vocab:
-        raise UserError(f"ref_model {r['ref_model']}: a vocabulary of {ref_vocab:,} tokens, but the policy "
-                        f"({r['model_name_or_path']}) has {vocab:,}; the reference must score the same tokens")
+        raise UserError(f"ref_model {ref_model}: a vocabulary of {ref_vocab:,} tokens, but the policy "
+                        f"({policy_name}) has {vocab:,}; the reference must score the same tokens")
 
 
-def _place(model: torch.nn.Module, r: Mapping[str, Any], engine: Any) -> Any:
+def _place(model: torch.nn.Module, engine: Any, zero3_config: Mapping[str, Any] | None, dtype: torch.dtype) -> Any:
     """On the policy's device and dtype; under ZeRO-3 a DeepSpeed engine of its own (partitioned, no optimizer)."""
-    if r["zero_stage"] == 3:
+    if zero3_config is not None:
         import copy
 
         import deepspeed
 
-        config = copy.deepcopy(r.ds_config)
+        config = copy.deepcopy(dict(zero3_config))
         for key in ("optimizer", "scheduler"):
             config.pop(key, None)
         config.get("zero_optimization", {}).pop("offload_optimizer", None)
         ref_engine, *_ = deepspeed.initialize(model=model, config=config)
         ref_engine.eval()
         return ref_engine
-    dtype = torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else torch.float32
     return model.to(device=engine.device, dtype=dtype)
 
 
@@ -126,8 +126,8 @@ def _place(model: torch.nn.Module, r: Mapping[str, Any], engine: Any) -> Any:
 class PreferenceObjective:
     """What the trainer calls per micro-batch for stage dpo: (mean loss over the pairs, metric means)."""
 
-    def __init__(self, r: Mapping[str, Any], engine: Any, reference: Any):
-        self.cfg = PrefConfig.from_recipe(r)
+    def __init__(self, pref: PreferenceArgs, engine: Any, reference: Any):
+        self.cfg = pref.loss_config()
         self.engine = engine
         self.reference = reference
 

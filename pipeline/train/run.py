@@ -142,13 +142,19 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
 def preference_objective(r: Any, engine: Any) -> Any:
     """stage dpo: the preference loss with its reference (pipeline.train.preference)."""
+    import torch
+
+    from pipeline.recipe.args import preference_args, recipe_args
     from pipeline.train.preference import PreferenceObjective, build_reference
 
-    reference = build_reference(r, engine)
+    pref = preference_args(r)
+    dtype = torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else torch.float32
+    reference = build_reference(pref, recipe_args(r), engine, dtype=dtype,
+                                zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
     if dist.is_main():
         what = reference.description if reference is not None else "none (reference-free loss)"
-        print(f"dpo: pref_loss {r['pref_loss']}, pref_beta {r['pref_beta']}; reference: {what}", file=sys.stderr)
-    return PreferenceObjective(r, engine, reference)
+        print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}; reference: {what}", file=sys.stderr)
+    return PreferenceObjective(pref, engine, reference)
 
 
 # ---------------------------------------------------------------------------------------------- before training

@@ -36,6 +36,7 @@ from pipeline.data.tokenizer import gpt2  # noqa: E402
 from pipeline.model.lora import load_adapter  # noqa: E402
 from pipeline.model.preference import pair_logps  # noqa: E402
 from pipeline.model.weights import load_model  # noqa: E402
+from pipeline.recipe.args import preference_args, recipe_args  # noqa: E402
 from pipeline.train.preference import PreferenceObjective, build_reference, token_nll  # noqa: E402
 from tests.train.helpers import WORDS  # noqa: E402
 
@@ -113,7 +114,8 @@ def ours(root: Path, batch: dict, loss: str) -> tuple[float, dict[str, float], o
     engine = Engine(model)
     r = {"pref_loss": loss, "pref_beta": BETA, "pref_ftx": 0.0, "dpo_label_smoothing": 0.0, "simpo_gamma": GAMMA,
          "ref_model": None, "finetuning_type": "lora"}
-    objective = PreferenceObjective(r, engine, build_reference(r, engine))
+    pref = preference_args(r)
+    objective = PreferenceObjective(pref, engine, build_reference(pref, recipe_args(r), engine))
     value, metrics = objective(batch)
     return float(value.detach()), metrics, objective
 

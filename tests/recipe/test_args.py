@@ -29,9 +29,12 @@ def test_every_group_field_is_a_schema_key():
 
     from pipeline.data.args import NOT_A_KEY, DataArgs
     from pipeline.model.build import FinetuneArgs, ModelArgs
+    from pipeline.recipe.args import EvalArgs, PreferenceArgs, TrainArgs
+    from pipeline.recipe.check import DERIVED_KEYS
 
-    keys = set(spec.schema()["properties"])
-    bad = [f"{group.__name__}.{f.name}" for group in (ModelArgs, FinetuneArgs, GenerationArgs, DataArgs)
+    keys = set(spec.schema()["properties"]) | set(DERIVED_KEYS)  # derived: resolve computes them
+    groups = (ModelArgs, FinetuneArgs, GenerationArgs, DataArgs, TrainArgs, EvalArgs, PreferenceArgs)
+    bad = [f"{group.__name__}.{f.name}" for group in groups
            for f in dataclasses.fields(group) if f.name not in keys and not f.metadata.get(NOT_A_KEY)]
     assert not bad, f"not schema keys: {bad}"
 
@@ -43,3 +46,12 @@ def test_data_args_fill_from_the_schema_and_keep_provenance():
     defaults = spec.defaults()
     assert data.cutoff_len == 77 and data.template == defaults["template"] and data.seed == defaults["seed"]
     assert data.source("dataset") == "recipe key 'dataset'"
+
+
+def test_the_loss_config_defaults_are_the_schema_defaults():
+    """pipeline.model.preference.PrefConfig keeps defaults for direct use in tests of the losses; they must be
+    the recipe's."""
+    from pipeline.model.preference import PrefConfig
+    from pipeline.recipe.args import preference_args
+
+    assert preference_args({}).loss_config() == PrefConfig()
