@@ -20,11 +20,12 @@ from bench import common, workload
 
 def child(recipe_path: str, workers: int) -> dict[str, Any]:
     from pipeline.data.build import build
+    from pipeline.recipe.args import data_args
 
     r = workload.resolve_recipe(Path(recipe_path), command="build")
     r = r.replace(preprocessing_num_workers=workers)
     t0 = time.perf_counter()
-    build(r)
+    build(data_args(r))
     return {"seconds": time.perf_counter() - t0}
 
 

@@ -96,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                                     val_size=max(0.005, 2 * batch / rows))
     recipe = workload.write_recipe(workdir / "sft.yaml", keys)
     from pipeline.data.build import build
+    from pipeline.recipe.args import data_args
 
-    build(workload.resolve_recipe(recipe))
+    build(data_args(workload.resolve_recipe(recipe)))
     log = workdir / "packing.log"
     results = common.rounds(
         {name: (lambda k, name=name: common.run_child("bench.packing:child", {"name": name, "recipe": str(recipe),

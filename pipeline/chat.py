@@ -11,25 +11,24 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from pipeline.errors import UserError
-from pipeline.model.build import load_for_inference
+from pipeline.model.build import FinetuneArgs, load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
 from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, value
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
 
 
-def generation_kwargs(r: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> dict[str, Any]:
+def generation_kwargs(gen: GenerationArgs, stop_ids: Sequence[int] = ()) -> dict[str, Any]:
     """The recipe's generation keys as generate() arguments (plus the template's stop ids, when given)."""
-    kwargs = GenerationArgs.from_recipe(r).generate_kwargs()
+    kwargs = gen.generate_kwargs()
     if stop_ids:
         kwargs["stop_ids"] = tuple(stop_ids)
     return kwargs
 
 
-def chosen_weights(r: Mapping[str, Any], choice: str | None) -> Weights | None:
+def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None) -> Weights | None:
     """The weights `--model` asks for (None: the base model). Without --model: the current tuned weights as
     eval would take them (a stale merged/ is passed over), else the base model."""
-    out = RunLayout.of(r["output_dir"])
     if choice == "base":
         return None
     if choice == "merged":
@@ -38,13 +37,13 @@ def chosen_weights(r: Mapping[str, Any], choice: str | None) -> Weights | None:
             raise UserError(f"--model merged: no merged model at {out.merged}; produce it with `make merge` "
                             "(python -m pipeline merge RECIPE), or use --model adapter")
         return weights
-    trained = trained_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+    trained = trained_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
     if choice == "adapter":
         if trained is None:
-            raise UserError(f"--model adapter: nothing at {out.trained_dir(r['finetuning_type'])}; produce it with "
+            raise UserError(f"--model adapter: nothing at {out.trained_dir(ft.finetuning_type)}; produce it with "
                             "`make train` (python -m pipeline train RECIPE), or set adapter_name_or_path")
         return trained
-    return current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+    return current_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
 
 
 def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
@@ -60,10 +59,10 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         from pipeline.data.templates import get_template
 
         template = get_template(r["template"])
-    weights = chosen_weights(r, getattr(args, "model", None))
+    weights = chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, getattr(args, "model", None))
     model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)))
     tokenizer = recipe_tokenizer(data_args(r))
-    kwargs = generation_kwargs(r, template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
+    kwargs = generation_kwargs(GenerationArgs.from_recipe(r), template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
     def complete(text: str, history: list[tuple[str, str]]) -> str:
         if template is None:

@@ -34,7 +34,9 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.weights import DTYPES, note
-from pipeline.recipe.args import GenerationArgs, data_args
+from pipeline.data.args import DataArgs
+from pipeline.model.build import ModelArgs
+from pipeline.recipe.args import ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, recipe_args
 from pipeline.runtime.layout import RunLayout, trained_weights
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
@@ -48,15 +50,20 @@ MAX_SAMPLE_TOKENS = 256
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
-    if r["finetuning_type"] == "lora":
-        merged, check = merge_adapter(r, adapter_dir(r))
+    """`python -m pipeline merge RECIPE`: the run's adapter folded into the base (full / freeze: the trained model
+    re-exported), verified, written to output_dir/merged (or export_dir) in the Hugging Face layout."""
+    models, data, ex = recipe_args(r), data_args(r), export_args(r)
+    out = RunLayout.of(r["output_dir"])
+    lora = models.finetune.finetuning_type == "lora"
+    if lora:
+        merged, check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
-        merged, check = reexport_full(r)
-    target = export(r, merged, Path(r["export_dir"]) if r.get("export_dir") else RunLayout.of(r["output_dir"]).merged, check)
+        merged, check = reexport_full(models, data, ex, out, _recipe(r))
+    target = export(merged, Path(ex.export_dir) if ex.export_dir else out.merged, check, ex,
+                    GenerationArgs.from_recipe(r), recipe_tokenizer(data))
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
-    source = "adapter" if r["finetuning_type"] == "lora" else "trained"
-    note(f"merged model written to {target} ({r['export_dtype']}); verified on {check.report['samples']} samples,"
-         f" max relative logit error vs the {source} model: {errors}")
+    note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
+         f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
     return 0
 
 
@@ -72,18 +79,19 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                         "export_dir: saves/merged; to merge a run of this recipe into output_dir/merged use "
                         "`python -m pipeline merge`")
     target = Path(r["export_dir"])
+    models, data, ex = recipe_args(r), data_args(r), export_args(r)
     if r["adapter_name_or_path"]:
-        merged, check = merge_adapter(r, Path(r["adapter_name_or_path"]))
+        merged, check = merge_adapter(models.model, data, ex, Path(r["adapter_name_or_path"]))
         source = f"adapter {r['adapter_name_or_path']}"
     else:
-        merged = _load_base(r)
-        samples = validation_samples(r, merged.cfg.context_length)
+        merged = _load_base(models.model, ex)
+        samples = validation_samples(data, merged.cfg.context_length)
         reference = _logits(merged, samples)
         check = Check({"source": str(r["model_name_or_path"]), "samples": len(samples), "logits": {"fp32": 0.0},
                        "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}, samples, reference)
         _check_cast(merged, check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
-    export(r, merged, target, check)
+    export(merged, target, check, ex, GenerationArgs.from_recipe(r), recipe_tokenizer(data))
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
@@ -119,75 +127,76 @@ def _recipe(r: Mapping[str, Any]) -> str:
     return str(getattr(r, "recipe_path", None) or "<recipe>")
 
 
-def _load_base(r: Mapping[str, Any]) -> nn.Module:
+def _load_base(base: ModelArgs, ex: ExportArgs) -> nn.Module:
     from pipeline.model.build import load_for_inference
-    from pipeline.recipe.args import recipe_args
 
-    device = "cuda" if r.get("export_device") == "auto" and torch.cuda.is_available() else "cpu"
-    model = load_for_inference(recipe_args(r).model, "base", device=device)  # export_device cpu (default): exact, and any size fits
+    device = "cuda" if ex.export_device == "auto" and torch.cuda.is_available() else "cpu"
+    model = load_for_inference(base, "base", device=device)  # export_device cpu (default): exact, and any size fits
     return model.float().eval()
 
 
-def merge_adapter(r: Mapping[str, Any], path: Path) -> tuple[nn.Module, Check]:
+def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path) -> tuple[nn.Module, Check]:
     """(merged fp32 model, verification report); raises UserError when the merge is not the adapter model."""
     from pipeline.model import lora
 
-    adapted = _load_base(r)
+    adapted = _load_base(base, ex)
     lora.load_adapter(adapted, path)
     adapted.eval()
-    samples = validation_samples(r, adapted.cfg.context_length)
+    samples = validation_samples(data, adapted.cfg.context_length)
     merged = copy.deepcopy(adapted)
     lora.merge_lora(merged)
     merged.eval()
-    return merged, verify_merge(adapted, merged, samples, r["export_dtype"], source=str(path))
+    return merged, verify_merge(adapted, merged, samples, ex.export_dtype, source=str(path))
 
 
-def reexport_full(r: Mapping[str, Any]) -> tuple[nn.Module, Check]:
+def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout,
+                  recipe: str) -> tuple[nn.Module, Check]:
     """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
     from pipeline.model.weights import load_model
 
-    trained = trained_weights(RunLayout.of(r["output_dir"]), r["finetuning_type"], None)
-    path = RunLayout.of(r["output_dir"]).model
+    kind = models.finetune.finetuning_type
+    trained = trained_weights(out, kind, None)
+    path = out.model
     if trained is None:
         raise UserError(
-            f"{path}: no trained model here (finetuning_type {r['finetuning_type']} writes output_dir/model/)."
-            f" `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it."
+            f"{path}: no trained model here (finetuning_type {kind} writes output_dir/model/)."
+            f" `make train RECIPE={recipe}` (python -m pipeline train) produces it."
         )
     model = load_model(path).float().eval()
-    base_state = _load_base(r).state_dict()
-    samples = validation_samples(r, model.cfg.context_length)
+    base_state = _load_base(models.model, ex).state_dict()
+    samples = validation_samples(data, model.cfg.context_length)
     changed = {n: (p, base_state[n]) for n, p in model.state_dict().items()
                if n in base_state and base_state[n].shape == p.shape and not torch.equal(base_state[n], p)}
     if not changed:
-        raise UserError(f"{path}: every weight equals the base model's ({r['model_name_or_path']}); the"
+        raise UserError(f"{path}: every weight equals the base model's ({models.model.model_name_or_path}); the"
                         " training run did not change the model (learning_rate 0? zero steps?)")
     reference = _logits(model, samples)
     report = {"source": str(path), "samples": len(samples), "tokens": sum(len(s) for s in samples),
               "changed_tensors": len(changed), "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
     check = Check(report, samples, reference)
-    _check_cast(model, check, r["export_dtype"], changed)
+    _check_cast(model, check, ex.export_dtype, changed)
     return model, check
 
 
 # ---------------------------------------------------------------- samples
-def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[int]]:
+def validation_samples(data: DataArgs, context_length: int) -> list[list[int]]:
     """A few real token sequences as training sees them (val split, else train); fixed tokens when there is no data."""
     from pipeline.data.tokenize import pt_stream, tokenized_split
 
     limit = min(context_length, MAX_SAMPLE_TOKENS)
-    for split in ("val", "train") if r.get("dataset") else ():
+    for split in ("val", "train") if data.dataset else ():
         try:
-            if r["stage"] == "pt":
-                stream = pt_stream(data_args(r), split)
+            if data.stage == "pt":
+                stream = pt_stream(data, split)
                 samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
-            elif r["stage"] == "dpo":
+            elif data.stage == "dpo":
                 from pipeline.data.pairs import tokenized_pairs
 
-                data = tokenized_pairs(data_args(r), split).chosen
-                samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]
+                examples = tokenized_pairs(data, split).chosen
+                samples = [examples.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(examples)))]
             else:
-                data = tokenized_split(data_args(r), split)
-                samples = [data.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(data)))]
+                examples = tokenized_split(data, split)
+                samples = [examples.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(examples)))]
         except UserError:
             samples = []
         samples = [s for s in samples if s]
@@ -195,7 +204,8 @@ def validation_samples(r: Mapping[str, Any], context_length: int) -> list[list[i
             return samples
     note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random tokens")
     gen = torch.Generator().manual_seed(0)
-    return [torch.randint(0, recipe_tokenizer(data_args(r)).n_vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
+    vocab = recipe_tokenizer(data).n_vocab
+    return [torch.randint(0, vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]
 
 
 # ---------------------------------------------------------------- verification
@@ -346,7 +356,8 @@ def _check_cast(model: nn.Module, check: Check, export_dtype: str,
 
 
 # ---------------------------------------------------------------- export
-def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -> Path:
+def export(model: nn.Module, target: Path, check: Check, ex: ExportArgs, gen: GenerationArgs,
+           tokenizer: Tokenizer) -> Path:
     """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory.
 
     The written files are loaded back and checked against the reference logits before the directory
@@ -354,11 +365,10 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
     """
     from pipeline.model.weights import load_model, save_hf, shard_bytes_from_gb
 
-    dtype = r["export_dtype"]
-    tokenizer = recipe_tokenizer(data_args(r))
-    generation = generation_config(r, tokenizer)
+    dtype = ex.export_dtype
+    generation = generation_config(gen, tokenizer)
     with atomic_dir(target) as tmp:
-        save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(r["export_size"]),
+        save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(ex.export_size),
                 special={k: v for k, v in generation.items() if k.endswith("_token_id")})
         written = load_model(tmp).eval()
         err = _rel_error(_logits(written, check.samples), check.reference)
@@ -373,9 +383,8 @@ def export(r: Mapping[str, Any], model: nn.Module, target: Path, check: Check) -
     return target
 
 
-def generation_config(r: Mapping[str, Any], tokenizer: Tokenizer) -> dict[str, Any]:
+def generation_config(gen: GenerationArgs, tokenizer: Tokenizer) -> dict[str, Any]:
     """transformers' generate() defaults: the tokenizer's BOS / stop ids / pad, and the recipe's decoding settings."""
-    gen = GenerationArgs.from_recipe(r)
     stops = list(tokenizer.stop_ids)
     config: dict[str, Any] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
                               "pad_token_id": tokenizer.pad_id,

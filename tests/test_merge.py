@@ -10,10 +10,12 @@ from safetensors import safe_open
 from torch import nn
 
 from pipeline import merge
+from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
 from pipeline.model import lora as L
 from pipeline.model.families import GPT2
 from pipeline.model.weights import load_model, save_hf
+from pipeline.recipe.args import GenerationArgs, data_args, export_args
 
 SAMPLES = [[464, 3290, 318, 257, 1332, 13], [15496, 11, 466, 345, 588, 8887, 30]]  # real GPT-2 token ids
 
@@ -122,7 +124,9 @@ def _export(tmp_path, dtype="fp32", size=5, model=None):
     merged = copy.deepcopy(model)
     L.merge_lora(merged)
     check = merge.verify_merge(model, merged, SAMPLES, dtype)
-    target = merge.export({**RECIPE, "export_dtype": dtype, "export_size": size}, merged, tmp_path / "merged", check)
+    recipe = {**RECIPE, "export_dtype": dtype, "export_size": size}
+    target = merge.export(merged, tmp_path / "merged", check, export_args(recipe), GenerationArgs.from_recipe(recipe),
+                          recipe_tokenizer(data_args(recipe)))
     return model, target
 
 

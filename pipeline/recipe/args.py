@@ -141,6 +141,17 @@ class PreferenceArgs:
                           label_smoothing=float(self.dpo_label_smoothing), gamma=float(self.simpo_gamma))
 
 
+@dataclass(frozen=True)
+class ExportArgs:
+    """How merge and export write the Hugging Face model: where (export_dir, null: output_dir/merged), in which
+    dtype, in shards of what size, merged on which device."""
+
+    export_dir: str | None
+    export_dtype: str
+    export_size: float
+    export_device: str
+
+
 def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
     """Fill dataclass `cls` from the recipe's keys of the same names (schema defaults for keys a mapping lacks;
     a null the recipe states is kept: for these groups null means "keep the checkpoint's value"). A derived key
@@ -158,6 +169,11 @@ def eval_args(r: Mapping[str, Any]) -> EvalArgs:
 def preference_args(r: Mapping[str, Any]) -> PreferenceArgs:
     """Resolved recipe (or a plain dict in tests) -> PreferenceArgs for stage dpo's training and evaluation."""
     return from_recipe(PreferenceArgs, r)
+
+
+def export_args(r: Mapping[str, Any]) -> ExportArgs:
+    """Resolved recipe (or a plain dict in tests) -> ExportArgs for merge and export."""
+    return from_recipe(ExportArgs, r)
 
 
 def train_args(r: Mapping[str, Any]) -> TrainArgs:

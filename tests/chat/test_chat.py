@@ -12,7 +12,8 @@ from pipeline import chat
 from pipeline.data.templates import get_template
 from pipeline.data.tokenizer import gpt2
 from pipeline.model.build import load_for_inference
-from pipeline.recipe.args import recipe_args
+from pipeline.recipe.args import GenerationArgs, recipe_args
+from pipeline.runtime.layout import RunLayout
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import load_model
 
@@ -29,7 +30,7 @@ def args(**kw):
 
 def expected(r, text):
     model = load_for_inference(recipe_args(r).model, "base", device="cpu")
-    return generate_text(model, gpt2(), text, **chat.generation_kwargs(r, [50256]))
+    return generate_text(model, gpt2(), text, **chat.generation_kwargs(GenerationArgs.from_recipe(r), [50256]))
 
 
 def test_prompt_prints_only_the_templated_completion(tmp_path, capsys):
@@ -76,7 +77,7 @@ def test_interactive_loop_until_empty_line(tmp_path, capsys, monkeypatch):
 
 
 def test_generation_kwargs_carry_stop_strings_and_ids():
-    kw = chat.generation_kwargs({"stop_strings": ["###", "###"], "max_new_tokens": 3}, (7, 9))
+    kw = chat.generation_kwargs(GenerationArgs.from_recipe({"stop_strings": ["###", "###"], "max_new_tokens": 3}), (7, 9))
     assert kw["stop_strings"] == ["###"] and kw["stop_ids"] == (7, 9)
     assert kw["max_new_tokens"] == 3 and kw["do_sample"] is False
 
@@ -107,11 +108,11 @@ def test_model_choice_follows_the_run_layout(tmp_path, capsys):
 
     r = recipe(tmp_path)
     out = tmp_path / "out"
-    assert chat.chosen_weights(r, None) is None and chat.chosen_weights(r, "base") is None
+    assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, None) is None and chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "base") is None
     with pytest.raises(UserError, match="make train"):
-        chat.chosen_weights(r, "adapter")
+        chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "adapter")
     with pytest.raises(UserError, match="make merge"):
-        chat.chosen_weights(r, "merged")
+        chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "merged")
     (out / "merged").mkdir(parents=True)
     (out / "merged" / "config.json").write_text("{}")
     (out / "adapter").mkdir()
@@ -119,6 +120,6 @@ def test_model_choice_follows_the_run_layout(tmp_path, capsys):
         (out / "adapter" / name).write_text("{}")
     old = (out / "merged" / "config.json").stat().st_mtime - 100
     os.utime(out / "merged" / "config.json", (old, old))  # trained again after the merge
-    assert chat.chosen_weights(r, None).kind == "adapter"
+    assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, None).kind == "adapter"
     assert "is older than" in capsys.readouterr().err
-    assert chat.chosen_weights(r, "merged").kind == "merged"
+    assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "merged").kind == "merged"

@@ -48,10 +48,10 @@ def fake_training(r) -> None:
     from pipeline.data.build import build
     from pipeline.model import lora as L
     from pipeline.model.build import build_model
-    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.args import data_args, recipe_args
     from pipeline.model.weights import save_model
 
-    build(r)
+    build(data_args(r))
     model = build_model(*recipe_args(r))
     gen = torch.Generator().manual_seed(123)
     with torch.no_grad():

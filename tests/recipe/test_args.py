@@ -29,11 +29,12 @@ def test_every_group_field_is_a_schema_key():
 
     from pipeline.data.args import NOT_A_KEY, DataArgs
     from pipeline.model.build import FinetuneArgs, ModelArgs
-    from pipeline.recipe.args import EvalArgs, PreferenceArgs, TrainArgs
+    from pipeline.recipe.args import EvalArgs, ExportArgs, PreferenceArgs, TrainArgs
     from pipeline.recipe.check import DERIVED_KEYS
 
     keys = set(spec.schema()["properties"]) | set(DERIVED_KEYS)  # derived: resolve computes them
-    groups = (ModelArgs, FinetuneArgs, GenerationArgs, DataArgs, TrainArgs, EvalArgs, PreferenceArgs)
+    groups = (ModelArgs, FinetuneArgs, GenerationArgs, DataArgs, TrainArgs, EvalArgs, PreferenceArgs,
+              ExportArgs)
     bad = [f"{group.__name__}.{f.name}" for group in groups
            for f in dataclasses.fields(group) if f.name not in keys and not f.metadata.get(NOT_A_KEY)]
     assert not bad, f"not schema keys: {bad}"

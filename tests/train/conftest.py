@@ -43,6 +43,7 @@ def make_recipe(workdir: Path) -> Callable[..., Any]:
     """make_recipe(base, name=..., **keys) -> Resolved for `train` (data built on first use)."""
     from pipeline.data.build import build
     from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
 
     def make(base: dict[str, Any] = BASE_SFT, name: str = "run", **keys: Any) -> Any:
         values = {**base, "output_dir": f"saves/{name}", **keys}
@@ -52,7 +53,7 @@ def make_recipe(workdir: Path) -> Callable[..., Any]:
         path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
         r = resolve(path, [], command="train", env={**os.environ, "WORLD_SIZE": "1", "RANK": "0",
                                                     "LOCAL_RANK": "0"})
-        build(r)
+        build(data_args(r))
         return resolve(path, [], command="train", env={**os.environ, "WORLD_SIZE": "1", "RANK": "0",
                                                        "LOCAL_RANK": "0"})
 
