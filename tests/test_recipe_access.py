@@ -4,16 +4,18 @@ settings").
 A stage's command reads the resolved recipe once and turns it into small frozen groups
 (pipeline/recipe/args.py); every function below it takes a group or plain values, so its signature says
 what it depends on. This walks the syntax of every module outside the allow-list and fails on a recipe
-read by key: `r["key"]`, `r.get("key")`, `self.r[...]` (r, recipe and resolved are the names the recipe
-travels under).
+read by key: `r["key"]`, `r.get("key")`, `self.r[...]`, or a schema key as an attribute (`r.cutoff_len`, which
+a Resolved also answers); r, recipe and resolved are the names the recipe travels under.
 """
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_NAMES = {"r", "recipe", "resolved"}
+KEYS = set(json.loads((ROOT / "pipeline/recipe/schema/recipe.schema.json").read_text(encoding="utf-8"))["properties"])
 
 # Where reading the recipe by key is the job: the recipe layer itself (load, resolve, rules, plan, DeepSpeed
 # config, the argument groups), the command line, and the stage commands that build the groups (None: the
@@ -42,6 +44,8 @@ def _is_recipe(node: ast.AST) -> bool:
 def _is_read(node: ast.AST) -> bool:
     if isinstance(node, ast.Subscript):
         return _is_recipe(node.value)
+    if isinstance(node, ast.Attribute) and node.attr in KEYS:
+        return _is_recipe(node.value)
     return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
             and _is_recipe(node.func.value))
 
@@ -58,9 +62,9 @@ def recipe_reads(source: str, allowed: set[str] | frozenset[str] = frozenset()) 
 
 def test_the_check_sees_every_form_of_a_recipe_read():
     source = ('a = r["lr"]\nb = r.get("seed", 1)\nc = self.r["stage"]\nd = recipe[key]\ne = data.cutoff_len\n'
-              'def entry(r):\n    return r["stage"]\n')
-    assert [line for line, _ in recipe_reads(source)] == [1, 2, 3, 4, 7]
-    assert [line for line, _ in recipe_reads(source, {"entry"})] == [1, 2, 3, 4]
+              'def entry(r):\n    return r["stage"]\nf = r.cutoff_len\ng = r.replace(seed=1)\n')
+    assert [line for line, _ in recipe_reads(source)] == [1, 2, 3, 4, 7, 8]
+    assert [line for line, _ in recipe_reads(source, {"entry"})] == [1, 2, 3, 4, 8]
 
 
 def test_library_code_does_not_read_the_recipe_by_key():
