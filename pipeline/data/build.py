@@ -264,7 +264,7 @@ def clean(rows: list[dict], stage: str, num_samples: int | None, max_samples: in
             answer = (row["chosen"], row["rejected"]) if stage == "dpo" else row["output"]
             key = (row["instruction"], row["input"], answer) if len(row) == 3 else (
                 row["instruction"], row["input"], answer, row.get("system", ""),
-                tuple(map(tuple, row.get("history", ()))))
+                tuple(map(tuple, row.get("history", ()))), row.get("tools", ""), tuple(row.get("roles", ())))
         if key in seen:
             removed["exact duplicate"] += 1
             continue

@@ -20,7 +20,8 @@ from pipeline.data.registry import load_schema
 from pipeline.errors import UserError
 
 SAMPLE = 2000
-ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history", "tools", "roles")
+PROMPT_ROLES, RESPONSE_ROLES = ("user", "observation"), ("assistant", "function")
 
 
 def row_ok(row: Any) -> bool:
@@ -40,7 +41,24 @@ def row_ok(row: Any) -> bool:
         for pair in history:
             if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str or type(pair[1]) is not str:
                 return False
+        if type(row.get("tools", "")) is not str or ("roles" in row and _roles_problem(row)):
+            return False
     return True
+
+
+def _roles_problem(row: dict) -> str | None:
+    """Why a row's roles do not name its turns (one role per turn, prompt and response sides alternating)."""
+    roles, history = row.get("roles"), row.get("history", [])
+    if type(roles) is not list or type(history) is not list:
+        return None  # the schema's message says it
+    turns = 2 * (len(history) + 1)
+    if len(roles) != turns:
+        return f"has {len(roles)} roles for {turns} turns (history, instruction and output); expected one per turn"
+    for i, role in enumerate(roles):
+        side = RESPONSE_ROLES if i % 2 else PROMPT_ROLES
+        if role not in side:
+            return f"[{i}] is {role!r}; expected {' or '.join(side)} ({'a response' if i % 2 else 'a prompt'})"
+    return None
 
 
 def pair_ok(row: Any) -> bool:
@@ -95,6 +113,10 @@ def row_messages(row: Any, schema_name: str) -> list[tuple[str, str]]:
             out.append((field, f"has {len(err.instance)} items; expected [instruction, response]"))
         else:
             out.append((field, err.message))
+    if not out and isinstance(row, dict) and "roles" in row:
+        problem = _roles_problem(row)
+        if problem:
+            out.append(("roles", problem))
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.data.problems import Problems
 from pipeline.data.registry import DatasetSpec
+from pipeline.data.templates import tool_refusal
 from pipeline.data.sources import Table
 from pipeline.errors import did_you_mean
 
@@ -111,7 +112,8 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
         convert = lambda rec: _sharegpt(rec, spec)  # noqa: E731
     else:
         needed = {"prompt": cols["prompt"], "response": cols["response"]}
-        convert = lambda rec: _alpaca(rec, cols)  # noqa: E731
+        tools_column = cols["tools"] if "tools" in spec.given_columns else None
+        convert = lambda rec: _alpaca(rec, cols, tools_column)  # noqa: E731
     if table.header is not None:  # a table: a missing column is one problem for the file, not one per row
         missing = [(k, c) for k, c in needed.items() if c not in table.header]
         for key, column in missing:
@@ -131,10 +133,10 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
     return rows
 
 
-def _alpaca(rec: dict, cols: dict[str, str]) -> dict:
+def _alpaca(rec: dict, cols: dict[str, str], tools_column: str | None = None) -> dict:
     ins, inp, out = rec.get(cols["prompt"]), rec.get(cols["query"], ""), rec.get(cols["response"])
     if (type(ins) is str and type(inp) is str and type(out) is str and cols["system"] not in rec
-            and cols["history"] not in rec):  # the common row: three strings, nothing else to check
+            and cols["history"] not in rec and tools_column not in rec):  # the common row: three strings
         if ins.isascii() and inp.isascii() and out.isascii() and "\r" not in ins and "\r" not in out \
                 and "\r" not in inp:
             return {"instruction": ins, "input": inp, "output": out}
@@ -144,17 +146,33 @@ def _alpaca(rec: dict, cols: dict[str, str]) -> dict:
         "input": _field(rec, cols["query"], "input", False),
         "output": _field(rec, cols["response"], "output", True),
     }
-    return _with_context(row, rec, cols)
+    return _with_context(row, rec, cols, tools_column)
 
 
-def _with_context(row: dict, rec: dict, cols: dict[str, str]) -> dict:
-    """The row plus its optional system prompt and history (alpaca form, single rows and pairs alike)."""
+def _with_context(row: dict, rec: dict, cols: dict[str, str], tools_column: str | None = None) -> dict:
+    """The row plus its optional system prompt, history and tool descriptions (alpaca form)."""
     system = _field(rec, cols["system"], "system", False)
     if system:
         row["system"] = system
     history = _history(rec.get(cols["history"]), cols["history"])
     if history:
         row["history"] = history
+    return _with_tools(row, rec, tools_column)
+
+
+def _with_tools(row: dict, rec: dict, column: str | None) -> dict:
+    """The row plus "tools" (the JSON text of the function schemas) when the entry names a tools column and the
+    record has a non-empty value there, as LLaMA-Factory reads it (a string)."""
+    if column is None:
+        return row
+    tools = _field(rec, column, "tools", False)
+    if tools:
+        from pipeline.data.tools import tools_problem
+
+        problem = tools_problem(tools)
+        if problem:
+            raise _RowError(f"{_name(column, 'tools')} {problem}")
+        row["tools"] = tools
     return row
 
 
@@ -201,6 +219,9 @@ def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:
     if isinstance(turns, list):
         rec = {**rec, column: [*turns, {role_tag: assistant, content_tag: ""}]}
     row = _sharegpt(rec, spec)
+    if "roles" in row or "tools" in row:
+        raise _RowError("function-calling turns or tools in preference data are not supported (stage dpo trains on "
+                        "user/assistant conversations); remove them or train this data with stage: sft")
     del row["output"]
     return {"instruction": row.pop("instruction"), "input": row.pop("input"), **answers, **row}
 
@@ -217,9 +238,15 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
                         "expected a non-empty list of turns")
     role_tag, content_tag = tags["role_tag"], tags["content_tag"]
     user, assistant, system_role = tags["user_tag"], tags["assistant_tag"], tags["system_tag"]
-    known = [user, assistant, system_role]
+    observation, function = tags["observation_tag"], tags["function_tag"]
+    known = [user, assistant, system_role, observation, function]
+    # LLaMA-Factory's alternation: the prompt side is a user turn or a tool's result (observation), the response
+    # side an answer or a function call
+    sides = ((user, observation), (assistant, function))
+    role_names = {user: "user", assistant: "assistant", observation: "observation", function: "function"}
     system = _field(rec, cols["system"], "system", False)
     texts: list[str] = []
+    roles: list[str] = []
     for i, turn in enumerate(turns):
         at = f"{column}[{i}]"
         if not isinstance(turn, dict):
@@ -234,23 +261,37 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
         if role == system_role and i == 0:
             system = content
             continue
-        if role in (tags["observation_tag"], tags["function_tag"]):
-            raise _RowError(f"{at}.{role_tag} is '{role}': tool-use turns are not supported")
         if role not in known:
             raise _RowError(f"{at}.{role_tag} is {role!r}; expected '{user}' or '{assistant}' "
-                            f"(or '{system_role}' as the first turn){did_you_mean(str(role), known)}")
-        expected = user if len(texts) % 2 == 0 else assistant
-        if role != expected:
+                            f"(or '{system_role}' as the first turn, '{function}' / '{observation}' for tool use)"
+                            f"{did_you_mean(str(role), known)}")
+        expected = sides[len(texts) % 2]
+        if role not in expected:
             what = "a system turn is only allowed first" if role == system_role else (
-                f"turns must alternate '{user}', '{assistant}', ... starting with '{user}'")
-            raise _RowError(f"{at}.{role_tag} is '{role}' where '{expected}' was expected; {what}")
+                f"turns must alternate '{user}' (or '{observation}'), '{assistant}' (or '{function}'), ... "
+                f"starting with '{user}'")
+            raise _RowError(f"{at}.{role_tag} is '{role}' where '{expected[0]}' was expected; {what}")
+        if role in (observation, function):
+            if not spec.tool_turns:
+                raise _RowError(f"{at}.{role_tag} is '{role}': {tool_refusal(spec.template)}")
+            if role == function:
+                from pipeline.data.tools import function_problem
+
+                problem = function_problem(content)
+                if problem:
+                    raise _RowError(f"{at}.{content_tag} (a function call) {problem}")
         texts.append(content)
+        roles.append(role_names[role])
+        last_tag = role
     if not texts or len(texts) % 2:
-        last = f"'{user}'" if texts else "no"
-        raise _RowError(f"'{column}' ends with {last} turn; the last turn must be '{assistant}' (the response)")
+        last = f"'{last_tag}'" if texts else "no"
+        raise _RowError(f"'{column}' ends with {last} turn; the last turn must be '{assistant}' (the response) "
+                        f"or '{function}'")
     row: dict[str, Any] = {"instruction": texts[-2], "input": "", "output": texts[-1]}
     if system:
         row["system"] = system
     if len(texts) > 2:
         row["history"] = [[texts[i], texts[i + 1]] for i in range(0, len(texts) - 2, 2)]
-    return row
+    if any(r in ("observation", "function") for r in roles):
+        row["roles"] = roles
+    return _with_tools(row, rec, cols["tools"] if "tools" in spec.given_columns else None)

@@ -75,6 +75,8 @@ class DatasetSpec:
     line: int | None = None
     ranking: bool = False  # preference data: chosen/rejected columns (stage dpo)
     given_columns: frozenset[str] = frozenset()  # the columns the entry names explicitly
+    template: str = ""  # the recipe's template (named in refusals)
+    tool_turns: bool = False  # the template renders tools and function_call/observation turns
 
 
 @dataclass(frozen=True)
@@ -286,8 +288,14 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
             if col in given:
                 add(("columns", col), f"column '{col}' is read only for preference data; add \"ranking\": true "
                                       "(and train with stage: dpo) or remove the column")
-    if "tools" in given:
-        add(("columns", "tools"), _tools_refusal(data.template))
+    renders_tools = _renders_tools(data.template)
+    if "tools" in given and not renders_tools:
+        from pipeline.data.templates import tool_refusal
+
+        add(("columns", "tools"), tool_refusal(data.template))
+    if "tools" in given and ranking:
+        add(("columns", "tools"), "function-calling preference data is not supported (stage dpo trains on "
+                                  "user/assistant conversations); remove the tools column or train with stage: sft")
     if "tags" in entry and formatting != "sharegpt":
         add(("tags",), f"tags apply only to formatting 'sharegpt' (this entry is '{formatting}')")
     if formatting == "sharegpt" and stage == "pt":
@@ -321,12 +329,15 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
         return None
     return DatasetSpec(name=name, formatting=formatting, files=tuple(files), shown=tuple(shown_files),
                        columns=columns, tags=tags, num_samples=entry.get("num_samples"), entry=entry,
-                       registry=shown, line=lines.get((name,)), ranking=ranking, given_columns=frozenset(given))
+                       registry=shown, line=lines.get((name,)), ranking=ranking, given_columns=frozenset(given),
+                       template=data.template, tool_turns=renders_tools)
 
 
-def _tools_refusal(template: str) -> str:
-    return (f"function-calling data (tool descriptions and function_call/observation turns) needs a template that "
-            f"renders tools, and template '{template}' does not; name a dataset without tools")
+def _renders_tools(template: str) -> bool:
+    from pipeline.data.templates import TEMPLATES
+
+    found = TEMPLATES.get(template)
+    return found is not None and found.tool_format is not None
 
 
 def _find_files(name: str, file_name: str, formatting: str, dataset_dir: Path, add) -> tuple[list[Path], list[str]]:

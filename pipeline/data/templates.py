@@ -91,11 +91,14 @@ class Template:
     stop_words: tuple[str, ...] = ()  # generation stops at these tokens (those the vocabulary has)
     replace_eos: bool = False  # {eos} is stop_words[0] (LLaMA-Factory's replace_eos)
     thought_words: tuple[str, str] | None = None  # a reasoning template: (open, close) of a thought
+    tool_format: str | None = None  # pipeline.data.tools.FORMATS; None: function-calling data is refused
+    observation: str | None = None  # a tool result's block (slot {content}); None: as a user turn
     description: str = ""
 
     def __post_init__(self) -> None:
         for fmt, slots in ((self.system, ["system"]), (self.user, ["content"]), (self.assistant, ["content"]),
-                           (self.query, ["instruction", "input"]), (self.prefix, []), (self.separator, [])):
+                           (self.query, ["instruction", "input"]), (self.prefix, []), (self.separator, []),
+                           (self.observation or "{content}", ["content"])):
             if list(_parts(fmt)[1::2]) != slots:
                 raise ValueError(f"template {self.name}: {fmt!r} must have the slots {slots} in that order")
         if self.replace_eos and not self.stop_words:
@@ -148,25 +151,38 @@ class Template:
 
     def turns(self, instruction: str, input: str = "", output: str = "", system: str | None = None,
               history: Iterable[Sequence[str]] = (), *, mask_history: bool = False,
-              enable_thinking: bool = True) -> list[tuple[list[Piece], list[Piece]]]:
-        """(prompt pieces, response pieces) per turn, oldest first."""
+              enable_thinking: bool = True, tools: str = "", roles: Sequence[str] = ()
+              ) -> list[tuple[list[Piece], list[Piece]]]:
+        """(prompt pieces, response pieces) per turn, oldest first.
+
+        Function-calling rows (LLaMA-Factory's Template._encode): `tools` (the JSON list of function schemas)
+        adds its tool_text after the system prompt, a system block is written when there is either; `roles`
+        names each turn, prompts 'user' or 'observation' (the template's observation block), responses
+        'assistant' or 'function' (the call written in the template's tool format, then its assistant block).
+        """
         pairs = [(str(q), str(a)) for q, a in [*history, (self._content(instruction, input), output)]]
+        roles = list(roles) or ["user", "assistant"] * len(pairs)
+        if self.tool_format is None and (tools or set(roles) - {"user", "assistant"}):
+            raise UserError(tool_refusal(self.name))  # data built for another template
         system = system or self.default_system
+        if tools:
+            system += self._tools_text(tools)
         last = len(pairs) - 1
         out = []
         for k, (q, a) in enumerate(pairs):
             prompt: list[Piece] = []
             if k == 0:
                 prompt += self._element(self.prefix)
+            user = self.observation if roles[2 * k] == "observation" and self.observation else self.user
             if self.fuse_system:  # the book's alpaca: one string from the system block (or separator) on
                 opening = (fill(self.system, system=system) if system else "") if k == 0 else self.separator
-                prompt += self._element(self.user, lead=opening, content=q)
+                prompt += self._element(user, lead=opening, content=q)
             else:
-                if k == 0 and system:
+                if k == 0 and (system or tools):
                     prompt += self._element(self.system, system=system)
                 elif k > 0:
                     prompt += self._element(self.separator)
-                prompt += self._element(self.user, content=q)
+                prompt += self._element(user, content=q)
             response: list[Piece] = []
             if self.thought_words is not None:
                 if not enable_thinking or (mask_history and k != last):
@@ -176,9 +192,23 @@ class Template:
                         response.append(self._thought())
                     else:
                         prompt.append(self._thought())
+            if roles[2 * k + 1] == "function":
+                a = self._function_text(a)
             response += self._element(self.assistant, content=a)
             out.append((prompt, response))
         return out
+
+    def _tools_text(self, tools: str) -> str:
+        from pipeline.data.tools import tool_text
+
+        assert self.tool_format is not None
+        return tool_text(tools, self.tool_format)
+
+    def _function_text(self, content: str) -> str:
+        from pipeline.data.tools import function_text
+
+        assert self.tool_format is not None
+        return function_text(content, self.tool_format)
 
     def segments(self, row: dict, *, train_on_prompt: bool = False, mask_history: bool = False,
                  enable_thinking: bool = True) -> list[Segment]:
@@ -188,7 +218,8 @@ class Template:
         train_on_prompt (and, with mask_history, only the last turn's prompt).
         """
         turns = self.turns(row["instruction"], row.get("input") or "", row["output"], row.get("system"),
-                           row.get("history") or (), mask_history=mask_history, enable_thinking=enable_thinking)
+                           row.get("history") or (), mask_history=mask_history, enable_thinking=enable_thinking,
+                           tools=row.get("tools") or "", roles=row.get("roles") or ())
         last = len(turns) - 1
         out = []
         for k, (p, a) in enumerate(turns):
@@ -204,9 +235,10 @@ class Template:
         return "".join(p if isinstance(p, str) else {EOS: eos, BOS: bos}.get(p.token, p.token) for p in pieces)
 
     def prompt(self, instruction: str, input: str = "", system: str | None = None,
-               history: Iterable[Sequence[str]] = (), eos: str = "<|endoftext|>", bos: str = "") -> str:
+               history: Iterable[Sequence[str]] = (), eos: str = "<|endoftext|>", bos: str = "", *,
+               tools: str = "", roles: Sequence[str] = ()) -> str:
         """Everything before the last response, as text (EOS written as `eos`)."""
-        turns = self.turns(instruction, input, "", system, history)
+        turns = self.turns(instruction, input, "", system, history, tools=tools, roles=roles)
         pieces = [x for p, a in turns[:-1] for x in (*p, *a)] + turns[-1][0]
         return self.text(pieces, eos, bos)
 
@@ -253,6 +285,9 @@ IM = ("<|im_start|>", "<|im_end|>")
 _CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
                user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
                assistant="{content}<|im_end|>\n", special_tokens=IM)
+_QWEN_TOOLS = dict(tool_format="qwen",  # Hermes style; the tool result comes back as a user turn
+                   observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
+                               "<|im_start|>assistant\n")
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
@@ -262,13 +297,15 @@ TEMPLATES: dict[str, Template] = {
                  assistant="{content}{eos}", separator="\n\n", fuse_system=True,
                  description="the book's Alpaca prompt"),
         Template(name="chatml", **_CHATML, stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True,
+                 tool_format="default", observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
                  description="ChatML: <|im_start|>role ... <|im_end|>"),
-        Template(name="qwen", **_CHATML, default_system=QWEN_SYSTEM, stop_words=("<|im_end|>",), replace_eos=True,
+        Template(name="qwen", **_CHATML, **_QWEN_TOOLS, default_system=QWEN_SYSTEM, stop_words=("<|im_end|>",),
+                 replace_eos=True,
                  description="Qwen / Qwen2 / Qwen2.5: ChatML with Qwen's default system prompt"),
-        Template(name="qwen3", **_CHATML, stop_words=("<|im_end|>",), replace_eos=True,
+        Template(name="qwen3", **_CHATML, **_QWEN_TOOLS, stop_words=("<|im_end|>",), replace_eos=True,
                  thought_words=("<think>\n", "\n</think>\n\n"),
                  description="Qwen3 (reasoning): ChatML, an empty <think></think> where a response has none"),
-        Template(name="qwen3_nothink", **_CHATML, stop_words=("<|im_end|>",), replace_eos=True,
+        Template(name="qwen3_nothink", **_CHATML, **_QWEN_TOOLS, stop_words=("<|im_end|>",), replace_eos=True,
                  description="Qwen3 without thinking (Qwen3-Instruct-2507 and non-reasoning use)"),
         Template(name="llama3", prefix="{bos}",
                  system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
@@ -276,11 +313,14 @@ TEMPLATES: dict[str, Template] = {
                       "<|start_header_id|>assistant<|end_header_id|>\n\n",
                  assistant="{content}<|eot_id|>",
                  special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-                 stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True,
+                 stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True, tool_format="llama3",
+                 observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
+                             "<|start_header_id|>assistant<|end_header_id|>\n\n",
                  description="Llama 3 / 3.1 / 3.2 Instruct"),
         Template(name="default", system="System: {system}{eos}\n", user="Human: {content}{eos}\nAssistant:",
-                 assistant="{content}{eos}\n", description="LLaMA-Factory's default: Human: / Assistant:"),
-        Template(name="empty", assistant="{content}",
+                 assistant="{content}{eos}\n", tool_format="default",
+                 description="LLaMA-Factory's default: Human: / Assistant:"),
+        Template(name="empty", assistant="{content}", tool_format="default",
                  description="no markup and no EOS: the prompt is the instruction (and input), the response follows"),
     )
 }
@@ -292,6 +332,14 @@ def get_template(name: str) -> Template:
     except KeyError:
         raise UserError(f"template '{name}' is not known{did_you_mean(name, TEMPLATES)}; "
                         f"choose one of {', '.join(TEMPLATES)}") from None
+
+
+def tool_refusal(template: str) -> str:
+    """Why function-calling data cannot be used with `template`, and which templates render it."""
+    able = ", ".join(name for name, t in TEMPLATES.items() if t.tool_format)
+    return (f"function-calling data (tool descriptions and function_call/observation turns) needs a template that "
+            f"renders tools, and template '{template}' does not; use one that does ({able}) or name a dataset "
+            "without tools")
 
 
 def templates_for(tokenizer: "Tokenizer") -> list[str]:

@@ -275,11 +275,12 @@ def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: 
 
 def encode_prompt(template: Template | str, instruction: str, input: str = "", system: str | None = None,
                   history: Iterable[Sequence[str]] = (), *, tokenizer: Tokenizer,
-                  enable_thinking: bool = True) -> list[int]:
+                  enable_thinking: bool = True, tools: str = "", roles: Sequence[str] = ()) -> list[int]:
     """The prompt ids exactly as in training (segment by segment, markup and EOS by id)."""
     template = _as_template(template)
     ids = template.ids(tokenizer)
-    turns = template.turns(instruction, input, "", system, history, enable_thinking=enable_thinking)
+    turns = template.turns(instruction, input, "", system, history, enable_thinking=enable_thinking, tools=tools,
+                           roles=roles)
     segments = [s for p, a in turns[:-1] for s in (p, a)] + [turns[-1][0]]
     texts: list[str] = []
     plans = [_plan(pieces, ids, texts) for pieces in segments]

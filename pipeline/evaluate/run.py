@@ -188,7 +188,8 @@ def _prompt_ids(data: DataArgs, row: Mapping[str, Any], tokenizer: Any) -> list[
     from pipeline.data.tokenize import encode_prompt
 
     return encode_prompt(data.template, row["instruction"], row.get("input") or "", row.get("system"),
-                         row.get("history") or (), tokenizer=tokenizer, enable_thinking=data.enable_thinking)
+                         row.get("history") or (), tokenizer=tokenizer, enable_thinking=data.enable_thinking,
+                         tools=row.get("tools") or "", roles=row.get("roles") or ())
 
 
 def decoding_settings(gen: GenerationArgs, ev: EvalArgs) -> dict[str, Any]:

@@ -181,23 +181,29 @@ def test_sharegpt_bad_conversations(make_recipe):
         {"conv": []},                                                 # 6 missing column
         turns(("human", "a"), ("gpt", "b"), ("system", "c"), ("gpt", "d")),  # 7 system late
         {"conversations": [{"from": "human", "text": "a"}]},          # 8 missing value
-        turns(("human", "a"), ("observation", "b")),                  # 9 tool turn
+        turns(("human", "a"), ("function_call", '{"name": "f", "arguments": {}}'), ("observation", "r"),
+              ("gpt", "b")),                                          # 9 a tool turn, template alpaca
+        turns(("human", "a"), ("observation", "b")),                  # 10 a tool result where a response goes
     ]
     r = make_recipe({"s": {"file_name": "raw/s.jsonl", "formatting": "sharegpt"}}, files={"raw/s.jsonl": jsonl(rows)})
     with pytest.raises(UserError) as err:
         build(data_args(r))
     f = os.path.join(r["dataset_dir"], "raw", "s.jsonl")
     assert err.value.messages == [
-        f"{f}:2: 'conversations' ends with 'human' turn; the last turn must be 'gpt' (the response)",
-        f"{f}:3: conversations[0].from is 'humen'; expected 'human' or 'gpt' (or 'system' as the first turn) "
-        "(did you mean 'human'?)",
-        f"{f}:4: conversations[0].from is 'gpt' where 'human' was expected; turns must alternate 'human', 'gpt', "
-        "... starting with 'human'",
+        f"{f}:2: 'conversations' ends with 'human' turn; the last turn must be 'gpt' (the response) or 'function_call'",
+        f"{f}:3: conversations[0].from is 'humen'; expected 'human' or 'gpt' (or 'system' as the first turn, "
+        "'function_call' / 'observation' for tool use) (did you mean 'human'?)",
+        f"{f}:4: conversations[0].from is 'gpt' where 'human' was expected; turns must alternate 'human' (or "
+        "'observation'), 'gpt' (or 'function_call'), ... starting with 'human'",
         f"{f}:5: 'conversations' is an empty list; expected a non-empty list of turns",
         f"{f}:6: missing 'conversations' (the conversation); the row has: conv",
         f"{f}:7: conversations[2].from is 'system' where 'human' was expected; a system turn is only allowed first",
         f"{f}:8: conversations[0]: missing 'value' (the text)",
-        f"{f}:9: conversations[1].from is 'observation': tool-use turns are not supported",
+        f"{f}:9: conversations[1].from is 'function_call': function-calling data (tool descriptions and "
+        "function_call/observation turns) needs a template that renders tools, and template 'alpaca' does not; use "
+        "one that does (chatml, qwen, qwen3, qwen3_nothink, llama3, default, empty) or name a dataset without tools",
+        f"{f}:10: conversations[1].from is 'observation' where 'gpt' was expected; turns must alternate 'human' (or "
+        "'observation'), 'gpt' (or 'function_call'), ... starting with 'human'",
     ]
 
 

@@ -62,7 +62,7 @@ def test_bad_built_rows_are_named_by_file_row_field(built):
         f"{path}:1:instruction: is blank; expected non-empty text",
         f"{path}:2:output: is a number; expected a string",
         f"{path}:3:history[0]: has 1 items; expected [instruction, response]",
-        f"{path}:4:extra: unknown field; expected instruction, input, output, system, history",
+        f"{path}:4:extra: unknown field; expected instruction, input, output, system, history, tools, roles",
         f"{path}:5:input: missing",
         f"{path}:6: is a list; expected an object",
         f"{path}:7:history[0][1]: is a number; expected a string",

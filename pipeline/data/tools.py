@@ -1,0 +1,187 @@
+"""Function-calling text, as LLaMA-Factory 0.9.5 writes it (its data/tool_utils.py and formatter.py).
+
+A function-calling example has three extra parts, and each template's tool format says how they read:
+- the tool descriptions (the dataset's `tools` column: a JSON list of function schemas), rendered into the
+  system prompt after the system text (`tool_text`);
+- a `function_call` turn (on the assistant's side: trained): JSON {"name", "arguments"} or a list of them,
+  rendered as the model is to write its call (`function_text`);
+- an `observation` turn (the tool's result, on the user's side: masked like a prompt): its text as given,
+  in the template's observation block (pipeline.data.templates).
+
+Three formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
+`llama3` (Llama3ToolUtils: JSON tool list, today's date, {"name", "parameters"} calls) and `qwen`
+(QwenToolUtils, Hermes style: <tools>...</tools> in the system prompt, <tool_call>...</tool_call> calls).
+JSON is written with Python's json.dumps(ensure_ascii=False), exactly as LLaMA-Factory does.
+
+`tools_problem` / `function_problem` say why a row's text cannot be rendered (the build reports them as the
+row's problems), so that tokenizing never meets a value LLaMA-Factory would crash on.
+"""
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any, NamedTuple
+
+FORMATS = ("default", "llama3", "qwen")
+# LLaMA-Factory's defaults for every template: a function_call turn may carry a thought before its call, and
+# may wrap the call in these words.
+THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")
+TOOL_CALL_WORDS = ("<tool_call>", "</tool_call>")
+
+DEFAULT_TOOL_PROMPT = (
+    "You have access to the following tools:\n{tool_text}"
+    "Use the following format if using a tool:\n"
+    "```\n"
+    "Action: tool name (one of [{tool_names}])\n"
+    "Action Input: the input to the tool, in a JSON format representing the kwargs "
+    """(e.g. ```{{"input": "hello world", "num_beams": 5}}```)\n"""
+    "```\n"
+)
+LLAMA3_TOOL_PROMPT = (
+    "Cutting Knowledge Date: December 2023\nToday Date: {date}\n\n"
+    "You have access to the following functions. To call a function, please respond with JSON for a function call. "
+    """Respond in the format {{"name": function name, "parameters": dictionary of argument name and its value}}. """
+    "Do not use variables.\n\n{tool_text}"
+)
+QWEN_TOOL_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    """<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, """
+    """"arguments": <args-json-object>}}\n</tool_call>"""
+)
+
+
+class FunctionCall(NamedTuple):
+    name: str
+    arguments: Any  # the decoded JSON value of "arguments"
+
+
+def _dumps(value: Any, indent: int | None = None) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _unwrap(tool: dict) -> dict:
+    """{"type": "function", "function": {...}} -> the function (OpenAI's wrapping), else the tool itself."""
+    return tool.get("function", "") if tool.get("type") == "function" else tool
+
+
+def _default_tools(tools: list[dict]) -> str:
+    tool_text, names = "", []
+    for tool in map(_unwrap, tools):
+        param_text = ""
+        params = tool.get("parameters") or {}  # LLaMA-Factory requires both; a tool without arguments lists none
+        for name, param in (params.get("properties") or {}).items():
+            required = ", required" if name in params.get("required", []) else ""
+            enum = ", should be one of [{}]".format(", ".join(map(str, param["enum"]))) if param.get("enum") else ""
+            items = (", where each item should be {}".format(param["items"].get("type", ""))
+                     if param.get("items") else "")
+            param_text += f"  - {name} ({param.get('type', '')}{required}): {param.get('description', '')}{enum}{items}\n"
+        tool_text += f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n{param_text}\n"
+        names.append(tool["name"])
+    return DEFAULT_TOOL_PROMPT.format(tool_text=tool_text, tool_names=", ".join(names))
+
+
+def _wrapped(tool: dict) -> dict:
+    return tool if tool.get("type") == "function" else {"type": "function", "function": tool}
+
+
+def _llama3_tools(tools: list[dict]) -> str:
+    # LLaMA-Factory writes the day the text is rendered (Meta's prompt format asks for it): tokenized on another
+    # day, the same row gives another date.
+    tool_text = "".join(_dumps(_wrapped(tool), indent=4) + "\n\n" for tool in tools)
+    return LLAMA3_TOOL_PROMPT.format(date=today(), tool_text=tool_text)
+
+
+def today() -> str:
+    """The date in Llama 3's tool prompt, as LLaMA-Factory writes it ("03 Dec 2026")."""
+    return datetime.now().strftime("%d %b %Y")
+
+
+def _qwen_tools(tools: list[dict]) -> str:
+    return QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + _dumps(_wrapped(tool)) for tool in tools))
+
+
+def tool_text(tools: str, fmt: str) -> str:
+    """The text the tool descriptions add after the system prompt ("" for an empty list), from the `tools` JSON."""
+    parsed = json.loads(tools)
+    if not parsed:
+        return ""
+    return {"default": _default_tools, "llama3": _llama3_tools, "qwen": _qwen_tools}[fmt](parsed)
+
+
+def _calls(text: str) -> list[FunctionCall]:
+    parsed = json.loads(text)
+    return [FunctionCall(c["name"], c["arguments"]) for c in (parsed if isinstance(parsed, list) else [parsed])]
+
+
+def _format_calls(calls: list[FunctionCall], fmt: str) -> str:
+    if fmt == "default":
+        return "\n".join(f"Action: {c.name}\nAction Input: {_dumps(c.arguments)}" for c in calls)
+    if fmt == "llama3":
+        objects = [{"name": c.name, "parameters": c.arguments} for c in calls]
+        return _dumps(objects[0] if len(objects) == 1 else objects)
+    return "\n".join(f"<tool_call>\n{_dumps({'name': c.name, 'arguments': c.arguments})}\n</tool_call>" for c in calls)
+
+
+def _split(content: str) -> tuple[str, str]:
+    """(text kept before the call, the call's JSON): LLaMA-Factory's FunctionFormatter. A call wrapped in
+    <tool_call>...</tool_call> keeps the rest of the turn (a thought) in front; otherwise a leading
+    <think>...</think> thought is kept in front and the rest is the JSON."""
+    start, end = map(re.escape, TOOL_CALL_WORDS)
+    wrapped = re.search(f"{start}(.*?){end}", content, re.DOTALL)
+    if wrapped:
+        return content.replace(wrapped.group(0), ""), wrapped.group(1)
+    start, end = map(re.escape, THOUGHT_WORDS)
+    thought = re.search(f"{start}(.*?){end}", content, re.DOTALL)
+    if thought:
+        return thought.group(0), content.replace(thought.group(0), "")
+    return "", content
+
+
+def function_text(content: str, fmt: str) -> str:
+    """A function_call turn's content (JSON {"name", "arguments"}, or a list for parallel calls) as the
+    assistant writes it in `fmt`."""
+    before, call = _split(content)
+    return before + _format_calls(_calls(call), fmt)
+
+
+# ---------------------------------------------------------------- checks (the build reports them per row)
+
+def tools_problem(tools: str) -> str | None:
+    """Why a `tools` value cannot be rendered (None: it can), in any format: the build does not depend on the
+    template."""
+    try:
+        parsed = json.loads(tools)
+    except json.JSONDecodeError as err:
+        return f"is not valid JSON ({err.msg} at character {err.pos}); expected a JSON list of function schemas"
+    if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
+        return "is not a JSON list of objects; expected a JSON list of function schemas ([{\"name\": ...}, ...])"
+    for i, tool in enumerate(parsed):
+        function = _unwrap(tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return f"tool {i} has no \"name\" (a string)"
+        params = function.get("parameters", {})
+        if not isinstance(params, dict) or not isinstance(params.get("properties", {}), dict):
+            return f"tool {i} ('{function['name']}'): \"parameters\" is not an object with \"properties\""
+        for name, param in params.get("properties", {}).items():
+            if not isinstance(param, dict) or not isinstance(param.get("items", {}), dict) \
+                    or not isinstance(param.get("enum", []), list):
+                return (f"tool {i} ('{function['name']}'): parameter '{name}' is not an object (with \"items\" an object "
+                        "and \"enum\" a list)")
+    return None
+
+
+def function_problem(content: str) -> str | None:
+    """Why a function_call turn cannot be rendered (None: it can)."""
+    _, call = _split(content)
+    try:
+        parsed = json.loads(call)
+    except json.JSONDecodeError as err:
+        return f"is not valid JSON ({err.msg} at character {err.pos}); expected {{\"name\": ..., \"arguments\": ...}}"
+    calls = parsed if isinstance(parsed, list) else [parsed]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c
+                            for c in calls):
+        return "expected a JSON object {\"name\": ..., \"arguments\": ...} (or a list of them for parallel calls)"
+    return None
