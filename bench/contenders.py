@@ -101,15 +101,16 @@ class Ours:
                                                lr_scheduler=make_scheduler(optimizer, train_args(self.r)),
                                                config=self.r.ds_config)
 
-    def trainer(self, batches: list[dict]) -> Callable[[], None]:
-        """A step function: each call is one Trainer.optimizer_step over the next of `batches`."""
+    def trainer(self, batches: list[dict], objective: Callable | None = None) -> Callable[[], None]:
+        """A step function: each call is one Trainer.optimizer_step over the next of `batches` (objective: the
+        dpo stage's PreferenceObjective, as pipeline.train.run passes it)."""
         from pipeline.train.checkpoint import TrainState
         from pipeline.train.loop import Trainer, Window
 
         from pipeline.recipe.args import train_args
 
         trainer = Trainer(self.engine, train_args(self.r), TrainState(), FixedLoader(batches), evaluate=None,
-                          save=lambda: None, log=None, stop=None)
+                          save=lambda: None, log=None, stop=None, objective=objective)
         self.last_loss = float("nan")
 
         def step() -> None:

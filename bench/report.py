@@ -12,8 +12,10 @@ from pipeline.io import write_text
 
 README = BENCH_DIR / "README.md"
 START, END = "<!-- figures:start (written by python -m bench.run) -->", "<!-- figures:end -->"
-ORDER = ("sft", "dense", "generation", "data", "startup")
-TITLES = {"sft": "sft throughput (LoRA, useful tokens/s) and peak RSS", "dense": "dense step (fully packed batch)",
+ORDER = ("sft", "dense", "generation", "data", "startup", "dpo")
+TITLES = {"sft": "sft throughput (LoRA, useful tokens/s) and peak RSS",
+          "dpo": "dpo throughput (LoRA, sigmoid, useful tokens/s) and peak RSS vs TRL",
+          "dense": "dense step (fully packed batch)",
           "generation": "generation (256 new tokens, greedy)", "data": "data stage (200k rows)",
           "startup": "startup"}
 
@@ -45,7 +47,8 @@ def section(name: str, res: dict[str, Any]) -> list[str]:
         lines += [targets_table(res["targets"]), ""]
     missed = not all(t["met"] for t in res.get("targets", []))
     if missed:
-        for key, label in (("profile_ours", "torch.profiler, one of our steps: top ops by self CPU time"),):
+        for key, label in (("profile_ours", "torch.profiler, one of our steps: top ops by self CPU time"),
+                           ("profile_trl", "torch.profiler, TRL's DPOTrainer, one step: top ops by self CPU time")):
             if res.get(key):
                 lines += [f"Profile ({label}, {res[key]['total_ms']:,.0f} ms in all):", "", top_table(res[key]), ""]
         if name == "data" and res.get("profile"):

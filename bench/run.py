@@ -3,7 +3,7 @@ bench/README.md.
 
     python -m bench.run                  # all, within about 20 minutes on 2 cores
     python -m bench.run --quick          # tiny sizes, one round: checks that everything runs (~5 minutes)
-    python -m bench.run --only sft,dense # some of them (names: sft dense generation data startup)
+    python -m bench.run --only sft,dense # some of them (names: sft dense generation data startup dpo)
 
 Each benchmark gets a share of the time budget; it runs at least one round of all its contenders and more
 rounds (up to 3, medians reported) while they fit.
@@ -21,8 +21,9 @@ from pathlib import Path
 
 from bench import common
 
-BENCHMARKS = ("sft", "dense", "generation", "data", "startup")
-BUDGET_S = {"sft": 330, "dense": 220, "generation": 240, "data": 100, "startup": 80}  # generation always overruns
+BENCHMARKS = ("sft", "dense", "generation", "data", "startup", "dpo")
+BUDGET_S = {"sft": 330, "dense": 220, "generation": 240, "data": 100, "startup": 80,
+            "dpo": 300}  # generation always overruns
 N_LAYERS = {False: 4, True: 2}  # gpt2-small widths; depth cut to fit the budget on 2 cores
 
 
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 from bench import generation
 
                 generation.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file, n_layers=n_layers)
+            elif name == "dpo":
+                from bench import dpo
+
+                dpo.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file, n_layers=n_layers)
             elif name == "data":
                 from bench import data
 
