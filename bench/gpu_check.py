@@ -154,6 +154,10 @@ def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = Fa
         "fp16": run.precision == "fp16", "output_dir": str(workdir / "runs" / run.name), "seed": 0,
         "max_grad_norm": 1.0,
     }
+    if getattr(preset_config(run.model), "family", "gpt2") != "gpt2":
+        # a Llama / Qwen preset has shapes but no vocabulary: GPT-2's ranks turn the synthetic text into ids
+        # (offline, no download); the model keeps its own 128k / 152k-row embedding and head
+        values["tokenizer_name_or_path"] = "gpt2"
     if run.precision == "fp16":
         values.update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
     if lora:
@@ -165,6 +169,13 @@ def write_recipe(path: Path, values: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
+
+
+def preset_config(model: str) -> Any:
+    """The preset's ModelConfig, or None for a model this checkout has no preset of."""
+    from pipeline.model.config import PRESETS
+
+    return PRESETS.get(model)
 
 
 def available_presets() -> set[str]:

@@ -59,9 +59,9 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         from pipeline.data.templates import get_template
 
         template = get_template(r["template"])
+    tokenizer = recipe_tokenizer(data_args(r))  # before the model: a preset without a vocabulary is refused at once
     weights = chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, getattr(args, "model", None))
     model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)))
-    tokenizer = recipe_tokenizer(data_args(r))
     kwargs = generation_kwargs(GenerationArgs.from_recipe(r), template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
     def complete(text: str, history: list[tuple[str, str]]) -> str:

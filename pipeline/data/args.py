@@ -19,7 +19,10 @@ NOT_A_KEY = "not_a_key"  # metadata marking a field that is no schema key (prove
 class DataArgs:
     """Where the data is, how it is built, tokenized and batched."""
 
-    model_name_or_path: str  # whose tokenizer encodes the data
+    model_name_or_path: str  # whose tokenizer encodes the data, unless:
+    # where the tokenizer comes from when not model_name_or_path's: the recipe's tokenizer_name_or_path, or for a
+    # chained recipe whose model an upstream recipe has still to produce, the chain's root (data_args fills it)
+    tokenizer_name_or_path: str | None
     stage: str
     dataset_dir: str
     dataset: str | Sequence[str] | None

@@ -7,7 +7,7 @@ the Tokenizer: kept in one module, the two would import each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 from pipeline.data.tokenizer import Tokenizer, gpt2
 from pipeline.data.tokenizer_files import read_tokenizer
@@ -30,40 +30,98 @@ def is_gpt2_preset(name: str) -> bool:
     return cfg is not None and getattr(cfg, "family", "gpt2") == "gpt2"
 
 
-def load_tokenizer(model_name_or_path: str | Path) -> Tokenizer:
-    """The tokenizer of a model: a GPT-2 preset, a checkpoint directory, or a hub id (resolved offline-first)."""
+def load_tokenizer(model_name_or_path: str | Path, key: str = "model_name_or_path") -> Tokenizer:
+    """The tokenizer of a model: a GPT-2 preset, a checkpoint directory, or a hub id (resolved offline-first).
+
+    `key` is the recipe key that named it, for the messages."""
     name = str(model_name_or_path)
     if is_gpt2_preset(name):
         return gpt2()
+    if name in PRESETS:
+        family = getattr(PRESETS[name], "family", "")
+        raise UserError(f"{key}: preset '{name}' has no tokenizer (presets are shapes with random weights); set "
+                        f"tokenizer_name_or_path to a checkpoint directory or hub id of the {family} family whose "
+                        f"tokenizer to use (e.g. {PRESET_TOKENIZER_EXAMPLE.get(family, 'ORG/NAME')}), or point "
+                        "model_name_or_path at a checkpoint")
     path = Path(name)
     if not path.is_dir():
-        if name in PRESETS:
-            raise UserError(f"model_name_or_path: preset '{name}' has no tokenizer (presets are shapes with random "
-                            "weights); point model_name_or_path at a checkpoint directory or hub id of this family")
         from pipeline.model.hub import resolve_model_path
 
-        path = resolve_model_path(name)
+        path = resolve_model_path(name, key=key)
+        if not path.is_dir():
+            raise UserError(f"{key}: directory '{name}' not found; if another recipe produces it, run that one "
+                            "first")
     return read_tokenizer(path)
 
 
+# A hub id named in the message about a preset of each family (its checkpoints share one vocabulary).
+PRESET_TOKENIZER_EXAMPLE = {"llama": "meta-llama/Llama-3.2-1B", "qwen2": "Qwen/Qwen2.5-0.5B",
+                            "qwen3": "Qwen/Qwen3-0.6B"}
+
+
+def tokenizer_source(r: Mapping[str, Any]) -> str:
+    """Where a resolved recipe's tokenizer comes from (pipeline.recipe.args.data_args records it).
+
+    tokenizer_name_or_path when set, else model_name_or_path. A model that another recipe next to this one has
+    still to produce (its output_dir/merged or model/: a chained recipe checked before the upstream ran) has
+    the upstream's tokenizer, since merge and the full-run export copy their base's tokenizer files: the
+    chain is followed to its root. Without this, a chained Llama recipe would be tokenized by whatever the
+    missing directory defaulted to.
+    """
+    if r.get("tokenizer_name_or_path"):
+        return str(r["tokenizer_name_or_path"])
+    name = str(r["model_name_or_path"])
+    recipe = getattr(r, "recipe_path", None)
+    if recipe is None:
+        return name
+    from pipeline.recipe.deps import producer, recipe_value
+
+    seen: set[Path] = set()
+    while name not in PRESETS and not Path(name).exists():
+        found = producer(Path(recipe), name)
+        if found is None or found[0].resolve() in seen:
+            break
+        recipe = found[0]
+        seen.add(recipe.resolve())
+        upstream_tokenizer = recipe_value(recipe, "tokenizer_name_or_path")
+        if isinstance(upstream_tokenizer, str) and upstream_tokenizer:
+            return upstream_tokenizer
+        upstream_model = recipe_value(recipe, "model_name_or_path")
+        if not isinstance(upstream_model, str):
+            break
+        name = upstream_model
+    return name
+
+
+def _source(args: HasModel) -> tuple[str, str]:
+    """(name, the key that names it) of a DataArgs / ModelArgs group's tokenizer."""
+    named = getattr(args, "tokenizer_name_or_path", None)
+    return (str(named), "tokenizer_name_or_path") if named else (str(args.model_name_or_path), "model_name_or_path")
+
+
 def recipe_tokenizer(args: HasModel) -> Tokenizer:
-    """The tokenizer of the recipe's base model (model_name_or_path of a DataArgs or ModelArgs)."""
-    return load_tokenizer(args.model_name_or_path)
+    """The recipe's tokenizer: tokenizer_name_or_path of a DataArgs (see tokenizer_source), else the tokenizer
+    of the base model (model_name_or_path of a DataArgs or ModelArgs)."""
+    return load_tokenizer(*_source(args))
 
 
 def available_tokenizer(args: HasModel) -> Tokenizer | None:
-    """The recipe's tokenizer when the model's files are on this machine; None for a hub id not yet cached.
+    """The recipe's tokenizer when its files are on this machine; None for a hub id not yet cached, or a model
+    directory that does not exist yet and that no recipe next to this one produces.
 
     `build` and `validate` run before a hub model is downloaded (a user checks the data first, and the weights
-    can be gigabytes): their token statistics are then left out rather than computed with another model's
-    tokenizer, and the commands that load the model (train, eval, ...) fetch it or say what to run.
+    can be gigabytes) and before an upstream recipe has trained: their token statistics are then left out
+    rather than computed with another model's tokenizer, and the commands that load the model (train, eval,
+    ...) fetch it or say what to run.
     """
     from pipeline.model.hub import is_hub_id, resolve_model_path
 
-    name = str(args.model_name_or_path)
+    name, key = _source(args)
     if is_hub_id(name):
         try:
-            return load_tokenizer(resolve_model_path(name, download=False))
+            return load_tokenizer(resolve_model_path(name, key=key, download=False), key)
         except UserError:
             return None
-    return load_tokenizer(name)
+    if name not in PRESETS and name != "gpt2" and not Path(name).exists():
+        return None
+    return load_tokenizer(name, key)

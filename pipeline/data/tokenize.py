@@ -8,7 +8,8 @@ position t predicts token t+1. Over-length examples (more than cutoff_len tokens
 trainable token left is dropped instead, counted apart) or error (every one named).
 
 Whole splits are encoded in one batch (tiktoken, threads) into flat numpy arrays and cached per
-process, so train, eval and inspect tokenize a split once. pt documents are joined by the tokenizer's EOS.
+process, so train, eval and inspect tokenize a split once. pt documents are joined by pt_separator (the
+checkpoint's EOS, as LLaMA-Factory picks it).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.problems import Problems
-from pipeline.data.templates import Piece, Template, get_template
+from pipeline.data.templates import EOS, Piece, Template, get_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import MAX_RUN, Tokenizer
 from pipeline.errors import UserError
@@ -343,18 +344,31 @@ def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     return _cached(key, make)
 
 
+def pt_separator(template_name: str | None, tokenizer: Tokenizer) -> int:
+    """The id that joins pt documents, as LLaMA-Factory's pretrain processor picks it: `<|end_of_text|>` with the
+    llama3 template (what Meta pretrained with, also on an Instruct checkpoint whose eos_token is <|eot_id|>),
+    else tokenizer.eos_token after the template's replace_eos (qwen / qwen3 / chatml: <|im_end|>). The
+    default template (alpaca) replaces nothing: the checkpoint's eos_token."""
+    if template_name == "llama3" and tokenizer.has_token("<|end_of_text|>"):
+        return tokenizer.token_id("<|end_of_text|>")
+    if not template_name:
+        return tokenizer.eos_id
+    return get_template(template_name).ids(tokenizer)[EOS]
+
+
 def pt_stream(data: DataArgs, split: str) -> np.ndarray:
-    """The pt `split` as one token stream: documents joined by the tokenizer's EOS (int32)."""
+    """The pt `split` as one token stream: documents joined by pt_separator (int32)."""
     from pipeline.data.load import read_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
+    separator = pt_separator(data.template, tokenizer)
 
     def make() -> np.ndarray:
         docs = [row["text"] for path in paths for row in read_rows(path)]
-        return join_documents(tokenizer.encode_batch(docs), tokenizer.eos_id)
+        return join_documents(tokenizer.encode_batch(docs), separator)
 
-    return _cached(("pt", tokenizer.name, _file_key(paths)), make)
+    return _cached(("pt", tokenizer.name, separator, _file_key(paths)), make)
 
 
 def join_documents(tokens: Sequence[list[int]], eos_id: int) -> np.ndarray:

@@ -25,19 +25,39 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
-def _output_dir(recipe: Path) -> str | None:
-    """A sibling recipe's output_dir (its own or inherited), read without validating it."""
+def recipe_value(recipe: Path, key: str) -> Any:
+    """A key's value as a sibling recipe (or a file it extends) writes it, read without validating the recipe;
+    None when unset or unreadable."""
     try:
         chain = load_chain(recipe)
     except UserError:
         return None
     value: Any = None
     for layer in chain.layers:
-        if "output_dir" in layer:
-            value = layer["output_dir"].value
+        if key in layer:
+            value = layer[key].value
+    return value
+
+
+def _output_dir(recipe: Path) -> str | None:
+    """A sibling recipe's output_dir (its own or inherited; saves/<its name> by default)."""
+    value = recipe_value(recipe, "output_dir")
     if value is None:
         return os.path.join("saves", recipe.stem)
     return value if isinstance(value, str) else None
+
+
+def producer(recipe_path: Path, path: str) -> tuple[Path, str] | None:
+    """(the recipe next to `recipe_path` whose output_dir holds `path`, the make goal that writes it: merge for its
+    merged/ model, else train), or None."""
+    siblings = sorted(p for p in recipe_path.parent.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
+    for sibling in siblings:
+        if sibling.resolve() == recipe_path.resolve():
+            continue
+        out = _output_dir(sibling)
+        if out and _inside(path, out):
+            return sibling, "merge" if _inside(path, os.path.join(out, "merged")) else "train"
+    return None
 
 
 def upstream(r: Resolved) -> str:
@@ -47,16 +67,10 @@ def upstream(r: Resolved) -> str:
 
 def _upstream(r: Resolved) -> tuple[str, str]:
     """(that recipe, the make goal that produces the path: merge for its merged/ model, else train), or ('', '')."""
-    wanted = [p for p in (r["model_name_or_path"], r["adapter_name_or_path"]) if p]
-    here = r.recipe_path
-    siblings = sorted(p for p in here.parent.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-    for path in wanted:
-        for sibling in siblings:
-            if sibling.resolve() == here.resolve():
-                continue
-            out = _output_dir(sibling)
-            if out and _inside(path, out):
-                return str(sibling), "merge" if _inside(path, os.path.join(out, "merged")) else "train"
+    for path in (p for p in (r["model_name_or_path"], r["adapter_name_or_path"]) if p):
+        found = producer(r.recipe_path, path)
+        if found:
+            return str(found[0]), found[1]
     return "", ""
 
 

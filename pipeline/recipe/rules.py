@@ -223,14 +223,52 @@ def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
     from pipeline.errors import UserError
 
-    name = str(ctx.values["model_name_or_path"])
+    key = "tokenizer_name_or_path" if ctx.values.get("tokenizer_name_or_path") else "model_name_or_path"
+    name = str(ctx.values[key])
     if not (is_gpt2_preset(name) or os.path.isdir(name)):
         return []
     try:
-        problem = get_template(ctx.values["template"]).vocabulary_problem(load_tokenizer(name))
+        problem = get_template(ctx.values["template"]).vocabulary_problem(load_tokenizer(name, key))
     except UserError:  # an unreadable tokenizer or model is reported by the command itself
         return []
     return [("template", problem)] if problem else []
+
+
+TOKENIZING = ("train", "eval", "generate", "inspect", "validate", "merge")  # the commands that need token ids
+
+
+@rule("tokenizer_name_or_path", "model_name_or_path", commands=(*TOKENIZING, None))
+def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
+    """A tokenizer taken from elsewhere (tokenizer_name_or_path) exists and its ids fit the model's embedding
+    table; otherwise training would index past it."""
+    from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
+    from pipeline.errors import UserError
+    from pipeline.model.config import PRESETS
+
+    name = ctx.values.get("tokenizer_name_or_path")
+    if not name:
+        model = str(ctx.values["model_name_or_path"])
+        if model in PRESETS and not is_gpt2_preset(model) and ctx.command in TOKENIZING:
+            try:
+                load_tokenizer(model)
+            except UserError as err:  # the one message that says what to add
+                return [("model_name_or_path", m.removeprefix("model_name_or_path: ")) for m in err.messages]
+        return []
+    from pipeline.model.hub import is_hub_id
+    from pipeline.recipe.modelinfo import model_info
+
+    if is_hub_id(name) and ctx.command not in ("train", "merge", "eval", "generate"):
+        return []  # fetched (or found in the HF cache) by the commands that load the model
+    try:
+        tokenizer = load_tokenizer(name, "tokenizer_name_or_path")
+    except UserError as err:
+        return [("tokenizer_name_or_path", m.removeprefix("tokenizer_name_or_path: ")) for m in err.messages]
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is not None and tokenizer.n_vocab > info.vocab_size:
+        return [("tokenizer_name_or_path", f"'{name}' has {tokenizer.n_vocab:,} token ids, more than the "
+                                           f"{info.vocab_size:,} rows of {ctx.values['model_name_or_path']}'s "
+                                           "embedding table; use a tokenizer of the model's family")]
+    return []
 
 
 @rule("adapter_name_or_path", commands=("train", "merge", "eval", "generate"))

@@ -50,9 +50,11 @@ def verify_tensors(path: Path, expected: Mapping[str, tuple[int, ...]]) -> None:
 class Exporter:
     """Writes adapter/ or model/ under a directory from the engine's fp32 master weights."""
 
-    def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any]):
+    def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
+                 tokenizer_from: str | None = None):
         self.engine, self._build = engine, build
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
+        self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self._model: Any = None
 
     def model(self) -> Any:
@@ -90,13 +92,14 @@ class Exporter:
             target = save_model(model, RunLayout(directory).model)
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
-            copy_tokenizer_files(self.base, target)
+            copy_tokenizer_files(self.tokenizer_from, target)
         return target
 
 
 def copy_tokenizer_files(model_name_or_path: Any, target: Path) -> None:
-    """The base checkpoint's tokenizer files beside model/, so that model/ (or the run's output_dir, as
-    LLaMA-Factory's inference and merge recipes name it) works as model_name_or_path with its own vocabulary."""
+    """The tokenizer files of the run (the base checkpoint's, or tokenizer_name_or_path's) beside model/, so that
+    model/ (or the run's output_dir, as LLaMA-Factory's inference and merge recipes name it) works as
+    model_name_or_path with its own vocabulary."""
     import shutil
 
     from pipeline.data.model_tokenizer import load_tokenizer

@@ -100,7 +100,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             print(notice, file=sys.stderr, flush=True)
 
     exporter = Exporter(engine, r["model_name_or_path"], r["finetuning_type"],
-                        lambda: quietly(build_model, *recipe_args(r)))
+                        lambda: quietly(build_model, *recipe_args(r)),
+                        tokenizer_from=data_args(r).tokenizer_name_or_path)
     saved = checkpoint.saved_recipe(r)
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
                    reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main()))

@@ -10,11 +10,16 @@ Reused by every acceptance test (and by other test folders): import from `tests.
 - `pipeline(*args, cwd=...)` / `make(*targets, cwd=...)`: run `python -m pipeline ...` or `make ...` in a
   subprocess and assert the exit code; the result keeps stdout and stderr for further asserts.
 - `scratch_repo(root)`: a scratch copy of the repository (Makefile, code, a venv shim) for `make` runs.
+- `crash_copy(straight, crashed, step)`: what a run killed after its step-N checkpoint leaves; `assert_same_run`:
+  the resumed run ended bitwise where the uninterrupted one did.
+- `trained_model(recipe, cwd)` / `assert_close(theirs, mine)`: our trained model as generate loads it, and the
+  logit comparison against transformers / PEFT.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -258,3 +263,69 @@ def files_under(directory: str | Path) -> dict[str, tuple[int, int]]:
     return {p.relative_to(directory).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+def crash_copy(straight: str | Path, crashed: str | Path, step: int) -> Path:
+    """`crashed` as a run killed after its step-`step` checkpoint leaves it (what `kill -9` or a lost node
+    leaves): that checkpoint, resolved.yaml, ds_config.json and the log up to the step, copied from the
+    uninterrupted run `straight`."""
+    a, b = Path(straight), Path(crashed)
+    b.mkdir(parents=True)
+    shutil.copytree(a / f"checkpoint-{step}", b / f"checkpoint-{step}")
+    for kept in ("resolved.yaml", "ds_config.json"):
+        shutil.copy(a / kept, b / kept)
+    lines = (a / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+    (b / "trainer_log.jsonl").write_text("".join(line + "\n" for line in lines
+                                                 if json.loads(line).get("step", 0) <= step), encoding="utf-8")
+    return b
+
+
+def log_losses(out: str | Path) -> dict[int, float]:
+    """step -> logged training loss of a run's trainer_log.jsonl."""
+    lines = (Path(out) / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+    return {e["step"]: e["loss"] for e in map(json.loads, lines) if "loss" in e}
+
+
+def assert_same_run(expected: str | Path, got: str | Path, final: str) -> None:
+    """Two runs ended with bitwise equal `final` tensors (a file under output_dir), equal logged losses and step."""
+    from safetensors.torch import load_file
+    import torch
+
+    a, b = Path(expected), Path(got)
+    want, have = load_file(a / final), load_file(b / final)
+    assert want.keys() == have.keys()
+    for key in want:
+        assert torch.equal(want[key], have[key]), key
+    assert log_losses(b) == log_losses(a)
+    assert (json.loads((b / "all_results.json").read_text())["global_step"]
+            == json.loads((a / "all_results.json").read_text())["global_step"])
+
+
+def trained_model(recipe: str | Path, cwd: str | Path) -> Any:
+    """Our trained model as `generate --model adapter` loads it (in-process, fp32, eval mode)."""
+    from pipeline.chat import chosen_weights
+    from pipeline.model.build import load_for_inference
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+    from pipeline.runtime.layout import RunLayout
+
+    here = Path.cwd()
+    os.chdir(cwd)
+    try:
+        r = resolve(Path(recipe), [], command="generate", env=cli_env(WORLD_SIZE="1"))
+        model, finetune = recipe_args(r)
+        weights = chosen_weights(RunLayout.of(r["output_dir"]), finetune, "adapter")
+        return load_for_inference(model, weights.kind, weights.path, device="cpu")
+    finally:
+        os.chdir(here)
+
+
+def assert_close(theirs: Any, mine: Any, rel: float = 1e-4) -> None:
+    """max |diff| of two logit tensors within `rel` of the logits' spread (the softmax does not see a constant
+    shift)."""
+    theirs = theirs - theirs.mean(-1, keepdim=True)
+    mine = mine - mine.mean(-1, keepdim=True)
+    err = (theirs - mine).abs().max().item() / mine.abs().max().item()
+    assert err < rel, f"relative logit error {err:.2e} >= {rel:.0e}"

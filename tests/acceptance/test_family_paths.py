@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import pipeline, write_data, write_hf_checkpoint, write_recipe
+from tests.acceptance.harness import pipeline, write_data, write_recipe
 
 PROMPT = "Repeat the words: red river"
 NEW_TOKENS = 8
@@ -21,12 +21,12 @@ TEMPLATES = {"llama": "llama3", "qwen3": "qwen3_nothink"}
 
 
 @pytest.fixture(scope="module", params=["llama", pytest.param("qwen3", marks=pytest.mark.slow)])
-def session(request, tmp_path_factory) -> tuple[str, Path]:
-    """(family, workdir) with data/, the checkpoint at base/, and one LoRA run trained and merged."""
+def session(request, tmp_path_factory, hf_checkpoint) -> tuple[str, Path]:
+    """(family, workdir) with data/, the checkpoint at base/ (conftest's, shared), one LoRA run trained and merged."""
     family = request.param
     root = tmp_path_factory.mktemp(f"session_{family}")
     write_data(root / "data")
-    write_hf_checkpoint(root / "base", family)
+    (root / "base").symlink_to(hf_checkpoint(family))
     recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
                           template=TEMPLATES[family], output_dir="saves/lora", max_new_tokens=NEW_TOKENS,
                           learning_rate=0.05)
@@ -46,6 +46,17 @@ def test_the_exports_are_the_family_layout(session):
     assert adapter["fan_in_fan_out"] is False
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
+
+
+_GENERATED: dict[tuple[Path, str], str] = {}
+
+
+def generated(root: Path, which: str) -> str:
+    """`python -m pipeline generate --model WHICH --raw --prompt PROMPT` of the session (run once per model)."""
+    if (root, which) not in _GENERATED:
+        _GENERATED[root, which] = pipeline("generate", root / "lora.yaml", "--model", which, "--raw", "--prompt",
+                                           PROMPT, cwd=root).stdout
+    return _GENERATED[root, which]
 
 
 def greedy_text(model, tokenizer, stop_ids: set[int]) -> str:
@@ -75,12 +86,9 @@ def test_generate_agrees_with_transformers_and_peft_token_for_token(session, whi
         if which == "adapter":
             reference = peft.PeftModel.from_pretrained(reference, out / "adapter")
     expected = greedy_text(reference.eval(), tokenizer, stop_ids)
-    done = pipeline("generate", root / "lora.yaml", "--model", which, "--raw", "--prompt", PROMPT, cwd=root)
-    assert done.stdout == expected + "\n"
+    assert generated(root, which) == expected + "\n"
 
 
 def test_the_tuned_model_generates_otherwise_than_the_base(session):
     _, root = session
-    texts = {which: pipeline("generate", root / "lora.yaml", "--model", which, "--raw", "--prompt", PROMPT,
-                             cwd=root).stdout for which in ("base", "merged")}
-    assert texts["base"] != texts["merged"]
+    assert generated(root, "base") != generated(root, "merged")

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import cli_env, make, pipeline, scratch_repo, write_data, write_hf_checkpoint, write_recipe
+from tests.acceptance.harness import (assert_close, cli_env, make, pipeline, scratch_repo, trained_model, write_data,
+                                     write_hf_checkpoint, write_recipe)
 
 AXES = {"finetuning_type": ("lora", "full", "freeze"), "zero_stage": (0, 2, 3), "ranks": (1, 2),
         "precision": ("fp32", "bf16")}
@@ -65,33 +66,6 @@ def ids(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> torch.Tensor:
     return torch.randint(0, 50257, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def ours(recipe: Path, cwd: Path) -> torch.nn.Module:
-    """Our trained model as `generate --model adapter` loads it (in-process, fp32)."""
-    import os
-
-    from pipeline.chat import chosen_weights
-    from pipeline.model.build import load_for_inference
-    from pipeline.recipe.args import recipe_args
-    from pipeline.recipe import resolve
-
-    here = Path.cwd()
-    os.chdir(cwd)
-    try:
-        r = resolve(recipe, [], command="generate", env=cli_env(WORLD_SIZE="1"))
-        weights = chosen_weights(r, "adapter")
-        return load_for_inference(recipe_args(r).model, weights.kind, weights.path, device="cpu")
-    finally:
-        os.chdir(here)
-
-
-def assert_close(theirs: torch.Tensor, mine: torch.Tensor, rel: float = 1e-4) -> None:
-    """max |diff| within `rel` of the logits' spread (the softmax does not see a constant shift)."""
-    theirs = theirs - theirs.mean(-1, keepdim=True)
-    mine = mine - mine.mean(-1, keepdim=True)
-    err = (theirs - mine).abs().max().item() / mine.abs().max().item()
-    assert err < rel, f"relative logit error {err:.2e} >= {rel:.0e}"
-
-
 # Every `make test` runs these two rows (one rank, no ZeRO: the cheapest); the others are `slow` (CI runs them).
 EVERY_RUN = {("lora", 0, 1, "fp32"), ("freeze", 0, 1, "bf16")}
 
@@ -121,7 +95,7 @@ def test_train_merge_and_load_in_the_peers(repo, row):
     assert (out / ("adapter/adapter_model.safetensors" if kind == "lora" else "model/model.safetensors")).is_file()
 
     pipeline("merge", recipe, cwd=repo)
-    mine = ours(recipe, repo)
+    mine = trained_model(recipe, repo)
     x = ids()
     with torch.no_grad():
         expected = mine(x)

@@ -6,14 +6,13 @@ or PEFT (greedy generation token for token) or from the uninterrupted run (resum
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.acceptance.harness import pipeline, write_data, write_hf_checkpoint, write_recipe
+from tests.acceptance.harness import (assert_same_run, crash_copy, pipeline, write_data, write_hf_checkpoint,
+                                      write_recipe)
 
 PROMPT = "Repeat the words: red river"
 NEW_TOKENS = 8
@@ -33,11 +32,6 @@ def session(tmp_path_factory) -> Path:
     return root
 
 
-def log_losses(out: Path) -> dict[int, float]:
-    lines = (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
-    return {e["step"]: e["loss"] for e in map(json.loads, lines) if "loss" in e}
-
-
 @pytest.mark.parametrize("keys, final", [
     (dict(finetuning_type="lora", lora_dropout=0.1, zero_stage=2), "adapter/adapter_model.safetensors"),
     pytest.param(dict(finetuning_type="full", zero_stage=3, bf16=True, dropout=0.1), "model/model.safetensors",
@@ -52,23 +46,12 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run_bitwise(session, keys
     pipeline("train", straight, cwd=session)
     a = session / f"saves/straight_{name}"
 
-    b = session / f"saves/crashed_{name}"
-    b.mkdir()
-    shutil.copytree(a / "checkpoint-2", b / "checkpoint-2")
-    for kept in ("resolved.yaml", "ds_config.json"):
-        shutil.copy(a / kept, b / kept)
-    lines = (a / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
-    (b / "trainer_log.jsonl").write_text("".join(line + "\n" for line in lines
-                                                 if json.loads(line).get("step", 0) <= 2), encoding="utf-8")
+    b = crash_copy(a, session / f"saves/crashed_{name}", 2)
     crashed = write_recipe(session / f"crashed_{name}.yaml", output_dir=str(b), **common)
     resumed = pipeline("train", crashed, "resume_from_checkpoint=latest", cwd=session)
     assert "resuming from" in resumed.stderr and "at step 2" in resumed.stderr
 
-    expected, got = load_file(a / final), load_file(b / final)
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    assert log_losses(b) == log_losses(a)
+    assert_same_run(a, b, final)
     assert json.loads((b / "all_results.json").read_text())["global_step"] == 4
 
 

@@ -79,6 +79,23 @@ def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
             assert '"loss_scale": 0' in ds and '"initial_scale_power": 16' in ds  # dynamic loss scaling
 
 
+
+def test_every_preset_run_has_a_tokenizer(tmp_path):
+    """A Llama / Qwen preset has no vocabulary: the check's recipes name one, or their train would exit 2."""
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.model.config import PRESETS
+    from pipeline.recipe import resolve
+
+    work = tmp_path / "work"
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path / "g.json"), "--workdir", str(work)]) == 0
+    recipes = sorted((work / "recipes").glob("*.yaml"))
+    if "qwen3-0.6b" in PRESETS:
+        assert any(p.stem.startswith("qwen3-0.6b-fp16") for p in recipes)
+    for path in recipes:
+        r = resolve(path, [], command="plan", env={"WORLD_SIZE": "1"})
+        assert recipe_tokenizer(r).n_vocab <= PRESETS[r["model_name_or_path"]].vocab_size
+
+
 def test_script_arguments_and_setup_command(tmp_path):
     run = lambda *a, **env: subprocess.run(["bash", str(SCRIPT), *a], cwd=REPO, env=_env(**env),  # noqa: E731
                                            capture_output=True, text=True, timeout=120)

@@ -329,3 +329,36 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoint):
     model(x, labels=labels).backward()
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, plain[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_fp16_logits_are_as_close_to_fp32_as_transformers_fp16_and_gradients_finite(checkpoint):
+    """fp16 training is DeepSpeed's on a GPU only (tests/train/test_fp16.py covers its configuration and loss
+    scaling); the model's own part runs here: the module cast to half, as DeepSpeed's fp16 engine casts it,
+    errs from the fp32 logits no more than transformers' model in half precision does, and a backward pass
+    gives finite gradients."""
+    import copy
+
+    _, path, ref = checkpoint
+    x = ids()
+    with torch.no_grad():
+        truth = ref(x).logits
+        theirs = copy.deepcopy(ref).half()(x).logits.float()
+    ours = load_model(path).half()
+    got = ours(x)
+    assert got.dtype == torch.float16
+    ours_err, their_err = (got.float() - truth).abs().max(), (theirs - truth).abs().max()
+    assert ours_err <= 2 * their_err + 1e-3, (ours_err, their_err)
+    torch.nn.functional.cross_entropy(got[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten()).backward()
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_rmsnorm_reduces_in_fp32_so_large_fp16_activations_do_not_overflow():
+    """mean(x^2) of activations around 300 is 90,000: past fp16's 65,504. Llama's and Qwen's norms (and Qwen3's
+    per-head q/k norms, the same module) square in fp32 as transformers' LlamaRMSNorm does."""
+    from pipeline.model.gpt import RMSNorm
+
+    x = torch.full((1, 4, 64), 300.0, dtype=torch.float16)
+    assert not torch.isfinite(x.pow(2).mean(-1)).all()  # the naive fp16 reduction overflows
+    out = RMSNorm(64, 1e-6).half()(x)
+    assert out.dtype == torch.float16 and torch.allclose(out.float(), torch.ones(1, 4, 64), atol=1e-3)

@@ -159,3 +159,23 @@ def test_fp16_scaler_giving_up_is_explained():
         stub_trainer(engine).optimizer_step(Window())
     assert "fp16 gradients overflowed at optimizer step 3 even at the minimum loss scale 2048.0" in \
         err.value.messages[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_llama_and_qwen_checkpoints_get_the_same_fp16_block_and_cpu_refusal(workdir, monkeypatch, family):
+    """The fp16 block and the CPU refusal do not depend on the family: a transformers-written Llama / Qwen
+    checkpoint resolves to GPT-2's block (the model's half-precision forward and backward: tests/model/
+    test_families.py; on a GPU: bench/gpu_check.sh, Qwen3-0.6B-shaped)."""
+    pytest.importorskip("transformers")
+    from pipeline.recipe import rules
+    from tests.acceptance.harness import hf_model
+
+    checkpoint = workdir / family
+    hf_model(family, vocab_size=512, bos_token_id=0, eos_token_id=1).save_pretrained(checkpoint)
+    gpt2 = fp16_recipe(workdir).ds_config
+    ds = fp16_recipe(workdir, model_name_or_path=str(checkpoint)).ds_config
+    assert ds["fp16"] == gpt2["fp16"] and ds["bf16"] == {"enabled": False}
+    monkeypatch.setattr(rules, "cuda_available", lambda: False)
+    with pytest.raises(UserError) as err:
+        fp16_recipe(workdir, command="train", model_name_or_path=str(checkpoint))
+    assert any("fp16 needs a CUDA GPU" in m for m in err.value.messages)
