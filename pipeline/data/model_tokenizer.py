@@ -7,7 +7,7 @@ the Tokenizer: kept in one module, the two would import each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Protocol
 
 from pipeline.data.tokenizer import Tokenizer, gpt2
 from pipeline.data.tokenizer_files import read_tokenizer
@@ -59,40 +59,6 @@ PRESET_TOKENIZER_EXAMPLE = {"llama": "meta-llama/Llama-3.2-1B", "qwen2": "Qwen/Q
                             "qwen3": "Qwen/Qwen3-0.6B"}
 
 
-def tokenizer_source(r: Mapping[str, Any]) -> str:
-    """Where a resolved recipe's tokenizer comes from (pipeline.recipe.args.data_args records it).
-
-    tokenizer_name_or_path when set, else model_name_or_path. A model that another recipe next to this one has
-    still to produce (its output_dir/merged or model/: a chained recipe checked before the upstream ran) has
-    the upstream's tokenizer, since merge and the full-run export copy their base's tokenizer files: the
-    chain is followed to its root. Without this, a chained Llama recipe would be tokenized by whatever the
-    missing directory defaulted to.
-    """
-    if r.get("tokenizer_name_or_path"):
-        return str(r["tokenizer_name_or_path"])
-    name = str(r["model_name_or_path"])
-    recipe = getattr(r, "recipe_path", None)
-    if recipe is None:
-        return name
-    from pipeline.recipe.deps import producer, recipe_value
-
-    seen: set[Path] = set()
-    while name not in PRESETS and not Path(name).exists():
-        found = producer(Path(recipe), name)
-        if found is None or found[0].resolve() in seen:
-            break
-        recipe = found[0]
-        seen.add(recipe.resolve())
-        upstream_tokenizer = recipe_value(recipe, "tokenizer_name_or_path")
-        if isinstance(upstream_tokenizer, str) and upstream_tokenizer:
-            return upstream_tokenizer
-        upstream_model = recipe_value(recipe, "model_name_or_path")
-        if not isinstance(upstream_model, str):
-            break
-        name = upstream_model
-    return name
-
-
 def _source(args: HasModel) -> tuple[str, str]:
     """(name, the key that names it) of a DataArgs / ModelArgs group's tokenizer."""
     named = getattr(args, "tokenizer_name_or_path", None)
@@ -100,8 +66,8 @@ def _source(args: HasModel) -> tuple[str, str]:
 
 
 def recipe_tokenizer(args: HasModel) -> Tokenizer:
-    """The recipe's tokenizer: tokenizer_name_or_path of a DataArgs (see tokenizer_source), else the tokenizer
-    of the base model (model_name_or_path of a DataArgs or ModelArgs)."""
+    """The recipe's tokenizer: tokenizer_name_or_path of a DataArgs (pipeline.recipe.deps.tokenizer_source), else the
+    tokenizer of the base model (model_name_or_path of a DataArgs or ModelArgs)."""
     return load_tokenizer(*_source(args))
 
 

@@ -198,11 +198,11 @@ def where(r: Mapping[str, Any], *keys: str) -> dict[str, str]:
 def data_args(r: Mapping[str, Any]) -> DataArgs:
     """Resolved recipe (or a plain dict in tests) -> DataArgs for pipeline.data (datasets, build, tokens, batches);
     tokenizer_name_or_path is where the tokenizer comes from (pipeline.data.model_tokenizer.tokenizer_source)."""
-    from pipeline.data.model_tokenizer import tokenizer_source
+    from pipeline.recipe.deps import tokenizer_source
 
     source = tokenizer_source(r)
     return dataclasses.replace(from_recipe(DataArgs, r), where=where(r, "dataset", "eval_dataset"),
-                               tokenizer_name_or_path=None if source == str(r["model_name_or_path"]) else source)
+                               tokenizer_name_or_path=None if source == r.get("model_name_or_path") else source)
 
 
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:

@@ -7,13 +7,15 @@
     STAGE=<pt|sft|dpo>
     UPSTREAM=<the recipe in the same folder whose output_dir holds model_name_or_path (or the adapter), or empty>
     UPSTREAM_GOAL=<merge when that path is the upstream's merged/ model, else train>
+
+The same chain gives a chained recipe its tokenizer before the upstream has run (tokenizer_source).
 """
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
@@ -72,6 +74,42 @@ def _upstream(r: Resolved) -> tuple[str, str]:
         if found:
             return str(found[0]), found[1]
     return "", ""
+
+
+def tokenizer_source(r: Mapping[str, Any]) -> str | None:
+    """Where a resolved recipe's tokenizer comes from (pipeline.recipe.args.data_args records it in DataArgs).
+
+    tokenizer_name_or_path when set, else model_name_or_path. A model that another recipe next to this one has
+    still to produce (its output_dir/merged or model/: a chained recipe checked before the upstream ran) has
+    the upstream's tokenizer, since merge and the full-run export copy their base's tokenizer files: the
+    chain is followed to its root. Without this, a chained Llama recipe would be tokenized by whatever the
+    missing directory defaulted to.
+    """
+    if r.get("tokenizer_name_or_path"):
+        return str(r["tokenizer_name_or_path"])
+    if not r.get("model_name_or_path"):  # a partial mapping (unit tests)
+        return None
+    name = str(r["model_name_or_path"])
+    recipe = getattr(r, "recipe_path", None)
+    if recipe is None:
+        return name
+    from pipeline.model.config import PRESETS
+
+    seen: set[Path] = set()
+    while name not in PRESETS and not Path(name).exists():
+        found = producer(Path(recipe), name)
+        if found is None or found[0].resolve() in seen:
+            break
+        recipe = found[0]
+        seen.add(recipe.resolve())
+        upstream_tokenizer = recipe_value(recipe, "tokenizer_name_or_path")
+        if isinstance(upstream_tokenizer, str) and upstream_tokenizer:
+            return upstream_tokenizer
+        upstream_model = recipe_value(recipe, "model_name_or_path")
+        if not isinstance(upstream_model, str):
+            break
+        name = upstream_model
+    return name
 
 
 def lines(r: Resolved) -> list[str]:

@@ -100,6 +100,7 @@ def test_pt_documents_are_joined_as_llama_factory_joins_them(work, tmp_path):
 
     from pipeline.data.tokenize import pt_stream
     from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
     from tests.helpers.hf_vocab import write_tokenizer_dir
 
     base_tokenizer = write_tokenizer_dir(tmp_path / "llama_base_tokenizer", "llama3", instruct=False)
@@ -123,7 +124,7 @@ def test_pt_documents_are_joined_as_llama_factory_joins_them(work, tmp_path):
             eos = instruct.convert_tokens_to_ids(separator)
             expected = [t for i, ids in enumerate(encoded) for t in ids + ([eos] if i < len(encoded) - 1 else [])]
             r = resolve(recipe, overrides, command="train", env=cli_env(WORLD_SIZE="1"))
-            assert pt_stream(r, "train").tolist() == expected, overrides
+            assert pt_stream(data_args(r), "train").tolist() == expected, overrides
     finally:
         os.chdir(here)
     assert [c[1] for c in cases] == ["<|eot_id|>", "<|end_of_text|>", "<|end_of_text|>"]

@@ -85,6 +85,7 @@ def test_every_preset_run_has_a_tokenizer(tmp_path):
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.model.config import PRESETS
     from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
 
     work = tmp_path / "work"
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path / "g.json"), "--workdir", str(work)]) == 0
@@ -93,7 +94,7 @@ def test_every_preset_run_has_a_tokenizer(tmp_path):
         assert any(p.stem.startswith("qwen3-0.6b-fp16") for p in recipes)
     for path in recipes:
         r = resolve(path, [], command="plan", env={"WORLD_SIZE": "1"})
-        assert recipe_tokenizer(r).n_vocab <= PRESETS[r["model_name_or_path"]].vocab_size
+        assert recipe_tokenizer(data_args(r)).n_vocab <= PRESETS[r["model_name_or_path"]].vocab_size
 
 
 def test_script_arguments_and_setup_command(tmp_path):
