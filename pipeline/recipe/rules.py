@@ -237,10 +237,11 @@ def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
 TOKENIZING = ("train", "eval", "generate", "inspect", "validate", "merge")  # the commands that need token ids
 
 
-@rule("tokenizer_name_or_path", "model_name_or_path", commands=(*TOKENIZING, None))
+@rule("tokenizer_name_or_path", "model_name_or_path", commands=TOKENIZING)
 def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
-    """A tokenizer taken from elsewhere (tokenizer_name_or_path) exists and its ids fit the model's embedding
-    table; otherwise training would index past it."""
+    """A Llama / Qwen preset (shapes, no vocabulary) names its tokenizer: refused up front, before any data or
+    model is loaded, with the key to add. A tokenizer taken from elsewhere (tokenizer_name_or_path) exists and
+    its ids fit the model's embedding table; otherwise training would index past it."""
     from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
     from pipeline.errors import UserError
     from pipeline.model.config import PRESETS
@@ -248,7 +249,7 @@ def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
     name = ctx.values.get("tokenizer_name_or_path")
     if not name:
         model = str(ctx.values["model_name_or_path"])
-        if model in PRESETS and not is_gpt2_preset(model) and ctx.command in TOKENIZING:
+        if model in PRESETS and not is_gpt2_preset(model):
             try:
                 load_tokenizer(model)
             except UserError as err:  # the one message that says what to add
