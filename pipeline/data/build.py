@@ -8,6 +8,7 @@ left alone.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -148,19 +149,20 @@ def _read_source(spec: DatasetSpec, stage: str, path: Path, shown: str, problems
 
 
 def _read_source_apart(spec: DatasetSpec, stage: str, path: Path, shown: str, block: tuple[int, int, int] | None
-                       ) -> tuple[list[dict], Problems] | None:
-    """_read_source in a worker process (preprocessing_num_workers): rows and problems come back pickled.
+                       ) -> tuple["Rows", Problems] | None:
+    """_read_source in a worker process (preprocessing_num_workers), rows already in their written form
+    (`as_rows`): what comes back pickled is strings, not dicts, and the parent only concatenates.
 
     `block` = (start byte, end byte, first line) of a JSON Lines file; None (for a block) when it has bad
     UTF-8, so that the whole file is read serially and the message names exact byte offsets.
     """
     problems = Problems()
     if block is None:
-        return _read_source(spec, stage, path, shown, problems), problems
+        return as_rows(_read_source(spec, stage, path, shown, problems), stage), problems
     table = read_jsonl_block(path, *block, shown, problems)
     if table is None:
         return None
-    return to_rows(table, spec, stage, shown, problems), problems
+    return as_rows(to_rows(table, spec, stage, shown, problems), stage), problems
 
 
 def jsonl_blocks(path: Path, n: int) -> list[tuple[int, int, int]]:
@@ -193,19 +195,19 @@ def _tasks(spec: DatasetSpec, workers: int) -> list[tuple[int, Path, str, tuple[
 
 
 def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: int = 1
-                  ) -> tuple[list[dict], list[int]]:
-    """All rows of a dataset's sources (in file order) and the row count per source.
+                  ) -> tuple["Rows", list[int]]:
+    """All rows of a dataset's sources (in file order, as `as_rows` keeps them) and the row count per source.
 
-    With workers > 1 (preprocessing_num_workers) the files, and blocks of large JSON Lines files, are read
-    and converted in worker processes; rows keep the file order and every problem keeps its file:line, so
-    the build is the same as a serial one.
+    With workers > 1 (preprocessing_num_workers) the files, and blocks of large JSON Lines files, are read,
+    converted and serialised in worker processes; rows keep the file order and every problem keeps its
+    file:line, so the build is the same as a serial one, byte for byte.
     """
     from tqdm import tqdm
 
     total = sum(p.stat().st_size for p in spec.files)
     bar = tqdm(total=total, desc=f"build {spec.name}", unit="B", unit_scale=True, file=sys.stderr,
                disable=True if total < PROGRESS_MIN_BYTES else None)
-    rows: list[dict] = []
+    rows = Rows(stage)
     per_source = [0] * len(spec.files)
     tasks = _tasks(spec, workers) if workers > 1 else []
     if len(tasks) > 1:
@@ -219,7 +221,7 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: in
         for (i, path, shown, block), result in zip(tasks, results):
             if i in serial:
                 if block is None or block[0] == 0:  # once per file, at its first block
-                    converted = _read_source(spec, stage, path, shown, problems)
+                    converted = as_rows(_read_source(spec, stage, path, shown, problems), stage)
                     rows.extend(converted)
                     per_source[i] += len(converted)
                 continue
@@ -230,46 +232,79 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: in
         bar.update(total)
     else:
         for i, (path, shown) in enumerate(zip(spec.files, spec.shown)):
-            converted = _read_source(spec, stage, path, shown, problems)
+            converted = as_rows(_read_source(spec, stage, path, shown, problems), stage)
             rows.extend(converted)
             per_source[i] = len(converted)
             bar.update(path.stat().st_size)
     bar.close()
-    if not rows and not problems:
+    if not len(rows) and not problems:
         problems.add(spec.shown[0] if len(spec.shown) == 1 else spec.registry, None,
                      f"dataset '{spec.name}' has no rows")
     return rows, per_source
 
 
+class Rows:
+    """A dataset's rows between reading and writing. pt keeps the documents (split_documents may cut one, and
+    the token counts read them); sft and dpo keep, per row, why `clean` drops it (or None) and the row's JSON
+    text as train.json/val.json hold it: all that cleaning, splitting and writing need, and cheap to send
+    from a worker process (strings, not dicts)."""
+
+    def __init__(self, stage: str, docs: list[dict] | None = None, reasons: list[str | None] | None = None,
+                 lines: list[str] | None = None):
+        self.stage = stage
+        self.docs = docs if docs is not None else []
+        self.reasons = reasons if reasons is not None else []
+        self.lines = lines if lines is not None else []
+
+    def __len__(self) -> int:
+        return len(self.docs) if self.stage == "pt" else len(self.lines)
+
+    def extend(self, other: "Rows") -> None:
+        self.docs.extend(other.docs)
+        self.reasons.extend(other.reasons)
+        self.lines.extend(other.lines)
+
+
+def as_rows(rows: list[dict], stage: str) -> Rows:
+    if stage == "pt":
+        return Rows(stage, docs=rows)
+    return Rows(stage, reasons=[drop_reason(row, stage) for row in rows], lines=list(map(row_line, rows)))
+
+
+def drop_reason(row: dict, stage: str) -> str | None:
+    """Why `clean` removes the row before de-duplication (blank fields, a pair without a preference), or None."""
+    if stage == "pt":
+        key = row["text"]
+        return "empty text" if not key or key.isspace() else None
+    reason = _blank(row, ("instruction", "chosen", "rejected") if stage == "dpo" else ("instruction", "output"))
+    if reason is None and stage == "dpo" and row["chosen"] == row["rejected"]:  # no preference: zero gradient
+        return "identical chosen and rejected"
+    return reason
+
+
 def clean(rows: list[dict], stage: str, num_samples: int | None, max_samples: int | None
           ) -> tuple[list[dict], dict[str, int]]:
     """Remove blank rows, exact duplicates (first kept) and rows over the caps; count each reason."""
+    return _clean(rows, [drop_reason(row, stage) for row in rows], list(map(row_line, rows)), stage,
+                  num_samples, max_samples)
+
+
+def _clean(items: list, reasons: list[str | None], keys: list[str], stage: str, num_samples: int | None,
+           max_samples: int | None) -> tuple[list, dict[str, int]]:
+    """clean() on any per-row items, given each row's drop reason and its JSON text: two rows are duplicates
+    when their JSON is the same (every field equal: rows of one dataset are built with the same field order)."""
     removed: Counter[str] = Counter()
-    kept: list[dict] = []
-    seen: set = set()
-    for row in rows:
-        if stage == "pt":
-            key: Any = row["text"]
-            if not key or key.isspace():
-                removed["empty text"] += 1
-                continue
-        else:
-            reason = _blank(row, ("instruction", "chosen", "rejected") if stage == "dpo" else ("instruction", "output"))
-            if reason:
-                removed[reason] += 1
-                continue
-            if stage == "dpo" and row["chosen"] == row["rejected"]:  # no preference to learn (zero gradient)
-                removed["identical chosen and rejected"] += 1
-                continue
-            answer = (row["chosen"], row["rejected"]) if stage == "dpo" else row["output"]
-            key = (row["instruction"], row["input"], answer) if len(row) == 3 else (
-                row["instruction"], row["input"], answer, row.get("system", ""),
-                tuple(map(tuple, row.get("history", ()))), row.get("tools", ""), tuple(row.get("roles", ())))
+    kept: list = []
+    seen: set[str] = set()
+    for item, reason, key in zip(items, reasons, keys):
+        if reason:
+            removed[reason] += 1
+            continue
         if key in seen:
             removed["exact duplicate"] += 1
             continue
         seen.add(key)
-        kept.append(row)
+        kept.append(item)
     for reason, cap in (("over num_samples", num_samples), ("over max_samples", max_samples)):
         if cap is not None and len(kept) > cap:
             removed[reason] += len(kept) - cap
@@ -319,25 +354,36 @@ def split_documents(docs: list[dict], val_size: float, seed: int) -> tuple[list[
     return train, val, "within documents"
 
 
-def _dump_rows(rows: list[dict]) -> bytes:
-    """A JSON array with row i (1-based) on line i, so `file:row` is also `file:line`."""
-    if not rows:
-        return b"[]\n"
-    from json.encoder import c_make_encoder, encode_basestring as quote
+@functools.lru_cache(maxsize=1)
+def _encoder() -> Any:
+    """One reusable C JSON encoder (separators ", " and ": ", no ASCII escaping) instead of one per row."""
+    from json.encoder import c_make_encoder, encode_basestring
 
     if c_make_encoder is None:  # pragma: no cover - CPython always has the C encoder
-        general = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
-    else:  # one reusable C encoder instead of a new one per row (the build's hottest loop)
-        encoder = c_make_encoder(None, None, quote, None, ": ", ", ", False, False, False)
-        general = lambda row: "".join(encoder(row, 0))  # noqa: E731
+        return json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
+    encoder = c_make_encoder(None, None, encode_basestring, None, ": ", ", ", False, False, False)
+    return lambda row: "".join(encoder(row, 0))
 
-    def dumps(row: dict) -> str:
-        if len(row) == 3 and "instruction" in row and "input" in row and "output" in row:
-            return (f'{{"instruction": {quote(row["instruction"])}, "input": {quote(row["input"])}, '
-                    f'"output": {quote(row["output"])}}}')
-        return general(row)
 
-    return ("[" + ",\n".join(map(dumps, rows)) + "]\n").encode("utf-8")
+def row_line(row: dict) -> str:
+    """A row's JSON text as train.json/val.json hold it (one line; the build's hottest function)."""
+    if len(row) == 3 and "instruction" in row and "input" in row and "output" in row:
+        from json.encoder import encode_basestring as quote
+
+        return (f'{{"instruction": {quote(row["instruction"])}, "input": {quote(row["input"])}, '
+                f'"output": {quote(row["output"])}}}')
+    return _encoder()(row)
+
+
+def _join(lines: list[str]) -> bytes:
+    """A JSON array with row i (1-based) on line i, so `file:row` is also `file:line`."""
+    if not lines:
+        return b"[]\n"
+    return ("[" + ",\n".join(lines) + "]\n").encode("utf-8")
+
+
+def _dump_rows(rows: list[dict]) -> bytes:
+    return _join(list(map(row_line, rows)))
 
 
 def count_tokens(docs: list[dict], tokenizer: Tokenizer) -> int:
@@ -347,11 +393,14 @@ def count_tokens(docs: list[dict], tokenizer: Tokenizer) -> int:
     return sum(map(len, tokenizer.encode_batch([d["text"] for d in docs]))) + len(docs) - 1
 
 
-def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_source: list[int],
+def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: list[int],
              data: DataArgs) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Clean, split and serialise one dataset: (manifest, file name -> bytes); UserError if a split is empty."""
     stage = data.stage
-    kept, removed = clean(rows, stage, spec.num_samples, data.max_samples)
+    if stage == "pt":
+        kept, removed = clean(rows.docs, stage, spec.num_samples, data.max_samples)
+    else:
+        kept, removed = _clean(rows.lines, rows.reasons, rows.lines, stage, spec.num_samples, data.max_samples)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "name": spec.name, "stage": stage,
         "formatting": spec.formatting, "registry": spec.registry, "entry": spec.entry,
@@ -376,7 +425,10 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: list[dict], per_so
         if tokenizer is not None:  # a hub model not downloaded yet: no token counts (see available_tokenizer)
             manifest["tokens"] = {"train": count_tokens(train, tokenizer), "val": count_tokens(val, tokenizer)}
             manifest["tokenizer"] = tokenizer.name
-    blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
+    if stage == "pt":
+        blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
+    else:  # already JSON text
+        blobs = {"train.json": _join(train), "val.json": _join(val)}
     manifest["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()}
     manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return manifest, blobs

@@ -72,3 +72,29 @@ def test_parallel_build_reports_the_same_problems(make_recipe, small_blocks):
     with pytest.raises(UserError) as parallel:
         build(data_args({**r, "preprocessing_num_workers": 4}))
     assert parallel.value.messages == serial.value.messages and "byte offset" in serial.value.messages[0]
+
+
+def test_parallel_build_cleans_like_the_serial_one(make_recipe, small_blocks):
+    """Duplicates across blocks and files, blank rows and rows with a system prompt or history: removed and
+    kept the same way, the same bytes (workers send each row's JSON text and drop reason, not the row)."""
+    import shutil
+
+    rows = alpaca_rows(60)
+    rows[5]["output"] = "  "  # blank
+    rows += [dict(r) for r in rows[10:30]]  # duplicates of rows in the first block
+    rows += [{**r, "system": "Be brief."} for r in rows[:10]]  # not duplicates: another system prompt
+    rows += [{**r, "history": [["Hi", "Hello."]]} for r in rows[:10]] * 2  # duplicates among themselves
+    files = {"raw/a.jsonl": jsonl(rows), "raw/b.jsonl": jsonl(rows[:15])}
+    r = make_recipe({"all": {"file_name": "raw"}}, files=files, dataset=["all"], max_samples=70)
+    build(data_args(r))
+    serial = outputs(r)
+    folder = built_dir(r["dataset_dir"], "all")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    # 125 rows read: 5 blank (row 5 and its 4 copies), 43 duplicates (20 + 9 history copies + 14 in b.jsonl),
+    # 77 left, 7 over max_samples
+    assert manifest["removed"] == {"empty instruction": 0, "empty output": 5, "exact duplicate": 43,
+                                   "over num_samples": 0, "over max_samples": 7} and manifest["rows_kept"] == 70
+    shutil.rmtree(folder)
+    build(data_args({**r, "preprocessing_num_workers": 2}))
+    assert outputs(r) == serial
+    assert json.loads((folder / "manifest.json").read_text())["removed"] == manifest["removed"]
