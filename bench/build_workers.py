@@ -1,5 +1,6 @@
 """preprocessing_num_workers: `build` of 200k generated Alpaca rows (one 60 MB JSON Lines file, read in
-blocks, plus the same rows split over 8 files) with 1 worker and with 2, each round in a fresh process.
+blocks, plus the same rows split over 8 files) with 1 worker and with 2, each round in a fresh process; wall
+seconds and CPU seconds (the build process, and its worker processes), which a loaded machine does not change.
 
     .venv/bin/python -m bench.build_workers [--rows N] [--rounds K]
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shutil
 import tempfile
 import time
@@ -24,9 +26,13 @@ def child(recipe_path: str, workers: int) -> dict[str, Any]:
 
     r = workload.resolve_recipe(Path(recipe_path), command="build")
     r = r.replace(preprocessing_num_workers=workers)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     build(data_args(r))
-    return {"seconds": time.perf_counter() - t0}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds do not depend on how loaded the machine is: on an idle machine with 2 cores the wall time is
+    # about max(parent CPU, (parent CPU + workers' CPU) / 2)
+    return {"seconds": time.perf_counter() - t0, "cpu_parent": time.process_time() - c0,
+            "cpu_workers": children.ru_utime + children.ru_stime}
 
 
 def write_sources(data: Path, rows: list[dict], files: int) -> None:
@@ -65,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             runs = common.rounds({"1 worker": fresh(1), "2 workers": fresh(2)}, min_rounds=args.rounds,
                                  max_rounds=args.rounds, budget_s=1e9)
             one, two = (common.median(r["seconds"] for r in runs[k]) for k in ("1 worker", "2 workers"))
-            results[layout] = {"seconds_1": one, "seconds_2": two, "speedup": one / two, "runs": runs}
-    text = common.table(["sources", "1 worker s", "2 workers s", "speed-up"],
-                        [(k, v["seconds_1"], v["seconds_2"], v["speedup"]) for k, v in results.items()])
+            cpu = {f"{key}_{n}": common.median(r[key] for r in runs[k])
+                   for key in ("cpu_parent", "cpu_workers") for n, k in (("1", "1 worker"), ("2", "2 workers"))}
+            results[layout] = {"seconds_1": one, "seconds_2": two, "speedup": one / two, **cpu, "runs": runs}
+    text = common.table(["sources", "1 worker s", "2 workers s", "speed-up", "CPU s: 1 worker", "CPU s: parent + workers"],
+                        [(k, v["seconds_1"], v["seconds_2"], v["speedup"], v["cpu_parent_1"],
+                          f"{v['cpu_parent_2']:.2f} + {v['cpu_workers_2']:.2f}") for k, v in results.items()])
     print(text)
     common.save("build_workers", {"config": {"rows": args.rows, "rounds": args.rounds, "cores": common.machine()["cores"]},
                                   "summary": {k: {kk: vv for kk, vv in v.items() if kk != "runs"}
