@@ -383,7 +383,8 @@ CASES: list[Case] = [
     Case("sharegpt: a tool-use turn", "rows-sharegpt",
          raw("s.jsonl", jsonl([{"conversations": [{"from": "human", "value": "a"},
                                                    {"from": "function_call", "value": "{}"}]}]), formatting="sharegpt"),
-         ("data/raw/s.jsonl:1:", "tool-use turns are not supported"), argv=("build", "r.yaml")),
+         ("data/raw/s.jsonl:1:", "conversations[1].from is 'function_call'", "template 'alpaca' does not; use one "
+          "that does (chatml, qwen"), argv=("build", "r.yaml")),
     # ------------------------------------------------------------------ raw rows: CSV / TSV
     Case("csv: wrong number of fields", "rows-csv",
          raw("a.csv", "instruction,input,output\nSay hi,,hi\nSay yo,,yo,extra\nSay a,,a\n"),
