@@ -97,3 +97,45 @@ def test_a_template_the_vocabulary_lacks_names_the_tokens(vocab_dirs):
                                         r"<\|end_header_id\|>, <\|eot_id\|>, which the tokenizer .*tokenizer.json "
                                         r"does not have; choose a template of this model's family \(.*qwen3.*\)"):
         example(vocab_dirs, "qwen3", "llama3", ROW)
+
+
+@pytest.mark.parametrize("family,template,specials", [
+    ("qwen3", "qwen3", {"<|im_start|>": IS, "<|im_end|>": IE}),
+    ("llama3", "llama3", {"{bos}": BOT, "<|start_header_id|>": SH, "<|end_header_id|>": EH, "<|eot_id|>": EOT}),
+])
+def test_function_calling_masks(vocab_dirs, enc, monkeypatch, family, template, specials):
+    """Function-calling turns on the real vocabularies: LLaMA-Factory 0.9.5's strings (tests/data/lf_tool_goldens.py)
+    turned into ids with the published markup ids and the `tokenizers` library for the text between (Qwen3's
+    <tool_call>, <tool_response> and <think> are added tokens there and here); function calls trained,
+    tool results masked."""
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from lf_tool_goldens import GOLDEN, MESSAGES, TOOLS
+
+    from pipeline.data import tools
+
+    monkeypatch.setattr(tools, "today", lambda: "{date}")
+    thought = "<think>\n\n</think>\n\n"
+    splitter = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+
+    def ids(text: str) -> list[int]:
+        out: list[int] = []
+        if text.startswith(thought):  # LLaMA-Factory encodes the empty thought on its own
+            out, text = enc(family, thought), text[len(thought):]
+        for i, piece in enumerate(splitter.split(text)):
+            out += [specials[piece]] if i % 2 else (enc(family, piece) if piece else [])
+        return out
+
+    texts = [m["content"] for m in MESSAGES]
+    row = {"instruction": texts[-2], "input": "", "output": texts[-1], "system": "You are a weather bot.",
+           "history": [[texts[i], texts[i + 1]] for i in range(0, len(texts) - 2, 2)], "tools": TOOLS,
+           "roles": [m["role"] for m in MESSAGES]}
+    want_ids, want_labels = [], []
+    for prompt, response in GOLDEN[(template, "You are a weather bot.")]:
+        want_ids += ids(prompt) + ids(response)
+        want_labels += [M] * len(ids(prompt)) + ids(response)
+    got = example(vocab_dirs, family, template, row)
+    assert got.input_ids == want_ids and got.labels == want_labels
