@@ -89,15 +89,28 @@ def hf_model(family: str = "gpt2", *, seed: int = 0, noise: float = 0.1, **overr
     return model
 
 
-def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, **overrides: Any) -> Any:
+def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, small_vocab: bool = False,
+                        **overrides: Any) -> Any:
     """save_pretrained(directory) of a tiny random `family` model (safetensors) with the family's tokenizer files
-    (Llama 3 / Qwen: their real vocabularies; GPT-2's comes from the pipeline's own ranks); returns the model."""
+    (Llama 3 / Qwen: their real vocabularies, or with small_vocab a 384-token byte-level BPE holding the family's
+    template markup; GPT-2's comes from the pipeline's own ranks); returns the model."""
+    name, generation = FAMILIES[family].tokenizer, {}
+    if small_vocab and name:
+        from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+        size = write_small_tokenizer_dir(directory, name)
+        generation = json.loads((Path(directory) / "generation_config.json").read_text())
+        overrides = {"vocab_size": size, "bos_token_id": generation.get("bos_token_id"),
+                     "eos_token_id": generation["eos_token_id"][0], **overrides}
     model = hf_model(family, seed=seed, **overrides)
-    model.save_pretrained(Path(directory), safe_serialization=True)
-    if FAMILIES[family].tokenizer:
+    model.save_pretrained(Path(directory), safe_serialization=True)  # writes its own generation_config.json
+    gen_path = Path(directory) / "generation_config.json"
+    if generation:
+        gen_path.write_text(json.dumps({**json.loads(gen_path.read_text()), **generation}, indent=2))
+    elif name:
         from tests.helpers.hf_vocab import write_tokenizer_dir
 
-        write_tokenizer_dir(directory, FAMILIES[family].tokenizer)
+        write_tokenizer_dir(directory, name)
     return model
 
 

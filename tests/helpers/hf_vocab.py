@@ -144,6 +144,53 @@ def write_tokenizer_dir(directory: str | Path, family: str, *, instruct: bool = 
     return directory
 
 
+# The markup tokens of each family's templates, for a small vocabulary: (content, special).
+SMALL_ADDED = {
+    "llama3": [(t, True) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                   "<|eom_id|>", "<|eot_id|>")],
+    "qwen2": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True)],
+    "qwen3": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<think>", False),
+              ("</think>", False)],
+}
+
+
+def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
+    """A small byte-level BPE in the family's format (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, generation_config.json) with the family's template markup as added tokens;
+    returns the vocabulary size. For tests where the real 128k / 152k-row heads only cost time: `tokenizers`
+    trains the merges on the tests' words, so merge order follows the ids as in the real files."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.train.helpers import WORDS, corpus, sft_rows
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    texts = [corpus(12), " ".join(WORDS)] + [" ".join(map(str, row.values())) for row in sft_rows(24)]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=size - len(SMALL_ADDED[family]), show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for content, special in SMALL_ADDED[family]:
+        tok.add_tokens([AddedToken(content, special=special, normalized=False)])
+    tok.save(str(directory / "tokenizer.json"))
+    ids = {content: tok.token_to_id(content) for content, _ in SMALL_ADDED[family]}
+    if family == "llama3":
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+        generation = {"bos_token_id": ids["<|begin_of_text|>"],
+                      "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}
+    else:
+        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        generation = {"pad_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                 "clean_up_tokenization_spaces": False, **config}))
+    (directory / "special_tokens_map.json").write_text(json.dumps({k: v for k, v in config.items() if v}))
+    gen_path = directory / "generation_config.json"
+    existing = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen_path.write_text(json.dumps({**existing, **generation}, indent=2))
+    return tok.get_vocab_size()
+
+
 def write_llama3_original(directory: str | Path) -> Path:
     """Meta's layout only: original/tokenizer.model (no tokenizer.json)."""
     target = Path(directory) / "original" / "tokenizer.model"
