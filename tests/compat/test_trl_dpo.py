@@ -1,6 +1,6 @@
 """One batch of stage dpo against TRL's own trainers (test-only dependency trl, pinned in requirements-test.txt).
 
-The same tiny GPT-2 (written by transformers' save_pretrained), the same PEFT LoRA adapter with trained-looking
+The same tiny GPT-2 (and, for sigmoid, a tiny Llama; written by transformers' save_pretrained), the same PEFT LoRA adapter with trained-looking
 (non-zero) weights, the same token pairs (tokenized by our alpaca template, so that tokenization is not what is
 compared): our PreferenceObjective with its LoRA reference (the policy with its adapters switched off, as
 LLaMA-Factory runs TRL) against
@@ -56,31 +56,43 @@ def pair_rows(n: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
-    """A tiny GPT-2 checkpoint, a PEFT adapter whose B is non-zero, and tokenized pairs."""
-    root = tmp_path_factory.mktemp("trl")
+def hf_config(family: str):
+    if family == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=50257,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=50257, max_position_embeddings=128,
+                                    tie_word_embeddings=False)
+
+
+def write_checkpoint(root: Path, family: str) -> dict:
+    """A tiny checkpoint of the family and a PEFT adapter whose B is non-zero, and tokenized pairs."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=50257,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(root / "base")
-    model = hf_base(root / "base")
-    adapted = peft.get_peft_model(model, peft.LoraConfig(**LORA, init_lora_weights=False, task_type="CAUSAL_LM"))
+    transformers.AutoModelForCausalLM.from_config(hf_config(family)).save_pretrained(root / "base")
+    adapted = peft.get_peft_model(hf_base(root / "base"), lora_config(family, init_lora_weights=False))
     with torch.no_grad():  # PEFT leaves nn.Linear's init in A and B: scale B so that the policy stays near the base
         for name, param in adapted.named_parameters():
             if "lora_B" in name:
                 param.mul_(0.2)
     adapted.save_pretrained(root / "adapter")
     pairs = encode_pairs(pair_rows(2 * PAIRS), "alpaca", gpt2(), cutoff_len=64)
-    return {"root": root, "pairs": pairs}
+    return {"root": root, "pairs": pairs, "family": family}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    return write_checkpoint(tmp_path_factory.mktemp("trl-gpt2"), "gpt2")
 
 
 def hf_base(path: Path):
-    return transformers.GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def lora_config():
-    return peft.LoraConfig(**LORA, task_type="CAUSAL_LM")
+def lora_config(family: str = "gpt2", **kw):
+    if family == "gpt2":
+        return peft.LoraConfig(**LORA, task_type="CAUSAL_LM", **kw)
+    return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM", **kw,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def load_trained_adapter(trainer, root: Path) -> None:
@@ -153,16 +165,28 @@ def placeholder_dataset():
     return datasets.Dataset.from_list([{"prompt": "x", "chosen": "x", "rejected": "x"}] * 2)
 
 
+def make_dpo_trainer(checkpoint: dict, tmp: Path):
+    """trl.DPOTrainer on the base model with a peft_config (LLaMA-Factory's start), the saved adapter loaded."""
+    root = checkpoint["root"]
+    trainer = trl.DPOTrainer(model=hf_base(root / "base"), args=trl_args(trl.DPOConfig, tmp, loss_type=["sigmoid"]),
+                             train_dataset=placeholder_dataset(), processing_class=placeholder_tokenizer(),
+                             peft_config=lora_config(checkpoint["family"]))
+    load_trained_adapter(trainer, root)
+    return trainer
+
+
+def trl_dpo_one_batch(trainer, pairs, indices: list[int]) -> tuple[float, dict[str, float]]:
+    """DPOTrainer.compute_loss on its own collator's batch of the pairs: the loss and the metrics it logged."""
+    trl_batch = trainer.data_collator([split_pair(pairs, i) for i in indices])
+    trainer.model.train()
+    trl_loss = float(trainer.compute_loss(trainer.model, trl_batch).detach())
+    return trl_loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
 @pytest.fixture(scope="module")
 def dpo_trainer(setup, tmp_path_factory):
     """One trl.DPOTrainer for the three losses (building one takes seconds): loss_types is set per test."""
-    root = setup["root"]
-    trainer = trl.DPOTrainer(model=hf_base(root / "base"),
-                             args=trl_args(trl.DPOConfig, tmp_path_factory.mktemp("dpo"), loss_type=["sigmoid"]),
-                             train_dataset=placeholder_dataset(), processing_class=placeholder_tokenizer(),
-                             peft_config=lora_config())
-    load_trained_adapter(trainer, root)
-    return trainer
+    return make_dpo_trainer(setup, tmp_path_factory.mktemp("dpo"))
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "hinge", "ipo"])
@@ -175,10 +199,7 @@ def test_one_batch_equals_trl_dpo_trainer(setup, dpo_trainer, loss):
     trainer = dpo_trainer
     assert trainer.loss_types == trainer.args.loss_type  # what _compute_loss iterates over
     trainer.loss_types = trainer.args.loss_type = [loss]
-    trl_batch = trainer.data_collator([split_pair(pairs, i) for i in indices])
-    trainer.model.train()
-    trl_loss = float(trainer.compute_loss(trainer.model, trl_batch).detach())
-    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    trl_loss, logged = trl_dpo_one_batch(trainer, pairs, indices)
 
     assert value == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
     if loss != "ipo":
@@ -196,6 +217,20 @@ def test_one_batch_equals_trl_dpo_trainer(setup, dpo_trainer, loss):
         averaged = policy.averaged()
         assert metrics["logps/chosen"] == pytest.approx(float(averaged.chosen.mean()), rel=1e-6)
     assert trl_loss != pytest.approx(0.6931, abs=1e-3)  # the adapter moved the policy off the reference
+
+
+def test_llama_family_one_batch_equals_trl_dpo_trainer(tmp_path):
+    """The same for a Llama checkpoint (RMSNorm, rotary positions, gated MLP, grouped KV heads, untied head)."""
+    checkpoint = write_checkpoint(tmp_path / "llama", "llama")
+    pairs, root = checkpoint["pairs"], checkpoint["root"]
+    indices = list(range(PAIRS))
+    value, metrics, _ = ours(root, pad_examples([(pairs.chosen, indices), (pairs.rejected, indices)],
+                                                gpt2().pad_id), "sigmoid")
+    trl_loss, logged = trl_dpo_one_batch(make_dpo_trainer(checkpoint, tmp_path / "out"), pairs, indices)
+    assert value == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    for key in METRICS:
+        assert metrics[key] == pytest.approx(logged[key], rel=1e-5, abs=1e-6), key
+    assert trl_loss != pytest.approx(0.6931, abs=1e-3)
 
 
 def cpo_batch(pairs, indices: list[int]) -> dict:
@@ -224,7 +259,7 @@ def test_simpo_equals_trl_cpo_trainer(setup, tmp_path):
     load_trained_adapter(trainer, root)
     trainer.model.train()
     trl_loss, logged = trainer.get_batch_loss_metrics(trainer.model, cpo_batch(pairs, indices))
-    assert value == pytest.approx(float(trl_loss), rel=1e-5, abs=1e-6)
+    assert value == pytest.approx(float(trl_loss.detach()), rel=1e-5, abs=1e-6)
     for key in METRICS:
         assert metrics[key] == pytest.approx(float(logged[key]), rel=1e-5, abs=1e-6), key
 
@@ -246,4 +281,4 @@ def test_orpo_equals_trl_orpo_trainer(setup, tmp_path):
         assert metrics[key] == pytest.approx(float(logged[key]), rel=1e-5, abs=1e-6), key
     assert metrics["odds_ratio_loss"] == pytest.approx(-float(logged["log_odds_ratio"]), rel=1e-5)
     # the beta-weighted odds-ratio term is the same; the NLL term is not (see the module docstring)
-    assert value - metrics["sft_loss"] == pytest.approx(float(trl_loss) - float(logged["nll_loss"]), rel=1e-5)
+    assert value - metrics["sft_loss"] == pytest.approx(float(trl_loss.detach()) - float(logged["nll_loss"]), rel=1e-5)
