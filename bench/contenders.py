@@ -4,8 +4,9 @@
   from the recipe's ds_config (bf16: bf16 weights, fp32 master copies of the LoRA tensors) ->
   `pipeline.train.loop.Trainer.optimizer_step`, fed by our sft loader (group_by_length) and computing the
   output head only where labels are kept.
-- hf: transformers' GPT2LMHeadModel + PEFT LoRA as LLaMA-Factory runs it with `bf16: true`: base weights in
-  bf16, LoRA tensors upcast to fp32, torch.autocast(bf16), labels -100 on the prompt, each batch padded to
+- hf: transformers' class of the model's family (GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, built
+  from the HF config of the same shape) + PEFT LoRA as LLaMA-Factory runs it with `bf16: true`: base weights
+  created in bf16, LoRA tensors upcast to fp32, torch.autocast(bf16), labels -100 on the prompt, each batch padded to
   its longest example (DataCollatorForSeq2Seq), random order, grad-norm clipping at 1.0. Gradient
   checkpointing is off (LLaMA-Factory turns it on by default, which costs ~30% more compute): same
   algorithm as ours, so the comparison is of implementations.
@@ -14,17 +15,21 @@
   ch07.custom_collate_fn (pad to the longest, train on the whole sequence), ch05.calc_loss_batch's loss,
   plus torch.autocast(bf16) (the book has no bf16 path).
 
-All three: gpt2-small widths (768 wide, 12 heads, vocab 50257, context 1024) with `n_layers` blocks, r=16,
-alpha 32, no dropout, AdamW lr 1e-4, micro-batch = global batch (no accumulation).
+All: a model shape (bench.workload.Shape: a preset's published widths with the depth cut; the book's code
+has GPT-2 only), r=16, alpha 32 on every block Linear, no dropout, AdamW lr 1e-4, micro-batch = global
+batch (no accumulation). `HF.neat_packed_batch` + `greedy_knapsack` reproduce LLaMA-Factory's neat_packing.
 """
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
 from pipeline.recipe.args import data_args
-from typing import Callable
 
 import numpy as np
 
-PAD = 50256
+from bench.workload import Shape
+
+PAD = 50256  # GPT-2's <|endoftext|>; other vocabularies store their pad id with the examples
 IGNORE = -100
 LORA_RANK, LORA_ALPHA, LR = 16, 32, 1e-4
 
@@ -32,13 +37,19 @@ LORA_RANK, LORA_ALPHA, LR = 16, 32, 1e-4
 class Examples:
     """Tokenized examples back to back (our tokenizer and template, shared by every contender)."""
 
-    def __init__(self, ids: np.ndarray, trainable: np.ndarray, offsets: np.ndarray):
-        self.ids, self.trainable, self.offsets = ids, trainable, offsets
+    def __init__(self, ids: np.ndarray, trainable: np.ndarray, offsets: np.ndarray, pad: int = PAD):
+        self.ids, self.trainable, self.offsets, self.pad = ids, trainable, offsets, pad
 
     @classmethod
     def load(cls, path: str) -> "Examples":
         data = np.load(path)
-        return cls(data["ids"], data["trainable"], data["offsets"])
+        return cls(data["ids"], data["trainable"], data["offsets"], int(data["pad"]) if "pad" in data else PAD)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
 
     def tokens(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i]:self.offsets[i + 1]].astype(np.int64)
@@ -135,21 +146,23 @@ class Ours:
 # ---------------------------------------------------------------------------------------------- transformers + PEFT
 
 class HF:
-    """transformers GPT2LMHeadModel + PEFT LoRA, stepped like the HF Trainer under LLaMA-Factory."""
+    """transformers (the shape's family class: GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM, built from
+    the matching HF config with random weights) + PEFT LoRA, stepped like the HF Trainer under LLaMA-Factory."""
 
     name = "hf"
 
-    def __init__(self, n_layers: int):
+    def __init__(self, shape: Shape):
         import torch
         from peft import LoraConfig, get_peft_model
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         torch.manual_seed(0)
-        config = GPT2Config(n_embd=768, n_layer=n_layers, n_head=12, n_positions=1024, vocab_size=50257,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        base = GPT2LMHeadModel(config).to(torch.bfloat16)  # LLaMA-Factory: torch_dtype = compute dtype
-        lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, fan_in_fan_out=True,
-                          target_modules=["c_attn", "c_proj", "c_fc"], task_type="CAUSAL_LM")
+        raw = shape.hf_config()
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        # LLaMA-Factory: torch_dtype = the compute dtype (bf16), so the weights are never held in fp32
+        base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, fan_in_fan_out=bool(shape.cfg.hf.conv1d),
+                          target_modules=shape.hf_lora_targets(), task_type="CAUSAL_LM")
         self.model = get_peft_model(base, lora)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for p in self.params:  # LLaMA-Factory upcasts trainable parameters to fp32
@@ -170,11 +183,11 @@ class HF:
 
     @staticmethod
     def sft_batch(examples: Examples, indices: np.ndarray) -> dict:
-        """DataCollatorForSeq2Seq: right-pad input_ids with the pad (= EOS) id and labels with -100."""
+        """DataCollatorForSeq2Seq: right-pad input_ids with the pad id and labels with -100."""
         import torch
 
         width = max(len(examples.tokens(i)) for i in indices)
-        ids = np.full((len(indices), width), PAD, dtype=np.int64)
+        ids = np.full((len(indices), width), examples.pad, dtype=np.int64)
         labels = np.full((len(indices), width), IGNORE, dtype=np.int64)
         mask = np.zeros((len(indices), width), dtype=np.int64)
         for row, i in enumerate(indices):
@@ -186,12 +199,67 @@ class HF:
                 "attention_mask": torch.from_numpy(mask)}
 
     @staticmethod
+    def neat_packed_batch(examples: Examples, rows: list[list[int]], cutoff_len: int) -> dict:
+        """LLaMA-Factory's neat_packing on the eager/SDPA path (no FlashAttention on a CPU), rewritten here:
+        each row is the examples of one knapsack back to back, right-padded to cutoff_len + 1, with
+        position_ids restarting at 0 per example and the attention mask holding each token's example number
+        (1, 2, ...; 0 = padding), which its SFTDataCollatorWith4DAttentionMask turns into a (B, 1, T, T) float
+        mask in the compute dtype: 0 where causal and same example, the dtype's minimum elsewhere."""
+        import torch
+
+        width = cutoff_len + 1
+        ids = np.full((len(rows), width), examples.pad, dtype=np.int64)
+        labels = np.full((len(rows), width), IGNORE, dtype=np.int64)
+        positions = np.zeros((len(rows), width), dtype=np.int64)
+        segments = np.zeros((len(rows), width), dtype=np.int64)
+        for r, row in enumerate(rows):
+            at = 0
+            for k, i in enumerate(row, 1):
+                tokens = examples.tokens(i)
+                n = len(tokens)
+                ids[r, at:at + n] = tokens
+                labels[r, at:at + n] = np.where(examples.mask(i), tokens, IGNORE)
+                positions[r, at:at + n] = np.arange(n)
+                segments[r, at:at + n] = k
+                at += n
+        seg = torch.from_numpy(segments)
+        allowed = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] != 0)
+        allowed &= torch.tril(torch.ones(width, width, dtype=torch.bool))
+        dtype = torch.bfloat16
+        mask = torch.where(allowed, torch.tensor(0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "position_ids": torch.from_numpy(positions), "attention_mask": mask}
+
+    @staticmethod
     def dense_batch(tokens: np.ndarray) -> dict:
         """T positions, labels = inputs (the model shifts): the same T x B positions as the others."""
         import torch
 
         t = torch.from_numpy(tokens[:, :-1].copy())
         return {"input_ids": t, "labels": t, "attention_mask": torch.ones_like(t)}
+
+
+def greedy_knapsack(lengths: Mapping[int, int], capacity: int) -> list[list[int]]:
+    """LLaMA-Factory's packing (processor_utils.greedy_knapsack, rewritten): lengths sorted ascending; each
+    knapsack repeatedly takes the longest remaining example that still fits. Returns example indices."""
+    import bisect
+
+    order = sorted(lengths, key=lambda i: (lengths[i], i))
+    keys = [lengths[i] for i in order]
+    packs = []
+    while order:
+        pack, room = [], capacity
+        while True:
+            at = bisect.bisect_right(keys, room) - 1
+            if at < 0:
+                break
+            room -= keys.pop(at)
+            pack.append(order.pop(at))
+        if not pack:  # longer than the capacity: LLaMA-Factory drops it before packing
+            keys.pop(0), order.pop(0)
+            continue
+        packs.append(pack)
+    return packs
 
 
 # ---------------------------------------------------------------------------------------------- the book

@@ -14,6 +14,7 @@ import numpy as np
 
 from bench import common
 from bench.contenders import Book, HF, Ours, lora_step_flops
+from bench.workload import Shape
 
 CONTENDERS = ("ours", "hf", "book")
 
@@ -68,7 +69,7 @@ def child(contender: str, n_layers: int, batch: int, seq: int, steps: int, recip
         ours = Ours(recipe, [])
         step = ours.trainer([Ours.dense_batch(tokens)] * (steps + 2))
     else:
-        model: Any = HF(n_layers) if contender == "hf" else Book(n_layers)
+        model: Any = HF(Shape("gpt2-small", n_layers)) if contender == "hf" else Book(n_layers)
         data = (HF if contender == "hf" else Book).dense_batch(tokens)
 
         def step() -> None:

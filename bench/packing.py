@@ -1,22 +1,30 @@
-"""Packing and gradient checkpointing, side by side: useful tokens/s and peak RSS of our LoRA sft step.
+"""Packing and gradient checkpointing, side by side: useful tokens/s and peak RSS of LoRA sft.
 
-Contenders (each in its own process per round, all our real Trainer step on the same generated
-Alpaca-like split, gpt2-small widths with `n_layers` blocks, bf16, LoRA r16 on every block Linear):
+`packing` (one table per dataset: the Alpaca-like workload, and rows with the length distribution of the
+book's 1,100 instructions, bench.workload.BOOK), contenders on gpt2-small widths with `n_layers` blocks,
+bf16, LoRA r16 on every block Linear, the same tokenized examples:
 
-- unpacked: one example per row, group_by_length (our default loader);
-- neat: neat_packing (rows of cutoff_len, block-diagonal attention, restarting positions);
-- plain: packing without neat (one causal attention over each row);
-- unpacked+ckpt: unpacked with disable_gradient_checkpointing: false (same batches as unpacked), for
-  peak RSS and step time with and without recomputation at the same batch.
+- ours unpacked: one example per row, group_by_length (our default loader), batch 8;
+- ours neat: our `neat_packing` (rows of cutoff_len, block-diagonal attention, restarting positions);
+- hf padded: transformers + PEFT as LLaMA-Factory runs it by default (random order, each batch of 8 padded
+  to its longest example; bench.contenders.HF);
+- hf neat: transformers + PEFT with LLaMA-Factory's own neat_packing, rewritten here
+  (`contenders.greedy_knapsack` + `HF.neat_packed_batch`: rows of cutoff_len + 1, position_ids restarting,
+  a (B, 1, T, T) float mask built from per-token example numbers, as its SFTDataCollatorWith4DAttentionMask
+  does on every path but FlashAttention-2, which a CPU has not).
 
-Peak RSS is the peak during the training steps (Linux: the high-water mark is reset after the model
-is built, so loading does not mask it), reported whole and above the RSS before the first step.
-Each contender times `steps` of its own epoch's batches taken at evenly spaced positions of its plan after
-one warm-up batch; useful tokens = real input positions (attention_mask.sum(), never padding), so packed
-and unpacked runs are compared on the same work done. Ratios are taken per round, then the median.
+Packed contenders take `PACKED_BATCH` rows of cutoff_len per step (about the tokens of the unpacked batch
+of 8 Alpaca-like examples), the unpacked ones 8 examples. Unpacked contenders time batches at evenly spaced
+quantiles of padded size (bench.sft.pick_batches), packed ones rows at evenly spaced places of their epoch;
+one warm-up batch first. Useful tokens are real input positions (an example of n tokens feeds n - 1), never
+padding, so packed and unpacked runs are compared on the same work done. Ratios are taken per round, then
+the median.
 
-`.venv/bin/python -m bench.packing [--quick] [--workdir DIR]` (not part of `make bench`'s default set: it
-runs on its own, about 5-10 minutes on 2 cores); results in bench/results/packing.json.
+`checkpointing`: our neat-packed run with and without `disable_gradient_checkpointing: false` at the same
+batch (`CKPT_BATCH` full rows of cutoff_len) on gpt2-small's real 12 blocks, where activations rather than
+the weights and the output head dominate the memory. Peak RSS is the peak during the training steps
+(Linux: the high-water mark is reset after the model is built), reported whole and above the RSS before
+the first step, with the step time.
 """
 from __future__ import annotations
 
@@ -24,46 +32,79 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from bench import common, workload
+from bench.workload import Shape
 
-CONTENDERS = {
-    "unpacked": [],
-    "neat": ["packing=true", "neat_packing=true"],
-    "plain": ["packing=true", "neat_packing=false"],
-    "unpacked+ckpt": ["disable_gradient_checkpointing=false"],
+NEAT = ["packing=true", "neat_packing=true"]
+CKPT = ["disable_gradient_checkpointing=false"]
+BATCH, PACKED_BATCH, CKPT_BATCH, CUTOFF = 8, 2, 4, 512
+DATASETS: dict[str, Callable[[bool], list[dict[str, str]]]] = {
+    "alpaca-like": lambda quick: workload.alpaca_rows(300 if quick else 900, seed=0),
+    "book-like": lambda quick: workload.book_rows(300 if quick else 1100, seed=0),
 }
 
 
-def child(name: str, recipe: str, steps: int) -> dict[str, Any]:
-    """One contender in this process: a warm-up batch, then `steps` timed optimizer steps."""
-    from bench.contenders import Ours
+def child(contender: str, recipe: str, steps: int, overrides: list[str], preset: str = "gpt2-small",
+          n_layers: int = 4, examples: str | None = None, rows: list[list[list[int]]] | None = None,
+          cutoff_len: int = CUTOFF, profile: bool = False) -> dict[str, Any]:
+    """One packed contender in this process: a warm-up batch, then `steps` timed optimizer steps (and one
+    more under torch.profiler with `profile`).
 
-    ours = Ours(recipe, CONTENDERS[name])
-    n = len(ours.loader)
-    at = sorted({int(i) for i in np.linspace(0, n - 1, steps + 1)})
-    batches = [ours.sft_batch(k) for k in at]
-    step = ours.trainer(batches)
+    ours: our Trainer step with `overrides` on our loader's batches at evenly spaced places of its plan;
+    hf: transformers + PEFT on `rows` (a warm-up batch then timed batches, each a list of knapsacks)."""
+    if contender == "hf":
+        from bench.contenders import HF, Examples
+
+        ex = Examples.load(str(examples))
+        model = HF(Shape(preset, n_layers))
+        batches = [HF.neat_packed_batch(ex, batch, cutoff_len) for batch in rows or []]
+        batches += batches[1:2] if profile else []
+        last = {"loss": float("nan")}
+        queue = iter(batches)
+
+        def step() -> None:
+            last["loss"] = model.step(next(queue))
+
+        useful = sum(ex.length(i) - 1 for batch in (rows or [])[1:] for row in batch for i in row)
+        computed = sum(int(b["input_ids"].numel()) for b in batches[1:])
+        loss: Callable[[], float] = lambda: last["loss"]  # noqa: E731
+        checkpointing, rows_per_epoch = False, None
+    else:
+        from bench.contenders import Ours
+
+        ours = Ours(recipe, overrides)
+        n = len(ours.loader)
+        at = sorted({int(i) for i in np.linspace(0, n - 1, steps + 1)})
+        built = [ours.sft_batch(k) for k in at]
+        step = ours.trainer(built + built[1:2] if profile else built)
+        useful = sum(int(b["attention_mask"].sum()) for b in built[1:])
+        computed = sum(int(b["input_ids"].numel()) for b in built[1:])
+        loss = lambda: ours.last_loss  # noqa: E731
+        checkpointing = bool(getattr(ours.engine.module, "gradient_checkpointing", False))
+        rows_per_epoch = ours.loader.num_examples
     baseline = _status_mb("VmRSS")
     _reset_peak_rss()  # the training steps' own peak, not model loading's
     step()  # warm-up
     times = []
-    for _ in batches[1:]:
+    for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
     steps_peak = _status_mb("VmHWM")
-    useful = sum(int(b["attention_mask"].sum()) for b in batches[1:])
-    computed = sum(int(b["input_ids"].numel()) for b in batches[1:])
-    return {"contender": name, "rows_per_epoch": ours.loader.num_examples, "batches_per_epoch": n,
-            "useful_tokens": useful, "computed_tokens": computed, "seconds": sum(times),
-            "step_seconds": [round(x, 3) for x in times], "tokens_per_s": useful / sum(times),
-            "gradient_checkpointing": bool(getattr(ours.engine.module, "gradient_checkpointing", False)),
-            "loss": ours.last_loss, "rss_before_steps_mb": baseline, "steps_peak_rss_mb": steps_peak,
-            "steps_extra_rss_mb": steps_peak - baseline, "peak_rss_mb": common.peak_rss_mb()}
+    extra: dict[str, Any] = {}
+    if profile:
+        from bench.profiling import profile_step
+
+        extra["profile"] = profile_step(step)
+    return {**extra, "contender": contender, "rows_per_epoch": rows_per_epoch, "useful_tokens": useful,
+            "computed_tokens": computed, "seconds": sum(times), "step_seconds": [round(x, 3) for x in times],
+            "tokens_per_s": useful / sum(times), "gradient_checkpointing": checkpointing, "loss": loss(),
+            "rss_before_steps_mb": baseline, "steps_peak_rss_mb": steps_peak,
+            "steps_extra_rss_mb": round(steps_peak - baseline, 1), "peak_rss_mb": common.peak_rss_mb()}
 
 
 def _reset_peak_rss() -> None:
@@ -80,58 +121,153 @@ def _status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def hf_neat_rows(examples: Any, cutoff_len: int, rows_per_batch: int, steps: int, seed: int) -> list[list[list[int]]]:
+    """LLaMA-Factory's packed epoch (greedy knapsacks, shuffled by the Trainer's sampler), cut into batches;
+    a warm-up batch and `steps` batches at evenly spaced places."""
+    from bench.contenders import greedy_knapsack
+
+    packs = greedy_knapsack({i: examples.length(i) for i in range(len(examples))}, cutoff_len)
+    order = np.random.default_rng(seed).permutation(len(packs))
+    batches = [[packs[j] for j in order[k:k + rows_per_batch]]
+               for k in range(0, len(order) - rows_per_batch + 1, rows_per_batch)]
+    return [batches[int(i)] for i in np.linspace(0, len(batches) - 1, steps + 1).round()]  # the first: warm-up
+
+
+def median_ratio(results: dict[str, list[dict]], a: str, b: str, key: str) -> float:
+    return common.median(x[key] / y[key] for x, y in zip(results[a], results[b]))
+
+
+def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
+                shape: Shape = Shape("gpt2-small", 4)) -> dict[str, Any]:
+    """Ours unpacked / ours neat / hf padded / hf neat on each dataset; results in packing.json."""
+    from bench import sft
+
+    started = common.loadavg()
+    steps = 2 if quick else 3
+    cutoff = 256 if quick else CUTOFF
+    per_dataset: dict[str, Any] = {}
+    profile = None
+    targets: list[dict] = []
+    texts = []
+    for d, (dataset, make_rows) in enumerate(DATASETS.items()):
+        rows = make_rows(quick)
+        prep = sft.prepare(workdir / dataset, shape=shape, n_rows=len(rows), cutoff_len=cutoff, batch_size=BATCH,
+                           rows=rows)
+        from bench.contenders import Examples
+
+        ex = Examples.load(prep["examples"])
+        epoch = sft.plans(prep["loader"], prep["n_train"], prep["lengths"], BATCH, seed=42)
+        picked = {who: sft.pick_batches(epoch[who], prep["lengths"], steps) for who in ("ours", "hf")}
+        hf_rows = hf_neat_rows(ex, cutoff, PACKED_BATCH, steps, seed=42)
+        base = {"recipe": prep["recipe"], "preset": shape.preset, "n_layers": shape.n_layers,
+                "examples": prep["examples"], "cutoff_len": cutoff}
+
+        def unpacked(who: str) -> Callable[[int], dict]:
+            warm, timed = picked[who]
+            batches = [[int(i) for i in b] for b in [warm, *timed]]
+            return lambda k: common.run_child("bench.sft:child", {**base, "contender": who, "batches": batches},
+                                              timeout=1800, log_file=log_file)
+
+        def packed(who: str) -> Callable[[int], dict]:
+            args = {**base, "contender": who, "steps": steps,
+                    "overrides": NEAT + [f"per_device_train_batch_size={PACKED_BATCH}"],
+                    "rows": hf_rows if who == "hf" else None}
+            return lambda k: common.run_child("bench.packing:child",
+                                              {**args, "profile": who == "ours" and k == 0 and d == 0},
+                                              timeout=1800, log_file=log_file)
+
+        print(f"packing, {dataset} rows ({len(rows)}): {shape.describe()}; cutoff_len {cutoff}; unpacked batch "
+              f"{BATCH}, packed batch {PACKED_BATCH} rows")
+        results = common.rounds({"ours unpacked": unpacked("ours"), "ours neat": packed("ours"),
+                                 "hf padded": unpacked("hf"), "hf neat": packed("hf")},
+                                min_rounds=1 if quick else 2, max_rounds=1 if quick else 3,
+                                budget_s=budget_s / len(DATASETS))
+        summary = {"neat_vs_unpacked": median_ratio(results, "ours neat", "ours unpacked", "tokens_per_s"),
+                   "neat_vs_hf_padded": median_ratio(results, "ours neat", "hf padded", "tokens_per_s"),
+                   "neat_vs_hf_neat": median_ratio(results, "ours neat", "hf neat", "tokens_per_s"),
+                   "hf_neat_vs_hf_padded": median_ratio(results, "hf neat", "hf padded", "tokens_per_s")}
+        lengths = prep["lengths"]
+        profile = profile or next((r.pop("profile") for r in results["ours neat"] if r.get("profile")), None)
+        per_dataset[dataset] = {"rows": len(rows), "examples_train": prep["n_train"],
+                                "example_tokens_p50_p90_max": [float(np.percentile(lengths, 50)),
+                                                               float(np.percentile(lengths, 90)), int(lengths.max())],
+                                "summary": summary, "results": results}
+        targets += [common.check(summary["neat_vs_unpacked"], ">=", 1.3,
+                                 f"neat_packing tokens/s vs our unpacked run ({dataset})"),
+                    common.check(summary["neat_vs_hf_padded"], ">=", 3.0,
+                                 f"neat_packing tokens/s vs transformers+PEFT padded ({dataset})")]
+        table = common.table(
+            ["contender", "useful tokens/s", "vs ours neat", "padding computed", "peak RSS MB", "rounds"],
+            [(who, common.median(r["tokens_per_s"] for r in runs),
+              median_ratio(results, who, "ours neat", "tokens_per_s"),
+              f"{1 - runs[0]['useful_tokens'] / runs[0]['computed_tokens']:.0%}",
+              common.median(r["peak_rss_mb"] for r in runs), len(runs))
+             for who, runs in results.items()])
+        texts.append(f"**{dataset}** ({len(rows)} rows; example tokens p50/p90/max "
+                     f"{'/'.join(str(int(x)) for x in per_dataset[dataset]['example_tokens_p50_p90_max'])}): ours neat "
+                     f"vs ours unpacked {summary['neat_vs_unpacked']:.2f}x, vs hf padded "
+                     f"{summary['neat_vs_hf_padded']:.2f}x, vs hf neat {summary['neat_vs_hf_neat']:.2f}x\n\n{table}")
+        print(texts[-1])
+    text = "\n\n".join(texts)
+    config = {"model": shape.describe(), "cutoff_len": cutoff, "unpacked_batch": BATCH, "packed_batch_rows": PACKED_BATCH,
+              "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP",
+              "peak RSS": "whole process"}
+    payload = {"config": config, "datasets": per_dataset, "targets": targets, "table": text,
+               "profile_ours": profile, "profile_of": "one step of ours neat, alpaca-like rows"}
+    common.save("packing", payload, started)
+    return payload
+
+
+def run_checkpointing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path) -> dict[str, Any]:
+    """Our neat-packed step with and without gradient checkpointing at the same batch; checkpointing.json."""
+    from bench import sft
+
+    started = common.loadavg()
+    shape = Shape("gpt2-small", 2 if quick else 12)
+    steps, cutoff = (1, 256) if quick else (2, CUTOFF)
+    rows = workload.alpaca_rows(300 if quick else 900, seed=0)
+    prep = sft.prepare(workdir / "data", shape=shape, n_rows=len(rows), cutoff_len=cutoff, batch_size=CKPT_BATCH,
+                       rows=rows, overrides={"packing": True, "neat_packing": True})
+    args = {"recipe": prep["recipe"], "steps": steps, "contender": "ours"}
+    print(f"checkpointing: {shape.describe()}; neat-packed batches of {CKPT_BATCH} rows of {cutoff}")
+    results = common.rounds(
+        {name: (lambda k, o=o: common.run_child("bench.packing:child", {**args, "overrides": o}, timeout=1800,
+                                                log_file=log_file))
+         for name, o in (("without", []), ("with checkpointing", CKPT))},
+        min_rounds=1 if quick else 2, max_rounds=1 if quick else 3, budget_s=budget_s)
+    a, b = "with checkpointing", "without"
+    summary = {"peak_rss_ratio": median_ratio(results, a, b, "steps_peak_rss_mb"),
+               "extra_rss_ratio": median_ratio(results, a, b, "steps_extra_rss_mb"),
+               "step_time_ratio": median_ratio(results, a, b, "seconds"),
+               "checkpointing_on": [r["gradient_checkpointing"] for r in results[a]]}
+    targets = [common.check(summary["peak_rss_ratio"], "<=", 0.6,
+                            "peak RSS with gradient checkpointing vs without (same batch)")]
+    text = common.table(["run", "step s", "peak RSS in steps MB", "RSS before steps MB", "above it MB",
+                         "useful tokens/s", "rounds"],
+                        [(n, common.median(r["seconds"] / steps for r in runs),
+                          common.median(r["steps_peak_rss_mb"] for r in runs),
+                          common.median(r["rss_before_steps_mb"] for r in runs),
+                          common.median(r["steps_extra_rss_mb"] for r in runs),
+                          common.median(r["tokens_per_s"] for r in runs), len(runs)) for n, runs in results.items()])
+    text += (f"\n\nWith / without: peak RSS in the steps {summary['peak_rss_ratio']:.2f}x, RSS added by the steps "
+             f"{summary['extra_rss_ratio']:.2f}x, step time {summary['step_time_ratio']:.2f}x.")
+    print(text)
+    config = {"model": shape.describe(), "batch": f"{CKPT_BATCH} neat-packed rows of {cutoff}", "timed_steps": steps,
+              "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP"}
+    payload = {"config": config, "summary": summary, "targets": targets, "table": text, "results": results}
+    common.save("checkpointing", payload, started)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.packing")
+    p = argparse.ArgumentParser(prog="python -m bench.packing", description="packing and checkpointing benchmarks")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--only", default="packing,checkpointing")
     args = p.parse_args(argv)
-    started_load = common.loadavg()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-packing-"))
-    rows, batch, cutoff, steps = (300, 4, 256, 2) if args.quick else (3000, 8, 512, 3)
-    workload.write_dataset(workdir / "data", workload.alpaca_rows(rows, seed=0))
-    model = workload.save_gpt2_small_widths(workdir / f"model-{args.n_layers}l", args.n_layers)
-    keys = workload.sft_recipe_keys(workdir, model=str(model), cutoff_len=cutoff, batch_size=batch,
-                                    val_size=max(0.005, 2 * batch / rows))
-    recipe = workload.write_recipe(workdir / "sft.yaml", keys)
-    from pipeline.data.build import build
-    from pipeline.recipe.args import data_args
-
-    build(data_args(workload.resolve_recipe(recipe)))
-    log = workdir / "packing.log"
-    results = common.rounds(
-        {name: (lambda k, name=name: common.run_child("bench.packing:child", {"name": name, "recipe": str(recipe),
-                                                                              "steps": steps}, timeout=1800,
-                                                      log_file=log))
-         for name in CONTENDERS},
-        min_rounds=1, max_rounds=1 if args.quick else args.rounds, budget_s=1500)
-
-    def ratio(a: str, b: str, key: str) -> float:
-        return common.median(x[key] / y[key] for x, y in zip(results[a], results[b]))
-
-    summary = {
-        "neat_vs_unpacked_tokens_per_s": ratio("neat", "unpacked", "tokens_per_s"),
-        "plain_vs_unpacked_tokens_per_s": ratio("plain", "unpacked", "tokens_per_s"),
-        "neat_vs_plain_tokens_per_s": ratio("neat", "plain", "tokens_per_s"),
-        "ckpt_vs_plain_peak_rss": ratio("unpacked+ckpt", "unpacked", "steps_peak_rss_mb"),
-        "ckpt_vs_plain_step_extra_rss": ratio("unpacked+ckpt", "unpacked", "steps_extra_rss_mb"),
-        "ckpt_vs_plain_step_time": ratio("unpacked+ckpt", "unpacked", "seconds"),
-    }
-    targets = [common.check(summary["neat_vs_unpacked_tokens_per_s"], ">=", 1.3,
-                            "neat_packing useful tokens/s vs our unpacked run"),
-               common.check(summary["ckpt_vs_plain_peak_rss"], "<=", 0.6,
-                            "peak RSS with gradient checkpointing vs without (same batch)")]
-    config = {"rows": rows, "batch": batch, "cutoff_len": cutoff, "timed_steps": steps, "n_layers": args.n_layers}
-    path = common.save("packing", {"config": config, "results": results, "summary": summary, "targets": targets},
-                       started_load)
-    print(common.table(["contender", "rows/epoch", "useful tokens/s", "peak RSS in steps MB", "of which above "
-                        "the pre-step RSS MB"],
-                       [(n, r[0]["rows_per_epoch"], common.median(x["tokens_per_s"] for x in r),
-                         common.median(x["steps_peak_rss_mb"] for x in r),
-                         common.median(x["steps_extra_rss_mb"] for x in r)) for n, r in results.items()]))
-    print(common.targets_table(targets))
-    print(f"results: {path}")
+    for name in args.only.split(","):
+        globals()[f"run_{name}"](workdir / name, quick=args.quick, budget_s=600, log_file=workdir / "packing.log")
     return 0
 
 

@@ -8,16 +8,23 @@ from typing import Any
 
 from bench.common import BENCH_DIR, RESULTS, table, targets_table
 from bench.profiling import top_table
+from bench.workload import FAMILY_LAYERS
 from pipeline.io import write_text
 
 README = BENCH_DIR / "README.md"
 START, END = "<!-- figures:start (written by python -m bench.run) -->", "<!-- figures:end -->"
-ORDER = ("sft", "dense", "generation", "data", "startup", "dpo")
+FAMILY_PRESETS = tuple(FAMILY_LAYERS)
+ORDER = ("sft", "dense", "generation", "data", "startup", "dpo", *(f"sft-{p}" for p in FAMILY_PRESETS),
+         *(f"generation-{p}" for p in FAMILY_PRESETS), "packing", "checkpointing")
 TITLES = {"sft": "sft throughput (LoRA, useful tokens/s) and peak RSS",
           "dpo": "dpo throughput (LoRA, sigmoid, useful tokens/s) and peak RSS vs TRL",
           "dense": "dense step (fully packed batch)",
           "generation": "generation (256 new tokens, greedy)", "data": "data stage (200k rows)",
-          "startup": "startup"}
+          "startup": "startup",
+          **{f"sft-{p}": f"sft throughput and peak RSS, {p} shape" for p in FAMILY_PRESETS},
+          **{f"generation-{p}": f"generation, {p} shape (cached, greedy)" for p in FAMILY_PRESETS},
+          "packing": "packing (neat_packing) vs unpacked and vs transformers+PEFT",
+          "checkpointing": "gradient checkpointing: peak RSS and step time at the same batch"}
 
 
 def load_results(folder: Path = RESULTS) -> dict[str, dict[str, Any]]:

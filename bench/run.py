@@ -3,7 +3,7 @@ bench/README.md.
 
     python -m bench.run                  # all, within about 20 minutes on 2 cores
     python -m bench.run --quick          # tiny sizes, one round: checks that everything runs (~5 minutes)
-    python -m bench.run --only sft,dense # some of them (names: sft dense generation data startup dpo)
+    python -m bench.run --only sft,dense # some of them (names: BENCHMARKS below)
 
 Each benchmark gets a share of the time budget; it runs at least one round of all its contenders and more
 rounds (up to 3, medians reported) while they fit.
@@ -20,11 +20,23 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.workload import FAMILY_LAYERS
 
-BENCHMARKS = ("sft", "dense", "generation", "data", "startup", "dpo")
-BUDGET_S = {"sft": 330, "dense": 220, "generation": 240, "data": 100, "startup": 80,
-            "dpo": 300}  # generation always overruns
+BENCHMARKS = ("sft", "dense", "generation", "data", "startup",
+              *(f"{kind}-{preset}" for kind in ("sft", "generation") for preset in FAMILY_LAYERS),
+              "dpo", "packing", "checkpointing")
+BUDGET_S = {"sft": 330, "dense": 220, "generation": 240, "data": 100, "startup": 80,  # generation always overruns
+            **{f"sft-{p}": 300 for p in FAMILY_LAYERS}, **{f"generation-{p}": 150 for p in FAMILY_LAYERS},
+            "dpo": 300, "packing": 420, "checkpointing": 240}
 N_LAYERS = {False: 4, True: 2}  # gpt2-small widths; depth cut to fit the budget on 2 cores
+
+
+def family_shape(name: str, quick: bool) -> "Shape":
+    """'sft-qwen3-0.6b' -> the qwen3-0.6b shape with its benchmark depth."""
+    from bench.workload import Shape
+
+    preset = name.split("-", 1)[1]
+    return Shape(preset, FAMILY_LAYERS[preset][quick])
 
 
 def ensure_no_deps_requirements() -> None:
@@ -64,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         sft_recipe = None
         from bench import sft
 
+        from bench.workload import Shape
+
+        gpt2 = Shape("gpt2-small", n_layers)
         if {"sft", "dense", "startup"} & set(wanted):
-            prep = sft.prepare(workdir / "sft", n_rows=400 if args.quick else 900, n_layers=n_layers,
+            prep = sft.prepare(workdir / "sft", shape=gpt2, n_rows=400 if args.quick else 900,
                                cutoff_len=512, batch_size=8)
             sft_recipe = prep["recipe"]
         for name in wanted:
@@ -73,7 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n== {name} ==")
             budget = BUDGET_S[name] * scale
             if name == "sft":
-                sft.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file, n_layers=n_layers)
+                sft.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file, shape=gpt2)
+            elif name.startswith("sft-"):
+                sft.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file,
+                        shape=family_shape(name, args.quick))
+            elif name.startswith("generation-"):
+                from bench import generation
+
+                generation.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file,
+                               shape=family_shape(name, args.quick))
+            elif name in ("packing", "checkpointing"):
+                from bench import packing
+
+                getattr(packing, f"run_{name}")(workdir / name, quick=args.quick, budget_s=budget, log_file=log_file)
             elif name == "dense":
                 from bench import dense
 
@@ -82,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "generation":
                 from bench import generation
 
-                generation.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file, n_layers=n_layers)
+                generation.run(workdir, quick=args.quick, budget_s=budget, log_file=log_file, shape=gpt2)
             elif name == "dpo":
                 from bench import dpo
 

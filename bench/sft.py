@@ -1,4 +1,6 @@
-"""sft throughput: useful tokens/s and peak RSS of LoRA sft, ours vs transformers+PEFT vs the book's code.
+"""sft throughput: useful tokens/s and peak RSS of LoRA sft, ours vs transformers+PEFT vs the book's code, on
+one model shape (bench.workload.Shape: gpt2-small widths, or a Qwen3 / Llama 3.2 preset's widths with the
+depth cut; the book's code is GPT-2 only, so it runs on the GPT-2 shape alone).
 
 Each contender runs its own epoch plan over the same generated training split: ours is our sft loader
 (group_by_length: sorted within mega-batches of 50 batches, batches shuffled), the peers' is a random order
@@ -21,26 +23,38 @@ import numpy as np
 
 from bench import common, workload
 from bench.contenders import Book, Examples, HF, Ours
+from bench.workload import Shape
 
-CONTENDERS = ("ours", "hf", "book")
+
+def contenders(shape: Shape) -> tuple[str, ...]:
+    return ("ours", "hf", "book") if shape.family == "gpt2" else ("ours", "hf")
 
 
-def prepare(workdir: Path, *, n_rows: int, n_layers: int, cutoff_len: int, batch_size: int) -> dict[str, Any]:
-    """Dataset (built by our build stage), model checkpoint, recipe, the shared examples and the batch pick."""
+def result_name(shape: Shape) -> str:
+    """'sft' for the GPT-2 shape (the original benchmark), 'sft-<preset>' for the others."""
+    return "sft" if shape.family == "gpt2" else f"sft-{shape.preset}"
+
+
+def prepare(workdir: Path, *, shape: Shape, n_rows: int, cutoff_len: int, batch_size: int,
+            rows: list[dict[str, str]] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Dataset (built by our build stage; generated Alpaca-like rows unless `rows` are given), model checkpoint,
+    recipe (the shape's template; `overrides` added), the shared examples and the batch pick."""
     from pipeline.data.build import build
     from pipeline.data.loaders import sft_loader
+    from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.data.tokenize import tokenized_split
 
-    workload.write_dataset(workdir / "data", workload.alpaca_rows(n_rows, seed=0))
-    model = workload.save_gpt2_small_widths(workdir / f"model-{n_layers}l", n_layers)
+    workload.write_dataset(workdir / "data", rows if rows is not None else workload.alpaca_rows(n_rows, seed=0))
+    model = shape.save(workdir.parent / f"model-{shape.slug}")
     keys = workload.sft_recipe_keys(workdir, model=str(model), cutoff_len=cutoff_len, batch_size=batch_size,
-                                    val_size=max(0.005, 2 * batch_size / n_rows))
-    recipe = workload.write_recipe(workdir / "sft.yaml", keys)
+                                    val_size=max(0.005, 2 * batch_size / n_rows), template=shape.template)
+    recipe = workload.write_recipe(workdir / "sft.yaml", {**keys, **(overrides or {})})
     build(data_args(workload.resolve_recipe(recipe)))
     r = workload.resolve_recipe(recipe)
     data = tokenized_split(data_args(r), "train")
     examples = workdir / "examples.npz"
-    np.savez(examples, ids=data.ids, trainable=data.trainable, offsets=data.offsets)
+    np.savez(examples, ids=data.ids, trainable=data.trainable, offsets=data.offsets,
+             pad=recipe_tokenizer(data_args(r)).pad_id)
     loader = sft_loader(data_args(r), "train")
     lengths = data.example_lengths()
     return {"recipe": str(recipe), "examples": str(examples), "loader": loader, "lengths": lengths,
@@ -72,8 +86,8 @@ def plans(loader: Any, n: int, lengths: np.ndarray, batch_size: int, seed: int) 
     return {"ours": ours, "hf": peers, "book": peers}
 
 
-def child(contender: str, n_layers: int, recipe: str, examples: str, batches: list[list[int]], cutoff_len: int,
-          profile: bool = False) -> dict[str, Any]:
+def child(contender: str, preset: str, n_layers: int, recipe: str, examples: str, batches: list[list[int]],
+          cutoff_len: int, profile: bool = False) -> dict[str, Any]:
     """One contender in this process: warm up on batches[0], then time one optimizer step per later batch."""
     import torch
 
@@ -89,7 +103,7 @@ def child(contender: str, n_layers: int, recipe: str, examples: str, batches: li
         loss = lambda: ours.last_loss  # noqa: E731
         computed = sum(int(b["input_ids"].numel()) for b in built[1:])
     else:
-        model: Any = HF(n_layers) if contender == "hf" else Book(n_layers)
+        model: Any = HF(Shape(preset, n_layers)) if contender == "hf" else Book(n_layers)
         if contender == "hf":
             built = [HF.sft_batch(ex, g) for g in groups]
             computed = sum(int(b["input_ids"].numel()) for b in built[1:]) - sum(len(g) for g in groups[1:])
@@ -127,50 +141,53 @@ def child(contender: str, n_layers: int, recipe: str, examples: str, batches: li
     return result
 
 
-def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers: int) -> dict[str, Any]:
-    steps = 2 if quick else 4
+def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, shape: Shape) -> dict[str, Any]:
+    steps = 2 if quick else 4 if shape.family == "gpt2" else 3  # the larger shapes: 3, to fit the time budget
     batch_size, cutoff_len = 8, 512
     started = common.loadavg()
-    prep = prepare(workdir / "sft", n_rows=400 if quick else 900, n_layers=n_layers, cutoff_len=cutoff_len,
+    name = result_name(shape)
+    prep = prepare(workdir / name, shape=shape, n_rows=400 if quick else 900, cutoff_len=cutoff_len,
                    batch_size=batch_size)
     lengths = prep["lengths"]
     epoch = plans(prep["loader"], prep["n_train"], lengths, batch_size, seed=42)
-    picked = {name: pick_batches(plan, lengths, steps) for name, plan in epoch.items()}
-    base = {"n_layers": n_layers, "recipe": prep["recipe"], "examples": prep["examples"], "cutoff_len": cutoff_len}
+    picked = {who: pick_batches(plan, lengths, steps) for who, plan in epoch.items()}
+    base = {"preset": shape.preset, "n_layers": shape.n_layers, "recipe": prep["recipe"],
+            "examples": prep["examples"], "cutoff_len": cutoff_len}
 
-    def contender(name: str):
+    def contender(who: str):
         def go(k: int) -> dict:
-            warm, timed = picked[name]
+            warm, timed = picked[who]
             batches = [[int(i) for i in b] for b in [warm, *timed]]
-            return common.run_child("bench.sft:child", {**base, "contender": name, "batches": batches,
-                                                        "profile": name == "ours" and k == 0},
+            return common.run_child("bench.sft:child", {**base, "contender": who, "batches": batches,
+                                                        "profile": who == "ours" and k == 0},
                                     timeout=1800, log_file=log_file)
         return go
 
-    print(f"sft: {steps} timed steps (+1 warm-up) of {batch_size} examples per contender, gpt2-small widths, "
-          f"{n_layers} layers")
-    results = common.rounds({n: contender(n) for n in CONTENDERS}, min_rounds=1 if quick else 2,
+    print(f"sft: {steps} timed steps (+1 warm-up) of {batch_size} examples per contender, {shape.describe()}")
+    results = common.rounds({n: contender(n) for n in contenders(shape)}, min_rounds=1 if quick else 2,
                             max_rounds=1 if quick else 3, budget_s=budget_s)
     summary = {}
-    for name, runs in results.items():
-        summary[name] = {
+    for who, runs in results.items():
+        summary[who] = {
             "tokens_per_s": common.median(r["tokens_per_s"] for r in runs),
             "tokens_per_cpu_s": common.median(r["tokens_per_cpu_s"] for r in runs),
             "peak_rss_mb": common.median(r["peak_rss_mb"] for r in runs),
             "padding_share": 1 - runs[0]["useful_tokens"] / runs[0]["computed_tokens"],
-            "epoch_padding_share": padding_share(epoch[name], lengths),
+            "epoch_padding_share": padding_share(epoch[who], lengths),
             "useful_tokens": runs[0]["useful_tokens"], "computed_tokens": runs[0]["computed_tokens"],
             "rounds": len(runs)}
-    ours, hf, book = summary["ours"], summary["hf"], summary["book"]
+    ours, hf = summary["ours"], summary["hf"]
     ratios = {"tokens_per_s_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"],
               "tokens_per_cpu_s_vs_hf": ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"],
               "tokens_per_s_vs_hf_by_round": [o["tokens_per_s"] / h["tokens_per_s"]
                                               for o, h in zip(results["ours"], results["hf"])],
-              "tokens_per_s_vs_book": ours["tokens_per_s"] / book["tokens_per_s"],
-              "peak_rss_vs_hf": ours["peak_rss_mb"] / hf["peak_rss_mb"],
-              "peak_rss_vs_book": ours["peak_rss_mb"] / book["peak_rss_mb"]}
-    targets = [common.check(ratios["tokens_per_s_vs_hf"], ">=", 2.0, "sft useful tokens/s vs transformers+PEFT"),
-               common.check(ratios["peak_rss_vs_hf"], "<=", 0.7, "sft peak RSS vs transformers+PEFT")]
+              "peak_rss_vs_hf": ours["peak_rss_mb"] / hf["peak_rss_mb"]}
+    if "book" in summary:
+        ratios["tokens_per_s_vs_book"] = ours["tokens_per_s"] / summary["book"]["tokens_per_s"]
+        ratios["peak_rss_vs_book"] = ours["peak_rss_mb"] / summary["book"]["peak_rss_mb"]
+    on = "" if shape.family == "gpt2" else f" ({shape.preset} shape)"
+    targets = [common.check(ratios["tokens_per_s_vs_hf"], ">=", 2.0, f"sft useful tokens/s vs transformers+PEFT{on}"),
+               common.check(ratios["peak_rss_vs_hf"], "<=", 0.7, f"sft peak RSS vs transformers+PEFT{on}")]
     rows = [(n, s["tokens_per_s"], s["tokens_per_s"] / hf["tokens_per_s"],
              s["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"],
              f"{s['padding_share']:.0%} ({s['epoch_padding_share']:.0%})", s["peak_rss_mb"],
@@ -179,7 +196,7 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers
                          "peak RSS MB", "RSS vs hf", "rounds"], rows)
     print(text)
     profile = next((r.get("profile") for r in results["ours"] if r.get("profile")), None)
-    payload = {"config": {"model": f"gpt2-small widths (768, 12 heads, vocab 50257), {n_layers} layers",
+    payload = {"config": {"model": shape.describe(), "template": shape.template,
                           "lora": "r=16, alpha 32, attention + MLP", "precision": "bf16", "batch_size": batch_size,
                           "cutoff_len": cutoff_len, "timed_steps": steps,
                           "dataset_rows_train": prep["n_train"],
@@ -188,5 +205,5 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers
                "summary": summary, "ratios": ratios, "targets": targets, "table": text, "profile_ours": profile,
                "runs": {n: [{k: v for k, v in r.items() if k != "profile"} for r in runs]
                         for n, runs in results.items()}}
-    common.save("sft", payload, started)
+    common.save(name, payload, started)
     return payload
