@@ -199,7 +199,7 @@ class HF:
                 "attention_mask": torch.from_numpy(mask)}
 
     @staticmethod
-    def neat_packed_batch(examples: Examples, rows: list[list[int]], cutoff_len: int) -> dict:
+    def neat_packed_batch(examples: Examples, rows: list[list[int]], cutoff_len: int, dtype: str = "bfloat16") -> dict:
         """LLaMA-Factory's neat_packing on the eager/SDPA path (no FlashAttention on a CPU), rewritten here:
         each row is the examples of one knapsack back to back, right-padded to cutoff_len + 1, with
         position_ids restarting at 0 per example and the attention mask holding each token's example number
@@ -225,7 +225,7 @@ class HF:
         seg = torch.from_numpy(segments)
         allowed = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] != 0)
         allowed &= torch.tril(torch.ones(width, width, dtype=torch.bool))
-        dtype = torch.bfloat16
+        dtype = getattr(torch, dtype)  # LLaMA-Factory: the compute dtype (bf16 here)
         mask = torch.where(allowed, torch.tensor(0, dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))
         return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
                 "position_ids": torch.from_numpy(positions), "attention_mask": mask}
