@@ -126,9 +126,10 @@ def generate(
         for _ in range(steps):
             attn = mask if padded else None
             if use_cache:
-                logits, past = model(step_ids, attention_mask=attn, position_ids=step_pos, past_kv=past, use_cache=True)
+                logits, past = model(step_ids, attention_mask=attn, position_ids=step_pos, past_kv=past, use_cache=True,
+                                     last_only=True)
             else:
-                logits = model(ids, attention_mask=attn, position_ids=positions)
+                logits = model(ids, attention_mask=attn, position_ids=positions, last_only=True)
             token = next_token(logits[:, -1], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator)
             for row, t in enumerate(token.tolist()):

@@ -273,8 +273,13 @@ class GPTModel(nn.Module):
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
+        last_only: bool = False,
     ) -> Any:
         """Logits (B, T, V); (logits, new_past_kv) with use_cache; with labels the loss instead.
+
+        last_only: logits (B, 1, V) of the last position only (transformers' logits_to_keep=1): decoding
+        reads nothing else, and over a prompt the output head (up to 150k wide) would otherwise run at every
+        position.
 
         attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
         sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
@@ -313,7 +318,7 @@ class GPTModel(nn.Module):
         x = self.norm(x)
         if labels is not None:
             return self.loss(x, labels, reduction)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x[:, -1:] if last_only else x)
         return (logits, new_kv) if use_cache else logits
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> Any:

@@ -60,6 +60,15 @@ def test_greedy_matches_transformers_token_for_token(hf_dir):
     assert generate(ours, p, max_new_tokens=20) == expected
 
 
+def test_last_only_is_the_last_column_of_the_full_logits(model):
+    ids = torch.tensor([prompt(5, 12), prompt(6, 12)])
+    with torch.no_grad():
+        full, _ = model(ids, use_cache=True)
+        last, _ = model(ids, use_cache=True, last_only=True)
+    assert last.shape == (2, 1, 1000)
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
 def test_kv_cache_equals_no_cache_and_top_k_1_equals_greedy(model):
     p = prompt(1, 9)
     cached = generate(model, p, max_new_tokens=24)
