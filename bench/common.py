@@ -84,7 +84,18 @@ def loadavg() -> list[float]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident set size since it started: VmHWM on Linux.
+
+    Not ru_maxrss: Linux carries the parent's high-water mark into a child across fork and exec (the
+    forked copy of the parent's memory counts until exec replaces it), so a child started by a large
+    benchmark process would report at least the parent's peak. ru_maxrss (KiB) elsewhere."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

@@ -137,6 +137,20 @@ def median_ratio(results: dict[str, list[dict]], a: str, b: str, key: str) -> fl
     return common.median(x[key] / y[key] for x, y in zip(results[a], results[b]))
 
 
+def dataset_text(dataset: str, info: dict[str, Any]) -> str:
+    """One dataset's line of ratios and its table (from packing.json's `datasets` entry)."""
+    results, summary = info["results"], info["summary"]
+    table = common.table(
+        ["contender", "useful tokens/s", "vs ours neat", "padding computed", "rounds"],
+        [(who, common.median(r["tokens_per_s"] for r in runs), median_ratio(results, who, "ours neat", "tokens_per_s"),
+          f"{1 - runs[0]['useful_tokens'] / runs[0]['computed_tokens']:.0%}", len(runs))
+         for who, runs in results.items()])
+    return (f"**{dataset}** ({info['rows']} rows; example tokens p50/p90/max "
+            f"{'/'.join(str(int(x)) for x in info['example_tokens_p50_p90_max'])}): ours neat vs ours unpacked "
+            f"{summary['neat_vs_unpacked']:.2f}x, vs hf padded {summary['neat_vs_hf_padded']:.2f}x, vs hf neat "
+            f"{summary['neat_vs_hf_neat']:.2f}x\n\n{table}")
+
+
 def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
                 shape: Shape = Shape("gpt2-small", 4)) -> dict[str, Any]:
     """Ours unpacked / ours neat / hf padded / hf neat on each dataset; results in packing.json."""
@@ -196,22 +210,11 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
                                  f"neat_packing tokens/s vs our unpacked run ({dataset})"),
                     common.check(summary["neat_vs_hf_padded"], ">=", 3.0,
                                  f"neat_packing tokens/s vs transformers+PEFT padded ({dataset})")]
-        table = common.table(
-            ["contender", "useful tokens/s", "vs ours neat", "padding computed", "peak RSS MB", "rounds"],
-            [(who, common.median(r["tokens_per_s"] for r in runs),
-              median_ratio(results, who, "ours neat", "tokens_per_s"),
-              f"{1 - runs[0]['useful_tokens'] / runs[0]['computed_tokens']:.0%}",
-              common.median(r["peak_rss_mb"] for r in runs), len(runs))
-             for who, runs in results.items()])
-        texts.append(f"**{dataset}** ({len(rows)} rows; example tokens p50/p90/max "
-                     f"{'/'.join(str(int(x)) for x in per_dataset[dataset]['example_tokens_p50_p90_max'])}): ours neat "
-                     f"vs ours unpacked {summary['neat_vs_unpacked']:.2f}x, vs hf padded "
-                     f"{summary['neat_vs_hf_padded']:.2f}x, vs hf neat {summary['neat_vs_hf_neat']:.2f}x\n\n{table}")
+        texts.append(dataset_text(dataset, per_dataset[dataset]))
         print(texts[-1])
     text = "\n\n".join(texts)
     config = {"model": shape.describe(), "cutoff_len": cutoff, "unpacked_batch": BATCH, "packed_batch_rows": PACKED_BATCH,
-              "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP",
-              "peak RSS": "whole process"}
+              "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP"}
     payload = {"config": config, "datasets": per_dataset, "targets": targets, "table": text,
                "profile_ours": profile, "profile_of": "one step of ours neat, alpaca-like rows"}
     common.save("packing", payload, started)
