@@ -1,8 +1,8 @@
 """`python -m bench.run` (`make bench`): every benchmark side by side, results in bench/results/, figures in
 bench/README.md.
 
-    python -m bench.run                  # all, within about 20 minutes on 2 cores
-    python -m bench.run --quick          # tiny sizes, one round: checks that everything runs (~5 minutes)
+    python -m bench.run                  # all: ~20 minutes on 2 cores for the GPT-2 set, ~1 h with every benchmark
+    python -m bench.run --quick          # tiny sizes, one round: checks that everything runs (~30 minutes)
     python -m bench.run --only sft,dense # some of them (names: BENCHMARKS below)
 
 Each benchmark gets a share of the time budget; it runs at least one round of all its contenders and more
