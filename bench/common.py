@@ -106,6 +106,18 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def throughput_summary(runs: list[dict], epoch_padding_share: float) -> dict[str, Any]:
+    """One contender's rounds -> medians of speed and memory, and the padding of its timed and whole-epoch
+    batches (the sft and dpo benchmarks report the same figures)."""
+    return {"tokens_per_s": median(r["tokens_per_s"] for r in runs),
+            "tokens_per_cpu_s": median(r["tokens_per_cpu_s"] for r in runs),
+            "peak_rss_mb": median(r["peak_rss_mb"] for r in runs),
+            "padding_share": 1 - runs[0]["useful_tokens"] / runs[0]["computed_tokens"],
+            "epoch_padding_share": epoch_padding_share,
+            "useful_tokens": runs[0]["useful_tokens"], "computed_tokens": runs[0]["computed_tokens"],
+            "rounds": len(runs)}
+
+
 def rounds(contenders: Mapping[str, Callable[[int], dict]], *, min_rounds: int, max_rounds: int,
            budget_s: float, log: Callable[[str], None] = print) -> dict[str, list[dict]]:
     """Every contender once per round, the order rotated each round; stops after max_rounds, or once

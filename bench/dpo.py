@@ -252,16 +252,7 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, n_layers
           f"{n_layers} layers")
     results = common.rounds({n: contender(n) for n in CONTENDERS}, min_rounds=1 if quick else 2,
                             max_rounds=1 if quick else 3, budget_s=budget_s)
-    summary = {}
-    for name, runs in results.items():
-        summary[name] = {
-            "tokens_per_s": common.median(r["tokens_per_s"] for r in runs),
-            "tokens_per_cpu_s": common.median(r["tokens_per_cpu_s"] for r in runs),
-            "peak_rss_mb": common.median(r["peak_rss_mb"] for r in runs),
-            "padding_share": 1 - runs[0]["useful_tokens"] / runs[0]["computed_tokens"],
-            "epoch_padding_share": pair_padding_share(epoch[name], lengths, total),
-            "useful_tokens": runs[0]["useful_tokens"], "computed_tokens": runs[0]["computed_tokens"],
-            "rounds": len(runs)}
+    summary = {name: common.throughput_summary(runs, pair_padding_share(epoch[name], lengths, total)) for name, runs in results.items()}
     ours, peer = summary["ours"], summary["trl"]
     ratios = {"tokens_per_s_vs_trl": ours["tokens_per_s"] / peer["tokens_per_s"],
               "tokens_per_cpu_s_vs_trl": ours["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"],

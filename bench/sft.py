@@ -166,16 +166,7 @@ def run(workdir: Path, *, quick: bool, budget_s: float, log_file: Path, shape: S
     print(f"sft: {steps} timed steps (+1 warm-up) of {batch_size} examples per contender, {shape.describe()}")
     results = common.rounds({n: contender(n) for n in contenders(shape)}, min_rounds=1 if quick else 2,
                             max_rounds=1 if quick else 3, budget_s=budget_s)
-    summary = {}
-    for who, runs in results.items():
-        summary[who] = {
-            "tokens_per_s": common.median(r["tokens_per_s"] for r in runs),
-            "tokens_per_cpu_s": common.median(r["tokens_per_cpu_s"] for r in runs),
-            "peak_rss_mb": common.median(r["peak_rss_mb"] for r in runs),
-            "padding_share": 1 - runs[0]["useful_tokens"] / runs[0]["computed_tokens"],
-            "epoch_padding_share": padding_share(epoch[who], lengths),
-            "useful_tokens": runs[0]["useful_tokens"], "computed_tokens": runs[0]["computed_tokens"],
-            "rounds": len(runs)}
+    summary = {who: common.throughput_summary(runs, padding_share(epoch[who], lengths)) for who, runs in results.items()}
     ours, hf = summary["ours"], summary["hf"]
     ratios = {"tokens_per_s_vs_hf": ours["tokens_per_s"] / hf["tokens_per_s"],
               "tokens_per_cpu_s_vs_hf": ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"],
