@@ -15,8 +15,13 @@ Each row, as a user types it:
 
 then transformers loads output_dir/merged and (LoRA) PEFT loads output_dir/adapter on the original checkpoint,
 with the logits of our trained model. A `resume` row trains 4 steps with a checkpoint at step 2, then a
-copy of what a crash after that checkpoint leaves is resumed with resume_from_checkpoint=latest and must end
-bitwise equal to the uninterrupted run. 2 layers, width 32. The real 128k / 152k-token vocabularies would
+copy of what a crash after that checkpoint leaves is resumed with resume_from_checkpoint=latest on as many ranks
+(`make train NPROC=2 ARGS=resume_from_checkpoint=latest` for two) and must end bitwise equal to the
+uninterrupted run; the merge and the peers' checks then run on the resumed run's outputs. The resume rows hold
+every state a resume restores: Llama's LoRA ZeRO-3 2-rank bf16 row the adapter and its optimizer state
+partitioned over the ranks, each rank's RNG and loader position; Qwen3's full ZeRO-2 2-rank bf16 row every
+weight's optimizer state sharded over the ranks; Llama's freeze row a partly frozen model on one rank
+(test_every_family_meets_every_value checks that a LoRA and a 2-rank ZeRO resume row stay). 2 layers, width 32. The real 128k / 152k-token vocabularies would
 dominate the time (every process reads them, every head is that wide), so the rows use a 384-token
 byte-level BPE in the family's format with its template markup (tests/helpers/hf_vocab.py
 write_small_tokenizer_dir); the Qwen2 row keeps the real vocabulary (a ZeRO-3-partitioned 152k-row tied
@@ -40,10 +45,11 @@ TEMPLATES = {"llama": "llama3", "qwen3": "qwen3_nothink", "qwen2": "qwen"}
 # test_family_paths.py's session of each family: LoRA, ZeRO 0, 1 rank, fp32 (counted for the coverage)
 SESSIONS = [("llama", "lora", 0, 1, "fp32"), ("qwen3", "lora", 0, 1, "fp32")]
 ROWS = [  # (family, finetuning_type, zero_stage, ranks, precision, resume)
-    ("llama", "full", 3, 2, "bf16", False),
+    ("llama", "lora", 3, 2, "bf16", True),
+    ("llama", "full", 3, 1, "bf16", False),
     ("llama", "freeze", 2, 1, "fp32", True),
-    ("qwen3", "full", 2, 1, "bf16", True),
-    ("qwen3", "freeze", 3, 2, "fp32", False),
+    ("qwen3", "full", 2, 2, "bf16", True),
+    ("qwen3", "freeze", 3, 1, "fp32", False),
     ("qwen2", "lora", 3, 1, "bf16", False),
 ]
 REAL_VOCABULARY = {("qwen2", "lora", 3, 1, "bf16", False)}
@@ -61,6 +67,11 @@ def test_every_family_meets_every_value():
             missing = set(values) - {run[i] for run in runs}
             assert not missing, f"{family}: no row has {axis} {sorted(missing)}"
         assert any(r[5] for r in ROWS if r[0] == family), f"{family}: no resume row"
+    # resume keeps what GPT-2's resume tests check: LoRA state (adapter + its optimizer), and several ranks
+    # (ZeRO-sharded optimizer state, each rank's RNG and loader position), for the families between them
+    resumed = [r for r in ROWS if r[5] and r[0] in ("llama", "qwen3")]
+    assert any(r[1] == "lora" for r in resumed), "no LoRA resume row"
+    assert any(r[3] == 2 and r[2] in (2, 3) for r in resumed), "no 2-rank ZeRO-2/3 resume row"
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +83,16 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
-def train(repo: Path, recipe: Path, ranks: int) -> None:
+def train(repo: Path, recipe: Path, ranks: int, *overrides: str) -> str:
+    """Train as a user types it (1 rank: build + train; 2 ranks: make NPROC=2 ARGS=...); returns what it said."""
     if ranks == 1:
         pipeline("build", recipe, cwd=repo)
-        pipeline("train", recipe, cwd=repo)
-    else:
-        made = make("train", f"RECIPE={recipe.relative_to(repo)}", "NPROC=2", f"VENV={repo / 'venv'}", cwd=repo,
-                    env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
-        assert "--num_gpus 2" in made.stdout
+        return pipeline("train", recipe, *overrides, cwd=repo).stderr
+    made = make("train", f"RECIPE={recipe.relative_to(repo)}", "NPROC=2", f"VENV={repo / 'venv'}",
+                *([f"ARGS={' '.join(overrides)}"] if overrides else []), cwd=repo,
+                env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
+    assert "--num_gpus 2" in made.stdout
+    return made.stdout + made.stderr
 
 
 @pytest.mark.slow
@@ -106,12 +119,18 @@ def test_train_resume_merge_and_load_in_the_peers(repo, hf_checkpoint, row):
     if kind != "lora":  # the full / freeze export carries the family's tokenizer (usable as model_name_or_path)
         assert (out / "model" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
 
-    if resume:
+    if resume:  # resumed on as many ranks; the checks below then load the resumed run's outputs
+        checkpoint = out / "checkpoint-2"
+        assert {p.name for p in (checkpoint / "rng").iterdir()} == {f"rank-{r}.safetensors" for r in range(ranks)}
+        if zero and ranks > 1:  # ZeRO-2/3: each rank saved its own shard of the optimizer state
+            shards = {p.name.removeprefix("bf16_") for p in (checkpoint / "deepspeed").glob("*optim_states.pt")}
+            assert shards == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)}
         crashed = crash_copy(out, repo / "saves" / f"{name}-crashed", 2)
-        again = write_recipe(repo / "recipes" / f"{name}-crashed.yaml", output_dir=str(crashed), **keys)
-        resumed = pipeline("train", again, "resume_from_checkpoint=latest", cwd=repo)
-        assert "resuming from" in resumed.stderr and "at step 2" in resumed.stderr
+        recipe = write_recipe(repo / "recipes" / f"{name}-crashed.yaml", output_dir=str(crashed), **keys)
+        resumed = train(repo, recipe, ranks, "resume_from_checkpoint=latest")
+        assert "resuming from" in resumed and "at step 2" in resumed
         assert_same_run(out, crashed, final)
+        out = crashed
 
     pipeline("merge", recipe, cwd=repo)
     mine = trained_model(recipe, repo)
