@@ -17,11 +17,12 @@ then transformers loads output_dir/merged and (LoRA) PEFT loads output_dir/adapt
 with the logits of our trained model. A `resume` row trains 4 steps with a checkpoint at step 2, then a
 copy of what a crash after that checkpoint leaves is resumed with resume_from_checkpoint=latest on as many ranks
 (`make train NPROC=2 ARGS=resume_from_checkpoint=latest` for two) and must end bitwise equal to the
-uninterrupted run; the merge and the peers' checks then run on the resumed run's outputs. The resume rows hold
-every state a resume restores: Llama's LoRA ZeRO-3 2-rank bf16 row the adapter and its optimizer state
-partitioned over the ranks, each rank's RNG and loader position; Qwen3's full ZeRO-2 2-rank bf16 row every
-weight's optimizer state sharded over the ranks; Llama's freeze row a partly frozen model on one rank
-(test_every_family_meets_every_value checks that a LoRA and a 2-rank ZeRO resume row stay). 2 layers, width 32. The real 128k / 152k-token vocabularies would
+uninterrupted run; the merge and the peers' checks then run on the resumed run's outputs. The resume rows train
+with dropout (the resumed ranks must restore their RNG to draw the same masks) and hold every state a resume
+restores: Llama's LoRA ZeRO-2 2-rank bf16 row the adapter and its optimizer state sharded over the ranks, each
+rank's loader position (the resumed adapter then loads in PEFT with our logits); Qwen3's full ZeRO-3 2-rank
+bf16 row every weight and its optimizer state partitioned over the ranks; Llama's freeze row a partly frozen
+model on one rank (test_every_family_meets_every_value checks that a LoRA and a 2-rank ZeRO resume row stay). 2 layers, width 32. The real 128k / 152k-token vocabularies would
 dominate the time (every process reads them, every head is that wide), so the rows use a 384-token
 byte-level BPE in the family's format with its template markup (tests/helpers/hf_vocab.py
 write_small_tokenizer_dir); the Qwen2 row keeps the real vocabulary (a ZeRO-3-partitioned 152k-row tied
@@ -45,11 +46,11 @@ TEMPLATES = {"llama": "llama3", "qwen3": "qwen3_nothink", "qwen2": "qwen"}
 # test_family_paths.py's session of each family: LoRA, ZeRO 0, 1 rank, fp32 (counted for the coverage)
 SESSIONS = [("llama", "lora", 0, 1, "fp32"), ("qwen3", "lora", 0, 1, "fp32")]
 ROWS = [  # (family, finetuning_type, zero_stage, ranks, precision, resume)
-    ("llama", "lora", 3, 2, "bf16", True),
+    ("llama", "lora", 2, 2, "bf16", True),
     ("llama", "full", 3, 1, "bf16", False),
     ("llama", "freeze", 2, 1, "fp32", True),
-    ("qwen3", "full", 2, 2, "bf16", True),
-    ("qwen3", "freeze", 3, 1, "fp32", False),
+    ("qwen3", "full", 3, 2, "bf16", True),
+    ("qwen3", "freeze", 2, 1, "fp32", False),
     ("qwen2", "lora", 3, 1, "bf16", False),
 ]
 REAL_VOCABULARY = {("qwen2", "lora", 3, 1, "bf16", False)}
@@ -107,8 +108,9 @@ def test_train_resume_merge_and_load_in_the_peers(repo, hf_checkpoint, row):
     keys = dict(model_name_or_path=str(base), dataset_dir="datasets", template=TEMPLATES[family],
                 finetuning_type=kind, zero_stage=zero, bf16=precision == "bf16",
                 freeze_trainable_layers=1 if kind == "freeze" else None)
-    if resume:
-        keys.update(max_steps=4, save_steps=2, lr_scheduler_type="cosine", warmup_steps=1)
+    if resume:  # dropout: the resumed run must restore each rank's RNG to draw the same masks
+        keys.update(max_steps=4, save_steps=2, lr_scheduler_type="cosine", warmup_steps=1,
+                    **{"lora_dropout" if kind == "lora" else "dropout": 0.1})
     recipe = write_recipe(repo / "recipes" / f"{name}.yaml", output_dir=str(out), **keys)
     train(repo, recipe, ranks)
     steps = 4 if resume else 2
