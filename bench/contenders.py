@@ -88,7 +88,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, recipe: str, overrides: list[str]):
-        from pipeline.runtime import dist
+        from pipeline.runtime import dist, hostmem
 
         dist.init()
         import deepspeed
@@ -111,6 +111,7 @@ class Ours:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                lr_scheduler=make_scheduler(optimizer, train_args(self.r)),
                                                config=self.r.ds_config)
+        hostmem.release_freed()  # as train() does before its loop
 
     def trainer(self, batches: list[dict], objective: Callable | None = None) -> Callable[[], None]:
         """A step function: each call is one Trainer.optimizer_step over the next of `batches` (objective: the

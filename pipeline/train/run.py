@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe.args import data_args
 from pipeline.errors import UserError
-from pipeline.runtime import deepspeed_compat, dist
+from pipeline.runtime import deepspeed_compat, dist, hostmem
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -93,6 +93,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if resume is not None:
         checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
+    hostmem.release_freed()  # what the build left free inside the heaps, before the steps add theirs
     if dist.is_main():
         write_run_files(r, output_dir)
         print_plan(r, model, loader, resume, state)
@@ -176,7 +177,8 @@ def preflight(r: Mapping[str, Any]) -> None:
 
 
 def enable_features(model: Any, r: Mapping[str, Any]) -> None:
-    """Gradient checkpointing per the recipe; neat_packing only where the model can honour it.
+    """Gradient checkpointing per the recipe (with the allocator policy that goes with it, pipeline.runtime.hostmem);
+    neat_packing only where the model can honour it.
 
     neat_packing needs a forward that takes segment_ids (block-diagonal attention with restarting
     positions); silently training with cross-example attention instead would change the results.
@@ -195,6 +197,7 @@ def enable_features(model: Any, r: Mapping[str, Any]) -> None:
                             f"{type(model).__name__} cannot recompute activations; set "
                             "disable_gradient_checkpointing: true")
         setter(True)
+        hostmem.tune_malloc()  # memory first: freed activations go back to the system (pipeline.runtime.hostmem)
 
 
 def precision_notice(r: Any) -> None:
