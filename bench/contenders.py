@@ -98,14 +98,14 @@ class Ours:
         from pipeline.model.build import build_model
         from pipeline.recipe.args import recipe_args, train_args
         from pipeline.train.optim import make_optimizer
-        from pipeline.train.run import enable_features, exact_steps, seed_everything
+        from pipeline.train.run import compute_dtype, enable_features, exact_steps, seed_everything
         from pipeline.train.schedule import make_scheduler
 
         r = resolve_recipe(recipe, overrides)
         seed_everything(r["seed"])
         self.loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
         self.r = exact_steps(r, self.loader)
-        model = build_model(*recipe_args(self.r))
+        model = build_model(*recipe_args(self.r), dtype=compute_dtype(self.r))
         enable_features(model, self.r)  # gradient checkpointing per the recipe, as run() does
         optimizer = make_optimizer(model, train_args(self.r))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,

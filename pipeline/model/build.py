@@ -63,8 +63,8 @@ def recipe_config(args: ModelArgs) -> ModelConfig:
     return cfg.replace(**changes)
 
 
-def load_base(args: ModelArgs, *, dropout: bool = True) -> GPTModel:
-    """The base model of the recipe (a preset starts from a seeded random init: say so on stderr)."""
+def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """The base model of the recipe (a preset starts from a seeded random init: say so on stderr), in `dtype`."""
     name = str(args.model_name_or_path)
     cfg = recipe_config(args)
     if not dropout:
@@ -72,7 +72,7 @@ def load_base(args: ModelArgs, *, dropout: bool = True) -> GPTModel:
     if name in PRESETS:
         note(f"model: preset '{name}' = random weights (seed {args.seed}); for trained weights set"
              " model_name_or_path to a directory with config.json + model.safetensors")
-    return load_model(name, seed=args.seed, cfg=cfg)
+    return load_model(name, seed=args.seed, cfg=cfg, dtype=dtype)
 
 
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
@@ -98,9 +98,18 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
     return model
 
 
-def build_model(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
-    """The model `train` optimises: base weights + recipe overrides + fine-tuning type (on CPU, fp32)."""
-    return apply_finetuning_type(load_base(model), finetune)
+def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """The model `train` optimises: base weights + recipe overrides + fine-tuning type, on CPU, in `dtype`.
+
+    `train` passes its compute dtype (bf16 / fp16), the one DeepSpeed would cast the whole model to: the
+    base weights are then read straight into it, one tensor at a time (pipeline.model.weights.read_tensors),
+    instead of the whole fp32 file being resident while the cast copies it. New LoRA weights are still
+    drawn in fp32 and then cast, and an adapter folded into a full/freeze base is merged in fp32 before the
+    cast: the same values as a cast of the fp32 model.
+    """
+    merges = finetune.finetuning_type != "lora" and bool(finetune.adapter_name_or_path)
+    built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune)
+    return built.to(dtype)
 
 
 def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | None = None,

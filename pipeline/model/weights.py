@@ -28,6 +28,7 @@ from pipeline.model.gpt import GPTModel
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 MAX_TENSOR_PROBLEMS = 8
 
 
@@ -40,7 +41,8 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     """A GPTModel from a preset (random, seeded), an HF checkpoint directory or one of our checkpoints.
 
     `cfg` may override the checkpoint's config where the weights allow it (dropout, a shorter
-    context: the position table is cut; untying a tied head: it starts as a copy of wte).
+    context: the position table is cut; untying a tied head: it starts as a copy of wte). `dtype`: the
+    weights' dtype, each tensor cast as it is read (read_tensors says why).
     """
     if str(name_or_path) in PRESETS:
         return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
@@ -48,7 +50,7 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     assert path is not None
     file_cfg = read_config(path.parent)
     kind = checkpoint_kind(read_raw(path))
-    state = read_state_dict(path.parent, kind=kind, cfg=file_cfg)
+    state = read_state_dict(path.parent, kind=kind, cfg=file_cfg, dtype=dtype)
     return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=path.parent, file_cfg=file_cfg,
                                  dtype=dtype, hf_names=kind != "pipeline")
 
@@ -73,18 +75,34 @@ def _shard_files(directory: Path) -> list[Path]:
     raise UserError(f"{directory}: no {SINGLE} (nor {INDEX}){hint}")
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, key, tensor) of every tensor; with `dtype`, each tensor cast to it as it is read.
+
+    safetensors maps the whole file and hands out views of that one mapping, read from disk page by page
+    when touched; the mapping lives until the last view is gone. Casting the views of one handle (or
+    letting DeepSpeed cast the model later, as before) therefore touches every page while the mapping is
+    alive: the whole fp32 file is resident next to its bf16 copy (gpt2-small: 497 + 248 MB). With a
+    different `dtype`, each tensor is read through a handle of its own and cast, and its mapping goes as
+    soon as the cast is done: only one fp32 tensor is resident at a time (bench/README.md, "Gradient
+    checkpointing").
+    """
     for file in files:
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    yield file, key, handle.get_tensor(key)
+                    if dtype is None or handle.get_slice(key).get_dtype() == _SAFETENSORS_NAMES.get(dtype):
+                        yield file, key, handle.get_tensor(key)
+                        continue
+                    with safe_open(file, framework="pt") as own:
+                        tensor = own.get_tensor(key).to(dtype)
+                    yield file, key, tensor
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise UserError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt"
                             " (download or save it again)") from None
 
 
-def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig) -> dict[str, tuple[Path, torch.Tensor]]:
+def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
+                    dtype: torch.dtype | None = None) -> dict[str, tuple[Path, torch.Tensor]]:
     """Our parameter names -> (file, tensor), through the family's name map.
 
     kind "hf": HF names (with or without the model prefix), buffers skipped, Conv1D weights transposed;
@@ -92,7 +110,7 @@ def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig) -> dict[str
     """
     family = GPT2 if kind == "pipeline-v1" else FAMILIES[cfg.family]
     state: dict[str, tuple[Path, torch.Tensor]] = {}
-    for file, key, tensor in read_tensors(_shard_files(directory)):
+    for file, key, tensor in read_tensors(_shard_files(directory), dtype):
         name = key
         if kind != "pipeline":
             if key.endswith(family.skip):

@@ -79,7 +79,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
     has_val = count_examples(data_args(r))["val"] > 0
     val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) if has_val else None
-    model = build_model(*recipe_args(r))
+    model = build_model(*recipe_args(r), dtype=compute_dtype(r))  # read straight into the dtype DeepSpeed trains in
     enable_features(model, r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
@@ -144,19 +144,23 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
 def preference_objective(r: Any, engine: Any) -> Any:
     """stage dpo: the preference loss with its reference (pipeline.train.preference)."""
-    import torch
-
     from pipeline.recipe.args import preference_args, recipe_args
     from pipeline.train.preference import PreferenceObjective, build_reference
 
     pref = preference_args(r)
-    dtype = torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else torch.float32
-    reference = build_reference(pref, recipe_args(r), engine, dtype=dtype,
+    reference = build_reference(pref, recipe_args(r), engine, dtype=compute_dtype(r),
                                 zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
     if dist.is_main():
         what = reference.description if reference is not None else "none (reference-free loss)"
         print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}; reference: {what}", file=sys.stderr)
     return PreferenceObjective(pref, engine, reference)
+
+
+def compute_dtype(r: Mapping[str, Any]) -> Any:
+    """The dtype DeepSpeed casts the model to and computes in: bf16, fp16, else fp32."""
+    import torch
+
+    return torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- before training

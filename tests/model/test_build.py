@@ -88,6 +88,29 @@ def test_adapter_continues_and_full_merges_it(tmp_path):
         build(recipe(tmp_path, adapter_name_or_path=str(tmp_path / "ad"), lora_rank=2))
 
 
+@pytest.mark.parametrize("finetuning_type, with_adapter", [("lora", False), ("lora", True), ("full", True)])
+def test_reading_straight_into_bf16_equals_casting_the_fp32_model(tmp_path, finetuning_type, with_adapter):
+    """train reads the base weights straight into its compute dtype, one tensor at a time: the same bits as
+    building in fp32 and casting the model, as DeepSpeed did (HF layout: Conv1D weights transposed; new LoRA
+    weights drawn in fp32; an adapter folded into a full base merged in fp32 first)."""
+    base = build(recipe(tmp_path, finetuning_type="full"))
+    save_hf(base, tmp_path / "hf")
+    trained = build(recipe(tmp_path, model_name_or_path=str(tmp_path / "hf")))
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if ".lora." in n:
+                p.normal_(0, 0.05)
+    save_adapter(trained, tmp_path / "ad")
+    r = recipe(tmp_path, model_name_or_path=str(tmp_path / "hf"), finetuning_type=finetuning_type,
+               adapter_name_or_path=str(tmp_path / "ad") if with_adapter else None)
+    cast = build(r).to(torch.bfloat16).state_dict()
+    direct = build_model(*recipe_args(r), dtype=torch.bfloat16).state_dict()
+    assert cast.keys() == direct.keys()
+    assert all(direct[k].dtype == torch.bfloat16 and torch.equal(direct[k], cast[k]) for k in cast)
+    assert direct["layers.0.self_attn.qkv_proj.linear.weight" if finetuning_type == "lora"
+                  else "layers.0.self_attn.qkv_proj.weight"].is_contiguous()
+
+
 def test_load_for_inference_base_adapter_merged(tmp_path):
     r = recipe(tmp_path)
     out = tmp_path / "out"
