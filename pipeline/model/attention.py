@@ -8,17 +8,27 @@ Which path runs where:
   variable-length FlashAttention kernel (`varlen_attn`): the row is cut into its segments
   (cumulative lengths) and each is attended causally on its own; no T x T mask exists, and the work is
   that of the segments, not of the whole row.
-- Everywhere else (CPU; fp32; attention dropout; older torch): torch's scaled_dot_product_attention
-  with a (B, 1, T, T) boolean mask, causal AND same segment.
+- Everywhere else (CPU; fp32; attention dropout; older torch): length buckets (`Buckets`). The rows'
+  segments are sorted by length and cut into a few buckets; each bucket is gathered into an (n, L) block
+  of segments padded at the end to the bucket's longest, attended by causal SDPA (`is_causal`: the CPU
+  flash kernel skips the blocks above the diagonal), and the outputs are gathered back into row order.
+  Padding sits after a segment's real tokens, so under causality no real query sees it, and its outputs
+  are dropped (their gradients are exact zeros). Why not one (B, 1, T, T) mask: with a mask SDPA computes
+  every query against every key of the row, about T^2 per row where the segments need sum(n_i^2) / 2; on
+  Alpaca-like rows of 512 (segments of ~110 tokens) that is five to ten times the attention work, which
+  was 18% of a packed step (bench/README.md, packing).
 
-The model builds a `packed_attention(...)` spec once per forward and passes it to every layer as its
-mask; `attend` dispatches. Both paths compute the same function (tests/model/test_packed_attention.py
-checks the varlen glue on CPU against per-segment SDPA with a stand-in kernel).
+`segment_mask` (causal AND same segment, (B, 1, T, T) boolean) stays as the reference that both paths
+are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
+every layer as its mask; `attend` dispatches. All paths compute the same function
+(tests/model/test_packed_attention.py: the bucket path against the mask path and against each example run
+alone, GPT-2 and the RoPE families; the varlen glue on CPU against per-segment SDPA with a stand-in kernel).
 """
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +38,23 @@ class Varlen(NamedTuple):
 
     cu_seqlens: torch.Tensor
     max_len: int
+
+
+class Buckets(NamedTuple):
+    """Segments of the flattened (B*T) tokens regrouped by length for per-segment causal SDPA.
+
+    gather: (S,) indices into the B*T tokens, bucket after bucket; bucket j is n_j segments each padded at
+    the end to L_j by repeating its last token (shapes[j] = (n_j, L_j), S = sum of n_j * L_j). back: (B*T,)
+    the slot in `gather` of each token's own (unpadded) occurrence.
+    """
+
+    gather: torch.Tensor
+    shapes: tuple[tuple[int, int], ...]
+    back: torch.Tensor
+
+
+BUCKET_GRAIN = 16  # lengths are grouped in steps of this many tokens before the buckets are chosen
+BUCKET_CALL_COST = 128 * 128  # a bucket's fixed cost (an SDPA call, its gathers) in units of one query-key pair
 
 
 def _varlen_kernel():
@@ -67,17 +94,70 @@ def segment_bounds(segment_ids: torch.Tensor) -> Varlen:
     return Varlen(cu, int((cu[1:] - cu[:-1]).max()))  # one host sync per forward, shared by the layers
 
 
-def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float) -> torch.Tensor | Varlen:
-    """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else the mask."""
+def choose_buckets(lengths: np.ndarray) -> list[np.ndarray]:
+    """Segments (by index into `lengths`) cut into buckets of similar length, longest first.
+
+    The cost of a bucket of n segments padded to L is n * L * L query-key pairs (what the causal kernel
+    touches, twice the causal half: its blocks straddle the diagonal) plus BUCKET_CALL_COST; lengths are
+    grouped by BUCKET_GRAIN and the grouping that minimises the total is found by dynamic programming over
+    the groups sorted by length (at most T / BUCKET_GRAIN groups, so this is cheap once per forward)."""
+    order = np.argsort(-lengths, kind="stable")
+    keys = -(-lengths[order] // BUCKET_GRAIN)
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])  # first segment of each group, in `order`
+    bounds = np.r_[starts, len(order)]
+    g = len(starts)
+    best = np.full(g + 1, np.inf)
+    best[g] = 0.0
+    cut = np.zeros(g, dtype=np.int64)
+    for i in range(g - 1, -1, -1):  # best[i]: groups i.. bucketed; a bucket spans groups i..e-1, padded to group i
+        longest = float(lengths[order[bounds[i]]])
+        for e in range(i + 1, g + 1):
+            cost = (bounds[e] - bounds[i]) * longest * longest + BUCKET_CALL_COST + best[e]
+            if cost < best[i]:
+                best[i], cut[i] = cost, e
+    buckets, i = [], 0
+    while i < g:
+        buckets.append(order[bounds[i]:bounds[cut[i]]])
+        i = cut[i]
+    return buckets
+
+
+def segment_buckets(segment_ids: torch.Tensor) -> Buckets:
+    """The Buckets of packed rows: a segment is a run of equal ids within a row (padding included, as its own
+    segment, so that every token has an output as in the mask path)."""
+    b, t = segment_ids.shape
+    ids = segment_ids.detach().cpu().numpy()
+    starts = np.ones((b, t), dtype=bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    first = np.flatnonzero(starts.ravel())
+    lengths = np.diff(np.r_[first, b * t])
+    gather, shapes, back = [], [], np.empty(b * t, dtype=np.int64)
+    offset = 0
+    for members in choose_buckets(lengths):
+        n, longest = len(members), int(lengths[members[0]])
+        steps = np.minimum(np.arange(longest)[None, :], lengths[members][:, None] - 1)  # (n, L): pad = last token
+        gather.append((first[members][:, None] + steps).ravel())
+        shapes.append((n, longest))
+        for row, (start, length) in enumerate(zip(first[members], lengths[members])):
+            back[start:start + length] = offset + row * longest + np.arange(length)
+        offset += n * longest
+    device = segment_ids.device
+    return Buckets(torch.from_numpy(np.concatenate(gather)).to(device), tuple(shapes), torch.from_numpy(back).to(device))
+
+
+def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float) -> Buckets | Varlen:
+    """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else Buckets."""
     if use_varlen(segment_ids.device, dtype, dropout_p):
         return segment_bounds(segment_ids)
-    return segment_mask(segment_ids)
+    return segment_buckets(segment_ids)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Varlen | None, *,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, *,
            is_causal: bool, dropout_p: float) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); H_kv divides H (GQA / MQA);
-    `mask` None, a boolean mask, or Varlen segments."""
+    `mask` None, a boolean mask, Varlen segments or Buckets of segments."""
+    if isinstance(mask, Buckets):
+        return _attend_buckets(q, k, v, mask, dropout_p)
     if isinstance(mask, Varlen):
         b, h, t, d = q.shape
         flat = [z.transpose(1, 2).reshape(b * t, z.shape[1], d) for z in (q, k, v)]  # (B*T, H, D)
@@ -86,3 +166,54 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return y.view(b, t, h, d).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                           enable_gqa=k.shape[1] != q.shape[1])  # grouped key/value heads (GQA)
+
+
+class _ToSlots(torch.autograd.Function):
+    """tokens (B*T, ...) -> bucket slots (S, ...) by `gather`; the backward reads each token's gradient from its
+    own slot (`back`). The padding slots repeat a segment's last token but feed only padding queries, whose
+    outputs are dropped, so their gradient is zero: reading it instead of summing it (index_select's own
+    backward, a scatter-add that was slower than the attention itself on CPU) is exact."""
+
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, gather: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        return tokens.index_select(0, gather)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (back,) = ctx.saved_tensors
+        return grad.index_select(0, back), None, None
+
+
+class _ToTokens(torch.autograd.Function):
+    """bucket slots (S, ...) -> tokens (B*T, ...) by `back` (one slot per token): the backward puts each token's
+    gradient in its slot, zero in the padding slots (index_copy_, no scatter-add: the slots are distinct)."""
+
+    @staticmethod
+    def forward(ctx, slots: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.slots = slots.shape[0]
+        return slots.index_select(0, back)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (back,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.slots, *grad.shape[1:])).index_copy_(0, back, grad), None
+
+
+def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: Buckets,
+                    dropout_p: float) -> torch.Tensor:
+    """Causal SDPA per bucket of segments, between one gather into the buckets and one back into row order."""
+    b, h, t, d = q.shape
+    slots = [_ToSlots.apply(z.transpose(1, 2).reshape(b * t, z.shape[1], d), buckets.gather, buckets.back)
+             for z in (q, k, v)]  # (S, heads, D) each
+    gqa = k.shape[1] != h
+    sizes = [n * length for n, length in buckets.shapes]
+    outs = []
+    # split, not slicing: a slice's backward fills a zero tensor of all S slots per bucket, split's is one cat
+    for (n, length), *qkv in zip(buckets.shapes, *(z.split(sizes) for z in slots)):
+        qb, kb, vb = (z.view(n, length, z.shape[1], d).transpose(1, 2) for z in qkv)
+        y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+        outs.append(y.transpose(1, 2).reshape(n * length, h, d))
+    y = _ToTokens.apply(outs[0] if len(outs) == 1 else torch.cat(outs), buckets.back)
+    return y.view(b, t, h, d).transpose(1, 2)

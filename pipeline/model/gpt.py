@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.attention import Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
+from pipeline.model.attention import Buckets, Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
 
@@ -162,7 +162,7 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | None, past: KV | None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, past: KV | None,
                 rope: Rope | None) -> tuple[torch.Tensor, KV]:
         b, t, _ = x.shape
         if self.fused:
@@ -194,7 +194,7 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | None, past: KV | None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, past: KV | None,
                 rope: Rope | None) -> tuple[torch.Tensor, KV]:
         a, kv = self.self_attn(self.input_layernorm(x), mask, past, rope)
         x = x + a

@@ -189,3 +189,89 @@ def test_rope_families_packed_examples_equal_unpacked(preset):
                                          head_size=16 if config.PRESETS[preset].head_size else None)
     model = GPTModel(cfg, seed=4).train()
     packed_equals_unpacked(model, cfg.vocab_size)
+
+
+def _many_segments_batch(vocab: int, seed: int = 3):
+    """Two rows of 96 with segments from 2 to 40 tokens (several buckets), padding at the end of one row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [(40, 3, 17, 2, 30), (9, 33, 25, 21)]  # 92 real tokens (+4 padding) and 88 (+8 padding)
+    t = 96
+    ids = torch.randint(0, vocab, (2, t), generator=g)
+    labels = torch.randint(0, vocab, (2, t), generator=g)
+    seg = torch.zeros(2, t, dtype=torch.long)
+    pos = torch.zeros(2, t, dtype=torch.long)
+    for r, lengths in enumerate(rows):
+        at = 0
+        for k, n in enumerate(lengths):
+            seg[r, at:at + n], pos[r, at:at + n] = k, torch.arange(n)
+            at += n
+        seg[r, at:], pos[r, at:], labels[r, at:] = len(lengths), torch.arange(t - at), -100
+    return ids, labels, seg, pos
+
+
+def _tiny(preset: str):
+    from pipeline.model import config
+
+    base = config.PRESETS[preset]
+    if preset == "tiny":
+        return base.replace(context_length=128, drop_rate=0.0)
+    return base.replace(vocab_size=50257, context_length=128, emb_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                        ffn_dim=96, drop_rate=0.0, head_size=16 if base.head_size else None)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b"])
+def test_bucket_path_equals_the_mask_path(monkeypatch, preset):
+    """CPU packed rows go through length buckets; the (B, 1, T, T) mask is the reference: same loss and
+    gradients in fp32 (GPT-2, and a RoPE family with GQA and q/k norms), with segments in several buckets."""
+    from pipeline.model import config, gpt
+
+    if preset not in config.PRESETS:
+        pytest.skip(f"no {preset} preset in this checkout")
+    monkeypatch.setattr(attention, "BUCKET_CALL_COST", 0)  # one bucket per length group: several buckets
+    cfg = _tiny(preset)
+    model = GPTModel(cfg, seed=5).train()
+    ids, labels, seg, pos = _many_segments_batch(cfg.vocab_size)
+    assert len(attention.segment_buckets(seg).shapes) >= 3
+    results = {}
+    for path in ("mask", "buckets"):
+        if path == "mask":
+            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p: attention.segment_mask(s))
+        else:
+            monkeypatch.setattr(gpt, "packed_attention", attention.packed_attention)
+        loss = model(ids, labels=labels, segment_ids=seg, position_ids=pos)
+        loss.backward()
+        results[path] = (loss.detach(), _grads(model))
+    (l0, g0), (l1, g1) = results["mask"], results["buckets"]
+    assert torch.allclose(l0, l1, atol=1e-6, rtol=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_segment_buckets_cover_every_token_once(monkeypatch):
+    """Every token has exactly one slot; a bucket's segments are padded at the end with their last token."""
+    monkeypatch.setattr(attention, "BUCKET_CALL_COST", 0)
+    _, _, seg, _ = _many_segments_batch(50257)
+    b = attention.segment_buckets(seg)
+    flat = torch.arange(seg.numel())
+    assert sum(n * length for n, length in b.shapes) == b.gather.numel()
+    assert torch.equal(b.gather[b.back], flat)  # each token's own slot holds it
+    at = 0
+    for n, length in b.shapes:
+        block = b.gather[at:at + n * length].view(n, length)
+        for row in block:
+            real = row[:int((row[1:] != row[:-1]).sum()) + 1]
+            assert torch.equal(real, torch.arange(int(real[0]), int(real[0]) + len(real)))  # a contiguous segment
+            assert bool((row[len(real):] == real[-1]).all())  # padded with its last token
+            assert len(set(seg.flatten()[real].tolist())) == 1
+        at += n * length
+
+
+def test_choose_buckets_groups_similar_lengths():
+    import numpy as np
+
+    lengths = np.array([5, 300, 7, 290, 6, 280, 120])
+    buckets = attention.choose_buckets(lengths)
+    assert sorted(i for b in buckets for i in b.tolist()) == list(range(len(lengths)))
+    assert {tuple(sorted(b.tolist())) for b in buckets} >= {(1, 3, 5), (0, 2, 4)}  # long ones apart from short
+    assert len(attention.choose_buckets(np.array([60] * 19))) == 1  # equal lengths: one bucket, no padding

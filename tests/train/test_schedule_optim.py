@@ -65,3 +65,23 @@ def test_adamw_decays_matrices_only_and_skips_frozen_weights():
     optimizer = make_optimizer(model, recipe())
     assert optimizer.defaults["betas"] == (0.8, 0.95) and optimizer.defaults["eps"] == 1e-6
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 5
+
+
+def test_adamw_is_fused_on_cpu_and_steps_as_the_per_tensor_loop():
+    """One fused op for all tensors (torch's per-tensor default opens ~10 small parallel ops per tensor per step);
+    the update equals torch's per-tensor AdamW to float rounding."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], recipe())
+    assert all(g["fused"] for g in fused.param_groups)
+    loop = torch.optim.AdamW(param_groups(models[1].named_parameters(), 0.1), lr=1e-3, betas=(0.8, 0.95), eps=1e-6,
+                             foreach=False)
+    x = torch.randn(5, 8)
+    for _ in range(3):
+        for model, opt in zip(models, (fused, loop)):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
