@@ -10,13 +10,13 @@ Which path runs where:
   that of the segments, not of the whole row.
 - Everywhere else (CPU; fp32; attention dropout; older torch): length buckets (`Buckets`). The rows'
   segments are sorted by length and cut into a few buckets; each bucket is gathered into an (n, L) block
-  of segments padded at the end to the bucket's longest, attended by causal SDPA (`is_causal`: the CPU
-  flash kernel skips the blocks above the diagonal), and the outputs are gathered back into row order.
-  Padding sits after a segment's real tokens, so under causality no real query sees it, and its outputs
-  are dropped (their gradients are exact zeros). Why not one (B, 1, T, T) mask: with a mask SDPA computes
-  every query against every key of the row, about T^2 per row where the segments need sum(n_i^2) / 2; on
-  Alpaca-like rows of 512 (segments of ~110 tokens) that is five to ten times the attention work, which
-  was 18% of a packed step (bench/README.md, packing).
+  of segments padded at the end to the bucket's longest, attended by causal SDPA (`is_causal`), and the
+  outputs are gathered back into row order. Padding sits after a segment's real tokens, so under
+  causality no real query sees it, and its outputs are dropped (their gradients are exact zeros). Why not
+  one (B, 1, T, T) mask: with a mask SDPA computes every query of a row against every key, T^2 pairs per
+  row; the buckets need sum(L_j^2) over their segments, 2.5x fewer pairs on the benchmark's Alpaca-like rows
+  of 512 and 7x fewer on book-like ones. Measured: 1.1-1.6x less attention CPU time (the CPU kernel is
+  less efficient on short blocks), 2-16% less CPU time per packed step (bench/README.md, packing).
 
 `segment_mask` (causal AND same segment, (B, 1, T, T) boolean) stays as the reference that both paths
 are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
