@@ -8,7 +8,8 @@ hands freed space back to the kernel only from its top: the middle stays residen
 next step's activations land beside it. Measured on the checkpointing benchmark (gpt2-small, 4 packed rows
 of 512, bf16 LoRA, bench/README.md): with gradient checkpointing the steps raised the RSS 345 MB above
 its level before the first step, of which ~200 MB was freed-but-resident heap; with a fixed 1 MiB
-threshold they raise it by ~145 MB, which is the activations themselves.
+threshold they raised it by ~160 MB, the activations themselves (on the attention path of that day;
+bench/README.md has the current figure).
 
 `tune_malloc` fixes the threshold (mallopt M_MMAP_THRESHOLD, which also turns the dynamic rise off): a
 block of 1 MiB or more is a mapping of its own, returned to the kernel the moment it is freed. Small
