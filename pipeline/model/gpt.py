@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.model.attention import Buckets, Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
+from pipeline.model.kernels import Linear
 
 IGNORE_INDEX = -100
 KV = tuple[torch.Tensor, torch.Tensor]  # per layer: keys and values, each (B, n_kv_heads, T_past, head_dim)
@@ -81,10 +82,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
         self.act = nn.SiLU() if self.swiglu else GELU()
-        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,12 +150,12 @@ class MultiHeadAttention(nn.Module):
         self.split = (q, kv, kv)
         self.fused = cfg.qkv_fused
         if self.fused:
-            self.qkv_proj = nn.Linear(cfg.emb_dim, q + 2 * kv, bias=cfg.qkv_bias)
+            self.qkv_proj = Linear(cfg.emb_dim, q + 2 * kv, bias=cfg.qkv_bias)
         else:
-            self.q_proj = nn.Linear(cfg.emb_dim, q, bias=cfg.qkv_bias)
-            self.k_proj = nn.Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
-            self.v_proj = nn.Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, cfg.emb_dim, bias=cfg.o_bias)
+            self.q_proj = Linear(cfg.emb_dim, q, bias=cfg.qkv_bias)
+            self.k_proj = Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
+            self.v_proj = Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q, cfg.emb_dim, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
@@ -216,7 +217,7 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.emb_dim)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
         self.gradient_checkpointing = False
         if cfg.tie_weights:

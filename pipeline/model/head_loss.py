@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.model.kernels import Linear
+
 CHUNK_ROWS = 128  # fastest on the benchmark's CPU among 64-1024; 128 x 50257 fp32 logits = 26 MB
 
 
@@ -28,7 +30,7 @@ def fused_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
 def chunkable(head: nn.Module, hidden: torch.Tensor) -> bool:
     """The head is a frozen, unpartitioned bias-free Linear in the hidden states' dtype (bf16/fp32), no autocast."""
     weight = getattr(head, "weight", None)
-    return (type(head) is nn.Linear and head.bias is None
+    return (type(head) in (nn.Linear, Linear) and head.bias is None  # not a LoRA wrapper
             and weight is not None and not weight.requires_grad and not hasattr(weight, "ds_id")
             and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float32)
             and not torch.is_autocast_enabled(hidden.device.type))

@@ -24,6 +24,7 @@ from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config
                                    to_hf_config, to_own_config)
 from pipeline.model.families import FAMILIES, GPT2, check_exportable
 from pipeline.model.gpt import GPTModel
+from pipeline.model.memory import dense_weight
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -120,7 +121,7 @@ def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
                 if name == "lm_head.weight" and cfg.tie_weights:
                     continue  # transformers ties it to the embedding too
                 if family.is_conv1d(name):
-                    tensor = tensor.t().contiguous()  # a transposed view would become a strided parameter
+                    tensor = tensor.t()  # a view: model_from_state_dict makes every parameter dense
         state[name] = (file, tensor)
     return state
 
@@ -168,8 +169,10 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
                             " these weights do not fit the changed shapes")
         raise UserError(problems)
     # assign=True makes these tensors the parameters themselves: they must be dense whatever their source
-    # (a transposed or sliced view would reach DeepSpeed, which views every parameter as bytes).
-    model.load_state_dict({k: state[k][1].to(dtype).contiguous() for k in expected}, assign=True, strict=False)
+    # (a transposed or sliced view would reach DeepSpeed, which views every parameter as bytes). Copies made
+    # here (dtype conversion) land on huge pages where the OS offers them (pipeline.model.memory: decoding reads
+    # every weight per token).
+    model.load_state_dict({k: dense_weight(state[k][1], dtype) for k in expected}, assign=True, strict=False)
     model.tie_weights()
     return model
 
