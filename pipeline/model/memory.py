@@ -1,17 +1,18 @@
 """Where the weights live in memory: large CPU tensors on transparent huge pages (2 MiB) where Linux offers them.
 
 Why: decoding on a CPU reads every weight once per token, and the output head alone is 0.5-1 GB in fp32
-(128-152k rows); those reads are memory-bound. torch's allocator hands out anonymous memory in 4 KiB pages
+(128-152k rows): memory traffic is most of a step. torch's allocator hands out anonymous memory in 4 KiB pages
 (it asks for huge pages only under the environment variable THP_MEM_ALLOC_ENABLE, read once at import), and
 with the usual `madvise` setting of /sys/kernel/mm/transparent_hugepage/enabled the kernel gives none unless
-asked. Streaming 1 GB through 262,144 small pages costs a TLB miss and a page walk every 4 KiB; measured
-side by side in one process on the 2048 x 128256 head of the Llama-3.2-1B shape (bench/README.md), the same
-product ran 9-30% slower from such memory than from 2 MiB pages, and than transformers' weights, which are
-the safetensors file's page-cache pages (mmap) when no dtype conversion is needed.
+asked. Streaming 1 GB through 262,144 small pages costs a TLB miss and a page walk every 4 KiB. Measured
+side by side in one process (MKL's kernel, the 2048 x 128256 head of the Llama-3.2-1B shape at batch 8, load
+4-9): from such memory the head ran 9% slower than from the safetensors file's page-cache pages (which is
+where transformers' weights live when no dtype conversion is needed), and level with them from 2 MiB pages;
+whole cached generation went from 0.97x to 1.07x transformers' with the weights moved to huge pages.
 
 So wherever loading has to allocate a weight anyway (a bf16 checkpoint converted to fp32, a transposed
 GPT-2 Conv1D), the copy goes into a private anonymous mapping advised MADV_HUGEPAGE, sized to whole huge
-pages (Linux aligns such mappings on 2 MiB). The tensor is an ordinary dense CPU tensor over that mapping
+pages (Linux 6.7+ aligns such mappings on 2 MiB; older kernels still back the aligned part). The tensor is an ordinary dense CPU tensor over that mapping
 (torch.frombuffer keeps the mapping alive as long as the tensor): same values, same strides, so every
 kernel computes bit-for-bit what it computed before. Elsewhere (no madvise, THP `never`, small tensors,
 other devices) the ordinary allocation is kept.
