@@ -157,7 +157,7 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
     from bench import sft
 
     started = common.loadavg()
-    steps = 2 if quick else 3
+    steps = 2 if quick else 6  # ~1 s a step on an idle machine: 3 steps left a round's ratio at the mercy of one batch
     cutoff = 256 if quick else CUTOFF
     per_dataset: dict[str, Any] = {}
     profile = None
