@@ -8,14 +8,17 @@ hands freed space back to the kernel only from its top: the middle stays residen
 next step's activations land beside it. Measured on the checkpointing benchmark (gpt2-small, 4 packed rows
 of 512, bf16 LoRA, bench/README.md): with gradient checkpointing the steps raised the RSS 345 MB above
 its level before the first step, of which ~200 MB was freed-but-resident heap; with a fixed 1 MiB
-threshold they raised it by ~160 MB, the activations themselves (on the attention path of that day;
+threshold (the first setting) they raised it by ~160 MB, the activations themselves (on the attention path of that day;
 bench/README.md has the current figure).
 
 `tune_malloc` fixes the threshold (mallopt M_MMAP_THRESHOLD, which also turns the dynamic rise off): a
-block of 1 MiB or more is a mapping of its own, returned to the kernel the moment it is freed. Small
-blocks (Python objects, shapes, LoRA's rank-16 intermediates) keep the heaps. The cost is the kernel
-zeroing and mapping the pages of every new activation instead of reusing resident ones: ~5-7% more CPU
-time per step on the benchmark (bench/README.md, "Gradient checkpointing"). So `train` sets it only when
+block of 4 MiB or more is a mapping of its own, returned to the kernel the moment it is freed. Smaller
+blocks (Python objects, shapes, LoRA's rank-16 intermediates, per-head pieces) keep the heaps. The cost is
+the kernel zeroing and mapping the pages of every new large activation instead of reusing resident ones.
+Why 4 MiB: measured on the idle machine, paired runs of the checkpointing benchmark (lead, 2026-12-03
+19:15): a 1 MiB threshold gave the lowest peak (~878 MB) but cost 1.29x the step time (every 1-4 MiB
+intermediate faulted in fresh), 4 MiB peaked at ~930 MB for no measurable step time (12.5-13.7 s against
+12.3-14.4 s with glibc's default, which peaked at ~1,000-1,090 MB), 16 MiB at ~1,015 MB. So `train` sets it only when
 the recipe checkpoints (disable_gradient_checkpointing: false): there the user has chosen memory over
 speed (recomputing every block already costs ~1.3x the step time), and without it the faster reuse of
 resident heap is kept.
@@ -35,7 +38,7 @@ import functools
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-MMAP_THRESHOLD_BYTES = 1 << 20  # 1 MiB: every activation of a real model is larger; glibc's default starts at 128 KiB
+MMAP_THRESHOLD_BYTES = 4 << 20  # 4 MiB: the large activations (MLP, q|k|v, logit blocks); glibc's default starts at 128 KiB
 
 
 @functools.lru_cache(maxsize=1)

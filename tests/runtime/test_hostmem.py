@@ -12,7 +12,8 @@ from pipeline.runtime import hostmem
 from pipeline.train.run import enable_features
 
 # One process per case: the allocator settings are process-wide. The script plays a training step's pattern:
-# an 8 MB activation freed once (glibc's dynamic threshold rises to 8 MB), then 100 activations of 2 MB, each
+# a 16 MB activation freed once (glibc's dynamic threshold rises to 16 MB), then 40 activations of 5 MiB
+# (above tune_malloc's 4 MiB threshold), each
 # followed by a small block that outlives them (a Python object, a LoRA intermediate), then the activations
 # are freed. Returned: how much of their 200 MB is still resident.
 SCRIPT = """
@@ -21,12 +22,12 @@ from pipeline.runtime import hostmem
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
 tuned = hostmem.tune_malloc() if sys.argv[1] == "tuned" else False
-first = torch.ones(1 << 21, dtype=torch.float32)  # 8 MB
+first = torch.ones(1 << 22, dtype=torch.float32)  # 16 MB
 del first
 before = rss()
 big, small = [], []
-for _ in range(100):
-    big.append(torch.ones(1 << 19, dtype=torch.float32))  # 2 MB
+for _ in range(40):
+    big.append(torch.ones(5 << 18, dtype=torch.float32))  # 5 MiB
     small.append(torch.ones(1 << 12, dtype=torch.float32))  # 16 KB, kept
 peak = rss()
 del big
