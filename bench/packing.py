@@ -89,11 +89,12 @@ def child(contender: str, recipe: str, steps: int, overrides: list[str], preset:
     baseline = _status_mb("VmRSS")
     _reset_peak_rss()  # the training steps' own peak, not model loading's
     step()  # warm-up
-    times = []
+    times, cpu0 = [], time.process_time()
     for _ in range(steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    cpu = time.process_time() - cpu0  # CPU time of all threads: less at the mercy of other processes than wall time
     steps_peak = _status_mb("VmHWM")
     extra: dict[str, Any] = {}
     if profile:
@@ -102,7 +103,8 @@ def child(contender: str, recipe: str, steps: int, overrides: list[str], preset:
         extra["profile"] = profile_step(step)
     return {**extra, "contender": contender, "rows_per_epoch": rows_per_epoch, "useful_tokens": useful,
             "computed_tokens": computed, "seconds": sum(times), "step_seconds": [round(x, 3) for x in times],
-            "tokens_per_s": useful / sum(times), "gradient_checkpointing": checkpointing, "loss": loss(),
+            "tokens_per_s": useful / sum(times), "cpu_seconds": cpu, "tokens_per_cpu_s": useful / cpu,
+            "gradient_checkpointing": checkpointing, "loss": loss(),
             "rss_before_steps_mb": baseline, "steps_peak_rss_mb": steps_peak,
             "steps_extra_rss_mb": round(steps_peak - baseline, 1), "peak_rss_mb": common.peak_rss_mb()}
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.model import causal_attention as dense
+
 
 class Varlen(NamedTuple):
     """Segments of the flattened (B*T) tokens: boundaries (int32, n + 1) and the longest segment."""
@@ -164,8 +166,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         y = _varlen_kernel()(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
                              window_size=(-1, 0), enable_gqa=flat[1].shape[1] != h)
         return y.view(b, t, h, d).transpose(1, 2)
+    if mask is None and is_causal:
+        return _causal(q, k, v, dropout_p, k.shape[1] != q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                           enable_gqa=k.shape[1] != q.shape[1])  # grouped key/value heads (GQA)
+
+
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, gqa: bool) -> torch.Tensor:
+    """Causal self-attention: explicit matmuls where they are faster (short, CPU training), else SDPA."""
+    if dense.dense_applies(q, k, dropout_p):
+        return dense.causal_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 class _ToSlots(torch.autograd.Function):
@@ -213,7 +224,7 @@ def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: 
     # split, not slicing: a slice's backward fills a zero tensor of all S slots per bucket, split's is one cat
     for (n, length), *qkv in zip(buckets.shapes, *(z.split(sizes) for z in slots)):
         qb, kb, vb = (z.view(n, length, z.shape[1], d).transpose(1, 2) for z in qkv)
-        y = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+        y = _causal(qb, kb, vb, dropout_p, gqa)
         outs.append(y.transpose(1, 2).reshape(n * length, h, d))
     y = _ToTokens.apply(outs[0] if len(outs) == 1 else torch.cat(outs), buckets.back)
     return y.view(b, t, h, d).transpose(1, 2)

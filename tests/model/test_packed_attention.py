@@ -11,7 +11,7 @@ import torch
 
 import torch.nn.functional as F
 
-from pipeline.model import attention
+from pipeline.model import attention, causal_attention
 from pipeline.model.config import PRESETS
 from pipeline.model.gpt import GPTModel, segment_mask
 
@@ -79,7 +79,11 @@ def packed_equals_unpacked(model, vocab: int) -> None:
         at += n
 
 
-def test_gpt2_packed_examples_equal_unpacked_loss_logits_and_gradients():
+@pytest.mark.parametrize("kernel", ["matmuls", "sdpa"])
+def test_gpt2_packed_examples_equal_unpacked_loss_logits_and_gradients(monkeypatch, kernel):
+    """Both kernels behind the buckets: explicit matmuls (short buckets on CPU) and SDPA (long ones)."""
+    if kernel == "sdpa":
+        monkeypatch.setattr(causal_attention, "DENSE_MAX_LEN", 0)
     cfg = PRESETS["tiny"].replace(context_length=32, drop_rate=0.0)
     model = GPTModel(cfg, seed=4).train()
     packed_equals_unpacked(model, cfg.vocab_size)
