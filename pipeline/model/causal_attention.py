@@ -1,28 +1,32 @@
-"""Causal self-attention of short sequences by explicit matmuls: the CPU training path for rows and buckets.
+"""Causal self-attention by explicit matmuls, in query chunks: the CPU path for sft rows and packing buckets.
 
 Why not SDPA here: on CPU, torch's fused (flash) kernel runs its backward in small per-head tiles that
-use a 2-core machine poorly; on the lengths sft rows and packing buckets have (up to a few hundred
-tokens) its backward took 3-6x its forward, and the whole fwd+bwd was 2-4x slower than four batched
-matmuls and a softmax (bench/README.md, packing: "attention kernel"). The price of matmuls is memory:
-the (n, H, L, L) probabilities are kept for the backward, which is why this runs only up to
-DENSE_MAX_LEN, where they are no larger than the block's other saved activations (H * L * 2 bytes
-a token in bf16, against several hidden-width vectors).
+use the machine poorly; on the lengths sft rows and packing buckets have, its backward took 3-6x its
+forward, and its forward plus backward took about twice the CPU time of this path from 128 to 512 tokens
+and 1.25x at 1,024 (bench/README.md, packing: "attention kernel"). Queries are taken CHUNK at a time, each
+chunk against the keys up to its last query only, so the future keys a causal mask would discard are
+mostly never multiplied (at 512 tokens, 62% of the full square instead of 100%).
 
-Precision is that of the fused kernel's: scores, softmax and the softmax gradient in fp32; the four
-matmuls in the input dtype (bf16 accumulates in fp32 inside the matmul). The backward is the textbook
-one: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K, dK = dS^T Q (each scaled).
-Grouped key/value heads (GQA) are handled without repeating K and V: the G query heads of a key/value
-head are stacked into one (G * L)-row block that multiplies the same K and V.
+The price of matmuls is memory: each chunk's (n, H, chunk, keys) probabilities are kept for the backward,
+about H * L / 2 values a token, which is why this runs only up to DENSE_MAX_LEN; there, in bf16, that is
+no more than the block's other saved activations. Longer sequences go to SDPA.
+
+Precision is that of the fused kernel: scores, softmax and the softmax gradient in fp32, the matmuls in
+the input dtype (bf16 accumulates in fp32 inside each matmul), key and value gradients summed over chunks
+in fp32. The backward is the textbook one: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+dQ = dS K, dK = dS^T Q (dS scaled). Grouped key/value heads (GQA) are repeated to the query heads (as
+SDPA's enable_gqa does) and their gradients summed back.
 """
 from __future__ import annotations
 
 import torch
 
-DENSE_MAX_LEN = 512  # longest sequence taken by explicit matmuls; longer ones go to SDPA (memory, see above)
+DENSE_MAX_LEN = 1024  # longest sequence taken by this path; longer ones go to SDPA (memory, see above)
+CHUNK = 128  # queries per chunk: 64-128 were fastest at 256-2,048 tokens on the benchmark's CPU
 
 
 def dense_applies(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> bool:
-    """Causal self-attention on CPU, no dropout, square and short: where this path is faster.
+    """Causal self-attention on CPU, no dropout, square and not too long: where this path is faster.
 
     With or without gradients alike, so that a forward gives the same bits in training and under no_grad
     (a DPO policy forward and its no-grad reference forward of the same weights must agree exactly)."""
@@ -35,35 +39,49 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return _CausalAttention.apply(q, k, v)
 
 
-def _causal_mask(length: int, groups: int, device: torch.device) -> torch.Tensor:
-    """(groups * L, L) True above the diagonal of each group's (L, L) block: the keys a query may not see."""
-    return torch.ones(length, length, dtype=torch.bool, device=device).triu(1).repeat(groups, 1)
+def _chunks(length: int) -> list[tuple[int, int]]:
+    return [(a, min(a + CHUNK, length)) for a in range(0, length, CHUNK)]
 
 
 class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         n, h, length, d = q.shape
-        h_kv = k.shape[1]
-        groups = h // h_kv
+        groups = h // k.shape[1]
+        if groups > 1:  # query head i uses key/value head i // groups
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scale = d ** -0.5
-        qg = q.reshape(n, h_kv, groups * length, d)  # head i uses key/value head i // groups (SDPA's enable_gqa)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(scale)
-        scores.masked_fill_(_causal_mask(length, groups, q.device), float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(qg, k, v, probs, out)
-        ctx.scale = scale
-        return out.view(n, h, length, d)
+        out = q.new_empty(n, h, length, d)
+        probs = []
+        for a, b in _chunks(length):  # queries a..b-1 see keys 0..b-1, key j > query i masked
+            scores = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2)).float().mul_(scale)
+            future = torch.ones(b - a, b, dtype=torch.bool, device=q.device).triu(a + 1)
+            probs.append(torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1).to(q.dtype))
+            out[:, :, a:b] = torch.matmul(probs[-1], v[:, :, :b])
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.groups, ctx.scale = groups, scale
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        qg, k, v, probs, out = ctx.saved_tensors
-        grad = grad_out.reshape(out.shape)
-        grad_v = torch.matmul(probs.transpose(-1, -2), grad)
-        delta = (grad.float() * out.float()).sum(dim=-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
-        grad_scores = torch.matmul(grad, v.transpose(-1, -2)).float().sub_(delta).mul_(probs.float())
-        grad_scores = grad_scores.mul_(ctx.scale).to(qg.dtype)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-1, -2), qg)
-        return grad_q.view(grad_out.shape), grad_k, grad_v
+    def backward(ctx, grad: torch.Tensor):
+        q, k, v, out, *probs = ctx.saved_tensors
+        n, h, length, d = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        delta = (grad.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
+        grad_q = torch.empty_like(q)
+        grad_k = grad_v = None
+        for (a, b), p in reversed(list(zip(_chunks(length), probs))):  # the last chunk sees every key: it starts the sums
+            g = grad[:, :, a:b]
+            dv = torch.matmul(p.transpose(-1, -2), g)
+            ds = torch.matmul(g, v[:, :, :b].transpose(-1, -2)).to(acc).sub_(delta[:, :, a:b]).mul_(p.to(acc))
+            ds = ds.mul_(ctx.scale).to(q.dtype)
+            grad_q[:, :, a:b] = torch.matmul(ds, k[:, :, :b])
+            dk = torch.matmul(ds.transpose(-1, -2), q[:, :, a:b])
+            if grad_k is None:
+                grad_k, grad_v = dk.to(acc), dv.to(acc)
+            else:
+                grad_k[:, :, :b] += dk
+                grad_v[:, :, :b] += dv
+        if ctx.groups > 1:
+            grad_k, grad_v = (z.view(n, h // ctx.groups, ctx.groups, length, d).sum(dim=2) for z in (grad_k, grad_v))
+        return grad_q, grad_k.to(q.dtype), grad_v.to(q.dtype)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import attention
+from pipeline.model import attention, causal_attention as module
 from pipeline.model.causal_attention import DENSE_MAX_LEN, causal_attention, dense_applies
 
 SHAPES = [(3, 4, 4, 9, 8), (2, 8, 2, 13, 16), (1, 4, 1, 5, 8)]  # (n, heads, key/value heads, length, head dim)
@@ -36,14 +36,21 @@ def _errors(fn, q, k, v, grad):
                                                           for z, r in zip((q, k, v), ref_in)]
 
 
+@pytest.fixture(params=["one chunk", "chunks of 4"])
+def chunk(request, monkeypatch):
+    """The default chunk (one chunk at these lengths) and chunks of 4 queries (several, the last one short)."""
+    if request.param == "chunks of 4":
+        monkeypatch.setattr(module, "CHUNK", 4)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fp32_equals_sdpa_in_double(shape):
+def test_fp32_equals_sdpa_in_double(shape, chunk):
     q, k, v, grad = _inputs(shape, torch.float32)
     assert max(_errors(causal_attention, q, k, v, grad)) < 1e-5
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bf16_is_as_close_to_double_as_torchs_own_bf16_sdpa(shape):
+def test_bf16_is_as_close_to_double_as_torchs_own_bf16_sdpa(shape, chunk):
     q, k, v, grad = _inputs(shape, torch.bfloat16)
     ours = _errors(causal_attention, q, k, v, grad)
     torchs = _errors(lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True,
@@ -52,7 +59,7 @@ def test_bf16_is_as_close_to_double_as_torchs_own_bf16_sdpa(shape):
         assert mine <= 2.5 * theirs + 1e-3
 
 
-def test_same_bits_with_and_without_gradients():
+def test_same_bits_with_and_without_gradients(chunk):
     """A DPO policy forward (grad) and its reference forward (no_grad) of the same weights must agree exactly."""
     q, k, v, _ = _inputs(SHAPES[1], torch.bfloat16)
     with torch.no_grad():
