@@ -109,6 +109,52 @@ def child(contender: str, recipe: str, steps: int, overrides: list[str], preset:
             "steps_extra_rss_mb": round(steps_peak - baseline, 1), "peak_rss_mb": common.peak_rss_mb()}
 
 
+KERNEL_LENGTHS = (64, 128, 256, 512, 1024, 2048)
+
+
+def attention_child(lengths: list[int], repeats: int, tokens: int = 1024) -> dict[str, Any]:
+    """Causal self-attention forward + backward per call, our explicit-matmul kernel against torch's SDPA
+    (what runs on CPU otherwise), bf16, gpt2-small's 12 heads of 64, `tokens // L` sequences of L per call
+    (a packing bucket or an unpacked batch); the two alternate, median wall and CPU seconds of `repeats`."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.model.causal_attention import causal_attention
+
+    kernels = {"ours": causal_attention,
+               "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+    out = []
+    for length in lengths:
+        shape = (max(1, tokens // length), 12, length, 64)
+        q, k, v = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        grad = torch.randn(*shape, dtype=torch.bfloat16)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in kernels}
+        for r in range(repeats + 1):  # the first round warms up
+            for name, kernel in kernels.items():
+                t, c = time.perf_counter(), time.process_time()
+                kernel(q, k, v).backward(grad)
+                if r:
+                    times[name].append((time.perf_counter() - t, time.process_time() - c))
+        row: dict[str, Any] = {"length": length, "sequences": shape[0]}
+        for name, runs in times.items():
+            row[f"{name}_ms"] = 1000 * common.median(w for w, _ in runs)
+            row[f"{name}_cpu_ms"] = 1000 * common.median(c for _, c in runs)
+        out.append(row)
+    return {"rows": out, "threads": torch.get_num_threads()}
+
+
+def causal_max_len() -> int:
+    from pipeline.model.causal_attention import DENSE_MAX_LEN
+
+    return DENSE_MAX_LEN
+
+
+def attention_text(rows: list[dict[str, Any]]) -> str:
+    return common.table(["length", "sequences", "ours ms", "SDPA ms", "SDPA / ours", "CPU: SDPA / ours"],
+                        [(r["length"], r["sequences"], r["ours_ms"], r["sdpa_ms"], r["sdpa_ms"] / r["ours_ms"],
+                          r["sdpa_cpu_ms"] / r["ours_cpu_ms"]) for r in rows])
+
+
 def _reset_peak_rss() -> None:
     """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM) to its current RSS."""
     with open("/proc/self/clear_refs", "w") as handle:
@@ -165,6 +211,11 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
     profile = None
     targets: list[dict] = []
     texts = []
+    kernels = common.run_child("bench.packing:attention_child",
+                               {"lengths": list(KERNEL_LENGTHS[:3] if quick else KERNEL_LENGTHS),
+                                "repeats": 3 if quick else 9}, timeout=600, log_file=log_file)
+    print(f"attention kernel, forward + backward, bf16, 12 heads of 64, {kernels['threads']} threads:\n"
+          f"{attention_text(kernels['rows'])}")
     for d, (dataset, make_rows) in enumerate(DATASETS.items()):
         rows = make_rows(quick)
         prep = sft.prepare(workdir / dataset, shape=shape, n_rows=len(rows), cutoff_len=cutoff, batch_size=BATCH,
@@ -214,11 +265,15 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
                                  f"neat_packing tokens/s vs transformers+PEFT padded ({dataset})")]
         texts.append(dataset_text(dataset, per_dataset[dataset]))
         print(texts[-1])
-    text = "\n\n".join(texts)
+    text = "\n\n".join([f"**attention kernel** (forward + backward per call, bf16, 12 heads of 64, about 1,024 tokens "
+                         f"a call, {kernels['threads']} threads; median of the rounds): ours is "
+                         f"pipeline/model/causal_attention.py, the path up to "
+                         f"{causal_max_len()} tokens\n\n{attention_text(kernels['rows'])}", *texts])
     config = {"model": shape.describe(), "cutoff_len": cutoff, "unpacked_batch": BATCH, "packed_batch_rows": PACKED_BATCH,
               "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP"}
     payload = {"config": config, "datasets": per_dataset, "targets": targets, "table": text,
-               "profile_ours": profile, "profile_of": "one step of ours neat, alpaca-like rows"}
+               "profile_ours": profile, "profile_of": "one step of ours neat, alpaca-like rows",
+               "attention_kernel": kernels}
     common.save("packing", payload, started)
     return payload
 
