@@ -2,14 +2,16 @@
 
 Why not SDPA here: on CPU, torch's fused (flash) kernel runs its backward in small per-head tiles that
 use the machine poorly; on the lengths sft rows and packing buckets have, its backward took 3-6x its
-forward, and its forward plus backward took about twice the CPU time of this path from 128 to 512 tokens
-and 1.25x at 1,024 (bench/README.md, packing: "attention kernel"). Queries are taken CHUNK at a time, each
+forward. Measured on the benchmark's idle 2-core machine, forward + backward, bf16 (bench/README.md,
+packing, "attention kernel"): this path is about 2x faster than SDPA on 64-128 tokens and 1.1-1.3x on
+256-512; from 1,024 tokens SDPA is faster, hence DENSE_MAX_LEN. Queries are taken CHUNK at a time, each
 chunk against the keys up to its last query only, so the future keys a causal mask would discard are
 mostly never multiplied (at 512 tokens, 62% of the full square instead of 100%).
 
-The price of matmuls is memory: each chunk's (n, H, chunk, keys) probabilities are kept for the backward,
-about H * L / 2 values a token, which is why this runs only up to DENSE_MAX_LEN; there, in bf16, that is
-no more than the block's other saved activations. Longer sequences go to SDPA.
+The costs: memory, each chunk's (n, H, chunk, keys) probabilities are kept for the backward (about
+H * L / 2 values a token; at 512 tokens in bf16 no more than the block's other saved activations); and
+many small ops, each a parallel region, which lose to SDPA's one region when other processes compete
+for the cores (several ranks, each with all cores' threads, on one machine).
 
 Precision is that of the fused kernel: scores, softmax and the softmax gradient in fp32, the matmuls in
 the input dtype (bf16 accumulates in fp32 inside each matmul), key and value gradients summed over chunks
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-DENSE_MAX_LEN = 1024  # longest sequence taken by this path; longer ones go to SDPA (memory, see above)
+DENSE_MAX_LEN = 512  # longest sequence taken by this path; longer ones go to SDPA (speed and memory, see above)
 CHUNK = 128  # queries per chunk: 64-128 were fastest at 256-2,048 tokens on the benchmark's CPU
 
 
