@@ -32,7 +32,7 @@ def _errors(fn, q, k, v, grad):
         z.grad = None
     out = fn(q, k, v)
     out.backward(grad)
-    return [float((out.detach().double() - ref).abs().max())] + [float((z.grad.double() - r.grad).abs().max())
+    return [float((out.detach().double() - ref.detach()).abs().max())] + [float((z.grad.double() - r.grad).abs().max())
                                                           for z, r in zip((q, k, v), ref_in)]
 
 
