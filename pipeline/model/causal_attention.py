@@ -53,30 +53,33 @@ class _CausalAttention(torch.autograd.Function):
         if groups > 1:  # query head i uses key/value head i // groups
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scale = d ** -0.5
+        q = (q * scale).contiguous()  # scaled once (as SDPA's math path does), not every chunk's scores
+        k, v = k.contiguous(), v.contiguous()
         out = q.new_empty(n, h, length, d)
         probs = []
-        for a, b in _chunks(length):  # queries a..b-1 see keys 0..b-1, key j > query i masked
-            scores = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2)).float().mul_(scale)
-            future = torch.ones(b - a, b, dtype=torch.bool, device=q.device).triu(a + 1)
-            probs.append(torch.softmax(scores.masked_fill_(future, float("-inf")), dim=-1).to(q.dtype))
+        for a, b in _chunks(length):  # queries a..b-1 see keys 0..b-1; in the last (b - a) keys, the future
+            scores = torch.matmul(q[:, :, a:b], k[:, :, :b].transpose(-1, -2))
+            future = torch.ones(b - a, b - a, dtype=torch.bool, device=q.device).triu(1)
+            scores[..., a:].masked_fill_(future, float("-inf"))
+            probs.append(torch.softmax(scores, dim=-1))  # on CPU bf16 is exponentiated and summed in fp32
             out[:, :, a:b] = torch.matmul(probs[-1], v[:, :, :b])
-        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.save_for_backward(q, k, v, *probs)
         ctx.groups, ctx.scale = groups, scale
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q, k, v, out, *probs = ctx.saved_tensors
+        q, k, v, *probs = ctx.saved_tensors  # q is scaled
+        grad = grad.contiguous()
         n, h, length, d = q.shape
         acc = torch.promote_types(q.dtype, torch.float32)
-        delta = (grad.to(acc) * out.to(acc)).sum(dim=-1, keepdim=True)  # rowsum(dO * O) = rowsum(dP * P)
         grad_q = torch.empty_like(q)
         grad_k = grad_v = None
         for (a, b), p in reversed(list(zip(_chunks(length), probs))):  # the last chunk sees every key: it starts the sums
             g = grad[:, :, a:b]
             dv = torch.matmul(p.transpose(-1, -2), g)
-            ds = torch.matmul(g, v[:, :, :b].transpose(-1, -2)).to(acc).sub_(delta[:, :, a:b]).mul_(p.to(acc))
-            ds = ds.mul_(ctx.scale).to(q.dtype)
+            # dS = P * (dP - rowsum(dP * P)), the rowsum in fp32: autograd's own softmax backward kernel
+            ds = torch._softmax_backward_data(torch.matmul(g, v[:, :, :b].transpose(-1, -2)), p, -1, p.dtype)
             grad_q[:, :, a:b] = torch.matmul(ds, k[:, :, :b])
             dk = torch.matmul(ds.transpose(-1, -2), q[:, :, a:b])
             if grad_k is None:
@@ -86,4 +89,4 @@ class _CausalAttention(torch.autograd.Function):
                 grad_v[:, :, :b] += dv
         if ctx.groups > 1:
             grad_k, grad_v = (z.view(n, h // ctx.groups, ctx.groups, length, d).sum(dim=2) for z in (grad_k, grad_v))
-        return grad_q, grad_k.to(q.dtype), grad_v.to(q.dtype)
+        return grad_q.mul_(ctx.scale), grad_k.to(q.dtype), grad_v.to(q.dtype)
