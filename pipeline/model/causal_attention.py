@@ -13,11 +13,13 @@ H * L / 2 values a token; at 512 tokens in bf16 no more than the block's other s
 many small ops, each a parallel region, which lose to SDPA's one region when other processes compete
 for the cores (several ranks, each with all cores' threads, on one machine).
 
-Precision is that of the fused kernel: scores, softmax and the softmax gradient in fp32, the matmuls in
-the input dtype (bf16 accumulates in fp32 inside each matmul), key and value gradients summed over chunks
-in fp32. The backward is the textbook one: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
-dQ = dS K, dK = dS^T Q (dS scaled). Grouped key/value heads (GQA) are repeated to the query heads (as
-SDPA's enable_gqa does) and their gradients summed back.
+Precision is that of transformers' eager attention in the same dtype, within two bf16 ulps of a float64
+reference as torch's fused kernel is (tests/model/test_causal_attention.py): q is scaled once and the
+matmuls run in the input dtype (bf16 accumulates in fp32 inside each matmul and rounds its output); the
+softmax and its backward are exponentiated and summed in fp32 by torch's CPU kernels, whose bf16 results
+are stored; key and value gradients are summed over chunks in fp32. The backward is the textbook one:
+dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)), dQ = dS K, dK = dS^T Q (dS scaled). Grouped
+key/value heads (GQA) are repeated to the query heads (as SDPA's enable_gqa does) and their gradients summed back.
 """
 from __future__ import annotations
 
@@ -75,7 +77,8 @@ class _CausalAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         grad_q = torch.empty_like(q)
         grad_k = grad_v = None
-        for (a, b), p in reversed(list(zip(_chunks(length), probs))):  # the last chunk sees every key: it starts the sums
+        # last chunk first: it sees every key, so its key and value gradients start the sums
+        for (a, b), p in reversed(list(zip(_chunks(length), probs))):
             g = grad[:, :, a:b]
             dv = torch.matmul(p.transpose(-1, -2), g)
             # dS = P * (dP - rowsum(dP * P)), the rowsum in fp32: autograd's own softmax backward kernel

@@ -58,7 +58,9 @@ def test_bf16_is_within_two_ulps_as_torchs_own_bf16_sdpa(shape, chunk, seed):
     the top), the bound torch's own bf16 SDPA meets too (checked here, so the bound is not ours alone)."""
     q, k, v, grad = _inputs(shape, torch.bfloat16, seed)
     assert max(_errors(causal_attention, q, k, v, grad)) < 2 ** -6
-    sdpa = lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])  # noqa: E731
+    def sdpa(*qkv):
+        return F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
     assert max(_errors(sdpa, q, k, v, grad)) < 2 ** -6
 
 
