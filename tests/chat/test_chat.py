@@ -86,7 +86,8 @@ def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
     path, _ = hf_dir
     (tmp_path / "r.yaml").write_text(f"model_name_or_path: {path}\ndataset: x\nnum_train_epochs: 1\n"
                                      f"max_new_tokens: 5\noutput_dir: {tmp_path / 'out'}\n")
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # a user's shell: no launcher variables
+    env["PYTHONPATH"] = str(repo)
     run = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(tmp_path / "r.yaml"), "--prompt",
                           "The sky is", "--raw"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr

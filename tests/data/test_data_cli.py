@@ -23,7 +23,9 @@ def project(tmp_path: Path, registry: dict, files: dict[str, str], recipe: str) 
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1")
+    # a user's shell: no launcher variables (an in-process run in this worker may still hold its MASTER_PORT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), NO_COLOR="1")
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
 

@@ -228,7 +228,7 @@ def test_broken_recipe_messages(case: Case, write):
 @pytest.mark.parametrize("case", [c for c in CASES if c.cli], ids=[c.name for c in CASES if c.cli])
 def test_broken_recipe_cli_exit_2_without_traceback(case: Case, write, tmp_path):
     _setup(case, write)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(case.env, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", _recipe(case), *case.overrides],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)

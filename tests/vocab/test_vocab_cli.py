@@ -43,7 +43,9 @@ def project(tmp_path: Path, model: str, template: str) -> Path:
 
 
 def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PYTHONPATH=str(REPO), NO_COLOR="1", HF_HUB_OFFLINE="1", **env)
+    # a user's shell: no launcher variables (an in-process run in this worker may still hold its MASTER_PORT)
+    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    full.update(PYTHONPATH=str(REPO), NO_COLOR="1", HF_HUB_OFFLINE="1", **env)
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=full, capture_output=True,
                           text=True, timeout=300)
 
