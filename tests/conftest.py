@@ -19,3 +19,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs two workers, one file per worker at a time), the files holding the
+    most `slow` tests go first, so the long end-to-end files run side by side instead of one of them alone at
+    the end; within a file the order stays as written. Every worker computes the same order (xdist requires
+    it). A plain `pytest` run keeps pytest's order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    slow: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        path = item.nodeid.split("::", 1)[0]
+        first_seen.setdefault(path, i)
+        slow[path] = slow.get(path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: (-slow[p := item.nodeid.split("::", 1)[0]], first_seen[p]))

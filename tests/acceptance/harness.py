@@ -231,8 +231,12 @@ def _run(argv: list[str], *, cwd: Path, expect: int | None, timeout: float, env:
          input: str | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(argv, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
                           input=input)
+    return _expect(proc, expect, cwd)
+
+
+def _expect(proc: subprocess.CompletedProcess, expect: int | None, cwd: Path) -> subprocess.CompletedProcess:
     if expect is not None and proc.returncode != expect:
-        raise AssertionError(f"{' '.join(argv)} (in {cwd}) exited {proc.returncode}, expected {expect}\n"
+        raise AssertionError(f"{' '.join(proc.args)} (in {cwd}) exited {proc.returncode}, expected {expect}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
 
@@ -246,9 +250,24 @@ def pipeline(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float
 
 def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 600,
          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`make ARGS` in `cwd` (a scratch_repo), asserting the exit code unless expect=None."""
-    return _run(["make", "--no-print-directory", *map(str, args)], cwd=Path(cwd), expect=expect, timeout=timeout,
-                env=env)
+    """`make ARGS` in `cwd` (a scratch_repo), asserting the exit code unless expect=None.
+
+    Several ranks (NPROC=N, N > 1) get a free MASTER_PORT in make's environment (make reads its variables from
+    there too; the command stays as the user types it): without one the launcher takes DeepSpeed's fixed 29500,
+    and two such jobs at once (pytest-xdist workers) clashed. A launch that lost its port is retried on a new one
+    (tests/ports.py)."""
+    from pipeline.runtime.dist import free_port
+    from tests.ports import ATTEMPTS, port_taken
+
+    argv = ["make", "--no-print-directory", *map(str, args)]
+    if not any(a.startswith("NPROC=") and a != "NPROC=1" for a in argv):
+        return _run(argv, cwd=Path(cwd), expect=expect, timeout=timeout, env=env)
+    for attempt in range(ATTEMPTS):
+        ranked = {**(env or cli_env()), "MASTER_PORT": str(free_port())}
+        proc = _run(argv, cwd=Path(cwd), expect=None, timeout=timeout, env=ranked)
+        if attempt == ATTEMPTS - 1 or not port_taken(proc.stdout + proc.stderr):
+            break
+    return _expect(proc, expect, Path(cwd))
 
 
 def scratch_repo(root: str | Path) -> Path:
