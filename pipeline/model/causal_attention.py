@@ -3,8 +3,9 @@
 Why not SDPA here: on CPU, torch's fused (flash) kernel runs its backward in small per-head tiles that
 use the machine poorly; on the lengths sft rows and packing buckets have, its backward took 3-6x its
 forward. Measured on the benchmark's idle 2-core machine, forward + backward, bf16 (bench/README.md,
-packing, "attention kernel"): this path is about 2x faster than SDPA on 64-128 tokens and 1.1-1.3x on
-256-512; from 1,024 tokens SDPA is faster, hence DENSE_MAX_LEN. Queries are taken CHUNK at a time, each
+packing, "attention kernel"): this path is 2.1-2.2x faster than SDPA on 64-128 tokens, 1.2-1.5x on
+256-512, 1.24x at 1,024 and level at 2,048. DENSE_MAX_LEN stops it at 512, for memory (below) and because
+a 1,024 bucket is rare in packed rows of sft data. Queries are taken CHUNK at a time, each
 chunk against the keys up to its last query only, so the future keys a causal mask would discard are
 mostly never multiplied (at 512 tokens, 62% of the full square instead of 100%).
 
