@@ -119,7 +119,7 @@ def attention_child(lengths: list[int], repeats: int, tokens: int = 1024) -> dic
     import torch
     import torch.nn.functional as F
 
-    from pipeline.model.causal_attention import causal_attention
+    from pipeline.model.causal_attention import DENSE_MAX_LEN, causal_attention
 
     kernels = {"ours": causal_attention,
                "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
@@ -140,13 +140,7 @@ def attention_child(lengths: list[int], repeats: int, tokens: int = 1024) -> dic
             row[f"{name}_ms"] = 1000 * common.median(w for w, _ in runs)
             row[f"{name}_cpu_ms"] = 1000 * common.median(c for _, c in runs)
         out.append(row)
-    return {"rows": out, "threads": torch.get_num_threads()}
-
-
-def causal_max_len() -> int:
-    from pipeline.model.causal_attention import DENSE_MAX_LEN
-
-    return DENSE_MAX_LEN
+    return {"rows": out, "threads": torch.get_num_threads(), "max_len": DENSE_MAX_LEN}
 
 
 def attention_text(rows: list[dict[str, Any]]) -> str:
@@ -268,7 +262,7 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
     text = "\n\n".join([f"**attention kernel** (forward + backward per call, bf16, 12 heads of 64, about 1,024 tokens "
                          f"a call, {kernels['threads']} threads; median of the rounds): ours is "
                          f"pipeline/model/causal_attention.py, the path up to "
-                         f"{causal_max_len()} tokens\n\n{attention_text(kernels['rows'])}", *texts])
+                         f"{kernels['max_len']} tokens\n\n{attention_text(kernels['rows'])}", *texts])
     config = {"model": shape.describe(), "cutoff_len": cutoff, "unpacked_batch": BATCH, "packed_batch_rows": PACKED_BATCH,
               "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP"}
     payload = {"config": config, "datasets": per_dataset, "targets": targets, "table": text,

@@ -167,16 +167,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
                              window_size=(-1, 0), enable_gqa=flat[1].shape[1] != h)
         return y.view(b, t, h, d).transpose(1, 2)
     if mask is None and is_causal:
-        return _causal(q, k, v, dropout_p, k.shape[1] != q.shape[1])
+        return _causal(q, k, v, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
                                           enable_gqa=k.shape[1] != q.shape[1])  # grouped key/value heads (GQA)
 
 
-def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, gqa: bool) -> torch.Tensor:
-    """Causal self-attention: explicit matmuls where they are faster (short, CPU training), else SDPA."""
+def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal self-attention: explicit matmuls where they are faster (short sequences on CPU), else SDPA."""
     if dense.dense_applies(q, k, dropout_p):
         return dense.causal_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class _ToSlots(torch.autograd.Function):
@@ -214,17 +215,16 @@ class _ToTokens(torch.autograd.Function):
 
 def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: Buckets,
                     dropout_p: float) -> torch.Tensor:
-    """Causal SDPA per bucket of segments, between one gather into the buckets and one back into row order."""
+    """Causal attention per bucket of segments, between one gather into the buckets and one back into row order."""
     b, h, t, d = q.shape
     slots = [_ToSlots.apply(z.transpose(1, 2).reshape(b * t, z.shape[1], d), buckets.gather, buckets.back)
              for z in (q, k, v)]  # (S, heads, D) each
-    gqa = k.shape[1] != h
     sizes = [n * length for n, length in buckets.shapes]
     outs = []
     # split, not slicing: a slice's backward fills a zero tensor of all S slots per bucket, split's is one cat
     for (n, length), *qkv in zip(buckets.shapes, *(z.split(sizes) for z in slots)):
         qb, kb, vb = (z.view(n, length, z.shape[1], d).transpose(1, 2) for z in qkv)
-        y = _causal(qb, kb, vb, dropout_p, gqa)
+        y = _causal(qb, kb, vb, dropout_p)
         outs.append(y.transpose(1, 2).reshape(n * length, h, d))
     y = _ToTokens.apply(outs[0] if len(outs) == 1 else torch.cat(outs), buckets.back)
     return y.view(b, t, h, d).transpose(1, 2)
