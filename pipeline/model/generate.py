@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from pipeline.model.gpt import GPTModel
+from pipeline.model.kv_cache import KVCache
 from pipeline.model.weights import note
 
 
@@ -122,7 +123,8 @@ def generate(
         out: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
         positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
-        step_ids, step_pos, past = ids, positions, None
+        past = KVCache(len(model.layers), capacity=ids.shape[1] + steps) if use_cache else None  # allocated once
+        step_ids, step_pos = ids, positions
         for _ in range(steps):
             attn = mask if padded else None
             if use_cache:

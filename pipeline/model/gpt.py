@@ -27,9 +27,9 @@ from pipeline.model.attention import Buckets, Varlen, attend, packed_attention, 
 from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
 from pipeline.model.kernels import Linear
+from pipeline.model.kv_cache import KVCache
 
 IGNORE_INDEX = -100
-KV = tuple[torch.Tensor, torch.Tensor]  # per layer: keys and values, each (B, n_kv_heads, T_past, head_dim)
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
 
 
@@ -140,11 +140,13 @@ class MultiHeadAttention(nn.Module):
 
     No T x T mask buffer: causality comes from `is_causal`, or from an explicit boolean mask when
     padding or packed segments must be hidden or a KV cache shifts the query positions. The cache
-    holds the n_kv_heads keys/values, not their repeats (SDPA's enable_gqa shares them).
+    holds the n_kv_heads keys/values, not their repeats (SDPA's enable_gqa shares them); `layer` is this
+    attention's slot in it.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         q, kv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         self.split = (q, kv, kv)
@@ -163,8 +165,8 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, past: KV | None,
-                rope: Rope | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, cache: KVCache | None,
+                rope: Rope | None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.split, dim=2)
@@ -177,29 +179,30 @@ class MultiHeadAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        y = attend(q, k, v, mask, is_causal=mask is None and past is None,
-                   dropout_p=self.drop_rate if self.training else 0.0)
+        fresh = cache is None or cache.lengths[self.layer] == 0  # nothing before these tokens
+        if cache is not None:
+            cached = cache.update(self.layer, k, v)
+            if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
+                k, v = cached
+        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.resid_drop(self.o_proj(y)), (k, v)
+        return self.resid_drop(self.o_proj(y))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.emb_dim)
-        self.self_attn = MultiHeadAttention(cfg)
+        self.self_attn = MultiHeadAttention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, past: KV | None,
-                rope: Rope | None) -> tuple[torch.Tensor, KV]:
-        a, kv = self.self_attn(self.input_layernorm(x), mask, past, rope)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, cache: KVCache | None,
+                rope: Rope | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), mask, cache, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPTModel(nn.Module):
@@ -215,7 +218,7 @@ class GPTModel(nn.Module):
             self.pos_embed = nn.Embedding(cfg.context_length, cfg.emb_dim,
                                           _weight=torch.empty(cfg.context_length, cfg.emb_dim))
         self.drop = nn.Dropout(cfg.drop_rate)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.emb_dim)
         self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
@@ -270,13 +273,16 @@ class GPTModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-        past_kv: list[KV] | None = None,
+        past_kv: KVCache | None = None,
         use_cache: bool = False,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
         last_only: bool = False,
     ) -> Any:
-        """Logits (B, T, V); (logits, new_past_kv) with use_cache; with labels the loss instead.
+        """Logits (B, T, V); (logits, cache) with use_cache; with labels the loss instead.
+
+        past_kv: the KVCache of the tokens before these (updated in place: these tokens' keys and values are
+        appended); with use_cache and no past_kv a new cache is made.
 
         last_only: logits (B, 1, V) of the last position only (transformers' logits_to_keep=1): decoding
         reads nothing else, and over a prompt the output head (up to 150k wide) would otherwise run at every
@@ -290,7 +296,8 @@ class GPTModel(nn.Module):
         cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches.
         """
         b, t = input_ids.shape
-        past_len = past_kv[0][0].shape[2] if past_kv else 0
+        cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
+        past_len = cache.length if cache is not None else 0
         if past_len + t > self.cfg.context_length and position_ids is None:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
         if position_ids is None:
@@ -306,21 +313,14 @@ class GPTModel(nn.Module):
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         rope = self._rope(position_ids.expand(b, t), x.dtype)
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
-        new_kv: list[KV] = []
-        for i, block in enumerate(self.layers):
-            past = past_kv[i] if past_kv else None
-            if recompute:
-                x, kv = checkpoint(block, x, mask, None, rope, use_reentrant=False)
-            else:
-                x, kv = block(x, mask, past, rope)
-            if use_cache:
-                new_kv.append(kv)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for block in self.layers:
+            x = checkpoint(block, x, mask, None, rope, use_reentrant=False) if recompute else block(x, mask, cache, rope)
         x = self.norm(x)
         if labels is not None:
             return self.loss(x, labels, reduction)
         logits = self.lm_head(x[:, -1:] if last_only else x)
-        return (logits, new_kv) if use_cache else logits
+        return (logits, cache) if use_cache else logits
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> Any:
         """Cross-entropy with the head computed only where labels != -100 (same value as over full logits).

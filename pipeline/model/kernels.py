@@ -5,10 +5,14 @@ and decoding is exactly its worst case: a few rows (the batch) against a large w
 in one process on this project's AMD EPYC (bench/README.md, generation): oneDNN's fp32 inner product -- the
 kernel torch itself uses for bf16 Linears and for fp32 Linears compiled by inductor -- ran the
 2048 x 128256 output head of the Llama-3.2-1B shape 4.2x faster at batch 8 (2x at batch 2), the block
-Linears 2.5-3x faster at batch 8, and a 384-token prompt 1.4x faster; with one row (batch-1 decoding) MKL's
-matrix-vector product is as fast, so one row stays on F.linear. Same fp32 inputs, fp32 accumulation
-and fp32 result; only the order of the additions differs (logits within ~1e-5 of MKL's: greedy tokens are the
-same unless two candidates tie to that precision).
+Linears 2.5-3x faster at batch 8, and a 384-token prompt 1.4x faster. With one row (batch-1 decoding) the
+product is a matrix-vector one, memory-bound: MKL's runs it on one thread, oneDNN's on all of them, which
+pays once the weight is large (idle machine, 2 threads: the output heads 1.6-1.8x, the Llama shape's MLP
+1.6-1.7x, GPT-2's 768 x 2304 and 768 x 3072 1.2x) and loses on small ones that sit in cache (768 x 768
+0.85x) or on one thread (0.74-1.14x). So one row takes oneDNN only for weights of ONE_ROW_MIN_WEIGHT elements
+or more and more than one thread. Same fp32 inputs, fp32 accumulation and fp32 result; only the order of the
+additions differs (logits within ~1e-5 of MKL's: greedy tokens are the same unless two candidates tie to
+that precision).
 
 oneDNN's op has no autograd formula, so it runs only under torch.inference_mode (our generate): training,
 evaluation with grad, other dtypes and devices keep F.linear.
@@ -31,12 +35,16 @@ def onednn_linear_available() -> bool:
         return False
 
 
+ONE_ROW_MIN_WEIGHT = 1_500_000  # elements (6 MB fp32): below, one row stays on MKL's gemv (see above)
+
+
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Inference mode, CPU, fp32, and at least 2 rows: one row (batch-1 decoding) is a matrix-vector product,
-    where MKL's gemv is as fast or faster (measured: 0.93x-1.2x for oneDNN on the Llama shape's Linears, and
-    a fixed cost of ~10 ms per call on small weights)."""
-    return (torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and x.numel() >= 2 * x.shape[-1] and onednn_linear_available())
+    """Inference mode, CPU, fp32; at least 2 rows, or one row (batch-1 decoding, a matrix-vector product)
+    against a weight large enough for oneDNN's threads to pay (measured above)."""
+    if not (torch.is_inference_mode_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and onednn_linear_available()):
+        return False
+    return x.numel() >= 2 * x.shape[-1] or (weight.numel() >= ONE_ROW_MIN_WEIGHT and torch.get_num_threads() > 1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipeline.model.config import PRESETS
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPTModel
-from pipeline.model.kernels import Linear, linear, onednn_linear_available, use_onednn
+from pipeline.model.kernels import ONE_ROW_MIN_WEIGHT, Linear, linear, onednn_linear_available, use_onednn
 from pipeline.model.memory import HUGE_PAGE, dense_weight, huge_pages_available
 from pipeline.model.weights import load_model, save_hf, save_model
 
@@ -25,6 +25,25 @@ def test_linear_matches_f_linear_under_inference_mode(shape, bias):
         assert not use_onednn(x[:1, -1:] if x.dim() == 3 else x[:1], w)  # one row: MKL's gemv
         got = linear(x, w, b)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_takes_onednn_only_for_large_weights_and_several_threads():
+    """Batch-1 decoding: a matrix-vector product goes to oneDNN's threads only where the weight is large."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(ONE_ROW_MIN_WEIGHT // 64 + 1, 64, generator=g)
+    x = torch.randn(1, 1, 64, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            torch.set_num_threads(2)
+            assert use_onednn(x, w) == onednn_linear_available()
+            assert not use_onednn(x, w[:1000])
+            got = linear(x, w)
+            torch.set_num_threads(1)
+            assert not use_onednn(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_keeps_autograd_outside_inference_mode():
