@@ -45,11 +45,19 @@ def machine_lines(m: dict[str, Any]) -> list[str]:
                                                       "tiktoken", "numpy", "llms-from-scratch"))]
 
 
-def section(name: str, res: dict[str, Any]) -> list[str]:
+def cpu_line(m: dict[str, Any]) -> str:
+    return f"{m['cpu']} ({', '.join(m['cpu_flags']) or 'no avx512'})"
+
+
+def section(name: str, res: dict[str, Any], header_cpu: str = "") -> list[str]:
+    """A benchmark's figures; `header_cpu`: the machine the page's header names (a result measured on another
+    CPU says which: a re-run alone may land on a different machine, and absolute times do not compare)."""
     cfg = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in res.get("config", {}).items()
                     if k not in ("flop_formula", "recipe") and not isinstance(v, dict))
+    cpu = cpu_line(res["machine"]) if "machine" in res else header_cpu
+    other = f" On another machine than the header's: {cpu}." if header_cpu and cpu != header_cpu else ""
     lines = [f"### {TITLES[name]}", "", f"{cfg}. Load average before / after: {res['load_before'][0]} / "
-             f"{res['load_after'][0]} ({res['date']}).", "", res["table"], ""]
+             f"{res['load_after'][0]} ({res['date']}).{other}", "", res["table"], ""]
     if res.get("targets"):
         lines += [targets_table(res["targets"]), ""]
     missed = not all(t["met"] for t in res.get("targets", []))
@@ -86,7 +94,7 @@ def figures(results: dict[str, dict[str, Any]], run: dict[str, Any] | None) -> s
     if everything:
         lines += ["All targets:", "", targets_table(everything), ""]
     for name, res in results.items():
-        lines += section(name, res)
+        lines += section(name, res, cpu_line(first["machine"]))
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -7,7 +7,7 @@ kernel torch itself uses for bf16 Linears and for fp32 Linears compiled by induc
 2048 x 128256 output head of the Llama-3.2-1B shape 4.2x faster at batch 8 (2x at batch 2), the block
 Linears 2.5-3x faster at batch 8, and a 384-token prompt 1.4x faster. With one row (batch-1 decoding) the
 product is a matrix-vector one, memory-bound: MKL's runs it on one thread, oneDNN's on all of them, which
-pays once the weight is large (idle machine, 2 threads: the output heads 1.6-1.8x, the Llama shape's MLP
+pays once the weight is large (idle Zen 3 EPYC, 2 threads: the output heads 1.6-1.8x, the Llama shape's MLP
 1.6-1.7x, GPT-2's 768 x 2304 and 768 x 3072 1.2x) and loses on small ones that sit in cache (768 x 768
 0.85x) or on one thread (0.74-1.14x). So one row takes oneDNN only for weights of ONE_ROW_MIN_WEIGHT elements
 or more and more than one thread. Same fp32 inputs, fp32 accumulation and fp32 result; only the order of the
