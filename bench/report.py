@@ -93,8 +93,9 @@ def figures(results: dict[str, dict[str, Any]], run: dict[str, Any] | None) -> s
     everything = [t for r in results.values() for t in r.get("targets", [])]
     if everything:
         lines += ["All targets:", "", targets_table(everything), ""]
+    header_cpu = cpu_line(first["machine"])
     for name, res in results.items():
-        lines += section(name, res, cpu_line(first["machine"]))
+        lines += section(name, res, header_cpu)
     return "\n".join(lines).rstrip() + "\n"
 
 
