@@ -13,10 +13,11 @@ directly: `.venv/bin/python -m bench.gpu_check --out gpu_check.json`. Every run 
   table of datasheet figures by GPU name (dense, no sparsity), and a measured bf16 matmul peak is reported
   beside it.
 
-The whole check keeps to --budget-s (default 420 s, so that setup + check stay within 8 minutes on a
-cached pip): runs left when it is spent are reported as skipped, never silently dropped. fp16 on a
-machine without CUDA is skipped with its reason (DeepSpeed refuses it on CPU); a model preset this
-checkout does not have (qwen3-0.6b before the family-generic decoder landed) likewise.
+The suite's CUDA-only tests (the varlen kernel against each example run alone) run first, with pytest,
+within a third of the budget. The whole check keeps to --budget-s (default 420 s, so that setup + check
+stay within 8 minutes on a cached pip): runs left when it is spent are reported as skipped, never
+silently dropped. fp16 on a machine without CUDA is skipped with its reason (DeepSpeed refuses it on
+CPU); a model preset this checkout does not have (qwen3-0.6b before the family-generic decoder landed) likewise.
 
 --allow-cpu runs the same code on a CPU (bf16 only) so the tests can exercise it end to end.
 """
@@ -46,6 +47,7 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
     ("V100", 125.0), ("T4", 65.0),
 ]
 MODELS = ("gpt2-small", "qwen3-0.6b")
+CUDA_TESTS = "tests/gpu/test_packed_attention_cuda.py"  # the real varlen kernel against each example alone
 PRECISIONS = ("bf16", "fp16")
 ZERO_STAGES = (2, 3)
 
@@ -84,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this many seconds")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (bf16 only): for tests")
     p.add_argument("--no-merge", action="store_true", help="skip the LoRA run + merge verification")
+    p.add_argument("--no-tests", action="store_true", help=f"skip the CUDA tests ({CUDA_TESTS})")
     p.add_argument("--dry-run", action="store_true", help="write the recipes and print the plan; train nothing")
     args = p.parse_args(argv)
     args.models = _split(p, args.models, "--models", None)
@@ -280,6 +283,26 @@ def merge_check(args: argparse.Namespace, workdir: Path, model: str, timeout: fl
     return out
 
 
+def cuda_tests(timeout: float) -> dict[str, Any]:
+    """The suite's CUDA-only tests (skipped on every CPU run), run here with pytest: their outcome line."""
+    import importlib.util
+
+    if importlib.util.find_spec("pytest") is None:
+        return {"status": "skipped", "reason": "pytest is not installed"}
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", CUDA_TESTS],
+                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired:
+        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    out: dict[str, Any] = {"status": "ok" if proc.returncode == 0 else "failed", "file": CUDA_TESTS,
+                           "summary": lines[-1] if lines else "", "seconds": round(time.monotonic() - start, 2)}
+    if proc.returncode != 0:
+        out["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
+    return out
+
+
 def device_facts(cuda: bool) -> dict[str, Any]:
     import torch
 
@@ -315,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_tflops(facts["name"]) if cuda else None
     result: dict[str, Any] = {"device": facts, "peak_tflops_datasheet": peak, "workdir": str(workdir),
                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                              "runs": [], "merge": []}
+                              "runs": [], "merge": [], "tests": None}
     presets = available_presets()
     for run in runs:  # every run of an available model, even one skipped here (its recipe is checked by tests)
         if run.model in presets:
@@ -328,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         _write(args.out, result)
         return 0
     result["measured_matmul_tflops"] = measured_matmul_tflops(cuda)
+    if not args.no_tests:
+        result["tests"] = cuda_tests(min(180.0, args.budget_s / 3))
+        print(f"tests {CUDA_TESTS}: {result['tests']['status']} {result['tests'].get('summary', '')}", flush=True)
     first = next((r for r in runs if r.status == "pending"), None)
     if first is not None:  # the data, built once as a user does (`make data`)
         built = subprocess.run(pipeline_cmd("build", str(workdir / "recipes" / f"{first.name}.yaml")), cwd=REPO,
@@ -369,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     _write(args.out, result)
     failed = [r.name for r in runs if r.status == "failed"] + [m["model"] for m in result["merge"]
                                                               if m["status"] == "failed"]
+    if (result["tests"] or {}).get("status") == "failed":
+        failed.append(CUDA_TESTS)
     print(f"results: {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -5,25 +5,33 @@
 # the GPU's datasheet peak; one JSON of results. Aims at 8 minutes in all (setup from a warm pip cache
 # ~1-2 min, the check's own budget 420 s).
 #
-#   bash bench/gpu_check.sh [--out gpu_check.json] [--cuda cu128] [--skip-setup] [-- bench.gpu_check args]
+#   bash bench/gpu_check.sh [--out gpu_check.json] [--cuda cu128] [--skip-setup] [--wheels DIR]
+#                           [-- bench.gpu_check args]
 #
 # --cuda picks the PyTorch wheel index (https://download.pytorch.org/whl/<tag>); default cu128.
+# --wheels DIR: a machine with a CUDA torch already installed and no network: no `make setup`; the wheels
+# in DIR (what that python lacks of requirements.txt, e.g. deepspeed, jsonschema) go into .gpu/site
+# (GPU_CHECK_SITE) on PYTHONPATH, and the check runs with python3 (GPU_CHECK_PYTHON).
 # Arguments after -- go to `python -m bench.gpu_check` (see --help there: --models, --precisions, --zero,
 # --steps, --batch, --cutoff, --budget-s). Exit 0: every run and the merge passed; 1: something failed
 # (the JSON says what); 2: wrong usage or no GPU.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
 
 OUT=gpu_check.json
 CUDA_TAG=cu128
 SETUP=1
+WHEELS=
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) [ $# -ge 2 ] || { echo "error: --out needs a file name" >&2; exit 2; }; OUT=$2; shift 2 ;;
     --cuda) [ $# -ge 2 ] || { echo "error: --cuda needs a tag such as cu128" >&2; exit 2; }; CUDA_TAG=$2; shift 2 ;;
     --skip-setup) SETUP=0; shift ;;
+    --wheels) [ $# -ge 2 ] || { echo "error: --wheels needs a folder of .whl files" >&2; exit 2; }
+      [ -d "$2" ] || { echo "error: --wheels '$2': no such folder" >&2; exit 2; }; WHEELS=$(cd "$2" && pwd); SETUP=0
+      shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -46,7 +54,19 @@ if [ "$SETUP" = 1 ]; then
   ${GPU_CHECK_MAKE:-make} setup TORCH="$TORCH_SPEC" \
     TORCH_INDEX="--index-url https://download.pytorch.org/whl/$CUDA_TAG --extra-index-url https://pypi.org/simple"
 fi
-PY=${GPU_CHECK_PYTHON:-.venv/bin/python}
+if [ -n "$WHEELS" ]; then
+  PY=${GPU_CHECK_PYTHON:-python3}
+  RANKS=${PIPELINE_GPT2_RANKS:-.cache/gpt2.tiktoken}
+  [ -f "$RANKS" ] || { echo "error: --wheels: no GPT-2 ranks at $RANKS (make setup puts them there; copy that" \
+    "file from a machine that ran it)" >&2; exit 2; }
+  SITE=${GPU_CHECK_SITE:-.gpu/site}
+  echo "setup: the wheels in $WHEELS into $SITE (no network; $PY's own torch)"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check --upgrade --target "$SITE" \
+    "$WHEELS"/*.whl
+  export PYTHONPATH="$(cd "$SITE" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+else
+  PY=${GPU_CHECK_PYTHON:-.venv/bin/python}
+fi
 SETUP_S=$(( $(date +%s) - START ))
 BUDGET=$(( 450 - SETUP_S ))
 [ "$BUDGET" -lt 60 ] && BUDGET=60

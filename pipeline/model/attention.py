@@ -22,10 +22,13 @@ Which path runs where:
 are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
 every layer as its mask; `attend` dispatches. All paths compute the same function
 (tests/model/test_packed_attention.py: the bucket path against the mask path and against each example run
-alone, GPT-2 and the RoPE families; the varlen glue on CPU against per-segment SDPA with a stand-in kernel).
+alone, GPT-2 and the RoPE families; the varlen glue on CPU against per-segment SDPA, with stand-ins of both
+`varlen_attn` signatures; tests/gpu/test_packed_attention_cuda.py: the real kernel on a GPU against each
+example run alone).
 """
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import numpy as np
@@ -66,6 +69,23 @@ def _varlen_kernel():
     except ImportError:
         return None
     return varlen_attn
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Varlen) -> torch.Tensor:
+    """Causal varlen attention over (N, H, D) tokens, whichever of torch's two `varlen_attn` signatures is here.
+
+    Why two: the first releases (2.9-2.11 era) take `is_causal` and as many key/value heads as query heads;
+    later ones take `window_size` ((-1, 0) = causal) and `enable_gqa`. The device a user brings pins its own
+    torch, so the glue asks the signature rather than the version."""
+    kernel = _varlen_kernel()
+    params = inspect.signature(kernel).parameters
+    grouped = k.shape[1] != q.shape[1]
+    bounds = (mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len)
+    if "window_size" in params:
+        return kernel(q, k, v, *bounds, window_size=(-1, 0), enable_gqa=grouped)
+    if grouped:  # no grouped heads in this signature: each key/value head serves its group of query heads
+        k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))
+    return kernel(q, k, v, *bounds, is_causal=True)
 
 
 def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:
@@ -163,8 +183,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if isinstance(mask, Varlen):
         b, h, t, d = q.shape
         flat = [z.transpose(1, 2).reshape(b * t, z.shape[1], d) for z in (q, k, v)]  # (B*T, H, D)
-        y = _varlen_kernel()(*flat, mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len,
-                             window_size=(-1, 0), enable_gqa=flat[1].shape[1] != h)
+        y = _varlen(*flat, mask)
         return y.view(b, t, h, d).transpose(1, 2)
     if mask is None and is_causal:
         return _causal(q, k, v, dropout_p)

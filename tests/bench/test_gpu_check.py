@@ -118,6 +118,49 @@ def test_script_arguments_and_setup_command(tmp_path):
     assert json.loads(out.read_text())["settings"]["budget_s"] > 60
 
 
+def _wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (one module), built by hand: what --wheels installs."""
+    import zipfile
+
+    folder.mkdir(parents=True)
+    path = folder / "gpucheck_probe-1.0-py3-none-any.whl"
+    files = {"gpucheck_probe.py": "VALUE = 7\n",
+             "gpucheck_probe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: gpucheck-probe\nVersion: 1.0\n",
+             "gpucheck_probe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\n"
+                                                   "Tag: py3-none-any\n"}
+    files["gpucheck_probe-1.0.dist-info/RECORD"] = "".join(f"{name},,\n" for name in files) + \
+        "gpucheck_probe-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_script_offline_wheels(tmp_path):
+    """--wheels: no make setup; the wheels go into a site folder that the check's python then imports from."""
+    _wheel(tmp_path / "wheels")
+    site = tmp_path / "site"
+    stub = tmp_path / "make"
+    stub.write_text(f'#!/bin/sh\necho called > {tmp_path}/make-called\n')
+    stub.chmod(0o755)
+    run = lambda *a, **env: subprocess.run(["bash", str(SCRIPT), *a], cwd=REPO, env=_env(  # noqa: E731
+        GPU_CHECK_ASSUME_GPU="1", GPU_CHECK_MAKE=str(stub), GPU_CHECK_PYTHON=sys.executable, GPU_CHECK_SITE=str(site),
+        **env), capture_output=True, text=True, timeout=120)
+    missing = run("--wheels", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "--wheels" in missing.stderr and "no such folder" in missing.stderr
+    no_ranks = run("--wheels", str(tmp_path / "wheels"), PIPELINE_GPT2_RANKS=str(tmp_path / "absent.tiktoken"))
+    assert no_ranks.returncode == 2 and "no GPT-2 ranks" in no_ranks.stderr
+    out = tmp_path / "g.json"
+    done = run("--wheels", str(tmp_path / "wheels"), "--out", str(out), "--", "--dry-run", "--workdir",
+               str(tmp_path / "w"))
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "make-called").exists() and "no network" in done.stdout
+    probe = subprocess.run([sys.executable, "-c", "import gpucheck_probe; print(gpucheck_probe.VALUE)"],
+                           env=_env(PYTHONPATH=str(site)), capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "7"
+    assert json.loads(out.read_text())["runs"]
+
+
 @pytest.mark.slow
 def test_cpu_end_to_end_writes_one_json(tmp_path):
     """The whole check on a CPU with a tiny model: runs, figures, merge verification, the JSON."""
@@ -135,3 +178,5 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     assert runs["tiny-fp16-zero2"]["status"] == "skipped"
     merge = result["merge"][0]
     assert merge["status"] == "ok" and merge["verification"] is not None
+    tests = result["tests"]  # the CUDA-only tests ran, and skip themselves here
+    assert tests["status"] == "ok" and "skipped" in tests["summary"] and tests["file"] == gpu_check.CUDA_TESTS

@@ -89,23 +89,38 @@ def test_gpt2_packed_examples_equal_unpacked_loss_logits_and_gradients(monkeypat
     packed_equals_unpacked(model, cfg.vocab_size)
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, enable_gqa):
-    """A stand-in for torch's CUDA varlen kernel with its documented contract: (N, H, D) tokens, segments
-    cut at cu_seqlens, window (-1, 0) = causal within each segment."""
-    assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+def _per_segment(q, k, v, cu_q, cu_k, max_q, *, grouped: bool):
+    """Causal SDPA on each segment alone: the documented contract of torch's CUDA varlen kernel."""
+    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
         seg = [z[a:b].transpose(0, 1)[None] for z in (q, k, v)]  # (1, H, L, D)
-        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True)[0].transpose(0, 1)
+        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=grouped)[0].transpose(0, 1)
     return out
 
 
-def test_varlen_path_glue_gives_the_same_results(monkeypatch):
-    """The CUDA path's reshaping and segment boundaries, run on CPU with a per-segment reference kernel."""
-    monkeypatch.setattr(attention, "_varlen_kernel", lambda: _reference_varlen)
+def _varlen_window(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                   enable_gqa=False):
+    """A stand-in for the later `varlen_attn` signature: window (-1, 0) = causal, grouped heads allowed."""
+    assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1])
+    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=enable_gqa)
+
+
+def _varlen_is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    """A stand-in for the first `varlen_attn` signature: `is_causal`, and as many key/value heads as queries."""
+    assert is_causal and k.shape[1] == q.shape[1] == v.shape[1]
+    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=False)
+
+
+@pytest.mark.parametrize("kernel", [_varlen_window, _varlen_is_causal], ids=["window_size", "is_causal"])
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b"])
+def test_varlen_path_glue_gives_the_same_results(monkeypatch, kernel, preset):
+    """The CUDA path's reshaping, segment boundaries and grouped heads, run on CPU with a per-segment reference
+    kernel in each of the two signatures torch has shipped."""
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
     monkeypatch.setattr(attention, "use_varlen", lambda device, dtype, p: True)
-    cfg = PRESETS["tiny"].replace(context_length=32, drop_rate=0.0)
+    cfg = _tiny(preset).replace(context_length=32)
     packed_equals_unpacked(GPTModel(cfg, seed=4).train(), cfg.vocab_size)
 
 
