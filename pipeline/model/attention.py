@@ -22,7 +22,7 @@ Which path runs where:
 are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
 every layer as its mask; `attend` dispatches. All paths compute the same function
 (tests/model/test_packed_attention.py: the bucket path against the mask path and against each example run
-alone, GPT-2 and the RoPE families; the varlen glue on CPU against per-segment SDPA, with stand-ins of both
+alone, GPT-2 and the RoPE families; the varlen glue on CPU against per-segment SDPA, with stand-ins of all three
 `varlen_attn` signatures; tests/gpu/test_packed_attention_cuda.py: the real kernel on a GPU against each
 example run alone).
 """
@@ -72,20 +72,22 @@ def _varlen_kernel():
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Varlen) -> torch.Tensor:
-    """Causal varlen attention over (N, H, D) tokens, whichever of torch's two `varlen_attn` signatures is here.
+    """Causal varlen attention over (N, H, D) tokens, whichever `varlen_attn` signature this torch has.
 
-    Why two: the first releases (2.9-2.11 era) take `is_causal` and as many key/value heads as query heads;
-    later ones take `window_size` ((-1, 0) = causal) and `enable_gqa`. The device a user brings pins its own
-    torch, so the glue asks the signature rather than the version."""
+    Why ask the signature: torch has shipped three. The first takes `is_causal`; torch 2.11 (seen on an H200
+    with 2.11.0+cu130) takes `window_size` ((-1, 0) = causal) but no grouped heads; later ones add
+    `enable_gqa`. The machine a user brings pins its own torch. Without `enable_gqa`, each key/value head is
+    repeated for its group of query heads (what grouped-query attention means)."""
     kernel = _varlen_kernel()
     params = inspect.signature(kernel).parameters
-    grouped = k.shape[1] != q.shape[1]
     bounds = (mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len)
-    if "window_size" in params:
-        return kernel(q, k, v, *bounds, window_size=(-1, 0), enable_gqa=grouped)
-    if grouped:  # no grouped heads in this signature: each key/value head serves its group of query heads
-        k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))
-    return kernel(q, k, v, *bounds, is_causal=True)
+    options: dict[str, object] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (z.repeat_interleave(q.shape[1] // z.shape[1], dim=1) for z in (k, v))
+    return kernel(q, k, v, *bounds, **options)
 
 
 def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:

@@ -100,11 +100,17 @@ def _per_segment(q, k, v, cu_q, cu_k, max_q, *, grouped: bool):
     return out
 
 
-def _varlen_window(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
-                   enable_gqa=False):
-    """A stand-in for the later `varlen_attn` signature: window (-1, 0) = causal, grouped heads allowed."""
+def _varlen_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+                enable_gqa=False):
+    """A stand-in for the latest `varlen_attn` signature: window (-1, 0) = causal, grouped heads allowed."""
     assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1])
     return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=enable_gqa)
+
+
+def _varlen_window(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """A stand-in for torch 2.11's `varlen_attn`: `window_size`, and as many key/value heads as query heads."""
+    assert window_size == (-1, 0) and k.shape[1] == q.shape[1] == v.shape[1]
+    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=False)
 
 
 def _varlen_is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -113,11 +119,12 @@ def _varlen_is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return
     return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=False)
 
 
-@pytest.mark.parametrize("kernel", [_varlen_window, _varlen_is_causal], ids=["window_size", "is_causal"])
+@pytest.mark.parametrize("kernel", [_varlen_gqa, _varlen_window, _varlen_is_causal],
+                         ids=["enable_gqa", "window_size", "is_causal"])
 @pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b"])
 def test_varlen_path_glue_gives_the_same_results(monkeypatch, kernel, preset):
     """The CUDA path's reshaping, segment boundaries and grouped heads, run on CPU with a per-segment reference
-    kernel in each of the two signatures torch has shipped."""
+    kernel in each of the three signatures torch has shipped."""
     monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
     monkeypatch.setattr(attention, "use_varlen", lambda device, dtype, p: True)
     cfg = _tiny(preset).replace(context_length=32)
