@@ -155,6 +155,7 @@ def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = Fa
         "max_steps": args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
         "save_steps": 100000, "plot_loss": False, "zero_stage": run.zero_stage, "bf16": run.precision == "bf16",
         "fp16": run.precision == "fp16", "output_dir": str(workdir / "runs" / run.name), "seed": 0,
+        "overwrite_output_dir": True,  # the check again with the same --workdir starts over
         "max_grad_norm": 1.0,
     }
     if getattr(preset_config(run.model), "family", "gpt2") != "gpt2":

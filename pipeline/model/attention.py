@@ -7,7 +7,7 @@ Which path runs where:
 - CUDA, bf16/fp16, no attention dropout in training, torch with torch.nn.attention.varlen: the
   variable-length FlashAttention kernel (`varlen_attn`): the row is cut into its segments
   (cumulative lengths) and each is attended causally on its own; no T x T mask exists, and the work is
-  that of the segments, not of the whole row.
+  that of the segments, not of the whole row. Run on an H200 with torch 2.11 (tests/gpu/).
 - Everywhere else (CPU; fp32; attention dropout; older torch): length buckets (`Buckets`). The rows'
   segments are sorted by length and cut into a few buckets; each bucket is gathered into an (n, L) block
   of segments padded at the end to the bucket's longest, attended by causal SDPA (`is_causal`), and the

@@ -74,6 +74,7 @@ def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         ds = proc.stdout
+        assert "overwrite_output_dir: true" in path.read_text()  # a second check in the same --workdir starts over
         assert ('"stage": 3' in ds) == path.stem.endswith("zero3")
         if "fp16" in path.stem:
             assert '"loss_scale": 0' in ds and '"initial_scale_power": 16' in ds  # dynamic loss scaling
