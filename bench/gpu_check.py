@@ -47,7 +47,10 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
     ("V100", 125.0), ("T4", 65.0),
 ]
 MODELS = ("gpt2-small", "qwen3-0.6b")
-CUDA_TESTS = "tests/gpu/test_packed_attention_cuda.py"  # the real varlen kernel against each example alone
+CUDA_TESTS = "tests/gpu/test_packed_attention_cuda.py"
+# torch.profiler over optimizer steps 3-4 of each run (PIPELINE_PROFILE, pipeline/train/step_profile.py): after
+# two warm-up steps; tokens/s is the median of the steps after them, so a profiled step never counts.
+PROFILE_FIRST, PROFILE_COUNT = 3, 2  # the real varlen kernel against each example alone
 PRECISIONS = ("bf16", "fp16")
 ZERO_STAGES = (2, 3)
 
@@ -57,6 +60,7 @@ class Run:
     model: str
     precision: str
     zero_stage: int
+    batch: int | None = None  # a throughput run's batch; None: --batch
     status: str = "pending"  # ok | failed | skipped
     reason: str | None = None
     tokens_per_s: float | None = None
@@ -70,7 +74,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.precision}-zero{self.zero_stage}"
+        return f"{self.model}-{self.precision}-zero{self.zero_stage}" + (f"-b{self.batch}" if self.batch else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", default=",".join(map(str, ZERO_STAGES)), help="ZeRO stages, comma-separated")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
     p.add_argument("--batch", type=int, default=8, help="per_device_train_batch_size")
+    p.add_argument("--throughput-batch", type=int, default=64,
+                   help="one more run per model (bf16, ZeRO 2) at this batch, for tokens/s and MFU where the GPU is "
+                        "not starved by per-step host work; 0: none")
+    p.add_argument("--no-profile", action="store_true",
+                   help=f"no torch.profiler over steps {PROFILE_FIRST}-{PROFILE_FIRST + PROFILE_COUNT - 1} of each run")
     p.add_argument("--cutoff", type=int, default=512, help="cutoff_len (rows are neat-packed to it)")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this many seconds")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (bf16 only): for tests")
@@ -100,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch", "cutoff"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.throughput_batch < 0:
+        p.error("--throughput-batch must be 0 (none) or more")
     return args
 
 
@@ -151,11 +162,12 @@ def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = Fa
         "model_name_or_path": run.model, "stage": "sft", "dataset": "alpaca_like", "dataset_dir": str(workdir / "data"),
         "template": "alpaca", "cutoff_len": args.cutoff, "neat_packing": True, "packing": True, "val_size": 0.01,
         "overlength_policy": "truncate", "finetuning_type": "lora" if lora else "full",
-        "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-5,
+        "per_device_train_batch_size": run.batch or args.batch, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-5,
         "max_steps": args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
         "save_steps": 100000, "plot_loss": False, "zero_stage": run.zero_stage, "bf16": run.precision == "bf16",
         "fp16": run.precision == "fp16", "output_dir": str(workdir / "runs" / run.name), "seed": 0,
         "overwrite_output_dir": True,  # the check again with the same --workdir starts over
+        "save_only_model": True,  # nothing resumes here: no optimizer state (16 bytes a parameter) to write
         "max_grad_norm": 1.0,
     }
     if getattr(preset_config(run.model), "family", "gpt2") != "gpt2":
@@ -205,6 +217,14 @@ def plan_runs(args: argparse.Namespace, cuda: bool, bf16_ok: bool = True) -> lis
     return runs
 
 
+def plan_throughput(args: argparse.Namespace, bf16_ok: bool = True) -> list[Run]:
+    """One run per model at --throughput-batch (ZeRO 2, bf16 where the GPU has it): the speed figure."""
+    if not args.throughput_batch:
+        return []
+    presets = available_presets()
+    return [Run(m, "bf16" if bf16_ok else "fp16", 2, batch=args.throughput_batch) for m in args.models if m in presets]
+
+
 def pipeline_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
@@ -215,10 +235,22 @@ def _env() -> dict[str, str]:
     return env
 
 
-def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int) -> None:
+def profiled_steps(args: argparse.Namespace) -> range:
+    """The steps torch.profiler watches: only when enough steps are left after them to time."""
+    if args.no_profile or args.steps < PROFILE_FIRST + PROFILE_COUNT + 1:
+        return range(0)
+    return range(PROFILE_FIRST, PROFILE_FIRST + PROFILE_COUNT)
+
+
+def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, profile: range = range(0)) -> None:
     start = time.monotonic()
+    env = _env()
+    profile_file = output_dir.parent / f"{run.name}.profile.json"  # beside output_dir, which the run empties
+    profile_file.unlink(missing_ok=True)
+    if profile:
+        env["PIPELINE_PROFILE"] = f"{profile_file}:{profile.start}:{len(profile)}"
     try:
-        proc = subprocess.run(pipeline_cmd("train", str(path)), cwd=REPO, env=_env(), capture_output=True,
+        proc = subprocess.run(pipeline_cmd("train", str(path)), cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
         run.status, run.reason, run.seconds = "failed", f"timed out after {timeout:.0f} s", time.monotonic() - start
@@ -229,8 +261,9 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int) 
         run.stderr_tail = proc.stderr[-3000:]
         return
     records = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines() if line]
-    steady = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][2:] or \
-        [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    timed = [r for r in records if "tokens_per_s" in r]
+    steady = [r["tokens_per_s"] for r in timed if r["step"] > 2 and r["step"] not in profile] or \
+        [r["tokens_per_s"] for r in timed]
     losses = [r["loss"] for r in records if "loss" in r]
     run.status = "ok"
     run.tokens_per_s = round(statistics.median(steady), 1) if steady else None
@@ -240,6 +273,15 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int) 
     steps, seen = results.get("global_step") or 0, results.get("tokens_seen") or 0
     run.extra["tokens_seen"] = seen
     run.extra["mean_row"] = round(seen / (steps * batch), 1) if steps else None  # real tokens per packed row
+    if profile_file.is_file():
+        run.extra["profile"] = profile_digest(json.loads(profile_file.read_text()))
+
+
+def profile_digest(profile: dict[str, Any], rows: int = 6) -> dict[str, Any]:
+    """What the JSON keeps of a step profile: the totals, and the top ops by host and by device time."""
+    keep = ("steps", "wall_ms_per_step", "self_cpu_ms", "device_busy_ms", "device_busy_share", "ops")
+    return {**{k: profile.get(k) for k in keep}, "top_cpu": profile.get("top_cpu", [])[:rows],
+            "top_device": profile.get("top_device", [])[:rows]}
 
 
 def measured_matmul_tflops(cuda: bool) -> float | None:
@@ -336,19 +378,20 @@ def main(argv: list[str] | None = None) -> int:
     write_data(workdir / "data")
     facts = device_facts(cuda)
     runs = plan_runs(args, cuda, facts.get("bf16_supported", True))
+    throughput = plan_throughput(args, facts.get("bf16_supported", True)) if cuda or args.allow_cpu else []
     peak = peak_tflops(facts["name"]) if cuda else None
     result: dict[str, Any] = {"device": facts, "peak_tflops_datasheet": peak, "workdir": str(workdir),
                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                               "runs": [], "merge": [], "tests": None}
     presets = available_presets()
-    for run in runs:  # every run of an available model, even one skipped here (its recipe is checked by tests)
+    for run in runs + throughput:  # every run of an available model, even one skipped here (tests check them)
         if run.model in presets:
             write_recipe(workdir / "recipes" / f"{run.name}.yaml", recipe(run, args, workdir))
     if args.dry_run:
-        for run in runs:
+        for run in runs + throughput:
             print(f"{run.name}: {run.status if run.status != 'pending' else 'would run'}"
                   f"{' (' + run.reason + ')' if run.reason else ''}")
-        result["runs"] = [asdict(r) | {"name": r.name} for r in runs]
+        result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput]
         _write(args.out, result)
         return 0
     result["measured_matmul_tflops"] = measured_matmul_tflops(cuda)
@@ -362,44 +405,56 @@ def main(argv: list[str] | None = None) -> int:
         if built.returncode != 0:
             print(built.stderr, file=sys.stderr)
             return 1
-    from pipeline.model.config import read_config
+    def budget_left() -> float:
+        return args.budget_s - (time.monotonic() - started)
 
     for run in runs:
-        if run.status != "pending":
-            continue
-        left = args.budget_s - (time.monotonic() - started)
-        if left < 20:
-            run.status, run.reason = "skipped", f"time budget of {args.budget_s:.0f} s spent"
-            continue
-        execute(run, workdir / "recipes" / f"{run.name}.yaml", workdir / "runs" / run.name, left, args.batch)
-        if run.status == "ok" and run.tokens_per_s:
-            per_token = flops_per_token(read_config(run.model), run.extra.get("mean_row") or args.cutoff)
-            run.extra["model_flops_per_token"] = per_token
-            run.extra["achieved_tflops"] = round(per_token * run.tokens_per_s / 1e12, 2)
-            if peak:
-                run.mfu = round(per_token * run.tokens_per_s / (peak * 1e12), 4)
-        print(f"{run.name}: {run.status}" + (f", {run.tokens_per_s:,.0f} tokens/s" if run.tokens_per_s else "")
-              + (f", MFU {100 * run.mfu:.1f}%" if run.mfu is not None else "")
-              + (f" ({run.reason})" if run.reason else ""), flush=True)
-    result["runs"] = [asdict(r) | {"name": r.name} for r in runs]
+        train_run(run, args, workdir, budget_left(), peak)
     if not args.no_merge:
         for model in dict.fromkeys(r.model for r in runs if r.status == "ok"):
-            left = args.budget_s - (time.monotonic() - started)
-            if left < 20:
+            if budget_left() < 20:
                 result["merge"].append({"model": model, "status": "skipped", "reason": "time budget spent"})
                 continue
-            check = merge_check(args, workdir, model, left)
+            check = merge_check(args, workdir, model, budget_left())
             print(f"merge {model}: {check['status']}" + (f" ({check.get('reason')})" if check.get("reason") else ""),
                   flush=True)
             result["merge"].append(check)
+    for run in throughput:  # last: the speed figure matters less than every precision/stage and the merge
+        train_run(run, args, workdir, budget_left(), peak)
+    result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput]
     result["seconds"] = round(time.monotonic() - started, 1)
     _write(args.out, result)
-    failed = [r.name for r in runs if r.status == "failed"] + [m["model"] for m in result["merge"]
+    failed = [r.name for r in runs + throughput if r.status == "failed"] + [m["model"] for m in result["merge"]
                                                               if m["status"] == "failed"]
     if (result["tests"] or {}).get("status") == "failed":
         failed.append(CUDA_TESTS)
     print(f"results: {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def train_run(run: Run, args: argparse.Namespace, workdir: Path, left: float, peak: float | None) -> None:
+    """One pending run through `pipeline train`, its figures (tokens/s, model FLOPs, MFU) and a printed line."""
+    from pipeline.model.config import read_config
+
+    if run.status != "pending":
+        return
+    if left < 20:
+        run.status, run.reason = "skipped", f"time budget of {args.budget_s:.0f} s spent"
+        return
+    batch = run.batch or args.batch
+    execute(run, workdir / "recipes" / f"{run.name}.yaml", workdir / "runs" / run.name, left, batch,
+            profiled_steps(args))
+    if run.status == "ok" and run.tokens_per_s:
+        per_token = flops_per_token(read_config(run.model), run.extra.get("mean_row") or args.cutoff)
+        run.extra["model_flops_per_token"] = per_token
+        run.extra["achieved_tflops"] = round(per_token * run.tokens_per_s / 1e12, 2)
+        if peak:
+            run.mfu = round(per_token * run.tokens_per_s / (peak * 1e12), 4)
+    busy = (run.extra.get("profile") or {}).get("device_busy_share")
+    print(f"{run.name}: {run.status}" + (f", {run.tokens_per_s:,.0f} tokens/s" if run.tokens_per_s else "")
+          + (f", MFU {100 * run.mfu:.1f}%" if run.mfu is not None else "")
+          + (f", GPU busy {100 * busy:.0f}% of the profiled steps" if busy is not None else "")
+          + (f" ({run.reason})" if run.reason else ""), flush=True)
 
 
 def _write(path: Path, result: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
 from pipeline.train.checkpoint import TrainState
+from pipeline.train.step_profile import StepProfiler
 
 MAX_CONSECUTIVE_SKIPS = 16  # nan_policy: skip gives up when this many micro-batches in a row are non-finite
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -153,11 +154,13 @@ class Trainer:
 
     def __init__(self, engine: Any, train: TrainArgs, state: TrainState, loader: Any, *,
                  evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
-                 stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, float]]] | None = None):
+                 stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, float]]] | None = None,
+                 profiler: StepProfiler | None = None):
         self.engine, self.args, self.state = engine, train, state
         self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
         self.data = BatchStream(loader, state, train.gradient_accumulation_steps)
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
+        self.profiler = profiler or StepProfiler(None)  # PIPELINE_PROFILE: torch.profiler over chosen steps
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.own_grad_norm = not deepspeed_compat.reports_grad_norm(engine)  # then the loop measures it itself
         self.last_saved_step: int | None = None
@@ -238,7 +241,8 @@ class Trainer:
                    disable=not dist.is_main(), dynamic_ncols=True)
         try:
             while state.global_step < total:
-                norm = self.optimizer_step(window)
+                with self.profiler.step(state.global_step + 1):
+                    norm = self.optimizer_step(window)
                 state.global_step += 1
                 window.steps += 1
                 bar.update(1)

@@ -60,11 +60,13 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, evaluate
+    from pipeline.train import step_profile
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import make_scheduler
 
     preflight(r)
     check_ds_config(r)
+    profile = step_profile.from_env(dist.rank())  # a bad PIPELINE_PROFILE stops here, before anything is written
     if dist.is_main():
         precision_notice(r)
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
@@ -112,7 +114,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             evaluate_now = (lambda: objective.evaluate(val_loader)) if objective else (lambda: evaluate(engine, val_loader))
         trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved), log=log, stop=stop,
-                          objective=objective)
+                          objective=objective, profiler=step_profile.StepProfiler(profile))
         if resume is not None:
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
         try:

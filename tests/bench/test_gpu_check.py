@@ -167,9 +167,9 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     """The whole check on a CPU with a tiny model: runs, figures, merge verification, the JSON."""
     out = tmp_path / "g.json"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--models", "tiny", "--precisions",
-                           "bf16,fp16", "--zero", "2", "--steps", "3", "--batch", "2", "--cutoff", "96", "--out",
-                           str(out), "--workdir", str(tmp_path / "w")], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+                           "bf16,fp16", "--zero", "2", "--steps", "6", "--batch", "2", "--throughput-batch", "4",
+                           "--cutoff", "96", "--out", str(out), "--workdir", str(tmp_path / "w")], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     result = json.loads(out.read_text())
     runs = {r["name"]: r for r in result["runs"]}
@@ -177,6 +177,12 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     assert ok["status"] == "ok" and ok["tokens_per_s"] > 0 and ok["mfu"] is None  # no datasheet peak for a CPU
     assert ok["extra"]["achieved_tflops"] > 0 and ok["loss_first"] is not None
     assert runs["tiny-fp16-zero2"]["status"] == "skipped"
+    profile = ok["extra"]["profile"]  # steps 3-4 under torch.profiler; tokens/s from steps 5-6 only
+    assert profile["steps"] == [3, 4] and profile["wall_ms_per_step"] > 0 and profile["top_cpu"]
+    assert profile["device_busy_share"] is None  # no GPU
+    wide = runs["tiny-bf16-zero2-b4"]  # the throughput run, at its own batch
+    assert wide["status"] == "ok" and wide["batch"] == 4 and wide["tokens_per_s"] > 0
+    assert "save_only_model: true" in (tmp_path / "w" / "recipes" / "tiny-bf16-zero2-b4.yaml").read_text()
     merge = result["merge"][0]
     assert merge["status"] == "ok" and merge["verification"] is not None
     tests = result["tests"]  # the CUDA-only tests ran, and skip themselves here

@@ -1,0 +1,130 @@
+"""torch.profiler over a few optimizer steps of a real run, written as one JSON: where a step's time goes.
+
+Why an environment variable and not a recipe key: profiling is a diagnosis of the machine and the code, not
+part of an experiment, and it must not change what a recipe means or its resume fingerprint.
+
+    PIPELINE_PROFILE=profile.json[:FIRST[:COUNT]]    # default FIRST=3 (after warm-up), COUNT=2
+
+The JSON holds the profiled steps, their wall time, the time the accelerator was busy running kernels
+(CUDA only: the share of the wall time the GPU worked; a small share means the host - Python, DeepSpeed's
+step, synchronisations - bounds the step, not the kernels), and the top ops by self CPU time and by self
+device time. Rank 0 writes it; other ranks profile nothing. bench/gpu_check.py sets it for every run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.errors import UserError
+from pipeline.io import write_text
+
+ENV = "PIPELINE_PROFILE"
+TOP = 15
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    path: Path
+    first: int = 3
+    count: int = 2
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
+def parse(text: str) -> ProfileRequest:
+    """`out.json`, `out.json:FIRST` or `out.json:FIRST:COUNT` (steps counted from 1)."""
+    path, *numbers = text.split(":")
+    if not path or len(numbers) > 2 or not all(n.isdigit() and int(n) >= 1 for n in numbers):
+        raise UserError(f"{ENV}={text!r}: expected FILE.json[:FIRST[:COUNT]] with FIRST and COUNT whole numbers "
+                        "of at least 1, e.g. profile.json:3:2 (steps 3 and 4)")
+    return ProfileRequest(Path(path), *(int(n) for n in numbers))
+
+
+def from_env(rank: int) -> ProfileRequest | None:
+    text = os.environ.get(ENV, "")
+    return parse(text) if text and rank == 0 else None
+
+
+class StepProfiler:
+    """`with profiler.step(n): ...` around each optimizer step; profiles the requested ones and writes the JSON
+    after the last of them. Does nothing when no profile was requested."""
+
+    def __init__(self, request: ProfileRequest | None) -> None:
+        self.request = request
+        self._prof: Any = None
+        self._started = 0.0
+
+    @contextlib.contextmanager
+    def step(self, number: int) -> Iterator[None]:
+        req = self.request
+        if req is None or not req.first <= number <= req.last:
+            yield
+            return
+        if number == req.first:
+            self._start()
+        yield
+        if number == req.last:
+            self._finish()
+
+    def _start(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        _synchronize()
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self._started = time.perf_counter()
+
+    def _finish(self) -> None:
+        _synchronize()
+        wall = time.perf_counter() - self._started
+        self._prof.__exit__(None, None, None)
+        assert self.request is not None
+        write(self.request, summarize(self._prof.key_averages(), wall, self.request))
+        self.request = None  # once per run
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def summarize(events: Any, wall_s: float, request: ProfileRequest) -> dict[str, Any]:
+    """The JSON's content from torch.profiler's key_averages(): totals and the top ops both ways."""
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+    cpu_total = sum(e.self_cpu_time_total for e in events)
+    busy = sum(device_us(e) for e in events)
+
+    def rows(key: Any) -> list[dict[str, Any]]:
+        return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3),
+                 "self_device_ms": round(device_us(e) / 1000, 3)}
+                for e in sorted(events, key=key, reverse=True)[:TOP] if key(e) > 0]
+
+    return {
+        "steps": [request.first, request.last],
+        "wall_ms": round(wall_s * 1000, 2),
+        "wall_ms_per_step": round(wall_s * 1000 / request.count, 2),
+        "self_cpu_ms": round(cpu_total / 1000, 2),
+        "device_busy_ms": round(busy / 1000, 2),
+        "device_busy_share": round(busy / 1000 / (wall_s * 1000), 4) if busy else None,
+        "ops": int(sum(e.count for e in events)),
+        "top_cpu": rows(lambda e: e.self_cpu_time_total),
+        "top_device": rows(device_us) if busy else [],
+    }
+
+
+def write(request: ProfileRequest, summary: dict[str, Any]) -> None:
+    request.path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(request.path, json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,72 @@
+"""PIPELINE_PROFILE: torch.profiler over chosen optimizer steps of a real run, one JSON (bench/gpu_check sets it)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.runtime.log import read_log
+from pipeline.train import step_profile
+from pipeline.train.run import train
+from tests.train.helpers import BASE_SFT
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("p.json", ("p.json", 3, 2)),
+    ("out/p.json:5", ("out/p.json", 5, 2)),
+    ("p.json:1:4", ("p.json", 1, 4)),
+])
+def test_parse(text, want):
+    req = step_profile.parse(text)
+    assert (str(req.path), req.first, req.count) == want
+    assert req.last == req.first + req.count - 1
+
+
+@pytest.mark.parametrize("text", ["", ":3", "p.json:0", "p.json:x", "p.json:1:0", "p.json:1:2:3"])
+def test_parse_refuses_with_the_expected_form(text):
+    with pytest.raises(UserError, match=r"PIPELINE_PROFILE=.*expected FILE.json\[:FIRST\[:COUNT\]\]"):
+        step_profile.parse(text)
+
+
+def test_only_rank_0_profiles(monkeypatch):
+    monkeypatch.setenv(step_profile.ENV, "p.json:2:1")
+    assert step_profile.from_env(0) == step_profile.ProfileRequest(Path("p.json"), 2, 1)
+    assert step_profile.from_env(1) is None
+    monkeypatch.delenv(step_profile.ENV)
+    assert step_profile.from_env(0) is None
+
+
+def test_a_run_writes_the_profile_of_the_chosen_steps(make_recipe, workdir, monkeypatch):
+    """In a real (in-process, DeepSpeed CPU) run: steps 2-3 of 4 profiled; the run's own figures unchanged."""
+    out = workdir / "profile.json"
+    monkeypatch.setenv(step_profile.ENV, f"{out}:2:2")
+    result = train(make_recipe(BASE_SFT, name="p", max_steps=4))
+    profile = json.loads(out.read_text())
+    assert profile["steps"] == [2, 3] and profile["wall_ms"] > 0 and profile["ops"] > 0
+    assert profile["wall_ms_per_step"] == pytest.approx(profile["wall_ms"] / 2, rel=0.01)
+    assert profile["device_busy_ms"] == 0 and profile["device_busy_share"] is None  # no GPU here
+    assert profile["top_device"] == []
+    ops = {row["op"] for row in profile["top_cpu"]}
+    assert any(op.startswith("aten::") for op in ops)
+    assert all(row["self_cpu_ms"] >= 0 and row["calls"] >= 1 for row in profile["top_cpu"])
+    assert len(read_log(result.output_dir / "trainer_log.jsonl")) == 4 + 0  # every step still logged
+
+
+def test_a_bad_value_is_one_message_before_anything_is_written(workdir):
+    recipe = workdir / "r.yaml"
+    recipe.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in {**BASE_SFT, "output_dir": "saves/bad"}.items()))
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PIPELINE_PROFILE": "p.json:0", "HOME": str(workdir)}
+    built = subprocess.run([sys.executable, "-m", "pipeline", "build", str(recipe)], cwd=workdir, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "train", str(recipe)], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "PIPELINE_PROFILE='p.json:0'" in proc.stderr
+    assert not (workdir / "saves" / "bad").exists()
