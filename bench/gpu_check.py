@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     write_data(workdir / "data")
     facts = device_facts(cuda)
     runs = plan_runs(args, cuda, facts.get("bf16_supported", True))
-    throughput = plan_throughput(args, facts.get("bf16_supported", True)) if cuda or args.allow_cpu else []
+    throughput = plan_throughput(args, facts.get("bf16_supported", True))
     peak = peak_tflops(facts["name"]) if cuda else None
     result: dict[str, Any] = {"device": facts, "peak_tflops_datasheet": peak, "workdir": str(workdir),
                               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -398,13 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tests:
         result["tests"] = cuda_tests(min(180.0, args.budget_s / 3))
         print(f"tests {CUDA_TESTS}: {result['tests']['status']} {result['tests'].get('summary', '')}", flush=True)
-    first = next((r for r in runs if r.status == "pending"), None)
+    first = next((r for r in runs + throughput if r.status == "pending"), None)
     if first is not None:  # the data, built once as a user does (`make data`)
         built = subprocess.run(pipeline_cmd("build", str(workdir / "recipes" / f"{first.name}.yaml")), cwd=REPO,
                                env=_env(), capture_output=True, text=True, timeout=300)
         if built.returncode != 0:
             print(built.stderr, file=sys.stderr)
             return 1
+
     def budget_left() -> float:
         return args.budget_s - (time.monotonic() - started)
 

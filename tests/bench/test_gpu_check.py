@@ -67,6 +67,7 @@ def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
     assert set(names) >= {"gpt2-small-bf16-zero2", "gpt2-small-bf16-zero3", "gpt2-small-fp16-zero2",
                           "gpt2-small-fp16-zero3"}
     assert names["gpt2-small-fp16-zero2"]["status"] == "skipped"  # this machine has no CUDA
+    assert names["gpt2-small-bf16-zero2-b64"]["batch"] == 64  # the throughput run, planned and resolved too
     recipes = sorted((work / "recipes").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {n for n in names if n.startswith("gpt2-small")}
     for path in recipes:  # the real resolver and DeepSpeed config on each (plan does not need the GPU)
