@@ -269,6 +269,7 @@ class Trainer:
                     window.started = time.monotonic()
         finally:
             bar.close()
+            self.profiler.close(state.global_step)
         return "done"
 
     def flush_tokens(self) -> None:

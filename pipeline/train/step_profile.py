@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,20 @@ class StepProfiler:
         yield
         if number == req.last:
             self._finish()
+
+    def close(self, last_step: int) -> None:
+        """End of the run: a profile still open (the run ended inside the requested steps) is written for the
+        steps it saw; one that never started says so once on stderr."""
+        req = self.request
+        if req is None:
+            return
+        if self._prof is not None:
+            self.request = ProfileRequest(req.path, req.first, last_step - req.first + 1)
+            self._finish()
+        else:
+            print(f"{ENV}: the run ended at step {last_step}, before step {req.first}; no profile written",
+                  file=sys.stderr, flush=True)
+            self.request = None
 
     def _start(self) -> None:
         import torch

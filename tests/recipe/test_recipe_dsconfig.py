@@ -234,3 +234,29 @@ def test_deepspeed_accepts_the_configs(write):
         assert parsed.train_batch_size == 8
         assert parsed.gradient_clipping == 0.5
         assert parsed.zero_optimization_stage == ds["zero_optimization"]["stage"]
+
+
+def test_zero2_reduce_bucket_holds_every_trainable_gradient(recipe):
+    """ZeRO 1-2 reduce all trainable gradients in one bucket (overlap_comm is off: smaller buckets only add
+    calls); counted here on the model itself, not from the recipe's arithmetic."""
+    from pipeline.model.config import PRESETS
+    from pipeline.model.gpt import GPTModel
+
+    full = sum(p.numel() for p in GPTModel(PRESETS["tiny"], seed=0).parameters())
+    r = resolve(recipe("zero_stage: 2\nfinetuning_type: full\n"))
+    assert full > 64 * 64 and r.ds_config["zero_optimization"]["reduce_bucket_size"] == full
+
+
+@pytest.mark.parametrize("stage, hidden, trainable, want", [
+    (2, 768, 124_439_808, 124_439_808),   # gpt2-small full: one bucket
+    (2, 768, 2_359_296, 2_359_296),       # gpt2-small LoRA r=16 on every linear
+    (1, 768, 4_096, 768 * 768),           # fewer trainable than hidden²: hidden² (a floor, as before)
+    (2, 4096, 8_030_261_248, 500_000_000),  # Llama 8B full: DeepSpeed's default caps the staging buffer
+    (2, None, None, 500_000_000),         # nothing known: DeepSpeed's default
+    (2, 768, None, 768 * 768),            # model readable, trainable count not: hidden²
+    (3, 768, 124_439_808, 768 * 768),     # ZeRO 3: transformers' "auto" (hidden²), as LLaMA-Factory's z3 configs
+])
+def test_reduce_bucket_rule(stage, hidden, trainable, want):
+    from pipeline.recipe.dsconfig import reduce_bucket
+
+    assert reduce_bucket(stage, hidden, trainable) == want

@@ -55,7 +55,7 @@ def test_a_run_writes_the_profile_of_the_chosen_steps(make_recipe, workdir, monk
     ops = {row["op"] for row in profile["top_cpu"]}
     assert any(op.startswith("aten::") for op in ops)
     assert all(row["self_cpu_ms"] >= 0 and row["calls"] >= 1 for row in profile["top_cpu"])
-    assert len(read_log(result.output_dir / "trainer_log.jsonl")) == 4 + 0  # every step still logged
+    assert len(read_log(result.output_dir / "trainer_log.jsonl")) == 4  # every step still logged
 
 
 def test_a_bad_value_is_one_message_before_anything_is_written(workdir):
@@ -70,3 +70,16 @@ def test_a_bad_value_is_one_message_before_anything_is_written(workdir):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "PIPELINE_PROFILE='p.json:0'" in proc.stderr
     assert not (workdir / "saves" / "bad").exists()
+
+
+def test_a_run_that_ends_inside_or_before_the_steps(make_recipe, workdir, monkeypatch, capsys):
+    """Steps 3-6 asked of a 4-step run: the profile covers 3-4. Step 9 asked: nothing written, and it says so."""
+    inside = workdir / "inside.json"
+    monkeypatch.setenv(step_profile.ENV, f"{inside}:3:4")
+    train(make_recipe(BASE_SFT, name="inside", max_steps=4))
+    assert json.loads(inside.read_text())["steps"] == [3, 4]
+    before = workdir / "before.json"
+    monkeypatch.setenv(step_profile.ENV, f"{before}:9")
+    train(make_recipe(BASE_SFT, name="before", max_steps=4))
+    assert not before.exists()
+    assert "PIPELINE_PROFILE: the run ended at step 4, before step 9; no profile written" in capsys.readouterr().err
