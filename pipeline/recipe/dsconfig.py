@@ -81,8 +81,9 @@ def reduce_bucket(stage: int, hidden_size: int | None, trainable: int | None) ->
     is off here, so each bucket is reduced synchronously inside the backward when it fills: small buckets buy
     no overlap, only calls (about 100 a step at hidden_size², on gpt2-small's 12-block structure 64 wide; one
     bucket there: 11% fewer ops and a 12% faster CPU step, docs/packing-and-scale.md). So one bucket takes
-    every trainable gradient, capped at DeepSpeed's default; DeepSpeed stages gradients in a 16-bit buffer
-    of this many elements, so the cap bounds it at 1 GB, and a LoRA run's stays at its adapters' size."""
+    every trainable gradient, capped at DeepSpeed's default. DeepSpeed stages gradients in a buffer of this
+    many elements (2 bytes each in bf16/fp16 ZeRO 2; 4 in fp32, or ZeRO 1's fp32 accumulation), so the cap
+    bounds it at 1-2 GB, as in LLaMA-Factory's ZeRO-2 config; a LoRA run's stays at its adapters' size."""
     square = hidden_size * hidden_size if hidden_size else None
     if stage == 3:
         return square or REDUCE_BUCKET_MAX
