@@ -71,12 +71,12 @@ class StepProfiler:
         if number == req.first:
             self._start()
         yield
-        if number == req.last:
+        if number == req.last and self._prof is not None:  # a run resumed past `first` never started one
             self._finish()
 
     def close(self, last_step: int) -> None:
         """End of the run: a profile still open (the run ended inside the requested steps) is written for the
-        steps it saw; one that never started says so once on stderr."""
+        steps it saw; one that never started (the run ended before `first`, or resumed past it) says so."""
         req = self.request
         if req is None:
             return
@@ -84,8 +84,8 @@ class StepProfiler:
             self.request = ProfileRequest(req.path, req.first, last_step - req.first + 1)
             self._finish()
         else:
-            print(f"{ENV}: the run ended at step {last_step}, before step {req.first}; no profile written",
-                  file=sys.stderr, flush=True)
+            print(f"{ENV}: step {req.first} was not run here (this run ended at step {last_step}, or resumed past "
+                  "it); no profile written", file=sys.stderr, flush=True)
             self.request = None
 
     def _start(self) -> None:

@@ -82,4 +82,15 @@ def test_a_run_that_ends_inside_or_before_the_steps(make_recipe, workdir, monkey
     monkeypatch.setenv(step_profile.ENV, f"{before}:9")
     train(make_recipe(BASE_SFT, name="before", max_steps=4))
     assert not before.exists()
-    assert "PIPELINE_PROFILE: the run ended at step 4, before step 9; no profile written" in capsys.readouterr().err
+    assert "PIPELINE_PROFILE: step 9 was not run here (this run ended at step 4" in capsys.readouterr().err
+
+
+def test_a_resumed_run_past_the_first_step_profiles_nothing(capsys, tmp_path):
+    """Resumed at step 4 with steps 3-4 asked: step 4 runs, but no profile was started, so none is written."""
+    profiler = step_profile.StepProfiler(step_profile.ProfileRequest(tmp_path / "p.json", 3, 2))
+    for number in (4, 5):
+        with profiler.step(number):
+            pass
+    profiler.close(5)
+    assert not (tmp_path / "p.json").exists()
+    assert "step 3 was not run here" in capsys.readouterr().err
