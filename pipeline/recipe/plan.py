@@ -4,7 +4,8 @@ Torch is never imported: the parameter counts come from pipeline.model.config's 
 
 Memory per rank (bytes; w = 2 with bf16/fp16, else 4; P = all parameters, T = trainable ones, N = world size):
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
-    gradients    T * w                      ZeRO-2/3: / N
+    gradients    T * w                      ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
+                                            reduce_bucket_size * w (DeepSpeed allocates it whole, per rank)
     optimizer    T * (8 + 4 if w == 2)      Adam m and v in fp32 (+ fp32 master weights under mixed precision);
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
@@ -58,6 +59,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
     w = 2 if half else 4
     params = total * w / (world if stage == 3 else 1)
     grads = trainable * w / (world if stage >= 2 else 1)
+    if stage in (1, 2) and zero.get("contiguous_gradients", True):
+        grads += int(zero.get("reduce_bucket_size", 500_000_000)) * w
     optim = trainable * (12 if half else 8) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
