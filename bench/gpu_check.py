@@ -47,10 +47,10 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
     ("V100", 125.0), ("T4", 65.0),
 ]
 MODELS = ("gpt2-small", "qwen3-0.6b")
-CUDA_TESTS = "tests/gpu/test_packed_attention_cuda.py"
+CUDA_TESTS = "tests/gpu/test_packed_attention_cuda.py"  # the real varlen kernel against each example alone
 # torch.profiler over optimizer steps 3-4 of each run (PIPELINE_PROFILE, pipeline/train/step_profile.py): after
 # two warm-up steps; tokens/s is the median of the steps after them, so a profiled step never counts.
-PROFILE_FIRST, PROFILE_COUNT = 3, 2  # the real varlen kernel against each example alone
+PROFILE_FIRST, PROFILE_COUNT = 3, 2
 PRECISIONS = ("bf16", "fp16")
 ZERO_STAGES = (2, 3)
 
@@ -162,7 +162,8 @@ def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = Fa
         "model_name_or_path": run.model, "stage": "sft", "dataset": "alpaca_like", "dataset_dir": str(workdir / "data"),
         "template": "alpaca", "cutoff_len": args.cutoff, "neat_packing": True, "packing": True, "val_size": 0.01,
         "overlength_policy": "truncate", "finetuning_type": "lora" if lora else "full",
-        "per_device_train_batch_size": run.batch or args.batch, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-5,
+        "per_device_train_batch_size": run.batch or args.batch, "gradient_accumulation_steps": 1,
+        "learning_rate": 1.0e-5,
         "max_steps": args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
         "save_steps": 100000, "plot_loss": False, "zero_stage": run.zero_stage, "bf16": run.precision == "bf16",
         "fp16": run.precision == "fp16", "output_dir": str(workdir / "runs" / run.name), "seed": 0,

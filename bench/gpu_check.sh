@@ -56,7 +56,7 @@ if [ "$SETUP" = 1 ]; then
 fi
 if [ -n "$WHEELS" ]; then
   PY=${GPU_CHECK_PYTHON:-python3}
-  RANKS=${PIPELINE_GPT2_RANKS:-.cache/gpt2.tiktoken}
+  RANKS=$("$PY" -c 'from pipeline.data.tokenizer import ranks_path; print(ranks_path())')  # where train looks
   [ -f "$RANKS" ] || { echo "error: --wheels: no GPT-2 ranks at $RANKS (make setup puts them there; copy that" \
     "file from a machine that ran it)" >&2; exit 2; }
   SITE=${GPU_CHECK_SITE:-.gpu/site}

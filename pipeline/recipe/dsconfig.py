@@ -85,9 +85,7 @@ def reduce_bucket(stage: int, hidden_size: int | None, trainable: int | None) ->
     many elements (2 bytes each in bf16/fp16 ZeRO 2; 4 in fp32, or ZeRO 1's fp32 accumulation), so the cap
     bounds it at 1-2 GB, as in LLaMA-Factory's ZeRO-2 config; a LoRA run's stays at its adapters' size."""
     square = hidden_size * hidden_size if hidden_size else None
-    if stage == 3:
-        return square or REDUCE_BUCKET_MAX
-    if trainable is None:
+    if stage == 3 or trainable is None:
         return square or REDUCE_BUCKET_MAX
     return min(REDUCE_BUCKET_MAX, max(square or 0, trainable))
 

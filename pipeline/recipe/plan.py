@@ -28,6 +28,7 @@ from typing import Any
 from pipeline.recipe.args import data_args
 from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
+from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.recipe.modelinfo import model_info, param_counts
 from pipeline.recipe.text import format_table
 
@@ -60,7 +61,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     params = total * w / (world if stage == 3 else 1)
     grads = trainable * w / (world if stage >= 2 else 1)
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
-        grads += int(zero.get("reduce_bucket_size", 500_000_000)) * w
+        grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * w  # DeepSpeed's default when unset
     optim = trainable * (12 if half else 8) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
