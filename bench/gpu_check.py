@@ -13,8 +13,18 @@ directly: `.venv/bin/python -m bench.gpu_check --out gpu_check.json`. Every run 
   table of datasheet figures by GPU name (dense, no sparsity), and a measured bf16 matmul peak is reported
   beside it.
 
-The suite's CUDA-only tests (the varlen kernel against each example run alone) run first, with pytest,
-within a third of the budget. The whole check keeps to --budget-s (default 420 s, so that setup + check
+The suite's CUDA-only tests (tests/gpu: the varlen kernel against each example run alone; the user's path
+from transformers-written checkpoints through train and merge to transformers and PEFT) run first, with
+pytest, within a third of the budget; the JSON keeps each skipped test's reason.
+
+Packing (issue 17's speed target, on the GPU): our unpacked LoRA run (group_by_length, the default) against
+our neat-packed one on the first model, at each --packing-batches size, useful tokens/s each (real tokens,
+never padding: the trainer's own count). The packed run takes the rows that carry about the tokens of the
+unpacked batch, measured from the unpacked run itself (its real tokens per example), so both do the same
+work a step; the ratio is the packed run's tokens/s over the unpacked one's (target 1.3).
+
+--only picks sections (tests, matrix, merge, throughput, packing), so that a second call on the same
+machine can spend its time where the first ran out. The whole check keeps to --budget-s (default 420 s, so that setup + check
 stay within 8 minutes on a cached pip): runs left when it is spent are reported as skipped, never
 silently dropped. fp16 on a machine without CUDA is skipped with its reason (DeepSpeed refuses it on
 CPU); a model preset this checkout does not have (qwen3-0.6b before the family-generic decoder landed) likewise.
@@ -47,12 +57,15 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
     ("V100", 125.0), ("T4", 65.0),
 ]
 MODELS = ("gpt2-small", "qwen3-0.6b")
-CUDA_TESTS = "tests/gpu/test_packed_attention_cuda.py"  # the real varlen kernel against each example alone
+CUDA_TESTS = "tests/gpu"  # the real varlen kernel against each example alone; the user's path on CUDA
 # torch.profiler over optimizer steps 3-4 of each run (PIPELINE_PROFILE, pipeline/train/step_profile.py): after
 # two warm-up steps; tokens/s is the median of the steps after them, so a profiled step never counts.
 PROFILE_FIRST, PROFILE_COUNT = 3, 2
 PRECISIONS = ("bf16", "fp16")
 ZERO_STAGES = (2, 3)
+SECTIONS = ("tests", "matrix", "merge", "throughput", "packing")
+PACKING_STEPS = 16  # more than --steps: an unpacked run's batches vary in length, its median needs more of them
+PACKING_TARGET = 1.3  # issue 17: neat_packing useful tokens/s >= 1.3x our unpacked run
 
 
 @dataclass
@@ -60,7 +73,10 @@ class Run:
     model: str
     precision: str
     zero_stage: int
-    batch: int | None = None  # a throughput run's batch; None: --batch
+    batch: int | None = None  # a throughput or packing run's batch; None: --batch
+    lora: bool = False  # a packing run: LoRA r16, as the CPU packing benchmark
+    packing: str = "neat"  # neat (neat_packing rows of cutoff_len) | none (one example a row, group_by_length)
+    steps: int | None = None  # None: --steps
     status: str = "pending"  # ok | failed | skipped
     reason: str | None = None
     tokens_per_s: float | None = None
@@ -74,7 +90,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"{self.model}-{self.precision}-zero{self.zero_stage}" + (f"-b{self.batch}" if self.batch else "")
+        kind = f"-lora-{'unpacked' if self.packing == 'none' else 'neat'}" if self.lora else ""
+        return f"{self.model}-{self.precision}-zero{self.zero_stage}{kind}" + (f"-b{self.batch}" if self.batch else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--throughput-batch", type=int, default=64,
                    help="one more run per model (bf16, ZeRO 2) at this batch, for tokens/s and MFU where the GPU is "
                         "not starved by per-step host work; 0: none")
+    p.add_argument("--packing-batches", default="16,64",
+                   help="unpacked batch sizes at which our unpacked LoRA run meets our neat-packed one (first model, "
+                        "ZeRO 2); 0: none")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, comma-separated: {', '.join(SECTIONS)}")
     p.add_argument("--no-profile", action="store_true",
                    help=f"no torch.profiler over steps {PROFILE_FIRST}-{PROFILE_FIRST + PROFILE_COUNT - 1} of each run")
     p.add_argument("--cutoff", type=int, default=512, help="cutoff_len (rows are neat-packed to it)")
@@ -111,6 +132,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.throughput_batch < 0:
         p.error("--throughput-batch must be 0 (none) or more")
+    try:
+        args.packing_batches = [int(b) for b in _split(p, args.packing_batches, "--packing-batches", None)]
+    except ValueError:
+        p.error(f"--packing-batches: expected batch sizes such as 16,64, got {args.packing_batches!r}")
+    if any(b < 0 for b in args.packing_batches):
+        p.error("--packing-batches: sizes are 1 or more (0: none)")
+    args.packing_batches = [b for b in args.packing_batches if b]
+    args.only = set(_split(p, args.only, "--only", SECTIONS))
+    if args.no_tests:
+        args.only.discard("tests")
+    if args.no_merge:
+        args.only.discard("merge")
     return args
 
 
@@ -158,19 +191,22 @@ def write_data(directory: Path, rows: int = 2000, seed: int = 0) -> None:
 
 
 def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = False) -> dict[str, Any]:
+    lora = lora or run.lora
     values: dict[str, Any] = {
         "model_name_or_path": run.model, "stage": "sft", "dataset": "alpaca_like", "dataset_dir": str(workdir / "data"),
         "template": "alpaca", "cutoff_len": args.cutoff, "neat_packing": True, "packing": True, "val_size": 0.01,
         "overlength_policy": "truncate", "finetuning_type": "lora" if lora else "full",
         "per_device_train_batch_size": run.batch or args.batch, "gradient_accumulation_steps": 1,
         "learning_rate": 1.0e-5,
-        "max_steps": args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
+        "max_steps": run.steps or args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
         "save_steps": 100000, "plot_loss": False, "zero_stage": run.zero_stage, "bf16": run.precision == "bf16",
         "fp16": run.precision == "fp16", "output_dir": str(workdir / "runs" / run.name), "seed": 0,
         "overwrite_output_dir": True,  # the check again with the same --workdir starts over
         "save_only_model": True,  # nothing resumes here: no optimizer state (16 bytes a parameter) to write
         "max_grad_norm": 1.0,
     }
+    if run.packing == "none":  # one example a row, batches of similar lengths: our default loader
+        values.update(packing=False, neat_packing=False, group_by_length=True)
     if getattr(preset_config(run.model), "family", "gpt2") != "gpt2":
         # a Llama / Qwen preset has shapes but no vocabulary: GPT-2's ranks turn the synthetic text into ids
         # (offline, no download); the model keeps its own 128k / 152k-row embedding and head
@@ -226,6 +262,41 @@ def plan_throughput(args: argparse.Namespace, bf16_ok: bool = True) -> list[Run]
     return [Run(m, "bf16" if bf16_ok else "fp16", 2, batch=args.throughput_batch) for m in args.models if m in presets]
 
 
+def packing_model(args: argparse.Namespace) -> str | None:
+    """The model of the packing comparison: the first of --models this checkout has."""
+    return next((m for m in args.models if m in available_presets()), None)
+
+
+def plan_packing(args: argparse.Namespace, bf16_ok: bool = True) -> list[Run]:
+    """Our unpacked LoRA run at each --packing-batches size (ZeRO 2); each one's packed partner is planned from
+    its measured tokens per example (packed_partner)."""
+    model = packing_model(args)
+    if model is None or "packing" not in args.only:
+        return []
+    return [Run(model, "bf16" if bf16_ok else "fp16", 2, batch=b, lora=True, packing="none", steps=PACKING_STEPS)
+            for b in args.packing_batches]
+
+
+def packed_partner(unpacked: Run, cutoff: int, mean_example: float | None = None) -> Run:
+    """The neat-packed run doing about the unpacked batch's work a step: the rows of cutoff_len that hold its
+    real tokens (batch x tokens per example; --cutoff when nothing was measured, as in --dry-run)."""
+    per_example = mean_example or cutoff
+    rows = max(1, round((unpacked.batch or 1) * per_example / cutoff))
+    return Run(unpacked.model, unpacked.precision, unpacked.zero_stage, batch=rows, lora=True, packing="neat",
+               steps=unpacked.steps)
+
+
+def packing_result(unpacked: Run, neat: Run) -> dict[str, Any]:
+    """One line of the JSON's packing table: both runs' useful tokens/s and their ratio against the target."""
+    ratio = (round(neat.tokens_per_s / unpacked.tokens_per_s, 3)
+             if neat.tokens_per_s and unpacked.tokens_per_s else None)
+    return {"model": unpacked.model, "precision": unpacked.precision, "unpacked": unpacked.name, "neat": neat.name,
+            "unpacked_batch": unpacked.batch, "neat_rows": neat.batch,
+            "tokens_per_example": unpacked.extra.get("mean_row"),
+            "unpacked_tokens_per_s": unpacked.tokens_per_s, "neat_tokens_per_s": neat.tokens_per_s,
+            "ratio": ratio, "target": PACKING_TARGET, "met": None if ratio is None else ratio >= PACKING_TARGET}
+
+
 def pipeline_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", *args]
 
@@ -236,9 +307,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def profiled_steps(args: argparse.Namespace) -> range:
-    """The steps torch.profiler watches: only when enough steps are left after them to time."""
-    if args.no_profile or args.steps < PROFILE_FIRST + PROFILE_COUNT + 1:
+def profiled_steps(args: argparse.Namespace, steps: int | None = None) -> range:
+    """The steps torch.profiler watches: only when enough of the run's steps (--steps) are left after them to time."""
+    if args.no_profile or (steps or args.steps) < PROFILE_FIRST + PROFILE_COUNT + 1:
         return range(0)
     return range(PROFILE_FIRST, PROFILE_FIRST + PROFILE_COUNT)
 
@@ -335,13 +406,14 @@ def cuda_tests(timeout: float) -> dict[str, Any]:
         return {"status": "skipped", "reason": "pytest is not installed"}
     start = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", CUDA_TESTS],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", CUDA_TESTS],
                               cwd=REPO, env=_env(), capture_output=True, text=True, timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired:
         return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     out: dict[str, Any] = {"status": "ok" if proc.returncode == 0 else "failed", "file": CUDA_TESTS,
-                           "summary": lines[-1] if lines else "", "seconds": round(time.monotonic() - start, 2)}
+                           "summary": lines[-1] if lines else "", "seconds": round(time.monotonic() - start, 2),
+                           "skipped": [line for line in lines if line.startswith("SKIPPED")][:20]}  # and why
     if proc.returncode != 0:
         out["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
     return out
@@ -378,28 +450,34 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     write_data(workdir / "data")
     facts = device_facts(cuda)
-    runs = plan_runs(args, cuda, facts.get("bf16_supported", True))
-    throughput = plan_throughput(args, facts.get("bf16_supported", True))
+    bf16_ok = facts.get("bf16_supported", True)
+    runs = plan_runs(args, cuda, bf16_ok) if "matrix" in args.only else []
+    throughput = plan_throughput(args, bf16_ok) if "throughput" in args.only else []
+    unpacked = plan_packing(args, bf16_ok)
     peak = peak_tflops(facts["name"]) if cuda else None
     result: dict[str, Any] = {"device": facts, "peak_tflops_datasheet": peak, "workdir": str(workdir),
-                              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                              "runs": [], "merge": [], "tests": None}
+                              "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path)
+                                           else v) for k, v in vars(args).items()},
+                              "runs": [], "merge": [], "tests": None, "packing": []}
     presets = available_presets()
-    for run in runs + throughput:  # every run of an available model, even one skipped here (tests check them)
+    for run in runs + throughput + unpacked:  # every run of an available model, even one skipped here (tests check them)
         if run.model in presets:
             write_recipe(workdir / "recipes" / f"{run.name}.yaml", recipe(run, args, workdir))
     if args.dry_run:
-        for run in runs + throughput:
+        partners = [packed_partner(u, args.cutoff) for u in unpacked]  # sized from the data once the unpacked ran
+        for run in partners:
+            write_recipe(workdir / "recipes" / f"{run.name}.yaml", recipe(run, args, workdir))
+        for run in runs + throughput + unpacked + partners:
             print(f"{run.name}: {run.status if run.status != 'pending' else 'would run'}"
                   f"{' (' + run.reason + ')' if run.reason else ''}")
-        result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput]
+        result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput + unpacked + partners]
         _write(args.out, result)
         return 0
     result["measured_matmul_tflops"] = measured_matmul_tflops(cuda)
-    if not args.no_tests:
+    if "tests" in args.only:
         result["tests"] = cuda_tests(min(180.0, args.budget_s / 3))
         print(f"tests {CUDA_TESTS}: {result['tests']['status']} {result['tests'].get('summary', '')}", flush=True)
-    first = next((r for r in runs + throughput if r.status == "pending"), None)
+    first = next((r for r in runs + throughput + unpacked if r.status == "pending"), None)
     if first is not None:  # the data, built once as a user does (`make data`)
         built = subprocess.run(pipeline_cmd("build", str(workdir / "recipes" / f"{first.name}.yaml")), cwd=REPO,
                                env=_env(), capture_output=True, text=True, timeout=300)
@@ -412,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for run in runs:
         train_run(run, args, workdir, budget_left(), peak)
-    if not args.no_merge:
-        for model in dict.fromkeys(r.model for r in runs if r.status == "ok"):
+    if "merge" in args.only:
+        merged = [r.model for r in runs if r.status == "ok"] if runs else [m for m in args.models if m in presets]
+        for model in dict.fromkeys(merged):
             if budget_left() < 20:
                 result["merge"].append({"model": model, "status": "skipped", "reason": "time budget spent"})
                 continue
@@ -421,13 +500,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merge {model}: {check['status']}" + (f" ({check.get('reason')})" if check.get("reason") else ""),
                   flush=True)
             result["merge"].append(check)
-    for run in throughput:  # last: the speed figure matters less than every precision/stage and the merge
+    for run in throughput:  # after the matrix and the merge: the speed figure matters less than every precision/stage
         train_run(run, args, workdir, budget_left(), peak)
-    result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput]
+    partners = []
+    for run in unpacked:  # last: a comparison, where the rest are checks
+        train_run(run, args, workdir, budget_left(), peak)
+        neat = packed_partner(run, args.cutoff, run.extra.get("mean_row"))
+        if run.status != "ok":
+            neat.status, neat.reason = "skipped", f"its unpacked partner {run.name} did not run"
+        write_recipe(workdir / "recipes" / f"{neat.name}.yaml", recipe(neat, args, workdir))
+        train_run(neat, args, workdir, budget_left(), peak)
+        partners.append(neat)
+        line = packing_result(run, neat)
+        result["packing"].append(line)
+        if line["ratio"] is not None:
+            print(f"packing {line['model']}: neat {neat.batch} rows / unpacked {run.batch} examples = "
+                  f"{line['ratio']:.2f}x useful tokens/s (target {PACKING_TARGET}x)", flush=True)
+    everything = runs + throughput + unpacked + partners
+    result["runs"] = [asdict(r) | {"name": r.name} for r in everything]
     result["seconds"] = round(time.monotonic() - started, 1)
     _write(args.out, result)
-    failed = [r.name for r in runs + throughput if r.status == "failed"] + [m["model"] for m in result["merge"]
-                                                              if m["status"] == "failed"]
+    failed = [r.name for r in everything if r.status == "failed"] + [m["model"] for m in result["merge"]
+                                                                     if m["status"] == "failed"]
     if (result["tests"] or {}).get("status") == "failed":
         failed.append(CUDA_TESTS)
     print(f"results: {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
@@ -445,8 +539,8 @@ def train_run(run: Run, args: argparse.Namespace, workdir: Path, left: float, pe
         return
     batch = run.batch or args.batch
     execute(run, workdir / "recipes" / f"{run.name}.yaml", workdir / "runs" / run.name, left, batch,
-            profiled_steps(args))
-    if run.status == "ok" and run.tokens_per_s:
+            profiled_steps(args, run.steps))
+    if run.status == "ok" and run.tokens_per_s and not run.lora:  # 6N counts weight gradients LoRA does not take
         per_token = flops_per_token(read_config(run.model), run.extra.get("mean_row") or args.cutoff)
         run.extra["model_flops_per_token"] = per_token
         run.extra["achieved_tflops"] = round(per_token * run.tokens_per_s / 1e12, 2)

@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# GPU check for a CUDA machine with a fresh clone: set up with a CUDA torch, then a few training steps of
-# bf16 and fp16 (dynamic loss scaling) on ZeRO 2 and 3 for a gpt2-small-shaped and a Qwen3-0.6B-shaped
-# model (when this checkout has that preset), a LoRA run + merge verification, tokens/s and MFU against
-# the GPU's datasheet peak; one JSON of results. Aims at 8 minutes in all (setup from a warm pip cache
-# ~1-2 min, the check's own budget 420 s).
+# GPU check for a CUDA machine with a fresh clone: set up with a CUDA torch, run the CUDA tests (tests/gpu),
+# then a few training steps of bf16 and fp16 (dynamic loss scaling) on ZeRO 2 and 3 for a gpt2-small- and a
+# Qwen3-0.6B-shaped model, a LoRA run + merge verification, tokens/s and MFU against the GPU's datasheet
+# peak, and our unpacked run against our neat-packed one; one JSON of results. Aims at 8 minutes in all
+# (setup from a warm pip cache ~1-2 min, the check's own budget the rest; what does not fit is skipped).
 #
 #   bash bench/gpu_check.sh [--out gpu_check.json] [--cuda cu128] [--skip-setup] [--wheels DIR]
 #                           [-- bench.gpu_check args]
 #
 # --cuda picks the PyTorch wheel index (https://download.pytorch.org/whl/<tag>); default cu128.
-# --wheels DIR: a machine with a CUDA torch already installed and no network: no `make setup`; the wheels
-# in DIR (what that python lacks of requirements.txt, e.g. deepspeed, jsonschema) go into .gpu/site
-# (GPU_CHECK_SITE) on PYTHONPATH, and the check runs with python3 (GPU_CHECK_PYTHON).
-# Arguments after -- go to `python -m bench.gpu_check` (see --help there: --models, --precisions, --zero,
-# --steps, --batch, --cutoff, --budget-s). Exit 0: every run and the merge passed; 1: something failed
-# (the JSON says what); 2: wrong usage or no GPU.
+# --wheels DIR: a machine with a CUDA torch already installed and no network: no `make setup`; the wheels in
+# DIR (bench/gpu_wheels.sh DIR builds it) go into .gpu/site (GPU_CHECK_SITE) on PYTHONPATH, and the check
+# runs with python3 (GPU_CHECK_PYTHON). Arguments after -- go to `python -m bench.gpu_check` (see --help
+# there: --only tests,matrix,merge,throughput,packing, --models, --precisions, --zero, --steps, --batch,
+# --packing-batches, --cutoff). Exit 0: every run and the merge passed; 1: something failed (the JSON says
+# what); 2: wrong usage or no GPU.
 set -euo pipefail
 
 usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }

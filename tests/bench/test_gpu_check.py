@@ -29,6 +29,9 @@ def _env(**extra: str) -> dict[str, str]:
     (["--zero", "4"], "--zero: stages are 0..3"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--models", ","], "--models: nothing given"),
+    (["--packing-batches", "16,x"], "--packing-batches: expected batch sizes such as 16,64"),
+    (["--packing-batches", "-4"], "--packing-batches: sizes are 1 or more"),
+    (["--only", "tests,speed"], "--only: speed not one of tests, matrix, merge, throughput, packing"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -68,6 +71,9 @@ def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
                           "gpt2-small-fp16-zero3"}
     assert names["gpt2-small-fp16-zero2"]["status"] == "skipped"  # this machine has no CUDA
     assert names["gpt2-small-bf16-zero2-b64"]["batch"] == 64  # the throughput run, planned and resolved too
+    unpacked = names["gpt2-small-bf16-zero2-lora-unpacked-b16"]  # the packing comparison's runs, resolved too
+    assert unpacked["lora"] and unpacked["packing"] == "none" and unpacked["steps"] == gpu_check.PACKING_STEPS
+    assert "gpt2-small-bf16-zero2-lora-neat-b16" in names  # sized from the data once the unpacked run has run
     recipes = sorted((work / "recipes").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {n for n in names if n.startswith("gpt2-small")}
     for path in recipes:  # the real resolver and DeepSpeed config on each (plan does not need the GPU)
@@ -79,6 +85,28 @@ def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
         assert ('"stage": 3' in ds) == path.stem.endswith("zero3")
         if "fp16" in path.stem:
             assert '"loss_scale": 0' in ds and '"initial_scale_power": 16' in ds  # dynamic loss scaling
+        text = path.read_text()
+        assert ("group_by_length: true" in text and "neat_packing: false" in text) == ("-unpacked-" in path.stem)
+        assert ('finetuning_type: "lora"' in text) == ("-lora-" in path.stem)
+
+
+def test_sections_and_the_packed_partner_by_hand():
+    """--only keeps the named sections (--no-tests / --no-merge still drop theirs); the packed run takes the rows of
+    cutoff_len that hold the unpacked batch's real tokens."""
+    args = gpu_check.parse_args(["--only", "packing,merge", "--no-merge", "--packing-batches", "16,0,64"])
+    assert args.only == {"packing"} and args.packing_batches == [16, 64]
+    assert gpu_check.parse_args(["--no-tests"]).only == set(gpu_check.SECTIONS) - {"tests"}
+    assert gpu_check.plan_packing(gpu_check.parse_args(["--only", "matrix"])) == []
+    unpacked = gpu_check.plan_packing(args)[0]
+    assert (unpacked.model, unpacked.batch, unpacked.packing) == ("gpt2-small", 16, "none")
+    assert gpu_check.packed_partner(unpacked, 512, 190.0).batch == 6  # 16 x 190 = 3,040 tokens: 5.9 rows of 512
+    assert gpu_check.packed_partner(unpacked, 512, 10.0).batch == 1  # never no row
+    neat = gpu_check.packed_partner(unpacked, 512, 190.0)
+    unpacked.tokens_per_s, neat.tokens_per_s = 1000.0, 1250.0
+    line = gpu_check.packing_result(unpacked, neat)
+    assert line["ratio"] == 1.25 and line["met"] is False and line["target"] == 1.3
+    neat.tokens_per_s = None  # a partner that did not run: no ratio, no verdict
+    assert gpu_check.packing_result(unpacked, neat)["met"] is None
 
 
 
@@ -169,6 +197,7 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     out = tmp_path / "g.json"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--models", "tiny", "--precisions",
                            "bf16,fp16", "--zero", "2", "--steps", "6", "--batch", "2", "--throughput-batch", "4",
+                           "--packing-batches", "4",
                            "--cutoff", "96", "--out", str(out), "--workdir", str(tmp_path / "w")], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
@@ -186,5 +215,21 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     assert "save_only_model: true" in (tmp_path / "w" / "recipes" / "tiny-bf16-zero2-b4.yaml").read_text()
     merge = result["merge"][0]
     assert merge["status"] == "ok" and merge["verification"] is not None
-    tests = result["tests"]  # the CUDA-only tests ran, and skip themselves here
+    tests = result["tests"]  # the CUDA-only tests ran, and skip themselves here, saying why
     assert tests["status"] == "ok" and "skipped" in tests["summary"] and tests["file"] == gpu_check.CUDA_TESTS
+    assert tests["skipped"] and all("needs a CUDA GPU" in line for line in tests["skipped"])
+    packing = result["packing"][0]  # ours unpacked against ours neat-packed, at about the same tokens a step
+    assert packing["unpacked_tokens_per_s"] > 0 and packing["neat_tokens_per_s"] > 0 and packing["ratio"] > 0
+    assert runs[packing["unpacked"]]["status"] == runs[packing["neat"]]["status"] == "ok"
+    assert runs[packing["unpacked"]]["mfu"] is None and "model_flops_per_token" not in runs[packing["neat"]]["extra"]
+
+
+def test_wheels_script_usage():
+    """bench/gpu_wheels.sh (the folder --wheels takes): its mistakes exit 2 before anything is downloaded."""
+    run = lambda *a: subprocess.run(["bash", str(REPO / "bench" / "gpu_wheels.sh"), *a], cwd=REPO, env=_env(),  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    assert run("--help").returncode == 0 and "--python" in run("--help").stdout
+    for argv, message in [((), "name the folder"), (("a", "b"), "one folder only"), (("--bogus",), "unknown argument"),
+                          (("w", "--python", "twelve"), "expected a version such as 3.12"), (("w", "--python"), "needs")]:
+        proc = run(*argv)
+        assert proc.returncode == 2 and message in proc.stderr, (argv, proc.stderr)
