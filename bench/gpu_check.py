@@ -344,6 +344,9 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, 
     results = json.loads((output_dir / "all_results.json").read_text())
     steps, seen = results.get("global_step") or 0, results.get("tokens_seen") or 0
     run.extra["tokens_seen"] = seen
+    loop = next((r["elapsed"] for r in reversed(records) if "elapsed" in r), None)  # the training loop's own time
+    if loop is not None:  # the rest is start-up (imports, model build, DeepSpeed) and the final save
+        run.extra["loop_s"], run.extra["outside_loop_s"] = round(loop, 2), round(run.seconds - loop, 2)
     run.extra["mean_row"] = round(seen / (steps * batch), 1) if steps else None  # real tokens per packed row
     if profile_file.is_file():
         run.extra["profile"] = profile_digest(json.loads(profile_file.read_text()))

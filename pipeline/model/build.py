@@ -8,7 +8,7 @@ finetuning_type decides what the optimizer sees:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -110,6 +110,18 @@ def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = t
     merges = finetune.finetuning_type != "lora" and bool(finetune.adapter_name_or_path)
     built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune)
     return built.to(dtype)
+
+
+def build_skeleton(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
+    """The model `train` optimises, without its weights: every tensor on the meta device (no memory, nothing read).
+
+    Why: an export of LoRA or full fine-tuning writes only tensors the engine trained (pipeline/train/export.py),
+    so it needs the model's names, shapes and LoRA settings, not its base weights. Building it for real would
+    read the checkpoint again and hold an fp32 copy of the whole model on the host: 32 GB for an 8B model.
+    A starting adapter is not read, nor LoRA drawn (no seed): the engine's values replace them."""
+    with torch.device("meta"):
+        skeleton = GPTModel(recipe_config(model), seed=None)
+        return apply_finetuning_type(skeleton, replace(finetune, adapter_name_or_path=None, seed=None))
 
 
 def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | None = None,

@@ -88,6 +88,11 @@ def step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives."""
+    return Path(output_dir) / f"{PREFIX}{step}"
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """checkpoint-<step> directories, oldest first."""
     root = Path(output_dir)
@@ -320,7 +325,7 @@ def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe
     from pipeline.train.safestate import save_state
 
     output_dir = Path(train.output_dir)
-    final = output_dir / f"{PREFIX}{state.global_step}"
+    final = step_dir(output_dir, state.global_step)
     tmp = output_dir / f".{final.name}.tmp-{owner()}"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,13 +4,23 @@ They are taken from the fp32 master weights, whatever the precision and ZeRO sta
 module holds rounded 16-bit copies, and under ZeRO-3 each rank holds only a slice of every parameter
 (saving `model.state_dict()` there is how LoRA checkpoints came out empty in LLaMA-Factory #1226 and
 axolotl #705). `deepspeed_compat.fp32_master` gathers a parameter's full fp32 value on every rank
-(a collective under ZeRO-3, so all ranks take part); rank 0 loads the values into a CPU copy of the
-model built from the recipe (frozen weights exactly as loaded, in fp32), writes it with the model layer's
+(a collective under ZeRO-3, so all ranks take part); rank 0 puts the values into the model's skeleton
+(pipeline.model.build.build_skeleton: names and shapes, no weights), writes it with the model layer's
 `save_adapter` / `save_model`, then re-opens the file and checks every expected tensor is there, with
 the expected shape, non-empty and finite.
+
+Why a skeleton: LoRA writes only trained tensors, and full fine-tuning trains every tensor, so neither needs
+the base weights. Building the model for real (as freeze still must: its frozen weights are written exactly
+as loaded, in fp32) reads the checkpoint again and keeps an fp32 copy of the whole model on the host for
+the rest of the run.
+
+The final export of a run repeats the last checkpoint's, whose weights are the same: it is linked from there
+(`write(..., same_as=checkpoint)`), not gathered, written and verified a second time.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -51,11 +61,15 @@ class Exporter:
     """Writes adapter/ or model/ under a directory from the engine's fp32 master weights."""
 
     def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
-                 tokenizer_from: str | None = None):
-        self.engine, self._build = engine, build
+                 tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None):
+        self.engine, self._build, self._skeleton = engine, build, skeleton
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self._model: Any = None
+
+    @property
+    def kind(self) -> str:
+        return "adapter" if self.lora else "model"
 
     def model(self) -> Any:
         """A CPU fp32 copy of the model (rank 0 only), built once without touching the training RNG."""
@@ -66,18 +80,40 @@ class Exporter:
                 self._model = self._build().float().cpu().eval()
         return self._model
 
-    def write(self, directory: str | Path) -> Path | None:
-        """Collective; rank 0 writes directory/adapter or directory/model and returns it."""
+    def filled(self, state: dict[str, Any]) -> Any:
+        """The model to write, holding `state`: the skeleton when `state` is all the written tensors need,
+        else the built copy (freeze: frozen weights as loaded)."""
         import torch
 
-        state = trainable_state(self.engine)
-        if not dist.is_main():
-            return None
+        if self._skeleton is not None:
+            model = self._skeleton()
+            model.load_state_dict(state, strict=False, assign=True)
+            model.tie_weights()
+            if self.lora:
+                from pipeline.model.lora import lora_state_dict
+
+                needed = lora_state_dict(model).values()
+            else:
+                needed = model.parameters()
+            if not any(t.is_meta for t in needed):
+                return model
         model = self.model()
         with torch.no_grad():
             result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise RuntimeError(f"trained parameters not found in the export model: {result.unexpected_keys}")
+        return model
+
+    def write(self, directory: str | Path, same_as: str | Path | None = None) -> Path | None:
+        """Collective; rank 0 writes directory/adapter or directory/model and returns it.
+
+        same_as: a checkpoint of the same weights (the last one of a run) whose export is linked instead."""
+        if same_as is not None and (Path(same_as) / self.kind).is_dir():
+            return link_export(Path(same_as) / self.kind, Path(directory) / self.kind) if dist.is_main() else None
+        state = trainable_state(self.engine)
+        if not dist.is_main():
+            return None
+        model = self.filled(state)
         directory = Path(directory)
         if self.lora:
             from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
@@ -96,12 +132,26 @@ class Exporter:
         return target
 
 
+def link_export(source: Path, target: Path) -> Path:
+    """target/ as a copy of source/ (an export already written and verified): each file hard-linked (no bytes
+    copied; deleting the checkpoint later leaves it whole), copied where the filesystem cannot link."""
+    from pipeline.io import atomic_dir
+
+    with atomic_dir(target) as tmp:
+        for path in sorted(source.rglob("*")):
+            if path.is_file():
+                (tmp / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(path, tmp / path.relative_to(source))
+                except OSError:
+                    shutil.copy2(path, tmp / path.relative_to(source))
+    return target
+
+
 def copy_tokenizer_files(model_name_or_path: Any, target: Path) -> None:
     """The tokenizer files of the run (the base checkpoint's, or tokenizer_name_or_path's) beside model/, so that
     model/ (or the run's output_dir, as LLaMA-Factory's inference and merge recipes name it) works as
     model_name_or_path with its own vocabulary."""
-    import shutil
-
     from pipeline.data.model_tokenizer import load_tokenizer
 
     for path in load_tokenizer(model_name_or_path).files:

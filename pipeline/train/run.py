@@ -55,7 +55,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     import deepspeed
 
     from pipeline.data.loaders import count_examples, make_loader
-    from pipeline.model.build import build_model
+    from pipeline.model.build import build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
@@ -104,7 +104,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     exporter = Exporter(engine, r["model_name_or_path"], r["finetuning_type"],
                         lambda: quietly(build_model, *recipe_args(r)),
-                        tokenizer_from=data_args(r).tokenizer_name_or_path)
+                        tokenizer_from=data_args(r).tokenizer_name_or_path,
+                        skeleton=lambda: build_skeleton(*recipe_args(r)))
     saved = checkpoint.saved_recipe(r)
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
                    reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main()))
@@ -131,7 +132,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             if trainer.last_saved_step != state.global_step:
                 trainer.flush_tokens()
                 checkpoint.save(engine, args, state, exporter, saved)
-            final = exporter.write(output_dir)
+            # the weights of the checkpoint just saved (or saved at this step before a resume): linked, not rewritten
+            final = exporter.write(output_dir, same_as=checkpoint.step_dir(output_dir, state.global_step))
         except Exception as err:
             if not peer_died(err):
                 raise

@@ -206,6 +206,7 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     ok = runs["tiny-bf16-zero2"]
     assert ok["status"] == "ok" and ok["tokens_per_s"] > 0 and ok["mfu"] is None  # no datasheet peak for a CPU
     assert ok["extra"]["achieved_tflops"] > 0 and ok["loss_first"] is not None
+    assert 0 < ok["extra"]["loop_s"] < ok["seconds"] and ok["extra"]["outside_loop_s"] > 0  # the loop and the rest
     assert runs["tiny-fp16-zero2"]["status"] == "skipped"
     profile = ok["extra"]["profile"]  # steps 3-4 under torch.profiler; tokens/s from steps 5-6 only
     assert profile["steps"] == [3, 4] and profile["wall_ms_per_step"] > 0 and profile["top_cpu"]

@@ -142,6 +142,10 @@ def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, 
         return original(interrupted, *args)
     monkeypatch.setattr(train_run, "quietly", quietly)
     root = trained.copy(tmp_path / "proj")
+    # freeze: the one kind whose export builds a model (with its output held back); LoRA and full fill a skeleton
+    recipe = root / "r.yaml"
+    lines = [line for line in recipe.read_text().splitlines() if not line.startswith(("lora_", "finetuning_type"))]
+    recipe.write_text("\n".join(lines + ["finetuning_type: freeze", "freeze_trainable_layers: 1"]) + "\n")
     result = run_main(["train", "r.yaml"], root)
     assert result.code == 130, result.err[-3000:]
     assert "stopped at step " in result.err
