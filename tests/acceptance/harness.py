@@ -221,8 +221,11 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would give: offline, no launcher variables left from the test."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # the repository first, then what the caller's PYTHONPATH held (bench/gpu_check.sh --wheels puts the wheels
+    # a machine without network lacks there)
+    path = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)])
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(REPO), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+               PYTHONPATH=path, OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     env.update(extra)
     return env
 

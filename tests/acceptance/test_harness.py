@@ -5,7 +5,18 @@ import json
 
 import pytest
 
-from tests.acceptance.harness import REPO, family_of, family_of_recipe, write_hf_checkpoint
+from tests.acceptance.harness import REPO, cli_env, family_of, family_of_recipe, write_hf_checkpoint
+
+
+def test_cli_env_puts_the_repository_first_and_keeps_the_callers_path(monkeypatch):
+    """On a machine without network, bench/gpu_check.sh --wheels puts the missing packages on PYTHONPATH; the CLI the
+    tests start must still find them (tests/gpu/test_user_path_cuda.py runs there)."""
+    import os
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/wheels/site", str(REPO)]))
+    assert cli_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/wheels/site"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert cli_env()["PYTHONPATH"] == str(REPO)
 
 
 @pytest.mark.parametrize("line, family", [("models/gpt2-large", "gpt2"), ("openai-community/gpt2", "gpt2"),
