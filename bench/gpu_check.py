@@ -24,9 +24,9 @@ unpacked batch, measured from the unpacked run itself (its real tokens per examp
 work a step; the ratio is the packed run's tokens/s over the unpacked one's (target 1.3).
 
 --only picks sections (tests, matrix, merge, throughput, packing), so that a second call on the same
-machine can spend its time where the first ran out. The whole check keeps to --budget-s (default 420 s, so that setup + check
-stay within 8 minutes on a cached pip): runs left when it is spent are reported as skipped, never
-silently dropped. fp16 on a machine without CUDA is skipped with its reason (DeepSpeed refuses it on
+machine can spend its time where the first ran out. The whole check keeps to --budget-s (default 420 s, so
+that setup + check stay within 8 minutes on a cached pip): runs left when it is spent are reported as
+skipped, never silently dropped. fp16 on a machine without CUDA is skipped with its reason (DeepSpeed refuses it on
 CPU); a model preset this checkout does not have (qwen3-0.6b before the family-generic decoder landed) likewise.
 
 --allow-cpu runs the same code on a CPU (bf16 only) so the tests can exercise it end to end.
