@@ -190,12 +190,11 @@ def write_data(directory: Path, rows: int = 2000, seed: int = 0) -> None:
         {"alpaca_like": {"file_name": "raw/alpaca_like.jsonl", "formatting": "alpaca"}}, indent=2), encoding="utf-8")
 
 
-def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = False) -> dict[str, Any]:
-    lora = lora or run.lora
+def recipe(run: Run, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     values: dict[str, Any] = {
         "model_name_or_path": run.model, "stage": "sft", "dataset": "alpaca_like", "dataset_dir": str(workdir / "data"),
         "template": "alpaca", "cutoff_len": args.cutoff, "neat_packing": True, "packing": True, "val_size": 0.01,
-        "overlength_policy": "truncate", "finetuning_type": "lora" if lora else "full",
+        "overlength_policy": "truncate", "finetuning_type": "lora" if run.lora else "full",
         "per_device_train_batch_size": run.batch or args.batch, "gradient_accumulation_steps": 1,
         "learning_rate": 1.0e-5,
         "max_steps": run.steps or args.steps, "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1,
@@ -213,7 +212,7 @@ def recipe(run: Run, args: argparse.Namespace, workdir: Path, *, lora: bool = Fa
         values["tokenizer_name_or_path"] = "gpt2"
     if run.precision == "fp16":
         values.update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
-    if lora:
+    if run.lora:
         values.update(lora_rank=16, lora_alpha=32, lora_target="all", learning_rate=1.0e-4)
     return values
 
@@ -222,6 +221,14 @@ def write_recipe(path: Path, values: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
+
+
+def recipe_path(workdir: Path, run: Run) -> Path:
+    return workdir / "recipes" / f"{run.name}.yaml"
+
+
+def write_run_recipe(run: Run, args: argparse.Namespace, workdir: Path) -> Path:
+    return write_recipe(recipe_path(workdir, run), recipe(run, args, workdir))
 
 
 def preset_config(model: str) -> Any:
@@ -379,9 +386,9 @@ def measured_matmul_tflops(cuda: bool) -> float | None:
 
 def merge_check(args: argparse.Namespace, workdir: Path, model: str, timeout: float) -> dict[str, Any]:
     """A short LoRA run (bf16, ZeRO 2) and `pipeline merge` on it; the merge verifies itself."""
-    run = Run(model, "bf16", 2)
+    run = Run(model, "bf16", 2, lora=True)
     run_dir = workdir / "runs" / f"{model}-lora-merge"
-    values = {**recipe(run, args, workdir, lora=True), "output_dir": str(run_dir), "max_steps": 2}
+    values = {**recipe(run, args, workdir), "output_dir": str(run_dir), "max_steps": 2}
     path = write_recipe(workdir / "recipes" / f"{model}-lora-merge.yaml", values)
     start = time.monotonic()
     out: dict[str, Any] = {"model": model, "recipe": str(path)}
@@ -465,11 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     presets = available_presets()
     for run in runs + throughput + unpacked:  # every run of an available model, even one skipped here (tests check them)
         if run.model in presets:
-            write_recipe(workdir / "recipes" / f"{run.name}.yaml", recipe(run, args, workdir))
+            write_run_recipe(run, args, workdir)
     if args.dry_run:
         partners = [packed_partner(u, args.cutoff) for u in unpacked]  # sized from the data once the unpacked ran
         for run in partners:
-            write_recipe(workdir / "recipes" / f"{run.name}.yaml", recipe(run, args, workdir))
+            write_run_recipe(run, args, workdir)
         for run in runs + throughput + unpacked + partners:
             print(f"{run.name}: {run.status if run.status != 'pending' else 'would run'}"
                   f"{' (' + run.reason + ')' if run.reason else ''}")
@@ -482,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tests {CUDA_TESTS}: {result['tests']['status']} {result['tests'].get('summary', '')}", flush=True)
     first = next((r for r in runs + throughput + unpacked if r.status == "pending"), None)
     if first is not None:  # the data, built once as a user does (`make data`)
-        built = subprocess.run(pipeline_cmd("build", str(workdir / "recipes" / f"{first.name}.yaml")), cwd=REPO,
+        built = subprocess.run(pipeline_cmd("build", str(recipe_path(workdir, first))), cwd=REPO,
                                env=_env(), capture_output=True, text=True, timeout=300)
         if built.returncode != 0:
             print(built.stderr, file=sys.stderr)
@@ -511,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         neat = packed_partner(run, args.cutoff, run.extra.get("mean_row"))
         if run.status != "ok":
             neat.status, neat.reason = "skipped", f"its unpacked partner {run.name} did not run"
-        write_recipe(workdir / "recipes" / f"{neat.name}.yaml", recipe(neat, args, workdir))
+        write_run_recipe(neat, args, workdir)
         train_run(neat, args, workdir, budget_left(), peak)
         partners.append(neat)
         line = packing_result(run, neat)
@@ -541,7 +548,7 @@ def train_run(run: Run, args: argparse.Namespace, workdir: Path, left: float, pe
         run.status, run.reason = "skipped", f"time budget of {args.budget_s:.0f} s spent"
         return
     batch = run.batch or args.batch
-    execute(run, workdir / "recipes" / f"{run.name}.yaml", workdir / "runs" / run.name, left, batch,
+    execute(run, recipe_path(workdir, run), workdir / "runs" / run.name, left, batch,
             profiled_steps(args, run.steps))
     if run.status == "ok" and run.tokens_per_s and not run.lora:  # 6N counts weight gradients LoRA does not take
         per_token = flops_per_token(read_config(run.model), run.extra.get("mean_row") or args.cutoff)

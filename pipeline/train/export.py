@@ -67,9 +67,10 @@ class Exporter:
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self._model: Any = None
 
-    @property
-    def kind(self) -> str:
-        return "adapter" if self.lora else "model"
+    def target(self, directory: str | Path) -> Path:
+        """directory/adapter or directory/model (pipeline.runtime.layout names them)."""
+        layout = RunLayout(directory)
+        return layout.adapter if self.lora else layout.model
 
     def model(self) -> Any:
         """A CPU fp32 copy of the model (rank 0 only), built once without touching the training RNG."""
@@ -108,24 +109,22 @@ class Exporter:
         """Collective; rank 0 writes directory/adapter or directory/model and returns it.
 
         same_as: a checkpoint of the same weights (the last one of a run) whose export is linked instead."""
-        if same_as is not None and (Path(same_as) / self.kind).is_dir():
-            return link_export(Path(same_as) / self.kind, Path(directory) / self.kind) if dist.is_main() else None
+        if same_as is not None and self.target(same_as).is_dir():
+            return link_export(self.target(same_as), self.target(directory)) if dist.is_main() else None
         state = trainable_state(self.engine)
         if not dist.is_main():
             return None
         model = self.filled(state)
-        directory = Path(directory)
         if self.lora:
             from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
 
-            target = save_adapter(model, RunLayout(directory).adapter,
-                                  {"base_model_name_or_path": self.base})
+            target = save_adapter(model, self.target(directory), {"base_model_name_or_path": self.base})
             expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
         else:
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model
 
-            target = save_model(model, RunLayout(directory).model)
+            target = save_model(model, self.target(directory))
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
             copy_tokenizer_files(self.tokenizer_from, target)
@@ -138,13 +137,13 @@ def link_export(source: Path, target: Path) -> Path:
     from pipeline.io import atomic_dir
 
     with atomic_dir(target) as tmp:
-        for path in sorted(source.rglob("*")):
-            if path.is_file():
-                (tmp / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(path, tmp / path.relative_to(source))
-                except OSError:
-                    shutil.copy2(path, tmp / path.relative_to(source))
+        for path in sorted(p for p in source.rglob("*") if p.is_file()):
+            copy = tmp / path.relative_to(source)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, copy)
+            except OSError:
+                shutil.copy2(path, copy)
     return target
 
 
