@@ -11,6 +11,11 @@ the merged model is shown to be the adapter model:
    (a change below bf16/fp16 resolution would be rounded away and the export would be the base);
 3. the written files are loaded back and give the verified logits.
 
+The adapter is folded into the loaded base in place, one layer at a time (merge_verified): each layer's
+base weight is kept only for its own check, the cast to export_dtype is made in place, and the model is
+let go before the written files are read back. The host memory is the fp32 model once plus a layer,
+where holding the adapter model beside a merged copy (and a cast copy) took about three times that.
+
 Any failure is a UserError naming the layer. output_dir/merged/ (config.json, model.safetensors or
 shards + index, generation_config.json, tokenizer files: GPT-2's rebuilt, other families' copied from the
 base checkpoint, verification.json) appears complete or
@@ -18,7 +23,6 @@ not at all. For full/freeze runs merge is a re-export of output_dir/model with t
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import shutil
@@ -37,6 +41,7 @@ from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.recipe.args import ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, recipe_args
+from pipeline.runtime import hostmem
 from pipeline.runtime.layout import RunLayout, trained_weights
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
@@ -56,11 +61,11 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     out = RunLayout.of(r["output_dir"])
     lora = models.finetune.finetuning_type == "lora"
     if lora:
-        merged, check = merge_adapter(models.model, data, ex, adapter_dir(r))
+        check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
-        merged, check = reexport_full(models, data, ex, out, _recipe(r))
-    target = export(merged, Path(ex.export_dir) if ex.export_dir else out.merged, check, ex,
-                    GenerationArgs.from_recipe(r), recipe_tokenizer(data))
+        check = reexport_full(models, data, ex, out, _recipe(r))
+    target = export(check, Path(ex.export_dir) if ex.export_dir else out.merged, ex, GenerationArgs.from_recipe(r),
+                    recipe_tokenizer(data))
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
@@ -81,17 +86,17 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     target = Path(r["export_dir"])
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     if r["adapter_name_or_path"]:
-        merged, check = merge_adapter(models.model, data, ex, Path(r["adapter_name_or_path"]))
+        check = merge_adapter(models.model, data, ex, Path(r["adapter_name_or_path"]))
         source = f"adapter {r['adapter_name_or_path']}"
     else:
-        merged = _load_base(models.model, ex)
-        samples = validation_samples(data, merged.cfg.context_length)
-        reference = _logits(merged, samples)
-        check = Check({"source": str(r["model_name_or_path"]), "samples": len(samples), "logits": {"fp32": 0.0},
-                       "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}, samples, reference)
-        _check_cast(merged, check, r["export_dtype"], {})
+        model = _load_base(models.model, ex)
+        samples = validation_samples(data, model.cfg.context_length)
+        check = Verified(model, {"source": str(r["model_name_or_path"]), "samples": len(samples),
+                                 "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}},
+                         samples, _logits(model, samples))
+        _check_cast(check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
-    export(merged, target, check, ex, GenerationArgs.from_recipe(r), recipe_tokenizer(data))
+    export(check, target, ex, GenerationArgs.from_recipe(r), recipe_tokenizer(data))
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
@@ -99,12 +104,20 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
 
 
 @dataclass
-class Check:
-    """What the verification measured, and the reference logits the exported files are checked against."""
+class Verified:
+    """The model to export, what the verification measured, and the reference logits the written files are
+    checked against. export() takes the model (release) so that its memory is free before the files are read back."""
 
+    model: nn.Module | None
     report: dict[str, Any]
     samples: list[list[int]]
     reference: list[torch.Tensor]
+
+    def release(self) -> nn.Module:
+        model, self.model = self.model, None
+        if model is None:
+            raise RuntimeError("this verified model was exported already")
+        return model
 
 
 # ---------------------------------------------------------------- loading
@@ -135,22 +148,18 @@ def _load_base(base: ModelArgs, ex: ExportArgs) -> nn.Module:
     return model.float().eval()
 
 
-def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path) -> tuple[nn.Module, Check]:
-    """(merged fp32 model, verification report); raises UserError when the merge is not the adapter model."""
+def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path) -> Verified:
+    """The base with the adapter folded in (fp32) and the verification; UserError when it is not the adapter model."""
     from pipeline.model import lora
 
-    adapted = _load_base(base, ex)
-    lora.load_adapter(adapted, path)
-    adapted.eval()
-    samples = validation_samples(data, adapted.cfg.context_length)
-    merged = copy.deepcopy(adapted)
-    lora.merge_lora(merged)
-    merged.eval()
-    return merged, verify_merge(adapted, merged, samples, ex.export_dtype, source=str(path))
+    model = _load_base(base, ex)
+    lora.load_adapter(model, path)
+    model.eval()
+    samples = validation_samples(data, model.cfg.context_length)
+    return merge_verified(model, samples, ex.export_dtype, source=str(path))
 
 
-def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout,
-                  recipe: str) -> tuple[nn.Module, Check]:
+def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, recipe: str) -> Verified:
     """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
     from pipeline.model.weights import load_model
 
@@ -163,19 +172,19 @@ def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunL
             f" `make train RECIPE={recipe}` (python -m pipeline train) produces it."
         )
     model = load_model(path).float().eval()
-    base_state = _load_base(models.model, ex).state_dict()
-    samples = validation_samples(data, model.cfg.context_length)
-    changed = {n: (p, base_state[n]) for n, p in model.state_dict().items()
-               if n in base_state and base_state[n].shape == p.shape and not torch.equal(base_state[n], p)}
+    state = model.state_dict()
+    changed = {n: _cast_loss(state[n], b, ex.export_dtype)  # the base is dropped as soon as this is measured
+               for n, b in _load_base(models.model, ex).state_dict().items()
+               if n in state and b.shape == state[n].shape and not torch.equal(b, state[n])}
     if not changed:
         raise UserError(f"{path}: every weight equals the base model's ({models.model.model_name_or_path}); the"
                         " training run did not change the model (learning_rate 0? zero steps?)")
-    reference = _logits(model, samples)
+    samples = validation_samples(data, model.cfg.context_length)
     report = {"source": str(path), "samples": len(samples), "tokens": sum(len(s) for s in samples),
               "changed_tensors": len(changed), "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
-    check = Check(report, samples, reference)
-    _check_cast(model, check, ex.export_dtype, changed)
-    return model, check
+    check = Verified(model, report, samples, _logits(model, samples))
+    _check_cast(check, ex.export_dtype, changed)
+    return check
 
 
 # ---------------------------------------------------------------- samples
@@ -227,29 +236,30 @@ def _rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> flo
 
 
 @torch.no_grad()
-def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequence[int]], export_dtype: str,
-                 *, source: str = "adapter") -> Check:
-    """Prove merged == adapter model layer by layer and on real logits; returns the numbers for verification.json."""
-    from pipeline.model.lora import lora_modules
+def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dtype: str, *,
+                   source: str = "adapter") -> Verified:
+    """Fold every LoRA layer of `model` into its base weight, in place, proving each fold and then the whole.
 
-    wrappers = lora_modules(adapted)
-    shown = hf_namer(adapted)
-    if not wrappers:
+    Layer by layer: the folded Linear (lora.fold_lora) minus the base must be the LoRA branch on random
+    inputs, and must not be zero; then the merged model's logits must equal the adapter model's, taken
+    before the first fold. In place, the memory is the model once plus one layer's base weight (kept for
+    its check): keeping the adapter model next to a merged copy would double it.
+    """
+    from pipeline.model import lora
+
+    names = list(lora.lora_modules(model))  # names only: a held wrapper would keep its base weight alive
+    shown = hf_namer(model)
+    if not names:
         raise UserError(f"{source}: the adapter has no LoRA layers to merge")
+    reference = _logits(model, samples)
     gen = torch.Generator().manual_seed(0)
     layers: dict[str, dict[str, float]] = {}
+    casts: dict[str, tuple[float, float]] = {}
     problems: list[str] = []
-    for ours, wrapper in wrappers.items():
+    for ours in names:
         name = shown(ours)  # what the user knows the layer as (the family's HF module name)
+        wrapper = model.get_submodule(ours)
         base_linear, branch = wrapper.linear, wrapper.lora
-        try:
-            merged_linear = merged.get_submodule(ours)
-        except AttributeError:
-            problems.append(f"layer {name}: missing from the merged model")
-            continue
-        if not isinstance(merged_linear, nn.Linear) or lora_modules(merged_linear) or hasattr(merged_linear, "lora"):
-            problems.append(f"layer {name}: still a LoRA wrapper after merging ({type(merged_linear).__name__})")
-            continue
         if not branch.B.any() or not branch.A.any():
             which = "lora_B" if not branch.B.any() else "lora_A"
             problems.append(
@@ -258,14 +268,18 @@ def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequen
                 " optimizer step, or from ZeRO-3 partitions without gathering? Train again (`make train`)."
             )
             continue
-        delta = merged_linear.weight.float() - base_linear.weight.float()
+        base_weight = base_linear.weight.detach().clone()  # measured before the fold, which must not change it
+        x = torch.randn(8, base_linear.in_features, generator=gen).to(base_weight)
+        base_out, want = base_linear(x), branch(x)
+        merged_linear = lora.fold_lora(wrapper)
+        if not isinstance(merged_linear, nn.Linear) or lora.lora_modules(merged_linear):
+            problems.append(f"layer {name}: still a LoRA wrapper after merging ({type(merged_linear).__name__})")
+            continue
+        delta = merged_linear.weight.float() - base_weight.float()
         if not delta.any():
             problems.append(f"layer {name}: the merged weight equals the base weight although its LoRA update is"
                             " non-zero (the adapter looks untrained/empty, or the merge did not apply it)")
             continue
-        x = torch.randn(8, base_linear.in_features, generator=gen)
-        base_out = base_linear(x)
-        want = branch(x)
         got = merged_linear(x) - base_out
         err = (got - want).abs().max().item()
         bound = LAYER_RTOL * want.abs().max().item() + LAYER_ATOL * base_out.abs().max().item()
@@ -276,20 +290,23 @@ def verify_merge(adapted: nn.Module, merged: nn.Module, samples: Sequence[Sequen
                 f"layer {name}: merged weight - base weight is not the LoRA update (max error {err:.3g} on an"
                 f" update of size {want.abs().max().item():.3g}); a wrong scale (alpha/r) or a transposed delta"
             )
+            continue
+        casts[name] = _cast_loss(merged_linear.weight, base_weight, export_dtype)
+        model.set_submodule(ours, merged_linear)  # the wrapper, and with it the base weight, goes
+        del wrapper, base_linear, base_weight
+        hostmem.release_freed()  # their space, left inside the C heap
     if problems:
         raise UserError(problems)
 
-    reference = _logits(adapted, samples)
-    fp32_err = _rel_error(_logits(merged, samples), reference)
+    fp32_err = _rel_error(_logits(model, samples), reference)
     report: dict[str, Any] = {"source": source, "samples": len(samples), "tokens": sum(len(s) for s in samples),
                               "layers": layers, "logits": {"fp32": fp32_err}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
     if not fp32_err <= LOGIT_RTOL["fp32"]:
         raise UserError(f"merged model: logits differ from the adapter model by {fp32_err:.3g} (relative, tolerance"
-                        f" {LOGIT_RTOL['fp32']:g}) although every LoRA layer matches;"
-                        f" {_first_changed(adapted, merged)}")
-    check = Check(report, list(map(list, samples)), reference)
-    _check_cast(merged, check, export_dtype,
-                {shown(name): (merged.get_submodule(name).weight, w.linear.weight) for name, w in wrappers.items()})
+                        f" {LOGIT_RTOL['fp32']:g}) although every LoRA layer matches: a module outside the LoRA"
+                        " layers behaves differently after the merge (please report it with the recipe)")
+    check = Verified(model, report, list(map(list, samples)), reference)
+    _check_cast(check, export_dtype, casts)
     return check
 
 
@@ -301,37 +318,30 @@ def hf_namer(model: nn.Module):
     return lambda name: family.strip(family.to_hf(name))
 
 
-def _first_changed(adapted: nn.Module, merged: nn.Module) -> str:
-    """Name the non-LoRA tensor the merge altered (the likeliest culprit when only end-to-end logits differ)."""
-    ours, shown = dict(adapted.state_dict()), hf_namer(adapted)
-    for name, tensor in merged.state_dict().items():
-        if name in ours and ours[name].shape == tensor.shape and not torch.equal(ours[name], tensor):
-            return f"the merge changed '{shown(name)}', which LoRA does not touch"
-    return "no single tensor explains it"
+def _cast_loss(new: torch.Tensor, base: torch.Tensor, export_dtype: str) -> tuple[float, float]:
+    """(norm of the part of the update new - base that casting both to export_dtype rounds away, norm of the update)."""
+    delta = new.float() - base.float()
+    if export_dtype == "fp32":
+        return 0.0, delta.norm().item()
+    dtype = DTYPES[export_dtype]
+    kept = new.to(dtype).float() - base.to(dtype).float()
+    return (kept - delta).norm().item(), delta.norm().item()
 
 
 @torch.no_grad()
-def _check_cast(model: nn.Module, check: Check, export_dtype: str,
-                updated: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """The model as it will be exported (export_dtype) must still be the verified model.
+def _check_cast(check: Verified, export_dtype: str, casts: Mapping[str, tuple[float, float]]) -> None:
+    """The model as it will be exported (export_dtype) must still be the verified model; it is cast in place.
 
-    `updated` maps each fine-tuned weight to (new, base). A dtype with too few mantissa bits rounds a
+    `casts` holds each fine-tuned weight's _cast_loss. A dtype with too few mantissa bits rounds a
     small update away (the export would be close to the base: the bug this stage exists to prevent),
     so the part of the whole update lost in the cast (Frobenius norm over all of them) must stay under
     MAX_UPDATE_LOST; then the cast model's logits must match within the dtype's tolerance.
     """
     if export_dtype == "fp32":
         return
-    dtype = DTYPES[export_dtype]
-    lost_sq = update_sq = 0.0
-    per_layer: dict[str, float] = {}
-    for name, (new, base) in updated.items():
-        delta = new.float() - base.float()
-        kept = new.to(dtype).float() - base.to(dtype).float()
-        err, size = (kept - delta).norm().item(), delta.norm().item()
-        per_layer[name] = err / max(size, 1e-30)
-        lost_sq, update_sq = lost_sq + err**2, update_sq + size**2
-    lost = (lost_sq / update_sq) ** 0.5 if update_sq else 0.0
+    per_layer = {name: err / max(size, 1e-30) for name, (err, size) in casts.items()}
+    update_sq = sum(size**2 for _, size in casts.values())
+    lost = (sum(err**2 for err, _ in casts.values()) / update_sq) ** 0.5 if update_sq else 0.0
     check.report["update_lost"] = {export_dtype: lost}
     if "layers" in check.report:
         for name, value in per_layer.items():
@@ -344,9 +354,10 @@ def _check_cast(model: nn.Module, check: Check, export_dtype: str,
             f" the update is small next to the weights and {export_dtype} rounds it away, so the export would be"
             " close to the base model. Use export_dtype: fp32"
         )
-    cast = copy.deepcopy(model).to(dtype)
-    err = _rel_error(_logits(cast, check.samples), check.reference)
-    del cast
+    assert check.model is not None
+    check.model.to(DTYPES[export_dtype])  # in place, tensor by tensor: the export writes this dtype anyway
+    hostmem.release_freed()
+    err = _rel_error(_logits(check.model, check.samples), check.reference)
     check.report["logits"][export_dtype] = err
     check.report["tolerance"][export_dtype] = LOGIT_RTOL[export_dtype]
     if not err <= LOGIT_RTOL[export_dtype]:
@@ -356,20 +367,24 @@ def _check_cast(model: nn.Module, check: Check, export_dtype: str,
 
 
 # ---------------------------------------------------------------- export
-def export(model: nn.Module, target: Path, check: Check, ex: ExportArgs, gen: GenerationArgs,
-           tokenizer: Tokenizer) -> Path:
+def export(check: Verified, target: Path, ex: ExportArgs, gen: GenerationArgs, tokenizer: Tokenizer) -> Path:
     """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory.
 
     The written files are loaded back and checked against the reference logits before the directory
-    is put in place, so what is on disk is what was verified.
+    is put in place, so what is on disk is what was verified. The model in memory is let go before
+    they are read, so the check does not hold two models.
     """
     from pipeline.model.weights import load_model, save_hf, shard_bytes_from_gb
 
     dtype = ex.export_dtype
     generation = generation_config(gen, tokenizer)
+    model = check.release()
+    context_length = model.cfg.context_length
     with atomic_dir(target) as tmp:
         save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(ex.export_size),
                 special={k: v for k, v in generation.items() if k.endswith("_token_id")})
+        del model
+        hostmem.release_freed()
         written = load_model(tmp).eval()
         err = _rel_error(_logits(written, check.samples), check.reference)
         del written
@@ -377,7 +392,7 @@ def export(model: nn.Module, target: Path, check: Check, ex: ExportArgs, gen: Ge
             raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
-        write_tokenizer_files(tmp, tokenizer, model.cfg.context_length)
+        write_tokenizer_files(tmp, tokenizer, context_length)
         write_json(tmp / "generation_config.json", generation)
         write_json(tmp / "verification.json", {**check.report, "export_dtype": dtype})
     return target

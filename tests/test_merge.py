@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import weakref
 
 import pytest
 import torch
@@ -31,34 +32,49 @@ def adapted_model(seed: int = 0, b_std: float = 0.05, **lora_kwargs) -> nn.Modul
     return model
 
 
-def broken_merge(model: nn.Module, wrong: dict[str, str]) -> nn.Module:
-    """An independent merge W + s (A B)^T, except the layers in `wrong` (name -> 'scale' | 'transpose' | 'skip')."""
-    merged = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, wrapper in L.lora_modules(merged).items():
-            a, b, s = wrapper.lora.A, wrapper.lora.B, wrapper.lora.scaling
-            how = wrong.get(name)
-            delta = {"scale": (a @ b).t() * wrapper.lora.alpha, "transpose": s * (a @ b), "skip": 0 * a.sum()}.get(
-                how, s * (a @ b).t())
-            linear = wrapper.linear
-            linear.weight = nn.Parameter(linear.weight + delta)
-            parent, _, child = name.rpartition(".")
-            setattr(merged.get_submodule(parent), child, linear)
-    return merged
+def fold_with(monkeypatch, model: nn.Module, wrong: dict[str, str], also=None) -> None:
+    """lora.fold_lora replaced by an independent fold W + s (A B)^T, except the layers in `wrong` (our name ->
+    'scale' | 'transpose' | 'skip'); `also` is called on each fold (a fold with a side effect)."""
+    names = {id(wrapper): name for name, wrapper in L.lora_modules(model).items()}
+
+    def fold(wrapper: L.LinearWithLoRA) -> nn.Linear:
+        a, b, s = wrapper.lora.A, wrapper.lora.B, wrapper.lora.scaling
+        delta = {"scale": (a @ b).t() * wrapper.lora.alpha, "transpose": s * (a @ b), "skip": 0 * a.sum()}.get(
+            wrong.get(names[id(wrapper)]), s * (a @ b).t())
+        base = wrapper.linear
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        linear.weight, linear.bias = nn.Parameter(base.weight + delta), base.bias
+        if also:
+            also()
+        return linear
+
+    monkeypatch.setattr(L, "fold_lora", fold)
 
 
-def test_verify_accepts_a_correct_merge():
+def test_merge_folds_in_place_and_proves_it():
     model = adapted_model()
-    merged = copy.deepcopy(model)
-    L.merge_lora(merged)
-    check = merge.verify_merge(model, merged, SAMPLES, "bf16")
+    reference = copy.deepcopy(model)
+    gone = weakref.ref(L.lora_modules(model)["layers.0.self_attn.qkv_proj"].linear.weight)
+    check = merge.merge_verified(model, SAMPLES, "bf16")
     assert len(check.report["layers"]) == 8  # tiny: 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
     assert check.report["logits"]["fp32"] < 1e-5
     assert check.report["logits"]["bf16"] < merge.LOGIT_RTOL["bf16"]
     # a real update survives the bf16 cast: rounding noise is a small part of it
     assert max(layer["update_lost_bf16"] for layer in check.report["layers"].values()) < 0.1
-    # the independent merge of this test agrees with the production one, so the fakes below are only wrong where told
-    assert merge.verify_merge(model, broken_merge(model, {}), SAMPLES, "fp32").report["logits"]["fp32"] < 1e-5
+    # the model itself was merged and cast: no wrapper is left, and no base weight is held beside the merged one
+    assert check.model is model and not L.lora_modules(model) and gone() is None
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([SAMPLES[1]])
+    with torch.no_grad():
+        want, got = reference(ids), model(ids).float()
+    assert (got - want).abs().max() <= merge.LOGIT_RTOL["bf16"] * want.abs().max()
+
+
+def test_the_independent_fold_of_these_tests_agrees(monkeypatch):
+    # so that the fakes below are only wrong where told
+    model = adapted_model()
+    fold_with(monkeypatch, model, {})
+    assert merge.merge_verified(model, SAMPLES, "fp32").report["logits"]["fp32"] < 1e-5
 
 
 @pytest.mark.parametrize(
@@ -69,10 +85,11 @@ def test_verify_accepts_a_correct_merge():
         ("h.1.attn.c_attn", "skip", "equals the base weight"),  # the incumbents' "merged == base"
     ],
 )
-def test_broken_merge_is_caught_and_named(layer, how, words):
+def test_broken_merge_is_caught_and_named(monkeypatch, layer, how, words):
     model = adapted_model()
+    fold_with(monkeypatch, model, {GPT2.from_hf(layer): how})
     with pytest.raises(UserError) as err:
-        merge.verify_merge(model, broken_merge(model, {GPT2.from_hf(layer): how}), SAMPLES, "fp32")
+        merge.merge_verified(model, SAMPLES, "fp32")
     assert len(err.value.messages) == 1
     assert f"layer {layer}:" in err.value.messages[0] and words in err.value.messages[0]
 
@@ -81,33 +98,26 @@ def test_all_zero_b_is_an_untrained_adapter():
     model = adapted_model()
     with torch.no_grad():
         L.lora_modules(model)["layers.0.mlp.down_proj"].lora.B.zero_()
-    merged = copy.deepcopy(model)
-    L.merge_lora(merged)
     with pytest.raises(UserError) as err:
-        merge.verify_merge(model, merged, SAMPLES, "fp32")
+        merge.merge_verified(model, SAMPLES, "fp32")
     (message,) = err.value.messages
     assert "layer h.0.mlp.c_proj: lora_B is all zero" in message and "untrained or empty" in message
 
 
-def test_merge_touching_a_non_lora_weight_is_named():
+def test_a_merge_touching_a_non_lora_weight_is_caught_by_the_logits(monkeypatch):
     model = adapted_model()
-    merged = copy.deepcopy(model)
-    L.merge_lora(merged)
-    with torch.no_grad():
-        merged.norm.weight.mul_(1.5)
+    fold_with(monkeypatch, model, {}, also=lambda: model.norm.weight.data.mul_(1.01))
     with pytest.raises(UserError) as err:
-        merge.verify_merge(model, merged, SAMPLES, "fp32")
-    assert "'ln_f.weight'" in err.value.messages[0]
+        merge.merge_verified(model, SAMPLES, "fp32")
+    (message,) = err.value.messages
+    assert message.startswith("merged model: logits differ from the adapter model") and "every LoRA layer" in message
 
 
 def test_update_below_bf16_resolution_is_refused():
     # B ~ 1e-7: in fp32 the weights move (|W| ~ 0.02, ulp ~ 2e-9) but bf16 (ulp ~ 1e-4) rounds them back
-    model = adapted_model(b_std=1e-7)
-    merged = copy.deepcopy(model)
-    L.merge_lora(merged)
-    merge.verify_merge(model, merged, SAMPLES, "fp32")  # fine in fp32
+    merge.merge_verified(adapted_model(b_std=1e-7), SAMPLES, "fp32")  # fine in fp32
     with pytest.raises(UserError) as err:
-        merge.verify_merge(model, merged, SAMPLES, "bf16")
+        merge.merge_verified(adapted_model(b_std=1e-7), SAMPLES, "bf16")
     (message,) = err.value.messages
     assert message.startswith("export_dtype bf16: casting the merged model loses") and "worst layers: h." in message
     assert "Use export_dtype: fp32" in message
@@ -120,14 +130,15 @@ RECIPE = {"model_name_or_path": "tiny", "export_dtype": "fp32", "export_size": 5
 
 
 def _export(tmp_path, dtype="fp32", size=5, model=None):
+    """(the adapter model, as it was before merging; the exported directory)."""
     model = model or adapted_model()
-    merged = copy.deepcopy(model)
-    L.merge_lora(merged)
-    check = merge.verify_merge(model, merged, SAMPLES, dtype)
+    adapter_model = copy.deepcopy(model)
+    check = merge.merge_verified(model, SAMPLES, dtype)
     recipe = {**RECIPE, "export_dtype": dtype, "export_size": size}
-    target = merge.export(merged, tmp_path / "merged", check, export_args(recipe), GenerationArgs.from_recipe(recipe),
+    target = merge.export(check, tmp_path / "merged", export_args(recipe), GenerationArgs.from_recipe(recipe),
                           recipe_tokenizer(data_args(recipe)))
-    return model, target
+    assert check.model is None  # export let the model go before reading its files back
+    return adapter_model, target
 
 
 def test_export_loads_in_transformers_with_the_adapter_logits(tmp_path):

@@ -178,40 +178,49 @@ def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, keep_original: bool = False) -> list[str]:
-    """Fold scale * (A @ B)^T into each base weight and put the plain Linear back; returns the paths.
+def fold_lora(wrapper: LinearWithLoRA) -> nn.Linear:
+    """A new Linear whose weight is the base weight + scale * (A @ B)^T; the wrapper is left as it was.
 
-    The sum is formed in fp32 and cast back to the base dtype. keep_original=True keeps the exact
-    base weight (and the LoRA module) on the Linear so that unmerge_lora restores it bit for bit.
+    The sum is formed in fp32 and cast back to the base dtype; the bias is shared. Leaving the wrapper
+    intact lets the merge stage check each folded layer against the base it came from, and lets
+    unmerge_lora put the exact base back.
+    """
+    linear = wrapper.linear
+    weight = linear.weight
+    merged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    merged.weight = nn.Parameter((weight.float() + wrapper.lora.delta_weight().float()).to(weight.dtype),
+                                 requires_grad=weight.requires_grad)
+    merged.bias = linear.bias
+    return merged.train(linear.training)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, keep_original: bool = False) -> list[str]:
+    """Put each LoRA layer's folded Linear (fold_lora) in its place; returns the paths.
+
+    The wrapper (with its base weight) is dropped, so memory stays one model plus one layer.
+    keep_original=True keeps it on the folded Linear so that unmerge_lora restores it bit for bit.
     """
     merged = []
     for name, wrapper in lora_modules(model).items():
-        linear = wrapper.linear
-        original = linear.weight
-        new = (original.float() + wrapper.lora.delta_weight().float()).to(original.dtype)
-        linear.weight = nn.Parameter(new, requires_grad=original.requires_grad)
+        linear = fold_lora(wrapper)
         if keep_original:
-            linear._lora_unmerge = (original, wrapper)  # type: ignore[assignment]
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, linear)
+            linear._lora_unmerge = (wrapper,)  # type: ignore[assignment]  # in a tuple: not a submodule
+        model.set_submodule(name, linear)
         merged.append(name)
     return merged
 
 
 @torch.no_grad()
 def unmerge_lora(model: nn.Module) -> list[str]:
-    """Undo merge_lora(keep_original=True): the exact base weights and the LoRA wrappers come back."""
+    """Undo merge_lora(keep_original=True): the LoRA wrappers, with their exact base weights, come back."""
     restored = []
     for name, module in list(model.named_modules()):
         saved = getattr(module, "_lora_unmerge", None)
         if saved is None:
             continue
-        original, wrapper = saved
-        module.weight = original
         del module._lora_unmerge
-        wrapper.linear = module
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, wrapper)
+        model.set_submodule(name, saved[0])
         restored.append(name)
     if not restored:
         raise ValueError("nothing to unmerge: merge_lora(model, keep_original=True) was not called")

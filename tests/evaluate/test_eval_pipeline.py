@@ -86,15 +86,16 @@ def test_merge_refuses_an_adapter_file_with_zero_b_and_writes_nothing(make_run):
 def test_merge_with_a_wrong_scale_is_caught(make_run, monkeypatch):
     from pipeline.model import lora
 
-    real = lora.merge_lora
+    real = lora.fold_lora
 
-    def doubled(model, keep_original=False):  # a merge that folds in 2 x the update of one layer
-        wrapper = lora.lora_modules(model)["layers.0.self_attn.qkv_proj"]
-        with torch.no_grad():
-            wrapper.linear.weight += wrapper.lora.delta_weight()
-        return real(model, keep_original)
+    def doubled(wrapper):  # a fold that puts in 2 x the update of the qkv projections (192 x 64 in tiny)
+        linear = real(wrapper)
+        if tuple(linear.weight.shape) == (192, 64):
+            with torch.no_grad():
+                linear.weight += wrapper.lora.delta_weight()
+        return linear
 
-    monkeypatch.setattr(lora, "merge_lora", doubled)
+    monkeypatch.setattr(lora, "fold_lora", doubled)
     r = make_run(command="merge")
     with pytest.raises(UserError) as err:
         merge.run(r)
