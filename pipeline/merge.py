@@ -161,6 +161,7 @@ def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path) -
 
 def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, recipe: str) -> Verified:
     """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
+    from pipeline.model.build import base_tensors
     from pipeline.model.weights import load_model
 
     kind = models.finetune.finetuning_type
@@ -173,8 +174,8 @@ def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunL
         )
     model = load_model(path).float().eval()
     state = model.state_dict()
-    changed = {n: _cast_loss(state[n], b, ex.export_dtype)  # the base is dropped as soon as this is measured
-               for n, b in _load_base(models.model, ex).state_dict().items()
+    changed = {n: _cast_loss(state[n], b, ex.export_dtype)  # the base is read a tensor at a time
+               for n, b in base_tensors(models.model)
                if n in state and b.shape == state[n].shape and not torch.equal(b, state[n])}
     if not changed:
         raise UserError(f"{path}: every weight equals the base model's ({models.model.model_name_or_path}); the"

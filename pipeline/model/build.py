@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from pipeline.model.config import PRESETS, ModelConfig, freeze_trainable_names, 
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora
-from pipeline.model.weights import load_model, note
+from pipeline.model.weights import checkpoint_tensors, load_model, note
 
 KINDS = ("base", "adapter", "model", "merged")
 
@@ -73,6 +73,15 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
         note(f"model: preset '{name}' = random weights (seed {args.seed}); for trained weights set"
              " model_name_or_path to a directory with config.json + model.safetensors")
     return load_model(name, seed=args.seed, cfg=cfg, dtype=dtype)
+
+
+def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base model's fp32 tensors by our names, one at a time: a checkpoint's read from its files as they are
+    asked for (the whole model is never in memory), a preset's from its seeded build (as load_base makes it)."""
+    if str(args.model_name_or_path) in PRESETS:
+        yield from load_base(args, dropout=False).state_dict().items()
+    else:
+        yield from checkpoint_tensors(args.model_name_or_path)
 
 
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:

@@ -104,13 +104,18 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
 
 def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
                     dtype: torch.dtype | None = None) -> dict[str, tuple[Path, torch.Tensor]]:
-    """Our parameter names -> (file, tensor), through the family's name map.
+    """Our parameter names -> (file, tensor), through the family's name map (iter_state_dict)."""
+    return {name: (file, tensor) for name, file, tensor in iter_state_dict(directory, kind=kind, cfg=cfg, dtype=dtype)}
+
+
+def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
+                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """(our parameter name, file, tensor), one tensor at a time, as read_tensors reads them.
 
     kind "hf": HF names (with or without the model prefix), buffers skipped, Conv1D weights transposed;
     "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
     """
     family = GPT2 if kind == "pipeline-v1" else FAMILIES[cfg.family]
-    state: dict[str, tuple[Path, torch.Tensor]] = {}
     for file, key, tensor in read_tensors(_shard_files(directory), dtype):
         name = key
         if kind != "pipeline":
@@ -122,8 +127,17 @@ def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
                     continue  # transformers ties it to the embedding too
                 if family.is_conv1d(name):
                     tensor = tensor.t()  # a view: model_from_state_dict makes every parameter dense
-        state[name] = (file, tensor)
-    return state
+        yield name, file, tensor
+
+
+def checkpoint_tensors(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(our parameter name, tensor in `dtype`) of a checkpoint, read as they are asked for: the whole model is
+    never in memory at once (read_tensors)."""
+    path = config_path(name_or_path)
+    assert path is not None, "a preset has no files"
+    cfg = read_config(path.parent)
+    for name, _, tensor in iter_state_dict(path.parent, kind=checkpoint_kind(read_raw(path)), cfg=cfg, dtype=dtype):
+        yield name, tensor
 
 
 def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torch.Tensor]], *, source: Path,

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS
 from pipeline.model.gpt import GPTModel
-from pipeline.model.weights import load_model, save_hf, save_model
+from pipeline.model.weights import checkpoint_tensors, load_model, save_hf, save_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,6 +60,17 @@ def test_sharded_hf_checkpoint(tmp_path, make_hf):
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
     x = ids(2)
     assert torch.allclose(load_model(tmp_path).eval()(x), hf_logits(ref, x), atol=1e-4, rtol=0)
+
+
+def test_checkpoint_tensors_stream_what_load_model_loads(tmp_path, make_hf):
+    """Sharded, bf16 on disk, Conv1D layout, tied head: the stream gives load_model's fp32 tensors, one at a time."""
+    ref = make_hf(seed=4).to(torch.bfloat16)
+    ref.save_pretrained(tmp_path, max_shard_size="1MB")
+    want = load_model(tmp_path).state_dict()
+    got = dict(checkpoint_tensors(tmp_path))
+    assert set(want) - set(got) == {"lm_head.weight"}  # tied: the embedding, read once
+    for name, tensor in got.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want[name]), name
 
 
 def test_untied_hf_checkpoint(tmp_path, make_hf):
