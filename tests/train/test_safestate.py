@@ -71,6 +71,20 @@ class Opaque:
     pass
 
 
+def test_tensors_are_written_from_their_own_memory(tmp_path, monkeypatch):
+    """No second copy of the state: safetensors' in-memory `save` (the whole file as bytes) is not used."""
+    import safetensors.torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("save_state built the file in memory")
+
+    monkeypatch.setattr(safetensors.torch, "save", refuse)
+    state = {"exp_avg": torch.randn(64, 32), "step": 3}
+    save_state(state, tmp_path / "optim_states.pt")
+    loaded = load_state(tmp_path / "optim_states.pt")
+    assert torch.equal(loaded["exp_avg"], state["exp_avg"]) and loaded["step"] == 3
+
+
 def test_unknown_classes_are_refused_on_save(tmp_path):
     with pytest.raises(TypeError, match="cannot store a .*Opaque in a checkpoint without pickle"):
         save_state({"x": Opaque()}, tmp_path / "x.pt")
