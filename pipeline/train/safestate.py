@@ -166,6 +166,10 @@ class StateFileError(ValueError):
 def load_state(path: str | Path, map_location: Any = None) -> Any:
     """Read a file written by `save_state`; tensors land on `map_location` when it is a device (else CPU).
 
+    Each tensor is read through a handle of its own. On the CPU safetensors hands out views of one mapping
+    of the whole file, which lives as long as any of them: DeepSpeed copies the optimizer state into its
+    own buffers but keeps a few small loaded tensors (the step counts), and through them every page of the
+    file stayed resident for the rest of the run (gpt2-small resumed: 0.6 GB above a fresh run).
     Whatever is wrong with the file surfaces as one StateFileError naming it.
     """
     import torch
@@ -177,7 +181,11 @@ def load_state(path: str | Path, map_location: Any = None) -> Any:
             meta = handle.metadata() or {}
             if meta.get(FORMAT_KEY) != FORMAT:
                 raise StateFileError(path, f"not a pipeline state file (no {FORMAT_KEY}={FORMAT} in its header)")
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            keys = list(handle.keys())
+        tensors = {}
+        for key in keys:
+            with safe_open(str(path), framework="pt", device=str(device)) as own:
+                tensors[key] = own.get_tensor(key)
         return _decode(json.loads(meta[STRUCTURE_KEY]), tensors)
     except StateFileError:
         raise
