@@ -202,7 +202,8 @@ def merge_lora(model: nn.Module, keep_original: bool = False) -> list[str]:
     keep_original=True keeps it on the folded Linear so that unmerge_lora restores it bit for bit.
     """
     merged = []
-    for name, wrapper in lora_modules(model).items():
+    for name in list(lora_modules(model)):  # names only: a held wrapper would keep its base weight alive
+        wrapper = model.get_submodule(name)
         linear = fold_lora(wrapper)
         if keep_original:
             linear._lora_unmerge = (wrapper,)  # type: ignore[assignment]  # in a tuple: not a submodule

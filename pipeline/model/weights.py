@@ -47,13 +47,17 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     """
     if str(name_or_path) in PRESETS:
         return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
-    path = config_path(name_or_path)
-    assert path is not None
-    file_cfg = read_config(path.parent)
-    kind = checkpoint_kind(read_raw(path))
-    state = read_state_dict(path.parent, kind=kind, cfg=file_cfg, dtype=dtype)
-    return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=path.parent, file_cfg=file_cfg,
+    directory, file_cfg, kind = _checkpoint(name_or_path)
+    state = read_state_dict(directory, kind=kind, cfg=file_cfg, dtype=dtype)
+    return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
                                  dtype=dtype, hf_names=kind != "pipeline")
+
+
+def _checkpoint(name_or_path: str | Path) -> tuple[Path, ModelConfig, str]:
+    """(directory, config, kind: hf | pipeline-v1 | pipeline) of a checkpoint reference (a hub id is resolved)."""
+    path = config_path(name_or_path)
+    assert path is not None, "a preset has no files"
+    return path.parent, read_config(path.parent), checkpoint_kind(read_raw(path))
 
 
 def _shard_files(directory: Path) -> list[Path]:
@@ -133,10 +137,8 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
 def checkpoint_tensors(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
     """(our parameter name, tensor in `dtype`) of a checkpoint, read as they are asked for: the whole model is
     never in memory at once (read_tensors)."""
-    path = config_path(name_or_path)
-    assert path is not None, "a preset has no files"
-    cfg = read_config(path.parent)
-    for name, _, tensor in iter_state_dict(path.parent, kind=checkpoint_kind(read_raw(path)), cfg=cfg, dtype=dtype):
+    directory, cfg, kind = _checkpoint(name_or_path)
+    for name, _, tensor in iter_state_dict(directory, kind=kind, cfg=cfg, dtype=dtype):
         yield name, tensor
 
 
