@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     result["measured_matmul_tflops"] = measured_matmul_tflops(cuda)
     if "tests" in args.only:
         result["tests"] = cuda_tests(min(180.0, args.budget_s / 3))
+        _write(args.out, result)
         print(f"tests {CUDA_TESTS}: {result['tests']['status']} {result['tests'].get('summary', '')}", flush=True)
     first = next((r for r in runs + throughput + unpacked if r.status == "pending"), None)
     if first is not None:  # the data, built once as a user does (`make data`)
@@ -498,8 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     def budget_left() -> float:
         return args.budget_s - (time.monotonic() - started)
 
+    partners: list[Run] = []
+
+    def save() -> None:
+        """The JSON as it stands: a check cut short (a device lease ends, a kill) still leaves what it measured."""
+        result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput + unpacked + partners]
+        result["seconds"] = round(time.monotonic() - started, 1)
+        _write(args.out, result)
+
     for run in runs:
         train_run(run, args, workdir, budget_left(), peak)
+        save()
     if "merge" in args.only:
         merged = [r.model for r in runs if r.status == "ok"] if runs else [m for m in args.models if m in presets]
         for model in dict.fromkeys(merged):
@@ -510,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"merge {model}: {check['status']}" + (f" ({check.get('reason')})" if check.get("reason") else ""),
                   flush=True)
             result["merge"].append(check)
+            save()
     for run in throughput:  # after the matrix and the merge: the speed figure matters less than every precision/stage
         train_run(run, args, workdir, budget_left(), peak)
-    partners = []
+        save()
     for run in unpacked:  # last: a comparison, where the rest are checks
         train_run(run, args, workdir, budget_left(), peak)
         neat = packed_partner(run, args.cutoff, run.extra.get("mean_row"))
@@ -523,13 +534,12 @@ def main(argv: list[str] | None = None) -> int:
         partners.append(neat)
         line = packing_result(run, neat)
         result["packing"].append(line)
+        save()
         if line["ratio"] is not None:
             print(f"packing {line['model']}: neat {neat.batch} rows / unpacked {run.batch} examples = "
                   f"{line['ratio']:.2f}x useful tokens/s (target {PACKING_TARGET}x)", flush=True)
     everything = runs + throughput + unpacked + partners
-    result["runs"] = [asdict(r) | {"name": r.name} for r in everything]
-    result["seconds"] = round(time.monotonic() - started, 1)
-    _write(args.out, result)
+    save()
     failed = [r.name for r in everything if r.status == "failed"] + [m["model"] for m in result["merge"]
                                                                      if m["status"] == "failed"]
     if (result["tests"] or {}).get("status") == "failed":
