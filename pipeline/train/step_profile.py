@@ -103,7 +103,7 @@ class StepProfiler:
         wall = time.perf_counter() - self._started
         self._prof.__exit__(None, None, None)
         assert self.request is not None
-        write(self.request, summarize(self._prof.key_averages(), wall, self.request))
+        write(self.request, summarize(self._prof.key_averages(), wall, self.request, kernel_spans(self._prof.events())))
         self.request = None  # once per run
 
 
@@ -114,13 +114,33 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def summarize(events: Any, wall_s: float, request: ProfileRequest) -> dict[str, Any]:
-    """The JSON's content from torch.profiler's key_averages(): totals and the top ops both ways."""
+def kernel_spans(events: Any) -> list[tuple[float, float]]:
+    """(start, end) in µs of every event that ran on the device (kernels, copies), from profile.events()."""
+    return [(e.time_range.start, e.time_range.end) for e in events
+            if getattr(getattr(e, "device_type", None), "name", "CPU") != "CPU"]
+
+
+def busy_us(spans: list[tuple[float, float]]) -> float:
+    """How long the device ran anything: the union of the spans. Why not a sum of device times: key_averages()
+    counts a kernel's time twice (once as the kernel, again as the self device time of the aten op that launched
+    it), and kernels on concurrent streams overlap; the first H200 profiles read 108% and 163% busy that way."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(spans):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def summarize(events: Any, wall_s: float, request: ProfileRequest,
+              spans: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """The JSON's content from torch.profiler's key_averages() (the top ops both ways) and the device spans
+    (how long the device was busy)."""
     def device_us(e: Any) -> float:
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
 
     cpu_total = sum(e.self_cpu_time_total for e in events)
-    busy = sum(device_us(e) for e in events)
+    busy = busy_us(spans or [])
 
     def rows(key: Any) -> list[dict[str, Any]]:
         return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3),
@@ -136,7 +156,7 @@ def summarize(events: Any, wall_s: float, request: ProfileRequest) -> dict[str, 
         "device_busy_share": round(busy / 1000 / (wall_s * 1000), 4) if busy else None,
         "ops": int(sum(e.count for e in events)),
         "top_cpu": rows(lambda e: e.self_cpu_time_total),
-        "top_device": rows(device_us) if busy else [],
+        "top_device": rows(device_us) if any(device_us(e) for e in events) else [],
     }
 
 

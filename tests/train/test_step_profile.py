@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,31 @@ def test_a_resumed_run_past_the_first_step_profiles_nothing(capsys, tmp_path):
     profiler.close(5)
     assert not (tmp_path / "p.json").exists()
     assert "step 3 was not run here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spans, want", [
+    ([], 0.0),
+    ([(0, 10)], 10.0),
+    ([(0, 10), (20, 25)], 15.0),            # a gap between kernels is idle
+    ([(0, 10), (5, 12)], 12.0),             # concurrent streams overlap: counted once
+    ([(20, 25), (0, 30), (2, 3)], 30.0),    # unsorted, one span inside another
+])
+def test_busy_time_is_the_union_of_the_device_spans(spans, want):
+    assert step_profile.busy_us(spans) == want
+
+
+def test_busy_share_counts_a_kernel_once_not_again_as_its_op():
+    """key_averages() gives the aten op the self device time of the kernel it launched; the share is from the
+    device spans, so an op and its kernel (and two overlapping kernels) never read more than the wall time."""
+    dev = types.SimpleNamespace(name="CUDA")
+    cpu = types.SimpleNamespace(name="CPU")
+
+    def event(key, cpu_us, device_us, kind, start=0.0, end=0.0):
+        return types.SimpleNamespace(key=key, count=1, self_cpu_time_total=cpu_us, self_device_time_total=device_us,
+                                     device_type=kind, time_range=types.SimpleNamespace(start=start, end=end))
+
+    ops = [event("aten::mm", 50.0, 600.0, cpu), event("gemm_kernel", 0.0, 600.0, dev, 100.0, 700.0),
+           event("add_kernel", 0.0, 300.0, dev, 500.0, 800.0), event("aten::add", 5.0, 300.0, cpu, 10.0, 20.0)]
+    summary = step_profile.summarize(ops, wall_s=0.001, request=step_profile.ProfileRequest(Path("p.json")), spans=step_profile.kernel_spans(ops))
+    assert summary["device_busy_ms"] == 0.7 and summary["device_busy_share"] == 0.7  # 100..800 µs of 1000 µs
+    assert summary["top_device"][0]["self_device_ms"] == 0.6
