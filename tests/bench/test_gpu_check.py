@@ -110,6 +110,18 @@ def test_sections_and_the_packed_partner_by_hand():
 
 
 
+def test_a_run_the_budget_cuts_short_is_unfinished_not_failed(tmp_path, monkeypatch):
+    """A run's only time limit is what is left of the check's budget: one cut short says so and is no failure
+    (on the H200, qwen3 fp16 got 26 s and read as 'failed')."""
+    def out_of_time(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], kwargs["timeout"])
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", out_of_time)
+    run = gpu_check.Run("qwen3-0.6b", "fp16", 2)
+    gpu_check.execute(run, tmp_path / "r.yaml", tmp_path / "runs" / run.name, timeout=26.0, batch=8)
+    assert run.status == "unfinished" and "budget ran out 26 s into the run" in run.reason
+
+
 def test_every_preset_run_has_a_tokenizer(tmp_path):
     """A Llama / Qwen preset has no vocabulary: the check's recipes name one, or their train would exit 2."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
