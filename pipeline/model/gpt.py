@@ -50,7 +50,12 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back before the scale (as Llama's HF code)."""
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back before the scale (as Llama's HF code).
+
+    torch's rms_norm without a weight is that normalisation: it computes in fp32 for bf16/fp16 input and
+    rounds once (bitwise HF's `(x.float() * rsqrt(...)).to(dtype)`, forward and backward, on the CPU). On
+    CUDA it is one fused kernel where the spelled-out form is seven, with two dtype copies; Qwen3 runs it
+    four times a layer (q and k norms included). The weight is applied after the cast, as HF does."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -58,9 +63,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
