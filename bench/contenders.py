@@ -152,11 +152,13 @@ class HF:
 
     name = "hf"
 
-    def __init__(self, shape: Shape):
+    def __init__(self, shape: Shape, device: str | None = None):
         import torch
         from peft import LoraConfig, get_peft_model
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        # the GPU where there is one, as the HF Trainer does; each batch is moved there inside the timed step
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch.manual_seed(0)
         raw = shape.hf_config()
         config = AutoConfig.for_model(raw.pop("model_type"), **raw)
@@ -164,7 +166,7 @@ class HF:
         base = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
         lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, fan_in_fan_out=bool(shape.cfg.hf.conv1d),
                           target_modules=shape.hf_lora_targets(), task_type="CAUSAL_LM")
-        self.model = get_peft_model(base, lora)
+        self.model = get_peft_model(base, lora).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         for p in self.params:  # LLaMA-Factory upcasts trainable parameters to fp32
             p.data = p.data.float()
@@ -174,7 +176,8 @@ class HF:
     def step(self, batch: dict) -> float:
         import torch
 
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss = self.model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)

@@ -23,7 +23,14 @@ never padding: the trainer's own count). The packed run takes the rows that carr
 unpacked batch, measured from the unpacked run itself (its real tokens per example), so both do the same
 work a step; the ratio is the packed run's tokens/s over the unpacked one's (target 1.3).
 
---only picks sections (tests, matrix, merge, throughput, packing), so that a second call on the same
+Peers (the issue's side-by-side benchmark, on the GPU): bench/packing.py as `make bench` runs it on the CPU,
+in one call - ours unpacked, ours neat_packing, transformers + PEFT padded as LLaMA-Factory runs it by
+default, and transformers + PEFT with LLaMA-Factory's neat packing reproduced - on the Alpaca-like and the
+book-like rows (gpt2-small widths, 4 blocks, LoRA r16, bf16, cutoff 512: the CPU benchmark's shapes, so
+the two machines compare). Its packing.json goes beside --out; the JSON's `peers` keeps the ratios and the
+targets (1.3x our unpacked run, 3x transformers + PEFT padded).
+
+--only picks sections (tests, matrix, merge, throughput, packing; peers only when named), so that a second call on the same
 machine can spend its time where the first ran out. The whole check keeps to --budget-s (default 420 s, so
 that setup + check stay within 8 minutes on a cached pip): runs left when it is spent are reported as
 skipped, never silently dropped. fp16 on a machine without CUDA is skipped with its reason (DeepSpeed refuses it on
@@ -63,7 +70,8 @@ CUDA_TESTS = "tests/gpu"  # the real varlen kernel against each example alone; t
 PROFILE_FIRST, PROFILE_COUNT = 3, 2
 PRECISIONS = ("bf16", "fp16")
 ZERO_STAGES = (2, 3)
-SECTIONS = ("tests", "matrix", "merge", "throughput", "packing")
+SECTIONS = ("tests", "matrix", "merge", "throughput", "packing", "peers")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # peers is a benchmark of minutes: run when named (--only peers)
 PACKING_STEPS = 16  # more than --steps: an unpacked run's batches vary in length, its median needs more of them
 PACKING_TARGET = 1.3  # issue 17: neat_packing useful tokens/s >= 1.3x our unpacked run
 
@@ -109,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--packing-batches", default="16,64",
                    help="unpacked batch sizes at which our unpacked LoRA run meets our neat-packed one (first model, "
                         "ZeRO 2); 0: none")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, comma-separated: {', '.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"sections to run, comma-separated: {', '.join(SECTIONS)} (default: all but peers)")
     p.add_argument("--no-profile", action="store_true",
                    help=f"no torch.profiler over steps {PROFILE_FIRST}-{PROFILE_FIRST + PROFILE_COUNT - 1} of each run")
     p.add_argument("--cutoff", type=int, default=512, help="cutoff_len (rows are neat-packed to it)")
@@ -293,6 +302,36 @@ def packed_partner(unpacked: Run, cutoff: int, mean_example: float | None = None
                steps=unpacked.steps)
 
 
+def peers_command(workdir: Path, budget_s: float) -> list[str]:
+    """bench/packing.py's side-by-side benchmark as `make bench` runs it, on this machine's GPU; half the budget
+    per dataset (two rounds at least: each contender runs at least twice)."""
+    return [sys.executable, "-m", "bench.packing", "--only", "packing", "--workdir", str(workdir / "peers"),
+            "--budget-s", f"{max(budget_s, 60.0):.0f}"]
+
+
+def peers_result(payload: dict[str, Any]) -> dict[str, Any]:
+    """What the JSON keeps of bench/packing.py's packing.json: per dataset its ratios; the targets met or not."""
+    return {"device": payload.get("config", {}).get("device"), "config": payload.get("config"),
+            "ratios": {name: d["summary"] for name, d in payload.get("datasets", {}).items()},
+            "targets": payload.get("targets", [])}
+
+
+def run_peers(args: argparse.Namespace, workdir: Path, left: float) -> dict[str, Any]:
+    """The peers section: bench/packing.py in a subprocess, its packing.json written beside --out."""
+    if left < 120:
+        return {"status": "skipped", "reason": f"{left:.0f} s of the budget left; the benchmark needs minutes"}
+    env = {**_env(), "BENCH_RESULTS": str(args.out.resolve().parent)}
+    try:
+        proc = subprocess.run(peers_command(workdir, left - 30), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=left)
+    except subprocess.TimeoutExpired:
+        return {"status": "unfinished", "reason": f"the check's time budget ran out ({left:.0f} s)"}
+    if proc.returncode != 0:
+        return {"status": "failed", "reason": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
+    path = args.out.resolve().parent / "packing.json"
+    return {"status": "ok", "file": str(path), **peers_result(json.loads(path.read_text(encoding="utf-8")))}
+
+
 def packing_result(unpacked: Run, neat: Run) -> dict[str, Any]:
     """One line of the JSON's packing table: both runs' useful tokens/s and their ratio against the target."""
     ratio = (round(neat.tokens_per_s / unpacked.tokens_per_s, 3)
@@ -470,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"device": facts, "peak_tflops_datasheet": peak, "workdir": str(workdir),
                               "settings": {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path)
                                            else v) for k, v in vars(args).items()},
-                              "runs": [], "merge": [], "tests": None, "packing": []}
+                              "runs": [], "merge": [], "tests": None, "packing": [], "peers": None}
     presets = available_presets()
     for run in runs + throughput + unpacked:  # every run of an available model, even one skipped here (tests check them)
         if run.model in presets:
@@ -482,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs + throughput + unpacked + partners:
             print(f"{run.name}: {run.status if run.status != 'pending' else 'would run'}"
                   f"{' (' + run.reason + ')' if run.reason else ''}")
+        if "peers" in args.only:
+            print(f"peers: would run {' '.join(peers_command(workdir, args.budget_s)[1:])}")
         result["runs"] = [asdict(r) | {"name": r.name} for r in runs + throughput + unpacked + partners]
         _write(args.out, result)
         return 0
@@ -540,12 +581,21 @@ def main(argv: list[str] | None = None) -> int:
         if line["ratio"] is not None:
             print(f"packing {line['model']}: neat {neat.batch} rows / unpacked {run.batch} examples = "
                   f"{line['ratio']:.2f}x useful tokens/s (target {PACKING_TARGET}x)", flush=True)
+    if "peers" in args.only:  # last: the longest section, and a benchmark where the rest are checks
+        result["peers"] = run_peers(args, workdir, budget_left())
+        for t in result["peers"].get("targets", []):
+            print(f"peers: {t['what']}: {t['value']:.2f}x (target {t['op']} {t['target']}x: "
+                  f"{'met' if t['met'] else 'missed'})", flush=True)
+        print(f"peers: {result['peers']['status']}" + (f" ({result['peers'].get('reason')})"
+                                                       if result["peers"].get("reason") else ""), flush=True)
     everything = runs + throughput + unpacked + partners
     save()
     failed = [r.name for r in everything if r.status == "failed"] + [m["model"] for m in result["merge"]
                                                                      if m["status"] == "failed"]
     if (result["tests"] or {}).get("status") == "failed":
         failed.append(CUDA_TESTS)
+    if (result.get("peers") or {}).get("status") == "failed":
+        failed.append("peers (bench/packing.py)")
     print(f"results: {args.out}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

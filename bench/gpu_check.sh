@@ -12,12 +12,13 @@
 # --wheels DIR: a machine with a CUDA torch already installed and no network: no `make setup`; the wheels in
 # DIR (bench/gpu_wheels.sh DIR builds it) go into .gpu/site (GPU_CHECK_SITE) on PYTHONPATH, and the check
 # runs with python3 (GPU_CHECK_PYTHON). Arguments after -- go to `python -m bench.gpu_check` (see --help
-# there: --only tests,matrix,merge,throughput,packing, --models, --precisions, --zero, --steps, --batch,
+# there: --only tests,matrix,merge,throughput,packing (the default) and peers (the side-by-side packing
+# benchmark against transformers + PEFT, bench/packing.py, minutes), --models, --precisions, --zero, --steps, --batch,
 # --packing-batches, --cutoff). Exit 0: every run and the merge passed; 1: something failed (the JSON says
 # what); 2: wrong usage or no GPU.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 
 OUT=gpu_check.json
 CUDA_TAG=cu128

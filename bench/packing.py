@@ -13,6 +13,10 @@ bf16, LoRA r16 on every block Linear, the same tokenized examples:
   a (B, 1, T, T) float mask built from per-token example numbers, as its SFTDataCollatorWith4DAttentionMask
   does on every path but FlashAttention-2, which a CPU has not).
 
+Where torch finds a GPU, every contender trains on it (ours through DeepSpeed's CUDA accelerator, HF moved
+there and autocast on CUDA) and the CPU attention-kernel table is left out: `bench/gpu_check.py --only peers`
+runs this benchmark on a lent GPU with the CPU run's shapes, so the two machines compare.
+
 Packed contenders take `PACKED_BATCH` rows of cutoff_len per step (about the tokens of the unpacked batch
 of 8 Alpaca-like examples), the unpacked ones 8 examples. Unpacked contenders time batches at evenly spaced
 quantiles of padded size (bench.sft.pick_batches), packed ones rows at evenly spaced places of their epoch;
@@ -205,11 +209,14 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
     profile = None
     targets: list[dict] = []
     texts = []
-    kernels = common.run_child("bench.packing:attention_child",
-                               {"lengths": list(KERNEL_LENGTHS[:3] if quick else KERNEL_LENGTHS),
-                                "repeats": 3 if quick else 9}, timeout=600, log_file=log_file)
-    print(f"attention kernel, forward + backward, bf16, 12 heads of 64, {kernels['threads']} threads:\n"
-          f"{attention_text(kernels['rows'])}")
+    device = "cuda" if _cuda() else "cpu"  # the children train where torch finds a GPU (DeepSpeed, HF alike)
+    kernels = None
+    if device == "cpu":  # our CPU attention kernel against SDPA; on a GPU the varlen kernel runs instead
+        kernels = common.run_child("bench.packing:attention_child",
+                                   {"lengths": list(KERNEL_LENGTHS[:3] if quick else KERNEL_LENGTHS),
+                                    "repeats": 3 if quick else 9}, timeout=600, log_file=log_file)
+        print(f"attention kernel, forward + backward, bf16, 12 heads of 64, {kernels['threads']} threads:\n"
+              f"{attention_text(kernels['rows'])}")
     for d, (dataset, make_rows) in enumerate(DATASETS.items()):
         rows = make_rows(quick)
         prep = sft.prepare(workdir / dataset, shape=shape, n_rows=len(rows), cutoff_len=cutoff, batch_size=BATCH,
@@ -259,12 +266,14 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
                                  f"neat_packing tokens/s vs transformers+PEFT padded ({dataset})")]
         texts.append(dataset_text(dataset, per_dataset[dataset]))
         print(texts[-1])
-    text = "\n\n".join([f"**attention kernel** (forward + backward per call, bf16, 12 heads of 64, about 1,024 tokens "
-                         f"a call, {kernels['threads']} threads; median of the rounds): ours is "
-                         f"pipeline/model/causal_attention.py, the path up to "
-                         f"{kernels['max_len']} tokens\n\n{attention_text(kernels['rows'])}", *texts])
+    head = [] if kernels is None else [
+        f"**attention kernel** (forward + backward per call, bf16, 12 heads of 64, about 1,024 tokens "
+        f"a call, {kernels['threads']} threads; median of the rounds): ours is "
+        f"pipeline/model/causal_attention.py, the path up to "
+        f"{kernels['max_len']} tokens\n\n{attention_text(kernels['rows'])}"]
+    text = "\n\n".join([*head, *texts])
     config = {"model": shape.describe(), "cutoff_len": cutoff, "unpacked_batch": BATCH, "packed_batch_rows": PACKED_BATCH,
-              "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP"}
+              "timed_steps": steps, "precision": "bf16", "lora": "r=16, alpha 32, attention + MLP", "device": device}
     payload = {"config": config, "datasets": per_dataset, "targets": targets, "table": text,
                "profile_ours": profile, "profile_of": "one step of ours neat, alpaca-like rows",
                "attention_kernel": kernels}
@@ -318,11 +327,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke test)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--only", default="packing,checkpointing")
+    p.add_argument("--budget-s", type=float, default=600.0,
+                   help="per benchmark: no new round starts once it is spent (each contender runs at least once)")
     args = p.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-packing-"))
     for name in args.only.split(","):
-        globals()[f"run_{name}"](workdir / name, quick=args.quick, budget_s=600, log_file=workdir / "packing.log")
+        globals()[f"run_{name}"](workdir / name, quick=args.quick, budget_s=args.budget_s,
+                                 log_file=workdir / "packing.log")
     return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -73,3 +73,17 @@ def test_book_rows_follow_their_length_profile():
     assert np.median(outputs) == pytest.approx(BOOK.output[0], abs=1)
     assert outputs.max() <= BOOK.output[2]
     assert np.mean([bool(r["input"]) for r in rows]) == pytest.approx(BOOK.input_share, abs=0.04)
+
+
+def test_the_hf_contender_steps_where_it_is_put():
+    """HF takes the GPU where torch finds one (the GPU check's peers section), the CPU otherwise; each batch
+    is moved inside the step, and a step trains the LoRA tensors only."""
+    pytest.importorskip("peft")
+    hf = HF(Shape("gpt2-small", 1), device="cpu")
+    assert hf.device.type == "cpu" and all(p.device.type == "cpu" for p in hf.params)
+    before = {n: p.detach().clone() for n, p in hf.model.named_parameters()}
+    ex = Examples(np.arange(40, dtype=np.int32), np.ones(40, dtype=bool), np.array([0, 15, 40]))
+    loss = hf.step(HF.sft_batch(ex, np.array([0, 1])))
+    assert np.isfinite(loss)
+    moved = {n for n, p in hf.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all("lora_" in n for n in moved)

@@ -95,7 +95,8 @@ def test_sections_and_the_packed_partner_by_hand():
     cutoff_len that hold the unpacked batch's real tokens."""
     args = gpu_check.parse_args(["--only", "packing,merge", "--no-merge", "--packing-batches", "16,0,64"])
     assert args.only == {"packing"} and args.packing_batches == [16, 64]
-    assert gpu_check.parse_args(["--no-tests"]).only == set(gpu_check.SECTIONS) - {"tests"}
+    assert gpu_check.parse_args(["--no-tests"]).only == set(gpu_check.DEFAULT_SECTIONS) - {"tests"}
+    assert "peers" not in gpu_check.parse_args([]).only and gpu_check.parse_args(["--only", "peers"]).only == {"peers"}
     assert gpu_check.plan_packing(gpu_check.parse_args(["--only", "matrix"])) == []
     unpacked = gpu_check.plan_packing(args)[0]
     assert (unpacked.model, unpacked.batch, unpacked.packing) == ("gpt2-small", 16, "none")
@@ -120,6 +121,32 @@ def test_a_run_the_budget_cuts_short_is_unfinished_not_failed(tmp_path, monkeypa
     run = gpu_check.Run("qwen3-0.6b", "fp16", 2)
     gpu_check.execute(run, tmp_path / "r.yaml", tmp_path / "runs" / run.name, timeout=26.0, batch=8)
     assert run.status == "unfinished" and "budget ran out 26 s into the run" in run.reason
+
+
+def test_peers_runs_the_side_by_side_benchmark_and_keeps_its_ratios(tmp_path, monkeypatch):
+    """--only peers: bench/packing.py (the CPU benchmark's contenders and shapes) on this machine, its packing.json
+    beside --out, the ratios and targets in the check's JSON; too little budget skips it with the reason."""
+    cmd = gpu_check.peers_command(tmp_path, 300.0)
+    assert cmd[1:5] == ["-m", "bench.packing", "--only", "packing"] and cmd[-2:] == ["--budget-s", "300"]
+    args = gpu_check.parse_args(["--only", "peers", "--out", str(tmp_path / "out" / "g.json")])
+    assert gpu_check.run_peers(args, tmp_path, 90.0)["status"] == "skipped"
+    payload = {"config": {"device": "cuda", "cutoff_len": 512},
+               "datasets": {"alpaca-like": {"summary": {"neat_vs_unpacked": 1.5, "neat_vs_hf_padded": 4.0}},
+                            "book-like": {"summary": {"neat_vs_unpacked": 1.4, "neat_vs_hf_padded": 3.5}}},
+               "targets": [{"what": "x", "value": 1.5, "op": ">=", "target": 1.3, "met": True}]}
+    seen = {}
+
+    def bench(cmd, **kwargs):  # stands in for bench/packing.py: writes packing.json where BENCH_RESULTS says
+        seen["cmd"], seen["env"] = cmd, kwargs["env"]
+        Path(kwargs["env"]["BENCH_RESULTS"], "packing.json").write_text(json.dumps(payload))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(gpu_check.subprocess, "run", bench)
+    got = gpu_check.run_peers(args, tmp_path, 400.0)
+    assert got["status"] == "ok" and got["device"] == "cuda" and got["targets"] == payload["targets"]
+    assert got["ratios"]["book-like"]["neat_vs_hf_padded"] == 3.5
+    assert seen["env"]["BENCH_RESULTS"] == str((tmp_path / "out").resolve())
 
 
 def test_every_preset_run_has_a_tokenizer(tmp_path):
