@@ -84,6 +84,20 @@ def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
         yield from checkpoint_tensors(args.model_name_or_path)
 
 
+def base_as_built(model: ModelArgs, finetune: FinetuneArgs) -> bool:
+    """Whether the model `train` builds holds the base's tensors as base_tensors gives them: no recipe override
+    of the config (context_length, qkv_bias, tie_word_embeddings) and no adapter folded in. Then a freeze
+    export reads its frozen weights from the base when it writes (base_subset) instead of keeping a built fp32
+    copy of the whole model for the rest of the run."""
+    overrides = (model.context_length, model.qkv_bias, model.tie_word_embeddings)
+    return all(v is None for v in overrides) and not finetune.adapter_name_or_path
+
+
+def base_subset(args: ModelArgs, names: set[str]) -> dict[str, torch.Tensor]:
+    """The named base tensors in fp32, read one at a time (the others are dropped as they are read)."""
+    return {name: tensor.float() for name, tensor in base_tensors(args) if name in names}
+
+
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
     """Freeze / inject per finetuning_type, and load adapter_name_or_path when set."""
     kind, adapter = ft.finetuning_type, ft.adapter_name_or_path

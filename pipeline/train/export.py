@@ -10,9 +10,11 @@ axolotl #705). `deepspeed_compat.fp32_master` gathers a parameter's full fp32 va
 the expected shape, non-empty and finite.
 
 Why a skeleton: LoRA writes only trained tensors, and full fine-tuning trains every tensor, so neither needs
-the base weights. Building the model for real (as freeze still must: its frozen weights are written exactly
-as loaded, in fp32) reads the checkpoint again and keeps an fp32 copy of the whole model on the host for
-the rest of the run.
+the base weights. freeze writes its frozen weights exactly as loaded, in fp32: it reads them from the base
+into the skeleton at each write, one tensor at a time (`frozen`), and lets them go once written. Building
+the model for real, as freeze did before, kept an fp32 copy of the whole model on the host for the rest of
+the run (32 GB for an 8B model); it remains the way where the recipe changes the base as it builds it
+(a config override, an adapter folded in: pipeline.model.build.base_as_built).
 
 The final export of a run repeats the last checkpoint's, whose weights are the same: it is linked from there
 (`write(..., same_as=checkpoint)`), not gathered, written and verified a second time.
@@ -24,9 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.runtime import deepspeed_compat
+from pipeline.runtime import deepspeed_compat, dist, hostmem
 from pipeline.runtime.layout import RunLayout
-from pipeline.runtime import dist
 
 
 def trainable_state(engine: Any) -> dict[str, Any]:
@@ -72,8 +73,11 @@ class Exporter:
     """Writes adapter/ or model/ under a directory from the engine's fp32 master weights."""
 
     def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
-                 tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None):
-        self.engine, self._build, self._skeleton = engine, build, skeleton
+                 tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None,
+                 frozen: Callable[[set[str]], Mapping[str, Any]] | None = None):
+        """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
+        their base tensors in fp32, where the base is what train built from (freeze)."""
+        self.engine, self._build, self._skeleton, self._frozen = engine, build, skeleton, frozen
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self._model: Any = None
@@ -101,6 +105,8 @@ class Exporter:
             model = self._skeleton()
             model.load_state_dict(state, strict=False, assign=True)
             model.tie_weights()
+            if not self.lora and self._frozen is not None:
+                self._fill_frozen(model)
             if self.lora:
                 from pipeline.model.lora import lora_state_dict
 
@@ -116,6 +122,20 @@ class Exporter:
             raise RuntimeError(f"trained parameters not found in the export model: {result.unexpected_keys}")
         return model
 
+    def _fill_frozen(self, model: Any) -> None:
+        """The skeleton's empty (frozen) tensors from the base; any the base lacks, or holds in another shape,
+        stay empty, and filled() falls back to the built copy."""
+        import torch
+
+        empty = {n: t for n, t in model.state_dict(keep_vars=True).items() if t.is_meta}
+        if not empty:
+            return
+        with torch.random.fork_rng(devices=[]):  # a preset base is a seeded build: keep the training RNG
+            values = self._frozen(set(empty))
+        values = {n: v for n, v in values.items() if tuple(v.shape) == tuple(empty[n].shape)}
+        model.load_state_dict(values, strict=False, assign=True)
+        model.tie_weights()
+
     def write(self, directory: str | Path, same_as: str | Path | None = None) -> Path | None:
         """Collective; rank 0 writes directory/adapter or directory/model and returns it.
 
@@ -125,7 +145,14 @@ class Exporter:
         state = trainable_state(self.engine)
         if not dist.is_main():
             return None
-        model = self.filled(state)
+        target = self._save(self.filled(state), directory)
+        del state
+        if self._model is None:  # the filled skeleton is gone: hand its space back, not keep it in the C heap
+            hostmem.release_freed()
+        return target
+
+    def _save(self, model: Any, directory: str | Path) -> Path:
+        """Write `model` as adapter/ or model/ under `directory`, then re-read and check every tensor."""
         if self.lora:
             from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
 

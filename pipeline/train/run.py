@@ -55,7 +55,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     import deepspeed
 
     from pipeline.data.loaders import count_examples, make_loader
-    from pipeline.model.build import build_model, build_skeleton
+    from pipeline.model.build import base_as_built, base_subset, build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
@@ -105,7 +105,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     exporter = Exporter(engine, r["model_name_or_path"], r["finetuning_type"],
                         lambda: quietly(build_model, *recipe_args(r)),
                         tokenizer_from=data_args(r).tokenizer_name_or_path,
-                        skeleton=lambda: build_skeleton(*recipe_args(r)))
+                        skeleton=lambda: build_skeleton(*recipe_args(r)),
+                        frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
+                                if base_as_built(*recipe_args(r)) else None))
     saved = checkpoint.saved_recipe(r)
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
                    reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main()))

@@ -1,10 +1,12 @@
 """The trained weights' export (pipeline/train/export.py).
 
 LoRA and full fine-tuning fill the model's skeleton with the engine's fp32 masters, so they never build a
-second model on the host. freeze still builds one, because its frozen weights are written as loaded. The
-reference is the path the exports took before the skeleton: a model built from the recipe (base weights
-read again, in fp32) with the same masters loaded into it. Every file, tensor and config must come out
-the same. The PEFT and transformers readers of these files are tested in tests/acceptance/.
+second model on the host. freeze fills its frozen tensors from the base as it writes (they are written as
+loaded), and builds the model only where the recipe changes the base as it builds it (a config override,
+an adapter folded in). The reference is the path the exports took before the skeleton: a model built from
+the recipe (base weights read again, in fp32) with the same masters loaded into it. Every file, tensor and
+config must come out the same. The PEFT and transformers readers of these files are tested in
+tests/acceptance/.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.model.build import build_model, build_skeleton
+from pipeline.model.build import base_subset, build_model, build_skeleton
 from pipeline.recipe.args import recipe_args
 from pipeline.train import export
 from pipeline.train.run import train
@@ -26,7 +28,8 @@ from tests.train.helpers import BASE_PT, BASE_SFT
 CASES = [
     (BASE_SFT, dict(finetuning_type="lora", additional_target=["ln_f"]), "adapter", False),
     (BASE_PT, dict(finetuning_type="full"), "model", False),
-    (BASE_PT, dict(finetuning_type="freeze", freeze_trainable_layers=1), "model", True),
+    (BASE_PT, dict(finetuning_type="freeze", freeze_trainable_layers=1), "model", False),
+    (BASE_PT, dict(finetuning_type="freeze", freeze_trainable_layers=1, context_length=48), "model", True),
 ]
 
 
@@ -56,15 +59,16 @@ def assert_same(a: dict[str, object], b: dict[str, object]) -> None:
             assert value == b[name], name
 
 
-@pytest.mark.parametrize("base, keys, kind, builds", CASES, ids=["lora", "full", "freeze"])
-def test_the_export_equals_the_built_model_path_and_builds_only_for_freeze(make_recipe, monkeypatch, tmp_path,
-                                                                            base, keys, kind, builds):
+@pytest.mark.parametrize("base, keys, kind, builds", CASES, ids=["lora", "full", "freeze", "freeze-override"])
+def test_the_export_equals_the_built_model_path_and_builds_only_where_the_base_changes(make_recipe, monkeypatch,
+                                                                                     tmp_path, base, keys, kind,
+                                                                                     builds):
     built = []
     real_model = export.Exporter.model
     monkeypatch.setattr(export.Exporter, "model", lambda self: (built.append(1), real_model(self))[1])
     r = make_recipe(base, max_steps=2, **keys)
     result = train(r)
-    assert bool(built) == builds  # no second model on the host for LoRA and full
+    assert bool(built) == builds  # no second model on the host for LoRA, full, and freeze on an unchanged base
     built.clear()
 
     engine, name = result.engine, r["model_name_or_path"]
@@ -73,7 +77,8 @@ def test_the_export_equals_the_built_model_path_and_builds_only_for_freeze(make_
     assert built  # the reference took the built path
     assert_same(files(tmp_path / "reference" / kind), files(result.output_dir / kind))
     skeleton = export.Exporter(engine, name, r["finetuning_type"], lambda: build_model(*recipe_args(r)),
-                               skeleton=lambda: build_skeleton(*recipe_args(r)))
+                               skeleton=lambda: build_skeleton(*recipe_args(r)),
+                               frozen=lambda names: base_subset(recipe_args(r).model, names))
     skeleton.write(tmp_path / "skeleton")
     assert_same(files(tmp_path / "reference" / kind), files(tmp_path / "skeleton" / kind))
 
@@ -94,3 +99,24 @@ def test_the_final_export_is_linked_from_the_last_checkpoint(make_recipe, monkey
     shutil.rmtree(out / "checkpoint-2")
     assert_same(kept, files(out / "adapter"))
     assert kept["adapter_model.safetensors"] != {}
+
+
+def test_freeze_falls_back_to_the_built_model_when_the_base_does_not_fit(make_recipe, monkeypatch, tmp_path):
+    """A frozen tensor the base lacks or holds in another shape is never written from it: the export builds the
+    model instead, and writes what the reference writes."""
+    r = make_recipe(BASE_PT, max_steps=1, finetuning_type="freeze", freeze_trainable_layers=1)
+    result = train(r)
+    engine, name = result.engine, r["model_name_or_path"]
+    reference = export.Exporter(engine, name, "freeze", lambda: build_model(*recipe_args(r)))
+    reference.write(tmp_path / "reference")
+    built = []
+    real_model = export.Exporter.model
+    monkeypatch.setattr(export.Exporter, "model", lambda self: (built.append(1), real_model(self))[1])
+    for label, frozen in [("wrong-shape", lambda names: {n: torch.zeros(3) for n in names}),
+                          ("missing", lambda names: {})]:
+        built.clear()
+        odd = export.Exporter(engine, name, "freeze", lambda: build_model(*recipe_args(r)),
+                              skeleton=lambda: build_skeleton(*recipe_args(r)), frozen=frozen)
+        odd.write(tmp_path / label)
+        assert built, label
+        assert_same(files(tmp_path / "reference" / "model"), files(tmp_path / label / "model"))
