@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.recipe import resolve
+from pipeline.recipe import dsconfig, resolve
 
 # LLaMA-Factory's examples/deepspeed/*.json, verbatim (monitor and comms sections included).
 _HEAD = """{
@@ -260,3 +260,16 @@ def test_reduce_bucket_rule(stage, hidden, trainable, want):
     from pipeline.recipe.dsconfig import reduce_bucket
 
     assert reduce_bucket(stage, hidden, trainable) == want
+
+
+@pytest.mark.parametrize("stage, world, offload, said", [
+    (3, 1, "none", True),    # nothing to partition: the notice
+    (3, 2, "none", False),   # two ranks: ZeRO 3 halves the weights
+    (3, 1, "cpu", False),    # parameters offloaded: what ZeRO 3 is for on one rank
+    (2, 1, "none", False),
+])
+def test_zero3_on_one_rank_is_said_once_with_the_measured_cost(stage, world, offload, said):
+    notice = dsconfig.one_rank_zero3_notice({"zero_stage": stage, "world_size": world, "offload_param": offload})
+    assert (notice is not None) == said
+    if said:
+        assert "zero_stage: 2" in notice and "offload_param: cpu" in notice and "0.2-0.65x" in notice
