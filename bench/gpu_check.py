@@ -404,7 +404,7 @@ def profile_digest(profile: dict[str, Any], rows: int = 6) -> dict[str, Any]:
     """What the JSON keeps of a step profile: the totals, and the top ops by host and by device time."""
     keep = ("steps", "wall_ms_per_step", "self_cpu_ms", "device_busy_ms", "device_busy_share", "ops")
     return {**{k: profile.get(k) for k in keep}, "top_cpu": profile.get("top_cpu", [])[:rows],
-            "top_device": profile.get("top_device", [])[:rows]}
+            "top_device": profile.get("top_device", [])[:rows], "top_calls": profile.get("top_calls", [])[:rows]}
 
 
 def measured_matmul_tflops(cuda: bool) -> float | None:

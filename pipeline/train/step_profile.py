@@ -7,8 +7,8 @@ part of an experiment, and it must not change what a recipe means or its resume 
 
 The JSON holds the profiled steps, their wall time, the time the accelerator was busy running kernels
 (CUDA only: the share of the wall time the GPU worked; a small share means the host - Python, DeepSpeed's
-step, synchronisations - bounds the step, not the kernels), and the top ops by self CPU time and by self
-device time. Rank 0 writes it; other ranks profile nothing. bench/gpu_check.py sets it for every run.
+step, synchronisations - bounds the step, not the kernels), and the top ops by self CPU time, by self
+device time and by call count (a step bound by the host spends it on many small ops). Rank 0 writes it; other ranks profile nothing. bench/gpu_check.py sets it for every run.
 """
 from __future__ import annotations
 
@@ -157,6 +157,8 @@ def summarize(events: Any, wall_s: float, request: ProfileRequest,
         "ops": int(sum(e.count for e in events)),
         "top_cpu": rows(lambda e: e.self_cpu_time_total),
         "top_device": rows(device_us) if any(device_us(e) for e in events) else [],
+        # where a step bound by the host spends it: many small ops (views, per-tensor checks), not long ones
+        "top_calls": rows(lambda e: e.count),
     }
 
 

@@ -56,6 +56,8 @@ def test_a_run_writes_the_profile_of_the_chosen_steps(make_recipe, workdir, monk
     ops = {row["op"] for row in profile["top_cpu"]}
     assert any(op.startswith("aten::") for op in ops)
     assert all(row["self_cpu_ms"] >= 0 and row["calls"] >= 1 for row in profile["top_cpu"])
+    calls = [row["calls"] for row in profile["top_calls"]]  # the most frequent ops first
+    assert calls == sorted(calls, reverse=True) and calls[0] >= max(row["calls"] for row in profile["top_cpu"])
     assert len(read_log(result.output_dir / "trainer_log.jsonl")) == 4  # every step still logged
 
 
