@@ -135,14 +135,19 @@ def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, 
     dist.ensure_launch_env()
     original = train_run.quietly
 
+    sent = []
+
     def quietly(func, *args):
         def interrupted(*inner):
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the export model is being built
+            if not sent:  # one Ctrl-C, while the export reads the base: a second one would mean "stop now"
+                sent.append(1)
+                os.kill(os.getpid(), signal.SIGINT)
             return func(*inner)
         return original(interrupted, *args)
     monkeypatch.setattr(train_run, "quietly", quietly)
     root = trained.copy(tmp_path / "proj")
-    # freeze: the one kind whose export builds a model (with its output held back); LoRA and full fill a skeleton
+    # freeze: the one kind whose export reads the base (with its output held back) at each save; LoRA and full
+    # fill a skeleton from the engine alone
     recipe = root / "r.yaml"
     lines = [line for line in recipe.read_text().splitlines() if not line.startswith(("lora_", "finetuning_type"))]
     recipe.write_text("\n".join(lines + ["finetuning_type: freeze", "freeze_trainable_layers: 1"]) + "\n")
