@@ -30,11 +30,12 @@ book-like rows (gpt2-small widths, 4 blocks, LoRA r16, bf16, cutoff 512: the CPU
 the two machines compare). Its packing.json goes beside --out; the JSON's `peers` keeps the ratios and the
 targets (1.3x our unpacked run, 3x transformers + PEFT padded).
 
---only picks sections (tests, matrix, merge, throughput, packing; peers only when named), so that a second call on the same
-machine can spend its time where the first ran out. The whole check keeps to --budget-s (default 420 s, so
-that setup + check stay within 8 minutes on a cached pip): runs left when it is spent are reported as
-skipped, never silently dropped. fp16 on a machine without CUDA is skipped with its reason (DeepSpeed refuses it on
-CPU); a model preset this checkout does not have (qwen3-0.6b before the family-generic decoder landed) likewise.
+--only picks sections (tests, matrix, merge, throughput, packing; peers only when named), so that a second
+call on the same machine can spend its time where the first ran out. The whole check keeps to --budget-s
+(default 420 s, so that setup + check stay within 8 minutes on a cached pip): runs left when it is spent are
+reported as skipped, never silently dropped. fp16 on a machine without CUDA is skipped with its reason
+(DeepSpeed refuses it on CPU); a model preset this checkout does not have (qwen3-0.6b before the
+family-generic decoder landed) likewise.
 
 --allow-cpu runs the same code on a CPU (bf16 only) so the tests can exercise it end to end.
 """
@@ -401,7 +402,7 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, 
 
 
 def profile_digest(profile: dict[str, Any], rows: int = 6) -> dict[str, Any]:
-    """What the JSON keeps of a step profile: the totals, and the top ops by host and by device time."""
+    """What the JSON keeps of a step profile: the totals, and the top ops by host time, device time and calls."""
     keep = ("steps", "wall_ms_per_step", "self_cpu_ms", "device_busy_ms", "device_busy_share", "ops")
     return {**{k: profile.get(k) for k in keep}, "top_cpu": profile.get("top_cpu", [])[:rows],
             "top_device": profile.get("top_device", [])[:rows], "top_calls": profile.get("top_calls", [])[:rows]}

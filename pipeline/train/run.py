@@ -70,8 +70,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     profile = step_profile.from_env(dist.rank())  # a bad PIPELINE_PROFILE stops here, before anything is written
     if dist.is_main():
         precision_notice(r)
-        if one_rank_zero3_notice(r):
-            print(one_rank_zero3_notice(r), file=sys.stderr, flush=True)
+        zero3 = one_rank_zero3_notice(r)
+        if zero3:
+            print(zero3, file=sys.stderr, flush=True)
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
                                     checkpoint.where(r, "resume_from_checkpoint"))
     notices = checkpoint.check_compatible(r, resume) if resume is not None else []

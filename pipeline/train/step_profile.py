@@ -8,7 +8,8 @@ part of an experiment, and it must not change what a recipe means or its resume 
 The JSON holds the profiled steps, their wall time, the time the accelerator was busy running kernels
 (CUDA only: the share of the wall time the GPU worked; a small share means the host - Python, DeepSpeed's
 step, synchronisations - bounds the step, not the kernels), and the top ops by self CPU time, by self
-device time and by call count (a step bound by the host spends it on many small ops). Rank 0 writes it; other ranks profile nothing. bench/gpu_check.py sets it for every run.
+device time and by call count (a step bound by the host spends it on many small ops). Rank 0 writes it;
+other ranks profile nothing. bench/gpu_check.py sets it for every run.
 """
 from __future__ import annotations
 
@@ -134,8 +135,8 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
 
 def summarize(events: Any, wall_s: float, request: ProfileRequest,
               spans: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """The JSON's content from torch.profiler's key_averages() (the top ops both ways) and the device spans
-    (how long the device was busy)."""
+    """The JSON's content from torch.profiler's key_averages() (the top ops by host time, device time and
+    calls) and the device spans (how long the device was busy)."""
     def device_us(e: Any) -> float:
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
 

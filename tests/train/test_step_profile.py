@@ -122,6 +122,7 @@ def test_busy_share_counts_a_kernel_once_not_again_as_its_op():
 
     ops = [event("aten::mm", 50.0, 600.0, cpu), event("gemm_kernel", 0.0, 600.0, dev, 100.0, 700.0),
            event("add_kernel", 0.0, 300.0, dev, 500.0, 800.0), event("aten::add", 5.0, 300.0, cpu, 10.0, 20.0)]
-    summary = step_profile.summarize(ops, wall_s=0.001, request=step_profile.ProfileRequest(Path("p.json")), spans=step_profile.kernel_spans(ops))
+    summary = step_profile.summarize(ops, wall_s=0.001, request=step_profile.ProfileRequest(Path("p.json")),
+                                     spans=step_profile.kernel_spans(ops))
     assert summary["device_busy_ms"] == 0.7 and summary["device_busy_share"] == 0.7  # 100..800 µs of 1000 µs
     assert summary["top_device"][0]["self_device_ms"] == 0.6
