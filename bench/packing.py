@@ -209,7 +209,9 @@ def run_packing(workdir: Path, *, quick: bool, budget_s: float, log_file: Path,
     profile = None
     targets: list[dict] = []
     texts = []
-    device = "cuda" if _cuda() else "cpu"  # the children train where torch finds a GPU (DeepSpeed, HF alike)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the children train there too (DeepSpeed, HF alike)
     kernels = None
     if device == "cpu":  # our CPU attention kernel against SDPA; on a GPU the varlen kernel runs instead
         kernels = common.run_child("bench.packing:attention_child",
@@ -328,19 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--only", default="packing,checkpointing")
     p.add_argument("--budget-s", type=float, default=600.0,
-                   help="per benchmark: no new round starts once it is spent (each contender runs at least once)")
+                   help="per benchmark, split over its datasets: after the minimum rounds (2; 1 with --quick), no "
+                        "round starts that would not fit")
     args = p.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-packing-"))
     for name in args.only.split(","):
         globals()[f"run_{name}"](workdir / name, quick=args.quick, budget_s=args.budget_s,
                                  log_file=workdir / "packing.log")
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":
