@@ -5,7 +5,8 @@ directly: `.venv/bin/python -m bench.gpu_check --out gpu_check.json`. Every run 
 `python -m pipeline train RECIPE` in a subprocess on a generated recipe and synthetic Alpaca-like data
 (random weights: nothing is downloaded). Figures per run, from the run's own trainer_log.jsonl:
 
-- tokens/s: median over the logged steps after the first two (compilation, allocator warm-up);
+- tokens/s: median over the logged steps after the first two (compilation, allocator warm-up) and before the
+  last two, which torch.profiler watches (the profile's JSON);
 - MFU: model FLOPs per token x tokens/s / the GPU's peak dense bf16/fp16 FLOP/s. Model FLOPs per token
   (PaLM's convention, full fine-tuning): 6 N + 12 L q T, N = parameters in matmuls (the output head
   included, the embedding lookup not), L layers, q = heads x head_dim, T the mean real tokens per row (an upper
@@ -66,9 +67,12 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 MODELS = ("gpt2-small", "qwen3-0.6b")
 CUDA_TESTS = "tests/gpu"  # the real varlen kernel against each example alone; the user's path on CUDA
-# torch.profiler over optimizer steps 3-4 of each run (PIPELINE_PROFILE, pipeline/train/step_profile.py): after
-# two warm-up steps; tokens/s is the median of the steps after them, so a profiled step never counts.
-PROFILE_FIRST, PROFILE_COUNT = 3, 2
+# tokens/s is the median of the logged steps after WARMUP_STEPS (compilation, allocator warm-up). torch.profiler
+# (PIPELINE_PROFILE, pipeline/train/step_profile.py) watches the last PROFILE_COUNT steps of each run, so that
+# every timed step comes before it: a profiler can slow the steps after it (kineto keeps CUPTI's callbacks
+# installed unless TEARDOWN_CUPTI=1, pytorch/pytorch#144455), and the second lease timed the two steps right
+# after its profiled ones.
+WARMUP_STEPS, PROFILE_COUNT = 2, 2
 PRECISIONS = ("bf16", "fp16")
 ZERO_STAGES = (2, 3)
 SECTIONS = ("tests", "matrix", "merge", "throughput", "packing", "peers")
@@ -121,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"sections to run, comma-separated: {', '.join(SECTIONS)} (default: all but peers)")
     p.add_argument("--no-profile", action="store_true",
-                   help=f"no torch.profiler over steps {PROFILE_FIRST}-{PROFILE_FIRST + PROFILE_COUNT - 1} of each run")
+                   help=f"no torch.profiler over the last {PROFILE_COUNT} steps of each run")
     p.add_argument("--cutoff", type=int, default=512, help="cutoff_len (rows are neat-packed to it)")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting runs after this many seconds")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (bf16 only): for tests")
@@ -355,10 +359,12 @@ def _env() -> dict[str, str]:
 
 
 def profiled_steps(args: argparse.Namespace, steps: int | None = None) -> range:
-    """The steps torch.profiler watches: only when enough of the run's steps (--steps) are left after them to time."""
-    if args.no_profile or (steps or args.steps) < PROFILE_FIRST + PROFILE_COUNT + 1:
+    """The steps torch.profiler watches: the run's last ones, and only when at least one step after the warm-up
+    is left before them to time."""
+    total = steps or args.steps
+    if args.no_profile or total < WARMUP_STEPS + PROFILE_COUNT + 1:
         return range(0)
-    return range(PROFILE_FIRST, PROFILE_FIRST + PROFILE_COUNT)
+    return range(total - PROFILE_COUNT + 1, total + 1)
 
 
 def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, profile: range = range(0)) -> None:
@@ -383,7 +389,7 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, 
         return
     records = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines() if line]
     timed = [r for r in records if "tokens_per_s" in r]
-    steady = [r["tokens_per_s"] for r in timed if r["step"] > 2 and r["step"] not in profile] or \
+    steady = [r["tokens_per_s"] for r in timed if r["step"] > WARMUP_STEPS and r["step"] not in profile] or \
         [r["tokens_per_s"] for r in timed]
     losses = [r["loss"] for r in records if "loss" in r]
     run.status = "ok"
@@ -393,6 +399,7 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, 
     results = json.loads((output_dir / "all_results.json").read_text())
     steps, seen = results.get("global_step") or 0, results.get("tokens_seen") or 0
     run.extra["tokens_seen"] = seen
+    run.extra["timed_tokens_per_s"] = [round(t, 1) for t in steady]  # the steps the median is of: their spread
     loop = next((r["elapsed"] for r in reversed(records) if "elapsed" in r), None)  # the training loop's own time
     if loop is not None:  # the rest is start-up (imports, model build, DeepSpeed) and the final save
         run.extra["loop_s"], run.extra["outside_loop_s"] = round(loop, 2), round(run.seconds - loop, 2)

@@ -14,6 +14,7 @@ other ranks profile nothing. bench/gpu_check.py sets it for every run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -106,6 +107,15 @@ class StepProfiler:
         assert self.request is not None
         write(self.request, summarize(self._prof.key_averages(), wall, self.request, kernel_spans(self._prof.events())))
         self.request = None  # once per run
+        self._release()
+
+    def _release(self) -> None:
+        """Free the profile's events once they are written. Why: kept, they lived as long as the run: about a
+        million Python objects (a 12-block GPT-2 profiled over two steps on the CPU: 0.44 M objects in the process
+        without them, 1.41 M with them, 290 MB of RSS), which every later full garbage collection walks. The
+        collection here runs inside the profiled step, whose time is not representative anyway."""
+        self._prof = None
+        gc.collect()
 
 
 def _synchronize() -> None:

@@ -111,6 +111,14 @@ def test_sections_and_the_packed_partner_by_hand():
 
 
 
+def test_the_profiled_steps_are_the_last_ones_so_every_timed_step_precedes_them():
+    """Steps 1-2 warm up, the last two are profiled, the ones between are timed; too short a run is not profiled."""
+    args = gpu_check.parse_args([])
+    assert list(gpu_check.profiled_steps(args, 8)) == [7, 8] and list(gpu_check.profiled_steps(args, 5)) == [4, 5]
+    assert list(gpu_check.profiled_steps(args, 4)) == []  # nothing would be left to time
+    assert list(gpu_check.profiled_steps(gpu_check.parse_args(["--no-profile"]), 8)) == []
+
+
 def test_a_run_the_budget_cuts_short_is_unfinished_not_failed(tmp_path, monkeypatch):
     """A run's only time limit is what is left of the check's budget: one cut short says so and is no failure
     (on the H200, qwen3 fp16 got 26 s and read as 'failed')."""
@@ -247,8 +255,9 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     assert ok["extra"]["achieved_tflops"] > 0 and ok["loss_first"] is not None
     assert 0 < ok["extra"]["loop_s"] < ok["seconds"] and ok["extra"]["outside_loop_s"] > 0  # the loop and the rest
     assert runs["tiny-fp16-zero2"]["status"] == "skipped"
-    profile = ok["extra"]["profile"]  # steps 3-4 under torch.profiler; tokens/s from steps 5-6 only
-    assert profile["steps"] == [3, 4] and profile["wall_ms_per_step"] > 0 and profile["top_cpu"]
+    profile = ok["extra"]["profile"]  # the last steps, 5-6, under torch.profiler; tokens/s from steps 3-4 only
+    assert profile["steps"] == [5, 6] and profile["wall_ms_per_step"] > 0 and profile["top_cpu"]
+    assert len(ok["extra"]["timed_tokens_per_s"]) == 2 and ok["tokens_per_s"] > 0
     assert profile["device_busy_share"] is None  # no GPU
     wide = runs["tiny-bf16-zero2-b4"]  # the throughput run, at its own batch
     assert wide["status"] == "ok" and wide["batch"] == 4 and wide["tokens_per_s"] > 0

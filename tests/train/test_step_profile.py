@@ -88,6 +88,15 @@ def test_a_run_that_ends_inside_or_before_the_steps(make_recipe, workdir, monkey
     assert "PIPELINE_PROFILE: step 9 was not run here (this run ended at step 4" in capsys.readouterr().err
 
 
+def test_the_profile_is_let_go_once_written(tmp_path):
+    """After the JSON is written the profiler keeps no events: they are about a million Python objects that every
+    later full garbage collection would walk."""
+    profiler = step_profile.StepProfiler(step_profile.ProfileRequest(tmp_path / "p.json", 1, 1))
+    with profiler.step(1):
+        sum(range(10))
+    assert (tmp_path / "p.json").is_file() and profiler._prof is None
+
+
 def test_a_resumed_run_past_the_first_step_profiles_nothing(capsys, tmp_path):
     """Resumed at step 4 with steps 3-4 asked: step 4 runs, but no profile was started, so none is written."""
     profiler = step_profile.StepProfiler(step_profile.ProfileRequest(tmp_path / "p.json", 3, 2))
