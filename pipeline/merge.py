@@ -37,6 +37,7 @@ from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
+from pipeline.model.hub import resolve_model_path
 from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
@@ -86,7 +87,8 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     target = Path(r["export_dir"])
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     if r["adapter_name_or_path"]:
-        check = merge_adapter(models.model, data, ex, Path(r["adapter_name_or_path"]))
+        adapter = resolve_model_path(r["adapter_name_or_path"], key="adapter_name_or_path")  # a path or a hub id
+        check = merge_adapter(models.model, data, ex, adapter)
         source = f"adapter {r['adapter_name_or_path']}"
     else:
         model = _load_base(models.model, ex)

@@ -30,8 +30,11 @@ from pipeline.errors import UserError
 # Meta's pattern for Llama 3 (llama_models/llama3/tokenizer.py), used for original/tokenizer.model.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# What a checkpoint's tokenizer is made of; all of it travels into merged/, model/ and export_dir, so that
+# transformers loads the same tokenizer from there. transformers 4.43+ writes the chat template to a file of its
+# own (chat_template.jinja; chat_template.json for processors) rather than into tokenizer_config.json.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json")
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 SUPPORTED = "byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3)"
 
 
@@ -247,10 +250,16 @@ def _content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _ids(value: Any) -> list[int]:
+def _ids(path: Path, data: Mapping[str, Any], key: str) -> list[int]:
+    """`key`'s token ids in a config file (one id or a list of them; absent: none)."""
+    value = data.get(key)
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise UserError(f"{path}: {key} is {json.dumps(value)}; expected a token id (a whole number) or a list of "
+                        "them, as transformers writes it")
+    return list(values)
 
 
 def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, int],
@@ -287,7 +296,13 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
                             f"{token!r} is not a special token of {source}")
         return ids[token]
 
-    gen_eos = _ids(generation.get("eos_token_id")) or _ids(model_config.get("eos_token_id")) or defaults.get("stops", [])
+    generation_file, model_file = directory / "generation_config.json", directory / "config.json"
+
+    def config_ids(key: str) -> list[int]:
+        """From generation_config.json, else config.json (transformers' own order)."""
+        return _ids(generation_file, generation, key) or _ids(model_file, model_config, key)
+
+    gen_eos = config_ids("eos_token_id") or defaults.get("stops", [])
     eos = named("eos_token")
     if eos is None:
         eos = defaults.get("eos")
@@ -298,11 +313,10 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
                         "in generation_config.json")
     bos = named("bos_token")
     if bos is None and not config_file.is_file():
-        bos = next(iter(_ids(generation.get("bos_token_id")) or _ids(model_config.get("bos_token_id"))),
-                   defaults.get("bos"))
+        bos = next(iter(config_ids("bos_token_id")), defaults.get("bos"))
     pad = named("pad_token")
     if pad is None:
-        pad = next(iter(_ids(generation.get("pad_token_id")) or _ids(model_config.get("pad_token_id"))), eos)
+        pad = next(iter(config_ids("pad_token_id")), eos)
     files = tuple(p for n in (*TOKENIZER_FILES, "original/tokenizer.model") if (p := directory / n).is_file())
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),

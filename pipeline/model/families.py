@@ -35,6 +35,9 @@ class Family:
     modules: tuple[tuple[str, str], ...] = ()  # (ours, HF without prefix) templates; empty = same names
     conv1d: frozenset[str] = frozenset()       # our leaf module names whose HF weight is transposed
     skip: tuple[str, ...] = ()     # HF tensor-name endings that are buffers, not weights (ignored on load)
+    # config.json keys a checkpoint may leave out, with the value transformers' config class then takes, where
+    # that is not Llama's (LlamaConfig: head_dim = hidden_size / heads, max_position_embeddings 2048)
+    config_defaults: tuple[tuple[str, Any], ...] = ()
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -93,9 +96,10 @@ GPT2 = Family(
 LLAMA = Family(name="llama", architecture="LlamaForCausalLM", model_type="llama", prefix="model.",
                skip=(".rotary_emb.inv_freq",))
 QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2", prefix="model.",
-               skip=(".rotary_emb.inv_freq",))
+               skip=(".rotary_emb.inv_freq",), config_defaults=(("max_position_embeddings", 32768),))
 QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3", prefix="model.",
-               skip=(".rotary_emb.inv_freq",))
+               skip=(".rotary_emb.inv_freq",),
+               config_defaults=(("max_position_embeddings", 32768), ("head_dim", 128)))
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3)}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -191,6 +195,7 @@ def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float
 
 def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
     """LlamaConfig / Qwen2Config / Qwen3Config keys -> ModelConfig fields."""
+    raw = {**dict(family.config_defaults), **raw}
     problems = _need(raw, path, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                  "vocab_size"))
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",

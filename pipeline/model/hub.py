@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 ALLOW_PATTERNS = [
     "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "original/tokenizer.model", "adapter_config.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "original/tokenizer.model", "adapter_config.json",
 ]
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _TRUE = {"1", "true", "yes", "on"}

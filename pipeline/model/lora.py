@@ -309,6 +309,12 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     return Path(directory)
 
 
+# PEFT LoraConfig fields that change which modules take LoRA, with what rank and scale, or what it adds (a bias,
+# DoRA's magnitudes): an adapter that sets one is refused rather than read as another model than PEFT builds
+PEFT_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exclude_modules", "use_dora", "lora_bias",
+                    "target_parameters", "trainable_token_indices", "layer_replication")
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -339,6 +345,13 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
             problems.append(f"{path}: missing key '{key}'")
         elif not ok(config[key]):
             problems.append(f"{path}: {key} is {json.dumps(config[key])}; expected {expected}")
+    unsupported = [(k, config[k]) for k in PEFT_UNSUPPORTED if config.get(k) not in (None, False, {}, [])]
+    if config.get("bias", "none") not in ("none", None):
+        unsupported.append(("bias", config["bias"]))
+    problems += [f"{path}: {key} is {json.dumps(value)}; this pipeline reads adapters with one r and one lora_alpha "
+                 "on whole target modules and no bias, so it would compute another model than PEFT does (expected "
+                 "it absent, null or empty; fold the adapter into its base with PEFT's merge_and_unload() and use "
+                 "that checkpoint as model_name_or_path)" for key, value in unsupported]
     if problems:
         raise UserError(problems)
     return config

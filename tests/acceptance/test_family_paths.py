@@ -26,7 +26,7 @@ def session(request, tmp_path_factory, hf_checkpoint) -> tuple[str, Path]:
     family = request.param
     root = tmp_path_factory.mktemp(f"session_{family}")
     write_data(root / "data")
-    (root / "base").symlink_to(hf_checkpoint(family))
+    write_base_with_chat_template(hf_checkpoint(family), root / "base")
     recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
                           template=TEMPLATES[family], output_dir="saves/lora", max_new_tokens=NEW_TOKENS,
                           learning_rate=0.05)
@@ -36,12 +36,31 @@ def session(request, tmp_path_factory, hf_checkpoint) -> tuple[str, Path]:
     return family, root
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+
+
+def write_base_with_chat_template(checkpoint: Path, base: Path) -> None:
+    """The shared checkpoint's weights, and its tokenizer re-saved by transformers with a chat template: current
+    transformers writes the template to chat_template.jinja, a file of its own, as hub checkpoints now ship it."""
+    import transformers
+
+    base.mkdir()
+    for item in checkpoint.iterdir():
+        if item.name.endswith(".safetensors") or item.name in ("config.json", "generation_config.json"):
+            (base / item.name).symlink_to(item)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(base)
+    assert (base / "chat_template.jinja").is_file()
+
+
 def test_the_exports_are_the_family_layout(session):
     family, root = session
     out = root / "saves/lora"
     config = json.loads((out / "merged" / "config.json").read_text())
     assert config["architectures"] == [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
     assert (out / "merged" / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
+    assert (out / "merged" / "chat_template.jinja").read_text() == CHAT_TEMPLATE  # the template travels along
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["fan_in_fan_out"] is False
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -77,6 +96,7 @@ def test_generate_agrees_with_transformers_and_peft_token_for_token(session, whi
     family, root = session
     out = root / "saves/lora"
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")  # the files merge wrote
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|user|>hi"
     stops = json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"]
     stop_ids = set(stops if isinstance(stops, list) else [stops])
     if which == "merged":

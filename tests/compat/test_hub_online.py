@@ -44,6 +44,7 @@ def test_a_hub_model_id_downloads_only_what_it_needs_and_trains(tmp_path):
 
     source = tmp_path / "src"
     write_hf_checkpoint(source)
+    (source / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # current transformers' own file
     files = {p.name: p.read_bytes() for p in source.iterdir()} | NEVER
     data = tmp_path / "data"
     (data / "raw").mkdir(parents=True)
@@ -56,7 +57,7 @@ def test_a_hub_model_id_downloads_only_what_it_needs_and_trains(tmp_path):
     home = tmp_path / "hf"
     with FakeHub({("model", "org/tiny-gpt2"): files}) as hub:
         pipeline("train", recipe, "overwrite_cache=true", cwd=tmp_path, env=online_env(hub, home))  # builds too
-        wanted = {"config.json", "model.safetensors"} | ({"generation_config.json"} & set(files))
+        wanted = {"config.json", "model.safetensors", "chat_template.jinja"} | ({"generation_config.json"} & set(files))
         assert hub.downloaded("model", "org/tiny-gpt2") == wanted  # allow_patterns: no pickles, no code
     root = home / "hub" / "models--org--tiny-gpt2"
     assert set(snapshot_files(root)) == wanted
@@ -66,6 +67,16 @@ def test_a_hub_model_id_downloads_only_what_it_needs_and_trains(tmp_path):
     tuned = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(snapshot),
                                            tmp_path / "out" / "adapter")
     assert any("lora" in name for name, _ in tuned.named_parameters())
+    # LLaMA-Factory's merge_lora recipe with the adapter named by its hub id: export downloads and folds it in
+    adapter = {p.name: p.read_bytes() for p in (tmp_path / "out" / "adapter").iterdir()}
+    merge = tmp_path / "merge.yaml"
+    merge.write_text("model_name_or_path: org/tiny-gpt2\nadapter_name_or_path: org/tiny-lora\ntemplate: alpaca\n"
+                     "export_dir: exported\n")
+    with FakeHub({("model", "org/tiny-gpt2"): files, ("model", "org/tiny-lora"): adapter}) as hub:
+        pipeline("export", merge, cwd=tmp_path, env=online_env(hub, home))
+    verification = json.loads((tmp_path / "exported" / "verification.json").read_text())
+    assert verification["source"] == str(home / "hub" / "models--org--tiny-lora" / "snapshots" / COMMIT)
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
 def test_an_hf_hub_url_dataset_downloads_its_data_files_into_the_cache(tmp_path):

@@ -277,6 +277,21 @@ def test_bad_configs_name_file_and_key(tmp_path, changes, words):
     assert any(m.startswith(f"{path}: ") and words in m for m in err.value.messages), err.value.messages
 
 
+@pytest.mark.parametrize("config_cls", ["LlamaConfig", "Qwen2Config", "Qwen3Config"])
+def test_keys_a_config_leaves_out_take_the_transformers_defaults(tmp_path, config_cls):
+    """A config.json without head_dim or max_position_embeddings means what transformers' config class makes of
+    it (Qwen3Config: head_dim 128, not hidden_size / heads; Qwen2/3: 32,768 positions; Llama: 2,048)."""
+    arch = config_cls.replace("Config", "ForCausalLM")
+    config = {"architectures": [arch], "model_type": config_cls[:-6].lower(), "hidden_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
+              "vocab_size": VOCAB}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = getattr(transformers, config_cls).from_pretrained(tmp_path)
+    ours = read_config(tmp_path)
+    assert (ours.head_dim, ours.context_length) == (theirs.head_dim if hasattr(theirs, "head_dim") else 16,
+                                                    theirs.max_position_embeddings)
+
+
 def test_weights_that_do_not_fit_the_config_are_listed(tmp_path, checkpoint):
     name, path, ref = checkpoint
     if name != "qwen2-bias-tied":

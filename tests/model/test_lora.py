@@ -179,3 +179,22 @@ def test_peft_loads_our_adapter(tmp_path, hf_dir, use_rslora, targets, extra):
         ref = tuned(x).logits
     assert torch.allclose(ours(x), ref, atol=1e-4, rtol=0)
     assert (ours(x) - load_model(path).eval()(x)).abs().max() > 1e-2  # the adapter does change the output
+
+
+@pytest.mark.parametrize("setting", [dict(alpha_pattern={"c_proj": 32}), dict(rank_pattern={"c_attn": 8}),
+                                     dict(layers_to_transform=[1]), dict(use_dora=True), dict(bias="lora_only")])
+def test_a_peft_adapter_with_settings_we_do_not_model_is_refused(tmp_path, hf_dir, setting):
+    """Written by PEFT, as users bring them: per-module alpha or rank, some layers only, DoRA, a bias. Read with
+    one r and one alpha these would be another model than PEFT's (alpha_pattern loaded silently before)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    path, _ = hf_dir
+    base = transformers.GPT2LMHeadModel.from_pretrained(path)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, **setting)
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    key = next(iter(setting))
+    with pytest.raises(UserError) as err:
+        load_adapter(load_model(path), tmp_path / "adapter")
+    assert len(err.value.messages) == 1
+    assert err.value.messages[0].startswith(f"{tmp_path / 'adapter' / 'adapter_config.json'}: {key} is ")
+    assert "merge_and_unload()" in err.value.messages[0]

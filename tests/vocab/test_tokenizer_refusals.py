@@ -66,6 +66,19 @@ def test_eos_token_the_vocabulary_lacks(tmp_path, vocab_dirs):
         load_tokenizer(d)
 
 
+@pytest.mark.parametrize("file,value", [("generation_config.json", "im_end"), ("generation_config.json", [151645, None]),
+                                        ("config.json", 1.5)])
+def test_a_token_id_that_is_not_a_whole_number_names_file_and_key(tmp_path, vocab_dirs, file, value):
+    d = tmp_path / "m"
+    shutil.copytree(vocab_dirs["qwen2"], d)
+    (d / "generation_config.json").unlink()
+    (d / file).write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(UserError) as err:
+        load_tokenizer(d)
+    assert err.value.messages == [f"{d / file}: eos_token_id is {json.dumps(value)}; expected a token id (a whole "
+                                  "number) or a list of them, as transformers writes it"]
+
+
 @pytest.mark.parametrize("preset", ["llama-3.2-1b", "qwen3-0.6b"])
 def test_a_preset_of_another_family_has_no_tokenizer(preset):
     with pytest.raises(UserError, match=f"preset '{preset}' has no tokenizer"):
