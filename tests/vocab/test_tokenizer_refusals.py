@@ -66,8 +66,8 @@ def test_eos_token_the_vocabulary_lacks(tmp_path, vocab_dirs):
         load_tokenizer(d)
 
 
-@pytest.mark.parametrize("file,value", [("generation_config.json", "im_end"), ("generation_config.json", [151645, None]),
-                                        ("config.json", 1.5)])
+@pytest.mark.parametrize("file,value", [("generation_config.json", "im_end"),
+                                        ("generation_config.json", [151645, None]), ("config.json", 1.5)])
 def test_a_token_id_that_is_not_a_whole_number_names_file_and_key(tmp_path, vocab_dirs, file, value):
     d = tmp_path / "m"
     shutil.copytree(vocab_dirs["qwen2"], d)
