@@ -26,3 +26,10 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return manifest if isinstance(manifest, dict) else None
+
+
+def training_splits(name: str, eval_names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The built splits of training dataset `name` that training reads. Its val split too when `eval_dataset`
+    names other datasets: then nothing evaluates on it, and leaving it out would drop val_size of the data
+    without a word (LLaMA-Factory trains the whole dataset then)."""
+    return ("train", "val") if eval_names and name not in eval_names else ("train",)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
+from pipeline.data.built import training_splits
 from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
 
@@ -79,7 +80,7 @@ def split_files(data: DataArgs, split: str) -> list[Path]:
     train_names = dataset_names(data, "dataset")
     eval_names = dataset_names(data, "eval_dataset")
     if split == "train":
-        parts = [(name, "train") for name in train_names]
+        parts = [(name, s) for name in train_names for s in training_splits(name, eval_names)]
     elif eval_names:
         parts = [(name, s) for name in eval_names for s in (("val",) if name in train_names else SPLITS)]
     else:

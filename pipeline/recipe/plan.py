@@ -142,7 +142,11 @@ def _explain(r: Resolved, key: str) -> str:
             return "pt: the trainer counts windows after tokenizing"
         if n is not None and (r["packing"] or r["neat_packing"]):
             return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
-        return "sum of splits.train in the built manifests" if n is not None else "unknown until `make data`"
+        if n is None:
+            return "unknown until `make data`"
+        return "sum of splits.train in the built manifests" + (
+            " (and splits.val of the datasets eval_dataset does not name: nothing else reads them)"
+            if r["eval_dataset"] and set(r["dataset"]) - set(r["eval_dataset"]) else "")
     if key == "steps_per_epoch":
         if n is None:
             return "needs num_train_examples"

@@ -8,7 +8,8 @@ Step arithmetic (the trainer's contract; `derive_steps` redoes it once the exact
     total_steps            = max_steps if set, else ceil(num_train_epochs * steps_per_epoch)
     num_warmup_steps       = warmup_steps if set, else ceil(warmup_ratio * total_steps) if set, else 0
 
-`num_train_examples` is the sum of `splits.train` over the built manifests of `dataset` (sft) when every
+`num_train_examples` is the sum of `splits.train` (and, with `eval_dataset`, `splits.val` of the datasets it does
+not name) over the built manifests of `dataset` (sft) when every
 one exists, else null (and then the step counts that need it are null too). For `stage: pt` it is null
 here: the trainer counts windows after tokenizing and calls `derive_steps`.
 """
@@ -243,16 +244,18 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
 
 
 def count_train_examples(values: Mapping[str, Any]) -> int | None:
-    """Sum of `splits.train` over the built manifests of `dataset` (sft, dpo), or None when any is missing."""
+    """Sum of the trained splits (`data.built.training_splits`) over the built manifests of `dataset` (sft, dpo),
+    or None when any is missing."""
     if values.get("stage") not in ("sft", "dpo") or not values.get("dataset"):
         return None
-    from pipeline.data.built import built_dir, read_manifest
+    from pipeline.data.built import built_dir, read_manifest, training_splits
 
     total = 0
     for name in values["dataset"]:
         manifest = read_manifest(built_dir(values["dataset_dir"], name))
         try:
-            total += int(manifest["splits"]["train"])  # type: ignore[index]
+            total += sum(int(manifest["splits"][s])  # type: ignore[index]
+                         for s in training_splits(name, values.get("eval_dataset") or []))
         except (TypeError, KeyError, ValueError):
             return None
     return total

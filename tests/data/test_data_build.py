@@ -12,6 +12,7 @@ import pytest
 from data_helpers import alpaca_rows, jsonl
 from pipeline.prepare import build as build_command
 from pipeline.recipe.args import data_args
+from pipeline.recipe.resolve import count_train_examples
 from pipeline.data.build import build, built_dir, split_text
 from pipeline.data.load import load_split, split_files
 from pipeline.data.tokenizer import gpt2
@@ -259,10 +260,12 @@ def test_eval_dataset_and_load_split(make_recipe):
                     files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(10, "b"))},
                     dataset=["a"], eval_dataset=["b"])
     build_command(r, None)
-    assert len(load_split(data_args(r), "train")) == 18
+    assert len(load_split(data_args(r), "train")) == 20  # a's val split too: nothing else would read it
+    assert [p.name for p in split_files(data_args(r), "train")] == ["train.json", "val.json"]
+    assert count_train_examples(r) == 20  # what plan counts, before anything is tokenized
     assert sorted(x["instruction"] for x in load_split(data_args(r), "val")) == sorted(x["instruction"] for x in alpaca_rows(10, "b"))
     both = dict(r, eval_dataset=["a", "b"])  # a name also trained on contributes only its val split
-    assert len(load_split(data_args(both), "val")) == 2 + 10
+    assert len(load_split(data_args(both), "val")) == 2 + 10 and len(load_split(data_args(both), "train")) == 18
     assert [p.name for p in split_files(data_args(both), "val")] == ["val.json", "train.json", "val.json"]
 
 
