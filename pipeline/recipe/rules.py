@@ -182,14 +182,25 @@ def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("neat_packing", "stage")
-def neat_packing_is_for_sft(ctx: Context) -> list[tuple[str, str]]:
-    """pt always concatenates documents into windows; dpo rows are chosen/rejected pairs, never packed."""
+# Keys that mean something in some stages only, and why each other stage cannot honour them: set there, they
+# would be ignored without a word (LLaMA-Factory refuses train_on_prompt and mask_history outside sft too).
+STAGE_ONLY: dict[str, dict[str, str]] = {
+    "neat_packing": {"pt": "pt always concatenates documents into windows of cutoff_len, see "
+                           "docs/packing-and-scale.md",
+                     "dpo": "a dpo row is a chosen/rejected pair, never packed"},
+    "packing": {"dpo": "a dpo row is a chosen/rejected pair, never packed"},
+    "train_on_prompt": {"pt": "pt has no prompt: every token is trained",
+                        "dpo": "dpo scores the responses only; the prompt is never part of the loss"},
+    "mask_history": {"pt": "pt has no conversation turns"},
+}
+
+
+@rule(*STAGE_ONLY, "stage")
+def stage_only_keys(ctx: Context) -> list[tuple[str, str]]:
     stage = ctx.values["stage"]
-    if ctx.values["neat_packing"] and stage != "sft":
-        return [("neat_packing", f"only applies to stage: sft, but stage is {stage}; remove it (pt always "
-                                 "concatenates documents into windows of cutoff_len, see docs/packing-and-scale.md)")]
-    return []
+    return [(key, f"given {json.dumps(ctx.values[key])}, but it has no meaning for stage: {stage} ({why[stage]}); "
+                  "remove it")
+            for key, why in STAGE_ONLY.items() if ctx.values[key] and stage in why]
 
 
 @rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length")

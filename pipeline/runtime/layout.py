@@ -20,6 +20,7 @@ note, by eval and chat alike. Importing this module does not import torch.
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,18 @@ def current_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: 
 def describe(weights: Weights, base: str, finetuning_type: str) -> str:
     """How reports and status lines name these weights."""
     if weights.kind == "merged":
-        return f"{weights.path} (merged, Hugging Face GPT-2 layout)"
+        return f"{weights.path} (merged, Hugging Face {_architecture(weights.path)} layout)"
     if weights.kind == "adapter":
         return f"{base} + LoRA adapter {weights.path}"
     return f"{weights.path} ({finetuning_type} fine-tuning)"
+
+
+def _architecture(directory: Path) -> str:
+    """The transformers class config.json names (GPT2LMHeadModel, LlamaForCausalLM, ...), for the reports."""
+    try:
+        return str(json.loads((directory / CONFIG).read_text(encoding="utf-8"))["architectures"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return "model"
 
 
 def _newest(directory: Path) -> float:

@@ -49,7 +49,7 @@ def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
     pt = write_recipe(workdir / "pt.yaml", model_name_or_path=base, dataset_dir="data", output_dir="saves/pt",
                       stage="pt", dataset="tiny_pt", template=None, neat_packing=True)
     bad = pipeline("train", pt, cwd=workdir, expect=2)
-    assert "neat_packing: only applies to stage: sft, but stage is pt" in bad.stderr
+    assert "neat_packing: given true, but it has no meaning for stage: pt" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/pt").exists()
 
     short = write_recipe(workdir / "short.yaml", model_name_or_path=base, dataset_dir="data",

@@ -124,3 +124,23 @@ def test_nvme_offload_needs_a_json(recipe):
 def test_offload_optimizer_needs_zero(recipe):
     assert errors(recipe("offload_optimizer: cpu\n")) == [
         "r.yaml:5:20: offload_optimizer: offloading optimizer states needs zero_stage 1, 2 or 3 (zero_stage is 0)"]
+
+
+@pytest.mark.parametrize("stage,key,why", [
+    ("dpo", "packing", "a dpo row is a chosen/rejected pair, never packed"),
+    ("dpo", "neat_packing", "a dpo row is a chosen/rejected pair, never packed"),
+    ("dpo", "train_on_prompt", "dpo scores the responses only; the prompt is never part of the loss"),
+    ("pt", "train_on_prompt", "pt has no prompt: every token is trained"),
+    ("pt", "mask_history", "pt has no conversation turns"),
+])
+def test_a_key_the_stage_would_ignore_is_refused(recipe, stage, key, why):
+    """Set where the stage cannot honour it, a key would be ignored without a word: one message, saying why."""
+    messages = errors(recipe(f"stage: {stage}\n{key}: true\n"))
+    assert len(messages) == 1 and messages[0].endswith(
+        f"{key}: given true, but it has no meaning for stage: {stage} ({why}); remove it"), messages
+
+
+@pytest.mark.parametrize("stage,key", [("dpo", "mask_history"), ("pt", "packing"), ("sft", "train_on_prompt")])
+def test_a_key_the_stage_honours_is_accepted(recipe, stage, key):
+    """dpo scores the last response only (mask_history's meaning); pt concatenates documents anyway."""
+    assert resolve(recipe(f"stage: {stage}\n{key}: true\n"))[key] is True

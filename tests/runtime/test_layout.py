@@ -1,10 +1,12 @@
 """The run layout and the one rule for which tuned weights are current (used by merge, eval and chat)."""
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
-from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
+from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, merged_weights, trained_weights
 
 
 def _adapter(path: Path) -> Path:
@@ -67,3 +69,10 @@ def test_merged_is_current_only_when_not_older_than_the_training(tmp_path, capsy
     assert current_weights(out, "lora", None) == Weights("adapter", out.adapter)
     assert "is older than" in capsys.readouterr().err
     assert merged_weights(out) == Weights("merged", out.merged)  # still there when asked for by name
+
+
+def test_reports_name_the_merged_models_own_architecture(tmp_path):
+    """A merged Qwen3 is 'Hugging Face Qwen3ForCausalLM layout' in metrics.json and report.md, not GPT-2's."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
+    assert describe(Weights("merged", tmp_path), "base", "lora") == \
+        f"{tmp_path} (merged, Hugging Face Qwen3ForCausalLM layout)"

@@ -102,5 +102,5 @@ def test_neat_packing_needs_a_model_that_keeps_examples_apart(make_recipe):
 def test_pt_packs_documents_and_refuses_neat_packing(make_recipe):
     r = make_recipe(BASE_PT, name="pt", packing=True)
     assert count_examples(data_args(r)) == count_examples(data_args(make_recipe(BASE_PT, name="pt2")))  # pt always concatenates
-    with pytest.raises(UserError, match="neat_packing: only applies to stage: sft, but stage is pt"):
+    with pytest.raises(UserError, match="neat_packing: given true, but it has no meaning for stage: pt"):
         make_recipe(BASE_PT, name="pt3", neat_packing=True)
