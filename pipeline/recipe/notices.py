@@ -16,9 +16,31 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
                      "this repository and weights are read from safetensors only")
 
 
+# The template that is each family's own chat format (the one its instruct checkpoints were trained in).
+FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3"}
+
+
+def template_notice(r: Any) -> str | None:
+    """A Llama or Qwen recipe that does not set `template` gets ours by default: the book's Alpaca prompt, a
+    format that model never saw. LLaMA-Factory would read the tokenizer's chat template instead; so that a ported
+    recipe does not train in a foreign format without a word, say so (once set, even to alpaca, it is quiet)."""
+    if r.origin("template").kind in ("file", "cli") or r["stage"] == "pt":  # pt formats no prompt
+        return None
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(r["model_name_or_path"])
+    own = FAMILY_TEMPLATES.get(info.config.family) if info else None
+    if own is None:
+        return None
+    return (f"notice: template: not set, so the default '{r['template']}' (the book's Alpaca prompt) formats the "
+            f"data for this {info.config.family} model, whose own chat format is template: {own} (LLaMA-Factory "
+            f"would read the tokenizer's chat template); set template: {own}, or template: {r['template']} to "
+            "keep the default and silence this notice")
+
+
 def notices(r: Any) -> list[str]:
-    """`where: key: accepted without effect: why` for every no-effect key the user set."""
-    out = []
+    """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice."""
+    out = [line] if (line := template_notice(r)) else []
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

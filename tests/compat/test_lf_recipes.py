@@ -287,3 +287,17 @@ def test_make_export_with_a_merge_lora_recipe(tmp_path):
     assert (root / "saves/tiny_merged/model.safetensors").is_file()
     verification = json.loads((root / "saves/tiny_merged/verification.json").read_text("utf-8"))
     assert verification["source"].endswith("saves/tiny/lora/sft/adapter")
+
+
+def test_a_qwen_recipe_without_template_hears_that_alpaca_formats_its_data(tmp_path):
+    """LLaMA-Factory reads the tokenizer's chat template when `template` is unset; ours defaults to alpaca. A ported
+    recipe that leaves it out is told, naming the family's own template; set (to anything) or GPT-2: quiet."""
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    write_hf_checkpoint(tmp_path / "qwen", "qwen3", small_vocab=True)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: qwen\nstage: sft\ndataset: d\nmax_steps: 1\n", "utf-8")
+    told = pipeline("plan", "r.yaml", cwd=tmp_path, expect=None).stderr
+    assert ("notice: template: not set, so the default 'alpaca' (the book's Alpaca prompt) formats the data for "
+            "this qwen3 model, whose own chat format is template: qwen3") in told
+    for quiet in (["template=alpaca"], ["model_name_or_path=tiny"]):
+        assert "notice: template" not in pipeline("plan", "r.yaml", *quiet, cwd=tmp_path, expect=None).stderr
