@@ -14,6 +14,10 @@ must multiply the logit gradient before its cast to fp16, or small probabilities
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +25,19 @@ from torch import nn
 from pipeline.model.kernels import Linear
 
 CHUNK_ROWS = 128  # fastest on the benchmark's CPU among 64-1024; 128 x 50257 fp32 logits = 26 MB
+_PLAIN = contextvars.ContextVar("plain_head", default=False)
+
+
+@contextlib.contextmanager
+def plain_head() -> Iterator[None]:
+    """Inside, every head takes the plain path (full logits, F.cross_entropy). Why: a frozen copy that must give
+    bitwise the values of a model whose head trains (DPO's reference of a full fine-tuning run, whose first step
+    is then exactly ln 2) has to compute them the way that model does; the row blocks round differently."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
 
 
 def fused_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
@@ -30,7 +47,7 @@ def fused_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
 def chunkable(head: nn.Module, hidden: torch.Tensor) -> bool:
     """The head is a frozen, unpartitioned bias-free Linear in the hidden states' dtype (bf16/fp32), no autocast."""
     weight = getattr(head, "weight", None)
-    return (type(head) in (nn.Linear, Linear) and head.bias is None  # not a LoRA wrapper
+    return (not _PLAIN.get() and type(head) in (nn.Linear, Linear) and head.bias is None  # not a LoRA wrapper
             and weight is not None and not weight.requires_grad and not hasattr(weight, "ds_id")
             and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float32)
             and not torch.is_autocast_enabled(hidden.device.type))

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from pipeline.errors import UserError
+from pipeline.model import head_loss
 from pipeline.model.preference import pair_logps, preference_loss
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
@@ -58,15 +59,19 @@ class AdapterReference:
 
 
 class ModelReference:
-    """A separate frozen model: a copy of the starting weights (full / freeze) or ref_model."""
+    """A separate frozen model: a copy of the starting weights (full / freeze) or ref_model. `plain_head`: the
+    policy's head trains, so the reference computes its log-probabilities the way the policy does (its own head is
+    frozen, which would otherwise take the row-block path and round differently)."""
 
-    def __init__(self, model: torch.nn.Module, description: str):
+    def __init__(self, model: torch.nn.Module, description: str, plain_head: bool = False):
         self.model = model
         self.description = description
+        self.plain_head = plain_head
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return token_nll(self.model, batch)
+        with head_loss.plain_head() if self.plain_head else contextlib.nullcontext():
+            return token_nll(self.model, batch)
 
 
 def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
@@ -94,7 +99,8 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
                                       dataclasses.replace(models.finetune, finetuning_type="full"))
         description = "the starting model (a frozen copy)"
     model.requires_grad_(False).eval()
-    return ModelReference(_place(model, engine, zero3_config, dtype), description)
+    head_trains = any(p.requires_grad for p in engine.module.lm_head.parameters())
+    return ModelReference(_place(model, engine, zero3_config, dtype), description, plain_head=head_trains)
 
 
 def check_vocabulary(ref: torch.nn.Module, policy: torch.nn.Module, ref_model: str, policy_name: str) -> None:

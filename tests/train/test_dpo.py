@@ -112,7 +112,8 @@ def test_first_step_is_ln2_for_every_reference(dpo_recipe, finetuning_type, zero
                    bf16=bf16, max_steps=2, warmup_steps=0)
     result = train(r)
     log = read_log(result.output_dir / "trainer_log.jsonl")
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # the reference scores as the policy does
+    assert log[0]["rewards/chosen"] == log[0]["rewards/rejected"] == 0.0 and log[0]["rewards/accuracies"] == 0.0
     assert log[1]["loss"] < math.log(2)
 
 
