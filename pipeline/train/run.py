@@ -376,11 +376,14 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
     from pipeline.model.lora import trainable_report
 
     precision = "bf16" if r["bf16"] else "fp16" if r["fp16"] else "fp32"
+    packed = r["stage"] == "sft" and (r["packing"] or r["neat_packing"])
+    items = {"pt": f"windows of cutoff_len {r['cutoff_len']}", "dpo": "pairs"}.get(  # what the loader's items are
+        r["stage"], f"packed rows of cutoff_len {r['cutoff_len']}" if packed else "examples")
     lines = [
         trainable_report(model)[3],
         f"train: stage {r['stage']}, finetuning {r['finetuning_type']}, {precision}, ZeRO stage {r['zero_stage']}, "
         f"{dist.world_size()} rank(s)",
-        f"data: {loader.num_examples:,} examples, {len(loader):,} micro-batches of {loader.batch_size} per rank "
+        f"data: {loader.num_examples:,} {items}, {len(loader):,} micro-batches of {loader.batch_size} per rank "
         f"per epoch; global batch {r['total_train_batch_size']} "
         f"({r['per_device_train_batch_size']} x {r['gradient_accumulation_steps']} accumulation x "
         f"{dist.world_size()} ranks)",
