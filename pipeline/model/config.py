@@ -363,7 +363,8 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     problems, chosen = [], set()
     for pattern in patterns:
         bare = fam.strip(pattern)
-        if bare == "lm_head" or bare.endswith(".lm_head"):
+        if key == "lora_target" and (bare == "lm_head" or bare.endswith(".lm_head")):
+            # PEFT would not export a LoRA head as a base layer; additional_target trains it in full instead
             problems.append(f"{key}: '{pattern}': the output head takes no LoRA (train it in full with"
                             " additional_target or finetuning_type: full)")
             continue
@@ -406,17 +407,20 @@ def module_paths(cfg: ModelConfig) -> list[str]:
     return list(paths)
 
 
-def additional_target_modules(cfg: ModelConfig, patterns: Iterable[str] | None) -> list[ModuleSpec]:
-    """additional_target: any module (norms, embeddings, head, whole blocks) trained in full alongside LoRA."""
+def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | None) -> list[ModuleSpec]:
+    """additional_target: any module (norms, embeddings, head, whole blocks) trained in full alongside LoRA.
+
+    A comma string is split as LLaMA-Factory does ('embed_tokens,lm_head'), like lora_target."""
     if not patterns:
         return []
-    chosen = select_modules(module_paths(cfg), list(patterns), key="additional_target", family=cfg.family)
+    chosen = select_modules(module_paths(cfg), normalise_targets(patterns), key="additional_target",
+                            family=cfg.family)
     return [m for m in layout(cfg) if any(m.name == c or m.name.startswith(c + ".") for c in chosen)]
 
 
 def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
-                     additional_target: Iterable[str] | None = None) -> int:
+                     additional_target: str | Iterable[str] | None = None) -> int:
     """How many parameters the optimizer updates (for plan's memory estimate and the trainable report)."""
     if finetuning_type == "full":
         return count_params(cfg)

@@ -33,6 +33,7 @@ from pipeline.model.weights import read_tensors
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
 
 
 class LoRALayer(nn.Module):
@@ -102,7 +103,7 @@ def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 8,
                alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
-               seed: int | None = None, additional_targets: Iterable[str] | None = None) -> list[str]:
+               seed: int | None = None, additional_targets: str | Iterable[str] | None = None) -> list[str]:
     """Freeze the model, wrap the targeted Linears (not the output head) with LoRA; returns their paths.
 
     Patterns are the family's HF module names, matched by suffix (PEFT's rule): for GPT-2 'c_attn',
@@ -113,8 +114,13 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     alpha = default_lora_alpha(rank) if alpha is None else alpha
     family = family_of_model(model)
     chosen = select_modules(lora_candidates(linear_names(model)), targets, family=family)
-    extra = [] if not additional_targets else select_modules(
-        [n for n, _ in model.named_modules() if n], list(additional_targets), key="additional_target", family=family)
+    modules = [n for n, _ in model.named_modules() if n]
+    extra = [] if not additional_targets else select_modules(modules, additional_targets, key="additional_target",
+                                                             family=family)
+    if head_is_tied(model) and set(TIED) & set(extra):
+        # training either trains the shared matrix, so both modules are saved and restored (PEFT's
+        # ensure_weight_tying): with one of them the adapter would give PEFT another model than the trained one
+        extra = [n for n in modules if n in extra or n in TIED]
     model.requires_grad_(False)
     generator = None
     if seed is not None:
@@ -130,11 +136,15 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
 def keep_starting_modules(model: nn.Module) -> None:
     """Remember frozen copies of the additional_target modules (trained in full) as they are now, so that
     adapters_disabled() gives the starting model back; PEFT's modules_to_save keep their original the same way.
-    Not for ZeRO-3-partitioned weights (a copy of a partition is not the module)."""
+    One deepcopy memo for all: a tied head's copy shares the embedding copy's weight, as the originals do (two
+    copies would cost a second vocabulary matrix). Not for ZeRO-3-partitioned weights (a copy of a partition is
+    not the module)."""
     import copy
 
-    model._lora_starting = {name: copy.deepcopy(model.get_submodule(name)).requires_grad_(False)  # type: ignore[assignment]
-                            for name in getattr(model, "_lora_additional", [])}
+    memo: dict[int, Any] = {}
+    starting = {name: copy.deepcopy(model.get_submodule(name), memo).requires_grad_(False)
+                for name in getattr(model, "_lora_additional", [])}
+    model._lora_starting = starting  # type: ignore[assignment]
 
 
 @contextlib.contextmanager
@@ -238,6 +248,12 @@ def family_of_model(model: nn.Module) -> Family:
     return FAMILIES[cfg.family] if cfg is not None else GPT2
 
 
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the output head's weight is the token embedding's Parameter (tie_word_embeddings)."""
+    embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    return embed is not None and head is not None and head.weight is embed.weight
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors (+ additional_target modules), keyed as PEFT saves them for the family's HF class."""
     family = family_of_model(model)
@@ -286,6 +302,11 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     additional = getattr(model, "_lora_additional", [])
     family = family_of_model(model)
+    # a trained tied matrix: both modules in modules_to_save and both tensors in the file, with
+    # ensure_weight_tying. Without the flag PEFT keeps the head on the base embedding (another model), without
+    # the head's tensor it fails to load, and without lm_head listed it ties nothing for GPT-2 (PEFT finds the
+    # pair by the names embed_tokens / lm_head)
+    tied = head_is_tied(model) and "lm_head" in additional
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -300,9 +321,14 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         "modules_to_save": [family.to_hf(n) for n in additional] or None,
         "init_lora_weights": True,
         "inference_mode": True,
+        **({"ensure_weight_tying": True} if tied else {}),
         **(dict(cfg_info) if cfg_info else {}),
     }
-    tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in lora_state_dict(model).items():
+        value = value.contiguous().cpu()
+        shared = any(value.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors.values())
+        tensors[key] = value.clone() if shared else value  # safetensors refuses shared storage (the tied head)
     with atomic_dir(directory) as tmp:
         write_json(tmp / ADAPTER_CONFIG, config)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -369,6 +395,36 @@ def _check_settings(wrappers: Mapping[str, LinearWithLoRA], config: Mapping[str,
         raise UserError(problems)
 
 
+def _tied_tensors(model: nn.Module, config: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                  weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors with both keys of a tied embedding / head set to the one matrix the adapter trains.
+
+    PEFT (ensure_weight_tying) writes both, equal; an adapter with one of them and the flag means both. Without
+    the flag PEFT leaves the other one at the base's weights, and a pair that differs unties them: neither is a
+    model whose head is tied, so it is refused rather than loaded as another model than PEFT's.
+    """
+    if not (head_is_tied(model) and "lm_head" in getattr(model, "_lora_additional", [])):
+        return tensors
+    family = family_of_model(model)
+    keys = [f"{PEFT_PREFIX}{family.to_hf(name)}.weight" for name in TIED]
+    given = [k for k in keys if k in tensors]
+    if not given:
+        return tensors  # reported as missing tensors
+    if len(given) == 2 and not torch.equal(tensors[keys[0]], tensors[keys[1]]):
+        why = f"'{keys[0]}' and '{keys[1]}' differ"
+    elif len(given) == 1 and not config.get("ensure_weight_tying"):
+        other = next(k for k in keys if k not in given)
+        why = (f"it holds '{given[0]}' but not '{other}' and does not set \"ensure_weight_tying\": true, so PEFT"
+               " keeps the other one at the base model's weights")
+    else:
+        return {**tensors, **{k: tensors[given[0]] for k in keys}}
+    raise UserError(f"{weights}: {why}; this model's output head is tied to its token embedding (one matrix), so"
+                    " it cannot compute that adapter model. Set tie_word_embeddings: false in the recipe to load it"
+                    " as PEFT does; or, if the two were trained as one matrix (this pipeline's LoRA runs wrote"
+                    " such adapters before ensure_weight_tying), add \"ensure_weight_tying\": true to its"
+                    f" {ADAPTER_CONFIG}")
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     """Load a PEFT-layout adapter; injects LoRA from adapter_config.json unless the model already has it.
 
@@ -395,6 +451,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                    rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                    dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
                    additional_targets=config.get("modules_to_save") or [])
+    tensors = _tied_tensors(model, config, tensors, weights)
     model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     problems = []
     for key, shape in model_keys.items():

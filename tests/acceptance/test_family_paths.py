@@ -1,6 +1,8 @@
 """The user's path for Llama 3 and Qwen3: a save_pretrained checkpoint with its real tokenizer files ->
 `python -m pipeline build / train (LoRA sft) / merge / generate`; transformers (merged/, AutoTokenizer) and PEFT
-(base + adapter/) generate exactly what we generate, token for token.
+(base + adapter/) generate exactly what we generate, token for token. The run also trains the embedding and the
+head in full, named as LLaMA-Factory recipes do when tokens are added (`additional_target: embed_tokens,lm_head`):
+on the tied Llama checkpoint they are one matrix, which PEFT must tie again when it loads adapter/.
 
 The checkpoints come from the harness (tests/acceptance/harness.py FAMILIES: 2 layers, GQA, Llama 3.1's rope
 scaling, Qwen3's q/k norms and head_dim, the real 128k / 152k vocabularies).
@@ -29,7 +31,7 @@ def session(request, tmp_path_factory, hf_checkpoint) -> tuple[str, Path]:
     write_base_with_chat_template(hf_checkpoint(family), root / "base")
     recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
                           template=TEMPLATES[family], output_dir="saves/lora", max_new_tokens=NEW_TOKENS,
-                          learning_rate=0.05)
+                          learning_rate=0.05, additional_target="embed_tokens,lm_head")
     pipeline("build", recipe, cwd=root)
     pipeline("train", recipe, cwd=root)
     pipeline("merge", recipe, cwd=root)
@@ -107,6 +109,29 @@ def test_generate_agrees_with_transformers_and_peft_token_for_token(session, whi
             reference = peft.PeftModel.from_pretrained(reference, out / "adapter")
     expected = greedy_text(reference.eval(), tokenizer, stop_ids)
     assert generated(root, which) == expected + "\n"
+
+
+def test_peft_adapter_and_transformers_merged_compute_the_same_logits(session):
+    """adapter/ in PEFT on the base and merged/ in transformers: the same model, embedding and head included (a
+    tied head left on the base embedding by PEFT differed by ~0.2 relative before ensure_weight_tying)."""
+    import peft
+    import transformers
+
+    family, root = session
+    out = root / "saves/lora"
+    tied = json.loads((root / "base" / "config.json").read_text())["tie_word_embeddings"]
+    assert tied is (family == "llama")
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["model.embed_tokens", "lm_head"]
+    assert adapter.get("ensure_weight_tying", False) is tied
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base").eval()
+    x = torch.tensor([list(range(5, 60, 3))])
+    with torch.no_grad():
+        before = base(x).logits
+        tuned = peft.PeftModel.from_pretrained(base, out / "adapter").eval()(x).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()(x).logits
+    assert (tuned - merged).abs().max() <= 1e-4 * merged.abs().max()
+    assert (merged - before).abs().max() > 1e-2 * before.abs().max()
 
 
 def test_the_tuned_model_generates_otherwise_than_the_base(session):

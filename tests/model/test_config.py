@@ -71,6 +71,17 @@ def test_bad_targets_are_user_errors():
         trainable_params(tiny, "freeze", freeze_trainable_layers=3)
 
 
+def test_additional_target_takes_the_head_and_a_comma_string():
+    """LLaMA-Factory's form for added tokens; the tiny preset's head is tied: one vocabulary matrix, counted once."""
+    tiny = PRESETS["tiny"]
+    lora = trainable_params(tiny, "lora", 4, ["c_attn"])
+    matrix = tiny.vocab_size * tiny.emb_dim
+    for extra in ("wte,lm_head", ["lm_head"], "wte", [" wte ", "lm_head"]):
+        assert trainable_params(tiny, "lora", 4, ["c_attn"], additional_target=extra) == lora + matrix
+    untied = tiny.replace(tie_weights=False)
+    assert trainable_params(untied, "lora", 4, ["c_attn"], additional_target="wte,lm_head") == lora + 2 * matrix
+
+
 def test_read_config_preset_hf_and_own(tmp_path):
     assert read_config("gpt2-small") is PRESETS["gpt2-small"]
     hf = tmp_path / "hf"

@@ -7,6 +7,7 @@ head_dim and q/k norms, tied and untied heads.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -146,6 +147,26 @@ def randomise_lora(model, seed=0):
             wrapper.lora.B.copy_(torch.randn(wrapper.lora.B.shape, generator=gen) * 0.1)
 
 
+def assert_adapter_agrees(peft, ours, path, directory, x):
+    """PEFT (base + our adapter/) computes what we compute, and the adapter changes the output; our own loader
+    reads it back to the same model; merged and exported, transformers computes the same again."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tuned = peft.PeftModel.from_pretrained(base, directory).eval()
+    with torch.no_grad():
+        want = tuned(x).logits
+        got = ours(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0)
+    assert (got - load_model(path).eval()(x)).abs().max() > 1e-2
+    again = load_model(path).eval()
+    load_adapter(again, directory)
+    assert torch.equal(again(x), got)
+    merge_lora(again)
+    save_hf(again, directory.parent / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(directory.parent / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(x).logits, want, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("targets,extra", [("all", None), (["q_proj", "v_proj", "down_proj"], ["norm"])])
 def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets, extra):
     peft = pytest.importorskip("peft")
@@ -167,23 +188,72 @@ def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets,
     else:
         assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
         assert config["modules_to_save"] == ["model.norm"]
-    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    x = ids(7)
+    assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
+
+
+def perturb_trainable(model, seed=2):
+    """Random LoRA B and noise on every weight trained in full (a tied matrix once: parameters() de-duplicates)."""
+    randomise_lora(model, seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        want = tuned(x).logits
-        got = ours(x)
-    assert torch.allclose(got, want, atol=1e-4, rtol=0)
-    assert (got - load_model(path).eval()(x)).abs().max() > 1e-2  # the adapter does change the output
-    # our own loader reads the adapter back; merged and exported, transformers computes the same
-    again = load_model(path).eval()
-    load_adapter(again, tmp_path / "adapter")
-    assert torch.equal(again(x), got)
-    merge_lora(again)
-    save_hf(again, tmp_path / "merged")
-    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    with torch.no_grad():
-        assert torch.allclose(merged(x).logits, want, atol=1e-4, rtol=0)
+        for name, p in model.named_parameters():
+            if p.requires_grad and ".lora." not in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+@pytest.mark.parametrize("extra", ["embed_tokens,lm_head", ["lm_head"], ["embed_tokens"]])
+def test_embedding_and_head_trained_in_full_load_in_peft_and_merge(checkpoint, tmp_path, extra):
+    """additional_target naming the embedding, the head or both (LLaMA-Factory's comma string for new tokens).
+    A tied head is the embedding's matrix, so training either trains both: the adapter must tell PEFT so
+    (ensure_weight_tying), else PEFT keeps the head on the base embedding and computes another model."""
+    peft = pytest.importorskip("peft")
+    name, path, _ = checkpoint
+    tied = read_config(path).tie_weights
+    if not tied and extra != "embed_tokens,lm_head":
+        pytest.skip("an untied head is an ordinary module: one case covers it")
+    ours = load_model(path).eval()
+    apply_lora(ours, ["q_proj"], rank=4, alpha=8, additional_targets=extra)
+    assert ours.lm_head.weight.requires_grad and ours.embed_tokens.weight.requires_grad == (tied or "embed" in extra)
+    perturb_trainable(ours)
+    save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["model.embed_tokens", "lm_head"]
+    assert config.get("ensure_weight_tying", False) is tied
+    assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(8))
+
+
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens"]])
+def test_a_peft_adapter_training_the_head_or_embedding_loads(checkpoint, tmp_path, modules):
+    """Written by PEFT itself. On a tied model PEFT ties the pair only with ensure_weight_tying; without it the
+    adapter unties them, which a tied model cannot compute: refused, unless tie_word_embeddings: false (whose
+    head starts as a copy of the embedding) loads it as PEFT does."""
+    peft = pytest.importorskip("peft")
+    name, path, _ = checkpoint
+    cfg = read_config(path)
+    x = ids(9)
+    for ensure in ([True, False] if cfg.tie_weights else [False]):
+        base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=list(modules),
+                                 ensure_weight_tying=ensure)
+        tuned = peft.get_peft_model(base, config)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        directory = tmp_path / f"adapter_{ensure}"
+        tuned.save_pretrained(directory)
+        with torch.no_grad():
+            want = tuned.eval()(x).logits
+        ours = load_model(path).eval()
+        if cfg.tie_weights and not ensure:
+            with pytest.raises(UserError) as err:
+                load_adapter(ours, directory)
+            assert len(err.value.messages) == 1 and "tie_word_embeddings: false" in err.value.messages[0]
+            assert "ensure_weight_tying" in err.value.messages[0]
+            ours = load_model(path, cfg=dataclasses.replace(cfg, tie_weights=False)).eval()
+        load_adapter(ours, directory)
+        assert torch.allclose(ours(x), want, atol=1e-4, rtol=0)
 
 
 def test_lora_targets_use_the_family_names(checkpoint):

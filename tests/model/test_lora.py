@@ -12,6 +12,7 @@ from pipeline.model.config import PRESETS, trainable_params
 from pipeline.model.gpt import GPTModel
 from pipeline.model.lora import (LinearWithLoRA, LoRALayer, apply_lora, load_adapter, lora_state_dict, merge_lora,
                                  replace_linear_with_lora, save_adapter, trainable_report, unmerge_lora)
+from pipeline.model import lora as L
 from pipeline.model.weights import load_model
 
 TINY = PRESETS["tiny"].replace(context_length=32)
@@ -179,6 +180,44 @@ def test_peft_loads_our_adapter(tmp_path, hf_dir, use_rslora, targets, extra):
         ref = tuned(x).logits
     assert torch.allclose(ours(x), ref, atol=1e-4, rtol=0)
     assert (ours(x) - load_model(path).eval()(x)).abs().max() > 1e-2  # the adapter does change the output
+
+
+@pytest.mark.parametrize("extra", ["lm_head", "wte", "wte,lm_head"])
+def test_the_tied_head_trained_in_full_loads_in_peft(tmp_path, hf_dir, extra):
+    """GPT-2's head is its token embedding: additional_target lm_head, wte or both (a comma string, as in
+    LLaMA-Factory) train that one matrix, and the adapter says so (ensure_weight_tying, both tensors), so PEFT's
+    head follows the trained embedding. adapters_disabled() (a preference loss's reference) is the base, head
+    included, and the starting copy keeps the two modules on one matrix."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    path, _ = hf_dir
+    ours = load_model(path).eval()
+    apply_lora(ours, ["c_attn"], rank=4, alpha=8, additional_targets=extra)
+    assert ours._lora_additional == ["embed_tokens", "lm_head"]
+    L.keep_starting_modules(ours)
+    randomise_lora(ours, seed=6)
+    with torch.no_grad():
+        ours.embed_tokens.weight.add_(torch.randn(ours.embed_tokens.weight.shape,
+                                                  generator=torch.Generator().manual_seed(7)) * 0.1)
+    save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["transformer.wte", "lm_head"] and config["ensure_weight_tying"] is True
+    base = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+    x = ids(5)
+    with torch.no_grad():
+        before = base(x).logits
+        tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        assert torch.allclose(ours(x), tuned(x).logits, atol=1e-4, rtol=0)
+        with tuned.disable_adapter():  # PEFT tied the pair in its copies, not by writing into the base's matrix
+            assert torch.equal(tuned(x).logits, before)
+        starting = L.adapters_disabled(ours)
+        with starting:
+            assert ours.lm_head.weight is ours.embed_tokens.weight
+            assert torch.equal(ours(x), load_model(path).eval()(x))
+    assert ours.lm_head.weight is ours.embed_tokens.weight  # the trained matrix is back
+    again = load_model(path).eval()
+    load_adapter(again, tmp_path / "adapter")
+    assert torch.equal(again(x), ours(x))
 
 
 @pytest.mark.parametrize("setting", [dict(alpha_pattern={"c_proj": 32}), dict(rank_pattern={"c_attn": 8}),
