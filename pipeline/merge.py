@@ -42,8 +42,9 @@ from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.recipe.args import ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, recipe_args
-from pipeline.runtime import hostmem
+from pipeline.runtime import guard, hostmem
 from pipeline.runtime.layout import RunLayout, trained_weights
+from pipeline.train.checkpoint import where
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
 # cast errors on tiny..gpt2-small: fp32 ~3e-6, fp16 ~2e-3, bf16 ~1.4e-2.
@@ -53,6 +54,7 @@ LAYER_ATOL = 1e-5
 MAX_UPDATE_LOST = 0.5  # relative error of a layer's update after the export cast (||.||_F)
 NUM_SAMPLES = 4
 MAX_SAMPLE_TOKENS = 256
+VERIFICATION = "verification.json"  # every folder export writes holds it: what marks a folder as ours to replace
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
@@ -60,13 +62,13 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     re-exported), verified, written to output_dir/merged (or export_dir) in the Hugging Face layout."""
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     out = RunLayout.of(r["output_dir"])
+    target = _export_target(r, Path(ex.export_dir) if ex.export_dir else out.merged)
     lora = models.finetune.finetuning_type == "lora"
     if lora:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
         check = reexport_full(models, data, ex, out, _recipe(r))
-    target = export(check, Path(ex.export_dir) if ex.export_dir else out.merged, ex, GenerationArgs.from_recipe(r),
-                    recipe_tokenizer(data))
+    target = export(check, target, ex, GenerationArgs.from_recipe(r), recipe_tokenizer(data))
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
@@ -84,7 +86,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
         raise UserError(f"{_recipe(r)}: export needs export_dir (where the merged model goes), e.g. "
                         "export_dir: saves/merged; to merge a run of this recipe into output_dir/merged use "
                         "`python -m pipeline merge`")
-    target = Path(r["export_dir"])
+    target = _export_target(r, Path(r["export_dir"]))
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     if r["adapter_name_or_path"]:
         adapter = resolve_model_path(r["adapter_name_or_path"], key="adapter_name_or_path")  # a path or a hub id
@@ -370,6 +372,15 @@ def _check_cast(check: Verified, export_dtype: str, casts: Mapping[str, tuple[fl
 
 
 # ---------------------------------------------------------------- export
+def _export_target(r: Mapping[str, Any], target: Path) -> Path:
+    """`target`, once it is safe to replace as a whole (export swaps a new folder in and deletes the old one): not
+    a file, not the run merged from or any input, and new, empty or an earlier export. Checked before any work."""
+    key = "export_dir" if r.get("export_dir") else "output_dir"
+    named = guard.protected(r, {"output_dir, the run merged from": r.get("output_dir")})
+    guard.refuse_to_clear(target, where(r, key), key, named, ours=VERIFICATION)
+    return target
+
+
 def export(check: Verified, target: Path, ex: ExportArgs, gen: GenerationArgs, tokenizer: Tokenizer) -> Path:
     """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory.
 
@@ -397,7 +408,7 @@ def export(check: Verified, target: Path, ex: ExportArgs, gen: GenerationArgs, t
         check.report["logits"]["written"] = err
         write_tokenizer_files(tmp, tokenizer, context_length)
         write_json(tmp / "generation_config.json", generation)
-        write_json(tmp / "verification.json", {**check.report, "export_dtype": dtype})
+        write_json(tmp / VERIFICATION, {**check.report, "export_dtype": dtype})
     return target
 
 

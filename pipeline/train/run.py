@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.errors import UserError
-from pipeline.runtime import deepspeed_compat, dist, hostmem
+from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -279,13 +279,6 @@ def json_short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _dangerous(path: Path) -> bool:
-    """Directories that must never be emptied by overwrite_output_dir."""
-    path = path.resolve()
-    cwd = Path.cwd().resolve()
-    return path in (cwd, Path.home().resolve(), *cwd.parents) or (path / ".git").exists()
-
-
 def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
     output_dir = Path(r["output_dir"])
@@ -299,10 +292,7 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
             raise UserError(f"{at}: {output_dir} is not empty (it holds {shown}); set "
                             "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to "
                             "start over (its contents are removed), or choose another output_dir")
-        if _dangerous(output_dir):
-            raise UserError(f"{at}: {output_dir} is the working directory, one of its parents, the home "
-                            "directory or a git checkout; overwrite_output_dir will not empty it. Choose a "
-                            "dedicated output_dir such as saves/<name>")
+        guard.refuse_to_clear(output_dir, at, "output_dir", guard.protected(r))  # overwrite_output_dir empties it
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():
         if entries and resume is None:

@@ -1,0 +1,69 @@
+"""What a command may empty or replace: never the user's inputs, never the places around the user.
+
+Why a module of its own: two commands remove a folder as a whole. `train` with `overwrite_output_dir` empties
+output_dir, and `merge` / `export` replace export_dir (an atomic swap: whatever was there is deleted). Pointed at
+the wrong folder by a typo or a copied recipe, either one deleted the base model, the data, the recipe, other runs
+or the project itself, and said nothing. Both now ask `refuse_to_clear` first, which raises one exit-2 message
+naming what the folder holds, before anything is read or written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.errors import UserError
+from pipeline.runtime.layout import RunLayout
+
+# recipe keys that name inputs on disk (a preset or a hub id names none)
+INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "tokenizer_name_or_path", "ref_model", "dataset_dir")
+
+
+def protected(r: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """What must survive, by the name a message gives it: the recipe's inputs that exist on disk, its files,
+    the working directory and the home directory (and `extra`, e.g. the run a merge reads)."""
+    named: dict[str, Path] = {}
+    for key, value in [*((k, r.get(k)) for k in INPUT_KEYS), *(extra or {}).items()]:
+        if value and Path(str(value)).exists():
+            named[key] = Path(str(value)).resolve()
+    for file in getattr(r, "files", ()):
+        named[f"the recipe {file}"] = Path(file).resolve()
+    named["the working directory"] = Path.cwd().resolve()
+    named["the home directory"] = Path.home().resolve()
+    return named
+
+
+def holder(target: Path, named: Mapping[str, Path]) -> str | None:
+    """The first protected thing `target` is, or holds; None when clearing it touches none of them."""
+    target = target.resolve()
+    for name, path in named.items():
+        if path == target or target in path.parents:
+            return name
+    if (target / ".git").exists():
+        return "a git checkout"
+    return None
+
+
+def refuse_to_clear(target: Path, at: str, key: str, named: Mapping[str, Path], *,
+                    ours: str | None = None) -> None:
+    """UserError unless `target` may be emptied or replaced: it must not be a file, must not be or hold a protected
+    path, and (with `ours`, the file every folder this command writes holds) must be new, empty or one of ours."""
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{at}: {target} is a file, not a directory; choose another {key}")
+    what = holder(target, named)
+    if what is not None:
+        is_it = target.resolve() == named.get(what)
+        raise UserError(f"{at}: {target} {'is' if is_it else 'holds'} {what}, which this command would delete "
+                        f"({key} is emptied or replaced as a whole); choose a dedicated folder such as "
+                        f"saves/<name>{'/merged' if ours else ''}")
+    runs = sorted(p.name for p in target.iterdir() if RunLayout(p).resolved_yaml.is_file()) if target.is_dir() else []
+    if runs:
+        raise UserError(f"{at}: {target} holds other training runs ({', '.join(runs[:6])}), which this command "
+                        f"would delete ({key} is emptied or replaced as a whole); choose a folder of its own such as "
+                        f"{target / 'new_run'}")
+    if ours and target.is_dir():
+        entries = sorted(p.name for p in target.iterdir())
+        if entries and ours not in entries:
+            shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+            raise UserError(f"{at}: {target} already holds other files ({shown}) and no {ours}, so it is not a "
+                            f"model this pipeline exported; {key} is replaced as a whole. Choose a new or empty "
+                            "folder")
