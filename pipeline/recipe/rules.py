@@ -252,12 +252,13 @@ TOKENIZING = ("train", "eval", "generate", "inspect", "validate", "merge")  # th
 def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
     """A Llama / Qwen preset (shapes, no vocabulary) names its tokenizer: refused up front, before any data or
     model is loaded, with the key to add. A tokenizer taken from elsewhere (tokenizer_name_or_path) exists and
-    its ids fit the model's embedding table; otherwise training would index past it."""
+    its ids fit the model's embedding table; otherwise training would index past it. So do the tokenizer files
+    of a model folder itself: copied from another download, they give the same IndexError mid-training."""
     from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
     from pipeline.errors import UserError
     from pipeline.model.config import PRESETS
 
-    name = ctx.values.get("tokenizer_name_or_path")
+    name, key = ctx.values.get("tokenizer_name_or_path"), "tokenizer_name_or_path"
     if not name:
         model = str(ctx.values["model_name_or_path"])
         if model in PRESETS and not is_gpt2_preset(model):
@@ -265,21 +266,30 @@ def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
                 load_tokenizer(model)
             except UserError as err:  # the one message that says what to add
                 return [("model_name_or_path", m.removeprefix("model_name_or_path: ")) for m in err.messages]
-        return []
+        if model in PRESETS or not os.path.isdir(model):
+            return []
+        name, key = model, "model_name_or_path"
     from pipeline.model.hub import is_hub_id
     from pipeline.recipe.modelinfo import model_info
 
     if is_hub_id(name) and ctx.command not in ("train", "merge", "eval", "generate"):
         return []  # fetched (or found in the HF cache) by the commands that load the model
     try:
-        tokenizer = load_tokenizer(name, "tokenizer_name_or_path")
+        tokenizer = load_tokenizer(name, key)
     except UserError as err:
-        return [("tokenizer_name_or_path", m.removeprefix("tokenizer_name_or_path: ")) for m in err.messages]
-    info = model_info(ctx.values["model_name_or_path"])
+        if key == "model_name_or_path":  # a folder without tokenizer files: the command that needs them says so
+            return []
+        return [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
+    model = ctx.values["model_name_or_path"]
+    info = model_info(model)
     if info is not None and tokenizer.n_vocab > info.vocab_size:
-        return [("tokenizer_name_or_path", f"'{name}' has {tokenizer.n_vocab:,} token ids, more than the "
-                                           f"{info.vocab_size:,} rows of {ctx.values['model_name_or_path']}'s "
-                                           "embedding table; use a tokenizer of the model's family")]
+        if key == "model_name_or_path":
+            return [(key, f"its tokenizer files have {tokenizer.n_vocab:,} token ids, more than the "
+                          f"{info.vocab_size:,} rows of its embedding table (vocab_size in config.json), so they "
+                          "belong to another model; copy the tokenizer files of the checkpoint's own download into "
+                          f"{model}, or set tokenizer_name_or_path to a tokenizer of the model's family")]
+        return [(key, f"'{name}' has {tokenizer.n_vocab:,} token ids, more than the {info.vocab_size:,} rows of "
+                      f"{model}'s embedding table; use a tokenizer of the model's family")]
     return []
 
 
