@@ -25,6 +25,10 @@ TEST_WORKERS ?= 2
 
 export PYTHONUNBUFFERED := 1
 
+ifneq ($(words $(RECIPE)),1)
+$(error RECIPE='$(RECIPE)': make cannot handle a file name with a space (it splits it into two targets); rename the \
+recipe file, or run its stages directly: python -m pipeline <stage> '$(RECIPE)')
+endif
 STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
 STAGE_GOALS := data validate inspect plan train dry-run merge eval chat all
 
@@ -109,7 +113,7 @@ $(STAMPS)/validate: $(STAMPS)/data
 # A stale *finished* run (all_results.json) is retrained from scratch; an interrupted one is not wiped:
 # the trainer then asks for resume_from_checkpoint=latest or overwrite_output_dir=true.
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP)
-	$(LAUNCH) train $(RECIPE) $$([ -f $(OUTPUT_DIR)/all_results.json ] && echo overwrite_output_dir=true) $(ARGS)
+	$(LAUNCH) train $(RECIPE) $$([ -f "$(OUTPUT_DIR)/all_results.json" ] && echo overwrite_output_dir=true) $(ARGS)
 	@$(if $(findstring --dry-run,$(ARGS)),true,touch $@)
 
 $(STAMPS)/merge: $(STAMPS)/train

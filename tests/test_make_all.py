@@ -181,3 +181,12 @@ def test_second_make_all_finds_nothing_stale(first_run, scratch_repo):
     again = _make_all(scratch_repo)
     assert again.returncode == 0, again.stderr[-3000:]
     assert " -m pipeline " not in again.stdout, again.stdout
+
+
+def test_a_recipe_name_with_a_space_is_one_clear_line():
+    """make splits such a name into two targets and would stop on a riddle; the Makefile says what to do instead."""
+    proc = subprocess.run(["make", "-n", "train", "RECIPE=my recipe.yaml"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "RECIPE='my recipe.yaml': make cannot handle a file name with a space" in proc.stderr
+    assert "python -m pipeline <stage> 'my recipe.yaml'" in proc.stderr
