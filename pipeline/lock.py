@@ -50,6 +50,17 @@ def _missing_parents(path: Path) -> list[Path]:
     return missing[::-1]
 
 
+def _in_the_way(path: Path) -> tuple[Path, str] | None:
+    """(the path, what it is) of the first of `path` and its parents that exists but is no directory: a file, or a
+    link to nothing, where a directory must go (`output_dir: notes.txt/run`); None when nothing is in the way."""
+    for parent in [*reversed(path.parents), path]:
+        if parent.is_symlink() and not parent.exists():
+            return parent, "a symbolic link to nothing"
+        if parent.exists() and not parent.is_dir():
+            return parent, "a file"
+    return None
+
+
 def _try_lock(fd: int) -> bool:
     """flock without waiting: False when another open file holds it."""
     try:
@@ -76,6 +87,11 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as err:
+        blocker = _in_the_way(path.parent)
+        if blocker is not None:
+            where = f"{at}: " if at else ""
+            raise UserError(f"{where}{target} cannot be created: {blocker[0]} is {blocker[1]}, not a directory; "
+                            f"move it away or choose another directory") from None
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         # a read-only place (a shared, already built dataset folder): this run cannot write there either, so

@@ -28,3 +28,21 @@ def test_a_model_folders_own_tokenizer_larger_than_its_embedding_table(tmp_path)
         assert "model_name_or_path: its tokenizer files have 384 token ids, more than the 256 rows" in err, err
         assert "tokenizer_name_or_path" in err
     assert not (tmp_path / "saves").exists()
+
+
+def test_a_file_where_an_output_directory_must_go(tmp_path):
+    """output_dir / export_dir under a file, a dataset_dir whose build/ is a file, a link to nothing: one message
+    naming what is in the way (each was a FileExistsError / NotADirectoryError traceback, exit 1)."""
+    write_data(tmp_path / "data")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    for command, key, value in (("train", "output_dir", "notes.txt/run"), ("merge", "export_dir", "notes.txt/a/b"),
+                                ("train", "output_dir", "gone/run")):
+        err = refused(command, recipe, f"{key}={value}", cwd=tmp_path)
+        blocker = "gone is a symbolic link to nothing" if value.startswith("gone") else "notes.txt is a file"
+        assert f"{key}: {value} cannot be created: {blocker}, not a directory; move it away" in err, err
+    (tmp_path / "data" / "build").write_text("")
+    err = refused("build", recipe, cwd=tmp_path)
+    assert "data/build/tiny_sft cannot be created: data/build is a file, not a directory" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine\n" and not (tmp_path / "saves").exists()
