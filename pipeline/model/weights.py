@@ -180,8 +180,9 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
                 f"{source}: ... and {len(problems) - MAX_TENSOR_PROBLEMS} more tensors that do not fit; these weights"
                 f" belong to another model than config.json describes ({file_cfg.n_layers} layers, width"
                 f" {file_cfg.emb_dim})"]
-        if cfg != file_cfg:
-            problems.append(f"{source}: the recipe changed the checkpoint's config ({_diff(file_cfg, cfg)});"
+        changed = _shape_diff(file_cfg, cfg)
+        if changed:
+            problems.append(f"{source}: the recipe changed the checkpoint's config ({changed});"
                             " these weights do not fit the changed shapes")
         raise UserError(problems)
     # assign=True makes these tensors the parameters themselves: they must be dense whatever their source
@@ -193,9 +194,15 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
     return model
 
 
-def _diff(a: ModelConfig, b: ModelConfig) -> str:
+# ModelConfig fields that size no tensor: a recipe that changes them (dropout 0.0 where GPT-2's config.json says
+# 0.1) is never why weights do not fit, and naming them sends the user to the recipe for a config.json problem.
+_NO_SHAPE = frozenset({"drop_rate", "norm_eps", "rope_theta", "rope_scaling"})
+
+
+def _shape_diff(a: ModelConfig, b: ModelConfig) -> str:
+    """`key a -> b, ...` for the fields that set tensor shapes and differ; "" when none does."""
     da, db = a.to_dict(), b.to_dict()
-    return ", ".join(f"{k} {da[k]!r} -> {db[k]!r}" for k in da if da[k] != db[k])
+    return ", ".join(f"{k} {da[k]!r} -> {db[k]!r}" for k in da if k not in _NO_SHAPE and da[k] != db[k])
 
 
 # ------------------------------------------------------------------------------------------------

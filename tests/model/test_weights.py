@@ -148,6 +148,26 @@ def test_shape_mismatch_and_missing_keys_are_listed(hf_dir, tmp_path):
     assert any("unexpected tensor 'extra.weight'" in m for m in msgs)
 
 
+def test_only_a_shape_change_of_the_recipe_is_blamed(hf_dir, tmp_path):
+    """config.json wider than its weights, loaded with the recipe's dropout (0.0, GPT-2's config says 0.1): the
+    mismatch is the checkpoint's own, so no line says the recipe changed the config (it named drop_rate)."""
+    path, _ = hf_dir
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_embd": 64, "resid_pdrop": 0.1}))
+    from pipeline.model.config import read_config
+
+    file_cfg = read_config(tmp_path)
+    for cfg, blamed in ((file_cfg.replace(drop_rate=0.0), None), (file_cfg.replace(drop_rate=0.0, n_layers=3),
+                                                                 "changed the checkpoint's config (n_layers 2 -> 3)")):
+        with pytest.raises(UserError) as err:
+            load_model(tmp_path, cfg=cfg)
+        msgs = err.value.messages
+        assert any("tensor 'h.0.ln_1.weight' has shape [32], the model expects [64]" in m for m in msgs)
+        assert [m for m in msgs if "recipe changed" in m] == ([] if blamed is None else [
+            f"{tmp_path}: the recipe {blamed}; these weights do not fit the changed shapes"]), msgs
+
+
 def test_truncated_and_missing_weights_name_the_file(hf_dir, tmp_path):
     path, _ = hf_dir
     copy_config(path, tmp_path)
