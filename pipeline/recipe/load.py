@@ -99,8 +99,8 @@ class _Builder:
                 self.error(node, "the value is too large or too deeply nested (recursive anchor?)")
             return None
         tag = node.tag
-        if tag.startswith(_Y + "python/") or tag.startswith("!!python"):
-            self.error(node, f"tag '{_short(tag)}' refused: a recipe is plain data, python tags could run code")
+        if _is_python(tag):
+            self.error(node, _PYTHON_REFUSED.format(tag=_short(tag)))
             return None
         if isinstance(node, ScalarNode):
             return self.scalar(node)
@@ -151,6 +151,13 @@ class _Builder:
                 continue
             seen[key] = (key_node, value_node)
         return seen
+
+
+_PYTHON_REFUSED = "tag '{tag}' refused: a recipe is plain data, python tags could run code"
+
+
+def _is_python(tag: str) -> bool:
+    return tag.startswith(_Y + "python/") or tag.startswith("!!python")
 
 
 def _short(tag: str) -> str:
@@ -252,9 +259,13 @@ def read_recipe_file(path: Path, file: str) -> dict[str, Entry]:
     if root is None or (isinstance(root, ScalarNode) and root.tag == NULL):
         raise UserError(f"{file}:1:1: the recipe is empty; expected 'key: value' lines such as 'model_name_or_path: tiny'")
     if not isinstance(root, MappingNode) or root.tag != MAP:
-        kind = "a list" if isinstance(root, SequenceNode) else f"the single value {getattr(root, 'value', '')!r}"
-        raise UserError(f"{file}:{root.start_mark.line + 1}:{root.start_mark.column + 1}: the recipe must be a "
-                        f"mapping of 'key: value' lines, found {kind}")
+        at = f"{file}:{root.start_mark.line + 1}:{root.start_mark.column + 1}"
+        if root.tag not in (MAP, SEQ, STR, INT, FLOAT, BOOL):  # a tag on the whole recipe: its node is no answer
+            problem = _PYTHON_REFUSED if _is_python(root.tag) else "unsupported tag '{tag}' on the recipe"
+            raise UserError(f"{at}: {problem.format(tag=_short(root.tag))}; remove the tag (the recipe is a "
+                            "mapping of 'key: value' lines)")
+        kind = "a list" if isinstance(root, SequenceNode) else f"the single value {root.value!r}"
+        raise UserError(f"{at}: the recipe must be a mapping of 'key: value' lines, found {kind}")
     errors: list[str] = []
     builder = _Builder(file, errors)
     entries = {

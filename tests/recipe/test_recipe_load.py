@@ -144,6 +144,21 @@ def test_list_at_top_level(write):
     assert messages(exc) == ["r.yaml:1:1: the recipe must be a mapping of 'key: value' lines, found a list"]
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("!!python/object:foo.Bar\nstage: sft\n", "tag '!!python/object:foo.Bar' refused: a recipe is plain data, python "
+                                             "tags could run code"),
+    ('!!python/object/apply:os.system ["echo hi"]\n', "tag '!!python/object/apply:os.system' refused: a recipe is "
+                                                      "plain data, python tags could run code"),
+    ("!!set\n? stage\n", "unsupported tag '!!set' on the recipe"),
+    ("!custom\nstage: sft\n", "unsupported tag '!custom' on the recipe"),
+])
+def test_a_tag_on_the_whole_recipe(write, text, problem):
+    """Refused as a tag one level down is (it said "found a list", or showed PyYAML's node objects)."""
+    with pytest.raises(UserError) as exc:
+        read(write, text)
+    assert messages(exc) == [f"r.yaml:1:1: {problem}; remove the tag (the recipe is a mapping of 'key: value' lines)"]
+
+
 def test_scalar_at_top_level(write):
     with pytest.raises(UserError) as exc:
         read(write, "just some words\n")
