@@ -68,7 +68,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
         check = reexport_full(models, data, ex, out, _recipe(r))
-    target = export(check, target, ex, GenerationArgs.from_recipe(r), recipe_tokenizer(data))
+    tokenizer = recipe_tokenizer(data)
+    target = export(check, target, ex, export_generation(r, tokenizer), tokenizer)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
@@ -100,7 +101,8 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                          samples, _logits(model, samples))
         _check_cast(check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
-    export(check, target, ex, GenerationArgs.from_recipe(r), recipe_tokenizer(data))
+    tokenizer = recipe_tokenizer(data)
+    export(check, target, ex, export_generation(r, tokenizer), tokenizer)
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
@@ -381,7 +383,7 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
     return target
 
 
-def export(check: Verified, target: Path, ex: ExportArgs, gen: GenerationArgs, tokenizer: Tokenizer) -> Path:
+def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[str, Any], tokenizer: Tokenizer) -> Path:
     """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory.
 
     The written files are loaded back and checked against the reference logits before the directory
@@ -391,7 +393,6 @@ def export(check: Verified, target: Path, ex: ExportArgs, gen: GenerationArgs, t
     from pipeline.model.weights import load_model, save_hf, shard_bytes_from_gb
 
     dtype = ex.export_dtype
-    generation = generation_config(gen, tokenizer)
     model = check.release()
     context_length = model.cfg.context_length
     with atomic_dir(target) as tmp:
@@ -412,14 +413,42 @@ def export(check: Verified, target: Path, ex: ExportArgs, gen: GenerationArgs, t
     return target
 
 
-def generation_config(gen: GenerationArgs, tokenizer: Tokenizer) -> dict[str, Any]:
-    """transformers' generate() defaults: the tokenizer's BOS / stop ids / pad, and the recipe's decoding settings."""
+DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
+
+
+def export_generation(r: Any, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The export's generation_config.json: the base checkpoint's, the recipe's decoding keys where it sets them."""
+    from pipeline.data.tokenizer_files import optional_json
+    from pipeline.model.config import config_path
+
+    path = config_path(r["model_name_or_path"])  # None for a preset
+    base = optional_json(path.parent / "generation_config.json") if path else {}
+    explicit = {k for k in DECODING_KEYS if r.origin(k).kind in ("file", "cli")}
+    return generation_config(GenerationArgs.from_recipe(r), tokenizer, base, explicit)
+
+
+def generation_config(gen: GenerationArgs, tokenizer: Tokenizer, base: Mapping[str, Any] | None = None,
+                      explicit: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """transformers' generate() defaults: the tokenizer's BOS / stop ids / pad; the decoding settings of the base
+    checkpoint's generation_config.json (`base`), overridden by the recipe's keys it sets (`explicit`); the
+    recipe's own for what neither says. Why the base's first: its sampling defaults (Qwen3's temperature 0.6,
+    top_k 20, top_p 0.95) are how the model's authors meant it to be run, and a recipe's defaults are not a
+    decision to change them."""
     stops = list(tokenizer.stop_ids)
-    config: dict[str, Any] = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops,
-                              "pad_token_id": tokenizer.pad_id,
-                              "max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
+    config: dict[str, Any] = {k: v for k, v in (base or {}).items() if not k.startswith("_")}
+    given = config.get("eos_token_id")
+    if set(given if isinstance(given, list) else [given]) != set(stops):  # the same stop ids keep the base's order
+        config["eos_token_id"] = stops[0] if len(stops) == 1 else stops
+    config["pad_token_id"] = tokenizer.pad_id
+    if tokenizer.bos_id is not None or "bos_token_id" not in config:
+        config["bos_token_id"] = tokenizer.bos_id
+    ours = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
     if gen.do_sample:
-        config.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+        ours.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    config.update({k: v for k, v in ours.items() if k in explicit or k not in config})
+    if not config.get("do_sample"):  # greedy: sampling settings would only draw transformers' warnings
+        for key in ("temperature", "top_k", "top_p"):
+            config.pop(key, None)
     return config
 
 

@@ -135,8 +135,9 @@ def _export(tmp_path, dtype="fp32", size=5, model=None):
     adapter_model = copy.deepcopy(model)
     check = merge.merge_verified(model, SAMPLES, dtype)
     recipe = {**RECIPE, "export_dtype": dtype, "export_size": size}
-    target = merge.export(check, tmp_path / "merged", export_args(recipe), GenerationArgs.from_recipe(recipe),
-                          recipe_tokenizer(data_args(recipe)))
+    tokenizer = recipe_tokenizer(data_args(recipe))
+    generation = merge.generation_config(GenerationArgs.from_recipe(recipe), tokenizer)
+    target = merge.export(check, tmp_path / "merged", export_args(recipe), generation, tokenizer)
     assert check.model is None  # export let the model go before reading its files back
     return adapter_model, target
 

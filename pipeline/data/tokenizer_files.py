@@ -66,7 +66,8 @@ def _json(path: Path) -> Any:
         raise UserError(f"{path}: not readable as JSON ({err})") from None
 
 
-def _optional_json(path: Path) -> dict[str, Any]:
+def optional_json(path: Path) -> dict[str, Any]:
+    """A JSON object file's content, {} when the file is absent; UserError when it is not a JSON object."""
     if not path.is_file():
         return {}
     data = _json(path)
@@ -97,7 +98,7 @@ def _read(directory: Path, _stamp: tuple) -> Tokenizer:
         return _from_tiktoken_model(directory / "original" / "tokenizer.model", directory)
     if (directory / "tokenizer.model").is_file():
         return _from_tiktoken_model(directory / "tokenizer.model", directory)
-    config = _optional_json(directory / "config.json")
+    config = optional_json(directory / "config.json")
     if config.get("model_type", "gpt2") == "gpt2" and config.get("family", "gpt2") == "gpt2":
         return gpt2()  # HF GPT-2 checkpoints saved without tokenizer files, and our own GPT-2 checkpoints
     raise UserError(f"{directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or "
@@ -201,7 +202,7 @@ def _from_vocab_merges(directory: Path) -> Tokenizer:
     vocab = _json(directory / "vocab.json")
     lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [line for line in lines if line and not line.startswith("#version")]
-    config = _optional_json(directory / "tokenizer_config.json")
+    config = optional_json(directory / "tokenizer_config.json")
     named = {_content(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")} - {None}
     added = {tok: (vocab[tok], True) for tok in named if tok in vocab}
     ranks = _ranks(vocab, merges, directory / "vocab.json", set(added))
@@ -222,7 +223,7 @@ def _from_tiktoken_model(path: Path, directory: Path) -> Tokenizer:
                         f"tokenizer.model is not supported; supported: {SUPPORTED}") from None
     n = len(ranks)
     added: dict[str, tuple[int, bool]] = {}
-    config = _optional_json(directory / "tokenizer_config.json")
+    config = optional_json(directory / "tokenizer_config.json")
     for index, entry in (config.get("added_tokens_decoder") or {}).items():
         added[entry["content"]] = (int(index), bool(entry.get("special", True)))
     defaults: dict[str, Any] = {}
@@ -268,7 +269,7 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     (`defaults` fill what no config file says: Meta's tokenizer.model alone)."""
     defaults = defaults or {}
     config_file = directory / "tokenizer_config.json"
-    config = _optional_json(config_file)
+    config = optional_json(config_file)
     added = dict(added)
     for index, entry in (config.get("added_tokens_decoder") or {}).items():
         added.setdefault(entry["content"], (int(index), bool(entry.get("special", True))))
@@ -283,9 +284,9 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     except ValueError as err:
         raise UserError(f"{source}: not a consistent vocabulary for tiktoken ({err})") from None
     ids = {t: i for t, (i, _) in added.items()}
-    special_map = _optional_json(directory / "special_tokens_map.json")
-    generation = _optional_json(directory / "generation_config.json")
-    model_config = _optional_json(directory / "config.json")
+    special_map = optional_json(directory / "special_tokens_map.json")
+    generation = optional_json(directory / "generation_config.json")
+    model_config = optional_json(directory / "config.json")
 
     def named(key: str) -> int | None:
         token = _content(config.get(key)) if key in config else _content(special_map.get(key))

@@ -38,6 +38,7 @@ def session(request, tmp_path_factory, hf_checkpoint) -> tuple[str, Path]:
     return family, root
 
 
+SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
 
 
@@ -48,8 +49,10 @@ def write_base_with_chat_template(checkpoint: Path, base: Path) -> None:
 
     base.mkdir()
     for item in checkpoint.iterdir():
-        if item.name.endswith(".safetensors") or item.name in ("config.json", "generation_config.json"):
+        if item.name.endswith(".safetensors") or item.name == "config.json":
             (base / item.name).symlink_to(item)
+    generation = json.loads((checkpoint / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps({**generation, **SAMPLING}))  # as Qwen3 ships it
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(base)
@@ -63,6 +66,11 @@ def test_the_exports_are_the_family_layout(session):
     assert config["architectures"] == [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
     assert (out / "merged" / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
     assert (out / "merged" / "chat_template.jinja").read_text() == CHAT_TEMPLATE  # the template travels along
+    generation = json.loads((out / "merged" / "generation_config.json").read_text())
+    base = json.loads((root / "base" / "generation_config.json").read_text())
+    assert {k: generation[k] for k in SAMPLING} == SAMPLING  # the base's sampling defaults, not the recipe's
+    assert generation["max_new_tokens"] == NEW_TOKENS  # set in the recipe: it wins
+    assert generation["eos_token_id"] == base["eos_token_id"] and generation["bos_token_id"] == base["bos_token_id"]
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["fan_in_fan_out"] is False
     assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
