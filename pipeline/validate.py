@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from pipeline.data.check import check_built, format_summary
+from pipeline.errors import did_you_mean
 from pipeline.recipe import Resolved
 from pipeline.recipe.args import data_args
 
@@ -15,7 +18,34 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     rows = check_built(data_args(r))  # raises UserError listing every bad row
     print("data: OK")
     print(format_summary(rows))
-    if rows and all(row["tokens_min"] is None for row in rows):
+    missing = missing_model_note(r)
+    untokenized = bool(rows) and all(row["tokens_min"] is None for row in rows)
+    if missing:
+        print(missing + (" (token lengths are left out)" if untokenized else ""))
+    elif untokenized:
         print(f"note: token lengths need the tokenizer of {r['model_name_or_path']}, which is not on this machine yet "
               "(a hub id is downloaded by train, or beforehand with `hf download`)")
     return 0
+
+
+def missing_model_note(r: Resolved) -> str:
+    """A note when model_name_or_path is a path (not a preset, not an `org/name` hub id) that does not exist and
+    that no recipe next to this one produces: validate lets a missing model pass (an upstream run may make it),
+    but train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise."""
+    from pipeline.model.config import PRESETS
+    from pipeline.model.hub import is_hub_id
+    from pipeline.recipe.deps import upstream
+
+    model = str(r["model_name_or_path"])
+    path = Path(model).expanduser()
+    if model in PRESETS or is_hub_id(model) or path.exists() or upstream(r):
+        return ""
+    hint = ""
+    if path.parent.is_dir():
+        parent = os.path.dirname(model) or "."
+        hint = did_you_mean(model, [os.path.join(parent, p.name) for p in path.parent.iterdir() if p.is_dir()])
+    if not hint and model.startswith("./") and is_hub_id(model[2:]):
+        hint = f" (a hub id is written without './': {model[2:]})"
+    return (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe next to this one "
+            "produces it; it is a path, not a hub id (org/name), so train will refuse it: fix the path, or run "
+            "the recipe that writes it first")

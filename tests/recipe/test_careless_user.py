@@ -2,10 +2,9 @@
 nothing written (found by a bug hunt; each test names what used to happen instead)."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from tests.acceptance.harness import pipeline, write_data, write_hf_checkpoint, write_recipe
+from tests.acceptance.harness import cli_env, pipeline, write_data, write_hf_checkpoint, write_recipe
 
 
 def refused(*args: str, cwd: Path) -> str:
@@ -46,3 +45,25 @@ def test_a_file_where_an_output_directory_must_go(tmp_path):
     err = refused("build", recipe, cwd=tmp_path)
     assert "data/build/tiny_sft cannot be created: data/build is a file, not a directory" in err, err
     assert (tmp_path / "notes.txt").read_text() == "mine\n" and not (tmp_path / "saves").exists()
+
+
+def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
+    """A misspelled model folder passed validate with a note calling it a hub id that train downloads; train then
+    refused it. A path (/, ./, ../, ~, or more than org/name) that is not there, and that no recipe next to this
+    one produces, gets a note saying train will refuse it, with the close name; `org/name` stays a hub id."""
+    write_data(tmp_path / "data")
+    (tmp_path / "models" / "gpt2").mkdir(parents=True)
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    pipeline("build", recipe, cwd=tmp_path)
+    typo = str(tmp_path / "models" / "gpt3")
+    for model, hint in ((typo, f" (did you mean '{tmp_path / 'models' / 'gpt2'}'?)"),
+                        ("./models/gpt", " (did you mean './models/gpt2'?)"),
+                        ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)")):
+        out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path).stdout
+        assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe next to this "
+                "one produces it; it is a path, not a hub id (org/name), so train will refuse it") in out, out
+        assert "hub id is downloaded" not in out
+    assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path)
+    out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,
+                   env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
+    assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
