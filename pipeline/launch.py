@@ -6,6 +6,12 @@ orphans that never save. This wrapper starts the runner in its own process group
 straight to the ranks (each saves a checkpoint and exits; see pipeline.train), and returns only when
 every process of the job is gone. With a hostfile the runner itself is signalled: it relays to the nodes.
 `--nnodes N --node_rank R` runs this node's part of a job without ssh (pipeline.nodes).
+
+Signals come in pairs (`timeout ... make train` signals make's group, then make signals its child; a
+scheduler plus make do the same), so the handler must survive being re-entered: psutil is imported before
+any handler is installed (an import interrupted by a second signal leaves a half-initialised module), and
+the handler never raises. Whatever goes wrong, the job's process group is signalled and waited for: a
+launcher that died first would leave the ranks (in their own session) training with nobody to stop them.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil  # here, not in the signal handler: see the module docstring
+
 
 def _runner() -> list[str]:
     script = Path(sys.executable).with_name("deepspeed")
@@ -27,8 +35,6 @@ def _targets(runner: subprocess.Popen, multi_node: bool) -> list[int]:
     """The ranks (the runner's grandchildren, below deepspeed.launcher.launch), or the runner for pdsh."""
     if multi_node:
         return [runner.pid]
-    import psutil
-
     with contextlib.suppress(psutil.Error):
         return [rank.pid for child in psutil.Process(runner.pid).children() for rank in child.children()]
     return []
@@ -40,6 +46,12 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _wait_for_group(pgid: int) -> None:
+    """Until every process of the job is gone: ranks may still be saving after the runner returned."""
+    while _group_alive(pgid):
+        time.sleep(0.2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,16 +79,33 @@ def _run(argv: list[str]) -> int:
     remote = ("--hostfile" in argv or "-H" in argv) and "--no_ssh" not in argv
 
     def forward(signum: int, _frame: object) -> None:
+        """Never raises (the launcher must outlive the ranks); without ranks to reach (still starting, or
+        psutil failed) the runner's whole group gets the signal, so no signal is lost."""
         received.append(signum)
-        for pid in _targets(runner, remote):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        try:
+            targets = _targets(runner, remote)
+            for pid in targets:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+            if targets:
+                return
+        except Exception as err:  # os.write: print() may be re-entered by the next signal and raise
+            with contextlib.suppress(OSError):
+                os.write(2, f"launcher: could not find the ranks ({err}); signalling the job's process group\n"
+                         .encode())
+        with contextlib.suppress(OSError):
+            os.killpg(runner.pid, signum)
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    code = runner.wait()
-    while _group_alive(runner.pid):  # ranks may still be saving after the runner returned
-        time.sleep(0.2)
+    try:
+        code = runner.wait()
+    except BaseException:  # a bug here must not orphan the job: stop it (the ranks save) and wait for it
+        with contextlib.suppress(OSError):
+            os.killpg(runner.pid, signal.SIGTERM)
+        _wait_for_group(runner.pid)
+        raise
+    _wait_for_group(runner.pid)
     if received:
         return 128 + received[0]
     return code if code >= 0 else 128 - code

@@ -7,13 +7,16 @@ slots (the names are placeholders: with --no_ssh nobody connects to them; the ra
 MASTER_ADDR:MASTER_PORT, where node 0's rank 0 serves torch's TCP store). Global ranks are
 R * G + local rank, as in any DeepSpeed multi-node job.
 
-Checked before anything starts, each an exit-2 message: MASTER_ADDR is given; node 0 can bind it (it must
-be an address of node 0's own machine); every other node reaches MASTER_ADDR:MASTER_PORT within
+Checked before anything starts, each an exit-2 message: MASTER_PORT is a port number and, where this
+machine serves the master (a single-node launch, or node 0), nobody else listens on it (another job on the
+default 29500 would otherwise fail every rank with torch's traceback); MASTER_ADDR is given; node 0 can bind
+it (it must be an address of node 0's own machine); every other node reaches MASTER_ADDR:MASTER_PORT within
 PIPELINE_MASTER_WAIT seconds (default 120: node 0 may be started a little later). Without that check a
 node whose master never comes up would wait for torch's 30-minute store timeout.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
@@ -53,17 +56,66 @@ def _int(value: str | None, what: str, default: int) -> int:
         raise UserError(f"{what} is {value!r}; expected a whole number") from None
 
 
+def _port(argv: list[str]) -> int:
+    port = _int(_peek(argv, "--master_port"), "MASTER_PORT (--master_port)", DEFAULT_PORT)
+    if not 1 <= port <= 65535:
+        raise UserError(f"MASTER_PORT (--master_port) is {port}; expected a TCP port 1..65535, e.g. "
+                        f"MASTER_PORT={DEFAULT_PORT} (DeepSpeed's default)")
+    return port
+
+
+def _bindable(port: int) -> bool:
+    """Whether this machine's master could listen on `port`. Every address, as torch's store binds; with
+    SO_REUSEADDR, as it does, so a finished run's connections (TIME_WAIT) do not count as in use."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_in_use(port: int | str) -> str:
+    """The message for a master port someone else holds, with a free one to use instead."""
+    start = int(port)
+    free = next((p for p in range(start + 1, min(start + 100, 65536)) if _bindable(p)), None)
+    example = f", e.g. MASTER_PORT={free}" if free else ""
+    return (f"MASTER_PORT {port} is already in use on this machine (another job's master?); set MASTER_PORT "
+            f"(--master_port) to a free port{example}")
+
+
+def check_port_free(port: int) -> None:
+    if not _bindable(port):
+        raise UserError(port_in_use(port))
+
+
+def _wait_s() -> float:
+    text = os.environ.get(WAIT_ENV, "")
+    try:
+        wait = float(text) if text else 120.0
+    except ValueError:
+        wait = math.nan
+    if not (math.isfinite(wait) and wait >= 0):
+        raise UserError(f"{WAIT_ENV} (environment) is {text!r}; expected the seconds a node waits for the "
+                        f"master, a number >= 0, e.g. {WAIT_ENV}=300")
+    return wait
+
+
 def expand(argv: list[str]) -> tuple[list[str], Path | None]:
     """DeepSpeed runner arguments for a node of a --no_ssh job (argv unchanged without --nnodes > 1), and
     the generated hostfile to delete afterwards."""
     argv = list(argv)
     nnodes = _int(_take(argv, "--nnodes"), "NNODES (--nnodes)", 1)
     node_rank_text = _take(argv, "--node_rank")
+    port = _port(argv)
     if nnodes <= 1:
         if nnodes < 1:
             raise UserError(f"NNODES is {nnodes}; expected 1 or more")
         if node_rank_text not in (None, "", "0"):
             raise UserError(f"NODE_RANK is {node_rank_text} but NNODES is 1; set NNODES to the number of nodes")
+        if "--hostfile" not in argv and "-H" not in argv:  # with a hostfile the master is its first host's
+            check_port_free(port)
         return argv, None
     node_rank = _int(node_rank_text, "NODE_RANK (--node_rank)", -1)
     if not 0 <= node_rank < nnodes:
@@ -76,17 +128,17 @@ def expand(argv: list[str]) -> tuple[list[str], Path | None]:
     if not addr:
         raise UserError(f"NNODES={nnodes} needs MASTER_ADDR: the address of node 0 (NODE_RANK=0) that every node "
                         "can reach, e.g. MASTER_ADDR=10.0.0.1")
-    port = _int(_peek(argv, "--master_port"), "MASTER_PORT (--master_port)", DEFAULT_PORT)
     if _peek(argv, "--master_port") is None:
         argv = ["--master_port", str(port), *argv]
     slots = _int(_peek(argv, "--num_gpus"), "NPROC (--num_gpus)", 1)
-    check_master(addr, port, node_rank, nnodes)
+    wait = _wait_s()
+    check_master(addr, port, node_rank, nnodes, wait)
     hostfile = Path(tempfile.mkstemp(prefix="pipeline-hostfile-", suffix=".txt")[1])
     hostfile.write_text("".join(f"node{i} slots={slots}\n" for i in range(nnodes)), encoding="utf-8")
     return ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node_rank), *argv], hostfile
 
 
-def check_master(addr: str, port: int, node_rank: int, nnodes: int) -> None:
+def check_master(addr: str, port: int, node_rank: int, nnodes: int, wait: float) -> None:
     """Node 0 must own MASTER_ADDR; the others must reach MASTER_ADDR:MASTER_PORT (waiting for node 0)."""
     where = f"MASTER_ADDR={addr} MASTER_PORT={port}"
     try:
@@ -102,8 +154,8 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int) -> None:
             except OSError:
                 raise UserError(f"{where}: NODE_RANK=0 serves the master, but {addr} is not an address of this "
                                 "machine; run NODE_RANK=0 on the node MASTER_ADDR names") from None
+        check_port_free(port)
         return
-    wait = float(os.environ.get(WAIT_ENV, "120"))
     deadline = time.monotonic() + wait
     while True:
         try:

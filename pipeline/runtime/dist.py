@@ -83,9 +83,16 @@ def init(timeout_s: int | None = None) -> None:
                                        **extra)
             return
         except Exception as err:
-            # a port we picked ourselves (one plain process) was taken between the pick and the bind: pick again
-            if attempt == 4 or not _port_taken(err) or os.environ["MASTER_PORT"] not in _CHOSEN_PORT:
+            if not _port_taken(err):
                 raise
+            if attempt == 4 or os.environ["MASTER_PORT"] not in _CHOSEN_PORT:
+                # the user's port (the launcher checked it was free; someone took it since): a mistake to fix by
+                # choosing another, not a bug
+                from pipeline.errors import UserError
+                from pipeline.nodes import port_in_use
+
+                raise UserError(port_in_use(os.environ["MASTER_PORT"])) from None
+            # a port we picked ourselves (one plain process) was taken between the pick and the bind: pick again
             os.environ["MASTER_PORT"] = str(free_port())
             _CHOSEN_PORT.append(os.environ["MASTER_PORT"])
 

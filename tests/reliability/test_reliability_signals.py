@@ -278,3 +278,30 @@ def test_a_dead_rank_is_named_in_one_clear_message(dead_rank):
     _, code, output, _ = dead_rank
     assert code != 0 and "Traceback" not in output and re.search(r"rank 1 (died|was killed|exited)", output), \
         output[-3000:]
+
+
+@pytest.mark.multirank
+def test_two_quick_sigterms_to_the_launcher_stop_the_job_cleanly(trained: Reference, tmp_path):
+    """`timeout ... make train` signals make's group and make signals its child again: two SIGTERMs a few ms
+    apart. The second re-entered the launcher's handler while the first was importing psutil; the launcher
+    died with a traceback and the ranks, in their own session, trained on as orphans."""
+    import psutil
+
+    root = trained.copy(tmp_path / "proj")
+    proc = start_training(["train", "r.yaml", *LONG], root, 1)
+    job = psutil.Process(proc.pid).children(recursive=True)  # the runner, deepspeed's launch, the ranks
+    try:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.005)
+        proc.send_signal(signal.SIGTERM)
+        code, output, _ = finish(proc, 240)
+        assert code == 143, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        _, alive = psutil.wait_procs(job, timeout=10)  # the launcher returns only once the job is gone
+        assert not alive, f"left running: {alive}"
+        saved_checkpoint(root / "out", output, 2, announced=False)
+        figures.record("signal")
+    finally:
+        for process in job:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
