@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
 from pipeline.errors import did_you_mean
 from pipeline.recipe import Resolved
@@ -15,7 +16,9 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     files = ", ".join(r.files)
     print(f"recipe: OK ({files}; stage {r['stage']}, {r['finetuning_type']}, model {r['model_name_or_path']}, "
           f"dataset {', '.join(r['dataset'])})")
-    rows = check_built(data_args(r))  # raises UserError listing every bad row
+    data = data_args(r)
+    rows = check_built(data)  # raises UserError listing every bad row
+    apply_length_policy(data)
     print("data: OK")
     print(format_summary(rows))
     missing = missing_model_note(r)
@@ -26,6 +29,19 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
         print(f"note: token lengths need the tokenizer of {r['model_name_or_path']}, which is not on this machine yet "
               "(a hub id is downloaded by train, or beforehand with `hf download`)")
     return 0
+
+
+def apply_length_policy(data: DataArgs) -> None:
+    """The trainer's own length pass over the whole built data, so that validate refuses what train would, with
+    train's message: rows over cutoff_len under overlength_policy: error, or a train split left without examples
+    (or without one batch) once the policy dropped its long rows. check_built only samples token lengths. Skipped
+    when the tokenizer is not on this machine yet (train reports it then)."""
+    from pipeline.data.loaders import count_examples, make_loader
+    from pipeline.data.model_tokenizer import available_tokenizer
+
+    if available_tokenizer(data) is not None:
+        make_loader(data, "train")
+        count_examples(data)  # the val split too: train counts it before it builds its loader
 
 
 def missing_model_note(r: Resolved) -> str:

@@ -67,3 +67,19 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,
                    env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
     assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
+
+
+def test_validate_applies_the_length_policy_as_train_does(tmp_path):
+    """validate said "data: OK" (exit 0) for data train refuses: rows over cutoff_len under overlength_policy:
+    error, or every train row dropped as too long. It now gives train's own message."""
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    pipeline("build", recipe, cwd=tmp_path)
+    assert "data: OK" in pipeline("validate", recipe, cwd=tmp_path).stdout
+    for overrides, expected in ((["cutoff_len=12", "overlength_policy=error"],
+                                 "examples are longer than cutoff_len 12 (overlength_policy: error); raise cutoff_len"),
+                                (["cutoff_len=8"], "the train split has no examples; 21 rows, dropped: 21 over "
+                                                   "cutoff_len; raise cutoff_len or add data")):
+        said = {command: refused(command, recipe, *overrides, cwd=tmp_path) for command in ("validate", "train")}
+        assert expected in said["validate"] and said["validate"] == said["train"], said
+    assert not (tmp_path / "saves").exists()
