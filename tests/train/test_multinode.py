@@ -120,6 +120,7 @@ def test_node_arguments_are_checked(args, message):
 
 def test_node_arguments_become_deepspeeds_no_ssh_form(monkeypatch):
     monkeypatch.setattr("pipeline.nodes.check_master", lambda *a: None)
+    monkeypatch.setattr("pipeline.nodes.check_port_free", lambda *a: None)  # 29500 may be another job's here
     argv, hostfile = expand(["--nnodes", "3", "--node_rank", "2", "--master_addr", "10.0.0.1", "--num_gpus", "4",
                              "--module", "pipeline", "train", "r.yaml"])
     try:
