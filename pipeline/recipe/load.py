@@ -392,7 +392,8 @@ def _load_into(file: str, stack: list[tuple[str, str]], via: Origin | None, chai
         for target in _extends_targets(extends, errors):
             child = shown_path(file, target)
             if not os.path.isfile(child):
-                errors.append(f"{extends.origin.where}: extends: file {target!r} not found (looked for {child})")
+                found = "is a directory, not a recipe file" if os.path.isdir(child) else "not found"
+                errors.append(f"{extends.origin.where}: extends: file {target!r} {found} (looked for {child})")
                 continue
             _load_into(child, stack + [(file, real)], extends.origin, chain, errors)
     chain.layers.append(entries)

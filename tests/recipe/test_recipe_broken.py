@@ -102,6 +102,8 @@ CASES = [
          ["r.yaml:1:10: extends: file 'nope.yaml' not found (looked for nope.yaml)"], cli=True),
     Case("missing extends file in a subfolder", {"recipes/r.yaml": "extends: [base.yaml]\n"},
          ["recipes/r.yaml:1:10: extends: file 'base.yaml' not found (looked for recipes/base.yaml)"]),
+    Case("extends names a folder", {"r.yaml": "extends: base\n" + BASE, "base/x.yaml": "seed: 1\n"},
+         ["r.yaml:1:10: extends: file 'base' is a directory, not a recipe file (looked for base)"]),
     Case("extends cycle", {"r.yaml": "extends: a.yaml\n" + BASE, "a.yaml": "extends: b.yaml\n",
                            "b.yaml": "seed: 1\nextends: a.yaml\n"},
          ["b.yaml:2:10: extends: cycle a.yaml -> b.yaml -> a.yaml; a recipe cannot extend itself through others"],
