@@ -48,14 +48,22 @@ class AdapterReference:
         from pipeline.model.lora import keep_starting_modules
 
         self.engine = engine
+        self.plain_head = head_trains(engine.module)  # additional_target lm_head: score as the policy does
         keep_starting_modules(engine.module)  # additional_target modules as they start (train.run refuses ZeRO-3)
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         from pipeline.model.lora import adapters_disabled
 
-        with adapters_disabled(self.engine.module), _eval_mode(self.engine.module):
+        with adapters_disabled(self.engine.module), _eval_mode(self.engine.module), \
+                head_loss.plain_head() if self.plain_head else contextlib.nullcontext():
             return token_nll(self.engine, batch)
+
+
+def head_trains(model: torch.nn.Module) -> bool:
+    """Whether the policy's output head takes gradients (full fine-tuning, additional_target lm_head): then its
+    log-probabilities come from the plain head path, and a frozen reference must take that path too."""
+    return any(p.requires_grad for p in model.lm_head.parameters())
 
 
 class ModelReference:
@@ -99,8 +107,8 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
                                       dataclasses.replace(models.finetune, finetuning_type="full"))
         description = "the starting model (a frozen copy)"
     model.requires_grad_(False).eval()
-    head_trains = any(p.requires_grad for p in engine.module.lm_head.parameters())
-    return ModelReference(_place(model, engine, zero3_config, dtype), description, plain_head=head_trains)
+    return ModelReference(_place(model, engine, zero3_config, dtype), description,
+                          plain_head=head_trains(engine.module))
 
 
 def check_vocabulary(ref: torch.nn.Module, policy: torch.nn.Module, ref_model: str, policy_name: str) -> None:

@@ -105,11 +105,13 @@ def test_reference_free_losses_run_without_a_reference(dpo_recipe):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("finetuning_type, zero_stage, bf16", [("full", 0, False), ("full", 3, False),
-                                                                 ("lora", 3, False), ("freeze", 2, True)])
-def test_first_step_is_ln2_for_every_reference(dpo_recipe, finetuning_type, zero_stage, bf16):
-    r = dpo_recipe(name=f"{finetuning_type}{zero_stage}", finetuning_type=finetuning_type, zero_stage=zero_stage,
-                   bf16=bf16, max_steps=2, warmup_steps=0)
+@pytest.mark.parametrize("finetuning_type, zero_stage, bf16, extra", [
+    ("full", 0, False, {}), ("full", 3, False, {}), ("lora", 3, False, {}), ("freeze", 2, True, {}),
+    ("lora", 0, False, {"additional_target": "lm_head"}),  # a trained head: the adapters-off reference too
+])
+def test_first_step_is_ln2_for_every_reference(dpo_recipe, finetuning_type, zero_stage, bf16, extra):
+    r = dpo_recipe(name=f"{finetuning_type}{zero_stage}{len(extra)}", finetuning_type=finetuning_type,
+                   zero_stage=zero_stage, bf16=bf16, max_steps=2, warmup_steps=0, **extra)
     result = train(r)
     log = read_log(result.output_dir / "trainer_log.jsonl")
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)  # the reference scores as the policy does
