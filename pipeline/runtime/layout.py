@@ -77,6 +77,13 @@ class RunLayout:
     def eval(self) -> Path:
         return self.root / "eval"
 
+    def unfinished_start(self) -> list[str]:
+        """The entries of a run that stopped before it saved anything (a mistake found after the start, a crash):
+        only the files a run writes as it starts and logs. Empty when the folder holds anything else."""
+        start = {p.name for p in (self.resolved_yaml, self.ds_config, self.trainer_log, self.loss_plot)} | {"runs"}
+        entries = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+        return entries if entries and set(entries) <= start else []
+
     def trained_dir(self, finetuning_type: str) -> Path:
         """Where training writes its final weights: adapter/ for lora, model/ otherwise."""
         return self.adapter if finetuning_type == "lora" else self.model

@@ -27,6 +27,7 @@ from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
+from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -286,7 +287,11 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"{at}: {output_dir} is a file, not a directory; choose another output_dir")
     entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if entries and resume is None:
+    leftover = RunLayout(output_dir).unfinished_start()
+    if leftover and resume is None and not r["overwrite_output_dir"] and dist.is_main():
+        print(f"note: {output_dir} holds only what a run that stopped before its first checkpoint wrote "
+              f"({', '.join(leftover)}); starting over there", file=sys.stderr)
+    if entries and resume is None and not leftover:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         if not r["overwrite_output_dir"]:
             raise UserError(f"{at}: {output_dir} is not empty (it holds {shown}); set "
@@ -295,7 +300,7 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
         guard.refuse_to_clear(output_dir, at, "output_dir", guard.protected(r))  # overwrite_output_dir empties it
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():
-        if entries and resume is None:
+        if entries and resume is None:  # overwrite_output_dir, or a start that never saved
             for name in entries:
                 path = output_dir / name
                 shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
@@ -355,8 +360,6 @@ def quietly(func: Any, *args: Any) -> Any:
 def write_run_files(r: Any, output_dir: Path) -> None:
     from pipeline.io import write_json, write_text
     from pipeline.recipe import resolved_yaml
-
-    from pipeline.runtime.layout import RunLayout
 
     write_text(RunLayout(output_dir).resolved_yaml, resolved_yaml(r))
     write_json(RunLayout(output_dir).ds_config, r.ds_config)
@@ -449,7 +452,6 @@ def report_dead_peer(err: BaseException, output_dir: Path, last_saved: int | Non
 
 def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], state: TrainState, loader: Any,
            final: Path | None) -> None:
-    from pipeline.runtime.layout import RunLayout
     from pipeline.runtime.log import plot_loss, read_log, write_results
 
     records = read_log(RunLayout(output_dir).trainer_log)

@@ -88,6 +88,22 @@ def test_non_empty_output_dir_without_resume_is_exit_2(workdir, capsys):
     assert not (out / "notes.txt").exists() and (out / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_start_that_never_saved_does_not_block_the_rerun(workdir, capsys):
+    """A run that stopped before its first checkpoint (a mistake found after the start, a crash) leaves only its
+    start files; the corrected rerun starts over there, saying so, instead of refusing a 'not empty' output_dir."""
+    recipe = write_recipe(workdir / "again.yaml", max_steps=1)
+    assert main(["build", str(recipe)]) == 0
+    out = workdir / "saves" / "cli"  # write_recipe's output_dir
+    out.mkdir(parents=True)
+    for name in ("resolved.yaml", "ds_config.json", "trainer_log.jsonl"):  # what such a start leaves
+        (out / name).write_text("{}")
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 0
+    assert "holds only what a run that stopped before its first checkpoint wrote (ds_config.json, resolved.yaml, " \
+           "trainer_log.jsonl); starting over there" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
 def test_overwrite_never_empties_the_working_directory(workdir):
     recipe = write_recipe(workdir / "here.yaml", output_dir=".", overwrite_output_dir=True, max_steps=1)
     assert main(["build", str(recipe)]) == 0
