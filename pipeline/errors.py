@@ -13,8 +13,15 @@ class UserError(Exception):
 
 
 def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    """A ' (did you mean X?)' suffix, or '' when nothing is close (similarity ratio >= cutoff)."""
+    """A ' (did you mean X?)' suffix, or '' when nothing is close (similarity ratio >= cutoff).
+
+    Compared case-insensitively: 'LoRA' for 'lora' is the likeliest slip of all, yet too many letters differ in
+    case for a case-sensitive ratio to reach the cutoff (while 'Lora' did). The suggestion keeps the choice's own
+    spelling; an exact match in another case wins over any near one."""
     import difflib
 
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    by_lower: dict[str, str] = {}
+    for choice in choices:
+        by_lower.setdefault(choice.lower(), choice)
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""

@@ -83,3 +83,13 @@ def test_validate_applies_the_length_policy_as_train_does(tmp_path):
         said = {command: refused(command, recipe, *overrides, cwd=tmp_path) for command in ("validate", "train")}
         assert expected in said["validate"] and said["validate"] == said["train"], said
     assert not (tmp_path / "saves").exists()
+
+
+def test_a_value_in_the_wrong_case_gets_the_suggestion(tmp_path):
+    """finetuning_type=LoRA got no did-you-mean while Lora did: the suggestion compares case-insensitively."""
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    for given in ("LoRA", "Lora", "FULL"):
+        err = refused("validate", recipe, f"finetuning_type={given}", cwd=tmp_path)
+        expected = "full" if given == "FULL" else "lora"
+        assert f"finetuning_type: given '{given}', expected one of lora, full, freeze (did you mean '{expected}'?)" \
+            in err, err
