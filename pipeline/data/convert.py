@@ -9,6 +9,7 @@ Wrong types and missing columns are problems (`file:line: ...`); null counts as 
 """
 from __future__ import annotations
 
+import json
 import unicodedata
 from typing import Any
 
@@ -50,6 +51,28 @@ def _name(column: str, what: str) -> str:
 
 class _RowError(Exception):
     pass
+
+
+class _TagsError(_RowError):
+    """A turn laid out as another ShareGPT flavour than the entry's tags say (OpenAI-style role/content, or
+    user/assistant roles under the default human/gpt): the fix is one line in the registry entry, not in the rows,
+    so the file gets one message per kind naming the first row and the count, not one identical message per row."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# The tags of OpenAI-style messages ({"role": "user", "content": ...}), suggested when the data looks like that
+_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                "system_tag": "system"}
+
+
+def _tags_error(message: str, spec: DatasetSpec, wanted: dict[str, str], kind: str) -> _TagsError:
+    """`message` + '; for <kind> add "tags": {...} to the registry entry '<name>'', with only the tags that differ."""
+    changed = {k: v for k, v in wanted.items() if spec.tags.get(k) != v}
+    return _TagsError(f"{message}; for {kind} add \"tags\": {json.dumps(changed)} to the registry entry "
+                      f"'{spec.name}'", kind)
 
 
 def _string(value: Any, what: str) -> str:
@@ -122,14 +145,19 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
         if missing:
             return []
     rows = []
+    tags_errors: dict[str, list] = {}  # kind -> [where, message, rows]: the entry's tags, said once at the end
     for where, record in zip(table.where, table.records):
         if not isinstance(record, dict):
             problems.add(shown, where, f"expected a JSON object (one row), got {_kind(record)}")
             continue
         try:
             rows.append(convert(record))
+        except _TagsError as err:
+            tags_errors.setdefault(err.kind, [where, str(err), 0])[2] += 1
         except _RowError as err:
             problems.add(shown, where, str(err))
+    for where, message, alike in tags_errors.values():
+        problems.add(shown, where, message + (f" ({alike:,} rows alike; this is the first)" if alike > 1 else ""))
     return rows
 
 
@@ -253,8 +281,11 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
             raise _RowError(f"{at} is {_kind(turn)}; expected an object with '{role_tag}' and '{content_tag}'")
         role = turn.get(role_tag, _MISSING)
         if role is _MISSING:
-            raise _RowError(f"{at}: missing '{role_tag}' (the role){did_you_mean(role_tag, map(str, turn))}; "
-                            f"the turn has: {', '.join(map(str, turn)) or 'none'}")
+            message = (f"{at}: missing '{role_tag}' (the role){did_you_mean(role_tag, map(str, turn))}; "
+                       f"the turn has: {', '.join(map(str, turn)) or 'none'}")
+            if "role" in turn and "content" in turn:
+                raise _tags_error(message, spec, _OPENAI_TAGS, "OpenAI-style messages")
+            raise _RowError(message)
         if content_tag not in turn:
             raise _RowError(f"{at}: missing '{content_tag}' (the text){did_you_mean(content_tag, map(str, turn))}")
         content = _string(turn[content_tag], f"{at}.{content_tag}")
@@ -262,9 +293,12 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
             system = content
             continue
         if role not in known:
-            raise _RowError(f"{at}.{role_tag} is {role!r}; expected '{user}' or '{assistant}' "
-                            f"(or '{system_role}' as the first turn, '{function}' / '{observation}' for tool use)"
-                            f"{did_you_mean(str(role), known)}")
+            message = (f"{at}.{role_tag} is {role!r}; expected '{user}' or '{assistant}' (or '{system_role}' as the "
+                       f"first turn, '{function}' / '{observation}' for tool use){did_you_mean(str(role), known)}")
+            openai_roles = {k: _OPENAI_TAGS[k] for k in ("user_tag", "assistant_tag", "system_tag")}
+            if role in openai_roles.values():
+                raise _tags_error(message, spec, openai_roles, "user/assistant roles")
+            raise _RowError(message)
         expected = sides[len(texts) % 2]
         if role not in expected:
             what = "a system turn is only allowed first" if role == system_role else (

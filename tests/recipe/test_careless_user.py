@@ -2,6 +2,7 @@
 nothing written (found by a bug hunt; each test names what used to happen instead)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.acceptance.harness import cli_env, pipeline, write_data, write_hf_checkpoint, write_recipe
@@ -93,3 +94,37 @@ def test_a_value_in_the_wrong_case_gets_the_suggestion(tmp_path):
         expected = "full" if given == "FULL" else "lora"
         assert f"finetuning_type: given '{given}', expected one of lora, full, freeze (did you mean '{expected}'?)" \
             in err, err
+
+
+def add_dataset(data: Path, name: str, entry: dict, rows: list | str, file_name: str = "raw/extra.jsonl") -> None:
+    """One more registry entry beside write_data's, with its file (JSONL rows or raw text)."""
+    text = rows if isinstance(rows, str) else "".join(json.dumps(row) + "\n" for row in rows)
+    (data / file_name).write_text(text, encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**registry, name: {"file_name": file_name, **entry}}))
+
+
+def test_openai_style_messages_under_the_default_sharegpt_tags(tmp_path):
+    """OpenAI-style role/content turns without "tags" gave one identical "missing 'from'" line per row, and
+    user/assistant roles under the default tags said "expected 'human' or 'gpt'" without saying the tags can
+    change: one message per kind now, naming the first row, the count, and the tags to add."""
+    def chat(user: str) -> dict:
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "ok"}]}
+
+    data = write_data(tmp_path / "data")
+    add_dataset(data, "chat", {"formatting": "sharegpt", "columns": {"messages": "messages"}},
+                [chat(f"q{i}") for i in range(5)])
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", dataset="chat",
+                          output_dir="saves/r")
+    err = refused("build", recipe, cwd=tmp_path)
+    assert err.count("error:") == 1, err
+    assert ("extra.jsonl:1: messages[0]: missing 'from' (the role); the turn has: role, content; for OpenAI-style "
+            'messages add "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", '
+            '"assistant_tag": "assistant"} to the registry entry \'chat\' (5 rows alike; this is the first)'
+            ) in err, err
+    roles = [{"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]}]
+    add_dataset(data, "chat", {"formatting": "sharegpt"}, roles)
+    err = refused("build", recipe, cwd=tmp_path)
+    assert ("extra.jsonl:1: conversations[0].from is 'user'; expected 'human' or 'gpt' (or 'system' as the first "
+            "turn, 'function_call' / 'observation' for tool use); for user/assistant roles add \"tags\": "
+            '{"user_tag": "user", "assistant_tag": "assistant"} to the registry entry \'chat\'\n') in err, err
