@@ -37,7 +37,7 @@ class DataArgs:
     neat_packing: bool
     pt_stride: int | None
     max_samples: int | None
-    val_size: float
+    val_size: float  # or an int: a number of rows per dataset (pipeline.data.build.held_out)
     seed: int
     preprocessing_num_workers: int | None
     per_device_train_batch_size: int

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.args import DataArgs
-from pipeline.data.built import built_dir, read_manifest
+from pipeline.data.built import built_dir, held_out, read_manifest
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
@@ -328,9 +328,9 @@ def _blank(row: dict, fields: tuple[str, ...]) -> str | None:
 
 
 def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Shuffle with `seed`, hold out ceil(val_size x rows) for validation."""
+    """Shuffle with `seed`, hold out held_out(val_size, rows) for validation."""
     n = len(rows)
-    n_val = math.ceil(val_size * n - 1e-9)
+    n_val = held_out(val_size, n)
     order = np.random.default_rng(seed).permutation(n)
     return [rows[i] for i in order[n_val:]], [rows[i] for i in order[:n_val]]
 
@@ -345,10 +345,13 @@ def split_text(text: str, fraction: float) -> tuple[str, str]:
 
 
 def split_documents(docs: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict], str]:
-    """Whole documents when there are enough (floor(val_size x docs) >= 1), else each one cut at 1 - val_size."""
-    n_val = math.floor(val_size * len(docs) + 1e-9)
-    if n_val >= 1:
-        train, val = split_rows(docs, n_val / len(docs), seed)
+    """Whole documents when there are enough (floor(val_size x docs) >= 1), else each one cut at 1 - val_size.
+
+    An integer val_size counts whole documents and 0 holds out none: neither is a fraction to cut a document at."""
+    fraction = not isinstance(val_size, int) or isinstance(val_size, bool)
+    n_val = math.floor(val_size * len(docs) + 1e-9) if fraction else val_size
+    if n_val >= 1 or val_size == 0:
+        train, val = split_rows(docs, int(n_val), seed)  # an int: a count
         return train, val, "documents"
     train, val = [], []
     for doc in docs:
@@ -419,12 +422,13 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: 
         manifest["split_mode"] = mode
     else:
         train, val = split_rows(kept, data.val_size, data.seed)
-    if not train or not val:
+    if not train or (not val and data.val_size != 0):  # val_size 0: no validation split, by request
         gone = ", ".join(f"{k} {v:,}" for k, v in removed.items() if v) or "none"
+        need = "both need at least one" if data.val_size != 0 else "training needs at least one"
         raise UserError(f"dataset '{spec.name}' ({spec.registry}:{spec.line}): {len(kept):,} "
                         f"{UNITS[stage]} remain after cleaning (read {len(rows):,}; "
                         f"removed: {gone}); val_size {data.val_size} leaves {len(train):,} for training and "
-                        f"{len(val):,} for validation, and both need at least one. Add data or change val_size")
+                        f"{len(val):,} for validation, and {need}. Add data or change val_size")
     manifest["splits"] = {"train": len(train), "val": len(val)}
     if stage == "pt":
         tokenizer = available_tokenizer(data)

@@ -7,6 +7,7 @@ must start fast, so this imports nothing heavy).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +34,12 @@ def training_splits(name: str, eval_names: list[str] | tuple[str, ...]) -> tuple
     names other datasets: then nothing evaluates on it, and leaving it out would drop val_size of the data
     without a word (LLaMA-Factory trains the whole dataset then)."""
     return ("train", "val") if eval_names and name not in eval_names else ("train",)
+
+
+def held_out(val_size: float, n: int) -> int:
+    """Rows of `n` that val_size holds out, in LLaMA-Factory's two forms: an integer is a number of rows (capped at
+    `n`; the caller refuses a split that leaves none to train on), a float in [0, 1) the fraction ceil(val_size x n).
+    0 (either form) holds out nothing: no validation split, as LLaMA-Factory's default."""
+    if isinstance(val_size, int) and not isinstance(val_size, bool):
+        return min(val_size, n)
+    return math.ceil(val_size * n - 1e-9)

@@ -388,25 +388,50 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("val_size", "dataset", "dataset_dir", "stage")
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
+    """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
     if ctx.values["stage"] not in ("sft", "dpo"):
         return []
-    from pipeline.data.built import built_dir, read_manifest
+    from pipeline.data.built import built_dir, held_out, read_manifest
 
     problems = []
-    frac = ctx.values["val_size"]
+    size = ctx.values["val_size"]
+    count = isinstance(size, int) and not isinstance(size, bool)
     for name in ctx.values["dataset"] or []:
         manifest = read_manifest(built_dir(ctx.values["dataset_dir"], name))
         rows = manifest.get("rows_kept") if manifest else None
-        if not isinstance(rows, int) or rows <= 0:
+        if not isinstance(rows, int) or rows <= 0 or size == 0:  # 0: no validation split, by request
             continue
-        n_val = math.ceil(frac * rows - 1e-9)  # as the build splits (pipeline.data.build.split_rows)
+        n_val = held_out(size, rows)  # as the build splits (pipeline.data.build.split_rows)
         if n_val < 1:
-            problems.append(("val_size", f"given {frac}, but dataset {name!r} has {rows} rows: the validation "
-                                         f"split would be empty (needs val_size >= {1 / rows:.3g})"))
+            problems.append(("val_size", f"given {size}, but dataset {name!r} has {rows} rows: the validation "
+                                         f"split would be empty (needs val_size >= {1 / rows:.3g}, or a number "
+                                         "of rows such as 1; 0 for no validation split)"))
         elif rows - n_val < 1:
-            problems.append(("val_size", f"given {frac}, but dataset {name!r} has {rows} rows: nothing would "
-                                         "be left to train on; lower val_size"))
+            problems.append(("val_size", f"given {size}, but dataset {name!r} has {rows} rows: nothing would "
+                                         "be left to train on; lower val_size"
+                                         + (f" (at most {rows - 1} rows)" if count and rows > 1 else "")))
     return problems
+
+
+@rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps",
+      commands=("train", "eval", "plan", "validate", None))
+def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
+    """val_size 0 holds out no rows; unless eval_dataset names a dataset not trained on, a run that asks for an
+    evaluation would find nothing to evaluate (LLaMA-Factory's Trainer fails there, mid-run)."""
+    if ctx.values["val_size"] != 0:
+        return []
+    trained = set(ctx.values["dataset"] or [])
+    if any(name not in trained for name in ctx.values["eval_dataset"] or []):
+        return []
+    asked = [key for key in ("eval_strategy", "eval_steps", "do_eval", "do_predict")
+             if ctx.origins[key].kind in ("file", "cli") and ctx.values[key] not in (None, False, "no")]
+    if ctx.command == "eval":
+        asked = ["the eval command"]
+    if not asked:
+        return []
+    return [("val_size", f"given 0: no validation split, and no eval_dataset names a dataset outside `dataset`, "
+                         f"so {' and '.join(asked)} would have nothing to evaluate; set val_size (a fraction such "
+                         "as 0.1, or a number of rows) and run `make data`, or name an eval_dataset")]
 
 
 # --- DeepSpeed -------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ CASES = [
          ["r.yaml:5:20: lr_scheduler_type: given 'cosin', expected one of constant, linear, cosine "
           "(did you mean 'cosine'?)"]),
     Case("out of range fraction", {"r.yaml": BASE + "val_size: 1.5\n"},
-         ["r.yaml:5:11: val_size: given 1.5, expected a number > 0 and < 1"]),
+         ["r.yaml:5:11: val_size: given 1.5 (a number), expected an integer >= 0 or a number >= 0 and < 1"]),
     Case("zero learning rate", {"r.yaml": BASE + "learning_rate: 0\n"},
          ["r.yaml:5:16: learning_rate: given 0, expected a number > 0 and <= 1"]),
     Case("zero batch size", {"r.yaml": BASE + "per_device_train_batch_size: 0\n"},

@@ -1,0 +1,79 @@
+"""Recipe values LLaMA-Factory accepts that the pipeline used to refuse, through the CLI as a user types it.
+
+val_size: LLaMA-Factory's data_utils.split_dataset takes "an integer or a float in range [0,1)", default 0 (no
+evaluation split). alpaca_en_demo has 16 rows and identity 8 (tests/compat/lf_data), split per dataset here.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import pipeline
+from tests.compat.test_lf_recipes import lf_checkout, tiny_recipe
+
+TWO_DATASETS = "alpaca_en_demo,identity"  # 16 + 8 rows
+
+
+def splits(work: Path) -> dict[str, dict[str, int]]:
+    return {name: json.loads((work / "data/build" / name / "manifest.json").read_text("utf-8"))["splits"]
+            for name in TWO_DATASETS.split(",")}
+
+
+def eval_losses(work: Path) -> list[int]:
+    log = (work / "saves/tiny/trainer_log.jsonl").read_text("utf-8").splitlines()
+    return [rec["step"] for rec in map(json.loads, log) if "eval_loss" in rec]
+
+
+@pytest.mark.slow  # ~10 s: trains one step through the CLI
+def test_val_size_zero_builds_no_val_split_and_trains(tmp_path):
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset=TWO_DATASETS, val_size=0)
+    built = pipeline("build", recipe, cwd=work)
+    assert "train 16 · val 0" in built.stdout and "train 8 · val 0" in built.stdout
+    assert splits(work) == {"alpaca_en_demo": {"train": 16, "val": 0}, "identity": {"train": 8, "val": 0}}
+    assert "val_size                   0" in pipeline("plan", recipe, cwd=work).stdout
+    pipeline("train", recipe, cwd=work)
+    assert eval_losses(work) == []  # no val split: nothing evaluated, nothing crashed
+    assert (work / "saves/tiny/adapter/adapter_model.safetensors").is_file()
+
+
+def test_val_size_zero_refuses_an_evaluation_it_cannot_do(tmp_path):
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset=TWO_DATASETS, val_size=0)
+    pipeline("build", recipe, cwd=work)
+    for args, asked in ((("train", recipe, "eval_strategy=steps", "do_predict=true"), "eval_strategy and do_predict"),
+                        (("eval", recipe), "the eval command")):
+        failed = pipeline(*args, cwd=work, expect=2)
+        assert f"{recipe}:" in failed.stderr and "val_size: given 0: no validation split" in failed.stderr
+        assert f"so {asked} would have nothing to evaluate" in failed.stderr and "Traceback" not in failed.stderr
+    # an eval_dataset outside `dataset` is evaluated whole: val_size 0 is fine then
+    pipeline("validate", recipe, "dataset=alpaca_en_demo", "eval_dataset=identity", "eval_strategy=steps", cwd=work)
+
+
+@pytest.mark.slow  # ~10 s: trains one step through the CLI
+def test_val_size_integer_holds_out_that_many_rows_per_dataset(tmp_path):
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset=TWO_DATASETS, val_size=5)
+    pipeline("build", recipe, cwd=work)
+    assert splits(work) == {"alpaca_en_demo": {"train": 11, "val": 5}, "identity": {"train": 3, "val": 5}}
+    assert "val_size                   5" in pipeline("plan", recipe, cwd=work).stdout
+    pipeline("train", recipe, cwd=work)
+    assert eval_losses(work) == [1]  # do_eval null: the final evaluation on the 10 held-out rows
+
+
+def test_val_size_integer_that_leaves_nothing_to_train_and_bad_values(tmp_path):
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset=TWO_DATASETS, val_size=8)
+    failed = pipeline("build", recipe, cwd=work, expect=2)  # nothing built yet: the build says it
+    assert ("dataset 'identity' (data/dataset_info.json:2): 8 rows remain after cleaning (read 8; removed: none); "
+            "val_size 8 leaves 0 for training and 8 for validation, and both need at least one") in failed.stderr
+    pipeline("build", recipe, "val_size=7", cwd=work)
+    failed = pipeline("validate", recipe, cwd=work, expect=2)  # built: the recipe check says it
+    assert (f"{recipe}:" in failed.stderr and "val_size: given 8, but dataset 'identity' has 8 rows: nothing would be "
+            "left to train on; lower val_size (at most 7 rows)") in failed.stderr
+    for value in ("2.5", "-1", "1.5"):
+        failed = pipeline("validate", recipe, f"val_size={value}", cwd=work, expect=2)
+        assert f"val_size: given {value} " in failed.stderr
+        assert "expected an integer >= 0 or a number >= 0 and < 1" in failed.stderr
