@@ -139,9 +139,14 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
         convert = lambda rec: _alpaca(rec, cols, tools_column)  # noqa: E731
     if table.header is not None:  # a table: a missing column is one problem for the file, not one per row
         missing = [(k, c) for k, c in needed.items() if c not in table.header]
+        line = None if shown.lower().endswith(".parquet") else 1
+        separator = _wrong_separator(table.header, shown) if missing else None
+        if separator:
+            problems.add(shown, line, separator)
+            return []
         for key, column in missing:
-            problems.add(shown, None if shown.lower().endswith(".parquet") else 1, f"missing column '{column}' (columns.{key}){did_you_mean(column, table.header)}; "
-                               f"the header has: {', '.join(table.header)}")
+            problems.add(shown, line, f"missing column '{column}' (columns.{key}){did_you_mean(column, table.header)}; "
+                                      f"the header has: {', '.join(table.header)}")
         if missing:
             return []
     rows = []
@@ -159,6 +164,24 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
     for where, message, alike in tags_errors.values():
         problems.add(shown, where, message + (f" ({alike:,} rows alike; this is the first)" if alike > 1 else ""))
     return rows
+
+
+def _wrong_separator(header: list[str], shown: str) -> str | None:
+    """The message for a table split on the wrong character: a header of one column holding ';', '|', a tab
+    (.csv) or a comma (.tsv). Without it the column check proposed the whole header line as the column name
+    ("did you mean 'instruction;output'?"), which hides what is wrong."""
+    if len(header) != 1 or not shown.lower().endswith((".csv", ".tsv")):  # a parquet column name is what it is
+        return None
+    tsv = shown.lower().endswith(".tsv")
+    names = {";": "';'", "|": "'|'", ",": "comma"} if tsv else {";": "';'", "|": "'|'", "\t": "tab"}
+    found = next((sep for sep in names if sep in header[0]), None)
+    if found is None:
+        return None
+    if tsv:
+        expected = "a .tsv file separates columns with tabs" + ("; name it .csv" if found == "," else "")
+    else:
+        expected = "a .csv file separates columns with commas" + ("; name it .tsv" if found == "\t" else "")
+    return f"the header has one column ({header[0]!r}); the file looks {names[found]}-separated: {expected}"
 
 
 def _alpaca(rec: dict, cols: dict[str, str], tools_column: str | None = None) -> dict:

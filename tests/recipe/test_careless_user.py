@@ -128,3 +128,20 @@ def test_openai_style_messages_under_the_default_sharegpt_tags(tmp_path):
     assert ("extra.jsonl:1: conversations[0].from is 'user'; expected 'human' or 'gpt' (or 'system' as the first "
             "turn, 'function_call' / 'observation' for tool use); for user/assistant roles add \"tags\": "
             '{"user_tag": "user", "assistant_tag": "assistant"} to the registry entry \'chat\'\n') in err, err
+
+
+def test_a_csv_file_separated_by_semicolons_or_tabs(tmp_path):
+    """A ';'-separated .csv got "missing column 'instruction' (did you mean 'instruction;output'?)": the header of
+    one column holding another separator is now named as the problem, once."""
+    data = write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", dataset="table",
+                          output_dir="saves/r")
+    for sep, name, expected in ((";", "raw/t.csv", "looks ';'-separated: a .csv file separates columns with commas"),
+                                ("\t", "raw/t.csv", "looks tab-separated: a .csv file separates columns with commas; "
+                                                    "name it .tsv"),
+                                (",", "raw/t.tsv", "looks comma-separated: a .tsv file separates columns with tabs; "
+                                                   "name it .csv")):
+        add_dataset(data, "table", {}, f"instruction{sep}output\nhi{sep}there\n", file_name=name)
+        err = refused("build", recipe, cwd=tmp_path)
+        assert err.count("error:") == 1 and "did you mean" not in err, err
+        assert f"{name}:1: the header has one column ({f'instruction{sep}output'!r}); the file {expected}" in err, err
