@@ -469,6 +469,24 @@ def refused_exports(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+@rule("mix_strategy", "interleave_probs")
+def concat_mix_only(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory's interleaving samples datasets by probability; here every dataset is used whole (concat)."""
+    strategy, probs = ctx.values["mix_strategy"], ctx.values["interleave_probs"]
+    share = ("set each dataset's share with max_samples (rows per dataset) or num_samples in its "
+             "dataset_info.json entry")
+    if strategy != "concat":
+        return [("mix_strategy", f"given {strategy!r}: interleaving datasets (sampled by interleave_probs until "
+                                 "the first, or every, dataset runs out) is not implemented; use mix_strategy: "
+                                 "concat (every row of every dataset, shuffled together in training)"
+                                 f"{' and remove interleave_probs' if probs is not None else ''}, and {share}")]
+    if probs is not None:
+        return [("interleave_probs", f"given {probs!r}, but it only applies to an interleave mix_strategy, which "
+                                     "is not implemented (LLaMA-Factory refuses it with concat too); remove it, and "
+                                     + share)]
+    return []
+
+
 @rule("do_train", "do_eval", "do_predict", commands=("train",))
 def something_to_do(ctx: Context) -> list[tuple[str, str]]:
     if not ctx.values["do_train"] and not ctx.values["do_eval"] and not ctx.values["do_predict"]:

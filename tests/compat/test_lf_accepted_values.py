@@ -77,3 +77,20 @@ def test_val_size_integer_that_leaves_nothing_to_train_and_bad_values(tmp_path):
         failed = pipeline("validate", recipe, f"val_size={value}", cwd=work, expect=2)
         assert f"val_size: given {value} " in failed.stderr
         assert "expected an integer >= 0 or a number >= 0 and < 1" in failed.stderr
+
+
+def test_mix_strategy_concat_is_accepted_and_interleaving_refused_with_a_reason(tmp_path):
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset=TWO_DATASETS, mix_strategy="concat")
+    pipeline("build", recipe, cwd=work)
+    done = pipeline("validate", recipe, cwd=work)  # LLaMA-Factory's default is what the pipeline does: no notice
+    assert "mix_strategy" not in done.stderr
+    failed = pipeline("validate", recipe, "mix_strategy=interleave_under", "interleave_probs=0.7,0.3", cwd=work,
+                      expect=2)
+    assert ("mix_strategy: given 'interleave_under': interleaving datasets (sampled by interleave_probs until the "
+            "first, or every, dataset runs out) is not implemented; use mix_strategy: concat") in failed.stderr
+    assert "remove interleave_probs" in failed.stderr and "max_samples" in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1  # one mistake, one message
+    failed = pipeline("validate", recipe, "interleave_probs=0.7,0.3", cwd=work, expect=2)
+    assert ("interleave_probs: given '0.7,0.3', but it only applies to an interleave mix_strategy, which is not "
+            "implemented") in failed.stderr
