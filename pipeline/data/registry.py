@@ -247,6 +247,23 @@ def resolve_datasets(data: DataArgs, key: str = "dataset") -> list[DatasetSpec]:
     return specs
 
 
+def _shared_columns(given: dict[str, str], allowed: dict[str, str], ranking: bool, stage: str
+                    ) -> dict[str, list[str]]:
+    """Source column -> the fields reading it, where two or more fields read one column and the entry named at
+    least one of them: prompt and response on one column built without a word and trained a model to echo its
+    prompt. Only fields this entry reads count (pt reads the prompt and query or the text, so `prompt: output` for
+    a corpus is fine; response is not read for ranking data, chosen/rejected only for it, tools only when given);
+    the defaults never collide among themselves."""
+    unread = {"kto_tag", *MULTIMODAL_COLUMNS, *(("response",) if ranking else ("chosen", "rejected"))}
+    read = {f: c for f, c in {**allowed, **given}.items()
+            if f in allowed and f not in unread and (f != "tools" or f in given)
+            and (stage != "pt" or f in ("prompt", "query", "text"))}
+    by_column: dict[str, list[str]] = {}
+    for field_name, column in read.items():
+        by_column.setdefault(column, []).append(field_name)
+    return {c: fs for c, fs in by_column.items() if len(fs) > 1 and any(f in given for f in fs)}
+
+
 def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, int], shown: str,
           problems: list[str]) -> DatasetSpec | None:
     """A used entry checked against what the recipe does with it (stage, template), files found."""
@@ -265,6 +282,12 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
         if col not in allowed:
             add(("columns", col), f"column '{col}' does not apply to formatting '{formatting}'; "
                                   f"it takes: {', '.join(allowed)}")
+    for column, fields in _shared_columns(given, allowed, ranking, stage).items():
+        named = " and ".join(f"'{f}'" + ("" if f in given else " (by default)") for f in fields)
+        echo = " (a model trained so learns to repeat its prompt)" if {"prompt", "response"} <= set(fields) else ""
+        add(("columns", next(f for f in fields if f in given)),
+            f"{named} {'both' if len(fields) == 2 else 'all'} read column '{column}'; each field needs its own "
+            f"column{echo}")
     for col in MULTIMODAL_COLUMNS:
         if col in given:
             add(("columns", col), f"multimodal data ({col}) is not supported: the models here read text only; "

@@ -145,3 +145,24 @@ def test_a_csv_file_separated_by_semicolons_or_tabs(tmp_path):
         err = refused("build", recipe, cwd=tmp_path)
         assert err.count("error:") == 1 and "did you mean" not in err, err
         assert f"{name}:1: the header has one column ({f'instruction{sep}output'!r}); the file {expected}" in err, err
+
+
+def test_two_fields_reading_one_column(tmp_path):
+    """columns.prompt and columns.response naming the same column built and trained a model to echo its prompt,
+    without a word; a field moved onto another's default column (prompt: input) read it twice. Refused."""
+    data = write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", dataset="same",
+                          output_dir="saves/r")
+    for columns, expected in (({"prompt": "instruction", "response": "instruction"},
+                               "'prompt' and 'response' both read column 'instruction'; each field needs its own "
+                               "column (a model trained so learns to repeat its prompt)"),
+                              ({"prompt": "input"}, "'prompt' and 'query' (by default) both read column 'input'")):
+        add_dataset(data, "same", {"columns": columns}, [{"instruction": "a", "input": "", "output": "b"}])
+        err = refused("build", recipe, cwd=tmp_path)
+        assert err.count("error:") == 1 and f'"same".columns.prompt: {expected}' in err, err
+    add_dataset(data, "same", {"ranking": True, "columns": {"prompt": "q", "response": "q", "chosen": "c",
+                                                            "rejected": "r"}}, [])
+    err = refused("build", recipe, "stage=dpo", cwd=tmp_path)
+    assert "read column" not in err, err  # response is not read for ranking data
+    add_dataset(data, "same", {"columns": {"prompt": "output"}}, [{"output": "a corpus line"}])
+    pipeline("build", recipe, "stage=pt", cwd=tmp_path)  # pt reads the prompt only: output is not read twice
