@@ -59,6 +59,10 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 RESUME_KEYS = REFUSE  # the name older code used
+# A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
+# cutoff_len the model's context when shorter than the default. When a source is reported, the derived value's
+# own change is that report again, about a key the user never wrote, so it is not said.
+DERIVED_FROM = {"lora_alpha": ("lora_rank",), "cutoff_len": ("context_length", "model_name_or_path")}
 DATA_KEY = "training data"  # the sha256 of every built train.json, saved beside the recipe values
 
 @dataclass
@@ -216,9 +220,12 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                         "train with save_only_model: false to get resumable checkpoints")
     saved = read_state(path).get("recipe", {})
     changed = [k for k in saved if k in r and saved[k] != r[k]]
+    refused = [k for k in changed if k in REFUSE]
+    source = getattr(r, "source", lambda key: "default")
     problems = [f"{where(r, key)} is {_show(r[key])} but {path} was trained with {_show(saved[key])}; "
                 f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
-                for key in changed if key in REFUSE]
+                for key in refused
+                if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
     if DATA_KEY in saved:
         now = training_data(r)
         problems += [f"{where(r, 'dataset')}: the built training rows of '{name}' are not the ones {path} was "

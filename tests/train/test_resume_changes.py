@@ -77,6 +77,13 @@ def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, change
     assert any(fragment in m and "resume with the same value" in m for m in err.value.messages), err.value.messages
 
 
+def test_a_changed_lora_rank_is_one_message_not_two(make_recipe, first_run):
+    """lora_alpha, derived as 2 x lora_rank and never written by the user, was reported too."""
+    with pytest.raises(UserError) as err:
+        resume(make_recipe, lora_rank=8)
+    assert len(err.value.messages) == 1 and "lora_rank is 8 but" in err.value.messages[0], err.value.messages
+
+
 def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     raw = workdir / "data" / "raw" / "sft.jsonl"
     with open(raw, "a", encoding="utf-8") as handle:
