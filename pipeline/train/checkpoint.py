@@ -226,6 +226,11 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                 f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
                 for key in refused
                 if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
+    step = read_state(path).get("global_step")
+    if "max_steps" in changed and r["max_steps"] is not None and isinstance(step, int) and r["max_steps"] <= step:
+        # applying it would say "applied from step N on" and then "done" without a step trained, exit 0
+        problems.append(f"{where(r, 'max_steps')} {r['max_steps']} is not after {path}'s step {step}: nothing to "
+                        f"train; resume with max_steps above {step} (it was {_show(saved['max_steps'])})")
     if DATA_KEY in saved:
         now = training_data(r)
         problems += [f"{where(r, 'dataset')}: the built training rows of '{name}' are not the ones {path} was "

@@ -84,6 +84,15 @@ def test_a_changed_lora_rank_is_one_message_not_two(make_recipe, first_run):
     assert len(err.value.messages) == 1 and "lora_rank is 8 but" in err.value.messages[0], err.value.messages
 
 
+def test_max_steps_not_after_the_checkpoint_is_refused(make_recipe, first_run):
+    """It said "max_steps changed from 2 to 1: applied from step 2 on", then "done" with nothing trained, exit 0."""
+    with pytest.raises(UserError) as err:
+        resume(make_recipe, max_steps=1)
+    [message] = err.value.messages
+    assert message.endswith(f": max_steps 1 is not after {first_run}/checkpoint-2's step 2: nothing to train; resume "
+                            "with max_steps above 2 (it was 2)"), message
+
+
 def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     raw = workdir / "data" / "raw" / "sft.jsonl"
     with open(raw, "a", encoding="utf-8") as handle:
