@@ -552,15 +552,26 @@ def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     ref = ctx.values["ref_model"]
     if ctx.values["stage"] != "dpo" or ref is None:
         return []
+    from pipeline.errors import UserError
+    from pipeline.model.hub import is_hub_id, resolve_model_path
     from pipeline.recipe.modelinfo import looks_like_path, model_info
 
-    if looks_like_path(ref) and not os.path.exists(ref):
-        if ctx.command in ("train", "eval"):
-            return [("ref_model", f"directory {ref!r} not found; expected a model directory or preset name")]
+    loads_now = ctx.command in ("train", "eval")
+    if is_hub_id(ref):  # as model_name_or_path: a snapshot in the HF cache, fetched by the commands that load it
+        if loads_now:
+            try:
+                resolve_model_path(ref, key="ref_model")
+            except UserError as err:
+                return [("ref_model", m.removeprefix("ref_model: ")) for m in err.messages]
+    elif looks_like_path(ref) and not os.path.exists(ref):
+        if loads_now:
+            return [("ref_model", f"directory {ref!r} not found; expected a model directory, a hub id (org/name) "
+                                  "or preset name")]
         return []
     ref_info, info = model_info(ref), model_info(ctx.values["model_name_or_path"])
     if ref_info is None:
-        from pipeline.errors import UserError
+        if is_hub_id(ref) and not loads_now:
+            return []  # not cached yet: validate and plan never download; train and eval fetch it (above)
         from pipeline.model.config import read_config
 
         try:

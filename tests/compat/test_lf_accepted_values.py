@@ -6,6 +6,7 @@ evaluation split). alpaca_en_demo has 16 rows and identity 8 (tests/compat/lf_da
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,38 @@ def test_mix_strategy_concat_is_accepted_and_interleaving_refused_with_a_reason(
     failed = pipeline("validate", recipe, "interleave_probs=0.7,0.3", cwd=work, expect=2)
     assert ("interleave_probs: given '0.7,0.3', but it only applies to an interleave mix_strategy, which is not "
             "implemented") in failed.stderr
+
+
+def cache_model(home: Path, repo_id: str) -> Path:
+    """A GPT-2 checkpoint (the tiny preset's vocabulary) as the hub cache stores it: hub/models--Org--Name/
+    {refs/main, snapshots/<commit>/} (blobs omitted: a snapshot's files may be plain files)."""
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    commit = "b" * 40
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    write_hf_checkpoint(repo / "snapshots" / commit, "gpt2", n_positions=128)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+@pytest.mark.slow  # ~15 s: trains one dpo step through the CLI
+def test_ref_model_as_a_hub_id_resolves_from_the_offline_cache(tmp_path):
+    from tests.acceptance.harness import cli_env
+
+    work = lf_checkout(tmp_path, "tiny")
+    env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    snapshot = cache_model(tmp_path / "hf", "Org/Tiny-GPT2")
+    recipe = tiny_recipe(work, model_name_or_path=str(snapshot), stage="dpo", dataset="dpo_en_demo", cutoff_len=128,
+                         ref_model="Org/Tiny-GPT2")
+    pipeline("build", recipe, cwd=work, env=env)
+    pipeline("validate", recipe, cwd=work, env=env)
+    pipeline("train", recipe, cwd=work, env=env)
+    log = json.loads((work / "saves/tiny/trainer_log.jsonl").read_text("utf-8").splitlines()[0])
+    # the reference is the policy's starting weights (LoRA starts as the identity): sigmoid loss -log(1/2) at step 1
+    assert log["step"] == 1 and abs(log["loss"] - math.log(2)) < 1e-5
+    failed = pipeline("train", recipe, "ref_model=Org/Not-Cached", "overwrite_output_dir=true", cwd=work, env=env,
+                      expect=2)
+    assert ("command line override ref_model=Org/Not-Cached: ref_model: 'Org/Not-Cached' is neither a local "
+            "directory nor a cached hub snapshot (HF_HUB_OFFLINE=1 and it is not in") in failed.stderr
+    assert "hf download Org/Not-Cached" in failed.stderr and "Traceback" not in failed.stderr
