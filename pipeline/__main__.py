@@ -38,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "exit codes: 0 success, 2 a mistake in the recipe, data or arguments (no traceback), 1 a bug.")
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
+        usage="%(prog)s command recipe [key=value ...] [options]",  # command and recipe are required (see main)
         description="Recipe-driven fine-tuning of the book's GPT on DeepSpeed.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=list(COMMANDS), metavar="command", help="one of the commands below")
-    parser.add_argument("recipe", help="path to a YAML recipe")
+    # both optional to argparse so that a missing one is named alone (main checks them; see there)
+    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command",
+                        help="one of the commands below")
+    parser.add_argument("recipe", nargs="?", help="path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, values parsed as YAML")
     # the deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment too, which resolve reads)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -98,6 +101,9 @@ def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
+    if args.command is None or args.recipe is None:
+        # parse_intermixed_args lists the optional key=value overrides as required too when these are missing
+        parser.error(f"the following arguments are required: {'command, ' if args.command is None else ''}recipe")
     try:
         from pipeline.recipe import resolve
 

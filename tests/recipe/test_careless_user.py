@@ -166,3 +166,12 @@ def test_two_fields_reading_one_column(tmp_path):
     assert "read column" not in err, err  # response is not read for ranking data
     add_dataset(data, "same", {"columns": {"prompt": "output"}}, [{"output": "a corpus line"}])
     pipeline("build", recipe, "stage=pt", cwd=tmp_path)  # pt reads the prompt only: output is not read twice
+
+
+def test_a_command_without_a_recipe_names_only_the_recipe(tmp_path):
+    """`python -m pipeline train` said "the following arguments are required: recipe, key=value"; overrides are
+    optional."""
+    for argv, missing in ((("train",), "recipe"), ((), "command, recipe")):
+        err = refused(*argv, cwd=tmp_path)
+        assert err.endswith(f"error: the following arguments are required: {missing}\n"), err
+        assert "usage: python -m pipeline command recipe [key=value ...]" in err, err
