@@ -469,6 +469,31 @@ def refused_exports(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+@rule("model_revision", "model_name_or_path")
+def main_revision_only(ctx: Context) -> list[tuple[str, str]]:
+    """Every model lookup resolves refs/main; rather than load main while the recipe names another revision, point
+    the user at the snapshot folder of the one they want (a directory works wherever a hub id does)."""
+    revision, name = ctx.values["model_revision"], ctx.values["model_name_or_path"]
+    if revision == "main":
+        return []
+    from pipeline.model.hub import cache_dir, download_command, is_hub_id
+
+    if not is_hub_id(name):
+        return [("model_revision", f"given {revision!r}, but model_name_or_path {name!r} is not a hub id (a "
+                                   "directory or preset has no revisions): remove model_revision")]
+    repo = cache_dir() / f"models--{name.replace('/', '--')}"
+    ref = repo / "refs" / revision
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    unsupported = f"given {revision!r}: revisions other than main are not supported yet; "
+    if snapshot.is_dir():
+        return [("model_revision", f"{unsupported}it is in the HF cache: set model_name_or_path to its snapshot "
+                                   f"folder, {snapshot}, and remove model_revision")]
+    return [("model_revision", f"{unsupported}download it with `{download_command(name, revision)}` and set "
+                               f"model_name_or_path to its snapshot folder, {repo / 'snapshots'}/<commit> (the "
+                               f"commit is in {ref} once downloaded), then remove model_revision")]
+
+
 @rule("mix_strategy", "interleave_probs")
 def concat_mix_only(ctx: Context) -> list[tuple[str, str]]:
     """LLaMA-Factory's interleaving samples datasets by probability; here every dataset is used whole (concat)."""

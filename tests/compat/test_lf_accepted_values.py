@@ -97,16 +97,16 @@ def test_mix_strategy_concat_is_accepted_and_interleaving_refused_with_a_reason(
             "implemented") in failed.stderr
 
 
-def cache_model(home: Path, repo_id: str) -> Path:
+def cache_model(home: Path, repo_id: str, revision: str = "main") -> Path:
     """A GPT-2 checkpoint (the tiny preset's vocabulary) as the hub cache stores it: hub/models--Org--Name/
-    {refs/main, snapshots/<commit>/} (blobs omitted: a snapshot's files may be plain files)."""
+    {refs/<revision>, snapshots/<commit>/} (blobs omitted: a snapshot's files may be plain files)."""
     from tests.acceptance.harness import write_hf_checkpoint
 
     commit = "b" * 40
     repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
     write_hf_checkpoint(repo / "snapshots" / commit, "gpt2", n_positions=128)
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / revision).write_text(commit)
     return repo / "snapshots" / commit
 
 
@@ -130,3 +130,25 @@ def test_ref_model_as_a_hub_id_resolves_from_the_offline_cache(tmp_path):
     assert ("command line override ref_model=Org/Not-Cached: ref_model: 'Org/Not-Cached' is neither a local "
             "directory nor a cached hub snapshot (HF_HUB_OFFLINE=1 and it is not in") in failed.stderr
     assert "hf download Org/Not-Cached" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_model_revision_main_is_accepted_and_another_points_at_the_snapshot_folder(tmp_path):
+    from tests.acceptance.harness import cli_env
+
+    work = lf_checkout(tmp_path, "tiny")
+    env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    snapshot = cache_model(tmp_path / "hf", "Org/Tiny-GPT2", revision="v1")  # `hf download --revision v1`
+    recipe = tiny_recipe(work, model_revision="main")
+    pipeline("build", recipe, cwd=work, env=env)
+    pipeline("validate", recipe, cwd=work, env=env)
+    failed = pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", "model_revision=v1", cwd=work, env=env,
+                      expect=2)
+    assert ("model_revision: given 'v1': revisions other than main are not supported yet; it is in the HF cache: set "
+            f"model_name_or_path to its snapshot folder, {snapshot}, and remove model_revision") in failed.stderr
+    failed = pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", "model_revision=v2", cwd=work, env=env,
+                      expect=2)
+    assert "download it with `hf download Org/Tiny-GPT2 --revision v2 --include 'config.json'" in failed.stderr
+    assert f"{snapshot.parent}/<commit> (the commit is in {snapshot.parents[1] / 'refs/v2'}" in failed.stderr
+    failed = pipeline("validate", recipe, "model_revision=v1", cwd=work, env=env, expect=2)
+    assert "model_name_or_path 'tiny' is not a hub id (a directory or preset has no revisions)" in failed.stderr
+    pipeline("validate", recipe, f"model_name_or_path={snapshot}", cwd=work, env=env)  # the advice works
