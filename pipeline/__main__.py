@@ -29,6 +29,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _count(text: str) -> int:
+    """--num: a whole number of samples, 0 or more (a negative one was taken as 0 without a word; 0 is kept, for
+    the counts and the length histogram alone)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"given {text!r}, expected a whole number of samples (0 or more)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"given {value}, expected 0 or more samples (0: only the counts and the "
+                                         "length histogram)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     epilog = ("commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items())
               + "\n\nexamples:\n"
@@ -60,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which weights to use (default: the tuned model eval uses, else base)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the recipe's template")
     insp = parser.add_argument_group("inspect")
-    insp.add_argument("--num", type=int, default=3, help="number of samples to render")
+    insp.add_argument("--num", type=_count, default=3,
+                      help="number of samples to render (0: only the counts and the length histogram)")
     return parser
 
 

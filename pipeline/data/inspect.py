@@ -2,7 +2,7 @@
 
 Renders N training examples exactly as the trainer will see them, with the trained tokens marked
 (green on a terminal, [[double brackets]] otherwise; NO_COLOR turns colour off), the counts the
-length policy dropped or truncated, and the token-length histogram (text here, PNG beside the build).
+length policy dropped or truncated, and the token-length histogram (text here, PNG in build/, see plot_path).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.data.args import DataArgs
-from pipeline.data.build import built_dir
 from pipeline.data.registry import dataset_names
 from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, length_table, plot_lengths, pt_stream, pt_windows,
                                     tokenized_split)
@@ -41,11 +40,11 @@ def render(ids: Sequence[int], trained: Sequence[bool], color: bool, tokenizer: 
 
 
 def plot_path(data: DataArgs) -> Path:
-    """Where the length histogram goes: beside the build of the one dataset, else in build/ named by all of them."""
-    names = dataset_names(data, "dataset")
-    if len(names) == 1:
-        return built_dir(data.dataset_dir, names[0]) / "token_lengths.png"
-    return Path(data.dataset_dir) / "build" / f"token_lengths-{'+'.join(names)}.png"
+    """Where the length histogram goes: build/token_lengths-<names>.png, named by the recipe's datasets.
+
+    Never inside a dataset's own build folder (build/<name>/): that folder is build's output, written under build's
+    lock and described by its manifest, and inspect only reads it."""
+    return Path(data.dataset_dir) / "build" / f"token_lengths-{'+'.join(dataset_names(data, 'dataset'))}.png"
 
 
 def _policy_line(split: str, examples: TokenizedSplit, data: DataArgs) -> str:

@@ -175,3 +175,21 @@ def test_a_command_without_a_recipe_names_only_the_recipe(tmp_path):
         err = refused(*argv, cwd=tmp_path)
         assert err.endswith(f"error: the following arguments are required: {missing}\n"), err
         assert "usage: python -m pipeline command recipe [key=value ...]" in err, err
+
+
+def test_inspect_refuses_a_negative_num_and_leaves_the_build_as_it_is(tmp_path):
+    """inspect --num -1 rendered nothing without a word (0 is kept: the counts and histogram alone); and inspect, a
+    read-only command, wrote token_lengths.png into the built dataset's folder (build's output). It goes to
+    build/token_lengths-<names>.png."""
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    for num in ("-1", "two"):
+        err = refused("inspect", recipe, "--num", num, cwd=tmp_path)
+        assert "error: argument --num: given" in err and "0 or more" in err, err
+    pipeline("build", recipe, cwd=tmp_path)
+    built = tmp_path / "data" / "build" / "tiny_sft"
+    before = sorted(p.name for p in built.iterdir())
+    out = pipeline("inspect", recipe, "--num", "1", cwd=tmp_path).stdout
+    assert "histogram: data/build/token_lengths-tiny_sft.png" in out, out
+    assert (tmp_path / "data" / "build" / "token_lengths-tiny_sft.png").is_file()
+    assert sorted(p.name for p in built.iterdir()) == before
