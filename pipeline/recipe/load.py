@@ -4,13 +4,15 @@ Scalars follow YAML 1.2's core schema, not PyYAML's YAML 1.1 defaults: `5e-5` an
 only true/false are booleans (`yes`, `no`, `on`, `off` stay strings and the schema reports them),
 `010` is ten and `1:30` is a string. Duplicate keys are an error, and only plain data tags are read
 (python/object tags are refused). Every problem becomes a UserError message `file:line:column: ...`.
+A duplicate key leaves the recipe readable (the last value is kept), so it is reported together with the schema's
+and the rules' problems (`Chain.problems`) rather than alone: a user fixes every mistake in one pass.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -81,10 +83,14 @@ for _tag, _regex, _first in (
 
 
 class _Builder:
-    """Turns composed nodes into Python values, collecting every problem instead of stopping at one."""
+    """Turns composed nodes into Python values, collecting every problem instead of stopping at one.
+
+    `errors`: the value could not be read. `duplicates`: ((file, line, column), message) of each key set twice,
+    the last value kept, so that the caller may go on and validate the recipe."""
 
     def __init__(self, file: str, errors: list[str]):
         self.file, self.errors, self.count = file, errors, 0
+        self.duplicates: list[tuple[tuple[str, int, int], str]] = []
 
     def at(self, node: Node) -> Origin:
         return Origin("file", self.file, node.start_mark.line + 1, node.start_mark.column + 1)
@@ -133,8 +139,9 @@ class _Builder:
         return None
 
     def mapping(self, node: MappingNode) -> dict[str, tuple[ScalarNode, Node]]:
-        """key -> (key node, value node); duplicate and non-string keys are reported."""
+        """key -> (key node, value node); duplicate (the last one kept) and non-string keys are reported."""
         seen: dict[str, tuple[ScalarNode, Node]] = {}
+        first_line: dict[str, int] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode) or key_node.tag not in (STR, "!"):
                 shown = key_node.value if isinstance(key_node, ScalarNode) else "a list or mapping"
@@ -142,13 +149,12 @@ class _Builder:
                 continue
             key = key_node.value
             if key in seen:
-                first = seen[key][0].start_mark.line + 1
-                self.error(
-                    key_node,
-                    f"duplicate key '{key}' (first set on line {first}, again on line {key_node.start_mark.line + 1});"
-                    " keep one",
-                )
-                continue
+                at = self.at(key_node)
+                self.duplicates.append(((self.file, at.line, at.column), (
+                    f"{at.where}: duplicate key '{key}' (first set on line {first_line[key]}, again on line "
+                    f"{at.line}); keep one")))
+                del seen[key]  # the last value counts, in its place
+            first_line.setdefault(key, key_node.start_mark.line + 1)
             seen[key] = (key_node, value_node)
         return seen
 
@@ -250,6 +256,15 @@ def compose(text: str, file: str) -> Node | None:
 
 def read_recipe_file(path: Path, file: str) -> dict[str, Entry]:
     """One recipe file -> key -> Entry. Raises UserError listing every problem in the file."""
+    entries, duplicates = _read_recipe_file(path, file)
+    if duplicates:
+        raise UserError([message for _, message in duplicates])
+    return entries
+
+
+def _read_recipe_file(path: Path, file: str) -> tuple[dict[str, Entry], list[tuple[tuple[str, int, int], str]]]:
+    """One recipe file -> (key -> Entry, its duplicate keys). Raises UserError listing every problem in the file
+    when one leaves a value unreadable (duplicate keys included, then)."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -273,8 +288,14 @@ def read_recipe_file(path: Path, file: str) -> dict[str, Entry]:
         for key, (key_node, value_node) in builder.mapping(root).items()
     }
     if errors:
-        raise UserError(errors)
-    return entries
+        raise UserError(sorted(errors + [m for _, m in builder.duplicates], key=_position))
+    return entries, builder.duplicates
+
+
+def _position(message: str) -> tuple[int, int]:
+    """(line, column) of a `file:line:column: ...` message of one file, for listing them in file order."""
+    found = re.search(r":(\d+):(\d+): ", message)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
 def parse_value(text: str, origin: Origin) -> Any:
@@ -287,7 +308,9 @@ def parse_value(text: str, origin: Origin) -> Any:
     if node is None:
         return None
     errors: list[str] = []
-    value = _Builder("<override>", errors).value(node)
+    builder = _Builder("<override>", errors)
+    value = builder.value(node)
+    errors += [message for _, message in builder.duplicates]
     if errors:
         raise UserError([f"{origin.where}: {e.split(': ', 1)[1]}" for e in errors])
     return value
@@ -352,6 +375,9 @@ class Chain:
 
     layers: list[dict[str, Entry]]
     files: list[str]  # every file read, the recipe first, as shown to the user
+    # ((file, line, column), message) of what does not stop the reading (duplicate keys): the caller reports them
+    # with the validation's problems
+    problems: list[tuple[tuple[str, int, int], str]] = field(default_factory=list)
 
 
 def load_chain(path: str | os.PathLike[str]) -> Chain:
@@ -364,7 +390,7 @@ def load_chain(path: str | os.PathLike[str]) -> Chain:
                         f" (looked in {os.path.abspath(file)})"))
     _load_into(file, [], None, chain, errors)
     if errors:
-        raise UserError(list(dict.fromkeys(errors)))
+        raise UserError(list(dict.fromkeys(errors + [message for _, message in chain.problems])))
     return chain
 
 
@@ -383,10 +409,11 @@ def _load_into(file: str, stack: list[tuple[str, str]], via: Origin | None, chai
     if file not in chain.files:
         chain.files.append(file)
     try:
-        entries = read_recipe_file(Path(file), file)
+        entries, duplicates = _read_recipe_file(Path(file), file)
     except UserError as err:
         errors.extend(err.messages)
         return
+    chain.problems += duplicates
     extends = entries.get("extends")
     if extends is not None:
         for target in _extends_targets(extends, errors):

@@ -136,6 +136,7 @@ def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, comm
     merged.update(cli)
 
     problems, bad = check_schema(merged, recipe_file, optional=("dataset",) if command in NO_DATA_COMMANDS else ())
+    problems += [((0, *where), message) for where, message in chain.problems]  # duplicate keys, in file order
     problems += [((1, "", 0, i), m) for i, m in enumerate(cli_errors)]
     values = spec.defaults()
     origins: dict[str, Origin] = {key: DEFAULT for key in values}

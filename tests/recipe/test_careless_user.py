@@ -193,3 +193,19 @@ def test_inspect_refuses_a_negative_num_and_leaves_the_build_as_it_is(tmp_path):
     assert "histogram: data/build/token_lengths-tiny_sft.png" in out, out
     assert (tmp_path / "data" / "build" / "token_lengths-tiny_sft.png").is_file()
     assert sorted(p.name for p in built.iterdir()) == before
+
+
+def test_a_duplicate_key_is_listed_with_the_recipes_other_mistakes(tmp_path):
+    """A duplicate key stopped the reading: only it was listed, and the misspelled key and the wrong value came
+    one rerun later. All are listed at once now, in file order (the last value of the duplicate is checked)."""
+    write_data(tmp_path / "data")
+    write_recipe(tmp_path / "base.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    (tmp_path / "r.yaml").write_text("extends: base.yaml\nlearning_rate: 1e-3\nlearning_rate: -2\nlora_rnak: 3\n"
+                                     "stage: sfft\n", encoding="utf-8")
+    err = refused("validate", "r.yaml", cwd=tmp_path)
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert lines[:4] == [
+        "error: r.yaml:3:1: duplicate key 'learning_rate' (first set on line 2, again on line 3); keep one",
+        "error: r.yaml:3:16: learning_rate: given -2, expected a number > 0 and <= 1",
+        "error: r.yaml:4:1: lora_rnak: unknown key (did you mean 'lora_rank'?)",
+        "error: r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo (did you mean 'sft'?)"], err
