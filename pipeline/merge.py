@@ -378,7 +378,8 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
     """`target`, once it is safe to replace as a whole (export swaps a new folder in and deletes the old one): not
     a file, not the run merged from or any input, and new, empty or an earlier export. Checked before any work."""
     key = "export_dir" if r.get("export_dir") else "output_dir"
-    named = guard.protected(r, {"output_dir, the run merged from": r.get("output_dir")})
+    named = guard.protected({**{k: r[k] for k in guard.INPUT_KEYS}, "output_dir, the run merged from": r["output_dir"]},
+                            r.files)
     guard.refuse_to_clear(target, where(r, key), key, named, ours=VERIFICATION)
     return target
 

@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "pipeline/prepare.py": None,
     "pipeline/validate.py": None,
     "pipeline/chat.py": {"run"},
-    "pipeline/merge.py": {"run", "export_run", "adapter_dir", "_recipe"},
+    "pipeline/merge.py": {"run", "export_run", "adapter_dir", "_recipe", "_export_target", "export_generation"},
     "pipeline/evaluate/run.py": {"run", "tuned_model", "_recipe"},
     "pipeline/train/run.py": None,
     "pipeline/train/dryrun.py": {"run"},

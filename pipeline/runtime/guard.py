@@ -9,7 +9,7 @@ naming what the folder holds, before anything is read or written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from pipeline.errors import UserError
 from pipeline.runtime.layout import RunLayout
@@ -18,14 +18,14 @@ from pipeline.runtime.layout import RunLayout
 INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "tokenizer_name_or_path", "ref_model", "dataset_dir")
 
 
-def protected(r: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """What must survive, by the name a message gives it: the recipe's inputs that exist on disk, its files,
-    the working directory and the home directory (and `extra`, e.g. the run a merge reads)."""
+def protected(inputs: Mapping[str, Any], files: Iterable[str] = ()) -> dict[str, Path]:
+    """What must survive, by the name a message gives it: the inputs that exist on disk (the recipe's INPUT_KEYS
+    and whatever else the command reads, by name), the recipe's files, the working and the home directory."""
     named: dict[str, Path] = {}
-    for key, value in [*((k, r.get(k)) for k in INPUT_KEYS), *(extra or {}).items()]:
+    for key, value in inputs.items():
         if value and Path(str(value)).exists():
             named[key] = Path(str(value)).resolve()
-    for file in getattr(r, "files", ()):
+    for file in files:
         named[f"the recipe {file}"] = Path(file).resolve()
     named["the working directory"] = Path.cwd().resolve()
     named["the home directory"] = Path.home().resolve()

@@ -297,7 +297,8 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
             raise UserError(f"{at}: {output_dir} is not empty (it holds {shown}); set "
                             "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to "
                             "start over (its contents are removed), or choose another output_dir")
-        guard.refuse_to_clear(output_dir, at, "output_dir", guard.protected(r))  # overwrite_output_dir empties it
+        inputs = guard.protected({k: r[k] for k in guard.INPUT_KEYS}, r.files)
+        guard.refuse_to_clear(output_dir, at, "output_dir", inputs)  # overwrite_output_dir empties it
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():
         if entries and resume is None:  # overwrite_output_dir, or a start that never saved
