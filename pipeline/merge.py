@@ -41,10 +41,10 @@ from pipeline.model.hub import resolve_model_path
 from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
-from pipeline.recipe.args import ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, recipe_args
+from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
+                                  recipe_args)
 from pipeline.runtime import guard, hostmem
 from pipeline.runtime.layout import RunLayout, trained_weights
-from pipeline.train.checkpoint import where
 
 # Relative tolerance on centred logits (max |diff| / max |reference|) per export dtype; measured
 # cast errors on tiny..gpt2-small: fp32 ~3e-6, fp16 ~2e-3, bf16 ~1.4e-2.
@@ -380,7 +380,7 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
     key = "export_dir" if r.get("export_dir") else "output_dir"
     named = guard.protected({**{k: r[k] for k in guard.INPUT_KEYS}, "output_dir, the run merged from": r["output_dir"]},
                             r.files)
-    guard.refuse_to_clear(target, where(r, key), key, named, ours=VERIFICATION)
+    guard.refuse_to_clear(target, key_at(r, key), key, named, ours=VERIFICATION)
     return target
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.runtime.ports import bindable, port_in_use
 
 DEFAULT_PORT = 29500  # DeepSpeed's default --master_port
 WAIT_ENV = "PIPELINE_MASTER_WAIT"
@@ -64,29 +65,8 @@ def _port(argv: list[str]) -> int:
     return port
 
 
-def _bindable(port: int) -> bool:
-    """Whether this machine's master could listen on `port`. Every address, as torch's store binds; with
-    SO_REUSEADDR, as it does, so a finished run's connections (TIME_WAIT) do not count as in use."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def port_in_use(port: int | str) -> str:
-    """The message for a master port someone else holds, with a free one to use instead."""
-    start = int(port)
-    free = next((p for p in range(start + 1, min(start + 100, 65536)) if _bindable(p)), None)
-    example = f", e.g. MASTER_PORT={free}" if free else ""
-    return (f"MASTER_PORT {port} is already in use on this machine (another job's master?); set MASTER_PORT "
-            f"(--master_port) to a free port{example}")
-
-
 def check_port_free(port: int) -> None:
-    if not _bindable(port):
+    if not bindable(port):
         raise UserError(port_in_use(port))
 
 

@@ -121,10 +121,11 @@ def test_build_validate_plan_through_the_cli(recipe, data_dir):
 
 
 def _train_rows(data_dir: Path, names: list[str]) -> int:
+    """Every row of the datasets: the examples evaluate on eval_dataset (demo_test), so the val splits train too."""
     total = 0
     for name in names:
         manifest = json.loads((data_dir / "build" / name / "manifest.json").read_text(encoding="utf-8"))
-        total += manifest["splits"]["train"]
+        total += manifest["splits"]["train"] + manifest["splits"]["val"]
     return total
 
 
@@ -144,6 +145,7 @@ def test_global_batch_and_steps_as_the_comments_say(recipe, world_size, global_b
     r = resolve(recipe, [f"dataset_dir={data_dir}"], command="plan", env=env)
     assert r["total_train_batch_size"] == global_batch
     assert r.ds_config["train_batch_size"] == global_batch
+    assert r["eval_dataset"] == ["demo_test"] and "demo_test" not in r["dataset"]
     n = _train_rows(data_dir, r["dataset"])
     assert r["num_train_examples"] == n
     micro, accum = r["per_device_train_batch_size"], r["gradient_accumulation_steps"]

@@ -195,6 +195,13 @@ def where(r: Mapping[str, Any], *keys: str) -> dict[str, str]:
     return found
 
 
+def key_at(r: Mapping[str, Any], key: str) -> str:
+    """`recipes/x.yaml:12: key` when the value came from a file or the command line, else `key`: how a message
+    names a recipe key."""
+    origin = where(r, key).get(key, "default")
+    return f"{origin}: {key}" if origin not in ("default", "derived") else key
+
+
 def data_args(r: Mapping[str, Any]) -> DataArgs:
     """Resolved recipe (or a plain dict in tests) -> DataArgs for pipeline.data (datasets, build, tokens, batches);
     tokenizer_name_or_path is where the tokenizer comes from (pipeline.data.model_tokenizer.tokenizer_source)."""

@@ -89,7 +89,7 @@ def init(timeout_s: int | None = None) -> None:
                 # the user's port (the launcher checked it was free; someone took it since): a mistake to fix by
                 # choosing another, not a bug
                 from pipeline.errors import UserError
-                from pipeline.nodes import port_in_use
+                from pipeline.runtime.ports import port_in_use
 
                 raise UserError(port_in_use(os.environ["MASTER_PORT"])) from None
             # a port we picked ourselves (one plain process) was taken between the pick and the bind: pick again

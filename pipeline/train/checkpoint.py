@@ -31,7 +31,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
 from pipeline.io import replace_dir, sha256_file, write_json
-from pipeline.recipe.args import TrainArgs
+from pipeline.recipe.args import TrainArgs, key_at
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
 
@@ -147,12 +147,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- resume
 
-def where(r: Mapping[str, Any], key: str) -> str:
-    """`recipes/x.yaml:12: key` when the value came from a file or the command line, else `key`."""
-    source = getattr(r, "source", None)
-    origin = source(key) if source is not None else "default"
-    return f"{origin}: {key}" if origin not in ("default", "derived") else key
-
+where = key_at  # the name train's modules use
 
 def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_from_checkpoint") -> Path | None:
     """The checkpoint resume_from_checkpoint (`value`; `at`: where it was set) names: None for a fresh run; a

@@ -398,7 +398,8 @@ CASES: list[Case] = [
     Case("csv: CP-1252 bytes", "rows-csv", raw("a.csv", b"instruction,input,output\nSay hi,,hi\nna\xefve,,x\n"),
          ("data/raw/a.csv:3:", "not valid UTF-8"), argv=("build", "r.yaml")),
     Case("tsv: commas where tabs belong", "rows-tsv", raw("a.tsv", "instruction,input,output\nSay hi,,hi\n"),
-         ("data/raw/a.tsv:1:", "missing column 'instruction'"), argv=("build", "r.yaml")),
+         ("data/raw/a.tsv:1:", "the file looks comma-separated: a .tsv file separates columns with tabs; name it "
+                               ".csv"), argv=("build", "r.yaml")),
     Case("tsv: a 5 MB cell on a short row", "rows-tsv",
          raw("a.tsv", f"instruction\tinput\toutput\nSay hi\t\thi\n{HUGE}\tonly two\n"),
          ("data/raw/a.tsv:3:", "2 fields, but the header has 3"), argv=("build", "r.yaml")),
