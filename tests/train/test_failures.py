@@ -168,6 +168,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
 
 
 def test_ctrl_c_asks_for_a_clean_stop_and_a_second_one_interrupts():
+    # Python's own Ctrl-C handler to start from: a process started in the background (nohup, `cmd &` in a
+    # script, some CI runners) inherits SIGINT ignored, and then a second Ctrl-C rightly stays ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_twice()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_twice() -> None:
     from pipeline.train.loop import StopRequest
 
     with StopRequest() as stop:
