@@ -55,15 +55,14 @@ def refuse_to_clear(target: Path, at: str, key: str, named: Mapping[str, Path], 
         raise UserError(f"{at}: {target} {'is' if is_it else 'holds'} {what}, which this command would delete "
                         f"({key} is emptied or replaced as a whole); choose a dedicated folder such as "
                         f"saves/<name>{'/merged' if ours else ''}")
-    runs = sorted(p.name for p in target.iterdir() if RunLayout(p).resolved_yaml.is_file()) if target.is_dir() else []
+    entries = sorted(target.iterdir()) if target.is_dir() else []
+    runs = [p.name for p in entries if RunLayout(p).resolved_yaml.is_file()]
     if runs:
         raise UserError(f"{at}: {target} holds other training runs ({', '.join(runs[:6])}), which this command "
                         f"would delete ({key} is emptied or replaced as a whole); choose a folder of its own such as "
                         f"{target / 'new_run'}")
-    if ours and target.is_dir():
-        entries = sorted(p.name for p in target.iterdir())
-        if entries and ours not in entries:
-            shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-            raise UserError(f"{at}: {target} already holds other files ({shown}) and no {ours}, so it is not a "
-                            f"model this pipeline exported; {key} is replaced as a whole. Choose a new or empty "
-                            "folder")
+    names = [p.name for p in entries]
+    if ours and names and ours not in names:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise UserError(f"{at}: {target} already holds other files ({shown}) and no {ours}, so it is not a "
+                        f"model this pipeline exported; {key} is replaced as a whole. Choose a new or empty folder")

@@ -149,6 +149,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 where = key_at  # the name train's modules use
 
+
 def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_from_checkpoint") -> Path | None:
     """The checkpoint resume_from_checkpoint (`value`; `at`: where it was set) names: None for a fresh run; a
     UserError when it cannot be used. 'latest' is the newest intact checkpoint in output_dir."""
@@ -206,14 +207,15 @@ def _show(value: Any) -> str:
 def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     """Refuse a resume whose recipe differs from the checkpoint's where the saved state depends on it; returns
     the notices for the keys that changed and are applied or kept (see REFUSE, APPLY, KEEP)."""
-    if read_state(path).get("save_only_model"):
+    state = read_state(path)
+    if state.get("save_only_model"):
         weights = path / ("adapter" if (path / "adapter").is_dir() else "model")
         raise UserError(f"{where(r, 'resume_from_checkpoint')}: {path} was saved with save_only_model: true: it "
                         "holds the weights only, without the optimizer, scheduler and RNG state a resume needs, so "
                         f"resuming from it is refused. Start a new run from its weights ({weights} as "
                         f"{'adapter_name_or_path' if weights.name == 'adapter' else 'model_name_or_path'}), or "
                         "train with save_only_model: false to get resumable checkpoints")
-    saved = read_state(path).get("recipe", {})
+    saved = state.get("recipe", {})
     changed = [k for k in saved if k in r and saved[k] != r[k]]
     refused = [k for k in changed if k in REFUSE]
     source = getattr(r, "source", lambda key: "default")
@@ -221,7 +223,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                 f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
                 for key in refused
                 if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
-    step = read_state(path).get("global_step")
+    step = state.get("global_step")
     if "max_steps" in changed and r["max_steps"] is not None and isinstance(step, int) and r["max_steps"] <= step:
         # applying it would say "applied from step N on" and then "done" without a step trained, exit 0
         problems.append(f"{where(r, 'max_steps')} {r['max_steps']} is not after {path}'s step {step}: nothing to "
@@ -236,7 +238,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     if problems:
         raise UserError(problems)
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
-               f"{read_state(path).get('global_step', '?')} on" for k in changed if k in APPLY]
+               f"{state.get('global_step', '?')} on" for k in changed if k in APPLY]
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: ignored, the "
                 "checkpoint's optimizer state keeps its value (start a new run to change it)"
                 for k in changed if k in KEEP]
