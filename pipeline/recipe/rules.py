@@ -315,8 +315,8 @@ def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
 @rule("max_steps", "num_train_epochs", commands=("train", "plan", "validate", None))
 def training_length(ctx: Context) -> list[tuple[str, str]]:
     if ctx.values["max_steps"] is None and ctx.values["num_train_epochs"] is None:
-        return [("num_train_epochs", "num_train_epochs and max_steps are both unset; set one "
-                                     "(e.g. num_train_epochs: 3)")]
+        return [("num_train_epochs", "given null and max_steps is unset, so the run has no length; "
+                                     "set one (e.g. num_train_epochs: 3, the default)")]
     return []
 
 

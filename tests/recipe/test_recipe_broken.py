@@ -142,9 +142,9 @@ CASES = [
           "lora; remove it or set finetuning_type: freeze"]),
     Case("warmup twice", {"r.yaml": BASE + "warmup_ratio: 0.1\nwarmup_steps: 10\n"},
          ["r.yaml:6:15: warmup_steps: warmup_ratio (0.1) and warmup_steps (10) are both set; keep one"]),
-    Case("no training length", {"r.yaml": "model_name_or_path: tiny\ndataset: x\n"},
-         ["r.yaml: num_train_epochs: num_train_epochs and max_steps are both unset; set one (e.g. "
-          "num_train_epochs: 3)"]),
+    Case("no training length", {"r.yaml": "model_name_or_path: tiny\ndataset: x\nnum_train_epochs: null\n"},
+         ["r.yaml:3:19: num_train_epochs: given null and max_steps is unset, so the run has no length; set one "
+          "(e.g. num_train_epochs: 3, the default)"]),
     Case("preset misspelled", {"r.yaml": BASE.replace("tiny", "gpt2-smal")},  # wording from pipeline.model.config
          [("r.yaml:1:21: model_name_or_path: 'gpt2-smal' is neither a preset", "(did you mean 'gpt2-small'?)")]),
     Case("freeze more layers than the model has", {"r.yaml": BASE + "finetuning_type: freeze\n"

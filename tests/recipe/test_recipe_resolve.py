@@ -15,8 +15,8 @@ from pipeline.recipe import spec
 def test_defaults_fill_every_schema_key(recipe):
     r = resolve(recipe())
     assert set(spec.properties()) <= set(r)
-    assert r["learning_rate"] == 1e-4 and r.source("learning_rate") == "default"
-    assert r["lr_scheduler_type"] == "cosine"
+    assert r["learning_rate"] == 5e-5 and r.source("learning_rate") == "default"  # transformers' default
+    assert r["lr_scheduler_type"] == "linear" and r["num_train_epochs"] == 3.0
     assert r.learning_rate == r["learning_rate"]  # attribute access
 
 

@@ -61,7 +61,7 @@ def test_lora_keys_inherited_from_a_base_are_fine(write):
 
 
 def test_training_length_not_needed_for_eval(write):
-    write("r.yaml", "model_name_or_path: tiny\ndataset: d\ncutoff_len: 64\n")
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\ncutoff_len: 64\nnum_train_epochs: null\n")
     assert resolve("r.yaml", command="eval")["max_steps"] is None
     assert len(errors("r.yaml", command="train")) == 1
 
