@@ -117,3 +117,23 @@ def test_the_trainer_defaults_a_recipe_leaves_out_are_transformers():
                 "gradient_accumulation_steps", "seed", "save_steps"):
         assert ours[key] == theirs[key] or (key, theirs[key], ours[key]) in SAME_MEANING, key
     assert ours["cutoff_len"] == LLAMAFACTORY_0_9_5["cutoff_len"]
+
+
+def test_a_recipe_without_the_trainer_keys_plans_with_llamafactorys_values(tmp_path):
+    """The user's path: LLaMA-Factory's qwen3 LoRA example with its schedule lines deleted, through `plan`."""
+    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+    from tests.compat.test_lf_recipes import lf_checkout, template_override
+
+    ckpt = tmp_path / "ckpt"
+    write_hf_checkpoint(ckpt, "qwen3", small_vocab=True, max_position_embeddings=4096)
+    work = lf_checkout(tmp_path / "lf", str(ckpt))
+    recipe = work / "examples/train_lora/qwen3_lora_sft.yaml"
+    dropped = ("learning_rate:", "lr_scheduler_type:", "num_train_epochs:", "cutoff_len:")
+    recipe.write_text("".join(line for line in recipe.read_text("utf-8").splitlines(keepends=True)
+                              if not line.startswith(dropped)), "utf-8")
+    shown = pipeline("plan", str(recipe.relative_to(work)), *template_override(), cwd=work).stdout
+    plan = {m[1]: (m[2], m[3]) for m in re.finditer(r"^(\w+) +(\S+) +(\S+)$", shown, re.M)}
+    assert plan["learning_rate"] == ("5e-05", "default")
+    assert plan["lr_scheduler_type"] == ('"linear"', "default")
+    assert plan["num_train_epochs"] == ("3.0", "default")
+    assert plan["cutoff_len"] == ("2048", "default")
