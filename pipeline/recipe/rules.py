@@ -455,6 +455,15 @@ def offload_needs_zero(ctx: Context) -> list[tuple[str, str]]:
 
 # --- LLaMA-Factory keys ----------------------------------------------------------------------------
 
+@rule("streaming")
+def refused_streaming(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["streaming"]:
+        return [("streaming", "true iterates the raw data lazily during training, which is not implemented: "
+                              "here `build` converts each dataset once and training reads the built JSON; "
+                              "remove the key (preprocessing_num_workers speeds up a large build)")]
+    return []
+
+
 @rule("export_legacy_format", "export_quantization_bit", "export_quantization_dataset")
 def refused_exports(ctx: Context) -> list[tuple[str, str]]:
     problems = []
