@@ -130,10 +130,9 @@ def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, comm
         raise UserError(messages + cli_errors)
 
     merged: dict[str, Entry] = {}
-    for i, layer in enumerate(chain.layers):
-        top = i == len(chain.layers) - 1
-        merged.update({k: e for k, e in layer.items() if top or k != "extends"})
-    merged.update(cli)
+    for i, layer in enumerate(chain.layers + [cli]):
+        top = i >= len(chain.layers) - 1
+        _merge_layer(merged, {k: e for k, e in layer.items() if top or k != "extends"})
 
     problems, bad = check_schema(merged, recipe_file, optional=("dataset",) if command in NO_DATA_COMMANDS else ())
     problems += [((0, *where), message) for where, message in chain.problems]  # duplicate keys, in file order
@@ -164,6 +163,19 @@ def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, comm
                                      *p[0][2:]))
         raise UserError(list(dict.fromkeys(m for _, m in problems)))
     return Resolved(values, origins, recipe_file, chain.files, ds)
+
+
+def _merge_layer(merged: dict[str, Entry], layer: Mapping[str, Entry]) -> None:
+    """Lay `layer` over `merged`. A null over an inherited value of a key that takes no null removes it, so
+    the default applies: that is how a recipe that extends another takes a key back out (`lora_rank:`
+    under `finetuning_type: full`). A null with nothing to remove stays, and the schema check reports it."""
+    props = spec.properties()
+    for key, entry in layer.items():
+        prop = props.get(key)
+        if entry.value is None and key in merged and prop is not None and not spec.allows_type(prop, "null"):
+            del merged[key]
+        else:
+            merged[key] = entry
 
 
 def _normalise(key: str, value: Any, prop: dict[str, Any]) -> Any:

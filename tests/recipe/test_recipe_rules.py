@@ -60,6 +60,20 @@ def test_lora_keys_inherited_from_a_base_are_fine(write):
         "remove it or set finetuning_type: lora"]
 
 
+def test_an_empty_value_takes_an_inherited_key_back_out(write):
+    write("base.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\nlora_rank: 16\n"
+                       "lora_dropout: 0.1\n")
+    write("full.yaml", "extends: base.yaml\nfinetuning_type: full\nlora_rank:\nlora_dropout: null\n")
+    r = resolve("full.yaml")
+    assert (r["lora_rank"], r.source("lora_rank"), r["lora_dropout"]) == (8, "default", 0.0)
+    r = resolve("base.yaml", ["lora_rank=null", "max_steps=null"])
+    assert (r["lora_rank"], r.source("lora_rank")) == (8, "default")
+    assert r["max_steps"] is None  # a key that takes null is set to null
+    write("solo.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\nlora_rank:\n")  # nothing to take out
+    assert errors("solo.yaml") == ["solo.yaml:4:11: lora_rank: given null, expected an integer >= 1 and <= 4096 "
+                                   "(the value is empty; give one, or leave the key out to use the default)"]
+
+
 def test_training_length_not_needed_for_eval(write):
     write("r.yaml", "model_name_or_path: tiny\ndataset: d\ncutoff_len: 64\nnum_train_epochs: null\n")
     assert resolve("r.yaml", command="eval")["max_steps"] is None
