@@ -26,8 +26,11 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     if missing:
         print(missing + (" (token lengths are left out)" if untokenized else ""))
     elif untokenized:
-        print(f"note: token lengths need the tokenizer of {r['model_name_or_path']}, which is not on this machine yet "
-              "(a hub id is downloaded by train, or beforehand with `hf download`)")
+        from pipeline.model.hub import cache_dir, cached_suggestion
+
+        model = str(r["model_name_or_path"])
+        print(f"note: token lengths need the tokenizer of {model}, which is not on this machine yet "
+              f"(a hub id is downloaded by train, or beforehand with `hf download`){cached_suggestion(model, cache_dir())}")
     return 0
 
 

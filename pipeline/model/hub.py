@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, did_you_mean
 
 # What a model or adapter snapshot needs; weights as safetensors only (never *.bin / *.pt pickles).
 ALLOW_PATTERNS = [
@@ -55,7 +55,9 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, ke
     found) in the HF cache."""
     name = str(name_or_path)
     if not is_hub_id(name):
-        return Path(name).expanduser()
+        path = Path(name).expanduser()
+        _refuse_cache_folder(path, key)
+        return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -73,7 +75,8 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, ke
         state = ("HF_HUB_OFFLINE=1 and it is not" if offline() else "it is not" if not download
                  else "the hub is unreachable and it is not")
         raise UserError(f"{key}: '{name}' is neither a local directory nor a cached hub snapshot ({state} in "
-                        f"{where}); on a machine with network run `{download_command(name, revision)}` "
+                        f"{where}){cached_suggestion(name, where)}; on a machine with network run "
+                        f"`{download_command(name, revision)}` "
                         f"(with HF_HOME pointing at the same cache), or set {key} to a local checkpoint "
                         f"directory [{type(err).__name__}]") from None
     path = Path(folder)
@@ -81,3 +84,41 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, ke
         raise UserError(f"{key}: the snapshot of '{name}' at {path} has no config.json or adapter_config.json; "
                         f"fetch it with `{download_command(name, revision)}`")
     return path
+
+
+def cached_ids(where: Path) -> list[str]:
+    """The model ids with a folder in the hub cache (`models--Org--Name` -> `Org/Name`)."""
+    try:
+        names = [p.name for p in where.iterdir() if p.name.startswith("models--")]
+    except OSError:
+        return []
+    return sorted(n[len("models--"):].replace("--", "/", 1) for n in names)
+
+
+def cached_suggestion(name: str, where: Path) -> str:
+    """A did-you-mean over what is cached: hub ids are case-insensitive online, but the cache is not, so
+    `qwen/qwen3-0.6b` misses a cached `Qwen/Qwen3-0.6B` offline."""
+    hint = did_you_mean(name, cached_ids(where))
+    return hint.replace("?)", "? it is cached)") if hint else ""
+
+
+def _refuse_cache_folder(path: Path, key: str) -> None:
+    """A hub cache's repository folder (`.../hub/models--Org--Name`) holds snapshots, not a checkpoint:
+    name the id or the snapshot to use instead of failing later on a missing config.json."""
+    if not path.name.startswith("models--") or not (path / "snapshots").is_dir() or (path / "config.json").exists():
+        return
+    repo_id = path.name[len("models--"):].replace("--", "/", 1)
+    try:
+        commit = (path / "refs" / "main").read_text("utf-8").strip()
+    except OSError:
+        commit = ""
+    snapshot = path / "snapshots" / commit if commit else None
+    if snapshot is None or not snapshot.is_dir():
+        snapshots = sorted(p for p in (path / "snapshots").iterdir() if p.is_dir())
+        snapshot = snapshots[-1] if len(snapshots) == 1 else None
+    use = f"set it to the hub id '{repo_id}'"
+    if path.parent.resolve() != cache_dir().resolve():
+        use += f" with HF_HUB_CACHE={path.parent}"
+    if snapshot is not None:
+        use += f", or to its snapshot {snapshot}"
+    raise UserError(f"{key}: {path} is a Hugging Face cache folder (it holds snapshots/, not a checkpoint); {use}")

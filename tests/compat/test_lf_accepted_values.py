@@ -152,3 +152,25 @@ def test_model_revision_main_is_accepted_and_another_points_at_the_snapshot_fold
     failed = pipeline("validate", recipe, "model_revision=v1", cwd=work, env=env, expect=2)
     assert "model_name_or_path 'tiny' is not a hub id (a directory or preset has no revisions)" in failed.stderr
     pipeline("validate", recipe, f"model_name_or_path={snapshot}", cwd=work, env=env)  # the advice works
+
+
+def test_a_cached_id_in_the_wrong_case_or_the_cache_folder_itself_gets_the_right_name(tmp_path):
+    """Offline, `org/tiny-gpt2` misses a cached `Org/Tiny-GPT2` (the hub ignores case, the cache does not), and a
+    path to hub/models--Org--Tiny-GPT2 is the cache's folder, not a checkpoint: each message names what to use."""
+    from tests.acceptance.harness import cli_env
+
+    work = lf_checkout(tmp_path, "tiny")
+    env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    snapshot = cache_model(tmp_path / "hf", "Org/Tiny-GPT2")
+    recipe = tiny_recipe(work)
+    pipeline("build", recipe, cwd=work, env=env)
+    done = pipeline("validate", recipe, "model_name_or_path=org/tiny-gpt2", cwd=work, env=env)  # data need no model
+    assert "(did you mean 'Org/Tiny-GPT2'? it is cached)" in done.stdout
+    failed = pipeline("train", recipe, "model_name_or_path=org/tiny-gpt2", cwd=work, env=env, expect=2)
+    assert "(did you mean 'Org/Tiny-GPT2'? it is cached)" in failed.stderr and "Traceback" not in failed.stderr
+    folder = snapshot.parents[1]
+    failed = pipeline("validate", recipe, f"model_name_or_path={folder}", cwd=work, env=env, expect=2)
+    assert (f"model_name_or_path: {folder} is a Hugging Face cache folder (it holds snapshots/, not a checkpoint); "
+            f"set it to the hub id 'Org/Tiny-GPT2', or to its snapshot {snapshot}") in failed.stderr
+    assert len(failed.stderr.strip().splitlines()) == 1
+    pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", cwd=work, env=env)  # the advice works
