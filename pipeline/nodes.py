@@ -10,8 +10,9 @@ R * G + local rank, as in any DeepSpeed multi-node job.
 Checked before anything starts, each an exit-2 message: MASTER_PORT is a port number and, where this
 machine serves the master (a single-node launch, or node 0), nobody else listens on it (another job on the
 default 29500 would otherwise fail every rank with torch's traceback); MASTER_ADDR is given; node 0 can bind
-it (it must be an address of node 0's own machine); every other node reaches MASTER_ADDR:MASTER_PORT within
-PIPELINE_MASTER_WAIT seconds (default 120: node 0 may be started a little later). Without that check a
+it (it must be an address of node 0's own machine); every other node reaches MASTER_ADDR:MASTER_PORT, and torch's
+store answers there (not merely something that accepts connections), within PIPELINE_MASTER_WAIT seconds
+(default 120: node 0 may be started a little later). Without that check a
 node whose master never comes up would wait for torch's 30-minute store timeout.
 """
 from __future__ import annotations
@@ -137,15 +138,49 @@ def check_master(addr: str, port: int, node_rank: int, nnodes: int, wait: float)
         check_port_free(port)
         return
     deadline = time.monotonic() + wait
+    answered = False  # something accepted the connection at least once
     while True:
         try:
             with socket.create_connection((sockaddr[0], port), timeout=min(5.0, max(wait, 0.1))):
+                answered = True
+            last = _store_answers(sockaddr[0], port, timeout=min(5.0, max(deadline - time.monotonic(), 1.0)))
+            if last is None:
                 return
         except OSError as err:
             last = err.strerror or type(err).__name__
         if time.monotonic() >= deadline:
+            if answered:
+                raise UserError(f"{where}: NODE_RANK={node_rank} of NNODES={nnodes}: something accepts connections "
+                                f"there but it is not the job's master ({last}, waited {wait:g} s). Another "
+                                f"service may use MASTER_PORT on {addr}, or a proxy answers for "
+                                f"an address it cannot reach: choose a free MASTER_PORT on every node, check "
+                                f"MASTER_ADDR; {WAIT_ENV}=<seconds> waits longer for node 0")
             raise UserError(f"{where}: NODE_RANK={node_rank} of NNODES={nnodes} could not reach the master within "
                             f"{wait:g} s ({last}). Start NODE_RANK=0 on {addr} (with the same MASTER_PORT), check "
                             f"that {addr} is reachable from this node and the port is open in the firewall; "
                             f"{WAIT_ENV}=<seconds> waits longer")
         time.sleep(0.5)
+
+
+def _store_answers(host: str, port: int, timeout: float) -> str | None:
+    """None when torch's TCP store (what node 0's rank 0 serves) answers at host:port, else why not.
+
+    A bare TCP connect passes for anything that accepts it: another service on the port, or a proxy that
+    accepts for addresses it cannot reach; the rank would then wait out torch's 30-minute timeout. A store
+    client's handshake checks the protocol (wait_for_workers=False: it does not count as a worker). It runs in
+    a child process because a client facing a silent peer blocks past its own timeout and prints C++ traces."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from datetime import timedelta; from torch.distributed import TCPStore; "
+            "TCPStore(sys.argv[1], int(sys.argv[2]), is_master=False, wait_for_workers=False, "
+            "timeout=timedelta(seconds=float(sys.argv[3])))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, host, str(port), str(timeout)], capture_output=True,
+                              text=True, timeout=timeout + 10, stdin=subprocess.DEVNULL)  # + torch's import
+    except subprocess.TimeoutExpired:
+        return "no answer to torch's store handshake"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if "Error" in line]
+    return lines[-1].strip()[:200] if lines else f"torch's store handshake failed (exit {done.returncode})"

@@ -101,6 +101,23 @@ def test_a_node_without_a_reachable_master_exits_2(workdir):
     assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
 
 
+def test_a_port_that_answers_but_is_no_torch_store_is_not_taken_for_the_master(workdir):
+    """Another service on MASTER_PORT (or a proxy) accepts the connection; a bare connect took it for the master
+    and the rank then waited out torch's 30-minute store timeout."""
+    with __import__("socket").socket() as sock:  # listens, accepts, never speaks
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        port = sock.getsockname()[1]
+        proc = subprocess.run(_launch(["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1",
+                                       "--master_port", str(port), "--num_gpus", "1"]) + ["train", "x.yaml"],
+                              cwd=workdir, env={**_env(), "PIPELINE_MASTER_WAIT": "1"}, capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert (f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: NODE_RANK=1 of NNODES=2: something accepts connections there "
+            "but it is not the job's master (no answer to torch's store handshake, waited 1 s)") in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2", "--node_rank", "1"], "NNODES=2 needs MASTER_ADDR: the address of node 0"),
     (["--nnodes", "2", "--node_rank", "2", "--master_addr", "127.0.0.1"], "NODE_RANK is 2; expected 0..1"),
