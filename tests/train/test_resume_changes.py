@@ -93,6 +93,15 @@ def test_max_steps_not_after_the_checkpoint_is_refused(make_recipe, first_run):
                             "with max_steps above 2 (it was 2)"), message
 
 
+def test_resuming_a_finished_run_keeps_its_results(make_recipe, first_run):
+    """A finished run resumed again (a job script that always passes resume_from_checkpoint=latest) trains no step;
+    all_results.json was rewritten with train_loss, eval_loss, epoch and train_runtime_s null."""
+    before = json.loads((first_run / "all_results.json").read_text(encoding="utf-8"))
+    assert None not in (before["train_loss"], before["eval_loss"], before["epoch"]), before
+    assert resume(make_recipe).exit_code == 0
+    assert json.loads((first_run / "all_results.json").read_text(encoding="utf-8")) == before
+
+
 def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     raw = workdir / "data" / "raw" / "sft.jsonl"
     with open(raw, "a", encoding="utf-8") as handle:
