@@ -229,9 +229,12 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
         problems.append(f"{where(r, 'max_steps')} {r['max_steps']} is not after {path}'s step {step}: nothing to "
                         f"train; resume with max_steps above {step} (it was {_show(saved['max_steps'])})")
     if DATA_KEY in saved:
+        from pipeline.data.built import built_dir
+
         now = training_data(r)
         problems += [f"{where(r, 'dataset')}: the built training rows of '{name}' are not the ones {path} was "
-                     f"trained on (data/build/{name}/train.json was rebuilt from other sources or settings), so "
+                     f"trained on ({built_dir(r['dataset_dir'], name)}/train.json was rebuilt from other sources "
+                     "or settings), so "
                      "its data position would point at other rows; resume with the data it was trained on, or "
                      f"start a new run from {path}/adapter or {path}/model"
                      for name in now if name in saved[DATA_KEY] and saved[DATA_KEY][name] != now[name]]

@@ -107,8 +107,11 @@ def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     with open(raw, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"instruction": "one more", "input": "", "output": "row"}) + "\n")
     with pytest.raises(UserError) as err:
-        resume(make_recipe, max_steps=3)  # make_recipe rebuilds the data, as `make data` would
+        # make_recipe rebuilds the data, as `make data` would; the same folder, named as another recipe might
+        resume(make_recipe, max_steps=3, dataset_dir=str(workdir / "data"))
     assert "the built training rows of 'tiny_sft' are not the ones" in err.value.messages[0]
+    # the built folder under the recipe's dataset_dir (the message said data/build/ whatever dataset_dir was)
+    assert f"({workdir / 'data'}/build/tiny_sft/train.json was rebuilt" in err.value.messages[0], err.value.messages
 
 
 def test_the_documented_table_lists_exactly_the_classified_keys():
