@@ -1,7 +1,7 @@
 """Registry entries with `hf_hub_url`: the dataset repository's data files, through the Hugging Face cache.
 
 The files are fetched with huggingface_hub into the standard cache (HF_HOME / HF_HUB_CACHE), exactly
-where `huggingface-cli download --repo-type dataset` puts them, and then read like local files (so every
+where `hf download --repo-type dataset` puts them, and then read like local files (so every
 problem still names a file and line). With HF_HUB_OFFLINE=1 only the cache is used. Which files belong
 to the entry's `subset`, `split` and `folder` follows the hub's conventions: the `configs:` of the
 repository's README.md front matter when it has them, else split names in file and folder names
@@ -67,7 +67,7 @@ def _snapshot(repo: str, entry: dict[str, Any], add: Callable[[tuple, str], None
     if entry.get("folder"):
         patterns = [f"{entry['folder'].strip('/')}/*{ext}" for ext in DATA_EXTS] + \
                    [f"{entry['folder'].strip('/')}/**/*{ext}" for ext in DATA_EXTS] + ["README.md"]
-    get = f"HF_HUB_OFFLINE=0 python -m pipeline build RECIPE (or: huggingface-cli download --repo-type dataset {repo})"
+    get = f"HF_HUB_OFFLINE=0 python -m pipeline build RECIPE (or: hf download --repo-type dataset {repo})"
     try:
         path = snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=patterns,
                                  local_files_only=offline())
@@ -77,12 +77,12 @@ def _snapshot(repo: str, entry: dict[str, Any], add: Callable[[tuple, str], None
                                  f"HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run: {get}")
         else:
             add(("hf_hub_url",), f"dataset '{repo}' could not be downloaded (no connection to the hub?) and is "
-                                 f"not in the cache ({cache_dir()}); run again with network (or: huggingface-cli "
+                                 f"not in the cache ({cache_dir()}); run again with network (or: hf "
                                  f"download --repo-type dataset {repo}), or set file_name to a local copy")
         return None
     except RepositoryNotFoundError:
         add(("hf_hub_url",), f"no dataset repository '{repo}' on the Hugging Face hub (or it is private: log in "
-                             "with `huggingface-cli login`)")
+                             "with `hf auth login`)")
         return None
     except (HfHubHTTPError, OSError) as err:
         add(("hf_hub_url",), f"downloading dataset '{repo}' failed: {err}")

@@ -103,7 +103,7 @@ def _read(directory: Path, _stamp: tuple) -> Tokenizer:
         return gpt2()  # HF GPT-2 checkpoints saved without tokenizer files, and our own GPT-2 checkpoints
     raise UserError(f"{directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or "
                     "original/tokenizer.model); copy the checkpoint's tokenizer files next to its config.json "
-                    "(`huggingface-cli download ORG/NAME tokenizer.json tokenizer_config.json "
+                    "(`hf download ORG/NAME tokenizer.json tokenizer_config.json "
                     "generation_config.json --local-dir DIR`)")
 
 

@@ -169,7 +169,7 @@ def _missing_model_message(name: str) -> str:
             f"{did_you_mean(name, PRESETS)}. Presets (random weights): {', '.join(PRESETS)}.")
     if "gpt2" in name.lower():
         text += (" For OpenAI's trained GPT-2 weights, download a Hugging Face checkpoint on a machine with network"
-                 " (`huggingface-cli download openai-community/gpt2 config.json model.safetensors"
+                 " (`hf download openai-community/gpt2 config.json model.safetensors"
                  " --local-dir models/gpt2`) and set model_name_or_path: models/gpt2.")
     return text
 

@@ -3,7 +3,7 @@
 Reused by every acceptance test (and by other test folders): import from `tests.acceptance.harness`.
 
 - `write_hf_checkpoint(family, directory)`: a tiny random model written by transformers' own
-  save_pretrained (safetensors), the layout `huggingface-cli download` gives. FAMILIES maps a family name
+  save_pretrained (safetensors), the layout `hf download` gives. FAMILIES maps a family name
   to how transformers builds it; add a family by adding an entry (config class, model class, tiny sizes).
 - `write_data(directory)`: a dataset registry (dataset_info.json) with tiny sft and pt sources.
 - `write_recipe(path, **keys)`: a YAML recipe (plain values, one per line).

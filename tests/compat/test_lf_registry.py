@@ -106,7 +106,7 @@ def test_hub_entry_offline_from_the_cache_and_missing(lf_workdir, tmp_path):
     failed = pipeline("build", recipe(lf_workdir, dataset="alpaca_zh"), cwd=lf_workdir, env=env, expect=2)
     assert "dataset 'llamafactory/alpaca_zh' is not in the Hugging Face cache" in failed.stderr
     assert "HF_HUB_OFFLINE=1 forbids downloading" in failed.stderr
-    assert "huggingface-cli download --repo-type dataset llamafactory/alpaca_zh" in failed.stderr
+    assert "hf download --repo-type dataset llamafactory/alpaca_zh" in failed.stderr
 
 
 def test_hub_subset_split_and_readme_configs(lf_workdir, tmp_path):

@@ -102,7 +102,7 @@ def test_read_config_errors(tmp_path):
     with pytest.raises(UserError) as err:
         read_config("gpt2-smal")
     assert "did you mean 'gpt2-small'" in str(err.value) and "tiny" in str(err.value)
-    with pytest.raises(UserError, match="huggingface-cli download openai-community/gpt2"):
+    with pytest.raises(UserError, match="hf download openai-community/gpt2"):
         read_config("gpt2")  # not a preset: where OpenAI's weights come from
     with pytest.raises(UserError, match=r"'openai-community/gpt2' is neither a local directory nor a cached hub "
                                         r"snapshot .* run `hf download openai-community/gpt2"):

@@ -44,7 +44,7 @@ def test_a_sentencepiece_tokenizer_model_is_refused(tmp_path):
 
 def test_missing_tokenizer_files_say_what_to_copy(tmp_path):
     d = _dir(tmp_path, "m")
-    with pytest.raises(UserError, match=f"{d}: no tokenizer files .*tokenizer.json.*huggingface-cli download"):
+    with pytest.raises(UserError, match=f"{d}: no tokenizer files .*tokenizer.json.*hf download"):
         load_tokenizer(d)
 
 
