@@ -58,6 +58,13 @@ def all_specs(data: DataArgs) -> list[DatasetSpec]:
     return list(seen.values())
 
 
+def source_files(data: DataArgs) -> dict[str, Path]:
+    """Every raw file the recipe's datasets read, keyed by how a message names it: what a command that empties a
+    folder must never delete (the registry's files may sit in a subfolder of dataset_dir, such as raw/)."""
+    return {f"the data file {shown} of dataset '{spec.name}'": path
+            for spec in all_specs(data) for path, shown in zip(spec.files, spec.shown)}
+
+
 def source_name(path: Path, dataset_dir: Path) -> str:
     """How a source is recorded in the manifest: relative to dataset_dir (stable across cwd), else absolute."""
     try:

@@ -297,7 +297,9 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
             raise UserError(f"{at}: {output_dir} is not empty (it holds {shown}); set "
                             "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to "
                             "start over (its contents are removed), or choose another output_dir")
-        inputs = guard.protected({k: r[k] for k in guard.INPUT_KEYS}, r.files)
+        from pipeline.data.build import source_files
+
+        inputs = guard.protected({**{k: r[k] for k in guard.INPUT_KEYS}, **source_files(data_args(r))}, r.files)
         guard.refuse_to_clear(output_dir, at, "output_dir", inputs)  # overwrite_output_dir empties it
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():

@@ -39,6 +39,9 @@ def project(tmp_path_factory, hf_checkpoint) -> Path:
     ("train", "output_dir=saves", "output_dir: saves holds other training runs (other, run)"),
     ("train", "output_dir=data", "output_dir: data is dataset_dir, which this command would delete"),
     ("train", "output_dir=.", "output_dir: . holds dataset_dir, which this command would delete"),
+    # a subfolder of dataset_dir holding the raw files: emptied with exit 0 before
+    ("train", "output_dir=data/raw", "output_dir: data/raw holds the data file data/raw/sft.jsonl of dataset "
+                                     "'tiny_sft', which this command would delete"),
 ])
 def test_a_folder_of_the_users_is_never_cleared(project, command, override, words):
     before = files_under(project)
