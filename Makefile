@@ -95,10 +95,12 @@ $(STAMPS)/args: FORCE
 	@mkdir -p $(@D)
 	@echo '$(ARGS)' | cmp -s - $@ || echo '$(ARGS)' > $@
 
+# ARGS= : the overrides are this recipe's (make hands command-line variables to sub-makes: without it a
+# `max_steps=40` meant for this recipe retrained the upstream too, and a dpo key stopped the chain at its sft recipe).
 ifneq ($(UPSTREAM),)
 UPSTREAM_STAMP := .stamps/$(basename $(notdir $(UPSTREAM)))/$(UPSTREAM_GOAL)
 $(UPSTREAM_STAMP): FORCE
-	@$(MAKE) --no-print-directory $(UPSTREAM_GOAL) RECIPE=$(UPSTREAM) NPROC=$(NPROC) HOSTFILE=$(HOSTFILE) NNODES=$(NNODES) \
+	@$(MAKE) --no-print-directory $(UPSTREAM_GOAL) RECIPE=$(UPSTREAM) ARGS= NPROC=$(NPROC) HOSTFILE=$(HOSTFILE) NNODES=$(NNODES) \
 		NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)
 endif
 

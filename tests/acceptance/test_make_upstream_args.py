@@ -1,0 +1,27 @@
+"""`make train RECIPE=down.yaml ARGS='...'`: the overrides are the named recipe's, not its upstream's.
+
+A recipe that starts from another recipe's output makes that one first (a sub-make). GNU make hands command-line
+variables to every sub-make, so ARGS reached the upstream too: `ARGS='max_steps=40'` on demo_sft retrained
+demo_pt for 40 steps, and a dpo key (`ARGS='pref_beta=0.2'` on demo_dpo) stopped the chain at the sft recipe,
+which refuses it. `make -n` runs the sub-make (its line calls $(MAKE)) and prints the commands each would run.
+"""
+from __future__ import annotations
+
+from tests.acceptance.harness import cli_env, make, scratch_repo, write_data, write_recipe
+
+
+def test_args_reach_the_named_recipe_only(tmp_path):
+    root = scratch_repo(tmp_path / "repo")
+    write_data(root / "datasets")
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "up.yaml", model_name_or_path="tiny", finetuning_type="full",
+                 dataset_dir="datasets", output_dir="saves/up")
+    write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/up/model", dataset_dir="datasets",
+                 output_dir="saves/down")
+    env = cli_env(MAKEFLAGS="", MAKELEVEL="")
+    done = make("-n", "train", "RECIPE=recipes/down.yaml", "ARGS=learning_rate=0.5", f"VENV={root / 'venv'}",
+                cwd=root, env=env)
+    lines = [line for line in done.stdout.splitlines() if "-m pipeline" in line]
+    upstream = [line for line in lines if "recipes/up.yaml" in line]
+    assert upstream and not any("learning_rate" in line for line in upstream), done.stdout
+    assert any("train recipes/down.yaml" in line and line.endswith("learning_rate=0.5") for line in lines), done.stdout
