@@ -141,8 +141,10 @@ all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale st
 	@echo "report: $(OUTPUT_DIR)/eval/report.md"
 export: $(VENV)/.setup-done ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir
 	$(PY) -m pipeline export $(RECIPE) $(ARGS)
+# The prompt reaches the shell as the environment variable make exports for a command-line PROMPT, never pasted into
+# the command: pasted in quotes, a prompt with an apostrophe ("What's ...") was a shell syntax error.
 chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT='...' for one answer)
-	$(PY) -m pipeline generate $(RECIPE) $(ARGS) $(if $(PROMPT),--prompt '$(PROMPT)')
+	$(PY) -m pipeline generate $(RECIPE) $(ARGS) $(if $(PROMPT),--prompt "$$PROMPT")
 
 # ---------------------------------------------------------------- quality
 # TEST_WORKERS=2: two pytest-xdist workers, one test file at a time each (module fixtures stay shared within a file);

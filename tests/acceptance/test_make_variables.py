@@ -1,4 +1,6 @@
-"""`make train RECIPE=down.yaml ARGS='...'`: the overrides are the named recipe's, not its upstream's.
+"""The Makefile's variables as a user sets them: ARGS (the named recipe's overrides) and PROMPT (make chat).
+
+`make train RECIPE=down.yaml ARGS='...'`: the overrides are the named recipe's, not its upstream's.
 
 A recipe that starts from another recipe's output makes that one first (a sub-make). GNU make hands command-line
 variables to every sub-make, so ARGS reached the upstream too: `ARGS='max_steps=40'` on demo_sft retrained
@@ -25,3 +27,15 @@ def test_args_reach_the_named_recipe_only(tmp_path):
     upstream = [line for line in lines if "recipes/up.yaml" in line]
     assert upstream and not any("learning_rate" in line for line in upstream), done.stdout
     assert any("train recipes/down.yaml" in line and line.endswith("learning_rate=0.5") for line in lines), done.stdout
+
+
+def test_make_chat_takes_a_prompt_with_an_apostrophe(tmp_path):
+    """The prompt was pasted into the command in single quotes: `PROMPT="What's ..."` was a shell syntax error."""
+    root = scratch_repo(tmp_path / "repo")
+    write_data(root / "datasets")
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "r.yaml", model_name_or_path="tiny", dataset_dir="datasets", max_new_tokens=2)
+    done = make("chat", "RECIPE=recipes/r.yaml", "PROMPT=What's `this` $HOME?", f"VENV={root / 'venv'}", cwd=root,
+                env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
+    assert "unexpected EOF" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.strip(), done.stdout  # the completion (from the untrained base, with a note)
