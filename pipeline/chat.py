@@ -15,7 +15,7 @@ from pipeline.model.build import FinetuneArgs, load_for_inference
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
 from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, value
-from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, trained_weights
+from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, stale, trained_weights
 
 
 def generation_kwargs(gen: GenerationArgs, stop_ids: Sequence[int] = ()) -> dict[str, Any]:
@@ -36,6 +36,10 @@ def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None) -> Weig
         if weights is None:
             raise UserError(f"--model merged: no merged model at {out.merged}; produce it with `make merge` "
                             "(python -m pipeline merge RECIPE), or use --model adapter")
+        trained = trained_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
+        if stale(weights, trained):  # asked for by name, so used; but it is not what training produced last
+            print(f"note: --model merged: {weights.path} is older than {trained.path} (trained again since the "
+                  "merge); `make merge` refreshes it", file=sys.stderr)
         return weights
     trained = trained_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
     if choice == "adapter":

@@ -138,11 +138,16 @@ def current_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: 
     merged = merged_weights(out)
     if merged is None:
         return trained
-    if trained is None or _newest(trained.path) <= (merged.path / CONFIG).stat().st_mtime:
+    if not stale(merged, trained):
         return merged
     print(f"note: {merged.path} is older than {trained.path}; using {trained.path} instead "
           "(`make merge` refreshes it)", file=sys.stderr)
     return trained
+
+
+def stale(merged: Weights, trained: Weights | None) -> bool:
+    """merged/ is older than the trained weights it would have been made from (trained again since the merge)."""
+    return trained is not None and _newest(trained.path) > (merged.path / CONFIG).stat().st_mtime
 
 
 def describe(weights: Weights, base: str, finetuning_type: str) -> str:

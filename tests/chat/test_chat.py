@@ -124,3 +124,5 @@ def test_model_choice_follows_the_run_layout(tmp_path, capsys):
     assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, None).kind == "adapter"
     assert "is older than" in capsys.readouterr().err
     assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "merged").kind == "merged"
+    # asked for by name: used, but not silently (it answered with weights older than the training)
+    assert "--model merged: " in capsys.readouterr().err
