@@ -130,8 +130,12 @@ data: $(STAMPS)/data ## build the recipe's datasets into Alpaca-format JSON (+ m
 validate: $(STAMPS)/validate ## check the recipe and the built data; prints a report
 inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram
 	$(PY) -m pipeline inspect $(RECIPE) $(ARGS)
+# Ranks: NPROC per node, on NNODES nodes or on every host of HOSTFILE (DeepSpeed gives each host --num_gpus ranks);
+# without counting the hostfile, plan showed one node's numbers for a multi-node job.
 plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
-	WORLD_SIZE=$$(( $(NPROC) * $(NNODES) )) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
+	@$(if $(HOSTFILE),test -f '$(HOSTFILE)' || { echo "error: HOSTFILE=$(HOSTFILE): no such file" >&2; exit 2; })
+	WORLD_SIZE=$$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[[:space:]]*(#|$$)' '$(HOSTFILE)'),$(NNODES)) )) \
+		$(PY) -m pipeline plan $(RECIPE) $(ARGS)
 train: $(STAMPS)/train ## train (NPROC=N ranks; HOSTFILE=... or NNODES/NODE_RANK/MASTER_ADDR for several nodes)
 dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)

@@ -39,3 +39,20 @@ def test_make_chat_takes_a_prompt_with_an_apostrophe(tmp_path):
                 env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
     assert "unexpected EOF" not in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert done.stdout.strip(), done.stdout  # the completion (from the untrained base, with a note)
+
+
+def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
+    """DeepSpeed gives every host of the hostfile --num_gpus (NPROC) ranks (runner.apply_num_nodes_and_gpus); plan
+    showed NPROC ranks, one node's numbers."""
+    root = scratch_repo(tmp_path / "repo")
+    write_data(root / "datasets")
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "r.yaml", model_name_or_path="tiny", dataset_dir="datasets")
+    (root / "hostfile").write_text("node1 slots=2\n# spare: node3 slots=2\n\nnode2 slots=2\n", encoding="utf-8")
+    env = cli_env(MAKEFLAGS="", MAKELEVEL="")
+    done = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=hostfile", f"VENV={root / 'venv'}", cwd=root,
+                env=env)
+    assert any(line.split()[:2] == ["world_size", "4"] for line in done.stdout.splitlines()), done.stdout
+    missing = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=nope", f"VENV={root / 'venv'}", cwd=root,
+                   env=env, expect=2)
+    assert "error: HOSTFILE=nope: no such file" in missing.stderr, missing.stderr
