@@ -44,9 +44,12 @@ def cache_dir() -> Path:
 
 
 def download_command(repo_id: str, revision: str | None = None) -> str:
-    include = " ".join(f"'{p}'" for p in ALLOW_PATTERNS)
+    """The `hf download` line that fetches what the pipeline reads. One --include per pattern: `hf` takes a single
+    value per --include, so `--include 'a' 'b'` made 'b' a file name, and with file names given hf ignores --include
+    ('a', config.json, was never downloaded)."""
+    include = " ".join(f"--include '{p}'" for p in ALLOW_PATTERNS)
     rev = f" --revision {revision}" if revision and revision != "main" else ""
-    return f"hf download {repo_id}{rev} --include {include}"
+    return f"hf download {repo_id}{rev} {include}"
 
 
 def resolve_model_path(name_or_path: str | Path, revision: str | None = None, key: str = "model_name_or_path",
