@@ -48,6 +48,9 @@ def _kind(value: Any) -> str:
 
 def _hint(value: Any, prop: dict[str, Any]) -> str:
     """A suggestion for the common ways of getting a key wrong."""
+    if isinstance(value, str) and value in prop.get("x-aliases", {}):  # another name for a value: say which
+        name, why = prop["x-aliases"][value]
+        return f" (did you mean '{name}'? {why})"
     if isinstance(value, str):
         if "enum" in prop and all(isinstance(v, str) for v in prop["enum"]):
             suggestion = did_you_mean(value, prop["enum"])

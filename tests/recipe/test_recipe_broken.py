@@ -57,6 +57,9 @@ CASES = [
     Case("bad enum, other", {"r.yaml": BASE + "lr_scheduler_type: cosin\n"},
          ["r.yaml:5:20: lr_scheduler_type: given 'cosin', expected one of constant, linear, cosine "
           "(did you mean 'cosine'?)"]),
+    Case("another name for a value", {"r.yaml": BASE + "pref_loss: dpo\n"},  # difflib would say 'ipo'
+         ["r.yaml:5:12: pref_loss: given 'dpo', expected one of sigmoid, hinge, ipo, orpo, simpo (did you mean "
+          "'sigmoid'? the DPO loss is named sigmoid here, as in LLaMA-Factory and trl)"], cli=True),
     Case("out of range fraction", {"r.yaml": BASE + "val_size: 1.5\n"},
          ["r.yaml:5:11: val_size: given 1.5 (a number), expected an integer >= 0 or a number >= 0 and < 1"]),
     Case("zero learning rate", {"r.yaml": BASE + "learning_rate: 0\n"},
