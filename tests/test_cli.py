@@ -71,6 +71,11 @@ def test_user_error_exit_2_no_traceback(tmp_path):
 def test_missing_recipe_exit_2(tmp_path):
     proc = run_cli("plan", "nope.yaml", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: nope.yaml: recipe not found")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "a.yaml").write_text("stage: sft\n")
+    proc = run_cli("validate", "recipes", cwd=tmp_path)  # the folder, not a recipe in it
+    assert proc.returncode == 2 and proc.stderr == ("error: recipes: is a directory, not a recipe file; give one of "
+                                                    "its recipes, e.g. recipes/a.yaml (1 there)\n")
 
 
 def test_unknown_command_is_an_argparse_error(tmp_path):

@@ -385,6 +385,10 @@ def load_chain(path: str | os.PathLike[str]) -> Chain:
     file = os.fspath(path)
     errors: list[str] = []
     chain = Chain([], [])
+    if os.path.isdir(file):
+        inside = sorted(p.name for p in Path(file).glob("*.y*ml"))
+        raise UserError(f"{file}: is a directory, not a recipe file; give one of its recipes" +
+                        (f", e.g. {os.path.join(file, inside[0])} ({len(inside)} there)" if inside else ""))
     if not os.path.isfile(file):
         raise UserError(f"{file}: recipe not found" + ("" if os.path.exists(file) else
                         f" (looked in {os.path.abspath(file)})"))
