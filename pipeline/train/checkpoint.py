@@ -248,6 +248,27 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     return notices
 
 
+def check_schedule(r: Mapping[str, Any], path: Path) -> None:
+    """Refuse a resume whose schedule, as derived from the data (r["total_steps"]), ends before the checkpoint.
+
+    check_compatible catches a lowered max_steps before the data is read; num_train_epochs (or max_steps: null)
+    gives the step count only now. Left alone, the loop ran no step, the final export replaced output_dir/adapter
+    (or model) with this older checkpoint's weights, the log lost its later lines, and the run said "done" with
+    exit 0. Ending exactly at the checkpoint with the schedule unchanged is a resume after a stop at the last
+    step: it finishes the export."""
+    state = read_state(path)
+    step, total = state.get("global_step"), r["total_steps"]
+    saved = state.get("recipe", {})
+    changed = [k for k in ("max_steps", "num_train_epochs") if k in saved and saved[k] != r[k]]
+    if not isinstance(step, int) or total > step or (total == step and not changed):
+        return
+    key = "max_steps" if r["max_steps"] is not None else "num_train_epochs"
+    raise UserError(f"{where(r, key)}: the schedule now ends at step {total} ({key} {_show(r[key])}), which is not "
+                    f"after {path}'s step {step}: nothing to train (and the final weights would be replaced by that "
+                    f"older checkpoint's); resume with a schedule that ends after step {step} (max_steps above {step} "
+                    "or more num_train_epochs)")
+
+
 def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:
     """After load: the recipe's learning rate, weight decay and schedule replace the checkpoint's.
 

@@ -82,6 +82,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     rank, world = dist.rank(), dist.world_size()
     loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
     r = exact_steps(r, loader)
+    if resume is not None:
+        checkpoint.check_schedule(r, resume)  # before output_dir is touched
     if one_step is not None:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
     has_val = count_examples(data_args(r))["val"] > 0

@@ -102,6 +102,20 @@ def test_resuming_a_finished_run_keeps_its_results(make_recipe, first_run):
     assert json.loads((first_run / "all_results.json").read_text(encoding="utf-8")) == before
 
 
+def test_a_schedule_from_epochs_that_ends_before_the_checkpoint_is_refused(make_recipe, first_run):
+    """num_train_epochs 0.25 is 1 step of 4 per epoch: the loop ran nothing, the step-2 checkpoint's weights were
+    exported over the finished adapter, the log lost its later lines, and the run said "done", exit 0."""
+    adapter = (first_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    log = (first_run / "trainer_log.jsonl").read_text()
+    with pytest.raises(UserError) as err:
+        resume(make_recipe, max_steps=None, num_train_epochs=0.25)
+    [message] = err.value.messages
+    assert "num_train_epochs: the schedule now ends at step 1 (num_train_epochs 0.25), which is not after" in message
+    assert "nothing to train" in message, message
+    assert (first_run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (first_run / "trainer_log.jsonl").read_text() == log
+
+
 def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     raw = workdir / "data" / "raw" / "sft.jsonl"
     with open(raw, "a", encoding="utf-8") as handle:
