@@ -305,6 +305,8 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
         guard.refuse_to_clear(output_dir, at, "output_dir", inputs)  # overwrite_output_dir empties it
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():
+        if resume is not None:  # the run goes on: an earlier finish's results no longer mark it finished
+            RunLayout(output_dir).all_results.unlink(missing_ok=True)
         if entries and resume is None:  # overwrite_output_dir, or a start that never saved
             for name in entries:
                 path = output_dir / name
