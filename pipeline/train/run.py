@@ -127,6 +127,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                           objective=objective, profiler=step_profile.StepProfiler(profile))
         if resume is not None:
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
+            trainer.last_record = logged_so_far(output_dir)  # all_results' losses when no step is left to log
         try:
             with explain_out_of_memory(r, state):
                 outcome = trainer.train()
@@ -419,6 +420,15 @@ def explain_out_of_memory(r: Mapping[str, Any], state: TrainState) -> Any:
             "offload_optimizer: cpu (offload_param: cpu with stage 3); use finetuning_type: lora (now "
             f"{r['finetuning_type']}); bf16: true on GPUs that support it. `make plan` estimates a recipe's memory"
         ) from None
+
+
+def logged_so_far(output_dir: Path) -> dict[str, Any]:
+    """The latest value of every key in trainer_log.jsonl (already cut back to the resumed step): what an
+    uninterrupted run's Trainer.last_record holds at that step. A resume after a stop at the last step logs
+    nothing more, and all_results.json had train_loss and eval_loss null."""
+    from pipeline.runtime.log import read_log
+
+    return {key: value for record in read_log(RunLayout(output_dir).trainer_log) for key, value in record.items()}
 
 
 # ---------------------------------------------------------------------------------------------- rank failures

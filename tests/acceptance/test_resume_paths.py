@@ -65,3 +65,15 @@ def test_make_train_after_an_interrupted_resume_of_a_finished_run_does_not_wipe_
     again = make("train", "RECIPE=r.yaml", cwd=root, expect=2)
     assert "resume_from_checkpoint: latest to continue that run" in again.stderr, again.stderr[-2000:]
     assert (root / "saves/run/checkpoint-3").is_dir()
+
+
+@pytest.mark.slow
+def test_a_resume_at_the_last_step_keeps_the_losses_in_all_results(finished, tmp_path):
+    """What a Ctrl-C at the last step leaves is resumed with nothing left to log: all_results.json had
+    train_loss and eval_loss null (and the eval report's training line lost them)."""
+    root = copy_of(finished, tmp_path)
+    before = json.loads((root / "saves/run/all_results.json").read_text())
+    pipeline("train", "r.yaml", "resume_from_checkpoint=latest", cwd=root)
+    after = json.loads((root / "saves/run/all_results.json").read_text())
+    for key in ("global_step", "epoch", "train_loss", "eval_loss", "eval_perplexity", "tokens_seen"):
+        assert after[key] == before[key] and after[key] is not None, key
