@@ -42,6 +42,7 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 DS_TAG = "deepspeed"
 RNG_DIR = "rng"
+LOG_WINDOW = "log_window"  # a key of the per-rank rng file: the sums of the log line under way
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 # What a resume does when the recipe changed since the checkpoint (the table is docs/resume.md's):
 # REFUSE: the saved state cannot be loaded with another value, or the data position would point at other
@@ -352,9 +353,11 @@ def _fsync_tree(root: Path) -> None:
             os.fsync(handle.fileno())
 
 
-def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe: Mapping[str, Any]) -> Path:
+def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe: Mapping[str, Any],
+         log_window: Mapping[str, Any] | None = None) -> Path:
     """Write checkpoint-<step>/ (every rank must call this). Returns its path. `recipe` (saved_recipe) is stored
-    beside the step so that a resume can tell which settings changed."""
+    beside the step so that a resume can tell which settings changed; `log_window` (this rank's sums since the
+    last log line, pipeline.train.loop.Window.sums) beside this rank's RNG state."""
     from pipeline.train.safestate import save_state
 
     output_dir = Path(train.output_dir)
@@ -368,7 +371,8 @@ def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe
     if not only_model:  # save_only_model: the weights only (no optimizer, scheduler, RNG): not resumable
         engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False,
                                exclude_frozen_parameters=True)
-        save_state(_rng_state(), tmp / RNG_DIR / f"rank-{dist.rank()}.safetensors")
+        save_state({**_rng_state(), **({LOG_WINDOW: dict(log_window)} if log_window else {})},
+                   tmp / RNG_DIR / f"rank-{dist.rank()}.safetensors")
     exporter.write(tmp)
     dist.barrier()
     if dist.is_main():
@@ -417,6 +421,13 @@ def load(engine: Any, path: Path) -> TrainState:
                         "(resume_from_checkpoint: <output_dir>/checkpoint-<step>), or start over with "
                         "overwrite_output_dir: true") from None
     return TrainState.from_dict(read_state(path))
+
+
+def saved_log_window(path: Path) -> dict[str, Any] | None:
+    """This rank's log-window sums saved with `path` (None: checkpoints written before they were kept)."""
+    from pipeline.train.safestate import load_state
+
+    return load_state(path / RNG_DIR / f"rank-{dist.rank()}.safetensors").get(LOG_WINDOW)
 
 
 _OWNER: str | None = None

@@ -122,6 +122,18 @@ class Window:
     started: float = field(default_factory=time.monotonic)
     extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...), summed
 
+    SAVED = ("steps", "loss", "l1", "tokens", "trained_tokens", "lr", "extra")
+
+    def sums(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the window (per rank): a stop between two log lines would otherwise make the
+        next line after the resume average only the resumed steps, unlike the uninterrupted run's."""
+        return {name: getattr(self, name) for name in self.SAVED}
+
+    @classmethod
+    def resumed(cls, sums: Mapping[str, Any] | None) -> "Window":
+        """The window a checkpoint saved (its clock restarts now); an empty one for checkpoints without it."""
+        return cls(**{name: sums[name] for name in cls.SAVED if name in sums}) if sums else cls()
+
 
 def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -164,6 +176,7 @@ class Trainer:
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.own_grad_norm = not deepspeed_compat.reports_grad_norm(engine)  # then the loop measures it itself
         self.last_saved_step: int | None = None
+        self.window = Window()  # sums since the last log line; a resume restores the checkpoint's (Window.resumed)
         self.last_record: dict[str, Any] = {}
         self._unflushed = [0, 0]  # this rank's tokens / trained tokens not yet added to state
 
@@ -236,11 +249,11 @@ class Trainer:
         args, state = self.args, self.state
         total = args.total_steps
         first_step, started = state.global_step, time.monotonic()
-        window = Window()
         bar = tqdm(total=total, initial=first_step, desc="train", unit="step", file=sys.stderr,
                    disable=not dist.is_main(), dynamic_ncols=True)
         try:
             while state.global_step < total:
+                window = self.window
                 with self.profiler.step(state.global_step + 1):
                     norm = self.optimizer_step(window)
                 state.global_step += 1
@@ -250,7 +263,7 @@ class Trainer:
                 record: dict[str, Any] = {}
                 if step % args.logging_steps == 0 or last:
                     record.update(self.train_metrics(window, norm, started, first_step))
-                    window = Window()
+                    window = self.window = Window()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
                 if self.evaluate is not None and eval_due(args, step, last):
                     record.update(self.evaluate())

@@ -61,7 +61,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, evaluate
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate
     from pipeline.train import step_profile
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import make_scheduler
@@ -123,11 +123,13 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         if val_loader is not None:
             evaluate_now = (lambda: objective.evaluate(val_loader)) if objective else (lambda: evaluate(engine, val_loader))
         trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
-                          save=lambda: checkpoint.save(engine, args, state, exporter, saved), log=log, stop=stop,
+                          save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums()),
+                          log=log, stop=stop,
                           objective=objective, profiler=step_profile.StepProfiler(profile))
         if resume is not None:
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
             trainer.last_record = logged_so_far(output_dir)  # all_results' losses when no step is left to log
+            trainer.window = Window.resumed(checkpoint.saved_log_window(resume))  # the log line under way
         try:
             with explain_out_of_memory(r, state):
                 outcome = trainer.train()
