@@ -65,6 +65,7 @@ RESUME_KEYS = REFUSE  # the name older code used
 # own change is that report again, about a key the user never wrote, so it is not said.
 DERIVED_FROM = {"lora_alpha": ("lora_rank",), "cutoff_len": ("context_length", "model_name_or_path")}
 DATA_KEY = "training data"  # the sha256 of every built train.json, saved beside the recipe values
+FILES_KEY = "training files"  # every built file the train split reads (a val.json too) -> its sha256, in order
 
 @dataclass
 class TrainState:
@@ -187,7 +188,25 @@ def saved_recipe(r: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe values a checkpoint records (trainer_state.json "recipe"), for check_compatible on resume."""
     values = {k: r[k] for k in (*REFUSE, *APPLY, *KEEP) if k in r}
     values[DATA_KEY] = training_data(r)
+    values[FILES_KEY] = training_files(r)
     return values
+
+
+def training_files(r: Mapping[str, Any]) -> dict[str, str | None]:
+    """`<dataset>/<split>.json` -> sha256 of every built file the train split is made of, in the loader's order.
+
+    Beside train.json (DATA_KEY), a dataset's val.json trains too when eval_dataset names other datasets
+    (pipeline.data.built.training_splits): adding or dropping eval_dataset changes the rows under the same
+    train.json, and a resume went on at the saved batch index of another shuffle of other rows."""
+    from pipeline.data.built import read_manifest
+    from pipeline.data.load import split_files
+    from pipeline.recipe.args import data_args
+
+    out: dict[str, str | None] = {}
+    for file in split_files(data_args(r), "train"):
+        files = (read_manifest(file.parent) or {}).get("files") or {}
+        out[f"{file.parent.name}/{file.name}"] = (files.get(file.name) or {}).get("sha256")
+    return out
 
 
 def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
@@ -239,6 +258,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                      "its data position would point at other rows; resume with the data it was trained on, or "
                      f"start a new run from {path}/adapter or {path}/model"
                      for name in now if name in saved[DATA_KEY] and saved[DATA_KEY][name] != now[name]]
+    problems += _training_files_problems(r, path, saved.get(FILES_KEY))
     if problems:
         raise UserError(problems)
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
@@ -268,6 +288,23 @@ def check_schedule(r: Mapping[str, Any], path: Path) -> None:
                     f"after {path}'s step {step}: nothing to train (and the final weights would be replaced by that "
                     f"older checkpoint's); resume with a schedule that ends after step {step} (max_steps above {step} "
                     "or more num_train_epochs)")
+
+
+def _training_files_problems(r: Mapping[str, Any], path: Path, saved: Mapping[str, Any] | None) -> list[str]:
+    """Why the recipe's train split is not the one `path` was trained on ([] when it is, or when the checkpoint
+    predates FILES_KEY). A rebuilt train.json is DATA_KEY's message already."""
+    if not isinstance(saved, Mapping):
+        return []
+    now = training_files(r)
+    advice = (f"its data position would point at other rows; resume with the data it was trained on, or start a new "
+              f"run from {path}/adapter or {path}/model")
+    if list(saved) != list(now):
+        return [f"{where(r, 'eval_dataset')}: {path} was trained on {', '.join(saved) or 'nothing'}, the recipe now "
+                f"trains on {', '.join(now) or 'nothing'} (a dataset's val split trains too when eval_dataset names "
+                f"other datasets); {advice}"]
+    return [f"{where(r, 'dataset')}: the built rows of {name} are not the ones {path} was trained on (rebuilt from "
+            f"other sources or settings); {advice}"
+            for name in now if not name.endswith("/train.json") and saved[name] != now[name]]
 
 
 def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:

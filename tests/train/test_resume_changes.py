@@ -128,6 +128,19 @@ def test_rebuilt_training_data_is_refused(make_recipe, first_run, workdir):
     assert f"({workdir / 'data'}/build/tiny_sft/train.json was rebuilt" in err.value.messages[0], err.value.messages
 
 
+def test_an_eval_dataset_that_makes_the_val_split_train_is_refused(make_recipe, first_run, workdir):
+    """With eval_dataset naming another dataset, tiny_sft's val split trains too: 36 rows became 40 under the same
+    train.json, and the resume went on at the saved batch index of another shuffle, without a word."""
+    registry = workdir / "data" / "dataset_info.json"
+    entries = json.loads(registry.read_text())
+    registry.write_text(json.dumps({**entries, "held": entries["tiny_sft"]}))
+    with pytest.raises(UserError) as err:
+        resume(make_recipe, max_steps=3, eval_dataset="held")
+    [message] = err.value.messages
+    assert "eval_dataset: " in message and "was trained on tiny_sft/train.json, the recipe now trains on " \
+        "tiny_sft/train.json, tiny_sft/val.json" in message, message
+
+
 def test_the_documented_table_lists_exactly_the_classified_keys():
     from pathlib import Path
 
