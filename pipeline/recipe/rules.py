@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -355,8 +356,21 @@ def checkpoint_exists(ctx: Context) -> list[tuple[str, str]]:
     path = ctx.values["resume_from_checkpoint"]
     if path is not None and path != "latest" and not os.path.isdir(path):
         return [("resume_from_checkpoint", f"directory {path!r} not found; give a checkpoint-<step> directory "
-                                           "or 'latest'")]
+                                           f"or 'latest'{_checkpoints_hint(str(ctx.values['output_dir']), path)}")]
     return []
+
+
+def _checkpoints_hint(output_dir: str, given: str) -> str:
+    """What output_dir holds, for a resume_from_checkpoint that is not there: `checkpoint-4` typed as in the
+    listing is output_dir/checkpoint-4 (paths are relative to the working directory)."""
+    found = sorted((n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                    if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(output_dir, n))),
+                   key=lambda n: int(n.split("-")[1]))
+    if not found:
+        return f" ({output_dir} holds no checkpoint)" if os.path.isdir(output_dir) else ""
+    inside = os.path.join(output_dir, given)
+    mean = f"; did you mean {inside!r}?" if os.path.isdir(inside) else ""
+    return f" ({output_dir} holds {', '.join(found)}: paths are relative to the working directory{mean})"
 
 
 # --- data ------------------------------------------------------------------------------------------

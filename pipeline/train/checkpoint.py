@@ -178,10 +178,28 @@ def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_fro
         available = ", ".join(p.name for p in list_checkpoints(output_dir)) or "none"
         raise UserError(f"{at}: {value!r} does not exist (checkpoints in {output_dir}: {available}; "
                         "'latest' picks the newest)")
+    not_one = _not_a_checkpoint(path)
+    if not_one:
+        raise UserError(f"{at}: {not_one}")
     problems = problems_with(path)
     if problems:
         raise UserError([f"{at}: {path} cannot be resumed from: {p}" for p in problems])
     return path
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why a folder without a manifest is no checkpoint at all, when it is a run's output_dir or a folder inside a
+    checkpoint (the message was "manifest.json is missing (the checkpoint was not finished)")."""
+    if (path / MANIFEST).exists():
+        return None
+    inside = [p.name for p in list_checkpoints(path)]
+    if inside:
+        return (f"{path} is a run's output directory, not a checkpoint; give one of its checkpoints "
+                f"({', '.join(inside)}, e.g. {path / inside[-1]}), or 'latest' for the newest intact one in output_dir")
+    holder = next((p for p in path.resolve().parents if step_of(p) is not None and (p / MANIFEST).exists()), None)
+    if holder is not None:
+        return f"{path} is a folder inside the checkpoint {holder}; give the checkpoint itself"
+    return None
 
 
 def saved_recipe(r: Mapping[str, Any]) -> dict[str, Any]:

@@ -94,3 +94,21 @@ def test_a_resume_between_two_log_lines_logs_the_uninterrupted_losses(tmp_path):
     pipeline("train", "crashed.yaml", "resume_from_checkpoint=latest", cwd=tmp_path)
     assert sorted(log_losses(crashed)) == [3, 4]
     assert_same_run(tmp_path / "saves/straight", crashed, "adapter/adapter_model.safetensors")
+
+
+@pytest.mark.slow  # the module's finished run (make train) takes ~1 min
+@pytest.mark.parametrize("given, expected", [
+    ("saves/run", "saves/run is a run's output directory, not a checkpoint; give one of its checkpoints (checkpoint-1, "
+                  "checkpoint-2, e.g. saves/run/checkpoint-2), or 'latest'"),
+    ("saves/run/checkpoint-2/adapter", "saves/run/checkpoint-2/adapter is a folder inside the checkpoint "),
+    ("checkpoint-2", "directory 'checkpoint-2' not found; give a checkpoint-<step> directory or 'latest' (saves/run "
+                     "holds checkpoint-1, checkpoint-2: paths are relative to the working directory; did you mean "
+                     "'saves/run/checkpoint-2'?)"),
+], ids=["output-dir", "inside-a-checkpoint", "bare-name"])
+def test_resume_from_a_folder_that_is_no_checkpoint_says_which_to_give(finished, given, expected):
+    """Pointing resume_from_checkpoint at the output_dir (or the adapter in a checkpoint) said "manifest.json is
+    missing (the checkpoint was not finished)"; the name as listed in output_dir said only "not found"."""
+    before = sorted(p.name for p in (finished / "saves/run").iterdir())
+    done = pipeline("train", "r.yaml", f"resume_from_checkpoint={given}", cwd=finished, expect=2)
+    assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in (finished / "saves/run").iterdir()) == before
