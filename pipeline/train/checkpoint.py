@@ -422,6 +422,38 @@ def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    try:
+        _write(engine, train, state, exporter, recipe, log_window, tmp, final)
+    except Exception as err:
+        if not _out_of_space(err):
+            raise
+        if dist.is_main():  # the half-written checkpoint would keep the space the user is about to free
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, UserError):
+            raise
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f" ({shutil.disk_usage(output_dir).free / 1e6:,.1f} MB free there)"
+        raise UserError(f"{getattr(err, 'filename', None) or tmp}: no space left on device while saving {final.name}"
+                        f"{free}; the half-written copy was removed and the earlier checkpoints are intact. Free "
+                        "some space, then continue with resume_from_checkpoint=latest") from None
+    dist.barrier()
+    return final
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """A full disk, as the OS, safetensors or pipeline.io's own message says it."""
+    from pipeline.io import disk_full
+
+    return disk_full(err) or (isinstance(err, UserError) and "no space left on device" in str(err))
+
+
+def _write(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe: Mapping[str, Any],
+           log_window: Mapping[str, Any] | None, tmp: Path, final: Path) -> None:
+    """save's writes into `tmp`, then the manifest and the rename to `final` (rank 0)."""
+    from pipeline.train.safestate import save_state
+
+    output_dir = final.parent
     only_model = bool(train.save_only_model)
     if not only_model:  # save_only_model: the weights only (no optimizer, scheduler, RNG): not resumable
         engine.save_checkpoint(str(tmp), tag=DS_TAG, client_state={}, save_latest=False,
@@ -441,8 +473,6 @@ def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe
         # a re-run reaching the same step replaces the old checkpoint: the old or the new one is always there
         replace_dir(tmp, final, output_dir / f".{final.name}.old-{owner()}")
         prune(output_dir, train.save_total_limit, keep=final)
-    dist.barrier()
-    return final
 
 
 def prune(output_dir: Path, limit: int | None, keep: Path) -> list[Path]:
