@@ -257,9 +257,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     changed = [k for k in saved if k in r and saved[k] != r[k]]
     refused = [k for k in changed if k in REFUSE]
     source = getattr(r, "source", lambda key: "default")
-    problems = [f"{where(r, key)} is {_show(r[key])} but {path} was trained with {_show(saved[key])}; "
-                f"resume with the same value (or start a new run from {path}/adapter or {path}/model)"
-                for key in refused
+    problems = [_refused(r, key, saved[key], path) for key in refused
                 if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
     step = state.get("global_step")
     if "max_steps" in changed and r["max_steps"] is not None and isinstance(step, int) and r["max_steps"] <= step:
@@ -306,6 +304,17 @@ def check_schedule(r: Mapping[str, Any], path: Path) -> None:
                     f"after {path}'s step {step}: nothing to train (and the final weights would be replaced by that "
                     f"older checkpoint's); resume with a schedule that ends after step {step} (max_steps above {step} "
                     "or more num_train_epochs)")
+
+
+def _refused(r: Mapping[str, Any], key: str, saved: Any, path: Path) -> str:
+    """The message for a refused key. world_size is no recipe key: the launch decides it (make train NPROC=N)."""
+    fresh = f"start a new run from {path}/adapter or {path}/model"
+    if key == "world_size":
+        return (f"this job has {r[key]} rank(s) but {path} was trained on {saved} (each rank's optimizer shard, RNG "
+                f"and data position are in it); resume with {saved} rank(s) (make train NPROC={saved}, or NPROC x "
+                f"NNODES = {saved}), or {fresh}")
+    return f"{where(r, key)} is {_show(r[key])} but {path} was trained with {_show(saved)}; resume with the same " \
+           f"value (or {fresh})"
 
 
 def _training_files_problems(r: Mapping[str, Any], path: Path, saved: Mapping[str, Any] | None) -> list[str]:

@@ -141,6 +141,24 @@ def test_an_eval_dataset_that_makes_the_val_split_train_is_refused(make_recipe, 
         "tiny_sft/train.json, tiny_sft/val.json" in message, message
 
 
+def test_another_number_of_ranks_names_nproc_not_a_recipe_key(make_recipe, first_run):
+    """The message said "world_size is 2 but ... trained with 1; resume with the same value", a key no recipe sets."""
+    import dataclasses
+    import os
+
+    from pipeline.recipe import resolve
+    from pipeline.train import checkpoint
+
+    make_recipe(name="run", **FIRST, resume_from_checkpoint="latest")  # writes run.yaml
+    two = resolve("run.yaml", [], command="plan", env={**os.environ, "WORLD_SIZE": "2"})
+    assert two["world_size"] == 2
+    with pytest.raises(UserError) as err:
+        checkpoint.check_compatible(two, first_run / "checkpoint-2")
+    [message] = err.value.messages
+    assert message.startswith(f"this job has 2 rank(s) but {first_run}/checkpoint-2 was trained on 1 ") and \
+        "make train NPROC=1" in message, message
+
+
 def test_the_documented_table_lists_exactly_the_classified_keys():
     from pathlib import Path
 
