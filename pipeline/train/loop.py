@@ -276,6 +276,9 @@ class Trainer:
                     self.flush_tokens()
                     self.save()
                     self.last_saved_step = step
+                    # a signal during a periodic save: this step is saved already, stop here (not a step and a
+                    # second save later)
+                    stopping = stopping or self.stop.requested()
                 if stopping:
                     return "stopped"
                 if window.steps == 0:  # evaluation and saving do not count against the next window's tokens/s

@@ -180,3 +180,21 @@ def test_a_kill_between_the_renames_of_a_resave_keeps_the_old_checkpoint(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     assert checkpoint.problems_with(tmp_path / "checkpoint-4") == []
     assert checkpoint.read_state(tmp_path / "checkpoint-4") == {"global_step": 4}
+
+
+def test_a_signal_during_a_periodic_save_stops_at_that_checkpoint(make_recipe, monkeypatch):
+    """SIGTERM while checkpoint-2 is being written (save_steps 2): the run trained step 3 and saved checkpoint-3
+    before stopping; the step just saved is where it stops."""
+    from pipeline.train import checkpoint
+
+    original = checkpoint.save
+
+    def save(engine, train_args, state, *rest):
+        path = original(engine, train_args, state, *rest)
+        if state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+    monkeypatch.setattr(checkpoint, "save", save)
+    result = train(make_recipe(max_steps=4, save_steps=2))
+    assert result.exit_code == 143 and result.state.global_step == 2
+    assert [p.name for p in checkpoint.list_checkpoints(result.output_dir)] == ["checkpoint-2"]
