@@ -474,10 +474,6 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
     from pipeline.runtime.log import plot_loss, read_log, write_results
 
     records = read_log(RunLayout(output_dir).trainer_log)
-    if not last:
-        # resumed at its last step (a finished run again, or one stopped during its last step): no step ran here,
-        # and the numbers are the logged run's; without this all_results.json lost its losses and runtime (null)
-        last = {key: value for record in records for key, value in record.items()}
     results = {
         "global_step": state.global_step,
         "epoch": last.get("epoch"),
