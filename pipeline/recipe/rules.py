@@ -18,6 +18,9 @@ from pipeline.recipe.load import Origin
 
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "additional_target")
 _RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None)  # commands that run on this machine
+# Commands checked against the built row counts. Not `build`, which replaces those counts (a user told to "add
+# data" must be able to rebuild), nor `deps`, which only names files for make (and runs first in `make data`).
+_READS_BUILT_DATA = ("validate", "inspect", "plan", "train", "merge", "export", "eval", "generate", "chat", None)
 
 
 def cuda_available() -> bool:
@@ -330,7 +333,8 @@ def warmup_once(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("per_device_train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_dir", "stage")
+@rule("per_device_train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_dir", "stage",
+      commands=_READS_BUILT_DATA)
 def enough_batches(ctx: Context) -> list[tuple[str, str]]:
     n = ctx.values["num_train_examples"]
     if n is None:
@@ -400,7 +404,7 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("val_size", "dataset", "dataset_dir", "stage")
+@rule("val_size", "dataset", "dataset_dir", "stage", commands=_READS_BUILT_DATA)
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
     if ctx.values["stage"] not in ("sft", "dpo"):

@@ -132,3 +132,19 @@ def test_a_raw_file_edited_after_build_stops_train_unless_overwrite_cache(tmp_pa
     again = cli(tmp_path, "eval", "recipe.yaml", "overwrite_cache=true", "max_eval_samples=1", "max_new_tokens=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "a: up to date" in again.stdout
+
+
+def test_adding_rows_after_a_too_small_build_rebuilds(tmp_path):
+    """The batch-size message says "add data"; a user who does so and runs `build` again (or `make data`, which
+    calls `deps` first) must get the rebuild: the old build's counts are what is being replaced."""
+    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(3))}, "dataset: a\n")
+    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    done = cli(tmp_path, "validate", "recipe.yaml")
+    assert done.returncode == 2 and "lower per_device_train_batch_size or add data" in done.stderr, done.stderr
+    (tmp_path / "data" / "raw" / "a.jsonl").write_text(jsonl(alpaca_rows(30)), encoding="utf-8")
+    done = cli(tmp_path, "deps", "recipe.yaml")
+    assert done.returncode == 0, done.stderr
+    done = cli(tmp_path, "build", "recipe.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "train 27 · val 3" in done.stdout                    # 30 rows, val_size 0.1 -> ceil(3) held out
+    assert cli(tmp_path, "validate", "recipe.yaml").returncode == 0
