@@ -23,6 +23,12 @@ _RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None)
 _READS_BUILT_DATA = ("validate", "inspect", "plan", "train", "merge", "export", "eval", "generate", "chat", None)
 
 
+def _rebuilt_first(ctx: "Context") -> bool:
+    """train and eval with overwrite_cache: true build first (pipeline.__main__.steps), so the counts on disk may be
+    those of the build about to be replaced; train checks the real ones after it (train.run.exact_steps)."""
+    return bool(ctx.values["overwrite_cache"]) and ctx.command in ("train", "eval")
+
+
 def cuda_available() -> bool:
     """Whether this machine has an NVIDIA GPU, without importing torch (tests monkeypatch this)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
@@ -334,10 +340,10 @@ def warmup_once(ctx: Context) -> list[tuple[str, str]]:
 
 
 @rule("per_device_train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_dir", "stage",
-      commands=_READS_BUILT_DATA)
+      "overwrite_cache", commands=_READS_BUILT_DATA)
 def enough_batches(ctx: Context) -> list[tuple[str, str]]:
     n = ctx.values["num_train_examples"]
-    if n is None:
+    if n is None or _rebuilt_first(ctx):
         return []
     if n == 0:
         return [("dataset", "the built training split is empty; add data or lower val_size")]
@@ -404,10 +410,10 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("val_size", "dataset", "dataset_dir", "stage", commands=_READS_BUILT_DATA)
+@rule("val_size", "dataset", "dataset_dir", "stage", "overwrite_cache", commands=_READS_BUILT_DATA)
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
-    if ctx.values["stage"] not in ("sft", "dpo"):
+    if ctx.values["stage"] not in ("sft", "dpo") or _rebuilt_first(ctx):
         return []
     from pipeline.data.built import built_dir, held_out, read_manifest
 

@@ -136,15 +136,25 @@ def test_a_raw_file_edited_after_build_stops_train_unless_overwrite_cache(tmp_pa
 
 def test_adding_rows_after_a_too_small_build_rebuilds(tmp_path):
     """The batch-size message says "add data"; a user who does so and runs `build` again (or `make data`, which
-    calls `deps` first) must get the rebuild: the old build's counts are what is being replaced."""
-    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(3))}, "dataset: a\n")
+    calls `deps` first, or train with overwrite_cache=true) must get the rebuild: the old build's counts are what
+    is being replaced."""
+    raw = tmp_path / "data" / "raw" / "a.jsonl"
+    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(3))},
+            "dataset: a\ncutoff_len: 64\nmax_steps: 1\noutput_dir: out\nlora_rank: 2\nplot_loss: false\n")
     assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
     done = cli(tmp_path, "validate", "recipe.yaml")
     assert done.returncode == 2 and "lower per_device_train_batch_size or add data" in done.stderr, done.stderr
-    (tmp_path / "data" / "raw" / "a.jsonl").write_text(jsonl(alpaca_rows(30)), encoding="utf-8")
+    raw.write_text(jsonl(alpaca_rows(30)), encoding="utf-8")
     done = cli(tmp_path, "deps", "recipe.yaml")
     assert done.returncode == 0, done.stderr
     done = cli(tmp_path, "build", "recipe.yaml")
     assert done.returncode == 0, done.stderr
     assert "train 27 · val 3" in done.stdout                    # 30 rows, val_size 0.1 -> ceil(3) held out
     assert cli(tmp_path, "validate", "recipe.yaml").returncode == 0
+
+    raw.write_text(jsonl(alpaca_rows(3)), encoding="utf-8")      # too small again, then grown: train rebuilds
+    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    raw.write_text(jsonl(alpaca_rows(30)), encoding="utf-8")
+    done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a: built data/build/a" in done.stdout and (tmp_path / "out" / "adapter").is_dir()
