@@ -38,9 +38,21 @@ def template_notice(r: Any) -> str | None:
             "keep the default and silence this notice")
 
 
+def epochs_notice(r: Any) -> str | None:
+    """num_train_epochs set while max_steps is set too (typically inherited through `extends`, as from the demo
+    recipe): max_steps wins, as in transformers, so the epochs asked for would be ignored without a word."""
+    if r["num_train_epochs"] is None or r["max_steps"] is None:  # both default to null: set means set by the user
+        return None
+    epochs, steps = r.origin("num_train_epochs"), r.origin("max_steps")
+    return (f"notice: {epochs.where}: num_train_epochs: {r['num_train_epochs']:g} has no effect: max_steps "
+            f"{r['max_steps']} ({steps.where}) sets the length of the run; set max_steps: null (or the override "
+            "max_steps=) to train by epochs")
+
+
 def notices(r: Any) -> list[str]:
-    """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice."""
-    out = [line] if (line := template_notice(r)) else []
+    """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
+    epochs that max_steps overrides."""
+    out = [line for line in (template_notice(r), epochs_notice(r)) if line]
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

@@ -209,3 +209,16 @@ def test_a_duplicate_key_is_listed_with_the_recipes_other_mistakes(tmp_path):
         "error: r.yaml:3:16: learning_rate: given -2, expected a number > 0 and <= 1",
         "error: r.yaml:4:1: lora_rnak: unknown key (did you mean 'lora_rank'?)",
         "error: r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo (did you mean 'sft'?)"], err
+
+
+def test_epochs_in_a_recipe_that_inherits_max_steps_are_named_as_ignored(tmp_path):
+    """A recipe extending one with max_steps (the demo's) and asking for num_train_epochs trained max_steps
+    without a word (max_steps wins, as in transformers); a notice now names both lines and the way out."""
+    write_data(tmp_path / "data")
+    write_recipe(tmp_path / "base.yaml", model_name_or_path="tiny", dataset_dir="data", max_steps=5)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nnum_train_epochs: 2\n", encoding="utf-8")
+    pipeline("build", "child.yaml", cwd=tmp_path)
+    err = pipeline("validate", "child.yaml", cwd=tmp_path).stderr
+    assert ("notice: child.yaml:2:19: num_train_epochs: 2 has no effect: max_steps 5 (base.yaml:" in err
+            and "set max_steps: null (or the override max_steps=) to train by epochs" in err), err
+    assert "num_train_epochs" not in pipeline("validate", "child.yaml", "max_steps=", cwd=tmp_path).stderr
