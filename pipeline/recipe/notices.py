@@ -41,9 +41,9 @@ def template_notice(r: Any) -> str | None:
 def epochs_notice(r: Any) -> str | None:
     """num_train_epochs set while max_steps is set too (typically inherited through `extends`, as from the demo
     recipe): max_steps wins, as in transformers, so the epochs asked for would be ignored without a word."""
-    if r["num_train_epochs"] is None or r["max_steps"] is None:  # both default to null: set means set by the user
-        return None
     epochs, steps = r.origin("num_train_epochs"), r.origin("max_steps")
+    if r["num_train_epochs"] is None or r["max_steps"] is None or epochs.kind not in ("file", "cli"):
+        return None  # num_train_epochs' default (3) is no request: max_steps alone is the usual way
     return (f"notice: {epochs.where}: num_train_epochs: {r['num_train_epochs']:g} has no effect: max_steps "
             f"{r['max_steps']} ({steps.where}) sets the length of the run; set max_steps: null (or the override "
             "max_steps=) to train by epochs")
