@@ -51,6 +51,9 @@ def _hint(value: Any, prop: dict[str, Any]) -> str:
     if isinstance(value, str) and value in prop.get("x-aliases", {}):  # another name for a value: say which
         name, why = prop["x-aliases"][value]
         return f" (did you mean '{name}'? {why})"
+    refused = prop.get("x-refused", {})  # LLaMA-Factory values not implemented here: the schema says why
+    if isinstance(value, str) and value in refused:
+        return f": {refused[value]}"
     if isinstance(value, str):
         if "enum" in prop and all(isinstance(v, str) for v in prop["enum"]):
             suggestion = did_you_mean(value, prop["enum"])

@@ -33,3 +33,21 @@ def test_no_effect_keys_say_why():
         if "x-no-effect" in prop:
             assert prop["description"].startswith("Accepted from LLaMA-Factory recipes without effect"), key
             assert prop["x-no-effect"] in prop["description"], key
+
+
+def test_lf_values_not_implemented_here_are_refused_with_the_reason(tmp_path):
+    """docs/coming-from-llama-factory.md promises `stage: kto`/`rm` and `infer_backend: vllm|sglang|ktransformers`
+    "refused, with the reason in the message"; they got only "expected one of pt, sft, dpo"."""
+    from tests.acceptance.harness import pipeline
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n", encoding="utf-8")
+    for override, reason in (("stage=kto", "KTO stage is not implemented here"),
+                             ("stage=rm", "reward-model training is not implemented here"),
+                             ("stage=ppo", "PPO (it needs a reward model) is not implemented here"),
+                             ("infer_backend=vllm", "vLLM is not available here"),
+                             ("infer_backend=sglang", "SGLang is not available here"),
+                             ("infer_backend=ktransformers", "KTransformers is not available here")):
+        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=2).stderr
+        key, _, value = override.partition("=")
+        assert f"{key}: given '{value}', expected one of" in err and reason in err, err
+        assert "Traceback" not in err
