@@ -112,10 +112,15 @@ $(STAMPS)/validate: $(STAMPS)/data
 	$(PY) -m pipeline validate $(RECIPE) $(ARGS)
 	@touch $@
 
-# A stale *finished* run (all_results.json) is retrained from scratch; an interrupted one is not wiped:
-# the trainer then asks for resume_from_checkpoint=latest or overwrite_output_dir=true.
+# A stale *finished* run (all_results.json) of this recipe (resolved.yaml names it) is retrained from scratch;
+# an interrupted one, or another recipe's run in the same output_dir (a recipe that extends one and inherits its
+# output_dir), is not wiped: the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true
+# or another output_dir.
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP)
-	$(LAUNCH) train $(RECIPE) $$([ -f "$(OUTPUT_DIR)/all_results.json" ] && echo overwrite_output_dir=true) $(ARGS)
+	$(LAUNCH) train $(RECIPE) $$([ -f "$(OUTPUT_DIR)/all_results.json" ] \
+		&& [ "$$(realpath -m -- "$$(sed -n '1s/^# resolved recipe: //p' "$(OUTPUT_DIR)/resolved.yaml" 2>/dev/null)")" \
+			= "$$(realpath -m -- '$(RECIPE)')" ] \
+		&& echo overwrite_output_dir=true) $(ARGS)
 	@$(if $(findstring --dry-run,$(ARGS)),true,touch $@)
 
 $(STAMPS)/merge: $(STAMPS)/train
