@@ -114,3 +114,13 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
     proc = run_cli("--local_rank=0", "deps", "r.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("RECIPE_FILES=r.yaml\n")
+
+
+def test_a_misspelt_recipe_path_gets_its_closest_sibling(tmp_path):
+    """`validate recipes/demo_sf.yaml` said only "recipe not found"; the closest recipe beside it is suggested."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "demo_sft.yaml").write_text(GOOD)
+    proc = run_cli("validate", "recipes/demo_sf.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: recipes/demo_sf.yaml: recipe not found (looked in {tmp_path / 'recipes' / 'demo_sf.yaml'}) "
+        "(did you mean 'recipes/demo_sft.yaml'?)\n")

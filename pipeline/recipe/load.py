@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, did_you_mean
 
 _Y = "tag:yaml.org,2002:"
 STR, INT, FLOAT, BOOL, NULL, SEQ, MAP = (_Y + t for t in ("str", "int", "float", "bool", "null", "seq", "map"))
@@ -380,6 +380,16 @@ class Chain:
     problems: list[tuple[tuple[str, int, int], str]] = field(default_factory=list)
 
 
+def _not_a_recipe(file: str) -> str:
+    """Why `file` cannot be read as a recipe; a misspelt name (`recipes/demo_sf.yaml`) gets its closest sibling."""
+    if os.path.exists(file):
+        return f"{file}: recipe not found"
+    folder = os.path.dirname(file)
+    siblings = [os.path.join(folder, n) for n in os.listdir(folder or ".") if n.endswith((".yaml", ".yml"))] \
+        if os.path.isdir(folder or ".") else []
+    return f"{file}: recipe not found (looked in {os.path.abspath(file)}){did_you_mean(file, siblings)}"
+
+
 def load_chain(path: str | os.PathLike[str]) -> Chain:
     """Read a recipe and its extends chain; report missing files, cycles and self-reference."""
     file = os.fspath(path)
@@ -390,8 +400,7 @@ def load_chain(path: str | os.PathLike[str]) -> Chain:
         raise UserError(f"{file}: is a directory, not a recipe file; give one of its recipes" +
                         (f", e.g. {os.path.join(file, inside[0])} ({len(inside)} there)" if inside else ""))
     if not os.path.isfile(file):
-        raise UserError(f"{file}: recipe not found" + ("" if os.path.exists(file) else
-                        f" (looked in {os.path.abspath(file)})"))
+        raise UserError(_not_a_recipe(file))
     _load_into(file, [], None, chain, errors)
     if errors:
         raise UserError(list(dict.fromkeys(errors + [message for _, message in chain.problems])))
