@@ -86,9 +86,12 @@ ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
 -include $(STAMPS)/deps.mk
 endif
 
+# On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
+# validate finds none: each problem is printed once.
 $(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(VENV)/.setup-done
 	@mkdir -p $(@D)
-	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp && mv $@.tmp $@ || { rm -f $@.tmp; $(PY) -m pipeline validate $(RECIPE) $(ARGS); exit 2; }
+	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err && mv $@.tmp $@ && rm -f $@.err || { rm -f $@.tmp; \
+		$(PY) -m pipeline validate $(RECIPE) $(ARGS) && cat $@.err >&2; rm -f $@.err; exit 2; }
 
 # Overrides change results: a change of ARGS makes every stage of this recipe stale.
 $(STAMPS)/args: FORCE
