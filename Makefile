@@ -93,10 +93,14 @@ $(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(VENV)/.setup-done
 	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err && mv $@.tmp $@ && rm -f $@.err || { rm -f $@.tmp; \
 		$(PY) -m pipeline validate $(RECIPE) $(ARGS) && cat $@.err >&2; rm -f $@.err; exit 2; }
 
-# Overrides change results: a change of ARGS makes every stage of this recipe stale.
+# Overrides change results: a change of ARGS makes every stage of this recipe stale. Not those that change
+# nothing a stage produces: a resume (exact: the same weights as the uninterrupted run), overwrite_output_dir,
+# --dry-run. Counting them made the next plain `make eval` after troubleshooting's
+# `make train ARGS='resume_from_checkpoint=latest'` (or after `ARGS=--dry-run`) retrain the whole run from scratch.
+RESULT_ARGS := $(filter-out --dry-run resume_from_checkpoint=% overwrite_output_dir=%,$(ARGS))
 $(STAMPS)/args: FORCE
 	@mkdir -p $(@D)
-	@echo '$(ARGS)' | cmp -s - $@ || echo '$(ARGS)' > $@
+	@echo '$(RESULT_ARGS)' | cmp -s - $@ || echo '$(RESULT_ARGS)' > $@
 
 # ARGS= : the overrides are this recipe's (make hands command-line variables to sub-makes: without it a
 # `max_steps=40` meant for this recipe retrained the upstream too, and a dpo key stopped the chain at its sft recipe).
@@ -119,7 +123,8 @@ $(STAMPS)/validate: $(STAMPS)/data
 # an interrupted one, or another recipe's run in the same output_dir (a recipe that extends one and inherits its
 # output_dir), is not wiped: the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true
 # or another output_dir.
-$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP)
+# ARGS=--dry-run always runs (a dry run of a finished recipe too) and never marks train done.
+$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP) $(if $(findstring --dry-run,$(ARGS)),FORCE)
 	$(LAUNCH) train $(RECIPE) $$([ -f "$(OUTPUT_DIR)/all_results.json" ] \
 		&& [ "$$(realpath -m -- "$$(sed -n '1s/^# resolved recipe: //p' "$(OUTPUT_DIR)/resolved.yaml" 2>/dev/null)")" \
 			= "$$(realpath -m -- '$(RECIPE)')" ] \
