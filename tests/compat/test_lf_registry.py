@@ -133,3 +133,17 @@ def test_hub_subset_split_and_readme_configs(lf_workdir, tmp_path):
     assert select(paths, [], {"subset": "chinese"}) == ["chinese/part-0.jsonl"]
     assert select(["python/a.parquet", "go/b.parquet"], [], {"folder": "python"}) == ["python/a.parquet"]
     assert select(["data/train-0.parquet", "data/test-0.parquet"], [], {"split": "test"}) == ["data/test-0.parquet"]
+
+
+def test_the_download_command_the_messages_name_is_installed():
+    """The messages named `huggingface-cli download` / `huggingface-cli login`, which huggingface_hub 1.0 removed
+    (the pinned version installs only `hf`): the command users were told to run did not exist."""
+    import subprocess
+    import sys
+
+    hf = Path(sys.executable).parent / "hf"
+    for argv, option in ((["download", "--help"], "--repo-type"), (["auth", "login", "--help"], "--token")):
+        shown = subprocess.run([str(hf), *argv], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and option in shown.stdout, shown.stdout + shown.stderr
+    sources = "".join(p.read_text("utf-8") for p in (Path(__file__).parents[2] / "pipeline").rglob("*.py"))
+    assert "huggingface-cli" not in sources
