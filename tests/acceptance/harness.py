@@ -290,6 +290,20 @@ def scratch_repo(root: str | Path) -> Path:
     return root
 
 
+def trained_with_make(root: str | Path, name: str, **keys: Any) -> tuple[Path, str, dict[str, tuple[int, int]]]:
+    """A scratch_repo with the demo-shaped data and recipes/<name>.yaml (tiny, one step, output_dir
+    saves/<name>, `keys` on top) trained by `make train`: (repo, the VENV= argument for make, files_under the
+    run). For tests of what a later make does to a finished run."""
+    repo = scratch_repo(root)
+    venv = f"VENV={repo / 'venv'}"
+    write_data(repo / "datasets")
+    (repo / "recipes").mkdir()
+    write_recipe(repo / "recipes" / f"{name}.yaml", **{"model_name_or_path": "tiny", "output_dir": f"saves/{name}",
+                                                       "max_steps": 1, "plot_loss": False, **keys})
+    make("train", f"RECIPE=recipes/{name}.yaml", venv, cwd=repo)
+    return repo, venv, files_under(repo / "saves" / name)
+
+
 def files_under(directory: str | Path) -> dict[str, tuple[int, int]]:
     """relative path -> (size, mtime_ns) of every file below `directory` (to prove nothing changed)."""
     directory = Path(directory)

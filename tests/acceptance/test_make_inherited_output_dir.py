@@ -7,18 +7,11 @@ run. Only a run of the same recipe (output_dir/resolved.yaml names it) is retrai
 """
 from __future__ import annotations
 
-from tests.acceptance.harness import files_under, make, scratch_repo, write_data, write_recipe
+from tests.acceptance.harness import files_under, make, trained_with_make, write_recipe
 
 
 def test_a_child_recipe_does_not_overwrite_its_parents_run(tmp_path):
-    repo = scratch_repo(tmp_path / "repo")
-    venv = f"VENV={repo / 'venv'}"
-    write_data(repo / "datasets")
-    (repo / "recipes").mkdir()
-    write_recipe(repo / "recipes" / "base.yaml", model_name_or_path="tiny", output_dir="saves/base", max_steps=1,
-                 plot_loss=False)
-    make("train", "RECIPE=recipes/base.yaml", venv, cwd=repo)
-    before = files_under(repo / "saves" / "base")
+    repo, venv, before = trained_with_make(tmp_path / "repo", "base")
     assert "all_results.json" in before
 
     (repo / "recipes" / "child.yaml").write_text("extends: base.yaml\nlearning_rate: 1.0e-3\n", encoding="utf-8")

@@ -6,18 +6,11 @@ the next plain `make train` / `make eval` retrained the whole (finished) run fro
 """
 from __future__ import annotations
 
-from tests.acceptance.harness import files_under, make, scratch_repo, write_data, write_recipe
+from tests.acceptance.harness import files_under, make, trained_with_make
 
 
 def test_resume_and_dry_run_args_leave_a_finished_run_alone(tmp_path):
-    repo = scratch_repo(tmp_path / "repo")
-    venv = f"VENV={repo / 'venv'}"
-    write_data(repo / "datasets")
-    (repo / "recipes").mkdir()
-    write_recipe(repo / "recipes" / "r.yaml", model_name_or_path="tiny", output_dir="saves/r", max_steps=1,
-                 plot_loss=False)
-    make("train", "RECIPE=recipes/r.yaml", venv, cwd=repo)
-    done = files_under(repo / "saves" / "r")
+    repo, venv, done = trained_with_make(tmp_path / "repo", "r")
 
     dry = make("train", "RECIPE=recipes/r.yaml", "ARGS=--dry-run", venv, cwd=repo)
     assert "dry run: ok" in dry.stdout, dry.stdout + dry.stderr   # still runs on a finished recipe

@@ -87,14 +87,19 @@ def test_two_one_rank_nodes_equal_two_ranks_on_one_node_bitwise(make_recipe, wor
     assert (ckpt / "rng" / "rank-0.safetensors").is_file() and (ckpt / "rng" / "rank-1.safetensors").is_file()
 
 
+def _second_node(workdir, port: int) -> subprocess.CompletedProcess:
+    """NODE_RANK=1 of two, master 127.0.0.1:port, waiting at most 1 s for it."""
+    return subprocess.run(_launch(["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1",
+                                   "--master_port", str(port), "--num_gpus", "1"]) + ["train", "x.yaml"],
+                          cwd=workdir, env={**_env(), "PIPELINE_MASTER_WAIT": "1"}, capture_output=True, text=True,
+                          timeout=120)
+
+
 def test_a_node_without_a_reachable_master_exits_2(workdir):
     with __import__("socket").socket() as sock:  # a port nobody listens on: bound here, never listening
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        proc = subprocess.run(_launch(["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1",
-                                       "--master_port", str(port), "--num_gpus", "1"]) + ["train", "x.yaml"],
-                              cwd=workdir, env={**_env(), "PIPELINE_MASTER_WAIT": "1"}, capture_output=True,
-                              text=True, timeout=60)
+        proc = _second_node(workdir, port)
     assert proc.returncode == 2, proc.stderr
     assert f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: NODE_RANK=1 of NNODES=2 could not reach the master within 1 s" \
         in proc.stderr
@@ -108,10 +113,7 @@ def test_a_port_that_answers_but_is_no_torch_store_is_not_taken_for_the_master(w
         sock.bind(("127.0.0.1", 0))
         sock.listen(4)
         port = sock.getsockname()[1]
-        proc = subprocess.run(_launch(["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1",
-                                       "--master_port", str(port), "--num_gpus", "1"]) + ["train", "x.yaml"],
-                              cwd=workdir, env={**_env(), "PIPELINE_MASTER_WAIT": "1"}, capture_output=True,
-                              text=True, timeout=120)
+        proc = _second_node(workdir, port)
     assert proc.returncode == 2, proc.stderr
     assert (f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}: NODE_RANK=1 of NNODES=2: something accepts connections there "
             "but it is not the job's master (no answer to torch's store handshake, waited 1 s)") in proc.stderr
