@@ -119,16 +119,13 @@ $(STAMPS)/validate: $(STAMPS)/data
 	$(PY) -m pipeline validate $(RECIPE) $(ARGS)
 	@touch $@
 
-# A stale *finished* run (all_results.json) of this recipe (resolved.yaml names it) is retrained from scratch;
-# an interrupted one, or another recipe's run in the same output_dir (a recipe that extends one and inherits its
-# output_dir), is not wiped: the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true
-# or another output_dir.
+# A stale *finished* run (all_results.json) of this recipe (resolved.yaml names it) is retrained from scratch
+# (--retrain-finished: the trainer decides, in Python, not with GNU realpath); an interrupted one, or another
+# recipe's run in the same output_dir (a recipe that extends one and inherits its output_dir), is not wiped:
+# the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true or another output_dir.
 # ARGS=--dry-run always runs (a dry run of a finished recipe too) and never marks train done.
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP) $(if $(findstring --dry-run,$(ARGS)),FORCE)
-	$(LAUNCH) train $(RECIPE) $$([ -f "$(OUTPUT_DIR)/all_results.json" ] \
-		&& [ "$$(realpath -m -- "$$(sed -n '1s/^# resolved recipe: //p' "$(OUTPUT_DIR)/resolved.yaml" 2>/dev/null)")" \
-			= "$$(realpath -m -- '$(RECIPE)')" ] \
-		&& echo overwrite_output_dir=true) $(ARGS)
+	$(LAUNCH) train $(RECIPE) --retrain-finished $(ARGS)
 	@$(if $(findstring --dry-run,$(ARGS)),true,touch $@)
 
 $(STAMPS)/merge: $(STAMPS)/train

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dry-run", action="store_true",
                     help="one optimizer step and a checkpoint write into a temporary folder; reports step time and "
                          "memory; output_dir is left untouched")
+    tr.add_argument("--retrain-finished", action="store_true",
+                    help="when output_dir holds a finished run of this same recipe (all_results.json; resolved.yaml "
+                         "names the recipe), train it again from scratch: what `make train` does for a stale run")
     gen = parser.add_argument_group("generate")
     gen.add_argument("--prompt", help="text to complete; without it, an interactive chat")
     gen.add_argument("--model", choices=["base", "adapter", "merged"], default=None,

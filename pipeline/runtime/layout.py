@@ -20,6 +20,8 @@ note, by eval and chat alike. Importing this module does not import torch.
 """
 from __future__ import annotations
 
+import os
+
 import json
 import sys
 from dataclasses import dataclass
@@ -83,6 +85,21 @@ class RunLayout:
         start = {p.name for p in (self.resolved_yaml, self.ds_config, self.trainer_log, self.loss_plot)} | {"runs"}
         entries = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
         return entries if entries and set(entries) <= start else []
+
+    def finished_by(self, recipe: str | Path) -> bool:
+        """Whether this folder holds a finished run (all_results.json) of `recipe`: resolved.yaml's first line
+        names the recipe it was trained from. A recipe that extends another inherits its output_dir, so a
+        finished run there may be the other recipe's."""
+        if not self.all_results.is_file():
+            return False
+        try:
+            with self.resolved_yaml.open(encoding="utf-8") as handle:
+                first = handle.readline()
+        except OSError:
+            return False
+        prefix = "# resolved recipe: "
+        return first.startswith(prefix) and \
+            os.path.realpath(first[len(prefix):].rstrip("\n")) == os.path.realpath(recipe)
 
     def trained_dir(self, finetuning_type: str) -> Path:
         """Where training writes its final weights: adapter/ for lora, model/ otherwise."""

@@ -48,6 +48,13 @@ def run(r: Any, args: Any = None) -> int:
         from pipeline.train import dryrun
 
         return dryrun.run(r, train)
+    if getattr(args, "retrain_finished", False) and not r["overwrite_output_dir"] and \
+            not r["resume_from_checkpoint"] and RunLayout.of(r["output_dir"]).finished_by(r.recipe_path):
+        # `make train` on a stale finished run; every rank decides here, before prepare_output_dir's barrier
+        if dist.is_main():
+            print(f"note: {r['output_dir']} holds a finished run of {r.recipe_path} that is out of date; training "
+                  "it again from scratch", file=sys.stderr)
+        r = r.replace(overwrite_output_dir=True)
     return train(r).exit_code
 
 
