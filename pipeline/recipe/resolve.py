@@ -179,7 +179,10 @@ def _merge_layer(merged: dict[str, Entry], layer: Mapping[str, Entry]) -> None:
 
 
 def _normalise(key: str, value: Any, prop: dict[str, Any]) -> Any:
-    """1e3 for an integer key becomes 1000; comma strings of names become lists."""
+    """1e3 for an integer key becomes 1000; comma strings of names become lists; a boolean becomes what the key's
+    x-boolean-means says (transformers' resume_from_checkpoint=True is 'latest')."""
+    if isinstance(value, bool) and "x-boolean-means" in prop:
+        return prop["x-boolean-means"][json.dumps(value)]
     if isinstance(value, float) and value.is_integer() and spec.is_integer_key(prop):
         return int(value)
     if key in _LIST_KEYS and isinstance(value, str):

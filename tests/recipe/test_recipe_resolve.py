@@ -261,3 +261,10 @@ def test_json_dump_of_ds_config_is_valid(recipe):
     assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps) == \
         (r["per_device_train_batch_size"], r["gradient_accumulation_steps"])
     assert ds.train_batch_size == r["total_train_batch_size"]
+
+
+def test_resume_from_checkpoint_true_is_latest(recipe):
+    """transformers' Trainer.train(resume_from_checkpoint=True) resumes from the newest checkpoint; a recipe written
+    for it says `resume_from_checkpoint: true`, which was refused as not a string."""
+    assert resolve(recipe(), ["resume_from_checkpoint=true"])["resume_from_checkpoint"] == "latest"
+    assert resolve(recipe(), ["resume_from_checkpoint=false"])["resume_from_checkpoint"] is None
