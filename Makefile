@@ -83,7 +83,7 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 # output this one starts from) and UPSTREAM_GOAL (train, or merge for its merged/ model) as make variables, so editing a recipe or anything it extends re-runs
 # what depends on it.
 ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
--include $(STAMPS)/deps.mk
+include $(STAMPS)/deps.mk
 endif
 
 # On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
