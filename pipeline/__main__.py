@@ -115,12 +115,29 @@ def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
     return []
 
 
+def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> str:
+    """An option of another command ('validate r.yaml --num 3'), which would be ignored without a word: the
+    groups of build_parser are named after the command their options belong to."""
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    for group in parser._action_groups:  # argparse keeps no public list of a group's actions
+        if group.title not in COMMANDS or COMMANDS[group.title][:2] == COMMANDS[args.command][:2]:  # chat = generate
+            continue
+        for action in group._group_actions:
+            used = given & set(action.option_strings)
+            if used:
+                return f"{min(used)} is an option of `{group.title}`, not of `{args.command}`"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
     if args.command is None or args.recipe is None:
         # parse_intermixed_args lists the optional key=value overrides as required too when these are missing
         parser.error(f"the following arguments are required: {'command, ' if args.command is None else ''}recipe")
+    misplaced = misplaced_options(parser, args, sys.argv[1:] if argv is None else argv)
+    if misplaced:
+        parser.error(misplaced)
     try:
         from pipeline.recipe import resolve
 

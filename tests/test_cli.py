@@ -124,3 +124,14 @@ def test_a_misspelt_recipe_path_gets_its_closest_sibling(tmp_path):
     assert proc.returncode == 2 and proc.stderr == (
         f"error: recipes/demo_sf.yaml: recipe not found (looked in {tmp_path / 'recipes' / 'demo_sf.yaml'}) "
         "(did you mean 'recipes/demo_sft.yaml'?)\n")
+
+
+def test_an_option_of_another_command_is_refused(tmp_path):
+    """`validate r.yaml --num 3` ran validate and ignored --num without a word."""
+    proc = run_cli("validate", "r.yaml", "--num", "3", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.endswith(
+        "error: --num is an option of `inspect`, not of `validate`\n"), proc.stderr
+    proc = run_cli("train", "r.yaml", "--prompt=hi", cwd=tmp_path)
+    assert proc.returncode == 2 and "error: --prompt is an option of `generate`, not of `train`" in proc.stderr
+    proc = run_cli("chat", "r.yaml", "--prompt", "hi", cwd=tmp_path)  # LLaMA-Factory's name for generate
+    assert "is an option of" not in proc.stderr and "r.yaml: recipe not found" in proc.stderr
