@@ -111,7 +111,8 @@ $(UPSTREAM_STAMP): FORCE
 		NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)
 endif
 
-$(STAMPS)/data: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
+$(STAMPS)/data: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
+		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
 	$(PY) -m pipeline build $(RECIPE) $(ARGS)
 	@touch $@
 

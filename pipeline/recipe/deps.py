@@ -4,6 +4,7 @@
     OUTPUT_DIR=<output_dir>
     DATASET_DIR=<dataset_dir>
     DATASETS=<dataset names, space separated>
+    DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
     STAGE=<pt|sft|dpo>
     UPSTREAM=<the recipe in the same folder whose output_dir holds model_name_or_path (or the adapter), or empty>
     UPSTREAM_GOAL=<merge when that path is the upstream's merged/ model, else train>
@@ -112,12 +113,42 @@ def tokenizer_source(r: Mapping[str, Any]) -> str | None:
     return name
 
 
+_MAKE_UNSAFE = set(" \t\n#$:;=%*?[]\\'\"")  # a prerequisite make cannot name as it is
+
+
+def data_files(r: Mapping[str, Any]) -> list[str]:
+    """The local files the recipe's datasets read (`file_name`: a file, or a folder's files), read straight off
+    dataset_info.json: so that `make data` re-runs when one is edited, wherever it sits (LLaMA-Factory keeps its
+    files beside the registry, not under raw/). Validation is `build`'s job: an unreadable registry, a hub
+    entry (its files come from the hub cache) or a missing file adds nothing here; a path make cannot name
+    (a space, a colon) is left out too."""
+    import json
+
+    from pipeline.data.registry import REGISTRY_FILE
+
+    folder = Path(str(r["dataset_dir"]))
+    try:
+        registry = json.loads((folder / REGISTRY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    found: list[str] = []
+    for name in [*(r.get("dataset") or []), *(r.get("eval_dataset") or [])]:
+        entry = registry.get(name) if isinstance(registry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or "hf_hub_url" in entry:
+            continue
+        path = folder / entry["file_name"]
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        found += [str(p) for p in files if not _MAKE_UNSAFE & set(str(p)) and str(p) not in found]
+    return found
+
+
 def lines(r: Resolved) -> list[str]:
     return [
         f"RECIPE_FILES={' '.join(r.files)}",
         f"OUTPUT_DIR={r['output_dir']}",
         f"DATASET_DIR={r['dataset_dir']}",
         f"DATASETS={' '.join(r['dataset'])}",
+        f"DATA_FILES={' '.join(data_files(r))}",
         f"STAGE={r['stage']}",
         *(f"{name}={value}" for name, value in zip(("UPSTREAM", "UPSTREAM_GOAL"), _upstream(r))),
     ]

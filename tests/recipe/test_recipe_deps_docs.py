@@ -16,12 +16,17 @@ def test_deps_lines(write):
     write("recipes/demo_pt.yaml", "extends: common.yaml\nstage: pt\ndataset: corpus\n")
     write("recipes/demo_sft.yaml", "extends: common.yaml\nmodel_name_or_path: saves/demo_pt/model\n"
                                    "dataset: [a, b]\ndataset_dir: data\n")
+    write("data/dataset_info.json", '{"a": {"file_name": "a.json"}, "b": {"file_name": "b dir"}, '
+                                    '"corpus": {"file_name": "c.txt"}}')
+    write("data/a.json", "[]")
+    write("data/b dir/1.json", "[]")  # a path make cannot name: left out
     r = resolve("recipes/demo_sft.yaml", command="deps")
     assert lines(r) == [
         "RECIPE_FILES=recipes/demo_sft.yaml recipes/common.yaml",
         "OUTPUT_DIR=saves/demo_sft",
         "DATASET_DIR=data",
         "DATASETS=a b",
+        "DATA_FILES=data/a.json",
         "STAGE=sft",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
