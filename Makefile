@@ -83,6 +83,9 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 # output this one starts from) and UPSTREAM_GOAL (train, or merge for its merged/ model) as make variables, so editing a recipe or anything it extends re-runs
 # what depends on it.
 ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(RECIPE)),)
+$(error RECIPE=$(RECIPE): no such recipe file (the recipes here: $(wildcard recipes/*.yaml)))
+endif
 include $(STAMPS)/deps.mk
 endif
 
