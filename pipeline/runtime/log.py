@@ -62,9 +62,12 @@ class Reporters:
     so a killed run keeps what it logged. wandb reads WANDB_MODE (offline), WANDB_PROJECT and its login itself.
     """
 
-    def __init__(self, report_to: Any, config: Mapping[str, Any], output_dir: str | Path, *, enabled: bool):
+    def __init__(self, report_to: Any, config: Mapping[str, Any], output_dir: str | Path, *, enabled: bool,
+                 resume_step: int | None = None):
         """report_to: the recipe's key (a name, a list, "all" or "none"); config: what wandb records as the
-        run's configuration (the resolved recipe as a plain dict)."""
+        run's configuration (the resolved recipe as a plain dict); resume_step: the checkpoint's step of a
+        resumed run, after which tensorboard hides the interrupted run's events (purge_step), as TrainLog cuts
+        trainer_log.jsonl back: otherwise the curve showed both versions of the steps after it."""
         self.tb = self.wandb_run = None
         if not enabled:
             return
@@ -72,7 +75,8 @@ class Reporters:
         if "tensorboard" in wanted:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / RUNS_DIR))
+            self.tb = SummaryWriter(log_dir=str(Path(output_dir) / RUNS_DIR),
+                                    purge_step=None if resume_step is None else resume_step + 1)
         if "wandb" in wanted:
             import os
 

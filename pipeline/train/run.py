@@ -123,8 +123,10 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                         frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
                                 if base_as_built(*recipe_args(r)) else None))
     saved = checkpoint.saved_recipe(r)
-    log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=state.global_step if resume else None,
-                   reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main()))
+    resume_step = state.global_step if resume else None
+    log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,
+                   reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main(),
+                                       resume_step=resume_step))
     with one_step or StopRequest() as stop:
         evaluate_now = None
         if val_loader is not None:

@@ -169,6 +169,24 @@ def test_recipe_keys_tensorboard_save_only_model_and_notices(tmp_path):
     assert "was saved with save_only_model: true" in failed.stderr and "resuming from it is refused" in failed.stderr
 
 
+@pytest.mark.slow  # ~15-45 s: trains through the CLI twice
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
+    """Resumed from checkpoint-1, steps 2 and 3 are trained again; tensorboard showed both versions of them
+    (trainer_log.jsonl was cut back, the event files were not): the writer now purges after the resumed step."""
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, report_to="tensorboard", save_steps=1, max_steps=3, logging_steps=1)
+    pipeline("build", recipe, cwd=work)
+    pipeline("train", recipe, cwd=work)
+    run = work / "saves/tiny"
+    pipeline("train", recipe, f"resume_from_checkpoint={run / 'checkpoint-1'}", cwd=work)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(run / "runs")).Reload().Scalars("train/loss")
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
+    assert [e.step for e in scalars] == [rec["step"] for rec in log if "loss" in rec] == [1, 2, 3]
+    assert [round(e.value, 5) for e in scalars] == [round(rec["loss"], 5) for rec in log if "loss" in rec]
+
+
 @pytest.mark.slow  # ~15-45 s: trains through the CLI
 def test_do_train_false_with_do_predict_evaluates(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
