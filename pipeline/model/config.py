@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.names import split_names
-from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, family_of, hf_fields, HF_CONFIG
+from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, hf_fields, HF_CONFIG
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
 FORMAT_VERSION = 2       # 1: GPT-2 only, HF GPT-2 module names; 2: any family, our module names

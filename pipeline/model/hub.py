@@ -95,7 +95,12 @@ def cached_ids(where: Path) -> list[str]:
         names = [p.name for p in where.iterdir() if p.name.startswith("models--")]
     except OSError:
         return []
-    return sorted(n[len("models--"):].replace("--", "/", 1) for n in names)
+    return sorted(_repo_id(n) for n in names)
+
+
+def _repo_id(folder: str) -> str:
+    """The id a cache folder is named after: `models--Org--Name` -> `Org/Name`."""
+    return folder[len("models--"):].replace("--", "/", 1)
 
 
 def cached_suggestion(name: str, where: Path) -> str:
@@ -110,7 +115,7 @@ def _refuse_cache_folder(path: Path, key: str) -> None:
     name the id or the snapshot to use instead of failing later on a missing config.json."""
     if not path.name.startswith("models--") or not (path / "snapshots").is_dir() or (path / "config.json").exists():
         return
-    repo_id = path.name[len("models--"):].replace("--", "/", 1)
+    repo_id = _repo_id(path.name)
     try:
         commit = (path / "refs" / "main").read_text("utf-8").strip()
     except OSError:

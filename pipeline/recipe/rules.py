@@ -6,7 +6,6 @@ mistake gives one message), and `commands` limits it to the commands where it ma
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass

@@ -20,9 +20,8 @@ note, by eval and chat alike. Importing this module does not import torch.
 """
 from __future__ import annotations
 
-import os
-
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -422,8 +422,6 @@ def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe
     """Write checkpoint-<step>/ (every rank must call this). Returns its path. `recipe` (saved_recipe) is stored
     beside the step so that a resume can tell which settings changed; `log_window` (this rank's sums since the
     last log line, pipeline.train.loop.Window.sums) beside this rank's RNG state."""
-    from pipeline.train.safestate import save_state
-
     output_dir = Path(train.output_dir)
     final = step_dir(output_dir, state.global_step)
     tmp = output_dir / f".{final.name}.tmp-{owner()}"

@@ -9,7 +9,6 @@ import sys
 
 
 from pipeline import chat
-from pipeline.data.templates import get_template
 from pipeline.data.tokenizer import gpt2
 from pipeline.model.build import load_for_inference
 from pipeline.recipe.args import GenerationArgs, recipe_args

@@ -4,7 +4,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 
 from pipeline.recipe import resolve, spec
 from pipeline.recipe.deps import lines

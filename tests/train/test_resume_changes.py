@@ -143,7 +143,6 @@ def test_an_eval_dataset_that_makes_the_val_split_train_is_refused(make_recipe, 
 
 def test_another_number_of_ranks_names_nproc_not_a_recipe_key(make_recipe, first_run):
     """The message said "world_size is 2 but ... trained with 1; resume with the same value", a key no recipe sets."""
-    import dataclasses
     import os
 
     from pipeline.recipe import resolve
