@@ -287,6 +287,8 @@ def scratch_repo(root: str | Path) -> Path:
     python.write_text(f'#!/bin/sh\nexec "{PYTHON}" "$@"\n', encoding="utf-8")
     python.chmod(0o755)
     (venv / ".setup-done").touch()  # newer than requirements.txt: make does not re-run setup
+    if not (root / ".venv").exists():  # make's default VENV: a `make` typed without VENV= must not build a real
+        (root / ".venv").symlink_to("venv")  # 1.5 GB venv per test (it filled CI's disk)
     return root
 
 
