@@ -101,9 +101,10 @@ $(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(VENV)/.setup-done
 # --dry-run. Counting them made the next plain `make eval` after troubleshooting's
 # `make train ARGS='resume_from_checkpoint=latest'` (or after `ARGS=--dry-run`) retrain the whole run from scratch.
 RESULT_ARGS := $(filter-out --dry-run resume_from_checkpoint=% overwrite_output_dir=%,$(ARGS))
+# Written by make itself ($(file)), not echoed through the shell: a quote inside ARGS broke that line.
+# (deps.mk, included above, has made $(@D) before this recipe is expanded.)
 $(STAMPS)/args: FORCE
-	@mkdir -p $(@D)
-	@echo '$(RESULT_ARGS)' | cmp -s - $@ || echo '$(RESULT_ARGS)' > $@
+	$(file >$@.new,$(RESULT_ARGS))@cmp -s $@.new $@ && rm -f $@.new || mv -f $@.new $@
 
 # ARGS= : the overrides are this recipe's (make hands command-line variables to sub-makes: without it a
 # `max_steps=40` meant for this recipe retrained the upstream too, and a dpo key stopped the chain at its sft recipe).

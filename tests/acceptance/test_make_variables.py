@@ -56,3 +56,19 @@ def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
     missing = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=nope", f"VENV={root / 'venv'}", cwd=root,
                    env=env, expect=2)
     assert "error: HOSTFILE=nope: no such file" in missing.stderr, missing.stderr
+
+
+def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):
+    """The args stamp was written by `echo '$(ARGS)'`: an apostrophe inside a quoted value (a path) was a
+    shell syntax error, and make stopped before validate."""
+    root = scratch_repo(tmp_path / "repo")
+    write_data(root / "datasets")
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "r.yaml", model_name_or_path="tiny", dataset_dir="datasets")
+    args = """ARGS=output_dir="saves/it's mine" learning_rate=0.5"""
+    make("validate", "RECIPE=recipes/r.yaml", args, f"VENV={root / 'venv'}", cwd=root,
+         env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
+    assert (root / ".stamps/r/args").read_text(encoding="utf-8") == args.removeprefix("ARGS=") + "\n"
+    again = make("validate", "RECIPE=recipes/r.yaml", args, f"VENV={root / 'venv'}", cwd=root,
+                 env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
+    assert "pipeline validate" not in again.stdout, again.stdout  # the same ARGS: nothing is stale
