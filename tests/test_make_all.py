@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.acceptance import harness
 
 pytestmark = pytest.mark.slow  # the whole demo chain in a scratch repo: minutes (still run by CI)
 
@@ -65,19 +66,11 @@ max_new_tokens: 4
 @pytest.fixture(scope="module")
 def scratch_repo(tmp_path_factory) -> Path:
     """The repo's Makefile, code and data; a `VENV` whose python is the one running the tests."""
-    root = tmp_path_factory.mktemp("repo")
-    for name in ("Makefile", "pipeline", "requirements.txt"):
-        (root / name).symlink_to(REPO / name)
+    root = harness.scratch_repo(tmp_path_factory.mktemp("repo"))
     shutil.copytree(REPO / "datasets", root / "datasets", ignore=shutil.ignore_patterns("build"))
     (root / "recipes").mkdir()
     (root / "recipes" / "e2e_pt.yaml").write_text(PT_RECIPE, encoding="utf-8")
     (root / "recipes" / "e2e_sft.yaml").write_text(SFT_RECIPE, encoding="utf-8")
-    venv = root / "venv"
-    (venv / "bin").mkdir(parents=True)
-    python = venv / "bin" / "python"
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n', encoding="utf-8")
-    python.chmod(0o755)
-    (venv / ".setup-done").touch()  # newer than requirements.txt: make does not re-run setup
     return root
 
 
