@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break
+            if wait:  # the counts and step numbers of the fresh build, checked before the model loads
+                resolved = resolve(args.recipe, args.overrides, command=args.command, built=True)
     except UserError as err:
         for message in err.messages:
             print(f"error: {message}", file=sys.stderr)

@@ -116,8 +116,9 @@ class Resolved(Mapping[str, Any]):
 
 
 def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, command: str | None = None,
-            env: Mapping[str, str] = os.environ) -> Resolved:
-    """Load, merge, validate and derive. Raises UserError listing every problem found."""
+            env: Mapping[str, str] = os.environ, built: bool = False) -> Resolved:
+    """Load, merge, validate and derive. Raises UserError listing every problem found. `built`: train or eval
+    has just run the build that overwrite_cache asks for, so the counts on disk are the ones it will read."""
     recipe_file = os.fspath(path)
     messages: list[tuple[tuple, str]] = []
     chain = None
@@ -147,7 +148,7 @@ def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, comm
 
     from pipeline.recipe import rules
 
-    problems += rules.run(values, origins, recipe_file, command, bad)
+    problems += rules.run(values, origins, recipe_file, command, bad, built)
     ds: dict[str, Any] = {}
     if not ({"deepspeed", "per_device_train_batch_size", "gradient_accumulation_steps"} & bad):
         from pipeline.recipe.dsconfig import build_ds_config

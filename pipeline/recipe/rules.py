@@ -24,8 +24,9 @@ _READS_BUILT_DATA = ("validate", "inspect", "plan", "train", "merge", "export", 
 
 def _rebuilt_first(ctx: "Context") -> bool:
     """train and eval with overwrite_cache: true build first (pipeline.__main__.steps), so the counts on disk may be
-    those of the build about to be replaced; train checks the real ones after it (train.run.exact_steps)."""
-    return bool(ctx.values["overwrite_cache"]) and ctx.command in ("train", "eval")
+    those of the build about to be replaced: they are checked when the recipe is resolved again after that build
+    (`built`), before the model loads."""
+    return bool(ctx.values["overwrite_cache"]) and ctx.command in ("train", "eval") and not ctx.built
 
 
 def cuda_available() -> bool:
@@ -41,6 +42,7 @@ class Context:
     origins: Mapping[str, Origin]
     recipe_file: str
     command: str | None
+    built: bool = False  # the build that overwrite_cache asks for has run (see _rebuilt_first)
 
     def where(self, key: str) -> str:
         """`file:line:col: key` when the user set it, else `recipe: key`."""
@@ -79,8 +81,8 @@ def rule(*keys: str, commands: tuple[str | None, ...] | None = None):
 
 
 def run(values: Mapping[str, Any], origins: Mapping[str, Origin], recipe_file: str, command: str | None,
-        bad: set[str]) -> list[tuple[tuple, str]]:
-    ctx = Context(values, origins, recipe_file, command)
+        bad: set[str], built: bool = False) -> list[tuple[tuple, str]]:
+    ctx = Context(values, origins, recipe_file, command, built)
     problems = []
     for r in RULES:
         if (r.commands is not None and command not in r.commands) or bad & set(r.keys):

@@ -158,3 +158,20 @@ def test_adding_rows_after_a_too_small_build_rebuilds(tmp_path):
     done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a: built data/build/a" in done.stdout and (tmp_path / "out" / "adapter").is_dir()
+
+
+def test_train_with_overwrite_cache_checks_the_rebuilt_counts_before_the_model_loads(tmp_path):
+    """train with overwrite_cache rebuilds first, so the recipe's checks skipped the counts on disk (about to be
+    replaced); a rebuilt split too small for the batch was only found by the trainer, after the model loaded. The
+    recipe is now resolved again after the build: the recipe check's message, and no run files written."""
+    raw = tmp_path / "data" / "raw" / "a.jsonl"
+    project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(30))},
+            "dataset: a\ncutoff_len: 64\nmax_steps: 1\nper_device_train_batch_size: 8\noutput_dir: out\n"
+            "lora_rank: 2\nplot_loss: false\n")
+    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    raw.write_text(jsonl(alpaca_rows(5)), encoding="utf-8")     # the source shrank below one batch
+    done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "a: built data/build/a" in done.stdout
+    assert "lower per_device_train_batch_size or add data" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
