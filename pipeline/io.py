@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -207,6 +208,18 @@ def _restore_dead_writers_old(path: Path) -> None:
         restore_aside(path, sorted(dead))
 
 
+def _plain_mode(path: Path) -> None:
+    """Give `path` the mode a plain open() gives when it was created more private than that.
+
+    safetensors' save_file (0.8) writes through a private temp file, so every weight file (merged/, adapter/,
+    model/) came out 0600: unreadable to a teammate or to a server running as another user, while the
+    config.json beside it was readable."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode | _FILE_MODE != mode:
+        with contextlib.suppress(OSError):  # not ours to change (a hard link to another user's file)
+            os.chmod(path, mode | _FILE_MODE)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory beside `path`; on success it replaces `path` (see replace_dir).
@@ -223,9 +236,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, _DIR_MODE)
         yield tmp
         for child in tmp.rglob("*"):
-            if child.is_file():
+            if child.is_file() and not child.is_symlink():
                 with open(child, "rb") as handle:
                     _sync(handle, child)
+                _plain_mode(child)
         replace_dir(tmp, path, path.with_name(f".{path.name}.old-{_HOST}-{os.getpid()}"))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -184,3 +184,19 @@ def test_written_files_have_the_permissions_of_a_plain_open(tmp_path):
         (tmp / "f").write_text("x")
     assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
     assert (tmp_path / "atomicdir").stat().st_mode == (tmp_path / "plaindir").stat().st_mode
+
+
+def test_files_a_library_writes_privately_get_the_permissions_of_a_plain_open(tmp_path):
+    """safetensors' save_file (0.8) creates its file 0600: merged/, adapter/ and model/ weights were unreadable to
+    anyone but their owner (a teammate, a server running as another user), while their config.json was not."""
+    import torch
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with pio.atomic_dir(tmp_path / "merged") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "sub").mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "shard.safetensors"))
+    for path in (tmp_path / "merged" / "model.safetensors", tmp_path / "merged" / "sub" / "shard.safetensors"):
+        assert oct(path.stat().st_mode) == oct(plain.stat().st_mode), path
