@@ -414,7 +414,7 @@ def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[st
     return target
 
 
-DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
+DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def export_generation(r: Any, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -446,6 +446,8 @@ def generation_config(gen: GenerationArgs, tokenizer: Tokenizer, base: Mapping[s
     ours = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample}
     if gen.do_sample:
         ours.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    if gen.repetition_penalty != 1.0 or "repetition_penalty" in explicit:  # 1 is off (transformers too)
+        ours["repetition_penalty"] = gen.repetition_penalty
     config.update({k: v for k, v in ours.items() if k in explicit or k not in config})
     if not config.get("do_sample"):  # greedy: sampling settings would only draw transformers' warnings
         for key in ("temperature", "top_k", "top_p"):

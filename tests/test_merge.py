@@ -213,3 +213,17 @@ def test_tokenizer_files_make_gpt2s_tokenizer(tmp_path):
     # GPT-2's known ids (tiktoken docs): "Hello, do you like tea?" -> 15496, 11, 466, 345, 588, 8887, 30
     assert tok.encode("Hello, do you like tea?") == [15496, 11, 466, 345, 588, 8887, 30]
     assert tok.eos_token_id == 50256 and tok.model_max_length == 128
+
+
+def test_generation_config_carries_the_recipes_repetition_penalty():
+    """repetition_penalty applies to greedy decoding too (transformers' generate reads it from generation_config.json);
+    a recipe's explicit 1.0 overrides a base checkpoint's own penalty (Qwen2.5-Instruct ships 1.05)."""
+    tokenizer = recipe_tokenizer(data_args(RECIPE))
+    config = merge.generation_config(GenerationArgs.from_recipe({**RECIPE, "repetition_penalty": 1.2}), tokenizer,
+                                     explicit={"repetition_penalty"})
+    assert config["repetition_penalty"] == 1.2 and config["do_sample"] is False
+    base = {"repetition_penalty": 1.05}
+    assert merge.generation_config(GenerationArgs.from_recipe(RECIPE), tokenizer, base)["repetition_penalty"] == 1.05
+    assert merge.generation_config(GenerationArgs.from_recipe({**RECIPE, "repetition_penalty": 1.0}), tokenizer, base,
+                                   explicit={"repetition_penalty"})["repetition_penalty"] == 1.0
+    assert "repetition_penalty" not in merge.generation_config(GenerationArgs.from_recipe(RECIPE), tokenizer)

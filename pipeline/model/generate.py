@@ -1,4 +1,4 @@
-"""Decoding: greedy or sampled (temperature, top-k, top-p), batched with left padding, with a KV cache.
+"""Decoding: greedy or sampled (temperature, top-k, top-p, repetition penalty), batched with left padding, with a KV cache.
 
 The book's generate loop, grown up: the prompt is run once and then one token per step against
 cached keys/values; prompts of different lengths are left-padded so that every row's next token
@@ -34,6 +34,14 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor (CTRL, Keskar et al. 2019): the logit of every token in
+    `seen` ((B, V) bool: the prompt's and generated tokens) is divided by `penalty` when positive and multiplied
+    by it when negative, so penalty > 1 makes a seen token less likely whatever its sign."""
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def next_token(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -90,11 +98,13 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     pad_id: int = 0,
+    repetition_penalty: float = 1.0,
 ) -> list[list[int]]:
     """New token ids per prompt (EOS / stop ids left out; a stop string's tokens kept, see generate_text).
 
     One prompt (a list of ints) or a batch (a list of lists). Sampling is a pure function of `seed`
-    (a private torch.Generator). Prompts longer than the context allows are cut from the left, keeping
+    (a private torch.Generator). repetition_penalty (1: off) applies to the row's own tokens, never its left
+    padding (transformers also counts the pads of a batched prompt). Prompts longer than the context allows are cut from the left, keeping
     room for max_new_tokens (at least half the context stays prompt); generation ends at the context.
     """
     single = len(prompts) > 0 and isinstance(prompts[0], int)
@@ -125,6 +135,9 @@ def generate(
         positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
         past = KVCache(len(model.layers), capacity=ids.shape[1] + steps) if use_cache else None  # allocated once
         step_ids, step_pos = ids, positions
+        seen = None
+        if repetition_penalty != 1.0:
+            seen = torch.zeros(len(batch), model.cfg.vocab_size, device=device).scatter_add_(1, ids, mask.float()) > 0
         for _ in range(steps):
             attn = mask if padded else None
             if use_cache:
@@ -132,7 +145,8 @@ def generate(
                                      last_only=True)
             else:
                 logits = model(ids, attention_mask=attn, position_ids=positions, last_only=True)
-            token = next_token(logits[:, -1], do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            last = logits[:, -1] if seen is None else penalize_repeats(logits[:, -1].float(), seen, repetition_penalty)
+            token = next_token(last, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator)
             for row, t in enumerate(token.tolist()):
                 if done[row]:
@@ -145,6 +159,8 @@ def generate(
             if all(done):
                 break
             token = torch.where(torch.tensor(done, device=device), torch.full_like(token, pad_id), token)
+            if seen is not None:
+                seen[torch.arange(len(batch), device=device), token] = True  # a finished row's pad is never read
             ids = torch.cat([ids, token[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(token)[:, None]], 1)
             step_ids = token[:, None]

@@ -34,6 +34,7 @@ class GenerationArgs:
     temperature: float
     top_k: int
     top_p: float
+    repetition_penalty: float
     stop_strings: tuple[str, ...]
     seed: int
 
@@ -42,13 +43,15 @@ class GenerationArgs:
         stops = _value(r, "stop_strings") or []
         return cls(max_new_tokens=int(_value(r, "max_new_tokens")), do_sample=bool(_value(r, "do_sample")),
                    temperature=float(_value(r, "temperature")), top_k=int(_value(r, "top_k")),
-                   top_p=float(_value(r, "top_p")), stop_strings=tuple(dict.fromkeys(stops)),
+                   top_p=float(_value(r, "top_p")),
+                   repetition_penalty=float(_value(r, "repetition_penalty")), stop_strings=tuple(dict.fromkeys(stops)),
                    seed=int(_value(r, "seed")))
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of pipeline.model.generate.generate / generate_text."""
         return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
-                "top_k": self.top_k, "top_p": self.top_p, "stop_strings": list(self.stop_strings) or None,
+                "top_k": self.top_k, "top_p": self.top_p, "repetition_penalty": self.repetition_penalty,
+                "stop_strings": list(self.stop_strings) or None,
                 "seed": self.seed}
 
     def settings(self) -> dict[str, Any]:
@@ -56,6 +59,8 @@ class GenerationArgs:
         out: dict[str, Any] = {"do_sample": self.do_sample, "max_new_tokens": self.max_new_tokens}
         if self.do_sample:
             out.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
         if self.stop_strings:
             out["stop_strings"] = list(self.stop_strings)
         return out

@@ -128,3 +128,20 @@ def test_long_prompt_is_cut_and_context_respected(model, capsys):
     assert out == generate(model, p[-54:], max_new_tokens=10)
     assert "cut from the left" in capsys.readouterr().err
     assert len(generate(model, p[:60], max_new_tokens=50)) == 32  # context//2 of prompt kept, 32 new tokens fit
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.7])
+def test_repetition_penalty_matches_transformers_token_for_token(hf_dir, model, penalty):
+    """LLaMA-Factory's repetition_penalty (transformers' RepetitionPenaltyLogitsProcessor: a seen token's logit is
+    divided by the penalty when positive, multiplied when negative) was an unknown key; greedy must give the tokens
+    transformers gives, and a penalty other than 1 must change the output."""
+    path, ref = hf_dir
+    ours = load_model(path).eval()
+    p = prompt(0, 7, high=50000)
+    expected = ref.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, pad_token_id=50256,
+                            repetition_penalty=penalty)[0, 7:].tolist()
+    assert generate(ours, p, max_new_tokens=20, repetition_penalty=penalty) == expected
+    assert expected != generate(ours, p, max_new_tokens=20)
+    batch = [prompt(1, 5), prompt(2, 9)]  # left padding: the pads are not tokens the penalty has seen
+    assert generate(model, batch, max_new_tokens=8, repetition_penalty=penalty) == [
+        generate(model, b, max_new_tokens=8, repetition_penalty=penalty) for b in batch]
