@@ -76,19 +76,24 @@ def _remove_stale(parent: Path, pattern: re.Pattern[str]) -> None:
                         os.unlink(entry.path)
 
 
+class DiskFull(UserError):
+    """disk_full_error's message: an enclosing atomic_dir (export() around save_hf and write_json) restates it for
+    its own target, so the user reads the folder they asked for, not a temp name inside it."""
+
+
 def disk_full(err: BaseException) -> bool:
     """A write failed because the disk (or the user's quota) is full."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, DiskFull) or isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(err)  # safetensors reports the OS error inside its own exception type
     return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
 
 
-def disk_full_error(path: Path) -> UserError:
+def disk_full_error(path: Path) -> DiskFull:
     free = ""
     with contextlib.suppress(OSError):
         free = f" ({shutil.disk_usage(path.parent).free / 1e6:,.1f} MB free there)"
-    return UserError(f"{path}: no space left on device while writing it{free}; nothing was replaced (the previous "
+    return DiskFull(f"{path}: no space left on device while writing it{free}; nothing was replaced (the previous "
                      f"{path.name}, if any, is unchanged). Free some space or write elsewhere, then run again")
 
 

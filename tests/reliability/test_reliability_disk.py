@@ -200,3 +200,24 @@ def test_files_a_library_writes_privately_get_the_permissions_of_a_plain_open(tm
         save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "shard.safetensors"))
     for path in (tmp_path / "merged" / "model.safetensors", tmp_path / "merged" / "sub" / "shard.safetensors"):
         assert oct(path.stat().st_mode) == oct(plain.stat().st_mode), path
+
+
+@pytest.mark.parametrize("inner", ["dir", "file"])
+def test_a_full_disk_inside_a_nested_write_names_the_target(tmp_path, monkeypatch, inner):
+    """merge/export write the model with save_hf (an atomic_dir) and config files (write_json) inside export()'s own
+    atomic_dir: on a full disk the message named the temp folder (`.merged.tmp-host-pid-xyz: no space left ...; the
+    previous .merged.tmp-host-pid-xyz, if any, is unchanged`), not the export_dir the user asked for."""
+    target = tmp_path / "merged"
+    with pio.atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("old")
+    full_disk(monkeypatch, when=lambda path: "new" in path)
+    with pytest.raises(UserError) as err, pio.atomic_dir(target) as tmp:
+        if inner == "dir":
+            with pio.atomic_dir(tmp) as nested:
+                (nested / "new").write_text("x")
+        else:
+            pio.write_json(tmp / "new.json", {})
+    (message,) = err.value.messages
+    assert message.startswith(f"{target}: no space left on device") and "previous merged, if any" in message, message
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
