@@ -64,7 +64,8 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
 
         template = get_template(r["template"])
     tokenizer = recipe_tokenizer(data_args(r))  # before the model: a preset without a vocabulary is refused at once
-    weights = chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, getattr(args, "model", None))
+    out = RunLayout.of(r["output_dir"], value(r, "export_dir"))  # merge writes the merged model to export_dir when set
+    weights = chosen_weights(out, recipe_args(r).finetune, getattr(args, "model", None))
     model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)))
     kwargs = generation_kwargs(GenerationArgs.from_recipe(r), template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 

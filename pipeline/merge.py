@@ -61,8 +61,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     """`python -m pipeline merge RECIPE`: the run's adapter folded into the base (full / freeze: the trained model
     re-exported), verified, written to output_dir/merged (or export_dir) in the Hugging Face layout."""
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
-    out = RunLayout.of(r["output_dir"])
-    target = _export_target(r, Path(ex.export_dir) if ex.export_dir else out.merged)
+    out = RunLayout.of(r["output_dir"], ex.export_dir)
+    target = _export_target(r, out.merged)
     lora = models.finetune.finetuning_type == "lora"
     if lora:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))

@@ -107,7 +107,7 @@ class Tuned:
 def tuned_model(r: Mapping[str, Any]) -> Tuned:
     """The current tuned weights (pipeline.runtime.layout.current_weights: merged/ when up to date, else what
     training produced); a UserError when nothing was trained."""
-    out = RunLayout.of(r["output_dir"])
+    out = RunLayout.of(r["output_dir"], r["export_dir"])
     weights = current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
     if weights is None:
         lora = r["finetuning_type"] == "lora"

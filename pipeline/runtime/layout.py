@@ -9,7 +9,7 @@
       checkpoint-<step>/                           resumable state (pipeline.train.checkpoint owns its inside)
       adapter/                  .adapter           lora: the trained adapter (PEFT layout)
       model/                    .model             full/freeze: the trained weights (our format)
-      merged/                   .merged            merge: Hugging Face layout, verified
+      merged/                   .merged            merge: Hugging Face layout, verified (export_dir when set)
       eval/                     .eval              eval: metrics.json, predictions.jsonl, report.md
 
 Which tuned weights are current (`current_weights`): merged/ when it is complete and at least as new as
@@ -36,11 +36,12 @@ class RunLayout:
     """The paths of one run's outputs under its output_dir."""
 
     root: Path
+    export_dir: Path | None = None  # the recipe's export_dir: where merge puts the merged model instead of merged/
 
     @classmethod
-    def of(cls, output_dir: str | Path) -> "RunLayout":
-        """The layout under a recipe's output_dir."""
-        return cls(Path(output_dir))
+    def of(cls, output_dir: str | Path, export_dir: str | Path | None = None) -> "RunLayout":
+        """The layout under a recipe's output_dir (its merged model in export_dir when the recipe sets one)."""
+        return cls(Path(output_dir), Path(export_dir) if export_dir else None)
 
     @property
     def resolved_yaml(self) -> Path:
@@ -72,7 +73,7 @@ class RunLayout:
 
     @property
     def merged(self) -> Path:
-        return self.root / "merged"
+        return self.export_dir or self.root / "merged"
 
     @property
     def eval(self) -> Path:

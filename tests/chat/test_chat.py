@@ -125,3 +125,23 @@ def test_model_choice_follows_the_run_layout(tmp_path, capsys):
     assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "merged").kind == "merged"
     # asked for by name: used, but not silently (it answered with weights older than the training)
     assert "--model merged: " in capsys.readouterr().err
+
+
+def test_a_recipes_export_dir_is_its_merged_model_for_chat_and_eval(tmp_path):
+    """With export_dir in the recipe, merge writes the merged model there; `generate --model merged` then said
+    "no merged model at output_dir/merged; produce it with `make merge`" right after `make merge`, and eval
+    passed the merged model over. Both now take export_dir as the run's merged model."""
+    from tests.acceptance.harness import pipeline, write_data, write_recipe
+
+    write_data(tmp_path / "datasets")
+    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", finetuning_type="full", output_dir="saves/r",
+                 export_dir="exports/r", max_steps=1)
+    pipeline("build", "r.yaml", cwd=tmp_path)
+    pipeline("train", "r.yaml", cwd=tmp_path)
+    pipeline("merge", "r.yaml", cwd=tmp_path)
+    assert (tmp_path / "exports/r/config.json").is_file() and not (tmp_path / "saves/r/merged").exists()
+    merged = pipeline("generate", "r.yaml", "--model", "merged", "--prompt", "Say hi", cwd=tmp_path).stdout
+    assert merged == pipeline("generate", "r.yaml", "--model", "adapter", "--prompt", "Say hi", cwd=tmp_path).stdout
+    pipeline("eval", "r.yaml", cwd=tmp_path)
+    report = (tmp_path / "saves/r/eval/metrics.json").read_text()
+    assert '"tuned_model": "exports/r (merged' in report, report
