@@ -184,9 +184,24 @@ def config_path(name_or_path: str | Path) -> Path | None:
     if not path.is_dir():
         raise UserError(_missing_model_message(str(name_or_path)))
     if not (path / "config.json").is_file():
-        raise UserError(f"{path}: no config.json in this directory; a model directory holds config.json +"
+        raise UserError(_adapter_as_model_message(name_or_path, path) or
+                        f"{path}: no config.json in this directory; a model directory holds config.json +"
                         " model.safetensors (a Hugging Face checkpoint or one saved by this pipeline)")
     return path / "config.json"
+
+
+def _adapter_as_model_message(given: str | Path, path: Path) -> str | None:
+    """When `path` is a LoRA adapter or a LoRA run's output_dir (LLaMA-Factory's merge_lora recipes name it in
+    adapter_name_or_path, with the base in model_name_or_path): what to write instead; else None."""
+    for adapter in (path, path / "adapter"):
+        if (adapter / "adapter_config.json").is_file():
+            try:
+                base = json.loads((adapter / "adapter_config.json").read_text("utf-8")).get("base_model_name_or_path")
+            except (OSError, ValueError, AttributeError):
+                base = None
+            return (f"{path}: a LoRA adapter, not a model (no config.json). Name it in adapter_name_or_path: {given},"
+                    f" and the base model it was trained on in model_name_or_path: {base or '<base model>'}")
+    return None
 
 
 def read_raw(path: Path) -> dict[str, Any]:

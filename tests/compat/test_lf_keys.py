@@ -69,3 +69,20 @@ def test_lf_keys_outside_the_examples_not_implemented_here_are_refused_with_the_
     for override in ("export_hub_model_id=null", "num_beams=1"):
         err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=None).stderr
         assert override.partition("=")[0] not in err, err
+
+
+def test_a_lora_runs_output_as_model_name_or_path_says_to_name_it_as_the_adapter(tmp_path):
+    """A merge_lora recipe with the LoRA run in model_name_or_path (and no adapter_name_or_path) got "no config.json
+    in this directory; a model directory holds config.json + model.safetensors", which does not say what to change."""
+    import json
+
+    from tests.acceptance.harness import pipeline
+
+    for adapter in (tmp_path / "saves/run/adapter", tmp_path / "peft"):
+        adapter.mkdir(parents=True)
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen3-0.6B"}))
+    for given, adapter in (("saves/run", "saves/run"), ("peft", "peft")):
+        (tmp_path / "r.yaml").write_text(f"model_name_or_path: {given}\nexport_dir: out\n", encoding="utf-8")
+        err = pipeline("export", "r.yaml", cwd=tmp_path, expect=2).stderr
+        assert "LoRA adapter" in err and f"adapter_name_or_path: {adapter}" in err, err
+        assert "model_name_or_path: Qwen/Qwen3-0.6B" in err and "Traceback" not in err, err
