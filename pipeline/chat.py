@@ -60,9 +60,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
                         "some text to complete, or leave out --raw (the template then wraps the empty instruction)")
     template = None
     if not raw:
-        from pipeline.data.templates import get_template
-
-        template = get_template(r["template"])
+        template = data_args(r).chat_template()
     tokenizer = recipe_tokenizer(data_args(r))  # before the model: a preset without a vocabulary is refused at once
     out = RunLayout.of(r["output_dir"], value(r, "export_dir"))  # merge writes the merged model to export_dir when set
     weights = chosen_weights(out, recipe_args(r).finetune, getattr(args, "model", None))

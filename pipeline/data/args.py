@@ -10,7 +10,10 @@ because the schema's defaults live in pipeline.recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from pipeline.data.templates import Template
 
 NOT_A_KEY = "not_a_key"  # metadata marking a field that is no schema key (provenance for messages)
 
@@ -28,6 +31,7 @@ class DataArgs:
     dataset: str | Sequence[str] | None
     eval_dataset: str | Sequence[str] | None
     template: str
+    default_system: str | None  # LLaMA-Factory's key: replaces the template's default system prompt
     cutoff_len: int
     overlength_policy: str
     train_on_prompt: bool
@@ -46,6 +50,13 @@ class DataArgs:
     dataloader_num_workers: int
     # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
+
+    def chat_template(self) -> "Template":
+        """The recipe's template, its default system prompt replaced when default_system is set: what every
+        encoding of this recipe's rows and prompts uses (train, checks, eval, chat)."""
+        from pipeline.data.templates import recipe_template
+
+        return recipe_template(self.template, self.default_system)
 
     def source(self, key: str) -> str:
         """Where a recipe key was set, or `recipe key 'KEY'` when unknown (a plain mapping in tests)."""

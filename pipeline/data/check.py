@@ -188,11 +188,11 @@ def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any) -> np.nda
     if data.stage == "dpo":
         from pipeline.data.pairs import encode_pairs
 
-        return encode_pairs(sample, data.template, tokenizer, cutoff_len=2**62,
+        return encode_pairs(sample, data.chat_template(), tokenizer, cutoff_len=2**62,
                             enable_thinking=data.enable_thinking).lengths
     from pipeline.data.tokenize import encode_rows
 
-    return encode_rows(sample, data.template, tokenizer, cutoff_len=2**62, train_on_prompt=data.train_on_prompt,
+    return encode_rows(sample, data.chat_template(), tokenizer, cutoff_len=2**62, train_on_prompt=data.train_on_prompt,
                        mask_history=data.mask_history, enable_thinking=data.enable_thinking).lengths
 
 

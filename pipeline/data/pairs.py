@@ -127,7 +127,7 @@ def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
     key = ("dpo", tokenizer.name, _file_key(paths),
-           (data.template, data.cutoff_len, data.overlength_policy, data.enable_thinking))
+           (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.enable_thinking))
 
     def make() -> TokenizedPairs:
         rows, origins = read_split_rows(paths)
@@ -135,7 +135,7 @@ def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
         if missing:
             raise UserError([f"{o}: not a preference pair (no chosen/rejected); the build is from another stage: "
                              "run `make data`" for o in missing[:5]])
-        return encode_pairs(rows, data.template, tokenizer, cutoff_len=data.cutoff_len,
+        return encode_pairs(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
                             policy=data.overlength_policy, enable_thinking=data.enable_thinking, origins=origins)
 
     return _cached(key, make)

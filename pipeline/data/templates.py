@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence, Union
 
@@ -332,6 +333,13 @@ def get_template(name: str) -> Template:
     except KeyError:
         raise UserError(f"template '{name}' is not known{did_you_mean(name, TEMPLATES)}; "
                         f"choose one of {', '.join(TEMPLATES)}") from None
+
+
+def recipe_template(name: str, default_system: str | None = None) -> Template:
+    """The named template with the recipe's default_system as its default system prompt (LLaMA-Factory:
+    template.default_system = data_args.default_system when set); "" removes the template's own (Qwen's)."""
+    template = get_template(name)
+    return template if default_system is None else dataclasses.replace(template, default_system=default_system)
 
 
 def tool_refusal(template: str) -> str:

@@ -325,14 +325,14 @@ def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
-    settings = (data.template, data.cutoff_len, data.overlength_policy, data.train_on_prompt, data.mask_history,
-                data.enable_thinking)
+    settings = (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.train_on_prompt,
+                data.mask_history, data.enable_thinking)
     key = ("sft", tokenizer.name, _file_key(paths), settings)
 
     def make() -> TokenizedSplit:
         rows, origins = read_split_rows(paths)
         try:
-            return encode_rows(rows, data.template, tokenizer, cutoff_len=data.cutoff_len,
+            return encode_rows(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
                                policy=data.overlength_policy, train_on_prompt=data.train_on_prompt,
                                mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins)
         except UserError as err:

@@ -187,7 +187,7 @@ def _prompt_text(data: DataArgs, row: Mapping[str, Any]) -> str:
 def _prompt_ids(data: DataArgs, row: Mapping[str, Any], tokenizer: Any) -> list[int]:
     from pipeline.data.tokenize import encode_prompt
 
-    return encode_prompt(data.template, row["instruction"], row.get("input") or "", row.get("system"),
+    return encode_prompt(data.chat_template(), row["instruction"], row.get("input") or "", row.get("system"),
                          row.get("history") or (), tokenizer=tokenizer, enable_thinking=data.enable_thinking,
                          tools=row.get("tools") or "", roles=row.get("roles") or ())
 

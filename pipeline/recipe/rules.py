@@ -503,7 +503,7 @@ def refused_exports(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("export_hub_model_id", "default_system", "num_beams")
+@rule("export_hub_model_id", "num_beams")
 def refused_lf_extras(ctx: Context) -> list[tuple[str, str]]:
     """LLaMA-Factory keys its examples do not use, whose feature is not here: a reason, not "unknown key"."""
     problems = []
@@ -512,10 +512,6 @@ def refused_lf_extras(ctx: Context) -> list[tuple[str, str]]:
         problems.append(("export_hub_model_id", "pushing the export to the Hugging Face hub is not done here (runs "
                                                 f"work offline); remove the key and upload export_dir with `hf upload "
                                                 f"{hub_id} {ctx.values['export_dir'] or '<export_dir>'}`"))
-    if ctx.values["default_system"] is not None:
-        problems.append(("default_system", "overriding the template's default system prompt is not supported; remove "
-                                           "the key and give the system prompt in the data (alpaca's `system` "
-                                           "column, a sharegpt system turn)"))
     if ctx.values["num_beams"] != 1:
         problems.append(("num_beams", f"given {ctx.values['num_beams']}: beam search is not implemented; decoding "
                                       "is greedy (do_sample: false) or sampled: set num_beams: 1 or remove it"))

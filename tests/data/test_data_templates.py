@@ -79,6 +79,19 @@ def test_qwen_adds_qwens_default_system_prompt():
     assert t.stop_words == ("<|im_end|>",)
 
 
+def test_default_system_replaces_the_templates_default_and_a_rows_own_still_wins():
+    """LLaMA-Factory's default_system: template.default_system = data_args.default_system (template.py)."""
+    from pipeline.data.templates import recipe_template
+
+    assert recipe_template("qwen") is get_template("qwen")
+    t = recipe_template("qwen", "Be brief.")
+    assert t.prompt("Hi", history=[("Q1", "A1")]) == "<|im_start|>system\nBe brief.<|im_end|>\n" + CHATML_HISTORY
+    assert t.prompt("Hi", system="S").startswith("<|im_start|>system\nS<|im_end|>\n")
+    assert recipe_template("qwen", "").prompt("Hi", history=[("Q1", "A1")]) == CHATML_HISTORY
+    assert recipe_template("llama3", "Be brief.").prompt("Hi").startswith(
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+
+
 def test_qwen3_nothink_is_plain_chatml_and_qwen3_adds_an_empty_thought():
     assert get_template("qwen3_nothink").prompt("Hi", history=[("Q1", "A1")]) == CHATML_HISTORY
     t = get_template("qwen3")
