@@ -620,6 +620,17 @@ def ref_model_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
+@rule("stage", "pref_loss", "dpo_label_smoothing")
+def label_smoothing_needs_sigmoid(ctx: Context) -> list[tuple[str, str]]:
+    """Only the sigmoid (DPO) loss has a label-smoothing term: set with another loss it would be ignored
+    (LLaMA-Factory refuses it the same way)."""
+    loss, eps = ctx.values["pref_loss"], ctx.values["dpo_label_smoothing"]
+    if ctx.values["stage"] == "dpo" and loss != "sigmoid" and eps:
+        return [("dpo_label_smoothing", f"is {eps} but pref_loss {loss} has no label smoothing (only sigmoid, "
+                                        "conservative DPO, uses it); remove it, or set pref_loss: sigmoid")]
+    return []
+
+
 @rule("stage", "ref_model", "model_name_or_path")
 def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     """The reference scores the policy's tokens: it must read the same vocabulary."""

@@ -122,7 +122,11 @@ def one_error(proc) -> str:
     ("build", dict(stage="sft"), ["preference data (ranking: true", "set stage: dpo"]),
     ("validate", dict(pref_loss="sigmod"), ["pref_loss", "did you mean 'sigmoid'"]),
     ("validate", dict(pref_loss="orpo", ref_model="tiny"), ["ref_model", "pref_loss orpo uses no reference model"]),
-], ids=["dpo-without-ranking", "ranking-under-sft", "unknown-pref_loss", "ref_model-with-orpo"])
+    # LLaMA-Factory refuses it too ("only valid for sigmoid loss function"); ignoring it trained unsmoothed hinge
+    ("validate", dict(pref_loss="hinge", dpo_label_smoothing=0.1), ["dpo_label_smoothing", "pref_loss hinge",
+                                                                     "pref_loss: sigmoid"]),
+], ids=["dpo-without-ranking", "ranking-under-sft", "unknown-pref_loss", "ref_model-with-orpo",
+        "label-smoothing-without-sigmoid"])
 def test_bad_input_is_one_exit_2_message(dpo_workdir, command, keys, words):
     harness.write_recipe(dpo_workdir / "bad.yaml", DPO, model_name_or_path="tiny", **keys)
     if keys.get("stage") == "sft":
