@@ -49,10 +49,20 @@ def epochs_notice(r: Any) -> str | None:
             "max_steps=) to train by epochs")
 
 
+def dpo_dropout_notices(r: Any) -> list[str]:
+    """stage dpo trains the policy without dropout (pipeline.train.preference.disable_dropout), so a dropout or
+    lora_dropout the recipe sets does nothing: say so rather than ignore it silently."""
+    if r["stage"] != "dpo":
+        return []
+    return [f"notice: {r.origin(key).where}: {key}: {r[key]:g} has no effect under stage dpo: the policy is scored "
+            "without dropout, as the reference is (TRL's and LLaMA-Factory's disable_dropout)"
+            for key in ("dropout", "lora_dropout") if r[key] and r.origin(key).kind in ("file", "cli")]
+
+
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides."""
-    out = [line for line in (template_notice(r), epochs_notice(r)) if line]
+    epochs that max_steps overrides; dropout under stage dpo."""
+    out = [line for line in (template_notice(r), epochs_notice(r)) if line] + dpo_dropout_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

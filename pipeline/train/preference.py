@@ -39,6 +39,18 @@ def _eval_mode(module: torch.nn.Module):
         module.train(was)
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """The policy trains without dropout, as TRL's DPOTrainer (disable_dropout=True) and LLaMA-Factory do. The
+    reference is scored without it; a policy scored with it is a noisy, lower log-probability of the same weights,
+    so step one was not ln 2 and every reward carried the dropout's bias. Both the nn.Dropout modules (embedding,
+    residual, LoRA branch) and attention's own dropout_p (drop_rate) go to 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if getattr(module, "drop_rate", 0.0):
+            module.drop_rate = 0.0
+
+
 class AdapterReference:
     """LoRA: the policy's own weights with the adapters switched off (no second copy in memory)."""
 
@@ -141,6 +153,7 @@ class PreferenceObjective:
     """What the trainer calls per micro-batch for stage dpo: (mean loss over the pairs, metric means)."""
 
     def __init__(self, pref: PreferenceArgs, engine: Any, reference: Any):
+        disable_dropout(engine.module)
         self.cfg = pref.loss_config()
         self.engine = engine
         self.reference = reference
