@@ -54,11 +54,17 @@ def disable_dropout(model: torch.nn.Module) -> None:
 class AdapterReference:
     """LoRA: the policy's own weights with the adapters switched off (no second copy in memory)."""
 
-    description = "the starting model (the policy with its LoRA adapters switched off)"
-
-    def __init__(self, engine: Any):
+    def __init__(self, engine: Any, base: str = "", starting_adapter: str | None = None):
+        """`starting_adapter`: the adapter_name_or_path the policy continues. Switching the adapters off removes it
+        too, so the reference is then the base without it (as in LLaMA-Factory), not the model training starts
+        from: the description says so, where it used to call it the starting model."""
         from pipeline.model.lora import keep_starting_modules
 
+        self.description = "the starting model (the policy with its LoRA adapters switched off)"
+        if starting_adapter:
+            self.description = (f"the base model {base} WITHOUT adapter_name_or_path {starting_adapter} (the policy "
+                                "with its LoRA adapters switched off, as in LLaMA-Factory); for that adapter's model "
+                                "as the reference, merge it and start from the merged model, or set ref_model to it")
         self.engine = engine
         self.plain_head = head_trains(engine.module)  # additional_target lm_head: score as the policy does
         keep_starting_modules(engine.module)  # additional_target modules as they start (train.run refuses ZeRO-3)
@@ -102,7 +108,7 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
     if not pref.loss_config().needs_reference:
         return None
     if pref.ref_model is None and models.finetune.finetuning_type == "lora":
-        return AdapterReference(engine)
+        return AdapterReference(engine, models.model.model_name_or_path, models.finetune.adapter_name_or_path)
     import dataclasses
 
     from pipeline.model.build import apply_finetuning_type, load_base

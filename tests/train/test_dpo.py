@@ -114,6 +114,20 @@ def test_the_policy_trains_without_dropout(dpo_recipe):
     assert first["rewards/chosen"] == first["rewards/rejected"] == 0.0
 
 
+def test_continuing_an_sft_adapter_says_the_reference_is_the_base_without_it(dpo_recipe, make_recipe, capsys):
+    """LoRA dpo after LoRA sft through adapter_name_or_path continues that adapter; switching the adapters off for the
+    reference removes it too (as in LLaMA-Factory), so the reference is the base, not the model training starts
+    from. The run used to announce "reference: the starting model", and its step one is not ln 2."""
+    sft = train(make_recipe(name="sft", max_steps=2, warmup_steps=0, learning_rate=5e-2))
+    capsys.readouterr()
+    result = train(dpo_recipe(name="after_sft", max_steps=1, warmup_steps=0,
+                              adapter_name_or_path=str(sft.output_dir / "adapter")))
+    said = capsys.readouterr().err
+    assert "reference: the base model tiny WITHOUT adapter_name_or_path" in said and "ref_model" in said, said
+    first = read_log(result.output_dir / "trainer_log.jsonl")[0]
+    assert first["loss"] != pytest.approx(math.log(2), abs=1e-4) and first["rewards/margins"] != 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("finetuning_type, zero_stage, bf16, extra", [
     ("full", 0, False, {}), ("full", 3, False, {}), ("lora", 3, False, {}), ("freeze", 2, True, {}),
