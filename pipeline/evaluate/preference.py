@@ -59,17 +59,25 @@ def chosen_loss(scores: PairLogps) -> tuple[float, int, int]:
 
 
 def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, scores: Mapping[str, PairLogps], *,
-                    rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> PairLogps | None:
+                    rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
+                    folded_adapter: str | None = None) -> PairLogps | None:
     """The reference's log-probabilities as in training: ref_model, else the base model (already scored when
-    eval_base is on); None for orpo / simpo."""
+    eval_base is on), with `folded_adapter` (full / freeze training on top of adapter_name_or_path: training's
+    frozen reference has that adapter folded in); None for orpo / simpo."""
     if not pref.loss_config().needs_reference:
         return None
-    if pref.ref_model is None and "base" in scores:
+    if pref.ref_model is None and folded_adapter is None and "base" in scores:
         return scores["base"]
     if pref.ref_model is not None:
         from pipeline.model.weights import load_model
 
         model = load_model(pref.ref_model, seed=int(base.seed)).to(device).eval()
+    elif folded_adapter is not None:
+        from pipeline.model.build import load_for_inference
+        from pipeline.model.hub import resolve_model_path
+
+        path = resolve_model_path(folded_adapter, key="adapter_name_or_path")
+        model = load_for_inference(base, "adapter", path, device=device)
     else:
         from pipeline.model.build import load_for_inference
 

@@ -63,8 +63,10 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             results[name] = report.model_summary(loss_sum, tokens, predictions.get(name), refs)
         del model
     if dpo:
+        ft = recipe_args(r).finetune
+        folded = ft.adapter_name_or_path if ft.finetuning_type != "lora" else None  # as train's frozen reference
         reference = preference.reference_logps(pref, recipe_args(r).model, data, pair_scores, rank=rank, world=world,
-                                               device=_device())
+                                               device=_device(), folded_adapter=folded)
         if rank == 0:
             for name in results:
                 results[name].update(preference.summary(pair_scores[name], reference, pref))

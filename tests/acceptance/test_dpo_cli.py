@@ -142,3 +142,22 @@ def test_a_ref_model_with_another_vocabulary_is_refused(dpo_workdir, hf_checkpoi
                          ref_model=str(other))
     message = one_error(harness.pipeline("validate", "bad.yaml", cwd=dpo_workdir, expect=2))
     assert "ref_model" in message and "1,000" in message and "50,257" in message
+
+
+def test_full_dpo_on_an_sft_adapter_is_evaluated_against_its_training_reference(dpo_workdir):
+    """finetuning_type full on top of adapter_name_or_path: training's frozen reference has the adapter folded in
+    (as the policy starts); eval's reward_margin and pref_loss used the bare base as the reference instead, so
+    the tuned model's held-out pref_loss disagreed with training's eval_loss on the same pairs and weights."""
+    harness.write_recipe(dpo_workdir / "sft.yaml", harness.SFT, model_name_or_path="tiny", output_dir="saves/sft",
+                         learning_rate=5e-2, max_steps=2)
+    harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path="tiny", output_dir="saves/dpo",
+                         finetuning_type="full", lora_rank=None, adapter_name_or_path="saves/sft/adapter",
+                         learning_rate=1e-3, max_steps=2, eval_steps=2)
+    for command, recipe in (("build", "sft.yaml"), ("train", "sft.yaml"), ("build", "dpo.yaml"),
+                            ("train", "dpo.yaml"), ("eval", "dpo.yaml")):
+        harness.pipeline(command, recipe, cwd=dpo_workdir)
+    out = dpo_workdir / "saves" / "dpo"
+    trained = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()][-1]
+    tuned = json.loads((out / "eval" / "metrics.json").read_text())["results"]["tuned"]
+    assert tuned["pref_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
+    assert tuned["reward_margin"] == pytest.approx(trained["eval_rewards/margins"], rel=1e-4, abs=1e-7)
