@@ -57,7 +57,9 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",
           "neat_packing")
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
-         "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda")
+         "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",
+         # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
+         "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,

@@ -163,6 +163,18 @@ def test_resume_continues_exactly(dpo_recipe, logging_steps, logged):
         assert [rec[key] for rec in b] == [rec[key] for rec in a], key
 
 
+def test_a_resume_with_another_objective_says_so(dpo_recipe, capsys):
+    """pref_loss / pref_beta changed on resume switched the objective mid-run without a word (learning_rate said so)."""
+    keys = dict(max_steps=2, save_steps=1)
+    train(dpo_recipe(name="objective", **keys))
+    capsys.readouterr()
+    train(dpo_recipe(name="objective", resume_from_checkpoint="saves/objective/checkpoint-1", pref_loss="ipo",
+                     pref_beta=0.2, **keys))
+    err = capsys.readouterr().err
+    assert "pref_loss changed from \"sigmoid\" to \"ipo\": applied from step 1 on" in err, err
+    assert "pref_beta changed from 0.5 to 0.2: applied from step 1 on" in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_two_ranks_match_one_rank(dpo_recipe, workdir):
