@@ -14,8 +14,11 @@ Memory per rank (bytes; w = 2 with bf16/fp16, else 4; P = all parameters, T = tr
                                             GQA and SwiGLU blocks pipeline.model.config.activation_bytes
                                             counts q, k/v and the MLP at their own widths.
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
-with s = cutoff_len, b = per_device_train_batch_size, h = width, a = heads, L = layers, V = vocabulary
-(50,257 for GPT-2, 128,256 for Llama 3, 151,936 for Qwen).
+    reference    stage dpo with a frozen reference copy (full / freeze, or ref_model): its parameters * w,
+                                            ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
+with s = cutoff_len, b = per_device_train_batch_size (stage dpo: 2x, the chosen and the rejected sequences of a
+pair go through one forward), h = width, a = heads, L = layers, V = vocabulary (50,257 for GPT-2, 128,256 for
+Llama 3, 151,936 for Qwen).
 """
 from __future__ import annotations
 
@@ -66,23 +69,42 @@ def estimate_memory(r: Resolved) -> Memory | None:
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
 
-    b, h, L, V = r["per_device_train_batch_size"], info.n_embd, info.n_layer, info.vocab_size
+    pairs = 2 if r["stage"] == "dpo" else 1  # dpo: chosen + rejected of every pair in one forward
+    b, h, L, V = r["per_device_train_batch_size"] * pairs, info.n_embd, info.n_layer, info.vocab_size
     per_block = activation_bytes(info.config, s, b, w)
     if r["disable_gradient_checkpointing"]:
         activations = L * per_block + s * b * V * 4
     else:  # recomputation per block: each block's input is kept, and one block's activations at a time
         activations = L * s * b * h * w + per_block + s * b * V * 4
     gpu = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": activations}
+    reference = reference_params(r, total)
+    if reference:
+        gpu["reference"] = reference * w / (world if stage == 3 else 1)
     cpu: dict[str, float] = {}
     if stage == 3 and _offloaded(zero, "offload_param"):
-        cpu["parameters"] = gpu.pop("parameters")
-        gpu["parameters"] = 0
+        for key in ("parameters", "reference"):
+            if key in gpu:
+                cpu[key] = gpu.pop(key)
+                gpu[key] = 0
     if stage >= 1 and _offloaded(zero, "offload_optimizer"):
         cpu["optimizer"] = gpu.pop("optimizer")
         gpu["optimizer"] = 0
-    order = ("parameters", "gradients", "optimizer", "activations")
-    return Memory(total, trainable, {k: int(round(gpu[k])) for k in order},
+    order = ("parameters", "gradients", "optimizer", "activations", "reference")
+    return Memory(total, trainable, {k: int(round(gpu[k])) for k in order if k in gpu},
                   {k: int(round(cpu[k])) for k in order if k in cpu})
+
+
+def reference_params(r: Resolved, total: int) -> int:
+    """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's, or
+    the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
+    if r["stage"] != "dpo" or r["pref_loss"] in ("orpo", "simpo"):
+        return 0
+    if r["ref_model"] is not None:
+        from pipeline.model.config import count_params
+
+        info = model_info(r["ref_model"])
+        return int(count_params(info.config)) if info is not None else total
+    return total if r["finetuning_type"] != "lora" else 0
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:

@@ -135,3 +135,18 @@ def test_validate_and_plan_do_not_import_torch(write, manifest, tmp_path):
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("extra, reference", [
+    ("finetuning_type: full\n", TINY_PARAMS * 4),  # a frozen copy of the starting weights
+    ("finetuning_type: full\npref_loss: simpo\n", None),  # reference-free
+    ("", None),  # LoRA: the policy with its adapters switched off, no copy
+    ("ref_model: tiny\n", TINY_PARAMS * 4),
+], ids=["full", "full-simpo", "lora", "lora-ref_model"])
+def test_memory_dpo_counts_both_sides_of_a_pair_and_the_reference_copy(write, extra, reference):
+    """A dpo micro-batch of b pairs is one forward of 2b sequences, and full / freeze (or ref_model) hold a frozen
+    reference model beside the policy: the estimate left out both (half the activations, a whole model)."""
+    write("r.yaml", RECIPE.replace("max_steps", "stage: dpo\nmax_steps") + extra)
+    mem = estimate_memory(resolve("r.yaml"))
+    assert mem.gpu["activations"] == round(ACT_PER_BYTE * 4 * 2 + LOGITS * 2)  # b = 2 x 8 sequences
+    assert mem.gpu.get("reference") == reference
