@@ -225,12 +225,13 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             and "gradient_checkpointing" not in bad):  # transformers' name for the same switch, inverted
         values["disable_gradient_checkpointing"] = not values["gradient_checkpointing"]
         origins["disable_gradient_checkpointing"] = DERIVED
-    model = values.get("model_name_or_path")
-    if (isinstance(model, str) and "model_name_or_path" not in bad and os.path.isdir(model)
-            and not os.path.isfile(os.path.join(model, "config.json"))
-            and os.path.isfile(os.path.join(model, "model", "config.json"))):
-        # a full/freeze run's output_dir (LLaMA-Factory writes the model there; we write output_dir/model/)
-        values["model_name_or_path"], origins["model_name_or_path"] = os.path.join(model, "model"), DERIVED
+    for key in ("model_name_or_path", "ref_model"):  # dpo's ref_model takes the same forms
+        model = values.get(key)
+        if (isinstance(model, str) and key not in bad and os.path.isdir(model)
+                and not os.path.isfile(os.path.join(model, "config.json"))
+                and os.path.isfile(os.path.join(model, "model", "config.json"))):
+            # a full/freeze run's output_dir (LLaMA-Factory writes the model there; we write output_dir/model/)
+            values[key], origins[key] = os.path.join(model, "model"), DERIVED
     adapter = values.get("adapter_name_or_path")
     if (adapter and "adapter_name_or_path" not in bad and not os.path.isfile(os.path.join(adapter, "adapter_config.json"))
             and os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json"))):

@@ -161,3 +161,15 @@ def test_full_dpo_on_an_sft_adapter_is_evaluated_against_its_training_reference(
     tuned = json.loads((out / "eval" / "metrics.json").read_text())["results"]["tuned"]
     assert tuned["pref_loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
     assert tuned["reward_margin"] == pytest.approx(trained["eval_rewards/margins"], rel=1e-4, abs=1e-7)
+
+
+def test_ref_model_may_name_a_full_runs_output_dir(dpo_workdir, hf_checkpoint):
+    """As model_name_or_path does (LLaMA-Factory's `ref_model: saves/.../full/sft`): the run's model/ folder is used.
+    It was refused: 'no config.json in this directory'."""
+    import shutil
+
+    base = hf_checkpoint("gpt2")
+    shutil.copytree(base, dpo_workdir / "saves" / "sft_full" / "model")
+    harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path=str(base), ref_model="saves/sft_full")
+    plan = harness.pipeline("plan", "dpo.yaml", cwd=dpo_workdir).stdout
+    assert any(line.split()[:3] == ["ref_model", '"saves/sft_full/model"', "derived"] for line in plan.splitlines()), plan
