@@ -172,4 +172,5 @@ def test_ref_model_may_name_a_full_runs_output_dir(dpo_workdir, hf_checkpoint):
     shutil.copytree(base, dpo_workdir / "saves" / "sft_full" / "model")
     harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path=str(base), ref_model="saves/sft_full")
     plan = harness.pipeline("plan", "dpo.yaml", cwd=dpo_workdir).stdout
-    assert any(line.split()[:3] == ["ref_model", '"saves/sft_full/model"', "derived"] for line in plan.splitlines()), plan
+    rows = [line.split()[:3] for line in plan.splitlines()]
+    assert ["ref_model", '"saves/sft_full/model"', "derived"] in rows, plan
