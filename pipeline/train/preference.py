@@ -8,7 +8,7 @@ like the policy), or ref_model when given.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -16,6 +16,9 @@ from pipeline.errors import UserError
 from pipeline.model import head_loss
 from pipeline.model.preference import pair_logps, preference_loss
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
+
+if TYPE_CHECKING:
+    from pipeline.model.build import ModelArgs
 
 
 # ---------------------------------------------------------------------------------------------- the reference
@@ -54,20 +57,24 @@ def disable_dropout(model: torch.nn.Module) -> None:
 class AdapterReference:
     """LoRA: the policy's own weights with the adapters switched off (no second copy in memory)."""
 
-    def __init__(self, engine: Any, base: str = "", starting_adapter: str | None = None):
-        """`starting_adapter`: the adapter_name_or_path the policy continues. Switching the adapters off removes it
-        too, so the reference is then the base without it (as in LLaMA-Factory), not the model training starts
-        from: the description says so, where it used to call it the starting model."""
+    def __init__(self, engine: Any, base: ModelArgs | None = None, starting_adapter: str | None = None):
+        """`starting_adapter`: the adapter_name_or_path the policy continues (`base`: the recipe's base model).
+        Switching the adapters off removes it too, so the reference is then the base without it (as in
+        LLaMA-Factory), not the model training starts from: the description says so, and the additional_target
+        modules the adapter trained (its modules_to_save) go back to the base's too, as PEFT's disable_adapter
+        does; kept as loaded, the reference was base Linears with the adapter's norms / head, neither model."""
         from pipeline.model.lora import keep_starting_modules
 
         self.description = "the starting model (the policy with its LoRA adapters switched off)"
-        if starting_adapter:
-            self.description = (f"the base model {base} WITHOUT adapter_name_or_path {starting_adapter} (the policy "
-                                "with its LoRA adapters switched off, as in LLaMA-Factory); for that adapter's model "
-                                "as the reference, merge it and start from the merged model, or set ref_model to it")
         self.engine = engine
         self.plain_head = head_trains(engine.module)  # additional_target lm_head: score as the policy does
         keep_starting_modules(engine.module)  # additional_target modules as they start (train.run refuses ZeRO-3)
+        if starting_adapter and base is not None:
+            self.description = (f"the base model {base.model_name_or_path} WITHOUT adapter_name_or_path "
+                                f"{starting_adapter} (the policy with its LoRA adapters switched off, as in "
+                                "LLaMA-Factory); for that adapter's model as the reference, merge it and start from "
+                                "the merged model, or set ref_model to it")
+            restore_base_modules(engine.module, base)
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -76,6 +83,25 @@ class AdapterReference:
         with adapters_disabled(self.engine.module), _eval_mode(self.engine.module), \
                 head_loss.plain_head() if self.plain_head else contextlib.nullcontext():
             return token_nll(self.engine, batch)
+
+
+def restore_base_modules(model: torch.nn.Module, base: ModelArgs) -> None:
+    """The kept starting copies of the additional_target modules (lora.keep_starting_modules) get the base model's
+    weights, read from its checkpoint (only those tensors). A tied head's copy shares the embedding copy's weight,
+    so it takes the embedding's tensor."""
+    from pipeline.model.build import base_subset
+
+    starting = getattr(model, "_lora_starting", {})
+    if not starting:
+        return
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    alias = {"lm_head.weight": "embed_tokens.weight"} if tied else {}
+    tensors = {f"{name}.{key}": tensor for name, module in starting.items()
+               for key, tensor in module.state_dict(keep_vars=True).items()}
+    weights = base_subset(base, {alias.get(n, n) for n in tensors})
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            tensor.copy_(weights[alias.get(name, name)])
 
 
 def head_trains(model: torch.nn.Module) -> bool:
@@ -108,7 +134,7 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
     if not pref.loss_config().needs_reference:
         return None
     if pref.ref_model is None and models.finetune.finetuning_type == "lora":
-        return AdapterReference(engine, models.model.model_name_or_path, models.finetune.adapter_name_or_path)
+        return AdapterReference(engine, models.model, models.finetune.adapter_name_or_path)
     import dataclasses
 
     from pipeline.model.build import apply_finetuning_type, load_base

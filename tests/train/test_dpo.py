@@ -95,6 +95,43 @@ def test_adapters_off_reference_equals_a_separate_frozen_copy():
     assert not L.lora_modules(policy)["layers.0.self_attn.qkv_proj"].disabled
 
 
+def test_a_continued_adapters_reference_has_the_base_additional_target_modules(tmp_path):
+    """LoRA dpo continuing an adapter that trained an additional_target (PEFT's modules_to_save): adapters off must
+    give the base back, as PEFT's disable_adapter does. The kept "starting" copy was the adapter's trained norm, so
+    the reference was the base's Linears with the sft's final norm: neither the base nor the sft model."""
+    from dataclasses import replace
+
+    from pipeline.model.build import FinetuneArgs, ModelArgs, build_model, load_base
+    from pipeline.train.preference import AdapterReference
+
+    base = ModelArgs("tiny", seed=3, dropout=0.0, context_length=None, qkv_bias=None, tie_word_embeddings=None)
+    ft = FinetuneArgs("lora", 4, None, 0.0, "all", False, ["ln_f"], 2, None, 0)
+    sft = build_model(base, ft)
+    with torch.no_grad():  # a trained adapter and final norm
+        for wrapper in L.lora_modules(sft).values():
+            wrapper.lora.B.normal_(0, 0.1)
+        sft.norm.weight.mul_(1.5)
+    L.save_adapter(sft, tmp_path / "sft")
+    policy = build_model(base, replace(ft, adapter_name_or_path=str(tmp_path / "sft"))).eval()
+
+    class Engine:
+        module = policy
+
+        def __call__(self, *args, **kwargs):
+            return policy(*args, **kwargs)
+
+    reference = AdapterReference(Engine(), base, str(tmp_path / "sft"))
+    ids = torch.tensor([[464, 3290, 318, 257, 1332, 13, 50256], [15496, 11, 466, 345, 588, 8887, 30]])
+    batch = {"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1]),
+             "labels": torch.where(torch.arange(6) >= 2, ids[:, 1:], -100)}
+    with torch.no_grad():
+        expected = token_nll(load_base(base, dropout=False).eval(), batch)
+        tuned = token_nll(policy, batch)
+    assert torch.allclose(reference(batch), expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(tuned, expected)
+    assert torch.equal(policy.norm.weight, sft.norm.weight)  # the policy keeps training the adapter's norm
+
+
 def test_reference_free_losses_run_without_a_reference(dpo_recipe):
     result = train(dpo_recipe(name="orpo", pref_loss="orpo", per_device_train_batch_size=1, max_steps=1))
     first = read_log(result.output_dir / "trainer_log.jsonl")[0]
