@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import did_you_mean
+from pipeline.recipe import spec
 from pipeline.recipe.load import Origin
 
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "additional_target")
@@ -516,6 +517,18 @@ def refused_lf_extras(ctx: Context) -> list[tuple[str, str]]:
         problems.append(("num_beams", f"given {ctx.values['num_beams']}: beam search is not implemented; decoding "
                                       "is greedy (do_sample: false) or sampled: set num_beams: 1 or remove it"))
     return problems
+
+
+_REFUSED_WHEN_SET = tuple(key for key, prop in spec.properties().items() if "x-refused-when-set" in prop)
+
+
+@rule(*_REFUSED_WHEN_SET)
+def refused_when_set(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory keys whose feature is not here (QLoRA, a quantized or adapted reference, BCO, LD-DPO): at their
+    default (LLaMA-Factory's too) they pass; set, they are refused with the schema's reason, not "unknown key"."""
+    props = spec.properties()
+    return [(key, f"given {ctx.values[key]!r}: {props[key]['x-refused-when-set']}") for key in _REFUSED_WHEN_SET
+            if ctx.values[key] != props[key]["default"]]
 
 
 @rule("model_revision", "model_name_or_path")

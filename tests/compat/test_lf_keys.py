@@ -85,3 +85,29 @@ def test_a_lora_runs_output_as_model_name_or_path_says_to_name_it_as_the_adapter
         err = pipeline("export", "r.yaml", cwd=tmp_path, expect=2).stderr
         assert "LoRA adapter" in err and f"adapter_name_or_path: {adapter}" in err, err
         assert "model_name_or_path: Qwen/Qwen3-0.6B" in err and "Traceback" not in err, err
+
+
+def test_qlora_and_dpo_extras_are_refused_with_the_reason_and_pass_at_their_defaults(tmp_path):
+    """LLaMA-Factory's QLoRA recipes (examples/train_qlora: quantization_bit 4, quantization_method bnb) got
+    "quantization_bit: unknown key (did you mean 'export_quantization_bit'?)", which points at the wrong feature;
+    its dpo extras (pref_bco_weight, ld_alpha, ref_model_adapters, ref_model_quantization_bit, pref_loss kto_pair)
+    got "unknown key". Each is now refused with its reason; at LLaMA-Factory's defaults they pass."""
+    from tests.acceptance.harness import pipeline
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nstage: dpo\n",
+                                     encoding="utf-8")
+    for override, reason in (("quantization_bit=4", "QLoRA (LoRA on a 4- or 8-bit quantized base) is not implemented"),
+                             ("ref_model_adapters=saves/sft", "set ref_model to that folder"),
+                             ("ref_model_quantization_bit=8", "a quantized reference model is not implemented"),
+                             ("pref_bco_weight=0.5", "the BCO term"),
+                             ("ld_alpha=0.5", "LD-DPO"),
+                             ("pref_loss=kto_pair", "kto_pair loss is not implemented")):
+        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=2).stderr
+        key = override.partition("=")[0]
+        assert f"{key}: given" in err and reason in err and "unknown key" not in err, err
+        assert "export_quantization_bit" not in err and "Traceback" not in err, err
+    neutral = ("quantization_bit=null", "pref_bco_weight=0", "ld_alpha=null", "quantization_method=bnb",
+               "quantization_type=nf4", "double_quantization=true")
+    err = pipeline("validate", "r.yaml", *neutral, cwd=tmp_path, expect=None).stderr
+    assert "error: command line override" not in err and "given" not in err, err
+    assert "quantization_method: accepted without effect: it only matters with quantization_bit" in err, err
