@@ -74,7 +74,8 @@ def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
     tokenizer = recipe_tokenizer(data)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
     out = [f"stage dpo · template {data.template} · cutoff_len {data.cutoff_len} · only the last response is scored",
-           f"scored tokens (the summed log-probabilities) are {mark}; {tokenizer.eos_text} is EOS "
+           f"scored tokens (their log-probabilities summed; pref_loss ipo, orpo, simpo: averaged) are {mark}; "
+           f"{tokenizer.eos_text} is EOS "
            f"(id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
         out.append(f"── pair {i + 1}/{min(num, len(train))} · {train.origins[i]}")
