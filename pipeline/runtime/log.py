@@ -16,6 +16,7 @@ from pipeline.io import write_json, write_text
 
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
+ACCURACY_PLOT_FILE = "training_rewards_accuracies.png"  # stage dpo (LLaMA-Factory plots it under this name)
 RESULTS_FILE = "all_results.json"
 
 
@@ -170,9 +171,15 @@ def running_mean(values: Iterable[float], window: int) -> list[float]:
 
 def plot_loss(records: Iterable[Mapping[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Train (and eval) loss against the optimizer step; None when there is nothing to plot."""
+    return plot_curve(records, "loss", path, title=title or "training loss")
+
+
+def plot_curve(records: Iterable[Mapping[str, Any]], key: str, path: str | Path, *, title: str) -> Path | None:
+    """The log's `key` (train) and `eval_<key>` against the optimizer step; None when there is nothing to plot."""
     records = list(records)
-    train = [(rec["step"], rec["loss"]) for rec in records if isinstance(rec.get("loss"), (int, float))]
-    evals = [(rec["step"], rec["eval_loss"]) for rec in records if isinstance(rec.get("eval_loss"), (int, float))]
+    train = [(rec["step"], rec[key]) for rec in records if isinstance(rec.get(key), (int, float))]
+    evals = [(rec["step"], rec[f"eval_{key}"]) for rec in records
+             if isinstance(rec.get(f"eval_{key}"), (int, float))]
     if not train and not evals:
         return None
     import matplotlib
@@ -186,16 +193,16 @@ def plot_loss(records: Iterable[Mapping[str, Any]], path: str | Path, title: str
     if len(train) >= 20:  # long runs: the raw curve faint, a running mean over ~5% of it on top
         ax.plot(*zip(*train), color="tab:blue", alpha=0.3, linewidth=0.8)
         steps, values = zip(*train)
-        ax.plot(steps, running_mean(values, max(2, len(values) // 20)), label="train loss (running mean)",
+        ax.plot(steps, running_mean(values, max(2, len(values) // 20)), label=f"train {key} (running mean)",
                 color="tab:blue", linewidth=1.5)
     elif train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+        ax.plot(*zip(*train), label=f"train {key}", color="tab:blue", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.2)
+        ax.plot(*zip(*evals), label=f"eval {key}", color="tab:orange", marker="o", linewidth=1.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title or "training loss")
+    ax.set_ylabel(key)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -480,7 +480,7 @@ def report_dead_peer(err: BaseException, output_dir: Path, last_saved: int | Non
 
 def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], state: TrainState, loader: Any,
            final: Path | None) -> None:
-    from pipeline.runtime.log import plot_loss, read_log, write_results
+    from pipeline.runtime.log import plot_curve, plot_loss, read_log, write_results
 
     records = read_log(RunLayout(output_dir).trainer_log)
     results = {
@@ -499,5 +499,9 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
     }
     write_results(output_dir, results)
     if r["plot_loss"]:
-        plot_loss(records, RunLayout(output_dir).loss_plot, title=f"{Path(str(r['output_dir'])).name}: loss")
+        name = Path(str(r["output_dir"])).name
+        plot_loss(records, RunLayout(output_dir).loss_plot, title=f"{name}: loss")
+        if r["stage"] == "dpo":  # how often the chosen response out-scores the rejected one, as LLaMA-Factory plots
+            plot_curve(records, "rewards/accuracies", RunLayout(output_dir).accuracy_plot,
+                       title=f"{name}: reward accuracy")
     print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

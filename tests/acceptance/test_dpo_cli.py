@@ -53,10 +53,12 @@ def test_dpo_train_merge_eval_from_llamafactory_ranking_data(dpo_workdir, hf_che
     from transformers import AutoModelForCausalLM
 
     base_dir = hf_checkpoint("gpt2")
-    harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path=str(base_dir), output_dir="saves/dpo")
+    harness.write_recipe(dpo_workdir / "dpo.yaml", DPO, model_name_or_path=str(base_dir), output_dir="saves/dpo",
+                         plot_loss=True)
     for command in ("build", "train", "merge", "eval"):
         harness.pipeline(command, "dpo.yaml", cwd=dpo_workdir)
     out = dpo_workdir / "saves" / "dpo"
+    assert (out / "training_loss.png").is_file() and (out / "training_rewards_accuracies.png").is_file()
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # policy = reference at step one
     assert all(key in log[-1] for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",

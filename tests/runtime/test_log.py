@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import math
 
-from pipeline.runtime.log import TrainLog, format_record, plot_loss, read_log, running_mean, write_results
+from pipeline.runtime.log import (TrainLog, format_record, plot_curve, plot_loss, read_log, running_mean,
+                                  write_results)
 
 
 def test_log_appends_json_lines_and_a_resumed_run_drops_lines_past_its_step(tmp_path, capsys):
@@ -42,5 +43,10 @@ def test_plot_and_results(tmp_path):
     path = plot_loss(records, tmp_path / "training_loss.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert plot_loss([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    dpo = [{"step": s, "loss": 0.69, "rewards/accuracies": s / 10} for s in range(1, 6)] + \
+        [{"step": 5, "eval_loss": 0.6, "eval_rewards/accuracies": 0.75}]
+    acc = plot_curve(dpo, "rewards/accuracies", tmp_path / "acc.png", title="reward accuracy")
+    assert acc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curve(records, "rewards/accuracies", tmp_path / "no.png", title="") is None  # an sft log
     write_results(tmp_path, {"train_loss": 1.5, "eval_loss": math.nan})
     assert json.loads((tmp_path / "all_results.json").read_text()) == {"train_loss": 1.5, "eval_loss": "nan"}
