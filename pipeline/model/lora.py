@@ -374,10 +374,11 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     unsupported = [(k, config[k]) for k in PEFT_UNSUPPORTED if config.get(k) not in (None, False, {}, [])]
     if config.get("bias", "none") not in ("none", None):
         unsupported.append(("bias", config["bias"]))
+    accepted = {"bias": '"none"'}  # what the message asks for instead of the value given
     problems += [f"{path}: {key} is {json.dumps(value)}; this pipeline reads adapters with one r and one lora_alpha "
                  "on whole target modules and no bias, so it would compute another model than PEFT does (expected "
-                 "it absent, null or empty; fold the adapter into its base with PEFT's merge_and_unload() and use "
-                 "that checkpoint as model_name_or_path)" for key, value in unsupported]
+                 f"{accepted.get(key, 'it absent, null or empty')}; fold the adapter into its base with "
+                 "PEFT's merge_and_unload() and use that checkpoint as model_name_or_path)" for key, value in unsupported]
     if problems:
         raise UserError(problems)
     return config

@@ -237,3 +237,5 @@ def test_a_peft_adapter_with_settings_we_do_not_model_is_refused(tmp_path, hf_di
     assert len(err.value.messages) == 1
     assert err.value.messages[0].startswith(f"{tmp_path / 'adapter' / 'adapter_config.json'}: {key} is ")
     assert "merge_and_unload()" in err.value.messages[0]
+    # what would be accepted instead: bias "none" (the message said "absent, null or empty" for it too)
+    assert ('expected "none"' if key == "bias" else "expected it absent, null or empty") in err.value.messages[0]
