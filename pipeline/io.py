@@ -97,6 +97,19 @@ def disk_full_error(path: Path) -> DiskFull:
                      f"{path.name}, if any, is unchanged). Free some space or write elsewhere, then run again")
 
 
+@contextlib.contextmanager
+def _writable(path: Path) -> Iterator[None]:
+    """Creating `path`'s temp file or folder (or its parents): a read-only file system or a folder the user may not
+    write is a UserError naming `path`, not a traceback about a temp name."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UserError(f"{path}: cannot be written here ({err.strerror}: {err.filename or path.parent}); nothing "
+                        "was changed. Make the folder writable, or choose another output_dir / export_dir") from None
+
+
 def _file_leftovers(path: Path) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(path.name)}\.{_HOST}\.(\d+)\.[^.]+\.tmp")
 
@@ -118,9 +131,10 @@ def remove_leftovers(path: str | Path) -> None:
 def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
     """Yield a file object for a temp file beside `path`; on success fsync and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(path.parent, _file_leftovers(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale(path.parent, _file_leftovers(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
@@ -233,10 +247,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path removes it), and `path` is always either the old or the new complete directory.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _restore_dead_writers_old(path)
-    _remove_stale(path.parent, _dir_leftovers(path))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
+    with _writable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _restore_dead_writers_old(path)
+        _remove_stale(path.parent, _dir_leftovers(path))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_HOST}-{os.getpid()}-", dir=path.parent))
     try:
         os.chmod(tmp, _DIR_MODE)
         yield tmp

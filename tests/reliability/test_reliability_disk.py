@@ -221,3 +221,18 @@ def test_a_full_disk_inside_a_nested_write_names_the_target(tmp_path, monkeypatc
     assert message.startswith(f"{target}: no space left on device") and "previous merged, if any" in message, message
     assert (target / "weights").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_place_that_cannot_be_written_is_one_message(tmp_path, monkeypatch, code):
+    """merge/export into a read-only file system (or a folder the user may not write) ended in a traceback
+    (`OSError: [Errno 30] Read-only file system: 'ro/.m.tmp-...'` from mkdtemp): now a UserError naming the target."""
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / ".m.tmp-x"))
+    monkeypatch.setattr(pio.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(pio.tempfile, "mkstemp", refuse)
+    for write in (lambda: pio.atomic_dir(tmp_path / "m").__enter__(), lambda: pio.write_json(tmp_path / "m.json", {})):
+        with pytest.raises(UserError) as err:
+            write()
+        (message,) = err.value.messages
+        assert message.startswith(f"{tmp_path / 'm'}") and os.strerror(code) in message and "choose" in message, message
