@@ -94,6 +94,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
         check = merge_adapter(models.model, data, ex, adapter)
         source = f"adapter {r['adapter_name_or_path']}"
     else:
+        _refuse_exporting_the_base_of_a_trained_run(r, models)
         model = _load_base(models.model, ex)
         samples = validation_samples(data, model.cfg.context_length)
         check = Verified(model, {"source": str(r["model_name_or_path"]), "samples": len(samples),
@@ -107,6 +108,21 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
     return 0
+
+
+def _refuse_exporting_the_base_of_a_trained_run(r: Mapping[str, Any], models: RecipeModel) -> None:
+    """export without adapter_name_or_path writes model_name_or_path as it is. When this recipe trained other
+    weights (its output_dir holds them), that would leave the fine-tune out of the export without a word."""
+    kind = models.finetune.finetuning_type
+    trained = trained_weights(RunLayout.of(r["output_dir"]), kind, None)
+    if trained is None or trained.path.resolve() == resolve_model_path(r["model_name_or_path"]).resolve():
+        return
+    fix = (f"adapter_name_or_path: {r['output_dir']}" if kind == "lora"
+           else f"model_name_or_path: {r['output_dir']}")
+    raise UserError(f"{_recipe(r)}: export without adapter_name_or_path would write model_name_or_path "
+                    f"({r['model_name_or_path']}) unchanged, but this recipe trained {trained.path}. To export the "
+                    f"trained model run `python -m pipeline merge {_recipe(r)}` (it writes export_dir when set), or "
+                    f"set {fix}")
 
 
 @dataclass
