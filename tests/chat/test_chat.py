@@ -145,20 +145,3 @@ def test_a_recipes_export_dir_is_its_merged_model_for_chat_and_eval(tmp_path):
     pipeline("eval", "r.yaml", cwd=tmp_path)
     report = (tmp_path / "saves/r/eval/metrics.json").read_text()
     assert '"tuned_model": "exports/r (merged' in report, report
-
-
-def test_export_of_a_trained_recipe_without_an_adapter_does_not_write_the_base(tmp_path):
-    """`python -m pipeline export r.yaml` on the recipe that trained (export_dir added, no adapter_name_or_path)
-    wrote model_name_or_path unchanged, "verified", while the run's adapter sat in output_dir: the fine-tune was
-    silently left out. It is now refused with what to run instead."""
-    from tests.acceptance.harness import pipeline, write_data, write_recipe
-
-    write_data(tmp_path / "datasets")
-    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", output_dir="saves/r", max_steps=1)
-    pipeline("build", "r.yaml", cwd=tmp_path)
-    pipeline("train", "r.yaml", cwd=tmp_path)
-    err = pipeline("export", "r.yaml", "export_dir=exports/r", cwd=tmp_path, expect=2).stderr
-    assert "saves/r/adapter" in err and "python -m pipeline merge" in err and "adapter_name_or_path: saves/r" in err
-    assert "Traceback" not in err and not (tmp_path / "exports/r").exists()
-    pipeline("export", "r.yaml", "export_dir=exports/r", "adapter_name_or_path=saves/r", cwd=tmp_path)
-    assert "saves/r/adapter" in (tmp_path / "exports/r/verification.json").read_text()
