@@ -175,7 +175,15 @@ def _generation_rows(data: DataArgs, ev: EvalArgs) -> list[dict]:
         rows = [{**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "output": row["chosen"]}
                 for row in rows]
     cap = ev.max_eval_samples
-    return rows[:cap] if cap else rows
+    return [{**row, "output": _answer(data, row["output"])} for row in (rows[:cap] if cap else rows)]
+
+
+def _answer(data: DataArgs, text: str) -> str:
+    """What is scored: the text without a reasoning template's thought (qwen3 trains every answer to open with
+    "<think>\n\n</think>\n\n" when enable_thinking; scored as words, it cost a right answer its exact match)."""
+    from pipeline.data.templates import get_template
+
+    return get_template(data.template).remove_thought(text)
 
 
 def _prompt_text(data: DataArgs, row: Mapping[str, Any]) -> str:
@@ -224,7 +232,7 @@ def generate_predictions(model: torch.nn.Module, data: DataArgs, gen: Generation
                 new = generate(model, [prompts[i] for i in chunk], **kwargs, tokenizer=tokenizer, eos_id=None,
                                stop_ids=stop_ids, pad_id=tokenizer.pad_id)
             for i, ids in zip(chunk, new):
-                local[i] = cut_at_stop(tokenizer.decode(ids), stops)
+                local[i] = _answer(data, cut_at_stop(tokenizer.decode(ids), stops))
             bar.update(len(chunk))
     gathered = _gather(local, world)
     return [gathered[i] for i in range(len(rows))] if rank == 0 else []

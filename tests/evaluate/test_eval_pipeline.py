@@ -392,3 +392,32 @@ def test_the_trained_adapter_comes_before_adapter_name_or_path(make_run, tmp_pat
     assert merge.adapter_dir(r2) == start and E.tuned_model(r2).path == start
     merge.run(r2)
     assert json.loads((out / "merged" / "verification.json").read_text())["source"] == str(start)
+
+
+def test_a_reasoning_templates_thought_is_not_scored(tmp_path, monkeypatch):
+    """qwen3 (enable_thinking: true, the default) trains every answer to open with the empty thought
+    "<think>\\n\\n</think>\\n\\n"; eval scored that markup as words of the answer, so a tuned model answering exactly
+    right had exact match 0 and F1 0.8. The thought is now removed from prediction and reference before scoring."""
+    from tests.acceptance.harness import write_hf_checkpoint
+    from tests.evaluate.conftest import resolve_run, write_run
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.recipe.args import GenerationArgs, eval_args
+    import pipeline.data.load as load
+    import pipeline.model.generate as G
+
+    write_hf_checkpoint(tmp_path / "qwen3", "qwen3", small_vocab=True)
+    recipe = write_run(tmp_path)
+    recipe.write_text(recipe.read_text().replace("model_name_or_path: tiny", f"model_name_or_path: {tmp_path / 'qwen3'}")
+                      .replace("template: alpaca", "template: qwen3"))
+    r = resolve_run(recipe, "per_device_eval_batch_size=2")
+    data, ev = data_args(r), eval_args(r)
+    rows = [{"instruction": "What is 2 plus 2?", "input": "", "output": "<think>\nadd them\n</think>\n\n2 plus 2 is 4."},
+            {"instruction": "What is 1 plus 1?", "input": "", "output": "1 plus 1 is 2."}]
+    monkeypatch.setattr(load, "load_split", lambda data, split: rows)
+    refs = [row["output"] for row in E._generation_rows(data, ev)]
+    assert refs == ["2 plus 2 is 4.", "1 plus 1 is 2."]
+    tokenizer = recipe_tokenizer(data)
+    said = [tokenizer.encode("<think>\n\n</think>\n\n2 plus 2 is 4."), tokenizer.encode("1 plus 1 is 2.")]
+    monkeypatch.setattr(G, "generate", lambda model, prompts, **kw: said[:len(prompts)])
+    predictions = E.generate_predictions(torch.nn.Linear(1, 1), data, GenerationArgs.from_recipe(r), ev, rows[:2])
+    assert predictions == refs
