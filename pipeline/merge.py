@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,6 +398,11 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
     named = guard.protected({**{k: r[k] for k in guard.INPUT_KEYS}, "output_dir, the run merged from": r["output_dir"]},
                             r.files)
     guard.refuse_to_clear(target, key_at(r, key), key, named, ours=VERIFICATION)
+    folder = target.absolute().parent  # the export is built beside target, then swapped in
+    place = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(place, os.W_OK | os.X_OK):  # a read-only file system too: found before the model is merged
+        raise UserError(f"{key_at(r, key)}: {target} cannot be written: {place} is not writable (a read-only file "
+                        f"system, or no permission); nothing was done. Choose another {key}")
     return target
 
 

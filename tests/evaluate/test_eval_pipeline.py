@@ -421,3 +421,20 @@ def test_a_reasoning_templates_thought_is_not_scored(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "generate", lambda model, prompts, **kw: said[:len(prompts)])
     predictions = E.generate_predictions(torch.nn.Linear(1, 1), data, GenerationArgs.from_recipe(r), ev, rows[:2])
     assert predictions == refs
+
+
+def test_a_merge_into_a_place_it_cannot_write_is_refused_before_the_work(make_run, monkeypatch):
+    """merge/export into a read-only file system loaded, merged and verified the whole model first and only then
+    failed on the first write (a traceback before a4f0386); the target's folder is now checked up front."""
+    import pipeline.merge as M
+
+    r = make_run(command="merge")
+    out = Path(r["output_dir"]).resolve()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path).resolve() != out and real(path, mode, **kw))
+    monkeypatch.setattr(M, "merge_adapter", lambda *a, **k: pytest.fail("merged before checking the target"))
+    with pytest.raises(UserError) as err:
+        M.run(r)
+    (message,) = err.value.messages
+    assert f"{out} is not writable" in message and "output_dir" in message, message
+    assert not (out / "merged").exists()
