@@ -95,7 +95,8 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
         check = merge_adapter(models.model, data, ex, adapter)
         source = f"adapter {r['adapter_name_or_path']}"
     else:
-        _refuse_exporting_the_base_of_a_trained_run(r, models)
+        _refuse_exporting_the_base_of_a_trained_run(RunLayout.of(r["output_dir"]), r["model_name_or_path"], models,
+                                                    _recipe(r))
         model = _load_base(models.model, ex)
         samples = validation_samples(data, model.cfg.context_length)
         check = Verified(model, {"source": str(r["model_name_or_path"]), "samples": len(samples),
@@ -111,18 +112,18 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     return 0
 
 
-def _refuse_exporting_the_base_of_a_trained_run(r: Mapping[str, Any], models: RecipeModel) -> None:
+def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_path: str, models: RecipeModel,
+                                                recipe: str) -> None:
     """export without adapter_name_or_path writes model_name_or_path as it is. When this recipe trained other
     weights (its output_dir holds them), that would leave the fine-tune out of the export without a word."""
     kind = models.finetune.finetuning_type
-    trained = trained_weights(RunLayout.of(r["output_dir"]), kind, None)
-    if trained is None or trained.path.resolve() == resolve_model_path(r["model_name_or_path"]).resolve():
+    trained = trained_weights(out, kind, None)
+    if trained is None or trained.path.resolve() == resolve_model_path(model_name_or_path).resolve():
         return
-    fix = (f"adapter_name_or_path: {r['output_dir']}" if kind == "lora"
-           else f"model_name_or_path: {r['output_dir']}")
-    raise UserError(f"{_recipe(r)}: export without adapter_name_or_path would write model_name_or_path "
-                    f"({r['model_name_or_path']}) unchanged, but this recipe trained {trained.path}. To export the "
-                    f"trained model run `python -m pipeline merge {_recipe(r)}` (it writes export_dir when set), or "
+    fix = f"adapter_name_or_path: {out.root}" if kind == "lora" else f"model_name_or_path: {out.root}"
+    raise UserError(f"{recipe}: export without adapter_name_or_path would write model_name_or_path "
+                    f"({model_name_or_path}) unchanged, but this recipe trained {trained.path}. To export the "
+                    f"trained model run `python -m pipeline merge {recipe}` (it writes export_dir when set), or "
                     f"set {fix}")
 
 
