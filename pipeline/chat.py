@@ -19,8 +19,8 @@ from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_
 
 
 def generation_kwargs(gen: GenerationArgs, stop_ids: Sequence[int] = ()) -> dict[str, Any]:
-    """The recipe's generation keys as generate() arguments (plus the template's stop ids, when given)."""
-    kwargs = gen.generate_kwargs()
+    """The recipe's generation keys as generate_text() arguments (plus the template's stop ids, when given)."""
+    kwargs = {**gen.generate_kwargs(), "skip_special_tokens": gen.skip_special_tokens}  # generate_text's
     if stop_ids:
         kwargs["stop_ids"] = tuple(stop_ids)
     return kwargs

@@ -146,7 +146,12 @@ class Tokenizer:
         except KeyError:
             raise UserError(f"{self.name}: the tokenizer has no token {token!r}") from None
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """skip_special: without the special tokens, as transformers' skip_special_tokens (an answer's stray
+        <|im_start|>); added tokens that are not special (Qwen3's <think>) stay, as there."""
+        if skip_special:
+            drop = {self._ids[token] for token in self.special if token in self._ids}
+            ids = [i for i in ids if i not in drop]
         return self.encoding.decode(list(ids))
 
     def token_bytes(self, token: int) -> bytes:

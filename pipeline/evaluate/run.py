@@ -232,7 +232,7 @@ def generate_predictions(model: torch.nn.Module, data: DataArgs, gen: Generation
                 new = generate(model, [prompts[i] for i in chunk], **kwargs, tokenizer=tokenizer, eos_id=None,
                                stop_ids=stop_ids, pad_id=tokenizer.pad_id)
             for i, ids in zip(chunk, new):
-                local[i] = _answer(data, cut_at_stop(tokenizer.decode(ids), stops))
+                local[i] = _answer(data, cut_at_stop(tokenizer.decode(ids, gen.skip_special_tokens), stops))
             bar.update(len(chunk))
     gathered = _gather(local, world)
     return [gathered[i] for i in range(len(rows))] if rank == 0 else []

@@ -187,12 +187,14 @@ def generate_text(model: GPTModel, tokenizer, prompts: str | Sequence[str] | Seq
     """Prompts in (text, or token ids as training encoded them), completions out (stop strings cut off).
 
     Text is encoded as plain text: a user typing "<|endoftext|>" does not produce the EOS token.
-    kwargs as for generate(); by default generation stops at the tokenizer's stop ids and pads with its pad id.
+    kwargs as for generate(), and skip_special_tokens (Tokenizer.decode's skip_special); by default generation
+    stops at the tokenizer's stop ids and pads with its pad id.
     """
     single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
     items = [prompts] if single else list(prompts)
+    skip_special = kwargs.pop("skip_special_tokens", False)
     kwargs = {"stop_ids": tokenizer.stop_ids, "pad_id": tokenizer.pad_id, **kwargs}
     encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in items]
     new = generate(model, encoded, tokenizer=tokenizer, **kwargs)
-    completions = [cut_at_stop(tokenizer.decode(ids), kwargs.get("stop_strings")) for ids in new]
+    completions = [cut_at_stop(tokenizer.decode(ids, skip_special), kwargs.get("stop_strings")) for ids in new]
     return completions[0] if single else completions

@@ -35,6 +35,7 @@ class GenerationArgs:
     top_k: int
     top_p: float
     repetition_penalty: float
+    skip_special_tokens: bool
     stop_strings: tuple[str, ...]
     seed: int
 
@@ -44,7 +45,8 @@ class GenerationArgs:
         return cls(max_new_tokens=int(_value(r, "max_new_tokens")), do_sample=bool(_value(r, "do_sample")),
                    temperature=float(_value(r, "temperature")), top_k=int(_value(r, "top_k")),
                    top_p=float(_value(r, "top_p")),
-                   repetition_penalty=float(_value(r, "repetition_penalty")), stop_strings=tuple(dict.fromkeys(stops)),
+                   repetition_penalty=float(_value(r, "repetition_penalty")),
+                   skip_special_tokens=bool(_value(r, "skip_special_tokens")), stop_strings=tuple(dict.fromkeys(stops)),
                    seed=int(_value(r, "seed")))
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -61,6 +63,8 @@ class GenerationArgs:
             out.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
         if self.repetition_penalty != 1.0:
             out["repetition_penalty"] = self.repetition_penalty
+        if not self.skip_special_tokens:
+            out["skip_special_tokens"] = False
         if self.stop_strings:
             out["stop_strings"] = list(self.stop_strings)
         return out
