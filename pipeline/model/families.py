@@ -169,14 +169,20 @@ def gpt2_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
 
 
 def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from transformers 5's rope_parameters or 4's rope_theta + rope_scaling."""
-    params = raw.get("rope_parameters")
-    key = "rope_parameters"
-    if not isinstance(params, dict):
-        params, key = raw.get("rope_scaling") or {}, "rope_scaling"
-        if not isinstance(params, dict):
-            problems.append(f"{path}: rope_scaling is {params!r}; expected an object or null")
-            return 10000.0, None
+    """(theta, scaling) as transformers reads them: a non-empty rope_scaling first, else rope_parameters.
+
+    transformers 5 takes `rope_scaling or rope_parameters` (modeling_rope_utils.convert_rope_params_to_dict),
+    the theta then from that dict's rope_theta or the top-level one; 4 reads only rope_scaling / rope_theta.
+    Our merged config.json writes both spellings, so a user's edit of rope_scaling there (Qwen2.5's YaRN
+    recipe, a llama3 factor) is what transformers runs: reading rope_parameters first ignored it silently.
+    """
+    params, key = raw.get("rope_scaling"), "rope_scaling"
+    if params and not isinstance(params, dict):
+        problems.append(f"{path}: rope_scaling is {params!r}; expected an object or null")
+        return 10000.0, None
+    if not params:
+        params, key = raw.get("rope_parameters"), "rope_parameters"
+        params = params if isinstance(params, dict) else {}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in ROPE_TYPES:

@@ -337,6 +337,11 @@ def write_config(tmp_path, **changes):
      "rope_parameters.rope_type 'yarn' is not implemented; supported: default, linear, llama3"),
     ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}},
      "rope_scaling.rope_type 'dynamic' is not implemented"),
+    # Qwen2.5's documented YaRN edit of rope_scaling, in a config.json that also has rope_parameters (as our
+    # merged/ does): transformers runs YaRN, so it is refused, not read past
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+      "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+     "rope_scaling.rope_type 'yarn' is not implemented"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"use_sliding_window": True}, "use_sliding_window true is not supported"),
 ])
@@ -345,6 +350,26 @@ def test_bad_configs_name_file_and_key(tmp_path, changes, words):
     with pytest.raises(UserError) as err:
         read_config(tmp_path)
     assert any(m.startswith(f"{path}: ") and words in m for m in err.value.messages), err.value.messages
+
+
+def test_an_edited_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
+    """Our merged config.json writes both rope spellings; transformers 5 takes a non-null rope_scaling first (theta
+    from the top-level rope_theta) and 4 reads nothing else, so a user's edit of rope_scaling / rope_theta there
+    (a llama3 factor, another theta) is what transformers runs, and must be what we run."""
+    hf_model("llama-gqa-llama3-untied").save_pretrained(tmp_path / "base")
+    save_hf(load_model(tmp_path / "base"), tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["rope_scaling"] and config["rope_parameters"]["factor"] == 8.0
+    config["rope_scaling"]["factor"] = 2.0
+    config["rope_theta"] = 100000.0
+    (tmp_path / "merged" / "config.json").write_text(json.dumps(config))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (ref.config.rope_parameters["factor"], ref.config.rope_parameters["rope_theta"]) == (2.0, 100000.0)
+    x = ids(11, (1, 96))  # past original_max_position_embeddings (32)
+    with torch.no_grad():
+        want = ref(x).logits
+        got = load_model(tmp_path / "merged").eval()(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("config_cls", ["LlamaConfig", "Qwen2Config", "Qwen3Config"])
