@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config_path, read_config, read_raw,
                                    to_hf_config, to_own_config)
-from pipeline.model.families import FAMILIES, GPT2, check_exportable
+from pipeline.model.families import FAMILIES, GPT2, Family, check_exportable
 from pipeline.model.gpt import GPTModel
 from pipeline.model.memory import dense_weight
 
@@ -120,7 +120,8 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
     "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
     """
     family = GPT2 if kind == "pipeline-v1" else FAMILIES[cfg.family]
-    for file, key, tensor in read_tensors(_shard_files(directory), dtype):
+    files = _shard_files(directory)
+    for file, key, tensor in read_tensors(files, dtype):
         name = key
         if kind != "pipeline":
             if key.endswith(family.skip):
@@ -128,10 +129,33 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
             name = family.from_hf(key)
             if kind == "hf":
                 if name == "lm_head.weight" and cfg.tie_weights:
-                    continue  # transformers ties it to the embedding too
+                    _check_tied_head(directory, files, family, file, key, tensor)
+                    continue  # a copy of the embedding, which is the head
                 if family.is_conv1d(name):
                     tensor = tensor.t()  # a view: model_from_state_dict makes every parameter dense
         yield name, file, tensor
+
+
+def _check_tied_head(directory: Path, files: list[Path], family: Family, file: Path, key: str,
+                     head: torch.Tensor) -> None:
+    """A UserError when a tied config's files hold a head that is not the embedding.
+
+    No reading is right for both transformers versions then (5 keeps the file's head untied, 4 ties it), and
+    dropping the head silently gave transformers 5 users other logits. An equal copy (some exporters write
+    one) is the embedding. The embedding is read again here, by key: only such checkpoints pay for it; files
+    without one are left to model_from_state_dict (a missing tensor).
+    """
+    for other in files:
+        with safe_open(other, framework="pt") as handle:
+            embed = next((k for k in handle.keys() if family.from_hf(k) == "embed_tokens.weight"), None)
+            if embed is None:
+                continue
+            if torch.equal(handle.get_tensor(embed).to(head.dtype), head):
+                return
+        raise UserError(f"{file}: tensor '{key}' differs from the embedding '{embed}', but {directory / 'config.json'}"
+                        " says tie_word_embeddings: true (the head is then the embedding, and this tensor is not"
+                        " used); to use this head, set \"tie_word_embeddings\": false in config.json (transformers 5"
+                        " keeps it untied); to tie, remove lm_head.weight from the file")
 
 
 def checkpoint_tensors(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:

@@ -131,6 +131,27 @@ def test_preset_is_seeded(tmp_path):
     assert torch.equal(a.layers[1].mlp.up_proj.weight, b.layers[1].mlp.up_proj.weight)
 
 
+def test_a_tied_config_with_a_different_head_in_its_file_is_refused(hf_dir, tmp_path):
+    """tie_word_embeddings true, yet the file holds its own lm_head.weight: transformers 5 keeps that head untied,
+    4 ties it to the embedding, so no reading is right for both; an equal copy (some exporters write one) is the
+    embedding, dropped without a word."""
+    path, ref = hf_dir
+    with safe_open(path / "model.safetensors", "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    copy_config(path, tmp_path)
+    save_file({**state, "lm_head.weight": state["transformer.wte.weight"].clone()}, str(tmp_path / "model.safetensors"))
+    x = ids(2)
+    assert torch.allclose(load_model(tmp_path).eval()(x), hf_logits(ref, x), atol=1e-4, rtol=0)
+    save_file({**state, "lm_head.weight": state["transformer.wte.weight"] + 0.5}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path)
+    assert err.value.messages == [
+        f"{tmp_path / 'model.safetensors'}: tensor 'lm_head.weight' differs from the embedding"
+        f" 'transformer.wte.weight', but {tmp_path / 'config.json'} says tie_word_embeddings: true (the head is"
+        " then the embedding, and this tensor is not used); to use this head, set \"tie_word_embeddings\": false in"
+        " config.json (transformers 5 keeps it untied); to tie, remove lm_head.weight from the file"]
+
+
 def test_shape_mismatch_and_missing_keys_are_listed(hf_dir, tmp_path):
     path, _ = hf_dir
     with safe_open(path / "model.safetensors", "pt") as f:
