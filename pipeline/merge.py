@@ -70,7 +70,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     else:
         check = reexport_full(models, data, ex, out, _recipe(r))
     tokenizer = recipe_tokenizer(data)
-    target = export(check, target, ex, export_generation(r, tokenizer), tokenizer)
+    target = export(check, target, ex, export_generation(r, tokenizer), tokenizer,
+                    base_config_ids(models.model.model_name_or_path))
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
@@ -105,7 +106,8 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
         _check_cast(check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
     tokenizer = recipe_tokenizer(data)
-    export(check, target, ex, export_generation(r, tokenizer), tokenizer)
+    export(check, target, ex, export_generation(r, tokenizer), tokenizer,
+           base_config_ids(models.model.model_name_or_path))
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
@@ -407,8 +409,10 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
     return target
 
 
-def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[str, Any], tokenizer: Tokenizer) -> Path:
-    """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory.
+def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[str, Any], tokenizer: Tokenizer,
+           config_ids: Mapping[str, Any] | None = None) -> Path:
+    """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory
+    (`config_ids`: config.json's token ids where they are not generation's first ones, base_config_ids).
 
     The written files are loaded back and checked against the reference logits before the directory
     is put in place, so what is on disk is what was verified. The model in memory is let go before
@@ -421,7 +425,7 @@ def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[st
     context_length = model.cfg.context_length
     with atomic_dir(target) as tmp:
         save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(ex.export_size),
-                special={k: v for k, v in generation.items() if k.endswith("_token_id")})
+                special={k: v for k, v in generation.items() if k.endswith("_token_id")}, config_ids=config_ids)
         del model
         hostmem.release_freed()
         written = load_model(tmp).eval()
@@ -449,6 +453,21 @@ def export_generation(r: Any, tokenizer: Tokenizer) -> dict[str, Any]:
     base = optional_json(path.parent / "generation_config.json") if path else {}
     explicit = {k for k in DECODING_KEYS if r.origin(k).kind in ("file", "cli")}
     return generation_config(GenerationArgs.from_recipe(r), tokenizer, base, explicit)
+
+
+def base_config_ids(model_name_or_path: str) -> dict[str, Any]:
+    """The base config.json's own eos_token_id, for the export's config.json: {} for a preset or a config without
+    one (save_hf then writes the first stop id).
+
+    Writing the first stop id changed model.config.eos_token_id for code that reads it: Llama-3.x-Instruct's
+    [128001, 128008, 128009] became 128001, and a config saying 128009 (<|eot_id|>) also became 128001.
+    Generation is unaffected either way; generation_config.json holds the stop ids.
+    """
+    from pipeline.model.config import config_path, read_raw
+
+    path = config_path(model_name_or_path)  # None for a preset
+    raw = read_raw(path) if path else {}
+    return {"eos_token_id": raw["eos_token_id"]} if "eos_token_id" in raw else {}
 
 
 def generation_config(gen: GenerationArgs, tokenizer: Tokenizer, base: Mapping[str, Any] | None = None,

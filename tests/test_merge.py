@@ -244,3 +244,18 @@ def test_export_of_a_trained_recipe_without_an_adapter_does_not_write_the_base(t
     assert "Traceback" not in err and not (tmp_path / "exports/r").exists()
     pipeline("export", "r.yaml", "export_dir=exports/r", "adapter_name_or_path=saves/r", cwd=tmp_path)
     assert "saves/r/adapter" in (tmp_path / "exports/r/verification.json").read_text()
+
+
+@pytest.mark.parametrize("eos", [[379, 382, 383], 383], ids=["instruct-list", "scalar-not-first-stop"])
+def test_export_keeps_the_base_configs_eos_token_id(tmp_path, eos):
+    """config.json's eos_token_id is the base's own, a list as Llama-3.x-Instruct ships it or a scalar that is not
+    the first stop id (a transformers-saved Llama: <|eot_id|>): code reading model.config.eos_token_id sees what
+    the original model said. The stop ids for generation are generation_config.json's list, as before."""
+    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+
+    # the small Llama 3 vocabulary: 379 <|end_of_text|>, 382 <|eom_id|>, 383 <|eot_id|>
+    write_hf_checkpoint(tmp_path / "base", "llama", small_vocab=True, eos_token_id=eos)
+    (tmp_path / "export.yaml").write_text("model_name_or_path: base\ntemplate: llama3\nexport_dir: out\n")
+    pipeline("export", "export.yaml", cwd=tmp_path)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == eos
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [379, 382, 383]

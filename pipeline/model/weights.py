@@ -295,24 +295,26 @@ def default_special_ids(cfg: ModelConfig) -> dict[str, int | None]:
 
 
 def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None,
-            special: Mapping[str, Any] | None = None) -> Path:
+            special: Mapping[str, Any] | None = None, config_ids: Mapping[str, Any] | None = None) -> Path:
     """The family's Hugging Face layout (loads with transformers.AutoModelForCausalLM.from_pretrained).
 
     Writes config.json (the family's architectures), generation_config.json (`special`: bos/eos/pad
     token ids, GPT-2's 50256 by default) and model.safetensors, or model-0000i-of-0000n.safetensors +
     model.safetensors.index.json when larger than max_shard_bytes. Tokenizer files are the caller's
-    (merge copies the base checkpoint's, or writes GPT-2's).
+    (merge copies the base checkpoint's, or writes GPT-2's). config.json's ids are `special`'s (the first
+    of a list), except those `config_ids` gives: merge passes the base config.json's own eos_token_id, so
+    that model.config.eos_token_id stays what the base model said.
     """
     if dtype not in DTYPES:
         raise UserError(f"export_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     state = hf_state_dict(model, dtype)
     shards = _shards(state, max_shard_bytes)
     special = dict(default_special_ids(model.cfg) if special is None else special)
-    ids = {k: v for k, v in special.items() if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in special.items()
+           if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids.update(config_ids or {})
     with atomic_dir(directory) as tmp:
-        write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch."),
-                                                     {k: (v[0] if isinstance(v, list) and v else v)
-                                                      for k, v in ids.items()}))
+        write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch."), ids))
         write_json(tmp / "generation_config.json", special)
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
