@@ -8,7 +8,7 @@ Read, in this order of preference:
 - vocab.json + merges.txt (GPT-2's slow-tokenizer files, as our merged/ exports write them).
 - original/tokenizer.model in Meta's tiktoken format (base64 token, rank per line).
 - no tokenizer file at all, in a GPT-2 checkpoint (config.json model_type gpt2, or our own format):
-  GPT-2's ranks.
+  GPT-2's ranks (never in a folder without config.json).
 Special tokens come from tokenizer.json's added_tokens and tokenizer_config.json's added_tokens_decoder;
 BOS / EOS / pad from tokenizer_config.json (else special_tokens_map.json), the stop ids from
 generation_config.json's eos_token_id (an id or a list), with config.json as the last fallback.
@@ -99,8 +99,11 @@ def _read(directory: Path, _stamp: tuple) -> Tokenizer:
     if (directory / "tokenizer.model").is_file():
         return _from_tiktoken_model(directory / "tokenizer.model", directory)
     config = optional_json(directory / "config.json")
-    if config.get("model_type", "gpt2") == "gpt2" and config.get("family", "gpt2") == "gpt2":
-        return gpt2()  # HF GPT-2 checkpoints saved without tokenizer files, and our own GPT-2 checkpoints
+    # HF GPT-2 checkpoints saved without tokenizer files, and our own GPT-2 checkpoints. A folder without
+    # config.json is no checkpoint (an empty folder, the hub cache's models--Org--Name): reading it as GPT-2
+    # added a wrong template message beside the model's own
+    if config and config.get("model_type", "gpt2") == "gpt2" and config.get("family", "gpt2") == "gpt2":
+        return gpt2()
     raise UserError(f"{directory}: no tokenizer files (tokenizer.json, or vocab.json + merges.txt, or "
                     "original/tokenizer.model); copy the checkpoint's tokenizer files next to its config.json "
                     "(`hf download ORG/NAME tokenizer.json tokenizer_config.json "

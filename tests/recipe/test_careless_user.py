@@ -30,6 +30,28 @@ def test_a_model_folders_own_tokenizer_larger_than_its_embedding_table(tmp_path)
     assert not (tmp_path / "saves").exists()
 
 
+def test_a_model_folder_without_config_json_gets_the_model_message_only(tmp_path):
+    """An empty folder, or the hub cache's models--Org--Name folder (snapshots inside, no config.json): the model's
+    own message was joined by a wrong one, "template: 'qwen3_nothink' needs the special tokens ... which the
+    tokenizer gpt2 does not have", because a folder without config.json was read as a GPT-2 checkpoint."""
+    write_data(tmp_path / "data")
+    (tmp_path / "empty").mkdir()
+    cache = tmp_path / "hub" / "models--Org--Tiny"
+    (cache / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("a" * 40)
+    for model, words in (("empty", "empty: no config.json in this directory"),
+                         (str(cache), "is a Hugging Face cache folder (it holds snapshots/, not a checkpoint);"
+                                      " set it to the hub id 'Org/Tiny'")):
+        recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path=model, dataset_dir="data",
+                              template="qwen3_nothink", output_dir="saves/r")
+        for command in ("validate", "train"):
+            err = refused(command, recipe, cwd=tmp_path)
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and words in errors[0], err
+    assert not (tmp_path / "saves").exists()
+
+
 def test_a_file_where_an_output_directory_must_go(tmp_path):
     """output_dir / export_dir under a file, a dataset_dir whose build/ is a file, a link to nothing: one message
     naming what is in the way (each was a FileExistsError / NotADirectoryError traceback, exit 1)."""
