@@ -31,6 +31,9 @@ INDEX = "model.safetensors.index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 MAX_TENSOR_PROBLEMS = 8
+# Pickled weights a download may hold instead of safetensors, named (never opened) when there is no safetensors:
+# transformers' pytorch_model*.bin, *.pt / *.pth, Meta's original/consolidated.00.pth
+PICKLED = ("*.bin", "*.pt", "*.pth", "original/*.pth")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,7 +77,7 @@ def _shard_files(directory: Path) -> list[Path]:
         if missing:
             raise UserError([f"{index}: lists shard '{n}', which is missing from {directory}" for n in missing])
         return [directory / n for n in names]
-    pickled = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+    pickled = [p.relative_to(directory).as_posix() for pattern in PICKLED for p in sorted(directory.glob(pattern))]
     hint = (f" ({', '.join(pickled)} are pickled weights, which this pipeline never loads; convert them to"
             " safetensors, or download model.safetensors from the hub)") if pickled else ""
     raise UserError(f"{directory}: no {SINGLE} (nor {INDEX}){hint}")

@@ -205,6 +205,21 @@ def test_truncated_and_missing_weights_name_the_file(hf_dir, tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("pickled", ["original/consolidated.00.pth", "model.pth"])
+def test_pickled_pth_weights_are_named_not_opened(hf_dir, tmp_path, pickled):
+    """A Meta download with only original/consolidated.00.pth (or a top-level *.pth) got "no model.safetensors"
+    without a word about the file it has; it is named as *.bin is (and, as every pickle, never opened)."""
+    path, _ = hf_dir
+    copy_config(path, tmp_path)
+    (tmp_path / pickled).parent.mkdir(exist_ok=True)
+    (tmp_path / pickled).write_bytes(b"not a pickle either")
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path)
+    assert err.value.messages == [
+        f"{tmp_path}: no model.safetensors (nor model.safetensors.index.json) ({pickled} are pickled weights, which"
+        " this pipeline never loads; convert them to safetensors, or download model.safetensors from the hub)"]
+
+
 def test_shorter_context_override_cuts_positions(hf_dir):
     path, ref = hf_dir
     from pipeline.model.config import read_config
