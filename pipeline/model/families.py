@@ -38,6 +38,9 @@ class Family:
     # config.json keys a checkpoint may leave out, with the value transformers' config class then takes, where
     # that is not Llama's (LlamaConfig: head_dim = hidden_size / heads, max_position_embeddings 2048)
     config_defaults: tuple[tuple[str, Any], ...] = ()
+    # whether the HF class has sliding-window layers (use_sliding_window, sliding_window, max_window_layers,
+    # layer_types: Qwen2 / Qwen3); LlamaForCausalLM has none and ignores those keys
+    sliding_window: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -95,11 +98,14 @@ GPT2 = Family(
 )
 LLAMA = Family(name="llama", architecture="LlamaForCausalLM", model_type="llama", prefix="model.",
                skip=(".rotary_emb.inv_freq",))
+_QWEN_WINDOW = (("sliding_window", 4096), ("max_window_layers", 28))  # Qwen2Config / Qwen3Config's defaults
 QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2", prefix="model.",
-               skip=(".rotary_emb.inv_freq",), config_defaults=(("max_position_embeddings", 32768),))
+               skip=(".rotary_emb.inv_freq",), config_defaults=(("max_position_embeddings", 32768), *_QWEN_WINDOW),
+               sliding_window=True)
 QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3", prefix="model.",
                skip=(".rotary_emb.inv_freq",),
-               config_defaults=(("max_position_embeddings", 32768), ("head_dim", 128)))
+               config_defaults=(("max_position_embeddings", 32768), ("head_dim", 128), *_QWEN_WINDOW),
+               sliding_window=True)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3)}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -199,6 +205,23 @@ def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float
     return theta, {"type": kind, **{k: params[k] for k in wanted}}
 
 
+def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
+    """The layers transformers gives sliding-window attention (Qwen2Config.__post_init__, Qwen3's alike).
+
+    Only with use_sliding_window and a sliding_window: the layers layer_types calls "sliding_attention" where
+    config.json lists them, else those from max_window_layers on. max_window_layers >= num_hidden_layers is
+    a plain full-attention model (refusing it for use_sliding_window alone was wrong).
+    """
+    if not raw.get("use_sliding_window") or raw.get("sliding_window") is None:
+        return []
+    layers = range(raw["num_hidden_layers"] if type(raw.get("num_hidden_layers")) is int else 0)
+    kinds = raw.get("layer_types")
+    if isinstance(kinds, list):
+        return [i for i in layers if i < len(kinds) and kinds[i] == "sliding_attention"]
+    first = raw.get("max_window_layers")
+    return [i for i in layers if type(first) is not int or i >= first]
+
+
 def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
     """LlamaConfig / Qwen2Config / Qwen3Config keys -> ModelConfig fields."""
     raw = {**dict(family.config_defaults), **raw}
@@ -210,8 +233,13 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         problems.append(f"{path}: hidden_act '{act}' is not supported; expected 'silu' (SwiGLU)")
-    if raw.get("use_sliding_window"):
-        problems.append(f"{path}: use_sliding_window true is not supported (every layer attends to the full context)")
+    sliding = _sliding_layers(raw) if family.sliding_window else []
+    if sliding:
+        problems.append(f"{path}: use_sliding_window true is not supported: layer{'s' if len(sliding) > 1 else ''}"
+                        f" {', '.join(map(str, sliding))} would attend to the last {raw['sliding_window']} positions"
+                        f" only (max_window_layers {raw.get('max_window_layers')!r}, layer_types"
+                        f" {raw.get('layer_types')!r}), and every layer here attends to the full context; set"
+                        " use_sliding_window false to run it with full attention")
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
     theta, scaling = _rope(raw, path, problems)

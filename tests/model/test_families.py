@@ -343,13 +343,45 @@ def write_config(tmp_path, **changes):
       "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
      "rope_scaling.rope_type 'yarn' is not implemented"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"use_sliding_window": True}, "use_sliding_window true is not supported"),
+    ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1, "layer_types": None},
+     "use_sliding_window true is not supported: layer 1 would attend to the last 16 positions only"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, changes, words):
     path = write_config(tmp_path, **changes)
     with pytest.raises(UserError) as err:
         read_config(tmp_path)
     assert any(m.startswith(f"{path}: ") and words in m for m in err.value.messages), err.value.messages
+
+
+@pytest.mark.parametrize("layer_types", [None, ["full_attention", "full_attention"]])
+def test_use_sliding_window_with_every_layer_below_max_window_layers_is_full_attention(tmp_path, layer_types):
+    """Qwen2Config gives sliding-window attention only to the layers from max_window_layers on (or those
+    layer_types names): with max_window_layers >= num_hidden_layers no layer slides, and the model is the plain
+    full-attention one transformers runs; it was refused for use_sliding_window true alone."""
+    config = transformers.Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                      sliding_window=4, max_window_layers=2, layer_types=layer_types)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # as hf_model: a window that did cut would show in the logits
+    model.save_pretrained(tmp_path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["use_sliding_window"] is True
+    x = ids(12, (1, 24))  # longer than the window
+    with torch.no_grad():
+        want = ref(x).logits
+        got = load_model(tmp_path).eval()(x)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_llama_ignores_the_sliding_window_keys_as_transformers_does(tmp_path):
+    """LlamaForCausalLM has no sliding-window layers: the keys (left by a conversion) change nothing there."""
+    config = {**transformers.LlamaConfig(**COMMON, num_attention_heads=4).to_dict(),
+              "architectures": ["LlamaForCausalLM"], "use_sliding_window": True, "sliding_window": 16,
+              "max_window_layers": 0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert read_config(tmp_path).n_layers == 2
 
 
 def test_an_edited_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
