@@ -12,7 +12,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -193,7 +193,8 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
     problems = []
     for key, shape in expected.items():
         if key not in state:
-            problems.append(f"{source}: missing tensor '{shown(key)}' (expected shape {list(shape)})")
+            problems.append(f"{source}: missing tensor '{shown(key)}' (expected shape {list(shape)})"
+                            f"{_untied_hint(key, shape, state, shown, source) if hf_names else ''}")
         elif tuple(state[key][1].shape) != shape:
             file, tensor = state[key]
             problems.append(f"{file or source}: tensor '{shown(key)}' has shape {list(tensor.shape)},"
@@ -219,6 +220,17 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
     model.load_state_dict({k: dense_weight(state[k][1], dtype) for k in expected}, assign=True, strict=False)
     model.tie_weights()
     return model
+
+
+def _untied_hint(key: str, shape: tuple[int, ...], state: Mapping[str, tuple[Path, torch.Tensor]],
+                 shown: Callable[[str], str], source: Path) -> str:
+    """Why an HF checkpoint lacks its lm_head.weight when the embedding of that shape is there: a tied model whose
+    config.json leaves out tie_word_embeddings, which then means false (LlamaConfig, Qwen2Config, Qwen3Config)."""
+    embedding = state.get("embed_tokens.weight")
+    if key != "lm_head.weight" or embedding is None or tuple(embedding[1].shape) != shape:
+        return ""
+    return (f"; the files hold the embedding '{shown('embed_tokens.weight')}' of that shape, so the model is likely"
+            f" tied: set \"tie_word_embeddings\": true in {source / 'config.json'} (its default is false)")
 
 
 # ModelConfig fields that size no tensor: a recipe that changes them (dropout 0.0 where GPT-2's config.json says

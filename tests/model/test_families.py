@@ -419,6 +419,21 @@ def test_keys_a_config_leaves_out_take_the_transformers_defaults(tmp_path, confi
                                                     theirs.max_position_embeddings)
 
 
+def test_a_tied_checkpoint_whose_config_lacks_tie_word_embeddings_names_the_key(tmp_path):
+    """LlamaConfig's default is untied, so a tied model's config.json without the key asks for an lm_head.weight
+    the files do not have; the message says which key is the likely cause."""
+    hf_model("llama-mqa-tied").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as err:
+        load_model(tmp_path)
+    assert err.value.messages == [
+        f"{tmp_path}: missing tensor 'lm_head.weight' (expected shape [{VOCAB}, 64]); the files hold the embedding"
+        " 'embed_tokens.weight' of that shape, so the model is likely tied: set \"tie_word_embeddings\": true in"
+        f" {tmp_path / 'config.json'} (its default is false)"]
+
+
 def test_weights_that_do_not_fit_the_config_are_listed(tmp_path, checkpoint):
     name, path, ref = checkpoint
     if name != "qwen2-bias-tied":
