@@ -54,3 +54,15 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(f"{target}: no heading with id '{anchor}' in {dest.name}")
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_merge_page_states_the_default_export_dtype_and_how_to_keep_bf16():
+    """LLaMA-Factory exports in the model's own dtype; ours defaults to the schema's export_dtype (fp32: a bf16
+    checkpoint comes out twice its size), which a user coming from there does not expect: the merge page says so."""
+    import json
+
+    schema = json.loads((ROOT / "pipeline/recipe/schema/recipe.schema.json").read_text(encoding="utf-8"))
+    default = schema["properties"]["export_dtype"]["default"]
+    text = " ".join(_prose((DOCS / "merge-eval.md").read_text(encoding="utf-8")).split())
+    assert f"The default `export_dtype` is `{default}`" in text and "LLaMA-Factory keeps the model's dtype" in text
+    assert "set `export_dtype: bf16`" in text
