@@ -277,11 +277,14 @@ def encode_example(row: Mapping[str, Any], template: Template | str, tokenizer: 
 def encode_prompt(template: Template | str, instruction: str, input: str = "", system: str | None = None,
                   history: Iterable[Sequence[str]] = (), *, tokenizer: Tokenizer,
                   enable_thinking: bool = True, tools: str = "", roles: Sequence[str] = ()) -> list[int]:
-    """The prompt ids exactly as in training (segment by segment, markup and EOS by id)."""
+    """The prompt ids as training encodes them (segment by segment, markup and EOS by id), with a reasoning
+    template's history as inference writes it: earlier answers without their thoughts and without an empty one
+    (LLaMA-Factory's encode_oneturn, used by its chat and predict; Qwen3's own chat template drops them too).
+    That is mask_history's rule for thoughts (as dpo prompts are encoded); it sets no labels here."""
     template = _as_template(template)
     ids = template.ids(tokenizer)
-    turns = template.turns(instruction, input, "", system, history, enable_thinking=enable_thinking, tools=tools,
-                           roles=roles)
+    turns = template.turns(instruction, input, "", system, history, mask_history=True,
+                           enable_thinking=enable_thinking, tools=tools, roles=roles)
     segments = [s for p, a in turns[:-1] for s in (p, a)] + [turns[-1][0]]
     texts: list[str] = []
     plans = [_plan(pieces, ids, texts) for pieces in segments]
