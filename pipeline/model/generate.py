@@ -1,4 +1,5 @@
-"""Decoding: greedy or sampled (temperature, top-k, top-p, repetition penalty), batched with left padding, with a KV cache.
+"""Decoding: greedy or sampled (temperature, top-k, top-p, repetition penalty), batched with left padding, with a
+KV cache.
 
 The book's generate loop, grown up: the prompt is run once and then one token per step against
 cached keys/values; prompts of different lengths are left-padded so that every row's next token
@@ -104,8 +105,9 @@ def generate(
 
     One prompt (a list of ints) or a batch (a list of lists). Sampling is a pure function of `seed`
     (a private torch.Generator). repetition_penalty (1: off) applies to the row's own tokens, never its left
-    padding (transformers also counts the pads of a batched prompt). Prompts longer than the context allows are cut from the left, keeping
-    room for max_new_tokens (at least half the context stays prompt); generation ends at the context.
+    padding (transformers also counts the pads of a batched prompt). Prompts longer than the context allows are
+    cut from the left, keeping room for max_new_tokens (at least half the context stays prompt); generation ends
+    at the context.
     """
     single = len(prompts) > 0 and isinstance(prompts[0], int)
     batch = [list(prompts)] if single else [list(p) for p in prompts]  # type: ignore[arg-type]

@@ -378,7 +378,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     problems += [f"{path}: {key} is {json.dumps(value)}; this pipeline reads adapters with one r and one lora_alpha "
                  "on whole target modules and no bias, so it would compute another model than PEFT does (expected "
                  f"{accepted.get(key, 'it absent, null or empty')}; fold the adapter into its base with "
-                 "PEFT's merge_and_unload() and use that checkpoint as model_name_or_path)" for key, value in unsupported]
+                 "PEFT's merge_and_unload() and use that checkpoint as model_name_or_path)"
+                 for key, value in unsupported]
     if problems:
         raise UserError(problems)
     return config
