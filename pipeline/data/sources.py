@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 @dataclass
 class Table:
-    """Records of one file; `where[i]` is the line (JSON, CSV) or 'row N' (Parquet) of `records[i]`."""
+    """Records of one file; `where[i]` is the line (JSON, CSV), 'N: row K' (rows sharing line N of a JSON array) or
+    'row N' (Parquet) of `records[i]`."""
 
     records: list[Any] = field(default_factory=list)
     where: list[int | str] = field(default_factory=list)
@@ -144,6 +146,16 @@ def _one_object(text: str, shown: str, problems: Problems) -> Table | None:
 
 
 def _read_json_array(text: str, shown: str, problems: Problems) -> Table:
+    """A JSON array, each record with its line; records sharing a line (a minified array, json.dump's default,
+    is all on line 1) are named `N: row K` (K from 1 in the array), else every problem would read `file:1:`."""
+    table = _scan_json_array(text, shown, problems)
+    per_line = Counter(table.where)
+    if len(per_line) < len(table.where):
+        table.where = [f"{line}: row {k}" if per_line[line] > 1 else line for k, line in enumerate(table.where, 1)]
+    return table
+
+
+def _scan_json_array(text: str, shown: str, problems: Problems) -> Table:
     """A JSON array, element by element with raw_decode, so each record knows its line."""
     table = Table()
     newlines = [m.start() for m in re.finditer("\n", text)]

@@ -93,6 +93,16 @@ def test_json_array_rows_know_their_lines(make_recipe):
                                f"{f}:6: 'output' is a list; expected a string"]
 
 
+def test_minified_json_array_names_the_row(make_recipe):
+    """json.dump's default writes the whole array on line 1: a problem names the row in the array as well, so
+    that the messages do not all read `d.json:1:`."""
+    rows = [good(0), {"instruction": "b", "output": 2}, good(2), {"instruction": "d", "output": [1]}]
+    r = make_recipe({"d": {"file_name": "raw/d.json"}}, files={"raw/d.json": json.dumps(rows)})
+    f = os.path.join(r["dataset_dir"], "raw", "d.json")
+    assert build_errors(r) == [f"{f}:1: row 2: 'output' is a number (2); expected a string",
+                               f"{f}:1: row 4: 'output' is a list; expected a string"]
+
+
 def test_json_array_broken_and_not_an_array(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.json"}},
                     files={"raw/d.json": '[\n {"instruction": "a", "output": "1"},\n {"instruction": }\n]'})
