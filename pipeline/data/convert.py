@@ -14,7 +14,7 @@ import unicodedata
 from typing import Any
 
 from pipeline.data.problems import Problems
-from pipeline.data.registry import DatasetSpec
+from pipeline.data.registry import OPENAI_TAGS, DatasetSpec
 from pipeline.data.templates import tool_refusal
 from pipeline.data.sources import Table
 from pipeline.errors import did_you_mean
@@ -63,9 +63,6 @@ class _TagsError(_RowError):
         self.kind = kind
 
 
-# The tags of OpenAI-style messages ({"role": "user", "content": ...}), suggested when the data looks like that
-_OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
-                "system_tag": "system"}
 
 
 def _tags_error(message: str, spec: DatasetSpec, wanted: dict[str, str], kind: str) -> _TagsError:
@@ -307,7 +304,7 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
             message = (f"{at}: missing '{role_tag}' (the role){did_you_mean(role_tag, map(str, turn))}; "
                        f"the turn has: {', '.join(map(str, turn)) or 'none'}")
             if "role" in turn and "content" in turn:
-                raise _tags_error(message, spec, _OPENAI_TAGS, "OpenAI-style messages")
+                raise _tags_error(message, spec, OPENAI_TAGS, "OpenAI-style messages")
             raise _RowError(message)
         if content_tag not in turn:
             raise _RowError(f"{at}: missing '{content_tag}' (the text){did_you_mean(content_tag, map(str, turn))}")
@@ -318,7 +315,7 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
         if role not in known:
             message = (f"{at}.{role_tag} is {role!r}; expected '{user}' or '{assistant}' (or '{system_role}' as the "
                        f"first turn, '{function}' / '{observation}' for tool use){did_you_mean(str(role), known)}")
-            openai_roles = {k: _OPENAI_TAGS[k] for k in ("user_tag", "assistant_tag", "system_tag")}
+            openai_roles = {k: OPENAI_TAGS[k] for k in ("user_tag", "assistant_tag", "system_tag")}
             if role in openai_roles.values():
                 raise _tags_error(message, spec, openai_roles, "user/assistant roles")
             raise _RowError(message)

@@ -51,6 +51,17 @@ REFUSED_SOURCES = {
     "cloud_file_name": "S3/GCS downloads are not supported: download the file and set file_name",
 }
 HUB_ONLY_KEYS = ("subset", "folder")
+# The sharegpt tags of OpenAI-style messages ({"role": "user", "content": ...}), suggested when data or an entry
+# looks like that
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "system_tag": "system"}
+# LLaMA-Factory formattings not implemented here: why, and what to write instead
+REFUSED_FORMATTINGS = {
+    "openai": "LLaMA-Factory's openai converter (assistant tool_calls, consecutive tool results merged, and a "
+              "\"detailed thinking off\" line added to the system prompt) is not implemented; OpenAI-style "
+              "role/content messages read as \"formatting\": \"sharegpt\" with \"tags\": " + json.dumps(OPENAI_TAGS)
+              + ", the entry LLaMA-Factory's data/README.md gives for them",
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,6 +203,8 @@ def _schema_problems(entries: dict[str, Any], lines: dict[tuple, int], shown: st
         elif err.validator == "anyOf" and len(path) == 1:
             add(path, f"{where}: no data source; give 'file_name' (a file or folder relative to dataset_dir) "
                       "or 'hf_hub_url' (a Hugging Face dataset repository)")
+        elif err.validator == "enum" and path[-1:] == ("formatting",) and err.instance in REFUSED_FORMATTINGS:
+            add(path, f"{where} is {json.dumps(err.instance)}: {REFUSED_FORMATTINGS[err.instance]}")
         elif err.validator == "enum":
             options = ", ".join(map(str, err.validator_value))
             add(path, f"{where} is {json.dumps(err.instance)}; expected one of {options}"

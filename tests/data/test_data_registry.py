@@ -65,6 +65,15 @@ def test_enum_and_type_errors(r):
     assert messages[1] == f'{path}:3: "demo".num_samples is a string ("10"); expected an integer'
 
 
+def test_openai_formatting_says_what_to_write_instead(r):
+    """LLaMA-Factory 0.9.5 has a third converter, formatting "openai" (tool_calls, merged tool results, a "detailed
+    thinking off" system line); the refusal names the sharegpt entry that reads role/content messages."""
+    path = write_registry(r, '{"demo": {"file_name": "raw/a.jsonl",\n "formatting": "openai"}}')
+    (message,) = errors(r)
+    assert message.startswith(f'{path}:2: "demo".formatting is "openai": LLaMA-Factory\'s openai converter ')
+    assert '"formatting": "sharegpt"' in message and '"role_tag": "role"' in message
+
+
 def test_missing_source_and_refused_hubs(r):
     path = write_registry(r, '{"demo": {\n"formatting": "alpaca"},\n"ms": {"ms_hub_url": "a/b"},\n'
                              '"script": {"script_url": "x"}}')
