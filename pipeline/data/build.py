@@ -32,7 +32,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
 
 SCHEMA_VERSION = 1
-BUILD_VERSION = 1  # bump when the same inputs would build different files
+BUILD_VERSION = 2  # bump when the same inputs would build different files
 BUILD_KEYS = ("stage", "val_size", "seed", "max_samples")
 SPLITS = ("train", "val")
 SFT_REASONS = ("empty instruction", "empty output", "exact duplicate", "over num_samples", "over max_samples")

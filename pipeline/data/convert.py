@@ -118,9 +118,9 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
             needed = {"prompt": cols["prompt"]}
 
             def convert(rec: dict) -> dict:
-                text = _field(rec, cols["prompt"], "instruction", True)
-                extra = _field(rec, cols["query"], "input", False)
-                return {"text": f"{text}\n{extra}" if extra else text}
+                # LLaMA-Factory's user turn: "\n".join of the non-empty ones (an empty instruction adds no "\n")
+                parts = (_field(rec, cols["prompt"], "instruction", True), _field(rec, cols["query"], "input", False))
+                return {"text": "\n".join(p for p in parts if p)}
     elif spec.ranking and spec.formatting == "sharegpt":
         needed = {"messages": cols["messages"], "chosen": cols["chosen"], "rejected": cols["rejected"]}
         convert = lambda rec: _sharegpt_pair(rec, spec)  # noqa: E731

@@ -255,6 +255,16 @@ def test_pt_from_alpaca_rows_uses_the_prompt(make_recipe):
         sorted(f"text {i}" for i in range(10))
 
 
+def test_pt_from_alpaca_rows_joins_only_the_non_empty_fields(make_recipe):
+    """LLaMA-Factory's pretrain document is the first user turn, "\\n".join of the non-empty instruction and input
+    (converter.py): an empty instruction leaves the input alone, with no leading newline."""
+    rows = [{"instruction": "", "input": "only input"}, {"instruction": "ins", "input": "inp"},
+            {"instruction": "alone", "input": ""}]
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": jsonl(rows)}, stage="pt", val_size=0)
+    build(data_args(r))
+    assert sorted(d["text"] for d in load_split(data_args(r), "train")) == ["alone", "ins\ninp", "only input"]
+
+
 def test_eval_dataset_and_load_split(make_recipe):
     r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
                     files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(10, "b"))},
