@@ -181,9 +181,17 @@ def _wrong_separator(header: list[str], shown: str) -> str | None:
     return f"the header has one column ({header[0]!r}); the file looks {names[found]}-separated: {expected}"
 
 
+def _input_as_prompt(row: dict) -> dict:
+    """LLaMA-Factory's user turn is "\n".join of the non-empty instruction and input: with an empty instruction the
+    input alone is the prompt, so it becomes the instruction (else the row was dropped as an empty instruction)."""
+    if not row["instruction"] and row["input"]:
+        row["instruction"], row["input"] = row["input"], ""
+    return row
+
+
 def _alpaca(rec: dict, cols: dict[str, str], tools_column: str | None = None) -> dict:
     ins, inp, out = rec.get(cols["prompt"]), rec.get(cols["query"], ""), rec.get(cols["response"])
-    if (type(ins) is str and type(inp) is str and type(out) is str and cols["system"] not in rec
+    if (type(ins) is str and ins and type(inp) is str and type(out) is str and cols["system"] not in rec
             and cols["history"] not in rec and tools_column not in rec):  # the common row: three strings
         if ins.isascii() and inp.isascii() and out.isascii() and "\r" not in ins and "\r" not in out \
                 and "\r" not in inp:
@@ -194,7 +202,7 @@ def _alpaca(rec: dict, cols: dict[str, str], tools_column: str | None = None) ->
         "input": _field(rec, cols["query"], "input", False),
         "output": _field(rec, cols["response"], "output", True),
     }
-    return _with_context(row, rec, cols, tools_column)
+    return _with_context(_input_as_prompt(row), rec, cols, tools_column)
 
 
 def _with_context(row: dict, rec: dict, cols: dict[str, str], tools_column: str | None = None) -> dict:
@@ -232,7 +240,7 @@ def _alpaca_pair(rec: dict, cols: dict[str, str]) -> dict:
         "chosen": _field(rec, cols["chosen"], "chosen", True),
         "rejected": _field(rec, cols["rejected"], "rejected", True),
     }
-    return _with_context(row, rec, cols)
+    return _with_context(_input_as_prompt(row), rec, cols)
 
 
 def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:

@@ -265,6 +265,19 @@ def test_pt_from_alpaca_rows_joins_only_the_non_empty_fields(make_recipe):
     assert sorted(d["text"] for d in load_split(data_args(r), "train")) == ["alone", "ins\ninp", "only input"]
 
 
+def test_alpaca_row_with_only_an_input_is_kept_as_its_instruction(make_recipe):
+    """LLaMA-Factory's user turn is "\\n".join of the non-empty instruction and input (converter.py), so a row with
+    an empty instruction trains on its input as the prompt; it was removed as "empty instruction"."""
+    rows = [{"instruction": "", "input": "only input", "output": "a"}, {"instruction": None, "input": "in2", "output": "b"},
+            {"instruction": "", "input": "", "output": "c"}, {"instruction": "ins", "input": "inp", "output": "d"}]
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": jsonl(rows)}, val_size=0)
+    build(data_args(r))
+    assert sorted(load_split(data_args(r), "train"), key=lambda x: x["output"]) == [
+        {"instruction": "only input", "input": "", "output": "a"}, {"instruction": "in2", "input": "", "output": "b"},
+        {"instruction": "ins", "input": "inp", "output": "d"}]
+    assert manifest(r, "a")["removed"]["empty instruction"] == 1
+
+
 def test_eval_dataset_and_load_split(make_recipe):
     r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
                     files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(10, "b"))},
