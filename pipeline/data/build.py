@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.args import DataArgs
-from pipeline.data.built import built_dir, held_out, read_manifest
+from pipeline.data.built import built_dir, held_out, read_manifest, row_count
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
@@ -355,8 +355,8 @@ def split_documents(docs: list[dict], val_size: float, seed: int) -> tuple[list[
     """Whole documents when there are enough (floor(val_size x docs) >= 1), else each one cut at 1 - val_size.
 
     An integer val_size counts whole documents and 0 holds out none: neither is a fraction to cut a document at."""
-    fraction = not isinstance(val_size, int) or isinstance(val_size, bool)
-    n_val = math.floor(val_size * len(docs) + 1e-9) if fraction else val_size
+    count = row_count(val_size)
+    n_val = math.floor(val_size * len(docs) + 1e-9) if count is None else count
     if n_val >= 1 or val_size == 0:
         train, val = split_rows(docs, int(n_val), seed)  # an int: a count
         return train, val, "documents"

@@ -36,10 +36,22 @@ def training_splits(name: str, eval_names: list[str] | tuple[str, ...]) -> tuple
     return ("train", "val") if eval_names and name not in eval_names else ("train",)
 
 
+def row_count(val_size: float) -> int | None:
+    """val_size as a number of rows, or None for a fraction. A whole float >= 1 (`val_size: 2.0`) is a count too:
+    the recipe schema accepts it as an integer (JSON Schema's rule) and LLaMA-Factory reads any val_size > 1 as
+    int(val_size) rows; taken as a fraction it held out every row."""
+    if isinstance(val_size, bool):
+        return None
+    if isinstance(val_size, int):
+        return val_size
+    return int(val_size) if val_size >= 1 and float(val_size).is_integer() else None
+
+
 def held_out(val_size: float, n: int) -> int:
     """Rows of `n` that val_size holds out, in LLaMA-Factory's two forms: an integer is a number of rows (capped at
     `n`; the caller refuses a split that leaves none to train on), a float in [0, 1) the fraction ceil(val_size x n).
     0 (either form) holds out nothing: no validation split, as LLaMA-Factory's default."""
-    if isinstance(val_size, int) and not isinstance(val_size, bool):
-        return min(val_size, n)
+    count = row_count(val_size)
+    if count is not None:
+        return min(count, n)
     return math.ceil(val_size * n - 1e-9)

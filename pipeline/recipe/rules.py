@@ -417,11 +417,11 @@ def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
     if ctx.values["stage"] not in ("sft", "dpo") or _rebuilt_first(ctx):
         return []
-    from pipeline.data.built import built_dir, held_out, read_manifest
+    from pipeline.data.built import built_dir, held_out, read_manifest, row_count
 
     problems = []
     size = ctx.values["val_size"]
-    count = isinstance(size, int) and not isinstance(size, bool)
+    count = row_count(size) is not None
     for name in ctx.values["dataset"] or []:
         manifest = read_manifest(built_dir(ctx.values["dataset_dir"], name))
         rows = manifest.get("rows_kept") if manifest else None

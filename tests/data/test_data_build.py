@@ -278,6 +278,19 @@ def test_alpaca_row_with_only_an_input_is_kept_as_its_instruction(make_recipe):
     assert manifest(r, "a")["removed"]["empty instruction"] == 1
 
 
+def test_whole_number_float_val_size_counts_rows(make_recipe):
+    """`val_size: 2.0` passes the recipe schema as an integer (JSON Schema's rule) and LLaMA-Factory reads any
+    val_size > 1 as int(val_size) rows; it was taken as the fraction 2.0 (every row held out), yet a build made with
+    `val_size: 2` counted as up to date for it."""
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(alpaca_rows(10))}, val_size=2.0)
+    build(data_args(r))
+    assert (len(load_split(data_args(r), "train")), len(load_split(data_args(r), "val"))) == (8, 2)
+    docs = [{"instruction": f"document {i} " + "word " * 20} for i in range(5)]
+    p = make_recipe({"c": {"file_name": "raw/c.jsonl"}}, files={"raw/c.jsonl": jsonl(docs)}, stage="pt", val_size=3.0)
+    build(data_args(p))
+    assert (len(load_split(data_args(p), "train")), len(load_split(data_args(p), "val"))) == (2, 3)
+
+
 def test_eval_dataset_and_load_split(make_recipe):
     r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
                     files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(10, "b"))},
