@@ -316,6 +316,11 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
             raise _RowError(message)
         if content_tag not in turn:
             raise _RowError(f"{at}: missing '{content_tag}' (the text){did_you_mean(content_tag, map(str, turn))}")
+        if turn.get("tool_calls"):  # OpenAI's function call: content null, the call beside it (never read here)
+            raise _RowError(f"{at} has 'tool_calls' (an OpenAI-style function call), which a sharegpt turn does not "
+                            f"carry; write the call as a '{function}' turn whose '{content_tag}' is the JSON "
+                            '{"name": ..., "arguments": {...}} (LLaMA-Factory\'s sharegpt form), the tool\'s result '
+                            f"in the '{observation}' turn after it")
         content = _string(turn[content_tag], f"{at}.{content_tag}")
         if role == system_role and i == 0:
             system = content

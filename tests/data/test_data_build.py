@@ -169,6 +169,25 @@ def test_sharegpt_with_custom_tags(make_recipe):
     assert got["q3"] == {"instruction": "q3", "input": "", "output": "a3", "system": "S"}
 
 
+def test_sharegpt_openai_tool_calls_are_refused_not_emptied(make_recipe):
+    """An OpenAI-style assistant turn carries its function call in 'tool_calls' with content null: read as a sharegpt
+    turn it became an empty answer (trained on the closing token alone) and the call was lost without a word."""
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{}"}}]}
+    rows = [{"messages": [{"role": "user", "content": "weather?"}, call, {"role": "tool", "content": "sunny"},
+                          {"role": "assistant", "content": "It is sunny"}]}]
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+            "observation_tag": "tool"}
+    r = make_recipe({"o": {"file_name": "raw/o.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
+                           "tags": tags}}, files={"raw/o.jsonl": jsonl(rows)}, template="qwen", val_size=0)
+    f = os.path.join(r["dataset_dir"], "raw", "o.jsonl")
+    with pytest.raises(UserError) as err:
+        build(data_args(r))
+    (message,) = err.value.messages
+    assert message.startswith(f"{f}:1: messages[1] has 'tool_calls' (an OpenAI-style function call), which a "
+                              "sharegpt turn does not carry; write the call as a 'function_call' turn")
+
+
 def test_sharegpt_bad_conversations(make_recipe):
     def turns(*pairs):
         return {"conversations": [{"from": f, "value": v} for f, v in pairs]}
