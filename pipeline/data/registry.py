@@ -363,8 +363,9 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
                             f"{stage} needs instruction/output rows: set stage: pt, or use a JSON/CSV file")
     if len(problems) > before:
         return None
-    return DatasetSpec(name=name, formatting=formatting, files=tuple(files), shown=tuple(shown_files),
-                       columns=columns, tags=tags, num_samples=entry.get("num_samples"), entry=entry,
+    num_samples = entry.get("num_samples")  # JSON Schema's integer admits 3.0: a row count all the same
+    return DatasetSpec(name=name, formatting=formatting, files=tuple(files), shown=tuple(shown_files), columns=columns,
+                       tags=tags, num_samples=None if num_samples is None else int(num_samples), entry=entry,
                        registry=shown, line=lines.get((name,)), ranking=ranking, given_columns=frozenset(given),
                        template=data.template, tool_turns=renders_tools)
 

@@ -131,6 +131,15 @@ def test_unchanged_inputs_are_not_rebuilt(make_recipe):
     assert not [p for p in os.listdir(built_dir(r["dataset_dir"], "d").parent) if p.startswith(".")]  # no temp dirs left
 
 
+def test_num_samples_written_as_a_whole_float(make_recipe):
+    """`"num_samples": 3.0` passes the registry schema (JSON Schema counts 3.0 as an integer); it crashed the build
+    with a TypeError traceback (a float slice index)."""
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl", "num_samples": 3.0}},
+                    files={"raw/d.jsonl": jsonl(alpaca_rows(10))}, val_size=1)
+    build(data_args(r))
+    assert manifest(r, "d")["rows_kept"] == 3 and manifest(r, "d")["removed"]["over num_samples"] == 7
+
+
 def test_caps_and_too_few_rows(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.jsonl", "num_samples": 30}},
                     files={"raw/d.jsonl": jsonl(alpaca_rows(50))}, max_samples=20)
