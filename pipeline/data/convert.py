@@ -31,6 +31,8 @@ def normalize(text: str) -> str:
 
 
 def _kind(value: Any) -> str:
+    if value is None:  # JSON's word, not Python's NoneType
+        return "null"
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, (int, float)):

@@ -103,6 +103,15 @@ def test_minified_json_array_names_the_row(make_recipe):
                                f"{f}:1: row 4: 'output' is a list; expected a string"]
 
 
+def test_null_where_a_row_or_a_conversation_goes_is_called_null(make_recipe):
+    r = make_recipe({"s": {"file_name": "raw/s.jsonl", "formatting": "sharegpt"}},
+                    files={"raw/s.jsonl": '{"conversations": null}\nnull\n{"conversations": [null]}\n'})
+    f = os.path.join(r["dataset_dir"], "raw", "s.jsonl")
+    assert build_errors(r) == [f"{f}:1: 'conversations' is null; expected a non-empty list of turns",
+                               f"{f}:2: expected a JSON object (one row), got null",
+                               f"{f}:3: conversations[0] is null; expected an object with 'from' and 'value'"]
+
+
 def test_json_array_broken_and_not_an_array(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.json"}},
                     files={"raw/d.json": '[\n {"instruction": "a", "output": "1"},\n {"instruction": }\n]'})
