@@ -10,6 +10,7 @@ Wrong types and missing columns are problems (`file:line: ...`); null counts as 
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from typing import Any
 
@@ -74,9 +75,17 @@ def _tags_error(message: str, spec: DatasetSpec, wanted: dict[str, str], kind: s
                       f"'{spec.name}'", kind)
 
 
+# A UTF-16 surrogate left alone: JSON can spell one ("\ud800" without its low half), UTF-8 cannot encode it
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _string(value: Any, what: str) -> str:
     """A text field: str (normalised) or null (empty); anything else is the row's problem."""
     if type(value) is str:
+        if not value.isascii() and (lone := _SURROGATE.search(value)):
+            raise _RowError(f"{what} holds \\u{ord(lone.group()):04x} at character {lone.start() + 1}, half of a UTF-16 "
+                            "surrogate pair (JSON escapes \\ud800-\\udfff come in high/low pairs); remove it or "
+                            "complete the pair")
         return normalize(value)
     if value is None:
         return ""
@@ -198,7 +207,6 @@ def _alpaca(rec: dict, cols: dict[str, str], tools_column: str | None = None) ->
         if ins.isascii() and inp.isascii() and out.isascii() and "\r" not in ins and "\r" not in out \
                 and "\r" not in inp:
             return {"instruction": ins, "input": inp, "output": out}
-        return {"instruction": normalize(ins), "input": normalize(inp), "output": normalize(out)}
     row = {
         "instruction": _field(rec, cols["prompt"], "instruction", True),
         "input": _field(rec, cols["query"], "input", False),

@@ -112,6 +112,21 @@ def test_null_where_a_row_or_a_conversation_goes_is_called_null(make_recipe):
                                f"{f}:3: conversations[0] is null; expected an object with 'from' and 'value'"]
 
 
+def test_lone_surrogate_escape_is_a_row_problem(make_recipe):
+    """JSON may spell "\\ud800" without its low half; Python decodes it to a code point UTF-8 cannot encode, and
+    the build died with a UnicodeEncodeError traceback when writing train.json. A valid pair (an emoji) is fine."""
+    text = ('{"instruction": "bad \\ud800 here", "output": "o"}\n'
+            '{"instruction": "emoji \\ud83d\\ude00", "output": "o"}\n'
+            '{"instruction": "q", "output": "o", "history": [["h", "r\\udc00"]]}\n')
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": text})
+    f = os.path.join(r["dataset_dir"], "raw", "d.jsonl")
+    assert build_errors(r) == [
+        f"{f}:1: 'instruction' holds \\ud800 at character 5, half of a UTF-16 surrogate pair (JSON escapes "
+        "\\ud800-\\udfff come in high/low pairs); remove it or complete the pair",
+        f"{f}:3: 'history'[0][1] holds \\udc00 at character 2, half of a UTF-16 surrogate pair (JSON escapes "
+        "\\ud800-\\udfff come in high/low pairs); remove it or complete the pair"]
+
+
 def test_json_array_broken_and_not_an_array(make_recipe):
     r = make_recipe({"d": {"file_name": "raw/d.json"}},
                     files={"raw/d.json": '[\n {"instruction": "a", "output": "1"},\n {"instruction": }\n]'})
