@@ -24,7 +24,7 @@ from pipeline.data.args import DataArgs
 from pipeline.data.built import built_dir, held_out, read_manifest, row_count
 from pipeline.data.convert import to_rows
 from pipeline.data.problems import Problems
-from pipeline.data.registry import TEXT_EXTS, DatasetSpec, resolve_datasets, unused_note
+from pipeline.data.registry import TEXT_EXTS, DatasetSpec, dataset_names, resolve_datasets, unused_note
 from pipeline.data.sources import Table, read_jsonl_block, read_table, read_text
 from pipeline.data.model_tokenizer import available_tokenizer
 from pipeline.data.tokenizer import Tokenizer
@@ -120,7 +120,12 @@ def build(data: DataArgs) -> list[str]:
         sources = [(source_name(p, dataset_dir), sha256_file(p)) for p in spec.files]
         wanted = {"schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "entry": spec.entry,
                   "build_keys": build_keys(data), "sources": sources}
-        if up_to_date(read_manifest(directory), directory, wanted):
+        manifest = read_manifest(directory)
+        splits = (manifest or {}).get("splits")
+        # built as an eval_dataset only (its train split may be empty: see _prepare), now trained on: check it again
+        trained = spec.name in dataset_names(data, "dataset")
+        trains_nothing = trained and not (isinstance(splits, dict) and splits.get("train"))
+        if up_to_date(manifest, directory, wanted) and not trains_nothing:
             remove_leftovers(directory)  # of a build killed after its rename: the result is whole, the old one aside
             lines.append(f"{spec.name}: up to date ({directory}/manifest.json)")
         else:
@@ -429,7 +434,10 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: 
         manifest["split_mode"] = mode
     else:
         train, val = split_rows(kept, data.val_size, data.seed)
-    if not train or (not val and data.val_size != 0):  # val_size 0: no validation split, by request
+    # val_size 0: no validation split, by request. A dataset only in eval_dataset is evaluated whole and never
+    # trained (pipeline.data.load.split_files): any split of its rows will do
+    eval_only = spec.name not in dataset_names(data, "dataset")
+    if (not train or (not val and data.val_size != 0)) and not (eval_only and kept):
         gone = ", ".join(f"{k} {v:,}" for k, v in removed.items() if v) or "none"
         need = "both need at least one" if data.val_size != 0 else "training needs at least one"
         raise UserError(f"dataset '{spec.name}' ({spec.registry}:{spec.line}): {len(kept):,} "

@@ -296,7 +296,8 @@ def test_pt_from_alpaca_rows_joins_only_the_non_empty_fields(make_recipe):
 def test_alpaca_row_with_only_an_input_is_kept_as_its_instruction(make_recipe):
     """LLaMA-Factory's user turn is "\\n".join of the non-empty instruction and input (converter.py), so a row with
     an empty instruction trains on its input as the prompt; it was removed as "empty instruction"."""
-    rows = [{"instruction": "", "input": "only input", "output": "a"}, {"instruction": None, "input": "in2", "output": "b"},
+    rows = [{"instruction": "", "input": "only input", "output": "a"},
+            {"instruction": None, "input": "in2", "output": "b"},
             {"instruction": "", "input": "", "output": "c"}, {"instruction": "ins", "input": "inp", "output": "d"}]
     r = make_recipe({"a": {"file_name": "raw/a.jsonl"}}, files={"raw/a.jsonl": jsonl(rows)}, val_size=0)
     build(data_args(r))
@@ -331,6 +332,21 @@ def test_eval_dataset_and_load_split(make_recipe):
     both = dict(r, eval_dataset=["a", "b"])  # a name also trained on contributes only its val split
     assert len(load_split(data_args(both), "val")) == 2 + 10 and len(load_split(data_args(both), "train")) == 18
     assert [p.name for p in split_files(data_args(both), "val")] == ["val.json", "train.json", "val.json"]
+
+
+def test_small_eval_only_dataset_is_not_refused_for_its_split(make_recipe):
+    """A dataset named only in eval_dataset is evaluated whole (train.json and val.json) and never trained, so a
+    val_size that holds out all of its rows is fine; it was refused with "leaves 0 for training"."""
+    r = make_recipe({"a": {"file_name": "raw/a.jsonl"}, "b": {"file_name": "raw/b.jsonl"}},
+                    files={"raw/a.jsonl": jsonl(alpaca_rows(20, "a")), "raw/b.jsonl": jsonl(alpaca_rows(3, "b"))},
+                    dataset=["a"], eval_dataset=["b"], val_size=5)
+    build(data_args(r))
+    assert sorted(x["instruction"] for x in load_split(data_args(r), "val")) == \
+        sorted(x["instruction"] for x in alpaca_rows(3, "b"))
+    with pytest.raises(UserError, match="dataset 'a' .*val_size 25 leaves 0 for training"):  # a trains: refused
+        build(data_args(dict(r, val_size=25)))
+    with pytest.raises(UserError, match="dataset 'b' .*val_size 5 leaves 0 for training"):  # b's build, now trained
+        build(data_args(dict(r, dataset=["b"], eval_dataset=None)))
 
 
 def test_load_split_missing_or_stale_build(make_recipe):
