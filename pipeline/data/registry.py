@@ -286,6 +286,9 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
         line = line_of(lines, (name,) + path)
         problems.append(f"{shown}:{line}: \"{name}\"{''.join('.' + p for p in path)}: {text}")
 
+    if name in ("", ".", "..") or "/" in name or "\\" in name:  # else built outside build/, or inside another's
+        add((), "a dataset's name is also its build folder (dataset_dir/build/<name>), so it cannot contain '/' or "
+                "'\\' or be '.' or '..'; rename the entry (and the recipe's dataset)")
     stage = data.stage
     formatting = entry.get("formatting", "alpaca")
     given = entry.get("columns", {})

@@ -74,6 +74,17 @@ def test_openai_formatting_says_what_to_write_instead(r):
     assert '"formatting": "sharegpt"' in message and '"role_tag": "role"' in message
 
 
+def test_dataset_name_that_is_not_one_folder_is_refused(r, tmp_path):
+    """A dataset's name is its build folder (dataset_dir/build/<name>): '../../x' built outside dataset_dir, and
+    'org/name' inside the build of a dataset 'org' (which a rebuild of 'org' replaces whole)."""
+    entry = {"file_name": "raw/a.jsonl"}
+    path = write_registry(r, json.dumps({"../../esc": entry, "org/name": entry}))
+    messages = errors(dict(r, dataset=["../../esc", "org/name"]))
+    assert len(messages) == 2 and all("a dataset's name is also its build folder" in m for m in messages)
+    assert messages[0].startswith(f"{path}:1: \"../../esc\": ")
+    assert not (tmp_path / "esc").exists()
+
+
 def test_missing_source_and_refused_hubs(r):
     path = write_registry(r, '{"demo": {\n"formatting": "alpaca"},\n"ms": {"ms_hub_url": "a/b"},\n'
                              '"script": {"script_url": "x"}}')
