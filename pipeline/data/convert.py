@@ -66,8 +66,6 @@ class _TagsError(_RowError):
         self.kind = kind
 
 
-
-
 def _tags_error(message: str, spec: DatasetSpec, wanted: dict[str, str], kind: str) -> _TagsError:
     """`message` + '; for <kind> add "tags": {...} to the registry entry '<name>'', with only the tags that differ."""
     changed = {k: v for k, v in wanted.items() if spec.tags.get(k) != v}
@@ -83,8 +81,8 @@ def _string(value: Any, what: str) -> str:
     """A text field: str (normalised) or null (empty); anything else is the row's problem."""
     if type(value) is str:
         if not value.isascii() and (lone := _SURROGATE.search(value)):
-            raise _RowError(f"{what} holds \\u{ord(lone.group()):04x} at character {lone.start() + 1}, half of a UTF-16 "
-                            "surrogate pair (JSON escapes \\ud800-\\udfff come in high/low pairs); remove it or "
+            raise _RowError(f"{what} holds \\u{ord(lone.group()):04x} at character {lone.start() + 1}, half of a "
+                            "UTF-16 surrogate pair (JSON escapes \\ud800-\\udfff come in high/low pairs); remove it or "
                             "complete the pair")
         return normalize(value)
     if value is None:
