@@ -259,6 +259,15 @@ def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
     return loader
 
 
+def holds_out(data: DataArgs) -> bool:
+    """Whether the val split holds any rows (documents) before the length policy: when it does and still gives
+    no example (pt: fewer tokens than one window; sft: every example over cutoff_len), an evaluation the user
+    asked for would silently not happen."""
+    from pipeline.data.load import read_rows, split_files
+
+    return any(read_rows(path) for path in split_files(data, "val"))
+
+
 def count_examples(data: DataArgs) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
     if data.stage == "pt":

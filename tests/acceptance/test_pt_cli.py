@@ -1,0 +1,34 @@
+"""stage pt as a user runs it: a LLaMA-Factory-style corpus (`columns: {prompt: text}` over a JSON Lines `text`
+column, as c4_demo) through `python -m pipeline build / train`."""
+from __future__ import annotations
+
+import json
+
+from tests.acceptance.harness import pipeline, write_recipe
+
+
+def _c4_like(data, n: int) -> None:
+    """data/raw/c4.jsonl: n documents of about ten tokens each, registered as LLaMA-Factory's c4_demo is."""
+    (data / "raw" / "c4.jsonl").write_text("".join(json.dumps({"text": f"document {i} says the quick brown fox"}) + "\n"
+                                                   for i in range(n)), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text(encoding="utf-8"))
+    registry["c4_demo"] = {"file_name": "raw/c4.jsonl", "columns": {"prompt": "text"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+
+
+def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evaluation(workdir, hf_checkpoint):
+    """The val split held one short document: not one window of cutoff_len + 1 tokens. `train` skipped every
+    evaluation without a word (eval_loss null, even with eval_steps set) while `eval` stopped with a message."""
+    _c4_like(workdir / "data", 12)
+    recipe = write_recipe(workdir / "pt.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+                          output_dir="saves/pt", stage="pt", dataset="c4_demo", template=None, cutoff_len=16,
+                          val_size=1, eval_steps=1)
+    pipeline("build", recipe, cwd=workdir)
+    bad = pipeline("train", recipe, cwd=workdir, expect=2)
+    assert "the val split has no windows" in bad.stderr and "cutoff_len + 1 = 17" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (workdir / "saves/pt").exists()
+
+    # no evaluation asked for: the held-out text is not needed, the run trains
+    pipeline("train", recipe, "eval_steps=", "do_eval=false", cwd=workdir)
+    results = json.loads((workdir / "saves/pt/all_results.json").read_text(encoding="utf-8"))
+    assert results["global_step"] == 2 and results["eval_loss"] is None
