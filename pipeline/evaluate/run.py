@@ -138,9 +138,11 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
     """(sum of token cross-entropies, trained tokens, examples) over the val split, training's batches and masks.
 
     The loader is built for one rank and unshuffled, and ranks take every world-th batch, so each
-    example counts exactly once (the loader's multi-rank padding would count some twice).
+    example counts exactly once (the loader's multi-rank padding would count some twice). With packing the
+    loader's items are packed rows; the count is still of the examples they hold.
     """
-    from pipeline.data.loaders import make_loader
+    from pipeline.data.loaders import make_loader, packing_enabled
+    from pipeline.data.tokenize import tokenized_split
     from pipeline.data.packing import model_inputs
 
     loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False)
@@ -159,7 +161,7 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
 
         total, count_f = all_sum([total, count])
         count = int(round(count_f))
-    return total, count, loader.num_examples
+    return total, count, len(tokenized_split(data, "val")) if packing_enabled(data) else loader.num_examples
 
 
 # ---------------------------------------------------------------- generation

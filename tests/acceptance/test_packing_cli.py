@@ -58,3 +58,18 @@ def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
     bad = pipeline("train", short, cwd=workdir, expect=2)
     assert "over cutoff_len 12" in bad.stderr and "packing never splits an example" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/short").exists()
+
+
+def test_eval_of_a_packed_run_counts_examples_not_packed_rows(workdir, hf_checkpoint):
+    """`eval` scores the val split through training's packed loader; metrics.json's loss_examples and report.md's
+    "loss and perplexity over: N examples" gave the number of packed rows, fewer than the examples they hold."""
+    base = hf_checkpoint("gpt2", n_positions=160)
+    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", output_dir="saves/r",
+                          max_steps=1, max_eval_samples=1, max_new_tokens=1, **{**PACKED, "val_size": 6})
+    pipeline("build", recipe, cwd=workdir)
+    pipeline("train", recipe, cwd=workdir)
+    pipeline("eval", recipe, cwd=workdir)
+    val = json.loads((workdir / "data/build/tiny_sft/val.json").read_text(encoding="utf-8"))
+    metrics = json.loads((workdir / "saves/r/eval/metrics.json").read_text(encoding="utf-8"))
+    assert len(val) == 6 and metrics["loss_examples"] == 6  # six examples of ~30 tokens share rows of 160
+    assert "loss and perplexity over: 6 examples" in (workdir / "saves/r/eval/report.md").read_text(encoding="utf-8")
