@@ -214,6 +214,15 @@ def packing_enabled(data: DataArgs) -> bool:
     return data.stage == "sft" and bool(data.packing or data.neat_packing)
 
 
+def item_name(data: DataArgs) -> str:
+    """What the train loader's items (num_train_examples, the batch size) count, in the words train prints."""
+    if data.stage == "pt":
+        return f"windows of cutoff_len {data.cutoff_len}"
+    if data.stage == "dpo":
+        return "pairs"
+    return f"packed rows of cutoff_len {data.cutoff_len}" if packing_enabled(data) else "examples"
+
+
 def sft_packs(data: DataArgs, split: str) -> Packs:
     """The split's examples packed into rows of cutoff_len positions (once per process and split)."""
     examples = tokenized_split(data, split)

@@ -241,7 +241,7 @@ def _training_line(training: Mapping[str, Any]) -> str:
     if training.get("global_step") is not None:
         steps = f"{training['global_step']} optimizer steps"
         if training.get("num_train_examples") is not None:
-            steps += f" on {training['num_train_examples']} examples"
+            steps += f" on {training['num_train_examples']} {training.get('train_items', 'examples')}"
         if isinstance(training.get("epoch"), (int, float)):
             steps += f" ({training['epoch']:.2f} epochs)"
         parts.append(steps)

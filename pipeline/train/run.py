@@ -394,12 +394,11 @@ def write_run_files(r: Any, output_dir: Path) -> None:
 
 
 def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState) -> None:
+    from pipeline.data.loaders import item_name
     from pipeline.model.lora import trainable_report
 
     precision = "bf16" if r["bf16"] else "fp16" if r["fp16"] else "fp32"
-    packed = r["stage"] == "sft" and (r["packing"] or r["neat_packing"])
-    items = {"pt": f"windows of cutoff_len {r['cutoff_len']}", "dpo": "pairs"}.get(  # what the loader's items are
-        r["stage"], f"packed rows of cutoff_len {r['cutoff_len']}" if packed else "examples")
+    items = item_name(data_args(r))
     lines = [
         trainable_report(model)[3],
         f"train: stage {r['stage']}, finetuning {r['finetuning_type']}, {precision}, ZeRO stage {r['zero_stage']}, "
@@ -489,6 +488,7 @@ def report_dead_peer(err: BaseException, output_dir: Path, last_saved: int | Non
 
 def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], state: TrainState, loader: Any,
            final: Path | None) -> None:
+    from pipeline.data.loaders import item_name
     from pipeline.runtime.log import plot_curve, plot_loss, read_log, write_results
 
     records = read_log(RunLayout(output_dir).trainer_log)
@@ -499,6 +499,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
         "num_train_examples": loader.num_examples,
+        "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)
         "total_steps": r["total_steps"],
         "tokens_seen": state.tokens_seen,
         "trained_tokens_seen": state.trained_tokens_seen,

@@ -62,7 +62,8 @@ def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
 
 def test_eval_of_a_packed_run_counts_examples_not_packed_rows(workdir, hf_checkpoint):
     """`eval` scores the val split through training's packed loader; metrics.json's loss_examples and report.md's
-    "loss and perplexity over: N examples" gave the number of packed rows, fewer than the examples they hold."""
+    "loss and perplexity over: N examples" gave the number of packed rows, fewer than the examples they hold, and
+    report.md's training line called train's packed rows examples."""
     base = hf_checkpoint("gpt2", n_positions=160)
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", output_dir="saves/r",
                           max_steps=1, max_eval_samples=1, max_new_tokens=1, **{**PACKED, "val_size": 6})
@@ -72,4 +73,8 @@ def test_eval_of_a_packed_run_counts_examples_not_packed_rows(workdir, hf_checkp
     val = json.loads((workdir / "data/build/tiny_sft/val.json").read_text(encoding="utf-8"))
     metrics = json.loads((workdir / "saves/r/eval/metrics.json").read_text(encoding="utf-8"))
     assert len(val) == 6 and metrics["loss_examples"] == 6  # six examples of ~30 tokens share rows of 160
-    assert "loss and perplexity over: 6 examples" in (workdir / "saves/r/eval/report.md").read_text(encoding="utf-8")
+    report = (workdir / "saves/r/eval/report.md").read_text(encoding="utf-8")
+    assert "loss and perplexity over: 6 examples" in report
+    results = json.loads((workdir / "saves/r/all_results.json").read_text(encoding="utf-8"))
+    assert results["train_items"] == "packed rows of cutoff_len 160"
+    assert f"Trained 1 optimizer steps on {results['num_train_examples']} packed rows of cutoff_len 160" in report
