@@ -74,8 +74,9 @@ def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, to
         for i in over:
             problems.add(*_split_origin(origins[i]), f"chosen {int(lens['chosen'][i])} / rejected "
                          f"{int(lens['rejected'][i])} tokens, over cutoff_len {cutoff_len}")
+        many = "pair is" if len(over) == 1 else "pairs are"
         raise UserError(problems.messages() + [
-            f"{len(over):,} pairs are longer than cutoff_len {cutoff_len} (overlength_policy: error); raise "
+            f"{len(over):,} {many} longer than cutoff_len {cutoff_len} (overlength_policy: error); raise "
             "cutoff_len, or set overlength_policy: drop or truncate"])
     keep = {side: lens[side].copy() for side in SIDES}  # tokens kept per example; 0 = pair dropped
     dropped: dict[str, int] = {OVER: 0, NO_ROOM: 0} if policy != "error" else {}

@@ -205,8 +205,9 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
             count = f"more than {int(row_len[i])}" if i in capped else f"{int(row_len[i])}"
             problems.add(*_split_origin(origins[i]), f"{count} tokens, over cutoff_len {cutoff_len}")
         messages = problems.messages()
-        messages.append(f"{len(over):,} examples are longer than cutoff_len {cutoff_len} "
-                        "(overlength_policy: error); raise cutoff_len, or set overlength_policy: drop or truncate")
+        many = "example is" if len(over) == 1 else "examples are"
+        messages.append(f"{len(over):,} {many} longer than cutoff_len {cutoff_len} (overlength_policy: error); "
+                        "raise cutoff_len, or set overlength_policy: drop or truncate")
         raise UserError(messages)
     is_response = np.array(seg_response, dtype=bool)
     for i in over:
