@@ -151,7 +151,10 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
             problems.add(shown, line, separator)
             return []
         for key, column in missing:
-            problems.add(shown, line, f"missing column '{column}' (columns.{key}){did_you_mean(column, table.header)}; "
+            padded = [name for name in table.header if name.strip() == column]
+            hint = (f" ({padded[0]!r} has spaces around it: in CSV a space after the separator is part of the "
+                    "column's name, so write the header without it)" if padded else did_you_mean(column, table.header))
+            problems.add(shown, line, f"missing column '{column}' (columns.{key}){hint}; "
                                       f"the header has: {', '.join(table.header)}")
         if missing:
             return []

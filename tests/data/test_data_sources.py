@@ -188,6 +188,16 @@ def test_csv_missing_column_and_tsv(make_recipe):
     assert got[0] == {"instruction": "q0", "input": "", "output": "a0", "system": "sys0"}
 
 
+def test_csv_header_with_spaces_after_the_commas_says_so(make_recipe):
+    """`instruction, output` makes the column ' output' (pandas and LLaMA-Factory read it the same): the message
+    said "did you mean ' output'?", which reads like a typo of the user's, not the header's spaces."""
+    r = make_recipe({"d": {"file_name": "raw/d.csv"}}, files={"raw/d.csv": "instruction, output\nq,a\n"})
+    f = os.path.join(r["dataset_dir"], "raw", "d.csv")
+    assert build_errors(r) == [f"{f}:1: missing column 'output' (columns.response) (' output' has spaces around "
+                               "it: in CSV a space after the separator is part of the column's name, so write the "
+                               "header without it); the header has: instruction,  output"]
+
+
 def test_parquet_column_mapping_and_types(make_recipe, tmp_path):
     r = make_recipe({"p": {"file_name": "raw/p.parquet",
                            "columns": {"prompt": "q", "query": "ctx", "response": "a", "history": "turns"}}})
