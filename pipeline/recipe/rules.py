@@ -504,19 +504,16 @@ def refused_exports(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("export_hub_model_id", "num_beams")
-def refused_lf_extras(ctx: Context) -> list[tuple[str, str]]:
-    """LLaMA-Factory keys its examples do not use, whose feature is not here: a reason, not "unknown key"."""
-    problems = []
+@rule("export_hub_model_id")
+def refused_hub_upload(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory's push of the export to the hub: refused with the `hf upload` command for this recipe (the
+    other keys whose feature is not here carry their reason in the schema: refused_when_set)."""
     hub_id = ctx.values["export_hub_model_id"]
-    if hub_id is not None:
-        problems.append(("export_hub_model_id", "pushing the export to the Hugging Face hub is not done here (runs "
-                                                f"work offline); remove the key and upload export_dir with `hf upload "
-                                                f"{hub_id} {ctx.values['export_dir'] or '<export_dir>'}`"))
-    if ctx.values["num_beams"] != 1:
-        problems.append(("num_beams", f"given {ctx.values['num_beams']}: beam search is not implemented; decoding "
-                                      "is greedy (do_sample: false) or sampled: set num_beams: 1 or remove it"))
-    return problems
+    if hub_id is None:
+        return []
+    return [("export_hub_model_id", "pushing the export to the Hugging Face hub is not done here (runs work "
+                                    f"offline); remove the key and upload export_dir with `hf upload {hub_id} "
+                                    f"{ctx.values['export_dir'] or '<export_dir>'}`")]
 
 
 _REFUSED_WHEN_SET = tuple(key for key, prop in spec.properties().items() if "x-refused-when-set" in prop)
