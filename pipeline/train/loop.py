@@ -5,6 +5,12 @@ the accumulation boundary, and backward divides the loss by gradient_accumulatio
 ranks, mixed precision with fp32 master weights, fp16 loss scaling, clipping to max_grad_norm, ZeRO. This
 loop feeds batches, watches the loss, and decides when to log, evaluate, save and stop.
 
+pt / sft weigh every trained token of an update the same, however the tokens fall into micro-batches and
+ranks: the loss of an update is the cross-entropy summed over all its labelled tokens (every micro-batch,
+every rank) divided by their number, as transformers' Trainer does with num_items_in_batch and
+average_tokens_across_devices (LLaMA-Factory's sft). A mean per micro-batch, averaged, would weigh the
+tokens of a micro-batch with few trained tokens more: 2 ranks x 2 rows would not be 1 rank x 4 rows.
+
 Epochs follow the recipe's step arithmetic: an epoch is floor(batches per rank / accumulation) optimizer
 steps; micro-batches left over at the end of an epoch are not used. The data position (epoch, batch index)
 advances with every micro-batch drawn, so a resumed run skips exactly what was consumed.
@@ -182,13 +188,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        """pt / sft: mean cross-entropy over the labelled tokens."""
-        return self.engine(batch["input_ids"], labels=batch["labels"], **model_inputs(batch)), {}
+        """pt / sft: cross-entropy summed over the labelled tokens (step_scale divides by the update's count)."""
+        total, _ = self.engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
+        return total, {}
 
-    def micro_batch(self) -> tuple[dict[str, Any], Any, dict[str, float]]:
-        """The next micro-batch, its loss and metrics; a non-finite loss stops the run or (nan_policy: skip) is dropped."""
+    def step_scale(self, batches: list[dict[str, Any]]) -> float:
+        """What each micro-batch's loss is multiplied by before backward, so that the update follows the objective:
+        DeepSpeed divides the backward by the accumulation steps and averages gradients over ranks, so the factor
+        carries ranks x accumulation.
+
+        pt / sft (summed losses): ranks x accumulation / the labelled tokens of the whole update (a collective:
+        every rank's count). dpo (a mean per micro-batch): 1, each micro-batch's mean counts the same, as TRL's
+        DPOTrainer. With nan_policy: skip, a micro-batch drawn to replace a dropped one keeps this factor."""
+        if self.objective != self.language_model_loss:
+            return 1.0
+        labelled = dist.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)])[0]
+        return dist.world_size() * self.args.gradient_accumulation_steps / max(labelled, 1.0)
+
+    def micro_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, float]]:
+        """This micro-batch (or, when nan_policy: skip drops it, the next finite one), its loss and metrics; a
+        non-finite loss otherwise stops the run."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            batch = _to_device(self.data.next(), self.engine.device)
+            batch = _to_device(batch, self.engine.device)
             loss, metrics = self.objective(batch)
             value = float(loss.detach())
             if not dist.any_rank(not math.isfinite(value)):
@@ -197,6 +218,7 @@ class Trainer:
                 raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine))
             self.state.skipped_batches += 1  # no backward: nothing of this batch reaches the gradients
             del loss
+            batch = self.data.next()
         raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine, skipped=True))
 
     def optimizer_step(self, window: Window) -> float | None:
@@ -205,10 +227,13 @@ class Trainer:
         window.lr = float(self.engine.get_lr()[0])  # the rate this update uses (the scheduler steps after it)
         l1_lambda = self.args.l1_lambda
         accumulation = self.args.gradient_accumulation_steps
-        for _ in range(accumulation):
-            batch, loss, metrics = self.micro_batch()
+        batches = [self.data.next() for _ in range(accumulation)]
+        scale = self.step_scale(batches)
+        for drawn in batches:
+            batch, loss, metrics = self.micro_batch(drawn)
             for key, value in metrics.items():
                 window.extra[key] = window.extra.get(key, 0.0) + value / accumulation
+            loss = loss * scale  # this micro-batch's share of the update, times ranks x accumulation
             total = loss
             if l1_lambda:
                 penalty = l1_penalty(self.params, l1_lambda)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from pipeline.runtime import dist
-from tests.train.helpers import BASE_SFT, corpus, sft_rows
+from tests.train.helpers import BASE_SFT, corpus, sft_rows, varied_sft_rows
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,8 +30,11 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     data = tmp_path / "data"
     (data / "raw").mkdir(parents=True)
     (data / "raw" / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft_rows(40)), encoding="utf-8")
+    (data / "raw" / "varied.jsonl").write_text("".join(json.dumps(r) + "\n" for r in varied_sft_rows(40)),
+                                              encoding="utf-8")
     (data / "raw" / "corpus.txt").write_text(corpus(30), encoding="utf-8")
     registry = {"tiny_sft": {"file_name": "raw/sft.jsonl", "formatting": "alpaca"},
+                "varied_sft": {"file_name": "raw/varied.jsonl", "formatting": "alpaca"},
                 "tiny_pt": {"file_name": "raw/corpus.txt", "formatting": "text"}}
     (data / "dataset_info.json").write_text(json.dumps(registry, indent=2), encoding="utf-8")
     monkeypatch.chdir(tmp_path)

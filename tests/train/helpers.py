@@ -17,6 +17,14 @@ def sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def varied_sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Answers of 1 to 12 words: micro-batches carry very different numbers of trained tokens, which is where
+    a mean per micro-batch and a mean over the update's tokens part."""
+    rng = random.Random(seed)
+    return [{"instruction": f"Say {k} words.", "input": "", "output": " ".join(rng.choice(WORDS) for _ in range(k))}
+            for k in (rng.randint(1, 12) for _ in range(n))]
+
+
 def corpus(n_paragraphs: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     return "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(40)) + "." for _ in range(n_paragraphs))

@@ -2,8 +2,9 @@
 
 Same model init (the model layer's build_model), same batches (the data layer's loader, in order, epochs cut to
 whole accumulation groups), torch AdamW with decay on matrices only, the warmup + cosine/linear schedule written
-out here from its textbook formula, gradient accumulation by dividing the loss, torch's clip_grad_norm_. No
-DeepSpeed, nothing from pipeline.train.
+out here from its textbook formula, gradient accumulation as transformers' num_items_in_batch (the loss
+summed over the update's labelled tokens, divided by their number), torch's clip_grad_norm_. No DeepSpeed,
+nothing from pipeline.train.
 """
 from __future__ import annotations
 
@@ -59,12 +60,16 @@ def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) 
             group["lr"] = r["learning_rate"] * schedule(step, kind=r["lr_scheduler_type"], total=total,
                                                         warmup=warmup, min_ratio=r["min_lr_ratio"])
         step_loss = step_l1 = 0.0
-        for _ in range(gas):
-            b = next(data)
-            loss = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        window = [next(data) for _ in range(gas)]
+        labelled = sum(int((b["labels"] != -100).sum()) for b in window)
+        for b in window:
+            # transformers' num_items_in_batch: summed cross-entropy / the labelled tokens of the whole update
+            loss_sum, _ = model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                                reduction="sum")
+            loss = loss_sum / labelled
             l1 = r["l1_lambda"] * sum(p.abs().sum() for p in params)
-            ((loss + l1) / gas).backward()
-            step_loss += loss.item() / gas
+            (loss + l1 / gas).backward()
+            step_loss += loss.item()
             step_l1 += float(l1.detach() if torch.is_tensor(l1) else l1) / gas
         if r["max_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(params, r["max_grad_norm"])

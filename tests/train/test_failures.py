@@ -30,10 +30,10 @@ def poison_forward(monkeypatch, call: int, value: float = math.nan) -> None:
 
     def loss(self, hidden, labels, reduction="mean"):
         out = original(self, hidden, labels, reduction)
-        if reduction == "mean" and torch.is_grad_enabled():
+        if reduction == "sum" and torch.is_grad_enabled():  # training: (summed loss, labelled tokens)
             calls["n"] += 1
             if calls["n"] == call:
-                return out * value
+                return out[0] * value, out[1]
         return out
     monkeypatch.setattr(GPTModel, "loss", loss)
 

@@ -85,8 +85,10 @@ class StubEngine:
         self.device = "cpu"
         self.losses, self.step_error, self.micro = list(losses), step_error, 0
 
-    def __call__(self, input_ids, attention_mask=None, labels=None):
-        return torch.tensor(self.losses.pop(0), requires_grad=True)
+    def __call__(self, input_ids, attention_mask=None, labels=None, reduction="mean"):
+        """`losses` are per-token means; the loop asks for (sum, count) over the labelled tokens."""
+        count = int((labels != -100).sum())
+        return torch.tensor(self.losses.pop(0) * count, requires_grad=True), count
 
     def backward(self, loss):
         pass

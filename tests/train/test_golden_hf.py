@@ -24,28 +24,35 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def hf_loss(model, batch: dict) -> float:
-    """Mean cross-entropy of transformers' logits over the labelled positions (our labels are already shifted:
-    labels[:, t] is the target of position t, as in the book)."""
+def hf_loss(model, *batches: dict) -> float:
+    """Mean cross-entropy of transformers' logits over the labelled positions of all the batches (our labels are
+    already shifted: labels[:, t] is the target of position t, as in the book)."""
+    total = count = 0.0
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                                   ignore_index=-100))
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((batch["labels"] != -100).sum())
+    return total / count
 
 
 def test_losses_equal_transformers_and_peft_on_the_same_batch(make_recipe, workdir):
     write_hf_checkpoint(workdir / "gpt2")
-    r = make_recipe(BASE_SFT, model_name_or_path="gpt2", max_steps=3, warmup_steps=0, learning_rate=5e-2,
-                    gradient_accumulation_steps=1, lora_target=["c_attn", "c_proj", "c_fc"], lora_alpha=16,
-                    lora_dropout=0.0, dropout=0.0)
+    # answers of 1-12 words, 2 micro-batches of 2 rows per update: step 1's loss is the mean over the update's
+    # labelled tokens (transformers' Trainer with num_items_in_batch), not the mean of the two micro-batches' means
+    r = make_recipe(BASE_SFT, model_name_or_path="gpt2", dataset="varied_sft", max_steps=3, warmup_steps=0,
+                    learning_rate=5e-2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                    lora_target=["c_attn", "c_proj", "c_fc"], lora_alpha=16, lora_dropout=0.0, dropout=0.0)
     result = train(r)
     assert result.exit_code == 0
     from pipeline.data.loaders import make_loader
 
-    first = next(iter(make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)))
+    first, second = list(make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True))[:2]
+    assert (first["labels"] != -100).sum() != (second["labels"] != -100).sum()  # the two means weigh differently
     base = transformers.GPT2LMHeadModel.from_pretrained(workdir / "gpt2").eval()
     logged = read_log(result.output_dir / "trainer_log.jsonl")[0]["loss"]
-    assert logged == pytest.approx(hf_loss(base, first), rel=1e-5)
+    assert logged == pytest.approx(hf_loss(base, first, second), rel=1e-5)
 
     tuned = peft.PeftModel.from_pretrained(base, result.output_dir / "adapter").eval()
     module = result.engine.module.eval()

@@ -10,19 +10,24 @@ import pytest
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.ports import run_on_free_port
-from tests.train.helpers import BASE_PT
+from tests.train.helpers import BASE_PT, BASE_SFT
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.multirank
-def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir):
-    # pt windows all have cutoff_len tokens, so the mean over 2 ranks x 2 windows equals the mean over 4 windows.
-    # pt_stride 16 gives the val split 6 windows: no padding copies on 2 ranks, so eval sees the same examples.
+@pytest.mark.parametrize("base, stage_keys", [
+    # pt_stride 16 gives the val split 6 windows: no padding copies on 2 ranks, so eval sees the same examples
+    (BASE_PT, dict(pt_stride=16)),
+    # answers of 1-12 words: the ranks' micro-batches carry different numbers of trained tokens, and the update
+    # still weighs every token the same (a mean per rank, averaged, gave 11.96876 against 11.96974)
+    (BASE_SFT, dict(dataset="varied_sft", val_size=4, finetuning_type="full")),
+], ids=["pt", "sft-varied-lengths"])
+def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir, base, stage_keys):
     keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, zero_stage=2,
-                pt_stride=16)
-    one = train(make_recipe(BASE_PT, name="one", per_device_train_batch_size=4, **keys))
-    make_recipe(BASE_PT, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml, builds data
+                **stage_keys)
+    one = train(make_recipe(base, name="one", per_device_train_batch_size=4, **keys))
+    make_recipe(base, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml, builds data
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

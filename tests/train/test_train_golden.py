@@ -20,7 +20,10 @@ def trained_params(engine) -> dict[str, torch.Tensor]:
     (BASE_PT, dict(finetuning_type="full", gradient_accumulation_steps=1, max_grad_norm=1.0, weight_decay=0.01)),
     (BASE_SFT, dict(finetuning_type="lora", gradient_accumulation_steps=2, max_grad_norm=0.0, l1_lambda=1e-4,
                     lr_scheduler_type="linear", min_lr_ratio=0.1)),
-], ids=["pt-full", "sft-lora-l1"])
+    # answers of 1-12 words: the update's loss is over its tokens, not a mean of the micro-batches' means
+    (BASE_SFT, dict(finetuning_type="lora", dataset="varied_sft", per_device_train_batch_size=2,
+                    gradient_accumulation_steps=3, max_grad_norm=0.0)),
+], ids=["pt-full", "sft-lora-l1", "sft-varied-lengths"])
 def test_fp32_matches_plain_pytorch(make_recipe, base, keys):
     r = make_recipe(base, max_steps=5, warmup_steps=2, **keys)
     result = train(r)
@@ -30,7 +33,7 @@ def test_fp32_matches_plain_pytorch(make_recipe, base, keys):
     assert [rec["step"] for rec in log] == [1, 2, 3, 4, 5]
     written = json.loads((result.output_dir / "ds_config.json").read_text())  # what DeepSpeed was given
     assert (written["train_micro_batch_size_per_gpu"], written["gradient_accumulation_steps"],
-            written["gradient_clipping"]) == (base["per_device_train_batch_size"], keys["gradient_accumulation_steps"],
+            written["gradient_clipping"]) == (r["per_device_train_batch_size"], keys["gradient_accumulation_steps"],
                                               keys["max_grad_norm"])
     assert "learning_rate: 0.001  #" in (result.output_dir / "resolved.yaml").read_text()
     assert [rec["loss"] for rec in log] == pytest.approx(losses, rel=1e-5)
