@@ -371,6 +371,14 @@ def eval_due(train: TrainArgs, step: int, last: bool) -> bool:
     return due or (last and train.do_eval is not False)
 
 
+def evaluates(train: TrainArgs) -> bool:
+    """Whether eval_due holds at some step of the run: the last one, or the first of a period (train asks for the
+    val split only then)."""
+    total = train.total_steps
+    periods = (train.eval_steps, train.logging_steps, train.steps_per_epoch)
+    return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
+
+
 def evaluate(engine: Any, loader: Any) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity."""
     import torch

@@ -58,14 +58,6 @@ def run(r: Any, args: Any = None) -> int:
     return train(r).exit_code
 
 
-def asks_evaluation(r: Any) -> bool:
-    """Whether the run evaluates at some step (pipeline.train.loop.eval_due): at the end unless do_eval is false,
-    or by eval_strategy / eval_steps."""
-    strategy = r["eval_strategy"]
-    return (r["do_eval"] is not False or strategy in ("steps", "epoch")
-            or (strategy is None and bool(r["eval_steps"])))
-
-
 def train(r: Any, one_step: Any = None) -> TrainResult:
     """A whole run; with `one_step` (pipeline.train.dryrun.OneStep) it stops and saves after the first step."""
     dist.init(r.get("ddp_timeout"))
@@ -76,7 +68,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates
     from pipeline.train import step_profile
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import make_scheduler
@@ -101,7 +93,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         checkpoint.check_schedule(r, resume)  # before output_dir is touched
     if one_step is not None:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
-    has_val = count_examples(data_args(r))["val"] > 0 or (asks_evaluation(r) and holds_out(data_args(r)))
+    has_val = count_examples(data_args(r))["val"] > 0 or (evaluates(train_args(r)) and holds_out(data_args(r)))
     # held-out rows that give no example: make_loader stops with the split's message (why none is left)
     val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) if has_val else None
     model = build_model(*recipe_args(r), dtype=compute_dtype(r))  # read straight into the dtype DeepSpeed trains in

@@ -282,7 +282,7 @@ def test_report_to_wandb_offline(tmp_path):
 
 def test_eval_due():
     from pipeline.recipe.args import train_args
-    from pipeline.train.loop import eval_due
+    from pipeline.train.loop import eval_due, evaluates
 
     base = {"eval_steps": None, "logging_steps": 2, "steps_per_epoch": 3, "do_eval": None, "eval_strategy": None}
     due = lambda **k: [s for s in range(1, 7) if eval_due(train_args({**base, **k}), s, s == 6)]  # noqa: E731
@@ -292,6 +292,11 @@ def test_eval_due():
     assert due(eval_strategy="epoch") == [3, 6]
     assert due(eval_strategy="no") == [6] and due(eval_strategy="no", do_eval=False) == []
     assert due(eval_steps=4, do_eval=False) == [4]
+    # evaluates(): whether any step of the run is due (train asks for the val split only then)
+    for keys in ({}, {"eval_strategy": "no", "do_eval": False}, {"eval_steps": 4, "do_eval": False},
+                 {"eval_steps": 7, "do_eval": False}, {"eval_strategy": "steps", "do_eval": False},
+                 {"eval_strategy": "epoch", "do_eval": False, "steps_per_epoch": 9}):
+        assert evaluates(train_args({**base, "total_steps": 6, **keys})) == bool(due(**keys)), keys
 
 
 @pytest.mark.slow
