@@ -61,6 +61,7 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
+DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (pipeline.train.preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
 # cutoff_len the model's context when shorter than the default. When a source is reported, the derived value's
@@ -279,8 +280,11 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     problems += _training_files_problems(r, path, saved.get(FILES_KEY))
     if problems:
         raise UserError(problems)
+    inert = DROPOUT_KEYS if r.get("stage") == "dpo" else ()  # dpo trains without dropout (as TRL): nothing changes
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
-               f"{state.get('global_step', '?')} on" for k in changed if k in APPLY]
+               f"{state.get('global_step', '?')} on" for k in changed if k in APPLY and k not in inert]
+    notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage dpo trains "
+                "without dropout" for k in changed if k in inert]
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: ignored, the "
                 "checkpoint's optimizer state keeps its value (start a new run to change it)"
                 for k in changed if k in KEEP]

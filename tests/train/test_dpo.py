@@ -206,10 +206,12 @@ def test_a_resume_with_another_objective_says_so(dpo_recipe, capsys):
     train(dpo_recipe(name="objective", **keys))
     capsys.readouterr()
     train(dpo_recipe(name="objective", resume_from_checkpoint="saves/objective/checkpoint-1", pref_loss="ipo",
-                     pref_beta=0.2, **keys))
+                     pref_beta=0.2, lora_dropout=0.3, **keys))
     err = capsys.readouterr().err
     assert "pref_loss changed from \"sigmoid\" to \"ipo\": applied from step 1 on" in err, err
     assert "pref_beta changed from 0.5 to 0.2: applied from step 1 on" in err, err
+    # dpo trains without dropout (disable_dropout): "applied" would be untrue
+    assert "lora_dropout changed from 0.0 to 0.3: no effect, stage dpo trains without dropout" in err, err
 
 
 @pytest.mark.slow
