@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, print_errors
 
 # command -> (module, function, one-line help). Each function takes (Resolved, argparse.Namespace).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             if wait:  # the counts and step numbers of the fresh build, checked before the model loads
                 resolved = resolve(args.recipe, args.overrides, command=args.command, built=True)
     except UserError as err:
-        for message in err.messages:
-            print(f"error: {message}", file=sys.stderr)
+        print_errors(err)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,7 +1,13 @@
 """User mistakes are exceptions of their own, so the CLI can print them without a traceback (exit 2)."""
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
 from typing import Iterable
+
+# Set by pipeline.launch for the ranks it starts: a folder where the first rank to print a message leaves a mark.
+REPORTED_ENV = "PIPELINE_REPORTED_ERRORS"
 
 
 class UserError(Exception):
@@ -10,6 +16,30 @@ class UserError(Exception):
     def __init__(self, messages: str | Iterable[str]):
         self.messages: list[str] = [messages] if isinstance(messages, str) else list(messages)
         super().__init__("\n".join(self.messages))
+
+
+def print_errors(err: UserError) -> None:
+    """`error: ...` lines on stderr, each once per job: a recipe or data problem is found by every rank, and
+    eight ranks printed it eight times. Ranks started by pipeline.launch share a folder (REPORTED_ENV); the
+    first to create a message's mark prints it. A message that differs between ranks is printed by each; a
+    process outside the launcher (one rank, or on another node) prints everything."""
+    for message in err.messages:
+        if _first_report(message):
+            print(f"error: {message}", file=sys.stderr)
+
+
+def _first_report(message: str) -> bool:
+    folder = os.environ.get(REPORTED_ENV)
+    if not folder:
+        return True
+    mark = os.path.join(folder, hashlib.sha256(message.encode()).hexdigest())
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:  # the folder is gone or not writable: printing twice beats not printing
+        return True
+    return True
 
 
 def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:

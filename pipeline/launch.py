@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,21 +56,22 @@ def _wait_for_group(pgid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.errors import UserError
+    from pipeline.errors import REPORTED_ENV, UserError, print_errors
     from pipeline.nodes import expand
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         argv, hostfile = expand(argv)  # --nnodes N --node_rank R: this node's part of a no-ssh job
     except UserError as err:
-        for message in err.messages:
-            print(f"error: {message}", file=sys.stderr)
+        print_errors(err)
         return 2
-    try:
-        return _run(argv)
-    finally:
-        if hostfile is not None:
-            hostfile.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pipeline-errors-") as reported:
+        os.environ[REPORTED_ENV] = reported  # the ranks inherit it: an error every rank finds is printed once
+        try:
+            return _run(argv)
+        finally:
+            if hostfile is not None:
+                hostfile.unlink(missing_ok=True)
 
 
 def _run(argv: list[str]) -> int:

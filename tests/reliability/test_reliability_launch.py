@@ -65,3 +65,12 @@ def test_a_port_taken_after_the_launchers_check_is_one_message(project: Path, ta
     result = run_cli(["train", "r.yaml"], project, MASTER_PORT=str(taken_port))
     assert_user_error(result, f"MASTER_PORT {taken_port} is already in use on this machine", strict_lines=False)
     assert not (project / "out").exists()
+
+
+def test_an_error_every_rank_finds_is_printed_once(tmp_path: Path):
+    """Both ranks resolve the recipe and find the same problem: it was printed once per rank (8 times on 8 GPUs)."""
+    project = make_project(tmp_path / "proj", BASE + "learning_rate: 0\n")
+    result = launch(["--num_gpus", "2"], project)
+    assert_user_error(result, "r.yaml:8:16: learning_rate: given 0, expected a number > 0 and <= 1",
+                      strict_lines=False)
+    assert len(result.errors) == 1, result.err[-3000:]
