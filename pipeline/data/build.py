@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.data.args import DataArgs
 from pipeline.data.built import built_dir, held_out, read_manifest, row_count
 from pipeline.data.convert import to_rows
+from pipeline.data.origins import ORIGINS, Where, origin_blob
 from pipeline.data.problems import Problems
 from pipeline.data.registry import TEXT_EXTS, DatasetSpec, dataset_names, resolve_datasets, unused_note
 from pipeline.data.sources import Table, read_jsonl_block, read_table, read_text
@@ -32,7 +33,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, remove_leftovers, sha256_file
 
 SCHEMA_VERSION = 1
-BUILD_VERSION = 2  # bump when the same inputs would build different files
+BUILD_VERSION = 3  # bump when the same inputs would build different files (3: origins.json, sft and dpo)
 BUILD_KEYS = ("stage", "val_size", "seed", "max_samples")
 SPLITS = ("train", "val")
 SFT_REASONS = ("empty instruction", "empty output", "exact duplicate", "over num_samples", "over max_samples")
@@ -86,7 +87,13 @@ def up_to_date(manifest: dict[str, Any] | None, directory: Path, wanted: dict[st
         path = directory / file
         if not path.is_file() or path.stat().st_size != info.get("bytes") or sha256_file(path) != info.get("sha256"):
             return False
-    return set(manifest.get("files", {})) == {f"{s}.json" for s in SPLITS}
+    return set(manifest.get("files", {})) == set(written_files(str(manifest.get("stage"))))
+
+
+def written_files(stage: str) -> tuple[str, ...]:
+    """The files a build of `stage` writes besides manifest.json: the splits, and for sft and dpo (whose rows
+    tokenize-time messages name) each row's origin in the raw files (pipeline.data.origins)."""
+    return (*(f"{s}.json" for s in SPLITS), *(() if stage == "pt" else (ORIGINS,)))
 
 
 def usable_cores() -> int:
@@ -148,8 +155,9 @@ def build(data: DataArgs) -> list[str]:
     return lines
 
 
-def _read_source(spec: DatasetSpec, stage: str, path: Path, shown: str, problems: Problems) -> list[dict]:
-    """The rows of one source file (problems go to `problems`)."""
+def _read_source(spec: DatasetSpec, stage: str, path: Path, shown: str, problems: Problems
+                 ) -> tuple[list[dict], list[Where]]:
+    """The rows of one source file and where each was in it (problems go to `problems`)."""
     if spec.formatting == "text" and path.suffix.lower() in TEXT_EXTS:
         text = read_text(path, shown, problems)
         table = Table(records=[{spec.columns["text"]: text}] if text is not None else [], where=[1])
@@ -160,8 +168,8 @@ def _read_source(spec: DatasetSpec, stage: str, path: Path, shown: str, problems
     return to_rows(table, spec, stage, shown, problems)
 
 
-def _read_source_apart(spec: DatasetSpec, stage: str, path: Path, shown: str, block: tuple[int, int, int] | None
-                       ) -> tuple["Rows", Problems] | None:
+def _read_source_apart(spec: DatasetSpec, stage: str, source: int, path: Path, shown: str,
+                       block: tuple[int, int, int] | None) -> tuple["Rows", Problems] | None:
     """_read_source in a worker process (preprocessing_num_workers), rows already in their written form
     (`as_rows`): what comes back pickled is strings, not dicts, and the parent only concatenates.
 
@@ -170,11 +178,11 @@ def _read_source_apart(spec: DatasetSpec, stage: str, path: Path, shown: str, bl
     """
     problems = Problems()
     if block is None:
-        return as_rows(_read_source(spec, stage, path, shown, problems), stage), problems
+        return as_rows(_read_source(spec, stage, path, shown, problems), stage, source), problems
     table = read_jsonl_block(path, *block, shown, problems)
     if table is None:
         return None
-    return as_rows(to_rows(table, spec, stage, shown, problems), stage), problems
+    return as_rows(to_rows(table, spec, stage, shown, problems), stage, source), problems
 
 
 def jsonl_blocks(path: Path, n: int) -> list[tuple[int, int, int]]:
@@ -229,17 +237,17 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: in
         # so no core waits and a third of the rows (with 2 workers: half) are never pickled
         here = set(range(0, len(tasks), workers))
         with ProcessPoolExecutor(max_workers=min(workers - 1, len(tasks) - len(here))) as pool:
-            futures = {k: pool.submit(_read_source_apart, spec, stage, path, shown, block)
-                       for k, (_, path, shown, block) in enumerate(tasks) if k not in here}
-            results = [_read_source_apart(spec, stage, path, shown, block) if k in here else None
-                       for k, (_, path, shown, block) in enumerate(tasks)]
+            futures = {k: pool.submit(_read_source_apart, spec, stage, i, path, shown, block)
+                       for k, (i, path, shown, block) in enumerate(tasks) if k not in here}
+            results = [_read_source_apart(spec, stage, i, path, shown, block) if k in here else None
+                       for k, (i, path, shown, block) in enumerate(tasks)]
             for k, future in futures.items():
                 results[k] = future.result()
         serial = {i for (i, *_), result in zip(tasks, results) if result is None}
         for (i, path, shown, block), result in zip(tasks, results):
             if i in serial:
                 if block is None or block[0] == 0:  # once per file, at its first block
-                    converted = as_rows(_read_source(spec, stage, path, shown, problems), stage)
+                    converted = as_rows(_read_source(spec, stage, path, shown, problems), stage, i)
                     rows.extend(converted)
                     per_source[i] += len(converted)
                 continue
@@ -250,7 +258,7 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: in
         bar.update(total)
     else:
         for i, (path, shown) in enumerate(zip(spec.files, spec.shown)):
-            converted = as_rows(_read_source(spec, stage, path, shown, problems), stage)
+            converted = as_rows(_read_source(spec, stage, path, shown, problems), stage, i)
             rows.extend(converted)
             per_source[i] = len(converted)
             bar.update(path.stat().st_size)
@@ -263,16 +271,17 @@ def _read_dataset(spec: DatasetSpec, stage: str, problems: Problems, workers: in
 
 class Rows:
     """A dataset's rows between reading and writing. pt keeps the documents (split_documents may cut one, and
-    the token counts read them); sft and dpo keep, per row, why `clean` drops it (or None) and the row's JSON
-    text as train.json/val.json hold it: all that cleaning, splitting and writing need, and cheap to send
-    from a worker process (strings, not dicts)."""
+    the token counts read them); sft and dpo keep, per row, why `clean` drops it (or None), the row's JSON
+    text as train.json/val.json hold it and its origin, (source index, where in that file): all that cleaning,
+    splitting and writing need, and cheap to send from a worker process (strings and ints, not dicts)."""
 
     def __init__(self, stage: str, docs: list[dict] | None = None, reasons: list[str | None] | None = None,
-                 lines: list[str] | None = None):
+                 lines: list[str] | None = None, origins: list[tuple[int, Where]] | None = None):
         self.stage = stage
         self.docs = docs if docs is not None else []
         self.reasons = reasons if reasons is not None else []
         self.lines = lines if lines is not None else []
+        self.origins = origins if origins is not None else []
 
     def __len__(self) -> int:
         return len(self.docs) if self.stage == "pt" else len(self.lines)
@@ -281,12 +290,16 @@ class Rows:
         self.docs.extend(other.docs)
         self.reasons.extend(other.reasons)
         self.lines.extend(other.lines)
+        self.origins.extend(other.origins)
 
 
-def as_rows(rows: list[dict], stage: str) -> Rows:
+def as_rows(converted: tuple[list[dict], list[Where]], stage: str, source: int) -> Rows:
+    """The rows `to_rows` converted from source file number `source` of the dataset, in Rows' form."""
+    rows, wheres = converted
     if stage == "pt":
         return Rows(stage, docs=rows)
-    return Rows(stage, reasons=[drop_reason(row, stage) for row in rows], lines=list(map(row_line, rows)))
+    return Rows(stage, reasons=[drop_reason(row, stage) for row in rows], lines=list(map(row_line, rows)),
+                origins=[(source, where) for where in wheres])
 
 
 def drop_reason(row: dict, stage: str) -> str | None:
@@ -420,8 +433,9 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: 
     stage = data.stage
     if stage == "pt":
         kept, removed = clean(rows.docs, stage, spec.num_samples, data.max_samples)
-    else:
-        kept, removed = _clean(rows.lines, rows.reasons, rows.lines, stage, spec.num_samples, data.max_samples)
+    else:  # row numbers: the kept rows' JSON text and origins both follow them through the split
+        kept, removed = _clean(list(range(len(rows))), rows.reasons, rows.lines, stage, spec.num_samples,
+                               data.max_samples)
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "build_version": BUILD_VERSION, "name": spec.name, "stage": stage,
         "formatting": spec.formatting, "registry": spec.registry, "entry": spec.entry,
@@ -453,7 +467,9 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: 
     if stage == "pt":
         blobs = {"train.json": _dump_rows(train), "val.json": _dump_rows(val)}
     else:  # already JSON text
-        blobs = {"train.json": _join(train), "val.json": _join(val)}
+        splits = {"train": train, "val": val}
+        blobs = {f"{split}.json": _join([rows.lines[i] for i in kept]) for split, kept in splits.items()}
+        blobs[ORIGINS] = origin_blob({split: [rows.origins[i] for i in kept] for split, kept in splits.items()})
     manifest["files"] = {f: {"sha256": hashlib.sha256(b).hexdigest(), "bytes": len(b)} for f, b in blobs.items()}
     manifest["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return manifest, blobs

@@ -8,13 +8,14 @@ failing row goes through jsonschema, which words its messages. A missing or stal
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
 from pipeline.data.load import MAKE_DATA, build_problem, edited, read_rows
+from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
 from pipeline.data.registry import load_schema
 from pipeline.errors import UserError
@@ -120,16 +121,21 @@ def row_messages(row: Any, schema_name: str) -> list[tuple[str, str]]:
     return out
 
 
-def check_rows(rows: list[Any], file: str, stage: str, problems: Problems) -> None:
+def check_rows(rows: list[Any], file: str, stage: str, problems: Problems,
+               origins: Sequence[Origin] | None = None) -> None:
+    """Schema problems of a built file's rows, `file:row:field`. The build never writes such a row, so the
+    file was edited: the message names the built row, and the raw row it came from (`origins`) to fix instead."""
     ok, schema_name = {"pt": (text_ok, "text.schema.json"), "dpo": (pair_ok, "pairwise.schema.json")}.get(
         stage, (row_ok, "alpaca.schema.json"))
     for i, row in enumerate(rows, start=1):
+        raw = origins[i - 1] if origins is not None and origins[i - 1].file != file else None
+        source = f"; the row was built from {raw}" if raw else ""
         if not ok(row):
             for field, text in row_messages(row, schema_name) or [("", "does not match the schema")]:
-                problems.add(file, f"{i}:{field}" if field else i, text)
+                problems.add(file, f"{i}:{field}" if field else i, text + source)
         elif stage == "dpo" and row["chosen"] == row["rejected"]:
             problems.add(file, f"{i}:rejected", "equals chosen: the pair states no preference; `make data` "
-                                                "removes such pairs")
+                                                "removes such pairs" + source)
 
 
 def check_built(data: DataArgs) -> list[dict[str, Any]]:
@@ -142,7 +148,7 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
         raise UserError(stale)
     problems = Problems()
     changed: list[str] = []
-    loaded: list[tuple[str, str, Path, list]] = []
+    loaded: list[tuple[str, str, Path, list, list[Origin]]] = []
     for spec in specs:
         directory = built_dir(data.dataset_dir, spec.name)
         manifest = read_manifest(directory) or {}
@@ -153,21 +159,22 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
             except UserError as err:
                 changed += err.messages
                 continue
-            check_rows(rows, str(path), data.stage, problems)
+            origins = built_origins(path, len(rows), spec.shown)
+            check_rows(rows, str(path), data.stage, problems, origins)
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; {MAKE_DATA}")
             if not problems.count[str(path)]:
                 changed += [m for m in [edited(path)] if m]
-            loaded.append((spec.name, split, path, rows))
+            loaded.append((spec.name, split, path, rows, origins))
     if changed or problems:
         raise UserError(changed + problems.messages())
     tokenizer = available_tokenizer(data)
     summary = []
-    for name, split, path, rows in loaded:
+    for name, split, path, rows, origins in loaded:
         pick = np.unique(np.linspace(0, len(rows) - 1, min(SAMPLE, len(rows))).astype(int)) if rows else []
         sample = [rows[i] for i in pick]
-        lengths = None if tokenizer is None else _token_lengths(data, sample, tokenizer)
+        lengths = None if tokenizer is None else _token_lengths(data, sample, tokenizer, [origins[i] for i in pick])
         known = lengths is not None and len(lengths) > 0
         summary.append({
             "dataset": name, "split": split, "file": str(path), "rows": len(rows),
@@ -181,19 +188,20 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
     return summary
 
 
-def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any) -> np.ndarray:
-    """Token lengths of sampled rows as the recipe's stage tokenizes them (no cutoff)."""
+def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any, origins: list[Origin]) -> np.ndarray:
+    """Token lengths of sampled rows as the recipe's stage tokenizes them (no cutoff); a row the template cannot
+    render is named by its origin."""
     if data.stage == "pt":
         return np.array([len(t) for t in tokenizer.encode_batch([row["text"] for row in sample])])
     if data.stage == "dpo":
         from pipeline.data.pairs import encode_pairs
 
         return encode_pairs(sample, data.chat_template(), tokenizer, cutoff_len=2**62,
-                            enable_thinking=data.enable_thinking).lengths
+                            enable_thinking=data.enable_thinking, origins=origins).lengths
     from pipeline.data.tokenize import encode_rows
 
     return encode_rows(sample, data.chat_template(), tokenizer, cutoff_len=2**62, train_on_prompt=data.train_on_prompt,
-                       mask_history=data.mask_history, enable_thinking=data.enable_thinking).lengths
+                       mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins).lengths
 
 
 def _count(value: Any, spec: str) -> str:

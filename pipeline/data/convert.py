@@ -14,7 +14,7 @@ import re
 import unicodedata
 from typing import Any
 
-from pipeline.data.problems import Problems
+from pipeline.data.problems import Problems, alike
 from pipeline.data.registry import OPENAI_TAGS, DatasetSpec
 from pipeline.data.templates import tool_refusal
 from pipeline.data.sources import Table
@@ -116,8 +116,10 @@ def _history(value: Any, column: str) -> list[list[str]]:
     return out
 
 
-def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: Problems) -> list[dict]:
-    """Alpaca rows (sft) or {"text"} documents (pt) of one file; bad records go to `problems`."""
+def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: Problems
+            ) -> tuple[list[dict], list[int | str]]:
+    """Alpaca rows (sft) or {"text"} documents (pt) of one file, and where each was in it (`table.where`, for the
+    built rows' origins); bad records go to `problems`."""
     cols = spec.columns
     if stage == "pt":
         if spec.formatting == "text":
@@ -149,7 +151,7 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
         separator = _wrong_separator(table.header, shown) if missing else None
         if separator:
             problems.add(shown, line, separator)
-            return []
+            return [], []
         for key, column in missing:
             padded = [name for name in table.header if name.strip() == column]
             hint = (f" ({padded[0]!r} has spaces around it: in CSV a space after the separator is part of the "
@@ -157,8 +159,8 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
             problems.add(shown, line, f"missing column '{column}' (columns.{key}){hint}; "
                                       f"the header has: {', '.join(table.header)}")
         if missing:
-            return []
-    rows = []
+            return [], []
+    rows, wheres = [], []
     tags_errors: dict[str, list] = {}  # kind -> [where, message, rows]: the entry's tags, said once at the end
     for where, record in zip(table.where, table.records):
         if not isinstance(record, dict):
@@ -166,13 +168,14 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
             continue
         try:
             rows.append(convert(record))
+            wheres.append(where)
         except _TagsError as err:
             tags_errors.setdefault(err.kind, [where, str(err), 0])[2] += 1
         except _RowError as err:
             problems.add(shown, where, str(err))
-    for where, message, alike in tags_errors.values():
-        problems.add(shown, where, message + (f" ({alike:,} rows alike; this is the first)" if alike > 1 else ""))
-    return rows
+    for where, message, count in tags_errors.values():
+        problems.add(shown, where, message + alike(count))
+    return rows, wheres
 
 
 def _wrong_separator(header: list[str], shown: str) -> str | None:

@@ -55,7 +55,7 @@ def _policy_line(split: str, examples: TokenizedSplit, data: DataArgs) -> str:
     for label, rows in (("dropped", examples.dropped_rows), ("truncated", examples.truncated_rows)):
         if rows:
             more = f" and {len(rows) - 5:,} more" if len(rows) > 5 else ""
-            line += f"\n  {label}: {', '.join(rows[:5])}{more}"
+            line += f"\n  {label}: {', '.join(map(str, rows[:5]))}{more}"
     return line
 
 

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
 from pipeline.data.built import training_splits
+from pipeline.data.origins import Origin, built_origins
 from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
 
@@ -122,6 +123,30 @@ def read_rows(path: Path, verify: bool = True) -> list[Any]:
     if problem:
         raise UserError(problem)
     return rows
+
+
+def source_names(data: DataArgs, name: str) -> tuple[str, ...]:
+    """How the build's messages name the raw files of dataset `name`, in the order of its manifest's sources (the
+    registry entry's: a changed entry makes the build stale, see sources_changed)."""
+    from pipeline.data.build import all_specs
+
+    return next((spec.shown for spec in all_specs(data) if spec.name == name), ())
+
+
+def read_split_rows(data: DataArgs, paths: list[Path]) -> tuple[list[Any], list[Origin]]:
+    """The rows of a split's built files and each row's origin: the raw file and line (or row) it was built
+    from, for messages that name a row (pipeline.data.origins)."""
+    rows: list[Any] = []
+    origins: list[Origin] = []
+    names: dict[str, tuple[str, ...]] = {}
+    for path in paths:
+        part = read_rows(path)
+        dataset = Path(path).parent.name
+        if dataset not in names:
+            names[dataset] = source_names(data, dataset)
+        rows.extend(part)
+        origins.extend(built_origins(path, len(part), names[dataset]))
+    return rows, origins
 
 
 def load_split(data: DataArgs, split: str) -> list[dict]:

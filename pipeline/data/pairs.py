@@ -18,8 +18,9 @@ import numpy as np
 from pipeline.data.args import DataArgs
 from pipeline.data.problems import Problems
 from pipeline.data.templates import Template
-from pipeline.data.tokenize import NO_ROOM, OVER, POLICIES, TokenizedSplit, _cached, _file_key, _split_origin, \
-    encode_rows, read_split_rows
+from pipeline.data.origins import Origin
+from pipeline.data.tokenize import NO_ROOM, OVER, POLICIES, TokenizedSplit, _cached, _file_key, encode_rows, \
+    row_origins
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
@@ -33,12 +34,12 @@ class TokenizedPairs:
 
     chosen: TokenizedSplit
     rejected: TokenizedSplit
-    origins: list[str]
+    origins: list[Origin]  # the raw file and line (or row) each kept pair was built from
     lengths: np.ndarray  # per row before the policy: the longer of its two sequences
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
-    truncated_rows: list[str] = field(default_factory=list)
-    dropped_rows: list[str] = field(default_factory=list)
+    truncated_rows: list[Origin] = field(default_factory=list)
+    dropped_rows: list[Origin] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -58,11 +59,11 @@ def side_rows(rows: Sequence[Mapping[str, Any]], side: str) -> list[dict]:
 
 def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
                  cutoff_len: int, policy: str = "drop", enable_thinking: bool = True,
-                 origins: Sequence[str] | None = None) -> TokenizedPairs:
+                 origins: Sequence[Origin | str] | None = None) -> TokenizedPairs:
     """Tokenize both sides of every pair, score masks on the last response, the length policy per pair."""
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
-    origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
+    origins = row_origins(origins, len(rows))
     full = {side: encode_rows(side_rows(rows, side), template, tokenizer, cutoff_len=2**62, policy="drop",
                               mask_history=True, enable_thinking=enable_thinking, origins=origins)
             for side in SIDES}
@@ -72,7 +73,7 @@ def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, to
     if len(over) and policy == "error":
         problems = Problems()
         for i in over:
-            problems.add(*_split_origin(origins[i]), f"chosen {int(lens['chosen'][i])} / rejected "
+            problems.add(origins[i].file, origins[i].place, f"chosen {int(lens['chosen'][i])} / rejected "
                          f"{int(lens['rejected'][i])} tokens, over cutoff_len {cutoff_len}")
         many = "pair is" if len(over) == 1 else "pairs are"
         raise UserError(problems.messages() + [
@@ -123,7 +124,7 @@ def _cut(split: TokenizedSplit, keep: np.ndarray) -> TokenizedSplit:
 
 def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
     """The recipe's dpo `split` as pairs, with its template and length policy (once per process)."""
-    from pipeline.data.load import split_files
+    from pipeline.data.load import read_split_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
@@ -131,7 +132,7 @@ def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
            (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.enable_thinking))
 
     def make() -> TokenizedPairs:
-        rows, origins = read_split_rows(paths)
+        rows, origins = read_split_rows(data, paths)
         missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not set(SIDES) <= row.keys()]
         if missing:
             raise UserError([f"{o}: not a preference pair (no chosen/rejected); the build is from another stage: "

@@ -12,7 +12,7 @@ _KEEP = 1000  # per file, kept for sorting; beyond that only counted
 _NUMBER = re.compile(r"\d+")
 
 
-def _order(where: int | str | None) -> int:
+def line_order(where: int | str | None) -> int:
     """Sort key: whole-file problems first, then by line/row number."""
     if where is None:
         return -1
@@ -20,6 +20,11 @@ def _order(where: int | str | None) -> int:
         return where
     found = _NUMBER.search(where)
     return int(found.group()) if found else -1
+
+
+def alike(count: int) -> str:
+    """What a message said once for `count` rows with the same problem adds: they are not listed one by one."""
+    return f" ({count:,} rows alike; this is the first)" if count > 1 else ""
 
 
 class Problems:
@@ -37,7 +42,7 @@ class Problems:
         kept = self.entries.setdefault(file, [])
         if len(kept) < _KEEP:
             message = f"{file}:{where}: {text}" if where is not None else f"{file}: {text}"
-            kept.append((_order(where), len(kept), message))
+            kept.append((line_order(where), len(kept), message))
 
     def extend(self, other: "Problems") -> None:
         """Add another collector's problems (a build worker process's), keeping their order and counts."""

@@ -24,7 +24,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from pipeline.data.args import DataArgs
-from pipeline.data.problems import Problems
+from pipeline.data.origins import Origin, as_origin
+from pipeline.data.problems import Problems, alike, line_order
 from pipeline.data.templates import EOS, Piece, Template, get_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import MAX_RUN, Tokenizer
@@ -72,12 +73,12 @@ class TokenizedSplit:
     ids: np.ndarray  # int32
     trainable: np.ndarray  # bool, aligned with ids
     offsets: np.ndarray  # int64, n + 1
-    origins: list[str]  # "file:row" of each kept example
+    origins: list[Origin]  # of each kept example: the raw file and line (or row) it was built from
     lengths: np.ndarray  # tokens of every row before the policy (for the histogram)
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
-    truncated_rows: list[str] = field(default_factory=list)  # origins, for reports
-    dropped_rows: list[str] = field(default_factory=list)
+    truncated_rows: list[Origin] = field(default_factory=list)  # origins, for reports
+    dropped_rows: list[Origin] = field(default_factory=list)
     is_truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per kept example
 
     def __len__(self) -> int:
@@ -146,18 +147,20 @@ def encode_cap(tokenizer: Tokenizer, cutoff_len: int) -> int:
 
 def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
                 cutoff_len: int, policy: str = "drop", train_on_prompt: bool = False, mask_history: bool = False,
-                enable_thinking: bool = True, origins: Sequence[str] | None = None) -> TokenizedSplit:
-    """Tokenize, mask and apply the length policy to many Alpaca rows at once."""
+                enable_thinking: bool = True, origins: Sequence[Origin | str] | None = None) -> TokenizedSplit:
+    """Tokenize, mask and apply the length policy to many Alpaca rows at once; a problem names the row by its
+    origin (`origins[i]`, the raw file and line it was built from; by default `row i`)."""
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
     template = _as_template(template)
     ids = template.ids(tokenizer)  # exit 2 here when the vocabulary lacks the template's markup
-    origins = list(origins) if origins is not None else [f"row {i + 1}" for i in range(len(rows))]
+    origins = row_origins(origins, len(rows))
     cap = encode_cap(tokenizer, cutoff_len)
     capped: set[int] = set()  # rows whose length below is a lower bound (a text cut at `cap` characters)
     seg_count = np.empty(len(rows), dtype=np.int64)
     seg_response: list[bool] = []
     lens, id_parts, train_parts = [], [], []
+    refused: dict[str, list[Origin]] = {}  # message -> the rows: said once, at the first, with the count
     bar = _progress(len(rows), "tokenize")
     for start in range(0, len(rows), ROW_CHUNK):
         texts: list[str] = []
@@ -165,8 +168,13 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         flags: list[bool] = []
         chunk = rows[start:start + ROW_CHUNK]
         for i, row in enumerate(chunk, start=start):
-            segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history,
-                                         enable_thinking=enable_thinking)
+            try:
+                segments = template.segments(row, train_on_prompt=train_on_prompt, mask_history=mask_history,
+                                             enable_thinking=enable_thinking)
+            except UserError as err:  # a row this template cannot render (tool turns, a template without tools)
+                refused.setdefault(err.messages[0], []).append(origins[i])
+                seg_count[i] = 0
+                continue
             seg_count[i] = len(segments)
             for pieces, trained, response in segments:
                 if any(isinstance(p, str) and len(p) > cap for p in pieces):
@@ -183,6 +191,12 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         train_parts.append(np.repeat(np.array(flags, dtype=bool), chunk_len))
         bar.update(len(chunk))
     bar.close()
+    if refused:
+        problems = Problems()
+        for message, where in refused.items():
+            first = min(where, key=lambda o: (o.file, line_order(o.where)))
+            problems.add(first.file, first.place, message + alike(len(where)))
+        problems.raise_if_any()
     seg_len = np.concatenate(lens) if lens else np.zeros(0, np.int64)
     ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int32)
     trainable = np.concatenate(train_parts) if train_parts else np.zeros(0, bool)
@@ -203,7 +217,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         problems = Problems()
         for i in over:
             count = f"more than {int(row_len[i])}" if i in capped else f"{int(row_len[i])}"
-            problems.add(*_split_origin(origins[i]), f"{count} tokens, over cutoff_len {cutoff_len}")
+            problems.add(origins[i].file, origins[i].place, f"{count} tokens, over cutoff_len {cutoff_len}")
         messages = problems.messages()
         many = "example is" if len(over) == 1 else "examples are"
         messages.append(f"{len(over):,} {many} longer than cutoff_len {cutoff_len} (overlength_policy: error); "
@@ -234,7 +248,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     if len(empty):
         problems = Problems()
         for i in empty:
-            problems.add(*_split_origin(origins[i]), "no trainable token: the example would teach nothing "
+            problems.add(origins[i].file, origins[i].place, "no trainable token: the example would teach nothing "
                          "(is the output empty?); fix the row and run `make data`")
         problems.raise_if_any()
     if len(over):
@@ -249,9 +263,11 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         is_truncated=was_truncated[kept])
 
 
-def _split_origin(origin: str) -> tuple[str, str | None]:
-    file, _, row = origin.rpartition(":")
-    return (file, row) if file else (origin, None)
+def row_origins(origins: Sequence[Origin | str] | None, n: int) -> list[Origin]:
+    """The given origins as Origins, or `row i` for each of n rows when none are given."""
+    if origins is None:
+        return [Origin(f"row {i}", None) for i in range(1, n + 1)]
+    return list(map(as_origin, origins))
 
 
 def _truncation_point(seg_len: np.ndarray, is_response: np.ndarray, cutoff_len: int) -> int:
@@ -310,22 +326,9 @@ def _cached(key: tuple, make: Any) -> Any:
     return value
 
 
-def read_split_rows(paths: list) -> tuple[list[dict], list[str]]:
-    """The rows of a split's files and each row's origin (`file:row`, for messages naming the row)."""
-    from pipeline.data.load import read_rows
-
-    rows: list[dict] = []
-    origins: list[str] = []
-    for path in paths:
-        part = read_rows(path)
-        rows.extend(part)
-        origins.extend(f"{path}:{i}" for i in range(1, len(part) + 1))
-    return rows, origins
-
-
 def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     """The recipe's sft `split` tokenized with its template, masks and length policy (once per process)."""
-    from pipeline.data.load import split_files
+    from pipeline.data.load import read_split_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
@@ -334,7 +337,7 @@ def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     key = ("sft", tokenizer.name, _file_key(paths), settings)
 
     def make() -> TokenizedSplit:
-        rows, origins = read_split_rows(paths)
+        rows, origins = read_split_rows(data, paths)
         try:
             return encode_rows(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
                                policy=data.overlength_policy, train_on_prompt=data.train_on_prompt,

@@ -21,7 +21,7 @@ def small_blocks(monkeypatch):
 
 def outputs(r) -> dict[str, bytes]:
     folder = built_dir(r["dataset_dir"], r["dataset"][0])
-    return {name: (folder / name).read_bytes() for name in ("train.json", "val.json")}
+    return {name: (folder / name).read_bytes() for name in ("train.json", "val.json", "origins.json")}
 
 
 def test_blocks_cover_the_file_at_line_starts(tmp_path):
@@ -50,6 +50,15 @@ def test_parallel_build_equals_serial(make_recipe, small_blocks):
     assert outputs(r) == serial
     again = json.loads((built_dir(r["dataset_dir"], "all") / "manifest.json").read_text())
     assert again["sources"] == manifest["sources"] and again["rows_read"] == 170
+    # each row's origin is its line in its file, also for rows read from blocks of a.jsonl in a worker process
+    folder = built_dir(r["dataset_dir"], "all")
+    origins = json.loads((folder / "origins.json").read_text())
+    assert [s["path"] for s in manifest["sources"]] == ["raw/a.jsonl", "raw/b.jsonl", "raw/c.json"]
+    for split in ("train", "val"):
+        rows = json.loads((folder / f"{split}.json").read_text())
+        for built, (source, where) in zip(rows, origins[split], strict=True):
+            if source == 0:
+                assert built["instruction"] == f"task {where - 1}: say the number"
 
 
 def test_parallel_build_reports_the_same_problems(make_recipe, small_blocks):

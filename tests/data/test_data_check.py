@@ -48,6 +48,9 @@ def test_summary_rows_with_exact_token_counts(built):
 def test_bad_built_rows_are_named_by_file_row_field(built):
     path = built_dir(built["dataset_dir"], "d") / "train.json"
     rows = json.loads(path.read_text())
+    # alpaca_rows: "task i: ..." is line i + 1 of raw/d.jsonl; each message adds the raw row its built row came from
+    raw = [f"; the row was built from {built['dataset_dir']}/raw/d.jsonl:{int(row['instruction'].split()[1][:-1]) + 1}"
+           " (dataset 'd')" for row in rows]
     rows[0]["instruction"] = "   "
     rows[1]["output"] = 7
     rows[2]["history"] = [["only one"]]
@@ -59,13 +62,13 @@ def test_bad_built_rows_are_named_by_file_row_field(built):
     with pytest.raises(UserError) as err:
         check_built(data_args(built))
     assert err.value.messages == [
-        f"{path}:1:instruction: is blank; expected non-empty text",
-        f"{path}:2:output: is a number; expected a string",
-        f"{path}:3:history[0]: has 1 items; expected [instruction, response]",
-        f"{path}:4:extra: unknown field; expected instruction, input, output, system, history, tools, roles",
-        f"{path}:5:input: missing",
-        f"{path}:6: is a list; expected an object",
-        f"{path}:7:history[0][1]: is a number; expected a string",
+        f"{path}:1:instruction: is blank; expected non-empty text{raw[0]}",
+        f"{path}:2:output: is a number; expected a string{raw[1]}",
+        f"{path}:3:history[0]: has 1 items; expected [instruction, response]{raw[2]}",
+        f"{path}:4:extra: unknown field; expected instruction, input, output, system, history, tools, roles{raw[3]}",
+        f"{path}:5:input: missing{raw[4]}",
+        f"{path}:6: is a list; expected an object{raw[5]}",
+        f"{path}:7:history[0][1]: is a number; expected a string{raw[6]}",
     ]
 
 

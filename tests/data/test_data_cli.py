@@ -83,7 +83,7 @@ def test_inspect_counts_the_length_policy(tmp_path, monkeypatch, capsys):
     split = "train" if '"long"' in (tmp_path / "data/build/a/train.json").read_text() else "val"
     line = next(x for x in out.splitlines() if x.startswith(f"{split}:"))
     assert "truncated 1" in line and "dropped 0" in line
-    assert "data/build/a/" in out.split(f"{split}:", 1)[1].splitlines()[1]  # names the truncated row
+    assert out.split(f"{split}:", 1)[1].splitlines()[1] == "  truncated: data/raw/a.jsonl:21 (dataset 'a')"  # the raw row
     assert main(["inspect", "recipe.yaml", "overlength_policy=error"]) == 2
     err = capsys.readouterr().err
     assert "tokens, over cutoff_len 60" in err and "overlength_policy: error" in err

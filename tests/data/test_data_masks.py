@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from pipeline.data.origins import Origin
 from pipeline.data.templates import Segment, Template, get_template
 from pipeline.data.tokenize import Dropped, Encoded, encode_example, encode_rows
 from pipeline.data.tokenizer import gpt2
@@ -104,9 +105,10 @@ def test_zero_trainable_tokens_is_a_hard_error():
     silent = Silent(**{k: getattr(base, k) for k in base.__dataclass_fields__})
     with pytest.raises(UserError) as err:
         encode_rows([{"instruction": "a", "input": "", "output": "b"}] * 2, silent, gpt2(), cutoff_len=64,
-                    origins=["build/x/train.json:1", "build/x/train.json:2"])
-    assert err.value.messages[0].startswith("build/x/train.json:1: no trainable token")
-    assert err.value.messages[1].startswith("build/x/train.json:2: no trainable token")
+                    origins=[Origin("data/raw/x.jsonl", 7, "x"), Origin("data/raw/y.parquet", "row 2", "y")])
+    # named by the raw row each was built from (no template of the pipeline trains nothing: no CLI reaches this)
+    assert err.value.messages[0].startswith("data/raw/x.jsonl:7 (dataset 'x'): no trainable token")
+    assert err.value.messages[1].startswith("data/raw/y.parquet:row 2 (dataset 'y'): no trainable token")
 
 
 def test_encode_example_drops_an_example_over_cutoff_len():

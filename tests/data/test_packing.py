@@ -115,7 +115,7 @@ def test_packing_with_examples_over_cutoff_and_policy_error(make_recipe):
     with pytest.raises(UserError) as err:
         sft_loader(data_args(r), "train")
     text = "\n".join(err.value.messages)
-    assert "train.json:" in text and "over cutoff_len 48" in text and "raise cutoff_len" in text
+    assert "raw/d.jsonl:" in text and "over cutoff_len 48" in text and "raise cutoff_len" in text
     assert "packing never splits an example" in text
 
 
