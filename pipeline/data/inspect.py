@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, length_table,
                                     tokenized_split)
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pipeline.data.pairs import TokenizedPairs
 
 GREEN, RESET = "\x1b[1;32m", "\x1b[0m"
 
@@ -47,11 +50,12 @@ def plot_path(data: DataArgs) -> Path:
     return Path(data.dataset_dir) / "build" / f"token_lengths-{'+'.join(dataset_names(data, 'dataset'))}.png"
 
 
-def _policy_line(split: str, examples: TokenizedSplit, data: DataArgs) -> str:
-    dropped = examples.dropped.get(OVER, 0) + examples.dropped.get(NO_ROOM, 0)
-    line = (f"{split}: {examples.rows:,} rows -> {len(examples):,} examples · dropped {dropped:,} "
-            f"({examples.dropped.get(OVER, 0):,} {OVER} {data.cutoff_len}, {examples.dropped.get(NO_ROOM, 0):,} "
-            f"{NO_ROOM}) · truncated {examples.truncated:,}  [overlength_policy: {data.overlength_policy}]")
+def _policy_line(split: str, examples: TokenizedSplit | TokenizedPairs, data: DataArgs) -> str:
+    counts = {OVER: 0, NO_ROOM: 0, **examples.dropped}  # the length policy's reasons always shown, others when met
+    reasons = ", ".join(f"{n:,} {reason}{f' {data.cutoff_len}' if reason == OVER else ''}"
+                        for reason, n in counts.items())
+    line = (f"{split}: {examples.rows:,} rows -> {len(examples):,} examples · dropped {sum(counts.values()):,} "
+            f"({reasons}) · truncated {examples.truncated:,}  [overlength_policy: {data.overlength_policy}]")
     for label, rows in (("dropped", examples.dropped_rows), ("truncated", examples.truncated_rows)):
         if rows:
             more = f" and {len(rows) - 5:,} more" if len(rows) > 5 else ""

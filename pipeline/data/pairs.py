@@ -7,6 +7,11 @@ LLaMA-Factory's pairwise data). The over-length policy applies to the pair as a 
 cutoff_len when either of its sequences is; drop removes the pair, error names it, truncate cuts both
 responses at cutoff_len (the prompt is never cut) and drops the pair, counted as "prompt fills cutoff_len",
 when either sequence would keep no response token.
+
+A pair whose two sequences are the same tokens after the template is left out (counted as SAME): it states no
+preference, and its loss is a constant with no gradient. The build already removes pairs with equal text; the
+template can still make them equal, e.g. qwen3 with enable_thinking: false removes the thoughts of a pair that
+differs only in its reasoning.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 
 SIDES = ("chosen", "rejected")
+SAME = "chosen = rejected after the template"
 
 
 @dataclass
@@ -82,7 +88,14 @@ def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, to
     keep = {side: lens[side].copy() for side in SIDES}  # tokens kept per example; 0 = pair dropped
     dropped: dict[str, int] = {OVER: 0, NO_ROOM: 0} if policy != "error" else {}
     dropped_rows, truncated_rows = [], []
-    for i in over:
+    same = [i for i in range(len(rows)) if _same_tokens(full["chosen"], full["rejected"], i)]
+    for i in same:
+        for side in SIDES:
+            keep[side][i] = 0
+        dropped_rows.append(origins[i])
+    if same:
+        dropped[SAME] = len(same)
+    for i in np.setdiff1d(over, same):
         if policy == "drop":
             reason = OVER
         else:
@@ -101,6 +114,12 @@ def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, to
         chosen=_cut(full["chosen"], keep["chosen"]), rejected=_cut(full["rejected"], keep["rejected"]),
         origins=[o for o, k in zip(origins, kept) if k], lengths=pair_len, dropped=dropped,
         truncated=len(truncated_rows), truncated_rows=truncated_rows, dropped_rows=dropped_rows)
+
+
+def _same_tokens(chosen: TokenizedSplit, rejected: TokenizedSplit, i: int) -> bool:
+    """Whether pair i's two sequences are the same token ids."""
+    a, b = (slice(int(split.offsets[i]), int(split.offsets[i + 1])) for split in (chosen, rejected))
+    return a.stop - a.start == b.stop - b.start and bool(np.array_equal(chosen.ids[a], rejected.ids[b]))
 
 
 def _scored(split: TokenizedSplit, i: int, length: int) -> bool:

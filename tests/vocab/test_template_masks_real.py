@@ -155,3 +155,20 @@ def test_function_calling_masks(vocab_dirs, enc, monkeypatch, family, template, 
         want_labels += [M] * len(ids(prompt)) + ids(response)
     got = example(vocab_dirs, family, template, row)
     assert got.input_ids == want_ids and got.labels == want_labels
+
+
+def test_qwen3_pairs_that_differ_only_in_their_thoughts_are_left_out_without_thinking(vocab_dirs):
+    """With enable_thinking false the template removes the thoughts, so a pair differing only in its reasoning
+    became two equal sequences: a constant loss with no gradient, trained without a word."""
+    from pipeline.data.origins import Origin
+    from pipeline.data.pairs import SAME, encode_pairs
+
+    tokenizer = load_tokenizer(vocab_dirs["qwen3"])
+    rows = [{"instruction": "Q", "input": "", "chosen": "<think>\na\n</think>\n\nX", "rejected": "<think>\nb\n</think>\n\nX"},
+            {"instruction": "Q", "input": "", "chosen": "X", "rejected": "Y"}]
+    where = [Origin("data/raw/p.jsonl", 1, "p"), Origin("data/raw/p.jsonl", 2, "p")]
+    thinking = encode_pairs(rows, "qwen3", tokenizer, cutoff_len=512, origins=where)
+    assert len(thinking) == 2 and SAME not in thinking.dropped
+    off = encode_pairs(rows, "qwen3", tokenizer, cutoff_len=512, enable_thinking=False, origins=where)
+    assert len(off) == 1 and off.dropped[SAME] == 1 and off.dropped_rows == [where[0]] and off.origins == [where[1]]
+    assert off.chosen.example(0).input_ids != off.rejected.example(0).input_ids
