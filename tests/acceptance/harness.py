@@ -7,6 +7,8 @@ Reused by every acceptance test (and by other test folders): import from `tests.
   to how transformers builds it; add a family by adding an entry (config class, model class, tiny sizes).
 - `write_data(directory)`: a dataset registry (dataset_info.json) with tiny sft and pt sources.
 - `write_recipe(path, **keys)`: a YAML recipe (plain values, one per line).
+- `write_ranking_data(directory)`: LLaMA-Factory ranking (preference) data beside write_data's; `DPO`: a tiny
+  dpo recipe on it.
 - `pipeline(*args, cwd=...)` / `make(*targets, cwd=...)`: run `python -m pipeline ...` or `make ...` in a
   subprocess and assert the exit code; the result keeps stdout and stderr for further asserts.
 - `scratch_repo(root)`: a scratch copy of the repository (Makefile, code, a venv shim) for `make` runs.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -213,6 +216,33 @@ def write_recipe(path: str | Path, base: dict[str, Any] | None = None, **keys: A
     path = Path(path)
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
+
+
+# LLaMA-Factory's dataset_info.json entries for ranking data (its data/README.md)
+RANKING_ENTRIES = {
+    "prefs_alpaca": {"file_name": "raw/prefs_alpaca.json", "ranking": True,
+                     "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+    "prefs_sharegpt": {"file_name": "raw/prefs_sharegpt.json", "formatting": "sharegpt", "ranking": True,
+                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+}
+DPO = {**SFT, "stage": "dpo", "dataset": "prefs_alpaca,prefs_sharegpt", "val_size": 0.25,
+       "learning_rate": 1e-2, "max_steps": 4, "pref_beta": 0.5, "max_new_tokens": 3, "max_eval_samples": 2}
+
+
+def write_ranking_data(data: Path, n: int = 16) -> None:
+    """Both LLaMA-Factory ranking forms: alpaca (chosen/rejected strings), sharegpt (message objects)."""
+    rng = random.Random(3)
+    alpaca, sharegpt = [], []
+    for i in range(n):
+        a, b, c = rng.sample(WORDS, 3)
+        alpaca.append({"instruction": f"Repeat: {a} {b}", "input": "", "chosen": f"{a} {b}", "rejected": f"{c} ({i})"})
+        sharegpt.append({"conversations": [{"from": "human", "value": f"Say {c} twice"}],
+                         "chosen": {"from": "gpt", "value": f"{c} {c}"},
+                         "rejected": {"from": "gpt", "value": f"{a} ({i})"}})
+    (data / "raw" / "prefs_alpaca.json").write_text(json.dumps(alpaca, indent=1), encoding="utf-8")
+    (data / "raw" / "prefs_sharegpt.json").write_text(json.dumps(sharegpt, indent=1), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**registry, **RANKING_ENTRIES}, indent=2), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- the CLI

@@ -6,40 +6,13 @@ from __future__ import annotations
 from pipeline.recipe.args import data_args
 import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.acceptance import harness
-
-WORDS = harness.WORDS
-# LLaMA-Factory's dataset_info.json entries for ranking data (its data/README.md)
-RANKING_ENTRIES = {
-    "prefs_alpaca": {"file_name": "raw/prefs_alpaca.json", "ranking": True,
-                     "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
-    "prefs_sharegpt": {"file_name": "raw/prefs_sharegpt.json", "formatting": "sharegpt", "ranking": True,
-                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
-}
-DPO = {**harness.SFT, "stage": "dpo", "dataset": "prefs_alpaca,prefs_sharegpt", "val_size": 0.25,
-       "learning_rate": 1e-2, "max_steps": 4, "pref_beta": 0.5, "max_new_tokens": 3, "max_eval_samples": 2}
-
-
-def write_ranking_data(data: Path, n: int = 16) -> None:
-    """Both LLaMA-Factory ranking forms: alpaca (chosen/rejected strings), sharegpt (message objects)."""
-    rng = random.Random(3)
-    alpaca, sharegpt = [], []
-    for i in range(n):
-        a, b, c = rng.sample(WORDS, 3)
-        alpaca.append({"instruction": f"Repeat: {a} {b}", "input": "", "chosen": f"{a} {b}", "rejected": f"{c} ({i})"})
-        sharegpt.append({"conversations": [{"from": "human", "value": f"Say {c} twice"}],
-                         "chosen": {"from": "gpt", "value": f"{c} {c}"},
-                         "rejected": {"from": "gpt", "value": f"{a} ({i})"}})
-    (data / "raw" / "prefs_alpaca.json").write_text(json.dumps(alpaca, indent=1), encoding="utf-8")
-    (data / "raw" / "prefs_sharegpt.json").write_text(json.dumps(sharegpt, indent=1), encoding="utf-8")
-    registry = json.loads((data / "dataset_info.json").read_text())
-    (data / "dataset_info.json").write_text(json.dumps({**registry, **RANKING_ENTRIES}, indent=2), encoding="utf-8")
+from tests.acceptance.harness import DPO, write_ranking_data
 
 
 @pytest.fixture
