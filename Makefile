@@ -30,7 +30,7 @@ $(error RECIPE='$(RECIPE)': make cannot handle a file name with a space (it spli
 recipe file, or run its stages directly: python -m pipeline <stage> '$(RECIPE)')
 endif
 STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
-STAGE_GOALS := data validate inspect plan train dry-run merge eval chat all
+STAGE_GOALS := data validate inspect plan train dry-run merge export eval chat all
 
 # Several ranks (or nodes) go through the deepspeed launcher; one rank is a plain python process.
 # NNODES > 1: this node's part of a job without ssh (docs/packing-and-scale.md); HOSTFILE: DeepSpeed over ssh.
@@ -79,9 +79,11 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 	@touch $@
 
 # ---------------------------------------------------------------- stages
-# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE, UPSTREAM (the recipe whose
-# output this one starts from) and UPSTREAM_GOAL (train, or merge for its merged/ model) as make variables, so editing a recipe or anything it extends re-runs
-# what depends on it.
+# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE and UPSTREAMS as make variables, so editing a
+# recipe or anything it extends re-runs what depends on it. UPSTREAMS lists recipe:goal for every recipe in the same
+# folder that writes a model this one starts from (model_name_or_path, adapter_name_or_path, dpo's ref_model): goal
+# train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains), export for the
+# export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first (see below).
 ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE): no such recipe file (the recipes here: $(wildcard recipes/*.yaml)))
@@ -90,11 +92,13 @@ include $(STAMPS)/deps.mk
 endif
 
 # On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
-# validate finds none: each problem is printed once.
+# validate finds none: each problem is printed once. Not for `make export`: an export recipe names no dataset, which
+# validate requires, so validate's one message would hide deps' own.
 $(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(VENV)/.setup-done
 	@mkdir -p $(@D)
 	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err && mv $@.tmp $@ && rm -f $@.err || { rm -f $@.tmp; \
-		$(PY) -m pipeline validate $(RECIPE) $(ARGS) && cat $@.err >&2; rm -f $@.err; exit 2; }
+		$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(ARGS) &&) cat $@.err >&2; \
+		rm -f $@.err; exit 2; }
 
 # Overrides change results: a change of ARGS makes every stage of this recipe stale. Not those that change
 # nothing a stage produces: a resume (exact: the same weights as the uninterrupted run), overwrite_output_dir,
@@ -106,14 +110,22 @@ RESULT_ARGS := $(filter-out --dry-run resume_from_checkpoint=% overwrite_output_
 $(STAMPS)/args: FORCE
 	$(file >$@.new,$(RESULT_ARGS))@cmp -s $@.new $@ && rm -f $@.new || mv -f $@.new $@
 
+# Every upstream (recipe:goal) is made by a sub-make of its goal first; its stamp is a prerequisite of this recipe's
+# train (and export), so a re-run upstream makes this recipe stale, and an up-to-date one leaves it alone.
 # ARGS= : the overrides are this recipe's (make hands command-line variables to sub-makes: without it a
 # `max_steps=40` meant for this recipe retrained the upstream too, and a dpo key stopped the chain at its sft recipe).
-ifneq ($(UPSTREAM),)
-UPSTREAM_STAMP := .stamps/$(basename $(notdir $(UPSTREAM)))/$(UPSTREAM_GOAL)
-$(UPSTREAM_STAMP): FORCE
-	@$(MAKE) --no-print-directory $(UPSTREAM_GOAL) RECIPE=$(UPSTREAM) ARGS= NPROC=$(NPROC) HOSTFILE=$(HOSTFILE) NNODES=$(NNODES) \
-		NODE_RANK=$(NODE_RANK) MASTER_ADDR=$(MASTER_ADDR) MASTER_PORT=$(MASTER_PORT)
-endif
+# A deps.mk written before UPSTREAMS existed names one upstream (UPSTREAM, UPSTREAM_GOAL).
+UPSTREAMS ?= $(if $(UPSTREAM),$(UPSTREAM):$(UPSTREAM_GOAL))
+upstream_recipe = $(word 1,$(subst :, ,$(1)))
+upstream_goal = $(word 2,$(subst :, ,$(1)))
+upstream_stamp = .stamps/$(basename $(notdir $(call upstream_recipe,$(1))))/$(call upstream_goal,$(1))
+UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u)))
+define upstream_rule
+$(call upstream_stamp,$(1)): FORCE
+	@$$(MAKE) --no-print-directory $(call upstream_goal,$(1)) RECIPE=$(call upstream_recipe,$(1)) ARGS= NPROC=$$(NPROC) \
+		HOSTFILE=$$(HOSTFILE) NNODES=$$(NNODES) NODE_RANK=$$(NODE_RANK) MASTER_ADDR=$$(MASTER_ADDR) MASTER_PORT=$$(MASTER_PORT)
+endef
+$(foreach u,$(UPSTREAMS),$(eval $(call upstream_rule,$(u))))
 
 $(STAMPS)/data: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
@@ -129,7 +141,7 @@ $(STAMPS)/validate: $(STAMPS)/data
 # recipe's run in the same output_dir (a recipe that extends one and inherits its output_dir), is not wiped:
 # the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true or another output_dir.
 # ARGS=--dry-run always runs (a dry run of a finished recipe too) and never marks train done.
-$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMP) $(if $(findstring --dry-run,$(ARGS)),FORCE)
+$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMPS) $(if $(findstring --dry-run,$(ARGS)),FORCE)
 	$(LAUNCH) train $(RECIPE) --retrain-finished $(ARGS)
 	@$(if $(findstring --dry-run,$(ARGS)),true,touch $@)
 
@@ -139,6 +151,11 @@ $(STAMPS)/merge: $(STAMPS)/train
 
 $(STAMPS)/eval: $(STAMPS)/merge
 	$(LAUNCH) eval $(RECIPE) $(ARGS)
+	@touch $@
+
+# A LLaMA-Factory merge recipe trains nothing: its adapter (or model) is an upstream's output, made first.
+$(STAMPS)/export: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(UPSTREAM_STAMPS)
+	$(PY) -m pipeline export $(RECIPE) $(ARGS)
 	@touch $@
 
 data: $(STAMPS)/data ## build the recipe's datasets into Alpaca-format JSON (+ manifest)
@@ -158,8 +175,7 @@ merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF 
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
 	@echo "report: $(OUTPUT_DIR)/eval/report.md"
-export: $(VENV)/.setup-done ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir
-	$(PY) -m pipeline export $(RECIPE) $(ARGS)
+export: $(STAMPS)/export ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir
 # The prompt reaches the shell as the environment variable make exports for a command-line PROMPT, never pasted into
 # the command: pasted in quotes, a prompt with an apostrophe ("What's ...") was a shell syntax error.
 chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT='...' for one answer)

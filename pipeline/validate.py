@@ -53,11 +53,11 @@ def missing_model_note(r: Resolved) -> str:
     but train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise."""
     from pipeline.model.config import PRESETS
     from pipeline.model.hub import is_hub_id
-    from pipeline.recipe.deps import upstream
+    from pipeline.recipe.deps import producer
 
     model = str(r["model_name_or_path"])
     path = Path(model).expanduser()
-    if model in PRESETS or is_hub_id(model) or path.exists() or upstream(r):
+    if model in PRESETS or is_hub_id(model) or path.exists() or producer(r.recipe_path, model):
         return ""
     hint = ""
     if path.parent.is_dir():

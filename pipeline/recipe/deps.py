@@ -6,8 +6,15 @@
     DATASETS=<dataset names, space separated>
     DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
     STAGE=<pt|sft|dpo>
-    UPSTREAM=<the recipe in the same folder whose output_dir holds model_name_or_path (or the adapter), or empty>
-    UPSTREAM_GOAL=<merge when that path is the upstream's merged/ model, else train>
+    UPSTREAMS=<recipe:goal ...: every recipe in the same folder that writes a model this one starts from>
+    UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
+    UPSTREAM_GOAL=<its goal>
+
+A recipe starts from the paths in UPSTREAM_KEYS: model_name_or_path, adapter_name_or_path and (stage dpo) ref_model.
+The recipe next to it that writes such a path is its upstream, with the make goal that writes it: train for its
+output_dir, merge for its output_dir/merged (or, when it trains, its export_dir: merge writes there), export for
+the export_dir of a recipe that names no dataset (a LLaMA-Factory merge recipe: `make export`). UPSTREAM and
+UPSTREAM_GOAL are kept for readers of the one-upstream format.
 
 The same chain gives a chained recipe its tokenizer before the upstream has run (tokenizer_source).
 """
@@ -42,6 +49,10 @@ def recipe_value(recipe: Path, key: str) -> Any:
     return value
 
 
+UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model")  # a model this recipe starts from
+_GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
+
+
 def _output_dir(recipe: Path) -> str | None:
     """A sibling recipe's output_dir (its own or inherited; saves/<its name> by default)."""
     value = recipe_value(recipe, "output_dir")
@@ -50,31 +61,86 @@ def _output_dir(recipe: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _export_dir(recipe: Path) -> str | None:
+    value = recipe_value(recipe, "export_dir")
+    return value if isinstance(value, str) and value else None
+
+
+def _writes(recipe: Path) -> list[tuple[str, str]]:
+    """(folder, make goal that writes it) for what a sibling recipe produces: train its output_dir, merge its merged
+    model (output_dir/merged, or export_dir when set). A recipe naming no dataset cannot train (a LLaMA-Factory
+    merge recipe): `export` writes its export_dir."""
+    out, export_dir = _output_dir(recipe), _export_dir(recipe)
+    found = [(out, "train")] if out else []
+    if export_dir:  # merge writes there instead of merged/
+        found.append((export_dir, "merge" if recipe_value(recipe, "dataset") else "export"))
+    elif out:
+        found.append((os.path.join(out, "merged"), "merge"))
+    return found
+
+
+def _siblings(recipe_path: Path) -> list[Path]:
+    """The other recipes in the folder of `recipe_path`, sorted (the first of several producers wins)."""
+    me = recipe_path.resolve()
+    return sorted(p for p in recipe_path.parent.glob("*.y*ml")
+                  if p.suffix in (".yaml", ".yml") and p.resolve() != me)
+
+
 def producer(recipe_path: Path, path: str) -> tuple[Path, str] | None:
-    """(the recipe next to `recipe_path` whose output_dir holds `path`, the make goal that writes it: merge for its
-    merged/ model, else train), or None."""
-    siblings = sorted(p for p in recipe_path.parent.glob("*.y*ml") if p.suffix in (".yaml", ".yml"))
-    for sibling in siblings:
-        if sibling.resolve() == recipe_path.resolve():
-            continue
-        out = _output_dir(sibling)
-        if out and _inside(path, out):
-            return sibling, "merge" if _inside(path, os.path.join(out, "merged")) else "train"
-    return None
+    """(the recipe next to `recipe_path` that writes `path`, the make goal that writes it), or None. Of several
+    folders holding `path` (saves/sft and saves/sft/merged; an export_dir inside another recipe's output_dir), the
+    innermost one names the producer."""
+    best: tuple[int, Path, str] | None = None
+    for sibling in _siblings(recipe_path):
+        for folder, goal in _writes(sibling):
+            depth = len(os.path.normpath(folder))
+            if _inside(path, folder) and (best is None or depth > best[0]):
+                best = (depth, sibling, goal)
+    return None if best is None else (best[1], best[2])
 
 
-def upstream(r: Resolved) -> str:
-    """The recipe next to this one that produces its model (or adapter), or ''."""
-    return _upstream(r)[0]
+def upstream_paths(r: Mapping[str, Any]) -> list[str]:
+    """The paths of UPSTREAM_KEYS the recipe sets (ref_model only under stage dpo, the one stage that reads it)."""
+    keys = [k for k in UPSTREAM_KEYS if k != "ref_model" or r.get("stage") == "dpo"]
+    return [str(r[k]) for k in keys if r.get(k)]
 
 
-def _upstream(r: Resolved) -> tuple[str, str]:
-    """(that recipe, the make goal that produces the path: merge for its merged/ model, else train), or ('', '')."""
-    for path in (p for p in (r["model_name_or_path"], r["adapter_name_or_path"]) if p):
+def upstreams(r: Resolved) -> list[tuple[str, str]]:
+    """(recipe, make goal) for every recipe next to this one that writes a model it starts from, in UPSTREAM_KEYS
+    order, each recipe once (with the later of its goals: merge includes train). A cycle (two recipes each
+    starting from the other's output) is a UserError: make would call itself forever."""
+    goals: dict[str, str] = {}
+    for path in upstream_paths(r):
         found = producer(r.recipe_path, path)
         if found:
-            return str(found[0]), found[1]
-    return "", ""
+            recipe, goal = str(found[0]), found[1]
+            goals[recipe] = max(goals.get(recipe, goal), goal, key=_GOAL_ORDER.index)
+    _refuse_cycle(r.recipe_path, [Path(recipe) for recipe in goals])
+    return list(goals.items())
+
+
+def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
+    """Follows the upstreams of `first` (read off the sibling recipes without validating them); reaching
+    `recipe_path` again is a cycle."""
+    me, seen = recipe_path.resolve(), set()
+
+    def visit(recipe: Path, trail: list[Path]) -> None:
+        if recipe.resolve() == me:
+            raise UserError(f"{recipe_path}: its upstream recipes lead back to it ({' -> '.join(map(str, trail))}: "
+                            "each starts from the next one's output), so none can be built first; point one of "
+                            "them (model_name_or_path, adapter_name_or_path or ref_model) at a checkpoint, hub id "
+                            "or preset instead")
+        if recipe.resolve() in seen:
+            return
+        seen.add(recipe.resolve())
+        values = {key: recipe_value(recipe, key) for key in (*UPSTREAM_KEYS, "stage")}
+        for path in upstream_paths(values):
+            found = producer(recipe, path)
+            if found:
+                visit(found[0], [*trail, found[0]])
+
+    for recipe in first:
+        visit(recipe, [recipe_path, recipe])
 
 
 def tokenizer_source(r: Mapping[str, Any]) -> str | None:
@@ -143,14 +209,17 @@ def data_files(r: Mapping[str, Any]) -> list[str]:
 
 
 def lines(r: Resolved) -> list[str]:
+    found = upstreams(r)
     return [
         f"RECIPE_FILES={' '.join(r.files)}",
         f"OUTPUT_DIR={r['output_dir']}",
         f"DATASET_DIR={r['dataset_dir']}",
-        f"DATASETS={' '.join(r['dataset'])}",
+        f"DATASETS={' '.join(r['dataset'] or [])}",  # none: an export recipe
         f"DATA_FILES={' '.join(data_files(r))}",
         f"STAGE={r['stage']}",
-        *(f"{name}={value}" for name, value in zip(("UPSTREAM", "UPSTREAM_GOAL"), _upstream(r))),
+        f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
+        f"UPSTREAM={found[0][0] if found else ''}",
+        f"UPSTREAM_GOAL={found[0][1] if found else ''}",
     ]
 
 

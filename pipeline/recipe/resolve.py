@@ -30,7 +30,9 @@ from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target")  # LLaMA-Factory: comma strings
-NO_DATA_COMMANDS = ("export", "generate", "chat")  # LLaMA-Factory's merge and inference recipes name no dataset
+# LLaMA-Factory's merge and inference recipes name no dataset; deps: `make export` reads an export recipe's deps
+# (the commands that need the data, build first, still say the dataset is missing)
+NO_DATA_COMMANDS = ("export", "generate", "chat", "deps")
 LLAMAFACTORY_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir, used when ours (datasets/) has no registry
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 
+from pipeline.errors import UserError
 from pipeline.recipe import resolve, spec
 from pipeline.recipe.deps import lines
 from pipeline.recipe.docs import END, START, main as docs_main, render, splice
@@ -27,6 +29,7 @@ def test_deps_lines(write):
         "DATASETS=a b",
         "DATA_FILES=data/a.json",
         "STAGE=sft",
+        "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
     ]
@@ -42,6 +45,49 @@ def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
     # a merged model comes from the upstream's merge stage (make runs `merge` there, not only `train`)
     write("recipes/c.yaml", "model_name_or_path: out/first/merged\ndataset: x\nmax_steps: 1\n")
     assert lines(resolve("recipes/c.yaml", command="deps"))[-2:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=merge"]
+
+
+def _upstreams(recipe: str) -> list[str]:
+    return [line for line in lines(resolve(recipe, command="deps")) if line.startswith("UPSTREAM")]
+
+
+def test_deps_dpo_ref_model_is_an_upstream_too(write):
+    """ref_model named no upstream: make trained the dpo recipe before its reference existed."""
+    write("recipes/sft.yaml", "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/sft\n")
+    write("recipes/pt.yaml", "model_name_or_path: tiny\ndataset: x\nstage: pt\nfinetuning_type: full\n")
+    write("recipes/dpo.yaml", "model_name_or_path: saves/pt/model\nstage: dpo\ndataset: x\n"
+                              "ref_model: saves/sft/merged\n")
+    assert _upstreams("recipes/dpo.yaml") == ["UPSTREAMS=recipes/pt.yaml:train recipes/sft.yaml:merge",
+                                               "UPSTREAM=recipes/pt.yaml", "UPSTREAM_GOAL=train"]
+    # one recipe for both: listed once, with merge (which runs train first)
+    write("recipes/dpo.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\nstage: dpo\n"
+                              "dataset: x\nref_model: saves/sft/merged\n")
+    assert _upstreams("recipes/dpo.yaml")[0] == "UPSTREAMS=recipes/sft.yaml:merge"
+
+
+def test_deps_an_export_dir_is_made_by_export_or_by_merge(write):
+    write("recipes/sft.yaml", "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/sft\n")
+    # a LLaMA-Factory merge recipe names no dataset: `make export` writes its export_dir (deps reads it too)
+    write("recipes/exp.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\nexport_dir: saves/sft/hf\n")
+    write("recipes/down.yaml", "model_name_or_path: saves/sft/hf\ndataset: x\n")
+    # saves/sft/hf is inside sft's output_dir too: the innermost folder names the producer
+    assert _upstreams("recipes/down.yaml")[0] == "UPSTREAMS=recipes/exp.yaml:export"
+    assert _upstreams("recipes/exp.yaml")[0] == "UPSTREAMS=recipes/sft.yaml:train"
+    assert "DATASETS=" in lines(resolve("recipes/exp.yaml", command="deps"))
+    # a recipe that trains writes its export_dir with merge
+    write("recipes/exp.yaml", "model_name_or_path: tiny\ndataset: x\nexport_dir: saves/sft/hf\n")
+    assert _upstreams("recipes/down.yaml")[0] == "UPSTREAMS=recipes/exp.yaml:merge"
+
+
+def test_deps_refuses_a_cycle_of_upstreams(write):
+    write("recipes/a.yaml", "model_name_or_path: saves/b/model\ndataset: x\n")
+    write("recipes/b.yaml", "model_name_or_path: tiny\ndataset: x\nstage: dpo\nref_model: saves/a/merged\n")
+    with pytest.raises(UserError) as err:
+        lines(resolve("recipes/a.yaml", command="deps"))
+    assert err.value.messages == [
+        "recipes/a.yaml: its upstream recipes lead back to it (recipes/a.yaml -> recipes/b.yaml -> recipes/a.yaml: "
+        "each starts from the next one's output), so none can be built first; point one of them "
+        "(model_name_or_path, adapter_name_or_path or ref_model) at a checkpoint, hub id or preset instead"]
 
 
 def test_deps_cli(write, capsys):

@@ -1,0 +1,60 @@
+"""`make` builds every recipe output a recipe starts from, as a user types it, and a second `make` does nothing.
+
+Only model_name_or_path and adapter_name_or_path used to name an upstream: a dpo recipe whose ref_model was the sft
+recipe's merged model, or a recipe training from another recipe's export_dir (LLaMA-Factory: train, export, train
+from the export), stopped at train with "directory not found", however the user had ordered the recipes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.acceptance.harness import DPO, cli_env, make, scratch_repo, write_data, write_ranking_data, write_recipe
+
+
+def _repo(tmp_path: Path) -> tuple[Path, str]:
+    root = scratch_repo(tmp_path / "repo")
+    write_data(root / "datasets")
+    (root / "recipes").mkdir()
+    return root, f"VENV={root / 'venv'}"
+
+
+def _stages(proc) -> list[tuple[str, str]]:
+    """(command, recipe name) of every `python -m pipeline` line make ran, in order."""
+    runs = [line.split(" -m pipeline ")[1].split()[:2] for line in proc.stdout.splitlines() if " -m pipeline " in line]
+    return [(command, Path(recipe).stem) for command, recipe in runs]
+
+
+def _make(root: Path, *args: str):
+    return make(*args, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
+
+
+def test_a_dpo_ref_model_from_the_sft_recipe_is_made_first(tmp_path):
+    root, venv = _repo(tmp_path)
+    write_ranking_data(root / "datasets")
+    write_recipe(root / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft", max_steps=1)
+    write_recipe(root / "recipes" / "dpo.yaml", DPO, model_name_or_path="tiny", ref_model="saves/sft/merged",
+                 output_dir="saves/dpo", max_steps=1)
+    first = _make(root, "train", "RECIPE=recipes/dpo.yaml", venv)
+    stages = _stages(first)
+    assert stages.index(("merge", "sft")) < stages.index(("train", "dpo")), first.stdout
+    assert (root / "saves/sft/merged/model.safetensors").is_file()
+    assert _stages(_make(root, "train", "RECIPE=recipes/dpo.yaml", venv)) == []
+
+
+def test_train_from_an_export_makes_the_export_and_its_training_first(tmp_path):
+    root, venv = _repo(tmp_path)
+    write_recipe(root / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft", max_steps=1)
+    # a LLaMA-Factory merge recipe: no dataset, the sft run's adapter onto the same base, written to export_dir
+    write_recipe(root / "recipes" / "export.yaml", {"model_name_or_path": "tiny", "seed": 7, "template": "alpaca"},
+                 adapter_name_or_path="saves/sft", export_dir="saves/sft_export")
+    write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/sft_export", output_dir="saves/down",
+                 max_steps=1)
+    first = _make(root, "train", "RECIPE=recipes/down.yaml", venv)
+    assert [s for s in _stages(first) if s[0] in ("train", "export")] == [
+        ("train", "sft"), ("export", "export"), ("train", "down")], first.stdout
+    assert _stages(_make(root, "train", "RECIPE=recipes/down.yaml", venv)) == []
+    # an edit upstream re-runs everything after it, and nothing before it
+    (root / "recipes" / "export.yaml").write_text((root / "recipes" / "export.yaml").read_text() + "export_size: 4\n")
+    assert [s for s in _stages(_make(root, "train", "RECIPE=recipes/down.yaml", venv))
+            if s[0] in ("train", "export")] == [("export", "export"), ("train", "down")]
+
