@@ -143,6 +143,14 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         visit(recipe, [recipe_path, recipe])
 
 
+def export_dir_sharers(recipe_path: Path, export_dir: str) -> list[Path]:
+    """The recipes next to `recipe_path` whose export_dir is `export_dir`, or holds it, or lies inside it: export
+    replaces the folder as a whole, so each would delete the other's model, and make, which counts each recipe's
+    own stamp, could hand a recipe that starts from the folder the other's newer export."""
+    return [sibling for sibling in _siblings(recipe_path)
+            if (theirs := _export_dir(sibling)) and (_inside(theirs, export_dir) or _inside(export_dir, theirs))]
+
+
 def tokenizer_source(r: Mapping[str, Any]) -> str | None:
     """Where a resolved recipe's tokenizer comes from (pipeline.recipe.args.data_args records it in DataArgs).
 

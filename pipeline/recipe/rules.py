@@ -479,6 +479,28 @@ def offload_needs_zero(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+# --- outputs ---------------------------------------------------------------------------------------
+
+@rule("export_dir", commands=("deps", "validate"))
+def export_dir_has_one_owner(ctx: Context) -> list[tuple[str, str]]:
+    """Two recipes in one folder writing one export_dir (or one inside the other) replace each other's model, and
+    make, which keeps a stamp per recipe, would take one's export as current after the other rewrote it: a recipe
+    that starts from the folder could train on the wrong model. Checked where make reads a recipe (deps) and by
+    validate; `python -m pipeline export` itself keeps LLaMA-Factory's behaviour (its merge_lora examples share one
+    export_dir)."""
+    from pipeline.recipe.deps import export_dir_sharers, recipe_value
+
+    mine = ctx.values["export_dir"]
+    others = export_dir_sharers(Path(ctx.recipe_file), mine) if mine else []
+    if not others:
+        return []
+    theirs = "; ".join(f"{p} has export_dir: {recipe_value(p, 'export_dir')}" for p in others)
+    return [("export_dir", f"{mine} is also written by another recipe in this folder ({theirs}): each export "
+                           "replaces the whole folder, so one deletes the other's model, and make could hand a "
+                           "recipe that starts from it the other recipe's export; give each recipe its own "
+                           f"export_dir, e.g. export_dir: saves/{Path(ctx.recipe_file).stem}_export")]
+
+
 # --- LLaMA-Factory keys ----------------------------------------------------------------------------
 
 @rule("streaming")

@@ -58,3 +58,16 @@ def test_train_from_an_export_makes_the_export_and_its_training_first(tmp_path):
     assert [s for s in _stages(_make(root, "train", "RECIPE=recipes/down.yaml", venv))
             if s[0] in ("train", "export")] == [("export", "export"), ("train", "down")]
 
+
+def test_two_recipes_sharing_an_export_dir_are_refused_with_one_message(tmp_path):
+    root, venv = _repo(tmp_path)
+    for name in ("a", "b"):
+        write_recipe(root / "recipes" / f"{name}.yaml", {"model_name_or_path": "tiny", "template": "alpaca"},
+                     adapter_name_or_path="saves/sft", export_dir="saves/merged")
+    refused = make("export", "RECIPE=recipes/a.yaml", venv, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""),
+                   expect=2)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "recipes/a.yaml:4:13: export_dir: saves/merged is also written by" in errors[0]
+    assert "recipes/b.yaml has export_dir: saves/merged" in errors[0] and "export_dir: saves/a_export" in errors[0]
+    assert not (root / "saves").exists()

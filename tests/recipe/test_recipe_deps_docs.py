@@ -90,6 +90,25 @@ def test_deps_refuses_a_cycle_of_upstreams(write):
         "(model_name_or_path, adapter_name_or_path or ref_model) at a checkpoint, hub id or preset instead"]
 
 
+@pytest.mark.parametrize("theirs", ["saves/merged", "saves/merged/", "saves/merged/v2"])
+def test_deps_and_validate_refuse_an_export_dir_another_recipe_writes(write, theirs):
+    """Two recipes exporting to one folder: each export replaced the other's, and make (one stamp per recipe) could
+    hand a recipe training from the folder the other recipe's newer model."""
+    write("recipes/a.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\nexport_dir: saves/merged\n")
+    write("recipes/b.yaml", f"model_name_or_path: tiny\nadapter_name_or_path: saves/sft\nexport_dir: {theirs}\n")
+    write("recipes/c.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\nexport_dir: saves/c\n")
+    for command in ("deps", "validate"):
+        with pytest.raises(UserError) as err:
+            resolve("recipes/a.yaml", ["dataset=x"], command=command)
+        assert err.value.messages == [
+            f"recipes/a.yaml:3:13: export_dir: saves/merged is also written by another recipe in this folder "
+            f"(recipes/b.yaml has export_dir: {theirs}): each export replaces the whole folder, so one deletes the "
+            "other's model, and make could hand a recipe that starts from it the other recipe's export; give each "
+            "recipe its own export_dir, e.g. export_dir: saves/a_export"]
+    resolve("recipes/c.yaml", command="deps")
+    resolve("recipes/a.yaml", command="export")  # LLaMA-Factory's own merge_lora examples share one export_dir
+
+
 def test_deps_cli(write, capsys):
     from pipeline.__main__ import main
 
