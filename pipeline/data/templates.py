@@ -56,14 +56,14 @@ Piece = Union[str, Special]  # a str is encoded as text; consecutive str pieces 
 
 
 @functools.lru_cache(maxsize=None)
-def _parts(fmt: str) -> tuple[str, ...]:
+def split_slots(fmt: str) -> tuple[str, ...]:
     """Literal, slot, literal, slot, ... (odd indices are slot names)."""
     return tuple(_SLOT.split(fmt))
 
 
 def fill(fmt: str, **values: str) -> str:
     """Put values into a template string's slots by concatenation (never str.format)."""
-    parts = _parts(fmt)
+    parts = split_slots(fmt)
     if len(parts) == 3:  # one slot, the usual case: no loop
         return parts[0] + values[parts[1]] + parts[2]
     return "".join([values[p] if i % 2 else p for i, p in enumerate(parts)])
@@ -83,6 +83,7 @@ class Template:
     system: str = "{system}"  # how a system prompt opens the text: slot {system}
     default_system: str = ""  # used when the row has no system prompt ("" = no system block)
     user: str = "{content}"  # one turn's prompt: slot {content}
+    reply: str = ""  # the end of `user` (and `observation`) that opens the answer: the chat template's generation prompt
     query: str = "{instruction}\n{input}"  # how a non-empty input joins the instruction
     assistant: str = "{content}{eos}"  # the response: slot {content}
     prefix: str = ""  # before the first turn ({bos} for llama3)
@@ -100,8 +101,11 @@ class Template:
         for fmt, slots in ((self.system, ["system"]), (self.user, ["content"]), (self.assistant, ["content"]),
                            (self.query, ["instruction", "input"]), (self.prefix, []), (self.separator, []),
                            (self.observation or "{content}", ["content"])):
-            if list(_parts(fmt)[1::2]) != slots:
+            if list(split_slots(fmt)[1::2]) != slots:
                 raise ValueError(f"template {self.name}: {fmt!r} must have the slots {slots} in that order")
+        for fmt in (self.user, self.observation or self.reply):
+            if not fmt.endswith(self.reply):
+                raise ValueError(f"template {self.name}: {fmt!r} must end with its reply {self.reply!r}")
         if self.replace_eos and not self.stop_words:
             raise ValueError(f"template {self.name}: replace_eos needs stop words")
 
@@ -113,7 +117,7 @@ class Template:
 
     def _element(self, fmt: str, lead: str = "", **values: str) -> list[Piece]:
         """One block: template text split at its markup tokens, the values joined into the text between."""
-        parts = _parts(fmt)
+        parts = split_slots(fmt)
         out: list[Piece] = []
         text = lead
         for i, part in enumerate(parts):
@@ -283,22 +287,24 @@ ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 IM = ("<|im_start|>", "<|im_end|>")
-_CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
-               user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-               assistant="{content}<|im_end|>\n", special_tokens=IM)
+IM_REPLY = "<|im_start|>assistant\n"
+_CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n" + IM_REPLY,
+               reply=IM_REPLY, assistant="{content}<|im_end|>\n", special_tokens=IM)
 _QWEN_TOOLS = dict(tool_format="qwen",  # Hermes style; the tool result comes back as a user turn
-                   observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n"
-                               "<|im_start|>assistant\n")
+                   observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n" + IM_REPLY)
+ALPACA_REPLY = "### Response:\n"
+LLAMA3_REPLY = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+DEFAULT_REPLY = "Assistant:"
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         Template(name="alpaca", system="{system}\n\n", default_system=ALPACA_SYSTEM,
-                 user="### Instruction:\n{content}\n\n### Response:\n", query="{instruction}\n\n### Input:\n{input}",
+                 user="### Instruction:\n{content}\n\n" + ALPACA_REPLY, reply=ALPACA_REPLY, query="{instruction}\n\n### Input:\n{input}",
                  assistant="{content}{eos}", separator="\n\n", fuse_system=True,
                  description="the book's Alpaca prompt"),
         Template(name="chatml", **_CHATML, stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True,
-                 tool_format="default", observation="<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n",
+                 tool_format="default", observation="<|im_start|>tool\n{content}<|im_end|>\n" + IM_REPLY,
                  description="ChatML: <|im_start|>role ... <|im_end|>"),
         Template(name="qwen", **_CHATML, **_QWEN_TOOLS, default_system=QWEN_SYSTEM, stop_words=("<|im_end|>",),
                  replace_eos=True,
@@ -310,15 +316,14 @@ TEMPLATES: dict[str, Template] = {
                  description="Qwen3 without thinking (Qwen3-Instruct-2507 and non-reasoning use)"),
         Template(name="llama3", prefix="{bos}",
                  system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-                 user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-                      "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY, reply=LLAMA3_REPLY,
                  assistant="{content}<|eot_id|>",
                  special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                  stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True, tool_format="llama3",
-                 observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>"
-                             "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                 observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY,
                  description="Llama 3 / 3.1 / 3.2 Instruct"),
-        Template(name="default", system="System: {system}{eos}\n", user="Human: {content}{eos}\nAssistant:",
+        Template(name="default", system="System: {system}{eos}\n", user="Human: {content}{eos}\n" + DEFAULT_REPLY,
+                 reply=DEFAULT_REPLY,
                  assistant="{content}{eos}\n", tool_format="default",
                  description="LLaMA-Factory's default: Human: / Assistant:"),
         Template(name="empty", assistant="{content}", tool_format="default",

@@ -1,0 +1,216 @@
+"""The chat template merge/export write (pipeline.data.chat_template), rendered by transformers on the real GPT-2,
+Llama 3 and Qwen vocabularies, gives the ids the pipeline trains and generates on.
+
+Expected ids: pipeline.data.tokenize (encode_prompt: what eval and chat feed the model; encode_example: a training
+row), themselves tied to the `tokenizers` library's ids by test_template_masks_real.py; expected strings written
+out by hand.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+from pipeline import merge
+from pipeline.data.chat_template import jinja_template, literal
+from pipeline.data.model_tokenizer import load_tokenizer
+from pipeline.data.templates import TEMPLATES, Template, recipe_template
+from pipeline.data.tokenize import encode_example, encode_prompt
+from pipeline.data.tokenizer import gpt2
+
+transformers = pytest.importorskip("transformers")
+
+SYSTEM = "You are terse."
+HISTORY = [("What is 2+2?", "4"), ("And 3+3?", "It's 6.")]
+QUERY = "Which word is a color?\nred\nhill"
+CASES = {"one turn": (None, []), "system": (SYSTEM, []), "multi-turn": (SYSTEM, HISTORY),
+         "multi-turn, no system": (None, HISTORY)}
+# `empty` has no markup between a system prompt and the user's text, nor between turns: the tokenizer merges
+# across them in the rendered string ("terse.Hello"), so there only the text is training's (docs say so)
+TEXT_ONLY = {("empty", "system"), ("empty", "multi-turn"), ("empty", "multi-turn, no system")}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(vocab_dirs, tmp_path_factory) -> dict[str, Path]:
+    """family -> tokenizer directory; GPT-2's as merge writes it (vocab.json + merges.txt)."""
+    gpt2_dir = tmp_path_factory.mktemp("gpt2")
+    merge.write_tokenizer_files(gpt2_dir, gpt2(), 1024)
+    return {"gpt2": gpt2_dir, **{f: vocab_dirs[f] for f in ("llama3", "qwen2", "qwen3")}}
+
+
+@functools.lru_cache(maxsize=None)
+def _hf(directory: Path):
+    return transformers.AutoTokenizer.from_pretrained(directory)
+
+
+def _ours(directory: Path):
+    return gpt2() if directory.name.startswith("gpt2") else load_tokenizer(directory)
+
+
+def messages(system: str | None, history, query: str | None = None, answer: str | None = None) -> list[dict]:
+    turns = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    if query is not None:
+        turns.append({"role": "user", "content": query})
+    if answer is not None:
+        turns.append({"role": "assistant", "content": answer})
+    return ([{"role": "system", "content": system}] if system else []) + turns
+
+
+def render(directory: Path, template: Template, msgs: list[dict], *, tokenize: bool = True,
+           add_generation_prompt: bool = True, **kwargs):
+    ours = _ours(directory)
+    hf = _hf(directory)
+    out = hf.apply_chat_template(msgs, chat_template=jinja_template(template, ours), tokenize=tokenize,
+                                 add_generation_prompt=add_generation_prompt, **kwargs)
+    return out["input_ids"] if tokenize else out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2", "qwen3"])
+def test_every_template_prompts_as_training(family_dirs, family, case):
+    """apply_chat_template(..., add_generation_prompt=True) == encode_prompt for every template the vocabulary can
+    express (gpt2: alpaca, default, empty; llama3 adds llama3; qwen adds chatml, qwen, qwen3, qwen3_nothink)."""
+    system, history = CASES[case]
+    directory = family_dirs[family]
+    ours = _ours(directory)
+    names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours) is None]
+    assert len(names) == {"gpt2": 3, "llama3": 4}.get(family, 7)
+    for name in names:
+        template = TEMPLATES[name]
+        for thinking in (True, False) if template.thought_words else (True,):
+            msgs = messages(system, history, QUERY)
+            want = encode_prompt(template, QUERY, system=system, history=history, tokenizer=ours,
+                                 enable_thinking=thinking)
+            chat = jinja_template(template, ours, enable_thinking=thinking)
+            hf = _hf(directory)
+            if (name, case) in TEXT_ONLY:
+                got = hf.apply_chat_template(msgs, chat_template=chat, tokenize=False, add_generation_prompt=True)
+                assert got == ours.decode(want), name
+                continue
+            got = hf.apply_chat_template(msgs, chat_template=chat, add_generation_prompt=True)["input_ids"]
+            assert got == want, (name, thinking, hf.decode(got), ours.decode(want))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3"])
+def test_a_whole_conversation_is_the_training_example(family_dirs, family):
+    """Ending with the answer (no generation prompt): the ids of the training row, EOS / closing markup included
+    (mask_history's rendering: the one a reasoning template's prompts follow)."""
+    directory = family_dirs[family]
+    ours = _ours(directory)
+    row = {"instruction": QUERY, "input": "", "output": "red", "system": SYSTEM, "history": HISTORY}
+    for name, template in TEMPLATES.items():
+        if template.vocabulary_problem(ours):
+            continue
+        want = encode_example(row, template, ours, cutoff_len=4096, mask_history=True).input_ids
+        msgs = messages(SYSTEM, HISTORY, QUERY, "red")
+        if name == "empty" or (name == "default" and family != "gpt2"):
+            # no markup between "Assistant:" and the answer: Llama 3's and Qwen's pre-tokenizer joins ":red" (GPT-2's
+            # does not); the text is still training's
+            assert render(directory, template, msgs, tokenize=False, add_generation_prompt=False) == ours.decode(want)
+            continue
+        got = render(directory, template, msgs, add_generation_prompt=False)
+        assert got == want, (name, ours.decode(got), ours.decode(want))
+
+
+def test_alpaca_by_hand(family_dirs):
+    directory = family_dirs["gpt2"]
+    alpaca = TEMPLATES["alpaca"]
+    head = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            "request.\n\n")
+    assert render(directory, alpaca, messages(None, [], "Say hi"), tokenize=False) == \
+        head + "### Instruction:\nSay hi\n\n### Response:\n"
+    assert render(directory, alpaca, messages("Be brief.", [("Say hi", "hi")], "Again"), tokenize=False) == \
+        ("Be brief.\n\n### Instruction:\nSay hi\n\n### Response:\nhi<|endoftext|>"
+         "\n\n### Instruction:\nAgain\n\n### Response:\n")
+    # without add_generation_prompt the last user turn ends before "### Response:\n"
+    assert render(directory, alpaca, messages(None, [], "Say hi"), tokenize=False, add_generation_prompt=False) == \
+        head + "### Instruction:\nSay hi\n\n"
+    # the recipe's default_system replaces the book's first sentences (recipe_template)
+    assert render(directory, recipe_template("alpaca", "Answer in one word."), messages(None, [], "Say hi"),
+                  tokenize=False) == "Answer in one word.\n\n### Instruction:\nSay hi\n\n### Response:\n"
+
+
+def test_llama3_by_hand(family_dirs):
+    directory = family_dirs["llama3"]
+    llama3 = TEMPLATES["llama3"]
+    got = render(directory, llama3, messages("S", [("Q", "A")], "Hi"), tokenize=False)
+    assert got == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+                   "<|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\nA<|eot_id|>"
+                   "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    # the published ids: 128000 <|begin_of_text|>, 128006 / 128007 the header marks, 128009 <|eot_id|>
+    ids = render(directory, llama3, messages(None, [], "Hi"))
+    assert ids[:2] == [128000, 128006] and ids.count(128009) == 1 and ids[-2] == 128007
+    assert render(directory, llama3, messages(None, [], "Hi"), tokenize=False, add_generation_prompt=False) == \
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+
+
+def test_qwen3_thinking_by_hand(family_dirs):
+    directory = family_dirs["qwen3"]
+    qwen3 = TEMPLATES["qwen3"]
+    msgs = messages(None, [("Q", "<think>\nmull\n</think>\n\nA")], "Hi")
+    base = "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\nA<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
+           "<|im_start|>assistant\n"
+    assert render(directory, qwen3, msgs, tokenize=False) == base  # earlier thoughts dropped
+    assert render(directory, qwen3, msgs, tokenize=False, enable_thinking=False) == base + "<think>\n\n</think>\n\n"
+    # the recipe's enable_thinking is the default; the argument still overrides it
+    off = jinja_template(qwen3, _ours(directory), enable_thinking=False)
+    hf = _hf(directory)
+    assert hf.apply_chat_template(msgs, chat_template=off, tokenize=False, add_generation_prompt=True) == \
+        base + "<think>\n\n</think>\n\n"
+    assert hf.apply_chat_template(msgs, chat_template=off, tokenize=False, add_generation_prompt=True,
+                                  enable_thinking=True) == base
+
+
+@pytest.mark.parametrize("system", ["It's \"quoted\" \\ back\\slash \\n not a newline", "{{ 1 + 1 }} {% endif %} {#",
+                                    "line one\r\nline two\ttab\x00", "café 中文 😀 </think>"])
+def test_default_system_is_kept_literally(family_dirs, system):
+    """A recipe's default_system goes into the Jinja source as a string literal: Jinja reads escapes there and
+    normalises \\r\\n, so every character must come out as written (and none runs as Jinja)."""
+    directory = family_dirs["qwen2"]
+    template = recipe_template("qwen", system)
+    assert render(directory, template, messages(None, [], "Hi"), tokenize=False) == \
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert literal("a'b\\c\nd") == "'a\\'b\\\\c\\nd'"
+
+
+def test_default_system_empty_drops_the_system_block(family_dirs):
+    directory = family_dirs["qwen2"]
+    assert render(directory, recipe_template("qwen", ""), messages(None, [], "Hi"), tokenize=False) == \
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert "You are Qwen" in render(directory, TEMPLATES["qwen"], messages(None, [], "Hi"), tokenize=False)
+
+
+@pytest.mark.parametrize("msgs, kwargs", [
+    ([{"role": "user", "content": "Hi"}], {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ([{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}], {}),
+    ([{"role": "assistant", "content": "Hi"}], {}),
+    ([{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}], {}),
+], ids=["tools", "tool-role", "assistant-first", "two-users"])
+def test_what_the_template_does_not_render_is_refused(family_dirs, msgs, kwargs):
+    with pytest.raises(Exception, match="renders system, user and assistant turns only"):
+        render(family_dirs["llama3"], TEMPLATES["llama3"], msgs, tokenize=False, **kwargs)
+
+
+def test_a_reply_must_end_the_user_block():
+    with pytest.raises(ValueError, match="must end with its reply"):
+        Template(name="x", user="Q: {content}\n", reply="A:")
+
+
+@pytest.mark.parametrize("answer", ["<think>\na<think>\nb\n</think>\n\nc", "x<think>\ny\n</think>\n\nz<think>\nw",
+                                    "\n\nplain", "<think>\n</think>\n\nA", "stray </think> only",
+                                    "<think>\none\n</think>\n\n<think>\ntwo\n</think>\n\n\nend"])
+def test_qwen3_drops_thoughts_as_training_does(family_dirs, answer):
+    """The chat template's thought removal (Jinja has no regex) against Template.remove_thought's, through the
+    prompt ids: an earlier answer, and the last one with thinking off."""
+    directory = family_dirs["qwen3"]
+    ours, qwen3 = _ours(directory), TEMPLATES["qwen3"]
+    for thinking in (True, False):
+        want = encode_prompt(qwen3, "Hi", history=[("Q", answer)], tokenizer=ours, enable_thinking=thinking)
+        assert render(directory, qwen3, messages(None, [("Q", answer)], "Hi"), enable_thinking=thinking) == want
+    row = {"instruction": "Q", "input": "", "output": answer}
+    want = encode_example(row, qwen3, ours, cutoff_len=4096, enable_thinking=False).input_ids
+    assert render(directory, qwen3, messages(None, [], "Q", answer), add_generation_prompt=False,
+                  enable_thinking=False) == want
