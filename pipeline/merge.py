@@ -19,7 +19,9 @@ where holding the adapter model beside a merged copy (and a cast copy) took abou
 Any failure is a UserError naming the layer. output_dir/merged/ (config.json, model.safetensors or
 shards + index, generation_config.json, tokenizer files: GPT-2's rebuilt, other families' copied from the
 base checkpoint, verification.json) appears complete or
-not at all. For full/freeze runs merge is a re-export of output_dir/model with the same checks.
+not at all. Its tokenizer_config.json carries the recipe's template as `chat_template`
+(pipeline.data.chat_template), so transformers and vLLM prompt the model as it was trained. For full/freeze
+runs merge is a re-export of output_dir/model with the same checks.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from pipeline.data.chat_template import recipe_chat_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
@@ -64,14 +67,15 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     out = RunLayout.of(r["output_dir"], ex.export_dir)
     target = _export_target(r, out.merged)
+    tokenizer = recipe_tokenizer(data)
+    chat = recipe_chat_template(data, tokenizer, key_at(r, "template"))  # before the merge: refused at once
     lora = models.finetune.finetuning_type == "lora"
     if lora:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
         check = reexport_full(models, data, ex, out, _recipe(r))
-    tokenizer = recipe_tokenizer(data)
     target = export(check, target, ex, export_generation(r, tokenizer), tokenizer,
-                    base_config_ids(models.model.model_name_or_path))
+                    base_config_ids(models.model.model_name_or_path), chat_template=chat)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
@@ -91,6 +95,8 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                         "`python -m pipeline merge`")
     target = _export_target(r, Path(r["export_dir"]))
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
+    tokenizer = recipe_tokenizer(data)
+    chat = recipe_chat_template(data, tokenizer, key_at(r, "template"))
     if r["adapter_name_or_path"]:
         adapter = resolve_model_path(r["adapter_name_or_path"], key="adapter_name_or_path")  # a path or a hub id
         check = merge_adapter(models.model, data, ex, adapter)
@@ -105,9 +111,8 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                          samples, _logits(model, samples))
         _check_cast(check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
-    tokenizer = recipe_tokenizer(data)
     export(check, target, ex, export_generation(r, tokenizer), tokenizer,
-           base_config_ids(models.model.model_name_or_path))
+           base_config_ids(models.model.model_name_or_path), chat_template=chat)
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
@@ -410,9 +415,10 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
 
 
 def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[str, Any], tokenizer: Tokenizer,
-           config_ids: Mapping[str, Any] | None = None) -> Path:
+           config_ids: Mapping[str, Any] | None = None, *, chat_template: str | None = None) -> Path:
     """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory
-    (`config_ids`: config.json's token ids where they are not generation's first ones, base_config_ids).
+    (`config_ids`: config.json's token ids where they are not generation's first ones, base_config_ids;
+    `chat_template`: tokenizer_config.json's, recipe_chat_template; None keeps the base's).
 
     The written files are loaded back and checked against the reference logits before the directory
     is put in place, so what is on disk is what was verified. The model in memory is let go before
@@ -435,7 +441,7 @@ def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[st
             raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
-        write_tokenizer_files(tmp, tokenizer, context_length)
+        write_tokenizer_files(tmp, tokenizer, context_length, chat_template)
         write_json(tmp / "generation_config.json", generation)
         write_json(tmp / VERIFICATION, {**check.report, "export_dtype": dtype})
     return target
@@ -532,14 +538,23 @@ def hf_tokenizer_files() -> tuple[str, str]:
     return json.dumps(vocab, ensure_ascii=False), "\n".join(merges) + "\n"
 
 
-def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length: int) -> None:
+def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length: int,
+                          chat_template: str | None = None) -> None:
     """The base model's tokenizer files (copied), or GPT-2's rebuilt from the ranks, so that
-    AutoTokenizer.from_pretrained(merged) works offline."""
+    AutoTokenizer.from_pretrained(merged) works offline; with `chat_template`, tokenizer_config.json's
+    chat_template is that one (set_chat_template)."""
+    from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES
+
     if tokenizer.files:
         for path in tokenizer.files:
+            if chat_template is not None and path.name in CHAT_TEMPLATE_FILES:
+                continue  # transformers reads these before tokenizer_config.json: the base's would win
             relative = path.name if path.parent.name != "original" else f"original/{path.name}"
             (directory / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, directory / relative)
+        if chat_template is not None and set_chat_template(directory, chat_template, tokenizer.files):
+            note("merge: the export's tokenizer_config.json holds the recipe's template as chat_template (the format "
+                 "the model was trained on), in place of the base model's own chat template")
         return
     from pipeline.data.tokenizer import GPT2_EOS as EOS_TEXT
 
@@ -551,4 +566,24 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
     write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
         "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
+        **({"chat_template": chat_template} if chat_template is not None else {}),
     })
+
+
+def set_chat_template(directory: Path, chat_template: str, base_files: Sequence[Path]) -> bool:
+    """directory/tokenizer_config.json (as copied from the base; every other key kept) with `chat_template`;
+    True when the base had another chat template, which this one replaces.
+
+    Replaced whatever the base said, as LLaMA-Factory does for its own templates: the model was trained on the
+    recipe's template, and the base's chat template (an Instruct model's own: Llama 3.1's with its dated system
+    prompt, Qwen3's) prompts it in another format, or without the recipe's default_system."""
+    from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES, optional_json
+
+    path = directory / "tokenizer_config.json"
+    config = optional_json(path)
+    base = config.get("chat_template")
+    for file in base_files:  # what transformers would have read instead
+        if file.name in CHAT_TEMPLATE_FILES:
+            base = file.read_text(encoding="utf-8") if file.suffix == ".jinja" else optional_json(file).get("chat_template")
+    write_json(path, {**config, "chat_template": chat_template})
+    return bool(base) and base != chat_template

@@ -259,3 +259,84 @@ def test_export_keeps_the_base_configs_eos_token_id(tmp_path, eos):
     pipeline("export", "export.yaml", cwd=tmp_path)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == eos
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [379, 382, 383]
+
+
+# ---------------------------------------------------------------- the chat template of the export
+def test_merge_cli_writes_the_recipes_chat_template(tmp_path):
+    """`python -m pipeline merge r.yaml` as a user types it: merged/ carries the recipe's template (its default_system
+    included) as chat_template, and transformers prompts the model with the ids training and chat use."""
+    from pipeline.data.templates import recipe_template
+    from pipeline.data.tokenize import encode_prompt
+    from pipeline.data.tokenizer import gpt2
+    from tests.acceptance.harness import pipeline, write_data, write_recipe
+
+    write_data(tmp_path / "datasets")
+    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", output_dir="saves/r", max_steps=1,
+                 default_system="Answer with one word.")
+    for command in ("build", "train", "merge"):
+        pipeline(command, "r.yaml", cwd=tmp_path)
+    merged = tmp_path / "saves/r/merged"
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    chat = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "Another?"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "Answer with one word.\n\n### Instruction:\nName a color.\n\n### Response:\nred<|endoftext|>"
+        "\n\n### Instruction:\nAnother?\n\n### Response:\n")
+    want = encode_prompt(recipe_template("alpaca", "Answer with one word."), "Another?",
+                         history=[("Name a color.", "red")], tokenizer=gpt2())
+    assert tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == want
+    with_system = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "Name a color."}]
+    assert tok.apply_chat_template(with_system, add_generation_prompt=True)["input_ids"] == \
+        encode_prompt("alpaca", "Name a color.", system="Be exact.", tokenizer=gpt2())
+    config = json.loads((merged / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "GPT2Tokenizer" and config["eos_token"] == "<|endoftext|>"
+
+
+def test_export_replaces_the_bases_chat_template_and_keeps_the_rest(tmp_path):
+    """A base with its own chat template (in tokenizer_config.json and in chat_template.jinja, which transformers
+    reads first): the export holds the recipe's template instead, says so, and keeps every other tokenizer key."""
+    from pipeline.data.model_tokenizer import load_tokenizer
+    from pipeline.data.templates import recipe_template
+    from pipeline.data.tokenize import encode_prompt
+    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+
+    base = tmp_path / "base"
+    write_hf_checkpoint(base, "llama", small_vocab=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ 'the base config template' }}"
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").write_text("{{ 'the base jinja template' }}")
+    (tmp_path / "export.yaml").write_text("model_name_or_path: base\ntemplate: llama3\ndefault_system: Be brief.\n"
+                                          "export_dir: out\n")
+    err = pipeline("export", "export.yaml", cwd=tmp_path).stderr
+    assert "in place of the base model's own chat template" in err
+    out = tmp_path / "out"
+    assert not (out / "chat_template.jinja").exists()
+    written = json.loads((out / "tokenizer_config.json").read_text())
+    assert {k: v for k, v in written.items() if k != "chat_template"} == \
+        {k: v for k, v in config.items() if k != "chat_template"}
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "Hi there"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == \
+        encode_prompt(recipe_template("llama3", "Be brief."), "Hi there", tokenizer=load_tokenizer(base))
+
+
+def test_a_pt_recipe_keeps_the_bases_tokenizer_config():
+    """pt trains on plain text, in no chat format: its export's tokenizer files stay the base's."""
+    from pipeline.data.chat_template import recipe_chat_template
+
+    tokenizer = recipe_tokenizer(data_args(RECIPE))
+    assert recipe_chat_template(data_args({**RECIPE, "stage": "pt"}), tokenizer) is None
+    assert "### Instruction:" in recipe_chat_template(data_args({**RECIPE, "stage": "sft"}), tokenizer)
+
+
+def test_export_with_a_template_the_vocabulary_lacks_is_refused_first(tmp_path):
+    from tests.acceptance.harness import pipeline
+
+    (tmp_path / "export.yaml").write_text("model_name_or_path: tiny\ntemplate: chatml\nexport_dir: out\n")
+    err = pipeline("export", "export.yaml", cwd=tmp_path, expect=2).stderr
+    assert "template" in err and "<|im_start|>" in err and "alpaca" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

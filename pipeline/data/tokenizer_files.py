@@ -32,9 +32,11 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # What a checkpoint's tokenizer is made of; all of it travels into merged/, model/ and export_dir, so that
 # transformers loads the same tokenizer from there. transformers 4.43+ writes the chat template to a file of its
-# own (chat_template.jinja; chat_template.json for processors) rather than into tokenizer_config.json.
+# own (chat_template.jinja; chat_template.json for processors) rather than into tokenizer_config.json, and reads it
+# from there first; an export that writes the recipe's template leaves them out (pipeline.merge).
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+                   "added_tokens.json", *CHAT_TEMPLATE_FILES)
 SUPPORTED = "byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3)"
 
 

@@ -1,6 +1,7 @@
 """The user's path for Llama 3 and Qwen3: a save_pretrained checkpoint with its real tokenizer files ->
 `python -m pipeline build / train (LoRA sft) / merge / generate`; transformers (merged/, AutoTokenizer) and PEFT
-(base + adapter/) generate exactly what we generate, token for token. The run also trains the embedding and the
+(base + adapter/) generate exactly what we generate, token for token, and merged/'s chat template prompts the
+model as training did. The run also trains the embedding and the
 head in full, named as LLaMA-Factory recipes do when tokens are added (`additional_target: embed_tokens,lm_head`):
 on the tied Llama checkpoint they are one matrix, which PEFT must tie again when it loads adapter/.
 
@@ -65,7 +66,10 @@ def test_the_exports_are_the_family_layout(session):
     config = json.loads((out / "merged" / "config.json").read_text())
     assert config["architectures"] == [{"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]]
     assert (out / "merged" / "tokenizer.json").read_bytes() == (root / "base" / "tokenizer.json").read_bytes()
-    assert (out / "merged" / "chat_template.jinja").read_text() == CHAT_TEMPLATE  # the template travels along
+    # the base's chat template (in chat_template.jinja, which transformers reads first) gave way to the recipe's
+    assert not (out / "merged" / "chat_template.jinja").exists()
+    written = json.loads((out / "merged" / "tokenizer_config.json").read_text())["chat_template"]
+    assert written != CHAT_TEMPLATE and f"the '{TEMPLATES[family]}' template" in written
     generation = json.loads((out / "merged" / "generation_config.json").read_text())
     base = json.loads((root / "base" / "generation_config.json").read_text())
     assert {k: generation[k] for k in SAMPLING} == SAMPLING  # the base's sampling defaults, not the recipe's
@@ -88,9 +92,10 @@ def generated(root: Path, which: str) -> str:
     return _GENERATED[root, which]
 
 
-def greedy_text(model, tokenizer, stop_ids: set[int]) -> str:
-    """transformers' greedy continuation of PROMPT (no BOS: --raw sends the text as is), cut before a stop id."""
-    x = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False)])
+def greedy_text(model, tokenizer, stop_ids: set[int], prompt_ids: list[int] | None = None) -> str:
+    """transformers' greedy continuation of PROMPT (no BOS: --raw sends the text as is), or of prompt_ids, cut
+    before a stop id."""
+    x = torch.tensor([prompt_ids or tokenizer.encode(PROMPT, add_special_tokens=False)])
     with torch.no_grad():
         out = model.generate(x, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=sorted(stop_ids),
                              pad_token_id=sorted(stop_ids)[0])[0, x.shape[1]:].tolist()
@@ -106,7 +111,6 @@ def test_generate_agrees_with_transformers_and_peft_token_for_token(session, whi
     family, root = session
     out = root / "saves/lora"
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")  # the files merge wrote
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|user|>hi"
     stops = json.loads((out / "merged" / "generation_config.json").read_text())["eos_token_id"]
     stop_ids = set(stops if isinstance(stops, list) else [stops])
     if which == "merged":
@@ -145,3 +149,25 @@ def test_peft_adapter_and_transformers_merged_compute_the_same_logits(session):
 def test_the_tuned_model_generates_otherwise_than_the_base(session):
     _, root = session
     assert generated(root, "base") != generated(root, "merged")
+
+
+def test_the_merged_chat_template_prompts_as_generate_does(session):
+    """transformers on merged/ with its chat template (apply_chat_template, add_generation_prompt) is given the ids
+    training and `generate` use, and greedily answers what `python -m pipeline generate --model merged` prints."""
+    import transformers
+
+    from pipeline.data.model_tokenizer import load_tokenizer
+    from pipeline.data.templates import get_template
+    from pipeline.data.tokenize import encode_prompt
+
+    family, root = session
+    merged = root / "saves/lora/merged"
+    template, ours = get_template(TEMPLATES[family]), load_tokenizer(root / "base")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+    chat = [{"role": "user", "content": PROMPT}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert ids == encode_prompt(template, PROMPT, tokenizer=ours)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    expected = greedy_text(model, tokenizer, set(template.stop_ids(ours)), prompt_ids=ids)
+    got = pipeline("generate", root / "lora.yaml", "--model", "merged", "--prompt", PROMPT, cwd=root).stdout
+    assert got == expected + "\n"
