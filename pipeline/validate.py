@@ -53,7 +53,7 @@ def missing_model_note(r: Resolved) -> str:
     but train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise."""
     from pipeline.model.config import PRESETS
     from pipeline.model.hub import is_hub_id
-    from pipeline.recipe.deps import producer
+    from pipeline.recipe.siblings import producer
 
     model = str(r["model_name_or_path"])
     path = Path(model).expanduser()

@@ -488,7 +488,7 @@ def export_dir_has_one_owner(ctx: Context) -> list[tuple[str, str]]:
     that starts from the folder could train on the wrong model. Checked where make reads a recipe (deps) and by
     validate; `python -m pipeline export` itself keeps LLaMA-Factory's behaviour (its merge_lora examples share one
     export_dir)."""
-    from pipeline.recipe.deps import export_dir_sharers, recipe_value
+    from pipeline.recipe.siblings import export_dir_sharers, recipe_value
 
     mine = ctx.values["export_dir"]
     others = export_dir_sharers(Path(ctx.recipe_file), mine) if mine else []

@@ -46,7 +46,7 @@ def complete_build(directory: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     files = manifest.get("files", {})
-    if set(files) != {"train.json", "val.json"}:
+    if set(files) != {"train.json", "val.json", "origins.json"}:  # sft: the splits and each row's raw origin
         return None
     for name, info in files.items():
         data = (directory / name).read_bytes() if (directory / name).is_file() else b""
