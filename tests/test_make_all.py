@@ -183,3 +183,24 @@ def test_a_recipe_name_with_a_space_is_one_clear_line():
     assert proc.returncode == 2
     assert "RECIPE='my recipe.yaml': make cannot handle a file name with a space" in proc.stderr
     assert "python -m pipeline <stage> 'my recipe.yaml'" in proc.stderr
+
+
+def test_the_readmes_transformers_lines_prompt_the_merged_model(first_run, scratch_repo):
+    """README: the merged model is a plain GPT-2 folder whose tokenizer's chat template is the recipe's. Its lines
+    run here on the scratch run's merged/ (the README names the demo's), and the prompt is alpaca's, by hand."""
+    transformers = pytest.importorskip("transformers")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    question = "Which word is an animal?\nhill\nbell\nhen"
+    assert 'tok = AutoTokenizer.from_pretrained("saves/demo_sft/merged")' in readme
+    assert 'ids = tok.apply_chat_template([{"role": "user", "content": "Which word is an animal?\\nhill\\nbell\\nhen"}],' \
+        in readme and "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)" in readme
+    merged = scratch_repo / "saves" / "e2e_sft" / "merged"
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    model = transformers.GPT2LMHeadModel.from_pretrained(merged)
+    ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    assert tok.decode(ids["input_ids"][0]) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{question}\n\n### Response:\n")
+    out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
