@@ -17,8 +17,13 @@ chat encode a prompt (pipeline.data.tokenize.encode_prompt):
   the empty thought in front when it has none, or with `enable_thinking=False` (a chat-template argument whose
   default is the recipe's enable_thinking) loses its thought and the empty thought ends the prompt instead.
 
-Tool calls are not rendered: `tools=` or a message whose role is not system / user / assistant raises, rather
-than render a prompt the model was not trained on (training renders them: pipeline.data.tools).
+A message's content is a string, or OpenAI's list of parts (`[{"type": "text", "text": ...}]`, as chat clients
+send it): its text parts joined by "\n", as vLLM joins them for a template that takes strings, so both render the
+same prompt; a part that is not text raises. A missing or None content (transformers drops None keys) is "".
+
+Tool calls are not rendered: `tools=`, an assistant message with `tool_calls`, or a message whose role is not
+system / user / assistant raises, rather than render a prompt the model was not trained on (training renders
+them: pipeline.data.tools).
 
 Where the rendered string is tokenized whole, the ids equal training's (each block tokenized on its own) as long
 as the tokenizer does not merge across two blocks; the markup between blocks keeps them apart in every shipped
@@ -93,6 +98,21 @@ def _thought_macros(template: Template) -> str:
     )
 
 
+NOT_TEXT = "this chat template (written by pipeline merge / export) renders text only: a content part is not text"
+# a message's content as text: a string as it is, OpenAI's list of parts joined (text parts only), missing or None ""
+_TEXT_MACRO = (
+    "{%- macro text_of(message) -%}"
+    "{%- set content = message['content'] if message['content'] is defined else none -%}"
+    "{%- if content is none -%}"
+    "{%- elif content is string -%}{{- content -}}"
+    "{%- else -%}{%- for part in content -%}"
+    "{%- if part['type'] != 'text' -%}{{- raise_exception(" + literal(NOT_TEXT) + ") -}}{%- endif -%}"
+    "{{- ('' if loop.first else '\\n') + part['text'] -}}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+
+
 def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinking: bool = True) -> str:
     """The chat template of `template` for `tokenizer` (UserError when the vocabulary lacks its markup)."""
     ids = template.ids(tokenizer)
@@ -109,9 +129,10 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
                   "{%- if enable_thinking is not defined -%}{%- set enable_thinking = "
                   + ("true" if enable_thinking else "false") + " -%}{%- endif -%}"]
     lines += [
+        _TEXT_MACRO,
         "{%- if tools -%}{{- raise_exception(" + literal(REFUSED) + ") -}}{%- endif -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system_message = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+        "{%- set system_message = text_of(messages[0]) -%}{%- set loop_messages = messages[1:] -%}",
         "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}",
         "{%- if not system_message -%}{%- set system_message = default_system -%}{%- endif -%}",
         "{{- " + _expression(template.prefix, marks) + " -}}",
@@ -120,16 +141,16 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         "{%- for message in loop_messages -%}{%- if message['role'] == 'user' -%}"
         "{%- set turns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}",
         "{%- for message in loop_messages -%}",
-        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}"
+        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') or message['tool_calls'] -%}"
         "{{- raise_exception(" + literal(REFUSED) + ") -}}{%- endif -%}",
-        "{%- set content = message['content'] -%}",
+        "{%- set content = text_of(message) -%}",
         "{%- if message['role'] == 'user' -%}",
         "{%- if not loop.first -%}{{- " + _expression(template.separator, marks) + " -}}{%- endif -%}",
         "{{- " + _expression(user, marks, "content") + " -}}",
         "{%- if not loop.last or add_generation_prompt -%}{{- " + _expression(template.reply, marks) + " -}}",
     ]
     if reasoning:  # the empty thought ends the last prompt when thinking is off (and the answer has no thought)
-        lines.append("{%- set answer = '' if loop.last else loop_messages[loop.index0 + 1]['content'] -%}"
+        lines.append("{%- set answer = '' if loop.last else text_of(loop_messages[loop.index0 + 1]) -%}"
                      "{%- if loop.index0 == turns.last_user and not enable_thinking"
                      " and not has_thought(remove_thought(answer)) -%}{{- " + thought + " -}}{%- endif -%}")
     lines += ["{%- endif -%}", "{%- else -%}"]

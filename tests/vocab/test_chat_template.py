@@ -214,3 +214,57 @@ def test_qwen3_drops_thoughts_as_training_does(family_dirs, answer):
     want = encode_example(row, qwen3, ours, cutoff_len=4096, enable_thinking=False).input_ids
     assert render(directory, qwen3, messages(None, [], "Q", answer), add_generation_prompt=False,
                   enable_thinking=False) == want
+
+
+def test_content_as_openai_parts_or_none(family_dirs):
+    """OpenAI's list of parts (what chat clients send; vLLM joins a list's text parts by "\\n" for a template that
+    takes strings) renders as that joined string, a None content (transformers drops the key) as "", in the system
+    message too; an image part and an assistant's tool_calls raise instead of vanishing from the prompt."""
+    directory = family_dirs["qwen3"]
+    qwen3, ours = TEMPLATES["qwen3"], _ours(directory)
+
+    def parts(*texts: str) -> list[dict]:
+        return [{"type": "text", "text": t} for t in texts]
+
+    msgs = [{"role": "system", "content": parts("Be", "terse.")}, {"role": "user", "content": parts("Q", "more")},
+            {"role": "assistant", "content": None}, {"role": "user", "content": parts("Hi")}]
+    assert render(directory, qwen3, msgs) == encode_prompt(qwen3, "Hi", system="Be\nterse.", history=[("Q\nmore", "")],
+                                                            tokenizer=ours)
+    with pytest.raises(Exception, match="renders text only"):
+        render(directory, qwen3, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    with pytest.raises(Exception, match="tool calls and other roles are not rendered"):
+        render(directory, qwen3, [{"role": "user", "content": "Hi"}, call, {"role": "user", "content": "ok"}])
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_an_empty_system_message_and_unicode_are_trainings(family_dirs, family):
+    """An empty system message gives the default system prompt (training's `system or default_system`);
+    decomposed unicode (Qwen's tokenizer normalises NFC, as training does) and emoji give training's ids."""
+    directory = family_dirs[family]
+    ours = _ours(directory)
+    name = "llama3" if family == "llama3" else "qwen"
+    template = TEMPLATES[name]
+    query = "cafe\u0301 中文 😀"
+    msgs = [{"role": "system", "content": ""}, {"role": "user", "content": query}]
+    assert render(directory, template, msgs) == encode_prompt(template, query, tokenizer=ours)
+    if name == "qwen":
+        assert "You are Qwen" in render(directory, template, msgs, tokenize=False)
+
+
+@pytest.mark.parametrize("family, name, closing", [("llama3", "llama3", 1), ("qwen3", "qwen3", 2),
+                                                   ("qwen3", "qwen3_nothink", 2), ("gpt2", "alpaca", 1)])
+def test_continue_final_message_is_the_training_example_without_its_end(family_dirs, family, name, closing):
+    """continue_final_message (prefilling the answer, as TRL's and vLLM's users do): the training example's ids up to
+    the end of the answer's text, without its closing markup (`closing` ids: <|eot_id|>; <|im_end|> "\\n";
+    <|endoftext|>); qwen3 with the empty thought in front of the answer (thinking) or ending the prompt (not)."""
+    directory = family_dirs[family]
+    ours, template = _ours(directory), TEMPLATES[name]
+    row = {"instruction": QUERY, "input": "", "output": "It is red"}
+    msgs = messages(None, [], QUERY, "It is red")
+    for thinking in (True, False) if template.thought_words else (True,):
+        want = encode_example(row, template, ours, cutoff_len=4096, enable_thinking=thinking).input_ids
+        got = render(directory, template, msgs, add_generation_prompt=False, continue_final_message=True,
+                     enable_thinking=thinking)
+        assert got == want[:-closing], (name, thinking, ours.decode(got), ours.decode(want))
+
