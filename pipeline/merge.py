@@ -74,7 +74,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
         check = reexport_full(models, data, ex, out, _recipe(r))
-    target = export(check, target, ex, export_generation(r, tokenizer), tokenizer,
+    target = export(check, target, ex, export_generation(r, tokenizer, data), tokenizer,
                     base_config_ids(models.model.model_name_or_path), chat_template=chat)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
@@ -111,7 +111,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                          samples, _logits(model, samples))
         _check_cast(check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
-    export(check, target, ex, export_generation(r, tokenizer), tokenizer,
+    export(check, target, ex, export_generation(r, tokenizer, data), tokenizer,
            base_config_ids(models.model.model_name_or_path), chat_template=chat)
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
@@ -450,15 +450,30 @@ def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[st
 DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
-def export_generation(r: Any, tokenizer: Tokenizer) -> dict[str, Any]:
-    """The export's generation_config.json: the base checkpoint's, the recipe's decoding keys where it sets them."""
+def export_generation(r: Any, tokenizer: Tokenizer, data: DataArgs) -> dict[str, Any]:
+    """The export's generation_config.json: the base checkpoint's, the recipe's decoding keys where it sets them,
+    and the stop ids `python -m pipeline generate` stops at (export_stop_ids)."""
     from pipeline.data.tokenizer_files import optional_json
     from pipeline.model.config import config_path
 
     path = config_path(r["model_name_or_path"])  # None for a preset
     base = optional_json(path.parent / "generation_config.json") if path else {}
     explicit = {k for k in DECODING_KEYS if r.origin(k).kind in ("file", "cli")}
-    return generation_config(GenerationArgs.from_recipe(r), tokenizer, base, explicit)
+    return generation_config(GenerationArgs.from_recipe(r), tokenizer, base, explicit,
+                             stops=export_stop_ids(data, tokenizer))
+
+
+def export_stop_ids(data: DataArgs, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Where the exported model's generation stops: the recipe's template's stop ids (Template.stop_ids: its EOS,
+    its stop words, the tokenizer's), as `generate` and eval stop; pt, trained in no chat format: the tokenizer's.
+
+    A base checkpoint stops at its end of text only (Qwen2.5 / Qwen3-Base: <|endoftext|>; Llama 3 base:
+    <|end_of_text|>), but a model fine-tuned on qwen or llama3 ends an answer with <|im_end|> / <|eot_id|>:
+    without them in generation_config.json's eos_token_id, transformers' generate and vLLM run on past the answer
+    into turns the model makes up (LLaMA-Factory's export sets the template's stop word as the EOS too)."""
+    if data.stage == "pt":
+        return tuple(tokenizer.stop_ids)
+    return data.chat_template().stop_ids(tokenizer)
 
 
 def base_config_ids(model_name_or_path: str) -> dict[str, Any]:
@@ -477,13 +492,15 @@ def base_config_ids(model_name_or_path: str) -> dict[str, Any]:
 
 
 def generation_config(gen: GenerationArgs, tokenizer: Tokenizer, base: Mapping[str, Any] | None = None,
-                      explicit: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-    """transformers' generate() defaults: the tokenizer's BOS / stop ids / pad; the decoding settings of the base
+                      explicit: set[str] | frozenset[str] = frozenset(),
+                      stops: Sequence[int] | None = None) -> dict[str, Any]:
+    """transformers' generate() defaults: the tokenizer's BOS / pad, `stops` (by default the tokenizer's stop ids;
+    an export passes export_stop_ids) as eos_token_id; the decoding settings of the base
     checkpoint's generation_config.json (`base`), overridden by the recipe's keys it sets (`explicit`); the
     recipe's own for what neither says. Why the base's first: its sampling defaults (Qwen3's temperature 0.6,
     top_k 20, top_p 0.95) are how the model's authors meant it to be run, and a recipe's defaults are not a
     decision to change them."""
-    stops = list(tokenizer.stop_ids)
+    stops = list(tokenizer.stop_ids if stops is None else stops)
     config: dict[str, Any] = {k: v for k, v in (base or {}).items() if not k.startswith("_")}
     given = config.get("eos_token_id")
     if set(given if isinstance(given, list) else [given]) != set(stops):  # the same stop ids keep the base's order

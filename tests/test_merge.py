@@ -261,6 +261,43 @@ def test_export_keeps_the_base_configs_eos_token_id(tmp_path, eos):
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [379, 382, 383]
 
 
+def test_an_export_of_a_base_stops_after_the_answer_as_generate_does(tmp_path):
+    """A Qwen base whose only stop is <|endoftext|> (as Qwen2.5 / Qwen3-Base ship it), exported for the qwen
+    template, whose answers end with <|im_end|>: transformers' generate on the export (chat template, greedy,
+    generation_config.json as written) stops at the <|im_end|> the model emits, as `pipeline generate --model
+    merged` does, instead of running on to max_new_tokens."""
+    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+
+    base = tmp_path / "base"
+    # the small Qwen3 vocabulary: 379 <|endoftext|>, 380 <|im_start|>, 381 <|im_end|>
+    model = write_hf_checkpoint(base, "qwen3", small_vocab=True, eos_token_id=379)
+    with torch.no_grad():  # every position's hidden state is one vector that only <|im_end|>'s head row scores
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[381] = 1.0
+    model.save_pretrained(base, safe_serialization=True)
+    for name, key, value in (("generation_config.json", "eos_token_id", 379),
+                             ("tokenizer_config.json", "eos_token", "<|endoftext|>")):
+        config = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**config, key: value}))
+    (tmp_path / "export.yaml").write_text("model_name_or_path: base\ntemplate: qwen\nexport_dir: out\n"
+                                          "max_new_tokens: 4\ndo_sample: false\n")
+    pipeline("export", "export.yaml", cwd=tmp_path)
+    out = tmp_path / "out"
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [381, 379]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_dict=True,
+                                  return_tensors="pt")
+    answer = exported.generate(**ids)[0, ids["input_ids"].shape[1]:].tolist()
+    assert answer == [381]  # one <|im_end|>, not four
+    printed = pipeline("generate", "export.yaml", "--model", "merged", "--prompt", "Hi", cwd=tmp_path).stdout
+    assert printed == tok.decode(answer, skip_special_tokens=True) + "\n"
+
+
 # ---------------------------------------------------------------- the chat template of the export
 def test_merge_cli_writes_the_recipes_chat_template(tmp_path):
     """`python -m pipeline merge r.yaml` as a user types it: merged/ carries the recipe's template (its default_system
@@ -290,6 +327,14 @@ def test_merge_cli_writes_the_recipes_chat_template(tmp_path):
         encode_prompt("alpaca", "Name a color.", system="Be exact.", tokenizer=gpt2())
     config = json.loads((merged / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["eos_token"] == "<|endoftext|>"
+    # transformers' greedy generate on merged/ (its chat template, its generation_config.json as written: EOS 50256,
+    # max_new_tokens) answers what `python -m pipeline generate --model merged` prints, token for token
+    model = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Another?"}], add_generation_prompt=True,
+                                  return_dict=True, return_tensors="pt")
+    answer = model.generate(**ids, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    printed = pipeline("generate", "r.yaml", "--model", "merged", "--prompt", "Another?", cwd=tmp_path).stdout
+    assert printed == tok.decode(answer, skip_special_tokens=True) + "\n"
 
 
 def test_export_replaces_the_bases_chat_template_and_keeps_the_rest(tmp_path):

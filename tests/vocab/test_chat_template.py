@@ -8,6 +8,7 @@ out by hand.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,26 @@ def test_continue_final_message_is_the_training_example_without_its_end(family_d
                      enable_thinking=thinking)
         assert got == want[:-closing], (name, thinking, ours.decode(got), ours.decode(want))
 
+
+@pytest.mark.parametrize("family, template, stops", [
+    ("qwen2_base", "qwen", [151645, 151643]),  # <|im_end|>, then the base's <|endoftext|>
+    ("qwen2_base", "qwen3_nothink", [151645, 151643]),
+    ("llama3_base", "llama3", [128009, 128008, 128001]),  # <|eot_id|>, <|eom_id|>, the base's <|end_of_text|>
+    ("qwen2", "qwen", [151645, 151643]),  # an Instruct base already lists them: its order is kept
+    ("llama3", "llama3", [128001, 128008, 128009]),
+])
+def test_the_exports_generation_config_stops_at_the_templates_stop_words(vocab_dirs, family, template, stops):
+    """generation_config.json's eos_token_id of an export is where `pipeline generate` stops (Template.stop_ids): on
+    a base whose only stop is its end of text, transformers' generate and vLLM would otherwise run past the answer's
+    <|im_end|> / <|eot_id|>. pt (no chat format) keeps the base's. Ids: the published Llama 3 / Qwen2.5 ones."""
+    from pipeline.recipe.args import GenerationArgs, data_args
+
+    directory = vocab_dirs[family]
+    ours = load_tokenizer(directory)
+    base = json.loads((directory / "generation_config.json").read_text())
+    recipe = {"model_name_or_path": str(directory), "template": template}
+    config = merge.generation_config(GenerationArgs.from_recipe(recipe), ours, base,
+                                     stops=merge.export_stop_ids(data_args({**recipe, "stage": "sft"}), ours))
+    assert config["eos_token_id"] == stops
+    pt = merge.export_stop_ids(data_args({**recipe, "stage": "pt"}), ours)
+    assert set(pt) == set(base["eos_token_id"] if isinstance(base["eos_token_id"], list) else [base["eos_token_id"]])
