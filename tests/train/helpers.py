@@ -54,3 +54,9 @@ BASE_SFT = {
 }
 BASE_PT = {**BASE_SFT, "stage": "pt", "dataset": "tiny_pt", "cutoff_len": 32, "finetuning_type": "full"}
 BASE_PT.pop("template")
+# sft recipe keys of the golden runs against transformers + PEFT (write_hf_checkpoint(workdir / "gpt2")): LoRA on
+# every layer PEFT targets the same way, no dropout anywhere (transformers' forward is compared in train mode), 2
+# micro-batches of 2 rows per update with answers of 1-12 words (their trained-token counts differ a lot)
+GOLDEN_GPT2 = dict(model_name_or_path="gpt2", dataset="varied_sft", warmup_steps=0, learning_rate=5e-2,
+                   per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_target=["c_attn", "c_proj", "c_fc"],
+                   lora_alpha=16, lora_dropout=0.0, dropout=0.0)

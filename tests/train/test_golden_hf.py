@@ -18,7 +18,7 @@ from pipeline.recipe.args import data_args
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.acceptance.harness import write_hf_checkpoint
-from tests.train.helpers import BASE_SFT
+from tests.train.helpers import BASE_SFT, GOLDEN_GPT2
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -41,9 +41,7 @@ def test_losses_equal_transformers_and_peft_on_the_same_batch(make_recipe, workd
     write_hf_checkpoint(workdir / "gpt2")
     # answers of 1-12 words, 2 micro-batches of 2 rows per update: step 1's loss is the mean over the update's
     # labelled tokens (transformers' Trainer with num_items_in_batch), not the mean of the two micro-batches' means
-    r = make_recipe(BASE_SFT, model_name_or_path="gpt2", dataset="varied_sft", max_steps=3, warmup_steps=0,
-                    learning_rate=5e-2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                    lora_target=["c_attn", "c_proj", "c_fc"], lora_alpha=16, lora_dropout=0.0, dropout=0.0)
+    r = make_recipe(BASE_SFT, max_steps=3, **GOLDEN_GPT2)
     result = train(r)
     assert result.exit_code == 0
     from pipeline.data.loaders import make_loader

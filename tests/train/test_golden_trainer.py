@@ -25,14 +25,13 @@ from pipeline.recipe.args import data_args, recipe_args
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.acceptance.harness import write_hf_checkpoint
-from tests.train.helpers import BASE_SFT
+from tests.train.helpers import BASE_SFT, GOLDEN_GPT2
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU too
 
-STEPS, ACCUMULATION, RANK, ALPHA, LR = 2, 2, 4, 16, 5e-2
-TARGETS = ["c_attn", "c_proj", "c_fc"]
+STEPS, ACCUMULATION = 2, GOLDEN_GPT2["gradient_accumulation_steps"]
 
 
 def hf_batches(r: Any) -> list[dict[str, torch.Tensor]]:
@@ -64,8 +63,9 @@ def trainer_run(checkpoint: Path, r: Any, batches: list[dict[str, torch.Tensor]]
                 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """transformers.Trainer + PEFT over `batches`: (logged loss per step, trained LoRA tensors in PEFT's keys)."""
     base = transformers.GPT2LMHeadModel.from_pretrained(checkpoint, attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS, lora_dropout=0.0, bias="none",
-                             fan_in_fan_out=True, task_type="CAUSAL_LM")  # GPT-2's Conv1D stores weights in x out
+    config = peft.LoraConfig(r=r["lora_rank"], lora_alpha=r["lora_alpha"], target_modules=r["lora_target"],
+                             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                             fan_in_fan_out=True)  # GPT-2's Conv1D stores its weights in x out
     model = peft.get_peft_model(base, config)
     start = initial_adapter(r)
     loaded = peft.set_peft_model_state_dict(model, start)
@@ -73,7 +73,7 @@ def trainer_run(checkpoint: Path, r: Any, batches: list[dict[str, torch.Tensor]]
     assert set(start) == set(peft.get_peft_model_state_dict(model))  # PEFT adapted the layers ours did
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=STEPS, gradient_accumulation_steps=ACCUMULATION, per_device_train_batch_size=2,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        learning_rate=r["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
         adam_beta1=r["adam_beta1"], adam_beta2=r["adam_beta2"], adam_epsilon=r["adam_epsilon"], max_grad_norm=0.0,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, average_tokens_across_devices=True)
@@ -93,10 +93,8 @@ def test_lora_sft_with_accumulation_matches_transformers_trainer(make_recipe, wo
     from safetensors.torch import load_file
 
     write_hf_checkpoint(workdir / "gpt2")
-    r = make_recipe(BASE_SFT, model_name_or_path="gpt2", dataset="varied_sft", max_steps=STEPS, warmup_steps=0,
-                    lr_scheduler_type="constant", learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0,
-                    per_device_train_batch_size=2, gradient_accumulation_steps=ACCUMULATION, lora_rank=RANK,
-                    lora_alpha=ALPHA, lora_target=TARGETS, lora_dropout=0.0, dropout=0.0)
+    r = make_recipe(BASE_SFT, max_steps=STEPS, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+                    **GOLDEN_GPT2)
     batches = hf_batches(r)
     counts = [int((b["shift_labels"] != -100).sum()) for b in batches]
     assert max(counts) > 1.5 * min(counts)  # micro-batches weigh very differently: a mean per micro-batch would show
