@@ -199,7 +199,10 @@ class Trainer:
 
         pt / sft (summed losses): ranks x accumulation / the labelled tokens of the whole update (a collective:
         every rank's count). dpo (a mean per micro-batch): 1, each micro-batch's mean counts the same, as TRL's
-        DPOTrainer. With nan_policy: skip, a micro-batch drawn to replace a dropped one keeps this factor."""
+        DPOTrainer. With nan_policy: skip, a micro-batch drawn to replace a dropped one keeps this factor: the
+        micro-batches before it are already in the gradients, so every trained token still weighs the same, but that
+        update's gradient is its token mean's times (tokens trained / tokens drawn); its logged loss is the mean over
+        the tokens trained (optimizer_step)."""
         if self.objective != self.language_model_loss:
             return 1.0
         labelled = dist.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)])[0]
@@ -229,8 +232,10 @@ class Trainer:
         accumulation = self.args.gradient_accumulation_steps
         batches = [self.data.next() for _ in range(accumulation)]
         scale = self.step_scale(batches)
+        skipped, trained_batches, step_loss = self.state.skipped_batches, [], 0.0
         for drawn in batches:
             batch, loss, metrics = self.micro_batch(drawn)
+            trained_batches.append(batch)
             for key, value in metrics.items():
                 window.extra[key] = window.extra.get(key, 0.0) + value / accumulation
             loss = loss * scale  # this micro-batch's share of the update, times ranks x accumulation
@@ -243,12 +248,15 @@ class Trainer:
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 own_norm = grad_norm(self.params)
             self.engine_step()
-            window.loss += float(loss.detach()) / accumulation
+            step_loss += float(loss.detach()) / accumulation
             tokens, trained = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
             window.tokens += tokens
             window.trained_tokens += trained
             self._unflushed[0] += tokens
             self._unflushed[1] += trained
+        if self.state.skipped_batches != skipped:  # a micro-batch was replaced, on every rank (micro_batch agrees)
+            step_loss *= self.step_scale(trained_batches) / scale  # divided by the tokens trained, not those drawn
+        window.loss += step_loss
         self.data.end_of_step()
         norm = self.engine.get_global_grad_norm()
         return own_norm if norm is None else float(norm)

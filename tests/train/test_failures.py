@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from pipeline.__main__ import main
+from pipeline.data.loaders import make_loader
+from pipeline.recipe.args import data_args
 from pipeline.errors import UserError
 from pipeline.model.gpt import GPTModel
 from pipeline.train import checkpoint
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
+from tests.acceptance.harness import write_hf_checkpoint
+from tests.train.helpers import BASE_SFT, GOLDEN_GPT2
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,9 +67,29 @@ def test_nan_policy_skip_drops_the_batch_and_finishes(make_recipe, monkeypatch):
     assert all(torch.isfinite(p).all() for p in result.engine.module.parameters())
 
 
-def write_recipe(path: Path, **keys) -> Path:
-    from tests.train.helpers import BASE_SFT
+def test_nan_policy_skip_logs_the_mean_over_the_tokens_trained(make_recipe, workdir, monkeypatch):
+    """A micro-batch replaced under gradient accumulation: the update's logged loss is the mean over the tokens it
+    trained (the replacement's count, not the dropped batch's). Golden: transformers + PEFT with the adapter after
+    step 1 (the same in both runs: micro-batch 3 is step 2's first), on the two micro-batches step 2 trained."""
+    from tests.train.test_golden_hf import hf_loss, peft, transformers  # here: they skip without transformers
 
+    write_hf_checkpoint(workdir / "gpt2")
+    one = train(make_recipe(BASE_SFT, name="one", max_steps=1, **GOLDEN_GPT2))
+    poison_forward(monkeypatch, call=3, value=math.inf)
+    r = make_recipe(BASE_SFT, name="skip", max_steps=2, nan_policy="skip", **GOLDEN_GPT2)
+    result = train(r)
+    assert result.state.skipped_batches == 1
+    batches = list(make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True))
+    dropped, kept, replacement = batches[2:5]  # step 2 drew micro-batches 2 and 3; 4 replaced 2
+    labelled = [int((b["labels"] != -100).sum()) for b in (dropped, replacement)]
+    assert labelled[0] != labelled[1]  # the count drawn and the count trained differ
+    base = transformers.GPT2LMHeadModel.from_pretrained(workdir / "gpt2").eval()
+    tuned = peft.PeftModel.from_pretrained(base, one.output_dir / "adapter").eval()
+    logged = read_log(result.output_dir / "trainer_log.jsonl")[1]["loss"]
+    assert logged == pytest.approx(hf_loss(tuned, kept, replacement), rel=1e-5)
+
+
+def write_recipe(path: Path, **keys) -> Path:
     values = {**BASE_SFT, "output_dir": "saves/cli", **keys}
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     return path
