@@ -14,8 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.data.loaders import make_loader
 from pipeline.recipe.args import data_args
 from pipeline.runtime.log import read_log
+from pipeline.train import loop
 from pipeline.train.run import train
 from tests.acceptance.harness import write_hf_checkpoint
 from tests.train.helpers import BASE_SFT, GOLDEN_GPT2
@@ -44,8 +46,6 @@ def test_losses_equal_transformers_and_peft_on_the_same_batch(make_recipe, workd
     r = make_recipe(BASE_SFT, max_steps=3, **GOLDEN_GPT2)
     result = train(r)
     assert result.exit_code == 0
-    from pipeline.data.loaders import make_loader
-
     first, second = list(make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True))[:2]
     assert (first["labels"] != -100).sum() != (second["labels"] != -100).sum()  # the two means weigh differently
     base = transformers.GPT2LMHeadModel.from_pretrained(workdir / "gpt2").eval()
@@ -59,3 +59,27 @@ def test_losses_equal_transformers_and_peft_on_the_same_batch(make_recipe, workd
     golden = hf_loss(tuned, first)
     assert ours == pytest.approx(golden, rel=1e-5)
     assert abs(golden - logged) > 1e-2  # the adapter changed the loss: the comparison is not of two base models
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_a_micro_batch_without_trained_tokens_adds_nothing(make_recipe, workdir, monkeypatch, zero_stage):
+    """Step 1's second micro-batch has every label -100 (an answer cut away, a pack of prompts): the update's loss is
+    the other micro-batch's mean, finite, its count the only one (transformers' num_items_in_batch would be the
+    same); under ZeRO-3 the empty head call still takes part in the gathers."""
+    drawn = loop.BatchStream.next
+
+    def blank_second(self: loop.BatchStream) -> dict:
+        batch = drawn(self)
+        if self.state.epoch == 0 and self.state.batch_in_epoch == 2:
+            batch = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+        return batch
+    monkeypatch.setattr(loop.BatchStream, "next", blank_second)
+    write_hf_checkpoint(workdir / "gpt2")
+    r = make_recipe(BASE_SFT, max_steps=2, zero_stage=zero_stage, **GOLDEN_GPT2)
+    result = train(r)
+    first = next(iter(make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)))
+    log = read_log(result.output_dir / "trainer_log.jsonl")
+    base = transformers.GPT2LMHeadModel.from_pretrained(workdir / "gpt2").eval()
+    assert log[0]["loss"] == pytest.approx(hf_loss(base, first), rel=1e-5)
+    assert log[0]["trained_tokens_seen"] == int((first["labels"] != -100).sum())
+    assert all(torch.isfinite(p).all() for p in result.engine.module.parameters())
