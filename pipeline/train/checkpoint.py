@@ -69,6 +69,9 @@ RESUME_KEYS = REFUSE  # the name older code used
 DERIVED_FROM = {"lora_alpha": ("lora_rank",), "cutoff_len": ("context_length", "model_name_or_path")}
 DATA_KEY = "training data"  # the sha256 of every built train.json, saved beside the recipe values
 FILES_KEY = "training files"  # every built file the train split reads (a val.json too) -> its sha256, in order
+# pt / sft since 2026-12-05: an update's loss is over all its labelled tokens (pipeline.train.loop.step_scale);
+# checkpoints without the key were trained with a mean per micro-batch, averaged over micro-batches and ranks
+LOSS_KEY, LOSS_RULE = "loss normalization", "the labelled tokens of the whole update"
 
 @dataclass
 class TrainState:
@@ -210,6 +213,7 @@ def saved_recipe(r: Mapping[str, Any]) -> dict[str, Any]:
     values = {k: r[k] for k in (*REFUSE, *APPLY, *KEEP) if k in r}
     values[DATA_KEY] = training_data(r)
     values[FILES_KEY] = training_files(r)
+    values[LOSS_KEY] = LOSS_RULE
     return values
 
 
@@ -288,6 +292,12 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: ignored, the "
                 "checkpoint's optimizer state keeps its value (start a new run to change it)"
                 for k in changed if k in KEEP]
+    pooled = r.get("gradient_accumulation_steps", 1) > 1 or r.get("world_size", 1) > 1
+    if saved and LOSS_KEY not in saved and r.get("stage") in ("pt", "sft") and pooled:
+        notices.append(f"resume: {path} was trained by an earlier version, whose {r['stage']} loss was a mean per "
+                       f"micro-batch, averaged over the accumulation steps and ranks; from step "
+                       f"{state.get('global_step', '?')} on, an update's loss is the mean over all its trained tokens "
+                       "(docs/training.md), so the loss curve may shift slightly there")
     return notices
 
 

@@ -169,3 +169,19 @@ def test_the_documented_table_lists_exactly_the_classified_keys():
     for name, keys in (("refuse", checkpoint.REFUSE), ("apply", checkpoint.APPLY), ("keep", checkpoint.KEEP)):
         listed = [part.strip("` ") for part in rows[name].split(",") if part.strip().startswith("`")]
         assert listed == list(keys), name
+
+
+def test_a_checkpoint_from_before_the_token_mean_loss_is_announced(make_recipe, first_run):
+    """Checkpoints written before the update's loss became the mean over all its trained tokens (2026-12-05) hold
+    no LOSS_KEY: resuming one with accumulation (BASE_SFT: 2 steps) says the loss curve may shift there."""
+    from pipeline.train import checkpoint
+
+    r = make_recipe(name="run", **{**FIRST, "max_steps": 4, "resume_from_checkpoint": "latest"})
+    path = first_run / "checkpoint-2"
+    assert not any("earlier version" in n for n in checkpoint.check_compatible(r, path))
+    state = json.loads((path / "trainer_state.json").read_text())
+    del state["recipe"][checkpoint.LOSS_KEY]
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    notices = checkpoint.check_compatible(r, path)
+    assert any("was trained by an earlier version, whose sft loss was a mean per micro-batch" in n
+               and "from step 2 on" in n for n in notices), notices
