@@ -67,6 +67,24 @@ def test_nan_policy_skip_drops_the_batch_and_finishes(make_recipe, monkeypatch):
     assert all(torch.isfinite(p).all() for p in result.engine.module.parameters())
 
 
+def test_every_key_of_the_training_log_is_named_in_training_md(make_recipe, monkeypatch):
+    """docs/training.md's "What you see" lists the keys of a trainer_log.jsonl line: a user reading the log (or a
+    script plotting it) looks a key up there. A run that writes the optional ones too (l1_lambda, a skipped
+    micro-batch under nan_policy: skip, an evaluation) must name nothing the page leaves out."""
+    import re
+
+    text = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    paragraph = text.split("**What you see.**", 1)[1].split("At the end:", 1)[0]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", paragraph))
+    poison_forward(monkeypatch, call=3, value=math.inf)
+    r = make_recipe(max_steps=2, warmup_steps=0, nan_policy="skip", l1_lambda=1e-6, eval_steps=2)
+    result = train(r)
+    assert result.state.skipped_batches == 1
+    logged = set().union(*(record for record in read_log(result.output_dir / "trainer_log.jsonl")))
+    assert {"l1", "skipped_batches", "eval_loss"} <= logged  # the optional keys were written
+    assert logged - documented == set(), f"docs/training.md does not name {sorted(logged - documented)}"
+
+
 def test_nan_policy_skip_logs_the_mean_over_the_tokens_trained(make_recipe, workdir, monkeypatch):
     """A micro-batch replaced under gradient accumulation: the update's logged loss is the mean over the tokens it
     trained (the replacement's count, not the dropped batch's). Golden: transformers + PEFT with the adapter after
