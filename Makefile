@@ -21,6 +21,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 TESTS ?= tests
 PYTEST_ARGS ?=
+NUM ?=
 TEST_WORKERS ?= 2
 
 export PYTHONUNBUFFERED := 1
@@ -58,6 +59,7 @@ help: ## list targets and variables
 	@echo "             its NODE_RANK (0 on MASTER_ADDR), e.g. NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1"
 	@echo "  TORCH      torch requirement for setup (default $(TORCH)); TORCH_INDEX e.g."
 	@echo "             '--index-url https://download.pytorch.org/whl/cu124' for a CUDA build"
+	@echo "  NUM        samples make inspect shows (default 3; 0 for the counts and histogram alone)"
 	@echo "  TESTS, PYTEST_ARGS  what 'make test' runs"
 	@echo "  TEST_WORKERS  pytest-xdist workers for 'make test' (default $(TEST_WORKERS); 2: pytest-xdist, see tests/conftest.py)"
 
@@ -160,8 +162,8 @@ $(STAMPS)/export: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(UPSTREAM_ST
 
 data: $(STAMPS)/data ## build the recipe's datasets into Alpaca-format JSON (+ manifest)
 validate: $(STAMPS)/validate ## check the recipe and the built data; prints a report
-inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram
-	$(PY) -m pipeline inspect $(RECIPE) $(ARGS)
+inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram (NUM=N samples)
+	$(PY) -m pipeline inspect $(RECIPE) $(ARGS) $(if $(NUM),--num $(NUM))
 # Ranks: NPROC per node, on NNODES nodes or on every host of HOSTFILE (DeepSpeed gives each host --num_gpus ranks);
 # without counting the hostfile, plan showed one node's numbers for a multi-node job.
 plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
@@ -171,7 +173,7 @@ plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepS
 train: $(STAMPS)/train ## train (NPROC=N ranks; HOSTFILE=... or NNODES/NODE_RANK/MASTER_ADDR for several nodes)
 dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)
-merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the HF GPT-2 layout
+merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the Hugging Face layout of its family
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
 	@echo "report: $(OUTPUT_DIR)/eval/report.md"

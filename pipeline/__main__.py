@@ -115,6 +115,11 @@ def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
     return []
 
 
+# Options the Makefile passes from a variable of its own: `make inspect ARGS='--num 5'` gave the option to deps,
+# build and validate too, which refused it.
+MAKE_VARIABLES = {"--num": ("inspect", "NUM=5"), "--prompt": ("chat", "PROMPT='...'")}
+
+
 def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> str:
     """An option of another command ('validate r.yaml --num 3'), which would be ignored without a word: the
     groups of build_parser are named after the command their options belong to."""
@@ -125,7 +130,11 @@ def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
         for action in group._group_actions:
             used = given & set(action.option_strings)
             if used:
-                return f"{min(used)} is an option of `{group.title}`, not of `{args.command}`"
+                option = min(used)
+                variable = MAKE_VARIABLES.get(option)
+                hint = (f" (with make, ARGS reach every stage of the chain: set {variable[1]} instead, e.g. "
+                        f"`make {variable[0]} {variable[1]}`)") if variable else ""
+                return f"{option} is an option of `{group.title}`, not of `{args.command}`{hint}"
     return ""
 
 

@@ -130,7 +130,8 @@ def test_an_option_of_another_command_is_refused(tmp_path):
     """`validate r.yaml --num 3` ran validate and ignored --num without a word."""
     proc = run_cli("validate", "r.yaml", "--num", "3", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.endswith(
-        "error: --num is an option of `inspect`, not of `validate`\n"), proc.stderr
+        "error: --num is an option of `inspect`, not of `validate` (with make, ARGS reach every stage of the chain: "
+        "set NUM=5 instead, e.g. `make inspect NUM=5`)\n"), proc.stderr
     proc = run_cli("train", "r.yaml", "--prompt=hi", cwd=tmp_path)
     assert proc.returncode == 2 and "error: --prompt is an option of `generate`, not of `train`" in proc.stderr
     proc = run_cli("chat", "r.yaml", "--prompt", "hi", cwd=tmp_path)  # LLaMA-Factory's name for generate

@@ -72,3 +72,16 @@ def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):
     again = make("validate", "RECIPE=recipes/r.yaml", args, f"VENV={root / 'venv'}", cwd=root,
                  env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
     assert "pipeline validate" not in again.stdout, again.stdout  # the same ARGS: nothing is stale
+
+
+def test_make_inspect_takes_the_number_of_samples_from_num(tmp_path):
+    """`make inspect ARGS='--num 1'` handed --num to deps, build and validate as well, which refused it: NUM is
+    inspect's own variable."""
+    root = scratch_repo(tmp_path / "repo")
+    write_data(root / "datasets")
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "r.yaml", model_name_or_path="tiny", dataset_dir="datasets")
+    env = cli_env(MAKEFLAGS="", MAKELEVEL="")
+    done = make("inspect", "RECIPE=recipes/r.yaml", "NUM=1", f"VENV={root / 'venv'}", cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("── sample ") == 1 and "── sample 1/1 · " in done.stdout, done.stdout[-3000:]
