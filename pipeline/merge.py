@@ -601,6 +601,7 @@ def set_chat_template(directory: Path, chat_template: str, base_files: Sequence[
     base = config.get("chat_template")
     for file in base_files:  # what transformers would have read instead
         if file.name in CHAT_TEMPLATE_FILES:
-            base = file.read_text(encoding="utf-8") if file.suffix == ".jinja" else optional_json(file).get("chat_template")
+            base = (file.read_text(encoding="utf-8") if file.suffix == ".jinja"
+                    else optional_json(file).get("chat_template"))
     write_json(path, {**config, "chat_template": chat_template})
     return bool(base) and base != chat_template

@@ -192,7 +192,8 @@ def test_the_readmes_transformers_lines_prompt_the_merged_model(first_run, scrat
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     question = "Which word is an animal?\nhill\nbell\nhen"
     assert 'tok = AutoTokenizer.from_pretrained("saves/demo_sft/merged")' in readme
-    assert 'ids = tok.apply_chat_template([{"role": "user", "content": "Which word is an animal?\\nhill\\nbell\\nhen"}],' \
+    assert ('ids = tok.apply_chat_template([{"role": "user", "content": "Which word is an animal?'
+            '\\nhill\\nbell\\nhen"}],') \
         in readme and "add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)" in readme
     merged = scratch_repo / "saves" / "e2e_sft" / "merged"
     tok = transformers.AutoTokenizer.from_pretrained(merged)

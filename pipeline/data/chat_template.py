@@ -157,7 +157,8 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     if reasoning:
         lines.append("{%- if loop.index0 < turns.last_user or not enable_thinking -%}"
                      "{%- set content = remove_thought(content) -%}"
-                     "{%- elif not has_thought(content) -%}{%- set content = " + thought + " + content -%}{%- endif -%}")
+                     "{%- elif not has_thought(content) -%}{%- set content = " + thought + " + content -%}"
+                     "{%- endif -%}")
     lines += [
         "{{- " + _expression(template.assistant, marks, "content") + " -}}",
         "{%- endif -%}",

@@ -83,7 +83,8 @@ class Template:
     system: str = "{system}"  # how a system prompt opens the text: slot {system}
     default_system: str = ""  # used when the row has no system prompt ("" = no system block)
     user: str = "{content}"  # one turn's prompt: slot {content}
-    reply: str = ""  # the end of `user` (and `observation`) that opens the answer: the chat template's generation prompt
+    reply: str = ""  # the end of `user` (and `observation`) that opens the answer: the chat template's
+    # generation prompt
     query: str = "{instruction}\n{input}"  # how a non-empty input joins the instruction
     assistant: str = "{content}{eos}"  # the response: slot {content}
     prefix: str = ""  # before the first turn ({bos} for llama3)
@@ -288,7 +289,8 @@ ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 IM = ("<|im_start|>", "<|im_end|>")
 IM_REPLY = "<|im_start|>assistant\n"
-_CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n", user="<|im_start|>user\n{content}<|im_end|>\n" + IM_REPLY,
+_CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
+               user="<|im_start|>user\n{content}<|im_end|>\n" + IM_REPLY,
                reply=IM_REPLY, assistant="{content}<|im_end|>\n", special_tokens=IM)
 _QWEN_TOOLS = dict(tool_format="qwen",  # Hermes style; the tool result comes back as a user turn
                    observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n" + IM_REPLY)
@@ -300,7 +302,8 @@ TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in (
         Template(name="alpaca", system="{system}\n\n", default_system=ALPACA_SYSTEM,
-                 user="### Instruction:\n{content}\n\n" + ALPACA_REPLY, reply=ALPACA_REPLY, query="{instruction}\n\n### Input:\n{input}",
+                 user="### Instruction:\n{content}\n\n" + ALPACA_REPLY, reply=ALPACA_REPLY,
+                 query="{instruction}\n\n### Input:\n{input}",
                  assistant="{content}{eos}", separator="\n\n", fuse_system=True,
                  description="the book's Alpaca prompt"),
         Template(name="chatml", **_CHATML, stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True,
@@ -316,7 +319,8 @@ TEMPLATES: dict[str, Template] = {
                  description="Qwen3 without thinking (Qwen3-Instruct-2507 and non-reasoning use)"),
         Template(name="llama3", prefix="{bos}",
                  system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-                 user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY, reply=LLAMA3_REPLY,
+                 user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY,
+                 reply=LLAMA3_REPLY,
                  assistant="{content}<|eot_id|>",
                  special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
                  stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True, tool_format="llama3",

@@ -61,7 +61,7 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
-DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (pipeline.train.preference.disable_dropout)
+DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
 # cutoff_len the model's context when shorter than the default. When a source is reported, the derived value's

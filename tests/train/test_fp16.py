@@ -11,7 +11,6 @@ from pipeline.recipe.args import train_args
 from pipeline.errors import UserError
 from pipeline.recipe import resolve
 from pipeline.train.checkpoint import TrainState
-from pipeline.runtime.deepspeed_compat import loss_scale
 from pipeline.train.loop import Trainer, Window
 from tests.train.helpers import BASE_SFT
 

@@ -164,7 +164,8 @@ def test_qwen3_pairs_that_differ_only_in_their_thoughts_are_left_out_without_thi
     from pipeline.data.pairs import SAME, encode_pairs
 
     tokenizer = load_tokenizer(vocab_dirs["qwen3"])
-    rows = [{"instruction": "Q", "input": "", "chosen": "<think>\na\n</think>\n\nX", "rejected": "<think>\nb\n</think>\n\nX"},
+    rows = [{"instruction": "Q", "input": "", "chosen": "<think>\na\n</think>\n\nX",
+             "rejected": "<think>\nb\n</think>\n\nX"},
             {"instruction": "Q", "input": "", "chosen": "X", "rejected": "Y"}]
     where = [Origin("data/raw/p.jsonl", 1, "p"), Origin("data/raw/p.jsonl", 2, "p")]
     thinking = encode_pairs(rows, "qwen3", tokenizer, cutoff_len=512, origins=where)
