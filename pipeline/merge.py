@@ -29,7 +29,7 @@ import functools
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -67,15 +67,13 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     out = RunLayout.of(r["output_dir"], ex.export_dir)
     target = _export_target(r, out.merged)
-    tokenizer = recipe_tokenizer(data)
-    chat = recipe_chat_template(data, tokenizer, key_at(r, "template"))  # before the merge: refused at once
+    files = export_files(r)  # before the merge: a template the vocabulary lacks is refused at once
     lora = models.finetune.finetuning_type == "lora"
     if lora:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
         check = reexport_full(models, data, ex, out, _recipe(r))
-    target = export(check, target, ex, export_generation(r, tokenizer, data), tokenizer,
-                    base_config_ids(models.model.model_name_or_path), chat_template=chat)
+    target = export(check, target, ex, files)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
          f" max relative logit error vs the {'adapter' if lora else 'trained'} model: {errors}")
@@ -95,8 +93,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                         "`python -m pipeline merge`")
     target = _export_target(r, Path(r["export_dir"]))
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
-    tokenizer = recipe_tokenizer(data)
-    chat = recipe_chat_template(data, tokenizer, key_at(r, "template"))
+    files = export_files(r)
     if r["adapter_name_or_path"]:
         adapter = resolve_model_path(r["adapter_name_or_path"], key="adapter_name_or_path")  # a path or a hub id
         check = merge_adapter(models.model, data, ex, adapter)
@@ -111,8 +108,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                          samples, _logits(model, samples))
         _check_cast(check, r["export_dtype"], {})
         source = f"model {r['model_name_or_path']}"
-    export(check, target, ex, export_generation(r, tokenizer, data), tokenizer,
-           base_config_ids(models.model.model_name_or_path), chat_template=chat)
+    export(check, target, ex, files)
     onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
@@ -132,6 +128,26 @@ def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_pa
                     f"({model_name_or_path}) unchanged, but this recipe trained {trained.path}. To export the "
                     f"trained model run `python -m pipeline merge {recipe}` (it writes export_dir when set), or "
                     f"set {fix}")
+
+
+@dataclass
+class ExportFiles:
+    """What an export writes beside the weights: the tokenizer's files, generation_config.json, config.json's own
+    token ids (base_config_ids) and tokenizer_config.json's chat template (None keeps the base's)."""
+
+    tokenizer: Tokenizer
+    generation: Mapping[str, Any]
+    config_ids: Mapping[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+
+
+def export_files(r: Mapping[str, Any]) -> ExportFiles:
+    """merge's and export's ExportFiles for recipe `r`, gathered before any merging (cheap: configs are read)."""
+    data = data_args(r)
+    tokenizer = recipe_tokenizer(data)
+    return ExportFiles(tokenizer, export_generation(r, tokenizer, data),
+                       base_config_ids(recipe_args(r).model.model_name_or_path),
+                       recipe_chat_template(data, tokenizer, key_at(r, "template")))
 
 
 @dataclass
@@ -414,11 +430,8 @@ def _export_target(r: Mapping[str, Any], target: Path) -> Path:
     return target
 
 
-def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[str, Any], tokenizer: Tokenizer,
-           config_ids: Mapping[str, Any] | None = None, *, chat_template: str | None = None) -> Path:
-    """save_hf + tokenizer files + generation defaults + verification.json, as one atomic directory
-    (`config_ids`: config.json's token ids where they are not generation's first ones, base_config_ids;
-    `chat_template`: tokenizer_config.json's, recipe_chat_template; None keeps the base's).
+def export(check: Verified, target: Path, ex: ExportArgs, files: ExportFiles) -> Path:
+    """save_hf + the files beside the weights (ExportFiles) + verification.json, as one atomic directory.
 
     The written files are loaded back and checked against the reference logits before the directory
     is put in place, so what is on disk is what was verified. The model in memory is let go before
@@ -431,7 +444,8 @@ def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[st
     context_length = model.cfg.context_length
     with atomic_dir(target) as tmp:
         save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(ex.export_size),
-                special={k: v for k, v in generation.items() if k.endswith("_token_id")}, config_ids=config_ids)
+                special={k: v for k, v in files.generation.items() if k.endswith("_token_id")},
+                config_ids=files.config_ids)
         del model
         hostmem.release_freed()
         written = load_model(tmp).eval()
@@ -441,8 +455,8 @@ def export(check: Verified, target: Path, ex: ExportArgs, generation: Mapping[st
             raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
-        write_tokenizer_files(tmp, tokenizer, context_length, chat_template)
-        write_json(tmp / "generation_config.json", generation)
+        write_tokenizer_files(tmp, files.tokenizer, context_length, files.chat_template)
+        write_json(tmp / "generation_config.json", files.generation)
         write_json(tmp / VERIFICATION, {**check.report, "export_dtype": dtype})
     return target
 

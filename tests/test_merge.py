@@ -137,7 +137,7 @@ def _export(tmp_path, dtype="fp32", size=5, model=None):
     recipe = {**RECIPE, "export_dtype": dtype, "export_size": size}
     tokenizer = recipe_tokenizer(data_args(recipe))
     generation = merge.generation_config(GenerationArgs.from_recipe(recipe), tokenizer)
-    target = merge.export(check, tmp_path / "merged", export_args(recipe), generation, tokenizer)
+    target = merge.export(check, tmp_path / "merged", export_args(recipe), merge.ExportFiles(tokenizer, generation))
     assert check.model is None  # export let the model go before reading its files back
     return adapter_model, target
 

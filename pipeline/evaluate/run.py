@@ -183,9 +183,7 @@ def _generation_rows(data: DataArgs, ev: EvalArgs) -> list[dict]:
 def _answer(data: DataArgs, text: str) -> str:
     """What is scored: the text without a reasoning template's thought (qwen3 trains every answer to open with
     "<think>\n\n</think>\n\n" when enable_thinking; scored as words, it cost a right answer its exact match)."""
-    from pipeline.data.templates import get_template
-
-    return get_template(data.template).remove_thought(text)
+    return data.chat_template().remove_thought(text)
 
 
 def _prompt_text(data: DataArgs, row: Mapping[str, Any]) -> str:
