@@ -111,3 +111,18 @@ def test_qlora_and_dpo_extras_are_refused_with_the_reason_and_pass_at_their_defa
     err = pipeline("validate", "r.yaml", *neutral, cwd=tmp_path, expect=None).stderr
     assert "error: command line override" not in err and "given" not in err, err
     assert "quantization_method: accepted without effect: it only matters with quantization_bit" in err, err
+
+
+def test_flash_attn_is_accepted_with_a_notice_and_a_wrong_value_is_refused(tmp_path):
+    """LLaMA-Factory recipes often set flash_attn (fa2, sdpa, ...): it was an "unknown key" with no suggestion. The
+    attention path here follows the device and precision, so the key is accepted with a notice saying so; a value
+    LLaMA-Factory does not know either is refused with its choices."""
+    from tests.acceptance.harness import pipeline
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nflash_attn: fa2\n",
+                                     encoding="utf-8")
+    err = pipeline("validate", "r.yaml", cwd=tmp_path, expect=None).stderr
+    assert "flash_attn: accepted without effect: the attention path is chosen per device and precision" in err, err
+    assert "unknown key" not in err
+    err = pipeline("validate", "r.yaml", "flash_attn=fa4", cwd=tmp_path, expect=2).stderr
+    assert "flash_attn: given 'fa4', expected one of auto, disabled, sdpa, fa2, fa3" in err and "Traceback" not in err

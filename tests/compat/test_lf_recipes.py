@@ -203,12 +203,12 @@ def test_do_train_false_with_do_predict_evaluates(tmp_path):
 
 def test_unknown_keys_and_refused_values(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
-    recipe = tiny_recipe(work, do_trian=True, flash_attn="auto", export_legacy_format=True,
+    recipe = tiny_recipe(work, do_trian=True, use_unsloth=True, export_legacy_format=True,
                          export_quantization_bit=4, streaming=True, buffer_size=128)
     failed = pipeline("validate", recipe, cwd=work, expect=2)
     lines = failed.stderr.splitlines()
     assert any("do_trian: unknown key (did you mean 'do_train'?)" in m for m in lines)
-    assert any(m.endswith("flash_attn: unknown key") for m in lines)  # nothing close: no suggestion
+    assert any(m.endswith("use_unsloth: unknown key") for m in lines)  # nothing close: no suggestion
     assert any("export_legacy_format: true asks for pickled .bin weights, which are refused" in m for m in lines)
     assert any("export_quantization_bit: quantized export (GPTQ/AWQ) is not supported" in m for m in lines)
     assert any("streaming: true iterates the raw data lazily during training, which is not implemented" in m
