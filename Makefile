@@ -81,11 +81,11 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 	@touch $@
 
 # ---------------------------------------------------------------- stages
-# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE and UPSTREAMS as make variables, so editing a
-# recipe or anything it extends re-runs what depends on it. UPSTREAMS lists recipe:goal for every recipe in the same
-# folder that writes a model this one starts from (model_name_or_path, adapter_name_or_path, dpo's ref_model): goal
-# train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains), export for the
-# export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first (see below).
+# `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE, EXPORT_DIR and UPSTREAMS as make variables,
+# so editing a recipe or anything it extends re-runs what depends on it. UPSTREAMS lists recipe:goal for every
+# recipe in the same folder that writes a model this one starts from (model_name_or_path, adapter_name_or_path, dpo's
+# ref_model): goal train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains), export
+# for the export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first (see below).
 ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE): no such recipe file (the recipes here: $(wildcard recipes/*.yaml)))
@@ -155,8 +155,11 @@ $(STAMPS)/eval: $(STAMPS)/merge
 	$(LAUNCH) eval $(RECIPE) $(ARGS)
 	@touch $@
 
-# A LLaMA-Factory merge recipe trains nothing: its adapter (or model) is an upstream's output, made first.
-$(STAMPS)/export: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(UPSTREAM_STAMPS)
+# A LLaMA-Factory merge recipe trains nothing: its adapter (or model) is an upstream's output, made first. Without
+# an export_dir, export refuses the recipe: it does so before the upstreams are made, not after training them.
+# (A deps.mk older than EXPORT_DIR leaves it undefined: the upstreams are made, as before.)
+EXPORT_DIR ?= unknown
+$(STAMPS)/export: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(if $(EXPORT_DIR),$(UPSTREAM_STAMPS))
 	$(PY) -m pipeline export $(RECIPE) $(ARGS)
 	@touch $@
 

@@ -6,6 +6,7 @@
     DATASETS=<dataset names, space separated>
     DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
     STAGE=<pt|sft|dpo>
+    EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
     UPSTREAMS=<recipe:goal ...: every recipe in the same folder that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
@@ -151,6 +152,7 @@ def lines(r: Resolved) -> list[str]:
         f"DATASETS={' '.join(r['dataset'] or [])}",  # none: an export recipe
         f"DATA_FILES={' '.join(data_files(r))}",
         f"STAGE={r['stage']}",
+        f"EXPORT_DIR={r['export_dir'] or ''}",
         f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
         f"UPSTREAM={found[0][0] if found else ''}",
         f"UPSTREAM_GOAL={found[0][1] if found else ''}",

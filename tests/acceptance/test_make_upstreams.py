@@ -71,3 +71,16 @@ def test_two_recipes_sharing_an_export_dir_are_refused_with_one_message(tmp_path
     assert "recipes/a.yaml:4:13: export_dir: saves/merged is also written by" in errors[0]
     assert "recipes/b.yaml has export_dir: saves/merged" in errors[0] and "export_dir: saves/a_export" in errors[0]
     assert not (root / "saves").exists()
+
+
+def test_make_export_of_a_recipe_without_export_dir_refuses_before_training_its_upstream(tmp_path):
+    """`make export` on a merge recipe that forgot export_dir trained the sft recipe it names first, then refused:
+    minutes (or GPU hours) spent before a message that needed none of them."""
+    root, venv = _repo(tmp_path)
+    write_recipe(root / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft", max_steps=1)
+    write_recipe(root / "recipes" / "export.yaml", {"model_name_or_path": "tiny", "template": "alpaca"},
+                 adapter_name_or_path="saves/sft")
+    refused = make("export", "RECIPE=recipes/export.yaml", venv, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""),
+                   expect=2)
+    assert "export needs export_dir" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert _stages(refused) == [("export", "export")] and not (root / "saves/sft").exists(), refused.stdout

@@ -29,6 +29,7 @@ def test_deps_lines(write):
         "DATASETS=a b",
         "DATA_FILES=data/a.json",
         "STAGE=sft",
+        "EXPORT_DIR=",
         "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
