@@ -96,9 +96,14 @@ endif
 # On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
 # validate finds none: each problem is printed once. Not for `make export`: an export recipe names no dataset, which
 # validate requires, so validate's one message would hide deps' own.
-$(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(VENV)/.setup-done
+# The recipes beside this one are prerequisites too: UPSTREAMS is read off them, so a recipe added or edited next to
+# it (a new upstream, an upstream's output_dir changed) is seen. deps.mk is rewritten only when its text changes,
+# so that such an edit does not make this recipe's stages stale (they depend on deps.mk).
+SIBLING_RECIPES := $(filter-out $(RECIPE),$(wildcard $(dir $(RECIPE))*.yaml $(dir $(RECIPE))*.yml))
+$(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(SIBLING_RECIPES) $(VENV)/.setup-done
 	@mkdir -p $(@D)
-	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err && mv $@.tmp $@ && rm -f $@.err || { rm -f $@.tmp; \
+	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err && rm -f $@.err \
+		&& { cmp -s $@.tmp $@ && rm -f $@.tmp || mv $@.tmp $@; } || { rm -f $@.tmp; \
 		$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(ARGS) &&) cat $@.err >&2; \
 		rm -f $@.err; exit 2; }
 

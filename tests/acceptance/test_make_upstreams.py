@@ -24,8 +24,8 @@ def _stages(proc) -> list[tuple[str, str]]:
     return [(command, Path(recipe).stem) for command, recipe in runs]
 
 
-def _make(root: Path, *args: str):
-    return make(*args, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
+def _make(root: Path, *args: str, expect: int | None = 0):
+    return make(*args, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""), expect=expect)
 
 
 def test_a_dpo_ref_model_from_the_sft_recipe_is_made_first(tmp_path):
@@ -84,3 +84,22 @@ def test_make_export_of_a_recipe_without_export_dir_refuses_before_training_its_
                    expect=2)
     assert "export needs export_dir" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     assert _stages(refused) == [("export", "export")] and not (root / "saves/sft").exists(), refused.stdout
+
+
+def test_a_recipe_added_beside_this_one_becomes_its_upstream_and_an_unrelated_edit_changes_nothing(tmp_path):
+    """deps.mk (which names the upstreams) was remade only when the recipe itself changed: a user whose first
+    `make train RECIPE=recipes/down.yaml` stopped on "directory not found", who then wrote the recipe that trains that
+    directory beside it, got the same stop again. A sibling edit that changes no upstream must not make this
+    recipe's stages stale."""
+    root, venv = _repo(tmp_path)
+    write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/up", output_dir="saves/down", max_steps=1)
+    _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
+    deps = root / ".stamps/down/deps.mk"
+    assert "UPSTREAMS=\n" in deps.read_text()
+    write_recipe(root / "recipes" / "up.yaml", model_name_or_path="tiny", output_dir="saves/up", max_steps=1)
+    _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
+    assert "UPSTREAMS=recipes/up.yaml:train\n" in deps.read_text()
+    before = deps.stat().st_mtime_ns
+    write_recipe(root / "recipes" / "other.yaml", model_name_or_path="tiny", output_dir="saves/other", max_steps=1)
+    _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
+    assert deps.stat().st_mtime_ns == before
