@@ -10,20 +10,27 @@ the message's content. The rendering follows `Template.turns(..., mask_history=T
 chat encode a prompt (pipeline.data.tokenize.encode_prompt):
 
 - a system message (else the default system prompt) opens the text after the prefix; an empty one is absent;
-- turns alternate user / assistant; every later user turn opens with the separator;
+- turns alternate user (or tool) / assistant; every later prompt opens with the separator;
 - the template's `reply` (the assistant header that ends a user block) is written before an answer, or at the
   end with `add_generation_prompt`, as Hugging Face's templates do;
-- a reasoning template (qwen3): earlier answers lose their thoughts; the answer after the last user turn gets
-  the empty thought in front when it has none, or with `enable_thinking=False` (a chat-template argument whose
-  default is the recipe's enable_thinking) loses its thought and the empty thought ends the prompt instead.
+- a reasoning template (qwen3): earlier answers lose their thoughts; the answer after the last prompt (a user or
+  tool message) gets the empty thought in front when it has none, or with `enable_thinking=False` (a chat-template
+  argument whose default is the recipe's enable_thinking) loses its thought and the empty thought ends the prompt
+  instead.
 
 A message's content is a string, or OpenAI's list of parts (`[{"type": "text", "text": ...}]`, as chat clients
 send it): its text parts joined by "\n", as vLLM joins them for a template that takes strings, so both render the
 same prompt; a part that is not text raises. A missing or None content (transformers drops None keys) is "".
 
-Tool calls are not rendered: `tools=`, an assistant message with `tool_calls`, or a message whose role is not
-system / user / assistant raises, rather than render a prompt the model was not trained on (training renders
-them: pipeline.data.tools).
+Function calling, for a template with a tool format (pipeline.data.tools; the macros: chat_template_tools),
+renders as training renders the equivalent LLaMA-Factory sharegpt row (a `tools` column, function_call and
+observation turns): `tools=` (a list, even empty, is the row's tools column) adds its tool text to the system
+prompt; an assistant message's `tool_calls` are the function_call turn, written after the message's text (a thought
+or words before the call, as LLaMA-Factory keeps them in front); a "tool" message is the observation turn, on the
+prompt's side like a user turn (the last prompt, user or tool, is the one a reasoning template's rules call last).
+A template without a tool format (alpaca) refuses all three, and every template refuses turns out of training's
+order (several tool results go in one tool message: training's observation turn is one), rather than render a
+prompt the model was not trained on.
 
 Where the rendered string is tokenized whole, the ids equal training's (each block tokenized on its own) as long
 as the tokenizer does not merge across two blocks; the markup between blocks keeps them apart in every shipped
@@ -33,30 +40,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pipeline.data.templates import BOS, EOS, Template, split_slots
+from pipeline.data.chat_template_tools import tool_macros
+from pipeline.data.jinja_text import literal
+from pipeline.data.templates import BOS, EOS, Template, split_slots, tool_templates
 
 if TYPE_CHECKING:
     from pipeline.data.args import DataArgs
     from pipeline.data.tokenizer import Tokenizer
 
-REFUSED = ("this chat template (written by pipeline merge / export) renders system, user and assistant turns only, "
-           "alternating user / assistant: tool calls and other roles are not rendered")
+ORDER = ("this chat template (written by pipeline merge / export) renders turns in training's order: an optional "
+         "system message, then a user message (or a tool message, with tools) and an assistant message in turn; "
+         "several results of parallel tool calls go in one tool message, as training's observation turn")
 
 
-def literal(text: str) -> str:
-    """`text` as a Jinja string literal. Jinja reads a literal's backslash escapes (unicode-escape) and turns
-    \\r\\n into \\n, so backslashes, quotes and control characters are escaped; other characters stay as they are."""
-    out = []
-    for char in text:
-        if char in "\\'":
-            out.append("\\" + char)
-        elif char == "\n":
-            out.append("\\n")
-        elif ord(char) < 32 or ord(char) == 127:
-            out.append(f"\\x{ord(char):02x}")
-        else:
-            out.append(char)
-    return "'" + "".join(out) + "'"
+def no_tools(name: str) -> str:
+    """Why a chat template without a tool format refuses tools, tool_calls and tool messages."""
+    return (f"this chat template (written by pipeline merge / export) renders no tool calls: its template '{name}' "
+            f"has no tool format, so the model was not trained on any; templates that render them: "
+            f"{', '.join(tool_templates())}")
 
 
 def _expression(fmt: str, marks: dict[str, str], variable: str = "") -> str:
@@ -113,13 +114,21 @@ _TEXT_MACRO = (
 )
 
 
+def _prompt_part(fmt: str, reply: str) -> str:
+    """A user or observation block without the reply that ends it (written with the generation prompt)."""
+    return fmt[:len(fmt) - len(reply)]
+
+
 def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinking: bool = True) -> str:
     """The chat template of `template` for `tokenizer` (UserError when the vocabulary lacks its markup)."""
     ids = template.ids(tokenizer)
     marks = {BOS: "" if ids[BOS] is None else tokenizer.decode([ids[BOS]]), EOS: tokenizer.decode([ids[EOS]])}
-    user = template.user[:len(template.user) - len(template.reply)]
+    user = _expression(_prompt_part(template.user, template.reply), marks, "content")
+    observation = _expression(_prompt_part(template.observation or template.user, template.reply), marks, "content")
+    tools = template.tool_format is not None
     reasoning = template.thought_words is not None
     thought = literal(template.thought_words[0] + template.thought_words[1]) if reasoning else "''"
+    prompt_roles = "('user', 'tool')" if tools else "('user',)"
     lines = [
         f"{{#- the '{template.name}' template of pipeline (pipeline/data/templates.py), as the model was trained -#}}",
         "{%- set default_system = " + literal(template.default_system) + " -%}",
@@ -128,37 +137,55 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         lines += [_thought_macros(template),
                   "{%- if enable_thinking is not defined -%}{%- set enable_thinking = "
                   + ("true" if enable_thinking else "false") + " -%}{%- endif -%}"]
+    lines.append(_TEXT_MACRO)
+    if tools:
+        lines.append(tool_macros(template.tool_format))
     lines += [
-        _TEXT_MACRO,
-        "{%- if tools -%}{{- raise_exception(" + literal(REFUSED) + ") -}}{%- endif -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",
         "{%- set system_message = text_of(messages[0]) -%}{%- set loop_messages = messages[1:] -%}",
         "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}",
         "{%- if not system_message -%}{%- set system_message = default_system -%}{%- endif -%}",
         "{{- " + _expression(template.prefix, marks) + " -}}",
-        "{%- if system_message -%}{{- " + _expression(template.system, marks, "system_message") + " -}}{%- endif -%}",
-        "{%- set turns = namespace(last_user=-1) -%}",
-        "{%- for message in loop_messages -%}{%- if message['role'] == 'user' -%}"
-        "{%- set turns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}",
+    ]
+    if tools:  # training: `system += tool_text(tools)`, and a system block when there is either
+        lines += ["{%- if tools -%}{%- set system_message = system_message ~ tool_text(tools) -%}{%- endif -%}",
+                  "{%- if system_message or (tools is defined and tools is not none) -%}"]
+    else:
+        lines += ["{%- if tools -%}{{- raise_exception(" + literal(no_tools(template.name)) + ") -}}{%- endif -%}",
+                  "{%- if system_message -%}"]
+    lines += [
+        "{{- " + _expression(template.system, marks, "system_message") + " -}}{%- endif -%}",
+        "{%- set turns = namespace(last_prompt=-1) -%}",
+        "{%- for message in loop_messages -%}{%- if message['role'] in " + prompt_roles + " -%}"
+        "{%- set turns.last_prompt = loop.index0 -%}{%- endif -%}{%- endfor -%}",
         "{%- for message in loop_messages -%}",
-        "{%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') or message['tool_calls'] -%}"
-        "{{- raise_exception(" + literal(REFUSED) + ") -}}{%- endif -%}",
+    ]
+    if not tools:
+        lines.append("{%- if message['role'] == 'tool' or message['tool_calls'] -%}"
+                     "{{- raise_exception(" + literal(no_tools(template.name)) + ") -}}{%- endif -%}")
+    lines += [
+        "{%- if not (message['role'] in " + prompt_roles + " if loop.index0 % 2 == 0 else message['role'] == "
+        "'assistant') -%}{{- raise_exception(" + literal(ORDER) + ") -}}{%- endif -%}",
         "{%- set content = text_of(message) -%}",
-        "{%- if message['role'] == 'user' -%}",
+        "{%- if loop.index0 % 2 == 0 -%}",
         "{%- if not loop.first -%}{{- " + _expression(template.separator, marks) + " -}}{%- endif -%}",
-        "{{- " + _expression(user, marks, "content") + " -}}",
+        "{{- " + (f"({observation}) if message['role'] == 'tool' else ({user})" if observation != user else user)
+        + " -}}",
         "{%- if not loop.last or add_generation_prompt -%}{{- " + _expression(template.reply, marks) + " -}}",
     ]
     if reasoning:  # the empty thought ends the last prompt when thinking is off (and the answer has no thought)
         lines.append("{%- set answer = '' if loop.last else text_of(loop_messages[loop.index0 + 1]) -%}"
-                     "{%- if loop.index0 == turns.last_user and not enable_thinking"
+                     "{%- if loop.index0 == turns.last_prompt and not enable_thinking"
                      " and not has_thought(remove_thought(answer)) -%}{{- " + thought + " -}}{%- endif -%}")
     lines += ["{%- endif -%}", "{%- else -%}"]
     if reasoning:
-        lines.append("{%- if loop.index0 < turns.last_user or not enable_thinking -%}"
+        lines.append("{%- if loop.index0 < turns.last_prompt or not enable_thinking -%}"
                      "{%- set content = remove_thought(content) -%}"
                      "{%- elif not has_thought(content) -%}{%- set content = " + thought + " + content -%}"
                      "{%- endif -%}")
+    if tools:  # the function_call turn: the message's text (kept in front, as training keeps it), then the calls
+        lines.append("{%- if message['tool_calls'] -%}"
+                     "{%- set content = content ~ call_text(message['tool_calls']) -%}{%- endif -%}")
     lines += [
         "{{- " + _expression(template.assistant, marks, "content") + " -}}",
         "{%- endif -%}",

@@ -351,9 +351,14 @@ def recipe_template(name: str, default_system: str | None = None) -> Template:
     return template if default_system is None else dataclasses.replace(template, default_system=default_system)
 
 
+def tool_templates() -> list[str]:
+    """The templates that render function calling (those with a tool format)."""
+    return [name for name, t in TEMPLATES.items() if t.tool_format]
+
+
 def tool_refusal(template: str) -> str:
     """Why function-calling data cannot be used with `template`, and which templates render it."""
-    able = ", ".join(name for name, t in TEMPLATES.items() if t.tool_format)
+    able = ", ".join(tool_templates())
     return (f"function-calling data (tool descriptions and function_call/observation turns) needs a template that "
             f"renders tools, and template '{template}' does not; use one that does ({able}) or name a dataset "
             "without tools")

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import merge
+from pipeline.data.tokenizer import gpt2
 from tests.helpers.hf_vocab import FAMILIES, write_llama3_original, write_tokenizer_dir
 
 
@@ -35,3 +37,11 @@ def hf_reference():
         return cache[directory]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def family_dirs(vocab_dirs, tmp_path_factory) -> dict[str, Path]:
+    """family -> tokenizer directory; GPT-2's as merge writes it (vocab.json + merges.txt)."""
+    gpt2_dir = tmp_path_factory.mktemp("gpt2")
+    merge.write_tokenizer_files(gpt2_dir, gpt2(), 1024)
+    return {"gpt2": gpt2_dir, **{f: vocab_dirs[f] for f in ("llama3", "qwen2", "qwen3")}}

@@ -1,0 +1,97 @@
+"""Function calling in the exported chat template: pipeline.data.tools' three formats as Jinja, so that
+`apply_chat_template(messages, tools=...)` (transformers, vLLM) writes what training wrote for the equivalent
+LLaMA-Factory sharegpt row.
+
+Two macros, per tool format:
+- `tool_text(tools)`: the text `tools` adds after the system prompt (tools.tool_text). transformers passes a tool as
+  given: OpenAI's {"type": "function", "function": {...}} or a bare function schema; both are read as training
+  reads them. JSON goes through transformers' `tojson` filter, which is json.dumps(ensure_ascii=False) (not Jinja's
+  HTML-escaping one): the text of tools._dumps. llama3's "Today Date" is `date_string` when the caller passes one
+  (as in Meta's template), else `strftime_now` (transformers' today, as LLaMA-Factory's datetime.now()).
+- `call_text(calls)`: an assistant message's `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}]
+  or the function dicts themselves) as tools.function_text writes a function_call turn. `arguments` is a dict
+  (written with tojson: training's text) or a JSON string, written as it is: training re-dumps a string, so
+  only a string in json.dumps' own form (", " and ": ") gives training's text; vLLM passes dicts.
+
+The prompts' wording comes from pipeline.data.tools (its constants, formatted with Jinja expressions in the
+slots), so one source states it.
+"""
+from __future__ import annotations
+
+from pipeline.data.jinja_text import formatted, literal
+from pipeline.data.tools import DEFAULT_TOOL_PROMPT, LLAMA3_TOOL_PROMPT, QWEN_TOOL_PROMPT
+
+NO_CALL = "this chat template (written by pipeline merge / export): a tool call needs a \"name\" and \"arguments\""
+
+
+# a tool as LLaMA-Factory reads it: OpenAI's wrapping taken off (tools._unwrap), or put on (tools._wrapped).
+# Subscripts, never attributes, and `in` before a key a dict method shares a name with ("items").
+_UNWRAP = "{%- set fn = tool['function'] if tool['type'] == 'function' else tool -%}"
+_WRAPPED = "(tool if tool['type'] == 'function' else {'type': 'function', 'function': tool})"
+
+_DEFAULT_TOOLS = (
+    "{%- set t = namespace(text='', names='') -%}"
+    "{%- for tool in tools -%}" + _UNWRAP +
+    "{%- set params = fn['parameters'] or {} -%}"
+    "{%- set t.text = t.text ~ '> Tool Name: ' ~ fn['name'] ~ '\\nTool Description: ' ~ "
+    "(fn['description'] if 'description' in fn else '') ~ '\\nTool Args:\\n' -%}"
+    "{%- for name, param in (params['properties'] or {}).items() -%}"
+    "{%- set t.text = t.text ~ '  - ' ~ name ~ ' (' ~ (param['type'] if 'type' in param else '')"
+    " ~ (', required' if name in (params['required'] if 'required' in params else []) else '') ~ '): '"
+    " ~ (param['description'] if 'description' in param else '')"
+    " ~ ((', should be one of [' ~ param['enum'] | join(', ') ~ ']') if param['enum'] else '')"
+    " ~ ((', where each item should be ' ~ (param['items']['type'] if 'type' in param['items'] else ''))"
+    " if 'items' in param and param['items'] else '') ~ '\\n' -%}"
+    "{%- endfor -%}"
+    "{%- set t.text = t.text ~ '\\n' -%}"
+    "{%- set t.names = t.names ~ (', ' if not loop.first else '') ~ fn['name'] -%}"
+    "{%- endfor -%}"
+    "{{- " + formatted(DEFAULT_TOOL_PROMPT, tool_text="t.text", tool_names="t.names") + " -}}"
+)
+_LLAMA3_TOOLS = (
+    "{%- set t = namespace(text='') -%}"
+    "{%- for tool in tools -%}{%- set t.text = t.text ~ " + _WRAPPED + " | tojson(indent=4) ~ '\\n\\n' -%}"
+    "{%- endfor -%}"
+    "{%- if date_string is defined -%}{%- set today = date_string -%}"
+    "{%- else -%}{%- set today = strftime_now('%d %b %Y') -%}{%- endif -%}"
+    "{{- " + formatted(LLAMA3_TOOL_PROMPT, date="today", tool_text="t.text") + " -}}"
+)
+_QWEN_TOOLS = (
+    "{%- set t = namespace(text='') -%}"
+    "{%- for tool in tools -%}{%- set t.text = t.text ~ '\\n' ~ " + _WRAPPED + " | tojson -%}{%- endfor -%}"
+    "{{- " + formatted(QWEN_TOOL_PROMPT, tool_text="t.text") + " -}}"
+)
+TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS}
+
+# one call's name and arguments (the function dict inside OpenAI's wrapping, or the call itself), as JSON text
+_CALL = (
+    "{%- set fn = call['function'] if call['function'] is defined else call -%}"
+    "{%- if fn['name'] is not defined or fn['arguments'] is not defined -%}"
+    "{{- raise_exception(__NO_CALL__) -}}{%- endif -%}"
+    "{%- set arguments = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}"
+)
+_CALL_TEXT = {  # tools._format_calls: one call's text, and what joins several
+    "default": ("'Action: ' ~ fn['name'] ~ '\\nAction Input: ' ~ arguments", "'\\n'"),
+    "llama3": ("'{\"name\": ' ~ fn['name'] | tojson ~ ', \"parameters\": ' ~ arguments ~ '}'", "', '"),
+    "qwen": ("'<tool_call>\\n{\"name\": ' ~ fn['name'] | tojson ~ ', \"arguments\": ' ~ arguments ~ '}\\n</tool_call>'",
+             "'\\n'"),
+}
+
+
+def _call_text(fmt: str) -> str:
+    one, join = _CALL_TEXT[fmt]
+    body = (
+        "{%- set t = namespace(text='') -%}"
+        "{%- for call in calls -%}" + _CALL.replace("__NO_CALL__", literal(NO_CALL)) +
+        "{%- set t.text = t.text ~ ('' if loop.first else " + join + ") ~ " + one + " -%}"
+        "{%- endfor -%}"
+    )
+    if fmt == "llama3":  # one call is an object, several a JSON list of them
+        return body + "{{- t.text if calls | length == 1 else '[' ~ t.text ~ ']' -}}"
+    return body + "{{- t.text -}}"
+
+
+def tool_macros(fmt: str) -> str:
+    """The Jinja macros tool_text(tools) and call_text(calls) of tool format `fmt` (pipeline.data.tools.FORMATS)."""
+    return ("{%- macro tool_text(tools) -%}" + TOOL_TEXT[fmt] + "{%- endmacro -%}\n"
+            "{%- macro call_text(calls) -%}" + _call_text(fmt) + "{%- endmacro -%}\n")
