@@ -48,26 +48,26 @@ _DEFAULT_TOOLS = (
     "{%- endfor -%}"
     "{{- " + formatted(DEFAULT_TOOL_PROMPT, tool_text="t.text", tool_names="t.names") + " -}}"
 )
-_LLAMA3_TOOLS = (
-    "{%- set t = namespace(text='') -%}"
-    "{%- for tool in tools -%}{%- set t.text = t.text ~ " + _WRAPPED + " | tojson(indent=4) ~ '\\n\\n' -%}"
-    "{%- endfor -%}"
-    "{%- if date_string is defined -%}{%- set today = date_string -%}"
-    "{%- else -%}{%- set today = strftime_now('%d %b %Y') -%}{%- endif -%}"
-    "{{- " + formatted(LLAMA3_TOOL_PROMPT, date="today", tool_text="t.text") + " -}}"
-)
-_QWEN_TOOLS = (
-    "{%- set t = namespace(text='') -%}"
-    "{%- for tool in tools -%}{%- set t.text = t.text ~ '\\n' ~ " + _WRAPPED + " | tojson -%}{%- endfor -%}"
-    "{{- " + formatted(QWEN_TOOL_PROMPT, tool_text="t.text") + " -}}"
-)
+
+
+def _each_tool(text: str, prompt: str, setup: str = "", **slots: str) -> str:
+    """A tool format whose tool text is `text` (a Jinja expression of `tool`) for each tool, joined, in `prompt`."""
+    return ("{%- set t = namespace(text='') -%}"
+            "{%- for tool in tools -%}{%- set t.text = t.text ~ " + text + " -%}{%- endfor -%}"
+            + setup + "{{- " + formatted(prompt, tool_text="t.text", **slots) + " -}}")
+
+
+_TODAY = ("{%- if date_string is defined -%}{%- set today = date_string -%}"
+          "{%- else -%}{%- set today = strftime_now('%d %b %Y') -%}{%- endif -%}")
+_LLAMA3_TOOLS = _each_tool(_WRAPPED + " | tojson(indent=4) ~ '\\n\\n'", LLAMA3_TOOL_PROMPT, _TODAY, date="today")
+_QWEN_TOOLS = _each_tool("'\\n' ~ " + _WRAPPED + " | tojson", QWEN_TOOL_PROMPT)
 TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS}
 
 # one call's name and arguments (the function dict inside OpenAI's wrapping, or the call itself), as JSON text
 _CALL = (
     "{%- set fn = call['function'] if call['function'] is defined else call -%}"
     "{%- if fn['name'] is not defined or fn['arguments'] is not defined -%}"
-    "{{- raise_exception(__NO_CALL__) -}}{%- endif -%}"
+    "{{- raise_exception(" + literal(NO_CALL) + ") -}}{%- endif -%}"
     "{%- set arguments = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}"
 )
 _CALL_TEXT = {  # tools._format_calls: one call's text, and what joins several
@@ -82,7 +82,7 @@ def _call_text(fmt: str) -> str:
     one, join = _CALL_TEXT[fmt]
     body = (
         "{%- set t = namespace(text='') -%}"
-        "{%- for call in calls -%}" + _CALL.replace("__NO_CALL__", literal(NO_CALL)) +
+        "{%- for call in calls -%}" + _CALL +
         "{%- set t.text = t.text ~ ('' if loop.first else " + join + ") ~ " + one + " -%}"
         "{%- endfor -%}"
     )
