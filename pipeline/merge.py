@@ -288,10 +288,10 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
                    source: str = "adapter") -> Verified:
     """Fold every LoRA layer of `model` into its base weight, in place, proving each fold and then the whole.
 
-    Layer by layer: the folded Linear (lora.fold_lora) minus the base must be the LoRA branch on random
-    inputs, and must not be zero; then the merged model's logits must equal the adapter model's, taken
-    before the first fold. In place, the memory is the model once plus one layer's base weight (kept for
-    its check): keeping the adapter model next to a merged copy would double it.
+    Layer by layer: the folded Linear (lora.fold_lora) minus the base must be the layer's update (the LoRA
+    branch; DoRA's rescaled sum) on random inputs, and must not be zero; then the merged model's logits must
+    equal the adapter model's, taken before the first fold. In place, the memory is the model once plus one
+    layer's base weight (kept for its check): keeping the adapter model next to a merged copy would double it.
     """
     from pipeline.model import lora
 
@@ -307,9 +307,8 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     for ours in names:
         name = shown(ours)  # what the user knows the layer as (the family's HF module name)
         wrapper = model.get_submodule(ours)
-        base_linear, branch = wrapper.linear, wrapper.lora
-        if not branch.B.any() or not branch.A.any():
-            which = "lora_B" if not branch.B.any() else "lora_A"
+        base_linear, which = wrapper.linear, wrapper.unchanged_by()
+        if which is not None:
             problems.append(
                 f"layer {name}: {which} is all zero in {source}, so merging changes nothing (the merged model"
                 " would equal the base). The adapter looks untrained or empty: was it saved before any"
@@ -318,7 +317,8 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
             continue
         base_weight = base_linear.weight.detach().clone()  # measured before the fold, which must not change it
         x = torch.randn(8, base_linear.in_features, generator=gen).to(base_weight)
-        base_out, want = base_linear(x), branch(x)
+        base_out = base_linear(x)
+        want = wrapper(x) - base_out  # the update as the adapter model computes it (eval mode: no dropout)
         merged_linear = lora.fold_lora(wrapper)
         if not isinstance(merged_linear, nn.Linear) or lora.lora_modules(merged_linear):
             problems.append(f"layer {name}: still a LoRA wrapper after merging ({type(merged_linear).__name__})")

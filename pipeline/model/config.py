@@ -435,15 +435,17 @@ def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | 
 
 def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
-                     additional_target: str | Iterable[str] | None = None) -> int:
-    """How many parameters the optimizer updates (for plan's memory estimate and the trainable report)."""
+                     additional_target: str | Iterable[str] | None = None, use_dora: bool = False) -> int:
+    """How many parameters the optimizer updates (for plan's memory estimate and the trainable report); DoRA adds
+    one magnitude per output feature of each adapted layer."""
     if finetuning_type == "full":
         return count_params(cfg)
     if finetuning_type == "freeze":
         prefixes = freeze_trainable_names(cfg, freeze_trainable_layers)
         return sum(m.params for m in layout(cfg) if any(m.name == p or m.name.startswith(p + ".") for p in prefixes))
     if finetuning_type == "lora":
-        lora = sum(lora_rank * (m.in_dim + m.out_dim) for m in lora_target_modules(cfg, lora_target))
+        lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0)
+                   for m in lora_target_modules(cfg, lora_target))
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
         if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:
             extra.pop("lm_head")

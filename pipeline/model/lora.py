@@ -11,6 +11,9 @@ leaves the model's output unchanged. In PEFT's file layout lora_A.weight is A^T 
 lora_B.weight is B^T (out x r) whatever the base layer; GPT-2's Conv1D base layers make the config say
 fan_in_fan_out: true (Llama / Qwen nn.Linear: false). Targets and file keys use the family's HF module
 names (pipeline.model.families): c_attn / c_proj / c_fc for GPT-2, q_proj .. down_proj for Llama and Qwen.
+
+DoRA (use_dora, Liu et al. 2024) is LinearWithDoRA: the same LoRA branch, plus a trainable magnitude per output
+feature that rescales the updated weight (PEFT's DoraLinearLayer, saved as its lora_magnitude_vector).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
@@ -61,6 +65,8 @@ class LoRALayer(nn.Module):
 class LinearWithLoRA(nn.Module):
     """linear(x) + lora(dropout(x)); the wrapped Linear keeps its weights (frozen by apply_lora)."""
 
+    use_dora = False  # what adapter_config.json's use_dora says about this layer
+
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
@@ -75,21 +81,91 @@ class LinearWithLoRA(nn.Module):
             return self.linear(x)
         return self.linear(x) + self.lora(self.dropout(x))
 
+    def merged_weight(self) -> torch.Tensor:
+        """The weight of the one Linear that computes this layer (eval mode), in fp32 and nn.Linear layout."""
+        return self.linear.weight.float() + self.lora.delta_weight().float()
+
+    def peft_params(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        """PEFT's name for each trained tensor (after the module's key) -> (ours, stored transposed). The one map
+        save_adapter and load_adapter both read: PEFT's lora_A.weight is A^T (r x in), lora_B.weight is B^T."""
+        return {"lora_A.weight": (self.lora.A, True), "lora_B.weight": (self.lora.B, True)}
+
+    def unchanged_by(self) -> str | None:
+        """The PEFT tensor that makes this layer's update nothing (all zero), or None when the update is real:
+        merging an adapter whose update is nothing changes nothing, which says it was never trained."""
+        return next((name for name, param in (("lora_B", self.lora.B), ("lora_A", self.lora.A))
+                     if not param.any()), None)
+
+
+class LinearWithDoRA(LinearWithLoRA):
+    """DoRA: the weight W + s B A split into a direction and a trained magnitude m per output feature,
+    W' = m * (W + s B A) / ||W + s B A||_c, computed as PEFT's DoraLinearLayer computes it.
+
+    m starts at the row norms of W (one per output feature, nn.Linear layout), so a fresh adapter (B = 0) leaves
+    the output unchanged. The norm ||.||_c is detached, as the paper suggests (section 4.3) and PEFT does: it
+    follows the update but takes no gradient, so no (out x in) matrix is kept for the backward. The forward never
+    forms W': linear(x) + (m/n - 1) x W^T + (m/n) lora(x); with dropout in training the last two use dropout(x),
+    whose x W^T is one more product (PEFT's order, so that gradients match it too).
+    """
+
+    use_dora = True
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__(linear, rank, alpha, dropout, use_rslora, generator)
+        self.magnitude = nn.Parameter(self.weight_norm())
+
+    @torch.no_grad()
+    def weight_norm(self) -> torch.Tensor:
+        """||W + s B A|| per output feature, in the weight's dtype (formed in fp32); a constant for autograd."""
+        weight = self.linear.weight
+        return torch.linalg.norm(weight.float() + self.lora.delta_weight().float(), dim=1).to(weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.linear(x)
+        result = self.linear(x)
+        scale = self.magnitude / self.weight_norm()
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            dropped = x
+            base = result if self.linear.bias is None else result - self.linear.bias
+        else:
+            dropped = self.dropout(x)
+            base = F.linear(dropped, self.linear.weight)
+        return result + (scale - 1) * base + scale * self.lora(dropped)
+
+    def merged_weight(self) -> torch.Tensor:
+        weight = super().merged_weight()
+        return (self.magnitude.float() / torch.linalg.norm(weight, dim=1)).unsqueeze(1) * weight
+
+    def peft_params(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        return {**super().peft_params(), "lora_magnitude_vector": (self.magnitude, False)}
+
+    def unchanged_by(self) -> str | None:
+        """B = 0 with the magnitude at its start (the norms of W) is nothing; a trained magnitude alone is not."""
+        zero = super().unchanged_by()
+        if zero is None or not torch.allclose(self.magnitude, self.weight_norm()):
+            return None
+        return zero
+
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, targets: set[str] | None = None,
-                             dropout: float = 0.0, use_rslora: bool = False, generator: torch.Generator | None = None,
-                             prefix: str = "") -> list[str]:
-    """The book's recursive walk over named_children; `targets` (full module paths) limits which Linears."""
+                             dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
+                             generator: torch.Generator | None = None, prefix: str = "") -> list[str]:
+    """The book's recursive walk over named_children; `targets` (full module paths) limits which Linears;
+    use_dora wraps them with LinearWithDoRA instead."""
     replaced = []
+    wrap = LinearWithDoRA if use_dora else LinearWithLoRA
     for name, child in model.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, nn.Linear) and (targets is None or path in targets):
-            wrapper = LinearWithLoRA(child, rank, alpha, dropout, use_rslora, generator)
+            wrapper = wrap(child, rank, alpha, dropout, use_rslora, generator)
             setattr(model, name, wrapper.train(child.training))  # a new module would start in training mode
             replaced.append(path)
         elif not isinstance(child, LinearWithLoRA):
             replaced += replace_linear_with_lora(child, rank, alpha, targets=targets, dropout=dropout,
-                                                 use_rslora=use_rslora, generator=generator, prefix=path + ".")
+                                                 use_rslora=use_rslora, use_dora=use_dora, generator=generator,
+                                                 prefix=path + ".")
     return replaced
 
 
@@ -102,7 +178,7 @@ def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 
 def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 8,
-               alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False,
+               alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                seed: int | None = None, additional_targets: str | Iterable[str] | None = None) -> list[str]:
     """Freeze the model, wrap the targeted Linears (not the output head) with LoRA; returns their paths.
 
@@ -126,7 +202,7 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     if seed is not None:
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
-                                        use_rslora=use_rslora, generator=generator)
+                                        use_rslora=use_rslora, use_dora=use_dora, generator=generator)
     for name in extra:
         model.get_submodule(name).requires_grad_(True)
     model._lora_additional = extra  # type: ignore[assignment]  # remembered for save_adapter (modules_to_save)
@@ -189,17 +265,17 @@ def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:
 
 @torch.no_grad()
 def fold_lora(wrapper: LinearWithLoRA) -> nn.Linear:
-    """A new Linear whose weight is the base weight + scale * (A @ B)^T; the wrapper is left as it was.
+    """A new Linear whose weight is the wrapper's merged_weight (the base weight + scale * (A @ B)^T; DoRA's
+    rescaled by magnitude / norm); the wrapper is left as it was.
 
-    The sum is formed in fp32 and cast back to the base dtype; the bias is shared. Leaving the wrapper
+    The weight is formed in fp32 and cast back to the base dtype; the bias is shared. Leaving the wrapper
     intact lets the merge stage check each folded layer against the base it came from, and lets
     unmerge_lora put the exact base back.
     """
     linear = wrapper.linear
     weight = linear.weight
     merged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-    merged.weight = nn.Parameter((weight.float() + wrapper.lora.delta_weight().float()).to(weight.dtype),
-                                 requires_grad=weight.requires_grad)
+    merged.weight = nn.Parameter(wrapper.merged_weight().to(weight.dtype), requires_grad=weight.requires_grad)
     merged.bias = linear.bias
     return merged.train(linear.training)
 
@@ -260,8 +336,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, wrapper in lora_modules(model).items():
         key = PEFT_PREFIX + family.to_hf(name)
-        out[f"{key}.lora_A.weight"] = wrapper.lora.A.detach().t()
-        out[f"{key}.lora_B.weight"] = wrapper.lora.B.detach().t()
+        for suffix, (param, transposed) in wrapper.peft_params().items():
+            out[f"{key}.{suffix}"] = param.detach().t() if transposed else param.detach()
     for name in getattr(model, "_lora_additional", []):
         for pname, tensor in model.get_submodule(name).state_dict().items():
             out[f"{PEFT_PREFIX}{family.to_hf(name)}.{pname}"] = _hf_layout(family, f"{name}.{pname}", tensor.detach())
@@ -296,7 +372,7 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     if not wrappers:
         raise ValueError("the model has no LoRA modules to save")
     first = next(iter(wrappers.values()))
-    ranks = {(w.lora.rank, w.lora.alpha, w.lora.use_rslora) for w in wrappers.values()}
+    ranks = {(w.lora.rank, w.lora.alpha, w.lora.use_rslora, w.use_dora) for w in wrappers.values()}
     if len(ranks) != 1:
         raise ValueError(f"mixed LoRA settings cannot be described by one adapter_config: {sorted(ranks)}")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
@@ -316,6 +392,7 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         "lora_dropout": dropout,
         "target_modules": _target_modules(model, list(wrappers)),
         "use_rslora": first.lora.use_rslora,
+        "use_dora": first.use_dora,
         "fan_in_fan_out": bool(family.conv1d),
         "bias": "none",
         "modules_to_save": [family.to_hf(n) for n in additional] or None,
@@ -335,9 +412,9 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     return Path(directory)
 
 
-# PEFT LoraConfig fields that change which modules take LoRA, with what rank and scale, or what it adds (a bias,
-# DoRA's magnitudes): an adapter that sets one is refused rather than read as another model than PEFT builds
-PEFT_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exclude_modules", "use_dora", "lora_bias",
+# PEFT LoraConfig fields that change which modules take LoRA, with what rank and scale, or what it adds (a bias):
+# an adapter that sets one is refused rather than read as another model than PEFT builds
+PEFT_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exclude_modules", "lora_bias",
                     "target_parameters", "trainable_token_indices", "layer_replication")
 
 
@@ -387,11 +464,13 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 
 def _check_settings(wrappers: Mapping[str, LinearWithLoRA], config: Mapping[str, Any], path: Path) -> None:
     """An adapter loaded into existing LoRA modules must have been trained with the same scaling."""
-    lora = next(iter(wrappers.values())).lora
+    first = next(iter(wrappers.values()))
+    lora = first.lora
     problems = [f"{path}: {key} is {config.get(key)!r} but the model's LoRA uses {ours!r} (set the recipe's"
                 f" {recipe_key} to match the adapter)"
                 for key, ours, recipe_key in (("r", lora.rank, "lora_rank"), ("lora_alpha", lora.alpha, "lora_alpha"),
-                                              ("use_rslora", lora.use_rslora, "use_rslora"))
+                                              ("use_rslora", lora.use_rslora, "use_rslora"),
+                                              ("use_dora", first.use_dora, "use_dora"))
                 if (config.get(key) or False) != ours]
     if problems:
         raise UserError(problems)
@@ -452,7 +531,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         apply_lora(model, [targets] if isinstance(targets, str) else targets,
                    rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                    dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
-                   additional_targets=config.get("modules_to_save") or [])
+                   use_dora=bool(config.get("use_dora")), additional_targets=config.get("modules_to_save") or [])
     tensors = _tied_tensors(model, config, tensors, weights)
     model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     problems = []
@@ -470,8 +549,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     with torch.no_grad():
         for name, wrapper in lora_modules(model).items():
             key = PEFT_PREFIX + family.to_hf(name)
-            wrapper.lora.A.copy_(tensors[f"{key}.lora_A.weight"].t())
-            wrapper.lora.B.copy_(tensors[f"{key}.lora_B.weight"].t())
+            for suffix, (param, transposed) in wrapper.peft_params().items():
+                value = tensors[f"{key}.{suffix}"]
+                param.copy_(value.t() if transposed else value)
         for name in getattr(model, "_lora_additional", []):
             for pname, param in model.get_submodule(name).named_parameters():
                 param.copy_(_hf_layout(family, f"{name}.{pname}",

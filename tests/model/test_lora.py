@@ -221,9 +221,9 @@ def test_the_tied_head_trained_in_full_loads_in_peft(tmp_path, hf_dir, extra):
 
 
 @pytest.mark.parametrize("setting", [dict(alpha_pattern={"c_proj": 32}), dict(rank_pattern={"c_attn": 8}),
-                                     dict(layers_to_transform=[1]), dict(use_dora=True), dict(bias="lora_only")])
+                                     dict(layers_to_transform=[1]), dict(bias="lora_only")])
 def test_a_peft_adapter_with_settings_we_do_not_model_is_refused(tmp_path, hf_dir, setting):
-    """Written by PEFT, as users bring them: per-module alpha or rank, some layers only, DoRA, a bias. Read with
+    """Written by PEFT, as users bring them: per-module alpha or rank, some layers only, a bias. Read with
     one r and one alpha these would be another model than PEFT's (alpha_pattern loaded silently before)."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
