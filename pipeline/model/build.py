@@ -46,6 +46,7 @@ class FinetuneArgs:
     lora_dropout: float
     lora_target: str | Sequence[str] | None
     use_rslora: bool
+    use_dora: bool
     additional_target: Sequence[str] | None
     freeze_trainable_layers: int
     adapter_name_or_path: str | None
@@ -103,7 +104,8 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
     kind, adapter = ft.finetuning_type, ft.adapter_name_or_path
     if kind == "lora":
         apply_lora(model, ft.lora_target or "all", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
-                   use_rslora=ft.use_rslora, seed=ft.seed, additional_targets=ft.additional_target)
+                   use_rslora=ft.use_rslora, use_dora=ft.use_dora, seed=ft.seed,
+                   additional_targets=ft.additional_target)
         if adapter:  # continue training an adapter: same rank/alpha required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model

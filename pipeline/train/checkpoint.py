@@ -50,8 +50,9 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # lowers the learning rate mid-run; the schedule continues from the current step with the new settings).
 # KEEP: the checkpoint's value stays (it lives in the optimizer's saved state), with a notice.
 # Every other key (logging, saving, evaluation cadence, output) takes the new value without a word.
-REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "use_rslora", "additional_target",
-          "freeze_trainable_layers", "zero_stage", "bf16", "fp16", "world_size", "per_device_train_batch_size",
+REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "use_rslora", "use_dora",
+          "additional_target", "freeze_trainable_layers", "zero_stage", "bf16", "fp16", "world_size",
+          "per_device_train_batch_size",
           "gradient_accumulation_steps", "seed", "cutoff_len", "model_name_or_path", "adapter_name_or_path",
           "context_length", "qkv_bias", "tie_word_embeddings", "dataset", "template", "train_on_prompt",
           "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",

@@ -67,6 +67,7 @@ LLAMAFACTORY_0_9_5 = {  # llamafactory/hparams/<file>:<line> of the 0.9.5 wheel
     "top_p": 0.7,  # generating_args.py:33
     "train_on_prompt": False,  # data_args.py:50
     "trust_remote_code": False,  # model_args.py:201
+    "use_dora": False,  # finetuning_args.py:103
     "use_rslora": False,  # finetuning_args.py:99
     "val_size": 0.0,  # data_args.py:100
 }

@@ -140,6 +140,9 @@ CASES = [
           "finetuning_type: lora",
           "r.yaml:7:14: lora_target: is a LoRA setting but finetuning_type is full; remove it or set "
           "finetuning_type: lora"]),
+    Case("use_dora with freeze", {"r.yaml": BASE + "finetuning_type: freeze\nuse_dora: true\n"},
+         [("r.yaml:6:11: use_dora: is a LoRA setting but finetuning_type is freeze; remove it or set "
+           "finetuning_type: lora")]),
     Case("freeze key with lora", {"r.yaml": BASE + "freeze_trainable_layers: 1\n"},
          ["r.yaml:5:26: freeze_trainable_layers: only applies to finetuning_type: freeze, but finetuning_type is "
           "lora; remove it or set finetuning_type: freeze"]),
