@@ -28,6 +28,7 @@ from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
+from pipeline.model.neftune import neftune_noise
 
 IGNORE_INDEX = -100
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
@@ -226,6 +227,7 @@ class GPTModel(nn.Module):
         self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
         self.gradient_checkpointing = False
+        self.neftune_noise_alpha: float | None = None  # set_neftune: noisy embeddings in training forwards
         if cfg.tie_weights:
             self.lm_head.weight = self.embed_tokens.weight
         if seed is not None and self.embed_tokens.weight.device.type != "meta":
@@ -242,6 +244,12 @@ class GPTModel(nn.Module):
         extra forward. Only in training with grad enabled; results are the same either way (dropout
         replays its RNG state: torch's non-reentrant checkpoint preserves it)."""
         self.gradient_checkpointing = bool(enabled)
+
+    def set_neftune(self, alpha: float | None) -> None:
+        """NEFTune (pipeline.model.neftune): noise of scale `alpha` on the token embeddings in training forwards
+        (self.training), none in eval mode, so evaluation, generation and a reference pass in eval mode see the
+        plain model. None or 0: off. Not part of the config: an exported model has no trace of it."""
+        self.neftune_noise_alpha = alpha or None
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -306,6 +314,8 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
         x = self.embed_tokens(input_ids)
+        if self.training and self.neftune_noise_alpha:
+            x = neftune_noise(x, self.neftune_noise_alpha)
         if self.cfg.positions == "learned":
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)

@@ -98,6 +98,7 @@ class TrainArgs:
     total_steps: int | None
     num_warmup_steps: int | None
     learning_rate: float
+    loraplus_lr_ratio: float | None  # LoRA+: B's learning rate is learning_rate x this (pipeline.train.optim)
     weight_decay: float
     adam_beta1: float
     adam_beta2: float

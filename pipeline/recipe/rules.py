@@ -17,7 +17,7 @@ from pipeline.recipe import spec
 from pipeline.recipe.load import Origin
 
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
-             "additional_target")
+             "additional_target", "loraplus_lr_ratio")
 _RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None)  # commands that run on this machine
 # Commands checked against the built row counts. Not `build`, which replaces those counts (a user told to "add
 # data" must be able to rebuild), nor `deps`, which only names files for make (and runs first in `make data`).

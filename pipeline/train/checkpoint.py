@@ -56,9 +56,10 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "gradient_accumulation_steps", "seed", "cutoff_len", "model_name_or_path", "adapter_name_or_path",
           "context_length", "qkv_bias", "tie_word_embeddings", "dataset", "template", "train_on_prompt",
           "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",
-          "neat_packing")
+          "neat_packing", "loraplus_lr_ratio")
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",
+         "neftune_noise_alpha",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
@@ -361,14 +362,18 @@ def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:
     saved = read_state(path).get("recipe", {})
     if not any(k in saved and saved[k] != r[k] for k in APPLY):
         return
+    from pipeline.recipe.args import train_args
+    from pipeline.train.optim import train_groups
+
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    decayed = any(p.requires_grad and len(getattr(p, "ds_shape", p.shape)) >= 2 for p in engine.module.parameters())
-    scheduler.base_lrs = [float(r["learning_rate"])] * len(groups)
-    for index, group in enumerate(groups):
-        group["initial_lr"] = float(r["learning_rate"])
-        if index == 0 and decayed:  # pipeline.train.optim: the decayed matrices come first
-            group["weight_decay"] = float(r["weight_decay"])
+    wanted = train_groups(engine.module.named_parameters(), train_args(r))  # the optimizer's groups, in its order
+    if len(wanted) != len(groups):
+        raise RuntimeError(f"{len(groups)} optimizer groups restored from {path}, {len(wanted)} expected")
+    scheduler.base_lrs = [float(g["lr"]) for g in wanted]
+    for index, (group, settings) in enumerate(zip(groups, wanted)):
+        group["initial_lr"] = float(settings["lr"])  # LoRA+: each group keeps its own multiple of learning_rate
+        group["weight_decay"] = float(settings["weight_decay"])
         group["lr"] = scheduler.base_lrs[index] * scheduler.lr_lambdas[index](scheduler.last_epoch)
 
 

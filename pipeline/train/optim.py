@@ -4,6 +4,14 @@ Biases, LayerNorm gains and other 1-D parameters are not decayed (GPT-2 / nanoGP
 norm's gain towards 0 is not regularisation. LoRA's A and B are matrices and are decayed. DeepSpeed wraps
 this optimizer (fp32 master weights under bf16/fp16, ZeRO partitioning) and steps it.
 
+LoRA+ (`loraplus_lr_ratio`, Hayou et al. 2024) splits the groups as LLaMA-Factory 0.9.5's
+`_create_loraplus_optimizer` does (train/trainer_utils.py): B gets learning_rate x loraplus_lr_ratio, A and every
+other matrix learning_rate, and the 1-D parameters go with B (its lr, not decayed; LLaMA-Factory: "lora_B in name
+or ndim == 1"). Its fourth group, LoRA on embedding layers (`lora_embedding_B`, at loraplus_lr_embedding), has no
+parameters here: lora_target selects Linear layers only, and an additional_target embedding trains in full at
+learning_rate, as a modules_to_save embedding does there. Each group carries its own `lr`; the schedule's LambdaLR
+multiplies every group's initial lr by the same factor, so the ratio holds at every step.
+
 Why fused: torch's default AdamW on a CPU is its per-tensor loop (foreach and fused are defaults on CUDA
 only), about ten small ops per trainable tensor per step: 320 for a 4-block LoRA model. Each op is
 microseconds of work but opens a parallel region, and on a loaded machine each of those waits for a
@@ -19,15 +27,38 @@ from typing import Any, Iterable
 from pipeline.recipe.args import TrainArgs
 
 FUSED_DEVICES = ("cpu", "cuda")
+LORA_B = ("lora", "B")  # the last two parts of a LoRALayer B's name (pipeline.model.lora): LoRA+'s faster matrix
 
 
-def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups over the trainable parameters: decayed matrices, undecayed vectors."""
-    decay, no_decay = [], []
-    for _, param in named_params:
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _ndim(param: Any) -> int:
+    """A parameter's dimensions, also when ZeRO-3 has partitioned it (DeepSpeed keeps the shape in ds_shape)."""
+    return len(getattr(param, "ds_shape", param.shape))
+
+
+def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float, learning_rate: float | None = None,
+                 loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups over the trainable parameters, empty ones left out, in a fixed order (a resume re-derives
+    each group's lr and decay from it: pipeline.train.checkpoint.apply_changes).
+
+    Plain: decayed matrices, undecayed vectors. LoRA+: A and other matrices (lr, decayed), B (lr x ratio,
+    decayed), vectors (lr x ratio, not decayed). `lr` is set per group when learning_rate is given."""
+    lr = learning_rate if learning_rate is not None else 0.0
+    fast = lr * loraplus_lr_ratio if loraplus_lr_ratio is not None else lr
+    groups: list[dict[str, Any]] = [{"params": [], "weight_decay": weight_decay, "lr": lr},
+                                    {"params": [], "weight_decay": weight_decay, "lr": fast},
+                                    {"params": [], "weight_decay": 0.0, "lr": fast}]
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        if _ndim(param) < 2:
+            groups[2]["params"].append(param)
+        elif loraplus_lr_ratio is not None and tuple(name.split(".")[-2:]) == LORA_B:
+            groups[1]["params"].append(param)
+        else:
+            groups[0]["params"].append(param)
+    if learning_rate is None:
+        for group in groups:
+            del group["lr"]
     return [g for g in groups if g["params"]]
 
 
@@ -38,11 +69,22 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
             and len({p.device.type for p in params}) == 1)
 
 
+def train_groups(named_params: Iterable[tuple[str, Any]], train: TrainArgs) -> list[dict[str, Any]]:
+    """The recipe's groups (param_groups with its weight decay, learning rate and LoRA+ ratio)."""
+    return param_groups(named_params, train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
+
+
+def describe(groups: list[dict[str, Any]]) -> str:
+    """One line for the start of a run: each group's tensors, learning rate and weight decay."""
+    return " | ".join(f"{len(g['params'])} tensors at lr {g['lr']:.3g}, weight decay {g['weight_decay']:g}"
+                      for g in groups)
+
+
 def make_optimizer(model: Any, train: TrainArgs) -> Any:
     """AdamW over the trainable parameters, weight decay on matrices only (param_groups), fused where torch has it."""
     import torch
 
-    groups = param_groups(model.named_parameters(), train.weight_decay)
+    groups = train_groups(model.named_parameters(), train)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),

@@ -208,7 +208,8 @@ def preflight(r: Mapping[str, Any]) -> None:
 
 def enable_features(model: Any, r: Mapping[str, Any]) -> None:
     """Gradient checkpointing per the recipe (with the allocator policy that goes with it, pipeline.runtime.hostmem);
-    neat_packing only where the model can honour it.
+    NEFTune's noisy embeddings (the model being trained only: a dpo reference is another model, or this one in eval
+    mode); neat_packing only where the model can honour it.
 
     neat_packing needs a forward that takes segment_ids (block-diagonal attention with restarting
     positions); silently training with cross-example attention instead would change the results.
@@ -228,6 +229,8 @@ def enable_features(model: Any, r: Mapping[str, Any]) -> None:
                             "disable_gradient_checkpointing: true")
         setter(True)
         hostmem.tune_malloc()  # memory first: freed activations go back to the system (pipeline.runtime.hostmem)
+    if r["neftune_noise_alpha"]:
+        model.set_neftune(float(r["neftune_noise_alpha"]))
 
 
 def precision_notice(r: Any) -> None:
@@ -402,6 +405,15 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]
+    if r["loraplus_lr_ratio"] is not None:
+        from pipeline.recipe.args import train_args
+        from pipeline.train.optim import describe, train_groups
+
+        lines.append(f"optimizer: LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g}): "
+                     f"{describe(train_groups(model.named_parameters(), train_args(r)))}")
+    if r["neftune_noise_alpha"]:
+        lines.append(f"neftune: uniform noise of alpha {r['neftune_noise_alpha']:g} / sqrt(length x width) on the "
+                     "token embeddings in training steps")
     if resume is not None:
         lines.append(f"resuming from {resume} at step {state.global_step} (epoch {state.epoch}, "
                      f"batch {state.batch_in_epoch})")

@@ -42,6 +42,8 @@ LLAMAFACTORY_0_9_5 = {  # llamafactory/hparams/<file>:<line> of the 0.9.5 wheel
     "lora_dropout": 0.0,  # finetuning_args.py:73
     "lora_rank": 8,  # finetuning_args.py:77
     "lora_target": "all",  # finetuning_args.py:81
+    "loraplus_lr_embedding": 1e-6,  # finetuning_args.py:95
+    "loraplus_lr_ratio": None,  # finetuning_args.py:91
     "mask_history": False,  # data_args.py:54
     "max_new_tokens": 1024,  # generating_args.py:53
     "max_samples": None,  # data_args.py:88

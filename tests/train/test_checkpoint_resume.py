@@ -52,10 +52,10 @@ RESUME = dict(max_steps=6, warmup_steps=1, gradient_accumulation_steps=2, dropou
     # no ZeRO, fp32: DeepSpeed keeps the torch AdamW state in its model-states file
     (BASE_PT, dict(finetuning_type="full"), "model/model.safetensors"),
     # answers of 1-12 words, one log line per 4 steps: the stop after step 3 falls inside a log window, whose sums
-    # (each update's mean over its trained tokens) the checkpoint keeps
-    (BASE_SFT, dict(finetuning_type="lora", dataset="varied_sft", per_device_train_batch_size=2, logging_steps=4),
-     "adapter/adapter_model.safetensors"),
-], ids=["lora-zero3-bf16", "full-fp32", "sft-varied-log-window"])
+    # (each update's mean over its trained tokens) the checkpoint keeps; NEFTune's noise comes from the saved RNG
+    (BASE_SFT, dict(finetuning_type="lora", dataset="varied_sft", per_device_train_batch_size=2, logging_steps=4,
+                    neftune_noise_alpha=5.0), "adapter/adapter_model.safetensors"),
+], ids=["lora-zero3-bf16", "full-fp32", "sft-varied-log-window-neftune"])
 def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(make_recipe, base, keys, final):
     straight = train(make_recipe(base, name="straight", **RESUME, **keys))
 

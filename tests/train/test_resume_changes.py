@@ -58,6 +58,21 @@ def test_a_new_weight_decay_is_applied_to_the_decayed_group_only(make_recipe, fi
     assert all(g["weight_decay"] == 0.0 for g in groups[1:])
 
 
+def test_a_new_learning_rate_keeps_the_loraplus_ratio_of_every_group(make_recipe):
+    """apply_changes set every group's base lr to learning_rate: LoRA+'s B group fell back to the A group's."""
+    first = dict(FIRST, loraplus_lr_ratio=8.0, weight_decay=0.1)
+    assert train(make_recipe(name="plus", **first)).exit_code == 0
+    result = train(make_recipe(name="plus", **{**first, "max_steps": 4, "learning_rate": 2e-4,
+                                               "resume_from_checkpoint": "latest"}))
+    groups = result.engine.lr_scheduler.optimizer.param_groups
+    # A (decayed), B (decayed, 8x), biases and norm gains (8x, not decayed; tiny's LoRA run trains none)
+    assert [g["initial_lr"] for g in groups] == pytest.approx([2e-4, 1.6e-3])
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1]
+    lrs = {rec["step"]: rec["lr"] for rec in read_log(result.output_dir / "trainer_log.jsonl")}
+    assert lrs[4] == pytest.approx(2e-4 * cosine(3, 4, 1), rel=1e-6)
+    assert groups[1]["lr"] == pytest.approx(8 * groups[0]["lr"])
+
+
 def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, first_run, capsys):
     result = resume(make_recipe, max_steps=3, adam_beta2=0.95)
     err = capsys.readouterr().err
@@ -70,7 +85,8 @@ def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, firs
     (dict(dataset="tiny_pt", stage="pt"), "stage is \"pt\" but"),
     (dict(template="empty"), "template is \"empty\" but"),
     (dict(lora_alpha=64), "lora_alpha is 64 but"),
-], ids=["model", "data", "template", "shape"])
+    (dict(loraplus_lr_ratio=16.0), "loraplus_lr_ratio is 16.0 but"),  # other optimizer groups than the saved ones
+], ids=["model", "data", "template", "shape", "loraplus"])
 def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
     with pytest.raises(UserError) as err:
         resume(make_recipe, **changes)

@@ -1,0 +1,139 @@
+"""LoRA+ (loraplus_lr_ratio): LLaMA-Factory 0.9.5's parameter groups, one AdamW step, the schedule's ratios.
+
+Goldens: the groups LLaMA-Factory's `_create_loraplus_optimizer` (src/llamafactory/train/trainer_utils.py, copied
+below as LF_RULE with transformers' own get_parameter_names) forms over PEFT's model of the same base and adapter;
+a hand-written name -> (lr, weight decay) table; and a torch AdamW built by hand with those groups.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from pipeline.model.build import FinetuneArgs, apply_finetuning_type
+from pipeline.model.weights import load_model
+from pipeline.recipe.args import train_args
+from pipeline.train.optim import make_optimizer
+from pipeline.train.schedule import make_scheduler
+
+LR, RATIO, DECAY = 2e-3, 16.0, 0.1
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """(directory, model): a tiny GPT-2 written by transformers' save_pretrained."""
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    return path, write_hf_checkpoint(path, "gpt2", vocab_size=512)
+
+
+def lf_rule(model, lr: float, ratio: float, weight_decay: float) -> dict[str, tuple[float, float]]:
+    """LLaMA-Factory 0.9.5's LoRA+ groups, its loop verbatim: parameter name -> (lr, weight decay)."""
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay_names = [n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n]
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            if "lora_embedding_B" in name:
+                out[name] = (1e-6, weight_decay)
+            elif "lora_B" in name or param.ndim == 1:
+                out[name] = (lr * ratio, weight_decay if name in decay_names else 0.0)
+            else:
+                out[name] = (lr, weight_decay)
+    return out
+
+
+def ours(path, **keys):
+    """Our model as `train` builds it: the checkpoint, LoRA on every Linear, the final norm trained in full."""
+    ft = FinetuneArgs(finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all",
+                      use_rslora=False, additional_target=["ln_f"], freeze_trainable_layers=1,
+                      adapter_name_or_path=None, seed=3)
+    model = apply_finetuning_type(load_model(path), ft)
+    args = train_args({"learning_rate": LR, "weight_decay": DECAY, "loraplus_lr_ratio": RATIO,
+                       "lr_scheduler_type": "linear", "total_steps": 10, "num_warmup_steps": 2, **keys})
+    return model, args
+
+
+def table(optimizer) -> dict[int, tuple[float, float]]:
+    return {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_groups_are_llamafactorys_over_the_same_peft_model(hf_dir):
+    peft = pytest.importorskip("peft")
+    path, hf = hf_dir
+    model, args = ours(path)
+    optimizer = make_optimizer(model, args)
+    got = table(optimizer)
+    named = dict(model.named_parameters())
+    # by hand, LLaMA-Factory's rule: B fast and decayed, A slow and decayed, the LayerNorm's gain and bias fast
+    # and not decayed
+    expected = {"lora.B": (LR * RATIO, DECAY), "lora.A": (LR, DECAY), "norm.weight": (LR * RATIO, 0.0),
+                "norm.bias": (LR * RATIO, 0.0)}
+    for name, p in named.items():
+        if p.requires_grad:
+            suffix = next(s for s in expected if name.endswith(s))
+            assert got[id(p)] == pytest.approx(expected[suffix]), name
+    assert sum(p.requires_grad for p in named.values()) == len(got) == 2 * 4 * 2 + 2  # 4 Linears x 2 blocks
+
+    # LLaMA-Factory's own loop over PEFT's model of the same adapter: the same (lr, decay, size) multiset
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["ln_f"],
+                             fan_in_fan_out=True)
+    theirs_model = peft.get_peft_model(hf, config)
+    theirs = lf_rule(theirs_model, LR, RATIO, DECAY)
+    sizes = dict(theirs_model.named_parameters())
+    want = Counter((round(lr, 12), wd, sizes[n].numel()) for n, (lr, wd) in theirs.items())
+    have = Counter((round(g[0], 12), g[1], named_p.numel()) for named_p in named.values() if named_p.requires_grad
+                   for g in [got[id(named_p)]])
+    assert have == want
+
+
+def test_one_step_equals_a_hand_built_adamw_with_those_groups(hf_dir):
+    path, _ = hf_dir
+    model, args = ours(path)
+    twin, _ = ours(path)
+    x = torch.randint(0, 512, (2, 12))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for m in (model, twin):  # eval mode: no dropout, the same gradients in both
+        m.eval()
+        m(x, labels=x).backward()
+    named = {n: p for n, p in twin.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in named.items() if n.endswith("lora.A")], "lr": LR, "weight_decay": DECAY},
+              {"params": [p for n, p in named.items() if n.endswith("lora.B")], "lr": LR * RATIO,
+               "weight_decay": DECAY},
+              {"params": [p for n, p in named.items() if p.dim() == 1], "lr": LR * RATIO, "weight_decay": 0.0}]
+    reference = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    make_optimizer(model, args).step()
+    reference.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-6), name
+    step = {n: (p - before[n]).abs().max().item() for n, p in model.named_parameters() if p.requires_grad}
+    # Adam's first step moves each weight with a gradient by about its group's lr
+    assert max(v for n, v in step.items() if n.endswith("lora.B")) == pytest.approx(LR * RATIO, rel=0.05)
+    for name, p in model.named_parameters():  # A's gradient is 0 while B is 0: only the decay moves it
+        if name.endswith("lora.A"):
+            assert torch.allclose(p, before[name] * (1 - LR * DECAY), atol=1e-8, rtol=1e-6), name
+
+
+def test_the_schedule_keeps_every_groups_ratio(hf_dir):
+    path, _ = hf_dir
+    model, args = ours(path)
+    optimizer = make_optimizer(model, args)
+    scheduler = make_scheduler(optimizer, args)
+    for step in range(6):
+        slow, fast, vectors = (g["lr"] for g in optimizer.param_groups)
+        # linear warmup over 2 steps, then linear decay to 0 at step 10: the factor by hand
+        factor = step / 2 if step < 2 else 1 - (step - 2) / 8
+        assert slow == pytest.approx(LR * factor) and fast == vectors == pytest.approx(LR * RATIO * factor)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_without_loraplus_the_groups_are_as_before(hf_dir):
+    path, _ = hf_dir
+    model, args = ours(path, loraplus_lr_ratio=None)
+    groups = make_optimizer(model, args).param_groups
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [(LR, DECAY, 16), (LR, 0.0, 2)]
