@@ -105,7 +105,7 @@ def test_a_continued_adapters_reference_has_the_base_additional_target_modules(t
     from pipeline.train.preference import AdapterReference
 
     base = ModelArgs("tiny", seed=3, dropout=0.0, context_length=None, qkv_bias=None, tie_word_embeddings=None)
-    ft = FinetuneArgs("lora", 4, None, 0.0, "all", False, ["ln_f"], 2, None, 0)
+    ft = FinetuneArgs("lora", 4, None, 0.0, "all", False, False, ["ln_f"], 2, None, 0)
     sft = build_model(base, ft)
     with torch.no_grad():  # a trained adapter and final norm
         for wrapper in L.lora_modules(sft).values():

@@ -50,7 +50,7 @@ def lf_rule(model, lr: float, ratio: float, weight_decay: float) -> dict[str, tu
 def ours(path, **keys):
     """Our model as `train` builds it: the checkpoint, LoRA on every Linear, the final norm trained in full."""
     ft = FinetuneArgs(finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all",
-                      use_rslora=False, additional_target=["ln_f"], freeze_trainable_layers=1,
+                      use_rslora=False, use_dora=False, additional_target=["ln_f"], freeze_trainable_layers=1,
                       adapter_name_or_path=None, seed=3)
     model = apply_finetuning_type(load_model(path), ft)
     args = train_args({"learning_rate": LR, "weight_decay": DECAY, "loraplus_lr_ratio": RATIO,
