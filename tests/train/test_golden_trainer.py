@@ -107,6 +107,11 @@ def test_lora_sft_with_accumulation_matches_transformers_trainer(make_recipe, wo
     ours = load_file(result.output_dir / "adapter" / "adapter_model.safetensors")
     assert set(ours) == set(golden)
     start = initial_adapter(r)
+    # Adam moves an element by about lr x m / sqrt(v): where an element's gradient is small, the last bits of its
+    # sum (threads, summation order: transformers' and ours differ) move that ratio, so an element may differ by a
+    # small share of one step's lr (1.6e-5 at lr 5e-2 was seen on a loaded 2-core machine); the losses above are
+    # the tight check (rel 1e-5), and a wrong divisor moves whole tensors by far more.
+    atol = 1e-3 * r["learning_rate"]
     for key, tensor in golden.items():
         assert not torch.equal(tensor, start[key]), key  # every tensor moved (A from step 2 on): not vacuous
-        torch.testing.assert_close(ours[key], tensor, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(ours[key], tensor, rtol=1e-4, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
