@@ -31,7 +31,7 @@ import numpy as np
 
 from bench import common, workload
 from bench.contenders import LORA_ALPHA, LORA_RANK, LR, Ours
-from bench.sft import padding_share, pick_batches
+from bench.sft import pick_batches
 from pipeline.recipe.args import data_args
 
 CONTENDERS = ("ours", "trl")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench import common
-from bench.workload import FAMILY_LAYERS
+from bench.workload import FAMILY_LAYERS, Shape
 
 BENCHMARKS = ("sft", "dense", "generation", "data", "startup",
               *(f"{kind}-{preset}" for kind in ("sft", "generation") for preset in FAMILY_LAYERS),
@@ -31,10 +31,8 @@ BUDGET_S = {"sft": 330, "dense": 220, "generation": 240, "data": 100, "startup":
 N_LAYERS = {False: 4, True: 2}  # gpt2-small widths; depth cut to fit the budget on 2 cores
 
 
-def family_shape(name: str, quick: bool) -> "Shape":
+def family_shape(name: str, quick: bool) -> Shape:
     """'sft-qwen3-0.6b' -> the qwen3-0.6b shape with its benchmark depth."""
-    from bench.workload import Shape
-
     preset = name.split("-", 1)[1]
     return Shape(preset, FAMILY_LAYERS[preset][quick])
 

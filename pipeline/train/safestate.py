@@ -15,7 +15,6 @@ import enum
 import importlib
 import json
 import math
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any

@@ -63,7 +63,7 @@ def test_a_broken_unused_entry_is_one_note_and_a_used_one_is_strict(lf_workdir):
     registry.write_text(text, "utf-8")
     done = pipeline("build", recipe(lf_workdir, dataset="alpaca_en_demo"), cwd=lf_workdir)
     notes = [line for line in (done.stdout + done.stderr).splitlines() if "note:" in line]
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if '"dpo_en_demo"' in l)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if '"dpo_en_demo"' in row)
     assert len(notes) == 1 and f"dpo_en_demo (line {line})" in notes[0]
     failed = pipeline("build", recipe(lf_workdir, dataset="dpo_en_demo"), cwd=lf_workdir, expect=2)
     assert f"dataset_info.json:{line + 1}: \"dpo_en_demo\": 'file_nme': unknown field (did you mean 'file_name'?)" \
@@ -87,7 +87,7 @@ def test_used_entries_refused_with_their_reason(lf_workdir):
     failed = pipeline("build", recipe(lf_workdir, dataset=",".join(expected)), cwd=lf_workdir, expect=2)
     text = (lf_workdir / "data" / "dataset_info.json").read_text("utf-8").splitlines()
     for name, reason in expected.items():
-        line = next(i for i, l in enumerate(text, 1) if f'"{name}"' in l)
+        line = next(i for i, row in enumerate(text, 1) if f'"{name}"' in row)
         (hit,) = [m for m in failed.stderr.splitlines() if f'"{name}"' in m and reason in m]
         assert hit.startswith("error: data/dataset_info.json:")
         assert int(hit.split(".json:")[1].split(":")[0]) in range(line, line + 8)  # the entry's own line(s)
