@@ -20,7 +20,8 @@ Any failure is a UserError naming the layer. output_dir/merged/ (config.json, mo
 shards + index, generation_config.json, tokenizer files: GPT-2's rebuilt, other families' copied from the
 base checkpoint, verification.json) appears complete or
 not at all. Its tokenizer_config.json carries the recipe's template as `chat_template`
-(pipeline.data.chat_template), so transformers and vLLM prompt the model as it was trained. For full/freeze
+(pipeline.data.chat_template), so transformers and vLLM prompt the model as it was trained, and the template's
+end of answer as `eos_token` (export_eos_token), so tools that stop there stop after the answer. For full/freeze
 runs merge is a re-export of output_dir/model with the same checks.
 """
 from __future__ import annotations
@@ -133,12 +134,14 @@ def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_pa
 @dataclass
 class ExportFiles:
     """What an export writes beside the weights: the tokenizer's files, generation_config.json, config.json's own
-    token ids (base_config_ids) and tokenizer_config.json's chat template (None keeps the base's)."""
+    token ids (base_config_ids), tokenizer_config.json's chat template (None keeps the base's) and its eos_token
+    (export_eos_token; None keeps the base's)."""
 
     tokenizer: Tokenizer
     generation: Mapping[str, Any]
     config_ids: Mapping[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
+    eos_token: str | None = None
 
 
 def export_files(r: Mapping[str, Any]) -> ExportFiles:
@@ -147,7 +150,8 @@ def export_files(r: Mapping[str, Any]) -> ExportFiles:
     tokenizer = recipe_tokenizer(data)
     return ExportFiles(tokenizer, export_generation(r, tokenizer, data),
                        base_config_ids(recipe_args(r).model.model_name_or_path),
-                       recipe_chat_template(data, tokenizer, key_at(r, "template")))
+                       recipe_chat_template(data, tokenizer, key_at(r, "template")),
+                       export_eos_token(data, tokenizer))
 
 
 @dataclass
@@ -455,7 +459,7 @@ def export(check: Verified, target: Path, ex: ExportArgs, files: ExportFiles) ->
             raise UserError(f"{target}: the written model's logits differ from the verified model by {err:.3g}"
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
-        write_tokenizer_files(tmp, files.tokenizer, context_length, files.chat_template)
+        write_tokenizer_files(tmp, files.tokenizer, context_length, files.chat_template, files.eos_token)
         write_json(tmp / "generation_config.json", files.generation)
         write_json(tmp / VERIFICATION, {**check.report, "export_dtype": dtype})
     return target
@@ -488,6 +492,27 @@ def export_stop_ids(data: DataArgs, tokenizer: Tokenizer) -> tuple[int, ...]:
     if data.stage == "pt":
         return tuple(tokenizer.stop_ids)
     return data.chat_template().stop_ids(tokenizer)
+
+
+def export_eos_token(data: DataArgs, tokenizer: Tokenizer) -> str:
+    """The export tokenizer's eos_token: the token the fine-tune ends each answer with (Template.ids' EOS: for a
+    `replace_eos` template, llama3, qwen, qwen3, qwen3_nothink, chatml, its first stop word, else the tokenizer's
+    EOS); pt, trained in no chat format, ends documents with the tokenizer's EOS.
+
+    Why: a Llama 3 base says <|end_of_text|> and a Qwen2.5 / Qwen3-Base <|endoftext|>, while a model tuned on llama3
+    or qwen ends its answer with <|eot_id|> / <|im_end|>. generation_config.json lists both (export_stop_ids), but
+    tools that stop at tokenizer.eos_token (TGI, transformers pipelines, LLaMA-Factory's chat on the export) would
+    run past the answer. LLaMA-Factory's Template.fix_special_tokens makes the same change (replace_eos: eos_token
+    becomes stop_words[0]) before its export saves the tokenizer. It also registers the other stop words as
+    additional special tokens, adding them to a vocabulary that lacks them; here a template whose words the
+    vocabulary lacks is refused, and in the Llama 3 and Qwen vocabularies they are special tokens already."""
+    from pipeline.data.templates import EOS
+
+    if data.stage == "pt":
+        return tokenizer.eos_text
+    eos = data.chat_template().ids(tokenizer)[EOS]
+    assert eos is not None  # Template.ids: the first stop word the vocabulary has, or the tokenizer's EOS
+    return tokenizer.decode([eos])
 
 
 def base_config_ids(model_name_or_path: str) -> dict[str, Any]:
@@ -570,10 +595,11 @@ def hf_tokenizer_files() -> tuple[str, str]:
 
 
 def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length: int,
-                          chat_template: str | None = None) -> None:
+                          chat_template: str | None = None, eos_token: str | None = None) -> None:
     """The base model's tokenizer files (copied), or GPT-2's rebuilt from the ranks, so that
     AutoTokenizer.from_pretrained(merged) works offline; with `chat_template`, tokenizer_config.json's
-    chat_template is that one (set_chat_template)."""
+    chat_template is that one (set_chat_template); with `eos_token`, the tokenizer's EOS is that one
+    (set_eos_token)."""
     from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES
 
     if tokenizer.files:
@@ -586,13 +612,17 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
         if chat_template is not None and set_chat_template(directory, chat_template, tokenizer.files):
             note("merge: the export's tokenizer_config.json holds the recipe's template as chat_template (the format "
                  "the model was trained on), in place of the base model's own chat template")
+        if eos_token is not None and eos_token != tokenizer.eos_text:  # else the files stay as the base has them
+            set_eos_token(directory, eos_token)
+            note(f"merge: the export's tokenizer says eos_token {eos_token}, the end of an answer in the recipe's "
+                 f"template, in place of the base model's {tokenizer.eos_text}")
         return
     from pipeline.data.tokenizer import GPT2_EOS as EOS_TEXT
 
     vocab, merges = hf_tokenizer_files()
     write_text(directory / "vocab.json", vocab)
     write_text(directory / "merges.txt", merges)
-    special = {"bos_token": EOS_TEXT, "eos_token": EOS_TEXT, "unk_token": EOS_TEXT, "pad_token": EOS_TEXT}
+    special = {"bos_token": EOS_TEXT, "eos_token": eos_token or EOS_TEXT, "unk_token": EOS_TEXT, "pad_token": EOS_TEXT}
     write_json(directory / "special_tokens_map.json", special)
     write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
@@ -619,3 +649,20 @@ def set_chat_template(directory: Path, chat_template: str, base_files: Sequence[
                     else optional_json(file).get("chat_template"))
     write_json(path, {**config, "chat_template": chat_template})
     return bool(base) and base != chat_template
+
+
+def set_eos_token(directory: Path, eos_token: str) -> None:
+    """directory's tokenizer_config.json and special_tokens_map.json (as copied from the base; every other key
+    kept) with `eos_token`.
+
+    Both files: transformers reads special_tokens_map.json's eos_token over tokenizer_config.json's, and a base may
+    spell it there as an AddedToken object ({"content": ..., "lstrip": ...}), whose other fields are kept."""
+    from pipeline.data.tokenizer_files import optional_json
+
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / name
+        if name == "tokenizer_config.json" or path.is_file():
+            config = optional_json(path)
+            given = config.get("eos_token")
+            token = {**given, "content": eos_token} if isinstance(given, dict) else eos_token
+            write_json(path, {**config, "eos_token": token})

@@ -266,19 +266,12 @@ def test_an_export_of_a_base_stops_after_the_answer_as_generate_does(tmp_path):
     template, whose answers end with <|im_end|>: transformers' generate on the export (chat template, greedy,
     generation_config.json as written) stops at the <|im_end|> the model emits, as `pipeline generate --model
     merged` does, instead of running on to max_new_tokens."""
-    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+    from tests.acceptance.harness import always_answer, pipeline, write_hf_checkpoint
 
     base = tmp_path / "base"
     # the small Qwen3 vocabulary: 379 <|endoftext|>, 380 <|im_start|>, 381 <|im_end|>
     model = write_hf_checkpoint(base, "qwen3", small_vocab=True, eos_token_id=379)
-    with torch.no_grad():  # every position's hidden state is one vector that only <|im_end|>'s head row scores
-        model.model.embed_tokens.weight.fill_(1.0)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[381] = 1.0
-    model.save_pretrained(base, safe_serialization=True)
+    always_answer(model, 381).save_pretrained(base, safe_serialization=True)
     for name, key, value in (("generation_config.json", "eos_token_id", 379),
                              ("tokenizer_config.json", "eos_token", "<|endoftext|>")):
         config = json.loads((base / name).read_text())
@@ -327,6 +320,7 @@ def test_merge_cli_writes_the_recipes_chat_template(tmp_path):
         encode_prompt("alpaca", "Name a color.", system="Be exact.", tokenizer=gpt2())
     config = json.loads((merged / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "GPT2Tokenizer" and config["eos_token"] == "<|endoftext|>"
+    assert tok.eos_token == "<|endoftext|>"  # alpaca ends answers with the tokenizer's own EOS: unchanged
     # transformers' greedy generate on merged/ (its chat template, its generation_config.json as written: EOS 50256,
     # max_new_tokens) answers what `python -m pipeline generate --model merged` prints, token for token
     model = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()

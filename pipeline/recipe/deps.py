@@ -83,7 +83,8 @@ def tokenizer_source(r: Mapping[str, Any]) -> str | None:
 
     tokenizer_name_or_path when set, else model_name_or_path. A model that another recipe next to this one has
     still to produce (its output_dir/merged or model/: a chained recipe checked before the upstream ran) has
-    the upstream's tokenizer, since merge and the full-run export copy their base's tokenizer files: the
+    the upstream's tokenizer, since merge and the full-run export copy their base's tokenizer files (merge's
+    with the template's end of answer as EOS: token statistics may differ by that token): the
     chain is followed to its root. Without this, a chained Llama recipe would be tokenized by whatever the
     missing directory defaulted to.
     """

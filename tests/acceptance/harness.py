@@ -93,10 +93,11 @@ def hf_model(family: str = "gpt2", *, seed: int = 0, noise: float = 0.1, **overr
 
 
 def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, small_vocab: bool = False,
-                        **overrides: Any) -> Any:
+                        instruct: bool = True, **overrides: Any) -> Any:
     """save_pretrained(directory) of a tiny random `family` model (safetensors) with the family's tokenizer files
-    (Llama 3 / Qwen: their real vocabularies, or with small_vocab a 384-token byte-level BPE holding the family's
-    template markup; GPT-2's comes from the pipeline's own ranks); returns the model."""
+    (Llama 3 / Qwen: their real vocabularies, with the Instruct checkpoint's configs or with instruct=False the
+    base's, or with small_vocab a 384-token byte-level BPE holding the family's template markup; GPT-2's comes
+    from the pipeline's own ranks); returns the model."""
     name, generation = FAMILIES[family].tokenizer, {}
     if small_vocab and name:
         from tests.helpers.hf_vocab import write_small_tokenizer_dir
@@ -113,7 +114,26 @@ def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: in
     elif name:
         from tests.helpers.hf_vocab import write_tokenizer_dir
 
-        write_tokenizer_dir(directory, name)
+        write_tokenizer_dir(directory, name, instruct=instruct)
+    return model
+
+
+def always_answer(model: Any, token: int) -> Any:
+    """`model` (a transformers Llama / Qwen with an untied head, in place) made to score `token` highest at every
+    position, whatever the input: every token embeds as the same vector, attention and MLP add only 1/1000 of
+    their output to it, and only `token`'s head row is non-zero. Training still reaches every weight, and one step
+    does not move the answer. For tests of where generation stops."""
+    import torch
+
+    if model.config.tie_word_embeddings:
+        raise ValueError("always_answer needs an untied head (tie_word_embeddings=False)")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(1.0)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1e-3)
+            layer.mlp.down_proj.weight.mul_(1e-3)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token] = 1.0
     return model
 
 
