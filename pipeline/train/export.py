@@ -166,6 +166,7 @@ class Exporter:
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
             copy_tokenizer_files(self.tokenizer_from, target)
+            copy_generation_config(self.base, target)
         return target
 
 
@@ -195,3 +196,15 @@ def copy_tokenizer_files(model_name_or_path: Any, target: Path) -> None:
         relative = path.name if path.parent.name != "original" else f"original/{path.name}"
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / relative)
+
+
+def copy_generation_config(model_name_or_path: str, target: Path) -> None:
+    """The base checkpoint's generation_config.json beside model/ (a preset has none), as merge finds it beside the
+    base: exported LLaMA-Factory's way (`python -m pipeline export`, model_name_or_path: output_dir), model/ then
+    gets the base's decoding defaults (Qwen3's temperature 0.6, top_k 20, top_p 0.95) as merge's export of the run
+    does, and the tokenizer read from model/ stops where the base's does (its stop ids are read from this file)."""
+    from pipeline.model.config import config_path
+
+    path = config_path(model_name_or_path)  # None for a preset
+    if path is not None and (path.parent / "generation_config.json").is_file():
+        shutil.copyfile(path.parent / "generation_config.json", target / "generation_config.json")

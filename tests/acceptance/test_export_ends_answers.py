@@ -5,9 +5,13 @@ trained answer ends, and generation stops there, whether a tool reads generation
 tokenizer's EOS (TGI, transformers pipelines, LLaMA-Factory's chat). The rule, LLaMA-Factory's replace_eos, is
 tested per template in tests/vocab/test_export_eos_token.py; GPT-2's alpaca export keeps <|endoftext|>
 (tests/test_merge.py::test_merge_cli_writes_the_recipes_chat_template).
+
+A full run's model/ is also exported LLaMA-Factory's way (`python -m pipeline export` with model_name_or_path:
+output_dir): the export says what merge's does.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,9 @@ def test_the_export_of_a_llama3_base_tuned_on_llama3_ends_answers_at_eot(workdir
     assert transformers.AutoConfig.from_pretrained(merged).eos_token_id == END_OF_TEXT  # the base's own
     assert transformers.GenerationConfig.from_pretrained(merged).eos_token_id == [EOT, EOM, END_OF_TEXT]
     assert answers(merged) == ([EOT], [EOT])  # with the base's eos_token the second ran on to max_new_tokens
+    if kind == "full":  # model/ exported LLaMA-Factory's way says what merge's export of it says
+        (workdir / "export.yaml").write_text("model_name_or_path: saves/full\ntemplate: llama3\nexport_dir: exported\n"
+                                             "max_new_tokens: 4\n")
+        pipeline("export", "export.yaml", cwd=workdir)
+        for name in ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+            assert json.loads((workdir / "exported" / name).read_text()) == json.loads((merged / name).read_text())
