@@ -47,6 +47,7 @@ class DataArgs:
     per_device_train_batch_size: int
     per_device_eval_batch_size: int
     group_by_length: bool
+    disable_shuffling: bool
     dataloader_num_workers: int
     # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})

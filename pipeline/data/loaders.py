@@ -262,7 +262,10 @@ def pt_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1,
 
 
 def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
-    """sft_loader, pt_loader or pair_loader, by the recipe's stage."""
+    """sft_loader, pt_loader or pair_loader, by the recipe's stage. disable_shuffling: the train split in its built
+    order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked."""
+    if split == "train" and data.disable_shuffling:
+        kwargs["shuffle"] = False
     loader = {"pt": pt_loader, "dpo": pair_loader}.get(data.stage, sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
     return loader

@@ -106,7 +106,9 @@ class TrainArgs:
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float
+    logging_strategy: str
     logging_steps: int
+    save_strategy: str
     save_steps: int
     save_total_limit: int | None
     save_only_model: bool

@@ -59,10 +59,23 @@ def dpo_dropout_notices(r: Any) -> list[str]:
             for key in ("dropout", "lora_dropout") if r[key] and r.origin(key).kind in ("file", "cli")]
 
 
+def run_name_notice(r: Any) -> str | None:
+    """run_name names the wandb run (transformers uses it for its trackers); with no wandb in report_to it
+    names nothing, which a ported recipe (LLaMA-Factory's users set it out of habit) should hear once."""
+    from pipeline.runtime.log import wanted_reporters
+
+    origin = r.origin("run_name")
+    if r["run_name"] is None or origin.kind not in ("file", "cli") or "wandb" in wanted_reporters(r["report_to"]):
+        return None
+    return (f"notice: {origin.where}: run_name: accepted without effect: it names the run in wandb, and report_to "
+            f"({r['report_to']}) sends nothing there")
+
+
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides; dropout under stage dpo."""
-    out = [line for line in (template_notice(r), epochs_notice(r)) if line] + dpo_dropout_notices(r)
+    epochs that max_steps overrides; dropout under stage dpo; run_name without wandb."""
+    out = [line for line in (template_notice(r), epochs_notice(r), run_name_notice(r)) if line]
+    out += dpo_dropout_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

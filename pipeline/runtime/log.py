@@ -64,9 +64,10 @@ class Reporters:
     """
 
     def __init__(self, report_to: Any, config: Mapping[str, Any], output_dir: str | Path, *, enabled: bool,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, run_name: str | None = None):
         """report_to: the recipe's key (a name, a list, "all" or "none"); config: what wandb records as the
-        run's configuration (the resolved recipe as a plain dict); resume_step: the checkpoint's step of a
+        run's configuration (the resolved recipe as a plain dict); run_name: the wandb run's name (None:
+        output_dir's folder name, as transformers names it after output_dir); resume_step: the checkpoint's step of a
         resumed run, after which tensorboard hides the interrupted run's events (purge_step), as TrainLog cuts
         trainer_log.jsonl back: otherwise the curve showed both versions of the steps after it."""
         self.tb = self.wandb_run = None
@@ -84,7 +85,7 @@ class Reporters:
             import wandb
 
             self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", "pipeline"),
-                                        name=Path(str(output_dir)).name, dir=str(output_dir), config=config)
+                                        name=run_name or Path(str(output_dir)).name, dir=str(output_dir), config=config)
 
     def write(self, record: Mapping[str, Any]) -> None:
         step = record.get("step")

@@ -123,7 +123,7 @@ def run(r: Any, train: Any) -> int:
                                     checkpoint.where(r, "resume_from_checkpoint"))
     if resume is not None:
         r = r.replace(resume_from_checkpoint=str(resume))
-    r, scratch = redirect(r.replace(logging_steps=1))
+    r, scratch = redirect(r.replace(logging_steps=1, logging_strategy="steps"))
     try:
         one = OneStep()
         result = train(r, one_step=one)

@@ -294,7 +294,7 @@ class Trainer:
                 bar.update(1)
                 step, last = state.global_step, state.global_step == total
                 record: dict[str, Any] = {}
-                if step % args.logging_steps == 0 or last:
+                if periodic_due(args.logging_strategy, args.logging_steps, step, args.steps_per_epoch) or last:
                     record.update(self.train_metrics(window, norm, started, first_step))
                     window = self.window = Window()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
@@ -305,7 +305,7 @@ class Trainer:
                     self.log.write(record)
                     self.last_record.update(record)
                 stopping = self.stop.requested()
-                if step % args.save_steps == 0 or stopping:
+                if periodic_due(args.save_strategy, args.save_steps, step, args.steps_per_epoch) or stopping:
                     self.flush_tokens()
                     self.save()
                     self.last_saved_step = step
@@ -360,6 +360,16 @@ class Trainer:
         return record
 
 
+def periodic_due(strategy: str, every: int, step: int, steps_per_epoch: int | None) -> bool:
+    """transformers' IntervalStrategy for logging_strategy and save_strategy after optimizer step `step`: steps
+    (every `every`), epoch (each epoch's last step), no (never; the caller adds the end of training)."""
+    if strategy == "epoch":
+        return bool(steps_per_epoch) and step % steps_per_epoch == 0
+    if strategy == "no":
+        return False
+    return step % every == 0
+
+
 def eval_due(train: TrainArgs, step: int, last: bool) -> bool:
     """Whether to evaluate after optimizer step `step`: eval_strategy (LLaMA-Factory's), then do_eval at the end.
 
@@ -368,12 +378,8 @@ def eval_due(train: TrainArgs, step: int, last: bool) -> bool:
     do_eval is false.
     """
     strategy, every = train.eval_strategy, train.eval_steps
-    if strategy == "steps":
-        due = step % (every or train.logging_steps) == 0
-    elif strategy == "epoch":
-        due = bool(train.steps_per_epoch) and step % train.steps_per_epoch == 0
-    elif strategy == "no":
-        due = False
+    if strategy in ("steps", "epoch", "no"):
+        due = periodic_due(strategy, every or train.logging_steps, step, train.steps_per_epoch)
     else:
         due = bool(every) and step % every == 0
     return due or (last and train.do_eval is not False)

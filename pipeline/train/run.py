@@ -127,7 +127,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     resume_step = state.global_step if resume else None
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,
                    reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main(),
-                                       resume_step=resume_step))
+                                       resume_step=resume_step, run_name=r["run_name"]))
     with one_step or StopRequest() as stop:
         evaluate_now = None
         if val_loader is not None:

@@ -126,3 +126,57 @@ def test_flash_attn_is_accepted_with_a_notice_and_a_wrong_value_is_refused(tmp_p
     assert "unknown key" not in err
     err = pipeline("validate", "r.yaml", "flash_attn=fa4", cwd=tmp_path, expect=2).stderr
     assert "flash_attn: given 'fa4', expected one of auto, disabled, sdpa, fa2, fa3" in err and "Traceback" not in err
+
+
+# Keys LLaMA-Factory users' own recipes carry beyond its examples/ (transformers' TrainingArguments and
+# LLaMA-Factory's model/finetuning arguments): each was "unknown key". value given -> what the message says.
+NO_EFFECT = {"tf32": ("true", "TF32 matmuls are not switched on"),
+             "dataloader_pin_memory": ("false", "batches are moved to the device from ordinary memory"),
+             "use_fast_tokenizer": ("true", "the tokenizer is always the fast one"),
+             "include_num_input_tokens_seen": ("true", "trainer_log.jsonl always records tokens_seen"),
+             "run_name": ("demo", "it names the run in wandb, and report_to (none) sends nothing there")}
+REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_torch, adamw_hf: adamw_8bit "
+                                    "(bitsandbytes' 8-bit/paged AdamW) is not available")),
+           "torch_compile": ("true", "torch.compile is not used here"),
+           "new_special_tokens": ("'<tool>'", "adding tokens to the tokenizer is not implemented"),
+           "resize_vocab": ("true", "resizing the vocabulary and embeddings is not implemented"),
+           "rope_scaling": ("linear", "RoPE scaling (linear, dynamic, yarn, llama3) set from the recipe is not"),
+           "freeze_trainable_modules": ("mlp", "use finetuning_type: lora with lora_target naming them"),
+           "freeze_extra_modules": ("embed_tokens", "finetuning_type: lora with additional_target trains such"),
+           "compute_accuracy": ("true", "token accuracy at evaluation is not computed here"),
+           "label_smoothing_factor": ("0.1", "label smoothing is not implemented"),
+           "lr_scheduler_kwargs": ("{min_lr_rate: 0.1}", "set lr_scheduler_type: cosine and min_lr_ratio to that rate"),
+           "split": ("test", "split: given 'test', expected one of train")}
+# LLaMA-Factory's (transformers') defaults, and the values that name what runs here: quiet
+NEUTRAL = {"optim": "adamw_torch", "torch_compile": "false", "resize_vocab": "false", "split": "train",
+           "freeze_trainable_modules": "all", "compute_accuracy": "false", "label_smoothing_factor": "0.0",
+           "lr_scheduler_kwargs": "null", "rope_scaling": "null", "new_special_tokens": "null",
+           "save_strategy": "steps", "logging_strategy": "epoch", "disable_shuffling": "true"}
+
+
+def test_users_training_argument_keys_are_noticed_refused_or_quiet(tmp_path):
+    """A recipe with LLaMA-Factory's neutral values of these keys validates without a word about them; a key without
+    effect here gets one notice line with the reason (at the line that sets it); a value whose feature is absent is
+    refused, with the reason and what to do instead, all in one run, without a traceback."""
+    from tests.acceptance.harness import pipeline
+
+    head = "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n"
+    body = "".join(f"{key}: {value}\n" for key, value in NEUTRAL.items())
+    body += "".join(f"{key}: {value}\n" for key, (value, _) in NO_EFFECT.items())
+    (tmp_path / "r.yaml").write_text(head + body, encoding="utf-8")
+    lines = pipeline("validate", "r.yaml", cwd=tmp_path, expect=None).stderr.splitlines()
+    for key in {*NEUTRAL, *NO_EFFECT}:
+        assert not any(f" {key}:" in line for line in lines if line.startswith("error")), (key, lines)
+        notices = [line for line in lines if line.startswith("notice:") and f": {key}: accepted without effect" in line]
+        assert len(notices) == (key in NO_EFFECT), (key, lines)
+        if key in NO_EFFECT:
+            assert NO_EFFECT[key][1] in notices[0] and notices[0].startswith("notice: r.yaml:"), notices
+    assert not any("unknown key" in line for line in lines), lines
+
+    (tmp_path / "r.yaml").write_text(head + "".join(f"{k}: {v}\n" for k, (v, _) in REFUSED.items()), "utf-8")
+    failed = pipeline("validate", "r.yaml", cwd=tmp_path, expect=2)
+    lines = failed.stderr.splitlines()
+    for key, (_, reason) in REFUSED.items():
+        assert any(line.startswith("error: r.yaml:") and f" {key}: given" in line and reason in line
+                   for line in lines), (key, lines)
+    assert "Traceback" not in failed.stderr and "unknown key" not in failed.stderr

@@ -268,12 +268,13 @@ def test_report_to_wandb_offline(tmp_path):
     stub.mkdir()
     (stub / "wandb.py").write_text(WANDB_STUB, "utf-8")
     work = lf_checkout(tmp_path / "lf", "tiny")
-    recipe = tiny_recipe(work, report_to="wandb", max_steps=2)
+    recipe = tiny_recipe(work, report_to="wandb", max_steps=2, run_name="tiny-demo")
     env = cli_env(PYTHONPATH=f"{stub}:{REPO}", WANDB_MODE="offline", WANDB_STUB_LOG=str(tmp_path / "wandb.jsonl"))
     pipeline("build", recipe, cwd=work, env=env)
     pipeline("train", recipe, cwd=work, env=env)
     calls = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text("utf-8").splitlines()]
     assert calls[0]["mode"] == "offline" and calls[0]["init"]["dir"] == "saves/tiny"
+    assert calls[0]["init"]["name"] == "tiny-demo"  # run_name (else output_dir's folder name)
     assert "learning_rate" in calls[0]["config_keys"]
     logged = [c for c in calls if "log" in c]
     assert [c["step"] for c in logged] == [1, 2] and "train/loss" in logged[0]["log"]
@@ -298,6 +299,70 @@ def test_eval_due():
                  {"eval_strategy": "epoch", "do_eval": False, "steps_per_epoch": 9}):
         assert evaluates(train_args({**base, "total_steps": 6, **keys})) == bool(due(**keys)), keys
 
+
+
+# What a LLaMA-Factory user's own recipe adds to the example (transformers' TrainingArguments and more), as they
+# write it: "no" quoted, since LLaMA-Factory's YAML reader takes a bare no for false.
+USERS_KEYS = """
+### the user's additions
+optim: adamw_torch_fused
+save_strategy: "no"
+logging_strategy: epoch
+run_name: qwen3-lora-demo
+tf32: true
+include_num_input_tokens_seen: true
+use_fast_tokenizer: true
+dataloader_pin_memory: true
+disable_shuffling: true
+split: train
+"""
+
+
+def test_a_users_lora_recipe_with_trainer_keys_validates_trains_and_loads_in_peft(tmp_path):
+    """examples/train_lora/qwen3_lora_sft.yaml plus the keys users' recipes carry: validate prints one notice per key
+    without effect here; train honours save_strategy "no" (no checkpoint at save_steps 1, only the final one) and
+    logging_strategy epoch (no line per logging_steps 1: the epoch is longer than the run, so only the last step's,
+    with tokens_seen); the adapter loads in PEFT."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    ckpt = tmp_path / "ckpt"
+    write_hf_checkpoint(ckpt, "qwen3", small_vocab=True)
+    work = lf_checkout(tmp_path / "lf", str(ckpt))
+    sft = work / "examples/train_lora/qwen3_lora_sft.yaml"
+    sft.write_text(sft.read_text("utf-8") + USERS_KEYS, "utf-8")
+    args = ("examples/train_lora/qwen3_lora_sft.yaml", *template_override(), "dataset=alpaca_en_demo",
+            "cutoff_len=128", "max_steps=2", "gradient_accumulation_steps=1", "dataloader_num_workers=0",
+            "logging_steps=1", "save_steps=1", "bf16=false")
+    pipeline("build", *args, cwd=work)
+    checked = pipeline("validate", *args, cwd=work)
+    notices = [line for line in checked.stderr.splitlines() if "accepted without effect" in line]
+    assert sorted(line.split(": ")[2] for line in notices) == sorted(
+        ["dataloader_pin_memory", "include_num_input_tokens_seen", "run_name", "tf32", "use_fast_tokenizer"]), notices
+    assert "unknown key" not in checked.stderr and "optim" not in checked.stderr
+    trained = pipeline("train", *args, cwd=work)
+    assert trained.stderr.count("tf32: accepted without effect") == 1
+    run = work / "saves/qwen3-4b/lora/sft"
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
+    steps = [record for record in log if "loss" in record]
+    assert [r["step"] for r in steps] == [2] and steps[0]["tokens_seen"] > 0 and steps[0]["epoch"] < 1
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # save_steps 1 but "no"
+    base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    tuned = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(ckpt), run / "adapter")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(tuned.eval()(ids).logits, base(ids).logits, atol=1e-6)
+
+def test_save_and_logging_strategies():
+    """transformers' save_strategy / logging_strategy (steps, epoch, no) over 6 steps of 3 per epoch; save_steps and
+    logging_steps only count under steps, as in transformers."""
+    from pipeline.train.loop import periodic_due
+
+    def due(strategy: str, every: int) -> list[int]:
+        return [s for s in range(1, 7) if periodic_due(strategy, every, s, 3)]
+
+    assert due("steps", 2) == [2, 4, 6] and due("steps", 4) == [4]
+    assert due("epoch", 2) == [3, 6] and due("no", 2) == []
 
 @pytest.mark.slow
 def test_make_export_with_a_merge_lora_recipe(tmp_path):

@@ -185,3 +185,16 @@ def test_repeated_padding_examples_are_never_scored():
                         drop_last=False, group_by_length=False)
         labels += [int(v) for batch in loader for v in batch["labels"].flatten()]
     assert sorted(labels) == [-100, 0, 1, 2, 3, 4]
+
+
+def test_disable_shuffling_reads_the_train_split_in_order_every_epoch(sft_recipe):
+    """LLaMA-Factory's disable_shuffling (a sequential sampler): the train split in its built order, the same every
+    epoch and without grouping by length; the default still shuffles per epoch."""
+    from pipeline.data.loaders import make_loader
+
+    plain = dict(sft_recipe, disable_shuffling=True, group_by_length=True)
+    for epoch in (0, 1):
+        loader = make_loader(data_args(plain), "train", epoch=epoch)
+        assert [int(i) for k in range(len(loader)) for i in loader.indices(k)] == list(range(len(loader) * 4))
+    shuffled = make_loader(data_args(sft_recipe), "train", epoch=0)
+    assert [int(i) for k in range(len(shuffled)) for i in shuffled.indices(k)] != list(range(len(shuffled) * 4))
