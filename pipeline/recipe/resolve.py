@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Mapping
 from pipeline.errors import UserError, did_you_mean
 from pipeline.model.config import default_lora_alpha
 from pipeline.names import split_names
-from pipeline.recipe import spec
+from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
@@ -227,6 +227,14 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             and "gradient_checkpointing" not in bad):  # transformers' name for the same switch, inverted
         values["disable_gradient_checkpointing"] = not values["gradient_checkpointing"]
         origins["disable_gradient_checkpointing"] = DERIVED
+    if origins["min_lr_ratio"].kind == "default" and not {"lr_scheduler_type", "lr_scheduler_kwargs"} & bad:
+        try:  # cosine_with_min_lr's floor, as transformers' lr_scheduler_kwargs give it (rule scheduler_kwargs)
+            ratio = lr_kwargs.floor_ratio(values["lr_scheduler_type"], values["lr_scheduler_kwargs"],
+                                          values["learning_rate"])
+        except (ValueError, TypeError):
+            ratio = None
+        if ratio is not None:
+            values["min_lr_ratio"], origins["min_lr_ratio"] = ratio, DERIVED
     for key in ("model_name_or_path", "ref_model"):  # dpo's ref_model takes the same forms
         model = values.get(key)
         if (isinstance(model, str) and key not in bad and os.path.isdir(model)

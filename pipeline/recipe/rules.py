@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import did_you_mean
-from pipeline.recipe import spec
+from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.load import Origin
 
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
@@ -617,6 +617,25 @@ def reporters_installed(ctx: Context) -> list[tuple[str, str]]:
     if "none" in wanted and len(wanted) > 1:
         problems.append(("report_to", f"given {wanted}: 'none' cannot be combined with other reporters"))
     return problems
+
+
+@rule("lr_scheduler_type", "lr_scheduler_kwargs", "min_lr_ratio", "learning_rate")
+def scheduler_kwargs(ctx: Context) -> list[tuple[str, str]]:
+    """transformers' lr_scheduler_kwargs: cosine_with_min_lr's floor (resolve derived min_lr_ratio from it), refused
+    where no schedule here reads them, or where they contradict a min_lr_ratio the recipe sets too."""
+    schedule, kwargs = ctx.values["lr_scheduler_type"], ctx.values["lr_scheduler_kwargs"]
+    try:
+        ratio = lr_kwargs.floor_ratio(schedule, kwargs, ctx.values["learning_rate"])
+    except (ValueError, TypeError) as err:
+        return [("lr_scheduler_kwargs", f"given {kwargs!r}: {err}")]
+    user_floor = ctx.origins["min_lr_ratio"].kind in ("file", "cli")
+    if ratio is not None and user_floor and ctx.values["min_lr_ratio"] != ratio:
+        return [("min_lr_ratio", (f"is {ctx.values['min_lr_ratio']:g} but lr_scheduler_kwargs give a floor of "
+                                  f"{ratio:g} of learning_rate; they set the same floor: keep one"))]
+    if schedule == lr_kwargs.SCHEDULE and ratio is None and not user_floor:
+        return [("lr_scheduler_type", (f"{lr_kwargs.SCHEDULE} needs its floor, as in transformers: set "
+                                       f"lr_scheduler_kwargs: {lr_kwargs.EXAMPLE} (or min_lr_ratio: 0.1)"))]
+    return []
 
 
 @rule("gradient_checkpointing", "disable_gradient_checkpointing")

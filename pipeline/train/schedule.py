@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.recipe.args import TrainArgs
 
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = ("constant", "linear", "cosine", "cosine_with_min_lr")  # the last: cosine, its floor min_lr_ratio
 
 
 def lr_factor(step: int, *, kind: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:

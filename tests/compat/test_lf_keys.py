@@ -145,7 +145,7 @@ REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_to
            "freeze_extra_modules": ("embed_tokens", "finetuning_type: lora with additional_target trains such"),
            "compute_accuracy": ("true", "token accuracy at evaluation is not computed here"),
            "label_smoothing_factor": ("0.1", "label smoothing is not implemented"),
-           "lr_scheduler_kwargs": ("{min_lr_rate: 0.1}", "set lr_scheduler_type: cosine and min_lr_ratio to that rate"),
+           "lr_scheduler_kwargs": ("{min_lr_rate: 0.1}", "only lr_scheduler_type: cosine_with_min_lr reads scheduler"),
            "split": ("test", "split: given 'test', expected one of train")}
 # LLaMA-Factory's (transformers') defaults, and the values that name what runs here: quiet
 NEUTRAL = {"optim": "adamw_torch", "torch_compile": "false", "resize_vocab": "false", "split": "train",

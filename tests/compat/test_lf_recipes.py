@@ -238,6 +238,53 @@ def test_gradient_checkpointing_alias(tmp_path, monkeypatch):
     assert "they are the same switch inverted" in err.value.messages[0]
 
 
+
+def test_cosine_with_min_lr_and_its_kwargs_follow_transformers(tmp_path, monkeypatch):
+    """lr_scheduler_type: cosine_with_min_lr with lr_scheduler_kwargs (min_lr_rate, or min_lr: an absolute floor)
+    gives transformers' own schedule step by step (its get_scheduler is the reference); the floor is min_lr_ratio,
+    derived. Arguments no schedule here reads, or two floors, are refused as transformers refuses them."""
+    import dataclasses
+
+    import torch
+    transformers = pytest.importorskip("transformers")
+    from pipeline.errors import UserError
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import train_args
+    from pipeline.train.schedule import make_scheduler
+
+    work = lf_checkout(tmp_path, "tiny")
+    monkeypatch.chdir(work)
+
+    def lrs(scheduler, optimizer) -> list[float]:
+        seen = []
+        for _ in range(10):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    for kwargs, ratio in (({"min_lr_rate": 0.1}, 0.1), ({"min_lr": 2e-4}, 0.2), ('{"min_lr_rate": 0.3}', 0.3)):
+        r = resolve(work / tiny_recipe(work, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs=kwargs))
+        assert r["min_lr_ratio"] == pytest.approx(ratio) and r.source("min_lr_ratio") == "derived"
+        args = dataclasses.replace(train_args(r), total_steps=10, num_warmup_steps=2)
+        ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+        theirs = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+        given = kwargs if isinstance(kwargs, dict) else json.loads(kwargs)
+        reference = transformers.get_scheduler("cosine_with_min_lr", theirs, num_warmup_steps=2,
+                                               num_training_steps=10, scheduler_specific_kwargs=given)
+        assert lrs(make_scheduler(ours, args), ours) == pytest.approx(lrs(reference, theirs), rel=1e-12, abs=1e-15)
+    for keys, message in (({"lr_scheduler_kwargs": {"min_lr_rate": 0.1}}, ("only lr_scheduler_type: "
+                           "cosine_with_min_lr reads scheduler arguments here (min_lr_rate or min_lr), but "
+                           "lr_scheduler_type is linear")),
+                          ({"lr_scheduler_type": "cosine_with_min_lr",
+                            "lr_scheduler_kwargs": {"min_lr_rate": 0.1, "min_lr": 1e-4}}, "set exactly one of"),
+                          ({"lr_scheduler_type": "cosine_with_min_lr"}, "cosine_with_min_lr needs its floor"),
+                          ({"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+                            "min_lr_ratio": 0.2}, "min_lr_ratio: is 0.2 but lr_scheduler_kwargs give a floor of 0.1")):
+        with pytest.raises(UserError) as err:
+            resolve(work / tiny_recipe(work, **keys))
+        assert any(message in m for m in err.value.messages), err.value.messages
+
 WANDB_STUB = '''
 """A stand-in for wandb (not installed here): records what the trainer sends."""
 import json, os

@@ -55,8 +55,8 @@ CASES = [
     Case("bad enum", {"r.yaml": BASE + "stage: sfft\n"},
          ["r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo (did you mean 'sft'?)"], cli=True),
     Case("bad enum, other", {"r.yaml": BASE + "lr_scheduler_type: cosin\n"},
-         ["r.yaml:5:20: lr_scheduler_type: given 'cosin', expected one of constant, linear, cosine "
-          "(did you mean 'cosine'?)"]),
+         ["r.yaml:5:20: lr_scheduler_type: given 'cosin', expected one of constant, linear, cosine, "
+          "cosine_with_min_lr (did you mean 'cosine'?)"]),
     Case("another name for a value", {"r.yaml": BASE + "pref_loss: dpo\n"},  # difflib would say 'ipo'
          ["r.yaml:5:12: pref_loss: given 'dpo', expected one of sigmoid, hinge, ipo, orpo, simpo (did you mean "
           "'sigmoid'? the DPO loss is named sigmoid here, as in LLaMA-Factory and trl)"], cli=True),
