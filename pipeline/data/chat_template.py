@@ -32,6 +32,14 @@ A template without a tool format (alpaca) refuses all three, and every template 
 order (several tool results go in one tool message: training's observation turn is one), rather than render a
 prompt the model was not trained on.
 
+Each assistant message is written inside `{% generation %}` ... `{% endgeneration %}` (transformers' Jinja
+extension; the rendered text is the same): `apply_chat_template(..., return_assistant_tokens_mask=True)` then marks
+the tokens training trains (Template.segments' answer segment: the text, the end-of-turn markup after it, a function
+call, a reasoning template's thought), so TRL's `assistant_only_loss` can go on training the export on the same
+tokens. Two renderings differ from training with mask_history false, where the marks cannot match token for token:
+a reasoning template's earlier answers (without thoughts here, as at inference) and a token the tokenizer merges
+across a block's edge (below), which transformers marks whole.
+
 Where the rendered string is tokenized whole, the ids equal training's (each block tokenized on its own) as long
 as the tokenizer does not merge across two blocks; the markup between blocks keeps them apart in every shipped
 template except `empty` (nothing between a system prompt and the user's text, nor between turns).
@@ -187,7 +195,7 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         lines.append("{%- if message['tool_calls'] -%}"
                      "{%- set content = content ~ call_text(message['tool_calls']) -%}{%- endif -%}")
     lines += [
-        "{{- " + _expression(template.assistant, marks, "content") + " -}}",
+        "{%- generation -%}{{- " + _expression(template.assistant, marks, "content") + " -}}{%- endgeneration -%}",
         "{%- endif -%}",
         "{%- endfor -%}",
     ]

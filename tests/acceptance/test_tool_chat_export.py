@@ -2,7 +2,8 @@
 dataset_info.json entry with a `tools` column, function_call / observation turns: tests/compat/lf_data) and a
 save_pretrained GPT-2 (template: default) or Llama 3 (template: llama3) checkpoint -> `python -m pipeline build`,
 `train`, `merge` -> transformers' AutoTokenizer on merged/ serves the OpenAI-style conversation (`tools=`, an
-assistant's `tool_calls`, a "tool" message) with training's token ids, and the merged model generates from them.
+assistant's `tool_calls`, a "tool" message) with training's token ids, its assistant mask marks the tokens training
+trained, and the merged model generates from them.
 
 Expected ids: the pipeline's encoding of the built row (the example train used; its text is pinned to LLaMA-Factory
 0.9.5's by tests/data/lf_tool_goldens.py, its ids to the `tokenizers` library by test_template_masks_real.py).
@@ -59,8 +60,12 @@ def test_an_agent_fine_tune_serves_tool_calls_as_it_was_trained(tmp_path, hf_che
     assert prompt == encode_prompt(template, row["instruction"], history=row["history"], tools=row["tools"],
                                    roles=row["roles"], tokenizer=ours)
     assert call_text in tokenizer.decode(prompt)
-    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": answer}], tools=tools)["input_ids"]
-    assert whole == encode_example(row, template, ours, cutoff_len=256, mask_history=True).input_ids
+    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": answer}], tools=tools,
+                                          return_assistant_tokens_mask=True)
+    example = encode_example(row, template, ours, cutoff_len=256)  # every answer trained (mask_history false)
+    assert whole["input_ids"] == example.input_ids
+    # its {% generation %} blocks mark what training trained: the call and the answer (TRL's assistant_only_loss)
+    assert whole["assistant_masks"] == [int(label != -100) for label in example.labels]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saves/tools/merged").eval()
     out = model.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False)
