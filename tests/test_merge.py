@@ -113,6 +113,25 @@ def test_a_merge_touching_a_non_lora_weight_is_caught_by_the_logits(monkeypatch)
     assert message.startswith("merged model: logits differ from the adapter model") and "every LoRA layer" in message
 
 
+def test_the_logit_error_is_the_centred_relative_error_by_hand():
+    """_rel_error (computed blockwise without centred copies) is max |centred got - centred want| / max |centred
+    want| over every position of every sample; a shift of a position's logits is no error; inf, -inf or nan in
+    got is inf. Golden: the definition written out in float64 on 37 positions (more than one block)."""
+    gen = torch.Generator().manual_seed(0)
+    want = [torch.randn(37, 11, generator=gen) * 4, torch.randn(5, 11, generator=gen)]
+    shift = torch.randn(37, 1, generator=gen) * 10  # softmax-invariant, per position
+    got = [want[0] + shift + torch.randn(37, 11, generator=gen) * 1e-2, want[1] + 3]
+    centred = [(t.double() - t.double().mean(-1, keepdim=True)) for t in (*got, *want)]
+    golden = max((centred[0] - centred[2]).abs().max(), (centred[1] - centred[3]).abs().max()) / max(
+        centred[2].abs().max(), centred[3].abs().max())
+    assert merge._rel_error(got, want) == pytest.approx(golden.item(), rel=1e-3)
+    assert merge._rel_error([want[0] + shift], want[:1]) < 1e-5
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        broken = got[1].clone()
+        broken[4, 7] = bad
+        assert merge._rel_error([got[0], broken], want) == float("inf")
+
+
 def test_update_below_bf16_resolution_is_refused():
     # B ~ 1e-7: in fp32 the weights move (|W| ~ 0.02, ulp ~ 2e-9) but bf16 (ulp ~ 1e-4) rounds them back
     merge.merge_verified(adapted_model(b_std=1e-7), SAMPLES, "fp32")  # fine in fp32
