@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.data.chat_template import recipe_chat_template
+from pipeline.data.chat_template import TRAINING_TEMPLATE_FILE, recipe_chat_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
@@ -136,14 +136,16 @@ def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_pa
 @dataclass
 class ExportFiles:
     """What an export writes beside the weights: the tokenizer's files, generation_config.json, config.json's own
-    token ids (base_config_ids), tokenizer_config.json's chat template (None keeps the base's) and its eos_token
-    (export_eos_token; None keeps the base's)."""
+    token ids (base_config_ids), tokenizer_config.json's chat template (None keeps the base's), its eos_token
+    (export_eos_token; None keeps the base's) and the chat template's copy with {% generation %} blocks for training
+    on (TRAINING_TEMPLATE_FILE; None: no file)."""
 
     tokenizer: Tokenizer
     generation: Mapping[str, Any]
     config_ids: Mapping[str, Any] = field(default_factory=dict)
     chat_template: str | None = None
     eos_token: str | None = None
+    training_chat_template: str | None = None
 
 
 def export_files(r: Mapping[str, Any]) -> ExportFiles:
@@ -153,7 +155,8 @@ def export_files(r: Mapping[str, Any]) -> ExportFiles:
     return ExportFiles(tokenizer, export_generation(r, tokenizer, data),
                        base_config_ids(recipe_args(r).model.model_name_or_path),
                        recipe_chat_template(data, tokenizer, key_at(r, "template")),
-                       export_eos_token(data, tokenizer))
+                       export_eos_token(data, tokenizer),
+                       recipe_chat_template(data, tokenizer, key_at(r, "template"), marked=True))
 
 
 @dataclass
@@ -475,6 +478,8 @@ def export(check: Verified, target: Path, ex: ExportArgs, files: ExportFiles) ->
                             f" (relative, tolerance {LOGIT_RTOL[dtype]:g}); nothing was written")
         check.report["logits"]["written"] = err
         write_tokenizer_files(tmp, files.tokenizer, context_length, files.chat_template, files.eos_token)
+        if files.training_chat_template is not None:
+            write_text(tmp / TRAINING_TEMPLATE_FILE, files.training_chat_template)
         write_json(tmp / "generation_config.json", files.generation)
         write_json(tmp / VERIFICATION, {**check.report, "export_dtype": dtype})
     return target

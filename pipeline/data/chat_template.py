@@ -32,13 +32,16 @@ A template without a tool format (alpaca) refuses all three, and every template 
 order (several tool results go in one tool message: training's observation turn is one), rather than render a
 prompt the model was not trained on.
 
-Each assistant message is written inside `{% generation %}` ... `{% endgeneration %}` (transformers' Jinja
-extension; the rendered text is the same): `apply_chat_template(..., return_assistant_tokens_mask=True)` then marks
-the tokens training trains (Template.segments' answer segment: the text, the end-of-turn markup after it, a function
-call, a reasoning template's thought), so TRL's `assistant_only_loss` can go on training the export on the same
-tokens. Two renderings differ from training with mask_history false, where the marks cannot match token for token:
-a reasoning template's earlier answers (without thoughts here, as at inference) and a token the tokenizer merges
-across a block's edge (below), which transformers marks whole.
+With `marked=True` each assistant message is written inside `{% generation %}` ... `{% endgeneration %}`
+(transformers' Jinja extension; the rendered text is the same): `apply_chat_template(...,
+return_assistant_tokens_mask=True)` then marks the tokens training trains (Template.segments' answer segment: the
+text, the end-of-turn markup after it, a function call, a reasoning template's thought), so TRL's
+`assistant_only_loss` can go on training the export on the same tokens. Exports carry that one in a file of its own
+(TRAINING_TEMPLATE_FILE), not as the tokenizer's chat_template: engines that render templates without
+transformers' extension (llama-cpp-python, minijinja in TGI and mistral.rs, text-generation-webui) refuse the
+unknown tag and could not serve the model at all. Two renderings differ from training with mask_history false,
+where the marks cannot match token for token: a reasoning template's earlier answers (without thoughts here, as at
+inference) and a token the tokenizer merges across a block's edge (below), which transformers marks whole.
 
 Where the rendered string is tokenized whole, the ids equal training's (each block tokenized on its own) as long
 as the tokenizer does not merge across two blocks; the markup between blocks keeps them apart in every shipped
@@ -55,6 +58,10 @@ from pipeline.data.templates import BOS, EOS, Template, split_slots, tool_templa
 if TYPE_CHECKING:
     from pipeline.data.args import DataArgs
     from pipeline.data.tokenizer import Tokenizer
+
+# The export's copy of its chat template with {% generation %} blocks, beside the tokenizer files: a name no engine
+# reads by itself (transformers reads chat_template.jinja and additional_chat_templates/, llama.cpp's converter too).
+TRAINING_TEMPLATE_FILE = "chat_template.generation.jinja"
 
 ORDER = ("this chat template (written by pipeline merge / export) renders turns in training's order: an optional "
          "system message, then a user message (or a tool message, with tools) and an assistant message in turn; "
@@ -127,8 +134,10 @@ def _prompt_part(fmt: str, reply: str) -> str:
     return fmt[:len(fmt) - len(reply)]
 
 
-def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinking: bool = True) -> str:
-    """The chat template of `template` for `tokenizer` (UserError when the vocabulary lacks its markup)."""
+def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinking: bool = True,
+                   marked: bool = False) -> str:
+    """The chat template of `template` for `tokenizer` (UserError when the vocabulary lacks its markup); `marked`:
+    each answer inside {% generation %} blocks (the training copy, TRAINING_TEMPLATE_FILE)."""
     ids = template.ids(tokenizer)
     marks = {BOS: "" if ids[BOS] is None else tokenizer.decode([ids[BOS]]), EOS: tokenizer.decode([ids[EOS]])}
     user = _expression(_prompt_part(template.user, template.reply), marks, "content")
@@ -195,19 +204,22 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         lines.append("{%- if message['tool_calls'] -%}"
                      "{%- set content = content ~ call_text(message['tool_calls']) -%}{%- endif -%}")
     lines += [
-        "{%- generation -%}{{- " + _expression(template.assistant, marks, "content") + " -}}{%- endgeneration -%}",
+        ("{%- generation -%}" if marked else "") + "{{- " + _expression(template.assistant, marks, "content")
+        + " -}}" + ("{%- endgeneration -%}" if marked else ""),
         "{%- endif -%}",
         "{%- endfor -%}",
     ]
     return "\n".join(lines)
 
 
-def recipe_chat_template(data: "DataArgs", tokenizer: "Tokenizer", key: str = "template") -> str | None:
+def recipe_chat_template(data: "DataArgs", tokenizer: "Tokenizer", key: str = "template", *,
+                         marked: bool = False) -> str | None:
     """The chat template an export of this recipe carries: its template (with default_system and enable_thinking)
     for sft and dpo; None for pt, which trains on plain text and no chat format (the base's files stay as they
-    are). A template the vocabulary cannot express is a UserError naming `key` (where the recipe sets template)."""
+    are). A template the vocabulary cannot express is a UserError naming `key` (where the recipe sets template).
+    `marked`: the copy with {% generation %} blocks (TRAINING_TEMPLATE_FILE)."""
     if data.stage == "pt":
         return None
     template = data.chat_template()
     template.check(tokenizer, key)
-    return jinja_template(template, tokenizer, enable_thinking=data.enable_thinking)
+    return jinja_template(template, tokenizer, enable_thinking=data.enable_thinking, marked=marked)

@@ -32,6 +32,7 @@ def test_an_agent_fine_tune_serves_tool_calls_as_it_was_trained(tmp_path, hf_che
     import torch
     import transformers
 
+    from pipeline.data.chat_template import TRAINING_TEMPLATE_FILE
     from pipeline.data.model_tokenizer import load_tokenizer
     from pipeline.data.templates import get_template
     from pipeline.data.tokenize import encode_example, encode_prompt
@@ -60,12 +61,18 @@ def test_an_agent_fine_tune_serves_tool_calls_as_it_was_trained(tmp_path, hf_che
     assert prompt == encode_prompt(template, row["instruction"], history=row["history"], tools=row["tools"],
                                    roles=row["roles"], tokenizer=ours)
     assert call_text in tokenizer.decode(prompt)
-    whole = tokenizer.apply_chat_template([*chat, {"role": "assistant", "content": answer}], tools=tools,
-                                          return_assistant_tokens_mask=True)
+    conversation = [*chat, {"role": "assistant", "content": answer}]
+    whole = tokenizer.apply_chat_template(conversation, tools=tools)
     example = encode_example(row, template, ours, cutoff_len=256)  # every answer trained (mask_history false)
     assert whole["input_ids"] == example.input_ids
-    # its {% generation %} blocks mark what training trained: the call and the answer (TRL's assistant_only_loss)
-    assert whole["assistant_masks"] == [int(label != -100) for label in example.labels]
+    # the served template has no {% generation %} tag (engines without transformers' extension refuse it); its
+    # copy beside it marks what training trained: the call and the answer (TRL's assistant_only_loss)
+    assert "generation" not in tokenizer.chat_template.replace("add_generation_prompt", "")
+    marked = (tmp_path / "saves/tools/merged" / TRAINING_TEMPLATE_FILE).read_text("utf-8")
+    masked = tokenizer.apply_chat_template(conversation, tools=tools, chat_template=marked,
+                                           return_assistant_tokens_mask=True)
+    assert masked["input_ids"] == example.input_ids
+    assert masked["assistant_masks"] == [int(label != -100) for label in example.labels]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saves/tools/merged").eval()
     out = model.generate(torch.tensor([prompt]), max_new_tokens=2, do_sample=False)

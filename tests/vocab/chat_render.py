@@ -36,6 +36,6 @@ def render_marked(directory: Path, template: Template, msgs: list[dict], **kwarg
     """The ids of a whole conversation (no generation prompt) and transformers' assistant mask of them: 1 for the
     tokens inside the template's {% generation %} blocks, which TRL's assistant_only_loss trains."""
     out = hf_tokenizer(directory).apply_chat_template(
-        msgs, chat_template=jinja_template(template, ours(directory)), return_dict=True,
+        msgs, chat_template=jinja_template(template, ours(directory), marked=True), return_dict=True,
         return_assistant_tokens_mask=True, add_generation_prompt=False, **kwargs)
     return out["input_ids"], out["assistant_masks"]

@@ -123,3 +123,21 @@ def test_function_calls_are_marked_as_trained(family_dirs, family):
     for name in TOOL_TEMPLATES[family]:
         for system in ("You are a weather bot.", None):
             assert_marks_training(family_dirs, family, name, MESSAGES, system, TOOLS, True)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_text(name, family_dirs):
+    """The tokenizer's chat_template is rendered by engines without transformers' extension (llama-cpp-python,
+    minijinja in TGI): a {% generation %} tag there stops the model from being served. The marked copy is written
+    beside it; both render the same text."""
+    from pipeline.data.chat_template import jinja_template
+    from tests.vocab.chat_render import hf_tokenizer
+
+    directory = family_dirs["qwen3" if name.startswith(("qwen", "chatml")) else "llama3" if name == "llama3"
+                            else "gpt2"]
+    template, tokenizer = TEMPLATES[name], ours(directory)
+    served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
+    assert "endgeneration" not in served and "{%- generation -%}" in marked
+    hf = hf_tokenizer(directory)
+    texts = [hf.apply_chat_template(CHAT[:2], chat_template=t, tokenize=False) for t in (served, marked)]
+    assert texts[0] == texts[1]
