@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 from pipeline.errors import did_you_mean
 from pipeline.recipe import lr_kwargs, spec
+from pipeline.recipe.check import show
 from pipeline.recipe.load import Origin
 
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
@@ -398,6 +399,24 @@ def _registry(ctx: Context) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+@rule("dataset_dir")
+def hub_dataset_dir(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory's two dataset_dir forms that are not folders (its train_lora/qwen3_lora_sft_ray.yaml uses
+    REMOTE:): said here, at the recipe's line, rather than "not a folder" once the registry is read."""
+    given = ctx.values["dataset_dir"]
+    if given.startswith("REMOTE:"):
+        repo, local = given[len("REMOTE:"):], "data_remote"
+        return [("dataset_dir", f"given {given!r}: LLaMA-Factory's REMOTE:<repo> reads dataset_info.json from a "
+                                "hub dataset repository; here dataset_dir is a local folder. Download the repository "
+                                f"(`hf download --repo-type dataset {repo} --local-dir {local}`) and set "
+                                f"dataset_dir: {local}")]
+    if given == "ONLINE":
+        return [("dataset_dir", "given 'ONLINE': LLaMA-Factory's ONLINE (every dataset name is a hub repository) "
+                                "is not supported; register each one with hf_hub_url in a dataset_info.json "
+                                "(docs/datasets.md) and set dataset_dir to its folder")]
+    return []
+
+
 @rule("dataset", "eval_dataset", "dataset_dir")
 def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
     registry = _registry(ctx)
@@ -544,10 +563,10 @@ _REFUSED_WHEN_SET = tuple(key for key, prop in spec.properties().items() if "x-r
 
 @rule(*_REFUSED_WHEN_SET)
 def refused_when_set(ctx: Context) -> list[tuple[str, str]]:
-    """LLaMA-Factory keys whose feature is not here (QLoRA, a quantized or adapted reference, BCO, LD-DPO): at their
+    """LLaMA-Factory keys whose feature is not here (QLoRA, GaLore, PiSSA, FP8, ...): at their
     default (LLaMA-Factory's too) they pass; set, they are refused with the schema's reason, not "unknown key"."""
     props = spec.properties()
-    return [(key, f"given {ctx.values[key]!r}: {props[key]['x-refused-when-set']}") for key in _REFUSED_WHEN_SET
+    return [(key, f"given {show(ctx.values[key])}: {props[key]['x-refused-when-set']}") for key in _REFUSED_WHEN_SET
             if ctx.values[key] != props[key]["default"]]
 
 
