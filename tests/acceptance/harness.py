@@ -27,7 +27,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from tests.train.helpers import WORDS, corpus, sft_rows  # noqa: F401  (re-exported for the acceptance tests)
 
@@ -404,8 +404,9 @@ def assert_same_run(expected: str | Path, got: str | Path, final: str) -> None:
             == json.loads((a / "all_results.json").read_text())["global_step"])
 
 
-def trained_model(recipe: str | Path, cwd: str | Path) -> Any:
-    """Our trained model as `generate --model adapter` loads it (in-process, fp32, eval mode)."""
+def trained_model(recipe: str | Path, cwd: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Our trained model as `generate --model adapter` loads it (in-process, fp32, eval mode); `overrides`: the
+    command-line ones the run was trained with."""
     from pipeline.chat import chosen_weights
     from pipeline.model.build import load_for_inference
     from pipeline.recipe import resolve
@@ -415,7 +416,7 @@ def trained_model(recipe: str | Path, cwd: str | Path) -> Any:
     here = Path.cwd()
     os.chdir(cwd)
     try:
-        r = resolve(Path(recipe), [], command="generate", env=cli_env(WORLD_SIZE="1"))
+        r = resolve(Path(recipe), list(overrides), command="generate", env=cli_env(WORLD_SIZE="1"))
         model, finetune = recipe_args(r)
         weights = chosen_weights(RunLayout.of(r["output_dir"]), finetune, "adapter")
         return load_for_inference(model, weights.kind, weights.path, device="cpu")

@@ -1,0 +1,166 @@
+"""LLaMA-Factory's own example recipes, unchanged but for model_name_or_path, through our CLI.
+
+tests/compat/lf_examples/train_lora/ (but qwen3_lora_sft.yaml, which test_lf_recipes.py runs) and extras/ are
+verbatim copies of LLaMA-Factory's examples/ (Apache-2.0; main after v0.9.5, see lf_examples/NOTICE.md).
+docs/coming-from-llama-factory.md, "LLaMA-Factory's examples", says what each does here; this file reads that
+table and holds every copy to it, so the table cannot drift. Runs are cut short only by command-line overrides,
+each one said at its call. Golden values come from PEFT (the adapters load there and give our logits).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import assert_close, pipeline, trained_model, write_hf_checkpoint
+from tests.compat.test_lf_recipes import EXAMPLES, lf_checkout
+from tests.reliability.rel_helpers import run_main
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "coming-from-llama-factory.md"
+TABLED = ("train_lora", "extras")  # the example folders the table covers
+IN_PROGRESS = {"optim", "run_name", "freeze_trainable_modules"}  # LLaMA-Factory keys being added to the schema
+
+
+def table() -> dict[str, str]:
+    """example path -> its "here" cell, read from the page's section."""
+    section = PAGE.read_text("utf-8").split("## LLaMA-Factory's examples", 1)[1].split("\n## ", 1)[0]
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\| `([^`]+)` \| ([^|]+) \|", section, re.M)}
+
+
+ROWS = table()
+
+
+def test_the_table_lists_every_copied_example_and_only_those():
+    copies = {str(p.relative_to(EXAMPLES)) for folder in TABLED for p in (EXAMPLES / folder).rglob("*")
+              if p.is_file()}
+    tabled = {path for path, here in ROWS.items() if here != "not a recipe"}
+    assert tabled == copies
+    assert all(not (EXAMPLES / path).exists() for path, here in ROWS.items() if here == "not a recipe")
+    assert all(re.fullmatch(r"trains|builds|not a recipe|refused: `\w+`(, `\w+`)*", here) for here in ROWS.values())
+
+
+def tiny_model(directory: Path, family: str) -> Path:
+    """The family's tokenizer markup (the recipes' llama3 / qwen templates need it) and a 2,048-token context
+    (their cutoff_len): a small vocabulary keeps it tiny."""
+    write_hf_checkpoint(directory, family, small_vocab=True, max_position_embeddings=2048)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lf_models")
+    return {"llama": tiny_model(root / "llama", "llama"), "qwen": tiny_model(root / "qwen", "qwen3")}
+
+
+@pytest.fixture(scope="module")
+def checkouts(tmp_path_factory, models) -> dict[str, Path]:
+    """LLaMA-Factory-like working copies whose recipes all name one model: a llama or a qwen one."""
+    return {family: lf_checkout(tmp_path_factory.mktemp(f"lf_{family}"), str(path)) for family, path in models.items()}
+
+
+def family(example: str) -> str:
+    return "llama" if "llama3" in example else "qwen"
+
+
+@pytest.mark.parametrize("example", sorted(p for p, here in ROWS.items() if here != "not a recipe"))
+def test_validate_does_what_the_table_says(example, checkouts):
+    here = ROWS[example]
+    done = run_main(["validate", f"examples/{example}"], checkouts[family(example)])
+    assert "Traceback" not in done.err
+    errors = [line for line in done.err.splitlines() if line.startswith("error: ")]
+    unknown = {m[1] for line in errors if (m := re.search(r"(\w+): unknown key", line))}
+    assert unknown <= IN_PROGRESS, f"LLaMA-Factory keys reported as unknown: {unknown}"
+    if here in ("trains", "builds"):
+        assert f"recipe: OK (examples/{example};" in done.out, done.err
+        assert all("is not built" in line for line in errors), errors  # validate before build: only that
+        return
+    assert done.code == 2
+    for key in re.findall(r"`(\w+)`", here):  # each named key at its file and line, with a reason after it
+        assert any(re.match(rf"error: \S+?(:\d+:\d+)?: {key}: \S.{{20,}}", line) for line in errors), (key, errors)
+    if example.startswith("train_lora/"):  # the recipe's own file and line
+        assert any(line.startswith(f"error: examples/{example}:") for line in errors), errors
+
+
+def test_kto_and_reward_examples_are_refused_at_their_stage_line(checkouts):
+    for example, value, reason in (("qwen3_lora_kto.yaml", "kto", "KTO stage is not implemented here"),
+                                   ("qwen3_lora_reward.yaml", "rm", "reward-model training is not implemented")):
+        failed = pipeline("validate", f"examples/train_lora/{example}", cwd=checkouts["qwen"], expect=2)
+        assert f"error: examples/train_lora/{example}:6:8: stage: given '{value}'" in failed.stderr
+        assert reason in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice(checkouts):
+    """use_galore (an optimizer not here) is the one error, at its line; galore_rank & co. say they only matter
+    with it. A multimodal template says so instead of suggesting the text template of a similar name."""
+    work, galore = checkouts["llama"], "examples/extras/galore/llama3_full_sft.yaml"
+    err = run_main(["validate", galore], work).err
+    assert (f"error: {galore}:9:13: use_galore: given true: GaLore (gradient low-rank projection) is not "
+            "implemented here") in err
+    assert not any(f"{key}:" in err for key in ("galore_layerwise", "galore_target", "galore_rank", "galore_scale"))
+    err = run_main(["validate", galore, "use_galore=false", "pure_bf16=false"], work).err
+    assert not any(line.startswith("error: examples/") for line in err.splitlines())  # data not built: no file
+    assert (f"notice: {galore}:12:14: galore_rank: accepted without effect: it only matters with use_galore "
+            "(GaLore), which is not implemented here") in err
+    err = run_main(["validate", "examples/train_lora/qwen3vl_lora_sft.yaml"], checkouts["qwen"]).err
+    assert "template: given 'qwen3_vl_nothink', expected one of" in err
+    assert "multimodal models are not supported (text only)" in err and "did you mean" not in err
+
+
+def test_preprocess_example_builds_the_data_and_says_what_tokenized_path_does_here(tmp_path, models):
+    """LLaMA-Factory tokenizes into tokenized_path and exits; `build` is that step here."""
+    work = lf_checkout(tmp_path, str(models["qwen"]))
+    done = pipeline("build", "examples/train_lora/qwen3_preprocess.yaml", cwd=work)
+    assert ("qwen3_preprocess.yaml:18:17: tokenized_path: accepted without effect" in done.stderr
+            and "preprocess-only run (tokenize, save to tokenized_path, exit) is `python -m pipeline build RECIPE` "
+                "here" in done.stderr)
+    for name in ("identity", "alpaca_en_demo"):
+        assert (work / "data/build" / name / "manifest.json").is_file()
+    assert not (work / "saves").exists()  # nothing trained, nothing written at tokenized_path
+
+
+def assert_adapter_loads_in_peft(work: Path, example: str, base: Path, run: Path, overrides: list[str]) -> None:
+    """PEFT loads the adapter onto the checkpoint transformers wrote, and gives the logits our loader gives."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    config = json.loads((run / "adapter/adapter_config.json").read_text("utf-8"))
+    assert config["r"] == 8 and config["peft_type"] == "LORA"
+    tensors = load_file(run / "adapter/adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and value.abs().max() > 0 for name, value in tensors.items())  # trained
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), run / "adapter")
+    ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
+    with torch.no_grad():
+        want = theirs.eval()(ids).logits
+        got = trained_model(f"examples/{example}", work, overrides)(ids)
+    assert_close(want, got)
+
+
+# max_steps=2 (test time): the recipes' warmup_ratio 0.1 makes step 1's learning rate 0 (as in LLaMA-Factory), and
+# PEFT's LoRA init (B = 0) would leave the adapter the identity; step 2 moves it.
+TRAINED = [  # example, overrides beyond max_steps, its output_dir, the ZeRO stage of its deepspeed JSON
+    # gradient_accumulation_steps=1: our demo dpo_en_demo holds 6 pairs (5 train), fewer than its 8 micro-batches
+    ("train_lora/qwen3_lora_dpo.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/dpo", None),
+    # cutoff_len=32: our demo c4_demo holds 362 train and 38 val tokens here, less than one 2,049-token window
+    ("train_lora/qwen3_lora_pretrain.yaml", ["cutoff_len=32"], "saves/qwen3-4b/lora/pretrain", None),
+    ("train_lora/qwen3_lora_sft_ds3.yaml", [], "saves/qwen3-4b/lora/sft", 3),
+    ("extras/loraplus/llama3_lora_sft.yaml", [], "saves/llama3-8b/lora/sft", None),
+]
+
+
+@pytest.mark.slow  # ~10-15 s each: builds and trains two steps through the CLI
+@pytest.mark.parametrize("example, overrides, output_dir, zero_stage", TRAINED)
+def test_example_trains_and_its_adapter_loads_in_peft(tmp_path, models, example, overrides, output_dir, zero_stage):
+    assert ROWS[example] == "trains"
+    work = lf_checkout(tmp_path, str(models[family(example)]))
+    used = ["max_steps=2", *overrides]
+    pipeline("build", f"examples/{example}", *overrides, cwd=work)
+    pipeline("train", f"examples/{example}", *used, cwd=work, timeout=600)
+    run = work / output_dir
+    assert json.loads((run / "all_results.json").read_text("utf-8"))["global_step"] == 2
+    if zero_stage is not None:
+        assert json.loads((run / "ds_config.json").read_text("utf-8"))["zero_optimization"]["stage"] == zero_stage
+    assert_adapter_loads_in_peft(work, example, models[family(example)], run, used)
