@@ -344,10 +344,12 @@ def warmup_once(ctx: Context) -> list[tuple[str, str]]:
 
 
 @rule("per_device_train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_dir", "stage",
-      "overwrite_cache", commands=_READS_BUILT_DATA)
+      "overwrite_cache", "do_train", commands=_READS_BUILT_DATA)
 def enough_batches(ctx: Context) -> list[tuple[str, str]]:
+    """The training split fills an optimizer step; not asked when nothing trains (do_train: false evaluates only,
+    as LLaMA-Factory's examples/extras/nlg_eval recipe does, whatever the size of the train split)."""
     n = ctx.values["num_train_examples"]
-    if n is None or _rebuilt_first(ctx):
+    if n is None or not ctx.values["do_train"] or _rebuilt_first(ctx):
         return []
     if n == 0:
         return [("dataset", "the built training split is empty; add data or lower val_size")]

@@ -101,6 +101,9 @@ def test_accumulation_larger_than_the_data(write, manifest):
         "per rank (per_device_train_batch_size 4 x world size 1): no optimizer step would happen; lower "
         "gradient_accumulation_steps or the batch size"]
     assert resolve("r.yaml", ["gradient_accumulation_steps=5"])["steps_per_epoch"] == 1
+    # nothing trains: an evaluation-only run (LLaMA-Factory's nlg_eval example) is not held to the train split
+    assert resolve("r.yaml", ["do_train=false", "do_predict=true"])["do_predict"] is True
+    assert resolve("r.yaml", ["do_train=false", "do_predict=true", "per_device_train_batch_size=32"])
 
 
 def test_empty_training_split(write, manifest):
