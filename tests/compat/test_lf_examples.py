@@ -108,6 +108,18 @@ def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice
     assert "multimodal models are not supported (text only)" in err and "did you mean" not in err
 
 
+def test_dataset_dir_forms_of_llama_factory_that_are_not_folders_say_what_to_do(checkouts):
+    ray = "examples/train_lora/qwen3_lora_sft_ray.yaml"  # dataset_dir: REMOTE:llamafactory/demo_data
+    err = run_main(["validate", ray], checkouts["qwen"]).err
+    assert (f"error: {ray}:14:14: dataset_dir: given 'REMOTE:llamafactory/demo_data': LLaMA-Factory's REMOTE:<repo> "
+            "reads dataset_info.json from a hub dataset repository; here dataset_dir is a local folder. Download the "
+            "repository (`hf download --repo-type dataset llamafactory/demo_data --local-dir data_remote`) and set "
+            "dataset_dir: data_remote") in err
+    assert "is not a folder" not in err
+    err = run_main(["validate", ray, "dataset_dir=ONLINE"], checkouts["qwen"]).err
+    assert "dataset_dir: given 'ONLINE': LLaMA-Factory's ONLINE (every dataset name is a hub repository)" in err
+
+
 def test_preprocess_example_builds_the_data_and_says_what_tokenized_path_does_here(tmp_path, models):
     """LLaMA-Factory tokenizes into tokenized_path and exits; `build` is that step here."""
     work = lf_checkout(tmp_path, str(models["qwen"]))
