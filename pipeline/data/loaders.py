@@ -165,9 +165,9 @@ def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1
         packs = sft_packs(data, split)
         _check_size(len(packs), split, size, world_size, "packed rows",
                     f"{len(examples):,} examples packed into rows of cutoff_len {data.cutoff_len}; add data")
-        neat = bool(data.neat_packing)
+        neat, examples = bool(data.neat_packing), split != "train"
         return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets, pad,
-                                                                           neat=neat), **order)
+                                                                           neat=neat, examples=examples), **order)
     return Loader(len(examples), examples.example_lengths(), lambda indices: pad_examples([(examples, indices)], pad),
                   **order)
 

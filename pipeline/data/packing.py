@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.data.tokenize import IGNORE
 
 PAD_SEGMENT = -1  # padding at the end of a row: a segment of its own that no real token attends to
+EXAMPLE_KEY = "example_ids"  # a val batch of packed rows: each position's example within its row (collate_packs)
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,11 @@ def pack_examples(sizes: np.ndarray, capacity: int) -> Packs:
 
 
 def collate_packs(packs: Packs, indices: np.ndarray, ids: np.ndarray, trainable: np.ndarray, offsets: np.ndarray,
-                  pad_id: int, *, neat: bool) -> dict:
+                  pad_id: int, *, neat: bool, examples: bool = False) -> dict:
     """Rows for the packs `indices`: input_ids, labels, attention_mask (B, T) with T the fullest row;
-    with `neat` also segment_ids and position_ids (restarting per example)."""
+    with `neat` also segment_ids and position_ids (restarting per example); with `examples` (a val split) also
+    which example of its row each position holds, under EXAMPLE_KEY, neat or not: compute_accuracy scores each
+    example (pipeline.train.accuracy). The model never reads that key (MODEL_KEYS)."""
     import torch
 
     width = int(packs.fill[indices].max())
@@ -101,6 +104,8 @@ def collate_packs(packs: Packs, indices: np.ndarray, ids: np.ndarray, trainable:
     if neat:
         batch["segment_ids"] = torch.from_numpy(segments)
         batch["position_ids"] = torch.from_numpy(positions)
+    if examples:
+        batch[EXAMPLE_KEY] = torch.from_numpy(segments)
     return batch
 
 

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Buckets, Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
-from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_tokens
+from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_sum_argmax, head_cross_entropy_tokens
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.neftune import neftune_noise
@@ -289,6 +289,7 @@ class GPTModel(nn.Module):
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
         last_only: bool = False,
+        predict: bool = False,
     ) -> Any:
         """Logits (B, T, V); (logits, cache) with use_cache; with labels the loss instead.
 
@@ -304,7 +305,8 @@ class GPTModel(nn.Module):
         causal mask; pass position_ids restarting at 0 per segment). labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
         labels the output head runs only at the labelled positions, returning the mean
-        cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches.
+        cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches; with predict
+        (evaluation, reduction="sum") also the argmax token at each labelled position, (sum, count, predicted).
         """
         b, t = input_ids.shape
         cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
@@ -331,18 +333,25 @@ class GPTModel(nn.Module):
             x = checkpoint(block, x, mask, None, rope, use_reentrant=False) if recompute else block(x, mask, cache, rope)
         x = self.norm(x)
         if labels is not None:
-            return self.loss(x, labels, reduction)
+            return self.loss(x, labels, reduction, predict)
         logits = self.lm_head(x[:, -1:] if last_only else x)
         return (logits, cache) if use_cache else logits
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> Any:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", predict: bool = False) -> Any:
         """Cross-entropy with the head computed only where labels != -100 (same value as over full logits).
 
         reduction="none": per-token cross-entropy (B, T) in fp32, 0 where labels == -100 (a preference loss
-        sums it per sequence into log-probabilities).
+        sums it per sequence into log-probabilities). predict (reduction="sum", no gradients): (sum, count,
+        predicted), predicted the argmax token at each labelled position in labels[labels != -100] order
+        (compute_accuracy, pipeline.train.accuracy).
         """
         keep = labels != IGNORE_INDEX
         targets = labels[keep]
+        if predict:
+            if reduction != "sum":
+                raise ValueError(f"predict needs reduction='sum', got {reduction!r}")
+            total, predicted = head_cross_entropy_sum_argmax(self.lm_head, hidden[keep], targets)
+            return total, targets.numel(), predicted
         if reduction == "none":
             per_token = head_cross_entropy_tokens(self.lm_head, hidden[keep], targets)
             return torch.zeros(labels.shape, dtype=per_token.dtype, device=labels.device).masked_scatter(keep, per_token)

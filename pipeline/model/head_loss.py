@@ -46,9 +46,15 @@ def fused_applies(head: nn.Module, hidden: torch.Tensor) -> bool:
 
 def chunkable(head: nn.Module, hidden: torch.Tensor) -> bool:
     """The head is a frozen, unpartitioned bias-free Linear in the hidden states' dtype (bf16/fp32), no autocast."""
+    return direct_weight(head, hidden) and not head.weight.requires_grad
+
+
+def direct_weight(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """hidden @ head.weight.T is exactly head(hidden): a bias-free, unpartitioned Linear (not a LoRA wrapper) in
+    the hidden states' dtype (bf16/fp32), no autocast. Without gradients (evaluation) that is all row blocks need."""
     weight = getattr(head, "weight", None)
-    return (not _PLAIN.get() and type(head) in (nn.Linear, Linear) and head.bias is None  # not a LoRA wrapper
-            and weight is not None and not weight.requires_grad and not hasattr(weight, "ds_id")
+    return (not _PLAIN.get() and type(head) in (nn.Linear, Linear) and head.bias is None
+            and weight is not None and not hasattr(weight, "ds_id")
             and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float32)
             and not torch.is_autocast_enabled(hidden.device.type))
 
@@ -73,13 +79,35 @@ def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: to
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+@torch.no_grad()
+def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor,
+                                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation with compute_accuracy: the summed cross-entropy of head(hidden) (N, V) against targets (N,) and
+    each row's argmax token (N,), without gradients.
+
+    The argmax is all that accuracy needs of the logits (LLaMA-Factory's eval_logit_processor keeps it alone for
+    the same reason: memory). Where the weight can be used directly, both come from row blocks, so the (N x V)
+    fp32 logits never exist at once; otherwise (a LoRA-wrapped or ZeRO-3-partitioned head) from one call of the
+    head, as the evaluation without accuracy computes the loss. torch.argmax keeps the first of equal maxima, as
+    LLaMA-Factory's does.
+    """
+    if direct_weight(head, hidden):
+        predicted = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
+        return _chunked_tokens(hidden, head.weight, targets, None, predicted).sum(), predicted
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="sum"), logits.argmax(dim=-1)
+
+
 def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    grad_hidden: torch.Tensor | None) -> torch.Tensor:
-    """Per-token losses by row blocks; fills grad_hidden (d loss_i / d hidden_i) when given."""
+                    grad_hidden: torch.Tensor | None, predicted: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token losses by row blocks; fills grad_hidden (d loss_i / d hidden_i) and predicted (each row's argmax)
+    when given."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
         logits = (hidden[rows] @ weight.T).float()  # the same bf16 matmul as head(hidden), then fp32
+        if predicted is not None:  # before the shift below: subtracting the maximum can round others up to it
+            predicted[rows] = logits.argmax(dim=1)
         target = targets[rows]
         target_logit = logits.gather(1, target[:, None])
         shift = logits.amax(dim=1, keepdim=True)

@@ -115,6 +115,7 @@ class TrainArgs:
     eval_strategy: str | None
     eval_steps: int | None
     do_eval: bool | None
+    compute_accuracy: bool  # eval_accuracy beside eval_loss (pipeline.train.accuracy)
     nan_policy: str
     fp16: bool
     bf16: bool

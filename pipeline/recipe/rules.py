@@ -206,6 +206,12 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
     "train_on_prompt": {"pt": "pt has no prompt: every token is trained",
                         "dpo": "dpo scores the responses only; the prompt is never part of the loss"},
     "mask_history": {"pt": "pt has no conversation turns"},
+    # LLaMA-Factory wires its ComputeAccuracy into the sft workflow only, and ignores the key elsewhere
+    "compute_accuracy": {"pt": "token accuracy is computed for stage sft only, as in LLaMA-Factory; pt's evaluation "
+                               "reports eval_loss and eval_perplexity",
+                         "dpo": "token accuracy is computed for stage sft only, as in LLaMA-Factory; dpo's evaluation "
+                                "reports eval_rewards/accuracies, how often the chosen response out-scores the "
+                                "rejected one"},
 }
 
 

@@ -17,6 +17,7 @@ from pipeline.io import write_json, write_text
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
 ACCURACY_PLOT_FILE = "training_rewards_accuracies.png"  # stage dpo (LLaMA-Factory plots it under this name)
+EVAL_ACCURACY_PLOT_FILE = "training_eval_accuracy.png"  # compute_accuracy (LLaMA-Factory's name for it too)
 RESULTS_FILE = "all_results.json"
 
 
@@ -149,7 +150,7 @@ def format_record(record: Mapping[str, Any]) -> str:
     if "epoch" in record:
         parts.append(f"epoch {record['epoch']:.2f}")
     for key, fmt in (("loss", "{:.4f}"), ("l1", "{:.4g}"), ("eval_loss", "{:.4f}"), ("eval_perplexity", "{:.2f}"),
-                     ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"), ("loss_scale", "{:g}"),
+                     ("eval_accuracy", "{:.4f}"), ("lr", "{:.3e}"), ("grad_norm", "{:.3f}"), ("loss_scale", "{:g}"),
                      ("tokens_per_s", "{:.0f}")):
         if record.get(key) is not None:
             parts.append(f"{key} {fmt.format(record[key])}")

@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-from pipeline.data.packing import model_inputs
+from pipeline.data.packing import EXAMPLE_KEY, model_inputs
 from pipeline.recipe.args import TrainArgs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
+from pipeline.train.accuracy import example_accuracy_sums
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step_profile import StepProfiler
 
@@ -393,19 +394,29 @@ def evaluates(train: TrainArgs) -> bool:
     return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
 
 
-def evaluate(engine: Any, loader: Any) -> dict[str, float]:
-    """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity."""
+def evaluate(engine: Any, loader: Any, accuracy: bool = False) -> dict[str, float]:
+    """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity; with `accuracy`
+    (compute_accuracy) also eval_accuracy, the mean over all ranks' examples of each one's token accuracy
+    (pipeline.train.accuracy). Without it the forward is the one it always was."""
     import torch
 
     engine.eval()
-    total, count = 0.0, 0
+    total, count, scores, examples = 0.0, 0, 0.0, 0
     with torch.no_grad():
         for batch in loader:
             batch = _to_device(batch, engine.device)
-            loss_sum, n = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
-            total += float(loss_sum)
-            count += int(n)
+            out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
+                         **({"predict": True} if accuracy else {}))
+            total += float(out[0])
+            count += int(out[1])
+            if accuracy:
+                score, scored = example_accuracy_sums(batch["labels"], out[2], batch.get(EXAMPLE_KEY))
+                scores += score
+                examples += scored
     engine.train()
-    total, count = dist.all_sum([total, count])
+    total, count, scores, examples = dist.all_sum([total, count, scores, examples])
     loss = total / max(count, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+    if accuracy:
+        metrics["eval_accuracy"] = scores / max(examples, 1)
+    return metrics

@@ -114,8 +114,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     if dist.is_main():
         write_run_files(r, output_dir)
         print_plan(r, model, loader, resume, state)
-        for notice in notices:
-            print(notice, file=sys.stderr, flush=True)
+        for notice in [*notices, accuracy_notice(r, val_loader is not None)]:
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
 
     exporter = Exporter(engine, r["model_name_or_path"], r["finetuning_type"],
                         lambda: quietly(build_model, *recipe_args(r)),
@@ -131,7 +132,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     with one_step or StopRequest() as stop:
         evaluate_now = None
         if val_loader is not None:
-            evaluate_now = (lambda: objective.evaluate(val_loader)) if objective else (lambda: evaluate(engine, val_loader))
+            evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
+                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy)))
         trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums()),
                           log=log, stop=stop,
@@ -231,6 +233,17 @@ def enable_features(model: Any, r: Mapping[str, Any]) -> None:
         hostmem.tune_malloc()  # memory first: freed activations go back to the system (pipeline.runtime.hostmem)
     if r["neftune_noise_alpha"]:
         model.set_neftune(float(r["neftune_noise_alpha"]))
+
+
+def accuracy_notice(r: Mapping[str, Any], evaluating: bool) -> str | None:
+    """compute_accuracy in a run that evaluates nothing (no val split, or eval_strategy no and do_eval false):
+    LLaMA-Factory's Trainer then never calls the metric and says nothing; here the user hears why no
+    eval_accuracy will be logged."""
+    if not r["compute_accuracy"] or evaluating:
+        return None
+    return (f"notice: {checkpoint.where(r, 'compute_accuracy')}: accepted without effect: this run evaluates "
+            "nothing, so no eval_accuracy is logged; hold out rows (val_size) or name an eval_dataset, with "
+            "eval_strategy / eval_steps or do_eval")
 
 
 def precision_notice(r: Any) -> None:
@@ -502,6 +515,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "train_loss": last.get("loss"),
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
+        **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] else {}),
         "num_train_examples": loader.num_examples,
         "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)
         "total_steps": r["total_steps"],
@@ -518,4 +532,6 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         if r["stage"] == "dpo":  # how often the chosen response out-scores the rejected one, as LLaMA-Factory plots
             plot_curve(records, "rewards/accuracies", RunLayout(output_dir).accuracy_plot,
                        title=f"{name}: reward accuracy")
+        if r["compute_accuracy"]:  # eval_accuracy, as LLaMA-Factory's sft plots it beside eval_loss
+            plot_curve(records, "accuracy", RunLayout(output_dir).eval_accuracy_plot, title=f"{name}: eval accuracy")
     print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

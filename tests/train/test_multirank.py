@@ -20,9 +20,13 @@ REPO = Path(__file__).resolve().parents[2]
     # pt_stride 16 gives the val split 6 windows: no padding copies on 2 ranks, so eval sees the same examples
     (BASE_PT, dict(pt_stride=16, zero_stage=2)),
     # answers of 1-12 words: the ranks' micro-batches carry different numbers of trained tokens, and the update
-    # still weighs every token the same (a mean per rank, averaged, gave 11.96876 against 11.96974); on ZeRO-3,
-    # whose gradients are reduced and partitioned by DeepSpeed's own path
-    (BASE_SFT, dict(dataset="varied_sft", val_size=4, finetuning_type="full", zero_stage=3)),
+    # still weighs every token the same (at learning_rate 1e-3 a mean per rank, averaged, gave 11.96876 against
+    # 11.96974); on ZeRO-3, whose gradients are reduced and partitioned by DeepSpeed's own path. eval_accuracy
+    # (compute_accuracy; ZeRO-3 partitions the head, so its argmax comes from one head call) is the mean over both
+    # ranks' examples: 5 held out, so rank 1 evaluates a padding copy that must not count; learning_rate 3e-2 gets
+    # some answer tokens right by step 2, so the accuracies are not all 0
+    (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
+                    learning_rate=3e-2)),
 ], ids=["pt-zero2", "sft-varied-lengths-zero3"])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir, base, stage_keys):
     keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, **stage_keys)
@@ -42,6 +46,9 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
     assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-4)
     assert [r["eval_loss"] for r in log_two if "eval_loss" in r] == \
         pytest.approx([r["eval_loss"] for r in log_one if "eval_loss" in r], rel=1e-4)
+    accuracies = [r.get("eval_accuracy") for r in log_one if "eval_loss" in r]
+    assert all(accuracies) if base is BASE_SFT else accuracies == [None, None]
+    assert [r.get("eval_accuracy") for r in log_two if "eval_loss" in r] == pytest.approx(accuracies, abs=1e-9)
     assert [r["tokens_seen"] for r in log_two] == [r["tokens_seen"] for r in log_one]  # counted over both ranks
     ckpt = out / "checkpoint-4"
     assert (ckpt / "rng" / "rank-0.safetensors").is_file() and (ckpt / "rng" / "rank-1.safetensors").is_file()
