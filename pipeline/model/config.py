@@ -43,7 +43,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: str = "learned"       # learned table (GPT-2) | rope (rotary, computed per position: no table)
     rope_theta: float = 10000.0
-    rope_scaling: Mapping[str, Any] | None = None  # {"type": "linear" | "llama3", "factor": .., ...}
+    rope_scaling: Mapping[str, Any] | None = None  # {"type": "linear" | "llama3" | "yarn", "factor": ..}
     mlp: str = "gelu"                # gelu: up -> GELU(tanh) -> down | swiglu: down(silu(gate) * up)
     ffn_dim: int | None = None       # hidden width of the MLP; None means 4 * emb_dim (GPT-2)
     mlp_bias: bool = True

@@ -110,7 +110,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3)}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(BY_ARCHITECTURE)
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -182,7 +182,7 @@ def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float
     Our merged config.json writes both spellings, so a user's edit of rope_scaling there (Qwen2.5's YaRN
     recipe, a llama3 factor) is what transformers runs: reading rope_parameters first ignored it silently.
     """
-    params, key = raw.get("rope_scaling"), "rope_scaling"
+    params, key, before = raw.get("rope_scaling"), "rope_scaling", len(problems)
     if params and not isinstance(params, dict):
         problems.append(f"{path}: rope_scaling is {params!r}; expected an object or null")
         return 10000.0, None
@@ -196,13 +196,36 @@ def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float
         return theta, None
     if kind == "default":
         return theta, None
-    wanted = ("factor",) if kind == "linear" else ("factor", "low_freq_factor", "high_freq_factor",
-                                                   "original_max_position_embeddings")
-    missing = [k for k in wanted if not isinstance(params.get(k), (int, float)) or isinstance(params.get(k), bool)]
-    if missing:
-        problems += [f"{path}: {key}.{k} is missing or not a number (rope_type {kind} needs it)" for k in missing]
+    if kind == "yarn":
+        params = _yarn_window(raw, params)
+    wanted = _ROPE_KEYS[kind]
+    missing = [k for k in wanted if not _number(params.get(k))]
+    problems += [f"{path}: {key}.{k} is missing or not a number (rope_type {kind} needs it)" for k in missing]
+    optional = {k: params[k] for k in _ROPE_OPTIONAL.get(kind, ()) if params.get(k) is not None}
+    problems += [f"{path}: {key}.{k} is {v!r}; expected a number" for k, v in optional.items()
+                 if k != "truncate" and not _number(v)]
+    if not isinstance(optional.get("truncate", True), bool):
+        problems.append(f"{path}: {key}.truncate is {optional['truncate']!r}; expected true or false")
+    if len(problems) > before:
         return theta, None
-    return theta, {"type": kind, **{k: params[k] for k in wanted}}
+    return theta, {"type": kind, **{k: params[k] for k in wanted}, **optional}
+
+
+_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings"),
+              "yarn": ("factor", "original_max_position_embeddings")}
+_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _yarn_window(raw: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """YaRN's original_max_position_embeddings as transformers 5 standardises it: a top-level key of that name
+    wins (Phi-3's spelling), then the rope dict's, then max_position_embeddings (a factor-only Qwen2.5 edit)."""
+    window = raw.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
+    return {**params, "original_max_position_embeddings": window or raw.get("max_position_embeddings")}
 
 
 def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:

@@ -3,7 +3,7 @@
 Family differences are ModelConfig fields, never family checks in this file:
 
     norm        LayerNorm (GPT-2) | RMSNorm (Llama, Qwen)
-    positions   learned table (GPT-2) | RoPE with theta and scaling (Llama 3.1/3.2's "llama3")
+    positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN)
     mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
                 per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three
@@ -29,6 +29,7 @@ from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.neftune import neftune_noise
+from pipeline.model.rope import rope_attention_factor, rope_inv_freq  # noqa: F401 (re-export)
 
 IGNORE_INDEX = -100
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
@@ -101,31 +102,13 @@ class FeedForward(nn.Module):
 # Rotary position embedding
 # ---------------------------------------------------------------------------------------------
 
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """theta^(-2j/d) per frequency j, rescaled per cfg.rope_scaling (Llama 3.1's "llama3" smooth interpolation:
-    long wavelengths slowed by `factor`, short ones kept, a linear blend between)."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-    s = dict(cfg.rope_scaling or {})
-    if s.get("type") == "linear":
-        return inv / s["factor"]
-    if s.get("type") == "llama3":
-        old, factor = s["original_max_position_embeddings"], s["factor"]
-        low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, blended, scaled)
-    return inv
-
-
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
-    """cos and sin for exactly these positions (no table: a 131,072-token context costs nothing at load)."""
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> Rope:
+    """cos and sin for exactly these positions (no table: a 131,072-token context costs nothing at load), times
+    `scale` (YaRN's attention factor) in fp32 before the cast, as transformers' rotary embedding does."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -275,7 +258,7 @@ class GPTModel(nn.Module):
             return None
         if self._inv_freq is None or self._inv_freq.device != position_ids.device:
             self._inv_freq = rope_inv_freq(self.cfg, position_ids.device)
-        return rope_cos_sin(self._inv_freq, position_ids, dtype)
+        return rope_cos_sin(self._inv_freq, position_ids, dtype, rope_attention_factor(self.cfg))
 
     def forward(
         self,

@@ -1,0 +1,81 @@
+"""Rotary frequencies per rope type, as transformers' modeling_rope_utils computes them.
+
+Two facts per model: the inverse frequency of each rotary pair, and the factor cos and sin are multiplied
+by (YaRN's attention temperature; 1 for the others). Both are pure functions of the config, computed once
+per device, so training, the KV-cache generate path and every attention kernel see the same rotation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from pipeline.model.config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """theta^(-2j/d) per frequency j, rescaled per cfg.rope_scaling: linear (all slowed by `factor`), llama3
+    (Llama 3.1's smooth interpolation: long wavelengths slowed, short ones kept, a linear blend between) or
+    yarn (the same idea with the blend over rotation counts, transformers' _compute_yarn_parameters)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    s = dict(cfg.rope_scaling or {})
+    if s.get("type") == "linear":
+        return inv / s["factor"]
+    if s.get("type") == "llama3":
+        return _llama3(inv, s)
+    if s.get("type") == "yarn":
+        return _yarn(cfg.rope_theta, d, s, device)
+    return inv
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """What cos and sin are multiplied by: YaRN's attention_factor when given, else 0.1 ln(factor) + 1 (the
+    paper's sqrt(1/t)), or the DeepSeek form mscale(factor, mscale) / mscale(factor, mscale_all_dim) when
+    both are set and non-zero; 1 for every other rope type."""
+    s = dict(cfg.rope_scaling or {})
+    if s.get("type") != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return _mscale(s["factor"], s["mscale"]) / _mscale(s["factor"], s["mscale_all_dim"])
+    return _mscale(s["factor"])
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _llama3(inv: torch.Tensor, s: Mapping[str, Any]) -> torch.Tensor:
+    old, factor = s["original_max_position_embeddings"], s["factor"]
+    low_wavelen, high_wavelen = old / s["low_freq_factor"], old / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def _yarn(base: float, d: int, s: Mapping[str, Any], device: torch.device | None) -> torch.Tensor:
+    """Frequencies that turn fewer than beta_slow times over the original window are interpolated (divided
+    by factor), those turning more than beta_fast times are kept, a linear ramp over the pair index between;
+    the ramp's ends are floored / ceiled unless truncate is false (defaults 32, 1, true as in transformers)."""
+    factor, old = s["factor"], s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def pair(rotations: float) -> float:  # the (fractional) pair index that turns `rotations` times over `old`
+        return (d * math.log(old / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = pair(beta_fast), pair(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = base ** (torch.arange(0, d, 2).to(device=device, dtype=torch.float) / d)
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(device)
+    keep = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
