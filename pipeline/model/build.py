@@ -19,6 +19,7 @@ from pipeline.model.config import PRESETS, ModelConfig, freeze_trainable_names, 
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora
+from pipeline.model.rope_recipe import recipe_rope
 from pipeline.model.weights import checkpoint_tensors, load_model, note
 
 KINDS = ("base", "adapter", "model", "merged")
@@ -34,6 +35,8 @@ class ModelArgs:
     context_length: int | None
     qkv_bias: bool | None
     tie_word_embeddings: bool | None
+    rope_scaling: str | None = None  # LLaMA-Factory's rope_scaling type (pipeline.model.rope_recipe)
+    cutoff_len: int = 0              # the input length rope_scaling is measured against
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ class FinetuneArgs:
 
 
 def recipe_config(args: ModelArgs) -> ModelConfig:
-    """The base model's config with the recipe's overrides (null keeps the preset/checkpoint value)."""
-    cfg = read_config(args.model_name_or_path)
+    """The base model's config with the recipe's overrides (null keeps the preset/checkpoint value) and its
+    rope_scaling (which sets the context length: resolve derives the same value into context_length)."""
+    cfg = recipe_rope(read_config(args.model_name_or_path), args.rope_scaling, args.cutoff_len).config
     changes: dict[str, Any] = {"drop_rate": float(args.dropout)}
     for value, field in ((args.context_length, "context_length"), (args.qkv_bias, "qkv_bias"),
                          (args.tie_word_embeddings, "tie_weights")):

@@ -71,10 +71,26 @@ def run_name_notice(r: Any) -> str | None:
             f"({r['report_to']}) sends nothing there")
 
 
+def rope_scaling_notice(r: Any) -> str | None:
+    """rope_scaling changes the model's positions (or, within the window, nothing): say which, as LLaMA-Factory
+    logs "Using yarn scaling strategy and setting scaling factor to 4.0" or "Disabling rope scaling"."""
+    if r["rope_scaling"] is None:
+        return None
+    from pipeline.model.rope_recipe import recipe_rope, rope_notice
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(r["model_name_or_path"])
+    if info is None:
+        return None
+    plan = recipe_rope(info.config, r["rope_scaling"], r["cutoff_len"])
+    return rope_notice(plan, r["rope_scaling"], r["cutoff_len"], r.origin("rope_scaling").where)
+
+
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides; dropout under stage dpo; run_name without wandb."""
-    out = [line for line in (template_notice(r), epochs_notice(r), run_name_notice(r)) if line]
+    epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set."""
+    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r))
+    out = [line for line in lines if line]
     out += dpo_dropout_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)

@@ -253,13 +253,15 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
         values["lora_alpha"], origins["lora_alpha"] = default_lora_alpha(values["lora_rank"]), DERIVED
     for key in _LIST_KEYS:
         values[key] = _normalise(key, values[key], spec.properties()[key])
-    if origins["cutoff_len"].kind == "default" and not {"model_name_or_path", "context_length"} & bad:
+    if (origins["cutoff_len"].kind == "default" and values["rope_scaling"] is None
+            and not {"model_name_or_path", "context_length"} & bad):
         from pipeline.recipe.modelinfo import model_info
 
         info = model_info(values["model_name_or_path"])
         context = values["context_length"] or (info.context_length if info else None)
         if context is not None and context < values["cutoff_len"]:  # the default never exceeds the model
             values["cutoff_len"], origins["cutoff_len"] = context, DERIVED
+    _derive_rope_context(values, origins, bad)
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} & bad:
         values["total_train_batch_size"] = None
     else:
@@ -269,6 +271,25 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
     n = None if {"dataset", "dataset_dir", "stage"} & bad else count_train_examples(values)
     _derive_steps_into(values, origins, n, bad)
     return problems
+
+
+def _derive_rope_context(values: dict[str, Any], origins: dict[str, Origin], bad: set[str]) -> None:
+    """rope_scaling raises the context length to window x factor (pipeline.model.rope_recipe, LLaMA-Factory's
+    configure_rope): derive it into context_length so that the cutoff check, plan and the memory estimate see
+    it. Left alone when the model cannot be read here, or when the scaling cannot apply (rule rope_scaling)."""
+    if values["rope_scaling"] is None or values["context_length"] is not None or \
+            {"rope_scaling", "cutoff_len", "model_name_or_path"} & bad:
+        return
+    from pipeline.model.rope_recipe import recipe_rope
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(values["model_name_or_path"])
+    try:
+        plan = recipe_rope(info.config, values["rope_scaling"], values["cutoff_len"]) if info else None
+    except UserError:
+        return
+    if plan is not None and plan.applied:
+        values["context_length"], origins["context_length"] = plan.config.context_length, DERIVED
 
 
 def count_train_examples(values: Mapping[str, Any]) -> int | None:

@@ -196,6 +196,30 @@ def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
+@rule("rope_scaling", "context_length", "cutoff_len", "model_name_or_path")
+def rope_scaling_applies(ctx: Context) -> list[tuple[str, str]]:
+    """rope_scaling sets the context length itself (window x factor), so an explicit one contradicts it; dynamic
+    NTK and a model without rotary positions are refused with the reason (pipeline.model.rope_recipe)."""
+    kind = ctx.values["rope_scaling"]
+    if kind is None:
+        return []
+    if ctx.origins["context_length"].kind in ("file", "cli"):
+        where = ctx.origins["context_length"].where
+        return [("rope_scaling", f"given {kind!r} together with context_length {ctx.values['context_length']} (at "
+                                 f"{where}): rope_scaling derives the context length from cutoff_len (window x "
+                                 "ceil(cutoff_len / window)); remove context_length, or rope_scaling")]
+    from pipeline.errors import UserError
+    from pipeline.model.rope_recipe import recipe_rope
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    try:
+        recipe_rope(info.config, kind, ctx.values["cutoff_len"]) if info else None
+    except UserError as err:
+        return [("rope_scaling", m.removeprefix("rope_scaling: ")) for m in err.messages]
+    return []
+
+
 # Keys that mean something in some stages only, and why each other stage cannot honour them: set there, they
 # would be ignored without a word (LLaMA-Factory refuses train_on_prompt and mask_history outside sft too).
 STAGE_ONLY: dict[str, dict[str, str]] = {

@@ -54,7 +54,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "additional_target", "freeze_trainable_layers", "zero_stage", "bf16", "fp16", "world_size",
           "per_device_train_batch_size",
           "gradient_accumulation_steps", "seed", "cutoff_len", "model_name_or_path", "adapter_name_or_path",
-          "context_length", "qkv_bias", "tie_word_embeddings", "dataset", "template", "train_on_prompt",
+          "context_length", "rope_scaling", "qkv_bias", "tie_word_embeddings", "dataset", "template", "train_on_prompt",
           "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",
           "neat_packing", "loraplus_lr_ratio", "disable_shuffling")
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
@@ -66,9 +66,10 @@ KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
-# cutoff_len the model's context when shorter than the default. When a source is reported, the derived value's
+# cutoff_len the model's context when shorter than the default, context_length window x factor under rope_scaling. When a source is reported, the derived value's
 # own change is that report again, about a key the user never wrote, so it is not said.
-DERIVED_FROM = {"lora_alpha": ("lora_rank",), "cutoff_len": ("context_length", "model_name_or_path")}
+DERIVED_FROM = {"lora_alpha": ("lora_rank",), "cutoff_len": ("context_length", "model_name_or_path"),
+                "context_length": ("rope_scaling", "cutoff_len", "model_name_or_path")}
 DATA_KEY = "training data"  # the sha256 of every built train.json, saved beside the recipe values
 FILES_KEY = "training files"  # every built file the train split reads (a val.json too) -> its sha256, in order
 # pt / sft since 2026-12-05: an update's loss is over all its labelled tokens (pipeline.train.loop.step_scale);

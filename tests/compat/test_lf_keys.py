@@ -140,7 +140,7 @@ REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_to
            "torch_compile": ("true", "torch.compile is not used here"),
            "new_special_tokens": ("'<tool>'", "adding tokens to the tokenizer is not implemented"),
            "resize_vocab": ("true", "resizing the vocabulary and embeddings is not implemented"),
-           "rope_scaling": ("linear", "RoPE scaling (linear, dynamic, yarn, llama3) set from the recipe is not"),
+           "rope_scaling": ("yarn", "a gpt2 model has learned positions (no rotary embedding to scale)"),
            "freeze_trainable_modules": ("mlp", "use finetuning_type: lora with lora_target naming them"),
            "freeze_extra_modules": ("embed_tokens", "finetuning_type: lora with additional_target trains such"),
            "label_smoothing_factor": ("0.1", "label smoothing is not implemented"),
