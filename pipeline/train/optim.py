@@ -1,13 +1,16 @@
-"""The client optimizer handed to DeepSpeed: torch AdamW, weight decay only on matrices, fused kernel.
+"""The client optimizer handed to DeepSpeed: torch AdamW, weight decay on matrices (and DoRA's magnitudes), fused kernel.
 
 Biases, LayerNorm gains and other 1-D parameters are not decayed (GPT-2 / nanoGPT practice): shrinking a
-norm's gain towards 0 is not regularisation. LoRA's A and B are matrices and are decayed. DeepSpeed wraps
-this optimizer (fp32 master weights under bf16/fp16, ZeRO partitioning) and steps it.
+norm's gain towards 0 is not regularisation. LoRA's A and B are matrices and are decayed. DoRA's magnitude
+vector is 1-D but decayed: transformers' Trainer (get_decay_parameter_names) and LLaMA-Factory exempt only biases
+and LayerNorm weights, so PEFT's lora_magnitude_vector is decayed there, and a DoRA recipe with weight_decay
+should train as it does there. DeepSpeed wraps this optimizer (fp32 master weights under bf16/fp16, ZeRO
+partitioning) and steps it.
 
 LoRA+ (`loraplus_lr_ratio`, Hayou et al. 2024) splits the groups as LLaMA-Factory 0.9.5's
 `_create_loraplus_optimizer` does (train/trainer_utils.py): B gets learning_rate x loraplus_lr_ratio, A and every
-other matrix learning_rate, and the 1-D parameters go with B (its lr, not decayed; LLaMA-Factory: "lora_B in name
-or ndim == 1"). Its fourth group, LoRA on embedding layers (`lora_embedding_B`, at loraplus_lr_embedding), has no
+other matrix learning_rate, and the 1-D parameters go with B (its lr, not decayed, DoRA's magnitudes decayed;
+LLaMA-Factory: "lora_B in name or ndim == 1", decayed unless a bias or a LayerNorm's). Its fourth group, LoRA on embedding layers (`lora_embedding_B`, at loraplus_lr_embedding), has no
 parameters here: lora_target selects Linear layers only, and an additional_target embedding trains in full at
 learning_rate, as a modules_to_save embedding does there. Each group carries its own `lr`; the schedule's LambdaLR
 multiplies every group's initial lr by the same factor, so the ratio holds at every step.
@@ -28,6 +31,7 @@ from pipeline.recipe.args import TrainArgs
 
 FUSED_DEVICES = ("cpu", "cuda")
 LORA_B = ("lora", "B")  # the last two parts of a LoRALayer B's name (pipeline.model.lora): LoRA+'s faster matrix
+DORA_MAGNITUDE = "magnitude"  # the last part of LinearWithDoRA's magnitude vector's name: 1-D, decayed, LoRA+'s fast
 
 
 def _ndim(param: Any) -> int:
@@ -40,8 +44,9 @@ def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float, l
     """AdamW groups over the trainable parameters, empty ones left out, in a fixed order (a resume re-derives
     each group's lr and decay from it: pipeline.train.checkpoint.apply_changes).
 
-    Plain: decayed matrices, undecayed vectors. LoRA+: A and other matrices (lr, decayed), B (lr x ratio,
-    decayed), vectors (lr x ratio, not decayed). `lr` is set per group when learning_rate is given."""
+    Plain: decayed matrices (and DoRA's magnitudes), undecayed vectors. LoRA+: A and other matrices (lr, decayed),
+    B and DoRA's magnitudes (lr x ratio, decayed), vectors (lr x ratio, not decayed). `lr` is set per group when
+    learning_rate is given."""
     lr = learning_rate if learning_rate is not None else 0.0
     fast = lr * loraplus_lr_ratio if loraplus_lr_ratio is not None else lr
     groups: list[dict[str, Any]] = [{"params": [], "weight_decay": weight_decay, "lr": lr},
@@ -50,9 +55,11 @@ def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float, l
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        if _ndim(param) < 2:
+        parts = tuple(name.split("."))
+        magnitude = parts[-1] == DORA_MAGNITUDE
+        if _ndim(param) < 2 and not magnitude:
             groups[2]["params"].append(param)
-        elif loraplus_lr_ratio is not None and tuple(name.split(".")[-2:]) == LORA_B:
+        elif loraplus_lr_ratio is not None and (parts[-2:] == LORA_B or magnitude):
             groups[1]["params"].append(param)
         else:
             groups[0]["params"].append(param)
@@ -81,7 +88,7 @@ def describe(groups: list[dict[str, Any]]) -> str:
 
 
 def make_optimizer(model: Any, train: TrainArgs) -> Any:
-    """AdamW over the trainable parameters, weight decay on matrices only (param_groups), fused where torch has it."""
+    """AdamW over the trainable parameters, weight decay on matrices and DoRA's magnitudes (param_groups), fused where torch has it."""
     import torch
 
     groups = train_groups(model.named_parameters(), train)

@@ -47,10 +47,10 @@ def lf_rule(model, lr: float, ratio: float, weight_decay: float) -> dict[str, tu
     return out
 
 
-def ours(path, **keys):
+def ours(path, use_dora=False, **keys):
     """Our model as `train` builds it: the checkpoint, LoRA on every Linear, the final norm trained in full."""
     ft = FinetuneArgs(finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all",
-                      use_rslora=False, use_dora=False, additional_target=["ln_f"], freeze_trainable_layers=1,
+                      use_rslora=False, use_dora=use_dora, additional_target=["ln_f"], freeze_trainable_layers=1,
                       adapter_name_or_path=None, seed=3)
     model = apply_finetuning_type(load_model(path), ft)
     args = train_args({"learning_rate": LR, "weight_decay": DECAY, "loraplus_lr_ratio": RATIO,
@@ -88,6 +88,28 @@ def test_groups_are_llamafactorys_over_the_same_peft_model(hf_dir):
     want = Counter((round(lr, 12), wd, sizes[n].numel()) for n, (lr, wd) in theirs.items())
     have = Counter((round(g[0], 12), g[1], named_p.numel()) for named_p in named.values() if named_p.requires_grad
                    for g in [got[id(named_p)]])
+    assert have == want
+
+
+@pytest.mark.parametrize("ratio", [RATIO, None], ids=["loraplus", "plain"])
+def test_dora_magnitudes_are_grouped_as_llamafactory_and_transformers_do(hf_dir, ratio):
+    """DoRA's magnitude vector is 1-D but neither a bias nor a LayerNorm gain: LLaMA-Factory's LoRA+ rule puts it
+    with B (lr x ratio) and decays it, and without LoRA+ transformers' Trainer (get_decay_parameter_names, the
+    same names) decays it at learning_rate. Golden: both rules over PEFT's DoRA model of the same adapter."""
+    peft = pytest.importorskip("peft")
+    path, hf = hf_dir
+    model, args = ours(path, use_dora=True, loraplus_lr_ratio=ratio)
+    named = dict(model.named_parameters())
+    got = table(make_optimizer(model, args))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["ln_f"],
+                             fan_in_fan_out=True, use_dora=True)
+    theirs_model = peft.get_peft_model(hf, config)
+    theirs = lf_rule(theirs_model, LR, ratio or 1.0, DECAY)
+    sizes = dict(theirs_model.named_parameters())
+    magnitudes = [n for n in theirs if "lora_magnitude_vector" in n]
+    assert magnitudes and all(theirs[n] == pytest.approx((LR * (ratio or 1.0), DECAY)) for n in magnitudes)
+    want = Counter((round(lr, 12), wd, sizes[n].numel()) for n, (lr, wd) in theirs.items())
+    have = Counter((round(g[0], 12), g[1], p.numel()) for p in named.values() if p.requires_grad for g in [got[id(p)]])
     assert have == want
 
 
