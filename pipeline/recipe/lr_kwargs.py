@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.recipe.check import show
+
 SCHEDULE = "cosine_with_min_lr"
 EXAMPLE = "{min_lr_rate: 0.1}"
 
@@ -47,8 +49,10 @@ def floor_ratio(schedule: str, kwargs: Any, learning_rate: float) -> float | Non
     if (rate is None) == (floor is None):
         raise ValueError("set exactly one of min_lr_rate (a fraction of learning_rate) and min_lr (a learning rate)"
                          f", as transformers requires: {EXAMPLE}")
-    ratio = rate if floor is None else floor / learning_rate
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        raise ValueError(f"the floor must be between 0 and learning_rate ({learning_rate:g}); min_lr_rate {rate!r},"
-                         f" min_lr {floor!r} give a ratio of {ratio!r}")
-    return float(ratio)
+    key, value, top = ("min_lr_rate", rate, 1.0) if floor is None else ("min_lr", floor, learning_rate)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= top:
+        what, bound = (("a fraction of learning_rate", "1") if floor is None
+                       else ("a learning rate", f"learning_rate ({learning_rate:g})"))
+        raise ValueError(f"{key} is the floor as {what}, expected a number from 0 to {bound} (given {show(value)}); "
+                         f"for example {EXAMPLE}")
+    return float(value / top)

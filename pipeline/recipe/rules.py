@@ -678,7 +678,7 @@ def scheduler_kwargs(ctx: Context) -> list[tuple[str, str]]:
     try:
         ratio = lr_kwargs.floor_ratio(schedule, kwargs, ctx.values["learning_rate"])
     except (ValueError, TypeError) as err:
-        return [("lr_scheduler_kwargs", f"given {kwargs!r}: {err}")]
+        return [("lr_scheduler_kwargs", f"given {show(kwargs)}: {err}")]
     user_floor = ctx.origins["min_lr_ratio"].kind in ("file", "cli")
     if ratio is not None and user_floor and ctx.values["min_lr_ratio"] != ratio:
         return [("min_lr_ratio", (f"is {ctx.values['min_lr_ratio']:g} but lr_scheduler_kwargs give a floor of "

@@ -57,6 +57,18 @@ CASES = [
     Case("bad enum, other", {"r.yaml": BASE + "lr_scheduler_type: cosin\n"},
          ["r.yaml:5:20: lr_scheduler_type: given 'cosin', expected one of constant, linear, cosine, "
           "cosine_with_min_lr (did you mean 'cosine'?)"]),
+    Case("min_lr_rate out of range", {"r.yaml": BASE + "lr_scheduler_type: cosine_with_min_lr\n"
+                                                      "lr_scheduler_kwargs: {min_lr_rate: 2}\n"},
+         ["r.yaml:6:22: lr_scheduler_kwargs: given {min_lr_rate: 2}: min_lr_rate is the floor as a fraction of "
+          "learning_rate, expected a number from 0 to 1 (given 2); for example {min_lr_rate: 0.1}"], cli=True),
+    Case("min_lr above learning_rate", {"r.yaml": BASE + "lr_scheduler_type: cosine_with_min_lr\n"
+                                                        "learning_rate: 1.0e-4\nlr_scheduler_kwargs: {min_lr: 0.001}\n"},
+         ["r.yaml:7:22: lr_scheduler_kwargs: given {min_lr: 0.001}: min_lr is the floor as a learning rate, expected "
+          "a number from 0 to learning_rate (0.0001) (given 0.001); for example {min_lr_rate: 0.1}"]),
+    Case("min_lr not a number", {"r.yaml": BASE + "lr_scheduler_type: cosine_with_min_lr\n"
+                                                 "lr_scheduler_kwargs: {min_lr: abc}\n"},
+         ["r.yaml:6:22: lr_scheduler_kwargs: given {min_lr: 'abc'}: min_lr is the floor as a learning rate, expected "
+          "a number from 0 to learning_rate (5e-05) (given 'abc'); for example {min_lr_rate: 0.1}"]),
     Case("another name for a value", {"r.yaml": BASE + "pref_loss: dpo\n"},  # difflib would say 'ipo'
          ["r.yaml:5:12: pref_loss: given 'dpo', expected one of sigmoid, hinge, ipo, orpo, simpo (did you mean "
           "'sigmoid'? the DPO loss is named sigmoid here, as in LLaMA-Factory and trl)"], cli=True),
