@@ -114,7 +114,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     if dist.is_main():
         write_run_files(r, output_dir)
         print_plan(r, model, loader, resume, state)
-        for notice in [*notices, accuracy_notice(r, val_loader is not None)]:
+        for notice in [*notices, accuracy_notice(r, val_loader is not None and evaluates(args))]:
             if notice:
                 print(notice, file=sys.stderr, flush=True)
 

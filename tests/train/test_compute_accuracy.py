@@ -8,6 +8,7 @@ shift off by one or a prediction taken at the wrong position would each give ano
 """
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -133,3 +134,15 @@ def test_without_any_evaluation_a_notice_says_there_is_no_eval_accuracy(make_rec
     line = accuracy_notice(r, evaluating=False)
     assert re.match(r"notice: \S*run\.yaml:\d+: compute_accuracy: accepted without effect: ", line), line
     assert "no eval_accuracy is logged" in line and "val_size" in line
+
+
+def test_a_val_split_that_is_never_evaluated_gets_the_notice_too(make_recipe, capsys):
+    """Held-out rows with eval_strategy: no and do_eval: false evaluate nothing either: the notice must not depend
+    on the val split existing but on an evaluation happening."""
+    from pipeline.train.run import train
+
+    r = make_recipe(BASE_SFT, compute_accuracy=True, val_size=0.25, eval_strategy="no", do_eval=False, max_steps=1)
+    result = train(r)
+    assert result.exit_code == 0
+    assert json.loads((result.output_dir / "all_results.json").read_text())["eval_accuracy"] is None
+    assert "compute_accuracy: accepted without effect: this run evaluates nothing" in capsys.readouterr().err
