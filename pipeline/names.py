@@ -1,11 +1,12 @@
-"""Lists of names as recipes write them: `a,b`, `a, b` or `[a, b]` (datasets, LoRA target modules).
+"""Lists of names as recipes write them: `a,b`, `a, b` or `[a, b]` (datasets, LoRA target modules), and
+report_to's reporter names (read by the log and by the recipe's notices, so they live below both).
 
 LLaMA-Factory recipes write comma strings; YAML lists work too. Resolve turns the recipe's values into
 lists once; library functions called with plain values (unit tests, other callers) use the same rule.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 
 def split_names(value: str | Iterable[str] | None) -> list[str]:
@@ -14,3 +15,16 @@ def split_names(value: str | Iterable[str] | None) -> list[str]:
         return []
     parts = value.split(",") if isinstance(value, str) else value
     return [part.strip() for part in parts if part and part.strip()]
+
+
+REPORTERS = ("tensorboard", "wandb")
+
+
+def wanted_reporters(report_to: Any) -> list[str]:
+    """report_to as a list of reporter names ('all': every installed one; 'none': none)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    if "all" in names:
+        return [n for n in REPORTERS if importlib.util.find_spec(n) is not None]
+    return [n for n in names if n in REPORTERS]

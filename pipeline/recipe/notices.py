@@ -62,7 +62,7 @@ def dpo_dropout_notices(r: Any) -> list[str]:
 def run_name_notice(r: Any) -> str | None:
     """run_name names the wandb run (transformers uses it for its trackers); with no wandb in report_to it
     names nothing, which a ported recipe (LLaMA-Factory's users set it out of habit) should hear once."""
-    from pipeline.runtime.log import wanted_reporters
+    from pipeline.names import wanted_reporters
 
     origin = r.origin("run_name")
     if r["run_name"] is None or origin.kind not in ("file", "cli") or "wandb" in wanted_reporters(r["report_to"]):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipeline.io import write_json, write_text
+from pipeline.names import wanted_reporters
 
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
@@ -43,18 +44,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-REPORTERS = ("tensorboard", "wandb")
 RUNS_DIR = "runs"
-
-
-def wanted_reporters(report_to: Any) -> list[str]:
-    """report_to as a list of reporter names ('all': every installed one; 'none': none)."""
-    import importlib.util
-
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    if "all" in names:
-        return [n for n in REPORTERS if importlib.util.find_spec(n) is not None]
-    return [n for n in names if n in REPORTERS]
 
 
 class Reporters:

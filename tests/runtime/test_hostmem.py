@@ -72,6 +72,6 @@ def test_train_tunes_malloc_only_when_it_checkpoints(monkeypatch, disabled):
     calls = []
     monkeypatch.setattr(hostmem, "tune_malloc", lambda: calls.append(1) or True)
     model = Model()
-    enable_features(model, {"neat_packing": False, "disable_gradient_checkpointing": disabled})
+    enable_features(model, {"neat_packing": False, "disable_gradient_checkpointing": disabled, "neftune_noise_alpha": None})
     assert model.checkpointing is (not disabled)
     assert len(calls) == (0 if disabled else 1)

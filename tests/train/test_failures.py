@@ -32,8 +32,8 @@ def poison_forward(monkeypatch, call: int, value: float = math.nan) -> None:
     original = GPTModel.loss
     calls = {"n": 0}
 
-    def loss(self, hidden, labels, reduction="mean"):
-        out = original(self, hidden, labels, reduction)
+    def loss(self, hidden, labels, reduction="mean", *args):
+        out = original(self, hidden, labels, reduction, *args)
         if reduction == "sum" and torch.is_grad_enabled():  # training: (summed loss, labelled tokens)
             calls["n"] += 1
             if calls["n"] == call:
