@@ -273,6 +273,7 @@ class GPTModel(nn.Module):
         reduction: str = "mean",
         last_only: bool = False,
         predict: bool = False,
+        label_smoothing: float = 0.0,
     ) -> Any:
         """Logits (B, T, V); (logits, cache) with use_cache; with labels the loss instead.
 
@@ -290,6 +291,8 @@ class GPTModel(nn.Module):
         labels the output head runs only at the labelled positions, returning the mean
         cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches; with predict
         (evaluation, reduction="sum") also the argmax token at each labelled position, (sum, count, predicted).
+        label_smoothing (label_smoothing_factor, "mean" / "sum" only): each token's loss is transformers'
+        LabelSmoother's, (1 - eps) cross-entropy + eps x the mean over the vocabulary of -log p.
         """
         b, t = input_ids.shape
         cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
@@ -316,29 +319,33 @@ class GPTModel(nn.Module):
             x = checkpoint(block, x, mask, None, rope, use_reentrant=False) if recompute else block(x, mask, cache, rope)
         x = self.norm(x)
         if labels is not None:
-            return self.loss(x, labels, reduction, predict)
+            return self.loss(x, labels, reduction, predict, label_smoothing)
         logits = self.lm_head(x[:, -1:] if last_only else x)
         return (logits, cache) if use_cache else logits
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", predict: bool = False) -> Any:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", predict: bool = False,
+             label_smoothing: float = 0.0) -> Any:
         """Cross-entropy with the head computed only where labels != -100 (same value as over full logits).
 
         reduction="none": per-token cross-entropy (B, T) in fp32, 0 where labels == -100 (a preference loss
         sums it per sequence into log-probabilities). predict (reduction="sum", no gradients): (sum, count,
         predicted), predicted the argmax token at each labelled position in labels[labels != -100] order
-        (compute_accuracy, pipeline.train.accuracy).
+        (compute_accuracy, pipeline.train.accuracy). label_smoothing: see forward (not with reduction="none", whose
+        per-token cross-entropy the preference losses read as log-probabilities).
         """
         keep = labels != IGNORE_INDEX
         targets = labels[keep]
         if predict:
             if reduction != "sum":
                 raise ValueError(f"predict needs reduction='sum', got {reduction!r}")
-            total, predicted = head_cross_entropy_sum_argmax(self.lm_head, hidden[keep], targets)
+            total, predicted = head_cross_entropy_sum_argmax(self.lm_head, hidden[keep], targets, label_smoothing)
             return total, targets.numel(), predicted
         if reduction == "none":
+            if label_smoothing:
+                raise ValueError("label_smoothing needs reduction='mean' or 'sum'")
             per_token = head_cross_entropy_tokens(self.lm_head, hidden[keep], targets)
             return torch.zeros(labels.shape, dtype=per_token.dtype, device=labels.device).masked_scatter(keep, per_token)
-        total = head_cross_entropy_sum(self.lm_head, hidden[keep], targets)  # chunked when the head is frozen
+        total = head_cross_entropy_sum(self.lm_head, hidden[keep], targets, label_smoothing)  # chunked: frozen head
         count = targets.numel()
         if reduction == "sum":
             return total, count

@@ -7,6 +7,11 @@ the gradient with respect to the hidden states at once, in the forward (the loss
 gradient is known up to the incoming scale); only a (rows x hidden) gradient is kept for the backward.
 Same value as F.cross_entropy over the full logits, to float rounding (tests/model/test_head_loss.py).
 
+Label smoothing (label_smoothing_factor, eps) is transformers' LabelSmoother per token: (1 - eps) x the target's
+-log p + eps x the mean of -log p over the vocabulary, which is log-sum-exp minus the mean logit, so a block needs
+one more reduction (its mean logit) and the gradient one more subtraction (softmax - (1 - eps) one-hot - eps / V).
+The plain path is F.cross_entropy(label_smoothing=eps), the same formula.
+
 Used only where that is exact and safe: grad enabled, the head a bias-free nn.Linear whose weight is
 frozen and not partitioned (ZeRO-3 gathers weights through module hooks, which this bypasses), hidden
 states in the weight's dtype, bf16 or fp32, no autocast. fp16 keeps the plain path: there the loss scale
@@ -59,11 +64,12 @@ def direct_weight(head: nn.Module, hidden: torch.Tensor) -> bool:
             and not torch.is_autocast_enabled(hidden.device.type))
 
 
-def head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of head(hidden) (N, V) against targets (N,), in fp32."""
+def head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                           smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy of head(hidden) (N, V) against targets (N,), in fp32, label-smoothed by `smoothing`."""
     if fused_applies(head, hidden):
-        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets).sum()
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, smoothing).sum()
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum", label_smoothing=smoothing)
 
 
 def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,10 +86,10 @@ def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: to
 
 
 @torch.no_grad()
-def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor,
-                                  targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation with compute_accuracy: the summed cross-entropy of head(hidden) (N, V) against targets (N,) and
-    each row's argmax token (N,), without gradients.
+def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                                  smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation with compute_accuracy: the summed (label-smoothed by `smoothing`) cross-entropy of head(hidden)
+    (N, V) against targets (N,) and each row's argmax token (N,), without gradients.
 
     The argmax is all that accuracy needs of the logits (LLaMA-Factory's eval_logit_processor keeps it alone for
     the same reason: memory). Where the weight can be used directly, both come from row blocks, so the (N x V)
@@ -93,15 +99,16 @@ def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor,
     """
     if direct_weight(head, hidden):
         predicted = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        return _chunked_tokens(hidden, head.weight, targets, None, predicted).sum(), predicted
+        return _chunked_tokens(hidden, head.weight, targets, None, predicted, smoothing).sum(), predicted
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum"), logits.argmax(dim=-1)
+    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=smoothing), logits.argmax(dim=-1)
 
 
 def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    grad_hidden: torch.Tensor | None, predicted: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token losses by row blocks; fills grad_hidden (d loss_i / d hidden_i) and predicted (each row's argmax)
-    when given."""
+                    grad_hidden: torch.Tensor | None, predicted: torch.Tensor | None = None,
+                    smoothing: float = 0.0) -> torch.Tensor:
+    """Per-token losses by row blocks, label-smoothed by `smoothing`; fills grad_hidden (d loss_i / d hidden_i) and
+    predicted (each row's argmax) when given."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
@@ -111,12 +118,19 @@ def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         target = targets[rows]
         target_logit = logits.gather(1, target[:, None])
         shift = logits.amax(dim=1, keepdim=True)
-        exp = logits.sub_(shift).exp_()  # in place: one fp32 block, five passes over it in all
+        shifted = logits.sub_(shift)
+        mean_shifted = shifted.mean(dim=1, keepdim=True) if smoothing else None
+        exp = shifted.exp_()  # in place: one fp32 block, five passes over it in all (six with smoothing)
         norm = exp.sum(dim=1, keepdim=True)
-        losses[rows] = (norm.log() + shift - target_logit).squeeze(1)  # log-sum-exp minus the target's logit
+        loss = norm.log() + shift - target_logit  # log-sum-exp minus the target's logit
+        if smoothing:  # mean over the vocabulary of -log p: log-sum-exp minus the mean logit (both less the shift)
+            loss = (1.0 - smoothing) * loss + smoothing * (norm.log() - mean_shifted)
+        losses[rows] = loss.squeeze(1)
         if grad_hidden is not None:
             grad_logits = exp.div_(norm)  # softmax ...
-            grad_logits[torch.arange(target.numel(), device=target.device), target] -= 1.0  # ... minus one-hot
+            grad_logits[torch.arange(target.numel(), device=target.device), target] -= 1.0 - smoothing  # ... - one-hot
+            if smoothing:
+                grad_logits.sub_(smoothing / grad_logits.shape[1])  # ... minus the uniform target's share
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
     return losses
 
@@ -125,13 +139,14 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     """Per-token losses (N,); the gradient of each with respect to its hidden row is computed in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                smoothing: float = 0.0) -> torch.Tensor:
         grad_hidden = torch.empty_like(hidden)
-        losses = _chunked_tokens(hidden, weight, targets, grad_hidden)
+        losses = _chunked_tokens(hidden, weight, targets, grad_hidden, smoothing=smoothing)
         ctx.save_for_backward(grad_hidden)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None
+        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None

@@ -116,6 +116,7 @@ class TrainArgs:
     eval_steps: int | None
     do_eval: bool | None
     compute_accuracy: bool  # eval_accuracy beside eval_loss (pipeline.train.accuracy)
+    label_smoothing_factor: float  # pt / sft: transformers' LabelSmoother loss (pipeline.model.head_loss)
     nan_policy: str
     fp16: bool
     bf16: bool

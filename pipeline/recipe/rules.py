@@ -236,6 +236,9 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
                          "dpo": "token accuracy is computed for stage sft only, as in LLaMA-Factory; dpo's evaluation "
                                 "reports eval_rewards/accuracies, how often the chosen response out-scores the "
                                 "rejected one"},
+    # LLaMA-Factory hands it to transformers' Trainer, whose DPO loss never reads it
+    "label_smoothing_factor": {"dpo": "LLaMA-Factory's dpo ignores it too; use dpo_label_smoothing, dpo's own "
+                                      "label smoothing (conservative DPO, pref_loss: sigmoid)"},
 }
 
 

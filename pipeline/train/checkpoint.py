@@ -59,7 +59,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "neat_packing", "loraplus_lr_ratio", "disable_shuffling")
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",
-         "neftune_noise_alpha",
+         "neftune_noise_alpha", "label_smoothing_factor",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")

@@ -189,8 +189,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        """pt / sft: cross-entropy summed over the labelled tokens (step_scale divides by the update's count)."""
-        total, _ = self.engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
+        """pt / sft: cross-entropy (label-smoothed with label_smoothing_factor) summed over the labelled tokens
+        (step_scale divides by the update's count)."""
+        total, _ = self.engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
+                               **smoothing(self.args.label_smoothing_factor))
         return total, {}
 
     def step_scale(self, batches: list[dict[str, Any]]) -> float:
@@ -394,10 +396,19 @@ def evaluates(train: TrainArgs) -> bool:
     return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
 
 
-def evaluate(engine: Any, loader: Any, accuracy: bool = False) -> dict[str, float]:
+def smoothing(label_smoothing_factor: float) -> dict[str, float]:
+    """The model's keyword for label_smoothing_factor, none when it is 0 (the forward is the one it always was)."""
+    return {"label_smoothing": float(label_smoothing_factor)} if label_smoothing_factor else {}
+
+
+def evaluate(engine: Any, loader: Any, accuracy: bool = False, label_smoothing: float = 0.0) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity; with `accuracy`
     (compute_accuracy) also eval_accuracy, the mean over all ranks' examples of each one's token accuracy
-    (pipeline.train.accuracy). Without it the forward is the one it always was."""
+    (pipeline.train.accuracy). Without it the forward is the one it always was.
+
+    With label_smoothing (label_smoothing_factor) eval_loss is the smoothed loss, the training objective, as
+    transformers' Trainer reports it (so the train and eval curves compare); eval_perplexity is left out, since
+    exp of a smoothed loss is no perplexity (the eval command reports the plain cross-entropy and perplexity)."""
     import torch
 
     engine.eval()
@@ -406,7 +417,7 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False) -> dict[str, floa
         for batch in loader:
             batch = _to_device(batch, engine.device)
             out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
-                         **({"predict": True} if accuracy else {}))
+                         **({"predict": True} if accuracy else {}), **smoothing(label_smoothing))
             total += float(out[0])
             count += int(out[1])
             if accuracy:
@@ -416,7 +427,7 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False) -> dict[str, floa
     engine.train()
     total, count, scores, examples = dist.all_sum([total, count, scores, examples])
     loss = total / max(count, 1)
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+    metrics = {"eval_loss": loss, **({} if label_smoothing else {"eval_perplexity": math.exp(min(loss, 700.0))})}
     if accuracy:
         metrics["eval_accuracy"] = scores / max(examples, 1)
     return metrics

@@ -133,7 +133,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         evaluate_now = None
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
-                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy)))
+                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy, args.label_smoothing_factor)))
         trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums()),
                           log=log, stop=stop,
@@ -427,6 +427,9 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
     if r["neftune_noise_alpha"]:
         lines.append(f"neftune: uniform noise of alpha {r['neftune_noise_alpha']:g} / sqrt(length x width) on the "
                      "token embeddings in training steps")
+    if r["label_smoothing_factor"]:
+        lines.append(f"label smoothing: {r['label_smoothing_factor']:g} (loss and eval_loss are the smoothed "
+                     "cross-entropy; no eval_perplexity)")
     if resume is not None:
         lines.append(f"resuming from {resume} at step {state.global_step} (epoch {state.epoch}, "
                      f"batch {state.batch_in_epoch})")

@@ -161,3 +161,18 @@ def test_a_key_the_stage_would_ignore_is_refused(recipe, stage, key, why):
 def test_a_key_the_stage_honours_is_accepted(recipe, stage, key):
     """dpo scores the last response only (mask_history's meaning); pt concatenates documents anyway."""
     assert resolve(recipe(f"stage: {stage}\n{key}: true\n"))[key] is True
+
+
+def test_label_smoothing_is_for_pt_and_sft_and_below_one(recipe):
+    """label_smoothing_factor: pt and sft take it; dpo is refused with the reason (LLaMA-Factory's dpo ignores it;
+    its own key is dpo_label_smoothing); 0 <= eps < 1 (at 1 the target token would count for nothing)."""
+    for stage in ("pt", "sft"):
+        assert resolve(recipe(f"stage: {stage}\nlabel_smoothing_factor: 0.1\n"))["label_smoothing_factor"] == 0.1
+    assert resolve(recipe("stage: dpo\nlabel_smoothing_factor: 0.0\n"))["label_smoothing_factor"] == 0.0
+    messages = errors(recipe("stage: dpo\nlabel_smoothing_factor: 0.1\n"))
+    assert len(messages) == 1 and messages[0].endswith(
+        "label_smoothing_factor: given 0.1, but it has no meaning for stage: dpo (LLaMA-Factory's dpo ignores it too; "
+        "use dpo_label_smoothing, dpo's own label smoothing (conservative DPO, pref_loss: sigmoid)); remove it"), messages
+    for value in ("1.0", "-0.1"):
+        messages = errors(recipe(f"label_smoothing_factor: {value}\n"))
+        assert len(messages) == 1 and "label_smoothing_factor" in messages[0] and "< 1" in messages[0], messages

@@ -7,11 +7,15 @@ c_attn / c_proj / c_fc, our initial A and B copied in), the same micro-batches i
 AdamW with the recipe's betas / eps, no decay, constant rate, no clipping, two updates of 2 micro-batches whose
 trained-token counts differ a lot. Trainer counts num_items_in_batch over the update's micro-batches and divides
 each micro-batch's summed cross-entropy by it; its logged losses and the trained LoRA tensors are the golden values.
+With label_smoothing_factor the loss is Trainer's LabelSmoother on the full logits (shift_labels=True for a causal
+LM), given the same num_items_in_batch.
 
 Our labels are already shifted (labels[:, t] is the target after position t); transformers shifts inside the loss.
-Each batch reaches transformers with `shift_labels` (ours, used as-is by ForCausalLMLoss and by Trainer's count of
-num_items_in_batch: its documented path for collators that shift) and `labels` (ours moved right by one column,
-what the model would shift back), so the count and the loss cover exactly our labelled positions.
+Each batch reaches transformers one column longer (a last token nobody attends to: our last position's target, the
+EOS of the longest row, is never an input of ours, while transformers' shift drops the last column of `labels`),
+with `shift_labels` (ours, used as-is by ForCausalLMLoss and by Trainer's count of num_items_in_batch: its
+documented path for collators that shift) and `labels` (ours moved right by one column, what the model or the
+LabelSmoother shifts back), so the count and the loss cover exactly our labelled positions.
 """
 from __future__ import annotations
 
@@ -42,10 +46,11 @@ def hf_batches(r: Any) -> list[dict[str, torch.Tensor]]:
     out = []
     for k in range(STEPS * ACCUMULATION):
         batch = loader.batch(k)
-        labels = batch["labels"]
-        moved = torch.cat([torch.full_like(labels[:, :1], -100), labels[:, :-1]], dim=1)
-        out.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                    "labels": moved, "shift_labels": labels})
+        labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
+        ignored = torch.full_like(labels[:, :1], -100)
+        out.append({"input_ids": torch.cat([ids, ids[:, -1:]], dim=1),  # its prediction is never scored
+                    "attention_mask": torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1),
+                    "labels": torch.cat([ignored, labels], dim=1), "shift_labels": torch.cat([labels, ignored], dim=1)})
     return out
 
 
@@ -76,7 +81,8 @@ def trainer_run(checkpoint: Path, r: Any, batches: list[dict[str, torch.Tensor]]
         learning_rate=r["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
         adam_beta1=r["adam_beta1"], adam_beta2=r["adam_beta2"], adam_epsilon=r["adam_epsilon"], max_grad_norm=0.0,
         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, average_tokens_across_devices=True)
+        dataloader_num_workers=0, average_tokens_across_devices=True,
+        label_smoothing_factor=r["label_smoothing_factor"])
 
     class FixedBatches(transformers.Trainer):
         def get_train_dataloader(self) -> Any:  # our micro-batches as they are: no sampler, no collator
@@ -84,17 +90,19 @@ def trainer_run(checkpoint: Path, r: Any, batches: list[dict[str, torch.Tensor]]
 
     trainer = FixedBatches(model=model, args=args, train_dataset=batches)
     assert trainer.model_accepts_loss_kwargs  # else Trainer divides each micro-batch's mean by the accumulation
+    assert (trainer.label_smoother is not None) == bool(r["label_smoothing_factor"])
     trainer.train()
     losses = [rec["loss"] for rec in trainer.state.log_history if "loss" in rec]
     return losses, {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
 
 
-def test_lora_sft_with_accumulation_matches_transformers_trainer(make_recipe, workdir):
+@pytest.mark.parametrize("label_smoothing_factor", [0.0, 0.2])
+def test_lora_sft_with_accumulation_matches_transformers_trainer(make_recipe, workdir, label_smoothing_factor):
     from safetensors.torch import load_file
 
     write_hf_checkpoint(workdir / "gpt2")
     r = make_recipe(BASE_SFT, max_steps=STEPS, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-                    **GOLDEN_GPT2)
+                    label_smoothing_factor=label_smoothing_factor, **GOLDEN_GPT2)
     batches = hf_batches(r)
     counts = [int((b["shift_labels"] != -100).sum()) for b in batches]
     assert max(counts) > 1.5 * min(counts)  # micro-batches weigh very differently: a mean per micro-batch would show
