@@ -83,6 +83,18 @@ def test_plain_path_where_the_chunked_one_would_be_wrong_or_unsafe():
         assert not head_loss.fused_applies(_head(50, 8, torch.float32), hidden)
 
 
+def lora_model(cfg, dtype: torch.dtype, seed: int = 4) -> GPTModel:
+    """A GPTModel with LoRA on every Linear (frozen head), its B drawn non-zero so that every adapter gets a
+    gradient, in `dtype`."""
+    model = GPTModel(cfg, seed=seed)
+    apply_lora(model, "all", rank=4, alpha=8, seed=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name and p.requires_grad:
+                p.normal_(0, 0.05)
+    return model.to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_model_loss_and_adapter_gradients_equal_full_logits(dtype, monkeypatch):
     """The model's training loss (chunked head) against the cross-entropy of its full logits."""
@@ -90,13 +102,7 @@ def test_lora_model_loss_and_adapter_gradients_equal_full_logits(dtype, monkeypa
     real = head_loss._ChunkedHeadCrossEntropy.apply
     monkeypatch.setattr(head_loss._ChunkedHeadCrossEntropy, "apply", lambda *a: calls.append(1) or real(*a))
     cfg = PRESETS["tiny"].replace(context_length=64)
-    model = GPTModel(cfg, seed=4)
-    apply_lora(model, "all", rank=4, alpha=8, seed=2)
-    with torch.no_grad():  # B starts at zero; give it values so that every adapter gets a gradient
-        for name, p in model.named_parameters():
-            if "lora" in name and p.requires_grad:
-                p.normal_(0, 0.05)
-    model = model.to(dtype)
+    model = lora_model(cfg, dtype)
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (3, 60))
     labels = ids.roll(-1, 1)

@@ -15,6 +15,7 @@ from pipeline.model import head_loss
 from pipeline.model.config import PRESETS
 from pipeline.model.gpt import GPTModel
 from pipeline.model.lora import apply_lora
+from tests.model.test_head_loss import lora_model
 from tests.model.test_packed_attention import _examples, _pack
 
 transformers_utils = pytest.importorskip("transformers.trainer_pt_utils")
@@ -67,14 +68,7 @@ def test_model_loss_and_gradients_equal_label_smoother_on_full_logits(finetuning
     """LoRA (frozen head: row blocks, fp32 and bf16) and full (trained head: F.cross_entropy's label_smoothing): the
     mean loss and every trained gradient equal those of LabelSmoother over the same model's full logits (bf16: the
     logits in fp32, as both the row blocks and the plain path take them)."""
-    model = GPTModel(CFG, seed=4)
-    if finetuning == "lora":
-        apply_lora(model, "all", rank=4, alpha=8, seed=2)
-        with torch.no_grad():  # B starts at zero; give it values so that every adapter gets a gradient
-            for name, p in model.named_parameters():
-                if "lora" in name and p.requires_grad:
-                    p.normal_(0, 0.05)
-    model = model.to(dtype)
+    model = lora_model(CFG, dtype) if finetuning == "lora" else GPTModel(CFG, seed=4).to(dtype)
     ids, labels = batch
     loss = model(ids, labels=labels, label_smoothing=EPS)
     loss.backward()
