@@ -14,6 +14,12 @@ names (pipeline.model.families): c_attn / c_proj / c_fc for GPT-2, q_proj .. dow
 
 DoRA (use_dora, Liu et al. 2024) is LinearWithDoRA: the same LoRA branch, plus a trainable magnitude per output
 feature that rescales the updated weight (PEFT's DoraLinearLayer, saved as its lora_magnitude_vector).
+
+PiSSA (pissa_init, Meng et al. 2024) starts A and B from the base weight's r principal singular vectors and trains
+them on the residual W - s B0 A0, as PEFT's init_lora_weights="pissa" (exact SVD) or "pissa_niter_<k>" (randomized,
+seeded here). Such an adapter only means something on the residual base, so save_adapter always writes PEFT's
+conversion (path_initial_model_for_weight_conversion): [A | A0] and [B | -B0], rank 2r, a plain LoRA on the
+original base. Its second half keeps A0 and B0 exactly, which is how a resume rebuilds the same residual.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
+PISSA_EXACT = -1  # pissa_iter: the exact SVD (PEFT's init_lora_weights="pissa"); k >= 0: "pissa_niter_<k>"
 
 
 class LoRALayer(nn.Module):
@@ -179,8 +186,12 @@ def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
 
 def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 8,
                alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
-               seed: int | None = None, additional_targets: str | Iterable[str] | None = None) -> list[str]:
+               seed: int | None = None, additional_targets: str | Iterable[str] | None = None,
+               pissa_iter: int | None = None, pissa_start: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """Freeze the model, wrap the targeted Linears (not the output head) with LoRA; returns their paths.
+
+    pissa_iter (None: the book's init) starts every pair from its base weight's principal singular vectors
+    (init_pissa); pissa_start gives those starting pairs instead (a resume: pissa_start_of its converted adapter).
 
     Patterns are the family's HF module names, matched by suffix (PEFT's rule): for GPT-2 'c_attn',
     'attn.c_proj', 'c_proj' (both projections), 'h.0.attn.c_attn' (one block); for Llama / Qwen 'q_proj',
@@ -203,6 +214,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
         generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
                                         use_rslora=use_rslora, use_dora=use_dora, generator=generator)
+    if pissa_iter is not None or pissa_start is not None:
+        init_pissa(model, PISSA_EXACT if pissa_iter is None else pissa_iter, seed, pissa_start)
     for name in extra:
         model.get_submodule(name).requires_grad_(True)
     model._lora_additional = extra  # type: ignore[assignment]  # remembered for save_adapter (modules_to_save)
@@ -257,6 +270,101 @@ def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:
         trainable += p.numel() if p.requires_grad else 0
     pct = 100.0 * trainable / max(total, 1)
     return trainable, total, pct, f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# PiSSA: principal singular values and vectors as the starting adapter
+# ------------------------------------------------------------------------------------------------
+
+def pissa_pair(weight: torch.Tensor, rank: int, scaling: float, niter: int,
+               seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's pissa_init for one (out x in) weight: (lora_A, lora_B) in PEFT's layout (r x in, out x r), fp32, with
+    scaling * lora_B @ lora_A the weight's best rank-r approximation. niter -1 is the exact SVD; k >= 0 torch's
+    randomized svd_lowrank with k power iterations, drawn from `seed` (PEFT draws from the global RNG, which a
+    resume or another rank would not repeat)."""
+    weight = weight.float()
+    if niter == PISSA_EXACT:
+        v, s, uh = torch.linalg.svd(weight, full_matrices=False)
+        v, s, uh = v[:, :rank], s[:rank], uh[:rank]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0 if seed is None else seed)
+            v, s, u = torch.svd_lowrank(weight, rank, niter=niter)
+        uh = u.t()
+    root = torch.sqrt(s / scaling)
+    return torch.diag(root) @ uh, v @ torch.diag(root)
+
+
+@torch.no_grad()
+def init_pissa(model: nn.Module, niter: int, seed: int | None = None,
+               start: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Start every LoRA wrapper from its PiSSA pair and make its base weight the residual W - s B0 A0 (formed in
+    fp32, cast back to the weight's dtype, as PEFT). The pairs, fp32 and keyed as PEFT saves them, are kept as
+    model._lora_pissa for save_adapter's conversion. `start` gives them (a resume) instead of the SVD: the same
+    pairs give the same residual, bit for bit, whatever the SVD would give on another machine.
+
+    The weights must be whole: the model is built on the host before DeepSpeed partitions it (ZeRO-3)."""
+    family = family_of_model(model)
+    starting: dict[str, torch.Tensor] = {}
+    for name, wrapper in lora_modules(model).items():
+        if wrapper.use_dora:
+            raise ValueError("PiSSA and DoRA do not combine (PEFT refuses init_lora_weights='pissa' with DoRA)")
+        key = PEFT_PREFIX + family.to_hf(name)
+        linear, lora = wrapper.linear, wrapper.lora
+        if start is not None:
+            lora_a, lora_b = start[f"{key}.lora_A.weight"].float(), start[f"{key}.lora_B.weight"].float()
+        else:
+            lora_a, lora_b = pissa_pair(linear.weight, lora.rank, lora.scaling, niter, seed)
+        lora.A.copy_(lora_a.t())
+        lora.B.copy_(lora_b.t())
+        linear.weight.copy_((linear.weight.float() - lora.scaling * lora_b @ lora_a).to(linear.weight.dtype))
+        starting[f"{key}.lora_A.weight"], starting[f"{key}.lora_B.weight"] = lora_a.clone(), lora_b.clone()
+    model._lora_pissa = starting  # type: ignore[assignment]
+
+
+def pissa_start(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The starting PiSSA pairs (PEFT keys, fp32) of a model init_pissa set up, else None."""
+    return getattr(model, "_lora_pissa", None)
+
+
+def pissa_converted(tensors: Mapping[str, torch.Tensor],
+                    start: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's conversion of a PiSSA adapter to a plain LoRA on the original base (save_pretrained with
+    path_initial_model_for_weight_conversion): W + dW = W_res + s B A = W + s (B A - B0 A0) = W + s [B | -B0] [A | A0],
+    rank 2r (pissa_converted_config keeps the scale); other tensors (modules_to_save) as they are."""
+    out = dict(tensors)
+    for key, value in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            out[key] = torch.cat([value, start[key].to(value)], dim=0)
+        elif key.endswith(".lora_B.weight"):
+            out[key] = torch.cat([value, -start[key].to(value)], dim=1)
+    return out
+
+
+def pissa_converted_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The converted adapter's config, PEFT's way: r x 2, lora_alpha x 2 (x sqrt(2) under rsLoRA: the same scale),
+    init_lora_weights true (a plain LoRA)."""
+    alpha = config["lora_alpha"] * (2 ** 0.5 if config.get("use_rslora") else 2)
+    return {**config, "r": 2 * config["r"], "lora_alpha": alpha, "init_lora_weights": True}
+
+
+def adapter_state(model: nn.Module, start: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors save_adapter writes: lora_state_dict, converted when PiSSA `start` pairs are given."""
+    tensors = lora_state_dict(model)
+    return pissa_converted(tensors, start) if start is not None else tensors
+
+
+def pissa_start_of(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The starting pairs inside a converted adapter (its second half: A0, and B0 negated), as init_pissa takes."""
+    directory = Path(directory)
+    rank = int(read_adapter_config(directory)["r"]) // 2
+    start = {}
+    for _, key, tensor in read_tensors([directory / ADAPTER_WEIGHTS]):
+        if key.endswith(".lora_A.weight"):
+            start[key] = tensor[rank:].float()
+        elif key.endswith(".lora_B.weight"):
+            start[key] = -tensor[:, rank:].float()
+    return start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,11 +471,14 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return [family.to_hf(n) for n in names]
 
 
-def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str, Any] | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str, Any] | None = None,
+                 start: Mapping[str, torch.Tensor] | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained.
 
-    cfg_info adds to / overrides the config (e.g. {"base_model_name_or_path": "models/gpt2"}).
+    cfg_info adds to / overrides the config (e.g. {"base_model_name_or_path": "models/gpt2"}). start: the PiSSA
+    starting pairs (pissa_start; the model's own by default): the adapter is written converted, for the original base.
     """
+    start = pissa_start(model) if start is None else start
     wrappers = lora_modules(model)
     if not wrappers:
         raise ValueError("the model has no LoRA modules to save")
@@ -401,8 +512,10 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         **({"ensure_weight_tying": True} if tied else {}),
         **(dict(cfg_info) if cfg_info else {}),
     }
+    if start is not None:
+        config = pissa_converted_config(config)
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in lora_state_dict(model).items():
+    for key, value in adapter_state(model, start).items():
         value = value.contiguous().cpu()
         shared = any(value.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in tensors.values())
         tensors[key] = value.clone() if shared else value  # safetensors refuses shared storage (the tied head)
