@@ -18,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, ModelConfig, freeze_trainable_names, read_config
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
-from pipeline.model.lora import apply_lora, load_adapter, merge_lora
+from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
 from pipeline.model.rope_recipe import recipe_rope
 from pipeline.model.weights import checkpoint_tensors, load_model, note
 
@@ -54,6 +54,8 @@ class FinetuneArgs:
     freeze_trainable_layers: int
     adapter_name_or_path: str | None
     seed: int
+    pissa_init: bool = False  # LoRA starts from the base weights' principal singular vectors (lora.init_pissa)
+    pissa_iter: int = 16      # its SVD: -1 exact, k >= 0 randomized with k power iterations (seeded by `seed`)
 
 
 def recipe_config(args: ModelArgs) -> ModelConfig:
@@ -103,13 +105,16 @@ def base_subset(args: ModelArgs, names: set[str]) -> dict[str, torch.Tensor]:
     return {name: tensor.float() for name, tensor in base_tensors(args) if name in names}
 
 
-def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
-    """Freeze / inject per finetuning_type, and load adapter_name_or_path when set."""
+def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path | None = None) -> GPTModel:
+    """Freeze / inject per finetuning_type, and load adapter_name_or_path when set. pissa_start: a converted PiSSA
+    adapter (a resumed checkpoint's) whose starting pairs make the residual base, instead of the SVD."""
     kind, adapter = ft.finetuning_type, ft.adapter_name_or_path
     if kind == "lora":
         apply_lora(model, ft.lora_target or "all", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
                    use_rslora=ft.use_rslora, use_dora=ft.use_dora, seed=ft.seed,
-                   additional_targets=ft.additional_target)
+                   additional_targets=ft.additional_target,
+                   pissa_iter=ft.pissa_iter if ft.pissa_init and pissa_start is None else None,
+                   pissa_start=pissa_start_of(pissa_start) if ft.pissa_init and pissa_start is not None else None)
         if adapter:  # continue training an adapter: same rank/alpha required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
@@ -127,17 +132,19 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs) -> GPTModel:
     return model
 
 
-def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = torch.float32) -> GPTModel:
+def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = torch.float32,
+                pissa_start: Path | None = None) -> GPTModel:
     """The model `train` optimises: base weights + recipe overrides + fine-tuning type, on CPU, in `dtype`.
 
     `train` passes its compute dtype (bf16 / fp16), the one DeepSpeed would cast the whole model to: the
     base weights are then read straight into it, one tensor at a time (pipeline.model.weights.read_tensors),
     instead of the whole fp32 file being resident while the cast copies it. New LoRA weights are still
     drawn in fp32 and then cast, and an adapter folded into a full/freeze base is merged in fp32 before the
-    cast: the same values as a cast of the fp32 model.
+    cast: the same values as a cast of the fp32 model. PiSSA's SVD and residual are formed in fp32 from the weight
+    as read (PEFT's pissa_init), here on the whole weights, before DeepSpeed partitions them (ZeRO-3).
     """
     merges = finetune.finetuning_type != "lora" and bool(finetune.adapter_name_or_path)
-    built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune)
+    built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune, pissa_start)
     return built.to(dtype)
 
 
@@ -147,10 +154,11 @@ def build_skeleton(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
     Why: an export of LoRA or full fine-tuning writes only tensors the engine trained (pipeline/train/export.py),
     so it needs the model's names, shapes and LoRA settings, not its base weights. Building it for real would
     read the checkpoint again and hold an fp32 copy of the whole model on the host: 32 GB for an 8B model.
-    A starting adapter is not read, nor LoRA drawn (no seed): the engine's values replace them."""
+    A starting adapter is not read, nor LoRA drawn (no seed, no PiSSA): the engine's values replace them."""
     with torch.device("meta"):
         skeleton = GPTModel(recipe_config(model), seed=None)
-        return apply_finetuning_type(skeleton, replace(finetune, adapter_name_or_path=None, seed=None))
+        return apply_finetuning_type(skeleton, replace(finetune, adapter_name_or_path=None, seed=None,
+                                                       pissa_init=False))
 
 
 def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | None = None,

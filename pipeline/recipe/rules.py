@@ -125,6 +125,29 @@ def lora_keys_need_lora(ctx: Context) -> list[tuple[str, str]]:
             for key in LORA_KEYS if ctx.set_here(key)]
 
 
+@rule("finetuning_type", "pissa_init", "use_dora", "adapter_name_or_path", "stage", "pref_loss", "ref_model")
+def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
+    """PiSSA starts a new LoRA from the base's singular vectors and trains on the residual base: it needs a LoRA to
+    start (LLaMA-Factory and PEFT refuse the rest), and a dpo reference that is not the adapters-off (residual) model."""
+    v = ctx.values
+    if not v["pissa_init"]:
+        return []
+    if v["finetuning_type"] != "lora":
+        why = f"finetuning_type is {v['finetuning_type']}; PiSSA initialises LoRA matrices: set finetuning_type: lora"
+    elif v["use_dora"]:
+        why = "use_dora is true; PEFT does not combine PiSSA with DoRA: choose one (remove pissa_init or use_dora)"
+    elif v["adapter_name_or_path"]:
+        why = (f"adapter_name_or_path is set ({v['adapter_name_or_path']}); an adapter you continue starts from its own"
+               " values, so there is nothing for PiSSA to initialise: remove pissa_init or adapter_name_or_path")
+    elif v["stage"] == "dpo" and v["pref_loss"] not in REFERENCE_FREE and v["ref_model"] is None:
+        why = (f"stage dpo's pref_loss {v['pref_loss']} scores against the model with its adapter off, which under PiSSA"
+               " is the residual base, not the model you started from (LLaMA-Factory refuses PiSSA with a reference "
+               "model too): set ref_model to the base checkpoint, use pref_loss orpo or simpo, or remove pissa_init")
+    else:
+        return []
+    return [("pissa_init", f"is true but {why}")]
+
+
 @rule("finetuning_type", "freeze_trainable_layers")
 def freeze_key_needs_freeze(ctx: Context) -> list[tuple[str, str]]:
     kind = ctx.values["finetuning_type"]

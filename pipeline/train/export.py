@@ -10,7 +10,8 @@ axolotl #705). `deepspeed_compat.fp32_master` gathers a parameter's full fp32 va
 the expected shape, non-empty and finite.
 
 Why a skeleton: LoRA writes only trained tensors, and full fine-tuning trains every tensor, so neither needs
-the base weights. freeze writes its frozen weights exactly as loaded, in fp32: it reads them from the base
+the base weights (a PiSSA adapter is converted with its starting pairs, which the Exporter is given: a plain LoRA
+for the original base, pipeline.model.lora.pissa_converted). freeze writes its frozen weights exactly as loaded, in fp32: it reads them from the base
 into the skeleton at each write, one tensor at a time (`frozen`), and lets them go once written. Building
 the model for real, as freeze did before, kept an fp32 copy of the whole model on the host for the rest of
 the run (32 GB for an 8B model); it remains the way where the recipe changes the base as it builds it
@@ -74,10 +75,13 @@ class Exporter:
 
     def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
                  tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None,
-                 frozen: Callable[[set[str]], Mapping[str, Any]] | None = None):
+                 frozen: Callable[[set[str]], Mapping[str, Any]] | None = None,
+                 pissa_start: Mapping[str, Any] | None = None):
         """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
-        their base tensors in fp32, where the base is what train built from (freeze)."""
+        their base tensors in fp32, where the base is what train built from (freeze); pissa_start: a PiSSA run's
+        starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with."""
         self.engine, self._build, self._skeleton, self._frozen = engine, build, skeleton, frozen
+        self.pissa_start = pissa_start
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self._model: Any = None
@@ -154,10 +158,11 @@ class Exporter:
     def _save(self, model: Any, directory: str | Path) -> Path:
         """Write `model` as adapter/ or model/ under `directory`, then re-read and check every tensor."""
         if self.lora:
-            from pipeline.model.lora import ADAPTER_WEIGHTS, lora_state_dict, save_adapter
+            from pipeline.model.lora import ADAPTER_WEIGHTS, adapter_state, save_adapter
 
-            target = save_adapter(model, self.target(directory), {"base_model_name_or_path": self.base})
-            expected = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+            target = save_adapter(model, self.target(directory), {"base_model_name_or_path": self.base},
+                                  start=self.pissa_start)
+            expected = {k: tuple(v.shape) for k, v in adapter_state(model, self.pissa_start).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
         else:
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model

@@ -64,6 +64,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     import deepspeed
 
     from pipeline.data.loaders import count_examples, holds_out, make_loader
+    from pipeline.model import lora
     from pipeline.model.build import base_as_built, base_subset, build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.export import Exporter
@@ -96,7 +97,10 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     has_val = count_examples(data_args(r))["val"] > 0 or (evaluates(train_args(r)) and holds_out(data_args(r)))
     # held-out rows that give no example: make_loader stops with the split's message (why none is left)
     val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) if has_val else None
-    model = build_model(*recipe_args(r), dtype=compute_dtype(r))  # read straight into the dtype DeepSpeed trains in
+    # read straight into the dtype DeepSpeed trains in; a resumed PiSSA run takes its starting pairs (the residual
+    # base) from the checkpoint's converted adapter, not from the SVD again
+    pissa_start = RunLayout(resume).adapter if resume is not None and r["pissa_init"] else None
+    model = build_model(*recipe_args(r), dtype=compute_dtype(r), pissa_start=pissa_start)
     enable_features(model, r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
@@ -122,6 +126,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                         lambda: quietly(build_model, *recipe_args(r)),
                         tokenizer_from=data_args(r).tokenizer_name_or_path,
                         skeleton=lambda: build_skeleton(*recipe_args(r)),
+                        pissa_start=lora.pissa_start(model),
                         frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
                                 if base_as_built(*recipe_args(r)) else None))
     saved = checkpoint.saved_recipe(r)

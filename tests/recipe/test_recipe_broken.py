@@ -155,6 +155,18 @@ CASES = [
     Case("use_dora with freeze", {"r.yaml": BASE + "finetuning_type: freeze\nuse_dora: true\n"},
          [("r.yaml:6:11: use_dora: is a LoRA setting but finetuning_type is freeze; remove it or set "
            "finetuning_type: lora")]),
+    Case("pissa with dora", {"r.yaml": BASE + "pissa_init: true\nuse_dora: true\n"},
+         ["r.yaml:5:13: pissa_init: is true but use_dora is true; PEFT does not combine PiSSA with DoRA: choose one "
+          "(remove pissa_init or use_dora)"], cli=True),
+    Case("pissa with full", {"r.yaml": BASE + "finetuning_type: full\npissa_init: true\n"},
+         ["r.yaml:6:13: pissa_init: is true but finetuning_type is full; PiSSA initialises LoRA matrices: set "
+          "finetuning_type: lora"]),
+    Case("pissa under dpo with the adapters-off reference, pissa_iter below -1",
+         {"r.yaml": BASE + "stage: dpo\npissa_init: true\npissa_iter: -2\n"},
+         [("r.yaml:6:13: pissa_init: is true but stage dpo's pref_loss sigmoid scores against the model with its "
+           "adapter off, which under PiSSA is the residual base", "set ref_model to the base checkpoint, use "
+           "pref_loss orpo or simpo, or remove pissa_init"),
+          ("r.yaml:7:13: pissa_iter: given -2", "-1")]),
     Case("freeze key with lora", {"r.yaml": BASE + "freeze_trainable_layers: 1\n"},
          ["r.yaml:5:26: freeze_trainable_layers: only applies to finetuning_type: freeze, but finetuning_type is "
           "lora; remove it or set finetuning_type: freeze"]),
