@@ -269,6 +269,10 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     source = getattr(r, "source", lambda key: "default")
     problems = [_refused(r, key, saved[key], path) for key in refused
                 if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
+    if r.get("pissa_init") and saved and "pissa_init" not in saved:  # saved before PiSSA existed here: without it
+        problems.append(f"{where(r, 'pissa_init')} is true but {path} was trained without PiSSA (its LoRA started "
+                        "from the default init on the original base), so its weights belong to another model; remove "
+                        f"pissa_init to resume it, or start a new run")
     step = state.get("global_step")
     if "max_steps" in changed and r["max_steps"] is not None and isinstance(step, int) and r["max_steps"] <= step:
         # applying it would say "applied from step N on" and then "done" without a step trained, exit 0

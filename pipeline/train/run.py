@@ -429,6 +429,11 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
 
         lines.append(f"optimizer: LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g}): "
                      f"{describe(train_groups(model.named_parameters(), train_args(r)))}")
+    if r["finetuning_type"] == "lora" and r["pissa_init"]:
+        svd = "the exact SVD" if r["pissa_iter"] == -1 else f"a randomized SVD, {r['pissa_iter']} power iterations"
+        start = "the resumed checkpoint's starting pairs" if resume is not None else svd
+        lines.append(f"pissa: LoRA starts from the base weights' principal singular vectors ({start}) on the residual "
+                     f"base; adapter/ is written converted, a rank-{2 * r['lora_rank']} LoRA for the original base")
     if r["neftune_noise_alpha"]:
         lines.append(f"neftune: uniform noise of alpha {r['neftune_noise_alpha']:g} / sqrt(length x width) on the "
                      "token embeddings in training steps")

@@ -13,15 +13,8 @@ import json
 import pytest
 import torch
 
-from tests.acceptance.harness import (
-    assert_close,
-    assert_same_run,
-    crash_copy,
-    pipeline,
-    write_data,
-    write_hf_checkpoint,
-    write_recipe,
-)
+from tests.acceptance.harness import (assert_close, assert_same_run, crash_copy, pipeline, write_data,
+                                      write_hf_checkpoint, write_recipe)
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
