@@ -303,7 +303,9 @@ def init_pissa(model: nn.Module, niter: int, seed: int | None = None,
     model._lora_pissa for save_adapter's conversion. `start` gives them (a resume) instead of the SVD: the same
     pairs give the same residual, bit for bit, whatever the SVD would give on another machine.
 
-    The weights must be whole: the model is built on the host before DeepSpeed partitions it (ZeRO-3)."""
+    The weights must be whole: the model is built on the host before DeepSpeed partitions it (ZeRO-3). Every rank
+    computes its own pairs; deepspeed.initialize then broadcasts rank 0's weights (ZeRO 0-3), and rank 0's pairs
+    convert the adapter it writes, so ranks agree even where their SVDs would differ in the last bits."""
     family = family_of_model(model)
     starting: dict[str, torch.Tensor] = {}
     for name, wrapper in lora_modules(model).items():

@@ -71,6 +71,15 @@ def run_name_notice(r: Any) -> str | None:
             f"({r['report_to']}) sends nothing there")
 
 
+def pissa_iter_notice(r: Any) -> str | None:
+    """pissa_iter chooses PiSSA's SVD; without pissa_init (LLaMA-Factory's recipes carry it either way) it does
+    nothing, which the recipe should hear once."""
+    origin = r.origin("pissa_iter")
+    if r["pissa_init"] or origin.kind not in ("file", "cli"):
+        return None
+    return f"notice: {origin.where}: pissa_iter: accepted without effect: it only matters with pissa_init: true (PiSSA)"
+
+
 def rope_scaling_notice(r: Any) -> str | None:
     """rope_scaling changes the model's positions (or, within the window, nothing): say which, as LLaMA-Factory
     logs "Using yarn scaling strategy and setting scaling factor to 4.0" or "Disabling rope scaling"."""
@@ -88,8 +97,9 @@ def rope_scaling_notice(r: Any) -> str | None:
 
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set."""
-    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r))
+    epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
+    pissa_iter without pissa_init."""
+    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r))
     out = [line for line in lines if line]
     out += dpo_dropout_notices(r)
     for key, prop in spec.properties().items():

@@ -134,7 +134,8 @@ NO_EFFECT = {"tf32": ("true", "TF32 matmuls are not switched on"),
              "dataloader_pin_memory": ("false", "batches are moved to the device from ordinary memory"),
              "use_fast_tokenizer": ("true", "the tokenizer is always the fast one"),
              "include_num_input_tokens_seen": ("true", "trainer_log.jsonl always records tokens_seen"),
-             "run_name": ("demo", "it names the run in wandb, and report_to (none) sends nothing there")}
+             "run_name": ("demo", "it names the run in wandb, and report_to (none) sends nothing there"),
+             "pissa_iter": ("16", "it only matters with pissa_init: true (PiSSA)")}
 REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_torch, adamw_hf: adamw_8bit "
                                     "(bitsandbytes' 8-bit/paged AdamW) is not available")),
            "torch_compile": ("true", "torch.compile is not used here"),
@@ -149,7 +150,8 @@ REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_to
 NEUTRAL = {"optim": "adamw_torch", "torch_compile": "false", "resize_vocab": "false", "split": "train",
            "freeze_trainable_modules": "all", "compute_accuracy": "false", "label_smoothing_factor": "0.0",
            "lr_scheduler_kwargs": "null", "rope_scaling": "null", "new_special_tokens": "null",
-           "save_strategy": "steps", "logging_strategy": "epoch", "disable_shuffling": "true"}
+           "save_strategy": "steps", "logging_strategy": "epoch", "disable_shuffling": "true",
+           "pissa_init": "false"}
 
 
 def test_users_training_argument_keys_are_noticed_refused_or_quiet(tmp_path):
