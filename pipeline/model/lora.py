@@ -287,8 +287,8 @@ def pissa_pair(weight: torch.Tensor, rank: int, scaling: float, niter: int,
         v, s, uh = torch.linalg.svd(weight, full_matrices=False)
         v, s, uh = v[:, :rank], s[:rank], uh[:rank]
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0 if seed is None else seed)
+        with torch.random.fork_rng(devices=[weight.device] if weight.is_cuda else []):
+            torch.manual_seed(0 if seed is None else seed)  # the test matrix svd_lowrank draws on the weight's device
             v, s, u = torch.svd_lowrank(weight, rank, niter=niter)
         uh = u.t()
     root = torch.sqrt(s / scaling)

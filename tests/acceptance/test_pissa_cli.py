@@ -45,6 +45,7 @@ def test_a_pissa_recipe_trains_converts_merges_and_resumes(tmp_path):
         assert_close(golden, merged(x).logits, rel=1e-5)
 
     crashed = crash_copy(out, tmp_path / "saves/crashed", 1)
-    pipeline("train", recipe, f"output_dir={crashed.relative_to(tmp_path)}", "resume_from_checkpoint=latest",
-             cwd=tmp_path)
+    resumed = pipeline("train", recipe, f"output_dir={crashed.relative_to(tmp_path)}", "resume_from_checkpoint=latest",
+                       cwd=tmp_path)
+    assert "(the resumed checkpoint's starting pairs) on the residual base" in resumed.stderr  # no second SVD
     assert_same_run(out, crashed, "adapter/adapter_model.safetensors")
