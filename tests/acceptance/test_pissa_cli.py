@@ -1,5 +1,5 @@
-"""A LLaMA-Factory PiSSA recipe (pissa_init, exact SVD, pissa_convert) through the CLI as a user types it: build,
-train, merge, and a resume after a crash.
+"""A LLaMA-Factory PiSSA recipe (pissa_init, exact SVD, pissa_convert, ZeRO-3) through the CLI as a user types it:
+build, train, merge, and a resume after a crash.
 
 Golden values are PEFT's and transformers': PeftModel.from_pretrained puts our adapter/ onto the ORIGINAL checkpoint
 (the converted adapter is a plain LoRA for it) and must give the logits of our merged/, which transformers loads; the
@@ -25,13 +25,15 @@ def test_a_pissa_recipe_trains_converts_merges_and_resumes(tmp_path):
     write_hf_checkpoint(tmp_path / "qwen2", "qwen2", small_vocab=True)
     recipe = write_recipe(tmp_path / "pissa.yaml", model_name_or_path=str(tmp_path / "qwen2"), dataset_dir="data",
                           template="qwen", cutoff_len=256, output_dir="saves/pissa", pissa_init=True, pissa_iter=-1,
-                          pissa_convert=True, save_steps=1, learning_rate=0.02, export_dtype="fp32")
+                          pissa_convert=True, save_steps=1, learning_rate=0.02, export_dtype="fp32",
+                          zero_stage=3)  # the partitioned case: the SVD, the export and the resume all meet it
     pipeline("build", recipe, cwd=tmp_path)
     done = pipeline("train", recipe, cwd=tmp_path)
     assert "pissa_convert: accepted without effect" in done.stderr
     pipeline("merge", recipe, cwd=tmp_path)
 
     out = tmp_path / "saves/pissa"
+    assert json.loads((out / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     config = json.loads((out / "adapter/adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)  # rank 4 x 2
     vocab = json.loads((tmp_path / "qwen2/config.json").read_text())["vocab_size"]
