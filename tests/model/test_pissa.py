@@ -38,7 +38,8 @@ def pair(request, tmp_path_factory):
 
 
 def peft_adapter(theirs) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in peft.get_peft_model_state_dict(theirs).items()}
+    """PEFT's adapter tensors under the keys its save_pretrained writes."""
+    return dict(peft.get_peft_model_state_dict(theirs))
 
 
 def test_pairs_residual_and_step0_logits_equal_peft(pair):
@@ -63,6 +64,7 @@ def test_pairs_residual_and_step0_logits_equal_peft(pair):
 
 
 def test_converted_adapter_equals_peft_and_loads_on_the_original_base(pair, tmp_path):
+    """Runs after the step-0 test: it moves both models' adapters (the fixture's) by the same random amount."""
     path, ours, theirs, rslora = pair
     theirs.save_pretrained(tmp_path / "peft_init")  # PEFT needs the starting adapter as files
     init_cfg = json.loads((tmp_path / "peft_init/adapter_config.json").read_text())
@@ -114,7 +116,7 @@ def test_resume_start_gives_the_same_residual_bit_for_bit(pair, tmp_path):
             assert torch.equal(second[key], value), key
 
 
-def test_randomized_svd_is_seeded(tmp_path):
+def test_randomized_svd_is_seeded():
     gen = torch.Generator().manual_seed(0)
     low = torch.randn(24, 4, generator=gen) @ torch.randn(4, 16, generator=gen)
     weight = low + 1e-3 * torch.randn(24, 16, generator=gen)  # near rank 4: the randomized SVD finds that part
