@@ -255,10 +255,10 @@ def validation_samples(data: DataArgs, context_length: int) -> list[list[int]]:
             if data.stage == "pt":
                 stream = pt_stream(data, split)
                 samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
-            elif data.stage == "dpo":
-                from pipeline.data.pairs import tokenized_pairs
+            elif data.stage in ("dpo", "kto"):  # the chosen responses (kto: the examples, not their KL sequences)
+                from pipeline.data.loaders import tokenized_pair_split
 
-                examples = tokenized_pairs(data, split).chosen
+                examples = tokenized_pair_split(data, split).chosen
                 samples = [examples.example(i).input_ids[:limit] for i in range(min(NUM_SAMPLES, len(examples)))]
             else:
                 examples = tokenized_split(data, split)

@@ -28,3 +28,6 @@ def wanted_reporters(report_to: Any) -> list[str]:
     if "all" in names:
         return [n for n in REPORTERS if importlib.util.find_spec(n) is not None]
     return [n for n in names if n in REPORTERS]
+
+
+PREFERENCE_STAGES = ("dpo", "kto")  # stages that score responses against a reference model (pref_beta, ref_model)

@@ -40,8 +40,8 @@ SFT_REASONS = ("empty instruction", "empty output", "exact duplicate", "over num
 PT_REASONS = ("empty text", "exact duplicate", "over num_samples", "over max_samples")
 DPO_REASONS = ("empty instruction", "empty chosen", "empty rejected", "identical chosen and rejected",
                "exact duplicate", "over num_samples", "over max_samples")
-REASONS = {"pt": PT_REASONS, "sft": SFT_REASONS, "dpo": DPO_REASONS}
-UNITS = {"pt": "documents", "sft": "rows", "dpo": "pairs"}
+REASONS = {"pt": PT_REASONS, "sft": SFT_REASONS, "dpo": DPO_REASONS, "kto": SFT_REASONS}
+UNITS = {"pt": "documents", "sft": "rows", "dpo": "pairs", "kto": "rows"}
 PROGRESS_MIN_BYTES = 8 << 20
 BLOCK_MIN_BYTES = 1 << 20  # preprocessing_num_workers: JSON Lines files this large are read in blocks
 

@@ -72,6 +72,14 @@ def pair_ok(row: Any) -> bool:
     return row_ok({k: v for k, v in row.items() if k not in ("chosen", "rejected")} | {"output": chosen})
 
 
+def feedback_ok(row: Any) -> bool:
+    """True iff the row satisfies feedback.schema.json (a KTO row: an Alpaca row with a boolean kto_tag)."""
+    if type(row) is not dict or type(row.get("kto_tag")) is not bool:
+        return False
+    rest = {k: v for k, v in row.items() if k != "kto_tag"}
+    return "tools" not in rest and "roles" not in rest and row_ok(rest)
+
+
 def text_ok(row: Any) -> bool:
     text = row.get("text") if type(row) is dict else None
     return type(text) is str and len(row) == 1 and bool(text) and not text.isspace()
@@ -125,8 +133,8 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems,
                origins: Sequence[Origin] | None = None) -> None:
     """Schema problems of a built file's rows, `file:row:field`. The build never writes such a row, so the
     file was edited: the message names the built row, and the raw row it came from (`origins`) to fix instead."""
-    ok, schema_name = {"pt": (text_ok, "text.schema.json"), "dpo": (pair_ok, "pairwise.schema.json")}.get(
-        stage, (row_ok, "alpaca.schema.json"))
+    ok, schema_name = {"pt": (text_ok, "text.schema.json"), "dpo": (pair_ok, "pairwise.schema.json"),
+                       "kto": (feedback_ok, "feedback.schema.json")}.get(stage, (row_ok, "alpaca.schema.json"))
     for i, row in enumerate(rows, start=1):
         raw = origins[i - 1] if origins is not None and origins[i - 1].file != file else None
         source = f"; the row was built from {raw}" if raw else ""
@@ -193,6 +201,11 @@ def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any, origins: 
     render is named by its origin."""
     if data.stage == "pt":
         return np.array([len(t) for t in tokenizer.encode_batch([row["text"] for row in sample])])
+    if data.stage == "kto":
+        from pipeline.data.feedback import encode_feedback
+
+        return encode_feedback(sample, data.chat_template(), tokenizer, cutoff_len=2**62,
+                               enable_thinking=data.enable_thinking, origins=origins).lengths
     if data.stage == "dpo":
         from pipeline.data.pairs import encode_pairs
 

@@ -2,6 +2,7 @@
 
 An Alpaca row: {"instruction", "input", "output", "system"?, "history"?: [[instruction, response], ...]}.
 A preference pair (registry "ranking": true): the same with "chosen" and "rejected" in place of "output".
+A KTO row (stage kto, registry columns.kto_tag): an Alpaca row plus "kto_tag", true or false.
 ShareGPT: the last assistant turn is the output, the user turn before it the instruction, earlier
 pairs the history, a leading system turn (or the system column) the system prompt.
 Text is normalised here (Unicode NFC, CRLF -> LF) so de-duplication compares like with like.
@@ -132,6 +133,11 @@ def to_rows(table: Table, spec: DatasetSpec, stage: str, shown: str, problems: P
                 # LLaMA-Factory's user turn: "\n".join of the non-empty ones (an empty instruction adds no "\n")
                 parts = (_field(rec, cols["prompt"], "instruction", True), _field(rec, cols["query"], "input", False))
                 return {"text": "\n".join(p for p in parts if p)}
+    elif stage == "kto":
+        base = {"messages": cols["messages"]} if spec.formatting == "sharegpt" else {"prompt": cols["prompt"],
+                                                                                       "response": cols["response"]}
+        needed = {**base, "kto_tag": cols["kto_tag"]}
+        convert = lambda rec: _feedback(rec, spec)  # noqa: E731
     elif spec.ranking and spec.formatting == "sharegpt":
         needed = {"messages": cols["messages"], "chosen": cols["chosen"], "rejected": cols["rejected"]}
         convert = lambda rec: _sharegpt_pair(rec, spec)  # noqa: E731
@@ -294,6 +300,24 @@ def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:
                         "user/assistant conversations); remove them or train this data with stage: sft")
     del row["output"]
     return {"instruction": row.pop("instruction"), "input": row.pop("input"), **answers, **row}
+
+
+def _feedback(rec: dict, spec: DatasetSpec) -> dict:
+    """A KTO row (stage kto): an alpaca or sharegpt row (its last assistant turn the response) plus "kto_tag", which
+    must be true (desirable) or false (undesirable), as LLaMA-Factory's converter requires a bool."""
+    column = spec.columns["kto_tag"]
+    tag = rec.get(column, _MISSING)
+    if tag is _MISSING:
+        raise _RowError(f"missing {_name(column, 'kto_tag')}{did_you_mean(column, map(str, rec))}; "
+                        f"the row has: {', '.join(map(str, rec)) or 'none'}")
+    if not isinstance(tag, bool):
+        raise _RowError(f"{_name(column, 'kto_tag')} is {_kind(tag)}; expected true (a desirable response) or false "
+                        "(an undesirable one)")
+    row = _sharegpt(rec, spec) if spec.formatting == "sharegpt" else _alpaca(rec, spec.columns)
+    if "roles" in row or "tools" in row:
+        raise _RowError("function-calling turns or tools in KTO data are not supported (stage kto trains on "
+                        "user/assistant conversations); remove them or train this data with stage: sft")
+    return {**row, "kto_tag": tag}
 
 
 def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:

@@ -66,33 +66,39 @@ def _policy_line(split: str, examples: TokenizedSplit | TokenizedPairs, data: Da
 def inspect(data: DataArgs, num: int = 3) -> str:
     """The report of `inspect`: `num` samples rendered as the recipe's stage trains them, and the lengths."""
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    show = {"pt": inspect_pt, "dpo": inspect_dpo}.get(data.stage, inspect_sft)
+    show = {"pt": inspect_pt, "dpo": inspect_dpo, "kto": inspect_dpo}.get(data.stage, inspect_sft)
     return show(data, max(0, num), color)
 
 
 def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
-    """Pairs: the chosen and the rejected sequence of each sample, the scored response tokens marked."""
-    from pipeline.data.pairs import tokenized_pairs
+    """Pairs: the chosen and the rejected sequence of each sample, the scored response tokens marked. Stage kto:
+    each row's example (desirable or not) and its KL sequence (the prompt with another row's response)."""
+    from pipeline.data.loaders import tokenized_pair_split
 
-    train, val = tokenized_pairs(data, "train"), tokenized_pairs(data, "val")
+    train, val = tokenized_pair_split(data, "train"), tokenized_pair_split(data, "val")
     tokenizer = recipe_tokenizer(data)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
-    out = [f"stage dpo · template {data.template} · cutoff_len {data.cutoff_len} · only the last response is scored",
-           f"scored tokens (their log-probabilities summed; pref_loss ipo, orpo, simpo: averaged) are {mark}; "
-           f"{tokenizer.eos_text} is EOS "
+    kto = train.tags is not None
+    how = "summed" if kto else "summed; pref_loss ipo, orpo, simpo: averaged"
+    out = [f"stage {data.stage} · template {data.template} · cutoff_len {data.cutoff_len} · only the last response "
+           f"is scored", f"scored tokens (their log-probabilities {how}) are {mark}; {tokenizer.eos_text} is EOS "
            f"(id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
-        out.append(f"── pair {i + 1}/{min(num, len(train))} · {train.origins[i]}")
-        for side, examples in (("chosen", train.chosen), ("rejected", train.rejected)):
+        out.append(f"── {'row' if kto else 'pair'} {i + 1}/{min(num, len(train))} · {train.origins[i]}")
+        sides = ((f"example ({'desirable' if train.tags[i] else 'undesirable'})", train.chosen),
+                 ("KL sequence (another row's response)", train.rejected)) if kto else \
+            (("chosen", train.chosen), ("rejected", train.rejected))
+        for side, examples in sides:
             ex = examples.example(i)
             scored = [False] + [label != -100 for label in ex.labels[1:]]
             out.append(f"{side}: {len(ex.input_ids)} tokens, {sum(scored)} scored{' · truncated' if ex.truncated else ''}")
             out.append(render(ex.input_ids, scored, color, tokenizer))
         out.append("")
-    out += [_policy_line("train", train, data).replace(" examples", " pairs"),
-            _policy_line("val", val, data).replace(" examples", " pairs"), ""]
+    unit = " rows" if kto else " pairs"
+    out += [_policy_line("train", train, data).replace(" examples", unit),
+            _policy_line("val", val, data).replace(" examples", unit), ""]
     lengths = np.concatenate([train.lengths, val.lengths])
-    out += ["token lengths of the longer sequence of each pair (train + val, before the length policy):",
+    out += [f"token lengths of the longer sequence of each{unit[:-1]} (train + val, before the length policy):",
             length_table(lengths, data.cutoff_len)]
     path = plot_lengths(lengths, data.cutoff_len, plot_path(data), " + ".join(dataset_names(data, "dataset")))
     out.append(f"histogram: {path}")

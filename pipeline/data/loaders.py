@@ -16,6 +16,7 @@ sft: examples are prompt + response + EOS, at most cutoff_len tokens; T = longes
 With packing (pipeline.data.packing) the loader's items are packed rows instead of examples: batches,
 shards, epochs and the resume position all count packs; T = the fullest row of the batch.
 dpo: a batch of B pairs is (2B, T): the chosen sequences, then the rejected ones (pipeline.data.pairs).
+kto: the same (2B, T) layout, the B examples then their KL sequences, plus kto_tags (pipeline.data.feedback).
 pt: the book's sliding windows (create_dataloader_v1): for i in range(0, len(ids) - L, stride),
 input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_stride (null = L).
 """
@@ -193,19 +194,38 @@ def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int) -> dict:
 def pair_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,
                 shuffle: bool = True, batch_size: int | None = None) -> Loader:
     """Batches of B preference pairs as one (2B, T) batch: the B chosen sequences, then the B rejected ones
-    (one forward scores both sides); batch_size counts pairs."""
-    from pipeline.data.pairs import tokenized_pairs
+    (one forward scores both sides); batch_size counts pairs. Stage kto: B rows, their examples then their KL
+    sequences (pipeline.data.feedback), plus "kto_tags" (B,) bool; batch_size counts rows."""
+    import torch
 
-    pairs = tokenized_pairs(data, split)
+    pairs = tokenized_pair_split(data, split)
     pad = recipe_tokenizer(data).pad_id
     size = _batch_size(data, split, batch_size)
     dropped = ", ".join(f"{v:,} {k}" for k, v in pairs.dropped.items() if v)
-    _check_size(len(pairs), split, size, world_size, "pairs",
+    _check_size(len(pairs), split, size, world_size, item_name(data),
                 f"{pairs.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
-    return Loader(len(pairs), pairs.example_lengths(),
-                  lambda indices: pad_examples([(pairs.chosen, indices), (pairs.rejected, indices)], pad),
+    tags = pairs.tags
+
+    def collate(indices: np.ndarray) -> dict:
+        batch = pad_examples([(pairs.chosen, indices), (pairs.rejected, indices)], pad)
+        if tags is not None:
+            batch["kto_tags"] = torch.from_numpy(tags[indices])
+        return batch
+
+    return Loader(len(pairs), pairs.example_lengths(), collate,
                   batch_size=size, world_size=world_size, rank=rank, seed=data.seed, epoch=epoch, shuffle=shuffle,
                   drop_last=split == "train", group_by_length=bool(data.group_by_length))
+
+
+def tokenized_pair_split(data: DataArgs, split: str) -> Any:
+    """The split as TokenizedPairs: dpo's chosen/rejected pairs, or kto's examples with their KL sequences."""
+    if data.stage == "kto":
+        from pipeline.data.feedback import tokenized_feedback
+
+        return tokenized_feedback(data, split)
+    from pipeline.data.pairs import tokenized_pairs
+
+    return tokenized_pairs(data, split)
 
 
 def packing_enabled(data: DataArgs) -> bool:
@@ -220,6 +240,8 @@ def item_name(data: DataArgs) -> str:
         return f"windows of cutoff_len {data.cutoff_len}"
     if data.stage == "dpo":
         return "pairs"
+    if data.stage == "kto":
+        return "rows"
     return f"packed rows of cutoff_len {data.cutoff_len}" if packing_enabled(data) else "examples"
 
 
@@ -266,7 +288,7 @@ def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
     order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked."""
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
-    loader = {"pt": pt_loader, "dpo": pair_loader}.get(data.stage, sft_loader)(data, split, **kwargs)
+    loader = {"pt": pt_loader, "dpo": pair_loader, "kto": pair_loader}.get(data.stage, sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
     return loader
 
@@ -284,10 +306,8 @@ def count_examples(data: DataArgs) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
     if data.stage == "pt":
         return {s: len(pt_windows(len(pt_stream(data, s)), data.cutoff_len, pt_stride(data))) for s in ("train", "val")}
-    if data.stage == "dpo":
-        from pipeline.data.pairs import tokenized_pairs
-
-        return {s: len(tokenized_pairs(data, s)) for s in ("train", "val")}
+    if data.stage in ("dpo", "kto"):
+        return {s: len(tokenized_pair_split(data, s)) for s in ("train", "val")}
     if packing_enabled(data):
         return {s: len(sft_packs(data, s)) for s in ("train", "val")}
     return {s: len(tokenized_split(data, s)) for s in ("train", "val")}

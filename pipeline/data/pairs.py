@@ -46,6 +46,7 @@ class TokenizedPairs:
     truncated: int = 0
     truncated_rows: list[Origin] = field(default_factory=list)
     dropped_rows: list[Origin] = field(default_factory=list)
+    tags: np.ndarray | None = None  # stage kto (pipeline.data.feedback): per kept pair, its example is desirable
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -65,8 +66,11 @@ def side_rows(rows: Sequence[Mapping[str, Any]], side: str) -> list[dict]:
 
 def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
                  cutoff_len: int, policy: str = "drop", enable_thinking: bool = True,
-                 origins: Sequence[Origin | str] | None = None) -> TokenizedPairs:
-    """Tokenize both sides of every pair, score masks on the last response, the length policy per pair."""
+                 origins: Sequence[Origin | str] | None = None, drop_same: bool = True,
+                 tags: Sequence[bool] | None = None) -> TokenizedPairs:
+    """Tokenize both sides of every pair, score masks on the last response, the length policy per pair.
+    drop_same=False keeps pairs whose sides are the same tokens; `tags` (per row) are kept with their pairs (stage
+    kto, pipeline.data.feedback: an example and its KL sequence, and whether the example is desirable)."""
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
     origins = row_origins(origins, len(rows))
@@ -88,7 +92,7 @@ def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, to
     keep = {side: lens[side].copy() for side in SIDES}  # tokens kept per example; 0 = pair dropped
     dropped: dict[str, int] = {OVER: 0, NO_ROOM: 0} if policy != "error" else {}
     dropped_rows, truncated_rows = [], []
-    same = [i for i in range(len(rows)) if _same_tokens(full["chosen"], full["rejected"], i)]
+    same = [i for i in range(len(rows)) if drop_same and _same_tokens(full["chosen"], full["rejected"], i)]
     for i in same:
         for side in SIDES:
             keep[side][i] = 0
@@ -113,7 +117,8 @@ def encode_pairs(rows: Sequence[Mapping[str, Any]], template: Template | str, to
     return TokenizedPairs(
         chosen=_cut(full["chosen"], keep["chosen"]), rejected=_cut(full["rejected"], keep["rejected"]),
         origins=[o for o, k in zip(origins, kept) if k], lengths=pair_len, dropped=dropped,
-        truncated=len(truncated_rows), truncated_rows=truncated_rows, dropped_rows=dropped_rows)
+        truncated=len(truncated_rows), truncated_rows=truncated_rows, dropped_rows=dropped_rows,
+        tags=None if tags is None else np.asarray(tags, dtype=bool)[kept])
 
 
 def _same_tokens(chosen: TokenizedSplit, rejected: TokenizedSplit, i: int) -> bool:

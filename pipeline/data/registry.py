@@ -5,7 +5,8 @@ LLaMA-Factory's dataset_info.json is read as shipped: every entry form it docume
 corpora through columns.prompt). Only the entries a recipe names are checked in full (schema plus the
 rules the schema cannot say), each problem as `dataset_info.json:line` with a suggestion; entries it
 does not name never block - their problems are one summary line (`unused_note`). What a used entry
-asks for that this pipeline cannot do (images, KTO, ModelScope, loading scripts) is refused with why.
+asks for that this pipeline cannot do (images, ModelScope, loading scripts) or that its stage cannot read (kto_tag
+outside stage kto, ranking outside dpo) is refused with why.
 """
 from __future__ import annotations
 
@@ -267,7 +268,7 @@ def _shared_columns(given: dict[str, str], allowed: dict[str, str], ranking: boo
     prompt. Only fields this entry reads count (pt reads the prompt and query or the text, so `prompt: output` for
     a corpus is fine; response is not read for ranking data, chosen/rejected only for it, tools only when given);
     the defaults never collide among themselves."""
-    unread = {"kto_tag", *MULTIMODAL_COLUMNS, *(("response",) if ranking else ("chosen", "rejected"))}
+    unread = {*(() if stage == "kto" else ("kto_tag",)), *MULTIMODAL_COLUMNS, *(("response",) if ranking else ("chosen", "rejected"))}
     read = {f: c for f, c in {**allowed, **given}.items()
             if f in allowed and f not in unread and (f != "tools" or f in given)
             and (stage != "pt" or f in ("prompt", "query", "text"))}
@@ -308,10 +309,17 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
         if col in given:
             add(("columns", col), f"multimodal data ({col}) is not supported: the models here read text only; "
                                   "name a text-only dataset")
-    if "kto_tag" in given:
-        add(("columns", "kto_tag"), "KTO data (a desirable/undesirable label per row) trains with LLaMA-Factory's "
-                                    "stage kto, which this pipeline does not have; rows labelled undesirable would "
-                                    f"be learned as good answers under stage {stage}")
+    if "kto_tag" in given and stage != "kto":
+        add(("columns", "kto_tag"), "KTO data (a desirable/undesirable label per row) trains with stage: kto; rows "
+                                    f"labelled undesirable would be learned as good answers under stage {stage}; "
+                                    "set stage: kto, or name a dataset without kto_tag")
+    if stage == "kto" and "kto_tag" not in given:
+        add(("columns",) if "columns" in entry else (), "has no kto_tag column but the recipe's stage is kto, which "
+            "trains on responses tagged desirable or not; give the entry \"columns\": {\"kto_tag\": \"<the column "
+            "holding true/false>\"} (LLaMA-Factory's KTO format), or set stage: sft")
+    if stage == "kto" and ranking:
+        add(("ranking",), "preference pairs (ranking: true) train with stage: dpo; stage kto takes one response per "
+                          "prompt with a kto_tag; remove \"ranking\" or set stage: dpo")
     if ranking and stage != "dpo":
         add(("ranking",), f"preference data (ranking: true: chosen/rejected answers) trains with stage: dpo, but the "
                           f"recipe's stage is {stage}; set stage: dpo, or name an instruction dataset")

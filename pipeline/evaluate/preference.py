@@ -11,6 +11,11 @@ For every held-out pair the model's summed log-probabilities of the chosen and t
   orpo / simpo have no reference and use beta x the length-averaged log-probabilities;
 - pref_loss: the recipe's preference loss on the held-out pairs;
 - loss: the mean NLL per token of the chosen responses (the report's loss and perplexity).
+
+A kto recipe's held-out rows are scored the same way (an example and its KL sequence in place of a pair,
+pipeline.data.feedback), and give kto_summary's metrics: reward_chosen / reward_rejected (the mean of
+beta (pi - ref) over the desirable / undesirable examples), reward_margin, kl (the KL estimate over the whole split),
+kto_loss (the training loss on the split as one batch); loss is over the desirable responses.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from tqdm import tqdm
 
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
-from pipeline.model.preference import PairLogps, pair_logps, preference_loss
+from pipeline.model.preference import FeedbackLogps, PairLogps, kl_term, kto_loss, kto_means, pair_logps, \
+    preference_loss
 from pipeline.recipe.args import PreferenceArgs
 
 
@@ -97,3 +103,24 @@ def summary(scores: PairLogps, reference: PairLogps | None, pref: PreferenceArgs
         "pref_loss": float(losses.mean()),
         "pairs": len(margin),
     }
+
+
+def feedback(scores: PairLogps, tags: Any) -> FeedbackLogps:
+    """A kto split's scores (split_logps: "chosen" = the examples, "rejected" = their KL sequences) with the tags."""
+    return FeedbackLogps(scores.chosen, scores.rejected, scores.chosen_tokens, torch.as_tensor(tags, dtype=torch.bool))
+
+
+def desirable_loss(scores: PairLogps, tags: Any) -> tuple[float, int, int]:
+    """(summed NLL of the desirable responses, their tokens, their count): a kto report's loss."""
+    keep = torch.as_tensor(tags, dtype=torch.bool)
+    return float(-scores.chosen[keep].sum()), int(scores.chosen_tokens[keep].sum()), int(keep.sum())
+
+
+def kto_summary(scores: PairLogps, reference: PairLogps, tags: Any, pref: PreferenceArgs) -> dict[str, Any]:
+    """One model's KTO metrics on the held-out rows for metrics.json."""
+    policy, ref = feedback(scores, tags), feedback(reference, tags)
+    loss, metrics = kto_loss(policy, ref, kl_term(policy, ref), pref.kto_config())
+    means = kto_means({key: float(value) for key, value in metrics.items()})
+    return {"kto_loss": float(loss), "reward_chosen": means.get("rewards/chosen"),
+            "reward_rejected": means.get("rewards/rejected"), "reward_margin": means.get("rewards/margins"),
+            "kl": means["kl"], "desirable": int(policy.desirable.sum()), "undesirable": int((~policy.desirable).sum())}

@@ -352,6 +352,15 @@ def render_markdown(
             "pipeline/evaluate/preference.py.",
             "",
         ]
+    if info.get("stage") == "kto":
+        out += [
+            "Stage kto: on the held-out rows (a response tagged desirable or not), the loss is over the",
+            "desirable responses and the generations are scored against them. The rewards are the means of",
+            "β(log π − log ref) over the desirable (reward_chosen) and the undesirable (reward_rejected)",
+            "responses with training's reference, kl the KL estimate of the split and kto_loss the training",
+            "loss on the split as one batch. Definitions: pipeline/evaluate/preference.py.",
+            "",
+        ]
     if "metrics" in figures:
         out += [f"![metrics base vs tuned]({figures['metrics']})", ""]
     training = info.get("training") or {}

@@ -31,7 +31,9 @@ from pipeline.evaluate import preference, report
 from pipeline.model.build import ModelArgs
 from pipeline.model.weights import note
 from pipeline.data.args import DataArgs
+from pipeline.data.loaders import tokenized_pair_split
 from pipeline.data.registry import dataset_names
+from pipeline.names import PREFERENCE_STAGES
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.runtime.layout import RunLayout, current_weights, describe
 
@@ -41,8 +43,9 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     out = Path(r["output_dir"])
     tuned = tuned_model(r)
     data, ev, gen, pref = data_args(r), eval_args(r), GenerationArgs.from_recipe(r), preference_args(r)
-    sft = ev.stage in ("sft", "dpo")  # generation metrics (dpo: against the chosen responses)
-    dpo = ev.stage == "dpo"
+    sft = ev.stage in ("sft", *PREFERENCE_STAGES)  # generation metrics (dpo: against the chosen responses)
+    dpo = ev.stage in PREFERENCE_STAGES  # log-probs of pairs (kto: of examples and their KL sequences)
+    tags = tokenized_pair_split(data, "val").tags if ev.stage == "kto" else None
     rows = _generation_rows(data, ev) if sft else []
     pair_scores: dict[str, Any] = {}
     models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
@@ -53,7 +56,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         model = load_model_for_eval(recipe_args(r).model, which, _device())
         if dpo:  # loss = NLL of the chosen responses; the pairs' log-probs for the preference metrics
             pair_scores[name] = preference.split_logps(model, data, rank=rank, world=world, label=name)
-            loss_sum, tokens, loss_examples = preference.chosen_loss(pair_scores[name])
+            loss_sum, tokens, loss_examples = (preference.chosen_loss(pair_scores[name]) if tags is None
+                                               else preference.desirable_loss(pair_scores[name], tags))
         else:
             loss_sum, tokens, loss_examples = split_loss(model, data, ev, rank=rank, world=world, label=name)
         if sft:
@@ -69,7 +73,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
                                                device=_device(), folded_adapter=folded)
         if rank == 0:
             for name in results:
-                results[name].update(preference.summary(pair_scores[name], reference, pref))
+                results[name].update(preference.summary(pair_scores[name], reference, pref) if tags is None
+                                     else preference.kto_summary(pair_scores[name], reference, tags, pref))
 
     if rank == 0:
         prompts = [_prompt_text(data, row) for row in rows]
@@ -176,6 +181,8 @@ def _generation_rows(data: DataArgs, ev: EvalArgs) -> list[dict]:
     if ev.stage == "dpo":  # generation is scored against the chosen response
         rows = [{**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "output": row["chosen"]}
                 for row in rows]
+    if ev.stage == "kto":  # against the desirable responses only
+        rows = [{k: v for k, v in row.items() if k != "kto_tag"} for row in rows if row["kto_tag"]]
     cap = ev.max_eval_samples
     return [{**row, "output": _answer(data, row["output"])} for row in (rows[:cap] if cap else rows)]
 

@@ -119,3 +119,90 @@ def preference_loss(policy: PairLogps, reference: PairLogps | None, cfg: PrefCon
         **extra,
     }
     return losses, metrics
+
+
+# ---------------------------------------------------------------------------------------------- KTO (stage kto)
+# Unpaired feedback: each example is a prompt, one response and a tag (desirable or not). A batch of B examples is
+# one (2B, T) forward like a pair batch: the B examples, then their B mismatched "KL" sequences (pipeline.data.
+# feedback: the prompt with another row's response), whose log-ratio estimates KL(policy || reference).
+# The loss is LLaMA-Factory 0.9.5's (src/llamafactory/train/kto/trainer.py, get_batch_loss_metrics) on TRL's KTO
+# term (trl 1.16, trl/trainer/kto_trainer.py, KTOTrainer._compute_loss, lines 1442-1483):
+#     z      = mean over the batch (and over ranks) of (pi_KL - ref_KL), clamped at 0, detached
+#     chosen   desirable_weight   * (1 - s(beta ((pi - ref) - z)))
+#     rejected undesirable_weight * (1 - s(beta (z - (pi - ref))))
+#     loss   = mean of those over the B examples + pref_ftx * mean NLL per token of the chosen responses * B / #chosen
+# (the last factor is LLaMA-Factory's "rescale" of its sft term). Rewards are beta (pi - ref) per side.
+
+KTO_SIDES = ("chosen", "rejected")
+KTO_SUMMED = ("rewards", "logps")  # per side: logged as the mean over that side's examples of the whole window
+
+
+@dataclass(frozen=True)
+class KtoConfig:
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    ftx: float = 0.0
+
+
+@dataclass
+class FeedbackLogps:
+    """Per example (B,): summed log-probabilities of its response and of its KL sequence's response, the response's
+    token count, and whether the example is desirable."""
+
+    target: torch.Tensor
+    kl: torch.Tensor
+    tokens: torch.Tensor
+    desirable: torch.Tensor
+
+
+def feedback_logps(token_nll: torch.Tensor, labels: torch.Tensor, desirable: torch.Tensor) -> FeedbackLogps:
+    """From per-token cross-entropy (2B, T) of an examples|KL-sequences batch (pipeline.data.loaders)."""
+    pairs = pair_logps(token_nll, labels)
+    return FeedbackLogps(pairs.chosen, pairs.rejected, pairs.chosen_tokens, desirable.bool())
+
+
+def kl_term(policy: FeedbackLogps, reference: FeedbackLogps) -> torch.Tensor:
+    """This micro-batch's KL estimate before the mean over ranks and the clamp: mean of pi_KL - ref_KL, detached."""
+    return (policy.kl - reference.kl).mean().detach()
+
+
+def kto_loss(policy: FeedbackLogps, reference: FeedbackLogps, kl: torch.Tensor | float, cfg: KtoConfig
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The micro-batch's KTO loss (a scalar: the KL estimate couples the examples) and its metrics as sums and
+    counts per side plus "kl" (kto_means turns a window's sums into TRL's means). `kl`: kl_term averaged over ranks."""
+    z = torch.as_tensor(kl, dtype=policy.target.dtype, device=policy.target.device).clamp(min=0).detach()
+    chosen, rejected = policy.desirable, ~policy.desirable
+    logratios = policy.target - reference.target
+    losses = torch.where(chosen, cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (logratios - z))),
+                         cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (z - logratios))))
+    loss = losses.mean()
+    n_chosen = int(chosen.sum())
+    if cfg.ftx > 1e-6 and n_chosen:
+        sft = -policy.target[chosen] / policy.tokens[chosen].clamp(min=1)
+        loss = loss + cfg.ftx * sft.mean() / n_chosen * len(losses)
+    rewards = cfg.beta * logratios.detach()
+    metrics = {"kl": z}
+    for side, mask in zip(KTO_SIDES, (chosen, rejected)):
+        metrics[f"rewards/{side}_sum"] = rewards[mask].sum()
+        metrics[f"logps/{side}_sum"] = policy.target.detach()[mask].sum()
+        metrics[f"count/{side}"] = mask.sum().to(rewards.dtype)
+    return loss, metrics
+
+
+def kto_means(record: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """A window's summed KTO metrics as TRL and LLaMA-Factory log them: rewards/logps per side = their sum over
+    that side's examples / its count (absent when the window had none), rewards/margins when both sides are there.
+    A record without KTO sums is returned as it is."""
+    if f"{prefix}count/chosen" not in record:
+        return record
+    out = dict(record)
+    for side in KTO_SIDES:
+        count = out.pop(f"{prefix}count/{side}")
+        for key in KTO_SUMMED:
+            total = out.pop(f"{prefix}{key}/{side}_sum")
+            if count > 0:
+                out[f"{prefix}{key}/{side}"] = total / count
+    if f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
+        out[f"{prefix}rewards/margins"] = out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
+    return out

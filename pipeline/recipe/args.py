@@ -17,7 +17,7 @@ from pipeline.recipe.check import DERIVED_KEYS
 
 if TYPE_CHECKING:  # the model layer imports torch: validate and plan (which use data_args) must not
     from pipeline.model.build import FinetuneArgs, ModelArgs
-    from pipeline.model.preference import PrefConfig
+    from pipeline.model.preference import KtoConfig, PrefConfig
 
 
 def _value(r: Mapping[str, Any], key: str) -> Any:
@@ -138,7 +138,7 @@ class EvalArgs:
 
 @dataclass(frozen=True)
 class PreferenceArgs:
-    """stage dpo: the preference loss and its coefficients, and the reference model (null: the starting model)."""
+    """stage dpo / kto: the preference loss and its coefficients, and the reference model (null: the starting model)."""
 
     pref_loss: str
     pref_beta: float
@@ -146,6 +146,15 @@ class PreferenceArgs:
     dpo_label_smoothing: float
     simpo_gamma: float
     ref_model: str | None
+    kto_chosen_weight: float = 1.0
+    kto_rejected_weight: float = 1.0
+
+    def kto_config(self) -> KtoConfig:
+        """stage kto's loss settings (pipeline.model.preference.kto_loss)."""
+        from pipeline.model.preference import KtoConfig
+
+        return KtoConfig(beta=float(self.pref_beta), desirable_weight=float(self.kto_chosen_weight),
+                         undesirable_weight=float(self.kto_rejected_weight), ftx=float(self.pref_ftx))
 
     def loss_config(self) -> PrefConfig:
         """The model layer's loss settings (pipeline.model.preference.preference_loss)."""

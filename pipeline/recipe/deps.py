@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
 from pipeline.recipe.siblings import producer, recipe_value
+from pipeline.names import PREFERENCE_STAGES
 
 
 UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model")  # a model this recipe starts from
@@ -36,7 +37,7 @@ _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goa
 
 def upstream_paths(r: Mapping[str, Any]) -> list[str]:
     """The paths of UPSTREAM_KEYS the recipe sets (ref_model only under stage dpo, the one stage that reads it)."""
-    keys = [k for k in UPSTREAM_KEYS if k != "ref_model" or r.get("stage") == "dpo"]
+    keys = [k for k in UPSTREAM_KEYS if k != "ref_model" or r.get("stage") in PREFERENCE_STAGES]
     return [str(r[k]) for k in keys if r.get(k)]
 
 

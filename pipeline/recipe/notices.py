@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from pipeline.recipe import spec
+from pipeline.names import PREFERENCE_STAGES
 
 TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported model family is implemented in "
                      "this repository and weights are read from safetensors only")
@@ -52,9 +53,9 @@ def epochs_notice(r: Any) -> str | None:
 def dpo_dropout_notices(r: Any) -> list[str]:
     """stage dpo trains the policy without dropout (pipeline.train.preference.disable_dropout), so a dropout or
     lora_dropout the recipe sets does nothing: say so rather than ignore it silently."""
-    if r["stage"] != "dpo":
+    if r["stage"] not in PREFERENCE_STAGES:
         return []
-    return [f"notice: {r.origin(key).where}: {key}: {r[key]:g} has no effect under stage dpo: the policy is scored "
+    return [f"notice: {r.origin(key).where}: {key}: {r[key]:g} has no effect under stage {r['stage']}: the policy is scored "
             "without dropout, as the reference is (TRL's and LLaMA-Factory's disable_dropout)"
             for key in ("dropout", "lora_dropout") if r[key] and r.origin(key).kind in ("file", "cli")]
 

@@ -34,6 +34,7 @@ from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.recipe.modelinfo import model_info, param_counts
 from pipeline.recipe.text import format_table
+from pipeline.names import PREFERENCE_STAGES
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
 
-    pairs = 2 if r["stage"] == "dpo" else 1  # dpo: chosen + rejected of every pair in one forward
+    pairs = 2 if r["stage"] in PREFERENCE_STAGES else 1  # dpo: chosen + rejected in one forward; kto: + KL
     b, h, L, V = r["per_device_train_batch_size"] * pairs, info.n_embd, info.n_layer, info.vocab_size
     per_block = activation_bytes(info.config, s, b, w)
     if r["disable_gradient_checkpointing"]:
@@ -97,7 +98,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
 def reference_params(r: Resolved, total: int) -> int:
     """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's, or
     the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
-    if r["stage"] != "dpo" or r["pref_loss"] in ("orpo", "simpo"):
+    if r["stage"] not in PREFERENCE_STAGES or r["pref_loss"] in ("orpo", "simpo"):
         return 0
     if r["ref_model"] is not None:
         from pipeline.model.config import count_params

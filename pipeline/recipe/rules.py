@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import did_you_mean
+from pipeline.names import PREFERENCE_STAGES
 from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.check import show
 from pipeline.recipe.load import Origin
@@ -248,20 +249,26 @@ def rope_scaling_applies(ctx: Context) -> list[tuple[str, str]]:
 STAGE_ONLY: dict[str, dict[str, str]] = {
     "neat_packing": {"pt": "pt always concatenates documents into windows of cutoff_len, see "
                            "docs/packing-and-scale.md",
-                     "dpo": "a dpo row is a chosen/rejected pair, never packed"},
-    "packing": {"dpo": "a dpo row is a chosen/rejected pair, never packed"},
+                     "dpo": "a dpo row is a chosen/rejected pair, never packed",
+                     "kto": "a kto row is scored with its own KL sequence, never packed"},
+    "packing": {"dpo": "a dpo row is a chosen/rejected pair, never packed",
+                "kto": "a kto row is scored with its own KL sequence, never packed"},
     "train_on_prompt": {"pt": "pt has no prompt: every token is trained",
-                        "dpo": "dpo scores the responses only; the prompt is never part of the loss"},
+                        "dpo": "dpo scores the responses only; the prompt is never part of the loss",
+                        "kto": "kto scores the responses only; the prompt is never part of the loss"},
     "mask_history": {"pt": "pt has no conversation turns"},
     # LLaMA-Factory wires its ComputeAccuracy into the sft workflow only, and ignores the key elsewhere
     "compute_accuracy": {"pt": "token accuracy is computed for stage sft only, as in LLaMA-Factory; pt's evaluation "
                                "reports eval_loss and eval_perplexity",
                          "dpo": "token accuracy is computed for stage sft only, as in LLaMA-Factory; dpo's evaluation "
                                 "reports eval_rewards/accuracies, how often the chosen response out-scores the "
-                                "rejected one"},
-    # LLaMA-Factory hands it to transformers' Trainer, whose DPO loss never reads it
+                                "rejected one",
+                         "kto": "token accuracy is computed for stage sft only, as in LLaMA-Factory; kto's evaluation "
+                                "reports eval_loss, eval_rewards/chosen, eval_rewards/rejected and eval_kl"},
+    # LLaMA-Factory hands it to transformers' Trainer, whose DPO / KTO losses never read it
     "label_smoothing_factor": {"dpo": "LLaMA-Factory's dpo ignores it too; use dpo_label_smoothing, dpo's own "
-                                      "label smoothing (conservative DPO, pref_loss: sigmoid)"},
+                                      "label smoothing (conservative DPO, pref_loss: sigmoid)",
+                               "kto": "LLaMA-Factory's kto ignores it too; KTO's loss has no label smoothing"},
 }
 
 
@@ -493,7 +500,7 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
 @rule("val_size", "dataset", "dataset_dir", "stage", "overwrite_cache", commands=_READS_BUILT_DATA)
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
-    if ctx.values["stage"] not in ("sft", "dpo") or _rebuilt_first(ctx):
+    if ctx.values["stage"] not in ("sft", *PREFERENCE_STAGES) or _rebuilt_first(ctx):
         return []
     from pipeline.data.built import built_dir, held_out, read_manifest, row_count
 
@@ -731,13 +738,24 @@ PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo
 REFERENCE_FREE = ("orpo", "simpo")
 
 
-@rule("stage", *PREF_KEYS)
+DPO_ONLY = ("pref_loss", "dpo_label_smoothing", "simpo_gamma")  # stage kto's loss is KTO's, whatever these say
+KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
+
+
+@rule("stage", *PREF_KEYS, *KTO_KEYS)
 def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
+    """Preference settings outside the stages that read them would be ignored without a word: pref_loss & co. under
+    kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft."""
     stage = ctx.values["stage"]
+    if stage == "kto":
+        return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
+                      "kto_chosen_weight, kto_rejected_weight, ref_model); remove it") for key in DPO_ONLY
+                if ctx.set_here(key)]
     if stage == "dpo":
-        return []
-    return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: dpo")
-            for key in PREF_KEYS if ctx.set_here(key)]
+        return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
+    return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: "
+                  f"{'kto' if key in KTO_KEYS else 'dpo'}")
+            for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
 
 
 @rule("stage", "pref_loss", "ref_model")
@@ -764,7 +782,7 @@ def label_smoothing_needs_sigmoid(ctx: Context) -> list[tuple[str, str]]:
 def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     """The reference scores the policy's tokens: it must read the same vocabulary."""
     ref = ctx.values["ref_model"]
-    if ctx.values["stage"] != "dpo" or ref is None:
+    if ctx.values["stage"] not in PREFERENCE_STAGES or ref is None:
         return []
     from pipeline.errors import UserError
     from pipeline.model.hub import is_hub_id, resolve_model_path

@@ -7,6 +7,7 @@
       training_loss.png         .loss_plot
       training_rewards_accuracies.png              stage dpo (.accuracy_plot): how often chosen out-scores rejected
       training_eval_accuracy.png                   compute_accuracy (.eval_accuracy_plot): eval token accuracy
+      training_rewards_chosen.png                  stage kto (.rewards_plot): the desirable responses' reward
       all_results.json          .all_results       final numbers of the run
       checkpoint-<step>/                           resumable state (pipeline.train.checkpoint owns its inside)
       adapter/                  .adapter           lora: the trained adapter (PEFT layout)
@@ -28,7 +29,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE
+from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE, \
+    REWARDS_PLOT_FILE
 
 CONFIG = "config.json"  # marks a complete model folder (ours and Hugging Face's): written with the weights
 
@@ -68,6 +70,10 @@ class RunLayout:
     @property
     def eval_accuracy_plot(self) -> Path:
         return self.root / EVAL_ACCURACY_PLOT_FILE
+
+    @property
+    def rewards_plot(self) -> Path:
+        return self.root / REWARDS_PLOT_FILE
 
     @property
     def all_results(self) -> Path:

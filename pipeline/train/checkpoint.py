@@ -34,6 +34,7 @@ from pipeline.io import replace_dir, sha256_file, write_json
 from pipeline.recipe.args import TrainArgs, key_at
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
+from pipeline.names import PREFERENCE_STAGES
 
 FORMAT = "pipeline-checkpoint"
 VERSION = 1
@@ -61,7 +62,8 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",
          "neftune_noise_alpha", "label_smoothing_factor",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
-         "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
+         "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model",
+         "kto_chosen_weight", "kto_rejected_weight")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
@@ -291,7 +293,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     problems += _training_files_problems(r, path, saved.get(FILES_KEY))
     if problems:
         raise UserError(problems)
-    inert = DROPOUT_KEYS if r.get("stage") == "dpo" else ()  # dpo trains without dropout (as TRL): nothing changes
+    inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo trains without dropout (as TRL): nothing changes
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
                f"{state.get('global_step', '?')} on" for k in changed if k in APPLY and k not in inert]
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage dpo trains "

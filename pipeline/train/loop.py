@@ -354,6 +354,9 @@ class Trainer:
             "eta": round(elapsed / max(done, 1) * (args.total_steps - state.global_step), 3),
         }
         record.update({name: value / world / window.steps for name, value in zip(names, extra)})
+        finish = getattr(self.objective, "finish_metrics", None)  # kto: summed rewards -> means per side
+        if finish is not None:
+            record = finish(record)
         if args.l1_lambda:
             record["l1"] = l1 / world / window.steps
         if args.fp16:

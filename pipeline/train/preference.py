@@ -1,6 +1,6 @@
-"""The preference training objective (stage dpo): reference model and per-micro-batch losses for the loop.
+"""The preference training objectives (stage dpo, stage kto): reference model and per-micro-batch losses for the loop.
 
-The losses (DPO, hinge, IPO, ORPO, SimPO) are pipeline.model.preference. The reference is the starting
+The losses (DPO, hinge, IPO, ORPO, SimPO; KTO) are pipeline.model.preference. The reference is the starting
 model: for LoRA the same weights with the adapters switched off (lora.adapters_disabled: no second copy in
 memory), for full / freeze a frozen copy (a DeepSpeed engine of its own under ZeRO-3, so it is partitioned
 like the policy), or ref_model when given.
@@ -14,7 +14,8 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.model import head_loss
-from pipeline.model.preference import pair_logps, preference_loss
+from pipeline.model.preference import FeedbackLogps, feedback_logps, kl_term, kto_loss, kto_means, pair_logps, \
+    preference_loss
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
 if TYPE_CHECKING:
@@ -223,3 +224,70 @@ class PreferenceObjective:
         count = max(totals[-1], 1.0)
         return {f"eval_{k}": v / count for k, v in zip(keys, totals[:-1])}
 
+
+
+class KtoObjective(PreferenceObjective):
+    """stage kto: LLaMA-Factory's KTO loss per micro-batch of B rows (pipeline.model.preference.kto_loss), with the
+    same reference as dpo. One (2B, T) forward scores the examples and their KL sequences: the KL half gets no
+    gradient through the loss (its estimate is detached, as in TRL), which is why one forward can hold both.
+    The KL estimate is the mean over every rank's micro-batch, as TRL gathers it."""
+
+    def __init__(self, pref: PreferenceArgs, engine: Any, reference: Any):
+        super().__init__(pref, engine, reference)
+        self.kto = pref.kto_config()
+
+    def logps(self, batch: Mapping[str, torch.Tensor]) -> tuple[FeedbackLogps, FeedbackLogps]:
+        """(policy, reference) log-probabilities of the examples and their KL sequences: the reference pass first."""
+        tags = batch["kto_tags"]
+        reference = feedback_logps(self.reference(batch), batch["labels"], tags)
+        return feedback_logps(token_nll(self.engine, batch), batch["labels"], tags), reference
+
+    @staticmethod
+    def loss(policy: FeedbackLogps, reference: FeedbackLogps, cfg: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from pipeline.runtime import dist
+
+        kl = dist.all_sum([float(kl_term(policy, reference))])[0] / dist.world_size()  # collective: every rank
+        return kto_loss(policy, reference, kl, cfg)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = self.loss(*self.logps(batch), self.kto)
+        return loss, {k: float(v) for k, v in metrics.items()}
+
+    @staticmethod
+    def finish_metrics(record: dict[str, float]) -> dict[str, float]:
+        """A log window's summed metrics as TRL's means (the loop calls this on every record)."""
+        return kto_means(record)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> dict[str, float]:
+        """eval_loss (the mean of the micro-batch losses, weighted by their rows), eval_rewards/chosen & co. (means
+        over the examples of each side) and eval_kl (the mean over batches) over the whole val split. Rows repeated
+        to fill the ranks are left out of every number."""
+        from pipeline.runtime import dist
+        from pipeline.train.loop import _to_device
+
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        rows = batches = 0.0
+        for batch in loader:
+            batch = _to_device(batch, self.engine.device)
+            real = (batch["labels"][:len(batch["kto_tags"])] != -100).any(dim=-1)  # Loader masks repeated rows
+            policy, reference = (_rows(logps, real) for logps in self.logps(batch))
+            loss, metrics = self.loss(policy, reference, self.kto)
+            n = float(real.sum())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            rows, batches = rows + n, batches + 1
+        self.engine.train()
+        keys = list(sums)
+        *values, rows, batches = dist.all_sum([sums[k] for k in keys] + [rows, batches])
+        out = {f"eval_{k}": v for k, v in zip(keys, values)}
+        if "eval_loss" in out:
+            out["eval_loss"] /= max(rows, 1.0)
+            out["eval_kl"] /= max(batches, 1.0)
+        return kto_means(out, prefix="eval_")
+
+
+def _rows(logps: FeedbackLogps, keep: torch.Tensor) -> FeedbackLogps:
+    return FeedbackLogps(logps.target[keep], logps.kl[keep], logps.tokens[keep], logps.desirable[keep])

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.errors import UserError
+from pipeline.names import PREFERENCE_STAGES
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
@@ -110,7 +111,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, args),
                                       config=r.ds_config)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
-    objective = preference_objective(r, engine) if r["stage"] == "dpo" else None
+    objective = preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES else None
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if resume is not None:
         checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
@@ -176,15 +177,20 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
 
 def preference_objective(r: Any, engine: Any) -> Any:
-    """stage dpo: the preference loss with its reference (pipeline.train.preference)."""
+    """stage dpo / kto: the preference loss with its reference (pipeline.train.preference)."""
     from pipeline.recipe.args import preference_args, recipe_args
-    from pipeline.train.preference import PreferenceObjective, build_reference
+    from pipeline.train.preference import KtoObjective, PreferenceObjective, build_reference
 
     pref = preference_args(r)
     reference = build_reference(pref, recipe_args(r), engine, dtype=compute_dtype(r),
                                 zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
+    what = reference.description if reference is not None else "none (reference-free loss)"
+    if r["stage"] == "kto":
+        if dist.is_main():
+            print(f"kto: pref_beta {pref.pref_beta}, kto_chosen_weight {pref.kto_chosen_weight}, kto_rejected_weight "
+                  f"{pref.kto_rejected_weight}; reference: {what}", file=sys.stderr)
+        return KtoObjective(pref, engine, reference)
     if dist.is_main():
-        what = reference.description if reference is not None else "none (reference-free loss)"
         print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}; reference: {what}", file=sys.stderr)
     return PreferenceObjective(pref, engine, reference)
 
@@ -203,10 +209,10 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
-    if (r["stage"] == "dpo" and r["finetuning_type"] == "lora" and r["ref_model"] is None
+    if (r["stage"] in PREFERENCE_STAGES and r["finetuning_type"] == "lora" and r["ref_model"] is None
             and r["pref_loss"] not in ("orpo", "simpo") and r["additional_target"] and r["zero_stage"] == 3):
         raise UserError("additional_target modules train in full, and under zero_stage 3 their starting weights "
-                        "cannot be kept for the dpo reference (the base with the adapters off); use zero_stage 2 "
+                        f"cannot be kept for the {r['stage']} reference (the base with the adapters off); use zero_stage 2 "
                         "(or lower), give ref_model, or remove additional_target")
     if r["world_size"] != dist.world_size():
         raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
@@ -545,6 +551,9 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         if r["stage"] == "dpo":  # how often the chosen response out-scores the rejected one, as LLaMA-Factory plots
             plot_curve(records, "rewards/accuracies", RunLayout(output_dir).accuracy_plot,
                        title=f"{name}: reward accuracy")
+        if r["stage"] == "kto":  # the desirable responses' reward, as LLaMA-Factory's kto workflow plots
+            plot_curve(records, "rewards/chosen", RunLayout(output_dir).rewards_plot,
+                       title=f"{name}: reward of the desirable responses")
         if r["compute_accuracy"]:  # eval_accuracy, as LLaMA-Factory's sft plots it beside eval_loss
             plot_curve(records, "accuracy", RunLayout(output_dir).eval_accuracy_plot, title=f"{name}: eval accuracy")
     print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

@@ -76,7 +76,7 @@ def test_used_entries_refused_with_their_reason(lf_workdir):
         "mllm_demo": "multimodal data (images) is not supported",
         "mllm_audio_demo": "multimodal data (audios) is not supported",
         "mllm_video_demo": "multimodal data (videos) is not supported",
-        "kto_en_demo": "stage kto, which this pipeline does not have",
+        "kto_en_demo": "trains with stage: kto; rows labelled undesirable would be learned as good answers",
         "dpo_en_demo": "trains with stage: dpo, but the recipe's stage is sft",
         "dpo_alpaca_demo": "trains with stage: dpo, but the recipe's stage is sft",
         "deepctrl": "ModelScope downloads are not supported",
