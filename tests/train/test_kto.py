@@ -1,0 +1,69 @@
+"""Stage kto in the trainer, through dpo's machinery: step one is 0.5 for every reference (policy = reference:
+log-ratios and KL 0), and an interrupted run resumes exactly, also on a log line whose window spans the stop (the
+per-side rewards are sums over counts kept in the checkpoint's window)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.runtime.log import read_log
+from pipeline.train.run import train
+from tests.train.helpers import BASE_SFT, WORDS
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
+BASE_KTO = {**BASE_SFT, "stage": "kto", "dataset": "tiny_kto", "max_steps": 3, "val_size": 0.2,
+            "per_device_train_batch_size": 3, "gradient_accumulation_steps": 1, "pref_beta": 0.5,
+            "warmup_steps": 0}
+
+
+@pytest.fixture
+def kto_recipe(workdir: Path, make_recipe):
+    """make_recipe over a registry that also holds an alpaca KTO dataset (LLaMA-Factory's kto_tag entry form)."""
+    rng = random.Random(1)
+    rows = []
+    for i in range(30):
+        a, b, c = rng.sample(WORDS, 3)
+        rows.append({"instruction": f"Repeat: {a} {b}", "output": f"{a} {b}" if i % 3 else f"{c} ({i})",
+                     "tag": bool(i % 3)})
+    data = workdir / "data"
+    (data / "raw" / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["tiny_kto"] = {"file_name": "raw/kto.jsonl", "columns": {"prompt": "instruction", "response": "output",
+                                                                      "kto_tag": "tag"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+
+    def make(name: str = "kto", **keys):
+        return make_recipe({**BASE_KTO, **keys}, name=name)
+
+    return make
+
+
+@pytest.mark.parametrize("finetuning_type, zero_stage", [("lora", 2), ("full", 3)])
+def test_first_step_is_one_half_for_every_reference(kto_recipe, finetuning_type, zero_stage):
+    """LoRA: the adapters-off reference; full under ZeRO-3: a frozen copy in its own DeepSpeed engine."""
+    result = train(kto_recipe(name=f"{finetuning_type}{zero_stage}", finetuning_type=finetuning_type,
+                              zero_stage=zero_stage, max_steps=2, eval_steps=2))
+    log = read_log(result.output_dir / "trainer_log.jsonl")
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-7) and log[0]["kl"] == 0.0
+    assert log[0]["rewards/chosen"] == log[0]["rewards/rejected"] == 0.0
+    assert log[1]["loss"] < 0.5 and "eval_kl" in log[-1] and "eval_rewards/chosen" in log[-1]
+
+
+def test_resume_continues_exactly_across_a_log_window(kto_recipe):
+    from tests.train.test_checkpoint_resume import interrupt_after
+
+    keys = dict(max_steps=4, logging_steps=3)
+    straight = train(kto_recipe(name="straight", **keys))
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, 2)
+        first = train(kto_recipe(name="resumed", **keys))
+    assert first.exit_code == 143 and first.state.global_step == 2
+    resumed = train(kto_recipe(name="resumed", resume_from_checkpoint="latest", **keys))
+    a = read_log(straight.output_dir / "trainer_log.jsonl")
+    b = read_log(resumed.output_dir / "trainer_log.jsonl")
+    assert [rec["step"] for rec in b if "loss" in rec] == [3, 4]
+    for key in ("loss", *METRICS):
+        assert [rec.get(key) for rec in b] == [rec.get(key) for rec in a], key
