@@ -271,10 +271,7 @@ def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:
     answers = {}
     for what in ("chosen", "rejected"):
         column = cols[what]
-        message = rec.get(column, _MISSING)
-        if message is _MISSING:
-            raise _RowError(f"missing {_name(column, what)}{did_you_mean(column, map(str, rec))}; "
-                            f"the row has: {', '.join(map(str, rec)) or 'none'}")
+        message = _required(rec, column, what)
         if not isinstance(message, dict):
             raise _RowError(f"{_name(column, what)} is {_kind(message)}; expected a message object "
                             f"{{\"{role_tag}\": \"{assistant}\", \"{content_tag}\": ...}}")
@@ -302,14 +299,20 @@ def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:
     return {"instruction": row.pop("instruction"), "input": row.pop("input"), **answers, **row}
 
 
+def _required(rec: dict, column: str, what: str) -> Any:
+    """The record's value in `column` (null included), or a _RowError naming the column and what the row has."""
+    value = rec.get(column, _MISSING)
+    if value is _MISSING:
+        raise _RowError(f"missing {_name(column, what)}{did_you_mean(column, map(str, rec))}; "
+                        f"the row has: {', '.join(map(str, rec)) or 'none'}")
+    return value
+
+
 def _feedback(rec: dict, spec: DatasetSpec) -> dict:
     """A KTO row (stage kto): an alpaca or sharegpt row (its last assistant turn the response) plus "kto_tag", which
     must be true (desirable) or false (undesirable), as LLaMA-Factory's converter requires a bool."""
     column = spec.columns["kto_tag"]
-    tag = rec.get(column, _MISSING)
-    if tag is _MISSING:
-        raise _RowError(f"missing {_name(column, 'kto_tag')}{did_you_mean(column, map(str, rec))}; "
-                        f"the row has: {', '.join(map(str, rec)) or 'none'}")
+    tag = _required(rec, column, "kto_tag")
     if not isinstance(tag, bool):
         raise _RowError(f"{_name(column, 'kto_tag')} is {_kind(tag)}; expected true (a desirable response) or false "
                         "(an undesirable one)")

@@ -19,10 +19,9 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.data.args import DataArgs
 from pipeline.data.origins import Origin
-from pipeline.data.pairs import TokenizedPairs, encode_pairs
+from pipeline.data.pairs import TokenizedPairs, encode_pairs, tokenized_rows
 from pipeline.data.templates import Template
 from pipeline.data.tokenizer import Tokenizer
-from pipeline.errors import UserError
 
 KL_CHUNK = 1000  # LLaMA-Factory's preprocessing_batch_size default: the KL responses rotate within such chunks
 
@@ -50,22 +49,4 @@ def encode_feedback(rows: Sequence[Mapping[str, Any]], template: Template | str,
 
 def tokenized_feedback(data: DataArgs, split: str) -> TokenizedPairs:
     """The recipe's kto `split`, with its template and length policy (once per process)."""
-    from pipeline.data.load import read_split_rows, split_files
-    from pipeline.data.model_tokenizer import recipe_tokenizer
-    from pipeline.data.tokenize import _cached, _file_key
-
-    paths = split_files(data, split)
-    tokenizer = recipe_tokenizer(data)
-    key = ("kto", tokenizer.name, _file_key(paths),
-           (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.enable_thinking))
-
-    def make() -> TokenizedPairs:
-        rows, origins = read_split_rows(data, paths)
-        missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or "kto_tag" not in row]
-        if missing:
-            raise UserError([f"{o}: not a KTO row (no kto_tag); the build is from another stage: run `make data`"
-                             for o in missing[:5]])
-        return encode_feedback(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
-                               policy=data.overlength_policy, enable_thinking=data.enable_thinking, origins=origins)
-
-    return _cached(key, make)
+    return tokenized_rows(data, split, {"kto_tag"}, "not a KTO row (no kto_tag)", encode_feedback)

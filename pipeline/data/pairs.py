@@ -148,20 +148,25 @@ def _cut(split: TokenizedSplit, keep: np.ndarray) -> TokenizedSplit:
 
 def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
     """The recipe's dpo `split` as pairs, with its template and length policy (once per process)."""
+    return tokenized_rows(data, split, set(SIDES), "not a preference pair (no chosen/rejected)", encode_pairs)
+
+
+def tokenized_rows(data: DataArgs, split: str, fields: set[str], what: str, encode: Any) -> TokenizedPairs:
+    """The recipe's `split` through `encode` (encode_pairs, or stage kto's encode_feedback) with its template and
+    length policy, once per process and stage; rows without `fields` are named as `what` (a build of another stage)."""
     from pipeline.data.load import read_split_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
-    key = ("dpo", tokenizer.name, _file_key(paths),
+    key = (data.stage, tokenizer.name, _file_key(paths),
            (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.enable_thinking))
 
     def make() -> TokenizedPairs:
         rows, origins = read_split_rows(data, paths)
-        missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not set(SIDES) <= row.keys()]
+        missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not fields <= row.keys()]
         if missing:
-            raise UserError([f"{o}: not a preference pair (no chosen/rejected); the build is from another stage: "
-                             "run `make data`" for o in missing[:5]])
-        return encode_pairs(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
-                            policy=data.overlength_policy, enable_thinking=data.enable_thinking, origins=origins)
+            raise UserError([f"{o}: {what}; the build is from another stage: run `make data`" for o in missing[:5]])
+        return encode(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
+                      policy=data.overlength_policy, enable_thinking=data.enable_thinking, origins=origins)
 
     return _cached(key, make)

@@ -149,6 +149,7 @@ def test_offload_optimizer_needs_zero(recipe):
     ("dpo", "train_on_prompt", "dpo scores the responses only; the prompt is never part of the loss"),
     ("pt", "train_on_prompt", "pt has no prompt: every token is trained"),
     ("pt", "mask_history", "pt has no conversation turns"),
+    ("kto", "packing", "a kto row is scored with its own KL sequence, never packed"),
 ])
 def test_a_key_the_stage_would_ignore_is_refused(recipe, stage, key, why):
     """Set where the stage cannot honour it, a key would be ignored without a word: one message, saying why."""
@@ -173,6 +174,28 @@ def test_label_smoothing_is_for_pt_and_sft_and_below_one(recipe):
     assert len(messages) == 1 and messages[0].endswith(
         "label_smoothing_factor: given 0.1, but it has no meaning for stage: dpo (LLaMA-Factory's dpo ignores it too; "
         "use dpo_label_smoothing, dpo's own label smoothing (conservative DPO, pref_loss: sigmoid)); remove it"), messages
+    messages = errors(recipe("stage: kto\nlabel_smoothing_factor: 0.1\n"))
+    assert len(messages) == 1 and "KTO's loss has no label smoothing" in messages[0], messages
     for value in ("1.0", "-0.1"):
         messages = errors(recipe(f"label_smoothing_factor: {value}\n"))
         assert len(messages) == 1 and "label_smoothing_factor" in messages[0] and "< 1" in messages[0], messages
+
+
+@pytest.mark.parametrize("stage, lines, key, words", [
+    ("kto", "pref_loss: ipo\n", "pref_loss", "is a stage dpo setting; stage kto's loss is KTO's"),
+    ("kto", "simpo_gamma: 1.0\n", "simpo_gamma", "is a stage dpo setting; stage kto's loss is KTO's"),
+    ("dpo", "kto_chosen_weight: 2.0\n", "kto_chosen_weight", "is a stage kto setting; remove it or set stage: kto"),
+    ("sft", "kto_rejected_weight: 0.5\n", "kto_rejected_weight",
+     "is a preference-tuning setting but stage is sft; remove it or set stage: kto"),
+])
+def test_preference_keys_the_stage_never_reads_are_refused(recipe, stage, lines, key, words):
+    """LLaMA-Factory's KTO trainer reads pref_beta, pref_ftx, ref_model and kto_*_weight only: the others would be
+    ignored without a word under kto, and the kto weights under any other stage."""
+    messages = errors(recipe(f"stage: {stage}\n{lines}"))
+    assert len(messages) == 1 and f"{key}: {words}" in messages[0], messages
+
+
+def test_kto_accepts_its_keys(recipe):
+    r = resolve(recipe("stage: kto\npref_beta: 0.2\npref_ftx: 0.5\nkto_chosen_weight: 1.5\n"
+                       "kto_rejected_weight: 0.8\n"))
+    assert (r["stage"], r["kto_chosen_weight"], r["kto_rejected_weight"]) == ("kto", 1.5, 0.8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from typing import Any
 
 import pytest
 import torch
@@ -33,6 +34,21 @@ def interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return norm
     monkeypatch.setattr(Trainer, "optimizer_step", wrapped)
+
+
+def straight_and_resumed(make: Any, stop: int = 2, **keys: Any) -> tuple[list[dict], list[dict]]:
+    """trainer_log.jsonl of one uninterrupted run and of one stopped by SIGTERM after step `stop` and resumed
+    (`make(name=..., **keys)` gives each run's recipe)."""
+    from pipeline.runtime.log import read_log
+    from pipeline.train.run import train
+
+    straight = train(make(name="straight", **keys))
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_after(patch, stop)
+        first = train(make(name="resumed", **keys))
+    assert first.exit_code == 143 and first.state.global_step == stop
+    resumed = train(make(name="resumed", resume_from_checkpoint="latest", **keys))
+    return (read_log(straight.output_dir / "trainer_log.jsonl"), read_log(resumed.output_dir / "trainer_log.jsonl"))
 
 
 def tensors(path) -> dict[str, torch.Tensor]:

@@ -184,17 +184,10 @@ def test_first_step_is_ln2_for_every_reference(dpo_recipe, finetuning_type, zero
 def test_resume_continues_exactly(dpo_recipe, logging_steps, logged):
     """Interrupted after step 2 (SIGTERM), resumed: the same losses and rewards as one uninterrupted run, also on a
     log line whose window spans the stop (the rewards are window means: the checkpoint keeps the window's sums)."""
-    from tests.train.test_checkpoint_resume import interrupt_after
+    from tests.train.test_checkpoint_resume import straight_and_resumed
 
-    keys = dict(max_steps=4, lora_dropout=0.1, logging_steps=logging_steps)  # dropout: the restored RNG state matters
-    straight = train(dpo_recipe(name="straight", **keys))
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 2)
-        first = train(dpo_recipe(name="resumed", **keys))
-    assert first.exit_code == 143 and first.state.global_step == 2
-    resumed = train(dpo_recipe(name="resumed", resume_from_checkpoint="latest", **keys))
-    a = read_log(straight.output_dir / "trainer_log.jsonl")
-    b = read_log(resumed.output_dir / "trainer_log.jsonl")
+    # dropout: the restored RNG state matters
+    a, b = straight_and_resumed(dpo_recipe, max_steps=4, lora_dropout=0.1, logging_steps=logging_steps)
     assert [rec["step"] for rec in b if "loss" in rec] == logged
     for key in ("loss", *METRICS):
         assert [rec[key] for rec in b] == [rec[key] for rec in a], key

@@ -53,17 +53,9 @@ def test_first_step_is_one_half_for_every_reference(kto_recipe, finetuning_type,
 
 
 def test_resume_continues_exactly_across_a_log_window(kto_recipe):
-    from tests.train.test_checkpoint_resume import interrupt_after
+    from tests.train.test_checkpoint_resume import straight_and_resumed
 
-    keys = dict(max_steps=4, logging_steps=3)
-    straight = train(kto_recipe(name="straight", **keys))
-    with pytest.MonkeyPatch.context() as patch:
-        interrupt_after(patch, 2)
-        first = train(kto_recipe(name="resumed", **keys))
-    assert first.exit_code == 143 and first.state.global_step == 2
-    resumed = train(kto_recipe(name="resumed", resume_from_checkpoint="latest", **keys))
-    a = read_log(straight.output_dir / "trainer_log.jsonl")
-    b = read_log(resumed.output_dir / "trainer_log.jsonl")
+    a, b = straight_and_resumed(kto_recipe, max_steps=4, logging_steps=3)
     assert [rec["step"] for rec in b if "loss" in rec] == [3, 4]
     for key in ("loss", *METRICS):
         assert [rec.get(key) for rec in b] == [rec.get(key) for rec in a], key
