@@ -135,6 +135,8 @@ def preference_loss(policy: PairLogps, reference: PairLogps | None, cfg: PrefCon
 
 KTO_SIDES = ("chosen", "rejected")
 KTO_SUMMED = ("rewards", "logps")  # per side: logged as the mean over that side's examples of the whole window
+KTO_METRICS = ("kl", *(f"{key}/{side}_sum" for side in KTO_SIDES for key in KTO_SUMMED),
+               *(f"count/{side}" for side in KTO_SIDES))  # what kto_loss returns per micro-batch
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.model import head_loss
-from pipeline.model.preference import FeedbackLogps, feedback_logps, kl_term, kto_loss, kto_means, pair_logps, \
+from pipeline.model.preference import KTO_METRICS, FeedbackLogps, feedback_logps, kto_loss, kto_means, pair_logps, \
     preference_loss
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
@@ -225,12 +225,11 @@ class PreferenceObjective:
         return {f"eval_{k}": v / count for k, v in zip(keys, totals[:-1])}
 
 
-
 class KtoObjective(PreferenceObjective):
     """stage kto: LLaMA-Factory's KTO loss per micro-batch of B rows (pipeline.model.preference.kto_loss), with the
     same reference as dpo. One (2B, T) forward scores the examples and their KL sequences: the KL half gets no
     gradient through the loss (its estimate is detached, as in TRL), which is why one forward can hold both.
-    The KL estimate is the mean over every rank's micro-batch, as TRL gathers it."""
+    The KL estimate is over every rank's micro-batch, as TRL gathers it (global_kl)."""
 
     def __init__(self, pref: PreferenceArgs, engine: Any, reference: Any):
         super().__init__(pref, engine, reference)
@@ -243,14 +242,18 @@ class KtoObjective(PreferenceObjective):
         return feedback_logps(token_nll(self.engine, batch), batch["labels"], tags), reference
 
     @staticmethod
-    def loss(policy: FeedbackLogps, reference: FeedbackLogps, cfg: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def global_kl(policy: FeedbackLogps, reference: FeedbackLogps) -> float:
+        """The KL estimate over every rank's micro-batch (a collective: every rank calls it, even with no rows): the
+        mean of pi_KL - ref_KL over all their rows, which is TRL's mean of the ranks' means when, as in training,
+        every rank holds as many rows."""
         from pipeline.runtime import dist
 
-        kl = dist.all_sum([float(kl_term(policy, reference))])[0] / dist.world_size()  # collective: every rank
-        return kto_loss(policy, reference, kl, cfg)
+        total, rows = dist.all_sum([float((policy.kl - reference.kl).detach().sum()), float(len(policy.kl))])
+        return total / max(rows, 1.0)
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, metrics = self.loss(*self.logps(batch), self.kto)
+        policy, reference = self.logps(batch)
+        loss, metrics = kto_loss(policy, reference, self.global_kl(policy, reference), self.kto)
         return loss, {k: float(v) for k, v in metrics.items()}
 
     @staticmethod
@@ -267,25 +270,27 @@ class KtoObjective(PreferenceObjective):
         from pipeline.train.loop import _to_device
 
         self.engine.eval()
-        sums: dict[str, float] = {}
+        sums = dict.fromkeys(("loss", *KTO_METRICS), 0.0)  # the same keys on every rank, for the all-reduce
         rows = batches = 0.0
         for batch in loader:
             batch = _to_device(batch, self.engine.device)
             real = (batch["labels"][:len(batch["kto_tags"])] != -100).any(dim=-1)  # Loader masks repeated rows
             policy, reference = (_rows(logps, real) for logps in self.logps(batch))
-            loss, metrics = self.loss(policy, reference, self.kto)
+            kl = self.global_kl(policy, reference)
             n = float(real.sum())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss) * n
+            if not n:  # only repeated rows on this rank (a val split smaller than the ranks)
+                continue
+            loss, metrics = kto_loss(policy, reference, kl, self.kto)
+            sums["loss"] += float(loss) * n
             for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] += float(value)
             rows, batches = rows + n, batches + 1
         self.engine.train()
         keys = list(sums)
         *values, rows, batches = dist.all_sum([sums[k] for k in keys] + [rows, batches])
         out = {f"eval_{k}": v for k, v in zip(keys, values)}
-        if "eval_loss" in out:
-            out["eval_loss"] /= max(rows, 1.0)
-            out["eval_kl"] /= max(batches, 1.0)
+        out["eval_loss"] /= max(rows, 1.0)
+        out["eval_kl"] /= max(batches, 1.0)
         return kto_means(out, prefix="eval_")
 
 
