@@ -293,11 +293,11 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     problems += _training_files_problems(r, path, saved.get(FILES_KEY))
     if problems:
         raise UserError(problems)
-    inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo trains without dropout (as TRL): nothing changes
+    inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo / kto train without dropout (as TRL)
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
                f"{state.get('global_step', '?')} on" for k in changed if k in APPLY and k not in inert]
-    notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage dpo trains "
-                "without dropout" for k in changed if k in inert]
+    notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage "
+                f"{r.get('stage')} trains without dropout" for k in changed if k in inert]
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: ignored, the "
                 "checkpoint's optimizer state keeps its value (start a new run to change it)"
                 for k in changed if k in KEEP]
