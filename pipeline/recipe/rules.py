@@ -140,10 +140,12 @@ def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
     elif v["adapter_name_or_path"]:
         why = (f"adapter_name_or_path is set ({v['adapter_name_or_path']}); an adapter you continue starts from its own"
                " values, so there is nothing for PiSSA to initialise: remove pissa_init or adapter_name_or_path")
-    elif v["stage"] == "dpo" and v["pref_loss"] not in REFERENCE_FREE and v["ref_model"] is None:
-        why = (f"stage dpo's pref_loss {v['pref_loss']} scores against the model with its adapter off, which under PiSSA"
-               " is the residual base, not the model you started from (LLaMA-Factory refuses PiSSA with a reference "
-               "model too): set ref_model to the base checkpoint, use pref_loss orpo or simpo, or remove pissa_init")
+    elif v["ref_model"] is None and (v["stage"] == "kto" or v["stage"] == "dpo" and v["pref_loss"] not in REFERENCE_FREE):
+        loss = f"stage dpo's pref_loss {v['pref_loss']}" if v["stage"] == "dpo" else "stage kto's loss"
+        why = (f"{loss} scores against the model with its adapter off, which under PiSSA is the residual base, not the"
+               " model you started from (LLaMA-Factory refuses PiSSA with a reference model too): set ref_model to the "
+               "base checkpoint" + (", use pref_loss orpo or simpo," if v["stage"] == "dpo" else "") +
+               " or remove pissa_init")
     else:
         return []
     return [("pissa_init", f"is true but {why}")]

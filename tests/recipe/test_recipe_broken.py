@@ -167,6 +167,9 @@ CASES = [
            "adapter off, which under PiSSA is the residual base", "set ref_model to the base checkpoint, use "
            "pref_loss orpo or simpo, or remove pissa_init"),
           ("r.yaml:7:13: pissa_iter: given -2", "-1")]),
+    Case("pissa under kto with the adapters-off reference", {"r.yaml": BASE + "stage: kto\npissa_init: true\n"},
+         [("r.yaml:6:13: pissa_init: is true but stage kto's loss scores against the model with its adapter off, "
+           "which under PiSSA is the residual base", "set ref_model to the base checkpoint or remove pissa_init")]),
     Case("freeze key with lora", {"r.yaml": BASE + "freeze_trainable_layers: 1\n"},
          ["r.yaml:5:26: freeze_trainable_layers: only applies to finetuning_type: freeze, but finetuning_type is "
           "lora; remove it or set finetuning_type: freeze"]),
