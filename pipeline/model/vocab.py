@@ -1,0 +1,76 @@
+"""Growing a model's vocabulary for added tokens, as LLaMA-Factory 0.9.5's resize_embedding_layer does.
+
+Why its rules and not transformers' defaults: a recipe that adds `new_special_tokens` must give the model
+LLaMA-Factory would train, so that losses and exports line up with a run there:
+
+- the embedding grows only when the tokenizer has more ids than it has rows (Qwen's 151,936 rows already
+  hold room for new ids: then nothing is resized and those rows keep the checkpoint's values, as there);
+- the new size is padded up to a multiple of 64 (`resize_token_embeddings(len(tokenizer),
+  pad_to_multiple_of=64)`);
+- every new row (the padding rows too) is the mean of the old rows plus Gaussian noise of std
+  1/sqrt(emb_dim) (`_noisy_mean_initialization`, its default noise_init), in the input embedding and, when
+  the head is not tied, in the output head (its own mean); a tied head stays the same matrix.
+
+The noise is drawn from a generator seeded by the recipe's seed, so a rebuild gives the same rows (a
+resumed run, the base an adapter is loaded onto).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pipeline.model.gpt import GPTModel
+
+PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64)
+
+
+def resized_vocab_size(rows: int, n_tokens: int) -> int:
+    """The embedding's row count once a tokenizer of `n_tokens` ids is in use: unchanged when they fit."""
+    if n_tokens <= rows:
+        return rows
+    return math.ceil(n_tokens / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+
+
+@torch.no_grad()
+def noisy_mean_rows(weight: torch.Tensor, old_rows: int, generator: torch.Generator) -> None:
+    """Rows old_rows.. of `weight` (in place): the mean of the rows before them + N(0, 1/sqrt(dim)) noise."""
+    dim = weight.size(1)
+    mean = weight[:old_rows].float().mean(dim=0, keepdim=True)
+    noise = torch.empty(weight.size(0) - old_rows, dim, dtype=torch.float32, device=weight.device)
+    noise.normal_(0.0, 1.0 / math.sqrt(dim), generator=generator)
+    weight[old_rows:] = (mean + noise).to(weight.dtype)
+
+
+@torch.no_grad()
+def resize_vocab(model: GPTModel, n_tokens: int, seed: int) -> int:
+    """Grow `model`'s embedding (and untied head) for a tokenizer of `n_tokens` ids; returns the new row count.
+
+    The embedding first, then the untied head, each from one generator seeded by `seed` (LLaMA-Factory
+    initialises them in that order). `model.cfg.vocab_size` follows, so exports write the new size."""
+    old = model.embed_tokens.weight.size(0)
+    new = resized_vocab_size(old, n_tokens)
+    if new == old:
+        return old
+    generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    tied = model.cfg.tie_weights
+    embed = _grown(model.embed_tokens.weight, new)
+    noisy_mean_rows(embed, old, generator)
+    model.embed_tokens.weight = nn.Parameter(embed, requires_grad=model.embed_tokens.weight.requires_grad)
+    model.embed_tokens.num_embeddings = new
+    if not tied:
+        head = _grown(model.lm_head.weight, new)
+        noisy_mean_rows(head, old, generator)
+        model.lm_head.weight = nn.Parameter(head, requires_grad=model.lm_head.weight.requires_grad)
+    model.lm_head.out_features = new
+    model.cfg = model.cfg.replace(vocab_size=new)
+    model.tie_weights()
+    return new
+
+
+def _grown(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """A (rows, dim) copy of `weight` with its rows first (the rest is filled by noisy_mean_rows)."""
+    grown = torch.empty(rows, weight.size(1), dtype=weight.dtype, device=weight.device)
+    grown[:weight.size(0)] = weight
+    return grown

@@ -1,0 +1,52 @@
+"""Growing the vocabulary (pipeline.model.vocab) against transformers' resize_token_embeddings(pad_to_multiple_of=64)
+plus LLaMA-Factory 0.9.5's noisy-mean rows written by hand (mean of the old rows + N(0, 1/sqrt(dim)))."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.model.vocab import resize_vocab, resized_vocab_size
+from pipeline.model.weights import load_model
+from tests.acceptance.harness import hf_model
+
+SEED = 7
+
+
+def golden(model, n_tokens: int):
+    """transformers' resize, then the new rows as LLaMA-Factory sets them, from a generator seeded as ours."""
+    old = model.get_input_embeddings().weight.size(0)
+    model.resize_token_embeddings(n_tokens, pad_to_multiple_of=64, mean_resizing=False)
+    gen = torch.Generator().manual_seed(SEED)
+    weights = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        weights.append(model.get_output_embeddings().weight)
+    with torch.no_grad():
+        for w in weights:
+            dim = w.size(1)
+            noise = torch.empty(w.size(0) - old, dim).normal_(0.0, 1.0 / math.sqrt(dim), generator=gen)
+            w[old:] = w[:old].mean(dim=0, keepdim=True) + noise
+    return model
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+def test_resize_matches_transformers_and_llamafactory_init(tmp_path, family, tied):
+    theirs = hf_model(family, vocab_size=130, tie_word_embeddings=tied)
+    theirs.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_model(tmp_path)
+    assert resize_vocab(ours, 133, seed=SEED) == 192
+    golden(theirs, 133)
+    assert ours.cfg.vocab_size == theirs.config.vocab_size == 192
+    torch.testing.assert_close(ours.embed_tokens.weight, theirs.get_input_embeddings().weight)
+    torch.testing.assert_close(ours.lm_head.weight, theirs.get_output_embeddings().weight)
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == tied
+    ids = torch.tensor([[1, 131, 132, 5, 190]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_no_resize_when_the_ids_fit():
+    assert resized_vocab_size(151936, 151669) == 151936
+    assert resized_vocab_size(384, 386) == 448
+    assert resized_vocab_size(384, 384) == 384
