@@ -620,7 +620,7 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
     AutoTokenizer.from_pretrained(merged) works offline; with `chat_template`, tokenizer_config.json's
     chat_template is that one (set_chat_template); with `eos_token`, the tokenizer's EOS is that one
     (set_eos_token)."""
-    from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES
+    from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES, write_new_tokens
 
     if tokenizer.files:
         for path in tokenizer.files:
@@ -636,6 +636,7 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
             set_eos_token(directory, eos_token)
             note(f"merge: the export's tokenizer says eos_token {eos_token}, the end of an answer in the recipe's "
                  f"template, in place of the base model's {tokenizer.eos_text}")
+        write_new_tokens(directory, tokenizer)
         return
     from pipeline.data.tokenizer import GPT2_EOS as EOS_TEXT
 
@@ -649,6 +650,7 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
         "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
         **({"chat_template": chat_template} if chat_template is not None else {}),
     })
+    write_new_tokens(directory, tokenizer)
 
 
 def set_chat_template(directory: Path, chat_template: str, base_files: Sequence[Path]) -> bool:

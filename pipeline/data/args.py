@@ -49,6 +49,7 @@ class DataArgs:
     group_by_length: bool
     disable_shuffling: bool
     dataloader_num_workers: int
+    new_special_tokens: str | Sequence[str] | None  # added to the tokenizer (model_tokenizer.recipe_tokenizer)
     # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.data.tokenizer import Tokenizer, gpt2
+from pipeline.data.tokenizer import Tokenizer, gpt2, new_token_names
 from pipeline.data.tokenizer_files import read_tokenizer
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS
@@ -67,8 +67,14 @@ def _source(args: HasModel) -> tuple[str, str]:
 
 def recipe_tokenizer(args: HasModel) -> Tokenizer:
     """The recipe's tokenizer: tokenizer_name_or_path of a DataArgs (pipeline.recipe.deps.tokenizer_source), else the
-    tokenizer of the base model (model_name_or_path of a DataArgs or ModelArgs)."""
-    return load_tokenizer(*_source(args))
+    tokenizer of the base model (model_name_or_path of a DataArgs or ModelArgs), with the group's
+    new_special_tokens added (every stage encodes and decodes with the same ids)."""
+    return with_new_tokens(load_tokenizer(*_source(args)), args)
+
+
+def with_new_tokens(tokenizer: Tokenizer, args: object) -> Tokenizer:
+    """`tokenizer` with the new_special_tokens of an argument group (DataArgs, ModelArgs) added."""
+    return tokenizer.with_special_tokens(new_token_names(getattr(args, "new_special_tokens", None)))
 
 
 def available_tokenizer(args: HasModel) -> Tokenizer | None:
@@ -85,9 +91,11 @@ def available_tokenizer(args: HasModel) -> Tokenizer | None:
     name, key = _source(args)
     if is_hub_id(name):
         try:
-            return load_tokenizer(resolve_model_path(name, key=key, download=False), key)
+            tokenizer = load_tokenizer(resolve_model_path(name, key=key, download=False), key)
         except UserError:
             return None
-    if name not in PRESETS and name != "gpt2" and not Path(name).exists():
+    elif name not in PRESETS and name != "gpt2" and not Path(name).exists():
         return None
-    return load_tokenizer(name, key)
+    else:
+        tokenizer = load_tokenizer(name, key)
+    return with_new_tokens(tokenizer, args)

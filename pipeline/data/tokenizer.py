@@ -21,6 +21,7 @@ spaces would otherwise stall build or train. Ordinary text never has such runs a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -87,6 +88,7 @@ class Tokenizer:
     added: frozenset[str] = frozenset()  # added, not special: recognised in any text (Qwen3's <think>)
     nfc: bool = False  # the checkpoint normalises text to NFC first (Qwen2)
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
+    new_tokens: tuple[str, ...] = ()  # added by the recipe (new_special_tokens), not in the files: exports add them
     _ids: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -156,6 +158,36 @@ class Tokenizer:
 
     def token_bytes(self, token: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token)
+
+    def present(self, token: str) -> bool:
+        """Whether `token` already has an id: a special / added token, or one BPE token of the vocabulary."""
+        return token in self._ids or token.encode() in self.encoding._mergeable_ranks
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """This tokenizer with `tokens` added as special tokens, new ids from n_vocab up in the given order, as
+        transformers' add_tokens(tokens, special_tokens=True) numbers them (LLaMA-Factory's new_special_tokens).
+
+        Unlike the checkpoint's own specials, which stay literal in user text, the new tokens are recognised in
+        any text (`added`), as the Hugging Face tokenizer matches every added token: a "<think>" in the training
+        data is the new id. Being special, decode(skip_special=True) drops them, as skip_special_tokens does.
+        Tokens already present (`present`) keep their ids: the caller says so (new_special_tokens_notice)."""
+        new = [t for t in dict.fromkeys(tokens) if not self.present(t)]
+        if not new:
+            return self
+        specials = {**self.encoding._special_tokens, **{t: self.n_vocab + i for i, t in enumerate(new)}}
+        encoding = tiktoken.Encoding(name=self.encoding.name, pat_str=self.encoding._pat_str,
+                                     mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
+        return dataclasses.replace(self, encoding=encoding, special=self.special | set(new),
+                                   added=self.added | set(new), new_tokens=self.new_tokens + tuple(new))
+
+
+def new_token_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """new_special_tokens as LLaMA-Factory reads it: a comma-separated string (or a list), each name stripped.
+    An empty name stays "" here: the recipe's check (pipeline.recipe.rules) reports it."""
+    if value is None:
+        return ()
+    names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(name.strip() for name in names)
 
 
 # ---------------------------------------------------------------- GPT-2

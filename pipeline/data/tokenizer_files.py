@@ -26,6 +26,7 @@ import tiktoken
 
 from pipeline.data.tokenizer import GPT2_PATTERN, Tokenizer, gpt2
 from pipeline.errors import UserError
+from pipeline.io import write_json
 
 # Meta's pattern for Llama 3 (llama_models/llama3/tokenizer.py), used for original/tokenizer.model.
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -327,3 +328,32 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),
                      added=frozenset(t for t, (_, s) in added.items() if not s), nfc=nfc, files=files)
+
+
+# ---------------------------------------------------------------- tokens a recipe adds
+
+def write_new_tokens(directory: Path, tokenizer: Tokenizer) -> None:
+    """The tokenizer files copied into `directory` (an export) given the recipe's new_special_tokens, as
+    transformers' save_pretrained writes tokens that add_tokens(..., special_tokens=True) added: an entry in
+    tokenizer.json's added_tokens and in tokenizer_config.json's added_tokens_decoder, each with its id. Then
+    AutoTokenizer on the export encodes them to the ids training used."""
+    if not tokenizer.new_tokens:
+        return
+    entries = {token: {"id": tokenizer.token_id(token), "content": token, "single_word": False, "lstrip": False,
+                       "rstrip": False, "normalized": False, "special": True} for token in tokenizer.new_tokens}
+    path = directory / "tokenizer.json"
+    listed: list[dict[str, Any]] = []
+    if path.is_file():
+        data = _json(path)
+        known = {entry.get("content") for entry in data.get("added_tokens") or []}
+        data["added_tokens"] = [*(data.get("added_tokens") or []), *(e for t, e in entries.items() if t not in known)]
+        listed = data["added_tokens"]
+        write_json(path, data)
+    path = directory / "tokenizer_config.json"
+    config = optional_json(path)
+    # every added token, in id order, as save_pretrained writes them: transformers 5 numbers the decoder's tokens
+    # before tokenizer.json's, so a decoder with only the new ones would move them onto the checkpoint's ids
+    decoder = {str(e["id"]): {k: v for k, v in e.items() if k != "id"} for e in [*listed, *entries.values()]}
+    decoder.update(config.get("added_tokens_decoder") or {})
+    decoder = dict(sorted(decoder.items(), key=lambda item: int(item[0])))
+    write_json(path, {**config, "added_tokens_decoder": decoder})

@@ -14,12 +14,15 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from pipeline.data.tokenizer import new_token_names
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, ModelConfig, freeze_trainable_names, read_config
+from pipeline.model.families import FAMILIES
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
 from pipeline.model.rope_recipe import recipe_rope
+from pipeline.model.vocab import resize_vocab, resized_vocab_size
 from pipeline.model.weights import checkpoint_tensors, load_model, note
 
 KINDS = ("base", "adapter", "model", "merged")
@@ -37,6 +40,10 @@ class ModelArgs:
     tie_word_embeddings: bool | None
     rope_scaling: str | None = None  # LLaMA-Factory's rope_scaling type (pipeline.model.rope_recipe)
     cutoff_len: int = 0              # the input length rope_scaling is measured against
+    # tokens the recipe adds to the tokenizer: the embedding grows to hold them (pipeline.model.vocab), and
+    # where the tokenizer comes from (the recipe's tokenizer_name_or_path, else model_name_or_path)
+    new_special_tokens: str | Sequence[str] | None = None
+    tokenizer_name_or_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class FinetuneArgs:
     """What the optimizer sees: finetuning_type and its LoRA / freeze settings, and a starting adapter."""
 
     finetuning_type: str
+    resize_vocab: bool  # LoRA: the embedding and the head train in full (additional_target, unless given)
     lora_rank: int
     lora_alpha: float | None  # None: pipeline.model.config.default_lora_alpha(rank)
     lora_dropout: float
@@ -67,7 +75,18 @@ def recipe_config(args: ModelArgs) -> ModelConfig:
                          (args.tie_word_embeddings, "tie_weights")):
         if value is not None:
             changes[field] = value
+    if (tokens := vocab_tokens(args)) is not None:
+        changes["vocab_size"] = resized_vocab_size(cfg.vocab_size, tokens)
     return cfg.replace(**changes)
+
+
+def vocab_tokens(args: ModelArgs) -> int | None:
+    """How many ids the recipe's tokenizer has once its new_special_tokens are added; None when it adds none."""
+    if not new_token_names(args.new_special_tokens):
+        return None
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+
+    return recipe_tokenizer(args).n_vocab
 
 
 def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = torch.float32) -> GPTModel:
@@ -79,7 +98,15 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     if name in PRESETS:
         note(f"model: preset '{name}' = random weights (seed {args.seed}); for trained weights set"
              " model_name_or_path to a directory with config.json + model.safetensors")
-    return load_model(name, seed=args.seed, cfg=cfg, dtype=dtype)
+    tokens = vocab_tokens(args)
+    if tokens is None:
+        return load_model(name, seed=args.seed, cfg=cfg, dtype=dtype)
+    model = load_model(name, seed=args.seed, cfg=cfg.replace(vocab_size=read_config(name).vocab_size), dtype=dtype)
+    old = model.cfg.vocab_size
+    if resize_vocab(model, tokens, seed=args.seed) != old:
+        note(f"model: embedding resized for new_special_tokens: {old} -> {model.cfg.vocab_size} rows (a multiple "
+             "of 64, as LLaMA-Factory pads; new rows: the mean of the old ones + noise)")
+    return model
 
 
 def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
@@ -96,13 +123,21 @@ def base_as_built(model: ModelArgs, finetune: FinetuneArgs) -> bool:
     of the config (context_length, qkv_bias, tie_word_embeddings) and no adapter folded in. Then a freeze
     export reads its frozen weights from the base when it writes (base_subset) instead of keeping a built fp32
     copy of the whole model for the rest of the run."""
-    overrides = (model.context_length, model.qkv_bias, model.tie_word_embeddings)
+    overrides = (model.context_length, model.qkv_bias, model.tie_word_embeddings, vocab_tokens(model))
     return all(v is None for v in overrides) and not finetune.adapter_name_or_path
 
 
 def base_subset(args: ModelArgs, names: set[str]) -> dict[str, torch.Tensor]:
     """The named base tensors in fp32, read one at a time (the others are dropped as they are read)."""
     return {name: tensor.float() for name, tensor in base_tensors(args) if name in names}
+
+
+def lora_additional_targets(model: GPTModel, ft: FinetuneArgs) -> Sequence[str] | None:
+    """additional_target, or with resize_vocab and none given the input embedding and the output head (their
+    last name component, as LLaMA-Factory's adapter.py picks them): the new tokens' rows must train."""
+    if ft.additional_target is not None or not ft.resize_vocab:
+        return ft.additional_target
+    return [FAMILIES[model.cfg.family].to_hf(name).split(".")[-1] for name in ("embed_tokens", "lm_head")]
 
 
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path | None = None) -> GPTModel:
@@ -112,7 +147,7 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
     if kind == "lora":
         apply_lora(model, ft.lora_target or "all", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
                    use_rslora=ft.use_rslora, use_dora=ft.use_dora, seed=ft.seed,
-                   additional_targets=ft.additional_target,
+                   additional_targets=lora_additional_targets(model, ft),
                    pissa_iter=ft.pissa_iter if ft.pissa_init and pissa_start is None else None,
                    pissa_start=pissa_start_of(pissa_start) if ft.pissa_init and pissa_start is not None else None)
         if adapter:  # continue training an adapter: same rank/alpha required

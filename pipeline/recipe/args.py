@@ -239,4 +239,16 @@ def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
     """Resolved recipe (or a plain dict in tests) -> (ModelArgs, FinetuneArgs) for pipeline.model.build."""
     from pipeline.model.build import FinetuneArgs, ModelArgs
 
-    return RecipeModel(from_recipe(ModelArgs, r), from_recipe(FinetuneArgs, r))
+    model, finetune = from_recipe(ModelArgs, r), from_recipe(FinetuneArgs, r)
+    if _value(r, "new_special_tokens") is None:
+        return RecipeModel(model, finetune)
+    data = data_args(r)  # the tokenizer the data is encoded with gives the new ids: the model's must be the same
+    model = dataclasses.replace(model, tokenizer_name_or_path=data.tokenizer_name_or_path)
+    return RecipeModel(model, dataclasses.replace(finetune, resize_vocab=finetune.resize_vocab or adds_tokens(data)))
+
+
+def adds_tokens(data: DataArgs) -> bool:
+    """Whether new_special_tokens gives the tokenizer a token it did not have (LLaMA-Factory then sets resize_vocab)."""
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+
+    return bool(recipe_tokenizer(data).new_tokens)

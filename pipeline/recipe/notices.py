@@ -96,12 +96,39 @@ def rope_scaling_notice(r: Any) -> str | None:
     return rope_notice(plan, r["rope_scaling"], r["cutoff_len"], r.origin("rope_scaling").where)
 
 
+def new_tokens_notices(r: Any) -> list[str]:
+    """new_special_tokens the tokenizer already has keep their ids (LLaMA-Factory's add_tokens skips them with a
+    warning), and with LoRA a grown vocabulary makes the embedding and the head train in full (its warning "Vocab
+    has been resized, add embed_tokens,lm_head to trainable params"): both said once, where the key was set."""
+    from pipeline.data.model_tokenizer import available_tokenizer
+    from pipeline.data.tokenizer import new_token_names
+    from pipeline.recipe.args import data_args
+
+    names = [n for n in dict.fromkeys(new_token_names(r["new_special_tokens"])) if n]
+    if not names:
+        return []
+    where = r.origin("new_special_tokens").where
+    data = data_args(r)
+    tokenizer = available_tokenizer(data)
+    if tokenizer is None:
+        return []
+    out = [f"notice: {where}: new_special_tokens: {name!r} is already a token of the tokenizer (id "
+           f"{tokenizer.encode_special(name)[0]}); it keeps that id, as LLaMA-Factory skips it"
+           for name in names if name not in tokenizer.new_tokens]
+    if tokenizer.new_tokens and r["finetuning_type"] == "lora" and r["additional_target"] is None:
+        out.append(f"notice: {where}: new_special_tokens: the vocabulary grows, so resize_vocab is on and LoRA trains "
+                   "the input embedding and the output head in full (saved as modules_to_save), as LLaMA-Factory does; "
+                   "set additional_target to choose other modules")
+    return out
+
+
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
-    pissa_iter without pissa_init."""
+    pissa_iter without pissa_init; what new_special_tokens did."""
     lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r))
     out = [line for line in lines if line]
+    out += new_tokens_notices(r)
     out += dpo_dropout_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)

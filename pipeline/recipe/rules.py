@@ -324,6 +324,19 @@ def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     return [("template", problem)] if problem else []
 
 
+@rule("new_special_tokens")
+def new_token_names_given(ctx: Context) -> list[tuple[str, str]]:
+    """Every name in new_special_tokens is a token: an empty one ("<think>,,</think>", a trailing comma) would add
+    the empty string, which transformers refuses mid-run; said up front instead."""
+    from pipeline.data.tokenizer import new_token_names
+
+    value = ctx.values.get("new_special_tokens")
+    if "" not in new_token_names(value):
+        return []
+    return [("new_special_tokens", f"given {value!r}, which holds an empty token name; expected token names separated by commas "
+                                   "(\"<think>,</think>\") or a list of them; remove the extra comma or empty entry")]
+
+
 TOKENIZING = ("train", "eval", "generate", "inspect", "validate", "merge")  # the commands that need token ids
 
 

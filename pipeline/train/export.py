@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from pipeline.runtime import deepspeed_compat, dist, hostmem
 from pipeline.runtime.layout import RunLayout
@@ -76,7 +76,7 @@ class Exporter:
     def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
                  tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None,
                  frozen: Callable[[set[str]], Mapping[str, Any]] | None = None,
-                 pissa_start: Mapping[str, Any] | None = None):
+                 pissa_start: Mapping[str, Any] | None = None, new_tokens: Sequence[str] = ()):
         """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
         their base tensors in fp32, where the base is what train built from (freeze); pissa_start: a PiSSA run's
         starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with."""
@@ -84,6 +84,7 @@ class Exporter:
         self.pissa_start = pissa_start
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
+        self.new_tokens = tuple(new_tokens)  # new_special_tokens: added to the exported tokenizer files
         self._model: Any = None
 
     def target(self, directory: str | Path) -> Path:
@@ -164,13 +165,15 @@ class Exporter:
                                   start=self.pissa_start)
             expected = {k: tuple(v.shape) for k, v in adapter_state(model, self.pissa_start).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
+            if self.new_tokens:  # PEFT users resize the base to the adapter's tokenizer before loading it
+                copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens)
         else:
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model
 
             target = save_model(model, self.target(directory))
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
-            copy_tokenizer_files(self.tokenizer_from, target)
+            copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens)
             copy_generation_config(self.base, target)
         return target
 
@@ -191,16 +194,19 @@ def link_export(source: Path, target: Path) -> Path:
     return target
 
 
-def copy_tokenizer_files(model_name_or_path: Any, target: Path) -> None:
+def copy_tokenizer_files(model_name_or_path: Any, target: Path, new_tokens: Sequence[str] = ()) -> None:
     """The tokenizer files of the run (the base checkpoint's, or tokenizer_name_or_path's) beside model/, so that
     model/ (or the run's output_dir, as LLaMA-Factory's inference and merge recipes name it) works as
-    model_name_or_path with its own vocabulary."""
+    model_name_or_path with its own vocabulary; with the recipe's new_special_tokens added to them."""
     from pipeline.data.model_tokenizer import load_tokenizer
+    from pipeline.data.tokenizer_files import write_new_tokens
 
-    for path in load_tokenizer(model_name_or_path).files:
+    tokenizer = load_tokenizer(model_name_or_path).with_special_tokens(new_tokens)
+    for path in tokenizer.files:
         relative = path.name if path.parent.name != "original" else f"original/{path.name}"
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / relative)
+    write_new_tokens(target, tokenizer)
 
 
 def copy_generation_config(model_name_or_path: str, target: Path) -> None:
