@@ -116,7 +116,7 @@ def new_tokens_notices(r: Any) -> list[str]:
            f"{tokenizer.encode_special(name)[0]}); it keeps that id, as LLaMA-Factory skips it"
            for name in names if name not in tokenizer.new_tokens]
     if tokenizer.new_tokens and r["finetuning_type"] == "lora" and r["additional_target"] is None:
-        out.append(f"notice: {where}: new_special_tokens: the vocabulary grows, so resize_vocab is on and LoRA trains "
+        out.append(f"notice: {where}: new_special_tokens: tokens are added, so resize_vocab is on and LoRA trains "
                    "the input embedding and the output head in full (saved as modules_to_save), as LLaMA-Factory does; "
                    "set additional_target to choose other modules")
     return out

@@ -206,16 +206,26 @@ def compute_dtype(r: Mapping[str, Any]) -> Any:
 
 # ---------------------------------------------------------------------------------------------- before training
 
+def trains_in_full(r: Mapping[str, Any]) -> bool:
+    """Whether a LoRA run trains whole modules beside the adapter: additional_target, or resize_vocab (set by
+    new_special_tokens that add a token), which trains the embedding and the head (model.build)."""
+    from pipeline.recipe.args import recipe_args
+
+    finetune = recipe_args(r).finetune
+    return bool(finetune.additional_target) or finetune.resize_vocab
+
+
 def preflight(r: Mapping[str, Any]) -> None:
     """Combinations the trainer cannot honour, caught before any work."""
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
     if (r["stage"] in PREFERENCE_STAGES and r["finetuning_type"] == "lora" and r["ref_model"] is None
-            and r["pref_loss"] not in ("orpo", "simpo") and r["additional_target"] and r["zero_stage"] == 3):
-        raise UserError("additional_target modules train in full, and under zero_stage 3 their starting weights "
-                        f"cannot be kept for the {r['stage']} reference (the base with the adapters off); use zero_stage 2 "
-                        "(or lower), give ref_model, or remove additional_target")
+            and r["pref_loss"] not in ("orpo", "simpo") and r["zero_stage"] == 3 and trains_in_full(r)):
+        raise UserError("additional_target modules (with resize_vocab or new_special_tokens: the embedding and the "
+                        "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
+                        f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
+                        "ref_model, or remove additional_target")
     if r["world_size"] != dist.world_size():
         raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
                            f"{dist.world_size()}")
