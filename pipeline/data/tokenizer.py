@@ -170,15 +170,22 @@ class Tokenizer:
         Unlike the checkpoint's own specials, which stay literal in user text, the new tokens are recognised in
         any text (`added`), as the Hugging Face tokenizer matches every added token: a "<think>" in the training
         data is the new id. Being special, decode(skip_special=True) drops them, as skip_special_tokens does.
-        Tokens already present (`present`) keep their ids: the caller says so (new_special_tokens_notice)."""
-        new = [t for t in dict.fromkeys(tokens) if not self.present(t)]
-        if not new:
+        Tokens already present (`present`) keep their ids (the recipe's notice says so); a special token of the
+        checkpoint named here is recognised in any text from now on, as transformers does with every added token:
+        a recipe that starts from a run's merged/ (whose files hold the tokens as special) and names the same
+        new_special_tokens encodes its data as the first run did."""
+        named = list(dict.fromkeys(tokens))
+        new = [t for t in named if not self.present(t)]
+        known = {t for t in named if t in self._ids} - self.added
+        if not new and not known:
             return self
-        specials = {**self.encoding._special_tokens, **{t: self.n_vocab + i for i, t in enumerate(new)}}
-        encoding = tiktoken.Encoding(name=self.encoding.name, pat_str=self.encoding._pat_str,
-                                     mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
+        encoding = self.encoding
+        if new:
+            specials = {**self.encoding._special_tokens, **{t: self.n_vocab + i for i, t in enumerate(new)}}
+            encoding = tiktoken.Encoding(name=self.encoding.name, pat_str=self.encoding._pat_str,
+                                         mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
         return dataclasses.replace(self, encoding=encoding, special=self.special | set(new),
-                                   added=self.added | set(new), new_tokens=self.new_tokens + tuple(new))
+                                   added=self.added | set(new) | known, new_tokens=self.new_tokens + tuple(new))
 
 
 def new_token_names(value: str | Sequence[str] | None) -> tuple[str, ...]:

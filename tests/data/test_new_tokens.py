@@ -44,6 +44,20 @@ def test_tokens_already_there_keep_their_ids():
     assert grown.new_tokens == ("<think>",) and grown.token_id("<think>") == tok.n_vocab
     assert grown.token_id("<|endoftext|>") == tok.eos_id and grown.n_vocab == tok.n_vocab + 1
     assert tok.with_special_tokens(["hello"]) is tok
+    assert grown.encode("a<|endoftext|>") == [64, tok.eos_id]  # named: one token in user text from now on
+    assert tok.encode("a<|endoftext|>") != [64, tok.eos_id]
+
+
+def test_a_run_starting_from_an_export_encodes_as_the_first(tmp_path):
+    """merged/'s files hold the new tokens as special (as save_pretrained writes them); a recipe on merged/ that
+    names them again gets the same ids, one token each in its data."""
+    from pipeline.data.tokenizer_files import read_tokenizer
+    from pipeline.merge import write_tokenizer_files
+
+    first = gpt2().with_special_tokens(NEW)
+    write_tokenizer_files(tmp_path, first, 64)
+    again = read_tokenizer(tmp_path).with_special_tokens(NEW)
+    assert again.new_tokens == () and again.encode("x<think>y</think>") == first.encode("x<think>y</think>")
 
 
 def test_names_are_read_as_llamafactory_splits_them():
@@ -62,3 +76,19 @@ def test_gpt2_export_files_hold_the_new_tokens(tmp_path):
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert theirs.convert_tokens_to_ids(NEW) == [50257, 50258]
     assert theirs("x<think>y</think>", add_special_tokens=False)["input_ids"] == ours.encode("x<think>y</think>")
+
+
+def test_notices_say_which_tokens_were_there_and_what_lora_trains(tmp_path, monkeypatch):
+    from pipeline.recipe import resolve
+    from pipeline.recipe.notices import notices
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n"
+                                     "new_special_tokens: <|endoftext|>,<think>\n", encoding="utf-8")
+    lines = [line for line in notices(resolve("r.yaml", [])) if "new_special_tokens" in line]
+    assert lines == [
+        "notice: r.yaml:4:21: new_special_tokens: '<|endoftext|>' is already a token of the tokenizer (id 50256); it "
+        "keeps that id, as LLaMA-Factory skips it",
+        "notice: r.yaml:4:21: new_special_tokens: tokens are added, so resize_vocab is on and LoRA trains the input "
+        "embedding and the output head in full (saved as modules_to_save), as LLaMA-Factory does; set "
+        "additional_target to choose other modules"]
