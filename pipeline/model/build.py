@@ -111,8 +111,9 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
 
 def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's fp32 tensors by our names, one at a time: a checkpoint's read from its files as they are
-    asked for (the whole model is never in memory), a preset's from its seeded build (as load_base makes it)."""
-    if str(args.model_name_or_path) in PRESETS:
+    asked for (the whole model is never in memory), a preset's from its seeded build (as load_base makes it), and so
+    a base whose embedding new_special_tokens grow (the grown rows are the build's)."""
+    if str(args.model_name_or_path) in PRESETS or vocab_tokens(args) is not None:
         yield from load_base(args, dropout=False).state_dict().items()
     else:
         yield from checkpoint_tensors(args.model_name_or_path)
