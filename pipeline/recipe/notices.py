@@ -104,21 +104,27 @@ def new_tokens_notices(r: Any) -> list[str]:
     from pipeline.data.tokenizer import new_token_names
     from pipeline.recipe.args import data_args
 
+    trains = ("LoRA trains the input embedding and the output head in full (saved as modules_to_save), as "
+              "LLaMA-Factory does; set additional_target to choose other modules")
+    lora_alone = r["finetuning_type"] == "lora" and r["additional_target"] is None
+    if r["resize_vocab"] and lora_alone and r.origin("resize_vocab").kind in ("file", "cli"):
+        lora_alone = False  # said here, once
+        out = [f"notice: {r.origin('resize_vocab').where}: resize_vocab: {trains}"]
+    else:
+        out = []
     names = [n for n in dict.fromkeys(new_token_names(r["new_special_tokens"])) if n]
     if not names:
-        return []
+        return out
     where = r.origin("new_special_tokens").where
     data = data_args(r)
     tokenizer = available_tokenizer(data)
     if tokenizer is None:
-        return []
-    out = [f"notice: {where}: new_special_tokens: {name!r} is already a token of the tokenizer (id "
-           f"{tokenizer.encode_special(name)[0]}); it keeps that id, as LLaMA-Factory skips it"
-           for name in names if name not in tokenizer.new_tokens]
-    if tokenizer.new_tokens and r["finetuning_type"] == "lora" and r["additional_target"] is None:
-        out.append(f"notice: {where}: new_special_tokens: tokens are added, so resize_vocab is on and LoRA trains "
-                   "the input embedding and the output head in full (saved as modules_to_save), as LLaMA-Factory does; "
-                   "set additional_target to choose other modules")
+        return out
+    out += [f"notice: {where}: new_special_tokens: {name!r} is already a token of the tokenizer (id "
+            f"{tokenizer.encode_special(name)[0]}); it keeps that id, as LLaMA-Factory skips it"
+            for name in names if name not in tokenizer.new_tokens]
+    if tokenizer.new_tokens and lora_alone:
+        out.append(f"notice: {where}: new_special_tokens: tokens are added, so resize_vocab is on and {trains}")
     return out
 
 

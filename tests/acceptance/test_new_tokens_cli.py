@@ -1,13 +1,15 @@
 """new_special_tokens as a LLaMA-Factory user brings it: a save_pretrained Qwen2 (tied embeddings, 384 rows, a small
-byte-level BPE of 381 ids), alpaca data whose answers hold `<think>` ... `</think>`, a LoRA recipe adding four tokens ->
-`python -m pipeline build`, `train`, `merge` -> transformers' AutoTokenizer on merged/ encodes `<think>` as the one
-new id training used, AutoModelForCausalLM on merged/ gives our logits, and PEFT loads adapter/ onto the base resized
-as the adapter's tokenizer says (the steps docs/new-tokens.md gives)."""
+byte-level BPE of 381 ids), alpaca data whose answers hold `<think>` ... `</think>`, a LoRA recipe adding four tokens
+-> `python -m pipeline build`, `train` (ZeRO-3; a run killed after step 1 resumes to the same adapter), `merge` ->
+transformers' AutoTokenizer on merged/ encodes `<think>` as the new id training used, AutoModelForCausalLM on merged/
+gives our logits, and PEFT loads adapter/ onto the base grown as the adapter's tokenizer says (the steps
+docs/tokenizers-templates.md gives)."""
 from __future__ import annotations
 
 import json
 
-from tests.acceptance.harness import assert_close, pipeline, trained_model, write_hf_checkpoint, write_recipe
+from tests.acceptance.harness import (assert_close, assert_same_run, crash_copy, pipeline, trained_model,
+                                     write_hf_checkpoint, write_recipe)
 
 NEW = ["<think>", "</think>", "<tool_call>", "</tool_call>"]  # 381 + 4 ids > the 384 rows: the embedding grows
 ROWS = [{"instruction": f"question {i}", "input": "",
@@ -27,10 +29,14 @@ def test_new_special_tokens_train_merge_and_load_in_transformers_and_peft(tmp_pa
     (data / "dataset_info.json").write_text(json.dumps({"think": {"file_name": "think.json"}}), encoding="utf-8")
     recipe = write_recipe(tmp_path / "think.yaml", model_name_or_path=str(base), dataset_dir="data", dataset="think",
                           template="qwen", new_special_tokens=",".join(NEW), cutoff_len=256, val_size=0,
-                          learning_rate=0.05, max_steps=2, output_dir="saves/think")
+                          learning_rate=0.05, max_steps=2, output_dir="saves/think", zero_stage=3, save_steps=1)
     for command in ("build", "train", "merge"):
         pipeline(command, recipe, cwd=tmp_path)
     out = tmp_path / "saves/think"
+    # exact resume (ZeRO-3 partitions the grown embedding): a run killed after step 1 ends where this one did
+    crash_copy(out, tmp_path / "saves/crashed", 1)
+    pipeline("train", recipe, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=tmp_path)
+    assert_same_run(out, tmp_path / "saves/crashed", "adapter/adapter_model.safetensors")
 
     theirs = transformers.AutoTokenizer.from_pretrained(base)
     first = len(theirs)

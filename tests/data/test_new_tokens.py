@@ -92,3 +92,9 @@ def test_notices_say_which_tokens_were_there_and_what_lora_trains(tmp_path, monk
         "notice: r.yaml:4:21: new_special_tokens: tokens are added, so resize_vocab is on and LoRA trains the input "
         "embedding and the output head in full (saved as modules_to_save), as LLaMA-Factory does; set "
         "additional_target to choose other modules"]
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nresize_vocab: true\n",
+                                     encoding="utf-8")
+    assert [line for line in notices(resolve("r.yaml", [])) if "resize_vocab" in line] == [
+        "notice: r.yaml:4:15: resize_vocab: LoRA trains the input embedding and the output head in full (saved as "
+        "modules_to_save), as LLaMA-Factory does; set additional_target to choose other modules"]
