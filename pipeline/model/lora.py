@@ -43,6 +43,7 @@ from pipeline.model.weights import read_tensors
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")  # one row per token id (PEFT's names)
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
 PISSA_EXACT = -1  # pissa_iter: the exact SVD (PEFT's init_lora_weights="pissa"); k >= 0: "pissa_niter_<k>"
 
@@ -654,8 +655,11 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         if key not in tensors:
             problems.append(f"{weights}: missing tensor '{key}' (the model expects shape {list(shape)})")
         elif tuple(tensors[key].shape) != shape:
+            rows = len(shape) == 2 and tensors[key].shape[1] == shape[1] and key.endswith(VOCAB_ROWS)
+            why = ("an adapter trained with new_special_tokens: set the same new_special_tokens in this recipe, so "
+                   "the base grows as it did in training" if rows else "an adapter for another model size or rank?")
             problems.append(f"{weights}: tensor '{key}' has shape {list(tensors[key].shape)}, the model expects"
-                            f" {list(shape)} (an adapter for another model size or rank?)")
+                            f" {list(shape)} ({why})")
     problems += [f"{weights}: unexpected tensor '{k}' (shape {list(tensors[k].shape)}); the model has no such"
                  " LoRA module" for k in sorted(set(tensors) - set(model_keys))]
     if problems:

@@ -50,3 +50,23 @@ def test_no_resize_when_the_ids_fit():
     assert resized_vocab_size(151936, 151669) == 151936
     assert resized_vocab_size(384, 386) == 448
     assert resized_vocab_size(384, 384) == 384
+
+
+def test_an_adapter_of_a_grown_vocabulary_on_the_plain_base_names_the_key(tmp_path):
+    """The adapter's modules_to_save hold the grown rows: onto a base that did not grow, one message per tensor
+    says which recipe key makes them fit."""
+    from pipeline.errors import UserError
+    from pipeline.model.lora import apply_lora, load_adapter, save_adapter
+
+    hf_model("qwen2", vocab_size=130).save_pretrained(tmp_path / "base", safe_serialization=True)
+    grown = load_model(tmp_path / "base")
+    resize_vocab(grown, 133, seed=SEED)
+    apply_lora(grown, "q_proj", rank=2, additional_targets=["embed_tokens", "lm_head"])
+    save_adapter(grown, tmp_path / "adapter", {})
+    plain = load_model(tmp_path / "base")
+    apply_lora(plain, "q_proj", rank=2, additional_targets=["embed_tokens", "lm_head"])
+    with pytest.raises(UserError) as err:
+        load_adapter(plain, tmp_path / "adapter")
+    assert [m.split("(")[-1] for m in err.value.messages] == [
+        "an adapter trained with new_special_tokens: set the same new_special_tokens in this recipe, so the base "
+        "grows as it did in training)"] * 2
