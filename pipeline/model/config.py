@@ -52,6 +52,7 @@ class ModelConfig:
     qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3)
     qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn) or three (q_proj, k_proj, v_proj)
     tie_weights: bool = True
+    num_labels: int = 0              # 0: the LM head lm_head; 1: a reward model, transformers' `score` head instead
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
@@ -71,6 +72,8 @@ class ModelConfig:
                                 f"{did_you_mean(str(getattr(self, name)), allowed)}")
         if self.rope_scaling is not None and dict(self.rope_scaling).get("type") not in ROPE_TYPES:
             problems.append(f"rope_scaling type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_scaling!r}")
+        if self.num_labels not in (0, 1):
+            problems.append(f"num_labels must be 0 (a language model) or 1 (a reward model), got {self.num_labels!r}")
         if not 0 <= self.drop_rate < 1:
             problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if problems:
@@ -310,8 +313,9 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             mods.append(ModuleSpec(p + "mlp.gate_proj", "linear", c, h, cfg.mlp_bias))
         mods += [ModuleSpec(p + "mlp.up_proj", "linear", c, h, cfg.mlp_bias),
                  ModuleSpec(p + "mlp.down_proj", "linear", h, c, cfg.mlp_bias)]
-    mods += [ModuleSpec("norm", cfg.norm, c, c), ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)]
-    return mods
+    head = ModuleSpec("score", "linear", c, cfg.num_labels, False) if cfg.num_labels else \
+        ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)
+    return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:
@@ -337,8 +341,9 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def lora_candidates(names: Iterable[str]) -> list[str]:
-    """Linear modules that may take LoRA: all but the output head (PEFT would not export it as a base layer)."""
-    return [n for n in names if n != "lm_head"]
+    """Linear modules that may take LoRA: all but the output heads (PEFT would not export them as base layers; a
+    reward model's score trains in full, PEFT's modules_to_save for SEQ_CLS)."""
+    return [n for n in names if n not in ("lm_head", "score")]
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -405,11 +410,13 @@ def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None) -
 
 
 def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int) -> list[str]:
-    """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm."""
+    """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm (and a reward model's
+    new score head: it starts random)."""
     if not 1 <= trainable_layers <= cfg.n_layers:
         raise UserError(f"freeze_trainable_layers: {trainable_layers} is out of range; the model has"
                         f" {cfg.n_layers} blocks (use 1..{cfg.n_layers}, or finetuning_type: full)")
-    return [f"layers.{i}" for i in range(cfg.n_layers - trainable_layers, cfg.n_layers)] + ["norm"]
+    head = ["score"] if cfg.num_labels else []
+    return [f"layers.{i}" for i in range(cfg.n_layers - trainable_layers, cfg.n_layers)] + ["norm", *head]
 
 
 def module_paths(cfg: ModelConfig) -> list[str]:
@@ -449,6 +456,7 @@ def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
         if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:
             extra.pop("lm_head")
+        extra.update({m.name: m for m in layout(cfg) if m.name == "score"})  # a reward model's head: always trained
         return lora + sum(m.params for m in extra.values())
     raise UserError(f"finetuning_type: '{finetuning_type}' is not one of lora, full, freeze"
                     f"{did_you_mean(finetuning_type, ['lora', 'full', 'freeze'])}")

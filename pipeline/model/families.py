@@ -30,8 +30,9 @@ class Family:
 
     name: str                      # our family name, stored in ModelConfig.family
     architecture: str              # config.json "architectures"[0]
+    reward_architecture: str       # the same decoder with transformers' `score` head (num_labels 1): stage rm
     model_type: str                # config.json "model_type"
-    prefix: str                    # HF prefix of every module but lm_head ("transformer." / "model.")
+    prefix: str                    # HF prefix of every module but the heads lm_head / score ("transformer." / "model.")
     modules: tuple[tuple[str, str], ...] = ()  # (ours, HF without prefix) templates; empty = same names
     conv1d: frozenset[str] = frozenset()       # our leaf module names whose HF weight is transposed
     skip: tuple[str, ...] = ()     # HF tensor-name endings that are buffers, not weights (ignored on load)
@@ -50,13 +51,13 @@ class Family:
     # -- module paths ------------------------------------------------------------------------
     def to_hf(self, ours: str) -> str:
         """Our module or parameter path -> the full HF path (prefix included)."""
-        if ours == "lm_head" or ours.startswith("lm_head."):
+        if _is_head(ours):
             return ours
         return self.prefix + _rename(ours, [(p, out) for p, out, _, _ in self._compiled])
 
     def from_hf(self, hf: str) -> str:
         """A full or prefix-less HF path -> ours (unknown names come back unchanged after the prefix)."""
-        if hf == "lm_head" or hf.startswith("lm_head."):
+        if _is_head(hf):
             return hf
         return _rename(self.strip(hf), [(p, out) for _, _, p, out in self._compiled])
 
@@ -67,6 +68,13 @@ class Family:
         """Whether this parameter of ours is stored transposed by HF (a Conv1D weight)."""
         module, _, leaf = ours_param.rpartition(".")
         return leaf == "weight" and module.rsplit(".", 1)[-1] in self.conv1d
+
+
+HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
+
+
+def _is_head(path: str) -> bool:
+    return path in HEADS or path.startswith(tuple(h + "." for h in HEADS))
 
 
 def _template(text: str) -> re.Pattern:
@@ -86,7 +94,7 @@ def _rename(path: str, table: list[tuple[re.Pattern, str]]) -> str:
 
 
 GPT2 = Family(
-    name="gpt2", architecture="GPT2LMHeadModel", model_type="gpt2", prefix="transformer.",
+    name="gpt2", architecture="GPT2LMHeadModel", reward_architecture="GPT2ForSequenceClassification", model_type="gpt2", prefix="transformer.",
     modules=(("embed_tokens", "wte"), ("pos_embed", "wpe"), ("layers", "h"), ("layers.{i}", "h.{i}"),
              ("layers.{i}.input_layernorm", "h.{i}.ln_1"), ("layers.{i}.self_attn", "h.{i}.attn"),
              ("layers.{i}.self_attn.qkv_proj", "h.{i}.attn.c_attn"), ("layers.{i}.self_attn.o_proj", "h.{i}.attn.c_proj"),
@@ -96,18 +104,21 @@ GPT2 = Family(
     conv1d=frozenset({"qkv_proj", "o_proj", "up_proj", "down_proj"}),
     skip=(".attn.bias", ".attn.masked_bias"),
 )
-LLAMA = Family(name="llama", architecture="LlamaForCausalLM", model_type="llama", prefix="model.",
+LLAMA = Family(name="llama", architecture="LlamaForCausalLM", reward_architecture="LlamaForSequenceClassification", model_type="llama", prefix="model.",
                skip=(".rotary_emb.inv_freq",))
 _QWEN_WINDOW = (("sliding_window", 4096), ("max_window_layers", 28))  # Qwen2Config / Qwen3Config's defaults
-QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", model_type="qwen2", prefix="model.",
+QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", reward_architecture="Qwen2ForSequenceClassification",
+               model_type="qwen2", prefix="model.",
                skip=(".rotary_emb.inv_freq",), config_defaults=(("max_position_embeddings", 32768), *_QWEN_WINDOW),
                sliding_window=True)
-QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", model_type="qwen3", prefix="model.",
+QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", reward_architecture="Qwen3ForSequenceClassification",
+               model_type="qwen3", prefix="model.",
                skip=(".rotary_emb.inv_freq",),
                config_defaults=(("max_position_embeddings", 32768), ("head_dim", 128), *_QWEN_WINDOW),
                sliding_window=True)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3)}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
+BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(BY_ARCHITECTURE)
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -117,7 +128,7 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     """The family a HF config.json describes (architectures first, then model_type), or a UserError."""
     archs = raw.get("architectures")
     if isinstance(archs, list) and archs:
-        family = BY_ARCHITECTURE.get(str(archs[0]))
+        family = BY_ARCHITECTURE.get(str(archs[0])) or BY_REWARD_ARCHITECTURE.get(str(archs[0]))
         if family is None:
             raise UserError(f"{path}: architectures {archs!r} is not supported; supported architectures:"
                             f" {SUPPORTED}")
@@ -293,13 +304,35 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
 
 def hf_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
     family = family_of(raw, path)
-    return gpt2_fields(raw, path) if family is GPT2 else decoder_fields(family, raw, path)
+    fields = gpt2_fields(raw, path) if family is GPT2 else decoder_fields(family, raw, path)
+    return {**fields, "num_labels": num_labels(family, raw, path)}
+
+
+def num_labels(family: Family, raw: Mapping[str, Any], path: Any) -> int:
+    """0 for the causal LM class; 1 for XForSequenceClassification with one label (a reward model, stage rm).
+    transformers writes the label count as id2label (num_labels only when given so); its default is 2."""
+    archs = raw.get("architectures")
+    if not (isinstance(archs, list) and archs and archs[0] == family.reward_architecture):
+        return 0
+    labels = raw.get("id2label")
+    count = len(labels) if isinstance(labels, dict) else raw.get("num_labels", 2)
+    if count != 1:
+        raise UserError(f"{path}: {archs[0]} with {count} labels is not supported; only a reward model"
+                        " (num_labels 1: one score per sequence) is")
+    return 1
+
+
+def head_config(family: Family, cfg: Any) -> dict[str, Any]:
+    """config.json's architectures, and for a reward model its one label (as transformers writes num_labels=1)."""
+    if not cfg.num_labels:
+        return {"architectures": [family.architecture]}
+    return {"architectures": [family.reward_architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
 
 
 def gpt2_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict[str, Any]:
     """The config.json transformers' GPT2LMHeadModel reads (GPT-2 has no switch for qkv bias: it is always on)."""
     return {
-        "architectures": [GPT2.architecture], "model_type": GPT2.model_type, "vocab_size": cfg.vocab_size,
+        **head_config(GPT2, cfg), "model_type": GPT2.model_type, "vocab_size": cfg.vocab_size,
         "n_positions": cfg.context_length, "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim,
         "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": cfg.ffn_dim, "activation_function": "gelu_new",
         "resid_pdrop": cfg.drop_rate, "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate,
@@ -315,7 +348,7 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     if cfg.rope_scaling:
         scaling = {("rope_type" if k == "type" else k): v for k, v in cfg.rope_scaling.items()}
     out = {
-        "architectures": [family.architecture], "model_type": family.model_type, "vocab_size": cfg.vocab_size,
+        **head_config(family, cfg), "model_type": family.model_type, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.emb_dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.norm_eps,

@@ -193,7 +193,8 @@ class TransformerBlock(nn.Module):
 
 
 class GPTModel(nn.Module):
-    """Token embeddings (+ learned positions), n_layers TransformerBlocks, final norm, output head."""
+    """Token embeddings (+ learned positions), n_layers TransformerBlocks, final norm, output head: lm_head (vocab
+    logits), or for a reward model (cfg.num_labels 1) transformers' `score` (hidden -> 1, no bias) in its place."""
 
     def __init__(self, cfg: ModelConfig, seed: int | None = 0):
         super().__init__()
@@ -207,18 +208,21 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
         self.layers = nn.ModuleList(TransformerBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg, cfg.emb_dim)
-        self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.num_labels:  # XForSequenceClassification's head; no lm_head (the exported class has none)
+            self.score = Linear(cfg.emb_dim, cfg.num_labels, bias=False)
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
         self.gradient_checkpointing = False
         self.neftune_noise_alpha: float | None = None  # set_neftune: noisy embeddings in training forwards
-        if cfg.tie_weights:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         if seed is not None and self.embed_tokens.weight.device.type != "meta":
             self.init_weights(seed)
 
     def tie_weights(self) -> None:
         """Re-establish tying (after load_state_dict(assign=True) replaced the Parameter objects)."""
-        if self.cfg.tie_weights:
+        if self.cfg.tie_weights and self.lm_head is not None:
             self.lm_head.weight = self.embed_tokens.weight
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -275,7 +279,8 @@ class GPTModel(nn.Module):
         predict: bool = False,
         label_smoothing: float = 0.0,
     ) -> Any:
-        """Logits (B, T, V); (logits, cache) with use_cache; with labels the loss instead.
+        """Logits (B, T, V); (logits, cache) with use_cache; with labels the loss instead. A reward model
+        (cfg.num_labels) returns its score at every position (B, T, 1) (pipeline.model.reward pools them).
 
         past_kv: the KVCache of the tokens before these (updated in place: these tokens' keys and values are
         appended); with use_cache and no past_kv a new cache is made.
@@ -318,6 +323,10 @@ class GPTModel(nn.Module):
         for block in self.layers:
             x = checkpoint(block, x, mask, None, rope, use_reentrant=False) if recompute else block(x, mask, cache, rope)
         x = self.norm(x)
+        if self.lm_head is None:
+            if labels is not None or use_cache:
+                raise ValueError("a reward model (score head) has no token logits: no labels, no cache")
+            return self.score(x)
         if labels is not None:
             return self.loss(x, labels, reduction, predict, label_smoothing)
         logits = self.lm_head(x[:, -1:] if last_only else x)

@@ -197,7 +197,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     Patterns are the family's HF module names, matched by suffix (PEFT's rule): for GPT-2 'c_attn',
     'attn.c_proj', 'c_proj' (both projections), 'h.0.attn.c_attn' (one block); for Llama / Qwen 'q_proj',
     'mlp.down_proj', 'layers.0.self_attn.q_proj'; 'all' = every Linear except lm_head. A pattern that
-    matches nothing is a UserError naming the available modules. additional_targets are trained in full.
+    matches nothing is a UserError naming the available modules. additional_targets are trained in full, and so
+    is a reward model's score head (it starts random: PEFT's task_type SEQ_CLS adds it to modules_to_save).
     """
     alpha = default_lora_alpha(rank) if alpha is None else alpha
     family = family_of_model(model)
@@ -205,6 +206,8 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     modules = [n for n, _ in model.named_modules() if n]
     extra = [] if not additional_targets else select_modules(modules, additional_targets, key="additional_target",
                                                              family=family)
+    if is_reward_model(model) and "score" not in extra:  # a new head trains in full (PEFT SEQ_CLS's modules_to_save)
+        extra.append("score")
     if head_is_tied(model) and set(TIED) & set(extra):
         # training either trains the shared matrix, so both modules are saved and restored (PEFT's
         # ensure_weight_tying): with one of them the adapter would give PEFT another model than the trained one
@@ -435,6 +438,11 @@ def family_of_model(model: nn.Module) -> Family:
     return FAMILIES[cfg.family] if cfg is not None else GPT2
 
 
+def is_reward_model(model: nn.Module) -> bool:
+    """Whether the model has transformers' `score` head (XForSequenceClassification, stage rm)."""
+    return isinstance(getattr(model, "score", None), nn.Module)
+
+
 def head_is_tied(model: nn.Module) -> bool:
     """Whether the output head's weight is the token embedding's Parameter (tie_word_embeddings)."""
     embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
@@ -499,7 +507,7 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     tied = head_is_tied(model) and "lm_head" in additional
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": "SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",  # what PEFT wraps the base as
         "base_model_name_or_path": None,
         "r": first.lora.rank,
         "lora_alpha": first.lora.alpha,

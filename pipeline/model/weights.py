@@ -25,6 +25,7 @@ from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config
 from pipeline.model.families import FAMILIES, GPT2, Family, check_exportable
 from pipeline.model.gpt import GPTModel
 from pipeline.model.memory import dense_weight
+from pipeline.model.reward import new_score_weight
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -45,13 +46,17 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     """A GPTModel from a preset (random, seeded), an HF checkpoint directory or one of our checkpoints.
 
     `cfg` may override the checkpoint's config where the weights allow it (dropout, a shorter
-    context: the position table is cut; untying a tied head: it starts as a copy of wte). `dtype`: the
+    context: the position table is cut; untying a tied head: it starts as a copy of wte; num_labels 1 on a
+    language model: a reward model, its score head drawn from `seed`, pipeline.model.reward). `dtype`: the
     weights' dtype, each tensor cast as it is read (read_tensors says why).
     """
     if str(name_or_path) in PRESETS:
         return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
     directory, file_cfg, kind = _checkpoint(name_or_path)
     state = read_state_dict(directory, kind=kind, cfg=file_cfg, dtype=dtype)
+    if cfg is not None and cfg.num_labels and not file_cfg.num_labels:  # a language model becomes a reward model
+        state.pop("lm_head.weight", None)  # XForSequenceClassification has no LM head; a new score head instead
+        state["score.weight"] = (directory, new_score_weight(cfg.emb_dim, seed, dtype))
     return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
                                  dtype=dtype, hf_names=kind != "pipeline")
 
@@ -178,7 +183,7 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
     if cfg.context_length < file_cfg.context_length and "pos_embed.weight" in state:
         file, wpe = state["pos_embed.weight"]
         state["pos_embed.weight"] = (file, wpe[: cfg.context_length])
-    if not cfg.tie_weights and file_cfg.tie_weights and "lm_head.weight" not in state and "embed_tokens.weight" in state:
+    if not cfg.num_labels and not cfg.tie_weights and file_cfg.tie_weights and "lm_head.weight" not in state and "embed_tokens.weight" in state:
         file, wte = state["embed_tokens.weight"]
         state["lm_head.weight"] = (file, wte.clone())
     family = FAMILIES[file_cfg.family]
@@ -189,7 +194,7 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
         model = GPTModel(cfg, seed=None)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if cfg.tie_weights:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
     problems = []
     for key, shape in expected.items():
         if key not in state:
@@ -311,7 +316,8 @@ def default_special_ids(cfg: ModelConfig) -> dict[str, int | None]:
 
 def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None,
             special: Mapping[str, Any] | None = None, config_ids: Mapping[str, Any] | None = None) -> Path:
-    """The family's Hugging Face layout (loads with transformers.AutoModelForCausalLM.from_pretrained).
+    """The family's Hugging Face layout (loads with transformers.AutoModelForCausalLM.from_pretrained; a reward
+    model as XForSequenceClassification with AutoModelForSequenceClassification).
 
     Writes config.json (the family's architectures), generation_config.json (`special`: bos/eos/pad
     token ids, GPT-2's 50256 by default) and model.safetensors, or model-0000i-of-0000n.safetensors +

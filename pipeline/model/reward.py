@@ -1,0 +1,48 @@
+"""Reward models (stage rm): the score head's start, which token scores a sequence, and the pairwise loss.
+
+The model is transformers' XForSequenceClassification with num_labels 1 (what users load a reward model as):
+the decoder, then `score`, a Linear hidden -> 1 without bias, at every position (pipeline.model.gpt). A
+sequence's score is the value at the token transformers pools: the rightmost token whose id is not the
+config's pad_token_id. Training pools the same token with the same pad id (the one batches are padded with,
+written to the exported config.json), so the exported model scores as the trained one. When pad = eos (GPT-2,
+most Llama 3 tokenizers) that is the last response token, not the EOS after it: transformers cannot tell
+that EOS from padding, so neither does training.
+
+The loss is LLaMA-Factory's (train/rm/trainer.py): -log sigmoid(score_chosen - score_rejected), the mean over
+the pairs; its metric the accuracy, how often chosen out-scores rejected. A bias on `score` would add the same
+constant to both scores: its gradient under this loss is zero, which is why transformers' head has none.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SCORE_INIT_STD = 0.02  # transformers' initializer_range (the default of GPT2Config, LlamaConfig, Qwen2/3Config)
+
+
+def new_score_weight(emb_dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A fresh score head (1, emb_dim): N(0, initializer_range) as transformers' _init_weights draws a Linear,
+    from a generator seeded with the recipe's seed (the same head every run)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.empty(1, emb_dim).normal_(0.0, SCORE_INIT_STD, generator=generator).to(dtype)
+
+
+def last_token_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B,) the rightmost position whose token is not pad_id: transformers' XForSequenceClassification rule
+    (`(arange(T) * (input_ids != pad)).argmax(-1)`), right or left padding alike; 0 for a row of pads only."""
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_id).to(torch.int64)).argmax(-1)
+
+
+def sequence_scores(values: torch.Tensor, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B,) fp32 scores from the head's per-position values (B, T, 1) at last_token_index."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(input_ids, pad_id).to(values.device), 0].float()
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per pair: -log sigmoid(chosen - rejected); metrics per pair (accuracy: chosen > rejected, strictly, as
+    LLaMA-Factory's ComputeAccuracy counts; the two scores)."""
+    losses = -F.logsigmoid(chosen - rejected)
+    return losses, {"accuracy": (chosen > rejected).float(), "scores/chosen": chosen.detach(),
+                    "scores/rejected": rejected.detach()}

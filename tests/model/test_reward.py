@@ -1,0 +1,108 @@
+"""Reward models (stage rm): our score head against transformers' XForSequenceClassification (the same weights
+scored by both, to 1e-5), the pooled token, PEFT loading our adapter, and the pairwise loss by hand."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.model.config import read_config
+from pipeline.model.lora import apply_lora, save_adapter
+from pipeline.model.reward import SCORE_INIT_STD, last_token_index, pairwise_loss, sequence_scores
+from pipeline.model.weights import load_model, save_hf
+from tests.acceptance.harness import hf_model
+
+transformers = pytest.importorskip("transformers")
+
+PAD = 7  # the id batches are padded with and exported as pad_token_id
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def reward(request, tmp_path_factory):
+    """(family, base dir, our reward model built from it, its export read by transformers)."""
+    family = request.param
+    base = tmp_path_factory.mktemp(f"rm-{family}") / "base"
+    hf_model(family, vocab_size=64, pad_token_id=None).save_pretrained(base)
+    ours = load_model(base, cfg=read_config(base).replace(num_labels=1), seed=5)
+    with torch.no_grad():  # a trained-looking head, not the init (both models must read the same one)
+        ours.score.weight.mul_(20)
+    merged = save_hf(ours, base.parent / "merged", special={"pad_token_id": PAD, "eos_token_id": PAD})
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    return family, base, ours.eval(), theirs
+
+
+def batch() -> torch.Tensor:
+    """Right-padded rows; one ends with PAD as its own last token (pad = eos: transformers skips it too), one has a
+    PAD inside (only the rightmost non-pad token counts)."""
+    return torch.tensor([[5, 9, 11, 3, PAD, PAD], [5, 9, PAD, 12, 13, 14], [8, 8, 8, PAD, PAD, PAD]])
+
+
+def test_export_is_transformers_sequence_classification(reward):
+    family, _, ours, theirs = reward
+    arch = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}[family]
+    assert type(theirs).__name__ == arch and theirs.config.num_labels == 1 and theirs.config.pad_token_id == PAD
+    assert theirs.score.bias is None
+    ids = batch()
+    with torch.no_grad():
+        expected = theirs(ids).logits[:, 0]
+        got = sequence_scores(ours(ids), ids, PAD)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert last_token_index(ids, PAD).tolist() == [3, 5, 2]
+
+
+def test_export_reads_back_as_the_same_reward_model(reward, tmp_path):
+    _, base, ours, _ = reward
+    again = load_model(save_hf(ours, tmp_path / "m", special={"pad_token_id": PAD}))
+    assert again.cfg.num_labels == 1 and again.lm_head is None
+    ids = batch()
+    with torch.no_grad():
+        assert torch.equal(again.eval()(ids), ours(ids))
+
+
+def test_score_head_starts_as_transformers_initialises_it_seeded(reward):
+    _, base, _, _ = reward
+    cfg = read_config(base).replace(num_labels=1)
+    a, b, c = (load_model(base, cfg=cfg, seed=s).score.weight.detach() for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (1, cfg.emb_dim) and abs(float(a.std()) - SCORE_INIT_STD) < 0.01
+
+
+def test_lora_adapter_loads_in_peft_as_seq_cls(reward, tmp_path):
+    from peft import PeftModel
+
+    family, base, ours, _ = reward
+    model = load_model(base, cfg=read_config(base).replace(num_labels=1), seed=5)
+    apply_lora(model, "all", rank=2, alpha=4, seed=0)
+    assert model.score.weight.requires_grad  # trained in full beside the LoRA matrices
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    config = __import__("json").loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
+                                                                              pad_token_id=PAD)
+    peft = PeftModel.from_pretrained(hf_base, adapter).eval()
+    ids = batch()
+    with torch.no_grad():
+        expected = peft(ids).logits[:, 0]
+        got = sequence_scores(model.eval()(ids), ids, PAD)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pairwise_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.5])
+    losses, metrics = pairwise_loss(chosen, rejected)
+    by_hand = [math.log(1 + math.exp(-(c - r))) for c, r in zip(chosen.tolist(), rejected.tolist())]
+    assert losses.tolist() == pytest.approx(by_hand, rel=1e-6)
+    assert metrics["accuracy"].tolist() == [1.0, 0.0, 0.0]  # a tie is not a win (LLaMA-Factory: chosen > rejected)
+
+
+def test_score_bias_would_not_learn():
+    """Why the head has no bias: the pairwise loss sees only chosen - rejected, so a bias's gradient is zero."""
+    bias = torch.zeros((), requires_grad=True)
+    losses, _ = pairwise_loss(torch.tensor([0.3, -2.0]) + bias, torch.tensor([1.0, 0.4]) + bias)
+    losses.mean().backward()
+    assert float(bias.grad) == 0.0
