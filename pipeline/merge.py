@@ -255,7 +255,7 @@ def validation_samples(data: DataArgs, context_length: int) -> list[list[int]]:
             if data.stage == "pt":
                 stream = pt_stream(data, split)
                 samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
-            elif data.stage in ("dpo", "kto"):  # the chosen responses (kto: the examples, not their KL sequences)
+            elif data.form in ("dpo", "kto"):  # dpo, rm: the chosen sequences; kto: the examples, not the KL ones
                 from pipeline.data.loaders import tokenized_pair_split
 
                 examples = tokenized_pair_split(data, split).chosen
@@ -292,6 +292,9 @@ def _rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> flo
     So one difference per block of _ROWS positions (a few MB, reused) and reductions give the same quantity; a
     non-finite value in got reaches d's max or min (or the mean), so the result says inf as before.
     """
+    if got and got[0].shape[-1] == 1:  # a reward model's score per position: no softmax, so no shift to forgive
+        err = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        return err / max(max(float(w.abs().max()) for w in want), 1e-12) if math.isfinite(err) else float("inf")
     err = scale = 0.0
     for g, w in zip(got, want):
         for gb, wb in zip(g.reshape(-1, g.shape[-1]).split(_ROWS), w.reshape(-1, w.shape[-1]).split(_ROWS)):

@@ -17,6 +17,20 @@ if TYPE_CHECKING:
 
 NOT_A_KEY = "not_a_key"  # metadata marking a field that is no schema key (provenance for messages)
 
+# Stages trained on chosen/rejected pairs: dpo (a policy) and rm (a reward model) build, check, tokenize and batch
+# the same pairs (pipeline.data.pairs); the data library knows them as one form, "dpo". Stage kto's unpaired
+# feedback rows (pipeline.data.feedback) are a form of their own, "kto".
+PAIRWISE_STAGES = ("dpo", "rm")
+
+
+ROW_FORMS = ("sft", "dpo", "kto")  # forms built as rows that training counts one by one (pt cuts text into windows)
+
+
+def data_form(stage: str) -> str:
+    """The form of a stage's data: pt (text), sft (instructions), dpo (preference pairs, stages dpo and rm) or kto
+    (rows with a kto_tag)."""
+    return "dpo" if stage in PAIRWISE_STAGES else stage
+
 
 @dataclass(frozen=True)
 class DataArgs:
@@ -52,6 +66,11 @@ class DataArgs:
     new_special_tokens: str | Sequence[str] | None  # added to the tokenizer (model_tokenizer.recipe_tokenizer)
     # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
+
+    @property
+    def form(self) -> str:
+        """data_form(stage): what the rows are (a dpo or rm recipe reads preference pairs)."""
+        return data_form(self.stage)
 
     def chat_template(self) -> "Template":
         """The recipe's template, its default system prompt replaced when default_system is set: what every

@@ -48,7 +48,7 @@ BLOCK_MIN_BYTES = 1 << 20  # preprocessing_num_workers: JSON Lines files this la
 
 def build_keys(data: DataArgs) -> dict[str, Any]:
     """The settings a build depends on besides its sources (recorded in manifest.json)."""
-    return {key: getattr(data, key) for key in BUILD_KEYS}
+    return {key: data.form if key == "stage" else getattr(data, key) for key in BUILD_KEYS}  # rm builds as dpo
 
 
 def all_specs(data: DataArgs) -> list[DatasetSpec]:
@@ -139,7 +139,7 @@ def build(data: DataArgs) -> list[str]:
             stale.append((spec, wanted))
     problems = Problems()
     workers = min(int(data.preprocessing_num_workers or 1), usable_cores())
-    loaded = [(spec, wanted, _read_dataset(spec, data.stage, problems, workers)) for spec, wanted in stale]
+    loaded = [(spec, wanted, _read_dataset(spec, data.form, problems, workers)) for spec, wanted in stale]
     problems.raise_if_any()
     prepared, errors = [], []
     for spec, wanted, (rows, per_source) in loaded:
@@ -430,7 +430,7 @@ def count_tokens(docs: list[dict], tokenizer: Tokenizer) -> int:
 def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: list[int],
              data: DataArgs) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Clean, split and serialise one dataset: (manifest, file name -> bytes); UserError if a split is empty."""
-    stage = data.stage
+    stage = data.form
     if stage == "pt":
         kept, removed = clean(rows.docs, stage, spec.num_samples, data.max_samples)
     else:  # row numbers: the kept rows' JSON text and origins both follow them through the split

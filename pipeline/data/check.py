@@ -168,7 +168,7 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
                 changed += err.messages
                 continue
             origins = built_origins(path, len(rows), spec.shown)
-            check_rows(rows, str(path), data.stage, problems, origins)
+            check_rows(rows, str(path), data.form, problems, origins)
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; {MAKE_DATA}")
@@ -201,12 +201,12 @@ def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any, origins: 
     render is named by its origin."""
     if data.stage == "pt":
         return np.array([len(t) for t in tokenizer.encode_batch([row["text"] for row in sample])])
-    if data.stage == "kto":
+    if data.form == "kto":
         from pipeline.data.feedback import encode_feedback
 
         return encode_feedback(sample, data.chat_template(), tokenizer, cutoff_len=2**62,
                                enable_thinking=data.enable_thinking, origins=origins).lengths
-    if data.stage == "dpo":
+    if data.form == "dpo":
         from pipeline.data.pairs import encode_pairs
 
         return encode_pairs(sample, data.chat_template(), tokenizer, cutoff_len=2**62,

@@ -219,7 +219,7 @@ def pair_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 
 
 def tokenized_pair_split(data: DataArgs, split: str) -> Any:
     """The split as TokenizedPairs: dpo's chosen/rejected pairs, or kto's examples with their KL sequences."""
-    if data.stage == "kto":
+    if data.form == "kto":
         from pipeline.data.feedback import tokenized_feedback
 
         return tokenized_feedback(data, split)
@@ -238,9 +238,9 @@ def item_name(data: DataArgs) -> str:
     """What the train loader's items (num_train_examples, the batch size) count, in the words train prints."""
     if data.stage == "pt":
         return f"windows of cutoff_len {data.cutoff_len}"
-    if data.stage == "dpo":
+    if data.form == "dpo":
         return "pairs"
-    if data.stage == "kto":
+    if data.form == "kto":
         return "rows"
     return f"packed rows of cutoff_len {data.cutoff_len}" if packing_enabled(data) else "examples"
 
@@ -288,7 +288,7 @@ def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
     order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked."""
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
-    loader = {"pt": pt_loader, "dpo": pair_loader, "kto": pair_loader}.get(data.stage, sft_loader)(data, split, **kwargs)
+    loader = {"pt": pt_loader, "dpo": pair_loader, "kto": pair_loader}.get(data.form, sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
     return loader
 
@@ -306,7 +306,7 @@ def count_examples(data: DataArgs) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
     if data.stage == "pt":
         return {s: len(pt_windows(len(pt_stream(data, s)), data.cutoff_len, pt_stride(data))) for s in ("train", "val")}
-    if data.stage in ("dpo", "kto"):
+    if data.form in ("dpo", "kto"):
         return {s: len(tokenized_pair_split(data, s)) for s in ("train", "val")}
     if packing_enabled(data):
         return {s: len(sft_packs(data, s)) for s in ("train", "val")}

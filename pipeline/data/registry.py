@@ -85,7 +85,7 @@ class DatasetSpec:
     entry: dict[str, Any] = field(repr=False)  # the registry entry as written (part of the build key)
     registry: str = ""
     line: int | None = None
-    ranking: bool = False  # preference data: chosen/rejected columns (stage dpo)
+    ranking: bool = False  # preference data: chosen/rejected columns (stages dpo, rm)
     given_columns: frozenset[str] = frozenset()  # the columns the entry names explicitly
     template: str = ""  # the recipe's template (named in refusals)
     tool_turns: bool = False  # the template renders tools and function_call/observation turns
@@ -309,25 +309,26 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
         if col in given:
             add(("columns", col), f"multimodal data ({col}) is not supported: the models here read text only; "
                                   "name a text-only dataset")
-    if "kto_tag" in given and stage != "kto":
+    if "kto_tag" in given and data.form != "kto":
         add(("columns", "kto_tag"), "KTO data (a desirable/undesirable label per row) trains with stage: kto; rows "
                                     f"labelled undesirable would be learned as good answers under stage {stage}; "
                                     "set stage: kto, or name a dataset without kto_tag")
-    if stage == "kto" and "kto_tag" not in given:
+    if data.form == "kto" and "kto_tag" not in given:
         add(("columns",) if "columns" in entry else (), "has no kto_tag column but the recipe's stage is kto, which "
             "trains on responses tagged desirable or not; give the entry \"columns\": {\"kto_tag\": \"<the column "
             "holding true/false>\"} (LLaMA-Factory's KTO format), or set stage: sft")
-    if stage == "kto" and ranking:
-        add(("ranking",), "preference pairs (ranking: true) train with stage: dpo; stage kto takes one response per "
-                          "prompt with a kto_tag; remove \"ranking\" or set stage: dpo")
-    if ranking and stage != "dpo":
+    if data.form == "kto" and ranking:
+        add(("ranking",), "preference pairs (ranking: true) train with stage: dpo (or rm); stage kto takes one "
+                          "response per prompt with a kto_tag; remove \"ranking\" or set stage: dpo")
+    if ranking and data.form != "dpo":
         add(("ranking",), f"preference data (ranking: true: chosen/rejected answers) trains with stage: dpo, but the "
-                          f"recipe's stage is {stage}; set stage: dpo, or name an instruction dataset")
+                          f"recipe's stage is {stage}; set stage: dpo (or rm: a reward model), or name an instruction "
+                          "dataset")
     if ranking and formatting == "text":
         add(("ranking",), "ranking data needs formatting 'alpaca' or 'sharegpt' (a prompt with chosen and rejected "
                           "responses), not 'text'")
-    if not ranking and stage == "dpo":
-        add(("ranking",) if "ranking" in entry else (), "has no preference pairs but the recipe's stage is dpo, "
+    if not ranking and data.form == "dpo":
+        add(("ranking",) if "ranking" in entry else (), f"has no preference pairs but the recipe's stage is {stage}, "
             "which trains on chosen/rejected pairs; give the dataset \"ranking\": true with chosen and rejected "
             "columns (LLaMA-Factory's ranking format), or set stage: sft")
     if not ranking:

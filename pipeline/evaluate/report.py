@@ -33,11 +33,14 @@ LABELS = {
     "reward_margin": "mean reward margin",
     "reward_accuracy": "reward accuracy (%)",
     "pref_loss": "preference loss",
+    "pairwise_loss": "pairwise loss, −log σ(score chosen − score rejected)",
+    "accuracy": "reward-model accuracy (%)",
+    "score_margin": "mean score margin, chosen − rejected",
 }
 SHORT = {"exact_match": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "bleu": "BLEU-4"}
-LOWER_IS_BETTER = {"loss", "perplexity", "pref_loss"}
-PERCENT = {"exact_match", "f1", "rouge_l", "bleu", "sentence_bleu", "preference_accuracy", "reward_accuracy"}
-FOUR_DIGITS = {"loss", "reward_margin", "pref_loss"}
+LOWER_IS_BETTER = {"loss", "perplexity", "pref_loss", "pairwise_loss"}
+PERCENT = {"exact_match", "f1", "rouge_l", "bleu", "sentence_bleu", "preference_accuracy", "reward_accuracy", "accuracy"}
+FOUR_DIGITS = {"loss", "reward_margin", "pref_loss", "pairwise_loss", "score_margin"}
 PRIMARY = "f1"  # per-example score that ranks the examples shown in report.md
 EXAMPLES_PER_SECTION = 3
 MAX_SHOWN_CHARS = 800
@@ -332,7 +335,7 @@ def render_markdown(
         settings = ", ".join(f"{k}={v}" for k, v in dec.items() if k != "do_sample")
         out.append(f"- decoding: {mode} ({settings})")
     out += ["", "## Metrics", "", metrics_table(metrics), ""]
-    out += [
+    out += [] if info.get("stage") == "rm" else [
         "Loss is the mean cross-entropy per trained token (the masks of training: for sft the response",
         "tokens and EOS) and perplexity is exp(loss); lower is better. Generation metrics compare each",
         "completion with the reference: exact match (whitespace-normalised, case-sensitive), token F1",
@@ -361,6 +364,14 @@ def render_markdown(
             "loss on the split as one batch. Definitions: pipeline/evaluate/preference.py.",
             "",
         ]
+    if info.get("stage") == "rm":
+        out += [
+            "Stage rm: a reward model scores each held-out sequence at its last non-padding token (as",
+            "transformers' XForSequenceClassification pools). Accuracy is the fraction of pairs where the chosen",
+            "response out-scores the rejected one; the pairwise loss is the mean of −log σ(chosen − rejected).",
+            "The base is the starting model with the new, untrained score head. Definitions: pipeline/model/reward.py.",
+            "",
+        ]
     if "metrics" in figures:
         out += [f"![metrics base vs tuned]({figures['metrics']})", ""]
     training = info.get("training") or {}
@@ -372,7 +383,8 @@ def render_markdown(
         if "loss" in figures:
             out += [f"![training loss]({figures['loss']})", ""]
     if rows is None:
-        out += ["Stage pt: loss and perplexity only (no generation).", ""]
+        if info.get("stage") != "rm":  # rm's own paragraph above says what it measures
+            out += ["Stage pt: loss and perplexity only (no generation).", ""]
     else:
         out += ["## Examples", "", f"All {len(rows)} examples with their scores are in `predictions.jsonl`.", ""]
         for title, chosen in select_examples(rows).items():

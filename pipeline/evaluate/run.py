@@ -11,6 +11,7 @@ adapter, or output_dir/model for full/freeze), then for each model
 
 For a dpo recipe the loss is over the chosen responses of the held-out pairs, the generations are scored
 against the chosen responses, and pipeline.evaluate.preference adds preference accuracy and reward margins.
+An rm recipe (a reward model: no text to generate) gets pipeline.evaluate.reward's pairwise loss and accuracy.
 
 With WORLD_SIZE > 1 every rank takes every world_size-th batch / example, the sums and predictions
 are gathered, and rank 0 writes output_dir/eval/ (metrics.json, predictions.jsonl, report.md, plots).
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.evaluate import preference, report
+from pipeline.evaluate import preference, report, reward
 from pipeline.model.build import ModelArgs
 from pipeline.model.weights import note
 from pipeline.data.args import DataArgs
@@ -45,6 +46,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     data, ev, gen, pref = data_args(r), eval_args(r), GenerationArgs.from_recipe(r), preference_args(r)
     sft = ev.stage in ("sft", *PREFERENCE_STAGES)  # generation metrics (dpo: against the chosen responses)
     dpo = ev.stage in PREFERENCE_STAGES  # log-probs of pairs (kto: of examples and their KL sequences)
+    rm = ev.stage == "rm"  # a reward model's scores of the pairs (pipeline.evaluate.reward)
     tags = tokenized_pair_split(data, "val").tags if ev.stage == "kto" else None
     rows = _generation_rows(data, ev) if sft else []
     pair_scores: dict[str, Any] = {}
@@ -54,6 +56,13 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     predictions: dict[str, list[str]] = {}
     for name, which in models:
         model = load_model_for_eval(recipe_args(r).model, which, _device())
+        if rm:  # a score per sequence, no tokens: the pairwise metrics only
+            scores = reward.split_scores(model, data, rank=rank, world=world, label=name)
+            if rank == 0:
+                results[name] = reward.summary(scores)
+            loss_examples = len(scores[0])
+            del model
+            continue
         if dpo:  # loss = NLL of the chosen responses; the pairs' log-probs for the preference metrics
             pair_scores[name] = preference.split_logps(model, data, rank=rank, world=world, label=name)
             loss_sum, tokens, loss_examples = (preference.chosen_loss(pair_scores[name]) if tags is None
@@ -301,6 +310,8 @@ def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str
         if name in results:
             res = results[name]
             text = f"{name}: loss {res['loss']:.4f}" if res.get("loss") is not None else f"{name}:"
+            if "pairwise_loss" in res:  # stage rm
+                text += f" pairwise loss {res['pairwise_loss']:.4f}, accuracy {100 * res['accuracy']:.1f}%"
             if "f1" in res:
                 text += ", " + ", ".join(f"{report.SHORT[k]} {100 * res[k]:.1f}" for k in ("f1", "rouge_l", "bleu"))
             parts.append(text)

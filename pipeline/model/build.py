@@ -44,6 +44,7 @@ class ModelArgs:
     # where the tokenizer comes from (the recipe's tokenizer_name_or_path, else model_name_or_path)
     new_special_tokens: str | Sequence[str] | None = None
     tokenizer_name_or_path: str | None = None
+    stage: str = "sft"               # rm: a reward model, the score head in place of lm_head (pipeline.model.reward)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ def recipe_config(args: ModelArgs) -> ModelConfig:
     rope_scaling (which sets the context length: resolve derives the same value into context_length)."""
     cfg = recipe_rope(read_config(args.model_name_or_path), args.rope_scaling, args.cutoff_len).config
     changes: dict[str, Any] = {"drop_rate": float(args.dropout)}
+    if args.stage == "rm":
+        changes["num_labels"] = 1
+    elif cfg.num_labels:
+        raise UserError(f"model_name_or_path: {args.model_name_or_path} is a reward model (a score head, no LM head): "
+                        f"it trains with stage: rm only, not stage: {args.stage}; start from its language model")
     for value, field in ((args.context_length, "context_length"), (args.qkv_bias, "qkv_bias"),
                          (args.tie_word_embeddings, "tie_weights")):
         if value is not None:
@@ -90,7 +96,8 @@ def vocab_tokens(args: ModelArgs) -> int | None:
 
 
 def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = torch.float32) -> GPTModel:
-    """The base model of the recipe (a preset starts from a seeded random init: say so on stderr), in `dtype`."""
+    """The base model of the recipe (a preset starts from a seeded random init: say so on stderr), in `dtype`; for
+    stage rm with a new score head (seeded, pipeline.model.reward)."""
     name = str(args.model_name_or_path)
     cfg = recipe_config(args)
     if not dropout:

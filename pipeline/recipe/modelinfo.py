@@ -48,6 +48,8 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
     cfg = info.config
     if values.get("context_length"):
         cfg = cfg.replace(context_length=values["context_length"])
+    if values.get("stage") == "rm":  # the score head in place of lm_head (pipeline.model.build.recipe_config)
+        cfg = cfg.replace(num_labels=1)
     try:
         total = int(count_params(cfg))
         trainable = int(trainable_params(cfg, values["finetuning_type"], values["lora_rank"], values["lora_target"],

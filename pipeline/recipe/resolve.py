@@ -22,9 +22,10 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from pipeline.data.args import ROW_FORMS, data_form
 from pipeline.errors import UserError, did_you_mean
 from pipeline.model.config import default_lora_alpha
-from pipeline.names import PREFERENCE_STAGES, split_names
+from pipeline.names import split_names
 from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
@@ -293,9 +294,9 @@ def _derive_rope_context(values: dict[str, Any], origins: dict[str, Origin], bad
 
 
 def count_train_examples(values: Mapping[str, Any]) -> int | None:
-    """Sum of the trained splits (`data.built.training_splits`) over the built manifests of `dataset` (sft, dpo),
-    or None when any is missing."""
-    if values.get("stage") not in ("sft", *PREFERENCE_STAGES) or not values.get("dataset"):
+    """Sum of the trained splits (`data.built.training_splits`) over the built manifests of `dataset` (stages sft,
+    dpo, kto, rm), or None when any is missing."""
+    if data_form(values.get("stage")) not in ROW_FORMS or not values.get("dataset"):
         return None
     from pipeline.data.built import built_dir, read_manifest, training_splits
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from pipeline.data.args import ROW_FORMS, data_form
 from pipeline.errors import did_you_mean
 from pipeline.names import PREFERENCE_STAGES
 from pipeline.recipe import lr_kwargs, spec
@@ -252,12 +253,15 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
     "neat_packing": {"pt": "pt always concatenates documents into windows of cutoff_len, see "
                            "docs/packing-and-scale.md",
                      "dpo": "a dpo row is a chosen/rejected pair, never packed",
-                     "kto": "a kto row is scored with its own KL sequence, never packed"},
+                     "kto": "a kto row is scored with its own KL sequence, never packed",
+                     "rm": "an rm row is a chosen/rejected pair, never packed"},
     "packing": {"dpo": "a dpo row is a chosen/rejected pair, never packed",
-                "kto": "a kto row is scored with its own KL sequence, never packed"},
+                "kto": "a kto row is scored with its own KL sequence, never packed",
+                "rm": "an rm row is a chosen/rejected pair, never packed"},
     "train_on_prompt": {"pt": "pt has no prompt: every token is trained",
                         "dpo": "dpo scores the responses only; the prompt is never part of the loss",
-                        "kto": "kto scores the responses only; the prompt is never part of the loss"},
+                        "kto": "kto scores the responses only; the prompt is never part of the loss",
+                        "rm": "rm scores each whole sequence at its last token; no token is a label"},
     "mask_history": {"pt": "pt has no conversation turns"},
     # LLaMA-Factory wires its ComputeAccuracy into the sft workflow only, and ignores the key elsewhere
     "compute_accuracy": {"pt": "token accuracy is computed for stage sft only, as in LLaMA-Factory; pt's evaluation "
@@ -266,11 +270,15 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
                                 "reports eval_rewards/accuracies, how often the chosen response out-scores the "
                                 "rejected one",
                          "kto": "token accuracy is computed for stage sft only, as in LLaMA-Factory; kto's evaluation "
-                                "reports eval_loss, eval_rewards/chosen, eval_rewards/rejected and eval_kl"},
-    # LLaMA-Factory hands it to transformers' Trainer, whose DPO / KTO losses never read it
+                                "reports eval_loss, eval_rewards/chosen, eval_rewards/rejected and eval_kl",
+                         "rm": "stage rm always reports eval_accuracy, how often the chosen response out-scores "
+                               "the rejected one (LLaMA-Factory's ComputeAccuracy); the key is for sft's token "
+                               "accuracy"},
+    # LLaMA-Factory hands it to transformers' Trainer, whose DPO / KTO / pairwise losses never read it
     "label_smoothing_factor": {"dpo": "LLaMA-Factory's dpo ignores it too; use dpo_label_smoothing, dpo's own "
                                       "label smoothing (conservative DPO, pref_loss: sigmoid)",
-                               "kto": "LLaMA-Factory's kto ignores it too; KTO's loss has no label smoothing"},
+                               "kto": "LLaMA-Factory's kto ignores it too; KTO's loss has no label smoothing",
+                               "rm": "LLaMA-Factory's rm ignores it too; the pairwise loss has no label smoothing"},
 }
 
 
@@ -515,7 +523,7 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
 @rule("val_size", "dataset", "dataset_dir", "stage", "overwrite_cache", commands=_READS_BUILT_DATA)
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
-    if ctx.values["stage"] not in ("sft", *PREFERENCE_STAGES) or _rebuilt_first(ctx):
+    if data_form(ctx.values["stage"]) not in ROW_FORMS or _rebuilt_first(ctx):
         return []
     from pipeline.data.built import built_dir, held_out, read_manifest, row_count
 
@@ -760,7 +768,8 @@ KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 @rule("stage", *PREF_KEYS, *KTO_KEYS)
 def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
     """Preference settings outside the stages that read them would be ignored without a word: pref_loss & co. under
-    kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft."""
+    kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft / rm
+    (a reward model has no reference and no preference loss)."""
     stage = ctx.values["stage"]
     if stage == "kto":
         return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "

@@ -201,28 +201,37 @@ class PreferenceObjective:
         losses, metrics = self.scores(batch)
         return losses.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}
 
-    @torch.no_grad()
     def evaluate(self, loader: Any) -> dict[str, float]:
         """eval_loss and eval_rewards/... over the whole val split (pairs repeated to fill ranks not counted)."""
-        from pipeline.runtime import dist
-        from pipeline.train.loop import _to_device
+        return evaluate_pairs(self.engine, loader, self.scores)
 
-        self.engine.eval()
-        sums: dict[str, float] = {}
-        pairs = 0.0
-        for batch in loader:
-            batch = _to_device(batch, self.engine.device)
-            losses, metrics = self.scores(batch)
-            b = len(losses)
-            real = (batch["labels"][:b] != -100).any(dim=-1)  # Loader masks the labels of repeated pairs
-            for key, values in {"loss": losses, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + float(values.float()[real].sum())
-            pairs += float(real.sum())
-        self.engine.train()
-        keys = list(sums)
-        totals = dist.all_sum([sums[k] for k in keys] + [pairs])
-        count = max(totals[-1], 1.0)
-        return {f"eval_{k}": v / count for k, v in zip(keys, totals[:-1])}
+
+PairScores = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
+
+
+@torch.no_grad()
+def evaluate_pairs(engine: Any, loader: Any, scores: PairScores) -> dict[str, float]:
+    """eval_loss and eval_<metric>: the means over every held-out pair of every rank of a pairwise objective's
+    per-pair values (stage dpo's losses, stage rm's); pairs repeated to fill the ranks are not counted."""
+    from pipeline.runtime import dist
+    from pipeline.train.loop import _to_device
+
+    engine.eval()
+    sums: dict[str, float] = {}
+    pairs = 0.0
+    for batch in loader:
+        batch = _to_device(batch, engine.device)
+        losses, metrics = scores(batch)
+        b = len(losses)
+        real = (batch["labels"][:b] != -100).any(dim=-1)  # Loader masks the labels of repeated pairs
+        for key, values in {"loss": losses, **metrics}.items():
+            sums[key] = sums.get(key, 0.0) + float(values.float()[real].sum())
+        pairs += float(real.sum())
+    engine.train()
+    keys = list(sums)
+    totals = dist.all_sum([sums[k] for k in keys] + [pairs])
+    count = max(totals[-1], 1.0)
+    return {f"eval_{k}": v / count for k, v in zip(keys, totals[:-1])}
 
 
 class KtoObjective(PreferenceObjective):

@@ -112,7 +112,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, args),
                                       config=r.ds_config)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
-    objective = preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES else None
+    objective = (preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES
+                 else reward_objective(r, engine) if r["stage"] == "rm" else None)
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if resume is not None:
         checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
@@ -195,6 +196,15 @@ def preference_objective(r: Any, engine: Any) -> Any:
     if dist.is_main():
         print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}; reference: {what}", file=sys.stderr)
     return PreferenceObjective(pref, engine, reference)
+
+
+def reward_objective(r: Any, engine: Any) -> Any:
+    """stage rm: the pairwise loss on the score of the token transformers pools (pipeline.train.reward)."""
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.recipe.args import data_args
+    from pipeline.train.reward import RewardObjective
+
+    return RewardObjective(engine, recipe_tokenizer(data_args(r)).pad_id)
 
 
 def compute_dtype(r: Mapping[str, Any]) -> Any:
@@ -546,7 +556,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "train_loss": last.get("loss"),
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
-        **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] else {}),
+        **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] or r["stage"] == "rm" else {}),
         "num_train_examples": loader.num_examples,
         "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)
         "total_steps": r["total_steps"],
@@ -566,6 +576,6 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         if r["stage"] == "kto":  # the desirable responses' reward, as LLaMA-Factory's kto workflow plots
             plot_curve(records, "rewards/chosen", RunLayout(output_dir).rewards_plot,
                        title=f"{name}: reward of the desirable responses")
-        if r["compute_accuracy"]:  # eval_accuracy, as LLaMA-Factory's sft plots it beside eval_loss
+        if r["compute_accuracy"] or r["stage"] == "rm":  # eval_accuracy, as LLaMA-Factory's sft and rm plot it
             plot_curve(records, "accuracy", RunLayout(output_dir).eval_accuracy_plot, title=f"{name}: eval accuracy")
     print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

@@ -82,13 +82,6 @@ def test_validate_does_what_the_table_says(example, checkouts):
         assert any(line.startswith(f"error: examples/{example}:") for line in errors), errors
 
 
-def test_reward_example_is_refused_at_its_stage_line(checkouts):
-    example, value, reason = "qwen3_lora_reward.yaml", "rm", "reward-model training is not implemented"
-    failed = pipeline("validate", f"examples/train_lora/{example}", cwd=checkouts["qwen"], expect=2)
-    assert f"error: examples/train_lora/{example}:6:8: stage: given '{value}'" in failed.stderr
-    assert reason in failed.stderr and "Traceback" not in failed.stderr
-
-
 def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice(checkouts):
     """use_galore (an optimizer not here) is the one error, at its line; galore_rank & co. say they only matter
     with it. A multimodal template says so instead of suggesting the text template of a similar name."""
@@ -141,8 +134,17 @@ def assert_adapter_loads_in_peft(work: Path, example: str, base: Path, run: Path
     assert config["r"] == 8 and config["peft_type"] == "LORA"
     tensors = load_file(run / "adapter/adapter_model.safetensors")
     assert any(name.endswith("lora_B.weight") and value.abs().max() > 0 for name, value in tensors.items())  # trained
-    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), run / "adapter")
     ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
+    if config["task_type"] == "SEQ_CLS":  # stage rm: a reward model, its score at the last token (batch of one)
+        assert "reward" in example and config["modules_to_save"] == ["score"]
+        hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+        theirs = peft.PeftModel.from_pretrained(hf_base, run / "adapter")
+        with torch.no_grad():
+            want = theirs.eval()(ids).logits[:, 0]
+            got = trained_model(f"examples/{example}", work, overrides)(ids)[:, -1, 0]
+        assert torch.allclose(want, got, rtol=1e-5, atol=1e-5), (want, got)
+        return
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), run / "adapter")
     with torch.no_grad():
         want = theirs.eval()(ids).logits
         got = trained_model(f"examples/{example}", work, overrides)(ids)
@@ -156,6 +158,7 @@ TRAINED = [  # example, overrides beyond max_steps, its output_dir, the ZeRO sta
     ("train_lora/qwen3_lora_dpo.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/dpo", None),
     # the same for kto_en_demo (our 4 rows); per_device_train_batch_size 1 as the example: a KL estimate of one row
     ("train_lora/qwen3_lora_kto.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/kto", None),
+    ("train_lora/qwen3_lora_reward.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/reward", None),
     # cutoff_len=32: our demo c4_demo holds 362 train and 38 val tokens here, less than one 2,049-token window
     ("train_lora/qwen3_lora_pretrain.yaml", ["cutoff_len=32"], "saves/qwen3-4b/lora/pretrain", None),
     ("train_lora/qwen3_lora_sft_ds3.yaml", [], "saves/qwen3-4b/lora/sft", 3),

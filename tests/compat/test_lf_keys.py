@@ -36,13 +36,12 @@ def test_no_effect_keys_say_why():
 
 
 def test_lf_values_not_implemented_here_are_refused_with_the_reason(tmp_path):
-    """docs/coming-from-llama-factory.md promises `stage: rm`/`ppo` and `infer_backend: vllm|sglang|ktransformers`
+    """docs/coming-from-llama-factory.md promises `stage: ppo` and `infer_backend: vllm|sglang|ktransformers`
     "refused, with the reason in the message"; they got only "expected one of pt, sft, dpo"."""
     from tests.acceptance.harness import pipeline
 
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n", encoding="utf-8")
-    for override, reason in (("stage=rm", "reward-model training is not implemented here"),
-                             ("stage=ppo", "PPO (it needs a reward model) is not implemented here"),
+    for override, reason in (("stage=ppo", "PPO is not implemented here (stage rm trains the reward model"),
                              ("infer_backend=vllm", "vLLM is not available here"),
                              ("infer_backend=sglang", "SGLang is not available here"),
                              ("infer_backend=ktransformers", "KTransformers is not available here")):

@@ -165,8 +165,9 @@ def test_a_key_the_stage_honours_is_accepted(recipe, stage, key):
 
 
 def test_label_smoothing_is_for_pt_and_sft_and_below_one(recipe):
-    """label_smoothing_factor: pt and sft take it; dpo is refused with the reason (LLaMA-Factory's dpo ignores it;
-    its own key is dpo_label_smoothing); 0 <= eps < 1 (at 1 the target token would count for nothing)."""
+    """label_smoothing_factor: pt and sft take it; dpo, kto and rm are refused with the reason (LLaMA-Factory's
+    losses there ignore it; dpo's own key is dpo_label_smoothing); 0 <= eps < 1 (at 1 the target token would count
+    for nothing)."""
     for stage in ("pt", "sft"):
         assert resolve(recipe(f"stage: {stage}\nlabel_smoothing_factor: 0.1\n"))["label_smoothing_factor"] == 0.1
     assert resolve(recipe("stage: dpo\nlabel_smoothing_factor: 0.0\n"))["label_smoothing_factor"] == 0.0
@@ -174,8 +175,9 @@ def test_label_smoothing_is_for_pt_and_sft_and_below_one(recipe):
     assert len(messages) == 1 and messages[0].endswith(
         "label_smoothing_factor: given 0.1, but it has no meaning for stage: dpo (LLaMA-Factory's dpo ignores it too; "
         "use dpo_label_smoothing, dpo's own label smoothing (conservative DPO, pref_loss: sigmoid)); remove it"), messages
-    messages = errors(recipe("stage: kto\nlabel_smoothing_factor: 0.1\n"))
-    assert len(messages) == 1 and "KTO's loss has no label smoothing" in messages[0], messages
+    for stage, why in (("kto", "KTO's loss has no label smoothing"), ("rm", "the pairwise loss has no label smoothing")):
+        messages = errors(recipe(f"stage: {stage}\nlabel_smoothing_factor: 0.1\n"))
+        assert len(messages) == 1 and why in messages[0], messages
     for value in ("1.0", "-0.1"):
         messages = errors(recipe(f"label_smoothing_factor: {value}\n"))
         assert len(messages) == 1 and "label_smoothing_factor" in messages[0] and "< 1" in messages[0], messages
@@ -187,6 +189,8 @@ def test_label_smoothing_is_for_pt_and_sft_and_below_one(recipe):
     ("dpo", "kto_chosen_weight: 2.0\n", "kto_chosen_weight", "is a stage kto setting; remove it or set stage: kto"),
     ("sft", "kto_rejected_weight: 0.5\n", "kto_rejected_weight",
      "is a preference-tuning setting but stage is sft; remove it or set stage: kto"),
+    ("rm", "kto_chosen_weight: 2.0\n", "kto_chosen_weight",
+     "is a preference-tuning setting but stage is rm; remove it or set stage: kto"),
 ])
 def test_preference_keys_the_stage_never_reads_are_refused(recipe, stage, lines, key, words):
     """LLaMA-Factory's KTO trainer reads pref_beta, pref_ftx, ref_model and kto_*_weight only: the others would be
