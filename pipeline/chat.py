@@ -53,7 +53,7 @@ def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None) -> Weig
 def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     from pipeline.data.model_tokenizer import recipe_tokenizer
 
-    if r["stage"] == "rm":
+    if value(r, "stage") == "rm":
         where = r.origin("stage").where if hasattr(r, "origin") else "recipe key 'stage'"
         raise UserError(f"{where}: stage: rm trains a reward model: it scores a whole text (one number, the "
                         "transformers XForSequenceClassification output) and has no LM head to generate with, so "

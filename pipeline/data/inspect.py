@@ -79,9 +79,11 @@ def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
     tokenizer = recipe_tokenizer(data)
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
     kto = train.tags is not None
-    how = "summed" if kto else "summed; pref_loss ipo, orpo, simpo: averaged"
-    out = [f"stage {data.stage} · template {data.template} · cutoff_len {data.cutoff_len} · only the last response "
-           f"is scored", f"scored tokens (their log-probabilities {how}) are {mark}; {tokenizer.eos_text} is EOS "
+    scored = ("the reward model scores each sequence at its last token that is not the pad token"
+              if data.stage == "rm" else "only the last response is scored")
+    how = "their log-probabilities summed" + ("" if kto else "; pref_loss ipo, orpo, simpo: averaged")
+    out = [f"stage {data.stage} · template {data.template} · cutoff_len {data.cutoff_len} · {scored}",
+           f"response tokens ({'' if kto else 'dpo: '}{how}) are {mark}; {tokenizer.eos_text} is EOS "
            f"(id {tokenizer.eos_id})", ""]
     for i in range(min(num, len(train))):
         out.append(f"── {'row' if kto else 'pair'} {i + 1}/{min(num, len(train))} · {train.origins[i]}")

@@ -5,7 +5,7 @@
     DATASET_DIR=<dataset_dir>
     DATASETS=<dataset names, space separated>
     DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
-    STAGE=<pt|sft|dpo>
+    STAGE=<pt|sft|dpo|kto|rm>
     EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
     UPSTREAMS=<recipe:goal ...: every recipe in the same folder that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>

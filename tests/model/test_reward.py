@@ -106,3 +106,21 @@ def test_score_bias_would_not_learn():
     losses, _ = pairwise_loss(torch.tensor([0.3, -2.0]) + bias, torch.tensor([1.0, 0.4]) + bias)
     losses.mean().backward()
     assert float(bias.grad) == 0.0
+
+
+def test_the_new_head_trains_under_every_finetuning_type(reward):
+    """The score head starts random: LoRA trains it in full (modules_to_save), freeze beside its blocks, and plan's
+    trainable count says so."""
+    from pipeline.model.build import FinetuneArgs, apply_finetuning_type
+    from pipeline.model.config import freeze_trainable_names, trainable_params
+
+    _, base, _, _ = reward
+    cfg = read_config(base).replace(num_labels=1)
+    assert "score" in freeze_trainable_names(cfg, 1)
+    lora_only = trainable_params(cfg.replace(num_labels=0), "lora", 2, "all")
+    assert trainable_params(cfg, "lora", 2, "all") == lora_only + cfg.emb_dim  # + score (1 x hidden)
+    for kind in ("lora", "freeze", "full"):
+        ft = FinetuneArgs(kind, 2, 4, 0.0, "all", False, False, None, 1, None, 0)
+        model = apply_finetuning_type(load_model(base, cfg=cfg, seed=5), ft)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert "score.weight" in trained and not any(".lora" in n and "score" in n for n in trained), kind
