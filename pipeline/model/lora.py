@@ -646,6 +646,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
                 if pickled else "")
         raise UserError(f"{weights}: missing; an adapter directory holds {ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}"
                         f"{hint}")
+    if config.get("task_type") == "SEQ_CLS" and not is_reward_model(model):
+        raise UserError(f"{directory / ADAPTER_CONFIG}: a reward-model adapter (task_type SEQ_CLS: a score head, "
+                        "no LM head) on a language model; load it with stage: rm (docs/reward-models.md)")
     tensors = {key: tensor for _, key, tensor in read_tensors([weights])}
     existing = lora_modules(model)
     if existing:

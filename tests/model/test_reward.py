@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pipeline.model.config import read_config
-from pipeline.model.lora import apply_lora, save_adapter
+from pipeline.errors import UserError
+from pipeline.model.lora import apply_lora, load_adapter, save_adapter
 from pipeline.model.reward import SCORE_INIT_STD, last_token_index, pairwise_loss, sequence_scores
 from pipeline.model.weights import load_model, save_hf
 from tests.acceptance.harness import hf_model
@@ -82,6 +83,8 @@ def test_lora_adapter_loads_in_peft_as_seq_cls(reward, tmp_path):
     adapter = save_adapter(model, tmp_path / "adapter")
     config = __import__("json").loads((adapter / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    with pytest.raises(UserError, match="a reward-model adapter .* load it with stage: rm"):
+        load_adapter(load_model(base), adapter)  # onto the language model: said, not a missing-module error
     hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
                                                                               pad_token_id=PAD)
     peft = PeftModel.from_pretrained(hf_base, adapter).eval()
