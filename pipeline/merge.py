@@ -293,8 +293,10 @@ def _rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> flo
     non-finite value in got reaches d's max or min (or the mean), so the result says inf as before.
     """
     if got and got[0].shape[-1] == 1:  # a reward model's score per position: no softmax, so no shift to forgive
-        err = max(float((g - w).abs().max()) for g, w in zip(got, want))
-        return err / max(max(float(w.abs().max()) for w in want), 1e-12) if math.isfinite(err) else float("inf")
+        errors = [float((g - w).abs().max()) for g, w in zip(got, want)]
+        if not all(map(math.isfinite, errors)):  # max() of floats would pass over a nan
+            return float("inf")
+        return max(errors) / max(max(float(w.abs().max()) for w in want), 1e-12)
     err = scale = 0.0
     for g, w in zip(got, want):
         for gb, wb in zip(g.reshape(-1, g.shape[-1]).split(_ROWS), w.reshape(-1, w.shape[-1]).split(_ROWS)):

@@ -132,6 +132,14 @@ def test_the_logit_error_is_the_centred_relative_error_by_hand():
         assert merge._rel_error([got[0], broken], want) == float("inf")
 
 
+def test_a_reward_models_scores_are_compared_as_they_are():
+    """A reward model gives one score per position (T, 1): no softmax, so a shift is an error (centring one value
+    would make every error 0). Golden: max |got - want| / max |want| by hand."""
+    want = [torch.tensor([[1.0], [-4.0]]), torch.tensor([[2.0]])]
+    assert merge._rel_error([want[0] + 0.5, want[1]], want) == pytest.approx(0.5 / 4)
+    assert merge._rel_error([want[0], torch.tensor([[float("nan")]])], want) == float("inf")
+
+
 def test_update_below_bf16_resolution_is_refused():
     # B ~ 1e-7: in fp32 the weights move (|W| ~ 0.02, ulp ~ 2e-9) but bf16 (ulp ~ 1e-4) rounds them back
     merge.merge_verified(adapted_model(b_std=1e-7), SAMPLES, "fp32")  # fine in fp32
