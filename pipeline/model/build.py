@@ -52,7 +52,6 @@ class FinetuneArgs:
     """What the optimizer sees: finetuning_type and its LoRA / freeze settings, and a starting adapter."""
 
     finetuning_type: str
-    resize_vocab: bool  # LoRA: the embedding and the head train in full (additional_target, unless given)
     lora_rank: int
     lora_alpha: float | None  # None: pipeline.model.config.default_lora_alpha(rank)
     lora_dropout: float
@@ -65,6 +64,7 @@ class FinetuneArgs:
     seed: int
     pissa_init: bool = False  # LoRA starts from the base weights' principal singular vectors (lora.init_pissa)
     pissa_iter: int = 16      # its SVD: -1 exact, k >= 0 randomized with k power iterations (seeded by `seed`)
+    resize_vocab: bool = False  # LoRA: the embedding and the head train in full (additional_target, unless given)
 
 
 def recipe_config(args: ModelArgs) -> ModelConfig:
@@ -145,7 +145,8 @@ def lora_additional_targets(model: GPTModel, ft: FinetuneArgs) -> Sequence[str] 
     last name component, as LLaMA-Factory's adapter.py picks them): the new tokens' rows must train."""
     if ft.additional_target is not None or not ft.resize_vocab:
         return ft.additional_target
-    return [FAMILIES[model.cfg.family].to_hf(name).split(".")[-1] for name in ("embed_tokens", "lm_head")]
+    grown = ("embed_tokens",) if model.cfg.num_labels else ("embed_tokens", "lm_head")  # rm: score trains anyway
+    return [FAMILIES[model.cfg.family].to_hf(name).split(".")[-1] for name in grown]
 
 
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path | None = None) -> GPTModel:

@@ -127,3 +127,18 @@ def test_the_new_head_trains_under_every_finetuning_type(reward):
         model = apply_finetuning_type(load_model(base, cfg=cfg, seed=5), ft)
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         assert "score.weight" in trained and not any(".lora" in n and "score" in n for n in trained), kind
+
+
+def test_a_grown_vocabulary_under_rm_trains_the_embedding_beside_the_score_head(reward):
+    """new_special_tokens / resize_vocab with LoRA trains the embedding and the LM head in full (LLaMA-Factory); a
+    reward model has no LM head (score trains in full anyway), so only the embedding is added."""
+    from pipeline.model.build import FinetuneArgs, apply_finetuning_type, lora_additional_targets
+
+    family, base, _, _ = reward
+    cfg = read_config(base).replace(num_labels=1)
+    ft = FinetuneArgs("lora", 2, 4, 0.0, "all", False, False, None, 1, None, 0, resize_vocab=True)
+    embedding = {"gpt2": "wte", "llama": "embed_tokens"}[family]
+    assert lora_additional_targets(load_model(base, cfg=cfg, seed=5), ft) == [embedding]
+    model = apply_finetuning_type(load_model(base, cfg=cfg, seed=5), ft)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and ".lora" not in n}
+    assert trained == {"score.weight", "embed_tokens.weight"}, trained
