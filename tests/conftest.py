@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,23 @@ pytest_plugins = ["tests.strict_deps"]  # CI=true: a missing test dependency fai
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _one_share_of_the_cores() -> None:
+    """Under pytest-xdist (`make test`: two workers on two cores) each worker, and every process it starts, computes
+    on its share of the cores: torch's default, one thread per core in every worker, put 4 busy OpenMP threads on
+    2 cores, and their spin-waits made the in-process tests 2-4x slower (tests/model side by side in two
+    processes: 44-92 s with 2 threads each, 21-27 s with 1). An OMP_NUM_THREADS the caller set stands."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by torch when it starts, here and in subprocesses
+    if "torch" in sys.modules:  # already started (a plugin imported it): tell it directly
+        sys.modules["torch"].set_num_threads(threads)
+
+
+_one_share_of_the_cores()
 
 
 @pytest.fixture
