@@ -13,7 +13,8 @@ ATTEMPTS = 4
 
 def port_taken(output: str) -> bool:
     text = output.lower()
-    return "address already in use" in text or "eaddrinuse" in text
+    # the last: the launch's own check (pipeline.runtime.dist) found the port taken before torch tried to bind it
+    return "address already in use" in text or "eaddrinuse" in text or "is already in use on this machine" in text
 
 
 def run_on_free_port(command: Callable[[str], list[str]], **kwargs) -> subprocess.CompletedProcess:
