@@ -75,9 +75,9 @@ def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, score
     if pref.ref_model is None and folded_adapter is None and "base" in scores:
         return scores["base"]
     if pref.ref_model is not None:
-        from pipeline.model.weights import load_model
+        from pipeline.model.build import load_ref_model
 
-        model = load_model(pref.ref_model, seed=int(base.seed)).to(device).eval()
+        model = load_ref_model(pref.ref_model, base).to(device).eval()
     elif folded_adapter is not None:
         from pipeline.model.build import load_for_inference
         from pipeline.model.hub import resolve_model_path

@@ -116,6 +116,16 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     return model
 
 
+def load_ref_model(path: str, base: ModelArgs) -> GPTModel:
+    """ref_model (stage dpo / kto) as LLaMA-Factory's create_ref_model loads it, with the run's tokenizer: when
+    new_special_tokens grow the policy's embedding, the reference's grows too (the same rows from the same seed as
+    load_base's), so it scores the new ids, and a ref_model that is the base is the starting policy."""
+    model = load_model(path, seed=int(base.seed))
+    if (tokens := vocab_tokens(base)) is not None:
+        resize_vocab(model, tokens, seed=int(base.seed))
+    return model
+
+
 def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
     """The base model's fp32 tensors by our names, one at a time: a checkpoint's read from its files as they are
     asked for (the whole model is never in memory), a preset's from its seeded build (as load_base makes it), and so

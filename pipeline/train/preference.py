@@ -141,9 +141,9 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
     from pipeline.model.build import apply_finetuning_type, load_base
 
     if pref.ref_model is not None:
-        from pipeline.model.weights import load_model
+        from pipeline.model.build import load_ref_model
 
-        model = load_model(pref.ref_model, seed=int(models.model.seed))
+        model = load_ref_model(pref.ref_model, models.model)
         check_vocabulary(model, engine.module, pref.ref_model, models.model.model_name_or_path)
         description = f"ref_model {pref.ref_model}"
     else:
