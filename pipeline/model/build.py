@@ -16,13 +16,14 @@ import torch
 
 from pipeline.data.tokenizer import new_token_names
 from pipeline.errors import UserError
-from pipeline.model.config import PRESETS, ModelConfig, freeze_trainable_names, read_config
+from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, read_config, resized_vocab_size,
+                                   vocab_modules)
 from pipeline.model.families import FAMILIES
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
 from pipeline.model.rope_recipe import recipe_rope
-from pipeline.model.vocab import resize_vocab, resized_vocab_size
+from pipeline.model.vocab import resize_vocab
 from pipeline.model.weights import checkpoint_tensors, load_model, note
 
 KINDS = ("base", "adapter", "model", "merged")
@@ -155,8 +156,7 @@ def lora_additional_targets(model: GPTModel, ft: FinetuneArgs) -> Sequence[str] 
     last name component, as LLaMA-Factory's adapter.py picks them): the new tokens' rows must train."""
     if ft.additional_target is not None or not ft.resize_vocab:
         return ft.additional_target
-    grown = ("embed_tokens",) if model.cfg.num_labels else ("embed_tokens", "lm_head")  # rm: score trains anyway
-    return [FAMILIES[model.cfg.family].to_hf(name).split(".")[-1] for name in grown]
+    return [FAMILIES[model.cfg.family].to_hf(name).split(".")[-1] for name in vocab_modules(model.cfg)]
 
 
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path | None = None) -> GPTModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,6 +410,24 @@ def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None) -
     return [linears[n] for n in select_modules(lora_candidates(linears), targets, family=cfg.family)]
 
 
+PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64) (pipeline.model.vocab)
+
+
+def resized_vocab_size(rows: int, n_tokens: int) -> int:
+    """The embedding's row count once a tokenizer of `n_tokens` ids is in use: unchanged when they fit. Here, not in
+    pipeline.model.vocab (which grows the weights), so that plan counts the grown model without torch."""
+    if n_tokens <= rows:
+        return rows
+    return math.ceil(n_tokens / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
+
+
+def vocab_modules(cfg: ModelConfig) -> tuple[str, ...]:
+    """What resize_vocab trains in full beside LoRA when additional_target is not given: the input embedding and the
+    output head (LLaMA-Factory's adapter.py), one matrix when tied; a reward model has no LM head (its score head
+    trains anyway)."""
+    return ("embed_tokens",) if cfg.num_labels else ("embed_tokens", "lm_head")
+
+
 def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int) -> list[str]:
     """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm (and a reward model's
     new score head: it starts random)."""
@@ -442,9 +461,11 @@ def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | 
 
 def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
-                     additional_target: str | Iterable[str] | None = None, use_dora: bool = False) -> int:
+                     additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
+                     resize_vocab: bool = False) -> int:
     """How many parameters the optimizer updates (for plan's memory estimate and the trainable report); DoRA adds
-    one magnitude per output feature of each adapted layer."""
+    one magnitude per output feature of each adapted layer; resize_vocab (new_special_tokens that add a token) trains
+    vocab_modules in full under LoRA, unless additional_target names others."""
     if finetuning_type == "full":
         return count_params(cfg)
     if finetuning_type == "freeze":
@@ -454,6 +475,8 @@ def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
         lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0)
                    for m in lora_target_modules(cfg, lora_target))
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
+        if resize_vocab and additional_target is None:
+            extra = {m.name: m for m in layout(cfg) if m.name in vocab_modules(cfg)}
         if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:
             extra.pop("lm_head")
         extra.update({m.name: m for m in layout(cfg) if m.name == "score"})  # a reward model's head: always trained

@@ -6,7 +6,7 @@ LLaMA-Factory would train, so that losses and exports line up with a run there:
 - the embedding grows only when the tokenizer has more ids than it has rows (Qwen's 151,936 rows already
   hold room for new ids: then nothing is resized and those rows keep the checkpoint's values, as there);
 - the new size is padded up to a multiple of 64 (`resize_token_embeddings(len(tokenizer),
-  pad_to_multiple_of=64)`);
+  pad_to_multiple_of=64)`: pipeline.model.config.resized_vocab_size, which plan counts with);
 - every new row (the padding rows too) is the mean of the old rows plus Gaussian noise of std
   1/sqrt(emb_dim) (`_noisy_mean_initialization`, its default noise_init), in the input embedding and, when
   the head is not tied, in the output head (its own mean); a tied head stays the same matrix.
@@ -21,16 +21,8 @@ import math
 import torch
 from torch import nn
 
+from pipeline.model.config import resized_vocab_size
 from pipeline.model.gpt import GPTModel
-
-PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64)
-
-
-def resized_vocab_size(rows: int, n_tokens: int) -> int:
-    """The embedding's row count once a tokenizer of `n_tokens` ids is in use: unchanged when they fit."""
-    if n_tokens <= rows:
-        return rows
-    return math.ceil(n_tokens / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.model.config import GPTConfig, count_params, read_config, trainable_params
+from pipeline.model.config import GPTConfig, count_params, read_config, resized_vocab_size, trainable_params
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,31 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
         cfg = cfg.replace(context_length=values["context_length"])
     if values.get("stage") == "rm":  # the score head in place of lm_head (pipeline.model.build.recipe_config)
         cfg = cfg.replace(num_labels=1)
+    resize = bool(values.get("resize_vocab"))
+    if (tokenizer := _new_tokens_tokenizer(values)) is not None:  # the embedding grows as model.build grows it
+        cfg = cfg.replace(vocab_size=resized_vocab_size(cfg.vocab_size, tokenizer.n_vocab))
+        resize = resize or bool(tokenizer.new_tokens)
     try:
         total = int(count_params(cfg))
         trainable = int(trainable_params(cfg, values["finetuning_type"], values["lora_rank"], values["lora_target"],
                                          values["freeze_trainable_layers"], values.get("additional_target"),
-                                         bool(values.get("use_dora"))))
+                                         bool(values.get("use_dora")), resize_vocab=resize))
     except Exception:  # noqa: BLE001 - e.g. a lora_target matching nothing: the rules report it, plan shows "?"
         return None
     return total, trainable
+
+
+def _new_tokens_tokenizer(values: Mapping[str, Any]) -> Any:
+    """The recipe's tokenizer with its new_special_tokens added, when it sets some and the tokenizer is here (else
+    None: then the counts are the checkpoint's vocabulary, as far as it is known)."""
+    from pipeline.data.tokenizer import new_token_names
+
+    if not new_token_names(values.get("new_special_tokens")):
+        return None
+    try:
+        from pipeline.data.model_tokenizer import available_tokenizer
+        from pipeline.recipe.args import data_args
+
+        return available_tokenizer(data_args(values))
+    except Exception:  # noqa: BLE001 - e.g. a preset without tokenizer: the rules and the model stage report it
+        return None

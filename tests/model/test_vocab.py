@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.model.vocab import resize_vocab, resized_vocab_size
+from pipeline.model.config import resized_vocab_size
+from pipeline.model.vocab import resize_vocab
 from pipeline.model.weights import load_model
 from tests.acceptance.harness import hf_model
 

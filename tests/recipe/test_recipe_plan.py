@@ -150,3 +150,22 @@ def test_memory_dpo_counts_both_sides_of_a_pair_and_the_reference_copy(write, ex
     mem = estimate_memory(resolve("r.yaml"))
     assert mem.gpu["activations"] == round(ACT_PER_BYTE * 4 * 2 + LOGITS * 2)  # b = 2 x 8 sequences
     assert mem.gpu.get("reference") == reference
+
+
+@pytest.mark.parametrize("keys, vocab, trained", [
+    # two tokens past GPT-2's 50,257 ids: the tied embedding grows to 50,304 rows (a multiple of 64) and trains in
+    # full beside LoRA (LLaMA-Factory's resize_vocab: embed_tokens + lm_head, one matrix when tied)
+    ("new_special_tokens: <think>,</think>\n", 50304, 50304 * 64),
+    ("resize_vocab: true\n", 50257, 50257 * 64),  # no token added: the same rows, trained in full
+    ("new_special_tokens: <|endoftext|>\n", 50257, 0),  # a token the tokenizer has: nothing grows or trains
+    ("resize_vocab: true\nadditional_target: ln_f\n", 50257, 2 * 64),  # additional_target chooses instead
+    ("resize_vocab: true\nstage: rm\n", 50257, 50257 * 64 + 64),  # a reward model: the embedding and its score head
+])
+def test_memory_counts_what_new_special_tokens_train(write, keys, vocab, trained):
+    """plan's counts with new_special_tokens / resize_vocab under LoRA, by hand: they counted the adapter alone, so
+    a Llama 3 8B run's optimizer estimate left out 2 x 525M trained parameters."""
+    write("r.yaml", RECIPE + keys)
+    mem = estimate_memory(resolve("r.yaml"))
+    head = 64 if "stage: rm" in keys else 0  # rm: a score head (1 x 64); the LM head was the tied embedding
+    assert mem.params_total == TINY_PARAMS + (vocab - 50257) * 64 + head
+    assert mem.params_trainable == TINY_LORA_8 + trained
