@@ -37,7 +37,8 @@ def noisy_mean_rows(weight: torch.Tensor, old_rows: int, generator: torch.Genera
 
 @torch.no_grad()
 def resize_vocab(model: GPTModel, n_tokens: int, seed: int) -> int:
-    """Grow `model`'s embedding (and untied head) for a tokenizer of `n_tokens` ids; returns the new row count.
+    """Grow `model`'s embedding (and untied LM head; a reward model has none) for a tokenizer of `n_tokens` ids;
+    returns the new row count.
 
     The embedding first, then the untied head, each from one generator seeded by `seed` (LLaMA-Factory
     initialises them in that order). `model.cfg.vocab_size` follows, so exports write the new size."""
@@ -51,11 +52,12 @@ def resize_vocab(model: GPTModel, n_tokens: int, seed: int) -> int:
     noisy_mean_rows(embed, old, generator)
     model.embed_tokens.weight = nn.Parameter(embed, requires_grad=model.embed_tokens.weight.requires_grad)
     model.embed_tokens.num_embeddings = new
-    if not tied:
-        head = _grown(model.lm_head.weight, new)
-        noisy_mean_rows(head, old, generator)
-        model.lm_head.weight = nn.Parameter(head, requires_grad=model.lm_head.weight.requires_grad)
-    model.lm_head.out_features = new
+    if model.lm_head is not None:  # a reward model (stage rm) has none: its score head has no row per token
+        if not tied:
+            head = _grown(model.lm_head.weight, new)
+            noisy_mean_rows(head, old, generator)
+            model.lm_head.weight = nn.Parameter(head, requires_grad=model.lm_head.weight.requires_grad)
+        model.lm_head.out_features = new
     model.cfg = model.cfg.replace(vocab_size=new)
     model.tie_weights()
     return new

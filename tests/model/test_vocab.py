@@ -21,7 +21,7 @@ def golden(model, n_tokens: int):
     model.resize_token_embeddings(n_tokens, pad_to_multiple_of=64, mean_resizing=False)
     gen = torch.Generator().manual_seed(SEED)
     weights = [model.get_input_embeddings().weight]
-    if not model.config.tie_word_embeddings:
+    if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:  # a reward model: none
         weights.append(model.get_output_embeddings().weight)
     with torch.no_grad():
         for w in weights:
@@ -45,6 +45,27 @@ def test_resize_matches_transformers_and_llamafactory_init(tmp_path, family, tie
     ids = torch.tensor([[1, 131, 132, 5, 190]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_reward_model_grows_its_embedding_alone(tmp_path):
+    """Stage rm with new_special_tokens: transformers' XForSequenceClassification has no LM head, so only the
+    embedding grows (the rows a language model's embedding gets); resize_vocab set a missing lm_head's size."""
+    import transformers
+
+    from tests.acceptance.harness import FAMILIES
+
+    config = transformers.LlamaConfig(**{**FAMILIES["llama"].tiny, "vocab_size": 130, "num_labels": 1,
+                                         "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForSequenceClassification(config).eval()
+    theirs.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_model(tmp_path)
+    assert resize_vocab(ours, 133, seed=SEED) == 192 and ours.lm_head is None
+    golden(theirs, 133)
+    torch.testing.assert_close(ours.embed_tokens.weight, theirs.get_input_embeddings().weight)
+    ids = torch.tensor([[1, 131, 132, 5, 190]])
+    with torch.no_grad():  # one row without padding: transformers pools its last position
+        torch.testing.assert_close(ours(ids)[:, -1], theirs(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_no_resize_when_the_ids_fit():
