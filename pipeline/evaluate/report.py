@@ -122,7 +122,8 @@ def write(
         figures = {}
         if plot_metrics(metrics["results"], tmp / "metrics.png"):
             figures["metrics"] = "metrics.png"
-        if plot_loss_curves(run.trainer_log, metrics["results"], tmp / "loss_curves.png"):
+        if plot_loss_curves(run.trainer_log, metrics["results"], tmp / "loss_curves.png",
+                            smoothed=bool((metrics.get("training") or {}).get("label_smoothing_factor"))):
             figures["loss"] = "loss_curves.png"
         elif run.loss_plot.is_file():
             figures["loss"] = _relative(run.loss_plot, eval_dir)
@@ -171,8 +172,9 @@ def plot_metrics(results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
-    """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines."""
+def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path, smoothed: bool = False) -> bool:
+    """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines;
+    `smoothed`: training's losses are label-smoothed (label_smoothing_factor), which their legend says."""
     records = [rec for rec in read_log(log) if isinstance(rec, dict)]
     series: dict[str, tuple[list[float], list[float]]] = {}
     for rec in records:
@@ -180,6 +182,7 @@ def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: 
         if not isinstance(step, (int, float)):
             continue
         for key, label in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval (during training)")):
+            label += " (label-smoothed)" if smoothed else ""
             value = rec.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 xs, ys = series.setdefault(label, ([], []))
@@ -253,6 +256,9 @@ def _training_line(training: Mapping[str, Any]) -> str:
     for key, label in (("train_loss", "last train loss"), ("eval_loss", "last eval loss during training")):
         if isinstance(training.get(key), (int, float)):
             parts.append(f"{label} {training[key]:.4f}")
+    if training.get("label_smoothing_factor") and parts:  # the objective trained, not the table's cross-entropy
+        parts[-1] += (f" (both label-smoothed, label_smoothing_factor {training['label_smoothing_factor']:g}: the "
+                      "training objective, not the plain cross-entropy of the table above)")
     return ("Trained " + ", ".join(parts) + ".") if parts else ""
 
 

@@ -556,6 +556,8 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "train_loss": last.get("loss"),
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
+        # loss and eval_loss are then the smoothed objective (eval's report says so beside its plain cross-entropy)
+        **({"label_smoothing_factor": r["label_smoothing_factor"]} if r["label_smoothing_factor"] else {}),
         **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] or r["stage"] == "rm" else {}),
         "num_train_examples": loader.num_examples,
         "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)

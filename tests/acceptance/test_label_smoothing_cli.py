@@ -87,6 +87,8 @@ def test_a_label_smoothing_recipe_logs_transformers_smoothed_loss(tmp_path, monk
     first = next(e for e in log if "loss" in e and e["step"] == 1)
     evaluated = next(e for e in log if "eval_loss" in e)
     assert "eval_perplexity" not in evaluated, evaluated
+    results = json.loads((tmp_path / "saves/smooth/all_results.json").read_text())
+    assert results["label_smoothing_factor"] == EPS  # eval's report says its losses are smoothed
 
     monkeypatch.chdir(tmp_path)
     data = data_args(resolve(tmp_path / "smooth.yaml", [], command="train", env=cli_env(WORLD_SIZE="1")))

@@ -92,6 +92,16 @@ def test_write_sft_report(tmp_path):
             " last eval loss during training 3.9000.") in md
 
 
+def test_a_label_smoothed_runs_training_losses_say_so():
+    """label_smoothing_factor: training's loss and eval_loss are the smoothed objective (all_results.json records the
+    factor), the table's loss the plain cross-entropy; the report said "last eval loss during training" beside it
+    as if they were one quantity."""
+    training = {"global_step": 2, "train_loss": 3.5, "eval_loss": 3.9, "label_smoothing_factor": 0.1}
+    md = R.render_markdown({**_metrics(), "training": training}, None, {})
+    assert ("last eval loss during training 3.9000 (both label-smoothed, label_smoothing_factor 0.1: the training "
+            "objective, not the plain cross-entropy of the table above).") in md
+
+
 def test_png_files_are_images(tmp_path):
     R.write(tmp_path / "eval", _metrics(), R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED}))
     assert (tmp_path / "eval" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
