@@ -31,3 +31,11 @@ def wanted_reporters(report_to: Any) -> list[str]:
 
 
 PREFERENCE_STAGES = ("dpo", "kto")  # stages that score responses against a reference model (pref_beta, ref_model)
+REFERENCE_FREE = ("orpo", "simpo")  # stage dpo's pref_loss values that use no reference model
+DPO_LOSS_KEYS = ("pref_loss", "dpo_label_smoothing", "simpo_gamma")  # read by stage dpo's loss, never by kto's
+
+
+def uses_reference(stage: Any, pref_loss: Any) -> bool:
+    """Whether a stage scores against a reference model: dpo unless its pref_loss is reference-free, kto always
+    (its loss is KTO's, whatever pref_loss a dpo recipe it extends has left)."""
+    return stage == "kto" or (stage == "dpo" and pref_loss not in REFERENCE_FREE)

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.names import REFERENCE_FREE
+
 
 AVERAGED = ("ipo", "orpo", "simpo")  # losses on length-averaged log-probabilities
-REFERENCE_FREE = ("orpo", "simpo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 

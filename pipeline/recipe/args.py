@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
+from pipeline.names import DPO_LOSS_KEYS
 from pipeline.recipe import spec
 from pipeline.recipe.check import DERIVED_KEYS
 
@@ -190,8 +191,15 @@ def eval_args(r: Mapping[str, Any]) -> EvalArgs:
 
 
 def preference_args(r: Mapping[str, Any]) -> PreferenceArgs:
-    """Resolved recipe (or a plain dict in tests) -> PreferenceArgs for stage dpo's training and evaluation."""
-    return from_recipe(PreferenceArgs, r)
+    """Resolved recipe (or a plain dict in tests) -> PreferenceArgs for stage dpo's and kto's training and evaluation.
+
+    Under stage kto, dpo's loss keys (names.DPO_LOSS_KEYS) are their defaults whatever the recipe inherits: set in
+    the kto recipe itself they are refused (rules.pref_keys_need_dpo), but through extends a dpo recipe's
+    reference-free pref_loss (orpo) took kto's reference away."""
+    pref = from_recipe(PreferenceArgs, r)
+    if _value(r, "stage") != "kto":
+        return pref
+    return dataclasses.replace(pref, **{key: spec.defaults()[key] for key in DPO_LOSS_KEYS})
 
 
 def export_args(r: Mapping[str, Any]) -> ExportArgs:

@@ -35,7 +35,7 @@ from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.recipe.modelinfo import model_info, param_counts
 from pipeline.recipe.text import format_table
-from pipeline.names import PREFERENCE_STAGES
+from pipeline.names import uses_reference
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
 def reference_params(r: Resolved, total: int) -> int:
     """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's, or
     the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
-    if r["stage"] not in PREFERENCE_STAGES or r["pref_loss"] in ("orpo", "simpo"):
+    if not uses_reference(r["stage"], r["pref_loss"]):
         return 0
     if r["ref_model"] is not None:
         from pipeline.model.config import count_params

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from pipeline.data.args import ROW_FORMS, data_form
 from pipeline.errors import did_you_mean
-from pipeline.names import PREFERENCE_STAGES
+from pipeline.names import DPO_LOSS_KEYS, PREFERENCE_STAGES, REFERENCE_FREE, uses_reference
 from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.check import show
 from pipeline.recipe.load import Origin
@@ -141,7 +141,7 @@ def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
     elif v["adapter_name_or_path"]:
         why = (f"adapter_name_or_path is set ({v['adapter_name_or_path']}); an adapter you continue starts from its own"
                " values, so there is nothing for PiSSA to initialise: remove pissa_init or adapter_name_or_path")
-    elif v["ref_model"] is None and (v["stage"] == "kto" or v["stage"] == "dpo" and v["pref_loss"] not in REFERENCE_FREE):
+    elif v["ref_model"] is None and uses_reference(v["stage"], v["pref_loss"]):
         loss = f"stage dpo's pref_loss {v['pref_loss']}" if v["stage"] == "dpo" else "stage kto's loss"
         why = (f"{loss} scores against the model with its adapter off, which under PiSSA is the residual base, not the"
                " model you started from (LLaMA-Factory refuses PiSSA with a reference model too): set ref_model to the "
@@ -758,10 +758,6 @@ def checkpointing_switches_agree(ctx: Context) -> list[tuple[str, str]]:
 # --- preference tuning (stage dpo) -----------------------------------------------------------------
 
 PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
-REFERENCE_FREE = ("orpo", "simpo")
-
-
-DPO_ONLY = ("pref_loss", "dpo_label_smoothing", "simpo_gamma")  # stage kto's loss is KTO's, whatever these say
 KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 
 
@@ -773,7 +769,7 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
     stage = ctx.values["stage"]
     if stage == "kto":
         return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
-                      "kto_chosen_weight, kto_rejected_weight, ref_model); remove it") for key in DPO_ONLY
+                      "kto_chosen_weight, kto_rejected_weight, ref_model); remove it") for key in DPO_LOSS_KEYS
                 if ctx.set_here(key)]
     if stage == "dpo":
         return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]

@@ -59,3 +59,33 @@ def test_resume_continues_exactly_across_a_log_window(kto_recipe):
     assert [rec["step"] for rec in b if "loss" in rec] == [3, 4]
     for key in ("loss", *METRICS):
         assert [rec.get(key) for rec in b] == [rec.get(key) for rec in a], key
+
+
+def test_a_kto_recipe_extending_a_reference_free_dpo_one_keeps_its_reference(tmp_path, monkeypatch):
+    """pref_loss is dpo's key: set in a kto recipe it is refused, inherited through extends (a kto variant of an orpo
+    recipe) it is ignored, as LLaMA-Factory's KTO trainer ignores it. It was not: build_reference saw a reference-free
+    loss and gave KTO no reference (the first step called None), plan counted none and train's ZeRO-3 preflight
+    let a LoRA run through that cannot keep its starting embedding."""
+    from pipeline.errors import UserError
+    from pipeline.model.build import build_model
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import preference_args, recipe_args
+    from pipeline.recipe.plan import reference_params
+    from pipeline.train.preference import AdapterReference, build_reference
+    from pipeline.train.run import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "orpo.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nstage: dpo\n"
+                                        "pref_loss: orpo\nlora_rank: 2\n", encoding="utf-8")
+    (tmp_path / "kto.yaml").write_text("extends: orpo.yaml\nstage: kto\n", encoding="utf-8")
+    r = resolve("kto.yaml", [])
+    policy = build_model(*recipe_args(r))
+
+    class Engine:
+        module = policy
+
+    assert isinstance(build_reference(preference_args(r), recipe_args(r), Engine()), AdapterReference)
+    full = resolve("kto.yaml", ["finetuning_type=full"])
+    assert reference_params(full, 1000) == 1000  # a frozen copy of the policy
+    with pytest.raises(UserError, match="kto reference"):
+        preflight(resolve("kto.yaml", ["zero_stage=3", "resize_vocab=true"]))
