@@ -118,13 +118,12 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
 
 
 def load_ref_model(path: str, base: ModelArgs) -> GPTModel:
-    """ref_model (stage dpo / kto) as LLaMA-Factory's create_ref_model loads it, with the run's tokenizer: when
-    new_special_tokens grow the policy's embedding, the reference's grows too (the same rows from the same seed as
-    load_base's), so it scores the new ids, and a ref_model that is the base is the starting policy."""
-    model = load_model(path, seed=int(base.seed))
-    if (tokens := vocab_tokens(base)) is not None:
-        resize_vocab(model, tokens, seed=int(base.seed))
-    return model
+    """ref_model (stage dpo / kto) as LLaMA-Factory's create_ref_model loads it: with the run's model arguments
+    (ModelArguments.copyfrom) and tokenizer. So rope_scaling scales its positions as the policy's (a sequence past its
+    saved max_position_embeddings stopped the reference pass), and new_special_tokens grow its embedding with the
+    policy's rows (same seed): a ref_model that is the base is the starting policy."""
+    tokenizer = base.tokenizer_name_or_path or base.model_name_or_path
+    return load_base(replace(base, model_name_or_path=path, tokenizer_name_or_path=tokenizer), dropout=False)
 
 
 def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
