@@ -132,62 +132,55 @@ def test_a_continued_adapters_reference_has_the_base_additional_target_modules(t
     assert torch.equal(policy.norm.weight, sft.norm.weight)  # the policy keeps training the adapter's norm
 
 
-def test_a_ref_model_grows_as_the_policy_does(tmp_path):
-    """ref_model with new_special_tokens (dpo / kto): LLaMA-Factory loads the reference with the run's tokenizer and
-    resizes it too (create_ref_model copies the model arguments), so it scores the new ids. The reference of a
-    ref_model that is the base is then the starting policy. It was refused as another vocabulary (training), and
-    eval's reference (the same model.build.load_ref_model) indexed past its embedding."""
-    from pipeline.model.build import FinetuneArgs, ModelArgs, build_model, load_base
-    from pipeline.model.weights import load_model, save_hf
+def assert_ref_model_is_the_starting_policy(base, ref_model: Path, ids: torch.Tensor) -> None:
+    """build_reference with ref_model = the base checkpoint (full fine-tuning, a frozen reference) scores `ids` as
+    the starting policy does (load_base of the recipe's model keys)."""
+    from pipeline.model.build import FinetuneArgs, build_model, load_base
     from pipeline.recipe.args import PreferenceArgs, RecipeModel
-    from pipeline.train.preference import build_reference, token_nll
+    from pipeline.train.preference import build_reference
 
-    save_hf(load_model("tiny", seed=3), tmp_path / "ref")
-    base = ModelArgs("tiny", seed=3, dropout=0.0, context_length=None, qkv_bias=None, tie_word_embeddings=None,
-                     new_special_tokens="<think>,</think>")
     ft = FinetuneArgs("full", 4, None, 0.0, "all", False, False, None, 2, None, 3)
     policy = build_model(base, ft).eval()
 
     class Engine:
         module, device = policy, torch.device("cpu")
 
-    pref = PreferenceArgs("sigmoid", 0.1, 0.0, 0.0, 0.5, str(tmp_path / "ref"))
+    pref = PreferenceArgs("sigmoid", 0.1, 0.0, 0.0, 0.5, str(ref_model))
     reference = build_reference(pref, RecipeModel(base, ft), Engine())
-    new_ids = [50257, 50258]  # <think>, </think>: GPT-2's tokenizer has 50,257 ids
-    ids = torch.tensor([[464, 3290, *new_ids, 318, 257, 13]])
     batch = {"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1]), "labels": ids[:, 1:]}
     with torch.no_grad():
         expected = token_nll(load_base(base, dropout=False).eval(), batch)
     assert torch.equal(reference(batch), expected)
+
+
+def test_a_ref_model_grows_as_the_policy_does(tmp_path):
+    """ref_model with new_special_tokens (dpo / kto): LLaMA-Factory loads the reference with the run's tokenizer and
+    resizes it too (create_ref_model copies the model arguments), so it scores the new ids. The reference of a
+    ref_model that is the base is then the starting policy. It was refused as another vocabulary (training), and
+    eval's reference (the same model.build.load_ref_model) indexed past its embedding."""
+    from pipeline.model.build import ModelArgs
+    from pipeline.model.weights import save_hf
+
+    save_hf(load_model("tiny", seed=3), tmp_path / "ref")
+    base = ModelArgs("tiny", seed=3, dropout=0.0, context_length=None, qkv_bias=None, tie_word_embeddings=None,
+                     new_special_tokens="<think>,</think>")
+    new_ids = [50257, 50258]  # <think>, </think>: GPT-2's tokenizer has 50,257 ids
+    assert_ref_model_is_the_starting_policy(base, tmp_path / "ref", torch.tensor([[464, 3290, *new_ids, 318, 13]]))
 
 
 def test_a_ref_model_takes_the_recipes_rope_scaling(tmp_path):
     """rope_scaling with ref_model: LLaMA-Factory loads the reference with the run's model arguments, the scaling
     included, so it reads the inputs the policy reads. It was loaded as saved: a sequence longer than its
     max_position_embeddings stopped the reference pass (and eval's), a shorter one had other positions."""
-    from pipeline.model.build import FinetuneArgs, ModelArgs, build_model, load_base
-    from pipeline.recipe.args import PreferenceArgs, RecipeModel
-    from pipeline.train.preference import build_reference
+    from pipeline.model.build import ModelArgs
     from tests.acceptance.harness import hf_model
 
     hf_model("llama", max_position_embeddings=16, rope_scaling=None, vocab_size=512).save_pretrained(
         tmp_path / "base", safe_serialization=True)
     base = ModelArgs(str(tmp_path / "base"), seed=3, dropout=0.0, context_length=None, qkv_bias=None,
                      tie_word_embeddings=None, rope_scaling="linear", cutoff_len=24)
-    ft = FinetuneArgs("full", 4, None, 0.0, "all", False, False, None, 2, None, 3)
-    policy = build_model(base, ft).eval()
-
-    class Engine:
-        module, device = policy, torch.device("cpu")
-
-    pref = PreferenceArgs("sigmoid", 0.1, 0.0, 0.0, 0.5, str(tmp_path / "base"))
-    reference = build_reference(pref, RecipeModel(base, ft), Engine())
-    ids = torch.arange(3, 24).unsqueeze(0)  # 20 inputs: past the checkpoint's 16 positions
-    batch = {"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1]), "labels": ids[:, 1:]}
-    with torch.no_grad():
-        expected = token_nll(load_base(base, dropout=False).eval(), batch)
-    assert torch.equal(reference(batch), expected)
-
+    # 20 inputs: past the checkpoint's 16 positions
+    assert_ref_model_is_the_starting_policy(base, tmp_path / "base", torch.arange(3, 24).unsqueeze(0))
 
 def test_reference_free_losses_run_without_a_reference(dpo_recipe):
     result = train(dpo_recipe(name="orpo", pref_loss="orpo", per_device_train_batch_size=1, max_steps=1))
