@@ -71,10 +71,12 @@ def _new_tokens_tokenizer(values: Mapping[str, Any]) -> Any:
 
     if not new_token_names(values.get("new_special_tokens")):
         return None
-    try:
-        from pipeline.data.model_tokenizer import available_tokenizer
-        from pipeline.recipe.args import data_args
+    from types import SimpleNamespace
 
-        return available_tokenizer(data_args(values))
+    from pipeline.data.model_tokenizer import available_tokenizer
+
+    keys = ("model_name_or_path", "tokenizer_name_or_path", "new_special_tokens")  # what a tokenizer source reads
+    try:
+        return available_tokenizer(SimpleNamespace(**{key: values.get(key) for key in keys}))
     except Exception:  # noqa: BLE001 - e.g. a preset without tokenizer: the rules and the model stage report it
         return None
