@@ -173,10 +173,13 @@ def test_a_ref_model_takes_the_recipes_rope_scaling(tmp_path):
     included, so it reads the inputs the policy reads. It was loaded as saved: a sequence longer than its
     max_position_embeddings stopped the reference pass (and eval's), a shorter one had other positions."""
     from pipeline.model.build import ModelArgs
-    from tests.acceptance.harness import hf_model
+    from pipeline.model.config import PRESETS
+    from pipeline.model.gpt import GPTModel
+    from pipeline.model.weights import save_hf
 
-    hf_model("llama", max_position_embeddings=16, rope_scaling=None, vocab_size=512).save_pretrained(
-        tmp_path / "base", safe_serialization=True)
+    cfg = PRESETS["qwen2.5-0.5b"].replace(vocab_size=512, context_length=16, emb_dim=32, n_layers=1, n_heads=2,
+                                          n_kv_heads=1, ffn_dim=64)
+    save_hf(GPTModel(cfg, seed=0), tmp_path / "base")  # a Qwen2 checkpoint of 16 positions
     base = ModelArgs(str(tmp_path / "base"), seed=3, dropout=0.0, context_length=None, qkv_bias=None,
                      tie_word_embeddings=None, rope_scaling="linear", cutoff_len=24)
     # 20 inputs: past the checkpoint's 16 positions
