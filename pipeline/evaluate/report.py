@@ -33,14 +33,20 @@ LABELS = {
     "reward_margin": "mean reward margin",
     "reward_accuracy": "reward accuracy (%)",
     "pref_loss": "preference loss",
+    "kto_loss": "KTO loss (training's, the split as one batch)",
+    "reward_chosen": "mean reward of the desirable responses",
+    "reward_rejected": "mean reward of the undesirable responses",
+    "kl": "KL estimate",
     "pairwise_loss": "pairwise loss, −log σ(score chosen − score rejected)",
     "accuracy": "reward-model accuracy (%)",
     "score_margin": "mean score margin, chosen − rejected",
 }
 SHORT = {"exact_match": "EM", "f1": "F1", "rouge_l": "ROUGE-L", "bleu": "BLEU-4"}
-LOWER_IS_BETTER = {"loss", "perplexity", "pref_loss", "pairwise_loss"}
+LOWER_IS_BETTER = {"loss", "perplexity", "pref_loss", "pairwise_loss", "kto_loss", "reward_rejected"}
+NEITHER_BETTER = {"kl"}  # kto's KL estimate: a baseline of the loss, not a goal (its change gets no arrow)
 PERCENT = {"exact_match", "f1", "rouge_l", "bleu", "sentence_bleu", "preference_accuracy", "reward_accuracy", "accuracy"}
-FOUR_DIGITS = {"loss", "reward_margin", "pref_loss", "pairwise_loss", "score_margin"}
+FOUR_DIGITS = {"loss", "reward_margin", "pref_loss", "pairwise_loss", "score_margin", "kto_loss", "reward_chosen",
+               "reward_rejected", "kl"}
 PRIMARY = "f1"  # per-example score that ranks the examples shown in report.md
 EXAMPLES_PER_SECTION = 3
 MAX_SHOWN_CHARS = 800
@@ -219,7 +225,7 @@ def _fmt(key: str, value: Any) -> str:
 
 def _fmt_delta(key: str, value: float) -> str:
     text = f"{100 * value:+.1f}" if key in PERCENT else f"{value:+.4f}" if key in FOUR_DIGITS else f"{value:+.2f}"
-    if abs(value) < 1e-12:
+    if abs(value) < 1e-12 or key in NEITHER_BETTER:
         return text
     better = (value < 0) == (key in LOWER_IS_BETTER)
     return f"{text} {'▲' if better else '▼'}"
