@@ -33,7 +33,7 @@ LABELS = {
     "reward_margin": "mean reward margin",
     "reward_accuracy": "reward accuracy (%)",
     "pref_loss": "preference loss",
-    "kto_loss": "KTO loss (training's, the split as one batch)",
+    "kto_loss": "KTO loss, the split as one batch",
     "reward_chosen": "mean reward of the desirable responses",
     "reward_rejected": "mean reward of the undesirable responses",
     "kl": "KL estimate",
@@ -247,8 +247,13 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _training_line(training: Mapping[str, Any]) -> str:
-    """One sentence from all_results.json: how long training ran and where its losses ended."""
+# training's loss and eval_loss of a preference stage are its objective: the table's row of that name, not its "loss"
+OBJECTIVE_ROW = {"dpo": "pref_loss", "kto": "kto_loss"}
+
+
+def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str:
+    """One sentence from all_results.json: how long training ran and where its losses ended (which quantity they
+    are where the table's loss is another: a preference stage's objective, a label-smoothed loss)."""
     parts = []
     if training.get("global_step") is not None:
         steps = f"{training['global_step']} optimizer steps"
@@ -262,7 +267,10 @@ def _training_line(training: Mapping[str, Any]) -> str:
     for key, label in (("train_loss", "last train loss"), ("eval_loss", "last eval loss during training")):
         if isinstance(training.get(key), (int, float)):
             parts.append(f"{label} {training[key]:.4f}")
-    if training.get("label_smoothing_factor") and parts:  # the objective trained, not the table's cross-entropy
+    losses = any(isinstance(training.get(key), (int, float)) for key in ("train_loss", "eval_loss"))
+    if stage in OBJECTIVE_ROW and losses:
+        parts[-1] += f" (stage {stage}'s objective: the table's {LABELS[OBJECTIVE_ROW[stage]]}, not its loss)"
+    if training.get("label_smoothing_factor") and losses:  # the objective trained, not the table's cross-entropy
         parts[-1] += (f" (both label-smoothed, label_smoothing_factor {training['label_smoothing_factor']:g}: the "
                       "training objective, not the plain cross-entropy of the table above)")
     return ("Trained " + ", ".join(parts) + ".") if parts else ""
@@ -389,7 +397,7 @@ def render_markdown(
     training = info.get("training") or {}
     if training or "loss" in figures:
         out += ["## Training", ""]
-        line = _training_line(training)
+        line = _training_line(training, info.get("stage"))
         if line:
             out += [line, ""]
         if "loss" in figures:

@@ -104,13 +104,18 @@ def test_a_label_smoothed_runs_training_losses_say_so():
 
 def test_a_kto_report_shows_the_numbers_its_text_names():
     """Stage kto's paragraph explains reward_chosen, reward_rejected, kl and kto_loss (metrics.json's keys, from
-    evaluate.preference.kto_summary), but the table showed none of them: no label, so no row."""
+    evaluate.preference.kto_summary), but the table showed none of them: no label, so no row. And the training line's
+    eval loss is that KTO loss, not the table's loss (the desirable responses' NLL)."""
     kto = {"kto_loss": 0.5, "reward_chosen": 0.0, "reward_rejected": 0.0, "reward_margin": 0.0, "kl": 0.0}
     tuned = {"kto_loss": 0.25, "reward_chosen": 0.75, "reward_rejected": -0.5, "reward_margin": 1.25, "kl": 0.125}
     results = {"base": {**R.model_summary(30.0, 10, BASE, REFS), **kto},
                "tuned": {**R.model_summary(20.0, 10, TUNED, REFS), **tuned}}
-    md = R.render_markdown({**_metrics(), "stage": "kto", "results": results, "delta": R.deltas(results)}, None, {})
-    assert "| KTO loss (training's, the split as one batch) | 0.5000 | 0.2500 | -0.2500 ▲ |" in md
+    training = {"global_step": 2, "eval_loss": 0.25}
+    md = R.render_markdown({**_metrics(), "stage": "kto", "results": results, "delta": R.deltas(results),
+                            "training": training}, None, {})
+    assert ("last eval loss during training 0.2500 (stage kto's objective: the table's KTO loss, the split as one "
+            "batch, not its loss).") in md
+    assert "| KTO loss, the split as one batch | 0.5000 | 0.2500 | -0.2500 ▲ |" in md
     assert "| mean reward of the desirable responses | 0.0000 | 0.7500 | +0.7500 ▲ |" in md
     assert "| mean reward of the undesirable responses | 0.0000 | -0.5000 | -0.5000 ▲ |" in md  # lower is better
     assert "| KL estimate | 0.0000 | 0.1250 | +0.1250 |" in md  # neither way is better
