@@ -1,5 +1,6 @@
 """Stage rm in the trainer (in-process, the tiny preset): full fine-tuning under ZeRO-3 resumes exactly, the score
-head included (the CLI path with LoRA and the exports: tests/acceptance/test_rm_cli.py)."""
+head included; LoRA with new_special_tokens trains and merges (the CLI path with LoRA and the exports:
+tests/acceptance/test_rm_cli.py)."""
 from __future__ import annotations
 
 import pytest
@@ -33,3 +34,26 @@ def test_full_zero3_resume_continues_exactly(dpo_recipe, make_recipe):  # noqa: 
     want, got = (load_file(run.output_dir / "model" / "model.safetensors") for run in (straight, resumed))
     assert "score.weight" in want and "lm_head.weight" not in want
     assert all(want[k].equal(got[k]) for k in want)
+
+
+def test_lora_with_new_special_tokens_trains_and_merges(dpo_recipe, make_recipe, monkeypatch):  # noqa: F811
+    """new_special_tokens under stage rm: the embedding grows (a reward model has no LM head to grow: the resize
+    stopped on it), trains beside the score head, and merged/ is a GPT2ForSequenceClassification of the grown
+    vocabulary whose tokenizer files give the new ids."""
+    import transformers
+
+    from pipeline import merge
+
+    r = make_recipe({**BASE_RM, "finetuning_type": "lora", "lora_rank": 2, "zero_stage": 0, "max_steps": 1,
+                     "warmup_steps": 0, "dropout": 0.0, "eval_steps": None, "new_special_tokens": "<think>,</think>"},
+                    name="rm_tokens")
+    result = train(r)
+    saved = load_file(result.output_dir / "adapter" / "adapter_model.safetensors")
+    assert saved["base_model.model.transformer.wte.weight"].shape == (50304, 64)  # 50,259 ids, a multiple of 64
+    monkeypatch.chdir(result.output_dir.parent.parent)
+    merge.run(r)
+    merged = result.output_dir / "merged"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(merged)
+    assert model.config.architectures == ["GPT2ForSequenceClassification"] and model.config.vocab_size == 50304
+    assert transformers.AutoTokenizer.from_pretrained(merged).convert_tokens_to_ids(["<think>", "</think>"]) == \
+        [50257, 50258]
