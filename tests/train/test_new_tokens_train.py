@@ -22,4 +22,3 @@ def test_dpo_zero3_refuses_what_trains_the_embedding_in_full(tmp_path, monkeypat
         return
     with pytest.raises(UserError, match="with resize_vocab or new_special_tokens: the embedding and the head"):
         preflight(r)
-
