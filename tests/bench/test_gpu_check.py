@@ -71,6 +71,7 @@ def test_dry_run_recipes_resolve_for_every_precision_and_stage(tmp_path):
                           "gpt2-small-fp16-zero3"}
     assert names["gpt2-small-fp16-zero2"]["status"] == "skipped"  # this machine has no CUDA
     assert names["gpt2-small-bf16-zero2-b64"]["batch"] == 64  # the throughput run, planned and resolved too
+    assert "save_only_model: true" in (work / "recipes" / "gpt2-small-bf16-zero2-b64.yaml").read_text()
     unpacked = names["gpt2-small-bf16-zero2-lora-unpacked-b16"]  # the packing comparison's runs, resolved too
     assert unpacked["lora"] and unpacked["packing"] == "none" and unpacked["steps"] == gpu_check.PACKING_STEPS
     assert "gpt2-small-bf16-zero2-lora-neat-b16" in names  # sized from the data once the unpacked run has run
@@ -240,11 +241,12 @@ def test_script_offline_wheels(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_end_to_end_writes_one_json(tmp_path):
-    """The whole check on a CPU with a tiny model: runs, figures, merge verification, the JSON."""
+    """The whole check on a CPU with a tiny model: runs, figures, merge verification, the JSON. The throughput run
+    (the matrix's train_run at its own batch) is left out for the suite's time: its recipe is the dry run's test."""
     out = tmp_path / "g.json"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--models", "tiny", "--precisions",
-                           "bf16,fp16", "--zero", "2", "--steps", "6", "--batch", "2", "--throughput-batch", "4",
-                           "--packing-batches", "4",
+                           "bf16,fp16", "--zero", "2", "--steps", "6", "--batch", "2",
+                           "--only", "tests,matrix,merge,packing", "--packing-batches", "4",
                            "--cutoff", "96", "--out", str(out), "--workdir", str(tmp_path / "w")], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
@@ -259,9 +261,7 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     assert profile["steps"] == [5, 6] and profile["wall_ms_per_step"] > 0 and profile["top_cpu"]
     assert len(ok["extra"]["timed_tokens_per_s"]) == 2 and ok["tokens_per_s"] > 0
     assert profile["device_busy_share"] is None  # no GPU
-    wide = runs["tiny-bf16-zero2-b4"]  # the throughput run, at its own batch
-    assert wide["status"] == "ok" and wide["batch"] == 4 and wide["tokens_per_s"] > 0
-    assert "save_only_model: true" in (tmp_path / "w" / "recipes" / "tiny-bf16-zero2-b4.yaml").read_text()
+    assert "tiny-bf16-zero2-b4" not in runs  # --only: no throughput run (the packing runs are named -b4 too)
     merge = result["merge"][0]
     assert merge["status"] == "ok" and merge["verification"] is not None
     tests = result["tests"]  # the CUDA-only tests ran, and skip themselves here, saying why

@@ -181,15 +181,20 @@ def test_example_trains_and_its_adapter_loads_in_peft(tmp_path, models, example,
     assert_adapter_loads_in_peft(work, example, models[family(example)], run, used)
 
 
-@pytest.mark.slow  # ~10 s: trains one step and generates through the CLI
+@pytest.mark.slow  # ~7 s: builds and generates through the CLI
 def test_nlg_eval_example_predicts_with_the_loraplus_adapter_once_told_not_to_train(tmp_path, models):
     """LLaMA-Factory's do_train defaults to false, ours to true, and `dataset` is required here: the example is
     refused (the table), and with do_train=false and a dataset it evaluates the adapter on its eval_dataset. The
     train split of `dataset` (7 rows of identity) is smaller than its batch of 8, which does not matter when
-    nothing trains."""
+    nothing trains. The adapter at the loraplus example's output_dir is written by PEFT, as a user's adapter from
+    elsewhere would be (training that example is test_example_trains_and_its_adapter_loads_in_peft's)."""
+    import peft
+    import transformers
+
     work = lf_checkout(tmp_path, str(models["llama"]))
-    pipeline("build", "examples/extras/loraplus/llama3_lora_sft.yaml", cwd=work)
-    pipeline("train", "examples/extras/loraplus/llama3_lora_sft.yaml", "max_steps=1", cwd=work)
+    base = transformers.AutoModelForCausalLM.from_pretrained(models["llama"])
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    peft.get_peft_model(base, config).save_pretrained(work / "saves/llama3-8b/lora/sft")
     predict = ["examples/extras/nlg_eval/llama3_lora_predict.yaml", "do_train=false", "dataset=identity",
                "max_new_tokens=4"]  # max_new_tokens: test time
     pipeline("build", *predict, cwd=work)

@@ -9,7 +9,7 @@ After a kill, nothing visible is corrupt: a built dataset is the old or the new 
 checkpoint that passes its sha256 manifest is byte-for-byte the uninterrupted run's checkpoint of that step;
 adapter/ and merged/ exist only complete. Recovering as a user would (build again; resume_from_checkpoint=
 latest, or start over when no checkpoint exists; merge again) gives bitwise the uninterrupted run's weights
-and leaves no temp files. The default run does a few trials; `-m slow` does many.
+and leaves no temp files. The default run does a few trials; `-m slow` (CI) a few more, within the suite's time.
 """
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_training_killed_while_exporting_the_adapter_resumes_bitwise(trained: Re
 
 @pytest.mark.slow
 def test_training_killed_before_random_file_operations_resumes_bitwise(trained: Reference, tmp_path: Path):
-    for n in random.Random(SEED + 2).sample(range(1, len(trained.ops) + 1), 4):
+    for n in random.Random(SEED + 2).sample(range(1, len(trained.ops) + 1), 3):
         _train_trial(trained, tmp_path / f"op{n}", n)
 
 
@@ -225,10 +225,9 @@ def test_training_killed_from_outside_at_a_random_phase_resumes_bitwise(trained:
 
 
 @pytest.mark.slow
-def test_training_killed_from_outside_at_random_phases_resumes_bitwise(trained: Reference, tmp_path: Path):
+def test_training_killed_from_outside_at_another_random_phase_resumes_bitwise(trained: Reference, tmp_path: Path):
     rng = random.Random(SEED + 3)
-    for trial in range(2):
-        _outside_kill_trial(trained, tmp_path / f"t{trial}", rng)
+    _outside_kill_trial(trained, tmp_path / "t0", rng)  # one more draw than the default run's (~20 s a trial)
 
 
 def test_a_damaged_checkpoint_is_skipped_with_a_message_and_the_previous_one_used(trained: Reference,
@@ -279,7 +278,7 @@ def test_merge_killed_before_a_random_file_operation(merged: Reference, tmp_path
 @pytest.mark.slow
 def test_merge_killed_before_random_file_operations(merged: Reference, tmp_path: Path):
     window = merged.ops_in(".merged.tmp")
-    for n in random.Random(SEED + 4).sample(window, min(5, len(window))):
+    for n in random.Random(SEED + 4).sample(window, min(3, len(window))):
         _merge_trial(merged, tmp_path / f"op{n}", n)
 
 
