@@ -90,6 +90,10 @@ class Tokenizer:
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
     new_tokens: tuple[str, ...] = ()  # added by the recipe (new_special_tokens), not in the files: exports add them
     _ids: dict[str, int] = field(default_factory=dict, repr=False)
+    # with_special_tokens' results by their tokens: the build, the model, the skeleton and the export each ask for the
+    # recipe's tokenizer, and a new tiktoken Encoding of a 128k vocabulary costs ~0.1 s each time (init=False: a
+    # derived tokenizer starts with its own)
+    _derived: dict[tuple[str, ...], "Tokenizer"] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ids", dict(self.encoding._special_tokens))
@@ -174,7 +178,12 @@ class Tokenizer:
         checkpoint named here is recognised in any text from now on, as transformers does with every added token:
         a recipe that starts from a run's merged/ (whose files hold the tokens as special) and names the same
         new_special_tokens encodes its data as the first run did."""
-        named = list(dict.fromkeys(tokens))
+        named = tuple(dict.fromkeys(tokens))
+        if named not in self._derived:
+            self._derived[named] = self._with_special_tokens(named)
+        return self._derived[named]
+
+    def _with_special_tokens(self, named: tuple[str, ...]) -> Tokenizer:
         new = [t for t in named if not self.present(t)]
         known = {t for t in named if t in self._ids} - self.added
         if not new and not known:
