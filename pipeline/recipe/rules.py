@@ -262,7 +262,10 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
                         "dpo": "dpo scores the responses only; the prompt is never part of the loss",
                         "kto": "kto scores the responses only; the prompt is never part of the loss",
                         "rm": "rm scores each whole sequence at its last token; no token is a label"},
-    "mask_history": {"pt": "pt has no conversation turns"},
+    "mask_history": {"pt": "pt has no conversation turns",
+                     "dpo": "dpo always scores the last response only, the history being the prompt",
+                     "kto": "kto always scores the last response only, the history being the prompt",
+                     "rm": "rm scores each whole sequence at its last token; no token is a label"},
     # LLaMA-Factory wires its ComputeAccuracy into the sft workflow only, and ignores the key elsewhere
     "compute_accuracy": {"pt": "token accuracy is computed for stage sft only, as in LLaMA-Factory; pt's evaluation "
                                "reports eval_loss and eval_perplexity",

@@ -149,6 +149,9 @@ def test_offload_optimizer_needs_zero(recipe):
     ("dpo", "train_on_prompt", "dpo scores the responses only; the prompt is never part of the loss"),
     ("pt", "train_on_prompt", "pt has no prompt: every token is trained"),
     ("pt", "mask_history", "pt has no conversation turns"),
+    ("dpo", "mask_history", "dpo always scores the last response only, the history being the prompt"),
+    ("kto", "mask_history", "kto always scores the last response only, the history being the prompt"),
+    ("rm", "mask_history", "rm scores each whole sequence at its last token; no token is a label"),
     ("kto", "packing", "a kto row is scored with its own KL sequence, never packed"),
 ])
 def test_a_key_the_stage_would_ignore_is_refused(recipe, stage, key, why):
@@ -158,9 +161,9 @@ def test_a_key_the_stage_would_ignore_is_refused(recipe, stage, key, why):
         f"{key}: given true, but it has no meaning for stage: {stage} ({why}); remove it"), messages
 
 
-@pytest.mark.parametrize("stage,key", [("dpo", "mask_history"), ("pt", "packing"), ("sft", "train_on_prompt")])
+@pytest.mark.parametrize("stage,key", [("sft", "mask_history"), ("pt", "packing"), ("sft", "train_on_prompt")])
 def test_a_key_the_stage_honours_is_accepted(recipe, stage, key):
-    """dpo scores the last response only (mask_history's meaning); pt concatenates documents anyway."""
+    """sft trains the last turn only with mask_history; pt concatenates documents anyway."""
     assert resolve(recipe(f"stage: {stage}\n{key}: true\n"))[key] is True
 
 
