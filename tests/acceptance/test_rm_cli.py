@@ -1,4 +1,4 @@
-"""Stage rm as a user drives it: a transformers-written Llama, LLaMA-Factory ranking data (alpaca and sharegpt
+"""Stage rm as a user drives it: a transformers-written Llama or GPT-2, LLaMA-Factory ranking data (alpaca and sharegpt
 forms) and an LLaMA-Factory-style recipe (stage: rm, finetuning_type: lora), `python -m pipeline build / train /
 merge` (eval and generate's refusal in-process), then merged/ loaded by transformers' AutoModelForSequenceClassification and adapter/ by PEFT on it.
 Golden values: transformers' scores of the val pairs and the pairwise loss computed from them by hand."""
@@ -47,13 +47,19 @@ def in_workdir(workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.tensor([ids + [pad] * (width - len(ids)) for ids in side]) for side in sides)
 
 
-def test_rm_train_merge_eval_loads_in_transformers_and_peft(workdir, hf_checkpoint):
+@pytest.mark.parametrize("family,checkpoint,template,architecture", [
+    ("llama", {"small_vocab": True}, "llama3", "LlamaForSequenceClassification"),
+    ("gpt2", {}, "alpaca", "GPT2ForSequenceClassification"),  # a tied head, no pad token of its own
+], ids=["llama", "gpt2"])
+def test_rm_train_merge_eval_loads_in_transformers_and_peft(workdir, hf_checkpoint, family, checkpoint, template,
+                                                            architecture):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     write_ranking_data(workdir / "data")
-    base = hf_checkpoint("llama", small_vocab=True)
-    harness.write_recipe(workdir / "rm.yaml", RM, model_name_or_path=str(base), output_dir="saves/rm", plot_loss=True)
+    base = hf_checkpoint(family, **checkpoint)
+    harness.write_recipe(workdir / "rm.yaml", {**RM, "template": template}, model_name_or_path=str(base),
+                         output_dir="saves/rm", plot_loss=True)
     for command in ("build", "train", "merge"):
         harness.pipeline(command, "rm.yaml", cwd=workdir)
     out = workdir / "saves" / "rm"
@@ -63,7 +69,7 @@ def test_rm_train_merge_eval_loads_in_transformers_and_peft(workdir, hf_checkpoi
     results = json.loads((out / "all_results.json").read_text())
 
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
-    assert merged.config.architectures == ["LlamaForSequenceClassification"] and merged.config.num_labels == 1
+    assert merged.config.architectures == [architecture] and merged.config.num_labels == 1
     pad = merged.config.pad_token_id
     chosen, rejected = in_workdir(workdir)  # padded with the tokenizer's pad id, which must be config.json's
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
