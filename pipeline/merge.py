@@ -255,7 +255,7 @@ def validation_samples(data: DataArgs, context_length: int) -> list[list[int]]:
             if data.stage == "pt":
                 stream = pt_stream(data, split)
                 samples = [stream[i * limit:(i + 1) * limit].tolist() for i in range(NUM_SAMPLES)]
-            elif data.form in ("dpo", "kto"):  # dpo, rm: the chosen sequences; kto: the examples, not the KL ones
+            elif data.paired:  # dpo, rm: the chosen sequences; kto: the examples, not the KL ones
                 from pipeline.data.loaders import tokenized_pair_split
 
                 examples = tokenized_pair_split(data, split).chosen

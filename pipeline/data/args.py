@@ -24,6 +24,9 @@ PAIRWISE_STAGES = ("dpo", "rm")
 
 
 ROW_FORMS = ("sft", "dpo", "kto")  # forms built as rows that training counts one by one (pt cuts text into windows)
+# forms whose every row is two sequences scored in one forward: dpo's chosen and rejected (stages dpo and rm), kto's
+# example and its KL sequence; both are tokenized as pairs (loaders.tokenized_pair_split) and batched by pair_loader
+PAIRED_FORMS = ("dpo", "kto")
 
 
 def data_form(stage: str) -> str:
@@ -71,6 +74,11 @@ class DataArgs:
     def form(self) -> str:
         """data_form(stage): what the rows are (a dpo or rm recipe reads preference pairs)."""
         return data_form(self.stage)
+
+    @property
+    def paired(self) -> bool:
+        """Whether each row is two sequences (PAIRED_FORMS): counted, batched and sampled as pairs."""
+        return self.form in PAIRED_FORMS
 
     def chat_template(self) -> "Template":
         """The recipe's template, its default system prompt replaced when default_system is set: what every

@@ -66,7 +66,7 @@ def _policy_line(split: str, examples: TokenizedSplit | TokenizedPairs, data: Da
 def inspect(data: DataArgs, num: int = 3) -> str:
     """The report of `inspect`: `num` samples rendered as the recipe's stage trains them, and the lengths."""
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    show = {"pt": inspect_pt, "dpo": inspect_dpo, "kto": inspect_dpo}.get(data.form, inspect_sft)
+    show = inspect_dpo if data.paired else inspect_pt if data.form == "pt" else inspect_sft
     return show(data, max(0, num), color)
 
 

@@ -288,7 +288,7 @@ def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
     order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked."""
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
-    loader = {"pt": pt_loader, "dpo": pair_loader, "kto": pair_loader}.get(data.form, sft_loader)(data, split, **kwargs)
+    loader = (pair_loader if data.paired else pt_loader if data.form == "pt" else sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
     return loader
 
@@ -306,7 +306,7 @@ def count_examples(data: DataArgs) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
     if data.stage == "pt":
         return {s: len(pt_windows(len(pt_stream(data, s)), data.cutoff_len, pt_stride(data))) for s in ("train", "val")}
-    if data.form in ("dpo", "kto"):
+    if data.paired:
         return {s: len(tokenized_pair_split(data, s)) for s in ("train", "val")}
     if packing_enabled(data):
         return {s: len(sft_packs(data, s)) for s in ("train", "val")}

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.data.args import data_form
+from pipeline.data.args import PAIRED_FORMS, data_form
 from pipeline.recipe.args import data_args
 from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
@@ -71,7 +71,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
 
-    pairs = 2 if data_form(r["stage"]) in ("dpo", "kto") else 1  # dpo, rm: chosen + rejected; kto: + KL, one forward
+    pairs = 2 if data_form(r["stage"]) in PAIRED_FORMS else 1  # dpo, rm: chosen + rejected; kto: + KL, one forward
     b, h, L = r["per_device_train_batch_size"] * pairs, info.n_embd, info.n_layer
     V = 1 if r["stage"] == "rm" else info.vocab_size  # rm: one score per position, no vocabulary logits
     per_block = activation_bytes(info.config, s, b, w)
