@@ -165,9 +165,15 @@ def feedback_logps(token_nll: torch.Tensor, labels: torch.Tensor, desirable: tor
     return FeedbackLogps(pairs.chosen, pairs.rejected, pairs.chosen_tokens, desirable.bool())
 
 
+def kl_gaps(policy: FeedbackLogps, reference: FeedbackLogps) -> torch.Tensor:
+    """pi_KL - ref_KL per row, detached: the terms every KL estimate averages (kl_term over a micro-batch, training's
+    KtoObjective.global_kl over every rank's rows)."""
+    return (policy.kl - reference.kl).detach()
+
+
 def kl_term(policy: FeedbackLogps, reference: FeedbackLogps) -> torch.Tensor:
-    """This micro-batch's KL estimate before the mean over ranks and the clamp: mean of pi_KL - ref_KL, detached."""
-    return (policy.kl - reference.kl).mean().detach()
+    """This micro-batch's KL estimate before the mean over ranks and the clamp: the mean of its kl_gaps."""
+    return kl_gaps(policy, reference).mean()
 
 
 def kto_loss(policy: FeedbackLogps, reference: FeedbackLogps, kl: torch.Tensor | float, cfg: KtoConfig

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.model import head_loss
-from pipeline.model.preference import KTO_METRICS, FeedbackLogps, feedback_logps, kto_loss, kto_means, pair_logps, \
+from pipeline.model.preference import KTO_METRICS, FeedbackLogps, feedback_logps, kl_gaps, kto_loss, kto_means, pair_logps, \
     preference_loss
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
@@ -254,10 +254,11 @@ class KtoObjective(PreferenceObjective):
     def global_kl(policy: FeedbackLogps, reference: FeedbackLogps) -> float:
         """The KL estimate over every rank's micro-batch (a collective: every rank calls it, even with no rows): the
         mean of pi_KL - ref_KL over all their rows, which is TRL's mean of the ranks' means when, as in training,
-        every rank holds as many rows."""
+        every rank holds as many rows. Not kl_term times the rows: a rank left without rows (eval) adds 0, not NaN,
+        and the sum is not rounded through a mean."""
         from pipeline.runtime import dist
 
-        total, rows = dist.all_sum([float((policy.kl - reference.kl).detach().sum()), float(len(policy.kl))])
+        total, rows = dist.all_sum([float(kl_gaps(policy, reference).sum()), float(len(policy.kl))])
         return total / max(rows, 1.0)
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
