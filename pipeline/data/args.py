@@ -67,6 +67,10 @@ class DataArgs:
     disable_shuffling: bool
     dataloader_num_workers: int
     new_special_tokens: str | Sequence[str] | None  # added to the tokenizer (model_tokenizer.recipe_tokenizer)
+    # the other keys that add tokens (pipeline.data.added_tokens)
+    add_tokens: str | Sequence[str] | None = None
+    add_special_tokens: str | Sequence[str] | None = None
+    new_special_tokens_config: str | None = None
     # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from pipeline.data.tokenizer import Tokenizer, gpt2, new_token_names
+from pipeline.data.tokenizer import Tokenizer, gpt2
 from pipeline.data.tokenizer_files import read_tokenizer
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS
@@ -68,13 +68,16 @@ def _source(args: HasModel) -> tuple[str, str]:
 def recipe_tokenizer(args: HasModel) -> Tokenizer:
     """The recipe's tokenizer: tokenizer_name_or_path of a DataArgs (pipeline.recipe.deps.tokenizer_source), else the
     tokenizer of the base model (model_name_or_path of a DataArgs or ModelArgs), with the group's
-    new_special_tokens added (every stage encodes and decodes with the same ids)."""
+    add_tokens and new_special_tokens added (every stage encodes and decodes with the same ids)."""
     return with_new_tokens(load_tokenizer(*_source(args)), args)
 
 
 def with_new_tokens(tokenizer: Tokenizer, args: object) -> Tokenizer:
-    """`tokenizer` with the new_special_tokens of an argument group (DataArgs, ModelArgs) added."""
-    return tokenizer.with_special_tokens(new_token_names(getattr(args, "new_special_tokens", None)))
+    """`tokenizer` with the tokens of an argument group (DataArgs, ModelArgs) added (pipeline.data.added_tokens)."""
+    from pipeline.data.added_tokens import TokenNames
+
+    names = TokenNames.of(args)
+    return tokenizer.with_tokens(names.plain, names.special)
 
 
 def available_tokenizer(args: HasModel) -> Tokenizer | None:

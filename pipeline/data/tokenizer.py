@@ -88,12 +88,12 @@ class Tokenizer:
     added: frozenset[str] = frozenset()  # added, not special: recognised in any text (Qwen3's <think>)
     nfc: bool = False  # the checkpoint normalises text to NFC first (Qwen2)
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
-    new_tokens: tuple[str, ...] = ()  # added by the recipe (new_special_tokens), not in the files: exports add them
+    new_tokens: tuple[str, ...] = ()  # added by the recipe (with_tokens), not in the files: exports add them
     _ids: dict[str, int] = field(default_factory=dict, repr=False)
-    # with_special_tokens' results by their tokens: the build, the model, the skeleton and the export each ask for the
+    # with_tokens' results by their tokens: the build, the model, the skeleton and the export each ask for the
     # recipe's tokenizer, and a new tiktoken Encoding of a 128k vocabulary costs ~0.1 s each time (init=False: a
     # derived tokenizer starts with its own)
-    _derived: dict[tuple[str, ...], "Tokenizer"] = field(default_factory=dict, init=False, repr=False)
+    _derived: dict[tuple[tuple[str, ...], ...], "Tokenizer"] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_ids", dict(self.encoding._special_tokens))
@@ -168,22 +168,28 @@ class Tokenizer:
         return token in self._ids or token.encode() in self.encoding._mergeable_ranks
 
     def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
-        """This tokenizer with `tokens` added as special tokens, new ids from n_vocab up in the given order, as
-        transformers' add_tokens(tokens, special_tokens=True) numbers them (LLaMA-Factory's new_special_tokens).
+        """This tokenizer with `tokens` added as special tokens (with_tokens)."""
+        return self.with_tokens((), tokens)
 
-        Unlike the checkpoint's own specials, which stay literal in user text, the new tokens are recognised in
+    def with_tokens(self, plain: Sequence[str], special: Sequence[str]) -> Tokenizer:
+        """This tokenizer with a recipe's tokens added, new ids from n_vocab up, as LLaMA-Factory adds them with
+        transformers: add_tokens(plain, special_tokens=False) first (the recipe's add_tokens), then add_tokens(special,
+        special_tokens=True) (new_special_tokens and its other spellings: pipeline.data.added_tokens), each in order.
+
+        Unlike the checkpoint's own specials, which stay literal in user text, every new token is recognised in
         any text (`added`), as the Hugging Face tokenizer matches every added token: a "<think>" in the training
-        data is the new id. Being special, decode(skip_special=True) drops them, as skip_special_tokens does.
-        Tokens already present (`present`) keep their ids (the recipe's notice says so); a special token of the
-        checkpoint named here is recognised in any text from now on, as transformers does with every added token:
-        a recipe that starts from a run's merged/ (whose files hold the tokens as special) and names the same
-        new_special_tokens encodes its data as the first run did."""
-        named = tuple(dict.fromkeys(tokens))
-        if named not in self._derived:
-            self._derived[named] = self._with_special_tokens(named)
-        return self._derived[named]
+        data is the new id. decode(skip_special=True) drops the special ones and keeps the plain ones, as
+        skip_special_tokens does. Tokens already present (`present`) keep their ids (the recipe's notice says so);
+        a special token of the checkpoint named here is recognised in any text from now on, as transformers does
+        with every added token: a recipe that starts from a run's merged/ (whose files hold the tokens) and names
+        the same tokens encodes its data as the first run did."""
+        key = (tuple(dict.fromkeys(plain)), tuple(dict.fromkeys(special)))
+        if key not in self._derived:
+            self._derived[key] = self._with_tokens(*key)
+        return self._derived[key]
 
-    def _with_special_tokens(self, named: tuple[str, ...]) -> Tokenizer:
+    def _with_tokens(self, plain: tuple[str, ...], special: tuple[str, ...]) -> Tokenizer:
+        named = tuple(dict.fromkeys((*plain, *special)))  # a name in both: added once, plain (added first there)
         new = [t for t in named if not self.present(t)]
         known = {t for t in named if t in self._ids} - self.added
         if not new and not known:
@@ -193,12 +199,13 @@ class Tokenizer:
             specials = {**self.encoding._special_tokens, **{t: self.n_vocab + i for i, t in enumerate(new)}}
             encoding = tiktoken.Encoding(name=self.encoding.name, pat_str=self.encoding._pat_str,
                                          mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
-        return dataclasses.replace(self, encoding=encoding, special=self.special | set(new),
+        return dataclasses.replace(self, encoding=encoding, special=self.special | {t for t in new if t not in plain},
                                    added=self.added | set(new) | known, new_tokens=self.new_tokens + tuple(new))
 
 
 def new_token_names(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """new_special_tokens as LLaMA-Factory reads it: a comma-separated string (or a list), each name stripped.
+    """add_tokens / new_special_tokens as LLaMA-Factory reads them: a comma-separated string (or a list), each name
+    stripped.
     An empty name stays "" here: the recipe's check (pipeline.recipe.rules) reports it."""
     if value is None:
         return ()

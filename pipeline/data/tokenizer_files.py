@@ -333,14 +333,16 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
 # ---------------------------------------------------------------- tokens a recipe adds
 
 def write_new_tokens(directory: Path, tokenizer: Tokenizer) -> None:
-    """The tokenizer files copied into `directory` (an export) given the recipe's new_special_tokens, as
-    transformers' save_pretrained writes tokens that add_tokens(..., special_tokens=True) added: an entry in
-    tokenizer.json's added_tokens and in tokenizer_config.json's added_tokens_decoder, each with its id. Then
-    AutoTokenizer on the export encodes them to the ids training used."""
+    """The tokenizer files copied into `directory` (an export) given the tokens the recipe adds, as transformers'
+    save_pretrained writes tokens that add_tokens added: an entry in tokenizer.json's added_tokens and in
+    tokenizer_config.json's added_tokens_decoder, each with its id; a special one (add_tokens(...,
+    special_tokens=True)) not normalized, a plain one (special_tokens=False) normalized. Then AutoTokenizer on the
+    export encodes them to the ids training used."""
     if not tokenizer.new_tokens:
         return
     entries = {token: {"id": tokenizer.token_id(token), "content": token, "single_word": False, "lstrip": False,
-                       "rstrip": False, "normalized": False, "special": True} for token in tokenizer.new_tokens}
+                       "rstrip": False, "normalized": token not in tokenizer.special,
+                       "special": token in tokenizer.special} for token in tokenizer.new_tokens}
     path = directory / "tokenizer.json"
     listed: list[dict[str, Any]] = []
     if path.is_file():

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from pipeline.data.tokenizer import new_token_names
+from pipeline.data.added_tokens import DESCRIBED, TokenNames
 from pipeline.errors import UserError
 from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, read_config, resized_vocab_size,
                                    vocab_modules)
@@ -23,7 +23,7 @@ from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
 from pipeline.model.rope_recipe import recipe_rope
-from pipeline.model.vocab import resize_vocab
+from pipeline.model.vocab import Described, resize_vocab
 from pipeline.model.weights import checkpoint_tensors, load_model, note
 
 KINDS = ("base", "adapter", "model", "merged")
@@ -44,6 +44,10 @@ class ModelArgs:
     # tokens the recipe adds to the tokenizer: the embedding grows to hold them (pipeline.model.vocab), and
     # where the tokenizer comes from (the recipe's tokenizer_name_or_path, else model_name_or_path)
     new_special_tokens: str | Sequence[str] | None = None
+    add_tokens: str | Sequence[str] | None = None  # the other keys that add tokens (pipeline.data.added_tokens)
+    add_special_tokens: str | Sequence[str] | None = None
+    new_special_tokens_config: str | None = None
+    init_special_tokens: str = "noise_init"  # the new rows: noise_init, desc_init, desc_init_w_noise (model.vocab)
     tokenizer_name_or_path: str | None = None
     stage: str = "sft"               # rm: a reward model, the score head in place of lm_head (pipeline.model.reward)
 
@@ -88,12 +92,31 @@ def recipe_config(args: ModelArgs) -> ModelConfig:
 
 
 def vocab_tokens(args: ModelArgs) -> int | None:
-    """How many ids the recipe's tokenizer has once its new_special_tokens are added; None when it adds none."""
-    if not new_token_names(args.new_special_tokens):
+    """How many ids the recipe's tokenizer has once its tokens are added (pipeline.data.added_tokens); None when it
+    adds none."""
+    if not TokenNames.of(args):
         return None
     from pipeline.data.model_tokenizer import recipe_tokenizer
 
     return recipe_tokenizer(args).n_vocab
+
+
+def described_rows(args: ModelArgs) -> Described | None:
+    """init_special_tokens desc_init / desc_init_w_noise: each new special token of new_special_tokens_config with
+    its description's ids, as LLaMA-Factory's tokenizer(description, add_special_tokens=False) gives them (every
+    added token recognised; no BOS), the new tokens' ids left out. None for noise_init or without a config
+    (LLaMA-Factory then falls back to noise_init; the recipe's notice says so)."""
+    names = TokenNames.of(args)
+    if args.init_special_tokens not in DESCRIBED or not names.descriptions:
+        return None
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+
+    tokenizer = recipe_tokenizer(args)
+    new = {token: tokenizer.token_id(token) for token in tokenizer.new_tokens}
+    left_out = set(new.values())
+    rows = {new[token]: tuple(i for i in tokenizer.encode_special(text) if i not in left_out)
+            for token, text in names.descriptions.items() if token in new}
+    return Described(rows, noise=args.init_special_tokens == "desc_init_w_noise")
 
 
 def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = torch.float32) -> GPTModel:
@@ -111,9 +134,13 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
         return load_model(name, seed=args.seed, cfg=cfg, dtype=dtype)
     model = load_model(name, seed=args.seed, cfg=cfg.replace(vocab_size=read_config(name).vocab_size), dtype=dtype)
     old = model.cfg.vocab_size
-    if resize_vocab(model, tokens, seed=args.seed) != old:
-        note(f"model: embedding resized for new_special_tokens: {old} -> {model.cfg.vocab_size} rows (a multiple "
+    described = described_rows(args)
+    if resize_vocab(model, tokens, seed=args.seed, described=described) != old:
+        note(f"model: embedding resized for the added tokens: {old} -> {model.cfg.vocab_size} rows (a multiple "
              "of 64, as LLaMA-Factory pads; new rows: the mean of the old ones + noise)")
+    if described is not None and described.rows:
+        note(f"model: {len(described.rows)} new token rows from their descriptions (init_special_tokens: "
+             f"{args.init_special_tokens})")
     return model
 
 

@@ -13,10 +13,22 @@ LLaMA-Factory would train, so that losses and exports line up with a run there:
 
 The noise is drawn from a generator seeded by the recipe's seed, so a rebuild gives the same rows (a
 resumed run, the base an adapter is loaded onto).
+
+init_special_tokens desc_init / desc_init_w_noise (`Described`: new_special_tokens_config's descriptions) then
+write the described new tokens' rows as LLaMA-Factory's `_description_based_initialization` (main branch, which
+places them by token id; 0.9.5 wrote them by position from the end of the grown rows and dropped description tokens
+at ids >= len(tokenizer) - the padded growth): in the input embedding and then in an untied head, each row the mean
+of the INPUT embedding's rows of its description's tokens (LLaMA-Factory reads model.get_input_embeddings() for the
+head too), the new tokens' ids left out; a description with no other token takes the mean of that matrix's rows
+other than the new ones. desc_init_w_noise adds N(0, 1) / sqrt(dim) noise to each row, drawn after the growth's
+noise from the same generator, embedding rows first. The rows are written whether or not the embedding grew (main;
+Qwen's spare rows). Tokens the tokenizer already had keep their rows.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -35,18 +47,36 @@ def noisy_mean_rows(weight: torch.Tensor, old_rows: int, generator: torch.Genera
     weight[old_rows:] = (mean + noise).to(weight.dtype)
 
 
+@dataclass(frozen=True)
+class Described:
+    """init_special_tokens desc_init (noise False) or desc_init_w_noise (True): the described new tokens' ids,
+    each with its description's token ids (the new tokens' ids left out), in the config's order."""
+
+    rows: Mapping[int, tuple[int, ...]]
+    noise: bool = False
+
+
 @torch.no_grad()
-def resize_vocab(model: GPTModel, n_tokens: int, seed: int) -> int:
-    """Grow `model`'s embedding (and untied LM head; a reward model has none) for a tokenizer of `n_tokens` ids;
-    returns the new row count.
+def resize_vocab(model: GPTModel, n_tokens: int, seed: int, described: Described | None = None) -> int:
+    """Grow `model`'s embedding (and untied LM head; a reward model has none) for a tokenizer of `n_tokens` ids,
+    then write the `described` rows; returns the new row count.
 
     The embedding first, then the untied head, each from one generator seeded by `seed` (LLaMA-Factory
     initialises them in that order). `model.cfg.vocab_size` follows, so exports write the new size."""
+    generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    old = model.embed_tokens.weight.size(0)
+    new = _grow(model, n_tokens, generator)
+    if described is not None and described.rows:
+        _describe(model, described, old, generator)
+    return new
+
+
+def _grow(model: GPTModel, n_tokens: int, generator: torch.Generator) -> int:
+    """The growth of resize_vocab: rows padded to 64, each the noisy mean of the old rows."""
     old = model.embed_tokens.weight.size(0)
     new = resized_vocab_size(old, n_tokens)
     if new == old:
         return old
-    generator = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     tied = model.cfg.tie_weights
     embed = _grown(model.embed_tokens.weight, new)
     noisy_mean_rows(embed, old, generator)
@@ -61,6 +91,26 @@ def resize_vocab(model: GPTModel, n_tokens: int, seed: int) -> int:
     model.cfg = model.cfg.replace(vocab_size=new)
     model.tie_weights()
     return new
+
+
+def _describe(model: GPTModel, described: Described, old: int, generator: torch.Generator) -> None:
+    """The described rows of the embedding, then of an untied head (LLaMA-Factory's _description_based_initialization
+    on each): the mean of the input embedding's rows of the description's tokens, else of the matrix's rows before
+    the growth other than the new tokens' (its fallback); plus noise when asked."""
+    embed = model.embed_tokens.weight
+    matrices = [embed]
+    if model.lm_head is not None and not model.cfg.tie_weights:
+        matrices.append(model.lm_head.weight)
+    for weight in matrices:
+        kept = torch.ones(old, dtype=torch.bool, device=weight.device)
+        kept[[i for i in described.rows if i < old]] = False
+        fallback = weight[:old][kept].float().mean(dim=0)
+        scale = 1.0 / math.sqrt(weight.size(1))
+        for token, ids in described.rows.items():
+            row = embed[list(ids)].float().mean(dim=0) if ids else fallback
+            if described.noise:
+                row = row + torch.randn(row.shape, generator=generator, device=weight.device) * scale
+            weight[token] = row.to(weight.dtype)
 
 
 def _grown(weight: torch.Tensor, rows: int) -> torch.Tensor:

@@ -248,7 +248,9 @@ def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
     from pipeline.model.build import FinetuneArgs, ModelArgs
 
     model, finetune = from_recipe(ModelArgs, r), from_recipe(FinetuneArgs, r)
-    if _value(r, "new_special_tokens") is None:
+    from pipeline.data.added_tokens import TokenNames
+
+    if not TokenNames.of(r):
         return RecipeModel(model, finetune)
     data = data_args(r)  # the tokenizer the data is encoded with gives the new ids: the model's must be the same
     model = dataclasses.replace(model, tokenizer_name_or_path=data.tokenizer_name_or_path)
@@ -256,7 +258,8 @@ def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
 
 
 def adds_tokens(data: DataArgs) -> bool:
-    """Whether new_special_tokens gives the tokenizer a token it did not have (LLaMA-Factory then sets resize_vocab)."""
+    """Whether the recipe gives the tokenizer a token it did not have (add_tokens, new_special_tokens, ...:
+    LLaMA-Factory then sets resize_vocab)."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
 
     return bool(recipe_tokenizer(data).new_tokens)

@@ -65,18 +65,17 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
 
 
 def _new_tokens_tokenizer(values: Mapping[str, Any]) -> Any:
-    """The recipe's tokenizer with its new_special_tokens added, when it sets some and the tokenizer is here (else
-    None: then the counts are the checkpoint's vocabulary, as far as it is known)."""
-    from pipeline.data.tokenizer import new_token_names
-
-    if not new_token_names(values.get("new_special_tokens")):
-        return None
+    """The recipe's tokenizer with its tokens added, when it adds some and the tokenizer is here (else None: then
+    the counts are the checkpoint's vocabulary, as far as it is known)."""
     from types import SimpleNamespace
 
+    from pipeline.data.added_tokens import TOKEN_KEYS, TokenNames
     from pipeline.data.model_tokenizer import available_tokenizer
 
-    keys = ("model_name_or_path", "tokenizer_name_or_path", "new_special_tokens")  # what a tokenizer source reads
+    keys = ("model_name_or_path", "tokenizer_name_or_path", *TOKEN_KEYS)  # what a tokenizer source reads
     try:
+        if not TokenNames.of(values):
+            return None
         return available_tokenizer(SimpleNamespace(**{key: values.get(key) for key in keys}))
     except Exception:  # noqa: BLE001 - e.g. a preset without tokenizer: the rules and the model stage report it
         return None

@@ -97,41 +97,59 @@ def rope_scaling_notice(r: Any) -> str | None:
 
 
 def new_tokens_notices(r: Any) -> list[str]:
-    """new_special_tokens the tokenizer already has keep their ids (LLaMA-Factory's add_tokens skips them with a
-    warning), and with LoRA a grown vocabulary makes the embedding and the head train in full (its warning "Vocab
-    has been resized, add embed_tokens,lm_head to trainable params"): both said once, where the key was set."""
+    """Tokens the tokenizer already has keep their ids (LLaMA-Factory's add_tokens skips them with a warning), and
+    with LoRA a grown vocabulary makes the embedding and the head train in full (its warning "Vocab has been
+    resized, add embed_tokens,lm_head to trainable params"): both said once, where the key was set. As
+    LLaMA-Factory warns: new_special_tokens_config's tokens win over add_special_tokens, and init_special_tokens
+    desc_init without that config falls back to noise_init."""
+    from pipeline.data.added_tokens import DESCRIBED, SPECIAL_KEYS, TokenNames
     from pipeline.data.model_tokenizer import available_tokenizer
-    from pipeline.data.tokenizer import new_token_names
     from pipeline.recipe.args import data_args
 
     trains = ("LoRA trains the input embedding and the output head in full (saved as modules_to_save), as "
               "LLaMA-Factory does; set additional_target to choose other modules")
     lora_alone = r["finetuning_type"] == "lora" and r["additional_target"] is None
+    out = _token_source_notices(r, DESCRIBED, SPECIAL_KEYS)
     if r["resize_vocab"] and lora_alone and r.origin("resize_vocab").kind in ("file", "cli"):
         lora_alone = False  # said here, once
-        out = [f"notice: {r.origin('resize_vocab').where}: resize_vocab: {trains}"]
-    else:
-        out = []
-    names = [n for n in dict.fromkeys(new_token_names(r["new_special_tokens"])) if n]
+        out.append(f"notice: {r.origin('resize_vocab').where}: resize_vocab: {trains}")
+    names = TokenNames.of(r)
     if not names:
         return out
-    where = r.origin("new_special_tokens").where
-    data = data_args(r)
-    tokenizer = available_tokenizer(data)
+    tokenizer = available_tokenizer(data_args(r))
     if tokenizer is None:
         return out
-    out += [f"notice: {where}: new_special_tokens: {name!r} is already a token of the tokenizer (id "
+    special_key = next((k for k in ("new_special_tokens_config", *SPECIAL_KEYS) if r[k] is not None), SPECIAL_KEYS[0])
+    named = {**{n: "add_tokens" for n in names.plain if n}, **{n: special_key for n in names.special if n}}
+    out += [f"notice: {r.origin(key).where}: {key}: {name!r} is already a token of the tokenizer (id "
             f"{tokenizer.encode_special(name)[0]}); it keeps that id, as LLaMA-Factory skips it"
-            for name in names if name not in tokenizer.new_tokens]
+            for name, key in named.items() if name not in tokenizer.new_tokens]
     if tokenizer.new_tokens and lora_alone:
-        out.append(f"notice: {where}: new_special_tokens: tokens are added, so resize_vocab is on and {trains}")
+        key = special_key if any(n in tokenizer.new_tokens for n in names.special) else "add_tokens"
+        out.append(f"notice: {r.origin(key).where}: {key}: tokens are added, so resize_vocab is on and {trains}")
+    return out
+
+
+def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tuple[str, ...]) -> list[str]:
+    """What LLaMA-Factory warns about the keys that add special tokens: the config's tokens win over
+    add_special_tokens; a desc_ init without the config is noise_init."""
+    out = []
+    config = r["new_special_tokens_config"]
+    if config is not None:
+        out += [f"notice: {r.origin(key).where}: {key}: new_special_tokens_config ({config}) gives the special "
+                "tokens, so this list is not used (LLaMA-Factory warns and does the same)"
+                for key in special_keys if r[key] is not None]
+    elif r["init_special_tokens"] in described:
+        out.append(f"notice: {r.origin('init_special_tokens').where}: init_special_tokens: "
+                   f"{r['init_special_tokens']} reads the descriptions of new_special_tokens_config, which is not "
+                   "set; the new rows are noise_init's, as LLaMA-Factory falls back")
     return out
 
 
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
-    pissa_iter without pissa_init; what new_special_tokens did."""
+    pissa_iter without pissa_init; what the keys that add tokens did."""
     lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r))
     out = [line for line in lines if line]
     out += new_tokens_notices(r)

@@ -335,17 +335,49 @@ def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     return [("template", problem)] if problem else []
 
 
-@rule("new_special_tokens")
+@rule("add_tokens", "add_special_tokens", "new_special_tokens")
 def new_token_names_given(ctx: Context) -> list[tuple[str, str]]:
-    """Every name in new_special_tokens is a token: an empty one ("<think>,,</think>", a trailing comma) would add
-    the empty string, which transformers refuses mid-run; said up front instead."""
+    """Every name in add_tokens / add_special_tokens / new_special_tokens is a token: an empty one
+    ("<think>,,</think>", a trailing comma) would add the empty string, which transformers refuses mid-run; said up
+    front instead."""
     from pipeline.data.tokenizer import new_token_names
 
-    value = ctx.values.get("new_special_tokens")
-    if "" not in new_token_names(value):
+    return [(key, f"given {value!r}, which holds an empty token name; expected token names separated by commas "
+                  "(\"<think>,</think>\") or a list of them; remove the extra comma or empty entry")
+            for key in ("add_tokens", "add_special_tokens", "new_special_tokens")
+            if "" in new_token_names(value := ctx.values.get(key))]
+
+
+@rule("add_special_tokens", "new_special_tokens")
+def one_special_tokens_key(ctx: Context) -> list[tuple[str, str]]:
+    """add_special_tokens (LLaMA-Factory 0.9.3+) and new_special_tokens (its name up to 0.9.2) are one key: given
+    both, which list to add would be a guess."""
+    from pipeline.data.added_tokens import SPECIAL_KEYS
+
+    if any(ctx.values.get(key) is None for key in SPECIAL_KEYS):
         return []
-    return [("new_special_tokens", f"given {value!r}, which holds an empty token name; expected token names separated by commas "
-                                   "(\"<think>,</think>\") or a list of them; remove the extra comma or empty entry")]
+    later = max(SPECIAL_KEYS, key=ctx.sort_key)
+    other = next(key for key in SPECIAL_KEYS if key != later)
+    return [(later, f"given {ctx.values[later]!r} beside {other} ({ctx.values[other]!r}, {ctx.where(other)}): one key "
+                    "under two names (new_special_tokens is LLaMA-Factory's name up to 0.9.2, add_special_tokens "
+                    "from 0.9.3); keep one")]
+
+
+@rule("new_special_tokens_config")
+def token_config_readable(ctx: Context) -> list[tuple[str, str]]:
+    """new_special_tokens_config is a readable YAML file of token: description lines (pipeline.data.added_tokens
+    reads it again wherever the tokens are added)."""
+    from pipeline.data.added_tokens import read_descriptions
+    from pipeline.errors import UserError
+
+    path = ctx.values.get("new_special_tokens_config")
+    if path is None:
+        return []
+    try:
+        read_descriptions(path)
+    except UserError as err:
+        return [("new_special_tokens_config", message) for message in err.messages]
+    return []
 
 
 TOKENIZING = ("train", "eval", "generate", "inspect", "validate", "merge")  # the commands that need token ids

@@ -25,8 +25,9 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
+from pipeline.data.added_tokens import TokenNames
 from pipeline.runtime import deepspeed_compat, dist, hostmem
 from pipeline.runtime.layout import RunLayout
 
@@ -76,7 +77,7 @@ class Exporter:
     def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
                  tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None,
                  frozen: Callable[[set[str]], Mapping[str, Any]] | None = None,
-                 pissa_start: Mapping[str, Any] | None = None, new_tokens: Sequence[str] = ()):
+                 pissa_start: Mapping[str, Any] | None = None, new_tokens: TokenNames | None = None):
         """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
         their base tensors in fp32, where the base is what train built from (freeze); pissa_start: a PiSSA run's
         starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with."""
@@ -84,7 +85,7 @@ class Exporter:
         self.pissa_start = pissa_start
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
-        self.new_tokens = tuple(new_tokens)  # new_special_tokens: added to the exported tokenizer files
+        self.new_tokens = new_tokens or TokenNames()  # the recipe's added tokens: in the exported tokenizer files
         self._model: Any = None
 
     def target(self, directory: str | Path) -> Path:
@@ -194,14 +195,15 @@ def link_export(source: Path, target: Path) -> Path:
     return target
 
 
-def copy_tokenizer_files(model_name_or_path: Any, target: Path, new_tokens: Sequence[str] = ()) -> None:
+def copy_tokenizer_files(model_name_or_path: Any, target: Path, new_tokens: TokenNames | None = None) -> None:
     """The tokenizer files of the run (the base checkpoint's, or tokenizer_name_or_path's) beside model/, so that
     model/ (or the run's output_dir, as LLaMA-Factory's inference and merge recipes name it) works as
-    model_name_or_path with its own vocabulary; with the recipe's new_special_tokens added to them."""
+    model_name_or_path with its own vocabulary; with the tokens the recipe adds added to them."""
     from pipeline.data.model_tokenizer import load_tokenizer
     from pipeline.data.tokenizer_files import write_new_tokens
 
-    tokenizer = load_tokenizer(model_name_or_path).with_special_tokens(new_tokens)
+    names = new_tokens or TokenNames()
+    tokenizer = load_tokenizer(model_name_or_path).with_tokens(names.plain, names.special)
     for path in tokenizer.files:
         relative = path.name if path.parent.name != "original" else f"original/{path.name}"
         (target / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.model import lora
     from pipeline.model.build import base_as_built, base_subset, build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
-    from pipeline.data.tokenizer import new_token_names
+    from pipeline.data.added_tokens import TokenNames
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates
@@ -132,7 +132,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                         pissa_start=lora.pissa_start(model),
                         frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
                                 if base_as_built(*recipe_args(r)) else None),
-                        new_tokens=new_token_names(data_args(r).new_special_tokens))
+                        new_tokens=TokenNames.of(data_args(r)))
     saved = checkpoint.saved_recipe(r)
     resume_step = state.global_step if resume else None
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,

@@ -2,6 +2,8 @@
 against transformers' add_tokens(tokens, special_tokens=True) (how LLaMA-Factory adds them) and AutoTokenizer."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipeline.data.tokenizer import gpt2, new_token_names
@@ -98,3 +100,73 @@ def test_notices_say_which_tokens_were_there_and_what_lora_trains(tmp_path, monk
     assert [line for line in notices(resolve("r.yaml", [])) if "resize_vocab" in line] == [
         "notice: r.yaml:4:15: resize_vocab: LoRA trains the input embedding and the output head in full (saved as "
         "modules_to_save), as LLaMA-Factory does; set additional_target to choose other modules"]
+
+
+def test_add_tokens_are_plain_added_tokens_as_transformers_adds_them(qwen_dir, tmp_path):
+    """add_tokens then the special ones, as LLaMA-Factory's patch_tokenizer calls add_tokens(special_tokens=False)
+    then add_tokens(special_tokens=True): ids, encodings and decoding match transformers' tokenizer, the plain token
+    survives skip_special_tokens, and an export's files give AutoTokenizer the same tokenizer (plain: normalized,
+    not special, as save_pretrained writes it)."""
+    from pipeline.data.added_tokens import TokenNames
+    from pipeline.data.tokenizer_files import read_tokenizer
+    from pipeline.train.export import copy_tokenizer_files
+
+    plain = ["<note>", "two words"]
+    theirs = transformers.AutoTokenizer.from_pretrained(qwen_dir)
+    assert theirs.add_tokens(plain, special_tokens=False) == 2 and theirs.add_tokens(NEW, special_tokens=True) == 2
+    ours = read_tokenizer(qwen_dir).with_tokens(plain, NEW)
+    assert [ours.token_id(t) for t in plain + NEW] == theirs.convert_tokens_to_ids(plain + NEW)
+    text = "a<note>b two words <think>c</think>d"
+    ids = ours.encode(text)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special=skip) == theirs.decode(ids, skip_special_tokens=skip)
+    assert "<note>" in ours.decode(ids, skip_special=True) and "<think>" not in ours.decode(ids, skip_special=True)
+
+    copy_tokenizer_files(qwen_dir, tmp_path, TokenNames(tuple(plain), tuple(NEW)))
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert exported.convert_tokens_to_ids(plain + NEW) == theirs.convert_tokens_to_ids(plain + NEW)
+    assert exported.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    written = {e["content"]: e for e in json.loads((tmp_path / "tokenizer.json").read_text())["added_tokens"]}
+    assert [(written[t]["special"], written[t]["normalized"]) for t in plain + NEW] == [(False, True)] * 2 + [(True, False)] * 2
+    again = read_tokenizer(tmp_path).with_tokens(plain, NEW)  # a run from the export names the same tokens
+    assert again.new_tokens == () and again.encode(text) == ids
+
+
+def test_new_special_tokens_config_errors_name_the_file_and_line(tmp_path):
+    from pipeline.data.added_tokens import TokenNames, read_descriptions
+    from pipeline.errors import UserError
+
+    path = tmp_path / "tokens.yaml"
+    path.write_text('"<a>": the first\n"<b>": the second\n', encoding="utf-8")
+    names = TokenNames.of({"new_special_tokens_config": str(path), "add_special_tokens": "<c>", "add_tokens": "<p>"})
+    assert (names.plain, names.special, dict(names.descriptions)) == (
+        ("<p>",), ("<a>", "<b>"), {"<a>": "the first", "<b>": "the second"})
+    for text, expected in (("- <a>\n", ":1:1: expected a mapping of token: description lines"),
+                           ('"<a>": x\n"": y\n', ':2: token \'\': expected the token\'s text'),
+                           ('"<a>": x\n"<b>": 3\n', ":2: <b>: description 3; expected text"),
+                           ('"<a>": [x\n', ":2:1: invalid YAML")):
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(UserError) as err:
+            read_descriptions(str(path))
+        assert f"{path}{expected}" in str(err.value), str(err.value)
+    with pytest.raises(UserError, match="not found"):
+        read_descriptions(str(tmp_path / "missing.yaml"))
+
+
+def test_notices_for_add_tokens_and_a_desc_init_without_descriptions(tmp_path, monkeypatch):
+    """As LLaMA-Factory warns: desc_init without new_special_tokens_config is noise_init; a plain token already
+    there keeps its id (said at add_tokens' line)."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.notices import notices
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nadd_tokens: hello,<p>\n"
+                                     "init_special_tokens: desc_init\n", encoding="utf-8")
+    lines = [line for line in notices(resolve("r.yaml", [])) if "tokens" in line]
+    assert lines[:2] == [
+        "notice: r.yaml:5:22: init_special_tokens: desc_init reads the descriptions of new_special_tokens_config, "
+        "which is not set; the new rows are noise_init's, as LLaMA-Factory falls back",
+        "notice: r.yaml:4:13: add_tokens: 'hello' is already a token of the tokenizer (id 31373); it keeps that id, "
+        "as LLaMA-Factory skips it"], lines
+    assert lines[2].startswith("notice: r.yaml:4:13: add_tokens: tokens are added, so resize_vocab is on"), lines

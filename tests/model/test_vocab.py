@@ -1,5 +1,6 @@
 """Growing the vocabulary (pipeline.model.vocab) against transformers' resize_token_embeddings(pad_to_multiple_of=64)
-plus LLaMA-Factory 0.9.5's noisy-mean rows written by hand (mean of the old rows + N(0, 1/sqrt(dim)))."""
+plus LLaMA-Factory 0.9.5's noisy-mean rows written by hand (mean of the old rows + N(0, 1/sqrt(dim))), and its
+init_special_tokens desc_init / desc_init_w_noise rows (_description_based_initialization) written by hand."""
 from __future__ import annotations
 
 import math
@@ -8,18 +9,18 @@ import pytest
 import torch
 
 from pipeline.model.config import resized_vocab_size
-from pipeline.model.vocab import resize_vocab
+from pipeline.model.vocab import Described, resize_vocab
 from pipeline.model.weights import load_model
 from tests.acceptance.harness import hf_model
 
 SEED = 7
 
 
-def golden(model, n_tokens: int):
+def golden(model, n_tokens: int, gen: torch.Generator | None = None):
     """transformers' resize, then the new rows as LLaMA-Factory sets them, from a generator seeded as ours."""
     old = model.get_input_embeddings().weight.size(0)
     model.resize_token_embeddings(n_tokens, pad_to_multiple_of=64, mean_resizing=False)
-    gen = torch.Generator().manual_seed(SEED)
+    gen = gen or torch.Generator().manual_seed(SEED)
     weights = [model.get_input_embeddings().weight]
     if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:  # a reward model: none
         weights.append(model.get_output_embeddings().weight)
@@ -92,3 +93,33 @@ def test_an_adapter_of_a_grown_vocabulary_on_the_plain_base_names_the_key(tmp_pa
     assert [m.split("(")[-1] for m in err.value.messages] == [
         "an adapter trained with new_special_tokens: set the same new_special_tokens in this recipe, so the base "
         "grows as it did in training)"] * 2
+
+
+@pytest.mark.parametrize("rows,noise", [(130, False), (130, True), (192, False)])
+def test_described_rows_are_llamafactorys_description_means(tmp_path, rows, noise):
+    """Tokens 130..132 added to a 130-row model (grown to 192, then described) or to a 192-row one (spare rows: only
+    the described rows change, as on LLaMA-Factory's main branch). Each described row of the embedding and of the
+    untied head: the mean of the input embedding's rows of its description's ids; an empty description: the mean of
+    that matrix's rows before the growth other than the new tokens'; desc_init_w_noise adds randn / sqrt(dim)."""
+    theirs = hf_model("llama", vocab_size=rows, tie_word_embeddings=False)
+    theirs.save_pretrained(tmp_path, safe_serialization=True)
+    described = {130: (3, 5, 7, 5), 131: (), 132: (9,)}
+    ours = load_model(tmp_path)
+    assert resize_vocab(ours, 133, seed=SEED, described=Described(described, noise)) == 192
+
+    gen = torch.Generator().manual_seed(SEED)
+    if rows < 133:
+        golden(theirs, 133, gen)
+    old = rows if rows < 133 else 192
+    embed = theirs.get_input_embeddings().weight
+    with torch.no_grad():
+        for weight in (embed, theirs.get_output_embeddings().weight):
+            others = [i for i in range(old) if i not in described]
+            fallback = weight[others].mean(dim=0)
+            for token, ids in described.items():
+                row = embed[list(ids)].mean(dim=0) if ids else fallback
+                if noise:
+                    row = row + torch.randn(row.shape, generator=gen) / math.sqrt(weight.size(1))
+                weight[token] = row
+    torch.testing.assert_close(ours.embed_tokens.weight, embed)
+    torch.testing.assert_close(ours.lm_head.weight, theirs.get_output_embeddings().weight)

@@ -1,0 +1,103 @@
+"""LLaMA-Factory 0.9.3+'s keys for added tokens as a user brings them: a save_pretrained Qwen2 with an untied head
+(384 rows, a byte-level BPE of 381 ids), alpaca data holding the tokens, a YAML file of token: description lines and
+a LoRA recipe with add_tokens (not special), add_special_tokens (overridden by the config, with a notice),
+new_special_tokens_config and init_special_tokens: desc_init -> `python -m pipeline build`, `train`, `merge`.
+
+Golden values: transformers' AutoTokenizer on the base with add_tokens(..., special_tokens=False) then add_tokens(...,
+special_tokens=True), as LLaMA-Factory's patch_tokenizer adds them (ids, encodings, decoding); LLaMA-Factory's
+_description_based_initialization recomputed here from the base's safetensors (each described row: the mean of the
+input embedding's rows of its description's tokens, in the embedding and in the untied head alike); PEFT's
+PeftModel on the base resized to the adapter's tokenizer gives merged/'s logits."""
+from __future__ import annotations
+
+import json
+
+from tests.acceptance.harness import assert_close, pipeline, write_hf_checkpoint, write_recipe
+
+PLAIN = "<note>"
+DESCRIBED = {"<think>": "the start of the reasoning", "</think>": "the end of it"}
+ROWS = [{"instruction": f"question {i} {PLAIN}", "input": "",
+         "output": f"<think>step {i}</think>the answer is {i}"} for i in range(8)]
+
+
+def test_add_tokens_and_described_special_tokens_train_merge_and_load_in_transformers_and_peft(tmp_path):
+    import torch
+    import transformers
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = tmp_path / "qwen2"
+    write_hf_checkpoint(base, "qwen2", small_vocab=True, tie_word_embeddings=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "think.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    (data / "dataset_info.json").write_text(json.dumps({"think": {"file_name": "think.json"}}), encoding="utf-8")
+    (tmp_path / "tokens.yaml").write_text("".join(f'"{t}": {d}\n' for t, d in DESCRIBED.items()), encoding="utf-8")
+    # learning_rate 1e-9: one step leaves the rows where the init put them (to 1e-8), so merged/ shows the init
+    recipe = write_recipe(tmp_path / "think.yaml", model_name_or_path=str(base), dataset_dir="data", dataset="think",
+                          template="qwen", add_tokens=PLAIN, add_special_tokens="<unused>",
+                          new_special_tokens_config="tokens.yaml", init_special_tokens="desc_init", cutoff_len=256,
+                          val_size=0, learning_rate=1e-9, max_steps=1, output_dir="saves/think")
+    pipeline("build", recipe, cwd=tmp_path)
+    err = pipeline("train", recipe, cwd=tmp_path).stderr
+    assert "add_special_tokens: new_special_tokens_config (tokens.yaml) gives the special tokens" in err, err
+    pipeline("merge", recipe, cwd=tmp_path)
+    out = tmp_path / "saves/think"
+
+    theirs = transformers.AutoTokenizer.from_pretrained(base)
+    assert theirs.add_tokens([PLAIN], special_tokens=False) == 1
+    assert theirs.add_tokens(list(DESCRIBED), special_tokens=True) == 2
+    ids_of = theirs.convert_tokens_to_ids([PLAIN, *DESCRIBED])
+    for folder in ("merged", "adapter"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(out / folder)
+        assert tokenizer.convert_tokens_to_ids([PLAIN, *DESCRIBED]) == ids_of and len(tokenizer) == len(theirs)
+        assert "<unused>" not in tokenizer.get_vocab()
+        text = f"a {PLAIN} b<think>c</think>d"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"] and set(ids_of) <= set(ids)
+        # skip_special_tokens drops the special ones and keeps the plain one, as there
+        assert tokenizer.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+        assert PLAIN in tokenizer.decode(ids, skip_special_tokens=True)
+
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    embed = load_file(base / "model.safetensors")["model.embed_tokens.weight"]
+    for token, description in DESCRIBED.items():
+        words = [i for i in theirs(description, add_special_tokens=False)["input_ids"] if i not in ids_of]
+        expected = embed[words].mean(dim=0)
+        row = theirs.convert_tokens_to_ids(token)
+        torch.testing.assert_close(merged.get_input_embeddings().weight[row], expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(merged.get_output_embeddings().weight[row], expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(merged.get_input_embeddings().weight[ids_of[1]],
+                              merged.get_input_embeddings().weight[ids_of[2]])
+
+    start = transformers.AutoModelForCausalLM.from_pretrained(base)
+    start.resize_token_embeddings(len(theirs), pad_to_multiple_of=64, mean_resizing=False)
+    peft = PeftModel.from_pretrained(start, out / "adapter").eval()
+    batch = torch.tensor([theirs("x <note> <think>y</think>", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        assert_close(peft(batch).logits, merged(batch).logits)
+
+    # resume refuses another init (the checkpoint's rows were made by this one)
+    err = pipeline("train", recipe, "init_special_tokens=desc_init_w_noise", "resume_from_checkpoint=latest",
+                   cwd=tmp_path, expect=2).stderr
+    assert "init_special_tokens" in err and "Traceback" not in err, err
+
+
+def test_the_keys_users_get_wrong_exit_2_naming_the_file_and_line(tmp_path):
+    """add_special_tokens beside new_special_tokens (one key under LLaMA-Factory's two names), and a
+    new_special_tokens_config that is no token: description mapping: one message each, with the file's line."""
+    base = tmp_path / "qwen2"
+    write_hf_checkpoint(base, "qwen2", small_vocab=True)
+    (tmp_path / "bad.yaml").write_text('"<a>": first\n"<b>": [not, text]\n', encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(base), template="qwen",
+                          new_special_tokens="<a>", add_special_tokens="<b>", new_special_tokens_config="bad.yaml")
+    err = pipeline("validate", recipe, cwd=tmp_path, expect=2).stderr
+    lines = recipe.read_text().splitlines()
+    at = {key: next(i + 1 for i, line in enumerate(lines) if line.startswith(key + ":"))
+          for key in ("add_special_tokens", "new_special_tokens_config")}
+    assert f"r.yaml:{at['add_special_tokens']}:21: add_special_tokens: given '<b>' beside new_special_tokens" in err, err
+    assert f"r.yaml:{at['new_special_tokens_config']}:28: new_special_tokens_config: " in err, err
+    assert "bad.yaml:2: <b>: description ['not', 'text']; expected text" in err and "Traceback" not in err, err
+    (tmp_path / "bad.yaml").write_text('"<a>": first\n"<b>: broken\n', encoding="utf-8")
+    err = pipeline("validate", recipe, "new_special_tokens=null", cwd=tmp_path, expect=2).stderr
+    assert "bad.yaml:3:1: invalid YAML" in err and "add_special_tokens: given" not in err, err
