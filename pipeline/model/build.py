@@ -116,7 +116,7 @@ def described_rows(args: ModelArgs) -> Described | None:
     left_out = set(new.values())
     rows = {new[token]: tuple(i for i in tokenizer.encode_special(text) if i not in left_out)
             for token, text in names.descriptions.items() if token in new}
-    return Described(rows, noise=args.init_special_tokens == "desc_init_w_noise")
+    return Described(rows, noise=args.init_special_tokens == "desc_init_w_noise", new=frozenset(left_out))
 
 
 def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = torch.float32) -> GPTModel:

@@ -54,6 +54,7 @@ class Described:
 
     rows: Mapping[int, tuple[int, ...]]
     noise: bool = False
+    new: frozenset[int] = frozenset()  # every new token's id (plain ones too): left out of the fallback mean
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def _describe(model: GPTModel, described: Described, old: int, generator: torch.
         matrices.append(model.lm_head.weight)
     for weight in matrices:
         kept = torch.ones(old, dtype=torch.bool, device=weight.device)
-        kept[[i for i in described.rows if i < old]] = False
+        kept[[i for i in {*described.rows, *described.new} if i < old]] = False
         fallback = weight[:old][kept].float().mean(dim=0)
         scale = 1.0 / math.sqrt(weight.size(1))
         for token, ids in described.rows.items():

@@ -97,24 +97,24 @@ def test_an_adapter_of_a_grown_vocabulary_on_the_plain_base_names_the_key(tmp_pa
 
 @pytest.mark.parametrize("rows,noise", [(130, False), (130, True), (192, False)])
 def test_described_rows_are_llamafactorys_description_means(tmp_path, rows, noise):
-    """Tokens 130..132 added to a 130-row model (grown to 192, then described) or to a 192-row one (spare rows: only
+    """Tokens 130..133 added to a 130-row model (grown to 192, then described) or to a 192-row one (spare rows: only
     the described rows change, as on LLaMA-Factory's main branch). Each described row of the embedding and of the
     untied head: the mean of the input embedding's rows of its description's ids; an empty description: the mean of
     that matrix's rows before the growth other than the new tokens'; desc_init_w_noise adds randn / sqrt(dim)."""
     theirs = hf_model("llama", vocab_size=rows, tie_word_embeddings=False)
     theirs.save_pretrained(tmp_path, safe_serialization=True)
-    described = {130: (3, 5, 7, 5), 131: (), 132: (9,)}
+    described = {130: (3, 5, 7, 5), 131: (), 132: (9,)}  # 133: a plain token (add_tokens), not described
     ours = load_model(tmp_path)
-    assert resize_vocab(ours, 133, seed=SEED, described=Described(described, noise)) == 192
+    assert resize_vocab(ours, 134, seed=SEED, described=Described(described, noise, frozenset({*described, 133}))) == 192
 
     gen = torch.Generator().manual_seed(SEED)
-    if rows < 133:
-        golden(theirs, 133, gen)
-    old = rows if rows < 133 else 192
+    if rows < 134:
+        golden(theirs, 134, gen)
+    old = rows if rows < 134 else 192
     embed = theirs.get_input_embeddings().weight
     with torch.no_grad():
         for weight in (embed, theirs.get_output_embeddings().weight):
-            others = [i for i in range(old) if i not in described]
+            others = [i for i in range(old) if i not in (130, 131, 132, 133)]
             fallback = weight[others].mean(dim=0)
             for token, ids in described.items():
                 row = embed[list(ids)].mean(dim=0) if ids else fallback
