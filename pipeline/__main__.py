@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("pipeline.chat", "run", "same as generate (LLaMA-Factory's verb)"),
     "deps": ("pipeline.recipe.deps", "run", "print the files a recipe depends on (used by the Makefile)"),
 }
+# commands without a recipe, each with its own options: (module, function taking argv, one-line help)
+TOOLS: dict[str, tuple[str, str, str]] = {
+    "expand": ("pipeline.model.expand", "main",
+               "LLaMA Pro: --model X --output-dir Y --num-expand N adds zeroed blocks (then use_llama_pro: true)"),
+}
 
 
 def _count(text: str) -> int:
@@ -43,10 +48,12 @@ def _count(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = ("commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items())
+    listed = {**COMMANDS, **TOOLS}
+    epilog = ("commands:\n" + "\n".join(f"  {name:<9} {help_}" for name, (_, _, help_) in listed.items())
               + "\n\nexamples:\n"
                 "  python -m pipeline validate recipes/demo_sft.yaml\n"
                 "  python -m pipeline plan recipes/demo_sft.yaml learning_rate=5e-5 lora_target=[c_attn,c_fc]\n"
+                "  python -m pipeline expand --model models/llama3 --output-dir models/llama3-pro --num-expand 8\n"
                 "\noverrides are YAML values applied after the recipe and everything it extends.\n"
                 "exit codes: 0 success, 2 a mistake in the recipe, data or arguments (no traceback), 1 a bug.")
     parser = argparse.ArgumentParser(
@@ -138,7 +145,20 @@ def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return ""
 
 
+def run_tool(name: str, argv: list[str]) -> int:
+    """A command without a recipe (TOOLS): its own options, the same exit codes (2 for a user's mistake)."""
+    module_name, func_name, _ = TOOLS[name]
+    try:
+        return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
+    except UserError as err:
+        print_errors(err)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given and given[0] in TOOLS:
+        return run_tool(given[0], given[1:])
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
     if args.command is None or args.recipe is None:

@@ -1,0 +1,190 @@
+"""`python -m pipeline expand --model X --output-dir Y --num-expand N`: LLaMA Pro's block expansion.
+
+LLaMA-Factory users run its scripts/llama_pro.py before training with `use_llama_pro: true`; this is the same step
+here, so no LLaMA-Factory checkout is needed. After every num_layers / N original blocks a copy of the last of them
+is inserted whose attention output projection and MLP down projection are zero (weights and, for GPT-2, biases):
+the new block adds nothing to the residual stream, so the expanded model computes what the original does, and
+`use_llama_pro` then trains only these blocks (pipeline.model.config.llama_pro_blocks gives their indices).
+
+Not a recipe command: the recipe that trains names the expanded model, which this writes. Works on the Hugging Face
+checkpoint itself (safetensors, the family's own tensor names and dtype) without building our model, so every tensor
+is written as read and the result is the layout LLaMA-Factory's script writes (same names, same order of blocks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pipeline.errors import UserError
+from pipeline.model.families import BY_ARCHITECTURE, Family
+
+ZEROED = ("self_attn.o_proj", "mlp.down_proj")  # our names of the two projections that write into the residual
+SHARD_BYTES = 5 * 10**9  # LLaMA-Factory's script: max_shard_size "5GB"
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.safetensors\.index\.json$|"
+                         r".*\.bin\.index\.json$")
+_BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def expanded_layout(num_layers: int, num_expand: int) -> list[tuple[int, bool]]:
+    """For each block of the expanded model: (the original block it copies, whether it is a new zeroed copy)."""
+    check_divisible(num_layers, num_expand)
+    split = num_layers // num_expand
+    layout: list[tuple[int, bool]] = []
+    for i in range(num_layers):
+        layout.append((i, False))
+        if (i + 1) % split == 0:
+            layout.append((i, True))
+    return layout
+
+
+def check_divisible(num_layers: int, num_expand: int) -> None:
+    if num_expand < 1:
+        raise UserError(f"--num-expand: given {num_expand}, expected a whole number of blocks to add, 1 or more")
+    if num_layers % num_expand:
+        divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
+        raise UserError(f"--num-expand: given {num_expand}, expected a divisor of the model's {num_layers} blocks "
+                        f"(one new block after every num_layers / num_expand): one of {', '.join(map(str, divisors))}")
+
+
+def checkpoint_family(config: Mapping[str, Any], where: Path) -> Family:
+    """The family of a config.json, by its architecture; another one is refused (no name map to expand it by)."""
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in BY_ARCHITECTURE:
+        raise UserError(f"{where}: architectures is {config.get('architectures')!r}; expand knows "
+                        f"{', '.join(sorted(BY_ARCHITECTURE))}")
+    return BY_ARCHITECTURE[arch]
+
+
+def layer_key(config: Mapping[str, Any]) -> str:
+    """The config.json key of the block count: GPT-2's n_layer, num_hidden_layers elsewhere."""
+    return "n_layer" if "n_layer" in config else "num_hidden_layers"
+
+
+def expanded_config(config: Mapping[str, Any], layout: list[tuple[int, bool]]) -> dict[str, Any]:
+    """config.json with the new block count; a per-block list (Qwen's layer_types) gets each copy's source entry."""
+    out = dict(config)
+    out[layer_key(config)] = len(layout)
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == len(layout) - sum(new for _, new in layout):
+        out["layer_types"] = [types[source] for source, _ in layout]
+    return out
+
+
+def renamed(family: Family, key: str, block: int, rest: str) -> str:
+    """The HF tensor name of `rest` in `block`, with or without the family prefix as the source name had it."""
+    name = family.to_hf(f"layers.{block}.{rest}")
+    return name if key.startswith(family.prefix) else family.strip(name)
+
+
+def expanded_tensors(family: Family, tensors: Mapping[str, Any],
+                     layout: list[tuple[int, bool]]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of the expanded checkpoint: the blocks in their new order, then every other tensor."""
+    import torch
+
+    blocks: dict[int, list[tuple[str, str]]] = {}
+    others = []
+    for key in tensors:
+        match = _BLOCK.match(family.from_hf(key))
+        if match:
+            blocks.setdefault(int(match[1]), []).append((key, match[2]))
+        else:
+            others.append(key)
+    for new_index, (source, is_new) in enumerate(layout):
+        for key, rest in blocks.get(source, []):
+            tensor = tensors[key]
+            if is_new:
+                module = rest.rsplit(".", 1)[0]
+                tensor = torch.zeros_like(tensor) if module in ZEROED else tensor.clone()
+            yield renamed(family, key, new_index, rest), tensor
+    for key in others:
+        yield key, tensors[key]
+
+
+def refuse_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output-dir: {output} is not an empty folder; expand never overwrites: give a new or "
+                        "empty folder")
+
+
+def copy_other_files(source: Path, target: Path) -> list[str]:
+    """The tokenizer files, generation_config.json and anything else beside the weights (not config.json)."""
+    copied = []
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name != "config.json" and not WEIGHT_FILE.fullmatch(path.name):
+            shutil.copy2(path, target / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def write_weights(state: dict[str, Any], target: Path) -> int:
+    """model.safetensors, or 5 GB shards and their index as transformers names them; returns the shard count."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from pipeline.io import write_json
+    from pipeline.model.weights import INDEX, SINGLE, _shards
+
+    shards = _shards(state, SHARD_BYTES)
+    names = ([SINGLE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, shard in tqdm(list(zip(names, shards)), desc="write weights", unit="file"):
+        save_file({k: t.contiguous() for k, t in shard.items()}, str(target / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(target / INDEX, {"metadata": {"total_size": total},
+                                    "weight_map": {k: n for n, s in zip(names, shards) for k in s}})
+    return len(shards)
+
+
+def expand(model: str, output_dir: str | Path, num_expand: int) -> Path:
+    """Write the expanded checkpoint of `model` (a folder or hub id) to `output_dir`; returns the folder."""
+    from pipeline.io import atomic_dir, write_json
+    from pipeline.model.hub import resolve_model_path
+    from pipeline.model.weights import _shard_files, note, read_tensors
+
+    output = Path(output_dir)
+    refuse_output(output)
+    source = resolve_model_path(model, key="--model")
+    config_file = source / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"--model: {model}: no config.json there; expected a Hugging Face checkpoint folder")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    family = checkpoint_family(config, config_file)
+    num_layers = int(config[layer_key(config)])
+    layout = expanded_layout(num_layers, num_expand)
+    note(f"expanding {model} ({family.architecture}) from {num_layers} to {len(layout)} blocks")
+    for index, (origin, is_new) in enumerate(layout):
+        if is_new:
+            note(f"  block {index}: a copy of block {origin} whose attention and MLP output projections are zero (trains)")
+    tensors = {key: tensor for _, key, tensor in read_tensors(_shard_files(source))}
+    state = dict(expanded_tensors(family, tensors, layout))
+    with atomic_dir(output) as tmp:
+        write_json(tmp / "config.json", expanded_config(config, layout))
+        copy_other_files(source, tmp)
+        write_weights(state, tmp)
+    note(f"wrote {output}; train it with:\n  model_name_or_path: {output}\n  finetuning_type: freeze\n"
+         f"  freeze_trainable_layers: {num_expand}\n  use_llama_pro: true")
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline expand",
+        description="LLaMA Pro block expansion (LLaMA-Factory's scripts/llama_pro.py): insert num_expand zeroed "
+                    "copies of blocks into a Hugging Face checkpoint; then train with use_llama_pro: true.")
+    parser.add_argument("--model", "--model_name_or_path", required=True,
+                        help="the checkpoint to expand: a folder (config.json + safetensors) or a hub id")
+    parser.add_argument("--output-dir", "--output_dir", required=True, help="a new or empty folder")
+    parser.add_argument("--num-expand", "--num_expand", type=int, required=True,
+                        help="blocks to add: a divisor of the model's block count")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    expand(args.model, args.output_dir, args.num_expand)
+    return 0
