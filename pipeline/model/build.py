@@ -3,7 +3,8 @@
 finetuning_type decides what the optimizer sees:
   lora    every base weight frozen; LoRA on lora_target (+ additional_target modules trained in full)
   freeze  only the last freeze_trainable_layers blocks and the final norm ln_f train (embeddings and
-          the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge)
+          the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge);
+          with use_llama_pro, only the blocks `python -m pipeline expand` inserted (lora: LoRA only there)
   full    every weight trains
 """
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 from pipeline.data.added_tokens import DESCRIBED, TokenNames
 from pipeline.errors import UserError
-from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, read_config, resized_vocab_size,
-                                   vocab_modules)
+from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, llama_pro_blocks, read_config,
+                                   resized_vocab_size, vocab_modules)
 from pipeline.model.families import FAMILIES
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
@@ -70,6 +71,7 @@ class FinetuneArgs:
     pissa_init: bool = False  # LoRA starts from the base weights' principal singular vectors (lora.init_pissa)
     pissa_iter: int = 16      # its SVD: -1 exact, k >= 0 randomized with k power iterations (seeded by `seed`)
     resize_vocab: bool = False  # LoRA: the embedding and the head train in full (additional_target, unless given)
+    use_llama_pro: bool = False  # only the blocks `expand` inserted train (freeze), or take LoRA (lora)
 
 
 def recipe_config(args: ModelArgs) -> ModelConfig:
@@ -194,7 +196,9 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
                    use_rslora=ft.use_rslora, use_dora=ft.use_dora, seed=ft.seed,
                    additional_targets=lora_additional_targets(model, ft),
                    pissa_iter=ft.pissa_iter if ft.pissa_init and pissa_start is None else None,
-                   pissa_start=pissa_start_of(pissa_start) if ft.pissa_init and pissa_start is not None else None)
+                   pissa_start=pissa_start_of(pissa_start) if ft.pissa_init and pissa_start is not None else None,
+                   blocks=llama_pro_blocks(model.cfg.n_layers, ft.freeze_trainable_layers) if ft.use_llama_pro
+                   else None)
         if adapter:  # continue training an adapter: same rank/alpha required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
@@ -203,7 +207,7 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
         merge_lora(model)
     if kind == "freeze":
         model.requires_grad_(False)
-        for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers):
+        for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers, ft.use_llama_pro):
             model.get_submodule(name).requires_grad_(True)
     elif kind == "full":
         model.requires_grad_(True)

@@ -405,9 +405,11 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     return [n for n in ours if n in chosen]
 
 
-def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None) -> list[ModuleSpec]:
+def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None,
+                        blocks: Iterable[int] | None = None) -> list[ModuleSpec]:
+    """The Linears lora_target picks, within `blocks` when given (use_llama_pro)."""
     linears = {m.name: m for m in layout(cfg) if m.kind == "linear"}
-    return [linears[n] for n in select_modules(lora_candidates(linears), targets, family=cfg.family)]
+    return [linears[n] for n in in_blocks(select_modules(lora_candidates(linears), targets, family=cfg.family), blocks)]
 
 
 PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64) (pipeline.model.vocab)
@@ -428,13 +430,45 @@ def vocab_modules(cfg: ModelConfig) -> tuple[str, ...]:
     return ("embed_tokens",) if cfg.num_labels else ("embed_tokens", "lm_head")
 
 
-def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int) -> list[str]:
+def llama_pro_problem(n_layers: int, n_expanded: int) -> str:
+    """Why `n_expanded` blocks cannot be LLaMA Pro's among `n_layers` ("" when they can): one new block follows
+    every n_layers / n_expanded (LLaMA-Factory's scripts/llama_pro.py and model_utils' find_expanded_modules), so
+    the count must divide the blocks. The message starts at "given" for the caller to prefix its key."""
+    if n_expanded >= 1 and n_layers % n_expanded == 0:
+        return ""
+    divisors = ", ".join(str(d) for d in range(1, n_layers + 1) if n_layers % d == 0)
+    return (f"given {n_expanded}, expected a divisor of the model's {n_layers} blocks (LLaMA Pro puts one new block "
+            f"after every num_layers / N): one of {divisors}")
+
+
+def llama_pro_blocks(n_layers: int, n_expanded: int) -> list[int]:
+    """The blocks `python -m pipeline expand` inserted, which use_llama_pro trains: LLaMA-Factory's rule, stride =
+    n_layers // n_expanded and ids range(stride - 1, n_layers + stride - 1, stride), the last block of each group."""
+    problem = llama_pro_problem(n_layers, n_expanded)
+    if problem:
+        raise UserError(f"freeze_trainable_layers: {problem} (use_llama_pro: the count given to expand)")
+    stride = n_layers // n_expanded
+    return list(range(stride - 1, n_layers + stride - 1, stride))
+
+
+def in_blocks(names: Iterable[str], blocks: Iterable[int] | None) -> list[str]:
+    """The module paths inside one of `blocks` (all of them with None): use_llama_pro's LoRA targets."""
+    if blocks is None:
+        return list(names)
+    wanted = {f"layers.{i}" for i in blocks}
+    return [n for n in names if ".".join(n.split(".")[:2]) in wanted]
+
+
+def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int, llama_pro: bool = False) -> list[str]:
     """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm (and a reward model's
-    new score head: it starts random)."""
+    new score head: it starts random). With use_llama_pro, the expanded blocks alone (LLaMA-Factory trains no norm
+    then either): the rest is the original model, which LLaMA Pro keeps."""
+    head = ["score"] if cfg.num_labels else []
+    if llama_pro:
+        return [f"layers.{i}" for i in llama_pro_blocks(cfg.n_layers, trainable_layers)] + head
     if not 1 <= trainable_layers <= cfg.n_layers:
         raise UserError(f"freeze_trainable_layers: {trainable_layers} is out of range; the model has"
                         f" {cfg.n_layers} blocks (use 1..{cfg.n_layers}, or finetuning_type: full)")
-    head = ["score"] if cfg.num_labels else []
     return [f"layers.{i}" for i in range(cfg.n_layers - trainable_layers, cfg.n_layers)] + ["norm", *head]
 
 
@@ -462,18 +496,19 @@ def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | 
 def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
                      additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
-                     resize_vocab: bool = False) -> int:
+                     resize_vocab: bool = False, use_llama_pro: bool = False) -> int:
     """How many parameters the optimizer updates (for plan's memory estimate and the trainable report); DoRA adds
     one magnitude per output feature of each adapted layer; resize_vocab (new_special_tokens that add a token) trains
-    vocab_modules in full under LoRA, unless additional_target names others."""
+    vocab_modules in full under LoRA, unless additional_target names others; use_llama_pro: the expanded blocks."""
     if finetuning_type == "full":
         return count_params(cfg)
     if finetuning_type == "freeze":
-        prefixes = freeze_trainable_names(cfg, freeze_trainable_layers)
+        prefixes = freeze_trainable_names(cfg, freeze_trainable_layers, use_llama_pro)
         return sum(m.params for m in layout(cfg) if any(m.name == p or m.name.startswith(p + ".") for p in prefixes))
     if finetuning_type == "lora":
         lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0)
-                   for m in lora_target_modules(cfg, lora_target))
+                   for m in lora_target_modules(cfg, lora_target, llama_pro_blocks(cfg.n_layers, freeze_trainable_layers)
+                                                if use_llama_pro else None))
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
         if resize_vocab and additional_target is None:
             extra = {m.name: m for m in layout(cfg) if m.name in vocab_modules(cfg)}

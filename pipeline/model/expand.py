@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
+from pipeline.model.config import llama_pro_problem
 from pipeline.model.families import BY_ARCHITECTURE, Family
 
 ZEROED = ("self_attn.o_proj", "mlp.down_proj")  # our names of the two projections that write into the residual
@@ -31,7 +32,9 @@ _BLOCK = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 def expanded_layout(num_layers: int, num_expand: int) -> list[tuple[int, bool]]:
     """For each block of the expanded model: (the original block it copies, whether it is a new zeroed copy)."""
-    check_divisible(num_layers, num_expand)
+    problem = llama_pro_problem(num_layers, num_expand)
+    if problem:
+        raise UserError(f"--num-expand: {problem}")
     split = num_layers // num_expand
     layout: list[tuple[int, bool]] = []
     for i in range(num_layers):
@@ -39,15 +42,6 @@ def expanded_layout(num_layers: int, num_expand: int) -> list[tuple[int, bool]]:
         if (i + 1) % split == 0:
             layout.append((i, True))
     return layout
-
-
-def check_divisible(num_layers: int, num_expand: int) -> None:
-    if num_expand < 1:
-        raise UserError(f"--num-expand: given {num_expand}, expected a whole number of blocks to add, 1 or more")
-    if num_layers % num_expand:
-        divisors = [d for d in range(1, num_layers + 1) if num_layers % d == 0]
-        raise UserError(f"--num-expand: given {num_expand}, expected a divisor of the model's {num_layers} blocks "
-                        f"(one new block after every num_layers / num_expand): one of {', '.join(map(str, divisors))}")
 
 
 def checkpoint_family(config: Mapping[str, Any], where: Path) -> Family:

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
-from pipeline.model.config import default_lora_alpha, lora_candidates, select_modules
+from pipeline.model.config import default_lora_alpha, in_blocks, lora_candidates, select_modules
 from pipeline.model.families import FAMILIES, GPT2, Family
 from pipeline.model.weights import read_tensors
 
@@ -188,7 +188,8 @@ def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
 def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 8,
                alpha: float | None = None, dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                seed: int | None = None, additional_targets: str | Iterable[str] | None = None,
-               pissa_iter: int | None = None, pissa_start: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+               pissa_iter: int | None = None, pissa_start: Mapping[str, torch.Tensor] | None = None,
+               blocks: Iterable[int] | None = None) -> list[str]:
     """Freeze the model, wrap the targeted Linears (not the output head) with LoRA; returns their paths.
 
     pissa_iter (None: the book's init) starts every pair from its base weight's principal singular vectors
@@ -199,10 +200,11 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     'mlp.down_proj', 'layers.0.self_attn.q_proj'; 'all' = every Linear except lm_head. A pattern that
     matches nothing is a UserError naming the available modules. additional_targets are trained in full, and so
     is a reward model's score head (it starts random: PEFT's task_type SEQ_CLS adds it to modules_to_save).
+    blocks (use_llama_pro): only the targets inside these blocks take LoRA.
     """
     alpha = default_lora_alpha(rank) if alpha is None else alpha
     family = family_of_model(model)
-    chosen = select_modules(lora_candidates(linear_names(model)), targets, family=family)
+    chosen = in_blocks(select_modules(lora_candidates(linear_names(model)), targets, family=family), blocks)
     modules = [n for n, _ in model.named_modules() if n]
     extra = [] if not additional_targets else select_modules(modules, additional_targets, key="additional_target",
                                                              family=family)

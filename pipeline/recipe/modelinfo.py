@@ -58,7 +58,8 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
         total = int(count_params(cfg))
         trainable = int(trainable_params(cfg, values["finetuning_type"], values["lora_rank"], values["lora_target"],
                                          values["freeze_trainable_layers"], values.get("additional_target"),
-                                         bool(values.get("use_dora")), resize_vocab=resize))
+                                         bool(values.get("use_dora")), resize_vocab=resize,
+                                         use_llama_pro=bool(values.get("use_llama_pro"))))
     except Exception:  # noqa: BLE001 - e.g. a lora_target matching nothing: the rules report it, plan shows "?"
         return None
     return total, trainable

@@ -146,6 +146,7 @@ def render(r: Resolved) -> str:
     else:
         out.append(f"parameters: {mem.params_total:,} total, {mem.params_trainable:,} trainable "
                    f"({100 * mem.params_trainable / mem.params_total:.2f}%)")
+        out.extend(filter(None, [trainable_blocks(r)]))
         rows = [(k, human(v), human(mem.cpu[k]) if k in mem.cpu else "-") for k, v in mem.gpu.items()]
         rows.append(("total", human(mem.gpu_total), human(sum(mem.cpu.values())) if mem.cpu else "-"))
         out.append(format_table(rows, header=("", "accelerator", "offloaded to cpu")))
@@ -153,6 +154,24 @@ def render(r: Resolved) -> str:
                    "an upper bound" + (" without recomputation)" if r["disable_gradient_checkpointing"] else
                                           " with per-block recomputation)"))
     return "\n".join(out)
+
+
+def trainable_blocks(r: Resolved) -> str:
+    """Which blocks train when only some do (freeze, or use_llama_pro's expanded blocks), so that a user checks the
+    ids against expand's output before a long run; "" otherwise or when the model cannot be read here."""
+    from pipeline.model.config import llama_pro_blocks
+
+    info = model_info(r["model_name_or_path"])
+    kind, n = r["finetuning_type"], r["freeze_trainable_layers"]
+    if info is None or kind not in ("freeze", "lora") or (kind == "lora" and not r["use_llama_pro"]):
+        return ""
+    last = info.n_layer - 1
+    if not r["use_llama_pro"]:
+        return f"trainable blocks: {', '.join(map(str, range(info.n_layer - n, info.n_layer)))} of 0..{last} (the " \
+               "last freeze_trainable_layers) and the final norm"
+    what = "LoRA on lora_target inside them" if kind == "lora" else "in full, nothing else"
+    return (f"trainable blocks: {', '.join(map(str, llama_pro_blocks(info.n_layer, n)))} of 0..{last} (use_llama_pro:"
+            f" the {n} blocks `python -m pipeline expand` inserted; {what})")
 
 
 def _explain(r: Resolved, key: str) -> str:

@@ -152,26 +152,55 @@ def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
     return [("pissa_init", f"is true but {why}")]
 
 
-@rule("finetuning_type", "freeze_trainable_layers")
-def freeze_key_needs_freeze(ctx: Context) -> list[tuple[str, str]]:
+@rule("finetuning_type", "use_llama_pro")
+def llama_pro_needs_freeze_or_lora(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA Pro trains only the expanded blocks; full trains everything (LLaMA-Factory refuses it too)."""
     kind = ctx.values["finetuning_type"]
-    if kind != "freeze" and ctx.set_here("freeze_trainable_layers"):
-        return [("freeze_trainable_layers", f"only applies to finetuning_type: freeze, but finetuning_type is "
-                                            f"{kind}; remove it or set finetuning_type: freeze")]
+    if ctx.values["use_llama_pro"] and kind not in ("freeze", "lora"):
+        return [("use_llama_pro", f"is true but finetuning_type is {kind}; LLaMA Pro trains only the blocks `python "
+                                  "-m pipeline expand` inserted: set finetuning_type: freeze (or lora), or remove "
+                                  "use_llama_pro")]
     return []
 
 
-@rule("finetuning_type", "freeze_trainable_layers", "model_name_or_path")
+def counts_blocks(values: Mapping[str, Any]) -> bool:
+    """Whether freeze_trainable_layers means something: under freeze, and under lora with use_llama_pro (the number
+    of expanded blocks, as LLaMA-Factory reads it there)."""
+    kind = values["finetuning_type"]
+    return kind == "freeze" or (kind == "lora" and bool(values["use_llama_pro"]))
+
+
+@rule("finetuning_type", "freeze_trainable_layers", "use_llama_pro")
+def freeze_key_needs_freeze(ctx: Context) -> list[tuple[str, str]]:
+    kind = ctx.values["finetuning_type"]
+    if not counts_blocks(ctx.values) and ctx.set_here("freeze_trainable_layers"):
+        return [("freeze_trainable_layers", f"only applies to finetuning_type: freeze (or lora with use_llama_pro), "
+                                            f"but finetuning_type is {kind}; remove it or set finetuning_type: "
+                                            "freeze")]
+    return []
+
+
+@rule("finetuning_type", "freeze_trainable_layers", "model_name_or_path", "use_llama_pro")
 def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
-    if ctx.values["finetuning_type"] != "freeze":
+    if not counts_blocks(ctx.values):
         return []
     from pipeline.recipe.modelinfo import model_info
 
-    info = model_info(ctx.values["model_name_or_path"])
+    model = ctx.values["model_name_or_path"]
+    info = model_info(model)
     n = ctx.values["freeze_trainable_layers"]
-    if info is not None and n > info.n_layer:
+    if info is None:
+        return []
+    if ctx.values["use_llama_pro"]:
+        from pipeline.model.config import llama_pro_problem
+
+        problem = llama_pro_problem(info.n_layer, n)
+        return [("freeze_trainable_layers", f"{problem}; with use_llama_pro it is the --num-expand that `python -m "
+                                            f"pipeline expand` added to {model} (is it the expanded checkpoint?)")
+                ] if problem else []
+    if n > info.n_layer:
         return [("freeze_trainable_layers", f"given {n}, expected at most {info.n_layer} (the number of "
-                                            f"transformer blocks of {ctx.values['model_name_or_path']})")]
+                                            f"transformer blocks of {model})")]
     return []
 
 

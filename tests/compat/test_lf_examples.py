@@ -40,17 +40,20 @@ def test_the_table_lists_every_copied_example_and_only_those():
     assert all(re.fullmatch(r"trains|builds|not a recipe|refused: `\w+`(, `\w+`)*", here) for here in ROWS.values())
 
 
-def tiny_model(directory: Path, family: str) -> Path:
+def tiny_model(directory: Path, family: str, **overrides: int) -> Path:
     """The family's tokenizer markup (the recipes' llama3 / qwen templates need it) and a 2,048-token context
     (their cutoff_len): a small vocabulary keeps it tiny."""
-    write_hf_checkpoint(directory, family, small_vocab=True, max_position_embeddings=2048)
+    write_hf_checkpoint(directory, family, small_vocab=True, max_position_embeddings=2048, **overrides)
     return directory
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lf_models")
-    return {"llama": tiny_model(root / "llama", "llama"), "qwen": tiny_model(root / "qwen", "qwen3")}
+    # llama_pro: the block count of an expanded model (8 + 8), which freeze_trainable_layers: 8 must divide; the
+    # expansion and the training are tests/compat/test_llama_pro.py's
+    return {"llama": tiny_model(root / "llama", "llama"), "qwen": tiny_model(root / "qwen", "qwen3"),
+            "llama_pro": tiny_model(root / "llama_pro", "llama", num_hidden_layers=16)}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def checkouts(tmp_path_factory, models) -> dict[str, Path]:
 
 
 def family(example: str) -> str:
-    return "llama" if "llama3" in example else "qwen"
+    return "llama_pro" if "llama_pro/" in example else "llama" if "llama3" in example else "qwen"
 
 
 @pytest.mark.parametrize("example", sorted(p for p, here in ROWS.items() if here != "not a recipe"))

@@ -1,0 +1,180 @@
+"""LLaMA Pro as a LLaMA-Factory user runs it: expand a checkpoint (their scripts/llama_pro.py, here `python -m
+pipeline expand`), then train LLaMA-Factory's extras/llama_pro/llama3_freeze_sft.yaml on it with only
+model_name_or_path changed (use_llama_pro: only the expanded blocks train), or LoRA on those blocks alone.
+
+Golden values: transformers (the expanded checkpoint gives the original model's logits: the new blocks are the
+identity), LLaMA-Factory's formulas worked by hand (which original block each new index copies; the expanded block
+ids stride - 1, 2 stride - 1, ...), the input tensors themselves (what must not change) and PEFT (the adapter
+loads).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import pipeline, write_hf_checkpoint
+from tests.compat.test_lf_recipes import lf_checkout
+from tests.reliability.rel_helpers import run_main
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+EXAMPLE = "examples/extras/llama_pro/llama3_freeze_sft.yaml"  # freeze_trainable_layers: 8, use_llama_pro: true
+SHORT = ["max_steps=2", "warmup_ratio=0", "gradient_accumulation_steps=1"]  # test time: two steps that both move
+# 8 original blocks, 8 new ones: by LLaMA-Factory's script (split = 8 / 8 = 1) a zeroed copy follows every block,
+# so new index j copies original j // 2, and the odd indices are the new ones (stride 16 / 8 = 2: ids 1, 3, ..., 15)
+EXPANDED_IDS = [1, 3, 5, 7, 9, 11, 13, 15]
+ZEROED = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+def block(name: str) -> int | None:
+    m = re.search(r"(?:layers|h)\.(\d+)\.", name)
+    return int(m[1]) if m else None
+
+
+def state(path: Path) -> dict:
+    return transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """(original, expanded): a transformers-written tiny Llama 3 of 8 blocks, expanded by 8 through the CLI."""
+    root = tmp_path_factory.mktemp("llama_pro")
+    write_hf_checkpoint(root / "llama", "llama", small_vocab=True, max_position_embeddings=2048, num_hidden_layers=8)
+    done = pipeline("expand", "--model", root / "llama", "--output-dir", root / "llama-pro", "--num-expand", "8",
+                    cwd=Path(__file__).resolve().parents[2])
+    assert "from 8 to 16 blocks" in done.stderr and "use_llama_pro: true" in done.stderr
+    return root / "llama", root / "llama-pro"
+
+
+def logits(path: Path, ids: list[int]) -> "torch.Tensor":
+    with torch.no_grad():
+        return transformers.AutoModelForCausalLM.from_pretrained(path).eval()(torch.tensor([ids])).logits
+
+
+def test_expand_writes_what_transformers_loads_with_the_original_logits_and_llama_factorys_layout(checkpoints):
+    original, expanded = checkpoints
+    assert json.loads((expanded / "config.json").read_text())["num_hidden_layers"] == 16
+    assert sorted(p.name for p in expanded.iterdir()) == sorted(p.name for p in original.iterdir())  # tokenizer too
+    assert not list(expanded.glob("*.bin"))
+    assert torch.equal(logits(original, [3, 17, 42, 99, 120, 7]), logits(expanded, [3, 17, 42, 99, 120, 7]))
+    before, after = state(original), state(expanded)
+    for name, tensor in after.items():
+        new = block(name)
+        if new is None:
+            assert torch.equal(tensor, before[name]), name
+            continue
+        source = name.replace(f"layers.{new}.", f"layers.{new // 2}.")
+        if new % 2 and name.endswith(ZEROED):
+            assert not tensor.any(), name
+        else:
+            assert torch.equal(tensor, before[source]), name
+
+
+@pytest.mark.slow  # ~20 s: builds, trains two steps and merges through the CLI
+def test_llama_factory_example_trains_only_the_expanded_blocks_and_the_merge_loads_in_transformers(tmp_path,
+                                                                                                   checkpoints):
+    _, expanded = checkpoints
+    work = lf_checkout(tmp_path, str(expanded))
+    plan = pipeline("plan", EXAMPLE, cwd=work).stdout
+    assert f"trainable blocks: {', '.join(map(str, EXPANDED_IDS))} of 0..15 (use_llama_pro" in plan
+    pipeline("build", EXAMPLE, cwd=work)
+    pipeline("train", EXAMPLE, *SHORT, cwd=work, timeout=600)
+    pipeline("merge", EXAMPLE, *SHORT, cwd=work)
+    before, after = state(expanded), state(work / "saves/llama3-8b-pro/freeze/sft/merged")
+    assert set(before) == set(after)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {name for name in before if block(name) in EXPANDED_IDS}  # every tensor there, none elsewhere
+
+
+@pytest.mark.slow  # ~12 s: trains two steps through the CLI
+def test_lora_with_use_llama_pro_adapts_only_the_expanded_blocks_and_peft_loads_it(tmp_path, checkpoints):
+    peft = pytest.importorskip("peft")
+    _, expanded = checkpoints
+    work = lf_checkout(tmp_path, str(expanded))
+    lora = [*SHORT, "finetuning_type=lora", "lora_target=all"]
+    pipeline("build", EXAMPLE, cwd=work)
+    pipeline("train", EXAMPLE, *lora, cwd=work, timeout=600)
+    adapter = work / "saves/llama3-8b-pro/freeze/sft/adapter"
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert {block(t) for t in targets} == set(EXPANDED_IDS)
+    assert len(targets) == 7 * len(EXPANDED_IDS)  # q, k, v, o, gate, up, down in each
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(expanded), adapter)
+    wrapped = [name for name, _ in model.named_modules() if name.endswith("lora_A")]
+    assert len(wrapped) == len(targets) and {block(n) for n in wrapped} == set(EXPANDED_IDS)
+
+
+@pytest.mark.parametrize("family, layers", [("gpt2", "n_layer"), ("qwen2", "num_hidden_layers"),
+                                            ("qwen3", "num_hidden_layers")])
+def test_expand_keeps_the_logits_of_every_family(tmp_path, family, layers):
+    """GPT-2's c_proj biases are zeroed too (else the copy adds them to the residual); Qwen's per-block
+    layer_types follow their blocks."""
+    write_hf_checkpoint(tmp_path / "m", family, small_vocab=True, **{layers: 4})
+    done = run_main(["expand", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "x"),
+                     "--num-expand", "2"], tmp_path)
+    assert done.code == 0, done.err
+    config = json.loads((tmp_path / "x/config.json").read_text())
+    assert config[layers] == 6 and len(config.get("layer_types") or [0] * 6) == 6
+    ids = [5, 9, 31, 2, 77]
+    assert torch.allclose(logits(tmp_path / "m", ids), logits(tmp_path / "x", ids), rtol=0, atol=1e-6)
+    after = state(tmp_path / "x")
+    for i in (2, 5):  # split 4 / 2 = 2: new blocks after originals 1 and 3
+        zeroed = [n for n in after if block(n) == i and n.endswith(("o_proj.weight", "down_proj.weight",
+                                                                    "c_proj.weight", "c_proj.bias"))]
+        assert len(zeroed) == (4 if family == "gpt2" else 2) and not any(after[n].any() for n in zeroed)
+
+
+def test_expand_refuses_with_one_message_and_exit_2(tmp_path):
+    write_hf_checkpoint(tmp_path / "m", "llama", small_vocab=True)  # 2 blocks
+    argv = ["expand", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "x")]
+    done = run_main([*argv, "--num-expand", "3"], tmp_path)
+    assert done.code == 2 and done.err == ("error: --num-expand: given 3, expected a divisor of the model's 2 blocks "
+                                           "(LLaMA Pro puts one new block after every num_layers / N): one of 1, 2\n")
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x/keep.txt").write_text("mine")
+    done = run_main([*argv, "--num-expand", "2"], tmp_path)
+    assert done.code == 2 and "is not an empty folder; expand never overwrites" in done.err
+    assert (tmp_path / "x/keep.txt").read_text() == "mine"
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"]}))
+    done = run_main([*argv[:-1], str(tmp_path / "y"), "--num-expand", "2"], tmp_path)
+    assert done.code == 2 and "architectures is ['MistralForCausalLM']; expand knows" in done.err
+    assert "Traceback" not in done.err
+
+
+def recipe(tmp_path: Path, model: Path, **keys) -> Path:
+    lines = {"model_name_or_path": str(model), "stage": "sft", "dataset": "identity", "template": "llama3",
+             "dataset_dir": str(Path(__file__).parent / "lf_data"), "output_dir": str(tmp_path / "run"),
+             "use_llama_pro": True, **keys}
+    path = tmp_path / "r.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in lines.items()))
+    return path
+
+
+def test_use_llama_pro_mistakes_name_the_key_and_line(tmp_path):
+    write_hf_checkpoint(tmp_path / "m", "llama", small_vocab=True, num_hidden_layers=6)
+    err = run_main(["validate", str(recipe(tmp_path, tmp_path / "m", finetuning_type="freeze",
+                                           freeze_trainable_layers=4))], tmp_path).err
+    assert ("r.yaml:9:26: freeze_trainable_layers: given 4, expected a divisor of the model's 6 blocks (LLaMA Pro "
+            "puts one new block after every num_layers / N): one of 1, 2, 3, 6; with use_llama_pro it is the "
+            "--num-expand") in err
+    err = run_main(["validate", str(recipe(tmp_path, tmp_path / "m", finetuning_type="full"))], tmp_path).err
+    assert "r.yaml:7:16: use_llama_pro: is true but finetuning_type is full; LLaMA Pro trains only the blocks" in err
+    done = run_main(["plan", str(recipe(tmp_path, tmp_path / "m", finetuning_type="lora",
+                                        freeze_trainable_layers=3))], tmp_path)
+    assert done.code == 0, done.err  # freeze_trainable_layers counts the expanded blocks under lora too
+    assert "trainable blocks: 1, 3, 5 of 0..5 (use_llama_pro" in done.out  # stride 6 / 3 = 2
+
+
+def test_expanded_block_ids_are_llama_factorys():
+    """LLaMA-Factory's example: Llama 3 8B's 32 blocks + 8 = 40, stride 5: ids 4, 9, ..., 39."""
+    from pipeline.model.config import llama_pro_blocks
+    from pipeline.model.expand import expanded_layout
+
+    assert llama_pro_blocks(40, 8) == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert [i for i, (_, new) in enumerate(expanded_layout(32, 8)) if new] == [4, 9, 14, 19, 24, 29, 34, 39]
+    assert [source for source, _ in expanded_layout(32, 8)][:10] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 7]
