@@ -114,31 +114,11 @@ def copy_other_files(source: Path, target: Path) -> list[str]:
     return copied
 
 
-def write_weights(state: dict[str, Any], target: Path) -> int:
-    """model.safetensors, or 5 GB shards and their index as transformers names them; returns the shard count."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from pipeline.io import write_json
-    from pipeline.model.weights import INDEX, SINGLE, _shards
-
-    shards = _shards(state, SHARD_BYTES)
-    names = ([SINGLE] if len(shards) == 1 else
-             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    for name, shard in tqdm(list(zip(names, shards)), desc="write weights", unit="file"):
-        save_file({k: t.contiguous() for k, t in shard.items()}, str(target / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        write_json(target / INDEX, {"metadata": {"total_size": total},
-                                    "weight_map": {k: n for n, s in zip(names, shards) for k in s}})
-    return len(shards)
-
-
 def expand(model: str, output_dir: str | Path, num_expand: int) -> Path:
     """Write the expanded checkpoint of `model` (a folder or hub id) to `output_dir`; returns the folder."""
     from pipeline.io import atomic_dir, write_json
     from pipeline.model.hub import resolve_model_path
-    from pipeline.model.weights import _shard_files, note, read_tensors
+    from pipeline.model.weights import note, read_tensors, shard_files, write_safetensors
 
     output = Path(output_dir)
     refuse_output(output)
@@ -154,12 +134,12 @@ def expand(model: str, output_dir: str | Path, num_expand: int) -> Path:
     for index, (origin, is_new) in enumerate(layout):
         if is_new:
             note(f"  block {index}: a copy of block {origin} whose attention and MLP output projections are zero (trains)")
-    tensors = {key: tensor for _, key, tensor in read_tensors(_shard_files(source))}
+    tensors = {key: tensor for _, key, tensor in read_tensors(shard_files(source))}
     state = dict(expanded_tensors(family, tensors, layout))
     with atomic_dir(output) as tmp:
         write_json(tmp / "config.json", expanded_config(config, layout))
         copy_other_files(source, tmp)
-        write_weights(state, tmp)
+        write_safetensors(state, tmp, SHARD_BYTES, progress=True)
     note(f"wrote {output}; train it with:\n  model_name_or_path: {output}\n  finetuning_type: freeze\n"
          f"  freeze_trainable_layers: {num_expand}\n  use_llama_pro: true")
     return output

@@ -68,7 +68,7 @@ def _checkpoint(name_or_path: str | Path) -> tuple[Path, ModelConfig, str]:
     return path.parent, read_config(path.parent), checkpoint_kind(read_raw(path))
 
 
-def _shard_files(directory: Path) -> list[Path]:
+def shard_files(directory: Path) -> list[Path]:
     if (directory / SINGLE).is_file():
         return [directory / SINGLE]
     index = directory / INDEX
@@ -128,7 +128,7 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
     "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
     """
     family = GPT2 if kind == "pipeline-v1" else FAMILIES[cfg.family]
-    files = _shard_files(directory)
+    files = shard_files(directory)
     for file, key, tensor in read_tensors(files, dtype):
         name = key
         if kind != "pipeline":
@@ -329,7 +329,6 @@ def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_sha
     if dtype not in DTYPES:
         raise UserError(f"export_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
     state = hf_state_dict(model, dtype)
-    shards = _shards(state, max_shard_bytes)
     special = dict(default_special_ids(model.cfg) if special is None else special)
     ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in special.items()
            if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -337,17 +336,25 @@ def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_sha
     with atomic_dir(directory) as tmp:
         write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch."), ids))
         write_json(tmp / "generation_config.json", special)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_safetensors(state, tmp, max_shard_bytes)
     return Path(directory)
+
+
+def write_safetensors(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None,
+                      progress: bool = False) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger than
+    max_shard_bytes (transformers' names); progress: a bar per file, for writes that take minutes."""
+    from tqdm import tqdm
+
+    shards = _shards(state, max_shard_bytes)
+    names = ([SINGLE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    for name, shard in tqdm(list(zip(names, shards)), desc="write weights", unit="file", disable=not progress):
+        save_file({k: t.contiguous() for k, t in shard.items()}, str(directory / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(directory / INDEX, {"metadata": {"total_size": total},
+                                       "weight_map": {k: n for n, s in zip(names, shards) for k in s}})
 
 
 def shard_bytes_from_gb(gigabytes: float | None) -> int | None:
