@@ -39,3 +39,26 @@ def uses_reference(stage: Any, pref_loss: Any) -> bool:
     """Whether a stage scores against a reference model: dpo unless its pref_loss is reference-free, kto always
     (its loss is KTO's, whatever pref_loss a dpo recipe it extends has left)."""
     return stage == "kto" or (stage == "dpo" and pref_loss not in REFERENCE_FREE)
+
+
+def token_loss(values: Any) -> dict[str, Any]:
+    """The keys that make a pt / sft run's loss other than the plain cross-entropy, with their values ({} for the
+    plain loss): label_smoothing_factor, or LLaMA-Factory's use_dft_loss, or use_eaft_loss with eaft_alpha (the
+    rules allow one). all_results.json records them, so that eval's report can say what training's losses are."""
+    if values.get("use_dft_loss"):
+        return {"use_dft_loss": True}
+    if values.get("use_eaft_loss"):
+        return {"use_eaft_loss": True, "eaft_alpha": values.get("eaft_alpha")}
+    return {"label_smoothing_factor": values["label_smoothing_factor"]} if values.get("label_smoothing_factor") else {}
+
+
+def token_loss_label(settings: Any) -> tuple[str, str] | None:
+    """How the plan and eval's report name token_loss's settings: (the loss's adjective, its keys as set); None for
+    the plain cross-entropy."""
+    if settings.get("use_dft_loss"):
+        return "DFT-weighted", "use_dft_loss"
+    if settings.get("use_eaft_loss"):
+        return "EAFT-weighted", f"use_eaft_loss, eaft_alpha {settings.get('eaft_alpha', 1.0):g}"
+    if settings.get("label_smoothing_factor"):
+        return "label-smoothed", f"label_smoothing_factor {settings['label_smoothing_factor']:g}"
+    return None

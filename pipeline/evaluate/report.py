@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.evaluate import metrics as M
 from pipeline.io import atomic_dir, atomic_write, write_json, write_text
+from pipeline.names import token_loss_label
 from pipeline.runtime.layout import RunLayout
 from pipeline.runtime.log import read_log
 
@@ -129,7 +130,7 @@ def write(
         if plot_metrics(metrics["results"], tmp / "metrics.png"):
             figures["metrics"] = "metrics.png"
         if plot_loss_curves(run.trainer_log, metrics["results"], tmp / "loss_curves.png",
-                            smoothed=bool((metrics.get("training") or {}).get("label_smoothing_factor"))):
+                            objective=token_loss_label(metrics.get("training") or {})):
             figures["loss"] = "loss_curves.png"
         elif run.loss_plot.is_file():
             figures["loss"] = _relative(run.loss_plot, eval_dir)
@@ -178,9 +179,11 @@ def plot_metrics(results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path, smoothed: bool = False) -> bool:
+def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path,
+                     objective: tuple[str, str] | None = None) -> bool:
     """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines;
-    `smoothed`: training's losses are label-smoothed (label_smoothing_factor), which their legend says."""
+    `objective` (names.token_loss_label): training's losses are another loss (label-smoothed, DFT- or
+    EAFT-weighted), which their legend says."""
     records = [rec for rec in read_log(log) if isinstance(rec, dict)]
     series: dict[str, tuple[list[float], list[float]]] = {}
     for rec in records:
@@ -188,7 +191,7 @@ def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: 
         if not isinstance(step, (int, float)):
             continue
         for key, label in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval (during training)")):
-            label += " (label-smoothed)" if smoothed else ""
+            label += f" ({objective[0]})" if objective else ""
             value = rec.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 xs, ys = series.setdefault(label, ([], []))
@@ -253,7 +256,7 @@ OBJECTIVE_ROW = {"dpo": "pref_loss", "kto": "kto_loss"}
 
 def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str:
     """One sentence from all_results.json: how long training ran and where its losses ended (which quantity they
-    are where the table's loss is another: a preference stage's objective, a label-smoothed loss)."""
+    are where the table's loss is another: a preference stage's objective, a label-smoothed or weighted loss)."""
     parts = []
     if training.get("global_step") is not None:
         steps = f"{training['global_step']} optimizer steps"
@@ -270,9 +273,10 @@ def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str
     losses = any(isinstance(training.get(key), (int, float)) for key in ("train_loss", "eval_loss"))
     if stage in OBJECTIVE_ROW and losses:
         parts[-1] += f" (stage {stage}'s objective: the table's {LABELS[OBJECTIVE_ROW[stage]]}, not its loss)"
-    if training.get("label_smoothing_factor") and losses:  # the objective trained, not the table's cross-entropy
-        parts[-1] += (f" (both label-smoothed, label_smoothing_factor {training['label_smoothing_factor']:g}: the "
-                      "training objective, not the plain cross-entropy of the table above)")
+    objective = token_loss_label(training)
+    if objective and losses:  # the objective trained, not the table's cross-entropy
+        parts[-1] += (f" (both {objective[0]}, {objective[1]}: the training objective, not the plain cross-entropy of "
+                      "the table above)")
     return ("Trained " + ", ".join(parts) + ".") if parts else ""
 
 

@@ -25,7 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Buckets, Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
-from pipeline.model.head_loss import head_cross_entropy_sum, head_cross_entropy_sum_argmax, head_cross_entropy_tokens
+from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
+                                      head_cross_entropy_tokens)
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.neftune import neftune_noise
@@ -278,6 +279,7 @@ class GPTModel(nn.Module):
         last_only: bool = False,
         predict: bool = False,
         label_smoothing: float = 0.0,
+        token_weight: TokenWeight | None = None,
     ) -> Any:
         """Logits (B, T, V); (logits, cache) with use_cache; with labels the loss instead. A reward model
         (cfg.num_labels) returns its score at every position (B, T, 1) (pipeline.model.reward pools them).
@@ -298,6 +300,8 @@ class GPTModel(nn.Module):
         (evaluation, reduction="sum") also the argmax token at each labelled position, (sum, count, predicted).
         label_smoothing (label_smoothing_factor, "mean" / "sum" only): each token's loss is transformers'
         LabelSmoother's, (1 - eps) cross-entropy + eps x the mean over the vocabulary of -log p.
+        token_weight (use_dft_loss / use_eaft_loss, "mean" / "sum" only, not beside label_smoothing): each token's
+        cross-entropy times LLaMA-Factory's DFT or EAFT weight (head_loss.TokenWeight).
         """
         b, t = input_ids.shape
         cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
@@ -328,33 +332,37 @@ class GPTModel(nn.Module):
                 raise ValueError("a reward model (score head) has no token logits: no labels, no cache")
             return self.score(x)
         if labels is not None:
-            return self.loss(x, labels, reduction, predict, label_smoothing)
+            return self.loss(x, labels, reduction, predict, label_smoothing, token_weight)
         logits = self.lm_head(x[:, -1:] if last_only else x)
         return (logits, cache) if use_cache else logits
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", predict: bool = False,
-             label_smoothing: float = 0.0) -> Any:
+             label_smoothing: float = 0.0, token_weight: TokenWeight | None = None) -> Any:
         """Cross-entropy with the head computed only where labels != -100 (same value as over full logits).
 
         reduction="none": per-token cross-entropy (B, T) in fp32, 0 where labels == -100 (a preference loss
         sums it per sequence into log-probabilities). predict (reduction="sum", no gradients): (sum, count,
         predicted), predicted the argmax token at each labelled position in labels[labels != -100] order
-        (compute_accuracy, pipeline.train.accuracy). label_smoothing: see forward (not with reduction="none", whose
-        per-token cross-entropy the preference losses read as log-probabilities).
+        (compute_accuracy, pipeline.train.accuracy). label_smoothing, token_weight: see forward (not with
+        reduction="none", whose per-token cross-entropy the preference losses read as log-probabilities).
         """
+        if label_smoothing and token_weight is not None:  # LLaMA-Factory's compute_loss_func replaces the smoother
+            raise ValueError("label_smoothing and token_weight are two losses: give one")
         keep = labels != IGNORE_INDEX
         targets = labels[keep]
         if predict:
             if reduction != "sum":
                 raise ValueError(f"predict needs reduction='sum', got {reduction!r}")
-            total, predicted = head_cross_entropy_sum_argmax(self.lm_head, hidden[keep], targets, label_smoothing)
+            total, predicted = head_cross_entropy_sum_argmax(self.lm_head, hidden[keep], targets, label_smoothing,
+                                                             token_weight)
             return total, targets.numel(), predicted
         if reduction == "none":
-            if label_smoothing:
-                raise ValueError("label_smoothing needs reduction='mean' or 'sum'")
+            if label_smoothing or token_weight is not None:
+                raise ValueError("label_smoothing and token_weight need reduction='mean' or 'sum'")
             per_token = head_cross_entropy_tokens(self.lm_head, hidden[keep], targets)
             return torch.zeros(labels.shape, dtype=per_token.dtype, device=labels.device).masked_scatter(keep, per_token)
-        total = head_cross_entropy_sum(self.lm_head, hidden[keep], targets, label_smoothing)  # chunked: frozen head
+        total = head_cross_entropy_sum(self.lm_head, hidden[keep], targets, label_smoothing,
+                                       token_weight)  # chunked: frozen head
         count = targets.numel()
         if reduction == "sum":
             return total, count

@@ -12,6 +12,11 @@ Label smoothing (label_smoothing_factor, eps) is transformers' LabelSmoother per
 one more reduction (its mean logit) and the gradient one more subtraction (softmax - (1 - eps) one-hot - eps / V).
 The plain path is F.cross_entropy(label_smoothing=eps), the same formula.
 
+LLaMA-Factory's sft losses use_dft_loss and use_eaft_loss (its compute_loss_func) multiply each token's
+cross-entropy by a weight taken without gradient (TokenWeight), so in a block the loss and the logit gradient rows
+are scaled by it: DFT's weight is the target's probability exp(-CE), EAFT's (H / 3) ** eaft_alpha with H the entropy
+of the softmax over the row's 20 largest logits (taken from the block's logits before they are overwritten).
+
 Used only where that is exact and safe: grad enabled, the head a bias-free nn.Linear whose weight is
 frozen and not partitioned (ZeRO-3 gathers weights through module hooks, which this bypasses), hidden
 states in the weight's dtype, bf16 or fp32, no autocast. fp16 keeps the plain path: there the loss scale
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -31,6 +37,39 @@ from pipeline.model.kernels import Linear
 
 CHUNK_ROWS = 128  # fastest on the benchmark's CPU among 64-1024; 128 x 50257 fp32 logits = 26 MB
 _PLAIN = contextvars.ContextVar("plain_head", default=False)
+EAFT_TOP_K = 20  # LLaMA-Factory's _eaft_cross_entropy: the entropy of the softmax over the 20 largest logits ...
+EAFT_SCALE = 3.0  # ... divided by 3 (about ln 20, the largest such entropy), then raised to eaft_alpha
+
+
+@dataclass(frozen=True)
+class TokenWeight:
+    """LLaMA-Factory's weighted sft cross-entropy (trainer_utils._dft_cross_entropy / _eaft_cross_entropy): each
+    labelled token's loss is its cross-entropy times a weight computed without gradient, so the weight scales the
+    token's gradient and is not differentiated. kind "dft" (use_dft_loss): the target's probability exp(-CE).
+    kind "eaft" (use_eaft_loss): (H / 3) ** alpha (eaft_alpha), H the entropy of the softmax over the row's 20
+    largest logits (fp32)."""
+
+    kind: str
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dft", "eaft"):
+            raise ValueError(f"TokenWeight kind must be 'dft' or 'eaft', got {self.kind!r}")
+
+    def statistic(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """What the weight needs of rows of fp32 logits (N, V) before they are overwritten: EAFT's largest ones."""
+        if self.kind == "dft":
+            return None
+        return logits.topk(min(EAFT_TOP_K, logits.shape[1]), dim=1).values
+
+    def weights(self, statistic: torch.Tensor | None, losses: torch.Tensor) -> torch.Tensor:
+        """Weights (N, 1) of rows whose cross-entropies are losses (N, 1), from statistic(their logits)."""
+        with torch.no_grad():
+            if statistic is None:
+                return torch.exp(-losses)
+            log_p = statistic - statistic.logsumexp(dim=1, keepdim=True)
+            entropy = -(log_p.exp() * log_p).sum(dim=1, keepdim=True)
+            return (entropy / EAFT_SCALE).pow(self.alpha)
 
 
 @contextlib.contextmanager
@@ -65,11 +104,22 @@ def direct_weight(head: nn.Module, hidden: torch.Tensor) -> bool:
 
 
 def head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                           smoothing: float = 0.0) -> torch.Tensor:
-    """Summed cross-entropy of head(hidden) (N, V) against targets (N,), in fp32, label-smoothed by `smoothing`."""
+                           smoothing: float = 0.0, token_weight: TokenWeight | None = None) -> torch.Tensor:
+    """Summed cross-entropy of head(hidden) (N, V) against targets (N,), in fp32, label-smoothed by `smoothing`,
+    each token's weighted by `token_weight`."""
     if fused_applies(head, hidden):
-        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, smoothing).sum()
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum", label_smoothing=smoothing)
+        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, smoothing, token_weight).sum()
+    return _plain_losses(head(hidden).float(), targets, smoothing, token_weight).sum()
+
+
+def _plain_losses(logits: torch.Tensor, targets: torch.Tensor, smoothing: float,
+                  token_weight: TokenWeight | None) -> torch.Tensor:
+    """Per-token losses (N,) from the full fp32 logits (N, V): F.cross_entropy, times `token_weight`'s weights."""
+    losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=smoothing)
+    if token_weight is None:
+        return losses
+    statistic = token_weight.statistic(logits.detach())
+    return losses * token_weight.weights(statistic, losses.detach()[:, None]).squeeze(1)
 
 
 def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -87,9 +137,10 @@ def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: to
 
 @torch.no_grad()
 def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                                  smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Evaluation with compute_accuracy: the summed (label-smoothed by `smoothing`) cross-entropy of head(hidden)
-    (N, V) against targets (N,) and each row's argmax token (N,), without gradients.
+                                  smoothing: float = 0.0,
+                                  token_weight: TokenWeight | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation with compute_accuracy: the summed (label-smoothed by `smoothing`, weighted by `token_weight`)
+    cross-entropy of head(hidden) (N, V) against targets (N,) and each row's argmax token (N,), without gradients.
 
     The argmax is all that accuracy needs of the logits (LLaMA-Factory's eval_logit_processor keeps it alone for
     the same reason: memory). Where the weight can be used directly, both come from row blocks, so the (N x V)
@@ -99,16 +150,17 @@ def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor, targets
     """
     if direct_weight(head, hidden):
         predicted = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        return _chunked_tokens(hidden, head.weight, targets, None, predicted, smoothing).sum(), predicted
+        losses = _chunked_tokens(hidden, head.weight, targets, None, predicted, smoothing, token_weight)
+        return losses.sum(), predicted
     logits = head(hidden).float()
-    return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=smoothing), logits.argmax(dim=-1)
+    return _plain_losses(logits, targets, smoothing, token_weight).sum(), logits.argmax(dim=-1)
 
 
 def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     grad_hidden: torch.Tensor | None, predicted: torch.Tensor | None = None,
-                    smoothing: float = 0.0) -> torch.Tensor:
-    """Per-token losses by row blocks, label-smoothed by `smoothing`; fills grad_hidden (d loss_i / d hidden_i) and
-    predicted (each row's argmax) when given."""
+                    smoothing: float = 0.0, token_weight: TokenWeight | None = None) -> torch.Tensor:
+    """Per-token losses by row blocks, label-smoothed by `smoothing` and weighted by `token_weight`; fills grad_hidden
+    (d loss_i / d hidden_i) and predicted (each row's argmax) when given."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
@@ -118,6 +170,7 @@ def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         target = targets[rows]
         target_logit = logits.gather(1, target[:, None])
         shift = logits.amax(dim=1, keepdim=True)
+        statistic = token_weight.statistic(logits) if token_weight is not None else None  # before the in-place passes
         shifted = logits.sub_(shift)
         mean_shifted = shifted.mean(dim=1, keepdim=True) if smoothing else None
         exp = shifted.exp_()  # in place: one fp32 block, five passes over it in all (six with smoothing)
@@ -125,12 +178,15 @@ def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         loss = norm.log() + shift - target_logit  # log-sum-exp minus the target's logit
         if smoothing:  # mean over the vocabulary of -log p: log-sum-exp minus the mean logit (both less the shift)
             loss = (1.0 - smoothing) * loss + smoothing * (norm.log() - mean_shifted)
-        losses[rows] = loss.squeeze(1)
+        scale = token_weight.weights(statistic, loss) if token_weight is not None else None
+        losses[rows] = (loss if scale is None else loss * scale).squeeze(1)
         if grad_hidden is not None:
             grad_logits = exp.div_(norm)  # softmax ...
             grad_logits[torch.arange(target.numel(), device=target.device), target] -= 1.0 - smoothing  # ... - one-hot
             if smoothing:
                 grad_logits.sub_(smoothing / grad_logits.shape[1])  # ... minus the uniform target's share
+            if scale is not None:
+                grad_logits.mul_(scale)  # ... times the token's weight, itself not differentiated
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
     return losses
 
@@ -140,13 +196,13 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                smoothing: float = 0.0) -> torch.Tensor:
+                smoothing: float = 0.0, token_weight: TokenWeight | None = None) -> torch.Tensor:
         grad_hidden = torch.empty_like(hidden)
-        losses = _chunked_tokens(hidden, weight, targets, grad_hidden, smoothing=smoothing)
+        losses = _chunked_tokens(hidden, weight, targets, grad_hidden, smoothing=smoothing, token_weight=token_weight)
         ctx.save_for_backward(grad_hidden)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None
+        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None, None

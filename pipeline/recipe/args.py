@@ -118,6 +118,9 @@ class TrainArgs:
     do_eval: bool | None
     compute_accuracy: bool  # eval_accuracy beside eval_loss (pipeline.train.accuracy)
     label_smoothing_factor: float  # pt / sft: transformers' LabelSmoother loss (pipeline.model.head_loss)
+    use_dft_loss: bool  # sft: LLaMA-Factory's DFT loss (pipeline.model.head_loss.TokenWeight)
+    use_eaft_loss: bool  # sft: LLaMA-Factory's EAFT loss, weights (H / 3) ** eaft_alpha
+    eaft_alpha: float
     nan_policy: str
     fp16: bool
     bf16: bool

@@ -311,6 +311,11 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
                                       "label smoothing (conservative DPO, pref_loss: sigmoid)",
                                "kto": "LLaMA-Factory's kto ignores it too; KTO's loss has no label smoothing",
                                "rm": "LLaMA-Factory's rm ignores it too; the pairwise loss has no label smoothing"},
+    # LLaMA-Factory installs them as compute_loss_func in its sft trainer only (train/sft/trainer.py)
+    "use_dft_loss": {stage: "LLaMA-Factory's DFT loss is an sft loss: its other trainers ignore the key"
+                     for stage in ("pt", "dpo", "kto", "rm")},
+    "use_eaft_loss": {stage: "LLaMA-Factory's EAFT loss is an sft loss: its other trainers ignore the key"
+                      for stage in ("pt", "dpo", "kto", "rm")},
 }
 
 
@@ -816,6 +821,37 @@ def checkpointing_switches_agree(ctx: Context) -> list[tuple[str, str]]:
     if on is not None and ctx.origins["disable_gradient_checkpointing"].kind in ("file", "cli") and disabled == on:
         return [("gradient_checkpointing", f"is {str(on).lower()} but disable_gradient_checkpointing is also "
                                            f"{str(on).lower()}; they are the same switch inverted: keep one")]
+    return []
+
+
+# --- sft's weighted losses (LLaMA-Factory's use_dft_loss, use_eaft_loss) ---------------------------------------
+
+
+@rule("stage", "use_dft_loss", "use_eaft_loss", "label_smoothing_factor")
+def one_sft_loss(ctx: Context) -> list[tuple[str, str]]:
+    """One loss at a time: LLaMA-Factory's sft trainer installs DFT, else EAFT (an elif), as transformers'
+    compute_loss_func, which Trainer.compute_loss uses instead of its label smoother. Set beside the one that
+    wins, use_eaft_loss or label_smoothing_factor would be ignored without a word. (Other stages refuse
+    use_*_loss already: STAGE_ONLY.)"""
+    values = ctx.values
+    if values["stage"] != "sft":
+        return []
+    winner = next((key for key in ("use_dft_loss", "use_eaft_loss") if values[key]), None)
+    if winner is None:
+        return []
+    ignored = [key for key in ("use_eaft_loss", "label_smoothing_factor") if key != winner and values[key]]
+    return [(key, f"given {show(values[key])} together with {ctx.where(winner)} true: LLaMA-Factory trains "
+                  f"{winner}'s loss then and ignores {key} (its sft trainer takes use_dft_loss before "
+                  "use_eaft_loss, and either replaces transformers' label smoother); set one of them")
+            for key in ignored]
+
+
+@rule("use_eaft_loss", "eaft_alpha")
+def eaft_alpha_needs_eaft(ctx: Context) -> list[tuple[str, str]]:
+    """eaft_alpha without use_eaft_loss would be ignored without a word."""
+    if ctx.set_here("eaft_alpha") and not ctx.values["use_eaft_loss"]:
+        return [("eaft_alpha", f"given {show(ctx.values['eaft_alpha'])}, but it only weighs the EAFT loss and "
+                               "use_eaft_loss is not true; remove it or set use_eaft_loss: true")]
     return []
 
 

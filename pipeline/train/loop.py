@@ -189,10 +189,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        """pt / sft: cross-entropy (label-smoothed with label_smoothing_factor) summed over the labelled tokens
-        (step_scale divides by the update's count)."""
+        """pt / sft: cross-entropy (label-smoothed, or DFT / EAFT-weighted: loss_keywords) summed over the labelled
+        tokens (step_scale divides by the update's count, LLaMA-Factory's num_items_in_batch)."""
         total, _ = self.engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
-                               **smoothing(self.args.label_smoothing_factor))
+                               **loss_keywords(self.args))
         return total, {}
 
     def step_scale(self, batches: list[dict[str, Any]]) -> float:
@@ -399,19 +399,27 @@ def evaluates(train: TrainArgs) -> bool:
     return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
 
 
-def smoothing(label_smoothing_factor: float) -> dict[str, float]:
-    """The model's keyword for label_smoothing_factor, none when it is 0 (the forward is the one it always was)."""
-    return {"label_smoothing": float(label_smoothing_factor)} if label_smoothing_factor else {}
+def loss_keywords(train: TrainArgs) -> dict[str, Any]:
+    """The model's keywords for the pt / sft loss the recipe chose: label_smoothing (label_smoothing_factor) or
+    token_weight (use_dft_loss, use_eaft_loss with eaft_alpha: LLaMA-Factory's weighted cross-entropy); none for
+    the plain cross-entropy (the forward is the one it always was). The rules let one at most be set."""
+    if train.use_dft_loss or train.use_eaft_loss:
+        from pipeline.model.head_loss import TokenWeight
+
+        return {"token_weight": TokenWeight("dft") if train.use_dft_loss else TokenWeight("eaft", train.eaft_alpha)}
+    return {"label_smoothing": float(train.label_smoothing_factor)} if train.label_smoothing_factor else {}
 
 
-def evaluate(engine: Any, loader: Any, accuracy: bool = False, label_smoothing: float = 0.0) -> dict[str, float]:
+def evaluate(engine: Any, loader: Any, accuracy: bool = False,
+             loss: Mapping[str, Any] | None = None) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity; with `accuracy`
     (compute_accuracy) also eval_accuracy, the mean over all ranks' examples of each one's token accuracy
     (pipeline.train.accuracy). Without it the forward is the one it always was.
 
-    With label_smoothing (label_smoothing_factor) eval_loss is the smoothed loss, the training objective, as
-    transformers' Trainer reports it (so the train and eval curves compare); eval_perplexity is left out, since
-    exp of a smoothed loss is no perplexity (the eval command reports the plain cross-entropy and perplexity)."""
+    With `loss` (loss_keywords: label_smoothing_factor, use_dft_loss, use_eaft_loss) eval_loss is that loss, the
+    training objective, as transformers' Trainer reports it (its compute_loss applies the label smoother or
+    compute_loss_func in evaluation too), so the train and eval curves compare; eval_perplexity is left out, since
+    exp of such a loss is no perplexity (the eval command reports the plain cross-entropy and perplexity)."""
     import torch
 
     engine.eval()
@@ -420,7 +428,7 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False, label_smoothing: 
         for batch in loader:
             batch = _to_device(batch, engine.device)
             out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
-                         **({"predict": True} if accuracy else {}), **smoothing(label_smoothing))
+                         **({"predict": True} if accuracy else {}), **(loss or {}))
             total += float(out[0])
             count += int(out[1])
             if accuracy:
@@ -429,8 +437,8 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False, label_smoothing: 
                 examples += scored
     engine.train()
     total, count, scores, examples = dist.all_sum([total, count, scores, examples])
-    loss = total / max(count, 1)
-    metrics = {"eval_loss": loss, **({} if label_smoothing else {"eval_perplexity": math.exp(min(loss, 700.0))})}
+    mean = total / max(count, 1)
+    metrics = {"eval_loss": mean, **({} if loss else {"eval_perplexity": math.exp(min(mean, 700.0))})}
     if accuracy:
         metrics["eval_accuracy"] = scores / max(examples, 1)
     return metrics

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.errors import UserError
-from pipeline.names import PREFERENCE_STAGES, uses_reference
+from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_label, uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
@@ -71,7 +71,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.data.added_tokens import TokenNames
     from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
     from pipeline.train import step_profile
     from pipeline.train.optim import make_optimizer
     from pipeline.train.schedule import make_scheduler
@@ -142,7 +142,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         evaluate_now = None
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
-                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy, args.label_smoothing_factor)))
+                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
         trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums()),
                           log=log, stop=stop,
@@ -465,9 +465,9 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
     if r["neftune_noise_alpha"]:
         lines.append(f"neftune: uniform noise of alpha {r['neftune_noise_alpha']:g} / sqrt(length x width) on the "
                      "token embeddings in training steps")
-    if r["label_smoothing_factor"]:
-        lines.append(f"label smoothing: {r['label_smoothing_factor']:g} (loss and eval_loss are the smoothed "
-                     "cross-entropy; no eval_perplexity)")
+    if objective := token_loss_label(token_loss(r)):
+        lines.append(f"loss: {objective[0]} cross-entropy ({objective[1]}): loss and eval_loss are that loss; "
+                     "no eval_perplexity")
     if resume is not None:
         lines.append(f"resuming from {resume} at step {state.global_step} (epoch {state.epoch}, "
                      f"batch {state.batch_in_epoch})")
@@ -556,8 +556,8 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "train_loss": last.get("loss"),
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
-        # loss and eval_loss are then the smoothed objective (eval's report says so beside its plain cross-entropy)
-        **({"label_smoothing_factor": r["label_smoothing_factor"]} if r["label_smoothing_factor"] else {}),
+        # loss and eval_loss are then that objective (eval's report says so beside its plain cross-entropy)
+        **token_loss(r),
         **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] or r["stage"] == "rm" else {}),
         "num_train_examples": loader.num_examples,
         "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)

@@ -184,6 +184,35 @@ def test_example_trains_and_its_adapter_loads_in_peft(tmp_path, models, example,
     assert_adapter_loads_in_peft(work, example, models[family(example)], run, used)
 
 
+# full fine-tuning on LLaMA-Factory's weighted sft losses (their loss against LLaMA-Factory's formula is
+# tests/acceptance/test_sft_loss_cli.py's): the example, its output_dir, the key all_results.json records
+FULL = [("extras/dft/qwen2_full_sft.yaml", "saves/qwen2-1_5b/full/sft", "use_dft_loss"),
+        ("extras/eaft/qwen25_05b_eaft_full.yaml", "qwen2.5-0_5b/full/sft_eaft", "use_eaft_loss")]
+
+
+@pytest.mark.slow  # ~20 s each: builds, trains two steps of 8 micro-batches and merges through the CLI
+@pytest.mark.parametrize("example, output_dir, key", FULL)
+def test_full_example_trains_on_its_loss_and_its_merged_model_loads_in_transformers(tmp_path, models, example, output_dir,
+                                                                              key):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    assert ROWS[example] == "trains"
+    work = lf_checkout(tmp_path, str(models["qwen"]))
+    used = ["max_steps=2"]
+    pipeline("build", f"examples/{example}", cwd=work)
+    err = pipeline("train", f"examples/{example}", *used, cwd=work, timeout=600).stderr
+    assert f"loss: {key[4:].split('_')[0].upper()}-weighted cross-entropy" in err, err
+    run = work / output_dir
+    results = json.loads((run / "all_results.json").read_text("utf-8"))
+    assert results["global_step"] == 2 and results[key] is True
+    pipeline("merge", f"examples/{example}", *used, cwd=work)
+    ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(run / "merged").eval()(ids).logits
+        got = trained_model(f"examples/{example}", work, used)(ids)
+    assert_close(want, got)
+
+
 @pytest.mark.slow  # ~7 s: builds and generates through the CLI
 def test_nlg_eval_example_predicts_with_the_loraplus_adapter_once_told_not_to_train(tmp_path, models):
     """LLaMA-Factory's do_train defaults to false, ours to true, and `dataset` is required here: the example is

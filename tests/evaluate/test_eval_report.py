@@ -102,6 +102,18 @@ def test_a_label_smoothed_runs_training_losses_say_so():
             "objective, not the plain cross-entropy of the table above).") in md
 
 
+@pytest.mark.parametrize("keys, words", [
+    ({"use_dft_loss": True}, "both DFT-weighted, use_dft_loss"),
+    ({"use_eaft_loss": True, "eaft_alpha": 0.5}, "both EAFT-weighted, use_eaft_loss, eaft_alpha 0.5")])
+def test_a_dft_or_eaft_runs_training_losses_say_so(keys, words):
+    """use_dft_loss / use_eaft_loss: training's loss and eval_loss are LLaMA-Factory's weighted loss (all_results.json
+    records the keys), the table's loss the plain cross-entropy."""
+    training = {"global_step": 2, "train_loss": 3.5, "eval_loss": 3.9, **keys}
+    md = R.render_markdown({**_metrics(), "training": training}, None, {})
+    assert (f"last eval loss during training 3.9000 ({words}: the training objective, not the plain cross-entropy "
+            "of the table above).") in md
+
+
 def test_a_kto_report_shows_the_numbers_its_text_names():
     """Stage kto's paragraph explains reward_chosen, reward_rejected, kl and kto_loss (metrics.json's keys, from
     evaluate.preference.kto_summary), but the table showed none of them: no label, so no row. And the training line's

@@ -186,6 +186,32 @@ def test_label_smoothing_is_for_pt_and_sft_and_below_one(recipe):
         assert len(messages) == 1 and "label_smoothing_factor" in messages[0] and "< 1" in messages[0], messages
 
 
+def test_dft_and_eaft_losses_are_sft_keys_one_at_a_time(recipe):
+    """use_dft_loss / use_eaft_loss (LLaMA-Factory's sft compute_loss_func): sft takes either; the other stages are
+    refused (LLaMA-Factory's other trainers ignore the keys); both at once, or either with label_smoothing_factor,
+    refuse the key LLaMA-Factory would ignore (it takes DFT first, and compute_loss_func replaces transformers'
+    label smoother); eaft_alpha without use_eaft_loss would be ignored too."""
+    for key in ("use_dft_loss", "use_eaft_loss"):
+        assert resolve(recipe(f"stage: sft\n{key}: true\n"))[key] is True
+        for stage in ("pt", "dpo", "kto", "rm"):
+            messages = errors(recipe(f"stage: {stage}\n{key}: true\n"))
+            assert messages == [f"r.yaml:6:{len(key) + 3}: {key}: given true, but it has no meaning for stage: {stage} "
+                                f"(LLaMA-Factory's {key.split('_')[1].upper()} loss is an sft loss: its other trainers ignore the "
+                                "key); remove it"], messages
+    r = resolve(recipe("stage: sft\nuse_eaft_loss: true\neaft_alpha: 0.5\n"))
+    assert r["eaft_alpha"] == 0.5 and resolve(recipe("stage: sft\n"))["eaft_alpha"] == 1.0  # LLaMA-Factory's default
+    assert errors(recipe("stage: sft\nuse_dft_loss: true\nuse_eaft_loss: true\n")) == [
+        "r.yaml:7:16: use_eaft_loss: given true together with r.yaml:6:15: use_dft_loss true: LLaMA-Factory trains "
+        "use_dft_loss's loss then and ignores use_eaft_loss (its sft trainer takes use_dft_loss before use_eaft_loss, "
+        "and either replaces transformers' label smoother); set one of them"]
+    messages = errors(recipe("stage: sft\nuse_eaft_loss: true\nlabel_smoothing_factor: 0.1\n"))
+    assert len(messages) == 1 and messages[0].startswith(
+        "r.yaml:7:25: label_smoothing_factor: given 0.1 together with r.yaml:6:16: use_eaft_loss true"), messages
+    assert errors(recipe("stage: sft\neaft_alpha: 2\n")) == [
+        "r.yaml:6:13: eaft_alpha: given 2, but it only weighs the EAFT loss and use_eaft_loss is not true; remove it "
+        "or set use_eaft_loss: true"]
+
+
 @pytest.mark.parametrize("stage, lines, key, words", [
     ("kto", "pref_loss: ipo\n", "pref_loss", "is a stage dpo setting; stage kto's loss is KTO's"),
     ("kto", "simpo_gamma: 1.0\n", "simpo_gamma", "is a stage dpo setting; stage kto's loss is KTO's"),
