@@ -93,10 +93,11 @@ def peaked(model: GPTModel) -> GPTModel:
 @pytest.mark.parametrize("kind", ["dft", "eaft"])
 @pytest.mark.parametrize("finetuning,dtype", [("lora", torch.float32), ("lora", torch.bfloat16),
                                               ("full", torch.float32)])
-def test_model_loss_and_gradients_equal_llama_factory_on_full_logits(kind, finetuning, dtype, batch):
+def test_model_loss_and_gradients_equal_llama_factory_on_full_logits(kind, finetuning, dtype, batch, monkeypatch):
     """LoRA (frozen head: row blocks, fp32 and bf16) and full (trained head: the plain path): the mean loss and every
     trained gradient equal those of LLaMA-Factory's loss over the same model's full logits (bf16: the logits in
-    fp32, as LLaMA-Factory's logits.float() and our row blocks take them)."""
+    fp32, as LLaMA-Factory's logits.float() and our row blocks take them). Blocks of 16 rows: several per batch."""
+    monkeypatch.setattr(head_loss, "CHUNK_ROWS", 16)
     model = lora_model(CFG, dtype) if finetuning == "lora" else GPTModel(CFG, seed=4).to(dtype)
     peaked(model)
     ids, labels = batch
