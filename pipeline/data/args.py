@@ -47,6 +47,9 @@ class DataArgs:
     dataset_dir: str
     dataset: str | Sequence[str] | None
     eval_dataset: str | Sequence[str] | None
+    # how the training rows of several `dataset` are mixed (pipeline.data.mix): concat, or an interleave strategy
+    mix_strategy: str
+    interleave_probs: str | Sequence[float] | None
     template: str
     default_system: str | None  # LLaMA-Factory's key: replaces the template's default system prompt
     cutoff_len: int

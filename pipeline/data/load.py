@@ -1,6 +1,8 @@
 """Built splits as rows: what train, eval and inspect read (never the raw sources).
 
-train = the train.json of every `dataset`; val = their val.json, or with `eval_dataset` the rows of
+train = the train.json of every `dataset`, one after another, or with an interleave mix_strategy interleaved
+(pipeline.data.mix: a dataset's rows are its train.json, then its val.json when that trains too); val = their
+val.json, one after another, or with `eval_dataset` the rows of
 those datasets (all of them; only val.json for a name that is also in `dataset`, so nothing trained
 on is evaluated). A missing or stale build is a UserError that says to run `make data` (or to set overwrite_cache: true: train
 and eval then build first, see pipeline.__main__.steps).
@@ -10,15 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence, TypeVar
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
 from pipeline.data.built import training_splits
+from pipeline.data.mix import mixed, parse_probs
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
 
+T = TypeVar("T")
 MAKE_DATA = ("run `make data` (python -m pipeline build RECIPE), or set overwrite_cache: true so that train and eval "
              "rebuild it themselves")
 
@@ -133,25 +137,46 @@ def source_names(data: DataArgs, name: str) -> tuple[str, ...]:
     return next((spec.shown for spec in all_specs(data) if spec.name == name), ())
 
 
-def read_split_rows(data: DataArgs, paths: list[Path]) -> tuple[list[Any], list[Origin]]:
-    """The rows of a split's built files and each row's origin: the raw file and line (or row) it was built
-    from, for messages that name a row (pipeline.data.origins)."""
-    rows: list[Any] = []
-    origins: list[Origin] = []
+def interleaved(data: DataArgs, split: str) -> bool:
+    """Whether `split` interleaves its datasets (mix_strategy other than concat, training rows of several datasets)
+    rather than concatenating them."""
+    return split == "train" and data.mix_strategy != "concat" and len(dataset_names(data, "dataset")) > 1
+
+
+def mix_key(data: DataArgs, split: str) -> tuple:
+    """What, besides the built files, decides the order and multiplicity of a split's rows: for the caches."""
+    return (data.mix_strategy, str(data.interleave_probs), data.seed) if interleaved(data, split) else ()
+
+
+def combine(data: DataArgs, split: str, paths: Sequence[Path], parts: Sequence[Sequence[T]]) -> list[T]:
+    """What was read from each of a split's `paths` (rows, or their origins) as the split holds it: one file after
+    another, or for an interleaved split each dataset's items (its files' in order) interleaved."""
+    if not interleaved(data, split):
+        return [item for part in parts for item in part]
+    per_dataset: dict[str, list[T]] = {}
+    for path, part in zip(paths, parts):
+        per_dataset.setdefault(Path(path).parent.name, []).extend(part)
+    return mixed(list(per_dataset.values()), parse_probs(data.interleave_probs), data.seed, data.mix_strategy)
+
+
+def read_split_rows(data: DataArgs, split: str, paths: list[Path]) -> tuple[list[Any], list[Origin]]:
+    """The rows of a split's built files (as `combine` orders them) and each row's origin: the raw file and line
+    (or row) it was built from, for messages that name a row (pipeline.data.origins)."""
+    rows: list[list[Any]] = []
+    origins: list[list[Origin]] = []
     names: dict[str, tuple[str, ...]] = {}
     for path in paths:
         part = read_rows(path)
         dataset = Path(path).parent.name
         if dataset not in names:
             names[dataset] = source_names(data, dataset)
-        rows.extend(part)
-        origins.extend(built_origins(path, len(part), names[dataset]))
-    return rows, origins
+        rows.append(part)
+        origins.append(built_origins(path, len(part), names[dataset]))
+    return combine(data, split, paths, rows), combine(data, split, paths, origins)
 
 
 def load_split(data: DataArgs, split: str) -> list[dict]:
-    """Alpaca rows (pt: {"text"} documents) of the recipe's `split`, datasets concatenated in order."""
-    rows: list[dict] = []
-    for path in split_files(data, split):
-        rows.extend(read_rows(path))
-    return rows
+    """Alpaca rows (pt: {"text"} documents) of the recipe's `split`, datasets concatenated in order (the training
+    rows of an interleave mix_strategy interleaved)."""
+    paths = split_files(data, split)
+    return combine(data, split, paths, [read_rows(path) for path in paths])

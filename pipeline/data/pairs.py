@@ -154,15 +154,15 @@ def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
 def tokenized_rows(data: DataArgs, split: str, fields: set[str], what: str, encode: Any) -> TokenizedPairs:
     """The recipe's `split` through `encode` (encode_pairs, or stage kto's encode_feedback) with its template and
     length policy, once per process and stage; rows without `fields` are named as `what` (a build of another stage)."""
-    from pipeline.data.load import read_split_rows, split_files
+    from pipeline.data.load import mix_key, read_split_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
-    key = (data.stage, tokenizer.name, _file_key(paths),
+    key = (data.stage, tokenizer.name, _file_key(paths), mix_key(data, split),
            (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.enable_thinking))
 
     def make() -> TokenizedPairs:
-        rows, origins = read_split_rows(data, paths)
+        rows, origins = read_split_rows(data, split, paths)
         missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not fields <= row.keys()]
         if missing:
             raise UserError([f"{o}: {what}; the build is from another stage: run `make data`" for o in missing[:5]])

@@ -328,16 +328,16 @@ def _cached(key: tuple, make: Any) -> Any:
 
 def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     """The recipe's sft `split` tokenized with its template, masks and length policy (once per process)."""
-    from pipeline.data.load import read_split_rows, split_files
+    from pipeline.data.load import mix_key, read_split_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
     settings = (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.train_on_prompt,
                 data.mask_history, data.enable_thinking)
-    key = ("sft", tokenizer.name, _file_key(paths), settings)
+    key = ("sft", tokenizer.name, _file_key(paths), mix_key(data, split), settings)
 
     def make() -> TokenizedSplit:
-        rows, origins = read_split_rows(data, paths)
+        rows, origins = read_split_rows(data, split, paths)
         try:
             return encode_rows(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
                                policy=data.overlength_policy, train_on_prompt=data.train_on_prompt,
@@ -365,17 +365,17 @@ def pt_separator(template_name: str | None, tokenizer: Tokenizer) -> int:
 
 def pt_stream(data: DataArgs, split: str) -> np.ndarray:
     """The pt `split` as one token stream: documents joined by pt_separator (int32)."""
-    from pipeline.data.load import read_rows, split_files
+    from pipeline.data.load import combine, mix_key, read_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
     separator = pt_separator(data.template, tokenizer)
 
     def make() -> np.ndarray:
-        docs = [row["text"] for path in paths for row in read_rows(path)]
+        docs = [row["text"] for row in combine(data, split, paths, [read_rows(path) for path in paths])]
         return join_documents(tokenizer.encode_batch(docs), separator)
 
-    return _cached(("pt", tokenizer.name, separator, _file_key(paths)), make)
+    return _cached(("pt", tokenizer.name, separator, _file_key(paths), mix_key(data, split)), make)
 
 
 def join_documents(tokens: Sequence[list[int]], eos_id: int) -> np.ndarray:

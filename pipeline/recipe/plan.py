@@ -188,9 +188,12 @@ def _explain(r: Resolved, key: str) -> str:
             return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
         if n is None:
             return "unknown until `make data`"
-        return "sum of splits.train in the built manifests" + (
+        trained = "splits.train in the built manifests" + (
             " (and splits.val of the datasets eval_dataset does not name: nothing else reads them)"
             if r["eval_dataset"] and set(r["dataset"]) - set(r["eval_dataset"]) else "")
+        if r["mix_strategy"] != "concat" and len(r["dataset"]) > 1:
+            return f"{r['mix_strategy']} of {trained}, interleaved with seed {r['seed']}"
+        return f"sum of {trained}"
     if key == "steps_per_epoch":
         if n is None:
             return "needs num_train_examples"

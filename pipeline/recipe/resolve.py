@@ -300,15 +300,32 @@ def count_train_examples(values: Mapping[str, Any]) -> int | None:
         return None
     from pipeline.data.built import built_dir, read_manifest, training_splits
 
-    total = 0
+    lengths = []
     for name in values["dataset"]:
         manifest = read_manifest(built_dir(values["dataset_dir"], name))
         try:
-            total += sum(int(manifest["splits"][s])  # type: ignore[index]
-                         for s in training_splits(name, values.get("eval_dataset") or []))
+            lengths.append(sum(int(manifest["splits"][s])  # type: ignore[index]
+                               for s in training_splits(name, values.get("eval_dataset") or [])))
         except (TypeError, KeyError, ValueError):
             return None
-    return total
+    strategy = values.get("mix_strategy", "concat")
+    if strategy == "concat" or len(lengths) < 2:
+        return sum(lengths)
+    return mixed_count(lengths, values.get("interleave_probs"), values.get("seed"), strategy)
+
+
+def mixed_count(lengths: list[int], probs: Any, seed: int | None, strategy: str) -> int | None:
+    """The training rows an interleave mix_strategy gives datasets of these lengths (pipeline.data.mix), or None
+    when interleave_probs cannot mix them (rules.interleave_probs_valid says why) or a dataset has no rows."""
+    from pipeline.data.mix import interleave_order, parse_probs, probs_problem
+
+    try:
+        parsed = parse_probs(probs)
+    except ValueError:
+        return None
+    if min(lengths) < 1 or (parsed is not None and probs_problem(parsed, len(lengths), strategy)):
+        return None
+    return len(interleave_order(lengths, parsed, seed, strategy))
 
 
 def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: int | None,

@@ -752,22 +752,28 @@ def main_revision_only(ctx: Context) -> list[tuple[str, str]]:
                                f"commit is in {ref} once downloaded), then remove model_revision")]
 
 
-@rule("mix_strategy", "interleave_probs")
-def concat_mix_only(ctx: Context) -> list[tuple[str, str]]:
-    """LLaMA-Factory's interleaving samples datasets by probability; here every dataset is used whole (concat)."""
+@rule("mix_strategy", "interleave_probs", "dataset")
+def interleave_probs_valid(ctx: Context) -> list[tuple[str, str]]:
+    """interleave_probs only with an interleave mix_strategy (LLaMA-Factory refuses it with concat), one number per
+    dataset that numpy can sample by (pipeline.data.mix.probs_problem): what LLaMA-Factory finds only when the
+    mix is drawn, after the datasets are loaded, is found here before anything runs."""
+    from pipeline.data.mix import parse_probs, probs_problem
+
     strategy, probs = ctx.values["mix_strategy"], ctx.values["interleave_probs"]
-    share = ("set each dataset's share with max_samples (rows per dataset) or num_samples in its "
-             "dataset_info.json entry")
-    if strategy != "concat":
-        return [("mix_strategy", f"given {strategy!r}: interleaving datasets (sampled by interleave_probs until "
-                                 "the first, or every, dataset runs out) is not implemented; use mix_strategy: "
-                                 "concat (every row of every dataset, shuffled together in training)"
-                                 f"{' and remove interleave_probs' if probs is not None else ''}, and {share}")]
-    if probs is not None:
-        return [("interleave_probs", f"given {probs!r}, but it only applies to an interleave mix_strategy, which "
-                                     "is not implemented (LLaMA-Factory refuses it with concat too); remove it, and "
-                                     + share)]
-    return []
+    if probs is None:
+        return []
+    if strategy == "concat":
+        return [("interleave_probs", f"given {show(probs)}, but it only applies to an interleave mix_strategy "
+                                     "(interleave_under, interleave_over, interleave_once); remove it, or set "
+                                     "mix_strategy")]
+    expected = "expected one probability per dataset, e.g. 0.7,0.3 (numbers of 0 or more that sum to 1)"
+    try:
+        parsed = parse_probs(probs)
+    except ValueError as err:
+        return [("interleave_probs", f"given {show(probs)}: {err}; {expected}")]
+    names = ctx.values["dataset"] or []
+    problem = probs_problem(parsed, len(names), strategy) if names else None
+    return [("interleave_probs", f"given {show(probs)}: {problem}; {expected}")] if problem else []
 
 
 @rule("do_train", "do_eval", "do_predict", commands=("train",))
