@@ -766,14 +766,14 @@ def interleave_probs_valid(ctx: Context) -> list[tuple[str, str]]:
         return [("interleave_probs", f"given {show(probs)}, but it only applies to an interleave mix_strategy "
                                      "(interleave_under, interleave_over, interleave_once); remove it, or set "
                                      "mix_strategy")]
-    expected = "expected one probability per dataset, e.g. 0.7,0.3 (numbers of 0 or more that sum to 1)"
     try:
         parsed = parse_probs(probs)
     except ValueError as err:
-        return [("interleave_probs", f"given {show(probs)}: {err}; {expected}")]
+        return [("interleave_probs", f"given {show(probs)}: {err}; expected one probability per dataset, e.g. "
+                                     "0.7,0.3 (numbers of 0 or more that sum to 1)")]
     names = ctx.values["dataset"] or []
     problem = probs_problem(parsed, len(names), strategy) if names else None
-    return [("interleave_probs", f"given {show(probs)}: {problem}; {expected}")] if problem else []
+    return [("interleave_probs", f"given {show(probs)}: {problem}")] if problem else []
 
 
 @rule("do_train", "do_eval", "do_predict", commands=("train",))

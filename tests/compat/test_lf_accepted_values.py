@@ -80,21 +80,62 @@ def test_val_size_integer_that_leaves_nothing_to_train_and_bad_values(tmp_path):
         assert "expected an integer >= 0 or a number >= 0 and < 1" in failed.stderr
 
 
-def test_mix_strategy_concat_is_accepted_and_interleaving_refused_with_a_reason(tmp_path):
-    work = lf_checkout(tmp_path, "tiny")
-    recipe = tiny_recipe(work, dataset=TWO_DATASETS, mix_strategy="concat")
+def hf_interleaved(work: Path, probs: list[float], seed: int, stopping: str) -> list[dict]:
+    """HF datasets' interleave_datasets (what LLaMA-Factory's merge_dataset calls) over the built train splits."""
+    datasets = pytest.importorskip("datasets")
+    parts = [datasets.Dataset.from_list(json.loads((work / "data/build" / name / "train.json").read_text("utf-8")))
+             for name in TWO_DATASETS.split(",")]
+    return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=stopping).to_list()
+
+
+def training_rows(work: Path, recipe: str) -> list[dict]:
+    """The rows the train command reads (pipeline.data.load), resolved from the recipe in the working copy."""
+    import os
+
+    from pipeline.data.load import load_split
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
+
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        return load_split(data_args(resolve(recipe, [], command="train")), "train")
+    finally:
+        os.chdir(here)
+
+
+def test_interleave_mix_trains_on_the_rows_hf_interleaves(tmp_path):
+    """mix_strategy interleave_under with interleave_probs, from a LLaMA-Factory dataset_info.json through build,
+    plan and train on a transformers-written checkpoint; the trained rows are HF's interleave_datasets of the
+    built train splits (16 + 8 rows, val_size 0), with LLaMA-Factory's seed."""
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    write_hf_checkpoint(tmp_path / "ckpt", "gpt2")
+    work = lf_checkout(tmp_path / "lf", str(tmp_path / "ckpt"))
+    recipe = tiny_recipe(work, model_name_or_path=str(tmp_path / "ckpt"), dataset=TWO_DATASETS,
+                         mix_strategy="interleave_under", interleave_probs="0.7,0.3", seed=3, max_steps=2, val_size=0)
     pipeline("build", recipe, cwd=work)
-    done = pipeline("validate", recipe, cwd=work)  # LLaMA-Factory's default is what the pipeline does: no notice
-    assert "mix_strategy" not in done.stderr
-    failed = pipeline("validate", recipe, "mix_strategy=interleave_under", "interleave_probs=0.7,0.3", cwd=work,
-                      expect=2)
-    assert ("mix_strategy: given 'interleave_under': interleaving datasets (sampled by interleave_probs until the "
-            "first, or every, dataset runs out) is not implemented; use mix_strategy: concat") in failed.stderr
-    assert "remove interleave_probs" in failed.stderr and "max_samples" in failed.stderr
-    assert len(failed.stderr.strip().splitlines()) == 1  # one mistake, one message
-    failed = pipeline("validate", recipe, "interleave_probs=0.7,0.3", cwd=work, expect=2)
-    assert ("interleave_probs: given '0.7,0.3', but it only applies to an interleave mix_strategy, which is not "
-            "implemented") in failed.stderr
+    golden = hf_interleaved(work, [0.7, 0.3], 3, "first_exhausted")
+    assert training_rows(work, recipe) == golden and len(golden) < 24  # under: stops when one dataset runs out
+    planned = pipeline("plan", recipe, cwd=work).stdout
+    assert f"num_train_examples      {len(golden)}     interleave_under of splits.train" in planned
+    trained = pipeline("train", recipe, cwd=work)
+    assert f"data: {len(golden)} examples" in trained.stdout + trained.stderr
+    adapter = work / "saves/tiny/adapter"
+    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt"), adapter)
+
+
+def test_an_interleave_probs_mistake_is_one_message_with_the_recipe_line(tmp_path):
+    """The other mistakes: tests/recipe/test_recipe_rules.py (in-process)."""
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset=TWO_DATASETS, mix_strategy="interleave_over", interleave_probs="1.0,0.0")
+    line = next(n for n, text in enumerate((work / recipe).read_text("utf-8").splitlines(), 1)
+                if text.startswith("interleave_probs"))
+    failed = pipeline("validate", recipe, cwd=work, expect=2)
+    assert f"{recipe}:{line}:19: interleave_probs: given '1.0,0.0': a dataset of probability 0 is never drawn, so " \
+           "with mix_strategy interleave_over the mix never ends" in failed.stderr
+    assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
 
 
 def cache_model(home: Path, repo_id: str, revision: str = "main") -> Path:

@@ -86,3 +86,19 @@ def test_probs_that_numpy_accepts_pass():
     rng.choice(3, size=2, p=[0.1, 0.2, 0.7])  # numpy agrees
     with pytest.raises(ValueError, match="do not sum to 1"):
         rng.choice(2, size=2, p=[0.7, 0.2])
+
+
+def test_a_dataset_whose_val_split_trains_is_mixed_as_one_dataset():
+    """With eval_dataset naming other datasets, a training dataset's val.json trains too (data.built.training_splits):
+    its rows follow its train.json's in that dataset's share of the mix. The val split is never mixed."""
+    from pathlib import Path
+
+    from pipeline.data.load import combine
+    from pipeline.recipe.args import data_args
+
+    data = data_args({"model_name_or_path": "tiny", "dataset": ["a", "b"], "eval_dataset": ["c"],
+                      "mix_strategy": "interleave_once"})
+    paths = [Path(f"data/build/{name}.json") for name in ("a/train", "a/val", "b/train")]
+    parts = [["a0", "a1"], ["a2"], ["b0"]]
+    assert combine(data, "train", paths, parts) == ["a0", "b0", "a1", "a2"]
+    assert combine(data, "val", paths, parts) == ["a0", "a1", "a2", "b0"]

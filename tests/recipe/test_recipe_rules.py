@@ -228,6 +228,34 @@ def test_preference_keys_the_stage_never_reads_are_refused(recipe, stage, lines,
     assert len(messages) == 1 and f"{key}: {words}" in messages[0], messages
 
 
+@pytest.mark.parametrize("extra, said", [
+    ("interleave_probs: 0.7,0.2,0.1", "given '0.7,0.2,0.1': 3 probabilities for 2 datasets in `dataset`: give one per "
+                                      "dataset, in order"),
+    ("interleave_probs: 0.7,x", "given '0.7,x': 'x' is not a number; expected one probability per dataset, e.g. "
+                                "0.7,0.3 (numbers of 0 or more that sum to 1)"),
+    ("interleave_probs: [1.5, -0.5]", "given [1.5, -0.5]: every probability must be a finite number of 0 or more"),
+    ("interleave_probs: 0.7,0.2", "given '0.7,0.2': the probabilities sum to 0.9; they must sum to 1"),
+    ("interleave_probs: 1,0", "given '1,0': a dataset of probability 0 is never drawn, so with mix_strategy "
+                              "interleave_once the mix never ends; give it a probability above 0, use "
+                              "interleave_under, or drop it from `dataset`"),
+])
+def test_interleave_probs_numpy_or_hf_would_refuse(recipe, extra, said):
+    """LLaMA-Factory checks the count (data_args.py); numpy's choice the numbers (HF's interleave_datasets samples
+    with it, after the datasets are loaded); a zero probability never ends interleave_over / interleave_once."""
+    messages = errors(recipe(f"mix_strategy: interleave_once\n{extra}\n"), ["dataset=a,b"])
+    assert messages == [f"r.yaml:6:19: interleave_probs: {said}"], messages
+
+
+def test_interleave_probs_only_with_an_interleave_strategy(recipe):
+    """LLaMA-Factory: "`interleave_probs` is only valid for interleaved mixing." One dataset mixes as itself."""
+    messages = errors(recipe("interleave_probs: 0.5,0.5\n"), ["dataset=a,b"])
+    assert messages == ["r.yaml:5:19: interleave_probs: given '0.5,0.5', but it only applies to an interleave "
+                        "mix_strategy (interleave_under, interleave_over, interleave_once); remove it, or set "
+                        "mix_strategy"], messages
+    assert resolve(recipe("mix_strategy: interleave_over\ninterleave_probs: '1.0'\n"))["mix_strategy"] == \
+        "interleave_over"
+
+
 def test_kto_accepts_its_keys(recipe):
     r = resolve(recipe("stage: kto\npref_beta: 0.2\npref_ftx: 0.5\nkto_chosen_weight: 1.5\n"
                        "kto_rejected_weight: 0.8\n"))
