@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence, TypeVar
 
 T = TypeVar("T")
 
-# mix_strategy -> HF's stopping_strategy (LLaMA-Factory's data_utils.merge_dataset)
+# mix_strategy -> HF's stopping_strategy (LLaMA-Factory's data_utils.merge_dataset). The last needs datasets after
+# 4.0.0: LLaMA-Factory pins datasets<=4.0.0, which refuses it; here it is the newer datasets' order
 STOPPING = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
             "interleave_once": "all_exhausted_without_replacement"}
 DRAW_BLOCK = 1000  # HF draws the sources this many at a time: the random stream depends on it
