@@ -72,6 +72,8 @@ class FinetuneArgs:
     pissa_iter: int = 16      # its SVD: -1 exact, k >= 0 randomized with k power iterations (seeded by `seed`)
     resize_vocab: bool = False  # LoRA: the embedding and the head train in full (additional_target, unless given)
     use_llama_pro: bool = False  # only the blocks `expand` inserted train (freeze), or take LoRA (lora)
+    freeze_trainable_modules: str | Sequence[str] = "all"  # freeze: these modules of each trainable block (HF names)
+    freeze_extra_modules: str | Sequence[str] | None = None  # freeze: these modules outside the blocks too
 
 
 def recipe_config(args: ModelArgs) -> ModelConfig:
@@ -207,7 +209,8 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
         merge_lora(model)
     if kind == "freeze":
         model.requires_grad_(False)
-        for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers, ft.use_llama_pro):
+        for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers, ft.use_llama_pro,
+                                           ft.freeze_trainable_modules, ft.freeze_extra_modules):
             model.get_submodule(name).requires_grad_(True)
     elif kind == "full":
         model.requires_grad_(True)

@@ -459,17 +459,73 @@ def in_blocks(names: Iterable[str], blocks: Iterable[int] | None) -> list[str]:
     return [n for n in names if ".".join(n.split(".")[:2]) in wanted]
 
 
-def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int, llama_pro: bool = False) -> list[str]:
+def freeze_module_choices(cfg: ModelConfig) -> tuple[list[str], list[str]]:
+    """(hidden, non-hidden) module names freeze_trainable_modules / freeze_extra_modules accept, in the family's HF
+    names, as LLaMA-Factory's _setup_freeze_tuning collects them from named_parameters: hidden, the first name below
+    block 0 (self_attn, mlp, input_layernorm ... for Llama; attn, mlp, ln_1, ln_2 for GPT-2); non-hidden, the module
+    owning a parameter outside the blocks (embed_tokens, norm, lm_head; wte, wpe, ln_f). A tied lm_head is no
+    parameter of its own in transformers, so it is not offered then."""
+    fam = FAMILIES[cfg.family]
+    hidden: dict[str, None] = {}
+    outside: dict[str, None] = {}
+    for m in layout(cfg):
+        hf = fam.strip(fam.to_hf(m.name))
+        if (block := re.match(r"^[^.]+\.0\.([^.]+)", hf)) is not None:
+            hidden[block.group(1)] = None
+        elif re.search(r"\.\d+\.", hf + ".") is None and not (cfg.tie_weights and m.name == "lm_head"):
+            outside[hf.rsplit(".", 1)[-1]] = None
+    return list(hidden), list(outside)
+
+
+def freeze_module_problems(cfg: ModelConfig, trainable_modules: str | Iterable[str] | None,
+                           extra_modules: str | Iterable[str] | None) -> list[tuple[str, str]]:
+    """(key, why) for each name of freeze_trainable_modules / freeze_extra_modules the model lacks (LLaMA-Factory's
+    ValueError "Module X is not found, please choose from ..."), each message starting at "given"."""
+    hidden, outside = freeze_module_choices(cfg)
+    problems = []
+    for key, given, valid in (("freeze_trainable_modules", normalise_targets(trainable_modules), ["all", *hidden]),
+                              ("freeze_extra_modules", split_names(extra_modules), outside)):
+        for name in given:
+            if name not in valid:
+                problems.append((key, f"given '{name}', expected a comma list of {', '.join(valid)} (the "
+                                      f"{'modules of each block' if key == 'freeze_trainable_modules' else 'modules outside the blocks'}"
+                                      f" of this {cfg.family} model, by transformers' names){did_you_mean(name, valid)}"))
+    return problems
+
+
+def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int, llama_pro: bool = False,
+                           trainable_modules: str | Iterable[str] | None = "all",
+                           extra_modules: str | Iterable[str] | None = None) -> list[str]:
     """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm (and a reward model's
     new score head: it starts random). With use_llama_pro, the expanded blocks alone (LLaMA-Factory trains no norm
-    then either): the rest is the original model, which LLaMA Pro keeps."""
+    then either): the rest is the original model, which LLaMA Pro keeps. freeze_trainable_modules narrows each block
+    to the named modules and freeze_extra_modules adds modules outside the blocks, both by the family's HF names as
+    LLaMA-Factory; once either is given the recipe spells out what trains, so the final norm trains only when
+    freeze_extra_modules names it (LLaMA-Factory's set exactly)."""
     head = ["score"] if cfg.num_labels else []
     if llama_pro:
-        return [f"layers.{i}" for i in llama_pro_blocks(cfg.n_layers, trainable_layers)] + head
-    if not 1 <= trainable_layers <= cfg.n_layers:
+        blocks = llama_pro_blocks(cfg.n_layers, trainable_layers)
+    elif not 1 <= trainable_layers <= cfg.n_layers:
         raise UserError(f"freeze_trainable_layers: {trainable_layers} is out of range; the model has"
                         f" {cfg.n_layers} blocks (use 1..{cfg.n_layers}, or finetuning_type: full)")
-    return [f"layers.{i}" for i in range(cfg.n_layers - trainable_layers, cfg.n_layers)] + ["norm", *head]
+    else:
+        blocks = list(range(cfg.n_layers - trainable_layers, cfg.n_layers))
+    modules, extra = normalise_targets(trainable_modules or "all"), split_names(extra_modules)
+    if problems := freeze_module_problems(cfg, modules, extra):
+        raise UserError([f"{key}: {why}" for key, why in problems])
+    if modules == ["all"] and not extra:
+        return [f"layers.{i}" for i in blocks] + ([] if llama_pro else ["norm"]) + head
+    return [m.name for m in layout(cfg) if _freeze_picks(cfg, m.name, blocks, modules, extra)] + head
+
+
+def _freeze_picks(cfg: ModelConfig, name: str, blocks: list[int], modules: list[str], extra: list[str]) -> bool:
+    """Whether our leaf module `name` trains: inside a chosen block and (all or) one of `modules` below it, or one
+    of the `extra` top-level modules (a tied head goes with embed_tokens: they are one tensor)."""
+    fam = FAMILIES[cfg.family]
+    hf = fam.strip(fam.to_hf(name))
+    if (block := re.match(r"^[^.]+\.(\d+)\.([^.]+)", hf)) is not None:
+        return int(block.group(1)) in blocks and ("all" in modules or block.group(2) in modules)
+    return hf.rsplit(".", 1)[-1] in extra
 
 
 def module_paths(cfg: ModelConfig) -> list[str]:
@@ -496,14 +552,17 @@ def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | 
 def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
                      additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
-                     resize_vocab: bool = False, use_llama_pro: bool = False) -> int:
+                     resize_vocab: bool = False, use_llama_pro: bool = False,
+                     freeze_modules: tuple[str | Iterable[str] | None, str | Iterable[str] | None] = ("all", None)
+                     ) -> int:
     """How many parameters the optimizer updates (for plan's memory estimate and the trainable report); DoRA adds
     one magnitude per output feature of each adapted layer; resize_vocab (new_special_tokens that add a token) trains
-    vocab_modules in full under LoRA, unless additional_target names others; use_llama_pro: the expanded blocks."""
+    vocab_modules in full under LoRA, unless additional_target names others; use_llama_pro: the expanded blocks;
+    freeze_modules: freeze_trainable_modules and freeze_extra_modules."""
     if finetuning_type == "full":
         return count_params(cfg)
     if finetuning_type == "freeze":
-        prefixes = freeze_trainable_names(cfg, freeze_trainable_layers, use_llama_pro)
+        prefixes = freeze_trainable_names(cfg, freeze_trainable_layers, use_llama_pro, *freeze_modules)
         return sum(m.params for m in layout(cfg) if any(m.name == p or m.name.startswith(p + ".") for p in prefixes))
     if finetuning_type == "lora":
         lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0)

@@ -59,7 +59,9 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
         trainable = int(trainable_params(cfg, values["finetuning_type"], values["lora_rank"], values["lora_target"],
                                          values["freeze_trainable_layers"], values.get("additional_target"),
                                          bool(values.get("use_dora")), resize_vocab=resize,
-                                         use_llama_pro=bool(values.get("use_llama_pro"))))
+                                         use_llama_pro=bool(values.get("use_llama_pro")),
+                                         freeze_modules=(values.get("freeze_trainable_modules", "all"),
+                                                         values.get("freeze_extra_modules"))))
     except Exception:  # noqa: BLE001 - e.g. a lora_target matching nothing: the rules report it, plan shows "?"
         return None
     return total, trainable

@@ -35,7 +35,7 @@ from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.recipe.modelinfo import model_info, param_counts
 from pipeline.recipe.text import format_table
-from pipeline.names import uses_reference
+from pipeline.names import split_names, uses_reference
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,13 @@ def trainable_blocks(r: Resolved) -> str:
     if info is None or kind not in ("freeze", "lora") or (kind == "lora" and not r["use_llama_pro"]):
         return ""
     last = info.n_layer - 1
+    modules, extra = r["freeze_trainable_modules"], r["freeze_extra_modules"]
+    if kind == "freeze" and (modules != "all" or extra):
+        blocks = llama_pro_blocks(info.n_layer, n) if r["use_llama_pro"] else range(info.n_layer - n, info.n_layer)
+        inside = "whole" if modules == "all" else f"their {', '.join(split_names(modules))}"
+        return (f"trainable blocks: {', '.join(map(str, blocks))} of 0..{last} ({inside}: freeze_trainable_modules)"
+                + (f"; outside the blocks: {', '.join(split_names(extra))} (freeze_extra_modules)" if extra else
+                   "; nothing outside the blocks (freeze_extra_modules names what would)"))
     if not r["use_llama_pro"]:
         return f"trainable blocks: {', '.join(map(str, range(info.n_layer - n, info.n_layer)))} of 0..{last} (the " \
                "last freeze_trainable_layers) and the final norm"

@@ -204,6 +204,41 @@ def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
+FREEZE_MODULE_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
+
+
+def _freeze_modules_given(values: Mapping[str, Any]) -> list[str]:
+    """The freeze module keys set to something else than their defaults (all / null)."""
+    return [key for key, default in zip(FREEZE_MODULE_KEYS, ("all", None)) if values[key] != default]
+
+
+@rule("finetuning_type", *FREEZE_MODULE_KEYS)
+def freeze_modules_need_freeze(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory reads these keys under freeze only; elsewhere a value would silently mean nothing."""
+    kind = ctx.values["finetuning_type"]
+    if kind == "freeze":
+        return []
+    return [(key, f"given {show(ctx.values[key])}, but it only applies to finetuning_type: freeze (here {kind}); "
+                  "remove it" + (" (lora: lora_target / additional_target pick modules)" if kind == "lora" else ""))
+            for key in _freeze_modules_given(ctx.values)]
+
+
+@rule("finetuning_type", "model_name_or_path", "stage", *FREEZE_MODULE_KEYS)
+def freeze_modules_in_model(ctx: Context) -> list[tuple[str, str]]:
+    """Each name must be one of the model's modules, as LLaMA-Factory's ValueError demands: checked here, before
+    the model loads, with the valid names listed (in transformers' names for the checkpoint's family)."""
+    if ctx.values["finetuning_type"] != "freeze" or not _freeze_modules_given(ctx.values):
+        return []
+    from pipeline.model.config import freeze_module_problems
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is None:
+        return []
+    cfg = info.config.replace(num_labels=1) if ctx.values["stage"] == "rm" else info.config
+    return freeze_module_problems(cfg, *(ctx.values[key] for key in FREEZE_MODULE_KEYS))
+
+
 @rule("model_name_or_path")
 def model_exists(ctx: Context) -> list[tuple[str, str]]:
     """A bare name must be a preset; a missing path may be produced by an upstream recipe, so it is an error

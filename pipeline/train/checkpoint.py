@@ -52,7 +52,8 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # KEEP: the checkpoint's value stays (it lives in the optimizer's saved state), with a notice.
 # Every other key (logging, saving, evaluation cadence, output) takes the new value without a word.
 REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "use_rslora", "use_dora",
-          "additional_target", "freeze_trainable_layers", "use_llama_pro", "zero_stage", "bf16", "fp16", "world_size",
+          "additional_target", "freeze_trainable_layers", "use_llama_pro", "freeze_trainable_modules",
+          "freeze_extra_modules", "zero_stage", "bf16", "fp16", "world_size",
           "per_device_train_batch_size",
           "gradient_accumulation_steps", "seed", "cutoff_len", "model_name_or_path", "adapter_name_or_path",
           "context_length", "rope_scaling", "qkv_bias", "tie_word_embeddings", "dataset", "mix_strategy",

@@ -139,8 +139,8 @@ REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_to
            "torch_compile": ("true", "torch.compile is not used here"),
            "new_special_tokens": ("'<tool>,'", "given '<tool>,', which holds an empty token name; expected token names"),
            "rope_scaling": ("yarn", "a gpt2 model has learned positions (no rotary embedding to scale)"),
-           "freeze_trainable_modules": ("mlp", "use finetuning_type: lora with lora_target naming them"),
-           "freeze_extra_modules": ("embed_tokens", "finetuning_type: lora with additional_target trains such"),
+           "freeze_trainable_modules": ("mlp", "but it only applies to finetuning_type: freeze (here lora)"),
+           "freeze_extra_modules": ("embed_tokens", "but it only applies to finetuning_type: freeze (here lora)"),
            "lr_scheduler_kwargs": ("{min_lr_rate: 0.1}", "only lr_scheduler_type: cosine_with_min_lr reads scheduler"),
            "split": ("test", "split: given 'test', expected one of train")}
 # LLaMA-Factory's (transformers') defaults, and the values that name what runs here: quiet
