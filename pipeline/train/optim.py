@@ -1,19 +1,23 @@
-"""The client optimizer handed to DeepSpeed: torch AdamW, weight decay on matrices (and DoRA's magnitudes), fused kernel.
+"""The client optimizer handed to DeepSpeed: torch AdamW, weight decay as transformers' Trainer decides it, fused kernel.
 
-Biases, LayerNorm gains and other 1-D parameters are not decayed (GPT-2 / nanoGPT practice): shrinking a
-norm's gain towards 0 is not regularisation. LoRA's A and B are matrices and are decayed. DoRA's magnitude
-vector is 1-D but decayed: transformers' Trainer (get_decay_parameter_names) and LLaMA-Factory exempt only biases
-and LayerNorm weights, so PEFT's lora_magnitude_vector is decayed there, and a DoRA recipe with weight_decay
-should train as it does there. DeepSpeed wraps this optimizer (fp32 master weights under bf16/fp16, ZeRO
+Which tensors decay is transformers' Trainer.get_decay_parameter_names (5.x) rule, for every group built here: no
+decay for a name (lower-cased) that contains `bias`, `layernorm` or `rmsnorm`, or has a `norm` or `*_norm`
+component (nor for parameters of an nn.LayerNorm, whose names here all match those already: input_layernorm,
+post_attention_layernorm, norm, q_norm, k_norm); everything else decays, matrices, LoRA's A and B and DoRA's
+1-D magnitude vector alike (PEFT's lora_magnitude_vector is decayed there, so a DoRA recipe with weight_decay
+trains as it does there). DeepSpeed wraps this optimizer (fp32 master weights under bf16/fp16, ZeRO
 partitioning) and steps it.
 
-LoRA+ (`loraplus_lr_ratio`, Hayou et al. 2024) splits the groups as LLaMA-Factory 0.9.5's
+LoRA+ (`loraplus_lr_ratio`, Hayou et al. 2024) splits the learning rates as LLaMA-Factory 0.9.5's
 `_create_loraplus_optimizer` does (train/trainer_utils.py): B gets learning_rate x loraplus_lr_ratio, A and every
-other matrix learning_rate, and the 1-D parameters go with B (its lr, not decayed, DoRA's magnitudes decayed;
-LLaMA-Factory: "lora_B in name or ndim == 1", decayed unless a bias or a LayerNorm's). Its fourth group, LoRA on embedding layers (`lora_embedding_B`, at loraplus_lr_embedding), has no
-parameters here: lora_target selects Linear layers only, and an additional_target embedding trains in full at
-learning_rate, as a modules_to_save embedding does there. Each group carries its own `lr`; the schedule's LambdaLR
-multiplies every group's initial lr by the same factor, so the ratio holds at every step.
+other matrix learning_rate, and the 1-D parameters go with B (LLaMA-Factory: "lora_B in name or ndim == 1"). Its
+decay follows the rule above; LLaMA-Factory's own _get_decay_parameter_names there exempts only biases and
+nn.LayerNorm parameters, so it decays an RMSNorm weight that additional_target trains (Llama, Qwen) where this and
+transformers' Trainer do not (docs/coming-from-llama-factory.md). Its fourth group, LoRA on embedding layers
+(`lora_embedding_B`, at loraplus_lr_embedding), has no parameters here: lora_target selects Linear layers only, and
+an additional_target embedding trains in full at learning_rate, as a modules_to_save embedding does there. Each
+group carries its own `lr`; the schedule's LambdaLR multiplies every group's initial lr by the same factor, so the
+ratio holds at every step.
 
 Why fused: torch's default AdamW on a CPU is its per-tensor loop (foreach and fused are defaults on CUDA
 only), about ten small ops per trainable tensor per step: 320 for a 4-block LoRA model. Each op is
@@ -25,13 +29,20 @@ a resumed run continues with the implementation its checkpoint's param groups na
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 from pipeline.recipe.args import TrainArgs
 
 FUSED_DEVICES = ("cpu", "cuda")
 LORA_B = ("lora", "B")  # the last two parts of a LoRALayer B's name (pipeline.model.lora): LoRA+'s faster matrix
-DORA_MAGNITUDE = "magnitude"  # the last part of LinearWithDoRA's magnitude vector's name: 1-D, decayed, LoRA+'s fast
+# transformers' Trainer.get_decay_parameter_names: a (lower-cased) parameter name matching this is not decayed
+NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def decays(name: str) -> bool:
+    """Whether weight decay applies to the parameter `name` (transformers' rule; see the module docstring)."""
+    return NO_DECAY.search(name.lower()) is None
 
 
 def _ndim(param: Any) -> int:
@@ -42,27 +53,20 @@ def _ndim(param: Any) -> int:
 def param_groups(named_params: Iterable[tuple[str, Any]], weight_decay: float, learning_rate: float | None = None,
                  loraplus_lr_ratio: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups over the trainable parameters, empty ones left out, in a fixed order (a resume re-derives
-    each group's lr and decay from it: pipeline.train.checkpoint.apply_changes).
-
-    Plain: decayed matrices (and DoRA's magnitudes), undecayed vectors. LoRA+: A and other matrices (lr, decayed),
-    B and DoRA's magnitudes (lr x ratio, decayed), vectors (lr x ratio, not decayed). `lr` is set per group when
-    learning_rate is given."""
+    each group's lr and decay from it: pipeline.train.checkpoint.apply_changes): (lr, decayed), with LoRA+ (lr x
+    ratio, decayed) and (lr x ratio, not decayed) for B and the 1-D parameters, then (lr, not decayed). Decay is
+    `decays`' rule. `lr` is set per group when learning_rate is given."""
     lr = learning_rate if learning_rate is not None else 0.0
     fast = lr * loraplus_lr_ratio if loraplus_lr_ratio is not None else lr
     groups: list[dict[str, Any]] = [{"params": [], "weight_decay": weight_decay, "lr": lr},
                                     {"params": [], "weight_decay": weight_decay, "lr": fast},
-                                    {"params": [], "weight_decay": 0.0, "lr": fast}]
+                                    {"params": [], "weight_decay": 0.0, "lr": fast},
+                                    {"params": [], "weight_decay": 0.0, "lr": lr}]
     for name, param in named_params:
         if not param.requires_grad:
             continue
-        parts = tuple(name.split("."))
-        magnitude = parts[-1] == DORA_MAGNITUDE
-        if _ndim(param) < 2 and not magnitude:
-            groups[2]["params"].append(param)
-        elif loraplus_lr_ratio is not None and (parts[-2:] == LORA_B or magnitude):
-            groups[1]["params"].append(param)
-        else:
-            groups[0]["params"].append(param)
+        quick = loraplus_lr_ratio is not None and (tuple(name.split("."))[-2:] == LORA_B or _ndim(param) < 2)
+        groups[(1 if quick else 0) if decays(name) else (2 if quick else 3)]["params"].append(param)
     if learning_rate is None:
         for group in groups:
             del group["lr"]
@@ -88,7 +92,8 @@ def describe(groups: list[dict[str, Any]]) -> str:
 
 
 def make_optimizer(model: Any, train: TrainArgs) -> Any:
-    """AdamW over the trainable parameters, weight decay on matrices and DoRA's magnitudes (param_groups), fused where torch has it."""
+    """AdamW over the trainable parameters, weight decay as transformers' Trainer (param_groups), fused where torch
+    has it."""
     import torch
 
     groups = train_groups(model.named_parameters(), train)

@@ -159,3 +159,57 @@ def test_without_loraplus_the_groups_are_as_before(hf_dir):
     model, args = ours(path, loraplus_lr_ratio=None)
     groups = make_optimizer(model, args).param_groups
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in groups] == [(LR, DECAY, 16), (LR, 0.0, 2)]
+
+
+def transformers_decays(model) -> set[str]:
+    """transformers' Trainer.get_decay_parameter_names (5.x) on `model`: the decayed names (it reads no Trainer
+    state, so no Trainer is built)."""
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_full_finetuning_decays_what_transformers_trainer_decays(tmp_path, family):
+    """RMSNorm gains (also Qwen3's q_norm / k_norm) and Qwen2's q/k/v biases are not decayed, every matrix is:
+    golden, transformers' rule over the same checkpoint's transformers model, names mapped by the family."""
+    from pipeline.model.families import FAMILIES
+    from pipeline.train.optim import param_groups
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    hf = write_hf_checkpoint(tmp_path, family, vocab_size=512)
+    ft = FinetuneArgs(finetuning_type="full", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all",
+                      use_rslora=False, use_dora=False, additional_target=None, freeze_trainable_layers=1,
+                      adapter_name_or_path=None, seed=3)
+    model = apply_finetuning_type(load_model(tmp_path), ft)
+    fam = FAMILIES[model.cfg.family]
+    decayed = {fam.to_hf(n) for g in param_groups(model.named_parameters(), DECAY, LR) if g["weight_decay"]
+               for n, p in model.named_parameters() if any(p is q for q in g["params"])}
+    assert decayed == transformers_decays(hf) & {n for n, _ in hf.named_parameters()}
+    assert any(n.endswith("norm.weight") for n, _ in hf.named_parameters() if n not in decayed)
+
+
+def test_loraplus_on_rmsnorm_and_dora_decays_as_transformers_trainer(tmp_path):
+    """Qwen3 with LoRA+ and DoRA, the final RMSNorm and the blocks' q_norm trained in full (additional_target):
+    B, the magnitudes and the norms at lr x ratio, the norms not decayed. Golden: PEFT's model of the same adapter,
+    LLaMA-Factory's lr split ("lora_B" or 1-D) and transformers' decay rule, as (lr, decay, size) multisets."""
+    peft = pytest.importorskip("peft")
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    hf = write_hf_checkpoint(tmp_path, "qwen3", vocab_size=512)
+    ft = FinetuneArgs(finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all",
+                      use_rslora=False, use_dora=True, additional_target=["norm", "q_norm"],
+                      freeze_trainable_layers=1, adapter_name_or_path=None, seed=3)
+    model = apply_finetuning_type(load_model(tmp_path), ft)
+    args = train_args({"learning_rate": LR, "weight_decay": DECAY, "loraplus_lr_ratio": RATIO,
+                       "lr_scheduler_type": "linear", "total_steps": 10, "num_warmup_steps": 2})
+    got = table(make_optimizer(model, args))
+    have = Counter((round(got[id(p)][0], 12), got[id(p)][1], p.numel()) for p in model.parameters() if p.requires_grad)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["model.norm", "q_norm"],
+                             use_dora=True)
+    theirs = peft.get_peft_model(hf, config)
+    decay = transformers_decays(theirs)
+    want = Counter((round(LR * RATIO if "lora_B" in n or p.ndim == 1 else LR, 12), DECAY if n in decay else 0.0,
+                    p.numel()) for n, p in theirs.named_parameters() if p.requires_grad)
+    assert have == want
+    assert (round(LR * RATIO, 12), 0.0, 16) in have  # a q_norm gain (head_dim 16): fast, not decayed
