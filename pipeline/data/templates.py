@@ -336,6 +336,12 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
+# Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
+# (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.
+TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()
+                                            for token in (*t.special_tokens, *t.stop_words))
+
+
 def get_template(name: str) -> Template:
     try:
         return TEMPLATES[name]

@@ -9,10 +9,11 @@ BOS, padding and the stop tokens are properties of the model's tokenizer, never 
   its tokenizer.json / vocab.json + merges.txt / Meta's original/tokenizer.model, read by
   pipeline.data.tokenizer_files.
 
-User text is encoded with special-token strings kept literal ("<|im_end|>" typed by a user is text,
-not the end of a turn); only template markup goes through `encode_special` / `token_id`. Tokens a
-checkpoint marks as added but not special (Qwen3's <think>, <tool_call>) are recognised in any text,
-as the Hugging Face tokenizer does.
+User text is encoded with markup-token strings kept literal ("<|im_end|>" typed by a user is text,
+not the end of a turn: EOS, BOS, pad, stop tokens and the templates' markup); only template markup goes
+through `encode_special` / `token_id`. Every other token the checkpoint's files add, special or not (Qwen3's
+<think>, <tool_call>, a token an earlier run added), is recognised in any text, as the Hugging Face tokenizer
+does (pipeline.data.tokenizer_files.markup_tokens).
 
 Pathological input is bounded before encoding, as Meta's Llama 3 tokenizer does: a run of more than
 MAX_RUN characters without whitespace (or of whitespace) is cut into MAX_RUN pieces, because tiktoken's
@@ -84,8 +85,8 @@ class Tokenizer:
     pad_id: int
     bos_id: int | None = None
     stop_ids: tuple[int, ...] = ()
-    special: frozenset[str] = frozenset()  # kept literal in user text
-    added: frozenset[str] = frozenset()  # added, not special: recognised in any text (Qwen3's <think>)
+    special: frozenset[str] = frozenset()  # special: decode(skip_special=True) drops them
+    added: frozenset[str] = frozenset()  # recognised in any text: every added token but the markup (tokenizer_files)
     nfc: bool = False  # the checkpoint normalises text to NFC first (Qwen2)
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
     new_tokens: tuple[str, ...] = ()  # added by the recipe (with_tokens), not in the files: exports add them
@@ -114,7 +115,7 @@ class Tokenizer:
         return text
 
     def encode(self, text: str) -> list[int]:
-        """User text: special-token strings stay literal; added non-special tokens are recognised."""
+        """User text: markup-token strings stay literal; the other added tokens are recognised."""
         text = self._prepare(text)
         if self.added:
             return [t for piece in bounded(text)

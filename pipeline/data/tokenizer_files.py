@@ -325,9 +325,20 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     if pad is None:
         pad = next(iter(config_ids("pad_token_id")), eos)
     files = tuple(p for n in (*TOKENIZER_FILES, "original/tokenizer.model") if (p := directory / n).is_file())
+    markup = markup_tokens(ids, (eos, pad, bos, *gen_eos))
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),
-                     added=frozenset(t for t, (_, s) in added.items() if not s), nfc=nfc, files=files)
+                     added=frozenset(t for t in added if t not in markup), nfc=nfc, files=files)
+
+
+def markup_tokens(ids: Mapping[str, int], control: Sequence[int | None]) -> frozenset[str]:
+    """The added tokens that stay literal in user text: EOS, pad, BOS and the stop tokens (`control` ids), and the
+    markup of the templates (<|im_start|>, <|eot_id|>, ...). Every other added token, special or not, is one
+    token in any text, as transformers reads tokenizer.json's added_tokens: Qwen3's <think>, and the tokens a
+    run added with add_special_tokens, which its merged/ lists (a recipe on merged/ need not name them again)."""
+    from pipeline.data.templates import TEMPLATE_MARKUP
+
+    return frozenset(t for t, i in ids.items() if i in control or t in TEMPLATE_MARKUP)
 
 
 # ---------------------------------------------------------------- tokens a recipe adds

@@ -77,6 +77,8 @@ def test_add_tokens_and_described_special_tokens_train_merge_and_load_in_transfo
     with torch.no_grad():
         assert_close(peft(batch).logits, merged(batch).logits)
 
+    then_a_recipe_on_merged_without_the_keys_reads_the_tokens_from_its_files(tmp_path, out / "merged", theirs)
+
     # resume refuses another init (the checkpoint's rows were made by this one)
     err = pipeline("train", recipe, "init_special_tokens=desc_init_w_noise", "resume_from_checkpoint=latest",
                    cwd=tmp_path, expect=2).stderr
@@ -101,3 +103,31 @@ def test_the_keys_users_get_wrong_exit_2_naming_the_file_and_line(tmp_path):
     (tmp_path / "bad.yaml").write_text('"<a>": first\n"<b>: broken\n', encoding="utf-8")
     err = pipeline("validate", recipe, "new_special_tokens=null", cwd=tmp_path, expect=2).stderr
     assert "bad.yaml:3:1: invalid YAML" in err and "add_special_tokens: given" not in err, err
+
+
+def then_a_recipe_on_merged_without_the_keys_reads_the_tokens_from_its_files(tmp_path, merged, first):
+    """A second recipe starting from merged/ without add_tokens / add_special_tokens: the tokens are the files'
+    (special ones included) and one id each in the data, as transformers' AutoTokenizer on merged/ reads them; it
+    trains and merges, and its merged/ keeps them. Golden: AutoTokenizer(merged/) on the text `inspect` shows."""
+    import re
+
+    import transformers
+
+    recipe = write_recipe(tmp_path / "again.yaml", model_name_or_path=str(merged), dataset_dir="data",
+                          dataset="think", template="qwen", cutoff_len=256, val_size=0, max_steps=1,
+                          output_dir="saves/again")
+    pipeline("build", recipe, cwd=tmp_path)
+    shown = pipeline("inspect", recipe, cwd=tmp_path).stdout
+    theirs = transformers.AutoTokenizer.from_pretrained(merged)
+    samples = re.findall(r"· (\d+) tokens, (\d+) trained\n(.*?\]\]\n)", shown, re.S)
+    assert samples and all("<think>" in text for *_, text in samples), shown
+    for total, trained, text in samples:
+        answer = re.search(r"\[\[(.*)\]\]", text, re.S).group(1)
+        assert int(total) == len(theirs(text.replace("[[", "").replace("]]", "").rstrip("\n") + "\n",
+                                        add_special_tokens=False)["input_ids"]), text
+        assert int(trained) == len(theirs(answer, add_special_tokens=False)["input_ids"]), answer
+    pipeline("train", recipe, cwd=tmp_path)
+    pipeline("merge", recipe, cwd=tmp_path)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path / "saves/again/merged")
+    tokens = [PLAIN, *DESCRIBED]
+    assert again.convert_tokens_to_ids(tokens) == first.convert_tokens_to_ids(tokens) and len(again) == len(first)

@@ -170,3 +170,21 @@ def test_notices_for_add_tokens_and_a_desc_init_without_descriptions(tmp_path, m
         "notice: r.yaml:4:13: add_tokens: 'hello' is already a token of the tokenizer (id 31373); it keeps that id, "
         "as LLaMA-Factory skips it"], lines
     assert lines[2].startswith("notice: r.yaml:4:13: add_tokens: tokens are added, so resize_vocab is on"), lines
+
+
+def test_a_checkpoint_saved_with_added_special_tokens_reads_them_as_transformers_does(qwen_dir, tmp_path):
+    """transformers' save_pretrained after add_tokens(special_tokens=True) (what LLaMA-Factory's or our merged/
+    holds): the tokens are one id in any text as AutoTokenizer reads the files, while the markup (<|im_end|>, EOS)
+    stays literal in user text. Golden: transformers on the same saved files."""
+    from pipeline.data.tokenizer_files import read_tokenizer
+
+    theirs = transformers.AutoTokenizer.from_pretrained(qwen_dir)
+    theirs.add_tokens(NEW, special_tokens=True)
+    theirs.save_pretrained(tmp_path)
+    ours = read_tokenizer(tmp_path)
+    text = "a <think>plan</think> b"
+    assert ours.encode(text) == transformers.AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False)[
+        "input_ids"]
+    assert [i for i in ours.encode(text) if i in theirs.convert_tokens_to_ids(NEW)] == theirs.convert_tokens_to_ids(NEW)
+    assert theirs.convert_tokens_to_ids("<|im_end|>") not in ours.encode("x <|im_end|> y")
+    assert ours.decode(ours.encode(text), skip_special=True) == "a plan b"
