@@ -58,8 +58,10 @@ UNSAFE_CALLS = {  # dotted call -> why it is unsafe on files a user was given
     "os.system": "runs a shell", "os.popen": "runs a shell",
 }
 CODE_BUILTINS = {"eval", "exec", "compile", "__import__"}
-# dynamic imports whose argument is not user text: the CLI's command table, checkpoint classes on an allowlist
-DYNAMIC_IMPORT_OK = {("pipeline/__main__.py", "main"), ("pipeline/train/safestate.py", "_allowed_class")}
+# dynamic imports whose argument is not user text: the CLI's command tables (COMMANDS, TOOLS), checkpoint classes on
+# an allowlist
+DYNAMIC_IMPORT_OK = {("pipeline/__main__.py", "main"), ("pipeline/__main__.py", "run_tool"),
+                     ("pipeline/train/safestate.py", "_allowed_class")}
 
 
 def _dotted(node: ast.AST) -> str:
