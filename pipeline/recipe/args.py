@@ -104,6 +104,7 @@ class TrainArgs:
     adam_beta1: float
     adam_beta2: float
     adam_epsilon: float
+    use_muon: bool  # LLaMA-Factory's Muon + AdamW instead of torch's AdamW (pipeline.train.muon)
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float

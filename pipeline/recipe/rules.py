@@ -691,6 +691,31 @@ def offload_needs_zero(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+MUON_ZERO = ("Muon needs zero_stage 0: it orthogonalizes each weight matrix's whole update, but ZeRO {stage} hands "
+             "the optimizer flat slices of the parameters that cut the matrices apart (DeepSpeed's own Muon, which "
+             "works on those slices, computes another update than LLaMA-Factory's: docs/training.md); {fix} (data "
+             "parallel; the memory plan: `make plan`), or remove use_muon")
+
+
+@rule("use_muon", "zero_stage", "deepspeed", "loraplus_lr_ratio")
+def muon_fits(ctx: Context) -> list[tuple[str, str]]:
+    """Muon (pipeline.train.muon) steps whole matrices: ZeRO 0 only (a deepspeed JSON's stage: train's preflight).
+    With loraplus_lr_ratio, LLaMA-Factory builds LoRA+'s AdamW and silently drops use_muon; asking for both is a
+    mistake either way, so it is said rather than copied."""
+    if not ctx.values["use_muon"]:
+        return []
+    problems = []
+    if ctx.values["deepspeed"] is None and ctx.values["zero_stage"] != 0:
+        stage = ctx.values["zero_stage"]
+        problems.append(("zero_stage", f"given {stage} with use_muon: true: "
+                                       + MUON_ZERO.format(stage=stage, fix="set zero_stage: 0")))
+    if ctx.values["loraplus_lr_ratio"] is not None:
+        problems.append(("loraplus_lr_ratio", f"given {show(ctx.values['loraplus_lr_ratio'])} with use_muon: true: "
+                                              "LoRA+ and Muon are two optimizers (LLaMA-Factory silently trains with "
+                                              "LoRA+'s AdamW and ignores use_muon); keep one of the two keys"))
+    return problems
+
+
 # --- outputs ---------------------------------------------------------------------------------------
 
 @rule("export_dir", commands=("deps", "validate"))

@@ -378,7 +378,7 @@ def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:
 
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    wanted = train_groups(engine.module.named_parameters(), train_args(r))  # the optimizer's groups, in its order
+    wanted = train_groups(engine.module, train_args(r))  # the optimizer's groups, in its order
     if len(wanted) != len(groups):
         raise RuntimeError(f"{len(groups)} optimizer groups restored from {path}, {len(wanted)} expected")
     scheduler.base_lrs = [float(g["lr"]) for g in wanted]

@@ -80,25 +80,41 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
             and len({p.device.type for p in params}) == 1)
 
 
-def train_groups(named_params: Iterable[tuple[str, Any]], train: TrainArgs) -> list[dict[str, Any]]:
-    """The recipe's groups (param_groups with its weight decay, learning rate and LoRA+ ratio)."""
-    return param_groups(named_params, train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
+def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
+    """The recipe's groups: Muon's (pipeline.train.muon.muon_groups, by the parameters' transformers names) with
+    use_muon, else param_groups with its weight decay, learning rate and LoRA+ ratio."""
+    if train.use_muon:
+        from pipeline.model.lora import family_of_model
+        from pipeline.train.muon import muon_groups
+
+        return muon_groups(model.named_parameters(), family_of_model(model).to_hf, train.weight_decay,
+                           train.learning_rate)
+    return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
 
 
 def describe(groups: list[dict[str, Any]]) -> str:
-    """One line for the start of a run: each group's tensors, learning rate and weight decay."""
-    return " | ".join(f"{len(g['params'])} tensors at lr {g['lr']:.3g}, weight decay {g['weight_decay']:g}"
+    """One line for the start of a run: each group's tensors (Muon's or AdamW's where use_muon), learning rate and
+    weight decay."""
+    def kind(group: dict[str, Any]) -> str:
+        return "" if "muon" not in group else " by Muon" if group["muon"] else " by AdamW"
+
+    return " | ".join(f"{len(g['params'])} tensors{kind(g)} at lr {g['lr']:.3g}, weight decay {g['weight_decay']:g}"
                       for g in groups)
 
 
 def make_optimizer(model: Any, train: TrainArgs) -> Any:
     """AdamW over the trainable parameters, weight decay as transformers' Trainer (param_groups), fused where torch
-    has it."""
+    has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon)."""
     import torch
 
-    groups = train_groups(model.named_parameters(), train)
+    groups = train_groups(model, train)
     if not groups:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+    betas = (train.adam_beta1, train.adam_beta2)
+    if train.use_muon:
+        from pipeline.train.muon import MuonAdamW
+
+        return MuonAdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
+    return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

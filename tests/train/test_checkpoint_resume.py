@@ -71,7 +71,11 @@ RESUME = dict(max_steps=6, warmup_steps=1, gradient_accumulation_steps=2, dropou
     # (each update's mean over its trained tokens) the checkpoint keeps; NEFTune's noise comes from the saved RNG
     (BASE_SFT, dict(finetuning_type="lora", dataset="varied_sft", per_device_train_batch_size=2, logging_steps=4,
                     neftune_noise_alpha=5.0), "adapter/adapter_model.safetensors"),
-], ids=["lora-zero3-bf16", "full-fp32", "sft-varied-log-window-neftune"])
+    # use_muon (LoRA's A and B by Muon, the rest by its AdamW): its momentum buffers, moments and step counts
+    # (~40 s: slow, the others cover the resume machinery)
+    pytest.param(BASE_SFT, dict(finetuning_type="lora", lora_dropout=0.1, use_muon=True),
+                 "adapter/adapter_model.safetensors", marks=pytest.mark.slow),
+], ids=["lora-zero3-bf16", "full-fp32", "sft-varied-log-window-neftune", "lora-muon"])
 def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(make_recipe, base, keys, final):
     straight = train(make_recipe(base, name="straight", **RESUME, **keys))
 

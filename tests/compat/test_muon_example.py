@@ -1,0 +1,111 @@
+"""LLaMA-Factory's extras/muon/qwen2_full_sft.yaml (use_muon) through the CLI, on a tiny Qwen2 written by
+transformers, with only model_name_or_path changed.
+
+Golden values: transformers' Qwen2 of the same checkpoint fed our loader's micro-batches (the data layer is not under
+test), its gradients clipped by torch's clip_grad_norm_, stepped by LLaMA-Factory's Muon as re-written from its
+source in tests/train/test_muon.py (LFMuon); and transformers, which loads the merged model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from pipeline.recipe import resolve
+from pipeline.recipe.args import data_args
+from tests.acceptance.harness import pipeline, write_hf_checkpoint
+from tests.compat.test_lf_recipes import lf_checkout
+from tests.train.test_muon import LFMuon
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+EXAMPLE = "examples/extras/muon/qwen2_full_sft.yaml"
+RUN = "saves/qwen2-1_5b/full/sft"
+# the golden run: fp32, one micro-batch per update, a constant rate high enough to see, weight decay (LLaMA-Factory
+# decays every parameter under Muon) and an adam_epsilon large enough that where its AdamW adds eps shows
+GOLDEN = ["bf16=false", "gradient_accumulation_steps=1", "max_steps=2", "save_steps=1", "lr_scheduler_type=constant",
+          "warmup_ratio=0", "learning_rate=1e-3", "weight_decay=0.1", "adam_epsilon=1e-6"]
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("muon") / "qwen2"
+    write_hf_checkpoint(path, "qwen2", small_vocab=True, max_position_embeddings=2048)
+    return path
+
+
+def golden_steps(work: Path, qwen2: Path, steps: int) -> list[dict[str, "torch.Tensor"]]:
+    """transformers' weights after each of `steps` updates by LLaMA-Factory's Muon on our micro-batches."""
+    from pipeline.data.loaders import make_loader
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        r = resolve(EXAMPLE, GOLDEN, command="train", env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+        loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
+        batches = [loader.batch(k) for k in range(steps)]
+    finally:
+        os.chdir(cwd)
+    model = transformers.AutoModelForCausalLM.from_pretrained(qwen2, torch_dtype=torch.float32).eval()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = LFMuon(named, r["learning_rate"], r["weight_decay"], (r["adam_beta1"], r["adam_beta2"]), r["adam_epsilon"])
+    out = []
+    for batch in batches:
+        labels = batch["labels"]  # ours are shifted already: labels[:, t] is the token after position t
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum") / (labels != -100).sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], r["max_grad_norm"])
+        muon.step()
+        model.zero_grad(set_to_none=True)
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def test_each_step_is_llamafactorys_muon_step(tmp_path, qwen2):
+    """After steps 1 and 2: the AdamW tensors (1-D, and the tied embedding) equal the golden to fp32 rounding (their
+    moves are about 1e-3; torch's AdamW, which adds eps after the bias correction, misses by about 3e-5 here); each
+    Muon matrix's move equals it within 5% (Frobenius). That bound is rounding, not approximation: LLaMA-Factory's
+    Newton-Schulz runs in bfloat16, and a gradient that differs in its last fp32 bit (our model and transformers'
+    sum in other orders) moves its result by up to ~2.5% (test_muon.py's
+    test_llamafactorys_bf16_newton_schulz_magnifies_the_last_fp32_bit); DeepSpeed's lr scale sqrt(max(1, A / B))
+    would miss by 12% on every matrix here."""
+    work = lf_checkout(tmp_path, str(qwen2))
+    err = pipeline("train", EXAMPLE, *GOLDEN, cwd=work, timeout=600).stderr
+    assert ("optimizer: Muon (use_muon): 14 tensors by Muon at lr 0.001, weight decay 0.1 | 12 tensors by AdamW at "
+            "lr 0.001, weight decay 0.1") in err, err
+    start = {k[len("model."):]: v for k, v in
+             transformers.AutoModelForCausalLM.from_pretrained(qwen2).state_dict().items() if k != "lm_head.weight"}
+    for step, golden in enumerate(golden_steps(work, qwen2, 2), start=1):
+        want = {k[len("model."):]: v for k, v in golden.items() if k != "lm_head.weight"}  # tied to embed_tokens
+        # a checkpoint's model/ is the pipeline's own format: Qwen2's transformers names without "model."
+        with safe_open(str(work / RUN / f"checkpoint-{step}/model/model.safetensors"), framework="pt") as handle:
+            got = {k: handle.get_tensor(k) for k in handle.keys()}
+        assert got.keys() == want.keys()
+        for name, tensor in got.items():
+            if tensor.ndim == 2 and "embed" not in name:
+                move = want[name] - start[name]
+                assert (tensor - want[name]).norm() <= 0.05 * move.norm(), (step, name)
+            else:
+                assert torch.allclose(tensor, want[name], rtol=0, atol=1e-6), (step, name)
+
+
+@pytest.mark.slow  # ~25 s: builds, trains two steps of 8 bf16 micro-batches and merges through the CLI
+def test_the_example_trains_and_its_merged_model_loads_in_transformers(tmp_path, qwen2):
+    work = lf_checkout(tmp_path, str(qwen2))
+    pipeline("build", EXAMPLE, cwd=work)
+    err = pipeline("train", EXAMPLE, "max_steps=2", cwd=work, timeout=600).stderr
+    assert "optimizer: Muon (use_muon): 14 tensors by Muon" in err and "bf16, ZeRO stage 0" in err, err
+    assert json.loads((work / RUN / "all_results.json").read_text("utf-8"))["global_step"] == 2
+    pipeline("merge", EXAMPLE, "max_steps=2", cwd=work)
+    before = transformers.AutoModelForCausalLM.from_pretrained(qwen2).state_dict()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(work / RUN / "merged")
+    after = merged.state_dict()
+    assert after.keys() == before.keys() and all(not torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.tensor([[3, 17, 42, 99]])).logits).all()
