@@ -86,7 +86,8 @@ def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, firs
     (dict(template="empty"), "template is \"empty\" but"),
     (dict(lora_alpha=64), "lora_alpha is 64 but"),
     (dict(loraplus_lr_ratio=16.0), "loraplus_lr_ratio is 16.0 but"),  # other optimizer groups than the saved ones
-], ids=["model", "data", "template", "shape", "loraplus"])
+    (dict(use_muon=True), "use_muon is true but"),  # another optimizer: Muon's state is not AdamW's
+], ids=["model", "data", "template", "shape", "loraplus", "muon"])
 def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
     with pytest.raises(UserError) as err:
         resume(make_recipe, **changes)
