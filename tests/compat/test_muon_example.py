@@ -70,11 +70,11 @@ def golden_steps(work: Path, qwen2: Path, steps: int) -> list[dict[str, "torch.T
 def test_each_step_is_llamafactorys_muon_step(tmp_path, qwen2):
     """After steps 1 and 2: the AdamW tensors (1-D, and the tied embedding) equal the golden to fp32 rounding (their
     moves are about 1e-3; torch's AdamW, which adds eps after the bias correction, misses by about 3e-5 here); each
-    Muon matrix's move equals it within 5% (Frobenius). That bound is rounding, not approximation: LLaMA-Factory's
-    Newton-Schulz runs in bfloat16, and a gradient that differs in its last fp32 bit (our model and transformers'
-    sum in other orders) moves its result by up to ~2.5% (test_muon.py's
-    test_llamafactorys_bf16_newton_schulz_magnifies_the_last_fp32_bit); DeepSpeed's lr scale sqrt(max(1, A / B))
-    would miss by 12% on every matrix here."""
+    Muon matrix's move equals it within 8% (Frobenius; most match to fp32 rounding, the worst seen is 2.4%). That
+    bound is rounding, not approximation: LLaMA-Factory's Newton-Schulz runs in bfloat16, and a gradient that
+    differs in its last fp32 bit (our model and transformers' sum in other orders) moves its result by up to ~3.5%
+    in 300 random trials (test_muon.py's test_llamafactorys_bf16_newton_schulz_magnifies_the_last_fp32_bit shows
+    it); DeepSpeed's lr scale sqrt(max(1, A / B)) misses by 11.6% or more on every matrix here."""
     work = lf_checkout(tmp_path, str(qwen2))
     err = pipeline("train", EXAMPLE, *GOLDEN, cwd=work, timeout=600).stderr
     assert ("optimizer: Muon (use_muon): 14 tensors by Muon at lr 0.001, weight decay 0.1 | 12 tensors by AdamW at "
@@ -90,7 +90,7 @@ def test_each_step_is_llamafactorys_muon_step(tmp_path, qwen2):
         for name, tensor in got.items():
             if tensor.ndim == 2 and "embed" not in name:
                 move = want[name] - start[name]
-                assert (tensor - want[name]).norm() <= 0.05 * move.norm(), (step, name)
+                assert (tensor - want[name]).norm() <= 0.08 * move.norm(), (step, name)
             else:
                 assert torch.allclose(tensor, want[name], rtol=0, atol=1e-6), (step, name)
 
