@@ -155,11 +155,13 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """skip_special: without the special tokens, as transformers' skip_special_tokens (an answer's stray
-        <|im_start|>); added tokens that are not special (Qwen3's <think>) stay, as there."""
-        if skip_special:
-            drop = {self._ids[token] for token in self.special if token in self._ids}
-            ids = [i for i in ids if i not in drop]
-        return self.encoding.decode(list(ids))
+        <|im_start|>); added tokens that are not special (Qwen3's <think>) stay, as there.
+
+        Ids without a token (a model's rows past n_vocab: Qwen's spare rows, the padding to a multiple of 64 that
+        added tokens grow) decode to nothing, as transformers' decode drops them: a model can generate them, and
+        tiktoken would raise a KeyError mid-eval."""
+        drop = {self._ids[token] for token in self.special if token in self._ids} if skip_special else set()
+        return self.encoding.decode([i for i in ids if i not in drop and 0 <= i < self.n_vocab])
 
     def token_bytes(self, token: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token)

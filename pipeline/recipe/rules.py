@@ -383,14 +383,16 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("template", "model_name_or_path", "stage", commands=("train", "eval", "generate", "inspect", "validate", None))
+@rule("template", "model_name_or_path", "stage", "add_tokens", "add_special_tokens", "new_special_tokens",
+      "new_special_tokens_config", commands=("train", "eval", "generate", "inspect", "validate", None))
 def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
-    """The template's markup tokens are in the model's vocabulary (chatml's <|im_start|> is not in GPT-2's).
+    """The template's markup tokens are in the model's vocabulary (chatml's <|im_start|> is not in GPT-2's) once
+    the recipe's tokens are added (add_special_tokens: "<|im_start|>,<|im_end|>" gives a base model ChatML's).
     Checked here when the model is already on disk; otherwise when the data is tokenized."""
     if ctx.values["stage"] == "pt" or not ctx.values.get("template"):
         return []
     from pipeline.data.templates import get_template
-    from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
+    from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer, with_new_tokens
     from pipeline.errors import UserError
 
     key = "tokenizer_name_or_path" if ctx.values.get("tokenizer_name_or_path") else "model_name_or_path"
@@ -398,8 +400,9 @@ def template_fits_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     if not (is_gpt2_preset(name) or os.path.isdir(name)):
         return []
     try:
-        problem = get_template(ctx.values["template"]).vocabulary_problem(load_tokenizer(name, key))
-    except UserError:  # an unreadable tokenizer or model is reported by the command itself
+        tokenizer = with_new_tokens(load_tokenizer(name, key), ctx.values)
+        problem = get_template(ctx.values["template"]).vocabulary_problem(tokenizer)
+    except UserError:  # an unreadable tokenizer, model or token file is reported by the command itself
         return []
     return [("template", problem)] if problem else []
 

@@ -128,3 +128,32 @@ def then_a_recipe_on_merged_without_the_keys_reads_the_tokens_from_its_files(tmp
         assert int(total) == len(theirs(text.replace("[[", "").replace("]]", "").rstrip("\n") + "\n",
                                         add_special_tokens=False)["input_ids"]), text
         assert int(trained) == len(theirs(answer, add_special_tokens=False)["input_ids"]), answer
+
+
+def test_chatml_tokens_added_to_a_llama_base_make_its_qwen_template_and_generation_stop_there(tmp_path):
+    """A base whose vocabulary lacks ChatML's markup, given it with add_special_tokens (the usual way to train a
+    base on the qwen template), with spare embedding rows as Qwen's checkpoints have (448 for 384 ids: nothing
+    grows) and made to answer one id whatever the input: <|im_end|>, the new stop word, then a spare row no token
+    has. `generate` on the base: the template is accepted (it was refused as if the tokens were not added),
+    generation stops at the new <|im_end|> (with skip_special_tokens false a missed stop prints it), and the spare
+    id decodes to nothing, as transformers' decode drops it (it was a KeyError, exit 1, in generate and eval).
+
+    Golden values: transformers' add_tokens(..., special_tokens=True) on the base's tokenizer (the new ids) and its
+    decode of the spare id."""
+    import transformers
+
+    from tests.acceptance.harness import always_answer
+
+    base = tmp_path / "llama"
+    model = write_hf_checkpoint(base, "llama", small_vocab=True, tie_word_embeddings=False, vocab_size=448)
+    theirs = transformers.AutoTokenizer.from_pretrained(base)
+    assert len(theirs) == 384 and theirs.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True) == 2
+    im_end = theirs.convert_tokens_to_ids("<|im_end|>")
+    spare = 400
+    assert theirs.decode([spare]) == ""
+    recipe = write_recipe(tmp_path / "chatml.yaml", model_name_or_path=str(base), template="qwen",
+                          add_special_tokens="<|im_start|>,<|im_end|>", skip_special_tokens=False, max_new_tokens=3)
+    for answer, printed in ((im_end, ""), (spare, "")):
+        always_answer(model, answer).save_pretrained(base, safe_serialization=True)
+        done = pipeline("generate", recipe, "--prompt", "say hi", cwd=tmp_path)
+        assert done.stdout == printed + "\n", (answer, done.stdout, done.stderr)

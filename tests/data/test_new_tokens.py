@@ -40,6 +40,18 @@ def test_new_tokens_take_transformers_ids_and_are_one_token_in_any_text(qwen_dir
     assert ours.decode(ids, skip_special=True) == theirs.decode(ids, skip_special_tokens=True)
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing_as_in_transformers(qwen_dir):
+    """A grown embedding's padding rows (and Qwen's spare ones) have no token; a model may still generate them."""
+    from pipeline.data.tokenizer_files import read_tokenizer
+
+    theirs = transformers.AutoTokenizer.from_pretrained(qwen_dir)
+    theirs.add_tokens(NEW, special_tokens=True)
+    ours = read_tokenizer(qwen_dir).with_special_tokens(NEW)
+    ids = [*ours.encode("a <think>b"), len(theirs), len(theirs) + 40, *ours.encode(" c")]
+    for skip in (False, True):
+        assert ours.decode(ids, skip_special=skip) == theirs.decode(ids, skip_special_tokens=skip)
+
+
 def test_tokens_already_there_keep_their_ids():
     tok = gpt2()
     grown = tok.with_special_tokens(["<|endoftext|>", "hello", "<think>", "<think>"])
