@@ -100,8 +100,8 @@ def expanded_tensors(family: Family, tensors: Mapping[str, Any],
 
 def refuse_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"--output-dir: {output} is not an empty folder; expand never overwrites: give a new or "
-                        "empty folder")
+        what = "an existing file" if not output.is_dir() else "not an empty folder"
+        raise UserError(f"--output-dir: {output} is {what}; expand never overwrites: give a new or empty folder")
 
 
 def copy_other_files(source: Path, target: Path) -> list[str]:
@@ -124,6 +124,9 @@ def expand(model: str, output_dir: str | Path, num_expand: int) -> Path:
     refuse_output(output)
     source = resolve_model_path(model, key="--model")
     config_file = source / "config.json"
+    if not source.is_dir():
+        raise UserError(f"--model: {model}: no such folder; expected a Hugging Face checkpoint folder or a hub id "
+                        "ORG/NAME (a pipeline preset such as gpt2-small has no weights to expand)")
     if not config_file.is_file():
         raise UserError(f"--model: {model}: no config.json there; expected a Hugging Face checkpoint folder")
     config = json.loads(config_file.read_text(encoding="utf-8"))
