@@ -163,6 +163,47 @@ def llama_pro_needs_freeze_or_lora(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
+@rule("finetuning_type", "use_llama_pro", "lora_target", "pissa_init", "use_dora", "adapter_name_or_path",
+      "model_name_or_path", "freeze_trainable_layers")
+def llama_pro_lora_can_train(ctx: Context) -> list[tuple[str, str]]:
+    """LoRA on LLaMA Pro's blocks moves only through their output projections: `expand` zeroes o_proj and down_proj
+    (GPT-2's c_proj), so the block adds nothing to the residual and every LoRA before them gets a zero gradient until
+    theirs move. Without them in lora_target, under PiSSA (the singular vectors of a zero weight: A = B = 0) or
+    under DoRA (its magnitude divides by the zero weight's norm: NaN) nothing would train; LLaMA-Factory and PEFT
+    run such a recipe all the same (grad_norm 0, or a NaN loss), so it is refused here, saying why."""
+    v = ctx.values
+    if not (v["use_llama_pro"] and v["finetuning_type"] == "lora") or v["adapter_name_or_path"]:
+        return []
+    zeroed = "the expanded blocks' o_proj and down_proj (GPT-2's c_proj) are zero, as `python -m pipeline expand` " \
+             "writes them"
+    if v["pissa_init"]:
+        return [("pissa_init", f"is true with use_llama_pro, but {zeroed}: PiSSA starts their LoRA from the singular "
+                               "vectors of a zero weight (A = B = 0), and no LoRA in those blocks would ever get a "
+                               "gradient; remove pissa_init")]
+    if v["use_dora"]:
+        return [("use_dora", f"is true with use_llama_pro, but {zeroed}: DoRA divides by each weight's norm, so with "
+                             "them the loss is NaN from the first step (PEFT's too), and without them nothing "
+                             "trains; remove use_dora")]
+    from pipeline.errors import UserError
+    from pipeline.model.config import llama_pro_blocks, lora_target_modules
+    from pipeline.model.expand import ZEROED
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is None:
+        return []
+    try:
+        names = [m.name for m in lora_target_modules(info.config, v["lora_target"],
+                                                     llama_pro_blocks(info.n_layer, v["freeze_trainable_layers"]))]
+    except UserError:  # an unknown target, a count that does not divide the blocks: their own rules say so
+        return []
+    if names and not any(name.endswith(ZEROED) for name in names):
+        return [("lora_target", f"given {v['lora_target']!r}, which leaves out the output projections, but {zeroed}: the blocks "
+                                "add nothing to the residual until those move, so LoRA on the other modules gets no "
+                                "gradient and nothing trains; add o_proj and down_proj (GPT-2: c_proj), or use all")]
+    return []
+
+
 def counts_blocks(values: Mapping[str, Any]) -> bool:
     """Whether freeze_trainable_layers means something: under freeze, and under lora with use_llama_pro (the number
     of expanded blocks, as LLaMA-Factory reads it there)."""

@@ -174,6 +174,35 @@ def test_use_llama_pro_mistakes_name_the_key_and_line(tmp_path):
                                         freeze_trainable_layers=3))], tmp_path)
     assert done.code == 0, done.err  # freeze_trainable_layers counts the expanded blocks under lora too
     assert "trainable blocks: 1, 3, 5 of 0..5 (use_llama_pro" in done.out  # stride 6 / 3 = 2
+    lora = dict(finetuning_type="lora", freeze_trainable_layers=3)
+    for keys, message in (({"pissa_init": True}, "r.yaml:10:13: pissa_init: is true with use_llama_pro, but the "
+                                                 "expanded blocks' o_proj and down_proj (GPT-2's c_proj) are zero"),
+                          ({"use_dora": True}, "r.yaml:10:11: use_dora: is true with use_llama_pro, but the expanded"),
+                          ({"lora_target": "q_proj,v_proj"}, "r.yaml:10:14: lora_target: given ['q_proj', 'v_proj'], "
+                                                             "which leaves out the output projections")):
+        done = run_main(["validate", str(recipe(tmp_path, tmp_path / "m", **lora, **keys))], tmp_path)
+        assert done.code == 2 and message in done.err and "Traceback" not in done.err, (keys, done.err)
+
+
+def test_why_lora_on_expanded_blocks_needs_their_output_projections(checkpoints):
+    """What the refusals above rest on, in PEFT on the expanded checkpoint: LoRA on q_proj / v_proj of an expanded
+    block gets no gradient (its zero o_proj passes nothing on), PiSSA there starts at A = B = 0 (no gradient either),
+    DoRA on its zero o_proj gives NaN; plain LoRA with o_proj trains."""
+    import peft
+
+    _, expanded = checkpoints
+    ids = torch.tensor([[3, 17, 42, 99]])
+
+    def grads(**config) -> list[torch.Tensor]:
+        model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(expanded),
+                                    peft.LoraConfig(r=2, layers_to_transform=[1], **config))
+        model(ids, labels=ids).loss.backward()
+        return [p.grad for n, p in model.named_parameters() if p.requires_grad]
+
+    assert all(not g.any() for g in grads(target_modules=["q_proj", "v_proj"]))
+    assert all(not g.any() for g in grads(target_modules=["o_proj", "down_proj"], init_lora_weights="pissa"))
+    assert any(g.isnan().any() for g in grads(target_modules=["o_proj"], use_dora=True))
+    assert any(g.any() for g in grads(target_modules=["o_proj"]))
 
 
 def test_expanded_block_ids_are_llama_factorys():
