@@ -669,8 +669,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             problems.append(f"{weights}: missing tensor '{key}' (the model expects shape {list(shape)})")
         elif tuple(tensors[key].shape) != shape:
             rows = len(shape) == 2 and tensors[key].shape[1] == shape[1] and key.endswith(VOCAB_ROWS)
-            why = ("an adapter trained with new_special_tokens: set the same new_special_tokens in this recipe, so "
-                   "the base grows as it did in training" if rows else "an adapter for another model size or rank?")
+            why = ("an adapter trained with added tokens: set the same add_tokens, add_special_tokens / "
+                   "new_special_tokens and new_special_tokens_config as its run, so the base grows as it did in "
+                   "training" if rows else "an adapter for another model size or rank?")
             problems.append(f"{weights}: tensor '{key}' has shape {list(tensors[key].shape)}, the model expects"
                             f" {list(shape)} ({why})")
     problems += [f"{weights}: unexpected tensor '{k}' (shape {list(tensors[k].shape)}); the model has no such"

@@ -91,8 +91,8 @@ def test_an_adapter_of_a_grown_vocabulary_on_the_plain_base_names_the_key(tmp_pa
     with pytest.raises(UserError) as err:
         load_adapter(plain, tmp_path / "adapter")
     assert [m.split("(")[-1] for m in err.value.messages] == [
-        "an adapter trained with new_special_tokens: set the same new_special_tokens in this recipe, so the base "
-        "grows as it did in training)"] * 2
+        "an adapter trained with added tokens: set the same add_tokens, add_special_tokens / new_special_tokens "
+        "and new_special_tokens_config as its run, so the base grows as it did in training)"] * 2
 
 
 @pytest.mark.parametrize("rows,noise", [(130, False), (130, True), (192, False)])
