@@ -232,7 +232,7 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
     if (uses_reference(r["stage"], r["pref_loss"]) and r["finetuning_type"] == "lora" and r["ref_model"] is None
             and r["zero_stage"] == 3 and trains_in_full(r)):
-        raise UserError("additional_target modules (with resize_vocab or new_special_tokens: the embedding and the "
+        raise UserError("additional_target modules (with resize_vocab or added tokens: the embedding and the "
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")

@@ -8,6 +8,7 @@ from pipeline.errors import UserError
 
 
 @pytest.mark.parametrize("keys,refused", [("new_special_tokens: <think>\n", True), ("resize_vocab: true\n", True),
+                                          ("add_tokens: <note>\n", True),
                                           ("new_special_tokens: <|endoftext|>\n", False), ("", False)])
 def test_dpo_zero3_refuses_what_trains_the_embedding_in_full(tmp_path, monkeypatch, keys, refused):
     from pipeline.recipe import resolve
@@ -20,5 +21,5 @@ def test_dpo_zero3_refuses_what_trains_the_embedding_in_full(tmp_path, monkeypat
     if not refused:
         preflight(r)
         return
-    with pytest.raises(UserError, match="with resize_vocab or new_special_tokens: the embedding and the head"):
+    with pytest.raises(UserError, match="with resize_vocab or added tokens: the embedding and the head"):
         preflight(r)
