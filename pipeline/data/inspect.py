@@ -70,6 +70,15 @@ def inspect(data: DataArgs, num: int = 3) -> str:
     return show(data, max(0, num), color)
 
 
+def eos_note(data: DataArgs, tokenizer: Tokenizer) -> str:
+    """Which token ends each trained answer: the template's EOS (Template.ids: a replace_eos template's first stop
+    word, qwen's <|im_end|> on a base whose tokenizer says <|endoftext|>, or an added one), else the tokenizer's."""
+    from pipeline.data.templates import EOS
+
+    eos = data.chat_template().ids(tokenizer)[EOS]
+    return f"{tokenizer.decode([eos])} is EOS (id {eos})"
+
+
 def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
     """Pairs: the chosen and the rejected sequence of each sample, the scored response tokens marked. Stage kto:
     each row's example (desirable or not) and its KL sequence (the prompt with another row's response)."""
@@ -83,8 +92,7 @@ def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
               if data.stage == "rm" else "only the last response is scored")
     how = "their log-probabilities summed" + ("" if kto else "; pref_loss ipo, orpo, simpo: averaged")
     out = [f"stage {data.stage} · template {data.template} · cutoff_len {data.cutoff_len} · {scored}",
-           f"response tokens ({'' if kto else 'dpo: '}{how}) are {mark}; {tokenizer.eos_text} is EOS "
-           f"(id {tokenizer.eos_id})", ""]
+           f"response tokens ({'' if kto else 'dpo: '}{how}) are {mark}; {eos_note(data, tokenizer)}", ""]
     for i in range(min(num, len(train))):
         out.append(f"── {'row' if kto else 'pair'} {i + 1}/{min(num, len(train))} · {train.origins[i]}")
         sides = ((f"example ({'desirable' if train.tags[i] else 'undesirable'})", train.chosen),
@@ -113,7 +121,7 @@ def inspect_sft(data: DataArgs, num: int, color: bool) -> str:
     mark = f"{GREEN}green{RESET}" if color else "[[in double brackets]]"
     out = [f"template {data.template} · cutoff_len {data.cutoff_len} · train_on_prompt {data.train_on_prompt} · "
            f"mask_history {data.mask_history}",
-           f"trained tokens (the loss targets) are {mark}; {tokenizer.eos_text} is EOS (id {tokenizer.eos_id})", ""]
+           f"trained tokens (the loss targets) are {mark}; {eos_note(data, tokenizer)}", ""]
     for i in range(min(num, len(train))):
         ex = train.example(i)
         trained = [False] + [label != -100 for label in ex.labels[1:]]  # token 0 is never a target

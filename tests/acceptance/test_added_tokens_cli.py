@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from tests.acceptance.harness import assert_close, pipeline, write_hf_checkpoint, write_recipe
+from tests.acceptance.harness import assert_close, pipeline, write_data, write_hf_checkpoint, write_recipe
 
 PLAIN = "<note>"
 DESCRIBED = {"<think>": "the start of the reasoning", "</think>": "the end of it"}
@@ -134,7 +134,8 @@ def test_chatml_tokens_added_to_a_llama_base_make_its_qwen_template_and_generati
     """A base whose vocabulary lacks ChatML's markup, given it with add_special_tokens (the usual way to train a
     base on the qwen template), with spare embedding rows as Qwen's checkpoints have (448 for 384 ids: nothing
     grows) and made to answer one id whatever the input: <|im_end|>, the new stop word, then a spare row no token
-    has. `generate` on the base: the template is accepted (it was refused as if the tokens were not added),
+    has. `inspect` says the new <|im_end|> ends the answers (it named the tokenizer's <|eot_id|>); `generate` on the
+    base: the template is accepted (it was refused as if the tokens were not added),
     generation stops at the new <|im_end|> (with skip_special_tokens false a missed stop prints it), and the spare
     id decodes to nothing, as transformers' decode drops it (it was a KeyError, exit 1, in generate and eval).
 
@@ -151,8 +152,11 @@ def test_chatml_tokens_added_to_a_llama_base_make_its_qwen_template_and_generati
     im_end = theirs.convert_tokens_to_ids("<|im_end|>")
     spare = 400
     assert theirs.decode([spare]) == ""
-    recipe = write_recipe(tmp_path / "chatml.yaml", model_name_or_path=str(base), template="qwen",
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "chatml.yaml", model_name_or_path=str(base), template="qwen", dataset_dir="data",
                           add_special_tokens="<|im_start|>,<|im_end|>", skip_special_tokens=False, max_new_tokens=3)
+    pipeline("build", recipe, cwd=tmp_path)  # inspect names the answers' end: the template's, not Llama's <|eot_id|>
+    assert f"<|im_end|> is EOS (id {im_end})" in pipeline("inspect", recipe, "--num", "1", cwd=tmp_path).stdout
     for answer, printed in ((im_end, ""), (spare, "")):
         always_answer(model, answer).save_pretrained(base, safe_serialization=True)
         done = pipeline("generate", recipe, "--prompt", "say hi", cwd=tmp_path)
