@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -55,9 +56,10 @@ def test_scheduler_drives_the_optimizer_lr_step_by_step():
 
 
 def test_adamw_decays_matrices_only_and_skips_frozen_weights():
-    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
-                                torch.nn.Linear(4, 2))
-    model[3].requires_grad_(False)
+    # named as in our models (transformers' rule is by name: pipeline.train.optim.NO_DECAY)
+    model = torch.nn.Sequential(OrderedDict(embed=torch.nn.Embedding(5, 4), up=torch.nn.Linear(4, 4),
+                                            norm=torch.nn.LayerNorm(4), head=torch.nn.Linear(4, 2)))
+    model.head.requires_grad_(False)
     groups = param_groups(model.named_parameters(), 0.1)
     assert [len(g["params"]) for g in groups] == [2, 3]  # embedding + linear weight | linear bias, norm gain, bias
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
