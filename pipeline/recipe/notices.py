@@ -106,7 +106,7 @@ def new_tokens_notices(r: Any) -> list[str]:
     from pipeline.data.model_tokenizer import available_tokenizer
     from pipeline.recipe.args import data_args
 
-    trains = ("LoRA trains the input embedding and the output head in full (saved as modules_to_save), as "
+    trains = (f"LoRA trains {_vocab_modules_words(r['stage'])} in full (saved as modules_to_save), as "
               "LLaMA-Factory does; set additional_target to choose other modules")
     lora_alone = r["finetuning_type"] == "lora" and r["additional_target"] is None
     out = _token_source_notices(r, DESCRIBED, SPECIAL_KEYS)
@@ -128,6 +128,13 @@ def new_tokens_notices(r: Any) -> list[str]:
         key = special_key if any(n in tokenizer.new_tokens for n in names.special) else "add_tokens"
         out.append(f"notice: {r.origin(key).where}: {key}: tokens are added, so resize_vocab is on and {trains}")
     return out
+
+
+def _vocab_modules_words(stage: str) -> str:
+    """What LoRA trains in full once the vocabulary grows (pipeline.model.config.vocab_modules), in words: the
+    input embedding and the output head; under stage rm, whose model has a score head in place of the output head,
+    the embedding and that score head (which a reward model trains in full anyway)."""
+    return "the input embedding and the score head" if stage == "rm" else "the input embedding and the output head"
 
 
 def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tuple[str, ...]) -> list[str]:

@@ -113,6 +113,14 @@ def test_notices_say_which_tokens_were_there_and_what_lora_trains(tmp_path, monk
         "notice: r.yaml:4:15: resize_vocab: LoRA trains the input embedding and the output head in full (saved as "
         "modules_to_save), as LLaMA-Factory does; set additional_target to choose other modules"]
 
+    # a reward model has a score head in place of the output head (model.config.vocab_modules)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nstage: rm\n"
+                                     "add_tokens: <think>\n", encoding="utf-8")
+    assert [line for line in notices(resolve("r.yaml", [])) if "add_tokens" in line] == [
+        "notice: r.yaml:5:13: add_tokens: tokens are added, so resize_vocab is on and LoRA trains the input embedding "
+        "and the score head in full (saved as modules_to_save), as LLaMA-Factory does; set additional_target to "
+        "choose other modules"]
+
 
 def test_add_tokens_are_plain_added_tokens_as_transformers_adds_them(qwen_dir, tmp_path):
     """add_tokens then the special ones, as LLaMA-Factory's patch_tokenizer calls add_tokens(special_tokens=False)
