@@ -62,3 +62,19 @@ def token_loss_label(settings: Any) -> tuple[str, str] | None:
     if settings.get("label_smoothing_factor"):
         return "label-smoothed", f"label_smoothing_factor {settings['label_smoothing_factor']:g}"
     return None
+
+
+def token_loss_words(settings: Any) -> str:
+    """token_loss's settings as a loss's name: "EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5)"."""
+    label = token_loss_label(settings)
+    return f"{label[0]} cross-entropy ({label[1]})" if label else "the plain cross-entropy"
+
+
+def token_loss_history(changes: Any) -> str:
+    """How the plan and eval's report say that resumes changed the loss (pipeline.train.checkpoint
+    .token_loss_changes: [{"step", "from", "to"}], oldest first); "" when none did. A resumed run's last settings
+    alone would name the loss of every step."""
+    said = [f"after step {c['step']} (a resume) from {token_loss_words(c['from'])} to {token_loss_words(c['to'])}"
+            for c in changes or () if isinstance(c, dict) and isinstance(c.get("from"), dict)
+            and isinstance(c.get("to"), dict)]
+    return f"the loss changed {'; then '.join(said)}" if said else ""

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from pipeline.evaluate import metrics as M
 from pipeline.io import atomic_dir, atomic_write, write_json, write_text
-from pipeline.names import token_loss_label
+from pipeline.names import token_loss_history, token_loss_label
 from pipeline.runtime.layout import RunLayout
 from pipeline.runtime.log import read_log
 
@@ -256,7 +256,8 @@ OBJECTIVE_ROW = {"dpo": "pref_loss", "kto": "kto_loss"}
 
 def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str:
     """One sentence from all_results.json: how long training ran and where its losses ended (which quantity they
-    are where the table's loss is another: a preference stage's objective, a label-smoothed or weighted loss)."""
+    are where the table's loss is another: a preference stage's objective, a label-smoothed or weighted loss, and
+    after which step a resume changed that loss)."""
     parts = []
     if training.get("global_step") is not None:
         steps = f"{training['global_step']} optimizer steps"
@@ -273,10 +274,13 @@ def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str
     losses = any(isinstance(training.get(key), (int, float)) for key in ("train_loss", "eval_loss"))
     if stage in OBJECTIVE_ROW and losses:
         parts[-1] += f" (stage {stage}'s objective: the table's {LABELS[OBJECTIVE_ROW[stage]]}, not its loss)"
-    objective = token_loss_label(training)
-    if objective and losses:  # the objective trained, not the table's cross-entropy
-        parts[-1] += (f" (both {objective[0]}, {objective[1]}: the training objective, not the plain cross-entropy of "
-                      "the table above)")
+    objective = token_loss_label(training)  # the objective trained, not the table's cross-entropy
+    said = [f"both {objective[0]}, {objective[1]}: the training objective, not the plain cross-entropy of the table "
+            "above"] if objective else []
+    history = token_loss_history(training.get("token_loss_changes"))
+    said += [history] if history else []
+    if said and losses:
+        parts[-1] += f" ({'; '.join(said)})"
     return ("Trained " + ", ".join(parts) + ".") if parts else ""
 
 

@@ -81,6 +81,8 @@ FILES_KEY = "training files"  # every built file the train split reads (a val.js
 # pt / sft since 2026-12-05: an update's loss is over all its labelled tokens (pipeline.train.loop.step_scale);
 # checkpoints without the key were trained with a mean per micro-batch, averaged over micro-batches and ranks
 LOSS_KEY, LOSS_RULE = "loss normalization", "the labelled tokens of the whole update"
+# the pt / sft token losses that resumes changed (token_loss_changes), beside the recipe values of the checkpoint
+CHANGES_KEY = "token loss changes"
 
 @dataclass
 class TrainState:
@@ -217,13 +219,34 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return None
 
 
-def saved_recipe(r: Mapping[str, Any]) -> dict[str, Any]:
-    """The recipe values a checkpoint records (trainer_state.json "recipe"), for check_compatible on resume."""
+def saved_recipe(r: Mapping[str, Any], loss_changes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The recipe values a checkpoint records (trainer_state.json "recipe"), for check_compatible on resume, and
+    the token loss changes of the run's resumes so far (token_loss_changes), for the next resume to carry on."""
     values = {k: r[k] for k in (*REFUSE, *APPLY, *KEEP) if k in r}
     values[DATA_KEY] = training_data(r)
     values[FILES_KEY] = training_files(r)
     values[LOSS_KEY] = LOSS_RULE
+    if loss_changes:
+        values[CHANGES_KEY] = loss_changes
     return values
+
+
+def token_loss_changes(r: Mapping[str, Any], path: Path | None) -> list[dict[str, Any]]:
+    """The changes of the pt / sft loss (names.token_loss: label_smoothing_factor, use_dft_loss, use_eaft_loss,
+    eaft_alpha; APPLY keys) made on resuming, oldest first, as {"step", "from", "to"}: those the checkpoint at
+    `path` carries from earlier resumes, then this resume's own, after the checkpoint's step. all_results.json
+    records them: a resumed run's last settings alone would name the loss of the steps before the resume too."""
+    from pipeline.names import token_loss
+
+    if path is None:
+        return []
+    state = read_state(path)
+    saved = state.get("recipe", {})
+    changes = [c for c in saved.get(CHANGES_KEY, []) if isinstance(c, dict)]
+    before, now = token_loss(saved), token_loss(r)
+    if saved and before != now:
+        changes.append({"step": state.get("global_step"), "from": before, "to": now})
+    return changes
 
 
 def training_files(r: Mapping[str, Any]) -> dict[str, str | None]:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.errors import UserError
-from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_label, uses_reference
+from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_history, token_loss_label, uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
@@ -87,6 +87,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
                                     checkpoint.where(r, "resume_from_checkpoint"))
     notices = checkpoint.check_compatible(r, resume) if resume is not None else []
+    loss_changes = checkpoint.token_loss_changes(r, resume)
 
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
@@ -120,7 +121,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     hostmem.release_freed()  # what the build left free inside the heaps, before the steps add theirs
     if dist.is_main():
         write_run_files(r, output_dir)
-        print_plan(r, model, loader, resume, state)
+        print_plan(r, model, loader, resume, state, loss_changes)
         for notice in [*notices, accuracy_notice(r, val_loader is not None and evaluates(args))]:
             if notice:
                 print(notice, file=sys.stderr, flush=True)
@@ -133,7 +134,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                         frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
                                 if base_as_built(*recipe_args(r)) else None),
                         new_tokens=TokenNames.of(data_args(r)))
-    saved = checkpoint.saved_recipe(r)
+    saved = checkpoint.saved_recipe(r, loss_changes)
     resume_step = state.global_step if resume else None
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,
                    reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main(),
@@ -174,7 +175,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     log.close()
     if dist.is_main():
-        finish(r, output_dir, trainer.last_record, state, loader, final)
+        finish(r, output_dir, trainer.last_record, state, loader, final, loss_changes)
     dist.barrier()
     return TrainResult(0, engine, state, output_dir, final)
 
@@ -439,7 +440,8 @@ def write_run_files(r: Any, output_dir: Path) -> None:
     write_json(RunLayout(output_dir).ds_config, r.ds_config)
 
 
-def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState) -> None:
+def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState,
+               loss_changes: list[dict[str, Any]]) -> None:
     from pipeline.data.loaders import item_name
     from pipeline.model.lora import trainable_report
 
@@ -470,9 +472,12 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
     if r["neftune_noise_alpha"]:
         lines.append(f"neftune: uniform noise of alpha {r['neftune_noise_alpha']:g} / sqrt(length x width) on the "
                      "token embeddings in training steps")
+    history = token_loss_history(loss_changes)  # resumes that changed it (checkpoint.token_loss_changes)
     if objective := token_loss_label(token_loss(r)):
         lines.append(f"loss: {objective[0]} cross-entropy ({objective[1]}): loss and eval_loss are that loss; "
-                     "no eval_perplexity")
+                     "no eval_perplexity" + (f"; {history}" if history else ""))
+    elif history:
+        lines.append(f"loss: the plain cross-entropy; {history}")
     if resume is not None:
         lines.append(f"resuming from {resume} at step {state.global_step} (epoch {state.epoch}, "
                      f"batch {state.batch_in_epoch})")
@@ -550,7 +555,7 @@ def report_dead_peer(err: BaseException, output_dir: Path, last_saved: int | Non
 # ---------------------------------------------------------------------------------------------- after training
 
 def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], state: TrainState, loader: Any,
-           final: Path | None) -> None:
+           final: Path | None, loss_changes: list[dict[str, Any]]) -> None:
     from pipeline.data.loaders import item_name
     from pipeline.runtime.log import plot_curve, plot_loss, read_log, write_results
 
@@ -563,6 +568,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "eval_perplexity": last.get("eval_perplexity"),
         # loss and eval_loss are then that objective (eval's report says so beside its plain cross-entropy)
         **token_loss(r),
+        **({"token_loss_changes": list(loss_changes)} if loss_changes else {}),  # which steps trained which loss
         **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] or r["stage"] == "rm" else {}),
         "num_train_examples": loader.num_examples,
         "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)

@@ -114,6 +114,25 @@ def test_a_dft_or_eaft_runs_training_losses_say_so(keys, words):
             "of the table above).") in md
 
 
+def test_a_loss_changed_on_resume_is_said_with_its_step():
+    """A resume that changed the token loss (all_results.json's token_loss_changes, train.checkpoint): the training
+    line says after which step and from what to what, also when the run ended on the plain loss; it named the last
+    settings alone, as if every step had trained them."""
+    eaft = {"use_eaft_loss": True, "eaft_alpha": 0.5}
+    changes = [{"step": 4, "from": {}, "to": eaft}, {"step": 6, "from": eaft, "to": {"label_smoothing_factor": 0.1}}]
+    training = {"global_step": 8, "train_loss": 3.5, "label_smoothing_factor": 0.1, "token_loss_changes": changes}
+    md = R.render_markdown({**_metrics(), "training": training}, None, {})
+    assert ("last train loss 3.5000 (both label-smoothed, label_smoothing_factor 0.1: the training objective, not the "
+            "plain cross-entropy of the table above; the loss changed after step 4 (a resume) from the plain "
+            "cross-entropy to EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5); then after step 6 (a "
+            "resume) from EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5) to label-smoothed "
+            "cross-entropy (label_smoothing_factor 0.1)).") in md
+    training = {"global_step": 8, "train_loss": 3.5, "token_loss_changes": [{"step": 4, "from": eaft, "to": {}}]}
+    md = R.render_markdown({**_metrics(), "training": training}, None, {})
+    assert ("last train loss 3.5000 (the loss changed after step 4 (a resume) from EAFT-weighted cross-entropy "
+            "(use_eaft_loss, eaft_alpha 0.5) to the plain cross-entropy).") in md
+
+
 def test_a_kto_report_shows_the_numbers_its_text_names():
     """Stage kto's paragraph explains reward_chosen, reward_rejected, kl and kto_loss (metrics.json's keys, from
     evaluate.preference.kto_summary), but the table showed none of them: no label, so no row. And the training line's

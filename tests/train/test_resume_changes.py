@@ -188,6 +188,21 @@ def test_the_documented_table_lists_exactly_the_classified_keys():
         assert listed == list(keys), name
 
 
+def test_a_changed_sft_loss_is_said_with_its_step_and_kept_through_later_resumes(make_recipe, first_run, capsys):
+    """A resume that changes the token loss (use_eaft_loss, eaft_alpha) trains it after the checkpoint's step: the
+    plan says after which step and from what to what, the checkpoints carry the change, and all_results.json (which
+    eval's report reads) lists it beside a later resume's; the last settings alone named the loss of every step."""
+    capsys.readouterr()
+    resume(make_recipe, max_steps=3, use_eaft_loss=True, eaft_alpha=0.5)
+    assert ("loss: EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5): loss and eval_loss are that loss; no "
+            "eval_perplexity; the loss changed after step 2 (a resume) from the plain cross-entropy to EAFT-weighted "
+            "cross-entropy (use_eaft_loss, eaft_alpha 0.5)\n") in capsys.readouterr().err
+    result = resume(make_recipe, max_steps=4, use_eaft_loss=True)  # eaft_alpha back to its default, 1
+    eaft = {"use_eaft_loss": True, "eaft_alpha": 0.5}
+    assert json.loads((result.output_dir / "all_results.json").read_text())["token_loss_changes"] == [
+        {"step": 2, "from": {}, "to": eaft}, {"step": 3, "from": eaft, "to": {**eaft, "eaft_alpha": 1.0}}]
+
+
 def test_a_checkpoint_from_before_the_token_mean_loss_is_announced(make_recipe, first_run):
     """Checkpoints written before the update's loss became the mean over all its trained tokens (2026-12-05) hold
     no LOSS_KEY: resuming one with accumulation (BASE_SFT: 2 steps) says the loss curve may shift there."""
