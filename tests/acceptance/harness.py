@@ -125,16 +125,48 @@ def always_answer(model: Any, token: int) -> Any:
     does not move the answer. For tests of where generation stops."""
     import torch
 
-    if model.config.tie_word_embeddings:
-        raise ValueError("always_answer needs an untied head (tie_word_embeddings=False)")
+    _untied(model)
     with torch.no_grad():
         model.model.embed_tokens.weight.fill_(1.0)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.mul_(1e-3)
-            layer.mlp.down_proj.weight.mul_(1e-3)
+        _quiet_blocks(model)
         model.lm_head.weight.zero_()
         model.lm_head.weight[token] = 1.0
     return model
+
+
+def answer_in_turn(model: Any, tokens: list[int]) -> Any:
+    """`model` (as always_answer's) made to answer tokens[0] after any token not in tokens[:-1], and tokens[i + 1]
+    after tokens[i], whatever came before: every other token embeds as the first unit vector, tokens[i] as unit
+    vector i + 1; the head row of tokens[0] is the first unit vector, that of tokens[i + 1] unit vector i + 1. A
+    model that says a given sequence, for tests of what generation prints and where it stops."""
+    import torch
+
+    _untied(model)
+    with torch.no_grad():
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        embed[:, 0] = 1.0
+        head.zero_()
+        head[tokens[0], 0] = 1.0
+        for i, (token, answer) in enumerate(zip(tokens, tokens[1:])):
+            embed[token] = 0.0
+            embed[token, i + 1] = 1.0
+            head[answer, i + 1] = 1.0
+        _quiet_blocks(model)
+    return model
+
+
+def _untied(model: Any) -> None:
+    if model.config.tie_word_embeddings:
+        raise ValueError("a model made to answer given tokens needs an untied head (tie_word_embeddings=False)")
+
+
+def _quiet_blocks(model: Any) -> None:
+    """Attention and MLP add only 1/1000 of their output to the residual stream: the next token is the current
+    token's head row."""
+    for layer in model.model.layers:
+        layer.self_attn.o_proj.weight.mul_(1e-3)
+        layer.mlp.down_proj.weight.mul_(1e-3)
 
 
 def family_of(model_line: str) -> str | None:

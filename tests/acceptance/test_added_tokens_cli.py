@@ -161,3 +161,41 @@ def test_chatml_tokens_added_to_a_llama_base_make_its_qwen_template_and_generati
         always_answer(model, answer).save_pretrained(base, safe_serialization=True)
         done = pipeline("generate", recipe, "--prompt", "say hi", cwd=tmp_path)
         assert done.stdout == printed + "\n", (answer, done.stdout, done.stderr)
+
+    then_merged_generates_and_chats_up_to_the_added_stop_word(tmp_path, model)
+
+
+def then_merged_generates_and_chats_up_to_the_added_stop_word(tmp_path, model):
+    """Trained (one step, which does not move the answers) with the plain <note> added too, and merged, the base
+    made to say <note>, <|im_start|>, <|im_end|> (the added stop word), then <note> again: `generate --model merged`
+    by the run's recipe and `chat` by a recipe on merged/ without the keys (its files hold the tokens) print what
+    transformers' AutoTokenizer on merged/ decodes of the ids before <|im_end|> (skip_special_tokens false, then
+    true), and stop there with room for more. Golden values: AutoTokenizer(merged/)'s ids of the tokens and decode."""
+    import transformers
+
+    from tests.acceptance.harness import answer_in_turn
+    from tests.reliability.rel_helpers import run_main
+
+    base = tmp_path / "llama"
+    theirs = transformers.AutoTokenizer.from_pretrained(base)
+    assert theirs.add_tokens([PLAIN], special_tokens=False) + theirs.add_tokens(["<|im_start|>", "<|im_end|>"],
+                                                                                special_tokens=True) == 3
+    said = theirs.convert_tokens_to_ids([PLAIN, "<|im_start|>", "<|im_end|>"])
+    answer_in_turn(model, [*said, said[0]]).save_pretrained(base, safe_serialization=True)
+    recipe = write_recipe(tmp_path / "note.yaml", model_name_or_path=str(base), template="qwen", dataset_dir="data",
+                          add_tokens=PLAIN, add_special_tokens="<|im_start|>,<|im_end|>", skip_special_tokens=False,
+                          max_new_tokens=8, cutoff_len=256, overlength_policy="truncate",
+                          learning_rate=1e-3, max_steps=1, output_dir="saves/note")
+    for command in ("build", "train", "merge"):  # in this process: no interpreter start-up
+        assert run_main([command, str(recipe)], tmp_path).code == 0, command
+    merged = tmp_path / "saves/note/merged"
+    on_merged = transformers.AutoTokenizer.from_pretrained(merged)
+    assert on_merged.convert_tokens_to_ids([PLAIN, "<|im_start|>", "<|im_end|>"]) == said
+
+    done = pipeline("generate", recipe, "--model", "merged", "--prompt", "say hi", cwd=tmp_path)
+    assert done.stdout == on_merged.decode(said[:2], skip_special_tokens=False) + "\n", (done.stdout, done.stderr)
+    chat = write_recipe(tmp_path / "chat.yaml", model_name_or_path=str(merged), template="qwen", max_new_tokens=8)
+    reply = on_merged.decode(said[:2], skip_special_tokens=True)
+    assert reply == PLAIN  # the special one is skipped, the plain one kept
+    done = pipeline("chat", chat, cwd=tmp_path, input="say hi\nagain\n\n")
+    assert done.stdout == f"{reply}\n{reply}\n", (done.stdout, done.stderr)
