@@ -958,7 +958,12 @@ def one_sft_loss(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("use_eaft_loss", "eaft_alpha")
 def eaft_alpha_needs_eaft(ctx: Context) -> list[tuple[str, str]]:
-    """eaft_alpha without use_eaft_loss would be ignored without a word."""
+    """eaft_alpha without use_eaft_loss would be ignored without a word. Written at all, its default 1.0 included,
+    it is refused, as the project refuses every setting of a feature that is off (lora_rank: 8 under full,
+    pref_beta / kto_*_weight outside their stages, freeze_trainable_layers outside freeze): written, it says its
+    author thinks the feature is on. Only on/off switches (use_*_loss, packing, train_on_prompt: STAGE_ONLY) pass
+    at their off value, which asks for nothing; LLaMA-Factory's webui writes lora / pref keys only for their
+    methods and never writes eaft_alpha."""
     if ctx.set_here("eaft_alpha") and not ctx.values["use_eaft_loss"]:
         return [("eaft_alpha", f"given {show(ctx.values['eaft_alpha'])}, but it only weighs the EAFT loss and "
                                "use_eaft_loss is not true; remove it or set use_eaft_loss: true")]

@@ -210,6 +210,11 @@ def test_dft_and_eaft_losses_are_sft_keys_one_at_a_time(recipe):
     assert errors(recipe("stage: sft\neaft_alpha: 2\n")) == [
         "r.yaml:6:13: eaft_alpha: given 2, but it only weighs the EAFT loss and use_eaft_loss is not true; remove it "
         "or set use_eaft_loss: true"]
+    # at its default too, as the settings of other features that are off (lora_rank: 8 under full, kto's weights)
+    for lines, key in (("stage: sft\neaft_alpha: 1.0\n", "eaft_alpha"), ("stage: dpo\nkto_chosen_weight: 1.0\n",
+                       "kto_chosen_weight"), ("finetuning_type: full\nlora_rank: 8\n", "lora_rank")):
+        messages = errors(recipe(lines))
+        assert len(messages) == 1 and f": {key}: " in messages[0], messages
 
 
 @pytest.mark.parametrize("stage, lines, key, words", [
