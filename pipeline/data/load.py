@@ -4,8 +4,9 @@ train = the train.json of every `dataset`, one after another, or with an interle
 (pipeline.data.mix: a dataset's rows are its train.json, then its val.json when that trains too); val = their
 val.json, one after another, or with `eval_dataset` the rows of
 those datasets (all of them; only val.json for a name that is also in `dataset`, so nothing trained
-on is evaluated). A missing or stale build is a UserError that says to run `make data` (or to set overwrite_cache: true: train
-and eval then build first, see pipeline.__main__.steps).
+on is evaluated), interleaved as the training rows are when there are several. A missing or stale build is a
+UserError that says to run `make data` (or to set overwrite_cache: true: train and eval then build first, see
+pipeline.__main__.steps).
 """
 from __future__ import annotations
 
@@ -138,9 +139,13 @@ def source_names(data: DataArgs, name: str) -> tuple[str, ...]:
 
 
 def interleaved(data: DataArgs, split: str) -> bool:
-    """Whether `split` interleaves its datasets (mix_strategy other than concat, training rows of several datasets)
-    rather than concatenating them."""
-    return split == "train" and data.mix_strategy != "concat" and len(dataset_names(data, "dataset")) > 1
+    """Whether `split` interleaves its datasets rather than concatenating them: with a mix_strategy other than
+    concat, the training rows of several `dataset`s, and the rows of several `eval_dataset`s, which LLaMA-Factory
+    mixes alike (its loader merges eval_dataset with merge_dataset, interleave_probs included). The val splits of
+    the training datasets are not: LLaMA-Factory splits its val rows off the mix, here each dataset's are held out
+    at build time (docs/datasets.md)."""
+    names = dataset_names(data, "dataset" if split == "train" else "eval_dataset")
+    return data.mix_strategy != "concat" and len(names) > 1
 
 
 def mix_key(data: DataArgs, split: str) -> tuple:
@@ -177,6 +182,6 @@ def read_split_rows(data: DataArgs, split: str, paths: list[Path]) -> tuple[list
 
 def load_split(data: DataArgs, split: str) -> list[dict]:
     """Alpaca rows (pt: {"text"} documents) of the recipe's `split`, datasets concatenated in order (the training
-    rows of an interleave mix_strategy interleaved)."""
+    rows, and eval_dataset's, of an interleave mix_strategy interleaved)."""
     paths = split_files(data, split)
     return combine(data, split, paths, [read_rows(path) for path in paths])

@@ -39,20 +39,21 @@ def parse_probs(value: str | Sequence[Any] | None) -> list[float] | None:
     return probs
 
 
-def probs_problem(probs: Sequence[float], n_datasets: int, strategy: str) -> str | None:
-    """Why interleave_probs cannot mix `n_datasets` datasets with `strategy` (None: it can). The checks are the ones
-    LLaMA-Factory (the count) and numpy's choice (finite, non-negative, summing to 1) make, plus the ones HF's
-    interleave_datasets makes or should: under interleave_over a dataset of probability 0 is never exhausted (HF
-    raises), and under interleave_once the draws never end (HF loops forever)."""
+def probs_problem(probs: Sequence[float], n_datasets: int, strategy: str, key: str = "dataset") -> str | None:
+    """Why interleave_probs cannot mix `n_datasets` datasets (those of recipe key `key`: dataset, or eval_dataset,
+    which is mixed with the same probabilities) with `strategy` (None: it can). The checks are the ones
+    LLaMA-Factory (the count, for both keys) and numpy's choice (finite, non-negative, summing to 1) make, plus the
+    ones HF's interleave_datasets makes or should: under interleave_over a dataset of probability 0 is never
+    exhausted (HF raises), and under interleave_once the draws never end (HF loops forever)."""
     if len(probs) != n_datasets:
-        return f"{len(probs)} probabilities for {n_datasets} datasets in `dataset`: give one per dataset, in order"
+        return f"{len(probs)} probabilities for {n_datasets} datasets in `{key}`: give one per dataset, in order"
     if not all(math.isfinite(p) and p >= 0 for p in probs):
         return "every probability must be a finite number of 0 or more"
     if abs(math.fsum(probs) - 1) > SUM_TOLERANCE:
         return f"the probabilities sum to {math.fsum(probs):g}; they must sum to 1"
     if strategy != "interleave_under" and 0 in probs and n_datasets > 1:
         return (f"a dataset of probability 0 is never drawn, so with mix_strategy {strategy} the mix never ends; "
-                "give it a probability above 0, use interleave_under, or drop it from `dataset`")
+                f"give it a probability above 0, use interleave_under, or drop it from `{key}`")
     return None
 
 

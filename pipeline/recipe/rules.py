@@ -856,11 +856,12 @@ def main_revision_only(ctx: Context) -> list[tuple[str, str]]:
                                f"commit is in {ref} once downloaded), then remove model_revision")]
 
 
-@rule("mix_strategy", "interleave_probs", "dataset")
+@rule("mix_strategy", "interleave_probs", "dataset", "eval_dataset")
 def interleave_probs_valid(ctx: Context) -> list[tuple[str, str]]:
     """interleave_probs only with an interleave mix_strategy (LLaMA-Factory refuses it with concat), one number per
-    dataset that numpy can sample by (pipeline.data.mix.probs_problem): what LLaMA-Factory finds only when the
-    mix is drawn, after the datasets are loaded, is found here before anything runs."""
+    dataset, and per eval_dataset (mixed with them too; LLaMA-Factory's data_args checks both counts), that numpy
+    can sample by (pipeline.data.mix.probs_problem): what LLaMA-Factory finds only when the mix is drawn, after the
+    datasets are loaded, is found here before anything runs."""
     from pipeline.data.mix import parse_probs, probs_problem
 
     strategy, probs = ctx.values["mix_strategy"], ctx.values["interleave_probs"]
@@ -875,9 +876,24 @@ def interleave_probs_valid(ctx: Context) -> list[tuple[str, str]]:
     except ValueError as err:
         return [("interleave_probs", f"given {show(probs)}: {err}; expected one probability per dataset, e.g. "
                                      "0.7,0.3 (numbers of 0 or more that sum to 1)")]
-    names = ctx.values["dataset"] or []
-    problem = probs_problem(parsed, len(names), strategy) if names else None
-    return [("interleave_probs", f"given {show(probs)}: {problem}")] if problem else []
+    problems = [probs_problem(parsed, len(ctx.values[key]), strategy, key) if ctx.values[key] else None
+                for key in ("dataset", "eval_dataset")]
+    return [("interleave_probs", f"given {show(probs)}: {problem}") for problem in dict.fromkeys(problems) if problem]
+
+
+@rule("mix_strategy", "dataset", "eval_dataset", "val_size")
+def interleaved_eval_datasets_have_rows(ctx: Context) -> list[tuple[str, str]]:
+    """Several eval_datasets under an interleave mix_strategy are interleaved (pipeline.data.load.interleaved); one
+    that `dataset` trains on gives its val split alone, empty with val_size 0. HF's interleave_datasets, which
+    LLaMA-Factory calls, fails or returns no row with an empty dataset: said before anything runs."""
+    values = ctx.values
+    evals, trained = values["eval_dataset"] or [], values["dataset"] or []
+    if values["mix_strategy"] == "concat" or len(evals) < 2 or values["val_size"] != 0:
+        return []
+    return [("eval_dataset", f"names {name!r}, which `dataset` trains on, so only its val split is evaluated, and "
+                             f"val_size 0 holds none of its rows out: mix_strategy {values['mix_strategy']} would "
+                             "interleave an empty dataset into the evaluation; set val_size, or drop it from "
+                             "eval_dataset") for name in evals if name in trained]
 
 
 @rule("do_train", "do_eval", "do_predict", commands=("train",))

@@ -90,7 +90,8 @@ def test_probs_that_numpy_accepts_pass():
 
 def test_a_dataset_whose_val_split_trains_is_mixed_as_one_dataset():
     """With eval_dataset naming other datasets, a training dataset's val.json trains too (data.built.training_splits):
-    its rows follow its train.json's in that dataset's share of the mix. The val split is never mixed."""
+    its rows follow its train.json's in that dataset's share of the mix. The val split of one eval_dataset is its
+    rows as they are."""
     from pathlib import Path
 
     from pipeline.data.load import combine
@@ -102,3 +103,45 @@ def test_a_dataset_whose_val_split_trains_is_mixed_as_one_dataset():
     parts = [["a0", "a1"], ["a2"], ["b0"]]
     assert combine(data, "train", paths, parts) == ["a0", "b0", "a1", "a2"]
     assert combine(data, "val", paths, parts) == ["a0", "a1", "a2", "b0"]
+
+
+def test_eval_datasets_are_interleaved_as_llama_factory_mixes_them(tmp_path, monkeypatch):
+    """LLaMA-Factory's get_dataset merges eval_dataset with merge_dataset as it merges dataset (interleave_probs
+    included, one per eval dataset or it refuses): the CLI as a user types it (a save_pretrained GPT-2, LLaMA-Factory's
+    dataset_info.json and recipe layout) evaluates the eval datasets' rows interleaved, HF's interleave_datasets over
+    each one's built rows being the golden (an eval dataset not trained on is evaluated whole: train.json then
+    val.json). They were concatenated."""
+    import json
+
+    from pipeline.data.build import built_dir
+    from pipeline.data.load import load_split, read_rows
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
+    from tests.acceptance.harness import write_hf_checkpoint
+    from tests.reliability.rel_helpers import run_main
+
+    write_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    data = tmp_path / "data"
+    data.mkdir()
+    sizes = {"a": 4, "b": 4, "c": 2, "d": 5}
+    for name, n in sizes.items():
+        rows = [{"instruction": f"{name} question {k}", "input": "", "output": f"{name} answer {k}"} for k in range(n)]
+        (data / f"{name}.json").write_text(json.dumps(rows), encoding="utf-8")
+    (data / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in sizes}), encoding="utf-8")
+    (tmp_path / "mix.yaml").write_text("model_name_or_path: gpt2\nstage: sft\ndo_train: true\nfinetuning_type: lora\n"
+                      "dataset: a,b\neval_dataset: c,d\ndataset_dir: data\ntemplate: alpaca\ncutoff_len: 64\n"
+                      "val_size: 0\nmix_strategy: interleave_over\ninterleave_probs: 0.5,0.5\nseed: 7\n"
+                      "output_dir: saves/mix\nmax_steps: 1\n", encoding="utf-8")
+    assert run_main(["build", "mix.yaml"], tmp_path).code == 0
+    built = [[row for split in ("train", "val") for row in read_rows(built_dir(data, name) / f"{split}.json")]
+             for name in ("c", "d")]
+    golden = hf_mix([[json.dumps(row) for row in part] for part in built], [0.5, 0.5], 7, "interleave_over")
+    assert len(golden) > sum(sizes[n] for n in "cd")  # c's rows repeat until d runs out
+    shown = run_main(["inspect", "mix.yaml", "--num", "0"], tmp_path)
+    assert shown.code == 0 and f"val: {len(golden)} rows -> {len(golden)} examples" in shown.out, shown
+    monkeypatch.chdir(tmp_path)
+    assert [json.dumps(row) for row in load_split(data_args(resolve("mix.yaml", [])), "val")] == golden
+
+    refused = run_main(["validate", "mix.yaml", "eval_dataset=c"], tmp_path)
+    assert refused.code == 2 and "mix.yaml:12:19: interleave_probs: given '0.5,0.5': 2 probabilities for 1 datasets in " \
+        "`eval_dataset`: give one per dataset, in order" in refused.err, refused

@@ -261,6 +261,21 @@ def test_interleave_probs_only_with_an_interleave_strategy(recipe):
         "interleave_over"
 
 
+def test_interleaved_eval_datasets_take_the_same_probabilities(recipe):
+    """An interleave mix_strategy interleaves several eval_datasets too, with interleave_probs (LLaMA-Factory's
+    data_args: "The length of eval dataset and interleave probs should be identical."); a trained one is evaluated
+    on its val split alone, which val_size 0 leaves empty (HF's interleave_datasets fails or gives no row)."""
+    probs = recipe("mix_strategy: interleave_under\ninterleave_probs: 0.5,0.5\n")
+    assert errors(probs, ["dataset=a,b", "eval_dataset=c"]) == [
+        "r.yaml:6:19: interleave_probs: given '0.5,0.5': 2 probabilities for 1 datasets in `eval_dataset`: give one "
+        "per dataset, in order"]
+    assert resolve(probs, ["dataset=a,b", "eval_dataset=c,d"])["eval_dataset"] == ["c", "d"]
+    assert errors(recipe("mix_strategy: interleave_over\nval_size: 0\n"), ["dataset=a,b", "eval_dataset=b,c"]) == [
+        "command line override eval_dataset=b,c: eval_dataset: names 'b', which `dataset` trains on, so only its val split is evaluated, and val_size 0 "
+        "holds none of its rows out: mix_strategy interleave_over would interleave an empty dataset into the "
+        "evaluation; set val_size, or drop it from eval_dataset"]
+
+
 def test_kto_accepts_its_keys(recipe):
     r = resolve(recipe("stage: kto\npref_beta: 0.2\npref_ftx: 0.5\nkto_chosen_weight: 1.5\n"
                        "kto_rejected_weight: 0.8\n"))
