@@ -190,7 +190,7 @@ FULL = [("extras/dft/qwen2_full_sft.yaml", "saves/qwen2-1_5b/full/sft", "use_dft
         ("extras/eaft/qwen25_05b_eaft_full.yaml", "qwen2.5-0_5b/full/sft_eaft", "use_eaft_loss")]
 
 
-@pytest.mark.slow  # ~20 s each: builds, trains two steps of 8 micro-batches and merges through the CLI
+@pytest.mark.slow  # ~15 s each: builds, trains two steps (one micro-batch each: the suite's time) and merges
 @pytest.mark.parametrize("example, output_dir, key", FULL)
 def test_full_example_trains_on_its_loss_and_its_merged_model_loads_in_transformers(tmp_path, models, example, output_dir,
                                                                               key):
@@ -198,7 +198,7 @@ def test_full_example_trains_on_its_loss_and_its_merged_model_loads_in_transform
     transformers = pytest.importorskip("transformers")
     assert ROWS[example] == "trains"
     work = lf_checkout(tmp_path, str(models["qwen"]))
-    used = ["max_steps=2"]
+    used = ["max_steps=2", "gradient_accumulation_steps=1"]
     pipeline("build", f"examples/{example}", cwd=work)
     err = pipeline("train", f"examples/{example}", *used, cwd=work, timeout=600).stderr
     assert f"loss: {key[4:].split('_')[0].upper()}-weighted cross-entropy" in err, err

@@ -79,9 +79,9 @@ def test_llama_factory_example_trains_only_the_expanded_blocks_and_the_merge_loa
                                                                                                    checkpoints):
     _, expanded = checkpoints
     work = lf_checkout(tmp_path, str(expanded))
-    plan = pipeline("plan", EXAMPLE, cwd=work).stdout
+    plan = run_main(["plan", EXAMPLE], work).out  # plan and build in this process: no interpreter start-up
     assert f"trainable blocks: {', '.join(map(str, EXPANDED_IDS))} of 0..15 (use_llama_pro" in plan
-    pipeline("build", EXAMPLE, cwd=work)
+    assert run_main(["build", EXAMPLE], work).code == 0
     pipeline("train", EXAMPLE, *SHORT, cwd=work, timeout=600)
     pipeline("merge", EXAMPLE, *SHORT, cwd=work)
     before, after = state(expanded), state(work / "saves/llama3-8b-pro/freeze/sft/merged")
@@ -96,7 +96,7 @@ def test_lora_with_use_llama_pro_adapts_only_the_expanded_blocks_and_peft_loads_
     _, expanded = checkpoints
     work = lf_checkout(tmp_path, str(expanded))
     lora = [*SHORT, "finetuning_type=lora", "lora_target=all"]
-    pipeline("build", EXAMPLE, cwd=work)
+    assert run_main(["build", EXAMPLE], work).code == 0
     pipeline("train", EXAMPLE, *lora, cwd=work, timeout=600)
     adapter = work / "saves/llama3-8b-pro/freeze/sft/adapter"
     targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]

@@ -27,9 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
     # some answer tokens right by step 2, so the accuracies are not all 0
     (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
                     learning_rate=3e-2)),
-    # use_muon (ZeRO 0): each rank steps the whole matrices with the averaged gradients (~70 s: slow)
-    pytest.param(BASE_SFT, dict(finetuning_type="full", zero_stage=0, use_muon=True), marks=pytest.mark.slow),
-], ids=["pt-zero2", "sft-varied-lengths-zero3", "sft-muon-zero0"])
+], ids=["pt-zero2", "sft-varied-lengths-zero3"])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir, base, stage_keys):
     keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, **stage_keys)
     one = train(make_recipe(base, name="one", per_device_train_batch_size=4, **keys))
