@@ -21,6 +21,9 @@ tokens: "<|im_end|>" typed by a user stays text. {eos} is the tokenizer's EOS, o
   "<think>\\n\\n</think>\\n\\n" in front (trained) when enable_thinking, else at the end of the prompt (not
   trained); with mask_history the earlier responses lose their thoughts and only the last turn gets one.
 - llama3: <|begin_of_text|> then <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>.
+- deepseekr1 (DeepSeek-R1-Distill-Qwen / -Llama): BOS, the system prompt as it is, then
+  <｜User｜>...<｜Assistant｜> and the answer with the tokenizer's EOS (<｜end▁of▁sentence｜>); a reasoning
+  template with qwen3's thought rules.
 - default: "Human: ...<eos>\\nAssistant:" / "...<eos>\\n" / "System: ...<eos>\\n".
 - empty: no markup at all, and no EOS (as LLaMA-Factory's empty template; use it for raw continuation).
 
@@ -287,6 +290,7 @@ class Template:
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")  # LLaMA-Factory's default thought_words
 IM = ("<|im_start|>", "<|im_end|>")
 IM_REPLY = "<|im_start|>assistant\n"
 _CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
@@ -297,6 +301,7 @@ _QWEN_TOOLS = dict(tool_format="qwen",  # Hermes style; the tool result comes ba
 ALPACA_REPLY = "### Response:\n"
 LLAMA3_REPLY = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 DEFAULT_REPLY = "Assistant:"
+DEEPSEEK_REPLY = "<｜Assistant｜>"  # fullwidth bars (U+FF5C), as DeepSeek's tokenizer spells them
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
@@ -313,7 +318,7 @@ TEMPLATES: dict[str, Template] = {
                  replace_eos=True,
                  description="Qwen / Qwen2 / Qwen2.5: ChatML with Qwen's default system prompt"),
         Template(name="qwen3", **_CHATML, **_QWEN_TOOLS, stop_words=("<|im_end|>",), replace_eos=True,
-                 thought_words=("<think>\n", "\n</think>\n\n"),
+                 thought_words=THOUGHT_WORDS,
                  description="Qwen3 (reasoning): ChatML, an empty <think></think> where a response has none"),
         Template(name="qwen3_nothink", **_CHATML, **_QWEN_TOOLS, stop_words=("<|im_end|>",), replace_eos=True,
                  description="Qwen3 without thinking (Qwen3-Instruct-2507 and non-reasoning use)"),
@@ -326,6 +331,10 @@ TEMPLATES: dict[str, Template] = {
                  stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True, tool_format="llama3",
                  observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY,
                  description="Llama 3 / 3.1 / 3.2 Instruct"),
+        Template(name="deepseekr1", prefix="{bos}", user="<｜User｜>{content}" + DEEPSEEK_REPLY, reply=DEEPSEEK_REPLY,
+                 special_tokens=("<｜User｜>", DEEPSEEK_REPLY), thought_words=THOUGHT_WORDS,
+                 description="DeepSeek-R1-Distill-Qwen / -Llama (reasoning): <｜User｜> ... <｜Assistant｜>, an empty "
+                             "<think></think> where a response has none"),
         Template(name="default", system="System: {system}{eos}\n", user="Human: {content}{eos}\n" + DEFAULT_REPLY,
                  reply=DEFAULT_REPLY,
                  assistant="{content}{eos}\n", tool_format="default",

@@ -6,7 +6,10 @@ The ranks are fetched from PyPI at test time (never committed: licences) and cac
 - Qwen: dashscope/resources/qwen.tiktoken in the dashscope 2.0.2 wheel (151,643 ranks; specials from 151643).
 transformers' TikTokenConverter (test-only) turns them into tokenizer.json, the way the hub's files were
 made; the special tokens, configs and generation configs follow the published checkpoints
-(meta-llama/Llama-3.2-1B[-Instruct], Qwen/Qwen2.5-0.5B[-Instruct], Qwen/Qwen3-0.6B).
+(meta-llama/Llama-3.2-1B[-Instruct], Qwen/Qwen2.5-0.5B[-Instruct], Qwen/Qwen3-0.6B). "deepseek_r1_qwen" is
+DeepSeek-R1-Distill-Qwen's layout (Qwen's ranks; <｜end▁of▁sentence｜> EOS 151643, <｜User｜> 151644, <｜Assistant｜>
+151645, <｜begin▁of▁sentence｜> BOS 151646, <think> 151648, </think> 151649), written from memory of the published
+files (not downloadable here).
 
     write_tokenizer_dir(checkpoint_dir, "qwen3")   # beside a transformers save_pretrained checkpoint
 
@@ -48,7 +51,12 @@ QWEN2_ADDED = [  # (content, special) from id 151643, as in Qwen2.5's tokenizer.
     ("<|repo_name|>", False), ("<|file_sep|>", False)]
 QWEN3_ADDED = QWEN2_ADDED + [("<tool_response>", False), ("</tool_response>", False), ("<think>", False),
                              ("</think>", False)]
-FAMILIES = ("llama3", "qwen2", "qwen3")
+# DeepSeek-R1-Distill-Qwen's tokenizer: Qwen2.5's vocabulary with its first seven added tokens renamed to DeepSeek's
+# markup (fullwidth bars U+FF5C, "▁" U+2581), the rest Qwen2.5's
+DEEPSEEK_R1_ADDED = [("<｜end▁of▁sentence｜>", True), ("<｜User｜>", False), ("<｜Assistant｜>", False),
+                     ("<｜begin▁of▁sentence｜>", True), ("<|EOT|>", True), ("<think>", False), ("</think>", False),
+                     *QWEN2_ADDED[7:]]
+FAMILIES = ("llama3", "qwen2", "qwen3", "deepseek_r1_qwen")
 
 
 def ranks_file(source: str) -> Path:
@@ -76,7 +84,7 @@ def added_tokens(family: str) -> list[tuple[str, int, bool]]:
     if family == "llama3":
         names = LLAMA3_NAMED + [f"<|reserved_special_token_{3 + i}|>" for i in range(256 - len(LLAMA3_NAMED))]
         return [(name, 128000 + i, True) for i, name in enumerate(names)]
-    table = QWEN3_ADDED if family == "qwen3" else QWEN2_ADDED
+    table = {"qwen3": QWEN3_ADDED, "deepseek_r1_qwen": DEEPSEEK_R1_ADDED}.get(family, QWEN2_ADDED)
     return [(name, 151643 + i, special) for i, (name, special) in enumerate(table)]
 
 
@@ -117,6 +125,12 @@ def _configs(family: str, instruct: bool) -> tuple[dict, dict]:
         config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>" if instruct else "<|end_of_text|>",
                   "model_max_length": 131072}
         generation = {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009] if instruct else 128001}
+    elif family == "deepseek_r1_qwen":  # one EOS, which is also the pad, and a BOS (deepseekr1's prefix); the class
+        # the hub's files name (transformers 5 loads a ByteLevel tokenizer.json as TokenizersBackend whatever it says)
+        config = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                  "pad_token": "<｜end▁of▁sentence｜>", "model_max_length": 16384, "add_bos_token": True,
+                  "add_eos_token": False, "legacy": True, "tokenizer_class": "LlamaTokenizerFast"}
+        generation = {"bos_token_id": 151646, "eos_token_id": 151643}
     else:
         config = {"bos_token": None, "eos_token": "<|im_end|>" if instruct or family == "qwen3" else "<|endoftext|>",
                   "pad_token": "<|endoftext|>", "errors": "replace", "model_max_length": 131072}

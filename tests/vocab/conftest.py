@@ -41,7 +41,8 @@ def hf_reference():
 
 @pytest.fixture(scope="session")
 def family_dirs(vocab_dirs, tmp_path_factory) -> dict[str, Path]:
-    """family -> tokenizer directory; GPT-2's as merge writes it (vocab.json + merges.txt)."""
+    """family -> tokenizer directory; GPT-2's as merge writes it (vocab.json + merges.txt); deepseek_r1_qwen:
+    DeepSeek-R1-Distill-Qwen's (Qwen's vocabulary, DeepSeek's markup)."""
     gpt2_dir = tmp_path_factory.mktemp("gpt2")
     merge.write_tokenizer_files(gpt2_dir, gpt2(), 1024)
-    return {"gpt2": gpt2_dir, **{f: vocab_dirs[f] for f in ("llama3", "qwen2", "qwen3")}}
+    return {"gpt2": gpt2_dir, **{f: vocab_dirs[f] for f in ("llama3", "qwen2", "qwen3", "deepseek_r1_qwen")}}
