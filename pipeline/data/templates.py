@@ -21,6 +21,8 @@ tokens: "<|im_end|>" typed by a user stays text. {eos} is the tokenizer's EOS, o
   "<think>\\n\\n</think>\\n\\n" in front (trained) when enable_thinking, else at the end of the prompt (not
   trained); with mask_history the earlier responses lose their thoughts and only the last turn gets one.
 - llama3: <|begin_of_text|> then <|start_header_id|>role<|end_header_id|>\\n\\n...<|eot_id|>.
+- openchat-3.6 (a Llama 3 8B): llama3's headers with the roles "GPT4 Correct User" / "GPT4 Correct Assistant", no
+  system header (the system prompt as it is after BOS), the answer closed by the tokenizer's EOS; stops at <|eot_id|>.
 - deepseekr1 (DeepSeek-R1-Distill-Qwen / -Llama): BOS, the system prompt as it is, then
   <｜User｜>...<｜Assistant｜> and the answer with the tokenizer's EOS (<｜end▁of▁sentence｜>); a reasoning
   template with qwen3's thought rules.
@@ -300,6 +302,8 @@ _QWEN_TOOLS = dict(tool_format="qwen",  # Hermes style; the tool result comes ba
                    observation="<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n" + IM_REPLY)
 ALPACA_REPLY = "### Response:\n"
 LLAMA3_REPLY = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+LLAMA3_MARKUP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+OPENCHAT_REPLY = "<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n"
 DEFAULT_REPLY = "Assistant:"
 DEEPSEEK_REPLY = "<｜Assistant｜>"  # fullwidth bars (U+FF5C), as DeepSeek's tokenizer spells them
 
@@ -327,10 +331,14 @@ TEMPLATES: dict[str, Template] = {
                  user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY,
                  reply=LLAMA3_REPLY,
                  assistant="{content}<|eot_id|>",
-                 special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+                 special_tokens=LLAMA3_MARKUP,
                  stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True, tool_format="llama3",
                  observation="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>" + LLAMA3_REPLY,
                  description="Llama 3 / 3.1 / 3.2 Instruct"),
+        Template(name="openchat-3.6", prefix="{bos}",
+                 user="<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|>" + OPENCHAT_REPLY,
+                 reply=OPENCHAT_REPLY, special_tokens=LLAMA3_MARKUP, stop_words=("<|eot_id|>",),
+                 description="OpenChat 3.6 (a Llama 3 8B): GPT4 Correct User / Assistant headers, the tokenizer's EOS"),
         Template(name="deepseekr1", prefix="{bos}", user="<｜User｜>{content}" + DEEPSEEK_REPLY, reply=DEEPSEEK_REPLY,
                  special_tokens=("<｜User｜>", DEEPSEEK_REPLY), thought_words=THOUGHT_WORDS,
                  description="DeepSeek-R1-Distill-Qwen / -Llama (reasoning): <｜User｜> ... <｜Assistant｜>, an empty "

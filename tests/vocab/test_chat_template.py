@@ -45,13 +45,13 @@ def messages(system: str | None, history, query: str | None = None, answer: str 
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2", "qwen3", "deepseek_r1_qwen"])
 def test_every_template_prompts_as_training(family_dirs, family, case):
     """apply_chat_template(..., add_generation_prompt=True) == encode_prompt for every template the vocabulary can
-    express (gpt2: alpaca, default, empty; llama3 adds llama3; qwen adds chatml, qwen, qwen3, qwen3_nothink;
+    express (gpt2: alpaca, default, empty; llama3 adds llama3, openchat-3.6; qwen adds chatml, qwen, qwen3, qwen3_nothink;
     DeepSeek-R1-Distill-Qwen's adds deepseekr1)."""
     system, history = CASES[case]
     directory = family_dirs[family]
     ours = _ours(directory)
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours) is None]
-    assert len(names) == {"gpt2": 3, "llama3": 4, "deepseek_r1_qwen": 4}.get(family, 7)
+    assert len(names) == {"gpt2": 3, "llama3": 5, "deepseek_r1_qwen": 4}.get(family, 7)
     for name in names:
         template = TEMPLATES[name]
         for thinking in (True, False) if template.thought_words else (True,):
@@ -248,7 +248,8 @@ def test_continue_final_message_is_the_training_example_without_its_end(family_d
     ("llama3_base", "llama3", [128009, 128008, 128001]),  # <|eot_id|>, <|eom_id|>, the base's <|end_of_text|>
     ("qwen2", "qwen", [151645, 151643]),  # an Instruct base already lists them: its order is kept
     ("llama3", "llama3", [128001, 128008, 128009]),
-    ("deepseek_r1_qwen", "deepseekr1", [151643]),  # no stop words: the tokenizer's <｜end▁of▁sentence｜> alone
+    ("deepseek_r1_qwen", "deepseekr1", [151643]),
+    ("llama3_base", "openchat-3.6", [128001, 128009]),  # the base's <|end_of_text|> ends answers; its stop word  # no stop words: the tokenizer's <｜end▁of▁sentence｜> alone
 ])
 def test_the_exports_generation_config_stops_at_the_templates_stop_words(vocab_dirs, family, template, stops):
     """generation_config.json's eos_token_id of an export is where `pipeline generate` stops (Template.stop_ids): on

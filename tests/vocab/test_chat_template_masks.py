@@ -95,10 +95,10 @@ def assert_marks_training(family_dirs, family: str, name: str, lf: list[dict], s
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3", "deepseek_r1_qwen"])
 def test_every_template_marks_the_trained_tokens(family_dirs, family):
     """Three turns, with and without a system message (thinking on and off for qwen3 and deepseekr1): gpt2 has
-    alpaca, default, empty; llama3 adds llama3; qwen3 adds chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen
+    alpaca, default, empty; llama3 adds llama3, openchat-3.6; qwen3 adds chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen
     adds deepseekr1."""
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours(family_dirs[family])) is None]
-    assert len(names) == {"gpt2": 3, "llama3": 4, "deepseek_r1_qwen": 4}.get(family, 7)
+    assert len(names) == {"gpt2": 3, "llama3": 5, "deepseek_r1_qwen": 4}.get(family, 7)
     for name in names:
         for system in (SYSTEM, None):
             for thinking in (True, False) if TEMPLATES[name].thought_words else (True,):
@@ -134,7 +134,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
     from pipeline.data.chat_template import jinja_template
     from tests.vocab.chat_render import hf_tokenizer
 
-    directory = family_dirs["qwen3" if name.startswith(("qwen", "chatml")) else "llama3" if name == "llama3"
+    directory = family_dirs["qwen3" if name.startswith(("qwen", "chatml")) else "llama3" if name in ("llama3", "openchat-3.6")
                             else "deepseek_r1_qwen" if name == "deepseekr1" else "gpt2"]
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)

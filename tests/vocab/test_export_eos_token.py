@@ -6,7 +6,8 @@ v0.9.5 (commit 7af909522a951e3ad9f022ea6f88b6755257eaa5), Template.fix_special_t
 registered with replace_eos=True gets stop_words[0] as the tokenizer's eos_token; every other template leaves the
 tokenizer's own. Registered with replace_eos: chatml (line 733, stop words <|im_end|>, <|im_start|>), llama3 (1412,
 <|eot_id|>, <|eom_id|>), qwen (1946), qwen3 (1963), qwen3_nothink (1980) (<|im_end|>); without: alpaca (671),
-default (864), empty (890), deepseekr1 (828: DeepSeek-R1-Distill's own <｜end▁of▁sentence｜>). pt trains on plain text, ended by the tokenizer's own EOS.
+default (864), empty (890), deepseekr1 (828: DeepSeek-R1-Distill's own <｜end▁of▁sentence｜>), openchat-3.6 (1834:
+stop word <|eot_id|>, but no replace_eos). pt trains on plain text, ended by the tokenizer's own EOS.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ OWN_EOS = {"llama3_base": "<|end_of_text|>", "llama3": "<|eot_id|>", "qwen2_base
 CASES = ["llama3_base llama3 sft", "llama3_base llama3 dpo", "llama3_base alpaca sft", "llama3_base default sft",
          "llama3_base empty sft", "llama3_base llama3 pt", "llama3 llama3 sft", "llama3 alpaca sft",
          "qwen2_base qwen sft", "qwen2_base chatml sft", "qwen2_base qwen3_nothink sft", "qwen2_base alpaca sft",
-         "qwen2_base qwen pt", "qwen3 qwen3 sft", "deepseek_r1_qwen deepseekr1 sft"]
+         "qwen2_base qwen pt", "qwen3 qwen3 sft", "deepseek_r1_qwen deepseekr1 sft",
+         "llama3_base openchat-3.6 sft"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,4 +1,4 @@
-"""Multi-turn masks of the llama3, qwen and qwen3 templates on the real vocabularies, written out by hand.
+"""Multi-turn masks of the llama3, qwen, qwen3, deepseekr1 and openchat-3.6 templates on the real vocabularies, written out by hand.
 
 Expected ids: the markup tokens' published ids, and the `tokenizers` library for the text between them.
 """
@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.data.tokenize import encode_example, encode_prompt
 from pipeline.data.model_tokenizer import load_tokenizer
+from pipeline.data.templates import get_template
 from pipeline.errors import UserError
 
 M = -100
@@ -242,3 +243,38 @@ def test_deepseekr1_on_a_vocabulary_without_its_markup_names_the_tokens(vocab_di
     with pytest.raises(UserError, match=r"template: 'deepseekr1' needs the special tokens <｜User｜>, <｜Assistant｜>, "
                                         r"which the tokenizer .*tokenizer.json does not have"):
         example(vocab_dirs, "qwen3", "deepseekr1", ROW)
+
+
+def test_openchat_3_6_is_llama_factorys_encode_multiturn(vocab_dirs, enc):
+    """LLaMA-Factory 0.9.5's openchat-3.6 (src/llamafactory/data/template.py:1834-1846), for openchat-3.6-8b
+    (a Llama 3 8B):
+
+        register_template(
+            name="openchat-3.6",
+            format_user=StringFormatter(
+                slots=[
+                    (
+                        "<|start_header_id|>GPT4 Correct User<|end_header_id|>\\n\\n{{content}}<|eot_id|>"
+                        "<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\\n\\n"
+                    )
+                ]
+            ),
+            format_prefix=EmptyFormatter(slots=[{"bos_token"}]),
+            stop_words=["<|eot_id|>"],
+        )
+
+    with register_template's defaults (534-554): the answer closed by the tokenizer's own EOS (no replace_eos: a
+    base's <|end_of_text|>, an Instruct tokenizer's <|eot_id|>), the system prompt as it is. Written out by hand;
+    the text between the markup by the `tokenizers` library."""
+    e = lambda text: enc("llama3", text)  # noqa: E731
+    user = lambda text: [SH] + e("GPT4 Correct User") + [EH] + e("\n\n" + text) + [EOT, SH] \
+        + e("GPT4 Correct Assistant") + [EH] + e("\n\n")  # noqa: E731
+    row = {**ROW, "system": "S"}
+    for family, eos in (("llama3", EOT), ("llama3_base", 128001)):
+        p1, a1, p2, a2 = [BOT] + e("S") + user("Q"), e("A") + [eos], user("Hi"), e("Yo") + [eos]
+        got = example(vocab_dirs, family, "openchat-3.6", row)
+        assert got.input_ids == p1 + a1 + p2 + a2, family
+        assert got.labels == [M] * len(p1) + a1 + [M] * len(p2) + a2, family
+    # generation stops at its stop word and at the tokenizer's EOS (LLaMA-Factory's get_stop_token_ids)
+    base = load_tokenizer(vocab_dirs["llama3_base"])
+    assert {128001, EOT} <= set(get_template("openchat-3.6").stop_ids(base))
