@@ -2,7 +2,8 @@
 transformers-written Qwen2ForCausalLM with the real Qwen vocabulary and DeepSeek-R1-Distill-Qwen's tokenizer files
 (<｜begin▁of▁sentence｜> BOS, <｜User｜>, <｜Assistant｜>, <｜end▁of▁sentence｜> EOS, <think> as added tokens;
 tests/helpers/hf_vocab.py), LLaMA-Factory-format alpaca data with and without reasoning, and `python -m pipeline
-build / inspect / train / merge / generate`.
+build / inspect / train / merge / generate` (train and merge in a fresh interpreter, the others in this one to save
+their start-up).
 
 Golden values: LLaMA-Factory 0.9.5's deepseekr1 (template.py:828-833, a ReasoningTemplate with its default
 thought words; quoted in tests/vocab/test_template_masks_real.py) re-computed here with transformers' tokenizer of the
@@ -20,6 +21,7 @@ import pytest
 
 from tests.acceptance.harness import always_answer, pipeline, write_hf_checkpoint, write_recipe
 from tests.helpers.hf_vocab import write_tokenizer_dir
+from tests.reliability.rel_helpers import run_main
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,8 +62,8 @@ def test_a_deepseek_r1_distill_trains_its_answers_and_its_export_stops_at_its_eo
     recipe = write_recipe(workdir / "r1.yaml", model_name_or_path="distill", dataset_dir="data", dataset="r1",
                           template="deepseekr1", cutoff_len=96, val_size=0, max_steps=1, skip_special_tokens=False,
                           max_new_tokens=3, output_dir="saves/r1")
-    pipeline("build", recipe, cwd=workdir)
-    shown = pipeline("inspect", recipe, "--num", str(len(ROWS)), cwd=workdir).stdout
+    assert run_main(["build", str(recipe)], workdir).code == 0
+    shown = run_main(["inspect", str(recipe), "--num", str(len(ROWS))], workdir).out
     assert f"{EOS} is EOS (id {EOS_ID})" in shown, shown
     tok = transformers.AutoTokenizer.from_pretrained(workdir / "distill")
     assert (tok.bos_token, tok.eos_token, tok.convert_tokens_to_ids(USER)) == (BOS, EOS, 151644)
@@ -87,5 +89,5 @@ def test_a_deepseek_r1_distill_trains_its_answers_and_its_export_stops_at_its_eo
     model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
     assert out == [EOS_ID]  # stopped at <｜end▁of▁sentence｜>: the tokenizer's eos and generation_config's
-    done = pipeline("generate", recipe, "--prompt", "Say red", cwd=workdir)
-    assert done.stdout == "\n", done.stdout  # skip_special_tokens false: a missed stop would print the EOS
+    done = run_main(["generate", str(recipe), "--prompt", "Say red"], workdir)
+    assert (done.code, done.out) == (0, "\n"), done  # skip_special_tokens false: a missed stop would print the EOS

@@ -248,8 +248,8 @@ def test_continue_final_message_is_the_training_example_without_its_end(family_d
     ("llama3_base", "llama3", [128009, 128008, 128001]),  # <|eot_id|>, <|eom_id|>, the base's <|end_of_text|>
     ("qwen2", "qwen", [151645, 151643]),  # an Instruct base already lists them: its order is kept
     ("llama3", "llama3", [128001, 128008, 128009]),
-    ("deepseek_r1_qwen", "deepseekr1", [151643]),
-    ("llama3_base", "openchat-3.6", [128001, 128009]),  # the base's <|end_of_text|> ends answers; its stop word  # no stop words: the tokenizer's <｜end▁of▁sentence｜> alone
+    ("deepseek_r1_qwen", "deepseekr1", 151643),  # no stop words: the base's own <｜end▁of▁sentence｜>, as it is
+    ("llama3_base", "openchat-3.6", [128001, 128009]),  # the base's <|end_of_text|> ends answers, then <|eot_id|>
 ])
 def test_the_exports_generation_config_stops_at_the_templates_stop_words(vocab_dirs, family, template, stops):
     """generation_config.json's eos_token_id of an export is where `pipeline generate` stops (Template.stop_ids): on
