@@ -33,10 +33,29 @@ def template_notice(r: Any) -> str | None:
     own = FAMILY_TEMPLATES.get(info.config.family) if info else None
     if own is None:
         return None
+    own = vocabulary_template(r["model_name_or_path"], own)
     return (f"notice: template: not set, so the default '{r['template']}' (the book's Alpaca prompt) formats the "
             f"data for this {info.config.family} model, whose own chat format is template: {own} (LLaMA-Factory "
             f"would read the tokenizer's chat template); set template: {own}, or template: {r['template']} to "
             "keep the default and silence this notice")
+
+
+def vocabulary_template(model: str, own: str) -> str:
+    """The template a checkpoint's vocabulary was made for: its family's own (`own`), unless the vocabulary has
+    another template's markup and none of `own`'s, as a DeepSeek-R1 distill (Qwen2 or Llama weights, DeepSeek's
+    <｜User｜> / <｜Assistant｜>) has deepseekr1's. Only a local or cached tokenizer is read; else `own`."""
+    from pipeline.data.templates import TEMPLATES
+    from pipeline.data.tokenizer_files import read_tokenizer
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+
+    try:
+        tokenizer = read_tokenizer(resolve_model_path(model, download=False) if is_hub_id(model) else model)
+    except Exception:  # noqa: BLE001 - no tokenizer here yet: the family's template
+        return own
+    shared = set(TEMPLATES[own].special_tokens)
+    other = [name for name, t in TEMPLATES.items()
+             if t.special_tokens and not shared & set(t.special_tokens) and not t.missing_tokens(tokenizer)]
+    return other[0] if other else own
 
 
 def epochs_notice(r: Any) -> str | None:

@@ -91,3 +91,13 @@ def test_a_deepseek_r1_distill_trains_its_answers_and_its_export_stops_at_its_eo
     assert out == [EOS_ID]  # stopped at <｜end▁of▁sentence｜>: the tokenizer's eos and generation_config's
     done = run_main(["generate", str(recipe), "--prompt", "Say red"], workdir)
     assert (done.code, done.out) == (0, "\n"), done  # skip_special_tokens false: a missed stop would print the EOS
+
+
+def test_a_recipe_without_template_is_told_deepseekr1(workdir):
+    """LLaMA-Factory reads the tokenizer's chat template when `template` is unset; here the default is alpaca, and the
+    notice names the model's own format: for a distill with Qwen2 weights, deepseekr1 (its vocabulary has DeepSeek's
+    markup and none of qwen's), not qwen (it said qwen, which that vocabulary cannot express)."""
+    unset = write_recipe(workdir / "unset.yaml", model_name_or_path="distill", dataset_dir="data", dataset="r1",
+                         template=None, output_dir="saves/unset")
+    told = run_main(["plan", str(unset)], workdir).err
+    assert "for this qwen2 model, whose own chat format is template: deepseekr1 (" in told, told
