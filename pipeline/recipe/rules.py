@@ -668,6 +668,23 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+@rule("dataset", "eval_dataset")
+def datasets_listed_once(ctx: Context) -> list[tuple[str, str]]:
+    """A name twice in `dataset` (or `eval_dataset`): LLaMA-Factory keys the loaded datasets by name, so it reads
+    the dataset once (and mixes nothing), while the built splits here would be read twice, and an interleave
+    mix_strategy would count two datasets in plan and interleave_probs but read one. Said rather than guessed."""
+    problems = []
+    for key in ("dataset", "eval_dataset"):
+        names = ctx.values[key] or []
+        repeated = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+        if repeated:
+            problems.append((key, f"given {', '.join(names)}: {', '.join(map(repr, repeated))} listed more than "
+                                  "once; expected each dataset once (LLaMA-Factory reads a repeated name once). To "
+                                  "weight a dataset, set mix_strategy interleave_under / interleave_over with "
+                                  "interleave_probs, or register a copy under a second name in dataset_info.json"))
+    return problems
+
+
 @rule("val_size", "dataset", "dataset_dir", "stage", "overwrite_cache", commands=_READS_BUILT_DATA)
 def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""

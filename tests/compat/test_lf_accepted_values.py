@@ -138,6 +138,20 @@ def test_an_interleave_probs_mistake_is_one_message_with_the_recipe_line(tmp_pat
     assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
 
 
+def test_a_dataset_listed_twice_is_one_message_with_the_recipe_line(tmp_path):
+    """LLaMA-Factory reads `identity,identity` once (its loader keys the datasets by name); here the built split was
+    read twice, and under interleave plan counted two datasets (12 rows with these probabilities) while train read
+    one of 14. Refused before anything runs."""
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = tiny_recipe(work, dataset="identity,identity", mix_strategy="interleave_under", interleave_probs="0.5,0.5")
+    line = next(n for n, text in enumerate((work / recipe).read_text("utf-8").splitlines(), 1)
+                if text.startswith("dataset:"))
+    failed = pipeline("validate", recipe, cwd=work, expect=2)
+    assert f"{recipe}:{line}:10: dataset: given identity, identity: 'identity' listed more than once; expected each " \
+           "dataset once (LLaMA-Factory reads a repeated name once)" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
 def cache_model(home: Path, repo_id: str, revision: str = "main") -> Path:
     """A GPT-2 checkpoint (the tiny preset's vocabulary) as the hub cache stores it: hub/models--Org--Name/
     {refs/<revision>, snapshots/<commit>/} (blobs omitted: a snapshot's files may be plain files)."""

@@ -276,6 +276,17 @@ def test_interleaved_eval_datasets_take_the_same_probabilities(recipe):
         "evaluation; set val_size, or drop it from eval_dataset"]
 
 
+def test_a_dataset_listed_twice_is_refused(recipe):
+    """LLaMA-Factory keys the loaded datasets by name (loader._get_merged_dataset: datasets[name] = ...), so `a,a`
+    reads a once; here it was read twice, and under interleave plan counted two datasets while one was read."""
+    messages = errors(recipe("mix_strategy: interleave_under\ninterleave_probs: 0.5,0.5\n"), ["dataset=a, a"])
+    assert len(messages) == 1 and messages[0].endswith(
+        "dataset: given a, a: 'a' listed more than once; expected each dataset once (LLaMA-Factory reads a repeated "
+        "name once). To weight a dataset, set mix_strategy interleave_under / interleave_over with interleave_probs, "
+        "or register a copy under a second name in dataset_info.json"), messages
+    assert "'b' listed" in errors(recipe(), ["eval_dataset=b,c,b"])[0]
+
+
 def test_kto_accepts_its_keys(recipe):
     r = resolve(recipe("stage: kto\npref_beta: 0.2\npref_ftx: 0.5\nkto_chosen_weight: 1.5\n"
                        "kto_rejected_weight: 0.8\n"))
