@@ -31,6 +31,9 @@ from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target")  # LLaMA-Factory: comma strings
+# LLaMA-Factory's split_arg takes a comma string or a YAML list for these too; the comma string is their one form here
+# (plan, the freeze rules and resume's comparison read it)
+_JOINED_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
 # LLaMA-Factory's merge and inference recipes name no dataset; deps: `make export` reads an export recipe's deps
 # (the commands that need the data, build first, still say the dataset is missing)
 NO_DATA_COMMANDS = ("export", "generate", "chat", "deps")
@@ -191,6 +194,8 @@ def _normalise(key: str, value: Any, prop: dict[str, Any]) -> Any:
         return int(value)
     if key in _LIST_KEYS and isinstance(value, str):
         return split_names(value)
+    if key in _JOINED_KEYS and isinstance(value, list):
+        return ",".join(value)
     return value
 
 

@@ -128,3 +128,22 @@ def test_resume_refuses_changed_freeze_modules():
 
     assert {"freeze_trainable_modules", "freeze_extra_modules"} <= set(REFUSE)
 
+
+
+def test_yaml_lists_read_as_the_comma_strings(tmp_path):
+    """LLaMA-Factory's split_arg takes a YAML list as well as a comma string for both keys (its recipes use either);
+    the schema refused a list. The list means what the comma string means: same plan line, same resolved value."""
+    from pipeline.recipe import resolve
+
+    write_hf_checkpoint(tmp_path / "m", "gpt2", n_layer=3)
+    said = {}
+    for form in ("list", "comma"):
+        modules, extra = (["attn", "ln_2"], ["wpe", "ln_f"]) if form == "list" else ("attn,ln_2", "wpe,ln_f")
+        path = recipe(tmp_path, tmp_path / "m", freeze_trainable_modules=modules, freeze_extra_modules=extra,
+                      template="default", cutoff_len=64)
+        done = run_main(["plan", str(path)], tmp_path)
+        assert done.code == 0, done.err
+        said[form] = [line for line in done.out.splitlines() if "trainable blocks" in line]
+        r = resolve(path)
+        assert (r["freeze_trainable_modules"], r["freeze_extra_modules"]) == ("attn,ln_2", "wpe,ln_f")
+    assert said["list"] == said["comma"] and "their attn, ln_2: freeze_trainable_modules" in said["list"][0]
