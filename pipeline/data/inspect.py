@@ -75,7 +75,10 @@ def eos_note(data: DataArgs, tokenizer: Tokenizer) -> str:
     word, qwen's <|im_end|> on a base whose tokenizer says <|endoftext|>, or an added one), else the tokenizer's."""
     from pipeline.data.templates import EOS
 
-    eos = data.chat_template().ids(tokenizer)[EOS]
+    template = data.chat_template()
+    if not template.ends_answers:
+        return f"no EOS ends the answers (template {template.name})"
+    eos = template.ids(tokenizer)[EOS]
     return f"{tokenizer.decode([eos])} is EOS (id {eos})"
 
 

@@ -282,6 +282,12 @@ class Template:
         eos = tokenizer.token_id(self.stop_words[0]) if self.replace_eos else tokenizer.eos_id
         return {BOS: tokenizer.bos_id, EOS: eos, **{t: tokenizer.token_id(t) for t in self.special_tokens}}
 
+    @property
+    def ends_answers(self) -> bool:
+        """Whether each response is followed by the template's EOS ({eos}, or a replace_eos template's first stop
+        word): every template but `empty`, whose answers end with their last word (LLaMA-Factory's too)."""
+        return EOS in self.assistant or (self.replace_eos and self.stop_words[0] in self.assistant)
+
     def stop_ids(self, tokenizer: "Tokenizer") -> tuple[int, ...]:
         """Where generation stops: the template's EOS, its stop words the vocabulary has, the tokenizer's stops."""
         words = [tokenizer.token_id(w) for w in self.stop_words if tokenizer.has_token(w)]

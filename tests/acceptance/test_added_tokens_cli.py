@@ -199,3 +199,28 @@ def then_merged_generates_and_chats_up_to_the_added_stop_word(tmp_path, model):
     assert reply == PLAIN  # the special one is skipped, the plain one kept
     done = pipeline("chat", chat, cwd=tmp_path, input="say hi\nagain\n\n")
     assert done.stdout == f"{reply}\n{reply}\n", (done.stdout, done.stderr)
+
+
+def test_inspect_says_no_eos_ends_the_answers_of_the_empty_template(tmp_path):
+    """inspect's line names the token that ends each trained answer; LLaMA-Factory's `empty` template places none
+    (format_assistant is StringFormatter(slots=["{{content}}"]), no eos_token), so naming the tokenizer's EOS there
+    told a user their answers end with a token they never train. Golden: the EOS id from transformers'
+    AutoTokenizer, shown for qwen3_nothink on the same data, and the rendered sample of `empty` lacking it."""
+    import transformers
+
+    from tests.reliability.rel_helpers import run_main
+
+    base = tmp_path / "qwen3"
+    write_hf_checkpoint(base, "qwen3", small_vocab=True, num_hidden_layers=1)
+    im_end = transformers.AutoTokenizer.from_pretrained(base).convert_tokens_to_ids("<|im_end|>")
+    write_data(tmp_path / "data", n_sft=4)
+    said = {}
+    for template in ("empty", "qwen3_nothink"):
+        recipe = write_recipe(tmp_path / f"{template}.yaml", model_name_or_path=str(base), template=template,
+                              dataset_dir="data", cutoff_len=128, output_dir=f"saves/{template}")
+        assert run_main(["build", str(recipe)], tmp_path).code == 0
+        done = run_main(["inspect", str(recipe), "--num", "1"], tmp_path)
+        assert done.code == 0, done.err
+        said[template] = done.out
+    assert "no EOS ends the answers (template empty)" in said["empty"] and "is EOS" not in said["empty"]
+    assert "<|im_end|>" not in said["empty"] and f"<|im_end|> is EOS (id {im_end})" in said["qwen3_nothink"]
