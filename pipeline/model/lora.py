@@ -265,15 +265,17 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:
-    """(trainable, total, percent, printable line); a tied weight counts once."""
+    """(trainable, total, percent, printable line); a tied weight counts once, and a parameter ZeRO-3 has
+    partitioned by its full size (DeepSpeed's ds_numel: its local numel is 0, so the line said 0 of 0)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        size = getattr(p, "ds_numel", p.numel())
+        total += size
+        trainable += size if p.requires_grad else 0
     pct = 100.0 * trainable / max(total, 1)
     return trainable, total, pct, f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {pct:.4f}"
 

@@ -141,3 +141,17 @@ def test_load_for_inference_full_model_dir(tmp_path):
     save_model(tuned, tmp_path / "out" / "model")
     x = torch.randint(0, 50257, (1, 10))
     assert torch.equal(load_for_inference(recipe_args(r).model, "model", tmp_path / "out" / "model", device="cpu")(x), tuned.eval()(x))
+
+
+def test_trainable_report_counts_zero3_partitioned_parameters_whole(tmp_path):
+    """ZeRO-3 leaves each rank an empty `param.data` and the full size in DeepSpeed's `ds_numel` (its partition():
+    param.data = torch.empty(0) after recording ds_numel): train printed "trainable params: 0 || all params: 0" for
+    every ZeRO-3 run, a freeze_trainable_modules one included. The counts are the unpartitioned model's."""
+    frozen = build(recipe(tmp_path, finetuning_type="freeze", freeze_trainable_layers=1))
+    before = trainable_report(frozen)[:2]
+    for param in frozen.parameters():  # as DeepSpeed's zero.Init partitions them on one rank
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+    assert trainable_report(frozen)[:2] == before == (trainable_params(PRESETS["tiny"], "freeze",
+                                                                      freeze_trainable_layers=1),
+                                                     count_params(PRESETS["tiny"]))
