@@ -677,11 +677,11 @@ def datasets_listed_once(ctx: Context) -> list[tuple[str, str]]:
     for key in ("dataset", "eval_dataset"):
         names = ctx.values[key] or []
         repeated = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+        hint = (" To weight a dataset, set mix_strategy interleave_under / interleave_over with interleave_probs, "
+                "or register a copy under a second name in dataset_info.json") if key == "dataset" else ""
         if repeated:
             problems.append((key, f"given {', '.join(names)}: {', '.join(map(repr, repeated))} listed more than "
-                                  "once; expected each dataset once (LLaMA-Factory reads a repeated name once). To "
-                                  "weight a dataset, set mix_strategy interleave_under / interleave_over with "
-                                  "interleave_probs, or register a copy under a second name in dataset_info.json"))
+                                  f"once; expected each dataset once (LLaMA-Factory reads a repeated name once).{hint}"))
     return problems
 
 

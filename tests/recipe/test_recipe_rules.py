@@ -284,7 +284,9 @@ def test_a_dataset_listed_twice_is_refused(recipe):
         "dataset: given a, a: 'a' listed more than once; expected each dataset once (LLaMA-Factory reads a repeated "
         "name once). To weight a dataset, set mix_strategy interleave_under / interleave_over with interleave_probs, "
         "or register a copy under a second name in dataset_info.json"), messages
-    assert "'b' listed" in errors(recipe(), ["eval_dataset=b,c,b"])[0]
+    assert errors(recipe(), ["eval_dataset=b,c,b"])[0].endswith(
+        "eval_dataset: given b, c, b: 'b' listed more than once; expected each dataset once (LLaMA-Factory reads a "
+        "repeated name once).")
 
 
 def test_kto_accepts_its_keys(recipe):
