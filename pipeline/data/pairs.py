@@ -158,7 +158,7 @@ def tokenized_rows(data: DataArgs, split: str, fields: set[str], what: str, enco
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
-    key = (data.stage, tokenizer.name, _file_key(paths), mix_key(data, split),
+    key = (data.stage, tokenizer.cache_key, _file_key(paths), mix_key(data, split),
            (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.enable_thinking))
 
     def make() -> TokenizedPairs:

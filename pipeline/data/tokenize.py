@@ -334,7 +334,7 @@ def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     tokenizer = recipe_tokenizer(data)
     settings = (data.template, data.default_system, data.cutoff_len, data.overlength_policy, data.train_on_prompt,
                 data.mask_history, data.enable_thinking)
-    key = ("sft", tokenizer.name, _file_key(paths), mix_key(data, split), settings)
+    key = ("sft", tokenizer.cache_key, _file_key(paths), mix_key(data, split), settings)
 
     def make() -> TokenizedSplit:
         rows, origins = read_split_rows(data, split, paths)
@@ -375,7 +375,7 @@ def pt_stream(data: DataArgs, split: str) -> np.ndarray:
         docs = [row["text"] for row in combine(data, split, paths, [read_rows(path) for path in paths])]
         return join_documents(tokenizer.encode_batch(docs), separator)
 
-    return _cached(("pt", tokenizer.name, separator, _file_key(paths), mix_key(data, split)), make)
+    return _cached(("pt", tokenizer.cache_key, separator, _file_key(paths), mix_key(data, split)), make)
 
 
 def join_documents(tokens: Sequence[list[int]], eos_id: int) -> np.ndarray:

@@ -146,6 +146,12 @@ class Tokenizer:
     def has_token(self, token: str) -> bool:
         return token in self._ids
 
+    @property
+    def cache_key(self) -> tuple:
+        """What the encodings of user text depend on besides the files (`name`): the recipe's new tokens and which
+        added tokens are recognised (split_special_tokens), for the per-process caches of tokenized splits."""
+        return self.name, self.new_tokens, self.added
+
     def token_id(self, token: str) -> int:
         """The id of a special (or added) token; UserError naming the tokenizer when it has none."""
         try:
