@@ -6,9 +6,11 @@ library, which never reads the string-keyed recipe itself (tests/test_recipe_acc
 from __future__ import annotations
 
 import argparse
+import sys
 
 from pipeline.data.build import build as build_datasets
 from pipeline.data.inspect import inspect as inspect_data
+from pipeline.data.markup import built_markup_warnings
 from pipeline.recipe import Resolved
 from pipeline.recipe.args import data_args
 
@@ -22,5 +24,8 @@ def build(r: Resolved, args: argparse.Namespace | None = None) -> int:
 
 def inspect(r: Resolved, args: argparse.Namespace | None = None) -> int:
     """Render --num samples with their trained tokens marked, and the token-length histogram."""
-    print(inspect_data(data_args(r), getattr(args, "num", 3) if args is not None else 3))
+    data = data_args(r)
+    print(inspect_data(data, getattr(args, "num", 3) if args is not None else 3))
+    for line in built_markup_warnings(data):  # after the samples, where the literal pieces show
+        print(line, file=sys.stderr)
     return 0

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
+from pipeline.data.markup import built_markup_warnings
 from pipeline.errors import did_you_mean
 from pipeline.recipe import Resolved
 from pipeline.recipe.args import data_args
@@ -20,6 +22,8 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     rows = check_built(data)  # raises UserError listing every bad row
     apply_length_policy(data)
     print("data: OK")
+    for line in built_markup_warnings(data):
+        print(line, file=sys.stderr)
     print(format_summary(rows))
     missing = missing_model_note(r)
     untokenized = bool(rows) and all(row["tokens_min"] is None for row in rows)

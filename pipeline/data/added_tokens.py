@@ -38,19 +38,20 @@ class TokenNames:
     @classmethod
     def of(cls, args: Any) -> TokenNames:
         """The names of an argument group (DataArgs, ModelArgs) or a recipe's values (a mapping)."""
-        plain = new_token_names(_get(args, "add_tokens"))
-        config = _get(args, "new_special_tokens_config")
+        plain = new_token_names(group_value(args, "add_tokens"))
+        config = group_value(args, "new_special_tokens_config")
         if config:
             descriptions = read_descriptions(str(config))
             return cls(plain, tuple(descriptions), descriptions)
-        special = next((value for key in SPECIAL_KEYS if (value := _get(args, key)) is not None), None)
+        special = next((value for key in SPECIAL_KEYS if (value := group_value(args, key)) is not None), None)
         return cls(plain, new_token_names(special))
 
     def __bool__(self) -> bool:
         return bool(self.plain or self.special)
 
 
-def _get(args: Any, key: str) -> Any:
+def group_value(args: Any, key: str) -> Any:
+    """`key` of an argument group (DataArgs, ModelArgs) or of a recipe's values (a mapping); None when absent."""
     if isinstance(args, Mapping):
         return args.get(key)
     return getattr(args, key, None)

@@ -74,6 +74,7 @@ class DataArgs:
     add_tokens: str | Sequence[str] | None = None
     add_special_tokens: str | Sequence[str] | None = None
     new_special_tokens_config: str | None = None
+    split_special_tokens: bool = False  # every special token literal in user text (Tokenizer.split_special)
     # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
     where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
 

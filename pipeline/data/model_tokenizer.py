@@ -73,11 +73,13 @@ def recipe_tokenizer(args: HasModel) -> Tokenizer:
 
 
 def with_new_tokens(tokenizer: Tokenizer, args: object) -> Tokenizer:
-    """`tokenizer` with the tokens of an argument group (DataArgs, ModelArgs) added (pipeline.data.added_tokens)."""
-    from pipeline.data.added_tokens import TokenNames
+    """`tokenizer` with the tokens of an argument group (DataArgs, ModelArgs) added (pipeline.data.added_tokens),
+    and with split_special_tokens every special token literal in user text (Tokenizer.split_special)."""
+    from pipeline.data.added_tokens import TokenNames, group_value
 
     names = TokenNames.of(args)
-    return tokenizer.with_tokens(names.plain, names.special)
+    tokenizer = tokenizer.with_tokens(names.plain, names.special)
+    return tokenizer.split_special() if group_value(args, "split_special_tokens") else tokenizer
 
 
 def available_tokenizer(args: HasModel) -> Tokenizer | None:

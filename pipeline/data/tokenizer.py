@@ -147,10 +147,26 @@ class Tokenizer:
         return token in self._ids
 
     @property
+    def kept_literal(self) -> frozenset[str]:
+        """The added tokens that user text keeps literal (split into BPE pieces): the markup, and with
+        split_special_tokens every special token (split_special)."""
+        return frozenset(self._ids) - self.added
+
+    @property
     def cache_key(self) -> tuple:
         """What the encodings of user text depend on besides the files (`name`): the recipe's new tokens and which
         added tokens are recognised (split_special_tokens), for the per-process caches of tokenized splits."""
         return self.name, self.new_tokens, self.added
+
+    def split_special(self) -> Tokenizer:
+        """This tokenizer as transformers' split_special_tokens=True reads user text (LLaMA-Factory's
+        split_special_tokens): every special token, the checkpoint's and the recipe's, stays literal text; the added
+        tokens that are not special (Qwen3's <think>, add_tokens' ones) stay one token, as the fast tokenizer's
+        encode_special_tokens skips only the special ones. Template markup is placed as before (encode_special)."""
+        key = ((), (), ("split_special_tokens",))
+        if key not in self._derived:
+            self._derived[key] = dataclasses.replace(self, added=self.added - self.special)
+        return self._derived[key]
 
     def token_id(self, token: str) -> int:
         """The id of a special (or added) token; UserError naming the tokenizer when it has none."""

@@ -39,6 +39,8 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", *CHAT_TEMPLATE_FILES)
 SUPPORTED = "byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3)"
+# What stays literal in user text (markup_tokens), in the words of the messages about it.
+MARKUP_WORDS = "EOS, BOS, pad, the stop tokens and the templates' markup such as <|im_end|> and <|eot_id|>"
 
 
 @functools.lru_cache(maxsize=None)

@@ -48,6 +48,7 @@ class ModelArgs:
     add_tokens: str | Sequence[str] | None = None  # the other keys that add tokens (pipeline.data.added_tokens)
     add_special_tokens: str | Sequence[str] | None = None
     new_special_tokens_config: str | None = None
+    split_special_tokens: bool = False  # the recipe's tokenizer reads special tokens in text as literal
     init_special_tokens: str = "noise_init"  # the new rows: noise_init, desc_init, desc_init_w_noise (model.vocab)
     tokenizer_name_or_path: str | None = None
     stage: str = "sft"               # rm: a reward model, the score head in place of lm_head (pipeline.model.reward)

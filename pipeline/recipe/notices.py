@@ -100,6 +100,20 @@ def pissa_iter_notice(r: Any) -> str | None:
     return f"notice: {origin.where}: pissa_iter: accepted without effect: it only matters with pissa_init: true (PiSSA)"
 
 
+def split_special_tokens_notice(r: Any) -> str | None:
+    """split_special_tokens: false is LLaMA-Factory's default with one difference here (markup typed in data stays
+    text): said when the recipe writes the key, not on every run (validate and inspect warn about rows that type
+    markup, which is when the difference matters)."""
+    from pipeline.data.tokenizer_files import MARKUP_WORDS
+
+    origin = r.origin("split_special_tokens")
+    if r["split_special_tokens"] or origin.kind not in ("file", "cli"):
+        return None
+    return (f"notice: {origin.where}: split_special_tokens: false: the special tokens typed in the data are one token "
+            f"as in LLaMA-Factory, except the markup ({MARKUP_WORDS}), which stays literal text here so that data "
+            "cannot forge a turn; LLaMA-Factory makes it one token")
+
+
 def rope_scaling_notice(r: Any) -> str | None:
     """rope_scaling changes the model's positions (or, within the window, nothing): say which, as LLaMA-Factory
     logs "Using yarn scaling strategy and setting scaling factor to 4.0" or "Disabling rope scaling"."""
@@ -175,8 +189,9 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
-    pissa_iter without pissa_init; what the keys that add tokens did."""
-    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r))
+    pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written."""
+    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r),
+             split_special_tokens_notice(r))
     out = [line for line in lines if line]
     out += new_tokens_notices(r)
     out += dpo_dropout_notices(r)

@@ -61,6 +61,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",
           "neat_packing", "loraplus_lr_ratio", "use_muon", "disable_shuffling", "pissa_init", "pissa_iter",
           "new_special_tokens", "add_special_tokens", "add_tokens", "new_special_tokens_config", "init_special_tokens",
+          "split_special_tokens",
           "resize_vocab")
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",

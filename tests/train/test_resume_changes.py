@@ -87,7 +87,8 @@ def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, firs
     (dict(lora_alpha=64), "lora_alpha is 64 but"),
     (dict(loraplus_lr_ratio=16.0), "loraplus_lr_ratio is 16.0 but"),  # other optimizer groups than the saved ones
     (dict(use_muon=True), "use_muon is true but"),  # another optimizer: Muon's state is not AdamW's
-], ids=["model", "data", "template", "shape", "loraplus", "muon"])
+    (dict(split_special_tokens=True), "split_special_tokens is true but"),  # other ids for the same rows
+], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens"])
 def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
     with pytest.raises(UserError) as err:
         resume(make_recipe, **changes)
