@@ -122,6 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--packing-batches", default="16,64",
                    help="unpacked batch sizes at which our unpacked LoRA run meets our neat-packed one (first model, "
                         "ZeRO 2); 0: none")
+    p.add_argument("--packing-steps", type=int, default=PACKING_STEPS,
+                   help="optimizer steps of each packing run (more than --steps: an unpacked run's batches vary in "
+                        "length, so its median tokens/s needs more of them)")
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
                    help=f"sections to run, comma-separated: {', '.join(SECTIONS)} (default: all but peers)")
     p.add_argument("--no-profile", action="store_true",
@@ -141,9 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--zero: expected stages such as 2,3, got {args.zero!r}")
     if not set(args.zero) <= {0, 1, 2, 3}:
         p.error(f"--zero: stages are 0..3, got {args.zero}")
-    for name in ("steps", "batch", "cutoff"):
+    for name in ("steps", "batch", "cutoff", "packing_steps"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.throughput_batch < 0:
         p.error("--throughput-batch must be 0 (none) or more")
     try:
@@ -294,7 +297,8 @@ def plan_packing(args: argparse.Namespace, bf16_ok: bool = True) -> list[Run]:
     model = packing_model(args)
     if model is None or "packing" not in args.only:
         return []
-    return [Run(model, "bf16" if bf16_ok else "fp16", 2, batch=b, lora=True, packing="none", steps=PACKING_STEPS)
+    return [Run(model, "bf16" if bf16_ok else "fp16", 2, batch=b, lora=True, packing="none",
+                steps=args.packing_steps)
             for b in args.packing_batches]
 
 

@@ -28,6 +28,7 @@ def _env(**extra: str) -> dict[str, str]:
     (["--zero", "2,x"], "--zero: expected stages such as 2,3"),
     (["--zero", "4"], "--zero: stages are 0..3"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--packing-steps", "0"], "--packing-steps must be at least 1"),
     (["--models", ","], "--models: nothing given"),
     (["--packing-batches", "16,x"], "--packing-batches: expected batch sizes such as 16,64"),
     (["--packing-batches", "-4"], "--packing-batches: sizes are 1 or more"),
@@ -246,7 +247,7 @@ def test_cpu_end_to_end_writes_one_json(tmp_path):
     out = tmp_path / "g.json"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--allow-cpu", "--models", "tiny", "--precisions",
                            "bf16,fp16", "--zero", "2", "--steps", "6", "--batch", "2",
-                           "--only", "tests,matrix,merge,packing", "--packing-batches", "4",
+                           "--only", "tests,matrix,merge,packing", "--packing-batches", "4", "--packing-steps", "6",
                            "--cutoff", "96", "--out", str(out), "--workdir", str(tmp_path / "w")], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
