@@ -198,7 +198,7 @@ def preference_args(r: Mapping[str, Any]) -> PreferenceArgs:
     """Resolved recipe (or a plain dict in tests) -> PreferenceArgs for stage dpo's and kto's training and evaluation.
 
     Under stage kto, dpo's loss keys (names.DPO_LOSS_KEYS) are their defaults whatever the recipe inherits: set in
-    the kto recipe itself they are refused (rules.pref_keys_need_dpo), but through extends a dpo recipe's
+    the kto recipe itself they are refused (rules.preference.pref_keys_need_dpo), but through extends a dpo recipe's
     reference-free pref_loss (orpo) took kto's reference away."""
     pref = from_recipe(PreferenceArgs, r)
     if _value(r, "stage") != "kto":

@@ -321,7 +321,7 @@ def count_train_examples(values: Mapping[str, Any]) -> int | None:
 
 def mixed_count(lengths: list[int], probs: Any, seed: int | None, strategy: str) -> int | None:
     """The training rows an interleave mix_strategy gives datasets of these lengths (pipeline.data.mix), or None
-    when interleave_probs cannot mix them (rules.interleave_probs_valid says why) or a dataset has no rows."""
+    when interleave_probs cannot mix them (rules.data.interleave_probs_valid says why) or a dataset has no rows."""
     from pipeline.data.mix import interleave_order, parse_probs, probs_problem
 
     try:

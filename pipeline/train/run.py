@@ -237,8 +237,8 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    if r["use_muon"] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.muon_fits)
-        from pipeline.recipe.rules import MUON_ZERO
+    if r["use_muon"] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training.muon_fits)
+        from pipeline.recipe.rules.training import MUON_ZERO
 
         raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with use_muon: true: "
                         + MUON_ZERO.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))

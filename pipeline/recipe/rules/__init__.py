@@ -1,0 +1,107 @@
+"""Cross-field rules: each a small named function with its own message, run after the schema check.
+
+A rule declares the keys it reads; it is skipped when one of them already failed the schema (so one
+mistake gives one message), and `commands` limits it to the commands where it matters.
+
+Where a rule lives, by the keys it reads (each module's docstring lists them):
+  training.py    precision, training length, warmup, batches, do_train/do_eval/do_predict, DeepSpeed offload, Muon,
+                 the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
+  method.py      LoRA keys and targets, PiSSA, LLaMA Pro, freeze's layers and modules
+  model.py       model_name_or_path, model_revision, adapter_name_or_path, cutoff_len against the context, rope_scaling
+  tokenizer.py   template against the vocabulary, added tokens, tokenizer_name_or_path
+  stages.py      keys only some stages read (packing, train_on_prompt, mask_history, compute_accuracy, ...)
+  data.py        dataset / eval_dataset, dataset_dir, val_size, the interleave mix, streaming
+  preference.py  dpo / kto keys, ref_model
+  outputs.py     resume_from_checkpoint, export_dir, the refused exports, report_to
+  refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set)
+  core.py        the machinery: Context, the `rule` decorator, the command lists
+
+To add a rule: write it in its theme's module under `@rule(keys..., commands=...)` and list it in ORDER below
+(importing this package fails while a declared rule is not listed).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from pipeline.recipe.load import Origin
+from pipeline.recipe.rules import data, method, model, outputs, preference, refused, stages, tokenizer, training
+from pipeline.recipe.rules.core import Context, Rule, in_order
+
+__all__ = ["Context", "ORDER", "RULES", "Rule", "cuda_available", "run"]
+
+
+def cuda_available() -> bool:
+    """Whether this machine has an NVIDIA GPU, without importing torch (tests monkeypatch this)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+# The order the rules run in. resolve sorts the messages by the recipe line they name; those about one key, and
+# all those about keys set on the command line or left at their default, keep this order.
+ORDER = (
+    training.fp16_and_bf16,
+    training.fp16_needs_cuda,
+    method.lora_keys_need_lora,
+    method.pissa_starts_a_lora,
+    method.llama_pro_needs_freeze_or_lora,
+    method.llama_pro_lora_can_train,
+    method.freeze_key_needs_freeze,
+    method.freeze_layers_within_model,
+    method.freeze_modules_need_freeze,
+    method.freeze_modules_in_model,
+    model.model_exists,
+    model.cutoff_within_context,
+    model.rope_scaling_applies,
+    stages.stage_only_keys,
+    method.lora_targets_exist,
+    tokenizer.template_fits_vocabulary,
+    tokenizer.new_token_names_given,
+    tokenizer.one_special_tokens_key,
+    tokenizer.token_config_readable,
+    tokenizer.tokenizer_fits_model,
+    model.adapter_exists,
+    training.training_length,
+    training.warmup_once,
+    training.enough_batches,
+    outputs.checkpoint_exists,
+    data.hub_dataset_dir,
+    data.datasets_registered,
+    data.datasets_listed_once,
+    data.val_size_fits_data,
+    data.val_size_zero_evaluates_nothing,
+    training.offload_needs_zero,
+    training.muon_fits,
+    outputs.export_dir_has_one_owner,
+    data.refused_streaming,
+    outputs.refused_exports,
+    outputs.refused_hub_upload,
+    refused.refused_when_set,
+    model.main_revision_only,
+    data.interleave_probs_valid,
+    data.interleaved_eval_datasets_have_rows,
+    training.something_to_do,
+    outputs.reporters_installed,
+    training.scheduler_kwargs,
+    training.checkpointing_switches_agree,
+    training.one_sft_loss,
+    training.eaft_alpha_needs_eaft,
+    preference.pref_keys_need_dpo,
+    preference.ref_model_needs_reference_loss,
+    preference.label_smoothing_needs_sigmoid,
+    preference.ref_model_same_vocabulary,
+)
+RULES: list[Rule] = in_order(ORDER)
+
+
+def run(values: Mapping[str, Any], origins: Mapping[str, Origin], recipe_file: str, command: str | None,
+        bad: set[str], built: bool = False) -> list[tuple[tuple, str]]:
+    ctx = Context(values, origins, recipe_file, command, built)
+    problems = []
+    for r in RULES:
+        if (r.commands is not None and command not in r.commands) or bad & set(r.keys):
+            continue
+        for key, message in r.func(ctx):
+            problems.append((ctx.sort_key(key), f"{ctx.where(key)}: {message}"))
+    return problems

@@ -1,0 +1,172 @@
+"""Rules on the data: dataset and eval_dataset registered and listed once, dataset_dir's forms, val_size against
+the built row counts and against an evaluation to run, the interleave mix (mix_strategy, interleave_probs), and
+streaming (refused). Whether the training split fills a batch is training.py's enough_batches.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.args import ROW_FORMS, data_form
+from pipeline.errors import did_you_mean
+from pipeline.recipe.check import show
+from pipeline.recipe.rules.core import READS_BUILT_DATA, Context, rebuilt_first, rule
+
+
+def _registry(ctx: Context) -> dict[str, Any] | None:
+    path = Path(ctx.values["dataset_dir"]) / "dataset_info.json"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return None  # missing or broken: `build` and `validate` report the registry itself
+    return data if isinstance(data, dict) else None
+
+
+@rule("dataset_dir")
+def hub_dataset_dir(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory's two dataset_dir forms that are not folders (its train_lora/qwen3_lora_sft_ray.yaml uses
+    REMOTE:): said here, at the recipe's line, rather than "not a folder" once the registry is read."""
+    given = ctx.values["dataset_dir"]
+    if given.startswith("REMOTE:"):
+        repo, local = given[len("REMOTE:"):], "data_remote"
+        return [("dataset_dir", f"given {given!r}: LLaMA-Factory's REMOTE:<repo> reads dataset_info.json from a "
+                                "hub dataset repository; here dataset_dir is a local folder. Download the repository "
+                                f"(`hf download --repo-type dataset {repo} --local-dir {local}`) and set "
+                                f"dataset_dir: {local}")]
+    if given == "ONLINE":
+        return [("dataset_dir", "given 'ONLINE': LLaMA-Factory's ONLINE (every dataset name is a hub repository) "
+                                "is not supported; register each one with hf_hub_url in a dataset_info.json "
+                                "(docs/datasets.md) and set dataset_dir to its folder")]
+    return []
+
+
+@rule("dataset", "eval_dataset", "dataset_dir")
+def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
+    registry = _registry(ctx)
+    if registry is None:
+        return []
+    problems = []
+    where = os.path.join(ctx.values["dataset_dir"], "dataset_info.json")
+    for key in ("dataset", "eval_dataset"):
+        for name in ctx.values[key] or []:
+            if name not in registry:
+                problems.append((key, f"dataset {name!r} is not in {where}{did_you_mean(name, registry)}; "
+                                      f"known: {', '.join(sorted(registry)) or 'none'}"))
+    return problems
+
+
+@rule("dataset", "eval_dataset")
+def datasets_listed_once(ctx: Context) -> list[tuple[str, str]]:
+    """A name twice in `dataset` (or `eval_dataset`): LLaMA-Factory keys the loaded datasets by name, so it reads
+    the dataset once (and mixes nothing), while the built splits here would be read twice, and an interleave
+    mix_strategy would count two datasets in plan and interleave_probs but read one. Said rather than guessed."""
+    problems = []
+    for key in ("dataset", "eval_dataset"):
+        names = ctx.values[key] or []
+        repeated = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+        hint = (" To weight a dataset, set mix_strategy interleave_under / interleave_over with interleave_probs, "
+                "or register a copy under a second name in dataset_info.json") if key == "dataset" else ""
+        if repeated:
+            problems.append((key, f"given {', '.join(names)}: {', '.join(map(repr, repeated))} listed more than "
+                                  f"once; expected each dataset once (LLaMA-Factory reads a repeated name once).{hint}"))
+    return problems
+
+
+@rule("val_size", "dataset", "dataset_dir", "stage", "overwrite_cache", commands=READS_BUILT_DATA)
+def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
+    """Against the built row counts: a val_size that holds out none (a fraction too small) or all of a dataset."""
+    if data_form(ctx.values["stage"]) not in ROW_FORMS or rebuilt_first(ctx):
+        return []
+    from pipeline.data.built import built_dir, held_out, read_manifest, row_count
+
+    problems = []
+    size = ctx.values["val_size"]
+    count = row_count(size) is not None
+    for name in ctx.values["dataset"] or []:
+        manifest = read_manifest(built_dir(ctx.values["dataset_dir"], name))
+        rows = manifest.get("rows_kept") if manifest else None
+        if not isinstance(rows, int) or rows <= 0 or size == 0:  # 0: no validation split, by request
+            continue
+        n_val = held_out(size, rows)  # as the build splits (pipeline.data.build.split_rows)
+        if n_val < 1:
+            problems.append(("val_size", f"given {size}, but dataset {name!r} has {rows} rows: the validation "
+                                         f"split would be empty (needs val_size >= {1 / rows:.3g}, or a number "
+                                         "of rows such as 1; 0 for no validation split)"))
+        elif rows - n_val < 1:
+            problems.append(("val_size", f"given {size}, but dataset {name!r} has {rows} rows: nothing would "
+                                         "be left to train on; lower val_size"
+                                         + (f" (at most {rows - 1} rows)" if count and rows > 1 else "")))
+    return problems
+
+
+@rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps",
+      commands=("train", "eval", "plan", "validate", None))
+def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
+    """val_size 0 holds out no rows; unless eval_dataset names a dataset not trained on, a run that asks for an
+    evaluation would find nothing to evaluate (LLaMA-Factory's Trainer fails there, mid-run)."""
+    if ctx.values["val_size"] != 0:
+        return []
+    trained = set(ctx.values["dataset"] or [])
+    if any(name not in trained for name in ctx.values["eval_dataset"] or []):
+        return []
+    asked = [key for key in ("eval_strategy", "eval_steps", "do_eval", "do_predict")
+             if ctx.origins[key].kind in ("file", "cli") and ctx.values[key] not in (None, False, "no")]
+    if ctx.command == "eval":
+        asked = ["the eval command"]
+    if not asked:
+        return []
+    return [("val_size", f"given 0: no validation split, and no eval_dataset names a dataset outside `dataset`, "
+                         f"so {' and '.join(asked)} would have nothing to evaluate; set val_size (a fraction such "
+                         "as 0.1, or a number of rows) and run `make data`, or name an eval_dataset")]
+
+
+@rule("mix_strategy", "interleave_probs", "dataset", "eval_dataset")
+def interleave_probs_valid(ctx: Context) -> list[tuple[str, str]]:
+    """interleave_probs only with an interleave mix_strategy (LLaMA-Factory refuses it with concat), one number per
+    dataset, and per eval_dataset (mixed with them too; LLaMA-Factory's data_args checks both counts), that numpy
+    can sample by (pipeline.data.mix.probs_problem): what LLaMA-Factory finds only when the mix is drawn, after the
+    datasets are loaded, is found here before anything runs."""
+    from pipeline.data.mix import parse_probs, probs_problem
+
+    strategy, probs = ctx.values["mix_strategy"], ctx.values["interleave_probs"]
+    if probs is None:
+        return []
+    if strategy == "concat":
+        return [("interleave_probs", f"given {show(probs)}, but it only applies to an interleave mix_strategy "
+                                     "(interleave_under, interleave_over, interleave_once); remove it, or set "
+                                     "mix_strategy")]
+    try:
+        parsed = parse_probs(probs)
+    except ValueError as err:
+        return [("interleave_probs", f"given {show(probs)}: {err}; expected one probability per dataset, e.g. "
+                                     "0.7,0.3 (numbers of 0 or more that sum to 1)")]
+    problems = [probs_problem(parsed, len(ctx.values[key]), strategy, key) if ctx.values[key] else None
+                for key in ("dataset", "eval_dataset")]
+    return [("interleave_probs", f"given {show(probs)}: {problem}") for problem in dict.fromkeys(problems) if problem]
+
+
+@rule("mix_strategy", "dataset", "eval_dataset", "val_size")
+def interleaved_eval_datasets_have_rows(ctx: Context) -> list[tuple[str, str]]:
+    """Several eval_datasets under an interleave mix_strategy are interleaved (pipeline.data.load.interleaved); one
+    that `dataset` trains on gives its val split alone, empty with val_size 0. HF's interleave_datasets, which
+    LLaMA-Factory calls, fails or returns no row with an empty dataset: said before anything runs."""
+    values = ctx.values
+    evals, trained = values["eval_dataset"] or [], values["dataset"] or []
+    if values["mix_strategy"] == "concat" or len(evals) < 2 or values["val_size"] != 0:
+        return []
+    return [("eval_dataset", f"names {name!r}, which `dataset` trains on, so only its val split is evaluated, and "
+                             f"val_size 0 holds none of its rows out: mix_strategy {values['mix_strategy']} would "
+                             "interleave an empty dataset into the evaluation; set val_size, or drop it from "
+                             "eval_dataset") for name in evals if name in trained]
+
+
+@rule("streaming")
+def refused_streaming(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["streaming"]:
+        return [("streaming", "true iterates the raw data lazily during training, which is not implemented: "
+                              "here `build` converts each dataset once and training reads the built JSON; "
+                              "remove the key (preprocessing_num_workers speeds up a large build)")]
+    return []

@@ -1,0 +1,198 @@
+"""Rules on the fine-tuning method: LoRA's keys and targets (finetuning_type, lora_*, use_rslora, use_dora,
+additional_target, loraplus_lr_ratio), PiSSA (pissa_init), LLaMA Pro (use_llama_pro), and freeze's layers and
+modules (freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.names import uses_reference
+from pipeline.recipe.check import show
+from pipeline.recipe.rules.core import Context, rule
+
+
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
+             "additional_target", "loraplus_lr_ratio")
+
+
+@rule("finetuning_type", *LORA_KEYS)
+def lora_keys_need_lora(ctx: Context) -> list[tuple[str, str]]:
+    kind = ctx.values["finetuning_type"]
+    if kind == "lora":
+        return []
+    return [(key, f"is a LoRA setting but finetuning_type is {kind}; remove it or set finetuning_type: lora")
+            for key in LORA_KEYS if ctx.set_here(key)]
+
+
+@rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length")
+def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.values["finetuning_type"] != "lora":
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is None:
+        return []
+    from pipeline.errors import UserError
+    from pipeline.model.config import additional_target_modules, lora_target_modules
+
+    problems = []
+    for key, check in (("lora_target", lora_target_modules), ("additional_target", additional_target_modules)):
+        try:
+            check(info.config, ctx.values[key])
+        except UserError as err:
+            problems += [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
+    return problems
+
+
+@rule("finetuning_type", "pissa_init", "use_dora", "adapter_name_or_path", "stage", "pref_loss", "ref_model")
+def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
+    """PiSSA starts a new LoRA from the base's singular vectors and trains on the residual base: it needs a LoRA to
+    start (LLaMA-Factory and PEFT refuse the rest), and a dpo reference that is not the adapters-off (residual) model."""
+    v = ctx.values
+    if not v["pissa_init"]:
+        return []
+    if v["finetuning_type"] != "lora":
+        why = f"finetuning_type is {v['finetuning_type']}; PiSSA initialises LoRA matrices: set finetuning_type: lora"
+    elif v["use_dora"]:
+        why = "use_dora is true; PEFT does not combine PiSSA with DoRA: choose one (remove pissa_init or use_dora)"
+    elif v["adapter_name_or_path"]:
+        why = (f"adapter_name_or_path is set ({v['adapter_name_or_path']}); an adapter you continue starts from its own"
+               " values, so there is nothing for PiSSA to initialise: remove pissa_init or adapter_name_or_path")
+    elif v["ref_model"] is None and uses_reference(v["stage"], v["pref_loss"]):
+        loss = f"stage dpo's pref_loss {v['pref_loss']}" if v["stage"] == "dpo" else "stage kto's loss"
+        why = (f"{loss} scores against the model with its adapter off, which under PiSSA is the residual base, not the"
+               " model you started from (LLaMA-Factory refuses PiSSA with a reference model too): set ref_model to the "
+               "base checkpoint" + (", use pref_loss orpo or simpo," if v["stage"] == "dpo" else "") +
+               " or remove pissa_init")
+    else:
+        return []
+    return [("pissa_init", f"is true but {why}")]
+
+
+@rule("finetuning_type", "use_llama_pro")
+def llama_pro_needs_freeze_or_lora(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA Pro trains only the expanded blocks; full trains everything (LLaMA-Factory refuses it too)."""
+    kind = ctx.values["finetuning_type"]
+    if ctx.values["use_llama_pro"] and kind not in ("freeze", "lora"):
+        return [("use_llama_pro", f"is true but finetuning_type is {kind}; LLaMA Pro trains only the blocks `python "
+                                  "-m pipeline expand` inserted: set finetuning_type: freeze (or lora), or remove "
+                                  "use_llama_pro")]
+    return []
+
+
+@rule("finetuning_type", "use_llama_pro", "lora_target", "pissa_init", "use_dora", "adapter_name_or_path",
+      "model_name_or_path", "freeze_trainable_layers")
+def llama_pro_lora_can_train(ctx: Context) -> list[tuple[str, str]]:
+    """LoRA on LLaMA Pro's blocks moves only through their output projections: `expand` zeroes o_proj and down_proj
+    (GPT-2's c_proj), so the block adds nothing to the residual and every LoRA before them gets a zero gradient until
+    theirs move. Without them in lora_target, under PiSSA (the singular vectors of a zero weight: A = B = 0) or
+    under DoRA (its magnitude divides by the zero weight's norm: NaN) nothing would train; LLaMA-Factory and PEFT
+    run such a recipe all the same (grad_norm 0, or a NaN loss), so it is refused here, saying why."""
+    v = ctx.values
+    if not (v["use_llama_pro"] and v["finetuning_type"] == "lora") or v["adapter_name_or_path"]:
+        return []
+    zeroed = "the expanded blocks' o_proj and down_proj (GPT-2's c_proj) are zero, as `python -m pipeline expand` " \
+             "writes them"
+    if v["pissa_init"]:
+        return [("pissa_init", f"is true with use_llama_pro, but {zeroed}: PiSSA starts their LoRA from the singular "
+                               "vectors of a zero weight (A = B = 0), and no LoRA in those blocks would ever get a "
+                               "gradient; remove pissa_init")]
+    if v["use_dora"]:
+        return [("use_dora", f"is true with use_llama_pro, but {zeroed}: DoRA divides by each weight's norm, so with "
+                             "them the loss is NaN from the first step (PEFT's too), and without them nothing "
+                             "trains; remove use_dora")]
+    from pipeline.errors import UserError
+    from pipeline.model.config import llama_pro_blocks, lora_target_modules
+    from pipeline.model.expand import ZEROED
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is None:
+        return []
+    try:
+        names = [m.name for m in lora_target_modules(info.config, v["lora_target"],
+                                                     llama_pro_blocks(info.n_layer, v["freeze_trainable_layers"]))]
+    except UserError:  # an unknown target, a count that does not divide the blocks: their own rules say so
+        return []
+    if names and not any(name.endswith(ZEROED) for name in names):
+        return [("lora_target", f"given {v['lora_target']!r}, which leaves out the output projections, but {zeroed}: the blocks "
+                                "add nothing to the residual until those move, so LoRA on the other modules gets no "
+                                "gradient and nothing trains; add o_proj and down_proj (GPT-2: c_proj), or use all")]
+    return []
+
+
+def counts_blocks(values: Mapping[str, Any]) -> bool:
+    """Whether freeze_trainable_layers means something: under freeze, and under lora with use_llama_pro (the number
+    of expanded blocks, as LLaMA-Factory reads it there)."""
+    kind = values["finetuning_type"]
+    return kind == "freeze" or (kind == "lora" and bool(values["use_llama_pro"]))
+
+
+@rule("finetuning_type", "freeze_trainable_layers", "use_llama_pro")
+def freeze_key_needs_freeze(ctx: Context) -> list[tuple[str, str]]:
+    kind = ctx.values["finetuning_type"]
+    if not counts_blocks(ctx.values) and ctx.set_here("freeze_trainable_layers"):
+        return [("freeze_trainable_layers", f"only applies to finetuning_type: freeze (or lora with use_llama_pro), "
+                                            f"but finetuning_type is {kind}; remove it or set finetuning_type: "
+                                            "freeze")]
+    return []
+
+
+@rule("finetuning_type", "freeze_trainable_layers", "model_name_or_path", "use_llama_pro")
+def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
+    if not counts_blocks(ctx.values):
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    model = ctx.values["model_name_or_path"]
+    info = model_info(model)
+    n = ctx.values["freeze_trainable_layers"]
+    if info is None:
+        return []
+    if ctx.values["use_llama_pro"]:
+        from pipeline.model.config import llama_pro_problem
+
+        problem = llama_pro_problem(info.n_layer, n)
+        return [("freeze_trainable_layers", f"{problem}; with use_llama_pro it is the --num-expand that `python -m "
+                                            f"pipeline expand` added to {model} (is it the expanded checkpoint?)")
+                ] if problem else []
+    if n > info.n_layer:
+        return [("freeze_trainable_layers", f"given {n}, expected at most {info.n_layer} (the number of "
+                                            f"transformer blocks of {model})")]
+    return []
+
+
+FREEZE_MODULE_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
+
+
+def _freeze_modules_given(values: Mapping[str, Any]) -> list[str]:
+    """The freeze module keys set to something else than their defaults (all / null)."""
+    return [key for key, default in zip(FREEZE_MODULE_KEYS, ("all", None)) if values[key] != default]
+
+
+@rule("finetuning_type", *FREEZE_MODULE_KEYS)
+def freeze_modules_need_freeze(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory reads these keys under freeze only; elsewhere a value would silently mean nothing."""
+    kind = ctx.values["finetuning_type"]
+    if kind == "freeze":
+        return []
+    return [(key, f"given {show(ctx.values[key])}, but it only applies to finetuning_type: freeze (here {kind}); "
+                  "remove it" + (" (lora: lora_target / additional_target pick modules)" if kind == "lora" else ""))
+            for key in _freeze_modules_given(ctx.values)]
+
+
+@rule("finetuning_type", "model_name_or_path", "stage", *FREEZE_MODULE_KEYS)
+def freeze_modules_in_model(ctx: Context) -> list[tuple[str, str]]:
+    """Each name must be one of the model's modules, as LLaMA-Factory's ValueError demands: checked here, before
+    the model loads, with the valid names listed (in transformers' names for the checkpoint's family)."""
+    if ctx.values["finetuning_type"] != "freeze" or not _freeze_modules_given(ctx.values):
+        return []
+    from pipeline.model.config import freeze_module_problems
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is None:
+        return []
+    cfg = info.config.replace(num_labels=1) if ctx.values["stage"] == "rm" else info.config
+    return freeze_module_problems(cfg, *(ctx.values[key] for key in FREEZE_MODULE_KEYS))

@@ -1,0 +1,96 @@
+"""Rules on what a run writes or reads back: resume_from_checkpoint, export_dir (one recipe per folder), the
+exports not done here (export_legacy_format, export_quantization_*, export_hub_model_id), and report_to's
+reporters.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pipeline.recipe.rules.core import Context, rule
+
+
+@rule("resume_from_checkpoint", commands=("train",))
+def checkpoint_exists(ctx: Context) -> list[tuple[str, str]]:
+    path = ctx.values["resume_from_checkpoint"]
+    if path is not None and path != "latest" and not os.path.isdir(path):
+        return [("resume_from_checkpoint", f"directory {path!r} not found; give a checkpoint-<step> directory "
+                                           f"or 'latest'{_checkpoints_hint(str(ctx.values['output_dir']), path)}")]
+    return []
+
+
+def _checkpoints_hint(output_dir: str, given: str) -> str:
+    """What output_dir holds, for a resume_from_checkpoint that is not there: `checkpoint-4` typed as in the
+    listing is output_dir/checkpoint-4 (paths are relative to the working directory)."""
+    found = sorted((n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+                    if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(output_dir, n))),
+                   key=lambda n: int(n.split("-")[1]))
+    if not found:
+        return f" ({output_dir} holds no checkpoint)" if os.path.isdir(output_dir) else ""
+    inside = os.path.join(output_dir, given)
+    mean = f"; did you mean {inside!r}?" if os.path.isdir(inside) else ""
+    return f" ({output_dir} holds {', '.join(found)}: paths are relative to the working directory{mean})"
+
+
+@rule("export_dir", commands=("deps", "validate"))
+def export_dir_has_one_owner(ctx: Context) -> list[tuple[str, str]]:
+    """Two recipes in one folder writing one export_dir (or one inside the other) replace each other's model, and
+    make, which keeps a stamp per recipe, would take one's export as current after the other rewrote it: a recipe
+    that starts from the folder could train on the wrong model. Checked where make reads a recipe (deps) and by
+    validate; `python -m pipeline export` itself keeps LLaMA-Factory's behaviour (its merge_lora examples share one
+    export_dir)."""
+    from pipeline.recipe.siblings import export_dir_sharers, recipe_value
+
+    mine = ctx.values["export_dir"]
+    others = export_dir_sharers(Path(ctx.recipe_file), mine) if mine else []
+    if not others:
+        return []
+    theirs = "; ".join(f"{p} has export_dir: {recipe_value(p, 'export_dir')}" for p in others)
+    return [("export_dir", f"{mine} is also written by another recipe in this folder ({theirs}): each export "
+                           "replaces the whole folder, so one deletes the other's model, and make could hand a "
+                           "recipe that starts from it the other recipe's export; give each recipe its own "
+                           f"export_dir, e.g. export_dir: saves/{Path(ctx.recipe_file).stem}_export")]
+
+
+@rule("export_legacy_format", "export_quantization_bit", "export_quantization_dataset")
+def refused_exports(ctx: Context) -> list[tuple[str, str]]:
+    problems = []
+    if ctx.values["export_legacy_format"]:
+        problems.append(("export_legacy_format", "true asks for pickled .bin weights, which are refused here "
+                                                 "(pickles can run code when loaded); merged models are written as "
+                                                 "safetensors, which transformers loads: set it to false"))
+    for key in ("export_quantization_bit", "export_quantization_dataset"):
+        if ctx.values[key] is not None:
+            problems.append((key, "quantized export (GPTQ/AWQ) is not supported; merge writes fp32/bf16/fp16 "
+                                  "safetensors (export_dtype): remove the key"))
+    return problems
+
+
+@rule("export_hub_model_id")
+def refused_hub_upload(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory's push of the export to the hub: refused with the `hf upload` command for this recipe (the
+    other keys whose feature is not here carry their reason in the schema: refused_when_set)."""
+    hub_id = ctx.values["export_hub_model_id"]
+    if hub_id is None:
+        return []
+    return [("export_hub_model_id", "pushing the export to the Hugging Face hub is not done here (runs work "
+                                    f"offline); remove the key and upload export_dir with `hf upload {hub_id} "
+                                    f"{ctx.values['export_dir'] or '<export_dir>'}`")]
+
+
+@rule("report_to", commands=("train",))
+def reporters_installed(ctx: Context) -> list[tuple[str, str]]:
+    import importlib.util
+
+    wanted = ctx.values["report_to"]
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    problems = []
+    for name, module, pip in (("tensorboard", "tensorboard", "tensorboard (pinned in requirements.txt)"),
+                              ("wandb", "wandb", "wandb")):
+        if name in wanted and importlib.util.find_spec(module) is None:
+            problems.append(("report_to", f"{name} is not installed; pip install {pip}, or remove it from "
+                                          "report_to"))
+    if "none" in wanted and len(wanted) > 1:
+        problems.append(("report_to", f"given {wanted}: 'none' cannot be combined with other reporters"))
+    return problems

@@ -1,0 +1,93 @@
+"""Rules on preference tuning (stages dpo and kto): their keys (pref_beta, pref_loss, pref_ftx, dpo_label_smoothing,
+simpo_gamma, kto_chosen_weight, kto_rejected_weight) only in the stages that read them, and ref_model (a loss that
+uses it, the policy's vocabulary). PiSSA's reference: method.py.
+"""
+from __future__ import annotations
+
+import os
+
+from pipeline.names import DPO_LOSS_KEYS, PREFERENCE_STAGES, REFERENCE_FREE
+from pipeline.recipe.rules.core import Context, rule
+
+
+PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
+
+
+KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
+
+
+@rule("stage", *PREF_KEYS, *KTO_KEYS)
+def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
+    """Preference settings outside the stages that read them would be ignored without a word: pref_loss & co. under
+    kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft / rm
+    (a reward model has no reference and no preference loss)."""
+    stage = ctx.values["stage"]
+    if stage == "kto":
+        return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
+                      "kto_chosen_weight, kto_rejected_weight, ref_model); remove it") for key in DPO_LOSS_KEYS
+                if ctx.set_here(key)]
+    if stage == "dpo":
+        return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
+    return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: "
+                  f"{'kto' if key in KTO_KEYS else 'dpo'}")
+            for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
+
+
+@rule("stage", "pref_loss", "ref_model")
+def ref_model_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
+    loss = ctx.values["pref_loss"]
+    if ctx.values["stage"] == "dpo" and ctx.values["ref_model"] is not None and loss in REFERENCE_FREE:
+        return [("ref_model", f"is set but pref_loss {loss} uses no reference model; remove ref_model, or choose "
+                              "pref_loss sigmoid, hinge or ipo")]
+    return []
+
+
+@rule("stage", "pref_loss", "dpo_label_smoothing")
+def label_smoothing_needs_sigmoid(ctx: Context) -> list[tuple[str, str]]:
+    """Only the sigmoid (DPO) loss has a label-smoothing term: set with another loss it would be ignored
+    (LLaMA-Factory refuses it the same way)."""
+    loss, eps = ctx.values["pref_loss"], ctx.values["dpo_label_smoothing"]
+    if ctx.values["stage"] == "dpo" and loss != "sigmoid" and eps:
+        return [("dpo_label_smoothing", f"is {eps} but pref_loss {loss} has no label smoothing (only sigmoid, "
+                                        "conservative DPO, uses it); remove it, or set pref_loss: sigmoid")]
+    return []
+
+
+@rule("stage", "ref_model", "model_name_or_path")
+def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
+    """The reference scores the policy's tokens: it must read the same vocabulary."""
+    ref = ctx.values["ref_model"]
+    if ctx.values["stage"] not in PREFERENCE_STAGES or ref is None:
+        return []
+    from pipeline.errors import UserError
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+    from pipeline.recipe.modelinfo import looks_like_path, model_info
+
+    loads_now = ctx.command in ("train", "eval")
+    if is_hub_id(ref):  # as model_name_or_path: a snapshot in the HF cache, fetched by the commands that load it
+        if loads_now:
+            try:
+                resolve_model_path(ref, key="ref_model")
+            except UserError as err:
+                return [("ref_model", m.removeprefix("ref_model: ")) for m in err.messages]
+    elif looks_like_path(ref) and not os.path.exists(ref):
+        if loads_now:
+            return [("ref_model", f"directory {ref!r} not found; expected a model directory, a hub id (org/name) "
+                                  "or preset name")]
+        return []
+    ref_info, info = model_info(ref), model_info(ctx.values["model_name_or_path"])
+    if ref_info is None:
+        if is_hub_id(ref) and not loads_now:
+            return []  # not cached yet: validate and plan never download; train and eval fetch it (above)
+        from pipeline.model.config import read_config
+
+        try:
+            read_config(ref)
+        except UserError as err:
+            return [("ref_model", m.removeprefix("model_name_or_path: ")) for m in err.messages]
+        return []
+    if info is not None and ref_info.vocab_size != info.vocab_size:
+        return [("ref_model", f"has a vocabulary of {ref_info.vocab_size:,} tokens but the policy "
+                              f"({ctx.values['model_name_or_path']}) has {info.vocab_size:,}; the reference must "
+                              "score the same tokens: use a model of the same family and tokenizer")]
+    return []
