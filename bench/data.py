@@ -35,7 +35,7 @@ def child(recipe_path: str, profile: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     build(data_args(r))
     t1 = time.perf_counter()
-    summary = check_built(data_args(r))
+    summary = check_built(data_args(r)).summary
     t2 = time.perf_counter()
     split = tokenized_split(data_args(r), "train")
     t3 = time.perf_counter()

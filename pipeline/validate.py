@@ -8,7 +8,6 @@ from pathlib import Path
 
 from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
-from pipeline.data.markup import built_markup_warnings
 from pipeline.errors import did_you_mean
 from pipeline.recipe import Resolved
 from pipeline.recipe.args import data_args
@@ -19,14 +18,14 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     print(f"recipe: OK ({files}; stage {r['stage']}, {r['finetuning_type']}, model {r['model_name_or_path']}, "
           f"dataset {', '.join(r['dataset'])})")
     data = data_args(r)
-    rows = check_built(data)  # raises UserError listing every bad row
+    checked = check_built(data)  # raises UserError listing every bad row
     apply_length_policy(data)
     print("data: OK")
-    for line in built_markup_warnings(data):
+    for line in checked.warnings:
         print(line, file=sys.stderr)
-    print(format_summary(rows))
+    print(format_summary(checked.summary))
     missing = missing_model_note(r)
-    untokenized = bool(rows) and all(row["tokens_min"] is None for row in rows)
+    untokenized = bool(checked.summary) and all(row["tokens_min"] is None for row in checked.summary)
     if missing:
         print(missing + (" (token lengths are left out)" if untokenized else ""))
     elif untokenized:

@@ -3,10 +3,12 @@
 Rows are checked by a fast path equivalent to schema/alpaca.schema.json (tested against it); only a
 failing row goes through jsonschema, which words its messages. A missing or stale build says to run
 `make data`. Token statistics come from an evenly spaced sample of at most SAMPLE rows per split
-(exact for smaller splits), so validating stays fast on large datasets.
+(exact for smaller splits), so validating stays fast on large datasets. Each built file is read once: its
+rows, its sha256 and the markup warning (pipeline.data.markup) all come from that read.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +16,8 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
-from pipeline.data.load import MAKE_DATA, build_problem, edited, read_rows
+from pipeline.data.load import MAKE_DATA, build_problem, edited, read_rows_hashed
+from pipeline.data.markup import typed_markup_warnings
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
 from pipeline.data.registry import load_schema
@@ -146,8 +149,16 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems,
                                                 "removes such pairs" + source)
 
 
-def check_built(data: DataArgs) -> list[dict[str, Any]]:
-    """Validate every built split the recipe uses; UserError listing all problems, else summary rows."""
+@dataclass(frozen=True)
+class Checked:
+    """What check_built reports on valid built data: a summary row per split (format_summary prints them) and the
+    warnings about the rows (markup typed in the data), found in the rows it read for the check."""
+    summary: list[dict[str, Any]]
+    warnings: list[str]
+
+
+def check_built(data: DataArgs) -> Checked:
+    """Validate every built split the recipe uses; UserError listing all problems, else the summary and warnings."""
     from pipeline.data.model_tokenizer import available_tokenizer
 
     specs = all_specs(data)
@@ -163,7 +174,7 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
         for split in SPLITS:
             path = directory / f"{split}.json"
             try:
-                rows = read_rows(path, verify=False)  # a bad row is named below, more precisely than the hash can
+                rows, digest = read_rows_hashed(path)  # a bad row is named below, more precisely than the hash can
             except UserError as err:
                 changed += err.messages
                 continue
@@ -173,7 +184,7 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; {MAKE_DATA}")
             if not problems.count[str(path)]:
-                changed += [m for m in [edited(path)] if m]
+                changed += [m for m in [edited(path, digest)] if m]
             loaded.append((spec.name, split, path, rows, origins))
     if changed or problems:
         raise UserError(changed + problems.messages())
@@ -193,7 +204,9 @@ def check_built(data: DataArgs) -> list[dict[str, Any]]:
             "over_cutoff_len": None if data.stage == "pt" or lengths is None else int((lengths > data.cutoff_len).sum()),
             "sampled": len(sample) if len(sample) < len(rows) else None,
         })
-    return summary
+    warnings = [] if tokenizer is None else typed_markup_warnings(
+        tokenizer, data.split_special_tokens, [(name, rows, origins) for name, _, _, rows, origins in loaded])
+    return Checked(summary, warnings)
 
 
 def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any, origins: list[Origin]) -> np.ndarray:

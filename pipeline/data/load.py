@@ -112,6 +112,17 @@ def edited(path: Path, digest: str | None = None) -> str | None:
 def read_rows(path: Path, verify: bool = True) -> list[Any]:
     """A built JSON array; a damaged file is a UserError naming its line, an edited one (verify: the sha256 that
     manifest.json recorded differs) a UserError too: the raw sources are the truth, `make data` rebuilds."""
+    rows, digest = read_rows_hashed(path)
+    problem = edited(path, digest) if verify else None
+    if problem:
+        raise UserError(problem)
+    return rows
+
+
+def read_rows_hashed(path: Path) -> tuple[list[Any], str]:
+    """A built JSON array and the sha256 of the bytes it was parsed from, from one read of the file: for a caller
+    that compares the digest with manifest.json (`edited`) later, as check_built does once the rows are valid. A
+    damaged file is a UserError naming its line."""
     try:
         data = Path(path).read_bytes()
         digest = hashlib.sha256(data).hexdigest()
@@ -124,10 +135,7 @@ def read_rows(path: Path, verify: bool = True) -> list[Any]:
         raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; {MAKE_DATA}") from None
     if not isinstance(rows, list):
         raise UserError(f"{path}:1: expected a JSON array of rows; {MAKE_DATA}")
-    problem = edited(path, digest) if verify else None
-    if problem:
-        raise UserError(problem)
-    return rows
+    return rows, digest
 
 
 def source_names(data: DataArgs, name: str) -> tuple[str, ...]:

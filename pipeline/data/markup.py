@@ -68,8 +68,9 @@ def typed_markup_warnings(tokenizer: Tokenizer, split_special_tokens: bool,
 
 
 def built_markup_warnings(data: DataArgs) -> list[str]:
-    """typed_markup_warnings over the built splits of every dataset the recipe uses; none while the recipe's
-    tokenizer is not on this machine (validate runs before a hub model is downloaded)."""
+    """typed_markup_warnings over the built splits of every dataset the recipe uses, for `inspect` (`validate` has
+    them from the rows check_built reads: Checked.warnings); none while the recipe's tokenizer is not on this
+    machine."""
     from pipeline.data.build import SPLITS, all_specs, built_dir
     from pipeline.data.load import read_rows
     from pipeline.data.model_tokenizer import available_tokenizer

@@ -1,8 +1,11 @@
 """check_built: schema + rules on the built files with `file:row:field` messages, and the summary."""
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import random
+from collections import Counter
 
 import jsonschema
 import pytest
@@ -27,7 +30,7 @@ def built(make_recipe):
 
 
 def test_summary_rows_with_exact_token_counts(built):
-    summary = check_built(data_args(built))
+    summary = check_built(data_args(built)).summary
     assert [(s["dataset"], s["split"], s["rows"]) for s in summary] == [("d", "train", 27), ("d", "val", 3)]
     enc = gpt2()
     val = json.loads((built_dir(built["dataset_dir"], "d") / "val.json").read_text())
@@ -43,6 +46,34 @@ def test_summary_rows_with_exact_token_counts(built):
     assert summary[1]["over_cutoff_len"] == 0
     table = format_summary(summary)
     assert table.splitlines()[2].split()[:3] == ["d", "val", "3"]
+
+
+def test_each_built_file_is_read_once_for_the_check_the_digest_and_the_markup_warning(make_recipe, monkeypatch):
+    """validate's data check reads each built file once: the rows it checks, the sha256 it compares with
+    manifest.json and the warning about markup typed in the rows all come from that read (they took three).
+    Golden: GPT-2's <|endoftext|> is id 50256 (its vocabulary); raw line 5 is the row that types it."""
+    rows = alpaca_rows(30)
+    rows[4]["output"] += " <|endoftext|>"
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)})
+    build(data_args(r))
+    files = {str(built_dir(r["dataset_dir"], "d") / f"{split}.json"): split for split in ("train", "val")}
+    reads: Counter[str] = Counter()
+    real_open = io.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) in files:
+            reads[files[str(file)]] += 1
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's read_bytes
+    monkeypatch.setattr(builtins, "open", counting_open)
+    checked = check_built(data_args(r))
+    monkeypatch.undo()
+    assert (reads["train"], reads["val"]) == (1, 1)
+    assert checked.warnings == [
+        f"warning: {r['dataset_dir']}/raw/d.jsonl:5 (dataset 'd'): output types '<|endoftext|>', which stays literal "
+        "text here (split into ordinary tokens, so that data cannot forge a turn); LLaMA-Factory makes it one token "
+        "(id 50256)"]
 
 
 def test_bad_built_rows_are_named_by_file_row_field(built):

@@ -43,7 +43,7 @@ def test_both_forms_build_into_tagged_rows_that_validate(make_recipe):
                         "kto_tag": False}]
     assert all(feedback_ok(row) for part in rows for row in part)
     assert not feedback_ok({**rows[1][0], "kto_tag": "false"})
-    assert {s["dataset"] for s in check_built(data_args(r))} == {"ka", "ks"}
+    assert {s["dataset"] for s in check_built(data_args(r)).summary} == {"ka", "ks"}
 
 
 @pytest.mark.parametrize("stage, entry, words", [

@@ -72,7 +72,7 @@ def test_alpaca_and_sharegpt_ranking_build_into_pairs(make_recipe):
         {"instruction": "Up?", "input": "", "chosen": "down", "rejected": "left"},
     ]
     assert all(pair_ok(row) for row in alpaca + sharegpt)
-    summary = check_built(data_args(r))  # `validate` on the built pairs
+    summary = check_built(data_args(r)).summary  # `validate` on the built pairs
     assert {s["dataset"] for s in summary} == {"pa", "ps"}
 
 
