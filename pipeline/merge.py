@@ -21,8 +21,9 @@ shards + index, generation_config.json, tokenizer files: GPT-2's rebuilt, other 
 base checkpoint, verification.json) appears complete or
 not at all. Its tokenizer_config.json carries the recipe's template as `chat_template`
 (pipeline.data.chat_template), so transformers and vLLM prompt the model as it was trained, and the template's
-end of answer as `eos_token` (export_eos_token), so tools that stop there stop after the answer. For full/freeze
-runs merge is a re-export of output_dir/model with the same checks.
+end of answer as `eos_token` (export_eos_token), so tools that stop there stop after the answer, and the
+recipe's `split_special_tokens` (tokenizer_files.write_split_special_tokens), so AutoTokenizer reads typed
+special tokens as training did. For full/freeze runs merge is a re-export of output_dir/model with the same checks.
 """
 from __future__ import annotations
 
@@ -624,8 +625,9 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
     """The base model's tokenizer files (copied), or GPT-2's rebuilt from the ranks, so that
     AutoTokenizer.from_pretrained(merged) works offline; with `chat_template`, tokenizer_config.json's
     chat_template is that one (set_chat_template); with `eos_token`, the tokenizer's EOS is that one
-    (set_eos_token)."""
-    from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES, write_new_tokens
+    (set_eos_token); the recipe's new tokens and split_special_tokens as `tokenizer` has them
+    (write_recipe_settings)."""
+    from pipeline.data.tokenizer_files import CHAT_TEMPLATE_FILES, write_recipe_settings
 
     if tokenizer.files:
         for path in tokenizer.files:
@@ -641,7 +643,7 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
             set_eos_token(directory, eos_token)
             note(f"merge: the export's tokenizer says eos_token {eos_token}, the end of an answer in the recipe's "
                  f"template, in place of the base model's {tokenizer.eos_text}")
-        write_new_tokens(directory, tokenizer)
+        write_recipe_settings(directory, tokenizer)
         return
     from pipeline.data.tokenizer import GPT2_EOS as EOS_TEXT
 
@@ -655,7 +657,7 @@ def write_tokenizer_files(directory: Path, tokenizer: Tokenizer, context_length:
         "add_bos_token": False, "clean_up_tokenization_spaces": False, **special,
         **({"chat_template": chat_template} if chat_template is not None else {}),
     })
-    write_new_tokens(directory, tokenizer)
+    write_recipe_settings(directory, tokenizer)
 
 
 def set_chat_template(directory: Path, chat_template: str, base_files: Sequence[Path]) -> bool:

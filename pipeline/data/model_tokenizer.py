@@ -7,10 +7,10 @@ the Tokenizer: kept in one module, the two would import each other.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 from pipeline.data.tokenizer import Tokenizer, gpt2
-from pipeline.data.tokenizer_files import read_tokenizer
+from pipeline.data.tokenizer_files import read_tokenizer, saved_split_special_tokens
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS
 
@@ -80,6 +80,26 @@ def with_new_tokens(tokenizer: Tokenizer, args: object) -> Tokenizer:
     names = TokenNames.of(args)
     tokenizer = tokenizer.with_tokens(names.plain, names.special)
     return tokenizer.split_special() if group_value(args, "split_special_tokens") else tokenizer
+
+
+def checkpoint_split_special_tokens(values: Mapping[str, Any]) -> tuple[Path, bool] | None:
+    """(the folder, its value) where the tokenizer a recipe's values name (tokenizer_name_or_path, else
+    model_name_or_path: a checkpoint directory, or a hub id's cached snapshot) has split_special_tokens in its
+    tokenizer_config.json: a run's export with the key, or a tokenizer saved by LLaMA-Factory with it. None for a
+    preset, a model not here (yet) and a file without the key (or unreadable: the command that loads the tokenizer
+    says why). pipeline.recipe.resolve gives it to a recipe that does not write the key, as AutoTokenizer takes the
+    file's value where from_pretrained is given none."""
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+
+    name = values.get("tokenizer_name_or_path") or values.get("model_name_or_path")
+    if not isinstance(name, str) or is_gpt2_preset(name) or name in PRESETS:
+        return None
+    try:
+        path = resolve_model_path(name, download=False) if is_hub_id(name) else Path(name)
+        saved = saved_split_special_tokens(path) if path.is_dir() else None
+    except UserError:
+        return None
+    return None if saved is None else (path, saved)
 
 
 def available_tokenizer(args: HasModel) -> Tokenizer | None:

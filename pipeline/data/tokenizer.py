@@ -90,6 +90,7 @@ class Tokenizer:
     nfc: bool = False  # the checkpoint normalises text to NFC first (Qwen2)
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
     new_tokens: tuple[str, ...] = ()  # added by the recipe (with_tokens), not in the files: exports add them
+    split_special_tokens: bool = False  # special tokens literal in user text (split_special): exports say so too
     _ids: dict[str, int] = field(default_factory=dict, repr=False)
     # with_tokens' results by their tokens: the build, the model, the skeleton and the export each ask for the
     # recipe's tokenizer, and a new tiktoken Encoding of a 128k vocabulary costs ~0.1 s each time (init=False: a
@@ -165,7 +166,7 @@ class Tokenizer:
         encode_special_tokens skips only the special ones. Template markup is placed as before (encode_special)."""
         key = ((), (), ("split_special_tokens",))
         if key not in self._derived:
-            self._derived[key] = dataclasses.replace(self, added=self.added - self.special)
+            self._derived[key] = dataclasses.replace(self, added=self.added - self.special, split_special_tokens=True)
         return self._derived[key]
 
     def token_id(self, token: str) -> int:

@@ -372,3 +372,36 @@ def write_new_tokens(directory: Path, tokenizer: Tokenizer) -> None:
     decoder.update(config.get("added_tokens_decoder") or {})
     decoder = dict(sorted(decoder.items(), key=lambda item: int(item[0])))
     write_json(path, {**config, "added_tokens_decoder": decoder})
+
+
+# ---------------------------------------------------------------- split_special_tokens
+
+SPLIT_KEY = "split_special_tokens"  # tokenizer_config.json's key, as transformers' save_pretrained writes it
+
+
+def saved_split_special_tokens(directory: Path) -> bool | None:
+    """What `directory`'s tokenizer_config.json says split_special_tokens is, as transformers reads it into the
+    tokenizer it loads from there: an export of a run with the key, or a tokenizer that was loaded with
+    split_special_tokens=True and saved (LLaMA-Factory's exports); None where the file or the key is absent, or the
+    value is no true / false."""
+    value = optional_json(directory / "tokenizer_config.json").get(SPLIT_KEY)
+    return value if isinstance(value, bool) else None
+
+
+def write_split_special_tokens(directory: Path, tokenizer: Tokenizer) -> None:
+    """The tokenizer_config.json copied into `directory` (an export) with the recipe's split_special_tokens, as
+    save_pretrained writes a tokenizer loaded with that keyword: so that AutoTokenizer on the export reads typed
+    special tokens as training did (without it, transformers' default false makes each one token). Written where it
+    is true, or where the copied file has the key (a base whose true the recipe turned off); a file that never said
+    it stays as it was."""
+    path = directory / "tokenizer_config.json"
+    config = optional_json(path)
+    if tokenizer.split_special_tokens or SPLIT_KEY in config:
+        write_json(path, {**config, SPLIT_KEY: tokenizer.split_special_tokens})
+
+
+def write_recipe_settings(directory: Path, tokenizer: Tokenizer) -> None:
+    """What the recipe changed in the tokenizer files copied into `directory` (an export): its new tokens
+    (write_new_tokens) and split_special_tokens (write_split_special_tokens)."""
+    write_new_tokens(directory, tokenizer)
+    write_split_special_tokens(directory, tokenizer)

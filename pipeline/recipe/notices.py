@@ -101,13 +101,26 @@ def pissa_iter_notice(r: Any) -> str | None:
 
 
 def split_special_tokens_notice(r: Any) -> str | None:
-    """split_special_tokens: false is LLaMA-Factory's default with one difference here (markup typed in data stays
-    text): said when the recipe writes the key, not on every run (validate and inspect warn about rows that type
-    markup, which is when the difference matters)."""
+    """Written in a recipe: a value other than the tokenizer_config.json of the checkpoint says (the recipe's wins,
+    as transformers' from_pretrained(..., split_special_tokens=...) wins over the file: said, since the checkpoint
+    was trained the other way); else false, LLaMA-Factory's default with one difference here (markup typed in data
+    stays text): said when the recipe writes the key, not on every run (validate and inspect warn about rows that
+    type markup, which is when the difference matters)."""
+    from pipeline.data.model_tokenizer import checkpoint_split_special_tokens
     from pipeline.data.tokenizer_files import MARKUP_WORDS
 
     origin = r.origin("split_special_tokens")
-    if r["split_special_tokens"] or origin.kind not in ("file", "cli"):
+    if origin.kind not in ("file", "cli"):
+        return None
+    value, saved = r["split_special_tokens"], checkpoint_split_special_tokens(r)
+    if saved is not None and saved[1] != value:
+        typed = "literal text" if value else "one token each (but the markup)"
+        return (f"notice: {origin.where}: split_special_tokens: {str(value).lower()} overrides "
+                f"{saved[0] / 'tokenizer_config.json'}'s split_special_tokens: {str(saved[1]).lower()}, as "
+                f"transformers' from_pretrained(split_special_tokens={value}) does: the special tokens typed in the "
+                f"data are {typed} here, where the checkpoint's tokenizer reads them the other way; the exports say "
+                f"{str(value).lower()}")
+    if value:
         return None
     return (f"notice: {origin.where}: split_special_tokens: false: the special tokens typed in the data are one token "
             f"as in LLaMA-Factory, except the markup ({MARKUP_WORDS}), which stays literal text here so that data "

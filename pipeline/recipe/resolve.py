@@ -253,6 +253,12 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             and os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json"))):
         # a run's output_dir (LLaMA-Factory keeps the adapter there; we keep it in output_dir/adapter/)
         values["adapter_name_or_path"], origins["adapter_name_or_path"] = os.path.join(adapter, "adapter"), DERIVED
+    if origins["split_special_tokens"].kind == "default" and not {"model_name_or_path", "tokenizer_name_or_path"} & bad:
+        from pipeline.data.model_tokenizer import checkpoint_split_special_tokens
+
+        saved = checkpoint_split_special_tokens(values)  # the checkpoint's setting, as AutoTokenizer reads it there
+        if saved is not None:
+            values["split_special_tokens"], origins["split_special_tokens"] = saved[1], DERIVED
     if values["output_dir"] is None:
         values["output_dir"], origins["output_dir"] = os.path.join("saves", Path(recipe_file).stem), DERIVED
     if values["lora_alpha"] is None and "lora_rank" not in bad:

@@ -77,7 +77,8 @@ class Exporter:
     def __init__(self, engine: Any, model_name_or_path: str, finetuning_type: str, build: Callable[[], Any],
                  tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None,
                  frozen: Callable[[set[str]], Mapping[str, Any]] | None = None,
-                 pissa_start: Mapping[str, Any] | None = None, new_tokens: TokenNames | None = None):
+                 pissa_start: Mapping[str, Any] | None = None, new_tokens: TokenNames | None = None,
+                 split_special_tokens: bool = False):
         """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
         their base tensors in fp32, where the base is what train built from (freeze); pissa_start: a PiSSA run's
         starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with."""
@@ -86,6 +87,7 @@ class Exporter:
         self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self.new_tokens = new_tokens or TokenNames()  # the recipe's added tokens: in the exported tokenizer files
+        self.split_special_tokens = split_special_tokens  # the recipe's, in the exported tokenizer_config.json
         self._model: Any = None
 
     def target(self, directory: str | Path) -> Path:
@@ -166,15 +168,16 @@ class Exporter:
                                   start=self.pissa_start)
             expected = {k: tuple(v.shape) for k, v in adapter_state(model, self.pissa_start).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
-            if self.new_tokens:  # PEFT users resize the base to the adapter's tokenizer before loading it
-                copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens)
+            if self.new_tokens or self.split_special_tokens:  # PEFT users resize the base to the adapter's
+                # tokenizer before loading it, and load that tokenizer to encode as training did
+                copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens, self.split_special_tokens)
         else:
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model
 
             target = save_model(model, self.target(directory))
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
-            copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens)
+            copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens, self.split_special_tokens)
             copy_generation_config(self.base, target)
         return target
 
@@ -195,20 +198,23 @@ def link_export(source: Path, target: Path) -> Path:
     return target
 
 
-def copy_tokenizer_files(model_name_or_path: Any, target: Path, new_tokens: TokenNames | None = None) -> None:
+def copy_tokenizer_files(model_name_or_path: Any, target: Path, new_tokens: TokenNames | None = None,
+                         split_special_tokens: bool = False) -> None:
     """The tokenizer files of the run (the base checkpoint's, or tokenizer_name_or_path's) beside model/, so that
     model/ (or the run's output_dir, as LLaMA-Factory's inference and merge recipes name it) works as
-    model_name_or_path with its own vocabulary; with the tokens the recipe adds added to them."""
+    model_name_or_path with its own vocabulary; with the tokens the recipe adds added to them, and its
+    split_special_tokens (tokenizer_files.write_recipe_settings)."""
     from pipeline.data.model_tokenizer import load_tokenizer
-    from pipeline.data.tokenizer_files import write_new_tokens
+    from pipeline.data.tokenizer_files import write_recipe_settings
 
     names = new_tokens or TokenNames()
     tokenizer = load_tokenizer(model_name_or_path).with_tokens(names.plain, names.special)
+    tokenizer = tokenizer.split_special() if split_special_tokens else tokenizer
     for path in tokenizer.files:
         relative = path.name if path.parent.name != "original" else f"original/{path.name}"
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target / relative)
-    write_new_tokens(target, tokenizer)
+    write_recipe_settings(target, tokenizer)
 
 
 def copy_generation_config(model_name_or_path: str, target: Path) -> None:

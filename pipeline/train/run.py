@@ -133,7 +133,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                         pissa_start=lora.pissa_start(model),
                         frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
                                 if base_as_built(*recipe_args(r)) else None),
-                        new_tokens=TokenNames.of(data_args(r)))
+                        new_tokens=TokenNames.of(data_args(r)), split_special_tokens=r["split_special_tokens"])
     saved = checkpoint.saved_recipe(r, loss_changes)
     resume_step = state.global_step if resume else None
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,

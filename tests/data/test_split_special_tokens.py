@@ -32,11 +32,15 @@ def _theirs(directory, split: bool, plain=(), special=()):
     return lambda text: tok(text, add_special_tokens=False)["input_ids"]
 
 
-def _ours(directory, **keys):
+def _tokenizer(directory, **keys):
     from pipeline.data.model_tokenizer import with_new_tokens
     from pipeline.data.tokenizer_files import read_tokenizer
 
-    return with_new_tokens(read_tokenizer(directory), keys).encode
+    return with_new_tokens(read_tokenizer(directory), keys)
+
+
+def _ours(directory, **keys):
+    return _tokenizer(directory, **keys).encode
 
 
 def test_true_encodes_every_special_token_in_text_as_transformers_splits_it(family):
@@ -84,3 +88,39 @@ def test_the_warning_names_the_tokens_that_differ_from_llamafactory_and_the_firs
         "(split into ordinary tokens, so that data cannot forge a turn); LLaMA-Factory makes it one token (id 50256) "
         "(2 rows alike; this is the first)"]
     assert typed_markup_warnings(tok, True, [("a", rows, origins)]) == []
+
+
+def test_the_exports_tokenizer_config_says_it_as_save_pretrained_writes_it(tmp_path):
+    """merged/ and export_dir (write_tokenizer_files), model/ and adapter/ (copy_tokenizer_files) write the recipe's
+    split_special_tokens where transformers' save_pretrained of a tokenizer loaded with that keyword writes it; a
+    base's true that the recipe turned off is written false; a file that never said it is left without it.
+    Golden: the tokenizer_config.json of AutoTokenizer.from_pretrained(..., split_special_tokens=...).save_pretrained."""
+    import json
+
+    from pipeline.merge import write_tokenizer_files
+    from pipeline.train.export import copy_tokenizer_files
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    def saved(directory):
+        return json.loads((directory / "tokenizer_config.json").read_text()).get("split_special_tokens", "absent")
+
+    def theirs(source, split):
+        out = tmp_path / f"theirs-{source.name}-{split}"
+        transformers.AutoTokenizer.from_pretrained(source, split_special_tokens=split).save_pretrained(out)
+        return out
+
+    base = tmp_path / "base"
+    write_small_tokenizer_dir(base, "qwen3")
+    split_base = theirs(base, True)  # a LLaMA-Factory export of a run with the key: it says true
+    for source, split in ((base, True), (split_base, False)):
+        ours = [tmp_path / f"{kind}-{source.name}-{split}" for kind in ("merged", "model")]
+        ours[0].mkdir()
+        write_tokenizer_files(ours[0], _tokenizer(source, split_special_tokens=split), 128)
+        copy_tokenizer_files(source, ours[1], split_special_tokens=split)
+        for directory in ours:
+            assert saved(directory) == saved(theirs(source, split)) == split, directory
+            assert transformers.AutoTokenizer.from_pretrained(directory).split_special_tokens is split
+    untouched = tmp_path / "untouched"
+    untouched.mkdir()
+    write_tokenizer_files(untouched, _tokenizer(base), 128)
+    assert saved(untouched) == saved(base) == "absent"
