@@ -9,12 +9,13 @@ import datetime as _dt
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipeline.evaluate import metrics as M
 from pipeline.io import atomic_dir, atomic_write, write_json, write_text
-from pipeline.names import token_loss_history, token_loss_label
+from pipeline.names import token_loss_history, token_loss_label, token_loss_words
 from pipeline.runtime.layout import RunLayout
 from pipeline.runtime.log import read_log
 
@@ -130,7 +131,7 @@ def write(
         if plot_metrics(metrics["results"], tmp / "metrics.png"):
             figures["metrics"] = "metrics.png"
         if plot_loss_curves(run.trainer_log, metrics["results"], tmp / "loss_curves.png",
-                            objective=token_loss_label(metrics.get("training") or {})):
+                            stretches=loss_stretches(metrics.get("training") or {})):
             figures["loss"] = "loss_curves.png"
         elif run.loss_plot.is_file():
             figures["loss"] = _relative(run.loss_plot, eval_dir)
@@ -179,30 +180,76 @@ def plot_metrics(results: Mapping[str, Mapping[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path,
-                     objective: tuple[str, str] | None = None) -> bool:
-    """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines;
-    `objective` (names.token_loss_label): training's losses are another loss (label-smoothed, DFT- or
-    EAFT-weighted), which their legend says."""
-    records = [rec for rec in read_log(log) if isinstance(rec, dict)]
+@dataclass(frozen=True)
+class LossStretch:
+    """The steps of training that trained one loss: up to `last` (inclusive; None: to the end), named `name` in the
+    legend ("" for the plain cross-entropy of a run that never changed it: its curves' labels say nothing)."""
+
+    last: int | None
+    name: str
+
+
+def loss_stretches(training: Mapping[str, Any]) -> list[LossStretch]:
+    """Which loss training's curves are, step by step (all_results.json: the final settings, and token_loss_changes:
+    after which step a resume changed the loss, from what to what). Why: the final settings alone would label every
+    step with the last loss, where the steps before a change trained another."""
+    changes = [c for c in training.get("token_loss_changes") or () if isinstance(c, dict)
+               and isinstance(c.get("step"), int) and isinstance(c.get("from"), dict) and isinstance(c.get("to"), dict)]
+    if not changes:
+        label = token_loss_label(training)
+        return [LossStretch(None, label[0] if label else "")]
+    return [*(LossStretch(c["step"], token_loss_words(c["from"])) for c in changes),
+            LossStretch(None, token_loss_words(changes[-1]["to"]))]
+
+
+def _stretch_label(curve: str, stretches: Sequence[LossStretch], i: int) -> str:
+    """A curve's legend label within stretch i: "train (DFT-weighted)"; with several stretches their steps too,
+    "train, steps 3–4: the plain cross-entropy"."""
+    if len(stretches) == 1:
+        return f"{curve} ({stretches[0].name})" if stretches[0].name else curve
+    first = (stretches[i - 1].last or 0) + 1 if i else None  # every stretch but the last has a last step
+    last = stretches[i].last
+    steps = (f"to step {last}" if first is None else f"from step {first}" if last is None
+             else f"steps {first}–{last}")
+    return f"{curve}, {steps}: {stretches[i].name}"
+
+
+def loss_series(records: Sequence[Mapping[str, Any]], stretches: Sequence[LossStretch]
+                ) -> dict[str, tuple[list[float], list[float]]]:
+    """legend label -> (steps, losses) of trainer_log.jsonl's train and eval losses, one series per curve and
+    stretch of one loss (loss_stretches)."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for rec in records:
         step = rec.get("step", rec.get("global_step"))
         if not isinstance(step, (int, float)):
             continue
-        for key, label in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval (during training)")):
-            label += f" ({objective[0]})" if objective else ""
+        i = next(k for k, s in enumerate(stretches) if s.last is None or step <= s.last)
+        for key, curve in (("loss", "train"), ("train_loss", "train"), ("eval_loss", "eval (during training)")):
             value = rec.get(key)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                xs, ys = series.setdefault(label, ([], []))
+                xs, ys = series.setdefault(_stretch_label(curve, stretches, i), ([], []))
                 xs.append(step)
                 ys.append(value)
+    return series
+
+
+def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: Path,
+                     stretches: Sequence[LossStretch] = (LossStretch(None, ""),)) -> list[str]:
+    """Train (and eval) loss against the step from trainer_log.jsonl, with this evaluation's losses as lines; returns
+    the legend's labels, also written as the PNG's Description ([] when the log has no loss: nothing is drawn).
+    `stretches` (loss_stretches): which loss training's losses are, when not the plain cross-entropy
+    (label-smoothed, DFT- or EAFT-weighted), which their legend says; where a resume changed it, each stretch is a
+    curve of its own, named by its loss, and a dotted vertical line marks the step after which it changed."""
+    series = loss_series([rec for rec in read_log(log) if isinstance(rec, dict)], stretches)
     if not series:
-        return False
+        return []
     fig = _figure()
     ax = fig.add_subplot()
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
+    for before in stretches[:-1]:
+        ax.axvline(before.last, linestyle=":", color="tab:red",
+                   label=f"resumed after step {before.last}: the loss changed")
     for model, style in (("base", ":"), ("tuned", "--")):
         loss = results.get(model, {}).get("loss")
         if isinstance(loss, (int, float)):
@@ -211,10 +258,10 @@ def plot_loss_curves(log: Path, results: Mapping[str, Mapping[str, Any]], path: 
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("Training loss")
-    ax.legend()
+    labels = [text.get_text() for text in ax.legend(fontsize="small" if len(stretches) > 1 else None).get_texts()]
     fig.tight_layout()
-    fig.savefig(path)
-    return True
+    fig.savefig(path, metadata={"Description": "; ".join(labels)})  # the legend as text, for readers and checks
+    return labels
 
 
 # ---------------------------------------------------------------- markdown

@@ -133,6 +133,38 @@ def test_a_loss_changed_on_resume_is_said_with_its_step():
             "(use_eaft_loss, eaft_alpha 0.5) to the plain cross-entropy).") in md
 
 
+def test_the_loss_curves_name_each_stretch_s_loss_after_a_resume_changed_it(tmp_path):
+    """Resumes that changed the loss after steps 2 and 4 (all_results.json's token_loss_changes): loss_curves.png
+    draws each stretch of the train and eval curves under the loss it trained, with a marker at each change; its
+    legend named the final loss alone for every step. Read back from the PNG's Description (the legend as text).
+    Golden: the steps of each stretch by hand (a step trained after "after step N" is N + 1 on)."""
+    from PIL import Image
+
+    eaft = {"use_eaft_loss": True, "eaft_alpha": 0.5}
+    changes = [{"step": 2, "from": {}, "to": eaft}, {"step": 4, "from": eaft, "to": {"use_dft_loss": True}}]
+    training = {"global_step": 6, "train_loss": 3.0, "use_dft_loss": True, "token_loss_changes": changes}
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "trainer_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 4.0 - s / 10, **({"eval_loss": 3.9} if s % 2 == 0 else {})}) + "\n"
+        for s in range(1, 7)))
+    R.write(out / "eval", {**_metrics(), "training": training}, None, output_dir=out)
+    legend = Image.open(out / "eval" / "loss_curves.png").text["Description"].split("; ")
+    plain, weighted = "the plain cross-entropy", "EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5)"
+    dft = "DFT-weighted cross-entropy (use_dft_loss)"
+    assert legend == [f"train, to step 2: {plain}", f"eval (during training), to step 2: {plain}",
+                      f"train, steps 3–4: {weighted}", f"eval (during training), steps 3–4: {weighted}",
+                      f"train, from step 5: {dft}", f"eval (during training), from step 5: {dft}",
+                      "resumed after step 2: the loss changed", "resumed after step 4: the loss changed",
+                      "base model, this evaluation (3.000)", "tuned model, this evaluation (2.000)"]
+    series = R.loss_series([json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()],
+                           R.loss_stretches(training))
+    assert [xs for xs, _ in series.values()] == [[1, 2], [2], [3, 4], [4], [5, 6], [6]]
+    unchanged = R.loss_stretches({"use_dft_loss": True})  # no resume changed it: one curve each, as before
+    assert list(R.loss_series([{"step": 1, "loss": 2.0, "eval_loss": 2.5}], unchanged)) == [
+        "train (DFT-weighted)", "eval (during training) (DFT-weighted)"]
+
+
 def test_a_kto_report_shows_the_numbers_its_text_names():
     """Stage kto's paragraph explains reward_chosen, reward_rejected, kl and kto_loss (metrics.json's keys, from
     evaluate.preference.kto_summary), but the table showed none of them: no label, so no row. And the training line's
