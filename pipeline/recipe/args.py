@@ -105,6 +105,12 @@ class TrainArgs:
     adam_beta2: float
     adam_epsilon: float
     use_muon: bool  # LLaMA-Factory's Muon + AdamW instead of torch's AdamW (pipeline.train.muon)
+    use_galore: bool  # galore_torch's GaLoreAdamW as LLaMA-Factory builds it (pipeline.train.galore)
+    galore_target: str
+    galore_rank: int
+    galore_update_interval: int
+    galore_scale: float
+    galore_proj_type: str
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float

@@ -102,6 +102,15 @@ def reduce_bucket(stage: int, hidden_size: int | None, trainable: int | None) ->
     return min(REDUCE_BUCKET_MAX, max(square or 0, trainable))
 
 
+def gradient_clipping(values: Mapping[str, Any]) -> float:
+    """max_grad_norm, except under layer-wise GaLore: LLaMA-Factory's hooks step each weight and clear its gradient
+    during the backward pass, so transformers' clipping afterwards finds no gradient and clips nothing; the same
+    update here is taken after the backward pass, unclipped (docs/training.md, GaLore)."""
+    if values.get("use_galore") and values.get("galore_layerwise"):
+        return 0.0
+    return values["max_grad_norm"]
+
+
 def generate(values: Mapping[str, Any], hidden_size: int | None = None, trainable: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for the recipe's values (world size included); `trainable`: the trainable
     parameter count where the model can be read (it sizes the ZeRO 1-2 reduce bucket)."""
@@ -128,7 +137,7 @@ def generate(values: Mapping[str, Any], hidden_size: int | None = None, trainabl
         * values["world_size"],
         "train_micro_batch_size_per_gpu": values["per_device_train_batch_size"],
         "gradient_accumulation_steps": values["gradient_accumulation_steps"],
-        "gradient_clipping": values["max_grad_norm"],
+        "gradient_clipping": gradient_clipping(values),
         "bf16": {"enabled": values["bf16"]},
         "fp16": {
             "enabled": values["fp16"],

@@ -82,21 +82,30 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
 
 def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     """The recipe's groups: Muon's (pipeline.train.muon.muon_groups, by the parameters' transformers names) with
-    use_muon, else param_groups with its weight decay, learning rate and LoRA+ ratio."""
+    use_muon, LLaMA-Factory's GaLore groups (pipeline.train.galore.galore_groups) with use_galore, else
+    param_groups with its weight decay, learning rate and LoRA+ ratio."""
     if train.use_muon:
         from pipeline.model.lora import family_of_model
         from pipeline.train.muon import muon_groups
 
         return muon_groups(model.named_parameters(), family_of_model(model).to_hf, train.weight_decay,
                            train.learning_rate)
+    if train.use_galore:
+        from pipeline.train.galore import galore_groups
+
+        return galore_groups(model, train)
     return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
 
 
 def describe(groups: list[dict[str, Any]]) -> str:
-    """One line for the start of a run: each group's tensors (Muon's or AdamW's where use_muon), learning rate and
-    weight decay."""
+    """One line for the start of a run: each group's tensors (Muon's or AdamW's where use_muon, GaLore's with its
+    rank where use_galore), learning rate and weight decay."""
     def kind(group: dict[str, Any]) -> str:
-        return "" if "muon" not in group else " by Muon" if group["muon"] else " by AdamW"
+        if group.get("low_rank"):
+            return f" by GaLore (rank {group['rank']}, {group['proj_type']}, every {group['update_proj_gap']} steps)"
+        if "muon" in group:
+            return " by Muon" if group["muon"] else " by AdamW"
+        return " by AdamW" if "low_rank" in group else ""
 
     return " | ".join(f"{len(g['params'])} tensors{kind(g)} at lr {g['lr']:.3g}, weight decay {g['weight_decay']:g}"
                       for g in groups)
@@ -104,7 +113,8 @@ def describe(groups: list[dict[str, Any]]) -> str:
 
 def make_optimizer(model: Any, train: TrainArgs) -> Any:
     """AdamW over the trainable parameters, weight decay as transformers' Trainer (param_groups), fused where torch
-    has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon)."""
+    has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon); with use_galore, galore_torch's
+    GaLoreAdamW (pipeline.train.galore)."""
     import torch
 
     groups = train_groups(model, train)
@@ -115,6 +125,10 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
         from pipeline.train.muon import MuonAdamW
 
         return MuonAdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
+    if train.use_galore:
+        from pipeline.train.galore import GaLoreAdamW
+
+        return GaLoreAdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

@@ -86,17 +86,16 @@ def test_validate_does_what_the_table_says(example, checkouts):
 
 
 def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice(checkouts):
-    """use_galore (an optimizer not here) is the one error, at its line; galore_rank & co. say they only matter
+    """use_apollo (an optimizer not here) is the one error, at its line; apollo_rank & co. say they only matter
     with it. A multimodal template says so instead of suggesting the text template of a similar name."""
-    work, galore = checkouts["llama"], "examples/extras/galore/llama3_full_sft.yaml"
-    err = run_main(["validate", galore], work).err
-    assert (f"error: {galore}:9:13: use_galore: given true: GaLore (gradient low-rank projection) is not "
-            "implemented here") in err
-    assert not any(f"{key}:" in err for key in ("galore_layerwise", "galore_target", "galore_rank", "galore_scale"))
-    err = run_main(["validate", galore, "use_galore=false", "pure_bf16=false"], work).err
+    work, apollo = checkouts["llama"], "examples/extras/apollo/llama3_full_sft.yaml"
+    err = run_main(["validate", apollo, "pure_bf16=false"], work).err
+    assert f"error: {apollo}:9:13: use_apollo: given true: the APOLLO optimizer is not implemented here" in err, err
+    assert not any(f"{key}:" in err for key in ("apollo_layerwise", "apollo_target", "apollo_rank", "apollo_scale"))
+    err = run_main(["validate", apollo, "use_apollo=false", "pure_bf16=false"], work).err
     assert not any(line.startswith("error: examples/") for line in err.splitlines())  # data not built: no file
-    assert (f"notice: {galore}:12:14: galore_rank: accepted without effect: it only matters with use_galore "
-            "(GaLore), which is not implemented here") in err
+    assert (f"notice: {apollo}:12:14: apollo_rank: accepted without effect: it only matters with use_apollo "
+            "(APOLLO), which is not implemented here") in err
     err = run_main(["validate", "examples/train_lora/qwen3vl_lora_sft.yaml"], checkouts["qwen"]).err
     assert "template: given 'qwen3_vl_nothink', expected one of" in err
     assert "multimodal models are not supported (text only)" in err and "did you mean" not in err

@@ -73,6 +73,7 @@ ORDER = (
     data.val_size_zero_evaluates_nothing,
     training.offload_needs_zero,
     training.muon_fits,
+    training.galore_fits,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

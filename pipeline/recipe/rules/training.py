@@ -121,6 +121,46 @@ def muon_fits(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+GALORE_ZERO = ("GaLore needs zero_stage 0: each GaLore matrix's update starts from an SVD of its whole gradient, but "
+               "ZeRO {stage} hands the optimizer flat slices of the parameters that cut the matrices apart "
+               "(LLaMA-Factory refuses GaLore under any DeepSpeed); {fix} (data parallel; the memory plan: `make "
+               "plan`), or remove use_galore")
+
+
+@rule("use_galore", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "galore_layerwise",
+      "gradient_accumulation_steps", "world_size")
+def galore_fits(ctx: Context) -> list[tuple[str, str]]:
+    """GaLore (pipeline.train.galore) projects whole matrices: ZeRO 0 only (a deepspeed JSON's stage: train's
+    preflight). LLaMA-Factory refuses it with LoRA and beside another optimizer of its own (use_muon here), and
+    galore_layerwise with gradient accumulation or several ranks; those are refused with its reasons."""
+    v = ctx.values
+    if not v["use_galore"]:
+        return []
+    problems = []
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        problems.append(("zero_stage", f"given {v['zero_stage']} with use_galore: true: "
+                                       + GALORE_ZERO.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    if v["finetuning_type"] == "lora":
+        problems.append(("use_galore", "given true with finetuning_type: lora: GaLore projects the gradients of whole "
+                                       "weight matrices, which LoRA freezes (LLaMA-Factory refuses the two together); "
+                                       "set finetuning_type: full (or freeze), or remove use_galore"))
+    if v["use_muon"]:
+        problems.append(("use_muon", "given true with use_galore: true: Muon and GaLore are two optimizers; keep one "
+                                     "of the two keys"))
+    if v["galore_layerwise"] and v["gradient_accumulation_steps"] != 1:
+        problems.append(("galore_layerwise", f"given true with gradient_accumulation_steps "
+                                             f"{v['gradient_accumulation_steps']}: layer-wise GaLore steps each "
+                                             "weight as soon as its gradient is ready, with nothing to accumulate "
+                                             "(LLaMA-Factory refuses it); set gradient_accumulation_steps: 1, or "
+                                             "galore_layerwise: false"))
+    if v["galore_layerwise"] and v["world_size"] > 1:
+        problems.append(("galore_layerwise", f"given true on {v['world_size']} ranks: LLaMA-Factory refuses "
+                                             "layer-wise GaLore in distributed training; set galore_layerwise: "
+                                             "false (the same update, gradients averaged over the ranks and "
+                                             "clipped to max_grad_norm)"))
+    return problems
+
+
 @rule("lr_scheduler_type", "lr_scheduler_kwargs", "min_lr_ratio", "learning_rate")
 def scheduler_kwargs(ctx: Context) -> list[tuple[str, str]]:
     """transformers' lr_scheduler_kwargs: cosine_with_min_lr's floor (resolve derived min_lr_ratio from it), refused
