@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from pipeline.train.per_param import PerParameterOptimizer
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Keller Jordan's, as LLaMA-Factory)
 NS_STEPS = 5
 NS_EPS = 1e-7  # added to the Frobenius norm before dividing
@@ -82,24 +84,15 @@ def muon_groups(named_params: Iterable[tuple[str, Any]], hf_name: Callable[[str]
     return [g for g in groups if g["params"]]
 
 
-class MuonAdamW(torch.optim.Optimizer):
+class MuonAdamW(PerParameterOptimizer):
     """Muon on the groups marked `muon`, LLaMA-Factory's AdamW on the others (see the module docstring)."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float) -> None:
         super().__init__(groups, {"lr": lr, "weight_decay": 0.0, "momentum": MOMENTUM, "nesterov": NESTEROV,
                                   "ns_steps": NS_STEPS, "betas": betas, "eps": eps})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    (self._muon if group["muon"] else self._adamw)(param, group)
-        return loss
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        (self._muon if group["muon"] else self._adamw)(param, group)
 
     def _muon(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         grad, state = param.grad, self.state[param]

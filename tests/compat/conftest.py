@@ -41,3 +41,18 @@ def write_hub_dataset(cache: Path, repo: str, files: dict[str, str], commit: str
 
 def jsonl(rows: list) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture(scope="session")
+def lf_models(tmp_path_factory):
+    """family -> a tiny transformers checkpoint with a small vocabulary holding its template markup and the
+    examples' 2,048-token context (their cutoff_len), written on first use (tests.compat.lf_golden)."""
+    from tests.compat.lf_golden import tiny_checkpoint
+
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = tiny_checkpoint(tmp_path_factory, family)
+        return made[family]
+    return get

@@ -8,20 +8,17 @@ source in tests/train/test_muon.py (LFMuon); and transformers, which loads the m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
+import torch
+import transformers
 
-from pipeline.recipe import resolve
-from pipeline.recipe.args import data_args
-from tests.acceptance.harness import pipeline, write_hf_checkpoint
+from tests.acceptance.harness import pipeline
+from tests.compat.lf_golden import golden_start, saved_weights, stepped, without_prefix
 from tests.compat.test_lf_recipes import lf_checkout
 from tests.train.test_muon import LFMuon
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 EXAMPLE = "examples/extras/muon/qwen2_full_sft.yaml"
 RUN = "saves/qwen2-1_5b/full/sft"
@@ -31,43 +28,15 @@ GOLDEN = ["bf16=false", "gradient_accumulation_steps=1", "max_steps=2", "save_st
           "warmup_ratio=0", "learning_rate=1e-3", "weight_decay=0.1", "adam_epsilon=1e-6"]
 
 
-@pytest.fixture(scope="module")
-def qwen2(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("muon") / "qwen2"
-    write_hf_checkpoint(path, "qwen2", small_vocab=True, max_position_embeddings=2048)
-    return path
-
-
 def golden_steps(work: Path, qwen2: Path, steps: int) -> list[dict[str, "torch.Tensor"]]:
     """transformers' weights after each of `steps` updates by LLaMA-Factory's Muon on our micro-batches."""
-    from pipeline.data.loaders import make_loader
-
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        r = resolve(EXAMPLE, GOLDEN, command="train", env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
-        loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
-        batches = [loader.batch(k) for k in range(steps)]
-    finally:
-        os.chdir(cwd)
-    model = transformers.AutoModelForCausalLM.from_pretrained(qwen2, torch_dtype=torch.float32).eval()
+    r, batches, model = golden_start(work, EXAMPLE, GOLDEN, steps, qwen2)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = LFMuon(named, r["learning_rate"], r["weight_decay"], (r["adam_beta1"], r["adam_beta2"]), r["adam_epsilon"])
-    out = []
-    for batch in batches:
-        labels = batch["labels"]  # ours are shifted already: labels[:, t] is the token after position t
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                 reduction="sum") / (labels != -100).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], r["max_grad_norm"])
-        muon.step()
-        model.zero_grad(set_to_none=True)
-        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    return out
+    return stepped(model, batches, muon.step, r["max_grad_norm"])
 
 
-def test_each_step_is_llamafactorys_muon_step(tmp_path, qwen2):
+def test_each_step_is_llamafactorys_muon_step(tmp_path, lf_models):
     """After steps 1 and 2: the AdamW tensors (1-D, and the tied embedding) equal the golden to fp32 rounding (their
     moves are about 1e-3; torch's AdamW, which adds eps after the bias correction, misses by about 3e-5 here); each
     Muon matrix's move equals it within 8% (Frobenius; most match to fp32 rounding, the worst seen is 2.4%). That
@@ -75,17 +44,14 @@ def test_each_step_is_llamafactorys_muon_step(tmp_path, qwen2):
     differs in its last fp32 bit (our model and transformers' sum in other orders) moves its result by up to ~3.5%
     in 300 random trials (test_muon.py's test_llamafactorys_bf16_newton_schulz_magnifies_the_last_fp32_bit shows
     it); DeepSpeed's lr scale sqrt(max(1, A / B)) misses by 11.6% or more on every matrix here."""
+    qwen2 = lf_models("qwen2")
     work = lf_checkout(tmp_path, str(qwen2))
     err = pipeline("train", EXAMPLE, *GOLDEN, cwd=work, timeout=600).stderr
     assert ("optimizer: Muon (use_muon): 14 tensors by Muon at lr 0.001, weight decay 0.1 | 12 tensors by AdamW at "
             "lr 0.001, weight decay 0.1") in err, err
-    start = {k[len("model."):]: v for k, v in
-             transformers.AutoModelForCausalLM.from_pretrained(qwen2).state_dict().items() if k != "lm_head.weight"}
+    start = without_prefix(transformers.AutoModelForCausalLM.from_pretrained(qwen2).state_dict())
     for step, golden in enumerate(golden_steps(work, qwen2, 2), start=1):
-        want = {k[len("model."):]: v for k, v in golden.items() if k != "lm_head.weight"}  # tied to embed_tokens
-        # a checkpoint's model/ is the pipeline's own format: Qwen2's transformers names without "model."
-        with safe_open(str(work / RUN / f"checkpoint-{step}/model/model.safetensors"), framework="pt") as handle:
-            got = {k: handle.get_tensor(k) for k in handle.keys()}
+        want, got = without_prefix(golden), saved_weights(work / RUN, step)
         assert got.keys() == want.keys()
         for name, tensor in got.items():
             if tensor.ndim == 2 and "embed" not in name:
@@ -96,7 +62,8 @@ def test_each_step_is_llamafactorys_muon_step(tmp_path, qwen2):
 
 
 @pytest.mark.slow  # ~25 s: builds, trains two steps of 8 bf16 micro-batches and merges through the CLI
-def test_the_example_trains_and_its_merged_model_loads_in_transformers(tmp_path, qwen2):
+def test_the_example_trains_and_its_merged_model_loads_in_transformers(tmp_path, lf_models):
+    qwen2 = lf_models("qwen2")
     work = lf_checkout(tmp_path, str(qwen2))
     pipeline("build", EXAMPLE, cwd=work)
     err = pipeline("train", EXAMPLE, "max_steps=2", cwd=work, timeout=600).stderr

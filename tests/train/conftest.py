@@ -61,3 +61,14 @@ def make_recipe(workdir: Path) -> Callable[..., Any]:
                                                        "LOCAL_RANK": "0"})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Any]]:
+    """{family: (directory, transformers model)}: tiny Qwen2 and GPT-2 checkpoints written by save_pretrained (the
+    optimizer tests read their parameter names and shapes)."""
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: (root / family, write_hf_checkpoint(root / family, family, vocab_size=256))
+            for family in ("qwen2", "gpt2")}

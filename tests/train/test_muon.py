@@ -20,7 +20,6 @@ from pipeline.model.weights import load_model
 from pipeline.recipe.args import train_args
 from pipeline.train.muon import MuonAdamW, muon_groups
 from pipeline.train.optim import make_optimizer, train_groups
-from tests.acceptance.harness import write_hf_checkpoint
 
 LR, DECAY, BETAS, EPS = 2e-2, 0.1, (0.9, 0.95), 1e-6
 
@@ -74,14 +73,6 @@ class LFMuon:
             scale = (1 - beta1 ** state["step"]) / (1 - beta2 ** state["step"]) ** 0.5
             p.data.mul_(1 - self.lr * self.wd)
             p.data.add_(direction, alpha=-self.lr / scale)
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """{family: (directory, transformers model)}: tiny checkpoints written by save_pretrained."""
-    root = tmp_path_factory.mktemp("muon")
-    return {family: (root / family, write_hf_checkpoint(root / family, family, vocab_size=256))
-            for family in ("qwen2", "gpt2")}
 
 
 def args(**keys):

@@ -1,0 +1,110 @@
+"""What the golden tests of LLaMA-Factory's optimizer examples (extras/muon, galore, apollo) share: our loader's
+micro-batches for the example's recipe (the data layer is not under test there), transformers' model of the same
+checkpoint trained on them by a reference optimizer, and the weights a CLI run saved per step."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+
+from pipeline.recipe import resolve
+from pipeline.recipe.args import data_args
+
+
+def tiny_checkpoint(tmp_path_factory: Any, family: str) -> Path:
+    """A tiny transformers `family` checkpoint with a small vocabulary holding its template markup and the
+    examples' 2,048-token context (their cutoff_len)."""
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    path = tmp_path_factory.mktemp(family) / family
+    write_hf_checkpoint(path, family, small_vocab=True, max_position_embeddings=2048)
+    return path
+
+
+def golden_start(work: Path, example: str, overrides: list[str], steps: int,
+                 checkpoint: Path) -> tuple[Any, list[dict], Any]:
+    """(the resolved recipe, its first `steps` training micro-batches as a one-rank `train` in `work` reads them,
+    transformers' model of `checkpoint` in fp32 and eval mode: no dropout, the golden is deterministic)."""
+    import transformers
+
+    from pipeline.data.loaders import make_loader
+
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        r = resolve(example, overrides, command="train", env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+        loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
+        batches = [loader.batch(k) for k in range(steps)]
+    finally:
+        os.chdir(cwd)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    return r, batches, model
+
+
+def stepped(model: Any, batches: list[dict], step: Callable[[], None],
+            max_grad_norm: float | None) -> list[dict[str, torch.Tensor]]:
+    """transformers' `model` after each batch's update: the mean cross-entropy over the labelled tokens, backward,
+    torch's clip_grad_norm_ to max_grad_norm (None: no clipping), `step()`; its state dict after each."""
+    out = []
+    for batch in batches:
+        labels = batch["labels"]  # ours are shifted already: labels[:, t] is the token after position t
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum") / (labels != -100).sum()
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        step()
+        model.zero_grad(set_to_none=True)
+        out.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def without_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers Llama / Qwen state dict in the pipeline's own names (no "model."), the head tied to the
+    embedding left out, as a checkpoint's model/ holds them."""
+    return {k[len("model."):]: v for k, v in state.items() if k != "lm_head.weight"}
+
+
+def saved_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    """checkpoint-<step>/model/model.safetensors of a full fine-tuning run."""
+    with safe_open(str(run / f"checkpoint-{step}/model/model.safetensors"), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}
+
+
+def assert_each_step_equals(run: Path, start: dict[str, torch.Tensor], goldens: list[dict[str, torch.Tensor]],
+                            atol: float = 1e-6) -> None:
+    """Every tensor of checkpoint-1, -2, ... equals the golden after that step within `atol`, and moved from
+    `start` (transformers' state dict before training) by more than that in the golden."""
+    start = without_prefix(start)
+    for step, golden in enumerate(goldens, start=1):
+        want, got = without_prefix(golden), saved_weights(run, step)
+        assert got.keys() == want.keys()
+        for name, tensor in got.items():
+            moved = (want[name] - start[name]).abs().max()
+            assert moved > 10 * atol and torch.allclose(tensor, want[name], rtol=0, atol=atol), (step, name)
+
+
+def merged_is_the_last_checkpoint(work: Path, example: str, overrides: list[str], run: Path, last: int) -> None:
+    """`python -m pipeline merge` writes merged/: transformers loads it, it holds checkpoint-<last>'s weights and
+    its logits are finite."""
+    import transformers
+
+    from tests.acceptance.harness import pipeline
+
+    pipeline("merge", example, *overrides, cwd=work)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "merged")
+    final = saved_weights(run, last)
+    assert all(torch.equal(v, final[k]) for k, v in without_prefix(merged.state_dict()).items())
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.tensor([[3, 17, 42, 99]])).logits).all()
+
+
+def unclipped(run: Path) -> bool:
+    """Whether the run's DeepSpeed config clips nothing (layer-wise GaLore / APOLLO, as LLaMA-Factory's hooks)."""
+    import json
+
+    return json.loads((run / "ds_config.json").read_text("utf-8"))["gradient_clipping"] == 0.0
