@@ -111,6 +111,15 @@ class TrainArgs:
     galore_update_interval: int
     galore_scale: float
     galore_proj_type: str
+    use_apollo: bool  # apollo_torch's APOLLOAdamW as LLaMA-Factory builds it (pipeline.train.apollo)
+    apollo_target: str
+    apollo_rank: int
+    apollo_update_interval: int
+    apollo_scale: float
+    apollo_proj: str
+    apollo_proj_type: str
+    apollo_scale_type: str
+    apollo_layerwise: bool  # the random projections' first seeds: 1 for every parameter, as LF's per-parameter optimizers
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float

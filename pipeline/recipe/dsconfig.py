@@ -103,10 +103,10 @@ def reduce_bucket(stage: int, hidden_size: int | None, trainable: int | None) ->
 
 
 def gradient_clipping(values: Mapping[str, Any]) -> float:
-    """max_grad_norm, except under layer-wise GaLore: LLaMA-Factory's hooks step each weight and clear its gradient
+    """max_grad_norm, except under layer-wise GaLore or APOLLO: LLaMA-Factory's hooks step each weight and clear its gradient
     during the backward pass, so transformers' clipping afterwards finds no gradient and clips nothing; the same
     update here is taken after the backward pass, unclipped (docs/training.md, GaLore)."""
-    if values.get("use_galore") and values.get("galore_layerwise"):
+    if any(values.get(f"use_{key}") and values.get(f"{key}_layerwise") for key in ("galore", "apollo")):
         return 0.0
     return values["max_grad_norm"]
 

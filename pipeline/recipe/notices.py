@@ -100,25 +100,27 @@ def pissa_iter_notice(r: Any) -> str | None:
     return f"notice: {origin.where}: pissa_iter: accepted without effect: it only matters with pissa_init: true (PiSSA)"
 
 
-GALORE_KEYS = ("galore_target", "galore_rank", "galore_update_interval", "galore_scale", "galore_proj_type",
-               "galore_layerwise")
-LAYERWISE = ("the update is LLaMA-Factory's layer-wise one (each weight's own GaLoreAdamW step, and no gradient "
-             "clipping: there the hooks clear each gradient before transformers clips, so max_grad_norm does "
-             "nothing), taken after the backward pass rather than inside it: the gradient memory it saves there is "
-             "not saved here")
+LOW_RANK_KEYS = {"galore": ("GaLore", ("galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+                                         "galore_proj_type", "galore_layerwise")),
+                 "apollo": ("APOLLO", ("apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
+                                       "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise"))}
+LAYERWISE = ("the update is LLaMA-Factory's layer-wise one (each weight's own step, and no gradient clipping: there "
+             "the hooks clear each gradient before transformers clips, so max_grad_norm does nothing), taken after "
+             "the backward pass rather than inside it: the gradient memory it saves there is not saved here")
 
 
-def galore_notices(r: Any) -> list[str]:
-    """The galore_* keys (LLaMA-Factory's recipes carry them) do nothing without use_galore: said once each, as for
-    pissa_iter. With it, galore_layerwise: true trains LLaMA-Factory's layer-wise update without its memory saving
-    (DeepSpeed steps the optimizer after the backward pass): said too."""
-    set_keys = [key for key in GALORE_KEYS if r.origin(key).kind in ("file", "cli")]
-    if not r["use_galore"]:
-        return [f"notice: {r.origin(key).where}: {key}: accepted without effect: it only matters with use_galore: "
-                "true (GaLore)" for key in set_keys]
-    if r["galore_layerwise"]:
-        return [f"notice: {r.origin('galore_layerwise').where}: galore_layerwise: true: {LAYERWISE}"]
-    return []
+def low_rank_notices(r: Any) -> list[str]:
+    """The galore_* / apollo_* keys (LLaMA-Factory's recipes carry them) do nothing without use_galore / use_apollo:
+    said once each, as for pissa_iter. With it, *_layerwise: true trains LLaMA-Factory's layer-wise update without
+    its memory saving (DeepSpeed steps the optimizer after the backward pass): said too."""
+    out = []
+    for key, (name, keys) in LOW_RANK_KEYS.items():
+        if not r[f"use_{key}"]:
+            out += [f"notice: {r.origin(k).where}: {k}: accepted without effect: it only matters with use_{key}: true "
+                    f"({name})" for k in keys if r.origin(k).kind in ("file", "cli")]
+        elif r[f"{key}_layerwise"]:
+            out.append(f"notice: {r.origin(f'{key}_layerwise').where}: {key}_layerwise: true: {LAYERWISE}")
+    return out
 
 
 def split_special_tokens_notice(r: Any) -> str | None:
@@ -224,13 +226,13 @@ def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
-    galore_* keys without use_galore, and galore_layerwise with it."""
+    galore_* / apollo_* keys without use_galore / use_apollo, and *_layerwise with it."""
     lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r))
     out = [line for line in lines if line]
     out += new_tokens_notices(r)
     out += dpo_dropout_notices(r)
-    out += galore_notices(r)
+    out += low_rank_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

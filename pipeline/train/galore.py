@@ -21,8 +21,8 @@ update of a parameter with gradient g (galore_torch adamw.py, galore_projector.p
   AdamW decays before).
 
 galore_torch keeps a GaLoreProjector object in the optimizer state; here the basis is state tensors (`ortho_u`,
-the left basis; `ortho_v`, the right one), so DeepSpeed's checkpoint saves and restores them with the moments and a
-resumed run continues with the basis in force. Where galore_torch's `reverse_std` would multiply mismatched shapes
+the left basis; `ortho_v`, the right one, in the SVD's memory layout: new_basis), so DeepSpeed's checkpoint saves
+and restores them with the moments and a resumed run continues with the basis in force. Where galore_torch's `reverse_std` would multiply mismatched shapes
 (rank >= the rows of a wide matrix), the side chosen at projection is used for the way back.
 
 A GaLore step needs each matrix's whole gradient for its SVD: at ZeRO stage 0 DeepSpeed hands the client optimizer
@@ -32,14 +32,15 @@ cut matrices apart, so use_galore asks for zero_stage 0 (pipeline.recipe.rules.g
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 
 from pipeline.recipe.args import TrainArgs
+from pipeline.train.per_param import PerParameterOptimizer
 
-PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 HEAD = "lm_head"  # LLaMA-Factory's find_all_linear_modules leaves out every module whose name contains it
+NAMES = {"galore": "GaLore", "apollo": "APOLLO"}  # the recipe keys' prefix -> the optimizer's name, for messages
 
 
 def side(shape: Iterable[int], proj_type: str) -> str:
@@ -53,19 +54,34 @@ def side(shape: Iterable[int], proj_type: str) -> str:
     return proj_type
 
 
+def column_major(matrix: torch.Tensor) -> torch.Tensor:
+    """A copy of `matrix` laid out column by column (strides (1, rows)), unless it already is."""
+    return matrix if matrix.stride(0) == 1 and matrix.stride(1) == matrix.shape[0] else matrix.t().contiguous().t()
+
+
 def new_basis(grad: torch.Tensor, rank: int, where: str) -> dict[str, torch.Tensor]:
     """The orthonormal basis from the gradient's SVD, as galore_projector.py's get_orthogonal_matrix: torch.linalg.svd
     in fp32 (full_matrices=False, the same call, so the same singular-vector signs), cast back to the gradient's
-    dtype; {'ortho_u': U[:, :rank]} on the left, {'ortho_v': Vh[:rank]} on the right, both for 'full'. Contiguous
-    copies, not galore_torch's views: a view keeps the whole U alive, and a resumed run (whose basis comes back
-    contiguous from the checkpoint) multiplies the same memory layout as the run it continues."""
+    dtype; {'ortho_u': U[:, :rank]} on the left, {'ortho_v': Vh[:rank]} on the right, both for 'full'.
+
+    Layout: torch.linalg.svd returns U and Vh column by column (LAPACK's order) and galore_torch multiplies with
+    slices of them; the rounding of a matmul depends on its operands' layout, so the basis keeps that order (as a
+    copy of the slice: a view would keep the whole U alive), and a basis restored from a checkpoint is put back
+    in it (`laid_out`): the same bits as galore_torch, and a resumed run the same as the run it continues."""
     u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
     basis = {}
     if where in ("left", "full"):
-        basis["ortho_u"] = u[:, :rank].to(grad.dtype).contiguous()
+        basis["ortho_u"] = column_major(u[:, :rank].to(grad.dtype))
     if where in ("right", "full"):
-        basis["ortho_v"] = vh[:rank, :].to(grad.dtype).contiguous()
+        basis["ortho_v"] = column_major(vh[:rank, :].to(grad.dtype))
     return basis
+
+
+def laid_out(state: dict[str, Any]) -> None:
+    """A restored basis (a checkpoint gives it row by row) back in new_basis' column order."""
+    for key in ("ortho_u", "ortho_v"):
+        if key in state:
+            state[key] = column_major(state[key])
 
 
 def project(grad: torch.Tensor, basis: dict[str, torch.Tensor], where: str) -> torch.Tensor:
@@ -131,8 +147,8 @@ def low_rank_groups(model: Any, target: str, weight_decay: float, learning_rate:
         feature = key.split("_")[0]
         raise UserError(f"{key} {target!r} selects no trainable weight of an nn.Linear of this model (module names: "
                         f"{', '.join(sorted(linears)[:6])}, ...; GPT-2's projections are Conv1D, which "
-                        f"LLaMA-Factory's {feature} skips): it would project nothing; name Linear modules (q_proj, "
-                        f"mlp, ...), or remove use_{feature}")
+                        f"LLaMA-Factory's {NAMES[feature]} skips): it would project nothing; name Linear modules "
+                        f"(q_proj, mlp, ...), or remove use_{feature}")
     exempt = layernorm_params(model)
     groups: list[dict[str, Any]] = [{"params": [], "low_rank": False, "weight_decay": 0.0},
                                     {"params": [], "low_rank": False, "weight_decay": weight_decay},
@@ -154,25 +170,13 @@ def galore_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
                            "galore_target")
 
 
-class ProjectedAdamW(torch.optim.Optimizer):
+class ProjectedAdamW(PerParameterOptimizer):
     """galore_torch's (and apollo_torch's) AdamW, correct_bias on as LLaMA-Factory builds it: the groups marked
     `low_rank` keep their moments in a projected space (`_project`) and turn the normalised step back into the
     weight's shape (`_restore`), which a subclass defines; the others step by the plain loop (module docstring)."""
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float) -> None:
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0, "low_rank": False})
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
-        return loss
 
     def _project(self, param: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
@@ -210,6 +214,7 @@ class GaLoreAdamW(ProjectedAdamW):
         where = side(param.shape, group["proj_type"])
         if "ortho_u" not in state and "ortho_v" not in state or state["step"] % group["update_proj_gap"] == 0:
             state.update(new_basis(param.grad, group["rank"], where))
+        laid_out(state)
         return project(param.grad, state, where)
 
     def _restore(self, param: torch.Tensor, low: torch.Tensor, direction: torch.Tensor, state: dict[str, Any],

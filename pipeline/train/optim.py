@@ -82,8 +82,9 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
 
 def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     """The recipe's groups: Muon's (pipeline.train.muon.muon_groups, by the parameters' transformers names) with
-    use_muon, LLaMA-Factory's GaLore groups (pipeline.train.galore.galore_groups) with use_galore, else
-    param_groups with its weight decay, learning rate and LoRA+ ratio."""
+    use_muon, LLaMA-Factory's GaLore or APOLLO groups (pipeline.train.galore.galore_groups,
+    pipeline.train.apollo.apollo_groups) with use_galore or use_apollo, else param_groups with its weight decay,
+    learning rate and LoRA+ ratio."""
     if train.use_muon:
         from pipeline.model.lora import family_of_model
         from pipeline.train.muon import muon_groups
@@ -94,13 +95,20 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
         from pipeline.train.galore import galore_groups
 
         return galore_groups(model, train)
+    if train.use_apollo:
+        from pipeline.train.apollo import apollo_groups
+
+        return apollo_groups(model, train)
     return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
 
 
 def describe(groups: list[dict[str, Any]]) -> str:
     """One line for the start of a run: each group's tensors (Muon's or AdamW's where use_muon, GaLore's with its
-    rank where use_galore), learning rate and weight decay."""
+    rank where use_galore, APOLLO's where use_apollo), learning rate and weight decay."""
     def kind(group: dict[str, Any]) -> str:
+        if group.get("low_rank") and "scale_type" in group:
+            return (f" by APOLLO (rank {group['rank']}, {group['proj']} {group['proj_type']}, {group['scale_type']}, "
+                    f"every {group['update_proj_gap']} steps)")
         if group.get("low_rank"):
             return f" by GaLore (rank {group['rank']}, {group['proj_type']}, every {group['update_proj_gap']} steps)"
         if "muon" in group:
@@ -114,7 +122,8 @@ def describe(groups: list[dict[str, Any]]) -> str:
 def make_optimizer(model: Any, train: TrainArgs) -> Any:
     """AdamW over the trainable parameters, weight decay as transformers' Trainer (param_groups), fused where torch
     has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon); with use_galore, galore_torch's
-    GaLoreAdamW (pipeline.train.galore)."""
+    GaLoreAdamW (pipeline.train.galore); with use_apollo, apollo_torch's APOLLOAdamW
+    (pipeline.train.apollo)."""
     import torch
 
     groups = train_groups(model, train)
@@ -129,6 +138,11 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
         from pipeline.train.galore import GaLoreAdamW
 
         return GaLoreAdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
+    if train.use_apollo:
+        from pipeline.train.apollo import APOLLOAdamW
+
+        return APOLLOAdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon,
+                           layerwise=train.apollo_layerwise)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

@@ -237,10 +237,10 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    from pipeline.recipe.rules.training import GALORE_ZERO, MUON_ZERO
+    from pipeline.recipe.rules.training import APOLLO_ZERO, GALORE_ZERO, MUON_ZERO
 
-    for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO)):
-        if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training.muon_fits, galore_fits)
+    for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO)):
+        if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training's *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: true: "
                             + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
     if r["world_size"] != dist.world_size():
@@ -459,12 +459,13 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]
-    if r["loraplus_lr_ratio"] is not None or r["use_muon"] or r["use_galore"]:
+    if r["loraplus_lr_ratio"] is not None or r["use_muon"] or r["use_galore"] or r["use_apollo"]:
         from pipeline.recipe.args import train_args
         from pipeline.train.optim import describe, train_groups
 
-        which = ("Muon (use_muon)" if r["use_muon"] else "GaLore (use_galore)" if r["use_galore"]
-                 else f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})")
+        named = [f"{name} ({key})" for key, name in (("use_muon", "Muon"), ("use_galore", "GaLore"),
+                                                      ("use_apollo", "APOLLO")) if r[key]]
+        which = named[0] if named else f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})"
         lines.append(f"optimizer: {which}: {describe(train_groups(model, train_args(r)))}")
     if r["finetuning_type"] == "lora" and r["pissa_init"]:
         svd = "the exact SVD" if r["pissa_iter"] == -1 else f"a randomized SVD, {r['pissa_iter']} power iterations"

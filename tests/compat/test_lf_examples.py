@@ -86,16 +86,16 @@ def test_validate_does_what_the_table_says(example, checkouts):
 
 
 def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice(checkouts):
-    """use_apollo (an optimizer not here) is the one error, at its line; apollo_rank & co. say they only matter
+    """use_badam (an optimizer not here) is the one error, at its line; badam_mode & co. say they only matter
     with it. A multimodal template says so instead of suggesting the text template of a similar name."""
-    work, apollo = checkouts["llama"], "examples/extras/apollo/llama3_full_sft.yaml"
-    err = run_main(["validate", apollo, "pure_bf16=false"], work).err
-    assert f"error: {apollo}:9:13: use_apollo: given true: the APOLLO optimizer is not implemented here" in err, err
-    assert not any(f"{key}:" in err for key in ("apollo_layerwise", "apollo_target", "apollo_rank", "apollo_scale"))
-    err = run_main(["validate", apollo, "use_apollo=false", "pure_bf16=false"], work).err
+    work, badam = checkouts["llama"], "examples/extras/badam/llama3_full_sft.yaml"
+    err = run_main(["validate", badam], work).err
+    assert f"error: {badam}:9:12: use_badam: given true: the BAdam block-wise optimizer is not implemented here" in err
+    assert not any(f"{key}:" in err for key in ("badam_mode", "badam_switch_mode", "badam_switch_interval"))
+    err = run_main(["validate", badam, "use_badam=false"], work).err
     assert not any(line.startswith("error: examples/") for line in err.splitlines())  # data not built: no file
-    assert (f"notice: {apollo}:12:14: apollo_rank: accepted without effect: it only matters with use_apollo "
-            "(APOLLO), which is not implemented here") in err
+    assert (f"notice: {badam}:12:24: badam_switch_interval: accepted without effect: it only matters with use_badam "
+            "(BAdam), which is not implemented here") in err, err
     err = run_main(["validate", "examples/train_lora/qwen3vl_lora_sft.yaml"], checkouts["qwen"]).err
     assert "template: given 'qwen3_vl_nothink', expected one of" in err
     assert "multimodal models are not supported (text only)" in err and "did you mean" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from pipeline.recipe.args import train_args
 from pipeline.train.galore import GaLoreAdamW
 from pipeline.train.optim import describe, make_optimizer, train_groups
 from tests.acceptance.harness import write_hf_checkpoint
+from tests.train.test_muon import refused
 
 LR, DECAY, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-6
 
@@ -73,6 +75,29 @@ class ProjectorReference:
         return [U[:, :rank].type(dtype), Vh[:rank, :].type(dtype)]
 
 
+def reference_adam(group, state, grad):
+    """galore_torch/adamw.py:98-123 (apollo_torch apollo.py:137-163 is the same): the moments of `grad` (the
+    projected gradient where there is a projection), m / (sqrt(v) + eps) and the bias-corrected step size."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(group["eps"])
+    step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
+    return exp_avg / denom, step_size
+
+
+def reference_apply(p, norm_grad, step_size, group):
+    """galore_torch/adamw.py:129-140 (apollo.py:206-217): the step, then the decay on the updated weight."""
+    p.add_(norm_grad, alpha=-step_size)
+    if group["weight_decay"] > 0.0:
+        p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
+
+
 class GaLoreReference:
     """galore_torch/adamw.py:78-140 (AdamW.step, correct_bias True) over LLaMA-Factory's three groups."""
 
@@ -94,22 +119,10 @@ class GaLoreReference:
                         state["projector"] = ProjectorReference(group["rank"], group["update_proj_gap"],
                                                                 group["scale"], group["proj_type"])
                     grad = state["projector"].project(grad, state["step"])
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                beta1, beta2 = group["betas"]
-                state["step"] += 1
-                exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))  # lines 112-114
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-                norm_grad = exp_avg / denom
-                if "rank" in group:
+                norm_grad, step_size = reference_adam(group, state, grad)
+                if "rank" in group:  # lines 126-127
                     norm_grad = state["projector"].project_back(norm_grad)
-                p.add_(norm_grad, alpha=-step_size)  # line 129
-                if group["weight_decay"] > 0.0:  # lines 139-140: after the update
-                    p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
+                reference_apply(p, norm_grad, step_size, group)
 
 
 def lf_groups(hf, weight_decay, targets="all", rank=4, gap=2, scale=2.0, proj_type="std"):
@@ -131,14 +144,6 @@ def lf_groups(hf, weight_decay, targets="all", rank=4, gap=2, scale=2.0, proj_ty
             [n for n in names if n in galore])
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """{family: (directory, transformers model)}: tiny checkpoints written by save_pretrained."""
-    root = tmp_path_factory.mktemp("galore")
-    return {family: (root / family, write_hf_checkpoint(root / family, family, vocab_size=256))
-            for family in ("llama", "gpt2")}
-
-
 def args(**keys):
     return train_args({"learning_rate": LR, "weight_decay": DECAY, "use_galore": True, "adam_beta1": BETAS[0],
                        "adam_beta2": BETAS[1], "adam_epsilon": EPS, "galore_rank": 4, "galore_update_interval": 2,
@@ -153,9 +158,10 @@ def hf_names(model, group) -> list[str]:
 
 @pytest.mark.parametrize("target", ["all", "mlp", "q_proj,v_proj"])
 def test_groups_are_llamafactorys_over_transformers_names(checkpoints, target):
-    """Every Linear but lm_head (q/k/v/o, gate/up/down) with `all`; a word matches inside the module name; the
-    tied embedding and the RMSNorm gains decay (transformers' RMSNorm is no nn.LayerNorm), as in LLaMA-Factory."""
-    path, hf = checkpoints["llama"]
+    """Every Linear but lm_head (q/k/v/o, gate/up/down) with `all`; a word matches inside the module name; Qwen2's
+    q/k/v biases are not decayed, the tied embedding and the RMSNorm gains are (transformers' RMSNorm is no
+    nn.LayerNorm), as in LLaMA-Factory."""
+    path, hf = checkpoints["qwen2"]
     model = load_model(path)
     groups = train_groups(model, args(galore_target=target))
     want = [names for names in lf_groups(hf, DECAY, target) if names]
@@ -165,8 +171,11 @@ def test_groups_are_llamafactorys_over_transformers_names(checkpoints, target):
     assert groups[-1]["rank"] == 4 and groups[-1]["update_proj_gap"] == 2 and groups[-1]["proj_type"] == "std"
     if target == "all":
         assert len(groups[-1]["params"]) == 14 and "model.norm.weight" in hf_names(model, groups[-2])
-        assert describe(groups).startswith("6 tensors by AdamW at lr 0.01, weight decay 0.1 | 14 tensors by GaLore "
-                                           "(rank 4, std, every 2 steps)"), describe(groups)
+        assert describe(groups).startswith("6 tensors by AdamW at lr 0.01, weight decay 0 | 6 tensors by AdamW at lr "
+                                           "0.01, weight decay 0.1 | 14 tensors by GaLore (rank 4, std, every 2 "
+                                           "steps)"), describe(groups)
+        assert isinstance(make_optimizer(model, args()), GaLoreAdamW)
+        assert isinstance(make_optimizer(model, args(use_galore=False)), torch.optim.AdamW)
 
 
 def test_gpt2s_conv1d_projections_are_no_linear_for_galore_so_it_is_refused(checkpoints):
@@ -219,7 +228,8 @@ def test_three_steps_equal_galore_torchs_bitwise(proj_type):
 
 
 def test_the_basis_is_kept_and_reused_after_a_state_dict_round_trip():
-    """A resume loads the optimizer's state_dict: the basis tensors come back, and step 2 reuses step 1's basis."""
+    """A resume loads the optimizer's state_dict: the basis tensors come back (row by row, as a checkpoint stores
+    them), and step 2 reuses step 1's basis with the bits of the uninterrupted optimizer."""
     first, second = tensors(0), tensors(0)
     split = {"rank": 2, "update_proj_gap": 2, "scale": 2.0, "proj_type": "std", "low_rank": True}
     a = GaLoreAdamW([{"params": first[:3], "weight_decay": DECAY, **split}], lr=LR, betas=BETAS, eps=EPS)
@@ -228,7 +238,9 @@ def test_the_basis_is_kept_and_reused_after_a_state_dict_round_trip():
     for p, g in zip(first, grads[0]):
         p.grad = g
     a.step()
-    saved = a.state_dict()
+    saved = a.state_dict()  # as a checkpoint gives it back: copies, each tensor laid out row by row
+    saved["state"] = {k: {n: v.contiguous().clone() if torch.is_tensor(v) else v for n, v in state.items()}
+                      for k, state in saved["state"].items()}
     assert {"ortho_v"} <= set(saved["state"][0]) and "ortho_u" in saved["state"][1]
     with torch.no_grad():
         for p, q in zip(first, second):
@@ -243,27 +255,12 @@ def test_the_basis_is_kept_and_reused_after_a_state_dict_round_trip():
     assert all(torch.equal(p, q) for p, q in zip(first[:3], second[:3]))
 
 
-def test_make_optimizer_builds_galore_only_when_asked(checkpoints):
-    path, _ = checkpoints["llama"]
-    model = load_model(path)
-    assert isinstance(make_optimizer(model, args()), GaLoreAdamW)
-    assert isinstance(make_optimizer(model, args(use_galore=False)), torch.optim.AdamW)
-
-
 def test_layerwise_galore_trains_unclipped_as_llamafactorys_hooks_leave_it():
     from pipeline.recipe.dsconfig import gradient_clipping
 
     assert gradient_clipping({"use_galore": True, "galore_layerwise": True, "max_grad_norm": 1.0}) == 0.0
     assert gradient_clipping({"use_galore": True, "galore_layerwise": False, "max_grad_norm": 1.0}) == 1.0
     assert gradient_clipping({"use_galore": False, "galore_layerwise": True, "max_grad_norm": 1.0}) == 1.0
-
-
-def refused(argv: list[str], cwd) -> str:
-    from tests.reliability.rel_helpers import run_main
-
-    done = run_main(argv, cwd)
-    assert done.code == 2 and "Traceback" not in done.err, done.err
-    return done.err
 
 
 def test_what_galore_cannot_do_here_or_in_llamafactory_is_refused_where_the_recipe_says_so(tmp_path):
@@ -292,15 +289,15 @@ def test_what_galore_cannot_do_here_or_in_llamafactory_is_refused_where_the_reci
     assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
 
 
-def test_interrupted_and_resumed_galore_run_equals_uninterrupted_bitwise(make_recipe, workdir):
-    """Full fine-tuning of a tiny Llama with a new basis every 2 steps, stopped after step 3 (which took a new
-    basis) and resumed: step 4 reuses that basis, restored from the checkpoint with the moments and step counts."""
+def resume_is_exact(make_recipe, workdir, **keys) -> Any:
+    """Full fine-tuning of a tiny Llama for 6 steps, once straight and once stopped after step 3 and resumed: the
+    weights are equal bit for bit; returns the resumed run's result."""
     from tests.train.test_checkpoint_resume import RESUME, interrupt_after
     from pipeline.train.run import train
 
     write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
-    keys = dict(RESUME, model_name_or_path=str(workdir / "llama"), finetuning_type="full", use_galore=True,
-                galore_rank=2, galore_update_interval=2, weight_decay=0.01)
+    keys = dict(RESUME, model_name_or_path=str(workdir / "llama"), finetuning_type="full", weight_decay=0.01,
+                cutoff_len=256, **keys)  # the small byte-level vocabulary spells the rows out long
     straight = train(make_recipe(name="straight", **keys))
     with pytest.MonkeyPatch.context() as patch:
         interrupt_after(patch, 3)
@@ -310,4 +307,11 @@ def test_interrupted_and_resumed_galore_run_equals_uninterrupted_bitwise(make_re
     assert second.exit_code == 0 and second.state.global_step == 6
     ours = dict(second.engine.module.named_parameters())
     assert all(torch.equal(ours[name], p) for name, p in straight.engine.module.named_parameters())
-    assert isinstance(second.engine.optimizer, GaLoreAdamW)
+    return second
+
+
+@pytest.mark.slow  # ~15 s: three runs of a tiny Llama (tests/train/test_checkpoint_resume.py covers the machinery)
+def test_interrupted_and_resumed_galore_run_equals_uninterrupted_bitwise(make_recipe, workdir):
+    """A new basis every 2 steps: the stop after step 3 (which took one) and step 4 reuses it, restored from the
+    checkpoint with the moments and step counts."""
+    resume_is_exact(make_recipe, workdir, use_galore=True, galore_rank=2, galore_update_interval=2)

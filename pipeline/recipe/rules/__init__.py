@@ -74,6 +74,7 @@ ORDER = (
     training.offload_needs_zero,
     training.muon_fits,
     training.galore_fits,
+    training.apollo_fits,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

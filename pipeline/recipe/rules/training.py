@@ -121,43 +121,73 @@ def muon_fits(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-GALORE_ZERO = ("GaLore needs zero_stage 0: each GaLore matrix's update starts from an SVD of its whole gradient, but "
-               "ZeRO {stage} hands the optimizer flat slices of the parameters that cut the matrices apart "
-               "(LLaMA-Factory refuses GaLore under any DeepSpeed); {fix} (data parallel; the memory plan: `make "
-               "plan`), or remove use_galore")
+_LOW_RANK_ZERO = ("{name} needs zero_stage 0: {why}, but ZeRO {{stage}} hands the optimizer flat slices of the "
+                  "parameters that cut the matrices apart (LLaMA-Factory refuses GaLore and APOLLO under any "
+                  "DeepSpeed); {{fix}} (data parallel; the memory plan: `make plan`), or remove use_{key}")
+GALORE_ZERO = _LOW_RANK_ZERO.format(name="GaLore", key="galore",
+                                    why="each GaLore matrix's update starts from an SVD of its whole gradient")
+APOLLO_ZERO = _LOW_RANK_ZERO.format(name="APOLLO", key="apollo",
+                                    why="each APOLLO matrix's update projects its whole gradient and rescales it "
+                                        "by rows or columns")
+
+
+def _low_rank_problems(ctx: Context, key: str, name: str, zero: str) -> list[tuple[str, str]]:
+    """What GaLore (key galore) and APOLLO (apollo) share: whole matrices (ZeRO 0; a deepspeed JSON's stage: train's
+    preflight), LLaMA-Factory's refusals (LoRA; layer-wise with gradient accumulation or several ranks), and one
+    optimizer at a time (use_muon)."""
+    v = ctx.values
+    if not v[f"use_{key}"]:
+        return []
+    problems = []
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        problems.append(("zero_stage", f"given {v['zero_stage']} with use_{key}: true: "
+                                       + zero.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    if v["finetuning_type"] == "lora":
+        problems.append((f"use_{key}", f"given true with finetuning_type: lora: {name} projects the gradients of "
+                                       "whole weight matrices, which LoRA freezes (LLaMA-Factory refuses the two "
+                                       f"together); set finetuning_type: full (or freeze), or remove use_{key}"))
+    if v["use_muon"]:
+        problems.append(("use_muon", f"given true with use_{key}: true: Muon and {name} are two optimizers; keep one "
+                                     "of the two keys"))
+    layerwise = f"{key}_layerwise"
+    if v[layerwise] and v["gradient_accumulation_steps"] != 1:
+        problems.append((layerwise, f"given true with gradient_accumulation_steps {v['gradient_accumulation_steps']}: "
+                                    f"layer-wise {name} steps each weight as soon as its gradient is ready, with "
+                                    "nothing to accumulate (LLaMA-Factory refuses it); set "
+                                    f"gradient_accumulation_steps: 1, or {layerwise}: false"))
+    if v[layerwise] and v["world_size"] > 1:
+        problems.append((layerwise, f"given true on {v['world_size']} ranks: LLaMA-Factory refuses layer-wise {name} "
+                                    f"in distributed training; set {layerwise}: false (the same update, gradients "
+                                    "averaged over the ranks and clipped to max_grad_norm)"))
+    return problems
 
 
 @rule("use_galore", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "galore_layerwise",
       "gradient_accumulation_steps", "world_size")
 def galore_fits(ctx: Context) -> list[tuple[str, str]]:
-    """GaLore (pipeline.train.galore) projects whole matrices: ZeRO 0 only (a deepspeed JSON's stage: train's
-    preflight). LLaMA-Factory refuses it with LoRA and beside another optimizer of its own (use_muon here), and
-    galore_layerwise with gradient accumulation or several ranks; those are refused with its reasons."""
+    """GaLore (pipeline.train.galore): _low_rank_problems."""
+    return _low_rank_problems(ctx, "galore", "GaLore", GALORE_ZERO)
+
+
+@rule("use_apollo", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "apollo_layerwise",
+      "gradient_accumulation_steps", "world_size", "use_galore", "apollo_scale_type", "apollo_proj_type")
+def apollo_fits(ctx: Context) -> list[tuple[str, str]]:
+    """APOLLO (pipeline.train.apollo): _low_rank_problems; not with GaLore (LLaMA-Factory refuses the two); and its
+    channel-wise scaling only with the std projection: apollo_torch takes the channels from the matrix's shape and
+    the norms from the projected side, which for left / right disagree on matrices of one orientation or the other
+    (LLaMA-Factory fails there mid-run, on a shape mismatch)."""
     v = ctx.values
-    if not v["use_galore"]:
-        return []
-    problems = []
-    if v["deepspeed"] is None and v["zero_stage"] != 0:
-        problems.append(("zero_stage", f"given {v['zero_stage']} with use_galore: true: "
-                                       + GALORE_ZERO.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
-    if v["finetuning_type"] == "lora":
-        problems.append(("use_galore", "given true with finetuning_type: lora: GaLore projects the gradients of whole "
-                                       "weight matrices, which LoRA freezes (LLaMA-Factory refuses the two together); "
-                                       "set finetuning_type: full (or freeze), or remove use_galore"))
-    if v["use_muon"]:
-        problems.append(("use_muon", "given true with use_galore: true: Muon and GaLore are two optimizers; keep one "
-                                     "of the two keys"))
-    if v["galore_layerwise"] and v["gradient_accumulation_steps"] != 1:
-        problems.append(("galore_layerwise", f"given true with gradient_accumulation_steps "
-                                             f"{v['gradient_accumulation_steps']}: layer-wise GaLore steps each "
-                                             "weight as soon as its gradient is ready, with nothing to accumulate "
-                                             "(LLaMA-Factory refuses it); set gradient_accumulation_steps: 1, or "
-                                             "galore_layerwise: false"))
-    if v["galore_layerwise"] and v["world_size"] > 1:
-        problems.append(("galore_layerwise", f"given true on {v['world_size']} ranks: LLaMA-Factory refuses "
-                                             "layer-wise GaLore in distributed training; set galore_layerwise: "
-                                             "false (the same update, gradients averaged over the ranks and "
-                                             "clipped to max_grad_norm)"))
+    problems = _low_rank_problems(ctx, "apollo", "APOLLO", APOLLO_ZERO)
+    if v["use_apollo"] and v["use_galore"]:
+        problems.append(("use_galore", "given true with use_apollo: true: GaLore and APOLLO are two optimizers "
+                                       "(LLaMA-Factory refuses the two together); keep one of the two keys"))
+    if v["use_apollo"] and v["apollo_scale_type"] == "channel" and v["apollo_proj_type"] != "std":
+        problems.append(("apollo_proj_type", f"given {v['apollo_proj_type']!r} with apollo_scale_type: channel: "
+                                             "apollo_torch scales rows of a tall matrix and columns of a wide one "
+                                             "by the norms over the side it projected, which a fixed "
+                                             f"{v['apollo_proj_type']} projection makes the other side for one "
+                                             "orientation (LLaMA-Factory stops there on a shape mismatch); use "
+                                             "apollo_proj_type: std, or apollo_scale_type: tensor"))
     return problems
 
 
