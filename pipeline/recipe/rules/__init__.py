@@ -4,8 +4,8 @@ A rule declares the keys it reads; it is skipped when one of them already failed
 mistake gives one message), and `commands` limits it to the commands where it matters.
 
 Where a rule lives, by the keys it reads (each module's docstring lists them):
-  training.py    precision, training length, warmup, batches, do_train/do_eval/do_predict, DeepSpeed offload, Muon,
-                 the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
+  training.py    precision, training length, warmup, batches, do_train/do_eval/do_predict, DeepSpeed offload,
+                 Muon, GaLore, APOLLO, the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
   method.py      LoRA keys and targets, PiSSA, LLaMA Pro, freeze's layers and modules
   model.py       model_name_or_path, model_revision, adapter_name_or_path, cutoff_len against the context, rope_scaling
   tokenizer.py   template against the vocabulary, added tokens, tokenizer_name_or_path

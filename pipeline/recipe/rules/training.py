@@ -1,8 +1,8 @@
 """Rules on how the run trains: precision (fp16, bf16), its length (max_steps, num_train_epochs), warmup
 (warmup_ratio, warmup_steps), batches against the built data (per_device_train_batch_size,
-gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload and Muon
-(zero_stage, offload_optimizer, offload_param, use_muon), the schedule (lr_scheduler_type, lr_scheduler_kwargs,
-min_lr_ratio), gradient checkpointing, and sft's weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha).
+gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload and the client
+optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo), the schedule
+(lr_scheduler_type, lr_scheduler_kwargs, min_lr_ratio), gradient checkpointing, and sft's weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha).
 """
 from __future__ import annotations
 
