@@ -78,3 +78,12 @@ def token_loss_history(changes: Any) -> str:
             for c in changes or () if isinstance(c, dict) and isinstance(c.get("from"), dict)
             and isinstance(c.get("to"), dict)]
     return f"the loss changed {'; then '.join(said)}" if said else ""
+
+
+ADAPTER_METHODS = ("lora", "oft")  # finetuning_type values that train an adapter on a frozen base (output_dir/adapter)
+
+
+def trains_adapter(finetuning_type: Any) -> bool:
+    """Whether a run trains a PEFT adapter (LoRA or OFT) rather than the model's own weights (full, freeze): what
+    decides adapter/ or model/, merge or re-export, and the adapters-off reference model."""
+    return finetuning_type in ADAPTER_METHODS

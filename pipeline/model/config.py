@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pipeline.errors import UserError, did_you_mean
-from pipeline.names import split_names
+from pipeline.names import split_names, trains_adapter
 from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, hf_fields, HF_CONFIG
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
@@ -549,12 +549,47 @@ def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | 
     return [m for m in layout(cfg) if any(m.name == c or m.name.startswith(c + ".") for c in chosen)]
 
 
+def _nearest_divisor(in_features: int, wanted: int) -> int:
+    """PEFT's OFTLayer.adjust_oft_parameters: the divisor of in_features nearest `wanted` (the lower on a tie);
+    in_features itself when `wanted` exceeds it."""
+    if wanted >= in_features:
+        return in_features
+    higher = wanted
+    while higher <= in_features and in_features % higher != 0:
+        higher += 1
+    lower = wanted
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    return lower if wanted - lower <= higher - wanted else higher
+
+
+def oft_blocks(in_features: int, rank: int, block_size: int) -> tuple[int, int]:
+    """(number of blocks, block size) of OFT's rotation on a layer of `in_features` inputs: one of oft_rank /
+    oft_block_size is given, the other 0 (PEFT's OFTLayer.update_layer refuses both or neither); a value that does
+    not divide in_features moves to the nearest that does, as PEFT moves it. Here (no torch) for plan's counts."""
+    if (rank == 0) == (block_size == 0):
+        raise UserError(f"OFT takes either oft_rank (the number of blocks) or oft_block_size, the other 0 (given "
+                        f"oft_rank {rank}, oft_block_size {block_size}; PEFT refuses both or neither)")
+    if rank == 0:
+        size = block_size if in_features % block_size == 0 and block_size <= in_features \
+            else _nearest_divisor(in_features, block_size)
+        return in_features // size, size
+    blocks = rank if in_features % rank == 0 and rank <= in_features else _nearest_divisor(in_features, rank)
+    return blocks, in_features // blocks
+
+
+def oft_params(in_features: int, rank: int, block_size: int) -> int:
+    """OFT's trained numbers on one layer: the upper triangle of each skew-symmetric block."""
+    blocks, size = oft_blocks(in_features, rank, block_size)
+    return blocks * size * (size - 1) // 2
+
+
 def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
                      additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
                      resize_vocab: bool = False, use_llama_pro: bool = False,
-                     freeze_modules: tuple[str | Iterable[str] | None, str | Iterable[str] | None] = ("all", None)
-                     ) -> int:
+                     freeze_modules: tuple[str | Iterable[str] | None, str | Iterable[str] | None] = ("all", None),
+                     oft: tuple[int, int] | None = None) -> int:
     """How many parameters the optimizer updates (for plan's memory estimate and the trainable report); DoRA adds
     one magnitude per output feature of each adapted layer; resize_vocab (new_special_tokens that add a token) trains
     vocab_modules in full under LoRA, unless additional_target names others; use_llama_pro: the expanded blocks;
@@ -564,10 +599,13 @@ def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
     if finetuning_type == "freeze":
         prefixes = freeze_trainable_names(cfg, freeze_trainable_layers, use_llama_pro, *freeze_modules)
         return sum(m.params for m in layout(cfg) if any(m.name == p or m.name.startswith(p + ".") for p in prefixes))
-    if finetuning_type == "lora":
-        lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0)
-                   for m in lora_target_modules(cfg, lora_target, llama_pro_blocks(cfg.n_layers, freeze_trainable_layers)
-                                                if use_llama_pro else None))
+    if trains_adapter(finetuning_type):
+        targets = lora_target_modules(cfg, lora_target, llama_pro_blocks(cfg.n_layers, freeze_trainable_layers)
+                                      if use_llama_pro else None)
+        if finetuning_type == "oft":
+            lora = sum(oft_params(m.in_dim, *(oft or (0, 32))) for m in targets)
+        else:
+            lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0) for m in targets)
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
         if resize_vocab and additional_target is None:
             extra = {m.name: m for m in layout(cfg) if m.name in vocab_modules(cfg)}
@@ -575,5 +613,5 @@ def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
             extra.pop("lm_head")
         extra.update({m.name: m for m in layout(cfg) if m.name == "score"})  # a reward model's head: always trained
         return lora + sum(m.params for m in extra.values())
-    raise UserError(f"finetuning_type: '{finetuning_type}' is not one of lora, full, freeze"
-                    f"{did_you_mean(finetuning_type, ['lora', 'full', 'freeze'])}")
+    raise UserError(f"finetuning_type: '{finetuning_type}' is not one of lora, oft, full, freeze"
+                    f"{did_you_mean(finetuning_type, ['lora', 'oft', 'full', 'freeze'])}")

@@ -27,7 +27,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -70,19 +70,58 @@ class LoRALayer(nn.Module):
         return self.scaling * (self.A @ self.B).t()
 
 
-class LinearWithLoRA(nn.Module):
+class AdapterLinear(nn.Module):
+    """A frozen Linear with a trained adapter beside it (LoRA here, OFT in pipeline.model.oft): what merge,
+    save_adapter / load_adapter and adapters_disabled see, whatever the method.
+
+    A method says how it is written for PEFT (peft_type, peft_config, peft_params), what its merged Linear is
+    (merged_weight) and when it changes nothing (unchanged_by); RECIPE_KEYS maps its adapter_config.json keys to the
+    recipe keys that set them (a loaded adapter must match the model's)."""
+
+    peft_type = "LORA"
+    method = "LoRA"  # its name in messages
+    RECIPE_KEYS: Mapping[str, str] = {}
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.disabled = False  # adapters_disabled(): the base Linear alone (a preference loss's reference)
+
+    def peft_config(self, family: Family) -> dict[str, Any]:
+        """This layer's settings as adapter_config.json writes them (one set for the whole adapter)."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight of the one Linear that computes this layer (eval mode), in fp32 and nn.Linear layout."""
+        raise NotImplementedError
+
+    def peft_params(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        """PEFT's name for each trained tensor (after the module's key) -> (ours, stored transposed)."""
+        raise NotImplementedError
+
+    def unchanged_by(self) -> str | None:
+        """The PEFT tensor whose value makes this layer's update nothing, or None when the update is real."""
+        raise NotImplementedError
+
+
+class LinearWithLoRA(AdapterLinear):
     """linear(x) + lora(dropout(x)); the wrapped Linear keeps its weights (frozen by apply_lora)."""
 
     use_dora = False  # what adapter_config.json's use_dora says about this layer
+    RECIPE_KEYS = {"r": "lora_rank", "lora_alpha": "lora_alpha", "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  generator: torch.Generator | None = None):
-        super().__init__()
-        self.linear = linear
+        super().__init__(linear)
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, generator)
         self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.disabled = False  # adapters_disabled(): the base Linear alone (a preference loss's reference)
+
+    def peft_config(self, family: Family) -> dict[str, Any]:
+        return {"r": self.lora.rank, "lora_alpha": self.lora.alpha,
+                "lora_dropout": self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
+                "use_rslora": self.lora.use_rslora, "use_dora": self.use_dora, "fan_in_fan_out": bool(family.conv1d),
+                "init_lora_weights": True}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
@@ -90,7 +129,6 @@ class LinearWithLoRA(nn.Module):
         return self.linear(x) + self.lora(self.dropout(x))
 
     def merged_weight(self) -> torch.Tensor:
-        """The weight of the one Linear that computes this layer (eval mode), in fp32 and nn.Linear layout."""
         return self.linear.weight.float() + self.lora.delta_weight().float()
 
     def peft_params(self) -> dict[str, tuple[nn.Parameter, bool]]:
@@ -162,18 +200,23 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, targe
                              generator: torch.Generator | None = None, prefix: str = "") -> list[str]:
     """The book's recursive walk over named_children; `targets` (full module paths) limits which Linears;
     use_dora wraps them with LinearWithDoRA instead."""
-    replaced = []
     wrap = LinearWithDoRA if use_dora else LinearWithLoRA
+    return replace_linears(model, lambda linear: wrap(linear, rank, alpha, dropout, use_rslora, generator),
+                           targets, prefix)
+
+
+def replace_linears(model: nn.Module, wrap: Callable[[nn.Linear], AdapterLinear], targets: set[str] | None = None,
+                    prefix: str = "") -> list[str]:
+    """The walk itself, for any adapter: each targeted Linear becomes wrap(linear); returns the paths."""
+    replaced = []
     for name, child in model.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, nn.Linear) and (targets is None or path in targets):
-            wrapper = wrap(child, rank, alpha, dropout, use_rslora, generator)
+            wrapper = wrap(child)
             setattr(model, name, wrapper.train(child.training))  # a new module would start in training mode
             replaced.append(path)
-        elif not isinstance(child, LinearWithLoRA):
-            replaced += replace_linear_with_lora(child, rank, alpha, targets=targets, dropout=dropout,
-                                                 use_rslora=use_rslora, use_dora=use_dora, generator=generator,
-                                                 prefix=path + ".")
+        elif not isinstance(child, AdapterLinear):
+            replaced += replace_linears(child, wrap, targets, prefix=path + ".")
     return replaced
 
 
@@ -181,8 +224,9 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)}
+def lora_modules(model: nn.Module) -> dict[str, AdapterLinear]:
+    """The adapted Linears by path: LoRA's, or OFT's (pipeline.model.oft), which merge and export alike."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLinear)}
 
 
 def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 8,
@@ -203,6 +247,24 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     blocks (use_llama_pro): only the targets inside these blocks take LoRA.
     """
     alpha = default_lora_alpha(rank) if alpha is None else alpha
+    chosen, extra = adapter_targets(model, targets, additional_targets, blocks)
+    model.requires_grad_(False)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
+                                        use_rslora=use_rslora, use_dora=use_dora, generator=generator)
+    if pissa_iter is not None or pissa_start is not None:
+        init_pissa(model, PISSA_EXACT if pissa_iter is None else pissa_iter, seed, pissa_start)
+    train_additional(model, extra)
+    return replaced
+
+
+def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
+                    additional_targets: str | Iterable[str] | None,
+                    blocks: Iterable[int] | None = None) -> tuple[list[str], list[str]]:
+    """(the Linears an adapter wraps, the modules trained in full beside it), as apply_lora describes them; any
+    adapter method (LoRA, OFT) picks its modules this one way."""
     family = family_of_model(model)
     chosen = in_blocks(select_modules(lora_candidates(linear_names(model)), targets, family=family), blocks)
     modules = [n for n, _ in model.named_modules() if n]
@@ -214,18 +276,15 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
         # training either trains the shared matrix, so both modules are saved and restored (PEFT's
         # ensure_weight_tying): with one of them the adapter would give PEFT another model than the trained one
         extra = [n for n in modules if n in extra or n in TIED]
-    model.requires_grad_(False)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
-                                        use_rslora=use_rslora, use_dora=use_dora, generator=generator)
-    if pissa_iter is not None or pissa_start is not None:
-        init_pissa(model, PISSA_EXACT if pissa_iter is None else pissa_iter, seed, pissa_start)
+    return chosen, extra
+
+
+def train_additional(model: nn.Module, extra: list[str]) -> None:
+    """The modules trained in full beside the adapter (additional_target, PEFT's modules_to_save): trainable, and
+    remembered for save_adapter."""
     for name in extra:
         model.get_submodule(name).requires_grad_(True)
     model._lora_additional = extra  # type: ignore[assignment]  # remembered for save_adapter (modules_to_save)
-    return replaced
 
 
 def keep_starting_modules(model: nn.Module) -> None:
@@ -382,7 +441,7 @@ def pissa_start_of(directory: str | Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def fold_lora(wrapper: LinearWithLoRA) -> nn.Linear:
+def fold_lora(wrapper: AdapterLinear) -> nn.Linear:
     """A new Linear whose weight is the wrapper's merged_weight (the base weight + scale * (A @ B)^T; DoRA's
     rescaled by magnitude / norm); the wrapper is left as it was.
 
@@ -497,32 +556,25 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
     wrappers = lora_modules(model)
     if not wrappers:
         raise ValueError("the model has no LoRA modules to save")
-    first = next(iter(wrappers.values()))
-    ranks = {(w.lora.rank, w.lora.alpha, w.lora.use_rslora, w.use_dora) for w in wrappers.values()}
-    if len(ranks) != 1:
-        raise ValueError(f"mixed LoRA settings cannot be described by one adapter_config: {sorted(ranks)}")
-    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
-    additional = getattr(model, "_lora_additional", [])
     family = family_of_model(model)
+    first = next(iter(wrappers.values()))
+    settings = {json.dumps(w.peft_config(family), sort_keys=True) for w in wrappers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"mixed adapter settings cannot be described by one adapter_config: {sorted(settings)}")
+    additional = getattr(model, "_lora_additional", [])
     # a trained tied matrix: both modules in modules_to_save and both tensors in the file, with
     # ensure_weight_tying. Without the flag PEFT keeps the head on the base embedding (another model), without
     # the head's tensor it fails to load, and without lm_head listed it ties nothing for GPT-2 (PEFT finds the
     # pair by the names embed_tokens / lm_head)
     tied = head_is_tied(model) and "lm_head" in additional
     config = {
-        "peft_type": "LORA",
+        "peft_type": first.peft_type,
         "task_type": "SEQ_CLS" if is_reward_model(model) else "CAUSAL_LM",  # what PEFT wraps the base as
         "base_model_name_or_path": None,
-        "r": first.lora.rank,
-        "lora_alpha": first.lora.alpha,
-        "lora_dropout": dropout,
+        **first.peft_config(family),
         "target_modules": _target_modules(model, list(wrappers)),
-        "use_rslora": first.lora.use_rslora,
-        "use_dora": first.use_dora,
-        "fan_in_fan_out": bool(family.conv1d),
         "bias": "none",
         "modules_to_save": [family.to_hf(n) for n in additional] or None,
-        "init_lora_weights": True,
         "inference_mode": True,
         **({"ensure_weight_tying": True} if tied else {}),
         **(dict(cfg_info) if cfg_info else {}),
@@ -546,6 +598,21 @@ PEFT_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exc
                     "target_parameters", "trainable_token_indices", "layer_replication")
 
 
+def _target_list(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value))
+
+
+def _required_keys(peft_type: str) -> tuple[tuple[str, Callable[[Any], bool], str], ...]:
+    """(key, check, what is expected) for each adapter_config.json key an adapter of `peft_type` must hold."""
+    if peft_type == "OFT":
+        return (("r", lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+                ("oft_block_size", lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+                ("target_modules", _target_list, "a module name or a list of module names"))
+    return (("r", lambda v: type(v) is int and v >= 1, "an integer >= 1"),
+            ("lora_alpha", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a number > 0"),
+            ("target_modules", _target_list, "a module name or a list of module names"))
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -563,19 +630,19 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not readable as JSON ({err})") from None
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type not in ("LORA", "OFT"):
+        raise UserError(f"{path}: peft_type {json.dumps(peft_type)} is not supported (LORA or OFT)")
     problems = []
-    if config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"{path}: peft_type '{config.get('peft_type')}' is not supported (LORA only)")
-    for key, ok, expected in (
-            ("r", lambda v: type(v) is int and v >= 1, "an integer >= 1"),
-            ("lora_alpha", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a number > 0"),
-            ("target_modules", lambda v: isinstance(v, str) or (isinstance(v, list) and v
-                                                                 and all(isinstance(t, str) for t in v)),
-             "a module name or a list of module names")):
+    for key, ok, expected in _required_keys(peft_type):
         if key not in config:
             problems.append(f"{path}: missing key '{key}'")
         elif not ok(config[key]):
             problems.append(f"{path}: {key} is {json.dumps(config[key])}; expected {expected}")
+    if peft_type == "OFT":
+        from pipeline.model.oft import oft_config_problems
+
+        problems += [f"{path}: {problem}" for problem in oft_config_problems(config)]
     unsupported = [(k, config[k]) for k in PEFT_UNSUPPORTED if config.get(k) not in (None, False, {}, [])]
     if config.get("bias", "none") not in ("none", None):
         unsupported.append(("bias", config["bias"]))
@@ -590,16 +657,18 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def _check_settings(wrappers: Mapping[str, LinearWithLoRA], config: Mapping[str, Any], path: Path) -> None:
-    """An adapter loaded into existing LoRA modules must have been trained with the same scaling."""
+def _check_settings(wrappers: Mapping[str, AdapterLinear], config: Mapping[str, Any], path: Path,
+                    family: Family) -> None:
+    """An adapter loaded into existing adapter modules must be of the same method, trained with the same settings."""
     first = next(iter(wrappers.values()))
-    lora = first.lora
-    problems = [f"{path}: {key} is {config.get(key)!r} but the model's LoRA uses {ours!r} (set the recipe's"
-                f" {recipe_key} to match the adapter)"
-                for key, ours, recipe_key in (("r", lora.rank, "lora_rank"), ("lora_alpha", lora.alpha, "lora_alpha"),
-                                              ("use_rslora", lora.use_rslora, "use_rslora"),
-                                              ("use_dora", first.use_dora, "use_dora"))
-                if (config.get(key) or False) != ours]
+    theirs = config.get("peft_type", "LORA")
+    if theirs != first.peft_type:
+        raise UserError(f"{path}: peft_type is {theirs} but the model trains {first.peft_type} (set the recipe's "
+                        f"finetuning_type: {theirs.lower()} to continue this adapter)")
+    ours = first.peft_config(family)
+    problems = [f"{path}: {key} is {config.get(key)!r} but the model's {first.method} uses {ours[key]!r} (set the"
+                f" recipe's {recipe_key} to match the adapter)"
+                for key, recipe_key in first.RECIPE_KEYS.items() if (config.get(key) or False) != (ours[key] or False)]
     if problems:
         raise UserError(problems)
 
@@ -656,13 +725,18 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     tensors = {key: tensor for _, key, tensor in read_tensors([weights])}
     existing = lora_modules(model)
     if existing:
-        _check_settings(existing, config, directory / ADAPTER_CONFIG)
+        _check_settings(existing, config, directory / ADAPTER_CONFIG, family_of_model(model))
     else:
         targets = config["target_modules"]
-        apply_lora(model, [targets] if isinstance(targets, str) else targets,
-                   rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                   dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
-                   use_dora=bool(config.get("use_dora")), additional_targets=config.get("modules_to_save") or [])
+        targets = [targets] if isinstance(targets, str) else targets
+        if config.get("peft_type", "LORA") == "OFT":
+            from pipeline.model.oft import apply_oft_config
+
+            apply_oft_config(model, targets, config)
+        else:
+            apply_lora(model, targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                       dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
+                       use_dora=bool(config.get("use_dora")), additional_targets=config.get("modules_to_save") or [])
     tensors = _tied_tensors(model, config, tensors, weights)
     model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     problems = []

@@ -256,8 +256,9 @@ def _shape_diff(a: ModelConfig, b: ModelConfig) -> str:
 def plain_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     """Our names -> tensors, the tied head left out (safetensors refuses shared storage)."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if any(".lora." in k for k in state):  # LinearWithLoRA's branch (by name: pipeline.model.lora imports this module)
-        raise ValueError("the model still holds LoRA wrappers: merge_lora(model) first, or save_adapter()")
+    if any(".lora." in k or ".oft." in k for k in state):  # an adapter's branch (by name: pipeline.model.lora and
+        # pipeline.model.oft import this module)
+        raise ValueError("the model still holds LoRA wrappers (or OFT's): merge_lora(model) first, or save_adapter()")
     if model.cfg.tie_weights:
         state.pop("lm_head.weight", None)
     return state
