@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "validate": ("pipeline.validate", "run", "recipe + built data against their schemas; prints a report"),
     "inspect": ("pipeline.prepare", "inspect", "render samples with trainable tokens marked; length histogram"),
     "plan": ("pipeline.recipe.plan", "run", "resolved recipe with provenance, derived steps, DeepSpeed JSON, memory"),
-    "train": ("pipeline.train.run", "run", "DeepSpeed training (pt, sft, dpo, kto or rm; lora, full or freeze)"),
+    "train": ("pipeline.train.run", "run", "DeepSpeed training (pt, sft, dpo, kto or rm; lora, oft, full or freeze)"),
     "merge": ("pipeline.merge", "run", "fold the adapter into the base, verify, export the Hugging Face layout"),
     "export": ("pipeline.merge", "export_run", "LLaMA-Factory merge recipe: adapter_name_or_path + export_dir"),
     "eval": ("pipeline.evaluate.run", "run", "loss/perplexity + generation metrics, base vs tuned, report"),

@@ -48,6 +48,7 @@ from pipeline.model.hub import resolve_model_path
 from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
+from pipeline.names import trains_adapter
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
                                   recipe_args)
 from pipeline.runtime import guard, hostmem
@@ -72,7 +73,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     out = RunLayout.of(r["output_dir"], ex.export_dir)
     target = _export_target(r, out.merged)
     files = export_files(r)  # before the merge: a template the vocabulary lacks is refused at once
-    lora = models.finetune.finetuning_type == "lora"
+    lora = trains_adapter(models.finetune.finetuning_type)
     if lora:
         check = merge_adapter(models.model, data, ex, adapter_dir(r))
     else:
@@ -127,7 +128,7 @@ def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_pa
     trained = trained_weights(out, kind, None)
     if trained is None or trained.path.resolve() == resolve_model_path(model_name_or_path).resolve():
         return
-    fix = f"adapter_name_or_path: {out.root}" if kind == "lora" else f"model_name_or_path: {out.root}"
+    fix = f"adapter_name_or_path: {out.root}" if trains_adapter(kind) else f"model_name_or_path: {out.root}"
     raise UserError(f"{recipe}: export without adapter_name_or_path would write model_name_or_path "
                     f"({model_name_or_path}) unchanged, but this recipe trained {trained.path}. To export the "
                     f"trained model run `python -m pipeline merge {recipe}` (it writes export_dir when set), or "
@@ -182,11 +183,11 @@ def adapter_dir(r: Mapping[str, Any]) -> Path:
     """The adapter to merge (pipeline.runtime.layout.trained_weights: the one this recipe trained, else
     adapter_name_or_path), or a UserError that says what produces one."""
     out = RunLayout.of(r["output_dir"])
-    found = trained_weights(out, "lora", r["adapter_name_or_path"])
+    found = trained_weights(out, "lora", r["adapter_name_or_path"])  # any adapter method: adapter/
     if found is None:
         given = f" nor at adapter_name_or_path '{r['adapter_name_or_path']}'" if r["adapter_name_or_path"] else ""
         raise UserError(
-            f"{out.adapter}: no LoRA adapter here{given} (adapter_config.json +"
+            f"{out.adapter}: no adapter here{given} (adapter_config.json +"
             f" adapter_model.safetensors). `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces"
             " output_dir/adapter/; or point adapter_name_or_path at an adapter directory (PEFT layout)."
         )

@@ -34,7 +34,7 @@ from pipeline.model.weights import note
 from pipeline.data.args import DataArgs
 from pipeline.data.loaders import tokenized_pair_split
 from pipeline.data.registry import dataset_names
-from pipeline.names import PREFERENCE_STAGES
+from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.runtime.layout import RunLayout, current_weights, describe
 
@@ -77,7 +77,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         del model
     if dpo:
         ft = recipe_args(r).finetune
-        folded = ft.adapter_name_or_path if ft.finetuning_type != "lora" else None  # as train's frozen reference
+        folded = ft.adapter_name_or_path if not trains_adapter(ft.finetuning_type) else None  # as train's frozen reference
         reference = preference.reference_logps(pref, recipe_args(r).model, data, pair_scores, rank=rank, world=world,
                                                device=_device(), folded_adapter=folded)
         if rank == 0:
@@ -126,7 +126,7 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     out = RunLayout.of(r["output_dir"], r["export_dir"])
     weights = current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
     if weights is None:
-        lora = r["finetuning_type"] == "lora"
+        lora = trains_adapter(r["finetuning_type"])
         raise UserError(f"{out.trained_dir(r['finetuning_type'])}: no trained {'adapter' if lora else 'model'} to "
                         f"evaluate; `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
     return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))

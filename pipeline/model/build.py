@@ -2,6 +2,7 @@
 
 finetuning_type decides what the optimizer sees:
   lora    every base weight frozen; LoRA on lora_target (+ additional_target modules trained in full)
+  oft     the same, with OFT's orthogonal rotations (pipeline.model.oft) on lora_target, as LLaMA-Factory picks them
   freeze  only the last freeze_trainable_layers blocks and the final norm ln_f train (embeddings and
           the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge);
           with use_llama_pro, only the blocks `python -m pipeline expand` inserted (lora: LoRA only there)
@@ -26,6 +27,7 @@ from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_star
 from pipeline.model.rope_recipe import recipe_rope
 from pipeline.model.vocab import Described, resize_vocab
 from pipeline.model.weights import checkpoint_tensors, load_model, note
+from pipeline.names import trains_adapter
 
 KINDS = ("base", "adapter", "model", "merged")
 
@@ -75,6 +77,9 @@ class FinetuneArgs:
     use_llama_pro: bool = False  # only the blocks `expand` inserted train (freeze), or take LoRA (lora)
     freeze_trainable_modules: str | Sequence[str] = "all"  # freeze: these modules of each trainable block (HF names)
     freeze_extra_modules: str | Sequence[str] | None = None  # freeze: these modules outside the blocks too
+    oft_rank: int = 0           # oft: the number of blocks of each rotation (0: from oft_block_size)
+    oft_block_size: int = 32    # oft: the size of its blocks (0: from oft_rank); pipeline.model.oft
+    module_dropout: float = 0.0  # oft: written to adapter_config.json; no effect, as in PEFT (pipeline.model.oft)
 
 
 def recipe_config(args: ModelArgs) -> ModelConfig:
@@ -205,6 +210,14 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
         if adapter:  # continue training an adapter: same rank/alpha required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
+    if kind == "oft":
+        from pipeline.model.oft import apply_oft
+
+        apply_oft(model, ft.lora_target or "all", rank=ft.oft_rank, block_size=ft.oft_block_size,
+                  module_dropout=ft.module_dropout, additional_targets=lora_additional_targets(model, ft))
+        if adapter:  # continue training an adapter: same oft_rank / oft_block_size required
+            load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
+        return model
     if adapter:  # full/freeze on top of an adapter: fold it into the base first (as LLaMA-Factory does)
         load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         merge_lora(model)
@@ -216,7 +229,7 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
     elif kind == "full":
         model.requires_grad_(True)
     else:
-        raise UserError(f"finetuning_type: '{kind}' is not one of lora, full, freeze")
+        raise UserError(f"finetuning_type: '{kind}' is not one of lora, oft, full, freeze")
     return model
 
 
@@ -231,7 +244,7 @@ def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = t
     cast: the same values as a cast of the fp32 model. PiSSA's SVD and residual are formed in fp32 from the weight
     as read (PEFT's pissa_init), here on the whole weights, before DeepSpeed partitions them (ZeRO-3).
     """
-    merges = finetune.finetuning_type != "lora" and bool(finetune.adapter_name_or_path)
+    merges = not trains_adapter(finetune.finetuning_type) and bool(finetune.adapter_name_or_path)
     built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune, pissa_start)
     return built.to(dtype)
 

@@ -61,7 +61,8 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
                                          bool(values.get("use_dora")), resize_vocab=resize,
                                          use_llama_pro=bool(values.get("use_llama_pro")),
                                          freeze_modules=(values.get("freeze_trainable_modules", "all"),
-                                                         values.get("freeze_extra_modules"))))
+                                                         values.get("freeze_extra_modules")),
+                                         oft=(values.get("oft_rank", 0), values.get("oft_block_size", 32))))
     except Exception:  # noqa: BLE001 - e.g. a lora_target matching nothing: the rules report it, plan shows "?"
         return None
     return total, trainable

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from pipeline.recipe import spec
-from pipeline.names import PREFERENCE_STAGES
+from pipeline.names import PREFERENCE_STAGES, trains_adapter
 
 TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported model family is implemented in "
                      "this repository and weights are read from safetensors only")
@@ -175,9 +175,9 @@ def new_tokens_notices(r: Any) -> list[str]:
     from pipeline.data.model_tokenizer import available_tokenizer
     from pipeline.recipe.args import data_args
 
-    trains = (f"LoRA trains {_vocab_modules_words(r['stage'])} in full (saved as modules_to_save), as "
+    trains = (f"{r['finetuning_type']} (an adapter) trains {_vocab_modules_words(r['stage'])} in full (saved as modules_to_save), as "
               "LLaMA-Factory does; set additional_target to choose other modules")
-    lora_alone = r["finetuning_type"] == "lora" and r["additional_target"] is None
+    lora_alone = trains_adapter(r["finetuning_type"]) and r["additional_target"] is None
     out = _token_source_notices(r, DESCRIBED, SPECIAL_KEYS)
     if r["resize_vocab"] and lora_alone and r.origin("resize_vocab").kind in ("file", "cli"):
         lora_alone = False  # said here, once

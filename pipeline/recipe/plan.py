@@ -35,7 +35,7 @@ from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.recipe.modelinfo import model_info, param_counts
 from pipeline.recipe.text import format_table
-from pipeline.names import split_names, uses_reference
+from pipeline.names import split_names, trains_adapter, uses_reference
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def reference_params(r: Resolved, total: int) -> int:
 
         info = model_info(r["ref_model"])
         return int(count_params(info.config)) if info is not None else total
-    return total if r["finetuning_type"] != "lora" else 0
+    return total if not trains_adapter(r["finetuning_type"]) else 0
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:

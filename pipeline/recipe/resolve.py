@@ -30,7 +30,8 @@ from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
-_LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target")  # LLaMA-Factory: comma strings
+_LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target",  # LLaMA-Factory: comma strings
+              "oft_target")
 # LLaMA-Factory's split_arg takes a comma string or a YAML list for these too; the comma string is their one form here
 # (plan, the freeze rules and resume's comparison read it)
 _JOINED_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")

@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.names import trains_adapter
 from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE, \
     REWARDS_PLOT_FILE
 
@@ -118,8 +119,8 @@ class RunLayout:
             os.path.realpath(first[len(prefix):].rstrip("\n")) == os.path.realpath(recipe)
 
     def trained_dir(self, finetuning_type: str) -> Path:
-        """Where training writes its final weights: adapter/ for lora, model/ otherwise."""
-        return self.adapter if finetuning_type == "lora" else self.model
+        """Where training writes its final weights: adapter/ for lora and oft, model/ otherwise."""
+        return self.adapter if trains_adapter(finetuning_type) else self.model
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def trained_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: 
     """What training produced: the adapter this recipe trained, else the one it started from (lora), or
     output_dir/model (full/freeze); None when there is none. The trained adapter comes first: a recipe that
     continues training from adapter_name_or_path must merge and evaluate what it trained."""
-    if finetuning_type != "lora":
+    if not trains_adapter(finetuning_type):
         return Weights("model", out.model) if is_model(out.model) else None
     if is_adapter(out.adapter):
         return Weights("adapter", out.adapter)

@@ -52,6 +52,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # KEEP: the checkpoint's value stays (it lives in the optimizer's saved state), with a notice.
 # Every other key (logging, saving, evaluation cadence, output) takes the new value without a word.
 REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "use_rslora", "use_dora",
+          "oft_rank", "oft_block_size",
           "additional_target", "freeze_trainable_layers", "use_llama_pro", "freeze_trainable_modules",
           "freeze_extra_modules", "zero_stage", "bf16", "fp16", "world_size",
           "per_device_train_batch_size",

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.data.added_tokens import TokenNames
+from pipeline.names import trains_adapter
 from pipeline.runtime import deepspeed_compat, dist, hostmem
 from pipeline.runtime.layout import RunLayout
 
@@ -84,7 +85,7 @@ class Exporter:
         starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with."""
         self.engine, self._build, self._skeleton, self._frozen = engine, build, skeleton, frozen
         self.pissa_start = pissa_start
-        self.base, self.lora = str(model_name_or_path), finetuning_type == "lora"  # lora: adapter/, else model/
+        self.base, self.lora = str(model_name_or_path), trains_adapter(finetuning_type)  # lora/oft: adapter/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
         self.new_tokens = new_tokens or TokenNames()  # the recipe's added tokens: in the exported tokenizer files
         self.split_special_tokens = split_special_tokens  # the recipe's, in the exported tokenizer_config.json

@@ -16,6 +16,7 @@ from pipeline.errors import UserError
 from pipeline.model import head_loss
 from pipeline.model.preference import KTO_METRICS, FeedbackLogps, feedback_logps, kl_gaps, kto_loss, kto_means, pair_logps, \
     preference_loss
+from pipeline.names import trains_adapter
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
     policy's device in `dtype`, or under ZeRO-3 (zero3_config: the run's DeepSpeed config) an engine of its own."""
     if not pref.loss_config().needs_reference:
         return None
-    if pref.ref_model is None and models.finetune.finetuning_type == "lora":
+    if pref.ref_model is None and trains_adapter(models.finetune.finetuning_type):
         return AdapterReference(engine, models.model, models.finetune.adapter_name_or_path)
     import dataclasses
 

@@ -26,7 +26,8 @@ from typing import Any, Mapping
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.errors import UserError
-from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_history, token_loss_label, uses_reference
+from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_history, token_loss_label, trains_adapter, \
+    uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
@@ -231,7 +232,7 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
-    if (uses_reference(r["stage"], r["pref_loss"]) and r["finetuning_type"] == "lora" and r["ref_model"] is None
+    if (uses_reference(r["stage"], r["pref_loss"]) and trains_adapter(r["finetuning_type"]) and r["ref_model"] is None
             and r["zero_stage"] == 3 and trains_in_full(r)):
         raise UserError("additional_target modules (with resize_vocab or added tokens: the embedding and the "
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "

@@ -114,7 +114,7 @@ def test_a_value_in_the_wrong_case_gets_the_suggestion(tmp_path):
     for given in ("LoRA", "Lora", "FULL"):
         err = refused("validate", recipe, f"finetuning_type={given}", cwd=tmp_path)
         expected = "full" if given == "FULL" else "lora"
-        assert f"finetuning_type: given '{given}', expected one of lora, full, freeze (did you mean '{expected}'?)" \
+        assert f"finetuning_type: given '{given}', expected one of lora, oft, full, freeze (did you mean '{expected}'?)" \
             in err, err
 
 

@@ -1,0 +1,85 @@
+"""finetuning_type: oft in recipes: what LLaMA-Factory 0.9.5 and PEFT accept runs, what they refuse (or would train
+as another model than the recipe says) is one message at the key's file:line."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.recipe import resolve
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = "model_name_or_path: llama\ndataset: alpaca_demo\nnum_train_epochs: 3\ncutoff_len: 64\nfinetuning_type: oft\n"
+
+
+@pytest.fixture(autouse=True)
+def llama(tmp_path):
+    """A tiny Llama's config.json (hidden 32, intermediate 64): what the rules read of the model."""
+    from tests.acceptance.harness import FAMILIES
+
+    transformers.LlamaConfig(**FAMILIES["llama"].tiny).save_pretrained(tmp_path / "llama")
+
+
+def errors(path: str, overrides=()) -> list[str]:
+    with pytest.raises(UserError) as exc:
+        resolve(path, list(overrides))
+    return exc.value.messages
+
+
+def test_an_oft_recipe_takes_lora_target_and_additional_target(write):
+    r = resolve(write("r.yaml", LLAMA + "oft_block_size: 16\nlora_target: q_proj,v_proj\nadditional_target: norm\n"
+                                        "oft_target: q_proj, v_proj\n"))
+    assert (r["finetuning_type"], r["oft_block_size"], r["oft_rank"]) == ("oft", 16, 0)
+    assert resolve(write("b.yaml", LLAMA + "oft_rank: 2\noft_block_size: 0\n"))["oft_rank"] == 2
+
+
+def test_lora_only_keys_under_oft_and_oft_keys_outside_it_are_refused(write):
+    write("r.yaml", LLAMA + "lora_rank: 4\nuse_dora: true\n")
+    assert errors("r.yaml") == [
+        "r.yaml:6:12: lora_rank: is a LoRA setting but finetuning_type is oft; remove it or set finetuning_type: lora",
+        "r.yaml:7:11: use_dora: is a LoRA setting but finetuning_type is oft; remove it or set finetuning_type: lora"]
+    write("l.yaml", LLAMA.replace("oft", "lora") + "oft_block_size: 16\n")
+    assert errors("l.yaml") == [
+        "l.yaml:6:17: oft_block_size: is an OFT setting but finetuning_type is lora; remove it or set "
+        "finetuning_type: oft"]
+    for override, key in (("pissa_init=true", "pissa_init"), ("loraplus_lr_ratio=16", "loraplus_lr_ratio"),
+                          ("use_llama_pro=true", "use_llama_pro")):
+        assert any(f"{key}: " in m and "finetuning_type" in m for m in errors("r.yaml", [override])), override
+
+
+def test_oft_rank_or_block_size_as_peft_takes_them(write):
+    write("r.yaml", LLAMA + "oft_rank: 4\n")
+    assert errors("r.yaml") == [
+        "r.yaml:6:11: oft_rank: given 4 with oft_block_size 32; OFT takes one of them, the other 0 (PEFT refuses "
+        "both: LLaMA-Factory passes the default oft_block_size 32 along): add oft_block_size: 0 to give the number "
+        "of blocks, or remove oft_rank"]
+    write("z.yaml", LLAMA + "oft_block_size: 0\n")
+    assert errors("z.yaml")[0].startswith("z.yaml:6:17: oft_block_size: is 0 and so is oft_rank; give one of them")
+
+
+def test_an_oft_target_other_than_lora_target_is_refused(write):
+    """LLaMA-Factory parses oft_target and gives PEFT lora_target: the recipe would train other modules."""
+    write("r.yaml", LLAMA + "oft_target: q_proj\n")
+    assert errors("r.yaml") == [
+        "r.yaml:6:13: oft_target: given q_proj, but OFT takes lora_target's modules (all): LLaMA-Factory reads "
+        "oft_target and never uses it; set lora_target to the modules OFT should rotate (and oft_target the same, "
+        "or remove it)"]
+
+
+def test_gpt2_cannot_take_oft(write):
+    write("r.yaml", LLAMA.replace("model_name_or_path: llama", "model_name_or_path: tiny"))
+    assert errors("r.yaml") == [
+        "r.yaml:5:18: finetuning_type: is oft but the model is GPT-2, whose projections are Conv1D in transformers: "
+        "PEFT's OFT wraps nn.Linear only (its adapter would not load); use lora, or a Llama / Qwen model"]
+
+
+def test_module_dropout_says_it_does_nothing_and_plan_counts_the_rotations(write):
+    """PEFT 0.21's OFT never applies module_dropout; plan's trainable count is the blocks' upper triangles: on the
+    tiny Llama, 2 layers x (q, k, v, o, gate, up: 32 inputs, down: 64) in blocks of 16, 120 numbers a block."""
+    from pipeline.recipe.modelinfo import model_info, param_counts
+    from pipeline.recipe.notices import notices
+
+    r = resolve(write("r.yaml", LLAMA + "oft_block_size: 16\nmodule_dropout: 0.1\n"))
+    assert any(line.startswith("notice: r.yaml:7:17: module_dropout: accepted without effect: PEFT 0.21's OFT "
+                               "Linear builds its multiplicative dropout but never applies it") for line in notices(r))
+    assert param_counts(r, model_info("llama"))[1] == 2 * (6 * 2 + 4) * 120
