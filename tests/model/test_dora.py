@@ -59,18 +59,25 @@ def trained_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for suffix, (p, transposed) in wrapper.peft_params().items()}
 
 
-def test_logits_and_every_gradient_equal_peft(pair):
-    _, path, ours, theirs = pair
-    x = tokens(0, ours.cfg.vocab_size)
-    target = tokens(1, ours.cfg.vocab_size)
-    ours.eval().zero_grad()  # eval: the models' dropout draws differ (test_dropout_in_training_as_peft checks DoRA's)
+def equal_logits_then_backward(ours: torch.nn.Module, theirs: torch.nn.Module,
+                               base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our logits equal PEFT's on random tokens (eval mode: the models' dropout draws differ); both models then
+    hold the gradients of one cross-entropy; returns (our logits, the base model's)."""
+    x, target = tokens(0, ours.cfg.vocab_size), tokens(1, ours.cfg.vocab_size)
+    ours.eval().zero_grad()
     theirs.eval().zero_grad()
     mine = ours(x)
     golden = theirs(input_ids=x).logits
     torch.testing.assert_close(mine, golden, rtol=1e-5, atol=1e-5)
-    assert (mine - load_model(path)(x)).abs().max() > 1e-1  # the adapter does change the output
     for logits in (mine, golden):
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+    return mine, base(x)
+
+
+def test_logits_and_every_gradient_equal_peft(pair):
+    _, path, ours, theirs = pair
+    mine, base = equal_logits_then_backward(ours, theirs, load_model(path))
+    assert (mine - base).abs().max() > 1e-1  # the adapter does change the output
     grads = trained_grads(ours)
     saved_as = {".default": "", "lora_magnitude_vector.weight": "lora_magnitude_vector"}  # PEFT's save_pretrained
     peft_grads = {}

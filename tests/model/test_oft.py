@@ -19,6 +19,7 @@ from pipeline.model import oft as O
 from pipeline.model.config import oft_blocks, trainable_params
 from pipeline.model.weights import hf_state_dict, load_model
 from tests.acceptance.harness import hf_model
+from tests.model.test_dora import equal_logits_then_backward, tokens
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -26,10 +27,6 @@ transformers = pytest.importorskip("transformers")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # our "all", HF names
 # (oft_rank, oft_block_size): blocks of 8; 12, which divides neither 32 nor 64 (PEFT moves it: 8 and 16); 4 blocks
 SETTINGS = [(0, 8), (0, 12), (4, 0)]
-
-
-def tokens(seed: int, vocab: int, shape=(2, 10)) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -70,15 +67,8 @@ def peft_oft(path, ours: torch.nn.Module, rank: int, size: int):
 
 def test_logits_and_every_gradient_equal_peft(pair, checkpoint):
     _, ours, theirs = pair
-    x, target = tokens(0, ours.cfg.vocab_size), tokens(1, ours.cfg.vocab_size)
-    ours.eval().zero_grad()
-    theirs.eval().zero_grad()
-    mine = ours(x)
-    golden = theirs(input_ids=x).logits
-    torch.testing.assert_close(mine, golden, rtol=1e-5, atol=1e-5)
-    assert (mine - load_model(checkpoint)(x)).abs().max() > 1e-2  # the rotations do change the output
-    for logits in (mine, golden):
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+    mine, base = equal_logits_then_backward(ours, theirs, load_model(checkpoint))
+    assert (mine - base).abs().max() > 1e-2  # the rotations do change the output
     family = L.family_of_model(ours)
     grads = {f"{L.PEFT_PREFIX}{family.to_hf(name)}.oft_R.weight": wrapper.oft.weight.grad
              for name, wrapper in L.lora_modules(ours).items()}

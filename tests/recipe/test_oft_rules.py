@@ -47,30 +47,29 @@ def test_lora_only_keys_under_oft_and_oft_keys_outside_it_are_refused(write):
         assert any(f"{key}: " in m and "finetuning_type" in m for m in errors("r.yaml", [override])), override
 
 
-def test_oft_rank_or_block_size_as_peft_takes_them(write):
-    write("r.yaml", LLAMA + "oft_rank: 4\n")
-    assert errors("r.yaml") == [
-        "r.yaml:6:11: oft_rank: given 4 with oft_block_size 32; OFT takes one of them, the other 0 (PEFT refuses "
-        "both: LLaMA-Factory passes the default oft_block_size 32 along): add oft_block_size: 0 to give the number "
-        "of blocks, or remove oft_rank"]
-    write("z.yaml", LLAMA + "oft_block_size: 0\n")
-    assert errors("z.yaml")[0].startswith("z.yaml:6:17: oft_block_size: is 0 and so is oft_rank; give one of them")
+REFUSED = [  # (what the recipe adds, its one message); the model is the tiny Llama but where the first line names another
+    # PEFT's OFTConfig takes r or oft_block_size, the other 0; LLaMA-Factory passes both
+    ("oft_rank: 4\n", "r.yaml:6:11: oft_rank: given 4 with oft_block_size 32; OFT takes one of them, the other 0 (PEFT "
+                      "refuses both: LLaMA-Factory passes the default oft_block_size 32 along): add oft_block_size: 0 "
+                      "to give the number of blocks, or remove oft_rank"),
+    ("oft_block_size: 0\n", "r.yaml:6:17: oft_block_size: is 0 and so is oft_rank; give one of them (the number of "
+                            "blocks, oft_rank, or their size, oft_block_size: 32 is LLaMA-Factory's default)"),
+    # LLaMA-Factory parses oft_target and gives PEFT lora_target: the recipe would train other modules than it says
+    ("oft_target: q_proj\n", "r.yaml:6:13: oft_target: given q_proj, but OFT takes lora_target's modules (all): "
+                             "LLaMA-Factory reads oft_target and never uses it; set lora_target to the modules OFT "
+                             "should rotate (and oft_target the same, or remove it)"),
+    # PEFT's OFT wraps nn.Linear only
+    ("model_name_or_path: tiny\n", "r.yaml:5:18: finetuning_type: is oft but the model is GPT-2, whose projections are "
+                                   "Conv1D in transformers: PEFT's OFT wraps nn.Linear only (its adapter would not "
+                                   "load); use lora, or a Llama / Qwen model"),
+]
 
 
-def test_an_oft_target_other_than_lora_target_is_refused(write):
-    """LLaMA-Factory parses oft_target and gives PEFT lora_target: the recipe would train other modules."""
-    write("r.yaml", LLAMA + "oft_target: q_proj\n")
-    assert errors("r.yaml") == [
-        "r.yaml:6:13: oft_target: given q_proj, but OFT takes lora_target's modules (all): LLaMA-Factory reads "
-        "oft_target and never uses it; set lora_target to the modules OFT should rotate (and oft_target the same, "
-        "or remove it)"]
-
-
-def test_gpt2_cannot_take_oft(write):
-    write("r.yaml", LLAMA.replace("model_name_or_path: llama", "model_name_or_path: tiny"))
-    assert errors("r.yaml") == [
-        "r.yaml:5:18: finetuning_type: is oft but the model is GPT-2, whose projections are Conv1D in transformers: "
-        "PEFT's OFT wraps nn.Linear only (its adapter would not load); use lora, or a Llama / Qwen model"]
+@pytest.mark.parametrize("extra, message", REFUSED)
+def test_what_peft_refuses_or_lf_would_ignore_is_refused(write, extra, message):
+    model = extra if extra.startswith("model_name_or_path:") else ""
+    write("r.yaml", model + (LLAMA.split("\n", 1)[1] if model else LLAMA + extra))
+    assert errors("r.yaml") == [message]
 
 
 def test_module_dropout_says_it_does_nothing_and_plan_counts_the_rotations(write):
