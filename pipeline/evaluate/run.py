@@ -77,7 +77,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         del model
     if dpo:
         ft = recipe_args(r).finetune
-        folded = ft.adapter_name_or_path if not trains_adapter(ft.finetuning_type) else None  # as train's frozen reference
+        # as train's frozen reference
+        folded = ft.adapter_name_or_path if not trains_adapter(ft.finetuning_type) else None
         reference = preference.reference_logps(pref, recipe_args(r).model, data, pair_scores, rank=rank, world=world,
                                                device=_device(), folded_adapter=folded)
         if rank == 0:

@@ -599,7 +599,8 @@ PEFT_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exc
 
 
 def _target_list(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(t, str) for t in value))
+    return isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                      and all(isinstance(t, str) for t in value))
 
 
 def _required_keys(peft_type: str) -> tuple[tuple[str, Callable[[Any], bool], str], ...]:

@@ -175,7 +175,8 @@ def new_tokens_notices(r: Any) -> list[str]:
     from pipeline.data.model_tokenizer import available_tokenizer
     from pipeline.recipe.args import data_args
 
-    trains = (f"{r['finetuning_type']} (an adapter) trains {_vocab_modules_words(r['stage'])} in full (saved as modules_to_save), as "
+    method = "OFT" if r["finetuning_type"] == "oft" else "LoRA"
+    trains = (f"{method} trains {_vocab_modules_words(r['stage'])} in full (saved as modules_to_save), as "
               "LLaMA-Factory does; set additional_target to choose other modules")
     lora_alone = trains_adapter(r["finetuning_type"]) and r["additional_target"] is None
     out = _token_source_notices(r, DESCRIBED, SPECIAL_KEYS)

@@ -47,7 +47,8 @@ def test_lora_only_keys_under_oft_and_oft_keys_outside_it_are_refused(write):
         assert any(f"{key}: " in m and "finetuning_type" in m for m in errors("r.yaml", [override])), override
 
 
-REFUSED = [  # (what the recipe adds, its one message); the model is the tiny Llama but where the first line names another
+# (what the recipe adds, its one message); the model is the tiny Llama, but where the first line names another
+REFUSED = [
     # PEFT's OFTConfig takes r or oft_block_size, the other 0; LLaMA-Factory passes both
     ("oft_rank: 4\n", "r.yaml:6:11: oft_rank: given 4 with oft_block_size 32; OFT takes one of them, the other 0 (PEFT "
                       "refuses both: LLaMA-Factory passes the default oft_block_size 32 along): add oft_block_size: 0 "
