@@ -57,7 +57,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 class AdapterReference:
-    """LoRA: the policy's own weights with the adapters switched off (no second copy in memory)."""
+    """LoRA or OFT: the policy's own weights with the adapters switched off (no second copy in memory)."""
 
     def __init__(self, engine: Any, base: ModelArgs | None = None, starting_adapter: str | None = None):
         """`starting_adapter`: the adapter_name_or_path the policy continues (`base`: the recipe's base model).
@@ -67,13 +67,13 @@ class AdapterReference:
         does; kept as loaded, the reference was base Linears with the adapter's norms / head, neither model."""
         from pipeline.model.lora import keep_starting_modules
 
-        self.description = "the starting model (the policy with its LoRA adapters switched off)"
+        self.description = "the starting model (the policy with its adapters switched off)"
         self.engine = engine
         self.plain_head = head_trains(engine.module)  # additional_target lm_head: score as the policy does
         keep_starting_modules(engine.module)  # additional_target modules as they start (train.run refuses ZeRO-3)
         if starting_adapter and base is not None:
             self.description = (f"the base model {base.model_name_or_path} WITHOUT adapter_name_or_path "
-                                f"{starting_adapter} (the policy with its LoRA adapters switched off, as in "
+                                f"{starting_adapter} (the policy with its adapters switched off, as in "
                                 "LLaMA-Factory); for that adapter's model as the reference, merge it and start from "
                                 "the merged model, or set ref_model to it")
             restore_base_modules(engine.module, base)
