@@ -27,7 +27,8 @@ and restores them with the moments and a resumed run continues with the basis in
 
 A GaLore step needs each matrix's whole gradient for its SVD: at ZeRO stage 0 DeepSpeed hands the client optimizer
 the parameters themselves (fp32) or per-parameter fp32 master copies (bf16 / fp16), ZeRO 1-3 flat partitions that
-cut matrices apart, so use_galore asks for zero_stage 0 (pipeline.recipe.rules.galore_fits), as use_muon does.
+cut matrices apart, so use_galore asks for zero_stage 0 (pipeline.recipe.rules.training.galore_fits), as
+use_muon does.
 """
 from __future__ import annotations
 

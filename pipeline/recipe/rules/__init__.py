@@ -6,7 +6,7 @@ mistake gives one message), and `commands` limits it to the commands where it ma
 Where a rule lives, by the keys it reads (each module's docstring lists them):
   training.py    precision, training length, warmup, batches, do_train/do_eval/do_predict, DeepSpeed offload,
                  Muon, GaLore, APOLLO, the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
-  method.py      LoRA keys and targets, PiSSA, LLaMA Pro, freeze's layers and modules
+  method.py      LoRA keys and targets, OFT, PiSSA, LLaMA Pro, freeze's layers and modules
   model.py       model_name_or_path, model_revision, adapter_name_or_path, cutoff_len against the context, rope_scaling
   tokenizer.py   template against the vocabulary, added tokens, tokenizer_name_or_path
   stages.py      keys only some stages read (packing, train_on_prompt, mask_history, compute_accuracy, ...)
@@ -44,6 +44,10 @@ ORDER = (
     training.fp16_and_bf16,
     training.fp16_needs_cuda,
     method.lora_keys_need_lora,
+    method.oft_keys_need_oft,
+    method.oft_rank_or_block_size,
+    method.oft_target_is_lora_target,
+    method.oft_needs_linear_layers,
     method.pissa_starts_a_lora,
     method.llama_pro_needs_freeze_or_lora,
     method.llama_pro_lora_can_train,

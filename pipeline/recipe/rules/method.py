@@ -1,18 +1,21 @@
 """Rules on the fine-tuning method: LoRA's keys and targets (finetuning_type, lora_*, use_rslora, use_dora,
 additional_target, loraplus_lr_ratio), PiSSA (pissa_init), LLaMA Pro (use_llama_pro), and freeze's layers and
-modules (freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules).
+modules (freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules), OFT (finetuning_type: oft,
+oft_rank, oft_block_size, oft_target, module_dropout).
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pipeline.names import uses_reference
+from pipeline.names import trains_adapter, uses_reference
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
 
 
 LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
              "additional_target", "loraplus_lr_ratio")
+ADAPTER_KEYS = ("lora_target", "additional_target")  # which modules an adapter takes: OFT reads them too (as LF does)
+OFT_KEYS = ("oft_rank", "oft_block_size", "oft_target", "module_dropout")
 
 
 @rule("finetuning_type", *LORA_KEYS)
@@ -20,13 +23,71 @@ def lora_keys_need_lora(ctx: Context) -> list[tuple[str, str]]:
     kind = ctx.values["finetuning_type"]
     if kind == "lora":
         return []
+    shared = ADAPTER_KEYS if kind == "oft" else ()
     return [(key, f"is a LoRA setting but finetuning_type is {kind}; remove it or set finetuning_type: lora")
-            for key in LORA_KEYS if ctx.set_here(key)]
+            for key in LORA_KEYS if ctx.set_here(key) and key not in shared]
+
+
+@rule("finetuning_type", *OFT_KEYS)
+def oft_keys_need_oft(ctx: Context) -> list[tuple[str, str]]:
+    kind = ctx.values["finetuning_type"]
+    if kind == "oft":
+        return []
+    return [(key, f"is an OFT setting but finetuning_type is {kind}; remove it or set finetuning_type: oft")
+            for key in OFT_KEYS if ctx.set_here(key)]
+
+
+@rule("finetuning_type", "oft_rank", "oft_block_size")
+def oft_rank_or_block_size(ctx: Context) -> list[tuple[str, str]]:
+    """PEFT's OFTConfig takes the number of blocks (r) or their size, the other 0; LLaMA-Factory passes both keys,
+    so oft_rank alone (with the default oft_block_size 32) is PEFT's ValueError there."""
+    v = ctx.values
+    if v["finetuning_type"] != "oft" or (v["oft_rank"] == 0) != (v["oft_block_size"] == 0):
+        return []
+    if v["oft_rank"] == 0:
+        return [("oft_block_size", "is 0 and so is oft_rank; give one of them (the number of blocks, oft_rank, or "
+                                   "their size, oft_block_size: 32 is LLaMA-Factory's default)")]
+    return [("oft_rank", f"given {v['oft_rank']} with oft_block_size {v['oft_block_size']}; OFT takes one of them, "
+                         "the other 0 (PEFT refuses both: LLaMA-Factory passes the default oft_block_size 32 along): "
+                         "add oft_block_size: 0 to give the number of blocks, or remove oft_rank")]
+
+
+@rule("finetuning_type", "oft_target", "lora_target")
+def oft_target_is_lora_target(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory (0.9.5 and main) parses oft_target but gives PEFT lora_target's modules: a recipe whose
+    oft_target names others would train other modules than it says, there and here alike."""
+    from pipeline.names import split_names
+
+    v = ctx.values
+    given, used = split_names(v["oft_target"]), split_names(v["lora_target"])
+    if v["finetuning_type"] != "oft" or not ctx.set_here("oft_target") or given == used:
+        return []
+    return [("oft_target", f"given {', '.join(given)}, but OFT takes lora_target's modules ({', '.join(used)}): "
+                           "LLaMA-Factory reads oft_target and never uses it; set "
+                           "lora_target to the modules OFT should rotate (and oft_target the same, or remove it)")]
+
+
+@rule("finetuning_type", "model_name_or_path")
+def oft_needs_linear_layers(ctx: Context) -> list[tuple[str, str]]:
+    """PEFT's OFT wraps nn.Linear only; GPT-2's projections are Conv1D in transformers (PEFT raises a TypeError)."""
+    if ctx.values["finetuning_type"] != "oft":
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    from pipeline.model.families import FAMILIES
+
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is None or not FAMILIES[info.config.family].conv1d:
+        return []
+    return [("finetuning_type", "is oft but the model is GPT-2, whose projections are Conv1D in transformers: "
+                                "PEFT's OFT wraps nn.Linear only (its adapter would not load); use lora, or a Llama / "
+                                "Qwen model")]
+
 
 
 @rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length")
 def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
-    if ctx.values["finetuning_type"] != "lora":
+    if not trains_adapter(ctx.values["finetuning_type"]):
         return []
     from pipeline.recipe.modelinfo import model_info
 
