@@ -59,6 +59,12 @@ REFUSED = [
     ("oft_target: q_proj\n", "r.yaml:6:13: oft_target: given q_proj, but OFT takes lora_target's modules (all): "
                              "LLaMA-Factory reads oft_target and never uses it; set lora_target to the modules OFT "
                              "should rotate (and oft_target the same, or remove it)"),
+    # LLaMA-Factory lets GaLore / APOLLO through under OFT, whose optimizer then finds no matrix to project
+    ("use_galore: true\nzero_stage: 0\n", "r.yaml:6:13: use_galore: given true with finetuning_type: oft: GaLore "
+                                          "projects the gradients of whole weight matrices, which OFT freezes "
+                                          "(LLaMA-Factory's optimizer then finds none to project and trains OFT's "
+                                          "rotations with plain AdamW); set finetuning_type: full (or freeze), or "
+                                          "remove use_galore"),
     # PEFT's OFT wraps nn.Linear only
     ("model_name_or_path: tiny\n", "r.yaml:5:18: finetuning_type: is oft but the model is GPT-2, whose projections are "
                                    "Conv1D in transformers: PEFT's OFT wraps nn.Linear only (its adapter would not "

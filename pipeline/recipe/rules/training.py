@@ -146,6 +146,11 @@ def _low_rank_problems(ctx: Context, key: str, name: str, zero: str) -> list[tup
         problems.append((f"use_{key}", f"given true with finetuning_type: lora: {name} projects the gradients of "
                                        "whole weight matrices, which LoRA freezes (LLaMA-Factory refuses the two "
                                        f"together); set finetuning_type: full (or freeze), or remove use_{key}"))
+    elif v["finetuning_type"] == "oft":  # LF lets it through, and its GaLore finds no trainable nn.Linear weight
+        problems.append((f"use_{key}", f"given true with finetuning_type: oft: {name} projects the gradients of "
+                                       "whole weight matrices, which OFT freezes (LLaMA-Factory's optimizer then "
+                                       "finds none to project and trains OFT's rotations with plain AdamW); set "
+                                       f"finetuning_type: full (or freeze), or remove use_{key}"))
     if v["use_muon"]:
         problems.append(("use_muon", f"given true with use_{key}: true: Muon and {name} are two optimizers; keep one "
                                      "of the two keys"))
