@@ -7,6 +7,7 @@ eps before the bias correction, decay on every parameter) re-written below from 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections import Counter
@@ -115,7 +116,7 @@ def test_lora_groups_are_llamafactorys_rule_over_peft_names(checkpoints):
     groups = train_groups(model, args())
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["embed_tokens",
                                                                                               "model.norm"])
-    theirs = peft.get_peft_model(hf, config)
+    theirs = peft.get_peft_model(copy.deepcopy(hf), config)  # PEFT wraps in place: the session's model stays plain
     trained = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]
     want = Counter((lf_takes_muon(n, p), tuple(sorted(p.shape))) for n, p in trained)
     have = Counter((g["muon"], tuple(sorted(p.shape))) for g in groups for p in g["params"])
