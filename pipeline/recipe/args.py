@@ -120,6 +120,7 @@ class TrainArgs:
     apollo_proj_type: str
     apollo_scale_type: str
     apollo_layerwise: bool  # the random projections' first seeds: 1 for every parameter, as LF's per-parameter optimizers
+    use_adam_mini: bool  # adam-mini's Adam_mini as LLaMA-Factory builds it (pipeline.train.adam_mini)
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float

@@ -63,7 +63,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "neat_packing", "loraplus_lr_ratio", "use_muon", "use_galore", "galore_target", "galore_rank",
           "galore_update_interval", "galore_scale", "galore_proj_type", "galore_layerwise", "use_apollo",
           "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",
-          "apollo_scale_type", "apollo_layerwise", "disable_shuffling", "pissa_init", "pissa_iter",
+          "apollo_scale_type", "apollo_layerwise", "use_adam_mini", "disable_shuffling", "pissa_init", "pissa_iter",
           "new_special_tokens", "add_special_tokens", "add_tokens", "new_special_tokens_config", "init_special_tokens",
           "split_special_tokens",
           "resize_vocab")

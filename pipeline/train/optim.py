@@ -83,7 +83,8 @@ def fused_supported(groups: list[dict[str, Any]]) -> bool:
 def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     """The recipe's groups: Muon's (pipeline.train.muon.muon_groups, by the parameters' transformers names) with
     use_muon, LLaMA-Factory's GaLore or APOLLO groups (pipeline.train.galore.galore_groups,
-    pipeline.train.apollo.apollo_groups) with use_galore or use_apollo, else param_groups with its weight decay,
+    pipeline.train.apollo.apollo_groups) with use_galore or use_apollo, Adam-mini's blocks
+    (pipeline.train.adam_mini.model_groups) with use_adam_mini, else param_groups with its weight decay,
     learning rate and LoRA+ ratio."""
     if train.use_muon:
         from pipeline.model.lora import family_of_model
@@ -99,18 +100,24 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
         from pipeline.train.apollo import apollo_groups
 
         return apollo_groups(model, train)
+    if train.use_adam_mini:
+        from pipeline.train.adam_mini import model_groups
+
+        return model_groups(model, train)
     return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
 
 
 def describe(groups: list[dict[str, Any]]) -> str:
     """One line for the start of a run: each group's tensors (Muon's or AdamW's where use_muon, GaLore's with its
-    rank where use_galore, APOLLO's where use_apollo), learning rate and weight decay."""
+    rank where use_galore, APOLLO's where use_apollo, Adam-mini's block kind where use_adam_mini), learning rate and weight decay."""
     def kind(group: dict[str, Any]) -> str:
         if group.get("low_rank") and "scale_type" in group:
             return (f" by APOLLO (rank {group['rank']}, {group['proj']} {group['proj_type']}, {group['scale_type']}, "
                     f"every {group['update_proj_gap']} steps)")
         if group.get("low_rank"):
             return f" by GaLore (rank {group['rank']}, {group['proj_type']}, every {group['update_proj_gap']} steps)"
+        if "block" in group:
+            return f" by Adam-mini ({group['block']})"
         if "muon" in group:
             return " by Muon" if group["muon"] else " by AdamW"
         return " by AdamW" if "low_rank" in group else ""
@@ -123,7 +130,7 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
     """AdamW over the trainable parameters, weight decay as transformers' Trainer (param_groups), fused where torch
     has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon); with use_galore, galore_torch's
     GaLoreAdamW (pipeline.train.galore); with use_apollo, apollo_torch's APOLLOAdamW
-    (pipeline.train.apollo)."""
+    (pipeline.train.apollo); with use_adam_mini, adam-mini's Adam_mini (pipeline.train.adam_mini)."""
     import torch
 
     groups = train_groups(model, train)
@@ -143,6 +150,10 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
 
         return APOLLOAdamW(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon,
                            layerwise=train.apollo_layerwise)
+    if train.use_adam_mini:
+        from pipeline.train.adam_mini import AdamMini
+
+        return AdamMini(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

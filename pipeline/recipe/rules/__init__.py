@@ -5,7 +5,7 @@ mistake gives one message), and `commands` limits it to the commands where it ma
 
 Where a rule lives, by the keys it reads (each module's docstring lists them):
   training.py    precision, training length, warmup, batches, do_train/do_eval/do_predict, DeepSpeed offload,
-                 Muon, GaLore, APOLLO, the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
+                 Muon, GaLore, APOLLO, Adam-mini, the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
   method.py      LoRA keys and targets, OFT, PiSSA, LLaMA Pro, freeze's layers and modules
   model.py       model_name_or_path, model_revision, adapter_name_or_path, cutoff_len against the context, rope_scaling
   tokenizer.py   template against the vocabulary, added tokens, tokenizer_name_or_path
@@ -79,6 +79,7 @@ ORDER = (
     training.muon_fits,
     training.galore_fits,
     training.apollo_fits,
+    training.adam_mini_fits,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

@@ -1,7 +1,8 @@
 """Rules on how the run trains: precision (fp16, bf16), its length (max_steps, num_train_epochs), warmup
 (warmup_ratio, warmup_steps), batches against the built data (per_device_train_batch_size,
 gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload and the client
-optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo), the schedule
+optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo, use_adam_mini), the
+schedule
 (lr_scheduler_type, lr_scheduler_kwargs, min_lr_ratio), gradient checkpointing, and sft's weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha).
 """
 from __future__ import annotations
@@ -193,6 +194,46 @@ def apollo_fits(ctx: Context) -> list[tuple[str, str]]:
                                              f"{v['apollo_proj_type']} projection makes the other side for one "
                                              "orientation (LLaMA-Factory stops there on a shape mismatch); use "
                                              "apollo_proj_type: std, or apollo_scale_type: tensor"))
+    return problems
+
+
+ADAM_MINI_ZERO = ("Adam-mini needs zero_stage 0: it keeps one second moment per row or attention head of each "
+                  "weight matrix, but ZeRO {stage} hands the optimizer flat slices of the parameters that cut rows "
+                  "and heads apart; {fix} (data parallel; the memory plan: `make plan`), or remove use_adam_mini")
+_OTHER_OPTIMIZERS = (("use_muon", "Muon"), ("use_galore", "GaLore"), ("use_apollo", "APOLLO"))
+
+
+@rule("use_adam_mini", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo",
+      "loraplus_lr_ratio")
+def adam_mini_fits(ctx: Context) -> list[tuple[str, str]]:
+    """Adam-mini (pipeline.train.adam_mini) steps whole matrices by row and head: ZeRO 0 only (a deepspeed JSON's
+    stage: train's preflight), and full or freeze fine-tuning: its blocks are read from the module names, and
+    LoRA's or OFT's small matrices under q_proj, v_proj, ... are no rows or heads of those weights (LLaMA-Factory
+    passes them in, and adam_mini cuts q/k's into blocks of hidden_size^2 / num_attention_heads elements: a view
+    that fails for most shapes). One optimizer at a time: LLaMA-Factory silently prefers GaLore, APOLLO and
+    LoRA+ to it, and it to Muon."""
+    v = ctx.values
+    if not v["use_adam_mini"]:
+        return []
+    problems = []
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        problems.append(("zero_stage", f"given {v['zero_stage']} with use_adam_mini: true: "
+                                       + ADAM_MINI_ZERO.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    if v["finetuning_type"] in ("lora", "oft"):
+        method = "LoRA" if v["finetuning_type"] == "lora" else "OFT"
+        problems.append(("use_adam_mini", f"given true with finetuning_type: {v['finetuning_type']}: Adam-mini's "
+                                          "blocks are rows and attention heads of whole weight matrices, which "
+                                          f"{method} freezes (LLaMA-Factory hands it {method}'s small matrices, "
+                                          "where its per-head view fails for most shapes); set finetuning_type: "
+                                          "full (or freeze), or remove use_adam_mini"))
+    for key, name in _OTHER_OPTIMIZERS:
+        if v[key]:
+            problems.append((key, f"given true with use_adam_mini: true: {name} and Adam-mini are two optimizers; "
+                                  "keep one of the two keys"))
+    if v["loraplus_lr_ratio"] is not None:
+        problems.append(("loraplus_lr_ratio", f"given {show(v['loraplus_lr_ratio'])} with use_adam_mini: true: "
+                                              "LoRA+ and Adam-mini are two optimizers (LLaMA-Factory silently "
+                                              "trains with LoRA+'s AdamW); keep one of the two keys"))
     return problems
 
 
