@@ -8,7 +8,6 @@ quoted), stepping transformers' own model of the same checkpoint by its own para
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -108,8 +107,10 @@ def test_three_steps_equal_adam_minis_on_transformers_model_bitwise(checkpoints,
     weights are): after each step every tensor is adam_mini's to the bit. Qwen2 (GQA: 4 query heads, 2 key/value
     groups) has q/k blocks by head, q/k/v biases by element, v/o/MLP/the tied embedding by row, norms whole; GPT-2's
     MLP by transformers' rows (our columns), its fused c_attn, attention c_proj and wpe whole."""
-    path, hf = checkpoints[family]
-    hf = copy.deepcopy(hf)
+    import transformers
+
+    path = checkpoints[family][0]  # transformers' model read afresh: other tests wrap the fixture's in PEFT
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
     ours = load_model(path).float()
     to_hf, conv1d = family_of_model(ours).to_hf, family_of_model(ours).is_conv1d
     optimizer = make_optimizer(ours, args())
