@@ -8,7 +8,6 @@ quoted), stepping transformers' own model of the same checkpoint by its own para
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -21,7 +20,7 @@ from pipeline.recipe.args import train_args
 from pipeline.train.adam_mini import AdamMini, adam_mini_groups
 from pipeline.train.optim import describe, make_optimizer, train_groups
 from tests.train.test_galore import resume_is_exact
-from tests.train.test_muon import refused
+from tests.train.test_muon import refused, refused_with_a_deepspeed_json
 
 LR, DECAY, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-6
 
@@ -168,13 +167,7 @@ def test_what_adam_mini_cannot_do_here_is_refused_where_the_recipe_says_so(tmp_p
             "optimizers") in err, err
     assert (f"{at['loraplus_lr_ratio']}20: loraplus_lr_ratio: given 16.0 with use_adam_mini: true: LoRA+ and "
             "Adam-mini are two optimizers") in err, err
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
-                          finetuning_type="full", use_adam_mini=True, deepspeed="ds.json")
-    err = refused(["train", str(recipe)], tmp_path)
-    assert err.startswith("error: ds.json: zero_optimization.stage is 3 with use_adam_mini: true: Adam-mini needs "
-                          "zero_stage 0"), err
-    assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
+    refused_with_a_deepspeed_json(tmp_path, 3, "use_adam_mini", "Adam-mini")
 
 
 @pytest.mark.slow  # ~15 s (35 s on a loaded machine): three runs of a tiny Llama, as GaLore's and APOLLO's

@@ -8,7 +8,6 @@ galore_projector.py, line numbers quoted) as GaLoreReference, with its GaLorePro
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -21,7 +20,7 @@ from pipeline.recipe.args import train_args
 from pipeline.train.galore import GaLoreAdamW
 from pipeline.train.optim import describe, make_optimizer, train_groups
 from tests.acceptance.harness import write_hf_checkpoint
-from tests.train.test_muon import refused
+from tests.train.test_muon import refused, refused_with_a_deepspeed_json
 
 LR, DECAY, BETAS, EPS = 1e-2, 0.1, (0.9, 0.95), 1e-6
 
@@ -280,13 +279,7 @@ def test_what_galore_cannot_do_here_or_in_llamafactory_is_refused_where_the_reci
     assert f"{at['use_muon']}11: use_muon: given true with use_galore: true: Muon and GaLore are two optimizers" in err
     assert (f"{at['galore_layerwise']}19: galore_layerwise: given true with gradient_accumulation_steps 2: layer-wise "
             "GaLore steps each weight as soon as its gradient is ready") in err, err
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
-    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
-                          finetuning_type="full", use_galore=True, deepspeed="ds.json")
-    err = refused(["train", str(recipe)], tmp_path)
-    assert err.startswith("error: ds.json: zero_optimization.stage is 1 with use_galore: true: GaLore needs "
-                          "zero_stage 0"), err
-    assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
+    refused_with_a_deepspeed_json(tmp_path, 1, "use_galore", "GaLore")
 
 
 def resume_is_exact(make_recipe, workdir, **keys) -> Any:
