@@ -121,6 +121,10 @@ class TrainArgs:
     apollo_scale_type: str
     apollo_layerwise: bool  # the random projections' first seeds: 1 for every parameter, as LF's per-parameter optimizers
     use_adam_mini: bool  # adam-mini's Adam_mini as LLaMA-Factory builds it (pipeline.train.adam_mini)
+    use_badam: bool  # badam's BlockOptimizer (layer mode) as LLaMA-Factory builds it (pipeline.train.badam)
+    badam_start_block: int | None
+    badam_switch_mode: str
+    badam_switch_interval: int
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float

@@ -100,25 +100,28 @@ def pissa_iter_notice(r: Any) -> str | None:
     return f"notice: {origin.where}: pissa_iter: accepted without effect: it only matters with pissa_init: true (PiSSA)"
 
 
-LOW_RANK_KEYS = {"galore": ("GaLore", ("galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+OPTIMIZER_KEYS = {"galore": ("GaLore", ("galore_target", "galore_rank", "galore_update_interval", "galore_scale",
                                          "galore_proj_type", "galore_layerwise")),
                  "apollo": ("APOLLO", ("apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
-                                       "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise"))}
+                                       "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise")),
+                 "badam": ("BAdam", ("badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
+                                     "badam_update_ratio", "badam_mask_mode"))}
 LAYERWISE = ("the update is LLaMA-Factory's layer-wise one (each weight's own step, and no gradient clipping: there "
              "the hooks clear each gradient before transformers clips, so max_grad_norm does nothing), taken after "
              "the backward pass rather than inside it: the gradient memory it saves there is not saved here")
 
 
-def low_rank_notices(r: Any) -> list[str]:
-    """The galore_* / apollo_* keys (LLaMA-Factory's recipes carry them) do nothing without use_galore / use_apollo:
+def optimizer_key_notices(r: Any) -> list[str]:
+    """The galore_* / apollo_* / badam_* keys (LLaMA-Factory's recipes carry them) do nothing without use_galore /
+    use_apollo / use_badam:
     said once each, as for pissa_iter. With it, *_layerwise: true trains LLaMA-Factory's layer-wise update without
     its memory saving (DeepSpeed steps the optimizer after the backward pass): said too."""
     out = []
-    for key, (name, keys) in LOW_RANK_KEYS.items():
+    for key, (name, keys) in OPTIMIZER_KEYS.items():
         if not r[f"use_{key}"]:
             out += [f"notice: {r.origin(k).where}: {k}: accepted without effect: it only matters with use_{key}: true "
                     f"({name})" for k in keys if r.origin(k).kind in ("file", "cli")]
-        elif r[f"{key}_layerwise"]:
+        elif f"{key}_layerwise" in keys and r[f"{key}_layerwise"]:
             out.append(f"notice: {r.origin(f'{key}_layerwise').where}: {key}_layerwise: true: {LAYERWISE}")
     return out
 
@@ -227,13 +230,13 @@ def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
-    galore_* / apollo_* keys without use_galore / use_apollo, and *_layerwise with it."""
+    galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it."""
     lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r))
     out = [line for line in lines if line]
     out += new_tokens_notices(r)
     out += dpo_dropout_notices(r)
-    out += low_rank_notices(r)
+    out += optimizer_key_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

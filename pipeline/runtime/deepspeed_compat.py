@@ -11,6 +11,7 @@ release where the item no longer holds, naming it.
   skip_shm_build               no ~75 s JIT build of a CPU shared-memory allreduce        runtime dist init
   SafeCheckpointEngine         DeepSpeed's save/load without pickle (CheckpointEngine)   train.checkpoint
   exclude_frozen_aliases       no frozen tied head in LoRA checkpoints (module_state_dict) train.checkpoint
+                               (frozen: not `trains`; BAdam's resting layers are kept)
   HELPER_SCRIPTS               recovery scripts DeepSpeed copies into a checkpoint        train.checkpoint
   STATE_CLASSES / STATE_ENUMS  DeepSpeed classes inside its state dicts (safestate allowlist) train.safestate
   fp32_master                  the fp32 master of a parameter (fp16_groups/fp32_groups)   train.export
@@ -134,13 +135,23 @@ def use_checkpoint_engine(engine: Any, checkpoint_engine: Any) -> None:
     engine.checkpoint_engine = checkpoint_engine
 
 
+IN_TURN = "trains_in_turn"  # set on parameters an optimizer trains in turn, switching requires_grad (BAdam)
+
+
+def trains(param: Any) -> bool:
+    """Whether the run trains `param`: requires_grad, or requires_grad off only until its turn comes (BAdam,
+    pipeline.train.badam, trains one decoder layer at a time). Checkpoints and exports hold what this says: a
+    layer BAdam trained and left is trained weight, not the base's."""
+    return bool(param.requires_grad or getattr(param, IN_TURN, False))
+
+
 def module_state_dict(self: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False,
                       exclude_frozen_parameters: bool = False) -> Any:
     """DeepSpeedEngine.module_state_dict, leaving out frozen parameters under every name they have."""
     state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
     if exclude_frozen_parameters:
         for name, param in self.module.named_parameters(remove_duplicate=False):
-            if not param.requires_grad:
+            if not trains(param):
                 state.pop(prefix + name, None)
     return state
 

@@ -43,7 +43,7 @@ def trainable_state(engine: Any) -> dict[str, Any]:
     keep = dist.is_main()
     state = {}
     for name, p in engine.module.named_parameters():
-        if p.requires_grad:
+        if deepspeed_compat.trains(p):
             value = deepspeed_compat.fp32_master(engine, p)
             if keep:
                 state[name] = value.detach().float().cpu().clone()

@@ -180,7 +180,7 @@ class Trainer:
         self.data = BatchStream(loader, state, train.gradient_accumulation_steps)
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
         self.profiler = profiler or StepProfiler(None)  # PIPELINE_PROFILE: torch.profiler over chosen steps
-        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.params = [p for p in engine.module.parameters() if deepspeed_compat.trains(p)]
         self.own_grad_norm = not deepspeed_compat.reports_grad_norm(engine)  # then the loop measures it itself
         self.last_saved_step: int | None = None
         self.window = Window()  # sums since the last log line; a resume restores the checkpoint's (Window.resumed)

@@ -84,8 +84,8 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     """The recipe's groups: Muon's (pipeline.train.muon.muon_groups, by the parameters' transformers names) with
     use_muon, LLaMA-Factory's GaLore or APOLLO groups (pipeline.train.galore.galore_groups,
     pipeline.train.apollo.apollo_groups) with use_galore or use_apollo, Adam-mini's blocks
-    (pipeline.train.adam_mini.model_groups) with use_adam_mini, else param_groups with its weight decay,
-    learning rate and LoRA+ ratio."""
+    (pipeline.train.adam_mini.model_groups) with use_adam_mini, BAdam's (pipeline.train.badam) with use_badam, else
+    param_groups with its weight decay, learning rate and LoRA+ ratio."""
     if train.use_muon:
         from pipeline.model.lora import family_of_model
         from pipeline.train.muon import muon_groups
@@ -104,6 +104,10 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
         from pipeline.train.adam_mini import model_groups
 
         return model_groups(model, train)
+    if train.use_badam:
+        from pipeline.train.badam import badam_groups
+
+        return badam_groups(model, train)[0]
     return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
 
 
@@ -130,7 +134,8 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
     """AdamW over the trainable parameters, weight decay as transformers' Trainer (param_groups), fused where torch
     has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon); with use_galore, galore_torch's
     GaLoreAdamW (pipeline.train.galore); with use_apollo, apollo_torch's APOLLOAdamW
-    (pipeline.train.apollo); with use_adam_mini, adam-mini's Adam_mini (pipeline.train.adam_mini)."""
+    (pipeline.train.apollo); with use_adam_mini, adam-mini's Adam_mini (pipeline.train.adam_mini); with use_badam,
+    BAdam's block-wise AdamW (pipeline.train.badam)."""
     import torch
 
     groups = train_groups(model, train)
@@ -154,6 +159,10 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
         from pipeline.train.adam_mini import AdamMini
 
         return AdamMini(groups, lr=train.learning_rate, betas=betas, eps=train.adam_epsilon)
+    if train.use_badam:
+        from pipeline.train.badam import make_badam
+
+        return make_badam(model, train)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

@@ -33,6 +33,9 @@ from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
+OPTIMIZERS = {"use_muon": "Muon", "use_galore": "GaLore", "use_apollo": "APOLLO", "use_adam_mini": "Adam-mini",
+              "use_badam": "BAdam"}  # the plan
+
 
 @dataclass
 class TrainResult:
@@ -238,10 +241,10 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    from pipeline.recipe.rules.training import ADAM_MINI_ZERO, APOLLO_ZERO, GALORE_ZERO, MUON_ZERO
+    from pipeline.recipe.rules.training import ADAM_MINI_ZERO, APOLLO_ZERO, BADAM_ZERO, GALORE_ZERO, MUON_ZERO
 
     for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO),
-                     ("use_adam_mini", ADAM_MINI_ZERO)):
+                     ("use_adam_mini", ADAM_MINI_ZERO), ("use_badam", BADAM_ZERO)):
         if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training's *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: true: "
                             + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
@@ -461,16 +464,17 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]
-    if (r["loraplus_lr_ratio"] is not None or r["use_muon"] or r["use_galore"] or r["use_apollo"]
-            or r["use_adam_mini"]):
+    if r["loraplus_lr_ratio"] is not None or any(r[key] for key in OPTIMIZERS):
         from pipeline.recipe.args import train_args
         from pipeline.train.optim import describe, train_groups
 
-        named = [f"{name} ({key})" for key, name in (("use_muon", "Muon"), ("use_galore", "GaLore"),
-                                                      ("use_apollo", "APOLLO"), ("use_adam_mini", "Adam-mini"))
-                 if r[key]]
+        named = [f"{name} ({key})" for key, name in OPTIMIZERS.items() if r[key]]
         which = named[0] if named else f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})"
         lines.append(f"optimizer: {which}: {describe(train_groups(model, train_args(r)))}")
+    if r["use_badam"]:
+        start = "" if r["badam_start_block"] is None else f" from layer {r['badam_start_block']}"
+        lines.append(f"badam: one decoder layer at a time, {r['badam_switch_mode']}{start}: the first for 1 step, "
+                     f"each next for {r['badam_switch_interval']}; embedding, final norm and head frozen")
     if r["finetuning_type"] == "lora" and r["pissa_init"]:
         svd = "the exact SVD" if r["pissa_iter"] == -1 else f"a randomized SVD, {r['pissa_iter']} power iterations"
         start = "the resumed checkpoint's starting pairs" if resume is not None else svd

@@ -80,6 +80,7 @@ ORDER = (
     training.galore_fits,
     training.apollo_fits,
     training.adam_mini_fits,
+    training.badam_fits,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

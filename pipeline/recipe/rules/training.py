@@ -1,9 +1,9 @@
 """Rules on how the run trains: precision (fp16, bf16), its length (max_steps, num_train_epochs), warmup
 (warmup_ratio, warmup_steps), batches against the built data (per_device_train_batch_size,
 gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload and the client
-optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo, use_adam_mini), the
-schedule
-(lr_scheduler_type, lr_scheduler_kwargs, min_lr_ratio), gradient checkpointing, and sft's weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha).
+optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo, use_adam_mini,
+use_badam), the schedule (lr_scheduler_type, lr_scheduler_kwargs, min_lr_ratio), gradient checkpointing, and sft's
+weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha).
 """
 from __future__ import annotations
 
@@ -234,6 +234,43 @@ def adam_mini_fits(ctx: Context) -> list[tuple[str, str]]:
         problems.append(("loraplus_lr_ratio", f"given {show(v['loraplus_lr_ratio'])} with use_adam_mini: true: "
                                               "LoRA+ and Adam-mini are two optimizers (LLaMA-Factory silently "
                                               "trains with LoRA+'s AdamW); keep one of the two keys"))
+    return problems
+
+
+BADAM_ZERO = ("BAdam needs zero_stage 0: it switches which decoder layer has gradients between optimizer steps, "
+              "which ZeRO {stage}'s flat partitions, built once over the trainable weights, do not follow "
+              "(LLaMA-Factory's BAdam re-partitions DeepSpeed's ZeRO-3 internals at each switch; that is not done "
+              "here); {fix} (data parallel), or remove use_badam")
+
+
+@rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo", "badam_mode",
+      "badam_switch_mode", "badam_start_block")
+def badam_fits(ctx: Context) -> list[tuple[str, str]]:
+    """BAdam (pipeline.train.badam): layer mode at ZeRO 0 (a deepspeed JSON's stage: train's preflight) on a full
+    fine-tune, one optimizer at a time; ratio mode refused; fixed needs its block."""
+    v = ctx.values
+    if not v["use_badam"]:
+        return []
+    problems = []
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        problems.append(("zero_stage", f"given {v['zero_stage']} with use_badam: true: "
+                                       + BADAM_ZERO.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    if v["finetuning_type"] != "full":
+        problems.append(("use_badam", f"given true with finetuning_type: {v['finetuning_type']}: BAdam trains whole "
+                                      "decoder layers in turn, overriding which weights the method trains "
+                                      "(LLaMA-Factory refuses it with lora); set finetuning_type: full, or remove "
+                                      "use_badam"))
+    for other, name in (("use_muon", "Muon"), ("use_galore", "GaLore"), ("use_apollo", "APOLLO")):
+        if v[other]:
+            problems.append((other, f"given true with use_badam: true: {name} and BAdam are two optimizers "
+                                    "(LLaMA-Factory refuses them together); keep one of the two keys"))
+    if v["badam_mode"] == "ratio":
+        problems.append(("badam_mode", "given 'ratio' with use_badam: true: ratio-wise BAdam (a sparse mask over "
+                                       "every weight's gradient) is not implemented here; use badam_mode: layer"))
+    if v["badam_switch_mode"] == "fixed" and v["badam_start_block"] is None:
+        problems.append(("badam_switch_mode", "given 'fixed' without badam_start_block: fixed trains one decoder "
+                                              "layer, which badam_start_block names (badam stops there without "
+                                              "it); set badam_start_block: <layer index>"))
     return problems
 
 
