@@ -199,6 +199,10 @@ def badam_groups(model: Any, train: TrainArgs) -> tuple[list[dict[str, Any]], li
     named = list(model.named_parameters())  # all of them: finetuning_type full (rules.training.badam_fits), and
     # requires_grad is BAdam's to set: inactive blocks have it off after the first switch
     prefixes = block_prefixes(to_hf(name) for name, _ in named)
+    if not prefixes:  # badam's block list is then empty, and LLaMA-Factory fails on its first block
+        raise UserError(f"use_badam: BAdam trains the decoder layers its names call `layers.<i>.`, and this "
+                        f"{family_of_model(model).name} model's transformers names have none; use a Llama-style "
+                        "model (Llama, Qwen, Mistral), or remove use_badam")
     block_of = {}
     for name, param in named:
         hf = to_hf(name)

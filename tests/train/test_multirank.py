@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
+from tests.acceptance.harness import write_hf_checkpoint
 from tests.ports import run_on_free_port
 from tests.train.helpers import BASE_PT, BASE_SFT
 
@@ -27,9 +28,16 @@ REPO = Path(__file__).resolve().parents[2]
     # some answer tokens right by step 2, so the accuracies are not all 0
     (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
                     learning_rate=3e-2)),
-], ids=["pt-zero2", "sft-varied-lengths-zero3"])
+    # BAdam (use_badam) at ZeRO 0: both ranks switch to the same layer after the same steps, and DeepSpeed averages
+    # the gradients of the layer that requires them (every switch after step 1, 3: both layers train)
+    # (a Llama: BAdam's blocks are the `layers.<i>.` of transformers' names, which the GPT-2 preset has not)
+    (BASE_SFT, dict(finetuning_type="full", zero_stage=0, use_badam=True, badam_switch_interval=2, llama=True)),
+], ids=["pt-zero2", "sft-varied-lengths-zero3", "sft-badam-zero0"])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir, base, stage_keys):
     keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, **stage_keys)
+    if keys.pop("llama", False):
+        write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
+        keys.update(model_name_or_path=str(workdir / "llama"), cutoff_len=256)
     one = train(make_recipe(base, name="one", per_device_train_batch_size=4, **keys))
     make_recipe(base, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml, builds data
     env = {**os.environ, "PYTHONPATH": str(REPO)}
