@@ -42,10 +42,11 @@ identity, so the same bookkeeping holds when DeepSpeed steps fp32 master copies 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -121,6 +122,7 @@ class BlockAdamW(torch.optim.Optimizer):
         self.blocks, self.order, self.interval = blocks, order, interval
         self.steps = 0
         self.active = -1
+        self.paused = False  # every_block_trainable: steps are ignored while DeepSpeed starts
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.switch()
 
@@ -145,6 +147,8 @@ class BlockAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.paused:
+            return loss
         for group, blocks in zip(self.param_groups, self.blocks):
             for param, block in zip(group["params"], blocks):
                 if block == self.active and param.grad is not None:
@@ -229,3 +233,24 @@ def make_badam(model: Any, train: TrainArgs) -> BlockAdamW:
     order = BlockOrder(count, train.badam_switch_mode, start, train.seed)
     return BlockAdamW(groups, blocks, order, train.badam_switch_interval, lr=train.learning_rate,
                       betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
+
+
+@contextlib.contextmanager
+def every_block_trainable(optimizer: Any) -> Iterator[None]:
+    """Around deepspeed.initialize: every block's tensors require gradients, and steps are ignored; then the
+    active block alone again. DeepSpeed's bf16 / fp16 wrapper at ZeRO 0 (FP16_UnfusedOptimizer) makes fp32 master
+    copies of the tensors that require gradients when it starts, and only of those (BAdam's switches need one for
+    every block), and takes one step with zero gradients to create the optimizer's state
+    (initialize_optimizer_states), which here would count towards the first switch and decay the weights. A no-op
+    for other optimizers."""
+    if not isinstance(optimizer, BlockAdamW):
+        yield
+        return
+    for weight in (w for weights in optimizer.weights for w in weights):
+        weight.requires_grad_(True)
+    optimizer.paused = True
+    try:
+        yield
+    finally:
+        optimizer.paused = False
+        optimizer._activate(optimizer.active)

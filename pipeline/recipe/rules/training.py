@@ -243,11 +243,11 @@ BADAM_ZERO = ("BAdam needs zero_stage 0: it switches which decoder layer has gra
               "here); {fix} (data parallel), or remove use_badam")
 
 
-@rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo", "bf16",
-      "fp16", "badam_mode", "badam_switch_mode", "badam_start_block", "badam_switch_interval")
+@rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo", "badam_mode",
+      "badam_switch_mode", "badam_start_block", "badam_switch_interval")
 def badam_fits(ctx: Context) -> list[tuple[str, str]]:
     """BAdam (pipeline.train.badam): layer mode at ZeRO 0 (a deepspeed JSON's stage: train's preflight) on a full
-    fine-tune in fp32, one optimizer at a time; ratio mode refused; fixed needs its block."""
+    fine-tune, one optimizer at a time; ratio mode refused; fixed needs its block; an interval of at least 1."""
     v = ctx.values
     if not v["use_badam"]:
         return []
@@ -264,13 +264,6 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
         if v[other]:
             problems.append((other, f"given true with use_badam: true: {name} and BAdam are two optimizers "
                                     "(LLaMA-Factory refuses them together); keep one of the two keys"))
-    for precision in ("bf16", "fp16"):
-        if v[precision]:
-            problems.append((precision, f"given true with use_badam: true: BAdam is verified here in fp32 only; "
-                                        f"under {precision} DeepSpeed's ZeRO-0 wrapper keeps fp32 master copies "
-                                        "that do not follow the layer switches (a test run updated the wrong "
-                                        f"layers; LLaMA-Factory loads the weights in bf16 instead); set "
-                                        f"{precision}: false, or remove use_badam"))
     interval = v["badam_switch_interval"]
     if interval < 1:
         problems.append(("badam_switch_interval", f"given {interval}, expected an integer >= 1 (steps per layer): "
