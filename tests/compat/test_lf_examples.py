@@ -86,16 +86,17 @@ def test_validate_does_what_the_table_says(example, checkouts):
 
 
 def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice(checkouts):
-    """use_badam (an optimizer not here) is the one error, at its line; badam_mode & co. say they only matter
-    with it. A multimodal template says so instead of suggesting the text template of a similar name."""
-    work, badam = checkouts["llama"], "examples/extras/badam/llama3_full_sft.yaml"
-    err = run_main(["validate", badam], work).err
-    assert f"error: {badam}:9:12: use_badam: given true: the BAdam block-wise optimizer is not implemented here" in err
-    assert not any(f"{key}:" in err for key in ("badam_mode", "badam_switch_mode", "badam_switch_interval"))
-    err = run_main(["validate", badam, "use_badam=false"], work).err
+    """use_asft_loss (a loss not here) is the error, at its line; asft_alpha says it only matters with it (the
+    example's dataset `math` is not in the demo data: identity in its place). A multimodal template says so instead
+    of suggesting the text template of a similar name."""
+    work, asft = checkouts["qwen"], "examples/extras/asft/qwen2_full_asft.yaml"
+    err = run_main(["validate", asft, "dataset=identity"], work).err
+    assert f"error: {asft}:10:16: use_asft_loss: given true: LLaMA-Factory's ASFT loss" in err, err
+    assert "asft_alpha:" not in err
+    err = run_main(["validate", asft, "dataset=identity", "use_asft_loss=false"], work).err
     assert not any(line.startswith("error: examples/") for line in err.splitlines())  # data not built: no file
-    assert (f"notice: {badam}:12:24: badam_switch_interval: accepted without effect: it only matters with use_badam "
-            "(BAdam), which is not implemented here") in err, err
+    assert (f"notice: {asft}:11:13: asft_alpha: accepted without effect: it only matters with use_asft_loss "
+            "(ASFT), which is not implemented here") in err, err
     err = run_main(["validate", "examples/train_lora/qwen3vl_lora_sft.yaml"], checkouts["qwen"]).err
     assert "template: given 'qwen3_vl_nothink', expected one of" in err
     assert "multimodal models are not supported (text only)" in err and "did you mean" not in err
