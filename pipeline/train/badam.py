@@ -54,6 +54,7 @@ from pipeline.errors import UserError
 from pipeline.recipe.args import TrainArgs
 from pipeline.runtime.deepspeed_compat import IN_TURN
 from pipeline.train.optim import decays
+from pipeline.train.per_param import PerParameterOptimizer
 
 LAYER = re.compile(r".*layers.[^.]*\.")  # badam block_optim.py:159, its layer_pattern (the `.` unescaped there too)
 
@@ -109,7 +110,7 @@ class BlockOrder:
         self.generator.set_state(state["generator"])
 
 
-class BlockAdamW(torch.optim.Optimizer):
+class BlockAdamW(PerParameterOptimizer):
     """AdamW on one block of parameters at a time (see the module docstring). `blocks[g][i]` is the block of the
     i-th parameter of group g; `weights[g][i]` the model tensor whose requires_grad follows the active block (the
     parameter itself in fp32; under bf16 DeepSpeed swaps the groups' tensors for fp32 masters, the positions stay)."""
@@ -123,6 +124,7 @@ class BlockAdamW(torch.optim.Optimizer):
         self.steps = 0
         self.active = -1
         self.paused = False  # every_block_trainable: steps are ignored while DeepSpeed starts
+        self._owner: dict[int, int] = {}  # id of a tensor in the groups -> its block, as of the current step
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.switch()
 
@@ -141,22 +143,22 @@ class BlockAdamW(torch.optim.Optimizer):
                     weight.grad = None
         self.state = defaultdict(dict)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        """AdamW on the active block's tensors that have a gradient; then the step is counted and, when due, the
+        next block takes over (block_optim.py:217-237)."""
         if self.paused:
-            return loss
-        for group, blocks in zip(self.param_groups, self.blocks):
-            for param, block in zip(group["params"], blocks):
-                if block == self.active and param.grad is not None:
-                    self._adamw(param, group)
+            return None
+        self._owner = {id(p): block for group, blocks in zip(self.param_groups, self.blocks)
+                       for p, block in zip(group["params"], blocks)}  # the groups' tensors now (fp32 masters)
+        loss = super().step(closure)
         self.steps += 1
         if (self.steps + 1) % self.interval == 0:
             self.switch()
         return loss
+
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        if self._owner[id(param)] == self.active:
+            self._adamw(param, group)
 
     def _adamw(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         """torch.optim.AdamW's single-tensor update (amsgrad off, maximize off)."""

@@ -7,7 +7,6 @@ transformers' own Llama names; orders written out by hand from those lines.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from tests.acceptance.harness import write_hf_checkpoint
 from tests.compat.lf_golden import saved_weights
 from tests.compat.test_badam_example import BAdamReference
 from tests.train.test_galore import resume_is_exact
-from tests.train.test_muon import refused
+from tests.train.test_muon import refused, refused_with_a_deepspeed_json
 
 ARGS = train_args({"learning_rate": 1e-3, "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.999,
                    "adam_epsilon": 1e-8, "use_badam": True, "badam_switch_mode": "ascending",
@@ -158,9 +157,4 @@ def test_what_badam_cannot_do_here_is_refused_where_the_recipe_says_so(tmp_path)
     assert ("23:24: badam_switch_interval: given -1, expected an integer >= 1 (steps per layer): LLaMA-Factory "
             "documents -1 as 'never switch', but badam then switches after every step") in \
         refused(["validate", str(recipe)], tmp_path)
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
-                          finetuning_type="full", use_badam=True, deepspeed="ds.json")
-    err = refused(["train", str(recipe)], tmp_path)
-    assert err.startswith("error: ds.json: zero_optimization.stage is 3 with use_badam: true: BAdam needs "
-                          "zero_stage 0"), err
+    refused_with_a_deepspeed_json(tmp_path, 3, "use_badam", "BAdam")
