@@ -43,6 +43,9 @@ def test_blocks_are_badams_over_transformers_names(tmp_path):
         hf_name = to_hf(name)
         assert (id(param) in held) == (".layers." in hf_name), name
         assert param.requires_grad == hf_name.startswith("model.layers.0."), name
+    with pytest.raises(UserError, match=r"badam_start_block: given 3, but the model has 3 decoder layers \(blocks "
+                                        r"0 to 2\)"):
+        make_optimizer(model, dataclasses.replace(ARGS, badam_start_block=3))
 
 
 def test_a_model_without_layers_in_its_names_is_refused(tmp_path):
