@@ -243,8 +243,8 @@ BADAM_ZERO = ("BAdam needs zero_stage 0: it switches which decoder layer has gra
               "here); {fix} (data parallel), or remove use_badam")
 
 
-@rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo", "badam_mode",
-      "badam_switch_mode", "badam_start_block", "badam_switch_interval")
+@rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo",
+      "use_adam_mini", "badam_mode", "badam_switch_mode", "badam_start_block", "badam_switch_interval")
 def badam_fits(ctx: Context) -> list[tuple[str, str]]:
     """BAdam (pipeline.train.badam): layer mode at ZeRO 0 (a deepspeed JSON's stage: train's preflight) on a full
     fine-tune, one optimizer at a time; ratio mode refused; fixed needs its block; an interval of at least 1."""
@@ -260,10 +260,13 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
                                       "decoder layers in turn, overriding which weights the method trains "
                                       "(LLaMA-Factory refuses it with lora); set finetuning_type: full, or remove "
                                       "use_badam"))
-    for other, name in (("use_muon", "Muon"), ("use_galore", "GaLore"), ("use_apollo", "APOLLO")):
+    for other, name, theirs in (("use_muon", "Muon", "silently builds BAdam's"),
+                                ("use_galore", "GaLore", "refuses the two together"),
+                                ("use_apollo", "APOLLO", "refuses the two together"),
+                                ("use_adam_mini", "Adam-mini", "silently builds BAdam's")):
         if v[other]:
             problems.append((other, f"given true with use_badam: true: {name} and BAdam are two optimizers "
-                                    "(LLaMA-Factory refuses them together); keep one of the two keys"))
+                                    f"(LLaMA-Factory {theirs}); keep one of the two keys"))
     interval = v["badam_switch_interval"]
     if interval < 1:
         problems.append(("badam_switch_interval", f"given {interval}, expected an integer >= 1 (steps per layer): "
