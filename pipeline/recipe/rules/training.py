@@ -1,4 +1,4 @@
-"""Rules on how the run trains: precision (fp16, bf16), its length (max_steps, num_train_epochs), warmup
+"""Rules on how the run trains: precision (fp16, bf16, pure_bf16), its length (max_steps, num_train_epochs), warmup
 (warmup_ratio, warmup_steps), batches against the built data (per_device_train_batch_size,
 gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload and the client
 optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo), the schedule
@@ -28,6 +28,42 @@ def fp16_needs_cuda(ctx: Context) -> list[tuple[str, str]]:
         return [("fp16", "fp16 needs a CUDA GPU and this machine has none; use bf16 on CPU "
                          "(bf16: true, fp16: false) or neither for fp32")]
     return []
+
+
+PURE_BF16_ZERO = ("pure_bf16 needs zero_stage 0: it steps the bf16 parameters themselves with no fp32 master copy, "
+                  "but ZeRO {stage} {why}; {fix}, or use bf16: true (mixed precision: fp32 master weights and "
+                  "optimizer states) with ZeRO")
+PURE_BF16_ZERO_WHY = {
+    1: "has DeepSpeed's optimizer keep an fp32 copy of every parameter slice and step that (LLaMA-Factory under a "
+       "DeepSpeed ZeRO-1/2 config does too, so its pure_bf16 keeps fp32 masters there)",
+    3: "is refused with it by LLaMA-Factory (\"pure_bf16 is incompatible with DeepSpeed ZeRO-3\")",
+}
+
+
+def pure_bf16_zero(stage: int, fix: str) -> str:
+    """Why pure_bf16 does not run under ZeRO `stage` (1-3), ending with `fix`; the recipe's zero_stage here, a
+    deepspeed JSON's stage in train's preflight."""
+    return PURE_BF16_ZERO.format(stage=stage, why=PURE_BF16_ZERO_WHY[3 if stage == 3 else 1], fix=fix)
+
+
+@rule("pure_bf16", "bf16", "fp16", "zero_stage", "deepspeed")
+def pure_bf16_fits(ctx: Context) -> list[tuple[str, str]]:
+    """pure_bf16 (pipeline.recipe.precision.precision): alone among the precision keys, and at ZeRO 0. bf16 beside it
+    is refused, not merged: here bf16 is DeepSpeed's mixed precision with fp32 masters, and LLaMA-Factory with both
+    adds torch autocast over the bf16 model, which this pipeline does not run."""
+    v = ctx.values
+    if not v["pure_bf16"]:
+        return []
+    problems = []
+    for key, why in (("bf16", "mixed precision with fp32 master weights, which pure_bf16 trains without (and "
+                              "LLaMA-Factory with both runs its bf16 model under torch autocast, not done here)"),
+                     ("fp16", "float16, and pure_bf16 trains the weights in bfloat16")):
+        if v[key]:
+            problems.append((key, f"given true with pure_bf16: true: {key} is {why}; keep one of the two keys"))
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        problems.append(("zero_stage", f"given {v['zero_stage']} with pure_bf16: true: "
+                                       + pure_bf16_zero(v["zero_stage"], "set zero_stage: 0")))
+    return problems
 
 
 @rule("max_steps", "num_train_epochs", commands=("train", "plan", "validate", None))
