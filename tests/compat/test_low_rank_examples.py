@@ -101,19 +101,37 @@ def test_without_use_galore_its_keys_say_they_do_nothing(tmp_path, lf_models):
     assert "layer-wise" not in err
 
 
-@pytest.mark.parametrize("override, says", [
-    ("bf16=true", "bf16: given true with pure_bf16: true: bf16 is mixed precision with fp32 master weights"),
-    ("zero_stage=2", "zero_stage: given 2 with pure_bf16: true: pure_bf16 needs zero_stage 0: it "
-                     "steps the bf16 parameters themselves with no fp32 master copy, but ZeRO 2 has DeepSpeed's "
-                     "optimizer keep an fp32 copy"),
-    ("zero_stage=3", "ZeRO 3 is refused with it by LLaMA-Factory"),
-])
-def test_pure_bf16_where_it_cannot_be_honoured_exits_2_with_the_reason(tmp_path, lf_models, override, says):
-    """The galore example (pure_bf16, use_galore) with one key that contradicts pure bf16: one error at that key,
-    exit 2, no traceback (use_galore's own ZeRO refusal comes too for the stages)."""
+def test_pure_bf16_where_it_cannot_be_honoured_exits_2_with_the_reason(tmp_path, lf_models):
+    """The galore example (pure_bf16) with bf16 and ZeRO 3 beside it: an error at each key with its reason, exit 2,
+    no traceback (use_galore's own ZeRO refusal comes too)."""
     from tests.reliability.rel_helpers import run_main
 
     work = lf_checkout(tmp_path, str(lf_models("llama")))
-    done = run_main(["validate", example("galore"), override], work)
+    done = run_main(["validate", example("galore"), "bf16=true", "zero_stage=3"], work)
     assert done.code == 2 and "Traceback" not in done.err, done.err
-    assert any(line.startswith("error: ") and says in line for line in done.err.splitlines()), done.err
+    errors = [line for line in done.err.splitlines() if line.startswith("error: ")]
+    for says in ("bf16: given true with pure_bf16: true: bf16 is mixed precision with fp32 master weights",
+                 "zero_stage: given 3 with pure_bf16: true: pure_bf16 needs zero_stage 0: it steps the bf16 "
+                 "parameters themselves with no fp32 master copy, but ZeRO 3 is refused with it by LLaMA-Factory"):
+        assert any(says in line for line in errors), (says, errors)
+
+
+def test_without_use_galore_the_example_is_torch_adamw_on_bf16_parameters(tmp_path, lf_models):
+    """The galore example with use_galore=false: pure_bf16 full fine-tuning by plain AdamW. Golden: transformers'
+    Llama in bf16 stepped by torch.optim.AdamW on its bf16 parameters (transformers' decay groups: not biases or
+    norms), clipped to max_grad_norm as transformers' Trainer clips, for 2 steps (bf16_within_a_step)."""
+    llama = lf_models("llama")
+    work = lf_checkout(tmp_path, str(llama))
+    plain = ["use_galore=false", "galore_layerwise=false", *STEPS[1:], "max_steps=2"]
+    err = pipeline("train", example("galore"), *plain, cwd=work, timeout=600).stderr
+    assert PURE in err and "optimizer:" not in err, err
+    r, batches, model = golden_start(work, example("galore"), plain, 2, llama, torch.bfloat16)
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if "norm" in n or "bias" in n]
+    decay = [p for n, p in named if not ("norm" in n or "bias" in n)]
+    adamw = torch.optim.AdamW([{"params": decay, "weight_decay": r["weight_decay"]},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=r["learning_rate"],
+                              betas=(r["adam_beta1"], r["adam_beta2"]), eps=r["adam_epsilon"])
+    goldens = stepped(model, batches, adamw.step, r["max_grad_norm"])
+    start = transformers.AutoModelForCausalLM.from_pretrained(llama).state_dict()
+    assert_each_step_equals(work / RUN, start, goldens)

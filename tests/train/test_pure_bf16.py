@@ -1,0 +1,43 @@
+"""pure_bf16 in the engine: what DeepSpeed is handed and keeps, and an exact resume.
+
+LLaMA-Factory 0.9.5 under pure_bf16 loads the model in bf16, skips the fp32 upcast of the trainable parameters
+(model/adapter.py: "Pure bf16 / BAdam detected, remaining trainable params in half precision"), and transformers'
+Trainer steps torch's AdamW on them: its exp_avg / exp_avg_sq are zeros_like(param), bf16. Here that must hold
+inside DeepSpeed: no bf16 section (it would keep fp32 masters), the engine's optimizer the client's own AdamW.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.acceptance.harness import write_hf_checkpoint
+from tests.train.test_galore import resume_is_exact
+
+
+def assert_pure(engine) -> None:
+    """Every parameter bf16, the engine's optimizer torch's AdamW itself (no DeepSpeed wrapper with fp32 copies),
+    and each of its moments bf16, as torch makes them for bf16 parameters."""
+    assert not engine.bfloat16_enabled() and not engine.fp16_enabled()
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    assert isinstance(engine.optimizer, torch.optim.AdamW), type(engine.optimizer)
+    states = [s for p in engine.module.parameters() if p.requires_grad for s in [engine.optimizer.state[p]]]
+    assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
+
+
+def test_lora_adapters_train_in_bf16_with_bf16_adam_states(make_recipe, workdir):
+    """LoRA's A and B stay bf16 too (LLaMA-Factory does not upcast them under pure_bf16); one step."""
+    from pipeline.train.run import train
+
+    write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
+    done = train(make_recipe(name="lora", model_name_or_path=str(workdir / "llama"), finetuning_type="lora",
+                             pure_bf16=True, max_steps=1, cutoff_len=256))
+    assert done.exit_code == 0
+    assert_pure(done.engine)
+    assert any("lora" in n for n, p in done.engine.module.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.slow  # ~15 s: three runs of a tiny Llama, as test_galore.py's resume test
+def test_interrupted_and_resumed_pure_bf16_run_equals_uninterrupted_bitwise(make_recipe, workdir):
+    """Full fine-tuning in pure bf16, stopped after step 3 and resumed: the bf16 weights and moments come back from
+    the checkpoint exactly (the weights saved as fp32 hold the bf16 values), so steps 4-6 equal the straight run's."""
+    assert_pure(resume_is_exact(make_recipe, workdir, pure_bf16=True).engine)
