@@ -7,6 +7,8 @@ inside DeepSpeed: no bf16 section (it would keep fp32 masters), the engine's opt
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -41,3 +43,20 @@ def test_interrupted_and_resumed_pure_bf16_run_equals_uninterrupted_bitwise(make
     """Full fine-tuning in pure bf16, stopped after step 3 and resumed: the bf16 weights and moments come back from
     the checkpoint exactly (the weights saved as fp32 hold the bf16 values), so steps 4-6 equal the straight run's."""
     assert_pure(resume_is_exact(make_recipe, workdir, pure_bf16=True).engine)
+
+
+def test_a_deepspeed_json_at_zero_2_is_refused_at_train_with_the_reason(tmp_path):
+    """The recipe's zero_stage is a rule (validate); a deepspeed JSON's stage is only known to train: exit 2 there,
+    before output_dir is made, naming the JSON."""
+    from tests.acceptance.harness import write_data, write_recipe
+    from tests.train.test_muon import refused
+
+    write_data(tmp_path / "data")
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
+                          finetuning_type="full", pure_bf16=True, deepspeed="ds.json")
+    err = refused(["train", str(recipe)], tmp_path)
+    assert err.startswith("error: ds.json: zero_optimization.stage is 2 with pure_bf16: true: pure_bf16 needs "
+                          "zero_stage 0: it steps the bf16 parameters themselves with no fp32 master copy, but ZeRO 2 "
+                          "has DeepSpeed's optimizer keep an fp32 copy of every parameter slice"), err
+    assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
