@@ -7,7 +7,8 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
     gradients    T * w                      ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
                                             reduce_bucket_size * w (DeepSpeed allocates it whole, per rank)
     optimizer    T * (8 + 4 if w == 2)      Adam m and v in fp32 (+ fp32 master weights under mixed precision);
-                                            pure_bf16: T * 4, m and v in bf16 and no master copy;
+                                            pure_bf16: T * 4, m and v in bf16 and no fp32 master copy
+                                            (+ 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
                                             plus fp32 logits for the loss; an upper bound: sft computes the
@@ -69,7 +70,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
     grads = trainable * w / (world if stage >= 2 else 1)
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * w  # DeepSpeed's default when unset
-    optim = trainable * (4 if pure else 12 if half else 8) / (world if stage >= 1 else 1)
+    # pure_bf16: m and v in bf16, plus ZeRO 1-2's bf16 partition copy of the weights DeepSpeed steps
+    optim = trainable * ((6 if stage in (1, 2) else 4) if pure else 12 if half else 8) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
 

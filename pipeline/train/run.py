@@ -242,15 +242,19 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    from pipeline.recipe.rules.training import APOLLO_ZERO, GALORE_ZERO, MUON_ZERO, pure_bf16_zero
+    from pipeline.recipe.rules.training import (APOLLO_ZERO, GALORE_ZERO, MUON_ZERO, PURE_BF16_OFFLOAD,
+                                                PURE_BF16_ZERO3)
 
-    fix = "set zero_optimization.stage to 0 there"
-    for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO),
-                     ("pure_bf16", None)):
+    for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO)):
         if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training's *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: true: "
-                            + (why.format(stage=r["zero_stage"], fix=fix) if why else
-                               pure_bf16_zero(r["zero_stage"], fix)))
+                            + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
+    if r["pure_bf16"] and r["zero_stage"] == 3:  # a deepspeed JSON's, as above
+        raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 with pure_bf16: true: "
+                        + PURE_BF16_ZERO3.format(fix="set zero_optimization.stage to 2 (or lower) there"))
+    if r["pure_bf16"] and r["zero_stage"] in (1, 2) and r["offload_optimizer"] != "none":
+        raise UserError(f"{r['deepspeed']}: zero_optimization.offload_optimizer is {r['offload_optimizer']} with "
+                        f"pure_bf16: true: {PURE_BF16_OFFLOAD}")
     if r["pure_bf16"]:
         pure_bf16_device()
     if r["world_size"] != dist.world_size():

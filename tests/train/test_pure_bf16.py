@@ -27,36 +27,52 @@ def assert_pure(engine) -> None:
 
 
 def test_lora_adapters_train_in_bf16_with_bf16_adam_states(make_recipe, workdir):
-    """LoRA's A and B stay bf16 too (LLaMA-Factory does not upcast them under pure_bf16); one step."""
+    """LoRA's A and B stay bf16 too (LLaMA-Factory does not upcast them under pure_bf16); one step at ZeRO 2, whose
+    partition copy is bf16 too (ZeRO 0: the tests below and tests/compat/test_low_rank_examples.py)."""
     from pipeline.train.run import train
 
     write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
     done = train(make_recipe(name="lora", model_name_or_path=str(workdir / "llama"), finetuning_type="lora",
-                             pure_bf16=True, max_steps=1, cutoff_len=256))
+                             pure_bf16=True, zero_stage=2, max_steps=1, cutoff_len=256))
     assert done.exit_code == 0
-    assert_pure(done.engine)
+    assert_pure_zero(done.engine)
     assert any("lora" in n for n, p in done.engine.module.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.slow  # ~15 s: three runs of a tiny Llama, as test_galore.py's resume test
-def test_interrupted_and_resumed_pure_bf16_run_equals_uninterrupted_bitwise(make_recipe, workdir):
+def assert_pure_zero(engine) -> None:
+    """ZeRO 1-2: DeepSpeed's partition copy of the parameters is bf16 (no fp32 master) and the client AdamW's
+    moments over it bf16."""
+    assert engine.bfloat16_enabled() and engine.bf16_master_weights_and_gradients()
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in engine.optimizer.single_partition_of_fp32_groups} == {torch.bfloat16}
+    states = list(engine.optimizer.optimizer.state.values())
+    assert states and all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == torch.bfloat16 for s in states)
+
+
+@pytest.mark.slow  # ~15 s a stage: three runs of a tiny Llama, as test_galore.py's resume test
+@pytest.mark.parametrize("zero_stage, pure", [(0, assert_pure), (2, assert_pure_zero)])
+def test_interrupted_and_resumed_pure_bf16_run_equals_uninterrupted_bitwise(make_recipe, workdir, zero_stage, pure):
     """Full fine-tuning in pure bf16, stopped after step 3 and resumed: the bf16 weights and moments come back from
     the checkpoint exactly (the weights saved as fp32 hold the bf16 values), so steps 4-6 equal the straight run's."""
-    assert_pure(resume_is_exact(make_recipe, workdir, pure_bf16=True).engine)
+    pure(resume_is_exact(make_recipe, workdir, pure_bf16=True, zero_stage=zero_stage).engine)
 
 
-def test_a_deepspeed_json_at_zero_2_is_refused_at_train_with_the_reason(tmp_path):
-    """The recipe's zero_stage is a rule (validate); a deepspeed JSON's stage is only known to train: exit 2 there,
-    before output_dir is made, naming the JSON."""
+def test_a_deepspeed_json_that_would_keep_fp32_masters_is_refused_at_train_with_the_reason(tmp_path):
+    """A deepspeed JSON's stage is only known to train: ZeRO 3 exits 2 there, before output_dir is made, naming the
+    JSON; at ZeRO 2 an explicit bf16 section that turns DeepSpeed's fp32 masters back on is refused at its line."""
     from tests.acceptance.harness import write_data, write_recipe
     from tests.train.test_muon import refused
 
     write_data(tmp_path / "data")
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
                           finetuning_type="full", pure_bf16=True, deepspeed="ds.json")
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
     err = refused(["train", str(recipe)], tmp_path)
-    assert err.startswith("error: ds.json: zero_optimization.stage is 2 with pure_bf16: true: pure_bf16 needs "
-                          "zero_stage 0: it steps the bf16 parameters themselves with no fp32 master copy, but ZeRO 2 "
-                          "has DeepSpeed's optimizer keep an fp32 copy of every parameter slice"), err
-    assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
+    assert err.startswith("error: ds.json: zero_optimization.stage is 3 with pure_bf16: true: pure_bf16 does not "
+                          "run under ZeRO 3: LLaMA-Factory refuses the two"), err
+    assert "set zero_optimization.stage to 2 (or lower) there" in err and not (tmp_path / "saves/r").exists()
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}))
+    err = refused(["train", str(recipe)], tmp_path)
+    assert ("ds.json:1:46: bf16.enabled: given false, but pure_bf16: true at ZeRO 2 needs true there (the bf16 "
+            'section {"enabled": true, "bf16_master_weights_and_grads": true, "bf16_optimizer_states": true}: no '
+            'fp32 master copy); set it to "auto" or remove the bf16 section') in err, err

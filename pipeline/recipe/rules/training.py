@@ -30,27 +30,20 @@ def fp16_needs_cuda(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-PURE_BF16_ZERO = ("pure_bf16 needs zero_stage 0: it steps the bf16 parameters themselves with no fp32 master copy, "
-                  "but ZeRO {stage} {why}; {fix}, or use bf16: true (mixed precision: fp32 master weights and "
-                  "optimizer states) with ZeRO")
-PURE_BF16_ZERO_WHY = {
-    1: "has DeepSpeed's optimizer keep an fp32 copy of every parameter slice and step that (LLaMA-Factory under a "
-       "DeepSpeed ZeRO-1/2 config does too, so its pure_bf16 keeps fp32 masters there)",
-    3: "is refused with it by LLaMA-Factory (\"pure_bf16 is incompatible with DeepSpeed ZeRO-3\")",
-}
+PURE_BF16_ZERO3 = ("pure_bf16 does not run under ZeRO 3: LLaMA-Factory refuses the two (\"`pure_bf16` is "
+                   "incompatible with DeepSpeed ZeRO-3\"); {fix}, or use bf16: true (mixed precision: fp32 master "
+                   "weights and optimizer states) with ZeRO 3")
+PURE_BF16_OFFLOAD = ("pure_bf16 with offload_optimizer: DeepSpeed keeps bf16 master weights only for its own compiled "
+                     "CPU Adam when the optimizer is offloaded, and the optimizer here is torch's AdamW; set "
+                     "offload_optimizer: none, or use bf16: true (fp32 masters) with the offload")
 
 
-def pure_bf16_zero(stage: int, fix: str) -> str:
-    """Why pure_bf16 does not run under ZeRO `stage` (1-3), ending with `fix`; the recipe's zero_stage here, a
-    deepspeed JSON's stage in train's preflight."""
-    return PURE_BF16_ZERO.format(stage=stage, why=PURE_BF16_ZERO_WHY[3 if stage == 3 else 1], fix=fix)
-
-
-@rule("pure_bf16", "bf16", "fp16", "zero_stage", "deepspeed")
+@rule("pure_bf16", "bf16", "fp16", "zero_stage", "deepspeed", "offload_optimizer")
 def pure_bf16_fits(ctx: Context) -> list[tuple[str, str]]:
-    """pure_bf16 (pipeline.recipe.precision.precision): alone among the precision keys, and at ZeRO 0. bf16 beside it
-    is refused, not merged: here bf16 is DeepSpeed's mixed precision with fp32 masters, and LLaMA-Factory with both
-    adds torch autocast over the bf16 model, which this pipeline does not run."""
+    """pure_bf16 (pipeline.recipe.precision.precision): alone among the precision keys, ZeRO 0-2 (a deepspeed JSON's
+    stage and offload: train's preflight), no optimizer offload. bf16 beside it is refused, not merged: here bf16 is
+    DeepSpeed's mixed precision with fp32 masters, and LLaMA-Factory with both adds torch autocast over the bf16
+    model, which this pipeline does not run."""
     v = ctx.values
     if not v["pure_bf16"]:
         return []
@@ -60,9 +53,12 @@ def pure_bf16_fits(ctx: Context) -> list[tuple[str, str]]:
                      ("fp16", "float16, and pure_bf16 trains the weights in bfloat16")):
         if v[key]:
             problems.append((key, f"given true with pure_bf16: true: {key} is {why}; keep one of the two keys"))
-    if v["deepspeed"] is None and v["zero_stage"] != 0:
-        problems.append(("zero_stage", f"given {v['zero_stage']} with pure_bf16: true: "
-                                       + pure_bf16_zero(v["zero_stage"], "set zero_stage: 0")))
+    if v["deepspeed"] is None and v["zero_stage"] == 3:
+        problems.append(("zero_stage", "given 3 with pure_bf16: true: "
+                                       + PURE_BF16_ZERO3.format(fix="set zero_stage: 2 (or lower)")))
+    if v["deepspeed"] is None and v["offload_optimizer"] != "none" and v["zero_stage"] in (1, 2):
+        problems.append(("offload_optimizer", f"given {v['offload_optimizer']} with pure_bf16: true: "
+                                              + PURE_BF16_OFFLOAD))
     return problems
 
 
