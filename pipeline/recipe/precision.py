@@ -55,8 +55,8 @@ def cpu_bf16() -> tuple[bool | None, str]:
 
 def precision(r: Mapping[str, Any]) -> str:
     """How the run trains: "pure_bf16" (LLaMA-Factory's key: the model, its trainable parameters included, in bf16,
-    stepped by the optimizer directly with bf16 states and no fp32 master copy; DeepSpeed's bf16 section stays
-    off so that it keeps none), "bf16" / "fp16" (mixed precision: DeepSpeed keeps fp32 masters), else "fp32"."""
+    stepped with bf16 optimizer states and no fp32 master copy: pipeline.recipe.dsconfig.bf16_section), "bf16" /
+    "fp16" (mixed precision: DeepSpeed keeps fp32 masters), else "fp32"."""
     if r.get("pure_bf16"):
         return "pure_bf16"
     return "bf16" if r.get("bf16") else "fp16" if r.get("fp16") else "fp32"

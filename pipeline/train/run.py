@@ -210,8 +210,8 @@ def reward_objective(r: Any, engine: Any) -> Any:
 
 
 def compute_dtype(r: Mapping[str, Any]) -> Any:
-    """The dtype the model is built in and computes in: bf16 (bf16, or pure_bf16, where it also trains in it:
-    DeepSpeed's bf16 section is off then and casts nothing), fp16, else fp32."""
+    """The dtype the model is built in and computes in: bf16 (bf16, or pure_bf16, where it also trains in it with
+    no fp32 master copy: pipeline.recipe.dsconfig.bf16_section), fp16, else fp32."""
     import torch
 
     from pipeline.recipe.precision import precision
