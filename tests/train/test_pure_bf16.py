@@ -76,3 +76,18 @@ def test_a_deepspeed_json_that_would_keep_fp32_masters_is_refused_at_train_with_
     assert ("ds.json:1:46: bf16.enabled: given false, but pure_bf16: true at ZeRO 2 needs true there (the bf16 "
             'section {"enabled": true, "bf16_master_weights_and_grads": true, "bf16_optimizer_states": true}: no '
             'fp32 master copy); set it to "auto" or remove the bf16 section') in err, err
+
+
+def test_a_gpu_without_bf16_is_refused_with_the_reason_and_a_cpu_is_not(monkeypatch):
+    """LLaMA-Factory: "This device does not support `pure_bf16`" (is_torch_bf16_gpu_available); a CPU runs bf16."""
+    from pipeline.errors import UserError
+    from pipeline.train.run import pure_bf16_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    pure_bf16_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    with pytest.raises(UserError, match=r"pure_bf16: true trains the weights in bfloat16, which this GPU \(Tesla "
+                                        r"V100\) does not support \(Ampere or newer has it\); set pure_bf16: false"):
+        pure_bf16_device()
