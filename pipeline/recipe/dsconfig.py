@@ -111,6 +111,19 @@ def gradient_clipping(values: Mapping[str, Any]) -> float:
     return values["max_grad_norm"]
 
 
+PURE_BF16_ZERO = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+
+
+def bf16_section(values: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's bf16 section. pure_bf16 (pipeline.recipe.precision) wants no fp32 master copy: at ZeRO 0 the
+    section stays off, so DeepSpeed leaves the bf16 parameters to the client optimizer; at ZeRO 1-2 it is on with
+    DeepSpeed's bf16 masters, gradients and optimizer states (its partition copy is then bf16, the parameters'
+    own values, and the optimizer's moments bf16: torch's AdamW on bf16 tensors, as at ZeRO 0)."""
+    if values.get("pure_bf16") and values["zero_stage"] in (1, 2):
+        return dict(PURE_BF16_ZERO)
+    return {"enabled": values["bf16"]}
+
+
 def generate(values: Mapping[str, Any], hidden_size: int | None = None, trainable: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for the recipe's values (world size included); `trainable`: the trainable
     parameter count where the model can be read (it sizes the ZeRO 1-2 reduce bucket)."""
@@ -138,7 +151,7 @@ def generate(values: Mapping[str, Any], hidden_size: int | None = None, trainabl
         "train_micro_batch_size_per_gpu": values["per_device_train_batch_size"],
         "gradient_accumulation_steps": values["gradient_accumulation_steps"],
         "gradient_clipping": gradient_clipping(values),
-        "bf16": {"enabled": values["bf16"]},
+        "bf16": bf16_section(values),
         "fp16": {
             "enabled": values["fp16"],
             "loss_scale": values["loss_scale"],
@@ -314,6 +327,14 @@ def _adopt(user: Mapping[str, Any], values: Mapping[str, Any], origins: Mapping[
     return adopted
 
 
+def _pure_bf16_contradiction(path: str, text: str, keys: tuple[str, ...], given: Any, ours: Any, stage: int) -> str:
+    """A bf16 section that would give DeepSpeed fp32 master copies (or other bf16 settings) under pure_bf16."""
+    wanted = json.dumps(bf16_section({"pure_bf16": True, "zero_stage": stage, "bf16": False}))
+    return (f"{_at(path, text, keys)}: {'.'.join(keys)}: given {json.dumps(given)}, but pure_bf16: true at ZeRO "
+            f"{stage} needs {json.dumps(ours)} there (the bf16 section {wanted}: no fp32 master copy); set it to "
+            "\"auto\" or remove the bf16 section")
+
+
 def _merge(generated: Mapping[str, Any], user: Mapping[str, Any], values: Mapping[str, Any],
            origins: Mapping[str, Origin], path: str, text: str, prefix: tuple[str, ...],
            problems: list[str]) -> dict[str, Any]:
@@ -333,7 +354,10 @@ def _merge(generated: Mapping[str, Any], user: Mapping[str, Any], values: Mappin
                 out[key] = copy.deepcopy(ours)
             continue
         recipe_key = STRICT.get(keys)
-        if recipe_key is not None:
+        if keys[0] == "bf16" and values.get("pure_bf16"):
+            if given != ours:
+                problems.append(_pure_bf16_contradiction(path, text, keys, given, ours, values["zero_stage"]))
+        elif recipe_key is not None:
             expected = values[recipe_key]
             same = given == expected and isinstance(given, bool) == isinstance(expected, bool)
             if not same:

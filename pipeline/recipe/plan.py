@@ -2,11 +2,13 @@
 
 Torch is never imported: the parameter counts come from pipeline.model.config's torch-free layout.
 
-Memory per rank (bytes; w = 2 with bf16/fp16, else 4; P = all parameters, T = trainable ones, N = world size):
+Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all parameters, T = trainable ones, N = world size):
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
     gradients    T * w                      ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
                                             reduce_bucket_size * w (DeepSpeed allocates it whole, per rank)
     optimizer    T * (8 + 4 if w == 2)      Adam m and v in fp32 (+ fp32 master weights under mixed precision);
+                                            pure_bf16: T * 4, m and v in bf16 and no fp32 master copy
+                                            (+ 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
                                             plus fp32 logits for the loss; an upper bound: sft computes the
@@ -61,13 +63,15 @@ def estimate_memory(r: Resolved) -> Memory | None:
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     world = r["world_size"]
+    pure = bool(r["pure_bf16"])  # bf16 weights, gradients and Adam states, no master copy (DeepSpeed's bf16 off)
     half = bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("fp16", {}).get("enabled"))
-    w = 2 if half else 4
+    w = 2 if half or pure else 4
     params = total * w / (world if stage == 3 else 1)
     grads = trainable * w / (world if stage >= 2 else 1)
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * w  # DeepSpeed's default when unset
-    optim = trainable * (12 if half else 8) / (world if stage >= 1 else 1)
+    # pure_bf16: m and v in bf16, plus ZeRO 1-2's bf16 partition copy of the weights DeepSpeed steps
+    optim = trainable * ((6 if stage in (1, 2) else 4) if pure else 12 if half else 8) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
 

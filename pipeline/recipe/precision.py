@@ -1,4 +1,5 @@
-"""Does `bf16: true` fit this machine? A notice when a CPU without native bf16 would emulate it.
+"""Does `bf16: true` (or `pure_bf16: true`) fit this machine? A notice when a CPU without native bf16 would
+emulate it; and which precision a run trains in (`precision`), the one place that reads the two keys together.
 
 On a CPU without avx512_bf16 or AMX, torch runs bf16 matmuls in emulation: measured on such a CPU, one
 LoRA step of a 4-layer gpt2-small-wide model took 49 s in bf16 against 0.9 s in fp32. Nothing is wrong
@@ -52,20 +53,31 @@ def cpu_bf16() -> tuple[bool | None, str]:
     return False, f"this CPU lacks {' and '.join(NATIVE_BF16_FLAGS)} in its flags"
 
 
+def precision(r: Mapping[str, Any]) -> str:
+    """How the run trains: "pure_bf16" (LLaMA-Factory's key: the model, its trainable parameters included, in bf16,
+    stepped with bf16 optimizer states and no fp32 master copy: pipeline.recipe.dsconfig.bf16_section), "bf16" /
+    "fp16" (mixed precision: DeepSpeed keeps fp32 masters), else "fp32"."""
+    if r.get("pure_bf16"):
+        return "pure_bf16"
+    return "bf16" if r.get("bf16") else "fp16" if r.get("fp16") else "fp32"
+
+
 def bf16_notice(r: Mapping[str, Any], *, cuda: bool, measured: str | None = None) -> str | None:
-    """The notice for `bf16: true` on a CPU that would emulate it, or None when bf16 fits (or is off)."""
-    if not r.get("bf16") or cuda:
+    """The notice for `bf16: true` or `pure_bf16: true` on a CPU that would emulate it, or None when bf16 fits (or
+    is off)."""
+    key = {"pure_bf16": "pure_bf16", "bf16": "bf16"}.get(precision(r))
+    if key is None or cuda:
         return None
     native, detected = cpu_bf16()
     if native is not False:
         return None
     source = getattr(r, "source", None)
-    origin = source("bf16") if source is not None else "default"
-    where = f"{origin}: bf16" if origin not in ("default", "derived") else "bf16"
+    origin = source(key) if source is not None else "default"
+    where = f"{origin}: {key}" if origin not in ("default", "derived") else key
     cost = f"{measured}; {PUBLISHED}" if measured else PUBLISHED
     return (f"notice: {where} is true, but no CUDA GPU was found and {detected}: bf16 is emulated here, "
-            f"often 10-50x slower than fp32 ({cost}). For this machine set bf16: false (or add the override "
-            "bf16=false); keep bf16: true for GPUs that have it")
+            f"often 10-50x slower than fp32 ({cost}). For this machine set {key}: false (or add the override "
+            f"{key}=false); keep {key}: true for GPUs that have it")
 
 
 def measured_slowdown(size: int = 256, repeats: int = 3) -> str:

@@ -54,7 +54,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", "use_rslora", "use_dora",
           "oft_rank", "oft_block_size",
           "additional_target", "freeze_trainable_layers", "use_llama_pro", "freeze_trainable_modules",
-          "freeze_extra_modules", "zero_stage", "bf16", "fp16", "world_size",
+          "freeze_extra_modules", "zero_stage", "bf16", "fp16", "pure_bf16", "world_size",
           "per_device_train_batch_size",
           "gradient_accumulation_steps", "seed", "cutoff_len", "model_name_or_path", "adapter_name_or_path",
           "context_length", "rope_scaling", "qkv_bias", "tie_word_embeddings", "dataset", "mix_strategy",

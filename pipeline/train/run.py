@@ -215,10 +215,14 @@ def reward_objective(r: Any, engine: Any) -> Any:
 
 
 def compute_dtype(r: Mapping[str, Any]) -> Any:
-    """The dtype DeepSpeed casts the model to and computes in: bf16, fp16, else fp32."""
+    """The dtype the model is built in and computes in: bf16 (bf16, or pure_bf16, where it also trains in it with
+    no fp32 master copy: pipeline.recipe.dsconfig.bf16_section), fp16, else fp32."""
     import torch
 
-    return torch.bfloat16 if r["bf16"] else torch.float16 if r["fp16"] else torch.float32
+    from pipeline.recipe.precision import precision
+
+    return {"pure_bf16": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(r),
+                                                                                           torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------- before training
@@ -243,16 +247,36 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    from pipeline.recipe.rules.training import ADAM_MINI_ZERO, APOLLO_ZERO, BADAM_ZERO, GALORE_ZERO, MUON_ZERO
+    from pipeline.recipe.rules.training import (ADAM_MINI_ZERO, APOLLO_ZERO, BADAM_ZERO, GALORE_ZERO, MUON_ZERO,
+                                                PURE_BF16_OFFLOAD, PURE_BF16_ZERO3)
 
     for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO),
                      ("use_adam_mini", ADAM_MINI_ZERO), ("use_badam", BADAM_ZERO)):
         if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training's *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: true: "
                             + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
+    if r["pure_bf16"] and r["zero_stage"] == 3:  # a deepspeed JSON's, as above
+        raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 with pure_bf16: true: "
+                        + PURE_BF16_ZERO3.format(fix="set zero_optimization.stage to 2 (or lower) there"))
+    if r["pure_bf16"] and r["zero_stage"] in (1, 2) and r["offload_optimizer"] != "none":
+        raise UserError(f"{r['deepspeed']}: zero_optimization.offload_optimizer is {r['offload_optimizer']} with "
+                        f"pure_bf16: true: {PURE_BF16_OFFLOAD}")
+    if r["pure_bf16"]:
+        pure_bf16_device()
     if r["world_size"] != dist.world_size():
         raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
                            f"{dist.world_size()}")
+
+
+def pure_bf16_device() -> None:
+    """pure_bf16 trains the weights in bf16: refused on a GPU without bf16 (LLaMA-Factory: "This device does not
+    support `pure_bf16`"). A CPU has bf16 (emulated where it lacks avx512_bf16 / AMX: the precision notice)."""
+    import torch
+
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(f"pure_bf16: true trains the weights in bfloat16, which this GPU "
+                        f"({torch.cuda.get_device_name()}) does not support (Ampere or newer has it); set "
+                        "pure_bf16: false (fp32), or fp16: true on this GPU")
 
 
 def enable_features(model: Any, r: Mapping[str, Any]) -> None:
@@ -452,8 +476,10 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
                loss_changes: list[dict[str, Any]]) -> None:
     from pipeline.data.loaders import item_name
     from pipeline.model.lora import trainable_report
+    from pipeline.recipe.precision import precision as recipe_precision
 
-    precision = "bf16" if r["bf16"] else "fp16" if r["fp16"] else "fp32"
+    precision = {"pure_bf16": "pure bf16 (bf16 weights and optimizer states, no fp32 master copy)"}.get(
+        recipe_precision(r), recipe_precision(r))
     items = item_name(data_args(r))
     lines = [
         trainable_report(model)[3],

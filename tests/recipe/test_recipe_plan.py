@@ -74,6 +74,16 @@ def test_memory_qwen3_preset_counts_gqa_swiglu_and_the_152k_head(write):
     assert checkpointed == round(28 * s * b * h * 2 + block + logits)  # each block's input + one block at a time
 
 
+@pytest.mark.parametrize("stage, optim", [(0, TINY_LORA_8 * 4), (2, TINY_LORA_8 * 6)])
+def test_memory_lora_pure_bf16(write, stage, optim):
+    """pure_bf16: Adam m and v in bf16 and no fp32 master copy (4 bytes per trainable parameter), plus DeepSpeed's
+    bf16 partition copy at ZeRO 1-2 (one rank here)."""
+    write("r.yaml", RECIPE + f"pure_bf16: true\nzero_stage: {stage}\n")
+    mem = estimate_memory(resolve("r.yaml"))
+    assert mem.gpu["parameters"] == TINY_PARAMS * 2 and mem.gpu["optimizer"] == optim
+    assert mem.gpu["activations"] == round(ACT_PER_BYTE * 2 + LOGITS)
+
+
 # ZeRO 1-2 also hold DeepSpeed's reduce-bucket staging buffer, whole on every rank: one bucket of every trainable
 # gradient (full fine-tuning here), in bf16
 @pytest.mark.parametrize("stage, params, grads, optim", [

@@ -36,6 +36,18 @@ def test_fp16_allowed_with_cuda(recipe, monkeypatch):
     assert resolve(recipe("fp16: true\n"))["fp16"] is True
 
 
+def test_pure_bf16_with_fp16_or_an_offloaded_optimizer_is_refused_at_the_key(recipe, monkeypatch):
+    """fp16 beside pure_bf16 (one precision), and ZeRO 2's offload_optimizer (DeepSpeed keeps bf16 masters with an
+    offloaded optimizer only for its compiled CPU Adam); ZeRO 2 itself, alone, is fine."""
+    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    got = errors(recipe("pure_bf16: true\nfp16: true\nzero_stage: 2\noffload_optimizer: cpu\n"))
+    assert any(m.startswith("r.yaml:6:7: fp16: given true with pure_bf16: true: fp16 is float16") for m in got), got
+    assert any(m.startswith("r.yaml:8:20: offload_optimizer: given cpu with pure_bf16: true: pure_bf16 with "
+                            "offload_optimizer: DeepSpeed keeps bf16 master weights only for its own compiled CPU Adam")
+               for m in got), got
+    assert resolve(recipe("pure_bf16: true\nzero_stage: 2\n"))["pure_bf16"] is True
+
+
 def test_fp16_without_cuda_only_matters_where_it_runs(recipe):
     path = recipe("fp16: true\n")
     assert errors(path, command="train") == [

@@ -43,6 +43,7 @@ def cuda_available() -> bool:
 ORDER = (
     training.fp16_and_bf16,
     training.fp16_needs_cuda,
+    training.pure_bf16_fits,
     method.lora_keys_need_lora,
     method.oft_keys_need_oft,
     method.oft_rank_or_block_size,

@@ -1,4 +1,4 @@
-"""Rules on how the run trains: precision (fp16, bf16), its length (max_steps, num_train_epochs), warmup
+"""Rules on how the run trains: precision (fp16, bf16, pure_bf16), its length (max_steps, num_train_epochs), warmup
 (warmup_ratio, warmup_steps), batches against the built data (per_device_train_batch_size,
 gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload and the client
 optimizers (zero_stage, offload_optimizer, offload_param, use_muon, use_galore, use_apollo, use_adam_mini,
@@ -29,6 +29,38 @@ def fp16_needs_cuda(ctx: Context) -> list[tuple[str, str]]:
         return [("fp16", "fp16 needs a CUDA GPU and this machine has none; use bf16 on CPU "
                          "(bf16: true, fp16: false) or neither for fp32")]
     return []
+
+
+PURE_BF16_ZERO3 = ("pure_bf16 does not run under ZeRO 3: LLaMA-Factory refuses the two (\"`pure_bf16` is "
+                   "incompatible with DeepSpeed ZeRO-3\"); {fix}, or use bf16: true (mixed precision: fp32 master "
+                   "weights and optimizer states) with ZeRO 3")
+PURE_BF16_OFFLOAD = ("pure_bf16 with offload_optimizer: DeepSpeed keeps bf16 master weights only for its own compiled "
+                     "CPU Adam when the optimizer is offloaded, and the optimizer here is torch's AdamW; set "
+                     "offload_optimizer: none, or use bf16: true (fp32 masters) with the offload")
+
+
+@rule("pure_bf16", "bf16", "fp16", "zero_stage", "deepspeed", "offload_optimizer")
+def pure_bf16_fits(ctx: Context) -> list[tuple[str, str]]:
+    """pure_bf16 (pipeline.recipe.precision.precision): alone among the precision keys, ZeRO 0-2 (a deepspeed JSON's
+    stage and offload: train's preflight), no optimizer offload. bf16 beside it is refused, not merged: here bf16 is
+    DeepSpeed's mixed precision with fp32 masters, and LLaMA-Factory with both adds torch autocast over the bf16
+    model, which this pipeline does not run."""
+    v = ctx.values
+    if not v["pure_bf16"]:
+        return []
+    problems = []
+    for key, why in (("bf16", "mixed precision with fp32 master weights, which pure_bf16 trains without (and "
+                              "LLaMA-Factory with both runs its bf16 model under torch autocast, not done here)"),
+                     ("fp16", "float16, and pure_bf16 trains the weights in bfloat16")):
+        if v[key]:
+            problems.append((key, f"given true with pure_bf16: true: {key} is {why}; keep one of the two keys"))
+    if v["deepspeed"] is None and v["zero_stage"] == 3:
+        problems.append(("zero_stage", "given 3 with pure_bf16: true: "
+                                       + PURE_BF16_ZERO3.format(fix="set zero_stage: 2 (or lower)")))
+    if v["deepspeed"] is None and v["offload_optimizer"] != "none" and v["zero_stage"] in (1, 2):
+        problems.append(("offload_optimizer", f"given {v['offload_optimizer']} with pure_bf16: true: "
+                                              + PURE_BF16_OFFLOAD))
+    return problems
 
 
 @rule("max_steps", "num_train_epochs", commands=("train", "plan", "validate", None))
