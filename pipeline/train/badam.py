@@ -123,7 +123,6 @@ class BlockAdamW(PerParameterOptimizer):
         self.blocks, self.order, self.interval = blocks, order, interval
         self.steps = 0
         self.active = -1
-        self.paused = False  # every_block_trainable: steps are ignored while DeepSpeed starts
         self._owner: dict[int, int] = {}  # id of a tensor in the groups -> its block, as of the current step
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.switch()
@@ -146,8 +145,6 @@ class BlockAdamW(PerParameterOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """AdamW on the active block's tensors that have a gradient; then the step is counted and, when due, the
         next block takes over (block_optim.py:217-237)."""
-        if self.paused:
-            return None
         self._owner = {id(p): block for group, blocks in zip(self.param_groups, self.blocks)
                        for p, block in zip(group["params"], blocks)}  # the groups' tensors now (fp32 masters)
         loss = super().step(closure)
@@ -239,20 +236,17 @@ def make_badam(model: Any, train: TrainArgs) -> BlockAdamW:
 
 @contextlib.contextmanager
 def every_block_trainable(optimizer: Any) -> Iterator[None]:
-    """Around deepspeed.initialize: every block's tensors require gradients, and steps are ignored; then the
-    active block alone again. DeepSpeed's bf16 / fp16 wrapper at ZeRO 0 (FP16_UnfusedOptimizer) makes fp32 master
-    copies of the tensors that require gradients when it starts, and only of those (BAdam's switches need one for
-    every block), and takes one step with zero gradients to create the optimizer's state
-    (initialize_optimizer_states), which here would count towards the first switch and decay the weights. A no-op
-    for other optimizers."""
+    """Around deepspeed.initialize: every block's tensors require gradients; then the active block alone again.
+    DeepSpeed's bf16 / fp16 wrapper at ZeRO 0 (FP16_UnfusedOptimizer) makes fp32 master copies of the tensors that
+    require gradients when it starts, and only of those, and BAdam's switches need one for every block (its
+    zero-gradient start-up step is skipped for every optimizer: optim.no_startup_step). A no-op for other
+    optimizers."""
     if not isinstance(optimizer, BlockAdamW):
         yield
         return
     for weight in (w for weights in optimizer.weights for w in weights):
         weight.requires_grad_(True)
-    optimizer.paused = True
     try:
         yield
     finally:
-        optimizer.paused = False
         optimizer._activate(optimizer.active)

@@ -29,8 +29,9 @@ a resumed run continues with the implementation its checkpoint's param groups na
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from pipeline.recipe.args import TrainArgs
 
@@ -166,3 +167,23 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)
+
+
+@contextlib.contextmanager
+def no_startup_step(optimizer: Any) -> Iterator[None]:
+    """Around deepspeed.initialize: the optimizer ignores step(). DeepSpeed's bf16 / fp16 wrapper at ZeRO 0
+    (FP16_UnfusedOptimizer.initialize_optimizer_states) steps the client optimizer once with zero gradients as it
+    starts, to allocate the optimizer's state. torch's AdamW counts that step, so its bias correction runs one step
+    behind for the whole run (the first real update ~0.74x AdamW's: m / (1 - b1^2) over sqrt(v / (1 - b2^2))), and
+    it decays every weight once by the starting learning rate x weight_decay; BAdam would count it towards its
+    first switch. Skipped, the state is created at the first real step, as under fp32 and ZeRO 1-3, which never take
+    that step."""
+    own = vars(optimizer).get("step")  # a step set on the instance itself (none for torch's optimizers)
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.step
+        else:
+            optimizer.step = own

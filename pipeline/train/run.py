@@ -77,7 +77,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
     from pipeline.train import step_profile
-    from pipeline.train.optim import make_optimizer
+    from pipeline.train.optim import make_optimizer, no_startup_step
     from pipeline.train.badam import every_block_trainable
     from pipeline.train.schedule import make_scheduler
 
@@ -115,9 +115,10 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     check_contiguous(model)
     args = train_args(r)
     optimizer = make_optimizer(model, args)
-    with every_block_trainable(optimizer):  # BAdam (pipeline.train.badam): masters for every layer under bf16
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                          lr_scheduler=make_scheduler(optimizer, args), config=r.ds_config)
+    scheduler = make_scheduler(optimizer, args)  # before no_startup_step: it wraps the optimizer's own step
+    with every_block_trainable(optimizer), no_startup_step(optimizer):  # BAdam: masters for every layer
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=r.ds_config)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
     objective = (preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES
                  else reward_objective(r, engine) if r["stage"] == "rm" else None)

@@ -87,3 +87,19 @@ def test_adamw_is_fused_on_cpu_and_steps_as_the_per_tensor_loop():
             opt.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("precision", [{"bf16": True}, {"bf16": False}])
+def test_adamw_counts_the_runs_updates_only_under_deepspeeds_zero0_wrapper(make_recipe, precision):
+    """DeepSpeed's bf16 / fp16 wrapper at ZeRO 0 steps the client optimizer once with zero gradients as it starts
+    (FP16_UnfusedOptimizer.initialize_optimizer_states): AdamW would count it, its bias correction one step behind
+    for the whole run (the first update ~0.74x AdamW's), and every weight decayed once before training
+    (pipeline.train.optim.no_startup_step). By hand: two updates, AdamW's step 2, and under bf16 the fp32 masters
+    start equal to the bf16 weights the model was built with."""
+    from pipeline.train.run import train
+
+    done = train(make_recipe(name="startup", zero_stage=0, max_steps=2, weight_decay=0.1, **precision))
+    assert done.exit_code == 0
+    adamw = getattr(done.engine.optimizer, "optimizer", done.engine.optimizer)  # the wrapper's client optimizer
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.state
+    assert {float(s["step"]) for s in adamw.state.values()} == {2.0}
