@@ -61,7 +61,7 @@ def test_merge_without_adapter_says_how_to_make_one(make_run):
     adapter.rmdir()
     with pytest.raises(UserError) as err:
         merge.run(r)
-    assert "no LoRA adapter here" in err.value.messages[0] and "make train" in err.value.messages[0]
+    assert "no adapter here" in err.value.messages[0] and "make train" in err.value.messages[0]
     assert not (Path(r["output_dir"]) / "merged").exists()
 
 
