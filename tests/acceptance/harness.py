@@ -335,16 +335,19 @@ def pipeline(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float
 
 
 def refused(*args: str, cwd: str | Path, as_typed: bool = True) -> str:
-    """The stderr of `python -m pipeline ARGS` in `cwd`, asserting exit 2: as a user types it (a fresh
-    interpreter), or with as_typed=False in this process (main(argv): the same refusal without an interpreter
-    start and torch's import, for the further cases of a table whose first case ran as typed)."""
+    """The stderr of `python -m pipeline ARGS` in `cwd`, asserting exit 2 and no traceback: as a user types it (a
+    fresh interpreter), or with as_typed=False in this process (main(argv): the same refusal without an
+    interpreter start and torch's import, for the further cases of a table whose first case ran as typed)."""
     if as_typed:
-        return pipeline(*args, cwd=cwd, expect=2).stderr
-    from tests.reliability.rel_helpers import run_main
+        stderr = pipeline(*args, cwd=cwd, expect=2).stderr
+    else:
+        from tests.reliability.rel_helpers import run_main
 
-    done = run_main(list(map(str, args)), Path(cwd))
-    assert done.code == 2, f"{' '.join(map(str, args))} exited {done.code}, expected 2\n{done.err[-6000:]}"
-    return done.err
+        done = run_main(list(map(str, args)), Path(cwd))
+        assert done.code == 2, f"{' '.join(map(str, args))} exited {done.code}, expected 2\n{done.err[-6000:]}"
+        stderr = done.err
+    assert "Traceback" not in stderr, stderr
+    return stderr
 
 
 def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 600,
