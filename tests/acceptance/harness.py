@@ -10,7 +10,8 @@ Reused by every acceptance test (and by other test folders): import from `tests.
 - `write_ranking_data(directory)`: LLaMA-Factory ranking (preference) data beside write_data's; `DPO`: a tiny
   dpo recipe on it.
 - `pipeline(*args, cwd=...)` / `make(*targets, cwd=...)`: run `python -m pipeline ...` or `make ...` in a
-  subprocess and assert the exit code; the result keeps stdout and stderr for further asserts.
+  subprocess and assert the exit code; the result keeps stdout and stderr for further asserts. `refused(...)`:
+  the stderr of a command that must exit 2, as typed or (as_typed=False) in-process.
 - `scratch_repo(root)`: a scratch copy of the repository (Makefile, code, a venv shim) for `make` runs.
 - `crash_copy(straight, crashed, step)`: what a run killed after its step-N checkpoint leaves; `assert_same_run`:
   the resumed run ended bitwise where the uninterrupted one did.
@@ -331,6 +332,22 @@ def pipeline(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float
     """`python -m pipeline ARGS` in `cwd`, as a user types it; asserts the exit code unless expect=None."""
     return _run([PYTHON, "-m", "pipeline", *map(str, args)], cwd=Path(cwd), expect=expect, timeout=timeout,
                 env=env, input=input)
+
+
+def refused(*args: str, cwd: str | Path, as_typed: bool = True) -> str:
+    """The stderr of `python -m pipeline ARGS` in `cwd`, asserting exit 2 and no traceback: as a user types it (a
+    fresh interpreter), or with as_typed=False in this process (main(argv): the same refusal without an
+    interpreter start and torch's import, for the further cases of a table whose first case ran as typed)."""
+    if as_typed:
+        stderr = pipeline(*args, cwd=cwd, expect=2).stderr
+    else:
+        from tests.reliability.rel_helpers import run_main
+
+        done = run_main(list(map(str, args)), Path(cwd))
+        assert done.code == 2, f"{' '.join(map(str, args))} exited {done.code}, expected 2\n{done.err[-6000:]}"
+        stderr = done.err
+    assert "Traceback" not in stderr, stderr
+    return stderr
 
 
 def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 600,

@@ -91,7 +91,9 @@ def test_full_sft_then_export_then_inference(tmp_path):
     extra = template_override()
     sft = "examples/train_full/qwen3_full_sft.yaml"
     pipeline("build", sft, *extra, cwd=work)
-    pipeline("train", sft, *extra, cwd=work, timeout=900)
+    # one epoch of the recipe's three (a command-line override, as a user shortens a run): the epochs and their
+    # step count are test_lora_sft_then_merge_lora_then_inference's
+    pipeline("train", sft, *extra, "num_train_epochs=1", cwd=work, timeout=900)
     assert json.loads((work / "saves/qwen3-4b/full/sft/ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     pipeline("export", "examples/merge_lora/qwen3_full_sft.yaml", *extra, cwd=work)
     exported = transformers.AutoModelForCausalLM.from_pretrained(work / "saves/qwen3_sft_merged").eval()

@@ -5,14 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.acceptance.harness import cli_env, pipeline, write_data, write_hf_checkpoint, write_recipe
-
-
-def refused(*args: str, cwd: Path) -> str:
-    """stderr of a command that must exit 2 with one message and no traceback."""
-    result = pipeline(*args, cwd=cwd, expect=2)
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stderr
+from tests.acceptance.harness import cli_env, pipeline, refused, write_data, write_hf_checkpoint, write_recipe
 
 
 def test_a_model_folders_own_tokenizer_larger_than_its_embedding_table(tmp_path):

@@ -154,13 +154,15 @@ def test_an_adapter_hub_id_resolves_from_the_offline_cache(tmp_path):
 def test_default_system_replaces_the_templates_system_prompt(tmp_path, checkpoint):
     """LLaMA-Factory's default_system (template.default_system = data_args.default_system): the system prompt of
     rows without their own, in what the trainer sees; "" drops Qwen's default. It was refused as unsupported."""
+    from tests.reliability.rel_helpers import run_main  # in-process: the subprocess path is the test above's
+
     project(tmp_path, str(checkpoint), "qwen")
-    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    assert run_main(["build", "recipe.yaml"], tmp_path).code == 0
     qwens = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-    assert qwens in cli(tmp_path, "inspect", "recipe.yaml", "--num", "1").stdout
-    done = cli(tmp_path, "inspect", "recipe.yaml", "--num", "1", "default_system=Be brief.")
-    assert done.returncode == 0, done.stderr
-    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello " in done.stdout, done.stdout
-    assert "You are Qwen" not in done.stdout
-    done = cli(tmp_path, "inspect", "recipe.yaml", "--num", "1", 'default_system=""')
-    assert done.returncode == 0 and "<|im_start|>system" not in done.stdout, done.stdout + done.stderr
+    assert qwens in run_main(["inspect", "recipe.yaml", "--num", "1"], tmp_path).out
+    done = run_main(["inspect", "recipe.yaml", "--num", "1", "default_system=Be brief."], tmp_path)
+    assert done.code == 0, done.err
+    assert "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello " in done.out, done.out
+    assert "You are Qwen" not in done.out
+    done = run_main(["inspect", "recipe.yaml", "--num", "1", 'default_system=""'], tmp_path)
+    assert done.code == 0 and "<|im_start|>system" not in done.out, done.out + done.err
