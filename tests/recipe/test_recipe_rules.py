@@ -137,8 +137,8 @@ def test_adapter_and_checkpoint_paths(write):
                     "adapter_name_or_path: saves/x/adapter\nresume_from_checkpoint: saves/x/checkpoint-9\n")
     assert resolve("r.yaml", command="plan")["adapter_name_or_path"] == "saves/x/adapter"
     assert errors("r.yaml", command="train") == [
-        "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected a LoRA adapter "
-        "directory (e.g. saves/<recipe>/adapter)",
+        "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected an adapter "
+        "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)",
         "r.yaml:6:25: resume_from_checkpoint: directory 'saves/x/checkpoint-9' not found; give a checkpoint-<step> "
         "directory or 'latest'"]
     assert resolve("r.yaml", ["resume_from_checkpoint=latest", "adapter_name_or_path="], command="train")

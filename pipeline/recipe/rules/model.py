@@ -79,8 +79,8 @@ def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
         except UserError as err:
             return [("adapter_name_or_path", m.removeprefix("adapter_name_or_path: ")) for m in err.messages]
     if path is not None and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return [("adapter_name_or_path", f"{path!r} holds no adapter_config.json; expected a LoRA adapter "
-                                         "directory (e.g. saves/<recipe>/adapter)")]
+        return [("adapter_name_or_path", f"{path!r} holds no adapter_config.json; expected an adapter "
+                                         "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)")]
     return []
 
 

@@ -7,6 +7,8 @@ weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha).
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from pipeline.recipe import lr_kwargs
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import READS_BUILT_DATA, RUNS_HERE, Context, rebuilt_first, rule
@@ -129,6 +131,15 @@ def offload_needs_zero(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+def whole_matrices_only(v: Mapping[str, Any], key: str, why: str) -> list[tuple[str, str]]:
+    """The ZeRO-0 client optimizers (Muon, GaLore, APOLLO, Adam-mini, BAdam) refused at the recipe's ZeRO 1-3 with
+    their reason `why` ({stage}, {fix}); a deepspeed JSON's stage is train's preflight (the file's line there)."""
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        return [("zero_stage", f"given {v['zero_stage']} with {key}: true: "
+                               + why.format(stage=v["zero_stage"], fix="set zero_stage: 0"))]
+    return []
+
+
 MUON_ZERO = ("Muon needs zero_stage 0: it orthogonalizes each weight matrix's whole update, but ZeRO {stage} hands "
              "the optimizer flat slices of the parameters that cut the matrices apart (DeepSpeed's own Muon, which "
              "works on those slices, computes another update than LLaMA-Factory's: docs/training.md); {fix} (data "
@@ -143,10 +154,7 @@ def muon_fits(ctx: Context) -> list[tuple[str, str]]:
     if not ctx.values["use_muon"]:
         return []
     problems = []
-    if ctx.values["deepspeed"] is None and ctx.values["zero_stage"] != 0:
-        stage = ctx.values["zero_stage"]
-        problems.append(("zero_stage", f"given {stage} with use_muon: true: "
-                                       + MUON_ZERO.format(stage=stage, fix="set zero_stage: 0")))
+    problems += whole_matrices_only(ctx.values, "use_muon", MUON_ZERO)
     if ctx.values["loraplus_lr_ratio"] is not None:
         problems.append(("loraplus_lr_ratio", f"given {show(ctx.values['loraplus_lr_ratio'])} with use_muon: true: "
                                               "LoRA+ and Muon are two optimizers (LLaMA-Factory silently trains with "
@@ -172,9 +180,7 @@ def _low_rank_problems(ctx: Context, key: str, name: str, zero: str) -> list[tup
     if not v[f"use_{key}"]:
         return []
     problems = []
-    if v["deepspeed"] is None and v["zero_stage"] != 0:
-        problems.append(("zero_stage", f"given {v['zero_stage']} with use_{key}: true: "
-                                       + zero.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    problems += whole_matrices_only(v, f"use_{key}", zero)
     if v["finetuning_type"] == "lora":
         problems.append((f"use_{key}", f"given true with finetuning_type: lora: {name} projects the gradients of "
                                        "whole weight matrices, which LoRA freezes (LLaMA-Factory refuses the two "
@@ -248,9 +254,7 @@ def adam_mini_fits(ctx: Context) -> list[tuple[str, str]]:
     if not v["use_adam_mini"]:
         return []
     problems = []
-    if v["deepspeed"] is None and v["zero_stage"] != 0:
-        problems.append(("zero_stage", f"given {v['zero_stage']} with use_adam_mini: true: "
-                                       + ADAM_MINI_ZERO.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    problems += whole_matrices_only(v, "use_adam_mini", ADAM_MINI_ZERO)
     if v["finetuning_type"] in ("lora", "oft"):
         method = "LoRA" if v["finetuning_type"] == "lora" else "OFT"
         problems.append(("use_adam_mini", f"given true with finetuning_type: {v['finetuning_type']}: Adam-mini's "
@@ -284,9 +288,7 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
     if not v["use_badam"]:
         return []
     problems = []
-    if v["deepspeed"] is None and v["zero_stage"] != 0:
-        problems.append(("zero_stage", f"given {v['zero_stage']} with use_badam: true: "
-                                       + BADAM_ZERO.format(stage=v["zero_stage"], fix="set zero_stage: 0")))
+    problems += whole_matrices_only(v, "use_badam", BADAM_ZERO)
     if v["finetuning_type"] != "full":
         problems.append(("use_badam", f"given true with finetuning_type: {v['finetuning_type']}: BAdam trains whole "
                                       "decoder layers in turn, overriding which weights the method trains "
