@@ -69,7 +69,7 @@ def test_the_shipped_set():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_ids)
 def test_resolves_for_every_command(recipe, in_repo, monkeypatch):
-    monkeypatch.setattr(rules, "cuda_available", lambda: True)  # as on the GPU machine the examples target
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: True)  # as on the GPU machine the examples target
     for command in ("validate", "plan"):
         r = resolve(recipe, command=command)
         assert r["dataset"] and r["output_dir"] == f"saves/{Path(recipe).stem}"
@@ -88,7 +88,7 @@ def test_resolves_for_every_command(recipe, in_repo, monkeypatch):
 
 
 def test_fp16_recipes_on_a_cpu_machine_say_use_bf16(in_repo, monkeypatch):
-    monkeypatch.setattr(rules, "cuda_available", lambda: False)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: False)
     for recipe in FP16:
         with pytest.raises(UserError) as err:
             resolve(recipe, command="train")
@@ -124,7 +124,7 @@ def test_build_validate_plan_through_the_cli(recipe, data_dir):
     build = cli("build", recipe, override)
     assert build.returncode == 0, build.stderr
     validate = cli("validate", recipe, override)
-    if recipe in FP16 and not rules.cuda_available():
+    if recipe in FP16 and not rules.core.cuda_available():
         assert validate.returncode == 2 and "use bf16 on CPU" in validate.stderr, validate.stderr
         assert "Traceback" not in validate.stderr
     else:
@@ -154,7 +154,7 @@ def _train_rows(data_dir: Path, names: list[str]) -> int:
 def test_global_batch_and_steps_as_the_comments_say(recipe, world_size, global_batch, data_dir, in_repo,
                                                    monkeypatch):
     """The batch arithmetic in each example's comments, and its step counts from the built data."""
-    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: True)
     assert _cli("build", recipe, f"dataset_dir={data_dir}").returncode == 0
     env = {"WORLD_SIZE": str(world_size), "RANK": "0", "LOCAL_RANK": "0"}
     r = resolve(recipe, [f"dataset_dir={data_dir}"], command="plan", env=env)
@@ -169,7 +169,7 @@ def test_global_batch_and_steps_as_the_comments_say(recipe, world_size, global_b
 
 
 def test_deepspeed_settings_of_the_examples(in_repo, monkeypatch):
-    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: True)
     zero = {r: resolve(r, command="plan").ds_config["zero_optimization"] for r in RECIPES}
     assert zero["recipes/examples/gpt2_small_lora_sft_8gpu.yaml"]["stage"] == 2
     assert zero["recipes/examples/gpt2_medium_lora_sft_8gpu.yaml"]["stage"] == 2

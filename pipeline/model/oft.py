@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.model.config import oft_blocks
 from pipeline.model.families import Family
-from pipeline.model.lora import AdapterLinear, adapter_targets, family_of_model, replace_linears, train_additional
+from pipeline.model.adapter import AdapterLinear, adapter_targets, family_of_model, replace_linears, train_additional
 from pipeline.model.weights import note
 
 NEUMANN_TERMS = 5  # PEFT's OFTConfig.num_cayley_neumann_terms default (use_cayley_neumann: true by default)

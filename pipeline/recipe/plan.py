@@ -238,9 +238,9 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     r = packed_counts(r)
     print(render(r))
     from pipeline.recipe.precision import bf16_notice
-    from pipeline.recipe.rules import cuda_available
+    from pipeline.recipe.rules import core
 
-    notice = bf16_notice(r, cuda=cuda_available())
+    notice = bf16_notice(r, cuda=core.cuda_available())
     if notice:
         print(notice, file=sys.stderr)
     return 0

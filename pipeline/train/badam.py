@@ -53,7 +53,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.recipe.args import TrainArgs
 from pipeline.runtime.deepspeed_compat import IN_TURN
-from pipeline.train.optim import decays
+from pipeline.train.decay import decays
 from pipeline.train.per_param import PerParameterOptimizer
 
 LAYER = re.compile(r".*layers.[^.]*\.")  # badam block_optim.py:159, its layer_pattern (the `.` unescaped there too)
@@ -192,7 +192,7 @@ class BlockAdamW(PerParameterOptimizer):
 
 def badam_groups(model: Any, train: TrainArgs) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The AdamW groups over the tensors of the decoder layers, decayed and not (the recipe's weight decay by
-    transformers' rule, pipeline.train.optim.decays; every tensor, whichever block has requires_grad now) and
+    transformers' rule, pipeline.train.decay.decays; every tensor, whichever block has requires_grad now) and
     each tensor's block; the tensors in no block (embedding, final norm,
     head) are frozen, as BAdam never trains them. Called again for the plan's summary, after switches: the
     groups do not depend on which block is active."""

@@ -30,22 +30,13 @@ a resumed run continues with the implementation its checkpoint's param groups na
 from __future__ import annotations
 
 import contextlib
-import re
 from typing import Any, Iterable, Iterator
 
 from pipeline.recipe.args import TrainArgs
+from pipeline.train.decay import decays
 
 FUSED_DEVICES = ("cpu", "cuda")
 LORA_B = ("lora", "B")  # the last two parts of a LoRALayer B's name (pipeline.model.lora): LoRA+'s faster matrix
-# transformers' Trainer.get_decay_parameter_names: a (lower-cased) parameter name matching this is not decayed
-NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
-
-
-def decays(name: str) -> bool:
-    """Whether weight decay applies to the parameter `name` (transformers' rule; see the module docstring)."""
-    return NO_DECAY.search(name.lower()) is None
-
-
 def _ndim(param: Any) -> int:
     """A parameter's dimensions, also when ZeRO-3 has partitioned it (DeepSpeed keeps the shape in ds_shape)."""
     return len(getattr(param, "ds_shape", param.shape))

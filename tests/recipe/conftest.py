@@ -15,7 +15,7 @@ from tests.recipe.helpers import BASE
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(rules, "cuda_available", lambda: False)  # same answer on GPU and CPU machines
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: False)  # same answer on GPU and CPU machines
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
 

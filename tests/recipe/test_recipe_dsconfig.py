@@ -109,7 +109,7 @@ def test_generated_config_stage3_with_offload(recipe):
 def test_generated_fp16_section_follows_the_recipe(recipe, monkeypatch):
     from pipeline.recipe import rules
 
-    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: True)
     r = resolve(recipe("fp16: true\nloss_scale: 128\ninitial_scale_power: 12\nloss_scale_window: 500\n"
                        "hysteresis: 3\nmin_loss_scale: 0.5\n"))
     assert r.ds_config["fp16"] == {"enabled": True, "loss_scale": 128, "initial_scale_power": 12,

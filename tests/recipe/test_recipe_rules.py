@@ -6,7 +6,7 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.recipe import resolve, rules
 
-REAL_CUDA_AVAILABLE = rules.cuda_available  # taken at import, before the autouse fixture stubs it
+REAL_CUDA_AVAILABLE = rules.core.cuda_available  # taken at import, before the autouse fixture stubs it
 
 
 def errors(path: str, overrides=(), **kw) -> list[str]:
@@ -21,25 +21,25 @@ def test_rules_are_small_named_functions():
 
 
 def test_cuda_detection_without_torch(monkeypatch):
-    monkeypatch.setattr(rules.os.path, "exists", lambda p: p == "/dev/nvidia0")
+    monkeypatch.setattr(rules.core.os.path, "exists", lambda p: p == "/dev/nvidia0")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     assert REAL_CUDA_AVAILABLE() is True
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden
     assert REAL_CUDA_AVAILABLE() is False
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr(rules.os.path, "exists", lambda p: False)
+    monkeypatch.setattr(rules.core.os.path, "exists", lambda p: False)
     assert REAL_CUDA_AVAILABLE() is False
 
 
 def test_fp16_allowed_with_cuda(recipe, monkeypatch):
-    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: True)
     assert resolve(recipe("fp16: true\n"))["fp16"] is True
 
 
 def test_pure_bf16_with_fp16_or_an_offloaded_optimizer_is_refused_at_the_key(recipe, monkeypatch):
     """fp16 beside pure_bf16 (one precision), and ZeRO 2's offload_optimizer (DeepSpeed keeps bf16 masters with an
     offloaded optimizer only for its compiled CPU Adam); ZeRO 2 itself, alone, is fine."""
-    monkeypatch.setattr(rules, "cuda_available", lambda: True)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: True)
     got = errors(recipe("pure_bf16: true\nfp16: true\nzero_stage: 2\noffload_optimizer: cpu\n"))
     assert any(m.startswith("r.yaml:6:7: fp16: given true with pure_bf16: true: fp16 is float16") for m in got), got
     assert any(m.startswith("r.yaml:8:20: offload_optimizer: given cpu with pure_bf16: true: pure_bf16 with "

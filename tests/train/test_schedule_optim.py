@@ -56,7 +56,7 @@ def test_scheduler_drives_the_optimizer_lr_step_by_step():
 
 
 def test_adamw_decays_matrices_only_and_skips_frozen_weights():
-    # named as in our models (transformers' rule is by name: pipeline.train.optim.NO_DECAY)
+    # named as in our models (transformers' rule is by name: pipeline.train.decay.NO_DECAY)
     model = torch.nn.Sequential(OrderedDict(embed=torch.nn.Embedding(5, 4), up=torch.nn.Linear(4, 4),
                                             norm=torch.nn.LayerNorm(4), head=torch.nn.Linear(4, 2)))
     model.head.requires_grad_(False)

@@ -21,21 +21,13 @@ To add a rule: write it in its theme's module under `@rule(keys..., commands=...
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 from pipeline.recipe.load import Origin
 from pipeline.recipe.rules import data, method, model, outputs, preference, refused, stages, tokenizer, training
 from pipeline.recipe.rules.core import Context, Rule, in_order
 
-__all__ = ["Context", "ORDER", "RULES", "Rule", "cuda_available", "run"]
-
-
-def cuda_available() -> bool:
-    """Whether this machine has an NVIDIA GPU, without importing torch (tests monkeypatch this)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+__all__ = ["Context", "ORDER", "RULES", "Rule", "run"]
 
 
 # The order the rules run in. resolve sorts the messages by the recipe line they name; those about one key, and

@@ -5,6 +5,7 @@ rule checks lives in its theme's module, never here.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -14,6 +15,14 @@ RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None) 
 # Commands checked against the built row counts. Not `build`, which replaces those counts (a user told to "add
 # data" must be able to rebuild), nor `deps`, which only names files for make (and runs first in `make data`).
 READS_BUILT_DATA = ("validate", "inspect", "plan", "train", "merge", "export", "eval", "generate", "chat", None)
+
+
+def cuda_available() -> bool:
+    """Whether this machine has an NVIDIA GPU, without importing torch. Callers look it up here when they run
+    (`core.cuda_available()`), so tests stub it in one place: rules.core.cuda_available."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
 
 
 def rebuilt_first(ctx: "Context") -> bool:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe import lr_kwargs
 from pipeline.recipe.check import show
+from pipeline.recipe.rules import core
 from pipeline.recipe.rules.core import READS_BUILT_DATA, RUNS_HERE, Context, rebuilt_first, rule
 
 
@@ -25,9 +26,7 @@ def fp16_and_bf16(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("fp16", commands=RUNS_HERE)
 def fp16_needs_cuda(ctx: Context) -> list[tuple[str, str]]:
-    from pipeline.recipe import rules  # looked up there when the rule runs: tests stub rules.cuda_available
-
-    if ctx.values["fp16"] and not rules.cuda_available():
+    if ctx.values["fp16"] and not core.cuda_available():  # looked up when the rule runs: tests stub it there
         return [("fp16", "fp16 needs a CUDA GPU and this machine has none; use bf16 on CPU "
                          "(bf16: true, fp16: false) or neither for fp32")]
     return []

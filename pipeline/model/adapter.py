@@ -1,0 +1,114 @@
+"""What every adapter method shares (LoRA in pipeline.model.lora, OFT in pipeline.model.oft): the wrapped-Linear
+base class AdapterLinear, the walk that wraps the targeted Linears, how the targets and the modules trained in full
+beside them (additional_target, PEFT's modules_to_save) are chosen, and the facts about a model they read (its
+family, a reward model's score head, a tied head). Kept apart so that lora (which reads and loads adapters of
+either method) and oft (a method) both import it and not each other.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from pipeline.model.config import in_blocks, lora_candidates, select_modules
+from pipeline.model.families import FAMILIES, GPT2, Family
+
+TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
+
+
+class AdapterLinear(nn.Module):
+    """A frozen Linear with a trained adapter beside it (LoRA here, OFT in pipeline.model.oft): what merge,
+    save_adapter / load_adapter and adapters_disabled see, whatever the method.
+
+    A method says how it is written for PEFT (peft_type, peft_config, peft_params), what its merged Linear is
+    (merged_weight) and when it changes nothing (unchanged_by); RECIPE_KEYS maps its adapter_config.json keys to the
+    recipe keys that set them (a loaded adapter must match the model's)."""
+
+    peft_type = "LORA"
+    method = "LoRA"  # its name in messages
+    RECIPE_KEYS: Mapping[str, str] = {}
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.disabled = False  # adapters_disabled(): the base Linear alone (a preference loss's reference)
+
+    def peft_config(self, family: Family) -> dict[str, Any]:
+        """This layer's settings as adapter_config.json writes them (one set for the whole adapter)."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight of the one Linear that computes this layer (eval mode), in fp32 and nn.Linear layout."""
+        raise NotImplementedError
+
+    def peft_params(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        """PEFT's name for each trained tensor (after the module's key) -> (ours, stored transposed)."""
+        raise NotImplementedError
+
+    def unchanged_by(self) -> str | None:
+        """The PEFT tensor whose value makes this layer's update nothing, or None when the update is real."""
+        raise NotImplementedError
+
+
+def replace_linears(model: nn.Module, wrap: Callable[[nn.Linear], AdapterLinear], targets: set[str] | None = None,
+                    prefix: str = "") -> list[str]:
+    """The walk itself, for any adapter: each targeted Linear becomes wrap(linear); returns the paths."""
+    replaced = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.Linear) and (targets is None or path in targets):
+            wrapper = wrap(child)
+            setattr(model, name, wrapper.train(child.training))  # a new module would start in training mode
+            replaced.append(path)
+        elif not isinstance(child, AdapterLinear):
+            replaced += replace_linears(child, wrap, targets, prefix=path + ".")
+    return replaced
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
+                    additional_targets: str | Iterable[str] | None,
+                    blocks: Iterable[int] | None = None) -> tuple[list[str], list[str]]:
+    """(the Linears an adapter wraps, the modules trained in full beside it), as apply_lora describes them; any
+    adapter method (LoRA, OFT) picks its modules this one way."""
+    family = family_of_model(model)
+    chosen = in_blocks(select_modules(lora_candidates(linear_names(model)), targets, family=family), blocks)
+    modules = [n for n, _ in model.named_modules() if n]
+    extra = [] if not additional_targets else select_modules(modules, additional_targets, key="additional_target",
+                                                             family=family)
+    if is_reward_model(model) and "score" not in extra:  # a new head trains in full (PEFT SEQ_CLS's modules_to_save)
+        extra.append("score")
+    if head_is_tied(model) and set(TIED) & set(extra):
+        # training either trains the shared matrix, so both modules are saved and restored (PEFT's
+        # ensure_weight_tying): with one of them the adapter would give PEFT another model than the trained one
+        extra = [n for n in modules if n in extra or n in TIED]
+    return chosen, extra
+
+
+def train_additional(model: nn.Module, extra: list[str]) -> None:
+    """The modules trained in full beside the adapter (additional_target, PEFT's modules_to_save): trainable, and
+    remembered for save_adapter."""
+    for name in extra:
+        model.get_submodule(name).requires_grad_(True)
+    model._lora_additional = extra  # type: ignore[assignment]  # remembered for save_adapter (modules_to_save)
+
+
+def family_of_model(model: nn.Module) -> Family:
+    """The model's family (a GPTModel's cfg.family); a bare module (unit tests) counts as GPT-2."""
+    cfg = getattr(model, "cfg", None)
+    return FAMILIES[cfg.family] if cfg is not None else GPT2
+
+
+def is_reward_model(model: nn.Module) -> bool:
+    """Whether the model has transformers' `score` head (XForSequenceClassification, stage rm)."""
+    return isinstance(getattr(model, "score", None), nn.Module)
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the output head's weight is the token embedding's Parameter (tie_word_embeddings)."""
+    embed, head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+    return embed is not None and head is not None and head.weight is embed.weight
