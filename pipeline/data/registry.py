@@ -320,7 +320,7 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
     if data.form == "kto" and ranking:
         add(("ranking",), "preference pairs (ranking: true) train with stage: dpo (or rm); stage kto takes one "
                           "response per prompt with a kto_tag; remove \"ranking\" or set stage: dpo")
-    if ranking and data.form != "dpo":
+    elif ranking and data.form != "dpo":  # kto's own line above says it for stage kto: one message per mistake
         add(("ranking",), f"preference data (ranking: true: chosen/rejected answers) trains with stage: dpo, but the "
                           f"recipe's stage is {stage}; set stage: dpo (or rm: a reward model), or name an instruction "
                           "dataset")
