@@ -48,6 +48,23 @@ def test_blocks_are_badams_over_transformers_names(tmp_path):
         make_optimizer(model, dataclasses.replace(ARGS, badam_start_block=3))
 
 
+def test_a_start_block_past_the_last_layer_is_refused_at_its_line(tmp_path):
+    """Said by validate at the recipe's key when the model is on disk (3 layers: blocks 0-2), not when train has
+    built the model and its optimizer."""
+    from tests.acceptance.harness import write_data, write_recipe
+
+    write_hf_checkpoint(tmp_path / "llama", "llama", small_vocab=True, num_hidden_layers=3)
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="llama", template="llama3", dataset_dir="data",
+                          output_dir="saves/r", finetuning_type="full", use_badam=True, badam_start_block=3)
+    line = recipe.read_text().splitlines().index("badam_start_block: 3") + 1
+    assert refused(["validate", str(recipe)], tmp_path).startswith(
+        f"error: {recipe}:{line}:20: badam_start_block: given 3, but llama has 3 decoder layers (blocks 0 to 2); name "
+        "one of them"), recipe
+    assert refused(["validate", str(recipe), "badam_start_block=2", "badam_switch_interval=0"], tmp_path).count(
+        "error:") == 1  # block 2 is the last layer: only the interval is said
+
+
 def test_a_model_without_layers_in_its_names_is_refused(tmp_path):
     """GPT-2's blocks are transformer.h.<i>: badam's pattern finds no block there (LLaMA-Factory fails then)."""
     write_hf_checkpoint(tmp_path / "gpt2", "gpt2")

@@ -74,6 +74,7 @@ ORDER = (
     training.apollo_fits,
     training.adam_mini_fits,
     training.badam_fits,
+    training.badam_start_block_in_model,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

@@ -317,6 +317,22 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+@rule("use_badam", "badam_start_block", "model_name_or_path")
+def badam_start_block_in_model(ctx: Context) -> list[tuple[str, str]]:
+    """badam_start_block names a decoder layer of the model (badam fails past the last one): said at the key when
+    the model is on disk, else when train builds the optimizer (pipeline.train.badam)."""
+    v = ctx.values
+    if not v["use_badam"] or v["badam_start_block"] is None:
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is None or v["badam_start_block"] < info.n_layer:
+        return []
+    return [("badam_start_block", f"given {v['badam_start_block']}, but {v['model_name_or_path']} has {info.n_layer} "
+                                  f"decoder layers (blocks 0 to {info.n_layer - 1}); name one of them")]
+
+
 @rule("lr_scheduler_type", "lr_scheduler_kwargs", "min_lr_ratio", "learning_rate")
 def scheduler_kwargs(ctx: Context) -> list[tuple[str, str]]:
     """transformers' lr_scheduler_kwargs: cosine_with_min_lr's floor (resolve derived min_lr_ratio from it), refused
