@@ -89,3 +89,52 @@ def test_module_dropout_says_it_does_nothing_and_plan_counts_the_rotations(write
     assert any(line.startswith("notice: r.yaml:7:17: module_dropout: accepted without effect: PEFT 0.21's OFT "
                                "Linear builds its multiplicative dropout but never applies it") for line in notices(r))
     assert param_counts(r, model_info("llama"))[1] == 2 * (6 * 2 + 4) * 120
+
+
+def test_an_adapter_of_the_other_method_is_refused_at_its_key(write):
+    """train continues adapter_name_or_path with the recipe's method (LoRA's into LoRA, OFT's into OFT): the other
+    one is said at the key before the model is built; full / freeze fold either in, and merge / generate load it
+    whatever finetuning_type says (LLaMA-Factory's merge recipes leave it at lora). The method is PEFT's peft_type
+    in adapter_config.json (LORA when absent, as in PEFT's older files)."""
+    for name, config in (("lora_ad", {"peft_type": "LORA", "r": 4}), ("oft_ad", {"peft_type": "OFT", "r": 0}),
+                         ("old_ad", {"r": 4})):
+        write(f"{name}/adapter_config.json", config)
+    lora = LLAMA.replace("finetuning_type: oft", "finetuning_type: lora")
+    write("o.yaml", LLAMA + "adapter_name_or_path: lora_ad\n")
+    write("l.yaml", lora + "adapter_name_or_path: oft_ad\n")
+    with pytest.raises(UserError) as exc:
+        resolve("o.yaml", [], command="train")
+    assert exc.value.messages == [
+        "o.yaml:6:23: adapter_name_or_path: given 'lora_ad', a LoRA adapter (peft_type LORA in its "
+        "adapter_config.json), but finetuning_type is oft, which continues OFT adapters only; set finetuning_type: "
+        "lora to continue it (or full / freeze to fold it into the base model)"]
+    with pytest.raises(UserError) as exc:
+        resolve("l.yaml", [], command="train")
+    assert exc.value.messages == [
+        "l.yaml:6:23: adapter_name_or_path: given 'oft_ad', an OFT adapter (peft_type OFT in its "
+        "adapter_config.json), but finetuning_type is lora, which continues LoRA adapters only; set finetuning_type: "
+        "oft to continue it (or full / freeze to fold it into the base model)"]
+    assert resolve("l.yaml", ["adapter_name_or_path=old_ad"], command="train")["adapter_name_or_path"] == "old_ad"
+    assert resolve("o.yaml", ["adapter_name_or_path=oft_ad"], command="train")["finetuning_type"] == "oft"
+    assert resolve("l.yaml", ["finetuning_type=full"], command="train")["finetuning_type"] == "full"
+    for command in ("plan", "merge", "generate"):  # no adapter continued: loaded as its adapter_config.json says
+        assert resolve("l.yaml", [], command=command)["adapter_name_or_path"] == "oft_ad"
+
+
+def test_a_peft_lora_adapter_continued_under_oft_is_refused_as_typed(tmp_path):
+    """As a user types it: a transformers checkpoint, PEFT's LoRA adapter of it (save_pretrained), LLaMA-Factory's
+    data and an OFT recipe that names the adapter: exit 2 at the recipe's line, before any model is built."""
+    peft = pytest.importorskip("peft")
+    from tests.acceptance.harness import refused, write_data, write_hf_checkpoint, write_recipe
+
+    model = write_hf_checkpoint(tmp_path / "base", "llama", small_vocab=True)
+    peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tmp_path / "base"), template="llama3",
+                          dataset_dir=str(tmp_path / "data"), finetuning_type="oft", oft_block_size=8,
+                          lora_target="all", adapter_name_or_path=str(tmp_path / "lora"))
+    line = recipe.read_text().splitlines().index(f'adapter_name_or_path: "{tmp_path / "lora"}"') + 1
+    err = refused("train", str(recipe), cwd=tmp_path)
+    assert f"r.yaml:{line}:23: adapter_name_or_path: given '{tmp_path / 'lora'}', a LoRA adapter (peft_type LORA " \
+           "in its adapter_config.json), but finetuning_type is oft, which continues OFT adapters only; set " \
+           "finetuning_type: lora" in err, err

@@ -59,6 +59,7 @@ ORDER = (
     tokenizer.token_config_readable,
     tokenizer.tokenizer_fits_model,
     model.adapter_exists,
+    model.adapter_is_the_method,
     training.training_length,
     training.warmup_once,
     training.enough_batches,

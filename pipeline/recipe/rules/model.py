@@ -3,6 +3,7 @@ adapter_name_or_path, and the context it gives (cutoff_len, context_length, rope
 """
 from __future__ import annotations
 
+import json
 import os
 
 from pipeline.recipe.rules.core import Context, rule
@@ -82,6 +83,37 @@ def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
         return [("adapter_name_or_path", f"{path!r} holds no adapter_config.json; expected an adapter "
                                          "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)")]
     return []
+
+
+@rule("adapter_name_or_path", "finetuning_type", commands=("train",))
+def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
+    """train under lora / oft continues adapter_name_or_path with the recipe's method (pipeline.model.lora.load_adapter
+    loads it into the recipe's adapter modules): a LoRA adapter under oft, or an OFT one under lora, would otherwise
+    stop train after the model is built, naming the adapter's file but not the recipe's key. full / freeze fold
+    either into the base; merge / eval / generate load the adapter as its own config says (LLaMA-Factory's merge
+    and inference recipes leave finetuning_type at lora for an OFT adapter too). A missing or unreadable
+    adapter_config.json is adapter_exists's (or the load's) to say."""
+    from pipeline.names import trains_adapter
+
+    path, kind = ctx.values["adapter_name_or_path"], ctx.values["finetuning_type"]
+    if path is None or not trains_adapter(kind):
+        return []
+    try:
+        from pipeline.model.hub import resolve_model_path
+
+        folder = resolve_model_path(path, key="adapter_name_or_path", download=False)  # adapter_exists fetched it
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        theirs = str(config.get("peft_type", "LORA")) if isinstance(config, dict) else None
+    except Exception:  # missing, unreadable: adapter_exists or the load says so
+        return []
+    method = {"LORA": "lora", "OFT": "oft"}.get(theirs)
+    if method is None or method == kind:
+        return []
+    named = {"lora": "a LoRA", "oft": "an OFT"}
+    return [("adapter_name_or_path", f"given {path!r}, {named[method]} adapter (peft_type {theirs} in its "
+                                     f"adapter_config.json), but finetuning_type is {kind}, which continues "
+                                     f"{named[kind].split()[-1]} adapters only; set finetuning_type: {method} to "
+                                     "continue it (or full / freeze to fold it into the base model)")]
 
 
 @rule("cutoff_len", "context_length", "model_name_or_path")
