@@ -102,18 +102,16 @@ def test_an_adapter_of_the_other_method_is_refused_at_its_key(write):
     lora = LLAMA.replace("finetuning_type: oft", "finetuning_type: lora")
     write("o.yaml", LLAMA + "adapter_name_or_path: lora_ad\n")
     write("l.yaml", lora + "adapter_name_or_path: oft_ad\n")
-    with pytest.raises(UserError) as exc:
-        resolve("o.yaml", [], command="train")
-    assert exc.value.messages == [
-        "o.yaml:6:23: adapter_name_or_path: given 'lora_ad', a LoRA adapter (peft_type LORA in its "
-        "adapter_config.json), but finetuning_type is oft, which continues OFT adapters only; set finetuning_type: "
-        "lora to continue it (or full / freeze to fold it into the base model)"]
-    with pytest.raises(UserError) as exc:
-        resolve("l.yaml", [], command="train")
-    assert exc.value.messages == [
-        "l.yaml:6:23: adapter_name_or_path: given 'oft_ad', an OFT adapter (peft_type OFT in its "
-        "adapter_config.json), but finetuning_type is lora, which continues LoRA adapters only; set finetuning_type: "
-        "oft to continue it (or full / freeze to fold it into the base model)"]
+    said = {"o.yaml": "o.yaml:6:23: adapter_name_or_path: given 'lora_ad', a LoRA adapter (peft_type LORA in its "
+                      "adapter_config.json), but finetuning_type is oft, which continues OFT adapters only; set "
+                      "finetuning_type: lora to continue it (or full / freeze to fold it into the base model)",
+            "l.yaml": "l.yaml:6:23: adapter_name_or_path: given 'oft_ad', an OFT adapter (peft_type OFT in its "
+                      "adapter_config.json), but finetuning_type is lora, which continues LoRA adapters only; set "
+                      "finetuning_type: oft to continue it (or full / freeze to fold it into the base model)"}
+    for path, message in said.items():
+        with pytest.raises(UserError) as exc:
+            resolve(path, [], command="train")
+        assert exc.value.messages == [message]
     assert resolve("l.yaml", ["adapter_name_or_path=old_ad"], command="train")["adapter_name_or_path"] == "old_ad"
     assert resolve("o.yaml", ["adapter_name_or_path=oft_ad"], command="train")["finetuning_type"] == "oft"
     assert resolve("l.yaml", ["finetuning_type=full"], command="train")["finetuning_type"] == "full"
