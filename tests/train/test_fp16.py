@@ -51,7 +51,7 @@ def test_recipe_scaling_keys_reach_deepspeed(workdir):
 def test_training_with_fp16_on_a_cpu_is_refused_by_the_recipe(workdir, monkeypatch):
     from pipeline.recipe import rules
 
-    monkeypatch.setattr(rules, "cuda_available", lambda: False)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: False)
     with pytest.raises(UserError) as err:
         fp16_recipe(workdir, command="train")
     assert any("fp16 needs a CUDA GPU" in m and "bf16" in m for m in err.value.messages)
@@ -176,7 +176,7 @@ def test_llama_and_qwen_checkpoints_get_the_same_fp16_block_and_cpu_refusal(work
     gpt2 = fp16_recipe(workdir).ds_config
     ds = fp16_recipe(workdir, model_name_or_path=str(checkpoint)).ds_config
     assert ds["fp16"] == gpt2["fp16"] and ds["bf16"] == {"enabled": False}
-    monkeypatch.setattr(rules, "cuda_available", lambda: False)
+    monkeypatch.setattr(rules.core, "cuda_available", lambda: False)
     with pytest.raises(UserError) as err:
         fp16_recipe(workdir, command="train", model_name_or_path=str(checkpoint))
     assert any("fp16 needs a CUDA GPU" in m for m in err.value.messages)
