@@ -9,7 +9,10 @@ For every held-out pair the model's summed log-probabilities of the chosen and t
   the mean of beta ((pi_c - ref_c) - (pi_r - ref_r)) and the fraction where it is > 0, with the reference
   of training (ref_model, else the base model; for the base model itself the margin is 0 by definition);
   orpo / simpo have no reference and use beta x the length-averaged log-probabilities;
-- pref_loss: the recipe's preference loss on the held-out pairs;
+- pref_loss: the recipe's preference loss on the held-out pairs, on the plain summed log-probabilities and
+  without the BCO term: ld_alpha's weighting is the trained policy's alone (the base row would score against
+  itself with another weighting) and BCO's baseline is a running mean that only training keeps (its eval_loss
+  has both, as LLaMA-Factory's);
 - loss: the mean NLL per token of the chosen responses (the report's loss and perplexity).
 
 A kto recipe's held-out rows are scored the same way (an example and its KL sequence in place of a pair,
@@ -19,6 +22,7 @@ kto_loss (the training loss on the split as one batch); loss is over the desirab
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import torch
@@ -93,7 +97,8 @@ def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, score
 
 def summary(scores: PairLogps, reference: PairLogps | None, pref: PreferenceArgs) -> dict[str, Any]:
     """One model's preference metrics for metrics.json."""
-    losses, metrics = preference_loss(scores, reference, pref.loss_config())
+    plain = dataclasses.replace(pref.loss_config(), ld_alpha=None, bco_weight=0.0)  # see the module's pref_loss
+    losses, metrics = preference_loss(scores, reference, plain)
     margin = scores.chosen - scores.rejected
     return {
         "preference_accuracy": float((margin > 0).double().mean()),

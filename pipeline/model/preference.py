@@ -17,12 +17,24 @@ beta (pi - ref) per side (beta pi without a reference), logged as TRL names them
 rewards/rejected, rewards/accuracies (chosen reward > rejected reward), rewards/margins, logps/chosen,
 logps/rejected (batch means).
 
+Two of LLaMA-Factory 0.9.5's extras change those terms (its train/dpo/trainer.py and train/trainer_utils.py):
+
+- ld_alpha (LD-DPO): the POLICY's log-probability of each response is the sum over its first m scored tokens,
+  m = the shorter response's length in that pair (the "public" part both share), plus ld_alpha x the sum over
+  the rest (the "verbose" part only the longer one has); the reference's stays the plain sum (LF passes
+  ld_alpha=None for the reference model). Token counts, and so the length averages, stay the full ones.
+- pref_bco_weight (w): with a reference loss (sigmoid, hinge, ipo), losses become (loss + w x bco) / (1 + w),
+  bco = -log s(beta (pi_c - ref_c) - delta) - log s(-(beta (pi_r - ref_r) - delta)), delta the running mean of
+  the micro-batches' mean rewards (BcoBaseline in pipeline.train.preference keeps it) -- BCO's binary
+  classifier of chosen vs rejected with a reward baseline.
+
 The training objective and its reference model are in pipeline.train.preference; eval's preference
 metrics (pipeline.evaluate.preference) use the same formulas from here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +54,22 @@ class PrefConfig:
     ftx: float = 0.0
     label_smoothing: float = 0.0
     gamma: float = 0.5
+    ld_alpha: float | None = None  # LD-DPO's weight of the verbose tokens (policy only); None: plain sums
+    bco_weight: float = 0.0  # pref_bco_weight
 
     @property
     def needs_reference(self) -> bool:
         return self.loss not in REFERENCE_FREE
+
+    @property
+    def adds_bco(self) -> bool:
+        """LLaMA-Factory adds the BCO term above 1e-6 and only to the losses with a reference (its
+        compute_preference_loss: orpo / simpo take the other branch); the rules refuse it with those."""
+        return self.bco_weight > 1e-6 and self.needs_reference
+
+
+# A micro-batch's mean reward -> the BCO baseline delta to use for it (training: updated running mean first)
+Baseline = Callable[[torch.Tensor], float]
 
 
 @dataclass
@@ -62,19 +86,47 @@ class PairLogps:
                          self.chosen_tokens, self.rejected_tokens)
 
 
-def pair_logps(token_nll: torch.Tensor, labels: torch.Tensor) -> PairLogps:
-    """From per-token cross-entropy (2B, T) (0 where unlabelled) of a concatenated chosen|rejected batch."""
-    logps = -token_nll.sum(dim=-1)
-    tokens = (labels != -100).sum(dim=-1)
+def pair_logps(token_nll: torch.Tensor, labels: torch.Tensor, ld_alpha: float | None = None) -> PairLogps:
+    """From per-token cross-entropy (2B, T) (0 where unlabelled) of a concatenated chosen|rejected batch.
+    ld_alpha: LD-DPO's sums (length_desensitized); the token counts stay the full ones either way."""
+    scored = labels != -100
+    tokens = scored.sum(dim=-1)
+    logps = -token_nll.sum(dim=-1) if ld_alpha is None else -length_desensitized(token_nll, scored, ld_alpha)
     b = labels.shape[0] // 2
     return PairLogps(logps[:b], logps[b:], tokens[:b], tokens[b:])
 
 
-def preference_loss(policy: PairLogps, reference: PairLogps | None, cfg: PrefConfig
+def length_desensitized(token_nll: torch.Tensor, scored: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """Per sequence (2B,): the summed NLL of its first m scored tokens plus ld_alpha x that of the others, m = the
+    shorter response of its pair (LD-DPO: the tokens past the shorter length are what makes a long response's
+    log-probability small, so they count ld_alpha times). LLaMA-Factory marks the public part by position (first
+    scored position + m, trainer_utils.get_batch_logps); counting scored tokens is the same on a pair's one
+    contiguous response span, and stays right were the labels to have gaps."""
+    b = scored.shape[0] // 2
+    tokens = scored.sum(dim=-1)
+    shorter = torch.minimum(tokens[:b], tokens[b:]).repeat(2)
+    public = scored & (scored.cumsum(dim=-1) <= shorter.unsqueeze(-1))
+    verbose = scored & ~public
+    return (token_nll * public).sum(dim=-1) + ld_alpha * (token_nll * verbose).sum(dim=-1)
+
+
+def bco_term(pi: PairLogps, ref: PairLogps, beta: float, baseline: Baseline) -> torch.Tensor:
+    """BCO's loss per pair (LLaMA-Factory 0.9.5 CustomDPOTrainer.bco_loss): the chosen reward classified above the
+    baseline delta, the rejected one below it; delta comes from `baseline` given this micro-batch's mean reward
+    (over both sides, detached), which training folds into the running mean before reading it back."""
+    chosen, rejected = beta * (pi.chosen - ref.chosen), beta * (pi.rejected - ref.rejected)
+    delta = baseline(torch.cat((chosen, rejected)).mean().detach())
+    return -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
+
+
+def preference_loss(policy: PairLogps, reference: PairLogps | None, cfg: PrefConfig, baseline: Baseline | None = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses (B,) and per-pair metrics (B,) under TRL's names (plus sft_loss / odds_ratio_loss for orpo)."""
+    """Per-pair losses (B,) and per-pair metrics (B,) under TRL's names (plus sft_loss / odds_ratio_loss for orpo).
+    `baseline`: the BCO delta's source, needed when cfg.adds_bco."""
     if cfg.needs_reference and reference is None:
         raise ValueError(f"pref_loss {cfg.loss} needs reference log-probabilities")
+    if cfg.adds_bco and baseline is None:
+        raise ValueError("pref_bco_weight needs a baseline (the running mean of the rewards)")
     sft_loss = -policy.chosen / policy.chosen_tokens.clamp(min=1)  # mean NLL per token of the chosen response
     pi = policy.averaged() if cfg.loss in AVERAGED else policy
     ref = None
@@ -94,6 +146,10 @@ def preference_loss(policy: PairLogps, reference: PairLogps | None, cfg: PrefCon
             losses = (h - 1 / (2 * beta)) ** 2
         else:
             raise ValueError(f"unknown pref_loss {cfg.loss!r}")
+        if cfg.adds_bco:
+            assert baseline is not None
+            w = cfg.bco_weight  # LF: "re-weight W_p and W_q"
+            losses = (losses + w * bco_term(pi, ref, beta, baseline)) / (1.0 + w)
         chosen_rewards = beta * (pi.chosen - ref.chosen).detach()
         rejected_rewards = beta * (pi.rejected - ref.rejected).detach()
     else:

@@ -173,6 +173,8 @@ class PreferenceArgs:
     ref_model: str | None
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
+    pref_bco_weight: float = 0.0
+    ld_alpha: float | None = None
 
     def kto_config(self) -> KtoConfig:
         """stage kto's loss settings (pipeline.model.preference.kto_loss)."""
@@ -186,7 +188,9 @@ class PreferenceArgs:
         from pipeline.model.preference import PrefConfig
 
         return PrefConfig(loss=self.pref_loss, beta=float(self.pref_beta), ftx=float(self.pref_ftx),
-                          label_smoothing=float(self.dpo_label_smoothing), gamma=float(self.simpo_gamma))
+                          label_smoothing=float(self.dpo_label_smoothing), gamma=float(self.simpo_gamma),
+                          ld_alpha=None if self.ld_alpha is None else float(self.ld_alpha),
+                          bco_weight=float(self.pref_bco_weight))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
     checkpoint-<step>/
       manifest.json         sha256 and size of every other file (written last)
-      trainer_state.json    step, data position (epoch, batch index), tokens seen, the recipe values resume needs
+      trainer_state.json    step, data position (epoch, batch index), tokens seen, the recipe values resume needs,
+                            the objective's own state (stage dpo's BCO running mean)
       adapter/              lora: adapter_config.json + adapter_model.safetensors (PEFT layout, fp32)
       model/                full/freeze: config.json + model.safetensors (usable as model_name_or_path)
       deepspeed/            DeepSpeed's own state, per rank: optimizer / ZeRO partitions with the fp32 masters,
@@ -41,6 +42,7 @@ VERSION = 1
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+OBJECTIVE = "objective"  # trainer_state.json's key for the objective's state (PreferenceObjective.checkpoint_state)
 DS_TAG = "deepspeed"
 RNG_DIR = "rng"
 LOG_WINDOW = "log_window"  # a key of the per-rank rng file: the sums of the log line under way
@@ -73,7 +75,7 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          "neftune_noise_alpha", "label_smoothing_factor", "use_dft_loss", "use_eaft_loss", "eaft_alpha",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model",
-         "kto_chosen_weight", "kto_rejected_weight")
+         "pref_bco_weight", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
@@ -480,10 +482,11 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe: Mapping[str, Any],
-         log_window: Mapping[str, Any] | None = None) -> Path:
+         log_window: Mapping[str, Any] | None = None, objective: Mapping[str, Any] | None = None) -> Path:
     """Write checkpoint-<step>/ (every rank must call this). Returns its path. `recipe` (saved_recipe) is stored
     beside the step so that a resume can tell which settings changed; `log_window` (this rank's sums since the
-    last log line, pipeline.train.loop.Window.sums) beside this rank's RNG state."""
+    last log line, pipeline.train.loop.Window.sums) beside this rank's RNG state; `objective` (the objective's
+    state, the same on every rank: saved_objective) beside the step."""
     output_dir = Path(train.output_dir)
     final = step_dir(output_dir, state.global_step)
     tmp = output_dir / f".{final.name}.tmp-{owner()}"
@@ -492,7 +495,7 @@ def save(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe
         tmp.mkdir(parents=True)
     dist.barrier()
     try:
-        _write(engine, train, state, exporter, recipe, log_window, tmp, final)
+        _write(engine, train, state, exporter, recipe, log_window, objective, tmp, final)
     except Exception as err:
         if not _out_of_space(err):
             raise
@@ -518,7 +521,7 @@ def _out_of_space(err: BaseException) -> bool:
 
 
 def _write(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, recipe: Mapping[str, Any],
-           log_window: Mapping[str, Any] | None, tmp: Path, final: Path) -> None:
+           log_window: Mapping[str, Any] | None, objective: Mapping[str, Any] | None, tmp: Path, final: Path) -> None:
     """save's writes into `tmp`, then the manifest and the rename to `final` (rank 0)."""
     from pipeline.train.safestate import save_state
 
@@ -535,6 +538,7 @@ def _write(engine: Any, train: TrainArgs, state: TrainState, exporter: Any, reci
         for script in deepspeed_compat.HELPER_SCRIPTS:  # DeepSpeed's helpers cannot read these files
             (tmp / script).unlink(missing_ok=True)
         write_json(tmp / STATE, {**state.to_dict(), "recipe": dict(recipe),
+                                 **({OBJECTIVE: dict(objective)} if objective else {}),
                                  **({"save_only_model": True} if only_model else {})})
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in _files(tmp)}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.global_step, "files": files})
@@ -575,6 +579,11 @@ def load(engine: Any, path: Path) -> TrainState:
                         "(resume_from_checkpoint: <output_dir>/checkpoint-<step>), or start over with "
                         "overwrite_output_dir: true") from None
     return TrainState.from_dict(read_state(path))
+
+
+def saved_objective(path: Path) -> dict[str, Any]:
+    """The objective's state saved with `path` ({}: none, or a checkpoint written before it was kept)."""
+    return dict(read_state(path).get(OBJECTIVE, {}))
 
 
 def saved_log_window(path: Path) -> dict[str, Any] | None:

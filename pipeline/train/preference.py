@@ -8,14 +8,16 @@ like the policy), or ref_model when given.
 from __future__ import annotations
 
 import contextlib
+import math
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from pipeline.errors import UserError
 from pipeline.model import head_loss
-from pipeline.model.preference import KTO_METRICS, FeedbackLogps, feedback_logps, kl_gaps, kto_loss, kto_means, pair_logps, \
-    preference_loss
+from pipeline.model.preference import KTO_METRICS, Baseline, FeedbackLogps, feedback_logps, kl_gaps, kto_loss, kto_means, \
+    pair_logps, preference_loss
 from pipeline.names import trains_adapter
 from pipeline.recipe.args import PreferenceArgs, RecipeModel
 
@@ -183,6 +185,42 @@ def _place(model: torch.nn.Module, engine: Any, zero3_config: Mapping[str, Any] 
 
 # ---------------------------------------------------------------------------------------------- the objective
 
+@dataclass
+class BcoBaseline:
+    """pref_bco_weight's reward baseline delta: the running mean of the micro-batches' mean rewards, as LLaMA-Factory
+    0.9.5 keeps it (trl's RunningMoments, trl 0.24 trl/trainer/utils.py:460-498, fed one scalar per micro-batch).
+
+    Every training micro-batch updates it before its BCO term reads it: each rank's mean reward counts once, all
+    ranks together (trl's get_global_statistics sums them and their count over ranks), so delta is the plain mean
+    of every rank's every micro-batch so far (count starts at 1e-24: the first update is that batch's mean).
+    It is training state: a checkpoint saves it and a resume restores it (trainer_state.json "objective"), so a
+    resumed run's delta is the uninterrupted run's (LLaMA-Factory itself starts it over at 0 on resume).
+    Evaluation reads it without updating it (trl's BCOTrainer does; LLaMA-Factory's prediction_step would also
+    fold the eval batches in, which made the training trajectory depend on eval_steps). A micro-batch whose
+    rewards are not finite (its loss is not either: nan_policy decides about it) leaves it as it was."""
+
+    mean: float = 0.0
+    count: float = 1e-24
+
+    def update(self, batch_mean: torch.Tensor) -> float:
+        """Fold this micro-batch's mean reward (every rank's: a collective) in; the new delta."""
+        from pipeline.runtime import dist
+
+        total, ranks = dist.all_sum([float(batch_mean), 1.0])
+        if math.isfinite(total):
+            count = self.count + ranks
+            self.mean += (total / ranks - self.mean) * ranks / count
+            self.count = count
+        return self.mean
+
+    def current(self, batch_mean: torch.Tensor) -> float:
+        """Evaluation's delta: the running mean as training left it."""
+        return self.mean
+
+    def state(self) -> dict[str, float]:
+        return asdict(self)
+
+
 class PreferenceObjective:
     """What the trainer calls per micro-batch for stage dpo: (mean loss over the pairs, metric means)."""
 
@@ -191,16 +229,32 @@ class PreferenceObjective:
         self.cfg = pref.loss_config()
         self.engine = engine
         self.reference = reference
+        self.bco = BcoBaseline() if self.cfg.adds_bco else None
 
-    def scores(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-pair losses and metrics: the reference pass (no grad) first, then the policy's."""
+    def scores(self, batch: Mapping[str, torch.Tensor], baseline: Baseline | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses and metrics: the reference pass (no grad) first, then the policy's (LD-DPO's length
+        weighting, ld_alpha, is the policy's only, as in LLaMA-Factory). `baseline`: the BCO delta's source
+        (training passes the updating one; None: the running mean as it stands)."""
         reference = pair_logps(self.reference(batch), batch["labels"]) if self.reference is not None else None
-        policy = pair_logps(token_nll(self.engine, batch), batch["labels"])
-        return preference_loss(policy, reference, self.cfg)
+        policy = pair_logps(token_nll(self.engine, batch), batch["labels"], self.cfg.ld_alpha)
+        if baseline is None and self.bco is not None:
+            baseline = self.bco.current
+        return preference_loss(policy, reference, self.cfg, baseline)
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        losses, metrics = self.scores(batch)
+        losses, metrics = self.scores(batch, self.bco.update if self.bco is not None else None)
         return losses.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the objective: the BCO running mean ({} without the BCO term)."""
+        return {"bco_baseline": self.bco.state()} if self.bco is not None else {}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """A resume's state from checkpoint_state. A checkpoint trained without the BCO term (pref_bco_weight
+        applied from the resumed step on) has none: the running mean then starts there."""
+        if self.bco is not None and "bco_baseline" in saved:
+            self.bco = BcoBaseline(**saved["bco_baseline"])
 
     def evaluate(self, loader: Any) -> dict[str, float]:
         """eval_loss and eval_rewards/... over the whole val split (pairs repeated to fill ranks not counted)."""

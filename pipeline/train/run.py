@@ -125,6 +125,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if resume is not None:
         checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
+        if hasattr(objective, "restore"):
+            objective.restore(checkpoint.saved_objective(resume))  # stage dpo's BCO running mean
     hostmem.release_freed()  # what the build left free inside the heaps, before the steps add theirs
     if dist.is_main():
         write_run_files(r, output_dir)
@@ -152,7 +154,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
                             else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
         trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
-                          save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums()),
+                          save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
+                                                       objective_state(objective)),
                           log=log, stop=stop,
                           objective=objective, profiler=step_profile.StepProfiler(profile))
         if resume is not None:
@@ -172,7 +175,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                 return TrainResult(stop.exit_code, engine, state, output_dir)
             if trainer.last_saved_step != state.global_step:
                 trainer.flush_tokens()
-                checkpoint.save(engine, args, state, exporter, saved)
+                checkpoint.save(engine, args, state, exporter, saved, objective=objective_state(objective))
             # the weights of the checkpoint just saved (or saved at this step before a resume): linked, not rewritten
             final = exporter.write(output_dir, same_as=checkpoint.step_dir(output_dir, state.global_step))
         except Exception as err:
@@ -202,8 +205,15 @@ def preference_objective(r: Any, engine: Any) -> Any:
                   f"{pref.kto_rejected_weight}; reference: {what}", file=sys.stderr)
         return KtoObjective(pref, engine, reference)
     if dist.is_main():
-        print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}; reference: {what}", file=sys.stderr)
+        extras = "".join(f", {key} {value}" for key, value in (("ld_alpha", pref.ld_alpha),
+                                                               ("pref_bco_weight", pref.pref_bco_weight)) if value)
+        print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}{extras}; reference: {what}", file=sys.stderr)
     return PreferenceObjective(pref, engine, reference)
+
+
+def objective_state(objective: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of the objective (stage dpo's BCO running mean; {} for the others)."""
+    return objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
 
 
 def reward_objective(r: Any, engine: Any) -> Any:
