@@ -32,7 +32,8 @@ def wanted_reporters(report_to: Any) -> list[str]:
 
 PREFERENCE_STAGES = ("dpo", "kto")  # stages that score responses against a reference model (pref_beta, ref_model)
 REFERENCE_FREE = ("orpo", "simpo")  # stage dpo's pref_loss values that use no reference model
-DPO_LOSS_KEYS = ("pref_loss", "dpo_label_smoothing", "simpo_gamma")  # read by stage dpo's loss, never by kto's
+# read by stage dpo's loss, never by kto's (LLaMA-Factory's KTO trainer has no BCO term nor LD-DPO weighting)
+DPO_LOSS_KEYS = ("pref_loss", "dpo_label_smoothing", "simpo_gamma", "pref_bco_weight", "ld_alpha")
 
 
 def uses_reference(stage: Any, pref_loss: Any) -> bool:

@@ -237,12 +237,31 @@ def test_dft_and_eaft_losses_are_sft_keys_one_at_a_time(recipe):
      "is a preference-tuning setting but stage is sft; remove it or set stage: kto"),
     ("rm", "kto_chosen_weight: 2.0\n", "kto_chosen_weight",
      "is a preference-tuning setting but stage is rm; remove it or set stage: kto"),
+    # LLaMA-Factory's KTO trainer has no BCO term and scores without ld_alpha; pt / sft / rm have no preference loss
+    ("kto", "pref_bco_weight: 0.5\n", "pref_bco_weight", "is a stage dpo setting; stage kto's loss is KTO's"),
+    ("kto", "ld_alpha: 0.5\n", "ld_alpha", "is a stage dpo setting; stage kto's loss is KTO's"),
+    ("sft", "ld_alpha: 0.5\n", "ld_alpha", "is a preference-tuning setting but stage is sft; remove it or set stage: "
+                                          "dpo"),
+    ("rm", "pref_bco_weight: 0.5\n", "pref_bco_weight", "is a preference-tuning setting but stage is rm; remove it or "
+                                                        "set stage: dpo"),
 ])
 def test_preference_keys_the_stage_never_reads_are_refused(recipe, stage, lines, key, words):
     """LLaMA-Factory's KTO trainer reads pref_beta, pref_ftx, ref_model and kto_*_weight only: the others would be
     ignored without a word under kto, and the kto weights under any other stage."""
     messages = errors(recipe(f"stage: {stage}\n{lines}"))
     assert len(messages) == 1 and f"{key}: {words}" in messages[0], messages
+
+
+@pytest.mark.parametrize("loss", ["orpo", "simpo"])
+def test_bco_weight_needs_a_loss_with_a_reference(recipe, loss):
+    """LLaMA-Factory adds the BCO term in its reference branch only (CustomDPOTrainer.compute_preference_loss):
+    with orpo / simpo the weight would be ignored without a word. ld_alpha applies to every dpo loss."""
+    messages = errors(recipe(f"stage: dpo\npref_loss: {loss}\npref_bco_weight: 0.5\n"))
+    assert messages == [f"r.yaml:7:18: pref_bco_weight: is 0.5 but pref_loss {loss} uses no reference model, and the "
+                        "BCO term classifies the rewards against it (LLaMA-Factory ignores it there); remove it, or "
+                        "set pref_loss sigmoid, hinge or ipo"], messages
+    assert resolve(recipe(f"stage: dpo\npref_loss: {loss}\nld_alpha: 0.5\n"))["ld_alpha"] == 0.5
+    assert resolve(recipe("stage: dpo\npref_loss: ipo\npref_bco_weight: 0.5\n"))["pref_bco_weight"] == 0.5
 
 
 @pytest.mark.parametrize("extra, said", [

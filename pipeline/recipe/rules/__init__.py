@@ -93,6 +93,7 @@ ORDER = (
     preference.pref_keys_need_dpo,
     preference.ref_model_needs_reference_loss,
     preference.label_smoothing_needs_sigmoid,
+    preference.bco_needs_reference_loss,
     preference.ref_model_same_vocabulary,
 )
 RULES: list[Rule] = in_order(ORDER)

@@ -1,6 +1,7 @@
 """Rules on preference tuning (stages dpo and kto): their keys (pref_beta, pref_loss, pref_ftx, dpo_label_smoothing,
-simpo_gamma, kto_chosen_weight, kto_rejected_weight) only in the stages that read them, and ref_model (a loss that
-uses it, the policy's vocabulary). PiSSA's reference: method.py.
+simpo_gamma, pref_bco_weight, ld_alpha, kto_chosen_weight, kto_rejected_weight) only in the stages that read them,
+pref_bco_weight only with a loss that has a reference, and ref_model (a loss that uses it, the policy's vocabulary).
+PiSSA's reference: method.py.
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pipeline.names import DPO_LOSS_KEYS, PREFERENCE_STAGES, REFERENCE_FREE
 from pipeline.recipe.rules.core import Context, rule
 
 
-PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model")
+PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "pref_bco_weight", "ld_alpha",
+             "ref_model")
 
 
 KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
@@ -50,6 +52,18 @@ def label_smoothing_needs_sigmoid(ctx: Context) -> list[tuple[str, str]]:
     if ctx.values["stage"] == "dpo" and loss != "sigmoid" and eps:
         return [("dpo_label_smoothing", f"is {eps} but pref_loss {loss} has no label smoothing (only sigmoid, "
                                         "conservative DPO, uses it); remove it, or set pref_loss: sigmoid")]
+    return []
+
+
+@rule("stage", "pref_loss", "pref_bco_weight")
+def bco_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
+    """BCO classifies the rewards beta (pi - ref): LLaMA-Factory adds it only in its reference branch, so with orpo
+    or simpo (no reference) the weight would be ignored without a word."""
+    loss, weight = ctx.values["pref_loss"], ctx.values["pref_bco_weight"]
+    if ctx.values["stage"] == "dpo" and loss in REFERENCE_FREE and weight:
+        return [("pref_bco_weight", f"is {weight} but pref_loss {loss} uses no reference model, and the BCO term "
+                                    "classifies the rewards against it (LLaMA-Factory ignores it there); remove it, "
+                                    "or set pref_loss sigmoid, hinge or ipo")]
     return []
 
 
