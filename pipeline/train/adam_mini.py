@@ -27,7 +27,7 @@ columns here, and the blocks follow transformers' layout. The state is per param
 saved and restored by DeepSpeed's checkpoint like AdamW's. adam_mini gathers the block sizes over ranks when a
 tensor is sharded (ZeRO-3, FSDP); here each rank holds whole weights: ZeRO 1-3 hand the client optimizer flat slices
 of each group that cut rows and heads apart, so use_adam_mini asks for zero_stage 0
-(pipeline.recipe.rules.training.adam_mini_fits).
+(pipeline.recipe.rules.optimizers.adam_mini_fits).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def adam_mini_groups(named_params: Iterable[tuple[str, Any]], hf_name: Callable[
 def model_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     """The recipe's Adam-mini groups over our model, by its parameters' transformers names and its config's width
     and head count (LLaMA-Factory reads hidden_size and num_attention_heads; num_key_value_heads only checks)."""
-    from pipeline.model.lora import family_of_model
+    from pipeline.model.adapter import family_of_model
 
     family, cfg = family_of_model(model), model.cfg
     return adam_mini_groups(model.named_parameters(), family.to_hf, family.is_conv1d, train.weight_decay,

@@ -196,10 +196,10 @@ def badam_groups(model: Any, train: TrainArgs) -> tuple[list[dict[str, Any]], li
     each tensor's block; the tensors in no block (embedding, final norm,
     head) are frozen, as BAdam never trains them. Called again for the plan's summary, after switches: the
     groups do not depend on which block is active."""
-    from pipeline.model.lora import family_of_model
+    from pipeline.model.adapter import family_of_model
 
     to_hf = family_of_model(model).to_hf
-    named = list(model.named_parameters())  # all of them: finetuning_type full (rules.training.badam_fits), and
+    named = list(model.named_parameters())  # all of them: finetuning_type full (rules.optimizers.badam_fits), and
     # requires_grad is BAdam's to set: inactive blocks have it off after the first switch
     prefixes = block_prefixes(to_hf(name) for name, _ in named)
     if not prefixes:  # badam's block list is then empty, and LLaMA-Factory fails on its first block

@@ -27,7 +27,7 @@ and restores them with the moments and a resumed run continues with the basis in
 
 A GaLore step needs each matrix's whole gradient for its SVD: at ZeRO stage 0 DeepSpeed hands the client optimizer
 the parameters themselves (fp32) or per-parameter fp32 master copies (bf16 / fp16), ZeRO 1-3 flat partitions that
-cut matrices apart, so use_galore asks for zero_stage 0 (pipeline.recipe.rules.training.galore_fits), as
+cut matrices apart, so use_galore asks for zero_stage 0 (pipeline.recipe.rules.optimizers.galore_fits), as
 use_muon does.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def linear_targets(hf_linears: list[str], galore_target: str) -> list[str]:
 def hf_linear_modules(model: Any) -> dict[str, Any]:
     """transformers module name -> our module, for the modules that are an nn.Linear in transformers (GPT-2's
     projections are Conv1D there, which LLaMA-Factory's isinstance(module, nn.Linear) leaves out)."""
-    from pipeline.model.lora import family_of_model
+    from pipeline.model.adapter import family_of_model
 
     family = family_of_model(model)
     return {family.to_hf(name): module for name, module in model.named_modules()

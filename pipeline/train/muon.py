@@ -18,7 +18,7 @@ under ZeRO the momentum fed before gradient clipping) nor torch.optim.Muon (mome
 no AdamW half) computes this update, so it is re-implemented here. A Muon step needs each matrix's whole
 gradient; at ZeRO stage 0 DeepSpeed hands the client optimizer the parameters themselves (fp32) or per-parameter
 fp32 master copies (bf16 / fp16: FP16_UnfusedOptimizer), but ZeRO 1-3 hand it flat partitions that cut matrices
-apart, so use_muon asks for zero_stage 0 (pipeline.recipe.rules.training).
+apart, so use_muon asks for zero_stage 0 (pipeline.recipe.rules.optimizers).
 
 Groups carry `muon` (True / False) and the usual `lr` / `weight_decay`, so the LR schedule and a resume's
 pipeline.train.checkpoint.apply_changes treat them like the AdamW groups; the state is per parameter

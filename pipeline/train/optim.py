@@ -79,7 +79,7 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     (pipeline.train.adam_mini.model_groups) with use_adam_mini, BAdam's (pipeline.train.badam) with use_badam, else
     param_groups with its weight decay, learning rate and LoRA+ ratio."""
     if train.use_muon:
-        from pipeline.model.lora import family_of_model
+        from pipeline.model.adapter import family_of_model
         from pipeline.train.muon import muon_groups
 
         return muon_groups(model.named_parameters(), family_of_model(model).to_hf, train.weight_decay,

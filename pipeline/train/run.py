@@ -258,12 +258,12 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    from pipeline.recipe.rules.training import (ADAM_MINI_ZERO, APOLLO_ZERO, BADAM_ZERO, GALORE_ZERO, MUON_ZERO,
-                                                PURE_BF16_OFFLOAD, PURE_BF16_ZERO3)
+    from pipeline.recipe.rules.optimizers import ADAM_MINI_ZERO, APOLLO_ZERO, BADAM_ZERO, GALORE_ZERO, MUON_ZERO
+    from pipeline.recipe.rules.training import PURE_BF16_OFFLOAD, PURE_BF16_ZERO3
 
     for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO),
                      ("use_adam_mini", ADAM_MINI_ZERO), ("use_badam", BADAM_ZERO)):
-        if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.training's *_fits)
+        if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.optimizers' *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: true: "
                             + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
     if r["pure_bf16"] and r["zero_stage"] == 3:  # a deepspeed JSON's, as above

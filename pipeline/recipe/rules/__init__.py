@@ -5,7 +5,8 @@ mistake gives one message), and `commands` limits it to the commands where it ma
 
 Where a rule lives, by the keys it reads (each module's docstring lists them):
   training.py    precision, training length, warmup, batches, do_train/do_eval/do_predict, DeepSpeed offload,
-                 Muon, GaLore, APOLLO, Adam-mini, the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
+                 the schedule's kwargs, gradient checkpointing, sft's DFT / EAFT losses
+  optimizers.py  the client optimizers: Muon, GaLore, APOLLO, Adam-mini, BAdam
   method.py      LoRA keys and targets, OFT, PiSSA, LLaMA Pro, freeze's layers and modules
   model.py       model_name_or_path, model_revision, adapter_name_or_path, cutoff_len against the context, rope_scaling
   tokenizer.py   template against the vocabulary, added tokens, tokenizer_name_or_path
@@ -24,7 +25,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.recipe.load import Origin
-from pipeline.recipe.rules import data, method, model, outputs, preference, refused, stages, tokenizer, training
+from pipeline.recipe.rules import (data, method, model, optimizers, outputs, preference, refused, stages, tokenizer,
+                                   training)
 from pipeline.recipe.rules.core import Context, Rule, in_order
 
 __all__ = ["Context", "ORDER", "RULES", "Rule", "run"]
@@ -70,12 +72,12 @@ ORDER = (
     data.val_size_fits_data,
     data.val_size_zero_evaluates_nothing,
     training.offload_needs_zero,
-    training.muon_fits,
-    training.galore_fits,
-    training.apollo_fits,
-    training.adam_mini_fits,
-    training.badam_fits,
-    training.badam_start_block_in_model,
+    optimizers.muon_fits,
+    optimizers.galore_fits,
+    optimizers.apollo_fits,
+    optimizers.adam_mini_fits,
+    optimizers.badam_fits,
+    optimizers.badam_start_block_in_model,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

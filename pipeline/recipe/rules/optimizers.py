@@ -1,0 +1,215 @@
+"""Rules on the client optimizers that replace AdamW: Muon, GaLore, APOLLO, Adam-mini and BAdam (use_muon,
+use_galore, use_apollo, use_adam_mini, use_badam and their keys: galore_*, apollo_*, badam_*), with what they read
+besides: the ZeRO stage they need (zero_stage, deepspeed), the fine-tuning method they train (finetuning_type), one
+optimizer at a time (loraplus_lr_ratio too), layer-wise stepping (gradient_accumulation_steps, world_size) and the
+model's layers (model_name_or_path).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.recipe.check import show
+from pipeline.recipe.rules.core import Context, rule
+
+
+def whole_matrices_only(v: Mapping[str, Any], key: str, why: str) -> list[tuple[str, str]]:
+    """The ZeRO-0 client optimizers (Muon, GaLore, APOLLO, Adam-mini, BAdam) refused at the recipe's ZeRO 1-3 with
+    their reason `why` ({stage}, {fix}); a deepspeed JSON's stage is train's preflight (the file's line there)."""
+    if v["deepspeed"] is None and v["zero_stage"] != 0:
+        return [("zero_stage", f"given {v['zero_stage']} with {key}: true: "
+                               + why.format(stage=v["zero_stage"], fix="set zero_stage: 0"))]
+    return []
+
+
+MUON_ZERO = ("Muon needs zero_stage 0: it orthogonalizes each weight matrix's whole update, but ZeRO {stage} hands "
+             "the optimizer flat slices of the parameters that cut the matrices apart (DeepSpeed's own Muon, which "
+             "works on those slices, computes another update than LLaMA-Factory's: docs/training.md); {fix} (data "
+             "parallel; the memory plan: `make plan`), or remove use_muon")
+
+
+@rule("use_muon", "zero_stage", "deepspeed", "loraplus_lr_ratio")
+def muon_fits(ctx: Context) -> list[tuple[str, str]]:
+    """Muon (pipeline.train.muon) steps whole matrices: ZeRO 0 only (a deepspeed JSON's stage: train's preflight).
+    With loraplus_lr_ratio, LLaMA-Factory builds LoRA+'s AdamW and silently drops use_muon; asking for both is a
+    mistake either way, so it is said rather than copied."""
+    if not ctx.values["use_muon"]:
+        return []
+    problems = []
+    problems += whole_matrices_only(ctx.values, "use_muon", MUON_ZERO)
+    if ctx.values["loraplus_lr_ratio"] is not None:
+        problems.append(("loraplus_lr_ratio", f"given {show(ctx.values['loraplus_lr_ratio'])} with use_muon: true: "
+                                              "LoRA+ and Muon are two optimizers (LLaMA-Factory silently trains with "
+                                              "LoRA+'s AdamW and ignores use_muon); keep one of the two keys"))
+    return problems
+
+
+_LOW_RANK_ZERO = ("{name} needs zero_stage 0: {why}, but ZeRO {{stage}} hands the optimizer flat slices of the "
+                  "parameters that cut the matrices apart (LLaMA-Factory refuses GaLore and APOLLO under any "
+                  "DeepSpeed); {{fix}} (data parallel; the memory plan: `make plan`), or remove use_{key}")
+GALORE_ZERO = _LOW_RANK_ZERO.format(name="GaLore", key="galore",
+                                    why="each GaLore matrix's update starts from an SVD of its whole gradient")
+APOLLO_ZERO = _LOW_RANK_ZERO.format(name="APOLLO", key="apollo",
+                                    why="each APOLLO matrix's update projects its whole gradient and rescales it "
+                                        "by rows or columns")
+
+
+def _low_rank_problems(ctx: Context, key: str, name: str, zero: str) -> list[tuple[str, str]]:
+    """What GaLore (key galore) and APOLLO (apollo) share: whole matrices (ZeRO 0; a deepspeed JSON's stage: train's
+    preflight), LLaMA-Factory's refusals (LoRA; layer-wise with gradient accumulation or several ranks), and one
+    optimizer at a time (use_muon)."""
+    v = ctx.values
+    if not v[f"use_{key}"]:
+        return []
+    problems = []
+    problems += whole_matrices_only(v, f"use_{key}", zero)
+    if v["finetuning_type"] == "lora":
+        problems.append((f"use_{key}", f"given true with finetuning_type: lora: {name} projects the gradients of "
+                                       "whole weight matrices, which LoRA freezes (LLaMA-Factory refuses the two "
+                                       f"together); set finetuning_type: full (or freeze), or remove use_{key}"))
+    elif v["finetuning_type"] == "oft":  # LF lets it through, and its GaLore finds no trainable nn.Linear weight
+        problems.append((f"use_{key}", f"given true with finetuning_type: oft: {name} projects the gradients of "
+                                       "whole weight matrices, which OFT freezes (LLaMA-Factory's optimizer then "
+                                       "finds none to project and trains OFT's rotations with plain AdamW); set "
+                                       f"finetuning_type: full (or freeze), or remove use_{key}"))
+    if v["use_muon"]:
+        problems.append(("use_muon", f"given true with use_{key}: true: Muon and {name} are two optimizers; keep one "
+                                     "of the two keys"))
+    layerwise = f"{key}_layerwise"
+    if v[layerwise] and v["gradient_accumulation_steps"] != 1:
+        problems.append((layerwise, f"given true with gradient_accumulation_steps {v['gradient_accumulation_steps']}: "
+                                    f"layer-wise {name} steps each weight as soon as its gradient is ready, with "
+                                    "nothing to accumulate (LLaMA-Factory refuses it); set "
+                                    f"gradient_accumulation_steps: 1, or {layerwise}: false"))
+    if v[layerwise] and v["world_size"] > 1:
+        problems.append((layerwise, f"given true on {v['world_size']} ranks: LLaMA-Factory refuses layer-wise {name} "
+                                    f"in distributed training; set {layerwise}: false (the same update, gradients "
+                                    "averaged over the ranks and clipped to max_grad_norm)"))
+    return problems
+
+
+@rule("use_galore", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "galore_layerwise",
+      "gradient_accumulation_steps", "world_size")
+def galore_fits(ctx: Context) -> list[tuple[str, str]]:
+    """GaLore (pipeline.train.galore): _low_rank_problems."""
+    return _low_rank_problems(ctx, "galore", "GaLore", GALORE_ZERO)
+
+
+@rule("use_apollo", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "apollo_layerwise",
+      "gradient_accumulation_steps", "world_size", "use_galore", "apollo_scale_type", "apollo_proj_type")
+def apollo_fits(ctx: Context) -> list[tuple[str, str]]:
+    """APOLLO (pipeline.train.apollo): _low_rank_problems; not with GaLore (LLaMA-Factory refuses the two); and its
+    channel-wise scaling only with the std projection: apollo_torch takes the channels from the matrix's shape and
+    the norms from the projected side, which for left / right disagree on matrices of one orientation or the other
+    (LLaMA-Factory fails there mid-run, on a shape mismatch)."""
+    v = ctx.values
+    problems = _low_rank_problems(ctx, "apollo", "APOLLO", APOLLO_ZERO)
+    if v["use_apollo"] and v["use_galore"]:
+        problems.append(("use_galore", "given true with use_apollo: true: GaLore and APOLLO are two optimizers "
+                                       "(LLaMA-Factory refuses the two together); keep one of the two keys"))
+    if v["use_apollo"] and v["apollo_scale_type"] == "channel" and v["apollo_proj_type"] != "std":
+        problems.append(("apollo_proj_type", f"given {v['apollo_proj_type']!r} with apollo_scale_type: channel: "
+                                             "apollo_torch scales rows of a tall matrix and columns of a wide one "
+                                             "by the norms over the side it projected, which a fixed "
+                                             f"{v['apollo_proj_type']} projection makes the other side for one "
+                                             "orientation (LLaMA-Factory stops there on a shape mismatch); use "
+                                             "apollo_proj_type: std, or apollo_scale_type: tensor"))
+    return problems
+
+
+ADAM_MINI_ZERO = ("Adam-mini needs zero_stage 0: it keeps one second moment per row or attention head of each "
+                  "weight matrix, but ZeRO {stage} hands the optimizer flat slices of the parameters that cut rows "
+                  "and heads apart; {fix} (data parallel; the memory plan: `make plan`), or remove use_adam_mini")
+_OTHER_OPTIMIZERS = (("use_muon", "Muon"), ("use_galore", "GaLore"), ("use_apollo", "APOLLO"))
+
+
+@rule("use_adam_mini", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo",
+      "loraplus_lr_ratio")
+def adam_mini_fits(ctx: Context) -> list[tuple[str, str]]:
+    """Adam-mini (pipeline.train.adam_mini) steps whole matrices by row and head: ZeRO 0 only (a deepspeed JSON's
+    stage: train's preflight), and full or freeze fine-tuning: its blocks are read from the module names, and
+    LoRA's or OFT's small matrices under q_proj, v_proj, ... are no rows or heads of those weights (LLaMA-Factory
+    passes them in, and adam_mini cuts q/k's into blocks of hidden_size^2 / num_attention_heads elements: a view
+    that fails for most shapes). One optimizer at a time: LLaMA-Factory silently prefers GaLore, APOLLO and
+    LoRA+ to it, and it to Muon."""
+    v = ctx.values
+    if not v["use_adam_mini"]:
+        return []
+    problems = []
+    problems += whole_matrices_only(v, "use_adam_mini", ADAM_MINI_ZERO)
+    if v["finetuning_type"] in ("lora", "oft"):
+        method = "LoRA" if v["finetuning_type"] == "lora" else "OFT"
+        problems.append(("use_adam_mini", f"given true with finetuning_type: {v['finetuning_type']}: Adam-mini's "
+                                          "blocks are rows and attention heads of whole weight matrices, which "
+                                          f"{method} freezes (LLaMA-Factory hands it {method}'s small matrices, "
+                                          "where its per-head view fails for most shapes); set finetuning_type: "
+                                          "full (or freeze), or remove use_adam_mini"))
+    for key, name in _OTHER_OPTIMIZERS:
+        if v[key]:
+            problems.append((key, f"given true with use_adam_mini: true: {name} and Adam-mini are two optimizers; "
+                                  "keep one of the two keys"))
+    if v["loraplus_lr_ratio"] is not None:
+        problems.append(("loraplus_lr_ratio", f"given {show(v['loraplus_lr_ratio'])} with use_adam_mini: true: "
+                                              "LoRA+ and Adam-mini are two optimizers (LLaMA-Factory silently "
+                                              "trains with LoRA+'s AdamW); keep one of the two keys"))
+    return problems
+
+
+BADAM_ZERO = ("BAdam needs zero_stage 0: it switches which decoder layer has gradients between optimizer steps, "
+              "which ZeRO {stage}'s flat partitions, built once over the trainable weights, do not follow "
+              "(LLaMA-Factory's BAdam re-partitions DeepSpeed's ZeRO-3 internals at each switch; that is not done "
+              "here); {fix} (data parallel), or remove use_badam")
+
+
+@rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo",
+      "use_adam_mini", "badam_mode", "badam_switch_mode", "badam_start_block", "badam_switch_interval")
+def badam_fits(ctx: Context) -> list[tuple[str, str]]:
+    """BAdam (pipeline.train.badam): layer mode at ZeRO 0 (a deepspeed JSON's stage: train's preflight) on a full
+    fine-tune, one optimizer at a time; ratio mode refused; fixed needs its block; an interval of at least 1."""
+    v = ctx.values
+    if not v["use_badam"]:
+        return []
+    problems = []
+    problems += whole_matrices_only(v, "use_badam", BADAM_ZERO)
+    if v["finetuning_type"] != "full":
+        problems.append(("use_badam", f"given true with finetuning_type: {v['finetuning_type']}: BAdam trains whole "
+                                      "decoder layers in turn, overriding which weights the method trains "
+                                      "(LLaMA-Factory refuses it with lora); set finetuning_type: full, or remove "
+                                      "use_badam"))
+    for other, name, theirs in (("use_muon", "Muon", "silently builds BAdam's"),
+                                ("use_galore", "GaLore", "refuses the two together"),
+                                ("use_apollo", "APOLLO", "refuses the two together"),
+                                ("use_adam_mini", "Adam-mini", "silently builds BAdam's")):
+        if v[other]:
+            problems.append((other, f"given true with use_badam: true: {name} and BAdam are two optimizers "
+                                    f"(LLaMA-Factory {theirs}); keep one of the two keys"))
+    interval = v["badam_switch_interval"]
+    if interval < 1:
+        problems.append(("badam_switch_interval", f"given {interval}, expected an integer >= 1 (steps per layer): "
+                                                  "LLaMA-Factory documents -1 as 'never switch', but badam then "
+                                                  f"switches after every step ((n + 1) % {interval} is 0 for every "
+                                                  "n); to train one layer throughout set badam_switch_mode: fixed "
+                                                  "with badam_start_block"))
+    if v["badam_mode"] == "ratio":
+        problems.append(("badam_mode", "given 'ratio' with use_badam: true: ratio-wise BAdam (a sparse mask over "
+                                       "every weight's gradient) is not implemented here; use badam_mode: layer"))
+    if v["badam_switch_mode"] == "fixed" and v["badam_start_block"] is None:
+        problems.append(("badam_switch_mode", "given 'fixed' without badam_start_block: fixed trains one decoder "
+                                              "layer, which badam_start_block names (badam stops there without "
+                                              "it); set badam_start_block: <layer index>"))
+    return problems
+
+
+@rule("use_badam", "badam_start_block", "model_name_or_path")
+def badam_start_block_in_model(ctx: Context) -> list[tuple[str, str]]:
+    """badam_start_block names a decoder layer of the model (badam fails past the last one): said at the key when
+    the model is on disk, else when train builds the optimizer (pipeline.train.badam)."""
+    v = ctx.values
+    if not v["use_badam"] or v["badam_start_block"] is None:
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is None or v["badam_start_block"] < info.n_layer:
+        return []
+    return [("badam_start_block", f"given {v['badam_start_block']}, but {v['model_name_or_path']} has {info.n_layer} "
+                                  f"decoder layers (blocks 0 to {info.n_layer - 1}); name one of them")]
