@@ -584,34 +584,77 @@ def oft_params(in_features: int, rank: int, block_size: int) -> int:
     return blocks * size * (size - 1) // 2
 
 
-def trainable_params(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
-                     lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
-                     additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
-                     resize_vocab: bool = False, use_llama_pro: bool = False,
-                     freeze_modules: tuple[str | Iterable[str] | None, str | Iterable[str] | None] = ("all", None),
-                     oft: tuple[int, int] | None = None) -> int:
-    """How many parameters the optimizer updates (for plan's memory estimate and the trainable report); DoRA adds
-    one magnitude per output feature of each adapted layer; resize_vocab (new_special_tokens that add a token) trains
-    vocab_modules in full under LoRA, unless additional_target names others; use_llama_pro: the expanded blocks;
-    freeze_modules: freeze_trainable_modules and freeze_extra_modules."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter tensor of GPTModel(cfg), or of an adapter on it: our name (as model.named_parameters() gives
+    it) and shape. The optimizers' memory in plan (pipeline.train.optimizer_state) reads these."""
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def module_tensors(m: ModuleSpec) -> list[TensorSpec]:
+    """The parameters of one leaf module, in its registration order (a Linear's weight is (out, in), GPT-2's
+    Conv1D ones too: stored as a Linear here)."""
+    if m.kind == "embedding":
+        return [TensorSpec(f"{m.name}.weight", (m.in_dim, m.out_dim))]
+    if m.kind in NORMS:
+        return [TensorSpec(f"{m.name}.{leaf}", (m.out_dim,)) for leaf in ("weight", "bias")[:m.params // m.out_dim]]
+    return [TensorSpec(f"{m.name}.weight", (m.out_dim, m.in_dim))] + \
+        ([TensorSpec(f"{m.name}.bias", (m.out_dim,))] if m.bias else [])
+
+
+def model_tensors(cfg: ModelConfig) -> list[TensorSpec]:
+    """Every distinct parameter of GPTModel(cfg): a tied head's weight is the embedding's, listed once."""
+    return [t for m in layout(cfg) if not (m.name == "lm_head" and cfg.tie_weights) for t in module_tensors(m)]
+
+
+def adapter_tensors(m: ModuleSpec, finetuning_type: str, lora_rank: int, use_dora: bool,
+                    oft: tuple[int, int] | None) -> list[TensorSpec]:
+    """The trained tensors an adapter adds on the Linear `m` (pipeline.model.lora, pipeline.model.oft): LoRA's A
+    (in, rank) and B (rank, out), DoRA's magnitude (out); OFT's skew-symmetric upper triangles, one row a block."""
+    if finetuning_type == "oft":
+        blocks, size = oft_blocks(m.in_dim, *(oft or (0, 32)))
+        return [TensorSpec(f"{m.name}.oft.weight", (blocks, size * (size - 1) // 2))]
+    return [TensorSpec(f"{m.name}.lora.A", (m.in_dim, lora_rank)), TensorSpec(f"{m.name}.lora.B", (lora_rank, m.out_dim))
+            ] + ([TensorSpec(f"{m.name}.magnitude", (m.out_dim,))] if use_dora else [])
+
+
+def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
+                      lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
+                      additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
+                      resize_vocab: bool = False, use_llama_pro: bool = False,
+                      freeze_modules: tuple[str | Iterable[str] | None, str | Iterable[str] | None] = ("all", None),
+                      oft: tuple[int, int] | None = None) -> list[TensorSpec]:
+    """The tensors the optimizer updates (trainable_params counts them; plan's optimizer memory reads their shapes):
+    DoRA adds one magnitude per output feature of each adapted layer; resize_vocab (new_special_tokens that add a
+    token) trains vocab_modules in full under LoRA, unless additional_target names others; use_llama_pro: the
+    expanded blocks; freeze_modules: freeze_trainable_modules and freeze_extra_modules."""
     if finetuning_type == "full":
-        return count_params(cfg)
+        return model_tensors(cfg)
     if finetuning_type == "freeze":
         prefixes = freeze_trainable_names(cfg, freeze_trainable_layers, use_llama_pro, *freeze_modules)
-        return sum(m.params for m in layout(cfg) if any(m.name == p or m.name.startswith(p + ".") for p in prefixes))
+        return [t for m in layout(cfg) if any(m.name == p or m.name.startswith(p + ".") for p in prefixes)
+                for t in module_tensors(m)]
     if trains_adapter(finetuning_type):
         targets = lora_target_modules(cfg, lora_target, llama_pro_blocks(cfg.n_layers, freeze_trainable_layers)
                                       if use_llama_pro else None)
-        if finetuning_type == "oft":
-            lora = sum(oft_params(m.in_dim, *(oft or (0, 32))) for m in targets)
-        else:
-            lora = sum(lora_rank * (m.in_dim + m.out_dim) + (m.out_dim if use_dora else 0) for m in targets)
+        adapters = [t for m in targets for t in adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
         if resize_vocab and additional_target is None:
             extra = {m.name: m for m in layout(cfg) if m.name in vocab_modules(cfg)}
         if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:
             extra.pop("lm_head")
         extra.update({m.name: m for m in layout(cfg) if m.name == "score"})  # a reward model's head: always trained
-        return lora + sum(m.params for m in extra.values())
+        return adapters + [t for m in extra.values() for t in module_tensors(m)]
     raise UserError(f"finetuning_type: '{finetuning_type}' is not one of lora, oft, full, freeze"
                     f"{did_you_mean(finetuning_type, ['lora', 'oft', 'full', 'freeze'])}")
+
+
+def trainable_params(cfg: ModelConfig, finetuning_type: str, *args: Any, **kwargs: Any) -> int:
+    """How many parameters the optimizer updates (for plan's memory estimate and the trainable report): the sum over
+    trainable_tensors, which takes the same arguments."""
+    return sum(t.numel for t in trainable_tensors(cfg, finetuning_type, *args, **kwargs))

@@ -1,6 +1,6 @@
 """Model facts the recipe checks and `plan` need (layers, width, context, parameter counts), without torch.
 
-A thin adapter over pipeline.model.config (read_config, count_params, trainable_params). When the model
+A thin adapter over pipeline.model.config (read_config, count_params, trainable_tensors). When the model
 cannot be read yet (e.g. a checkpoint an upstream recipe has still to produce), callers get None and skip
 the check; the model stage reports a real problem when it loads the model.
 """
@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.model.config import GPTConfig, count_params, read_config, resized_vocab_size, trainable_params
+from pipeline.model.config import (GPTConfig, TensorSpec, count_params, read_config, resized_vocab_size,
+                                   trainable_tensors)
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,9 @@ def looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or name.startswith(".") or os.path.exists(name)
 
 
-def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] | None:
-    """(total parameters, trainable parameters) for the recipe's fine-tuning type, or None if unknown."""
+def recipe_tensors(values: Mapping[str, Any], info: ModelInfo) -> tuple[GPTConfig, list[TensorSpec]] | None:
+    """The recipe's model config (its context_length, rm's score head, the vocabulary its added tokens grow) and the
+    tensors its fine-tuning type trains, or None if unknown."""
     cfg = info.config
     if values.get("context_length"):
         cfg = cfg.replace(context_length=values["context_length"])
@@ -55,17 +57,24 @@ def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] 
         cfg = cfg.replace(vocab_size=resized_vocab_size(cfg.vocab_size, tokenizer.n_vocab))
         resize = resize or bool(tokenizer.new_tokens)
     try:
-        total = int(count_params(cfg))
-        trainable = int(trainable_params(cfg, values["finetuning_type"], values["lora_rank"], values["lora_target"],
-                                         values["freeze_trainable_layers"], values.get("additional_target"),
-                                         bool(values.get("use_dora")), resize_vocab=resize,
-                                         use_llama_pro=bool(values.get("use_llama_pro")),
-                                         freeze_modules=(values.get("freeze_trainable_modules", "all"),
-                                                         values.get("freeze_extra_modules")),
-                                         oft=(values.get("oft_rank", 0), values.get("oft_block_size", 32))))
+        return cfg, trainable_tensors(cfg, values["finetuning_type"], values["lora_rank"], values["lora_target"],
+                                      values["freeze_trainable_layers"], values.get("additional_target"),
+                                      bool(values.get("use_dora")), resize_vocab=resize,
+                                      use_llama_pro=bool(values.get("use_llama_pro")),
+                                      freeze_modules=(values.get("freeze_trainable_modules", "all"),
+                                                      values.get("freeze_extra_modules")),
+                                      oft=(values.get("oft_rank", 0), values.get("oft_block_size", 32)))
     except Exception:  # noqa: BLE001 - e.g. a lora_target matching nothing: the rules report it, plan shows "?"
         return None
-    return total, trainable
+
+
+def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] | None:
+    """(total parameters, trainable parameters) for the recipe's fine-tuning type, or None if unknown."""
+    found = recipe_tensors(values, info)
+    if found is None:
+        return None
+    cfg, tensors = found
+    return int(count_params(cfg)), sum(t.numel for t in tensors)
 
 
 def _new_tokens_tokenizer(values: Mapping[str, Any]) -> Any:

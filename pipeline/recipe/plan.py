@@ -6,10 +6,20 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
     gradients    T * w                      ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
                                             reduce_bucket_size * w (DeepSpeed allocates it whole, per rank)
-    optimizer    T * (8 + 4 if w == 2)      Adam m and v in fp32 (+ fp32 master weights under mixed precision);
-                                            pure_bf16: T * 4, m and v in bf16 and no fp32 master copy
-                                            (+ 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
-                                            ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU
+    optimizer    S * 4 (+ T_s * 4 if w == 2) the optimizer's state, S numbers over the trained tensors, in fp32
+                                            (+ fp32 master copies of the T_s tensors it steps under mixed precision);
+                                            pure_bf16: S * 2, the state in bf16 and no fp32 master copy
+                                            (+ T * 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
+                                            ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU.
+                                            S per tensor of n numbers (pipeline.train.optimizer_state, exact):
+                                              AdamW      2n: m and v (torch's 4-byte step counts left out)
+                                              Muon       n for its matrices (momentum), 2n for the rest
+                                              GaLore     its matrices: m and v projected to rank k (rows x k,
+                                                         k x cols, or k x k for full) + the basis; the rest 2n
+                                              APOLLO     as GaLore, + one norm per matrix
+                                              Adam-mini  n (m) + one v per block (element, head, row or tensor)
+                                              BAdam      the largest decoder layer's 2n (+ a 4-byte fp32 step
+                                                         count per tensor); T_s: the decoder layers
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
                                             plus fp32 logits for the loss; an upper bound: sft computes the
                                             head only where labels are trained). 34h is GPT-2's block; for
@@ -35,7 +45,8 @@ from pipeline.recipe.args import data_args
 from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
-from pipeline.recipe.modelinfo import model_info, param_counts
+from pipeline.model.config import count_params
+from pipeline.recipe.modelinfo import model_info, recipe_tensors
 from pipeline.recipe.text import format_table
 from pipeline.names import split_names, trains_adapter, uses_reference
 
@@ -55,10 +66,11 @@ class Memory:
 def estimate_memory(r: Resolved) -> Memory | None:
     """Per-rank memory for training, or None when the model cannot be read here."""
     info = model_info(r["model_name_or_path"])
-    counts = param_counts(r, info) if info else None
-    if info is None or counts is None:
+    found = recipe_tensors(r, info) if info else None
+    if info is None or found is None:
         return None
-    total, trainable = counts
+    cfg, tensors = found
+    total, trainable = count_params(cfg), sum(t.numel for t in tensors)
     ds = r.ds_config
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
@@ -70,8 +82,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     grads = trainable * w / (world if stage >= 2 else 1)
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * w  # DeepSpeed's default when unset
-    # pure_bf16: m and v in bf16, plus ZeRO 1-2's bf16 partition copy of the weights DeepSpeed steps
-    optim = trainable * ((6 if stage in (1, 2) else 4) if pure else 12 if half else 8) / (world if stage >= 1 else 1)
+    optim = optimizer_bytes(r, cfg, tensors, pure, half, stage) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
 
@@ -101,14 +112,25 @@ def estimate_memory(r: Resolved) -> Memory | None:
                   {k: int(round(cpu[k])) for k in order if k in cpu})
 
 
+def optimizer_bytes(r: Resolved, cfg: Any, tensors: list[Any], pure: bool, half: bool, stage: int) -> int:
+    """The optimizer's state over the trained `tensors` (pipeline.train.optimizer_state: what AdamW, Muon, GaLore,
+    APOLLO, Adam-mini or BAdam keeps), in bf16 under pure_bf16 (plus ZeRO 1-2's bf16 partition copy of the
+    weights DeepSpeed steps), else in fp32 (plus the fp32 master copy of the stepped tensors under bf16 / fp16
+    mixed precision)."""
+    from pipeline.train.optimizer_state import state_bytes, stepped
+
+    state = state_bytes(r, cfg, tensors, 2 if pure else 4)
+    if pure:
+        return state + (2 * sum(t.numel for t in tensors) if stage in (1, 2) else 0)
+    return state + (4 * sum(t.numel for t in stepped(r, cfg, tensors)) if half else 0)
+
+
 def reference_params(r: Resolved, total: int) -> int:
     """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's, or
     the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
     if not uses_reference(r["stage"], r["pref_loss"]):
         return 0
     if r["ref_model"] is not None:
-        from pipeline.model.config import count_params
-
         info = model_info(r["ref_model"])
         return int(count_params(info.config)) if info is not None else total
     return total if not trains_adapter(r["finetuning_type"]) else 0
@@ -154,7 +176,7 @@ def render(r: Resolved) -> str:
         rows = [(k, human(v), human(mem.cpu[k]) if k in mem.cpu else "-") for k, v in mem.gpu.items()]
         rows.append(("total", human(mem.gpu_total), human(sum(mem.cpu.values())) if mem.cpu else "-"))
         out.append(format_table(rows, header=("", "accelerator", "offloaded to cpu")))
-        out.append("(estimate: weights, gradients and Adam states exact up to framework buffers; activations "
+        out.append("(estimate: weights, gradients and optimizer states exact up to framework buffers; activations "
                    "an upper bound" + (" without recomputation)" if r["disable_gradient_checkpointing"] else
                                           " with per-block recomputation)"))
     return "\n".join(out)

@@ -37,33 +37,15 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pipeline.recipe.args import TrainArgs
+from pipeline.train.optimizer_state import block_kind, head_numel
 from pipeline.train.per_param import PerParameterOptimizer
 
-# adam_mini.py:115-128: the name words of each block kind, checked in this order (bias first, then q/k)
-ADAM_WORDS = ("bias",)
-HEAD_WORDS = ("k_proj", "q_proj", "wq", "wk", "query", "key")
-ROW_WORDS = ("embed", "embd", "wte", "lm_head", "output", "final_layer", "v_proj", "wv", "value", "feed_forward",
-             "linear", "mlp", "o_proj", "wo", "attn.proj")
 NO_DECAY_WORDS = ("norm", "ln", "bias")  # adam_mini.py:141
-
-
-def block_kind(hf_name: str) -> str:
-    """adam_mini's block for the transformers name: "adam" (per element), "heads", "rows" or "whole"."""
-    name = hf_name.lower()
-    for kind, words in (("adam", ADAM_WORDS), ("heads", HEAD_WORDS), ("rows", ROW_WORDS)):
-        if any(word in name for word in words):
-            return kind
-    return "whole"
 
 
 def decays(hf_name: str) -> bool:
     """adam_mini's decay rule: every name but those holding `norm`, `ln` or `bias`."""
     return not any(word in hf_name.lower() for word in NO_DECAY_WORDS)
-
-
-def head_numel(dim: int, n_heads: int) -> int:
-    """The elements of one q/k block: dim x dim / n_heads (adam_mini.py:93; a head's when head_dim = dim / n_heads)."""
-    return dim * dim // n_heads
 
 
 def adam_mini_groups(named_params: Iterable[tuple[str, Any]], hf_name: Callable[[str], str],

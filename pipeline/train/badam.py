@@ -44,9 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -54,22 +53,8 @@ from pipeline.errors import UserError
 from pipeline.recipe.args import TrainArgs
 from pipeline.runtime.deepspeed_compat import IN_TURN
 from pipeline.train.decay import decays
+from pipeline.train.optimizer_state import block_prefixes
 from pipeline.train.per_param import PerParameterOptimizer
-
-LAYER = re.compile(r".*layers.[^.]*\.")  # badam block_optim.py:159, its layer_pattern (the `.` unescaped there too)
-
-
-def block_prefixes(hf_names: Iterable[str]) -> list[str]:
-    """The blocks' name prefixes in the order of the names (block_optim.py:156-175, embedding and head left out):
-    the first match of LAYER for each name that no earlier prefix covers."""
-    prefixes: list[str] = []
-    for name in hf_names:
-        if any(prefix in name for prefix in prefixes):
-            continue
-        found = LAYER.match(name)
-        if found:
-            prefixes.append(found.group(0))
-    return prefixes
 
 
 class BlockOrder:

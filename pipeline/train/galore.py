@@ -33,26 +33,13 @@ use_muon does.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from pipeline.recipe.args import TrainArgs
+from pipeline.train.optimizer_state import NAMES, linear_targets, side
 from pipeline.train.per_param import PerParameterOptimizer
-
-HEAD = "lm_head"  # LLaMA-Factory's find_all_linear_modules leaves out every module whose name contains it
-NAMES = {"galore": "GaLore", "apollo": "APOLLO"}  # the recipe keys' prefix -> the optimizer's name, for messages
-
-
-def side(shape: Iterable[int], proj_type: str) -> str:
-    """Which side of a (rows, cols) gradient the basis projects: 'left', 'right' or 'full' (galore_projector.py's
-    `project`: std the shorter side, reverse_std the longer)."""
-    rows, cols = list(shape)[:2]
-    if proj_type == "std":
-        return "right" if rows >= cols else "left"
-    if proj_type == "reverse_std":
-        return "left" if rows >= cols else "right"
-    return proj_type
 
 
 def column_major(matrix: torch.Tensor) -> torch.Tensor:
@@ -103,15 +90,6 @@ def project_back(low: torch.Tensor, basis: dict[str, torch.Tensor], where: str, 
     else:
         full = torch.matmul(basis["ortho_u"], low) @ basis["ortho_v"]
     return full * scale
-
-
-def linear_targets(hf_linears: list[str], galore_target: str) -> list[str]:
-    """galore_target's words: `all` is the last name part of every Linear but the head (LLaMA-Factory's
-    find_all_linear_modules), else the comma-separated list as given."""
-    words = [word.strip() for word in galore_target.split(",")]
-    if words == ["all"]:
-        return sorted({name.rsplit(".", 1)[-1] for name in hf_linears if HEAD not in name})
-    return words
 
 
 def hf_linear_modules(model: Any) -> dict[str, Any]:

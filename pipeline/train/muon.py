@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from pipeline.train.optimizer_state import takes_muon
 from pipeline.train.per_param import PerParameterOptimizer
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Keller Jordan's, as LLaMA-Factory)
@@ -39,7 +40,6 @@ NS_EPS = 1e-7  # added to the Frobenius norm before dividing
 MOMENTUM = 0.95
 NESTEROV = True
 RMS_MATCH = 0.2  # lr x 0.2 sqrt(max(rows, cols)): the update's RMS about AdamW's (Moonlight)
-SKIPPED = ("embed", "lm_head")  # a transformers name containing one of these goes to AdamW even when 2-D
 
 
 def orthogonalize(grad: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
@@ -61,11 +61,6 @@ def muon_lr(lr: float, shape: Iterable[int]) -> float:
     """The step size of a Muon matrix: lr x 0.2 sqrt(its larger side)."""
     rows, cols = list(shape)[:2]
     return lr * RMS_MATCH * math.sqrt(max(rows, cols))
-
-
-def takes_muon(hf_name: str, ndim: int) -> bool:
-    """LLaMA-Factory's rule, on the transformers / PEFT name: 2-D and neither an embedding nor the output head."""
-    return ndim == 2 and not any(word in hf_name for word in SKIPPED)
 
 
 def muon_groups(named_params: Iterable[tuple[str, Any]], hf_name: Callable[[str], str], weight_decay: float,

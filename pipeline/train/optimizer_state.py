@@ -1,0 +1,199 @@
+"""The client optimizers' rules on tensors and what their state holds, without torch: which tensors Muon, GaLore /
+APOLLO, Adam-mini and BAdam treat how (pipeline.train.muon, galore, apollo, adam_mini and badam apply these rules
+to the loaded model), and how many numbers each keeps, for `plan`'s optimizer memory (pipeline.recipe.plan) and the
+rule that galore_target / apollo_target select a trainable Linear before the model is built
+(pipeline.recipe.rules.optimizers).
+
+The state per trained tensor of n numbers (rows x cols for a matrix) once it has stepped, as the optimizers here
+keep it (tests/train/test_optimizer_state.py sums their state tensors after one step):
+  AdamW (torch)  m and v: 2n (and torch's step count, a 4-byte tensor per tensor: left out)
+  Muon           its matrices (2-D, no embedding or head): the momentum buffer, n; the rest: AdamW's m and v, 2n
+  GaLore         its matrices: m and v in the projected shape (rows x k projected on the right, k x cols on the
+                 left, k x k for full; k = min(galore_rank, rows, cols), the SVD's) and the basis (k x cols right,
+                 rows x k left, both for full); the rest 2n
+  APOLLO         its matrices: m and v projected as GaLore's, with k = apollo_rank for the random projection (a
+                 rank x cols or rows x rank matrix, drawn whatever the matrix's size), the SVD's k for apollo_proj:
+                 svd; the projection; and the last update's norm (1); the rest 2n
+  Adam-mini      m per number; v per block: n for a bias, n / (hidden_size^2 / heads) for q and k, one per row of
+                 an embedding, the head, v, o and the MLP's matrices, one for any other whole tensor
+  BAdam          the active decoder layer's m and v, 2n each, and each tensor's step count (a 4-byte fp32 tensor):
+                 the largest layer's (the others' state is dropped at each switch)
+Counters kept as Python integers (the steps of Muon, GaLore, APOLLO, Adam-mini; APOLLO's seeds) take no tensor.
+The numbers are in the dtype of the tensors the optimizer steps: bfloat16 under pure_bf16, else float32 (under
+bf16 / fp16 mixed precision DeepSpeed steps fp32 master copies, which plan counts beside the state).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping
+
+from pipeline.model.config import ModelConfig, TensorSpec, layout
+from pipeline.model.families import FAMILIES
+
+STEP_BYTES = 4  # BAdam's per-tensor step count: torch.tensor(0.0), float32 whatever the weights' dtype
+
+# Muon (pipeline.train.muon)
+SKIPPED = ("embed", "lm_head")  # a transformers name containing one of these goes to AdamW even when 2-D
+
+# GaLore and APOLLO (pipeline.train.galore, apollo)
+HEAD = "lm_head"  # LLaMA-Factory's find_all_linear_modules leaves out every module whose name contains it
+NAMES = {"galore": "GaLore", "apollo": "APOLLO"}  # the recipe keys' prefix -> the optimizer's name, for messages
+
+# Adam-mini (pipeline.train.adam_mini); adam_mini.py:115-128: the name words of each block kind, checked in this
+# order (bias first, then q/k)
+ADAM_WORDS = ("bias",)
+HEAD_WORDS = ("k_proj", "q_proj", "wq", "wk", "query", "key")
+ROW_WORDS = ("embed", "embd", "wte", "lm_head", "output", "final_layer", "v_proj", "wv", "value", "feed_forward",
+             "linear", "mlp", "o_proj", "wo", "attn.proj")
+
+# BAdam (pipeline.train.badam)
+LAYER = re.compile(r".*layers.[^.]*\.")  # badam block_optim.py:159, its layer_pattern (the `.` unescaped there too)
+
+
+def takes_muon(hf_name: str, ndim: int) -> bool:
+    """LLaMA-Factory's rule, on the transformers / PEFT name: 2-D and neither an embedding nor the output head."""
+    return ndim == 2 and not any(word in hf_name for word in SKIPPED)
+
+
+def side(shape: Iterable[int], proj_type: str) -> str:
+    """Which side of a (rows, cols) gradient the basis projects: 'left', 'right' or 'full' (galore_projector.py's
+    `project`: std the shorter side, reverse_std the longer)."""
+    rows, cols = list(shape)[:2]
+    if proj_type == "std":
+        return "right" if rows >= cols else "left"
+    if proj_type == "reverse_std":
+        return "left" if rows >= cols else "right"
+    return proj_type
+
+
+def linear_targets(hf_linears: list[str], galore_target: str) -> list[str]:
+    """galore_target's words: `all` is the last name part of every Linear but the head (LLaMA-Factory's
+    find_all_linear_modules), else the comma-separated list as given."""
+    words = [word.strip() for word in galore_target.split(",")]
+    if words == ["all"]:
+        return sorted({name.rsplit(".", 1)[-1] for name in hf_linears if HEAD not in name})
+    return words
+
+
+def block_kind(hf_name: str) -> str:
+    """adam_mini's block for the transformers name: "adam" (per element), "heads", "rows" or "whole"."""
+    name = hf_name.lower()
+    for kind, words in (("adam", ADAM_WORDS), ("heads", HEAD_WORDS), ("rows", ROW_WORDS)):
+        if any(word in name for word in words):
+            return kind
+    return "whole"
+
+
+def head_numel(dim: int, n_heads: int) -> int:
+    """The elements of one q/k block: dim x dim / n_heads (adam_mini.py:93; a head's when head_dim = dim / n_heads)."""
+    return dim * dim // n_heads
+
+
+def block_prefixes(hf_names: Iterable[str]) -> list[str]:
+    """The blocks' name prefixes in the order of the names (block_optim.py:156-175, embedding and head left out):
+    the first match of LAYER for each name that no earlier prefix covers."""
+    prefixes: list[str] = []
+    for name in hf_names:
+        if any(prefix in name for prefix in prefixes):
+            continue
+        found = LAYER.match(name)
+        if found:
+            prefixes.append(found.group(0))
+    return prefixes
+
+
+def linear_weights(cfg: ModelConfig) -> dict[str, str]:
+    """transformers module name -> our name of its weight, for the modules that are an nn.Linear in transformers
+    (GPT-2's projections are Conv1D there; a tied head's weight is the embedding's), in module order."""
+    family = FAMILIES[cfg.family]
+    return {family.to_hf(m.name): "embed_tokens.weight" if m.name == "lm_head" and cfg.tie_weights
+            else f"{m.name}.weight" for m in layout(cfg)
+            if m.kind == "linear" and not family.is_conv1d(f"{m.name}.weight")}
+
+
+def low_rank_weights(cfg: ModelConfig, target: str, trained: Iterable[str]) -> set[str]:
+    """Our names of the matrices GaLore / APOLLO project: the trained weights of the Linear modules whose
+    transformers name holds one of `target`'s words (pipeline.train.galore.low_rank_groups on the loaded model)."""
+    linears = linear_weights(cfg)
+    words = linear_targets(list(linears), target)
+    return {weight for name, weight in linears.items() if any(word in name for word in words)} & set(trained)
+
+
+def _projected(shape: tuple[int, ...], rank: int, where: str, clipped: bool) -> tuple[int, int]:
+    """(numbers of the projected gradient, numbers of the projection) of a rows x cols matrix: the SVD's rank is at
+    most min(rows, cols) (`clipped`), a random projection's is `rank`."""
+    rows, cols = shape
+    k = min(rank, rows, cols) if clipped else rank
+    if where == "right":
+        return rows * k, k * cols
+    if where == "left":
+        return k * cols, rows * k
+    return k * k, rows * k + k * cols
+
+
+def _low_rank_numbers(values: Mapping[str, Any], key: str, cfg: ModelConfig, tensors: list[TensorSpec]) -> int:
+    """GaLore's (key galore) or APOLLO's (apollo) state: see the module docstring."""
+    chosen = low_rank_weights(cfg, values[f"{key}_target"], (t.name for t in tensors))
+    svd = key == "galore" or values["apollo_proj"] == "svd"
+    total = 0
+    for t in tensors:
+        if t.name not in chosen:
+            total += 2 * t.numel
+            continue
+        low, basis = _projected(t.shape, values[f"{key}_rank"], side(t.shape, values[f"{key}_proj_type"]), svd)
+        total += 2 * low + basis + (1 if key == "apollo" else 0)  # APOLLO's scaled_grad: the last update's norm
+    return total
+
+
+def _adam_mini_numbers(cfg: ModelConfig, tensors: list[TensorSpec]) -> int:
+    """Adam-mini's m per number and v per block (module docstring), over transformers' names and layout."""
+    family, heads = FAMILIES[cfg.family], head_numel(cfg.emb_dim, cfg.n_heads)
+    total = 0
+    for t in tensors:
+        kind = block_kind(family.to_hf(t.name))
+        rows = t.shape[1] if family.is_conv1d(t.name) else t.shape[0]  # transformers' rows: Conv1D's are transposed
+        total += t.numel + {"adam": t.numel, "heads": t.numel // heads, "rows": rows, "whole": 1}[kind]
+    return total
+
+
+def badam_blocks(cfg: ModelConfig, tensors: list[TensorSpec]) -> list[str | None]:
+    """Each tensor's BAdam block, by its transformers name: the first prefix (block_prefixes) the name holds, None
+    for the tensors outside the decoder layers (pipeline.train.badam.badam_groups)."""
+    family = FAMILIES[cfg.family]
+    names = [family.to_hf(t.name) for t in tensors]
+    prefixes = block_prefixes(names)
+    return [next((prefix for prefix in prefixes if prefix in name), None) for name in names]
+
+
+def _largest_block_bytes(cfg: ModelConfig, tensors: list[TensorSpec], width: int) -> int:
+    """BAdam's peak: the decoder layer whose m, v and step counts take the most bytes."""
+    per_block: dict[str, int] = {}
+    for t, block in zip(tensors, badam_blocks(cfg, tensors)):
+        if block is not None:
+            per_block[block] = per_block.get(block, 0) + 2 * t.numel * width + STEP_BYTES
+    return max(per_block.values(), default=0)
+
+
+def stepped(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpec]) -> list[TensorSpec]:
+    """The tensors the optimizer steps (DeepSpeed's mixed precision keeps an fp32 master copy of each): all the
+    trained ones, or under BAdam those in a decoder layer (the embedding, final norm and head never train)."""
+    if not values["use_badam"]:
+        return tensors
+    return [t for t, block in zip(tensors, badam_blocks(cfg, tensors)) if block is not None]
+
+
+def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpec], width: int) -> int:
+    """Bytes of the recipe's optimizer state over the trained `tensors`, each number `width` bytes (module
+    docstring); the optimizer as pipeline.train.optim.make_optimizer picks it."""
+    if values["use_muon"]:
+        family = FAMILIES[cfg.family]
+        return width * sum(t.numel * (1 if takes_muon(family.to_hf(t.name), len(t.shape)) else 2) for t in tensors)
+    if values["use_galore"]:
+        return width * _low_rank_numbers(values, "galore", cfg, tensors)
+    if values["use_apollo"]:
+        return width * _low_rank_numbers(values, "apollo", cfg, tensors)
+    if values["use_adam_mini"]:
+        return width * _adam_mini_numbers(cfg, tensors)
+    if values["use_badam"]:
+        return _largest_block_bytes(cfg, tensors, width)
+    return width * 2 * sum(t.numel for t in tensors)

@@ -1,0 +1,123 @@
+"""`plan`'s optimizer memory is what the recipe's optimizer keeps (pipeline.train.optimizer_state): Muon's momentum,
+GaLore's and APOLLO's projected moments and projections, Adam-mini's per-block second moments, BAdam's one layer,
+in fp32, in bf16 under pure_bf16, and with DeepSpeed's fp32 master copies under bf16 mixed precision.
+
+Golden: the optimizer itself. The pipeline builds the recipe's model from a tiny transformers checkpoint and its
+optimizer (pipeline.train.optim.make_optimizer), one backward and one step run, and the bytes of every tensor in
+the optimizer's state are summed (numel x element_size); under bf16 mixed precision 4 bytes per number of the
+tensors in its param groups (what DeepSpeed keeps an fp32 master copy of) are added. plan's arithmetic is not used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.acceptance.harness import write_data, write_hf_checkpoint
+
+# (family, recipe keys): each client optimizer, where its rules differ (GPT-2's Conv1D rows for Adam-mini, Qwen2's
+# q/k/v biases; a rank above a matrix's sides, which the SVD clips and a random projection does not)
+CASES = {
+    "muon": ("qwen2", {"use_muon": True}),
+    "muon, LoRA with DoRA and a norm in full": ("llama", {"finetuning_type": "lora", "use_muon": True,
+                                                           "use_dora": True, "additional_target": "norm"}),
+    "galore": ("qwen2", {"use_galore": True, "galore_rank": 4}),
+    "galore full, rank 100": ("llama", {"use_galore": True, "galore_rank": 100, "galore_proj_type": "full"}),
+    "galore under freeze": ("llama", {"finetuning_type": "freeze", "freeze_trainable_layers": 1, "use_galore": True,
+                                      "galore_rank": 2, "galore_proj_type": "reverse_std", "galore_target": "mlp"}),
+    "apollo random, rank 100": ("qwen2", {"use_apollo": True, "apollo_rank": 100, "apollo_scale_type": "tensor",
+                                          "apollo_proj_type": "left"}),
+    "apollo svd": ("llama", {"use_apollo": True, "apollo_rank": 4, "apollo_proj": "svd"}),
+    "adam-mini": ("qwen2", {"use_adam_mini": True}),
+    "adam-mini, GPT-2": ("gpt2", {"use_adam_mini": True}),
+    "badam": ("llama", {"use_badam": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Tiny transformers checkpoints (save_pretrained) of three families and a dataset registry."""
+    root = tmp_path_factory.mktemp("state")
+    for family in ("llama", "qwen2"):
+        write_hf_checkpoint(root / family, family, small_vocab=True)
+    write_hf_checkpoint(root / "gpt2", "gpt2")
+    write_data(root / "data")
+    return root
+
+
+def recipe(folder: Path, family: str, keys: dict[str, Any], precision: dict[str, Any]) -> Any:
+    from pipeline.recipe import resolve
+
+    values = {"model_name_or_path": str(folder / family), "dataset": ["tiny_sft"], "dataset_dir": str(folder / "data"),
+              "template": "default", "output_dir": str(folder / "saves"), "finetuning_type": "full",
+              "cutoff_len": 32, **keys, **precision}
+    path = folder / "r.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    return resolve(path, [], command="plan", env={**os.environ, "WORLD_SIZE": "1"})
+
+
+def kept_after_a_step(r: Any, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(bytes of the optimizer's state tensors, numbers and tensors in its param groups) after one step of the
+    recipe's model and optimizer as train builds them, in `dtype`."""
+    from pipeline.model.build import build_model
+    from pipeline.recipe.args import recipe_args, train_args
+    from pipeline.train.optim import make_optimizer
+
+    model = build_model(*recipe_args(r), dtype=dtype)
+    optimizer = make_optimizer(model, train_args(r))
+    ids = torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(0))
+    (model(ids).float() ** 2).mean().backward()
+    optimizer.step()
+    state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return state, sum(p.numel() for p in params), len(params)
+
+
+def planned(r: Any) -> int:
+    from pipeline.recipe.plan import estimate_memory
+
+    return estimate_memory(r).gpu["optimizer"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_plans_optimizer_line_is_the_state_the_optimizer_keeps(folder, case):
+    """fp32, pure_bf16 (bf16 state, no master copy) and bf16 mixed precision (fp32 state + fp32 masters)."""
+    family, keys = CASES[case]
+    fp32, stepped, _ = kept_after_a_step(recipe(folder, family, keys, {}), torch.float32)
+    assert planned(recipe(folder, family, keys, {})) == fp32
+    assert planned(recipe(folder, family, keys, {"bf16": True})) == fp32 + 4 * stepped
+    pure = recipe(folder, family, keys, {"pure_bf16": True})
+    assert planned(pure) == kept_after_a_step(pure, torch.bfloat16)[0]
+
+
+def test_adamw_is_its_two_moments_without_torchs_step_counts(folder):
+    """Unchanged for AdamW: m and v, 8 bytes a number in fp32; torch keeps a 4-byte step tensor per tensor too,
+    which plan leaves out."""
+    r = recipe(folder, "llama", {}, {})
+    state, stepped, tensors = kept_after_a_step(r, torch.float32)
+    assert planned(r) == 8 * stepped == state - 4 * tensors
+
+
+def test_plan_prints_galores_optimizer_memory_as_a_user_runs_it(folder):
+    """`python -m pipeline plan` of a LLaMA-Factory GaLore recipe on a transformers checkpoint: the optimizer row
+    is the stepped GaLoreAdamW's state (KiB, one decimal), where AdamW's would be 8 bytes a weight."""
+    from tests.acceptance.harness import pipeline
+
+    (folder / "lf.yaml").write_text(
+        f"### model\nmodel_name_or_path: {folder / 'llama'}\n\n### method\nstage: sft\ndo_train: true\n"
+        "finetuning_type: full\nuse_galore: true\ngalore_layerwise: true\ngalore_target: all\ngalore_rank: 4\n"
+        "galore_update_interval: 200\ngalore_scale: 2.0\n\n### dataset\ndataset: tiny_sft\ndataset_dir: data\n"
+        "template: llama3\ncutoff_len: 32\n\n### output\noutput_dir: saves/lf\n\n### train\n"
+        "per_device_train_batch_size: 1\ngradient_accumulation_steps: 1\nlearning_rate: 1.0e-5\nnum_train_epochs: 1.0\n",
+        encoding="utf-8")
+    out = pipeline("plan", "lf.yaml", cwd=folder).stdout
+    state, stepped, _ = kept_after_a_step(recipe(folder, "llama", {"use_galore": True, "galore_rank": 4}, {}),
+                                          torch.float32)
+    row = next(line for line in out.splitlines() if line.startswith("optimizer"))
+    assert row.split()[1:3] == [f"{state / 1024:.1f}", "KiB"], row
+    assert state < 8 * stepped
