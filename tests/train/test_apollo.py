@@ -193,6 +193,7 @@ def test_apollo_beside_galore_and_channel_scaling_on_a_fixed_side_are_refused_wh
             "optimizers") in err, err
     assert (f"{at['apollo_proj_type']}19: apollo_proj_type: given 'left' with apollo_scale_type: channel") in err, err
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
-                          finetuning_type="full", use_apollo=True, apollo_scale_front=True)
+                          finetuning_type="full", use_apollo=True, apollo_scale_front=True,
+                          apollo_target="lm_head")  # the tiny GPT-2's one nn.Linear (its projections are Conv1D)
     err = run_main(["validate", str(recipe)], tmp_path).err
     assert "apollo_scale_front: accepted without effect: LLaMA-Factory passes it in APOLLO's parameter group" in err

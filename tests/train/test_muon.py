@@ -182,14 +182,14 @@ def refused(argv: list[str], cwd) -> str:
     return done.err
 
 
-def refused_with_a_deepspeed_json(tmp_path, stage: int, key: str, name: str) -> None:
-    """`train` of a full fine-tuning recipe with `key: true` and a DeepSpeed JSON of ZeRO `stage` (tmp_path holds
-    data/) exits 2 before writing anything, naming the file, the optimizer and the fix."""
+def refused_with_a_deepspeed_json(tmp_path, stage: int, key: str, name: str, **keys) -> None:
+    """`train` of a full fine-tuning recipe with `key: true` (and `keys`) and a DeepSpeed JSON of ZeRO `stage`
+    (tmp_path holds data/) exits 2 before writing anything, naming the file, the optimizer and the fix."""
     from tests.acceptance.harness import write_recipe
 
     (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": stage}}))
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
-                          finetuning_type="full", deepspeed="ds.json", **{key: True})
+                          finetuning_type="full", deepspeed="ds.json", **{key: True}, **keys)
     err = refused(["train", str(recipe)], tmp_path)
     assert err.startswith(f"error: ds.json: zero_optimization.stage is {stage} with {key}: true: {name} needs "
                           "zero_stage 0"), err

@@ -75,6 +75,7 @@ ORDER = (
     optimizers.muon_fits,
     optimizers.galore_fits,
     optimizers.apollo_fits,
+    optimizers.low_rank_target_trains,
     optimizers.adam_mini_fits,
     optimizers.badam_fits,
     optimizers.badam_start_block_in_model,

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
+from pipeline.train.optimizer_state import NAMES
 
 
 def whole_matrices_only(v: Mapping[str, Any], key: str, why: str) -> list[tuple[str, str]]:
@@ -114,6 +115,62 @@ def apollo_fits(ctx: Context) -> list[tuple[str, str]]:
                                              "orientation (LLaMA-Factory stops there on a shape mismatch); use "
                                              "apollo_proj_type: std, or apollo_scale_type: tensor"))
     return problems
+
+
+def _freeze_setting(v: Mapping[str, Any]) -> str:
+    """The freeze keys that decide what trains, as the recipe gives them (for a message)."""
+    keys = ["freeze_trainable_layers"] + [key for key, off in (("freeze_trainable_modules", "all"),
+                                                               ("freeze_extra_modules", None), ("use_llama_pro", False))
+                                          if v[key] != off]
+    return ", ".join(f"{key}: {show(v[key])}" for key in keys)
+
+
+def _no_low_rank_weight(v: Mapping[str, Any], key: str, cfg: Any, trained: set[str]) -> str:
+    """Why `{key}_target` selects no trained Linear weight: it names none of the model's Linear modules, or those it
+    names do not train under the recipe's freeze setting."""
+    from pipeline.model.families import FAMILIES
+    from pipeline.train.optimizer_state import linear_weights, low_rank_weights
+
+    name, target, linears = NAMES[key], v[f"{key}_target"], linear_weights(cfg)
+    leaves = list(dict.fromkeys(module.rsplit(".", 1)[-1] for module in linears))
+    conv1d = (f"; the attention and MLP projections of {cfg.family} are Conv1D in transformers, which "
+              f"LLaMA-Factory's {name} skips" if FAMILIES[cfg.family].conv1d else "")
+    idle = f"{name} would project nothing (LLaMA-Factory then trains its AdamW alone, without a word)"
+    if not low_rank_weights(cfg, target, linears.values()):
+        return (f"given {show(target)}, which selects no nn.Linear module of this {cfg.family} model (its Linear "
+                f"modules: {', '.join(leaves)}; `all` is every one but lm_head{conv1d}): {idle}; name some of "
+                f"them, or remove use_{key}")
+    training = list(dict.fromkeys(module.rsplit(".", 1)[-1] for module, weight in linears.items()
+                                  if weight in trained))
+    return (f"given {show(target)}, but none of the nn.Linear modules it selects trains under finetuning_type: "
+            f"freeze with {_freeze_setting(v)} (" + (f"the Linear modules that train: {', '.join(training)}"
+                                                     if training else "no Linear module trains")
+            + f"): {idle}; name a module that trains, train the ones it names (freeze_trainable_layers, "
+              f"freeze_trainable_modules), or remove use_{key}")
+
+
+@rule("use_galore", "galore_target", "use_apollo", "apollo_target", "model_name_or_path", "finetuning_type",
+      "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules", "use_llama_pro", "stage")
+def low_rank_target_trains(ctx: Context) -> list[tuple[str, str]]:
+    """galore_target / apollo_target select a trained weight of an nn.Linear module (pipeline.train.galore's
+    low_rank_groups on the loaded model): said at the key, with the model's Linear modules and the freeze setting
+    that leaves them frozen, when the model is on disk; the names come from its config as the freeze module rules'
+    do. (lora and oft are refused by galore_fits / apollo_fits; a freeze setting the model does not have, by the
+    freeze rules.)"""
+    v = ctx.values
+    if v["finetuning_type"] not in ("full", "freeze") or not (v["use_galore"] or v["use_apollo"]):
+        return []
+    from pipeline.recipe.modelinfo import model_info, recipe_tensors
+    from pipeline.train.optimizer_state import low_rank_weights
+
+    info = model_info(v["model_name_or_path"])
+    found = recipe_tensors(v, info) if info is not None else None
+    if found is None:
+        return []
+    cfg, tensors = found
+    trained = {t.name for t in tensors}
+    return [(f"{key}_target", _no_low_rank_weight(v, key, cfg, trained)) for key in NAMES
+            if v[f"use_{key}"] and not low_rank_weights(cfg, v[f"{key}_target"], trained)]
 
 
 ADAM_MINI_ZERO = ("Adam-mini needs zero_stage 0: it keeps one second moment per row or attention head of each "
