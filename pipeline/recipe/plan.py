@@ -6,7 +6,7 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
     gradients    T * w                      ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
                                             reduce_bucket_size * w (DeepSpeed allocates it whole, per rank)
-    optimizer    S * 4 (+ T_s * 4 if w == 2) the optimizer's state, S numbers over the trained tensors, in fp32
+    optimizer    S*4 (+ T_s*4 if w == 2)    the optimizer's state, S numbers over the trained tensors, in fp32
                                             (+ fp32 master copies of the T_s tensors it steps under mixed precision);
                                             pure_bf16: S * 2, the state in bf16 and no fp32 master copy
                                             (+ T * 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
@@ -45,7 +45,7 @@ from pipeline.recipe.args import data_args
 from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
-from pipeline.model.config import count_params
+from pipeline.model.config import ModelConfig, TensorSpec, count_params
 from pipeline.recipe.modelinfo import model_info, recipe_tensors
 from pipeline.recipe.text import format_table
 from pipeline.names import split_names, trains_adapter, uses_reference
@@ -112,7 +112,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
                   {k: int(round(cpu[k])) for k in order if k in cpu})
 
 
-def optimizer_bytes(r: Resolved, cfg: Any, tensors: list[Any], pure: bool, half: bool, stage: int) -> int:
+def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pure: bool, half: bool,
+                    stage: int) -> int:
     """The optimizer's state over the trained `tensors` (pipeline.train.optimizer_state: what AdamW, Muon, GaLore,
     APOLLO, Adam-mini or BAdam keeps), in bf16 under pure_bf16 (plus ZeRO 1-2's bf16 partition copy of the
     weights DeepSpeed steps), else in fp32 (plus the fp32 master copy of the stepped tensors under bf16 / fp16
