@@ -81,7 +81,7 @@ def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, score
     if pref.ref_model is not None:
         from pipeline.model.build import load_ref_model
 
-        model = load_ref_model(pref.ref_model, base).to(device).eval()
+        model = load_ref_model(pref.ref_model, base, pref.ref_model_adapters).to(device).eval()
     elif folded_adapter is not None:
         from pipeline.model.build import load_for_inference
         from pipeline.model.hub import resolve_model_path

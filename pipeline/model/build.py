@@ -27,7 +27,7 @@ from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_star
 from pipeline.model.rope_recipe import recipe_rope
 from pipeline.model.vocab import Described, resize_vocab
 from pipeline.model.weights import checkpoint_tensors, load_model, note
-from pipeline.names import trains_adapter
+from pipeline.names import split_names, trains_adapter
 
 KINDS = ("base", "adapter", "model", "merged")
 
@@ -154,13 +154,27 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     return model
 
 
-def load_ref_model(path: str, base: ModelArgs) -> GPTModel:
+def load_ref_model(path: str, base: ModelArgs, adapters: str | Sequence[str] | None = None) -> GPTModel:
     """ref_model (stage dpo / kto) as LLaMA-Factory's create_ref_model loads it: with the run's model arguments
     (ModelArguments.copyfrom) and tokenizer. So rope_scaling scales its positions as the policy's (a sequence past its
     saved max_position_embeddings stopped the reference pass), and new_special_tokens grow its embedding with the
-    policy's rows (same seed): a ref_model that is the base is the starting policy."""
+    policy's rows (same seed): a ref_model that is the base is the starting policy. `adapters`
+    (ref_model_adapters: LoRA or OFT folders, a comma string or a list) are folded into it in order, as LLaMA-Factory
+    merges every adapter of a model it loads untrainable: the reference is then one plain model, no adapter pass."""
     tokenizer = base.tokenizer_name_or_path or base.model_name_or_path
-    return load_base(replace(base, model_name_or_path=path, tokenizer_name_or_path=tokenizer), dropout=False)
+    model = load_base(replace(base, model_name_or_path=path, tokenizer_name_or_path=tokenizer), dropout=False)
+    for adapter in split_names(adapters):
+        fold_adapter(model, adapter, key="ref_model_adapters")
+    return model
+
+
+def fold_adapter(model: GPTModel, adapter: str, key: str) -> GPTModel:
+    """Load the LoRA / OFT adapter at `adapter` (a folder or hub id, named by recipe key `key` in messages) onto
+    `model` and fold it into the weights: the one way an adapter becomes part of a base here (full / freeze on top of
+    adapter_name_or_path, a reference's ref_model_adapters). Folded in the model's dtype (fp32 as load_base builds)."""
+    load_adapter(model, resolve_model_path(adapter, key=key))
+    merge_lora(model)
+    return model
 
 
 def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
@@ -219,8 +233,7 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
     if adapter:  # full/freeze on top of an adapter: fold it into the base first (as LLaMA-Factory does)
-        load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
-        merge_lora(model)
+        fold_adapter(model, adapter, key="adapter_name_or_path")
     if kind == "freeze":
         model.requires_grad_(False)
         for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers, ft.use_llama_pro,

@@ -171,6 +171,7 @@ class PreferenceArgs:
     dpo_label_smoothing: float
     simpo_gamma: float
     ref_model: str | None
+    ref_model_adapters: str | None = None
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
     pref_bco_weight: float = 0.0

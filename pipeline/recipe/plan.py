@@ -127,8 +127,9 @@ def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pu
 
 
 def reference_params(r: Resolved, total: int) -> int:
-    """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's, or
-    the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
+    """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's (its
+    ref_model_adapters are folded into its weights: no parameters of their own), or the policy's own for full /
+    freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
     if not uses_reference(r["stage"], r["pref_loss"]):
         return 0
     if r["ref_model"] is not None:

@@ -3,7 +3,7 @@
 The losses (DPO, hinge, IPO, ORPO, SimPO; KTO) are pipeline.model.preference. The reference is the starting
 model: for LoRA the same weights with the adapters switched off (lora.adapters_disabled: no second copy in
 memory), for full / freeze a frozen copy (a DeepSpeed engine of its own under ZeRO-3, so it is partitioned
-like the policy), or ref_model when given.
+like the policy), or ref_model when given (its ref_model_adapters folded in: pipeline.model.build.load_ref_model).
 """
 from __future__ import annotations
 
@@ -146,9 +146,10 @@ def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
     if pref.ref_model is not None:
         from pipeline.model.build import load_ref_model
 
-        model = load_ref_model(pref.ref_model, models.model)
+        model = load_ref_model(pref.ref_model, models.model, pref.ref_model_adapters)
         check_vocabulary(model, engine.module, pref.ref_model, models.model.model_name_or_path)
-        description = f"ref_model {pref.ref_model}"
+        description = f"ref_model {pref.ref_model}" + (f" with ref_model_adapters {pref.ref_model_adapters} folded in"
+                                                       if pref.ref_model_adapters else "")
     else:
         # the starting weights as the policy gets them (an adapter_name_or_path folded in), not trained
         model = apply_finetuning_type(load_base(models.model, dropout=False),
