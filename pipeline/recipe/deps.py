@@ -11,7 +11,8 @@
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
 
-A recipe starts from the paths in UPSTREAM_KEYS: model_name_or_path, adapter_name_or_path and (stage dpo) ref_model.
+A recipe starts from the paths in UPSTREAM_KEYS: model_name_or_path, adapter_name_or_path and (stages dpo / kto)
+ref_model and ref_model_adapters.
 The recipe next to it that writes such a path is its upstream, with the make goal that writes it: train for its
 output_dir, merge for its output_dir/merged (or, when it trains, its export_dir: merge writes there), export for
 the export_dir of a recipe that names no dataset (a LLaMA-Factory merge recipe: `make export`). UPSTREAM and
@@ -28,17 +29,20 @@ from typing import Any, Mapping
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
 from pipeline.recipe.siblings import producer, recipe_value
-from pipeline.names import PREFERENCE_STAGES
+from pipeline.names import PREFERENCE_STAGES, split_names
 
 
-UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model")  # a model this recipe starts from
+UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters")  # what it starts from
+REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # read by the preference stages only
 _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
 
 
 def upstream_paths(r: Mapping[str, Any]) -> list[str]:
-    """The paths of UPSTREAM_KEYS the recipe sets (ref_model only under stage dpo, the one stage that reads it)."""
-    keys = [k for k in UPSTREAM_KEYS if k != "ref_model" or r.get("stage") in PREFERENCE_STAGES]
-    return [str(r[k]) for k in keys if r.get(k)]
+    """The paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages, which read
+    them; ref_model_adapters' comma-separated folders each)."""
+    keys = [k for k in UPSTREAM_KEYS if k not in REFERENCE_KEYS or r.get("stage") in PREFERENCE_STAGES]
+    lists = {k: split_names(r[k]) if k == "ref_model_adapters" else [r[k]] for k in keys if r.get(k)}
+    return [str(path) for paths in lists.values() for path in paths]
 
 
 def upstreams(r: Resolved) -> list[tuple[str, str]]:
@@ -64,8 +68,8 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         if recipe.resolve() == me:
             raise UserError(f"{recipe_path}: its upstream recipes lead back to it ({' -> '.join(map(str, trail))}: "
                             "each starts from the next one's output), so none can be built first; point one of "
-                            "them (model_name_or_path, adapter_name_or_path or ref_model) at a checkpoint, hub id "
-                            "or preset instead")
+                            "them (model_name_or_path, adapter_name_or_path, ref_model or ref_model_adapters) at a "
+                            "checkpoint, hub id or preset instead")
         if recipe.resolve() in seen:
             return
         seen.add(recipe.resolve())

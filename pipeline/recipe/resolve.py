@@ -249,11 +249,14 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
                 and os.path.isfile(os.path.join(model, "model", "config.json"))):
             # a full/freeze run's output_dir (LLaMA-Factory writes the model there; we write output_dir/model/)
             values[key], origins[key] = os.path.join(model, "model"), DERIVED
-    adapter = values.get("adapter_name_or_path")
-    if (adapter and "adapter_name_or_path" not in bad and not os.path.isfile(os.path.join(adapter, "adapter_config.json"))
-            and os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json"))):
-        # a run's output_dir (LLaMA-Factory keeps the adapter there; we keep it in output_dir/adapter/)
-        values["adapter_name_or_path"], origins["adapter_name_or_path"] = os.path.join(adapter, "adapter"), DERIVED
+    for key in ("adapter_name_or_path", "ref_model_adapters"):  # the reference's adapters take the same forms
+        given = values.get(key)
+        if isinstance(given, str) and key not in bad:
+            paths = split_names(given) if key == "ref_model_adapters" else [given]  # several: folded in order
+            folders = [run_adapter(path) for path in paths]
+            if folders != paths:  # ref_model_adapters keeps its line: its stage / ref_model rules speak there
+                values[key] = ",".join(folders)
+                origins[key] = DERIVED if key == "adapter_name_or_path" else origins[key]
     if origins["split_special_tokens"].kind == "default" and not {"model_name_or_path", "tokenizer_name_or_path"} & bad:
         from pipeline.data.model_tokenizer import checkpoint_split_special_tokens
 
@@ -284,6 +287,15 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
     n = None if {"dataset", "dataset_dir", "stage"} & bad else count_train_examples(values)
     _derive_steps_into(values, origins, n, bad)
     return problems
+
+
+def run_adapter(path: str) -> str:
+    """An adapter folder as given, or a run's output_dir's adapter/ (LLaMA-Factory keeps the adapter in output_dir;
+    we keep it in output_dir/adapter/)."""
+    if (not os.path.isfile(os.path.join(path, "adapter_config.json"))
+            and os.path.isfile(os.path.join(path, "adapter", "adapter_config.json"))):
+        return os.path.join(path, "adapter")
+    return path
 
 
 def _derive_rope_context(values: dict[str, Any], origins: dict[str, Origin], bad: set[str]) -> None:

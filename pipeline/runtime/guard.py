@@ -15,16 +15,22 @@ from pipeline.errors import UserError
 from pipeline.runtime.layout import RunLayout
 
 # recipe keys that name inputs on disk (a preset or a hub id names none)
-INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "tokenizer_name_or_path", "ref_model", "dataset_dir")
+INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "tokenizer_name_or_path", "ref_model", "ref_model_adapters",
+              "dataset_dir")
+MULTI_INPUT_KEYS = ("ref_model_adapters",)  # a comma string of folders: each is protected
 
 
 def protected(inputs: Mapping[str, Any], files: Iterable[str] = ()) -> dict[str, Path]:
     """What must survive, by the name a message gives it: the inputs that exist on disk (the recipe's INPUT_KEYS
     and whatever else the command reads, by name), the recipe's files, the working and the home directory."""
+    from pipeline.names import split_names
+
     named: dict[str, Path] = {}
     for key, value in inputs.items():
-        if value and Path(str(value)).exists():
-            named[key] = Path(str(value)).resolve()
+        paths = split_names(value) if key in MULTI_INPUT_KEYS else [value] if value else []
+        for i, path in enumerate(paths):
+            if Path(str(path)).exists():
+                named[key if i == 0 else f"{key} ({path})"] = Path(str(path)).resolve()
     for file in files:
         named[f"the recipe {file}"] = Path(file).resolve()
     named["the working directory"] = Path.cwd().resolve()

@@ -75,7 +75,7 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          "neftune_noise_alpha", "label_smoothing_factor", "use_dft_loss", "use_eaft_loss", "eaft_alpha",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model",
-         "pref_bco_weight", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight")
+         "ref_model_adapters", "pref_bco_weight", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used

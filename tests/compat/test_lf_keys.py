@@ -90,13 +90,13 @@ def test_qlora_and_dpo_extras_are_refused_with_the_reason_and_pass_at_their_defa
     "quantization_bit: unknown key (did you mean 'export_quantization_bit'?)", which points at the wrong feature;
     its dpo extras (ref_model_adapters, ref_model_quantization_bit, pref_loss kto_pair) got "unknown key". Each is
     now refused with its reason; at LLaMA-Factory's defaults they pass (pref_bco_weight and ld_alpha, refused here
-    before, train: tests/acceptance/test_dpo_ld_bco_cli.py)."""
+    before, train: tests/acceptance/test_dpo_ld_bco_cli.py; ref_model_adapters too:
+    tests/compat/test_ref_model_adapters_example.py)."""
     from tests.acceptance.harness import pipeline
 
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nstage: dpo\n",
                                      encoding="utf-8")
     for override, reason in (("quantization_bit=4", "QLoRA (LoRA on a 4- or 8-bit quantized base) is not implemented"),
-                             ("ref_model_adapters=saves/sft", "set ref_model to that folder"),
                              ("ref_model_quantization_bit=8", "a quantized reference model is not implemented"),
                              ("pref_loss=kto_pair", "kto_pair loss is not implemented")):
         err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=2).stderr

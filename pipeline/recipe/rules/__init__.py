@@ -12,7 +12,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   tokenizer.py   template against the vocabulary, added tokens, tokenizer_name_or_path
   stages.py      keys only some stages read (packing, train_on_prompt, mask_history, compute_accuracy, ...)
   data.py        dataset / eval_dataset, dataset_dir, val_size, the interleave mix, streaming
-  preference.py  dpo / kto keys, ref_model
+  preference.py  dpo / kto keys, ref_model, ref_model_adapters
   outputs.py     resume_from_checkpoint, export_dir, the refused exports, report_to
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set)
   core.py        the machinery: Context, the `rule` decorator, the command lists
@@ -98,6 +98,8 @@ ORDER = (
     preference.label_smoothing_needs_sigmoid,
     preference.bco_needs_reference_loss,
     preference.ref_model_same_vocabulary,
+    preference.ref_model_adapters_need_ref_model,
+    preference.ref_model_adapters_exist,
 )
 RULES: list[Rule] = in_order(ORDER)
 

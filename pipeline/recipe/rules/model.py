@@ -71,17 +71,22 @@ def main_revision_only(ctx: Context) -> list[tuple[str, str]]:
 @rule("adapter_name_or_path", commands=("train", "merge", "eval", "generate"))
 def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
     path = ctx.values["adapter_name_or_path"]
-    if path is not None:
-        from pipeline.errors import UserError
-        from pipeline.model.hub import resolve_model_path
+    return [] if path is None else adapter_folder_problems("adapter_name_or_path", path)
 
-        try:
-            path = str(resolve_model_path(path, key="adapter_name_or_path"))
-        except UserError as err:
-            return [("adapter_name_or_path", m.removeprefix("adapter_name_or_path: ")) for m in err.messages]
-    if path is not None and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return [("adapter_name_or_path", f"{path!r} holds no adapter_config.json; expected an adapter "
-                                         "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)")]
+
+def adapter_folder_problems(key: str, path: str) -> list[tuple[str, str]]:
+    """An adapter folder recipe key `key` names (a folder or a hub id, fetched here) must hold adapter_config.json:
+    the check every key that loads an adapter (adapter_name_or_path, ref_model_adapters) makes alike."""
+    from pipeline.errors import UserError
+    from pipeline.model.hub import resolve_model_path
+
+    try:
+        path = str(resolve_model_path(path, key=key))
+    except UserError as err:
+        return [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return [(key, f"{path!r} holds no adapter_config.json; expected an adapter directory (LoRA or OFT: e.g. "
+                      "saves/<recipe>/adapter)")]
     return []
 
 

@@ -1,18 +1,19 @@
 """Rules on preference tuning (stages dpo and kto): their keys (pref_beta, pref_loss, pref_ftx, dpo_label_smoothing,
 simpo_gamma, pref_bco_weight, ld_alpha, kto_chosen_weight, kto_rejected_weight) only in the stages that read them,
-pref_bco_weight only with a loss that has a reference, and ref_model (a loss that uses it, the policy's vocabulary).
-PiSSA's reference: method.py.
+pref_bco_weight only with a loss that has a reference, and ref_model (a loss that uses it, the policy's vocabulary)
+with its ref_model_adapters (on top of ref_model, adapter folders). PiSSA's reference: method.py.
 """
 from __future__ import annotations
 
 import os
 
-from pipeline.names import DPO_LOSS_KEYS, PREFERENCE_STAGES, REFERENCE_FREE
+from pipeline.names import DPO_LOSS_KEYS, PREFERENCE_STAGES, REFERENCE_FREE, uses_reference
 from pipeline.recipe.rules.core import Context, rule
 
 
 PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "pref_bco_weight", "ld_alpha",
-             "ref_model")
+             "ref_model", "ref_model_adapters")
+REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # the reference model a loss with one scores against
 
 
 KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
@@ -26,7 +27,7 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
     stage = ctx.values["stage"]
     if stage == "kto":
         return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
-                      "kto_chosen_weight, kto_rejected_weight, ref_model); remove it") for key in DPO_LOSS_KEYS
+                      "kto_chosen_weight, kto_rejected_weight, ref_model, ref_model_adapters); remove it") for key in DPO_LOSS_KEYS
                 if ctx.set_here(key)]
     if stage == "dpo":
         return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
@@ -35,13 +36,47 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
             for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
 
 
-@rule("stage", "pref_loss", "ref_model")
+@rule("stage", "pref_loss", *REFERENCE_KEYS)
 def ref_model_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
+    """One message for the one mistake: at ref_model, or at ref_model_adapters when it is set alone."""
     loss = ctx.values["pref_loss"]
-    if ctx.values["stage"] == "dpo" and ctx.values["ref_model"] is not None and loss in REFERENCE_FREE:
-        return [("ref_model", f"is set but pref_loss {loss} uses no reference model; remove ref_model, or choose "
-                              "pref_loss sigmoid, hinge or ipo")]
-    return []
+    given = [key for key in REFERENCE_KEYS if ctx.values[key] is not None]
+    if ctx.values["stage"] != "dpo" or loss not in REFERENCE_FREE or not given:
+        return []
+    return [(given[0], f"is set but pref_loss {loss} uses no reference model; remove {' and '.join(given)}, or "
+                       "choose pref_loss sigmoid, hinge or ipo")]
+
+
+@rule("stage", "ref_model_adapters", "ref_model", "pref_loss")
+def ref_model_adapters_need_ref_model(ctx: Context) -> list[tuple[str, str]]:
+    """ref_model_adapters go on top of ref_model. LLaMA-Factory reads them only with ref_model and otherwise drops
+    them without a word (the reference is then the starting model, not the adapter's): here that is a mistake to
+    fix, not a guess of which base was meant."""
+    adapters = ctx.values["ref_model_adapters"]
+    if (ctx.values["stage"] not in PREFERENCE_STAGES or adapters is None or ctx.values["ref_model"] is not None
+            or not uses_reference(ctx.values["stage"], ctx.values["pref_loss"])):  # no reference: the rule above
+        return []
+    return [("ref_model_adapters", f"given {adapters!r} but ref_model is not set; the adapters go on top of "
+                                   "ref_model: set ref_model to the base model they were trained on (often "
+                                   f"model_name_or_path, {ctx.values['model_name_or_path']}), or remove "
+                                   "ref_model_adapters")]
+
+
+@rule("stage", "ref_model_adapters")
+def ref_model_adapters_exist(ctx: Context) -> list[tuple[str, str]]:
+    """Each adapter folded into the reference is checked as adapter_name_or_path is (a LoRA or an OFT adapter
+    alike: either is folded in). train and eval load the reference now, so every folder must be there; the other
+    commands (validate, plan) check the folders that exist, as a missing one may be an upstream recipe's output
+    that make builds first, and never download a hub id."""
+    from pipeline.names import split_names
+    from pipeline.recipe.rules.model import adapter_folder_problems
+
+    if ctx.values["stage"] not in PREFERENCE_STAGES:
+        return []
+    paths = split_names(ctx.values["ref_model_adapters"])
+    if ctx.command not in ("train", "eval"):
+        paths = [path for path in paths if os.path.exists(path)]  # a hub id is no existing path
+    return [problem for path in paths for problem in adapter_folder_problems("ref_model_adapters", path)]
 
 
 @rule("stage", "pref_loss", "dpo_label_smoothing")
