@@ -587,7 +587,7 @@ def oft_params(in_features: int, rank: int, block_size: int) -> int:
 @dataclass(frozen=True)
 class TensorSpec:
     """One parameter tensor of GPTModel(cfg), or of an adapter on it: our name (as model.named_parameters() gives
-    it) and shape. The optimizers' memory in plan (pipeline.train.optimizer_state) reads these."""
+    it) and shape. The optimizers' memory in plan (pipeline.model.optimizer_state) reads these."""
     name: str
     shape: tuple[int, ...]
 

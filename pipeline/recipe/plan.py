@@ -11,7 +11,7 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                             pure_bf16: S * 2, the state in bf16 and no fp32 master copy
                                             (+ T * 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU.
-                                            S per tensor of n numbers (pipeline.train.optimizer_state, exact):
+                                            S per tensor of n numbers (pipeline.model.optimizer_state, exact):
                                               AdamW      2n: m and v (torch's 4-byte step counts left out)
                                               Muon       n for its matrices (momentum), 2n for the rest
                                               GaLore     its matrices: m and v projected to rank k (rows x k,
@@ -114,11 +114,11 @@ def estimate_memory(r: Resolved) -> Memory | None:
 
 def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pure: bool, half: bool,
                     stage: int) -> int:
-    """The optimizer's state over the trained `tensors` (pipeline.train.optimizer_state: what AdamW, Muon, GaLore,
+    """The optimizer's state over the trained `tensors` (pipeline.model.optimizer_state: what AdamW, Muon, GaLore,
     APOLLO, Adam-mini or BAdam keeps), in bf16 under pure_bf16 (plus ZeRO 1-2's bf16 partition copy of the
     weights DeepSpeed steps), else in fp32 (plus the fp32 master copy of the stepped tensors under bf16 / fp16
     mixed precision)."""
-    from pipeline.train.optimizer_state import state_bytes, stepped
+    from pipeline.model.optimizer_state import state_bytes, stepped
 
     state = state_bytes(r, cfg, tensors, 2 if pure else 4)
     if pure:

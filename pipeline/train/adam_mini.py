@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from pipeline.recipe.args import TrainArgs
-from pipeline.train.optimizer_state import block_kind, head_numel
+from pipeline.model.optimizer_state import block_kind, head_numel
 from pipeline.train.per_param import PerParameterOptimizer
 
 NO_DECAY_WORDS = ("norm", "ln", "bias")  # adam_mini.py:141

@@ -32,7 +32,7 @@ import torch
 
 from pipeline.recipe.args import TrainArgs
 from pipeline.train.galore import ProjectedAdamW, laid_out, low_rank_groups, new_basis, project
-from pipeline.train.optimizer_state import side
+from pipeline.model.optimizer_state import side
 
 NEXT_SEED_DRAWS = 15  # random_projector.py's ADV_DEFAULT: the next seed is the last of this many int64 draws
 SCALE_EPS = 1e-8  # added to the projected gradient's norms before dividing (apollo.py)

@@ -53,7 +53,7 @@ from pipeline.errors import UserError
 from pipeline.recipe.args import TrainArgs
 from pipeline.runtime.deepspeed_compat import IN_TURN
 from pipeline.train.decay import decays
-from pipeline.train.optimizer_state import block_prefixes
+from pipeline.model.optimizer_state import block_prefixes
 from pipeline.train.per_param import PerParameterOptimizer
 
 

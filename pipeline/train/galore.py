@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from pipeline.recipe.args import TrainArgs
-from pipeline.train.optimizer_state import NAMES, linear_targets, side
+from pipeline.model.optimizer_state import NAMES, linear_targets, side
 from pipeline.train.per_param import PerParameterOptimizer
 
 

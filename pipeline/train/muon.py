@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from pipeline.train.optimizer_state import takes_muon
+from pipeline.model.optimizer_state import takes_muon
 from pipeline.train.per_param import PerParameterOptimizer
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's a, b, c (Keller Jordan's, as LLaMA-Factory)

@@ -1,4 +1,4 @@
-"""`plan`'s optimizer memory is what the recipe's optimizer keeps (pipeline.train.optimizer_state): Muon's momentum,
+"""`plan`'s optimizer memory is what the recipe's optimizer keeps (pipeline.model.optimizer_state): Muon's momentum,
 GaLore's and APOLLO's projected moments and projections, Adam-mini's per-block second moments, BAdam's one layer,
 in fp32, in bf16 under pure_bf16, and with DeepSpeed's fp32 master copies under bf16 mixed precision.
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
-from pipeline.train.optimizer_state import NAMES
+from pipeline.model.optimizer_state import NAMES
 
 
 def whole_matrices_only(v: Mapping[str, Any], key: str, why: str) -> list[tuple[str, str]]:
@@ -129,7 +129,7 @@ def _no_low_rank_weight(v: Mapping[str, Any], key: str, cfg: Any, trained: set[s
     """Why `{key}_target` selects no trained Linear weight: it names none of the model's Linear modules, or those it
     names do not train under the recipe's freeze setting."""
     from pipeline.model.families import FAMILIES
-    from pipeline.train.optimizer_state import linear_weights, low_rank_weights
+    from pipeline.model.optimizer_state import linear_weights, low_rank_weights
 
     name, target, linears = NAMES[key], v[f"{key}_target"], linear_weights(cfg)
     leaves = list(dict.fromkeys(module.rsplit(".", 1)[-1] for module in linears))
@@ -161,7 +161,7 @@ def low_rank_target_trains(ctx: Context) -> list[tuple[str, str]]:
     if v["finetuning_type"] not in ("full", "freeze") or not (v["use_galore"] or v["use_apollo"]):
         return []
     from pipeline.recipe.modelinfo import model_info, recipe_tensors
-    from pipeline.train.optimizer_state import low_rank_weights
+    from pipeline.model.optimizer_state import low_rank_weights
 
     info = model_info(v["model_name_or_path"])
     found = recipe_tensors(v, info) if info is not None else None
