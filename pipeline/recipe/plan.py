@@ -16,7 +16,8 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                             GQA and SwiGLU blocks pipeline.model.config.activation_bytes
                                             counts q, k/v and the MLP at their own widths.
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
-    reference    stage dpo with a frozen reference copy (full / freeze, or ref_model): its parameters * w,
+    reference    stage dpo / kto, or sft's use_asft_loss, with a frozen reference copy (full / freeze, or
+                                            ref_model): its parameters * w,
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
 with s = cutoff_len, b = per_device_train_batch_size (stage dpo: 2x, the chosen and the rejected sequences of a
 pair go through one forward), h = width, a = heads, L = layers, V = vocabulary (50,257 for GPT-2, 128,256 for
@@ -102,9 +103,10 @@ def estimate_memory(r: Resolved) -> Memory | None:
 
 
 def reference_params(r: Resolved, total: int) -> int:
-    """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's, or
-    the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
-    if not uses_reference(r["stage"], r["pref_loss"]):
+    """Parameters of the frozen reference copy of stage dpo / kto and of sft's use_asft_loss
+    (pipeline.train.preference.starting_reference): ref_model's, or the policy's own for full / freeze; 0 without one
+    (orpo / simpo, or LoRA's adapters-off reference)."""
+    if not uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]):
         return 0
     if r["ref_model"] is not None:
         from pipeline.model.config import count_params
