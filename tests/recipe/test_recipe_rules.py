@@ -229,19 +229,17 @@ def test_dft_and_eaft_losses_are_sft_keys_one_at_a_time(recipe):
         assert len(messages) == 1 and f": {key}: " in messages[0], messages
 
 
-@pytest.mark.parametrize("lines, key, words", [
-    # LLaMA-Factory's compute_loss takes use_asft_loss first and hands the reference's logits to the DFT / EAFT
-    # loss as num_items_in_batch (the step fails), or ignores the label smoother
-    ("use_dft_loss: true\n", "use_dft_loss", "the step fails"),
-    ("use_eaft_loss: true\n", "use_eaft_loss", "the step fails"),
-    ("label_smoothing_factor: 0.1\n", "label_smoothing_factor", "ignores the label smoother"),
-    ("compute_accuracy: true\n", "compute_accuracy", "the evaluation fails"),
-])
-def test_asft_loss_is_refused_beside_another_loss_or_token_accuracy(recipe, lines, key, words):
-    messages = errors(recipe(f"stage: sft\nuse_asft_loss: true\n{lines}"))
-    assert len(messages) == 1 and messages[0].startswith(
-        f"r.yaml:7:{len(key) + 3}: {key}: given {lines.split(': ')[1].strip()} together with r.yaml:6:16: "
-        "use_asft_loss true: LLaMA-Factory's sft trainer takes use_asft_loss first") and words in messages[0], messages
+def test_asft_loss_is_refused_beside_another_loss_or_token_accuracy(recipe):
+    """LLaMA-Factory's compute_loss takes use_asft_loss first: it hands the reference's logits to the DFT / EAFT loss
+    as num_items_in_batch (the step fails), ignores the label smoother, and returns no logits for token accuracy."""
+    beside = {"use_dft_loss": ("true", "the step fails"), "use_eaft_loss": ("true", "the step fails"),
+              "label_smoothing_factor": ("0.1", "ignores the label smoother"),
+              "compute_accuracy": ("true", "the evaluation fails")}
+    for key, (value, words) in beside.items():
+        messages = errors(recipe(f"stage: sft\nuse_asft_loss: true\n{key}: {value}\n"))
+        assert len(messages) == 1 and messages[0].startswith(
+            f"r.yaml:7:{len(key) + 3}: {key}: given {value} together with r.yaml:6:16: use_asft_loss true: "
+            "LLaMA-Factory's sft trainer takes use_asft_loss first") and words in messages[0], messages
 
 
 def test_asft_alpha_needs_use_asft_loss_and_pissa_has_no_asft_reference(recipe):
