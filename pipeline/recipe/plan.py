@@ -16,6 +16,8 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                             GQA and SwiGLU blocks pipeline.model.config.activation_bytes
                                             counts q, k/v and the MLP at their own widths.
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
+                 sft's use_asft_loss: the logits 3 times (the policy's log-softmax and the reference's softmax,
+                                            both kept for the backward, and the KL's per-token terms)
     reference    stage dpo / kto, or sft's use_asft_loss, with a frozen reference copy (full / freeze, or
                                             ref_model): its parameters * w,
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
@@ -53,6 +55,9 @@ class Memory:
         return sum(self.gpu.values())
 
 
+ASFT_LOGITS = 3  # pipeline.model.asft: log p and q (N x V fp32, kept for the backward) and the KL terms
+
+
 def estimate_memory(r: Resolved) -> Memory | None:
     """Per-rank memory for training, or None when the model cannot be read here."""
     info = model_info(r["model_name_or_path"])
@@ -79,6 +84,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     pairs = 2 if data_form(r["stage"]) in PAIRED_FORMS else 1  # dpo, rm: chosen + rejected; kto: + KL, one forward
     b, h, L = r["per_device_train_batch_size"] * pairs, info.n_embd, info.n_layer
     V = 1 if r["stage"] == "rm" else info.vocab_size  # rm: one score per position, no vocabulary logits
+    V *= ASFT_LOGITS if r["stage"] == "sft" and r["use_asft_loss"] else 1
     per_block = activation_bytes(info.config, s, b, w)
     if r["disable_gradient_checkpointing"]:
         activations = L * per_block + s * b * V * 4

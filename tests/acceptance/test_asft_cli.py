@@ -4,8 +4,8 @@ LLaMA-Factory ships it, model_name_or_path pointed at a tiny transformers-writte
 
 Golden values: LLaMA-Factory's asft_loss_func as tests/train/test_asft.py re-writes it from its source, over
 transformers' logits: step 1's logged loss with the checkpoint as policy and reference, step 2's with step 1's
-saved weights (checkpoint-1/model, in our layout: written out in transformers' by save_hf) as the policy and the starting checkpoint as the
-reference. A run killed after step 1 and resumed logs the same losses and ends with the same weights (the reference
+saved weights (checkpoint-1/model, in our layout: written out in transformers' by save_hf) as the policy and the
+starting checkpoint as the reference, eval_loss with the final weights as the policy over the val split. A run killed after step 1 and resumed logs the same losses and ends with the same weights (the reference
 is the starting checkpoint again, not the checkpoint resumed from), and merged/ loads in transformers.
 """
 from __future__ import annotations
@@ -81,6 +81,14 @@ def test_llama_factorys_asft_example_logs_llama_factorys_loss(trained, tmp_path,
     want = step_loss(step1, base, batches[1], 0.05)
     assert abs(want - step_loss(step1, step1, batches[1], 0.05)) > 1e-3 * want  # the KL term weighs in
     assert logged[2] == pytest.approx(want, rel=1e-5)
+
+    # eval_loss: the same loss of the final weights over the val split (one row here), as the last step logs it
+    val = list(make_loader(data, "val", rank=0, world_size=1, shuffle=False))
+    assert len(val) == 1 and len(val[0]["input_ids"]) == 1
+    final = save_hf(load_model(run / "model"), tmp_path / "final")
+    evaluated = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
+    assert next(e for e in evaluated if "eval_loss" in e)["eval_loss"] == pytest.approx(
+        step_loss(final, base, val[0], 0.05), rel=1e-5)
 
 
 @pytest.mark.slow  # ~15 s: a resumed run and a merge through the CLI
