@@ -213,7 +213,7 @@ def asft_objective(r: Any, engine: Any) -> Any:
     from pipeline.train.asft import AsftObjective
     from pipeline.train.preference import starting_reference
 
-    reference = starting_reference(None, recipe_args(r), engine, dtype=compute_dtype(r),
+    reference = starting_reference(r["ref_model"], recipe_args(r), engine, dtype=compute_dtype(r),
                                    zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
     if dist.is_main():
         print(f"sft: ASFT loss, asft_alpha {r['asft_alpha']:g}; reference: {reference.description}", file=sys.stderr)

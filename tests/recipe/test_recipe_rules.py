@@ -254,6 +254,16 @@ def test_asft_alpha_needs_use_asft_loss_and_pissa_has_no_asft_reference(recipe):
     assert len(messages) == 1 and messages[0].startswith("r.yaml:7:13: pissa_init: is true but use_asft_loss's KL term")
 
 
+def test_ref_model_is_asfts_reference_under_sft(recipe):
+    """LLaMA-Factory's create_ref_model reads ref_model for the ASFT loss too: accepted there (PiSSA then has its
+    reference), refused under sft without use_asft_loss, saying which switch reads it."""
+    assert resolve(recipe("stage: sft\nuse_asft_loss: true\nref_model: tiny\n"))["ref_model"] == "tiny"
+    assert resolve(recipe("stage: sft\nuse_asft_loss: true\nref_model: tiny\npissa_init: true\n"))["pissa_init"]
+    assert errors(recipe("stage: sft\nref_model: tiny\n")) == [
+        "r.yaml:6:12: ref_model: is a preference-tuning setting but stage is sft; remove it or set stage: dpo (or "
+        "use_asft_loss: true, whose KL term scores against it)"]
+
+
 @pytest.mark.parametrize("stage, lines, key, words", [
     ("kto", "pref_loss: ipo\n", "pref_loss", "is a stage dpo setting; stage kto's loss is KTO's"),
     ("kto", "simpo_gamma: 1.0\n", "simpo_gamma", "is a stage dpo setting; stage kto's loss is KTO's"),

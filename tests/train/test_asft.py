@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.model.asft import asft_loss
 from pipeline.train.asft import AsftObjective
-from pipeline.train.preference import AdapterReference, ModelReference
+from pipeline.train.preference import AdapterReference, ModelReference, starting_reference
 
 ALPHA = 0.3
 
@@ -50,10 +50,11 @@ def test_hand_value():
 
 
 class Engine:
-    """What the objective reads of a DeepSpeed engine: a callable model and .module."""
+    """What the objective and the reference read of a DeepSpeed engine: a callable model, .module and .device."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
+        self.device = torch.device("cpu")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -101,13 +102,15 @@ def golden(policy: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) 
 
 @pytest.mark.parametrize("finetuning", ["full", "lora", "oft"])
 def test_the_objective_is_llama_factorys_loss_against_the_starting_model(tmp_path, finetuning):
-    """Full: the policy's weights moved, the reference a frozen copy of the start (ModelReference). LoRA / OFT: the
-    adapter's weights nonzero, the reference the policy with its adapters off (AdapterReference)."""
+    """Full: the policy's weights moved, the reference the start given as ref_model (a frozen ModelReference; without
+    ref_model the starting copy is tests/acceptance/test_asft_cli.py's). LoRA / OFT: the adapter's weights nonzero,
+    the reference the policy with its adapters off (AdapterReference)."""
     import peft
 
     from pipeline.model.lora import apply_lora, save_adapter
     from pipeline.model.oft import apply_oft
     from pipeline.model.weights import load_model
+    from pipeline.recipe.args import recipe_args
 
     base = tiny_llama(tmp_path / "base")
     b = batch(base.config.vocab_size)
@@ -119,8 +122,10 @@ def test_the_objective_is_llama_factorys_loss_against_the_starting_model(tmp_pat
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
         policy = hf_logits(base, b)
         base.save_pretrained(tmp_path / "moved", safe_serialization=True)
-        reference = ModelReference(ours.eval(), "the starting model")
         ours = load_model(tmp_path / "moved")
+        models = recipe_args({"model_name_or_path": str(tmp_path / "moved"), "finetuning_type": "full"})
+        reference = starting_reference(str(tmp_path / "base"), models, Engine(ours))
+        assert isinstance(reference, ModelReference) and reference.description == f"ref_model {tmp_path / 'base'}"
         starting = tiny_llama(tmp_path / "again")
     else:
         (apply_lora(ours, "all", rank=4, seed=0) if finetuning == "lora" else apply_oft(ours, "all", block_size=4))

@@ -122,10 +122,10 @@ def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
     elif v["adapter_name_or_path"]:
         why = (f"adapter_name_or_path is set ({v['adapter_name_or_path']}); an adapter you continue starts from its own"
                " values, so there is nothing for PiSSA to initialise: remove pissa_init or adapter_name_or_path")
-    elif v["stage"] == "sft" and v["use_asft_loss"]:
+    elif v["stage"] == "sft" and v["use_asft_loss"] and v["ref_model"] is None:
         why = ("use_asft_loss's KL term scores against the model with its adapter off, which under PiSSA is the "
                "residual base, not the model you started from (LLaMA-Factory has no reference under LoRA: its ASFT "
-               "step fails there): remove pissa_init or use_asft_loss")
+               "step fails there): set ref_model to the base checkpoint, or remove pissa_init or use_asft_loss")
     elif v["ref_model"] is None and uses_reference(v["stage"], v["pref_loss"]):
         loss = f"stage dpo's pref_loss {v['pref_loss']}" if v["stage"] == "dpo" else "stage kto's loss"
         why = (f"{loss} scores against the model with its adapter off, which under PiSSA is the residual base, not the"

@@ -1,6 +1,6 @@
 """Rules on preference tuning (stages dpo and kto): their keys (pref_beta, pref_loss, pref_ftx, dpo_label_smoothing,
 simpo_gamma, kto_chosen_weight, kto_rejected_weight) only in the stages that read them, and ref_model (a loss that
-uses it, the policy's vocabulary). PiSSA's reference: method.py.
+uses it: dpo / kto, or sft's use_asft_loss; the policy's vocabulary). PiSSA's reference: method.py.
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ PREF_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo
 KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 
 
-@rule("stage", *PREF_KEYS, *KTO_KEYS)
+@rule("stage", "use_asft_loss", *PREF_KEYS, *KTO_KEYS)
 def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
     """Preference settings outside the stages that read them would be ignored without a word: pref_loss & co. under
     kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft / rm
-    (a reward model has no reference and no preference loss)."""
+    (a reward model has no reference and no preference loss), but ref_model under sft with use_asft_loss (the
+    reference of its KL term, as LLaMA-Factory's create_ref_model reads it there)."""
     stage = ctx.values["stage"]
     if stage == "kto":
         return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
@@ -28,9 +29,12 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
                 if ctx.set_here(key)]
     if stage == "dpo":
         return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
+    asft = stage == "sft" and ctx.values["use_asft_loss"]
     return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: "
-                  f"{'kto' if key in KTO_KEYS else 'dpo'}")
-            for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
+                  f"{'kto' if key in KTO_KEYS else 'dpo'}"
+                  + (" (or use_asft_loss: true, whose KL term scores against it)"
+                     if key == "ref_model" and stage == "sft" else ""))
+            for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key) and not (asft and key == "ref_model")]
 
 
 @rule("stage", "pref_loss", "ref_model")
@@ -53,11 +57,12 @@ def label_smoothing_needs_sigmoid(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("stage", "ref_model", "model_name_or_path")
+@rule("stage", "ref_model", "model_name_or_path", "use_asft_loss")
 def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     """The reference scores the policy's tokens: it must read the same vocabulary."""
     ref = ctx.values["ref_model"]
-    if ctx.values["stage"] not in PREFERENCE_STAGES or ref is None:
+    asft = ctx.values["stage"] == "sft" and ctx.values["use_asft_loss"]
+    if (ctx.values["stage"] not in PREFERENCE_STAGES and not asft) or ref is None:
         return []
     from pipeline.errors import UserError
     from pipeline.model.hub import is_hub_id, resolve_model_path
