@@ -256,8 +256,8 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
-    if (uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) and trains_adapter(r["finetuning_type"]) and r["ref_model"] is None
-            and r["zero_stage"] == 3 and trains_in_full(r)):
+    if (uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) and trains_adapter(r["finetuning_type"])
+            and r["ref_model"] is None and r["zero_stage"] == 3 and trains_in_full(r)):
         raise UserError("additional_target modules (with resize_vocab or added tokens: the embedding and the "
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
