@@ -36,16 +36,20 @@ REFERENCE_FREE = ("orpo", "simpo")  # stage dpo's pref_loss values that use no r
 DPO_LOSS_KEYS = ("pref_loss", "dpo_label_smoothing", "simpo_gamma", "pref_bco_weight", "ld_alpha")
 
 
-def uses_reference(stage: Any, pref_loss: Any) -> bool:
+def uses_reference(stage: Any, pref_loss: Any, use_asft_loss: Any = False) -> bool:
     """Whether a stage scores against a reference model: dpo unless its pref_loss is reference-free, kto always
-    (its loss is KTO's, whatever pref_loss a dpo recipe it extends has left)."""
-    return stage == "kto" or (stage == "dpo" and pref_loss not in REFERENCE_FREE)
+    (its loss is KTO's, whatever pref_loss a dpo recipe it extends has left), sft with use_asft_loss (its KL term)."""
+    return (stage == "kto" or (stage == "dpo" and pref_loss not in REFERENCE_FREE)
+            or (stage == "sft" and bool(use_asft_loss)))
 
 
 def token_loss(values: Any) -> dict[str, Any]:
     """The keys that make a pt / sft run's loss other than the plain cross-entropy, with their values ({} for the
-    plain loss): label_smoothing_factor, or LLaMA-Factory's use_dft_loss, or use_eaft_loss with eaft_alpha (the
-    rules allow one). all_results.json records them, so that eval's report can say what training's losses are."""
+    plain loss): label_smoothing_factor, or LLaMA-Factory's use_dft_loss, or use_eaft_loss with eaft_alpha, or
+    use_asft_loss with asft_alpha (the rules allow one). all_results.json records them, so that eval's report can
+    say what training's losses are."""
+    if values.get("use_asft_loss"):
+        return {"use_asft_loss": True, "asft_alpha": values.get("asft_alpha")}
     if values.get("use_dft_loss"):
         return {"use_dft_loss": True}
     if values.get("use_eaft_loss"):
@@ -56,6 +60,8 @@ def token_loss(values: Any) -> dict[str, Any]:
 def token_loss_label(settings: Any) -> tuple[str, str] | None:
     """How the plan and eval's report name token_loss's settings: (the loss's adjective, its keys as set); None for
     the plain cross-entropy."""
+    if settings.get("use_asft_loss"):  # ASFT: the DFT loss plus asft_alpha x KL(starting model || policy)
+        return "KL-anchored DFT-weighted", f"use_asft_loss, asft_alpha {settings.get('asft_alpha', 0.1):g}"
     if settings.get("use_dft_loss"):
         return "DFT-weighted", "use_dft_loss"
     if settings.get("use_eaft_loss"):

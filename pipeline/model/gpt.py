@@ -302,6 +302,8 @@ class GPTModel(nn.Module):
         LabelSmoother's, (1 - eps) cross-entropy + eps x the mean over the vocabulary of -log p.
         token_weight (use_dft_loss / use_eaft_loss, "mean" / "sum" only, not beside label_smoothing): each token's
         cross-entropy times LLaMA-Factory's DFT or EAFT weight (head_loss.TokenWeight).
+        reduction="logits": the logits (N, V) at the N labelled positions, in labels[labels != -100] order (a loss
+        over whole distributions, ASFT's KL: pipeline.model.asft), the head computed there only.
         """
         b, t = input_ids.shape
         cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
@@ -349,6 +351,8 @@ class GPTModel(nn.Module):
         if label_smoothing and token_weight is not None:  # LLaMA-Factory's compute_loss_func replaces the smoother
             raise ValueError("label_smoothing and token_weight are two losses: give one")
         keep = labels != IGNORE_INDEX
+        if reduction == "logits":
+            return self.lm_head(hidden[keep])
         targets = labels[keep]
         if predict:
             if reduction != "sum":

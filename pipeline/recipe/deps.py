@@ -33,14 +33,15 @@ from pipeline.names import PREFERENCE_STAGES, split_names
 
 
 UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters")  # what it starts from
-REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # read by the preference stages only
+REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # read by the preference stages and sft's ASFT loss only
 _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
 
 
 def upstream_paths(r: Mapping[str, Any]) -> list[str]:
-    """The paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages, which read
-    them; ref_model_adapters' comma-separated folders each)."""
-    keys = [k for k in UPSTREAM_KEYS if k not in REFERENCE_KEYS or r.get("stage") in PREFERENCE_STAGES]
+    """The paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages and sft with
+    use_asft_loss, which read them; ref_model_adapters' comma-separated folders each)."""
+    reads_reference = r.get("stage") in PREFERENCE_STAGES or (r.get("stage") == "sft" and bool(r.get("use_asft_loss")))
+    keys = [k for k in UPSTREAM_KEYS if k not in REFERENCE_KEYS or reads_reference]
     lists = {k: split_names(r[k]) if k == "ref_model_adapters" else [r[k]] for k in keys if r.get(k)}
     return [str(path) for paths in lists.values() for path in paths]
 

@@ -26,7 +26,10 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                             GQA and SwiGLU blocks pipeline.model.config.activation_bytes
                                             counts q, k/v and the MLP at their own widths.
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
-    reference    stage dpo with a frozen reference copy (full / freeze, or ref_model): its parameters * w,
+                 sft's use_asft_loss: the logits 3 times (the policy's log-softmax and the reference's softmax,
+                                            both kept for the backward, and the KL's per-token terms)
+    reference    stage dpo / kto, or sft's use_asft_loss, with a frozen reference copy (full / freeze, or
+                                            ref_model): its parameters * w,
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
 with s = cutoff_len, b = per_device_train_batch_size (stage dpo: 2x, the chosen and the rejected sequences of a
 pair go through one forward), h = width, a = heads, L = layers, V = vocabulary (50,257 for GPT-2, 128,256 for
@@ -63,6 +66,9 @@ class Memory:
         return sum(self.gpu.values())
 
 
+ASFT_LOGITS = 3  # pipeline.model.asft: log p and q (N x V fp32, kept for the backward) and the KL terms
+
+
 def estimate_memory(r: Resolved) -> Memory | None:
     """Per-rank memory for training, or None when the model cannot be read here."""
     info = model_info(r["model_name_or_path"])
@@ -89,6 +95,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     pairs = 2 if data_form(r["stage"]) in PAIRED_FORMS else 1  # dpo, rm: chosen + rejected; kto: + KL, one forward
     b, h, L = r["per_device_train_batch_size"] * pairs, info.n_embd, info.n_layer
     V = 1 if r["stage"] == "rm" else info.vocab_size  # rm: one score per position, no vocabulary logits
+    V *= ASFT_LOGITS if r["stage"] == "sft" and r["use_asft_loss"] else 1
     per_block = activation_bytes(info.config, s, b, w)
     if r["disable_gradient_checkpointing"]:
         activations = L * per_block + s * b * V * 4
@@ -127,10 +134,11 @@ def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pu
 
 
 def reference_params(r: Resolved, total: int) -> int:
-    """Parameters of stage dpo's frozen reference copy (pipeline.train.preference.build_reference): ref_model's (its
-    ref_model_adapters are folded into its weights: no parameters of their own), or the policy's own for full /
-    freeze; 0 without one (orpo / simpo, or LoRA's adapters-off reference)."""
-    if not uses_reference(r["stage"], r["pref_loss"]):
+    """Parameters of the frozen reference copy of stage dpo / kto and of sft's use_asft_loss
+    (pipeline.train.preference.starting_reference): ref_model's (its ref_model_adapters are folded into its weights:
+    no parameters of their own), or the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's
+    adapters-off reference)."""
+    if not uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]):
         return 0
     if r["ref_model"] is not None:
         info = model_info(r["ref_model"])

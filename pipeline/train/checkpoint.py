@@ -73,6 +73,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",
          "neftune_noise_alpha", "label_smoothing_factor", "use_dft_loss", "use_eaft_loss", "eaft_alpha",
+         "use_asft_loss", "asft_alpha",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model",
          "ref_model_adapters", "pref_bco_weight", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight")
@@ -241,7 +242,7 @@ def saved_recipe(r: Mapping[str, Any], loss_changes: list[dict[str, Any]] | None
 
 def token_loss_changes(r: Mapping[str, Any], path: Path | None) -> list[dict[str, Any]]:
     """The changes of the pt / sft loss (names.token_loss: label_smoothing_factor, use_dft_loss, use_eaft_loss,
-    eaft_alpha; APPLY keys) made on resuming, oldest first, as {"step", "from", "to"}: those the checkpoint at
+    eaft_alpha, use_asft_loss, asft_alpha; APPLY keys) made on resuming, oldest first, as {"step", "from", "to"}: those the checkpoint at
     `path` carries from earlier resumes, then this resume's own, after the checkpoint's step. all_results.json
     records them: a resumed run's last settings alone would name the loss of the steps before the resume too."""
     from pipeline.names import token_loss

@@ -4,6 +4,7 @@ The losses (DPO, hinge, IPO, ORPO, SimPO; KTO) are pipeline.model.preference. Th
 model: for LoRA the same weights with the adapters switched off (lora.adapters_disabled: no second copy in
 memory), for full / freeze a frozen copy (a DeepSpeed engine of its own under ZeRO-3, so it is partitioned
 like the policy), or ref_model when given (its ref_model_adapters folded in: pipeline.model.build.load_ref_model).
+Stage sft's ASFT loss (pipeline.train.asft) scores against the same reference (starting_reference).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------- the reference
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # batch -> per-token NLL (2B, T)
+Scorer = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]  # (model, batch) -> what a loss reads of it
 
 
 def token_nll(model: Callable[..., Any], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -81,12 +83,16 @@ class AdapterReference:
             restore_base_modules(engine.module, base)
 
     @torch.no_grad()
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def scored(self, forward: Scorer, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """forward(model, batch) on the reference: the policy with its adapters off, in eval mode."""
         from pipeline.model.lora import adapters_disabled
 
         with adapters_disabled(self.engine.module), _eval_mode(self.engine.module), \
                 head_loss.plain_head() if self.plain_head else contextlib.nullcontext():
-            return token_nll(self.engine, batch)
+            return forward(self.engine, batch)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.scored(token_nll, batch)
 
 
 def restore_base_modules(model: torch.nn.Module, base: ModelArgs) -> None:
@@ -125,31 +131,45 @@ class ModelReference:
         self.plain_head = plain_head
 
     @torch.no_grad()
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def scored(self, forward: Scorer, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """forward(model, batch) on the frozen reference model."""
         with head_loss.plain_head() if self.plain_head else contextlib.nullcontext():
-            return token_nll(self.model, batch)
+            return forward(self.model, batch)
+
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.scored(token_nll, batch)
 
 
 def build_reference(pref: PreferenceArgs, models: RecipeModel, engine: Any, *,
                     zero3_config: Mapping[str, Any] | None = None,
                     dtype: torch.dtype = torch.float32) -> AdapterReference | ModelReference | None:
-    """The reference the recipe asks for (None for orpo / simpo), placed and partitioned like the policy: on the
-    policy's device in `dtype`, or under ZeRO-3 (zero3_config: the run's DeepSpeed config) an engine of its own."""
+    """The reference the recipe asks for (None for orpo / simpo): starting_reference with its ref_model."""
     if not pref.loss_config().needs_reference:
         return None
-    if pref.ref_model is None and trains_adapter(models.finetune.finetuning_type):
+    return starting_reference(pref.ref_model, pref.ref_model_adapters, models, engine, zero3_config=zero3_config,
+                              dtype=dtype)
+
+
+def starting_reference(ref_model: str | None, ref_model_adapters: str | None, models: RecipeModel, engine: Any, *,
+                       zero3_config: Mapping[str, Any] | None = None,
+                       dtype: torch.dtype = torch.float32) -> AdapterReference | ModelReference:
+    """The starting model (or ref_model) as a frozen reference, for dpo / kto and sft's ASFT loss, placed and
+    partitioned like the policy: on the policy's device in `dtype`, or under ZeRO-3 (zero3_config: the run's
+    DeepSpeed config) an engine of its own. Built from the base checkpoint, never from a checkpoint a run resumes,
+    so a resumed run scores against the model its first step started from."""
+    if ref_model is None and trains_adapter(models.finetune.finetuning_type):
         return AdapterReference(engine, models.model, models.finetune.adapter_name_or_path)
     import dataclasses
 
     from pipeline.model.build import apply_finetuning_type, load_base
 
-    if pref.ref_model is not None:
+    if ref_model is not None:
         from pipeline.model.build import load_ref_model
 
-        model = load_ref_model(pref.ref_model, models.model, pref.ref_model_adapters)
-        check_vocabulary(model, engine.module, pref.ref_model, models.model.model_name_or_path)
-        description = f"ref_model {pref.ref_model}" + (f" with ref_model_adapters {pref.ref_model_adapters} folded in"
-                                                       if pref.ref_model_adapters else "")
+        model = load_ref_model(ref_model, models.model, ref_model_adapters)
+        check_vocabulary(model, engine.module, ref_model, models.model.model_name_or_path)
+        description = f"ref_model {ref_model}" + (f" with ref_model_adapters {ref_model_adapters} folded in"
+                                                  if ref_model_adapters else "")
     else:
         # the starting weights as the policy gets them (an adapter_name_or_path folded in), not trained
         model = apply_finetuning_type(load_base(models.model, dropout=False),

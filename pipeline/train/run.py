@@ -121,7 +121,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                                           config=r.ds_config)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
     objective = (preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES
-                 else reward_objective(r, engine) if r["stage"] == "rm" else None)
+                 else reward_objective(r, engine) if r["stage"] == "rm"
+                 else asft_objective(r, engine) if r["stage"] == "sft" and r["use_asft_loss"] else None)
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if resume is not None:
         checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
@@ -216,6 +217,19 @@ def objective_state(objective: Any) -> dict[str, Any]:
     return objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
 
 
+def asft_objective(r: Any, engine: Any) -> Any:
+    """stage sft with use_asft_loss: LLaMA-Factory's ASFT loss against the starting model (pipeline.train.asft)."""
+    from pipeline.recipe.args import recipe_args
+    from pipeline.train.asft import AsftObjective
+    from pipeline.train.preference import starting_reference
+
+    reference = starting_reference(r["ref_model"], r["ref_model_adapters"], recipe_args(r), engine,
+                                   dtype=compute_dtype(r), zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
+    if dist.is_main():
+        print(f"sft: ASFT loss, asft_alpha {r['asft_alpha']:g}; reference: {reference.description}", file=sys.stderr)
+    return AsftObjective(engine, reference, float(r["asft_alpha"]))
+
+
 def reward_objective(r: Any, engine: Any) -> Any:
     """stage rm: the pairwise loss on the score of the token transformers pools (pipeline.train.reward)."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
@@ -252,8 +266,8 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
-    if (uses_reference(r["stage"], r["pref_loss"]) and trains_adapter(r["finetuning_type"]) and r["ref_model"] is None
-            and r["zero_stage"] == 3 and trains_in_full(r)):
+    if (uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) and trains_adapter(r["finetuning_type"])
+            and r["ref_model"] is None and r["zero_stage"] == 3 and trains_in_full(r)):
         raise UserError("additional_target modules (with resize_vocab or added tokens: the embedding and the "
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "

@@ -86,17 +86,18 @@ def test_validate_does_what_the_table_says(example, checkouts):
 
 
 def test_an_extras_feature_is_refused_once_and_its_companion_keys_print_a_notice(checkouts):
-    """use_asft_loss (a loss not here) is the error, at its line; asft_alpha says it only matters with it (the
-    example's dataset `math` is not in the demo data: identity in its place). A multimodal template says so instead
-    of suggesting the text template of a similar name."""
-    work, asft = checkouts["qwen"], "examples/extras/asft/qwen2_full_asft.yaml"
-    err = run_main(["validate", asft, "dataset=identity"], work).err
-    assert f"error: {asft}:10:16: use_asft_loss: given true: LLaMA-Factory's ASFT loss" in err, err
-    assert "asft_alpha:" not in err
-    err = run_main(["validate", asft, "dataset=identity", "use_asft_loss=false"], work).err
+    """fp8 (a feature not here) is the error, at its line; fp8_backend says it only matters with it (the example's
+    DeepSpeed JSON forces DeepSpeed's CPU Adam, refused on its own: a ZeRO-3 JSON in its place). A multimodal
+    template says so instead of suggesting the text template of a similar name."""
+    work, fp8 = checkouts["llama"], "examples/extras/fp8/llama3_fp8_deepspeed_sft.yaml"
+    zero3 = "deepspeed=examples/deepspeed/ds_z3_config.json"
+    err = run_main(["validate", fp8, zero3], work).err
+    assert f"error: {fp8}:39:6: fp8: given true: FP8 training is not implemented here" in err, err
+    assert "fp8_backend:" not in err
+    err = run_main(["validate", fp8, zero3, "fp8=false"], work).err
     assert not any(line.startswith("error: examples/") for line in err.splitlines())  # data not built: no file
-    assert (f"notice: {asft}:11:13: asft_alpha: accepted without effect: it only matters with use_asft_loss "
-            "(ASFT), which is not implemented here") in err, err
+    assert (f"notice: {fp8}:40:14: fp8_backend: accepted without effect: it only matters with fp8 (FP8 training), "
+            "which is not implemented here") in err, err
     err = run_main(["validate", "examples/train_lora/qwen3vl_lora_sft.yaml"], checkouts["qwen"]).err
     assert "template: given 'qwen3_vl_nothink', expected one of" in err
     assert "multimodal models are not supported (text only)" in err and "did you mean" not in err

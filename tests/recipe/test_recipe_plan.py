@@ -162,6 +162,19 @@ def test_memory_dpo_counts_both_sides_of_a_pair_and_the_reference_copy(write, ex
     assert mem.gpu.get("reference") == reference
 
 
+@pytest.mark.parametrize("extra, reference", [("finetuning_type: full\n", TINY_PARAMS * 4), ("", None)],
+                         ids=["full", "lora"])
+def test_memory_asft_counts_its_reference_copy(write, extra, reference):
+    """sft's use_asft_loss scores against the starting model: a frozen copy beside a full / freeze policy (a whole
+    model more), the policy itself with its adapters off under LoRA; its loss holds three (N x V) fp32 tensors where
+    the cross-entropy counts one: the policy's log-probabilities, the reference's probabilities, the KL terms."""
+    write("r.yaml", RECIPE + "stage: sft\nuse_asft_loss: true\n" + extra)
+    mem = estimate_memory(resolve("r.yaml"))
+    assert mem.gpu.get("reference") == reference
+    write("r.yaml", RECIPE + "stage: sft\n" + extra)
+    assert mem.gpu["activations"] - estimate_memory(resolve("r.yaml")).gpu["activations"] == 2 * LOGITS
+
+
 @pytest.mark.parametrize("keys, vocab, trained", [
     # two tokens past GPT-2's 50,257 ids: the tied embedding grows to 50,304 rows (a multiple of 64) and trains in
     # full beside LoRA (LLaMA-Factory's resize_vocab: embed_tokens + lm_head, one matrix when tied)

@@ -203,7 +203,7 @@ def test_dft_and_eaft_losses_are_sft_keys_one_at_a_time(recipe):
     refused (LLaMA-Factory's other trainers ignore the keys); both at once, or either with label_smoothing_factor,
     refuse the key LLaMA-Factory would ignore (it takes DFT first, and compute_loss_func replaces transformers'
     label smoother); eaft_alpha without use_eaft_loss would be ignored too."""
-    for key in ("use_dft_loss", "use_eaft_loss"):
+    for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss"):
         assert resolve(recipe(f"stage: sft\n{key}: true\n"))[key] is True
         for stage in ("pt", "dpo", "kto", "rm"):
             messages = errors(recipe(f"stage: {stage}\n{key}: true\n"))
@@ -227,6 +227,41 @@ def test_dft_and_eaft_losses_are_sft_keys_one_at_a_time(recipe):
                        "kto_chosen_weight"), ("finetuning_type: full\nlora_rank: 8\n", "lora_rank")):
         messages = errors(recipe(lines))
         assert len(messages) == 1 and f": {key}: " in messages[0], messages
+
+
+def test_asft_loss_is_refused_beside_another_loss_or_token_accuracy(recipe):
+    """LLaMA-Factory's compute_loss takes use_asft_loss first: it hands the reference's logits to the DFT / EAFT loss
+    as num_items_in_batch (the step fails), ignores the label smoother, and returns no logits for token accuracy."""
+    beside = {"use_dft_loss": ("true", "the step fails"), "use_eaft_loss": ("true", "the step fails"),
+              "label_smoothing_factor": ("0.1", "ignores the label smoother"),
+              "compute_accuracy": ("true", "the evaluation fails")}
+    for key, (value, words) in beside.items():
+        messages = errors(recipe(f"stage: sft\nuse_asft_loss: true\n{key}: {value}\n"))
+        assert len(messages) == 1 and messages[0].startswith(
+            f"r.yaml:7:{len(key) + 3}: {key}: given {value} together with r.yaml:6:16: use_asft_loss true: "
+            "LLaMA-Factory's sft trainer takes use_asft_loss first") and words in messages[0], messages
+
+
+def test_asft_alpha_needs_use_asft_loss_and_pissa_has_no_asft_reference(recipe):
+    """asft_alpha alone would weigh nothing (at its default 0.1 too); under PiSSA the adapters-off model is the
+    residual base, not the start ASFT's KL anchors to."""
+    assert resolve(recipe("stage: sft\nuse_asft_loss: true\nasft_alpha: 0.05\n"))["asft_alpha"] == 0.05
+    for value in ("0.05", "0.1"):
+        assert errors(recipe(f"stage: sft\nasft_alpha: {value}\n")) == [
+            f"r.yaml:6:13: asft_alpha: given {value}, but it only weighs the ASFT loss and use_asft_loss is not true; "
+            "remove it or set use_asft_loss: true"]
+    messages = errors(recipe("stage: sft\nuse_asft_loss: true\npissa_init: true\n"))
+    assert len(messages) == 1 and messages[0].startswith("r.yaml:7:13: pissa_init: is true but use_asft_loss's KL term")
+
+
+def test_ref_model_is_asfts_reference_under_sft(recipe):
+    """LLaMA-Factory's create_ref_model reads ref_model for the ASFT loss too: accepted there (PiSSA then has its
+    reference), refused under sft without use_asft_loss, saying which switch reads it."""
+    assert resolve(recipe("stage: sft\nuse_asft_loss: true\nref_model: tiny\n"))["ref_model"] == "tiny"
+    assert resolve(recipe("stage: sft\nuse_asft_loss: true\nref_model: tiny\npissa_init: true\n"))["pissa_init"]
+    assert errors(recipe("stage: sft\nref_model: tiny\n")) == [
+        "r.yaml:6:12: ref_model: is a preference-tuning setting but stage is sft; remove it or set stage: dpo (or "
+        "use_asft_loss: true, whose KL term scores against it)"]
 
 
 @pytest.mark.parametrize("stage, lines, key, words", [

@@ -52,6 +52,19 @@ def test_a_wrong_ref_model_adapters_is_one_message_at_its_line(recipe, lines, co
     assert len(found) == 1 and found[0].startswith(said), found
 
 
+def test_sft_with_use_asft_loss_takes_them_as_its_kl_terms_reference(recipe):
+    """ASFT scores against the reference dpo / kto use (pipeline.train.preference.starting_reference), so its
+    ref_model_adapters are folded in the same way and checked the same way; without use_asft_loss sft refuses them."""
+    adapter("saves/sft/adapter")
+    r = resolve(recipe("stage: sft\nuse_asft_loss: true\nref_model: tiny\nref_model_adapters: saves/sft\n"))
+    assert r["ref_model_adapters"] == "saves/sft/adapter"
+    said = messages(recipe("stage: sft\nuse_asft_loss: true\nref_model_adapters: saves/sft\n"))
+    assert [m for m in said if "ref_model" in m] == [
+        "r.yaml:7:21: ref_model_adapters: given 'saves/sft/adapter' but ref_model is not set; the adapters go on top "
+        "of ref_model: set ref_model to the base model they were trained on (often model_name_or_path, tiny), or "
+        "remove ref_model_adapters"]
+
+
 def test_a_runs_output_dir_means_its_adapter_and_keeps_the_recipes_line(recipe):
     """As adapter_name_or_path: LLaMA-Factory's `ref_model_adapters: saves/<sft run>` names the run's output_dir,
     where we keep the adapter in adapter/; each of several is mapped, in order."""
@@ -69,6 +82,8 @@ def test_the_reference_adapters_are_upstreams_of_the_preference_stages_only(writ
     assert upstream_paths({"stage": "dpo", "ref_model": "base", "ref_model_adapters": "saves/a, saves/b"}) == [
         "base", "saves/a", "saves/b"]
     assert upstream_paths({"stage": "sft", "ref_model": "base", "ref_model_adapters": "saves/a"}) == []
+    assert upstream_paths({"stage": "sft", "use_asft_loss": True, "ref_model": "base",  # ASFT's KL reference
+                           "ref_model_adapters": "saves/a"}) == ["base", "saves/a"]
     write("recipes/sft.yaml", "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/sft\n")
     write("recipes/dpo.yaml", "model_name_or_path: tiny\ndataset: x\nstage: dpo\nref_model: tiny\n"
                               "ref_model_adapters: saves/sft\n")

@@ -106,10 +106,12 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("finetuning_type", "pissa_init", "use_dora", "adapter_name_or_path", "stage", "pref_loss", "ref_model")
+@rule("finetuning_type", "pissa_init", "use_dora", "adapter_name_or_path", "stage", "pref_loss", "ref_model",
+      "use_asft_loss")
 def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
     """PiSSA starts a new LoRA from the base's singular vectors and trains on the residual base: it needs a LoRA to
-    start (LLaMA-Factory and PEFT refuse the rest), and a dpo reference that is not the adapters-off (residual) model."""
+    start (LLaMA-Factory and PEFT refuse the rest), and a dpo / kto / ASFT reference that is not the adapters-off
+    (residual) model."""
     v = ctx.values
     if not v["pissa_init"]:
         return []
@@ -120,6 +122,10 @@ def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
     elif v["adapter_name_or_path"]:
         why = (f"adapter_name_or_path is set ({v['adapter_name_or_path']}); an adapter you continue starts from its own"
                " values, so there is nothing for PiSSA to initialise: remove pissa_init or adapter_name_or_path")
+    elif v["stage"] == "sft" and v["use_asft_loss"] and v["ref_model"] is None:
+        why = ("use_asft_loss's KL term scores against the model with its adapter off, which under PiSSA is the "
+               "residual base, not the model you started from (LLaMA-Factory has no reference under LoRA: its ASFT "
+               "step fails there): set ref_model to the base checkpoint, or remove pissa_init or use_asft_loss")
     elif v["ref_model"] is None and uses_reference(v["stage"], v["pref_loss"]):
         loss = f"stage dpo's pref_loss {v['pref_loss']}" if v["stage"] == "dpo" else "stage kto's loss"
         why = (f"{loss} scores against the model with its adapter off, which under PiSSA is the residual base, not the"

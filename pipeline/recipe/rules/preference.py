@@ -1,7 +1,8 @@
 """Rules on preference tuning (stages dpo and kto): their keys (pref_beta, pref_loss, pref_ftx, dpo_label_smoothing,
 simpo_gamma, pref_bco_weight, ld_alpha, kto_chosen_weight, kto_rejected_weight) only in the stages that read them,
-pref_bco_weight only with a loss that has a reference, and ref_model (a loss that uses it, the policy's vocabulary)
-with its ref_model_adapters (on top of ref_model, adapter folders). PiSSA's reference: method.py.
+pref_bco_weight only with a loss that has a reference, and ref_model (a loss that uses it: dpo / kto, or sft's
+use_asft_loss; the policy's vocabulary) with its ref_model_adapters (on top of ref_model, adapter folders). PiSSA's
+reference: method.py.
 """
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # the reference model a lo
 KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 
 
-@rule("stage", *PREF_KEYS, *KTO_KEYS)
+@rule("stage", "use_asft_loss", *PREF_KEYS, *KTO_KEYS)
 def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
     """Preference settings outside the stages that read them would be ignored without a word: pref_loss & co. under
     kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft / rm
-    (a reward model has no reference and no preference loss)."""
+    (a reward model has no reference and no preference loss), but ref_model under sft with use_asft_loss (the
+    reference of its KL term, as LLaMA-Factory's create_ref_model reads it there)."""
     stage = ctx.values["stage"]
     if stage == "kto":
         return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
@@ -31,9 +33,12 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
                 if ctx.set_here(key)]
     if stage == "dpo":
         return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
+    asft = stage == "sft" and ctx.values["use_asft_loss"]
     return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: "
-                  f"{'kto' if key in KTO_KEYS else 'dpo'}")
-            for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
+                  f"{'kto' if key in KTO_KEYS else 'dpo'}"
+                  + (" (or use_asft_loss: true, whose KL term scores against it)"
+                     if key in REFERENCE_KEYS and stage == "sft" else ""))
+            for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key) and not (asft and key in REFERENCE_KEYS)]
 
 
 @rule("stage", "pref_loss", *REFERENCE_KEYS)
@@ -47,14 +52,19 @@ def ref_model_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
                        "choose pref_loss sigmoid, hinge or ipo")]
 
 
-@rule("stage", "ref_model_adapters", "ref_model", "pref_loss")
+def scores_against_reference(ctx: Context) -> bool:
+    """dpo with a reference loss, kto, or sft with use_asft_loss: the stages whose reference ref_model_adapters build."""
+    return uses_reference(ctx.values["stage"], ctx.values["pref_loss"], ctx.values["use_asft_loss"])
+
+
+@rule("stage", "ref_model_adapters", "ref_model", "pref_loss", "use_asft_loss")
 def ref_model_adapters_need_ref_model(ctx: Context) -> list[tuple[str, str]]:
     """ref_model_adapters go on top of ref_model. LLaMA-Factory reads them only with ref_model and otherwise drops
     them without a word (the reference is then the starting model, not the adapter's): here that is a mistake to
     fix, not a guess of which base was meant."""
     adapters = ctx.values["ref_model_adapters"]
-    if (ctx.values["stage"] not in PREFERENCE_STAGES or adapters is None or ctx.values["ref_model"] is not None
-            or not uses_reference(ctx.values["stage"], ctx.values["pref_loss"])):  # no reference: the rule above
+    if adapters is None or ctx.values["ref_model"] is not None or not scores_against_reference(ctx):
+        # no reference: the rule above
         return []
     return [("ref_model_adapters", f"given {adapters!r} but ref_model is not set; the adapters go on top of "
                                    "ref_model: set ref_model to the base model they were trained on (often "
@@ -62,7 +72,7 @@ def ref_model_adapters_need_ref_model(ctx: Context) -> list[tuple[str, str]]:
                                    "ref_model_adapters")]
 
 
-@rule("stage", "ref_model_adapters")
+@rule("stage", "ref_model_adapters", "pref_loss", "use_asft_loss")
 def ref_model_adapters_exist(ctx: Context) -> list[tuple[str, str]]:
     """Each adapter folded into the reference is checked as adapter_name_or_path is (a LoRA or an OFT adapter
     alike: either is folded in). train and eval load the reference now, so every folder must be there; the other
@@ -71,7 +81,7 @@ def ref_model_adapters_exist(ctx: Context) -> list[tuple[str, str]]:
     from pipeline.names import split_names
     from pipeline.recipe.rules.model import adapter_folder_problems
 
-    if ctx.values["stage"] not in PREFERENCE_STAGES:
+    if not scores_against_reference(ctx):
         return []
     paths = split_names(ctx.values["ref_model_adapters"])
     if ctx.command not in ("train", "eval"):
@@ -102,11 +112,12 @@ def bco_needs_reference_loss(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("stage", "ref_model", "model_name_or_path")
+@rule("stage", "ref_model", "model_name_or_path", "use_asft_loss")
 def ref_model_same_vocabulary(ctx: Context) -> list[tuple[str, str]]:
     """The reference scores the policy's tokens: it must read the same vocabulary."""
     ref = ctx.values["ref_model"]
-    if ctx.values["stage"] not in PREFERENCE_STAGES or ref is None:
+    asft = ctx.values["stage"] == "sft" and ctx.values["use_asft_loss"]
+    if (ctx.values["stage"] not in PREFERENCE_STAGES and not asft) or ref is None:
         return []
     from pipeline.errors import UserError
     from pipeline.model.hub import is_hub_id, resolve_model_path

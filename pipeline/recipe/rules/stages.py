@@ -1,5 +1,5 @@
 """Keys that only some stages read (neat_packing, packing, train_on_prompt, mask_history, compute_accuracy,
-label_smoothing_factor, use_dft_loss, use_eaft_loss): refused, with the reason, in a stage that would ignore them.
+label_smoothing_factor, use_dft_loss, use_eaft_loss, use_asft_loss): refused, with the reason, in a stage that would ignore them.
 The preference keys (pref_*, dpo_*, simpo_gamma, kto_*, ref_model) have their own rules: preference.py.
 """
 from __future__ import annotations
@@ -48,6 +48,8 @@ STAGE_ONLY: dict[str, dict[str, str]] = {
     "use_dft_loss": {stage: "LLaMA-Factory's DFT loss is an sft loss: its other trainers ignore the key"
                      for stage in ("pt", "dpo", "kto", "rm")},
     "use_eaft_loss": {stage: "LLaMA-Factory's EAFT loss is an sft loss: its other trainers ignore the key"
+                      for stage in ("pt", "dpo", "kto", "rm")},
+    "use_asft_loss": {stage: "LLaMA-Factory's ASFT loss is an sft loss: its other trainers ignore the key"
                       for stage in ("pt", "dpo", "kto", "rm")},
 }
 

@@ -2,8 +2,8 @@
 (warmup_ratio, warmup_steps), batches against the built data (per_device_train_batch_size,
 gradient_accumulation_steps), something to do (do_train, do_eval, do_predict), DeepSpeed offload (zero_stage,
 offload_optimizer, offload_param), the schedule (lr_scheduler_type, lr_scheduler_kwargs, min_lr_ratio), gradient
-checkpointing, and sft's weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha). The client optimizers' rules
-(use_muon, use_galore, use_apollo, use_adam_mini, use_badam): pipeline.recipe.rules.optimizers.
+checkpointing, and sft's weighted losses (use_dft_loss, use_eaft_loss, eaft_alpha, use_asft_loss, asft_alpha). The
+client optimizers' rules (use_muon, use_galore, use_apollo, use_adam_mini, use_badam): pipeline.recipe.rules.optimizers.
 """
 from __future__ import annotations
 
@@ -176,15 +176,40 @@ def one_sft_loss(ctx: Context) -> list[tuple[str, str]]:
             for key in ignored]
 
 
-@rule("use_eaft_loss", "eaft_alpha")
-def eaft_alpha_needs_eaft(ctx: Context) -> list[tuple[str, str]]:
-    """eaft_alpha without use_eaft_loss would be ignored without a word. Written at all, its default 1.0 included,
-    it is refused, as the project refuses every setting of a feature that is off (lora_rank: 8 under full,
-    pref_beta / kto_*_weight outside their stages, freeze_trainable_layers outside freeze): written, it says its
-    author thinks the feature is on. Only on/off switches (use_*_loss, packing, train_on_prompt: stages.STAGE_ONLY) pass
-    at their off value, which asks for nothing; LLaMA-Factory's webui writes lora / pref keys only for their
-    methods and never writes eaft_alpha."""
-    if ctx.set_here("eaft_alpha") and not ctx.values["use_eaft_loss"]:
-        return [("eaft_alpha", f"given {show(ctx.values['eaft_alpha'])}, but it only weighs the EAFT loss and "
-                               "use_eaft_loss is not true; remove it or set use_eaft_loss: true")]
-    return []
+ALPHA_SWITCH = {"eaft_alpha": ("use_eaft_loss", "EAFT"), "asft_alpha": ("use_asft_loss", "ASFT")}
+
+
+@rule("use_eaft_loss", "eaft_alpha", "use_asft_loss", "asft_alpha")
+def alpha_needs_its_loss(ctx: Context) -> list[tuple[str, str]]:
+    """eaft_alpha without use_eaft_loss (asft_alpha without use_asft_loss) would be ignored without a word. Written
+    at all, its default included, it is refused, as the project refuses every setting of a feature that is off
+    (lora_rank: 8 under full, pref_beta / kto_*_weight outside their stages, freeze_trainable_layers outside freeze):
+    written, it says its author thinks the feature is on. Only on/off switches (use_*_loss, packing,
+    train_on_prompt: stages.STAGE_ONLY) pass at their off value, which asks for nothing; LLaMA-Factory's webui
+    writes lora / pref keys only for their methods and never writes eaft_alpha or asft_alpha."""
+    return [(alpha, f"given {show(ctx.values[alpha])}, but it only weighs the {loss} loss and {switch} is not "
+                    f"true; remove it or set {switch}: true")
+            for alpha, (switch, loss) in ALPHA_SWITCH.items() if ctx.set_here(alpha) and not ctx.values[switch]]
+
+
+ASFT_CRASHES = {  # what LLaMA-Factory 0.9.5 does with each key beside use_asft_loss (train/sft/trainer.py)
+    "use_dft_loss": "its compute_loss then hands the reference's logits to the DFT loss as num_items_in_batch, and "
+                    "the step fails",
+    "use_eaft_loss": "its compute_loss then hands the reference's logits to the EAFT loss as num_items_in_batch, "
+                     "and the step fails",
+    "label_smoothing_factor": "its compute_loss then computes the ASFT loss alone and ignores the label smoother",
+    "compute_accuracy": "its compute_loss returns the ASFT loss without the logits transformers' evaluation "
+                        "unpacks, and the evaluation fails",
+}
+
+
+@rule("stage", "use_asft_loss", *ASFT_CRASHES)
+def asft_alone(ctx: Context) -> list[tuple[str, str]]:
+    """use_asft_loss is a loss of its own: beside another sft loss LLaMA-Factory fails or ignores one, and its
+    evaluation has no logits for token accuracy. Said at the other key's line."""
+    values = ctx.values
+    if values["stage"] != "sft" or not values["use_asft_loss"]:
+        return []
+    return [(key, f"given {show(values[key])} together with {ctx.where('use_asft_loss')} true: LLaMA-Factory's "
+                  f"sft trainer takes use_asft_loss first in compute_loss, and {why}; set one of them")
+            for key, why in ASFT_CRASHES.items() if values[key]]

@@ -1,0 +1,109 @@
+"""LLaMA-Factory's examples/extras/asft/qwen2_full_asft.yaml through the CLI, as a user brings it: the recipe as
+LLaMA-Factory ships it, model_name_or_path pointed at a tiny transformers-written Qwen2 checkpoint, the demo data's
+`identity` in place of `math` (not in the demo data), cut short by command-line overrides.
+
+Golden values: LLaMA-Factory's asft_loss_func as tests/train/test_asft.py re-writes it from its source, over
+transformers' logits: step 1's logged loss with the checkpoint as policy and reference, step 2's with step 1's
+saved weights (checkpoint-1/model, in our layout: written out in transformers' by save_hf) as the policy and the
+starting checkpoint as the reference, eval_loss with the final weights as the policy over the val split. A run killed after step 1 and resumed logs the same losses and ends with the same weights (the reference
+is the starting checkpoint again, not the checkpoint resumed from), and merged/ loads in transformers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import (assert_close, assert_same_run, cli_env, crash_copy, log_losses, pipeline,
+                                      trained_model, write_hf_checkpoint)
+from tests.compat.test_lf_recipes import lf_checkout
+from tests.train.test_asft import hf_labels, llama_factory_asft
+
+EXAMPLE = "examples/extras/asft/qwen2_full_asft.yaml"
+RUN = "saves/qwen2-7b/full/asft"  # the example's output_dir
+# identity: 7 train rows, one micro-batch of the example's 4 per epoch; fp32 on CPU; a rate that moves the tiny
+# model enough for step 2's KL term to count; no loader workers (test time)
+OVERRIDES = ["dataset=identity", "max_steps=2", "gradient_accumulation_steps=1", "warmup_ratio=0",
+             "learning_rate=1e-2", "bf16=false", "logging_steps=1", "save_steps=1", "dataloader_num_workers=0"]
+
+
+def step_loss(policy: Path, reference: Path, batch: dict, alpha: float) -> float:
+    """LLaMA-Factory's loss of one micro-batch (ours: labels already shifted) over transformers' logits."""
+    import torch
+    import transformers
+
+    def logits(path: Path) -> torch.Tensor:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.cat([out, out[:, -1:]], dim=1)  # one position longer, as Trainer's labels are
+
+    return float(llama_factory_asft(logits(policy), logits(reference), hf_labels(batch["labels"]), alpha))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """The example built and trained 2 steps in a LLaMA-Factory-like working copy: (the base checkpoint, the copy)."""
+    root = tmp_path_factory.mktemp("asft")
+    base = root / "qwen2"
+    write_hf_checkpoint(base, "qwen2", small_vocab=True, max_position_embeddings=2048)
+    work = lf_checkout(root / "lf", str(base))
+    pipeline("build", EXAMPLE, "dataset=identity", cwd=work)
+    err = pipeline("train", EXAMPLE, *OVERRIDES, cwd=work).stderr
+    assert "sft: ASFT loss, asft_alpha 0.05; reference: the starting model (a frozen copy)" in err, err
+    assert "loss: KL-anchored DFT-weighted cross-entropy (use_asft_loss, asft_alpha 0.05)" in err, err
+    return base, work
+
+
+def test_llama_factorys_asft_example_logs_llama_factorys_loss(trained, tmp_path, monkeypatch):
+    from pipeline.data.loaders import make_loader
+    from pipeline.model.weights import load_model, save_hf
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
+
+    base, work = trained
+    run = work / RUN
+    results = json.loads((run / "all_results.json").read_text("utf-8"))
+    assert results["global_step"] == 2 and results["use_asft_loss"] is True and results["asft_alpha"] == 0.05
+
+    monkeypatch.chdir(work)
+    data = data_args(resolve(EXAMPLE, OVERRIDES, command="train", env=cli_env(WORLD_SIZE="1")))
+    loader = make_loader(data, "train", rank=0, world_size=1, epoch=0, shuffle=True)
+    assert len(loader) == 1  # each step is one epoch's one micro-batch
+    batches = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        batches.append(next(loader.iter_from(0)))
+    logged = log_losses(run)
+    assert logged[1] == pytest.approx(step_loss(base, base, batches[0], 0.05), rel=1e-5)
+    step1 = save_hf(load_model(run / "checkpoint-1/model"), tmp_path / "step1")
+    want = step_loss(step1, base, batches[1], 0.05)
+    assert abs(want - step_loss(step1, step1, batches[1], 0.05)) > 1e-3 * want  # the KL term weighs in
+    assert logged[2] == pytest.approx(want, rel=1e-5)
+
+    # eval_loss: the same loss of the final weights over the val split (one row here), as the last step logs it
+    val = list(make_loader(data, "val", rank=0, world_size=1, shuffle=False))
+    assert len(val) == 1 and len(val[0]["input_ids"]) == 1
+    final = save_hf(load_model(run / "model"), tmp_path / "final")
+    evaluated = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
+    assert next(e for e in evaluated if "eval_loss" in e)["eval_loss"] == pytest.approx(
+        step_loss(final, base, val[0], 0.05), rel=1e-5)
+
+
+@pytest.mark.slow  # ~15 s: a resumed run and a merge through the CLI
+def test_a_resumed_asft_run_is_the_same_run_and_merged_loads_in_transformers(trained):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    _, work = trained
+    run = work / RUN
+    crashed = crash_copy(run, work / "saves/crashed", 1)
+    pipeline("train", EXAMPLE, *OVERRIDES, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=work)
+    assert_same_run(run, crashed, "model/model.safetensors")
+
+    pipeline("merge", EXAMPLE, *OVERRIDES, cwd=work)
+    ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
+    with torch.no_grad():
+        want = transformers.AutoModelForCausalLM.from_pretrained(run / "merged").eval()(ids).logits
+        got = trained_model(EXAMPLE, work, OVERRIDES)(ids)
+    assert_close(want, got)
