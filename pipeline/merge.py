@@ -49,6 +49,7 @@ from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
+from pipeline.recipe.precision import weights_dtype
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
                                   recipe_args)
 from pipeline.runtime import guard, hostmem
@@ -74,10 +75,11 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     target = _export_target(r, out.merged)
     files = export_files(r)  # before the merge: a template the vocabulary lacks is refused at once
     lora = trains_adapter(models.finetune.finetuning_type)
+    trained = DTYPES[weights_dtype(r)]  # pure_bf16: the base trained as bf16 (its model/ is bf16)
     if lora:
-        check = merge_adapter(models.model, data, ex, adapter_dir(r))
+        check = merge_adapter(models.model, data, ex, adapter_dir(r), trained)
     else:
-        check = reexport_full(models, data, ex, out, _recipe(r))
+        check = reexport_full(models, data, ex, out, _recipe(r), trained)
     target = export(check, target, ex, files)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
@@ -101,7 +103,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     files = export_files(r)
     if r["adapter_name_or_path"]:
         adapter = resolve_model_path(r["adapter_name_or_path"], key="adapter_name_or_path")  # a path or a hub id
-        check = merge_adapter(models.model, data, ex, adapter)
+        check = merge_adapter(models.model, data, ex, adapter, DTYPES[weights_dtype(r)])
         source = f"adapter {r['adapter_name_or_path']}"
     else:
         _refuse_exporting_the_base_of_a_trained_run(RunLayout.of(r["output_dir"]), r["model_name_or_path"], models,
@@ -198,27 +200,35 @@ def _recipe(r: Mapping[str, Any]) -> str:
     return str(getattr(r, "recipe_path", None) or "<recipe>")
 
 
-def _load_base(base: ModelArgs, ex: ExportArgs) -> nn.Module:
+def _load_base(base: ModelArgs, ex: ExportArgs, trained: torch.dtype = torch.float32) -> nn.Module:
+    """The base in fp32, its values those of `trained` (bf16: a pure_bf16 run's base, cast as train cast it)."""
     from pipeline.model.build import load_for_inference
 
     device = "cuda" if ex.export_device == "auto" and torch.cuda.is_available() else "cpu"
-    model = load_for_inference(base, "base", device=device)  # export_device cpu (default): exact, and any size fits
+    # export_device cpu (default): exact, and any size fits
+    model = load_for_inference(base, "base", device=device, dtype=trained)
     return model.float().eval()
 
 
-def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path) -> Verified:
-    """The base with the adapter folded in (fp32) and the verification; UserError when it is not the adapter model."""
+def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path,
+                  trained: torch.dtype = torch.float32) -> Verified:
+    """The base with the adapter folded in (fp32) and the verification; UserError when it is not the adapter model.
+    trained: the dtype the run held the base in (bf16 under pure_bf16): the adapter is folded into that base, the
+    model that trained (B A onto the fp32 base would be another one, by the base's bf16 rounding)."""
     from pipeline.model import lora
 
-    model = _load_base(base, ex)
+    model = _load_base(base, ex, trained)
     lora.load_adapter(model, path)
     model.eval()
     samples = validation_samples(data, model.cfg.context_length)
     return merge_verified(model, samples, ex.export_dtype, source=str(path))
 
 
-def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, recipe: str) -> Verified:
-    """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast."""
+def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, recipe: str,
+                  start: torch.dtype = torch.float32) -> Verified:
+    """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast.
+    start: the dtype the run started from the base in (bf16 under pure_bf16): the update is measured from that
+    base, so that the base's own bf16 rounding counts neither as a change nor as an update the cast loses."""
     from pipeline.model.build import base_tensors
     from pipeline.model.weights import load_model
 
@@ -233,7 +243,7 @@ def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunL
     model = load_model(path).float().eval()
     state = model.state_dict()
     changed = {n: _cast_loss(state[n], b, ex.export_dtype)  # the base is read a tensor at a time
-               for n, b in base_tensors(models.model)
+               for n, b in ((n, b.to(start).float()) for n, b in base_tensors(models.model))
                if n in state and b.shape == state[n].shape and not torch.equal(b, state[n])}
     if not changed:
         raise UserError(f"{path}: every weight equals the base model's ({models.model.model_name_or_path}); the"

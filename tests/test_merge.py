@@ -406,3 +406,25 @@ def test_export_with_a_template_the_vocabulary_lacks_is_refused_first(tmp_path):
     err = pipeline("export", "export.yaml", cwd=tmp_path, expect=2).stderr
     assert "template" in err and "<|im_start|>" in err and "alpaca" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pure_bf16_models_update_is_measured_from_the_base_it_trained_from(tmp_path):
+    """model/ of a pure_bf16 run holds the base rounded to bf16 where nothing moved: that rounding is neither a change
+    nor an update the bf16 export loses (measured from the fp32 base, every tensor changed and lost all of it, and the
+    export was refused). Here one weight moved one bf16 step; the rest is the bf16 base."""
+    from pipeline.model.build import load_base
+    from pipeline.model.weights import save_model
+    from pipeline.recipe.args import recipe_args
+    from pipeline.runtime.layout import RunLayout
+
+    keys = {"model_name_or_path": "tiny", "finetuning_type": "full", "export_dtype": "bf16"}
+    model = load_base(recipe_args(keys).model, dropout=False, dtype=torch.bfloat16)  # as train builds it
+    with torch.no_grad():
+        weight = next(p for p in model.layers[0].parameters() if p.dim() == 2)
+        weight[0, 0] = (weight[0, 0].float() * (1 + 2 ** -7)).bfloat16()  # at least one bf16 step
+    save_model(model, tmp_path / "model", "bf16")
+    check = merge.reexport_full(recipe_args(keys), data_args(keys), export_args(keys), RunLayout(tmp_path), "r.yaml",
+                                torch.bfloat16)
+    assert check.report["changed_tensors"] == 1 and check.report["update_lost"] == {"bf16": 0.0}
+    with pytest.raises(UserError, match="loses"):  # from the fp32 base: the bf16 rounding read as a lost update
+        merge.reexport_full(recipe_args(keys), data_args(keys), export_args(keys), RunLayout(tmp_path), "r.yaml")

@@ -403,6 +403,7 @@ def render_markdown(
         ("loss and perplexity over", loss_on),
         ("generation on", f"{info['n_examples']} examples" if info.get("n_examples") is not None else None),
         ("ranks", info.get("world_size")),
+        ("precision", info.get("precision")),
     ]
     out += [f"- {name}: {value}" for name, value in facts if value is not None]
     if dec:

@@ -5,7 +5,9 @@ adapter, or output_dir/model for full/freeze), then for each model
 
 1. loss and perplexity over the whole val split (or eval_dataset) with exactly the training masks:
    the data layer's loader batches, forward(labels=..., reduction="sum"), summed over trained tokens
-   (so the tuned loss is the trainer's final eval_loss);
+   (so the tuned loss is the trainer's final eval_loss), in the run's precision (pipeline.recipe.precision
+   eval_precision, recorded in metrics.json and the report: pure_bf16 evaluates the bf16 weights without
+   autocast, as the run trained and logged eval_loss);
 2. sft only: a completion for each of the first max_eval_samples examples with the recipe's decoding
    settings (batched, left-padded, KV cache), cut at stop strings, scored against the reference.
 
@@ -30,12 +32,13 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report, reward
 from pipeline.model.build import ModelArgs
-from pipeline.model.weights import note
+from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.data.loaders import tokenized_pair_split
 from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
+from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.runtime.layout import RunLayout, current_weights, describe
 
 
@@ -51,11 +54,12 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     rows = _generation_rows(data, ev) if sft else []
     pair_scores: dict[str, Any] = {}
     models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
+    dtype = DTYPES[weights_dtype(r)]  # pure_bf16: the bf16 weights, as the run trained and evaluated them
 
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
     for name, which in models:
-        model = load_model_for_eval(recipe_args(r).model, which, _device())
+        model = load_model_for_eval(recipe_args(r).model, which, _device(), dtype)
         if rm:  # a score per sequence, no tokens: the pairwise metrics only
             scores = reward.split_scores(model, data, rank=rank, world=world, label=name)
             if rank == 0:
@@ -101,6 +105,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "loss_examples": loss_examples,
             "decoding": decoding_settings(gen, ev) if sft else None,
             "world_size": world,
+            "precision": eval_precision(r, cuda=_device().type == "cuda"),
             "training": report.read_training_results(out),
             "results": results,
         }
@@ -133,13 +138,14 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))
 
 
-def load_model_for_eval(model: ModelArgs, which: Tuned | None, device: torch.device) -> torch.nn.Module:
-    """The base model (which=None) or the tuned one, in eval mode on `device`."""
+def load_model_for_eval(model: ModelArgs, which: Tuned | None, device: torch.device,
+                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The base model (which=None) or the tuned one, in eval mode on `device`, its weights in `dtype`."""
     from pipeline.model.build import load_for_inference
 
     if which is None:
-        return load_for_inference(model, "base", device=device)
-    return load_for_inference(model, which.kind, which.path, device=device)
+        return load_for_inference(model, "base", device=device, dtype=dtype)
+    return load_for_inference(model, which.kind, which.path, device=device, dtype=dtype)
 
 
 def _recipe(r: Mapping[str, Any]) -> str:

@@ -276,8 +276,9 @@ def build_skeleton(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
 
 
 def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | None = None,
-                       device: str | torch.device | None = None) -> GPTModel:
-    """Weights for generate / eval / merge, in eval mode on `device` (CUDA when available).
+                       device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> GPTModel:
+    """Weights for generate / eval / merge, in eval mode on `device` (CUDA when available), in `dtype` (bf16: a
+    pure_bf16 run's model as it trained, the base cast as train casts it and the adapter on it in bf16).
 
     kind base: the recipe's base model; adapter: the base + the LoRA adapter at `path`; model or merged: the
     checkpoint at `path` (our format or the Hugging Face layout). Which weights are current is decided by
@@ -286,12 +287,12 @@ def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "base":
-        loaded = load_base(model, dropout=False)
+        loaded = load_base(model, dropout=False, dtype=dtype)
     elif kind == "adapter":
-        loaded = load_base(model, dropout=False)
+        loaded = load_base(model, dropout=False, dtype=dtype)
         load_adapter(loaded, path)
     else:
-        loaded = load_model(path)
+        loaded = load_model(path, dtype=dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return loaded.to(device).eval()

@@ -243,7 +243,7 @@ _V1_NAMES = {"layer_norm_eps": "norm_eps"}
 def _from_own(raw: Mapping[str, Any], path: Path) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     values = {_V1_NAMES.get(k, k): v for k, v in raw.items()}
-    unknown = sorted(set(values) - fields - {"format", "format_version"})
+    unknown = sorted(set(values) - fields - {"format", "format_version", "torch_dtype"})
     if unknown:
         raise UserError([f"{path}: unknown key '{k}'{did_you_mean(k, fields)}" for k in unknown])
     try:
@@ -263,8 +263,11 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", special: Mapping[str,
     return HF_CONFIG[cfg.family](cfg, dtype, dict(special or {}))
 
 
-def to_own_config(cfg: ModelConfig) -> dict[str, Any]:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **cfg.to_dict()}
+def to_own_config(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
+    """Our config.json; torch_dtype: the weights' dtype as transformers names it (read by nothing here: the
+    safetensors say it; it tells a reader, as in a Hugging Face config)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **({"torch_dtype": torch_dtype} if torch_dtype else {}),
+            **cfg.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -265,12 +265,18 @@ def plain_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
 
 
 def save_model(model: GPTModel, directory: str | Path, dtype: str = "fp32") -> Path:
-    """Our own checkpoint: config.json ("format": "pipeline-gpt") + model.safetensors in our names."""
+    """Our own checkpoint: config.json ("format": "pipeline-gpt", with torch_dtype as transformers names the
+    weights' dtype) + model.safetensors in our names."""
     state = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in plain_state_dict(model).items()}
     with atomic_dir(directory) as tmp:
-        write_json(tmp / "config.json", to_own_config(model.cfg))
+        write_json(tmp / "config.json", to_own_config(model.cfg, torch_name(dtype)))
         save_file(state, str(tmp / SINGLE), metadata={"format": "pt"})
     return Path(directory)
+
+
+def torch_name(dtype: str) -> str:
+    """"bf16" -> "bfloat16": config.json's torch_dtype for one of DTYPES."""
+    return str(DTYPES[dtype]).removeprefix("torch.")
 
 
 def hf_state_dict(model: GPTModel, dtype: str = "fp32") -> dict[str, torch.Tensor]:
@@ -335,7 +341,7 @@ def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_sha
            if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids.update(config_ids or {})
     with atomic_dir(directory) as tmp:
-        write_json(tmp / "config.json", to_hf_config(model.cfg, str(DTYPES[dtype]).removeprefix("torch."), ids))
+        write_json(tmp / "config.json", to_hf_config(model.cfg, torch_name(dtype), ids))
         write_json(tmp / "generation_config.json", special)
         write_safetensors(state, tmp, max_shard_bytes)
     return Path(directory)

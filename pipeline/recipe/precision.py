@@ -62,6 +62,39 @@ def precision(r: Mapping[str, Any]) -> str:
     return "bf16" if r.get("bf16") else "fp16" if r.get("fp16") else "fp32"
 
 
+def weights_dtype(r: Mapping[str, Any]) -> str:
+    """The dtype (pipeline.model.weights.DTYPES' name) the run's weights are trained, written (model/, a checkpoint's
+    model/) and evaluated in: "bf16" under pure_bf16, where the bf16 weights are all there is (no fp32 master: fp32
+    files would hold the same values at twice the size; LLaMA-Factory's Trainer saves them bf16), else "fp32" (the
+    fp32 master weights of a bf16 / fp16 run, or the fp32 weights)."""
+    return "bf16" if precision(r) == "pure_bf16" else "fp32"
+
+
+def default_export_dtype(r: Mapping[str, Any]) -> str:
+    """export_dtype when the recipe leaves it out: bf16 for the model/ of a pure_bf16 full / freeze run (its weights
+    are bf16: fp32 would hold the same values at twice the size; LLaMA-Factory's export keeps the model's bf16), else
+    the schema's fp32. A LoRA run's merge folds B A into W: the sum is no bf16 value, and fp32 keeps the model that
+    trained (export_dtype: bf16, LLaMA-Factory's, rounds it, checked by merge)."""
+    from pipeline.names import trains_adapter
+
+    return "bf16" if precision(r) == "pure_bf16" and not trains_adapter(r.get("finetuning_type", "lora")) else "fp32"
+
+
+def eval_precision(r: Mapping[str, Any], *, cuda: bool = False, training: bool = False) -> str:
+    """How a held-out loss of this run is computed, in words for all_results.json (`training`: the eval_loss logged
+    while it trains) and eval's report. pure_bf16: the bf16 weights without autocast, as the run trained and as
+    LLaMA-Factory evaluates its bf16 model. bf16 / fp16 while training: DeepSpeed's 16-bit copy of the fp32 masters
+    (its module), no autocast; eval of a bf16 / fp16 run: the fp32 weights under autocast on CUDA, fp32 on a CPU."""
+    kind = precision(r)
+    if kind == "pure_bf16":
+        return "bf16 weights, no autocast (pure_bf16, as trained)"
+    if kind == "fp32":
+        return "fp32"
+    if training:
+        return f"{kind} weights (DeepSpeed's copy of the fp32 masters), no autocast"
+    return f"fp32 weights under {kind} autocast" if cuda else f"fp32 ({kind} autocast on CUDA only)"
+
+
 def bf16_notice(r: Mapping[str, Any], *, cuda: bool, measured: str | None = None) -> str | None:
     """The notice for `bf16: true` or `pure_bf16: true` on a CPU that would emulate it, or None when bf16 fits (or
     is off)."""

@@ -27,6 +27,7 @@ from pipeline.errors import UserError, did_you_mean
 from pipeline.model.config import default_lora_alpha
 from pipeline.names import split_names
 from pipeline.recipe import lr_kwargs, spec
+from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 
@@ -265,6 +266,9 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             values["split_special_tokens"], origins["split_special_tokens"] = saved[1], DERIVED
     if values["output_dir"] is None:
         values["output_dir"], origins["output_dir"] = os.path.join("saves", Path(recipe_file).stem), DERIVED
+    if (origins["export_dtype"].kind == "default" and not {"pure_bf16", "finetuning_type"} & bad
+            and default_export_dtype(values) != values["export_dtype"]):  # a pure_bf16 run's bf16 model/
+        values["export_dtype"], origins["export_dtype"] = default_export_dtype(values), DERIVED
     if values["lora_alpha"] is None and "lora_rank" not in bad:
         values["lora_alpha"], origins["lora_alpha"] = default_lora_alpha(values["lora_rank"]), DERIVED
     for key in _LIST_KEYS:

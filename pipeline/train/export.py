@@ -11,7 +11,10 @@ the expected shape, non-empty and finite.
 
 Why a skeleton: LoRA writes only trained tensors, and full fine-tuning trains every tensor, so neither needs
 the base weights (a PiSSA adapter is converted with its starting pairs, which the Exporter is given: a plain LoRA
-for the original base, pipeline.model.lora.pissa_converted). freeze writes its frozen weights exactly as loaded, in fp32: it reads them from the base
+for the original base, pipeline.model.lora.pissa_converted). model/ is fp32, or bf16 under pure_bf16, where the
+weights trained are bf16 and nothing else exists (the values exactly, at half the size; LLaMA-Factory's Trainer
+writes them so); the adapter stays fp32 (it holds the bf16 values exactly).
+freeze writes its frozen weights exactly as loaded (in bf16 under pure_bf16, as it trained): it reads them from the base
 into the skeleton at each write, one tensor at a time (`frozen`), and lets them go once written. Building
 the model for real, as freeze did before, kept an fp32 copy of the whole model on the host for the rest of
 the run (32 GB for an 8B model); it remains the way where the recipe changes the base as it builds it
@@ -79,11 +82,13 @@ class Exporter:
                  tokenizer_from: str | None = None, skeleton: Callable[[], Any] | None = None,
                  frozen: Callable[[set[str]], Mapping[str, Any]] | None = None,
                  pissa_start: Mapping[str, Any] | None = None, new_tokens: TokenNames | None = None,
-                 split_special_tokens: bool = False):
+                 split_special_tokens: bool = False, dtype: str = "fp32"):
         """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
         their base tensors in fp32, where the base is what train built from (freeze); pissa_start: a PiSSA run's
-        starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with."""
+        starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with; dtype: model/'s
+        (pipeline.recipe.precision.weights_dtype: bf16 under pure_bf16, whose weights are bf16, frozen ones too)."""
         self.engine, self._build, self._skeleton, self._frozen = engine, build, skeleton, frozen
+        self.dtype = dtype
         self.pissa_start = pissa_start
         self.base, self.lora = str(model_name_or_path), trains_adapter(finetuning_type)  # lora/oft: adapter/
         self.tokenizer_from = str(tokenizer_from or model_name_or_path)  # tokenizer_name_or_path, else the base
@@ -175,7 +180,7 @@ class Exporter:
         else:
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model
 
-            target = save_model(model, self.target(directory))
+            target = save_model(model, self.target(directory), self.dtype)
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
             copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens, self.split_special_tokens)

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
+from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.errors import UserError
 from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_history, token_loss_label, trains_adapter, \
     uses_reference
@@ -143,7 +144,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                         pissa_start=lora.pissa_start(model),
                         frozen=((lambda names: quietly(base_subset, recipe_args(r).model, names))
                                 if base_as_built(*recipe_args(r)) else None),
-                        new_tokens=TokenNames.of(data_args(r)), split_special_tokens=r["split_special_tokens"])
+                        new_tokens=TokenNames.of(data_args(r)), split_special_tokens=r["split_special_tokens"],
+                        dtype=weights_dtype(r))
     saved = checkpoint.saved_recipe(r, loss_changes)
     resume_step = state.global_step if resume else None
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,
@@ -630,6 +632,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "train_loss": last.get("loss"),
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
+        "eval_precision": eval_precision(r, training=True) if last.get("eval_loss") is not None else None,
         # loss and eval_loss are then that objective (eval's report says so beside its plain cross-entropy)
         **token_loss(r),
         **({"token_loss_changes": list(loss_changes)} if loss_changes else {}),  # which steps trained which loss

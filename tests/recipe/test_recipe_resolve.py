@@ -268,3 +268,15 @@ def test_resume_from_checkpoint_true_is_latest(recipe):
     for it says `resume_from_checkpoint: true`, which was refused as not a string."""
     assert resolve(recipe(), ["resume_from_checkpoint=true"])["resume_from_checkpoint"] == "latest"
     assert resolve(recipe(), ["resume_from_checkpoint=false"])["resume_from_checkpoint"] is None
+
+
+@pytest.mark.parametrize("extra, dtype, source", [
+    ("pure_bf16: true\nfinetuning_type: full", "bf16", "derived"),  # its model/ is bf16: the same values, half size
+    ("pure_bf16: true\nfinetuning_type: freeze", "bf16", "derived"),
+    ("pure_bf16: true\nfinetuning_type: lora", "fp32", "default"),  # W + B A is no bf16 value
+    ("finetuning_type: full", "fp32", "default"),
+    ("pure_bf16: true\nfinetuning_type: full\nexport_dtype: fp32", "fp32", "r.yaml:"),  # the recipe's word stands
+])
+def test_export_dtype_left_out_follows_a_pure_bf16_runs_weights(recipe, extra, dtype, source):
+    r = resolve(recipe(extra))
+    assert r["export_dtype"] == dtype and r.source("export_dtype").startswith(source)

@@ -53,7 +53,7 @@ def assert_pure_zero(engine) -> None:
 @pytest.mark.parametrize("zero_stage, pure", [(0, assert_pure), (2, assert_pure_zero)])
 def test_interrupted_and_resumed_pure_bf16_run_equals_uninterrupted_bitwise(make_recipe, workdir, zero_stage, pure):
     """Full fine-tuning in pure bf16, stopped after step 3 and resumed: the bf16 weights and moments come back from
-    the checkpoint exactly (the weights saved as fp32 hold the bf16 values), so steps 4-6 equal the straight run's."""
+    the checkpoint exactly (the bf16 weights saved as they are), so steps 4-6 equal the straight run's."""
     pure(resume_is_exact(make_recipe, workdir, pure_bf16=True, zero_stage=zero_stage).engine)
 
 
