@@ -52,29 +52,34 @@ def transformers_beams(ref, batch, pad, eos, **kwargs):
 SETTINGS = [(2, 1.0, False), (3, 1.0, False), (2, 2.0, True), (3, -1.0, "never"), (2, 1.0, "never")]
 
 
-@pytest.mark.parametrize("num_beams,length_penalty,early_stopping", SETTINGS)
-def test_llama_batch_equals_transformers(llama, num_beams, length_penalty, early_stopping):
-    ours, ref = llama
-    batch = prompts()
-    expected = transformers_beams(ref, batch, PAD, EOS, num_beams=num_beams, length_penalty=length_penalty,
-                                  early_stopping=early_stopping, max_new_tokens=NEW)
-    kwargs = dict(max_new_tokens=NEW, num_beams=num_beams, length_penalty=length_penalty,
-                  early_stopping=early_stopping, eos_id=EOS)
-    assert generate(ours, batch, **kwargs) == expected
-    assert generate(ours, batch, use_cache=False, **kwargs) == expected
-
-
-def test_the_settings_matter(llama):
-    """The goldens above mean something: beams that end early and ones that run to max_new_tokens, and answers
-    that change with num_beams, length_penalty and early_stopping (and differ from greedy)."""
+@pytest.fixture(scope="module")
+def answers(llama):
+    """Our answers to the batch per setting (computed once: the two tests below read them)."""
     ours, _ = llama
-    batch = prompts()
-    answers = {s: tuple(map(tuple, generate(ours, batch, max_new_tokens=NEW, num_beams=s[0], length_penalty=s[1],
-                                            early_stopping=s[2], eos_id=EOS))) for s in SETTINGS}
+    return {s: generate(ours, prompts(), max_new_tokens=NEW, num_beams=s[0], length_penalty=s[1],
+                        early_stopping=s[2], eos_id=EOS) for s in SETTINGS}
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=str)
+def test_llama_batch_equals_transformers(llama, answers, setting):
+    ours, ref = llama
+    num_beams, length_penalty, early_stopping = setting
+    expected = transformers_beams(ref, prompts(), PAD, EOS, num_beams=num_beams, length_penalty=length_penalty,
+                                  early_stopping=early_stopping, max_new_tokens=NEW)
+    assert answers[setting] == expected
+    assert generate(ours, prompts(), max_new_tokens=NEW, num_beams=num_beams, length_penalty=length_penalty,
+                    early_stopping=early_stopping, eos_id=EOS, use_cache=False) == expected
+
+
+def test_the_settings_matter(llama, answers):
+    """The goldens above mean something: beams that end early and ones that run on, and answers that change with
+    num_beams, length_penalty and early_stopping (and differ from greedy)."""
+    ours, _ = llama
     lengths = {len(a) for rows in answers.values() for a in rows}
     assert min(lengths) < 3 and max(lengths) > NEW // 2
-    assert len(set(answers.values())) == len(SETTINGS)
-    assert tuple(map(tuple, generate(ours, batch, max_new_tokens=NEW, eos_id=EOS))) != answers[SETTINGS[0]]
+    as_tuples = {s: tuple(map(tuple, rows)) for s, rows in answers.items()}
+    assert len(set(as_tuples.values())) == len(SETTINGS)
+    assert generate(ours, prompts(), max_new_tokens=NEW, eos_id=EOS) != answers[SETTINGS[0]]
 
 
 def test_gpt2_with_repetition_penalty_equals_transformers(hf_dir):
@@ -123,3 +128,30 @@ def test_generate_cli_with_num_beams_equals_transformers(tmp_path):
     greedy = transformers_beams(ref, [prompt], 50256, 50256, max_new_tokens=6)[0]
     assert expected != greedy  # the beams matter on these weights
     assert done.stdout == gpt2().decode(expected) + "\n"
+
+
+def test_eval_predictions_with_num_beams_equal_transformers(tmp_path):
+    """eval's predictions (do_predict's generation) with num_beams / length_penalty from a LLaMA-Factory-style
+    recipe: each answer is what transformers' beam search gives on the tuned weights (a transformers checkpoint
+    where a full fine-tune leaves output_dir/model), and the report names the decoding."""
+    import json
+
+    from pipeline.data.tokenizer import gpt2
+    from tests.acceptance.harness import write_data, write_hf_checkpoint, write_recipe
+    from tests.reliability.rel_helpers import run_main
+
+    write_hf_checkpoint(tmp_path / "base", "gpt2")
+    tuned = write_hf_checkpoint(tmp_path / "out" / "model", "gpt2", seed=1)
+    write_data(tmp_path / "data", n_sft=8)
+    write_recipe(tmp_path / "r.yaml", model_name_or_path=str(tmp_path / "base"), dataset_dir=str(tmp_path / "data"),
+                 output_dir=str(tmp_path / "out"), finetuning_type="full", num_beams=3, length_penalty=0.5,
+                 max_new_tokens=5, eval_base=False)
+    for argv in (["build", "r.yaml"], ["eval", "r.yaml"]):
+        done = run_main(argv, tmp_path)
+        assert done.code == 0, done.err
+    rows = [json.loads(line) for line in (tmp_path / "out/eval/predictions.jsonl").read_text("utf-8").splitlines()]
+    prompts = [gpt2().encode(row["prompt"]) for row in rows]
+    expected = transformers_beams(tuned, prompts, 50256, 50256, num_beams=3, length_penalty=0.5, max_new_tokens=5)
+    assert expected != transformers_beams(tuned, prompts, 50256, 50256, max_new_tokens=5)  # not greedy's
+    assert [row["tuned_prediction"] for row in rows] == [gpt2().decode(e) for e in expected]
+    assert "decoding: beam search (" in (tmp_path / "out/eval/report.md").read_text("utf-8")
