@@ -93,6 +93,25 @@ def test_gpt2_with_repetition_penalty_equals_transformers(hf_dir):
                         eos_id=50256, pad_id=50256) == expected
 
 
+def test_gpt2_stop_string_equals_transformers(hf_dir, tmp_path):
+    """A stop string ends a hypothesis as transformers' StopStringCriteria does (its tokens kept), which changes
+    which hypothesis wins."""
+    from pipeline import merge
+    from pipeline.data.tokenizer import gpt2
+
+    path, ref = hf_dir
+    ours = load_model(path).eval()
+    merge.write_tokenizer_files(tmp_path, gpt2(), 64)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    p = gpt2().encode("The sky is")
+    free = generate(ours, p, max_new_tokens=8, num_beams=3, eos_id=50256)
+    stop = gpt2().decode(free[-1:])
+    expected = ref.generate(torch.tensor([p]), num_beams=3, max_new_tokens=8, do_sample=False, stop_strings=[stop],
+                            tokenizer=hf_tokenizer, pad_token_id=50256, eos_token_id=50256)[0, len(p):].tolist()
+    got = generate(ours, p, max_new_tokens=8, num_beams=3, eos_id=50256, stop_strings=[stop], tokenizer=gpt2())
+    assert got == expected and got != free
+
+
 def test_one_prompt_and_sampling_refused(llama):
     ours, _ = llama
     p = prompts()[0]
