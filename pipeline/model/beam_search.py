@@ -27,7 +27,7 @@ import torch
 
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
-from pipeline.model.generate import penalize_repeats  # generate() imports this module when it runs
+from pipeline.model.penalties import penalize_repeats
 
 EarlyStopping = bool | Literal["never"]
 NEG = -1.0e9  # transformers' "impossible" score: added, never -inf, so that sums stay finite

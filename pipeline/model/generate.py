@@ -12,8 +12,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from pipeline.model.beam_search import beam_search
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
+from pipeline.model.penalties import penalize_repeats
 from pipeline.model.weights import note
 
 
@@ -36,14 +38,6 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
-
-
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor (CTRL, Keskar et al. 2019): the logit of every token in
-    `seen` ((B, V) bool: the prompt's and generated tokens) is divided by `penalty` when positive and multiplied
-    by it when negative, so penalty > 1 makes a seen token less likely whatever its sign."""
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
 
 
 def next_token(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
@@ -146,8 +140,6 @@ def generate(
     stop_check = _StopCheck(stop_strings, tokenizer.decode if tokenizer is not None else None)
     positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None  # counted over real tokens only
     if num_beams > 1:
-        from pipeline.model.beam_search import beam_search  # it imports penalize_repeats from here
-
         with _eval_mode(model):
             out = beam_search(model, ids, mask, positions,
                               num_beams=num_beams, steps=steps, stoppers=stoppers,
