@@ -30,7 +30,7 @@ from pipeline.model.kv_cache import KVCache
 from pipeline.model.penalties import penalize_repeats
 
 EarlyStopping = bool | Literal["never"]
-NEG = -1.0e9  # transformers' "impossible" score: added, never -inf, so that sums stay finite
+NEG = -1.0e9  # transformers' "impossible" running score: added, not -inf, so that sums and ranks stay finite
 
 
 def _forward(model: GPTModel, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
@@ -77,8 +77,8 @@ def _can_improve(improvable: torch.Tensor, running_best: torch.Tensor, finished:
     hypothesis? Once a prompt's answer is no, no hypothesis is added to it any more."""
     bound = max_length if early_stopping == "never" and length_penalty > 0.0 else length
     best_possible = running_best / (bound ** length_penalty)
-    worst = torch.where(finished.filled, finished.scores.min(1, keepdim=True).values, torch.full_like(finished.scores,
-                                                                                                      NEG))
+    empty = torch.full_like(finished.scores, NEG)  # a free slot: anything still running beats it
+    worst = torch.where(finished.filled, finished.scores.min(1, keepdim=True).values, empty)
     return improvable & (best_possible[:, None] > worst).any(1)
 
 
