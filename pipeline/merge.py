@@ -502,7 +502,8 @@ def export(check: Verified, target: Path, ex: ExportArgs, files: ExportFiles) ->
     return target
 
 
-DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+DECODING_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "num_beams",
+                 "length_penalty", "early_stopping")
 
 
 def export_generation(r: Any, tokenizer: Tokenizer, data: DataArgs) -> dict[str, Any]:
@@ -589,6 +590,8 @@ def generation_config(gen: GenerationArgs, tokenizer: Tokenizer, base: Mapping[s
         ours.update(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
     if gen.repetition_penalty != 1.0 or "repetition_penalty" in explicit:  # 1 is off (transformers too)
         ours["repetition_penalty"] = gen.repetition_penalty
+    if gen.num_beams != 1 or "num_beams" in explicit:  # beam search's keys, only when it searches (1 is off)
+        ours.update(num_beams=gen.num_beams, length_penalty=gen.length_penalty, early_stopping=gen.early_stopping)
     config.update({k: v for k, v in ours.items() if k in explicit or k not in config})
     if not config.get("do_sample"):  # greedy: sampling settings would only draw transformers' warnings
         for key in ("temperature", "top_k", "top_p"):

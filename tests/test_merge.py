@@ -256,6 +256,18 @@ def test_generation_config_carries_the_recipes_repetition_penalty():
     assert "repetition_penalty" not in merge.generation_config(GenerationArgs.from_recipe(RECIPE), tokenizer)
 
 
+def test_generation_config_carries_beam_search_only_when_searching():
+    """num_beams / length_penalty / early_stopping reach generation_config.json, so that transformers' generate on
+    the export searches beams as `generate` here does; with num_beams 1 they are left out (transformers' defaults)."""
+    tokenizer = recipe_tokenizer(data_args(RECIPE))
+    beams = {**RECIPE, "num_beams": 3, "length_penalty": 0.5, "early_stopping": "never"}
+    config = merge.generation_config(GenerationArgs.from_recipe(beams), tokenizer, explicit={"num_beams"})
+    assert transformers.GenerationConfig(**config).num_beams == 3
+    assert (config["num_beams"], config["length_penalty"], config["early_stopping"]) == (3, 0.5, "never")
+    assert not {"num_beams", "length_penalty", "early_stopping"} & set(
+        merge.generation_config(GenerationArgs.from_recipe(RECIPE), tokenizer))
+
+
 def test_export_of_a_trained_recipe_without_an_adapter_does_not_write_the_base(tmp_path):
     """`python -m pipeline export r.yaml` on the recipe that trained (export_dir added, no adapter_name_or_path)
     wrote model_name_or_path unchanged, "verified", while the run's adapter sat in output_dir: the fine-tune was

@@ -407,7 +407,7 @@ def render_markdown(
     ]
     out += [f"- {name}: {value}" for name, value in facts if value is not None]
     if dec:
-        mode = "sampling" if dec.get("do_sample") else "greedy"
+        mode = "sampling" if dec.get("do_sample") else "beam search" if dec.get("num_beams", 1) > 1 else "greedy"
         settings = ", ".join(f"{k}={v}" for k, v in dec.items() if k != "do_sample")
         out.append(f"- decoding: {mode} ({settings})")
     out += ["", "## Metrics", "", metrics_table(metrics), ""]

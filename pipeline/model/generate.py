@@ -1,5 +1,5 @@
-"""Decoding: greedy or sampled (temperature, top-k, top-p, repetition penalty), batched with left padding, with a
-KV cache.
+"""Decoding: greedy, sampled (temperature, top-k, top-p, repetition penalty) or beam search (beam_search.py),
+batched with left padding, with a KV cache.
 
 The book's generate loop, grown up: the prompt is run once and then one token per step against
 cached keys/values; prompts of different lengths are left-padded so that every row's next token
@@ -7,12 +7,15 @@ sits in the last column, with position ids counted over real tokens only.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from pipeline.model.beam_search import beam_search
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
+from pipeline.model.penalties import penalize_repeats
 from pipeline.model.weights import note
 
 
@@ -37,14 +40,6 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int =
     return probs
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' RepetitionPenaltyLogitsProcessor (CTRL, Keskar et al. 2019): the logit of every token in
-    `seen` ((B, V) bool: the prompt's and generated tokens) is divided by `penalty` when positive and multiplied
-    by it when negative, so penalty > 1 makes a seen token less likely whatever its sign."""
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
-
-
 def next_token(logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int, top_p: float,
                generator: torch.Generator | None) -> torch.Tensor:
     """(B, V) last-position logits -> (B,) token ids."""
@@ -62,6 +57,17 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tu
         ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[row, width - len(p):] = 1
     return ids.to(device), mask.to(device)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Decode in eval mode (no dropout), then give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class _StopCheck:
@@ -100,6 +106,9 @@ def generate(
     use_cache: bool = True,
     pad_id: int = 0,
     repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
 ) -> list[list[int]]:
     """New token ids per prompt (EOS / stop ids left out; a stop string's tokens kept, see generate_text).
 
@@ -107,8 +116,12 @@ def generate(
     (a private torch.Generator). repetition_penalty (1: off) applies to the row's own tokens, never its left
     padding (transformers also counts the pads of a batched prompt). Prompts longer than the context allows are
     cut from the left, keeping room for max_new_tokens (at least half the context stays prompt); generation ends
-    at the context.
+    at the context. num_beams > 1 runs beam search (beam_search.py: length_penalty and early_stopping as
+    transformers'); sampling with beams is refused.
     """
+    if num_beams > 1 and do_sample:
+        raise ValueError("beam search with sampling (do_sample with num_beams > 1) is not implemented: "
+                         "sample with num_beams 1, or search beams with do_sample false")
     single = len(prompts) > 0 and isinstance(prompts[0], int)
     batch = [list(prompts)] if single else [list(p) for p in prompts]  # type: ignore[arg-type]
     if not batch or any(len(p) == 0 for p in batch):
@@ -125,16 +138,22 @@ def generate(
     steps = min(max_new_tokens, ctx - ids.shape[1])
     stoppers = {int(t) for t in stop_ids} | ({eos_id} if eos_id is not None else set())
     stop_check = _StopCheck(stop_strings, tokenizer.decode if tokenizer is not None else None)
+    positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None  # counted over real tokens only
+    if num_beams > 1:
+        with _eval_mode(model):
+            out = beam_search(model, ids, mask, positions,
+                              num_beams=num_beams, steps=steps, stoppers=stoppers,
+                              ended_by_text=stop_check if stop_check.strings else None,
+                              length_penalty=length_penalty, early_stopping=early_stopping, pad_id=pad_id,
+                              repetition_penalty=repetition_penalty, use_cache=use_cache)
+        return out[0] if single else out
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         out: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
-        positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
         past = KVCache(len(model.layers), capacity=ids.shape[1] + steps) if use_cache else None  # allocated once
         step_ids, step_pos = ids, positions
         seen = None
@@ -170,8 +189,6 @@ def generate(
                 positions = torch.cat([positions, positions[:, -1:] + 1], 1)  # type: ignore[index]
                 step_pos = positions[:, -1:]
         return out[0] if single else out
-    finally:
-        model.train(was_training)
 
 
 def cut_at_stop(text: str, stop_strings: Iterable[str] | None) -> str:

@@ -53,6 +53,16 @@ class KVCache:
         self.lengths[layer] = end
         return keys[:, :, :end], values[:, :, :end]
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes what row rows[i] held, in every layer: beam search follows the beams that survived a
+        step (transformers' Cache.reorder_cache). The filled part is copied in place; the buffers stay."""
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            if keys is None or values is None:
+                continue
+            n = self.lengths[layer]
+            keys[:, :, :n] = keys[:, :, :n].index_select(0, rows)
+            values[:, :, :n] = values[:, :, :n].index_select(0, rows)
+
     @staticmethod
     def _grown(old: torch.Tensor | None, new: torch.Tensor, filled: int, size: int) -> torch.Tensor:
         b, h, _, d = new.shape

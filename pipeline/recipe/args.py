@@ -36,6 +36,9 @@ class GenerationArgs:
     top_k: int
     top_p: float
     repetition_penalty: float
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
     skip_special_tokens: bool
     stop_strings: tuple[str, ...]
     seed: int
@@ -46,7 +49,8 @@ class GenerationArgs:
         return cls(max_new_tokens=int(_value(r, "max_new_tokens")), do_sample=bool(_value(r, "do_sample")),
                    temperature=float(_value(r, "temperature")), top_k=int(_value(r, "top_k")),
                    top_p=float(_value(r, "top_p")),
-                   repetition_penalty=float(_value(r, "repetition_penalty")),
+                   repetition_penalty=float(_value(r, "repetition_penalty")), num_beams=int(_value(r, "num_beams")),
+                   length_penalty=float(_value(r, "length_penalty")), early_stopping=_value(r, "early_stopping"),
                    skip_special_tokens=bool(_value(r, "skip_special_tokens")), stop_strings=tuple(dict.fromkeys(stops)),
                    seed=int(_value(r, "seed")))
 
@@ -54,7 +58,8 @@ class GenerationArgs:
         """Keyword arguments of pipeline.model.generate.generate / generate_text."""
         return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "temperature": self.temperature,
                 "top_k": self.top_k, "top_p": self.top_p, "repetition_penalty": self.repetition_penalty,
-                "stop_strings": list(self.stop_strings) or None,
+                "num_beams": self.num_beams, "length_penalty": self.length_penalty,
+                "early_stopping": self.early_stopping, "stop_strings": list(self.stop_strings) or None,
                 "seed": self.seed}
 
     def settings(self) -> dict[str, Any]:
@@ -64,6 +69,9 @@ class GenerationArgs:
             out.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed)
         if self.repetition_penalty != 1.0:
             out["repetition_penalty"] = self.repetition_penalty
+        if self.num_beams > 1:
+            out.update(num_beams=self.num_beams, length_penalty=self.length_penalty,
+                       early_stopping=self.early_stopping)
         if not self.skip_special_tokens:
             out["skip_special_tokens"] = False
         if self.stop_strings:

@@ -52,18 +52,18 @@ def test_lf_values_not_implemented_here_are_refused_with_the_reason(tmp_path):
 
 
 def test_lf_keys_outside_the_examples_not_implemented_here_are_refused_with_the_reason(tmp_path):
-    """export_hub_model_id (merge recipes: push the export to the hub) and num_beams > 1 (beam search) got only
-    "unknown key": a LLaMA-Factory user could not tell a typo from a feature this pipeline does not have. Their
-    neutral values pass."""
+    """export_hub_model_id (merge recipes: push the export to the hub) and beam search with sampling (num_beams > 1
+    with do_sample: true) got only "unknown key": a LLaMA-Factory user could not tell a typo from a feature this
+    pipeline does not have. Their neutral values pass, and so does beam search without sampling."""
     from tests.acceptance.harness import pipeline
 
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n", encoding="utf-8")
-    for override, reason in (("export_hub_model_id=me/merged", "hf upload me/merged"),
-                             ("num_beams=4", "beam search is not implemented")):
-        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=2).stderr
-        assert f"{override.partition('=')[0]}:" in err and reason in err and "unknown key" not in err, err
+    for overrides, reason in ((["export_hub_model_id=me/merged"], "hf upload me/merged"),
+                              (["num_beams=4", "do_sample=true"], "beam search with sampling is not implemented")):
+        err = pipeline("validate", "r.yaml", *overrides, cwd=tmp_path, expect=2).stderr
+        assert f"{overrides[0].partition('=')[0]}:" in err and reason in err and "unknown key" not in err, err
         assert "Traceback" not in err
-    for override in ("export_hub_model_id=null", "num_beams=1"):
+    for override in ("export_hub_model_id=null", "num_beams=1", "num_beams=4"):
         err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=None).stderr
         assert override.partition("=")[0] not in err, err
 

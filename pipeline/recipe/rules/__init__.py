@@ -14,7 +14,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   data.py        dataset / eval_dataset, dataset_dir, val_size, the interleave mix, streaming
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
   outputs.py     resume_from_checkpoint, export_dir, the refused exports, report_to
-  refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set)
+  refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
 
 To add a rule: write it in its theme's module under `@rule(keys..., commands=...)` and list it in ORDER below
@@ -84,6 +84,7 @@ ORDER = (
     outputs.refused_exports,
     outputs.refused_hub_upload,
     refused.refused_when_set,
+    refused.beam_sampling,
     model.main_revision_only,
     data.interleave_probs_valid,
     data.interleaved_eval_datasets_have_rows,

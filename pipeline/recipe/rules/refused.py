@@ -20,3 +20,14 @@ def refused_when_set(ctx: Context) -> list[tuple[str, str]]:
     props = spec.properties()
     return [(key, f"given {show(ctx.values[key])}: {props[key]['x-refused-when-set']}") for key in _REFUSED_WHEN_SET
             if ctx.values[key] != props[key]["default"]]
+
+
+@rule("num_beams", "do_sample")
+def beam_sampling(ctx: Context) -> list[tuple[str, str]]:
+    """Beam search is greedy over beams here (transformers' do_sample=False); transformers' beam sampling (each
+    step draws the beams' continuations) is not implemented, and a recipe asking for both gets told so, not
+    silently one of them."""
+    if ctx.values["num_beams"] > 1 and ctx.values["do_sample"]:
+        return [("num_beams", f"given {ctx.values['num_beams']} with do_sample: true, and beam search with sampling "
+                              "is not implemented; set do_sample: false for beam search, or num_beams: 1 to sample")]
+    return []
