@@ -100,8 +100,11 @@ def generate(
     use_cache: bool = True,
     pad_id: int = 0,
     repetition_penalty: float = 1.0,
+    keep_stop: bool = False,
 ) -> list[list[int]]:
-    """New token ids per prompt (EOS / stop ids left out; a stop string's tokens kept, see generate_text).
+    """New token ids per prompt (EOS / stop ids left out, or kept as the last token with keep_stop: stage ppo scores
+    and trains on the EOS a response ends with, as LLaMA-Factory's PPO keeps it; a stop string's tokens kept, see
+    generate_text).
 
     One prompt (a list of ints) or a batch (a list of lists). Sampling is a pure function of `seed`
     (a private torch.Generator). repetition_penalty (1: off) applies to the row's own tokens, never its left
@@ -155,6 +158,8 @@ def generate(
                     continue
                 if t in stoppers:
                     done[row] = True
+                    if keep_stop:
+                        out[row].append(t)
                     continue
                 out[row].append(t)
                 done[row] = stop_check(out[row])
