@@ -127,7 +127,7 @@ def test_reference_has_every_key_once_with_its_default_and_range():
     assert set(rows) == set(spec.properties())
     assert rows["learning_rate"].startswith("| `learning_rate` | float | `5e-05` | &gt; 0 and &lt;= 1 | Peak learning "
                                             "rate of AdamW")
-    assert rows["stage"].startswith("| `stage` | enum | `sft` | `pt`, `sft`, `dpo`, `kto`, `rm` |")
+    assert rows["stage"].startswith("| `stage` | enum | `sft` | `pt`, `sft`, `dpo`, `kto`, `rm`, `ppo` |")
     assert "| **required** |" in rows["model_name_or_path"]
     assert "### train" in text and text.startswith(START) and text.endswith(END)
 

@@ -31,6 +31,11 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
                 if ctx.set_here(key)]
     if stage == "dpo":
         return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
+    if stage == "ppo":  # LLaMA-Factory's PPO takes a ref_model; here its reference is the starting model
+        return [(key, "is not implemented for stage ppo: its reference is the starting model (the policy with its "
+                      "adapters switched off); remove it") if key in REFERENCE_KEYS else
+                (key, "is a preference-tuning setting but stage is ppo; remove it")
+                for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
     return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: "
                   f"{'kto' if key in KTO_KEYS else 'dpo'}")
             for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
