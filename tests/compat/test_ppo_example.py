@@ -2,7 +2,8 @@
 then its llama3_lora_ppo.yaml (reward_model: that run's output_dir, reward_model_type lora by default) trains the
 policy 2 PPO steps through `python -m pipeline train`, on a tiny transformers-written Llama (the two recipes:
 tests/compat/lf_examples_removed/NOTICE.md). The PPO run's adapter loads in PEFT and gives our trained model's
-logits; value_head.safetensors lies beside it with LLaMA-Factory's keys.
+logits; value_head.safetensors lies beside it with LLaMA-Factory's keys. reward_model_type full (the rm adapter
+merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used.
 
 Golden for step 1, computed here with transformers and PEFT: every row has one prompt (so the rows of step 1 are
 known whatever the order), the policy is the base (LoRA starts at B = 0) and step 1's learning rate is 0 (the
@@ -67,6 +68,25 @@ def step_one(base: Path, rm_adapter: Path) -> float:
         return float(scorer(sequence).logits[0, 0])
 
 
+def reward_models(work: Path, used: list[str], full: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our reward model as the PPO run loads it (reward_model_type lora, the rm run's output_dir) and from `full`."""
+    import os
+
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+    from pipeline.train.ppo import load_reward_model
+    from tests.acceptance.harness import cli_env
+
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        base = recipe_args(resolve(Path(PPO), used, command="generate", env=cli_env(WORLD_SIZE="1"))).model
+        return tuple(load_reward_model(path, kind, base, "cpu", torch.float32)
+                     for path, kind in ((RM_RUN, "lora"), (str(full), "full")))
+    finally:
+        os.chdir(here)
+
+
 def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     base, work = checkout(tmp_path)
     fast = ["bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]  # the example's bf16: emulated on CPU
@@ -96,3 +116,10 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
         theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
                                                 run / "adapter").eval()
         assert_close(theirs(ids).logits, trained_model(PPO, work, used)(ids))
+        scorer = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),
+            work / RM_RUN / "adapter").eval()
+        expected = scorer(ids).logits[0, 0]
+        scorer.merge_and_unload().save_pretrained(tmp_path / "rm_full")
+        for model in reward_models(work, used, tmp_path / "rm_full"):
+            assert float(model(ids)[0, -1, 0]) == pytest.approx(float(expected), abs=1e-5)
