@@ -51,3 +51,15 @@ def test_ppo_runs_on_one_rank(recipe, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     found = messages(recipe(PPO))
     assert any("world_size: given 2 with stage ppo: stage ppo runs on one rank here" in m for m in found), found
+
+
+def test_the_reward_model_run_is_an_upstream_of_stage_ppo_only(write):
+    """make trains the rm recipe whose output_dir the ppo recipe's reward_model names, before the ppo one."""
+    from pipeline.recipe.deps import lines, upstream_paths
+
+    assert upstream_paths({"stage": "ppo", "model_name_or_path": "tiny", "reward_model": "saves/rm"}) == [
+        "tiny", "saves/rm"]
+    assert upstream_paths({"stage": "sft", "model_name_or_path": "tiny", "reward_model": "saves/rm"}) == ["tiny"]
+    write("recipes/rm.yaml", "model_name_or_path: tiny\ndataset: x\nstage: rm\noutput_dir: saves/rm\n")
+    write("recipes/ppo.yaml", "model_name_or_path: tiny\ndataset: x\nstage: ppo\nreward_model: saves/rm\n")
+    assert "UPSTREAMS=recipes/rm.yaml:train" in lines(resolve("recipes/ppo.yaml", command="deps"))

@@ -88,7 +88,7 @@ def test_deps_refuses_a_cycle_of_upstreams(write):
     assert err.value.messages == [
         "recipes/a.yaml: its upstream recipes lead back to it (recipes/a.yaml -> recipes/b.yaml -> recipes/a.yaml: "
         "each starts from the next one's output), so none can be built first; point one of them "
-        "(model_name_or_path, adapter_name_or_path, ref_model or ref_model_adapters) at a checkpoint, hub id or "
+        "(model_name_or_path, adapter_name_or_path, ref_model, ref_model_adapters or reward_model) at a checkpoint, hub id or "
         "preset instead"]
 
 
