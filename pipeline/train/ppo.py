@@ -73,16 +73,19 @@ def last_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def prompt_ids(batch: dict[str, torch.Tensor]) -> list[list[int]]:
-    """Each sft row's prompt: its tokens up to and including the last one before the first labelled target (labels
-    are shifted: labels[t] is the token after position t). LLaMA-Factory's PPO encodes the prompt the same way, the
-    template's prompt part with the assistant prefix."""
+    """Each sft row's prompt: its tokens up to and including the last one before its last response (labels are
+    shifted: labels[t] is the token after position t), so a conversation's earlier turns are its history, as
+    LLaMA-Factory's PPO encodes the prompt: every message but the last response, with the assistant prefix."""
     prompts = []
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        first = next((t for t, label in enumerate(labels) if label != -100), None)
-        if first is None:
+        labelled = [t for t, label in enumerate(labels) if label != -100]
+        if not labelled:
             raise UserError("stage ppo: a row has no response tokens to tell its prompt by (every label is masked); "
                             "check the dataset's rows")
-        prompts.append(ids[:first + 1])
+        start = labelled[-1]
+        while start - 1 in labelled:
+            start -= 1
+        prompts.append(ids[:start + 1])
     return prompts
 
 

@@ -19,7 +19,9 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
 
 @pytest.mark.parametrize("lines, command, said", [
     ("stage: ppo\n", None, "r.yaml:5:8: stage: ppo needs reward_model: a stage rm run's output_dir"),
-    (PPO, "train", "r.yaml:6:15: reward_model: directory 'saves/rm' not found"),
+    (PPO, "train", "r.yaml:6:15: reward_model: 'saves/rm' is neither a local directory nor a cached hub snapshot"),
+    ("stage: ppo\nreward_model: saves/llama/rm\n", "train",
+     "r.yaml:6:15: reward_model: directory 'saves/llama/rm' not found"),
     (PPO + "finetuning_type: full\n", None,
      "r.yaml:7:18: finetuning_type: given \"full\" with stage ppo: stage ppo trains a LoRA policy here"),
     (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
@@ -33,7 +35,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "reward_model_type: api\n", None, "r.yaml:7:20: reward_model_type: given 'api', expected one of lora, "
                                              "full"),
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
-], ids=["no-reward-model", "missing-at-train", "full", "buffer", "score-norm", "zero2", "resume", "val_size",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "full", "buffer", "score-norm", "zero2", "resume", "val_size",
         "ref_model", "api", "outside-ppo"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
@@ -63,3 +65,15 @@ def test_the_reward_model_run_is_an_upstream_of_stage_ppo_only(write):
     write("recipes/rm.yaml", "model_name_or_path: tiny\ndataset: x\nstage: rm\noutput_dir: saves/rm\n")
     write("recipes/ppo.yaml", "model_name_or_path: tiny\ndataset: x\nstage: ppo\nreward_model: saves/rm\n")
     assert "UPSTREAMS=recipes/rm.yaml:train" in lines(resolve("recipes/ppo.yaml", command="deps"))
+
+
+def test_overwrite_output_dir_never_empties_the_reward_model():
+    """A ppo recipe whose output_dir is (or holds) its reward_model run, with overwrite_output_dir, would delete it."""
+    from pathlib import Path
+
+    from pipeline.runtime import guard
+
+    Path("saves/rm/adapter").mkdir(parents=True)
+    named = guard.protected({key: "saves/rm" if key == "reward_model" else None for key in guard.INPUT_KEYS})
+    with pytest.raises(UserError, match="saves/rm is reward_model, which this command would delete"):
+        guard.refuse_to_clear(Path("saves/rm"), "r.yaml:9:13: output_dir", "output_dir", named)

@@ -10,10 +10,13 @@ from pipeline.model.weights import PRESETS
 from pipeline.train.ppo import prompt_ids, sequences
 
 
-def test_prompt_is_everything_before_the_first_target():
+def test_prompt_is_everything_before_the_last_response():
     # labels are shifted: labels[t] is the token after position t; the response here is 7, 8 (then pad 0)
     batch = {"input_ids": torch.tensor([[1, 2, 3, 7, 8, 0]]), "labels": torch.tensor([[-100, -100, 7, 8, -100, -100]])}
     assert prompt_ids(batch) == [[1, 2, 3]]
+    # two turns: the first answer (5) is history, the prompt runs up to the last answer (7, 8)
+    batch = {"input_ids": torch.tensor([[1, 5, 2, 3, 7, 8]]), "labels": torch.tensor([[5, -100, -100, 7, 8, -100]])}
+    assert prompt_ids(batch) == [[1, 5, 2, 3]]
 
 
 def test_rollout_batch_labels_the_response_only():

@@ -41,7 +41,17 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
     if path is None:
         return [("stage", "ppo needs reward_model: a stage rm run's output_dir (its adapter/ with reward_model_type "
                           "lora, the default; its model/ or merged/ with reward_model_type full)")]
-    if ctx.command == "train" and not os.path.exists(path):
+    if ctx.command != "train":
+        return []
+    from pipeline.errors import UserError
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+
+    if is_hub_id(path):  # as model_name_or_path: a snapshot in the HF cache, fetched now
+        try:
+            resolve_model_path(path, key="reward_model")
+        except UserError as err:
+            return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
+    elif not os.path.exists(path):
         return [("reward_model", f"directory {path!r} not found; expected a stage rm run's output_dir, its adapter/ "
                                  "(reward_model_type lora) or a reward model folder (reward_model_type full)")]
     return []
