@@ -30,9 +30,9 @@ PAIRED_FORMS = ("dpo", "kto")
 
 
 def data_form(stage: str) -> str:
-    """The form of a stage's data: pt (text), sft (instructions), dpo (preference pairs, stages dpo and rm) or kto
-    (rows with a kto_tag)."""
-    return "dpo" if stage in PAIRWISE_STAGES else stage
+    """The form of a stage's data: pt (text), sft (instructions; stage ppo reads their prompts), dpo (preference
+    pairs, stages dpo and rm) or kto (rows with a kto_tag)."""
+    return "dpo" if stage in PAIRWISE_STAGES else "sft" if stage == "ppo" else stage
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,11 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    keep_stop: bool = False,
 ) -> list[list[int]]:
-    """New token ids per prompt (EOS / stop ids left out; a stop string's tokens kept, see generate_text).
+    """New token ids per prompt (EOS / stop ids left out, or kept as the last token with keep_stop: stage ppo scores
+    and trains on the EOS a response ends with, as LLaMA-Factory's PPO keeps it; a stop string's tokens kept, see
+    generate_text).
 
     One prompt (a list of ints) or a batch (a list of lists). Sampling is a pure function of `seed`
     (a private torch.Generator). repetition_penalty (1: off) applies to the row's own tokens, never its left
@@ -174,6 +177,8 @@ def generate(
                     continue
                 if t in stoppers:
                     done[row] = True
+                    if keep_stop:
+                        out[row].append(t)
                     continue
                 out[row].append(t)
                 done[row] = stop_check(out[row])

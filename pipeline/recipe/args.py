@@ -203,6 +203,18 @@ class PreferenceArgs:
 
 
 @dataclass(frozen=True)
+class PPOArgs:
+    """stage ppo: the reward model, LLaMA-Factory's RLHF keys (pipeline.train.ppo) and the decoding keys the policy
+    generates its responses with (generation group)."""
+
+    reward_model: str
+    reward_model_type: str
+    ppo_epochs: int
+    ppo_target: float
+    ppo_whiten_rewards: bool
+
+
+@dataclass(frozen=True)
 class ExportArgs:
     """How merge and export write the Hugging Face model: where (export_dir, null: output_dir/merged), in which
     dtype, in shards of what size, merged on which device."""
@@ -237,6 +249,11 @@ def preference_args(r: Mapping[str, Any]) -> PreferenceArgs:
     if _value(r, "stage") != "kto":
         return pref
     return dataclasses.replace(pref, **{key: spec.defaults()[key] for key in DPO_LOSS_KEYS})
+
+
+def ppo_args(r: Mapping[str, Any]) -> PPOArgs:
+    """Resolved recipe (or a plain dict in tests) -> PPOArgs for stage ppo's training."""
+    return from_recipe(PPOArgs, r)
 
 
 def export_args(r: Mapping[str, Any]) -> ExportArgs:

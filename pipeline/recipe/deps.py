@@ -5,14 +5,14 @@
     DATASET_DIR=<dataset_dir>
     DATASETS=<dataset names, space separated>
     DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
-    STAGE=<pt|sft|dpo|kto|rm>
+    STAGE=<pt|sft|dpo|kto|rm|ppo>
     EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
     UPSTREAMS=<recipe:goal ...: every recipe in the same folder that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
 
-A recipe starts from the paths in UPSTREAM_KEYS: model_name_or_path, adapter_name_or_path and (stages dpo / kto)
-ref_model and ref_model_adapters.
+A recipe starts from the paths in UPSTREAM_KEYS: model_name_or_path, adapter_name_or_path, (stages dpo / kto)
+ref_model and ref_model_adapters, and (stage ppo) reward_model.
 The recipe next to it that writes such a path is its upstream, with the make goal that writes it: train for its
 output_dir, merge for its output_dir/merged (or, when it trains, its export_dir: merge writes there), export for
 the export_dir of a recipe that names no dataset (a LLaMA-Factory merge recipe: `make export`). UPSTREAM and
@@ -32,16 +32,20 @@ from pipeline.recipe.siblings import producer, recipe_value
 from pipeline.names import PREFERENCE_STAGES, split_names
 
 
-UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters")  # what it starts from
+UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters",
+                 "reward_model")  # what it starts from
 REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # read by the preference stages and sft's ASFT loss only
+STAGE_KEYS = {key: PREFERENCE_STAGES for key in REFERENCE_KEYS} | {"reward_model": ("ppo",)}  # read there only
 _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
 
 
 def upstream_paths(r: Mapping[str, Any]) -> list[str]:
     """The paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages and sft with
-    use_asft_loss, which read them; ref_model_adapters' comma-separated folders each)."""
-    reads_reference = r.get("stage") in PREFERENCE_STAGES or (r.get("stage") == "sft" and bool(r.get("use_asft_loss")))
-    keys = [k for k in UPSTREAM_KEYS if k not in REFERENCE_KEYS or reads_reference]
+    use_asft_loss, the reward model's under stage ppo: the stages that read them; ref_model_adapters'
+    comma-separated folders each)."""
+    asft = r.get("stage") == "sft" and bool(r.get("use_asft_loss"))
+    keys = [k for k in UPSTREAM_KEYS
+            if k not in STAGE_KEYS or r.get("stage") in STAGE_KEYS[k] or (asft and k in REFERENCE_KEYS)]
     lists = {k: split_names(r[k]) if k == "ref_model_adapters" else [r[k]] for k in keys if r.get(k)}
     return [str(path) for paths in lists.values() for path in paths]
 
@@ -69,7 +73,7 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         if recipe.resolve() == me:
             raise UserError(f"{recipe_path}: its upstream recipes lead back to it ({' -> '.join(map(str, trail))}: "
                             "each starts from the next one's output), so none can be built first; point one of "
-                            "them (model_name_or_path, adapter_name_or_path, ref_model or ref_model_adapters) at a "
+                            "them (model_name_or_path, adapter_name_or_path, ref_model, ref_model_adapters or reward_model) at a "
                             "checkpoint, hub id or preset instead")
         if recipe.resolve() in seen:
             return

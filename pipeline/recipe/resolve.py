@@ -243,6 +243,8 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             ratio = None
         if ratio is not None:
             values["min_lr_ratio"], origins["min_lr_ratio"] = ratio, DERIVED
+    if values["stage"] == "ppo" and origins["val_size"].kind == "default" and "stage" not in bad:
+        values["val_size"], origins["val_size"] = 0.0, DERIVED  # PPO evaluates nothing: every prompt trains
     for key in ("model_name_or_path", "ref_model"):  # dpo's ref_model takes the same forms
         model = values.get(key)
         if (isinstance(model, str) and key not in bad and os.path.isdir(model)

@@ -16,7 +16,7 @@ from pipeline.runtime.layout import RunLayout
 
 # recipe keys that name inputs on disk (a preset or a hub id names none)
 INPUT_KEYS = ("model_name_or_path", "adapter_name_or_path", "tokenizer_name_or_path", "ref_model", "ref_model_adapters",
-              "dataset_dir")
+              "reward_model", "dataset_dir")
 MULTI_INPUT_KEYS = ("ref_model_adapters",)  # a comma string of folders: each is protected
 
 

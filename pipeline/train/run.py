@@ -74,7 +74,6 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.model.build import base_as_built, base_subset, build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
-    from pipeline.train.export import Exporter
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
     from pipeline.train import step_profile
@@ -110,6 +109,10 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     # base) from the checkpoint's converted adapter, not from the SVD again
     pissa_start = RunLayout(resume).adapter if resume is not None and r["pissa_init"] else None
     model = build_model(*recipe_args(r), dtype=compute_dtype(r), pissa_start=pissa_start)
+    if r["stage"] == "ppo":
+        from pipeline.train.ppo import attach_value_head
+
+        attach_value_head(model, r["seed"])  # trained beside the adapter (pipeline.train.ppo)
     enable_features(model, r)
     output_dir = prepare_output_dir(r, resume)  # only now: a bad recipe, data or model never empties it
 
@@ -118,8 +121,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)  # before no_startup_step: it wraps the optimizer's own step
     with every_block_trainable(optimizer), no_startup_step(optimizer):  # BAdam: masters for every layer
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=r.ds_config)
+        # stage ppo steps the schedule once per PPO step, not per update (TRL's PPOTrainer.step)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=r.ds_config,
+                                          lr_scheduler=None if r["stage"] == "ppo" else scheduler)
     checkpoint.attach(engine)  # safetensors + JSON checkpoints, never pickle
     objective = (preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES
                  else reward_objective(r, engine) if r["stage"] == "rm"
@@ -137,7 +141,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             if notice:
                 print(notice, file=sys.stderr, flush=True)
 
-    exporter = Exporter(engine, r["model_name_or_path"], r["finetuning_type"],
+    exporter = exporter_class(r)(engine, r["model_name_or_path"], r["finetuning_type"],
                         lambda: quietly(build_model, *recipe_args(r)),
                         tokenizer_from=data_args(r).tokenizer_name_or_path,
                         skeleton=lambda: build_skeleton(*recipe_args(r)),
@@ -156,7 +160,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
                             else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
-        trainer = Trainer(engine, args, state, loader, evaluate=evaluate_now,
+        trainer_class, extra = (Trainer, {}) if r["stage"] != "ppo" else ppo_parts(r, engine, scheduler)
+        trainer = trainer_class(engine, args, state, loader, evaluate=evaluate_now, **extra,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
                                                        objective_state(objective)),
                           log=log, stop=stop,
@@ -212,6 +217,33 @@ def preference_objective(r: Any, engine: Any) -> Any:
                                                                ("pref_bco_weight", pref.pref_bco_weight)) if value)
         print(f"dpo: pref_loss {pref.pref_loss}, pref_beta {pref.pref_beta}{extras}; reference: {what}", file=sys.stderr)
     return PreferenceObjective(pref, engine, reference)
+
+
+def exporter_class(r: Any) -> Any:
+    """stage ppo writes the value head beside the adapter (pipeline.train.ppo); the others the plain Exporter."""
+    from pipeline.train.export import Exporter
+    from pipeline.train.ppo import ValueHeadExporter
+
+    return ValueHeadExporter if r["stage"] == "ppo" else Exporter
+
+
+def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]:
+    """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model, the reference
+    (the policy with its adapters off), the tokenizer's pad id and the template's stop ids, the decoding keys."""
+    from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.recipe.args import GenerationArgs, ppo_args, recipe_args
+    from pipeline.train.ppo import PPOTrainer, describe, load_reward_model
+    from pipeline.train.preference import AdapterReference, disable_dropout
+
+    ppo, generation, data = ppo_args(r), GenerationArgs.from_recipe(r), data_args(r)
+    tokenizer, template = recipe_tokenizer(data), data.chat_template()
+    reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
+                               compute_dtype(r))
+    disable_dropout(reward)
+    describe(ppo.reward_model, ppo.reward_model_type, ppo, generation)
+    return PPOTrainer, {"reward_model": reward, "reference": AdapterReference(engine), "pad_id": tokenizer.pad_id,
+                        "stop_ids": tuple(template.stop_ids(tokenizer)), "generation": generation, "ppo": ppo,
+                        "scheduler": scheduler, "seed": int(r["seed"])}
 
 
 def objective_state(objective: Any) -> dict[str, Any]:

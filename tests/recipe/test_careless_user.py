@@ -223,7 +223,7 @@ def test_a_duplicate_key_is_listed_with_the_recipes_other_mistakes(tmp_path):
         "error: r.yaml:3:1: duplicate key 'learning_rate' (first set on line 2, again on line 3); keep one",
         "error: r.yaml:3:16: learning_rate: given -2, expected a number > 0 and <= 1",
         "error: r.yaml:4:1: lora_rnak: unknown key (did you mean 'lora_rank'?)",
-        "error: r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm (did you mean 'sft'?)"], err
+        "error: r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm, ppo (did you mean 'sft'?)"], err
 
 
 def test_epochs_in_a_recipe_that_inherits_max_steps_are_named_as_ignored(tmp_path):

@@ -53,7 +53,7 @@ CASES = [
          ["r.yaml:5:7: bf16: given 'yes' (a string), expected true or false (only true and false are booleans: "
           "yes/no/on/off are read as strings; write true or false)"], cli=True),
     Case("bad enum", {"r.yaml": BASE + "stage: sfft\n"},
-         ["r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm (did you mean 'sft'?)"], cli=True),
+         ["r.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm, ppo (did you mean 'sft'?)"], cli=True),
     Case("bad enum, other", {"r.yaml": BASE + "lr_scheduler_type: cosin\n"},
          ["r.yaml:5:20: lr_scheduler_type: given 'cosin', expected one of constant, linear, cosine, "
           "cosine_with_min_lr (did you mean 'cosine'?)"]),
@@ -129,7 +129,7 @@ CASES = [
          ["r.yaml:5:10: extends: given 5, expected a file name or a list of file names"]),
     Case("error inside an extended file", {"r.yaml": "extends: base.yaml\nlora_rank: 4\n",
                                            "base.yaml": BASE + "stage: sfft\n"},
-         ["base.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm (did you mean 'sft'?)"]),
+         ["base.yaml:5:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm, ppo (did you mean 'sft'?)"]),
     Case("bad override syntax", {"r.yaml": BASE}, ["command line override 'lora_rank': expected key=value, e.g. "
                                                    "learning_rate=5e-5 or lora_target=[c_attn,c_fc]"],
          overrides=["lora_rank"], cli=True),
@@ -216,7 +216,7 @@ CASES = [
          ["ds.json:3:1: invalid JSON: Expecting property name enclosed in double quotes"]),
     Case("many problems at once", {"r.yaml": BASE + "lora_rnak: 4\nstage: sfft\nbf16: on\n"},
          ["r.yaml:5:1: lora_rnak: unknown key (did you mean 'lora_rank'?)",
-          "r.yaml:6:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm (did you mean 'sft'?)",
+          "r.yaml:6:8: stage: given 'sfft', expected one of pt, sft, dpo, kto, rm, ppo (did you mean 'sft'?)",
           "r.yaml:7:7: bf16: given 'on' (a string), expected true or false (only true and false are booleans: yes/no/on/off "
           "are read as strings; write true or false)"], overrides=["max_stepz=3"]),
 ]

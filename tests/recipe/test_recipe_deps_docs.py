@@ -88,7 +88,7 @@ def test_deps_refuses_a_cycle_of_upstreams(write):
     assert err.value.messages == [
         "recipes/a.yaml: its upstream recipes lead back to it (recipes/a.yaml -> recipes/b.yaml -> recipes/a.yaml: "
         "each starts from the next one's output), so none can be built first; point one of them "
-        "(model_name_or_path, adapter_name_or_path, ref_model or ref_model_adapters) at a checkpoint, hub id or "
+        "(model_name_or_path, adapter_name_or_path, ref_model, ref_model_adapters or reward_model) at a checkpoint, hub id or "
         "preset instead"]
 
 
@@ -127,7 +127,7 @@ def test_reference_has_every_key_once_with_its_default_and_range():
     assert set(rows) == set(spec.properties())
     assert rows["learning_rate"].startswith("| `learning_rate` | float | `5e-05` | &gt; 0 and &lt;= 1 | Peak learning "
                                             "rate of AdamW")
-    assert rows["stage"].startswith("| `stage` | enum | `sft` | `pt`, `sft`, `dpo`, `kto`, `rm` |")
+    assert rows["stage"].startswith("| `stage` | enum | `sft` | `pt`, `sft`, `dpo`, `kto`, `rm`, `ppo` |")
     assert "| **required** |" in rows["model_name_or_path"]
     assert "### train" in text and text.startswith(START) and text.endswith(END)
 

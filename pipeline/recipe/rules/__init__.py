@@ -13,6 +13,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   stages.py      keys only some stages read (packing, train_on_prompt, mask_history, compute_accuracy, ...)
   data.py        dataset / eval_dataset, dataset_dir, val_size, the interleave mix, streaming
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
+  ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
   outputs.py     resume_from_checkpoint, export_dir, the refused exports, report_to
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
@@ -25,8 +26,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.recipe.load import Origin
-from pipeline.recipe.rules import (data, method, model, optimizers, outputs, preference, refused, stages, tokenizer,
-                                   training)
+from pipeline.recipe.rules import (data, method, model, optimizers, outputs, ppo, preference, refused, stages,
+                                   tokenizer, training)
 from pipeline.recipe.rules.core import Context, Rule, in_order
 
 __all__ = ["Context", "ORDER", "RULES", "Rule", "run"]
@@ -102,6 +103,9 @@ ORDER = (
     preference.ref_model_same_vocabulary,
     preference.ref_model_adapters_need_ref_model,
     preference.ref_model_adapters_exist,
+    ppo.ppo_needs_reward_model,
+    ppo.ppo_parts_implemented,
+    ppo.ppo_keys_need_ppo,
 )
 RULES: list[Rule] = in_order(ORDER)
 

@@ -24,8 +24,8 @@ KTO_KEYS = ("kto_chosen_weight", "kto_rejected_weight")
 def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
     """Preference settings outside the stages that read them would be ignored without a word: pref_loss & co. under
     kto (LLaMA-Factory's KTO trainer never reads them), kto_*_weight outside kto, every one of them under pt / sft / rm
-    (a reward model has no reference and no preference loss), but ref_model under sft with use_asft_loss (the
-    reference of its KL term, as LLaMA-Factory's create_ref_model reads it there)."""
+    (a reward model has no reference and no preference loss), but ref_model and ref_model_adapters under sft with
+    use_asft_loss (the reference of its KL term, as LLaMA-Factory's create_ref_model reads them there)."""
     stage = ctx.values["stage"]
     if stage == "kto":
         return [(key, "is a stage dpo setting; stage kto's loss is KTO's (its keys: pref_beta, pref_ftx, "
@@ -33,6 +33,11 @@ def pref_keys_need_dpo(ctx: Context) -> list[tuple[str, str]]:
                 if ctx.set_here(key)]
     if stage == "dpo":
         return [(key, "is a stage kto setting; remove it or set stage: kto") for key in KTO_KEYS if ctx.set_here(key)]
+    if stage == "ppo":  # LLaMA-Factory's PPO takes a ref_model; here its reference is the starting model
+        return [(key, "is not implemented for stage ppo: its reference is the starting model (the policy with its "
+                      "adapters switched off); remove it") if key in REFERENCE_KEYS else
+                (key, "is a preference-tuning setting but stage is ppo; remove it")
+                for key in (*PREF_KEYS, *KTO_KEYS) if ctx.set_here(key)]
     asft = stage == "sft" and ctx.values["use_asft_loss"]
     return [(key, f"is a preference-tuning setting but stage is {stage}; remove it or set stage: "
                   f"{'kto' if key in KTO_KEYS else 'dpo'}"

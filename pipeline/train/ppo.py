@@ -1,0 +1,274 @@
+"""Stage ppo: LLaMA-Factory 0.9.5's PPO (its train/ppo on TRL 0.9.6's PPOTrainer), one PPO step read top to bottom.
+
+    prompts (per_device_train_batch_size x gradient_accumulation_steps rows of an sft-format dataset)
+    -> the policy generates a response to each (the recipe's max_new_tokens, do_sample, temperature, top_k, top_p;
+       the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
+    -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools)
+    -> no-grad passes: the policy's log-probabilities and values, the reference's log-probabilities
+       (the policy with its LoRA adapters switched off: pipeline.train.preference.AdapterReference)
+    -> per-token rewards, GAE advantages and returns (pipeline.model.ppo)
+    -> ppo_epochs passes over the rows in a seeded random order, per_device_train_batch_size rows a mini-batch:
+       clipped policy loss + vf_coef x clipped value loss, engine.backward / engine.step (DeepSpeed updates every
+       gradient_accumulation_steps mini-batches, as TRL's accelerator.accumulate)
+    -> the KL controller moves its coefficient; the learning-rate schedule steps once (TRL steps it per PPO step)
+
+The value head is TRL's (dropout 0.1, then Linear(hidden, 1) with a bias) on the last hidden state (after the final
+norm), trained beside the adapter by the same optimizer; it is saved beside the adapter as LLaMA-Factory's
+value_head.safetensors (keys v_head.summary.weight / .bias). The rollout passes run in eval mode (no dropout, so
+the old log-probabilities are the policy's own); the update passes in train mode.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.model.ppo import PPOConfig, advantages_and_returns, kl_controller, ppo_losses, token_rewards
+from pipeline.runtime import dist
+from pipeline.train.export import Exporter
+from pipeline.train.loop import Trainer, Window, grad_norm
+
+V_HEAD_WEIGHTS = "value_head.safetensors"  # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME
+V_HEAD_DROPOUT = 0.1  # TRL's ValueHead summary_dropout_prob when the config has none (LLaMA-Factory sets none)
+INIT_KL_COEF, KL_HORIZON = 0.2, 10000  # TRL 0.9.6 PPOConfig's init_kl_coef and horizon (LLaMA-Factory keeps them)
+
+
+class ValueHead(nn.Module):
+    """TRL's ValueHead: a scalar per position from the last hidden state."""
+
+    def __init__(self, emb_dim: int, dropout: float = V_HEAD_DROPOUT):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(emb_dim, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(self.dropout(hidden).to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def attach_value_head(model: nn.Module, seed: int) -> None:
+    """model.v_head: a new value head (nn.Linear's own init, drawn from `seed` without touching the global RNG), in
+    the model's dtype; a submodule, so the optimizer and DeepSpeed train it with the adapter."""
+    dtype = next(model.parameters()).dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.v_head = ValueHead(model.cfg.emb_dim).to(dtype)
+
+
+@contextlib.contextmanager
+def last_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The final norm's output of each forward in the block (transformers' hidden_states[-1], which TRL's value head
+    reads), caught by a forward hook: the model's forward returns the loss only."""
+    caught: list[torch.Tensor] = []
+    handle = model.norm.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
+    try:
+        yield caught
+    finally:
+        handle.remove()
+
+
+def prompt_ids(batch: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Each sft row's prompt: its tokens up to and including the last one before its last response (labels are
+    shifted: labels[t] is the token after position t), so a conversation's earlier turns are its history, as
+    LLaMA-Factory's PPO encodes the prompt: every message but the last response, with the assistant prefix."""
+    prompts = []
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        labelled = [t for t, label in enumerate(labels) if label != -100]
+        if not labelled:
+            raise UserError("stage ppo: a row has no response tokens to tell its prompt by (every label is masked); "
+                            "check the dataset's rows")
+        start = labelled[-1]
+        while start - 1 in labelled:
+            start -= 1
+        prompts.append(ids[:start + 1])
+    return prompts
+
+
+def sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+              device: torch.device) -> dict[str, torch.Tensor]:
+    """prompt + response per row, right-padded with pad_id: input_ids, attention_mask and labels (shifted: the
+    response tokens as targets, -100 elsewhere), as the preference batches are laid out."""
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(prompts), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        ids[row, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[row, :len(p) + len(r)] = 1
+        labels[row, len(p) - 1:len(p) + len(r) - 1] = torch.tensor(r)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def policy_pass(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probabilities of the labelled tokens (B, T), 0 elsewhere; values (B, T)) in one forward."""
+    with last_hidden(engine.module) as caught:
+        nll = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     reduction="none")
+    return -nll, engine.module.v_head(caught[-1]).float()
+
+
+def resolve_reward_model(path: str, kind: str) -> Path:
+    """reward_model as a folder to load: an adapter (lora) or a model (full) folder as given, else a stage rm run's
+    output_dir: its adapter/ (lora), its merged/ or model/ (full)."""
+    from pipeline.model.hub import resolve_model_path
+    from pipeline.runtime.layout import RunLayout, is_adapter, is_model
+
+    folder = Path(resolve_model_path(path, key="reward_model"))
+    run = RunLayout(folder)
+    candidates = [folder, run.adapter] if kind == "lora" else [folder, run.merged, run.model]
+    found = next((c for c in candidates if (is_adapter(c) if kind == "lora" else is_model(c))), None)
+    if found is None:
+        what = ("a LoRA reward adapter (adapter_config.json + adapter_model.safetensors) or a stage rm LoRA run's "
+                "output_dir" if kind == "lora" else "a reward model folder (config.json) or a stage rm run's "
+                "output_dir with merged/ or model/")
+        raise UserError(f"reward_model: {path!r} holds no {'adapter' if kind == 'lora' else 'model'}; expected {what} "
+                        f"(reward_model_type: {kind})")
+    return found
+
+
+def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch.dtype) -> nn.Module:
+    """The frozen reward model in eval mode: a full one as saved, or (lora) the policy's base built as a reward
+    model with the rm run's adapter folded in (its LoRA updates and its score head): the same scores LLaMA-Factory
+    gets by swapping the reward adapter into the policy."""
+    from dataclasses import replace
+
+    from pipeline.model.build import fold_adapter, load_base
+    from pipeline.model.weights import load_model
+
+    folder = resolve_reward_model(path, kind)
+    if kind == "lora":
+        model = fold_adapter(load_base(replace(base, stage="rm"), dropout=False), str(folder), key="reward_model")
+    else:
+        model = load_model(folder)
+    if not getattr(model, "score", None):
+        raise UserError(f"reward_model: {folder} is a language model (no score head); expected a stage rm output")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class ValueHeadExporter(Exporter):
+    """adapter/ as for LoRA, plus value_head.safetensors beside it (LLaMA-Factory's fix_valuehead_checkpoint)."""
+
+    def filled(self, state: dict[str, Any]) -> Any:
+        self._value_head = {k: v for k, v in state.items() if k.startswith("v_head.")}
+        return super().filled({k: v for k, v in state.items() if not k.startswith("v_head.")})
+
+    def _save(self, model: Any, directory: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        target = super()._save(model, directory)
+        save_file({k: v.contiguous() for k, v in self._value_head.items()}, str(target / V_HEAD_WEIGHTS),
+                  metadata={"format": "pt"})
+        return target
+
+
+class PPOTrainer(Trainer):
+    """Trainer whose optimizer step is one PPO step (module docstring); logging, saving and stopping as the base."""
+
+    def __init__(self, *args: Any, reward_model: nn.Module, reference: Any, pad_id: int, stop_ids: tuple[int, ...],
+                 generation: Any, ppo: Any, scheduler: Any, seed: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reward_model, self.reference, self.pad_id, self.stop_ids = reward_model, reference, pad_id, stop_ids
+        self.generation, self.scheduler, self.seed = generation, scheduler, seed
+        self.epochs = ppo.ppo_epochs
+        self.config = PPOConfig(whiten_rewards=bool(ppo.ppo_whiten_rewards))
+        self.kl_ctl = kl_controller(INIT_KL_COEF, float(ppo.ppo_target), KL_HORIZON)
+        self.last_norm: float | None = None  # the last update's, where DeepSpeed reports none (the base's own_norm)
+
+    def generate(self, prompts: list[list[int]], micro: int) -> list[list[int]]:
+        """Responses of the policy (adapters on), sampled from a generator seeded by (seed, step, micro-batch)."""
+        from pipeline.model.generate import generate
+
+        g = self.generation
+        seed = self.seed + 1000 * self.state.global_step + micro
+        return generate(self.engine.module, prompts, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+                        temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=self.stop_ids,
+                        seed=seed, pad_id=self.pad_id, repetition_penalty=g.repetition_penalty, keep_stop=True)
+
+    @torch.no_grad()
+    def rollout(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Generate, score and take the no-grad passes over the step's rows; rewards, advantages and returns."""
+        from pipeline.model.reward import sequence_scores
+        from pipeline.train.preference import _eval_mode
+
+        prompts, responses = [], []
+        for micro, batch in enumerate(batches):
+            queries = prompt_ids(batch)
+            prompts += queries
+            responses += [r or [self.pad_id] for r in self.generate(queries, micro)]  # LF: an empty one is one pad
+        data = sequences(prompts, responses, self.pad_id, self.engine.device)
+        mask = (data["labels"] != -100).float()
+        with _eval_mode(self.engine.module):
+            logprobs, values = policy_pass(self.engine, data)
+        ref_logprobs = -self.reference(data)
+        values_rm = self.reward_model(data["input_ids"], attention_mask=data["attention_mask"])
+        scores = sequence_scores(values_rm, data["input_ids"], self.pad_id)
+        rewards, kls = token_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, self.config.kl_penalty)
+        values, advantages, returns = advantages_and_returns(values, rewards, mask, self.config)
+        return {**data, "mask": mask, "logprobs": logprobs, "values": values, "advantages": advantages,
+                "returns": returns, "scores": scores, "kl": (kls * mask).sum(1)}
+
+    def optimizer_step(self, window: Window) -> float | None:
+        """One PPO step (module docstring); returns the last update's grad norm."""
+        window.lr = float(self.engine.get_lr()[0])
+        batches = [self.data.next() for _ in range(self.args.gradient_accumulation_steps)]
+        data = self.rollout(batches)
+        rows, size = len(data["scores"]), self.args.per_device_train_batch_size
+        generator = torch.Generator().manual_seed(self.seed + self.state.global_step)
+        sums: dict[str, float] = {}
+        updates = 0
+        for _ in range(self.epochs):
+            order = torch.randperm(rows, generator=generator)
+            for start in range(0, rows, size):
+                stats = self.update({k: v[order[start:start + size].to(v.device)] for k, v in data.items()})
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                updates += 1
+        mean_kl = float(data["kl"].mean())
+        metrics = {"reward": float(data["scores"].mean()), "kl": mean_kl, "kl_coef": self.kl_ctl.value,
+                   **{key: value / updates for key, value in sums.items() if key != "loss"}}
+        self.kl_ctl.update(mean_kl, rows * dist.world_size())
+        if self.scheduler is not None:
+            self.scheduler.step()
+        window.loss += sums["loss"] / updates
+        for key, value in metrics.items():
+            window.extra[key] = window.extra.get(key, 0.0) + value
+        tokens, trained = int(data["attention_mask"].sum()), int(data["mask"].sum())
+        window.tokens += tokens
+        window.trained_tokens += trained
+        self._unflushed[0] += tokens
+        self._unflushed[1] += trained
+        self.data.end_of_step()
+        norm = self.engine.get_global_grad_norm()
+        return self.last_norm if norm is None else float(norm)
+
+    def update(self, mini: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One mini-batch: the clipped losses (pipeline.model.ppo.ppo_losses), backward, engine step."""
+        logprobs, vpreds = policy_pass(self.engine, mini)
+        pg_loss, vf_loss, stats = ppo_losses(mini["logprobs"], mini["values"], logprobs, vpreds, mini["mask"],
+                                             mini["advantages"], mini["returns"], self.config)
+        loss = pg_loss + vf_loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            from pipeline.train.loop import _nonfinite_message
+
+            raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine))
+        self.engine.backward(loss)
+        if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+            self.last_norm = grad_norm(self.params)
+        self.engine_step()
+        return {"loss": value, **stats}
+
+
+def describe(reward_model: str, kind: str, ppo: Any, generation: Any) -> None:
+    """The run's PPO settings on stderr (rank 0), as dpo's line says its loss and reference."""
+    if dist.is_main():
+        sampling = (f"sampling (temperature {generation.temperature}, top_k {generation.top_k}, top_p "
+                    f"{generation.top_p})" if generation.do_sample else "greedy")
+        print(f"ppo: reward_model {reward_model} ({kind}), ppo_epochs {ppo.ppo_epochs}, ppo_target {ppo.ppo_target}, "
+              f"{generation.max_new_tokens} new tokens at most, {sampling}; reference: the starting model (the policy "
+              "with its adapters switched off)", file=sys.stderr, flush=True)

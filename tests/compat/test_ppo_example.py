@@ -1,0 +1,125 @@
+"""Stage ppo as a LLaMA-Factory user runs it: its llama3_lora_reward.yaml (stage rm, LoRA) trains the reward model,
+then its llama3_lora_ppo.yaml (reward_model: that run's output_dir, reward_model_type lora by default) trains the
+policy 2 PPO steps through `python -m pipeline train`, on a tiny transformers-written Llama (the two recipes:
+tests/compat/lf_examples_removed/NOTICE.md). The PPO run's adapter loads in PEFT and gives our trained model's
+logits; value_head.safetensors lies beside it with LLaMA-Factory's keys. reward_model_type full (the rm adapter
+merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used.
+
+Golden for step 1, computed here with transformers and PEFT: every row has one prompt (so the rows of step 1 are
+known whatever the order), the policy is the base (LoRA starts at B = 0) and step 1's learning rate is 0 (the
+example's warmup), so: the response is transformers' greedy continuation of the prompt written out in
+LLaMA-Factory's llama3 template, the logged reward is the reward model's score of prompt + response (the base
+with the rm run's adapter, in PEFT), the KL to the reference (the same model) is 0, and the policy loss is 0
+(ratio 1 on whitened advantages of identical rows, whose mean is 0).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import assert_close, pipeline, trained_model
+from tests.compat.test_lf_examples import tiny_model
+from tests.compat.test_lf_recipes import lf_checkout
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+REMOVED = Path(__file__).with_name("lf_examples_removed")
+RM, PPO = "examples/train_lora/llama3_lora_reward.yaml", "examples/train_lora/llama3_lora_ppo.yaml"
+RM_RUN, PPO_RUN = "saves/llama3-8b/lora/reward", "saves/llama3-8b/lora/ppo"
+PROMPT = "Say hi"
+NEW_TOKENS = 5
+
+
+def checkout(tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny Llama, a LLaMA-Factory-like working copy with the two removed examples pointed at it, and an sft
+    dataset whose rows all ask PROMPT."""
+    base = tiny_model(tmp_path / "llama", "llama")
+    work = lf_checkout(tmp_path / "lf", str(base))
+    for name in (Path(RM).name, Path(PPO).name):
+        text = (REMOVED / name).read_text("utf-8")
+        lines = [f"model_name_or_path: {base}" if line.startswith("model_name_or_path:") else line
+                 for line in text.splitlines()]
+        (work / "examples/train_lora" / name).write_text("\n".join(lines) + "\n", "utf-8")
+    rows = [{"instruction": PROMPT, "input": "", "output": f"hi {i}"} for i in range(8)]
+    (work / "data/one_prompt.json").write_text(json.dumps(rows), "utf-8")
+    registry = json.loads((work / "data/dataset_info.json").read_text("utf-8"))
+    registry["one_prompt"] = {"file_name": "one_prompt.json"}
+    (work / "data/dataset_info.json").write_text(json.dumps(registry), "utf-8")
+    return base, work
+
+
+def step_one(base: Path, rm_adapter: Path) -> float:
+    """The reward model's score of PROMPT + the base's greedy response, as LLaMA-Factory's PPO computes it."""
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    text = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PROMPT}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n")  # LLaMA-Factory's llama3 template
+    prompt = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    stops = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
+    with torch.no_grad():
+        sequence = policy.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stops,
+                                   pad_token_id=tok.eos_token_id)
+        scorer = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), rm_adapter).eval()
+        return float(scorer(sequence).logits[0, 0])
+
+
+def reward_models(work: Path, used: list[str], full: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Our reward model as the PPO run loads it (reward_model_type lora, the rm run's output_dir) and from `full`."""
+    import os
+
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+    from pipeline.train.ppo import load_reward_model
+    from tests.acceptance.harness import cli_env
+
+    here = os.getcwd()
+    os.chdir(work)
+    try:
+        base = recipe_args(resolve(Path(PPO), used, command="generate", env=cli_env(WORLD_SIZE="1"))).model
+        return tuple(load_reward_model(path, kind, base, "cpu", torch.float32)
+                     for path, kind in ((RM_RUN, "lora"), (str(full), "full")))
+    finally:
+        os.chdir(here)
+
+
+def test_rm_then_ppo_examples_through_the_cli(tmp_path):
+    base, work = checkout(tmp_path)
+    fast = ["bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]  # the example's bf16: emulated on CPU
+    pipeline("train", RM, "max_steps=2", "gradient_accumulation_steps=1", "max_samples=16", "val_size=0", *fast,
+             cwd=work)
+    used = ["max_steps=2", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
+            "gradient_accumulation_steps=2", "ppo_epochs=2", *fast]  # 2 x 2 updates a step: time
+    done = pipeline("train", PPO, *used, cwd=work, timeout=600)
+    assert f"ppo: reward_model {RM_RUN} (lora)" in done.stderr, done.stderr
+    run = work / PPO_RUN
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
+    assert [rec["step"] for rec in log] == [1, 2]
+    first = log[0]
+    assert first["lr"] == 0.0 and first["kl"] == 0.0
+    assert first["reward"] == pytest.approx(step_one(base, work / RM_RUN / "adapter"), abs=1e-4)
+    assert first["loss/policy"] == pytest.approx(0.0, abs=1e-6)
+    assert first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
+    assert all(k in rec for rec in log for k in ("loss", "loss/value", "reward", "kl", "kl_coef"))
+
+    from safetensors.torch import load_file
+
+    head = load_file(run / "adapter" / "value_head.safetensors")
+    assert {k: tuple(v.shape) for k, v in head.items()} == {"v_head.summary.weight": (1, 32),
+                                                            "v_head.summary.bias": (1,)}
+    ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                run / "adapter").eval()
+        assert_close(theirs(ids).logits, trained_model(PPO, work, used)(ids))
+        scorer = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),
+            work / RM_RUN / "adapter").eval()
+        expected = scorer(ids).logits[0, 0]
+        scorer.merge_and_unload().save_pretrained(tmp_path / "rm_full")
+        for model in reward_models(work, used, tmp_path / "rm_full"):
+            assert float(model(ids)[0, -1, 0]) == pytest.approx(float(expected), abs=1e-5)

@@ -1,0 +1,134 @@
+"""PPO's arithmetic (pipeline.model.ppo) against TRL 0.9.6's formulas re-typed here with Python floats.
+
+Sources (trl-0.9.6 wheel): trl/trainer/ppo_trainer.py:1103-1139 compute_rewards, :1141-1155 _kl_penalty,
+:1157-1183 compute_advantages, :1185-1272 loss; trl/core.py:152 masked_mean, :160 masked_var (unbiased),
+:179 masked_whiten, :188 clip_by_value; trl/trainer/utils.py:54-69 AdaptiveKLController, :105-112
+FixedKLController.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.model.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, advantages_and_returns,
+                                kl_controller, ppo_losses, token_rewards)
+
+MASK = [[1, 1, 1, 0], [1, 1, 1, 1]]
+LOGP = [[-1.0, -2.0, -0.5, -9.0], [-0.3, -1.2, -2.2, -0.7]]
+REF = [[-1.5, -1.0, -0.7, -3.0], [-0.4, -1.0, -2.0, -1.1]]
+VALUES = [[0.2, -0.1, 0.4, 5.0], [0.0, 0.3, -0.2, 0.1]]
+SCORES = [1.5, -0.5]
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def flat(rows) -> list[float]:
+    return [v for row in rows for v in row]
+
+
+def mmean(x, mask):
+    return sum(v * m for rv, rm in zip(x, mask) for v, m in zip(rv, rm)) / sum(map(sum, mask))
+
+
+def mvar(x, mask):
+    mean, n = mmean(x, mask), sum(map(sum, mask))
+    return mmean([[(v - mean) ** 2 for v in row] for row in x], mask) * n / (n - 1)
+
+
+def mwhiten(x, mask, shift_mean=True):
+    mean, var = mmean(x, mask), mvar(x, mask)
+    return [[(v - mean) / math.sqrt(var + 1e-8) + (0 if shift_mean else mean) for v in row] for row in x]
+
+
+def trl_rewards(beta):
+    out = []
+    for score, lp, rp, mask in zip(SCORES, LOGP, REF, MASK):
+        reward = [-beta * (a - b) for a, b in zip(lp, rp)]
+        last = max(i for i, m in enumerate(mask) if m)
+        reward[last] += score
+        out.append(reward)
+    return out
+
+
+def trl_gae(values, rewards, mask, gamma, lam, whiten_rewards=False):
+    values = [[v * m for v, m in zip(rv, rm)] for rv, rm in zip(values, mask)]
+    rewards = [[v * m for v, m in zip(rv, rm)] for rv, rm in zip(rewards, mask)]
+    if whiten_rewards:
+        rewards = mwhiten(rewards, mask, shift_mean=False)
+    adv = []
+    for vals, rews in zip(values, rewards):
+        last, row = 0.0, []
+        for i in reversed(range(len(rews))):
+            nxt = vals[i + 1] if i < len(rews) - 1 else 0.0
+            last = rews[i] + gamma * nxt - vals[i] + gamma * lam * last
+            row.insert(0, last)
+        adv.append(row)
+    returns = [[a + v for a, v in zip(ra, rv)] for ra, rv in zip(adv, values)]
+    return values, mwhiten(adv, mask), returns
+
+
+def test_token_rewards_kl_per_token_and_score_at_last_response_token():
+    rewards, kls = token_rewards(t(SCORES), t(LOGP), t(REF), t(MASK), kl_coef=0.2)
+    assert rewards.flatten().tolist() == pytest.approx(flat(trl_rewards(0.2)), rel=1e-12)
+    assert kls.flatten().tolist() == pytest.approx(flat([[a - b for a, b in zip(x, y)] for x, y in zip(LOGP, REF)]))
+
+
+@pytest.mark.parametrize("gamma, lam, whiten", [(1.0, 0.95, False), (0.9, 0.5, False), (1.0, 0.95, True)])
+def test_gae_returns_and_whitened_advantages(gamma, lam, whiten):
+    rewards = trl_rewards(0.1)
+    cfg = PPOConfig(gamma=gamma, lam=lam, whiten_rewards=whiten)
+    values, adv, ret = advantages_and_returns(t(VALUES), t(rewards), t(MASK), cfg)
+    gv, ga, gr = trl_gae(VALUES, rewards, MASK, gamma, lam, whiten)
+    for got, want in ((values, gv), (adv, ga), (ret, gr)):
+        assert got.flatten().tolist() == pytest.approx(flat(want), rel=1e-9, abs=1e-12)
+
+
+def trl_loss(old, values, new, vpreds, mask, adv, ret, cfg):
+    vf, pg = [], []
+    for r in range(len(mask)):
+        vf_row, pg_row = [], []
+        for i in range(len(mask[r])):
+            clipped = max(min(vpreds[r][i], values[r][i] + cfg.cliprange_value), values[r][i] - cfg.cliprange_value)
+            vf_row.append(max((vpreds[r][i] - ret[r][i]) ** 2, (clipped - ret[r][i]) ** 2))
+            ratio = math.exp(new[r][i] - old[r][i])
+            pg_row.append(max(-adv[r][i] * ratio,
+                              -adv[r][i] * min(max(ratio, 1 - cfg.cliprange), 1 + cfg.cliprange)))
+        vf.append(vf_row)
+        pg.append(pg_row)
+    return mmean(pg, mask), cfg.vf_coef * 0.5 * mmean(vf, mask)
+
+
+def test_clipped_policy_and_value_losses():
+    cfg = PPOConfig()
+    values, adv, ret = trl_gae(VALUES, trl_rewards(0.2), MASK, 1.0, 0.95)
+    new = [[a + d for a, d in zip(row, deltas)] for row, deltas in zip(LOGP, [[0.3, -0.4, 0.05, 0.0],
+                                                                               [0.0, 0.25, -0.1, 0.5]])]
+    vpreds = [[v + d for v, d in zip(row, deltas)] for row, deltas in zip(values, [[0.5, -0.05, 0.3, 0.0],
+                                                                                     [-0.4, 0.1, 0.0, 0.25]])]
+    pg, vf, stats = ppo_losses(t(LOGP), t(values), t(new), t(vpreds), t(MASK), t(adv), t(ret), cfg)
+    want_pg, want_vf = trl_loss(LOGP, values, new, vpreds, MASK, adv, ret, cfg)
+    assert pg.item() == pytest.approx(want_pg, rel=1e-12)
+    assert vf.item() == pytest.approx(want_vf, rel=1e-12)
+    assert 0 < stats["policy/clipfrac"] < 1 and 0 < stats["val/clipfrac"] < 1  # both clips are exercised
+
+
+def test_ratio_over_threshold_skips_the_batch():
+    mask = t(MASK)
+    pg, vf, _ = ppo_losses(t(LOGP), t(VALUES), t(LOGP) + 3.0, t(VALUES), mask, t(VALUES), t(VALUES), PPOConfig())
+    assert pg.item() == 0.0 and vf.item() == 0.0
+
+
+def test_kl_controllers():
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(9.0, n_steps=8)  # error 0.5 clipped to 0.2
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 8 / 10000))
+    ctl.update(5.4, n_steps=8)  # error -0.1
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.2 * 8 / 10000) * (1 - 0.1 * 8 / 10000))
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, 8)
+    assert fixed.value == 0.05
+    assert isinstance(kl_controller(0.2, None, 10000), FixedKLController)
