@@ -148,3 +148,18 @@ def test_each_tensors_window_steps_as_badams_across_a_redraw_and_the_merged_mode
             assert moved.max() < 2 * k and moved.numel() > k, name  # window 1 is positions k .. 2k - 1
     merged_is_the_last_checkpoint(work, EXAMPLE, GOLDEN, work / RUN, 102)
     assert transformers.AutoModelForCausalLM.from_pretrained(work / RUN / "merged").lm_head.weight.shape[0] > 0
+
+
+def test_the_layer_keys_the_example_keeps_say_they_do_nothing_in_ratio_mode(tmp_path, lf_models):
+    from tests.reliability.rel_helpers import run_main
+
+    work = lf_checkout(tmp_path, str(lf_models("llama")))
+    ratio_example(work)
+    lines = (work / EXAMPLE).read_text("utf-8").splitlines()
+    err = run_main(["validate", EXAMPLE], work).err
+    for key in ("badam_switch_mode", "badam_switch_interval"):
+        line = next(i for i, text in enumerate(lines, 1) if text.startswith(key + ":"))
+        assert (f"notice: {EXAMPLE}:{line}:{len(key) + 3}: {key}: accepted without effect: it only matters with "
+                "badam_mode: layer") in err, err
+    err = run_main(["validate", EXAMPLE, "badam_mode=layer"], work).err
+    assert "badam_update_ratio: accepted without effect: it only matters with badam_mode: ratio" in err, err
