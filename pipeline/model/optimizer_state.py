@@ -17,7 +17,9 @@ keep it (tests/train/test_optimizer_state.py sums their state tensors after one 
   Adam-mini      m per number; v per block: n for a bias, n / (hidden_size^2 / heads) for q and k, one per row of
                  an embedding, the head, v, o and the MLP's matrices, one for any other whole tensor
   BAdam          the active decoder layer's m and v, 2n each, and each tensor's step count (a 4-byte fp32 tensor):
-                 the largest layer's (the others' state is dropped at each switch)
+                 the largest layer's (the others' state is dropped at each switch); ratio mode: every tensor but
+                 the embedding and the head, m and v of its window's int(n x badam_update_ratio) entries each and
+                 its step count (4 bytes)
 Counters kept as Python integers (the steps of Muon, GaLore, APOLLO, Adam-mini; APOLLO's seeds) take no tensor.
 The numbers are in the dtype of the tensors the optimizer steps: bfloat16 under pure_bf16, else float32 (under
 bf16 / fp16 mixed precision DeepSpeed steps fp32 master copies, which plan counts beside the state).
@@ -156,6 +158,18 @@ def _adam_mini_numbers(cfg: ModelConfig, tensors: list[TensorSpec]) -> int:
     return total
 
 
+def ratio_trained(hf_names: list[str]) -> list[bool]:
+    """BAdam ratio mode's tensors (pipeline.train.badam.RatioAdam): all but the first whose transformers name holds
+    `embed` and the first holding `lm_head` (badam's embedding_layer / lm_head_layer, block_optim.py:591-594, 615-625)."""
+    frozen = {next((i for i, name in enumerate(hf_names) if word in name), None) for word in ("embed", "lm_head")}
+    return [i not in frozen for i in range(len(hf_names))]
+
+
+def _ratio_bytes(values: Mapping[str, Any], tensors: list[TensorSpec], width: int) -> int:
+    """Ratio mode's state over its trained tensors: m and v of each window, and each tensor's step count."""
+    return sum(2 * int(t.numel * values["badam_update_ratio"]) * width + STEP_BYTES for t in tensors)
+
+
 def badam_blocks(cfg: ModelConfig, tensors: list[TensorSpec]) -> list[str | None]:
     """Each tensor's BAdam block, by its transformers name: the first prefix (block_prefixes) the name holds, None
     for the tensors outside the decoder layers (pipeline.train.badam.badam_groups)."""
@@ -179,6 +193,9 @@ def stepped(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpe
     trained ones, or under BAdam those in a decoder layer (the embedding, final norm and head never train)."""
     if not values["use_badam"]:
         return tensors
+    if values["badam_mode"] == "ratio":
+        family = FAMILIES[cfg.family]
+        return [t for t, keep in zip(tensors, ratio_trained([family.to_hf(t.name) for t in tensors])) if keep]
     return [t for t, block in zip(tensors, badam_blocks(cfg, tensors)) if block is not None]
 
 
@@ -194,6 +211,8 @@ def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[Tenso
         return width * _low_rank_numbers(values, "apollo", cfg, tensors)
     if values["use_adam_mini"]:
         return width * _adam_mini_numbers(cfg, tensors)
+    if values["use_badam"] and values["badam_mode"] == "ratio":
+        return _ratio_bytes(values, stepped(values, cfg, tensors), width)
     if values["use_badam"]:
         return _largest_block_bytes(cfg, tensors, width)
     return width * 2 * sum(t.numel for t in tensors)

@@ -133,6 +133,9 @@ class TrainArgs:
     badam_start_block: int | None
     badam_switch_mode: str
     badam_switch_interval: int
+    badam_mode: str  # layer: BlockOptimizer; ratio: BlockOptimizerRatio (pipeline.train.badam.RatioAdam)
+    badam_update_ratio: float
+    badam_mask_mode: str
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float

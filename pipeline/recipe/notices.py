@@ -106,6 +106,8 @@ OPTIMIZER_KEYS = {"galore": ("GaLore", ("galore_target", "galore_rank", "galore_
                                        "apollo_proj", "apollo_proj_type", "apollo_scale_type", "apollo_layerwise")),
                  "badam": ("BAdam", ("badam_mode", "badam_start_block", "badam_switch_mode", "badam_switch_interval",
                                      "badam_update_ratio", "badam_mask_mode"))}
+BADAM_MODE_KEYS = {"layer": ("badam_start_block", "badam_switch_mode", "badam_switch_interval"),
+                   "ratio": ("badam_update_ratio", "badam_mask_mode")}  # each mode's own keys, which the other ignores
 LAYERWISE = ("the update is LLaMA-Factory's layer-wise one (each weight's own step, and no gradient clipping: there "
              "the hooks clear each gradient before transformers clips, so max_grad_norm does nothing), taken after "
              "the backward pass rather than inside it: the gradient memory it saves there is not saved here")
@@ -114,7 +116,7 @@ LAYERWISE = ("the update is LLaMA-Factory's layer-wise one (each weight's own st
 def optimizer_key_notices(r: Any) -> list[str]:
     """The galore_* / apollo_* / badam_* keys (LLaMA-Factory's recipes carry them) do nothing without use_galore /
     use_apollo / use_badam:
-    said once each, as for pissa_iter. With it, *_layerwise: true trains LLaMA-Factory's layer-wise update without
+    said once each, as for pissa_iter; with use_badam, the other badam_mode's keys, likewise. With it, *_layerwise: true trains LLaMA-Factory's layer-wise update without
     its memory saving (DeepSpeed steps the optimizer after the backward pass): said too."""
     out = []
     for key, (name, keys) in OPTIMIZER_KEYS.items():
@@ -123,6 +125,10 @@ def optimizer_key_notices(r: Any) -> list[str]:
                     f"({name})" for k in keys if r.origin(k).kind in ("file", "cli")]
         elif f"{key}_layerwise" in keys and r[f"{key}_layerwise"]:
             out.append(f"notice: {r.origin(f'{key}_layerwise').where}: {key}_layerwise: true: {LAYERWISE}")
+    if r["use_badam"]:
+        other = "layer" if r["badam_mode"] == "ratio" else "ratio"
+        out += [f"notice: {r.origin(k).where}: {k}: accepted without effect: it only matters with badam_mode: {other}"
+                for k in BADAM_MODE_KEYS[other] if r.origin(k).kind in ("file", "cli")]
     return out
 
 

@@ -19,7 +19,9 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                               APOLLO     as GaLore, + one norm per matrix
                                               Adam-mini  n (m) + one v per block (element, head, row or tensor)
                                               BAdam      the largest decoder layer's 2n (+ a 4-byte fp32 step
-                                                         count per tensor); T_s: the decoder layers
+                                                         count per tensor); T_s: the decoder layers;
+                                                         ratio mode: 2 x int(n x badam_update_ratio) (+ the
+                                                         step count) per tensor; T_s: all but embedding, head
     activations  L * s*b*h * (34 + 5*a*s/h) * w/2  +  s*b*V*4   (Korthikanti et al. 2022, no recomputation,
                                             plus fp32 logits for the loss; an upper bound: sft computes the
                                             head only where labels are trained). 34h is GPT-2's block; for

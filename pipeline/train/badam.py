@@ -39,6 +39,30 @@ Differences, kept here on purpose (docs/training.md):
 The update is torch's AdamW (LLaMA-Factory's default optim adamw_torch): decay p *= 1 - lr x wd, then Adam with
 eps added after the bias correction. Blocks are told apart by position in the param groups, not by tensor
 identity, so the same bookkeeping holds when DeepSpeed steps fp32 master copies (bf16) instead of the weights.
+
+Ratio mode (`badam_mode: ratio`, RatioAdam): badam 1.4's BlockOptimizerRatio as LLaMA-Factory builds it
+(update_ratio, mask_mode, include_embedding False; switch_every, preserve_threshold and keep_mask left at their
+defaults 100, 100 and True). Every tensor trains except the embedding and the head (the first tensor whose name
+holds `embed`, the first holding `lm_head`: block_optim.py:591-594, 615-625), but only a window of each one's
+entries: k = int(numel x update_ratio) of them (block_optim.py:768-803). adjacent: the flat positions offset ..
+offset + k - 1, wrapping past the end; scatter: the same window over a fixed random permutation of the positions.
+The offset starts at 0 and moves on by k every 100 optimizer steps, when the window is redrawn and the Adam
+state is emptied (block_optim.py:755-766, 836-838): steps 1-100 train window 0, 101-200 window 1, ... One window
+per shape: badam keeps the first mask drawn for a shape for every tensor of that shape (keep_mask, 820-832).
+The gradient outside the window is zeroed as the backward accumulates it (badam's post-accumulate-grad hook,
+block_optim.py:805-838, makes it a sparse tensor there), so gradient clipping sees the window's gradient alone, as
+there; a tensor under 100 entries gets 1e-9 added to its window's gradient by each backward, and so does every
+tensor at update_ratio 1 (badam's add_(1e-9) before to_sparse, lines 814-818). The update is badam's sparse Adam
+(block_optim.py:627-693) on the window's entries: m and v of k numbers each, eps added to sqrt(v) before the bias
+correction (the step is lr x sqrt(1 - b2^t) / (1 - b1^t) x m / (sqrt(v) + eps)), and no weight decay (badam's
+groups carry weight_decay, its update never reads it: a weight_decay is refused by the rules).
+Differences: scatter's permutation is drawn per shape from a generator seeded with the recipe's seed (badam seeds
+torch's global generator per tensor with torch.randint(0, 1000) drawn at start, re-seeding it at every redraw,
+and a shape's permutation is that of whichever tensor's hook fires first); with gradient accumulation the window
+moves once per redraw (badam's hook moves it at every micro-batch of the step before a redraw, and those
+micro-batches' gradients are masked by different windows); with a tied head (no `lm_head` tensor) the embedding
+is frozen, which freezes the head (badam fails there: its lm_head_layer is None). One rank only (LLaMA-Factory
+refuses ratio mode distributed, the rules do here).
 """
 from __future__ import annotations
 
@@ -53,7 +77,7 @@ from pipeline.errors import UserError
 from pipeline.recipe.args import TrainArgs
 from pipeline.runtime.deepspeed_compat import IN_TURN
 from pipeline.train.decay import decays
-from pipeline.model.optimizer_state import block_prefixes
+from pipeline.model.optimizer_state import block_prefixes, ratio_trained
 from pipeline.train.per_param import PerParameterOptimizer
 
 
@@ -175,6 +199,120 @@ class BlockAdamW(PerParameterOptimizer):
         super().load_state_dict(state_dict)  # ... with its saved moments
 
 
+REDRAW_EVERY = 100  # BlockOptimizerRatio's switch_every, which LLaMA-Factory leaves at its default
+SMALL = 100  # its preserve_threshold: a tensor with fewer entries gets NUDGE added to its gradient (to_sparse)
+NUDGE = 1e-9
+
+
+class Windows:
+    """Which entries of a tensor of each shape train (ratio mode, module docstring): the flat positions, ascending
+    (the order of a coalesced sparse tensor's entries, which badam's moments follow), of window `window`."""
+
+    def __init__(self, shapes: list[torch.Size], ratio: float, mode: str, seed: int) -> None:
+        self.ratio, self.mode, self.window = ratio, mode, 0
+        draw = torch.Generator().manual_seed(seed)
+        self.seeds = {shape: int(torch.randint(0, 2 ** 31 - 1, (1,), generator=draw))
+                      for shape in dict.fromkeys(shapes)}  # one permutation per shape (scatter)
+        self._drawn: dict[tuple[torch.Size, torch.device], torch.Tensor] = {}
+
+    def size(self, numel: int) -> int:
+        """k, the window's entries: int(numel x update_ratio), as badam's num_ones."""
+        return int(numel * self.ratio)
+
+    def entries(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        if (shape, device) not in self._drawn:
+            numel = math.prod(shape)
+            k = self.size(numel)
+            positions = (self.window * k + torch.arange(k)) % numel  # badam's offset moves on by k per redraw
+            if self.mode == "scatter":
+                perm = torch.randperm(numel, generator=torch.Generator().manual_seed(self.seeds[shape]))
+                positions = perm[positions]
+            self._drawn[(shape, device)] = positions.sort().values.to(device)
+        return self._drawn[(shape, device)]
+
+    def move_to(self, window: int) -> None:
+        self.window = window
+        self._drawn.clear()
+
+
+class RatioAdam(PerParameterOptimizer):
+    """badam's BlockOptimizerRatio (module docstring): sparse Adam on a window of each tensor's entries, the window
+    redrawn and the state emptied every REDRAW_EVERY steps. `weights` are the model's tensors, whose gradients
+    are masked as the backward accumulates them (under bf16 DeepSpeed steps fp32 masters of the same shapes)."""
+
+    def __init__(self, groups: list[dict[str, Any]], windows: Windows, lr: float, betas: tuple[float, float],
+                 eps: float) -> None:
+        self.windows, self.steps = windows, 0
+        for weight in (w for g in groups for w in g["params"]):
+            weight.register_post_accumulate_grad_hook(self._mask_gradient)
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+
+    @torch.no_grad()
+    def _mask_gradient(self, weight: torch.Tensor) -> None:
+        """Zero the gradient outside the window (block_optim.py:805-838), nudging small tensors' window."""
+        grad = weight.grad.view(-1)
+        entries = self.windows.entries(weight.shape, grad.device)
+        kept = grad[entries]
+        if weight.numel() < SMALL or self.windows.ratio == 1:
+            kept += NUDGE
+        grad.zero_()
+        grad[entries] = kept
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """The windows' update; then the step is counted and every REDRAW_EVERY steps the windows move on and the
+        moments start afresh (block_optim.py:755-766)."""
+        loss = super().step(closure)
+        self.steps += 1
+        if self.steps % REDRAW_EVERY == 0:
+            self.state = defaultdict(dict)
+            self.windows.move_to(self.steps // REDRAW_EVERY)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """badam's _sparse_adam (block_optim.py:676-691) on the window's entries."""
+        flat = param.view(-1)
+        entries = self.windows.entries(param.shape, flat.device)
+        grad, state = param.grad.view(-1)[entries], self.state[param]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = float(state["step"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        direction = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + group["eps"])
+        step_size = group["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+        flat.index_add_(0, entries, direction, alpha=-step_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, plus the step count that places the window and times the next redraw (scatter's permutations
+        come from the recipe's seed, which a resume keeps)."""
+        return {**super().state_dict(), "badam": {"steps": self.steps}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.steps = int(state_dict.pop("badam")["steps"])
+        self.windows.move_to(self.steps // REDRAW_EVERY)
+        super().load_state_dict(state_dict)
+
+
+def ratio_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
+    """One group over every tensor but the embedding and the head, which are frozen (ratio_trained); no weight
+    decay (badam's sparse Adam has none)."""
+    from pipeline.model.adapter import family_of_model
+
+    to_hf = family_of_model(model).to_hf
+    named = list(model.named_parameters())
+    trained = ratio_trained([to_hf(name) for name, _ in named])
+    for (_, param), keep in zip(named, trained):
+        if not keep:
+            param.requires_grad_(False)
+    return [{"params": [p for (_, p), keep in zip(named, trained) if keep], "weight_decay": 0.0,
+             "lr": train.learning_rate}]
+
+
 def badam_groups(model: Any, train: TrainArgs) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The AdamW groups over the tensors of the decoder layers, decayed and not (the recipe's weight decay by
     transformers' rule, pipeline.train.decay.decays; every tensor, whichever block has requires_grad now) and
@@ -206,8 +344,14 @@ def badam_groups(model: Any, train: TrainArgs) -> tuple[list[dict[str, Any]], li
     return groups, [[block_of[id(p)] for p in g["params"]] for g in groups]
 
 
-def make_badam(model: Any, train: TrainArgs) -> BlockAdamW:
-    """BlockAdamW over the model's decoder layers, per the recipe's badam_* keys."""
+def make_badam(model: Any, train: TrainArgs) -> BlockAdamW | RatioAdam:
+    """BlockAdamW over the model's decoder layers, per the recipe's badam_* keys; RatioAdam for ratio mode."""
+    if train.badam_mode == "ratio":
+        groups = ratio_groups(model, train)
+        windows = Windows([p.shape for p in groups[0]["params"]], train.badam_update_ratio, train.badam_mask_mode,
+                          train.seed)
+        return RatioAdam(groups, windows, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                         eps=train.adam_epsilon)
     groups, blocks = badam_groups(model, train)
     count = len({b for group in blocks for b in group})
     start = train.badam_start_block

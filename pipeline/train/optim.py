@@ -97,9 +97,9 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
 
         return model_groups(model, train)
     if train.use_badam:
-        from pipeline.train.badam import badam_groups
+        from pipeline.train.badam import badam_groups, ratio_groups
 
-        return badam_groups(model, train)[0]
+        return ratio_groups(model, train) if train.badam_mode == "ratio" else badam_groups(model, train)[0]
     return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
 
 

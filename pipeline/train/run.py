@@ -558,7 +558,10 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         named = [f"{name} ({key})" for key, name in OPTIMIZERS.items() if r[key]]
         which = named[0] if named else f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})"
         lines.append(f"optimizer: {which}: {describe(train_groups(model, train_args(r)))}")
-    if r["use_badam"]:
+    if r["use_badam"] and r["badam_mode"] == "ratio":
+        lines.append(f"badam: ratio mode, {r['badam_update_ratio']:g} of each tensor's entries ({r['badam_mask_mode']}), "
+                     "the window moving on every 100 steps; embedding and head frozen")
+    elif r["use_badam"]:
         start = "" if r["badam_start_block"] is None else f" from layer {r['badam_start_block']}"
         lines.append(f"badam: one decoder layer at a time, {r['badam_switch_mode']}{start}: the first for 1 step, "
                      f"each next for {r['badam_switch_interval']}; embedding, final norm and head frozen")

@@ -38,11 +38,24 @@ def golden_start(work: Path, example: str, overrides: list[str], steps: int, che
     try:
         r = resolve(example, overrides, command="train", env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
         loader = make_loader(data_args(r), "train", rank=0, world_size=1, epoch=0, shuffle=True)
-        batches = [loader.batch(k) for k in range(steps)]
+        batches = epoch_after_epoch(loader, steps, r["gradient_accumulation_steps"])
     finally:
         os.chdir(cwd)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=dtype).eval()
     return r, batches, model
+
+
+def epoch_after_epoch(loader: Any, count: int, accumulation: int) -> list[dict]:
+    """The first `count` micro-batches as the train loop reads them: each epoch's whole updates (a last partial
+    update's micro-batches are left out), then the next epoch's shuffle (pipeline.train.loop)."""
+    batches: list[dict] = []
+    epoch = 0
+    while len(batches) < count:
+        loader.set_epoch(epoch)
+        usable = len(loader) // accumulation * accumulation
+        batches += [loader.batch(k) for k in range(min(usable, count - len(batches)))]
+        epoch += 1
+    return batches
 
 
 def stepped(model: Any, batches: list[dict], step: Callable[[], None],

@@ -162,10 +162,10 @@ def test_what_badam_cannot_do_here_is_refused_where_the_recipe_says_so(tmp_path)
     write_data(tmp_path / "data")
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
                           finetuning_type="lora", use_badam=True, zero_stage=2, use_galore=True,
-                          use_adam_mini=True, badam_mode="ratio", badam_switch_mode="fixed")
+                          use_adam_mini=True, badam_switch_mode="fixed")
     lines = recipe.read_text().splitlines()
     at = {key: f"r.yaml:{next(i for i, line in enumerate(lines, 1) if line.startswith(key + ':'))}:"
-          for key in ("zero_stage", "use_badam", "use_galore", "use_adam_mini", "badam_mode", "badam_switch_mode")}
+          for key in ("zero_stage", "use_badam", "use_galore", "use_adam_mini", "badam_switch_mode")}
     err = refused(["validate", str(recipe)], tmp_path)
     assert f"{at['zero_stage']}13: zero_stage: given 2 with use_badam: true: BAdam needs zero_stage 0" in err, err
     assert (f"{at['use_badam']}12: use_badam: given true with finetuning_type: lora: BAdam trains whole decoder "
@@ -173,7 +173,6 @@ def test_what_badam_cannot_do_here_is_refused_where_the_recipe_says_so(tmp_path)
     assert f"{at['use_galore']}13: use_galore: given true with use_badam: true: GaLore and BAdam" in err, err
     assert (f"{at['use_adam_mini']}16: use_adam_mini: given true with use_badam: true: Adam-mini and BAdam are two "
             "optimizers (LLaMA-Factory silently builds BAdam's)") in err, err
-    assert f"{at['badam_mode']}13: badam_mode: given 'ratio' with use_badam: true: ratio-wise BAdam" in err, err
     assert (f"{at['badam_switch_mode']}20: badam_switch_mode: given 'fixed' without badam_start_block: fixed trains "
             "one decoder layer") in err, err
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",

@@ -290,8 +290,8 @@ def resume_is_exact(make_recipe, workdir, **keys) -> Any:
     from pipeline.train.run import train
 
     write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
-    keys = dict(RESUME, model_name_or_path=str(workdir / "llama"), finetuning_type="full", weight_decay=0.01,
-                cutoff_len=256, **keys)  # the small byte-level vocabulary spells the rows out long
+    keys = {**RESUME, "model_name_or_path": str(workdir / "llama"), "finetuning_type": "full", "weight_decay": 0.01,
+            "cutoff_len": 256, **keys}  # the small byte-level vocabulary spells the rows out long
     straight = train(make_recipe(name="straight", **keys))
     with pytest.MonkeyPatch.context() as patch:
         interrupt_after(patch, 3)

@@ -1,6 +1,7 @@
 """`plan`'s optimizer memory is what the recipe's optimizer keeps (pipeline.model.optimizer_state): Muon's momentum,
-GaLore's and APOLLO's projected moments and projections, Adam-mini's per-block second moments, BAdam's one layer,
-in fp32, in bf16 under pure_bf16, and with DeepSpeed's fp32 master copies under bf16 mixed precision.
+GaLore's and APOLLO's projected moments and projections, Adam-mini's per-block second moments, BAdam's one layer
+(ratio mode: each tensor's window), in fp32, in bf16 under pure_bf16, and with DeepSpeed's fp32 master copies
+under bf16 mixed precision.
 
 Golden: the optimizer itself. The pipeline builds the recipe's model from a tiny transformers checkpoint and its
 optimizer (pipeline.train.optim.make_optimizer), one backward and one step run, and the bytes of every tensor in
@@ -35,6 +36,7 @@ CASES = {
     "adam-mini": ("qwen2", {"use_adam_mini": True}),
     "adam-mini, GPT-2": ("gpt2", {"use_adam_mini": True}),
     "badam": ("llama", {"use_badam": True}),
+    "badam ratio": ("llama", {"use_badam": True, "badam_mode": "ratio", "badam_update_ratio": 0.3}),
 }
 
 

@@ -218,10 +218,11 @@ BADAM_ZERO = ("BAdam needs zero_stage 0: it switches which decoder layer has gra
 
 
 @rule("use_badam", "zero_stage", "deepspeed", "finetuning_type", "use_muon", "use_galore", "use_apollo",
-      "use_adam_mini", "badam_mode", "badam_switch_mode", "badam_start_block", "badam_switch_interval")
+      "use_adam_mini", "badam_mode", "badam_switch_mode", "badam_start_block", "badam_switch_interval",
+      "world_size", "weight_decay")
 def badam_fits(ctx: Context) -> list[tuple[str, str]]:
-    """BAdam (pipeline.train.badam): layer mode at ZeRO 0 (a deepspeed JSON's stage: train's preflight) on a full
-    fine-tune, one optimizer at a time; ratio mode refused; fixed needs its block; an interval of at least 1."""
+    """BAdam (pipeline.train.badam) at ZeRO 0 (a deepspeed JSON's stage: train's preflight) on a full fine-tune,
+    one optimizer at a time; layer mode: fixed needs its block, an interval of at least 1; ratio mode: _ratio."""
     v = ctx.values
     if not v["use_badam"]:
         return []
@@ -239,6 +240,8 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
         if v[other]:
             problems.append((other, f"given true with use_badam: true: {name} and BAdam are two optimizers "
                                     f"(LLaMA-Factory {theirs}); keep one of the two keys"))
+    if v["badam_mode"] == "ratio":
+        return problems + _ratio(v)
     interval = v["badam_switch_interval"]
     if interval < 1:
         problems.append(("badam_switch_interval", f"given {interval}, expected an integer >= 1 (steps per layer): "
@@ -246,9 +249,6 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
                                                   f"switches after every step ((n + 1) % {interval} is 0 for every "
                                                   "n); to train one layer throughout set badam_switch_mode: fixed "
                                                   "with badam_start_block"))
-    if v["badam_mode"] == "ratio":
-        problems.append(("badam_mode", "given 'ratio' with use_badam: true: ratio-wise BAdam (a sparse mask over "
-                                       "every weight's gradient) is not implemented here; use badam_mode: layer"))
     if v["badam_switch_mode"] == "fixed" and v["badam_start_block"] is None:
         problems.append(("badam_switch_mode", "given 'fixed' without badam_start_block: fixed trains one decoder "
                                               "layer, which badam_start_block names (badam stops there without "
@@ -256,12 +256,27 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("use_badam", "badam_start_block", "model_name_or_path")
+def _ratio(v: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Ratio mode (pipeline.train.badam.RatioAdam) on one rank, as LLaMA-Factory allows it, and without weight
+    decay, which badam's sparse Adam never applies (LLaMA-Factory passes it and it is silently dropped)."""
+    problems = []
+    if v["world_size"] > 1:
+        problems.append(("badam_mode", f"given 'ratio' on {v['world_size']} ranks: LLaMA-Factory refuses ratio-wise "
+                                       "BAdam in distributed training (badam's masked gradients are not reduced "
+                                       "across ranks); train on one rank, or set badam_mode: layer"))
+    if v["weight_decay"]:
+        problems.append(("weight_decay", f"given {show(v['weight_decay'])} with badam_mode: ratio: badam's sparse "
+                                         "Adam applies no weight decay (LLaMA-Factory drops it silently); set "
+                                         "weight_decay: 0, or badam_mode: layer"))
+    return problems
+
+
+@rule("use_badam", "badam_start_block", "model_name_or_path", "badam_mode")
 def badam_start_block_in_model(ctx: Context) -> list[tuple[str, str]]:
     """badam_start_block names a decoder layer of the model (badam fails past the last one): said at the key when
     the model is on disk, else when train builds the optimizer (pipeline.train.badam)."""
     v = ctx.values
-    if not v["use_badam"] or v["badam_start_block"] is None:
+    if not v["use_badam"] or v["badam_start_block"] is None or v["badam_mode"] == "ratio":
         return []
     from pipeline.recipe.modelinfo import model_info
 
