@@ -103,8 +103,11 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     files = export_files(r)
     if r["adapter_name_or_path"]:
         adapter = resolve_model_path(r["adapter_name_or_path"], key="adapter_name_or_path")  # a path or a hub id
-        check = merge_adapter(models.model, data, ex, adapter, DTYPES[weights_dtype(r)])
+        trained = _adapter_base_dtype(r, adapter)
+        check = merge_adapter(models.model, data, ex, adapter, DTYPES[trained])
         source = f"adapter {r['adapter_name_or_path']}"
+        onto = f" onto {r['model_name_or_path']}" + (" (in bf16, as its pure_bf16 run held it)"
+                                                    if trained != weights_dtype(r) else "")
     else:
         _refuse_exporting_the_base_of_a_trained_run(RunLayout.of(r["output_dir"]), r["model_name_or_path"], models,
                                                     _recipe(r))
@@ -114,12 +117,27 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                                  "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}},
                          samples, _logits(model, samples))
         _check_cast(check, r["export_dtype"], {})
-        source = f"model {r['model_name_or_path']}"
+        source, onto = f"model {r['model_name_or_path']}", ""
     export(check, target, ex, files)
-    onto = f" onto {r['model_name_or_path']}" if r["adapter_name_or_path"] else ""
     note(f"exported {source}{onto} as {target} ({r['export_dtype']}, shards up to {r['export_size']} GB); loads "
          f"with transformers' AutoModelForCausalLM.from_pretrained('{target}')")
     return 0
+
+
+def _adapter_base_dtype(r: Mapping[str, Any], adapter: Path) -> str:
+    """The dtype the adapter's run held its base in (weights_dtype): a LLaMA-Factory merge recipe (model + the run's
+    adapter) does not say it, but the run's resolved.yaml beside adapter/ does. A pure_bf16 run's adapter is folded
+    onto the base in bf16, as `merge` of the run's own recipe folds it (onto the fp32 base it is another model, by
+    the base's bf16 rounding); this recipe's own pure_bf16 still counts, and an adapter not from a run of ours goes
+    by this recipe alone."""
+    import yaml
+
+    mine = weights_dtype(r)
+    try:
+        run = yaml.safe_load(RunLayout(adapter.parent).resolved_yaml.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return mine
+    return "bf16" if isinstance(run, dict) and weights_dtype(run) == "bf16" else mine
 
 
 def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_path: str, models: RecipeModel,

@@ -57,6 +57,16 @@ def token_loss(values: Any) -> dict[str, Any]:
     return {"label_smoothing_factor": values["label_smoothing_factor"]} if values.get("label_smoothing_factor") else {}
 
 
+def dpo_terms(values: Any) -> dict[str, Any]:
+    """Stage dpo's ld_alpha and pref_bco_weight where they change its objective ({} otherwise). all_results.json
+    records them: eval's preference loss leaves both out (pipeline.evaluate.preference), so its report must not call
+    training's loss that row."""
+    if values.get("stage") != "dpo":
+        return {}
+    ld_alpha, bco = values.get("ld_alpha"), values.get("pref_bco_weight")
+    return {**({"ld_alpha": ld_alpha} if ld_alpha is not None else {}), **({"pref_bco_weight": bco} if bco else {})}
+
+
 def token_loss_label(settings: Any) -> tuple[str, str] | None:
     """How the plan and eval's report name token_loss's settings: (the loss's adjective, its keys as set); None for
     the plain cross-entropy."""

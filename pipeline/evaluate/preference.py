@@ -70,10 +70,12 @@ def chosen_loss(scores: PairLogps) -> tuple[float, int, int]:
 
 def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, scores: Mapping[str, PairLogps], *,
                     rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
-                    folded_adapter: str | None = None) -> PairLogps | None:
+                    folded_adapter: str | None = None, dtype: torch.dtype = torch.float32) -> PairLogps | None:
     """The reference's log-probabilities as in training: ref_model, else the base model (already scored when
     eval_base is on), with `folded_adapter` (full / freeze training on top of adapter_name_or_path: training's
-    frozen reference has that adapter folded in); None for orpo / simpo."""
+    frozen reference has that adapter folded in); None for orpo / simpo. In `dtype`, the evaluated models' (bf16
+    after pure_bf16: training's reference was cast to it, pipeline.train.preference.starting_reference; an fp32
+    reference beside bf16 models gave the base model, when it is the reference, a nonzero reward margin)."""
     if not pref.loss_config().needs_reference:
         return None
     if pref.ref_model is None and folded_adapter is None and "base" in scores:
@@ -81,17 +83,16 @@ def reference_logps(pref: PreferenceArgs, base: ModelArgs, data: DataArgs, score
     if pref.ref_model is not None:
         from pipeline.model.build import load_ref_model
 
-        model = load_ref_model(pref.ref_model, base, pref.ref_model_adapters).to(device).eval()
-    elif folded_adapter is not None:
-        from pipeline.model.build import load_for_inference
-        from pipeline.model.hub import resolve_model_path
+        model = load_ref_model(pref.ref_model, base, pref.ref_model_adapters).to(device=device, dtype=dtype).eval()
+    elif folded_adapter is not None:  # folded in fp32, then cast, as training's reference
+        from pipeline.model.build import fold_adapter, load_base
 
-        path = resolve_model_path(folded_adapter, key="adapter_name_or_path")
-        model = load_for_inference(base, "adapter", path, device=device)
+        model = fold_adapter(load_base(base, dropout=False), folded_adapter, key="adapter_name_or_path")
+        model = model.to(device=device, dtype=dtype).eval()
     else:
         from pipeline.model.build import load_for_inference
 
-        model = load_for_inference(base, "base", device=device)
+        model = load_for_inference(base, "base", device=device, dtype=dtype)
     return split_logps(model, data, rank=rank, world=world, label="reference")
 
 

@@ -301,6 +301,17 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
 OBJECTIVE_ROW = {"dpo": "pref_loss", "kto": "kto_loss"}
 
 
+def _objective_words(training: Mapping[str, Any], stage: str) -> str:
+    """Which quantity a preference stage's training losses are. Stage dpo's ld_alpha and BCO term (all_results.json
+    records them) are in training's loss but not in the table's preference loss (pipeline.evaluate.preference)."""
+    row = LABELS[OBJECTIVE_ROW[stage]]
+    terms = [f"{key} {training[key]:g}" for key in ("ld_alpha", "pref_bco_weight")
+             if isinstance(training.get(key), (int, float))]
+    if terms:
+        return f"stage {stage}'s objective with {' and '.join(terms)}, which the table's {row} leaves out"
+    return f"stage {stage}'s objective: the table's {row}, not its loss"
+
+
 def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str:
     """One sentence from all_results.json: how long training ran and where its losses ended (which quantity they
     are where the table's loss is another: a preference stage's objective, a label-smoothed or weighted loss, and
@@ -320,7 +331,7 @@ def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str
             parts.append(f"{label} {training[key]:.4f}")
     losses = any(isinstance(training.get(key), (int, float)) for key in ("train_loss", "eval_loss"))
     if stage in OBJECTIVE_ROW and losses:
-        parts[-1] += f" (stage {stage}'s objective: the table's {LABELS[OBJECTIVE_ROW[stage]]}, not its loss)"
+        parts[-1] += f" ({_objective_words(training, stage)})"
     objective = token_loss_label(training)  # the objective trained, not the table's cross-entropy
     said = [f"both {objective[0]}, {objective[1]}: the training objective, not the plain cross-entropy of the table "
             "above"] if objective else []

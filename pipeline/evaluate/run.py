@@ -84,7 +84,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         # as train's frozen reference
         folded = ft.adapter_name_or_path if not trains_adapter(ft.finetuning_type) else None
         reference = preference.reference_logps(pref, recipe_args(r).model, data, pair_scores, rank=rank, world=world,
-                                               device=_device(), folded_adapter=folded)
+                                               device=_device(), folded_adapter=folded, dtype=dtype)
         if rank == 0:
             for name in results:
                 results[name].update(preference.summary(pair_scores[name], reference, pref) if tags is None

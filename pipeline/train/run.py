@@ -27,8 +27,8 @@ from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.errors import UserError
-from pipeline.names import PREFERENCE_STAGES, token_loss, token_loss_history, token_loss_label, trains_adapter, \
-    uses_reference
+from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_history, token_loss_label, \
+    trains_adapter, uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
 from pipeline.train import checkpoint
@@ -670,6 +670,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         "eval_precision": eval_precision(r, training=True) if last.get("eval_loss") is not None else None,
         # loss and eval_loss are then that objective (eval's report says so beside its plain cross-entropy)
         **token_loss(r),
+        **dpo_terms(r),  # stage dpo's objective beyond eval's preference loss (eval's report says so)
         **({"token_loss_changes": list(loss_changes)} if loss_changes else {}),  # which steps trained which loss
         **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] or r["stage"] == "rm" else {}),
         "num_train_examples": loader.num_examples,

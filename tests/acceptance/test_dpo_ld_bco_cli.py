@@ -99,6 +99,13 @@ def test_ld_dpo_and_bco_train_from_llamafactory_example_and_resume_exactly(tmp_p
     saved = json.loads((run / "checkpoint-2/trainer_state.json").read_text("utf-8"))["objective"]["bco_baseline"]
     assert saved["count"] == pytest.approx(2.0)  # one rank, one micro-batch per step, two steps
     assert_adapter_loads_in_peft(work, EXAMPLE, base, run, overrides)
+    # eval's preference loss leaves LD and BCO out: its report must not call training's eval loss that row
+    results = json.loads((run / "all_results.json").read_text("utf-8"))
+    assert (results["ld_alpha"], results["pref_bco_weight"]) == (LD_ALPHA, BCO_WEIGHT)
+    pipeline("eval", f"examples/{EXAMPLE}", *overrides, "max_eval_samples=1", "max_new_tokens=1", cwd=work)
+    report = (run / "eval/report.md").read_text("utf-8")
+    assert (f"(stage dpo's objective with ld_alpha {LD_ALPHA:g} and pref_bco_weight {BCO_WEIGHT:g}, which the "
+            "table's preference loss leaves out)") in report, report
 
     crashed = crash_copy(run, work / "saves/crashed", 2)
     pipeline("train", f"examples/{EXAMPLE}", *overrides, f"output_dir={crashed.relative_to(work)}",

@@ -158,3 +158,11 @@ def test_a_lora_pure_bf16_run_merges_onto_the_bf16_base_it_trained_on(tmp_path):
     assert merged.keys() == folded.keys()
     for name, value in folded.items():
         torch.testing.assert_close(merged[name], value, rtol=0, atol=1e-6, msg=name)
+
+    # LLaMA-Factory's merge_lora recipe (model + the run's output_dir as adapter, no pure_bf16 key): `export` folds
+    # onto the bf16 base too, as the run's resolved.yaml says it trained, so it writes merged/'s model
+    (tmp_path / "merge.yaml").write_text("model_name_or_path: llama\nadapter_name_or_path: saves/run\ntemplate: alpaca"
+                                         "\nexport_dir: saves/exported\nexport_size: 5\n", encoding="utf-8")
+    in_process("export", tmp_path / "merge.yaml")
+    exported = tensors(tmp_path / "saves/exported/model.safetensors")
+    assert all(torch.equal(v, exported[k]) for k, v in tensors(out / "merged/model.safetensors").items())

@@ -184,6 +184,20 @@ def test_a_kto_report_shows_the_numbers_its_text_names():
     assert "| KL estimate | 0.0000 | 0.1250 | +0.1250 |" in md  # neither way is better
 
 
+@pytest.mark.parametrize("terms, words", [
+    ({}, "stage dpo's objective: the table's preference loss, not its loss"),
+    ({"ld_alpha": 0.0}, "stage dpo's objective with ld_alpha 0, which the table's preference loss leaves out"),
+    ({"ld_alpha": 0.5, "pref_bco_weight": 0.25},
+     "stage dpo's objective with ld_alpha 0.5 and pref_bco_weight 0.25, which the table's preference loss leaves out"),
+])
+def test_a_dpo_runs_training_loss_with_ld_alpha_or_bco_is_not_called_the_tables_preference_loss(terms, words):
+    """Eval's preference loss is the plain one (pipeline.evaluate.preference: no LD weighting, no BCO term); training's
+    loss has both, so the training line names them instead of pointing at the table's row (ld_alpha 0 is a weighting:
+    the verbose tail not counted)."""
+    line = R._training_line({"global_step": 3, "eval_loss": 2.5, **terms}, "dpo")
+    assert line == f"Trained 3 optimizer steps, last eval loss during training 2.5000 ({words})."
+
+
 def test_png_files_are_images(tmp_path):
     R.write(tmp_path / "eval", _metrics(), R.prediction_rows(PROMPTS, REFS, {"base": BASE, "tuned": TUNED}))
     assert (tmp_path / "eval" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
