@@ -60,6 +60,23 @@ def test_a_preset_has_random_weights_and_says_so(tmp_path, capsys):
     assert "random weights" in capsys.readouterr().err
 
 
+def test_a_pure_bf16_run_generates_with_its_bf16_weights(tmp_path, capsys, monkeypatch):
+    """As eval computes after a pure_bf16 run (pipeline.recipe.precision.weights_dtype): the base (and an adapter on
+    it) in bf16, the model that trained; a bf16 mixed-precision run's fp32 masters stay fp32."""
+    import torch
+
+    loaded = []
+    monkeypatch.setattr(chat, "load_for_inference", lambda *a, **kw: loaded.append(load_for_inference(*a, **kw))
+                        or loaded[-1])
+    for keys, dtype in (({"pure_bf16": True}, torch.bfloat16), ({"bf16": True}, torch.float32)):
+        r = recipe(tmp_path, **keys)
+        chat.run(r, args(prompt="Once upon a time", raw=True))
+        assert next(loaded[-1].parameters()).dtype == dtype
+        golden = generate_text(loaded[-1], gpt2(), "Once upon a time",
+                               **chat.generation_kwargs(GenerationArgs.from_recipe(r), [50256]))
+        assert capsys.readouterr().out == golden + "\n"
+
+
 def test_raw_sends_the_text_as_is(tmp_path, capsys):
     r = recipe(tmp_path, do_sample=True, temperature=0.8, top_k=50, seed=3)
     chat.run(r, args(prompt="Once upon a time", raw=True))
