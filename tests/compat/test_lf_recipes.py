@@ -448,22 +448,8 @@ def test_save_and_logging_strategies():
     assert due("steps", 2) == [2, 4, 6] and due("steps", 4) == [4]
     assert due("epoch", 2) == [3, 6] and due("no", 2) == []
 
-@pytest.mark.slow
-def test_make_export_with_a_merge_lora_recipe(tmp_path):
-    from tests.acceptance.harness import make, scratch_repo
-
-    root = scratch_repo(tmp_path / "repo")
-    shutil.copytree(LF_DATA, root / "data")
-    train = tiny_recipe(root, "train.yaml", output_dir="saves/tiny/lora/sft")
-    pipeline("build", train, cwd=root)
-    pipeline("train", train, cwd=root)
-    (root / "merge.yaml").write_text("model_name_or_path: tiny\nadapter_name_or_path: saves/tiny/lora/sft\n"
-                                     "template: alpaca\nexport_dir: saves/tiny_merged\nexport_size: 5\n"
-                                     "export_device: cpu\nexport_legacy_format: false\n", "utf-8")
-    make("export", "RECIPE=merge.yaml", f"VENV={root / 'venv'}", cwd=root)
-    assert (root / "saves/tiny_merged/model.safetensors").is_file()
-    verification = json.loads((root / "saves/tiny_merged/verification.json").read_text("utf-8"))
-    assert verification["source"].endswith("saves/tiny/lora/sft/adapter")
+# `make export` on a LLaMA-Factory merge_lora recipe (adapter_name_or_path: a run's output_dir, export_dir, export_*
+# keys): tests/acceptance/test_make_upstreams.py, where make exports it as the upstream of a recipe training on it.
 
 
 def test_a_qwen_recipe_without_template_hears_that_alpaca_formats_its_data(tmp_path):
