@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,16 +270,28 @@ def test_generation_config_carries_beam_search_only_when_searching():
         merge.generation_config(GenerationArgs.from_recipe(RECIPE), tokenizer))
 
 
-def test_export_of_a_trained_recipe_without_an_adapter_does_not_write_the_base(tmp_path):
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory) -> Path:
+    """A project whose r.yaml (tiny, LoRA, one step, a default_system) was built and trained through the CLI; the
+    tests below each work on a copy (one training for the module, not one per test)."""
+    from tests.acceptance.harness import pipeline, write_data, write_recipe
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    write_data(root / "datasets")
+    write_recipe(root / "r.yaml", model_name_or_path="tiny", output_dir="saves/r", max_steps=1,
+                 default_system="Answer with one word.")
+    for command in ("build", "train"):
+        pipeline(command, "r.yaml", cwd=root)
+    return root
+
+
+def test_export_of_a_trained_recipe_without_an_adapter_does_not_write_the_base(trained_tiny, tmp_path):
     """`python -m pipeline export r.yaml` on the recipe that trained (export_dir added, no adapter_name_or_path)
     wrote model_name_or_path unchanged, "verified", while the run's adapter sat in output_dir: the fine-tune was
     silently left out. It is now refused with what to run instead."""
-    from tests.acceptance.harness import pipeline, write_data, write_recipe
+    from tests.acceptance.harness import pipeline
 
-    write_data(tmp_path / "datasets")
-    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", output_dir="saves/r", max_steps=1)
-    pipeline("build", "r.yaml", cwd=tmp_path)
-    pipeline("train", "r.yaml", cwd=tmp_path)
+    tmp_path = Path(shutil.copytree(trained_tiny, tmp_path / "project"))
     err = pipeline("export", "r.yaml", "export_dir=exports/r", cwd=tmp_path, expect=2).stderr
     assert "saves/r/adapter" in err and "python -m pipeline merge" in err and "adapter_name_or_path: saves/r" in err
     assert "Traceback" not in err and not (tmp_path / "exports/r").exists()
@@ -331,19 +345,16 @@ def test_an_export_of_a_base_stops_after_the_answer_as_generate_does(tmp_path):
 
 
 # ---------------------------------------------------------------- the chat template of the export
-def test_merge_cli_writes_the_recipes_chat_template(tmp_path):
+def test_merge_cli_writes_the_recipes_chat_template(trained_tiny, tmp_path):
     """`python -m pipeline merge r.yaml` as a user types it: merged/ carries the recipe's template (its default_system
     included) as chat_template, and transformers prompts the model with the ids training and chat use."""
     from pipeline.data.templates import recipe_template
     from pipeline.data.tokenize import encode_prompt
     from pipeline.data.tokenizer import gpt2
-    from tests.acceptance.harness import pipeline, write_data, write_recipe
+    from tests.acceptance.harness import pipeline
 
-    write_data(tmp_path / "datasets")
-    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", output_dir="saves/r", max_steps=1,
-                 default_system="Answer with one word.")
-    for command in ("build", "train", "merge"):
-        pipeline(command, "r.yaml", cwd=tmp_path)
+    tmp_path = Path(shutil.copytree(trained_tiny, tmp_path / "project"))
+    pipeline("merge", "r.yaml", cwd=tmp_path)
     merged = tmp_path / "saves/r/merged"
     tok = transformers.AutoTokenizer.from_pretrained(merged)
     chat = [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "red"},

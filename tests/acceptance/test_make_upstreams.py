@@ -6,6 +6,7 @@ from the export), stopped at train with "directory not found", however the user 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.acceptance.harness import DPO, cli_env, make, scratch_repo, write_data, write_ranking_data, write_recipe
@@ -44,14 +45,19 @@ def test_a_dpo_ref_model_from_the_sft_recipe_is_made_first(tmp_path):
 def test_train_from_an_export_makes_the_export_and_its_training_first(tmp_path):
     root, venv = _repo(tmp_path)
     write_recipe(root / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft", max_steps=1)
-    # a LLaMA-Factory merge recipe: no dataset, the sft run's adapter onto the same base, written to export_dir
+    # a LLaMA-Factory merge recipe (examples/merge_lora's keys): no dataset, the sft run's adapter (its output_dir, as
+    # LLaMA-Factory's users name it) onto the same base, written to export_dir; make makes it with `make export`
     write_recipe(root / "recipes" / "export.yaml", {"model_name_or_path": "tiny", "seed": 7, "template": "alpaca"},
-                 adapter_name_or_path="saves/sft", export_dir="saves/sft_export")
+                 adapter_name_or_path="saves/sft", export_dir="saves/sft_export", export_device="cpu",
+                 export_legacy_format=False)
     write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/sft_export", output_dir="saves/down",
                  max_steps=1)
     first = _make(root, "train", "RECIPE=recipes/down.yaml", venv)
     assert [s for s in _stages(first) if s[0] in ("train", "export")] == [
         ("train", "sft"), ("export", "export"), ("train", "down")], first.stdout
+    assert (root / "saves/sft_export/model.safetensors").is_file()
+    verification = json.loads((root / "saves/sft_export/verification.json").read_text("utf-8"))
+    assert verification["source"].endswith("saves/sft/adapter")
     assert _stages(_make(root, "train", "RECIPE=recipes/down.yaml", venv)) == []
     # an edit upstream re-runs everything after it, and nothing before it
     (root / "recipes" / "export.yaml").write_text((root / "recipes" / "export.yaml").read_text() + "export_size: 4\n")

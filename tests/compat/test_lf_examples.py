@@ -158,9 +158,11 @@ def assert_adapter_loads_in_peft(work: Path, example: str, base: Path, run: Path
 # max_steps=2 (test time): the recipes' warmup_ratio 0.1 makes step 1's learning rate 0 (as in LLaMA-Factory), and
 # PEFT's LoRA init (B = 0) would leave the adapter the identity; step 2 moves it.
 TRAINED = [  # example, overrides beyond max_steps, its output_dir, the ZeRO stage of its deepspeed JSON
-    # gradient_accumulation_steps=1: our demo dpo_en_demo holds 6 pairs (5 train), fewer than its 8 micro-batches
-    ("train_lora/qwen3_lora_dpo.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/dpo", None),
-    # the same for kto_en_demo (our 4 rows); per_device_train_batch_size 1 as the example: a KL estimate of one row
+    # (train_lora/qwen3_lora_dpo.yaml: tests/compat/test_ref_model_adapters_example.py trains that file through the
+    # CLI, with a reference added, and loads its adapter in PEFT; DPO from a fresh adapter is
+    # tests/acceptance/test_dpo_cli.py's)
+    # gradient_accumulation_steps=1: our demo kto_en_demo holds 4 rows, fewer than the example's 8 micro-batches;
+    # per_device_train_batch_size 1 as the example: a KL estimate of one row
     ("train_lora/qwen3_lora_kto.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/kto", None),
     ("train_lora/qwen3_lora_reward.yaml", ["gradient_accumulation_steps=1"], "saves/qwen3-4b/lora/reward", None),
     # cutoff_len=32: our demo c4_demo holds 362 train and 38 val tokens here, less than one 2,049-token window
