@@ -4,10 +4,12 @@ a model folder that does not exist, and an adapter trained on another model size
 reference's ref_model_adapters). Each: exit 2, one message `recipe.yaml:LINE:COL: key: ...`, no traceback.
 
 The base is a transformers-written Qwen3 (hidden size 32); the other adapter is PEFT's, trained on the same
-family at hidden size 48, so the shapes the message names are PEFT's own: lora_A is rank x in_features.
+family at hidden size 48 (also kept as a run's output_dir/adapter/), so the shapes the message names are PEFT's own:
+lora_A is rank x in_features.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,6 +43,7 @@ def workdir(tmp_path_factory) -> Path:
     config = peft.LoraConfig(r=RANK, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     other = hf_model("qwen3", vocab_size=base.config.vocab_size, hidden_size=48)
     peft.get_peft_model(other, config).save_pretrained(root / "other")
+    shutil.copytree(root / "other", root / "saves/big/adapter")  # as a run of ours keeps it in output_dir/adapter/
     return root
 
 
@@ -70,6 +73,10 @@ def test_an_adapter_of_another_size_is_refused_at_its_key(workdir):
     err = export_refusal(workdir)
     assert f"merge.yaml:3:23: {expected}" in err, err
     assert err.count("adapter_name_or_path") == 1, err
+    # LLaMA-Factory's merge recipes name the run's output_dir: its adapter/ is checked, at the line of the key
+    err = export_refusal(workdir, adapter="saves/big")
+    assert "merge.yaml:3:23: adapter_name_or_path: given 'saves/big/adapter', whose tensor" in err, err
+    assert "hidden size 48; this model has 32" in err and err.count("adapter_name_or_path") == 1, err
 
 
 def test_a_reference_adapter_of_another_size_is_refused_at_ref_model_adapters(workdir):
