@@ -186,16 +186,19 @@ def adapter_fits_model(ctx: Context) -> list[tuple[str, str]]:
 
 def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str) -> list[tuple[str, str]]:
     """One message when the LoRA tensors of adapter folder `adapter` (recipe key `key`) do not fit the linear layers
-    of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, and the two hidden sizes when they tell.
-    Read from the safetensors headers alone (no tensor data); skipped (an empty list) where either is not on disk
-    as a safetensors checkpoint, or the adapter is no LoRA one (its load says what is wrong with it then)."""
+    of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, and the two
+    hidden sizes when they tell. Read from the safetensors headers alone (no tensor data); skipped (an empty list)
+    where either is not on disk as a safetensors checkpoint, or the adapter is no LoRA one (its load says what is
+    wrong with it then)."""
+    from pipeline.model.lora import ADAPTER_WEIGHTS
+
     folders = [_local_folder(name, k) for name, k in ((adapter, key), (model, model_key))]
     if None in folders:
         return []
-    theirs, ours = safetensors_shapes(folders[0] / "adapter_model.safetensors"), checkpoint_shapes(folders[1])
+    theirs, ours = safetensors_shapes(folders[0] / ADAPTER_WEIGHTS), checkpoint_shapes(folders[1])
     if not theirs or not ours:
         return []
-    conv1d = _model_type(folders[1]) == "gpt2"  # GPT-2's Conv1D stores its weight in x out
+    conv1d = _stores_conv1d(folders[1])
     sizes: dict[int, set[int]] = {}  # the model's dimension -> the adapter's at the same place
     first = None
     for name in sorted(theirs):
@@ -287,8 +290,13 @@ def _config(folder: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _model_type(folder: Path) -> str | None:
-    return _config(folder).get("model_type")
+def _stores_conv1d(folder: Path) -> bool:
+    """Whether the checkpoint's family stores its linear weights as Conv1D, in x out (GPT-2), the transpose of
+    nn.Linear's out x in."""
+    from pipeline.model.families import BY_MODEL_TYPE
+
+    family = BY_MODEL_TYPE.get(_config(folder).get("model_type"))
+    return bool(family and family.conv1d)
 
 
 def _hidden_size(folder: Path) -> int | None:
