@@ -15,6 +15,13 @@ from pipeline.recipe.rules.core import Context, rule
 LOADS_MODEL_NOW = ("train", "merge", "eval", "generate", "export")
 
 
+def loads_model_now(ctx: Context) -> bool:
+    """Whether this command loads model_name_or_path and adapter_name_or_path now. Not export without export_dir:
+    export refuses that recipe first (pipeline.merge.export_run), and `make export` runs it before the upstreams
+    that would make those folders, so a missing one is no mistake to report there."""
+    return ctx.command in LOADS_MODEL_NOW and not (ctx.command == "export" and not ctx.values["export_dir"])
+
+
 @rule("model_name_or_path")
 def model_exists(ctx: Context) -> list[tuple[str, str]]:
     """A bare name must be a preset; a missing path may be produced by an upstream recipe, so it is an error
@@ -30,7 +37,7 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
     from pipeline.model.hub import is_hub_id, resolve_model_path
 
     if is_hub_id(name):  # fetched (or found in the HF cache) by the commands that load the model now
-        if ctx.command in LOADS_MODEL_NOW:
+        if loads_model_now(ctx):
             try:
                 name = str(resolve_model_path(name))
             except UserError as err:
@@ -38,7 +45,7 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
         else:
             return []
     if looks_like_path(name) and not os.path.exists(name):
-        if ctx.command in LOADS_MODEL_NOW:
+        if loads_model_now(ctx):
             return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
                                            "run that one first")]
         return []
@@ -79,7 +86,7 @@ def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
     """The commands that load the adapter now (export too: a merge recipe naming a run not trained yet) need its
     folder; validate and plan check it where it exists (see folders_to_check)."""
     path = ctx.values["adapter_name_or_path"]
-    paths = folders_to_check([] if path is None else [path], ctx.command in LOADS_MODEL_NOW)
+    paths = folders_to_check([] if path is None else [path], loads_model_now(ctx))
     return [problem for path in paths for problem in adapter_folder_problems("adapter_name_or_path", path)]
 
 
