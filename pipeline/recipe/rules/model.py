@@ -182,7 +182,7 @@ def rope_scaling_applies(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("adapter_name_or_path", "model_name_or_path", commands=("train", "eval", "export", "merge"))
+@rule("adapter_name_or_path", "model_name_or_path", commands=LOADS_MODEL_NOW)
 def adapter_fits_model(ctx: Context) -> list[tuple[str, str]]:
     """An adapter trained on another model size would otherwise stop the command only when it loads (eval: after
     scoring the base), with one shape error per tensor naming the adapter's file, not the recipe's key."""
