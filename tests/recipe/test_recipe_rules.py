@@ -147,13 +147,15 @@ def test_adapter_and_checkpoint_paths(write):
 
 def test_adapter_folder_checked_where_it_exists_before_a_command_loads_it(write, tmp_path):
     """plan leaves a missing adapter to the upstream recipe that make runs first, but a folder that is there and
-    holds no adapter is a mistake now; export loads it, so it must be there (a merge recipe of a run not trained)."""
+    holds no adapter is a mistake now; export and chat load it, so it must be there (a merge recipe of a run not
+    trained yet)."""
     write("r.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n"
                     "adapter_name_or_path: saves/x/adapter\nexport_dir: out\n")
     assert resolve("r.yaml", command="plan")["adapter_name_or_path"] == "saves/x/adapter"
-    assert errors("r.yaml", command="export") == [
-        "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected an adapter "
-        "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)"]
+    for command in ("export", "chat"):
+        assert errors("r.yaml", command=command) == [
+            "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected an adapter "
+            "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)"]
     (tmp_path / "saves/x/adapter").mkdir(parents=True)
     assert errors("r.yaml", command="plan")[0].startswith("r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds "
                                                          "no adapter_config.json")

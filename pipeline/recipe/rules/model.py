@@ -12,7 +12,7 @@ from pipeline.recipe.rules.core import Context, rule
 
 # The commands that load model_name_or_path and adapter_name_or_path now: each must exist (or be fetched) before
 # anything loads; validate / plan / the others leave a missing one to the upstream recipe that make builds first.
-LOADS_MODEL_NOW = ("train", "merge", "eval", "generate", "export")
+LOADS_MODEL_NOW = ("train", "merge", "eval", "generate", "chat", "export")
 
 
 def loads_model_now(ctx: Context) -> bool:
