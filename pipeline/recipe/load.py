@@ -51,6 +51,12 @@ class Origin:
             return f"command line override {self.text}"
         return f"{self.kind} value"
 
+    def derived(self) -> "Origin":
+        """The origin of a value the pipeline derived from this one (a run's output_dir made its adapter/ or model/
+        folder): kind derived, as plan shows it, keeping the file position where the user wrote it, so that a rule
+        about the derived value still names that line."""
+        return Origin("derived", self.file, self.line, self.column) if self.kind == "file" else DERIVED
+
 
 DEFAULT = Origin("default")
 DERIVED = Origin("derived")

@@ -251,7 +251,7 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
                 and not os.path.isfile(os.path.join(model, "config.json"))
                 and os.path.isfile(os.path.join(model, "model", "config.json"))):
             # a full/freeze run's output_dir (LLaMA-Factory writes the model there; we write output_dir/model/)
-            values[key], origins[key] = os.path.join(model, "model"), DERIVED
+            values[key], origins[key] = os.path.join(model, "model"), origins[key].derived()
     for key in ("adapter_name_or_path", "ref_model_adapters"):  # the reference's adapters take the same forms
         given = values.get(key)
         if isinstance(given, str) and key not in bad:
@@ -259,7 +259,7 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
             folders = [run_adapter(path) for path in paths]
             if folders != paths:  # ref_model_adapters keeps its line: its stage / ref_model rules speak there
                 values[key] = ",".join(folders)
-                origins[key] = DERIVED if key == "adapter_name_or_path" else origins[key]
+                origins[key] = origins[key].derived() if key == "adapter_name_or_path" else origins[key]
     if origins["split_special_tokens"].kind == "default" and not {"model_name_or_path", "tokenizer_name_or_path"} & bad:
         from pipeline.data.model_tokenizer import checkpoint_split_special_tokens
 

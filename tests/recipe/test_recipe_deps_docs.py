@@ -108,6 +108,7 @@ def test_deps_and_validate_refuse_an_export_dir_another_recipe_writes(write, the
             "other's model, and make could hand a recipe that starts from it the other recipe's export; give each "
             "recipe its own export_dir, e.g. export_dir: saves/a_export"]
     resolve("recipes/c.yaml", command="deps")
+    write("saves/sft/adapter_config.json", {"peft_type": "LORA"})  # export loads the adapter: it must be there
     resolve("recipes/a.yaml", command="export")  # LLaMA-Factory's own merge_lora examples share one export_dir
 
 

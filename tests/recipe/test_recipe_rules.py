@@ -144,6 +144,23 @@ def test_adapter_and_checkpoint_paths(write):
     assert resolve("r.yaml", ["resume_from_checkpoint=latest", "adapter_name_or_path="], command="train")
 
 
+
+def test_adapter_folder_checked_where_it_exists_before_a_command_loads_it(write, tmp_path):
+    """plan leaves a missing adapter to the upstream recipe that make runs first, but a folder that is there and
+    holds no adapter is a mistake now; export and chat load it, so it must be there (a merge recipe of a run not
+    trained yet)."""
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n"
+                    "adapter_name_or_path: saves/x/adapter\nexport_dir: out\n")
+    assert resolve("r.yaml", command="plan")["adapter_name_or_path"] == "saves/x/adapter"
+    for command in ("export", "chat"):
+        assert errors("r.yaml", command=command) == [
+            "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected an adapter "
+            "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)"]
+    (tmp_path / "saves/x/adapter").mkdir(parents=True)
+    assert errors("r.yaml", command="plan")[0].startswith("r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds "
+                                                         "no adapter_config.json")
+
+
 def test_nvme_offload_needs_a_json(recipe):
     assert errors(recipe("zero_stage: 3\noffload_optimizer: nvme\n")) == [
         "r.yaml:6:20: offload_optimizer: nvme offload needs an nvme_path: give a deepspeed JSON with "

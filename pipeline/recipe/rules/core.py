@@ -41,10 +41,13 @@ class Context:
     built: bool = False  # the build that overwrite_cache asks for has run (see rebuilt_first)
 
     def where(self, key: str) -> str:
-        """`file:line:col: key` when the user set it, else `recipe: key`."""
+        """`file:line:col: key` when the user set it (or the value derived from theirs, load.Origin.derived), else
+        `recipe: key`."""
         origin = self.origins.get(key)
         if origin is not None and origin.kind in ("file", "cli"):
             return f"{origin.where}: {key}"
+        if origin is not None and origin.kind == "derived" and origin.file:
+            return f"{origin.file}:{origin.line}:{origin.column}: {key}"
         return f"{self.recipe_file}: {key}"
 
     def set_here(self, key: str) -> bool:
@@ -54,7 +57,7 @@ class Context:
 
     def sort_key(self, key: str) -> tuple:
         origin = self.origins.get(key)
-        if origin is not None and origin.kind == "file":
+        if origin is not None and origin.kind in ("file", "derived") and origin.file:
             return (0, origin.file, origin.line, origin.column)
         return (1, "", 0, 0)
 

@@ -1,12 +1,25 @@
 """Rules on the model a run starts from: model_name_or_path exists (a preset, a folder, a hub id), model_revision,
-adapter_name_or_path, and the context it gives (cutoff_len, context_length, rope_scaling).
+adapter_name_or_path (there, its method, its tensors fitting the model), and the context it gives (cutoff_len,
+context_length, rope_scaling).
 """
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from pipeline.recipe.rules.core import Context, rule
+
+# The commands that load model_name_or_path and adapter_name_or_path now: each must exist (or be fetched) before
+# anything loads; validate / plan / the others leave a missing one to the upstream recipe that make builds first.
+LOADS_MODEL_NOW = ("train", "merge", "eval", "generate", "chat", "export")
+
+
+def loads_model_now(ctx: Context) -> bool:
+    """Whether this command loads model_name_or_path and adapter_name_or_path now. Not export without export_dir:
+    export refuses that recipe first (pipeline.merge.export_run), and `make export` runs it before the upstreams
+    that would make those folders, so a missing one is no mistake to report there."""
+    return ctx.command in LOADS_MODEL_NOW and not (ctx.command == "export" and not ctx.values["export_dir"])
 
 
 @rule("model_name_or_path")
@@ -24,7 +37,7 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
     from pipeline.model.hub import is_hub_id, resolve_model_path
 
     if is_hub_id(name):  # fetched (or found in the HF cache) by the commands that load the model now
-        if ctx.command in ("train", "merge", "eval", "generate"):
+        if loads_model_now(ctx):
             try:
                 name = str(resolve_model_path(name))
             except UserError as err:
@@ -32,7 +45,7 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
         else:
             return []
     if looks_like_path(name) and not os.path.exists(name):
-        if ctx.command in ("train", "merge", "eval", "generate"):
+        if loads_model_now(ctx):
             return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
                                            "run that one first")]
         return []
@@ -68,10 +81,20 @@ def main_revision_only(ctx: Context) -> list[tuple[str, str]]:
                                f"commit is in {ref} once downloaded), then remove model_revision")]
 
 
-@rule("adapter_name_or_path", commands=("train", "merge", "eval", "generate"))
+@rule("adapter_name_or_path")
 def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
+    """The commands that load the adapter now (export too: a merge recipe naming a run not trained yet) need its
+    folder; validate and plan check it where it exists (see folders_to_check)."""
     path = ctx.values["adapter_name_or_path"]
-    return [] if path is None else adapter_folder_problems("adapter_name_or_path", path)
+    paths = folders_to_check([] if path is None else [path], loads_model_now(ctx))
+    return [problem for path in paths for problem in adapter_folder_problems("adapter_name_or_path", path)]
+
+
+def folders_to_check(paths: list[str], loads_now: bool) -> list[str]:
+    """The adapter folders a rule checks: every one for a command that loads them now; else only those that exist,
+    as a missing one may be an upstream recipe's output that make builds first (and a hub id, no existing path, is
+    never downloaded by validate or plan)."""
+    return paths if loads_now else [path for path in paths if os.path.exists(path)]
 
 
 def adapter_folder_problems(key: str, path: str) -> list[tuple[str, str]]:
@@ -157,3 +180,133 @@ def rope_scaling_applies(ctx: Context) -> list[tuple[str, str]]:
     except UserError as err:
         return [("rope_scaling", m.removeprefix("rope_scaling: ")) for m in err.messages]
     return []
+
+
+@rule("adapter_name_or_path", "model_name_or_path", commands=LOADS_MODEL_NOW)
+def adapter_fits_model(ctx: Context) -> list[tuple[str, str]]:
+    """An adapter trained on another model size would otherwise stop the command only when it loads (eval: after
+    scoring the base), with one shape error per tensor naming the adapter's file, not the recipe's key."""
+    path = ctx.values["adapter_name_or_path"]
+    return [] if path is None else adapter_shape_problems("adapter_name_or_path", path, "model_name_or_path",
+                                                          ctx.values["model_name_or_path"])
+
+
+def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str) -> list[tuple[str, str]]:
+    """One message when the LoRA tensors of adapter folder `adapter` (recipe key `key`) do not fit the linear layers
+    of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, and the two
+    hidden sizes when they tell. Read from the safetensors headers alone (no tensor data); skipped (an empty list)
+    where either is not on disk as a safetensors checkpoint, or the adapter is no LoRA one (its load says what is
+    wrong with it then)."""
+    from pipeline.model.lora import ADAPTER_WEIGHTS
+
+    folders = [_local_folder(name, k) for name, k in ((adapter, key), (model, model_key))]
+    if None in folders:
+        return []
+    theirs, ours = safetensors_shapes(folders[0] / ADAPTER_WEIGHTS), checkpoint_shapes(folders[1])
+    if not theirs or not ours:
+        return []
+    conv1d = _stores_conv1d(folders[1])
+    sizes: dict[int, set[int]] = {}  # the model's dimension -> the adapter's at the same place
+    first = None
+    for name in sorted(theirs):
+        expected = _lora_expected(name, theirs[name], ours, conv1d)
+        if expected is None:
+            continue
+        for mine, given in zip(expected, theirs[name]):
+            sizes.setdefault(mine, set()).add(given)
+        if first is None and list(expected) != theirs[name]:
+            first = (name, expected)
+    if first is None:
+        return []
+    name, expected = first
+    hidden = _hidden_size(folders[1])
+    told = sizes.get(hidden, set()) - {hidden} if hidden else set()
+    why = (f"trained on a model with hidden size {told.pop()}; this model has {hidden}" if len(told) == 1
+           else "trained on another model size")
+    return [(key, f"given {adapter!r}, whose tensor '{name}' has shape {theirs[name]} but {model} expects "
+                  f"{list(expected)} there: {why}; set {model_key} to the model the adapter was trained on, or "
+                  "train an adapter on this one")]
+
+
+def _local_folder(name: str, key: str) -> Path | None:
+    """The directory `name` (a path or a cached hub snapshot, never downloaded here), or None."""
+    from pipeline.errors import UserError
+    from pipeline.model.hub import resolve_model_path
+
+    try:
+        folder = resolve_model_path(name, key=key, download=False)
+    except (UserError, OSError, ValueError):
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _lora_expected(name: str, shape: list[int], model: dict[str, list[int]], conv1d: bool) -> tuple[int, ...] | None:
+    """The shape the model's layer expects for adapter tensor `name` (PEFT's base_model.model.<module>.lora_A /
+    lora_B.weight, of shape rank x in / out x rank), keeping the adapter's rank; None for a tensor that is no LoRA
+    A / B of a 2-d weight the checkpoint holds. The vocabulary rows (embeddings, head) are left out: added tokens
+    grow them, which the load explains."""
+    from pipeline.model.lora import PEFT_PREFIX, VOCAB_ROWS
+
+    for part, pick in ((".lora_A.weight", lambda out, inn: (shape[0], inn)),
+                       (".lora_B.weight", lambda out, inn: (out, shape[1]))):
+        if name.startswith(PEFT_PREFIX) and name.endswith(part) and len(shape) == 2:
+            module = name[len(PEFT_PREFIX):-len(part)]
+            if f"{module}.weight".endswith(VOCAB_ROWS):
+                return None
+            weight = next((model[k] for k in (f"{module}.weight", f"{module.partition('.')[2]}.weight")
+                           if len(model.get(k, ())) == 2), None)
+            if weight is None:
+                return None
+            out, inn = reversed(weight) if conv1d else weight
+            return pick(out, inn)
+    return None
+
+
+def safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Each tensor's shape from a safetensors file's JSON header (8 bytes little-endian length, then the header),
+    without reading any tensor data; {} when the file is missing or not safetensors."""
+    import struct
+
+    try:
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(min(length, 100_000_000)))
+    except (OSError, ValueError, struct.error):
+        return {}
+    return {k: v["shape"] for k, v in header.items() if isinstance(v, dict) and isinstance(v.get("shape"), list)}
+
+
+def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors checkpoint folder (one file or an index of shards), headers only."""
+    from pipeline.model.weights import INDEX, SINGLE
+
+    if (folder / SINGLE).is_file():
+        return safetensors_shapes(folder / SINGLE)
+    try:
+        shards = set(json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    return {k: v for shard in sorted(shards) for k, v in safetensors_shapes(folder / shard).items()}
+
+
+def _config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _stores_conv1d(folder: Path) -> bool:
+    """Whether the checkpoint's family stores its linear weights as Conv1D, in x out (GPT-2), the transpose of
+    nn.Linear's out x in."""
+    from pipeline.model.families import BY_MODEL_TYPE
+
+    family = BY_MODEL_TYPE.get(_config(folder).get("model_type"))
+    return bool(family and family.conv1d)
+
+
+def _hidden_size(folder: Path) -> int | None:
+    config = _config(folder)
+    size = config.get("hidden_size", config.get("n_embd"))
+    return size if isinstance(size, int) else None

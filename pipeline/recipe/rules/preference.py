@@ -84,14 +84,26 @@ def ref_model_adapters_exist(ctx: Context) -> list[tuple[str, str]]:
     commands (validate, plan) check the folders that exist, as a missing one may be an upstream recipe's output
     that make builds first, and never download a hub id."""
     from pipeline.names import split_names
-    from pipeline.recipe.rules.model import adapter_folder_problems
+    from pipeline.recipe.rules.model import adapter_folder_problems, folders_to_check
 
     if not scores_against_reference(ctx):
         return []
-    paths = split_names(ctx.values["ref_model_adapters"])
-    if ctx.command not in ("train", "eval"):
-        paths = [path for path in paths if os.path.exists(path)]  # a hub id is no existing path
+    paths = folders_to_check(split_names(ctx.values["ref_model_adapters"]), ctx.command in ("train", "eval"))
     return [problem for path in paths for problem in adapter_folder_problems("ref_model_adapters", path)]
+
+
+@rule("stage", "ref_model_adapters", "ref_model", "pref_loss", "use_asft_loss", commands=("train", "eval"))
+def ref_model_adapters_fit(ctx: Context) -> list[tuple[str, str]]:
+    """Each adapter folded into the reference must fit ref_model, as adapter_name_or_path must fit the model
+    (model.adapter_shape_problems): else eval stops after scoring the base, naming the adapter's file only."""
+    from pipeline.names import split_names
+    from pipeline.recipe.rules.model import adapter_shape_problems
+
+    ref = ctx.values["ref_model"]
+    if not scores_against_reference(ctx) or ref is None:
+        return []
+    return [problem for path in split_names(ctx.values["ref_model_adapters"])
+            for problem in adapter_shape_problems("ref_model_adapters", path, "ref_model", ref)][:1]
 
 
 @rule("stage", "pref_loss", "dpo_label_smoothing")
