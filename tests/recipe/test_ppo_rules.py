@@ -37,9 +37,11 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "reward_model_type: api\n", None, "r.yaml:7:20: reward_model_type: given 'api', expected one of lora, "
                                              "full"),
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
+    (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
+                  "sft recipe"),
 ], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "full", "buffer", "score-norm", "zero2", "beams", "resume",
         "val_size",
-        "ref_model", "api", "outside-ppo"])
+        "ref_model", "api", "outside-ppo", "eval-command"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
     assert any(m.startswith(said) for m in found), found

@@ -102,13 +102,19 @@ def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps",
+@rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps", "stage",
       commands=("train", "eval", "plan", "validate", None))
 def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
     """val_size 0 holds out no rows; unless eval_dataset names a dataset not trained on, a run that asks for an
-    evaluation would find nothing to evaluate (LLaMA-Factory's Trainer fails there, mid-run)."""
+    evaluation would find nothing to evaluate (LLaMA-Factory's Trainer fails there, mid-run). Stage ppo holds out
+    nothing and refuses val_size and eval_dataset (LLaMA-Factory's PPO evaluates nothing): its `eval` is pointed at
+    an sft recipe on the tuned adapter instead of at keys it would refuse."""
     if ctx.values["val_size"] != 0:
         return []
+    if ctx.values["stage"] == "ppo" and ctx.command == "eval":
+        return [("stage", "ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an sft recipe "
+                          "whose adapter_name_or_path is this run's output_dir and whose dataset holds out rows "
+                          "(val_size), e.g. `python -m pipeline eval sft.yaml` (docs/ppo.md)")]
     trained = set(ctx.values["dataset"] or [])
     if any(name not in trained for name in ctx.values["eval_dataset"] or []):
         return []
