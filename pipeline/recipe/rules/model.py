@@ -263,30 +263,28 @@ def _lora_expected(name: str, shape: list[int], model: dict[str, list[int]], con
 
 
 def safetensors_shapes(file: Path) -> dict[str, list[int]]:
-    """Each tensor's shape from a safetensors file's JSON header (8 bytes little-endian length, then the header),
-    without reading any tensor data; {} when the file is missing or not safetensors."""
-    import struct
+    """Each tensor's shape from a safetensors file's header (safetensors' own reader: no tensor data is read);
+    {} when the file is missing or not safetensors."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(min(length, 100_000_000)))
-    except (OSError, ValueError, struct.error):
+        with safe_open(file, framework="numpy") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError):
         return {}
-    return {k: v["shape"] for k, v in header.items() if isinstance(v, dict) and isinstance(v.get("shape"), list)}
 
 
 def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
-    """Each tensor's shape in a safetensors checkpoint folder (one file or an index of shards), headers only."""
-    from pipeline.model.weights import INDEX, SINGLE
+    """Each tensor's shape in a safetensors checkpoint folder (its files as the loader finds them:
+    pipeline.model.weights.shard_files), headers only; {} when it has none."""
+    from pipeline.errors import UserError
+    from pipeline.model.weights import shard_files
 
-    if (folder / SINGLE).is_file():
-        return safetensors_shapes(folder / SINGLE)
     try:
-        shards = set(json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = shard_files(folder)
+    except UserError:
         return {}
-    return {k: v for shard in sorted(shards) for k, v in safetensors_shapes(folder / shard).items()}
+    return {k: v for file in files for k, v in safetensors_shapes(file).items()}
 
 
 def _config(folder: Path) -> dict:
