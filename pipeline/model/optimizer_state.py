@@ -1,8 +1,8 @@
 """The client optimizers' rules on tensors and what their state holds, without torch: which tensors Muon, GaLore /
 APOLLO, Adam-mini and BAdam treat how (pipeline.train.muon, galore, apollo, adam_mini and badam apply these rules
-to the loaded model), and how many numbers each keeps, for `plan`'s optimizer memory (pipeline.recipe.plan) and the
-rule that galore_target / apollo_target select a trainable Linear before the model is built
-(pipeline.recipe.rules.optimizers).
+to the loaded model), and how many numbers each keeps, for `plan`'s optimizer and gradient memory
+(pipeline.recipe.plan) and the rule that galore_target / apollo_target select a trainable Linear before the model
+is built (pipeline.recipe.rules.optimizers).
 
 The state per trained tensor of n numbers (rows x cols for a matrix) once it has stepped, as the optimizers here
 keep it (tests/train/test_optimizer_state.py sums their state tensors after one step):
@@ -179,13 +179,18 @@ def badam_blocks(cfg: ModelConfig, tensors: list[TensorSpec]) -> list[str | None
     return [next((prefix for prefix in prefixes if prefix in name), None) for name in names]
 
 
-def _largest_block_bytes(cfg: ModelConfig, tensors: list[TensorSpec], width: int) -> int:
-    """BAdam's peak: the decoder layer whose m, v and step counts take the most bytes."""
-    per_block: dict[str, int] = {}
+def _layers(cfg: ModelConfig, tensors: list[TensorSpec]) -> list[list[TensorSpec]]:
+    """The tensors of each BAdam block (decoder layer), the tensors in no block left out."""
+    per_block: dict[str, list[TensorSpec]] = {}
     for t, block in zip(tensors, badam_blocks(cfg, tensors)):
         if block is not None:
-            per_block[block] = per_block.get(block, 0) + 2 * t.numel * width + STEP_BYTES
-    return max(per_block.values(), default=0)
+            per_block.setdefault(block, []).append(t)
+    return list(per_block.values())
+
+
+def _largest_block_bytes(cfg: ModelConfig, tensors: list[TensorSpec], width: int) -> int:
+    """BAdam's peak: the decoder layer whose m, v and step counts take the most bytes."""
+    return max((sum(2 * t.numel * width + STEP_BYTES for t in layer) for layer in _layers(cfg, tensors)), default=0)
 
 
 def stepped(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpec]) -> list[TensorSpec]:
@@ -197,6 +202,16 @@ def stepped(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpe
         family = FAMILIES[cfg.family]
         return [t for t, keep in zip(tensors, ratio_trained([family.to_hf(t.name) for t in tensors])) if keep]
     return [t for t, block in zip(tensors, badam_blocks(cfg, tensors)) if block is not None]
+
+
+def with_gradients(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpec]) -> list[TensorSpec]:
+    """The trained tensors that hold a gradient at once, at the peak: all of them, but under BAdam's layer mode the
+    largest decoder layer's alone (only the active layer requires gradients, the others' are dropped at each
+    switch: pipeline.train.badam.BlockAdamW._activate) and under its ratio mode every tensor it steps (the gradient
+    is dense, zeroed outside the window: RatioAdam._mask_gradient; the embedding and the head are frozen)."""
+    if not values["use_badam"] or values["badam_mode"] == "ratio":
+        return stepped(values, cfg, tensors)
+    return max(_layers(cfg, tensors), key=lambda layer: sum(t.numel for t in layer), default=[])
 
 
 def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpec], width: int) -> int:

@@ -4,8 +4,10 @@ Torch is never imported: the parameter counts come from pipeline.model.config's 
 
 Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all parameters, T = trainable ones, N = world size):
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
-    gradients    T * w                      ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
-                                            reduce_bucket_size * w (DeepSpeed allocates it whole, per rank)
+    gradients    T_g * w                    ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
+                                            reduce_bucket_size * w (DeepSpeed allocates it whole, per rank);
+                                            T_g = T, but BAdam's largest decoder layer (only the active layer
+                                            has gradients), ratio mode's all but embedding and head (dense)
     optimizer    S*4 (+ T_s*4 if w == 2)    the optimizer's state, S numbers over the trained tensors, in fp32
                                             (+ fp32 master copies of the T_s tensors it steps under mixed precision);
                                             pure_bf16: S * 2, the state in bf16 and no fp32 master copy
@@ -77,6 +79,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
     found = recipe_tensors(r, info) if info else None
     if info is None or found is None:
         return None
+    from pipeline.model.optimizer_state import with_gradients
+
     cfg, tensors = found
     total, trainable = count_params(cfg), sum(t.numel for t in tensors)
     ds = r.ds_config
@@ -87,7 +91,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     half = bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("fp16", {}).get("enabled"))
     w = 2 if half or pure else 4
     params = total * w / (world if stage == 3 else 1)
-    grads = trainable * w / (world if stage >= 2 else 1)
+    grads = sum(t.numel for t in with_gradients(r, cfg, tensors)) * w / (world if stage >= 2 else 1)
     if stage in (1, 2) and zero.get("contiguous_gradients", True):
         grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * w  # DeepSpeed's default when unset
     optim = optimizer_bytes(r, cfg, tensors, pure, half, stage) / (world if stage >= 1 else 1)

@@ -1,19 +1,20 @@
 """`plan`'s optimizer memory is what the recipe's optimizer keeps (pipeline.model.optimizer_state): Muon's momentum,
 GaLore's and APOLLO's projected moments and projections, Adam-mini's per-block second moments, BAdam's one layer
 (ratio mode: each tensor's window), in fp32, in bf16 under pure_bf16, and with DeepSpeed's fp32 master copies
-under bf16 mixed precision.
+under bf16 mixed precision; its gradient memory is the gradients the backward leaves (BAdam: the active layer's).
 
 Golden: the optimizer itself. The pipeline builds the recipe's model from a tiny transformers checkpoint and its
 optimizer (pipeline.train.optim.make_optimizer), one backward and one step run, and the bytes of every tensor in
 the optimizer's state are summed (numel x element_size); under bf16 mixed precision 4 bytes per number of the
-tensors in its param groups (what DeepSpeed keeps an fp32 master copy of) are added. plan's arithmetic is not used.
+tensors in its param groups (what DeepSpeed keeps an fp32 master copy of) are added; the bytes of the .grad tensors
+present after the backward are summed. plan's arithmetic is not used.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -62,9 +63,15 @@ def recipe(folder: Path, family: str, keys: dict[str, Any], precision: dict[str,
     return resolve(path, [], command="plan", env={**os.environ, "WORLD_SIZE": "1"})
 
 
-def kept_after_a_step(r: Any, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(bytes of the optimizer's state tensors, numbers and tensors in its param groups) after one step of the
-    recipe's model and optimizer as train builds them, in `dtype`."""
+class Kept(NamedTuple):
+    state: int  # bytes of the optimizer's state tensors after the step
+    gradients: int  # bytes of the .grad tensors the backward left (before the step: a BAdam switch drops some)
+    stepped: int  # numbers in the optimizer's param groups
+    tensors: int  # tensors in its param groups
+
+
+def kept_after_a_step(r: Any, dtype: torch.dtype) -> Kept:
+    """What the recipe's model and optimizer, as train builds them in `dtype`, hold around one backward and step."""
     from pipeline.model.build import build_model
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.train.optim import make_optimizer
@@ -73,36 +80,41 @@ def kept_after_a_step(r: Any, dtype: torch.dtype) -> tuple[int, int, int]:
     optimizer = make_optimizer(model, train_args(r))
     ids = torch.randint(0, 200, (2, 8), generator=torch.Generator().manual_seed(0))
     (model(ids).float() ** 2).mean().backward()
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     optimizer.step()
     state = sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
                 if torch.is_tensor(v))
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return state, sum(p.numel() for p in params), len(params)
+    return Kept(state, gradients, sum(p.numel() for p in params), len(params))
 
 
-def planned(r: Any) -> int:
+def planned(r: Any, line: str = "optimizer") -> int:
     from pipeline.recipe.plan import estimate_memory
 
-    return estimate_memory(r).gpu["optimizer"]
+    return estimate_memory(r).gpu[line]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_plans_optimizer_line_is_the_state_the_optimizer_keeps(folder, case):
-    """fp32, pure_bf16 (bf16 state, no master copy) and bf16 mixed precision (fp32 state + fp32 masters)."""
+def test_plans_optimizer_and_gradient_lines_are_what_the_optimizer_keeps(folder, case):
+    """fp32, pure_bf16 (bf16 state, no master copy) and bf16 mixed precision (fp32 state + fp32 masters). The
+    gradients: BAdam's layer mode holds the active layer's alone (the tiny model's layers are alike: the largest is
+    any), ratio mode every tensor but the embedding and the head (dense), the others every trained tensor's."""
     family, keys = CASES[case]
-    fp32, stepped, _ = kept_after_a_step(recipe(folder, family, keys, {}), torch.float32)
-    assert planned(recipe(folder, family, keys, {})) == fp32
-    assert planned(recipe(folder, family, keys, {"bf16": True})) == fp32 + 4 * stepped
+    r = recipe(folder, family, keys, {})
+    fp32 = kept_after_a_step(r, torch.float32)
+    assert (planned(r), planned(r, "gradients")) == (fp32.state, fp32.gradients)
+    assert planned(recipe(folder, family, keys, {"bf16": True})) == fp32.state + 4 * fp32.stepped
     pure = recipe(folder, family, keys, {"pure_bf16": True})
-    assert planned(pure) == kept_after_a_step(pure, torch.bfloat16)[0]
+    bf16 = kept_after_a_step(pure, torch.bfloat16)
+    assert (planned(pure), planned(pure, "gradients")) == (bf16.state, bf16.gradients)
 
 
 def test_adamw_is_its_two_moments_without_torchs_step_counts(folder):
     """Unchanged for AdamW: m and v, 8 bytes a number in fp32; torch keeps a 4-byte step tensor per tensor too,
     which plan leaves out."""
     r = recipe(folder, "llama", {}, {})
-    state, stepped, tensors = kept_after_a_step(r, torch.float32)
-    assert planned(r) == 8 * stepped == state - 4 * tensors
+    kept = kept_after_a_step(r, torch.float32)
+    assert planned(r) == 8 * kept.stepped == kept.state - 4 * kept.tensors
 
 
 def test_plan_prints_galores_optimizer_memory_as_a_user_runs_it(folder):
@@ -118,8 +130,8 @@ def test_plan_prints_galores_optimizer_memory_as_a_user_runs_it(folder):
         "per_device_train_batch_size: 1\ngradient_accumulation_steps: 1\nlearning_rate: 1.0e-5\nnum_train_epochs: 1.0\n",
         encoding="utf-8")
     out = pipeline("plan", "lf.yaml", cwd=folder).stdout
-    state, stepped, _ = kept_after_a_step(recipe(folder, "llama", {"use_galore": True, "galore_rank": 4}, {}),
-                                          torch.float32)
+    state, _, stepped, _ = kept_after_a_step(recipe(folder, "llama", {"use_galore": True, "galore_rank": 4}, {}),
+                                             torch.float32)
     row = next(line for line in out.splitlines() if line.startswith("optimizer"))
     assert row.split()[1:3] == [f"{state / 1024:.1f}", "KiB"], row
     assert state < 8 * stepped
