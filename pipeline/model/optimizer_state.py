@@ -6,7 +6,7 @@ is built (pipeline.recipe.rules.optimizers).
 
 The state per trained tensor of n numbers (rows x cols for a matrix) once it has stepped, as the optimizers here
 keep it (tests/train/test_optimizer_state.py sums their state tensors after one step):
-  AdamW (torch)  m and v: 2n (and torch's step count, a 4-byte tensor per tensor: left out)
+  AdamW (torch)  m and v: 2n, and torch's step count (a 4-byte fp32 tensor per tensor)
   Muon           its matrices (2-D, no embedding or head): the momentum buffer, n; the rest: AdamW's m and v, 2n
   GaLore         its matrices: m and v in the projected shape (rows x k projected on the right, k x cols on the
                  left, k x k for full; k = min(galore_rank, rows, cols), the SVD's) and the basis (k x cols right,
@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 from pipeline.model.config import ModelConfig, TensorSpec, layout
 from pipeline.model.families import FAMILIES
 
-STEP_BYTES = 4  # BAdam's per-tensor step count: torch.tensor(0.0), float32 whatever the weights' dtype
+STEP_BYTES = 4  # torch AdamW's and BAdam's per-tensor step count: a float32 scalar tensor whatever the weights' dtype
 
 # Muon (pipeline.train.muon)
 SKIPPED = ("embed", "lm_head")  # a transformers name containing one of these goes to AdamW even when 2-D
@@ -230,4 +230,4 @@ def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[Tenso
         return _ratio_bytes(values, stepped(values, cfg, tensors), width)
     if values["use_badam"]:
         return _largest_block_bytes(cfg, tensors, width)
-    return width * 2 * sum(t.numel for t in tensors)
+    return sum(2 * t.numel * width + STEP_BYTES for t in tensors)

@@ -14,7 +14,8 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                             (+ T * 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU.
                                             S per tensor of n numbers (pipeline.model.optimizer_state, exact):
-                                              AdamW      2n: m and v (torch's 4-byte step counts left out)
+                                              AdamW      2n: m and v (+ torch's 4-byte fp32 step count
+                                                         per tensor)
                                               Muon       n for its matrices (momentum), 2n for the rest
                                               GaLore     its matrices: m and v projected to rank k (rows x k,
                                                          k x cols, or k x k for full) + the basis; the rest 2n

@@ -16,8 +16,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 WTE, WPE = 50257 * 64, 128 * 64
 BLOCK = 2 * 64 * 2 + (64 * 192 + 192) + (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64)  # 2 norms + 4 linears
 TINY_PARAMS = WTE + WPE + 2 * BLOCK + 2 * 64  # + ln_f = 3,324,736
+TINY_TENSORS = 2 + 2 * 12 + 2  # wte, wpe; per block 2 norms and 4 linears, weight and bias each; ln_f's two
 # LoRA r=8 on every linear of a block: r * (in + out) each
 TINY_LORA_8 = 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))  # 16,384
+TINY_LORA_TENSORS = 2 * 4 * 2  # A and B of 4 linears in 2 blocks
+STEP = 4  # torch AdamW's step count: a float32 scalar tensor per trained tensor
 # activations for micro-batch 8, sequence 128: L*s*b*h*(34 + 5*a*s/h) * (bytes/2) + fp32 logits s*b*V*4
 ACT_PER_BYTE = 2 * 128 * 8 * 64 * (34 + 5 * 2 * 128 / 64) / 2
 LOGITS = 128 * 8 * 50257 * 4
@@ -34,10 +37,12 @@ def test_hand_counts_match_transformers_and_peft():
                                      tie_word_embeddings=True)
     model = transformers.GPT2LMHeadModel(config)
     assert model.num_parameters() == TINY_PARAMS == 3_324_736  # tied head counted once
+    assert len(list(model.parameters())) == TINY_TENSORS
     lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules=["c_attn", "c_proj", "c_fc"],
                                                       fan_in_fan_out=True))
     trainable, _ = lora.get_nb_trainable_parameters()
     assert trainable == TINY_LORA_8 == 16_384
+    assert sum(p.requires_grad for p in lora.parameters()) == TINY_LORA_TENSORS
 
 
 def test_memory_full_fp32_single_rank(write):
@@ -45,7 +50,7 @@ def test_memory_full_fp32_single_rank(write):
     mem = estimate_memory(resolve("r.yaml"))
     assert (mem.params_total, mem.params_trainable) == (TINY_PARAMS, TINY_PARAMS)
     assert mem.gpu == {"parameters": TINY_PARAMS * 4, "gradients": TINY_PARAMS * 4,
-                       "optimizer": TINY_PARAMS * 8, "activations": round(ACT_PER_BYTE * 4 + LOGITS)}
+                       "optimizer": TINY_PARAMS * 8 + TINY_TENSORS * STEP, "activations": round(ACT_PER_BYTE * 4 + LOGITS)}
     assert mem.cpu == {}
 
 
@@ -55,7 +60,7 @@ def test_memory_lora_bf16(write):
     assert mem.params_trainable == TINY_LORA_8
     # bf16 weights; gradients in bf16; Adam m, v and fp32 master copy: 12 bytes per trainable parameter
     assert mem.gpu == {"parameters": TINY_PARAMS * 2, "gradients": TINY_LORA_8 * 2,
-                       "optimizer": TINY_LORA_8 * 12, "activations": round(ACT_PER_BYTE * 2 + LOGITS)}
+                       "optimizer": TINY_LORA_8 * 12 + TINY_LORA_TENSORS * STEP, "activations": round(ACT_PER_BYTE * 2 + LOGITS)}
 
 
 def test_memory_qwen3_preset_counts_gqa_swiglu_and_the_152k_head(write):
@@ -74,10 +79,11 @@ def test_memory_qwen3_preset_counts_gqa_swiglu_and_the_152k_head(write):
     assert checkpointed == round(28 * s * b * h * 2 + block + logits)  # each block's input + one block at a time
 
 
-@pytest.mark.parametrize("stage, optim", [(0, TINY_LORA_8 * 4), (2, TINY_LORA_8 * 6)])
+@pytest.mark.parametrize("stage, optim", [(0, TINY_LORA_8 * 4 + TINY_LORA_TENSORS * STEP),
+                                          (2, TINY_LORA_8 * 6 + TINY_LORA_TENSORS * STEP)])
 def test_memory_lora_pure_bf16(write, stage, optim):
-    """pure_bf16: Adam m and v in bf16 and no fp32 master copy (4 bytes per trainable parameter), plus DeepSpeed's
-    bf16 partition copy at ZeRO 1-2 (one rank here)."""
+    """pure_bf16: Adam m and v in bf16 and no fp32 master copy (4 bytes per trainable parameter; the step counts
+    stay fp32), plus DeepSpeed's bf16 partition copy at ZeRO 1-2 (one rank here)."""
     write("r.yaml", RECIPE + f"pure_bf16: true\nzero_stage: {stage}\n")
     mem = estimate_memory(resolve("r.yaml"))
     assert mem.gpu["parameters"] == TINY_PARAMS * 2 and mem.gpu["optimizer"] == optim
@@ -87,9 +93,9 @@ def test_memory_lora_pure_bf16(write, stage, optim):
 # ZeRO 1-2 also hold DeepSpeed's reduce-bucket staging buffer, whole on every rank: one bucket of every trainable
 # gradient (full fine-tuning here), in bf16
 @pytest.mark.parametrize("stage, params, grads, optim", [
-    (1, TINY_PARAMS * 2, TINY_PARAMS * 2 + TINY_PARAMS * 2, TINY_PARAMS * 12 / 4),
-    (2, TINY_PARAMS * 2, TINY_PARAMS * 2 / 4 + TINY_PARAMS * 2, TINY_PARAMS * 12 / 4),
-    (3, TINY_PARAMS * 2 / 4, TINY_PARAMS * 2 / 4, TINY_PARAMS * 12 / 4),
+    (1, TINY_PARAMS * 2, TINY_PARAMS * 2 + TINY_PARAMS * 2, (TINY_PARAMS * 12 + TINY_TENSORS * STEP) / 4),
+    (2, TINY_PARAMS * 2, TINY_PARAMS * 2 / 4 + TINY_PARAMS * 2, (TINY_PARAMS * 12 + TINY_TENSORS * STEP) / 4),
+    (3, TINY_PARAMS * 2 / 4, TINY_PARAMS * 2 / 4, (TINY_PARAMS * 12 + TINY_TENSORS * STEP) / 4),
 ])
 def test_memory_zero_partitions_over_four_ranks(write, stage, params, grads, optim):
     write("r.yaml", RECIPE + f"finetuning_type: full\nbf16: true\nzero_stage: {stage}\n")
@@ -104,7 +110,7 @@ def test_memory_offload_moves_to_cpu(write):
                              "offload_param: cpu\n")
     mem = estimate_memory(resolve("r.yaml", env={"WORLD_SIZE": "2", "RANK": "0"}))
     assert mem.gpu["parameters"] == 0 and mem.gpu["optimizer"] == 0
-    assert mem.cpu == {"parameters": TINY_PARAMS * 2 // 2, "optimizer": TINY_PARAMS * 12 // 2}
+    assert mem.cpu == {"parameters": TINY_PARAMS * 2 // 2, "optimizer": (TINY_PARAMS * 12 + TINY_TENSORS * STEP) // 2}
     assert mem.gpu["gradients"] == TINY_PARAMS * 2 // 2
 
 

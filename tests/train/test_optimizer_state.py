@@ -109,12 +109,15 @@ def test_plans_optimizer_and_gradient_lines_are_what_the_optimizer_keeps(folder,
     assert (planned(pure), planned(pure, "gradients")) == (bf16.state, bf16.gradients)
 
 
-def test_adamw_is_its_two_moments_without_torchs_step_counts(folder):
-    """Unchanged for AdamW: m and v, 8 bytes a number in fp32; torch keeps a 4-byte step tensor per tensor too,
-    which plan leaves out."""
+def test_adamw_is_its_two_moments_and_torchs_step_counts(folder):
+    """AdamW (torch's, fused where it can be): m and v, 8 bytes a number in fp32 (4 in bf16 under pure_bf16), and
+    a 4-byte fp32 step tensor per tensor, whatever the weights' dtype: the plan's line is their sum."""
     r = recipe(folder, "llama", {}, {})
     kept = kept_after_a_step(r, torch.float32)
-    assert planned(r) == 8 * kept.stepped == kept.state - 4 * kept.tensors
+    assert planned(r) == kept.state == 8 * kept.stepped + 4 * kept.tensors
+    pure = recipe(folder, "llama", {}, {"pure_bf16": True})
+    bf16 = kept_after_a_step(pure, torch.bfloat16)
+    assert planned(pure) == bf16.state == 4 * bf16.stepped + 4 * bf16.tensors
 
 
 def test_plan_prints_galores_optimizer_memory_as_a_user_runs_it(folder):
