@@ -10,6 +10,7 @@ import sys
 
 from pipeline.data.build import build as build_datasets
 from pipeline.data.inspect import inspect as inspect_data
+from pipeline.data.load import read_once
 from pipeline.data.markup import built_markup_warnings
 from pipeline.recipe import Resolved
 from pipeline.recipe.args import data_args
@@ -23,9 +24,11 @@ def build(r: Resolved, args: argparse.Namespace | None = None) -> int:
 
 
 def inspect(r: Resolved, args: argparse.Namespace | None = None) -> int:
-    """Render --num samples with their trained tokens marked, and the token-length histogram."""
+    """Render --num samples with their trained tokens marked, and the token-length histogram; each built file is
+    read once for all of it (read_once)."""
     data = data_args(r)
-    print(inspect_data(data, getattr(args, "num", 3) if args is not None else 3))
-    for line in built_markup_warnings(data):  # after the samples, where the literal pieces show
-        print(line, file=sys.stderr)
+    with read_once():
+        print(inspect_data(data, getattr(args, "num", 3) if args is not None else 3))
+        for line in built_markup_warnings(data):  # after the samples, where the literal pieces show
+            print(line, file=sys.stderr)
     return 0

@@ -10,10 +10,11 @@ pipeline.__main__.steps).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
@@ -24,6 +25,7 @@ from pipeline.data.registry import dataset_names
 from pipeline.errors import UserError
 
 T = TypeVar("T")
+_read: dict[tuple, tuple[list[Any], str]] | None = None  # read_once's rows and digests, while one is open
 MAKE_DATA = ("run `make data` (python -m pipeline build RECIPE), or set overwrite_cache: true so that train and eval "
              "rebuild it themselves")
 
@@ -47,10 +49,15 @@ def build_problem(data: DataArgs, name: str) -> str | None:
     return sources_changed(data, name, manifest)
 
 
+def _file_version(path: Path) -> tuple:
+    """A file as it is now: its resolved path, size, mtime and inode (a rewrite changes one of them)."""
+    info = path.stat()
+    return str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino
+
+
 def _source_hash(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - a per-process cache
     """sha256 of a raw source, hashed once per process while its size, mtime and inode stay the same."""
-    info = path.stat()
-    key = (str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino)
+    key = _file_version(path)
     if key not in _memo:
         _memo[key] = sha256_file(path)
     return _memo[key]
@@ -119,10 +126,34 @@ def read_rows(path: Path, verify: bool = True) -> list[Any]:
     return rows
 
 
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """Within: each built file is read and parsed once (while its size, mtime and inode stay the same), and every
+    later reader gets the same rows, which readers never modify. For `inspect`, whose samples, length-policy counts,
+    pt document lengths and markup warnings all read the same splits. Outside, nothing is kept: train holds its
+    tokenized splits, and the rows beside them would double its host memory for a large dataset."""
+    global _read
+    outer = _read
+    _read = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _read = outer
+
+
 def read_rows_hashed(path: Path) -> tuple[list[Any], str]:
-    """A built JSON array and the sha256 of the bytes it was parsed from, from one read of the file: for a caller
-    that compares the digest with manifest.json (`edited`) later, as check_built does once the rows are valid. A
-    damaged file is a UserError naming its line."""
+    """A built JSON array and the sha256 of the bytes it was parsed from, from one read of the file (inside
+    read_once, the first read's): for a caller that compares the digest with manifest.json (`edited`) later, as
+    check_built does once the rows are valid. A damaged file is a UserError naming its line."""
+    if _read is None:
+        return _parsed(path)
+    key = _file_version(Path(path))
+    if key not in _read:
+        _read[key] = _parsed(path)
+    return _read[key]
+
+
+def _parsed(path: Path) -> tuple[list[Any], str]:
     try:
         data = Path(path).read_bytes()
         digest = hashlib.sha256(data).hexdigest()

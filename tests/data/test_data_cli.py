@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 
 from data_helpers import REPO, alpaca_rows, jsonl
@@ -28,6 +30,26 @@ def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env.update(PYTHONPATH=str(REPO), NO_COLOR="1")
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
+
+
+def count_built_reads(monkeypatch: Any, root: Path) -> Counter:
+    """Path.read_bytes calls on the built files under root/data/build, per file, from here on, the process's
+    tokenized splits forgotten (as a fresh `python -m pipeline inspect` starts; validate here filled them)."""
+    from collections import OrderedDict
+
+    from pipeline.data import tokenize
+
+    monkeypatch.setattr(tokenize, "_cache", OrderedDict())
+    reads: Counter = Counter()
+    read_bytes = Path.read_bytes
+
+    def counted(path: Path) -> bytes:
+        if Path(path).resolve().is_relative_to((root / "data" / "build").resolve()):
+            reads[Path(path).resolve().relative_to(root.resolve()).as_posix()] += 1
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    return reads
 
 
 def test_bad_rows_exit_2_with_every_message(tmp_path):
@@ -62,9 +84,11 @@ def test_sharegpt_and_csv_recipe_builds_validates_inspects(tmp_path, monkeypatch
     assert main(["validate", "recipe.yaml"]) == 0
     out = capsys.readouterr().out
     assert "data: OK" in out and "chat" in out and "sums" in out
+    reads = count_built_reads(monkeypatch, tmp_path)
     assert main(["inspect", "recipe.yaml", "--num", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("── sample") == 2
+    assert reads == {f"data/build/{name}/{split}.json": 1 for name in ("chat", "sums") for split in ("train", "val")}
     assert "\nAssistant:[[" in out and "<|endoftext|>\n]]" in out
     assert "train: 20 rows -> 20 examples · dropped 0" in out
     png = tmp_path / "data" / "build" / "token_lengths-chat+sums.png"
@@ -98,9 +122,11 @@ def test_pt_recipe(tmp_path, monkeypatch, capsys):
     assert "(within documents)" in capsys.readouterr().out
     assert main(["validate", "recipe.yaml"]) == 0
     capsys.readouterr()
+    reads = count_built_reads(monkeypatch, tmp_path)
     assert main(["inspect", "recipe.yaml", "--num", "1"]) == 0
     out = capsys.readouterr().out
     assert "── window 1" in out and "stride 16" in out
+    assert reads == {"data/build/book/train.json": 1, "data/build/book/val.json": 1}  # the windows and the documents
     assert sum(1 for x in out.splitlines() if x.startswith(("train:", "val:")) and "windows" in x) == 2
 
 
