@@ -138,3 +138,24 @@ def test_plan_prints_galores_optimizer_memory_as_a_user_runs_it(folder):
     row = next(line for line in out.splitlines() if line.startswith("optimizer"))
     assert row.split()[1:3] == [f"{state / 1024:.1f}", "KiB"], row
     assert state < 8 * stepped
+
+
+def test_plan_prints_badams_gradient_memory_as_a_user_runs_it(folder):
+    """`python -m pipeline plan` of LLaMA-Factory's BAdam example (layer mode) on a transformers checkpoint: the
+    gradients row is the active layer's .grad bytes after a backward (one layer of the tiny model's two), where
+    every trained tensor's would also count the embedding, the final norm and the other layer."""
+    from tests.acceptance.harness import pipeline
+
+    (folder / "badam.yaml").write_text(
+        f"### model\nmodel_name_or_path: {folder / 'llama'}\n\n### method\nstage: sft\ndo_train: true\n"
+        "finetuning_type: full\nuse_badam: true\nbadam_mode: layer\nbadam_switch_mode: ascending\n"
+        "badam_switch_interval: 50\nbadam_verbose: 2\n\n### dataset\ndataset: tiny_sft\ndataset_dir: data\n"
+        "template: llama3\ncutoff_len: 32\n\n### output\noutput_dir: saves/badam\n\n### train\n"
+        "per_device_train_batch_size: 1\ngradient_accumulation_steps: 8\nlearning_rate: 1.0e-5\n"
+        "num_train_epochs: 3.0\nlr_scheduler_type: cosine\nwarmup_ratio: 0.1\n", encoding="utf-8")
+    out = pipeline("plan", "badam.yaml", cwd=folder).stdout
+    kept = kept_after_a_step(recipe(folder, "llama", {"use_badam": True}, {}), torch.float32)
+    row = next(line for line in out.splitlines() if line.startswith("gradients"))
+    assert row.split()[1:3] == [f"{kept.gradients / 1024:.1f}", "KiB"], row
+    assert 2 * kept.gradients == 4 * kept.stepped  # one of the two alike decoder layers BAdam steps, in fp32
+
