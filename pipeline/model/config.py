@@ -44,7 +44,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     positions: str = "learned"       # learned table (GPT-2) | rope (rotary, computed per position: no table)
     rope_theta: float = 10000.0
-    rope_scaling: Mapping[str, Any] | None = None  # {"type": "linear" | "llama3" | "yarn", "factor": ..}
+    rope_scaling: Mapping[str, Any] | None = None  # {"type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ..}
     mlp: str = "gelu"                # gelu: up -> GELU(tanh) -> down | swiglu: down(silu(gate) * up)
     ffn_dim: int | None = None       # hidden width of the MLP; None means 4 * emb_dim (GPT-2)
     mlp_bias: bool = True
@@ -91,6 +91,12 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def dynamic_rope(self) -> bool:
+        """Dynamic NTK: the frequencies follow each forward's longest position past context_length, so a sequence
+        may run past it (transformers sets no limit); every other model stops at context_length."""
+        return dict(self.rope_scaling or {}).get("type") == "dynamic"
 
     @property
     def hf(self) -> Family:

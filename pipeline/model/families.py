@@ -121,7 +121,7 @@ BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(BY_ARCHITECTURE)
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -222,10 +222,14 @@ def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float
     return theta, {"type": kind, **{k: params[k] for k in wanted}, **optional}
 
 
-_ROPE_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+_ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                                 "original_max_position_embeddings"),
               "yarn": ("factor", "original_max_position_embeddings")}
-_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")}
+# dynamic: transformers scales over max_position_embeddings and never reads the window LLaMA-Factory writes beside
+# it, but the key is kept so that merged/config.json says what LLaMA-Factory's does and a second rope_scaling on
+# merged/ measures the same window (pipeline.model.rope_recipe)
+_ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+                  "dynamic": ("original_max_position_embeddings",)}
 
 
 def _number(value: Any) -> bool:

@@ -119,8 +119,9 @@ def generate(
     (a private torch.Generator). repetition_penalty (1: off) applies to the row's own tokens, never its left
     padding (transformers also counts the pads of a batched prompt). Prompts longer than the context allows are
     cut from the left, keeping room for max_new_tokens (at least half the context stays prompt); generation ends
-    at the context. num_beams > 1 runs beam search (beam_search.py: length_penalty and early_stopping as
-    transformers'); sampling with beams is refused.
+    at the context. Neither under dynamic NTK (rope_scaling dynamic): its frequencies follow the length past the
+    context, and transformers' generate sets no limit there. num_beams > 1 runs beam search (beam_search.py:
+    length_penalty and early_stopping as transformers'); sampling with beams is refused.
     """
     if num_beams > 1 and do_sample:
         raise ValueError("beam search with sampling (do_sample with num_beams > 1) is not implemented: "
@@ -129,16 +130,16 @@ def generate(
     batch = [list(prompts)] if single else [list(p) for p in prompts]  # type: ignore[arg-type]
     if not batch or any(len(p) == 0 for p in batch):
         raise ValueError("every prompt needs at least one token")
-    ctx = model.cfg.context_length
+    ctx, unbounded = model.cfg.context_length, model.cfg.dynamic_rope
     keep = max(ctx - max_new_tokens, ctx // 2, 1)
-    if any(len(p) > keep for p in batch):
+    if not unbounded and any(len(p) > keep for p in batch):
         note(f"generate: prompt longer than {keep} tokens cut from the left (context_length {ctx})")
         batch = [p[-keep:] for p in batch]
     device = next(model.parameters()).device
     pad_id = pad_id if pad_id < model.cfg.vocab_size else 0  # pads are masked out: any valid id will do
     ids, mask = _left_pad(batch, pad_id, device)
     padded = bool((mask == 0).any())
-    steps = min(max_new_tokens, ctx - ids.shape[1])
+    steps = max_new_tokens if unbounded else min(max_new_tokens, ctx - ids.shape[1])
     stoppers = {int(t) for t in stop_ids} | ({eos_id} if eos_id is not None else set())
     stop_check = _StopCheck(stop_strings, tokenizer.decode if tokenizer is not None else None)
     positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None  # counted over real tokens only

@@ -30,7 +30,7 @@ from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.neftune import neftune_noise
-from pipeline.model.rope import rope_attention_factor, rope_inv_freq  # noqa: F401 (re-export)
+from pipeline.model.rope import dynamic_length, rope_attention_factor, rope_inv_freq  # noqa: F401 (re-export)
 
 IGNORE_INDEX = -100
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
@@ -215,6 +215,7 @@ class GPTModel(nn.Module):
         else:
             self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
+        self._rope_length = cfg.context_length  # the length they stand for (dynamic NTK only: rope.dynamic_length)
         self.gradient_checkpointing = False
         self.neftune_noise_alpha: float | None = None  # set_neftune: noisy embeddings in training forwards
         self.tie_weights()
@@ -261,8 +262,12 @@ class GPTModel(nn.Module):
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope | None:
         if self.cfg.positions != "rope":
             return None
+        if self.cfg.dynamic_rope:  # transformers' dynamic_rope_update: this forward's largest position may rescale
+            length = dynamic_length(self._rope_length, int(position_ids.max()) + 1, self.cfg.context_length)
+            if length != self._rope_length:
+                self._inv_freq, self._rope_length = None, length
         if self._inv_freq is None or self._inv_freq.device != position_ids.device:
-            self._inv_freq = rope_inv_freq(self.cfg, position_ids.device)
+            self._inv_freq = rope_inv_freq(self.cfg, position_ids.device, self._rope_length)
         return rope_cos_sin(self._inv_freq, position_ids, dtype, rope_attention_factor(self.cfg))
 
     def forward(
@@ -308,7 +313,7 @@ class GPTModel(nn.Module):
         b, t = input_ids.shape
         cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
         past_len = cache.length if cache is not None else 0
-        if past_len + t > self.cfg.context_length and position_ids is None:
+        if past_len + t > self.cfg.context_length and position_ids is None and not self.cfg.dynamic_rope:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)

@@ -3,6 +3,9 @@
 Two facts per model: the inverse frequency of each rotary pair, and the factor cos and sin are multiplied
 by (YaRN's attention temperature; 1 for the others). Both are pure functions of the config, computed once
 per device, so training, the KV-cache generate path and every attention kernel see the same rotation.
+
+Dynamic NTK is the exception: its frequencies are a function of the config and of a length that each forward
+may change (dynamic_length, the rule of transformers' dynamic_rope_update), so the model keeps that length.
 """
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ import torch
 from pipeline.model.config import ModelConfig
 
 
-def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None, length: int = 0) -> torch.Tensor:
     """theta^(-2j/d) per frequency j, rescaled per cfg.rope_scaling: linear (all slowed by `factor`), llama3
-    (Llama 3.1's smooth interpolation: long wavelengths slowed, short ones kept, a linear blend between) or
-    yarn (the same idea with the blend over rotation counts, transformers' _compute_yarn_parameters)."""
+    (Llama 3.1's smooth interpolation: long wavelengths slowed, short ones kept, a linear blend between),
+    yarn (the same idea with the blend over rotation counts, transformers' _compute_yarn_parameters) or
+    dynamic (a larger theta for sequences of `length` > context_length; the others ignore `length`)."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     s = dict(cfg.rope_scaling or {})
+    theta = _dynamic_theta(cfg, s["factor"], length, device) if s.get("type") == "dynamic" else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     if s.get("type") == "linear":
         return inv / s["factor"]
     if s.get("type") == "llama3":
@@ -28,6 +33,33 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch
     if s.get("type") == "yarn":
         return _yarn(cfg.rope_theta, d, s, device)
     return inv
+
+
+def _dynamic_theta(cfg: ModelConfig, factor: float, length: int,
+                   device: torch.device | None) -> float | torch.Tensor:
+    """transformers' _compute_dynamic_ntk_parameters: theta x ((factor x L / C) - (factor - 1))^(d / (d - 2))
+    with L = max(length, C), C = max_position_embeddings (context_length; LLaMA-Factory's window x factor,
+    not the window). At L = C the multiplier is 1: the plain frequencies. Past C it is computed as there, in
+    fp32 from a tensor length on the device (there it is max(position_ids) + 1), so the frequencies match."""
+    c, d = cfg.context_length, cfg.head_dim
+    if length <= c:
+        return cfg.rope_theta
+    return cfg.rope_theta * ((factor * torch.tensor(length, device=device) / c) - (factor - 1)) ** (d / (d - 2))
+
+
+def dynamic_length(cached: int, longest: int, context: int) -> int:
+    """The length dynamic NTK's frequencies stand for after a forward whose largest position is longest - 1,
+    given the length they stood for before (`cached`; context_length at load), as transformers'
+    dynamic_rope_update keeps it per model: it grows to `longest` when a forward exceeds it, falls back to
+    `context` when a forward is shorter than the context (strictly) after growing, and stays otherwise. So a
+    forward of 80 positions after one of 100 uses the frequencies for 100, and the same tokens give other
+    logits after a shorter call; with a KV cache every decoding step past the context recomputes them while
+    the cached keys keep the rotation of the step that computed them."""
+    if longest > cached:
+        return longest
+    if longest < context < cached:
+        return context
+    return cached
 
 
 def rope_attention_factor(cfg: ModelConfig) -> float:

@@ -3,10 +3,14 @@ configure_rope, unchanged from 0.9.5 to its main branch).
 
 When cutoff_len exceeds the model's window (a scaling's original_max_position_embeddings, else the context
 length), the factor is ceil(cutoff_len / window), the config's rope_scaling becomes that type with that factor
-(yarn and llama3 with the window as original_max_position_embeddings; llama3 with Llama 3.1's low / high
-frequency factors 1 and 4) and the context length becomes window x factor; a scaling the checkpoint has is
+(yarn, llama3 and dynamic with the window as original_max_position_embeddings; llama3 with Llama 3.1's low /
+high frequency factors 1 and 4) and the context length becomes window x factor; a scaling the checkpoint has is
 replaced, as there. Otherwise nothing changes (LLaMA-Factory: "Disabling rope scaling"). Torch-free: resolve,
 the recipe rules and notices compute it too, from the same function.
+
+dynamic is transformers' dynamic NTK (pipeline.model.rope): it rescales only sequences longer than
+max_position_embeddings, which LLaMA-Factory has just raised to window x factor >= cutoff_len. So training and
+evaluation run the plain frequencies, and only generation past window x factor (or a longer input) rescales.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ from typing import NamedTuple
 from pipeline.errors import UserError
 from pipeline.model.config import ModelConfig
 
-DYNAMIC = ("dynamic NTK recomputes the frequencies from each forward's longest position, so a position's "
-           "rotation depends on the batch it is in and on the cache's history; not implemented")
+DYNAMIC_NOTICE = ("; dynamic NTK rescales only sequences longer than that context (transformers' rule, as "
+                  "LLaMA-Factory runs it): training and evaluation within cutoff_len keep the model's frequencies, "
+                  "generation past the context rescales them per forward")
 
 
 class RopePlan(NamedTuple):
@@ -36,14 +41,11 @@ def recipe_rope(cfg: ModelConfig, kind: str | None, cutoff_len: int) -> RopePlan
     if cfg.positions != "rope":
         raise UserError(f"rope_scaling: given {kind!r}, but a {cfg.family} model has learned positions (no rotary "
                         "embedding to scale); remove the key")
-    if kind == "dynamic":
-        raise UserError(f"rope_scaling: given 'dynamic': {DYNAMIC}; use yarn (what Qwen2.5 documents for long "
-                        "inputs), linear or llama3")
     if cutoff_len <= window:
         return RopePlan(cfg, window, False)
     factor = float(math.ceil(cutoff_len / window))
     scaling: dict[str, object] = {"type": kind, "factor": factor}
-    if kind in ("yarn", "llama3"):
+    if kind in ("yarn", "llama3", "dynamic"):
         scaling["original_max_position_embeddings"] = window
     if kind == "llama3":
         scaling.update(low_freq_factor=1.0, high_freq_factor=4.0)
@@ -58,4 +60,5 @@ def rope_notice(plan: RopePlan, kind: str, cutoff_len: int, where: str) -> str:
     s = plan.config.rope_scaling or {}
     return (f"notice: {where}: rope_scaling: {kind} with factor {s['factor']:g} = ceil(cutoff_len {cutoff_len} / "
             f"{plan.window}) over the model's {plan.window} positions; context_length (max_position_embeddings) "
-            f"becomes {plan.config.context_length}, and merged/config.json carries the scaling")
+            f"becomes {plan.config.context_length}, and merged/config.json carries the scaling"
+            + (DYNAMIC_NOTICE if kind == "dynamic" else ""))

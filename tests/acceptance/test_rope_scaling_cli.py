@@ -1,9 +1,11 @@
-"""LLaMA-Factory's recipe key rope_scaling (model_utils/rope.py, configure_rope) on a user's path: a Qwen2
+"""LLaMA-Factory's recipe key rope_scaling (model_utils/rope.py, configure_rope) on a user's path: a Qwen2 / Llama
 checkpoint from save_pretrained whose window is shorter than cutoff_len, one LoRA step, merge, and transformers
-loading merged/ gives the logits our trained model gives, on a sequence past the original window."""
+loading merged/ gives the logits our trained model gives, on a sequence past the original window (dynamic: past
+the raised context, where dynamic NTK starts)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -13,27 +15,53 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def test_yarn_from_the_recipe_trains_merges_and_loads_in_transformers(workdir):
-    ckpt = workdir / "qwen"
-    write_hf_checkpoint(ckpt, "qwen2", small_vocab=True, max_position_embeddings=16)
+def _scaled_run(workdir, family: str, window: int, kind: str) -> tuple[dict, Any, Any, str]:
+    """The user's path: a save_pretrained checkpoint of `window` positions (its own scaling dropped), an
+    LLaMA-Factory recipe with rope_scaling `kind` and cutoff_len 250, build, train, merge. Returns
+    merged/config.json, transformers' model of merged/, our trained model and train's stderr (the notice)."""
+    ckpt = workdir / family
+    write_hf_checkpoint(ckpt, family, small_vocab=True, max_position_embeddings=window, rope_scaling=None)
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(ckpt), dataset_dir="data", output_dir="saves/r",
-                          max_steps=1, cutoff_len=250, rope_scaling="yarn")
+                          max_steps=1, cutoff_len=250, rope_scaling=kind)
     pipeline("build", recipe, cwd=workdir)
-    plan = pipeline("plan", recipe, cwd=workdir).stdout
-    assert any(line.split()[:3] == ["context_length", "256", "derived"] for line in plan.splitlines()), plan
     trained = pipeline("train", recipe, cwd=workdir)
-    assert ("r.yaml:24:15: rope_scaling: yarn with factor 16 = ceil(cutoff_len 250 / 16) over the model's 16 "
-            "positions; context_length (max_position_embeddings) becomes 256") in trained.stderr, trained.stderr
     pipeline("merge", recipe, cwd=workdir)
-
     merged = workdir / "saves/r/merged"
-    config = json.loads((merged / "config.json").read_text())
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    return json.loads((merged / "config.json").read_text()), theirs, trained_model(recipe, workdir), trained.stderr
+
+
+def _assert_same_logits(theirs: Any, ours: Any, lengths: tuple[int, ...]) -> None:
+    """transformers' and our logits for random inputs of these lengths, called in this order on both models."""
+    gen = torch.Generator().manual_seed(0)
+    for n in lengths:
+        x = torch.randint(0, theirs.config.vocab_size, (1, n), generator=gen)
+        with torch.no_grad():
+            assert_close(theirs(x).logits, ours(x), rel=1e-5)
+
+
+def test_yarn_from_the_recipe_trains_merges_and_loads_in_transformers(workdir):
+    config, theirs, ours, stderr = _scaled_run(workdir, "qwen2", 16, "yarn")
+    assert ("r.yaml:24:15: rope_scaling: yarn with factor 16 = ceil(cutoff_len 250 / 16) over the model's 16 "
+            "positions; context_length (max_position_embeddings) becomes 256") in stderr, stderr
+    plan = pipeline("plan", workdir / "r.yaml", cwd=workdir).stdout
+    assert any(line.split()[:3] == ["context_length", "256", "derived"] for line in plan.splitlines()), plan
     # what LLaMA-Factory's configure_rope sets on the config (factor ceil(250 / 16), the window kept as original)
     assert config["rope_scaling"] == {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16}
     assert config["max_position_embeddings"] == 256
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert theirs.model.rotary_emb.attention_scaling == pytest.approx(0.1 * torch.log(torch.tensor(16.0)).item() + 1)
-    ours = trained_model(recipe, workdir)
-    x = torch.randint(0, theirs.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert_close(theirs(x).logits, ours(x), rel=1e-5)
+    _assert_same_logits(theirs, ours, (200,))
+
+
+def test_dynamic_from_the_recipe_trains_merges_and_loads_in_transformers(workdir):
+    """Dynamic NTK over LLaMA-Factory's raised context (64 x ceil(250 / 64) = 256), on Llama: transformers loading
+    merged/ gives our trained model's logits past it (rescaled for 300 positions), then within it (back to the
+    plain frequencies, as transformers' dynamic_rope_update resets them)."""
+    config, theirs, ours, stderr = _scaled_run(workdir, "llama", 64, "dynamic")
+    assert ("rope_scaling: dynamic with factor 4 = ceil(cutoff_len 250 / 64) over the model's 64 positions; "
+            "context_length (max_position_embeddings) becomes 256") in stderr, stderr
+    # LLaMA-Factory's configure_rope: rope_type dynamic, the factor, the window as original_max_position_embeddings
+    assert config["rope_scaling"] == {"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 64}
+    assert config["max_position_embeddings"] == 256
+    assert theirs.model.rotary_emb.rope_type == "dynamic"
+    _assert_same_logits(theirs, ours, (300, 100))

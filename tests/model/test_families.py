@@ -334,12 +334,12 @@ def write_config(tmp_path, **changes):
      "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
     ({"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
     ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}},
-     "rope_parameters.rope_type 'longrope' is not implemented; supported: default, linear, llama3, yarn"),
+     "rope_parameters.rope_type 'longrope' is not implemented; supported: default, linear, dynamic, llama3, yarn"),
     # an edit of rope_scaling in a config.json that also has rope_parameters (as our merged/ does): transformers
     # runs it, so it is refused, not read past
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
-      "rope_scaling": {"type": "dynamic", "factor": 2.0}},
-     "rope_scaling.rope_type 'dynamic' is not implemented"),
+      "rope_scaling": {"type": "longrope", "factor": 2.0}},
+     "rope_scaling.rope_type 'longrope' is not implemented"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1, "layer_types": None},
      "use_sliding_window true is not supported: layer 1 would attend to the last 16 positions only"),

@@ -20,6 +20,9 @@ from pipeline.recipe.notices import notices
     ("llama-3.2-1b", "llama3", 20000, {"type": "llama3", "factor": 3.0, "original_max_position_embeddings": 8192,
                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 24576),
     ("llama-3.2-1b", "yarn", 8193, {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}, 16384),
+    # dynamic too keeps the window as original_max_position_embeddings (configure_rope: DYNAMIC and YARN)
+    ("qwen2.5-0.5b", "dynamic", 100000, {"type": "dynamic", "factor": 4.0,
+                                         "original_max_position_embeddings": 32768}, 131072),
 ])
 def test_factor_window_and_context_as_llamafactory_sets_them(preset, kind, cutoff, scaling, context):
     plan = recipe_rope(PRESETS[preset], kind, cutoff)
@@ -32,9 +35,7 @@ def test_within_the_window_nothing_changes(preset, cutoff):
     assert not plan.applied and plan.config == PRESETS[preset]
 
 
-def test_dynamic_and_a_model_without_rotary_positions_are_refused():
-    with pytest.raises(UserError, match="given 'dynamic': dynamic NTK recomputes the frequencies"):
-        recipe_rope(PRESETS["qwen2.5-0.5b"], "dynamic", 100000)
+def test_a_model_without_rotary_positions_is_refused():
     with pytest.raises(UserError, match="a gpt2 model has learned positions"):
         recipe_rope(PRESETS["tiny"], "yarn", 4096)
 
@@ -49,6 +50,10 @@ def test_resolve_derives_context_length_and_a_notice_says_what_was_set(tmp_path)
     assert r["context_length"] == 65536 and r.source("context_length") == "derived"
     assert any("r.yaml:5:15: rope_scaling: yarn with factor 2 = ceil(cutoff_len 40000 / 32768)" in line
                for line in notices(r)), notices(r)
+    dynamic = resolve(_recipe(tmp_path, "cutoff_len: 40000\nrope_scaling: dynamic\n"), command="plan")
+    assert dynamic["context_length"] == 65536
+    assert any("rope_scaling: dynamic with factor 2" in line and "dynamic NTK rescales only sequences longer than "
+               "that context" in line for line in notices(dynamic)), notices(dynamic)
     quiet = resolve(_recipe(tmp_path, "cutoff_len: 1024\nrope_scaling: yarn\n"), command="plan")
     assert quiet["context_length"] is None
     assert any("rope_scaling: yarn not applied: cutoff_len 1024 fits the model's 32768 positions" in line
@@ -58,7 +63,6 @@ def test_resolve_derives_context_length_and_a_notice_says_what_was_set(tmp_path)
 @pytest.mark.parametrize("text,words", [
     ("cutoff_len: 40000\nrope_scaling: yarn\ncontext_length: 65536\n",
      "r.yaml:6:17): rope_scaling derives the context length from cutoff_len"),
-    ("cutoff_len: 40000\nrope_scaling: dynamic\n", "r.yaml:5:15: rope_scaling: given 'dynamic': dynamic NTK"),
     ("rope_scaling: ntk\n", "rope_scaling"),
 ])
 def test_a_recipe_that_cannot_scale_is_refused_at_the_key(tmp_path, text, words):

@@ -160,8 +160,8 @@ def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("rope_scaling", "context_length", "cutoff_len", "model_name_or_path")
 def rope_scaling_applies(ctx: Context) -> list[tuple[str, str]]:
-    """rope_scaling sets the context length itself (window x factor), so an explicit one contradicts it; dynamic
-    NTK and a model without rotary positions are refused with the reason (pipeline.model.rope_recipe)."""
+    """rope_scaling sets the context length itself (window x factor), so an explicit one contradicts it; a model
+    without rotary positions is refused with the reason (pipeline.model.rope_recipe)."""
     kind = ctx.values["rope_scaling"]
     if kind is None:
         return []
