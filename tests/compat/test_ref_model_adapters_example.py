@@ -29,8 +29,10 @@ SFT, DPO = "examples/train_lora/qwen3_lora_sft.yaml", "examples/train_lora/qwen3
 SFT_RUN = "saves/qwen3-4b/lora/sft"  # the sft example's output_dir
 
 
-# our demo dpo_en_demo: fewer pairs than 8 micro-batches; 2 steps, a checkpoint after each (the resume test's)
-USED = ["max_steps=2", "gradient_accumulation_steps=1", "save_steps=1", "logging_steps=1", "overwrite_cache=true"]
+# our demo dpo_en_demo: fewer pairs than 8 micro-batches; 2 steps, a checkpoint after each (the resume test's);
+# no plots (test time)
+USED = ["max_steps=2", "gradient_accumulation_steps=1", "save_steps=1", "logging_steps=1", "overwrite_cache=true",
+        "plot_loss=false"]
 DPO_RUN = "saves/qwen3-4b/lora/dpo"  # the dpo example's output_dir
 
 
