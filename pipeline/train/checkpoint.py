@@ -93,6 +93,9 @@ FILES_KEY = "training files"  # every built file the train split reads (a val.js
 LOSS_KEY, LOSS_RULE = "loss normalization", "the labelled tokens of the whole update"
 # the pt / sft token losses that resumes changed (token_loss_changes), beside the recipe values of the checkpoint
 CHANGES_KEY = "token loss changes"
+# each local ref_model_adapters folder -> the sha256 of its adapter files: the key can name the same folder after
+# its files were rewritten (a retrained sft run in place), which changes the reference as a new value would
+ADAPTERS_KEY = "reference adapter files"
 
 @dataclass
 class TrainState:
@@ -236,6 +239,7 @@ def saved_recipe(r: Mapping[str, Any], loss_changes: list[dict[str, Any]] | None
     values[DATA_KEY] = training_data(r)
     values[FILES_KEY] = training_files(r)
     values[LOSS_KEY] = LOSS_RULE
+    values[ADAPTERS_KEY] = reference_adapter_files(r)
     if loss_changes:
         values[CHANGES_KEY] = loss_changes
     return values
@@ -274,6 +278,35 @@ def training_files(r: Mapping[str, Any]) -> dict[str, str | None]:
         files = (read_manifest(file.parent) or {}).get("files") or {}
         out[f"{file.parent.name}/{file.name}"] = (files.get(file.name) or {}).get("sha256")
     return out
+
+
+def reference_adapter_files(r: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """Each ref_model_adapters folder on disk -> {adapter file: sha256}: what the reference folded in (a hub id,
+    which names a fixed revision's files, is left out)."""
+    from pipeline.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from pipeline.names import split_names
+
+    folders = [Path(name) for name in split_names(r.get("ref_model_adapters"))]
+    return {str(folder): {name: sha256_file(folder / name) for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+                          if (folder / name).is_file()} for folder in folders if folder.is_dir()}
+
+
+def _reference_adapter_notices(r: Mapping[str, Any], path: Path, saved: Mapping[str, Any]) -> list[str]:
+    """The ref_model_adapters folders, named as before, whose files differ from those `path` was trained against:
+    the reference is new from the resumed step on, as with a new ref_model_adapters value (an APPLY key)."""
+    before = saved.get(ADAPTERS_KEY)
+    if not isinstance(before, Mapping) or saved.get("ref_model_adapters") != r.get("ref_model_adapters"):
+        return []  # a checkpoint without the record, or a new value: that change's own notice says it
+    now, step = reference_adapter_files(r), read_state(path).get("global_step", "?")
+    notices = []
+    for folder, files in before.items():
+        new = now.get(folder, {})
+        differ = sorted(name for name in {*files, *new} if files.get(name) != new.get(name))
+        if differ:
+            notices.append(f"resume: {where(r, 'ref_model_adapters')}: {folder} changed since {path} was saved "
+                           f"({', '.join(differ)}: another sha256): the reference folds in the new adapter from step "
+                           f"{step} on (put the old files back to resume the same run)")
+    return notices
 
 
 def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
@@ -333,6 +366,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo / kto train without dropout (as TRL)
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
                f"{state.get('global_step', '?')} on" for k in changed if k in APPLY and k not in inert]
+    notices += _reference_adapter_notices(r, path, saved)
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage "
                 f"{r.get('stage')} trains without dropout" for k in changed if k in inert]
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: ignored, the "

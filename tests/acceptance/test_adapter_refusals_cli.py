@@ -37,13 +37,16 @@ export_legacy_format: false
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """base/: a transformers Qwen3 of hidden size 32; other/: a PEFT LoRA adapter (q_proj, v_proj) of a Qwen3 of
-    hidden size 48."""
+    hidden size 48; other-oft/: a PEFT OFT one (blocks of 8) of that model."""
     root = tmp_path_factory.mktemp("adapter_refusals")
     base = write_hf_checkpoint(root / "base", "qwen3", small_vocab=True)
     config = peft.LoraConfig(r=RANK, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     other = hf_model("qwen3", vocab_size=base.config.vocab_size, hidden_size=48)
     peft.get_peft_model(other, config).save_pretrained(root / "other")
     shutil.copytree(root / "other", root / "saves/big/adapter")  # as a run of ours keeps it in output_dir/adapter/
+    oft = peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"])
+    peft.get_peft_model(hf_model("qwen3", vocab_size=base.config.vocab_size, hidden_size=48), oft).save_pretrained(
+        root / "other-oft")
     return root
 
 
@@ -77,6 +80,16 @@ def test_an_adapter_of_another_size_is_refused_at_its_key(workdir):
     err = export_refusal(workdir, adapter="saves/big")
     assert "merge.yaml:3:23: adapter_name_or_path: given 'saves/big/adapter', whose tensor" in err, err
     assert "hidden size 48; this model has 32" in err and err.count("adapter_name_or_path") == 1, err
+
+
+def test_an_oft_adapter_of_another_size_is_refused_at_its_key(workdir):
+    # PEFT's oft_R of q_proj is one row per block of 8 inputs, each the 8 x 7 / 2 numbers of a block's upper triangle
+    (workdir / "merge.yaml").write_text(MERGE.format(model="base", adapter="other-oft"))
+    err = refused("export", "merge.yaml", cwd=workdir, as_typed=False)
+    assert ("merge.yaml:3:23: adapter_name_or_path: given 'other-oft', whose tensor 'base_model.model.model.layers.0."
+            "self_attn.q_proj.oft_R.weight' has shape [6, 28] but base expects [4, 28] there: trained on a model "
+            "with hidden size 48; this model has 32") in err, err
+    assert err.count("adapter_name_or_path") == 1, err
 
 
 def test_a_reference_adapter_of_another_size_is_refused_at_ref_model_adapters(workdir):

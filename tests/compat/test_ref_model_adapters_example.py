@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import assert_close, pipeline, refused, trained_model
+from tests.acceptance.harness import assert_close, assert_same_run, crash_copy, log_losses, pipeline, refused, trained_model
 from tests.compat.test_lf_examples import tiny_model
 from tests.compat.test_lf_recipes import lf_checkout
+from tests.reliability.rel_helpers import run_main
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -27,9 +29,19 @@ SFT, DPO = "examples/train_lora/qwen3_lora_sft.yaml", "examples/train_lora/qwen3
 SFT_RUN = "saves/qwen3-4b/lora/sft"  # the sft example's output_dir
 
 
-def test_dpo_against_the_sft_adapter_as_reference(tmp_path):
-    base = tiny_model(tmp_path / "qwen", "qwen3")
-    work = lf_checkout(tmp_path / "lf", str(base))
+# our demo dpo_en_demo: fewer pairs than 8 micro-batches; 2 steps, a checkpoint after each (the resume test's);
+# no plots (test time)
+USED = ["max_steps=2", "gradient_accumulation_steps=1", "save_steps=1", "logging_steps=1", "overwrite_cache=true",
+        "plot_loss=false"]
+DPO_RUN = "saves/qwen3-4b/lora/dpo"  # the dpo example's output_dir
+
+
+@pytest.fixture(scope="module")
+def dpo(tmp_path_factory) -> tuple[Path, Path]:
+    """The sft example trained one step, then the dpo example against its adapter: (the base, the working copy)."""
+    root = tmp_path_factory.mktemp("ref_adapters")
+    base = tiny_model(root / "qwen", "qwen3")
+    work = lf_checkout(root / "lf", str(base))
     # one step that moves the adapter (the example's warmup makes step 1's learning rate 0, and LoRA starts at B = 0)
     # (overwrite_cache: train builds the data itself, one command less)
     pipeline("train", SFT, "max_steps=1", "gradient_accumulation_steps=1", "warmup_ratio=0", "learning_rate=1e-2",
@@ -37,15 +49,18 @@ def test_dpo_against_the_sft_adapter_as_reference(tmp_path):
     with (work / DPO).open("a", encoding="utf-8") as recipe:
         recipe.write(f"\n### reference\nref_model: {base}\nref_model_adapters: {SFT_RUN}\n"
                      f"adapter_name_or_path: {SFT_RUN}\n")
+    done = pipeline("train", DPO, *USED, cwd=work, timeout=600)
+    assert f"reference: ref_model {base} with ref_model_adapters {SFT_RUN}/adapter folded in" in done.stderr, \
+        done.stderr
+    return base, work
+
+
+def test_dpo_against_the_sft_adapter_as_reference(dpo):
+    base, work = dpo
     # without ref_model the adapters have no base: one message at the key's line (LLaMA-Factory drops them silently)
     said = refused("validate", DPO, "ref_model=", cwd=work, as_typed=False)
     assert f"{DPO}:51:21: ref_model_adapters: given '{SFT_RUN}/adapter' but ref_model is not set" in said, said
-    used = ["max_steps=1", "gradient_accumulation_steps=1",  # our demo dpo_en_demo: fewer pairs than 8 micro-batches
-            "overwrite_cache=true"]
-    done = pipeline("train", DPO, *used, cwd=work, timeout=600)
-    assert f"reference: ref_model {base} with ref_model_adapters {SFT_RUN}/adapter folded in" in done.stderr, \
-        done.stderr
-    run = work / "saves/qwen3-4b/lora/dpo"
+    run = work / DPO_RUN
     first = json.loads((run / "trainer_log.jsonl").read_text("utf-8").splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=2e-3)  # bf16 as the example: the same model, rounded
     assert abs(first["rewards/margins"]) < 2e-2
@@ -54,4 +69,33 @@ def test_dpo_against_the_sft_adapter_as_reference(tmp_path):
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
                                                 run / "adapter").eval()
-        assert_close(theirs(ids).logits, trained_model(DPO, work, used)(ids))
+        assert_close(theirs(ids).logits, trained_model(DPO, work, USED)(ids))
+
+
+def test_a_resume_rebuilds_the_same_reference_and_says_when_its_adapter_changed(dpo):
+    """Killed after step 1 and resumed as typed: the reference is ref_model + the adapter folded again, so the run
+    goes on bitwise. With the adapter's files rewritten in place (the sft run retrained) between the two, the
+    resume says so at the key and step 2 scores against the new reference (docs/resume.md: a new reference is
+    applied from the resumed step, as a new ref_model_adapters value is)."""
+    from safetensors.torch import load_file, save_file
+
+    _, work = dpo
+    run = work / DPO_RUN
+    crashed = crash_copy(run, work / "saves/crashed", 1)
+    pipeline("train", DPO, *USED, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=work,
+             timeout=600)
+    assert_same_run(run, crashed, "adapter/adapter_model.safetensors")
+
+    weights = work / SFT_RUN / "adapter/adapter_model.safetensors"
+    kept = load_file(weights)
+    save_file({k: 2 * v if "lora_B" in k else v for k, v in kept.items()}, weights, metadata={"format": "pt"})
+    try:
+        changed = crash_copy(run, work / "saves/changed", 1)
+        done = run_main(["train", DPO, *USED, "output_dir=saves/changed", "resume_from_checkpoint=latest"], work)
+    finally:
+        save_file(kept, weights, metadata={"format": "pt"})
+    assert done.code == 0, done.err[-6000:]
+    assert (f"resume: {DPO}:51: ref_model_adapters: {SFT_RUN}/adapter changed since saves/changed/checkpoint-1 "
+            "was saved (adapter_model.safetensors: another sha256): the reference folds in the new adapter from "
+            "step 1 on") in done.err, done.err
+    assert log_losses(changed)[2] != log_losses(run)[2]

@@ -271,6 +271,14 @@ def test_asft_alpha_needs_use_asft_loss_and_pissa_has_no_asft_reference(recipe):
     assert len(messages) == 1 and messages[0].startswith("r.yaml:7:13: pissa_init: is true but use_asft_loss's KL term")
 
 
+def test_asft_alpha_is_at_least_zero(recipe):
+    """LLaMA-Factory's loss is DFT + asft_alpha x KL(reference || policy) (trainer_utils.py:740); KL is >= 0 and
+    unbounded above, so a negative weight makes a loss without a lower bound: refused. 0 is DFT alone: accepted."""
+    assert resolve(recipe("stage: sft\nuse_asft_loss: true\nasft_alpha: 0\n"))["asft_alpha"] == 0
+    assert errors(recipe("stage: sft\nuse_asft_loss: true\nasft_alpha: -0.1\n")) == [
+        "r.yaml:7:13: asft_alpha: given -0.1, expected a number >= 0"]
+
+
 def test_ref_model_is_asfts_reference_under_sft(recipe):
     """LLaMA-Factory's create_ref_model reads ref_model for the ASFT loss too: accepted there (PiSSA then has its
     reference), refused under sft without use_asft_loss, saying which switch reads it."""

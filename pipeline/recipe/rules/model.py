@@ -5,6 +5,7 @@ context_length, rope_scaling).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -192,11 +193,11 @@ def adapter_fits_model(ctx: Context) -> list[tuple[str, str]]:
 
 
 def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str) -> list[tuple[str, str]]:
-    """One message when the LoRA tensors of adapter folder `adapter` (recipe key `key`) do not fit the linear layers
-    of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, and the two
-    hidden sizes when they tell. Read from the safetensors headers alone (no tensor data); skipped (an empty list)
-    where either is not on disk as a safetensors checkpoint, or the adapter is no LoRA one (its load says what is
-    wrong with it then)."""
+    """One message when the LoRA or OFT tensors of adapter folder `adapter` (recipe key `key`) do not fit the linear
+    layers of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, and the two
+    hidden sizes when they tell. Read from the safetensors headers alone (no tensor data) and adapter_config.json;
+    skipped (an empty list) where either is not on disk as a safetensors checkpoint, or the adapter is neither (its
+    load says what is wrong with it then)."""
     from pipeline.model.lora import ADAPTER_WEIGHTS
 
     folders = [_local_folder(name, k) for name, k in ((adapter, key), (model, model_key))]
@@ -205,15 +206,15 @@ def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str) -
     theirs, ours = safetensors_shapes(folders[0] / ADAPTER_WEIGHTS), checkpoint_shapes(folders[1])
     if not theirs or not ours:
         return []
-    conv1d = _stores_conv1d(folders[1])
+    conv1d, config = _stores_conv1d(folders[1]), _config(folders[0], "adapter_config.json")
     sizes: dict[int, set[int]] = {}  # the model's dimension -> the adapter's at the same place
     first = None
     for name in sorted(theirs):
-        expected = _lora_expected(name, theirs[name], ours, conv1d)
-        if expected is None:
+        fit = _lora_expected(name, theirs[name], ours, conv1d) or _oft_expected(name, theirs[name], ours, config)
+        if fit is None:
             continue
-        for mine, given in zip(expected, theirs[name]):
-            sizes.setdefault(mine, set()).add(given)
+        expected, mine, given = fit
+        sizes.setdefault(mine, set()).add(given)
         if first is None and list(expected) != theirs[name]:
             first = (name, expected)
     if first is None:
@@ -240,26 +241,56 @@ def _local_folder(name: str, key: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def _lora_expected(name: str, shape: list[int], model: dict[str, list[int]], conv1d: bool) -> tuple[int, ...] | None:
-    """The shape the model's layer expects for adapter tensor `name` (PEFT's base_model.model.<module>.lora_A /
-    lora_B.weight, of shape rank x in / out x rank), keeping the adapter's rank; None for a tensor that is no LoRA
-    A / B of a 2-d weight the checkpoint holds. The vocabulary rows (embeddings, head) are left out: added tokens
-    grow them, which the load explains."""
+# what an adapter tensor's expected shape is computed from: (the expected shape, the model's dimension it depends
+# on, the adapter's dimension in its place), e.g. a LoRA A's ((rank, in), in, its in)
+Fit = tuple[tuple[int, ...], int, int]
+
+
+def _adapted_weight(name: str, part: str, model: dict[str, list[int]]) -> list[int] | None:
+    """The 2-d weight shape in checkpoint `model` of the module PEFT's adapter tensor `name` (base_model.model.
+    <module><part>) adapts; None where it holds none, or for the vocabulary rows (embeddings, head), which added
+    tokens grow (the load explains those)."""
     from pipeline.model.lora import PEFT_PREFIX, VOCAB_ROWS
 
-    for part, pick in ((".lora_A.weight", lambda out, inn: (shape[0], inn)),
-                       (".lora_B.weight", lambda out, inn: (out, shape[1]))):
-        if name.startswith(PEFT_PREFIX) and name.endswith(part) and len(shape) == 2:
-            module = name[len(PEFT_PREFIX):-len(part)]
-            if f"{module}.weight".endswith(VOCAB_ROWS):
-                return None
-            weight = next((model[k] for k in (f"{module}.weight", f"{module.partition('.')[2]}.weight")
-                           if len(model.get(k, ())) == 2), None)
-            if weight is None:
-                return None
+    if not (name.startswith(PEFT_PREFIX) and name.endswith(part)):
+        return None
+    module = name[len(PEFT_PREFIX):-len(part)]
+    if f"{module}.weight".endswith(VOCAB_ROWS):
+        return None
+    return next((model[k] for k in (f"{module}.weight", f"{module.partition('.')[2]}.weight")
+                 if len(model.get(k, ())) == 2), None)
+
+
+def _lora_expected(name: str, shape: list[int], model: dict[str, list[int]], conv1d: bool) -> Fit | None:
+    """For a LoRA tensor (PEFT's <module>.lora_A / lora_B.weight, rank x in / out x rank) of a 2-d weight the
+    checkpoint holds: the shape that layer expects, keeping the adapter's rank; None for any other tensor."""
+    for part, a in ((".lora_A.weight", True), (".lora_B.weight", False)):
+        weight = _adapted_weight(name, part, model) if len(shape) == 2 else None
+        if weight is not None:
             out, inn = reversed(weight) if conv1d else weight
-            return pick(out, inn)
+            return ((shape[0], inn), inn, shape[1]) if a else ((out, shape[1]), out, shape[0])
     return None
+
+
+def _oft_expected(name: str, shape: list[int], model: dict[str, list[int]], config: dict) -> Fit | None:
+    """For an OFT tensor (PEFT's <module>.oft_R.weight: one row per block of the layer's inputs, each the upper
+    triangle of a block_size x block_size skew-symmetric matrix, pipeline.model.oft) of a Linear weight the
+    checkpoint holds: the shape PEFT builds for that layer from the adapter's r / oft_block_size (a size that does
+    not divide the inputs moved as PEFT moves it); None for any other tensor or an unusable config. The adapter's
+    inputs are its blocks x the block size its rows' length tells."""
+    from pipeline.errors import UserError
+    from pipeline.model.config import oft_blocks
+
+    weight = _adapted_weight(name, ".oft_R.weight", model) if len(shape) == 2 else None
+    rank, size = config.get("r", 0), config.get("oft_block_size", 0)
+    if weight is None or not (isinstance(rank, int) and isinstance(size, int)):
+        return None
+    try:
+        blocks, size = oft_blocks(weight[1], rank, size)
+    except UserError:
+        return None
+    given = (1 + math.isqrt(1 + 8 * shape[1])) // 2  # the block size whose upper triangle has shape[1] numbers
+    return (blocks, size * (size - 1) // 2), weight[1], shape[0] * given
 
 
 def safetensors_shapes(file: Path) -> dict[str, list[int]]:
@@ -287,9 +318,9 @@ def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
     return {k: v for file in files for k, v in safetensors_shapes(file).items()}
 
 
-def _config(folder: Path) -> dict:
+def _config(folder: Path, file: str = "config.json") -> dict:
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
