@@ -1,9 +1,12 @@
 """Stage ppo as a LLaMA-Factory user runs it: its llama3_lora_reward.yaml (stage rm, LoRA) trains the reward model,
 then its llama3_lora_ppo.yaml (reward_model: that run's output_dir, reward_model_type lora by default) trains the
-policy 2 PPO steps through `python -m pipeline train`, on a tiny transformers-written Llama (the two recipes:
+policy 3 PPO steps (ppo_score_norm on, a checkpoint each step) through `python -m pipeline train`, on a tiny
+transformers-written Llama (the two recipes:
 tests/compat/lf_examples_removed/NOTICE.md). The PPO run's adapter loads in PEFT and gives our trained model's
 logits; value_head.safetensors lies beside it with LLaMA-Factory's keys. reward_model_type full (the rm adapter
-merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used.
+merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used. The score
+moments saved at step 3 are TRL's RunningMoments over the logged scores; the run killed after step 1 and resumed
+ends bitwise as the uninterrupted one.
 
 Golden for step 1, computed here with transformers and PEFT: every row has one prompt (so the rows of step 1 are
 known whatever the order), the policy is the base (LoRA starts at B = 0) and step 1's learning rate is 0 (the
@@ -19,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import assert_close, pipeline, trained_model
+from tests.acceptance.harness import assert_close, assert_same_run, crash_copy, pipeline, trained_model
 from tests.compat.test_lf_examples import tiny_model
 from tests.compat.test_lf_recipes import lf_checkout
+from tests.model.test_ppo_math import trl_score_norm
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,6 +36,7 @@ RM, PPO = "examples/train_lora/llama3_lora_reward.yaml", "examples/train_lora/ll
 RM_RUN, PPO_RUN = "saves/llama3-8b/lora/reward", "saves/llama3-8b/lora/ppo"
 PROMPT = "Say hi"
 NEW_TOKENS = 5
+CLOCK = ("tokens_per_s", "trained_tokens_per_s", "elapsed", "eta")
 
 
 def checkout(tmp_path: Path) -> tuple[Path, Path]:
@@ -92,13 +97,14 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     fast = ["bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]  # the example's bf16: emulated on CPU
     pipeline("train", RM, "max_steps=2", "gradient_accumulation_steps=1", "max_samples=16", "val_size=0", *fast,
              cwd=work)
-    used = ["max_steps=2", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
-            "gradient_accumulation_steps=2", "ppo_epochs=2", *fast]  # 2 x 2 updates a step: time
+    used = ["max_steps=3", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
+            "gradient_accumulation_steps=2", "ppo_epochs=2", "save_steps=1", "ppo_score_norm=true",
+            "learning_rate=1e-2", *fast]  # 2 x 2 updates a step: time; the policy moves (other scores each step)
     done = pipeline("train", PPO, *used, cwd=work, timeout=600)
     assert f"ppo: reward_model {RM_RUN} (lora)" in done.stderr, done.stderr
     run = work / PPO_RUN
     log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
-    assert [rec["step"] for rec in log] == [1, 2]
+    assert [rec["step"] for rec in log] == [1, 2, 3]
     first = log[0]
     assert first["lr"] == 0.0 and first["kl"] == 0.0
     assert first["reward"] == pytest.approx(step_one(base, work / RM_RUN / "adapter"), abs=1e-4)
@@ -123,3 +129,34 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
         scorer.merge_and_unload().save_pretrained(tmp_path / "rm_full")
         for model in reward_models(work, used, tmp_path / "rm_full"):
             assert float(model(ids)[0, -1, 0]) == pytest.approx(float(expected), abs=1e-5)
+
+    # the scores' running moments (ppo_score_norm) are TRL's over every score so far: a step's rows are one prompt
+    # answered by one policy, so each step's two scores are its logged reward
+    moments = json.loads((run / "checkpoint-3/trainer_state.json").read_text("utf-8"))["objective"]["score_moments"]
+    trl = trl_score_norm([[rec["reward"]] * 2 for rec in log])[1]
+    assert moments == pytest.approx(trl, rel=1e-5), (moments, trl)
+
+    # killed after its step-1 checkpoint and resumed: the same run, bitwise (adapter, value head, optimizer, KL
+    # coefficient, running moments, RNG and data position: every file of the step-3 checkpoint and every log value)
+    crashed = crash_copy(run, work / "saves/crashed", 1)
+    pipeline("train", PPO, *used, f"output_dir={crashed.relative_to(work)}", "resume_from_checkpoint=latest",
+             cwd=work, timeout=600)
+    assert_same_run(run, crashed, "adapter/value_head.safetensors")
+    assert checkpoint_files(crashed / "checkpoint-3") == checkpoint_files(run / "checkpoint-3")
+    assert logged(crashed) == logged(run)
+
+
+def checkpoint_files(checkpoint: Path) -> dict[str, str]:
+    """Every file of a checkpoint -> its sha256 (the manifest's), trainer_state.json's recipe values aside (the
+    resumed run's output_dir differs)."""
+    files = json.loads((checkpoint / "manifest.json").read_text("utf-8"))["files"]
+    state = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    state.pop("recipe")
+    return {**{name: info["sha256"] for name, info in files.items() if name != "trainer_state.json"},
+            "trainer_state.json": state}
+
+
+def logged(run: Path) -> dict[int, dict[str, float]]:
+    """step -> every value its log line has but the clock's."""
+    lines = (run / "trainer_log.jsonl").read_text("utf-8").splitlines()
+    return {rec["step"]: {k: v for k, v in rec.items() if k not in CLOCK} for rec in map(json.loads, lines)}

@@ -25,13 +25,10 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "finetuning_type: full\n", None,
      "r.yaml:7:18: finetuning_type: given \"full\" with stage ppo: stage ppo trains a LoRA policy here"),
     (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
-    (PPO + "ppo_score_norm: true\n", None, "r.yaml:7:17: ppo_score_norm: given true with stage ppo: normalizing"),
     (PPO + "zero_stage: 2\n", None, "r.yaml:7:13: zero_stage: given 2 with stage ppo: stage ppo runs on DeepSpeed "
                                     "ZeRO 0 only"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
                                     "response per prompt"),
-    (PPO + "resume_from_checkpoint: latest\n", None,
-     "r.yaml:7:25: resume_from_checkpoint: given \"latest\" with stage ppo: exact resume is not implemented"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
     (PPO + "ref_model: tiny\n", None, "r.yaml:7:12: ref_model: is not implemented for stage ppo"),
     (PPO + "reward_model_type: api\n", None, "r.yaml:7:20: reward_model_type: given 'api', expected one of lora, "
@@ -39,7 +36,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
     (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
                   "sft recipe"),
-], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "full", "buffer", "score-norm", "zero2", "beams", "resume",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "full", "buffer", "zero2", "beams",
         "val_size",
         "ref_model", "api", "outside-ppo", "eval-command"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
