@@ -5,7 +5,8 @@
        the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
     -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools)
     -> no-grad passes: the policy's log-probabilities and values, the reference's log-probabilities
-       (the policy with its LoRA adapters switched off: pipeline.train.preference.AdapterReference)
+       (the starting model, pipeline.train.preference.starting_reference: the policy with its LoRA adapters
+       switched off, or a frozen copy under full / freeze)
     -> per-token rewards, GAE advantages and returns (pipeline.model.ppo)
     -> ppo_epochs passes over the rows in a seeded random order, per_device_train_batch_size rows a mini-batch:
        clipped policy loss + vf_coef x clipped value loss, engine.backward / engine.step (DeepSpeed updates every
@@ -281,11 +282,11 @@ class PPOTrainer(Trainer):
         return {"loss": value, **stats}
 
 
-def describe(reward_model: str, kind: str, ppo: Any, generation: Any) -> None:
+def describe(reward_model: str, kind: str, ppo: Any, generation: Any, reference: str) -> None:
     """The run's PPO settings on stderr (rank 0), as dpo's line says its loss and reference."""
     if dist.is_main():
         sampling = (f"sampling (temperature {generation.temperature}, top_k {generation.top_k}, top_p "
                     f"{generation.top_p})" if generation.do_sample else "greedy")
         print(f"ppo: reward_model {reward_model} ({kind}), ppo_epochs {ppo.ppo_epochs}, ppo_target {ppo.ppo_target}, "
-              f"{generation.max_new_tokens} new tokens at most, {sampling}; reference: the starting model (the policy "
-              "with its adapters switched off)", file=sys.stderr, flush=True)
+              f"{generation.max_new_tokens} new tokens at most, {sampling}; reference: {reference}", file=sys.stderr,
+              flush=True)

@@ -232,19 +232,21 @@ def exporter_class(r: Any) -> Any:
 
 def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]:
     """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model, the reference
-    (the policy with its adapters off), the tokenizer's pad id and the template's stop ids, the decoding keys."""
+    (the starting model: the policy with its adapters off under LoRA, a frozen copy under full / freeze, as
+    LLaMA-Factory's create_ref_model), the tokenizer's pad id and the template's stop ids, the decoding keys."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.recipe.args import GenerationArgs, ppo_args, recipe_args
     from pipeline.train.ppo import PPOTrainer, describe, load_reward_model
-    from pipeline.train.preference import AdapterReference, disable_dropout
+    from pipeline.train.preference import disable_dropout, starting_reference
 
     ppo, generation, data = ppo_args(r), GenerationArgs.from_recipe(r), data_args(r)
     tokenizer, template = recipe_tokenizer(data), data.chat_template()
     reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
                                compute_dtype(r))
     disable_dropout(reward)
-    describe(ppo.reward_model, ppo.reward_model_type, ppo, generation)
-    return PPOTrainer, {"reward_model": reward, "reference": AdapterReference(engine), "pad_id": tokenizer.pad_id,
+    reference = starting_reference(None, None, recipe_args(r), engine, dtype=compute_dtype(r))
+    describe(ppo.reward_model, ppo.reward_model_type, ppo, generation, reference.description)
+    return PPOTrainer, {"reward_model": reward, "reference": reference, "pad_id": tokenizer.pad_id,
                         "stop_ids": tuple(template.stop_ids(tokenizer)), "generation": generation, "ppo": ppo,
                         "scheduler": scheduler, "seed": int(r["seed"])}
 
