@@ -149,3 +149,52 @@ def kl_controller(init_kl_coef: float, target: float | None, horizon: float) -> 
     if target is None:
         return FixedKLController(init_kl_coef)
     return AdaptiveKLController(init_kl_coef, target, horizon)
+
+
+class RunningMoments:
+    """TRL's RunningMoments (one rank): the running mean and std of every score seen so far, for ppo_score_norm.
+
+    The same operations in the same order as TRL's (python numbers until the first update, float32 tensors after),
+    so the normalized scores are TRL's to the bit; state() / from_state() carry it through a checkpoint."""
+
+    def __init__(self) -> None:
+        self.mean: float | torch.Tensor = 0
+        self.std: float | torch.Tensor = 1
+        self.var: float | torch.Tensor = 1
+        self.count: float = 1e-24
+
+    @torch.no_grad()
+    def update(self, xs: torch.Tensor) -> None:
+        """Fold a batch's scores in (Chan et al.'s parallel update with the batch's biased variance)."""
+        xs_count = xs.numel()
+        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var = xs_mean.float(), xs_var.float()
+        delta = xs_mean - self.mean
+        tot_count = self.count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = self.var * self.count + delta ** 2 * self.count * xs_count / tot_count
+        self.mean += delta * xs_count / tot_count
+        self.var = (old_sum + new_sum) / tot_count
+        self.std = (self.var * tot_count / (tot_count - 1)).float().sqrt()
+        self.count = tot_count
+
+    def normalize(self, scores: torch.Tensor) -> torch.Tensor:
+        """TRL's use_score_scaling + use_score_norm (LLaMA-Factory's ppo_score_norm): update with the batch, then
+        (score - running mean) / (running std + eps of the scores' dtype)."""
+        self.update(scores)
+        kwargs = {"dtype": scores.dtype, "device": scores.device}
+        return (scores - torch.as_tensor(self.mean).to(**kwargs)) / (
+            torch.as_tensor(self.std).to(**kwargs) + torch.finfo(scores.dtype).eps)
+
+    def state(self) -> dict[str, float]:
+        """JSON-exact numbers (a float32 is a double exactly)."""
+        return {"mean": float(self.mean), "std": float(self.std), "var": float(self.var), "count": self.count}
+
+    @classmethod
+    def from_state(cls, saved: dict[str, float]) -> "RunningMoments":
+        """The moments state() saved after at least one update: float32 tensors, as TRL's are then."""
+        moments = cls()
+        for key in ("mean", "std", "var"):
+            setattr(moments, key, torch.tensor(saved[key], dtype=torch.float32))
+        moments.count = float(saved["count"])
+        return moments

@@ -215,6 +215,7 @@ class PPOArgs:
     ppo_epochs: int
     ppo_target: float
     ppo_whiten_rewards: bool
+    ppo_score_norm: bool
 
 
 @dataclass(frozen=True)

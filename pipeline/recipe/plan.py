@@ -141,11 +141,11 @@ def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pu
 
 
 def reference_params(r: Resolved, total: int) -> int:
-    """Parameters of the frozen reference copy of stage dpo / kto and of sft's use_asft_loss
+    """Parameters of the frozen reference copy of stage dpo / kto / ppo and of sft's use_asft_loss
     (pipeline.train.preference.starting_reference): ref_model's (its ref_model_adapters are folded into its weights:
     no parameters of their own), or the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's
     adapters-off reference)."""
-    if not uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]):
+    if not (uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) or r["stage"] == "ppo"):
         return 0
     if r["ref_model"] is not None:
         info = model_info(r["ref_model"])

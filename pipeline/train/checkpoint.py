@@ -3,7 +3,8 @@
     checkpoint-<step>/
       manifest.json         sha256 and size of every other file (written last)
       trainer_state.json    step, data position (epoch, batch index), tokens seen, the recipe values resume needs,
-                            the objective's own state (stage dpo's BCO running mean)
+                            the objective's own state (stage dpo's BCO running mean; stage ppo's KL coefficient
+                            and score moments)
       adapter/              lora: adapter_config.json + adapter_model.safetensors (PEFT layout, fp32)
       model/                full/freeze: config.json + model.safetensors (usable as model_name_or_path)
       deepspeed/            DeepSpeed's own state, per rank: optimizer / ZeRO partitions with the fp32 masters,
@@ -42,7 +43,7 @@ VERSION = 1
 PREFIX = "checkpoint-"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
-OBJECTIVE = "objective"  # trainer_state.json's key for the objective's state (PreferenceObjective.checkpoint_state)
+OBJECTIVE = "objective"  # trainer_state.json's key for the objective's state (Trainer.checkpoint_state)
 DS_TAG = "deepspeed"
 RNG_DIR = "rng"
 LOG_WINDOW = "log_window"  # a key of the per-rank rng file: the sums of the log line under way
@@ -77,7 +78,9 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          "use_asft_loss", "asft_alpha",
          # stage dpo's objective: a new loss, beta or reference is a different objective from here on, so say so
          "pref_loss", "pref_beta", "pref_ftx", "dpo_label_smoothing", "simpo_gamma", "ref_model",
-         "ref_model_adapters", "pref_bco_weight", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight")
+         "ref_model_adapters", "pref_bco_weight", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight",
+         # stage ppo's objective: another reward model, KL target or score treatment from here on
+         "reward_model", "reward_model_type", "ppo_epochs", "ppo_target", "ppo_whiten_rewards", "ppo_score_norm")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
@@ -430,8 +433,9 @@ def _training_files_problems(r: Mapping[str, Any], path: Path, saved: Mapping[st
             for name in now if not name.endswith("/train.json") and saved[name] != now[name]]
 
 
-def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:
-    """After load: the recipe's learning rate, weight decay and schedule replace the checkpoint's.
+def apply_changes(engine: Any, r: Mapping[str, Any], path: Path, scheduler: Any = None) -> None:
+    """After load: the recipe's learning rate, weight decay and schedule replace the checkpoint's. `scheduler`: the
+    run's LR schedule where DeepSpeed does not hold it (stage ppo steps it once per PPO step).
 
     DeepSpeed restores the optimizer's param groups (lr, initial_lr, weight_decay) and the LambdaLR's base_lrs
     from the checkpoint; the schedule's shape (kind, warmup, total steps, floor) is the recipe's already, since
@@ -443,7 +447,7 @@ def apply_changes(engine: Any, r: Mapping[str, Any], path: Path) -> None:
     from pipeline.recipe.args import train_args
     from pipeline.train.optim import train_groups
 
-    scheduler = engine.lr_scheduler
+    scheduler = scheduler or engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
     wanted = train_groups(engine.module, train_args(r))  # the optimizer's groups, in its order
     if len(wanted) != len(groups):

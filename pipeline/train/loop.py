@@ -187,6 +187,18 @@ class Trainer:
         self.last_record: dict[str, Any] = {}
         self._unflushed = [0, 0]  # this rank's tokens / trained tokens not yet added to state
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the objective beside the weights, optimizer, RNG and data position (stage
+        dpo's BCO running mean; {} for the others): checkpoint.save's `objective`."""
+        state = getattr(self.objective, "checkpoint_state", None)
+        return state() if state is not None else {}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """A resume's state from checkpoint_state (checkpoint.saved_objective)."""
+        restore = getattr(self.objective, "restore", None)
+        if restore is not None:
+            restore(saved)
+
     # ------------------------------------------------------------------------------------------ one step
     def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         """pt / sft: cross-entropy (label-smoothed, or DFT / EAFT-weighted: loss_keywords) summed over the labelled

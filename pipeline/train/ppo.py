@@ -5,7 +5,8 @@
        the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
     -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools)
     -> no-grad passes: the policy's log-probabilities and values, the reference's log-probabilities
-       (the policy with its LoRA adapters switched off: pipeline.train.preference.AdapterReference)
+       (the starting model, pipeline.train.preference.starting_reference: the policy with its LoRA adapters
+       switched off, or a frozen copy under full / freeze)
     -> per-token rewards, GAE advantages and returns (pipeline.model.ppo)
     -> ppo_epochs passes over the rows in a seeded random order, per_device_train_batch_size rows a mini-batch:
        clipped policy loss + vf_coef x clipped value loss, engine.backward / engine.step (DeepSpeed updates every
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.model.ppo import PPOConfig, advantages_and_returns, kl_controller, ppo_losses, token_rewards
+from pipeline.model.ppo import (PPOConfig, RunningMoments, advantages_and_returns, kl_controller, ppo_losses,
+                                token_rewards)
 from pipeline.runtime import dist
 from pipeline.train.export import Exporter
 from pipeline.train.loop import Trainer, Window, grad_norm
@@ -177,6 +179,7 @@ class PPOTrainer(Trainer):
         self.epochs = ppo.ppo_epochs
         self.config = PPOConfig(whiten_rewards=bool(ppo.ppo_whiten_rewards))
         self.kl_ctl = kl_controller(INIT_KL_COEF, float(ppo.ppo_target), KL_HORIZON)
+        self.moments = RunningMoments() if ppo.ppo_score_norm else None  # the scores seen so far (ppo_score_norm)
         self.last_norm: float | None = None  # the last update's, where DeepSpeed reports none (the base's own_norm)
 
     def generate(self, prompts: list[list[int]], micro: int) -> list[list[int]]:
@@ -207,7 +210,8 @@ class PPOTrainer(Trainer):
         ref_logprobs = -self.reference(data)
         values_rm = self.reward_model(data["input_ids"], attention_mask=data["attention_mask"])
         scores = sequence_scores(values_rm, data["input_ids"], self.pad_id)
-        rewards, kls = token_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value, self.config.kl_penalty)
+        used = scores if self.moments is None else self.moments.normalize(scores)
+        rewards, kls = token_rewards(used, logprobs, ref_logprobs, mask, self.kl_ctl.value, self.config.kl_penalty)
         values, advantages, returns = advantages_and_returns(values, rewards, mask, self.config)
         return {**data, "mask": mask, "logprobs": logprobs, "values": values, "advantages": advantages,
                 "returns": returns, "scores": scores, "kl": (kls * mask).sum(1)}
@@ -246,6 +250,20 @@ class PPOTrainer(Trainer):
         norm = self.engine.get_global_grad_norm()
         return self.last_norm if norm is None else float(norm)
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beside the weights, optimizer, RNG and data position: the KL coefficient (the
+        adaptive controller's history) and ppo_score_norm's running moments. The schedule needs nothing: it stands
+        at the PPO step (run.py sets it there on resume); the rollouts' sampling is seeded by the step."""
+        return {"kl_coef": self.kl_ctl.value,
+                **({"score_moments": self.moments.state()} if self.moments is not None else {})}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """A resume's state from checkpoint_state. ppo_score_norm set only on resume (no moments saved) starts
+        its running moments at the resumed step, as a fresh run does at step 1."""
+        self.kl_ctl.value = float(saved["kl_coef"])
+        if self.moments is not None and "score_moments" in saved:
+            self.moments = RunningMoments.from_state(saved["score_moments"])
+
     def update(self, mini: dict[str, torch.Tensor]) -> dict[str, float]:
         """One mini-batch: the clipped losses (pipeline.model.ppo.ppo_losses), backward, engine step."""
         logprobs, vpreds = policy_pass(self.engine, mini)
@@ -264,11 +282,11 @@ class PPOTrainer(Trainer):
         return {"loss": value, **stats}
 
 
-def describe(reward_model: str, kind: str, ppo: Any, generation: Any) -> None:
+def describe(reward_model: str, kind: str, ppo: Any, generation: Any, reference: str) -> None:
     """The run's PPO settings on stderr (rank 0), as dpo's line says its loss and reference."""
     if dist.is_main():
         sampling = (f"sampling (temperature {generation.temperature}, top_k {generation.top_k}, top_p "
                     f"{generation.top_p})" if generation.do_sample else "greedy")
         print(f"ppo: reward_model {reward_model} ({kind}), ppo_epochs {ppo.ppo_epochs}, ppo_target {ppo.ppo_target}, "
-              f"{generation.max_new_tokens} new tokens at most, {sampling}; reference: the starting model (the policy "
-              "with its adapters switched off)", file=sys.stderr, flush=True)
+              f"{generation.max_new_tokens} new tokens at most, {sampling}; reference: {reference}", file=sys.stderr,
+              flush=True)

@@ -128,11 +128,14 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     objective = (preference_objective(r, engine) if r["stage"] in PREFERENCE_STAGES
                  else reward_objective(r, engine) if r["stage"] == "rm"
                  else asft_objective(r, engine) if r["stage"] == "sft" and r["use_asft_loss"] else None)
+    # built before the resumed RNG state is set: loading the reward model draws from it
+    trainer_class, extra = (Trainer, {}) if r["stage"] != "ppo" else ppo_parts(r, engine, scheduler)
     state = checkpoint.load(engine, resume) if resume is not None else TrainState()
     if resume is not None:
-        checkpoint.apply_changes(engine, r, resume)  # a new learning rate or schedule (docs/resume.md)
-        if hasattr(objective, "restore"):
-            objective.restore(checkpoint.saved_objective(resume))  # stage dpo's BCO running mean
+        if r["stage"] == "ppo":  # its schedule steps once per PPO step, outside DeepSpeed: it stands at the step
+            scheduler.last_epoch = state.global_step
+        # a new learning rate or schedule (docs/resume.md)
+        checkpoint.apply_changes(engine, r, resume, scheduler if r["stage"] == "ppo" else None)
     hostmem.release_freed()  # what the build left free inside the heaps, before the steps add theirs
     if dist.is_main():
         write_run_files(r, output_dir)
@@ -160,13 +163,13 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
                             else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
-        trainer_class, extra = (Trainer, {}) if r["stage"] != "ppo" else ppo_parts(r, engine, scheduler)
         trainer = trainer_class(engine, args, state, loader, evaluate=evaluate_now, **extra,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
-                                                       objective_state(objective)),
+                                                       trainer.checkpoint_state()),
                           log=log, stop=stop,
                           objective=objective, profiler=step_profile.StepProfiler(profile))
         if resume is not None:
+            trainer.restore(checkpoint.saved_objective(resume))  # dpo's BCO running mean, ppo's KL coefficient
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
             trainer.last_record = logged_so_far(output_dir)  # all_results' losses when no step is left to log
             trainer.window = Window.resumed(checkpoint.saved_log_window(resume))  # the log line under way
@@ -183,7 +186,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                 return TrainResult(stop.exit_code, engine, state, output_dir)
             if trainer.last_saved_step != state.global_step:
                 trainer.flush_tokens()
-                checkpoint.save(engine, args, state, exporter, saved, objective=objective_state(objective))
+                checkpoint.save(engine, args, state, exporter, saved, objective=trainer.checkpoint_state())
             # the weights of the checkpoint just saved (or saved at this step before a resume): linked, not rewritten
             final = exporter.write(output_dir, same_as=checkpoint.step_dir(output_dir, state.global_step))
         except Exception as err:
@@ -229,26 +232,23 @@ def exporter_class(r: Any) -> Any:
 
 def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]:
     """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model, the reference
-    (the policy with its adapters off), the tokenizer's pad id and the template's stop ids, the decoding keys."""
+    (the starting model: the policy with its adapters off under LoRA, a frozen copy under full / freeze, as
+    LLaMA-Factory's create_ref_model), the tokenizer's pad id and the template's stop ids, the decoding keys."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.recipe.args import GenerationArgs, ppo_args, recipe_args
     from pipeline.train.ppo import PPOTrainer, describe, load_reward_model
-    from pipeline.train.preference import AdapterReference, disable_dropout
+    from pipeline.train.preference import disable_dropout, starting_reference
 
     ppo, generation, data = ppo_args(r), GenerationArgs.from_recipe(r), data_args(r)
     tokenizer, template = recipe_tokenizer(data), data.chat_template()
     reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
                                compute_dtype(r))
     disable_dropout(reward)
-    describe(ppo.reward_model, ppo.reward_model_type, ppo, generation)
-    return PPOTrainer, {"reward_model": reward, "reference": AdapterReference(engine), "pad_id": tokenizer.pad_id,
+    reference = starting_reference(None, None, recipe_args(r), engine, dtype=compute_dtype(r))
+    describe(ppo.reward_model, ppo.reward_model_type, ppo, generation, reference.description)
+    return PPOTrainer, {"reward_model": reward, "reference": reference, "pad_id": tokenizer.pad_id,
                         "stop_ids": tuple(template.stop_ids(tokenizer)), "generation": generation, "ppo": ppo,
                         "scheduler": scheduler, "seed": int(r["seed"])}
-
-
-def objective_state(objective: Any) -> dict[str, Any]:
-    """What a checkpoint keeps of the objective (stage dpo's BCO running mean; {} for the others)."""
-    return objective.checkpoint_state() if hasattr(objective, "checkpoint_state") else {}
 
 
 def asft_objective(r: Any, engine: Any) -> Any:

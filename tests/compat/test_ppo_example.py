@@ -1,9 +1,12 @@
 """Stage ppo as a LLaMA-Factory user runs it: its llama3_lora_reward.yaml (stage rm, LoRA) trains the reward model,
 then its llama3_lora_ppo.yaml (reward_model: that run's output_dir, reward_model_type lora by default) trains the
-policy 2 PPO steps through `python -m pipeline train`, on a tiny transformers-written Llama (the two recipes:
+policy 3 PPO steps (ppo_score_norm on, a checkpoint each step) through `python -m pipeline train`, on a tiny
+transformers-written Llama (the two recipes:
 tests/compat/lf_examples_removed/NOTICE.md). The PPO run's adapter loads in PEFT and gives our trained model's
 logits; value_head.safetensors lies beside it with LLaMA-Factory's keys. reward_model_type full (the rm adapter
-merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used.
+merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used. The score
+moments saved at step 3 are TRL's RunningMoments over the logged scores; the run killed after step 1 and resumed
+ends bitwise as the uninterrupted one.
 
 Golden for step 1, computed here with transformers and PEFT: every row has one prompt (so the rows of step 1 are
 known whatever the order), the policy is the base (LoRA starts at B = 0) and step 1's learning rate is 0 (the
@@ -16,12 +19,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.acceptance.harness import assert_close, pipeline, trained_model
+from tests.acceptance.harness import assert_close, assert_same_run, crash_copy, pipeline, trained_model
 from tests.compat.test_lf_examples import tiny_model
 from tests.compat.test_lf_recipes import lf_checkout
+from tests.model.test_ppo_math import trl_score_norm
+from tests.reliability.rel_helpers import run_main
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,6 +38,7 @@ RM, PPO = "examples/train_lora/llama3_lora_reward.yaml", "examples/train_lora/ll
 RM_RUN, PPO_RUN = "saves/llama3-8b/lora/reward", "saves/llama3-8b/lora/ppo"
 PROMPT = "Say hi"
 NEW_TOKENS = 5
+CLOCK = ("tokens_per_s", "trained_tokens_per_s", "elapsed", "eta")
 
 
 def checkout(tmp_path: Path) -> tuple[Path, Path]:
@@ -92,19 +99,13 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     fast = ["bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]  # the example's bf16: emulated on CPU
     pipeline("train", RM, "max_steps=2", "gradient_accumulation_steps=1", "max_samples=16", "val_size=0", *fast,
              cwd=work)
-    used = ["max_steps=2", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
-            "gradient_accumulation_steps=2", "ppo_epochs=2", *fast]  # 2 x 2 updates a step: time
+    used = ["max_steps=3", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
+            "gradient_accumulation_steps=2", "ppo_epochs=2", "save_steps=1", "ppo_score_norm=true",
+            "learning_rate=1e-2", *fast]  # 2 x 2 updates a step: time; the policy moves (other scores each step)
     done = pipeline("train", PPO, *used, cwd=work, timeout=600)
     assert f"ppo: reward_model {RM_RUN} (lora)" in done.stderr, done.stderr
     run = work / PPO_RUN
-    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
-    assert [rec["step"] for rec in log] == [1, 2]
-    first = log[0]
-    assert first["lr"] == 0.0 and first["kl"] == 0.0
-    assert first["reward"] == pytest.approx(step_one(base, work / RM_RUN / "adapter"), abs=1e-4)
-    assert first["loss/policy"] == pytest.approx(0.0, abs=1e-6)
-    assert first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
-    assert all(k in rec for rec in log for k in ("loss", "loss/value", "reward", "kl", "kl_coef"))
+    log = logged_steps(run, 3, step_one(base, work / RM_RUN / "adapter"))
 
     from safetensors.torch import load_file
 
@@ -123,3 +124,83 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
         scorer.merge_and_unload().save_pretrained(tmp_path / "rm_full")
         for model in reward_models(work, used, tmp_path / "rm_full"):
             assert float(model(ids)[0, -1, 0]) == pytest.approx(float(expected), abs=1e-5)
+
+    # the scores' running moments (ppo_score_norm) are TRL's over every score so far: a step's rows are one prompt
+    # answered by one policy, so each step's two scores are its logged reward
+    moments = json.loads((run / "checkpoint-3/trainer_state.json").read_text("utf-8"))["objective"]["score_moments"]
+    trl = trl_score_norm([[rec["reward"]] * 2 for rec in log])[1]
+    assert moments == pytest.approx(trl, rel=1e-5), (moments, trl)
+
+    # killed after its step-1 checkpoint and resumed: the same run, bitwise (adapter, value head, optimizer, KL
+    # coefficient, running moments, RNG and data position: every file of the step-3 checkpoint and every log value)
+    crashed = crash_copy(run, work / "saves/crashed", 1)
+    pipeline("train", PPO, *used, f"output_dir={crashed.relative_to(work)}", "resume_from_checkpoint=latest",
+             cwd=work, timeout=600)
+    assert_same_run(run, crashed, "adapter/value_head.safetensors")
+    assert checkpoint_files(crashed / "checkpoint-3") == checkpoint_files(run / "checkpoint-3")
+    assert logged(crashed) == logged(run)
+
+    # full and freeze policies, as LLaMA-Factory trains them: the example with its LoRA lines swapped for
+    # finetuning_type, and a full reward model (LLaMA-Factory requires one there). The reference is a frozen copy of
+    # the base, so step 1 is the LoRA run's step 1; model/ holds the value head beside the weights, and `merge`'s
+    # merged/ loads in transformers and gives our trained model's logits (moved from the base's)
+    for kind in ("full", "freeze"):
+        recipe = f"examples/train_full/llama3_{kind}_ppo.yaml"
+        lines = (work / PPO).read_text("utf-8").splitlines()
+        (work / recipe).write_text("\n".join(f"finetuning_type: {kind}" if line.startswith("finetuning_type:")
+                                              else line for line in lines if not line.startswith("lora_")) + "\n")
+        tuned = ["max_steps=2", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
+                 "gradient_accumulation_steps=2", "ppo_epochs=1", f"reward_model={tmp_path / 'rm_full'}",
+                 "reward_model_type=full", f"output_dir=saves/{kind}", *fast]
+        done = pipeline("train", recipe, *tuned, cwd=work, timeout=600)
+        assert "reference: the starting model (a frozen copy)" in done.stderr, done.stderr
+        logged_steps(work / "saves" / kind, 2, log[0]["reward"])
+        model = work / "saves" / kind / "model"
+        assert set(load_file(model / "value_head.safetensors")) == set(head)
+        merged = run_main(["merge", recipe, *tuned], work)  # in this process: no second interpreter start
+        assert merged.code == 0, merged.err[-4000:]
+        with torch.no_grad():
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(model.with_name("merged")).eval()(ids).logits
+            assert_close(theirs, trained_model(recipe, work, tuned)(ids))
+            assert not torch.equal(theirs, transformers.AutoModelForCausalLM.from_pretrained(base)(ids).logits)
+
+
+def logged_steps(run: Path, steps: int, reward: float) -> list[dict[str, float]]:
+    """The run's log lines, one per step, checked against step 1's golden: the policy is its reference (the
+    warmup's learning rate 0), so the KL and the policy loss are 0 and the reward is `reward`."""
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
+    assert [rec["step"] for rec in log] == list(range(1, steps + 1))
+    first = log[0]
+    assert first["lr"] == 0.0 and first["kl"] == 0.0
+    assert first["reward"] == pytest.approx(reward, abs=1e-4)
+    assert first["loss/policy"] == pytest.approx(0.0, abs=1e-6)
+    assert first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
+    assert all(k in rec for rec in log for k in ("loss", "loss/value", "reward", "kl", "kl_coef"))
+    return log
+
+
+def checkpoint_files(checkpoint: Path) -> dict[str, Any]:
+    """Every file of a checkpoint (the manifest's list) -> its content: a safetensors file's metadata and tensors
+    as bytes (the safetensors library writes the metadata keys in no fixed order, so the files' hashes may
+    differ), trainer_state.json without its recipe values (the resumed run's output_dir differs), other files'
+    bytes."""
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    for name in json.loads((checkpoint / "manifest.json").read_text("utf-8"))["files"]:
+        path = checkpoint / name
+        if name == "trainer_state.json":
+            out[name] = {k: v for k, v in json.loads(path.read_text("utf-8")).items() if k != "recipe"}
+        elif path.suffix in (".safetensors", ".pt"):  # DeepSpeed's state: safetensors under its .pt names
+            with safe_open(str(path), framework="pt") as handle:
+                out[name] = (handle.metadata(), {key: (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(
+                    torch.uint8).numpy().tobytes()) for key in handle.keys() for t in [handle.get_tensor(key)]})
+        else:
+            out[name] = path.read_bytes()
+    return out
+
+
+def logged(run: Path) -> dict[int, dict[str, float]]:
+    """step -> every value its log line has but the clock's."""
+    lines = (run / "trainer_log.jsonl").read_text("utf-8").splitlines()
+    return {rec["step"]: {k: v for k, v in rec.items() if k not in CLOCK} for rec in map(json.loads, lines)}

@@ -3,7 +3,7 @@
 Sources (trl-0.9.6 wheel): trl/trainer/ppo_trainer.py:1103-1139 compute_rewards, :1141-1155 _kl_penalty,
 :1157-1183 compute_advantages, :1185-1272 loss; trl/core.py:152 masked_mean, :160 masked_var (unbiased),
 :179 masked_whiten, :188 clip_by_value; trl/trainer/utils.py:54-69 AdaptiveKLController, :105-112
-FixedKLController.
+FixedKLController, :593-630 RunningMoments; trl/trainer/ppo_trainer.py:676-684 score scaling / normalization.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from pipeline.model.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, advantages_and_returns,
-                                kl_controller, ppo_losses, token_rewards)
+from pipeline.model.ppo import (AdaptiveKLController, FixedKLController, PPOConfig, RunningMoments,
+                                advantages_and_returns, kl_controller, ppo_losses, token_rewards)
 
 MASK = [[1, 1, 1, 0], [1, 1, 1, 1]]
 LOGP = [[-1.0, -2.0, -0.5, -9.0], [-0.3, -1.2, -2.2, -0.7]]
@@ -132,3 +132,54 @@ def test_kl_controllers():
     fixed.update(100.0, 8)
     assert fixed.value == 0.05
     assert isinstance(kl_controller(0.2, None, 10000), FixedKLController)
+
+
+def trl_score_norm(batches: list[list[float]]) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """TRL 0.9.6's use_score_scaling + use_score_norm (LLaMA-Factory sets both to ppo_score_norm,
+    llamafactory/train/ppo/trainer.py:111-112) on each step's float32 scores in turn, re-typed: RunningMoments
+    (trl/trainer/utils.py:593-630, one process: the else branch of :610) and ppo_trainer.py:676-682.
+    -> (each step's normalized scores, the final moments)."""
+    mean, std, var, count = 0, 1, 1, 1e-24
+    normalized = []
+    for batch in batches:
+        scores = torch.tensor(batch, dtype=torch.float32)
+        xs_count = scores.numel()
+        xs_var, xs_mean = torch.var_mean(scores, unbiased=False)
+        xs_mean, xs_var = xs_mean.float(), xs_var.float()
+        delta = xs_mean - mean
+        tot_count = count + xs_count
+        new_sum = xs_var * xs_count
+        old_sum = var * count + delta**2 * count * xs_count / tot_count
+        tot_sum = old_sum + new_sum
+        mean += delta * xs_count / tot_count
+        var = tot_sum / tot_count
+        std = (var * tot_count / (tot_count - 1)).float().sqrt()
+        count = tot_count
+        tensor_to_kwargs = dict(dtype=scores.dtype, device=scores.device)
+        score_scaling_factor = std.to(**tensor_to_kwargs) + torch.finfo(scores.dtype).eps
+        normalized.append((scores - mean.to(**tensor_to_kwargs)) / score_scaling_factor)
+    return normalized, {"mean": float(mean), "std": float(std), "var": float(var), "count": count}
+
+
+BATCHES = [[1.5, -0.5, 0.25, 2.0], [0.75, 0.8, -1.25, 3.5], [10.0, -4.0, 0.0, 1.0]]
+
+
+def test_score_norm_is_trls_running_moments_to_the_bit():
+    want, moments = trl_score_norm(BATCHES)
+    running = RunningMoments()
+    for batch, expected in zip(BATCHES, want):
+        assert torch.equal(running.normalize(torch.tensor(batch, dtype=torch.float32)), expected)
+    assert running.state() == moments
+
+
+def test_score_moments_survive_a_checkpoint_exactly():
+    """state() -> JSON -> from_state(): the next step normalizes as the uninterrupted moments do."""
+    import json
+
+    want, _ = trl_score_norm(BATCHES)
+    running = RunningMoments()
+    for batch in BATCHES[:2]:
+        running.normalize(torch.tensor(batch, dtype=torch.float32))
+    resumed = RunningMoments.from_state(json.loads(json.dumps(running.state())))
+    assert torch.equal(resumed.normalize(torch.tensor(BATCHES[2], dtype=torch.float32)), want[2])
+

@@ -22,16 +22,13 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO, "train", "r.yaml:6:15: reward_model: 'saves/rm' is neither a local directory nor a cached hub snapshot"),
     ("stage: ppo\nreward_model: saves/llama/rm\n", "train",
      "r.yaml:6:15: reward_model: directory 'saves/llama/rm' not found"),
-    (PPO + "finetuning_type: full\n", None,
-     "r.yaml:7:18: finetuning_type: given \"full\" with stage ppo: stage ppo trains a LoRA policy here"),
+    (PPO + "finetuning_type: oft\n", None,
+     "r.yaml:7:18: finetuning_type: given \"oft\" with stage ppo: stage ppo trains a LoRA, full or freeze policy"),
     (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
-    (PPO + "ppo_score_norm: true\n", None, "r.yaml:7:17: ppo_score_norm: given true with stage ppo: normalizing"),
     (PPO + "zero_stage: 2\n", None, "r.yaml:7:13: zero_stage: given 2 with stage ppo: stage ppo runs on DeepSpeed "
                                     "ZeRO 0 only"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
                                     "response per prompt"),
-    (PPO + "resume_from_checkpoint: latest\n", None,
-     "r.yaml:7:25: resume_from_checkpoint: given \"latest\" with stage ppo: exact resume is not implemented"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
     (PPO + "ref_model: tiny\n", None, "r.yaml:7:12: ref_model: is not implemented for stage ppo"),
     (PPO + "reward_model_type: api\n", None, "r.yaml:7:20: reward_model_type: given 'api', expected one of lora, "
@@ -39,12 +36,18 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
     (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
                   "sft recipe"),
-], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "full", "buffer", "score-norm", "zero2", "beams", "resume",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "zero2", "beams",
         "val_size",
         "ref_model", "api", "outside-ppo", "eval-command"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
     assert any(m.startswith(said) for m in found), found
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "freeze"])
+def test_ppo_trains_lora_full_and_freeze_policies(recipe, kind):
+    """As LLaMA-Factory: a LoRA policy, or a full / freeze one beside a frozen copy of the base as its reference."""
+    assert resolve(recipe(PPO + f"finetuning_type: {kind}\n"))["finetuning_type"] == kind
 
 
 def test_ppo_trains_on_every_prompt(recipe):

@@ -181,6 +181,16 @@ def test_memory_asft_counts_its_reference_copy(write, extra, reference):
     assert mem.gpu["activations"] - estimate_memory(resolve("r.yaml")).gpu["activations"] == 2 * LOGITS
 
 
+@pytest.mark.parametrize("extra, reference", [("finetuning_type: full\n", TINY_PARAMS * 4),
+                                               ("finetuning_type: freeze\n", TINY_PARAMS * 4), ("", None)],
+                         ids=["full", "freeze", "lora"])
+def test_memory_ppo_counts_its_reference_copy(write, extra, reference):
+    """stage ppo's reference is the starting model: a frozen copy beside a full / freeze policy, the policy with its
+    adapters off under LoRA."""
+    write("r.yaml", RECIPE + "stage: ppo\nreward_model: saves/rm\n" + extra)
+    assert estimate_memory(resolve("r.yaml")).gpu.get("reference") == reference
+
+
 @pytest.mark.parametrize("keys, vocab, trained", [
     # two tokens past GPT-2's 50,257 ids: the tied embedding grows to 50,304 rows (a multiple of 64) and trains in
     # full beside LoRA (LLaMA-Factory's resize_vocab: embed_tokens + lm_head, one matrix when tied)

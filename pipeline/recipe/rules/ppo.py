@@ -1,5 +1,5 @@
-"""Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA
-policy, ZeRO 0 on one rank, ppo_buffer_size 1, no ppo_score_norm, no beam search, no resume), and the ppo keys only under
+"""Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
+full or freeze policy, ZeRO 0 on one rank, ppo_buffer_size 1, no beam search), and the ppo keys only under
 stage ppo. reward_model_type api / oft: the schema's x-refused.
 """
 from __future__ import annotations
@@ -16,20 +16,14 @@ NOT_IMPLEMENTED = {
     "ppo_buffer_size": (lambda v: v != 1, "only 1 (LLaMA-Factory's default) is implemented here: each PPO step "
                         "generates per_device_train_batch_size x gradient_accumulation_steps responses; raise "
                         "gradient_accumulation_steps for a larger batch"),
-    "ppo_score_norm": (lambda v: bool(v), "normalizing the scores with running moments is not implemented here; "
-                       "remove the key"),
-    "finetuning_type": (lambda v: v != "lora", "stage ppo trains a LoRA policy here (its reference is the policy "
-                        "with the adapters switched off, its value head trains beside the adapter); full, freeze "
-                        "and oft PPO are not implemented: set finetuning_type: lora"),
+    "finetuning_type": (lambda v: v == "oft", "stage ppo trains a LoRA, full or freeze policy here (as "
+                        "LLaMA-Factory); OFT PPO is not implemented: set finetuning_type: lora"),
     "zero_stage": (lambda v: v != 0, "stage ppo runs on DeepSpeed ZeRO 0 only here: the policy generates with its "
                    "whole weights on every rank; drop the deepspeed key or use a ZeRO 0 config"),
     "world_size": (lambda v: v != 1, "stage ppo runs on one rank here (several ranks are not implemented: the KL "
                    "controller and the whitening would need the ranks' statistics gathered); launch one process"),
     "num_beams": (lambda v: v != 1, "stage ppo's rollouts are one response per prompt, sampled or greedy, here; "
                   "beam search is for generate, eval and chat: set num_beams: 1"),
-    "resume_from_checkpoint": (lambda v: v is not None, "exact resume is not implemented for stage ppo (the KL "
-                               "controller's coefficient and the PPO step's schedule are not in the checkpoint, so "
-                               "a resumed run would not continue the same run); start again"),
 }
 
 
