@@ -213,4 +213,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.runtime.dist import end_process
+
+    end_process(main)  # a rank that set up torch.distributed leaves without finalization: see there

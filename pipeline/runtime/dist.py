@@ -7,9 +7,13 @@ is used with the gloo backend.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import socket
-from typing import Any, Sequence
+import sys
+import threading
+from typing import Any, Callable, NoReturn, Sequence
 
 from pipeline.runtime import deepspeed_compat
 
@@ -95,6 +99,81 @@ def init(timeout_s: int | None = None) -> None:
             # a port we picked ourselves (one plain process) was taken between the pick and the bind: pick again
             os.environ["MASTER_PORT"] = str(free_port())
             _CHOSEN_PORT.append(os.environ["MASTER_PORT"])
+
+
+def initialized() -> bool:
+    """torch.distributed is set up in this process (asked without importing torch: validate and plan never do)."""
+    tdist = sys.modules.get("torch.distributed")
+    return tdist is not None and tdist.is_available() and tdist.is_initialized()
+
+
+def end_process(command: Callable[[], int]) -> NoReturn:
+    """Run the command line (`command` returns the exit code) and end the process with its code.
+
+    A process that never set up torch.distributed exits the usual way. One that did leaves without the
+    interpreter's finalization: after a run that ended well, every rank meets at a barrier and the process groups
+    are destroyed (`shutdown`); then, whatever the code, the interpreter's own exit steps run (non-daemon threads
+    joined, atexit handlers, standard streams flushed) and os._exit ends the process with the code.
+
+    Why: a gloo worker thread (pt_gloo_runloop) frees a finished collective's tensors after the rank that waited
+    for it has moved on; a tensor that Python created needs the GIL to be freed, and a thread that asks for the GIL
+    once the interpreter is finalizing is ended by pthread_exit inside that C++ destructor: std::terminate
+    ("terminate called without an active exception"), SIGABRT, the rank's exit code lost (seen at the end of a
+    two-rank ZeRO-3 run with both cores busy). Destroying the groups does not stop those threads while anything
+    still holds a group, and DeepSpeed keeps a ZeRO-3 engine, its parameters and their groups for the life of the
+    process (its forward-module stack, caches); without finalization there is no window left.
+
+    A failing rank (an error message, a stop, a traceback) skips the barrier, which its peers may never reach, and
+    leaves at once with its own code (1 after a traceback, as Python's).
+    """
+    try:
+        code = int(command() or 0)
+    except Exception:
+        if not initialized():
+            raise
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    if not initialized():
+        sys.exit(code)
+    if code == 0:
+        shutdown()
+    _leave(code)
+
+
+def shutdown() -> None:
+    """Every rank done, then the process groups destroyed: torch's (destroy_process_group) and DeepSpeed's
+    references to them. The barrier keeps rank 0, which serves the store, from leaving while a peer still needs it.
+
+    A peer that ended meanwhile (its own error, reported by it) fails the barrier: this rank's work is done, so
+    that is a note, and the process still leaves with its own code.
+    """
+    try:
+        barrier()
+    except RuntimeError as err:  # torch.distributed.DistError is one
+        print(f"note: rank {rank()}: a peer rank ended before the end-of-run barrier "
+              f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})",
+              file=sys.stderr)
+        return
+    import deepspeed.comm as dscomm
+
+    if dscomm.is_initialized():
+        dscomm.destroy_process_group()  # torch's destroy_process_group, and DeepSpeed's references to the groups
+    else:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+
+
+def _leave(code: int) -> NoReturn:
+    """The interpreter's exit steps before finalization (threads, atexit, streams), then os._exit(code)."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # logging's flush, temporary directories, reporters: what an ordinary exit runs
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def rank() -> int:

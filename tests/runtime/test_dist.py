@@ -1,7 +1,17 @@
-"""The launch environment a plain one-rank process gets, and how ranks of one machine share its cores (pipeline.runtime.dist)."""
+"""The launch environment a plain one-rank process gets, how ranks of one machine share its cores, and how a rank ends
+(pipeline.runtime.dist)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from pipeline.runtime import dist
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_empty_variables_count_as_unset(monkeypatch):
@@ -37,3 +47,61 @@ def test_ranks_of_one_machine_split_its_cores(monkeypatch):
     monkeypatch.setenv("LOCAL_SIZE", "2")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert dist.share_cores() is None and torch.get_num_threads() == before  # the user's choice stands
+
+
+# A rank's end (dist.end_process), in a process of its own: it ends that process. One rank (gloo, world size 1)
+# runs a collective on a tensor Python made, registers an atexit handler and leaves half a line unflushed; an
+# object whose __del__ runs only when the interpreter finalizes tells whether it did.
+END_SCRIPT = """
+import atexit, os, sys, torch
+import torch.distributed as tdist
+from pipeline.runtime import dist
+
+class Finalized:
+    def __del__(self, write=os.write):  # bound now: the module's globals may be cleared first
+        write(2, b"interpreter finalized\\n")
+
+kept = Finalized()
+
+def command():
+    dist.init()
+    tdist.all_reduce(torch.ones(3))  # gloo's worker thread frees this tensor after the call returns
+    atexit.register(lambda: print(f"atexit: process group initialized {tdist.is_initialized()}"))
+    sys.stdout.write("half a line")
+    if sys.argv[1] == "raise":
+        raise ValueError("a bug on this rank")
+    return int(sys.argv[1])
+
+dist.end_process(command)
+"""
+
+
+def end_a_rank(outcome: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LOCAL_SIZE")}
+    return subprocess.run([sys.executable, "-c", END_SCRIPT, outcome], capture_output=True, text=True, timeout=300,
+                          cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize("outcome, code", [("0", 0), ("raise", 1)])
+def test_a_rank_ends_without_finalizing_the_interpreter(outcome, code):
+    """Ended well: the process groups are destroyed before the atexit handlers; a failing rank (here a traceback)
+    keeps its own code and its groups (no barrier its peers may never reach). Either way the atexit handlers run,
+    the streams are flushed and the interpreter is not finalized, where gloo's worker threads could still ask for
+    the GIL and abort the process (std::terminate, SIGABRT)."""
+    proc = end_a_rank(outcome)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "half a line" in proc.stdout  # block-buffered (a pipe): flushed before os._exit
+    assert f"atexit: process group initialized {outcome != '0'}" in proc.stdout
+    assert "interpreter finalized" not in proc.stderr and "terminate called" not in proc.stderr
+    assert ("ValueError: a bug on this rank" in proc.stderr) == (outcome == "raise")
+
+
+def test_a_process_without_process_groups_exits_as_usual(monkeypatch):
+    """validate, plan, build: sys.exit with the code, so the interpreter finalizes as ever."""
+    monkeypatch.setattr(dist, "initialized", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        dist.end_process(lambda: 2)
+    assert stop.value.code == 2
+    with pytest.raises(ValueError, match="a bug"):
+        dist.end_process(lambda: (_ for _ in ()).throw(ValueError("a bug")))

@@ -47,6 +47,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
     proc = run_on_free_port(lambda port: [launcher, "--num_gpus", "2", "--master_port", port, "--module",
                                           "pipeline", "train", "two.yaml"], cwd=workdir, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    # no rank aborted at exit (gloo's threads asking for the GIL while the interpreter finalized: dist.end_process)
+    assert "terminate called" not in proc.stderr
     out = workdir / "saves" / "two"
     assert proc.stderr.count("trainable params:") == 1  # only rank 0 prints
     log_one, log_two = read_log(one.output_dir / "trainer_log.jsonl"), read_log(out / "trainer_log.jsonl")
