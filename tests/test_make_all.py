@@ -5,6 +5,10 @@ the test writes nothing into the working tree); only the two recipes are small v
 demo_pt.yaml / demo_sft.yaml. It asserts that every stage left well-formed files, that the pt recipe
 was trained first because the sft recipe starts from its output, that the tuned model's held-out loss
 is below its base's, and that a second `make all` finds nothing stale.
+
+Micro-batches of 4 rows: the same steps and checks as with 8, at half the tokens through the tiny model's
+50k-token head, which is most of the chain's time (held-out losses: pt 4.75 after 40 steps, 4.71 with 8
+rows; sft 5.21 -> 4.37, 5.15 -> 4.24 with 8).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ finetuning_type: full
 dataset: demo_corpus
 max_samples: 200
 cutoff_len: 64
-per_device_train_batch_size: 8
+per_device_train_batch_size: 4
 learning_rate: 3.0e-3
 max_steps: 40
 bf16: false
@@ -50,7 +54,7 @@ max_samples: 40
 eval_dataset: demo_test
 template: alpaca
 cutoff_len: 64
-per_device_train_batch_size: 8
+per_device_train_batch_size: 4
 learning_rate: 1.0e-2
 max_steps: 60
 bf16: false
@@ -162,7 +166,7 @@ def test_eval_tuned_loss_below_base(first_run, scratch_repo):
     metrics = _json(eval_dir / "metrics.json")
     base, tuned = metrics["results"]["base"], metrics["results"]["tuned"]
     assert base["n"] == tuned["n"] == 12
-    assert tuned["loss"] < base["loss"] - 0.5, (base["loss"], tuned["loss"])  # measured: 5.15 -> 4.24
+    assert tuned["loss"] < base["loss"] - 0.5, (base["loss"], tuned["loss"])  # measured: 5.21 -> 4.37
     assert len(_jsonl(eval_dir / "predictions.jsonl")) == 12
     report = (eval_dir / "report.md").read_text(encoding="utf-8")
     assert "exact_match" in report.replace(" ", "_").lower() or "exact match" in report.lower()

@@ -14,7 +14,6 @@ import pytest
 
 from tests.acceptance.harness import pipeline, write_hf_checkpoint
 from tests.compat.conftest import LF_DATA
-from tests.helpers.hf_vocab import write_tokenizer_dir
 
 EXAMPLES = Path(__file__).with_name("lf_examples")
 
@@ -24,6 +23,17 @@ def template_override() -> list[str]:
     schema = json.loads((Path(__file__).resolve().parents[2] / "pipeline/recipe/schema/recipe.schema.json")
                         .read_text("utf-8"))
     return [] if "qwen3_nothink" in json.dumps(schema["properties"]["template"]) else ["template=chatml"]
+
+
+PROBE = [[5, 68, 75, 110, 201, 17, 300, 2, 90, 13]]  # token ids of qwen3_checkpoint's vocabulary, for the logits
+
+
+def qwen3_checkpoint(directory: Path) -> None:
+    """A tiny Qwen3 by save_pretrained: a 2,048-token context (the recipes' cutoff_len) and a 384-token tokenizer in
+    Qwen3's format with its ChatML markup (the recipes' qwen3 templates need it). The real 152k-token vocabulary only
+    cost time here (each of the LoRA run's 48 micro-batches and the full run's against a 152k-row bf16 head);
+    tests/acceptance/test_family_paths.py's qwen3 session trains through it."""
+    write_hf_checkpoint(directory, "qwen3", small_vocab=True, max_position_embeddings=2048)
 
 
 def lf_checkout(tmp_path: Path, model: str) -> Path:
@@ -43,8 +53,7 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     ckpt = tmp_path / "ckpt"
-    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048, vocab_size=151936)  # cutoff_len 2048 fits; Qwen3's rows
-    write_tokenizer_dir(ckpt, "qwen3")  # the recipe's qwen3 templates need the checkpoint's ChatML tokens
+    qwen3_checkpoint(ckpt)
     work = lf_checkout(tmp_path / "lf", str(ckpt))
     extra = template_override()
     sft = "examples/train_lora/qwen3_lora_sft.yaml"
@@ -63,7 +72,7 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / "saves/qwen3_sft_merged").eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     reference = peft.PeftModel.from_pretrained(base, run / "adapter").merge_and_unload().eval()
-    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]])
+    ids = torch.tensor(PROBE)
     with torch.no_grad():
         got, want = merged(ids).logits, reference(ids).logits
         plain = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(ids).logits
@@ -82,8 +91,7 @@ def test_full_sft_then_export_then_inference(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ckpt = tmp_path / "ckpt"
-    write_hf_checkpoint(ckpt, "gpt2", n_positions=2048, vocab_size=151936)  # cutoff_len 2048 fits; Qwen3's rows
-    write_tokenizer_dir(ckpt, "qwen3")  # the recipe's qwen3 templates need the checkpoint's ChatML tokens
+    qwen3_checkpoint(ckpt)
     work = lf_checkout(tmp_path / "lf", str(ckpt))
     for recipe in ("merge_lora/qwen3_full_sft.yaml", "inference/qwen3_full_sft.yaml"):  # their model line is the run
         path = work / "examples" / recipe
@@ -91,16 +99,17 @@ def test_full_sft_then_export_then_inference(tmp_path):
     extra = template_override()
     sft = "examples/train_full/qwen3_full_sft.yaml"
     pipeline("build", sft, *extra, cwd=work)
-    # one epoch of the recipe's three (a command-line override, as a user shortens a run): the epochs and their
-    # step count are test_lora_sft_then_merge_lora_then_inference's
-    pipeline("train", sft, *extra, "num_train_epochs=1", cwd=work, timeout=900)
+    # two steps of the recipe's three epochs (a command-line override, as a user shortens a run): the epochs and
+    # their step count are test_lora_sft_then_merge_lora_then_inference's; what this run proves (the ZeRO-3 JSON,
+    # the export and inference recipes on its output_dir) needs no more steps than one epoch's 10
+    pipeline("train", sft, *extra, "max_steps=2", cwd=work, timeout=900)
     assert json.loads((work / "saves/qwen3-4b/full/sft/ds_config.json").read_text())["zero_optimization"]["stage"] == 3
     pipeline("export", "examples/merge_lora/qwen3_full_sft.yaml", *extra, cwd=work)
     exported = transformers.AutoModelForCausalLM.from_pretrained(work / "saves/qwen3_sft_merged").eval()
     from pipeline.model.weights import load_model
 
     ours = load_model(work / "saves/qwen3-4b/full/sft/model").eval()
-    ids = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]])
+    ids = torch.tensor(PROBE)
     with torch.no_grad():
         got, want = exported(ids).logits, ours(ids)
         base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()(ids).logits
