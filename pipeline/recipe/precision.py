@@ -70,6 +70,15 @@ def weights_dtype(r: Mapping[str, Any]) -> str:
     return "bf16" if precision(r) == "pure_bf16" else "fp32"
 
 
+def trained_dtype(r: Mapping[str, Any], adapter: bool) -> str:
+    """The dtype a trained tensor is held and stepped in (its gradient and optimizer state too, where no master copy
+    is kept): a LoRA / OFT adapter's own weights (`adapter`) are fp32 whatever the base's dtype, as PEFT's
+    get_peft_model upcasts them (pipeline.model.adapter.upcast_adapter; LLaMA-Factory leaves that on, pure_bf16 too);
+    every other tensor weights_dtype's (bf16 under pure_bf16: the modules an adapter trains in full beside it
+    too)."""
+    return "fp32" if adapter else weights_dtype(r)
+
+
 def default_export_dtype(r: Mapping[str, Any]) -> str:
     """export_dtype when the recipe leaves it out: bf16 for the model/ of a pure_bf16 full / freeze run (its weights
     are bf16: fp32 would hold the same values at twice the size; LLaMA-Factory's export keeps the model's bf16), else
