@@ -151,7 +151,10 @@ def test_a_lora_pure_bf16_run_merges_onto_the_bf16_base_it_trained_on(tmp_path):
         in_process(command, recipe)
     out = tmp_path / "saves/run"
     metrics = json.loads((out / "eval/metrics.json").read_text())
-    assert metrics["results"]["tuned"]["loss"] == json.loads((out / "all_results.json").read_text())["eval_loss"]
+    results = json.loads((out / "all_results.json").read_text())
+    assert metrics["results"]["tuned"]["loss"] == results["eval_loss"]
+    assert metrics["precision"] == results["eval_precision"] == ("bf16 weights (the adapter fp32), no autocast "
+                                                                 "(pure_bf16, as trained)")
     written = tensors(out / "adapter/adapter_model.safetensors")
     assert {v.dtype for v in written.values()} == {torch.float32}
     assert any(not torch.equal(v, v.bfloat16().float()) for v in written.values())
