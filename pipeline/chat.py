@@ -72,7 +72,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     tokenizer = recipe_tokenizer(data_args(r))  # before the model: a preset without a vocabulary is refused at once
     out = RunLayout.of(r["output_dir"], value(r, "export_dir"))  # merge writes the merged model to export_dir when set
     weights = chosen_weights(out, recipe_args(r).finetune, getattr(args, "model", None))
-    # pure_bf16: the bf16 weights (the adapter on the bf16 base), as the run trained and eval computes
+    # pure_bf16: the bf16 weights (an adapter in fp32 on the bf16 base), as the run trained and eval computes
     model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)),
                                dtype=DTYPES[weights_dtype(r)])
     kwargs = generation_kwargs(GenerationArgs.from_recipe(r), template.stop_ids(tokenizer) if template else tokenizer.stop_ids)

@@ -15,6 +15,7 @@ from pipeline.model.config import in_blocks, lora_candidates, select_modules
 from pipeline.model.families import FAMILIES, GPT2, Family
 
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
+HALF = (torch.bfloat16, torch.float16)  # the dtypes PEFT's cast_adapter_dtype upcasts to fp32
 
 
 class AdapterLinear(nn.Module):
@@ -58,12 +59,41 @@ def replace_linears(model: nn.Module, wrap: Callable[[nn.Linear], AdapterLinear]
     for name, child in model.named_children():
         path = f"{prefix}{name}"
         if isinstance(child, nn.Linear) and (targets is None or path in targets):
-            wrapper = wrap(child)
+            wrapper = upcast_adapter(wrap(child))
             setattr(model, name, wrapper.train(child.training))  # a new module would start in training mode
             replaced.append(path)
         elif not isinstance(child, AdapterLinear):
             replaced += replace_linears(child, wrap, targets, prefix=path + ".")
     return replaced
+
+
+def upcast_adapter(wrapper: AdapterLinear) -> AdapterLinear:
+    """The adapter's own weights (peft_params: LoRA's A and B, DoRA's magnitude, OFT's rotation) in fp32 when the
+    base layer is bf16 / fp16, their values as made in the base's dtype: PEFT's get_peft_model and
+    PeftModel.from_pretrained create them in the base layer's dtype and then upcast them (cast_adapter_dtype, on by
+    default: autocast_adapter_dtype=True, which LLaMA-Factory 0.9.5 leaves on). So under pure_bf16 the adapter trains
+    in fp32 on the bf16 base, with fp32 optimizer states; the forward casts the input to the adapter's dtype and the
+    result back (LinearWithLoRA.forward, OFTLayer.forward), as PEFT's does. Modules trained in full beside it (modules_to_save,
+    additional_target) stay in the base's dtype, as PEFT leaves them."""
+    for param, _ in wrapper.peft_params().values():
+        if param.dtype in HALF:
+            param.data = param.data.float()
+    return wrapper
+
+
+def cast_keeping_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), the adapters' own weights left as they are (fp32: upcast_adapter), so that an adapter loaded
+    in fp32 (adapter_name_or_path) keeps its values, as PEFT keeps them."""
+    kept = {id(param) for wrapper in model.modules() if isinstance(wrapper, AdapterLinear)
+            for param, _ in wrapper.peft_params().values()}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in kept and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
+    return model
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.data.added_tokens import DESCRIBED, TokenNames
 from pipeline.errors import UserError
+from pipeline.model.adapter import cast_keeping_adapters
 from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, llama_pro_blocks, read_config,
                                    resized_vocab_size, vocab_modules)
 from pipeline.model.families import FAMILIES
@@ -253,13 +254,14 @@ def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = t
     `train` passes its compute dtype (bf16 / fp16), the one DeepSpeed would cast the whole model to: the
     base weights are then read straight into it, one tensor at a time (pipeline.model.weights.read_tensors),
     instead of the whole fp32 file being resident while the cast copies it. New LoRA weights are still
-    drawn in fp32 and then cast, and an adapter folded into a full/freeze base is merged in fp32 before the
-    cast: the same values as a cast of the fp32 model. PiSSA's SVD and residual are formed in fp32 from the weight
+    drawn in fp32, rounded to `dtype` and then held in fp32 as PEFT holds them (pipeline.model.adapter.upcast_adapter;
+    a loaded adapter keeps its fp32 values), and an adapter folded into a full/freeze base is merged in fp32 before
+    the cast: the same values as a cast of the fp32 model. PiSSA's SVD and residual are formed in fp32 from the weight
     as read (PEFT's pissa_init), here on the whole weights, before DeepSpeed partitions them (ZeRO-3).
     """
     merges = not trains_adapter(finetune.finetuning_type) and bool(finetune.adapter_name_or_path)
     built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune, pissa_start)
-    return built.to(dtype)
+    return cast_keeping_adapters(built, dtype)  # LoRA / OFT's own weights stay fp32 (PEFT's upcast_adapter)
 
 
 def build_skeleton(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
@@ -278,7 +280,8 @@ def build_skeleton(model: ModelArgs, finetune: FinetuneArgs) -> GPTModel:
 def load_for_inference(model: ModelArgs, kind: str = "base", path: str | Path | None = None,
                        device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> GPTModel:
     """Weights for generate / eval / merge, in eval mode on `device` (CUDA when available), in `dtype` (bf16: a
-    pure_bf16 run's model as it trained, the base cast as train casts it and the adapter on it in bf16).
+    pure_bf16 run's model as it trained, the base cast as train casts it and the adapter on it in fp32, as it
+    trained and as PEFT's from_pretrained holds it: pipeline.model.adapter.upcast_adapter).
 
     kind base: the recipe's base model; adapter: the base + the LoRA adapter at `path`; model or merged: the
     checkpoint at `path` (our format or the Hugging Face layout). Which weights are current is decided by

@@ -599,6 +599,7 @@ class TensorSpec:
     it) and shape. The optimizers' memory in plan (pipeline.model.optimizer_state) reads these."""
     name: str
     shape: tuple[int, ...]
+    adapter: bool = False  # a LoRA / OFT adapter's own weight: held in fp32 (pipeline.model.adapter.upcast_adapter)
 
     @property
     def numel(self) -> int:
@@ -627,9 +628,10 @@ def adapter_tensors(m: ModuleSpec, finetuning_type: str, lora_rank: int, use_dor
     (in, rank) and B (rank, out), DoRA's magnitude (out); OFT's skew-symmetric upper triangles, one row a block."""
     if finetuning_type == "oft":
         blocks, size = oft_blocks(m.in_dim, *(oft or (0, 32)))
-        return [TensorSpec(f"{m.name}.oft.weight", (blocks, size * (size - 1) // 2))]
-    return [TensorSpec(f"{m.name}.lora.A", (m.in_dim, lora_rank)), TensorSpec(f"{m.name}.lora.B", (lora_rank, m.out_dim))
-            ] + ([TensorSpec(f"{m.name}.magnitude", (m.out_dim,))] if use_dora else [])
+        return [TensorSpec(f"{m.name}.oft.weight", (blocks, size * (size - 1) // 2), adapter=True)]
+    return [TensorSpec(f"{m.name}.lora.A", (m.in_dim, lora_rank), adapter=True),
+            TensorSpec(f"{m.name}.lora.B", (lora_rank, m.out_dim), adapter=True)
+            ] + ([TensorSpec(f"{m.name}.magnitude", (m.out_dim,), adapter=True)] if use_dora else [])
 
 
 def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,

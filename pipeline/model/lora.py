@@ -93,7 +93,10 @@ class LinearWithLoRA(AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.linear(x)
-        return self.linear(x) + self.lora(self.dropout(x))
+        result = self.linear(x)
+        # PEFT's Linear.forward: the input cast to the adapter's dtype (fp32 on a bf16 base: upcast_adapter), the
+        # sum formed in the wider dtype and cast back to the base layer's
+        return (result + self.lora(self.dropout(x.to(self.lora.A.dtype)))).to(result.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         return self.linear.weight.float() + self.lora.delta_weight().float()
@@ -130,22 +133,23 @@ class LinearWithDoRA(LinearWithLoRA):
 
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
-        """||W + s B A|| per output feature, in the weight's dtype (formed in fp32); a constant for autograd."""
+        """||W + s B A|| per output feature, in the adapter's dtype (formed in fp32); a constant for autograd."""
         weight = self.linear.weight
-        return torch.linalg.norm(weight.float() + self.lora.delta_weight().float(), dim=1).to(weight.dtype)
+        return torch.linalg.norm(weight.float() + self.lora.delta_weight().float(), dim=1).to(self.lora.A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             return self.linear(x)
         result = self.linear(x)
+        x = x.to(self.lora.A.dtype)  # as LoRA's forward; PEFT's DoRA takes W in that dtype too
         scale = self.magnitude / self.weight_norm()
         if isinstance(self.dropout, nn.Identity) or not self.training:
             dropped = x
             base = result if self.linear.bias is None else result - self.linear.bias
         else:
             dropped = self.dropout(x)
-            base = F.linear(dropped, self.linear.weight)
-        return result + (scale - 1) * base + scale * self.lora(dropped)
+            base = F.linear(dropped, self.linear.weight.to(x.dtype))
+        return (result + (scale - 1) * base + scale * self.lora(dropped)).to(result.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         weight = super().merged_weight()
@@ -305,8 +309,9 @@ def init_pissa(model: nn.Module, niter: int, seed: int | None = None,
             lora_a, lora_b = start[f"{key}.lora_A.weight"].float(), start[f"{key}.lora_B.weight"].float()
         else:
             lora_a, lora_b = pissa_pair(linear.weight, lora.rank, lora.scaling, niter, seed)
-        lora.A.copy_(lora_a.t())
-        lora.B.copy_(lora_b.t())
+        # through the base's dtype, as PEFT moves the new pair to the base layer's dtype before upcast_adapter's cast
+        lora.A.copy_(lora_a.t().to(linear.weight.dtype))
+        lora.B.copy_(lora_b.t().to(linear.weight.dtype))
         linear.weight.copy_((linear.weight.float() - lora.scaling * lora_b @ lora_a).to(linear.weight.dtype))
         starting[f"{key}.lora_A.weight"], starting[f"{key}.lora_B.weight"] = lora_a.clone(), lora_b.clone()
     model._lora_pissa = starting  # type: ignore[assignment]

@@ -118,8 +118,14 @@ def bf16_section(values: Mapping[str, Any]) -> dict[str, Any]:
     """DeepSpeed's bf16 section. pure_bf16 (pipeline.recipe.precision) wants no fp32 master copy: at ZeRO 0 the
     section stays off, so DeepSpeed leaves the bf16 parameters to the client optimizer; at ZeRO 1-2 it is on with
     DeepSpeed's bf16 masters, gradients and optimizer states (its partition copy is then bf16, the parameters'
-    own values, and the optimizer's moments bf16: torch's AdamW on bf16 tensors, as at ZeRO 0)."""
-    if values.get("pure_bf16") and values["zero_stage"] in (1, 2):
+    own values, and the optimizer's moments bf16: torch's AdamW on bf16 tensors, as at ZeRO 0). A LoRA / OFT
+    adapter trains in fp32 on the bf16 base (pipeline.model.adapter.upcast_adapter, PEFT's): the section stays off at
+    every stage, since DeepSpeed's bf16 would cast the adapter to bf16; its ZeRO 1-2 partition copy is then fp32, as
+    the adapter is."""
+    from pipeline.names import trains_adapter
+
+    if (values.get("pure_bf16") and values["zero_stage"] in (1, 2)
+            and not trains_adapter(values.get("finetuning_type", "lora"))):
         return dict(PURE_BF16_ZERO)
     return {"enabled": values["bf16"]}
 
@@ -327,11 +333,17 @@ def _adopt(user: Mapping[str, Any], values: Mapping[str, Any], origins: Mapping[
     return adopted
 
 
-def _pure_bf16_contradiction(path: str, text: str, keys: tuple[str, ...], given: Any, ours: Any, stage: int) -> str:
-    """A bf16 section that would give DeepSpeed fp32 master copies (or other bf16 settings) under pure_bf16."""
-    wanted = json.dumps(bf16_section({"pure_bf16": True, "zero_stage": stage, "bf16": False}))
+def _pure_bf16_contradiction(path: str, text: str, keys: tuple[str, ...], given: Any, ours: Any,
+                             values: Mapping[str, Any]) -> str:
+    """A bf16 section that would give DeepSpeed fp32 master copies (or other bf16 settings) under pure_bf16, or
+    cast a LoRA / OFT adapter, which trains in fp32 there, to bf16."""
+    from pipeline.names import trains_adapter
+
+    wanted = json.dumps(bf16_section(values))
+    why = ("the adapter trains in fp32 on the bf16 base, as PEFT holds it, and DeepSpeed's bf16 would cast it"
+           if trains_adapter(values.get("finetuning_type", "lora")) else "no fp32 master copy")
     return (f"{_at(path, text, keys)}: {'.'.join(keys)}: given {json.dumps(given)}, but pure_bf16: true at ZeRO "
-            f"{stage} needs {json.dumps(ours)} there (the bf16 section {wanted}: no fp32 master copy); set it to "
+            f"{values['zero_stage']} needs {json.dumps(ours)} there (the bf16 section {wanted}: {why}); set it to "
             "\"auto\" or remove the bf16 section")
 
 
@@ -356,7 +368,7 @@ def _merge(generated: Mapping[str, Any], user: Mapping[str, Any], values: Mappin
         recipe_key = STRICT.get(keys)
         if keys[0] == "bf16" and values.get("pure_bf16"):
             if given != ours:
-                problems.append(_pure_bf16_contradiction(path, text, keys, given, ours, values["zero_stage"]))
+                problems.append(_pure_bf16_contradiction(path, text, keys, given, ours, values))
         elif recipe_key is not None:
             expected = values[recipe_key]
             same = given == expected and isinstance(given, bool) == isinstance(expected, bool)

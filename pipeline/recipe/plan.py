@@ -2,7 +2,8 @@
 
 Torch is never imported: the parameter counts come from pipeline.model.config's torch-free layout.
 
-Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all parameters, T = trainable ones, N = world size):
+Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16 (a LoRA / OFT adapter's own weights 4 there), else 4;
+P = all parameters, T = trainable ones, N = world size):
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
     gradients    T_g * w                    ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
                                             reduce_bucket_size * w (DeepSpeed allocates it whole, per rank);
@@ -12,6 +13,10 @@ Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16, else 4; P = all paramete
                                             (+ fp32 master copies of the T_s tensors it steps under mixed precision);
                                             pure_bf16: S * 2, the state in bf16 and no fp32 master copy
                                             (+ T * 2 at ZeRO 1/2: DeepSpeed's bf16 partition copy);
+                                            with LoRA / OFT the adapter's weights, gradients and state are
+                                            fp32 (PEFT's upcast; 4 bytes in the lines above), additional_target
+                                            modules' bf16 (ZeRO 1/2: DeepSpeed's bf16 is off, its fp32
+                                            partition copy and fp32 state for those too);
                                             ZeRO-1/2/3: / N;   offload_optimizer: moved to CPU.
                                             S per tensor of n numbers (pipeline.model.optimizer_state, exact):
                                               AdamW      2n: m and v (+ torch's 4-byte fp32 step count
@@ -91,10 +96,12 @@ def estimate_memory(r: Resolved) -> Memory | None:
     pure = bool(r["pure_bf16"])  # bf16 weights, gradients and Adam states, no master copy (DeepSpeed's bf16 off)
     half = bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("fp16", {}).get("enabled"))
     w = 2 if half or pure else 4
-    params = total * w / (world if stage == 3 else 1)
-    grads = sum(t.numel for t in with_gradients(r, cfg, tensors)) * w / (world if stage >= 2 else 1)
-    if stage in (1, 2) and zero.get("contiguous_gradients", True):
-        grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * w  # DeepSpeed's default when unset
+    upcast = sum(t.numel * (width(r, t, w) - w) for t in tensors)  # pure_bf16: an adapter's fp32 weights
+    params = (total * w + upcast) / (world if stage == 3 else 1)
+    grads = sum(t.numel * width(r, t, w) for t in with_gradients(r, cfg, tensors)) / (world if stage >= 2 else 1)
+    if stage in (1, 2) and zero.get("contiguous_gradients", True):  # in the adapter's fp32 under pure_bf16
+        bucket_width = max((width(r, t, w) for t in tensors), default=w)
+        grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * bucket_width  # DeepSpeed's default
     optim = optimizer_bytes(r, cfg, tensors, pure, half, stage) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
     from pipeline.model.config import activation_bytes
@@ -131,13 +138,28 @@ def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pu
     """The optimizer's state over the trained `tensors` (pipeline.model.optimizer_state: what AdamW, Muon, GaLore,
     APOLLO, Adam-mini or BAdam keeps), in bf16 under pure_bf16 (plus ZeRO 1-2's bf16 partition copy of the
     weights DeepSpeed steps), else in fp32 (plus the fp32 master copy of the stepped tensors under bf16 / fp16
-    mixed precision)."""
+    mixed precision). pure_bf16 with LoRA / OFT: the adapter's state fp32 (its weights are), additional_target
+    modules' bf16 at ZeRO 0; at ZeRO 1-2 DeepSpeed's bf16 is off, so all of it fp32, with an fp32 partition copy of
+    the bf16 modules."""
     from pipeline.model.optimizer_state import state_bytes, stepped
 
+    if pure and any(t.adapter for t in tensors):
+        full = [t for t in tensors if not t.adapter]  # additional_target modules, bf16 as the base
+        if stage in (1, 2):  # DeepSpeed's bf16 off: its ZeRO optimizer steps an fp32 partition copy of each tensor
+            return state_bytes(r, cfg, tensors, 4) + 4 * sum(t.numel for t in full)
+        return state_bytes(r, cfg, [t for t in tensors if t.adapter], 4) + state_bytes(r, cfg, full, 2)
     state = state_bytes(r, cfg, tensors, 2 if pure else 4)
     if pure:
         return state + (2 * sum(t.numel for t in tensors) if stage in (1, 2) else 0)
     return state + (4 * sum(t.numel for t in stepped(r, cfg, tensors)) if half else 0)
+
+
+def width(r: Resolved, tensor: TensorSpec, w: int) -> int:
+    """Bytes of one number of a trained tensor as the run holds it: the run's `w`, but under pure_bf16 a LoRA / OFT
+    adapter's own weights (and their gradients) are fp32 (pipeline.recipe.precision.trained_dtype)."""
+    from pipeline.recipe.precision import trained_dtype
+
+    return {"fp32": 4, "bf16": 2}[trained_dtype(r, tensor.adapter)] if r["pure_bf16"] else w
 
 
 def reference_params(r: Resolved, total: int) -> int:

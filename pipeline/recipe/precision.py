@@ -70,6 +70,15 @@ def weights_dtype(r: Mapping[str, Any]) -> str:
     return "bf16" if precision(r) == "pure_bf16" else "fp32"
 
 
+def trained_dtype(r: Mapping[str, Any], adapter: bool) -> str:
+    """The dtype a trained tensor is held and stepped in (its gradient and optimizer state too, where no master copy
+    is kept): a LoRA / OFT adapter's own weights (`adapter`) are fp32 whatever the base's dtype, as PEFT's
+    get_peft_model upcasts them (pipeline.model.adapter.upcast_adapter; LLaMA-Factory leaves that on, pure_bf16 too);
+    every other tensor weights_dtype's (bf16 under pure_bf16: the modules an adapter trains in full beside it
+    too)."""
+    return "fp32" if adapter else weights_dtype(r)
+
+
 def default_export_dtype(r: Mapping[str, Any]) -> str:
     """export_dtype when the recipe leaves it out: bf16 for the model/ of a pure_bf16 full / freeze run (its weights
     are bf16: fp32 would hold the same values at twice the size; LLaMA-Factory's export keeps the model's bf16), else
@@ -83,11 +92,15 @@ def default_export_dtype(r: Mapping[str, Any]) -> str:
 def eval_precision(r: Mapping[str, Any], *, cuda: bool = False, training: bool = False) -> str:
     """How a held-out loss of this run is computed, in words for all_results.json (`training`: the eval_loss logged
     while it trains) and eval's report. pure_bf16: the bf16 weights without autocast, as the run trained and as
-    LLaMA-Factory evaluates its bf16 model. bf16 / fp16 while training: DeepSpeed's 16-bit copy of the fp32 masters
+    LLaMA-Factory evaluates its bf16 model (a LoRA / OFT adapter on them in fp32, as it trained: trained_dtype).
+    bf16 / fp16 while training: DeepSpeed's 16-bit copy of the fp32 masters
     (its module), no autocast; eval of a bf16 / fp16 run: the fp32 weights under autocast on CUDA, fp32 on a CPU."""
+    from pipeline.names import trains_adapter
+
     kind = precision(r)
     if kind == "pure_bf16":
-        return "bf16 weights, no autocast (pure_bf16, as trained)"
+        adapter = " (the adapter fp32)" if trains_adapter(r.get("finetuning_type", "lora")) else ""
+        return f"bf16 weights{adapter}, no autocast (pure_bf16, as trained)"
     if kind == "fp32":
         return "fp32"
     if training:

@@ -13,7 +13,8 @@ Why a skeleton: LoRA writes only trained tensors, and full fine-tuning trains ev
 the base weights (a PiSSA adapter is converted with its starting pairs, which the Exporter is given: a plain LoRA
 for the original base, pipeline.model.lora.pissa_converted). model/ is fp32, or bf16 under pure_bf16, where the
 weights trained are bf16 and nothing else exists (the values exactly, at half the size; LLaMA-Factory's Trainer
-writes them so); the adapter stays fp32 (it holds the bf16 values exactly).
+writes them so); a LoRA / OFT adapter is fp32, as it trained there (PEFT's fp32 adapter on the bf16 base), and its
+additional_target modules bf16, as they trained and as PEFT writes its modules_to_save.
 freeze writes its frozen weights exactly as loaded (in bf16 under pure_bf16, as it trained): it reads them from the base
 into the skeleton at each write, one tensor at a time (`frozen`), and lets them go once written. Building
 the model for real, as freeze did before, kept an fp32 copy of the whole model on the host for the rest of
@@ -86,7 +87,8 @@ class Exporter:
         """build: the model as train built it (fp32 copy); skeleton: the same on the meta device; frozen: names ->
         their base tensors in fp32, where the base is what train built from (freeze); pissa_start: a PiSSA run's
         starting pairs (pipeline.model.lora.pissa_start), which the adapter is converted with; dtype: model/'s
-        (pipeline.recipe.precision.weights_dtype: bf16 under pure_bf16, whose weights are bf16, frozen ones too)."""
+        (pipeline.recipe.precision.weights_dtype: bf16 under pure_bf16, whose weights are bf16, frozen ones too), and
+        that of an adapter's additional_target modules."""
         self.engine, self._build, self._skeleton, self._frozen = engine, build, skeleton, frozen
         self.dtype = dtype
         self.pissa_start = pissa_start
@@ -170,8 +172,8 @@ class Exporter:
         if self.lora:
             from pipeline.model.lora import ADAPTER_WEIGHTS, adapter_state, save_adapter
 
-            target = save_adapter(model, self.target(directory), {"base_model_name_or_path": self.base},
-                                  start=self.pissa_start)
+            target = save_adapter(self._modules_as_held(model), self.target(directory),
+                                  {"base_model_name_or_path": self.base}, start=self.pissa_start)
             expected = {k: tuple(v.shape) for k, v in adapter_state(model, self.pissa_start).items()}
             verify_tensors(target / ADAPTER_WEIGHTS, expected)
             if self.new_tokens or self.split_special_tokens:  # PEFT users resize the base to the adapter's
@@ -186,6 +188,16 @@ class Exporter:
             copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens, self.split_special_tokens)
             copy_generation_config(self.base, target)
         return target
+
+    def _modules_as_held(self, model: Any) -> Any:
+        """The modules trained in full beside the adapter (additional_target, PEFT's modules_to_save) in the run's
+        weights dtype, as PEFT's save_pretrained writes what it holds: bf16 under pure_bf16 (the adapter's own
+        weights stay fp32 there, pipeline.model.adapter.upcast_adapter), else fp32."""
+        from pipeline.model.weights import DTYPES
+
+        for name in getattr(model, "_lora_additional", []):
+            model.get_submodule(name).to(DTYPES[self.dtype])
+        return model
 
 
 def link_export(source: Path, target: Path) -> Path:

@@ -537,8 +537,10 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
     from pipeline.model.lora import trainable_report
     from pipeline.recipe.precision import precision as recipe_precision
 
-    precision = {"pure_bf16": "pure bf16 (bf16 weights and optimizer states, no fp32 master copy)"}.get(
-        recipe_precision(r), recipe_precision(r))
+    pure = ("pure bf16 (bf16 base, the adapter in fp32 as PEFT upcasts it, with fp32 optimizer states)"
+            if trains_adapter(r["finetuning_type"]) else "pure bf16 (bf16 weights and optimizer states, no fp32 "
+                                                         "master copy)")
+    precision = {"pure_bf16": pure}.get(recipe_precision(r), recipe_precision(r))
     items = item_name(data_args(r))
     lines = [
         trainable_report(model)[3],

@@ -138,7 +138,9 @@ def in_process(command: str, recipe: Path) -> None:
 def test_a_lora_pure_bf16_run_merges_onto_the_bf16_base_it_trained_on(tmp_path):
     """merged/ (fp32, export_dtype left out) is PEFT's merge_and_unload of the adapter onto transformers' base loaded
     in bf16 and upcast: the base the run trained on (onto the fp32 base it would differ by the base's bf16
-    rounding); eval's loss is train's eval_loss, both the bf16 model without autocast."""
+    rounding); eval's loss is train's eval_loss, both the bf16 model with the fp32 adapter on it, without autocast.
+    adapter/ is fp32 with values no bf16 holds: the adapter trained in fp32, as PEFT upcasts it under
+    LLaMA-Factory's pure_bf16, and PEFT's from_pretrained onto the bf16 base holds exactly those tensors."""
     import peft
     import transformers
 
@@ -149,7 +151,17 @@ def test_a_lora_pure_bf16_run_merges_onto_the_bf16_base_it_trained_on(tmp_path):
         in_process(command, recipe)
     out = tmp_path / "saves/run"
     metrics = json.loads((out / "eval/metrics.json").read_text())
-    assert metrics["results"]["tuned"]["loss"] == json.loads((out / "all_results.json").read_text())["eval_loss"]
+    results = json.loads((out / "all_results.json").read_text())
+    assert metrics["results"]["tuned"]["loss"] == results["eval_loss"]
+    assert metrics["precision"] == results["eval_precision"] == ("bf16 weights (the adapter fp32), no autocast "
+                                                                 "(pure_bf16, as trained)")
+    written = tensors(out / "adapter/adapter_model.safetensors")
+    assert {v.dtype for v in written.values()} == {torch.float32}
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in written.values())
+    on_bf16 = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "llama", dtype=torch.bfloat16), out / "adapter")
+    held = peft.get_peft_model_state_dict(on_bf16)
+    assert held.keys() == written.keys() and all(torch.equal(held[k], v) for k, v in written.items())
 
     assert json.loads((out / "merged/config.json").read_text())["torch_dtype"] == "float32"
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).state_dict()

@@ -61,8 +61,8 @@ def test_a_preset_has_random_weights_and_says_so(tmp_path, capsys):
 
 
 def test_a_pure_bf16_run_generates_with_its_bf16_weights(tmp_path, capsys, monkeypatch):
-    """As eval computes after a pure_bf16 run (pipeline.recipe.precision.weights_dtype): the base (and an adapter on
-    it) in bf16, the model that trained; a bf16 mixed-precision run's fp32 masters stay fp32."""
+    """As eval computes after a pure_bf16 run (pipeline.recipe.precision.weights_dtype): the base in bf16 (an adapter
+    on it fp32, as it trained: tests/train/test_pure_bf16.py), the model that trained; a bf16 mixed-precision run's fp32 masters stay fp32."""
     import torch
 
     loaded = []

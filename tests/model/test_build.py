@@ -92,7 +92,9 @@ def test_adapter_continues_and_full_merges_it(tmp_path):
 def test_reading_straight_into_bf16_equals_casting_the_fp32_model(tmp_path, finetuning_type, with_adapter):
     """train reads the base weights straight into its compute dtype, one tensor at a time: the same bits as
     building in fp32 and casting the model, as DeepSpeed did (HF layout: Conv1D weights transposed; new LoRA
-    weights drawn in fp32; an adapter folded into a full base merged in fp32 first)."""
+    weights drawn in fp32; an adapter folded into a full base merged in fp32 first). LoRA's own weights stay fp32, as
+    PEFT upcasts them: new ones drawn in fp32 and rounded through bf16 (PEFT draws them in the base's dtype), a loaded
+    adapter's exactly as written."""
     base = build(recipe(tmp_path, finetuning_type="full"))
     save_hf(base, tmp_path / "hf")
     trained = build(recipe(tmp_path, model_name_or_path=str(tmp_path / "hf")))
@@ -103,10 +105,15 @@ def test_reading_straight_into_bf16_equals_casting_the_fp32_model(tmp_path, fine
     save_adapter(trained, tmp_path / "ad")
     r = recipe(tmp_path, model_name_or_path=str(tmp_path / "hf"), finetuning_type=finetuning_type,
                adapter_name_or_path=str(tmp_path / "ad") if with_adapter else None)
-    cast = build(r).to(torch.bfloat16).state_dict()
+    fp32 = build(r).state_dict()
+    cast = {k: v.to(torch.bfloat16) for k, v in fp32.items()}
     direct = build_model(*recipe_args(r), dtype=torch.bfloat16).state_dict()
     assert cast.keys() == direct.keys()
-    assert all(direct[k].dtype == torch.bfloat16 and torch.equal(direct[k], cast[k]) for k in cast)
+    adapter = {k for k in cast if ".lora." in k}
+    assert bool(adapter) == (finetuning_type == "lora")
+    assert all(direct[k].dtype == torch.bfloat16 and torch.equal(direct[k], cast[k]) for k in cast if k not in adapter)
+    assert all(direct[k].dtype == torch.float32 and torch.equal(direct[k], fp32[k] if with_adapter else cast[k].float())
+               for k in adapter)
     assert direct["layers.0.self_attn.qkv_proj.linear.weight" if finetuning_type == "lora"
                   else "layers.0.self_attn.qkv_proj.weight"].is_contiguous()
 
