@@ -20,6 +20,7 @@ The loop that generates, scores and steps is pipeline.train.ppo; these functions
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -151,23 +152,46 @@ def kl_controller(init_kl_coef: float, target: float | None, horizon: float) -> 
     return AdaptiveKLController(init_kl_coef, target, horizon)
 
 
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a tensor -> its element-wise sum over the ranks
+
+
+def local_statistics(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, biased variance, count) of one process's scores: TRL's RunningMoments.update on one process
+    (trl/trainer/utils.py:613-614, torch.var_mean(xs, unbiased=False))."""
+    xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+    return xs_mean, xs_var, xs.numel()
+
+
+def global_statistics(xs: torch.Tensor, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, count) of every process's scores together: TRL's get_global_statistics
+    (trl/trainer/utils.py:634-649): the sum and count reduced, then the squared deviations from that mean."""
+    sum_and_count = reduce(torch.tensor([xs.sum(), xs.numel()], device=xs.device))
+    global_sum, count = sum_and_count
+    global_mean = global_sum / count
+    global_var = reduce(torch.sum((xs - global_mean) ** 2)) / count
+    return global_mean, global_var, count
+
+
 class RunningMoments:
-    """TRL's RunningMoments (one rank): the running mean and std of every score seen so far, for ppo_score_norm.
+    """TRL's RunningMoments: the running mean and std of every score seen so far, for ppo_score_norm.
 
     The same operations in the same order as TRL's (python numbers until the first update, float32 tensors after),
-    so the normalized scores are TRL's to the bit; state() / from_state() carry it through a checkpoint."""
+    so the normalized scores are TRL's to the bit; state() / from_state() carry it through a checkpoint. With
+    `reduce` (several ranks) a batch's moments are those of every rank's scores (TRL's accelerator.use_distributed
+    branch, trl/trainer/utils.py:610-611), so every rank holds the same moments."""
 
-    def __init__(self) -> None:
+    def __init__(self, reduce: Reduce | None = None) -> None:
         self.mean: float | torch.Tensor = 0
         self.std: float | torch.Tensor = 1
         self.var: float | torch.Tensor = 1
-        self.count: float = 1e-24
+        self.count: float | torch.Tensor = 1e-24
+        self.reduce = reduce
 
     @torch.no_grad()
     def update(self, xs: torch.Tensor) -> None:
         """Fold a batch's scores in (Chan et al.'s parallel update with the batch's biased variance)."""
-        xs_count = xs.numel()
-        xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var, xs_count = (local_statistics(xs) if self.reduce is None
+                                     else global_statistics(xs, self.reduce))
         xs_mean, xs_var = xs_mean.float(), xs_var.float()
         delta = xs_mean - self.mean
         tot_count = self.count + xs_count
@@ -188,12 +212,12 @@ class RunningMoments:
 
     def state(self) -> dict[str, float]:
         """JSON-exact numbers (a float32 is a double exactly)."""
-        return {"mean": float(self.mean), "std": float(self.std), "var": float(self.var), "count": self.count}
+        return {"mean": float(self.mean), "std": float(self.std), "var": float(self.var), "count": float(self.count)}
 
     @classmethod
-    def from_state(cls, saved: dict[str, float]) -> "RunningMoments":
+    def from_state(cls, saved: dict[str, float], reduce: Reduce | None = None) -> "RunningMoments":
         """The moments state() saved after at least one update: float32 tensors, as TRL's are then."""
-        moments = cls()
+        moments = cls(reduce)
         for key in ("mean", "std", "var"):
             setattr(moments, key, torch.tensor(saved[key], dtype=torch.float32))
         moments.count = float(saved["count"])

@@ -13,6 +13,14 @@
        gradient_accumulation_steps mini-batches, as TRL's accelerator.accumulate)
     -> the KL controller moves its coefficient; the learning-rate schedule steps once (TRL steps it per PPO step)
 
+On several ranks (ZeRO 0, 1 or 2: the policy's weights stay whole on every rank, so generation is unchanged) each
+rank takes its own prompts (the loader's shard) and gathers what TRL 0.9.6 gathers, nothing more: the KL
+controller moves by the ranks' mean KL with batch = rows x ranks (trl/trainer/ppo_trainer.py:866-876,
+gather_stats :926-946 all-reduces and divides by the number of processes), ppo_score_norm's moments are those of
+every rank's scores (trl/trainer/utils.py:610-611, get_global_statistics :634-649); the whitening of rewards and
+advantages stays per rank (ppo_trainer.py:1170-1181, the local masked_whiten), and the logged values are the
+ranks' means (gather_stats; the base Trainer averages the log window over the ranks).
+
 The value head is TRL's (dropout 0.1, then Linear(hidden, 1) with a bias) on the last hidden state (after the final
 norm), trained beside the adapter by the same optimizer; it is saved beside the adapter as LLaMA-Factory's
 value_head.safetensors (keys v_head.summary.weight / .bias). The rollout passes run in eval mode (no dropout, so
@@ -30,8 +38,8 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.model.ppo import (PPOConfig, RunningMoments, advantages_and_returns, kl_controller, ppo_losses,
-                                token_rewards)
+from pipeline.model.ppo import (PPOConfig, Reduce, RunningMoments, advantages_and_returns, kl_controller,
+                                ppo_losses, token_rewards)
 from pipeline.runtime import dist
 from pipeline.train.export import Exporter
 from pipeline.train.loop import Trainer, Window, grad_norm
@@ -72,6 +80,27 @@ def last_hidden(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield caught
     finally:
         handle.remove()
+
+
+def rank_sum() -> Reduce | None:
+    """On several ranks: a tensor -> its element-wise sum over them (a copy, as accelerate's reduce returns); on
+    one, None (the statistics stay the process's own, TRL's single-process branch)."""
+    if dist.world_size() == 1:
+        return None
+    import torch.distributed as tdist
+
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        return out
+    return reduce
+
+
+def ranks_mean(value: torch.Tensor) -> float:
+    """The mean of a scalar over the ranks, as TRL's gather_stats takes it (all-reduce SUM, then / the number of
+    processes: trl/trainer/ppo_trainer.py:943-945)."""
+    reduce = rank_sum()
+    return float(value if reduce is None else reduce(value) / dist.world_size())
 
 
 def prompt_ids(batch: dict[str, torch.Tensor]) -> list[list[int]]:
@@ -179,7 +208,7 @@ class PPOTrainer(Trainer):
         self.epochs = ppo.ppo_epochs
         self.config = PPOConfig(whiten_rewards=bool(ppo.ppo_whiten_rewards))
         self.kl_ctl = kl_controller(INIT_KL_COEF, float(ppo.ppo_target), KL_HORIZON)
-        self.moments = RunningMoments() if ppo.ppo_score_norm else None  # the scores seen so far (ppo_score_norm)
+        self.moments = RunningMoments(rank_sum()) if ppo.ppo_score_norm else None  # every score so far (score_norm)
         self.last_norm: float | None = None  # the last update's, where DeepSpeed reports none (the base's own_norm)
 
     def generate(self, prompts: list[list[int]], micro: int) -> list[list[int]]:
@@ -232,10 +261,10 @@ class PPOTrainer(Trainer):
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
-        mean_kl = float(data["kl"].mean())
-        metrics = {"reward": float(data["scores"].mean()), "kl": mean_kl, "kl_coef": self.kl_ctl.value,
+        mean_kl = data["kl"].mean()
+        metrics = {"reward": float(data["scores"].mean()), "kl": float(mean_kl), "kl_coef": self.kl_ctl.value,
                    **{key: value / updates for key, value in sums.items() if key != "loss"}}
-        self.kl_ctl.update(mean_kl, rows * dist.world_size())
+        self.kl_ctl.update(ranks_mean(mean_kl), rows * dist.world_size())
         if self.scheduler is not None:
             self.scheduler.step()
         window.loss += sums["loss"] / updates
@@ -262,7 +291,7 @@ class PPOTrainer(Trainer):
         its running moments at the resumed step, as a fresh run does at step 1."""
         self.kl_ctl.value = float(saved["kl_coef"])
         if self.moments is not None and "score_moments" in saved:
-            self.moments = RunningMoments.from_state(saved["score_moments"])
+            self.moments = RunningMoments.from_state(saved["score_moments"], rank_sum())
 
     def update(self, mini: dict[str, torch.Tensor]) -> dict[str, float]:
         """One mini-batch: the clipped losses (pipeline.model.ppo.ppo_losses), backward, engine step."""

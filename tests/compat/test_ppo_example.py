@@ -59,17 +59,24 @@ def checkout(tmp_path: Path) -> tuple[Path, Path]:
     return base, work
 
 
-def step_one(base: Path, rm_adapter: Path) -> float:
-    """The reward model's score of PROMPT + the base's greedy response, as LLaMA-Factory's PPO computes it."""
+def greedy_sequence(base: Path, prompt: str = PROMPT) -> torch.Tensor:
+    """(1, T): `prompt` written out in LLaMA-Factory's llama3 template + the base's greedy response (transformers),
+    the sequence LLaMA-Factory's PPO scores at step 1 (the policy is its base there)."""
     tok = transformers.AutoTokenizer.from_pretrained(base)
-    text = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{PROMPT}<|eot_id|>"
+    text = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n")  # LLaMA-Factory's llama3 template
-    prompt = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
     policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     stops = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
     with torch.no_grad():
-        sequence = policy.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stops,
-                                   pad_token_id=tok.eos_token_id)
+        return policy.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stops,
+                               pad_token_id=tok.eos_token_id)
+
+
+def step_one(base: Path, rm_adapter: Path) -> float:
+    """The reward model's score of PROMPT + the base's greedy response, as LLaMA-Factory's PPO computes it."""
+    sequence = greedy_sequence(base)
+    with torch.no_grad():
         scorer = peft.PeftModel.from_pretrained(
             transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), rm_adapter).eval()
         return float(scorer(sequence).logits[0, 0])

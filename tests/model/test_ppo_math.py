@@ -8,6 +8,8 @@ FixedKLController, :593-630 RunningMoments; trl/trainer/ppo_trainer.py:676-684 s
 from __future__ import annotations
 
 import math
+import threading
+from typing import Callable
 
 import pytest
 import torch
@@ -183,3 +185,40 @@ def test_score_moments_survive_a_checkpoint_exactly():
     resumed = RunningMoments.from_state(json.loads(json.dumps(running.state())))
     assert torch.equal(resumed.normalize(torch.tensor(BATCHES[2], dtype=torch.float32)), want[2])
 
+
+
+def two_rank_sum() -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """Two threads' all-reduce SUM (each gets the sum of both ranks' tensors), standing for torch.distributed."""
+    barrier, posted = threading.Barrier(2), [None, None]
+
+    def reducer(rank: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            posted[rank] = tensor.clone()
+            barrier.wait()
+            total = posted[0] + posted[1]
+            barrier.wait()  # both have read before the next call posts again
+            return total
+        return reduce
+    return reducer(0), reducer(1)
+
+
+def test_score_moments_on_two_ranks_are_those_of_every_rank_s_scores():
+    """TRL's distributed RunningMoments (trl/trainer/utils.py:610-611, get_global_statistics :634-649): each rank
+    folds in the moments of both ranks' scores, so both hold what one process holds over all of them (the golden:
+    TRL's one-process update re-typed, over each step's two halves together)."""
+    halves = [[batch[:2] for batch in BATCHES], [batch[2:] for batch in BATCHES]]
+    _, moments = trl_score_norm(BATCHES)
+    found: list[dict[str, float]] = [{}, {}]
+
+    def rank(index: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        running = RunningMoments(reduce)
+        for batch in halves[index]:
+            running.normalize(torch.tensor(batch, dtype=torch.float32))
+        found[index] = running.state()
+    threads = [threading.Thread(target=rank, args=(i, r)) for i, r in enumerate(two_rank_sum())]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert found[0] == found[1] == pytest.approx(moments, rel=1e-6)
+    assert found[0]["count"] == pytest.approx(12)  # both ranks' rows, not one's 6

@@ -25,8 +25,8 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "finetuning_type: oft\n", None,
      "r.yaml:7:18: finetuning_type: given \"oft\" with stage ppo: stage ppo trains a LoRA, full or freeze policy"),
     (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
-    (PPO + "zero_stage: 2\n", None, "r.yaml:7:13: zero_stage: given 2 with stage ppo: stage ppo runs on DeepSpeed "
-                                    "ZeRO 0 only"),
+    (PPO + "zero_stage: 3\n", None, "r.yaml:7:13: zero_stage: given 3 with stage ppo: stage ppo runs on DeepSpeed "
+                                    "ZeRO 0, 1 or 2 here: ZeRO 3 partitions the policy's weights"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
                                     "response per prompt"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
@@ -36,7 +36,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
     (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
                   "sft recipe"),
-], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "zero2", "beams",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "zero3", "beams",
         "val_size",
         "ref_model", "api", "outside-ppo", "eval-command"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
@@ -56,11 +56,14 @@ def test_ppo_trains_on_every_prompt(recipe):
     assert r["val_size"] == 0.0 and r["reward_model_type"] == "lora" and r["ppo_epochs"] == 4
 
 
-def test_ppo_runs_on_one_rank(recipe, monkeypatch):
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_ppo_runs_on_several_ranks_up_to_zero_2(recipe, monkeypatch, zero_stage):
+    """As LLaMA-Factory's PPO under DeepSpeed: the policy's weights stay whole on every rank up to ZeRO 2
+    (tests/compat/test_ppo_multirank.py trains it on two)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    found = messages(recipe(PPO))
-    assert any("world_size: given 2 with stage ppo: stage ppo runs on one rank here" in m for m in found), found
+    r = resolve(recipe(PPO + f"zero_stage: {zero_stage}\n"))
+    assert (r["world_size"], r["zero_stage"]) == (2, zero_stage)
 
 
 def test_the_reward_model_run_is_an_upstream_of_stage_ppo_only(write):

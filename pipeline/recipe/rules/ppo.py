@@ -1,5 +1,5 @@
 """Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
-full or freeze policy, ZeRO 0 on one rank, ppo_buffer_size 1, no beam search), and the ppo keys only under
+full or freeze policy, ZeRO 0-2 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys only under
 stage ppo. reward_model_type api / oft: the schema's x-refused.
 """
 from __future__ import annotations
@@ -18,10 +18,9 @@ NOT_IMPLEMENTED = {
                         "gradient_accumulation_steps for a larger batch"),
     "finetuning_type": (lambda v: v == "oft", "stage ppo trains a LoRA, full or freeze policy here (as "
                         "LLaMA-Factory); OFT PPO is not implemented: set finetuning_type: lora"),
-    "zero_stage": (lambda v: v != 0, "stage ppo runs on DeepSpeed ZeRO 0 only here: the policy generates with its "
-                   "whole weights on every rank; drop the deepspeed key or use a ZeRO 0 config"),
-    "world_size": (lambda v: v != 1, "stage ppo runs on one rank here (several ranks are not implemented: the KL "
-                   "controller and the whitening would need the ranks' statistics gathered); launch one process"),
+    "zero_stage": (lambda v: v == 3, "stage ppo runs on DeepSpeed ZeRO 0, 1 or 2 here: ZeRO 3 partitions the "
+                   "policy's weights, and its rollouts would need them gathered for generation (TRL's "
+                   "unwrap_model_for_generation), which is not implemented; use ZeRO 2"),
     "num_beams": (lambda v: v != 1, "stage ppo's rollouts are one response per prompt, sampled or greedy, here; "
                   "beam search is for generate, eval and chat: set num_beams: 1"),
 }
