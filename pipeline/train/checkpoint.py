@@ -85,6 +85,12 @@ KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 # The generation settings: eval's alone elsewhere (taken without a word), but stage ppo's rollouts are generated
 # with them (pipeline.train.ppo), so there a new value changes the responses trained on from here: APPLY
 PPO_ROLLOUT = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+SAMPLING = ("temperature", "top_k", "top_p")  # used only when do_sample is true
+
+
+def ppo_rollout_keys(r: Mapping[str, Any]) -> tuple[str, ...]:
+    """The generation keys stage ppo's rollouts read under this recipe (greedy ones read no sampling key)."""
+    return tuple(k for k in PPO_ROLLOUT if r.get("do_sample") or k not in SAMPLING)
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
@@ -370,7 +376,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     if problems:
         raise UserError(problems)
     inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo / kto train without dropout (as TRL)
-    applied = (*APPLY, *PPO_ROLLOUT) if r.get("stage") == "ppo" else APPLY
+    applied = (*APPLY, *ppo_rollout_keys(r)) if r.get("stage") == "ppo" else APPLY
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
                f"{state.get('global_step', '?')} on" for k in changed if k in applied and k not in inert]
     notices += _reference_adapter_notices(r, path, saved)
