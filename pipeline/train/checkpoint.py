@@ -86,11 +86,6 @@ KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
 # with them (pipeline.train.ppo), so there a new value changes the responses trained on from here: APPLY
 PPO_ROLLOUT = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 SAMPLING = ("temperature", "top_k", "top_p")  # used only when do_sample is true
-
-
-def ppo_rollout_keys(r: Mapping[str, Any]) -> tuple[str, ...]:
-    """The generation keys stage ppo's rollouts read under this recipe (greedy ones read no sampling key)."""
-    return tuple(k for k in PPO_ROLLOUT if r.get("do_sample") or k not in SAMPLING)
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
@@ -108,6 +103,12 @@ CHANGES_KEY = "token loss changes"
 # each local ref_model_adapters folder -> the sha256 of its adapter files: the key can name the same folder after
 # its files were rewritten (a retrained sft run in place), which changes the reference as a new value would
 ADAPTERS_KEY = "reference adapter files"
+
+
+def ppo_rollout_keys(r: Mapping[str, Any]) -> tuple[str, ...]:
+    """The generation keys stage ppo's rollouts read under this recipe (greedy ones read no sampling key)."""
+    return tuple(k for k in PPO_ROLLOUT if r.get("do_sample") or k not in SAMPLING)
+
 
 @dataclass
 class TrainState:
