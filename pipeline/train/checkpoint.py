@@ -105,9 +105,9 @@ CHANGES_KEY = "token loss changes"
 ADAPTERS_KEY = "reference adapter files"
 
 
-def ppo_rollout_keys(r: Mapping[str, Any]) -> tuple[str, ...]:
-    """The generation keys stage ppo's rollouts read under this recipe (greedy ones read no sampling key)."""
-    return tuple(k for k in PPO_ROLLOUT if r.get("do_sample") or k not in SAMPLING)
+def ppo_rollout_keys(sampling: bool) -> tuple[str, ...]:
+    """The generation keys stage ppo's rollouts read: greedy ones (do_sample false) read no sampling key."""
+    return tuple(k for k in PPO_ROLLOUT if sampling or k not in SAMPLING)
 
 
 @dataclass
@@ -377,7 +377,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     if problems:
         raise UserError(problems)
     inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo / kto train without dropout (as TRL)
-    applied = (*APPLY, *ppo_rollout_keys(r)) if r.get("stage") == "ppo" else APPLY
+    applied = (*APPLY, *ppo_rollout_keys(bool(r.get("do_sample")))) if r.get("stage") == "ppo" else APPLY
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
                f"{state.get('global_step', '?')} on" for k in changed if k in applied and k not in inert]
     notices += _reference_adapter_notices(r, path, saved)
