@@ -31,7 +31,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "pipeline/train/dryrun.py": {"run"},
     # resume compares the whole recipe with the one a checkpoint saved: which keys changed, and where they are set
     "pipeline/train/checkpoint.py": {"where", "saved_recipe", "training_data", "check_compatible", "apply_changes",
-                                     "check_schedule", "_refused"},
+                                     "check_schedule", "_refused", "reference_adapter_files",
+                                     "_reference_adapter_notices"},
 }
 ALLOWED_PACKAGES = ("pipeline/recipe/",)
 

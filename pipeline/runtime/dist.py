@@ -165,7 +165,8 @@ def shutdown() -> None:
 
 
 def _leave(code: int) -> NoReturn:
-    """The interpreter's exit steps before finalization (threads, atexit, streams), then os._exit(code)."""
+    """The interpreter's exit steps before finalization (threads, atexit, Python's and C's streams), then
+    os._exit(code)."""
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
@@ -173,7 +174,17 @@ def _leave(code: int) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    _flush_c_streams()
     os._exit(code)
+
+
+def _flush_c_streams() -> None:
+    """C's stdio buffers, which exit() flushes and os._exit does not: what C / C++ code printed (NCCL_DEBUG's
+    lines, an extension's printf) into stdout redirected to a file or a pipe, block-buffered there, was lost."""
+    import ctypes
+
+    with contextlib.suppress(Exception):  # a libc without fflush: nothing of C's to flush the usual way either
+        ctypes.CDLL(None).fflush(None)
 
 
 def rank() -> int:

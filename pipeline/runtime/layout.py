@@ -8,6 +8,7 @@
       training_rewards_accuracies.png              stage dpo (.accuracy_plot): how often chosen out-scores rejected
       training_eval_accuracy.png                   compute_accuracy (.eval_accuracy_plot): eval token accuracy
       training_rewards_chosen.png                  stage kto (.rewards_plot): the desirable responses' reward
+      training_reward.png                          stage ppo (.reward_plot): the reward model's mean score
       all_results.json          .all_results       final numbers of the run
       checkpoint-<step>/                           resumable state (pipeline.train.checkpoint owns its inside)
       adapter/                  .adapter           lora: the trained adapter (PEFT layout)
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from pipeline.names import trains_adapter
 from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE, \
-    REWARDS_PLOT_FILE
+    REWARD_PLOT_FILE, REWARDS_PLOT_FILE
 
 CONFIG = "config.json"  # marks a complete model folder (ours and Hugging Face's): written with the weights
 
@@ -75,6 +76,10 @@ class RunLayout:
     @property
     def rewards_plot(self) -> Path:
         return self.root / REWARDS_PLOT_FILE
+
+    @property
+    def reward_plot(self) -> Path:
+        return self.root / REWARD_PLOT_FILE
 
     @property
     def all_results(self) -> Path:

@@ -20,6 +20,7 @@ PLOT_FILE = "training_loss.png"
 ACCURACY_PLOT_FILE = "training_rewards_accuracies.png"  # stage dpo (LLaMA-Factory plots it under this name)
 EVAL_ACCURACY_PLOT_FILE = "training_eval_accuracy.png"  # compute_accuracy (LLaMA-Factory's name for it too)
 REWARDS_PLOT_FILE = "training_rewards_chosen.png"  # stage kto (LLaMA-Factory's kto workflow plots rewards/chosen)
+REWARD_PLOT_FILE = "training_reward.png"  # stage ppo (LLaMA-Factory's ppo workflow plots reward)
 RESULTS_FILE = "all_results.json"
 
 

@@ -82,6 +82,10 @@ APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "
          # stage ppo's objective: another reward model, KL target or score treatment from here on
          "reward_model", "reward_model_type", "ppo_epochs", "ppo_target", "ppo_whiten_rewards", "ppo_score_norm")
 KEEP = ("adam_beta1", "adam_beta2", "adam_epsilon")
+# The generation settings: eval's alone elsewhere (taken without a word), but stage ppo's rollouts are generated
+# with them (pipeline.train.ppo), so there a new value changes the responses trained on from here: APPLY
+PPO_ROLLOUT = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+SAMPLING = ("temperature", "top_k", "top_p")  # used only when do_sample is true
 DROPOUT_KEYS = ("dropout", "lora_dropout")  # APPLY keys stage dpo never uses (preference.disable_dropout)
 RESUME_KEYS = REFUSE  # the name older code used
 # A refused key the resolver derives from others when the recipe leaves it unset: lora_alpha is 2 x lora_rank,
@@ -99,6 +103,12 @@ CHANGES_KEY = "token loss changes"
 # each local ref_model_adapters folder -> the sha256 of its adapter files: the key can name the same folder after
 # its files were rewritten (a retrained sft run in place), which changes the reference as a new value would
 ADAPTERS_KEY = "reference adapter files"
+
+
+def ppo_rollout_keys(sampling: bool) -> tuple[str, ...]:
+    """The generation keys stage ppo's rollouts read: greedy ones (do_sample false) read no sampling key."""
+    return tuple(k for k in PPO_ROLLOUT if sampling or k not in SAMPLING)
+
 
 @dataclass
 class TrainState:
@@ -238,7 +248,7 @@ def _not_a_checkpoint(path: Path) -> str | None:
 def saved_recipe(r: Mapping[str, Any], loss_changes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The recipe values a checkpoint records (trainer_state.json "recipe"), for check_compatible on resume, and
     the token loss changes of the run's resumes so far (token_loss_changes), for the next resume to carry on."""
-    values = {k: r[k] for k in (*REFUSE, *APPLY, *KEEP) if k in r}
+    values = {k: r[k] for k in (*REFUSE, *APPLY, *KEEP, *PPO_ROLLOUT) if k in r}
     values[DATA_KEY] = training_data(r)
     values[FILES_KEY] = training_files(r)
     values[LOSS_KEY] = LOSS_RULE
@@ -367,8 +377,9 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     if problems:
         raise UserError(problems)
     inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo / kto train without dropout (as TRL)
+    applied = (*APPLY, *ppo_rollout_keys(bool(r.get("do_sample")))) if r.get("stage") == "ppo" else APPLY
     notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
-               f"{state.get('global_step', '?')} on" for k in changed if k in APPLY and k not in inert]
+               f"{state.get('global_step', '?')} on" for k in changed if k in applied and k not in inert]
     notices += _reference_adapter_notices(r, path, saved)
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage "
                 f"{r.get('stage')} trains without dropout" for k in changed if k in inert]

@@ -694,6 +694,8 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         if r["stage"] == "kto":  # the desirable responses' reward, as LLaMA-Factory's kto workflow plots
             plot_curve(records, "rewards/chosen", RunLayout(output_dir).rewards_plot,
                        title=f"{name}: reward of the desirable responses")
+        if r["stage"] == "ppo":  # the reward model's score of the responses (before ppo_score_norm), as LLaMA-Factory
+            plot_curve(records, "reward", RunLayout(output_dir).reward_plot, title=f"{name}: reward")
         if r["compute_accuracy"] or r["stage"] == "rm":  # eval_accuracy, as LLaMA-Factory's sft and rm plot it
             plot_curve(records, "accuracy", RunLayout(output_dir).eval_accuracy_plot, title=f"{name}: eval accuracy")
     print(f"done: {final} (logs in {output_dir}/trainer_log.jsonl)", file=sys.stderr)

@@ -113,6 +113,8 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     assert f"ppo: reward_model {RM_RUN} (lora)" in done.stderr, done.stderr
     run = work / PPO_RUN
     log = logged_steps(run, 3, step_one(base, work / RM_RUN / "adapter"))
+    # the example's plot_loss: LLaMA-Factory's ppo workflow plots the keys loss and reward
+    assert (run / "training_loss.png").is_file() and (run / "training_reward.png").is_file()
 
     from safetensors.torch import load_file
 

@@ -35,10 +35,13 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
                                              "full"),
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
     (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
-                  "sft recipe"),
+                  "sft recipe whose adapter_name_or_path is this run's output_dir"),
+    (PPO + "finetuning_type: freeze\n", "eval",
+     "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned freeze policy "
+     "(output_dir/model) with an sft recipe of finetuning_type freeze whose output_dir is this run's"),
 ], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "zero3", "beams",
         "val_size",
-        "ref_model", "api", "outside-ppo", "eval-command"])
+        "ref_model", "api", "outside-ppo", "eval-command", "eval-command-freeze"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
     assert any(m.startswith(said) for m in found), found

@@ -50,10 +50,11 @@ def test_ranks_of_one_machine_split_its_cores(monkeypatch):
 
 
 # A rank's end (dist.end_process), in a process of its own: it ends that process. One rank (gloo, world size 1)
-# runs a collective on a tensor Python made, registers an atexit handler and leaves half a line unflushed; an
-# object whose __del__ runs only when the interpreter finalizes tells whether it did.
+# runs a collective on a tensor Python made, registers an atexit handler and leaves half a line unflushed, in
+# Python's buffer and in C's (printf: NCCL_DEBUG's lines, a C++ extension's prints); an object whose __del__ runs
+# only when the interpreter finalizes tells whether it did.
 END_SCRIPT = """
-import atexit, os, sys, torch
+import atexit, ctypes, os, sys, torch
 import torch.distributed as tdist
 from pipeline.runtime import dist
 
@@ -68,6 +69,7 @@ def command():
     tdist.all_reduce(torch.ones(3))  # gloo's worker thread frees this tensor after the call returns
     atexit.register(lambda: print(f"atexit: process group initialized {tdist.is_initialized()}"))
     sys.stdout.write("half a line")
+    ctypes.CDLL(None).printf(b"C stdio: line kept in libc's buffer\\n")
     if sys.argv[1] == "raise":
         raise ValueError("a bug on this rank")
     return int(sys.argv[1])
@@ -77,8 +79,9 @@ dist.end_process(command)
 
 
 def end_a_rank(outcome: str) -> subprocess.CompletedProcess:
+    # PYTHONUNBUFFERED (set in some shells and CI) unbuffers Python's and C's stdout: the flushes then go untested
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LOCAL_SIZE")}
+                                                             "MASTER_PORT", "LOCAL_SIZE", "PYTHONUNBUFFERED")}
     return subprocess.run([sys.executable, "-c", END_SCRIPT, outcome], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env=env)
 
@@ -92,6 +95,7 @@ def test_a_rank_ends_without_finalizing_the_interpreter(outcome, code):
     proc = end_a_rank(outcome)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert "half a line" in proc.stdout  # block-buffered (a pipe): flushed before os._exit
+    assert "C stdio: line kept in libc's buffer" in proc.stdout  # C's stdio buffer too (exit() flushes it)
     assert f"atexit: process group initialized {outcome != '0'}" in proc.stdout
     assert "interpreter finalized" not in proc.stderr and "terminate called" not in proc.stderr
     assert ("ValueError: a bug on this rank" in proc.stderr) == (outcome == "raise")

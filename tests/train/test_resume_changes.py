@@ -218,3 +218,26 @@ def test_a_checkpoint_from_before_the_token_mean_loss_is_announced(make_recipe, 
     notices = checkpoint.check_compatible(r, path)
     assert any("was trained by an earlier version, whose sft loss was a mean per micro-batch" in n
                and "from step 2 on" in n for n in notices), notices
+
+
+@pytest.mark.parametrize("stage, said", [("ppo", True), ("sft", False)])
+def test_a_new_generation_setting_is_announced_where_ppo_rollouts_use_it(tmp_path, monkeypatch, stage, said):
+    """Stage ppo generates the responses it trains on with max_new_tokens, do_sample, temperature, top_k, top_p and
+    repetition_penalty: a resume that changes one trains on other responses from there (said, as an APPLY key);
+    elsewhere they are eval's settings alone and change nothing trained (no word)."""
+    from pipeline.train import checkpoint
+
+    for files in ("training_data", "training_files", "reference_adapter_files"):  # the built data's records
+        monkeypatch.setattr(checkpoint, files, lambda r: {})
+    recipe = {"stage": stage, "max_new_tokens": 4, "do_sample": True, "temperature": 0.95, "top_k": 50, "top_p": 0.7,
+              "repetition_penalty": 1.0}
+    saved = {k: v for k, v in checkpoint.saved_recipe(recipe).items() if k in recipe}
+    assert saved == recipe  # the checkpoint records them
+    (tmp_path / checkpoint.STATE).write_text(json.dumps({"global_step": 1, "recipe": saved}), encoding="utf-8")
+    notices = checkpoint.check_compatible({**recipe, "max_new_tokens": 3, "top_p": 0.9}, tmp_path)  # sampling
+    expected = ["resume: max_new_tokens changed from 4 to 3: applied from step 1 on",
+                "resume: top_p changed from 0.7 to 0.9: applied from step 1 on"]
+    assert notices == (expected if said else [])
+    greedy = checkpoint.check_compatible({**recipe, "do_sample": False, "temperature": 0.5}, tmp_path)
+    # greedy from here: do_sample said, the temperature greedy rollouts never read not
+    assert greedy == (["resume: do_sample changed from true to false: applied from step 1 on"] if said else [])

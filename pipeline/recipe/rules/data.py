@@ -102,19 +102,30 @@ def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
+def _ppo_policy(ctx: Context) -> str:
+    """Where an sft recipe finds a ppo run's tuned policy: a LoRA policy is an adapter (adapter_name_or_path, as
+    LLaMA-Factory's); a full / freeze one is output_dir/model (or its merged/), which an sft recipe of that
+    finetuning_type with the same output_dir evaluates as its tuned model."""
+    kind = ctx.values["finetuning_type"]
+    if kind == "lora":
+        return "adapter with an sft recipe whose adapter_name_or_path is this run's output_dir"
+    return (f"{kind} policy (output_dir/model) with an sft recipe of finetuning_type {kind} whose output_dir is this "
+            "run's")
+
+
 @rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps", "stage",
-      commands=("train", "eval", "plan", "validate", None))
+      "finetuning_type", commands=("train", "eval", "plan", "validate", None))
 def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
     """val_size 0 holds out no rows; unless eval_dataset names a dataset not trained on, a run that asks for an
     evaluation would find nothing to evaluate (LLaMA-Factory's Trainer fails there, mid-run). Stage ppo holds out
     nothing and refuses val_size and eval_dataset (LLaMA-Factory's PPO evaluates nothing): its `eval` is pointed at
-    an sft recipe on the tuned adapter instead of at keys it would refuse."""
+    an sft recipe on the tuned policy instead of at keys it would refuse."""
     if ctx.values["val_size"] != 0:
         return []
     if ctx.values["stage"] == "ppo" and ctx.command == "eval":
-        return [("stage", "ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an sft recipe "
-                          "whose adapter_name_or_path is this run's output_dir and whose dataset holds out rows "
-                          "(val_size), e.g. `python -m pipeline eval sft.yaml` (docs/ppo.md)")]
+        return [("stage", f"ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned {_ppo_policy(ctx)} and "
+                          "whose dataset holds out rows (val_size), e.g. `python -m pipeline eval sft.yaml` "
+                          "(docs/ppo.md)")]
     trained = set(ctx.values["dataset"] or [])
     if any(name not in trained for name in ctx.values["eval_dataset"] or []):
         return []
