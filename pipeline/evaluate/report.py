@@ -326,7 +326,7 @@ def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str
         parts.append(steps)
     if isinstance(training.get("train_runtime_s"), (int, float)):
         parts.append(f"{training['train_runtime_s']:.0f} s")
-    for key, label in (("train_loss", "last train loss"), ("eval_loss", "last eval loss during training")):
+    for key, label in (("train_loss", "mean train loss"), ("eval_loss", "last eval loss during training")):
         if isinstance(training.get(key), (int, float)):
             parts.append(f"{label} {training[key]:.4f}")
     losses = any(isinstance(training.get(key), (int, float)) for key in ("train_loss", "eval_loss"))

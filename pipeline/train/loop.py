@@ -128,6 +128,7 @@ class Window:
     lr: float = 0.0  # of the window's last step
     started: float = field(default_factory=time.monotonic)
     extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...), summed
+    fresh_loss: float = 0.0  # the part of `loss` trained by this process (a resumed window's saved part excluded)
 
     SAVED = ("steps", "loss", "l1", "tokens", "trained_tokens", "lr", "extra")
 
@@ -140,6 +141,11 @@ class Window:
     def resumed(cls, sums: Mapping[str, Any] | None) -> "Window":
         """The window a checkpoint saved (its clock restarts now); an empty one for checkpoints without it."""
         return cls(**{name: sums[name] for name in cls.SAVED if name in sums}) if sums else cls()
+
+    def add_loss(self, step_loss: float) -> None:
+        """One optimizer step's loss (the mean over its micro-batches), into the log line and the run's mean."""
+        self.loss += step_loss
+        self.fresh_loss += step_loss
 
 
 def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
@@ -185,6 +191,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.window = Window()  # sums since the last log line; a resume restores the checkpoint's (Window.resumed)
         self.last_record: dict[str, Any] = {}
+        self.loss_total, self.first_step = 0.0, state.global_step  # train_loss (mean_loss): this call's steps
         self._unflushed = [0, 0]  # this rank's tokens / trained tokens not yet added to state
 
     def checkpoint_state(self) -> dict[str, Any]:
@@ -271,7 +278,7 @@ class Trainer:
             self._unflushed[1] += trained
         if self.state.skipped_batches != skipped:  # a micro-batch was replaced, on every rank (micro_batch agrees)
             step_loss *= self.step_scale(trained_batches) / scale  # divided by the tokens trained, not those drawn
-        window.loss += step_loss
+        window.add_loss(step_loss)
         self.data.end_of_step()
         norm = self.engine.get_global_grad_norm()
         return own_norm if norm is None else float(norm)
@@ -297,6 +304,7 @@ class Trainer:
         args, state = self.args, self.state
         total = args.total_steps
         first_step, started = state.global_step, time.monotonic()
+        self.first_step = first_step
         bar = tqdm(total=total, initial=first_step, desc="train", unit="step", file=sys.stderr,
                    disable=not dist.is_main(), dynamic_ncols=True)
         try:
@@ -336,6 +344,14 @@ class Trainer:
             self.profiler.close(state.global_step)
         return "done"
 
+    def mean_loss(self) -> float | None:
+        """all_results.json's train_loss as transformers' Trainer computes it: every optimizer step's loss (the
+        ranks' mean) summed over the steps this call trained, over their number; a resumed call's mean starts at
+        the resumed step (transformers' `_total_loss_scalar` restarts there). None when this call trained no step.
+        Every step is in some log line (the last step always logs), so loss_total is complete at the end."""
+        steps = self.state.global_step - self.first_step
+        return self.loss_total / steps if steps else None
+
     def flush_tokens(self) -> None:
         """Add every rank's token counts to the state (collective: at log and save points only)."""
         tokens, trained = dist.all_sum(self._unflushed)
@@ -346,9 +362,10 @@ class Trainer:
     def train_metrics(self, window: Window, norm: float | None, started: float, first_step: int) -> dict[str, Any]:
         args, state = self.args, self.state
         names = list(window.extra)  # the same on every rank: one objective
-        loss, l1, tokens, trained, *extra = dist.all_sum([window.loss, window.l1, window.tokens,
-                                                          window.trained_tokens, *window.extra.values()])
+        loss, fresh, l1, tokens, trained, *extra = dist.all_sum([
+            window.loss, window.fresh_loss, window.l1, window.tokens, window.trained_tokens, *window.extra.values()])
         world = dist.world_size()
+        self.loss_total += fresh / world
         self.flush_tokens()
         now = time.monotonic()
         seconds = max(now - window.started, 1e-9)

@@ -267,7 +267,7 @@ class PPOTrainer(Trainer):
         self.kl_ctl.update(ranks_mean(mean_kl), rows * dist.world_size())
         if self.scheduler is not None:
             self.scheduler.step()
-        window.loss += sums["loss"] / updates
+        window.add_loss(sums["loss"] / updates)
         for key, value in metrics.items():
             window.extra[key] = window.extra.get(key, 0.0) + value
         tokens, trained = int(data["attention_mask"].sum()), int(data["mask"].sum())

@@ -196,7 +196,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     log.close()
     if dist.is_main():
-        finish(r, output_dir, trainer.last_record, state, loader, final, loss_changes)
+        train_loss = trainer.mean_loss()
+        finish(r, output_dir, {**trainer.last_record, "train_loss": earlier_train_loss(output_dir, state.global_step)
+                               if train_loss is None else train_loss}, state, loader, final, loss_changes)
     dist.barrier()
     return TrainResult(0, engine, state, output_dir, final)
 
@@ -621,6 +623,31 @@ def logged_so_far(output_dir: Path) -> dict[str, Any]:
     return {key: value for record in read_log(RunLayout(output_dir).trainer_log) for key, value in record.items()}
 
 
+def earlier_train_loss(output_dir: Path, step: int) -> float | None:
+    """train_loss for a resume that trained no step (a finished run resumed again, a stop at the last step):
+    transformers would write 0.0 (nothing over no steps); instead the value all_results.json already has for this
+    step, else the mean loss over every step in trainer_log.jsonl (each log line's loss weighs its steps)."""
+    import json
+
+    from pipeline.runtime.log import read_log
+
+    layout = RunLayout(output_dir)
+    earlier = json.loads(layout.all_results.read_text(encoding="utf-8")) if layout.all_results.is_file() else {}
+    if earlier.get("global_step") == step and earlier.get("train_loss") is not None:
+        return earlier["train_loss"]
+    return logged_mean_loss(read_log(layout.trainer_log))
+
+
+def logged_mean_loss(records: list[dict[str, Any]]) -> float | None:
+    """The mean per-step loss over the log: each line's loss is the mean over the steps since the line before."""
+    total, steps = 0.0, 0
+    for record in records:
+        if "loss" in record:
+            total += record["loss"] * (record["step"] - steps)
+            steps = record["step"]
+    return total / steps if steps else None
+
+
 # ---------------------------------------------------------------------------------------------- rank failures
 
 def peer_died(err: BaseException) -> bool:
@@ -666,7 +693,7 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
     results = {
         "global_step": state.global_step,
         "epoch": last.get("epoch"),
-        "train_loss": last.get("loss"),
+        "train_loss": last.get("train_loss"),  # the mean over the steps (Trainer.mean_loss), not the last line
         "eval_loss": last.get("eval_loss"),
         "eval_perplexity": last.get("eval_perplexity"),
         "eval_precision": eval_precision(r, training=True) if last.get("eval_loss") is not None else None,

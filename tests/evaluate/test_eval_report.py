@@ -88,7 +88,7 @@ def test_write_sft_report(tmp_path):
     assert "### Changed most from base to tuned" in md
     assert "````text\nQ: say ```code```\n````" in md  # a fence longer than any backtick run inside
     assert "- tuned model: saves/demo_sft/merged" in md and "greedy" in md
-    assert ("Trained 10 optimizer steps on 16 examples (2.50 epochs), 12 s, last train loss 3.0000,"
+    assert ("Trained 10 optimizer steps on 16 examples (2.50 epochs), 12 s, mean train loss 3.0000,"
             " last eval loss during training 3.9000.") in md
 
 
@@ -122,14 +122,14 @@ def test_a_loss_changed_on_resume_is_said_with_its_step():
     changes = [{"step": 4, "from": {}, "to": eaft}, {"step": 6, "from": eaft, "to": {"label_smoothing_factor": 0.1}}]
     training = {"global_step": 8, "train_loss": 3.5, "label_smoothing_factor": 0.1, "token_loss_changes": changes}
     md = R.render_markdown({**_metrics(), "training": training}, None, {})
-    assert ("last train loss 3.5000 (both label-smoothed, label_smoothing_factor 0.1: the training objective, not the "
+    assert ("mean train loss 3.5000 (both label-smoothed, label_smoothing_factor 0.1: the training objective, not the "
             "plain cross-entropy of the table above; the loss changed after step 4 (a resume) from the plain "
             "cross-entropy to EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5); then after step 6 (a "
             "resume) from EAFT-weighted cross-entropy (use_eaft_loss, eaft_alpha 0.5) to label-smoothed "
             "cross-entropy (label_smoothing_factor 0.1)).") in md
     training = {"global_step": 8, "train_loss": 3.5, "token_loss_changes": [{"step": 4, "from": eaft, "to": {}}]}
     md = R.render_markdown({**_metrics(), "training": training}, None, {})
-    assert ("last train loss 3.5000 (the loss changed after step 4 (a resume) from EAFT-weighted cross-entropy "
+    assert ("mean train loss 3.5000 (the loss changed after step 4 (a resume) from EAFT-weighted cross-entropy "
             "(use_eaft_loss, eaft_alpha 0.5) to the plain cross-entropy).") in md
 
 

@@ -241,3 +241,39 @@ def test_a_new_generation_setting_is_announced_where_ppo_rollouts_use_it(tmp_pat
     greedy = checkpoint.check_compatible({**recipe, "do_sample": False, "temperature": 0.5}, tmp_path)
     # greedy from here: do_sample said, the temperature greedy rollouts never read not
     assert greedy == (["resume: do_sample changed from true to false: applied from step 1 on"] if said else [])
+
+
+def test_train_loss_is_the_mean_step_loss_of_the_steps_this_call_trained(make_recipe):
+    """all_results.json's train_loss was the last log line's loss. transformers' Trainer reports the mean of every
+    optimizer step's loss over the steps its train() call ran (`_total_loss_scalar / (global_step -
+    _initial_global_step)`: a resumed call's mean starts at the resumed step). Golden: the per-step losses of a
+    logging_steps 1 run, averaged here by hand; the resumed run repeats them exactly (exact resume)."""
+    keys = dict(FIRST, max_steps=3, save_steps=1)
+    straight = train(make_recipe(name="straight", **keys))
+    losses = [rec["loss"] for rec in read_log(straight.output_dir / "trainer_log.jsonl")]
+    assert len(losses) == 3 and len(set(losses)) == 3, losses
+    assert results(straight)["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-9)
+
+    windows = train(make_recipe(name="windows", **keys, logging_steps=2))  # lines at step 2 (steps 1-2) and 3
+    lines = {rec["step"]: rec["loss"] for rec in read_log(windows.output_dir / "trainer_log.jsonl")}
+    assert results(windows)["train_loss"] == pytest.approx((2 * lines[2] + lines[3]) / 3, rel=1e-9)
+    assert results(windows)["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+
+    # from step 1: the line at step 2 also holds the saved step 1, which this call's mean leaves out
+    resumed = train(make_recipe(name="windows", **keys, logging_steps=2,
+                                resume_from_checkpoint="saves/windows/checkpoint-1"))
+    assert resumed.exit_code == 0
+    assert results(resumed)["train_loss"] == pytest.approx((losses[1] + losses[2]) / 2, rel=1e-5)
+
+
+def results(result) -> dict:
+    return json.loads((result.output_dir / "all_results.json").read_text(encoding="utf-8"))
+
+
+def test_a_log_s_mean_loss_weighs_each_line_by_its_steps():
+    """The fallback for a resume that trains no step: lines at steps 2 (mean of 2 steps) and 3 (1 step)."""
+    from pipeline.train.run import logged_mean_loss
+
+    records = [{"step": 2, "loss": 4.0}, {"step": 2, "eval_loss": 9.0}, {"step": 3, "loss": 1.0}]
+    assert logged_mean_loss(records) == pytest.approx((2 * 4.0 + 1.0) / 3)
+    assert logged_mean_loss([]) is None
