@@ -40,6 +40,19 @@ def model_info(name_or_path: str | None) -> ModelInfo | None:
                      vocab_size=cfg.vocab_size, context_length=cfg.context_length)
 
 
+def scales_past_context(info: ModelInfo, rope_scaling: str | None, cutoff_len: int) -> bool:
+    """Whether the model as the recipe builds it (the recipe key rope_scaling applied to the checkpoint's config,
+    pipeline.model.rope_recipe) is dynamic NTK, whose rows may run past its context length (ModelConfig.dynamic_rope);
+    False when the recipe's rope_scaling cannot apply (the rope_scaling rule says why)."""
+    from pipeline.errors import UserError
+    from pipeline.model.rope_recipe import recipe_rope
+
+    try:
+        return recipe_rope(info.config, rope_scaling, cutoff_len).config.dynamic_rope
+    except UserError:
+        return False
+
+
 def looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or name.startswith(".") or os.path.exists(name)
 

@@ -174,6 +174,23 @@ def rope_scaling_notice(r: Any) -> str | None:
     return rope_notice(plan, r["rope_scaling"], r["cutoff_len"], r.origin("rope_scaling").where)
 
 
+def dynamic_context_notice(r: Any) -> str | None:
+    """cutoff_len past the context of a dynamic NTK model is allowed (rule cutoff_within_context), as transformers
+    allows it; the rows longer than the context then train with rescaled frequencies, which the user should know."""
+    from pipeline.recipe.modelinfo import model_info, scales_past_context
+
+    info = model_info(r["model_name_or_path"])
+    if info is None:
+        return None
+    context = r["context_length"] or info.context_length
+    if r["cutoff_len"] <= context or not scales_past_context(info, r["rope_scaling"], r["cutoff_len"]):
+        return None
+    return (f"notice: {r.origin('cutoff_len').where}: cutoff_len {r['cutoff_len']} runs past the model's {context} "
+            "positions (max_position_embeddings): its config.json's rope_scaling is dynamic NTK, which transformers "
+            f"rescales past them with no limit; a row longer than {context} tokens trains and evaluates with the "
+            "frequencies for its own length, recomputed per forward (docs/models.md, Dynamic NTK)")
+
+
 def new_tokens_notices(r: Any) -> list[str]:
     """Tokens the tokenizer already has keep their ids (LLaMA-Factory's add_tokens skips them with a warning), and
     with LoRA a grown vocabulary makes the embedding and the head train in full (its warning "Vocab has been
@@ -237,7 +254,8 @@ def notices(r: Any) -> list[str]:
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
     galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it."""
-    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r), pissa_iter_notice(r),
+    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r),
+             dynamic_context_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r))
     out = [line for line in lines if line]
     out += new_tokens_notices(r)

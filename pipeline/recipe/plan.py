@@ -59,7 +59,7 @@ from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.model.config import ModelConfig, TensorSpec, count_params
-from pipeline.recipe.modelinfo import model_info, recipe_tensors
+from pipeline.recipe.modelinfo import model_info, recipe_tensors, scales_past_context
 from pipeline.recipe.text import format_table
 from pipeline.names import split_names, trains_adapter, uses_reference
 
@@ -104,6 +104,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
         grads += int(zero.get("reduce_bucket_size", REDUCE_BUCKET_MAX)) * bucket_width  # DeepSpeed's default
     optim = optimizer_bytes(r, cfg, tensors, pure, half, stage) / (world if stage >= 1 else 1)
     s = min(r["cutoff_len"], r["context_length"] or info.context_length)
+    if scales_past_context(info, r["rope_scaling"], r["cutoff_len"]):  # dynamic NTK: rows run past the context
+        s = r["cutoff_len"]
     from pipeline.model.config import activation_bytes
 
     pairs = 2 if data_form(r["stage"]) in PAIRED_FORMS else 1  # dpo, rm: chosen + rejected; kto: + KL, one forward

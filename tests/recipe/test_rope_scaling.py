@@ -69,3 +69,35 @@ def test_a_recipe_that_cannot_scale_is_refused_at_the_key(tmp_path, text, words)
     with pytest.raises(UserError) as err:
         resolve(_recipe(tmp_path, text), command="plan")
     assert any(words in m for m in err.value.messages), err.value.messages
+
+
+def _checkpoint_recipe(tmp_path, scaling, cutoff_len):
+    """A Llama checkpoint of 64 positions (config.json as save_pretrained writes it; the rules read nothing else)
+    whose config already has `scaling`, as merged/ of a `rope_scaling: dynamic` run or LLaMA-Factory's export has."""
+    import json
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 384,
+        "max_position_embeddings": 64, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "rope_scaling": scaling}))
+    (tmp_path / "r.yaml").write_text(f"model_name_or_path: {folder}\ndataset: x\nmax_steps: 1\n"
+                                     f"cutoff_len: {cutoff_len}\n", "utf-8")
+    return tmp_path / "r.yaml"
+
+
+def test_a_dynamic_checkpoint_takes_a_cutoff_past_its_context_with_a_notice(tmp_path):
+    """transformers' dynamic NTK sets no limit at max_position_embeddings (it rescales past it): cutoff_len 100 over
+    64 positions was refused ("expected at most 64"). Other scalings keep the refusal."""
+    r = resolve(_checkpoint_recipe(tmp_path, {"rope_type": "dynamic", "factor": 4.0}, 100), command="plan")
+    assert r["cutoff_len"] == 100
+    assert any("r.yaml:4:13: cutoff_len 100 runs past the model's 64 positions" in line and
+               "rope_scaling is dynamic NTK" in line for line in notices(r)), notices(r)
+    within = resolve(_checkpoint_recipe(tmp_path, {"rope_type": "dynamic", "factor": 4.0}, 64), command="plan")
+    assert not any("runs past" in line for line in notices(within))
+    for scaling in ({"rope_type": "linear", "factor": 4.0}, None):
+        with pytest.raises(UserError) as err:
+            resolve(_checkpoint_recipe(tmp_path, scaling, 100), command="plan")
+        assert any("cutoff_len: given 100, expected at most 64 (the model's context length)" in m
+                   for m in err.value.messages), err.value.messages

@@ -145,14 +145,18 @@ def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
                                      "continue it (or full / freeze to fold it into the base model)")]
 
 
-@rule("cutoff_len", "context_length", "model_name_or_path")
+@rule("cutoff_len", "context_length", "model_name_or_path", "rope_scaling")
 def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
-    context = ctx.values["context_length"]
-    if context is None:
-        from pipeline.recipe.modelinfo import model_info
+    """cutoff_len past the model's context length is refused, except under dynamic NTK (a checkpoint whose
+    config.json has rope_scaling dynamic: our merged/ of a `rope_scaling: dynamic` run, LLaMA-Factory's export of
+    one), which transformers rescales past it with no limit; the model does as well (pipeline.model.rope), and
+    notices.dynamic_context_notice says so."""
+    from pipeline.recipe.modelinfo import model_info, scales_past_context
 
-        info = model_info(ctx.values["model_name_or_path"])
-        context = info.context_length if info else None
+    info = model_info(ctx.values["model_name_or_path"])
+    context = ctx.values["context_length"] or (info.context_length if info else None)
+    if info is not None and scales_past_context(info, ctx.values["rope_scaling"], ctx.values["cutoff_len"]):
+        return []
     if context is not None and ctx.values["cutoff_len"] > context:
         return [("cutoff_len", f"given {ctx.values['cutoff_len']}, expected at most {context} (the model's "
                                "context length); lower cutoff_len or raise context_length")]
