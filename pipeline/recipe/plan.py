@@ -86,9 +86,12 @@ def estimate_memory(r: Resolved) -> Memory | None:
     if info is None or found is None:
         return None
     from pipeline.model.optimizer_state import with_gradients
+    from pipeline.recipe.precision import compute_bytes
 
     cfg, tensors = found
-    total, trainable = count_params(cfg), sum(t.numel for t in tensors)
+    head = value_head_tensors(r, cfg)
+    tensors, base = tensors + head, count_params(cfg)
+    total, trainable = base + sum(t.numel for t in head), sum(t.numel for t in tensors)
     ds = r.ds_config
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
@@ -118,9 +121,12 @@ def estimate_memory(r: Resolved) -> Memory | None:
     else:  # recomputation per block: each block's input is kept, and one block's activations at a time
         activations = L * s * b * h * w + per_block + s * b * V * 4
     gpu = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": activations}
-    reference = reference_params(r, total)
+    reference = reference_params(r, base)  # a copy of the model without ppo's value head
     if reference:
         gpu["reference"] = reference * w / (world if stage == 3 else 1)
+    reward = reward_model_params(r, cfg)
+    if reward:  # a plain module on every rank: neither ZeRO-3 partitioned nor offloaded
+        gpu["reward_model"] = reward * compute_bytes(r)
     cpu: dict[str, float] = {}
     if stage == 3 and _offloaded(zero, "offload_param"):
         for key in ("parameters", "reference"):
@@ -130,7 +136,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     if stage >= 1 and _offloaded(zero, "offload_optimizer"):
         cpu["optimizer"] = gpu.pop("optimizer")
         gpu["optimizer"] = 0
-    order = ("parameters", "gradients", "optimizer", "activations", "reference")
+    order = ("parameters", "gradients", "optimizer", "activations", "reference", "reward_model")
     return Memory(total, trainable, {k: int(round(gpu[k])) for k in order if k in gpu},
                   {k: int(round(cpu[k])) for k in order if k in cpu})
 
@@ -175,6 +181,33 @@ def reference_params(r: Resolved, total: int) -> int:
         info = model_info(r["ref_model"])
         return int(count_params(info.config)) if info is not None else total
     return total if not trains_adapter(r["finetuning_type"]) else 0
+
+
+def value_head_tensors(r: Resolved, cfg: ModelConfig) -> list[TensorSpec]:
+    """Stage ppo's value head (pipeline.train.ppo.ValueHead: TRL's Linear(hidden, 1) with a bias), trained beside the
+    policy's weights by the same optimizer; none for the other stages."""
+    if r["stage"] != "ppo":
+        return []
+    return [TensorSpec("v_head.summary.weight", (1, cfg.emb_dim)), TensorSpec("v_head.summary.bias", (1,))]
+
+
+def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
+    """Parameters of stage ppo's frozen reward model (pipeline.train.ppo.load_reward_model), held in the compute
+    dtype: under reward_model_type lora the policy's base built as a reward model (its score head in place of
+    lm_head) with the adapter folded in, one more copy of the base; under full the reward model folder's own
+    weights (0 when that folder cannot be read here)."""
+    if r["stage"] != "ppo" or r["reward_model"] is None:
+        return 0
+    if r["reward_model_type"] == "lora":
+        return count_params(cfg.replace(num_labels=1))
+    from pipeline.errors import UserError
+    from pipeline.runtime.layout import reward_model_folder
+
+    try:
+        info = model_info(str(reward_model_folder(r["reward_model"], "full", download=False)))
+    except UserError:
+        return 0
+    return count_params(info.config) if info is not None else 0
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:

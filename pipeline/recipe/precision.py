@@ -62,6 +62,12 @@ def precision(r: Mapping[str, Any]) -> str:
     return "bf16" if r.get("bf16") else "fp16" if r.get("fp16") else "fp32"
 
 
+def compute_bytes(r: Mapping[str, Any]) -> int:
+    """Bytes per number of the dtype the model is built and computes in (pipeline.train.run.compute_dtype): 2 under
+    bf16 / fp16 / pure_bf16, else 4; the frozen models a run holds beside it (ppo's reward model) are cast to it."""
+    return 4 if precision(r) == "fp32" else 2
+
+
 def weights_dtype(r: Mapping[str, Any]) -> str:
     """The dtype (pipeline.model.weights.DTYPES' name) the run's weights are trained, written (model/, a checkpoint's
     model/) and evaluated in: "bf16" under pure_bf16, where the bf16 weights are all there is (no fp32 master: fp32

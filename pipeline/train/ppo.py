@@ -143,25 +143,6 @@ def policy_pass(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return -nll, engine.module.v_head(caught[-1]).float()
 
 
-def resolve_reward_model(path: str, kind: str) -> Path:
-    """reward_model as a folder to load: an adapter (lora) or a model (full) folder as given, else a stage rm run's
-    output_dir: its adapter/ (lora), its merged/ or model/ (full)."""
-    from pipeline.model.hub import resolve_model_path
-    from pipeline.runtime.layout import RunLayout, is_adapter, is_model
-
-    folder = Path(resolve_model_path(path, key="reward_model"))
-    run = RunLayout(folder)
-    candidates = [folder, run.adapter] if kind == "lora" else [folder, run.merged, run.model]
-    found = next((c for c in candidates if (is_adapter(c) if kind == "lora" else is_model(c))), None)
-    if found is None:
-        what = ("a LoRA reward adapter (adapter_config.json + adapter_model.safetensors) or a stage rm LoRA run's "
-                "output_dir" if kind == "lora" else "a reward model folder (config.json) or a stage rm run's "
-                "output_dir with merged/ or model/")
-        raise UserError(f"reward_model: {path!r} holds no {'adapter' if kind == 'lora' else 'model'}; expected {what} "
-                        f"(reward_model_type: {kind})")
-    return found
-
-
 def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch.dtype) -> nn.Module:
     """The frozen reward model in eval mode: a full one as saved, or (lora) the policy's base built as a reward
     model with the rm run's adapter folded in (its LoRA updates and its score head): the same scores LLaMA-Factory
@@ -170,8 +151,9 @@ def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch
 
     from pipeline.model.build import fold_adapter, load_base
     from pipeline.model.weights import load_model
+    from pipeline.runtime.layout import reward_model_folder
 
-    folder = resolve_reward_model(path, kind)
+    folder = reward_model_folder(path, kind)
     if kind == "lora":
         model = fold_adapter(load_base(replace(base, stage="rm"), dropout=False), str(folder), key="reward_model")
     else:

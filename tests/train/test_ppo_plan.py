@@ -1,0 +1,92 @@
+"""`plan` under stage ppo counts what train holds beside the policy: the frozen reward model (pipeline.train.ppo
+.load_reward_model) in the compute dtype and the value head trained with the policy.
+
+Golden: the real resident tensors. A tiny Llama checkpoint (save_pretrained), a LoRA reward adapter (PEFT,
+task_type SEQ_CLS) and a full reward model (transformers' LlamaForSequenceClassification) as users bring them;
+the pipeline loads each reward model as train does and the bytes of its parameters and buffers (numel x
+element_size) are summed; the value head is attached to the built policy as train attaches it. plan's arithmetic
+is not used.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.acceptance.harness import write_data, write_hf_checkpoint
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The policy's base, the two reward models, a dataset registry."""
+    root = tmp_path_factory.mktemp("ppo_plan")
+    write_hf_checkpoint(root / "llama", "llama", small_vocab=True)
+    config = transformers.AutoConfig.from_pretrained(root / "llama", num_labels=1)
+    config.pad_token_id = config.eos_token_id
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(root / "rm_full")
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(transformers.LlamaForSequenceClassification(config),
+                               peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(root / "rm_lora")
+    saved = root / "rm_lora" / "adapter_config.json"  # the score head alone, as a stage rm run's adapter/ lists it
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "modules_to_save": ["score"]}), encoding="utf-8")
+    write_data(root / "data")
+    return root
+
+
+def recipe(folder: Path, kind: str, **keys: Any) -> Any:
+    from pipeline.recipe import resolve
+
+    values = {"model_name_or_path": str(folder / "llama"), "dataset": ["tiny_sft"], "dataset_dir": str(folder / "data"),
+              "template": "default", "output_dir": str(folder / "saves"), "finetuning_type": "lora", "cutoff_len": 32,
+              "stage": "ppo", "reward_model": str(folder / f"rm_{kind}"), "reward_model_type": kind, **keys}
+    path = folder / "r.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    return resolve(path, [], command="plan", env={**os.environ, "WORLD_SIZE": "1"})
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    tensors = {t.data_ptr(): t for t in [*module.parameters(), *module.buffers()]}  # a tied tensor once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("precision, dtype", [({}, torch.float32), ({"bf16": True}, torch.bfloat16)],
+                         ids=["fp32", "bf16"])
+def test_plan_counts_the_reward_model_as_train_loads_it(folder, kind, precision, dtype):
+    """It was not counted: a LoRA reward model is one more copy of the base (the adapter folded in, a score head
+    for lm_head), a full one its folder's weights, both in the compute dtype whatever the files hold."""
+    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.plan import estimate_memory
+    from pipeline.train.ppo import load_reward_model
+
+    r = recipe(folder, kind, **precision)
+    loaded = load_reward_model(r["reward_model"], kind, recipe_args(r).model, "cpu", dtype)
+    assert estimate_memory(r).gpu["reward_model"] == resident_bytes(loaded)
+
+
+def test_plan_trains_the_value_head_beside_the_policy(folder):
+    """TRL's value head (Linear(hidden, 1) with a bias) is trained by the optimizer: its weights, gradients and
+    optimizer state count as the adapter's do."""
+    from pipeline.model.build import build_model
+    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.plan import estimate_memory
+    from pipeline.train.ppo import attach_value_head
+
+    r = recipe(folder, "lora")
+    model = build_model(*recipe_args(r), dtype=torch.float32)
+    attach_value_head(model, 0)
+    head = sum(p.numel() for p in model.v_head.parameters())
+    ppo, sft = estimate_memory(r), estimate_memory(recipe(folder, "lora", stage="sft", reward_model=None,
+                                                          reward_model_type="lora"))
+    assert ppo.params_trainable - sft.params_trainable == head
+    assert ppo.params_total - sft.params_total == head
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ppo.params_trainable
