@@ -197,8 +197,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     log.close()
     if dist.is_main():
         train_loss = trainer.mean_loss()
-        finish(r, output_dir, {**trainer.last_record, "train_loss": earlier_train_loss(output_dir, state.global_step)
-                               if train_loss is None else train_loss}, state, loader, final, loss_changes)
+        if train_loss is None:  # this call trained no step
+            train_loss = earlier_train_loss(output_dir, state.global_step)
+        finish(r, output_dir, {**trainer.last_record, "train_loss": train_loss}, state, loader, final, loss_changes)
     dist.barrier()
     return TrainResult(0, engine, state, output_dir, final)
 
