@@ -69,21 +69,21 @@ def test_dynamic_from_the_recipe_trains_merges_and_loads_in_transformers(workdir
 
 def test_a_dynamic_checkpoint_trains_past_its_context_and_loads_in_transformers(workdir):
     """A checkpoint whose config.json already has dynamic NTK (as merged/ of a `rope_scaling: dynamic` run has) was
-    refused at cutoff_len 64 over its 16 positions ("expected at most 16"); transformers sets no limit there. The
-    rows past 16 tokens train with rescaled frequencies; transformers + PEFT loading the adapter give our trained
-    model's logits past the context (rescaled for 40 positions), then within it."""
+    refused at cutoff_len 250 over its 64 positions ("expected at most 64"); transformers sets no limit there. The
+    rows past 64 tokens train with rescaled frequencies; transformers + PEFT loading the adapter give our trained
+    model's logits past the context (rescaled for 200 positions), then within it."""
     ckpt = workdir / "llama"
-    write_hf_checkpoint(ckpt, "llama", small_vocab=True, max_position_embeddings=16,
+    write_hf_checkpoint(ckpt, "llama", small_vocab=True, max_position_embeddings=64,
                         rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(ckpt), dataset_dir="data", output_dir="saves/r",
-                          max_steps=1, cutoff_len=64)
+                          max_steps=1, cutoff_len=250)
     pipeline("build", recipe, cwd=workdir)
     trained = pipeline("train", recipe, cwd=workdir)
-    assert "cutoff_len 64 runs past the model's 16 positions (max_position_embeddings): its config.json's " \
+    assert "cutoff_len 250 runs past the model's 64 positions (max_position_embeddings): its config.json's " \
            "rope_scaling is dynamic NTK" in trained.stderr, trained.stderr[-3000:]
     rows = json.loads((workdir / "saves/r/trainer_log.jsonl").read_text().splitlines()[0])
-    assert rows["tokens_seen"] > 2 * 16, rows  # of step 1's 2 rows, one at least is past the context
+    assert rows["tokens_seen"] > 2 * 64, rows  # of step 1's 2 rows, one at least is past the context
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(ckpt)
     theirs = peft.PeftModel.from_pretrained(base, workdir / "saves/r/adapter").eval()
-    _assert_same_logits(theirs, trained_model(recipe, workdir), (40, 12))
+    _assert_same_logits(theirs, trained_model(recipe, workdir), (200, 40))
