@@ -93,6 +93,18 @@ def skip_shm_build() -> None:
         ds_comm_torch.build_shm_op = lambda: None
 
 
+def destroy_process_groups() -> None:
+    """torch's process groups destroyed, and DeepSpeed's references to them (deepspeed.comm keeps its own handle
+    on the world group once deepspeed.init_distributed ran; its destroy_process_group drops it and calls torch's)."""
+    comm = importlib.import_module("deepspeed.comm")
+    if comm.is_initialized():
+        comm.destroy_process_group()
+    else:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 def checkpoint_engine(save: Callable[[Any, str], None], load: Callable[..., Any]) -> Any:

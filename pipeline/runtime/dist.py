@@ -154,14 +154,7 @@ def shutdown() -> None:
               f"({str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__})",
               file=sys.stderr)
         return
-    import deepspeed.comm as dscomm
-
-    if dscomm.is_initialized():
-        dscomm.destroy_process_group()  # torch's destroy_process_group, and DeepSpeed's references to the groups
-    else:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
+    deepspeed_compat.destroy_process_groups()
 
 
 def _leave(code: int) -> NoReturn:
