@@ -200,13 +200,9 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
         return 0
     if r["reward_model_type"] == "lora":
         return count_params(cfg.replace(num_labels=1))
-    from pipeline.errors import UserError
-    from pipeline.runtime.layout import reward_model_folder
+    from pipeline.recipe.resolve import run_model
 
-    try:
-        info = model_info(str(reward_model_folder(r["reward_model"], "full", download=False)))
-    except UserError:
-        return 0
+    info = model_info(run_model(r["reward_model"]))  # a hub id: only a cached snapshot (model_info downloads nothing)
     return count_params(info.config) if info is not None else 0
 
 

@@ -295,6 +295,15 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
     return problems
 
 
+def run_model(path: str) -> str:
+    """A model folder as given, or a run's output_dir's merged/ (else model/): what a full reward_model names
+    (the same folders pipeline.runtime.layout.reward_model_folder loads; this layer cannot import that one)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    found = (os.path.join(path, sub) for sub in ("merged", "model"))
+    return next((sub for sub in found if os.path.isfile(os.path.join(sub, "config.json"))), path)
+
+
 def run_adapter(path: str) -> str:
     """An adapter folder as given, or a run's output_dir's adapter/ (LLaMA-Factory keeps the adapter in output_dir;
     we keep it in output_dir/adapter/)."""

@@ -147,14 +147,13 @@ def is_model(path: Path) -> bool:
     return (path / CONFIG).is_file()
 
 
-def reward_model_folder(path: str, kind: str, download: bool = True) -> Path:
+def reward_model_folder(path: str, kind: str) -> Path:
     """reward_model as a folder to load: an adapter (lora) or a model (full) folder as given, else a stage rm run's
-    output_dir: its adapter/ (lora), its merged/ or model/ (full). Torch-free for full (plan reads its config);
-    download=False: a hub id only from the HF cache."""
+    output_dir: its adapter/ (lora), its merged/ or model/ (full)."""
     from pipeline.errors import UserError
     from pipeline.model.hub import resolve_model_path
 
-    folder = Path(resolve_model_path(path, key="reward_model", download=download))
+    folder = Path(resolve_model_path(path, key="reward_model"))
     run = RunLayout(folder)
     candidates = [folder, run.adapter] if kind == "lora" else [folder, run.merged, run.model]
     found = next((c for c in candidates if (is_adapter(c) if kind == "lora" else is_model(c))), None)
