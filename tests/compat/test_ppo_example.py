@@ -5,7 +5,7 @@ transformers-written Llama (the two recipes:
 tests/compat/lf_examples_removed/NOTICE.md). The PPO run's adapter loads in PEFT and gives our trained model's
 logits; value_head.safetensors lies beside it with LLaMA-Factory's keys. reward_model_type full (the rm adapter
 merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used. The score
-moments saved at step 3 are TRL's RunningMoments over the logged scores; the run killed after step 1 and resumed
+moments saved at step 3 are TRL's RunningMoments over the logged scores; the run killed after step 2 and resumed
 ends bitwise as the uninterrupted one.
 
 Golden for step 1, computed here with transformers and PEFT: every row has one prompt (so the rows of step 1 are
@@ -140,9 +140,11 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     trl = trl_score_norm([[rec["reward"]] * 2 for rec in log])[1]
     assert moments == pytest.approx(trl, rel=1e-5), (moments, trl)
 
-    # killed after its step-1 checkpoint and resumed: the same run, bitwise (adapter, value head, optimizer, KL
-    # coefficient, running moments, RNG and data position: every file of the step-3 checkpoint and every log value)
-    crashed = crash_copy(run, work / "saves/crashed", 1)
+    # killed after its step-2 checkpoint and resumed: the same run, bitwise (adapter, value head, optimizer, KL
+    # coefficient, running moments, RNG and data position: every file of the step-3 checkpoint and every log value).
+    # Step 2, not 1: step 1's learning rate is 0, so checkpoint-1's adapter and value head are the initial ones and a
+    # resume that loaded neither would pass; checkpoint-2's have moved, and one step after it is all a resume needs
+    crashed = crash_copy(run, work / "saves/crashed", 2)
     pipeline("train", PPO, *used, f"output_dir={crashed.relative_to(work)}", "resume_from_checkpoint=latest",
              cwd=work, timeout=600)
     assert_same_run(run, crashed, "adapter/value_head.safetensors")
