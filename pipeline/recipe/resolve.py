@@ -296,8 +296,8 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
 
 
 def run_model(path: str) -> str:
-    """A model folder as given, or a run's output_dir's merged/ (else model/): what a full reward_model names
-    (the same folders pipeline.runtime.layout.reward_model_folder loads; this layer cannot import that one)."""
+    """A model folder as given, or a run's output_dir's merged/ (else model/): what a full reward_model names, for
+    plan here and for train's load (pipeline.runtime.layout.reward_model_folder)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     found = (os.path.join(path, sub) for sub in ("merged", "model"))

@@ -153,10 +153,14 @@ def reward_model_folder(path: str, kind: str) -> Path:
     from pipeline.errors import UserError
     from pipeline.model.hub import resolve_model_path
 
+    from pipeline.recipe.resolve import run_model
+
     folder = Path(resolve_model_path(path, key="reward_model"))
-    run = RunLayout(folder)
-    candidates = [folder, run.adapter] if kind == "lora" else [folder, run.merged, run.model]
-    found = next((c for c in candidates if (is_adapter(c) if kind == "lora" else is_model(c))), None)
+    if kind == "lora":
+        found = next((c for c in (folder, RunLayout(folder).adapter) if is_adapter(c)), None)
+    else:  # the folders plan reads the reward model's size from: one rule for both
+        found = Path(run_model(str(folder)))
+        found = found if is_model(found) else None
     if found is None:
         what = ("a LoRA reward adapter (adapter_config.json + adapter_model.safetensors) or a stage rm LoRA run's "
                 "output_dir" if kind == "lora" else "a reward model folder (config.json) or a stage rm run's "
