@@ -119,6 +119,24 @@ def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
     return chosen, extra
 
 
+PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # what PeftModelForSequenceClassification adds to modules_to_save
+
+
+def saved_modules(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
+    """An adapter_config.json's modules_to_save as PEFT reads it onto `model`. PEFT (0.21, utils/other.py
+    _set_trainable, called with strict_module_check=False) wraps every module whose name ends with a listed name and
+    skips a name that matches none; PeftModelForSequenceClassification appends "classifier" and "score" to every
+    task_type SEQ_CLS config, so PEFT's own SEQ_CLS adapters list both where a decoder has one. Those two are
+    dropped here when no module bears the name. Any other name must match (select_modules refuses it otherwise): a
+    misspelt module there trains nothing in PEFT, without a word; and the adapter's tensors are checked against the
+    modules either way (load_adapter), so a list naming nothing the file holds is still refused."""
+    names = list(config.get("modules_to_save") or [])
+    if config.get("task_type") == "SEQ_CLS":
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        names = [n for n in names if n not in PEFT_SEQ_CLS_HEADS or n in present]
+    return names
+
+
 def train_additional(model: nn.Module, extra: list[str]) -> None:
     """The modules trained in full beside the adapter (additional_target, PEFT's modules_to_save): trainable, and
     remembered for save_adapter."""

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family_of_model, head_is_tied,
-                                    is_reward_model, linear_names, replace_linears, train_additional)
+                                    is_reward_model, linear_names, replace_linears, saved_modules, train_additional)
 from pipeline.model.config import default_lora_alpha, lora_candidates
 from pipeline.model.families import Family
 from pipeline.model.weights import read_tensors
@@ -646,7 +646,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         else:
             apply_lora(model, targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                        dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
-                       use_dora=bool(config.get("use_dora")), additional_targets=config.get("modules_to_save") or [])
+                       use_dora=bool(config.get("use_dora")), additional_targets=saved_modules(model, config))
     tensors = _tied_tensors(model, config, tensors, weights)
     model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     problems = []

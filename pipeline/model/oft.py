@@ -35,7 +35,8 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.model.config import oft_blocks
 from pipeline.model.families import Family
-from pipeline.model.adapter import AdapterLinear, adapter_targets, family_of_model, replace_linears, train_additional
+from pipeline.model.adapter import (AdapterLinear, adapter_targets, family_of_model, replace_linears, saved_modules,
+                                    train_additional)
 from pipeline.model.weights import note
 
 NEUMANN_TERMS = 5  # PEFT's OFTConfig.num_cayley_neumann_terms default (use_cayley_neumann: true by default)
@@ -189,7 +190,7 @@ def apply_oft_config(model: nn.Module, targets: list[str], config: Mapping[str, 
     terms = int(config.get("num_cayley_neumann_terms", NEUMANN_TERMS))
     return apply_oft(model, targets, rank=int(config["r"]), block_size=int(config["oft_block_size"]),
                      module_dropout=float(config.get("module_dropout") or 0.0),
-                     additional_targets=config.get("modules_to_save") or [],
+                     additional_targets=saved_modules(model, config),
                      neumann_terms=terms if config.get("use_cayley_neumann", True) else None)
 
 
