@@ -14,8 +14,11 @@ constant to both scores: its gradient under this loss is zero, which is why tran
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 SCORE_INIT_STD = 0.02  # transformers' initializer_range (the default of GPT2Config, LlamaConfig, Qwen2/3Config)
 
@@ -32,6 +35,35 @@ def last_token_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     (`(arange(T) * (input_ids != pad)).argmax(-1)`), right or left padding alike; 0 for a row of pads only."""
     positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
     return (positions * (input_ids != pad_id).to(torch.int64)).argmax(-1)
+
+
+def last_attended_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """(B,) last_token_index of each row on its attended tokens alone: the rightmost attended token that is not
+    pad_id, or with pad_id None the rightmost attended one (LLaMA-Factory's PPO, `attention_mask.sum(-1) - 1` on its
+    right-padded rows; transformers' score of a sequence given alone when its config has no pad_token_id)."""
+    keep = attention_mask.bool() if pad_id is None else attention_mask.bool() & (input_ids != pad_id)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * keep.to(torch.int64)).argmax(-1)
+
+
+@dataclass
+class RewardScorer:
+    """A frozen reward model and the token it scores a sequence at: the rightmost attended token that is not
+    `pad_id` (transformers' rule with the pad id the model was trained and saved with), or with pad_id None the
+    last attended token (LLaMA-Factory's value head; a transformers folder without pad_token_id)."""
+    model: nn.Module
+    pad_id: int | None
+    form: str = "score head"  # what scores (pipeline.model.reward_folder.RewardSource.form), for the run's log
+
+    def __str__(self) -> str:
+        at = "the last attended token" if self.pad_id is None else f"the last token that is not pad id {self.pad_id}"
+        return f"its {self.form} at {at}"
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) fp32 scores of the rows."""
+        values = self.model(input_ids, attention_mask=attention_mask)
+        rows = torch.arange(values.shape[0], device=values.device)
+        return values[rows, last_attended_index(input_ids, attention_mask, self.pad_id).to(values.device), 0].float()
 
 
 def sequence_scores(values: torch.Tensor, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:

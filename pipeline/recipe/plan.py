@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -199,11 +200,25 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
     if r["stage"] != "ppo" or r["reward_model"] is None:
         return 0
     if r["reward_model_type"] == "lora":
-        return count_params(cfg.replace(num_labels=1))
+        return count_params(cfg.replace(num_labels=1)) + value_head_bias(r)
     from pipeline.recipe.resolve import run_model
 
     info = model_info(run_model(r["reward_model"]))  # a hub id: only a cached snapshot (model_info downloads nothing)
-    return count_params(info.config) if info is not None else 0
+    return count_params(info.config.replace(num_labels=1)) + value_head_bias(r) if info is not None else 0
+
+
+def value_head_bias(r: Resolved) -> int:
+    """1 for LLaMA-Factory's value head (the score head's bias, pipeline.model.reward_folder), else 0; 0 too for a
+    folder not there yet or refused (the rule says why) or a hub id (plan downloads nothing)."""
+    from pipeline.errors import UserError
+    from pipeline.model.reward_folder import reward_source
+
+    if not os.path.isdir(r["reward_model"]):
+        return 0
+    try:
+        return int(reward_source(r["reward_model"], r["reward_model_type"], None).value_head is not None)
+    except UserError:
+        return 0
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:

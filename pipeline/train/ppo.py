@@ -40,11 +40,12 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.model.ppo import (PPOConfig, Reduce, RunningMoments, advantages_and_returns, kl_controller,
                                 ppo_losses, token_rewards)
+from pipeline.model.reward import RewardScorer
+from pipeline.model.reward_folder import V_HEAD_WEIGHTS
 from pipeline.runtime import dist
 from pipeline.train.export import Exporter
 from pipeline.train.loop import Trainer, Window, grad_norm
 
-V_HEAD_WEIGHTS = "value_head.safetensors"  # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME
 V_HEAD_DROPOUT = 0.1  # TRL's ValueHead summary_dropout_prob when the config has none (LLaMA-Factory sets none)
 INIT_KL_COEF, KL_HORIZON = 0.2, 10000  # TRL 0.9.6 PPOConfig's init_kl_coef and horizon (LLaMA-Factory keeps them)
 
@@ -143,24 +144,59 @@ def policy_pass(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return -nll, engine.module.v_head(caught[-1]).float()
 
 
-def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch.dtype) -> nn.Module:
-    """The frozen reward model in eval mode: a full one as saved, or (lora) the policy's base built as a reward
-    model with the rm run's adapter folded in (its LoRA updates and its score head): the same scores LLaMA-Factory
-    gets by swapping the reward adapter into the policy."""
+def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch.dtype, pad_id: int) -> RewardScorer:
+    """The frozen reward model in eval mode and the token it scores at (pipeline.model.reward_folder says which form
+    scores how): a score head as saved (full), or (lora) the policy's base built as a reward model with the rm run's
+    adapter folded in (its LoRA updates and its score head: the scores LLaMA-Factory gets by swapping the reward
+    adapter into the policy); LLaMA-Factory's causal LM (its adapter folded into the policy's base, or its full
+    folder) with its value head. `pad_id`: the policy tokenizer's, which a stage rm run here pooled with."""
     from dataclasses import replace
 
     from pipeline.model.build import fold_adapter, load_base
+    from pipeline.model.reward_folder import reward_source
     from pipeline.model.weights import load_model
-    from pipeline.runtime.layout import reward_model_folder
 
-    folder = reward_model_folder(path, kind)
-    if kind == "lora":
-        model = fold_adapter(load_base(replace(base, stage="rm"), dropout=False), str(folder), key="reward_model")
+    source = reward_source(path, kind, hidden=None)  # the rule checked it against the policy; train loads it
+    if kind == "lora":  # LLaMA-Factory's adapter is a causal LM's: onto the base as it is, a score head's onto stage rm's
+        built = load_base(base if source.value_head else replace(base, stage="rm"), dropout=False)
+        model = fold_adapter(built, str(source.folder), key="reward_model")
     else:
-        model = load_model(folder)
-    if not getattr(model, "score", None):
-        raise UserError(f"reward_model: {folder} is a language model (no score head); expected a stage rm output")
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = load_model(source.folder)
+    if source.value_head:
+        model, pad = with_value_head(model, source.value_head), None
+    else:
+        pad = pad_id if kind == "lora" else saved_pad_id(source.folder, pad_id)
+    return RewardScorer(model.to(device=device, dtype=dtype).eval().requires_grad_(False), pad, source.form)
+
+
+def with_value_head(model: nn.Module, path: Path) -> nn.Module:
+    """The causal LM `model` as LLaMA-Factory's reward model: its LM head replaced by the value head saved at
+    `path` (TRL's ValueHead, Linear(hidden, 1) with its bias, on the last hidden state; dropout off in eval)."""
+    from safetensors.torch import load_file
+
+    from pipeline.model.reward_folder import V_HEAD_KEYS
+
+    tensors = load_file(str(path))
+    head = nn.Linear(model.cfg.emb_dim, 1, bias=True, dtype=tensors[V_HEAD_KEYS[0]].dtype)
+    with torch.no_grad():
+        head.weight.copy_(tensors[V_HEAD_KEYS[0]])
+        head.bias.copy_(tensors[V_HEAD_KEYS[1]])
+    model.lm_head, model.score = None, head  # GPTModel's forward returns score(x) when it has no lm_head
+    model.cfg = model.cfg.replace(num_labels=1)
+    return model
+
+
+def saved_pad_id(folder: Path, pad_id: int) -> int | None:
+    """The pad id a full reward model scores with, as transformers reads its config.json: its pad_token_id; none
+    there, the last attended token (what transformers computes for one sequence; it refuses a batch of more);
+    a checkpoint of this pipeline (model/ of a full rm run) pooled in training with the tokenizer's `pad_id`."""
+    from pipeline.model.config import checkpoint_kind, read_raw
+
+    raw = read_raw(folder / "config.json")
+    saved = raw.get("pad_token_id")
+    if saved is not None:
+        return int(saved[0] if isinstance(saved, list) else saved)
+    return pad_id if checkpoint_kind(raw) != "hf" else None
 
 
 class ValueHeadExporter(Exporter):
@@ -182,7 +218,7 @@ class ValueHeadExporter(Exporter):
 class PPOTrainer(Trainer):
     """Trainer whose optimizer step is one PPO step (module docstring); logging, saving and stopping as the base."""
 
-    def __init__(self, *args: Any, reward_model: nn.Module, reference: Any, pad_id: int, stop_ids: tuple[int, ...],
+    def __init__(self, *args: Any, reward_model: RewardScorer, reference: Any, pad_id: int, stop_ids: tuple[int, ...],
                  generation: Any, ppo: Any, scheduler: Any, seed: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reward_model, self.reference, self.pad_id, self.stop_ids = reward_model, reference, pad_id, stop_ids
@@ -206,7 +242,6 @@ class PPOTrainer(Trainer):
     @torch.no_grad()
     def rollout(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Generate, score and take the no-grad passes over the step's rows; rewards, advantages and returns."""
-        from pipeline.model.reward import sequence_scores
         from pipeline.train.preference import _eval_mode
 
         prompts, responses = [], []
@@ -219,8 +254,7 @@ class PPOTrainer(Trainer):
         with _eval_mode(self.engine.module):
             logprobs, values = policy_pass(self.engine, data)
         ref_logprobs = -self.reference(data)
-        values_rm = self.reward_model(data["input_ids"], attention_mask=data["attention_mask"])
-        scores = sequence_scores(values_rm, data["input_ids"], self.pad_id)
+        scores = self.reward_model(data["input_ids"], data["attention_mask"])
         used = scores if self.moments is None else self.moments.normalize(scores)
         rewards, kls = token_rewards(used, logprobs, ref_logprobs, mask, self.kl_ctl.value, self.config.kl_penalty)
         values, advantages, returns = advantages_and_returns(values, rewards, mask, self.config)
@@ -293,11 +327,11 @@ class PPOTrainer(Trainer):
         return {"loss": value, **stats}
 
 
-def describe(reward_model: str, kind: str, ppo: Any, generation: Any, reference: str) -> None:
+def describe(reward_model: str, kind: str, scorer: RewardScorer, ppo: Any, generation: Any, reference: str) -> None:
     """The run's PPO settings on stderr (rank 0), as dpo's line says its loss and reference."""
     if dist.is_main():
         sampling = (f"sampling (temperature {generation.temperature}, top_k {generation.top_k}, top_p "
                     f"{generation.top_p})" if generation.do_sample else "greedy")
-        print(f"ppo: reward_model {reward_model} ({kind}), ppo_epochs {ppo.ppo_epochs}, ppo_target {ppo.ppo_target}, "
+        print(f"ppo: reward_model {reward_model} ({kind}), scoring with {scorer}; ppo_epochs {ppo.ppo_epochs}, ppo_target {ppo.ppo_target}, "
               f"{generation.max_new_tokens} new tokens at most, {sampling}; reference: {reference}", file=sys.stderr,
               flush=True)

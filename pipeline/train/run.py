@@ -245,10 +245,10 @@ def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]
     ppo, generation, data = ppo_args(r), GenerationArgs.from_recipe(r), data_args(r)
     tokenizer, template = recipe_tokenizer(data), data.chat_template()
     reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
-                               compute_dtype(r))
-    disable_dropout(reward)
+                               compute_dtype(r), tokenizer.pad_id)
+    disable_dropout(reward.model)
     reference = starting_reference(None, None, recipe_args(r), engine, dtype=compute_dtype(r))
-    describe(ppo.reward_model, ppo.reward_model_type, ppo, generation, reference.description)
+    describe(ppo.reward_model, ppo.reward_model_type, reward, ppo, generation, reference.description)
     return PPOTrainer, {"reward_model": reward, "reference": reference, "pad_id": tokenizer.pad_id,
                         "stop_ids": tuple(template.stop_ids(tokenizer)), "generation": generation, "ppo": ppo,
                         "scheduler": scheduler, "seed": int(r["seed"])}

@@ -95,7 +95,7 @@ def reward_models(work: Path, used: list[str], full: Path) -> tuple[torch.nn.Mod
     os.chdir(work)
     try:
         base = recipe_args(resolve(Path(PPO), used, command="generate", env=cli_env(WORLD_SIZE="1"))).model
-        return tuple(load_reward_model(path, kind, base, "cpu", torch.float32)
+        return tuple(load_reward_model(path, kind, base, "cpu", torch.float32, pad_id=0).model
                      for path, kind in ((RM_RUN, "lora"), (str(full), "full")))
     finally:
         os.chdir(here)

@@ -10,7 +10,8 @@ import torch
 from pipeline.model.config import read_config
 from pipeline.errors import UserError
 from pipeline.model.lora import apply_lora, load_adapter, save_adapter
-from pipeline.model.reward import SCORE_INIT_STD, last_token_index, pairwise_loss, sequence_scores
+from pipeline.model.reward import (SCORE_INIT_STD, last_attended_index, last_token_index, pairwise_loss,
+                                   sequence_scores)
 from pipeline.model.weights import load_model, save_hf
 from tests.acceptance.harness import hf_model
 
@@ -50,6 +51,17 @@ def test_export_is_transformers_sequence_classification(reward):
         got = sequence_scores(ours(ids), ids, PAD)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
     assert last_token_index(ids, PAD).tolist() == [3, 5, 2]
+
+
+def test_a_scored_sequence_ends_at_its_last_attended_token():
+    """A row whose response ends in the pad id (pad = eos): transformers' rule with that pad skips it; with no pad
+    id (LLaMA-Factory's `attention_mask.sum(-1) - 1`, transformers on one sequence of a config without
+    pad_token_id) it is the scored token. Padding past the row is never scored, whatever id fills it."""
+    ids = torch.tensor([[5, 6, PAD, 9, 9], [5, 6, 7, 8, PAD]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert last_attended_index(ids, mask, PAD).tolist() == [1, 3]
+    assert last_attended_index(ids, mask, None).tolist() == [2, 4]
+    assert (mask.sum(-1) - 1).tolist() == [2, 4]
 
 
 def test_export_reads_back_as_the_same_reward_model(reward, tmp_path):

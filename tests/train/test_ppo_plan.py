@@ -19,6 +19,8 @@ import torch
 
 from tests.acceptance.harness import write_data, write_hf_checkpoint
 
+save_file = pytest.importorskip("safetensors.torch").save_file
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -35,9 +37,10 @@ def folder(tmp_path_factory) -> Path:
     torch.manual_seed(1)
     lora = peft.get_peft_model(transformers.LlamaForSequenceClassification(config),
                                peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"]))
-    lora.save_pretrained(root / "rm_lora")
-    saved = root / "rm_lora" / "adapter_config.json"  # the score head alone, as a stage rm run's adapter/ lists it
-    saved.write_text(json.dumps({**json.loads(saved.read_text()), "modules_to_save": ["score"]}), encoding="utf-8")
+    lora.save_pretrained(root / "rm_lora")  # PEFT's modules_to_save: ["classifier", "score"]
+    transformers.AutoModelForCausalLM.from_pretrained(root / "llama").save_pretrained(root / "rm_value_head")
+    save_file({"v_head.summary.weight": torch.ones(1, config.hidden_size), "v_head.summary.bias": torch.ones(1)},
+              root / "rm_value_head" / "value_head.safetensors")  # LLaMA-Factory's full stage rm output
     write_data(root / "data")
     return root
 
@@ -47,7 +50,8 @@ def recipe(folder: Path, kind: str, **keys: Any) -> Any:
 
     values = {"model_name_or_path": str(folder / "llama"), "dataset": ["tiny_sft"], "dataset_dir": str(folder / "data"),
               "template": "default", "output_dir": str(folder / "saves"), "finetuning_type": "lora", "cutoff_len": 32,
-              "stage": "ppo", "reward_model": str(folder / f"rm_{kind}"), "reward_model_type": kind, **keys}
+              "stage": "ppo", "reward_model": str(folder / f"rm_{kind}"),
+              "reward_model_type": "full" if kind == "value_head" else kind, **keys}
     path = folder / "r.yaml"
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     return resolve(path, [], command="plan", env={**os.environ, "WORLD_SIZE": "1"})
@@ -58,19 +62,20 @@ def resident_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("kind", ["lora", "full", "value_head"])
 @pytest.mark.parametrize("precision, dtype", [({}, torch.float32), ({"bf16": True}, torch.bfloat16)],
                          ids=["fp32", "bf16"])
 def test_plan_counts_the_reward_model_as_train_loads_it(folder, kind, precision, dtype):
     """It was not counted: a LoRA reward model is one more copy of the base (the adapter folded in, a score head
-    for lm_head), a full one its folder's weights, both in the compute dtype whatever the files hold."""
+    for lm_head), a full one its folder's weights (LLaMA-Factory's causal LM: its value head, bias included, in
+    place of lm_head), all in the compute dtype whatever the files hold."""
     from pipeline.recipe.args import recipe_args
     from pipeline.recipe.plan import estimate_memory
     from pipeline.train.ppo import load_reward_model
 
     r = recipe(folder, kind, **precision)
-    loaded = load_reward_model(r["reward_model"], kind, recipe_args(r).model, "cpu", dtype)
-    assert estimate_memory(r).gpu["reward_model"] == resident_bytes(loaded)
+    loaded = load_reward_model(r["reward_model"], r["reward_model_type"], recipe_args(r).model, "cpu", dtype, pad_id=0)
+    assert estimate_memory(r).gpu["reward_model"] == resident_bytes(loaded.model)
 
 
 def test_plan_trains_the_value_head_beside_the_policy(folder):

@@ -49,6 +49,24 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
     elif not os.path.exists(path):
         return [("reward_model", f"directory {path!r} not found; expected a stage rm run's output_dir, its adapter/ "
                                  "(reward_model_type lora) or a reward model folder (reward_model_type full)")]
+    return reward_folder_problems(ctx)
+
+
+def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
+    """What the reward_model folder holds, read from its files now (pipeline.model.reward_folder): a folder of
+    another form, another base or a value head of the wrong size stops here, at the key, not after the policy
+    loaded."""
+    from pipeline.errors import UserError
+    from pipeline.model.reward_folder import reward_source
+    from pipeline.recipe.modelinfo import model_info
+
+    if ctx.values["reward_model_type"] not in ("lora", "full"):
+        return []  # api / oft: refused by the schema
+    info = model_info(ctx.values["model_name_or_path"])
+    try:
+        reward_source(ctx.values["reward_model"], ctx.values["reward_model_type"], info and info.n_embd)
+    except UserError as err:
+        return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
     return []
 
 

@@ -1,0 +1,116 @@
+"""What a ppo recipe's reward_model folder holds, read from its files without torch (the recipe rule checks it before
+train loads anything; pipeline.train.ppo.load_reward_model loads what this finds).
+
+Three forms, the first two as transformers / PEFT score them, the last as LLaMA-Factory does:
+
+- a score head (transformers' XForSequenceClassification): a stage rm run here, its merged/ or model/, a
+  transformers `save_pretrained` folder (reward_model_type full), or a LoRA adapter with task_type SEQ_CLS (ours or
+  PEFT's, reward_model_type lora);
+- LLaMA-Factory's stage rm output: its AutoModelForCausalLMWithValueHead saved as a causal LM (a LoRA adapter with
+  task_type CAUSAL_LM, or a full model folder) with value_head.safetensors beside it (v_head.summary.weight (1, H)
+  and .bias (1,), its callbacks' fix_valuehead_checkpoint). LLaMA-Factory's PPO reads that head, bias included, at
+  the last attended token (train/ppo/trainer.py get_rewards: `values.gather(-1, attention_mask.sum(-1) - 1)`).
+
+A folder of another model than the policy's (a LoRA reward adapter must sit on the policy's base: its head is then as
+wide as the policy's hidden size) and a value head of the wrong size are refused here, at the recipe's key.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+V_HEAD_WEIGHTS = "value_head.safetensors"  # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME
+V_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")  # TRL's ValueHead: Linear(hidden, 1) with a bias
+
+
+@dataclass(frozen=True)
+class RewardSource:
+    """folder: the adapter (lora) or model (full) folder; value_head: LLaMA-Factory's value_head.safetensors when the
+    folder is its causal LM with a value head (None: a score head, transformers' XForSequenceClassification)."""
+    folder: Path
+    value_head: Path | None
+
+    @property
+    def form(self) -> str:
+        return "value head (LLaMA-Factory's)" if self.value_head else "score head"
+
+
+def reward_source(path: str, kind: str, hidden: int | None) -> RewardSource:
+    """The reward model `path` names under reward_model_type `kind`, checked against the policy's hidden size
+    `hidden` (None: unknown here, not checked): a UserError whose messages start with 'reward_model: '."""
+    from pipeline.runtime.layout import reward_model_folder
+
+    folder = reward_model_folder(path, kind)
+    if kind == "lora":
+        scored = _adapter_config(folder).get("task_type") == "SEQ_CLS"
+        head_width = _score_width(folder) if scored else None
+        what = "a LoRA adapter of a language model (task_type CAUSAL_LM)"
+    else:  # the head reads the reward model's own hidden states
+        from pipeline.model.config import read_config
+
+        config = read_config(folder)
+        scored, hidden, head_width = bool(config.num_labels), config.emb_dim, None
+        what = "a language model (no score head)"
+    source = RewardSource(folder, None if scored else folder / V_HEAD_WEIGHTS)
+    if source.value_head is not None:
+        if not source.value_head.is_file():
+            raise UserError(f"reward_model: {folder} is {what} and holds no {V_HEAD_WEIGHTS}; expected a reward model:"
+                            f" LLaMA-Factory's stage rm output ({what} with {V_HEAD_WEIGHTS} beside it), a stage rm "
+                            "run's output_dir here, or a transformers XForSequenceClassification folder "
+                            "(reward_model_type: full) / a PEFT adapter with task_type SEQ_CLS (reward_model_type: lora)")
+        head_width = _value_head_width(source.value_head)
+    if hidden is not None and head_width is not None and head_width != hidden:
+        where = ("the policy's model (model_name_or_path), which a LoRA reward adapter must be trained on"
+                 if kind == "lora" else "its config.json's hidden_size")
+        raise UserError(f"reward_model: {source.value_head or folder}: its head reads {head_width} hidden values, "
+                        f"but {where} has {hidden}: a reward model of another base model; train it on "
+                        "model_name_or_path, or give a full reward model folder (reward_model_type: full)")
+    return source
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"reward_model: {path}: not readable as JSON ({err})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def _adapter_config(folder: Path) -> dict:
+    from pipeline.model.lora import ADAPTER_CONFIG  # noqa: PLC0415 - the module imports torch: only when asked
+
+    return _json(folder / ADAPTER_CONFIG)
+
+
+def _shapes(path: Path) -> dict[str, list[int]]:
+    """key -> shape from a safetensors file's header (no tensor read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same mistake to the user
+        raise UserError(f"reward_model: {path}: not a readable safetensors file ({err})") from None
+
+
+def _score_width(folder: Path) -> int | None:
+    """The width of a SEQ_CLS adapter's score head (its `...score.weight`, (1, H)), None when it holds none."""
+    from pipeline.model.lora import ADAPTER_WEIGHTS
+
+    file = folder / ADAPTER_WEIGHTS
+    shapes = _shapes(file) if file.is_file() else {}
+    return next((shape[-1] for key, shape in shapes.items() if key.endswith("score.weight")), None)
+
+
+def _value_head_width(path: Path) -> int:
+    """H of LLaMA-Factory's value head, refused unless the file holds exactly its two tensors, (1, H) and (1,)."""
+    shapes = _shapes(path)
+    weight, bias = (shapes.get(key) for key in V_HEAD_KEYS)
+    if set(shapes) != set(V_HEAD_KEYS) or weight is None or len(weight) != 2 or weight[0] != 1 or bias != [1]:
+        got = ", ".join(f"{key} {shape}" for key, shape in sorted(shapes.items())) or "no tensors"
+        raise UserError(f"reward_model: {path}: holds {got}; expected LLaMA-Factory's value head: "
+                        f"{V_HEAD_KEYS[0]} [1, hidden] and {V_HEAD_KEYS[1]} [1]")
+    return weight[1]
