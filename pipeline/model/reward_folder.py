@@ -38,12 +38,10 @@ class RewardSource:
         return "value head (LLaMA-Factory's)" if self.value_head else "score head"
 
 
-def reward_source(path: str, kind: str, hidden: int | None) -> RewardSource:
-    """The reward model `path` names under reward_model_type `kind`, checked against the policy's hidden size
-    `hidden` (None: unknown here, not checked): a UserError whose messages start with 'reward_model: '."""
-    from pipeline.runtime.layout import reward_model_folder
-
-    folder = reward_model_folder(path, kind)
+def reward_source(folder: Path, kind: str, hidden: int | None) -> RewardSource:
+    """The reward model in `folder` (pipeline.recipe.resolve.reward_folder finds it) under reward_model_type `kind`,
+    checked against the policy's hidden size `hidden` (None: unknown here, not checked): a UserError whose messages
+    start with 'reward_model: '."""
     if kind == "lora":
         scored = _adapter_config(folder).get("task_type") == "SEQ_CLS"
         head_width = _score_width(folder) if scored else None

@@ -201,7 +201,7 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
         return 0
     if r["reward_model_type"] == "lora":
         return count_params(cfg.replace(num_labels=1)) + value_head_bias(r)
-    from pipeline.recipe.resolve import run_model
+    from pipeline.recipe.run_folders import run_model
 
     info = model_info(run_model(r["reward_model"]))  # a hub id: only a cached snapshot (model_info downloads nothing)
     return count_params(info.config.replace(num_labels=1)) + value_head_bias(r) if info is not None else 0
@@ -212,11 +212,13 @@ def value_head_bias(r: Resolved) -> int:
     folder not there yet or refused (the rule says why) or a hub id (plan downloads nothing)."""
     from pipeline.errors import UserError
     from pipeline.model.reward_folder import reward_source
+    from pipeline.recipe.run_folders import reward_folder
 
     if not os.path.isdir(r["reward_model"]):
         return 0
     try:
-        return int(reward_source(r["reward_model"], r["reward_model_type"], None).value_head is not None)
+        kind = r["reward_model_type"]
+        return int(reward_source(reward_folder(r["reward_model"], kind), kind, None).value_head is not None)
     except UserError:
         return 0
 

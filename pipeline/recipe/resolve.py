@@ -30,6 +30,7 @@ from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
+from pipeline.recipe.run_folders import run_adapter
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target",  # LLaMA-Factory: comma strings
               "oft_target")
@@ -293,24 +294,6 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
     n = None if {"dataset", "dataset_dir", "stage"} & bad else count_train_examples(values)
     _derive_steps_into(values, origins, n, bad)
     return problems
-
-
-def run_model(path: str) -> str:
-    """A model folder as given, or a run's output_dir's merged/ (else model/): what a full reward_model names, for
-    plan here and for train's load (pipeline.runtime.layout.reward_model_folder)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    found = (os.path.join(path, sub) for sub in ("merged", "model"))
-    return next((sub for sub in found if os.path.isfile(os.path.join(sub, "config.json"))), path)
-
-
-def run_adapter(path: str) -> str:
-    """An adapter folder as given, or a run's output_dir's adapter/ (LLaMA-Factory keeps the adapter in output_dir;
-    we keep it in output_dir/adapter/)."""
-    if (not os.path.isfile(os.path.join(path, "adapter_config.json"))
-            and os.path.isfile(os.path.join(path, "adapter", "adapter_config.json"))):
-        return os.path.join(path, "adapter")
-    return path
 
 
 def _derive_rope_context(values: dict[str, Any], origins: dict[str, Origin], bad: set[str]) -> None:

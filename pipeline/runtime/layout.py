@@ -147,29 +147,6 @@ def is_model(path: Path) -> bool:
     return (path / CONFIG).is_file()
 
 
-def reward_model_folder(path: str, kind: str) -> Path:
-    """reward_model as a folder to load: an adapter (lora) or a model (full) folder as given, else a stage rm run's
-    output_dir: its adapter/ (lora), its merged/ or model/ (full)."""
-    from pipeline.errors import UserError
-    from pipeline.model.hub import resolve_model_path
-
-    from pipeline.recipe.resolve import run_model
-
-    folder = Path(resolve_model_path(path, key="reward_model"))
-    if kind == "lora":
-        found = next((c for c in (folder, RunLayout(folder).adapter) if is_adapter(c)), None)
-    else:  # the folders plan reads the reward model's size from: one rule for both
-        found = Path(run_model(str(folder)))
-        found = found if is_model(found) else None
-    if found is None:
-        what = ("a LoRA reward adapter (adapter_config.json + adapter_model.safetensors) or a stage rm LoRA run's "
-                "output_dir" if kind == "lora" else "a reward model folder (config.json) or a stage rm run's "
-                "output_dir with merged/ or model/")
-        raise UserError(f"reward_model: {path!r} holds no {'adapter' if kind == 'lora' else 'model'}; expected {what} "
-                        f"(reward_model_type: {kind})")
-    return found
-
-
 def trained_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: str | None) -> Weights | None:
     """What training produced: the adapter this recipe trained, else the one it started from (lora), or
     output_dir/model (full/freeze); None when there is none. The trained adapter comes first: a recipe that

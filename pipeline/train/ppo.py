@@ -155,8 +155,9 @@ def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch
     from pipeline.model.build import fold_adapter, load_base
     from pipeline.model.reward_folder import reward_source
     from pipeline.model.weights import load_model
+    from pipeline.recipe.run_folders import reward_folder
 
-    source = reward_source(path, kind, hidden=None)  # the rule checked it against the policy; train loads it
+    source = reward_source(reward_folder(path, kind), kind, hidden=None)  # the rule checked it against the policy
     if kind == "lora":  # LLaMA-Factory's adapter is a causal LM's: onto the base as it is, a score head's onto stage rm's
         built = load_base(base if source.value_head else replace(base, stage="rm"), dropout=False)
         model = fold_adapter(built, str(source.folder), key="reward_model")

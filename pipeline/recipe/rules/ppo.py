@@ -59,12 +59,14 @@ def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
     from pipeline.errors import UserError
     from pipeline.model.reward_folder import reward_source
     from pipeline.recipe.modelinfo import model_info
+    from pipeline.recipe.run_folders import reward_folder
 
     if ctx.values["reward_model_type"] not in ("lora", "full"):
         return []  # api / oft: refused by the schema
     info = model_info(ctx.values["model_name_or_path"])
     try:
-        reward_source(ctx.values["reward_model"], ctx.values["reward_model_type"], info and info.n_embd)
+        kind = ctx.values["reward_model_type"]
+        reward_source(reward_folder(ctx.values["reward_model"], kind), kind, info and info.n_embd)
     except UserError as err:
         return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
     return []
