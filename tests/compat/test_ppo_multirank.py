@@ -3,8 +3,10 @@
 transformers-saved reward model (reward_model_type full) and four different prompts, one per row, so each rank
 answers its own two. ZeRO 3 rather than 2 (this launch ran under ZeRO 2 before ZeRO 3 was implemented; everything
 it checks holds at either stage, and the suite has no time for a second launch): each rank holds half of every
-weight, so step 1's responses are transformers' only if the rollouts decode on the weights gathered from both ranks
-(pipeline.runtime.deepspeed_compat.gathered_for_generation).
+weight matrix (only those under stage3_param_persistence_threshold, norms and the LoRA factors, stay whole), so step
+1's responses are transformers' only if the rollouts decode on the weights gathered from both ranks
+(pipeline.runtime.deepspeed_compat.gathered_for_generation). Responses here all run to max_new_tokens, so ranks
+decoding different numbers of tokens (what the gather before decoding makes safe) are not exercised.
 
 One launch (tests/train/test_multirank.py's way); the checks on its outputs are separate tests. Golden, computed
 here without the code under test:
