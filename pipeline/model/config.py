@@ -328,6 +328,31 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
 
 
+def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
+    """The longest prompt `generate` keeps (a longer one is cut from the left): room for max_new_tokens, at least
+    half the context; None under dynamic NTK, which has no limit (ModelConfig.dynamic_rope)."""
+    if cfg.dynamic_rope:
+        return None
+    ctx = cfg.context_length
+    return max(ctx - max_new_tokens, ctx // 2, 1)
+
+
+def decode_steps(cfg: ModelConfig, width: int, max_new_tokens: int) -> int:
+    """Forwards `generate` runs at most after a (left-padded) prompt of `width` tokens: max_new_tokens, ending at
+    the context (except under dynamic NTK)."""
+    return max_new_tokens if cfg.dynamic_rope else min(max_new_tokens, cfg.context_length - width)
+
+
+def kv_cache_bytes(cfg: ModelConfig, rows: int, prompt: int, max_new_tokens: int, bytes_per_value: int) -> int:
+    """The KV cache `generate` allocates for `rows` prompts of at most `prompt` tokens (pipeline.model.kv_cache:
+    sized once for the kept prompt + its decode steps): per layer a keys and a values buffer of
+    rows x kv_heads x positions x head_dim numbers in the compute dtype."""
+    room = prompt_room(cfg, max_new_tokens)
+    width = prompt if room is None else min(prompt, room)
+    positions = width + decode_steps(cfg, width, max_new_tokens)
+    return 2 * cfg.n_layers * rows * cfg.kv_heads * positions * cfg.head_dim * bytes_per_value
+
+
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:
     """Activations one block keeps for the backward (no recomputation), Korthikanti et al. 2022 generalised.
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from pipeline.model.beam_search import beam_search
+from pipeline.model.config import decode_steps, prompt_room
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.penalties import penalize_repeats
@@ -130,16 +131,16 @@ def generate(
     batch = [list(prompts)] if single else [list(p) for p in prompts]  # type: ignore[arg-type]
     if not batch or any(len(p) == 0 for p in batch):
         raise ValueError("every prompt needs at least one token")
-    ctx, unbounded = model.cfg.context_length, model.cfg.dynamic_rope
-    keep = max(ctx - max_new_tokens, ctx // 2, 1)
-    if not unbounded and any(len(p) > keep for p in batch):
-        note(f"generate: prompt longer than {keep} tokens cut from the left (context_length {ctx})")
+    keep = prompt_room(model.cfg, max_new_tokens)
+    if keep is not None and any(len(p) > keep for p in batch):
+        note(f"generate: prompt longer than {keep} tokens cut from the left (context_length "
+             f"{model.cfg.context_length})")
         batch = [p[-keep:] for p in batch]
     device = next(model.parameters()).device
     pad_id = pad_id if pad_id < model.cfg.vocab_size else 0  # pads are masked out: any valid id will do
     ids, mask = _left_pad(batch, pad_id, device)
     padded = bool((mask == 0).any())
-    steps = max_new_tokens if unbounded else min(max_new_tokens, ctx - ids.shape[1])
+    steps = decode_steps(model.cfg, ids.shape[1], max_new_tokens)
     stoppers = {int(t) for t in stop_ids} | ({eos_id} if eos_id is not None else set())
     stop_check = _StopCheck(stop_strings, tokenizer.decode if tokenizer is not None else None)
     positions = (mask.cumsum(1) - 1).clamp(min=0) if padded else None  # counted over real tokens only

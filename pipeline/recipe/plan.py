@@ -38,9 +38,13 @@ P = all parameters, T = trainable ones, N = world size):
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
                  sft's use_asft_loss: the logits 3 times (the policy's log-softmax and the reference's softmax,
                                             both kept for the backward, and the KL's per-token terms)
-    reference    stage dpo / kto, or sft's use_asft_loss, with a frozen reference copy (full / freeze, or
+    reference    stage dpo / kto / ppo, or sft's use_asft_loss, with a frozen reference copy (full / freeze, or
                                             ref_model): its parameters * w,
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
+    reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params)
+    rollout      stage ppo: 2*L*b*kv*(s + max_new_tokens)*d * w, the decoding KV cache of a micro-batch
+                                            (kv key/value heads of d numbers);   ZeRO-3: + P * w and a LoRA
+                                            adapter's weights, the policy gathered whole for decoding (rollout_bytes)
 with s = cutoff_len, b = per_device_train_batch_size (stage dpo: 2x, the chosen and the rejected sequences of a
 pair go through one forward), h = width, a = heads, L = layers, V = vocabulary (50,257 for GPT-2, 128,256 for
 Llama 3, 151,936 for Qwen).
@@ -128,6 +132,9 @@ def estimate_memory(r: Resolved) -> Memory | None:
     reward = reward_model_params(r, cfg)
     if reward:  # a plain module on every rank: neither ZeRO-3 partitioned nor offloaded
         gpu["reward_model"] = reward * compute_bytes(r)
+    if r["stage"] == "ppo":  # under ZeRO 3 the whole policy is gathered for decoding, its adapter's weights too
+        whole = total * w + sum(t.numel * width(r, t, w) for t in tensors if t.adapter)
+        gpu["rollout"] = rollout_bytes(r, cfg, s, whole if stage == 3 else 0)
     cpu: dict[str, float] = {}
     if stage == 3 and _offloaded(zero, "offload_param"):
         for key in ("parameters", "reference"):
@@ -137,7 +144,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
     if stage >= 1 and _offloaded(zero, "offload_optimizer"):
         cpu["optimizer"] = gpu.pop("optimizer")
         gpu["optimizer"] = 0
-    order = ("parameters", "gradients", "optimizer", "activations", "reference", "reward_model")
+    order = ("parameters", "gradients", "optimizer", "activations", "reference", "reward_model", "rollout")
     return Memory(total, trainable, {k: int(round(gpu[k])) for k in order if k in gpu},
                   {k: int(round(cpu[k])) for k in order if k in cpu})
 
@@ -221,6 +228,21 @@ def value_head_bias(r: Resolved) -> int:
         return int(reward_source(reward_folder(r["reward_model"], kind), kind, None).value_head is not None)
     except UserError:
         return 0
+
+
+def rollout_bytes(r: Resolved, cfg: ModelConfig, prompt: int, gathered: int) -> int:
+    """What stage ppo's rollouts hold while the policy decodes (pipeline.train.ppo.PPOTrainer.responses): the KV
+    cache generate allocates for one micro-batch, per_device_train_batch_size prompts of at most `prompt` tokens
+    (cutoff_len; cut to generate's room when longer) and their max_new_tokens, in the compute dtype
+    (pipeline.model.config.kv_cache_bytes: 2 x layers x rows x kv_heads x (prompt + new tokens) x head_dim x
+    bytes); under ZeRO 3 also `gathered`, the whole parameters (P x w) gathered beside their partitions for
+    decoding (deepspeed_compat.gathered_for_generation), not offloaded. Decoding runs before the step's forward and
+    backward passes, so the total, which adds this to the activations, is an upper bound."""
+    from pipeline.model.config import kv_cache_bytes
+    from pipeline.recipe.precision import compute_bytes
+
+    kv = kv_cache_bytes(cfg, r["per_device_train_batch_size"], prompt, r["max_new_tokens"], compute_bytes(r))
+    return kv + gathered
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:

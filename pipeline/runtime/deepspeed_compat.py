@@ -18,18 +18,20 @@ release where the item no longer holds, naming it.
   loss_scale                   the fp16 loss scale (optimizer.cur_scale / loss_scale)     train.loop
   reports_grad_norm            which configurations report the pre-clip gradient norm     train.loop
   validate_config, section_keys  DeepSpeed's pydantic config models                      train.run
+  gathered_for_generation      ZeRO-3 weights whole, DeepSpeed's per-layer hooks off      train.ppo (rollouts)
 
 The launcher's process tree (pipeline.launch: the ranks are the runner's grandchildren) is the one
 further assumption, documented there.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
 import sys
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 TESTED = (0, 19)  # the DeepSpeed major.minor every item below was read against (requirements.txt pins it)
 
@@ -213,6 +215,32 @@ def reports_grad_norm(engine: Any) -> bool:
     so the trainer measures the same quantity itself there.
     """
     return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+@contextlib.contextmanager
+def gathered_for_generation(engine: Any) -> Iterator[Any]:
+    """engine.module with every parameter whole and no DeepSpeed hook on its modules, for decoding (stage ppo's
+    rollouts); outside ZeRO-3 the module as it is.
+
+    Why: under ZeRO-3 every module's forward gathers its partitioned weights from all ranks (a collective) and
+    releases them after. Decoding runs one forward per new token, and ranks whose responses end at different
+    lengths would run different numbers of forwards: the ranks wait on each other's gathers forever, and each
+    token pays a gather of every layer. DeepSpeed's unwrap_model_for_generation (deepspeed.runtime.zero.stage3,
+    the same steps as TRL 0.9.6's trl/models/utils.py:152-166, which LLaMA-Factory's PPO runs) gathers every
+    parameter once (GatheredParameters: a whole copy beside the partitions), removes the module hooks, and on
+    exit registers them again and releases the whole copies. Every rank must enter (the gather is a collective);
+    inside, each decodes alone."""
+    if engine.zero_optimization_stage() != 3:
+        yield engine.module
+        return
+    from deepspeed.runtime.zero import unwrap_model_for_generation
+
+    _require(hasattr(engine.optimizer, "parameter_offload"), "gathered_for_generation",
+             "the ZeRO-3 optimizer has no parameter_offload (its module hooks)")
+    with unwrap_model_for_generation(engine):
+        yield engine.module
 
 
 # ---------------------------------------------------------------------------------------------- config

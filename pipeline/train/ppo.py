@@ -13,7 +13,10 @@
        gradient_accumulation_steps mini-batches, as TRL's accelerator.accumulate)
     -> the KL controller moves its coefficient; the learning-rate schedule steps once (TRL steps it per PPO step)
 
-On several ranks (ZeRO 0, 1 or 2: the policy's weights stay whole on every rank, so generation is unchanged) each
+Under ZeRO 3 the rollouts decode on the policy's gathered weights (deepspeed_compat.gathered_for_generation: every
+parameter whole once per PPO step, DeepSpeed's per-layer hooks off, as TRL 0.9.6's unwrap_model_for_generation), so
+ranks whose responses end at different lengths never wait on each other; the no-grad passes and the updates run
+through the engine's hooks as any ZeRO-3 forward (every rank runs the same number of them). On several ranks each
 rank takes its own prompts (the loader's shard) and gathers what TRL 0.9.6 gathers, nothing more: the KL
 controller moves by the ranks' mean KL with batch = rows x ranks (trl/trainer/ppo_trainer.py:866-876,
 gather_stats :926-946 all-reduces and divides by the number of processes), ppo_score_norm's moments are those of
@@ -43,6 +46,7 @@ from pipeline.model.ppo import (PPOConfig, Reduce, RunningMoments, advantages_an
 from pipeline.model.reward import RewardScorer
 from pipeline.model.reward_folder import V_HEAD_WEIGHTS
 from pipeline.runtime import dist
+from pipeline.runtime.deepspeed_compat import gathered_for_generation
 from pipeline.train.export import Exporter
 from pipeline.train.loop import Trainer, Window, grad_norm
 
@@ -230,26 +234,34 @@ class PPOTrainer(Trainer):
         self.moments = RunningMoments(rank_sum()) if ppo.ppo_score_norm else None  # every score so far (score_norm)
         self.last_norm: float | None = None  # the last update's, where DeepSpeed reports none (the base's own_norm)
 
-    def generate(self, prompts: list[list[int]], micro: int) -> list[list[int]]:
+    def generate(self, policy: nn.Module, prompts: list[list[int]], micro: int) -> list[list[int]]:
         """Responses of the policy (adapters on), sampled from a generator seeded by (seed, step, micro-batch)."""
         from pipeline.model.generate import generate
 
         g = self.generation
         seed = self.seed + 1000 * self.state.global_step + micro
-        return generate(self.engine.module, prompts, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
+        return generate(policy, prompts, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=self.stop_ids,
                         seed=seed, pad_id=self.pad_id, repetition_penalty=g.repetition_penalty, keep_stop=True)
+
+    def responses(self, batches: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompts, responses) of the step's rows: one gather of the policy's weights under ZeRO 3 for all of
+        the step's micro-batches (deepspeed_compat.gathered_for_generation), then each rank decodes alone."""
+        prompts, responses = [], []
+        with gathered_for_generation(self.engine) as policy:
+            for micro, batch in enumerate(batches):
+                queries = prompt_ids(batch)
+                prompts += queries
+                # LF: an empty response is one pad
+                responses += [r or [self.pad_id] for r in self.generate(policy, queries, micro)]
+        return prompts, responses
 
     @torch.no_grad()
     def rollout(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Generate, score and take the no-grad passes over the step's rows; rewards, advantages and returns."""
         from pipeline.train.preference import _eval_mode
 
-        prompts, responses = [], []
-        for micro, batch in enumerate(batches):
-            queries = prompt_ids(batch)
-            prompts += queries
-            responses += [r or [self.pad_id] for r in self.generate(queries, micro)]  # LF: an empty one is one pad
+        prompts, responses = self.responses(batches)
         data = sequences(prompts, responses, self.pad_id, self.engine.device)
         mask = (data["labels"] != -100).float()
         with _eval_mode(self.engine.module):

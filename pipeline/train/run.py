@@ -247,7 +247,11 @@ def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]
     reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
                                compute_dtype(r), tokenizer.pad_id)
     disable_dropout(reward.model)
-    reference = starting_reference(None, None, recipe_args(r), engine, dtype=compute_dtype(r))
+    # under ZeRO 3 a full / freeze policy's frozen copy is partitioned as the policy is (an engine of its own, as
+    # TRL's PPOTrainer._prepare_deepspeed does): it is as large as the policy, and every rank runs its one forward
+    # of a step, so its per-layer gathers line up whatever the responses' lengths
+    reference = starting_reference(None, None, recipe_args(r), engine, dtype=compute_dtype(r),
+                                   zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
     describe(ppo.reward_model, ppo.reward_model_type, reward, ppo, generation, reference.description)
     return PPOTrainer, {"reward_model": reward, "reference": reference, "pad_id": tokenizer.pad_id,
                         "stop_ids": tuple(template.stop_ids(tokenizer)), "generation": generation, "ppo": ppo,
@@ -303,7 +307,8 @@ def preflight(r: Mapping[str, Any]) -> None:
     if r["l1_lambda"] and r["zero_stage"] == 3:
         raise UserError("l1_lambda > 0 needs the whole trainable weights on every rank, but zero_stage 3 "
                         "partitions them; use zero_stage 2 (or lower), or set l1_lambda: 0")
-    if (uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) and trains_adapter(r["finetuning_type"])
+    if ((uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) or r["stage"] == "ppo")
+            and trains_adapter(r["finetuning_type"])
             and r["ref_model"] is None and r["zero_stage"] == 3 and trains_in_full(r)):
         raise UserError("additional_target modules (with resize_vocab or added tokens: the embedding and the "
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "

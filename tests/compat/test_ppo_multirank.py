@@ -1,6 +1,12 @@
-"""Stage ppo on two ranks under ZeRO 2, as a LLaMA-Factory user launches its llama3_lora_ppo.yaml on two GPUs
-(`deepspeed --num_gpus 2`; gloo on CPU): a tiny transformers-written Llama, a transformers-saved reward model
-(reward_model_type full) and four different prompts, one per row, so each rank answers its own two.
+"""Stage ppo on two ranks under ZeRO 3, as a LLaMA-Factory user launches its llama3_lora_ppo.yaml on two GPUs
+(`deepspeed --num_gpus 2` with a ZeRO-3 config; gloo on CPU): a tiny transformers-written Llama, a
+transformers-saved reward model (reward_model_type full) and four different prompts, one per row, so each rank
+answers its own two. ZeRO 3 rather than 2 (this launch ran under ZeRO 2 before ZeRO 3 was implemented; everything
+it checks holds at either stage, and the suite has no time for a second launch): each rank holds half of every
+weight matrix (only those under stage3_param_persistence_threshold, norms and the LoRA factors, stay whole), so step
+1's responses are transformers' only if the rollouts decode on the weights gathered from both ranks
+(pipeline.runtime.deepspeed_compat.gathered_for_generation). Responses here all run to max_new_tokens, so ranks
+decoding different numbers of tokens (what the gather before decoding makes safe) are not exercised.
 
 One launch (tests/train/test_multirank.py's way); the checks on its outputs are separate tests. Golden, computed
 here without the code under test:
@@ -71,7 +77,7 @@ def launched(tmp_path_factory) -> dict[str, object]:
     used = ["max_steps=2", "dataset=four_prompts", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
             f"gradient_accumulation_steps={ROWS}", "ppo_epochs=1", "save_steps=1", "ppo_score_norm=true",
             "learning_rate=1e-2", "warmup_ratio=0", f"ppo_target={TARGET}", f"reward_model={root / 'rm_full'}",
-            "reward_model_type=full", "zero_stage=2", "bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]
+            "reward_model_type=full", "zero_stage=3", "bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]
     launcher = str(Path(os.sys.executable).with_name("deepspeed"))
     proc = run_on_free_port(lambda port: [launcher, "--num_gpus", str(RANKS), "--master_port", port, "--module",
                                           "pipeline", "train", PPO, *used], cwd=work, env=cli_env(), timeout=300)
@@ -89,6 +95,8 @@ def test_step_one_is_the_one_rank_golden_over_both_ranks_prompts(launched):
     log = launched["log"]
     assert [rec["step"] for rec in log] == [1, 2]  # one writer
     assert launched["stderr"].count("ppo: reward_model") == 1  # rank 0 describes the run
+    ds_config = json.loads((launched["run"] / "ds_config.json").read_text("utf-8"))
+    assert ds_config["zero_optimization"]["stage"] == 3  # the weights partitioned: the rollouts decode gathered ones
     first = log[0]
     assert first["kl"] == 0.0 and first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
     assert len(set(launched["scores"])) == len(PROMPTS)  # four different scores: the mean tells the rows apart

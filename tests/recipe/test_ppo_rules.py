@@ -25,8 +25,6 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "finetuning_type: oft\n", None,
      "r.yaml:7:18: finetuning_type: given \"oft\" with stage ppo: stage ppo trains a LoRA, full or freeze policy"),
     (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
-    (PPO + "zero_stage: 3\n", None, "r.yaml:7:13: zero_stage: given 3 with stage ppo: stage ppo runs on DeepSpeed "
-                                    "ZeRO 0, 1 or 2 here: ZeRO 3 partitions the policy's weights"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
                                     "response per prompt"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
@@ -39,7 +37,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "finetuning_type: freeze\n", "eval",
      "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned freeze policy "
      "(output_dir/model) with an sft recipe of finetuning_type freeze whose output_dir is this run's"),
-], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "zero3", "beams",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "beams",
         "val_size",
         "ref_model", "api", "outside-ppo", "eval-command", "eval-command-freeze"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
@@ -59,10 +57,10 @@ def test_ppo_trains_on_every_prompt(recipe):
     assert r["val_size"] == 0.0 and r["reward_model_type"] == "lora" and r["ppo_epochs"] == 4
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_ppo_runs_on_several_ranks_up_to_zero_2(recipe, monkeypatch, zero_stage):
-    """As LLaMA-Factory's PPO under DeepSpeed: the policy's weights stay whole on every rank up to ZeRO 2
-    (tests/compat/test_ppo_multirank.py trains it on two)."""
+@pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
+def test_ppo_runs_on_several_ranks_at_every_zero_stage(recipe, monkeypatch, zero_stage):
+    """As LLaMA-Factory's PPO under DeepSpeed, ZeRO 3 included: the rollouts decode on the gathered weights
+    (tests/compat/test_ppo_multirank.py trains it on two ranks under ZeRO 3)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     r = resolve(recipe(PPO + f"zero_stage: {zero_stage}\n"))
@@ -91,3 +89,15 @@ def test_overwrite_output_dir_never_empties_the_reward_model():
     named = guard.protected({key: "saves/rm" if key == "reward_model" else None for key in guard.INPUT_KEYS})
     with pytest.raises(UserError, match="saves/rm is reward_model, which this command would delete"):
         guard.refuse_to_clear(Path("saves/rm"), "r.yaml:9:13: output_dir", "output_dir", named)
+
+
+def test_a_lora_policy_training_whole_modules_is_refused_under_zero3(recipe):
+    """The adapters-off reference needs the additional_target modules' starting weights, which train keeps as a copy
+    of the whole modules: under ZeRO 3 those are partitions (as for dpo, pipeline.train.run.preflight)."""
+    from pipeline.train.run import preflight
+
+    r = resolve(recipe(PPO + "zero_stage: 3\nadditional_target: lm_head\n"))
+    with pytest.raises(UserError, match="under zero_stage 3 their starting weights cannot be kept for the ppo "
+                                        "reference"):
+        preflight(r)
+    preflight(resolve(recipe(PPO + "zero_stage: 3\n")))  # without them: trains

@@ -130,6 +130,29 @@ def test_reports_grad_norm_follows_the_configuration():
     assert compat.reports_grad_norm(engine(zero=2)) and compat.reports_grad_norm(engine(bf16=True))
 
 
+def test_gathered_for_generation_uses_deepspeeds_unwrap():
+    """Under ZeRO-3 the item enters DeepSpeed's unwrap_model_for_generation, which gathers every parameter and takes
+    the ZeRO-3 module hooks off (its parameter_offload's forward_hooks / backward_hooks), then registers them again
+    (_register_deepspeed_module). The runs are tests/compat/test_ppo_example.py (one rank, against ZeRO 0) and
+    tests/compat/test_ppo_multirank.py (two ranks whose responses end apart)."""
+    from deepspeed.runtime.zero import parameter_offload, unwrap_model_for_generation
+
+    source = inspect.getsource(unwrap_model_for_generation)
+    for name in ("GatheredParameters(model.parameters())", "parameter_offload", "forward_hooks", "backward_hooks",
+                 "_register_deepspeed_module"):
+        assert name in source, f"unwrap_model_for_generation no longer uses {name}"
+    offload = inspect.getsource(parameter_offload.DeepSpeedZeRoOffload)
+    assert "self.forward_hooks = []" in offload and "def _register_deepspeed_module" in offload
+    module = torch.nn.Linear(2, 2)
+    plain = types.SimpleNamespace(module=module, zero_optimization_stage=lambda: 2)
+    with compat.gathered_for_generation(plain) as model:
+        assert model is module  # nothing partitioned: the module as it is
+    zero3 = types.SimpleNamespace(module=module, zero_optimization_stage=lambda: 3, optimizer=object())
+    with pytest.raises(compat.IncompatibleDeepSpeed, match="gathered_for_generation"):
+        with compat.gathered_for_generation(zero3):
+            pass
+
+
 def test_validate_config_and_section_keys():
     compat.validate_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
     with pytest.raises(pydantic.ValidationError) as err:

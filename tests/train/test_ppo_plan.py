@@ -95,3 +95,56 @@ def test_plan_trains_the_value_head_beside_the_policy(folder):
     assert ppo.params_trainable - sft.params_trainable == head
     assert ppo.params_total - sft.params_total == head
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ppo.params_trainable
+
+
+class RecordedCache:
+    """Every KV cache generate makes (pipeline.model.generate.KVCache, wrapped): the buffers it allocated."""
+
+    def __init__(self, monkeypatch):
+        from pipeline.model import generate
+        from pipeline.model.kv_cache import KVCache
+
+        self.made: list[Any] = []
+        made = self.made
+
+        class Recording(KVCache):
+            def __init__(self, *args: Any, **kwargs: Any):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+        monkeypatch.setattr(generate, "KVCache", Recording)
+
+    def bytes(self) -> int:
+        (cache,) = self.made
+        return sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
+
+
+def test_plan_counts_the_rollouts_kv_cache_and_zero3s_gathered_weights(folder, monkeypatch):
+    """It was not counted: decoding a micro-batch of per_device_train_batch_size prompts (cutoff_len tokens each, the
+    longest a row's prompt is) allocates a KV cache for prompt + max_new_tokens positions, and under ZeRO 3 the
+    policy's weights are gathered whole beside their partitions. Golden: the bytes of the cache tensors our generate
+    allocates for such a micro-batch (never stopping early: no stop ids), plus under ZeRO 3 the bytes of the
+    policy's parameters (LoRA adapter and value head included) as train builds them; by hand, the Llama's 2 layers x
+    2 key/value heads x 8 numbers a head (tests/helpers' tiny checkpoint), and under bf16 2 bytes a number."""
+    from pipeline.model.build import build_model
+    from pipeline.model.generate import generate
+    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.plan import estimate_memory
+    from pipeline.train.ppo import attach_value_head
+
+    rows, new = 3, 7
+    keys = {"per_device_train_batch_size": rows, "max_new_tokens": new}
+    r = recipe(folder, "full", **keys)
+    model = build_model(*recipe_args(r), dtype=torch.float32)
+    attach_value_head(model, 0)
+    caches = RecordedCache(monkeypatch)
+    out = generate(model, [[5] * r["cutoff_len"]] * rows, max_new_tokens=new, do_sample=False)
+    assert [len(o) for o in out] == [new] * rows  # decoded to the end: the cache was filled
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.kv_heads, cfg.head_dim) == (2, 2, 8)
+    by_hand = 2 * 2 * rows * 2 * (32 + new) * 8 * 4  # keys + values, layers, rows, heads, positions, head, fp32
+    assert caches.bytes() == by_hand
+    assert estimate_memory(r).gpu["rollout"] == caches.bytes()
+    assert estimate_memory(recipe(folder, "full", bf16=True, **keys)).gpu["rollout"] == by_hand // 2
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert estimate_memory(recipe(folder, "full", zero_stage=3, **keys)).gpu["rollout"] == caches.bytes() + weights

@@ -1,5 +1,5 @@
 """Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
-full or freeze policy, ZeRO 0-2 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys only under
+full or freeze policy, ZeRO 0-3 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys only under
 stage ppo. reward_model_type api / oft: the schema's x-refused.
 """
 from __future__ import annotations
@@ -18,9 +18,6 @@ NOT_IMPLEMENTED = {
                         "gradient_accumulation_steps for a larger batch"),
     "finetuning_type": (lambda v: v == "oft", "stage ppo trains a LoRA, full or freeze policy here (as "
                         "LLaMA-Factory); OFT PPO is not implemented: set finetuning_type: lora"),
-    "zero_stage": (lambda v: v == 3, "stage ppo runs on DeepSpeed ZeRO 0, 1 or 2 here: ZeRO 3 partitions the "
-                   "policy's weights, and its rollouts would need them gathered for generation (TRL's "
-                   "unwrap_model_for_generation), which is not implemented; use ZeRO 2"),
     "num_beams": (lambda v: v != 1, "stage ppo's rollouts are one response per prompt, sampled or greedy, here; "
                   "beam search is for generate, eval and chat: set num_beams: 1"),
 }
@@ -72,17 +69,13 @@ def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("stage", "deepspeed", *NOT_IMPLEMENTED)
+@rule("stage", *NOT_IMPLEMENTED)
 def ppo_parts_implemented(ctx: Context) -> list[tuple[str, str]]:
     """The parts of LLaMA-Factory's PPO not implemented here, each refused at its key with the reason."""
     if ctx.values["stage"] != "ppo":
         return []
-    problems = []
-    for key, (refused, why) in NOT_IMPLEMENTED.items():
-        if refused(ctx.values[key]):
-            at = "deepspeed" if key == "zero_stage" and ctx.values["deepspeed"] else key  # the JSON's stage
-            problems.append((at, f"given {json.dumps(ctx.values[at])} with stage ppo: {why}"))
-    return problems
+    return [(key, f"given {json.dumps(ctx.values[key])} with stage ppo: {why}")
+            for key, (refused, why) in NOT_IMPLEMENTED.items() if refused(ctx.values[key])]
 
 
 @rule("stage", *PPO_KEYS)
