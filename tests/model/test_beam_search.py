@@ -40,10 +40,11 @@ def prompts(lengths=(5, 9, 3), high=VOCAB, seed=1):
 
 
 def transformers_beams(ref, batch, pad, eos, **kwargs):
-    """transformers' generate on the left-padded batch; each row's new tokens up to (without) its first EOS."""
+    """transformers' generate on the left-padded batch (on the model's device); each row's new tokens up to
+    (without) its first EOS."""
     width = max(len(p) for p in batch)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=ref.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=ref.device)
     out = ref.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=pad, **kwargs)
     rows = [row[width:].tolist() for row in out]
     return [row[:row.index(eos)] if eos in row else row for row in rows]
