@@ -206,21 +206,12 @@ def in_process(device, monkeypatch):
 
 def test_generate_beam_search_equals_transformers(tmp_path, device, in_process):
     """`python -m pipeline generate` with LLaMA-Factory's num_beams / length_penalty on a transformers GPT-2 answers
-    what transformers' generate(num_beams=3, length_penalty=0.5) answers on the same device."""
+    what transformers' generate(num_beams=3, length_penalty=0.5) answers on the same device (the CPU suite's check,
+    tests/model/test_beam_search.py, on the device)."""
     pytest.importorskip("transformers")
-    from pipeline.data.tokenizer import gpt2
-    from tests.acceptance.harness import write_hf_checkpoint
-    from tests.model.test_beam_search import transformers_beams
+    from tests.model.test_beam_search import generate_cli_beams_equal_transformers
 
-    ref = write_hf_checkpoint(tmp_path / "base", "gpt2").to(device)
-    (tmp_path / "r.yaml").write_text(f"model_name_or_path: {tmp_path / 'base'}\nnum_beams: 3\nlength_penalty: 0.5\n"
-                                     f"max_new_tokens: 6\noutput_dir: {tmp_path / 'out'}\n", encoding="utf-8")
-    printed = in_process("generate", "r.yaml", "--model", "base", "--raw", "--prompt", "The sky is", cwd=tmp_path)
-    prompt = gpt2().encode("The sky is")
-    expected = transformers_beams(ref, [prompt], 50256, 50256, num_beams=3, length_penalty=0.5, max_new_tokens=6)[0]
-    greedy = transformers_beams(ref, [prompt], 50256, 50256, max_new_tokens=6)[0]
-    assert expected != greedy  # the beams matter on these weights
-    assert printed == gpt2().decode(expected) + "\n"
+    generate_cli_beams_equal_transformers(tmp_path, in_process, device)
 
 
 def test_generate_with_dynamic_ntk_past_the_window_equals_transformers(tmp_path, device, in_process):

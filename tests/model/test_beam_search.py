@@ -136,18 +136,26 @@ def test_generate_cli_with_num_beams_equals_transformers(tmp_path):
     """A user's recipe with LLaMA-Factory's num_beams / length_penalty on a transformers checkpoint: `python -m
     pipeline generate` answers what transformers' generate(num_beams=3, length_penalty=0.5) answers (num_beams was
     refused and length_penalty had no effect)."""
-    from pipeline.data.tokenizer import gpt2
-    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+    from tests.acceptance.harness import pipeline
 
-    ref = write_hf_checkpoint(tmp_path / "base", "gpt2")
+    generate_cli_beams_equal_transformers(tmp_path, lambda *argv, cwd: pipeline(*argv, cwd=cwd).stdout)
+
+
+def generate_cli_beams_equal_transformers(tmp_path, generate_cli, device="cpu"):
+    """The check of test_generate_cli_with_num_beams_equals_transformers, with transformers on `device` and
+    `generate_cli(*argv, cwd=...)` giving what `python -m pipeline ARGV` prints (tests/gpu runs it on CUDA)."""
+    from pipeline.data.tokenizer import gpt2
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    ref = write_hf_checkpoint(tmp_path / "base", "gpt2").to(device)
     (tmp_path / "r.yaml").write_text(f"model_name_or_path: {tmp_path / 'base'}\nnum_beams: 3\nlength_penalty: 0.5\n"
                                      f"max_new_tokens: 6\noutput_dir: {tmp_path / 'out'}\n", encoding="utf-8")
-    done = pipeline("generate", "r.yaml", "--model", "base", "--raw", "--prompt", "The sky is", cwd=tmp_path)
+    printed = generate_cli("generate", "r.yaml", "--model", "base", "--raw", "--prompt", "The sky is", cwd=tmp_path)
     prompt = gpt2().encode("The sky is")
     expected = transformers_beams(ref, [prompt], 50256, 50256, num_beams=3, length_penalty=0.5, max_new_tokens=6)[0]
     greedy = transformers_beams(ref, [prompt], 50256, 50256, max_new_tokens=6)[0]
     assert expected != greedy  # the beams matter on these weights
-    assert done.stdout == gpt2().decode(expected) + "\n"
+    assert printed == gpt2().decode(expected) + "\n"
 
 
 def test_eval_predictions_with_num_beams_equal_transformers(tmp_path):
