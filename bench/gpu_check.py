@@ -15,8 +15,10 @@ directly: `.venv/bin/python -m bench.gpu_check --out gpu_check.json`. Every run 
   beside it.
 
 The suite's CUDA-only tests (tests/gpu: the varlen kernel against each example run alone; the user's path
-from transformers-written checkpoints through train and merge to transformers and PEFT) run first, with
-pytest, within a third of the budget; the JSON keeps each skipped test's reason.
+from transformers-written checkpoints through train and merge to transformers and PEFT; stage ppo, ASFT under
+pure_bf16, beam search and dynamic NTK generation, two NCCL ranks' exit) run first, with pytest, within a third
+of the budget; the JSON keeps the files run, each test's outcome (also those done before a timeout), the slowest
+phases and each skipped test's reason.
 
 Packing (issue 17's speed target, on the GPU): our unpacked LoRA run (group_by_length, the default) against
 our neat-packed one on the first model, at each --packing-batches size, useful tokens/s each (real tokens,
@@ -47,6 +49,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -462,24 +465,48 @@ def merge_check(args: argparse.Namespace, workdir: Path, model: str, timeout: fl
 
 
 def cuda_tests(timeout: float) -> dict[str, Any]:
-    """The suite's CUDA-only tests (skipped on every CPU run), run here with pytest: their outcome line."""
+    """The suite's CUDA-only tests (skipped on every CPU run), run here with pytest: their outcome line, each test's
+    outcome (also of those that ran before a timeout), the slowest phases (to size the files to the budget) and the
+    skipped ones' reasons. PIPELINE_TEST_DEVICE (tests/gpu/conftest.py: the CPU instead of CUDA) is not passed on."""
     import importlib.util
 
     if importlib.util.find_spec("pytest") is None:
         return {"status": "skipped", "reason": "pytest is not installed"}
     start = time.monotonic()
+    env = {k: v for k, v in _env().items() if k != "PIPELINE_TEST_DEVICE"}
+    files = sorted(str(p.relative_to(REPO)) for p in (REPO / CUDA_TESTS).glob("test_*.py"))
+    command = [sys.executable, "-m", "pytest", "-v", "-rfEs", "--durations=0", "--durations-min=1",
+               "-p", "no:cacheprovider", CUDA_TESTS]
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", CUDA_TESTS],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=max(timeout, 1.0))
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s"}
+        proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(timeout, 1.0))
+    except subprocess.TimeoutExpired as err:
+        partial = _text(err.stdout) + _text(err.stderr)
+        return {"status": "failed", "reason": f"timed out after {timeout:.0f} s", "file": CUDA_TESTS, "files": files,
+                "cases": case_outcomes(partial), "output_tail": partial[-4000:]}
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    out: dict[str, Any] = {"status": "ok" if proc.returncode == 0 else "failed", "file": CUDA_TESTS,
+    out: dict[str, Any] = {"status": "ok" if proc.returncode == 0 else "failed", "file": CUDA_TESTS, "files": files,
                            "summary": lines[-1] if lines else "", "seconds": round(time.monotonic() - start, 2),
+                           "cases": case_outcomes(proc.stdout),
+                           "slowest": [line.strip() for line in lines if SLOW_LINE.match(line)][:20],
                            "skipped": [line for line in lines if line.startswith("SKIPPED")][:20]}  # and why
     if proc.returncode != 0:
         out["output_tail"] = (proc.stdout + proc.stderr)[-4000:]
     return out
+
+
+CASE_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")  # pytest -v, one per test
+SLOW_LINE = re.compile(r"^\d+\.\d+s (setup|call|teardown) ")  # pytest --durations
+
+
+def case_outcomes(output: str) -> dict[str, str]:
+    """node id -> outcome (passed, failed, error, skipped, ...) of each test in pytest -v output (a setup error
+    comes after the test's own line: the last word stands)."""
+    return {m.group(1): m.group(2).lower() for m in map(CASE_LINE.match, output.splitlines()) if m}
+
+
+def _text(output: str | bytes | None) -> str:
+    """What a timed-out subprocess had written (bytes or str, depending on the Python version)."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def device_facts(cuda: bool) -> dict[str, Any]:

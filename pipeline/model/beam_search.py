@@ -154,9 +154,10 @@ def _ended(cand_tokens: torch.Tensor, t: int, steps: int, stoppers: set[int],
         ended |= new == stop
     if ended_by_text is None:
         return ended
-    for b in range(new.shape[0]):
-        for c in range(new.shape[1]):
-            if not ended[b, c] and ended_by_text(cand_tokens[b, c, :t + 1].tolist()):
+    tokens, stopped = cand_tokens[:, :, :t + 1].tolist(), ended.tolist()  # one copy from the GPU a step, not one each
+    for b, row in enumerate(tokens):
+        for c, candidate in enumerate(row):
+            if not stopped[b][c] and ended_by_text(candidate):
                 ended[b, c] = True
     return ended
 

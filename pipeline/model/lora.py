@@ -201,9 +201,9 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     alpha = default_lora_alpha(rank) if alpha is None else alpha
     chosen, extra = adapter_targets(model, targets, additional_targets, blocks)
     model.requires_grad_(False)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    # a CPU generator whatever the model's device: LoRALayer draws A on the host before moving it to the base
+    # layer's device (a CUDA generator cannot draw into a CPU tensor), so a seed gives the same A on every machine
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
                                         use_rslora=use_rslora, use_dora=use_dora, generator=generator)
     if pissa_iter is not None or pissa_start is not None:

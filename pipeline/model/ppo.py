@@ -79,7 +79,7 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     kls = kl_penalty(logprobs, ref_logprobs, kind)
     rewards = -kl_coef * kls
     last = mask.shape[1] - 1 - mask.flip(1).long().argmax(dim=1)  # index of each row's last 1
-    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards, kls
 
 
@@ -197,7 +197,9 @@ class RunningMoments:
         tot_count = self.count + xs_count
         new_sum = xs_var * xs_count
         old_sum = self.var * self.count + delta ** 2 * self.count * xs_count / tot_count
-        self.mean += delta * xs_count / tot_count
+        # not in place: moments restored by from_state are CPU tensors, and a CPU tensor cannot be updated in place
+        # by the CUDA scores' statistics (the same value either way: TRL's `+=` on its tensor)
+        self.mean = self.mean + delta * xs_count / tot_count
         self.var = (old_sum + new_sum) / tot_count
         self.std = (self.var * tot_count / (tot_count - 1)).float().sqrt()
         self.count = tot_count

@@ -40,10 +40,11 @@ def prompts(lengths=(5, 9, 3), high=VOCAB, seed=1):
 
 
 def transformers_beams(ref, batch, pad, eos, **kwargs):
-    """transformers' generate on the left-padded batch; each row's new tokens up to (without) its first EOS."""
+    """transformers' generate on the left-padded batch (on the model's device); each row's new tokens up to
+    (without) its first EOS."""
     width = max(len(p) for p in batch)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=ref.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=ref.device)
     out = ref.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=eos, pad_token_id=pad, **kwargs)
     rows = [row[width:].tolist() for row in out]
     return [row[:row.index(eos)] if eos in row else row for row in rows]
@@ -135,18 +136,26 @@ def test_generate_cli_with_num_beams_equals_transformers(tmp_path):
     """A user's recipe with LLaMA-Factory's num_beams / length_penalty on a transformers checkpoint: `python -m
     pipeline generate` answers what transformers' generate(num_beams=3, length_penalty=0.5) answers (num_beams was
     refused and length_penalty had no effect)."""
-    from pipeline.data.tokenizer import gpt2
-    from tests.acceptance.harness import pipeline, write_hf_checkpoint
+    from tests.acceptance.harness import pipeline
 
-    ref = write_hf_checkpoint(tmp_path / "base", "gpt2")
+    generate_cli_beams_equal_transformers(tmp_path, lambda *argv, cwd: pipeline(*argv, cwd=cwd).stdout)
+
+
+def generate_cli_beams_equal_transformers(tmp_path, generate_cli, device="cpu"):
+    """The check of test_generate_cli_with_num_beams_equals_transformers, with transformers on `device` and
+    `generate_cli(*argv, cwd=...)` giving what `python -m pipeline ARGV` prints (tests/gpu runs it on CUDA)."""
+    from pipeline.data.tokenizer import gpt2
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    ref = write_hf_checkpoint(tmp_path / "base", "gpt2").to(device)
     (tmp_path / "r.yaml").write_text(f"model_name_or_path: {tmp_path / 'base'}\nnum_beams: 3\nlength_penalty: 0.5\n"
                                      f"max_new_tokens: 6\noutput_dir: {tmp_path / 'out'}\n", encoding="utf-8")
-    done = pipeline("generate", "r.yaml", "--model", "base", "--raw", "--prompt", "The sky is", cwd=tmp_path)
+    printed = generate_cli("generate", "r.yaml", "--model", "base", "--raw", "--prompt", "The sky is", cwd=tmp_path)
     prompt = gpt2().encode("The sky is")
     expected = transformers_beams(ref, [prompt], 50256, 50256, num_beams=3, length_penalty=0.5, max_new_tokens=6)[0]
     greedy = transformers_beams(ref, [prompt], 50256, 50256, max_new_tokens=6)[0]
     assert expected != greedy  # the beams matter on these weights
-    assert done.stdout == gpt2().decode(expected) + "\n"
+    assert printed == gpt2().decode(expected) + "\n"
 
 
 def test_eval_predictions_with_num_beams_equal_transformers(tmp_path):

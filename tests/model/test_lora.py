@@ -239,3 +239,16 @@ def test_a_peft_adapter_with_settings_we_do_not_model_is_refused(tmp_path, hf_di
     assert "merge_and_unload()" in err.value.messages[0]
     # what would be accepted instead: bias "none" (the message said "absent, null or empty" for it too)
     assert ('expected "none"' if key == "bias" else "expected it absent, null or empty") in err.value.messages[0]
+
+
+def test_seeded_lora_on_a_model_off_the_cpu_draws_the_cpu_a():
+    """A seeded apply_lora on a model already on an accelerator (the meta device stands for CUDA here): A is drawn on
+    the host from the seed, as on a CPU model (a generator on the model's device could not draw into it), then moved."""
+    on_cpu, elsewhere = GPTModel(TINY, seed=1), GPTModel(TINY, seed=1).to("meta")
+    apply_lora(on_cpu, "c_attn", rank=2, seed=3)
+    apply_lora(elsewhere, "c_attn", rank=2, seed=3)
+    moved = {n: p for n, p in elsewhere.named_parameters() if n.endswith("lora.A")}
+    assert moved and all(p.device.type == "meta" for p in moved.values())
+    expected = LoRALayer(TINY.emb_dim, 3 * TINY.emb_dim, rank=2, alpha=4, generator=torch.Generator().manual_seed(3))
+    first = next(p for n, p in on_cpu.named_parameters() if n.endswith("lora.A"))
+    assert torch.equal(first, expected.A)  # the first wrapped layer's A: the first draw of the seeded CPU generator

@@ -222,3 +222,12 @@ def test_score_moments_on_two_ranks_are_those_of_every_rank_s_scores():
         thread.join(timeout=30)
     assert found[0] == found[1] == pytest.approx(moments, rel=1e-6)
     assert found[0]["count"] == pytest.approx(12)  # both ranks' rows, not one's 6
+
+
+def test_restored_score_moments_follow_the_scores_device():
+    """A resumed run's moments come back as CPU tensors (from_state) while the scores are on the GPU: the update
+    must leave the moments on the scores' device (an in-place update of the CPU mean failed there). The meta
+    device stands for CUDA here."""
+    resumed = RunningMoments.from_state({"mean": 0.5, "std": 1.0, "var": 1.0, "count": 4.0})
+    resumed.update(torch.ones(3, device="meta"))
+    assert {resumed.mean.device.type, resumed.var.device.type, resumed.std.device.type} == {"meta"}
