@@ -70,6 +70,7 @@ PEAK_TFLOPS: list[tuple[str, float]] = [
 ]
 MODELS = ("gpt2-small", "qwen3-0.6b")
 CUDA_TESTS = "tests/gpu"  # the real varlen kernel against each example alone; the user's path on CUDA
+LAST_CUDA_TESTS = "test_features_cuda.py"  # ppo, ASFT, pure_bf16, beams, dynamic NTK, NCCL: run after the rest
 # tokens/s is the median of the logged steps after WARMUP_STEPS (compilation, allocator warm-up). torch.profiler
 # (PIPELINE_PROFILE, pipeline/train/step_profile.py) watches the last PROFILE_COUNT steps of each run, so that
 # every timed step comes before it: a profiler can slow the steps after it (kineto keeps CUPTI's callbacks
@@ -474,9 +475,11 @@ def cuda_tests(timeout: float) -> dict[str, Any]:
         return {"status": "skipped", "reason": "pytest is not installed"}
     start = time.monotonic()
     env = {k: v for k, v in _env().items() if k != "PIPELINE_TEST_DEVICE"}
-    files = sorted(str(p.relative_to(REPO)) for p in (REPO / CUDA_TESTS).glob("test_*.py"))
+    # the user's path and the kernel first, the later features' checks last: a timeout cuts those, not the path
+    paths = sorted((REPO / CUDA_TESTS).glob("test_*.py"), key=lambda p: (p.name == LAST_CUDA_TESTS, p.name))
+    files = [str(p.relative_to(REPO)) for p in paths]
     command = [sys.executable, "-m", "pytest", "-v", "-rfEs", "--durations=0", "--durations-min=1",
-               "-p", "no:cacheprovider", CUDA_TESTS]
+               "-p", "no:cacheprovider", *files]
     try:
         proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(timeout, 1.0))
     except subprocess.TimeoutExpired as err:

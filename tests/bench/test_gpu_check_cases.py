@@ -34,7 +34,10 @@ def test_each_case_recorded_and_the_cpu_switch_not_passed_on(monkeypatch):
     monkeypatch.setenv("PIPELINE_TEST_DEVICE", "cpu")
     monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
     result = gpu_check.cuda_tests(60)
-    assert "PIPELINE_TEST_DEVICE" not in seen["env"] and seen["command"][-1] == gpu_check.CUDA_TESTS
+    assert "PIPELINE_TEST_DEVICE" not in seen["env"]
+    ran = [arg for arg in seen["command"] if arg.startswith(gpu_check.CUDA_TESTS + "/")]
+    assert ran == result["files"] and ran[-1] == "tests/gpu/test_features_cuda.py"  # the user's path first
+    assert {"tests/gpu/test_user_path_cuda.py", "tests/gpu/test_packed_attention_cuda.py"} < set(ran)
     assert result["status"] == "failed" and result["summary"].startswith("=====")
     assert result["cases"] == {
         "tests/gpu/test_features_cuda.py::test_ppo_one_lora_step_in_bf16": "passed",
