@@ -1,6 +1,6 @@
 """Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
-full or freeze policy, ZeRO 0-2 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys only under
-stage ppo. reward_model_type api / oft: the schema's x-refused.
+OFT, full or freeze policy, ZeRO 0-2 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys only
+under stage ppo. reward_model_type api / oft: the schema's x-refused.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ NOT_IMPLEMENTED = {
     "ppo_buffer_size": (lambda v: v != 1, "only 1 (LLaMA-Factory's default) is implemented here: each PPO step "
                         "generates per_device_train_batch_size x gradient_accumulation_steps responses; raise "
                         "gradient_accumulation_steps for a larger batch"),
-    "finetuning_type": (lambda v: v == "oft", "stage ppo trains a LoRA, full or freeze policy here (as "
-                        "LLaMA-Factory); OFT PPO is not implemented: set finetuning_type: lora"),
     "zero_stage": (lambda v: v == 3, "stage ppo runs on DeepSpeed ZeRO 0, 1 or 2 here: ZeRO 3 partitions the "
                    "policy's weights, and its rollouts would need them gathered for generation (TRL's "
                    "unwrap_model_for_generation), which is not implemented; use ZeRO 2"),
