@@ -42,8 +42,7 @@ def test_lora_only_keys_under_oft_and_oft_keys_outside_it_are_refused(write):
     assert errors("l.yaml") == [
         "l.yaml:6:17: oft_block_size: is an OFT setting but finetuning_type is lora; remove it or set "
         "finetuning_type: oft"]
-    for override, key in (("pissa_init=true", "pissa_init"), ("loraplus_lr_ratio=16", "loraplus_lr_ratio"),
-                          ("use_llama_pro=true", "use_llama_pro")):
+    for override, key in (("pissa_init=true", "pissa_init"), ("loraplus_lr_ratio=16", "loraplus_lr_ratio")):
         assert any(f"{key}: " in m and "finetuning_type" in m for m in errors("r.yaml", [override])), override
 
 
