@@ -5,7 +5,7 @@ finetuning_type decides what the optimizer sees:
   oft     the same, with OFT's orthogonal rotations (pipeline.model.oft) on lora_target, as LLaMA-Factory picks them
   freeze  only the last freeze_trainable_layers blocks and the final norm ln_f train (embeddings and
           the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge);
-          with use_llama_pro, only the blocks `python -m pipeline expand` inserted (lora: LoRA only there)
+          with use_llama_pro, only the blocks `python -m pipeline expand` inserted (lora / oft: the adapter only there)
   full    every weight trains
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ class FinetuneArgs:
     pissa_init: bool = False  # LoRA starts from the base weights' principal singular vectors (lora.init_pissa)
     pissa_iter: int = 16      # its SVD: -1 exact, k >= 0 randomized with k power iterations (seeded by `seed`)
     resize_vocab: bool = False  # LoRA: the embedding and the head train in full (additional_target, unless given)
-    use_llama_pro: bool = False  # only the blocks `expand` inserted train (freeze), or take LoRA (lora)
+    use_llama_pro: bool = False  # only the blocks `expand` inserted train (freeze), or take the adapter (lora / oft)
     freeze_trainable_modules: str | Sequence[str] = "all"  # freeze: these modules of each trainable block (HF names)
     freeze_extra_modules: str | Sequence[str] | None = None  # freeze: these modules outside the blocks too
     oft_rank: int = 0           # oft: the number of blocks of each rotation (0: from oft_block_size)
@@ -214,14 +214,14 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
     """Freeze / inject per finetuning_type, and load adapter_name_or_path when set. pissa_start: a converted PiSSA
     adapter (a resumed checkpoint's) whose starting pairs make the residual base, instead of the SVD."""
     kind, adapter = ft.finetuning_type, ft.adapter_name_or_path
+    blocks = llama_pro_blocks(model.cfg.n_layers, ft.freeze_trainable_layers) if ft.use_llama_pro else None
     if kind == "lora":
         apply_lora(model, ft.lora_target or "all", rank=ft.lora_rank, alpha=ft.lora_alpha, dropout=ft.lora_dropout,
                    use_rslora=ft.use_rslora, use_dora=ft.use_dora, seed=ft.seed,
                    additional_targets=lora_additional_targets(model, ft),
                    pissa_iter=ft.pissa_iter if ft.pissa_init and pissa_start is None else None,
                    pissa_start=pissa_start_of(pissa_start) if ft.pissa_init and pissa_start is not None else None,
-                   blocks=llama_pro_blocks(model.cfg.n_layers, ft.freeze_trainable_layers) if ft.use_llama_pro
-                   else None)
+                   blocks=blocks)
         if adapter:  # continue training an adapter: same rank/alpha required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model
@@ -229,7 +229,8 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
         from pipeline.model.oft import apply_oft
 
         apply_oft(model, ft.lora_target or "all", rank=ft.oft_rank, block_size=ft.oft_block_size,
-                  module_dropout=ft.module_dropout, additional_targets=lora_additional_targets(model, ft))
+                  module_dropout=ft.module_dropout, additional_targets=lora_additional_targets(model, ft),
+                  blocks=blocks)
         if adapter:  # continue training an adapter: same oft_rank / oft_block_size required
             load_adapter(model, resolve_model_path(adapter, key="adapter_name_or_path"))
         return model

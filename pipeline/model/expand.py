@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from pipeline.errors import UserError
 from pipeline.model.config import llama_pro_problem
@@ -96,6 +96,30 @@ def expanded_tensors(family: Family, tensors: Mapping[str, Any],
             yield renamed(family, key, new_index, rest), tensor
     for key in others:
         yield key, tensors[key]
+
+
+def nonzero_outputs(folder: Path, projections: Iterable[str]) -> set[str] | None:
+    """Which of `projections` (our module names, e.g. layers.1.self_attn.o_proj: ZEROED of expanded blocks) hold a
+    non-zero weight in the checkpoint at `folder`, read tensor by tensor from its safetensors; None when the folder
+    cannot be read here (the model stage says why). What OFT on LLaMA Pro's blocks can train depends on it: a
+    checkpoint `expand` just wrote has them all zero, one whose expanded blocks were trained has not."""
+    from safetensors import SafetensorError, safe_open
+
+    from pipeline.model.weights import shard_files
+
+    wanted = {f"{name}.weight": name for name in projections}
+    found: set[str] = set()
+    try:
+        family = checkpoint_family(json.loads((folder / "config.json").read_text(encoding="utf-8")), folder)
+        for file in shard_files(folder):
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    name = wanted.get(family.from_hf(key))
+                    if name is not None and handle.get_tensor(key).any():
+                        found.add(name)
+    except (UserError, SafetensorError, OSError, ValueError):
+        return None
+    return found
 
 
 def refuse_output(output: Path) -> None:

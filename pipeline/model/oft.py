@@ -165,11 +165,12 @@ def replace_linear_with_oft(model: nn.Module, rank: int = 0, block_size: int = 3
 
 def apply_oft(model: nn.Module, targets: str | Iterable[str] | None = "all", rank: int = 0, block_size: int = 32,
               module_dropout: float = 0.0, additional_targets: str | Iterable[str] | None = None,
-              neumann_terms: int | None = NEUMANN_TERMS) -> list[str]:
+              neumann_terms: int | None = NEUMANN_TERMS, blocks: Iterable[int] | None = None) -> list[str]:
     """Freeze the model and wrap the targeted Linears with OFT (the same targets, by the same rules, as apply_lora;
-    additional_targets train in full); returns their paths."""
+    additional_targets train in full; with `blocks`, use_llama_pro's, only the targets inside them); returns their
+    paths."""
     refuse_conv1d(family_of_model(model))
-    chosen, extra = adapter_targets(model, targets, additional_targets)
+    chosen, extra = adapter_targets(model, targets, additional_targets, blocks)
     model.requires_grad_(False)
     replaced = replace_linear_with_oft(model, rank, block_size, targets=set(chosen), module_dropout=module_dropout,
                                        neumann_terms=neumann_terms)

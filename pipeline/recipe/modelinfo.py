@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.model.config import (GPTConfig, TensorSpec, count_params, read_config, resized_vocab_size,
@@ -29,15 +30,30 @@ def model_info(name_or_path: str | None) -> ModelInfo | None:
     if not name_or_path:
         return None
     try:
-        from pipeline.model.hub import is_hub_id, resolve_model_path
-
-        if is_hub_id(name_or_path):  # only a cached snapshot here: checks and plan never download weights
-            name_or_path = str(resolve_model_path(name_or_path, download=False))
-        cfg = read_config(name_or_path)
+        cfg = read_config(_local(name_or_path))
     except Exception:  # noqa: BLE001 - any failure means "unknown here"; the model stage reports it properly
         return None
     return ModelInfo(config=cfg, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.emb_dim,
                      vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+
+
+def model_folder(name_or_path: str | None) -> Path | None:
+    """The checkpoint folder of a path or cached hub snapshot, for the checks that read its weights; None when there
+    is none here (a preset, a missing path, a snapshot not downloaded)."""
+    if not name_or_path:
+        return None
+    try:
+        folder = Path(_local(name_or_path))
+    except Exception:  # noqa: BLE001 - as model_info: unknown here
+        return None
+    return folder if folder.is_dir() else None
+
+
+def _local(name_or_path: str) -> str:
+    """A hub id as its cached snapshot (checks and plan never download weights); anything else as given."""
+    from pipeline.model.hub import is_hub_id, resolve_model_path
+
+    return str(resolve_model_path(name_or_path, download=False)) if is_hub_id(name_or_path) else name_or_path
 
 
 def scales_past_context(info: ModelInfo, rope_scaling: str | None, cutoff_len: int) -> bool:

@@ -298,7 +298,7 @@ def trainable_blocks(r: Resolved) -> str:
 
     info = model_info(r["model_name_or_path"])
     kind, n = r["finetuning_type"], r["freeze_trainable_layers"]
-    if info is None or kind not in ("freeze", "lora") or (kind == "lora" and not r["use_llama_pro"]):
+    if info is None or kind not in ("freeze", "lora", "oft") or (kind != "freeze" and not r["use_llama_pro"]):
         return ""
     last = info.n_layer - 1
     modules, extra = r["freeze_trainable_modules"], r["freeze_extra_modules"]
@@ -311,7 +311,8 @@ def trainable_blocks(r: Resolved) -> str:
     if not r["use_llama_pro"]:
         return f"trainable blocks: {', '.join(map(str, range(info.n_layer - n, info.n_layer)))} of 0..{last} (the " \
                "last freeze_trainable_layers) and the final norm"
-    what = "LoRA on lora_target inside them" if kind == "lora" else "in full, nothing else"
+    what = {"freeze": "in full, nothing else", "lora": "LoRA on lora_target inside them",
+            "oft": "OFT on lora_target inside them"}[kind]
     return (f"trainable blocks: {', '.join(map(str, llama_pro_blocks(info.n_layer, n)))} of 0..{last} (use_llama_pro:"
             f" the {n} blocks `python -m pipeline expand` inserted; {what})")
 

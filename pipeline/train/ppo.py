@@ -5,7 +5,7 @@
        the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
     -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools)
     -> no-grad passes: the policy's log-probabilities and values, the reference's log-probabilities
-       (the starting model, pipeline.train.preference.starting_reference: the policy with its LoRA adapters
+       (the starting model, pipeline.train.preference.starting_reference: the policy with its LoRA / OFT adapters
        switched off, or a frozen copy under full / freeze)
     -> per-token rewards, GAE advantages and returns (pipeline.model.ppo)
     -> ppo_epochs passes over the rows in a seeded random order, per_device_train_batch_size rows a mini-batch:
@@ -205,7 +205,8 @@ def saved_pad_id(folder: Path, pad_id: int) -> int | None:
 
 
 class ValueHeadExporter(Exporter):
-    """adapter/ as for LoRA, plus value_head.safetensors beside it (LLaMA-Factory's fix_valuehead_checkpoint)."""
+    """adapter/ (LoRA / OFT) or model/ as for sft, plus value_head.safetensors beside it (LLaMA-Factory's
+    fix_valuehead_checkpoint)."""
 
     def filled(self, state: dict[str, Any]) -> Any:
         self._value_head = {k: v for k, v in state.items() if k.startswith("v_head.")}

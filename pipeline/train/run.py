@@ -235,8 +235,9 @@ def exporter_class(r: Any) -> Any:
 
 def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]:
     """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model, the reference
-    (the starting model: the policy with its adapters off under LoRA, a frozen copy under full / freeze, as
-    LLaMA-Factory's create_ref_model), the tokenizer's pad id and the template's stop ids, the decoding keys."""
+    (the starting model: the policy with its adapters off under LoRA / OFT, a frozen copy under full / freeze, as
+    LLaMA-Factory's create_ref_model, which copies under OFT too: the same model), the tokenizer's pad id and the
+    template's stop ids, the decoding keys."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.recipe.args import GenerationArgs, ppo_args, recipe_args
     from pipeline.train.ppo import PPOTrainer, describe, load_reward_model

@@ -213,3 +213,86 @@ def test_expanded_block_ids_are_llama_factorys():
     assert llama_pro_blocks(40, 8) == [4, 9, 14, 19, 24, 29, 34, 39]
     assert [i for i, (_, new) in enumerate(expanded_layout(32, 8)) if new] == [4, 9, 14, 19, 24, 29, 34, 39]
     assert [source for source, _ in expanded_layout(32, 8)][:10] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 7]
+
+
+def blocks_trained(expanded: Path, out: Path) -> Path:
+    """`expanded` as after a use_llama_pro run on its new blocks, merged: their o_proj and down_proj no longer zero
+    (small random values, written by transformers' save_pretrained); the tokenizer files copied."""
+    import shutil
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(expanded)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in EXPANDED_IDS:
+            for name in ZEROED:
+                weight = model.model.layers[i].get_submodule(name.rsplit(".", 1)[0]).weight
+                weight.copy_(0.02 * torch.randn(weight.shape, generator=gen))
+    model.save_pretrained(out)
+    for path in expanded.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(path, out / path.name)
+    return out
+
+
+def lf_oft_targets(model: "torch.nn.Module") -> list[str]:
+    """LLaMA-Factory 0.9.5's OFT targets under use_llama_pro, re-typed: find_all_linear_modules (every Linear's last
+    name but lm_head) for lora_target all, then find_expanded_modules with num_layer_trainable 8 (stride 16 / 8, the
+    module names holding '.{id}.' for an id of range(stride - 1, 16 + stride - 1, stride) and a target)."""
+    linears = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    stride = 16 // 8
+    ids = [f".{i}." for i in range(stride - 1, 16 + stride - 1, stride)]
+    return [n for n, _ in model.named_modules() if any(t in n for t in linears) and any(i in n for i in ids)]
+
+
+def peft_oft(path: Path) -> "torch.nn.Module":
+    """PEFT's OFT as LLaMA-Factory builds it for `lora_target: all` with use_llama_pro (default oft_block_size 32)."""
+    import peft
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    return peft.get_peft_model(model, peft.OFTConfig(r=0, oft_block_size=32, target_modules=lf_oft_targets(model)))
+
+
+def test_oft_on_expanded_blocks_runs_once_their_output_projections_are_trained(tmp_path, checkpoints):
+    """LLaMA-Factory 0.9.5 gives OFT the lora_target modules of the expanded blocks (find_expanded_modules, as for
+    LoRA). OFT rotates a layer's input, so a zero weight stays zero and passes no gradient back: on the checkpoint
+    `expand` wrote every OFT gradient is zero (PEFT), and the recipe is refused at use_llama_pro; once the blocks'
+    o_proj and down_proj are trained every OFT module there gets one (PEFT), plan counts PEFT's trainable numbers,
+    and train's model wraps exactly LLaMA-Factory's modules."""
+    from pipeline.model.adapter import AdapterLinear, family_of_model
+    from pipeline.model.build import build_model
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+
+    _, expanded = checkpoints
+    ids = torch.tensor([[3, 17, 42, 99]])
+
+    def grads(path: Path) -> dict[str, "torch.Tensor"]:
+        model = peft_oft(path)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    assert all(not g.any() for g in grads(expanded).values())
+    oft = dict(finetuning_type="oft", freeze_trainable_layers=8)
+    done = run_main(["validate", str(recipe(tmp_path, expanded, **oft))], tmp_path)
+    assert done.code == 2 and "Traceback" not in done.err
+    assert done.errors == [
+        f"{tmp_path / 'r.yaml'}:7:16: use_llama_pro: is true with finetuning_type oft, but in {expanded} the "
+        "expanded blocks' output projections behind lora_target's modules (o_proj for attention, down_proj for the "
+        "MLP) are zero, as `python -m pipeline expand` writes them: OFT rotates a layer's input, a rotated zero weight "
+        "stays zero and passes no gradient back, so no OFT module would ever train (LLaMA-Factory runs it with a "
+        "grad_norm of 0); train the expanded blocks first (finetuning_type: freeze, or lora, with use_llama_pro) and "
+        "OFT their merged model, or use finetuning_type: lora here"], done.err
+
+    trained = blocks_trained(expanded, tmp_path / "trained")
+    moved = grads(trained)
+    assert len(moved) == 7 * len(EXPANDED_IDS) and all(g.any() for g in moved.values())
+    path = recipe(tmp_path, trained, **oft)
+    plan = run_main(["plan", str(path)], tmp_path).out
+    assert (f"trainable blocks: {', '.join(map(str, EXPANDED_IDS))} of 0..15 (use_llama_pro: the 8 blocks `python -m "
+            "pipeline expand` inserted; OFT on lora_target inside them)") in plan, plan
+    theirs = peft_oft(trained)
+    assert f"{sum(p.numel() for p in theirs.parameters() if p.requires_grad):,} trainable" in plan
+    ours = build_model(*recipe_args(resolve(str(path), command="train")))
+    family = family_of_model(ours)
+    wrapped = {family.to_hf(n) for n, m in ours.named_modules() if isinstance(m, AdapterLinear)}
+    assert wrapped == set(lf_oft_targets(transformers.AutoModelForCausalLM.from_pretrained(trained)))

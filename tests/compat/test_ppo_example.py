@@ -13,7 +13,9 @@ known whatever the order), the policy is the base (LoRA starts at B = 0) and ste
 example's warmup), so: the response is transformers' greedy continuation of the prompt written out in
 LLaMA-Factory's llama3 template, the logged reward is the reward model's score of prompt + response (the base
 with the rm run's adapter, in PEFT), the KL to the reference (the same model) is 0, and the policy loss is 0
-(ratio 1 on whitened advantages of identical rows, whose mean is 0).
+(ratio 1 on whitened advantages of identical rows, whose mean is 0). Full, freeze and OFT policies take the same
+step 1; the OFT run's step-3 KL (the first after its policy moved) is PEFT's: the checkpoint-2 adapter's greedy
+response scored with the adapter on and off.
 """
 from __future__ import annotations
 
@@ -60,18 +62,38 @@ def checkout(tmp_path: Path) -> tuple[Path, Path]:
     return base, work
 
 
-def greedy_sequence(base: Path, prompt: str = PROMPT) -> torch.Tensor:
-    """(1, T): `prompt` written out in LLaMA-Factory's llama3 template + the base's greedy response (transformers),
-    the sequence LLaMA-Factory's PPO scores at step 1 (the policy is its base there)."""
+def prompt_ids(base: Path, prompt: str = PROMPT) -> torch.Tensor:
+    """(1, P): `prompt` written out in LLaMA-Factory's llama3 template, the assistant header included."""
     tok = transformers.AutoTokenizer.from_pretrained(base)
     text = (f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
             "<|start_header_id|>assistant<|end_header_id|>\n\n")  # LLaMA-Factory's llama3 template
-    ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
-    policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    return torch.tensor([tok(text, add_special_tokens=False).input_ids])
+
+
+def greedy_sequence(base: Path, prompt: str = PROMPT, policy: Any = None) -> torch.Tensor:
+    """(1, T): `prompt` in LLaMA-Factory's llama3 template + the greedy response of `policy` (transformers / PEFT;
+    the base by default), the sequence LLaMA-Factory's PPO scores at step 1 (the policy is its base there)."""
+    tok = transformers.AutoTokenizer.from_pretrained(base)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval() if policy is None else policy
     stops = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
     with torch.no_grad():
-        return policy.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=stops,
-                               pad_token_id=tok.eos_token_id)
+        return policy.generate(input_ids=prompt_ids(base, prompt), max_new_tokens=NEW_TOKENS, do_sample=False,
+                               eos_token_id=stops, pad_token_id=tok.eos_token_id)
+
+
+def rollout_kl(base: Path, adapter: Path) -> float:
+    """TRL's KL of a rollout (kl_penalty "kl": the response tokens' summed log p_policy - log p_ref) of the policy
+    `adapter` on the base (PEFT) against the base itself with that adapter off (PEFT's disable_adapter), on its own
+    greedy response to PROMPT: what LLaMA-Factory's PPO logs as objective/kl for rows that all ask PROMPT."""
+    policy = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    sequence = greedy_sequence(base, policy=policy)
+    start = prompt_ids(base).shape[1]
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(sequence).logits[0, start - 1:-1], -1)
+        with policy.disable_adapter():
+            ref = torch.log_softmax(policy(sequence).logits[0, start - 1:-1], -1)
+    tokens = sequence[0, start:, None]
+    return float((logp.gather(-1, tokens) - ref.gather(-1, tokens)).sum())
 
 
 def step_one(base: Path, rm_adapter: Path) -> float:
@@ -156,14 +178,11 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     # finetuning_type, and a full reward model (LLaMA-Factory requires one there). The reference is a frozen copy of
     # the base, so step 1 is the LoRA run's step 1; model/ holds the value head beside the weights, and `merge`'s
     # merged/ loads in transformers and gives our trained model's logits (moved from the base's)
+    policy = ["dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1", "gradient_accumulation_steps=2",
+              "ppo_epochs=1", f"reward_model={tmp_path / 'rm_full'}", "reward_model_type=full", *fast]
     for kind in ("full", "freeze"):
-        recipe = f"examples/train_full/llama3_{kind}_ppo.yaml"
-        lines = (work / PPO).read_text("utf-8").splitlines()
-        (work / recipe).write_text("\n".join(f"finetuning_type: {kind}" if line.startswith("finetuning_type:")
-                                              else line for line in lines if not line.startswith("lora_")) + "\n")
-        tuned = ["max_steps=2", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
-                 "gradient_accumulation_steps=2", "ppo_epochs=1", f"reward_model={tmp_path / 'rm_full'}",
-                 "reward_model_type=full", f"output_dir=saves/{kind}", *fast]
+        recipe = policy_recipe(work, kind)
+        tuned = ["max_steps=2", *policy, f"output_dir=saves/{kind}"]
         done = pipeline("train", recipe, *tuned, cwd=work, timeout=600)
         assert "reference: the starting model (a frozen copy)" in done.stderr, done.stderr
         logged_steps(work / "saves" / kind, 2, log[0]["reward"])
@@ -210,6 +229,36 @@ def same_under_zero3(work: Path, recipe: str, used: list[str], zero0: Path, logi
     with torch.no_grad():
         mine = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()(IDS).logits
     assert_close(logits, mine, rel=1e-5)
+
+    # an OFT policy, as LLaMA-Factory trains one (its get_peft_model's OFT adapter on lora_target, a full reward
+    # model as it requires): the reference is the policy with its adapter off, so step 1 is the LoRA run's again;
+    # step 3's rollout is the policy of checkpoint-2 (step 2 moved it), whose KL against the adapters-off base PEFT
+    # gives; adapter/ is a PEFT OFT adapter with the value head beside it
+    recipe = policy_recipe(work, "oft")
+    tuned = ["max_steps=3", "save_steps=2", "learning_rate=1e-2", *policy, "output_dir=saves/oft"]
+    done = pipeline("train", recipe, *tuned, cwd=work, timeout=600)
+    assert "reference: the starting model (the policy with its adapters switched off)" in done.stderr, done.stderr
+    oft = work / "saves/oft"
+    kl = logged_steps(oft, 3, log[0]["reward"])[2]["kl"]
+    assert kl == pytest.approx(rollout_kl(base, oft / "checkpoint-2/adapter"), abs=1e-5) and abs(kl) > 1e-4, kl
+    assert json.loads((oft / "adapter/adapter_config.json").read_text("utf-8"))["peft_type"] == "OFT"
+    assert set(load_file(oft / "adapter/value_head.safetensors")) == set(head)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                oft / "adapter").eval()(ids).logits
+        assert_close(theirs, trained_model(recipe, work, tuned)(ids))
+        assert not torch.allclose(theirs, transformers.AutoModelForCausalLM.from_pretrained(base)(ids).logits)
+
+
+def policy_recipe(work: Path, kind: str) -> str:
+    """The LoRA example with finetuning_type `kind`: full / freeze drop the LoRA keys, OFT keeps lora_target (the
+    modules LLaMA-Factory's OFT takes) and drops lora_rank."""
+    recipe = f"examples/train_full/llama3_{kind}_ppo.yaml"
+    dropped = "lora_rank" if kind == "oft" else "lora_"
+    lines = (work / PPO).read_text("utf-8").splitlines()
+    (work / recipe).write_text("\n".join(f"finetuning_type: {kind}" if line.startswith("finetuning_type:") else line
+                                          for line in lines if not line.startswith(dropped)) + "\n")
+    return recipe
 
 
 def logged_steps(run: Path, steps: int, reward: float) -> list[dict[str, float]]:

@@ -85,3 +85,25 @@ def test_a_dynamic_dict_without_its_factor_names_file_and_key(tmp_path):
         read_config(tmp_path)
     assert any("rope_scaling.factor is missing or not a number (rope_type dynamic needs it)" in m
                for m in err.value.messages), err.value.messages
+
+
+def test_a_left_padded_batch_past_the_window_equals_transformers(tmp_path):
+    """Two prompts of 10 and 5 tokens, left-padded into one batch, 16 new tokens each (26 positions: past the
+    window of 16). transformers' dynamic_rope_update takes max(position_ids) + 1 over the whole batch, so the short
+    row runs with the frequencies of the long one's length (it answers otherwise alone); generate counts positions
+    over real tokens and does the same, with and without the cache."""
+    path, ref = _checkpoint(tmp_path, "llama")
+    ours = load_model(path).eval()
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in (10, 5)]
+    ids = torch.tensor([prompts[0], [0] * 5 + prompts[1]])
+    mask = (torch.arange(10) >= torch.tensor([[0], [5]])).long()  # transformers' left padding: the same batch
+    with torch.no_grad():
+        expected = {cache: ref.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                        eos_token_id=None, pad_token_id=0, use_cache=cache)[:, 10:].tolist()
+                    for cache in (True, False)}
+        alone = ref.generate(torch.tensor([prompts[1]]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, 5:].tolist()
+    assert alone != expected[True][1]  # the batch's length rescales the short row: what is checked here
+    for cache in (True, False):
+        assert generate(ours, prompts, max_new_tokens=16, eos_id=None, use_cache=cache) == expected[cache], cache

@@ -42,9 +42,20 @@ def test_lora_only_keys_under_oft_and_oft_keys_outside_it_are_refused(write):
     assert errors("l.yaml") == [
         "l.yaml:6:17: oft_block_size: is an OFT setting but finetuning_type is lora; remove it or set "
         "finetuning_type: oft"]
-    for override, key in (("pissa_init=true", "pissa_init"), ("loraplus_lr_ratio=16", "loraplus_lr_ratio"),
-                          ("use_llama_pro=true", "use_llama_pro")):
+    for override, key in (("pissa_init=true", "pissa_init"), ("loraplus_lr_ratio=16", "loraplus_lr_ratio")):
         assert any(f"{key}: " in m and "finetuning_type" in m for m in errors("r.yaml", [override])), override
+
+
+def test_stage_ppo_trains_an_oft_policy_which_eval_finds_as_an_adapter(write):
+    """LLaMA-Factory 0.9.5's PPO trains whatever adapter its get_peft_model made, OFT too (docs/ppo.md); the tuned
+    policy is then an adapter, evaluated through adapter_name_or_path as a LoRA one is."""
+    write("p.yaml", LLAMA + "stage: ppo\nreward_model: saves/rm\n")
+    assert resolve("p.yaml")["finetuning_type"] == "oft"
+    with pytest.raises(UserError) as exc:
+        resolve("p.yaml", command="eval")
+    assert any(m.startswith("p.yaml:6:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned "
+                            "adapter with an sft recipe whose adapter_name_or_path is this run's output_dir")
+               for m in exc.value.messages), exc.value.messages
 
 
 # (what the recipe adds, its one message); the model is the tiny Llama, but where the first line names another

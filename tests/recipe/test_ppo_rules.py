@@ -22,8 +22,6 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO, "train", "r.yaml:6:15: reward_model: 'saves/rm' is neither a local directory nor a cached hub snapshot"),
     ("stage: ppo\nreward_model: saves/llama/rm\n", "train",
      "r.yaml:6:15: reward_model: directory 'saves/llama/rm' not found"),
-    (PPO + "finetuning_type: oft\n", None,
-     "r.yaml:7:18: finetuning_type: given \"oft\" with stage ppo: stage ppo trains a LoRA, full or freeze policy"),
     (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
                                     "response per prompt"),
@@ -37,8 +35,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "finetuning_type: freeze\n", "eval",
      "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned freeze policy "
      "(output_dir/model) with an sft recipe of finetuning_type freeze whose output_dir is this run's"),
-], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "oft", "buffer", "beams",
-        "val_size",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "buffer", "beams", "val_size",
         "ref_model", "api", "outside-ppo", "eval-command", "eval-command-freeze"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
@@ -47,7 +44,8 @@ def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
 
 @pytest.mark.parametrize("kind", ["lora", "full", "freeze"])
 def test_ppo_trains_lora_full_and_freeze_policies(recipe, kind):
-    """As LLaMA-Factory: a LoRA policy, or a full / freeze one beside a frozen copy of the base as its reference."""
+    """As LLaMA-Factory: a LoRA policy, or a full / freeze one beside a frozen copy of the base as its reference (an
+    OFT one: tests/recipe/test_oft_rules.py, on a Llama)."""
     assert resolve(recipe(PPO + f"finetuning_type: {kind}\n"))["finetuning_type"] == kind
 
 

@@ -171,8 +171,8 @@ CASES = [
          [("r.yaml:6:13: pissa_init: is true but stage kto's loss scores against the model with its adapter off, "
            "which under PiSSA is the residual base", "set ref_model to the base checkpoint or remove pissa_init")]),
     Case("freeze key with lora", {"r.yaml": BASE + "freeze_trainable_layers: 1\n"},
-         ["r.yaml:5:26: freeze_trainable_layers: only applies to finetuning_type: freeze (or lora with "
-          "use_llama_pro), but finetuning_type is lora; remove it or set finetuning_type: freeze"]),
+         ["r.yaml:5:26: freeze_trainable_layers: only applies to finetuning_type: freeze (or lora / oft "
+          "with use_llama_pro), but finetuning_type is lora; remove it or set finetuning_type: freeze"]),
     Case("warmup twice", {"r.yaml": BASE + "warmup_ratio: 0.1\nwarmup_steps: 10\n"},
          ["r.yaml:6:15: warmup_steps: warmup_ratio (0.1) and warmup_steps (10) are both set; keep one"]),
     Case("no training length", {"r.yaml": "model_name_or_path: tiny\ndataset: x\nnum_train_epochs: null\n"},

@@ -47,6 +47,7 @@ ORDER = (
     method.pissa_starts_a_lora,
     method.llama_pro_needs_freeze_or_lora,
     method.llama_pro_lora_can_train,
+    method.llama_pro_oft_can_train,
     method.freeze_key_needs_freeze,
     method.freeze_layers_within_model,
     method.freeze_modules_need_freeze,

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.data.args import ROW_FORMS, data_form
 from pipeline.errors import did_you_mean
+from pipeline.names import trains_adapter
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import READS_BUILT_DATA, Context, rebuilt_first, rule
 
@@ -103,11 +104,11 @@ def val_size_fits_data(ctx: Context) -> list[tuple[str, str]]:
 
 
 def _ppo_policy(ctx: Context) -> str:
-    """Where an sft recipe finds a ppo run's tuned policy: a LoRA policy is an adapter (adapter_name_or_path, as
+    """Where an sft recipe finds a ppo run's tuned policy: a LoRA or OFT policy is an adapter (adapter_name_or_path, as
     LLaMA-Factory's); a full / freeze one is output_dir/model (or its merged/), which an sft recipe of that
     finetuning_type with the same output_dir evaluates as its tuned model."""
     kind = ctx.values["finetuning_type"]
-    if kind == "lora":
+    if trains_adapter(kind):
         return "adapter with an sft recipe whose adapter_name_or_path is this run's output_dir"
     return (f"{kind} policy (output_dir/model) with an sft recipe of finetuning_type {kind} whose output_dir is this "
             "run's")

@@ -139,13 +139,45 @@ def pissa_starts_a_lora(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("finetuning_type", "use_llama_pro")
 def llama_pro_needs_freeze_or_lora(ctx: Context) -> list[tuple[str, str]]:
-    """LLaMA Pro trains only the expanded blocks; full trains everything (LLaMA-Factory refuses it too)."""
+    """LLaMA Pro trains only the expanded blocks (freeze: in full; lora / oft: the adapter on lora_target inside
+    them, LLaMA-Factory's find_expanded_modules for either); full trains everything (LLaMA-Factory refuses it too)."""
     kind = ctx.values["finetuning_type"]
-    if ctx.values["use_llama_pro"] and kind not in ("freeze", "lora"):
+    if ctx.values["use_llama_pro"] and kind not in ("freeze", "lora", "oft"):
         return [("use_llama_pro", f"is true but finetuning_type is {kind}; LLaMA Pro trains only the blocks `python "
                                   "-m pipeline expand` inserted: set finetuning_type: freeze (or lora), or remove "
                                   "use_llama_pro")]
     return []
+
+
+@rule("finetuning_type", "use_llama_pro", "lora_target", "model_name_or_path", "freeze_trainable_layers")
+def llama_pro_oft_can_train(ctx: Context) -> list[tuple[str, str]]:
+    """OFT turns a layer's input (W R), so a zero weight stays zero whatever R is and passes no gradient back, to
+    its own rotation or to any module before it. `expand` zeroes the expanded blocks' o_proj and down_proj: an
+    attention module there trains only where its block's o_proj is non-zero in the checkpoint, an MLP one where its
+    down_proj is, which is never so in a checkpoint `expand` just wrote, and becomes so once the blocks were trained
+    (a freeze or LoRA use_llama_pro run's merged model). LLaMA-Factory applies OFT there all the same (a grad_norm of
+    0 for the whole run); refused here when no module lora_target takes would ever move, read from the weights."""
+    v = ctx.values
+    if not (v["use_llama_pro"] and v["finetuning_type"] == "oft"):
+        return []
+    from pipeline.model.expand import ZEROED, nonzero_outputs
+    from pipeline.recipe.modelinfo import model_folder
+
+    targets, folder = expanded_targets(v), model_folder(v["model_name_or_path"])
+    if targets is None or folder is None:
+        return []
+    output = {projection.split(".")[0]: projection for projection in ZEROED}  # self_attn -> self_attn.o_proj
+    behind = {name: ".".join(name.split(".")[:2] + [output[name.split(".")[2]]]) for name in targets}
+    moving = nonzero_outputs(folder, set(behind.values()))
+    if moving is None or not targets or any(behind[name] in moving for name in targets):
+        return []
+    return [("use_llama_pro", f"is true with finetuning_type oft, but in {v['model_name_or_path']} the expanded "
+                              "blocks' output projections behind lora_target's modules (o_proj for attention, "
+                              "down_proj for the MLP) are zero, as `python -m pipeline expand` writes them: OFT "
+                              "rotates a layer's input, a rotated zero weight stays zero and passes no gradient back, "
+                              "so no OFT module would ever train (LLaMA-Factory runs it with a grad_norm of 0); "
+                              "train the expanded blocks first (finetuning_type: freeze, or lora, with "
+                              "use_llama_pro) and OFT their merged model, or use finetuning_type: lora here")]
 
 
 @rule("finetuning_type", "use_llama_pro", "lora_target", "pissa_init", "use_dora", "adapter_name_or_path",
@@ -169,19 +201,9 @@ def llama_pro_lora_can_train(ctx: Context) -> list[tuple[str, str]]:
         return [("use_dora", f"is true with use_llama_pro, but {zeroed}: DoRA divides by each weight's norm, so with "
                              "them the loss is NaN from the first step (PEFT's too), and without them nothing "
                              "trains; remove use_dora")]
-    from pipeline.errors import UserError
-    from pipeline.model.config import llama_pro_blocks, lora_target_modules
     from pipeline.model.expand import ZEROED
-    from pipeline.recipe.modelinfo import model_info
 
-    info = model_info(v["model_name_or_path"])
-    if info is None:
-        return []
-    try:
-        names = [m.name for m in lora_target_modules(info.config, v["lora_target"],
-                                                     llama_pro_blocks(info.n_layer, v["freeze_trainable_layers"]))]
-    except UserError:  # an unknown target, a count that does not divide the blocks: their own rules say so
-        return []
+    names = expanded_targets(v)
     if names and not any(name.endswith(ZEROED) for name in names):
         return [("lora_target", f"given {v['lora_target']!r}, which leaves out the output projections, but {zeroed}: the blocks "
                                 "add nothing to the residual until those move, so LoRA on the other modules gets no "
@@ -189,20 +211,38 @@ def llama_pro_lora_can_train(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
+def expanded_targets(values: Mapping[str, Any]) -> list[str] | None:
+    """The modules (our names) lora_target picks inside use_llama_pro's expanded blocks, as train wraps them; None
+    when the model cannot be read here, or lora_target / freeze_trainable_layers do not fit it (their own rules say
+    so)."""
+    from pipeline.errors import UserError
+    from pipeline.model.config import llama_pro_blocks, lora_target_modules
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(values["model_name_or_path"])
+    if info is None:
+        return None
+    try:
+        return [m.name for m in lora_target_modules(info.config, values["lora_target"],
+                                                    llama_pro_blocks(info.n_layer, values["freeze_trainable_layers"]))]
+    except UserError:
+        return None
+
+
 def counts_blocks(values: Mapping[str, Any]) -> bool:
-    """Whether freeze_trainable_layers means something: under freeze, and under lora with use_llama_pro (the number
-    of expanded blocks, as LLaMA-Factory reads it there)."""
+    """Whether freeze_trainable_layers means something: under freeze, and under lora / oft with use_llama_pro (the
+    number of expanded blocks, as LLaMA-Factory reads it there)."""
     kind = values["finetuning_type"]
-    return kind == "freeze" or (kind == "lora" and bool(values["use_llama_pro"]))
+    return kind == "freeze" or (trains_adapter(kind) and bool(values["use_llama_pro"]))
 
 
 @rule("finetuning_type", "freeze_trainable_layers", "use_llama_pro")
 def freeze_key_needs_freeze(ctx: Context) -> list[tuple[str, str]]:
     kind = ctx.values["finetuning_type"]
     if not counts_blocks(ctx.values) and ctx.set_here("freeze_trainable_layers"):
-        return [("freeze_trainable_layers", f"only applies to finetuning_type: freeze (or lora with use_llama_pro), "
-                                            f"but finetuning_type is {kind}; remove it or set finetuning_type: "
-                                            "freeze")]
+        return [("freeze_trainable_layers", "only applies to finetuning_type: freeze (or lora / oft with "
+                                            f"use_llama_pro), but finetuning_type is {kind}; remove it or set "
+                                            "finetuning_type: freeze")]
     return []
 
 

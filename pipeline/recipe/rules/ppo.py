@@ -1,6 +1,7 @@
 """Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
-full or freeze policy, ZeRO 0-3 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys only under
-stage ppo. reward_model_type api / oft: the schema's x-refused.
+"""Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
+OFT, full or freeze policy, ZeRO 0-3 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys
+only under stage ppo. reward_model_type api / oft: the schema's x-refused.
 """
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ NOT_IMPLEMENTED = {
     "ppo_buffer_size": (lambda v: v != 1, "only 1 (LLaMA-Factory's default) is implemented here: each PPO step "
                         "generates per_device_train_batch_size x gradient_accumulation_steps responses; raise "
                         "gradient_accumulation_steps for a larger batch"),
-    "finetuning_type": (lambda v: v == "oft", "stage ppo trains a LoRA, full or freeze policy here (as "
-                        "LLaMA-Factory); OFT PPO is not implemented: set finetuning_type: lora"),
     "num_beams": (lambda v: v != 1, "stage ppo's rollouts are one response per prompt, sampled or greedy, here; "
                   "beam search is for generate, eval and chat: set num_beams: 1"),
 }
