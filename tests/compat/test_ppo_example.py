@@ -197,6 +197,25 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
         if kind == "full":
             same_under_zero3(work, recipe, tuned, model, theirs)
 
+    # an OFT policy, as LLaMA-Factory trains one (its get_peft_model's OFT adapter on lora_target, a full reward
+    # model as it requires): the reference is the policy with its adapter off, so step 1 is the LoRA run's again;
+    # step 3's rollout is the policy of checkpoint-2 (step 2 moved it), whose KL against the adapters-off base PEFT
+    # gives; adapter/ is a PEFT OFT adapter with the value head beside it
+    recipe = policy_recipe(work, "oft")
+    tuned = ["max_steps=3", "save_steps=2", "learning_rate=1e-2", *policy, "output_dir=saves/oft"]
+    done = pipeline("train", recipe, *tuned, cwd=work, timeout=600)
+    assert "reference: the starting model (the policy with its adapters switched off)" in done.stderr, done.stderr
+    oft = work / "saves/oft"
+    kl = logged_steps(oft, 3, log[0]["reward"])[2]["kl"]
+    assert kl == pytest.approx(rollout_kl(base, oft / "checkpoint-2/adapter"), abs=1e-5) and abs(kl) > 1e-4, kl
+    assert json.loads((oft / "adapter/adapter_config.json").read_text("utf-8"))["peft_type"] == "OFT"
+    assert set(load_file(oft / "adapter/value_head.safetensors")) == set(head)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                                oft / "adapter").eval()(ids).logits
+        assert_close(theirs, trained_model(recipe, work, tuned)(ids))
+        assert not torch.allclose(theirs, transformers.AutoModelForCausalLM.from_pretrained(base)(ids).logits)
+
 
 def same_under_zero3(work: Path, recipe: str, used: list[str], zero0: Path, logits: torch.Tensor) -> None:
     """The full policy's run again under ZeRO 3 on one rank (in this process: no interpreter start) equals the
@@ -229,25 +248,6 @@ def same_under_zero3(work: Path, recipe: str, used: list[str], zero0: Path, logi
     with torch.no_grad():
         mine = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()(IDS).logits
     assert_close(logits, mine, rel=1e-5)
-
-    # an OFT policy, as LLaMA-Factory trains one (its get_peft_model's OFT adapter on lora_target, a full reward
-    # model as it requires): the reference is the policy with its adapter off, so step 1 is the LoRA run's again;
-    # step 3's rollout is the policy of checkpoint-2 (step 2 moved it), whose KL against the adapters-off base PEFT
-    # gives; adapter/ is a PEFT OFT adapter with the value head beside it
-    recipe = policy_recipe(work, "oft")
-    tuned = ["max_steps=3", "save_steps=2", "learning_rate=1e-2", *policy, "output_dir=saves/oft"]
-    done = pipeline("train", recipe, *tuned, cwd=work, timeout=600)
-    assert "reference: the starting model (the policy with its adapters switched off)" in done.stderr, done.stderr
-    oft = work / "saves/oft"
-    kl = logged_steps(oft, 3, log[0]["reward"])[2]["kl"]
-    assert kl == pytest.approx(rollout_kl(base, oft / "checkpoint-2/adapter"), abs=1e-5) and abs(kl) > 1e-4, kl
-    assert json.loads((oft / "adapter/adapter_config.json").read_text("utf-8"))["peft_type"] == "OFT"
-    assert set(load_file(oft / "adapter/value_head.safetensors")) == set(head)
-    with torch.no_grad():
-        theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
-                                                oft / "adapter").eval()(ids).logits
-        assert_close(theirs, trained_model(recipe, work, tuned)(ids))
-        assert not torch.allclose(theirs, transformers.AutoModelForCausalLM.from_pretrained(base)(ids).logits)
 
 
 def policy_recipe(work: Path, kind: str) -> str:
