@@ -27,6 +27,7 @@ special tokens as training did. For full/freeze runs merge is a re-export of out
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -629,9 +630,45 @@ def _split(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> list[bytes]:
     return parts
 
 
+# hf_tokenizer_files' text, kept beside the offline ranks file it was rebuilt from (named after the pinned ranks'
+# sha256 and the file's format: a change to either is a new name, never a stale file)
+GPT2_HF_FILES = ("vocab.json", "merges-v0.2.txt")
+
+
 @functools.lru_cache(maxsize=1)
 def hf_tokenizer_files() -> tuple[str, str]:
-    """(vocab.json, merges.txt) text of GPT-2's tokenizer, rebuilt from the offline tiktoken ranks."""
+    """(vocab.json, merges.txt) text of GPT-2's tokenizer, rebuilt from the offline tiktoken ranks the first time
+    and then read back from beside them: the rebuild runs BPE on each of 50,000 tokens (about a CPU-second, in every
+    GPT-2 merge and every full or freeze GPT-2 run's export), and its result is a function of the pinned ranks
+    alone. Nothing is kept without the offline ranks file (tiktoken's download), or where it cannot be written."""
+    from pipeline.data.tokenizer import RANKS_SHA256, ranks_path
+
+    kept = ranks_path().with_name(f"gpt2-hf-{RANKS_SHA256[:16]}")
+    paths = [kept / name for name in GPT2_HF_FILES]
+    with contextlib.suppress(OSError):
+        vocab, merges = (path.read_text(encoding="utf-8") for path in paths)
+        return vocab, merges
+    vocab, merges = _rebuild_hf_tokenizer_files()
+    if ranks_path().is_file():
+        with contextlib.suppress(OSError):  # a read-only cache: rebuilt in the next process too
+            kept.mkdir(exist_ok=True)
+            for path, text in zip(paths, (vocab, merges)):
+                _keep(path, text)
+    return vocab, merges
+
+
+def _keep(path: Path, text: str) -> None:
+    """`text` into `path` under a temporary name, then renamed: a process reading meanwhile (another rank, a merge
+    beside) finds the whole file or none. No fsync, unlike pipeline.io's writes: a file lost to a crash is only
+    rebuilt."""
+    part = path.with_name(f"{path.name}.{os.getpid()}.part")
+    part.write_text(text, encoding="utf-8")
+    os.replace(part, path)
+
+
+def _rebuild_hf_tokenizer_files() -> tuple[str, str]:
+    """hf_tokenizer_files' text from the ranks: vocab.json maps each token's bytes (as GPT-2's byte-to-unicode
+    characters) to its rank; merges.txt lists, in rank order, the two parts whose merge makes each token."""
     from pipeline.data.tokenizer import GPT2_EOS, gpt2
     from pipeline.data.tokenizer_files import bytes_to_unicode
 

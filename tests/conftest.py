@@ -34,6 +34,22 @@ def _one_share_of_the_cores() -> None:
 _one_share_of_the_cores()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Once per run (in xdist's controller, before the workers start): the project's modules byte-compiled.
+
+    Why: with PYTHONDONTWRITEBYTECODE set (as in the environment CI ran in) no process writes __pycache__, so each
+    of the suite's hundreds of `python -m pipeline` subprocesses compiled every module it imports from source:
+    measured 0.2-0.6 CPU-s a process (validate 0.62 -> 0.51 user+sys, a tiny one-rank train 4.4 -> 4.0).
+    compileall writes regardless of the variable; Python ignores a .pyc older than its source, so an edit made
+    meanwhile still runs as edited."""
+    if hasattr(config, "workerinput") or not sys.dont_write_bytecode:
+        return  # a worker (the controller compiled), or every process writes its own .pyc anyway
+    import compileall
+
+    for folder in ("pipeline", "tests", "bench"):
+        compileall.compile_dir(REPO / folder, quiet=1)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO

@@ -244,6 +244,31 @@ def test_tokenizer_files_make_gpt2s_tokenizer(tmp_path):
     assert tok.eos_token_id == 50256 and tok.model_max_length == 128
 
 
+def test_gpt2s_rebuilt_tokenizer_files_are_kept_beside_the_ranks_and_read_back(tmp_path, monkeypatch):
+    """The rebuild (BPE over 50,000 tokens) runs once per ranks file; later processes read its result back.
+    That the text is GPT-2's tokenizer: test_tokenizer_files_make_gpt2s_tokenizer (transformers vs tiktoken)."""
+    from pipeline.data.tokenizer import ranks_path
+
+    ranks = tmp_path / "gpt2.tiktoken"
+    shutil.copyfile(ranks_path(), ranks)
+    monkeypatch.setenv("PIPELINE_GPT2_RANKS", str(ranks))
+    merge.hf_tokenizer_files.cache_clear()  # a later process: nothing in memory
+    try:
+        rebuilt = merge.hf_tokenizer_files()
+        (kept,) = tmp_path.glob("gpt2-hf-*")
+        assert sorted(p.name for p in kept.iterdir()) == ["merges-v0.2.txt", "vocab.json"]  # no part file left
+        merge.hf_tokenizer_files.cache_clear()
+
+        def no_rebuild() -> None:
+            raise AssertionError("rebuilt although kept")
+
+        monkeypatch.setattr(merge, "_rebuild_hf_tokenizer_files", no_rebuild)
+        assert merge.hf_tokenizer_files() == rebuilt
+        assert rebuilt[1].startswith("#version: 0.2\nĠ t\n") and len(rebuilt[1].splitlines()) == 50001
+    finally:
+        merge.hf_tokenizer_files.cache_clear()
+
+
 def test_generation_config_carries_the_recipes_repetition_penalty():
     """repetition_penalty applies to greedy decoding too (transformers' generate reads it from generation_config.json);
     a recipe's explicit 1.0 overrides a base checkpoint's own penalty (Qwen2.5-Instruct ships 1.05)."""

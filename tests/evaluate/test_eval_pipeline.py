@@ -370,7 +370,7 @@ def test_train_zero3_then_merge_then_eval_agree(tmp_path, monkeypatch):
     import shutil
 
     shutil.rmtree(out / "merged")
-    E.run(r)
+    E.run(resolve_run(recipe, "max_eval_samples=2", "eval_base=false"))  # the base's loss: the run above
     adapter_metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert "adapter" in adapter_metrics["tuned_model"]
     assert adapter_metrics["results"]["tuned"]["loss"] == pytest.approx(final_eval_loss, rel=1e-5)
