@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from pipeline.model.config import (GPTConfig, TensorSpec, count_params, read_config, resized_vocab_size,
+from pipeline.model.config import (GPTConfig, TensorSpec, built_params, read_config, resized_vocab_size,
                                    trainable_tensors)
 
 
@@ -82,12 +82,13 @@ def recipe_tensors(values: Mapping[str, Any], info: ModelInfo) -> tuple[GPTConfi
 
 
 def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] | None:
-    """(total parameters, trainable parameters) for the recipe's fine-tuning type, or None if unknown."""
+    """(total parameters, trainable parameters) of the model the recipe's fine-tuning type builds (an adapter's own
+    tensors included), or None if unknown."""
     found = recipe_tensors(values, info)
     if found is None:
         return None
     cfg, tensors = found
-    return int(count_params(cfg)), sum(t.numel for t in tensors)
+    return built_params(cfg, tensors), sum(t.numel for t in tensors)
 
 
 def _new_tokens_tokenizer(values: Mapping[str, Any]) -> Any:
