@@ -375,6 +375,13 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(m.params for m in layout(cfg) if not (m.name == "lm_head" and cfg.tie_weights))
 
 
+def built_params(cfg: ModelConfig, trained: Iterable["TensorSpec"]) -> int:
+    """Parameters of the model train builds: the base's distinct ones (count_params) plus the `trained` tensors an
+    adapter adds (LoRA's A and B, DoRA's magnitudes, OFT's blocks: TensorSpec.adapter); additional_target modules
+    are the base's own, trained in place, so they add nothing."""
+    return count_params(cfg) + sum(t.numel for t in trained if t.adapter)
+
+
 def lora_candidates(names: Iterable[str]) -> list[str]:
     """Linear modules that may take LoRA: all but the output heads (PEFT would not export them as base layers; a
     reward model's score trains in full, PEFT's modules_to_save for SEQ_CLS)."""

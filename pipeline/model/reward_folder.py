@@ -12,7 +12,8 @@ Three forms, the first two as transformers / PEFT score them, the last as LLaMA-
   the last attended token (train/ppo/trainer.py get_rewards: `values.gather(-1, attention_mask.sum(-1) - 1)`).
 
 A folder of another model than the policy's (a LoRA reward adapter must sit on the policy's base: its head is then as
-wide as the policy's hidden size) and a value head of the wrong size are refused here, at the recipe's key.
+wide as the policy's hidden size; a full reward model reads the policy's token ids, so its vocabulary holds every id
+of the policy's tokenizer) and a value head of the wrong size are refused here, at the recipe's key.
 """
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ class RewardSource:
         return "value head (LLaMA-Factory's)" if self.value_head else "score head"
 
 
-def reward_source(folder: Path, kind: str, hidden: int | None) -> RewardSource:
+def reward_source(folder: Path, kind: str, hidden: int | None, vocab: int | None = None) -> RewardSource:
     """The reward model in `folder` (pipeline.recipe.resolve.reward_folder finds it) under reward_model_type `kind`,
-    checked against the policy's hidden size `hidden` (None: unknown here, not checked): a UserError whose messages
-    start with 'reward_model: '."""
+    checked against the policy's hidden size `hidden` and its tokenizer's number of ids `vocab` (None: unknown here,
+    not checked): a UserError whose messages start with 'reward_model: '."""
     if kind == "lora":
         scored = _adapter_config(folder).get("task_type") == "SEQ_CLS"
         head_width = _score_width(folder) if scored else None
@@ -50,6 +51,7 @@ def reward_source(folder: Path, kind: str, hidden: int | None) -> RewardSource:
         from pipeline.model.config import read_config
 
         config = read_config(folder)
+        _check_vocabulary(folder, config.vocab_size, vocab)
         scored, hidden, head_width = bool(config.num_labels), config.emb_dim, None
         what = "a language model (no score head)"
     source = RewardSource(folder, None if scored else folder / V_HEAD_WEIGHTS)
@@ -67,6 +69,20 @@ def reward_source(folder: Path, kind: str, hidden: int | None) -> RewardSource:
                         f"but {where} has {hidden}: a reward model of another base model; train it on "
                         "model_name_or_path, or give a full reward model folder (reward_model_type: full)")
     return source
+
+
+def _check_vocabulary(folder: Path, rows: int, vocab: int | None) -> None:
+    """A full reward model of `rows` embedding rows is given the policy's token ids as they are (ids up to `vocab`,
+    the policy tokenizer's; pipeline.train.ppo.PPOTrainer.rollout, as LLaMA-Factory 0.9.5's get_rewards feeds the
+    policy's input_ids to the reward model): fewer rows are another tokenizer, and the first id past them would stop
+    the run at its first reward with an index error."""
+    if vocab is not None and rows < vocab:
+        raise UserError(f"reward_model: {folder}: its vocabulary has {rows:,} token ids (vocab_size in config.json), "
+                        f"expected at least the {vocab:,} of the policy's tokenizer: a reward model of another base "
+                        "model. It is given the policy's token ids as they are, so it must share the policy's "
+                        "tokenizer (LLaMA-Factory requires that too: its PPO feeds the policy's token ids to the "
+                        "reward model); train the reward model (stage rm) on model_name_or_path or a model of its "
+                        "family, or set reward_model_type: lora with an adapter trained on model_name_or_path")
 
 
 def _json(path: Path) -> dict:

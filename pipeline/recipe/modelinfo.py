@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.model.config import (GPTConfig, TensorSpec, count_params, read_config, resized_vocab_size,
+from pipeline.model.config import (GPTConfig, TensorSpec, built_params, read_config, resized_vocab_size,
                                    trainable_tensors)
 
 
@@ -98,26 +98,37 @@ def recipe_tensors(values: Mapping[str, Any], info: ModelInfo) -> tuple[GPTConfi
 
 
 def param_counts(values: Mapping[str, Any], info: ModelInfo) -> tuple[int, int] | None:
-    """(total parameters, trainable parameters) for the recipe's fine-tuning type, or None if unknown."""
+    """(total parameters, trainable parameters) of the model the recipe's fine-tuning type builds (an adapter's own
+    tensors included), or None if unknown."""
     found = recipe_tensors(values, info)
     if found is None:
         return None
     cfg, tensors = found
-    return int(count_params(cfg)), sum(t.numel for t in tensors)
+    return built_params(cfg, tensors), sum(t.numel for t in tensors)
 
 
 def _new_tokens_tokenizer(values: Mapping[str, Any]) -> Any:
     """The recipe's tokenizer with its tokens added, when it adds some and the tokenizer is here (else None: then
     the counts are the checkpoint's vocabulary, as far as it is known)."""
+    from pipeline.data.added_tokens import TokenNames
+
+    try:
+        return available_recipe_tokenizer(values) if TokenNames.of(values) else None
+    except Exception:  # noqa: BLE001 - a malformed token key: the rules report it
+        return None
+
+
+def available_recipe_tokenizer(values: Mapping[str, Any]) -> Any:
+    """The recipe's tokenizer (tokenizer_name_or_path, else model_name_or_path's) with its added tokens, when its
+    files are here (pipeline.data.model_tokenizer.available_tokenizer); None otherwise (a preset without tokenizer, a
+    model not produced or downloaded yet: the rules and the model stage report those)."""
     from types import SimpleNamespace
 
-    from pipeline.data.added_tokens import TOKEN_KEYS, TokenNames
+    from pipeline.data.added_tokens import TOKEN_KEYS
     from pipeline.data.model_tokenizer import available_tokenizer
 
     keys = ("model_name_or_path", "tokenizer_name_or_path", *TOKEN_KEYS)  # what a tokenizer source reads
     try:
-        if not TokenNames.of(values):
-            return None
         return available_tokenizer(SimpleNamespace(**{key: values.get(key) for key in keys}))
-    except Exception:  # noqa: BLE001 - e.g. a preset without tokenizer: the rules and the model stage report it
+    except Exception:  # noqa: BLE001 - any failure means "unknown here"
         return None

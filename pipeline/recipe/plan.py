@@ -3,7 +3,7 @@
 Torch is never imported: the parameter counts come from pipeline.model.config's torch-free layout.
 
 Memory per rank (bytes; w = 2 with bf16/fp16/pure_bf16 (a LoRA / OFT adapter's own weights 4 there), else 4;
-P = all parameters, T = trainable ones, N = world size):
+P = all parameters of the model train builds, an adapter's own included, T = trainable ones, N = world size):
     parameters   P * w                      ZeRO-3: / N;   offload_param: moved to CPU
     gradients    T_g * w                    ZeRO-2/3: / N;  ZeRO-1/2: + the reduce bucket's staging buffer,
                                             reduce_bucket_size * w (DeepSpeed allocates it whole, per rank);
@@ -39,12 +39,13 @@ P = all parameters, T = trainable ones, N = world size):
                  sft's use_asft_loss: the logits 3 times (the policy's log-softmax and the reference's softmax,
                                             both kept for the backward, and the KL's per-token terms)
     reference    stage dpo / kto / ppo, or sft's use_asft_loss, with a frozen reference copy (full / freeze, or
-                                            ref_model): its parameters * w,
+                                            ref_model): its parameters * w; LoRA / OFT: the kept starting copies
+                                            of the additional_target modules (the adapters-off policy is the rest),
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
     reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params)
     rollout      stage ppo: 2*L*b*kv*(s + max_new_tokens)*d * w, the decoding KV cache of a micro-batch
-                                            (kv key/value heads of d numbers);   ZeRO-3: + P * w and a LoRA
-                                            adapter's weights, the policy gathered whole for decoding (rollout_bytes)
+                                            (kv key/value heads of d numbers);   ZeRO-3: + P * w (pure_bf16: an
+                                            adapter's in fp32), the policy gathered whole for decoding (rollout_bytes)
 with s = cutoff_len, b = per_device_train_batch_size (stage dpo: 2x, the chosen and the rejected sequences of a
 pair go through one forward), h = width, a = heads, L = layers, V = vocabulary (50,257 for GPT-2, 128,256 for
 Llama 3, 151,936 for Qwen).
@@ -63,7 +64,7 @@ from pipeline.recipe.args import data_args
 from pipeline.recipe import Resolved, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
-from pipeline.model.config import ModelConfig, TensorSpec, count_params
+from pipeline.model.config import ModelConfig, TensorSpec, built_params, count_params
 from pipeline.recipe.modelinfo import model_info, recipe_tensors, scales_past_context
 from pipeline.recipe.text import format_table
 from pipeline.names import split_names, trains_adapter, uses_reference
@@ -93,10 +94,10 @@ def estimate_memory(r: Resolved) -> Memory | None:
     from pipeline.model.optimizer_state import with_gradients
     from pipeline.recipe.precision import compute_bytes
 
-    cfg, tensors = found
+    cfg, found_tensors = found
     head = value_head_tensors(r, cfg)
-    tensors, base = tensors + head, count_params(cfg)
-    total, trainable = base + sum(t.numel for t in head), sum(t.numel for t in tensors)
+    tensors = found_tensors + head
+    total, trainable = built_params(cfg, tensors) + sum(t.numel for t in head), sum(t.numel for t in tensors)
     ds = r.ds_config
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
@@ -126,15 +127,14 @@ def estimate_memory(r: Resolved) -> Memory | None:
     else:  # recomputation per block: each block's input is kept, and one block's activations at a time
         activations = L * s * b * h * w + per_block + s * b * V * 4
     gpu = {"parameters": params, "gradients": grads, "optimizer": optim, "activations": activations}
-    reference = reference_params(r, base)  # a copy of the model without ppo's value head
+    reference = reference_params(r, count_params(cfg), found_tensors)  # without ppo's value head or an adapter
     if reference:
         gpu["reference"] = reference * w / (world if stage == 3 else 1)
     reward = reward_model_params(r, cfg)
     if reward:  # a plain module on every rank: neither ZeRO-3 partitioned nor offloaded
         gpu["reward_model"] = reward * compute_bytes(r)
     if r["stage"] == "ppo":  # under ZeRO 3 the whole policy is gathered for decoding, its adapter's weights too
-        whole = total * w + sum(t.numel * width(r, t, w) for t in tensors if t.adapter)
-        gpu["rollout"] = rollout_bytes(r, cfg, s, whole if stage == 3 else 0)
+        gpu["rollout"] = rollout_bytes(r, cfg, s, total * w + upcast if stage == 3 else 0)
     cpu: dict[str, float] = {}
     if stage == 3 and _offloaded(zero, "offload_param"):
         for key in ("parameters", "reference"):
@@ -178,17 +178,21 @@ def width(r: Resolved, tensor: TensorSpec, w: int) -> int:
     return {"fp32": 4, "bf16": 2}[trained_dtype(r, tensor.adapter)] if r["pure_bf16"] else w
 
 
-def reference_params(r: Resolved, total: int) -> int:
+def reference_params(r: Resolved, total: int, trained: list[TensorSpec]) -> int:
     """Parameters of the frozen reference copy of stage dpo / kto / ppo and of sft's use_asft_loss
     (pipeline.train.preference.starting_reference): ref_model's (its ref_model_adapters are folded into its weights:
-    no parameters of their own), or the policy's own for full / freeze; 0 without one (orpo / simpo, or LoRA's
-    adapters-off reference)."""
+    no parameters of their own), or the base's `total` for full / freeze; for LoRA / OFT, whose reference is the
+    policy with its adapters off, the copies of the modules trained in full beside the adapter that it keeps as they
+    start (pipeline.model.lora.keep_starting_modules: the `trained` tensors that are not the adapter's); 0 without
+    a reference (orpo / simpo)."""
     if not (uses_reference(r["stage"], r["pref_loss"], r["use_asft_loss"]) or r["stage"] == "ppo"):
         return 0
     if r["ref_model"] is not None:
         info = model_info(r["ref_model"])
         return int(count_params(info.config)) if info is not None else total
-    return total if not trains_adapter(r["finetuning_type"]) else 0
+    if trains_adapter(r["finetuning_type"]):
+        return sum(t.numel for t in trained if not t.adapter)
+    return total
 
 
 def value_head_tensors(r: Resolved, cfg: ModelConfig) -> list[TensorSpec]:

@@ -2,6 +2,8 @@
 key with the reason, the ppo keys only under stage ppo; val_size derived 0 (PPO evaluates nothing)."""
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pipeline.errors import UserError
@@ -99,3 +101,75 @@ def test_a_lora_policy_training_whole_modules_is_refused_under_zero3(recipe):
                                         "reference"):
         preflight(r)
     preflight(resolve(recipe(PPO + "zero_stage: 3\n")))  # without them: trains
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """The policy's base (a tiny Llama of 384 token ids, its tokenizer beside it) and reward models saved as
+    transformers / PEFT save them: full ones of its vocabulary, of a padded one (448 rows, the same tokenizer), of
+    another (300 ids); SEQ_CLS LoRA adapters on its base and on another base as wide (MLP 48 wide, not 64)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("ppo_bases")
+    write_hf_checkpoint(root / "llama", "llama", small_vocab=True)
+    config = transformers.AutoConfig.from_pretrained(root / "llama", num_labels=1)
+    def reward_model(**keys: Any) -> Any:
+        return transformers.LlamaForSequenceClassification(type(config)(**{**config.to_dict(), **keys}))
+
+    reward_model().save_pretrained(root / "rm_full")
+    reward_model(vocab_size=448).save_pretrained(root / "rm_padded")
+    reward_model(vocab_size=300, bos_token_id=None, eos_token_id=None).save_pretrained(root / "rm_other_vocab")
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj", "down_proj"])
+    peft.get_peft_model(reward_model(), lora).save_pretrained(root / "rm_lora")
+    peft.get_peft_model(reward_model(intermediate_size=48), lora).save_pretrained(root / "rm_lora_other")
+    return root
+
+
+def ppo_recipe(write, bases, reward: str, kind: str) -> str:
+    """A LoRA ppo recipe on the tiny Llama, reward_model on line 5; its dataset's rows built (validate reads them)."""
+    write("datasets/build/d/manifest.json", {
+        "schema_version": 1, "name": "d", "stage": "sft", "sources": [], "rows_read": 8, "rows_kept": 8,
+        "removed": {}, "splits": {"train": 8, "val": 0}})
+    return write("r.yaml", f"model_name_or_path: {bases / 'llama'}\ndataset: d\ntemplate: default\nstage: ppo\n"
+                           f"reward_model: {bases / reward}\nreward_model_type: {kind}\n")
+
+
+@pytest.mark.parametrize("reward, kind, said", [
+    ("rm_other_vocab", "full", "its vocabulary has 300 token ids (vocab_size in config.json), expected at least the "
+                               "384 of the policy's tokenizer"),
+    ("rm_lora_other", "lora", "has shape [2, 48] but"),
+    ("rm_full", "full", None), ("rm_padded", "full", None), ("rm_lora", "lora", None),
+], ids=["full-other-vocabulary", "lora-other-base", "full", "full-padded-vocabulary", "lora"])
+@pytest.mark.parametrize("command", ["validate", "plan", "train"])
+def test_a_reward_model_of_another_base_stops_at_its_line(write, bases, reward, kind, said, command):
+    """It went on: a full reward model of a smaller vocabulary stopped the run at its first reward with an index
+    error (the responses' ids index its embedding), a LoRA adapter of another base as wide when its tensors loaded.
+    Golden: the sizes the fixtures were saved with (300 and 384 ids; down_proj's LoRA A of rank 2 over 48 inputs
+    where the policy's has 64). A larger vocabulary (a padded one of the same tokenizer) is not refused."""
+    path = ppo_recipe(write, bases, reward, kind)
+    try:
+        found = resolve(path, command=command).values and []
+    except UserError as err:
+        found = err.messages
+    mine = [m for m in found if "reward_model" in m]
+    if said is None:
+        assert mine == [], mine
+    else:
+        assert len(mine) == 1 and mine[0].startswith("r.yaml:5:15: reward_model: ") and said in mine[0], found
+
+
+def test_validate_refuses_a_reward_model_of_another_vocabulary_as_typed(write, bases, tmp_path):
+    """`python -m pipeline validate` as a user types it: exit 2, one error at the reward_model line saying what was
+    given (300 ids), what was expected (the policy tokenizer's 384) and what to do, no traceback."""
+    from tests.acceptance.harness import refused
+
+    stderr = refused("validate", ppo_recipe(write, bases, "rm_other_vocab", "full"), cwd=tmp_path)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    assert errors[0].startswith(f"error: r.yaml:5:15: reward_model: {bases / 'rm_other_vocab'}: its vocabulary has "
+                                "300 token ids (vocab_size in config.json), expected at least the 384 of the policy's "
+                                "tokenizer"), errors
+    assert "LLaMA-Factory requires that too" in errors[0] and "train the reward model (stage rm) on " \
+        "model_name_or_path" in errors[0], errors

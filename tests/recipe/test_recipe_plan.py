@@ -58,8 +58,10 @@ def test_memory_lora_bf16(write):
     write("r.yaml", RECIPE + "bf16: true\n")
     mem = estimate_memory(resolve("r.yaml"))
     assert mem.params_trainable == TINY_LORA_8
-    # bf16 weights; gradients in bf16; Adam m, v and fp32 master copy: 12 bytes per trainable parameter
-    assert mem.gpu == {"parameters": TINY_PARAMS * 2, "gradients": TINY_LORA_8 * 2,
+    # bf16 weights (the base's and the adapter's); gradients in bf16; Adam m, v and fp32 master copy: 12 bytes per
+    # trainable parameter
+    assert mem.params_total == TINY_PARAMS + TINY_LORA_8  # the adapter's own weights are parameters of the model
+    assert mem.gpu == {"parameters": (TINY_PARAMS + TINY_LORA_8) * 2, "gradients": TINY_LORA_8 * 2,
                        "optimizer": TINY_LORA_8 * 12 + TINY_LORA_TENSORS * STEP, "activations": round(ACT_PER_BYTE * 2 + LOGITS)}
 
 
@@ -67,8 +69,9 @@ def test_memory_qwen3_preset_counts_gqa_swiglu_and_the_152k_head(write):
     """qwen3-0.6b: 28 blocks, width 1024, 16 query heads and 8 key/value heads of 128, SwiGLU 3072, vocab 151,936."""
     write("r.yaml", RECIPE.replace("tiny", "qwen3-0.6b") + "bf16: true\nlora_target: [q_proj, v_proj]\n")
     mem = estimate_memory(resolve("r.yaml"))
-    assert mem.params_total == 596_049_920  # Qwen3-0.6B's published size (0.44B without the embedding)
-    assert mem.params_trainable == 28 * 8 * ((1024 + 2048) + (1024 + 1024))
+    lora = 28 * 8 * ((1024 + 2048) + (1024 + 1024))
+    assert mem.params_total == 596_049_920 + lora  # Qwen3-0.6B's published size (0.44B without the embedding)
+    assert mem.params_trainable == lora
     s, b, h, q, kv, f = 128, 8, 1024, 2048, 1024, 3072
     per_token = (2 * h + 2 * q + 4 * kv + 2 * q + h) + (2 * h + 8 * f + h) + 4 * h  # attention, SwiGLU, norms
     block = s * b * per_token + 5 * 16 * s * s * b  # bf16: 2 bytes per value
@@ -88,7 +91,7 @@ def test_memory_lora_pure_bf16(write, stage):
     write("r.yaml", RECIPE + f"pure_bf16: true\nzero_stage: {stage}\n")
     r = resolve("r.yaml")
     mem = estimate_memory(r)
-    assert mem.gpu["parameters"] == (TINY_PARAMS - TINY_LORA_8) * 2 + TINY_LORA_8 * 4
+    assert mem.gpu["parameters"] == TINY_PARAMS * 2 + TINY_LORA_8 * 4  # the base bf16 beside the fp32 adapter
     assert mem.gpu["optimizer"] == TINY_LORA_8 * 8 + TINY_LORA_TENSORS * STEP
     bucket = r.ds_config["zero_optimization"]["reduce_bucket_size"] * 4 if stage else 0
     assert mem.gpu["gradients"] == TINY_LORA_8 * 4 + bucket
@@ -136,7 +139,7 @@ def test_plan_output_has_every_section(write, manifest):
     assert any(line.split() == ["seed", "3", "cli"] for line in text.splitlines())
     assert any(line.split()[:3] == ["model_name_or_path", '"tiny"', "r.yaml:1"] for line in text.splitlines())
     assert "floor(floor(100 / (8 x 1)) / 1)" in text  # steps per epoch explained with the numbers
-    assert f"{TINY_PARAMS:,} total, {TINY_LORA_8:,} trainable" in text
+    assert f"{TINY_PARAMS + TINY_LORA_8:,} total, {TINY_LORA_8:,} trainable" in text
 
 
 def test_validate_and_plan_do_not_import_torch(write, manifest, tmp_path):
@@ -211,5 +214,5 @@ def test_memory_counts_what_new_special_tokens_train(write, keys, vocab, trained
     write("r.yaml", RECIPE + keys)
     mem = estimate_memory(resolve("r.yaml"))
     head = 64 if "stage: rm" in keys else 0  # rm: a score head (1 x 64); the LM head was the tied embedding
-    assert mem.params_total == TINY_PARAMS + (vocab - 50257) * 64 + head
+    assert mem.params_total == TINY_PARAMS + (vocab - 50257) * 64 + head + TINY_LORA_8
     assert mem.params_trainable == TINY_LORA_8 + trained

@@ -97,6 +97,40 @@ def test_plan_trains_the_value_head_beside_the_policy(folder):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ppo.params_trainable
 
 
+SFT = {"stage": "sft", "reward_model": None, "reward_model_type": "lora"}
+
+
+@pytest.mark.parametrize("keys", [
+    SFT, {**SFT, "additional_target": "norm"}, {**SFT, "use_dora": True},
+    {**SFT, "finetuning_type": "oft", "oft_block_size": 8}, {}, {"additional_target": "norm"},
+], ids=["lora", "lora-additional_target", "dora", "oft", "ppo-lora", "ppo-lora-additional_target"])
+def test_plan_counts_the_parameters_train_builds(folder, keys):
+    """plan's `parameters` row left out the adapter's own weights (30,880 total where train builds 39,072 for this
+    LoRA). Golden: the model train builds from the same recipe (ppo: its value head attached as train attaches it),
+    its parameters and the trainable ones counted by torch, their fp32 bytes for the `parameters` memory row; and
+    the reference a LoRA policy keeps beside it, the starting copies of its additional_target modules
+    (lora.keep_starting_modules, as the adapters-off reference of stage ppo / dpo keeps them)."""
+    from pipeline.model.build import build_model
+    from pipeline.model.lora import keep_starting_modules
+    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.plan import estimate_memory
+    from pipeline.train.ppo import attach_value_head
+
+    r = recipe(folder, "lora", **keys)
+    model = build_model(*recipe_args(r), dtype=torch.float32)
+    if r["stage"] == "ppo":
+        attach_value_head(model, 0)
+    params = list(model.parameters())
+    mem = estimate_memory(r)
+    assert mem.params_total == sum(p.numel() for p in params)
+    assert mem.params_trainable == sum(p.numel() for p in params if p.requires_grad)
+    assert mem.gpu["parameters"] == sum(p.numel() * p.element_size() for p in params)
+    keep_starting_modules(model)
+    kept = {id(p): p for module in model._lora_starting.values() for p in module.parameters()}
+    reference = sum(p.numel() * p.element_size() for p in kept.values()) if r["stage"] == "ppo" else 0
+    assert mem.gpu.get("reference", 0) == reference
+
+
 class RecordedCache:
     """Every KV cache generate makes (pipeline.model.generate.KVCache, wrapped): the buffers it allocated."""
 

@@ -196,12 +196,14 @@ def adapter_fits_model(ctx: Context) -> list[tuple[str, str]]:
                                                           ctx.values["model_name_or_path"])
 
 
-def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str) -> list[tuple[str, str]]:
+def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str,
+                           advice: str | None = None) -> list[tuple[str, str]]:
     """One message when the LoRA or OFT tensors of adapter folder `adapter` (recipe key `key`) do not fit the linear
-    layers of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, and the two
-    hidden sizes when they tell. Read from the safetensors headers alone (no tensor data) and adapter_config.json;
-    skipped (an empty list) where either is not on disk as a safetensors checkpoint, or the adapter is neither (its
-    load says what is wrong with it then)."""
+    layers of checkpoint `model` (recipe key `model_key`): the first mismatching tensor with both shapes, the two
+    hidden sizes when they tell, and `advice` (what to do; by default: the model the adapter was trained on, or a new
+    adapter). Read from the safetensors headers alone (no tensor data) and adapter_config.json; skipped (an empty
+    list) where either is not on disk as a safetensors checkpoint, or the adapter is neither (its load says what is
+    wrong with it then)."""
     from pipeline.model.lora import ADAPTER_WEIGHTS
 
     folders = [_local_folder(name, k) for name, k in ((adapter, key), (model, model_key))]
@@ -228,9 +230,9 @@ def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str) -
     told = sizes.get(hidden, set()) - {hidden} if hidden else set()
     why = (f"trained on a model with hidden size {told.pop()}; this model has {hidden}" if len(told) == 1
            else "trained on another model size")
+    advice = advice or f"set {model_key} to the model the adapter was trained on, or train an adapter on this one"
     return [(key, f"given {adapter!r}, whose tensor '{name}' has shape {theirs[name]} but {model} expects "
-                  f"{list(expected)} there: {why}; set {model_key} to the model the adapter was trained on, or "
-                  "train an adapter on this one")]
+                  f"{list(expected)} there: {why}; {advice}")]
 
 
 def _local_folder(name: str, key: str) -> Path | None:

@@ -24,7 +24,9 @@ NOT_IMPLEMENTED = {
 @rule("stage", "reward_model", commands=None)
 def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
     """PPO scores every response with the reward model: without one there is nothing to train on (LLaMA-Factory:
-    "Reward model is necessary for PPO training"). train loads it now: a missing folder stops here."""
+    "Reward model is necessary for PPO training"). train loads it now: a missing folder stops here. The other
+    commands (validate, plan) check a local folder that already holds its reward model (one an upstream rm recipe
+    has still to train is left to train)."""
     if ctx.values["stage"] != "ppo":
         return []
     path = ctx.values["reward_model"]
@@ -32,7 +34,7 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
         return [("stage", "ppo needs reward_model: a stage rm run's output_dir (its adapter/ with reward_model_type "
                           "lora, the default; its model/ or merged/ with reward_model_type full)")]
     if ctx.command != "train":
-        return []
+        return reward_folder_problems(ctx) if reward_model_here(path, ctx.values["reward_model_type"]) else []
     from pipeline.errors import UserError
     from pipeline.model.hub import is_hub_id, resolve_model_path
 
@@ -47,24 +49,55 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
     return reward_folder_problems(ctx)
 
 
-def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
-    """What the reward_model folder holds, read from its files now (pipeline.model.reward_folder): a folder of
-    another form, another base or a value head of the wrong size stops here, at the key, not after the policy
-    loaded."""
+def reward_model_here(path: str, kind: str) -> bool:
+    """Whether the local folder `path` already holds its reward model under reward_model_type `kind` (run_folders
+    .reward_folder finds it; a hub id is not looked up: nothing is downloaded before train)."""
     from pipeline.errors import UserError
-    from pipeline.model.reward_folder import reward_source
-    from pipeline.recipe.modelinfo import model_info
     from pipeline.recipe.run_folders import reward_folder
 
-    if ctx.values["reward_model_type"] not in ("lora", "full"):
+    if kind not in ("lora", "full") or not os.path.isdir(path):
+        return False
+    try:
+        reward_folder(path, kind)
+    except UserError:
+        return False
+    return True
+
+
+def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
+    """What the reward_model folder holds, read from its files now (pipeline.model.reward_folder): a folder of
+    another form, another base (a full model whose vocabulary lacks ids of the policy's tokenizer; a LoRA adapter
+    whose tensors do not fit the policy's base, which it is folded into) or a value head of the wrong size stops
+    here, at the key, not after the policy loaded or at the first reward."""
+    from pipeline.errors import UserError
+    from pipeline.model.reward_folder import reward_source
+    from pipeline.recipe.modelinfo import available_recipe_tokenizer, model_info
+    from pipeline.recipe.run_folders import reward_folder
+
+    kind = ctx.values["reward_model_type"]
+    if kind not in ("lora", "full"):
         return []  # api / oft: refused by the schema
     info = model_info(ctx.values["model_name_or_path"])
+    tokenizer = available_recipe_tokenizer(ctx.values) if kind == "full" else None
     try:
-        kind = ctx.values["reward_model_type"]
-        reward_source(reward_folder(ctx.values["reward_model"], kind), kind, info and info.n_embd)
+        source = reward_source(reward_folder(ctx.values["reward_model"], kind), kind, info and info.n_embd,
+                               tokenizer and tokenizer.n_vocab)
     except UserError as err:
         return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
-    return []
+    return [] if kind == "full" else lora_reward_fits(ctx, str(source.folder))
+
+
+def lora_reward_fits(ctx: Context, adapter: str) -> list[tuple[str, str]]:
+    """A LoRA reward adapter is folded into the policy's base (pipeline.train.ppo.load_reward_model; LLaMA-Factory
+    swaps it into the policy model itself): its tensors must fit that base's layers (rules.model.
+    adapter_shape_problems, from the files' headers), or the run would stop when they load."""
+    from pipeline.recipe.rules.model import adapter_shape_problems
+
+    return adapter_shape_problems(
+        "reward_model", adapter, "model_name_or_path", ctx.values["model_name_or_path"],
+        advice="a LoRA reward adapter must be trained on the policy's base, which it is folded into to score (as "
+               "LLaMA-Factory swaps it into the policy model); train it (stage rm) on model_name_or_path, or give a "
+               "full reward model folder (reward_model_type: full) that shares the policy's tokenizer")
 
 
 @rule("stage", *NOT_IMPLEMENTED)
