@@ -102,40 +102,18 @@ def nonzero_outputs(folder: Path, projections: Iterable[str]) -> set[str] | None
     """Which of `projections` (our module names, e.g. layers.1.self_attn.o_proj: ZEROED of expanded blocks) hold a
     non-zero weight in the checkpoint at `folder`; None when the folder cannot be read here (the model stage says
     why). What OFT on LLaMA Pro's blocks can train depends on it: a checkpoint `expand` just wrote has them all zero,
-    one whose expanded blocks were trained has not. Read as bytes from the safetensors files (any dtype: `expand`
-    writes +0.0, all bits clear), each tensor only up to its first non-zero byte, without torch: validate and plan
-    run this rule, and import no torch."""
-    from pipeline.model.weights import shard_files
+    one whose expanded blocks were trained has not. Read as bytes, each tensor up to its first non-zero byte, without
+    torch: validate and plan run this rule."""
+    from pipeline.model.safetensors_header import nonzero_tensors
+    from pipeline.model.safetensors_header import shard_files
 
     wanted = {f"{name}.weight": name for name in projections}
-    found: set[str] = set()
     try:
         family = checkpoint_family(json.loads((folder / "config.json").read_text(encoding="utf-8")), folder)
-        for file in shard_files(folder):
-            with open(file, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
-                for key, entry in header.items():
-                    name = wanted.get(family.from_hf(key)) if key != "__metadata__" else None
-                    if name is not None and _any_set(handle, 8 + size + entry["data_offsets"][0],
-                                                     8 + size + entry["data_offsets"][1]):
-                        found.add(name)
+        keys = {family.to_hf(key): name for key, name in wanted.items()}
+        return {keys[key] for file in shard_files(folder) for key in nonzero_tensors(file, keys)}
     except (UserError, OSError, ValueError, KeyError, TypeError):
         return None
-    return found
-
-
-def _any_set(handle: Any, start: int, end: int, chunk: int = 1 << 24) -> bool:
-    """Whether any byte of handle[start:end] is non-zero, read a chunk at a time up to the first one."""
-    handle.seek(start)
-    while start < end:
-        block = handle.read(min(chunk, end - start))
-        if not block:
-            raise ValueError("safetensors file shorter than its header says")
-        if block.count(0) != len(block):
-            return True
-        start += len(block)
-    return False
 
 
 def refuse_output(output: Path) -> None:

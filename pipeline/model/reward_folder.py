@@ -100,14 +100,13 @@ def _adapter_config(folder: Path) -> dict:
 
 
 def _shapes(path: Path) -> dict[str, list[int]]:
-    """key -> shape from a safetensors file's header (no tensor read)."""
-    from safetensors import safe_open
+    """key -> shape from a safetensors file's header (no tensor read); a UserError for a file that has none."""
+    from pipeline.model.safetensors_header import safetensors_shapes
 
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same mistake to the user
-        raise UserError(f"reward_model: {path}: not a readable safetensors file ({err})") from None
+    shapes = safetensors_shapes(path)
+    if not shapes:
+        raise UserError(f"reward_model: {path}: not a readable safetensors file")
+    return shapes
 
 
 def _score_width(folder: Path) -> int | None:

@@ -8,7 +8,6 @@ pipeline.io.atomic_dir: they appear complete or not at all.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -26,15 +25,11 @@ from pipeline.model.families import FAMILIES, GPT2, Family, check_exportable
 from pipeline.model.gpt import GPTModel
 from pipeline.model.memory import dense_weight
 from pipeline.model.reward import new_score_weight
+from pipeline.model.safetensors_header import INDEX, SINGLE, shard_files
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SAFETENSORS_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 MAX_TENSOR_PROBLEMS = 8
-# Pickled weights a download may hold instead of safetensors, named (never opened) when there is no safetensors:
-# transformers' pytorch_model*.bin, *.pt / *.pth, Meta's original/consolidated.00.pth
-PICKLED = ("*.bin", "*.pt", "*.pth", "original/*.pth")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,26 +61,6 @@ def _checkpoint(name_or_path: str | Path) -> tuple[Path, ModelConfig, str]:
     path = config_path(name_or_path)
     assert path is not None, "a preset has no files"
     return path.parent, read_config(path.parent), checkpoint_kind(read_raw(path))
-
-
-def shard_files(directory: Path) -> list[Path]:
-    if (directory / SINGLE).is_file():
-        return [directory / SINGLE]
-    index = directory / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise UserError(f"{index}: not a valid safetensors index ({err!r}); expected {{\"weight_map\": {{key: file}}}}")
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise UserError([f"{index}: lists shard '{n}', which is missing from {directory}" for n in missing])
-        return [directory / n for n in names]
-    pickled = [p.relative_to(directory).as_posix() for pattern in PICKLED for p in sorted(directory.glob(pattern))]
-    hint = (f" ({', '.join(pickled)} are pickled weights, which this pipeline never loads; convert them to"
-            " safetensors, or download model.safetensors from the hub)") if pickled else ""
-    raise UserError(f"{directory}: no {SINGLE} (nor {INDEX}){hint}")
 
 
 def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:

@@ -205,6 +205,7 @@ def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str,
     list) where either is not on disk as a safetensors checkpoint, or the adapter is neither (its load says what is
     wrong with it then)."""
     from pipeline.model.lora import ADAPTER_WEIGHTS
+    from pipeline.model.safetensors_header import safetensors_shapes
 
     folders = [_local_folder(name, k) for name, k in ((adapter, key), (model, model_key))]
     if None in folders:
@@ -299,23 +300,11 @@ def _oft_expected(name: str, shape: list[int], model: dict[str, list[int]], conf
     return (blocks, size * (size - 1) // 2), weight[1], shape[0] * given
 
 
-def safetensors_shapes(file: Path) -> dict[str, list[int]]:
-    """Each tensor's shape from a safetensors file's header (safetensors' own reader: no tensor data is read);
-    {} when the file is missing or not safetensors."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(file, framework="numpy") as handle:
-            return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError):
-        return {}
-
-
 def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
     """Each tensor's shape in a safetensors checkpoint folder (its files as the loader finds them:
-    pipeline.model.weights.shard_files), headers only; {} when it has none."""
+    pipeline.model.safetensors_header.shard_files), headers only; {} when it has none."""
     from pipeline.errors import UserError
-    from pipeline.model.weights import shard_files
+    from pipeline.model.safetensors_header import safetensors_shapes, shard_files
 
     try:
         files = shard_files(folder)
