@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -40,15 +41,17 @@ def start(argv: list[str], cwd: Path, ranks: int = 1) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2) -> subprocess.Popen:
-    """start() and wait for `steps` logged steps; a launch that lost its port to another process (found free,
-    taken before the bind) is started again on a new one."""
+def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2,
+                   ready: Callable[[], bool] | None = None) -> subprocess.Popen:
+    """start() and wait for `steps` logged steps (or until `ready()`); a launch that lost its port to another
+    process (found free, taken before the bind) is started again on a new one."""
     from tests.ports import ATTEMPTS, port_taken
 
+    log = cwd / "out" / "trainer_log.jsonl"
     for attempt in range(ATTEMPTS):
         proc = start(argv, cwd, ranks)
         try:
-            wait_for_steps(proc, cwd / "out" / "trainer_log.jsonl", steps)
+            wait_until(proc, ready or (lambda: len(read_log(log)) >= steps))
             return proc
         except AssertionError:
             if proc.poll() is None or attempt == ATTEMPTS - 1:
@@ -59,11 +62,11 @@ def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2) -> su
     raise AssertionError("unreachable")
 
 
-def wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float = 600) -> None:
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while len(read_log(log)) < steps:
+    while not ready():
         assert proc.poll() is None, "training ended before the signal"
-        assert time.monotonic() < deadline, "training never started"
+        assert time.monotonic() < deadline, "training never got there"
         time.sleep(0.02)
 
 
@@ -157,26 +160,6 @@ def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, 
     assert "SIGINT: finishing the current step" in result.err + capfd.readouterr().err
 
 
-def _two_rank_stop(trained: Reference, tmp_path: Path, send) -> str:
-    root = trained.copy(tmp_path / "proj")
-    proc = start_training(["train", "r.yaml", *LONG], root, 1)
-    send(proc)
-    code, output, _ = finish(proc, 240)
-    assert code != 0, "an interrupted run must not look finished to make"
-    step = saved_checkpoint(root / "out", output, 2)
-    assert 1 <= step < 200 and not (root / "out" / "adapter").exists()
-    figures.record("signal")
-    return output
-
-
-@pytest.mark.multirank
-def test_ctrl_c_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
-    output = _two_rank_stop(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT))
-    # the ranks stop cleanly; DeepSpeed's own runner (bin/deepspeed) dies of the KeyboardInterrupt it was sent
-    tracebacks = output.split("Traceback (most recent call last):")[1:]
-    assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
-
-
 def ranks_of(launcher: subprocess.Popen) -> list:
     import psutil
 
@@ -235,22 +218,48 @@ def dead_rank(trained: Reference, tmp_path_factory: pytest.TempPathFactory) -> t
     return root, code, output, seconds
 
 
+@pytest.fixture(scope="module")
+def resumed_then_ctrl_c(dead_rank) -> tuple[int, int, str]:
+    """The dead rank's run resumed on two ranks (resume_from_checkpoint=latest) until it saves a checkpoint past
+    every one the dead run left, then the terminal's Ctrl-C (SIGINT to the whole process group): (the step it
+    resumed from, exit code, output). One launch for two claims: the run resumes after a dead rank, and Ctrl-C on
+    two ranks saves a checkpoint (each claim had a launch of its own, ~13 s)."""
+    root = dead_rank[0]
+    out = root / "out"
+    valid = [p for p in checkpoint.list_checkpoints(out) if not checkpoint.problems_with(p)]
+    assert valid, dead_rank[2][-3000:]
+    left = max(checkpoint.step_of(p) for p in checkpoint.list_checkpoints(out))
+    proc = start_training(["train", "r.yaml", *LONG, "resume_from_checkpoint=latest"], root, 0,
+                          ready=lambda: any(checkpoint.step_of(p) > left for p in checkpoint.list_checkpoints(out)))
+    os.killpg(proc.pid, signal.SIGINT)
+    code, output, _ = finish(proc, 240)
+    return checkpoint.step_of(valid[-1]), code, output
+
+
 @pytest.mark.multirank
-def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank):
+def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank, resumed_then_ctrl_c):
     root, code, output, seconds = dead_rank
     assert code != 0, output[-3000:]
     # bounded: the launcher notices, the survivor does not wait forever in a collective (finish() fails the test
     # if the job outlives its 180 s bound; no tighter figure, which would only measure the machine)
     assert re.search(r"rank\W{0,3}1\b", output), output[-3000:]  # the launcher names it (--local_rank=1 ...)
-    valid = [p for p in checkpoint.list_checkpoints(root / "out") if not checkpoint.problems_with(p)]
-    assert valid, output[-3000:]
-    step = checkpoint.step_of(valid[-1])
-    resumed = start(["train", "r.yaml", *LONG[1:], f"max_steps={step + 1}", "resume_from_checkpoint=latest"],
-                    root, ranks=2)
-    code, output, _ = finish(resumed, 300)
-    assert code == 0, output[-3000:]
-    assert read_log(root / "out" / "trainer_log.jsonl")[-1]["step"] == step + 1
+    step, _, resumed = resumed_then_ctrl_c
+    assert f"resuming from out/checkpoint-{step}" in resumed, resumed[-3000:]
+    logged = [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")]
+    assert logged == list(range(1, len(logged) + 1)) and logged[-1] > step  # trained on past it, each step once
     figures.record("kill")  # a rank SIGKILLed, the job stopped and resumed
+
+
+@pytest.mark.multirank
+def test_ctrl_c_on_two_ranks_saves_a_checkpoint(dead_rank, resumed_then_ctrl_c):
+    step, code, output = resumed_then_ctrl_c
+    out = dead_rank[0] / "out"
+    assert code != 0, "an interrupted run must not look finished to make"
+    assert saved_checkpoint(out, output, 2) > step and not (out / "adapter").exists()
+    # the ranks stop cleanly; DeepSpeed's own runner (bin/deepspeed) dies of the KeyboardInterrupt it was sent
+    tracebacks = output.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
+    figures.record("signal")
 
 
 @pytest.mark.multirank
