@@ -11,6 +11,7 @@ announced.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -104,18 +105,15 @@ def saved_checkpoint(out_dir: Path, output: str, ranks: int, announced: bool = T
     return step
 
 
-@pytest.mark.parametrize("send, code", [
-    (lambda proc: os.killpg(proc.pid, signal.SIGINT), 130),  # the terminal's Ctrl-C: the whole process group
-    pytest.param(lambda proc: proc.send_signal(signal.SIGTERM), 143, marks=pytest.mark.slow),  # `kill PID`
-], ids=["ctrl-c", "sigterm"])
-def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path,
-                                                                                send, code):
+def _stop_one_rank(trained: Reference, tmp_path: Path, send, code: int) -> Path:
+    """A one-rank run paused right after step 1 (the signal lands there on any machine) gets `send`: it exits with
+    `code`, no traceback, checkpoint-1 saved and announced, no adapter. The project's folder."""
     root = trained.copy(tmp_path / "proj")
     marker = tmp_path / "after-step-1"
     proc = subprocess.Popen([PYTHON, "-m", "tests.reliability.crashpoint", "0", "-", "train", "r.yaml"], cwd=root,
                             env=clean_env(CRASHPOINT_PAUSE_AFTER_LOG=str(marker)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_for_marker(proc, marker)  # the run is paused right after step 1: the signal lands there on any machine
+    wait_for_marker(proc, marker)
     send(proc)
     marker.unlink()
     exit_code, output, _ = finish(proc, 300)
@@ -123,10 +121,29 @@ def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(
     assert "Traceback" not in output, output[-3000:]
     step = saved_checkpoint(root / "out", output, 1)
     assert step == 1 and not (root / "out" / "adapter").exists()
+    return root
+
+
+def test_ctrl_c_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path):
+    root = _stop_one_rank(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT), 130)  # the terminal's
     result = crash_run(0, ["train", "r.yaml", "resume_from_checkpoint=latest"], root)
     assert result.code == 0, result.err[-3000:]
     assert same_tensors(tensors(root / ADAPTER), trained.weights)
     assert [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
+    figures.record("signal")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_the_checkpoint_of_the_uninterrupted_run(trained: Reference, tmp_path):
+    """`kill PID`: the stop Ctrl-C makes, by the other signal. Its checkpoint-1 is the uninterrupted run's (adapter
+    and RNG state bitwise, the same trainer state), what the Ctrl-C test's resume starts from and ends bitwise from;
+    resuming this one too cost a run (~5 s)."""
+    root = _stop_one_rank(trained, tmp_path, lambda proc: proc.send_signal(signal.SIGTERM), 143)
+    ours, reference = root / "out" / "checkpoint-1", trained.root / "out" / "checkpoint-1"
+    for saved in ("adapter/adapter_model.safetensors", "rng/rank-0.safetensors"):
+        assert same_tensors(tensors(ours / saved), tensors(reference / saved)), saved
+    assert json.loads((ours / "trainer_state.json").read_text()) == \
+        json.loads((reference / "trainer_state.json").read_text())
     figures.record("signal")
 
 
