@@ -168,11 +168,16 @@ def _store_answers(host: str, port: int, timeout: float) -> str | None:
     A bare TCP connect passes for anything that accepts it: another service on the port, or a proxy that
     accepts for addresses it cannot reach; the rank would then wait out torch's 30-minute timeout. A store
     client's handshake checks the protocol (wait_for_workers=False: it does not count as a worker). It runs in
-    a child process because a client facing a silent peer blocks past its own timeout and prints C++ traces."""
+    a child process because a client facing a silent peer blocks past its own timeout (for good) and prints C++
+    traces; an interval timer armed once torch is imported ends it timeout + 1 s later (SIGALRM's default action,
+    which no blocked C++ call holds off), so a probe of a silent port costs the import plus about its timeout,
+    not the + 10 s the parent allows for the import on a slow machine."""
+    import signal
     import subprocess
     import sys
 
-    code = ("import sys; from datetime import timedelta; from torch.distributed import TCPStore; "
+    code = ("import signal, sys; from datetime import timedelta; from torch.distributed import TCPStore; "
+            "signal.setitimer(signal.ITIMER_REAL, float(sys.argv[3]) + 1); "
             "TCPStore(sys.argv[1], int(sys.argv[2]), is_master=False, wait_for_workers=False, "
             "timeout=timedelta(seconds=float(sys.argv[3])))")
     try:
@@ -182,5 +187,7 @@ def _store_answers(host: str, port: int, timeout: float) -> str | None:
         return "no answer to torch's store handshake"
     if done.returncode == 0:
         return None
+    if done.returncode == -signal.SIGALRM:
+        return "no answer to torch's store handshake"
     lines = [line for line in done.stderr.splitlines() if "Error" in line]
     return lines[-1].strip()[:200] if lines else f"torch's store handshake failed (exit {done.returncode})"

@@ -7,7 +7,10 @@ from the export), stopped at train with "directory not found", however the user 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.acceptance.harness import DPO, cli_env, make, scratch_repo, write_data, write_ranking_data, write_recipe
 
@@ -29,40 +32,53 @@ def _make(root: Path, *args: str, expect: int | None = 0):
     return make(*args, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""), expect=expect)
 
 
-def test_a_dpo_ref_model_from_the_sft_recipe_is_made_first(tmp_path):
-    root, venv = _repo(tmp_path)
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """One repo where an sft recipe is upstream of two others, and what each `make train` ran, in this order: a
+    recipe training from the sft run's export (down.yaml; LLaMA-Factory: train, export, train from the export), the
+    same again, a dpo recipe whose ref_model is the sft run's merged model, the same again, and down.yaml once more
+    after an edit of the export recipe. The two claims share the sft run, which each test trained for itself."""
+    root, venv = _repo(tmp_path_factory.mktemp("upstreams"))
     write_ranking_data(root / "datasets")
-    write_recipe(root / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft", max_steps=1)
-    write_recipe(root / "recipes" / "dpo.yaml", DPO, model_name_or_path="tiny", ref_model="saves/sft/merged",
-                 output_dir="saves/dpo", max_steps=1)
-    first = _make(root, "train", "RECIPE=recipes/dpo.yaml", venv)
-    stages = _stages(first)
-    assert stages.index(("merge", "sft")) < stages.index(("train", "dpo")), first.stdout
-    assert (root / "saves/sft/merged/model.safetensors").is_file()
-    assert _stages(_make(root, "train", "RECIPE=recipes/dpo.yaml", venv)) == []
-
-
-def test_train_from_an_export_makes_the_export_and_its_training_first(tmp_path):
-    root, venv = _repo(tmp_path)
     write_recipe(root / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft", max_steps=1)
     # a LLaMA-Factory merge recipe (examples/merge_lora's keys): no dataset, the sft run's adapter (its output_dir, as
     # LLaMA-Factory's users name it) onto the same base, written to export_dir; make makes it with `make export`
-    write_recipe(root / "recipes" / "export.yaml", {"model_name_or_path": "tiny", "seed": 7, "template": "alpaca"},
-                 adapter_name_or_path="saves/sft", export_dir="saves/sft_export", export_device="cpu",
-                 export_legacy_format=False)
+    export = write_recipe(root / "recipes" / "export.yaml", {"model_name_or_path": "tiny", "seed": 7,
+                                                            "template": "alpaca"},
+                          adapter_name_or_path="saves/sft", export_dir="saves/sft_export", export_device="cpu",
+                          export_legacy_format=False)
     write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/sft_export", output_dir="saves/down",
                  max_steps=1)
-    first = _make(root, "train", "RECIPE=recipes/down.yaml", venv)
-    assert [s for s in _stages(first) if s[0] in ("train", "export")] == [
-        ("train", "sft"), ("export", "export"), ("train", "down")], first.stdout
+    write_recipe(root / "recipes" / "dpo.yaml", DPO, model_name_or_path="tiny", ref_model="saves/sft/merged",
+                 output_dir="saves/dpo", max_steps=1)
+    runs = {}
+    for name, recipe in (("down", "down"), ("down again", "down"), ("dpo", "dpo"), ("dpo again", "dpo")):
+        runs[name] = _make(root, "train", f"RECIPE=recipes/{recipe}.yaml", venv)
+    export.write_text(export.read_text() + "export_size: 4\n")
+    runs["down after an export edit"] = _make(root, "train", "RECIPE=recipes/down.yaml", venv)
+    return root, runs
+
+
+def test_a_dpo_ref_model_from_the_sft_recipe_is_made_first(made):
+    root, runs = made
+    stages = _stages(runs["dpo"])
+    assert stages.index(("merge", "sft")) < stages.index(("train", "dpo")), runs["dpo"].stdout
+    assert ("train", "sft") not in stages  # trained already, for down.yaml
+    assert (root / "saves/sft/merged/model.safetensors").is_file()
+    assert _stages(runs["dpo again"]) == []
+
+
+def test_train_from_an_export_makes_the_export_and_its_training_first(made):
+    root, runs = made
+    assert [s for s in _stages(runs["down"]) if s[0] in ("train", "export")] == [
+        ("train", "sft"), ("export", "export"), ("train", "down")], runs["down"].stdout
     assert (root / "saves/sft_export/model.safetensors").is_file()
     verification = json.loads((root / "saves/sft_export/verification.json").read_text("utf-8"))
     assert verification["source"].endswith("saves/sft/adapter")
-    assert _stages(_make(root, "train", "RECIPE=recipes/down.yaml", venv)) == []
+    assert _stages(runs["down again"]) == []
     # an edit upstream re-runs everything after it, and nothing before it
-    (root / "recipes" / "export.yaml").write_text((root / "recipes" / "export.yaml").read_text() + "export_size: 4\n")
-    assert [s for s in _stages(_make(root, "train", "RECIPE=recipes/down.yaml", venv))
-            if s[0] in ("train", "export")] == [("export", "export"), ("train", "down")]
+    assert [s for s in _stages(runs["down after an export edit"]) if s[0] in ("train", "export")] == [
+        ("export", "export"), ("train", "down")]
 
 
 def test_two_recipes_sharing_an_export_dir_are_refused_with_one_message(tmp_path):

@@ -11,12 +11,14 @@ announced.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -40,15 +42,17 @@ def start(argv: list[str], cwd: Path, ranks: int = 1) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2) -> subprocess.Popen:
-    """start() and wait for `steps` logged steps; a launch that lost its port to another process (found free,
-    taken before the bind) is started again on a new one."""
+def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2,
+                   ready: Callable[[], bool] | None = None) -> subprocess.Popen:
+    """start() and wait for `steps` logged steps (or until `ready()`); a launch that lost its port to another
+    process (found free, taken before the bind) is started again on a new one."""
     from tests.ports import ATTEMPTS, port_taken
 
+    log = cwd / "out" / "trainer_log.jsonl"
     for attempt in range(ATTEMPTS):
         proc = start(argv, cwd, ranks)
         try:
-            wait_for_steps(proc, cwd / "out" / "trainer_log.jsonl", steps)
+            wait_until(proc, ready or (lambda: len(read_log(log)) >= steps))
             return proc
         except AssertionError:
             if proc.poll() is None or attempt == ATTEMPTS - 1:
@@ -59,11 +63,11 @@ def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2) -> su
     raise AssertionError("unreachable")
 
 
-def wait_for_steps(proc: subprocess.Popen, log: Path, steps: int, timeout: float = 600) -> None:
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
-    while len(read_log(log)) < steps:
+    while not ready():
         assert proc.poll() is None, "training ended before the signal"
-        assert time.monotonic() < deadline, "training never started"
+        assert time.monotonic() < deadline, "training never got there"
         time.sleep(0.02)
 
 
@@ -101,18 +105,15 @@ def saved_checkpoint(out_dir: Path, output: str, ranks: int, announced: bool = T
     return step
 
 
-@pytest.mark.parametrize("send, code", [
-    (lambda proc: os.killpg(proc.pid, signal.SIGINT), 130),  # the terminal's Ctrl-C: the whole process group
-    pytest.param(lambda proc: proc.send_signal(signal.SIGTERM), 143, marks=pytest.mark.slow),  # `kill PID`
-], ids=["ctrl-c", "sigterm"])
-def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path,
-                                                                                send, code):
+def _stop_one_rank(trained: Reference, tmp_path: Path, send, code: int) -> Path:
+    """A one-rank run paused right after step 1 (the signal lands there on any machine) gets `send`: it exits with
+    `code`, no traceback, checkpoint-1 saved and announced, no adapter. The project's folder."""
     root = trained.copy(tmp_path / "proj")
     marker = tmp_path / "after-step-1"
     proc = subprocess.Popen([PYTHON, "-m", "tests.reliability.crashpoint", "0", "-", "train", "r.yaml"], cwd=root,
                             env=clean_env(CRASHPOINT_PAUSE_AFTER_LOG=str(marker)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_for_marker(proc, marker)  # the run is paused right after step 1: the signal lands there on any machine
+    wait_for_marker(proc, marker)
     send(proc)
     marker.unlink()
     exit_code, output, _ = finish(proc, 300)
@@ -120,10 +121,29 @@ def test_a_signal_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(
     assert "Traceback" not in output, output[-3000:]
     step = saved_checkpoint(root / "out", output, 1)
     assert step == 1 and not (root / "out" / "adapter").exists()
+    return root
+
+
+def test_ctrl_c_on_one_rank_saves_a_checkpoint_and_the_resumed_run_is_bitwise(trained: Reference, tmp_path):
+    root = _stop_one_rank(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT), 130)  # the terminal's
     result = crash_run(0, ["train", "r.yaml", "resume_from_checkpoint=latest"], root)
     assert result.code == 0, result.err[-3000:]
     assert same_tensors(tensors(root / ADAPTER), trained.weights)
     assert [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
+    figures.record("signal")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_the_checkpoint_of_the_uninterrupted_run(trained: Reference, tmp_path):
+    """`kill PID`: the stop Ctrl-C makes, by the other signal. Its checkpoint-1 is the uninterrupted run's (adapter
+    and RNG state bitwise, the same trainer state), what the Ctrl-C test's resume starts from and ends bitwise from;
+    resuming this one too cost a run (~5 s)."""
+    root = _stop_one_rank(trained, tmp_path, lambda proc: proc.send_signal(signal.SIGTERM), 143)
+    ours, reference = root / "out" / "checkpoint-1", trained.root / "out" / "checkpoint-1"
+    for saved in ("adapter/adapter_model.safetensors", "rng/rank-0.safetensors"):
+        assert same_tensors(tensors(ours / saved), tensors(reference / saved)), saved
+    assert json.loads((ours / "trainer_state.json").read_text()) == \
+        json.loads((reference / "trainer_state.json").read_text())
     figures.record("signal")
 
 
@@ -155,26 +175,6 @@ def test_the_stop_announcement_is_never_swallowed(trained: Reference, tmp_path, 
     assert result.code == 130, result.err[-3000:]
     assert "stopped at step " in result.err
     assert "SIGINT: finishing the current step" in result.err + capfd.readouterr().err
-
-
-def _two_rank_stop(trained: Reference, tmp_path: Path, send) -> str:
-    root = trained.copy(tmp_path / "proj")
-    proc = start_training(["train", "r.yaml", *LONG], root, 1)
-    send(proc)
-    code, output, _ = finish(proc, 240)
-    assert code != 0, "an interrupted run must not look finished to make"
-    step = saved_checkpoint(root / "out", output, 2)
-    assert 1 <= step < 200 and not (root / "out" / "adapter").exists()
-    figures.record("signal")
-    return output
-
-
-@pytest.mark.multirank
-def test_ctrl_c_on_two_ranks_saves_a_checkpoint(trained: Reference, tmp_path):
-    output = _two_rank_stop(trained, tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT))
-    # the ranks stop cleanly; DeepSpeed's own runner (bin/deepspeed) dies of the KeyboardInterrupt it was sent
-    tracebacks = output.split("Traceback (most recent call last):")[1:]
-    assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
 
 
 def ranks_of(launcher: subprocess.Popen) -> list:
@@ -235,22 +235,48 @@ def dead_rank(trained: Reference, tmp_path_factory: pytest.TempPathFactory) -> t
     return root, code, output, seconds
 
 
+@pytest.fixture(scope="module")
+def resumed_then_ctrl_c(dead_rank) -> tuple[int, int, str]:
+    """The dead rank's run resumed on two ranks (resume_from_checkpoint=latest) until it saves a checkpoint past
+    every one the dead run left, then the terminal's Ctrl-C (SIGINT to the whole process group): (the step it
+    resumed from, exit code, output). One launch for two claims: the run resumes after a dead rank, and Ctrl-C on
+    two ranks saves a checkpoint (each claim had a launch of its own, ~13 s)."""
+    root = dead_rank[0]
+    out = root / "out"
+    valid = [p for p in checkpoint.list_checkpoints(out) if not checkpoint.problems_with(p)]
+    assert valid, dead_rank[2][-3000:]
+    left = max(checkpoint.step_of(p) for p in checkpoint.list_checkpoints(out))
+    proc = start_training(["train", "r.yaml", *LONG, "resume_from_checkpoint=latest"], root, 0,
+                          ready=lambda: any(checkpoint.step_of(p) > left for p in checkpoint.list_checkpoints(out)))
+    os.killpg(proc.pid, signal.SIGINT)
+    code, output, _ = finish(proc, 240)
+    return checkpoint.step_of(valid[-1]), code, output
+
+
 @pytest.mark.multirank
-def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank):
+def test_a_dead_rank_stops_the_job_promptly_and_the_run_resumes(dead_rank, resumed_then_ctrl_c):
     root, code, output, seconds = dead_rank
     assert code != 0, output[-3000:]
     # bounded: the launcher notices, the survivor does not wait forever in a collective (finish() fails the test
     # if the job outlives its 180 s bound; no tighter figure, which would only measure the machine)
     assert re.search(r"rank\W{0,3}1\b", output), output[-3000:]  # the launcher names it (--local_rank=1 ...)
-    valid = [p for p in checkpoint.list_checkpoints(root / "out") if not checkpoint.problems_with(p)]
-    assert valid, output[-3000:]
-    step = checkpoint.step_of(valid[-1])
-    resumed = start(["train", "r.yaml", *LONG[1:], f"max_steps={step + 1}", "resume_from_checkpoint=latest"],
-                    root, ranks=2)
-    code, output, _ = finish(resumed, 300)
-    assert code == 0, output[-3000:]
-    assert read_log(root / "out" / "trainer_log.jsonl")[-1]["step"] == step + 1
+    step, _, resumed = resumed_then_ctrl_c
+    assert f"resuming from out/checkpoint-{step}" in resumed, resumed[-3000:]
+    logged = [r["step"] for r in read_log(root / "out" / "trainer_log.jsonl")]
+    assert logged == list(range(1, len(logged) + 1)) and logged[-1] > step  # trained on past it, each step once
     figures.record("kill")  # a rank SIGKILLed, the job stopped and resumed
+
+
+@pytest.mark.multirank
+def test_ctrl_c_on_two_ranks_saves_a_checkpoint(dead_rank, resumed_then_ctrl_c):
+    step, code, output = resumed_then_ctrl_c
+    out = dead_rank[0] / "out"
+    assert code != 0, "an interrupted run must not look finished to make"
+    assert saved_checkpoint(out, output, 2) > step and not (out / "adapter").exists()
+    # the ranks stop cleanly; DeepSpeed's own runner (bin/deepspeed) dies of the KeyboardInterrupt it was sent
+    tracebacks = output.split("Traceback (most recent call last):")[1:]
+    assert all("deepspeed/launcher/runner.py" in t and "KeyboardInterrupt" in t for t in tracebacks), output[-3000:]
+    figures.record("signal")
 
 
 @pytest.mark.multirank

@@ -1,7 +1,12 @@
 """Shared values of the training tests: tiny datasets and base recipes."""
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 WORDS = ("red green blue apple river stone cloud seven little happy bright night morning garden "
          "window paper music light water small large quick slow north south").split()
@@ -60,3 +65,31 @@ BASE_PT.pop("template")
 GOLDEN_GPT2 = dict(model_name_or_path="gpt2", dataset="varied_sft", warmup_steps=0, learning_rate=5e-2,
                    per_device_train_batch_size=2, gradient_accumulation_steps=2, lora_target=["c_attn", "c_proj", "c_fc"],
                    lora_alpha=16, lora_dropout=0.0, dropout=0.0)
+
+
+def check_two_ranks_follow_one_rank(one: Path, two: Path, output: str, keys: dict[str, Any]) -> None:
+    """A two-rank run's output_dir `two` (its launch's stderr `output`) against the one-rank run `one` of the same
+    global batch and recipe `keys` (max_steps, zero_stage, compute_accuracy; full fine-tuning): the same losses, eval losses and
+    accuracies to rounding, tokens counted over both ranks, one writer, a checkpoint holding both ranks' state."""
+    from pipeline.runtime.log import read_log
+
+    # no rank aborted at exit (gloo's threads asking for the GIL while the interpreter finalized: dist.end_process)
+    assert "terminate called" not in output
+    assert output.count("trainable params:") == 1  # only rank 0 prints
+    log_one, log_two = read_log(one / "trainer_log.jsonl"), read_log(two / "trainer_log.jsonl")
+    steps = keys["max_steps"]
+    assert [r["step"] for r in log_two] == list(range(1, steps + 1))  # one writer: no duplicated lines
+    assert [r["loss"] for r in log_two] == pytest.approx([r["loss"] for r in log_one], rel=1e-4)
+    assert [r["eval_loss"] for r in log_two if "eval_loss" in r] == \
+        pytest.approx([r["eval_loss"] for r in log_one if "eval_loss" in r], rel=1e-4)
+    accuracies = [r.get("eval_accuracy") for r in log_one if "eval_loss" in r]
+    assert all(accuracies) if keys.get("compute_accuracy") else accuracies == [None, None]
+    assert [r.get("eval_accuracy") for r in log_two if "eval_loss" in r] == pytest.approx(accuracies, abs=1e-9)
+    assert [r["tokens_seen"] for r in log_two] == [r["tokens_seen"] for r in log_one]  # counted over both ranks
+    ckpt = two / f"checkpoint-{steps}"
+    assert (ckpt / "rng" / "rank-0.safetensors").is_file() and (ckpt / "rng" / "rank-1.safetensors").is_file()
+    if keys["zero_stage"]:  # ZeRO 0 keeps the optimizer's state in rank 0's model-states file
+        assert {p.name for p in (ckpt / "deepspeed").glob("*optim_states.pt")} == \
+            {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # shards
+    assert json.loads((ckpt / "trainer_state.json").read_text())["recipe"]["world_size"] == 2
+    assert (two / "model" / "model.safetensors").is_file()
