@@ -86,6 +86,6 @@ def test_a_kto_recipe_extending_a_reference_free_dpo_one_keeps_its_reference(tmp
 
     assert isinstance(build_reference(preference_args(r), recipe_args(r), Engine()), AdapterReference)
     full = resolve("kto.yaml", ["finetuning_type=full"])
-    assert reference_params(full, 1000) == 1000  # a frozen copy of the policy
+    assert reference_params(full, 1000, []) == 1000  # a frozen copy of the policy
     with pytest.raises(UserError, match="kto reference"):
         preflight(resolve("kto.yaml", ["zero_stage=3", "resize_vocab=true"]))
