@@ -97,6 +97,14 @@ def token_loss_history(changes: Any) -> str:
     return f"the loss changed {'; then '.join(said)}" if said else ""
 
 
+# A PEFT adapter folder as PEFT writes it: its config, its weights, the prefix of every tensor name in them, and the
+# tensors with one row per token id (added tokens grow them). Here, not in pipeline.model.lora (which imports torch):
+# the rules read adapters at validate / plan, which import no torch.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")  # one row per token id (PEFT's names)
+
 ADAPTER_METHODS = ("lora", "oft")  # finetuning_type values that train an adapter on a frozen base (output_dir/adapter)
 
 

@@ -41,11 +41,8 @@ from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family
 from pipeline.model.config import default_lora_alpha, lora_candidates
 from pipeline.model.families import Family
 from pipeline.model.weights import read_tensors
+from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
-VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")  # one row per token id (PEFT's names)
 PISSA_EXACT = -1  # pissa_iter: the exact SVD (PEFT's init_lora_weights="pissa"); k >= 0: "pissa_niter_<k>"
 
 

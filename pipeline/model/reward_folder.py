@@ -94,7 +94,7 @@ def _json(path: Path) -> dict:
 
 
 def _adapter_config(folder: Path) -> dict:
-    from pipeline.model.lora import ADAPTER_CONFIG  # noqa: PLC0415 - the module imports torch: only when asked
+    from pipeline.names import ADAPTER_CONFIG
 
     return _json(folder / ADAPTER_CONFIG)
 
@@ -111,7 +111,7 @@ def _shapes(path: Path) -> dict[str, list[int]]:
 
 def _score_width(folder: Path) -> int | None:
     """The width of a SEQ_CLS adapter's score head (its `...score.weight`, (1, H)), None when it holds none."""
-    from pipeline.model.lora import ADAPTER_WEIGHTS
+    from pipeline.names import ADAPTER_WEIGHTS
 
     file = folder / ADAPTER_WEIGHTS
     shapes = _shapes(file) if file.is_file() else {}

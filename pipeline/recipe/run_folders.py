@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
 def run_model(path: str) -> str:
@@ -21,8 +22,8 @@ def run_model(path: str) -> str:
 def run_adapter(path: str) -> str:
     """An adapter folder as given, or a run's output_dir's adapter/ (LLaMA-Factory keeps the adapter in output_dir;
     we keep it in output_dir/adapter/)."""
-    if (not os.path.isfile(os.path.join(path, "adapter_config.json"))
-            and os.path.isfile(os.path.join(path, "adapter", "adapter_config.json"))):
+    if (not os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+            and os.path.isfile(os.path.join(path, "adapter", ADAPTER_CONFIG))):
         return os.path.join(path, "adapter")
     return path
 
@@ -35,7 +36,7 @@ def reward_folder(path: str, kind: str) -> Path:
 
     folder = run_adapter(resolve_model_path(path, key="reward_model"))
     if kind == "lora":
-        if all(os.path.isfile(os.path.join(folder, f)) for f in ("adapter_config.json", "adapter_model.safetensors")):
+        if all(os.path.isfile(os.path.join(folder, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)):
             return Path(folder)
         what = ("a LoRA reward adapter (adapter_config.json + adapter_model.safetensors) or a stage rm LoRA run's "
                 "output_dir")

@@ -138,7 +138,7 @@ class Weights:
 
 
 def is_adapter(path: Path) -> bool:
-    from pipeline.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # here: pipeline.model.lora imports torch
+    from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     return (path / ADAPTER_CONFIG).is_file() and (path / ADAPTER_WEIGHTS).is_file()
 

@@ -161,6 +161,48 @@ def test_validate_and_plan_do_not_import_torch(write, manifest, tmp_path):
     assert proc.stdout.strip() == "[]"
 
 
+def test_the_rules_read_checkpoints_and_adapters_without_torch(tmp_path):
+    """What validate's rules read from files on disk: an adapter's tensor shapes against its base checkpoint, a
+    reward model's folder and form, whether LLaMA Pro's zeroed projections moved. Each once imported torch on the way
+    (pipeline.model.lora / weights for a file name or shard_files; safe_open(framework="pt")); the files here are
+    written with safetensors' numpy writer, the reads run in a process that must end without torch."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    model, adapter = tmp_path / "model", tmp_path / "adapter"
+    model.mkdir(), adapter.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 32,
+        "max_position_embeddings": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}))
+    layer = "model.layers.0."
+    save_file({layer + "self_attn.o_proj.weight": np.zeros((8, 8), np.float32),
+               layer + "mlp.down_proj.weight": np.eye(8, 16, dtype=np.float32),
+               "model.embed_tokens.weight": np.ones((32, 8), np.float32)}, str(model / "model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             "target_modules": ["o_proj"], "task_type": "SEQ_CLS"}))
+    save_file({"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": np.ones((2, 4), np.float32),
+               "base_model.model.score.weight": np.ones((1, 8), np.float32)}, str(adapter / "adapter_model.safetensors"))
+    code = ("import sys\nfrom pathlib import Path\n"
+            "from pipeline.recipe.rules.model import adapter_shape_problems\n"
+            "from pipeline.recipe.run_folders import reward_folder\n"
+            "from pipeline.model.reward_folder import reward_source\n"
+            "from pipeline.model.expand import nonzero_outputs\n"
+            f"m, a = {str(model)!r}, {str(adapter)!r}\n"
+            "said = adapter_shape_problems('adapter_name_or_path', a, 'model_name_or_path', m)\n"
+            "assert len(said) == 1 and '(2, 4)' in said[0][1].replace('[', '(').replace(']', ')'), said\n"
+            "assert reward_source(reward_folder(a, 'lora'), 'lora', 8).value_head is None\n"
+            "assert nonzero_outputs(Path(m), ['layers.0.self_attn.o_proj', 'layers.0.mlp.down_proj']) == "
+            "{'layers.0.mlp.down_proj'}\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'deepspeed', 'transformers')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": REPO},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("extra, reference", [
     ("finetuning_type: full\n", TINY_PARAMS * 4),  # a frozen copy of the starting weights
     ("finetuning_type: full\npref_loss: simpo\n", None),  # reference-free

@@ -204,7 +204,7 @@ def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str,
     adapter). Read from the safetensors headers alone (no tensor data) and adapter_config.json; skipped (an empty
     list) where either is not on disk as a safetensors checkpoint, or the adapter is neither (its load says what is
     wrong with it then)."""
-    from pipeline.model.lora import ADAPTER_WEIGHTS
+    from pipeline.names import ADAPTER_WEIGHTS
     from pipeline.model.safetensors_header import safetensors_shapes
 
     folders = [_local_folder(name, k) for name, k in ((adapter, key), (model, model_key))]
@@ -257,7 +257,7 @@ def _adapted_weight(name: str, part: str, model: dict[str, list[int]]) -> list[i
     """The 2-d weight shape in checkpoint `model` of the module PEFT's adapter tensor `name` (base_model.model.
     <module><part>) adapts; None where it holds none, or for the vocabulary rows (embeddings, head), which added
     tokens grow (the load explains those)."""
-    from pipeline.model.lora import PEFT_PREFIX, VOCAB_ROWS
+    from pipeline.names import PEFT_PREFIX, VOCAB_ROWS
 
     if not (name.startswith(PEFT_PREFIX) and name.endswith(part)):
         return None
