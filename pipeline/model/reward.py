@@ -33,8 +33,13 @@ def new_score_weight(emb_dim: int, seed: int, dtype: torch.dtype = torch.float32
 def last_token_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """(B,) the rightmost position whose token is not pad_id: transformers' XForSequenceClassification rule
     (`(arange(T) * (input_ids != pad)).argmax(-1)`), right or left padding alike; 0 for a row of pads only."""
-    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-    return (positions * (input_ids != pad_id).to(torch.int64)).argmax(-1)
+    return _rightmost(input_ids != pad_id)
+
+
+def _rightmost(keep: torch.Tensor) -> torch.Tensor:
+    """(B,) the rightmost True position of each row of `keep` (B, T); 0 for a row without one."""
+    positions = torch.arange(keep.shape[-1], device=keep.device)
+    return (positions * keep.to(torch.int64)).argmax(-1)
 
 
 def last_attended_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None) -> torch.Tensor:
@@ -42,8 +47,7 @@ def last_attended_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     pad_id, or with pad_id None the rightmost attended one (LLaMA-Factory's PPO, `attention_mask.sum(-1) - 1` on its
     right-padded rows; transformers' score of a sequence given alone when its config has no pad_token_id)."""
     keep = attention_mask.bool() if pad_id is None else attention_mask.bool() & (input_ids != pad_id)
-    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-    return (positions * keep.to(torch.int64)).argmax(-1)
+    return _rightmost(keep)
 
 
 @dataclass
@@ -62,14 +66,18 @@ class RewardScorer:
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) fp32 scores of the rows."""
         values = self.model(input_ids, attention_mask=attention_mask)
-        rows = torch.arange(values.shape[0], device=values.device)
-        return values[rows, last_attended_index(input_ids, attention_mask, self.pad_id).to(values.device), 0].float()
+        return scores_at(values, last_attended_index(input_ids, attention_mask, self.pad_id))
 
 
 def sequence_scores(values: torch.Tensor, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     """(B,) fp32 scores from the head's per-position values (B, T, 1) at last_token_index."""
+    return scores_at(values, last_token_index(input_ids, pad_id))
+
+
+def scores_at(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32: each row's value (B, T, 1) at its position `index` (B,)."""
     rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, last_token_index(input_ids, pad_id).to(values.device), 0].float()
+    return values[rows, index.to(values.device), 0].float()
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -40,7 +40,7 @@ class RewardSource:
 
 
 def reward_source(folder: Path, kind: str, hidden: int | None, vocab: int | None = None) -> RewardSource:
-    """The reward model in `folder` (pipeline.recipe.resolve.reward_folder finds it) under reward_model_type `kind`,
+    """The reward model in `folder` (pipeline.recipe.run_folders.reward_folder finds it) under reward_model_type `kind`,
     checked against the policy's hidden size `hidden` and its tokenizer's number of ids `vocab` (None: unknown here,
     not checked): a UserError whose messages start with 'reward_model: '."""
     if kind == "lora":

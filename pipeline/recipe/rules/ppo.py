@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from pipeline.recipe.rules.core import Context, rule
 from pipeline.recipe.spec import defaults
@@ -34,7 +35,8 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
         return [("stage", "ppo needs reward_model: a stage rm run's output_dir (its adapter/ with reward_model_type "
                           "lora, the default; its model/ or merged/ with reward_model_type full)")]
     if ctx.command != "train":
-        return reward_folder_problems(ctx) if reward_model_here(path, ctx.values["reward_model_type"]) else []
+        here = local_reward_folder(path, ctx.values["reward_model_type"])
+        return reward_folder_problems(ctx, here) if here is not None else []
     from pipeline.errors import UserError
     from pipeline.model.hub import is_hub_id, resolve_model_path
 
@@ -49,26 +51,26 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
     return reward_folder_problems(ctx)
 
 
-def reward_model_here(path: str, kind: str) -> bool:
-    """Whether the local folder `path` already holds its reward model under reward_model_type `kind` (run_folders
-    .reward_folder finds it; a hub id is not looked up: nothing is downloaded before train)."""
+def local_reward_folder(path: str, kind: str) -> Path | None:
+    """The reward model's folder when the local folder `path` already holds it under reward_model_type `kind`
+    (run_folders.reward_folder finds it; a hub id is not looked up: nothing is downloaded before train), else None."""
     from pipeline.errors import UserError
     from pipeline.recipe.run_folders import reward_folder
 
     if kind not in ("lora", "full") or not os.path.isdir(path):
-        return False
+        return None
     try:
-        reward_folder(path, kind)
+        return reward_folder(path, kind)
     except UserError:
-        return False
-    return True
+        return None
 
 
-def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
+def reward_folder_problems(ctx: Context, folder: Path | None = None) -> list[tuple[str, str]]:
     """What the reward_model folder holds, read from its files now (pipeline.model.reward_folder): a folder of
     another form, another base (a full model whose vocabulary lacks ids of the policy's tokenizer; a LoRA adapter
     whose tensors do not fit the policy's base, which it is folded into) or a value head of the wrong size stops
-    here, at the key, not after the policy loaded or at the first reward."""
+    here, at the key, not after the policy loaded or at the first reward. `folder`: the one reward_folder found
+    already (None: found here, its problems said)."""
     from pipeline.errors import UserError
     from pipeline.model.reward_folder import reward_source
     from pipeline.recipe.modelinfo import available_recipe_tokenizer, model_info
@@ -80,8 +82,8 @@ def reward_folder_problems(ctx: Context) -> list[tuple[str, str]]:
     info = model_info(ctx.values["model_name_or_path"])
     tokenizer = available_recipe_tokenizer(ctx.values) if kind == "full" else None
     try:
-        source = reward_source(reward_folder(ctx.values["reward_model"], kind), kind, info and info.n_embd,
-                               tokenizer and tokenizer.n_vocab)
+        found = folder if folder is not None else reward_folder(ctx.values["reward_model"], kind)
+        source = reward_source(found, kind, info and info.n_embd, tokenizer and tokenizer.n_vocab)
     except UserError as err:
         return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
     return [] if kind == "full" else lora_reward_fits(ctx, str(source.folder))
