@@ -24,6 +24,9 @@ from pipeline.model.config import llama_pro_problem
 from pipeline.model.families import BY_ARCHITECTURE, Family
 
 ZEROED = ("self_attn.o_proj", "mlp.down_proj")  # our names of the two projections that write into the residual
+# each part of a block (our names) and the projection of ZEROED through which it reaches the residual stream
+THROUGH = {"input_layernorm": ZEROED[0], "self_attn": ZEROED[0], "post_attention_layernorm": ZEROED[1],
+           "mlp": ZEROED[1]}
 SHARD_BYTES = 5 * 10**9  # LLaMA-Factory's script: max_shard_size "5GB"
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.safetensors\.index\.json$|"
                          r".*\.bin\.index\.json$")
@@ -96,6 +99,17 @@ def expanded_tensors(family: Family, tensors: Mapping[str, Any],
             yield renamed(family, key, new_index, rest), tensor
     for key in others:
         yield key, tensors[key]
+
+
+def output_projection(module: str) -> str | None:
+    """The projection (ZEROED's, with its block: layers.1.self_attn.o_proj) through which `module`, a module of a
+    block, reaches the residual stream: in an expanded block it gets a gradient only once that projection is
+    non-zero (the projection itself gets one whenever it is trained in full). None outside a block, or for a part of
+    a block THROUGH does not know."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[0] != "layers" or parts[2] not in THROUGH:
+        return None
+    return f"layers.{parts[1]}.{THROUGH[parts[2]]}"
 
 
 def nonzero_outputs(folder: Path, projections: Iterable[str]) -> set[str] | None:

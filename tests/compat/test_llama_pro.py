@@ -215,16 +215,16 @@ def test_expanded_block_ids_are_llama_factorys():
     assert [source for source, _ in expanded_layout(32, 8)][:10] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 7]
 
 
-def blocks_trained(expanded: Path, out: Path) -> Path:
-    """`expanded` as after a use_llama_pro run on its new blocks, merged: their o_proj and down_proj no longer zero
-    (small random values, written by transformers' save_pretrained); the tokenizer files copied."""
+def blocks_trained(expanded: Path, out: Path, names: tuple[str, ...] = ZEROED) -> Path:
+    """`expanded` as after a use_llama_pro run on its new blocks, merged: their `names` (o_proj and down_proj) no
+    longer zero (small random values, written by transformers' save_pretrained); the tokenizer files copied."""
     import shutil
 
     model = transformers.AutoModelForCausalLM.from_pretrained(expanded)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i in EXPANDED_IDS:
-            for name in ZEROED:
+            for name in names:
                 weight = model.model.layers[i].get_submodule(name.rsplit(".", 1)[0]).weight
                 weight.copy_(0.02 * torch.randn(weight.shape, generator=gen))
     model.save_pretrained(out)
@@ -244,34 +244,41 @@ def lf_oft_targets(model: "torch.nn.Module") -> list[str]:
     return [n for n, _ in model.named_modules() if any(t in n for t in linears) and any(i in n for i in ids)]
 
 
-def peft_oft(path: Path) -> "torch.nn.Module":
-    """PEFT's OFT as LLaMA-Factory builds it for `lora_target: all` with use_llama_pro (default oft_block_size 32)."""
+def peft_oft(path: Path, targets: tuple[str, ...] | None = None,
+             modules_to_save: list[str] | None = None) -> "torch.nn.Module":
+    """PEFT's OFT as LLaMA-Factory builds it with use_llama_pro (default oft_block_size 32): on the expanded blocks'
+    lora_target modules (`all` when targets is None), additional_target as modules_to_save."""
     import peft
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    return peft.get_peft_model(model, peft.OFTConfig(r=0, oft_block_size=32, target_modules=lf_oft_targets(model)))
+    chosen = [n for n in lf_oft_targets(model) if targets is None or n.endswith(targets)]
+    return peft.get_peft_model(model, peft.OFTConfig(r=0, oft_block_size=32, target_modules=chosen,
+                                                     modules_to_save=modules_to_save))
+
+
+def peft_grads(path: Path, targets: tuple[str, ...] | None = None,
+               modules_to_save: list[str] | None = None) -> dict[str, "torch.Tensor"]:
+    """The gradient of every trained tensor of peft_oft's model after one backward of the language-model loss."""
+    model = peft_oft(path, targets, modules_to_save)
+    ids = torch.tensor([[3, 17, 42, 99]])
+    model(ids, labels=ids).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_oft_on_expanded_blocks_runs_once_their_output_projections_are_trained(tmp_path, checkpoints):
     """LLaMA-Factory 0.9.5 gives OFT the lora_target modules of the expanded blocks (find_expanded_modules, as for
     LoRA). OFT rotates a layer's input, so a zero weight stays zero and passes no gradient back: on the checkpoint
-    `expand` wrote every OFT gradient is zero (PEFT), and the recipe is refused at use_llama_pro; once the blocks'
-    o_proj and down_proj are trained every OFT module there gets one (PEFT), plan counts PEFT's trainable numbers,
-    and train's model wraps exactly LLaMA-Factory's modules."""
+    `expand` wrote every OFT gradient is zero (PEFT), and the recipe is refused at use_llama_pro, unless a module
+    trained in full (additional_target) gets a gradient there (PEFT's modules_to_save); once the blocks' o_proj and
+    down_proj are trained every OFT module there gets one (PEFT), plan counts PEFT's trainable numbers, and train's
+    model wraps exactly LLaMA-Factory's modules."""
     from pipeline.model.adapter import AdapterLinear, family_of_model
     from pipeline.model.build import build_model
     from pipeline.recipe import resolve
     from pipeline.recipe.args import recipe_args
 
     _, expanded = checkpoints
-    ids = torch.tensor([[3, 17, 42, 99]])
-
-    def grads(path: Path) -> dict[str, "torch.Tensor"]:
-        model = peft_oft(path)
-        model(ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    assert all(not g.any() for g in grads(expanded).values())
+    assert all(not g.any() for g in peft_grads(expanded).values())
     oft = dict(finetuning_type="oft", freeze_trainable_layers=8)
     done = run_main(["validate", str(recipe(tmp_path, expanded, **oft))], tmp_path)
     assert done.code == 2 and "Traceback" not in done.err
@@ -279,12 +286,33 @@ def test_oft_on_expanded_blocks_runs_once_their_output_projections_are_trained(t
         f"{tmp_path / 'r.yaml'}:7:16: use_llama_pro: is true with finetuning_type oft, but in {expanded} the "
         "expanded blocks' output projections behind lora_target's modules (o_proj for attention, down_proj for the "
         "MLP) are zero, as `python -m pipeline expand` writes them: OFT rotates a layer's input, a rotated zero weight "
-        "stays zero and passes no gradient back, so no OFT module would ever train (LLaMA-Factory runs it with a "
-        "grad_norm of 0); train the expanded blocks first (finetuning_type: freeze, or lora, with use_llama_pro) and "
-        "OFT their merged model, or use finetuning_type: lora here"], done.err
+        "stays zero and passes no gradient back, so nothing this recipe trains would ever move (LLaMA-Factory runs it "
+        "with a grad_norm of 0); train the expanded blocks first (finetuning_type: freeze, or lora, with "
+        "use_llama_pro) and OFT their merged model, train those projections in full beside OFT (additional_target: "
+        "o_proj,down_proj, every block's, as PEFT's modules_to_save, with a lora_target that leaves them out), or use "
+        "finetuning_type: lora here"], done.err
+
+    # additional_target trains modules in full: LLaMA-Factory 0.9.5 hands it to PEFT as modules_to_save, which takes
+    # every block's module of that name. A zero o_proj trained in full gets a gradient (its input times the
+    # output's), so that recipe trains (and the rotations behind o_proj move from its second step); a norm behind
+    # the zero o_proj gets none, so additional_target naming only that one is refused as OFT alone is
+    full = peft_grads(expanded, ("q_proj", "v_proj"), ["o_proj", "input_layernorm"])
+
+    def grad(part: str, i: int) -> "torch.Tensor":
+        [found] = [g for n, g in full.items() if f"layers.{i}.{part}." in n]
+        return found
+
+    assert all(grad("self_attn.o_proj", i).any() and not grad("input_layernorm", i).any() for i in EXPANDED_IDS)
+    assert not any(grad(f"self_attn.{p}", i).any() for p in ("q_proj", "v_proj") for i in EXPANDED_IDS)
+    assert grad("input_layernorm", 0).any()  # an original block's
+    for extra, code in (("o_proj", 0), ("layers.1.input_layernorm", 2)):
+        done = run_main(["plan", str(recipe(tmp_path, expanded, **oft, lora_target="q_proj,v_proj",
+                                            additional_target=extra))], tmp_path)  # the rules, no data needed
+        assert done.code == code and "Traceback" not in done.err, (extra, done.err)
+        assert ("use_llama_pro: is true with finetuning_type oft" in done.err) == (code == 2), done.err
 
     trained = blocks_trained(expanded, tmp_path / "trained")
-    moved = grads(trained)
+    moved = peft_grads(trained)
     assert len(moved) == 7 * len(EXPANDED_IDS) and all(g.any() for g in moved.values())
     path = recipe(tmp_path, trained, **oft)
     plan = run_main(["plan", str(path)], tmp_path).out
@@ -296,3 +324,41 @@ def test_oft_on_expanded_blocks_runs_once_their_output_projections_are_trained(t
     family = family_of_model(ours)
     wrapped = {family.to_hf(n) for n, m in ours.named_modules() if isinstance(m, AdapterLinear)}
     assert wrapped == set(lf_oft_targets(transformers.AutoModelForCausalLM.from_pretrained(trained)))
+
+
+@pytest.mark.slow  # ~15 s: trains two steps through the CLI
+def test_oft_on_a_partly_trained_expansion_moves_what_peft_gives_a_gradient(tmp_path, checkpoints):
+    """The expanded blocks' o_proj trained, their down_proj still zero (say a LoRA run on attention alone, merged):
+    PEFT's OFT gradients are non-zero on the attention modules and zero on the MLP ones there. A lora_target of MLP
+    modules alone is refused (nothing would train; LLaMA-Factory 0.9.5 runs it with grad_norm 0); lora_target: all
+    trains through the CLI, and after two steps exactly the rotations PEFT gives a gradient have moved (the MLP ones
+    are still the identity), in an adapter PEFT loads."""
+    import peft
+    from safetensors.torch import load_file
+
+    _, expanded = checkpoints
+    partly = blocks_trained(expanded, tmp_path / "partly", names=("self_attn.o_proj.weight",))
+    moves = {n.split("base_model.model.")[1].split(".oft_R")[0] for n, g in peft_grads(partly).items() if g.any()}
+    assert moves == {f"model.layers.{i}.self_attn.{p}" for i in EXPANDED_IDS for p in ("q_proj", "k_proj", "v_proj",
+                                                                                        "o_proj")}
+    work = lf_checkout(tmp_path / "lf", str(partly))
+    assert run_main(["build", EXAMPLE], work).code == 0
+    oft = [*SHORT, "finetuning_type=oft"]
+    done = run_main(["validate", EXAMPLE, *oft, "lora_target=gate_proj,up_proj,down_proj"], work)
+    assert done.code == 2 and "Traceback" not in done.err, done.err
+    assert [e.split(": ", 1)[1] for e in done.errors] == [
+        f"use_llama_pro: is true with finetuning_type oft, but in {partly} the expanded blocks' output projections "
+        "behind lora_target's modules (o_proj for attention, down_proj for the MLP) are zero, as `python -m pipeline "
+        "expand` writes them: OFT rotates a layer's input, a rotated zero weight stays zero and passes no gradient "
+        "back, so nothing this recipe trains would ever move (LLaMA-Factory runs it with a grad_norm of 0); train the "
+        "expanded blocks first (finetuning_type: freeze, or lora, with use_llama_pro) and OFT their merged model, "
+        "train those projections in full beside OFT (additional_target: o_proj,down_proj, every block's, as PEFT's "
+        "modules_to_save, with a lora_target that leaves them out), or use finetuning_type: lora here"], done.err
+    pipeline("train", EXAMPLE, *oft, "lora_target=all", cwd=work, timeout=600)
+    adapter = work / "saves/llama3-8b-pro/freeze/sft/adapter"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert len(tensors) == 7 * len(EXPANDED_IDS)
+    assert {n.removeprefix("base_model.model.").removesuffix(".oft_R.weight") for n, t in tensors.items()
+            if t.any()} == moves
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(partly), adapter)
+    assert sum(n.endswith("oft_R.default.weight") for n, _ in model.named_parameters()) == len(tensors)

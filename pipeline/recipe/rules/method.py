@@ -149,35 +149,56 @@ def llama_pro_needs_freeze_or_lora(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("finetuning_type", "use_llama_pro", "lora_target", "model_name_or_path", "freeze_trainable_layers")
+@rule("finetuning_type", "use_llama_pro", "lora_target", "additional_target", "model_name_or_path",
+      "freeze_trainable_layers", "stage", "resize_vocab", "context_length", "oft_rank", "oft_block_size")
 def llama_pro_oft_can_train(ctx: Context) -> list[tuple[str, str]]:
     """OFT turns a layer's input (W R), so a zero weight stays zero whatever R is and passes no gradient back, to
     its own rotation or to any module before it. `expand` zeroes the expanded blocks' o_proj and down_proj: an
     attention module there trains only where its block's o_proj is non-zero in the checkpoint, an MLP one where its
     down_proj is, which is never so in a checkpoint `expand` just wrote, and becomes so once the blocks were trained
-    (a freeze or LoRA use_llama_pro run's merged model). LLaMA-Factory applies OFT there all the same (a grad_norm of
-    0 for the whole run); refused here when no module lora_target takes would ever move, read from the weights."""
+    (a freeze or LoRA use_llama_pro run's merged model). A module trained in full beside OFT (additional_target,
+    or what the recipe always trains: rm's score head, the embeddings resize_vocab grows) is another matter: a zero
+    o_proj / down_proj trained in full gets a gradient (its input times the output's), and then moves what sits
+    behind it; any module outside the expanded blocks trains. LLaMA-Factory applies OFT there all the same (a
+    grad_norm of 0 for the whole run where nothing trains); refused here only when nothing the recipe trains
+    (recipe_tensors, plan's list) would ever move, read from the weights."""
     v = ctx.values
     if not (v["use_llama_pro"] and v["finetuning_type"] == "oft"):
         return []
-    from pipeline.model.expand import ZEROED, nonzero_outputs
-    from pipeline.recipe.modelinfo import model_folder
+    from pipeline.errors import UserError
+    from pipeline.model.config import llama_pro_blocks
+    from pipeline.model.expand import nonzero_outputs, output_projection
+    from pipeline.recipe.modelinfo import model_folder, model_info, recipe_tensors
 
-    targets, folder = expanded_targets(v), model_folder(v["model_name_or_path"])
-    if targets is None or folder is None:
+    info, folder = model_info(v["model_name_or_path"]), model_folder(v["model_name_or_path"])
+    found = recipe_tensors(v, info) if info is not None and folder is not None else None
+    if found is None:
         return []
-    output = {projection.split(".")[0]: projection for projection in ZEROED}  # self_attn -> self_attn.o_proj
-    behind = {name: ".".join(name.split(".")[:2] + [output[name.split(".")[2]]]) for name in targets}
-    moving = nonzero_outputs(folder, set(behind.values()))
-    if moving is None or not targets or any(behind[name] in moving for name in targets):
+    try:
+        blocks = {str(i) for i in llama_pro_blocks(info.n_layer, v["freeze_trainable_layers"])}
+    except UserError:  # freeze_trainable_layers does not fit the model: its own rule says so
+        return []
+    behind = set()  # the zero-at-start projections the trained modules need non-zero
+    for tensor in found[1]:
+        module = tensor.name.rsplit(".", 2 if tensor.adapter else 1)[0]  # X.oft.weight (OFT), X.weight / X.bias
+        projection = output_projection(module)
+        if projection is None or module.split(".")[1] not in blocks:
+            return []  # outside the expanded blocks (or a part of one not known here): it trains
+        if module == projection and not tensor.adapter:
+            return []  # the projection itself trained in full: its gradient is its input times the output's
+        behind.add(projection)
+    moving = nonzero_outputs(folder, behind)
+    if moving is None or not behind or moving:
         return []
     return [("use_llama_pro", f"is true with finetuning_type oft, but in {v['model_name_or_path']} the expanded "
                               "blocks' output projections behind lora_target's modules (o_proj for attention, "
                               "down_proj for the MLP) are zero, as `python -m pipeline expand` writes them: OFT "
                               "rotates a layer's input, a rotated zero weight stays zero and passes no gradient back, "
-                              "so no OFT module would ever train (LLaMA-Factory runs it with a grad_norm of 0); "
-                              "train the expanded blocks first (finetuning_type: freeze, or lora, with "
-                              "use_llama_pro) and OFT their merged model, or use finetuning_type: lora here")]
+                              "so nothing this recipe trains would ever move (LLaMA-Factory runs it with a grad_norm "
+                              "of 0); train the expanded blocks first (finetuning_type: freeze, or lora, with "
+                              "use_llama_pro) and OFT their merged model, train those projections in full beside OFT "
+                              "(additional_target: o_proj,down_proj, every block's, as PEFT's modules_to_save, with a "
+                              "lora_target that leaves them out), or use finetuning_type: lora here")]
 
 
 @rule("finetuning_type", "use_llama_pro", "lora_target", "pissa_init", "use_dora", "adapter_name_or_path",
