@@ -30,14 +30,22 @@ REPO = Path(__file__).resolve().parents[2]
     # BAdam (use_badam) at ZeRO 0: both ranks switch to the same layer after the same steps, and DeepSpeed averages
     # the gradients of the layer that requires them (every switch after step 1, 3: both layers train)
     # (a Llama: BAdam's blocks are the `layers.<i>.` of transformers' names, which the GPT-2 preset has not)
-    (BASE_SFT, dict(finetuning_type="full", zero_stage=0, use_badam=True, badam_switch_interval=2, llama=True)),
-], ids=["sft-varied-lengths-zero3", "sft-badam-zero0"])
+    # With use_asft_loss (LLaMA-Factory's ASFT: a mean per micro-batch, against a frozen copy of the starting
+    # model), whose update averages micro-batch means, so the one-rank run takes the same micro-batches of 2 rows
+    # (twice the accumulation): each rank's reference copy scores its own rows; eval batches of 2 rows likewise
+    (BASE_SFT, dict(finetuning_type="full", zero_stage=0, use_badam=True, badam_switch_interval=2, llama=True,
+                    use_asft_loss=True, per_device_eval_batch_size=2)),
+], ids=["sft-varied-lengths-zero3", "sft-badam-asft-zero0"])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir, base, stage_keys):
     keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, **stage_keys)
     if keys.pop("llama", False):
         write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
         keys.update(model_name_or_path=str(workdir / "llama"), cutoff_len=256)
-    one = train(make_recipe(base, name="one", per_device_train_batch_size=4, **keys))
+    # a loss summed over the update's tokens: one rank takes each global micro-batch whole; a mean per micro-batch
+    # (ASFT): the two ranks' micro-batches one after another
+    batch = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4) if keys.get("use_asft_loss") else \
+        dict(per_device_train_batch_size=4)
+    one = train(make_recipe(base, name="one", **{**keys, **batch}))
     make_recipe(base, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml, builds data
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
