@@ -161,7 +161,7 @@ def recipe(tmp_path: Path, model: Path, **keys) -> Path:
     return path
 
 
-def test_use_llama_pro_mistakes_name_the_key_and_line(tmp_path):
+def test_use_llama_pro_mistakes_name_the_key_and_line(tmp_path, checkpoints):
     write_hf_checkpoint(tmp_path / "m", "llama", small_vocab=True, num_hidden_layers=6)
     err = run_main(["validate", str(recipe(tmp_path, tmp_path / "m", finetuning_type="freeze",
                                            freeze_trainable_layers=4))], tmp_path).err
@@ -174,14 +174,23 @@ def test_use_llama_pro_mistakes_name_the_key_and_line(tmp_path):
                                         freeze_trainable_layers=3))], tmp_path)
     assert done.code == 0, done.err  # freeze_trainable_layers counts the expanded blocks under lora too
     assert "trainable blocks: 1, 3, 5 of 0..5 (use_llama_pro" in done.out  # stride 6 / 3 = 2
-    lora = dict(finetuning_type="lora", freeze_trainable_layers=3)
+    lora = dict(finetuning_type="lora", freeze_trainable_layers=8)
+    _, expanded = checkpoints  # `expand`'s checkpoint: the new blocks' o_proj / down_proj are zero
     for keys, message in (({"pissa_init": True}, "r.yaml:10:13: pissa_init: is true with use_llama_pro, but the "
                                                  "expanded blocks' o_proj and down_proj (GPT-2's c_proj) are zero"),
                           ({"use_dora": True}, "r.yaml:10:11: use_dora: is true with use_llama_pro, but the expanded"),
                           ({"lora_target": "q_proj,v_proj"}, "r.yaml:10:14: lora_target: given ['q_proj', 'v_proj'], "
                                                              "which leaves out the output projections")):
-        done = run_main(["validate", str(recipe(tmp_path, tmp_path / "m", **lora, **keys))], tmp_path)
+        done = run_main(["validate", str(recipe(tmp_path, expanded, **lora, **keys))], tmp_path)
         assert done.code == 2 and message in done.err and "Traceback" not in done.err, (keys, done.err)
+        # where those projections are not zero (blocks already trained; here: a model never expanded) each trains
+        done = run_main(["plan", str(recipe(tmp_path, tmp_path / "m", **{**lora, "freeze_trainable_layers": 3},
+                                                **keys))], tmp_path)
+        assert done.code == 0, (keys, done.err)
+    # the zero projections trained in full (additional_target, PEFT's modules_to_save): LoRA behind them trains too
+    done = run_main(["plan", str(recipe(tmp_path, expanded, **lora, lora_target="q_proj,v_proj",
+                                            additional_target="o_proj,down_proj"))], tmp_path)
+    assert done.code == 0, done.err
 
 
 def test_why_lora_on_expanded_blocks_needs_their_output_projections(checkpoints):

@@ -5,6 +5,7 @@ oft_rank, oft_block_size, oft_target, module_dropout).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.names import trains_adapter, uses_reference
@@ -163,32 +164,7 @@ def llama_pro_oft_can_train(ctx: Context) -> list[tuple[str, str]]:
     grad_norm of 0 for the whole run where nothing trains); refused here only when nothing the recipe trains
     (recipe_tensors, plan's list) would ever move, read from the weights."""
     v = ctx.values
-    if not (v["use_llama_pro"] and v["finetuning_type"] == "oft"):
-        return []
-    from pipeline.errors import UserError
-    from pipeline.model.config import llama_pro_blocks
-    from pipeline.model.expand import nonzero_outputs, output_projection
-    from pipeline.recipe.modelinfo import model_folder, model_info, recipe_tensors
-
-    info, folder = model_info(v["model_name_or_path"]), model_folder(v["model_name_or_path"])
-    found = recipe_tensors(v, info) if info is not None and folder is not None else None
-    if found is None:
-        return []
-    try:
-        blocks = {str(i) for i in llama_pro_blocks(info.n_layer, v["freeze_trainable_layers"])}
-    except UserError:  # freeze_trainable_layers does not fit the model: its own rule says so
-        return []
-    behind = set()  # the zero-at-start projections the trained modules need non-zero
-    for tensor in found[1]:
-        module = tensor.name.rsplit(".", 2 if tensor.adapter else 1)[0]  # X.oft.weight (OFT), X.weight / X.bias
-        projection = output_projection(module)
-        if projection is None or module.split(".")[1] not in blocks:
-            return []  # outside the expanded blocks (or a part of one not known here): it trains
-        if module == projection and not tensor.adapter:
-            return []  # the projection itself trained in full: its gradient is its input times the output's
-        behind.add(projection)
-    moving = nonzero_outputs(folder, behind)
-    if moving is None or not behind or moving:
+    if not (v["use_llama_pro"] and v["finetuning_type"] == "oft") or not llama_pro_stalled(v):
         return []
     return [("use_llama_pro", f"is true with finetuning_type oft, but in {v['model_name_or_path']} the expanded "
                               "blocks' output projections behind lora_target's modules (o_proj for attention, "
@@ -202,18 +178,22 @@ def llama_pro_oft_can_train(ctx: Context) -> list[tuple[str, str]]:
 
 
 @rule("finetuning_type", "use_llama_pro", "lora_target", "pissa_init", "use_dora", "adapter_name_or_path",
-      "model_name_or_path", "freeze_trainable_layers")
+      "model_name_or_path", "freeze_trainable_layers", "additional_target", "stage", "resize_vocab", "context_length")
 def llama_pro_lora_can_train(ctx: Context) -> list[tuple[str, str]]:
     """LoRA on LLaMA Pro's blocks moves only through their output projections: `expand` zeroes o_proj and down_proj
     (GPT-2's c_proj), so the block adds nothing to the residual and every LoRA before them gets a zero gradient until
     theirs move. Without them in lora_target, under PiSSA (the singular vectors of a zero weight: A = B = 0) or
     under DoRA (its magnitude divides by the zero weight's norm: NaN) nothing would train; LLaMA-Factory and PEFT
-    run such a recipe all the same (grad_norm 0, or a NaN loss), so it is refused here, saying why."""
+    run such a recipe all the same (grad_norm 0, or a NaN loss), so it is refused here, saying why. Without the
+    projections in lora_target the run still trains where they are trained in full (additional_target) or already
+    non-zero in the checkpoint (llama_pro_stalled reads the weights)."""
     v = ctx.values
     if not (v["use_llama_pro"] and v["finetuning_type"] == "lora") or v["adapter_name_or_path"]:
         return []
     zeroed = "the expanded blocks' o_proj and down_proj (GPT-2's c_proj) are zero, as `python -m pipeline expand` " \
              "writes them"
+    if (v["pissa_init"] or v["use_dora"]) and zero_projections(v) == set():
+        return []  # the expanded blocks were trained (a use_llama_pro run's merged model): nothing is zero there
     if v["pissa_init"]:
         return [("pissa_init", f"is true with use_llama_pro, but {zeroed}: PiSSA starts their LoRA from the singular "
                                "vectors of a zero weight (A = B = 0), and no LoRA in those blocks would ever get a "
@@ -222,32 +202,73 @@ def llama_pro_lora_can_train(ctx: Context) -> list[tuple[str, str]]:
         return [("use_dora", f"is true with use_llama_pro, but {zeroed}: DoRA divides by each weight's norm, so with "
                              "them the loss is NaN from the first step (PEFT's too), and without them nothing "
                              "trains; remove use_dora")]
-    from pipeline.model.expand import ZEROED
-
-    names = expanded_targets(v)
-    if names and not any(name.endswith(ZEROED) for name in names):
+    if llama_pro_stalled(v):
         return [("lora_target", f"given {v['lora_target']!r}, which leaves out the output projections, but {zeroed}: the blocks "
                                 "add nothing to the residual until those move, so LoRA on the other modules gets no "
-                                "gradient and nothing trains; add o_proj and down_proj (GPT-2: c_proj), or use all")]
+                                "gradient and nothing trains; add o_proj and down_proj (GPT-2: c_proj), or use all, or "
+                                "train them in full (additional_target: o_proj,down_proj)")]
     return []
 
 
-def expanded_targets(values: Mapping[str, Any]) -> list[str] | None:
-    """The modules (our names) lora_target picks inside use_llama_pro's expanded blocks, as train wraps them; None
-    when the model cannot be read here, or lora_target / freeze_trainable_layers do not fit it (their own rules say
-    so)."""
-    from pipeline.errors import UserError
-    from pipeline.model.config import llama_pro_blocks, lora_target_modules
-    from pipeline.recipe.modelinfo import model_info
+def llama_pro_stalled(v: Mapping[str, Any]) -> bool:
+    """Whether nothing a use_llama_pro LoRA / OFT recipe trains would ever move, read from the checkpoint's weights.
 
-    info = model_info(values["model_name_or_path"])
-    if info is None:
+    `expand` zeroes the expanded blocks' o_proj and down_proj, so a module of such a block reaches the residual
+    only through a projection that is zero until it moves (pipeline.model.expand.output_projection). The
+    projection moves when it is trained in full (additional_target, PEFT's modules_to_save: its gradient is its
+    input times the output's) or carries a LoRA (B A x adds to a zero W x: B gets a gradient); an OFT rotation of a
+    zero weight stays zero (W R) and gets none. Anything outside the expanded blocks trains, and so does everything
+    once the checkpoint's projections are non-zero (a freeze or LoRA use_llama_pro run's merged model). False when
+    the model or the recipe's tensors (recipe_tensors, plan's list) cannot be read here: other rules say why."""
+    from pipeline.model.expand import nonzero_outputs, output_projection
+    from pipeline.recipe.modelinfo import recipe_tensors
+
+    found = expansion(v)
+    tensors = recipe_tensors(v, found[0]) if found is not None else None
+    if tensors is None:
+        return False
+    _, folder, blocks = found
+    behind = set()  # the zero-at-start projections the trained modules need non-zero
+    for tensor in tensors[1]:
+        module = tensor.name.rsplit(".", 2 if tensor.adapter else 1)[0]  # X.oft.weight, X.lora.A; X.weight / X.bias
+        projection = output_projection(module)
+        if projection is None or module.split(".")[1] not in blocks:
+            return False  # outside the expanded blocks (or a part of one not known here): it trains
+        if module == projection and (not tensor.adapter or v["finetuning_type"] == "lora"):
+            return False  # the projection itself trained in full, or its LoRA: it moves
+        behind.add(projection)
+    moving = nonzero_outputs(folder, behind)
+    return moving is not None and bool(behind) and not moving
+
+
+def expansion(v: Mapping[str, Any]) -> tuple[Any, Path, set[str]] | None:
+    """(the model's info, its folder, the expanded blocks' indices as strings) of a use_llama_pro recipe, or None
+    when the model cannot be read here or freeze_trainable_layers does not fit it (their own rules say so)."""
+    from pipeline.errors import UserError
+    from pipeline.model.config import llama_pro_blocks
+    from pipeline.recipe.modelinfo import model_folder, model_info
+
+    info, folder = model_info(v["model_name_or_path"]), model_folder(v["model_name_or_path"])
+    if info is None or folder is None:
         return None
     try:
-        return [m.name for m in lora_target_modules(info.config, values["lora_target"],
-                                                    llama_pro_blocks(info.n_layer, values["freeze_trainable_layers"]))]
+        return info, folder, {str(i) for i in llama_pro_blocks(info.n_layer, v["freeze_trainable_layers"])}
     except UserError:
         return None
+
+
+def zero_projections(v: Mapping[str, Any]) -> set[str] | None:
+    """The expanded blocks' output projections (our names) that are zero in the checkpoint - all of them where
+    `expand` just wrote it, none once the blocks were trained - or None when that cannot be read here."""
+    from pipeline.model.expand import ZEROED, nonzero_outputs
+
+    found = expansion(v)
+    if found is None:
+        return None
+    _, folder, blocks = found
+    projections = {f"layers.{b}.{name}" for b in blocks for name in ZEROED}
+    moving = nonzero_outputs(folder, projections)
+    return None if moving is None else projections - moving
 
 
 def counts_blocks(values: Mapping[str, Any]) -> bool:
