@@ -29,8 +29,11 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
                                     "response per prompt"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
     (PPO + "ref_model: tiny\n", None, "r.yaml:7:12: ref_model: is not implemented for stage ppo"),
-    (PPO + "reward_model_type: api\n", None, "r.yaml:7:20: reward_model_type: given 'api', expected one of lora, "
-                                             "full"),
+    (PPO + "reward_model_type: api\n", None, "r.yaml:6:15: reward_model: given 'saves/rm' (no scheme) with "
+                                             "reward_model_type api (did you mean 'http://saves/rm'?); expected the "
+                                             "URL of a reward server, http:// or https://"),
+    ("stage: ppo\nreward_model: ftp://h/score\nreward_model_type: api\n", "validate",
+     "r.yaml:6:15: reward_model: given 'ftp://h/score' (scheme 'ftp') with reward_model_type api; expected"),
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
     (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
                   "sft recipe whose adapter_name_or_path is this run's output_dir"),
@@ -38,7 +41,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
      "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned freeze policy "
      "(output_dir/model) with an sft recipe of finetuning_type freeze whose output_dir is this run's"),
 ], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "buffer", "beams", "val_size",
-        "ref_model", "api", "outside-ppo", "eval-command", "eval-command-freeze"])
+        "ref_model", "api-not-a-url", "api-not-http", "outside-ppo", "eval-command", "eval-command-freeze"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
     assert any(m.startswith(said) for m in found), found
@@ -77,6 +80,43 @@ def test_the_reward_model_run_is_an_upstream_of_stage_ppo_only(write):
     write("recipes/rm.yaml", "model_name_or_path: tiny\ndataset: x\nstage: rm\noutput_dir: saves/rm\n")
     write("recipes/ppo.yaml", "model_name_or_path: tiny\ndataset: x\nstage: ppo\nreward_model: saves/rm\n")
     assert "UPSTREAMS=recipes/rm.yaml:train" in lines(resolve("recipes/ppo.yaml", command="deps"))
+
+
+def test_the_reward_server_is_contacted_by_train_alone(recipe):
+    """reward_model_type api: validate and plan check the URL's form and send nothing; train asks once, before
+    anything loads, whether the server answers (a GET, answered 405 by the test's POST-only route), and a server that
+    refuses the connection stops it at the reward_model line. No scoring request is sent before the first rollout."""
+    from tests.helpers.reward_server import ScoringServer, refusing_url
+
+    with ScoringServer() as server:
+        path = recipe(f"stage: ppo\nreward_model: {server.url}\nreward_model_type: api\n")
+        for command in ("validate", "plan"):
+            assert resolve(path, command=command)["reward_model"] == server.url
+        assert server.gets == [] and server.posts == []
+        try:
+            resolve(path, command="train")
+        except UserError as err:  # the tiny preset's dataset is not built here: only that may be said
+            assert not [m for m in err.messages if "reward_model" in m], err.messages
+        assert server.gets == ["/score"] and server.posts == []
+    with refusing_url() as url:
+        path = recipe(f"stage: ppo\nreward_model: {url}\nreward_model_type: api\n")
+        resolve(path, command="validate")
+        found = [m for m in messages(path, "train") if "reward_model" in m]
+        assert len(found) == 1 and found[0].startswith(f"r.yaml:6:15: reward_model: the reward server {url} does not "
+                                                       "answer (ConnectionRefusedError"), found
+
+
+def test_a_reward_server_is_no_upstream_and_holds_no_memory_here(recipe):
+    """A URL is not a folder a recipe writes (make builds nothing first for it), and plan counts no reward model on
+    the ranks: the server holds it."""
+    from pipeline.recipe.deps import upstream_paths
+    from pipeline.recipe.plan import reward_model_params
+
+    url = "http://127.0.0.1:8000/score"
+    assert upstream_paths({"stage": "ppo", "model_name_or_path": "tiny", "reward_model": url,
+                           "reward_model_type": "api"}) == ["tiny"]
+    r = resolve(recipe(f"stage: ppo\nreward_model: {url}\nreward_model_type: api\n"), command="plan")
+    assert reward_model_params(r, None) == 0
 
 
 def test_overwrite_output_dir_never_empties_the_reward_model():
