@@ -2,6 +2,7 @@
 key with the reason, the ppo keys only under stage ppo; val_size derived 0 (PPO evaluates nothing)."""
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import pytest
@@ -147,10 +148,13 @@ def test_a_lora_policy_training_whole_modules_is_refused_under_zero3(recipe):
 def bases(tmp_path_factory):
     """The policy's base (a tiny Llama of 384 token ids, its tokenizer beside it) and reward models saved as
     transformers / PEFT save them: full ones of its vocabulary, of a padded one (448 rows, the same tokenizer), of
-    another (300 ids); SEQ_CLS LoRA adapters on its base and on another base as wide (MLP 48 wide, not 64)."""
+    another (300 ids); of 448 rows with tokenizer files beside them: the policy's (padded), or another tokenizer of
+    448 ids (trained on the same texts: its ids 378-383 are merges where the policy's are its template markup);
+    SEQ_CLS LoRA adapters on its base and on another base as wide (MLP 48 wide, not 64)."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from tests.acceptance.harness import write_hf_checkpoint
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
 
     root = tmp_path_factory.mktemp("ppo_bases")
     write_hf_checkpoint(root / "llama", "llama", small_vocab=True)
@@ -161,6 +165,11 @@ def bases(tmp_path_factory):
     reward_model().save_pretrained(root / "rm_full")
     reward_model(vocab_size=448).save_pretrained(root / "rm_padded")
     reward_model(vocab_size=300, bos_token_id=None, eos_token_id=None).save_pretrained(root / "rm_other_vocab")
+    for name in ("rm_padded_tokenizer", "rm_other_tokenizer"):
+        reward_model(vocab_size=448).save_pretrained(root / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(root / "llama" / name, root / "rm_padded_tokenizer" / name)
+    write_small_tokenizer_dir(root / "rm_other_tokenizer", "llama3", size=448)
     lora = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj", "down_proj"])
     peft.get_peft_model(reward_model(), lora).save_pretrained(root / "rm_lora")
     peft.get_peft_model(reward_model(intermediate_size=48), lora).save_pretrained(root / "rm_lora_other")
@@ -180,14 +189,19 @@ def ppo_recipe(write, bases, reward: str, kind: str) -> str:
     ("rm_other_vocab", "full", "its vocabulary has 300 token ids (vocab_size in config.json), expected at least the "
                                "384 of the policy's tokenizer"),
     ("rm_lora_other", "lora", "has shape [2, 48] but"),
-    ("rm_full", "full", None), ("rm_padded", "full", None), ("rm_lora", "lora", None),
-], ids=["full-other-vocabulary", "lora-other-base", "full", "full-padded-vocabulary", "lora"])
+    ("rm_other_tokenizer", "full", "token ids another token (the first, id 378: "),
+    ("rm_full", "full", None), ("rm_padded", "full", None), ("rm_padded_tokenizer", "full", None),
+    ("rm_lora", "lora", None),
+], ids=["full-other-vocabulary", "lora-other-base", "full-other-tokenizer", "full", "full-padded-vocabulary",
+        "full-padded-same-tokenizer", "lora"])
 @pytest.mark.parametrize("command", ["validate", "plan", "train"])
 def test_a_reward_model_of_another_base_stops_at_its_line(write, bases, reward, kind, said, command):
     """It went on: a full reward model of a smaller vocabulary stopped the run at its first reward with an index
     error (the responses' ids index its embedding), a LoRA adapter of another base as wide when its tensors loaded.
     Golden: the sizes the fixtures were saved with (300 and 384 ids; down_proj's LoRA A of rank 2 over 48 inputs
-    where the policy's has 64). A larger vocabulary (a padded one of the same tokenizer) is not refused."""
+    where the policy's has 64). A larger vocabulary (a padded one of the same tokenizer) is not refused, unless the
+    folder's tokenizer files give the policy's ids other tokens (it was accepted unchecked: the reward model read
+    the policy's template markup as other words)."""
     path = ppo_recipe(write, bases, reward, kind)
     try:
         found = resolve(path, command=command).values and []
@@ -198,6 +212,27 @@ def test_a_reward_model_of_another_base_stops_at_its_line(write, bases, reward, 
         assert mine == [], mine
     else:
         assert len(mine) == 1 and mine[0].startswith("r.yaml:5:15: reward_model: ") and said in mine[0], found
+
+
+def test_a_reward_model_of_another_tokenizer_is_named_by_its_first_other_token(write, bases):
+    """Golden from transformers: the ids below the policy tokenizer's 384 that the two AutoTokenizers map to other
+    tokens, and the first of them as each decodes it (skip_special_tokens=False)."""
+    transformers = pytest.importorskip("transformers")
+
+    policy, theirs = (transformers.AutoTokenizer.from_pretrained(bases / name) for name in ("llama",
+                                                                                           "rm_other_tokenizer"))
+    differ = [i for i in range(len(policy)) if policy.convert_ids_to_tokens(i) != theirs.convert_ids_to_tokens(i)]
+    assert len(policy) == 384 and differ  # the fixture is what the test needs: some ids differ
+    found = [m for m in messages(ppo_recipe(write, bases, "rm_other_tokenizer", "full"), "validate")
+             if "reward_model" in m]
+    assert found == [f"r.yaml:5:15: reward_model: {bases / 'rm_other_tokenizer' / 'tokenizer.json'}: its tokenizer "
+                     f"gives {len(differ)} of the policy tokenizer's 384 token ids another token (the first, id "
+                     f"{differ[0]}: {theirs.decode([differ[0]])!r} there, {policy.decode([differ[0]])!r} in the "
+                     "policy's): a reward model of another base model. It is given the policy's token ids as they "
+                     "are, so it must share the policy's tokenizer (LLaMA-Factory requires that too: its PPO feeds "
+                     "the policy's token ids to the reward model); train the reward model (stage rm) on "
+                     "model_name_or_path or a model of its family, or set reward_model_type: lora with an adapter "
+                     "trained on model_name_or_path"], found
 
 
 def test_validate_refuses_a_reward_model_of_another_vocabulary_as_typed(write, bases, tmp_path):

@@ -104,7 +104,7 @@ def reward_folder_problems(ctx: Context, folder: Path | None = None) -> list[tup
     tokenizer = available_recipe_tokenizer(ctx.values) if kind == "full" else None
     try:
         found = folder if folder is not None else reward_folder(ctx.values["reward_model"], kind)
-        source = reward_source(found, kind, info and info.n_embd, tokenizer and tokenizer.n_vocab)
+        source = reward_source(found, kind, info and info.n_embd, tokenizer)
     except UserError as err:
         return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
     return [] if kind == "full" else lora_reward_fits(ctx, str(source.folder))
