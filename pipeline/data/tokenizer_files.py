@@ -93,16 +93,24 @@ def read_tokenizer(directory: str | Path) -> Tokenizer:
     return _read(directory, _stamp(directory))
 
 
+def tokenizer_file(directory: str | Path) -> Path | None:
+    """The file a checkpoint directory's tokenizer is read from, in the order read_tokenizer tries them
+    (tokenizer.json, vocab.json with merges.txt, original/tokenizer.model, tokenizer.model); None when it holds none
+    (a GPT-2 checkpoint saved without them reads as GPT-2's)."""
+    directory = Path(directory)
+    sources = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("original/tokenizer.model",), ("tokenizer.model",))
+    return next((directory / names[0] for names in sources if all((directory / n).is_file() for n in names)), None)
+
+
 @functools.lru_cache(maxsize=8)
 def _read(directory: Path, _stamp: tuple) -> Tokenizer:
-    if (directory / "tokenizer.json").is_file():
+    source = tokenizer_file(directory)
+    if source is not None and source.name == "tokenizer.json":
         return _from_tokenizer_json(directory)
-    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+    if source is not None and source.name == "vocab.json":
         return _from_vocab_merges(directory)
-    if (directory / "original" / "tokenizer.model").is_file():
-        return _from_tiktoken_model(directory / "original" / "tokenizer.model", directory)
-    if (directory / "tokenizer.model").is_file():
-        return _from_tiktoken_model(directory / "tokenizer.model", directory)
+    if source is not None:
+        return _from_tiktoken_model(source, directory)
     config = optional_json(directory / "config.json")
     # HF GPT-2 checkpoints saved without tokenizer files, and our own GPT-2 checkpoints. A folder without
     # config.json is no checkpoint (an empty folder, the hub cache's models--Org--Name): reading it as GPT-2

@@ -11,10 +11,14 @@ that EOS from padding, so neither does training.
 The loss is LLaMA-Factory's (train/rm/trainer.py): -log sigmoid(score_chosen - score_rejected), the mean over
 the pairs; its metric the accuracy, how often chosen out-scores rejected. A bias on `score` would add the same
 constant to both scores: its gradient under this loss is zero, which is why transformers' head has none.
+
+Stage ppo scores its rollouts with a RewardScorer (a reward model loaded here) or, under reward_model_type api, a
+ServerScorer (a reward server's scores of the decoded texts): the same call, (input_ids, attention_mask) -> (B,).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +71,33 @@ class RewardScorer:
         """(B,) fp32 scores of the rows."""
         values = self.model(input_ids, attention_mask=attention_mask)
         return scores_at(values, last_attended_index(input_ids, attention_mask, self.pad_id))
+
+
+@dataclass
+class ServerScorer:
+    """reward_model_type api: the scores of a reward server (pipeline.model.reward_server), as LLaMA-Factory 0.9.5's
+    get_rewards asks for them: each row's attended tokens (prompt + response, the stop token kept) decoded by
+    `decode` (the policy tokenizer's, special tokens kept: its skip_special_tokens=False), posted in requests of
+    `rows_per_request` rows (per_device_train_batch_size: LLaMA-Factory asks once per mini-batch)."""
+    url: str
+    decode: Callable[[list[int]], str]
+    rows_per_request: int
+    model: None = None  # no model here: nothing to cast, freeze or count
+
+    def __str__(self) -> str:
+        return (f"the server's scores of the decoded prompt + response texts (special tokens kept), "
+                f"{self.rows_per_request} row{'s' if self.rows_per_request != 1 else ''} a request")
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) fp32 scores of the rows, on input_ids' device."""
+        from pipeline.model.reward_server import request_scores
+
+        keep = attention_mask.bool().cpu()
+        texts = [self.decode(row[mask].tolist()) for row, mask in zip(input_ids.cpu(), keep)]
+        size = self.rows_per_request
+        scores = [score for start in range(0, len(texts), size)
+                  for score in request_scores(self.url, texts[start:start + size])]
+        return torch.tensor(scores, dtype=torch.float32, device=input_ids.device)
 
 
 def sequence_scores(values: torch.Tensor, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:

@@ -13,15 +13,20 @@ Three forms, the first two as transformers / PEFT score them, the last as LLaMA-
 
 A folder of another model than the policy's (a LoRA reward adapter must sit on the policy's base: its head is then as
 wide as the policy's hidden size; a full reward model reads the policy's token ids, so its vocabulary holds every id
-of the policy's tokenizer) and a value head of the wrong size are refused here, at the recipe's key.
+of the policy's tokenizer and, where the folder holds tokenizer files, each of those ids is the same token there) and
+a value head of the wrong size are refused here, at the recipe's key.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.data.tokenizer import Tokenizer
 
 V_HEAD_WEIGHTS = "value_head.safetensors"  # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME
 V_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")  # TRL's ValueHead: Linear(hidden, 1) with a bias
@@ -39,10 +44,10 @@ class RewardSource:
         return "value head (LLaMA-Factory's)" if self.value_head else "score head"
 
 
-def reward_source(folder: Path, kind: str, hidden: int | None, vocab: int | None = None) -> RewardSource:
+def reward_source(folder: Path, kind: str, hidden: int | None, tokenizer: Tokenizer | None = None) -> RewardSource:
     """The reward model in `folder` (pipeline.recipe.run_folders.reward_folder finds it) under reward_model_type `kind`,
-    checked against the policy's hidden size `hidden` and its tokenizer's number of ids `vocab` (None: unknown here,
-    not checked): a UserError whose messages start with 'reward_model: '."""
+    checked against the policy's hidden size `hidden` and (a full one) its tokenizer (None: unknown here, not
+    checked): a UserError whose messages start with 'reward_model: '."""
     if kind == "lora":
         scored = _adapter_config(folder).get("task_type") == "SEQ_CLS"
         head_width = _score_width(folder) if scored else None
@@ -51,7 +56,8 @@ def reward_source(folder: Path, kind: str, hidden: int | None, vocab: int | None
         from pipeline.model.config import read_config
 
         config = read_config(folder)
-        _check_vocabulary(folder, config.vocab_size, vocab)
+        if tokenizer is not None:
+            _check_vocabulary(folder, config.vocab_size, tokenizer)
         scored, hidden, head_width = bool(config.num_labels), config.emb_dim, None
         what = "a language model (no score head)"
     source = RewardSource(folder, None if scored else folder / V_HEAD_WEIGHTS)
@@ -71,18 +77,60 @@ def reward_source(folder: Path, kind: str, hidden: int | None, vocab: int | None
     return source
 
 
-def _check_vocabulary(folder: Path, rows: int, vocab: int | None) -> None:
-    """A full reward model of `rows` embedding rows is given the policy's token ids as they are (ids up to `vocab`,
-    the policy tokenizer's; pipeline.train.ppo.PPOTrainer.rollout, as LLaMA-Factory 0.9.5's get_rewards feeds the
+def _check_vocabulary(folder: Path, rows: int, tokenizer: Tokenizer) -> None:
+    """A full reward model of `rows` embedding rows is given the policy's token ids as they are (ids up to the policy
+    tokenizer's n_vocab; pipeline.train.ppo.PPOTrainer.rollout, as LLaMA-Factory 0.9.5's get_rewards feeds the
     policy's input_ids to the reward model): fewer rows are another tokenizer, and the first id past them would stop
-    the run at its first reward with an index error."""
-    if vocab is not None and rows < vocab:
+    the run at its first reward with an index error. More rows are accepted: a model's embedding is often its
+    tokenizer's padded (Qwen's 151,936 rows for 151,665 ids). Where the folder holds tokenizer files, those decide:
+    _check_same_tokens."""
+    vocab = tokenizer.n_vocab
+    if rows < vocab:
         raise UserError(f"reward_model: {folder}: its vocabulary has {rows:,} token ids (vocab_size in config.json), "
-                        f"expected at least the {vocab:,} of the policy's tokenizer: a reward model of another base "
-                        "model. It is given the policy's token ids as they are, so it must share the policy's "
-                        "tokenizer (LLaMA-Factory requires that too: its PPO feeds the policy's token ids to the "
-                        "reward model); train the reward model (stage rm) on model_name_or_path or a model of its "
-                        "family, or set reward_model_type: lora with an adapter trained on model_name_or_path")
+                        f"expected at least the {vocab:,} of the policy's tokenizer: {ANOTHER_TOKENIZER}")
+    _check_same_tokens(folder, tokenizer)
+
+
+ANOTHER_TOKENIZER = ("a reward model of another base model. It is given the policy's token ids as they are, so it must "
+                     "share the policy's tokenizer (LLaMA-Factory requires that too: its PPO feeds the policy's token "
+                     "ids to the reward model); train the reward model (stage rm) on model_name_or_path or a model of "
+                     "its family, or set reward_model_type: lora with an adapter trained on model_name_or_path")
+
+
+def _check_same_tokens(folder: Path, policy: Tokenizer) -> None:
+    """Where the reward model's folder holds tokenizer files, every id the policy's tokenizer has must be the same
+    token in them (the same bytes; ids past the policy's, a padded or grown vocabulary, are never produced by the
+    policy and not compared). A tokenizer of another family, or one trained apart, gives the policy's ids other
+    tokens although its vocabulary is as large: the reward model would score text the policy never wrote."""
+    from pipeline.data.tokenizer_files import read_tokenizer, tokenizer_file
+
+    source = tokenizer_file(folder)
+    if source is None:
+        return  # no tokenizer files (a model/ saved by a run here, a save_pretrained of the model alone): rows only
+    try:
+        own = read_tokenizer(folder)
+    except UserError as err:
+        raise UserError(f"reward_model: {source}: its tokenizer cannot be read as a byte-level BPE one "
+                        f"({err.messages[0]}), so it is not the policy's: {ANOTHER_TOKENIZER}") from None
+    differ = [i for i in range(policy.n_vocab) if _token(policy, i) != _token(own, i)]
+    if differ:
+        first = differ[0]
+        raise UserError(f"reward_model: {source}: its tokenizer gives {len(differ):,} of the policy tokenizer's "
+                        f"{policy.n_vocab:,} token ids another token (the first, id {first:,}: "
+                        f"{_shown(_token(own, first))} there, {_shown(_token(policy, first))} in the policy's): "
+                        f"{ANOTHER_TOKENIZER}")
+
+
+def _token(tokenizer: Tokenizer, token: int) -> bytes | None:
+    """The bytes of a token id (a special token's text), None for an id without a token."""
+    try:
+        return tokenizer.token_bytes(token)
+    except KeyError:
+        return None
+
+
+def _shown(token: bytes | None) -> str:
+    return "no token" if token is None else repr(token.decode("utf-8", errors="replace"))
 
 
 def _json(path: Path) -> dict:

@@ -41,11 +41,13 @@ _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goa
 
 def upstream_paths(r: Mapping[str, Any]) -> list[str]:
     """The paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages and sft with
-    use_asft_loss, the reward model's under stage ppo: the stages that read them; ref_model_adapters'
-    comma-separated folders each)."""
+    use_asft_loss, the reward model's under stage ppo: the stages that read them, and not a reward server's URL;
+    ref_model_adapters' comma-separated folders each)."""
     asft = r.get("stage") == "sft" and bool(r.get("use_asft_loss"))
+    server = r.get("reward_model_type") == "api"  # reward_model is then a URL, which no recipe writes
     keys = [k for k in UPSTREAM_KEYS
-            if k not in STAGE_KEYS or r.get("stage") in STAGE_KEYS[k] or (asft and k in REFERENCE_KEYS)]
+            if (k not in STAGE_KEYS or r.get("stage") in STAGE_KEYS[k] or (asft and k in REFERENCE_KEYS))
+            and not (server and k == "reward_model")]
     lists = {k: split_names(r[k]) if k == "ref_model_adapters" else [r[k]] for k in keys if r.get(k)}
     return [str(path) for paths in lists.values() for path in paths]
 
@@ -78,7 +80,7 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         if recipe.resolve() in seen:
             return
         seen.add(recipe.resolve())
-        values = {key: recipe_value(recipe, key) for key in (*UPSTREAM_KEYS, "stage")}
+        values = {key: recipe_value(recipe, key) for key in (*UPSTREAM_KEYS, "stage", "reward_model_type")}
         for path in upstream_paths(values):
             found = producer(recipe, path)
             if found:

@@ -207,8 +207,8 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
     """Parameters of stage ppo's frozen reward model (pipeline.train.ppo.load_reward_model), held in the compute
     dtype: under reward_model_type lora the policy's base built as a reward model (its score head in place of
     lm_head) with the adapter folded in, one more copy of the base; under full the reward model folder's own
-    weights (0 when that folder cannot be read here)."""
-    if r["stage"] != "ppo" or r["reward_model"] is None:
+    weights (0 when that folder cannot be read here); under api none (the reward server holds its model)."""
+    if r["stage"] != "ppo" or r["reward_model"] is None or r["reward_model_type"] == "api":
         return 0
     if r["reward_model_type"] == "lora":
         return count_params(cfg.replace(num_labels=1)) + value_head_bias(r)

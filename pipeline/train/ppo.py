@@ -3,7 +3,8 @@
     prompts (per_device_train_batch_size x gradient_accumulation_steps rows of an sft-format dataset)
     -> the policy generates a response to each (the recipe's max_new_tokens, do_sample, temperature, top_k, top_p;
        the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
-    -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools)
+    -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools), or a reward
+       server its decoded text (reward_model_type api: pipeline.model.reward_server, LLaMA-Factory's request)
     -> no-grad passes: the policy's log-probabilities and values, the reference's log-probabilities
        (the starting model, pipeline.train.preference.starting_reference: the policy with its LoRA / OFT adapters
        switched off, or a frozen copy under full / freeze)
@@ -43,7 +44,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.model.ppo import (PPOConfig, Reduce, RunningMoments, advantages_and_returns, kl_controller,
                                 ppo_losses, token_rewards)
-from pipeline.model.reward import RewardScorer
+from pipeline.model.reward import RewardScorer, ServerScorer
 from pipeline.model.reward_folder import V_HEAD_WEIGHTS
 from pipeline.runtime import dist
 from pipeline.runtime.deepspeed_compat import gathered_for_generation
@@ -224,8 +225,8 @@ class ValueHeadExporter(Exporter):
 class PPOTrainer(Trainer):
     """Trainer whose optimizer step is one PPO step (module docstring); logging, saving and stopping as the base."""
 
-    def __init__(self, *args: Any, reward_model: RewardScorer, reference: Any, pad_id: int, stop_ids: tuple[int, ...],
-                 generation: Any, ppo: Any, scheduler: Any, seed: int, **kwargs: Any):
+    def __init__(self, *args: Any, reward_model: RewardScorer | ServerScorer, reference: Any, pad_id: int,
+                 stop_ids: tuple[int, ...], generation: Any, ppo: Any, scheduler: Any, seed: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reward_model, self.reference, self.pad_id, self.stop_ids = reward_model, reference, pad_id, stop_ids
         self.generation, self.scheduler, self.seed = generation, scheduler, seed
@@ -341,7 +342,8 @@ class PPOTrainer(Trainer):
         return {"loss": value, **stats}
 
 
-def describe(reward_model: str, kind: str, scorer: RewardScorer, ppo: Any, generation: Any, reference: str) -> None:
+def describe(reward_model: str, kind: str, scorer: RewardScorer | ServerScorer, ppo: Any, generation: Any,
+             reference: str) -> None:
     """The run's PPO settings on stderr (rank 0), as dpo's line says its loss and reference."""
     if dist.is_main():
         sampling = (f"sampling (temperature {generation.temperature}, top_k {generation.top_k}, top_p "

@@ -234,20 +234,24 @@ def exporter_class(r: Any) -> Any:
 
 
 def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]:
-    """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model, the reference
-    (the starting model: the policy with its adapters off under LoRA / OFT, a frozen copy under full / freeze, as
-    LLaMA-Factory's create_ref_model, which copies under OFT too: the same model), the tokenizer's pad id and the
-    template's stop ids, the decoding keys."""
+    """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model (or server), the
+    reference (the starting model: the policy with its adapters off under LoRA / OFT, a frozen copy under full /
+    freeze, as LLaMA-Factory's create_ref_model, which copies under OFT too: the same model), the tokenizer's pad id
+    and the template's stop ids, the decoding keys."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.model.reward import ServerScorer
     from pipeline.recipe.args import GenerationArgs, ppo_args, recipe_args
     from pipeline.train.ppo import PPOTrainer, describe, load_reward_model
     from pipeline.train.preference import disable_dropout, starting_reference
 
     ppo, generation, data = ppo_args(r), GenerationArgs.from_recipe(r), data_args(r)
     tokenizer, template = recipe_tokenizer(data), data.chat_template()
-    reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
-                               compute_dtype(r), tokenizer.pad_id)
-    disable_dropout(reward.model)
+    if ppo.reward_model_type == "api":  # a reward server: the rule checked its URL and that it answers
+        reward: Any = ServerScorer(ppo.reward_model, tokenizer.decode, r["per_device_train_batch_size"])
+    else:
+        reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
+                                   compute_dtype(r), tokenizer.pad_id)
+        disable_dropout(reward.model)
     # under ZeRO 3 a full / freeze policy's frozen copy is partitioned as the policy is (an engine of its own, as
     # TRL's PPOTrainer._prepare_deepspeed does): it is as large as the policy, and every rank runs its one forward
     # of a step, so its per-layer gathers line up whatever the responses' lengths

@@ -36,13 +36,13 @@ def test_no_effect_keys_say_why():
 
 
 def test_lf_values_not_implemented_here_are_refused_with_the_reason(tmp_path):
-    """docs/coming-from-llama-factory.md promises `reward_model_type: api` and `infer_backend: vllm|sglang|ktransformers`
+    """docs/coming-from-llama-factory.md promises `reward_model_type: oft` and `infer_backend: vllm|sglang|ktransformers`
     "refused, with the reason in the message"; they got only "expected one of ..." (stage: ppo was refused so too
-    before it was implemented)."""
+    before it was implemented, and reward_model_type: api)."""
     from tests.acceptance.harness import pipeline
 
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n", encoding="utf-8")
-    for override, reason in (("reward_model_type=api", "a reward model behind an HTTP API is not supported here"),
+    for override, reason in (("reward_model_type=oft", "an OFT reward adapter is not supported here"),
                              ("infer_backend=vllm", "vLLM is not available here"),
                              ("infer_backend=sglang", "SGLang is not available here"),
                              ("infer_backend=ktransformers", "KTransformers is not available here")):

@@ -33,6 +33,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}  # B != 0
 FAST = ["bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]
+PPO_OUT = "saves/llama3-8b/lora/ppo"  # the example's output_dir
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +76,12 @@ def golden(name: str, root: Path, base: Path) -> float:
     return value_head_score(model.eval(), sequence, folder / "value_head.safetensors")
 
 
-def ppo_step(work: Path, reward: Path, kind: str, out: str, as_typed: bool) -> str:
-    """One PPO step of the example with `reward`: as a user types it, or (as_typed False) main(argv) in this
-    process, the same command without an interpreter start and torch's import."""
+def ppo_step(work: Path, reward: Path | str, kind: str, out: str, as_typed: bool, extra: tuple[str, ...] = ()) -> str:
+    """One PPO step of the example with `reward` (and the overrides `extra`): as a user types it, or (as_typed False)
+    main(argv) in this process, the same command without an interpreter start and torch's import."""
     args = ["train", PPO, "max_steps=1", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}",
             "gradient_accumulation_steps=1", "ppo_epochs=1", "logging_steps=1", f"reward_model={reward}",
-            f"reward_model_type={kind}", f"output_dir={out}", *FAST]
+            f"reward_model_type={kind}", f"output_dir={out}", *FAST, *extra]
     if as_typed:
         return pipeline(*args, cwd=work, timeout=600).stderr
     done = run_main(args, work)
@@ -112,18 +113,19 @@ def test_peft_writes_the_head_names_this_reads(folders):
     assert [k for k in keys if "lora_" not in k] == ["base_model.model.score.weight"]
 
 
-def recipe_with(work: Path, reward: Path, kind: str) -> str:
-    """LLaMA-Factory's ppo example naming `reward` in the file (a refusal points at its line)."""
+def recipe_with(work: Path, reward: Path | str, kind: str) -> str:
+    """LLaMA-Factory's ppo example naming `reward` (a folder, or a server's URL) in the file (a refusal points at its
+    line)."""
     lines = (work / PPO).read_text("utf-8").splitlines()
     text = "\n".join(f"reward_model: {reward}" if line.startswith("reward_model:") else line for line in lines)
-    path = work / f"examples/ppo_{kind}_{reward.name}.yaml"
+    path = work / f"examples/ppo_{kind}_{Path(str(reward)).name}.yaml"
     path.write_text(f"{text}\nreward_model_type: {kind}\n", "utf-8")
     return str(path.relative_to(work))
 
 
-def refusal_at_reward_model(work: Path, reward: Path, kind: str) -> str:
+def refusal_at_reward_model(work: Path, reward: Path | str, kind: str, command: str = "train") -> str:
     recipe = recipe_with(work, reward, kind)
-    done = run_main(["train", recipe, "max_steps=1", "dataset=one_prompt", *FAST], work)
+    done = run_main([command, recipe, "max_steps=1", "dataset=one_prompt", *FAST], work)
     assert done.code == 2 and "Traceback" not in done.err, done.err[-4000:]
     line = next(n for n, text in enumerate((work / recipe).read_text().splitlines(), 1)
                 if text.startswith("reward_model:"))
@@ -153,6 +155,73 @@ def test_reward_model_mistakes_stop_at_the_key(folders):
     del other
     peft.get_peft_model(other_rm, peft.LoraConfig(task_type="SEQ_CLS", **LORA)).save_pretrained(root / "other_rm")
     assert "reads 16 hidden values" in refusal_at_reward_model(work, root / "other_rm", "lora")
+
+
+def test_a_reward_server_scores_the_text_transformers_decodes(folders):
+    """reward_model_type api, as LLaMA-Factory 0.9.5 asks a reward server (train/ppo/trainer.py get_rewards:
+    `tokenizer.batch_decode(query + response, skip_special_tokens=False)`, then ppo_utils.py get_rewards_from_server:
+    POST {"model": "model", "messages": [...]}, read `scores`), the LLaMA-Factory example with its reward_model
+    pointed at a local server, 2 mini-batches of 1 row, ppo_score_norm on. Golden: step 1's response is the base's
+    greedy one (greedy_sequence), so each row's text is transformers' batch_decode of that sequence, and the server
+    scores a text by its length (length_score): the logged reward is that, by hand, and the score moments are TRL's
+    over the step's two scores. One request per mini-batch (LLaMA-Factory's per_device_train_batch_size), after the
+    one GET of train's check that the server answers. The adapter loads in PEFT, the value head beside it."""
+    from tests.helpers.reward_server import ScoringServer, length_score
+    from tests.model.test_ppo_math import trl_score_norm
+
+    base, work = folders["base"], folders["work"]
+    text = transformers.AutoTokenizer.from_pretrained(base).batch_decode(greedy_sequence(base),
+                                                                         skip_special_tokens=False)[0]
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hi<|eot_id|>")
+    with ScoringServer() as server:
+        stderr = ppo_step(work, server.url, "api", "saves/api", as_typed=True,
+                          extra=("gradient_accumulation_steps=2", "ppo_score_norm=true"))
+    assert f"ppo: reward_model {server.url} (api), scoring with the server's scores" in stderr, stderr
+    assert server.gets == ["/score"]
+    assert server.posts == [{"path": "/score", "content_type": "application/json",
+                             "body": {"model": "model", "messages": [text]}}] * 2
+    run = folders["work"] / "saves/api"
+    log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text().splitlines()]
+    assert log[0]["kl"] == 0.0 and log[0]["reward"] == pytest.approx(length_score(text), rel=1e-6)
+    moments = json.loads((run / "checkpoint-1/trainer_state.json").read_text())["objective"]["score_moments"]
+    assert moments == pytest.approx(trl_score_norm([[length_score(text)] * 2])[1], rel=1e-6)
+    assert set(safetensors_torch.load_file(run / "adapter/value_head.safetensors")) == {"v_head.summary.weight",
+                                                                                        "v_head.summary.bias"}
+    peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), run / "adapter")
+
+
+def test_reward_server_mistakes_stop_with_one_message(folders):
+    """A URL of another form stops validate at the reward_model line; a server that refuses the connection stops
+    train there too, before anything is written; a server whose reply is no list of scores (or an HTTP error) stops
+    train at its first reward: exit 2, one message naming the URL and the reply, no traceback, no checkpoint and no
+    weights (only the files a run writes as it starts, which the next run there replaces)."""
+    from pipeline.runtime.layout import RunLayout
+    from tests.helpers.reward_server import ScoringServer, refusing_url
+
+    work = folders["work"]
+    said = refusal_at_reward_model(work, "localhost:8000/score", "api", command="validate")
+    assert "given 'localhost:8000/score' (scheme 'localhost') with reward_model_type api (did you mean " \
+           "'http://localhost:8000/score'?)" in said, said
+    with refusing_url() as url:
+        said = refusal_at_reward_model(work, url, "api")
+    assert f"the reward server {url} does not answer (ConnectionRefusedError" in said, said
+    assert not (work / PPO_OUT).exists()
+    for reply, what in (((200, b'{"score": [1.0]}'), 'answered HTTP 200, but its body has no list "scores": '
+                                                     "'{\"score\": [1.0]}'"),
+                        ((503, b"overloaded"), "answered HTTP 503 Service Unavailable: 'overloaded'")):
+        with ScoringServer(reply=lambda messages, reply=reply: reply) as server:
+            done = run_main(["train", recipe_with(work, server.url, "api"), "max_steps=1", "dataset=one_prompt",
+                             f"max_new_tokens={NEW_TOKENS}", "gradient_accumulation_steps=1", "ppo_epochs=1",
+                             "overwrite_output_dir=true", *FAST], work)
+        assert done.code == 2 and "Traceback" not in done.err, done.err[-4000:]
+        errors = [line for line in done.err.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: reward_model: the reward server {server.url} {what}, asked to score 1 message; "
+                          "expected HTTP 2xx and a JSON body {\"scores\": [...]} with one finite number per message, "
+                          "in their order, as LLaMA-Factory's PPO reads it (docs/ppo.md#a-reward-server); check that "
+                          "the server runs, that reward_model is its scoring route, and the server's log"], errors
+        assert len(server.posts) == 1
+        leftover = sorted(p.name for p in (work / PPO_OUT).iterdir())
+        assert leftover and RunLayout(work / PPO_OUT).unfinished_start() == leftover, leftover
 
 
 def test_a_transformers_reward_model_with_a_pad_id_scores_a_padded_batch_as_transformers(tmp_path):

@@ -2,6 +2,7 @@
 key with the reason, the ppo keys only under stage ppo; val_size derived 0 (PPO evaluates nothing)."""
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import pytest
@@ -29,8 +30,11 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
                                     "response per prompt"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
     (PPO + "ref_model: tiny\n", None, "r.yaml:7:12: ref_model: is not implemented for stage ppo"),
-    (PPO + "reward_model_type: api\n", None, "r.yaml:7:20: reward_model_type: given 'api', expected one of lora, "
-                                             "full"),
+    (PPO + "reward_model_type: api\n", None, "r.yaml:6:15: reward_model: given 'saves/rm' (no scheme) with "
+                                             "reward_model_type api (did you mean 'http://saves/rm'?); expected the "
+                                             "URL of a reward server, http:// or https://"),
+    ("stage: ppo\nreward_model: ftp://h/score\nreward_model_type: api\n", "validate",
+     "r.yaml:6:15: reward_model: given 'ftp://h/score' (scheme 'ftp') with reward_model_type api; expected"),
     ("stage: sft\nppo_epochs: 2\n", None, "r.yaml:6:13: ppo_epochs: is a stage ppo setting but stage is sft"),
     (PPO, "eval", "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned adapter with an "
                   "sft recipe whose adapter_name_or_path is this run's output_dir"),
@@ -38,7 +42,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
      "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned freeze policy "
      "(output_dir/model) with an sft recipe of finetuning_type freeze whose output_dir is this run's"),
 ], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "buffer", "beams", "val_size",
-        "ref_model", "api", "outside-ppo", "eval-command", "eval-command-freeze"])
+        "ref_model", "api-not-a-url", "api-not-http", "outside-ppo", "eval-command", "eval-command-freeze"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
     assert any(m.startswith(said) for m in found), found
@@ -79,6 +83,43 @@ def test_the_reward_model_run_is_an_upstream_of_stage_ppo_only(write):
     assert "UPSTREAMS=recipes/rm.yaml:train" in lines(resolve("recipes/ppo.yaml", command="deps"))
 
 
+def test_the_reward_server_is_contacted_by_train_alone(recipe):
+    """reward_model_type api: validate and plan check the URL's form and send nothing; train asks once, before
+    anything loads, whether the server answers (a GET, answered 405 by the test's POST-only route), and a server that
+    refuses the connection stops it at the reward_model line. No scoring request is sent before the first rollout."""
+    from tests.helpers.reward_server import ScoringServer, refusing_url
+
+    with ScoringServer() as server:
+        path = recipe(f"stage: ppo\nreward_model: {server.url}\nreward_model_type: api\n")
+        for command in ("validate", "plan"):
+            assert resolve(path, command=command)["reward_model"] == server.url
+        assert server.gets == [] and server.posts == []
+        try:
+            resolve(path, command="train")
+        except UserError as err:  # the tiny preset's dataset is not built here: only that may be said
+            assert not [m for m in err.messages if "reward_model" in m], err.messages
+        assert server.gets == ["/score"] and server.posts == []
+    with refusing_url() as url:
+        path = recipe(f"stage: ppo\nreward_model: {url}\nreward_model_type: api\n")
+        resolve(path, command="validate")
+        found = [m for m in messages(path, "train") if "reward_model" in m]
+        assert len(found) == 1 and found[0].startswith(f"r.yaml:6:15: reward_model: the reward server {url} does not "
+                                                       "answer (ConnectionRefusedError"), found
+
+
+def test_a_reward_server_is_no_upstream_and_holds_no_memory_here(recipe):
+    """A URL is not a folder a recipe writes (make builds nothing first for it), and plan counts no reward model on
+    the ranks: the server holds it."""
+    from pipeline.recipe.deps import upstream_paths
+    from pipeline.recipe.plan import reward_model_params
+
+    url = "http://127.0.0.1:8000/score"
+    assert upstream_paths({"stage": "ppo", "model_name_or_path": "tiny", "reward_model": url,
+                           "reward_model_type": "api"}) == ["tiny"]
+    r = resolve(recipe(f"stage: ppo\nreward_model: {url}\nreward_model_type: api\n"), command="plan")
+    assert reward_model_params(r, None) == 0
+
+
 def test_overwrite_output_dir_never_empties_the_reward_model():
     """A ppo recipe whose output_dir is (or holds) its reward_model run, with overwrite_output_dir, would delete it."""
     from pathlib import Path
@@ -107,10 +148,13 @@ def test_a_lora_policy_training_whole_modules_is_refused_under_zero3(recipe):
 def bases(tmp_path_factory):
     """The policy's base (a tiny Llama of 384 token ids, its tokenizer beside it) and reward models saved as
     transformers / PEFT save them: full ones of its vocabulary, of a padded one (448 rows, the same tokenizer), of
-    another (300 ids); SEQ_CLS LoRA adapters on its base and on another base as wide (MLP 48 wide, not 64)."""
+    another (300 ids); of 448 rows with tokenizer files beside them: the policy's (padded), or another tokenizer of
+    448 ids (trained on the same texts: its ids 378-383 are merges where the policy's are its template markup);
+    SEQ_CLS LoRA adapters on its base and on another base as wide (MLP 48 wide, not 64)."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from tests.acceptance.harness import write_hf_checkpoint
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
 
     root = tmp_path_factory.mktemp("ppo_bases")
     write_hf_checkpoint(root / "llama", "llama", small_vocab=True)
@@ -121,6 +165,11 @@ def bases(tmp_path_factory):
     reward_model().save_pretrained(root / "rm_full")
     reward_model(vocab_size=448).save_pretrained(root / "rm_padded")
     reward_model(vocab_size=300, bos_token_id=None, eos_token_id=None).save_pretrained(root / "rm_other_vocab")
+    for name in ("rm_padded_tokenizer", "rm_other_tokenizer"):
+        reward_model(vocab_size=448).save_pretrained(root / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(root / "llama" / name, root / "rm_padded_tokenizer" / name)
+    write_small_tokenizer_dir(root / "rm_other_tokenizer", "llama3", size=448)
     lora = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["q_proj", "down_proj"])
     peft.get_peft_model(reward_model(), lora).save_pretrained(root / "rm_lora")
     peft.get_peft_model(reward_model(intermediate_size=48), lora).save_pretrained(root / "rm_lora_other")
@@ -140,14 +189,19 @@ def ppo_recipe(write, bases, reward: str, kind: str) -> str:
     ("rm_other_vocab", "full", "its vocabulary has 300 token ids (vocab_size in config.json), expected at least the "
                                "384 of the policy's tokenizer"),
     ("rm_lora_other", "lora", "has shape [2, 48] but"),
-    ("rm_full", "full", None), ("rm_padded", "full", None), ("rm_lora", "lora", None),
-], ids=["full-other-vocabulary", "lora-other-base", "full", "full-padded-vocabulary", "lora"])
+    ("rm_other_tokenizer", "full", "token ids another token (the first, id 378: "),
+    ("rm_full", "full", None), ("rm_padded", "full", None), ("rm_padded_tokenizer", "full", None),
+    ("rm_lora", "lora", None),
+], ids=["full-other-vocabulary", "lora-other-base", "full-other-tokenizer", "full", "full-padded-vocabulary",
+        "full-padded-same-tokenizer", "lora"])
 @pytest.mark.parametrize("command", ["validate", "plan", "train"])
 def test_a_reward_model_of_another_base_stops_at_its_line(write, bases, reward, kind, said, command):
     """It went on: a full reward model of a smaller vocabulary stopped the run at its first reward with an index
     error (the responses' ids index its embedding), a LoRA adapter of another base as wide when its tensors loaded.
     Golden: the sizes the fixtures were saved with (300 and 384 ids; down_proj's LoRA A of rank 2 over 48 inputs
-    where the policy's has 64). A larger vocabulary (a padded one of the same tokenizer) is not refused."""
+    where the policy's has 64). A larger vocabulary (a padded one of the same tokenizer) is not refused, unless the
+    folder's tokenizer files give the policy's ids other tokens (it was accepted unchecked: the reward model read
+    the policy's template markup as other words)."""
     path = ppo_recipe(write, bases, reward, kind)
     try:
         found = resolve(path, command=command).values and []
@@ -158,6 +212,27 @@ def test_a_reward_model_of_another_base_stops_at_its_line(write, bases, reward, 
         assert mine == [], mine
     else:
         assert len(mine) == 1 and mine[0].startswith("r.yaml:5:15: reward_model: ") and said in mine[0], found
+
+
+def test_a_reward_model_of_another_tokenizer_is_named_by_its_first_other_token(write, bases):
+    """Golden from transformers: the ids below the policy tokenizer's 384 that the two AutoTokenizers map to other
+    tokens, and the first of them as each decodes it (skip_special_tokens=False)."""
+    transformers = pytest.importorskip("transformers")
+
+    policy, theirs = (transformers.AutoTokenizer.from_pretrained(bases / name) for name in ("llama",
+                                                                                           "rm_other_tokenizer"))
+    differ = [i for i in range(len(policy)) if policy.convert_ids_to_tokens(i) != theirs.convert_ids_to_tokens(i)]
+    assert len(policy) == 384 and differ  # the fixture is what the test needs: some ids differ
+    found = [m for m in messages(ppo_recipe(write, bases, "rm_other_tokenizer", "full"), "validate")
+             if "reward_model" in m]
+    assert found == [f"r.yaml:5:15: reward_model: {bases / 'rm_other_tokenizer' / 'tokenizer.json'}: its tokenizer "
+                     f"gives {len(differ)} of the policy tokenizer's 384 token ids another token (the first, id "
+                     f"{differ[0]}: {theirs.decode([differ[0]])!r} there, {policy.decode([differ[0]])!r} in the "
+                     "policy's): a reward model of another base model. It is given the policy's token ids as they "
+                     "are, so it must share the policy's tokenizer (LLaMA-Factory requires that too: its PPO feeds "
+                     "the policy's token ids to the reward model); train the reward model (stage rm) on "
+                     "model_name_or_path or a model of its family, or set reward_model_type: lora with an adapter "
+                     "trained on model_name_or_path"], found
 
 
 def test_validate_refuses_a_reward_model_of_another_vocabulary_as_typed(write, bases, tmp_path):

@@ -1,6 +1,7 @@
 """Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
 OFT, full or freeze policy, ZeRO 0-3 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys
-only under stage ppo. reward_model_type api / oft: the schema's x-refused.
+only under stage ppo. reward_model_type api: reward_model a reward server's URL (pipeline.model.reward_server); oft: the
+schema's x-refused.
 """
 from __future__ import annotations
 
@@ -27,13 +28,16 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
     """PPO scores every response with the reward model: without one there is nothing to train on (LLaMA-Factory:
     "Reward model is necessary for PPO training"). train loads it now: a missing folder stops here. The other
     commands (validate, plan) check a local folder that already holds its reward model (one an upstream rm recipe
-    has still to train is left to train)."""
+    has still to train is left to train). Under reward_model_type api it is a reward server's URL."""
     if ctx.values["stage"] != "ppo":
         return []
     path = ctx.values["reward_model"]
     if path is None:
         return [("stage", "ppo needs reward_model: a stage rm run's output_dir (its adapter/ with reward_model_type "
-                          "lora, the default; its model/ or merged/ with reward_model_type full)")]
+                          "lora, the default; its model/ or merged/ with reward_model_type full), or a reward "
+                          "server's URL with reward_model_type api")]
+    if ctx.values["reward_model_type"] == "api":
+        return reward_server_problems(ctx, path)
     if ctx.command != "train":
         here = local_reward_folder(path, ctx.values["reward_model_type"])
         return reward_folder_problems(ctx, here) if here is not None else []
@@ -49,6 +53,23 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
         return [("reward_model", f"directory {path!r} not found; expected a stage rm run's output_dir, its adapter/ "
                                  "(reward_model_type lora) or a reward model folder (reward_model_type full)")]
     return reward_folder_problems(ctx)
+
+
+def reward_server_problems(ctx: Context, url: str) -> list[tuple[str, str]]:
+    """reward_model_type api: the URL's form, for every command (validate and plan contact nothing). train asks once,
+    at its first resolve (before the build that overwrite_cache runs, before the model loads), whether anything
+    answers there (pipeline.model.reward_server.unreachable): a server not started, or a wrong host or port, would
+    otherwise stop the run only at its first reward, after the model load and a rollout. What the server answers to
+    the rows is checked when it answers."""
+    from pipeline.model.reward_server import unreachable, url_problem
+
+    problem = url_problem(url)
+    if problem is None and ctx.command == "train" and not ctx.built:
+        why = unreachable(url)
+        if why is not None:
+            problem = (f"the reward server {url} does not answer ({why}); start it first (docs/ppo.md#a-reward-server), "
+                       "or check the host, the port and http / https")
+    return [("reward_model", problem)] if problem else []
 
 
 def local_reward_folder(path: str, kind: str) -> Path | None:
@@ -78,12 +99,12 @@ def reward_folder_problems(ctx: Context, folder: Path | None = None) -> list[tup
 
     kind = ctx.values["reward_model_type"]
     if kind not in ("lora", "full"):
-        return []  # api / oft: refused by the schema
+        return []  # api: a server (reward_server_problems); oft: refused by the schema
     info = model_info(ctx.values["model_name_or_path"])
     tokenizer = available_recipe_tokenizer(ctx.values) if kind == "full" else None
     try:
         found = folder if folder is not None else reward_folder(ctx.values["reward_model"], kind)
-        source = reward_source(found, kind, info and info.n_embd, tokenizer and tokenizer.n_vocab)
+        source = reward_source(found, kind, info and info.n_embd, tokenizer)
     except UserError as err:
         return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
     return [] if kind == "full" else lora_reward_fits(ctx, str(source.folder))
