@@ -112,7 +112,7 @@ def destroy_process_groups() -> None:
 # The collectives DeepSpeed's ZeRO calls (deepspeed.comm.torch: reduce_scatter_tensor in every stage-1-3 gradient
 # reduction, all_gather_into_tensor in ZeRO-3's parameter gathers) that torch 2.13 deprecates with a FutureWarning,
 # attributed to the decorator's frame in torch.distributed.c10d_logger. The user can do nothing about it (DeepSpeed
-# makes the call), and it reached stderr again and again: 20 times in the 2 steps of a one-rank ZeRO-3 full run.
+# makes the call), and it reached stderr again and again: 40 times in the 2 steps of a one-rank ZeRO-3 full run.
 # (message regex, category, emitting-module regex): warnings.filterwarnings's own fields, matched together.
 DEPRECATED_COLLECTIVES = (
     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated\. ",
