@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -631,8 +632,10 @@ def _split(token: bytes, rank: int, ranks: Mapping[bytes, int]) -> list[bytes]:
 
 
 # hf_tokenizer_files' text, kept beside the offline ranks file it was rebuilt from (named after the pinned ranks'
-# sha256 and the file's format: a change to either is a new name, never a stale file)
+# sha256 and the file's format: a change to either is a new name, never a stale file), and GPT2_HF_SUMS, written last:
+# each file's sha256 (a kept file read back must match it, see _read_kept)
 GPT2_HF_FILES = ("vocab.json", "merges-v0.2.txt")
+GPT2_HF_SUMS = "sha256.json"
 
 
 @functools.lru_cache(maxsize=1)
@@ -644,26 +647,34 @@ def hf_tokenizer_files() -> tuple[str, str]:
     from pipeline.data.tokenizer import RANKS_SHA256, ranks_path
 
     kept = ranks_path().with_name(f"gpt2-hf-{RANKS_SHA256[:16]}")
-    paths = [kept / name for name in GPT2_HF_FILES]
-    with contextlib.suppress(OSError):
-        vocab, merges = (path.read_text(encoding="utf-8") for path in paths)
-        return vocab, merges
+    texts = _read_kept(kept)
+    if texts is not None:
+        return texts
     vocab, merges = _rebuild_hf_tokenizer_files()
     if ranks_path().is_file():
-        with contextlib.suppress(OSError):  # a read-only cache: rebuilt in the next process too
-            kept.mkdir(exist_ok=True)
-            for path, text in zip(paths, (vocab, merges)):
-                _keep(path, text)
+        # fsynced before the rename (pipeline.io): a power loss leaves the whole file or none, never a short one
+        # that every later export would copy; a read-only or full cache is rebuilt in the next process too
+        with contextlib.suppress(OSError, UserError):
+            for name, text in zip(GPT2_HF_FILES, (vocab, merges)):
+                write_text(kept / name, text)
+            write_json(kept / GPT2_HF_SUMS, {name: _sha256(text) for name, text in zip(GPT2_HF_FILES, (vocab, merges))})
     return vocab, merges
 
 
-def _keep(path: Path, text: str) -> None:
-    """`text` into `path` under a temporary name, then renamed: a process reading meanwhile (another rank, a merge
-    beside) finds the whole file or none. No fsync, unlike pipeline.io's writes: a file lost to a crash is only
-    rebuilt."""
-    part = path.with_name(f"{path.name}.{os.getpid()}.part")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, path)
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_kept(kept: Path) -> tuple[str, str] | None:
+    """The kept (vocab, merges) text when both files match the sha256 written after them; None (rebuild) when a
+    file is missing, short or changed: one kept by a release that wrote it without fsync may be short after a
+    power loss, and nothing in a truncated merges.txt would say so to the tokenizer that reads it."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: JSON or UTF-8 that does not decode
+        sums = json.loads((kept / GPT2_HF_SUMS).read_text(encoding="utf-8"))
+        vocab, merges = ((kept / name).read_text(encoding="utf-8") for name in GPT2_HF_FILES)
+        if isinstance(sums, dict) and [sums.get(name) for name in GPT2_HF_FILES] == [_sha256(vocab), _sha256(merges)]:
+            return vocab, merges
+    return None
 
 
 def _rebuild_hf_tokenizer_files() -> tuple[str, str]:

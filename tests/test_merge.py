@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import weakref
 from pathlib import Path
@@ -245,26 +246,41 @@ def test_tokenizer_files_make_gpt2s_tokenizer(tmp_path):
 
 
 def test_gpt2s_rebuilt_tokenizer_files_are_kept_beside_the_ranks_and_read_back(tmp_path, monkeypatch):
-    """The rebuild (BPE over 50,000 tokens) runs once per ranks file; later processes read its result back.
-    That the text is GPT-2's tokenizer: test_tokenizer_files_make_gpt2s_tokenizer (transformers vs tiktoken)."""
+    """The rebuild (BPE over 50,000 tokens) runs once per ranks file; later processes read its result back, each
+    file durably written (pipeline.io.write_text: fsync, then rename) and checked against the sha256 written after
+    them. A short file (what a power loss after an un-fsynced rename leaves, which the cache once was) is rebuilt,
+    not copied into every export. That the text is GPT-2's tokenizer: test_tokenizer_files_make_gpt2s_tokenizer
+    (transformers vs tiktoken)."""
+    from pipeline import io
     from pipeline.data.tokenizer import ranks_path
 
     ranks = tmp_path / "gpt2.tiktoken"
     shutil.copyfile(ranks_path(), ranks)
     monkeypatch.setenv("PIPELINE_GPT2_RANKS", str(ranks))
+    durable: list[str] = []
+    monkeypatch.setattr(io, "_sync", lambda handle, path: durable.append(path.name) or os.fsync(handle.fileno()))
     merge.hf_tokenizer_files.cache_clear()  # a later process: nothing in memory
     try:
         rebuilt = merge.hf_tokenizer_files()
         (kept,) = tmp_path.glob("gpt2-hf-*")
-        assert sorted(p.name for p in kept.iterdir()) == ["merges-v0.2.txt", "vocab.json"]  # no part file left
-        merge.hf_tokenizer_files.cache_clear()
+        assert sorted(p.name for p in kept.iterdir()) == ["merges-v0.2.txt", "sha256.json", "vocab.json"]  # no temp
+        assert durable == ["vocab.json", "merges-v0.2.txt", "sha256.json"]  # each fsynced before its rename
+        assert rebuilt[1].startswith("#version: 0.2\nĠ t\n") and len(rebuilt[1].splitlines()) == 50001
 
         def no_rebuild() -> None:
             raise AssertionError("rebuilt although kept")
 
-        monkeypatch.setattr(merge, "_rebuild_hf_tokenizer_files", no_rebuild)
-        assert merge.hf_tokenizer_files() == rebuilt
-        assert rebuilt[1].startswith("#version: 0.2\nĠ t\n") and len(rebuilt[1].splitlines()) == 50001
+        with monkeypatch.context() as kept_only:
+            kept_only.setattr(merge, "_rebuild_hf_tokenizer_files", no_rebuild)
+            merge.hf_tokenizer_files.cache_clear()
+            assert merge.hf_tokenizer_files() == rebuilt
+
+        merges = kept / "merges-v0.2.txt"
+        with open(merges, "r+b") as handle:  # cut at a line end: still a well-formed merges file, hundreds of merges short
+            handle.truncate(merges.read_bytes().index(b"\n", merges.stat().st_size - 8000) + 1)
+        merge.hf_tokenizer_files.cache_clear()
+        assert merge.hf_tokenizer_files() == rebuilt  # detected and rebuilt
+        assert merges.read_text(encoding="utf-8") == rebuilt[1]  # and kept whole again
     finally:
         merge.hf_tokenizer_files.cache_clear()
 

@@ -19,6 +19,7 @@ release where the item no longer holds, naming it.
   reports_grad_norm            which configurations report the pre-clip gradient norm     train.loop
   validate_config, section_keys  DeepSpeed's pydantic config models                      train.run
   gathered_for_generation      ZeRO-3 weights whole, DeepSpeed's per-layer hooks off      train.ppo (rollouts)
+  quiet_deprecated_collectives torch's FutureWarning on the collectives ZeRO calls, off    runtime dist init
 
 The launcher's process tree (pipeline.launch: the ranks are the runner's grandchildren) is the one
 further assumption, documented there.
@@ -31,6 +32,7 @@ import importlib
 import os
 import sys
 import types
+import warnings
 from typing import Any, Callable, Iterator
 
 TESTED = (0, 19)  # the DeepSpeed major.minor every item below was read against (requirements.txt pins it)
@@ -105,6 +107,29 @@ def destroy_process_groups() -> None:
         import torch.distributed as tdist
 
         tdist.destroy_process_group()
+
+
+# The collectives DeepSpeed's ZeRO calls (deepspeed.comm.torch: reduce_scatter_tensor in every stage-1-3 gradient
+# reduction, all_gather_into_tensor in ZeRO-3's parameter gathers) that torch 2.13 deprecates with a FutureWarning,
+# attributed to the decorator's frame in torch.distributed.c10d_logger. The user can do nothing about it (DeepSpeed
+# makes the call), and it reached stderr again and again: 40 times in the 2 steps of a one-rank ZeRO-3 full run.
+# (message regex, category, emitting-module regex): warnings.filterwarnings's own fields, matched together.
+DEPRECATED_COLLECTIVES = (
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated\. ",
+    FutureWarning,
+    r"torch\.distributed\.c10d_logger\Z",
+)
+
+
+def quiet_deprecated_collectives() -> bool:
+    """Hide DEPRECATED_COLLECTIVES (only that message, category and module: every other warning still shows);
+    False, and nothing hidden, when the user chose warning filters themselves (PYTHONWARNINGS or python -W: the
+    `if not sys.warnoptions` rule of Python's warnings documentation), so `PYTHONWARNINGS=default` shows it again."""
+    if sys.warnoptions:
+        return False
+    message, category, module = DEPRECATED_COLLECTIVES
+    warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

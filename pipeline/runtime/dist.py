@@ -68,6 +68,7 @@ def init(timeout_s: int | None = None) -> None:
     `timeout_s` (the recipe's ddp_timeout) bounds how long a rank waits in a collective; None: torch's default.
     """
     ensure_launch_env()
+    deepspeed_compat.quiet_deprecated_collectives()  # DeepSpeed's calls, not the user's: see there
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

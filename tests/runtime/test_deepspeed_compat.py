@@ -180,3 +180,48 @@ def test_no_other_module_reaches_into_deepspeed():
             if name not in public:
                 found.append(f"{path.relative_to(root.parent)}: {name}")
     assert not found, "DeepSpeed internals used outside pipeline/runtime/deepspeed_compat.py: " + "; ".join(found)
+
+
+# torch 2.13's message as a one-rank ZeRO-3 run printed it on stderr (the survey of h110), emitted at
+# torch/distributed/c10d_logger.py:83 (the deprecation decorator's caller frame)
+TORCH_DEPRECATION = ("`torch.distributed.reduce_scatter_tensor` is deprecated. Please use "
+                     "`torch.distributed.reduce_scatter_single` instead.")
+C10D_LOGGER = "torch.distributed.c10d_logger"
+
+
+def test_quiet_deprecated_collectives_hides_torchs_message_from_torch_only(monkeypatch):
+    """The filter matches the exact message torch gives (from torch itself: the deprecated functions warn before
+    they look for a process group) and nothing beside it: another FutureWarning of the same module, the same text
+    from another module or as another category all still show."""
+    import warnings
+
+    source = inspect.getsource(importlib.import_module("deepspeed.comm.torch"))  # (import gives torch: see skip_shm)
+    assert "torch.distributed.reduce_scatter_tensor" in source and "torch.distributed.all_gather_into_tensor" in source, \
+        "DeepSpeed no longer calls the deprecated collectives: drop quiet_deprecated_collectives"
+    monkeypatch.setattr("sys.warnoptions", [])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert compat.quiet_deprecated_collectives()
+        for deprecated in (torch.distributed.reduce_scatter_tensor, torch.distributed.all_gather_into_tensor):
+            with pytest.raises(ValueError, match="process group"):
+                deprecated(torch.zeros(1), torch.zeros(1))
+        warnings.warn_explicit(TORCH_DEPRECATION, FutureWarning, "c10d_logger.py", 83, module=C10D_LOGGER)
+        assert not seen, [str(w.message) for w in seen]
+        kept = [("`torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` instead",
+                 FutureWarning, C10D_LOGGER),
+                (TORCH_DEPRECATION, FutureWarning, "my_training_script"),
+                (TORCH_DEPRECATION, UserWarning, C10D_LOGGER)]
+        for message, category, module in kept:
+            warnings.warn_explicit(message, category, "x.py", 1, module=module)
+    assert [(str(w.message), w.category) for w in seen] == [(m, c) for m, c, _ in kept]
+
+
+def test_quiet_deprecated_collectives_leaves_the_users_own_filters(monkeypatch):
+    """PYTHONWARNINGS=default (or python -W): the user asked for warnings, so nothing is hidden."""
+    import warnings
+
+    monkeypatch.setattr("sys.warnoptions", ["default"])
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        assert not compat.quiet_deprecated_collectives()
+        assert warnings.filters == before
