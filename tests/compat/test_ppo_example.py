@@ -70,12 +70,13 @@ def prompt_ids(base: Path, prompt: str = PROMPT) -> torch.Tensor:
     return torch.tensor([tok(text, add_special_tokens=False).input_ids])
 
 
-def greedy_sequence(base: Path, prompt: str = PROMPT, policy: Any = None) -> torch.Tensor:
+def greedy_sequence(base: Path, prompt: str = PROMPT, policy: Any = None, stops: tuple[int, ...] = ()) -> torch.Tensor:
     """(1, T): `prompt` in LLaMA-Factory's llama3 template + the greedy response of `policy` (transformers / PEFT;
-    the base by default), the sequence LLaMA-Factory's PPO scores at step 1 (the policy is its base there)."""
+    the base by default), the sequence LLaMA-Factory's PPO scores at step 1 (the policy is its base there); `stops`:
+    token ids it also stops at (kept as its last token, as transformers keeps the EOS)."""
     tok = transformers.AutoTokenizer.from_pretrained(base)
     policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval() if policy is None else policy
-    stops = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
+    stops = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id, *stops]
     with torch.no_grad():
         return policy.generate(input_ids=prompt_ids(base, prompt), max_new_tokens=NEW_TOKENS, do_sample=False,
                                eos_token_id=stops, pad_token_id=tok.eos_token_id)

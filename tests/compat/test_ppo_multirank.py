@@ -1,27 +1,42 @@
-"""Stage ppo on two ranks under ZeRO 3, as a LLaMA-Factory user launches its llama3_lora_ppo.yaml on two GPUs
-(`deepspeed --num_gpus 2` with a ZeRO-3 config; gloo on CPU): a tiny transformers-written Llama, a
-transformers-saved reward model (reward_model_type full) and four different prompts, one per row, so each rank
-answers its own two. ZeRO 3 rather than 2 (this launch ran under ZeRO 2 before ZeRO 3 was implemented; everything
-it checks holds at either stage, and the suite has no time for a second launch): each rank holds half of every
-weight matrix (only those under stage3_param_persistence_threshold, norms and the LoRA factors, stay whole), so step
-1's responses are transformers' only if the rollouts decode on the weights gathered from both ranks
-(pipeline.runtime.deepspeed_compat.gathered_for_generation). Responses here all run to max_new_tokens, so ranks
-decoding different numbers of tokens (what the gather before decoding makes safe) are not exercised.
+"""Stage ppo on two ranks, as a LLaMA-Factory user launches its llama3_lora_ppo.yaml on two GPUs (`deepspeed
+--num_gpus 2` with a ZeRO config; gloo on CPU): a tiny transformers-written Llama, a transformers-saved reward model
+(reward_model_type full) and four different prompts, one per row, so each rank answers its own two. Three launches,
+shared by the checks (tests/train/test_multirank.py's way; the checks on their outputs are separate tests):
 
-One launch (tests/train/test_multirank.py's way); the checks on its outputs are separate tests. Golden, computed
-here without the code under test:
-- step 1 against the one-rank golden of tests/compat/test_ppo_example.py: the policy is its base (LoRA B = 0, the
-  rollout comes before any update), so each row's response is transformers' greedy continuation of its
-  prompt, its score the reward model's (transformers) score of prompt + response, and the KL 0. The logged reward
-  is the mean over both ranks of each rank's mean (TRL's gather_stats), which with two rows a rank is the mean of
-  the four scores: it is so only if the ranks answered different prompts (the loader's shards) and the mean was
-  gathered.
+- `zero3`: the LoRA example under ZeRO 3, 2 PPO steps, a checkpoint each. Each rank holds half of every weight
+  matrix (only those under stage3_param_persistence_threshold, norms and the LoRA factors, stay whole), so step 1's
+  responses are transformers' only if the rollouts decode on the weights gathered from both ranks, and the ranks'
+  responses end at different lengths: the checkpoint's generation_config.json also stops at a token that exactly
+  one prompt's greedy response holds early (picked here from transformers' responses), so one rank decodes fewer
+  tokens than the other. Only the one gather of the whole policy before decoding
+  (pipeline.runtime.deepspeed_compat.gathered_for_generation) lets them: with DeepSpeed's per-layer gathers in the
+  decoding forwards, the rank that stops first goes on to its next forward's gathers while the other still decodes.
+  Measured with gathered_for_generation yielding the hooked module: gloo sees the mismatched collectives ("Received
+  data size doesn't match expected size"), a rank aborts and the launch fails with its stack (before this fixture
+  stopped one response early, the same change passed). Where ranks wait instead (NCCL can), LAUNCH_S turns the
+  hang into a failure with both ranks' stacks (tests.ports.run_to_end).
+- `resumed`: that run killed after its step-1 checkpoint and resumed on two ranks to step 2: every file of its
+  step-2 checkpoint (both ranks' RNG, the adapter, the value head, the ZeRO-3 partitions of the optimizer, the KL
+  coefficient and the score moments) and every logged value are the uninterrupted run's, bitwise.
+- `zero1_full`: the example with finetuning_type full (a frozen copy of the base as the reference) under ZeRO 1.
+
+Golden, computed here without the code under test, for both training launches:
+- step 1 against the one-rank golden of tests/compat/test_ppo_example.py: the policy is its base (LoRA B = 0, full:
+  not yet updated; the rollout comes before any update), so each row's response is transformers' greedy
+  continuation of its prompt, its score the reward model's (transformers) score of prompt + response, and the KL 0.
+  The logged reward is the mean over both ranks of each rank's mean (TRL's gather_stats), which with two rows a rank
+  is the mean of the four scores: it is so only if the ranks answered different prompts (the loader's shards) and
+  the mean was gathered. The logged response tokens are the four responses' lengths: one stopped early.
 - the KL coefficient: TRL's AdaptiveKLController (trl/trainer/utils.py:65-69, re-typed in adaptive_kl) from 0.2
   by each step's logged (gathered) KL, with n_steps = batch_size x num_processes (ppo_trainer.py:872-876): 2 rows
   a rank x 2 ranks. Step 2's KL (the policy moved at step 1: warmup_ratio 0) is within 20 % of ppo_target, so
   rank 0's coefficient after it, which its checkpoint keeps, is the golden only from the ranks' mean KL.
 - ppo_score_norm's moments after step 1 (rank 0's checkpoint): TRL's RunningMoments over all four scores
   (get_global_statistics, trl/trainer/utils.py:634-649: count 4, not one rank's 2).
+A one-rank run of the same four rows is no further golden past these: it whitens the advantages over its four rows,
+where each of two ranks whitens over its own two (TRL's per-process masked_whiten), so its losses differ by design.
+What else of step 1 involves no dropout (the policy loss, its clip fraction and approximate KL: the base's
+log-probabilities, the value head's eval-mode values) is the same in the LoRA ZeRO-3 and the full ZeRO-1 run.
 """
 from __future__ import annotations
 
@@ -31,8 +46,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import cli_env
-from tests.compat.test_ppo_example import NEW_TOKENS, PPO, PPO_RUN, checkout, greedy_sequence
+from tests.acceptance.harness import assert_same_run, cli_env, crash_copy
+from tests.compat.test_ppo_example import (NEW_TOKENS, PPO, PPO_RUN, checkout, checkpoint_files, greedy_sequence,
+                                           logged, policy_recipe, prompt_ids)
 from tests.model.test_ppo_math import trl_score_norm
 from tests.ports import run_on_free_port
 
@@ -47,6 +63,9 @@ INIT_KL_COEF, HORIZON = 0.2, 10000  # TRL 0.9.6 PPOConfig's init_kl_coef and hor
 # ppo_target near step 2's KL (3.66 here), so its update is not clipped to -20 %: rank 0's coefficient then
 # depends on the KL's value, and only the ranks' mean gives the golden (each rank's own KL differs)
 TARGET = 4.0
+LAUNCH_S = 240  # a launch takes 20-40 s here; past this the ranks are taken as hung (run_to_end: their stacks)
+TRAINED = ("zero3", "zero1_full")
+NO_DROPOUT = ("reward", "kl", "kl_coef", "loss/policy", "policy/clipfrac", "policy/approxkl")
 
 
 def adaptive_kl(kls: list[float], n_steps: int) -> list[float]:
@@ -59,9 +78,22 @@ def adaptive_kl(kls: list[float], n_steps: int) -> list[float]:
     return values
 
 
+def early_stop(responses: list[list[int]]) -> int:
+    """The token at which exactly one of `responses` (transformers' greedy ones, all max_new_tokens long) ends
+    earliest while no other holds it: as an EOS, one rank's response ends there and the other rank's run on."""
+    assert all(len(r) == NEW_TOKENS for r in responses), responses  # the checkpoint's own stops never come
+    only = [(r.index(t), t) for i, r in enumerate(responses) for t in r
+            if not any(t in other for j, other in enumerate(responses) if j != i)]
+    assert only, f"every token of the greedy responses is in two of them: {responses}"
+    at, token = min(only)
+    assert at < NEW_TOKENS - 1, responses  # early: that response ends shorter than the others
+    return token
+
+
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> dict[str, object]:
-    """The two-rank run of the LLaMA-Factory example (2 PPO steps, a checkpoint each) and the step-1 scores."""
+def prepared(tmp_path_factory) -> dict[str, object]:
+    """The checkout with the four prompts, its checkpoint stopping at early_stop's token, the reward model, and
+    step 1's golden scores and response lengths (transformers)."""
     root = tmp_path_factory.mktemp("ppo2")
     base, work = checkout(root)
     rows = [{"instruction": prompt, "input": "", "output": "ok"} for prompt in PROMPTS]
@@ -69,42 +101,93 @@ def launched(tmp_path_factory) -> dict[str, object]:
     registry = json.loads((work / "data/dataset_info.json").read_text("utf-8"))
     registry["four_prompts"] = {"file_name": "four_prompts.json"}
     (work / "data/dataset_info.json").write_text(json.dumps(registry), "utf-8")
+    policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    starts = [prompt_ids(base, prompt).shape[1] for prompt in PROMPTS]
+    stop = early_stop([greedy_sequence(base, p, policy)[0, s:].tolist() for p, s in zip(PROMPTS, starts)])
+    # where our generate and transformers' read the checkpoint's EOS: generation_config.json's eos_token_id
+    config = json.loads((base / "generation_config.json").read_text("utf-8"))
+    config["eos_token_id"] = [*config["eos_token_id"], stop]
+    (base / "generation_config.json").write_text(json.dumps(config), "utf-8")
+    sequences = [greedy_sequence(base, prompt, policy, stops=(stop,)) for prompt in PROMPTS]
+    lengths = [seq.shape[1] - s for seq, s in zip(sequences, starts)]
+    assert sorted(lengths)[1:] == [NEW_TOKENS] * 3 and lengths.count(NEW_TOKENS) == 3  # one ended early
     torch.manual_seed(0)
     scorer = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).eval()
     scorer.save_pretrained(root / "rm_full")
     with torch.no_grad():
-        scores = [float(scorer(greedy_sequence(base, prompt)).logits[0, 0]) for prompt in PROMPTS]
+        scores = [float(scorer(seq).logits[0, 0]) for seq in sequences]
     used = ["max_steps=2", "dataset=four_prompts", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
             f"gradient_accumulation_steps={ROWS}", "ppo_epochs=1", "save_steps=1", "ppo_score_norm=true",
             "learning_rate=1e-2", "warmup_ratio=0", f"ppo_target={TARGET}", f"reward_model={root / 'rm_full'}",
-            "reward_model_type=full", "zero_stage=3", "bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]
+            "reward_model_type=full", "bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]
+    return {"base": base, "work": work, "used": used, "scores": scores, "lengths": lengths}
+
+
+def launch(prepared: dict[str, object], recipe: str, *overrides: str) -> dict[str, object]:
+    """`deepspeed --num_gpus 2 --module pipeline train recipe` with the prepared overrides and `overrides`; the
+    run folder, its log and stderr."""
+    work = prepared["work"]
     launcher = str(Path(os.sys.executable).with_name("deepspeed"))
     proc = run_on_free_port(lambda port: [launcher, "--num_gpus", str(RANKS), "--master_port", port, "--module",
-                                          "pipeline", "train", PPO, *used], cwd=work, env=cli_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    run = work / PPO_RUN
+                                          "pipeline", "train", recipe, *prepared["used"], *overrides],
+                            cwd=work, env=cli_env(), timeout=LAUNCH_S)
+    assert proc.returncode == 0, proc.stderr[-6000:] + proc.stdout[-3000:]
+    run = work / next(o.split("=", 1)[1] for o in overrides if o.startswith("output_dir="))
     log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
-    return {"base": base, "run": run, "log": log, "scores": scores, "stderr": proc.stderr}
+    return {**prepared, "run": run, "log": log, "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def zero3(prepared) -> dict[str, object]:
+    """The LoRA example under ZeRO 3: 2 PPO steps, a checkpoint each."""
+    return {**launch(prepared, PPO, "zero_stage=3", f"output_dir={PPO_RUN}"), "stage": 3}
+
+
+@pytest.fixture(scope="module")
+def zero1_full(prepared) -> dict[str, object]:
+    """The example with finetuning_type full under ZeRO 1."""
+    recipe = policy_recipe(prepared["work"], "full")
+    return {**launch(prepared, recipe, "zero_stage=1", "output_dir=saves/full_zero1"), "stage": 1}
+
+
+@pytest.fixture(scope="module")
+def resumed(zero3) -> dict[str, object]:
+    """zero3's run as killed after its step-1 checkpoint, resumed on two ranks."""
+    crash_copy(zero3["run"], zero3["work"] / "saves/resumed", 1)
+    return launch(zero3, PPO, "zero_stage=3", "output_dir=saves/resumed", "resume_from_checkpoint=latest")
 
 
 def objective(run: Path, step: int) -> dict[str, object]:
     return json.loads((run / f"checkpoint-{step}/trainer_state.json").read_text("utf-8"))["objective"]
 
 
-def test_step_one_is_the_one_rank_golden_over_both_ranks_prompts(launched):
+@pytest.mark.parametrize("name", TRAINED)
+def test_step_one_is_the_one_rank_golden_over_both_ranks_prompts(request, name):
+    launched = request.getfixturevalue(name)
     log = launched["log"]
     assert [rec["step"] for rec in log] == [1, 2]  # one writer
     assert launched["stderr"].count("ppo: reward_model") == 1  # rank 0 describes the run
     ds_config = json.loads((launched["run"] / "ds_config.json").read_text("utf-8"))
-    assert ds_config["zero_optimization"]["stage"] == 3  # the weights partitioned: the rollouts decode gathered ones
+    assert ds_config["zero_optimization"]["stage"] == launched["stage"]
     first = log[0]
     assert first["kl"] == 0.0 and first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
     assert len(set(launched["scores"])) == len(PROMPTS)  # four different scores: the mean tells the rows apart
     assert first["reward"] == pytest.approx(sum(launched["scores"]) / len(PROMPTS), abs=1e-5)
+    assert first["trained_tokens_seen"] == sum(launched["lengths"])  # both ranks' responses, one ended early
 
 
+def test_a_full_policy_on_zero1_takes_the_lora_zero3_step_one(zero3, zero1_full):
+    """Step 1 decodes, scores and passes the base in both (LoRA B = 0; the full policy not yet updated): whatever
+    no dropout enters (the update passes' value head draws dropout from each run's own RNG) is the same."""
+    lora, full = zero3["log"][0], zero1_full["log"][0]
+    for key in NO_DROPOUT:
+        assert full[key] == pytest.approx(lora[key], rel=1e-5, abs=1e-7), key
+
+
+@pytest.mark.parametrize("name", TRAINED)
 @pytest.mark.parametrize("where", ["log", "checkpoint"])
-def test_the_kl_coefficient_moves_by_the_gathered_kl_and_both_ranks_rows(launched, where):
+def test_the_kl_coefficient_moves_by_the_gathered_kl_and_both_ranks_rows(request, name, where):
+    launched = request.getfixturevalue(name)
     log = launched["log"]
     golden = adaptive_kl([rec["kl"] for rec in log], ROWS * RANKS)
     if where == "log":  # the coefficient each step used
@@ -115,20 +198,32 @@ def test_the_kl_coefficient_moves_by_the_gathered_kl_and_both_ranks_rows(launche
     assert golden[1] != pytest.approx(adaptive_kl([0.0], ROWS)[1], rel=1e-9)  # one rank's rows would differ
 
 
-def test_the_score_moments_are_both_ranks_scores(launched):
+@pytest.mark.parametrize("name", TRAINED)
+def test_the_score_moments_are_both_ranks_scores(request, name):
+    launched = request.getfixturevalue(name)
     moments = objective(launched["run"], 1)["score_moments"]
     assert moments == pytest.approx(trl_score_norm([launched["scores"]])[1], rel=1e-5)
     assert moments["count"] == pytest.approx(ROWS * RANKS)
 
 
-def test_outputs_load_in_peft_with_per_rank_state(launched):
+def test_outputs_load_in_peft_with_per_rank_state(zero3):
     from safetensors.torch import load_file
 
-    run = launched["run"]
+    run = zero3["run"]
     assert {p.name for p in (run / "checkpoint-2" / "rng").iterdir()} == {"rank-0.safetensors", "rank-1.safetensors"}
     assert set(load_file(run / "adapter" / "value_head.safetensors")) == {"v_head.summary.weight",
                                                                          "v_head.summary.bias"}
-    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(launched["base"]),
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(zero3["base"]),
                                            run / "adapter")
     trained = [p for name, p in model.named_parameters() if "lora_B" in name]
     assert trained and any(p.abs().sum() > 0 for p in trained)  # step 2 moved the adapter (lr 1e-2)
+
+
+def test_a_two_rank_run_resumed_after_step_one_is_the_uninterrupted_one(zero3, resumed):
+    """Bitwise: both ranks' RNG (the value head's dropout), the loader's position (each rank's shard), the adapter
+    and value head, both ranks' ZeRO-3 optimizer partitions, the KL coefficient and the score moments all come back
+    (step 2's KL is not 0: its rollout is the policy step 1 moved, which the resume must load)."""
+    assert resumed["log"][1]["kl"] != 0.0
+    assert_same_run(zero3["run"], resumed["run"], "adapter/value_head.safetensors")
+    assert checkpoint_files(resumed["run"] / "checkpoint-2") == checkpoint_files(zero3["run"] / "checkpoint-2")
+    assert logged(resumed["run"]) == logged(zero3["run"])

@@ -64,7 +64,7 @@ def test_ppo_trains_on_every_prompt(recipe):
 @pytest.mark.parametrize("zero_stage", [0, 1, 2, 3])
 def test_ppo_runs_on_several_ranks_at_every_zero_stage(recipe, monkeypatch, zero_stage):
     """As LLaMA-Factory's PPO under DeepSpeed, ZeRO 3 included: the rollouts decode on the gathered weights
-    (tests/compat/test_ppo_multirank.py trains it on two ranks under ZeRO 3)."""
+    (tests/compat/test_ppo_multirank.py trains on two ranks: LoRA under ZeRO 3, a full policy under ZeRO 1)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     r = resolve(recipe(PPO + f"zero_stage: {zero_stage}\n"))
