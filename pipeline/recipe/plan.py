@@ -61,7 +61,7 @@ from typing import Any
 
 from pipeline.data.args import PAIRED_FORMS, data_form
 from pipeline.recipe.args import data_args
-from pipeline.recipe import Resolved, spec
+from pipeline.recipe import Resolved, batches_per_step, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.model.config import ModelConfig, TensorSpec, built_params, count_params
@@ -344,7 +344,8 @@ def _explain(r: Resolved, key: str) -> str:
     if key == "steps_per_epoch":
         if n is None:
             return "needs num_train_examples"
-        return f"floor(floor({n} / ({micro} x {world})) / {accum})"
+        per_step = f"({accum} x ppo_buffer_size {r['ppo_buffer_size']})" if batches_per_step(r) != accum else accum
+        return f"floor(floor({n} / ({micro} x {world})) / {per_step})"
     if key == "total_steps":
         if r["max_steps"] is not None:
             return "max_steps"

@@ -2,9 +2,10 @@
 
 Step arithmetic (the trainer's contract; `derive_steps` redoes it once the exact example count is known):
 
-    total_train_batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size
+    total_train_batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size  # one update
     batches_per_rank       = floor(num_train_examples / (per_device_train_batch_size * world_size))  # drop_last
-    steps_per_epoch        = floor(batches_per_rank / gradient_accumulation_steps)   # optimizer steps
+    steps_per_epoch        = floor(batches_per_rank / batches_per_step)   # optimizer steps (stage ppo: PPO steps)
+    batches_per_step       = gradient_accumulation_steps, x ppo_buffer_size under stage ppo
     total_steps            = max_steps if set, else ceil(num_train_epochs * steps_per_epoch)
     num_warmup_steps       = warmup_steps if set, else ceil(warmup_ratio * total_steps) if set, else 0
 
@@ -350,15 +351,26 @@ def mixed_count(lengths: list[int], probs: Any, seed: int | None, strategy: str)
     return len(interleave_order(lengths, parsed, seed, strategy))
 
 
+def batches_per_step(values: Mapping[str, Any]) -> int:
+    """The micro-batches (per_device_train_batch_size rows each) one step draws on a rank: gradient_accumulation_steps,
+    and under stage ppo ppo_buffer_size times that. LLaMA-Factory 0.9.5's PPO step takes TRL's batch_size =
+    per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size prompts (train/ppo/trainer.py:99-104)
+    and updates once per per_device_train_batch_size x gradient_accumulation_steps of them, so a step is
+    ppo_buffer_size updates an epoch (pipeline.train.ppo); its data loader and step count go by the whole batch
+    (trainer.py:133-135, 205-220)."""
+    buffer = values.get("ppo_buffer_size", 1) if values.get("stage") == "ppo" else 1
+    return values["gradient_accumulation_steps"] * buffer
+
+
 def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: int | None,
                        bad: set[str] = frozenset()) -> None:
     needed = {"per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-              "warmup_ratio", "warmup_steps"}
+              "warmup_ratio", "warmup_steps", "stage", "ppo_buffer_size"}
     steps_per_epoch = total = warmup = None
     if not needed & bad:
         if n is not None:
             batches_per_rank = n // (values["per_device_train_batch_size"] * values["world_size"])  # train drops the last partial batch
-            steps_per_epoch = batches_per_rank // values["gradient_accumulation_steps"]
+            steps_per_epoch = batches_per_rank // batches_per_step(values)
         if values["max_steps"] is not None:
             total = values["max_steps"]
         elif values["num_train_epochs"] is not None and steps_per_epoch is not None:
