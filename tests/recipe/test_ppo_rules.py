@@ -69,6 +69,17 @@ def test_ppo_buffer_size_counts_steps_by_the_whole_buffer(recipe, monkeypatch, b
     assert r["total_train_batch_size"] == r.ds_config["train_batch_size"] == 2 * 3 * world
 
 
+def test_a_buffer_the_data_cannot_fill_is_said_at_ppo_buffer_size(recipe, manifest):
+    """8 rows make 8 micro-batches of 1; accumulation 2 fits, but a PPO step of 2 x ppo_buffer_size 8 = 16 does not:
+    the message names the key that does not fit (it blamed gradient_accumulation_steps, which fits)."""
+    manifest("alpaca_demo", train=8)
+    found = messages(recipe(PPO + "per_device_train_batch_size: 1\ngradient_accumulation_steps: 2\n"
+                                  "ppo_buffer_size: 8\n"))
+    assert any(m.startswith("r.yaml:9:18: ppo_buffer_size: given 8, but the 8 training examples make only 8 "
+                            "micro-batches per rank") and "x ppo_buffer_size = 16: no PPO step would happen" in m
+               for m in found), found
+
+
 def test_ppo_trains_on_every_prompt(recipe):
     """val_size's default (0.1) would hold prompts out of a run that evaluates nothing: derived 0."""
     r = resolve(recipe(PPO))
