@@ -28,6 +28,7 @@ from pipeline.errors import UserError, did_you_mean
 from pipeline.model.config import default_lora_alpha
 from pipeline.names import split_names
 from pipeline.recipe import lr_kwargs, spec
+from pipeline.recipe.steps import batches_per_step
 from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
@@ -349,17 +350,6 @@ def mixed_count(lengths: list[int], probs: Any, seed: int | None, strategy: str)
     if min(lengths) < 1 or (parsed is not None and probs_problem(parsed, len(lengths), strategy)):
         return None
     return len(interleave_order(lengths, parsed, seed, strategy))
-
-
-def batches_per_step(values: Mapping[str, Any]) -> int:
-    """The micro-batches (per_device_train_batch_size rows each) one step draws on a rank: gradient_accumulation_steps,
-    and under stage ppo ppo_buffer_size times that. LLaMA-Factory 0.9.5's PPO step takes TRL's batch_size =
-    per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size prompts (train/ppo/trainer.py:99-104)
-    and updates once per per_device_train_batch_size x gradient_accumulation_steps of them, so a step is
-    ppo_buffer_size updates an epoch (pipeline.train.ppo); its data loader and step count go by the whole batch
-    (trainer.py:133-135, 205-220)."""
-    buffer = values.get("ppo_buffer_size", 1) if values.get("stage") == "ppo" else 1
-    return values["gradient_accumulation_steps"] * buffer
 
 
 def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: int | None,

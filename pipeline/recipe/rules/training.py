@@ -7,10 +7,11 @@ client optimizers' rules (use_muon, use_galore, use_apollo, use_adam_mini, use_b
 """
 from __future__ import annotations
 
-from pipeline.recipe import batches_per_step, lr_kwargs
+from pipeline.recipe import lr_kwargs
 from pipeline.recipe.check import show
 from pipeline.recipe.rules import core
 from pipeline.recipe.rules.core import READS_BUILT_DATA, RUNS_HERE, Context, rebuilt_first, rule
+from pipeline.recipe.steps import batches_per_step
 
 
 @rule("fp16", "bf16")
