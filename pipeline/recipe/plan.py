@@ -45,7 +45,9 @@ P = all parameters of the model train builds, an adapter's own included, T = tra
     reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params)
     rollout      stage ppo: 2*L*b*kv*(s + max_new_tokens)*d * w, the decoding KV cache of a micro-batch
                                             (kv key/value heads of d numbers);   ZeRO-3: + P * w (pure_bf16: an
-                                            adapter's in fp32), the policy gathered whole for decoding (rollout_bytes)
+                                            adapter's in fp32), the policy gathered whole for decoding; + the step's
+                                            rollout: b*accumulation*ppo_buffer_size rows x ((s + max_new_tokens)
+                                            x 44 + 8) bytes (rollout_bytes)
 with s = cutoff_len, b = per_device_train_batch_size (stage dpo: 2x, the chosen and the rejected sequences of a
 pair go through one forward), h = width, a = heads, L = layers, V = vocabulary (50,257 for GPT-2, 128,256 for
 Llama 3, 151,936 for Qwen).
@@ -61,7 +63,7 @@ from typing import Any
 
 from pipeline.data.args import PAIRED_FORMS, data_form
 from pipeline.recipe.args import data_args
-from pipeline.recipe import Resolved, spec
+from pipeline.recipe import Resolved, batches_per_step, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.model.config import ModelConfig, TensorSpec, built_params, count_params
@@ -234,19 +236,28 @@ def value_head_bias(r: Resolved) -> int:
         return 0
 
 
+# What a step's rollout keeps through its last update (pipeline.train.ppo.PPOTrainer.rollout): a position's input_ids,
+# attention_mask, labels (int64) and mask, log-probs, values, advantages, returns (fp32); a row's score and KL (fp32)
+ROLLOUT_POSITION_BYTES, ROLLOUT_ROW_BYTES = 3 * 8 + 5 * 4, 2 * 4
+
+
 def rollout_bytes(r: Resolved, cfg: ModelConfig, prompt: int, gathered: int) -> int:
-    """What stage ppo's rollouts hold while the policy decodes (pipeline.train.ppo.PPOTrainer.responses): the KV
+    """What stage ppo's rollouts hold (pipeline.train.ppo.PPOTrainer): while the policy decodes (responses), the KV
     cache generate allocates for one micro-batch, per_device_train_batch_size prompts of at most `prompt` tokens
     (cutoff_len; cut to generate's room when longer) and their max_new_tokens, in the compute dtype
     (pipeline.model.config.kv_cache_bytes: 2 x layers x rows x kv_heads x (prompt + new tokens) x head_dim x
     bytes); under ZeRO 3 also `gathered`, the whole parameters (P x w) gathered beside their partitions for
-    decoding (deepspeed_compat.gathered_for_generation), not offloaded. Decoding runs before the step's forward and
-    backward passes, so the total, which adds this to the activations, is an upper bound."""
+    decoding (deepspeed_compat.gathered_for_generation), not offloaded; and the step's rollout, kept through its
+    updates: every row of the step (per_device_train_batch_size x batches_per_step: the whole ppo_buffer_size) at
+    prompt + max_new_tokens positions (ROLLOUT_POSITION_BYTES, ROLLOUT_ROW_BYTES). Decoding runs before the step's
+    forward and backward passes, so the total, which adds this to the activations, is an upper bound."""
     from pipeline.model.config import kv_cache_bytes
     from pipeline.recipe.precision import compute_bytes
 
     kv = kv_cache_bytes(cfg, r["per_device_train_batch_size"], prompt, r["max_new_tokens"], compute_bytes(r))
-    return kv + gathered
+    rows = r["per_device_train_batch_size"] * batches_per_step(r)
+    held = rows * ((prompt + r["max_new_tokens"]) * ROLLOUT_POSITION_BYTES + ROLLOUT_ROW_BYTES)
+    return kv + gathered + held
 
 
 def _offloaded(zero: dict[str, Any], key: str) -> bool:
@@ -344,7 +355,8 @@ def _explain(r: Resolved, key: str) -> str:
     if key == "steps_per_epoch":
         if n is None:
             return "needs num_train_examples"
-        return f"floor(floor({n} / ({micro} x {world})) / {accum})"
+        per_step = f"({accum} x ppo_buffer_size {r['ppo_buffer_size']})" if batches_per_step(r) != accum else accum
+        return f"floor(floor({n} / ({micro} x {world})) / {per_step})"
     if key == "total_steps":
         if r["max_steps"] is not None:
             return "max_steps"

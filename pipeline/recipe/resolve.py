@@ -2,9 +2,10 @@
 
 Step arithmetic (the trainer's contract; `derive_steps` redoes it once the exact example count is known):
 
-    total_train_batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size
+    total_train_batch_size = per_device_train_batch_size * gradient_accumulation_steps * world_size  # one update
     batches_per_rank       = floor(num_train_examples / (per_device_train_batch_size * world_size))  # drop_last
-    steps_per_epoch        = floor(batches_per_rank / gradient_accumulation_steps)   # optimizer steps
+    steps_per_epoch        = floor(batches_per_rank / batches_per_step)   # optimizer steps (stage ppo: PPO steps)
+    batches_per_step       = gradient_accumulation_steps, x ppo_buffer_size under stage ppo
     total_steps            = max_steps if set, else ceil(num_train_epochs * steps_per_epoch)
     num_warmup_steps       = warmup_steps if set, else ceil(warmup_ratio * total_steps) if set, else 0
 
@@ -27,6 +28,7 @@ from pipeline.errors import UserError, did_you_mean
 from pipeline.model.config import default_lora_alpha
 from pipeline.names import split_names
 from pipeline.recipe import lr_kwargs, spec
+from pipeline.recipe.steps import batches_per_step
 from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
@@ -353,12 +355,12 @@ def mixed_count(lengths: list[int], probs: Any, seed: int | None, strategy: str)
 def _derive_steps_into(values: dict[str, Any], origins: dict[str, Origin], n: int | None,
                        bad: set[str] = frozenset()) -> None:
     needed = {"per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps",
-              "warmup_ratio", "warmup_steps"}
+              "warmup_ratio", "warmup_steps", "stage", "ppo_buffer_size"}
     steps_per_epoch = total = warmup = None
     if not needed & bad:
         if n is not None:
             batches_per_rank = n // (values["per_device_train_batch_size"] * values["world_size"])  # train drops the last partial batch
-            steps_per_epoch = batches_per_rank // values["gradient_accumulation_steps"]
+            steps_per_epoch = batches_per_rank // batches_per_step(values)
         if values["max_steps"] is not None:
             total = values["max_steps"]
         elif values["num_train_epochs"] is not None and steps_per_epoch is not None:

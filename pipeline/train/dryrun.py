@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import TrainArgs, train_args
 from pipeline.runtime import dist
 
@@ -90,11 +91,13 @@ def report(train: TrainArgs, real_output_dir: str, one: OneStep, finished: float
     checkpoints = sorted((scratch / "output_dir").glob("checkpoint-*"))
     size = f", {folder_mib(checkpoints[-1]):.1f} MiB" if checkpoints else ""
     loss = f" (loss {record['loss']:.4f})" if isinstance(record.get("loss"), float) else ""
+    # stage ppo's step draws ppo_buffer_size x the accumulation (pipeline.recipe.batches_per_step)
+    per_step = batches_per_step(one.recipe) if one.recipe is not None else train.gradient_accumulation_steps
     lines = [
         "dry run: ok - model load, fine-tuning setup, DeepSpeed initialisation, one optimizer step and a checkpoint"
         " write all worked",
         f"  first optimizer step: {step_s:.2f} s{loss} ({train.per_device_train_batch_size} x "
-        f"{train.gradient_accumulation_steps} micro-batches per rank; includes one-time warm-up)",
+        f"{per_step} micro-batches per rank; includes one-time warm-up)",
         f"  checkpoint write: {save_s:.2f} s{size}",
         f"  peak memory: {peak_rss_mib():,.0f} MiB resident (rank 0 process)"
         + (f", {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB GPU" if torch.cuda.is_available() else ""),

@@ -84,10 +84,11 @@ class StopRequest:
 
 
 class BatchStream:
-    """Training micro-batches in order from a resumable position (epoch, batch index within the epoch)."""
+    """Training micro-batches in order from a resumable position (epoch, batch index within the epoch).
+    `per_step`: the micro-batches one step draws (pipeline.recipe.batches_per_step)."""
 
-    def __init__(self, loader: Any, state: TrainState, accumulation: int):
-        self.loader, self.state, self.accumulation = loader, state, accumulation
+    def __init__(self, loader: Any, state: TrainState, per_step: int):
+        self.loader, self.state, self.per_step = loader, state, per_step
         self._it: Iterator[dict] | None = None
 
     def next(self) -> dict:
@@ -103,7 +104,7 @@ class BatchStream:
 
     def end_of_step(self) -> None:
         """Start the next epoch when what is left of this one cannot fill an optimizer step."""
-        if self.state.batch_in_epoch + self.accumulation > len(self.loader):
+        if self.state.batch_in_epoch + self.per_step > len(self.loader):
             self.new_epoch()
 
     def new_epoch(self) -> None:
@@ -180,10 +181,11 @@ class Trainer:
     def __init__(self, engine: Any, train: TrainArgs, state: TrainState, loader: Any, *,
                  evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
                  stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, float]]] | None = None,
-                 profiler: StepProfiler | None = None):
+                 profiler: StepProfiler | None = None, batches_per_step: int | None = None):
         self.engine, self.args, self.state = engine, train, state
         self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
-        self.data = BatchStream(loader, state, train.gradient_accumulation_steps)
+        # micro-batches a step draws: the accumulation (stage ppo: x ppo_buffer_size, pipeline.recipe.batches_per_step)
+        self.data = BatchStream(loader, state, batches_per_step or train.gradient_accumulation_steps)
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
         self.profiler = profiler or StepProfiler(None)  # PIPELINE_PROFILE: torch.profiler over chosen steps
         self.params = [p for p in engine.module.parameters() if deepspeed_compat.trains(p)]

@@ -1,18 +1,24 @@
 """Stage ppo: LLaMA-Factory 0.9.5's PPO (its train/ppo on TRL 0.9.6's PPOTrainer), one PPO step read top to bottom.
 
-    prompts (per_device_train_batch_size x gradient_accumulation_steps rows of an sft-format dataset)
+    prompts (per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size rows of an sft-format
+       dataset: TRL's batch_size as LLaMA-Factory sets it, llamafactory/train/ppo/trainer.py:99-106)
     -> the policy generates a response to each (the recipe's max_new_tokens, do_sample, temperature, top_k, top_p;
        the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
     -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools), or a reward
        server its decoded text (reward_model_type api: pipeline.model.reward_server, LLaMA-Factory's request)
-    -> no-grad passes: the policy's log-probabilities and values, the reference's log-probabilities
+    -> no-grad passes, one update's rows at a time: the policy's log-probabilities and values, the reference's
+       log-probabilities
        (the starting model, pipeline.train.preference.starting_reference: the policy with its LoRA / OFT adapters
        switched off, or a frozen copy under full / freeze)
-    -> per-token rewards, GAE advantages and returns (pipeline.model.ppo)
-    -> ppo_epochs passes over the rows in a seeded random order, per_device_train_batch_size rows a mini-batch:
-       clipped policy loss + vf_coef x clipped value loss, engine.backward / engine.step (DeepSpeed updates every
-       gradient_accumulation_steps mini-batches, as TRL's accelerator.accumulate)
-    -> the KL controller moves its coefficient; the learning-rate schedule steps once (TRL steps it per PPO step)
+    -> per-token rewards, GAE advantages and returns (pipeline.model.ppo; score normalisation and whitening over
+       all the step's rows)
+    -> ppo_epochs passes over all the step's rows in a seeded random order, per_device_train_batch_size rows a
+       mini-batch: clipped policy loss + vf_coef x clipped value loss, engine.backward / engine.step (DeepSpeed
+       updates every gradient_accumulation_steps mini-batches, as TRL's accelerator.accumulate: ppo_buffer_size
+       updates an epoch, as TRL 0.9.6's step() slices its permutation into backward batches,
+       trl/trainer/ppo_trainer.py:791-806)
+    -> the KL controller moves its coefficient by the step's rows (TRL's n_steps = batch_size x processes,
+       ppo_trainer.py:872-876); the learning-rate schedule steps once (TRL steps it per PPO step, :886-887)
 
 Under ZeRO 3 the rollouts decode on the policy's gathered weights (deepspeed_compat.gathered_for_generation: every
 parameter whole once per PPO step, DeepSpeed's per-layer hooks off, as TRL 0.9.6's unwrap_model_for_generation), so
@@ -260,26 +266,36 @@ class PPOTrainer(Trainer):
 
     @torch.no_grad()
     def rollout(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Generate, score and take the no-grad passes over the step's rows; rewards, advantages and returns."""
-        from pipeline.train.preference import _eval_mode
-
+        """Generate, score and take the no-grad passes over the step's rows (its whole buffer); rewards, advantages
+        (whitened over all of them, as TRL's compute_advantages over its batch_size rows) and returns."""
         prompts, responses = self.responses(batches)
         data = sequences(prompts, responses, self.pad_id, self.engine.device)
         mask = (data["labels"] != -100).float()
-        with _eval_mode(self.engine.module):
-            logprobs, values = policy_pass(self.engine, data)
-        ref_logprobs = -self.reference(data)
-        scores = self.reward_model(data["input_ids"], data["attention_mask"])
+        # the passes in slices of one update's rows (ppo_buffer_size slices): the memory of a buffer of 1 whatever
+        # the buffer (TRL's batched_forward_pass slices the padded batch too); rows do not depend on each other
+        size = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        passes = [self.passes({k: v[start:start + size] for k, v in data.items()})
+                  for start in range(0, len(prompts), size)]
+        logprobs, values, ref_logprobs, scores = (torch.cat(parts) for parts in zip(*passes))
         used = scores if self.moments is None else self.moments.normalize(scores)
         rewards, kls = token_rewards(used, logprobs, ref_logprobs, mask, self.kl_ctl.value, self.config.kl_penalty)
         values, advantages, returns = advantages_and_returns(values, rewards, mask, self.config)
         return {**data, "mask": mask, "logprobs": logprobs, "values": values, "advantages": advantages,
                 "returns": returns, "scores": scores, "kl": (kls * mask).sum(1)}
 
+    def passes(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The no-grad passes over some rows: the policy's log-probabilities and values (eval mode: no dropout), the
+        reference's log-probabilities, the reward model's scores."""
+        from pipeline.train.preference import _eval_mode
+
+        with _eval_mode(self.engine.module):
+            logprobs, values = policy_pass(self.engine, rows)
+        return logprobs, values, -self.reference(rows), self.reward_model(rows["input_ids"], rows["attention_mask"])
+
     def optimizer_step(self, window: Window) -> float | None:
         """One PPO step (module docstring); returns the last update's grad norm."""
         window.lr = float(self.engine.get_lr()[0])
-        batches = [self.data.next() for _ in range(self.args.gradient_accumulation_steps)]
+        batches = [self.data.next() for _ in range(self.data.per_step)]  # accumulation x ppo_buffer_size
         data = self.rollout(batches)
         rows, size = len(data["scores"]), self.args.per_device_train_batch_size
         generator = torch.Generator().manual_seed(self.seed + self.state.global_step)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.recipe.precision import eval_precision, weights_dtype
@@ -164,6 +165,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
                             else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
         trainer = trainer_class(engine, args, state, loader, evaluate=evaluate_now, **extra,
+                          batches_per_step=batches_per_step(r),
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
                                                        trainer.checkpoint_state()),
                           log=log, stop=stop,
@@ -517,16 +519,21 @@ def seed_everything(seed: int) -> None:
 def exact_steps(r: Any, loader: Any) -> Any:
     """Step counts from the real loader's example count (after the length policy; pt: windows).
 
-    derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // accumulation.
+    derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // batches_per_step
+    (gradient_accumulation_steps; x ppo_buffer_size under stage ppo).
     """
     from pipeline.recipe import derive_steps
 
     r = derive_steps(r, loader.num_examples)
-    assert r["steps_per_epoch"] == len(loader) // r["gradient_accumulation_steps"], "derive_steps disagrees with the loader"
+    per_step = batches_per_step(r)
+    assert r["steps_per_epoch"] == len(loader) // per_step, "derive_steps disagrees with the loader"
     if not r["total_steps"]:
+        what, keys = (f"gradient_accumulation_steps is {r['gradient_accumulation_steps']}", "gradient_accumulation_steps")
+        if per_step != r["gradient_accumulation_steps"]:
+            what = f"{what} and ppo_buffer_size {r['ppo_buffer_size']} ({per_step} micro-batches a PPO step)"
+            keys = "gradient_accumulation_steps, ppo_buffer_size"
         raise UserError(f"no optimizer step fits: the train split gives {len(loader)} micro-batches per rank per "
-                        f"epoch and gradient_accumulation_steps is {r['gradient_accumulation_steps']}; lower "
-                        "gradient_accumulation_steps or per_device_train_batch_size, or add data")
+                        f"epoch and {what}; lower {keys} or per_device_train_batch_size, or add data")
     return r
 
 
@@ -562,7 +569,8 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"data: {loader.num_examples:,} {items}, {len(loader):,} micro-batches of {loader.batch_size} per rank "
         f"per epoch; global batch {r['total_train_batch_size']} "
         f"({r['per_device_train_batch_size']} x {r['gradient_accumulation_steps']} accumulation x "
-        f"{dist.world_size()} ranks)",
+        f"{dist.world_size()} ranks)" + (f"; a PPO step: ppo_buffer_size {r['ppo_buffer_size']} x that"
+                                          if batches_per_step(r) != r["gradient_accumulation_steps"] else ""),
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]

@@ -1,8 +1,8 @@
 """Stage ppo as a LLaMA-Factory user runs it: its llama3_lora_reward.yaml (stage rm, LoRA) trains the reward model,
 then its llama3_lora_ppo.yaml (reward_model: that run's output_dir, reward_model_type lora by default) trains the
-policy 3 PPO steps (ppo_score_norm on, a checkpoint each step) through `python -m pipeline train`, on a tiny
-transformers-written Llama (the two recipes:
-tests/compat/lf_examples_removed/NOTICE.md). The PPO run's adapter loads in PEFT and gives our trained model's
+policy 3 PPO steps (ppo_buffer_size 2, ppo_score_norm on, a checkpoint each step) through `python -m pipeline
+train`, on a tiny transformers-written Llama (the two recipes: tests/compat/lf_examples_removed/NOTICE.md). Its
+epochs, optimizer updates, KL coefficients and score moments count the whole buffer, as TRL 0.9.6 does. The PPO run's adapter loads in PEFT and gives our trained model's
 logits; value_head.safetensors lies beside it with LLaMA-Factory's keys. reward_model_type full (the rm adapter
 merged by PEFT, saved by transformers) loads as the same reward model as the lora form the run used. The score
 moments saved at step 3 are TRL's RunningMoments over the logged scores; the run killed after step 2 and resumed
@@ -131,12 +131,24 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     pipeline("train", RM, "max_steps=2", "gradient_accumulation_steps=1", "max_samples=16", "val_size=0", *fast,
              cwd=work)
     used = ["max_steps=3", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
-            "gradient_accumulation_steps=2", "ppo_epochs=2", "save_steps=1", "ppo_score_norm=true",
-            "learning_rate=1e-2", *fast]  # 2 x 2 updates a step: time; the policy moves (other scores each step)
+            "gradient_accumulation_steps=2", "ppo_buffer_size=2", "ppo_epochs=2", "save_steps=1", "ppo_score_norm=true",
+            "learning_rate=1e-2", *fast]  # 2 epochs x 2 updates a step: time; the policy moves (other scores each step)
     done = pipeline("train", PPO, *used, cwd=work, timeout=600)
     assert f"ppo: reward_model {RM_RUN} (lora)" in done.stderr, done.stderr
     run = work / PPO_RUN
     log = logged_steps(run, 3, step_one(base, work / RM_RUN / "adapter"))
+    # ppo_buffer_size 2: LLaMA-Factory's PPO step takes TRL's batch_size = 1 x 2 x 2 prompts and updates once per
+    # backward batch of 1 x 2 (llamafactory/train/ppo/trainer.py:99-106), so its loader of that batch size gives
+    # floor(8 / 4) = 2 steps an epoch (trainer.py:216-220); each step's 2 ppo_epochs pass over 2 backward batches:
+    # 4 optimizer updates a step (trl/trainer/ppo_trainer.py:791-806), Adam's step count 4 after step 1, 12 after 3
+    assert [rec["epoch"] for rec in log] == [0.5, 1.0, 1.5]
+    assert adam_steps(run / "checkpoint-1") == 4 and adam_steps(run / "checkpoint-3") == 12
+    # the KL controller moves by n_steps = batch_size x processes = 4 rows (ppo_trainer.py:872-876; AdaptiveKL
+    # Controller.update, trl/trainer/utils.py:65-69): steps 1 and 2 have KL 0 (the policy is its reference until
+    # step 1's updates at learning rate 0 are done), the clipped error -0.2
+    assert log[0]["kl"] == log[1]["kl"] == 0.0
+    assert [rec["kl_coef"] for rec in log] == pytest.approx([0.2 * (1 - 0.2 * 4 / 10000) ** k for k in range(3)],
+                                                            rel=1e-12)
     # the example's plot_loss: LLaMA-Factory's ppo workflow plots the keys loss and reward
     assert (run / "training_loss.png").is_file() and (run / "training_reward.png").is_file()
 
@@ -159,9 +171,9 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
             assert float(model(ids)[0, -1, 0]) == pytest.approx(float(expected), abs=1e-5)
 
     # the scores' running moments (ppo_score_norm) are TRL's over every score so far: a step's rows are one prompt
-    # answered by one policy, so each step's two scores are its logged reward
+    # answered by one policy, so each step's four scores (its whole buffer, ppo_trainer.py:676-682) are its reward
     moments = json.loads((run / "checkpoint-3/trainer_state.json").read_text("utf-8"))["objective"]["score_moments"]
-    trl = trl_score_norm([[rec["reward"]] * 2 for rec in log])[1]
+    trl = trl_score_norm([[rec["reward"]] * 4 for rec in log])[1]
     assert moments == pytest.approx(trl, rel=1e-5), (moments, trl)
 
     # killed after its step-2 checkpoint and resumed: the same run, bitwise (adapter, value head, optimizer, KL
@@ -274,6 +286,16 @@ def logged_steps(run: Path, steps: int, reward: float) -> list[dict[str, float]]
     assert first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
     assert all(k in rec for rec in log for k in ("loss", "loss/value", "reward", "kl", "kl_coef"))
     return log
+
+
+def adam_steps(checkpoint: Path) -> int:
+    """The optimizer updates made up to a checkpoint: the step count of AdamW's state (one per parameter; all
+    equal), read from DeepSpeed's saved state."""
+    from pipeline.train.safestate import load_state
+
+    state = load_state(checkpoint / "deepspeed/mp_rank_00_model_states.pt")["optimizer"]["state"]
+    (steps,) = {int(entry["step"]) for entry in state.values()}
+    return steps
 
 
 def checkpoint_files(checkpoint: Path) -> dict[str, Any]:

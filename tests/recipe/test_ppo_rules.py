@@ -25,7 +25,6 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO, "train", "r.yaml:6:15: reward_model: 'saves/rm' is neither a local directory nor a cached hub snapshot"),
     ("stage: ppo\nreward_model: saves/llama/rm\n", "train",
      "r.yaml:6:15: reward_model: directory 'saves/llama/rm' not found"),
-    (PPO + "ppo_buffer_size: 2\n", None, "r.yaml:7:18: ppo_buffer_size: given 2 with stage ppo: only 1"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
                                     "response per prompt"),
     (PPO + "val_size: 0.2\n", None, "r.yaml:7:11: val_size: given 0.2, but it has no meaning for stage: ppo"),
@@ -41,7 +40,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
     (PPO + "finetuning_type: freeze\n", "eval",
      "r.yaml:5:8: stage: ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned freeze policy "
      "(output_dir/model) with an sft recipe of finetuning_type freeze whose output_dir is this run's"),
-], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "buffer", "beams", "val_size",
+], ids=["no-reward-model", "missing-at-train", "missing-folder-at-train", "beams", "val_size",
         "ref_model", "api-not-a-url", "api-not-http", "outside-ppo", "eval-command", "eval-command-freeze"])
 def test_a_ppo_mistake_is_one_message_at_its_line(recipe, lines, command, said):
     found = messages(recipe(lines), command)
@@ -53,6 +52,36 @@ def test_ppo_trains_lora_full_and_freeze_policies(recipe, kind):
     """As LLaMA-Factory: a LoRA policy, or a full / freeze one beside a frozen copy of the base as its reference (an
     OFT one: tests/recipe/test_oft_rules.py, on a Llama)."""
     assert resolve(recipe(PPO + f"finetuning_type: {kind}\n"))["finetuning_type"] == kind
+
+
+@pytest.mark.parametrize("buffer, world", [(1, 1), (2, 1), (3, 2)])
+def test_ppo_buffer_size_counts_steps_by_the_whole_buffer(recipe, monkeypatch, buffer, world):
+    """It was refused. LLaMA-Factory 0.9.5's PPO step draws TRL's batch_size = micro x accumulation x
+    ppo_buffer_size prompts a rank (train/ppo/trainer.py:99-104; TRL's DataLoader of that batch_size, drop_last,
+    trl/trainer/ppo_trainer.py:416-422), so an epoch is floor(rows a rank / batch_size) steps and num_train_epochs
+    x that in all (trainer.py:216-220). Golden, by hand: 50 rows, micro 2, accumulation 3 -> floor(50 / (2 x
+    world)) micro-batches a rank (25; 12 on 2 ranks), floor(that / (3 x buffer)) steps an epoch (8, 4; 1 for a
+    buffer of 3 on 2 ranks: 18 prompts a rank a step); 3 epochs.
+    DeepSpeed's batch (total_train_batch_size) stays one update's rows."""
+    from pipeline.recipe import derive_steps
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    r = derive_steps(resolve(recipe(PPO + f"ppo_buffer_size: {buffer}\nper_device_train_batch_size: 2\n"
+                                          "gradient_accumulation_steps: 3\n")), 50)
+    per_epoch = {1: 8, 2: 4, 3: 1}[buffer]
+    assert (r["steps_per_epoch"], r["total_steps"]) == (per_epoch, 3 * per_epoch)
+    assert r["total_train_batch_size"] == r.ds_config["train_batch_size"] == 2 * 3 * world
+
+
+def test_a_buffer_the_data_cannot_fill_is_said_at_ppo_buffer_size(recipe, manifest):
+    """8 rows make 8 micro-batches of 1; accumulation 2 fits, but a PPO step of 2 x ppo_buffer_size 8 = 16 does not:
+    the message names the key that does not fit (it blamed gradient_accumulation_steps, which fits)."""
+    manifest("alpaca_demo", train=8)
+    found = messages(recipe(PPO + "per_device_train_batch_size: 1\ngradient_accumulation_steps: 2\n"
+                                  "ppo_buffer_size: 8\n"))
+    assert any(m.startswith("r.yaml:9:18: ppo_buffer_size: given 8, but the 8 training examples make only 8 "
+                            "micro-batches per rank") and "x ppo_buffer_size = 16: no PPO step would happen" in m
+               for m in found), found
 
 
 def test_ppo_trains_on_every_prompt(recipe):

@@ -1,7 +1,9 @@
-"""Stage ppo's batch plumbing (pipeline.train.ppo): the prompt of an sft row, the rollout batch's shifted labels, and
-generation keeping the stop token and repeating itself under a seed."""
+"""Stage ppo's batch plumbing (pipeline.train.ppo): the prompt of an sft row, the rollout batch's shifted labels,
+generation keeping the stop token and repeating itself under a seed, and a PPO step of ppo_buffer_size 2 making the
+updates TRL 0.9.6's step() makes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.model.generate import generate
@@ -36,3 +38,102 @@ def test_seeded_sampling_repeats_and_keep_stop_keeps_the_stop_token():
     dropped = generate(model, [[1, 2, 3], [4, 5]], seed=11, stop_ids=[stop], **kwargs)
     cut = first[0].index(stop)
     assert kept[0] == first[0][:cut + 1] and dropped[0] == first[0][:cut]
+
+
+def trl_step_updates(model, data, orders, mini, accumulation, lr, max_grad_norm):
+    """TRL 0.9.6's PPOTrainer.step() update loop, re-typed (trl/trainer/ppo_trainer.py:791-836; train_minibatch
+    :1086-1102 under accelerate's accumulate): per epoch a permutation of all batch_size rows, cut into backward
+    batches of mini x accumulation rows, each cut into mini-batches; every mini-batch's loss / accumulation is
+    backpropagated, and at the end of a backward batch (accelerate's sync_gradients) the gradients are clipped to
+    max_grad_norm and the optimizer steps. -> the mini-batch losses, in order. The loss of a mini-batch is
+    pipeline.model.ppo.ppo_losses (golden-tested against TRL's loss in tests/model/test_ppo_math.py); the values are
+    read by TRL's value head on the last hidden state."""
+    from pipeline.model.ppo import PPOConfig, ppo_losses
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    backward_batch = mini * accumulation
+    losses = []
+    for order in orders:
+        for backward_start in range(0, len(order), backward_batch):
+            backward_inds = order[backward_start:backward_start + backward_batch]
+            for mini_start in range(0, backward_batch, mini):
+                inds = backward_inds[mini_start:mini_start + mini]
+                rows = {k: v[inds] for k, v in data.items()}
+                caught = []
+                handle = model.norm.register_forward_hook(lambda _m, _i, out: caught.append(out))
+                nll = model(rows["input_ids"], attention_mask=rows["attention_mask"], labels=rows["labels"],
+                            reduction="none")
+                handle.remove()
+                pg, vf, _ = ppo_losses(rows["logprobs"], rows["values"], -nll, model.v_head(caught[-1]).float(),
+                                       rows["mask"], rows["advantages"], rows["returns"], PPOConfig())
+                ((pg + vf) / accumulation).backward()
+                losses.append(float((pg + vf).detach()))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+    return losses
+
+
+def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
+    """ppo_buffer_size 2 (micro 2, accumulation 2: TRL's batch_size 8, backward batches of 4) and ppo_epochs 2: our
+    PPO step on a DeepSpeed engine makes the updates TRL's step() makes on the same rollouts, in the same row order:
+    2 an epoch, 4 in all, each over one backward batch of its permutation. Golden: trl_step_updates on a copy of the
+    same model with torch's AdamW (the weights after the step, each mini-batch's loss, their mean as the logged loss).
+    The order is the step's seeded permutation (TRL's is numpy's global RNG: a free choice of the same kind). Dropout
+    off, so the two runs see the same numbers."""
+    import copy
+    from types import SimpleNamespace
+
+    deepspeed = pytest.importorskip("deepspeed")
+    from pipeline.runtime import dist
+    from pipeline.recipe.args import train_args
+    from pipeline.train.checkpoint import TrainState
+    from pipeline.train.loop import Window
+    from pipeline.train.ppo import PPOTrainer, attach_value_head
+
+    dist.init()
+    mini, accumulation, buffer, epochs, lr, clip, seed = 2, 2, 2, 2, 1e-3, 1.0, 3
+    rows = mini * accumulation * buffer
+    model = GPTModel(PRESETS["tiny"].replace(drop_rate=0.0, vocab_size=64), seed=0)
+    attach_value_head(model, 0)
+    model.v_head.dropout.p = 0.0
+    golden = copy.deepcopy(model)
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (rows,), generator=g)]
+    responses = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(2, 5, (rows,), generator=g)]
+    data = sequences(prompts, responses, pad_id=0, device=torch.device("cpu"))
+    mask = (data["labels"] != -100).float()
+    with torch.no_grad():
+        old = -model.eval()(data["input_ids"], attention_mask=data["attention_mask"], labels=data["labels"],
+                            reduction="none")
+    shape = mask.shape
+    data.update(mask=mask, logprobs=old + 0.05 * torch.randn(shape, generator=g) * mask,
+                values=torch.randn(shape, generator=g) * mask, advantages=torch.randn(shape, generator=g) * mask,
+                returns=torch.randn(shape, generator=g) * mask, scores=torch.randn(rows, generator=g),
+                kl=torch.zeros(rows))
+
+    config = {"train_micro_batch_size_per_gpu": mini, "gradient_accumulation_steps": accumulation,
+              "train_batch_size": mini * accumulation, "gradient_clipping": clip, "zero_optimization": {"stage": 0}}
+    engine, *_ = deepspeed.initialize(model=model.train(), optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
+                                      config=config)
+    args = train_args({"per_device_train_batch_size": mini, "gradient_accumulation_steps": accumulation,
+                       "learning_rate": lr, "max_grad_norm": clip})
+    ppo = SimpleNamespace(ppo_epochs=epochs, ppo_whiten_rewards=False, ppo_target=6.0, ppo_score_norm=False)
+    trainer = PPOTrainer(engine, args, TrainState(), [None] * 16, evaluate=None, save=lambda: None, log=None,
+                         stop=None, reward_model=None, reference=None, pad_id=0, stop_ids=(), generation=None, ppo=ppo,
+                         scheduler=None, seed=seed, batches_per_step=accumulation * buffer)
+    drawn = []
+    monkeypatch.setattr(trainer.data, "next", lambda: drawn.append(1) or {})
+    monkeypatch.setattr(trainer, "rollout", lambda batches: data)
+    window = Window()
+    trainer.optimizer_step(window)
+
+    generator = torch.Generator().manual_seed(seed)  # the step's order: seed + global_step (0)
+    orders = [torch.randperm(rows, generator=generator) for _ in range(epochs)]
+    losses = trl_step_updates(golden.train(), data, orders, mini, accumulation, lr, clip)
+    assert len(drawn) == accumulation * buffer and len(losses) == epochs * buffer * accumulation
+    assert engine.global_steps == epochs * buffer  # one update a backward batch: ppo_buffer_size an epoch
+    assert window.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    for (name, ours), theirs in zip(model.named_parameters(), golden.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=name)

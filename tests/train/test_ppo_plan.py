@@ -159,7 +159,9 @@ def test_plan_counts_the_rollouts_kv_cache_and_zero3s_gathered_weights(folder, m
     policy's weights are gathered whole beside their partitions. Golden: the bytes of the cache tensors our generate
     allocates for such a micro-batch (never stopping early: no stop ids), plus under ZeRO 3 the bytes of the
     policy's parameters (LoRA adapter and value head included) as train builds them; by hand, the Llama's 2 layers x
-    2 key/value heads x 8 numbers a head (tests/helpers' tiny checkpoint), and under bf16 2 bytes a number."""
+    2 key/value heads x 8 numbers a head (tests/helpers' tiny checkpoint), and under bf16 2 bytes a number. The
+    step's rollout tensors (every row of its ppo_buffer_size) were not counted either: by hand, from the dtypes
+    pipeline.train.ppo.PPOTrainer.rollout keeps."""
     from pipeline.model.build import build_model
     from pipeline.model.generate import generate
     from pipeline.recipe.args import recipe_args
@@ -167,7 +169,8 @@ def test_plan_counts_the_rollouts_kv_cache_and_zero3s_gathered_weights(folder, m
     from pipeline.train.ppo import attach_value_head
 
     rows, new = 3, 7
-    keys = {"per_device_train_batch_size": rows, "max_new_tokens": new}
+    keys = {"per_device_train_batch_size": rows, "max_new_tokens": new, "gradient_accumulation_steps": 2,
+            "ppo_buffer_size": 2}
     r = recipe(folder, "full", **keys)
     model = build_model(*recipe_args(r), dtype=torch.float32)
     attach_value_head(model, 0)
@@ -178,7 +181,12 @@ def test_plan_counts_the_rollouts_kv_cache_and_zero3s_gathered_weights(folder, m
     assert (cfg.n_layers, cfg.kv_heads, cfg.head_dim) == (2, 2, 8)
     by_hand = 2 * 2 * rows * 2 * (32 + new) * 8 * 4  # keys + values, layers, rows, heads, positions, head, fp32
     assert caches.bytes() == by_hand
-    assert estimate_memory(r).gpu["rollout"] == caches.bytes()
-    assert estimate_memory(recipe(folder, "full", bf16=True, **keys)).gpu["rollout"] == by_hand // 2
+    # and the step's rollout, kept through its updates: 3 x 2 accumulation x 2 ppo_buffer_size rows of 32 + 7
+    # positions, each with input_ids, attention_mask, labels (int64) and mask, log-probs, values, advantages,
+    # returns (fp32), each row with its score and KL (fp32)
+    held = 3 * 2 * 2 * ((32 + new) * (3 * 8 + 5 * 4) + 2 * 4)
+    assert estimate_memory(r).gpu["rollout"] == caches.bytes() + held
+    assert estimate_memory(recipe(folder, "full", bf16=True, **keys)).gpu["rollout"] == by_hand // 2 + held
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert estimate_memory(recipe(folder, "full", zero_stage=3, **keys)).gpu["rollout"] == caches.bytes() + weights
+    assert estimate_memory(recipe(folder, "full", zero_stage=3, **keys)).gpu["rollout"] == \
+        caches.bytes() + weights + held

@@ -1,5 +1,5 @@
 """Rules on stage ppo (pipeline.train.ppo): reward_model given (and there, for train), the parts implemented (a LoRA,
-OFT, full or freeze policy, ZeRO 0-3 on any number of ranks, ppo_buffer_size 1, no beam search), and the ppo keys
+OFT, full or freeze policy, ZeRO 0-3 on any number of ranks, any ppo_buffer_size, no beam search), and the ppo keys
 only under stage ppo. reward_model_type api: reward_model a reward server's URL (pipeline.model.reward_server); oft: the
 schema's x-refused.
 """
@@ -15,9 +15,6 @@ from pipeline.recipe.spec import defaults
 PPO_KEYS = ("reward_model", "reward_model_type", "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target",
             "ppo_whiten_rewards")
 NOT_IMPLEMENTED = {
-    "ppo_buffer_size": (lambda v: v != 1, "only 1 (LLaMA-Factory's default) is implemented here: each PPO step "
-                        "generates per_device_train_batch_size x gradient_accumulation_steps responses; raise "
-                        "gradient_accumulation_steps for a larger batch"),
     "num_beams": (lambda v: v != 1, "stage ppo's rollouts are one response per prompt, sampled or greedy, here; "
                   "beam search is for generate, eval and chat: set num_beams: 1"),
 }

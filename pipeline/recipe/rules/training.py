@@ -11,6 +11,7 @@ from pipeline.recipe import lr_kwargs
 from pipeline.recipe.check import show
 from pipeline.recipe.rules import core
 from pipeline.recipe.rules.core import READS_BUILT_DATA, RUNS_HERE, Context, rebuilt_first, rule
+from pipeline.recipe.steps import batches_per_step
 
 
 @rule("fp16", "bf16")
@@ -79,8 +80,8 @@ def warmup_once(ctx: Context) -> list[tuple[str, str]]:
     return []
 
 
-@rule("per_device_train_batch_size", "gradient_accumulation_steps", "dataset", "dataset_dir", "stage",
-      "overwrite_cache", "do_train", commands=READS_BUILT_DATA)
+@rule("per_device_train_batch_size", "gradient_accumulation_steps", "ppo_buffer_size", "dataset", "dataset_dir",
+      "stage", "overwrite_cache", "do_train", commands=READS_BUILT_DATA)
 def enough_batches(ctx: Context) -> list[tuple[str, str]]:
     """The training split fills an optimizer step; not asked when nothing trains (do_train: false evaluates only,
     as LLaMA-Factory's examples/extras/nlg_eval recipe does, whatever the size of the train split)."""
@@ -96,6 +97,13 @@ def enough_batches(ctx: Context) -> list[tuple[str, str]]:
             return [("per_device_train_batch_size",
                      f"given {micro}, but the {n} training examples do not fill one batch per rank (world size "
                      f"{world}; incomplete batches are dropped): lower per_device_train_batch_size or add data")]
+        accumulation, per_step = ctx.values["gradient_accumulation_steps"], batches_per_step(ctx.values)
+        if per_step != accumulation and batches >= accumulation:  # stage ppo: the buffer is what does not fit
+            return [("ppo_buffer_size",
+                     f"given {ctx.values['ppo_buffer_size']}, but the {n} training examples make only {batches} "
+                     f"micro-batches per rank (per_device_train_batch_size {micro} x world size {world}) and a PPO "
+                     f"step draws gradient_accumulation_steps {accumulation} x ppo_buffer_size = {per_step}: no PPO "
+                     "step would happen; lower ppo_buffer_size or the batch size")]
         return [("gradient_accumulation_steps",
                  f"given {ctx.values['gradient_accumulation_steps']}, but the {n} training examples make only "
                  f"{batches} micro-batches per rank (per_device_train_batch_size {micro} x world size {world}): "
