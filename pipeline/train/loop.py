@@ -179,6 +179,20 @@ def host_floats(values: Sequence[Any]) -> list[float | None]:
     return out
 
 
+def lm_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """What the pt / sft forward needs of a host batch: all of it, less an attention_mask the model would drop.
+
+    Why: right padding needs no mask (pipeline.model.gpt._attention_mask returns None for it), but the model can
+    only tell by reading the mask, a device sync in every forward. Read here on the host batch, the answer is the
+    same and free; without the mask the model runs exactly the forward it ran after dropping it."""
+    from pipeline.model.gpt import right_padded
+
+    mask = batch.get("attention_mask")
+    if mask is None or not right_padded(mask):
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
 def trained_tokens(batch: Mapping[str, Any]) -> int:
     """The labelled tokens of a micro-batch, counted on the host batch (the loader's CPU tensors, before _to_device:
     the same integers as on the device, without a device read)."""
@@ -271,7 +285,8 @@ class Trainer:
         Only nan_policy: skip reads the loss here: it must decide before the backward whether the batch counts.
         nan_policy: stop reads the step's losses once, before the update is applied (stop_if_nonfinite)."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            loss, metrics = self.objective(_to_device(batch, self.engine.device))
+            model_batch = lm_batch(batch) if self.objective == self.language_model_loss else batch
+            loss, metrics = self.objective(_to_device(model_batch, self.engine.device))
             if self.args.nan_policy != "skip":
                 return batch, loss, metrics
             value = float(loss.detach())
