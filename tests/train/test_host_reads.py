@@ -96,8 +96,8 @@ def record_step_losses(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
 def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_recipe, monkeypatch):
     """sft, LoRA, 4 micro-batches a step, a log line every 5 steps (and at the last): 1 read a step (the losses'
     finiteness before the update), 2 at a logged step (+ the log line's loss and grad norm, one transfer). Before,
-    every micro-batch read 4 times (the loss twice, two token counts on the device batch) and every step once more
-    (the grad norm): 17 a step. The logged losses are still exactly the double arithmetic of the values read per
+    every micro-batch read 5 times (the model's right-padding check, the loss twice, two token counts on the device
+    batch) and every step once more (the grad norm): 21 a step. The logged losses are still exactly the double arithmetic of the values read per
     micro-batch, as the loop computed them then (mean over micro-batches, summed over the window's steps)."""
     reads = count_device_reads(monkeypatch)
     losses = record_step_losses(monkeypatch)
