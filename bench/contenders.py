@@ -128,7 +128,9 @@ class Ours:
         def step() -> None:
             window = Window()
             trainer.optimizer_step(window)
-            self.last_loss = window.loss
+            # the loop leaves the loss on the device (read at log points); reading it here ends each timed step
+            # when the device has finished it, as the loop's own per-step read did
+            self.last_loss = float(window.loss)
 
         return step
 

@@ -417,8 +417,10 @@ def execute(run: Run, path: Path, output_dir: Path, timeout: float, batch: int, 
 
 
 def profile_digest(profile: dict[str, Any], rows: int = 6) -> dict[str, Any]:
-    """What the JSON keeps of a step profile: the totals, and the top ops by host time, device time and calls."""
-    keep = ("steps", "wall_ms_per_step", "self_cpu_ms", "device_busy_ms", "device_busy_share", "ops")
+    """What the JSON keeps of a step profile: the totals (host syncs per step among them), and the top ops by host
+    time, device time and calls."""
+    keep = ("steps", "wall_ms_per_step", "self_cpu_ms", "device_busy_ms", "device_busy_share", "ops",
+            "host_syncs_per_step", "syncing_ops_per_step")
     return {**{k: profile.get(k) for k in keep}, "top_cpu": profile.get("top_cpu", [])[:rows],
             "top_device": profile.get("top_device", [])[:rows], "top_calls": profile.get("top_calls", [])[:rows]}
 

@@ -380,6 +380,13 @@ class GPTModel(nn.Module):
         return total / max(count, 1)
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row holds its real tokens first, then its pads (1s then 0s): under causality no real token then
+    sees a pad, so the causal kernel needs no mask. A read of the tensor's values: on a device tensor a sync, so the
+    training loop asks it of the host batch and leaves the mask out of what it moves to the device."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def _attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, past_len: int,
                     device: torch.device) -> torch.Tensor | None:
     """None when `is_causal` suffices, else a (B, 1, T, T_past + T) boolean mask (True = may attend).
@@ -388,7 +395,7 @@ def _attention_mask(attention_mask: torch.Tensor | None, b: int, t: int, past_le
     the pads after it, so the fast causal kernel is kept. Left padding or a cache needs the explicit
     mask; every query may always see itself so that rows of pure padding stay finite.
     """
-    if attention_mask is None or (past_len == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())):
+    if attention_mask is None or (past_len == 0 and right_padded(attention_mask)):
         if past_len == 0 or t == 1:
             return None
         attention_mask = None

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from pipeline.data.packing import EXAMPLE_KEY, model_inputs
 from pipeline.recipe.args import TrainArgs
@@ -119,32 +119,41 @@ class BatchStream:
 
 @dataclass
 class Window:
-    """Sums since the last log line (local to this rank; summed over ranks when logged)."""
+    """Sums since the last log line (local to this rank; summed over ranks when logged).
+
+    `loss`, `l1` and `fresh_loss` become float64 device tensors once the loop adds to them: it adds each step's
+    values on the device, unread, and train_metrics (at log points) or sums (at save points) read them in one
+    transfer (host_floats). float64 does on the device exactly the double arithmetic Python did on the values read
+    per micro-batch (a float32 loss widens exactly), so every logged value is the same to the bit."""
 
     steps: int = 0
-    loss: float = 0.0
-    l1: float = 0.0
+    loss: Any = 0.0
+    l1: Any = 0.0
     tokens: int = 0
     trained_tokens: int = 0
     lr: float = 0.0  # of the window's last step
     started: float = field(default_factory=time.monotonic)
     extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...), summed
-    fresh_loss: float = 0.0  # the part of `loss` trained by this process (a resumed window's saved part excluded)
+    fresh_loss: Any = 0.0  # the part of `loss` trained by this process (a resumed window's saved part excluded)
 
     SAVED = ("steps", "loss", "l1", "tokens", "trained_tokens", "lr", "extra")
 
     def sums(self) -> dict[str, Any]:
         """What a checkpoint keeps of the window (per rank): a stop between two log lines would otherwise make the
-        next line after the resume average only the resumed steps, unlike the uninterrupted run's."""
-        return {name: getattr(self, name) for name in self.SAVED}
+        next line after the resume average only the resumed steps, unlike the uninterrupted run's. Plain numbers:
+        the device sums are read here (one transfer)."""
+        sums = {name: getattr(self, name) for name in self.SAVED}
+        sums["loss"], sums["l1"] = host_floats([self.loss, self.l1])
+        return sums
 
     @classmethod
     def resumed(cls, sums: Mapping[str, Any] | None) -> "Window":
         """The window a checkpoint saved (its clock restarts now); an empty one for checkpoints without it."""
         return cls(**{name: sums[name] for name in cls.SAVED if name in sums}) if sums else cls()
 
-    def add_loss(self, step_loss: float) -> None:
-        """One optimizer step's loss (the mean over its micro-batches), into the log line and the run's mean."""
+    def add_loss(self, step_loss: Any) -> None:
+        """One optimizer step's loss (the mean over its micro-batches; a float or a float64 device tensor, left
+        unread), into the log line and the run's mean."""
         self.loss += step_loss
         self.fresh_loss += step_loss
 
@@ -153,17 +162,56 @@ def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def host_floats(values: Sequence[Any]) -> list[float | None]:
+    """Python floats of `values` (floats, None, or 0-dim tensors on the device), the tensors read in ONE transfer.
+
+    Why: every read of a device value (float(t), t.item(), t.tolist()) stops the host until the device has run all
+    it was given; the next micro-batch's kernels cannot be queued meanwhile, and at small batches the GPU idles.
+    The loop keeps its per-step numbers on the device and reads them here at log and save points. Widening to
+    float64 is exact (float32, bfloat16, float16), so each value is what float(t) gives."""
+    import torch
+
+    out: list[Any] = [v if v is None or isinstance(v, torch.Tensor) else float(v) for v in values]
+    where = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+    if where:
+        read = torch.stack([out[i].detach().reshape(()).double() for i in where]).tolist()
+        for i, value in zip(where, read):
+            out[i] = value
+    return out
+
+
+def lm_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """What the pt / sft forward needs of a host batch: all of it, less an attention_mask the model would drop.
+
+    Why: right padding needs no mask (pipeline.model.gpt._attention_mask returns None for it), but the model can
+    only tell by reading the mask, a device sync in every forward. Read here on the host batch, the answer is the
+    same and free; without the mask the model runs exactly the forward it ran after dropping it."""
+    from pipeline.model.gpt import right_padded
+
+    mask = batch.get("attention_mask")
+    if mask is None or not right_padded(mask):
+        return dict(batch)
+    return {k: v for k, v in batch.items() if k != "attention_mask"}
+
+
+def trained_tokens(batch: Mapping[str, Any]) -> int:
+    """The labelled tokens of a micro-batch, counted on the host batch (the loader's CPU tensors, before _to_device:
+    the same integers as on the device, without a device read)."""
+    return int((batch["labels"] != -100).sum())
+
+
 def l1_penalty(params: list[Any], l1_lambda: float) -> Any:
     """l1_lambda * sum |w| over the trainable weights (in fp32)."""
     return l1_lambda * sum(p.float().abs().sum() for p in params)
 
 
-def grad_norm(params: list[Any]) -> float:
-    """Global L2 norm of the (already averaged) gradients, for logging only."""
+def grad_norm(params: list[Any]) -> Any:
+    """Global L2 norm of the (already averaged) gradients, for logging only: a device tensor, unread (host_floats
+    reads it where it is logged; it must be taken before engine.step zeroes the gradients), 0.0 without gradients."""
     import torch
 
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else 0.0
 
 
 def _nonfinite_message(fp16: bool, step: int, value: float, engine: Any, skipped: bool = False) -> str:
@@ -229,37 +277,45 @@ class Trainer:
         the tokens trained (optimizer_step)."""
         if self.objective != self.language_model_loss:
             return 1.0
-        labelled = dist.all_sum([sum(int((b["labels"] != -100).sum()) for b in batches)])[0]
+        labelled = dist.all_sum([sum(trained_tokens(b) for b in batches)])[0]  # host batches: no device read
         return dist.world_size() * self.args.gradient_accumulation_steps / max(labelled, 1.0)
 
     def micro_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, float]]:
-        """This micro-batch (or, when nan_policy: skip drops it, the next finite one), its loss and metrics; a
-        non-finite loss otherwise stops the run."""
+        """This micro-batch (or, when nan_policy: skip drops it, the next finite one): the host batch trained (its
+        tokens are counted there), its loss and metrics.
+
+        Only nan_policy: skip reads the loss here: it must decide before the backward whether the batch counts.
+        nan_policy: stop reads the step's losses once, before the update is applied (stop_if_nonfinite)."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            batch = _to_device(batch, self.engine.device)
-            loss, metrics = self.objective(batch)
+            model_batch = lm_batch(batch) if self.objective == self.language_model_loss else batch
+            loss, metrics = self.objective(_to_device(model_batch, self.engine.device))
+            if self.args.nan_policy != "skip":
+                return batch, loss, metrics
             value = float(loss.detach())
             if not dist.any_rank(not math.isfinite(value)):
                 return batch, loss, metrics
-            if self.args.nan_policy != "skip":
-                raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine))
             self.state.skipped_batches += 1  # no backward: nothing of this batch reaches the gradients
             del loss
             batch = self.data.next()
         raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine, skipped=True))
 
-    def optimizer_step(self, window: Window) -> float | None:
-        """gradient_accumulation_steps micro-batches and one DeepSpeed update; returns the grad norm."""
+    def optimizer_step(self, window: Window) -> Any:
+        """gradient_accumulation_steps micro-batches and one DeepSpeed update; returns the grad norm, unread (a
+        device tensor, a float or None: train_metrics reads it at log points only).
+
+        One device read per step on the default path (stop_if_nonfinite); the losses, the L1 penalty and the norm
+        stay on the device until a log line needs them, and the tokens are counted on the host batches."""
         own_norm = None
         window.lr = float(self.engine.get_lr()[0])  # the rate this update uses (the scheduler steps after it)
         l1_lambda = self.args.l1_lambda
         accumulation = self.args.gradient_accumulation_steps
         batches = [self.data.next() for _ in range(accumulation)]
         scale = self.step_scale(batches)
-        skipped, trained_batches, step_loss = self.state.skipped_batches, [], 0.0
-        for drawn in batches:
+        skipped, trained_batches, step_loss, losses = self.state.skipped_batches, [], 0.0, []
+        for index, drawn in enumerate(batches):
             batch, loss, metrics = self.micro_batch(drawn)
             trained_batches.append(batch)
+            losses.append(loss.detach())
             for key, value in metrics.items():
                 window.extra[key] = window.extra.get(key, 0.0) + value / accumulation
             loss = loss * scale  # this micro-batch's share of the update, times ranks x accumulation
@@ -267,13 +323,15 @@ class Trainer:
             if l1_lambda:
                 penalty = l1_penalty(self.params, l1_lambda)
                 total = loss + penalty
-                window.l1 += float(penalty.detach()) / accumulation
+                window.l1 += penalty.detach().double() / accumulation  # unread: host_floats at log points
             self.engine.backward(total)
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 own_norm = grad_norm(self.params)
+            if index == accumulation - 1 and self.args.nan_policy != "skip":
+                self.stop_if_nonfinite(losses)  # before the boundary's engine.step applies the update
             self.engine_step()
-            step_loss += float(loss.detach()) / accumulation
-            tokens, trained = int(batch["attention_mask"].sum()), int((batch["labels"] != -100).sum())
+            step_loss += loss.detach().double() / accumulation
+            tokens, trained = int(batch["attention_mask"].sum()), trained_tokens(batch)  # the host batch
             window.tokens += tokens
             window.trained_tokens += trained
             self._unflushed[0] += tokens
@@ -283,7 +341,19 @@ class Trainer:
         window.add_loss(step_loss)
         self.data.end_of_step()
         norm = self.engine.get_global_grad_norm()
-        return own_norm if norm is None else float(norm)
+        return own_norm if norm is None else norm
+
+    def stop_if_nonfinite(self, losses: list[Any]) -> None:
+        """nan_policy: stop. The update's micro-batch losses, read in one transfer after the last backward and before
+        the engine.step that applies the update (DeepSpeed updates at the accumulation boundary only), so a non-finite
+        loss still stops the run before any weight changes. The ranks agree per micro-batch (one collective of
+        `accumulation` flags, on every rank at every step), and the message names this rank's loss of the first
+        micro-batch some rank found non-finite: what a check after each forward reported, without a read each."""
+        values = host_floats(losses)
+        flags = dist.all_sum([0.0 if math.isfinite(v) else 1.0 for v in values])
+        for value, flag in zip(values, flags):
+            if flag > 0:
+                raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine))
 
     def engine_step(self) -> None:
         try:
@@ -361,11 +431,12 @@ class Trainer:
         self.state.trained_tokens_seen += int(trained)
         self._unflushed = [0, 0]
 
-    def train_metrics(self, window: Window, norm: float | None, started: float, first_step: int) -> dict[str, Any]:
+    def train_metrics(self, window: Window, norm: Any, started: float, first_step: int) -> dict[str, Any]:
         args, state = self.args, self.state
         names = list(window.extra)  # the same on every rank: one objective
+        loss, fresh, l1, norm = host_floats([window.loss, window.fresh_loss, window.l1, norm])  # one device read
         loss, fresh, l1, tokens, trained, *extra = dist.all_sum([
-            window.loss, window.fresh_loss, window.l1, window.tokens, window.trained_tokens, *window.extra.values()])
+            loss, fresh, l1, window.tokens, window.trained_tokens, *window.extra.values()])
         world = dist.world_size()
         self.loss_total += fresh / world
         self.flush_tokens()

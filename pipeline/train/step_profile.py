@@ -8,8 +8,10 @@ part of an experiment, and it must not change what a recipe means or its resume 
 The JSON holds the profiled steps, their wall time, the time the accelerator was busy running kernels
 (CUDA only: the share of the wall time the GPU worked; a small share means the host - Python, DeepSpeed's
 step, synchronisations - bounds the step, not the kernels), and the top ops by self CPU time, by self
-device time and by call count (a step bound by the host spends it on many small ops). Rank 0 writes it;
-other ranks profile nothing. bench/gpu_check.py sets it for every run.
+device time and by call count (a step bound by the host spends it on many small ops), and how often a step
+stopped the host until the device drained (host_syncs_per_step: CUDA's synchronize calls, the loop's, the model's
+and DeepSpeed's together; syncing_ops_per_step: the ops that read device values on the host, counted on any
+device). Rank 0 writes it; other ranks profile nothing. bench/gpu_check.py sets it for every run.
 """
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ from pipeline.io import write_text
 
 ENV = "PIPELINE_PROFILE"
 TOP = 15
+# CUDA runtime calls that block the host until the device (or a stream, an event) has run what it was given:
+# a .item() / float() / tolist() / boolean index of a CUDA tensor is a copy followed by cudaStreamSynchronize
+CUDA_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+# ops whose result the host needs from the device on any device kind: a scalar read (item, float, int, bool of a
+# tensor) and a data-dependent shape (boolean indexing, masked_select, nonzero); on CUDA each is a sync
+SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,12 @@ class StepProfiler:
         self._started = time.perf_counter()
 
     def _finish(self) -> None:
-        _synchronize()
+        own_syncs = _synchronize()  # inside the profile: summarize leaves it out of host_syncs_per_step
         wall = time.perf_counter() - self._started
         self._prof.__exit__(None, None, None)
         assert self.request is not None
-        write(self.request, summarize(self._prof.key_averages(), wall, self.request, kernel_spans(self._prof.events())))
+        write(self.request, summarize(self._prof.key_averages(), wall, self.request, kernel_spans(self._prof.events()),
+                                      own_syncs))
         self.request = None  # once per run
         self._release()
 
@@ -118,11 +127,14 @@ class StepProfiler:
         gc.collect()
 
 
-def _synchronize() -> None:
+def _synchronize() -> int | None:
+    """Waits for the device; returns how many CUDA synchronize calls that made (None without CUDA)."""
     import torch
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+        return 1
+    return None
 
 
 def kernel_spans(events: Any) -> list[tuple[float, float]]:
@@ -144,14 +156,20 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
 
 
 def summarize(events: Any, wall_s: float, request: ProfileRequest,
-              spans: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+              spans: list[tuple[float, float]] | None = None, own_syncs: int | None = None) -> dict[str, Any]:
     """The JSON's content from torch.profiler's key_averages() (the top ops by host time, device time and
-    calls) and the device spans (how long the device was busy)."""
+    calls), the device spans (how long the device was busy) and the host syncs per step. `own_syncs`: the CUDA
+    synchronize calls the profiler made itself inside the profile (None: CUDA was not profiled, so there is no
+    host_syncs_per_step)."""
     def device_us(e: Any) -> float:
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
 
     cpu_total = sum(e.self_cpu_time_total for e in events)
     busy = busy_us(spans or [])
+    calls: dict[str, int] = {}
+    for e in events:
+        calls[e.key] = calls.get(e.key, 0) + int(e.count)
+    syncs = None if own_syncs is None else sum(calls.get(name, 0) for name in CUDA_SYNCS) - own_syncs
 
     def rows(key: Any) -> list[dict[str, Any]]:
         return [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 3),
@@ -166,6 +184,10 @@ def summarize(events: Any, wall_s: float, request: ProfileRequest,
         "device_busy_ms": round(busy / 1000, 2),
         "device_busy_share": round(busy / 1000 / (wall_s * 1000), 4) if busy else None,
         "ops": int(sum(e.count for e in events)),
+        # host-device synchronisations: each stops the host until the device drains, so the next kernels cannot be
+        # queued meanwhile (at small batches the step is then bound by the host)
+        "host_syncs_per_step": None if syncs is None else round(syncs / request.count, 2),
+        "syncing_ops_per_step": {name: round(calls.get(name, 0) / request.count, 2) for name in SYNCING_OPS},
         "top_cpu": rows(lambda e: e.self_cpu_time_total),
         "top_device": rows(device_us) if any(device_us(e) for e in events) else [],
         # where a step bound by the host spends it: many small ops (views, per-tensor checks), not long ones

@@ -277,6 +277,7 @@ def test_cpu_end_to_end_writes_one_json(tmp_path, monkeypatch, capsys):
     assert profile["steps"] == [5, 6] and profile["wall_ms_per_step"] > 0 and profile["top_cpu"]
     assert len(ok["extra"]["timed_tokens_per_s"]) == 2 and ok["tokens_per_s"] > 0
     assert profile["device_busy_share"] is None  # no GPU
+    assert profile["host_syncs_per_step"] is None and "aten::_local_scalar_dense" in profile["syncing_ops_per_step"]
     assert "tiny-bf16-zero2-b64" not in runs  # --only: no throughput run
     merge = result["merge"][0]
     assert merge["status"] == "ok" and merge["verification"] is not None

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,12 +44,28 @@ def poison_forward(monkeypatch, call: int, value: float = math.nan) -> None:
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_earlier_checkpoints(make_recipe, monkeypatch):
+    """Micro-batch 5 is step 3's first: the loop reads the step's losses once, after the last backward, and stops
+    before the engine.step that would apply the update (the weights are still step 2's)."""
+    from pipeline.train import loop
+
     poison_forward(monkeypatch, call=5)  # accumulation 2: micro-batch 5 belongs to optimizer step 3
+    seen: dict[str, Any] = {}
+    step = loop.Trainer.optimizer_step
+
+    def optimizer_step(self, window):
+        if self.state.global_step == 2:
+            seen["engine"] = self.engine
+            seen["before"] = {n: p.detach().clone() for n, p in self.engine.module.named_parameters()}
+        return step(self, window)
+
+    monkeypatch.setattr(loop.Trainer, "optimizer_step", optimizer_step)
     r = make_recipe(max_steps=6, save_steps=1, warmup_steps=0)
     with pytest.raises(UserError) as err:
         train(r)
     message = err.value.messages[0]
     assert "optimizer step 3 is nan" in message and "learning_rate" in message and "nan_policy" in message
+    after = dict(seen["engine"].module.named_parameters())
+    assert all(torch.equal(after[n].detach(), p) for n, p in seen["before"].items())  # no update applied
     out = Path(r["output_dir"])
     assert [p.name for p in checkpoint.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2"]
     assert all(checkpoint.problems_with(p) == [] for p in checkpoint.list_checkpoints(out))

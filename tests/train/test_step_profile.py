@@ -59,6 +59,10 @@ def test_a_run_writes_the_profile_of_the_chosen_steps(make_recipe, workdir, monk
     calls = [row["calls"] for row in profile["top_calls"]]  # the most frequent ops first
     assert calls == sorted(calls, reverse=True) and calls[0] >= max(row["calls"] for row in profile["top_cpu"])
     assert len(read_log(result.output_dir / "trainer_log.jsonl")) == 4  # every step still logged
+    assert profile["host_syncs_per_step"] is None  # CUDA's synchronize calls: no GPU here
+    reads = profile["syncing_ops_per_step"]  # the ops that read the device (item / float / int / bool, nonzero)
+    assert set(reads) == {"aten::_local_scalar_dense", "aten::nonzero"} and reads["aten::nonzero"] > 0  # the loss'
+    # labelled positions (boolean indexing): a sync per micro-batch on a GPU
 
 
 def test_a_bad_value_is_one_message_before_anything_is_written(workdir):
@@ -135,3 +139,21 @@ def test_busy_share_counts_a_kernel_once_not_again_as_its_op():
                                      spans=step_profile.kernel_spans(ops))
     assert summary["device_busy_ms"] == 0.7 and summary["device_busy_share"] == 0.7  # 100..800 µs of 1000 µs
     assert summary["top_device"][0]["self_device_ms"] == 0.6
+
+
+def test_host_syncs_per_step_are_cudas_synchronize_calls_less_the_profilers_own():
+    """CUDA's synchronize calls over the profiled steps, per step, without the one the profiler makes to close the
+    profile; the ops that read the device on the host counted on any device kind (what bench/gpu_check keeps)."""
+    cpu = types.SimpleNamespace(name="CPU")
+
+    def event(key, count):
+        return types.SimpleNamespace(key=key, count=count, self_cpu_time_total=1.0, self_device_time_total=0.0,
+                                     device_type=cpu)
+
+    ops = [event("cudaStreamSynchronize", 6), event("cudaDeviceSynchronize", 1), event("cudaEventSynchronize", 2),
+           event("aten::_local_scalar_dense", 5), event("cudaLaunchKernel", 90), event("aten::mm", 40)]
+    request = step_profile.ProfileRequest(Path("p.json"), 3, 2)
+    summary = step_profile.summarize(ops, wall_s=0.01, request=request, own_syncs=1)
+    assert summary["host_syncs_per_step"] == 4.0  # (6 + 1 + 2 - 1) / 2 steps
+    assert summary["syncing_ops_per_step"] == {"aten::_local_scalar_dense": 2.5, "aten::nonzero": 0.0}
+    assert step_profile.summarize(ops, 0.01, request)["host_syncs_per_step"] is None  # CUDA not profiled
