@@ -240,7 +240,9 @@ class PPOTrainer(Trainer):
         self.config = PPOConfig(whiten_rewards=bool(ppo.ppo_whiten_rewards))
         self.kl_ctl = kl_controller(INIT_KL_COEF, float(ppo.ppo_target), KL_HORIZON)
         self.moments = RunningMoments(rank_sum()) if ppo.ppo_score_norm else None  # every score so far (score_norm)
-        self.last_norm: float | None = None  # the last update's, where DeepSpeed reports none (the base's own_norm)
+        # the last update's, where DeepSpeed reports none (the base's own_norm): loop.grad_norm's device tensor,
+        # unread (train_metrics reads it at log points)
+        self.last_norm: Any = None
 
     def generate(self, policy: nn.Module, prompts: list[list[int]], micro: int) -> list[list[int]]:
         """Responses of the policy (adapters on), sampled from a generator seeded by (seed, step, micro-batch)."""
