@@ -1,4 +1,8 @@
-"""Merge: broken merges are caught and named; the export is GPT-2 for transformers and PEFT; files are atomic."""
+"""Merge: broken merges are caught and named; the export is GPT-2 for transformers and PEFT; files are atomic.
+
+Through the CLI, merge, export (a success and a refusal) and generate each run as typed once; the further exports
+and generates run main(argv) in this process (as_typed=False: the same command line without an interpreter start;
+merge and generate keep no process state: their random generators are private, no torch.distributed)."""
 from __future__ import annotations
 
 import copy
@@ -350,7 +354,7 @@ def test_export_keeps_the_base_configs_eos_token_id(tmp_path, eos):
     # the small Llama 3 vocabulary: 379 <|end_of_text|>, 382 <|eom_id|>, 383 <|eot_id|>
     write_hf_checkpoint(tmp_path / "base", "llama", small_vocab=True, eos_token_id=eos)
     (tmp_path / "export.yaml").write_text("model_name_or_path: base\ntemplate: llama3\nexport_dir: out\n")
-    pipeline("export", "export.yaml", cwd=tmp_path)
+    pipeline("export", "export.yaml", cwd=tmp_path, as_typed=False)
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").eos_token_id == eos
     assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [379, 382, 383]
 
@@ -372,7 +376,7 @@ def test_an_export_of_a_base_stops_after_the_answer_as_generate_does(tmp_path):
         (base / name).write_text(json.dumps({**config, key: value}))
     (tmp_path / "export.yaml").write_text("model_name_or_path: base\ntemplate: qwen\nexport_dir: out\n"
                                           "max_new_tokens: 4\ndo_sample: false\n")
-    pipeline("export", "export.yaml", cwd=tmp_path)
+    pipeline("export", "export.yaml", cwd=tmp_path, as_typed=False)
     out = tmp_path / "out"
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [381, 379]
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -418,7 +422,8 @@ def test_merge_cli_writes_the_recipes_chat_template(trained_tiny, tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "Another?"}], add_generation_prompt=True,
                                   return_dict=True, return_tensors="pt")
     answer = model.generate(**ids, do_sample=False)[0, ids["input_ids"].shape[1]:]
-    printed = pipeline("generate", "r.yaml", "--model", "merged", "--prompt", "Another?", cwd=tmp_path).stdout
+    printed = pipeline("generate", "r.yaml", "--model", "merged", "--prompt", "Another?", cwd=tmp_path,
+                       as_typed=False).stdout
     assert printed == tok.decode(answer, skip_special_tokens=True) + "\n"
 
 
@@ -438,7 +443,7 @@ def test_export_replaces_the_bases_chat_template_and_keeps_the_rest(tmp_path):
     (base / "chat_template.jinja").write_text("{{ 'the base jinja template' }}")
     (tmp_path / "export.yaml").write_text("model_name_or_path: base\ntemplate: llama3\ndefault_system: Be brief.\n"
                                           "export_dir: out\n")
-    err = pipeline("export", "export.yaml", cwd=tmp_path).stderr
+    err = pipeline("export", "export.yaml", cwd=tmp_path, as_typed=False).stderr
     assert "in place of the base model's own chat template" in err
     out = tmp_path / "out"
     assert not (out / "chat_template.jinja").exists()
@@ -467,7 +472,7 @@ def test_export_with_a_template_the_vocabulary_lacks_is_refused_first(tmp_path):
     from tests.acceptance.harness import pipeline
 
     (tmp_path / "export.yaml").write_text("model_name_or_path: tiny\ntemplate: chatml\nexport_dir: out\n")
-    err = pipeline("export", "export.yaml", cwd=tmp_path, expect=2).stderr
+    err = pipeline("export", "export.yaml", cwd=tmp_path, expect=2, as_typed=False).stderr
     assert "template" in err and "<|im_start|>" in err and "alpaca" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 

@@ -155,7 +155,8 @@ def test_global_batch_and_steps_as_the_comments_say(recipe, world_size, global_b
                                                    monkeypatch):
     """The batch arithmetic in each example's comments, and its step counts from the built data."""
     monkeypatch.setattr(rules.core, "cuda_available", lambda: True)
-    assert _cli("build", recipe, f"dataset_dir={data_dir}").returncode == 0
+    # in-process: test_build_validate_plan_through_the_cli builds as typed
+    assert _in_process("build", recipe, f"dataset_dir={data_dir}").returncode == 0
     env = {"WORLD_SIZE": str(world_size), "RANK": "0", "LOCAL_RANK": "0"}
     r = resolve(recipe, [f"dataset_dir={data_dir}"], command="plan", env=env)
     assert r["total_train_batch_size"] == global_batch

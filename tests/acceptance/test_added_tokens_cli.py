@@ -155,11 +155,14 @@ def test_chatml_tokens_added_to_a_llama_base_make_its_qwen_template_and_generati
     write_data(tmp_path / "data")
     recipe = write_recipe(tmp_path / "chatml.yaml", model_name_or_path=str(base), template="qwen", dataset_dir="data",
                           add_special_tokens="<|im_start|>,<|im_end|>", skip_special_tokens=False, max_new_tokens=3)
-    pipeline("build", recipe, cwd=tmp_path)  # inspect names the answers' end: the template's, not Llama's <|eot_id|>
+    # in-process (as_typed=False, no interpreter start): build runs as typed in the first test; inspect names the
+    # answers' end: the template's, not Llama's <|eot_id|>
+    pipeline("build", recipe, cwd=tmp_path, as_typed=False)
     assert f"<|im_end|> is EOS (id {im_end})" in pipeline("inspect", recipe, "--num", "1", cwd=tmp_path).stdout
     for answer, printed in ((im_end, ""), (spare, "")):
         always_answer(model, answer).save_pretrained(base, safe_serialization=True)
-        done = pipeline("generate", recipe, "--prompt", "say hi", cwd=tmp_path)
+        # as typed, then in-process (the same code; generate keeps no state: a private sampling generator)
+        done = pipeline("generate", recipe, "--prompt", "say hi", cwd=tmp_path, as_typed=answer == im_end)
         assert done.stdout == printed + "\n", (answer, done.stdout, done.stderr)
 
     then_merged_generates_and_chats_up_to_the_added_stop_word(tmp_path, model)
@@ -192,7 +195,7 @@ def then_merged_generates_and_chats_up_to_the_added_stop_word(tmp_path, model):
     on_merged = transformers.AutoTokenizer.from_pretrained(merged)
     assert on_merged.convert_tokens_to_ids([PLAIN, "<|im_start|>", "<|im_end|>"]) == said
 
-    done = pipeline("generate", recipe, "--model", "merged", "--prompt", "say hi", cwd=tmp_path)
+    done = pipeline("generate", recipe, "--model", "merged", "--prompt", "say hi", cwd=tmp_path, as_typed=False)
     assert done.stdout == on_merged.decode(said[:2], skip_special_tokens=False) + "\n", (done.stdout, done.stderr)
     chat = write_recipe(tmp_path / "chat.yaml", model_name_or_path=str(merged), template="qwen", max_new_tokens=8)
     reply = on_merged.decode(said[:2], skip_special_tokens=True)

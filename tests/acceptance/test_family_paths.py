@@ -7,6 +7,10 @@ on the tied Llama checkpoint they are one matrix, which PEFT must tie again when
 
 The checkpoints come from the harness (tests/acceptance/harness.py FAMILIES: 2 layers, GQA, Llama 3.1's rope
 scaling, Qwen3's q/k norms and head_dim, the real 128k / 152k vocabularies).
+
+Each family's build, train, merge and its base model's generate run as typed; the adapter's and merged/'s generate
+(and the templated one) run main(argv) in this process (as_typed=False: the same command line without an
+interpreter start; generate keeps no process state: its sampling generator is private, no torch.distributed).
 """
 from __future__ import annotations
 
@@ -85,10 +89,11 @@ _GENERATED: dict[tuple[Path, str], str] = {}
 
 
 def generated(root: Path, which: str) -> str:
-    """`python -m pipeline generate --model WHICH --raw --prompt PROMPT` of the session (run once per model)."""
+    """`python -m pipeline generate --model WHICH --raw --prompt PROMPT` of the session (run once per model; the
+    base model's as typed, the others in-process)."""
     if (root, which) not in _GENERATED:
         _GENERATED[root, which] = pipeline("generate", root / "lora.yaml", "--model", which, "--raw", "--prompt",
-                                           PROMPT, cwd=root).stdout
+                                           PROMPT, cwd=root, as_typed=which == "base").stdout
     return _GENERATED[root, which]
 
 
@@ -169,5 +174,6 @@ def test_the_merged_chat_template_prompts_as_generate_does(session):
     assert ids == encode_prompt(template, PROMPT, tokenizer=ours)
     model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     expected = greedy_text(model, tokenizer, set(template.stop_ids(ours)), prompt_ids=ids)
-    got = pipeline("generate", root / "lora.yaml", "--model", "merged", "--prompt", PROMPT, cwd=root).stdout
+    got = pipeline("generate", root / "lora.yaml", "--model", "merged", "--prompt", PROMPT, cwd=root,
+                   as_typed=False).stdout
     assert got == expected + "\n"

@@ -8,6 +8,9 @@
 - pt documents are joined as LLaMA-Factory joins them: the checkpoint's eos_token (an Instruct checkpoint's
   <|eot_id|>), <|end_of_text|> with the llama3 template; tokenizer_name_or_path pointing at the base
   checkpoint's tokenizer files chooses its eos_token.
+
+build and validate (a success and a refusal of each), train and generate run as typed; the further builds and
+validates run main(argv) in this process (as_typed=False: the same code and messages, no interpreter start).
 """
 from __future__ import annotations
 
@@ -51,14 +54,14 @@ def test_a_chained_recipe_is_checked_with_its_roots_tokenizer(work):
     pipeline("build", down, cwd=work)
     expected = table(pipeline("validate", up, cwd=work).stdout)
     assert len(expected) == 3 and expected[1].split()[:3] == ["tiny_sft", "train", "21"]
-    assert table(pipeline("validate", down, cwd=work).stdout) == expected  # GPT-2 would refuse llama3's markup
+    assert table(pipeline("validate", down, cwd=work, as_typed=False).stdout) == expected  # GPT-2 would refuse llama3's markup
     assert not (work / "saves").exists()
 
 
 def test_a_preset_without_a_vocabulary_says_what_to_add(work):
     recipe = write_recipe(work / "recipes" / "preset.yaml", model_name_or_path="llama-3.2-1b", dataset_dir="data",
                           template="llama3", output_dir="saves/preset")
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     for command in ("validate", "train", "generate"):
         refused = pipeline(command, recipe, *(["--raw", "--prompt", "hi"] if command == "generate" else []),
                            cwd=work, expect=2)
@@ -78,15 +81,15 @@ def test_a_preset_takes_the_tokenizer_it_names(work):
                          template="llama3", output_dir="saves/named", tokenizer_name_or_path=str(work / "llama"))
     checkpoint = write_recipe(work / "recipes" / "checkpoint.yaml", model_name_or_path=str(work / "llama"),
                               dataset_dir="data", template="llama3", output_dir="saves/checkpoint")
-    pipeline("build", named, cwd=work)
-    assert table(pipeline("validate", named, cwd=work).stdout) == table(pipeline("validate", checkpoint,
-                                                                                 cwd=work).stdout)
+    pipeline("build", named, cwd=work, as_typed=False)
+    assert table(pipeline("validate", named, cwd=work, as_typed=False).stdout) == table(
+        pipeline("validate", checkpoint, cwd=work, as_typed=False).stdout)
 
 
 def test_a_tokenizer_larger_than_the_model_is_refused(work):
     recipe = write_recipe(work / "recipes" / "too_big.yaml", model_name_or_path="tiny", dataset_dir="data",
                           template="alpaca", output_dir="saves/too_big", tokenizer_name_or_path=str(work / "llama"))
-    refused = pipeline("validate", recipe, cwd=work, expect=2)
+    refused = pipeline("validate", recipe, cwd=work, expect=2, as_typed=False)
     assert "tokenizer_name_or_path" in refused.stderr and "128,256 token ids, more than the 50,257 rows" \
         in refused.stderr, refused.stderr
 
@@ -106,7 +109,7 @@ def test_pt_documents_are_joined_as_llama_factory_joins_them(work, tmp_path):
     base_tokenizer = write_tokenizer_dir(tmp_path / "llama_base_tokenizer", "llama3", instruct=False)
     recipe = write_recipe(work / "recipes" / "pt.yaml", model_name_or_path=str(work / "llama"), dataset_dir="data",
                           stage="pt", dataset="docs", template=None, val_size=0.34, output_dir="saves/pt")
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     docs = [row["text"] for row in json.loads((work / "data/build/docs/train.json").read_text())]
     assert 2 <= len(docs) < len(DOCS)
     instruct = transformers.AutoTokenizer.from_pretrained(work / "llama")

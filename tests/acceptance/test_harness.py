@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.acceptance.harness import REPO, cli_env, family_of, family_of_recipe, write_hf_checkpoint
+from tests.acceptance.harness import REPO, cli_env, family_of, family_of_recipe, pipeline, write_hf_checkpoint
 
 
 def test_cli_env_puts_the_repository_first_and_keeps_the_callers_path(monkeypatch):
@@ -17,6 +17,26 @@ def test_cli_env_puts_the_repository_first_and_keeps_the_callers_path(monkeypatc
     assert cli_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), "/wheels/site"]
     monkeypatch.delenv("PYTHONPATH")
     assert cli_env()["PYTHONPATH"] == str(REPO)
+
+
+def test_an_in_process_command_sees_a_users_shell_and_leaves_the_process_as_it_was(tmp_path, monkeypatch):
+    """pipeline(..., as_typed=False) stands in for the typed command: the same output in a worker that holds a
+    launcher variable (an in-process training test sets WORLD_SIZE for the worker; a user's shell has none), and
+    cwd, sys.argv, os.environ and the warnings filters as they were afterwards, whatever the command did."""
+    import os
+    import sys
+    import warnings
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: alpaca_demo\nmax_steps: 2\n", encoding="utf-8")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    typed = pipeline("plan", "r.yaml", cwd=tmp_path)
+    before = (os.getcwd(), sys.argv[:], dict(os.environ), warnings.filters[:])
+    here = pipeline("plan", "r.yaml", cwd=tmp_path, as_typed=False)
+    assert (os.getcwd(), sys.argv, dict(os.environ), warnings.filters) == before
+    assert "world_size              1" in here.stdout
+    assert (here.returncode, here.stdout, here.stderr) == (typed.returncode, typed.stdout, typed.stderr)
+    failed = pipeline("plan", "missing.yaml", cwd=tmp_path, as_typed=False, expect=2)
+    assert failed.stderr.startswith("error: missing.yaml: recipe not found") and os.getcwd() == before[0]
 
 
 @pytest.mark.parametrize("line, family", [("models/gpt2-large", "gpt2"), ("openai-community/gpt2", "gpt2"),

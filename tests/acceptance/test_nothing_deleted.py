@@ -58,9 +58,11 @@ def test_a_folder_of_the_users_is_never_cleared(project, command, override, word
 
 def test_an_earlier_export_is_replaced_and_a_foreign_folder_is_not(project):
     pipeline("merge", "r.yaml", "export_dir=exported", cwd=project)
-    pipeline("merge", "r.yaml", "export_dir=exported", cwd=project)  # ours (verification.json): replaced
+    # the replacing merge and the refusal in-process (as_typed=False: the same command, no interpreter start; merge
+    # keeps no process state)
+    pipeline("merge", "r.yaml", "export_dir=exported", cwd=project, as_typed=False)  # ours (verification.json): replaced
     (project / "thesis").mkdir()
     (project / "thesis" / "chapter1.tex").write_text("...")
-    failed = pipeline("merge", "r.yaml", "export_dir=thesis", cwd=project, expect=2)
+    failed = pipeline("merge", "r.yaml", "export_dir=thesis", cwd=project, expect=2, as_typed=False)
     assert "export_dir: thesis already holds other files (chapter1.tex) and no verification.json" in failed.stderr
     assert (project / "thesis" / "chapter1.tex").read_text() == "..."

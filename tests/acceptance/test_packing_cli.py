@@ -1,5 +1,8 @@
 """Packing and gradient checkpointing as a user runs them: `python -m pipeline plan/train` on a recipe with
-neat_packing, from a GPT-2 written by transformers' save_pretrained, the adapter loaded back with PEFT."""
+neat_packing, from a GPT-2 written by transformers' save_pretrained, the adapter loaded back with PEFT.
+
+build and plan run as typed in the first test; their further calls run main(argv) in this process (as_typed=False:
+the same code, no interpreter start); training and eval runs stay typed."""
 from __future__ import annotations
 
 import json
@@ -25,7 +28,8 @@ def test_neat_packed_lora_run_from_a_save_pretrained_gpt2(workdir, hf_checkpoint
     assert "packed rows of cutoff_len 160" in plan
     packs = int(re.search(r"num_train_examples\s+(\d+)", plan).group(1))
     unpacked = int(re.search(r"num_train_examples\s+(\d+)",
-                             pipeline("plan", recipe, "packing=false", "neat_packing=false", cwd=workdir).stdout).group(1))
+                             pipeline("plan", recipe, "packing=false", "neat_packing=false", cwd=workdir,
+                                      as_typed=False).stdout).group(1))
     assert packs < unpacked  # several examples per row
     steps = int(re.search(r"total_steps\s+(\d+)", plan).group(1))
     assert steps == packs // 2  # per_device_train_batch_size 2, one epoch: exact, counted in packs
@@ -54,7 +58,7 @@ def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
 
     short = write_recipe(workdir / "short.yaml", model_name_or_path=base, dataset_dir="data",
                          output_dir="saves/short", overlength_policy="error", **{**PACKED, "cutoff_len": 12})
-    pipeline("build", short, cwd=workdir)
+    pipeline("build", short, cwd=workdir, as_typed=False)
     bad = pipeline("train", short, cwd=workdir, expect=2)
     assert "over cutoff_len 12" in bad.stderr and "packing never splits an example" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/short").exists()
@@ -67,7 +71,7 @@ def test_eval_of_a_packed_run_counts_examples_not_packed_rows(workdir, hf_checkp
     base = hf_checkpoint("gpt2", n_positions=160)
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", output_dir="saves/r",
                           max_steps=1, max_eval_samples=1, max_new_tokens=1, **{**PACKED, "val_size": 6})
-    pipeline("build", recipe, cwd=workdir)
+    pipeline("build", recipe, cwd=workdir, as_typed=False)
     pipeline("train", recipe, cwd=workdir)
     pipeline("eval", recipe, cwd=workdir)
     val = json.loads((workdir / "data/build/tiny_sft/val.json").read_text(encoding="utf-8"))

@@ -2,6 +2,10 @@
 
 val_size: LLaMA-Factory's data_utils.split_dataset takes "an integer or a float in range [0,1)", default 0 (no
 evaluation split). alpaca_en_demo has 16 rows and identity 8 (tests/compat/lf_data), split per dataset here.
+
+Each command (build, plan, validate, train, eval) runs as typed here, once at least for a success and for a refusal;
+further cases run main(argv) in this process (as_typed=False: the same code and messages, without an interpreter
+start each). Training runs stay typed.
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ def test_val_size_zero_builds_no_val_split_and_trains(tmp_path):
 def test_val_size_zero_refuses_an_evaluation_it_cannot_do(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, dataset=TWO_DATASETS, val_size=0)
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     for args, asked in ((("train", recipe, "eval_strategy=steps", "do_predict=true"), "eval_strategy and do_predict"),
                         (("eval", recipe), "the eval command")):
         failed = pipeline(*args, cwd=work, expect=2)
@@ -57,9 +61,9 @@ def test_val_size_zero_refuses_an_evaluation_it_cannot_do(tmp_path):
 def test_val_size_integer_holds_out_that_many_rows_per_dataset(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, dataset=TWO_DATASETS, val_size=5)
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     assert splits(work) == {"alpaca_en_demo": {"train": 11, "val": 5}, "identity": {"train": 3, "val": 5}}
-    assert "val_size                   5" in pipeline("plan", recipe, cwd=work).stdout
+    assert "val_size                   5" in pipeline("plan", recipe, cwd=work, as_typed=False).stdout
     pipeline("train", recipe, cwd=work)
     assert eval_losses(work) == [1]  # do_eval null: the final evaluation on the 10 held-out rows
 
@@ -70,12 +74,12 @@ def test_val_size_integer_that_leaves_nothing_to_train_and_bad_values(tmp_path):
     failed = pipeline("build", recipe, cwd=work, expect=2)  # nothing built yet: the build says it
     assert ("dataset 'identity' (data/dataset_info.json:2): 8 rows remain after cleaning (read 8; removed: none); "
             "val_size 8 leaves 0 for training and 8 for validation, and both need at least one") in failed.stderr
-    pipeline("build", recipe, "val_size=7", cwd=work)
+    pipeline("build", recipe, "val_size=7", cwd=work, as_typed=False)
     failed = pipeline("validate", recipe, cwd=work, expect=2)  # built: the recipe check says it
     assert (f"{recipe}:" in failed.stderr and "val_size: given 8, but dataset 'identity' has 8 rows: nothing would be "
             "left to train on; lower val_size (at most 7 rows)") in failed.stderr
     for value in ("2.5", "-1", "1.5"):
-        failed = pipeline("validate", recipe, f"val_size={value}", cwd=work, expect=2)
+        failed = pipeline("validate", recipe, f"val_size={value}", cwd=work, expect=2, as_typed=False)
         assert f"val_size: given {value} " in failed.stderr
         assert "expected an integer >= 0 or a number >= 0 and < 1" in failed.stderr
 
@@ -115,10 +119,10 @@ def test_interleave_mix_trains_on_the_rows_hf_interleaves(tmp_path):
     work = lf_checkout(tmp_path / "lf", str(tmp_path / "ckpt"))
     recipe = tiny_recipe(work, model_name_or_path=str(tmp_path / "ckpt"), dataset=TWO_DATASETS,
                          mix_strategy="interleave_under", interleave_probs="0.7,0.3", seed=3, max_steps=2, val_size=0)
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     golden = hf_interleaved(work, [0.7, 0.3], 3, "first_exhausted")
     assert training_rows(work, recipe) == golden and len(golden) < 24  # under: stops when one dataset runs out
-    planned = pipeline("plan", recipe, cwd=work).stdout
+    planned = pipeline("plan", recipe, cwd=work, as_typed=False).stdout
     assert f"num_train_examples      {len(golden)}     interleave_under of splits.train" in planned
     trained = pipeline("train", recipe, cwd=work)
     assert f"data: {len(golden)} examples" in trained.stdout + trained.stderr
@@ -132,7 +136,7 @@ def test_an_interleave_probs_mistake_is_one_message_with_the_recipe_line(tmp_pat
     recipe = tiny_recipe(work, dataset=TWO_DATASETS, mix_strategy="interleave_over", interleave_probs="1.0,0.0")
     line = next(n for n, text in enumerate((work / recipe).read_text("utf-8").splitlines(), 1)
                 if text.startswith("interleave_probs"))
-    failed = pipeline("validate", recipe, cwd=work, expect=2)
+    failed = pipeline("validate", recipe, cwd=work, expect=2, as_typed=False)
     assert f"{recipe}:{line}:19: interleave_probs: given '1.0,0.0': a dataset of probability 0 is never drawn, so " \
            "with mix_strategy interleave_over the mix never ends" in failed.stderr
     assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
@@ -146,7 +150,7 @@ def test_a_dataset_listed_twice_is_one_message_with_the_recipe_line(tmp_path):
     recipe = tiny_recipe(work, dataset="identity,identity", mix_strategy="interleave_under", interleave_probs="0.5,0.5")
     line = next(n for n, text in enumerate((work / recipe).read_text("utf-8").splitlines(), 1)
                 if text.startswith("dataset:"))
-    failed = pipeline("validate", recipe, cwd=work, expect=2)
+    failed = pipeline("validate", recipe, cwd=work, expect=2, as_typed=False)
     assert f"{recipe}:{line}:10: dataset: given identity, identity: 'identity' listed more than once; expected each " \
            "dataset once (LLaMA-Factory reads a repeated name once)" in failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
@@ -174,14 +178,14 @@ def test_ref_model_as_a_hub_id_resolves_from_the_offline_cache(tmp_path):
     snapshot = cache_model(tmp_path / "hf", "Org/Tiny-GPT2")
     recipe = tiny_recipe(work, model_name_or_path=str(snapshot), stage="dpo", dataset="dpo_en_demo", cutoff_len=128,
                          ref_model="Org/Tiny-GPT2")
-    pipeline("build", recipe, cwd=work, env=env)
-    pipeline("validate", recipe, cwd=work, env=env)
+    pipeline("build", recipe, cwd=work, env=env, as_typed=False)
+    pipeline("validate", recipe, cwd=work, env=env, as_typed=False)
     pipeline("train", recipe, cwd=work, env=env)
     log = json.loads((work / "saves/tiny/trainer_log.jsonl").read_text("utf-8").splitlines()[0])
     # the reference is the policy's starting weights (LoRA starts as the identity): sigmoid loss -log(1/2) at step 1
     assert log["step"] == 1 and abs(log["loss"] - math.log(2)) < 1e-5
     failed = pipeline("train", recipe, "ref_model=Org/Not-Cached", "overwrite_output_dir=true", cwd=work, env=env,
-                      expect=2)
+                      expect=2, as_typed=False)
     assert ("command line override ref_model=Org/Not-Cached: ref_model: 'Org/Not-Cached' is neither a local "
             "directory nor a cached hub snapshot (HF_HUB_OFFLINE=1 and it is not in") in failed.stderr
     assert "hf download Org/Not-Cached" in failed.stderr and "Traceback" not in failed.stderr
@@ -194,19 +198,19 @@ def test_model_revision_main_is_accepted_and_another_points_at_the_snapshot_fold
     env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     snapshot = cache_model(tmp_path / "hf", "Org/Tiny-GPT2", revision="v1")  # `hf download --revision v1`
     recipe = tiny_recipe(work, model_revision="main")
-    pipeline("build", recipe, cwd=work, env=env)
+    pipeline("build", recipe, cwd=work, env=env, as_typed=False)
     pipeline("validate", recipe, cwd=work, env=env)
     failed = pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", "model_revision=v1", cwd=work, env=env,
-                      expect=2)
+                      expect=2, as_typed=False)
     assert ("model_revision: given 'v1': revisions other than main are not supported yet; it is in the HF cache: set "
             f"model_name_or_path to its snapshot folder, {snapshot}, and remove model_revision") in failed.stderr
     failed = pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", "model_revision=v2", cwd=work, env=env,
-                      expect=2)
+                      expect=2, as_typed=False)
     assert "download it with `hf download Org/Tiny-GPT2 --revision v2 --include 'config.json'" in failed.stderr
     assert f"{snapshot.parent}/<commit> (the commit is in {snapshot.parents[1] / 'refs/v2'}" in failed.stderr
-    failed = pipeline("validate", recipe, "model_revision=v1", cwd=work, env=env, expect=2)
+    failed = pipeline("validate", recipe, "model_revision=v1", cwd=work, env=env, expect=2, as_typed=False)
     assert "model_name_or_path 'tiny' is not a hub id (a directory or preset has no revisions)" in failed.stderr
-    pipeline("validate", recipe, f"model_name_or_path={snapshot}", cwd=work, env=env)  # the advice works
+    pipeline("validate", recipe, f"model_name_or_path={snapshot}", cwd=work, env=env, as_typed=False)  # the advice works
 
 
 def test_a_cached_id_in_the_wrong_case_or_the_cache_folder_itself_gets_the_right_name(tmp_path):
@@ -218,14 +222,16 @@ def test_a_cached_id_in_the_wrong_case_or_the_cache_folder_itself_gets_the_right
     env = cli_env(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     snapshot = cache_model(tmp_path / "hf", "Org/Tiny-GPT2")
     recipe = tiny_recipe(work)
-    pipeline("build", recipe, cwd=work, env=env)
+    pipeline("build", recipe, cwd=work, env=env, as_typed=False)
     done = pipeline("validate", recipe, "model_name_or_path=org/tiny-gpt2", cwd=work, env=env)  # data need no model
     assert "(did you mean 'Org/Tiny-GPT2'? it is cached)" in done.stdout
-    failed = pipeline("train", recipe, "model_name_or_path=org/tiny-gpt2", cwd=work, env=env, expect=2)
+    failed = pipeline("train", recipe, "model_name_or_path=org/tiny-gpt2", cwd=work, env=env, expect=2,
+                      as_typed=False)
     assert "(did you mean 'Org/Tiny-GPT2'? it is cached)" in failed.stderr and "Traceback" not in failed.stderr
     folder = snapshot.parents[1]
-    failed = pipeline("validate", recipe, f"model_name_or_path={folder}", cwd=work, env=env, expect=2)
+    failed = pipeline("validate", recipe, f"model_name_or_path={folder}", cwd=work, env=env, expect=2,
+                      as_typed=False)
     assert (f"model_name_or_path: {folder} is a Hugging Face cache folder (it holds snapshots/, not a checkpoint); "
             f"set it to the hub id 'Org/Tiny-GPT2', or to its snapshot {snapshot}") in failed.stderr
     assert len(failed.stderr.strip().splitlines()) == 1
-    pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", cwd=work, env=env)  # the advice works
+    pipeline("validate", recipe, "model_name_or_path=Org/Tiny-GPT2", cwd=work, env=env, as_typed=False)  # advice works

@@ -5,6 +5,8 @@ verbatim copies of LLaMA-Factory's examples/ (Apache-2.0; main after v0.9.5, see
 docs/coming-from-llama-factory.md, "LLaMA-Factory's examples", says what each does here; this file reads that
 table and holds every copy to it, so the table cannot drift. Runs are cut short only by command-line overrides,
 each one said at its call. Golden values come from PEFT (the adapters load there and give our logits).
+build runs as typed in the preprocess test; before a training run it runs in this process (as_typed=False: the same
+code, no interpreter start); training, merge and eval runs stay typed.
 """
 from __future__ import annotations
 
@@ -178,7 +180,7 @@ def test_example_trains_and_its_adapter_loads_in_peft(tmp_path, models, example,
     assert ROWS[example] == "trains"
     work = lf_checkout(tmp_path, str(models[family(example)]))
     used = ["max_steps=2", *overrides]
-    pipeline("build", f"examples/{example}", *overrides, cwd=work)
+    pipeline("build", f"examples/{example}", *overrides, cwd=work, as_typed=False)
     pipeline("train", f"examples/{example}", *used, cwd=work, timeout=600)
     run = work / output_dir
     assert json.loads((run / "all_results.json").read_text("utf-8"))["global_step"] == 2
@@ -202,7 +204,7 @@ def test_full_example_trains_on_its_loss_and_its_merged_model_loads_in_transform
     assert ROWS[example] == "trains"
     work = lf_checkout(tmp_path, str(models["qwen"]))
     used = ["max_steps=2", "gradient_accumulation_steps=1"]
-    pipeline("build", f"examples/{example}", cwd=work)
+    pipeline("build", f"examples/{example}", cwd=work, as_typed=False)
     err = pipeline("train", f"examples/{example}", *used, cwd=work, timeout=600).stderr
     assert f"loss: {key[4:].split('_')[0].upper()}-weighted cross-entropy" in err, err
     run = work / output_dir
@@ -232,7 +234,7 @@ def test_nlg_eval_example_predicts_with_the_loraplus_adapter_once_told_not_to_tr
     peft.get_peft_model(base, config).save_pretrained(work / "saves/llama3-8b/lora/sft")
     predict = ["examples/extras/nlg_eval/llama3_lora_predict.yaml", "do_train=false", "dataset=identity",
                "max_new_tokens=4"]  # max_new_tokens: test time
-    pipeline("build", *predict, cwd=work)
+    pipeline("build", *predict, cwd=work, as_typed=False)
     pipeline("train", *predict, cwd=work)
     metrics = json.loads((work / "saves/llama3-8b/lora/predict/eval/metrics.json").read_text("utf-8"))
     assert "tuned" in metrics["results"] and (work / "saves/llama3-8b/lora/predict/eval/predictions.jsonl").is_file()

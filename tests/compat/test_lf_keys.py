@@ -46,7 +46,9 @@ def test_lf_values_not_implemented_here_are_refused_with_the_reason(tmp_path):
                              ("infer_backend=vllm", "vLLM is not available here"),
                              ("infer_backend=sglang", "SGLang is not available here"),
                              ("infer_backend=ktransformers", "KTransformers is not available here")):
-        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=2).stderr
+        # the first as typed; the further refusals in this process (the same messages, no interpreter start each)
+        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, as_typed=override == "reward_model_type=api",
+                       expect=2).stderr
         key, _, value = override.partition("=")
         assert f"{key}: given '{value}', expected one of" in err and reason in err, err
         assert "Traceback" not in err
@@ -61,11 +63,11 @@ def test_lf_keys_outside_the_examples_not_implemented_here_are_refused_with_the_
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\n", encoding="utf-8")
     for overrides, reason in ((["export_hub_model_id=me/merged"], "hf upload me/merged"),
                               (["num_beams=4", "do_sample=true"], "beam search with sampling is not implemented")):
-        err = pipeline("validate", "r.yaml", *overrides, cwd=tmp_path, expect=2).stderr
+        err = pipeline("validate", "r.yaml", *overrides, cwd=tmp_path, as_typed=False, expect=2).stderr
         assert f"{overrides[0].partition('=')[0]}:" in err and reason in err and "unknown key" not in err, err
         assert "Traceback" not in err
     for override in ("export_hub_model_id=null", "num_beams=1", "num_beams=4"):
-        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=None).stderr
+        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, as_typed=False, expect=None).stderr
         assert override.partition("=")[0] not in err, err
 
 
@@ -81,7 +83,7 @@ def test_a_lora_runs_output_as_model_name_or_path_says_to_name_it_as_the_adapter
         (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "Qwen/Qwen3-0.6B"}))
     for given, adapter in (("saves/run", "saves/run"), ("peft", "peft")):
         (tmp_path / "r.yaml").write_text(f"model_name_or_path: {given}\nexport_dir: out\n", encoding="utf-8")
-        err = pipeline("export", "r.yaml", cwd=tmp_path, expect=2).stderr
+        err = pipeline("export", "r.yaml", cwd=tmp_path, as_typed=given == "saves/run", expect=2).stderr
         assert "LoRA adapter" in err and f"adapter_name_or_path: {adapter}" in err, err
         assert "model_name_or_path: Qwen/Qwen3-0.6B" in err and "Traceback" not in err, err
 
@@ -100,13 +102,13 @@ def test_qlora_and_dpo_extras_are_refused_with_the_reason_and_pass_at_their_defa
     for override, reason in (("quantization_bit=4", "QLoRA (LoRA on a 4- or 8-bit quantized base) is not implemented"),
                              ("ref_model_quantization_bit=8", "a quantized reference model is not implemented"),
                              ("pref_loss=kto_pair", "kto_pair loss is not implemented")):
-        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, expect=2).stderr
+        err = pipeline("validate", "r.yaml", override, cwd=tmp_path, as_typed=False, expect=2).stderr
         key = override.partition("=")[0]
         assert f"{key}: given" in err and reason in err and "unknown key" not in err, err
         assert "export_quantization_bit" not in err and "Traceback" not in err, err
     neutral = ("quantization_bit=null", "pref_bco_weight=0", "ld_alpha=null", "quantization_method=bnb",
                "quantization_type=nf4", "double_quantization=true")
-    err = pipeline("validate", "r.yaml", *neutral, cwd=tmp_path, expect=None).stderr
+    err = pipeline("validate", "r.yaml", *neutral, cwd=tmp_path, as_typed=False, expect=None).stderr
     assert "error: command line override" not in err and "given" not in err, err
     assert "quantization_method: accepted without effect: it only matters with quantization_bit" in err, err
 
@@ -119,10 +121,10 @@ def test_flash_attn_is_accepted_with_a_notice_and_a_wrong_value_is_refused(tmp_p
 
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nflash_attn: fa2\n",
                                      encoding="utf-8")
-    err = pipeline("validate", "r.yaml", cwd=tmp_path, expect=None).stderr
+    err = pipeline("validate", "r.yaml", cwd=tmp_path, as_typed=False, expect=None).stderr
     assert "flash_attn: accepted without effect: the attention path is chosen per device and precision" in err, err
     assert "unknown key" not in err
-    err = pipeline("validate", "r.yaml", "flash_attn=fa4", cwd=tmp_path, expect=2).stderr
+    err = pipeline("validate", "r.yaml", "flash_attn=fa4", cwd=tmp_path, as_typed=False, expect=2).stderr
     assert "flash_attn: given 'fa4', expected one of auto, disabled, sdpa, fa2, fa3" in err and "Traceback" not in err
 
 
@@ -161,7 +163,7 @@ def test_users_training_argument_keys_are_noticed_refused_or_quiet(tmp_path):
     body = "".join(f"{key}: {value}\n" for key, value in NEUTRAL.items())
     body += "".join(f"{key}: {value}\n" for key, (value, _) in NO_EFFECT.items())
     (tmp_path / "r.yaml").write_text(head + body, encoding="utf-8")
-    lines = pipeline("validate", "r.yaml", cwd=tmp_path, expect=None).stderr.splitlines()
+    lines = pipeline("validate", "r.yaml", cwd=tmp_path, as_typed=False, expect=None).stderr.splitlines()
     for key in {*NEUTRAL, *NO_EFFECT}:
         assert not any(f" {key}:" in line for line in lines if line.startswith("error")), (key, lines)
         notices = [line for line in lines if line.startswith("notice:") and f": {key}: accepted without effect" in line]
@@ -171,7 +173,7 @@ def test_users_training_argument_keys_are_noticed_refused_or_quiet(tmp_path):
     assert not any("unknown key" in line for line in lines), lines
 
     (tmp_path / "r.yaml").write_text(head + "".join(f"{k}: {v}\n" for k, (v, _) in REFUSED.items()), "utf-8")
-    failed = pipeline("validate", "r.yaml", cwd=tmp_path, expect=2)
+    failed = pipeline("validate", "r.yaml", cwd=tmp_path, as_typed=False, expect=2)
     lines = failed.stderr.splitlines()
     for key, (_, reason) in REFUSED.items():
         assert any(line.startswith("error: r.yaml:") and f" {key}: given" in line and reason in line

@@ -3,6 +3,10 @@
 The recipes under tests/compat/lf_examples/ are our own files with the keys LLaMA-Factory documents in its
 examples/. Golden values come from transformers and PEFT (the merged model must equal PEFT's merge of the
 adapter we wrote onto the checkpoint transformers wrote).
+
+The LoRA sft -> merge_lora -> inference path runs every command as typed; elsewhere build, plan and validate (and
+refusals decided by the recipe rules) run main(argv) in this process once their command ran as typed here
+(as_typed=False: the same code and messages, no interpreter start). Training runs stay typed.
 """
 from __future__ import annotations
 
@@ -159,7 +163,7 @@ def test_the_trained_deepspeed_files_hold_every_key_of_the_planned_ones():
 def test_deepspeed_examples_run(tmp_path, config):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, deepspeed=f"examples/deepspeed/{config}")
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     pipeline("train", recipe, cwd=work)
     used = json.loads((work / "saves/tiny/ds_config.json").read_text("utf-8"))
     assert used["zero_optimization"]["stage"] == _json_stage(work, config)
@@ -173,7 +177,7 @@ def test_deepspeed_examples_plan(tmp_path, config):
     """plan prints the DeepSpeed JSON train hands DeepSpeed: the file's stage, its "auto" values filled."""
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, deepspeed=f"examples/deepspeed/{config}")
-    shown = pipeline("plan", recipe, cwd=work).stdout
+    shown = pipeline("plan", recipe, cwd=work, as_typed=config == DS_PLANNED[0]).stdout
     start = shown.index("\n{", shown.index("[deepspeed]")) + 1
     used = json.loads(shown[start:shown.index("\n}\n", start) + 2])
     assert used["zero_optimization"]["stage"] == _json_stage(work, config)
@@ -186,7 +190,8 @@ def test_deepspeed_examples_plan(tmp_path, config):
 ])
 def test_deepspeed_examples_refused_with_reason(tmp_path, config, reason):
     work = lf_checkout(tmp_path, "tiny")
-    failed = pipeline("validate", tiny_recipe(work, deepspeed=f"examples/deepspeed/{config}"), cwd=work, expect=2)
+    failed = pipeline("validate", tiny_recipe(work, deepspeed=f"examples/deepspeed/{config}"), cwd=work, expect=2,
+                      as_typed=config == "ds_z2_autotp_config.json")
     assert reason in failed.stderr and "Traceback" not in failed.stderr
 
 
@@ -196,7 +201,7 @@ def test_recipe_keys_tensorboard_save_only_model_and_notices(tmp_path):
     recipe = tiny_recipe(work, report_to="tensorboard", save_only_model=True, save_steps=1, max_steps=2,
                          eval_strategy="steps", eval_steps=1, dataloader_num_workers=1, ddp_timeout=600,
                          preprocessing_num_workers=2, tokenized_path="saves/tokenized", use_reentrant_gc=False)
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     done = pipeline("train", recipe, cwd=work)
     assert "tokenized_path: accepted without effect" in done.stderr
     assert "use_reentrant_gc: accepted without effect" in done.stderr
@@ -221,7 +226,7 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
     (trainer_log.jsonl was cut back, the event files were not): the writer now purges after the resumed step."""
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, report_to="tensorboard", save_steps=1, max_steps=3, logging_steps=1)
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     pipeline("train", recipe, cwd=work)
     run = work / "saves/tiny"
     pipeline("train", recipe, f"resume_from_checkpoint={run / 'checkpoint-1'}", cwd=work)
@@ -237,13 +242,13 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
 def test_do_train_false_with_do_predict_evaluates(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, max_eval_samples=2, max_new_tokens=2, eval_base=False)
-    pipeline("build", recipe, cwd=work)
+    pipeline("build", recipe, cwd=work, as_typed=False)
     pipeline("train", recipe, cwd=work)
     pipeline("train", recipe, "do_train=false", "do_predict=true", cwd=work)
     metrics = json.loads((work / "saves/tiny/eval/metrics.json").read_text("utf-8"))
     assert metrics["n_examples"] == 2 and "tuned" in metrics["results"]
     assert (work / "saves/tiny/eval/predictions.jsonl").is_file()
-    failed = pipeline("train", recipe, "do_train=false", cwd=work, expect=2)
+    failed = pipeline("train", recipe, "do_train=false", cwd=work, expect=2, as_typed=False)  # refused by the rules
     assert "the train command would do nothing" in failed.stderr
 
 
@@ -251,7 +256,7 @@ def test_unknown_keys_and_refused_values(tmp_path):
     work = lf_checkout(tmp_path, "tiny")
     recipe = tiny_recipe(work, do_trian=True, use_unsloth=True, export_legacy_format=True,
                          export_quantization_bit=4, streaming=True, buffer_size=128)
-    failed = pipeline("validate", recipe, cwd=work, expect=2)
+    failed = pipeline("validate", recipe, cwd=work, expect=2, as_typed=False)
     lines = failed.stderr.splitlines()
     assert any("do_trian: unknown key (did you mean 'do_train'?)" in m for m in lines)
     assert any(m.endswith("use_unsloth: unknown key") for m in lines)  # nothing close: no suggestion
@@ -260,7 +265,8 @@ def test_unknown_keys_and_refused_values(tmp_path):
     assert any("streaming: true iterates the raw data lazily during training, which is not implemented" in m
                for m in lines)
     assert not any("buffer_size" in m for m in lines if m.startswith("error"))
-    done = pipeline("validate", tiny_recipe(work, streaming=False, buffer_size=128), cwd=work, expect=None)  # not built
+    done = pipeline("validate", tiny_recipe(work, streaming=False, buffer_size=128), cwd=work, expect=None,
+                    as_typed=False)  # not built
     assert "buffer_size: accepted without effect: LLaMA-Factory's shuffle buffer for streaming" in done.stderr
     failed = pipeline("train", tiny_recipe(work, report_to="wandb"), cwd=work, expect=None)
     try:
@@ -363,7 +369,7 @@ def test_report_to_wandb_offline(tmp_path):
     work = lf_checkout(tmp_path / "lf", "tiny")
     recipe = tiny_recipe(work, report_to="wandb", max_steps=2, run_name="tiny-demo")
     env = cli_env(PYTHONPATH=f"{stub}:{REPO}", WANDB_MODE="offline", WANDB_STUB_LOG=str(tmp_path / "wandb.jsonl"))
-    pipeline("build", recipe, cwd=work, env=env)
+    pipeline("build", recipe, cwd=work, env=env, as_typed=False)
     pipeline("train", recipe, cwd=work, env=env)
     calls = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text("utf-8").splitlines()]
     assert calls[0]["mode"] == "offline" and calls[0]["init"]["dir"] == "saves/tiny"
@@ -427,8 +433,8 @@ def test_a_users_lora_recipe_with_trainer_keys_validates_trains_and_loads_in_pef
     args = ("examples/train_lora/qwen3_lora_sft.yaml", *template_override(), "dataset=alpaca_en_demo",
             "cutoff_len=128", "max_steps=2", "gradient_accumulation_steps=1", "dataloader_num_workers=0",
             "logging_steps=1", "save_steps=1", "bf16=false")
-    pipeline("build", *args, cwd=work)
-    checked = pipeline("validate", *args, cwd=work)
+    pipeline("build", *args, cwd=work, as_typed=False)
+    checked = pipeline("validate", *args, cwd=work, as_typed=False)
     notices = [line for line in checked.stderr.splitlines() if "accepted without effect" in line]
     assert sorted(line.split(": ")[2] for line in notices) == sorted(
         ["dataloader_pin_memory", "include_num_input_tokens_seen", "run_name", "tf32", "use_fast_tokenizer"]), notices
@@ -472,4 +478,5 @@ def test_a_qwen_recipe_without_template_hears_that_alpaca_formats_its_data(tmp_p
     assert ("notice: template: not set, so the default 'alpaca' (the book's Alpaca prompt) formats the data for "
             "this qwen3 model, whose own chat format is template: qwen3") in told
     for quiet in (["template=alpaca"], ["model_name_or_path=tiny"]):
-        assert "notice: template" not in pipeline("plan", "r.yaml", *quiet, cwd=tmp_path, expect=None).stderr
+        assert "notice: template" not in pipeline("plan", "r.yaml", *quiet, cwd=tmp_path, expect=None,
+                                                  as_typed=False).stderr

@@ -3,6 +3,9 @@
 The registry (tests/compat/lf_data/dataset_info.json) is our own file with every entry form LLaMA-Factory's
 data/README.md documents. Entries a recipe does not use never block; the entries it uses are checked
 strictly, and what cannot be done here is refused with its reason (exit 2, file:line).
+
+build runs as typed for a success, a refusal and the hub entries (huggingface_hub reads HF_HUB_CACHE when it is
+imported); the further local builds run main(argv) in this process (as_typed=False: the same code and messages).
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def test_alpaca_en_demo_builds_from_the_whole_registry(lf_workdir):
 
 def test_other_sft_forms_build(lf_workdir):
     pipeline("build", recipe(lf_workdir, dataset="openai_demo,sharegpt_demo,alpaca_columns_demo,identity_sampled"),
-             cwd=lf_workdir)
+             cwd=lf_workdir, as_typed=False)
     openai = built(lf_workdir, "openai_demo")
     assert {r["system"] for r in openai} == {"You answer in one word."}
     assert {r["output"] for r in openai} == {"green", "blue", "white", "black", "yellow", "red"}
@@ -49,7 +52,8 @@ def test_other_sft_forms_build(lf_workdir):
 
 
 def test_pretraining_entries_through_columns_prompt(lf_workdir):
-    pipeline("build", recipe(lf_workdir, stage="pt", dataset="wiki_demo,c4_demo,corpus_folder"), cwd=lf_workdir)
+    pipeline("build", recipe(lf_workdir, stage="pt", dataset="wiki_demo,c4_demo,corpus_folder"), cwd=lf_workdir,
+             as_typed=False)
     wiki = built(lf_workdir, "wiki_demo")
     lines = (lf_workdir / "data" / "wiki_demo.txt").read_text("utf-8").splitlines()
     assert sorted(r["text"] for r in wiki) == sorted(lines)  # each line one document, as LLaMA-Factory reads .txt
@@ -61,7 +65,7 @@ def test_a_broken_unused_entry_is_one_note_and_a_used_one_is_strict(lf_workdir):
     registry = lf_workdir / "data" / "dataset_info.json"
     text = registry.read_text("utf-8").replace('"file_name": "dpo_en_demo.json"', '"file_nme": "dpo_en_demo.json"')
     registry.write_text(text, "utf-8")
-    done = pipeline("build", recipe(lf_workdir, dataset="alpaca_en_demo"), cwd=lf_workdir)
+    done = pipeline("build", recipe(lf_workdir, dataset="alpaca_en_demo"), cwd=lf_workdir, as_typed=False)
     notes = [line for line in (done.stdout + done.stderr).splitlines() if "note:" in line]
     line = next(i for i, row in enumerate(text.splitlines(), 1) if '"dpo_en_demo"' in row)
     assert len(notes) == 1 and f"dpo_en_demo (line {line})" in notes[0]
@@ -84,7 +88,8 @@ def test_used_entries_refused_with_their_reason(lf_workdir):
         "in_the_cloud": "S3/GCS downloads are not supported",
         "wiki_demo": "a .txt file holds lines of text",
     }
-    failed = pipeline("build", recipe(lf_workdir, dataset=",".join(expected)), cwd=lf_workdir, expect=2)
+    failed = pipeline("build", recipe(lf_workdir, dataset=",".join(expected)), cwd=lf_workdir, expect=2,
+                      as_typed=False)
     text = (lf_workdir / "data" / "dataset_info.json").read_text("utf-8").splitlines()
     for name, reason in expected.items():
         line = next(i for i, row in enumerate(text, 1) if f'"{name}"' in row)

@@ -1,17 +1,19 @@
-"""The data commands end to end on real recipes: build, validate, inspect; bad rows exit 2 without a traceback."""
+"""The data commands end to end on real recipes: build, validate, inspect; bad rows exit 2 without a traceback.
+
+Each command runs as typed here at least once; further builds and validates run main(argv) in this process
+(cli(..., as_typed=False), or main() directly where a test reads the process's own state)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 
-from data_helpers import REPO, alpaca_rows, jsonl
+from data_helpers import alpaca_rows, jsonl
 from pipeline.__main__ import main
+from tests.acceptance.harness import cli_env, pipeline
 
 
 def project(tmp_path: Path, registry: dict, files: dict[str, str], recipe: str) -> Path:
@@ -24,12 +26,10 @@ def project(tmp_path: Path, registry: dict, files: dict[str, str], recipe: str) 
     return tmp_path / "recipe.yaml"
 
 
-def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    # a user's shell: no launcher variables (an in-process run in this worker may still hold its MASTER_PORT)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), NO_COLOR="1")
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
+def cli(tmp_path: Path, *args: str, as_typed: bool = True) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in tmp_path from a user's shell (no launcher variables, NO_COLOR), any exit code;
+    as_typed=False: in this process (harness.pipeline)."""
+    return pipeline(*args, cwd=tmp_path, expect=None, timeout=120, env=cli_env(NO_COLOR="1"), as_typed=as_typed)
 
 
 def count_built_reads(monkeypatch: Any, root: Path) -> Counter:
@@ -138,7 +138,7 @@ def test_a_raw_file_edited_after_build_stops_train_unless_overwrite_cache(tmp_pa
     project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(12))},
             "dataset: a\ncutoff_len: 64\nmax_steps: 1\nper_device_train_batch_size: 2\noutput_dir: out\n"
             "lora_rank: 2\nplot_loss: false\n")
-    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    assert cli(tmp_path, "build", "recipe.yaml", as_typed=False).returncode == 0
     raw = tmp_path / "data" / "raw" / "a.jsonl"
     raw.write_text(jsonl(alpaca_rows(16)), encoding="utf-8")  # four rows added after the build
     stopped = cli(tmp_path, "train", "recipe.yaml")
@@ -168,18 +168,18 @@ def test_adding_rows_after_a_too_small_build_rebuilds(tmp_path):
     project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(3))},
             "dataset: a\ncutoff_len: 64\nmax_steps: 1\noutput_dir: out\nlora_rank: 2\nplot_loss: false\n")
     assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
-    done = cli(tmp_path, "validate", "recipe.yaml")
+    done = cli(tmp_path, "validate", "recipe.yaml", as_typed=False)
     assert done.returncode == 2 and "lower per_device_train_batch_size or add data" in done.stderr, done.stderr
     raw.write_text(jsonl(alpaca_rows(30)), encoding="utf-8")
     done = cli(tmp_path, "deps", "recipe.yaml")
     assert done.returncode == 0, done.stderr
-    done = cli(tmp_path, "build", "recipe.yaml")
+    done = cli(tmp_path, "build", "recipe.yaml", as_typed=False)
     assert done.returncode == 0, done.stderr
     assert "train 27 · val 3" in done.stdout                    # 30 rows, val_size 0.1 -> ceil(3) held out
     assert cli(tmp_path, "validate", "recipe.yaml").returncode == 0
 
     raw.write_text(jsonl(alpaca_rows(3)), encoding="utf-8")      # too small again, then grown: train rebuilds
-    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    assert cli(tmp_path, "build", "recipe.yaml", as_typed=False).returncode == 0
     raw.write_text(jsonl(alpaca_rows(30)), encoding="utf-8")
     done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -194,7 +194,7 @@ def test_train_with_overwrite_cache_checks_the_rebuilt_counts_before_the_model_l
     project(tmp_path, {"a": {"file_name": "raw/a.jsonl"}}, {"raw/a.jsonl": jsonl(alpaca_rows(30))},
             "dataset: a\ncutoff_len: 64\nmax_steps: 1\nper_device_train_batch_size: 8\noutput_dir: out\n"
             "lora_rank: 2\nplot_loss: false\n")
-    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    assert cli(tmp_path, "build", "recipe.yaml", as_typed=False).returncode == 0
     raw.write_text(jsonl(alpaca_rows(5)), encoding="utf-8")     # the source shrank below one batch
     done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]

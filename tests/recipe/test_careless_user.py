@@ -1,5 +1,8 @@
 """Mistakes a careless user makes, through the CLI as they type it: one exit-2 message each, no traceback,
-nothing written (found by a bug hunt; each test names what used to happen instead)."""
+nothing written (found by a bug hunt; each test names what used to happen instead).
+
+Each command (and argparse's refusal) runs as typed at least once here; its further cases run main(argv) in this
+process (as_typed=False: the same code and messages, without an interpreter start each)."""
 from __future__ import annotations
 
 import json
@@ -39,7 +42,7 @@ def test_a_model_folder_without_config_json_gets_the_model_message_only(tmp_path
         recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path=model, dataset_dir="data",
                               template="qwen3_nothink", output_dir="saves/r")
         for command in ("validate", "train"):
-            err = refused(command, recipe, cwd=tmp_path)
+            err = refused(command, recipe, cwd=tmp_path, as_typed=model == "empty")
             errors = [line for line in err.splitlines() if line.startswith("error:")]
             assert len(errors) == 1 and words in errors[0], err
     assert not (tmp_path / "saves").exists()
@@ -54,11 +57,11 @@ def test_a_file_where_an_output_directory_must_go(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
     for command, key, value in (("train", "output_dir", "notes.txt/run"), ("merge", "export_dir", "notes.txt/a/b"),
                                 ("train", "output_dir", "gone/run")):
-        err = refused(command, recipe, f"{key}={value}", cwd=tmp_path)
+        err = refused(command, recipe, f"{key}={value}", cwd=tmp_path, as_typed=value != "gone/run")
         blocker = "gone is a symbolic link to nothing" if value.startswith("gone") else "notes.txt is a file"
         assert f"{key}: {value} cannot be created: {blocker}, not a directory; move it away" in err, err
     (tmp_path / "data" / "build").write_text("")
-    err = refused("build", recipe, cwd=tmp_path)
+    err = refused("build", recipe, cwd=tmp_path, as_typed=False)
     assert "data/build/tiny_sft cannot be created: data/build is a file, not a directory" in err, err
     assert (tmp_path / "notes.txt").read_text() == "mine\n" and not (tmp_path / "saves").exists()
 
@@ -75,11 +78,11 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     for model, hint in ((typo, f" (did you mean '{tmp_path / 'models' / 'gpt2'}'?)"),
                         ("./models/gpt", " (did you mean './models/gpt2'?)"),
                         ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)")):
-        out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path).stdout
+        out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path, as_typed=model == typo).stdout
         assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe next to this "
                 "one produces it; it is a path, not a hub id (org/name), so train will refuse it") in out, out
         assert "hub id is downloaded" not in out
-    assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path)
+    assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path, as_typed=False)
     out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,
                    env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
     assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
@@ -90,13 +93,15 @@ def test_validate_applies_the_length_policy_as_train_does(tmp_path):
     error, or every train row dropped as too long. It now gives train's own message."""
     write_data(tmp_path / "data")
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
-    pipeline("build", recipe, cwd=tmp_path)
-    assert "data: OK" in pipeline("validate", recipe, cwd=tmp_path).stdout
+    pipeline("build", recipe, cwd=tmp_path, as_typed=False)
+    assert "data: OK" in pipeline("validate", recipe, cwd=tmp_path, as_typed=False).stdout
     for overrides, expected in ((["cutoff_len=12", "overlength_policy=error"],
                                  "examples are longer than cutoff_len 12 (overlength_policy: error); raise cutoff_len"),
                                 (["cutoff_len=8"], "the train split has no examples; 21 rows, dropped: 21 over "
                                                    "cutoff_len; raise cutoff_len or add data")):
-        said = {command: refused(command, recipe, *overrides, cwd=tmp_path) for command in ("validate", "train")}
+        # train as typed: its data check loads the tokenizer (torch); validate in-process
+        said = {command: refused(command, recipe, *overrides, cwd=tmp_path, as_typed=command == "train")
+                for command in ("validate", "train")}
         assert expected in said["validate"] and said["validate"] == said["train"], said
     assert not (tmp_path / "saves").exists()
 
@@ -105,7 +110,7 @@ def test_a_value_in_the_wrong_case_gets_the_suggestion(tmp_path):
     """finetuning_type=LoRA got no did-you-mean while Lora did: the suggestion compares case-insensitively."""
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
     for given in ("LoRA", "Lora", "FULL"):
-        err = refused("validate", recipe, f"finetuning_type={given}", cwd=tmp_path)
+        err = refused("validate", recipe, f"finetuning_type={given}", cwd=tmp_path, as_typed=False)
         expected = "full" if given == "FULL" else "lora"
         assert f"finetuning_type: given '{given}', expected one of lora, oft, full, freeze (did you mean '{expected}'?)" \
             in err, err
@@ -139,7 +144,7 @@ def test_openai_style_messages_under_the_default_sharegpt_tags(tmp_path):
             ) in err, err
     roles = [{"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]}]
     add_dataset(data, "chat", {"formatting": "sharegpt"}, roles)
-    err = refused("build", recipe, cwd=tmp_path)
+    err = refused("build", recipe, cwd=tmp_path, as_typed=False)
     assert ("extra.jsonl:1: conversations[0].from is 'user'; expected 'human' or 'gpt' (or 'system' as the first "
             "turn, 'function_call' / 'observation' for tool use); for user/assistant roles add \"tags\": "
             '{"user_tag": "user", "assistant_tag": "assistant"} to the registry entry \'chat\'\n') in err, err
@@ -157,7 +162,7 @@ def test_a_csv_file_separated_by_semicolons_or_tabs(tmp_path):
                                 (",", "raw/t.tsv", "looks comma-separated: a .tsv file separates columns with tabs; "
                                                    "name it .csv")):
         add_dataset(data, "table", {}, f"instruction{sep}output\nhi{sep}there\n", file_name=name)
-        err = refused("build", recipe, cwd=tmp_path)
+        err = refused("build", recipe, cwd=tmp_path, as_typed=False)
         assert err.count("error:") == 1 and "did you mean" not in err, err
         assert f"{name}:1: the header has one column ({f'instruction{sep}output'!r}); the file {expected}" in err, err
 
@@ -173,21 +178,21 @@ def test_two_fields_reading_one_column(tmp_path):
                                "column (a model trained so learns to repeat its prompt)"),
                               ({"prompt": "input"}, "'prompt' and 'query' (by default) both read column 'input'")):
         add_dataset(data, "same", {"columns": columns}, [{"instruction": "a", "input": "", "output": "b"}])
-        err = refused("build", recipe, cwd=tmp_path)
+        err = refused("build", recipe, cwd=tmp_path, as_typed=False)
         assert err.count("error:") == 1 and f'"same".columns.prompt: {expected}' in err, err
     add_dataset(data, "same", {"ranking": True, "columns": {"prompt": "q", "response": "q", "chosen": "c",
                                                             "rejected": "r"}}, [])
-    err = refused("build", recipe, "stage=dpo", cwd=tmp_path)
+    err = refused("build", recipe, "stage=dpo", cwd=tmp_path, as_typed=False)
     assert "read column" not in err, err  # response is not read for ranking data
     add_dataset(data, "same", {"columns": {"prompt": "output"}}, [{"output": "a corpus line"}])
-    pipeline("build", recipe, "stage=pt", cwd=tmp_path)  # pt reads the prompt only: output is not read twice
+    pipeline("build", recipe, "stage=pt", cwd=tmp_path, as_typed=False)  # pt reads the prompt only: output is not read twice
 
 
 def test_a_command_without_a_recipe_names_only_the_recipe(tmp_path):
     """`python -m pipeline train` said "the following arguments are required: recipe, key=value"; overrides are
     optional."""
     for argv, missing in ((("train",), "recipe"), ((), "command, recipe")):
-        err = refused(*argv, cwd=tmp_path)
+        err = refused(*argv, cwd=tmp_path, as_typed=bool(argv))
         assert err.endswith(f"error: the following arguments are required: {missing}\n"), err
         assert "usage: python -m pipeline command recipe [key=value ...]" in err, err
 
@@ -199,9 +204,9 @@ def test_inspect_refuses_a_negative_num_and_leaves_the_build_as_it_is(tmp_path):
     write_data(tmp_path / "data")
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
     for num in ("-1", "two"):
-        err = refused("inspect", recipe, "--num", num, cwd=tmp_path)
+        err = refused("inspect", recipe, "--num", num, cwd=tmp_path, as_typed=False)
         assert "error: argument --num: given" in err and "0 or more" in err, err
-    pipeline("build", recipe, cwd=tmp_path)
+    pipeline("build", recipe, cwd=tmp_path, as_typed=False)
     built = tmp_path / "data" / "build" / "tiny_sft"
     before = sorted(p.name for p in built.iterdir())
     out = pipeline("inspect", recipe, "--num", "1", cwd=tmp_path).stdout
@@ -217,7 +222,7 @@ def test_a_duplicate_key_is_listed_with_the_recipes_other_mistakes(tmp_path):
     write_recipe(tmp_path / "base.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
     (tmp_path / "r.yaml").write_text("extends: base.yaml\nlearning_rate: 1e-3\nlearning_rate: -2\nlora_rnak: 3\n"
                                      "stage: sfft\n", encoding="utf-8")
-    err = refused("validate", "r.yaml", cwd=tmp_path)
+    err = refused("validate", "r.yaml", cwd=tmp_path, as_typed=False)
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert lines[:4] == [
         "error: r.yaml:3:1: duplicate key 'learning_rate' (first set on line 2, again on line 3); keep one",
@@ -232,8 +237,9 @@ def test_epochs_in_a_recipe_that_inherits_max_steps_are_named_as_ignored(tmp_pat
     write_data(tmp_path / "data")
     write_recipe(tmp_path / "base.yaml", model_name_or_path="tiny", dataset_dir="data", max_steps=5)
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nnum_train_epochs: 2\n", encoding="utf-8")
-    pipeline("build", "child.yaml", cwd=tmp_path)
-    err = pipeline("validate", "child.yaml", cwd=tmp_path).stderr
+    pipeline("build", "child.yaml", cwd=tmp_path, as_typed=False)
+    err = pipeline("validate", "child.yaml", cwd=tmp_path, as_typed=False).stderr
     assert ("notice: child.yaml:2:19: num_train_epochs: 2 has no effect: max_steps 5 (base.yaml:" in err
             and "set max_steps: null (or the override max_steps=) to train by epochs" in err), err
-    assert "num_train_epochs" not in pipeline("validate", "child.yaml", "max_steps=", cwd=tmp_path).stderr
+    assert "num_train_epochs" not in pipeline("validate", "child.yaml", "max_steps=", cwd=tmp_path,
+                                              as_typed=False).stderr

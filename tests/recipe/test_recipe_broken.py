@@ -3,8 +3,6 @@ what was expected and a suggestion, all problems in one run; through the CLI: ex
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -12,8 +10,6 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.recipe import resolve
 from tests.recipe.helpers import BASE
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -23,7 +19,7 @@ class Case:
     expected: list  # all messages in order: each exact, or a tuple (prefix, fragment, ...) for others' wording
     overrides: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    cli: bool = False  # also run through `python -m pipeline validate` in a subprocess
+    cli: bool = False  # also run through `python -m pipeline validate` (test_broken_recipe_cli_...)
 
 
 LF_Z2 = {  # LLaMA-Factory's examples/deepspeed/ds_z2_config.json with two values made explicit
@@ -260,14 +256,19 @@ def test_broken_recipe_messages(case: Case, write):
     _assert_messages(exc.value.messages, case)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.cli], ids=[c.name for c in CASES if c.cli])
+CLI_CASES = [c for c in CASES if c.cli]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.name for c in CLI_CASES])
 def test_broken_recipe_cli_exit_2_without_traceback(case: Case, write, tmp_path):
+    """`python -m pipeline validate` on each broken recipe: exit 2, only error lines, nothing on stdout. The first
+    case runs as typed (a fresh interpreter); the others run main(argv) in this process (the same command line and
+    messages; test_broken_recipe_messages checks each message from resolve as well)."""
+    from tests.acceptance.harness import cli_env, pipeline
+
     _setup(case, write)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(case.env, PYTHONPATH=REPO, CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "validate", _recipe(case), *case.overrides],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
+    proc = pipeline("validate", _recipe(case), *case.overrides, cwd=tmp_path, expect=2,
+                    env=cli_env(**case.env, CUDA_VISIBLE_DEVICES=""), as_typed=case is CLI_CASES[0])
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -95,21 +95,47 @@ class Result:
         return [line.split("error: ", 1)[1] for line in self.err.splitlines() if line.startswith(ERROR_PREFIXES)]
 
 
-def run_main(argv: list[str], cwd: Path) -> Result:
-    """`python -m pipeline ...` in this process (no interpreter start-up): stdout/stderr captured."""
+@contextlib.contextmanager
+def process_state(argv: list[str], cwd: Path, env: dict[str, str] | None) -> Iterator[None]:
+    """The process-wide state a command line starts from, put back afterwards: cwd, sys.argv, os.environ (`env`
+    for the call's duration; None: left as it is), warnings filters, the root logger's handlers and level.
+
+    Why: a pytest-xdist worker runs many files one after another; a command run in-process must not leave a
+    chdir, an environment variable or a warnings filter behind for the next test (and must not see a launcher
+    variable an in-process training test left in this worker, which a user's shell would not have)."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    saved = (os.getcwd(), sys.argv, dict(os.environ), root.handlers[:], root.level)
+    try:
+        with warnings.catch_warnings():
+            os.chdir(cwd)
+            sys.argv = [str(REPO / "pipeline" / "__main__.py"), *argv]
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            yield
+    finally:
+        cwd_before, sys.argv, env_before, root.handlers[:], level = saved
+        root.setLevel(level)
+        os.chdir(cwd_before)
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env_before)
+
+
+def run_main(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Result:
+    """`python -m pipeline ...` in this process (no interpreter start-up): stdout/stderr captured; the process
+    state it ran in is put back afterwards (process_state; `env`: the environment it runs in, None: this one)."""
     from pipeline.__main__ import main
 
     out, err = io.StringIO(), io.StringIO()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(argv)
-            except SystemExit as exc:  # argparse's own errors
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        os.chdir(old)
+    with process_state(argv, cwd, env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            code = exc.code if isinstance(exc.code, int) else 1
     return Result(int(code), out.getvalue(), err.getvalue())
 
 

@@ -1,20 +1,20 @@
 """The user's path with a checkpoint's own tokenizer: a transformers-written checkpoint with Qwen3's vocabulary,
 by directory and by hub id from an offline Hugging Face cache, through `python -m pipeline build / validate /
-inspect`; wrong templates and uncached hub ids exit 2 with one message."""
+inspect`; wrong templates and uncached hub ids exit 2 with one message.
+
+Each command runs as typed at least once, the hub id's too; the further builds and validates run main(argv) in this
+process (cli(..., as_typed=False); pipeline.model.hub reads HF_HOME from the environment at call time)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.hf_vocab import write_tokenizer_dir
 
-REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -42,12 +42,13 @@ def project(tmp_path: Path, model: str, template: str) -> Path:
     return tmp_path / "recipe.yaml"
 
 
-def cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    # a user's shell: no launcher variables (an in-process run in this worker may still hold its MASTER_PORT)
-    full = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    full.update(PYTHONPATH=str(REPO), NO_COLOR="1", HF_HUB_OFFLINE="1", **env)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=full, capture_output=True,
-                          text=True, timeout=300)
+def cli(tmp_path: Path, *args: str, as_typed: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` in tmp_path from a user's offline shell (no launcher variables, NO_COLOR, `env`),
+    any exit code; as_typed=False: in this process (harness.pipeline)."""
+    from tests.acceptance.harness import cli_env, pipeline
+
+    return pipeline(*args, cwd=tmp_path, expect=None, env=cli_env(NO_COLOR="1", HF_HUB_OFFLINE="1", **env),
+                    as_typed=as_typed)
 
 
 def test_build_validate_inspect_with_the_checkpoints_tokenizer(tmp_path, checkpoint):
@@ -66,7 +67,7 @@ def test_build_validate_inspect_with_the_checkpoints_tokenizer(tmp_path, checkpo
 @pytest.mark.slow  # the rule itself: tests/data/test_data_templates.py, in-process
 def test_a_template_the_checkpoint_cannot_express_exits_2(tmp_path, checkpoint):
     project(tmp_path, str(checkpoint), "llama3")
-    assert cli(tmp_path, "build", "recipe.yaml").returncode == 0
+    assert cli(tmp_path, "build", "recipe.yaml", as_typed=False).returncode == 0
     done = cli(tmp_path, "validate", "recipe.yaml")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "template: 'llama3' needs the special tokens <|start_header_id|>, <|end_header_id|>, <|eot_id|>" \
@@ -87,7 +88,7 @@ def test_a_hub_id_resolves_from_the_offline_cache(tmp_path, checkpoint):
     _hub_cache(home, "Org/Tiny-Qwen", checkpoint)
     project(tmp_path, "Org/Tiny-Qwen", "qwen3_nothink")
     for command in ("build", "validate"):
-        done = cli(tmp_path, command, "recipe.yaml", HF_HOME=str(home))
+        done = cli(tmp_path, command, "recipe.yaml", HF_HOME=str(home), as_typed=False)
         assert done.returncode == 0, done.stderr
     done = cli(tmp_path, "inspect", "recipe.yaml", "--num", "1", HF_HOME=str(home))
     assert done.returncode == 0, done.stderr
@@ -96,8 +97,9 @@ def test_a_hub_id_resolves_from_the_offline_cache(tmp_path, checkpoint):
 
 def test_an_uncached_hub_id_offline_says_what_to_run(tmp_path):
     project(tmp_path, "Org/Not-Cached", "qwen3")
-    assert cli(tmp_path, "build", "recipe.yaml", HF_HOME=str(tmp_path / "hf")).returncode == 0
-    done = cli(tmp_path, "validate", "recipe.yaml", HF_HOME=str(tmp_path / "hf"))  # data checks need no weights
+    assert cli(tmp_path, "build", "recipe.yaml", HF_HOME=str(tmp_path / "hf"), as_typed=False).returncode == 0
+    done = cli(tmp_path, "validate", "recipe.yaml", HF_HOME=str(tmp_path / "hf"),  # data checks need no weights
+               as_typed=False)
     assert done.returncode == 0 and "token lengths need the tokenizer of Org/Not-Cached" in done.stdout, done.stderr
     done = cli(tmp_path, "train", "recipe.yaml", HF_HOME=str(tmp_path / "hf"))
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
