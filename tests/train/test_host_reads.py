@@ -123,9 +123,9 @@ def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_rec
 
 
 
-@pytest.mark.parametrize("stage", ["dpo", "kto", "rm"])
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm", "asft"])
 def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, request, monkeypatch):
-    """dpo (with the BCO term), kto, rm: the objective's metrics stay on the device, summed in the Window, and are
+    """dpo (with the BCO term), kto, rm, sft's ASFT loss: the objective's metrics stay on the device, summed in the Window, and are
     read with the log line's loss (one transfer); kto's KL estimate and dpo's BCO running mean are collectives on the
     device; the right-padded batch reaches the model without its mask, as pt / sft's (loop.lm_batch). 2 micro-batches
     a step, a log line at step 2: 1 read a step, 2 at a logged step. Before, every micro-batch read each metric (dpo
@@ -137,6 +137,8 @@ def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, req
         r = request.getfixturevalue("dpo_recipe")(name="reads_dpo", pref_bco_weight=0.5, **keys)
     elif stage == "kto":
         r = request.getfixturevalue("kto_recipe")(name="reads_kto", **keys)
+    elif stage == "asft":
+        r = request.getfixturevalue("make_recipe")(BASE_SFT, name="reads_asft", use_asft_loss=True, **keys)
     else:
         from tests.train.test_reward_train import BASE_RM
 
