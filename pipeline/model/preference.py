@@ -69,7 +69,7 @@ class PrefConfig:
 
 
 # A micro-batch's mean reward -> the BCO baseline delta to use for it (training: updated running mean first)
-Baseline = Callable[[torch.Tensor], float]
+Baseline = Callable[[torch.Tensor], "float | torch.Tensor"]  # the BCO delta: a float or a 0-dim device tensor, unread
 
 
 @dataclass
@@ -242,8 +242,7 @@ def kto_loss(policy: FeedbackLogps, reference: FeedbackLogps, kl: torch.Tensor |
     losses = torch.where(chosen, cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (logratios - z))),
                          cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (z - logratios))))
     loss = losses.mean()
-    n_chosen = int(chosen.sum())
-    if cfg.ftx > 1e-6 and n_chosen:
+    if cfg.ftx > 1e-6 and (n_chosen := int(chosen.sum())):  # read only when the sft term is on
         sft = -policy.target[chosen] / policy.tokens[chosen].clamp(min=1)
         loss = loss + cfg.ftx * sft.mean() / n_chosen * len(losses)
     rewards = cfg.beta * logratios.detach()

@@ -212,14 +212,28 @@ def device() -> Any:
 
 def all_sum(values: Sequence[float]) -> list[float]:
     """Element-wise sum over ranks (float64, so token counts stay exact)."""
-    import torch
     import torch.distributed as tdist
 
     if not (tdist.is_initialized() and tdist.get_world_size() > 1):
         return [float(v) for v in values]
-    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
-    tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
-    return tensor.tolist()
+    return all_sum_unread(values).tolist()
+
+
+def all_sum_unread(values: Sequence[Any]) -> Any:
+    """all_sum's collective (the same all-reduce of one float64 vector) on floats and 0-dim device tensors, left
+    unread: a float64 tensor on the device. Why: a per-micro-batch number every rank must agree on (kto's KL
+    estimate, the BCO baseline) then costs no host read (each stops the host until the device has drained); the
+    values widen to float64 exactly, so the sums are all_sum's to the bit."""
+    import torch
+    import torch.distributed as tdist
+
+    multi = tdist.is_initialized() and tdist.get_world_size() > 1
+    where = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    where = device() if multi or where is None else where
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=where).reshape(()) for v in values])
+    if multi:
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
 
 
 def any_rank(flag: bool) -> bool:

@@ -121,8 +121,9 @@ class BatchStream:
 class Window:
     """Sums since the last log line (local to this rank; summed over ranks when logged).
 
-    `loss`, `l1` and `fresh_loss` become float64 device tensors once the loop adds to them: it adds each step's
-    values on the device, unread, and train_metrics (at log points) or sums (at save points) read them in one
+    `loss`, `l1`, `fresh_loss` and the `extra` metrics of objectives that return device tensors (dpo, kto, rm:
+    float64) become float64 device tensors once the loop adds to them: it adds each step's values on the device,
+    unread, and train_metrics (at log points) or sums (at save points) read them in one
     transfer (host_floats). float64 does on the device exactly the double arithmetic Python did on the values read
     per micro-batch (a float32 loss widens exactly), so every logged value is the same to the bit."""
 
@@ -133,7 +134,7 @@ class Window:
     trained_tokens: int = 0
     lr: float = 0.0  # of the window's last step
     started: float = field(default_factory=time.monotonic)
-    extra: dict[str, float] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...), summed
+    extra: dict[str, Any] = field(default_factory=dict)  # the objective's metrics (dpo: rewards/...), summed
     fresh_loss: Any = 0.0  # the part of `loss` trained by this process (a resumed window's saved part excluded)
 
     SAVED = ("steps", "loss", "l1", "tokens", "trained_tokens", "lr", "extra")
@@ -143,7 +144,8 @@ class Window:
         next line after the resume average only the resumed steps, unlike the uninterrupted run's. Plain numbers:
         the device sums are read here (one transfer)."""
         sums = {name: getattr(self, name) for name in self.SAVED}
-        sums["loss"], sums["l1"] = host_floats([self.loss, self.l1])
+        sums["loss"], sums["l1"], *extra = host_floats([self.loss, self.l1, *self.extra.values()])
+        sums["extra"] = dict(zip(self.extra, extra))
         return sums
 
     @classmethod
@@ -181,7 +183,8 @@ def host_floats(values: Sequence[Any]) -> list[float | None]:
 
 
 def lm_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """What the pt / sft forward needs of a host batch: all of it, less an attention_mask the model would drop.
+    """What a training objective's forward needs of a host batch: all of it, less an attention_mask the model would
+    drop (every objective: pt / sft, dpo, kto and rm read the mask as batch.get("attention_mask")).
 
     Why: right padding needs no mask (pipeline.model.gpt._attention_mask returns None for it), but the model can
     only tell by reading the mask, a device sync in every forward. Read here on the host batch, the answer is the
@@ -228,7 +231,7 @@ class Trainer:
 
     def __init__(self, engine: Any, train: TrainArgs, state: TrainState, loader: Any, *,
                  evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
-                 stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, float]]] | None = None,
+                 stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None,
                  profiler: StepProfiler | None = None, batches_per_step: int | None = None):
         self.engine, self.args, self.state = engine, train, state
         self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
@@ -257,7 +260,7 @@ class Trainer:
             restore(saved)
 
     # ------------------------------------------------------------------------------------------ one step
-    def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    def language_model_loss(self, batch: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """pt / sft: cross-entropy (label-smoothed, or DFT / EAFT-weighted: loss_keywords) summed over the labelled
         tokens (step_scale divides by the update's count, LLaMA-Factory's num_items_in_batch)."""
         total, _ = self.engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
@@ -280,15 +283,14 @@ class Trainer:
         labelled = dist.all_sum([sum(trained_tokens(b) for b in batches)])[0]  # host batches: no device read
         return dist.world_size() * self.args.gradient_accumulation_steps / max(labelled, 1.0)
 
-    def micro_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, float]]:
+    def micro_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], Any, dict[str, Any]]:
         """This micro-batch (or, when nan_policy: skip drops it, the next finite one): the host batch trained (its
         tokens are counted there), its loss and metrics.
 
         Only nan_policy: skip reads the loss here: it must decide before the backward whether the batch counts.
         nan_policy: stop reads the step's losses once, before the update is applied (stop_if_nonfinite)."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            model_batch = lm_batch(batch) if self.objective == self.language_model_loss else batch
-            loss, metrics = self.objective(_to_device(model_batch, self.engine.device))
+            loss, metrics = self.objective(_to_device(lm_batch(batch), self.engine.device))
             if self.args.nan_policy != "skip":
                 return batch, loss, metrics
             value = float(loss.detach())
@@ -303,8 +305,9 @@ class Trainer:
         """gradient_accumulation_steps micro-batches and one DeepSpeed update; returns the grad norm, unread (a
         device tensor, a float or None: train_metrics reads it at log points only).
 
-        One device read per step on the default path (stop_if_nonfinite); the losses, the L1 penalty and the norm
-        stay on the device until a log line needs them, and the tokens are counted on the host batches."""
+        One device read per step on the default path (stop_if_nonfinite); the losses, the L1 penalty, the norm and
+        the objective's metrics (dpo / kto / rm: device tensors) stay on the device until a log line needs them, and
+        the tokens are counted on the host batches."""
         own_norm = None
         window.lr = float(self.engine.get_lr()[0])  # the rate this update uses (the scheduler steps after it)
         l1_lambda = self.args.l1_lambda
@@ -434,9 +437,10 @@ class Trainer:
     def train_metrics(self, window: Window, norm: Any, started: float, first_step: int) -> dict[str, Any]:
         args, state = self.args, self.state
         names = list(window.extra)  # the same on every rank: one objective
-        loss, fresh, l1, norm = host_floats([window.loss, window.fresh_loss, window.l1, norm])  # one device read
+        loss, fresh, l1, norm, *extra = host_floats([window.loss, window.fresh_loss, window.l1, norm,
+                                                      *window.extra.values()])  # one device read
         loss, fresh, l1, tokens, trained, *extra = dist.all_sum([
-            loss, fresh, l1, window.tokens, window.trained_tokens, *window.extra.values()])
+            loss, fresh, l1, window.tokens, window.trained_tokens, *extra])
         world = dist.world_size()
         self.loss_total += fresh / world
         self.flush_tokens()

@@ -9,8 +9,7 @@ Stage sft's ASFT loss (pipeline.train.asft) scores against the same reference (s
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -33,7 +32,7 @@ Scorer = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]  # (model, ba
 
 
 def token_nll(model: Callable[..., Any], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
                  reduction="none")
 
 
@@ -218,28 +217,35 @@ class BcoBaseline:
     resumed run's delta is the uninterrupted run's (LLaMA-Factory itself starts it over at 0 on resume).
     Evaluation reads it without updating it (trl's BCOTrainer does; LLaMA-Factory's prediction_step would also
     fold the eval batches in, which made the training trajectory depend on eval_steps). A micro-batch whose
-    rewards are not finite (its loss is not either: nan_policy decides about it) leaves it as it was."""
+    rewards are not finite (its loss is not either: nan_policy decides about it) leaves it as it was.
 
-    mean: float = 0.0
-    count: float = 1e-24
+    `mean` and `count` are floats as restored, float64 device tensors once training updates them: the update runs
+    on the device, unread (each host read stops the host until the device has drained), in the double arithmetic it
+    did on the host; state() reads them at save points."""
 
-    def update(self, batch_mean: torch.Tensor) -> float:
-        """Fold this micro-batch's mean reward (every rank's: a collective) in; the new delta."""
+    mean: Any = 0.0
+    count: Any = 1e-24
+
+    def update(self, batch_mean: torch.Tensor) -> torch.Tensor:
+        """Fold this micro-batch's mean reward (every rank's: a collective) in; the new delta (unread)."""
         from pipeline.runtime import dist
 
-        total, ranks = dist.all_sum([float(batch_mean), 1.0])
-        if math.isfinite(total):
-            count = self.count + ranks
-            self.mean += (total / ranks - self.mean) * ranks / count
-            self.count = count
+        total, ranks = dist.all_sum_unread([batch_mean.detach(), 1.0])
+        finite = torch.isfinite(total)
+        count = self.count + ranks
+        self.mean = torch.where(finite, self.mean + (total / ranks - self.mean) * ranks / count, self.mean)
+        self.count = torch.where(finite, count, self.count)
         return self.mean
 
-    def current(self, batch_mean: torch.Tensor) -> float:
+    def current(self, batch_mean: torch.Tensor) -> Any:
         """Evaluation's delta: the running mean as training left it."""
         return self.mean
 
     def state(self) -> dict[str, float]:
-        return asdict(self)
+        """Plain numbers for trainer_state.json (one read of the device values)."""
+        from pipeline.train.loop import host_floats
+
+        return dict(zip(("mean", "count"), host_floats([self.mean, self.count])))
 
 
 class PreferenceObjective:
@@ -263,9 +269,9 @@ class PreferenceObjective:
             baseline = self.bco.current
         return preference_loss(policy, reference, self.cfg, baseline)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, metrics = self.scores(batch, self.bco.update if self.bco is not None else None)
-        return losses.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}
+        return losses.mean(), metric_means(metrics)
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the objective: the BCO running mean ({} without the BCO term)."""
@@ -280,6 +286,14 @@ class PreferenceObjective:
     def evaluate(self, loader: Any) -> dict[str, float]:
         """eval_loss and eval_rewards/... over the whole val split (pairs repeated to fill ranks not counted)."""
         return evaluate_pairs(self.engine, loader, self.scores)
+
+
+def metric_means(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A micro-batch's per-pair metrics as their means, float64 device tensors left unread (stage dpo's, stage rm's):
+    the loop sums them in its Window and reads them at log points only (loop.host_floats), since each read stops the
+    host until the device has drained. The mean is taken in float32 and widened exactly, so each value is the
+    float(mean) the loop was given before, and the Window's float64 sums are Python's double sums of those."""
+    return {k: v.detach().float().mean().double() for k, v in metrics.items()}
 
 
 PairScores = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, Mapping[str, torch.Tensor]]]
@@ -327,20 +341,23 @@ class KtoObjective(PreferenceObjective):
         return feedback_logps(token_nll(self.engine, batch), batch["labels"], tags), reference
 
     @staticmethod
-    def global_kl(policy: FeedbackLogps, reference: FeedbackLogps) -> float:
+    def global_kl(policy: FeedbackLogps, reference: FeedbackLogps) -> torch.Tensor:
         """The KL estimate over every rank's micro-batch (a collective: every rank calls it, even with no rows): the
         mean of pi_KL - ref_KL over all their rows, which is TRL's mean of the ranks' means when, as in training,
         every rank holds as many rows. Not kl_term times the rows: a rank left without rows (eval) adds 0, not NaN,
-        and the sum is not rounded through a mean."""
+        and the sum is not rounded through a mean. A float64 device tensor, unread (dist.all_sum_unread): no host
+        read per micro-batch; the double arithmetic of the float it was before."""
         from pipeline.runtime import dist
 
-        total, rows = dist.all_sum([float(kl_gaps(policy, reference).sum()), float(len(policy.kl))])
-        return total / max(rows, 1.0)
+        total, rows = dist.all_sum_unread([kl_gaps(policy, reference).sum(), float(len(policy.kl))])
+        return total / rows.clamp(min=1.0)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and the metrics as float64 device tensors, unread: the loop sums them in its Window and reads
+        them at log points; finish_metrics gets the read sums."""
         policy, reference = self.logps(batch)
         loss, metrics = kto_loss(policy, reference, self.global_kl(policy, reference), self.kto)
-        return loss, {k: float(v) for k, v in metrics.items()}
+        return loss, {k: v.detach().double() for k, v in metrics.items()}
 
     @staticmethod
     def finish_metrics(record: dict[str, float]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from pipeline.model.reward import pairwise_loss, sequence_scores
-from pipeline.train.preference import evaluate_pairs
+from pipeline.train.preference import evaluate_pairs, metric_means
 
 
 class RewardObjective:
@@ -24,13 +24,14 @@ class RewardObjective:
     def scores(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses and metrics (accuracy, scores/chosen, scores/rejected)."""
         ids = batch["input_ids"]
-        scores = sequence_scores(self.engine(ids, attention_mask=batch["attention_mask"]), ids, self.pad_id)
+        # a right-padded training batch comes without its mask (loop.lm_batch): the same forward, no device read
+        scores = sequence_scores(self.engine(ids, attention_mask=batch.get("attention_mask")), ids, self.pad_id)
         chosen, rejected = scores.chunk(2)
         return pairwise_loss(chosen, rejected)
 
-    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, metrics = self.scores(batch)
-        return losses.mean(), {k: float(v.float().mean()) for k, v in metrics.items()}
+        return losses.mean(), metric_means(metrics)
 
     def evaluate(self, loader: Any) -> dict[str, float]:
         """eval_loss, eval_accuracy (LLaMA-Factory's name), eval_scores/... over the whole val split."""

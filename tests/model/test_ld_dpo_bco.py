@@ -142,21 +142,23 @@ def test_the_baseline_is_trl_s_running_mean_over_every_rank(monkeypatch, world):
     steps = [[0.3, -0.1], [1.2, 0.4], [-0.5, 0.9], [0.05, 0.15]]
     steps = [ranks[:world] for ranks in steps]
     current: dict[str, list[float]] = {}
-    # the collective: every rank's [mean reward, 1] summed (this process plays all the ranks)
-    monkeypatch.setattr(dist, "all_sum", lambda values: [sum(current["ranks"]), float(len(current["ranks"]))])
+    # the collective: every rank's [mean reward, 1] summed on the device (this process plays all the ranks)
+    monkeypatch.setattr(dist, "all_sum_unread", lambda values: torch.tensor(
+        [sum(current["ranks"]), float(len(current["ranks"]))], dtype=torch.float64))
     baseline, got = BcoBaseline(), []
     for ranks in steps:
         current["ranks"] = ranks
-        got.append(baseline.update(torch.tensor(ranks[0], dtype=torch.float64)))
+        got.append(float(baseline.update(torch.tensor(ranks[0], dtype=torch.float64))))
     assert got == pytest.approx(trl_running_means(steps), rel=1e-6)
     assert got[0] == pytest.approx(sum(steps[0]) / world, rel=1e-12)  # the first update is that step's mean
-    assert baseline.count == pytest.approx(world * len(steps))
+    assert baseline.state()["count"] == pytest.approx(world * len(steps))
 
 
 def test_a_non_finite_reward_leaves_the_running_mean():
     baseline = BcoBaseline()
     baseline.update(torch.tensor(0.4))
-    assert baseline.update(torch.tensor(float("nan"))) == pytest.approx(0.4) and baseline.count == pytest.approx(1.0)
+    assert float(baseline.update(torch.tensor(float("nan")))) == pytest.approx(0.4)
+    assert baseline.state()["count"] == pytest.approx(1.0)
 
 
 class Scored(torch.nn.Module):
@@ -180,16 +182,16 @@ def test_training_updates_the_baseline_evaluation_reads_it_and_a_checkpoint_rest
     batch = {"input_ids": LABELS, "attention_mask": LABELS, "labels": LABELS}
     objective(batch)
     objective(batch)
-    assert objective.bco is not None and objective.bco.count == pytest.approx(2.0)
+    assert objective.bco is not None and objective.bco.state()["count"] == pytest.approx(2.0)
     policy, reference = pair_logps(NLL, LABELS, 0.5), pair_logps(NLL, LABELS)
     mean = float(0.1 * torch.cat([policy.chosen - reference.chosen, policy.rejected - reference.rejected]).mean())
-    assert objective.bco.mean == pytest.approx(mean, rel=1e-12)  # step 1 = step 2 here: their mean is it
+    assert objective.bco.state()["mean"] == pytest.approx(mean, rel=1e-12)  # step 1 = step 2 here: their mean is it
     objective.scores(batch)  # evaluation: no update
-    assert objective.bco.count == pytest.approx(2.0)
+    assert objective.bco.state()["count"] == pytest.approx(2.0)
     saved = objective.checkpoint_state()
     resumed = PreferenceObjective(pref, Scored(NLL), Scored(NLL))
     resumed.restore(saved)
-    assert resumed.bco == objective.bco
+    assert resumed.bco.state() == objective.bco.state() == saved["bco_baseline"]
     plain = PreferenceObjective(PreferenceArgs(**{**pref.__dict__, "pref_bco_weight": 0.0}), Scored(NLL), Scored(NLL))
     assert plain.checkpoint_state() == {} and plain.bco is None
 

@@ -21,6 +21,8 @@ from pipeline.runtime.log import read_log
 from pipeline.train import loop
 from pipeline.train.run import train
 from tests.train.helpers import BASE_SFT
+from tests.train.test_dpo import dpo_recipe  # noqa: F401 - the ranking data fixture
+from tests.train.test_kto import kto_recipe  # noqa: F401 - the KTO data fixture
 
 PIPELINE = str(Path(loop.__file__).resolve().parents[1])
 READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
@@ -119,3 +121,32 @@ def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_rec
     assert log[0]["loss"] == sum(step_loss[:5]) / 5 and log[1]["loss"] == step_loss[5]  # to the bit
     assert all(isinstance(rec["grad_norm"], float) and rec["grad_norm"] > 0 for rec in log)
 
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto", "rm", "asft"])
+def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, request, monkeypatch):
+    """dpo (with the BCO term), kto, rm, sft's ASFT loss: the objective's metrics stay on the device, summed in the Window, and are
+    read with the log line's loss (one transfer); kto's KL estimate and dpo's BCO running mean are collectives on the
+    device; the right-padded batch reaches the model without its mask, as pt / sft's (loop.lm_batch). 2 micro-batches
+    a step, a log line at step 2: 1 read a step, 2 at a logged step. Before, every micro-batch read each metric (dpo
+    6, rm 3, kto 7 values), kto / BCO one more for their collective, kto its chosen count, and every forward (dpo and
+    kto: policy and reference) the mask's right padding."""
+    keys = dict(gradient_accumulation_steps=2, logging_steps=2, max_steps=2, warmup_steps=0, eval_strategy="no",
+                do_eval=False, save_steps=1000)
+    if stage == "dpo":
+        r = request.getfixturevalue("dpo_recipe")(name="reads_dpo", pref_bco_weight=0.5, **keys)
+    elif stage == "kto":
+        r = request.getfixturevalue("kto_recipe")(name="reads_kto", **keys)
+    elif stage == "asft":
+        r = request.getfixturevalue("make_recipe")(BASE_SFT, name="reads_asft", use_asft_loss=True, **keys)
+    else:
+        from tests.train.test_reward_train import BASE_RM
+
+        request.getfixturevalue("dpo_recipe")  # the ranking data
+        r = request.getfixturevalue("make_recipe")({**BASE_RM, "zero_stage": 0, **keys}, name="reads_rm")
+    reads = count_device_reads(monkeypatch)
+    result = train(r)
+    assert {step: len(where) for step, where in reads.items()} == {1: 1, 2: 2}, reads
+    log = read_log(result.output_dir / "trainer_log.jsonl")
+    assert [rec["step"] for rec in log] == [2]
+    assert all(isinstance(rec["loss"], float) for rec in log)
