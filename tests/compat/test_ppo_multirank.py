@@ -1,7 +1,8 @@
 """Stage ppo on two ranks, as a LLaMA-Factory user launches its llama3_lora_ppo.yaml on two GPUs (`deepspeed
 --num_gpus 2` with a ZeRO config; gloo on CPU): a tiny transformers-written Llama, a transformers-saved reward model
-(reward_model_type full) and four different prompts, one per row, so each rank answers its own two. Three launches,
-shared by the checks (tests/train/test_multirank.py's way; the checks on their outputs are separate tests):
+(reward_model_type full; a reward server in one launch) and four different prompts, one per row, so each rank
+answers its own two. Three launches, shared by the checks (tests/train/test_multirank.py's way; the checks on their
+outputs are separate tests):
 
 - `zero3`: the LoRA example under ZeRO 3, 2 PPO steps, a checkpoint each. Each rank holds half of every weight
   matrix (only those under stage3_param_persistence_threshold, norms and the LoRA factors, stay whole), so step 1's
@@ -21,12 +22,15 @@ shared by the checks (tests/train/test_multirank.py's way; the checks on their o
 - `zero1_full`: the example with finetuning_type full (a frozen copy of the base as the reference) under ZeRO 1,
   with ppo_buffer_size 2: each rank's two rows a step are two backward batches of one row, an update each, so the
   ranks' updates, statistics and collectives run per buffer slice. It keeps the example's warmup (step 1's learning
-  rate 0), so both updates of step 1 see the base, as the LoRA run's one update does.
+  rate 0), so both updates of step 1 see the base, as the LoRA run's one update does. Its reward model is a server
+  (reward_model_type api: a thread of the test process on 127.0.0.1 answering transformers' scores of the texts
+  LLaMA-Factory posts), which records the rank each request came from.
 
 Golden, computed here without the code under test, for both training launches:
 - step 1 against the one-rank golden of tests/compat/test_ppo_example.py: the policy is its base (LoRA B = 0, full:
   not yet updated; the rollout comes before any update), so each row's response is transformers' greedy
-  continuation of its prompt, its score the reward model's (transformers) score of prompt + response, and the KL 0.
+  continuation of its prompt, its score the reward model's (transformers) score of prompt + response (zero1_full:
+  the server's for that text), and the KL 0.
   The logged reward is the mean over both ranks of each rank's mean (TRL's gather_stats), which with two rows a rank
   is the mean of the four scores: it is so only if the ranks answered different prompts (the loader's shards) and
   the mean was gathered. The logged response tokens are the four responses' lengths: one stopped early.
@@ -129,11 +133,14 @@ def prepared(tmp_path_factory) -> dict[str, object]:
     scorer.save_pretrained(root / "rm_full")
     with torch.no_grad():
         scores = [float(scorer(seq).logits[0, 0]) for seq in sequences]
+    # what LLaMA-Factory posts to a reward server for each row (test_ppo_reward_models.py's reward server test)
+    decode = transformers.AutoTokenizer.from_pretrained(base).batch_decode
+    texts = [decode(seq, skip_special_tokens=False)[0] for seq in sequences]
     used = ["max_steps=2", "dataset=four_prompts", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
             "ppo_epochs=1", "save_steps=1", "ppo_score_norm=true", "learning_rate=1e-2", f"ppo_target={TARGET}",
-            f"reward_model={root / 'rm_full'}", "reward_model_type=full", "bf16=false", "dataloader_num_workers=0",
-            "overwrite_cache=true"]
-    return {"base": base, "work": work, "used": used, "scores": scores, "lengths": lengths}
+            "bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]
+    return {"base": base, "work": work, "used": used, "scores": scores, "lengths": lengths, "texts": texts,
+            "reward_model": (f"reward_model={root / 'rm_full'}", "reward_model_type=full")}
 
 
 def launch(prepared: dict[str, object], recipe: str, *overrides: str) -> dict[str, object]:
@@ -153,21 +160,35 @@ def launch(prepared: dict[str, object], recipe: str, *overrides: str) -> dict[st
 @pytest.fixture(scope="module")
 def zero3(prepared) -> dict[str, object]:
     """The LoRA example under ZeRO 3: 2 PPO steps, a checkpoint each."""
-    return {**launch(prepared, PPO, *ZERO3, f"output_dir={PPO_RUN}"), "stage": 3}
+    return {**launch(prepared, PPO, *ZERO3, *prepared["reward_model"], f"output_dir={PPO_RUN}"), "stage": 3}
 
 
 @pytest.fixture(scope="module")
 def zero1_full(prepared) -> dict[str, object]:
-    """The example with finetuning_type full under ZeRO 1, ppo_buffer_size 2, its own warmup."""
+    """The example with finetuning_type full under ZeRO 1, ppo_buffer_size 2, its own warmup, the reward model
+    behind a server: transformers' scores of the texts LLaMA-Factory posts (HTTP 500 for any other text)."""
+    from tests.helpers.reward_server import ScoringServer, sending_rank
+
+    known = dict(zip(prepared["texts"], prepared["scores"]))
+
+    def reply(messages: list[str]) -> tuple[int, bytes]:
+        if any(m not in known for m in messages):
+            return 500, json.dumps({"unknown texts": [m for m in messages if m not in known]}).encode()
+        return 200, json.dumps({"scores": [known[m] for m in messages]}).encode()
+
     recipe = policy_recipe(prepared["work"], "full")
-    return {**launch(prepared, recipe, *ZERO1_FULL, "output_dir=saves/full_zero1"), "stage": 1}
+    with ScoringServer(reply=reply, sender=sending_rank) as server:
+        launched = launch(prepared, recipe, *ZERO1_FULL, f"reward_model={server.url}", "reward_model_type=api",
+                          "output_dir=saves/full_zero1")
+    return {**launched, "stage": 1, "posts": server.posts}
 
 
 @pytest.fixture(scope="module")
 def resumed(zero3) -> dict[str, object]:
     """zero3's run as killed after its step-1 checkpoint, resumed on two ranks."""
     crash_copy(zero3["run"], zero3["work"] / "saves/resumed", 1)
-    return launch(zero3, PPO, *ZERO3, "output_dir=saves/resumed", "resume_from_checkpoint=latest")
+    return launch(zero3, PPO, *ZERO3, *zero3["reward_model"], "output_dir=saves/resumed",
+                  "resume_from_checkpoint=latest")
 
 
 def objective(run: Path, step: int) -> dict[str, object]:
@@ -211,6 +232,24 @@ def test_a_ppo_buffer_of_two_updates_once_a_row_on_both_ranks(zero1_full):
                for step in (1, 2)]
     assert updates == [ROWS, 2 * ROWS]
     assert [rec["lr"] for rec in zero1_full["log"]] == [0.0, 1e-2]
+
+
+def test_a_reward_server_is_asked_each_row_once_by_the_rank_that_holds_it(zero1_full):
+    """reward_model_type api on two ranks: each rank posts its own rows, one request per mini-batch of 1 row
+    (LLaMA-Factory's get_rewards on every process), so a step is 4 requests, 2 from each rank, and their texts are
+    the four rows' (transformers' decode of prompt + greedy response) each once: neither rank asks for the other's
+    rows. Step 2 asks for the same four texts (the policy has not moved before its rollout: step 1's learning rate
+    is 0), shared out anew (the loader reshuffles each epoch). The logged reward is the mean of the served scores at
+    both steps (step 1: also test_step_one_is_the_one_rank_golden_over_both_ranks_prompts)."""
+    posts = zero1_full["posts"]
+    assert len(posts) == 2 * RANKS * ROWS, posts
+    assert all(post["body"]["model"] == "model" and len(post["body"]["messages"]) == 1 for post in posts), posts
+    for step in (posts[:RANKS * ROWS], posts[RANKS * ROWS:]):  # step 2's rollout follows step 1's updates
+        asked = {rank: [p["body"]["messages"][0] for p in step if p["sender"] == rank] for rank in range(RANKS)}
+        assert [len(texts) for texts in asked.values()] == [ROWS] * RANKS, step
+        assert sorted(asked[0] + asked[1]) == sorted(zero1_full["texts"])
+    assert [rec["reward"] for rec in zero1_full["log"]] == pytest.approx([sum(zero1_full["scores"]) / len(PROMPTS)] * 2,
+                                                                         abs=1e-5)
 
 
 @pytest.mark.parametrize("name", TRAINED)
