@@ -5,7 +5,8 @@ before the launcher binds it, so a launch that failed with "address already in u
 A launch that runs past its timeout (ranks waiting on each other's collectives forever) ends as a failed
 CompletedProcess holding every rank's stderr, each rank's Python stack where it hung first: subprocess.run's own
 timeout kills only the launcher and raises TimeoutExpired without the output, leaving the ranks (its grandchildren)
-running."""
+running. Every launch of ranks in the tests (make NPROC>1, python -m pipeline.launch, the deepspeed launcher) runs
+through here: run_to_end, or start_job + end_job for jobs that run side by side, stop_job for a Popen's overrun."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,8 @@ import os
 import signal
 import subprocess
 from typing import Callable
+
+import psutil
 
 from pipeline.runtime.dist import free_port
 
@@ -26,27 +29,48 @@ def port_taken(output: str) -> bool:
     return "address already in use" in text or "eaddrinuse" in text or "is already in use on this machine" in text
 
 
-def run_to_end(command: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
-               **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run(command, capture_output=True, text=True, timeout=...) for a job of several processes: the job
-    runs in a session of its own; past `timeout` each of its processes gets SIGABRT (with faulthandler on, a
-    Python process prints its stack to stderr), then SIGKILL, and the result is a CompletedProcess whose returncode
-    is the signal's (negative) and whose stderr ends with a line saying so."""
+def start_job(command: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """subprocess.Popen(command, ...) for a job of several processes: in a session of its own, faulthandler on (a
+    Python process that gets SIGABRT prints its stack to stderr), stdout and stderr captured as text (kwargs may
+    redirect them, e.g. stderr=subprocess.STDOUT, or add stdin=subprocess.PIPE); end it with end_job."""
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env, **kwargs)
+    kwargs = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **kwargs}
+    return subprocess.Popen(command, text=True, start_new_session=True, env=env, **kwargs)
+
+
+def end_job(proc: subprocess.Popen, timeout: float | None = None,
+            input: str | None = None) -> subprocess.CompletedProcess:
+    """What the job of start_job wrote and its exit code, as subprocess.run gives them; past `timeout` every process
+    of the job is stopped (stop_job) and the result's returncode is the signal's (negative), its stderr ending with a
+    line that says so."""
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
-        out, err = _stopped(proc)
-        err = f"{err}\n[ports.run_to_end: timed out after {timeout} s; every process of the job was killed]\n"
-        return subprocess.CompletedProcess(command, proc.returncode or -signal.SIGKILL, out, err)
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+        out, err = stop_job(proc)
+        err = f"{err or ''}\n[ports.run_to_end: timed out after {timeout} s; every process of the job was killed]\n"
+        return subprocess.CompletedProcess(proc.args, proc.returncode or -signal.SIGKILL, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _stopped(proc: subprocess.Popen) -> tuple[str, str]:
-    """Every process of `proc`'s session signalled, SIGABRT (stacks) then SIGKILL; what they wrote."""
+def run_to_end(command: list[str], timeout: float | None = None, env: dict[str, str] | None = None,
+               input: str | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(command, capture_output=True, text=True, timeout=..., input=...) for a job of several
+    processes: start_job, then end_job."""
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    return end_job(start_job(command, env, **kwargs), timeout, input)
+
+
+def stop_job(proc: subprocess.Popen) -> tuple[str, str]:
+    """Every process of `proc`'s job signalled, SIGABRT (stacks) then SIGKILL; what they wrote. The job is `proc`,
+    its session and every process below it, taken when the stop begins: a launcher may start its runner in a
+    session of its own (pipeline.launch does, to relay signals), which a signal to `proc`'s session alone misses;
+    its ranks would run on, holding the output pipes open."""
+    members = _job(proc)  # before any dies: an orphan is no longer found below `proc`
     for sig, wait in ((signal.SIGABRT, STACKS_S), (signal.SIGKILL, None)):
+        for member in members:
+            with contextlib.suppress(psutil.Error):
+                member.send_signal(sig)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -54,10 +78,22 @@ def _stopped(proc: subprocess.Popen) -> tuple[str, str]:
     raise AssertionError("unreachable: communicate without a timeout returns")
 
 
-def run_on_free_port(command: Callable[[str], list[str]], **kwargs) -> subprocess.CompletedProcess:
-    """run_to_end(command(port), **kwargs), retried on a port clash."""
+def _job(proc: subprocess.Popen) -> list[psutil.Process]:
+    """`proc`'s descendants, deepest first (the ranks before the launchers that would notice them die)."""
+    try:
+        return list(reversed(psutil.Process(proc.pid).children(recursive=True)))
+    except psutil.Error:
+        return []
+
+
+def run_on_free_port(command: Callable[[str], list[str]], port_env: str | None = None,
+                     env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """run_to_end(command(port), **kwargs), retried on a port clash; with `port_env`, the port is also that
+    environment variable (make reads MASTER_PORT from its environment)."""
     for attempt in range(ATTEMPTS):
-        proc = run_to_end(command(str(free_port())), **kwargs)
+        port = str(free_port())
+        run_env = env if port_env is None else {**(os.environ if env is None else env), port_env: port}
+        proc = run_to_end(command(port), env=run_env, **kwargs)
         if proc.returncode == 0 or attempt == ATTEMPTS - 1 or not port_taken(proc.stdout + proc.stderr):
             return proc
     raise AssertionError("unreachable")

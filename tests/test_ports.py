@@ -34,3 +34,19 @@ def test_a_job_that_ends_is_subprocess_runs_result():
     proc = run_to_end([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
                       timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "out\n", "err\n")
+
+
+# the same, the child in a session of its own, as pipeline.launch starts DeepSpeed's runner (make train NPROC=2)
+ESCAPED = HUNG.replace("stdout=subprocess.PIPE, text=True)", "stdout=subprocess.PIPE, text=True, start_new_session=True)")
+
+
+def test_a_job_whose_launcher_starts_its_own_session_is_killed_whole():
+    """A signal to the job's session alone misses a child that left it; that child, alive, also holds the job's
+    stderr open, so the job never ends: every process below the launcher is signalled too."""
+    assert ESCAPED != HUNG
+    proc = run_to_end([sys.executable, "-c", ESCAPED], timeout=3)
+    child = re.search(r"child (\d+) up", proc.stderr)
+    assert child, proc.stderr
+    with contextlib.suppress(psutil.NoSuchProcess):
+        assert psutil.Process(int(child[1])).status() == psutil.STATUS_ZOMBIE
+    assert proc.stderr.count("Fatal Python error: Aborted") == 2, proc.stderr

@@ -317,8 +317,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def _run(argv: list[str], *, cwd: Path, expect: int | None, timeout: float, env: dict[str, str] | None,
          input: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout,
-                          input=input)
+    """A job past `timeout` fails with every process's stack and leaves none running (tests/ports.run_to_end): make
+    and the launcher start children that subprocess.run's timeout would leave behind."""
+    from tests.ports import run_to_end
+
+    proc = run_to_end(argv, timeout=timeout, env=env or cli_env(), input=input, cwd=cwd)
     return _expect(proc, expect, cwd)
 
 
@@ -368,17 +371,13 @@ def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 6
     there too; the command stays as the user types it): without one the launcher takes DeepSpeed's fixed 29500,
     and two such jobs at once (pytest-xdist workers) clashed. A launch that lost its port is retried on a new one
     (tests/ports.py)."""
-    from pipeline.runtime.dist import free_port
-    from tests.ports import ATTEMPTS, port_taken
+    from tests.ports import run_on_free_port
 
     argv = ["make", "--no-print-directory", *map(str, args)]
     if not any(a.startswith("NPROC=") and a != "NPROC=1" for a in argv):
         return _run(argv, cwd=Path(cwd), expect=expect, timeout=timeout, env=env)
-    for attempt in range(ATTEMPTS):
-        ranked = {**(env or cli_env()), "MASTER_PORT": str(free_port())}
-        proc = _run(argv, cwd=Path(cwd), expect=None, timeout=timeout, env=ranked)
-        if attempt == ATTEMPTS - 1 or not port_taken(proc.stdout + proc.stderr):
-            break
+    proc = run_on_free_port(lambda _port: argv, port_env="MASTER_PORT", env=env or cli_env(), cwd=cwd,
+                            timeout=timeout)
     return _expect(proc, expect, Path(cwd))
 
 

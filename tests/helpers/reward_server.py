@@ -6,6 +6,7 @@
         server.posts                         # the JSON bodies received, in order
         server.gets                          # GET requests (train's check that the server answers)
     ScoringServer(reply=lambda messages: (500, b"boom"))   # any status and body
+    ScoringServer(sender=sending_rank)       # each post also says its "sender": the launcher's RANK that sent it
 
 Usable by any test: `from tests.helpers.reward_server import ScoringServer, length_score`.
 """
@@ -19,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 Reply = Callable[[list[str]], tuple[int, bytes]]
+Address = tuple[str, int]
 
 
 def length_score(text: str) -> float:
@@ -30,10 +32,24 @@ def scores_by_length(messages: list[str]) -> tuple[int, bytes]:
     return 200, json.dumps({"scores": [length_score(m) for m in messages]}).encode()
 
 
-class ScoringServer:
-    """An HTTP server on 127.0.0.1 in a daemon thread; `reply(messages) -> (status, body)` answers each POST."""
+def sending_rank(client: Address) -> int | None:
+    """The RANK (the launcher's environment variable) of the process on this machine whose TCP connection comes from
+    `client`, read while it waits for the reply (its connection open); None when none is found."""
+    import psutil
 
-    def __init__(self, reply: Reply = scores_by_length, path: str = "/score"):
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.pid and conn.laddr and (conn.laddr.ip, conn.laddr.port) == tuple(client[:2]):
+            rank = psutil.Process(conn.pid).environ().get("RANK")
+            return None if rank is None else int(rank)
+    return None
+
+
+class ScoringServer:
+    """An HTTP server on 127.0.0.1 in a daemon thread; `reply(messages) -> (status, body)` answers each POST;
+    `sender(client address)`, when given, tells who sent each POST (its post's "sender")."""
+
+    def __init__(self, reply: Reply = scores_by_length, path: str = "/score",
+                 sender: Callable[[Address], Any] | None = None):
         self.posts: list[Any] = []
         self.gets: list[str] = []
         self.reply = reply
@@ -42,7 +58,10 @@ class ScoringServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.posts.append({"path": self.path, "content_type": self.headers["Content-Type"], "body": body})
+                post = {"path": self.path, "content_type": self.headers["Content-Type"], "body": body}
+                if sender is not None:  # while the client waits: its connection is open
+                    post["sender"] = sender(self.client_address)
+                owner.posts.append(post)
                 status, data = owner.reply(body["messages"])
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -4,19 +4,20 @@ message each before any rank starts, instead of a traceback from every rank."""
 from __future__ import annotations
 
 import socket
-import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from tests.ports import run_to_end
 from tests.reliability.rel_helpers import BASE, PYTHON, Result, assert_user_error, clean_env, make_project, run_cli
 
 
 def launch(args: list[str], cwd: Path, **env: str) -> Result:
-    """`python -m pipeline.launch ARGS --module pipeline train r.yaml`, as `make train NPROC=2` runs it."""
-    proc = subprocess.run([PYTHON, "-m", "pipeline.launch", *args, "--module", "pipeline", "train", "r.yaml"],
-                          cwd=cwd, env=clean_env(**env), capture_output=True, text=True, timeout=120)
+    """`python -m pipeline.launch ARGS --module pipeline train r.yaml`, as `make train NPROC=2` runs it (a hang: the
+    stacks of every process, none left running: tests/ports.run_to_end)."""
+    proc = run_to_end([PYTHON, "-m", "pipeline.launch", *args, "--module", "pipeline", "train", "r.yaml"],
+                      cwd=cwd, env=clean_env(**env), timeout=120)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

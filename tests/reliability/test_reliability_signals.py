@@ -32,14 +32,15 @@ LONG = ["max_steps=200", "save_steps=2"]  # long enough that a signal lands mid-
 
 
 def start(argv: list[str], cwd: Path, ranks: int = 1) -> subprocess.Popen:
-    """`python -m pipeline ARGV` (1 rank) or the deepspeed launcher (2 ranks), in its own process group."""
+    """`python -m pipeline ARGV` (1 rank) or the deepspeed launcher (2 ranks), in its own process group
+    (tests/ports.start_job: faulthandler on, so finish's stop shows every stack)."""
     from pipeline.runtime.dist import free_port
+    from tests.ports import start_job
 
     launch = [PYTHON, "-m", "pipeline"] if ranks == 1 else [  # as `make train NPROC=2` launches
         PYTHON, "-m", "pipeline.launch", "--num_gpus", str(ranks), "--master_port", str(free_port()),
         "--module", "pipeline"]
-    return subprocess.Popen([*launch, *argv], cwd=cwd, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start_job([*launch, *argv], cwd=cwd, env=clean_env(), stderr=subprocess.STDOUT)
 
 
 def start_training(argv: list[str], cwd: Path, steps: int, ranks: int = 2,
@@ -81,14 +82,16 @@ def wait_for_marker(proc: subprocess.Popen, marker: Path, timeout: float = 600) 
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
-    """(exit code, output, seconds until exit); the process group is killed if it overruns."""
+    """(exit code, output, seconds until exit); the job is stopped if it overruns, every process of it with its stack
+    (tests/ports.stop_job: pipeline.launch's runner and ranks are in a session of their own)."""
+    from tests.ports import stop_job
+
     start_time = time.monotonic()
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"no exit within {timeout} s:\n{out[-3000:]}")
+        out, _ = stop_job(proc)
+        pytest.fail(f"no exit within {timeout} s:\n{out[-6000:]}")
     return proc.returncode, out, time.monotonic() - start_time
 
 

@@ -17,6 +17,7 @@ from pipeline.nodes import expand
 from pipeline.errors import UserError
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
+from tests.ports import end_job, run_to_end, start_job
 from tests.train.helpers import BASE_PT, check_two_ranks_follow_one_rank
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,11 +47,8 @@ def _run_with_port_retry(start, attempts: int = 4) -> list[subprocess.CompletedP
 
 
 def _communicate(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
-    done = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+    """Each job's result (tests/ports: past `timeout` it fails with every process's stack, none left running)."""
+    return [end_job(p, timeout) for p in procs]
 
 
 @pytest.mark.multirank
@@ -66,14 +64,14 @@ def test_two_one_rank_nodes_equal_two_ranks_on_one_node_bitwise(make_recipe, wor
     env = _env()
 
     def one_node(port: int):
-        proc = subprocess.Popen(_launch(["--num_gpus", "2", "--master_port", str(port)]) + ["train", "one_node.yaml"],
-                                cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = start_job(_launch(["--num_gpus", "2", "--master_port", str(port)]) + ["train", "one_node.yaml"],
+                         cwd=workdir, env=env)
         return _communicate([proc], 300)
 
     def two_nodes(port: int):
-        procs = [subprocess.Popen(_launch(["--nnodes", "2", "--node_rank", str(r), "--master_addr", "127.0.0.1",
-                                           "--master_port", str(port), "--num_gpus", "1"]) + ["train", "two_nodes.yaml"],
-                                  cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs = [start_job(_launch(["--nnodes", "2", "--node_rank", str(r), "--master_addr", "127.0.0.1",
+                                    "--master_port", str(port), "--num_gpus", "1"]) + ["train", "two_nodes.yaml"],
+                           cwd=workdir, env=env)
                  for r in (0, 1)]
         return _communicate(procs, 300)
 
@@ -95,10 +93,9 @@ def test_two_one_rank_nodes_equal_two_ranks_on_one_node_bitwise(make_recipe, wor
 
 def _second_node(workdir, port: int) -> subprocess.CompletedProcess:
     """NODE_RANK=1 of two, master 127.0.0.1:port, waiting at most 1 s for it."""
-    return subprocess.run(_launch(["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1",
-                                   "--master_port", str(port), "--num_gpus", "1"]) + ["train", "x.yaml"],
-                          cwd=workdir, env={**_env(), "PIPELINE_MASTER_WAIT": "1"}, capture_output=True, text=True,
-                          timeout=120)
+    return run_to_end(_launch(["--nnodes", "2", "--node_rank", "1", "--master_addr", "127.0.0.1",
+                               "--master_port", str(port), "--num_gpus", "1"]) + ["train", "x.yaml"],
+                      cwd=workdir, env={**_env(), "PIPELINE_MASTER_WAIT": "1"}, timeout=120)
 
 
 def test_a_node_without_a_reachable_master_exits_2(workdir):
