@@ -56,7 +56,9 @@ lr_scheduler_type: constant
 max_new_tokens: 2
 max_eval_samples: 1
 """
-RTOL = 2e-5  # ours against transformers, both bf16 (measured 5e-6 on a CPU); the fp32 loss is 1.6e-4 away
+# ours against transformers, both bf16: measured 5e-6 on one CPU and 4.8e-5 on an AVX512-BF16 one (oneDNN's bf16
+# kernels sum in other orders there); the fp32 loss is 1.6e-4 / 2.6e-4 away on them
+RTOL = 8e-5
 
 
 def prepared(tmp_path: Path, finetuning_type: str, method: str = "") -> Path:
@@ -122,7 +124,7 @@ def test_a_full_pure_bf16_run_writes_bf16_and_evaluates_as_it_trained(tmp_path, 
     assert all(torch.equal(hf[f"model.{k}" if not k.startswith("lm_head") else k], v) for k, v in trained.items())
     golden = val_loss(model, recipe, monkeypatch)
     fp32 = val_loss(model.float(), recipe, monkeypatch)
-    assert abs(fp32 - golden) > 4 * RTOL * golden  # an fp32 evaluation would fail this tolerance
+    assert abs(fp32 - golden) > 1.5 * RTOL * golden  # an fp32 evaluation would fail this tolerance
     assert metrics["results"]["tuned"]["loss"] == pytest.approx(golden, rel=RTOL)
     assert results["eval_loss"] == pytest.approx(golden, rel=RTOL)
 
