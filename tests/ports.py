@@ -20,6 +20,7 @@ import psutil
 from pipeline.runtime.dist import free_port
 
 ATTEMPTS = 4
+GONE_S = 10  # after the output ends: how long the job's processes get to be gone
 STACKS_S = 15  # after the timeout: how long the ranks get to print their stacks (faulthandler) before SIGKILL
 
 
@@ -74,7 +75,15 @@ def stop_job(proc: subprocess.Popen) -> tuple[str, str]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            return proc.communicate(timeout=wait)
+            out = proc.communicate(timeout=wait)
+            # the pipes close as a process exits, a moment before it is gone: wait for that (a busy machine
+            # stretches the moment), so that nothing of the job runs once the result is back
+            _, alive = psutil.wait_procs(members, timeout=GONE_S)
+            for member in alive:  # one that outlived SIGABRT without holding the pipes
+                with contextlib.suppress(psutil.Error):
+                    member.kill()
+            psutil.wait_procs(alive, timeout=GONE_S)
+            return out
     raise AssertionError("unreachable: communicate without a timeout returns")
 
 

@@ -7,6 +7,8 @@ covered by tests/train (checkpoints, resume, fp16, export).
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import inspect
 import types
@@ -191,7 +193,7 @@ C10D_LOGGER = "torch.distributed.c10d_logger"
 
 def test_quiet_deprecated_collectives_hides_torchs_message_from_torch_only(monkeypatch):
     """The filter matches the exact message torch gives (from torch itself: the deprecated functions warn before
-    they look for a process group) and nothing beside it: another FutureWarning of the same module, the same text
+    they look for a process group, whether or not one is set up) and nothing beside it: another FutureWarning of the same module, the same text
     from another module or as another category all still show."""
     import warnings
 
@@ -203,7 +205,9 @@ def test_quiet_deprecated_collectives_hides_torchs_message_from_torch_only(monke
         warnings.simplefilter("always")
         assert compat.quiet_deprecated_collectives()
         for deprecated in (torch.distributed.reduce_scatter_tensor, torch.distributed.all_gather_into_tensor):
-            with pytest.raises(ValueError, match="process group"):
+            # without a process group the call then fails (ValueError); with one an earlier test of this pytest
+            # worker left (a one-rank gloo group) it may run or fail in gloo: the warning came first either way
+            with contextlib.suppress(ValueError, RuntimeError):
                 deprecated(torch.zeros(1), torch.zeros(1))
         warnings.warn_explicit(TORCH_DEPRECATION, FutureWarning, "c10d_logger.py", 83, module=C10D_LOGGER)
         assert not seen, [str(w.message) for w in seen]
