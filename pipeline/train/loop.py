@@ -203,6 +203,16 @@ def trained_tokens(batch: Mapping[str, Any]) -> int:
     return int((batch["labels"] != -100).sum())
 
 
+def labelled_rows(labels: Any) -> Any:
+    """The indices of the rows holding a labelled token, found on the host batch's labels (the Loader leaves the rows
+    it repeats to fill the ranks unlabelled, and evaluation counts them for nothing). Why indices, not the boolean
+    mask: x[mask] on a device tensor syncs to learn its size, x[indices] does not, and both select the same rows in
+    the same order, so the sums over them are the same to the bit."""
+    import torch
+
+    return torch.nonzero((labels != -100).any(dim=-1)).flatten()
+
+
 def l1_penalty(params: list[Any], l1_lambda: float) -> Any:
     """l1_lambda * sum |w| over the trainable weights (in fp32)."""
     return l1_lambda * sum(p.float().abs().sum() for p in params)
@@ -525,24 +535,31 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False,
     With `loss` (loss_keywords: label_smoothing_factor, use_dft_loss, use_eaft_loss) eval_loss is that loss, the
     training objective, as transformers' Trainer reports it (its compute_loss applies the label smoother or
     compute_loss_func in evaluation too), so the train and eval curves compare; eval_perplexity is left out, since
-    exp of such a loss is no perplexity (the eval command reports the plain cross-entropy and perplexity)."""
+    exp of such a loss is no perplexity (the eval command reports the plain cross-entropy and perplexity).
+
+    No device read per batch (each stops the host until the device drains): the sums stay float64 device tensors,
+    the token and example counts and the right-padding question are answered on the host batch (lm_batch), and the
+    end reads everything at once after dist.all_sum_unread's one all-reduce. float64 on the device is the double
+    arithmetic Python did on the values read per batch before, so every number is the same to the bit."""
     import torch
 
     engine.eval()
-    total, count, scores, examples = 0.0, 0, 0.0, 0
+    total: Any = 0.0  # float64 device sums, unread until the end (one all-reduce, one read)
+    scores: Any = 0.0
+    count = examples = 0  # counted on the host batches
     with torch.no_grad():
-        for batch in loader:
-            batch = _to_device(batch, engine.device)
+        for host in loader:
+            count += trained_tokens(host)
+            batch = _to_device(lm_batch(host), engine.device)
             out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
                          **({"predict": True} if accuracy else {}), **(loss or {}))
-            total += float(out[0])
-            count += int(out[1])
+            total = total + out[0].detach().double()
             if accuracy:
-                score, scored = example_accuracy_sums(batch["labels"], out[2], batch.get(EXAMPLE_KEY))
-                scores += score
+                score, scored = example_accuracy_sums(host["labels"], out[2], host.get(EXAMPLE_KEY))
+                scores = scores + score
                 examples += scored
     engine.train()
-    total, count, scores, examples = dist.all_sum([total, count, scores, examples])
+    total, count, scores, examples = dist.all_sum_unread([total, count, scores, examples]).tolist()
     mean = total / max(count, 1)
     metrics = {"eval_loss": mean, **({} if loss else {"eval_perplexity": math.exp(min(mean, 700.0))})}
     if accuracy:
