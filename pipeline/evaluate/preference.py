@@ -41,14 +41,14 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
     """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
 
-    from pipeline.train.loop import _to_device, lm_batch
+    from pipeline.runtime.batches import lm_batch, to_device
 
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
     scored: dict[int, list[torch.Tensor]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
                   leave=False):
-        batch = _to_device(lm_batch(loader.batch(k)), device)
+        batch = to_device(lm_batch(loader.batch(k)), device)
         nll = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
                     reduction="none")
         scores = pair_logps(nll.float(), batch["labels"])

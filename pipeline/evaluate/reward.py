@@ -24,7 +24,7 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     from pipeline.data.loaders import pair_loader
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.evaluate.preference import host_columns
-    from pipeline.train.loop import _to_device
+    from pipeline.runtime.batches import to_device
 
     pad = recipe_tokenizer(data).pad_id
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
@@ -32,7 +32,7 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     scored: dict[int, list[torch.Tensor]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
                   leave=False):
-        ids = _to_device({"input_ids": loader.batch(k)["input_ids"]}, device)["input_ids"]
+        ids = to_device({"input_ids": loader.batch(k)["input_ids"]}, device)["input_ids"]
         scored[k] = list(sequence_scores(model(ids), ids, pad).double().chunk(2))
     local = host_columns(scored)  # one read for the split
     if world > 1:

@@ -169,7 +169,7 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
     from pipeline.data.tokenize import tokenized_split
     from pipeline.data.packing import model_inputs
     from pipeline.runtime.dist import all_sum_unread
-    from pipeline.train.loop import _to_device, lm_batch, trained_tokens
+    from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
 
     loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
@@ -179,7 +179,7 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
     for k in tqdm(mine, desc=f"{label} loss", unit="batch", disable=rank != 0, leave=False):
         host = loader.batch(k)
         count += trained_tokens(host)
-        batch = _to_device(lm_batch(host), device)
+        batch = to_device(lm_batch(host), device)
         with _autocast(ev, device):
             loss_sum, _ = model(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
         total = total + loss_sum.double()

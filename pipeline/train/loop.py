@@ -29,6 +29,7 @@ from pipeline.recipe.args import TrainArgs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
+from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
 from pipeline.train.accuracy import example_accuracy_sums
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step_profile import StepProfiler
@@ -160,10 +161,6 @@ class Window:
         self.fresh_loss += step_loss
 
 
-def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def host_floats(values: Sequence[Any]) -> list[float | None]:
     """Python floats of `values` (floats, None, or 0-dim tensors on the device), the tensors read in ONE transfer.
 
@@ -180,37 +177,6 @@ def host_floats(values: Sequence[Any]) -> list[float | None]:
         for i, value in zip(where, read):
             out[i] = value
     return out
-
-
-def lm_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """What a training objective's forward needs of a host batch: all of it, less an attention_mask the model would
-    drop (every objective: pt / sft, dpo, kto and rm read the mask as batch.get("attention_mask")).
-
-    Why: right padding needs no mask (pipeline.model.gpt._attention_mask returns None for it), but the model can
-    only tell by reading the mask, a device sync in every forward. Read here on the host batch, the answer is the
-    same and free; without the mask the model runs exactly the forward it ran after dropping it."""
-    from pipeline.model.gpt import right_padded
-
-    mask = batch.get("attention_mask")
-    if mask is None or not right_padded(mask):
-        return dict(batch)
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
-
-
-def trained_tokens(batch: Mapping[str, Any]) -> int:
-    """The labelled tokens of a micro-batch, counted on the host batch (the loader's CPU tensors, before _to_device:
-    the same integers as on the device, without a device read)."""
-    return int((batch["labels"] != -100).sum())
-
-
-def labelled_rows(labels: Any) -> Any:
-    """The indices of the rows holding a labelled token, found on the host batch's labels (the Loader leaves the rows
-    it repeats to fill the ranks unlabelled, and evaluation counts them for nothing). Why indices, not the boolean
-    mask: x[mask] on a device tensor syncs to learn its size, x[indices] does not, and both select the same rows in
-    the same order, so the sums over them are the same to the bit."""
-    import torch
-
-    return torch.nonzero((labels != -100).any(dim=-1)).flatten()
 
 
 def l1_penalty(params: list[Any], l1_lambda: float) -> Any:
@@ -300,7 +266,7 @@ class Trainer:
         Only nan_policy: skip reads the loss here: it must decide before the backward whether the batch counts.
         nan_policy: stop reads the step's losses once, before the update is applied (stop_if_nonfinite)."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            loss, metrics = self.objective(_to_device(lm_batch(batch), self.engine.device))
+            loss, metrics = self.objective(to_device(lm_batch(batch), self.engine.device))
             if self.args.nan_policy != "skip":
                 return batch, loss, metrics
             value = float(loss.detach())
@@ -550,7 +516,7 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False,
     with torch.no_grad():
         for host in loader:
             count += trained_tokens(host)
-            batch = _to_device(lm_batch(host), engine.device)
+            batch = to_device(lm_batch(host), engine.device)
             out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
                          **({"predict": True} if accuracy else {}), **(loss or {}))
             total = total + out[0].detach().double()

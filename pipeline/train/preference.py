@@ -306,13 +306,13 @@ def evaluate_pairs(engine: Any, loader: Any, scores: PairScores) -> dict[str, fl
     float64 device tensors (the float32 sum of each batch's pairs, widened exactly: what float() read per batch
     before), the pairs are counted on the host batch, and the end reads them once (loop.evaluate's reasons)."""
     from pipeline.runtime import dist
-    from pipeline.train.loop import _to_device, labelled_rows, lm_batch
+    from pipeline.runtime.batches import labelled_rows, lm_batch, to_device
 
     engine.eval()
     sums: dict[str, Any] = {}
     pairs = 0
     for host in loader:
-        batch = _to_device(lm_batch(host), engine.device)
+        batch = to_device(lm_batch(host), engine.device)
         losses, metrics = scores(batch)
         real = labelled_rows(host["labels"][:len(losses)])  # Loader masks the labels of repeated pairs
         pairs += len(real)
@@ -372,13 +372,13 @@ class KtoObjective(PreferenceObjective):
         over the examples of each side) and eval_kl (the mean over batches) over the whole val split. Rows repeated
         to fill the ranks are left out of every number. No device read per batch: evaluate_pairs' way."""
         from pipeline.runtime import dist
-        from pipeline.train.loop import _to_device, labelled_rows, lm_batch
+        from pipeline.runtime.batches import labelled_rows, lm_batch, to_device
 
         self.engine.eval()
         sums: dict[str, Any] = dict.fromkeys(("loss", *KTO_METRICS), 0.0)  # the same keys on every rank, for the all-reduce
         rows = batches = 0
         for host in loader:
-            batch = _to_device(lm_batch(host), self.engine.device)
+            batch = to_device(lm_batch(host), self.engine.device)
             real = labelled_rows(host["labels"][:len(host["kto_tags"])])  # Loader masks repeated rows
             n = len(real)
             real = real.to(self.engine.device, non_blocking=True)

@@ -44,7 +44,7 @@ EVALUATIONS = ((loop, "evaluate"), (PreferenceObjective, "evaluate"), (KtoObject
 
 class HostTensor(torch.Tensor):
     """A tensor of a loader batch, in host memory: reading it (or what is computed from it alone) is no sync; what
-    .to() makes of it is on the device (a plain tensor), where it is moved by hand rather than by loop._to_device."""
+    .to() makes of it is on the device (a plain tensor)."""
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return super().to(*args, **kwargs).as_subclass(torch.Tensor)
@@ -70,7 +70,7 @@ def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[Any, list[str]]:
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
 
-    batch, to_device = Loader.batch, loop._to_device
+    batch = Loader.batch
 
     def host_batch(self, k):
         if isinstance(now["step"], tuple):  # an evaluation draws its next batch
@@ -80,8 +80,6 @@ def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[Any, list[str]]:
         return {key: value.as_subclass(HostTensor) for key, value in batch(self, k).items()}
 
     monkeypatch.setattr(Loader, "batch", host_batch)
-    monkeypatch.setattr(loop, "_to_device",
-                        lambda batch, device: {k: v.as_subclass(torch.Tensor) for k, v in to_device(batch, device).items()})
 
     def evaluating(original):
         def evaluation(*args, **kwargs):
@@ -199,7 +197,7 @@ def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_rec
 def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, request, monkeypatch):
     """dpo (with the BCO term), kto, rm, sft's ASFT loss: the objective's metrics stay on the device, summed in the Window, and are
     read with the log line's loss (one transfer); kto's KL estimate and dpo's BCO running mean are collectives on the
-    device; the right-padded batch reaches the model without its mask, as pt / sft's (loop.lm_batch). 2 micro-batches
+    device; the right-padded batch reaches the model without its mask, as pt / sft's (batches.lm_batch). 2 micro-batches
     a step, a log line at step 2: 1 read a step, 2 at a logged step. Before, every micro-batch read each metric (dpo
     6, rm 3, kto 7 values), kto / BCO one more for their collective, kto its chosen count, and every forward (dpo and
     kto: policy and reference) the mask's right padding; kto with pref_ftx read its chosen count per micro-batch until
