@@ -7,9 +7,10 @@ reads once per optimizer step (nan_policy stop's check before the update) and on
 Evaluation (during training at eval points, and the eval stage's loss and pair scores) reads nothing per batch and
 once at its end (its sums, after the one all-reduce of several ranks).
 
-There is no GPU here, so "on the device" is told apart by where a tensor came from: the loader's batches are made
-HostTensor (an ordinary tensor subclass; ops on it alone stay HostTensor), the batch the model sees is a plain tensor
-(the device batch), and a read counts when the tensor read is not a HostTensor and the reading line is in pipeline/
+There is no GPU here, so "on the device" is told apart by where a tensor came from: the loader's batches
+(Loader.batch) are made HostTensor (an ordinary tensor subclass; ops on it alone stay HostTensor), what .to() makes of
+them is a plain tensor (the device batch: to_device's copy, or one made by hand; a .to(dtype) on the host would count
+too, which errs on the strict side), and a read counts when the tensor read is not a HostTensor and the reading line is in pipeline/
 (DeepSpeed's own reads are listed in the report of this change, not counted: we cannot remove them).
 """
 from __future__ import annotations
