@@ -23,7 +23,7 @@ kto_loss (the training loss on the split as one batch); loss is over the desirab
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -41,17 +41,19 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
     """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
 
+    from pipeline.runtime.batches import lm_batch, to_device
+
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
-    local: dict[int, list[list[float]]] = {}
+    scored: dict[int, list[torch.Tensor]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
                   leave=False):
-        batch = {key: value.to(device) for key, value in loader.batch(k).items()}
-        nll = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        batch = to_device(lm_batch(loader.batch(k)), device)
+        nll = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
                     reduction="none")
         scores = pair_logps(nll.float(), batch["labels"])
-        local[k] = [t.cpu().tolist() for t in (scores.chosen, scores.rejected, scores.chosen_tokens,
-                                               scores.rejected_tokens)]
+        scored[k] = [scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens]
+    local = host_columns(scored)
     if world > 1:
         import torch.distributed as tdist
 
@@ -60,7 +62,23 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
         local = {k: v for part in parts for k, v in part.items()}
     columns = [sum((local[k][i] for k in sorted(local)), []) for i in range(4)]
     return PairLogps(torch.tensor(columns[0], dtype=torch.float64), torch.tensor(columns[1], dtype=torch.float64),
-                     torch.tensor(columns[2]), torch.tensor(columns[3]))
+                     torch.tensor(columns[2]).long(), torch.tensor(columns[3]).long())
+
+
+def host_columns(scored: Mapping[int, Sequence[torch.Tensor]]) -> dict[int, list[list[float]]]:
+    """{batch: [column values, ...]} as Python floats, from each batch's columns of per-row device values (float or
+    integer, exact in float64), read in ONE transfer at the end of the split rather than one per batch: each read
+    stops the host until the device drains (pipeline.train.loop.host_floats' reason)."""
+    keys = sorted(scored)
+    if not keys:
+        return {}
+    sizes = [len(scored[k][0]) for k in keys]
+    flat = torch.cat([torch.stack([column.double() for column in scored[k]]) for k in keys], dim=1).tolist()
+    local, start = {}, 0
+    for k, size in zip(keys, sizes):
+        local[k] = [values[start:start + size] for values in flat]
+        start += size
+    return local
 
 
 def chosen_loss(scores: PairLogps) -> tuple[float, int, int]:

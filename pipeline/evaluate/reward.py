@@ -23,16 +23,18 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     """The scores of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
     from pipeline.data.model_tokenizer import recipe_tokenizer
+    from pipeline.evaluate.preference import host_columns
+    from pipeline.runtime.batches import to_device
 
     pad = recipe_tokenizer(data).pad_id
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
-    local: dict[int, list[list[float]]] = {}
+    scored: dict[int, list[torch.Tensor]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
                   leave=False):
-        ids = loader.batch(k)["input_ids"].to(device)
-        chosen, rejected = sequence_scores(model(ids), ids, pad).double().chunk(2)
-        local[k] = [chosen.cpu().tolist(), rejected.cpu().tolist()]
+        ids = to_device({"input_ids": loader.batch(k)["input_ids"]}, device)["input_ids"]
+        scored[k] = list(sequence_scores(model(ids), ids, pad).double().chunk(2))
+    local = host_columns(scored)  # one read for the split
     if world > 1:
         import torch.distributed as tdist
 

@@ -160,29 +160,31 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
 
     The loader is built for one rank and unshuffled, and ranks take every world-th batch, so each
     example counts exactly once (the loader's multi-rank padding would count some twice). With packing the
-    loader's items are packed rows; the count is still of the examples they hold.
+    loader's items are packed rows; the count is still of the examples they hold. No device read per batch (training's
+    evaluation's way, pipeline.train.loop.evaluate): the tokens are counted and the padding asked of the host batch,
+    the loss summed in float64 on the device (Python's double sum of the values read before, to the bit) and read
+    once, after the one all-reduce of several ranks.
     """
     from pipeline.data.loaders import make_loader, packing_enabled
     from pipeline.data.tokenize import tokenized_split
     from pipeline.data.packing import model_inputs
+    from pipeline.runtime.dist import all_sum_unread
+    from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
 
     loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total: Any = 0.0  # a float64 device sum, read once at the end
+    count = 0  # counted on the host batches
     mine = range(rank, len(loader), world)
     for k in tqdm(mine, desc=f"{label} loss", unit="batch", disable=rank != 0, leave=False):
-        batch = loader.batch(k)
+        host = loader.batch(k)
+        count += trained_tokens(host)
+        batch = to_device(lm_batch(host), device)
         with _autocast(ev, device):
-            loss_sum, n = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), reduction="sum",
-                                **{k: v.to(device) for k, v in model_inputs(batch).items()})
-        total += float(loss_sum)
-        count += int(n)
-    if world > 1:
-        from pipeline.runtime.dist import all_sum
-
-        total, count_f = all_sum([total, count])
-        count = int(round(count_f))
-    return total, count, len(tokenized_split(data, "val")) if packing_enabled(data) else loader.num_examples
+            loss_sum, _ = model(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch))
+        total = total + loss_sum.double()
+    total, count_f = all_sum_unread([total, count]).tolist()
+    return total, int(count_f), len(tokenized_split(data, "val")) if packing_enabled(data) else loader.num_examples
 
 
 # ---------------------------------------------------------------- generation

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from pipeline.model.config import in_blocks, lora_candidates, select_modules
+from pipeline.model.config import adapted, in_blocks, lora_candidates, select_modules
 from pipeline.model.families import FAMILIES, GPT2, Family
 
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
@@ -104,7 +104,8 @@ def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
                     additional_targets: str | Iterable[str] | None,
                     blocks: Iterable[int] | None = None) -> tuple[list[str], list[str]]:
     """(the Linears an adapter wraps, the modules trained in full beside it), as apply_lora describes them; any
-    adapter method (LoRA, OFT) picks its modules this one way."""
+    adapter method (LoRA, OFT) picks its modules this one way. A Linear in both trains in full only (config.adapted:
+    PEFT's rule)."""
     family = family_of_model(model)
     chosen = in_blocks(select_modules(lora_candidates(linear_names(model)), targets, family=family), blocks)
     modules = [n for n, _ in model.named_modules() if n]
@@ -116,7 +117,7 @@ def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
         # training either trains the shared matrix, so both modules are saved and restored (PEFT's
         # ensure_weight_tying): with one of them the adapter would give PEFT another model than the trained one
         extra = [n for n in modules if n in extra or n in TIED]
-    return chosen, extra
+    return adapted(chosen, extra, family), extra  # no adapter on a module trained in full (PEFT's modules_to_save)
 
 
 PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # what PeftModelForSequenceClassification adds to modules_to_save

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.names import split_names, trains_adapter
@@ -453,6 +453,27 @@ def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None,
     return [linears[n] for n in in_blocks(select_modules(lora_candidates(linears), targets, family=cfg.family), blocks)]
 
 
+def adapted(targets: Sequence[str], saved: Iterable[str], family: Family | str = "gpt2") -> list[str]:
+    """The `targets` (module paths lora_target picks) that take the adapter: those not trained in full beside it.
+
+    PEFT's rule (0.21, tuners/tuners_utils.py check_target_module_exists: "Adapters should never match on modules to
+    save modules"): a module that modules_to_save names, or one inside it, is excluded from target_modules, and
+    LLaMA-Factory 0.9.5 (model/adapter.py) passes lora_target and additional_target to PEFT as they are. So a module
+    in both trains in full and takes no adapter; when that leaves nothing to adapt PEFT raises "No modules were
+    targeted for adaptation", refused here with a fix. `saved`: the additional_target module paths, in the same
+    naming as `targets` (leaf modules or whole subtrees)."""
+    saved = list(saved)
+    kept = [n for n in targets if not any(n == s or n.startswith(s + ".") for s in saved)]
+    if targets and not kept:
+        fam = FAMILIES[family] if isinstance(family, str) else family
+        picked = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in targets))
+        raise UserError(f"lora_target: every module it picks ({picked}) is also in additional_target, which trains it "
+                        "in full; PEFT puts no adapter on a module it trains in full (modules_to_save), so nothing is "
+                        "left to adapt (PEFT: \"No modules were targeted for adaptation\"). Name other modules in "
+                        "lora_target, remove these from additional_target, or use finetuning_type: full / freeze")
+    return kept
+
+
 PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64) (pipeline.model.vocab)
 
 
@@ -685,8 +706,10 @@ def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8
     if trains_adapter(finetuning_type):
         targets = lora_target_modules(cfg, lora_target, llama_pro_blocks(cfg.n_layers, freeze_trainable_layers)
                                       if use_llama_pro else None)
-        adapters = [t for m in targets for t in adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
+        kept = set(adapted([m.name for m in targets], extra, cfg.family))  # a module trained in full takes none
+        adapters = [t for m in targets if m.name in kept
+                    for t in adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
         if resize_vocab and additional_target is None:
             extra = {m.name: m for m in layout(cfg) if m.name in vocab_modules(cfg)}
         if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:

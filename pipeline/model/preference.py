@@ -242,9 +242,10 @@ def kto_loss(policy: FeedbackLogps, reference: FeedbackLogps, kl: torch.Tensor |
     losses = torch.where(chosen, cfg.desirable_weight * (1 - torch.sigmoid(cfg.beta * (logratios - z))),
                          cfg.undesirable_weight * (1 - torch.sigmoid(cfg.beta * (z - logratios))))
     loss = losses.mean()
-    if cfg.ftx > 1e-6 and (n_chosen := int(chosen.sum())):  # read only when the sft term is on
+    if cfg.ftx > 1e-6:
         sft = -policy.target[chosen] / policy.tokens[chosen].clamp(min=1)
-        loss = loss + cfg.ftx * sft.mean() / n_chosen * len(losses)
+        if n_chosen := sft.numel():  # the chosen rows counted by the selection's shape: no read of the tags
+            loss = loss + cfg.ftx * sft.mean() / n_chosen * len(losses)
     rewards = cfg.beta * logratios.detach()
     metrics = {"kl": z}
     for side, mask in zip(KTO_SIDES, (chosen, rejected)):

@@ -28,19 +28,24 @@ from typing import Any
 from pipeline.data.tokenize import IGNORE
 
 
-def example_accuracy_sums(labels: Any, predicted: Any, examples: Any | None = None) -> tuple[float, int]:
-    """(sum over examples of each example's token accuracy, number of examples scored) for one batch.
+def example_accuracy_sums(labels: Any, predicted: Any, examples: Any | None = None) -> tuple[Any, int]:
+    """(sum over examples of each example's token accuracy, number of examples scored) for one batch: the sum a
+    float64 tensor on predicted's device, unread (the loop reads its total once, at the end of the evaluation).
 
-    labels (B, T) shifted, -100 where nothing is scored; predicted: the argmax token at each labelled position, in
-    labels[labels != -100] order (what the model's forward returns with predict=True); examples (B, T): which
-    example of its row each position belongs to (a packed batch's segment numbers), None when a row is one example.
+    labels (B, T) shifted, -100 where nothing is scored, and examples (B, T), which example of its row each position
+    belongs to (a packed batch's segment numbers; None when a row is one example): the host batch's, so that which
+    example each labelled position belongs to, and how many there are, is found without a device read (torch.unique
+    and max would each sync); predicted: the argmax token at each labelled position, in labels[labels != -100] order
+    (what the model's forward returns with predict=True), on the device.
     """
     import torch
 
     keep = labels != IGNORE
-    row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[keep]
+    row = torch.arange(labels.shape[0])[:, None].expand_as(labels)[keep]
     group = row if examples is None else row * (int(examples.max()) + 2) + (examples[keep] + 1)
     _, inverse = torch.unique(group, return_inverse=True)
     count = torch.bincount(inverse).double()
-    hits = torch.zeros_like(count).index_add_(0, inverse, (predicted == labels[keep]).double())
-    return float((hits / count).sum()), int(count.numel())
+    device = predicted.device
+    hits = torch.zeros(count.shape, dtype=torch.float64, device=device).index_add_(
+        0, inverse.to(device, non_blocking=True), (predicted == labels[keep].to(device, non_blocking=True)).double())
+    return (hits / count.to(device, non_blocking=True)).sum(), int(count.numel())

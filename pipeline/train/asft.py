@@ -42,15 +42,16 @@ class AsftObjective:
         (transformers' evaluation loop repeats a batch's loss per row); rows repeated to fill the ranks, which the
         Loader leaves unlabelled, count for nothing."""
         from pipeline.runtime import dist
-        from pipeline.train.loop import _to_device
+        from pipeline.runtime.batches import labelled_rows, lm_batch, to_device
 
         self.engine.eval()
-        total = rows = 0.0
-        for batch in loader:
-            batch = _to_device(batch, self.engine.device)
-            real = float((batch["labels"] != -100).any(dim=-1).sum())
-            total += float(self.loss(batch)) * real  # every rank runs the forward: ZeRO-3 gathers in it
+        total: Any = 0.0  # a float64 device sum, read once at the end (loop.evaluate's reasons)
+        rows = 0
+        for host in loader:
+            real = len(labelled_rows(host["labels"]))  # counted on the host batch
+            # every rank runs the forward: ZeRO-3 gathers in it
+            total = total + self.loss(to_device(lm_batch(host), self.engine.device)).double() * real
             rows += real
         self.engine.train()
-        total, rows = dist.all_sum([total, rows])
+        total, rows = dist.all_sum_unread([total, rows]).tolist()
         return {"eval_loss": total / max(rows, 1.0)}

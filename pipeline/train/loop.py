@@ -29,6 +29,7 @@ from pipeline.recipe.args import TrainArgs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
+from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
 from pipeline.train.accuracy import example_accuracy_sums
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step_profile import StepProfiler
@@ -160,10 +161,6 @@ class Window:
         self.fresh_loss += step_loss
 
 
-def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def host_floats(values: Sequence[Any]) -> list[float | None]:
     """Python floats of `values` (floats, None, or 0-dim tensors on the device), the tensors read in ONE transfer.
 
@@ -180,27 +177,6 @@ def host_floats(values: Sequence[Any]) -> list[float | None]:
         for i, value in zip(where, read):
             out[i] = value
     return out
-
-
-def lm_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
-    """What a training objective's forward needs of a host batch: all of it, less an attention_mask the model would
-    drop (every objective: pt / sft, dpo, kto and rm read the mask as batch.get("attention_mask")).
-
-    Why: right padding needs no mask (pipeline.model.gpt._attention_mask returns None for it), but the model can
-    only tell by reading the mask, a device sync in every forward. Read here on the host batch, the answer is the
-    same and free; without the mask the model runs exactly the forward it ran after dropping it."""
-    from pipeline.model.gpt import right_padded
-
-    mask = batch.get("attention_mask")
-    if mask is None or not right_padded(mask):
-        return dict(batch)
-    return {k: v for k, v in batch.items() if k != "attention_mask"}
-
-
-def trained_tokens(batch: Mapping[str, Any]) -> int:
-    """The labelled tokens of a micro-batch, counted on the host batch (the loader's CPU tensors, before _to_device:
-    the same integers as on the device, without a device read)."""
-    return int((batch["labels"] != -100).sum())
 
 
 def l1_penalty(params: list[Any], l1_lambda: float) -> Any:
@@ -290,7 +266,7 @@ class Trainer:
         Only nan_policy: skip reads the loss here: it must decide before the backward whether the batch counts.
         nan_policy: stop reads the step's losses once, before the update is applied (stop_if_nonfinite)."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            loss, metrics = self.objective(_to_device(lm_batch(batch), self.engine.device))
+            loss, metrics = self.objective(to_device(lm_batch(batch), self.engine.device))
             if self.args.nan_policy != "skip":
                 return batch, loss, metrics
             value = float(loss.detach())
@@ -525,24 +501,31 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False,
     With `loss` (loss_keywords: label_smoothing_factor, use_dft_loss, use_eaft_loss) eval_loss is that loss, the
     training objective, as transformers' Trainer reports it (its compute_loss applies the label smoother or
     compute_loss_func in evaluation too), so the train and eval curves compare; eval_perplexity is left out, since
-    exp of such a loss is no perplexity (the eval command reports the plain cross-entropy and perplexity)."""
+    exp of such a loss is no perplexity (the eval command reports the plain cross-entropy and perplexity).
+
+    No device read per batch (each stops the host until the device drains): the sums stay float64 device tensors,
+    the token and example counts and the right-padding question are answered on the host batch (lm_batch), and the
+    end reads everything at once after dist.all_sum_unread's one all-reduce. float64 on the device is the double
+    arithmetic Python did on the values read per batch before, so every number is the same to the bit."""
     import torch
 
     engine.eval()
-    total, count, scores, examples = 0.0, 0, 0.0, 0
+    total: Any = 0.0  # float64 device sums, unread until the end (one all-reduce, one read)
+    scores: Any = 0.0
+    count = examples = 0  # counted on the host batches
     with torch.no_grad():
-        for batch in loader:
-            batch = _to_device(batch, engine.device)
+        for host in loader:
+            count += trained_tokens(host)
+            batch = to_device(lm_batch(host), engine.device)
             out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
                          **({"predict": True} if accuracy else {}), **(loss or {}))
-            total += float(out[0])
-            count += int(out[1])
+            total = total + out[0].detach().double()
             if accuracy:
-                score, scored = example_accuracy_sums(batch["labels"], out[2], batch.get(EXAMPLE_KEY))
-                scores += score
+                score, scored = example_accuracy_sums(host["labels"], out[2], host.get(EXAMPLE_KEY))
+                scores = scores + score
                 examples += scored
     engine.train()
-    total, count, scores, examples = dist.all_sum([total, count, scores, examples])
+    total, count, scores, examples = dist.all_sum_unread([total, count, scores, examples]).tolist()
     mean = total / max(count, 1)
     metrics = {"eval_loss": mean, **({} if loss else {"eval_perplexity": math.exp(min(mean, 700.0))})}
     if accuracy:

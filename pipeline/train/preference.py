@@ -302,24 +302,26 @@ PairScores = Callable[[Mapping[str, torch.Tensor]], tuple[torch.Tensor, Mapping[
 @torch.no_grad()
 def evaluate_pairs(engine: Any, loader: Any, scores: PairScores) -> dict[str, float]:
     """eval_loss and eval_<metric>: the means over every held-out pair of every rank of a pairwise objective's
-    per-pair values (stage dpo's losses, stage rm's); pairs repeated to fill the ranks are not counted."""
+    per-pair values (stage dpo's losses, stage rm's); pairs repeated to fill the ranks are not counted. The sums stay
+    float64 device tensors (the float32 sum of each batch's pairs, widened exactly: what float() read per batch
+    before), the pairs are counted on the host batch, and the end reads them once (loop.evaluate's reasons)."""
     from pipeline.runtime import dist
-    from pipeline.train.loop import _to_device
+    from pipeline.runtime.batches import labelled_rows, lm_batch, to_device
 
     engine.eval()
-    sums: dict[str, float] = {}
-    pairs = 0.0
-    for batch in loader:
-        batch = _to_device(batch, engine.device)
+    sums: dict[str, Any] = {}
+    pairs = 0
+    for host in loader:
+        batch = to_device(lm_batch(host), engine.device)
         losses, metrics = scores(batch)
-        b = len(losses)
-        real = (batch["labels"][:b] != -100).any(dim=-1)  # Loader masks the labels of repeated pairs
+        real = labelled_rows(host["labels"][:len(losses)])  # Loader masks the labels of repeated pairs
+        pairs += len(real)
+        real = real.to(engine.device, non_blocking=True)
         for key, values in {"loss": losses, **metrics}.items():
-            sums[key] = sums.get(key, 0.0) + float(values.float()[real].sum())
-        pairs += float(real.sum())
+            sums[key] = sums.get(key, 0.0) + values.float()[real].sum().double()
     engine.train()
     keys = list(sums)
-    totals = dist.all_sum([sums[k] for k in keys] + [pairs])
+    totals = dist.all_sum_unread([sums[k] for k in keys] + [pairs]).tolist()
     count = max(totals[-1], 1.0)
     return {f"eval_{k}": v / count for k, v in zip(keys, totals[:-1])}
 
@@ -368,29 +370,30 @@ class KtoObjective(PreferenceObjective):
     def evaluate(self, loader: Any) -> dict[str, float]:
         """eval_loss (the mean of the micro-batch losses, weighted by their rows), eval_rewards/chosen & co. (means
         over the examples of each side) and eval_kl (the mean over batches) over the whole val split. Rows repeated
-        to fill the ranks are left out of every number."""
+        to fill the ranks are left out of every number. No device read per batch: evaluate_pairs' way."""
         from pipeline.runtime import dist
-        from pipeline.train.loop import _to_device
+        from pipeline.runtime.batches import labelled_rows, lm_batch, to_device
 
         self.engine.eval()
-        sums = dict.fromkeys(("loss", *KTO_METRICS), 0.0)  # the same keys on every rank, for the all-reduce
-        rows = batches = 0.0
-        for batch in loader:
-            batch = _to_device(batch, self.engine.device)
-            real = (batch["labels"][:len(batch["kto_tags"])] != -100).any(dim=-1)  # Loader masks repeated rows
+        sums: dict[str, Any] = dict.fromkeys(("loss", *KTO_METRICS), 0.0)  # the same keys on every rank, for the all-reduce
+        rows = batches = 0
+        for host in loader:
+            batch = to_device(lm_batch(host), self.engine.device)
+            real = labelled_rows(host["labels"][:len(host["kto_tags"])])  # Loader masks repeated rows
+            n = len(real)
+            real = real.to(self.engine.device, non_blocking=True)
             policy, reference = (_rows(logps, real) for logps in self.logps(batch))
             kl = self.global_kl(policy, reference)
-            n = float(real.sum())
             if not n:  # only repeated rows on this rank (a val split smaller than the ranks)
                 continue
             loss, metrics = kto_loss(policy, reference, kl, self.kto)
-            sums["loss"] += float(loss) * n
+            sums["loss"] = sums["loss"] + loss.double() * n  # float64 device sums, read once at the end
             for key, value in metrics.items():
-                sums[key] += float(value)
+                sums[key] = sums[key] + value.double()
             rows, batches = rows + n, batches + 1
         self.engine.train()
         keys = list(sums)
-        *values, rows, batches = dist.all_sum([sums[k] for k in keys] + [rows, batches])
+        *values, rows, batches = dist.all_sum_unread([sums[k] for k in keys] + [rows, batches]).tolist()
         out = {f"eval_{k}": v for k, v in zip(keys, values)}
         out["eval_loss"] /= max(rows, 1.0)
         out["eval_kl"] /= max(batches, 1.0)

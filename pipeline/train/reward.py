@@ -24,7 +24,7 @@ class RewardObjective:
     def scores(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses and metrics (accuracy, scores/chosen, scores/rejected)."""
         ids = batch["input_ids"]
-        # a right-padded training batch comes without its mask (loop.lm_batch): the same forward, no device read
+        # a right-padded training batch comes without its mask (pipeline.runtime.batches.lm_batch): the same forward, no device read
         scores = sequence_scores(self.engine(ids, attention_mask=batch.get("attention_mask")), ids, self.pad_id)
         chosen, rejected = scores.chunk(2)
         return pairwise_loss(chosen, rejected)

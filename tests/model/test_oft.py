@@ -190,3 +190,21 @@ def test_gpt2_and_unsupported_peft_settings_are_refused(tmp_path, checkpoint):
     config_path.write_text(json.dumps({**config, "coft": True}))
     with pytest.raises(UserError, match="coft is true"):
         L.read_adapter_config(tmp_path / "adapter")
+
+
+def test_a_module_in_additional_target_takes_no_rotation_as_in_peft(checkpoint):
+    """lora_target and additional_target both naming v_proj (LLaMA-Factory passes them to PEFT as they are): PEFT's
+    OFT rotates q_proj only and trains v_proj in full (modules_to_save), and so do we; plan counts what PEFT trains.
+    Before, v_proj took a rotation and trained in full as well."""
+    config = peft.OFTConfig(task_type="CAUSAL_LM", r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"],
+                            modules_to_save=["v_proj"], module_dropout=0.0)
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(checkpoint), config)
+    ours = load_model(checkpoint)
+    O.apply_oft(ours, ["q_proj", "v_proj"], block_size=8, additional_targets=["v_proj"])
+    assert sorted(L.lora_modules(ours)) == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj"]
+    trained, _ = theirs.get_nb_trainable_parameters()
+    assert L.trainable_report(ours)[0] == trained == trainable_params(
+        ours.cfg, "oft", lora_target=["q_proj", "v_proj"], additional_target=["v_proj"], oft=(0, 8))
+    with pytest.raises(UserError, match="lora_target: every module it picks .*self_attn.v_proj.* is also in "
+                                        "additional_target"):
+        O.apply_oft(load_model(checkpoint), ["v_proj"], block_size=8, additional_targets=["v_proj"])

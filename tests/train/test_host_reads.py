@@ -4,21 +4,32 @@ Each such read stops the host until the device has run everything queued, so the
 be queued meanwhile: at small batches the GPU idles (1-7% model-FLOPs utilisation at batch 8 on an H100). The loop
 reads once per optimizer step (nan_policy stop's check before the update) and once more at each log point.
 
-There is no GPU here, so "on the device" is told apart by where a tensor came from: the loader's batches are made
-HostTensor (an ordinary tensor subclass; ops on it alone stay HostTensor), the batch the model sees is a plain tensor
-(the device batch), and a read counts when the tensor read is not a HostTensor and the reading line is in pipeline/
+Evaluation (during training at eval points, and the eval stage's loss and pair scores) reads nothing per batch and
+once at its end (its sums, after the one all-reduce of several ranks).
+
+There is no GPU here, so "on the device" is told apart by where a tensor came from: the loader's batches
+(Loader.batch) are made HostTensor (an ordinary tensor subclass; ops on it alone stay HostTensor), what .to() makes of
+them is a plain tensor (the device batch: to_device's copy, or one made by hand; a .to(dtype) on the host would count
+too, which errs on the strict side), and a read counts when the tensor read is not a HostTensor and the reading line is in pipeline/
 (DeepSpeed's own reads are listed in the report of this change, not counted: we cannot remove them).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from pipeline.data.loaders import Loader
+from pipeline.evaluate import preference as eval_preference, reward as eval_reward, run as eval_run
+from pipeline.recipe import resolve
 from pipeline.runtime.log import read_log
 from pipeline.train import loop
+from pipeline.train.asft import AsftObjective
+from pipeline.train.preference import KtoObjective, PreferenceObjective
+from pipeline.train.reward import RewardObjective
 from pipeline.train.run import train
 from tests.train.helpers import BASE_SFT
 from tests.train.test_dpo import dpo_recipe  # noqa: F401 - the ranking data fixture
@@ -26,16 +37,26 @@ from tests.train.test_kto import kto_recipe  # noqa: F401 - the KTO data fixture
 
 PIPELINE = str(Path(loop.__file__).resolve().parents[1])
 READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+# what evaluates: during training (pt / sft, dpo, kto, ASFT, rm) and the eval stage (loss, pair log-probs, rm scores)
+EVALUATIONS = ((loop, "evaluate"), (PreferenceObjective, "evaluate"), (KtoObjective, "evaluate"),
+               (AsftObjective, "evaluate"), (RewardObjective, "evaluate"), (eval_run, "split_loss"),
+               (eval_preference, "split_logps"), (eval_reward, "split_scores"))
 
 
 class HostTensor(torch.Tensor):
-    """A tensor of a loader batch, in host memory: reading it (or what is computed from it alone) is no sync."""
+    """A tensor of a loader batch, in host memory: reading it (or what is computed from it alone) is no sync; what
+    .to() makes of it is on the device (a plain tensor)."""
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return super().to(*args, **kwargs).as_subclass(torch.Tensor)
 
 
-def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[str]]:
-    """{optimizer step: ['method file:line', ...]} of the device reads made from pipeline/ inside Trainer.train."""
-    reads: dict[int, list[str]] = {}
-    now = {"step": None}
+def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[Any, list[str]]:
+    """{optimizer step: ['method file:line', ...]} of the device reads made from pipeline/ inside Trainer.train; and
+    {("eval", n, b): [...]} of those made inside the n-th evaluation (EVALUATIONS) while it holds its b-th batch
+    (b = -1 before the first; the last batch's entry includes what the evaluation reads after its loop)."""
+    reads: dict[Any, list[str]] = {}
+    now: dict[str, Any] = {"step": None, "evaluations": 0}
 
     def counting(name: str, original):
         def read(self, *args, **kwargs):
@@ -50,11 +71,30 @@ def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[str]]:
     for name in READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
 
-    draw, to_device = loop.BatchStream.next, loop._to_device
-    monkeypatch.setattr(loop.BatchStream, "next",
-                        lambda self: {k: v.as_subclass(HostTensor) for k, v in draw(self).items()})
-    monkeypatch.setattr(loop, "_to_device",
-                        lambda batch, device: {k: v.as_subclass(torch.Tensor) for k, v in to_device(batch, device).items()})
+    batch = Loader.batch
+
+    def host_batch(self, k):
+        if isinstance(now["step"], tuple):  # an evaluation draws its next batch
+            kind, n, b = now["step"]
+            now["step"] = (kind, n, b + 1)
+            reads.setdefault(now["step"], [])
+        return {key: value.as_subclass(HostTensor) for key, value in batch(self, k).items()}
+
+    monkeypatch.setattr(Loader, "batch", host_batch)
+
+    def evaluating(original):
+        def evaluation(*args, **kwargs):
+            outer, now["step"] = now["step"], ("eval", now["evaluations"], -1)
+            now["evaluations"] += 1
+            reads.setdefault(now["step"], [])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                now["step"] = outer
+        return evaluation
+
+    for owner, name in EVALUATIONS:
+        monkeypatch.setattr(owner, name, evaluating(getattr(owner, name)))
 
     step, run = loop.Trainer.optimizer_step, loop.Trainer.train
 
@@ -72,6 +112,29 @@ def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[int, list[str]]:
     monkeypatch.setattr(loop.Trainer, "optimizer_step", optimizer_step)
     monkeypatch.setattr(loop.Trainer, "train", counted_train)
     return reads
+
+
+def step_reads(reads: dict[Any, list[str]]) -> dict[int, int]:
+    """{optimizer step: device reads}, evaluation's left out."""
+    return {step: len(where) for step, where in reads.items() if isinstance(step, int)}
+
+
+def evaluation_reads(reads: dict[Any, list[str]]) -> list[list[int]]:
+    """Per evaluation, its reads [before its first batch, while it holds batch 0, ..., the last batch and the end]."""
+    found: dict[int, dict[int, int]] = {}
+    for key, where in reads.items():
+        if isinstance(key, tuple):
+            found.setdefault(key[1], {})[key[2]] = len(where)
+    return [[counts[b] for b in sorted(counts)] for _, counts in sorted(found.items())]
+
+
+def assert_evaluations_read_once_at_the_end(reads: dict[Any, list[str]], evaluations: int) -> None:
+    """`evaluations` evaluations of 2 batches or more, each reading nothing before or per batch and once at the end
+    (after its last batch: the sums, in one transfer)."""
+    found = evaluation_reads(reads)
+    assert len(found) == evaluations, found
+    for counts in found:
+        assert len(counts) >= 3 and counts == [0] * (len(counts) - 1) + [1], (found, reads)
 
 
 def record_step_losses(monkeypatch: pytest.MonkeyPatch) -> list[list[float]]:
@@ -104,11 +167,19 @@ def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_rec
     reads = count_device_reads(monkeypatch)
     losses = record_step_losses(monkeypatch)
     r = make_recipe(BASE_SFT, name="reads", per_device_train_batch_size=2, gradient_accumulation_steps=4, logging_steps=5, max_steps=6,
-                    warmup_steps=0, eval_strategy="no", do_eval=False)
+                    warmup_steps=0, eval_strategy="no", do_eval=True, compute_accuracy=True,
+                    per_device_eval_batch_size=1)
     result = train(r)
-    per_step = {step: len(where) for step, where in reads.items()}
-    assert per_step == {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2}, reads
-    assert all(where.startswith("tolist loop.py:") for found in reads.values() for where in found), reads
+    assert step_reads(reads) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2}, reads
+    assert all(where.startswith("tolist loop.py:") for step, found in reads.items() if isinstance(step, int)
+               for where in found), reads
+    # the evaluation at the last step (4 val rows, 1 a batch, with compute_accuracy): before, 3 reads a batch (the
+    # loss, the mask's right padding, the accuracy sum; 4 with int(examples.max()) under packing)
+    assert_evaluations_read_once_at_the_end(reads, 1)
+
+    # the eval stage's loss over the val split, of the base model and the tuned one: before, 2 reads a batch
+    eval_run.run(resolve(r.recipe_path, ["max_eval_samples=1", "max_new_tokens=2"], command="eval"))
+    assert_evaluations_read_once_at_the_end(reads, 3)
 
     step_loss = []
     for values in losses:
@@ -127,16 +198,17 @@ def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_rec
 def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, request, monkeypatch):
     """dpo (with the BCO term), kto, rm, sft's ASFT loss: the objective's metrics stay on the device, summed in the Window, and are
     read with the log line's loss (one transfer); kto's KL estimate and dpo's BCO running mean are collectives on the
-    device; the right-padded batch reaches the model without its mask, as pt / sft's (loop.lm_batch). 2 micro-batches
+    device; the right-padded batch reaches the model without its mask, as pt / sft's (batches.lm_batch). 2 micro-batches
     a step, a log line at step 2: 1 read a step, 2 at a logged step. Before, every micro-batch read each metric (dpo
     6, rm 3, kto 7 values), kto / BCO one more for their collective, kto its chosen count, and every forward (dpo and
-    kto: policy and reference) the mask's right padding."""
+    kto: policy and reference) the mask's right padding; kto with pref_ftx read its chosen count per micro-batch until
+    that count was the selection's size."""
     keys = dict(gradient_accumulation_steps=2, logging_steps=2, max_steps=2, warmup_steps=0, eval_strategy="no",
-                do_eval=False, save_steps=1000)
+                do_eval=True, per_device_eval_batch_size=1 if stage == "asft" else 2, save_steps=1000)
     if stage == "dpo":
         r = request.getfixturevalue("dpo_recipe")(name="reads_dpo", pref_bco_weight=0.5, **keys)
     elif stage == "kto":
-        r = request.getfixturevalue("kto_recipe")(name="reads_kto", **keys)
+        r = request.getfixturevalue("kto_recipe")(name="reads_kto", pref_ftx=0.5, **keys)  # its chosen rows counted too
     elif stage == "asft":
         r = request.getfixturevalue("make_recipe")(BASE_SFT, name="reads_asft", use_asft_loss=True, **keys)
     else:
@@ -146,7 +218,14 @@ def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, req
         r = request.getfixturevalue("make_recipe")({**BASE_RM, "zero_stage": 0, **keys}, name="reads_rm")
     reads = count_device_reads(monkeypatch)
     result = train(r)
-    assert {step: len(where) for step, where in reads.items()} == {1: 1, 2: 2}, reads
+    assert step_reads(reads) == {1: 1, 2: 2}, reads
     log = read_log(result.output_dir / "trainer_log.jsonl")
     assert [rec["step"] for rec in log] == [2]
     assert all(isinstance(rec["loss"], float) for rec in log)
+    # the evaluation at the last step (3 or 4 batches): before, every batch read each metric's sum and the pair
+    # count (kto: its loss, 7 metrics and the row count), the padding (dpo, kto: in both forwards)
+    assert_evaluations_read_once_at_the_end(reads, 1)
+    if stage in ("dpo", "rm"):  # the eval stage's pair log-probs (dpo; kto's are the same) and rm's scores,
+        # base and tuned: before, one read a batch (the columns, in one transfer)
+        eval_run.run(resolve(r.recipe_path, ["max_eval_samples=1", "max_new_tokens=2"], command="eval"))
+        assert_evaluations_read_once_at_the_end(reads, 3)

@@ -86,7 +86,8 @@ def oft_needs_linear_layers(ctx: Context) -> list[tuple[str, str]]:
 
 
 
-@rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length")
+@rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length", "use_llama_pro",
+      "freeze_trainable_layers")
 def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     if not trains_adapter(ctx.values["finetuning_type"]):
         return []
@@ -96,7 +97,7 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     if info is None:
         return []
     from pipeline.errors import UserError
-    from pipeline.model.config import additional_target_modules, lora_target_modules
+    from pipeline.model.config import additional_target_modules, lora_target_modules, trainable_tensors
 
     problems = []
     for key, check in (("lora_target", lora_target_modules), ("additional_target", additional_target_modules)):
@@ -104,6 +105,14 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
             check(info.config, ctx.values[key])
         except UserError as err:
             problems += [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
+    if not problems:  # a module in both trains in full, without an adapter (PEFT's rule): is any left to adapt?
+        try:
+            v = ctx.values
+            trainable_tensors(info.config, v["finetuning_type"], lora_target=v["lora_target"],
+                              freeze_trainable_layers=v["freeze_trainable_layers"],
+                              additional_target=v["additional_target"], use_llama_pro=bool(v["use_llama_pro"]))
+        except UserError as err:
+            problems += [("lora_target", m.removeprefix("lora_target: ")) for m in err.messages]
     return problems
 
 

@@ -1,0 +1,83 @@
+"""A module named in both lora_target and additional_target, as LLaMA-Factory 0.9.5 hands them to PEFT
+(src/llamafactory/model/adapter.py: target_modules=lora_target, modules_to_save=additional_target, unchanged).
+
+PEFT 0.21 (tuners/tuners_utils.py, check_target_module_exists: "Adapters should never match on modules to save
+modules") excludes every modules_to_save module from target_modules: such a module trains in full and takes no
+adapter, and when nothing else is targeted get_peft_model raises "No modules were targeted for adaptation". The
+golden values are PEFT's own: get_peft_model on the recipe LLaMA-Factory builds (its trainable count and adapter
+file keys) and PeftModel.from_pretrained on our adapter/.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.acceptance.harness import assert_close, pipeline, refused, trained_model, write_data, \
+    write_hf_checkpoint, write_recipe
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+TARGETS, SAVED = ["c_attn", "c_fc"], ["c_fc", "ln_f"]  # c_fc in both
+
+
+def peft_model(base, targets=TARGETS):
+    """PEFT's model for LLaMA-Factory's recipe: LoraConfig(target_modules=lora_target, modules_to_save=...)."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=SAVED,
+                             task_type="CAUSAL_LM")
+    return peft.get_peft_model(base, config)
+
+
+def test_a_module_in_both_trains_in_full_without_an_adapter_as_in_peft(tmp_path):
+    """Before: c_fc took LoRA and trained in full too (base weight, A and B), an adapter PEFT loads with LoRA
+    tensors it does not expect; plan counted the c_fc A and B."""
+    write_data(tmp_path / "data")
+    base = write_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    recipe = write_recipe(tmp_path / "overlap.yaml", model_name_or_path=str(tmp_path / "gpt2"), dataset_dir="data",
+                          output_dir="saves/overlap", lora_target=TARGETS, lora_alpha=8, additional_target=SAVED,
+                          learning_rate=0.05, max_steps=1)
+    pipeline("build", recipe, cwd=tmp_path, as_typed=False)
+    out = pipeline("train", recipe, cwd=tmp_path)
+
+    golden = peft_model(base)
+    trainable, _ = golden.get_nb_trainable_parameters()
+    assert f"trainable params: {trainable:,} " in out.stderr + out.stdout  # 2 blocks' c_attn A and B, c_fc, ln_f
+    plan = pipeline("plan", recipe, cwd=tmp_path, as_typed=False).stdout  # its tensor list (recipe_tensors)
+    assert f"{trainable:,} trainable" in plan, plan
+    adapter = tmp_path / "saves/overlap/adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"], config
+    assert {name.rsplit(".", 1)[-1] for name in config["modules_to_save"]} == set(SAVED), config
+    golden.save_pretrained(tmp_path / "peft")
+    theirs = safetensors_torch.load_file(tmp_path / "peft/adapter_model.safetensors")
+    ours = safetensors_torch.load_file(adapter / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)  # no c_fc lora_A / lora_B; c_fc's and ln_f's full weights
+
+    x = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    fresh = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
+    with torch.no_grad():
+        loaded = peft.PeftModel.from_pretrained(fresh, adapter).eval()
+        assert not any("c_fc.lora" in name for name, _ in loaded.named_parameters())
+        assert_close(loaded(x).logits, trained_model(recipe, tmp_path)(x), rel=1e-5)
+    trained_fc = ours["base_model.model.transformer.h.0.mlp.c_fc.weight"]
+    assert (trained_fc - base.transformer.h[0].mlp.c_fc.weight).abs().max() > 1e-3  # trained in full
+
+
+def test_a_recipe_whose_lora_targets_are_all_trained_in_full_is_refused_at_lora_target(tmp_path):
+    """PEFT raises NoMatchingPeftModuleError for it (checked here on LLaMA-Factory's recipe); ours refuses it before
+    anything loads, at lora_target's line (validate: exit 2, one message, no traceback)."""
+    base = write_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    with pytest.raises(ValueError, match="No modules were targeted for adaptation"):
+        peft_model(base, ["c_fc"])
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "overlap.yaml", model_name_or_path=str(tmp_path / "gpt2"), dataset_dir="data",
+                          output_dir="saves/overlap", lora_target=["c_fc"], additional_target=SAVED)
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if text.startswith("lora_target:"))
+    err = refused("validate", recipe, cwd=tmp_path)
+    assert (f"overlap.yaml:{line}:14: lora_target: every module it picks (mlp.c_fc) is also in additional_target, "
+            "which trains it in full") in err, err
+    assert err.count("error:") == 1 and "finetuning_type: full / freeze" in err, err
+    assert not (tmp_path / "saves").exists()
