@@ -22,6 +22,9 @@ input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_str
 """
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -290,7 +293,42 @@ def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
         kwargs["shuffle"] = False
     loader = (pair_loader if data.paired else pt_loader if data.form == "pt" else sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
+    say_worker_count(loader.num_workers)
     return loader
+
+
+# torch's DataLoader warns when num_workers exceeds the CPUs this process may use, twice an epoch (at its
+# construction and at each iterator): (message regex, category, emitting-module regex), warnings.filterwarnings's
+# fields, matched together.
+WORKER_COUNT_WARNING = (r"This DataLoader will create \d+ worker processes in total\. Our suggested max number of "
+                        r"worker", UserWarning, r"torch\.utils\.data\.dataloader\Z")
+_said_worker_count = False
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (torch's DataLoader counts the same way: its suggested maximum)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def say_worker_count(workers: int) -> None:
+    """dataloader_num_workers above the CPUs this process may use (LLaMA-Factory's examples set 4) is said once, as
+    a notice on rank 0, instead of torch's warning twice every epoch of the run: its message, category and module
+    only are hidden, and nothing when the user chose warning filters (PYTHONWARNINGS or python -W)."""
+    global _said_worker_count
+    cpus = usable_cpus()
+    if workers <= cpus or _said_worker_count:
+        return
+    _said_worker_count = True
+    if os.environ.get("RANK", "0") == "0":
+        print(f"notice: dataloader_num_workers: {workers} worker processes per DataLoader, more than the {cpus} "
+              f"CPUs this process may use: they share them with training (batches may come slower); set "
+              f"dataloader_num_workers: {cpus} or less here", file=sys.stderr)
+    if not sys.warnoptions:
+        message, category, module = WORKER_COUNT_WARNING
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def holds_out(data: DataArgs) -> bool:

@@ -198,3 +198,36 @@ def test_disable_shuffling_reads_the_train_split_in_order_every_epoch(sft_recipe
         assert [int(i) for k in range(len(loader)) for i in loader.indices(k)] == list(range(len(loader) * 4))
     shuffled = make_loader(data_args(sft_recipe), "train", epoch=0)
     assert [int(i) for k in range(len(shuffled)) for i in shuffled.indices(k)] != list(range(len(shuffled) * 4))
+
+
+def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(make_recipe, capsys, monkeypatch):
+    """LLaMA-Factory's examples set dataloader_num_workers: 4; on a machine with fewer CPUs torch warns twice an epoch
+    (DataLoader's construction and each iterator). Said once instead, and torch's warning (that message from that
+    module only) hidden; the batches are the same as without workers."""
+    import warnings
+
+    import pipeline.data.loaders as loaders
+
+    workers = loaders.usable_cpus() + 1
+    rows = alpaca_rows(12)
+    r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)},
+                    per_device_train_batch_size=4, cutoff_len=128, dataloader_num_workers=workers)
+    build(data_args(r))
+    monkeypatch.setattr(loaders, "_said_worker_count", False)
+    monkeypatch.setattr("sys.warnoptions", [])
+    monkeypatch.delenv("RANK", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loader = loaders.make_loader(data_args(r), "train")
+        epochs = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            epochs.append([b["input_ids"] for b in loader])
+        warnings.warn("This DataLoader will create 9 worker processes in total. Our suggested max number of worker "
+                      "is 2", UserWarning)  # the same text from another module still shows
+    assert [str(w.message)[:40] for w in seen] == ["This DataLoader will create 9 worker pro"], seen
+    err = capsys.readouterr().err
+    assert err.count("notice: dataloader_num_workers:") == 1, err
+    assert f"notice: dataloader_num_workers: {workers} worker processes per DataLoader, more than the " in err
+    loader.num_workers = 0
+    assert all(torch.equal(a, b) for a, b in zip(epochs[1], [b["input_ids"] for b in loader]))
