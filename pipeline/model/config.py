@@ -414,7 +414,10 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
 
     Patterns are the family's HF module names (PEFT's suffix rule, with or without the model prefix:
     'c_attn', 'attn.c_proj', 'h.0.attn.c_attn' for GPT-2; 'q_proj', 'mlp.down_proj', 'layers.0.self_attn.q_proj'
-    for Llama and Qwen).
+    for Llama and Qwen). additional_target is PEFT's modules_to_save, which PEFT matches otherwise (0.21,
+    utils/other.py _set_trainable: `key.endswith(target_key)`): the full HF name ends with the text, no dot needed,
+    so 'norm' picks Llama's model.norm and every input_layernorm / post_attention_layernorm; a module inside
+    another chosen one is left to it (one subtree, as PEFT trains it).
     """
     fam = FAMILIES[family] if isinstance(family, str) else family
     ours = list(names)
@@ -430,7 +433,8 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
             problems.append(f"{key}: '{pattern}': the output head takes no LoRA (train it in full with"
                             " additional_target or finetuning_type: full)")
             continue
-        hit = [n for n in ours if matches(hf[n], bare)]
+        hit = [n for n in ours if fam.to_hf(n).endswith(pattern)] if key == "additional_target" \
+            else [n for n in ours if matches(hf[n], bare)]
         if not hit:
             short = _short_names(hf.values())
             leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in short))
@@ -443,7 +447,7 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
         chosen.update(hit)
     if problems:
         raise UserError(problems)
-    return [n for n in ours if n in chosen]
+    return [n for n in ours if n in chosen and not any(n.startswith(c + ".") for c in chosen)]
 
 
 def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None,

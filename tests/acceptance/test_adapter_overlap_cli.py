@@ -81,3 +81,85 @@ def test_a_recipe_whose_lora_targets_are_all_trained_in_full_is_refused_at_lora_
             "which trains it in full") in err, err
     assert err.count("error:") == 1 and "finetuning_type: full / freeze" in err, err
     assert not (tmp_path / "saves").exists()
+
+
+# PEFT 0.21 (utils/other.py:1088, _set_trainable) picks the modules_to_save modules by
+# `any(key.endswith(target_key) for target_key in module_names)` on the full transformers names: plain text, no dot
+# (LoRA's target_modules need one). So 'norm' is Llama's model.norm and every input_layernorm / post_attention_layernorm.
+AT_STRINGS = ("norm", "layernorm", "embed_tokens", "lm_head", "o_proj", "ln_f", "wte", "attn", "c_proj")
+
+
+def peft_saved(base, saved, target):
+    """The modules PEFT trains in full for modules_to_save=saved (outermost wrappers), or None when it wraps none."""
+    from peft.utils.other import ModulesToSaveWrapper
+    config = peft.LoraConfig(r=2, target_modules=[target], modules_to_save=[saved], task_type="CAUSAL_LM")
+    wrapped = [n.removeprefix("base_model.model.") for n, m in peft.get_peft_model(base, config).named_modules()
+               if isinstance(m, ModulesToSaveWrapper)]
+    return sorted(n for n in wrapped if not any(n.startswith(w + ".") for w in wrapped)) or None
+
+
+@pytest.mark.parametrize("family,target", [("gpt2", "c_fc"), ("llama", "q_proj"), ("qwen2", "q_proj"),
+                                           ("qwen3", "q_proj")])
+def test_additional_target_picks_what_peft_modules_to_save_picks(family, target):
+    """Before: our dotted-suffix rule gave 'norm' model.norm alone on Llama / Qwen2 (PEFT: every norm too), and
+    'attn' / 'layernorm' other sets."""
+    from pipeline.model.config import additional_target_modules, from_hf_config, module_tensors
+    from pipeline.model.families import FAMILIES
+    from pipeline.errors import UserError
+    from tests.acceptance.harness import hf_model
+
+    base = hf_model(family, noise=0)
+    cfg, fam = from_hf_config(base.config.to_dict()), FAMILIES[family]
+    for saved in AT_STRINGS:
+        golden = peft_saved(hf_model(family, noise=0), saved, target)
+        try:
+            ours = additional_target_modules(cfg, saved)
+        except UserError as e:
+            assert golden is None and "matches no module" in str(e), (saved, golden)
+            continue
+        tensors = {fam.to_hf(t.name) for m in ours for t in module_tensors(m)}
+        theirs = {n for n, _ in base.named_parameters(remove_duplicate=False) if any(n.startswith(g + ".")
+                                                                                    for g in golden or ())}
+        assert tensors == theirs, (saved, golden)
+
+
+def test_additional_target_norm_on_llama_trains_and_saves_every_norm_as_peft(tmp_path):
+    """LLaMA-Factory's recipe lora_target q_proj, additional_target norm: PEFT trains model.norm and each block's
+    input_layernorm / post_attention_layernorm in full. Before: ours trained model.norm alone (fewer trainable
+    parameters than PEFT's count, an adapter file without the block norms)."""
+    write_data(tmp_path / "data")
+    base = write_hf_checkpoint(tmp_path / "llama", "llama", small_vocab=True)
+    recipe = write_recipe(tmp_path / "norm.yaml", model_name_or_path=str(tmp_path / "llama"), dataset_dir="data",
+                          output_dir="saves/norm", lora_target="q_proj", lora_alpha=8,
+                          additional_target="norm", cutoff_len=256, max_samples=8, learning_rate=0.05, max_steps=1)
+    pipeline("build", recipe, cwd=tmp_path, as_typed=False)
+    out = pipeline("train", recipe, cwd=tmp_path)
+    golden = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                       modules_to_save=["norm"], task_type="CAUSAL_LM"))
+    trainable, _ = golden.get_nb_trainable_parameters()
+    assert f"trainable params: {trainable:,} " in out.stderr + out.stdout
+    plan = pipeline("plan", recipe, cwd=tmp_path, as_typed=False).stdout
+    assert f"{trainable:,} trainable" in plan, plan
+    adapter = tmp_path / "saves/norm/adapter"
+    golden.save_pretrained(tmp_path / "peft")
+    theirs = safetensors_torch.load_file(tmp_path / "peft/adapter_model.safetensors")
+    ours = safetensors_torch.load_file(adapter / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)  # q_proj's A and B, every norm's weight
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    loaded = peft.PeftModel.from_pretrained(fresh, adapter).eval()
+    saved = {n.removeprefix("base_model.model.") for n, m in loaded.named_modules()
+             if type(m).__name__ == "ModulesToSaveWrapper"}
+    assert saved == {n.removeprefix("base_model.model.") for n, m in golden.named_modules()
+                     if type(m).__name__ == "ModulesToSaveWrapper"}
+    x = torch.randint(0, base.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(loaded(x).logits, trained_model(recipe, tmp_path)(x), rel=1e-5)
+    moved = ours["base_model.model.model.layers.0.input_layernorm.weight"]
+    assert (moved - base.model.layers[0].input_layernorm.weight).abs().max() > 1e-3  # trained in full
+
+    # a text that ends no module's name is still refused at the key's line (PEFT would train nothing, silently)
+    typo = write_recipe(tmp_path / "typo.yaml", model_name_or_path=str(tmp_path / "llama"), dataset_dir="data",
+                        output_dir="saves/typo", lora_target="q_proj", additional_target="ln_f")
+    line = next(i for i, text in enumerate(typo.read_text().splitlines(), 1) if text.startswith("additional_target:"))
+    err = refused("validate", typo, cwd=tmp_path)
+    assert f"typo.yaml:{line}:20: additional_target: 'ln_f' matches no module" in err and err.count("error:") == 1, err

@@ -187,7 +187,10 @@ def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets,
                                                    "down_proj"])
     else:
         assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
-        assert config["modules_to_save"] == ["model.norm"]
+        # PEFT's modules_to_save rule (a plain name ending): 'norm' is model.norm and each block's four norms
+        blocks = [f"model.layers.{i}.{m}" for i in range(ours.cfg.n_layers) for m in
+                  ("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm")]
+        assert config["modules_to_save"] == blocks + ["model.norm"]
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
 
 

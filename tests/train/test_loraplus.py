@@ -198,7 +198,7 @@ def test_loraplus_on_rmsnorm_and_dora_decays_as_transformers_trainer(tmp_path):
 
     hf = write_hf_checkpoint(tmp_path, "qwen3", vocab_size=512)
     ft = FinetuneArgs(finetuning_type="lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0, lora_target="all",
-                      use_rslora=False, use_dora=True, additional_target=["norm", "q_norm"],
+                      use_rslora=False, use_dora=True, additional_target=["model.norm", "q_norm"],
                       freeze_trainable_layers=1, adapter_name_or_path=None, seed=3)
     model = apply_finetuning_type(load_model(tmp_path), ft)
     args = train_args({"learning_rate": LR, "weight_decay": DECAY, "loraplus_lr_ratio": RATIO,

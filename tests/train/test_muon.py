@@ -114,8 +114,7 @@ def test_lora_groups_are_llamafactorys_rule_over_peft_names(checkpoints):
                       freeze_trainable_layers=1, adapter_name_or_path=None, seed=3)
     model = apply_finetuning_type(load_model(path), ft)
     groups = train_groups(model, args())
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["embed_tokens",
-                                                                                              "model.norm"])
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["embed_tokens", "norm"])
     theirs = peft.get_peft_model(copy.deepcopy(hf), config)  # PEFT wraps in place: the session's model stays plain
     trained = [(n, p) for n, p in theirs.named_parameters() if p.requires_grad]
     want = Counter((lf_takes_muon(n, p), tuple(sorted(p.shape))) for n, p in trained)
