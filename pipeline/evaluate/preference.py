@@ -40,7 +40,6 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
                 label: str = "") -> PairLogps:
     """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
-
     from pipeline.runtime.batches import lm_batch, to_device
 
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
@@ -68,7 +67,7 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
 def host_columns(scored: Mapping[int, Sequence[torch.Tensor]]) -> dict[int, list[list[float]]]:
     """{batch: [column values, ...]} as Python floats, from each batch's columns of per-row device values (float or
     integer, exact in float64), read in ONE transfer at the end of the split rather than one per batch: each read
-    stops the host until the device drains (pipeline.train.loop.host_floats' reason)."""
+    stops the host until the device drains (pipeline.runtime.batches.host_floats' reason)."""
     keys = sorted(scored)
     if not keys:
         return {}
