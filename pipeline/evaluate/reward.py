@@ -24,7 +24,6 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     from pipeline.data.loaders import pair_loader
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.evaluate.preference import host_columns
-    from pipeline.runtime.batches import to_device
 
     pad = recipe_tokenizer(data).pad_id
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
@@ -32,7 +31,7 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     scored: dict[int, list[torch.Tensor]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
                   leave=False):
-        ids = to_device({"input_ids": loader.batch(k)["input_ids"]}, device)["input_ids"]
+        ids = loader.batch(k)["input_ids"].to(device, non_blocking=True)  # the host goes on queueing work
         scored[k] = list(sequence_scores(model(ids), ids, pad).double().chunk(2))
     local = host_columns(scored)  # one read for the split
     if world > 1:
