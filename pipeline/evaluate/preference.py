@@ -52,6 +52,16 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
                     reduction="none")
         scores = pair_logps(nll.float(), batch["labels"])
         scored[k] = [scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens]
+    columns = split_columns(scored, 4, world)
+    return PairLogps(torch.tensor(columns[0], dtype=torch.float64), torch.tensor(columns[1], dtype=torch.float64),
+                     torch.tensor(columns[2]).long(), torch.tensor(columns[3]).long())
+
+
+def split_columns(scored: Mapping[int, Sequence[torch.Tensor]], columns: int, world: int) -> list[list[float]]:
+    """The eval stage's per-pair values of the whole split: this rank's batches (`scored`, {batch index: its
+    `columns` columns of per-row device values}) read in one transfer (host_columns), every rank's gathered
+    (all_gather_object: every rank gets all of them), each column in split order. One place for split_logps and
+    evaluate.reward.split_scores, which take every world-th batch of the same unsharded loader."""
     local = host_columns(scored)
     if world > 1:
         import torch.distributed as tdist
@@ -59,9 +69,7 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
         parts: list[Any] = [None] * world
         tdist.all_gather_object(parts, local)
         local = {k: v for part in parts for k, v in part.items()}
-    columns = [sum((local[k][i] for k in sorted(local)), []) for i in range(4)]
-    return PairLogps(torch.tensor(columns[0], dtype=torch.float64), torch.tensor(columns[1], dtype=torch.float64),
-                     torch.tensor(columns[2]).long(), torch.tensor(columns[3]).long())
+    return [[x for k in sorted(local) for x in local[k][i]] for i in range(columns)]
 
 
 def host_columns(scored: Mapping[int, Sequence[torch.Tensor]]) -> dict[int, list[list[float]]]:
