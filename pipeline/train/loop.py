@@ -11,8 +11,9 @@ every rank) divided by their number, as transformers' Trainer does with num_item
 average_tokens_across_devices (LLaMA-Factory's sft). A mean per micro-batch, averaged, would weigh the
 tokens of a micro-batch with few trained tokens more: 2 ranks x 2 rows would not be 1 rank x 4 rows.
 
-Epochs follow the recipe's step arithmetic: an epoch is floor(batches per rank / accumulation) optimizer
-steps; micro-batches left over at the end of an epoch are not used. The data position (epoch, batch index)
+Epochs follow the recipe's step arithmetic: an epoch is floor(batches per rank / batches per step) optimizer
+steps (pipeline.recipe.batches_per_step: the accumulation; stage ppo's PPO step x ppo_buffer_size); micro-batches
+left over at the end of an epoch are not used. The data position (epoch, batch index)
 advances with every micro-batch drawn, so a resumed run skips exactly what was consumed.
 """
 from __future__ import annotations
