@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("pipeline.runtime",)),
     ("recipe", ("pipeline.recipe",)),
     ("libraries", ("pipeline.model", "pipeline.data")),
-    ("base", ("pipeline.errors", "pipeline.io", "pipeline.lock", "pipeline.names", "pipeline")),
+    ("base", ("pipeline.errors", "pipeline.io", "pipeline.library_warnings", "pipeline.lock", "pipeline.names",
+              "pipeline")),
 ]
 STAGES = LAYERS[1][1]
 

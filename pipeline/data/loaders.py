@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -34,6 +33,7 @@ from pipeline.data.packing import Packs, collate_packs, pack_examples
 from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
+from pipeline.library_warnings import hide_library_warning
 
 MEGA_BATCHES = 50
 
@@ -326,9 +326,7 @@ def say_worker_count(workers: int) -> None:
         print(f"notice: dataloader_num_workers: {workers} worker processes per DataLoader, more than the {cpus} "
               f"CPUs this process may use: they share them with training (batches may come slower); set "
               f"dataloader_num_workers: {cpus} or less here", file=sys.stderr)
-    if not sys.warnoptions:
-        message, category, module = WORKER_COUNT_WARNING
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    hide_library_warning(WORKER_COUNT_WARNING)  # not under the user's own PYTHONWARNINGS / -W
 
 
 def holds_out(data: DataArgs) -> bool:

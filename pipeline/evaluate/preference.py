@@ -40,7 +40,6 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
                 label: str = "") -> PairLogps:
     """Log-probabilities of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
-
     from pipeline.runtime.batches import lm_batch, to_device
 
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
@@ -53,6 +52,16 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
                     reduction="none")
         scores = pair_logps(nll.float(), batch["labels"])
         scored[k] = [scores.chosen, scores.rejected, scores.chosen_tokens, scores.rejected_tokens]
+    columns = split_columns(scored, 4, world)
+    return PairLogps(torch.tensor(columns[0], dtype=torch.float64), torch.tensor(columns[1], dtype=torch.float64),
+                     torch.tensor(columns[2]).long(), torch.tensor(columns[3]).long())
+
+
+def split_columns(scored: Mapping[int, Sequence[torch.Tensor]], columns: int, world: int) -> list[list[float]]:
+    """The eval stage's per-pair values of the whole split: this rank's batches (`scored`, {batch index: its
+    `columns` columns of per-row device values}) read in one transfer (host_columns), every rank's gathered
+    (all_gather_object: every rank gets all of them), each column in split order. One place for split_logps and
+    evaluate.reward.split_scores, which take every world-th batch of the same unsharded loader."""
     local = host_columns(scored)
     if world > 1:
         import torch.distributed as tdist
@@ -60,15 +69,13 @@ def split_logps(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world:
         parts: list[Any] = [None] * world
         tdist.all_gather_object(parts, local)
         local = {k: v for part in parts for k, v in part.items()}
-    columns = [sum((local[k][i] for k in sorted(local)), []) for i in range(4)]
-    return PairLogps(torch.tensor(columns[0], dtype=torch.float64), torch.tensor(columns[1], dtype=torch.float64),
-                     torch.tensor(columns[2]).long(), torch.tensor(columns[3]).long())
+    return [[x for k in sorted(local) for x in local[k][i]] for i in range(columns)]
 
 
 def host_columns(scored: Mapping[int, Sequence[torch.Tensor]]) -> dict[int, list[list[float]]]:
     """{batch: [column values, ...]} as Python floats, from each batch's columns of per-row device values (float or
     integer, exact in float64), read in ONE transfer at the end of the split rather than one per batch: each read
-    stops the host until the device drains (pipeline.train.loop.host_floats' reason)."""
+    stops the host until the device drains (pipeline.runtime.batches.host_floats' reason)."""
     keys = sorted(scored)
     if not keys:
         return {}

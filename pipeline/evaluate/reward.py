@@ -23,8 +23,7 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     """The scores of every val pair (every rank gets all of them, in split order)."""
     from pipeline.data.loaders import pair_loader
     from pipeline.data.model_tokenizer import recipe_tokenizer
-    from pipeline.evaluate.preference import host_columns
-    from pipeline.runtime.batches import to_device
+    from pipeline.evaluate.preference import split_columns
 
     pad = recipe_tokenizer(data).pad_id
     loader = pair_loader(data, "val", rank=0, world_size=1, shuffle=False)
@@ -32,16 +31,9 @@ def split_scores(model: torch.nn.Module, data: DataArgs, *, rank: int = 0, world
     scored: dict[int, list[torch.Tensor]] = {}
     for k in tqdm(range(rank, len(loader), world), desc=f"{label} pairs", unit="batch", disable=rank != 0,
                   leave=False):
-        ids = to_device({"input_ids": loader.batch(k)["input_ids"]}, device)["input_ids"]
+        ids = loader.batch(k)["input_ids"].to(device, non_blocking=True)  # the host goes on queueing work
         scored[k] = list(sequence_scores(model(ids), ids, pad).double().chunk(2))
-    local = host_columns(scored)  # one read for the split
-    if world > 1:
-        import torch.distributed as tdist
-
-        parts: list[Any] = [None] * world
-        tdist.all_gather_object(parts, local)
-        local = {k: v for part in parts for k, v in part.items()}
-    chosen, rejected = ([x for k in sorted(local) for x in local[k][i]] for i in range(2))
+    chosen, rejected = split_columns(scored, 2, world)  # one read for the split, every rank's pairs
     return torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
 
 

@@ -1,5 +1,6 @@
 """Host batches and device batches: what the training loop and evaluation (during training and the eval stage)
-ask of a loader's batch on the host, and the copy they run the model on.
+ask of a loader's batch on the host, the copy they run the model on, and the one read of device values
+(host_floats) where a number is needed on the host.
 
 Why on the host: every read of a device value (float(t), int(t), t.item(), bool(t), t.tolist()) stops the host until
 the device has run everything queued. Token and row counts and the right-padding question are the same integers and
@@ -7,7 +8,7 @@ booleans on the loader's CPU tensors, free there; the device batch (to_device) i
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 
 def to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
@@ -44,3 +45,21 @@ def labelled_rows(labels: Any) -> Any:
     import torch
 
     return torch.nonzero((labels != -100).any(dim=-1)).flatten()
+
+
+def host_floats(values: Sequence[Any]) -> list[float | None]:
+    """Python floats of `values` (floats, None, or 0-dim tensors on the device), the tensors read in ONE transfer.
+
+    Why: every read of a device value (float(t), t.item(), t.tolist()) stops the host until the device has run all
+    it was given; the next micro-batch's kernels cannot be queued meanwhile, and at small batches the GPU idles.
+    The training loop keeps its per-step numbers on the device and reads them here at log and save points. Widening to
+    float64 is exact (float32, bfloat16, float16), so each value is what float(t) gives."""
+    import torch
+
+    out: list[Any] = [v if v is None or isinstance(v, torch.Tensor) else float(v) for v in values]
+    where = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
+    if where:
+        read = torch.stack([out[i].detach().reshape(()).double() for i in where]).tolist()
+        for i, value in zip(where, read):
+            out[i] = value
+    return out

@@ -32,7 +32,6 @@ import importlib
 import os
 import sys
 import types
-import warnings
 from typing import Any, Callable, Iterator
 
 TESTED = (0, 19)  # the DeepSpeed major.minor every item below was read against (requirements.txt pins it)
@@ -123,13 +122,10 @@ DEPRECATED_COLLECTIVES = (
 
 def quiet_deprecated_collectives() -> bool:
     """Hide DEPRECATED_COLLECTIVES (only that message, category and module: every other warning still shows);
-    False, and nothing hidden, when the user chose warning filters themselves (PYTHONWARNINGS or python -W: the
-    `if not sys.warnoptions` rule of Python's warnings documentation), so `PYTHONWARNINGS=default` shows it again."""
-    if sys.warnoptions:
-        return False
-    message, category, module = DEPRECATED_COLLECTIVES
-    warnings.filterwarnings("ignore", message=message, category=category, module=module)
-    return True
+    False, and nothing hidden, when the user chose warning filters themselves (pipeline.library_warnings' rule)."""
+    from pipeline.library_warnings import hide_library_warning
+
+    return hide_library_warning(DEPRECATED_COLLECTIVES)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

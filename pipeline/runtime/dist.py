@@ -228,8 +228,9 @@ def all_sum_unread(values: Sequence[Any]) -> Any:
     import torch.distributed as tdist
 
     multi = tdist.is_initialized() and tdist.get_world_size() > 1
-    where = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-    where = device() if multi or where is None else where
+    # the collective's device with several ranks; alone, where the values already are (the CPU for plain floats:
+    # no accelerator set up for numbers read right after)
+    where = device() if multi else next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=where).reshape(()) for v in values])
     if multi:
         tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)

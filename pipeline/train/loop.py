@@ -11,8 +11,9 @@ every rank) divided by their number, as transformers' Trainer does with num_item
 average_tokens_across_devices (LLaMA-Factory's sft). A mean per micro-batch, averaged, would weigh the
 tokens of a micro-batch with few trained tokens more: 2 ranks x 2 rows would not be 1 rank x 4 rows.
 
-Epochs follow the recipe's step arithmetic: an epoch is floor(batches per rank / accumulation) optimizer
-steps; micro-batches left over at the end of an epoch are not used. The data position (epoch, batch index)
+Epochs follow the recipe's step arithmetic: an epoch is floor(batches per rank / batches per step) optimizer
+steps (pipeline.recipe.batches_per_step: the accumulation; stage ppo's PPO step x ppo_buffer_size); micro-batches
+left over at the end of an epoch are not used. The data position (epoch, batch index)
 advances with every micro-batch drawn, so a resumed run skips exactly what was consumed.
 """
 from __future__ import annotations
@@ -22,14 +23,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.data.packing import EXAMPLE_KEY, model_inputs
 from pipeline.recipe.args import TrainArgs
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
-from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
+from pipeline.runtime.batches import host_floats, lm_batch, to_device, trained_tokens
 from pipeline.train.accuracy import example_accuracy_sums
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step_profile import StepProfiler
@@ -159,24 +160,6 @@ class Window:
         unread), into the log line and the run's mean."""
         self.loss += step_loss
         self.fresh_loss += step_loss
-
-
-def host_floats(values: Sequence[Any]) -> list[float | None]:
-    """Python floats of `values` (floats, None, or 0-dim tensors on the device), the tensors read in ONE transfer.
-
-    Why: every read of a device value (float(t), t.item(), t.tolist()) stops the host until the device has run all
-    it was given; the next micro-batch's kernels cannot be queued meanwhile, and at small batches the GPU idles.
-    The loop keeps its per-step numbers on the device and reads them here at log and save points. Widening to
-    float64 is exact (float32, bfloat16, float16), so each value is what float(t) gives."""
-    import torch
-
-    out: list[Any] = [v if v is None or isinstance(v, torch.Tensor) else float(v) for v in values]
-    where = [i for i, v in enumerate(out) if isinstance(v, torch.Tensor)]
-    if where:
-        read = torch.stack([out[i].detach().reshape(()).double() for i in where]).tolist()
-        for i, value in zip(where, read):
-            out[i] = value
-    return out
 
 
 def l1_penalty(params: list[Any], l1_lambda: float) -> Any:

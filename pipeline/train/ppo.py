@@ -294,8 +294,9 @@ class PPOTrainer(Trainer):
             logprobs, values = policy_pass(self.engine, rows)
         return logprobs, values, -self.reference(rows), self.reward_model(rows["input_ids"], rows["attention_mask"])
 
-    def optimizer_step(self, window: Window) -> float | None:
-        """One PPO step (module docstring); returns the last update's grad norm."""
+    def optimizer_step(self, window: Window) -> Any:
+        """One PPO step (module docstring); returns the last update's grad norm, unread as the base's (a device
+        tensor, a float or None: train_metrics reads it at log points only)."""
         window.lr = float(self.engine.get_lr()[0])
         batches = [self.data.next() for _ in range(self.data.per_step)]  # accumulation x ppo_buffer_size
         data = self.rollout(batches)
@@ -326,7 +327,7 @@ class PPOTrainer(Trainer):
         self._unflushed[1] += trained
         self.data.end_of_step()
         norm = self.engine.get_global_grad_norm()
-        return self.last_norm if norm is None else float(norm)
+        return self.last_norm if norm is None else norm
 
     def checkpoint_state(self) -> dict[str, Any]:
         """What a checkpoint keeps beside the weights, optimizer, RNG and data position: the KL coefficient (the

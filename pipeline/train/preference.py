@@ -243,7 +243,7 @@ class BcoBaseline:
 
     def state(self) -> dict[str, float]:
         """Plain numbers for trainer_state.json (one read of the device values)."""
-        from pipeline.train.loop import host_floats
+        from pipeline.runtime.batches import host_floats
 
         return dict(zip(("mean", "count"), host_floats([self.mean, self.count])))
 
@@ -290,8 +290,8 @@ class PreferenceObjective:
 
 def metric_means(metrics: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A micro-batch's per-pair metrics as their means, float64 device tensors left unread (stage dpo's, stage rm's):
-    the loop sums them in its Window and reads them at log points only (loop.host_floats), since each read stops the
-    host until the device has drained. The mean is taken in float32 and widened exactly, so each value is the
+    the loop sums them in its Window and reads them at log points only (pipeline.runtime.batches.host_floats), since
+    each read stops the host until the device has drained. The mean is taken in float32 and widened exactly, so each value is the
     float(mean) the loop was given before, and the Window's float64 sums are Python's double sums of those."""
     return {k: v.detach().float().mean().double() for k, v in metrics.items()}
 

@@ -109,3 +109,19 @@ def test_a_process_without_process_groups_exits_as_usual(monkeypatch):
     assert stop.value.code == 2
     with pytest.raises(ValueError, match="a bug"):
         dist.end_process(lambda: (_ for _ in ()).throw(ValueError("a bug")))
+
+
+def test_all_sum_unread_alone_stays_where_the_values_are(monkeypatch):
+    """One process: nothing to reduce, so the sum stays on the values' device (the CPU for plain floats, e.g. an
+    evaluation whose rank saw no batch) and no accelerator is asked for (dist.device imports DeepSpeed and names
+    the GPU); the values widen to float64 exactly."""
+    import torch
+
+    def no_device():
+        raise AssertionError("dist.device() asked for in a one-process sum")
+
+    monkeypatch.setattr(dist, "device", no_device)
+    summed = dist.all_sum_unread([0.5, 3, torch.tensor(0.25, dtype=torch.bfloat16)])
+    assert summed.dtype == torch.float64 and summed.device.type == "cpu"
+    assert summed.tolist() == [0.5, 3.0, 0.25]
+    assert dist.all_sum_unread([1.0, 2]).tolist() == [1.0, 2.0]

@@ -171,7 +171,7 @@ def test_sft_lora_reads_the_device_once_a_step_and_once_more_a_log_line(make_rec
                     per_device_eval_batch_size=1)
     result = train(r)
     assert step_reads(reads) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2}, reads
-    assert all(where.startswith("tolist loop.py:") for step, found in reads.items() if isinstance(step, int)
+    assert all(where.startswith("tolist batches.py:") for step, found in reads.items() if isinstance(step, int)
                for where in found), reads
     # the evaluation at the last step (4 val rows, 1 a batch, with compute_accuracy): before, 3 reads a batch (the
     # loss, the mask's right padding, the accuracy sum; 4 with int(examples.max()) under packing)
