@@ -15,6 +15,7 @@ from pipeline.data.args import NOT_A_KEY, DataArgs
 from pipeline.names import DPO_LOSS_KEYS
 from pipeline.recipe import spec
 from pipeline.recipe.check import DERIVED_KEYS
+from pipeline.recipe.steps import batches_per_step
 
 if TYPE_CHECKING:  # the model layer imports torch: validate and plan (which use data_args) must not
     from pipeline.model.build import FinetuneArgs, ModelArgs
@@ -102,6 +103,7 @@ class TrainArgs:
     output_dir: str
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
+    ppo_buffer_size: int  # stage ppo: a step draws this many accumulations (batches_per_step)
     total_train_batch_size: int | None
     steps_per_epoch: int | None
     total_steps: int | None
@@ -157,6 +159,13 @@ class TrainArgs:
     fp16: bool
     bf16: bool
     min_loss_scale: float
+
+    @property
+    def batches_per_step(self) -> int:
+        """The micro-batches one step draws on a rank, by the recipe's one rule (pipeline.recipe.steps): the
+        loop's BatchStream and the dry run's report read it here, so no caller can pass (or forget) another count."""
+        return batches_per_step({"stage": self.stage, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                                 "ppo_buffer_size": self.ppo_buffer_size})
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import TrainArgs, train_args
 from pipeline.runtime import dist
 
@@ -92,7 +91,7 @@ def report(train: TrainArgs, real_output_dir: str, one: OneStep, finished: float
     size = f", {folder_mib(checkpoints[-1]):.1f} MiB" if checkpoints else ""
     loss = f" (loss {record['loss']:.4f})" if isinstance(record.get("loss"), float) else ""
     # stage ppo's step draws ppo_buffer_size x the accumulation (pipeline.recipe.batches_per_step)
-    per_step = batches_per_step(one.recipe) if one.recipe is not None else train.gradient_accumulation_steps
+    per_step = train.batches_per_step
     lines = [
         "dry run: ok - model load, fine-tuning setup, DeepSpeed initialisation, one optimizer step and a checkpoint"
         " write all worked",

@@ -191,11 +191,11 @@ class Trainer:
     def __init__(self, engine: Any, train: TrainArgs, state: TrainState, loader: Any, *,
                  evaluate: Callable[[], dict[str, float]] | None, save: Callable[[], Any], log: Any,
                  stop: StopRequest, objective: Callable[[dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None,
-                 profiler: StepProfiler | None = None, batches_per_step: int | None = None):
+                 profiler: StepProfiler | None = None):
         self.engine, self.args, self.state = engine, train, state
         self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
         # micro-batches a step draws: the accumulation (stage ppo: x ppo_buffer_size, pipeline.recipe.batches_per_step)
-        self.data = BatchStream(loader, state, batches_per_step or train.gradient_accumulation_steps)
+        self.data = BatchStream(loader, state, train.batches_per_step)
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
         self.profiler = profiler or StepProfiler(None)  # PIPELINE_PROFILE: torch.profiler over chosen steps
         self.params = [p for p in engine.module.parameters() if deepspeed_compat.trains(p)]

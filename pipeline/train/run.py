@@ -165,7 +165,6 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
                             else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
         trainer = trainer_class(engine, args, state, loader, evaluate=evaluate_now, **extra,
-                          batches_per_step=batches_per_step(r),
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
                                                        trainer.checkpoint_state()),
                           log=log, stop=stop,

@@ -117,12 +117,12 @@ def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
               "train_batch_size": mini * accumulation, "gradient_clipping": clip, "zero_optimization": {"stage": 0}}
     engine, *_ = deepspeed.initialize(model=model.train(), optimizer=torch.optim.AdamW(model.parameters(), lr=lr),
                                       config=config)
-    args = train_args({"per_device_train_batch_size": mini, "gradient_accumulation_steps": accumulation,
-                       "learning_rate": lr, "max_grad_norm": clip})
+    args = train_args({"stage": "ppo", "per_device_train_batch_size": mini, "gradient_accumulation_steps": accumulation,
+                       "ppo_buffer_size": buffer, "learning_rate": lr, "max_grad_norm": clip})
     ppo = SimpleNamespace(ppo_epochs=epochs, ppo_whiten_rewards=False, ppo_target=6.0, ppo_score_norm=False)
     trainer = PPOTrainer(engine, args, TrainState(), [None] * 16, evaluate=None, save=lambda: None, log=None,
                          stop=None, reward_model=None, reference=None, pad_id=0, stop_ids=(), generation=None, ppo=ppo,
-                         scheduler=None, seed=seed, batches_per_step=accumulation * buffer)
+                         scheduler=None, seed=seed)
     drawn = []
     monkeypatch.setattr(trainer.data, "next", lambda: drawn.append(1) or {})
     monkeypatch.setattr(trainer, "rollout", lambda batches: data)
