@@ -527,12 +527,17 @@ def exact_steps(r: Any, loader: Any) -> Any:
     per_step = batches_per_step(r)
     assert r["steps_per_epoch"] == len(loader) // per_step, "derive_steps disagrees with the loader"
     if not r["total_steps"]:
-        what, keys = (f"gradient_accumulation_steps is {r['gradient_accumulation_steps']}", "gradient_accumulation_steps")
-        if per_step != r["gradient_accumulation_steps"]:
+        accumulation = r["gradient_accumulation_steps"]
+        what, keys = (f"gradient_accumulation_steps is {accumulation}", "gradient_accumulation_steps")
+        if per_step != accumulation:
             what = f"{what} and ppo_buffer_size {r['ppo_buffer_size']} ({per_step} micro-batches a PPO step)"
             keys = "gradient_accumulation_steps, ppo_buffer_size"
-        raise UserError(f"no optimizer step fits: the train split gives {len(loader)} micro-batches per rank per "
-                        f"epoch and {what}; lower {keys} or per_device_train_batch_size, or add data")
+        # at the key that does not fit, as rules.training.enough_batches (which catches this first when it can)
+        key = "ppo_buffer_size" if per_step != accumulation and len(loader) >= accumulation else \
+            "gradient_accumulation_steps"
+        raise UserError(f"{checkpoint.where(r, key)}: no optimizer step fits: the train split gives {len(loader)} "
+                        f"micro-batches per rank per epoch and {what}; lower {keys} or per_device_train_batch_size, "
+                        "or add data")
     return r
 
 

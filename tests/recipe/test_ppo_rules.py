@@ -84,6 +84,26 @@ def test_a_buffer_the_data_cannot_fill_is_said_at_ppo_buffer_size(recipe, manife
                for m in found), found
 
 
+@pytest.mark.parametrize("lines, said", [
+    ("gradient_accumulation_steps: 2\nppo_buffer_size: 8\n",
+     "r.yaml:9: ppo_buffer_size: no optimizer step fits: the train split gives 8 micro-batches per rank per epoch and "
+     "gradient_accumulation_steps is 2 and ppo_buffer_size 8 (16 micro-batches a PPO step)"),
+    ("gradient_accumulation_steps: 9\n",
+     "r.yaml:8: gradient_accumulation_steps: no optimizer step fits: the train split gives 8 micro-batches per rank "
+     "per epoch and gradient_accumulation_steps is 9"),
+], ids=["buffer", "accumulation"])
+def test_a_step_the_loader_cannot_fill_is_said_at_its_key(recipe, lines, said):
+    """train's last check (pipeline.train.run.exact_steps, on the loader's real count after the length policy) names
+    the key that does not fit at its recipe line, as enough_batches does when the built split's count is known."""
+    from pipeline.train.run import exact_steps
+
+    r = resolve(recipe(PPO + "per_device_train_batch_size: 1\n" + lines))
+    loader = type("Loader", (), {"num_examples": 8, "__len__": lambda self: 8})()
+    with pytest.raises(UserError) as exc:
+        exact_steps(r, loader)
+    assert str(exc.value).startswith(said), str(exc.value)
+
+
 def test_ppo_trains_on_every_prompt(recipe):
     """val_size's default (0.1) would hold prompts out of a run that evaluates nothing: derived 0."""
     r = resolve(recipe(PPO))
