@@ -644,12 +644,6 @@ def oft_blocks(in_features: int, rank: int, block_size: int) -> tuple[int, int]:
     return blocks, in_features // blocks
 
 
-def oft_params(in_features: int, rank: int, block_size: int) -> int:
-    """OFT's trained numbers on one layer: the upper triangle of each skew-symmetric block."""
-    blocks, size = oft_blocks(in_features, rank, block_size)
-    return blocks * size * (size - 1) // 2
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     """One parameter tensor of GPTModel(cfg), or of an adapter on it: our name (as model.named_parameters() gives
