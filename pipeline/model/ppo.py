@@ -105,8 +105,11 @@ def advantages_and_returns(values: torch.Tensor, rewards: torch.Tensor, mask: to
 
 def ppo_losses(old_logprobs: torch.Tensor, values: torch.Tensor, logprobs: torch.Tensor, vpreds: torch.Tensor,
                mask: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor,
-               cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """-> (policy loss, vf_coef x value loss, stats): the clipped surrogate and the clipped value loss."""
+               cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """-> (policy loss, vf_coef x value loss, stats): the clipped surrogate and the clipped value loss. Nothing is
+    read on the host (each read stalls it until the device drains): TRL's skip of a batch whose mean ratio passes
+    ratio_threshold is a factor on the device (x 1.0 leaves a loss and its gradient the same to the bit, x 0.0 is
+    TRL's loss x 0), and the stats are 0-d device tensors (the trainer sums them unread until a log line)."""
     vpred_clipped = torch.max(torch.min(vpreds, values + cfg.cliprange_value), values - cfg.cliprange_value)
     vf_losses1 = (vpreds - returns) ** 2
     vf_losses2 = (vpred_clipped - returns) ** 2
@@ -115,12 +118,12 @@ def ppo_losses(old_logprobs: torch.Tensor, values: torch.Tensor, logprobs: torch
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cfg.cliprange, 1.0 + cfg.cliprange)
     pg_loss = masked_mean(torch.max(pg_losses1, pg_losses2), mask)
-    if masked_mean(ratio, mask).item() > cfg.ratio_threshold:  # TRL skips the batch (loss x 0)
-        pg_loss, vf_loss = pg_loss * 0.0, vf_loss * 0.0
-    stats = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
-             "policy/clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses1).float(), mask).item(),
-             "policy/approxkl": (0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)).item(),
-             "val/clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask).item()}
+    kept = 1.0 - (masked_mean(ratio, mask) > cfg.ratio_threshold).to(pg_loss.dtype)  # 0.0: TRL skips the batch
+    pg_loss, vf_loss = pg_loss * kept, vf_loss * kept.to(vf_loss.dtype)
+    stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(),
+             "policy/clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses1).float(), mask),
+             "policy/approxkl": (0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)).detach(),
+             "val/clipfrac": masked_mean(torch.gt(vf_losses2, vf_losses1).float(), mask)}
     return pg_loss, cfg.vf_coef * vf_loss, stats
 
 

@@ -39,7 +39,6 @@ the old log-probabilities are the policy's own); the update passes in train mode
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -147,11 +146,19 @@ def sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def unmasked(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """sequences' rows without their attention mask, for the policy's and the reference's forwards: the rows are
+    right-padded by construction (prompt + response, then pads), which needs no mask (pipeline.runtime.batches.
+    lm_batch's reason: the model would read the device mask in every forward to find that out, a sync), so the
+    forward is the one the model ran after dropping the mask itself."""
+    return {k: v for k, v in rows.items() if k != "attention_mask"}
+
+
 def policy_pass(engine: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities of the labelled tokens (B, T), 0 elsewhere; values (B, T)) in one forward."""
+    """(log-probabilities of the labelled tokens (B, T), 0 elsewhere; values (B, T)) in one forward, on sequences'
+    right-padded rows (unmasked)."""
     with last_hidden(engine.module) as caught:
-        nll = engine(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     reduction="none")
+        nll = engine(batch["input_ids"], labels=batch["labels"], reduction="none")
     return -nll, engine.module.v_head(caught[-1]).float()
 
 
@@ -267,10 +274,9 @@ class PPOTrainer(Trainer):
         return prompts, responses
 
     @torch.no_grad()
-    def rollout(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Generate, score and take the no-grad passes over the step's rows (its whole buffer); rewards, advantages
-        (whitened over all of them, as TRL's compute_advantages over its batch_size rows) and returns."""
-        prompts, responses = self.responses(batches)
+    def rollout(self, prompts: list[list[int]], responses: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Score the step's rows (its whole buffer: self.responses) and take the no-grad passes over them; rewards,
+        advantages (whitened over all of them, as TRL's compute_advantages over its batch_size rows) and returns."""
         data = sequences(prompts, responses, self.pad_id, self.engine.device)
         mask = (data["labels"] != -100).float()
         # the passes in slices of one update's rows (ppo_buffer_size slices): the memory of a buffer of 1 whatever
@@ -292,27 +298,35 @@ class PPOTrainer(Trainer):
 
         with _eval_mode(self.engine.module):
             logprobs, values = policy_pass(self.engine, rows)
-        return logprobs, values, -self.reference(rows), self.reward_model(rows["input_ids"], rows["attention_mask"])
+        scores = self.reward_model(rows["input_ids"], rows["attention_mask"])  # pools at the mask's last token
+        return logprobs, values, -self.reference(unmasked(rows)), scores
 
     def optimizer_step(self, window: Window) -> Any:
         """One PPO step (module docstring); returns the last update's grad norm, unread as the base's (a device
-        tensor, a float or None: train_metrics reads it at log points only)."""
+        tensor, a float or None: train_metrics reads it at log points only).
+
+        Besides the generation (which reads each new token to know when to stop), one device read a step: the mean
+        KL the controller moves by (as TRL 0.9.6 reads it, ppo_trainer.py:866-876), and one per update (nan_policy
+        stop's check of its mini-batch losses, before the engine.step that applies it). The losses and stats are
+        summed as float64 device tensors into the Window (the double arithmetic the values read per mini-batch
+        had, to the bit) and the tokens counted on the host prompts and responses."""
         window.lr = float(self.engine.get_lr()[0])
         batches = [self.data.next() for _ in range(self.data.per_step)]  # accumulation x ppo_buffer_size
-        data = self.rollout(batches)
-        rows, size = len(data["scores"]), self.args.per_device_train_batch_size
+        prompts, responses = self.responses(batches)
+        data = self.rollout(prompts, responses)
+        rows, size = len(prompts), self.args.per_device_train_batch_size
         generator = torch.Generator().manual_seed(self.seed + self.state.global_step)
-        sums: dict[str, float] = {}
-        updates = 0
+        sums: dict[str, Any] = {}
+        updates, losses = 0, []
         for _ in range(self.epochs):
             order = torch.randperm(rows, generator=generator)
             for start in range(0, rows, size):
-                stats = self.update({k: v[order[start:start + size].to(v.device)] for k, v in data.items()})
+                stats = self.update({k: v[order[start:start + size].to(v.device)] for k, v in data.items()}, losses)
                 for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    sums[key] = sums.get(key, 0.0) + value.double()  # a float32 widens exactly
                 updates += 1
         mean_kl = data["kl"].mean()
-        metrics = {"reward": float(data["scores"].mean()), "kl": float(mean_kl), "kl_coef": self.kl_ctl.value,
+        metrics = {"reward": data["scores"].mean().double(), "kl": mean_kl.double(), "kl_coef": self.kl_ctl.value,
                    **{key: value / updates for key, value in sums.items() if key != "loss"}}
         self.kl_ctl.update(ranks_mean(mean_kl), rows * dist.world_size())
         if self.scheduler is not None:
@@ -320,7 +334,9 @@ class PPOTrainer(Trainer):
         window.add_loss(sums["loss"] / updates)
         for key, value in metrics.items():
             window.extra[key] = window.extra.get(key, 0.0) + value
-        tokens, trained = int(data["attention_mask"].sum()), int(data["mask"].sum())
+        # sequences' attention mask and labels: prompt + response tokens a row, the response ones labelled
+        tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+        trained = sum(len(r) for r in responses)
         window.tokens += tokens
         window.trained_tokens += trained
         self._unflushed[0] += tokens
@@ -343,22 +359,25 @@ class PPOTrainer(Trainer):
         if self.moments is not None and "score_moments" in saved:
             self.moments = RunningMoments.from_state(saved["score_moments"], rank_sum())
 
-    def update(self, mini: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One mini-batch: the clipped losses (pipeline.model.ppo.ppo_losses), backward, engine step."""
+    def update(self, mini: dict[str, torch.Tensor], losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One mini-batch: the clipped losses (pipeline.model.ppo.ppo_losses), backward, engine step; its loss and
+        stats returned unread. `losses` gathers the mini-batch losses of the update under way: at its boundary
+        (DeepSpeed applies the update there only) they are checked finite in one read before the engine.step
+        (stop_if_nonfinite, every policy: ppo has no skip), so a non-finite loss stops the run before any weight
+        changes, as the check of each mini-batch's loss did."""
         logprobs, vpreds = policy_pass(self.engine, mini)
         pg_loss, vf_loss, stats = ppo_losses(mini["logprobs"], mini["values"], logprobs, vpreds, mini["mask"],
                                              mini["advantages"], mini["returns"], self.config)
         loss = pg_loss + vf_loss
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            from pipeline.train.loop import _nonfinite_message
-
-            raise UserError(_nonfinite_message(self.args.fp16, self.state.global_step + 1, value, self.engine))
+        losses.append(loss.detach())
         self.engine.backward(loss)
-        if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
-            self.last_norm = grad_norm(self.params)
+        if self.engine.is_gradient_accumulation_boundary():
+            if self.own_grad_norm:
+                self.last_norm = grad_norm(self.params)
+            self.stop_if_nonfinite(losses)
+            losses.clear()
         self.engine_step()
-        return {"loss": value, **stats}
+        return {"loss": loss.detach(), **stats}
 
 
 def describe(reward_model: str, kind: str, scorer: RewardScorer | ServerScorer, ppo: Any, generation: Any,

@@ -28,6 +28,7 @@ from pipeline.recipe import resolve
 from pipeline.runtime.log import read_log
 from pipeline.train import loop
 from pipeline.train.asft import AsftObjective
+from pipeline.train.ppo import PPOTrainer
 from pipeline.train.preference import KtoObjective, PreferenceObjective
 from pipeline.train.reward import RewardObjective
 from pipeline.train.run import train
@@ -110,6 +111,14 @@ def count_device_reads(monkeypatch: pytest.MonkeyPatch) -> dict[Any, list[str]]:
             now["step"] = None
 
     monkeypatch.setattr(loop.Trainer, "optimizer_step", optimizer_step)
+    ppo_step = PPOTrainer.optimizer_step  # stage ppo's own step
+
+    def ppo_optimizer_step(self, window):
+        now["step"] = self.state.global_step + 1
+        reads.setdefault(now["step"], [])
+        return ppo_step(self, window)
+
+    monkeypatch.setattr(PPOTrainer, "optimizer_step", ppo_optimizer_step)
     monkeypatch.setattr(loop.Trainer, "train", counted_train)
     return reads
 
@@ -229,3 +238,32 @@ def test_preference_and_reward_objectives_read_the_device_once_a_step(stage, req
         # base and tuned: before, one read a batch (the columns, in one transfer)
         eval_run.run(resolve(r.recipe_path, ["max_eval_samples=1", "max_new_tokens=2"], command="eval"))
         assert_evaluations_read_once_at_the_end(reads, 3)
+
+
+
+def test_a_ppo_step_reads_the_device_once_an_update_and_once_for_the_kl_controller(monkeypatch):
+    """Stage ppo's step past its rollout (generation reads each new token to know when to stop; a reward server's
+    scorer reads the ids it decodes): ppo_buffer_size 2 and ppo_epochs 2, 2 mini-batches an update, so 4 updates
+    and 8 mini-batches (tests/train/test_ppo_parts.py's step, its rollouts given). 1 read an update (nan_policy
+    stop's check of its mini-batch losses, before the engine.step that applies it) and 1 a step (the mean KL the
+    controller moves by, as TRL 0.9.6 reads it): 5. Before, every mini-batch read 8 values (its loss, ppo_losses'
+    ratio-threshold test and 5 stats, the model's right-padding check of the mask) and the step 5 more (the mean
+    reward, the KL twice, the token counts on the device rollout): 69. The losses and stats stay on the device,
+    summed in the Window, read with the log line (the same values to the bit: a scratch old-vs-new run)."""
+    from tests.train.test_ppo_parts import buffered_ppo_step
+
+    run = buffered_ppo_step(monkeypatch)
+    trainer, engine = run["trainer"], run["engine"]
+    reads = count_device_reads(monkeypatch)
+    checked_at = []  # DeepSpeed's update count when each check ran: before the update it guards
+    check = PPOTrainer.stop_if_nonfinite
+    monkeypatch.setattr(PPOTrainer, "stop_if_nonfinite",
+                        lambda self, losses: checked_at.append((engine.global_steps, len(losses))) or check(self, losses))
+    window = loop.Window()
+    trainer.optimizer_step(window)
+    assert step_reads(reads) == {1: 5}, reads
+    assert checked_at == [(0, 2), (1, 2), (2, 2), (3, 2)] and engine.global_steps == 4
+    assert sorted(where.split(":")[0] for where in reads[1]) == ["__float__ ppo.py"] + ["tolist batches.py"] * 4
+    assert isinstance(window.loss, torch.Tensor) and window.loss.dtype == torch.float64  # unread, summed in double
+    assert window.tokens == int(run["data"]["attention_mask"].sum())  # counted on the host prompts + responses
+    assert window.trained_tokens == int(run["data"]["mask"].sum())

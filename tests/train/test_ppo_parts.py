@@ -74,13 +74,14 @@ def trl_step_updates(model, data, orders, mini, accumulation, lr, max_grad_norm)
     return losses
 
 
-def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
-    """ppo_buffer_size 2 (micro 2, accumulation 2: TRL's batch_size 8, backward batches of 4) and ppo_epochs 2: our
-    PPO step on a DeepSpeed engine makes the updates TRL's step() makes on the same rollouts, in the same row order:
-    2 an epoch, 4 in all, each over one backward batch of its permutation. Golden: trl_step_updates on a copy of the
-    same model with torch's AdamW (the weights after the step, each mini-batch's loss, their mean as the logged loss).
-    The order is the step's seeded permutation (TRL's is numpy's global RNG: a free choice of the same kind). Dropout
-    off, so the two runs see the same numbers."""
+BUFFERED = dict(mini=2, accumulation=2, buffer=2, epochs=2, lr=1e-3, clip=1.0, seed=3)
+
+
+def buffered_ppo_step(monkeypatch) -> dict:
+    """A PPOTrainer on a DeepSpeed engine (ZeRO 0, the tiny preset with a value head, dropout off) whose PPO step
+    (BUFFERED: ppo_buffer_size 2, ppo_epochs 2) takes fixed rollouts instead of generating: {"trainer", "engine",
+    "model", "golden" (an untouched copy of the model), "data" (the rollouts), "drawn" (the loader's draws)}. Shared
+    by the TRL comparison below and tests/train/test_host_reads.py's count of a PPO step's device reads."""
     import copy
     from types import SimpleNamespace
 
@@ -88,11 +89,10 @@ def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
     from pipeline.runtime import dist
     from pipeline.recipe.args import train_args
     from pipeline.train.checkpoint import TrainState
-    from pipeline.train.loop import Window
     from pipeline.train.ppo import PPOTrainer, attach_value_head
 
     dist.init()
-    mini, accumulation, buffer, epochs, lr, clip, seed = 2, 2, 2, 2, 1e-3, 1.0, 3
+    mini, accumulation, buffer, epochs, lr, clip, seed = BUFFERED.values()
     rows = mini * accumulation * buffer
     model = GPTModel(PRESETS["tiny"].replace(drop_rate=0.0, vocab_size=64), seed=0)
     attach_value_head(model, 0)
@@ -125,15 +125,32 @@ def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
                          scheduler=None, seed=seed)
     drawn = []
     monkeypatch.setattr(trainer.data, "next", lambda: drawn.append(1) or {})
-    monkeypatch.setattr(trainer, "rollout", lambda batches: data)
+    monkeypatch.setattr(trainer, "responses", lambda batches: (prompts, responses))
+    monkeypatch.setattr(trainer, "rollout", lambda prompts, responses: data)
+    return {"trainer": trainer, "engine": engine, "model": model, "golden": golden, "data": data, "drawn": drawn}
+
+
+def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
+    """ppo_buffer_size 2 (micro 2, accumulation 2: TRL's batch_size 8, backward batches of 4) and ppo_epochs 2: our
+    PPO step on a DeepSpeed engine makes the updates TRL's step() makes on the same rollouts, in the same row order:
+    2 an epoch, 4 in all, each over one backward batch of its permutation. Golden: trl_step_updates on a copy of the
+    same model with torch's AdamW (the weights after the step, each mini-batch's loss, their mean as the logged loss).
+    The order is the step's seeded permutation (TRL's is numpy's global RNG: a free choice of the same kind). Dropout
+    off, so the two runs see the same numbers."""
+    from pipeline.train.loop import Window
+
+    run = buffered_ppo_step(monkeypatch)
+    mini, accumulation, buffer, epochs, lr, clip, seed = BUFFERED.values()
+    rows = mini * accumulation * buffer
+    engine, model, golden, data, drawn = run["engine"], run["model"], run["golden"], run["data"], run["drawn"]
     window = Window()
-    trainer.optimizer_step(window)
+    run["trainer"].optimizer_step(window)
 
     generator = torch.Generator().manual_seed(seed)  # the step's order: seed + global_step (0)
     orders = [torch.randperm(rows, generator=generator) for _ in range(epochs)]
     losses = trl_step_updates(golden.train(), data, orders, mini, accumulation, lr, clip)
     assert len(drawn) == accumulation * buffer and len(losses) == epochs * buffer * accumulation
     assert engine.global_steps == epochs * buffer  # one update a backward batch: ppo_buffer_size an epoch
-    assert window.loss == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert float(window.loss) == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     for (name, ours), theirs in zip(model.named_parameters(), golden.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=name)
