@@ -305,21 +305,17 @@ WORKER_COUNT_WARNING = (r"This DataLoader will create \d+ worker processes in to
 _said_worker_count = False
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (torch's DataLoader counts the same way: its suggested maximum)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def say_worker_count(workers: int) -> None:
     """dataloader_num_workers above the CPUs this process may use (LLaMA-Factory's examples set 4) is said once, as
     a notice on rank 0, instead of torch's warning twice every epoch of the run: its message, category and module
     only are hidden, and nothing when the user chose warning filters (PYTHONWARNINGS or python -W)."""
     global _said_worker_count
-    cpus = usable_cpus()
-    if workers <= cpus or _said_worker_count:
+    if workers == 0 or _said_worker_count:
+        return
+    from pipeline.data.build import usable_cores  # the CPUs torch's DataLoader counts too (its suggested maximum)
+
+    cpus = usable_cores()
+    if workers <= cpus:
         return
     _said_worker_count = True
     if os.environ.get("RANK", "0") == "0":

@@ -208,7 +208,9 @@ def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(mak
 
     import pipeline.data.loaders as loaders
 
-    workers = loaders.usable_cpus() + 1
+    from pipeline.data.build import usable_cores
+
+    workers = usable_cores() + 1
     rows = alpaca_rows(12)
     r = make_recipe({"d": {"file_name": "raw/d.jsonl"}}, files={"raw/d.jsonl": jsonl(rows)},
                     per_device_train_batch_size=4, cutoff_len=128, dataloader_num_workers=workers)
