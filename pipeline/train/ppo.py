@@ -114,6 +114,30 @@ def ranks_mean(value: torch.Tensor) -> float:
     return float(value if reduce is None else reduce(value) / dist.world_size())
 
 
+MASK64 = (1 << 64) - 1
+
+
+def mix64(value: int) -> int:
+    """SplitMix64's output function (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014;
+    the finalizer of java.util.SplittableRandom): xor-shifts and odd multiplications modulo 2**64, each invertible, so
+    it is a bijection of the 64-bit integers that spreads every input bit over the output."""
+    value &= MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & MASK64
+    return value ^ (value >> 31)
+
+
+def rollout_seed(seed: int, step: int, micro: int) -> int:
+    """The sampling seed of a PPO step's micro-batch `micro` (0 .. accumulation x ppo_buffer_size - 1) at optimizer
+    step `step`: a function of the three alone (a resumed run draws what the uninterrupted one drew), and for one
+    `seed` a different one for every (step, micro) below 2**32 each: step and micro packed into 64 bits, xored with
+    the mixed seed, mixed again; xor with a constant and mix64 are bijections, so distinct pairs never share a seed
+    (seed + 1000 x step + micro, the earlier rule, repeated at 1,000 micro-batches a step and across steps)."""
+    if not (0 <= step < 1 << 32 and 0 <= micro < 1 << 32):
+        raise ValueError(f"rollout_seed: step {step} and micro-batch {micro} must each lie in [0, 2**32)")
+    return mix64(mix64(seed) ^ (step << 32 | micro))
+
+
 def prompt_ids(batch: dict[str, torch.Tensor]) -> list[list[int]]:
     """Each sft row's prompt: its tokens up to and including the last one before its last response (labels are
     shifted: labels[t] is the token after position t), so a conversation's earlier turns are its history, as
@@ -252,14 +276,15 @@ class PPOTrainer(Trainer):
         self.last_norm: Any = None
 
     def generate(self, policy: nn.Module, prompts: list[list[int]], micro: int) -> list[list[int]]:
-        """Responses of the policy (adapters on), sampled from a generator seeded by (seed, step, micro-batch)."""
+        """Responses of the policy (adapters on), sampled from a generator seeded by (seed, step, micro-batch):
+        rollout_seed."""
         from pipeline.model.generate import generate
 
         g = self.generation
-        seed = self.seed + 1000 * self.state.global_step + micro
         return generate(policy, prompts, max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
                         temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, stop_ids=self.stop_ids,
-                        seed=seed, pad_id=self.pad_id, repetition_penalty=g.repetition_penalty, keep_stop=True)
+                        seed=rollout_seed(self.seed, self.state.global_step, micro), pad_id=self.pad_id,
+                        repetition_penalty=g.repetition_penalty, keep_stop=True)
 
     def responses(self, batches: list[dict[str, Any]]) -> tuple[list[list[int]], list[list[int]]]:
         """(prompts, responses) of the step's rows: one gather of the policy's weights under ZeRO 3 for all of

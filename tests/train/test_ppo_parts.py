@@ -154,3 +154,33 @@ def test_a_buffered_ppo_step_updates_as_trls_step_does(monkeypatch):
     assert float(window.loss) == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     for (name, ours), theirs in zip(model.named_parameters(), golden.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6, msg=name)
+
+
+def test_rollout_seeds_differ_for_every_step_and_micro_batch(monkeypatch):
+    """Each micro-batch of a PPO step samples from its own seed: (step 0, micro-batch 1000) and (step 1, micro-batch
+    0) drew the same tokens under seed + 1000 x step + micro (a step has 1,000 micro-batches with
+    gradient_accumulation_steps 100 x ppo_buffer_size 10); every (step, micro) of a grid past that gets its own seed,
+    as PPOTrainer.generate passes it to generate. Golden: distinctness, which the earlier rule fails."""
+    from types import SimpleNamespace
+
+    from pipeline.train import ppo
+
+    seeds = []
+
+    def fake_generate(policy, prompts, **kwargs):
+        seeds.append(kwargs["seed"])
+        return [[] for _ in prompts]
+
+    trainer = SimpleNamespace(seed=42, state=SimpleNamespace(global_step=0), stop_ids=(1,), pad_id=0,
+                              generation=SimpleNamespace(max_new_tokens=2, do_sample=True, temperature=1.0, top_k=0,
+                                                         top_p=1.0, repetition_penalty=1.0))
+    monkeypatch.setattr("pipeline.model.generate.generate", fake_generate)
+    for step, micro in ((0, 1000), (1, 0), (2, 1000), (3, 0)):
+        trainer.state.global_step = step
+        ppo.PPOTrainer.generate(trainer, None, [[1]], micro)
+    assert len(set(seeds)) == 4, seeds
+    grid = {ppo.rollout_seed(42, step, micro) for step in range(4) for micro in range(2500)}
+    assert len(grid) == 4 * 2500
+    assert all(0 <= s < 2 ** 64 for s in grid)  # what torch.Generator.manual_seed takes
+    assert ppo.rollout_seed(42, 3, 7) == ppo.rollout_seed(42, 3, 7) != ppo.rollout_seed(43, 3, 7)
+
