@@ -289,10 +289,34 @@ class Template:
         return EOS in self.assistant or (self.replace_eos and self.stop_words[0] in self.assistant)
 
     def stop_ids(self, tokenizer: "Tokenizer") -> tuple[int, ...]:
-        """Where generation stops: the template's EOS, its stop words the vocabulary has, the tokenizer's stops."""
-        words = [tokenizer.token_id(w) for w in self.stop_words if tokenizer.has_token(w)]
+        """Where generation stops (eval, generate / chat, the exports' generation_config.json): the template's EOS,
+        its stop words the vocabulary has, the tokenizer's stops (generation_config.json's eos list, which
+        transformers' generate stops at). Stage ppo's rollouts stop elsewhere: ppo_stop_ids."""
         eos = self.ids(tokenizer)[EOS]
-        return tuple(dict.fromkeys([t for t in (eos, *words, *tokenizer.stop_ids) if t is not None]))
+        return tuple(dict.fromkeys([t for t in (eos, *self._word_ids(tokenizer, self.stop_words), *tokenizer.stop_ids)
+                                    if t is not None]))
+
+    def ppo_stop_ids(self, tokenizer: "Tokenizer") -> tuple[int, ...]:
+        """Where stage ppo's rollouts stop: LLaMA-Factory 0.9.5's set. Its PPOTrainer builds the rollouts'
+        GenerationConfig with eos_token_id=[tokenizer.eos_token_id] + tokenizer.additional_special_tokens_ids
+        (llamafactory/train/ppo/trainer.py:159-163), on the tokenizer as Template.fix_special_tokens left it
+        (llamafactory/data/template.py:189-215): its EOS is the first stop word under replace_eos, else the
+        checkpoint's; the other stop words are appended to the checkpoint's additional_special_tokens where missing
+        (replace_additional_special_tokens=False; Tokenizer.additional_special_ids). An explicit eos_token_id is
+        not merged with the model's generation_config.json, so that file's eos list is not read here: a Llama 3
+        Instruct rollout runs on past <|end_of_text|>, and a Qwen2.5 one stops at <|im_start|>,
+        <|object_ref_start|>, ... (its tokenizer_config.json's additional_special_tokens). The recipe's
+        add_special_tokens are not among them (LLaMA-Factory adds them with add_tokens(special_tokens=True),
+        llamafactory/model/patcher.py:286-287, which leaves additional_special_tokens as it is). Stop words the
+        vocabulary lacks are left out (LLaMA-Factory adds them as new ids that an unresized model never samples)."""
+        words = self.stop_words[1:] if self.replace_eos else self.stop_words
+        eos = self.ids(tokenizer)[EOS]
+        return tuple(dict.fromkeys([eos, *tokenizer.additional_special_ids, *self._word_ids(tokenizer, words)]))
+
+    @staticmethod
+    def _word_ids(tokenizer: "Tokenizer", words: Sequence[str]) -> list[int]:
+        """The ids of the stop words the vocabulary has."""
+        return [tokenizer.token_id(w) for w in words if tokenizer.has_token(w)]
 
 
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "

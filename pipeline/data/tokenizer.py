@@ -91,6 +91,9 @@ class Tokenizer:
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
     new_tokens: tuple[str, ...] = ()  # added by the recipe (with_tokens), not in the files: exports add them
     split_special_tokens: bool = False  # special tokens literal in user text (split_special): exports say so too
+    # the checkpoint's additional_special_tokens as ids, in order (tokenizer_files.additional_special_ids): where
+    # LLaMA-Factory's PPO also stops its rollouts (Template.ppo_stop_ids); nothing else reads them
+    additional_special_ids: tuple[int, ...] = ()
     _ids: dict[str, int] = field(default_factory=dict, repr=False)
     # with_tokens' results by their tokens: the build, the model, the skeleton and the export each ask for the
     # recipe's tokenizer, and a new tiktoken Encoding of a 128k vocabulary costs ~0.1 s each time (init=False: a

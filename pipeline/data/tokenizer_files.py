@@ -338,7 +338,28 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     markup = markup_tokens(ids, (eos, pad, bos, *gen_eos))
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),
-                     added=frozenset(t for t in added if t not in markup), nfc=nfc, files=files)
+                     added=frozenset(t for t in added if t not in markup), nfc=nfc, files=files,
+                     additional_special_ids=additional_special_ids(config, special_map, ids, ranks))
+
+
+def additional_special_ids(config: Mapping[str, Any], special_map: Mapping[str, Any], ids: Mapping[str, int],
+                           ranks: Mapping[bytes, int]) -> tuple[int, ...]:
+    """The checkpoint's additional_special_tokens as transformers 4.57 reads them, as ids: tokenizer_config.json's
+    list, and only where that file has no added_tokens_decoder (the legacy branch) special_tokens_map.json's
+    tokens it lacks appended (transformers/tokenization_utils_base.py:2262-2297); each name an added token's id, or
+    a vocabulary token's rank (its byte-level text, as tokenizer.json spells it: transformers gives it that id).
+    A name the vocabulary lacks is left out: transformers would add it as a new id past the model's rows, which the
+    model never samples. Only stage ppo reads them (Template.ppo_stop_ids: LLaMA-Factory stops its rollouts there)."""
+    names = [_content(t) for t in config.get("additional_special_tokens") or []]
+    if "added_tokens_decoder" not in config:
+        names += [n for t in special_map.get("additional_special_tokens") or [] if (n := _content(t)) not in names]
+    table = _unicode_to_byte()
+
+    def token_id(name: str) -> int | None:
+        if name in ids:
+            return ids[name]
+        return ranks.get(bytes(table[c] for c in name)) if all(c in table for c in name) else None
+    return tuple(dict.fromkeys(i for n in names if n and (i := token_id(n)) is not None))
 
 
 def markup_tokens(ids: Mapping[str, int], control: Sequence[int | None]) -> frozenset[str]:

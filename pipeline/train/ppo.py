@@ -3,7 +3,8 @@
     prompts (per_device_train_batch_size x gradient_accumulation_steps x ppo_buffer_size rows of an sft-format
        dataset: TRL's batch_size as LLaMA-Factory sets it, llamafactory/train/ppo/trainer.py:99-106)
     -> the policy generates a response to each (the recipe's max_new_tokens, do_sample, temperature, top_k, top_p;
-       the EOS it ends with is kept, as LLaMA-Factory's get_inputs keeps it)
+       stopping where LLaMA-Factory's rollouts stop, Template.ppo_stop_ids; the EOS it ends with is kept, as
+       LLaMA-Factory's get_inputs keeps it; sampling seeded per micro-batch by rollout_seed)
     -> the reward model scores prompt + response (pipeline.model.reward: the token transformers pools), or a reward
        server its decoded text (reward_model_type api: pipeline.model.reward_server, LLaMA-Factory's request)
     -> no-grad passes, one update's rows at a time: the policy's log-probabilities and values, the reference's

@@ -238,7 +238,7 @@ def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]
     """stage ppo: its trainer and what it needs beside the base Trainer's arguments: the reward model (or server), the
     reference (the starting model: the policy with its adapters off under LoRA / OFT, a frozen copy under full /
     freeze, as LLaMA-Factory's create_ref_model, which copies under OFT too: the same model), the tokenizer's pad id
-    and the template's stop ids, the decoding keys."""
+    and the ids LLaMA-Factory's rollouts stop at (Template.ppo_stop_ids), the decoding keys."""
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.model.reward import ServerScorer
     from pipeline.recipe.args import GenerationArgs, ppo_args, recipe_args
@@ -260,7 +260,7 @@ def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]
                                    zero3_config=r.ds_config if r["zero_stage"] == 3 else None)
     describe(ppo.reward_model, ppo.reward_model_type, reward, ppo, generation, reference.description)
     return PPOTrainer, {"reward_model": reward, "reference": reference, "pad_id": tokenizer.pad_id,
-                        "stop_ids": tuple(template.stop_ids(tokenizer)), "generation": generation, "ppo": ppo,
+                        "stop_ids": template.ppo_stop_ids(tokenizer), "generation": generation, "ppo": ppo,
                         "scheduler": scheduler, "seed": int(r["seed"])}
 
 

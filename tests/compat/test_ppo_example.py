@@ -11,8 +11,10 @@ ends bitwise as the uninterrupted one.
 Golden for step 1, computed here with transformers and PEFT: every row has one prompt (so the rows of step 1 are
 known whatever the order), the policy is the base (LoRA starts at B = 0) and step 1's learning rate is 0 (the
 example's warmup), so: the response is transformers' greedy continuation of the prompt written out in
-LLaMA-Factory's llama3 template, the logged reward is the reward model's score of prompt + response (the base
-with the rm run's adapter, in PEFT), the KL to the reference (the same model) is 0, and the policy loss is 0
+LLaMA-Factory's llama3 template, stopped where LLaMA-Factory's rollouts stop (its EOS and the tokenizer's
+additional special tokens, not at the token stop_in_generation_config adds to generation_config.json's eos
+list), the logged reward is the reward model's score of prompt + response (the base with the rm run's adapter, in
+PEFT), the KL to the reference (the same model) is 0, and the policy loss is 0
 (ratio 1 on whitened advantages of identical rows, whose mean is 0). Full, freeze and OFT policies take the same
 step 1; the OFT run's step-3 KL (the first after its policy moved) is PEFT's: the checkpoint-2 adapter's greedy
 response scored with the adapter on and off.
@@ -82,6 +84,21 @@ def greedy_sequence(base: Path, prompt: str = PROMPT, policy: Any = None, stops:
                                eos_token_id=stops, pad_token_id=tok.eos_token_id)
 
 
+def stop_in_generation_config(base: Path) -> int:
+    """The first token of the base's greedy response to PROMPT added to generation_config.json's eos_token_id, as
+    Llama 3 Instruct lists <|end_of_text|> there beside <|eot_id|>; returns it. transformers' generate with the
+    model's own config (and eval, generate here) would stop there, after one token; LLaMA-Factory's rollouts do not
+    (eos_token_id=[tokenizer.eos_token_id] + tokenizer.additional_special_tokens_ids replaces that list,
+    llamafactory/train/ppo/trainer.py:159-163), so step 1's response is greedy_sequence's, all NEW_TOKENS long."""
+    response = greedy_sequence(base)[0, prompt_ids(base).shape[1]:].tolist()
+    assert len(response) == NEW_TOKENS, response  # no stop of LLaMA-Factory's comes
+    path = base / "generation_config.json"
+    config = json.loads(path.read_text("utf-8"))
+    config["eos_token_id"] = [*config["eos_token_id"], response[0]]
+    path.write_text(json.dumps(config), "utf-8")
+    return response[0]
+
+
 def rollout_kl(base: Path, adapter: Path) -> float:
     """TRL's KL of a rollout (kl_penalty "kl": the response tokens' summed log p_policy - log p_ref) of the policy
     `adapter` on the base (PEFT) against the base itself with that adapter off (PEFT's disable_adapter), on its own
@@ -130,6 +147,7 @@ def test_rm_then_ppo_examples_through_the_cli(tmp_path):
     fast = ["bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]  # the example's bf16: emulated on CPU
     pipeline("train", RM, "max_steps=2", "gradient_accumulation_steps=1", "max_samples=16", "val_size=0", *fast,
              cwd=work)
+    stop_in_generation_config(base)  # LLaMA-Factory's rollouts run on past it: so must ours (step 1's reward)
     used = ["max_steps=3", "dataset=one_prompt", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
             "gradient_accumulation_steps=2", "ppo_buffer_size=2", "ppo_epochs=2", "save_steps=1", "ppo_score_norm=true",
             "learning_rate=1e-2", *fast]  # 2 epochs x 2 updates a step: time; the policy moves (other scores each step)

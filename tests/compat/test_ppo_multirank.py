@@ -7,7 +7,8 @@ outputs are separate tests):
 - `zero3`: the LoRA example under ZeRO 3, 2 PPO steps, a checkpoint each. Each rank holds half of every weight
   matrix (only those under stage3_param_persistence_threshold, norms and the LoRA factors, stay whole), so step 1's
   responses are transformers' only if the rollouts decode on the weights gathered from both ranks, and the ranks'
-  responses end at different lengths: the checkpoint's generation_config.json also stops at a token that exactly
+  responses end at different lengths: the checkpoint's tokenizer_config.json names among its
+  additional_special_tokens (where LLaMA-Factory's rollouts also stop: Template.ppo_stop_ids) a token that exactly
   one prompt's greedy response holds early (picked here from transformers' responses), so one rank decodes fewer
   tokens than the other. Only the one gather of the whole policy before decoding
   (pipeline.runtime.deepspeed_compat.gathered_for_generation) lets them: with DeepSpeed's per-layer gathers in the
@@ -121,10 +122,6 @@ def prepared(tmp_path_factory) -> dict[str, object]:
     policy = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
     starts = [prompt_ids(base, prompt).shape[1] for prompt in PROMPTS]
     stop = early_stop([greedy_sequence(base, p, policy)[0, s:].tolist() for p, s in zip(PROMPTS, starts)])
-    # where our generate and transformers' read the checkpoint's EOS: generation_config.json's eos_token_id
-    config = json.loads((base / "generation_config.json").read_text("utf-8"))
-    config["eos_token_id"] = [*config["eos_token_id"], stop]
-    (base / "generation_config.json").write_text(json.dumps(config), "utf-8")
     sequences = [greedy_sequence(base, prompt, policy, stops=(stop,)) for prompt in PROMPTS]
     lengths = [seq.shape[1] - s for seq, s in zip(sequences, starts)]
     assert sorted(lengths)[1:] == [NEW_TOKENS] * 3 and lengths.count(NEW_TOKENS) == 3  # one ended early
@@ -136,6 +133,11 @@ def prepared(tmp_path_factory) -> dict[str, object]:
     # what LLaMA-Factory posts to a reward server for each row (test_ppo_reward_models.py's reward server test)
     decode = transformers.AutoTokenizer.from_pretrained(base).batch_decode
     texts = [decode(seq, skip_special_tokens=False)[0] for seq in sequences]
+    # where LLaMA-Factory's rollouts stop besides the template's EOS: the tokenizer's additional_special_tokens
+    # (tokenizer_config.json; a vocabulary token by its byte-level text, which transformers gives its id)
+    config = json.loads((base / "tokenizer_config.json").read_text("utf-8"))
+    config["additional_special_tokens"] = [transformers.AutoTokenizer.from_pretrained(base).convert_ids_to_tokens(stop)]
+    (base / "tokenizer_config.json").write_text(json.dumps(config), "utf-8")
     used = ["max_steps=2", "dataset=four_prompts", f"max_new_tokens={NEW_TOKENS}", "logging_steps=1",
             "ppo_epochs=1", "save_steps=1", "ppo_score_norm=true", "learning_rate=1e-2", f"ppo_target={TARGET}",
             "bf16=false", "dataloader_num_workers=0", "overwrite_cache=true"]

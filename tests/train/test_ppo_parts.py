@@ -184,3 +184,95 @@ def test_rollout_seeds_differ_for_every_step_and_micro_batch(monkeypatch):
     assert all(0 <= s < 2 ** 64 for s in grid)  # what torch.Generator.manual_seed takes
     assert ppo.rollout_seed(42, 3, 7) == ppo.rollout_seed(42, 3, 7) != ppo.rollout_seed(43, 3, 7)
 
+
+# LLaMA-Factory 0.9.5's stop words of the templates below (llamafactory/data/template.py: llama3 :1434-1435, qwen
+# :1956-1957, chatml :738-739), all with replace_eos
+LF_STOP_WORDS = {"llama3": ["<|eot_id|>", "<|eom_id|>"], "qwen": ["<|im_end|>"], "chatml": ["<|im_end|>", "<|im_start|>"]}
+# Qwen2.5-7B-Instruct's tokenizer_config.json additional_special_tokens, as published
+QWEN25_ADDITIONAL = ["<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+                     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def lf_rollout_stops(directory, template: str, hf_tokenizer=None) -> set[int]:
+    """LLaMA-Factory 0.9.5's rollout stops, re-typed: GenerationConfig(eos_token_id=[tokenizer.eos_token_id] +
+    tokenizer.additional_special_tokens_ids) (llamafactory/train/ppo/trainer.py:159-163) on the tokenizer as
+    Template.fix_special_tokens left it (llamafactory/data/template.py:189-215): under replace_eos the EOS is the
+    first stop word, the others are add_special_tokens(additional_special_tokens=..., replace_additional_special_
+    tokens=False), appended where missing (transformers 4.57.1 tokenization_utils_base.py:985-1005); the loaded
+    additional_special_tokens are tokenizer_config.json's, plus special_tokens_map.json's it lacks only when the
+    config has no added_tokens_decoder (:2262-2297). Token names -> ids by transformers' tokenizer of the folder
+    (`hf_tokenizer`, loaded here when not given)."""
+    import json
+
+    import transformers
+
+    config = json.loads((directory / "tokenizer_config.json").read_text("utf-8"))
+    additional = list(config.get("additional_special_tokens") or [])
+    if "added_tokens_decoder" not in config:
+        mapped = json.loads((directory / "special_tokens_map.json").read_text("utf-8"))
+        additional += [t for t in mapped.get("additional_special_tokens") or [] if t not in additional]
+    eos, *others = LF_STOP_WORDS[template]  # replace_eos
+    additional += [w for w in others if w not in additional]
+    hf_tokenizer = hf_tokenizer or transformers.AutoTokenizer.from_pretrained(directory)
+    ids = hf_tokenizer.convert_tokens_to_ids([eos, *additional])
+    assert all(isinstance(i, int) for i in ids), ids  # every name is in the vocabulary here
+    return set(ids)
+
+
+def test_ppo_rollouts_stop_where_llama_factory_s_do_on_a_llama3_instruct_checkpoint(tmp_path):
+    """A transformers-written Llama 3 Instruct-like checkpoint (eos_token <|eot_id|>, generation_config.json's eos
+    list <|end_of_text|>, <|eom_id|>, <|eot_id|>): LLaMA-Factory's rollouts stop at <|eot_id|> and <|eom_id|> only,
+    so stage ppo runs on past <|end_of_text|>, where eval and generate (Template.stop_ids: transformers' generate
+    with the checkpoint's generation config) still stop. With additional_special_tokens in special_tokens_map.json
+    alone (this tokenizer_config.json has no added_tokens_decoder: transformers' legacy branch reads it), one of them
+    a vocabulary token by its byte-level text, those stop too."""
+    import json
+    import shutil
+
+    from pipeline.data.templates import get_template
+    from pipeline.data.tokenizer_files import read_tokenizer
+    from tests.acceptance.harness import write_hf_checkpoint
+
+    write_hf_checkpoint(tmp_path / "llama", "llama", small_vocab=True)
+    tokenizer, template = read_tokenizer(tmp_path / "llama"), get_template("llama3")
+    end_of_text = tokenizer.token_id("<|end_of_text|>")
+    assert set(template.ppo_stop_ids(tokenizer)) == lf_rollout_stops(tmp_path / "llama", "llama3")
+    assert end_of_text not in template.ppo_stop_ids(tokenizer) and end_of_text in template.stop_ids(tokenizer)
+
+    folder = shutil.copytree(tmp_path / "llama", tmp_path / "llama_more")
+    vocab = json.loads((folder / "tokenizer.json").read_text("utf-8"))["model"]["vocab"]
+    word = next(t for t in vocab if t.startswith("Ġ") and len(t) > 2)
+    mapped = json.loads((folder / "special_tokens_map.json").read_text("utf-8"))
+    mapped["additional_special_tokens"] = ["<|start_header_id|>", word]
+    (folder / "special_tokens_map.json").write_text(json.dumps(mapped), "utf-8")
+    golden = lf_rollout_stops(folder, "llama3")
+    assert vocab[word] in golden and len(golden) == 4
+    assert set(template.ppo_stop_ids(read_tokenizer(folder))) == golden
+
+
+def test_ppo_rollouts_stop_at_a_qwen_checkpoint_s_additional_special_tokens(tmp_path):
+    """Qwen2.5-Instruct's tokenizer files (its real vocabulary, its tokenizer_config.json's additional_special_tokens
+    and added_tokens_decoder): LLaMA-Factory's rollouts stop at <|im_end|> (the template's EOS) and at every
+    additional special token (<|im_start|>, <|object_ref_start|>, ... <|video_pad|>), and not at <|endoftext|>, which
+    generation_config.json lists (eval and generate stop there). chatml's second stop word, <|im_start|>, is one of
+    them already."""
+    import json
+
+    import transformers
+
+    from pipeline.data.templates import get_template
+    from pipeline.data.tokenizer_files import read_tokenizer
+    from tests.helpers.hf_vocab import write_tokenizer_dir
+
+    folder = write_tokenizer_dir(tmp_path / "qwen", "qwen2")
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = json.loads((folder / file).read_text("utf-8"))
+        (folder / file).write_text(json.dumps({**data, "additional_special_tokens": QWEN25_ADDITIONAL}), "utf-8")
+    tokenizer, hf_tokenizer = read_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    endoftext = tokenizer.token_id("<|endoftext|>")
+    for name in ("qwen", "chatml"):
+        template, golden = get_template(name), lf_rollout_stops(folder, name, hf_tokenizer)
+        assert len(golden) == len(QWEN25_ADDITIONAL)  # <|im_end|> is the EOS and one of them
+        assert set(template.ppo_stop_ids(tokenizer)) == golden, name
+        assert endoftext not in golden and endoftext in template.stop_ids(tokenizer)
