@@ -533,7 +533,7 @@ def _ending_overlap(fam: Family, pattern: str, hits: list[tuple[str, str]]) -> s
                 f"being a whole part of it; PEFT keeps the adapter on such a module and then cannot also train it in full "
                 "(get_peft_model raises TypeError: \"modules_to_save cannot be applied to modules of type "
                 "lora.Linear\", OFT's alike), so LLaMA-Factory fails. Write whole module names in additional_target "
-                f"(e.g. {leaf}: trained in full, without an adapter), or take {leaf} out of lora_target")
+                f"(e.g. {leaf}: trained in full, without an adapter), or take those modules out of lora_target")
     holders = ", ".join(_short_names(fam.strip(around) for _, around in inner))
     leaf = inner[0][1].rsplit(".", 1)[-1]
     return (f"additional_target: '{pattern}' ends the name of {holders}, which holds {adapted_names} that lora_target "
@@ -571,12 +571,12 @@ def adapted_and_saved_message(where: str, found: Mapping[str, str], family: Fami
     modules = ", ".join(_short_names(fam.strip(m) for m in found))
     listed = ", ".join(dict.fromkeys(f"'{n}'" for n in found.values()))
     return (f"{where} holds adapter tensors (lora_A / lora_B) for {modules}, which its modules_to_save ({listed}) "
-            "also trains in full: this pipeline wrote such adapters before it kept a module in both lora_target and "
-            "additional_target off the adapter. PEFT builds no adapter on a module it trains in full and drops those "
-            "tensors without a word, so the model it loads is not the one trained, and this pipeline will not load "
-            "it either. Train it again with this version (such a module then trains in full, without LoRA), or fold "
-            "each such module's update into its saved weight (weight + lora_alpha / r x B A) and delete its lora_A / "
-            "lora_B tensors from the file")
+            "also trains in full (this pipeline's LoRA runs wrote such adapters for a module in both lora_target and "
+            "additional_target before they followed PEFT's rule). PEFT builds no adapter there: it drops those tensors"
+            " without a word (or fails, for a module that holds them), so it does not load the model that was "
+            "trained, and neither does this pipeline. Train it again with this version (such a module then trains in"
+            " full, without LoRA), or fold each such module's update into its saved weight (weight + lora_alpha / r "
+            "x B A) and delete its lora_A / lora_B tensors from the file")
 
 
 PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64) (pipeline.model.vocab)
