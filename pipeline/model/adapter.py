@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.model.config import adapted, in_blocks, lora_candidates, select_modules
 from pipeline.model.families import FAMILIES, GPT2, Family
+from pipeline.names import split_names
 
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
 HALF = (torch.bfloat16, torch.float16)  # the dtypes PEFT's cast_adapter_dtype upcasts to fp32
@@ -117,7 +118,8 @@ def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
         # training either trains the shared matrix, so both modules are saved and restored (PEFT's
         # ensure_weight_tying): with one of them the adapter would give PEFT another model than the trained one
         extra = [n for n in modules if n in extra or n in TIED]
-    return adapted(chosen, extra, family), extra  # no adapter on a module trained in full (PEFT's modules_to_save)
+    patterns = split_names(additional_targets)
+    return adapted(chosen, patterns, family), extra  # no adapter on a module trained in full (PEFT's modules_to_save)
 
 
 PEFT_SEQ_CLS_HEADS = ("classifier", "score")  # what PeftModelForSequenceClassification adds to modules_to_save

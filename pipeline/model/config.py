@@ -433,6 +433,9 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
             problems.append(f"{key}: '{pattern}': the output head takes no LoRA (train it in full with"
                             " additional_target or finetuning_type: full)")
             continue
+        if key == "additional_target" and pattern == fam.prefix.rstrip("."):
+            problems.append(whole_model_message(fam, pattern))
+            continue
         hit = [n for n in ours if fam.to_hf(n).endswith(pattern)] if key == "additional_target" \
             else [n for n in ours if matches(hf[n], bare)]
         if not hit:
@@ -457,25 +460,123 @@ def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None,
     return [linears[n] for n in in_blocks(select_modules(lora_candidates(linears), targets, family=cfg.family), blocks)]
 
 
-def adapted(targets: Sequence[str], saved: Iterable[str], family: Family | str = "gpt2") -> list[str]:
-    """The `targets` (module paths lora_target picks) that take the adapter: those not trained in full beside it.
+def whole_model_message(fam: Family, pattern: str) -> str:
+    """Why additional_target cannot name the whole inner model (LlamaForCausalLM.model, GPT2LMHeadModel.transformer),
+    which our module paths have no name for. PEFT (0.21) keeps every adapter off a modules_to_save module and what it
+    holds (saved_whole), and every Linear lora_target may pick lies inside that one (the head takes no LoRA), so its
+    get_peft_model raises "No modules were targeted for adaptation" whatever lora_target says: LLaMA-Factory fails."""
+    return (f"additional_target: '{pattern}' is the whole inner model ({fam.architecture}.{pattern}: the embedding, "
+            "every block and the final norm); PEFT trains a modules_to_save module in full and puts no adapter inside"
+            " it, so lora_target is left nothing to adapt (PEFT: \"No modules were targeted for adaptation\", and "
+            "LLaMA-Factory fails). To train every weight, use finetuning_type: full (without additional_target and "
+            "the lora_* keys); to train some modules in full beside LoRA, name them (e.g. "
+            f"{fam.strip(fam.to_hf('embed_tokens'))}, {fam.strip(fam.to_hf('norm'))})")
 
-    PEFT's rule (0.21, tuners/tuners_utils.py check_target_module_exists: "Adapters should never match on modules to
-    save modules"): a module that modules_to_save names, or one inside it, is excluded from target_modules, and
-    LLaMA-Factory 0.9.5 (model/adapter.py) passes lora_target and additional_target to PEFT as they are. So a module
-    in both trains in full and takes no adapter; when that leaves nothing to adapt PEFT raises "No modules were
-    targeted for adaptation", refused here with a fix. `saved`: the additional_target module paths, in the same
-    naming as `targets` (leaf modules or whole subtrees)."""
-    saved = list(saved)
-    kept = [n for n in targets if not any(n == s or n.startswith(s + ".") for s in saved)]
+
+def saved_whole(path: str, pattern: str) -> bool:
+    """Whether `pattern` is whole dotted parts of the HF module path `path` (names the module or one holding it):
+    PEFT's rule keeping every adapter off a modules_to_save module (0.21, tuners/tuners_utils.py:2363,
+    check_target_module_exists: `re.match(rf"(^|.*\\.){m}($|\\..*)", key)`; escaped here, our names hold no other
+    regex character than the dot). 'all' is every module, as select_modules reads additional_target."""
+    return pattern == "all" or re.match(rf"(^|.*\.){re.escape(pattern)}($|\..*)", path) is not None
+
+
+def saved_around(path: str, pattern: str) -> str | None:
+    """The outermost of the HF module path `path` and the modules holding it that PEFT's modules_to_save rule wraps
+    for `pattern` (0.21, utils/other.py:1088 _set_trainable: `key.endswith(target_key)`, no dot needed), or None."""
+    parts = path.split(".")
+    return next((p for p in (".".join(parts[:end]) for end in range(1, len(parts) + 1)) if p.endswith(pattern)),
+                None)
+
+
+def adapted(targets: Sequence[str], patterns: Iterable[str], family: Family | str = "gpt2") -> list[str]:
+    """The `targets` (module paths lora_target picks) that take the adapter beside the modules_to_save `patterns`
+    (additional_target, or an adapter's modules_to_save), as PEFT 0.21 builds them, or a UserError where it cannot.
+
+    LLaMA-Factory 0.9.5 (model/adapter.py) passes lora_target and additional_target to PEFT as they are. PEFT
+    first keeps every adapter off a module that a pattern names as whole dotted parts (saved_whole: "Adapters should
+    never match on modules to save modules"): such a module trains in full and takes no adapter; when that leaves
+    nothing to adapt get_peft_model raises "No modules were targeted for adaptation", refused here at lora_target.
+    Then it wraps every module whose name merely ends with a pattern (saved_around), after the adapters are in: a
+    pattern that ends an adapted module's name without being a whole part of it (`proj` with `q_proj`) makes
+    get_peft_model raise TypeError ("modules_to_save cannot be applied to modules of type lora.Linear"); one that
+    ends the name of a module holding it (`attn` with Llama's `self_attn.q_proj`) trains that module in full with
+    the adapter inside, an adapter PeftModel.from_pretrained cannot load back (KeyError). Both are refused here at
+    additional_target, with the whole name that does what PEFT can (its ModulesToSaveWrapper, one subtree)."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    patterns = list(patterns)
+    kept = [n for n in targets if not any(saved_whole(fam.to_hf(n), p) for p in patterns)]
     if targets and not kept:
-        fam = FAMILIES[family] if isinstance(family, str) else family
         picked = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in targets))
         raise UserError(f"lora_target: every module it picks ({picked}) is also in additional_target, which trains it "
                         "in full; PEFT puts no adapter on a module it trains in full (modules_to_save), so nothing is "
                         "left to adapt (PEFT: \"No modules were targeted for adaptation\"). Name other modules in "
                         "lora_target, remove these from additional_target, or use finetuning_type: full / freeze")
+    problems = []
+    for pattern in patterns:
+        hits = [(fam.to_hf(n), around) for n in kept if (around := saved_around(fam.to_hf(n), pattern))]
+        if hits:
+            problems.append(_ending_overlap(fam, pattern, hits))
+    if problems:
+        raise UserError(problems)
     return kept
+
+
+def _ending_overlap(fam: Family, pattern: str, hits: list[tuple[str, str]]) -> str:
+    """additional_target's message for a pattern that ends the name of adapted modules (or of modules holding them)
+    without being a whole part of it (adapted): what PEFT does with it and the whole name to write instead."""
+    adapted_names = ", ".join(_short_names(fam.strip(path) for path, _ in hits))
+    inner = [(path, around) for path, around in hits if not path.endswith(pattern)]
+    if len(inner) < len(hits):  # PEFT wraps the adapted module itself: its TypeError, whatever holds it
+        leaf = next(path for path, _ in hits if path.endswith(pattern)).rsplit(".", 1)[-1]
+        return (f"additional_target: '{pattern}' ends the name of {adapted_names}, which lora_target adapts, without "
+                f"being a whole part of it; PEFT keeps the adapter on such a module and then cannot also train it in full "
+                "(get_peft_model raises TypeError: \"modules_to_save cannot be applied to modules of type "
+                "lora.Linear\", OFT's alike), so LLaMA-Factory fails. Write whole module names in additional_target "
+                f"(e.g. {leaf}: trained in full, without an adapter), or take those modules out of lora_target")
+    holders = ", ".join(_short_names(fam.strip(around) for _, around in inner))
+    leaf = inner[0][1].rsplit(".", 1)[-1]
+    return (f"additional_target: '{pattern}' ends the name of {holders}, which holds {adapted_names} that lora_target "
+            f"adapts, without being a whole part of it; PEFT then trains {holders} in full with the adapter inside, "
+            "and the adapter it writes does not load back (PeftModel.from_pretrained: KeyError). Write whole module "
+            f"names in additional_target (e.g. {leaf}: trained in full, with no adapter inside), or take the modules "
+            "inside it out of lora_target")
+
+
+# a PEFT adapter tensor's key: base_model.model.<module>.<the adapter's own tensor>[.weight]
+_ADAPTER_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.(lora_A|lora_B|lora_magnitude_vector|oft_R)(\.|$)")
+
+
+def adapted_and_saved(tensor_names: Iterable[str], modules_to_save: Iterable[str]) -> dict[str, str]:
+    """The modules (HF paths) for which an adapter file holds adapter tensors (LoRA's A / B / DoRA's magnitude,
+    OFT's R) although its modules_to_save trains them in full, each with the name that takes it (saved_whole or
+    saved_around: PEFT's two rules, as in adapted). PEFT builds no adapter there: it loads such a file without a
+    word and drops those tensors, another model than the one trained; this pipeline wrote such adapters before it
+    kept a module in both lora_target and additional_target off the adapter."""
+    names = [n for n in modules_to_save if isinstance(n, str)]
+    found: dict[str, str] = {}
+    for key in tensor_names:
+        if (m := _ADAPTER_TENSOR.match(key)) is None or m["module"] in found:
+            continue
+        name = next((n for n in names if saved_whole(m["module"], n) or saved_around(m["module"], n)), None)
+        if name is not None:
+            found[m["module"]] = name
+    return found
+
+
+def adapted_and_saved_message(where: str, found: Mapping[str, str], family: Family | str) -> str:
+    """The refusal of an adapter whose file adapts modules its modules_to_save trains in full (adapted_and_saved):
+    `where` names the adapter (its weights file, or the recipe key's value)."""
+    fam = FAMILIES[family] if isinstance(family, str) else family
+    modules = ", ".join(_short_names(fam.strip(m) for m in found))
+    listed = ", ".join(dict.fromkeys(f"'{n}'" for n in found.values()))
+    return (f"{where} holds adapter tensors (lora_A / lora_B) for {modules}, which its modules_to_save ({listed}) "
+            "also trains in full (this pipeline's LoRA runs wrote such adapters for a module in both lora_target and "
+            "additional_target before they followed PEFT's rule). PEFT builds no adapter there: it drops those tensors"
+            " without a word (or fails, for a module that holds them), so it does not load the model that was "
+            "trained, and neither does this pipeline. Train it again with this version (such a module then trains in"
+            " full, without LoRA), or fold each such module's update into its saved weight (weight + lora_alpha / r "
+            "x B A) and delete its lora_A / lora_B tensors from the file")
 
 
 PAD_TO_MULTIPLE_OF = 64  # LLaMA-Factory's resize_token_embeddings(..., pad_to_multiple_of=64) (pipeline.model.vocab)
@@ -705,7 +806,8 @@ def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8
         targets = lora_target_modules(cfg, lora_target, llama_pro_blocks(cfg.n_layers, freeze_trainable_layers)
                                       if use_llama_pro else None)
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
-        kept = set(adapted([m.name for m in targets], extra, cfg.family))  # a module trained in full takes none
+        kept = set(adapted([m.name for m in targets], normalise_targets(additional_target) if additional_target
+                           else [], cfg.family))  # a module trained in full takes none
         adapters = [t for m in targets if m.name in kept
                     for t in adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
         if resize_vocab and additional_target is None:

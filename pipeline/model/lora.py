@@ -38,7 +38,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family_of_model, head_is_tied,
                                     is_reward_model, linear_names, replace_linears, saved_modules, train_additional)
-from pipeline.model.config import default_lora_alpha, lora_candidates
+from pipeline.model.config import adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates
 from pipeline.model.families import Family
 from pipeline.model.weights import read_tensors
 from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
@@ -630,6 +630,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         raise UserError(f"{directory / ADAPTER_CONFIG}: a reward-model adapter (task_type SEQ_CLS: a score head, "
                         "no LM head) on a language model; load it with stage: rm (docs/reward-models.md)")
     tensors = {key: tensor for _, key, tensor in read_tensors([weights])}
+    if overlap := adapted_and_saved(tensors, saved_modules(model, config)):  # before its targets are read
+        raise UserError(adapted_and_saved_message(str(weights), overlap, family_of_model(model)))
     existing = lora_modules(model)
     if existing:
         _check_settings(existing, config, directory / ADAPTER_CONFIG, family_of_model(model))

@@ -163,3 +163,102 @@ def test_additional_target_norm_on_llama_trains_and_saves_every_norm_as_peft(tmp
     line = next(i for i, text in enumerate(typo.read_text().splitlines(), 1) if text.startswith("additional_target:"))
     err = refused("validate", typo, cwd=tmp_path)
     assert f"typo.yaml:{line}:20: additional_target: 'ln_f' matches no module" in err and err.count("error:") == 1, err
+
+
+# What PEFT 0.21 cannot build (or cannot load back) from LLaMA-Factory's recipe, each refused at validate at
+# additional_target's line. PEFT keeps an adapter off a module a modules_to_save name takes as whole dotted parts
+# (tuners_utils.py:2363), then wraps every module whose name merely ends with it (other.py:1088): a bare ending on an
+# adapted module is get_peft_model's TypeError, one on a module holding it an adapter that does not load (KeyError),
+# and `model` (the whole inner model) leaves no module to adapt. Checked on PEFT itself below.
+UNBUILDABLE = [  # (family, lora_target, additional_target, PEFT's failure, our message's words)
+    ("gpt2", ["c_attn", "c_fc"], "fc", "get_peft_model: TypeError",
+     "'fc' ends the name of mlp.c_fc, which lora_target adapts, without being a whole part of it"),
+    ("llama", ["q_proj", "gate_proj"], "attn", "from_pretrained: KeyError",
+     "'attn' ends the name of self_attn, which holds self_attn.q_proj that lora_target adapts"),
+    ("llama", ["q_proj"], "model", "get_peft_model: NoMatchingPeftModuleError",
+     "'model' is the whole inner model (LlamaForCausalLM.model: the embedding, every block and the final norm)"),
+]
+
+
+def peft_failure(family, targets, saved, tmp_path):
+    """Where PEFT fails on LoraConfig(target_modules=targets, modules_to_save=[saved]): get_peft_model, or the
+    round trip of the adapter it writes (save_pretrained, then PeftModel.from_pretrained on a fresh base)."""
+    from tests.acceptance.harness import hf_model
+
+    config = peft.LoraConfig(r=2, target_modules=targets, modules_to_save=[saved], task_type="CAUSAL_LM")
+    try:
+        peft.get_peft_model(hf_model(family, noise=0), config).save_pretrained(tmp_path / f"peft-{saved}")
+    except Exception as err:  # noqa: BLE001 - whichever PEFT raises is the golden value
+        return f"get_peft_model: {type(err).__name__}"
+    try:
+        peft.PeftModel.from_pretrained(hf_model(family, noise=0), tmp_path / f"peft-{saved}")
+    except Exception as err:  # noqa: BLE001
+        return f"from_pretrained: {type(err).__name__}"
+    return None
+
+
+def test_additional_target_peft_cannot_build_is_refused_at_its_line(tmp_path):
+    """Before: ours trained mlp.c_fc / self_attn in full without LoRA and wrote an adapter that loads in PEFT as
+    another model than LLaMA-Factory's recipe asks (which fails there), and 'model' was 'matches no module'."""
+    write_data(tmp_path / "data")
+    for family in ("gpt2", "llama"):
+        write_hf_checkpoint(tmp_path / family, family, small_vocab=family == "llama")
+    for family, targets, saved, failure, words in UNBUILDABLE:
+        assert peft_failure(family, targets, saved, tmp_path) == failure, (family, saved)
+        recipe = write_recipe(tmp_path / "unbuildable.yaml", model_name_or_path=str(tmp_path / family), dataset_dir="data",
+                              output_dir="saves/unbuildable", lora_target=targets, additional_target=saved)
+        line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1)
+                    if text.startswith("additional_target:"))
+        err = refused("validate", recipe, cwd=tmp_path, as_typed=False)  # this file runs validate as typed above
+        assert f"unbuildable.yaml:{line}:20: additional_target: {words}" in err and err.count("error:") == 1, err
+        fix = "finetuning_type: full" if saved == "model" else "Write whole module names in additional_target"
+        assert fix in err, err
+    assert not (tmp_path / "saves").exists()
+
+
+def old_overlap_adapter(base, directory):
+    """An adapter as this pipeline's LoRA runs wrote it before a module in both lora_target and additional_target
+    was kept off LoRA: c_fc's lora_A / lora_B beside its full weight and bias (modules_to_save, by full name)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, block in enumerate(base.transformer.h):
+        for module, (rows, cols) in (("attn.c_attn", (32, 96)), ("mlp.c_fc", (32, 128))):  # in, out (hidden 32)
+            key = f"base_model.model.transformer.h.{i}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(2, rows, generator=g)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(cols, 2, generator=g)
+        for name, param in block.mlp.c_fc.named_parameters():
+            tensors[f"base_model.model.transformer.h.{i}.mlp.c_fc.{name}"] = param.detach() + 0.1
+    directory.mkdir(parents=True)
+    safetensors_torch.save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": TARGETS,
+        "modules_to_save": ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"], "bias": "none"}))
+    return directory
+
+
+def test_an_adapter_that_adapts_a_module_it_trains_in_full_is_refused(tmp_path):
+    """PEFT loads such an adapter without a word and drops c_fc's LoRA tensors (another model than the one trained).
+    Before: export failed on 'unexpected tensor ...; the model has no such LoRA module' per tensor, naming the file;
+    an adapter adapting only c_fc failed as 'lora_target: every module it picks ...', a key the recipe lacks."""
+    base = write_hf_checkpoint(tmp_path / "gpt2", "gpt2")
+    adapter = old_overlap_adapter(base, tmp_path / "old")
+    loaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), adapter)
+    assert not any(".c_fc.lora_" in name for name, _ in loaded.named_parameters())  # PEFT: dropped, silently
+    assert any(".c_attn.lora_A" in name for name, _ in loaded.named_parameters())
+
+    (tmp_path / "merge.yaml").write_text("model_name_or_path: gpt2\nadapter_name_or_path: old\ntemplate: default\n"
+                                         "export_dir: saves/merged\n")
+    err = refused("export", "merge.yaml", cwd=tmp_path)
+    assert ("merge.yaml:2:23: adapter_name_or_path: given 'old', which holds adapter tensors (lora_A / lora_B) for "
+            "mlp.c_fc, which its modules_to_save ('transformer.h.0.mlp.c_fc', 'transformer.h.1.mlp.c_fc') also trains"
+            " in full") in err and err.count("error:") == 1, err
+    assert "Train it again with this version" in err and not (tmp_path / "saves").exists()
+
+    # the load itself (merge or eval of a run's adapter/, which no recipe key names) refuses it the same way
+    from pipeline.errors import UserError
+    from pipeline.model.lora import load_adapter
+    from pipeline.model.weights import load_model
+
+    with pytest.raises(UserError, match=r"old/adapter_model.safetensors holds adapter tensors \(lora_A / lora_B\) "
+                                        r"for mlp.c_fc, which its modules_to_save"):
+        load_adapter(load_model(tmp_path / "gpt2"), adapter)

@@ -105,14 +105,16 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
             check(info.config, ctx.values[key])
         except UserError as err:
             problems += [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
-    if not problems:  # a module in both trains in full, without an adapter (PEFT's rule): is any left to adapt?
+    if not problems:  # how PEFT builds lora_target beside additional_target (config.adapted): can it?
         try:
             v = ctx.values
             trainable_tensors(info.config, v["finetuning_type"], lora_target=v["lora_target"],
                               freeze_trainable_layers=v["freeze_trainable_layers"],
                               additional_target=v["additional_target"], use_llama_pro=bool(v["use_llama_pro"]))
         except UserError as err:
-            problems += [("lora_target", m.removeprefix("lora_target: ")) for m in err.messages]
+            for message in err.messages:
+                key = next((k for k in ADAPTER_KEYS if message.startswith(f"{k}: ")), "lora_target")
+                problems.append((key, message.removeprefix(f"{key}: ")))
     return problems
 
 

@@ -192,8 +192,31 @@ def adapter_fits_model(ctx: Context) -> list[tuple[str, str]]:
     """An adapter trained on another model size would otherwise stop the command only when it loads (eval: after
     scoring the base), with one shape error per tensor naming the adapter's file, not the recipe's key."""
     path = ctx.values["adapter_name_or_path"]
-    return [] if path is None else adapter_shape_problems("adapter_name_or_path", path, "model_name_or_path",
-                                                          ctx.values["model_name_or_path"])
+    if path is None:
+        return []
+    return adapter_overlap_problems("adapter_name_or_path", path) or adapter_shape_problems(
+        "adapter_name_or_path", path, "model_name_or_path", ctx.values["model_name_or_path"])
+
+
+def adapter_overlap_problems(key: str, adapter: str) -> list[tuple[str, str]]:
+    """An adapter whose file adapts modules its modules_to_save trains in full (pipeline.model.config.
+    adapted_and_saved: this pipeline's earlier LoRA runs wrote such), refused at `key` before anything loads; read
+    from the safetensors header and adapter_config.json alone, skipped where they are not on disk (the load checks
+    it again then)."""
+    from pipeline.model.config import adapted_and_saved, adapted_and_saved_message
+    from pipeline.model.families import BY_MODEL_TYPE, GPT2
+    from pipeline.model.safetensors_header import safetensors_shapes
+    from pipeline.names import ADAPTER_WEIGHTS
+
+    folder = _local_folder(adapter, key)
+    if folder is None:
+        return []
+    saved = _config(folder, "adapter_config.json").get("modules_to_save") or []
+    found = adapted_and_saved(safetensors_shapes(folder / ADAPTER_WEIGHTS), saved if isinstance(saved, list) else [])
+    if not found:
+        return []
+    family = next((f for f in BY_MODEL_TYPE.values() if any(m.startswith(f.prefix) for m in found)), GPT2)
+    return [(key, adapted_and_saved_message(f"given {adapter!r}, which", found, family))]
 
 
 def adapter_shape_problems(key: str, adapter: str, model_key: str, model: str,
