@@ -19,6 +19,7 @@ from pipeline.recipe.args import train_args
 from pipeline.runtime.log import read_log
 from pipeline.train.optim import make_optimizer
 from pipeline.train.run import train
+from pipeline.train.schedule import make_scheduler
 from tests.train.helpers import BASE_SFT
 
 transformers = pytest.importorskip("transformers")
@@ -30,8 +31,9 @@ LR, DECAY = 1e-2, 0.1
 @pytest.mark.parametrize("optim", ["sgd", "adagrad", "rmsprop", "adafactor"])
 def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_path, optim):
     """Three steps with weight decay (so the decay groups matter: biases and LayerNorm gains are not decayed) on
-    GPT-2, whose Conv1D weights are stored transposed here: Adafactor factors them by transformers' rows and
-    columns."""
+    GPT-2, whose Conv1D weights are stored transposed here (Adafactor factors them by transformers' rows and
+    columns), each optimizer's rate driven by the recipe's schedule beside transformers' get_scheduler (cosine, one
+    warmup step: the first step's rate is 0)."""
     path, _ = checkpoints["gpt2"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path)
     ours = load_model(path)
@@ -39,7 +41,11 @@ def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_p
     args = transformers.TrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=LR,
                                           weight_decay=DECAY, report_to=[])
     golden = transformers.Trainer(model=hf, args=args).create_optimizer()
-    optimizer = make_optimizer(ours, train_args({"optim": optim, "learning_rate": LR, "weight_decay": DECAY}))
+    their_schedule = transformers.get_scheduler("cosine", golden, num_warmup_steps=1, num_training_steps=4)
+    settings = train_args({"optim": optim, "learning_rate": LR, "weight_decay": DECAY, "lr_scheduler_type": "cosine",
+                          "total_steps": 4, "num_warmup_steps": 1, "min_lr_ratio": 0.0})
+    optimizer = make_optimizer(ours, settings)
+    schedule = make_scheduler(optimizer, settings)
     assert type(optimizer).__name__ == type(golden).__name__
     theirs = dict(hf.named_parameters())
     pairs = [(p, theirs[family.to_hf(name)], family.is_conv1d(name)) for name, p in ours.named_parameters()]
@@ -52,6 +58,8 @@ def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_p
             p.grad = (q.grad.t() if flipped else q.grad).clone()
         golden.step()
         optimizer.step()
+        their_schedule.step()
+        schedule.step()
         hf.zero_grad(set_to_none=True)
         for p, q, flipped in pairs:
             assert torch.equal(p.detach(), q.detach().t() if flipped else q.detach())
