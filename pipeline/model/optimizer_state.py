@@ -41,9 +41,8 @@ from pipeline.model.families import FAMILIES
 
 STEP_BYTES = 4  # torch AdamW's and BAdam's per-tensor step count: a float32 scalar tensor whatever the weights' dtype
 
-# transformers' optim names (the recipe's `optim`) -> the optimizer pipeline.train.optim builds: AdamW's names, then
-# the others it builds as transformers' Trainer does (torch's SGD, Adagrad, RMSprop; transformers' Adafactor)
-ADAMW = ("adamw_torch_fused", "adamw_torch", "adamw_hf")
+# the recipe's `optim` names besides AdamW's -> the optimizer pipeline.train.optim builds for them as transformers'
+# Trainer does (torch's SGD, Adagrad, RMSprop; transformers' Adafactor)
 OTHER_OPTIMS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adafactor": "Adafactor"}
 
 # Muon (pipeline.train.muon)
