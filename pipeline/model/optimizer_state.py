@@ -7,6 +7,12 @@ is built (pipeline.recipe.rules.optimizers).
 The state per trained tensor of n numbers (rows x cols for a matrix) once it has stepped, as the optimizers here
 keep it (tests/train/test_optimizer_state.py sums their state tensors after one step):
   AdamW (torch)  m and v: 2n, and torch's step count (a 4-byte fp32 tensor per tensor)
+  SGD (torch)    nothing: transformers' optim sgd has no momentum, so no momentum buffer
+  Adagrad,       the sum of squared gradients (Adagrad) or their running mean (RMSprop's square_avg): n, and
+  RMSprop        torch's step count (a 4-byte fp32 tensor per tensor)
+  Adafactor      a matrix (2-D and more): the running means of the squared gradient over its rows and over its
+                 columns, rows + cols numbers; any other tensor: n; and each tensor's RMS (a 0-d tensor), all in
+                 float32 whatever the weights' dtype (transformers' Adafactor upcasts bf16 gradients)
   Muon           its matrices (2-D, no embedding or head): the momentum buffer, n; the rest: AdamW's m and v, 2n
   GaLore         its matrices: m and v in the projected shape (rows x k projected on the right, k x cols on the
                  left, k x k for full; k = min(galore_rank, rows, cols), the SVD's) and the basis (k x cols right,
@@ -26,6 +32,7 @@ bf16 / fp16 mixed precision DeepSpeed steps fp32 master copies, which plan count
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Iterable, Mapping
 
@@ -33,6 +40,10 @@ from pipeline.model.config import ModelConfig, TensorSpec, layout
 from pipeline.model.families import FAMILIES
 
 STEP_BYTES = 4  # torch AdamW's and BAdam's per-tensor step count: a float32 scalar tensor whatever the weights' dtype
+
+# the recipe's `optim` names besides AdamW's -> the optimizer pipeline.train.optim builds for them as transformers'
+# Trainer does (torch's SGD, Adagrad, RMSprop; transformers' Adafactor)
+OTHER_OPTIMS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adafactor": "Adafactor"}
 
 # Muon (pipeline.train.muon)
 SKIPPED = ("embed", "lm_head")  # a transformers name containing one of these goes to AdamW even when 2-D
@@ -230,4 +241,18 @@ def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[Tenso
         return _ratio_bytes(values, stepped(values, cfg, tensors), width)
     if values["use_badam"]:
         return _largest_block_bytes(cfg, tensors, width)
+    if values["optim"] == "sgd":
+        return 0
+    if values["optim"] in ("adagrad", "rmsprop"):
+        return sum(t.numel * width + STEP_BYTES for t in tensors)
+    if values["optim"] == "adafactor":
+        return sum(4 * (_adafactor_numbers(t.shape) + 1) for t in tensors)
     return sum(2 * t.numel * width + STEP_BYTES for t in tensors)
+
+
+def _adafactor_numbers(shape: tuple[int, ...]) -> int:
+    """Adafactor's second-moment numbers for a tensor of `shape`: its row and column means when it has 2 or more
+    dimensions (transformers' _get_options: factored), else one per element."""
+    if len(shape) < 2:
+        return math.prod(shape)
+    return math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]

@@ -114,6 +114,7 @@ class TrainArgs:
     adam_beta1: float
     adam_beta2: float
     adam_epsilon: float
+    optim: str  # transformers' optimizer name: AdamW's, sgd, adagrad, rmsprop or adafactor (pipeline.train.optim)
     use_muon: bool  # LLaMA-Factory's Muon + AdamW instead of torch's AdamW (pipeline.train.muon)
     use_galore: bool  # galore_torch's GaLoreAdamW as LLaMA-Factory builds it (pipeline.train.galore)
     galore_target: str

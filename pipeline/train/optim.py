@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator
 
+from pipeline.model.optimizer_state import OTHER_OPTIMS
 from pipeline.recipe.args import TrainArgs
 from pipeline.train.decay import decays
 
@@ -77,7 +78,8 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
     use_muon, LLaMA-Factory's GaLore or APOLLO groups (pipeline.train.galore.galore_groups,
     pipeline.train.apollo.apollo_groups) with use_galore or use_apollo, Adam-mini's blocks
     (pipeline.train.adam_mini.model_groups) with use_adam_mini, BAdam's (pipeline.train.badam) with use_badam, else
-    param_groups with its weight decay, learning rate and LoRA+ ratio."""
+    param_groups with its weight decay, learning rate and LoRA+ ratio (optim adafactor: split by the layout each
+    tensor is stored in, pipeline.train.adafactor.split_transposed)."""
     if train.use_muon:
         from pipeline.model.adapter import family_of_model
         from pipeline.train.muon import muon_groups
@@ -100,7 +102,12 @@ def train_groups(model: Any, train: TrainArgs) -> list[dict[str, Any]]:
         from pipeline.train.badam import badam_groups, ratio_groups
 
         return ratio_groups(model, train) if train.badam_mode == "ratio" else badam_groups(model, train)[0]
-    return param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
+    groups = param_groups(model.named_parameters(), train.weight_decay, train.learning_rate, train.loraplus_lr_ratio)
+    if train.optim == "adafactor":
+        from pipeline.train.adafactor import split_transposed, transposed_params
+
+        return split_transposed(groups, transposed_params(model))
+    return groups
 
 
 def describe(groups: list[dict[str, Any]]) -> str:
@@ -127,7 +134,9 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
     has it; with use_muon, LLaMA-Factory's Muon + AdamW (pipeline.train.muon); with use_galore, galore_torch's
     GaLoreAdamW (pipeline.train.galore); with use_apollo, apollo_torch's APOLLOAdamW
     (pipeline.train.apollo); with use_adam_mini, adam-mini's Adam_mini (pipeline.train.adam_mini); with use_badam,
-    BAdam's block-wise AdamW (pipeline.train.badam)."""
+    BAdam's block-wise AdamW (pipeline.train.badam). Else `optim` as transformers' Trainer builds it over the same
+    groups: sgd, adagrad, rmsprop are torch's classes with learning_rate and their defaults (weight decay per group,
+    added to the gradient), adafactor transformers' Adafactor (pipeline.train.adafactor)."""
     import torch
 
     groups = train_groups(model, train)
@@ -155,6 +164,12 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
         from pipeline.train.badam import make_badam
 
         return make_badam(model, train)
+    if train.optim == "adafactor":
+        from pipeline.train.adafactor import Adafactor
+
+        return Adafactor(groups, lr=train.learning_rate)
+    if train.optim in OTHER_OPTIMS:  # sgd, adagrad, rmsprop: transformers' _get_sgd / _get_adagrad / _get_rmsprop
+        return getattr(torch.optim, OTHER_OPTIMS[train.optim])(groups, lr=train.learning_rate)
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

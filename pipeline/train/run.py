@@ -32,6 +32,7 @@ from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_
     trains_adapter, uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
+from pipeline.model.optimizer_state import OTHER_OPTIMS
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -320,13 +321,12 @@ def preflight(r: Mapping[str, Any]) -> None:
                         "head) train in full, and under zero_stage 3 their starting weights cannot be kept for the "
                         f"{r['stage']} reference (the base with the adapters off); use zero_stage 2 (or lower), give "
                         "ref_model, or remove additional_target")
-    from pipeline.recipe.rules.optimizers import ADAM_MINI_ZERO, APOLLO_ZERO, BADAM_ZERO, GALORE_ZERO, MUON_ZERO
+    from pipeline.recipe.rules.optimizers import zero_zero_settings
     from pipeline.recipe.rules.training import PURE_BF16_OFFLOAD, PURE_BF16_ZERO3
 
-    for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO), ("use_apollo", APOLLO_ZERO),
-                     ("use_adam_mini", ADAM_MINI_ZERO), ("use_badam", BADAM_ZERO)):
-        if r[key] and r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.optimizers' *_fits)
-            raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: true: "
+    for key, given, why in zero_zero_settings(r):
+        if r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.optimizers' *_fits)
+            raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: {given}: "
                             + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
     if r["pure_bf16"] and r["zero_stage"] == 3:  # a deepspeed JSON's, as above
         raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 with pure_bf16: true: "
@@ -578,12 +578,15 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]
-    if r["loraplus_lr_ratio"] is not None or any(r[key] for key in OPTIMIZERS):
+    if r["loraplus_lr_ratio"] is not None or any(r[key] for key in OPTIMIZERS) or r["optim"] in OTHER_OPTIMS:
         from pipeline.recipe.args import train_args
         from pipeline.train.optim import describe, train_groups
 
         named = [f"{name} ({key})" for key, name in OPTIMIZERS.items() if r[key]]
-        which = named[0] if named else f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})"
+        which = named[0] if named else ", ".join(
+            ([f"{OTHER_OPTIMS[r['optim']]} (optim {r['optim']})"] if r["optim"] in OTHER_OPTIMS else [])
+            + ([f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})"] if r["loraplus_lr_ratio"] is not None
+               else []))
         lines.append(f"optimizer: {which}: {describe(train_groups(model, train_args(r)))}")
     if r["use_badam"] and r["badam_mode"] == "ratio":
         lines.append(f"badam: ratio mode, {r['badam_update_ratio']:g} of each tensor's entries ({r['badam_mask_mode']}), "

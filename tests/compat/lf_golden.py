@@ -79,9 +79,10 @@ def stepped(model: Any, batches: list[dict], step: Callable[[], None],
 
 
 def without_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers Llama / Qwen state dict in the pipeline's own names (no "model."), the head tied to the
-    embedding left out, as a checkpoint's model/ holds them."""
-    return {k[len("model."):]: v for k, v in state.items() if k != "lm_head.weight"}
+    """A transformers Llama / Qwen state dict in the pipeline's own names (no "model."), the head left out where it
+    is tied to the embedding (the same values), as a checkpoint's model/ holds them."""
+    tied = torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    return {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight" or not tied}
 
 
 def saved_weights(run: Path, step: int) -> dict[str, torch.Tensor]:

@@ -136,8 +136,10 @@ NO_EFFECT = {"tf32": ("true", "TF32 matmuls are not switched on"),
              "include_num_input_tokens_seen": ("true", "trainer_log.jsonl always records tokens_seen"),
              "run_name": ("demo", "it names the run in wandb, and report_to (none) sends nothing there"),
              "pissa_iter": ("16", "it only matters with pissa_init: true (PiSSA)")}
-REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_torch, adamw_hf: adamw_8bit "
-                                    "(bitsandbytes' 8-bit/paged AdamW) is not available")),
+REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_torch, adamw_hf, sgd, adagrad, rmsprop, "
+                                    "adafactor: adamw_8bit (bitsandbytes' 8-bit/paged AdamW) is not available")),
+           "optim_args": ("momentum=0.9", "transformers' optim_args (extra keyword arguments such as momentum=0.9 for "
+                                          "sgd) are not implemented here"),
            "torch_compile": ("true", "torch.compile is not used here"),
            "new_special_tokens": ("'<tool>,'", "given '<tool>,', which holds an empty token name; expected token names"),
            "rope_scaling": ("yarn", "a gpt2 model has learned positions (no rotary embedding to scale)"),

@@ -38,6 +38,11 @@ CASES = {
     "adam-mini, GPT-2": ("gpt2", {"use_adam_mini": True}),
     "badam": ("llama", {"use_badam": True}),
     "badam ratio": ("llama", {"use_badam": True, "badam_mode": "ratio", "badam_update_ratio": 0.3}),
+    "sgd": ("llama", {"optim": "sgd"}),
+    "adagrad": ("llama", {"optim": "adagrad"}),
+    "rmsprop": ("qwen2", {"optim": "rmsprop"}),
+    "adafactor, GPT-2": ("gpt2", {"optim": "adafactor"}),
+    "adafactor, LoRA": ("qwen2", {"finetuning_type": "lora", "optim": "adafactor"}),
 }
 
 

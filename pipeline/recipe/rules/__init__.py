@@ -82,6 +82,7 @@ ORDER = (
     optimizers.adam_mini_fits,
     optimizers.badam_fits,
     optimizers.badam_start_block_in_model,
+    optimizers.optim_fits,
     outputs.export_dir_has_one_owner,
     data.refused_streaming,
     outputs.refused_exports,

@@ -10,14 +10,15 @@ from typing import Any, Mapping
 
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
-from pipeline.model.optimizer_state import NAMES
+from pipeline.model.optimizer_state import NAMES, OTHER_OPTIMS
 
 
-def whole_matrices_only(v: Mapping[str, Any], key: str, why: str) -> list[tuple[str, str]]:
-    """The ZeRO-0 client optimizers (Muon, GaLore, APOLLO, Adam-mini, BAdam) refused at the recipe's ZeRO 1-3 with
-    their reason `why` ({stage}, {fix}); a deepspeed JSON's stage is train's preflight (the file's line there)."""
+def whole_matrices_only(v: Mapping[str, Any], key: str, why: str, given: str = "true") -> list[tuple[str, str]]:
+    """The ZeRO-0 client optimizers (Muon, GaLore, APOLLO, Adam-mini, BAdam, optim adafactor: `key` given `given`)
+    refused at the recipe's ZeRO 1-3 with their reason `why` ({stage}, {fix}); a deepspeed JSON's stage is train's
+    preflight (the file's line there: zero_zero_settings)."""
     if v["deepspeed"] is None and v["zero_stage"] != 0:
-        return [("zero_stage", f"given {v['zero_stage']} with {key}: true: "
+        return [("zero_stage", f"given {v['zero_stage']} with {key}: {given}: "
                                + why.format(stage=v["zero_stage"], fix="set zero_stage: 0"))]
     return []
 
@@ -285,3 +286,47 @@ def badam_start_block_in_model(ctx: Context) -> list[tuple[str, str]]:
         return []
     return [("badam_start_block", f"given {v['badam_start_block']}, but {v['model_name_or_path']} has {info.n_layer} "
                                   f"decoder layers (blocks 0 to {info.n_layer - 1}); name one of them")]
+
+
+ADAFACTOR_ZERO = ("Adafactor needs zero_stage 0: it keeps each weight matrix's second moment as the means over its rows "
+                  "and its columns, but ZeRO {stage} hands the optimizer flat slices of the parameters that cut the "
+                  "matrices apart (transformers' Adafactor would then keep a second moment per element: another "
+                  "optimizer); {fix} (data parallel; the memory plan: `make plan`), or set optim: adamw_torch")
+# optim sgd / adagrad / rmsprop / adafactor beside an optimizer key: what LLaMA-Factory 0.9.5 does with the two
+# (train/trainer_utils.py create_custom_optimizer: its own optimizer first; GaLore picks its class by optim, APOLLO
+# knows adamw_torch alone, BAdam's layer mode wraps optim's class, its ratio mode and Adam-mini and Muon ignore optim)
+_OPTIM_WITH = (("use_muon", "Muon", "builds Muon's and silently ignores optim"),
+               ("use_galore", "GaLore", "builds galore_torch's GaLoreAdafactor for adafactor, not implemented here, "
+                                        "and stops with NotImplementedError for the others"),
+               ("use_apollo", "APOLLO", "stops with NotImplementedError: its APOLLO takes adamw_torch alone"),
+               ("use_adam_mini", "Adam-mini", "builds Adam-mini's and silently ignores optim"),
+               ("use_badam", "BAdam", "wraps optim's class in badam's BlockOptimizer in layer mode and ignores it in "
+                                      "ratio mode; BAdam here steps its layers by AdamW"))
+
+
+def zero_zero_settings(v: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, its value, why) for each setting of the recipe that needs ZeRO 0 (whole matrices): train's preflight
+    says it where a deepspeed JSON sets the stage."""
+    settings = [(key, "true", why) for key, why in (("use_muon", MUON_ZERO), ("use_galore", GALORE_ZERO),
+                                                   ("use_apollo", APOLLO_ZERO), ("use_adam_mini", ADAM_MINI_ZERO),
+                                                   ("use_badam", BADAM_ZERO)) if v[key]]
+    return settings + ([("optim", "adafactor", ADAFACTOR_ZERO)] if v["optim"] == "adafactor" else [])
+
+
+@rule("optim", "zero_stage", "deepspeed", "use_muon", "use_galore", "use_apollo", "use_adam_mini", "use_badam")
+def optim_fits(ctx: Context) -> list[tuple[str, str]]:
+    """optim sgd, adagrad, rmsprop (elementwise: any ZeRO stage) and adafactor (ZeRO 0: it factors whole matrices;
+    a deepspeed JSON's stage: train's preflight) are built as transformers' Trainer builds them, with its weight decay
+    groups (and LoRA+'s, as LLaMA-Factory's LoRA+ takes optim's class). Beside another optimizer's key the recipe asks
+    for two optimizers, which LLaMA-Factory resolves by dropping one without a word or by stopping: said instead."""
+    v = ctx.values
+    if v["optim"] not in OTHER_OPTIMS:
+        return []
+    name, problems = OTHER_OPTIMS[v["optim"]], []
+    if v["optim"] == "adafactor":
+        problems += whole_matrices_only(v, "optim", ADAFACTOR_ZERO, given="adafactor")
+    for key, other, theirs in _OPTIM_WITH:
+        if v[key]:
+            problems.append((key, f"given true with optim: {v['optim']}: {other} and {name} are two optimizers "
+                                  f"(LLaMA-Factory {theirs}); keep one: remove {key}, or set optim: adamw_torch"))
+    return problems

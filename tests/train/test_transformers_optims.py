@@ -1,0 +1,142 @@
+"""optim sgd / adagrad / rmsprop / adafactor: the optimizers transformers' Trainer builds for those names
+(pipeline.train.optim, pipeline.train.adafactor), their recipe rules and their ZeRO stages.
+
+Golden: transformers' own Trainer.create_optimizer (trainer.py; trainer_optimizer.py `_get_sgd`, `_get_adagrad`,
+`_get_rmsprop`, `_get_adafactor`) over transformers' GPT-2 of the same checkpoint, given the same gradients each step
+(transformers' backward, copied into our model in our layout: GPT-2's Conv1D weights transposed), stepped beside
+ours. Same gradients, same arithmetic: the weights after every step are equal, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.model.lora import family_of_model
+from pipeline.model.weights import load_model
+from pipeline.recipe.args import train_args
+from pipeline.runtime.log import read_log
+from pipeline.train.optim import make_optimizer
+from pipeline.train.run import train
+from pipeline.train.schedule import make_scheduler
+from tests.train.helpers import BASE_SFT
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU too
+
+LR, DECAY = 1e-2, 0.1
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adagrad", "rmsprop", "adafactor"])
+def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_path, optim):
+    """Three steps with weight decay (so the decay groups matter: biases and LayerNorm gains are not decayed) on
+    GPT-2, whose Conv1D weights are stored transposed here (Adafactor factors them by transformers' rows and
+    columns), each optimizer's rate driven by the recipe's schedule beside transformers' get_scheduler (cosine, one
+    warmup step: the first step's rate is 0)."""
+    path, _ = checkpoints["gpt2"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    ours = load_model(path)
+    family = family_of_model(ours)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=LR,
+                                          weight_decay=DECAY, report_to=[])
+    golden = transformers.Trainer(model=hf, args=args).create_optimizer()
+    their_schedule = transformers.get_scheduler("cosine", golden, num_warmup_steps=1, num_training_steps=4)
+    settings = train_args({"optim": optim, "learning_rate": LR, "weight_decay": DECAY, "lr_scheduler_type": "cosine",
+                          "total_steps": 4, "num_warmup_steps": 1, "min_lr_ratio": 0.0})
+    optimizer = make_optimizer(ours, settings)
+    schedule = make_scheduler(optimizer, settings)
+    assert type(optimizer).__name__ == type(golden).__name__
+    theirs = dict(hf.named_parameters())
+    pairs = [(p, theirs[family.to_hf(name)], family.is_conv1d(name)) for name, p in ours.named_parameters()]
+    assert len(pairs) == len(theirs)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 256, (2, 12), generator=gen)
+        hf(ids, labels=ids).loss.backward()
+        for p, q, flipped in pairs:
+            p.grad = (q.grad.t() if flipped else q.grad).clone()
+        golden.step()
+        optimizer.step()
+        their_schedule.step()
+        schedule.step()
+        hf.zero_grad(set_to_none=True)
+        for p, q, flipped in pairs:
+            assert torch.equal(p.detach(), q.detach().t() if flipped else q.detach())
+    start = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert all(not torch.equal(start[k], v) for k, v in hf.state_dict().items())
+
+
+def test_adafactor_factors_loras_matrices_as_peft_stores_them(checkpoints):
+    """LoRA's A (in x r here, r x in in PEFT) and B are stored transposed: Adafactor's groups say so, and its row
+    and column means are PEFT's rows' and columns'."""
+    from pipeline.model.build import FinetuneArgs, apply_finetuning_type
+
+    ft = FinetuneArgs(finetuning_type="lora", lora_rank=2, lora_alpha=4, lora_dropout=0.0, lora_target="q_proj",
+                      use_rslora=False, use_dora=False, additional_target=None, freeze_trainable_layers=1,
+                      adapter_name_or_path=None, seed=3)
+    model = apply_finetuning_type(load_model(checkpoints["qwen2"][0]), ft)
+    optimizer = make_optimizer(model, train_args({"optim": "adafactor", "learning_rate": LR}))
+    assert [(len(g["params"]), g["transposed"]) for g in optimizer.param_groups] == [(4, True)]
+    a = model.layers[0].self_attn.q_proj.lora.A
+    a.grad, model.layers[0].self_attn.q_proj.lora.B.grad = torch.ones_like(a), None
+    optimizer.step()
+    state = optimizer.state[a]
+    assert state["exp_avg_sq_row"].shape == (a.shape[1],) and state["exp_avg_sq_col"].shape == (a.shape[0],)
+
+
+def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_recipe):
+    """RMSprop (a second moment per element, weight decay in the gradient) on DeepSpeed's flat ZeRO-2 partitions,
+    offloaded to the CPU (DeepSpeed steps the client torch optimizer there: zero_force_ds_cpu_optimizer false, as
+    for AdamW): the same losses and weights as on whole tensors at ZeRO 0, within fp32 rounding (the norm for
+    clipping and the partitions' sums add in another order)."""
+    keys = dict(optim="rmsprop", weight_decay=DECAY, max_steps=2, warmup_steps=0, learning_rate=1e-3, val_size=0.0)
+    from pipeline.model.build import build_model
+    from pipeline.recipe.args import recipe_args
+
+    r = make_recipe(BASE_SFT, name="z0", zero_stage=0, **keys)
+    start = dict(build_model(*recipe_args(r)).named_parameters())
+    zero0 = train(r)
+    zero2 = train(make_recipe(BASE_SFT, name="z2", zero_stage=2, offload_optimizer="cpu", **keys))
+    assert type(zero2.engine.optimizer.optimizer) is torch.optim.RMSprop  # inside DeepSpeed's ZeRO-2 optimizer
+    a = dict(zero0.engine.module.named_parameters())
+    b = dict(zero2.engine.module.named_parameters())
+    trained = [n for n, p in a.items() if p.requires_grad]
+    assert trained and all(torch.allclose(a[n], b[n], rtol=0, atol=1e-6) for n in trained)
+    assert all((a[n] - start[n]).abs().max() > 1e-4 for n in trained)  # each moved far more than that
+    losses0 = [r["loss"] for r in read_log(zero0.output_dir / "trainer_log.jsonl") if "loss" in r]
+    losses2 = [r["loss"] for r in read_log(zero2.output_dir / "trainer_log.jsonl") if "loss" in r]
+    assert losses0 == pytest.approx(losses2, rel=1e-5) and len(losses0) == 2
+
+
+def refused_at(tmp_path, keys: dict, command: str = "validate") -> tuple[str, dict[str, str]]:
+    """stderr of `command` on a recipe of `keys` (exit 2, no traceback) and where each key sits in it."""
+    from tests.acceptance.harness import refused, write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
+                          finetuning_type="full", **keys)
+    lines = recipe.read_text().splitlines()
+    at = {key: f"r.yaml:{next(i for i, line in enumerate(lines, 1) if line.startswith(key + ':'))}:" for key in keys}
+    return refused(command, "r.yaml", cwd=tmp_path, as_typed=False), at
+
+
+def test_adafactor_needs_zero0_and_one_optimizer_at_a_time(tmp_path):
+    from tests.acceptance.harness import write_data
+
+    write_data(tmp_path / "data")
+    err, at = refused_at(tmp_path, {"optim": "adafactor", "zero_stage": 2, "use_muon": True,
+                                    "optim_args": "momentum=0.9"})
+    assert (f"{at['zero_stage']}13: zero_stage: given 2 with optim: adafactor: Adafactor needs zero_stage 0: it keeps "
+            "each weight matrix's second moment as the means over its rows and its columns") in err, err
+    assert "set zero_stage: 0" in err and "or set optim: adamw_torch" in err
+    assert (f"{at['use_muon']}11: use_muon: given true with optim: adafactor: Muon and Adafactor are two optimizers "
+            "(LLaMA-Factory builds Muon's and silently ignores optim)") in err, err
+    assert f"{at['optim_args']}13: optim_args: given 'momentum=0.9': transformers' optim_args" in err, err
+    for other in ("use_galore", "use_apollo", "use_adam_mini", "use_badam"):
+        err, at = refused_at(tmp_path, {"optim": "sgd", other: True})
+        assert f"{at[other]}" in err and f"{other}: given true with optim: sgd: " in err, err
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    err, _ = refused_at(tmp_path, {"optim": "adafactor", "deepspeed": "ds.json"}, "train")
+    assert ("error: ds.json: zero_optimization.stage is 1 with optim: adafactor: Adafactor needs zero_stage 0"
+            in err), err
+    assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
