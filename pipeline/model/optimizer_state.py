@@ -45,6 +45,12 @@ STEP_BYTES = 4  # torch AdamW's and BAdam's per-tensor step count: a float32 sca
 # Trainer does (torch's SGD, Adagrad, RMSprop; transformers' Adafactor)
 OTHER_OPTIMS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adafactor": "Adafactor"}
 
+
+def optimizer_named(optim: str) -> str:
+    """The optimizer the recipe's `optim` builds: adamw_torch_fused, adamw_torch and adamw_hf all name torch's AdamW
+    (the same update and state), so a resume may switch between them; the others are OTHER_OPTIMS'."""
+    return OTHER_OPTIMS.get(optim, "AdamW")
+
 # Muon (pipeline.train.muon)
 SKIPPED = ("embed", "lm_head")  # a transformers name containing one of these goes to AdamW even when 2-D
 

@@ -333,6 +333,14 @@ def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
     return out
 
 
+def _comparable(key: str, value: Any) -> Any:
+    """What a resume compares of a recipe value: the optimizer `optim` builds, not its name (the AdamW names are one
+    optimizer and state, so switching between them is no change); every other value as it is."""
+    from pipeline.model.optimizer_state import optimizer_named
+
+    return optimizer_named(value) if key == "optim" and isinstance(value, str) else value
+
+
 def _show(value: Any) -> str:
     return json.dumps(value)
 
@@ -349,7 +357,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                         f"{'adapter_name_or_path' if weights.name == 'adapter' else 'model_name_or_path'}), or "
                         "train with save_only_model: false to get resumable checkpoints")
     saved = state.get("recipe", {})
-    changed = [k for k in saved if k in r and saved[k] != r[k]]
+    changed = [k for k in saved if k in r and _comparable(k, saved[k]) != _comparable(k, r[k])]
     refused = [k for k in changed if k in REFUSE]
     source = getattr(r, "source", lambda key: "default")
     problems = [_refused(r, key, saved[key], path) for key in refused

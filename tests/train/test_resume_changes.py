@@ -88,11 +88,20 @@ def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, firs
     (dict(loraplus_lr_ratio=16.0), "loraplus_lr_ratio is 16.0 but"),  # other optimizer groups than the saved ones
     (dict(use_muon=True), "use_muon is true but"),  # another optimizer: Muon's state is not AdamW's
     (dict(split_special_tokens=True), "split_special_tokens is true but"),  # other ids for the same rows
-], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens"])
+    (dict(optim="sgd"), "optim is \"sgd\" but"),  # another optimizer: SGD keeps no Adam moments
+], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens", "optim"])
 def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
     with pytest.raises(UserError) as err:
         resume(make_recipe, **changes)
     assert any(fragment in m and "resume with the same value" in m for m in err.value.messages), err.value.messages
+
+
+def test_another_name_of_adamw_resumes_without_a_word(make_recipe, first_run, capsys):
+    """adamw_torch_fused (the default), adamw_torch and adamw_hf build the same AdamW: refusing the switch (it was, once
+    `optim` became a refused key with SGD / Adafactor) would stop a user whose resume recipe spells it otherwise."""
+    capsys.readouterr()
+    assert resume(make_recipe, max_steps=3, optim="adamw_torch").exit_code == 0
+    assert "optim" not in capsys.readouterr().err
 
 
 def test_a_changed_lora_rank_is_one_message_not_two(make_recipe, first_run):
