@@ -132,6 +132,10 @@ def test_deps_follows_upstreams_across_the_folders_of_the_working_tree(write):
         "UPSTREAMS=examples/train_lora/qwen3_lora_sft.yaml:train")
     assert _upstreams("examples/train_lora/qwen3_lora_dpo.yaml")[0] == (
         "UPSTREAMS=examples/merge_lora/qwen3_lora_sft.yaml:export")
+    from pipeline.recipe.plan import render
+
+    assert render(resolve("examples/train_lora/qwen3_lora_dpo.yaml", command="plan")).splitlines()[1] == (
+        "made first by make train / export: examples/merge_lora/qwen3_lora_sft.yaml (export)")
     scope = lines(resolve("examples/train_lora/qwen3_lora_dpo.yaml", command="deps"))[-1]
     assert scope == "SCOPE_FOLDERS=./ docs/ examples/ examples/merge_lora/ examples/train_lora/ runs/"
     # validate and build tokenize with the chain's root, across the folders too
