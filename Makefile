@@ -94,7 +94,7 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 # ---------------------------------------------------------------- stages
 # `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE, EXPORT_DIR and UPSTREAMS as make variables,
 # so editing a recipe or anything it extends re-runs what depends on it. UPSTREAMS lists recipe:goal for every
-# recipe in scope (the recipe's folder and every folder under this one but saves/, hidden and run folders:
+# recipe in scope (the recipe's folder and every folder under this one but saves/, tests/, hidden and run folders:
 # pipeline/recipe/siblings.py) that writes a model this one starts from (model_name_or_path, adapter_name_or_path,
 # dpo's ref_model): goal train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains),
 # export for the export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first.

@@ -7,7 +7,7 @@ may be broken or unfinished, and it is not this recipe's to validate.
 The scope is the recipe's own folder and the working tree make runs from (the current directory), because paths in
 recipes are relative to that directory (LLaMA-Factory resolves output_dir the same way) and LLaMA-Factory's layout puts
 the recipe that trains an adapter (examples/train_lora/) and the one that merges it (examples/merge_lora/) in
-different folders. Every *.yaml / *.yml under it is read, except in hidden folders, saves/, __pycache__/,
+different folders. Every *.yaml / *.yml under it is read, except in hidden folders, saves/, tests/, __pycache__/,
 node_modules/, virtual environments (a pyvenv.cfg), run folders (a resolved.yaml) and linked folders, and only files
 that set model_name_or_path (which every recipe needs, itself or through extends) count; at most MAX_FILES files are
 read, so a make started from a huge directory stays quick (the files past it are not looked at).
@@ -23,7 +23,9 @@ from pipeline.names import PREFERENCE_STAGES, split_names
 from pipeline.recipe.load import load_chain
 
 MAX_FILES = 2000  # YAML files read per search; a working tree of recipes holds far fewer (LLaMA-Factory's: ~150)
-SKIPPED_FOLDERS = ("saves", "__pycache__", "node_modules")  # besides hidden ones: outputs and caches, no recipes
+# Besides hidden ones: outputs and caches, and test fixtures (this project's tests/compat/lf_examples holds
+# LLaMA-Factory's recipes: a user's copy of one in recipes/ would share their export_dir and output_dirs).
+SKIPPED_FOLDERS = ("saves", "tests", "__pycache__", "node_modules")
 _RUN_MARKERS = ("resolved.yaml", "pyvenv.cfg")  # a run's output_dir, a virtual environment: no recipes inside
 _KEYS = ("output_dir", "export_dir", "dataset", "model_name_or_path")
 _values_cache: dict[str, tuple[tuple, dict[str, Any]]] = {}

@@ -124,7 +124,7 @@ def test_deps_follows_upstreams_across_the_folders_of_the_working_tree(write):
     write("examples/train_lora/qwen3_lora_dpo.yaml", "model_name_or_path: saves/qwen3_sft_merged\nstage: dpo\n"
                                                      "dataset: x\nref_model: saves/qwen3_sft_merged\n")
     # not recipes make chains: outputs, hidden folders, a run folder elsewhere, a YAML without model_name_or_path
-    for name in ("saves/old/r.yaml", ".git/r.yaml", "runs/a/r.yaml", "docs/r.yaml"):
+    for name in ("saves/old/r.yaml", ".git/r.yaml", "runs/a/r.yaml", "docs/r.yaml", "tests/lf/r.yaml"):
         write(name, ("dataset: x\n" if name.startswith("docs") else sft) + "export_dir: saves/qwen3_sft_merged\n")
     write("runs/a/resolved.yaml", "{}\n")
     # the merge recipe's file name picks the train_lora recipe of the two writing the adapter's folder
