@@ -132,12 +132,20 @@ def test_deps_follows_upstreams_across_the_folders_of_the_working_tree(write):
         "UPSTREAMS=examples/train_lora/qwen3_lora_sft.yaml:train")
     assert _upstreams("examples/train_lora/qwen3_lora_dpo.yaml")[0] == (
         "UPSTREAMS=examples/merge_lora/qwen3_lora_sft.yaml:export")
+    # LLaMA-Factory's ppo example reads the reward example's output_dir
+    write("examples/train_lora/qwen3_lora_reward.yaml", "model_name_or_path: tiny\nstage: rm\ndataset: x\n"
+                                                        "output_dir: saves/qwen3-4b/lora/reward\n")
+    write("examples/extras/ppo/qwen3_lora_ppo.yaml", "model_name_or_path: tiny\nstage: ppo\ndataset: x\n"
+                                                     "reward_model: saves/qwen3-4b/lora/reward\n")
+    assert _upstreams("examples/extras/ppo/qwen3_lora_ppo.yaml")[0] == (
+        "UPSTREAMS=examples/train_lora/qwen3_lora_reward.yaml:train")
     from pipeline.recipe.plan import render
 
     assert render(resolve("examples/train_lora/qwen3_lora_dpo.yaml", command="plan")).splitlines()[1] == (
         "made first by make train / export: examples/merge_lora/qwen3_lora_sft.yaml (export)")
     scope = lines(resolve("examples/train_lora/qwen3_lora_dpo.yaml", command="deps"))[-1]
-    assert scope == "SCOPE_FOLDERS=./ docs/ examples/ examples/merge_lora/ examples/train_lora/ runs/"
+    assert scope == ("SCOPE_FOLDERS=./ docs/ examples/ examples/extras/ examples/extras/ppo/ examples/merge_lora/ "
+                     "examples/train_lora/ runs/")
     # validate and build tokenize with the chain's root, across the folders too
     from pipeline.recipe.deps import tokenizer_source
 
