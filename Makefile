@@ -30,7 +30,18 @@ ifneq ($(words $(RECIPE)),1)
 $(error RECIPE='$(RECIPE)': make cannot handle a file name with a space (it splits it into two targets); rename the \
 recipe file, or run its stages directly: python -m pipeline <stage> '$(RECIPE)')
 endif
-STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
+# A recipe's stamps are kept under its path (relative to here, extension dropped): LLaMA-Factory's layout has
+# examples/train_lora/qwen3_lora_sft.yaml and examples/merge_lora/qwen3_lora_sft.yaml, which make chains.
+stamps_of = .stamps/$(basename $(patsubst /%,%,$(patsubst $(CURDIR)/%,%,$(abspath $(1)))))
+STAMPS := $(call stamps_of,$(RECIPE))
+# Stamps written before (.stamps/<file name>/) are moved here when their deps.mk names this recipe: without that, the
+# first make after the update retrained every finished run from scratch.
+LEGACY_STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
+ifeq ($(wildcard $(STAMPS)/.)$(if $(wildcard $(LEGACY_STAMPS)/deps.mk),,none),)
+ifeq ($(call stamps_of,$(word 1,$(patsubst RECIPE_FILES=%,%,$(shell grep -m1 '^RECIPE_FILES=' $(LEGACY_STAMPS)/deps.mk)))),$(STAMPS))
+$(shell mkdir -p $(dir $(STAMPS)) && mv $(LEGACY_STAMPS) $(STAMPS))
+endif
+endif
 STAGE_GOALS := data validate inspect plan train dry-run merge export eval chat all
 
 # Several ranks (or nodes) go through the deepspeed launcher; one rank is a plain python process.
@@ -83,29 +94,37 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 # ---------------------------------------------------------------- stages
 # `pipeline deps` writes RECIPE_FILES, OUTPUT_DIR, DATASET_DIR, STAGE, EXPORT_DIR and UPSTREAMS as make variables,
 # so editing a recipe or anything it extends re-runs what depends on it. UPSTREAMS lists recipe:goal for every
-# recipe in the same folder that writes a model this one starts from (model_name_or_path, adapter_name_or_path, dpo's
-# ref_model): goal train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains), export
-# for the export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first (see below).
+# recipe in scope (the recipe's folder and every folder under this one but saves/, tests/, hidden and run folders:
+# pipeline/recipe/siblings.py) that writes a model this one starts from (model_name_or_path, adapter_name_or_path,
+# dpo's ref_model): goal train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains),
+# export for the export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first.
 ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE): no such recipe file (the recipes here: $(wildcard recipes/*.yaml)))
 endif
+-include $(STAMPS)/scope.mk
 include $(STAMPS)/deps.mk
 endif
 
 # On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
 # validate finds none: each problem is printed once. Not for `make export`: an export recipe names no dataset, which
 # validate requires, so validate's one message would hide deps' own.
-# The recipes beside this one are prerequisites too: UPSTREAMS is read off them, so a recipe added or edited next to
-# it (a new upstream, an upstream's output_dir changed) is seen. deps.mk is rewritten only when its text changes,
-# so that such an edit does not make this recipe's stages stale (they depend on deps.mk).
-SIBLING_RECIPES := $(filter-out $(RECIPE),$(wildcard $(dir $(RECIPE))*.yaml $(dir $(RECIPE))*.yml))
-$(STAMPS)/deps.mk: $(RECIPE) $(RECIPE_FILES) $(SIBLING_RECIPES) $(VENV)/.setup-done
+# The recipes in scope are prerequisites too: UPSTREAMS is read off them, so a recipe added or edited in a folder
+# deps searched (scope.mk's SCOPE_FOLDERS; a new upstream, an upstream's output_dir changed) is seen. (A recipe in a
+# folder created since is seen once deps runs again.) deps.mk is rewritten only when its text changes, so that such an
+# edit does not make this recipe's stages stale (they depend on deps.mk); scope.mk, which no stage depends on, is
+# rewritten every time, so that deps runs once per edit, and a folder that appears (datasets/build/x) changes nothing.
+SCOPE_RECIPES := $(filter-out $(RECIPE),$(wildcard $(foreach d,$(dir $(RECIPE)) $(SCOPE_FOLDERS),$(d)*.yaml $(d)*.yml)))
+$(STAMPS)/deps.mk: $(STAMPS)/scope.mk ;
+$(STAMPS)/scope.mk: $(RECIPE) $(RECIPE_FILES) $(SCOPE_RECIPES) $(VENV)/.setup-done \
+		$(if $(wildcard $(STAMPS)/deps.mk),,FORCE)
 	@mkdir -p $(@D)
-	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err && rm -f $@.err \
-		&& { cmp -s $@.tmp $@ && rm -f $@.tmp || mv $@.tmp $@; } || { rm -f $@.tmp; \
+	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err || { rm -f $@.tmp; \
 		$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(ARGS) &&) cat $@.err >&2; \
 		rm -f $@.err; exit 2; }
+	@rm -f $@.err; grep -v '^SCOPE_FOLDERS=' $@.tmp > $(@D)/deps.mk.tmp; \
+		cmp -s $(@D)/deps.mk.tmp $(@D)/deps.mk && rm -f $(@D)/deps.mk.tmp || mv $(@D)/deps.mk.tmp $(@D)/deps.mk; \
+		grep '^SCOPE_FOLDERS=' $@.tmp > $@.new; rm -f $@.tmp; mv $@.new $@
 
 # Overrides change results: a change of ARGS makes every stage of this recipe stale. Not those that change
 # nothing a stage produces: a resume (exact: the same weights as the uninterrupted run), overwrite_output_dir,
@@ -125,7 +144,7 @@ $(STAMPS)/args: FORCE
 UPSTREAMS ?= $(if $(UPSTREAM),$(UPSTREAM):$(UPSTREAM_GOAL))
 upstream_recipe = $(word 1,$(subst :, ,$(1)))
 upstream_goal = $(word 2,$(subst :, ,$(1)))
-upstream_stamp = .stamps/$(basename $(notdir $(call upstream_recipe,$(1))))/$(call upstream_goal,$(1))
+upstream_stamp = $(call stamps_of,$(call upstream_recipe,$(1)))/$(call upstream_goal,$(1))
 UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u)))
 define upstream_rule
 $(call upstream_stamp,$(1)): FORCE

@@ -52,7 +52,7 @@ def apply_length_policy(data: DataArgs) -> None:
 
 def missing_model_note(r: Resolved) -> str:
     """A note when model_name_or_path is a path (not a preset, not an `org/name` hub id) that does not exist and
-    that no recipe next to this one produces: validate lets a missing model pass (an upstream run may make it),
+    that no recipe in scope (pipeline.recipe.siblings) produces: validate lets a missing model pass (an upstream run may make it),
     but train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise."""
     from pipeline.model.config import PRESETS
     from pipeline.model.hub import is_hub_id
@@ -68,6 +68,6 @@ def missing_model_note(r: Resolved) -> str:
         hint = did_you_mean(model, [os.path.join(parent, p.name) for p in path.parent.iterdir() if p.is_dir()])
     if not hint and model.startswith("./") and is_hub_id(model[2:]):
         hint = f" (a hub id is written without './': {model[2:]})"
-    return (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe next to this one "
-            "produces it; it is a path, not a hub id (org/name), so train will refuse it: fix the path, or run "
+    return (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder or "
+            "under the working directory produces it; it is a path, not a hub id (org/name), so train will refuse it: fix the path, or run "
             "the recipe that writes it first")

@@ -7,16 +7,19 @@
     DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
     STAGE=<pt|sft|dpo|kto|rm|ppo>
     EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
-    UPSTREAMS=<recipe:goal ...: every recipe in the same folder that writes a model this one starts from>
+    UPSTREAMS=<recipe:goal ...: every recipe in scope that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
+    SCOPE_FOLDERS=<the folders searched for those recipes, each with a trailing />
 
 A recipe starts from the paths in UPSTREAM_KEYS: model_name_or_path, adapter_name_or_path, (stages dpo / kto)
 ref_model and ref_model_adapters, and (stage ppo) reward_model.
-The recipe next to it that writes such a path is its upstream, with the make goal that writes it: train for its
+The recipe in scope (pipeline.recipe.siblings: its folder and the working tree) that writes such a path is its
+upstream, with the make goal that writes it: train for its
 output_dir, merge for its output_dir/merged (or, when it trains, its export_dir: merge writes there), export for
 the export_dir of a recipe that names no dataset (a LLaMA-Factory merge recipe: `make export`). UPSTREAM and
-UPSTREAM_GOAL are kept for readers of the one-upstream format.
+UPSTREAM_GOAL are kept for readers of the one-upstream format. The Makefile makes deps.mk again when a YAML file
+of SCOPE_FOLDERS is added or edited, so a recipe written later into one of them is seen.
 
 The same chain gives a chained recipe its tokenizer before the upstream has run (tokenizer_source).
 """
@@ -28,32 +31,13 @@ from typing import Any, Mapping
 
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
-from pipeline.recipe.siblings import producer, recipe_value
-from pipeline.names import PREFERENCE_STAGES, split_names
+from pipeline.recipe.siblings import UPSTREAM_KEYS, producer, recipe_value, scanned, upstream_paths
 
-
-UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters",
-                 "reward_model")  # what it starts from
-REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # read by the preference stages and sft's ASFT loss only
-STAGE_KEYS = {key: PREFERENCE_STAGES for key in REFERENCE_KEYS} | {"reward_model": ("ppo",)}  # read there only
 _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
 
 
-def upstream_paths(r: Mapping[str, Any]) -> list[str]:
-    """The paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages and sft with
-    use_asft_loss, the reward model's under stage ppo: the stages that read them, and not a reward server's URL;
-    ref_model_adapters' comma-separated folders each)."""
-    asft = r.get("stage") == "sft" and bool(r.get("use_asft_loss"))
-    server = r.get("reward_model_type") == "api"  # reward_model is then a URL, which no recipe writes
-    keys = [k for k in UPSTREAM_KEYS
-            if (k not in STAGE_KEYS or r.get("stage") in STAGE_KEYS[k] or (asft and k in REFERENCE_KEYS))
-            and not (server and k == "reward_model")]
-    lists = {k: split_names(r[k]) if k == "ref_model_adapters" else [r[k]] for k in keys if r.get(k)}
-    return [str(path) for paths in lists.values() for path in paths]
-
-
 def upstreams(r: Resolved) -> list[tuple[str, str]]:
-    """(recipe, make goal) for every recipe next to this one that writes a model it starts from, in UPSTREAM_KEYS
+    """(recipe, make goal) for every recipe in scope that writes a model it starts from, in UPSTREAM_KEYS
     order, each recipe once (with the later of its goals: merge includes train). A cycle (two recipes each
     starting from the other's output) is a UserError: make would call itself forever."""
     goals: dict[str, str] = {}
@@ -67,7 +51,7 @@ def upstreams(r: Resolved) -> list[tuple[str, str]]:
 
 
 def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
-    """Follows the upstreams of `first` (read off the sibling recipes without validating them); reaching
+    """Follows the upstreams of `first` (read off the recipes in scope without validating them); reaching
     `recipe_path` again is a cycle."""
     me, seen = recipe_path.resolve(), set()
 
@@ -93,7 +77,7 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
 def tokenizer_source(r: Mapping[str, Any]) -> str | None:
     """Where a resolved recipe's tokenizer comes from (pipeline.recipe.args.data_args records it in DataArgs).
 
-    tokenizer_name_or_path when set, else model_name_or_path. A model that another recipe next to this one has
+    tokenizer_name_or_path when set, else model_name_or_path. A model that another recipe in scope has
     still to produce (its output_dir/merged or model/: a chained recipe checked before the upstream ran) has
     the upstream's tokenizer, since merge and the full-run export copy their base's tokenizer files (merge's
     with the template's end of answer as EOS: token statistics may differ by that token): the
@@ -158,6 +142,7 @@ def data_files(r: Mapping[str, Any]) -> list[str]:
 
 def lines(r: Resolved) -> list[str]:
     found = upstreams(r)
+    folders = [f"{folder}/" for folder in scanned(r.recipe_path)[1] if not _MAKE_UNSAFE & set(str(folder))]
     return [
         f"RECIPE_FILES={' '.join(r.files)}",
         f"OUTPUT_DIR={r['output_dir']}",
@@ -169,6 +154,7 @@ def lines(r: Resolved) -> list[str]:
         f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
         f"UPSTREAM={found[0][0] if found else ''}",
         f"UPSTREAM_GOAL={found[0][1] if found else ''}",
+        f"SCOPE_FOLDERS={' '.join(folders)}",
     ]
 
 

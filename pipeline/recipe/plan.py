@@ -279,6 +279,7 @@ def _show(value: Any) -> str:
 
 def render(r: Resolved) -> str:
     out = [f"recipe: {r.recipe_path}" + (f" (extends {', '.join(r.files[1:])})" if len(r.files) > 1 else "")]
+    out.extend(_made_first(r))
     for group, keys in spec.groups().items():
         out.append(f"\n[{group}]")
         out.append(format_table([(k, _show(r[k]), r.source(k)) for k in keys], header=("key", "value", "source")))
@@ -304,6 +305,16 @@ def render(r: Resolved) -> str:
                    "an upper bound" + (" without recomputation)" if r["disable_gradient_checkpointing"] else
                                           " with per-block recomputation)"))
     return "\n".join(out)
+
+
+def _made_first(r: Resolved) -> list[str]:
+    """The upstream recipes make runs before this recipe's train or export (pipeline.recipe.deps), so that plan
+    says what `make train` will run besides this recipe, as `make -n` does."""
+    from pipeline.recipe.deps import upstreams
+
+    found = upstreams(r)
+    return [f"made first by make train / export: {', '.join(f'{recipe} ({goal})' for recipe, goal in found)}"] \
+        if found else []
 
 
 def trainable_blocks(r: Resolved) -> str:

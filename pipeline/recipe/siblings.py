@@ -1,26 +1,67 @@
-"""The recipes next to a recipe, read without validating them: what each writes, and which one writes a path.
+"""The recipes a recipe can chain to, read without validating them: what each writes, and which one writes a path.
 
-make chains the recipes of one folder (pipeline.recipe.deps); the recipe rules refuse two of them sharing an
-export_dir. Both read the siblings' raw values here, below the resolver: a sibling may be broken or unfinished,
-and it is not this recipe's to validate.
+make chains recipes (pipeline.recipe.deps); the recipe rules refuse two of them sharing an export_dir or leaving the
+producer of an upstream path undecided. All of them read the other recipes' raw values here, below the resolver: one
+may be broken or unfinished, and it is not this recipe's to validate.
+
+The scope is the recipe's own folder and the working tree make runs from (the current directory), because paths in
+recipes are relative to that directory (LLaMA-Factory resolves output_dir the same way) and LLaMA-Factory's layout puts
+the recipe that trains an adapter (examples/train_lora/) and the one that merges it (examples/merge_lora/) in
+different folders. Every *.yaml / *.yml under it is read, except in hidden folders, saves/, tests/, __pycache__/,
+node_modules/, virtual environments (a pyvenv.cfg), run folders (a resolved.yaml) and linked folders, and only files
+that set model_name_or_path (which every recipe needs, itself or through extends) count; at most MAX_FILES files are
+read, so a make started from a huge directory stays quick (the files past it are not looked at).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.errors import UserError
+from pipeline.names import PREFERENCE_STAGES, split_names
 from pipeline.recipe.load import load_chain
+
+MAX_FILES = 2000  # YAML files read per search; a working tree of recipes holds far fewer (LLaMA-Factory's: ~150)
+# Besides hidden ones: outputs and caches, and test fixtures (this project's tests/compat/lf_examples holds
+# LLaMA-Factory's recipes: a user's copy of one in recipes/ would share their export_dir and output_dirs).
+SKIPPED_FOLDERS = ("saves", "tests", "__pycache__", "node_modules")
+_RUN_MARKERS = ("resolved.yaml", "pyvenv.cfg")  # a run's output_dir, a virtual environment: no recipes inside
+_KEYS = ("output_dir", "export_dir", "dataset", "model_name_or_path")
+_values_cache: dict[str, tuple[tuple, dict[str, Any]]] = {}
+
+UPSTREAM_KEYS = ("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters",
+                 "reward_model")  # what it starts from
+REFERENCE_KEYS = ("ref_model", "ref_model_adapters")  # read by the preference stages and sft's ASFT loss only
+STAGE_KEYS = {key: PREFERENCE_STAGES for key in REFERENCE_KEYS} | {"reward_model": ("ppo",)}  # read there only
+
+
+def upstream_items(r: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key, path) for the paths of UPSTREAM_KEYS the recipe sets (the reference's only under the preference stages
+    and sft with use_asft_loss, the reward model's under stage ppo: the stages that read them, and not a reward
+    server's URL; ref_model_adapters' comma-separated folders each)."""
+    asft = r.get("stage") == "sft" and bool(r.get("use_asft_loss"))
+    server = r.get("reward_model_type") == "api"  # reward_model is then a URL, which no recipe writes
+    keys = [k for k in UPSTREAM_KEYS
+            if (k not in STAGE_KEYS or r.get("stage") in STAGE_KEYS[k] or (asft and k in REFERENCE_KEYS))
+            and not (server and k == "reward_model")]
+    lists = {k: split_names(r[k]) if k == "ref_model_adapters" else [r[k]] for k in keys if r.get(k)}
+    return [(k, str(path)) for k, paths in lists.items() for path in paths]
+
+
+def upstream_paths(r: Mapping[str, Any]) -> list[str]:
+    """The paths of upstream_items, in UPSTREAM_KEYS order."""
+    return [path for _, path in upstream_items(r)]
 
 
 def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.normpath(path), os.path.normpath(folder)
-    return path == folder or path.startswith(folder + os.sep)
+    """Whether `path` is `folder` or lies in it, both relative to the working directory (or absolute)."""
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def recipe_value(recipe: Path, key: str) -> Any:
-    """A key's value as a sibling recipe (or a file it extends) writes it, read without validating the recipe;
+    """A key's value as another recipe (or a file it extends) writes it, read without validating the recipe;
     None when unset or unreadable."""
     try:
         chain = load_chain(recipe)
@@ -33,55 +74,126 @@ def recipe_value(recipe: Path, key: str) -> Any:
     return value
 
 
+def _values(recipe: Path) -> dict[str, Any]:
+    """The keys of _KEYS a recipe sets, read once per version of its files: a search reads every recipe of the
+    working tree, and deps asks again for each path and each step of a chain."""
+    def stat(file: str) -> tuple:
+        try:
+            s = os.stat(file)
+        except OSError:
+            return (file, None)
+        return (file, s.st_mtime_ns, s.st_size)
+
+    key = os.path.abspath(recipe)
+    cached = _values_cache.get(key)
+    if cached is not None and all(stat(entry[0]) == entry for entry in cached[0]):
+        return cached[1]
+    try:
+        chain = load_chain(recipe)
+    except UserError:
+        values: dict[str, Any] = {}
+        files: list[str] = [str(recipe)]
+    else:
+        values = {}
+        for layer in chain.layers:
+            values.update({k: layer[k].value for k in _KEYS if k in layer})
+        files = list(chain.files)
+    _values_cache[key] = (tuple(stat(os.path.abspath(f)) for f in files), values)
+    return values
+
+
 def _output_dir(recipe: Path) -> str | None:
-    """A sibling recipe's output_dir (its own or inherited; saves/<its name> by default)."""
-    value = recipe_value(recipe, "output_dir")
+    """A recipe's output_dir (its own or inherited; saves/<its name> by default)."""
+    value = _values(recipe).get("output_dir")
     if value is None:
         return os.path.join("saves", recipe.stem)
     return value if isinstance(value, str) else None
 
 
 def _export_dir(recipe: Path) -> str | None:
-    value = recipe_value(recipe, "export_dir")
+    value = _values(recipe).get("export_dir")
     return value if isinstance(value, str) and value else None
 
 
 def _writes(recipe: Path) -> list[tuple[str, str]]:
-    """(folder, make goal that writes it) for what a sibling recipe produces: train its output_dir, merge its merged
+    """(folder, make goal that writes it) for what a recipe produces: train its output_dir, merge its merged
     model (output_dir/merged, or export_dir when set). A recipe naming no dataset cannot train (a LLaMA-Factory
     merge recipe): `export` writes its export_dir."""
     out, export_dir = _output_dir(recipe), _export_dir(recipe)
     found = [(out, "train")] if out else []
     if export_dir:  # merge writes there instead of merged/
-        found.append((export_dir, "merge" if recipe_value(recipe, "dataset") else "export"))
+        found.append((export_dir, "merge" if _values(recipe).get("dataset") else "export"))
     elif out:
         found.append((os.path.join(out, "merged"), "merge"))
     return found
 
 
-def _siblings(recipe_path: Path) -> list[Path]:
-    """The other recipes in the folder of `recipe_path`, sorted (the first of several producers wins)."""
+def _shown(path: Path) -> Path:
+    """A path as make and the messages name it: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else Path(relative)
+
+
+def scanned(recipe_path: Path) -> tuple[list[Path], list[Path]]:
+    """(every YAML file in scope, the folders read), sorted: the recipe's own folder and the working tree, as the
+    module says. The Makefile lists the folders' YAML files as prerequisites of deps.mk, so a recipe written into one
+    later is seen by the next make."""
+    folders = {Path(os.path.normpath(recipe_path.parent))}
+    files: list[Path] = []
+    for top, dirs, names in os.walk(os.curdir):
+        if any(marker in names for marker in _RUN_MARKERS):
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS)
+        folders.add(Path(os.path.normpath(top)))
+        files += [Path(os.path.normpath(os.path.join(top, n))) for n in sorted(names) if n.endswith((".yaml", ".yml"))]
+        if len(files) >= MAX_FILES:
+            break
+    files = files[:MAX_FILES] + [Path(os.path.normpath(p)) for p in recipe_path.parent.glob("*.y*ml")
+                                 if p.suffix in (".yaml", ".yml")]
+    return sorted({p.resolve(): _shown(p) for p in files}.values()), sorted(folders)
+
+
+def _recipes(recipe_path: Path) -> list[Path]:
+    """The other recipes in scope (files that set model_name_or_path), sorted."""
     me = recipe_path.resolve()
-    return sorted(p for p in recipe_path.parent.glob("*.y*ml")
-                  if p.suffix in (".yaml", ".yml") and p.resolve() != me)
+    return [p for p in scanned(recipe_path)[0] if p.resolve() != me and _values(p).get("model_name_or_path")]
+
+
+def producers(recipe_path: Path, path: str) -> list[tuple[Path, str]]:
+    """(recipe, the make goal that writes `path`) for the recipe in scope that writes it: one, or none, or several
+    when make cannot tell (pipeline.recipe.rules.outputs refuses that). Of several folders holding `path`
+    (saves/sft and saves/sft/merged; an export_dir inside another recipe's output_dir) the innermost one names the
+    producer; of several recipes writing that folder, the one with this recipe's file name (LLaMA-Factory names
+    examples/merge_lora/qwen3_lora_sft.yaml after the examples/train_lora/qwen3_lora_sft.yaml it merges, while
+    four other train_lora / train_qlora examples write the same output_dir)."""
+    best: list[tuple[int, Path, str]] = []
+    for other in _recipes(recipe_path):
+        for folder, goal in _writes(other):
+            if _inside(path, folder):
+                depth = len(os.path.abspath(folder))
+                if best and depth > best[0][0]:
+                    best = []
+                if not best or depth == best[0][0]:
+                    best.append((depth, other, goal))
+    found: list[tuple[Path, str]] = []
+    for _, other, goal in best:
+        if all(other != seen for seen, _ in found):  # a recipe whose export_dir is its output_dir counts once
+            found.append((other, goal))
+    named = [(other, goal) for other, goal in found if other.stem == recipe_path.stem]
+    return named if len(named) == 1 else found
 
 
 def producer(recipe_path: Path, path: str) -> tuple[Path, str] | None:
-    """(the recipe next to `recipe_path` that writes `path`, the make goal that writes it), or None. Of several
-    folders holding `path` (saves/sft and saves/sft/merged; an export_dir inside another recipe's output_dir), the
-    innermost one names the producer."""
-    best: tuple[int, Path, str] | None = None
-    for sibling in _siblings(recipe_path):
-        for folder, goal in _writes(sibling):
-            depth = len(os.path.normpath(folder))
-            if _inside(path, folder) and (best is None or depth > best[0]):
-                best = (depth, sibling, goal)
-    return None if best is None else (best[1], best[2])
+    """The one recipe producers() names for `path`, or None; of several, the first (a recipe that reaches a
+    command past validate and deps with several is told which by the rule, not here)."""
+    found = producers(recipe_path, path)
+    return found[0] if found else None
 
 
 def export_dir_sharers(recipe_path: Path, export_dir: str) -> list[Path]:
-    """The recipes next to `recipe_path` whose export_dir is `export_dir`, or holds it, or lies inside it: export
-    replaces the folder as a whole, so each would delete the other's model, and make, which counts each recipe's
-    own stamp, could hand a recipe that starts from the folder the other's newer export."""
-    return [sibling for sibling in _siblings(recipe_path)
-            if (theirs := _export_dir(sibling)) and (_inside(theirs, export_dir) or _inside(export_dir, theirs))]
+    """The recipes in scope whose export_dir is `export_dir`, or holds it, or lies inside it: export replaces the
+    folder as a whole, so each would delete the other's model, and make, which counts each recipe's own stamp, could
+    hand a recipe that starts from the folder the other's newer export."""
+    return [other for other in _recipes(recipe_path)
+            if (theirs := _export_dir(other)) and (_inside(theirs, export_dir) or _inside(export_dir, theirs))]

@@ -381,6 +381,12 @@ def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 6
     return _expect(proc, expect, Path(cwd))
 
 
+def make_stages(proc: subprocess.CompletedProcess) -> list[tuple[str, str]]:
+    """(command, recipe) of every `python -m pipeline` line make printed (or, under -n, would run), in order."""
+    runs = [line.split(" -m pipeline ")[1].split()[:2] for line in proc.stdout.splitlines() if " -m pipeline " in line]
+    return [(command, recipe) for command, recipe in runs]
+
+
 def scratch_repo(root: str | Path) -> Path:
     """A scratch repository for `make`: Makefile, pipeline/ and requirements linked, a venv whose python is
     the one running the tests, datasets/ empty (tests write their own registry with write_data)."""

@@ -75,12 +75,12 @@ def test_make_dry_run_on_two_ranks(tmp_path, hf_checkpoint):
     done = make("dry-run", "RECIPE=recipes/two.yaml", "NPROC=2", f"VENV={root / 'venv'}", cwd=root, env=env)
     check_report(done.stdout.replace("whole run: 2 steps", "whole run: 3 steps"))
     assert "2 rank(s)" in done.stderr
-    assert not (root / "saves").exists() and not (root / ".stamps/two/train").exists()
+    assert not (root / "saves").exists() and not (root / ".stamps/recipes/two/train").exists()
     assert leftovers(root / "tmp") == []
     # the same through `make train ARGS=--dry-run`: nothing written, and train is not marked done
     done = make("train", "RECIPE=recipes/two.yaml", "ARGS=--dry-run", f"VENV={root / 'venv'}", cwd=root, env=env)
     assert "dry run: ok" in done.stdout
-    assert not (root / "saves").exists() and not (root / ".stamps/two/train").exists()
+    assert not (root / "saves").exists() and not (root / ".stamps/recipes/two/train").exists()
 
 
 def test_bf16_on_a_cpu_without_it_gets_a_notice_in_plan_dry_run_and_train(dry):

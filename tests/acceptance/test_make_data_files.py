@@ -27,7 +27,7 @@ def test_an_edited_data_file_beside_the_registry_rebuilds(tmp_path):
 
     (data / "mine.json").write_text(json.dumps(rows + [{"instruction": "Say 12.", "input": "", "output": "12"}]),
                                     encoding="utf-8")
-    stamp = repo / ".stamps" / "r" / "data"
+    stamp = repo / ".stamps" / "recipes" / "r" / "data"
     os.utime(data / "mine.json", ns=(stamp.stat().st_mtime_ns + 10**9,) * 2)  # newer, whatever the clock's grain
     again = make("data", "RECIPE=recipes/r.yaml", venv, cwd=repo)
     assert "pipeline build" in again.stdout, again.stdout

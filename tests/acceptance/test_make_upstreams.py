@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import DPO, cli_env, make, scratch_repo, write_data, write_ranking_data, write_recipe
+from tests.acceptance.harness import (DPO, cli_env, make, make_stages, scratch_repo, write_data, write_ranking_data,
+                                      write_recipe)
 
 
 def _repo(tmp_path: Path) -> tuple[Path, str]:
@@ -24,8 +25,7 @@ def _repo(tmp_path: Path) -> tuple[Path, str]:
 
 def _stages(proc) -> list[tuple[str, str]]:
     """(command, recipe name) of every `python -m pipeline` line make ran, in order."""
-    runs = [line.split(" -m pipeline ")[1].split()[:2] for line in proc.stdout.splitlines() if " -m pipeline " in line]
-    return [(command, Path(recipe).stem) for command, recipe in runs]
+    return [(command, Path(recipe).stem) for command, recipe in make_stages(proc)]
 
 
 def _make(root: Path, *args: str, expect: int | None = 0):
@@ -115,8 +115,13 @@ def test_a_recipe_added_beside_this_one_becomes_its_upstream_and_an_unrelated_ed
     recipe's stages stale."""
     root, venv = _repo(tmp_path)
     write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/up", output_dir="saves/down", max_steps=1)
+    # stamps of the layout before (.stamps/<file name>/) are moved to the recipe's path, not left to retrain it
+    (root / ".stamps/down").mkdir(parents=True)
+    (root / ".stamps/down/deps.mk").write_text("RECIPE_FILES=./recipes/down.yaml\n")
+    (root / ".stamps/down/train").touch()
     _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
-    deps = root / ".stamps/down/deps.mk"
+    assert (root / ".stamps/recipes/down/train").is_file() and not (root / ".stamps/down").exists()
+    deps = root / ".stamps/recipes/down/deps.mk"
     assert "UPSTREAMS=\n" in deps.read_text()
     write_recipe(root / "recipes" / "up.yaml", model_name_or_path="tiny", output_dir="saves/up", max_steps=1)
     _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)

@@ -68,7 +68,7 @@ def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):
     args = """ARGS=output_dir="saves/it's mine" learning_rate=0.5"""
     make("validate", "RECIPE=recipes/r.yaml", args, f"VENV={root / 'venv'}", cwd=root,
          env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
-    assert (root / ".stamps/r/args").read_text(encoding="utf-8") == args.removeprefix("ARGS=") + "\n"
+    assert (root / ".stamps/recipes/r/args").read_text(encoding="utf-8") == args.removeprefix("ARGS=") + "\n"
     again = make("validate", "RECIPE=recipes/r.yaml", args, f"VENV={root / 'venv'}", cwd=root,
                  env=cli_env(MAKEFLAGS="", MAKELEVEL=""))
     assert "pipeline validate" not in again.stdout, again.stdout  # the same ARGS: nothing is stale

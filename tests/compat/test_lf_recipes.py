@@ -51,28 +51,70 @@ def lf_checkout(tmp_path: Path, model: str) -> Path:
     return tmp_path
 
 
+def _token_table(stdout: str) -> list[str]:
+    """validate's per-dataset token statistics (the rows under its `dataset split rows tokens ...` header)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("dataset ") and " tokens " in line)
+    return lines[start + 1:start + 5]
+
+
 @pytest.mark.slow
 def test_lora_sft_then_merge_lora_then_inference(tmp_path):
+    """LLaMA-Factory's layout through make: `make export` of examples/merge_lora/qwen3_lora_sft.yaml trains the
+    examples/train_lora recipe whose output_dir its adapter_name_or_path names first (make searched the merge
+    recipe's own folder only, and exported an adapter that was not there), and validate / build of a recipe in a
+    third folder that trains from the export tokenize with the chain's root before anything ran."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    from tests.acceptance.harness import cli_env, make, make_stages, scratch_repo
+
     ckpt = tmp_path / "ckpt"
     qwen3_checkpoint(ckpt)
-    work = lf_checkout(tmp_path / "lf", str(ckpt))
+    work = scratch_repo(lf_checkout(tmp_path / "lf", str(ckpt)))
     extra = template_override()
+    env = cli_env(MAKEFLAGS="", MAKELEVEL="")
+    merge = "examples/merge_lora/qwen3_lora_sft.yaml"
+    goal = ["export", f"RECIPE={merge}", f"ARGS={' '.join(extra)}", f"VENV={work / 'venv'}"]
+
+    # LLaMA-Factory's two merge_lora examples write one export_dir: one message naming both, nothing run
+    refused = make(*goal, cwd=work, env=env, expect=2)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {merge}:10:13: export_dir: saves/qwen3_sft_merged is also written by another recipe "
+                      "(examples/merge_lora/qwen3_full_sft.yaml has export_dir: saves/qwen3_sft_merged): each "
+                      "export replaces the whole folder, so one deletes the other's model, and make could hand a "
+                      "recipe that starts from it the other recipe's export; give each recipe its own export_dir, "
+                      "e.g. export_dir: saves/qwen3_lora_sft_export"], refused.stderr
+    assert not (work / "saves").exists()
+    full = work / "examples/merge_lora/qwen3_full_sft.yaml"
+    full.write_text(full.read_text("utf-8").replace("saves/qwen3_sft_merged", "saves/qwen3_full_merged"), "utf-8")
+
+    # a recipe in a third folder training from the export: checked before anything ran, with the root's tokenizer
     sft = "examples/train_lora/qwen3_lora_sft.yaml"
-    pipeline("build", sft, *extra, cwd=work)
-    done = pipeline("validate", sft, *extra, cwd=work)
-    assert "unknown key" not in done.stderr
-    assert done.stderr.count("trust_remote_code: accepted; no remote code ever runs here") == 1
-    pipeline("train", sft, *extra, cwd=work, timeout=600)
+    later = "examples/train_full/qwen3_from_merged.yaml"
+    (work / later).write_text((work / sft).read_text("utf-8").replace(f"model_name_or_path: {ckpt}",
+                                                                        "model_name_or_path: saves/qwen3_sft_merged")
+                              .replace("saves/qwen3-4b/lora/sft", "saves/qwen3-4b/lora/from_merged"), "utf-8")
+    pipeline("build", later, *extra, cwd=work, as_typed=False)
+    checked = pipeline("validate", later, *extra, cwd=work, as_typed=False)
+    assert "unknown key" not in checked.stderr and "note:" not in checked.stdout, checked.stdout  # token lengths
+    assert checked.stderr.count("trust_remote_code: accepted; no remote code ever runs here") == 1
+
+    # make -n says what make export will run, and runs none of it
+    planned = make("-n", *goal, cwd=work, env=env)
+    assert make_stages(planned) == [("build", sft), ("validate", sft), ("train", sft), ("export", merge)], planned.stdout
+    assert not (work / "saves").exists()
+
+    made = make(*goal, cwd=work, env=env, timeout=600)
+    assert make_stages(made) == [("build", sft), ("validate", sft), ("train", sft), ("export", merge)], made.stdout
+    assert _token_table(made.stdout) == _token_table(checked.stdout)  # the same tokenizer (and data) as the chain's
+    assert make_stages(make(*goal, cwd=work, env=env)) == []  # nothing stale
     run = work / "saves/qwen3-4b/lora/sft"
     results = json.loads((run / "all_results.json").read_text("utf-8"))
     assert results["global_step"] == 6  # 21 train rows / (1 x 8) = 2 steps per epoch x 3 epochs
     assert (run / "training_loss.png").is_file()
 
     # merge_lora: adapter_name_or_path names the run's output_dir, as LLaMA-Factory's does
-    pipeline("export", "examples/merge_lora/qwen3_lora_sft.yaml", *extra, cwd=work)
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / "saves/qwen3_sft_merged").eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     reference = peft.PeftModel.from_pretrained(base, run / "adapter").merge_and_unload().eval()

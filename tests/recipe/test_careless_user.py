@@ -79,8 +79,8 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
                         ("./models/gpt", " (did you mean './models/gpt2'?)"),
                         ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)")):
         out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path, as_typed=model == typo).stdout
-        assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe next to this "
-                "one produces it; it is a path, not a hub id (org/name), so train will refuse it") in out, out
+        assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder "
+                "or under the working directory produces it; it is a path, not a hub id (org/name), so train will refuse it") in out, out
         assert "hub id is downloaded" not in out
     assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path, as_typed=False)
     out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,

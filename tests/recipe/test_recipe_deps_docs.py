@@ -33,8 +33,9 @@ def test_deps_lines(write):
         "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
+        "SCOPE_FOLDERS=./ data/ recipes/",  # "data/b dir" too, but make cannot name it
     ]
-    assert lines(resolve("recipes/demo_pt.yaml", command="deps"))[-2:] == ["UPSTREAM=", "UPSTREAM_GOAL="]
+    assert lines(resolve("recipes/demo_pt.yaml", command="deps"))[-3:-1] == ["UPSTREAM=", "UPSTREAM_GOAL="]
 
 
 def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
@@ -42,10 +43,10 @@ def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
     write("recipes/b.yaml", "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nadapter_name_or_path: "
                             "out/first/adapter\n")
     write("recipes/broken.yaml", "this: [is broken\n")  # siblings that do not load are ignored
-    assert lines(resolve("recipes/b.yaml", command="deps"))[-2:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=train"]
+    assert _upstreams("recipes/b.yaml")[1:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=train"]
     # a merged model comes from the upstream's merge stage (make runs `merge` there, not only `train`)
     write("recipes/c.yaml", "model_name_or_path: out/first/merged\ndataset: x\nmax_steps: 1\n")
-    assert lines(resolve("recipes/c.yaml", command="deps"))[-2:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=merge"]
+    assert _upstreams("recipes/c.yaml")[1:] == ["UPSTREAM=recipes/a.yaml", "UPSTREAM_GOAL=merge"]
 
 
 def _upstreams(recipe: str) -> list[str]:
@@ -103,13 +104,84 @@ def test_deps_and_validate_refuse_an_export_dir_another_recipe_writes(write, the
         with pytest.raises(UserError) as err:
             resolve("recipes/a.yaml", ["dataset=x"], command=command)
         assert err.value.messages == [
-            f"recipes/a.yaml:3:13: export_dir: saves/merged is also written by another recipe in this folder "
+            f"recipes/a.yaml:3:13: export_dir: saves/merged is also written by another recipe "
             f"(recipes/b.yaml has export_dir: {theirs}): each export replaces the whole folder, so one deletes the "
             "other's model, and make could hand a recipe that starts from it the other recipe's export; give each "
             "recipe its own export_dir, e.g. export_dir: saves/a_export"]
     resolve("recipes/c.yaml", command="deps")
     write("saves/sft/adapter_config.json", {"peft_type": "LORA"})  # export loads the adapter: it must be there
     resolve("recipes/a.yaml", command="export")  # LLaMA-Factory's own merge_lora examples share one export_dir
+
+
+def test_deps_follows_upstreams_across_the_folders_of_the_working_tree(write):
+    """LLaMA-Factory keeps the recipe that trains an adapter (examples/train_lora/) apart from the one that merges it
+    (examples/merge_lora/): only the merge recipe's own folder was searched, so make exported before training."""
+    sft = "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/qwen3-4b/lora/sft\n"
+    write("examples/train_lora/qwen3_lora_sft.yaml", sft)
+    write("examples/train_lora/qwen3_lora_sft_ds3.yaml", sft + "deepspeed: ds.json\n")  # the same output_dir
+    write("examples/merge_lora/qwen3_lora_sft.yaml", "model_name_or_path: tiny\nadapter_name_or_path: "
+                                                     "saves/qwen3-4b/lora/sft\nexport_dir: saves/qwen3_sft_merged\n")
+    write("examples/train_lora/qwen3_lora_dpo.yaml", "model_name_or_path: saves/qwen3_sft_merged\nstage: dpo\n"
+                                                     "dataset: x\nref_model: saves/qwen3_sft_merged\n")
+    # not recipes make chains: outputs, hidden folders, a run folder elsewhere, a YAML without model_name_or_path
+    for name in ("saves/old/r.yaml", ".git/r.yaml", "runs/a/r.yaml", "docs/r.yaml", "tests/lf/r.yaml"):
+        write(name, ("dataset: x\n" if name.startswith("docs") else sft) + "export_dir: saves/qwen3_sft_merged\n")
+    write("runs/a/resolved.yaml", "{}\n")
+    # the merge recipe's file name picks the train_lora recipe of the two writing the adapter's folder
+    assert _upstreams("examples/merge_lora/qwen3_lora_sft.yaml")[0] == (
+        "UPSTREAMS=examples/train_lora/qwen3_lora_sft.yaml:train")
+    assert _upstreams("examples/train_lora/qwen3_lora_dpo.yaml")[0] == (
+        "UPSTREAMS=examples/merge_lora/qwen3_lora_sft.yaml:export")
+    # LLaMA-Factory's ppo example reads the reward example's output_dir
+    write("examples/train_lora/qwen3_lora_reward.yaml", "model_name_or_path: tiny\nstage: rm\ndataset: x\n"
+                                                        "output_dir: saves/qwen3-4b/lora/reward\n")
+    write("examples/extras/ppo/qwen3_lora_ppo.yaml", "model_name_or_path: tiny\nstage: ppo\ndataset: x\n"
+                                                     "reward_model: saves/qwen3-4b/lora/reward\n")
+    assert _upstreams("examples/extras/ppo/qwen3_lora_ppo.yaml")[0] == (
+        "UPSTREAMS=examples/train_lora/qwen3_lora_reward.yaml:train")
+    from pipeline.recipe.plan import render
+
+    assert render(resolve("examples/train_lora/qwen3_lora_dpo.yaml", command="plan")).splitlines()[1] == (
+        "made first by make train / export: examples/merge_lora/qwen3_lora_sft.yaml (export)")
+    scope = lines(resolve("examples/train_lora/qwen3_lora_dpo.yaml", command="deps"))[-1]
+    assert scope == ("SCOPE_FOLDERS=./ docs/ examples/ examples/extras/ examples/extras/ppo/ examples/merge_lora/ "
+                     "examples/train_lora/ runs/")
+    # validate and build tokenize with the chain's root, across the folders too
+    from pipeline.recipe.deps import tokenizer_source
+
+    write("examples/train_full/full.yaml", "model_name_or_path: tiny\ntokenizer_name_or_path: the/root\n"
+                                           "finetuning_type: full\ndataset: x\noutput_dir: saves/full\n")
+    write("examples/inference/full.yaml", "model_name_or_path: saves/full/model\ndataset: x\n")
+    assert tokenizer_source(resolve("examples/inference/full.yaml", command="build")) == "the/root"
+
+
+def test_two_recipes_writing_the_path_a_recipe_starts_from_are_one_message(write, tmp_path, monkeypatch):
+    sft = "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/llama3-8b/lora/sft\n"
+    write("examples/extras/loraplus/llama3_lora_sft.yaml", sft)
+    write("examples/train_qlora/llama3_lora_sft_awq.yaml", sft)
+    write("examples/extras/nlg_eval/llama3_lora_predict.yaml", "model_name_or_path: tiny\nadapter_name_or_path: "
+                                                               "saves/llama3-8b/lora/sft\ndataset: x\n")
+    for command in ("deps", "validate"):
+        with pytest.raises(UserError) as err:
+            resolve("examples/extras/nlg_eval/llama3_lora_predict.yaml", command=command)
+        assert err.value.messages == [
+            "examples/extras/nlg_eval/llama3_lora_predict.yaml:2:23: adapter_name_or_path: saves/llama3-8b/lora/sft "
+            "is written by 2 recipes (examples/extras/loraplus/llama3_lora_sft.yaml, "
+            "examples/train_qlora/llama3_lora_sft_awq.yaml), so make cannot tell which one to run first; give the "
+            "one you mean an output_dir (or export_dir) of its own and start from that, or name it "
+            "llama3_lora_predict.yaml as this recipe is named (make then takes it)"]
+    # once the adapter is there validate has nothing to decide (make still has: which stamp is the adapter's)
+    write("saves/llama3-8b/lora/sft/adapter_config.json", {"peft_type": "LORA"})
+    resolve("examples/extras/nlg_eval/llama3_lora_predict.yaml", command="validate")
+    with pytest.raises(UserError):
+        resolve("examples/extras/nlg_eval/llama3_lora_predict.yaml", command="deps")
+    # an export_dir shared across folders is the export_dir rule's one message
+    write("a/x.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/s\nexport_dir: saves/m\n")
+    write("b/y.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/s\nexport_dir: saves/m/v2\n")
+    with pytest.raises(UserError) as err:
+        resolve("a/x.yaml", ["dataset=x"], command="deps")
+    assert err.value.messages[0].startswith("a/x.yaml:3:13: export_dir: saves/m is also written by another recipe "
+                                            "(b/y.yaml has export_dir: saves/m/v2)")
 
 
 def test_deps_cli(write, capsys):

@@ -14,7 +14,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   data.py        dataset / eval_dataset, dataset_dir, val_size, the interleave mix, streaming
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
-  outputs.py     resume_from_checkpoint, export_dir, the refused exports, report_to
+  outputs.py     resume_from_checkpoint, export_dir, the upstream's one producer, the refused exports, report_to
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
 
@@ -84,6 +84,7 @@ ORDER = (
     optimizers.badam_start_block_in_model,
     optimizers.optim_fits,
     outputs.export_dir_has_one_owner,
+    outputs.upstream_has_one_producer,
     data.refused_streaming,
     outputs.refused_exports,
     outputs.refused_hub_upload,

@@ -1,4 +1,5 @@
-"""Rules on what a run writes or reads back: resume_from_checkpoint, export_dir (one recipe per folder), the
+"""Rules on what a run writes or reads back: resume_from_checkpoint, export_dir (one recipe writes it), the upstream
+path a recipe starts from (one recipe writes it), the
 exports not done here (export_legacy_format, export_quantization_*, export_hub_model_id), and report_to's
 reporters.
 """
@@ -35,10 +36,11 @@ def _checkpoints_hint(output_dir: str, given: str) -> str:
 
 @rule("export_dir", commands=("deps", "validate"))
 def export_dir_has_one_owner(ctx: Context) -> list[tuple[str, str]]:
-    """Two recipes in one folder writing one export_dir (or one inside the other) replace each other's model, and
-    make, which keeps a stamp per recipe, would take one's export as current after the other rewrote it: a recipe
-    that starts from the folder could train on the wrong model. Checked where make reads a recipe (deps) and by
-    validate; `python -m pipeline export` itself keeps LLaMA-Factory's behaviour (its merge_lora examples share one
+    """Two recipes writing one export_dir (or one inside the other) replace each other's model, and make, which keeps
+    a stamp per recipe, would take one's export as current after the other rewrote it: a recipe that starts from the
+    folder could train on the wrong model. The recipes make chains are compared (pipeline.recipe.siblings: this
+    recipe's folder and the working tree). Checked where make reads a recipe (deps) and by validate;
+    `python -m pipeline export` itself keeps LLaMA-Factory's behaviour (its merge_lora examples share one
     export_dir)."""
     from pipeline.recipe.siblings import export_dir_sharers, recipe_value
 
@@ -47,10 +49,32 @@ def export_dir_has_one_owner(ctx: Context) -> list[tuple[str, str]]:
     if not others:
         return []
     theirs = "; ".join(f"{p} has export_dir: {recipe_value(p, 'export_dir')}" for p in others)
-    return [("export_dir", f"{mine} is also written by another recipe in this folder ({theirs}): each export "
+    return [("export_dir", f"{mine} is also written by another recipe ({theirs}): each export "
                            "replaces the whole folder, so one deletes the other's model, and make could hand a "
                            "recipe that starts from it the other recipe's export; give each recipe its own "
                            f"export_dir, e.g. export_dir: saves/{Path(ctx.recipe_file).stem}_export")]
+
+
+@rule("model_name_or_path", "adapter_name_or_path", "ref_model", "ref_model_adapters", "reward_model", "stage",
+      commands=("deps", "validate"))
+def upstream_has_one_producer(ctx: Context) -> list[tuple[str, str]]:
+    """A path this recipe starts from that several recipes write (LLaMA-Factory's train_lora and train_qlora examples
+    share output_dirs): make would have to guess which one to run first, and the chain's tokenizer is that recipe's.
+    make's read (deps) refuses it always; validate while the path is still to be made (then the chain decides)."""
+    from pipeline.recipe.siblings import producers, upstream_items
+
+    problems = []
+    for key, path in upstream_items(ctx.values):
+        if ctx.command == "validate" and os.path.exists(path):
+            continue
+        found = producers(Path(ctx.recipe_file), path)
+        if len(found) > 1:
+            names = ", ".join(str(recipe) for recipe, _ in found)
+            problems.append((key, f"{path} is written by {len(found)} recipes ({names}), so make cannot tell which "
+                                  "one to run first; give the one you mean an output_dir (or export_dir) of its own "
+                                  f"and start from that, or name it {Path(ctx.recipe_file).name} as this recipe "
+                                  "is named (make then takes it)"))
+    return problems
 
 
 @rule("export_legacy_format", "export_quantization_bit", "export_quantization_dataset")
