@@ -79,9 +79,22 @@ class Adafactor(PerParameterOptimizer):
     def __init__(self, groups: list[dict[str, Any]], lr: float) -> None:
         super().__init__(groups, {"lr": lr, **DEFAULTS})
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, then each saved statistic put back as it was saved, float32: torch's load_state_dict casts every
+        floating-point state tensor to its parameter's dtype (bf16 under pure_bf16), and transformers' step only
+        upcasts a loaded bf16 statistic back (`.to(grad)`), rounded. Kept float32, a resumed run steps as the
+        uninterrupted one did."""
+        super().load_state_dict(state_dict)
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, param in zip(saved, (p for group in self.param_groups for p in group["params"])):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
     def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         flip = group.get("transposed", False)
-        grad = param.grad.t() if flip else param.grad
+        # transformers' layout in memory too: its row and column means (and the clipping RMS) sum in that order
+        grad = param.grad.t().contiguous() if flip else param.grad
         if grad.dtype in {torch.float16, torch.bfloat16}:
             grad = grad.float()
         state = self.state[param]

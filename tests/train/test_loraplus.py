@@ -215,7 +215,7 @@ def test_each_optim_steps_as_llamafactorys_loraplus_groups_of_transformers_optim
         ids = torch.randint(0, 512, (2, 12), generator=gen)
         theirs(input_ids=ids, labels=ids).loss.backward()
         for p, q, flipped in pairs:
-            p.grad = (q.grad.t() if flipped else q.grad).clone()
+            p.grad = (q.grad.t() if flipped else q.grad).clone(memory_format=torch.contiguous_format)  # our layout
         golden.step()
         optimizer.step()
         theirs.zero_grad(set_to_none=True)
