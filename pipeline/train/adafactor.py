@@ -18,7 +18,10 @@ group's) is p -= p x weight_decay x lr, then p -= update. RMS(p) is kept in the 
 
 Rows and columns are transformers' (PEFT's for an adapter): a weight stored transposed here (GPT-2's Conv1D
 weights, LoRA's A and B: pipeline.model.adapter's peft_params) is factored as its transpose, through a group flag,
-`transposed`, that survives DeepSpeed's swap of the parameters for fp32 master copies. The factoring needs whole
+`transposed`, that survives DeepSpeed's swap of the parameters for fp32 master copies (bf16 at ZeRO 0: one master
+per tensor, in its shape). Its gradient is made contiguous in transformers' layout first, so the row and column
+means and the clipping RMS sum in transformers' order: the same bits. The statistics are float32 whatever the
+weights' dtype, and a resume restores them so (Adafactor.load_state_dict). The factoring needs whole
 matrices: ZeRO 1-3 hand the optimizer flat slices, so optim adafactor asks for zero_stage 0
 (pipeline.recipe.rules.optimizers.optim_fits).
 """

@@ -21,7 +21,7 @@ from pipeline.runtime.log import read_log
 from pipeline.train.optim import make_optimizer
 from pipeline.train.run import train
 from pipeline.train.schedule import make_scheduler
-from tests.train.helpers import BASE_SFT
+from tests.train.helpers import BASE_PT, BASE_SFT
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU too
@@ -118,6 +118,61 @@ def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_r
     losses0 = [r["loss"] for r in read_log(zero0.output_dir / "trainer_log.jsonl") if "loss" in r]
     losses2 = [r["loss"] for r in read_log(zero2.output_dir / "trainer_log.jsonl") if "loss" in r]
     assert losses0 == pytest.approx(losses2, rel=1e-5) and len(losses0) == 2
+
+
+def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_adafactor(make_recipe, monkeypatch):
+    """bf16: true at ZeRO 0 (no pure_bf16): DeepSpeed's FP16_UnfusedOptimizer keeps bf16 weights and one fp32
+    master per tensor (its shape kept, so Adafactor factors it; the group's `transposed` flag goes with it) and
+    steps our Adafactor on the masters with their fp32 gradients, unscaled and clipped. Each step's masters and
+    gradients going in are recorded and replayed on transformers' Adafactor (its Trainer's class and kwargs,
+    Trainer.get_optimizer_cls_and_kwargs) over copies in transformers' layout, with the recorded groups' rates and
+    decays: its masters coming out equal ours bit for bit, step after step, the first one included (DeepSpeed's
+    start-up step with zero gradients is skipped: pipeline.train.optim.no_startup_step)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from pipeline.train.adafactor import Adafactor
+
+    steps: list[list[tuple[dict, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]] = []
+    original = Adafactor.step
+
+    def recorded(self, closure=None):
+        groups = [({k: v for k, v in g.items() if k != "params"}, [(p, p.detach().clone(), p.grad.clone())
+                                                                   for p in g["params"]]) for g in self.param_groups]
+        loss = original(self, closure)
+        steps.append([(g, [(before, grad, p.detach().clone()) for p, before, grad in ps]) for g, ps in groups])
+        return loss
+
+    monkeypatch.setattr(Adafactor, "step", recorded)
+    result = train(make_recipe(BASE_PT, name="mixed", bf16=True, optim="adafactor", weight_decay=DECAY,
+                               learning_rate=1e-3, max_steps=2, warmup_steps=0, val_size=0.0))
+    engine = result.engine
+    assert type(engine.optimizer) is FP16_UnfusedOptimizer and type(engine.optimizer.optimizer) is Adafactor
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    masters = [p for g in engine.optimizer.optimizer.param_groups for p in g["params"]]
+    assert {p.dtype for p in masters} == {torch.float32} and len(steps) == 2
+    assert all(engine.optimizer.optimizer.state[p]["step"] == 2 for p in masters)
+
+    args = transformers.TrainingArguments(output_dir=str(result.output_dir / "hf"), optim="adafactor",
+                                          learning_rate=1e-3, weight_decay=DECAY, report_to=[])
+    cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args)
+    flip = [g["transposed"] for g, _ in steps[0]]
+    copies = [[(before.t() if f else before).clone().requires_grad_() for before, _, _ in ps]
+              for f, (_, ps) in zip(flip, steps[0])]
+    golden = cls([{"params": c, "lr": g["lr"], "weight_decay": g["weight_decay"]} for c, (g, _) in zip(copies, steps[0])],
+                 **kwargs)
+    assert any(flip) and not all(flip)  # GPT-2's Conv1D weights are factored through their transpose
+    for step in steps:
+        for group, (g, ps), c, f in zip(golden.param_groups, step, copies, flip):
+            group["lr"] = g["lr"]  # the schedule's rate at this step
+            for (before, grad, _), q in zip(ps, c):
+                assert torch.equal(q.detach(), before.t() if f else before)  # nothing else moved the masters
+                q.grad = (grad.t() if f else grad).contiguous()
+        golden.step()
+        for (g, ps), c, f in zip(step, copies, flip):
+            for (_, _, after), q in zip(ps, c):
+                assert torch.equal(q.detach(), after.t() if f else after)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(result.output_dir / "trainer_log.jsonl")
+               if "loss" in r)
 
 
 def refused_at(tmp_path, keys: dict, command: str = "validate") -> tuple[str, dict[str, str]]:
