@@ -18,7 +18,10 @@ group's) is p -= p x weight_decay x lr, then p -= update. RMS(p) is kept in the 
 
 Rows and columns are transformers' (PEFT's for an adapter): a weight stored transposed here (GPT-2's Conv1D
 weights, LoRA's A and B: pipeline.model.adapter's peft_params) is factored as its transpose, through a group flag,
-`transposed`, that survives DeepSpeed's swap of the parameters for fp32 master copies. The factoring needs whole
+`transposed`, that survives DeepSpeed's swap of the parameters for fp32 master copies (bf16 at ZeRO 0: one master
+per tensor, in its shape). Its gradient is made contiguous in transformers' layout first, so the row and column
+means and the clipping RMS sum in transformers' order: the same bits. The statistics are float32 whatever the
+weights' dtype, and a resume restores them so (Adafactor.load_state_dict). The factoring needs whole
 matrices: ZeRO 1-3 hand the optimizer flat slices, so optim adafactor asks for zero_stage 0
 (pipeline.recipe.rules.optimizers.optim_fits).
 """
@@ -79,9 +82,22 @@ class Adafactor(PerParameterOptimizer):
     def __init__(self, groups: list[dict[str, Any]], lr: float) -> None:
         super().__init__(groups, {"lr": lr, **DEFAULTS})
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, then each saved statistic put back as it was saved, float32: torch's load_state_dict casts every
+        floating-point state tensor to its parameter's dtype (bf16 under pure_bf16), and transformers' step only
+        upcasts a loaded bf16 statistic back (`.to(grad)`), rounded. Kept float32, a resumed run steps as the
+        uninterrupted one did."""
+        super().load_state_dict(state_dict)
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for i, param in zip(saved, (p for group in self.param_groups for p in group["params"])):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[param][key] = value.to(device=param.device, copy=True)
+
     def _update(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         flip = group.get("transposed", False)
-        grad = param.grad.t() if flip else param.grad
+        # transformers' layout in memory too: its row and column means (and the clipping RMS) sum in that order
+        grad = param.grad.t().contiguous() if flip else param.grad
         if grad.dtype in {torch.float16, torch.bfloat16}:
             grad = grad.float()
         state = self.state[param]

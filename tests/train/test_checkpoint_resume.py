@@ -65,10 +65,11 @@ RESUME = dict(max_steps=6, warmup_steps=1, gradient_accumulation_steps=2, dropou
     # ZeRO-3 + bf16: partitioned fp32 masters and optimizer state, bf16 module weights
     (BASE_SFT, dict(finetuning_type="lora", lora_dropout=0.1, zero_stage=3, bf16=True),
      "adapter/adapter_model.safetensors"),
-    # no ZeRO, fp32: DeepSpeed keeps the client optimizer's state in its model-states file; here optim adafactor
-    # (transformers' Adafactor: per-tensor row / column means, RMS and an integer step, GPT-2's Conv1D weights
-    # factored transposed; ZeRO-0 AdamW's state is the sft-varied case's)
-    (BASE_PT, dict(finetuning_type="full", optim="adafactor"), "model/model.safetensors"),
+    # no ZeRO, pure_bf16: DeepSpeed keeps the client optimizer's state in its model-states file and hands it back
+    # through its load_state_dict; here optim adafactor (transformers' Adafactor: per-tensor row / column means in
+    # float32 on the bf16 weights, RMS and an integer step, GPT-2's Conv1D weights factored transposed; ZeRO-0
+    # fp32 AdamW's state is the sft-varied case's)
+    (BASE_PT, dict(finetuning_type="full", optim="adafactor", pure_bf16=True), "model/model.safetensors"),
     # answers of 1-12 words, one log line per 4 steps: the stop after step 3 falls inside a log window, whose sums
     # (each update's mean over its trained tokens) the checkpoint keeps; NEFTune's noise comes from the saved RNG
     (BASE_SFT, dict(finetuning_type="lora", dataset="varied_sft", per_device_train_batch_size=2, logging_steps=4,
@@ -77,7 +78,7 @@ RESUME = dict(max_steps=6, warmup_steps=1, gradient_accumulation_steps=2, dropou
     # (~40 s: slow, the others cover the resume machinery)
     pytest.param(BASE_SFT, dict(finetuning_type="lora", lora_dropout=0.1, use_muon=True),
                  "adapter/adapter_model.safetensors", marks=pytest.mark.slow),
-], ids=["lora-zero3-bf16", "full-fp32-adafactor", "sft-varied-log-window-neftune", "lora-muon"])
+], ids=["lora-zero3-bf16", "full-pure-bf16-adafactor", "sft-varied-log-window-neftune", "lora-muon"])
 def test_interrupted_and_resumed_run_equals_uninterrupted_bitwise(make_recipe, base, keys, final):
     straight = train(make_recipe(base, name="straight", **RESUME, **keys))
 

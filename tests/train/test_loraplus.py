@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from pipeline.model.build import FinetuneArgs, apply_finetuning_type
+from pipeline.model.lora import family_of_model, lora_modules, lora_state_dict
+from pipeline.names import PEFT_PREFIX
 from pipeline.model.weights import load_model
 from pipeline.recipe.args import train_args
 from pipeline.train.optim import make_optimizer
@@ -29,22 +31,36 @@ def hf_dir(tmp_path_factory):
     return path, write_hf_checkpoint(path, "gpt2", vocab_size=512)
 
 
-def lf_rule(model, lr: float, ratio: float, weight_decay: float) -> dict[str, tuple[float, float]]:
-    """LLaMA-Factory 0.9.5's LoRA+ groups, its loop verbatim: parameter name -> (lr, weight decay)."""
+def lf_groups(model, lr: float, ratio: float, weight_decay: float) -> list[dict]:
+    """LLaMA-Factory 0.9.5's LoRA+ param_groups (train/trainer_utils.py:372-406, `_create_loraplus_optimizer`, its
+    loop verbatim; `_get_decay_parameter_names` :193-197; loraplus_lr_embedding's default 1e-6), empty ones
+    included, as it hands them to `optim`'s class."""
     from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
     from transformers.trainer_pt_utils import get_parameter_names
 
     decay_names = [n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n]
-    out = {}
+    param_dict: dict[str, list] = {"lora_a": [], "lora_b": [], "lora_b_nodecay": [], "embedding": []}
     for name, param in model.named_parameters():
         if param.requires_grad:
             if "lora_embedding_B" in name:
-                out[name] = (1e-6, weight_decay)
+                param_dict["embedding"].append(param)
             elif "lora_B" in name or param.ndim == 1:
-                out[name] = (lr * ratio, weight_decay if name in decay_names else 0.0)
+                if name in decay_names:
+                    param_dict["lora_b"].append(param)
+                else:
+                    param_dict["lora_b_nodecay"].append(param)
             else:
-                out[name] = (lr, weight_decay)
-    return out
+                param_dict["lora_a"].append(param)
+    return [dict(params=param_dict["lora_a"], lr=lr, weight_decay=weight_decay),
+            dict(params=param_dict["lora_b"], lr=lr * ratio, weight_decay=weight_decay),
+            dict(params=param_dict["lora_b_nodecay"], lr=lr * ratio, weight_decay=0.0),
+            dict(params=param_dict["embedding"], lr=1e-6, weight_decay=weight_decay)]
+
+
+def lf_rule(model, lr: float, ratio: float, weight_decay: float) -> dict[str, tuple[float, float]]:
+    """LLaMA-Factory 0.9.5's LoRA+ groups (lf_groups): parameter name -> (lr, weight decay)."""
+    where = {id(p): (g["lr"], g["weight_decay"]) for g in lf_groups(model, lr, ratio, weight_decay) for p in g["params"]}
+    return {name: where[id(p)] for name, p in model.named_parameters() if p.requires_grad}
 
 
 def ours(path, use_dora=False, **keys):
@@ -152,6 +168,60 @@ def test_the_schedule_keeps_every_groups_ratio(hf_dir):
         assert slow == pytest.approx(LR * factor) and fast == vectors == pytest.approx(LR * RATIO * factor)
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adagrad", "rmsprop", "adafactor"])
+def test_each_optim_steps_as_llamafactorys_loraplus_groups_of_transformers_optimizer(hf_dir, optim):
+    """LoRA+ with `optim`: LLaMA-Factory's `_create_loraplus_optimizer` takes optim's class and kwargs from
+    transformers' Trainer.get_optimizer_cls_and_kwargs and builds lf_groups over PEFT's model of the same adapter
+    (GPT-2: Conv1D, fan_in_fan_out; the final LayerNorm trained in full). Ours is the same class with the same
+    (lr, weight decay) per tensor, and three steps with the same gradients (PEFT's backward, copied into ours in our
+    layout: A and B stored transposed, which Adafactor factors as PEFT's rows and columns) leave every trained tensor
+    equal, bit for bit."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    path, _ = hf_dir
+    model, args = ours(path, optim=optim, lr_scheduler_type="constant", num_warmup_steps=0)
+    hf = AutoModelForCausalLM.from_pretrained(path)  # a fresh one: PEFT wraps the fixture's in place
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], modules_to_save=["ln_f"],
+                             fan_in_fan_out=True, lora_dropout=0.0)
+    theirs = peft.get_peft_model(hf, config)
+    assert not peft.set_peft_model_state_dict(theirs, lora_state_dict(model)).unexpected_keys
+    training = TrainingArguments(output_dir=str(path.parent / "hf-out"), optim=optim, learning_rate=LR,
+                                 weight_decay=DECAY, report_to=[])
+    optim_class, optim_kwargs = Trainer.get_optimizer_cls_and_kwargs(training)
+    golden = optim_class(lf_groups(theirs, LR, RATIO, DECAY), **optim_kwargs)
+    optimizer = make_optimizer(model, args)
+    assert type(optimizer).__name__ == type(golden).__name__
+
+    family = family_of_model(model)
+    peft_named = {n.replace(".modules_to_save.default", "").replace(".default", ""): p
+                  for n, p in theirs.named_parameters() if p.requires_grad}
+    pairs = []  # (ours, PEFT's, stored transposed)
+    for name, wrapper in lora_modules(model).items():
+        for suffix, (p, flipped) in wrapper.peft_params().items():
+            pairs.append((p, peft_named.pop(f"{PEFT_PREFIX}{family.to_hf(name)}.{suffix}"), flipped))
+    for name in model._lora_additional:
+        for pname, p in model.get_submodule(name).named_parameters():
+            pairs.append((p, peft_named.pop(f"{PEFT_PREFIX}{family.to_hf(name)}.{pname}"), False))
+    assert not peft_named and len(pairs) == sum(p.requires_grad for p in model.parameters())
+    lf_table = {id(q): (g["lr"], g["weight_decay"]) for g in golden.param_groups for q in g["params"]}
+    assert all(table(optimizer)[id(p)] == pytest.approx(lf_table[id(q)]) for p, q, _ in pairs)
+    theirs.eval()
+    starts = [q.detach().clone() for _, q, _ in pairs]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ids = torch.randint(0, 512, (2, 12), generator=gen)
+        theirs(input_ids=ids, labels=ids).loss.backward()
+        for p, q, flipped in pairs:
+            p.grad = (q.grad.t() if flipped else q.grad).clone(memory_format=torch.contiguous_format)  # our layout
+        golden.step()
+        optimizer.step()
+        theirs.zero_grad(set_to_none=True)
+        for p, q, flipped in pairs:
+            assert torch.equal(p.detach(), q.detach().t() if flipped else q.detach())
+    assert all(not torch.equal(q, start) for (_, q, _), start in zip(pairs, starts))  # every tensor moved
 
 
 def test_without_loraplus_the_groups_are_as_before(hf_dir):

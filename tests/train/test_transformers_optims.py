@@ -8,6 +8,7 @@ ours. Same gradients, same arithmetic: the weights after every step are equal, b
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -20,7 +21,7 @@ from pipeline.runtime.log import read_log
 from pipeline.train.optim import make_optimizer
 from pipeline.train.run import train
 from pipeline.train.schedule import make_scheduler
-from tests.train.helpers import BASE_SFT
+from tests.train.helpers import BASE_PT, BASE_SFT
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU too
@@ -28,15 +29,20 @@ pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU to
 LR, DECAY = 1e-2, 0.1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "pure-bf16"])
 @pytest.mark.parametrize("optim", ["sgd", "adagrad", "rmsprop", "adafactor"])
-def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_path, optim):
+def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_path, optim, dtype):
     """Three steps with weight decay (so the decay groups matter: biases and LayerNorm gains are not decayed) on
     GPT-2, whose Conv1D weights are stored transposed here (Adafactor factors them by transformers' rows and
     columns), each optimizer's rate driven by the recipe's schedule beside transformers' get_scheduler (cosine, one
-    warmup step: the first step's rate is 0)."""
+    warmup step: the first step's rate is 0). In bf16 (pure_bf16's weights, stepped by the optimizer itself):
+    torch's three keep bf16 state, transformers' Adafactor upcasts the gradient, the weight and its statistics to
+    float32 for the update and copies the weight back. Between steps 2 and 3 our optimizer goes through
+    state_dict / load_state_dict, as a resume does, and step 3 still equals the uninterrupted golden's (torch's
+    load_state_dict would cast Adafactor's float32 statistics to the bf16 weights' dtype)."""
     path, _ = checkpoints["gpt2"]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path)
-    ours = load_model(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    ours = load_model(path).to(dtype)
     family = family_of_model(ours)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=LR,
                                           weight_decay=DECAY, report_to=[])
@@ -51,11 +57,13 @@ def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_p
     pairs = [(p, theirs[family.to_hf(name)], family.is_conv1d(name)) for name, p in ours.named_parameters()]
     assert len(pairs) == len(theirs)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for step in range(3):
+        if step == 2:  # a resume's round trip of the state (DeepSpeed hands the client optimizer its state dict)
+            optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         ids = torch.randint(0, 256, (2, 12), generator=gen)
         hf(ids, labels=ids).loss.backward()
         for p, q, flipped in pairs:
-            p.grad = (q.grad.t() if flipped else q.grad).clone()
+            p.grad = (q.grad.t() if flipped else q.grad).clone(memory_format=torch.contiguous_format)  # our layout
         golden.step()
         optimizer.step()
         their_schedule.step()
@@ -63,8 +71,11 @@ def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_p
         hf.zero_grad(set_to_none=True)
         for p, q, flipped in pairs:
             assert torch.equal(p.detach(), q.detach().t() if flipped else q.detach())
-    start = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
-    assert all(not torch.equal(start[k], v) for k, v in hf.state_dict().items())
+    start = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).state_dict()
+    moved = [not torch.equal(start[k], v) for k, v in hf.state_dict().items()]
+    assert all(moved) if dtype == torch.float32 else any(moved)  # bf16 SGD's smallest steps round to nothing
+    if optim == "adafactor":  # float32 statistics whatever the weights' dtype, as transformers keeps them
+        assert {v.dtype for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)} == {torch.float32}
 
 
 def test_adafactor_factors_loras_matrices_as_peft_stores_them(checkpoints):
@@ -107,6 +118,61 @@ def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_r
     losses0 = [r["loss"] for r in read_log(zero0.output_dir / "trainer_log.jsonl") if "loss" in r]
     losses2 = [r["loss"] for r in read_log(zero2.output_dir / "trainer_log.jsonl") if "loss" in r]
     assert losses0 == pytest.approx(losses2, rel=1e-5) and len(losses0) == 2
+
+
+def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_adafactor(make_recipe, monkeypatch):
+    """bf16: true at ZeRO 0 (no pure_bf16): DeepSpeed's FP16_UnfusedOptimizer keeps bf16 weights and one fp32
+    master per tensor (its shape kept, so Adafactor factors it; the group's `transposed` flag goes with it) and
+    steps our Adafactor on the masters with their fp32 gradients, unscaled and clipped. Each step's masters and
+    gradients going in are recorded and replayed on transformers' Adafactor (its Trainer's class and kwargs,
+    Trainer.get_optimizer_cls_and_kwargs) over copies in transformers' layout, with the recorded groups' rates and
+    decays: its masters coming out equal ours bit for bit, step after step, the first one included (DeepSpeed's
+    start-up step with zero gradients is skipped: pipeline.train.optim.no_startup_step)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    from pipeline.train.adafactor import Adafactor
+
+    steps: list[list[tuple[dict, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]] = []
+    original = Adafactor.step
+
+    def recorded(self, closure=None):
+        groups = [({k: v for k, v in g.items() if k != "params"}, [(p, p.detach().clone(), p.grad.clone())
+                                                                   for p in g["params"]]) for g in self.param_groups]
+        loss = original(self, closure)
+        steps.append([(g, [(before, grad, p.detach().clone()) for p, before, grad in ps]) for g, ps in groups])
+        return loss
+
+    monkeypatch.setattr(Adafactor, "step", recorded)
+    result = train(make_recipe(BASE_PT, name="mixed", bf16=True, optim="adafactor", weight_decay=DECAY,
+                               learning_rate=1e-3, max_steps=2, warmup_steps=0, val_size=0.0))
+    engine = result.engine
+    assert type(engine.optimizer) is FP16_UnfusedOptimizer and type(engine.optimizer.optimizer) is Adafactor
+    assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
+    masters = [p for g in engine.optimizer.optimizer.param_groups for p in g["params"]]
+    assert {p.dtype for p in masters} == {torch.float32} and len(steps) == 2
+    assert all(engine.optimizer.optimizer.state[p]["step"] == 2 for p in masters)
+
+    args = transformers.TrainingArguments(output_dir=str(result.output_dir / "hf"), optim="adafactor",
+                                          learning_rate=1e-3, weight_decay=DECAY, report_to=[])
+    cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args)
+    flip = [g["transposed"] for g, _ in steps[0]]
+    copies = [[(before.t() if f else before).clone().requires_grad_() for before, _, _ in ps]
+              for f, (_, ps) in zip(flip, steps[0])]
+    golden = cls([{"params": c, "lr": g["lr"], "weight_decay": g["weight_decay"]} for c, (g, _) in zip(copies, steps[0])],
+                 **kwargs)
+    assert any(flip) and not all(flip)  # GPT-2's Conv1D weights are factored through their transpose
+    for step in steps:
+        for group, (g, ps), c, f in zip(golden.param_groups, step, copies, flip):
+            group["lr"] = g["lr"]  # the schedule's rate at this step
+            for (before, grad, _), q in zip(ps, c):
+                assert torch.equal(q.detach(), before.t() if f else before)  # nothing else moved the masters
+                q.grad = (grad.t() if f else grad).contiguous()
+        golden.step()
+        for (g, ps), c, f in zip(step, copies, flip):
+            for (_, _, after), q in zip(ps, c):
+                assert torch.equal(q.detach(), after.t() if f else after)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(result.output_dir / "trainer_log.jsonl")
+               if "loss" in r)
 
 
 def refused_at(tmp_path, keys: dict, command: str = "validate") -> tuple[str, dict[str, str]]:
