@@ -9,11 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.args import ROW_FORMS, data_form
+from pipeline.data.args import LLAMAFACTORY_DATASET_DIR, ROW_FORMS, data_form
 from pipeline.errors import did_you_mean
 from pipeline.names import trains_adapter
 from pipeline.recipe.check import show
-from pipeline.recipe.resolve import LLAMAFACTORY_DATASET_DIR
 from pipeline.recipe.rules.core import READS_BUILT_DATA, Context, rebuilt_first, rule
 
 
