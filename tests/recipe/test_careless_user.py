@@ -85,6 +85,20 @@ def test_an_output_directory_this_user_cannot_create(tmp_path):
         assert "choose a directory this user may write, or make that one writable" in err, err
     assert not (tmp_path / "saves").exists()
 
+
+def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
+    """LLaMA-Factory's merge_lora recipe (export_dir, adapter_name_or_path, no dataset) run with `make train` or
+    `build`: "dataset: missing" alone sent the user to add a dataset; the message now names the verb that runs it."""
+    recipe = write_recipe(tmp_path / "merge.yaml", {}, model_name_or_path="tiny", adapter_name_or_path="saves/sft",
+                          template="alpaca", export_dir="saves/merged")
+    for command in ("build", "train"):
+        err = refused(command, "merge.yaml", cwd=tmp_path, as_typed=command == "build")
+        assert err.splitlines()[0] == ("error: merge.yaml: dataset: missing, expected a non-empty string or a non-empty list of "
+                       "non-empty strings (set it in the recipe, a file it extends, or on the command line as "
+                       "dataset=...); a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, "
+                       "is run by `python -m pipeline export merge.yaml` (make export RECIPE=merge.yaml)"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]
+
 def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     """A misspelled model folder passed validate with a note calling it a hub id that train downloads; train then
     refused it. A path (/, ./, ../, ~, or more than org/name) that is not there, and that no recipe next to this
