@@ -92,10 +92,14 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
             where = f"{at}: " if at else ""
             raise UserError(f"{where}{target} cannot be created: {blocker[0]} is {blocker[1]}, not a directory; "
                             f"move it away or choose another directory") from None
-        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # a read-only place (a shared, already built dataset folder): this run cannot write there either, so
-        # there is nothing to guard; a write it does attempt fails with its own message
+        where = f"{at}: " if at else ""
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not target.is_dir():
+            # nowhere to write the directory itself either (a folder without write permission, a read-only disk,
+            # a full one, /proc): said here, before the model loads, not as a traceback from the first mkdir
+            raise UserError(f"{where}{target} cannot be created: {err.strerror} ({err.filename}); choose a "
+                            f"directory this user may write, or make that one writable") from None
+        # an existing directory in a read-only place (a shared, already built dataset folder): a run that only
+        # reads it needs no guard; a write it does attempt fails with its own message
         yield path
         return
     said = False

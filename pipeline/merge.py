@@ -300,7 +300,12 @@ def validation_samples(data: DataArgs, context_length: int) -> list[list[int]]:
         samples = [s for s in samples if s]
         if samples:
             return samples
-    note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random tokens")
+    if not data.dataset:  # a LLaMA-Factory merge recipe: `make data` has nothing to build for it
+        note("merge: the recipe names no dataset, so the verification runs on fixed pseudo-random tokens (with a "
+             "`dataset` line it would use real rows)")
+    else:
+        note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random "
+             "tokens")
     gen = torch.Generator().manual_seed(0)
     vocab = recipe_tokenizer(data).n_vocab
     return [torch.randint(0, vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]

@@ -6,6 +6,7 @@ heading ids (lowercase, punctuation dropped, spaces to hyphens).
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -66,3 +67,26 @@ def test_the_merge_page_states_the_default_export_dtype_and_how_to_keep_bf16():
     text = " ".join(_prose((DOCS / "merge-eval.md").read_text(encoding="utf-8")).split())
     assert f"The default `export_dtype` is `{default}`" in text and "LLaMA-Factory keeps the model's dtype" in text
     assert "set `export_dtype: bf16`" in text
+
+
+def test_the_readmes_mistyped_validate_prints_what_the_readme_shows():
+    """README's tour runs `validate` with two mistyped overrides and shows, as comments under it, the messages and
+    the exit code: the command runs here as typed (the interpreter running the tests for `.venv/bin/python`), and
+    its stderr must be those lines, in order, with exit code 2 and no traceback."""
+    import shlex
+    import subprocess
+    import sys
+
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    (at,) = [i for i, line in enumerate(lines) if line.startswith(".venv/bin/python -m pipeline validate ")]
+    shown = []
+    for line in lines[at + 1:]:
+        if not line.startswith("#   "):
+            break
+        shown.append(line[len("#   "):])
+    expected, said = [line for line in shown if line.startswith("error: ")], shown[-1]
+    assert expected and said.startswith("(exit code 2, no traceback"), shown
+    argv = shlex.split(lines[at].split("  #")[0])
+    done = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
+    assert (done.returncode, done.stderr.splitlines(), done.stdout) == (2, expected, ""), done.stderr

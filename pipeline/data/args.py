@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+LLAMAFACTORY_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir, used when ours (datasets/) has no registry
+
 if TYPE_CHECKING:
     from pipeline.data.templates import Template
 

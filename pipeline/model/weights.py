@@ -9,6 +9,8 @@ pipeline.io.atomic_dir: they appear complete or not at all.
 from __future__ import annotations
 
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -85,6 +87,10 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
                         tensor = own.get_tensor(key).to(dtype)
                     yield file, key, tensor
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            if Path(file).is_file() and not os.access(file, os.R_OK):  # safetensors says "No such file" for it
+                raise UserError(f"{file}: this user may not read it (permission denied, mode "
+                                f"{stat.filemode(Path(file).stat().st_mode)}); give it read permission (chmod a+r) "
+                                "or run as its owner") from None
             raise UserError(f"{file}: not a readable safetensors file ({err}); it may be truncated or corrupt"
                             " (download or save it again)") from None
 

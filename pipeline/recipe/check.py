@@ -118,8 +118,12 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
             if missing in optional:
                 continue
             prop = props[missing]
+            # LLaMA-Factory's merge recipes (export_dir, no dataset) are run by `export`, which needs none
+            merge = (f"; a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, is run by "
+                     f"`python -m pipeline export {recipe_file}` (make export RECIPE={recipe_file})"
+                     if missing == "dataset" and "export_dir" in known else "")
             add(None, f"{missing}: missing, expected {spec.describe(prop)} (set it in the recipe, "
-                      f"a file it extends, or on the command line as {missing}=...)", missing)
+                      f"a file it extends, or on the command line as {missing}=...){merge}", missing)
             continue
         if err.absolute_path:
             by_key.setdefault(str(err.absolute_path[0]), []).append(err)

@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from pipeline.data.args import ROW_FORMS, data_form
+from pipeline.data.args import LLAMAFACTORY_DATASET_DIR, ROW_FORMS, data_form
 from pipeline.errors import UserError, did_you_mean
 from pipeline.model.config import default_lora_alpha
 from pipeline.names import split_names
@@ -42,7 +42,6 @@ _JOINED_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
 # LLaMA-Factory's merge and inference recipes name no dataset; deps: `make export` reads an export recipe's deps
 # (the commands that need the data, build first, still say the dataset is missing)
 NO_DATA_COMMANDS = ("export", "generate", "chat", "deps")
-LLAMAFACTORY_DATASET_DIR = "data"  # LLaMA-Factory's default dataset_dir, used when ours (datasets/) has no registry
 
 
 class Resolved(Mapping[str, Any]):

@@ -115,6 +115,9 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     assert (run / "training_loss.png").is_file()
 
     # merge_lora: adapter_name_or_path names the run's output_dir, as LLaMA-Factory's does
+    # it names no dataset: the verification's note said "`make data` builds it", which has nothing to build for it
+    assert "merge: the recipe names no dataset, so the verification runs on fixed pseudo-random tokens" \
+        in made.stderr and "make data" not in made.stderr
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / "saves/qwen3_sft_merged").eval()
     base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
     reference = peft.PeftModel.from_pretrained(base, run / "adapter").merge_and_unload().eval()

@@ -10,10 +10,13 @@ imported); the further local builds run main(argv) in this process (as_typed=Fal
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tests.acceptance.harness import cli_env, pipeline
 from tests.compat.conftest import jsonl, write_hub_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe(workdir: Path, **keys) -> Path:
@@ -152,3 +155,22 @@ def test_the_download_command_the_messages_name_is_installed():
         assert shown.returncode == 0 and option in shown.stdout, shown.stdout + shown.stderr
     sources = "".join(p.read_text("utf-8") for p in (Path(__file__).parents[2] / "pipeline").rglob("*.py"))
     assert "huggingface-cli" not in sources
+
+
+def test_lf_data_copied_beside_our_datasets_folder_gets_the_dataset_dir_fix(lf_workdir):
+    """docs/coming-from-llama-factory.md, step 1: LLaMA-Factory's data/ copied into this repository, whose datasets/
+    holds the demo's registry. Unset, dataset_dir stays datasets/ there, so the name is unknown: the message says
+    that data/ registers it and which line to add, and the line makes the same command work."""
+    (lf_workdir / "datasets").mkdir()
+    shutil.copy(ROOT / "datasets" / "dataset_info.json", lf_workdir / "datasets" / "dataset_info.json")
+    recipe(lf_workdir, dataset="identity")
+    failed = pipeline("validate", "r.yaml", cwd=lf_workdir, expect=2)
+    assert failed.stderr == (
+        "error: r.yaml:5:10: dataset: dataset 'identity' is not in datasets/dataset_info.json; known: "
+        f"{', '.join(sorted(json.loads((ROOT / 'datasets/dataset_info.json').read_text('utf-8'))))}; "
+        "data/dataset_info.json (LLaMA-Factory's data/ folder) has it: add `dataset_dir: data` to the recipe\n")
+    assert not (lf_workdir / "data" / "build").exists() and not (lf_workdir / "datasets" / "build").exists()
+    pipeline("build", recipe(lf_workdir, dataset="identity", dataset_dir="data"), cwd=lf_workdir, as_typed=False)
+    assert built(lf_workdir, "identity")
+    missing = pipeline("validate", recipe(lf_workdir, dataset="identiy"), cwd=lf_workdir, expect=2, as_typed=False)
+    assert "dataset_dir" not in missing.stderr  # data/ does not have it either: no such advice

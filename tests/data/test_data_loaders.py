@@ -200,11 +200,30 @@ def test_disable_shuffling_reads_the_train_split_in_order_every_epoch(sft_recipe
     assert [int(i) for k in range(len(shuffled)) for i in shuffled.indices(k)] != list(range(len(shuffled) * 4))
 
 
-def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(make_recipe, capsys, monkeypatch):
+
+def _ignores_sigint(process) -> bool:
+    """Whether `process` (alive) ignores SIGINT, from the kernel's SigIgn mask in /proc/<pid>/status (Linux)."""
+    import signal
+
+    from pathlib import Path
+
+    status = Path(f"/proc/{process.pid}/status").read_text(encoding="ascii")
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) >> (signal.SIGINT - 1) & 1)
+
+def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(make_recipe, capfd, monkeypatch):
     """LLaMA-Factory's examples set dataloader_num_workers: 4; on a machine with fewer CPUs torch warns twice an epoch
     (DataLoader's construction and each iterator). Said once instead, and torch's warning (that message from that
-    module only) hidden; the batches are the same as without workers."""
+    module only) hidden; the batches are the same as without workers. A terminal's Ctrl-C reaches the workers too
+    (the process group): they ignore it, leaving the stop to training's handler, which each fork inherited and ran,
+    printing its notice once per worker."""
+    import multiprocessing
+    import os
+    import signal
+    import time
     import warnings
+
+    from pipeline.train.loop import StopRequest
 
     import pipeline.data.loaders as loaders
 
@@ -224,11 +243,22 @@ def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(mak
         epochs = []
         for epoch in (0, 1):
             loader.set_epoch(epoch)
-            epochs.append([b["input_ids"] for b in loader])
+            with StopRequest() as stop:  # as in training
+                batches = iter(loader)
+                got = [next(batches)["input_ids"]]
+                children = multiprocessing.active_children()  # the DataLoader's workers, mid-epoch
+                deadline = time.monotonic() + 2  # each past its start-up (the fix, when there is one, is in place)
+                while not all(map(_ignores_sigint, children)) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                for child in children:
+                    os.kill(child.pid, signal.SIGINT)
+                epochs.append(got + [b["input_ids"] for b in batches])
+            assert stop.signum is None
         warnings.warn("This DataLoader will create 9 worker processes in total. Our suggested max number of worker "
                       "is 2", UserWarning)  # the same text from another module still shows
     assert [str(w.message)[:40] for w in seen] == ["This DataLoader will create 9 worker pro"], seen
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "SIGINT" not in err, err
     assert err.count("notice: dataloader_num_workers:") == 1, err
     assert f"notice: dataloader_num_workers: {workers} worker processes per DataLoader, more than the " in err
     loader.num_workers = 0

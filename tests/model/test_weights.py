@@ -189,7 +189,7 @@ def test_only_a_shape_change_of_the_recipe_is_blamed(hf_dir, tmp_path):
             f"{tmp_path}: the recipe {blamed}; these weights do not fit the changed shapes"]), msgs
 
 
-def test_truncated_and_missing_weights_name_the_file(hf_dir, tmp_path):
+def test_truncated_and_missing_weights_name_the_file(hf_dir, tmp_path, monkeypatch):
     path, _ = hf_dir
     copy_config(path, tmp_path)
     data = (path / "model.safetensors").read_bytes()
@@ -199,6 +199,13 @@ def test_truncated_and_missing_weights_name_the_file(hf_dir, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="may be truncated or corrupt"):
         load_model(tmp_path)
+    # a file this user may not read (save_pretrained wrote it 0600 for another user; root reads everything, so
+    # os.access stands in): safetensors reports "No such file or directory", which the message no longer repeats
+    with monkeypatch.context() as patch:
+        patch.setattr("pipeline.model.weights.os.access", lambda *a, **k: False)
+        with pytest.raises(UserError, match=r"model\.safetensors: this user may not read it \(permission denied, "
+                                            r"mode -rw-r--r--\); give it read permission \(chmod a\+r\)"):
+            load_model(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(UserError, match="pytorch_model.bin are pickled weights"):

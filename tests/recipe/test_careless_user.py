@@ -6,6 +6,7 @@ process (as_typed=False: the same code and messages, without an interpreter star
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tests.acceptance.harness import cli_env, pipeline, refused, write_data, write_hf_checkpoint, write_recipe
@@ -65,6 +66,38 @@ def test_a_file_where_an_output_directory_must_go(tmp_path):
     assert "data/build/tiny_sft cannot be created: data/build is a file, not a directory" in err, err
     assert (tmp_path / "notes.txt").read_text() == "mine\n" and not (tmp_path / "saves").exists()
 
+
+
+def test_an_output_directory_this_user_cannot_create(tmp_path):
+    """output_dir where this user may not write (a folder without write permission: as root, which writes
+    everywhere, /proc stands in for it): one message naming the folder and the fix, before the model loads (it was
+    a PermissionError / FileNotFoundError traceback, exit 1, from the lock file or from the first mkdir)."""
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    targets = ["/proc/no-such-run"] if Path("/proc/self").is_dir() else []
+    if os.geteuid() != 0:
+        (tmp_path / "locked").mkdir(mode=0o555)
+        targets.append("locked/run")
+    assert targets
+    for i, value in enumerate(targets):
+        err = refused("train", recipe, f"output_dir={value}", cwd=tmp_path, as_typed=i == 0)
+        assert f"output_dir: {value} cannot be created: " in err, err
+        assert "choose a directory this user may write, or make that one writable" in err, err
+    assert not (tmp_path / "saves").exists()
+
+
+def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
+    """LLaMA-Factory's merge_lora recipe (export_dir, adapter_name_or_path, no dataset) run with `make train` or
+    `build`: "dataset: missing" alone sent the user to add a dataset; the message now names the verb that runs it."""
+    recipe = write_recipe(tmp_path / "merge.yaml", {}, model_name_or_path="tiny", adapter_name_or_path="saves/sft",
+                          template="alpaca", export_dir="saves/merged")
+    for command in ("build", "train"):
+        err = refused(command, "merge.yaml", cwd=tmp_path, as_typed=command == "build")
+        assert err.splitlines()[0] == ("error: merge.yaml: dataset: missing, expected a non-empty string or a non-empty list of "
+                       "non-empty strings (set it in the recipe, a file it extends, or on the command line as "
+                       "dataset=...); a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, "
+                       "is run by `python -m pipeline export merge.yaml` (make export RECIPE=merge.yaml)"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [recipe.name]
 
 def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     """A misspelled model folder passed validate with a note calling it a hub id that train downloads; train then

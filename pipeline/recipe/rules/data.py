@@ -9,15 +9,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.args import ROW_FORMS, data_form
+from pipeline.data.args import LLAMAFACTORY_DATASET_DIR, ROW_FORMS, data_form
 from pipeline.errors import did_you_mean
 from pipeline.names import trains_adapter
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import READS_BUILT_DATA, Context, rebuilt_first, rule
 
 
-def _registry(ctx: Context) -> dict[str, Any] | None:
-    path = Path(ctx.values["dataset_dir"]) / "dataset_info.json"
+def _registry(ctx: Context, folder: str | None = None) -> dict[str, Any] | None:
+    path = Path(folder or ctx.values["dataset_dir"]) / "dataset_info.json"
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -51,12 +51,24 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
         return []
     problems = []
     where = os.path.join(ctx.values["dataset_dir"], "dataset_info.json")
+    elsewhere = _llamafactory_registry(ctx)
     for key in ("dataset", "eval_dataset"):
         for name in ctx.values[key] or []:
             if name not in registry:
+                fix = (f"; {LLAMAFACTORY_DATASET_DIR}/dataset_info.json (LLaMA-Factory's data/ folder) has it: add "
+                       f"`dataset_dir: {LLAMAFACTORY_DATASET_DIR}` to the recipe") if name in elsewhere else ""
                 problems.append((key, f"dataset {name!r} is not in {where}{did_you_mean(name, registry)}; "
-                                      f"known: {', '.join(sorted(registry)) or 'none'}"))
+                                      f"known: {', '.join(sorted(registry)) or 'none'}{fix}"))
     return problems
+
+
+def _llamafactory_registry(ctx: Context) -> dict[str, Any]:
+    """LLaMA-Factory's data/ registry, when dataset_dir was left at its default and another folder was used: a user
+    who copied LLaMA-Factory's data/ into this repository, whose datasets/ holds the demo's registry, gets the fix
+    instead of a list of demo names (resolve takes data/ by itself only where datasets/ has no registry)."""
+    if ctx.origins["dataset_dir"].kind != "default" or ctx.values["dataset_dir"] == LLAMAFACTORY_DATASET_DIR:
+        return {}
+    return _registry(ctx, LLAMAFACTORY_DATASET_DIR) or {}
 
 
 @rule("dataset", "eval_dataset")
