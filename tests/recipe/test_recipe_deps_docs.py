@@ -184,6 +184,23 @@ def test_two_recipes_writing_the_path_a_recipe_starts_from_are_one_message(write
                                             "(b/y.yaml has export_dir: saves/m/v2)")
 
 
+def test_the_recipe_beside_it_stays_the_upstream_when_another_folder_writes_the_path_too(write):
+    """Before make searched the whole working tree, the recipe in this recipe's own folder writing the path it starts
+    from was its upstream: a second recipe elsewhere writing the same folder (an experiment copy) made deps refuse a
+    layout that made fine before."""
+    sft = "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/sft\n"
+    write("recipes/a.yaml", sft)
+    write("experiments/b.yaml", sft + "learning_rate: 1.0e-3\n")
+    write("recipes/eval.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\ndataset: x\n")
+    for command in ("deps", "validate"):
+        resolve("recipes/eval.yaml", command=command)
+    assert _upstreams("recipes/eval.yaml")[0] == "UPSTREAMS=recipes/a.yaml:train"
+    # from the other folder, neither is beside it: still refused
+    write("runs/eval.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\ndataset: x\n")
+    with pytest.raises(UserError, match="is written by 2 recipes"):
+        resolve("runs/eval.yaml", command="deps")
+
+
 def test_deps_cli(write, capsys):
     from pipeline.__main__ import main
 
