@@ -68,9 +68,9 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         seen.add(recipe.resolve())
         values = {key: recipe_value(recipe, key) for key in (*UPSTREAM_KEYS, "stage", "reward_model_type")}
         for path in upstream_paths(values):
-            found = producer(recipe, path)
-            if found:
-                visit(found[0], [*trail, found[0]])
+            found = producers(recipe, path)
+            if len(found) == 1:  # as upstreams() follows them
+                visit(found[0][0], [*trail, found[0][0]])
 
     for recipe in first:
         visit(recipe, [recipe_path, recipe])

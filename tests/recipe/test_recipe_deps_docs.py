@@ -201,6 +201,16 @@ def test_the_recipe_beside_it_stays_the_upstream_when_another_folder_writes_the_
         resolve("runs/eval.yaml", command="deps")
 
 
+def test_a_path_several_recipes_write_is_no_step_of_a_cycle_once_it_is_there(write):
+    """The cycle check followed the first of several recipes writing a path that make does not chain (it is there
+    already: upstreams() names none), and refused a chain make runs fine as a cycle."""
+    write("recipes/down.yaml", "model_name_or_path: saves/mid\ndataset: x\noutput_dir: saves/p\n")
+    write("zz/z.yaml", "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/p\n")
+    write("mids/mid.yaml", "model_name_or_path: saves/p\ndataset: x\noutput_dir: saves/mid\n")
+    write("saves/p/config.json", {"model_type": "gpt2"})
+    assert _upstreams("recipes/down.yaml")[0] == "UPSTREAMS=mids/mid.yaml:train"
+
+
 def test_deps_cli(write, capsys):
     from pipeline.__main__ import main
 
