@@ -195,6 +195,9 @@ def test_the_recipe_beside_it_stays_the_upstream_when_another_folder_writes_the_
     for command in ("deps", "validate"):
         resolve("recipes/eval.yaml", command=command)
     assert _upstreams("recipes/eval.yaml")[0] == "UPSTREAMS=recipes/a.yaml:train"
+    from pipeline.__main__ import main
+
+    assert main(["deps", "recipes/eval.yaml"]) == 0  # what make runs
     # from the other folder, neither is beside it: still refused
     write("runs/eval.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\ndataset: x\n")
     with pytest.raises(UserError, match="is written by 2 recipes"):
