@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
-from pipeline.recipe.siblings import UPSTREAM_KEYS, producer, recipe_value, scanned, upstream_paths
+from pipeline.recipe.siblings import UPSTREAM_KEYS, producer, producers, recipe_value, scanned, upstream_paths
 
 _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
 
@@ -39,12 +39,14 @@ _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goa
 def upstreams(r: Resolved) -> list[tuple[str, str]]:
     """(recipe, make goal) for every recipe in scope that writes a model it starts from, in UPSTREAM_KEYS
     order, each recipe once (with the later of its goals: merge includes train). A cycle (two recipes each
-    starting from the other's output) is a UserError: make would call itself forever."""
+    starting from the other's output) is a UserError: make would call itself forever. A path several recipes write
+    names none: upstream_has_one_producer refuses it while it is not there, and once it is, the model there is used
+    as it is."""
     goals: dict[str, str] = {}
     for path in upstream_paths(r):
-        found = producer(r.recipe_path, path)
-        if found:
-            recipe, goal = str(found[0]), found[1]
+        found = producers(r.recipe_path, path)
+        if len(found) == 1:
+            recipe, goal = str(found[0][0]), found[0][1]
             goals[recipe] = max(goals.get(recipe, goal), goal, key=_GOAL_ORDER.index)
     _refuse_cycle(r.recipe_path, [Path(recipe) for recipe in goals])
     return list(goals.items())
@@ -66,9 +68,9 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         seen.add(recipe.resolve())
         values = {key: recipe_value(recipe, key) for key in (*UPSTREAM_KEYS, "stage", "reward_model_type")}
         for path in upstream_paths(values):
-            found = producer(recipe, path)
-            if found:
-                visit(found[0], [*trail, found[0]])
+            found = producers(recipe, path)
+            if len(found) == 1:  # as upstreams() follows them
+                visit(found[0][0], [*trail, found[0][0]])
 
     for recipe in first:
         visit(recipe, [recipe_path, recipe])

@@ -164,9 +164,11 @@ def producers(recipe_path: Path, path: str) -> list[tuple[Path, str]]:
     """(recipe, the make goal that writes `path`) for the recipe in scope that writes it: one, or none, or several
     when make cannot tell (pipeline.recipe.rules.outputs refuses that). Of several folders holding `path`
     (saves/sft and saves/sft/merged; an export_dir inside another recipe's output_dir) the innermost one names the
-    producer; of several recipes writing that folder, the one with this recipe's file name (LLaMA-Factory names
-    examples/merge_lora/qwen3_lora_sft.yaml after the examples/train_lora/qwen3_lora_sft.yaml it merges, while
-    four other train_lora / train_qlora examples write the same output_dir)."""
+    producer; of several recipes writing that folder, the one in this recipe's own folder (the only one make searched
+    before it searched the working tree: a layout that chained then chains the same way), else the one with this
+    recipe's file name (LLaMA-Factory names examples/merge_lora/qwen3_lora_sft.yaml after the
+    examples/train_lora/qwen3_lora_sft.yaml it merges, while four other train_lora / train_qlora examples write the
+    same output_dir)."""
     best: list[tuple[int, Path, str]] = []
     for other in _recipes(recipe_path):
         for folder, goal in _writes(other):
@@ -180,8 +182,12 @@ def producers(recipe_path: Path, path: str) -> list[tuple[Path, str]]:
     for _, other, goal in best:
         if all(other != seen for seen, _ in found):  # a recipe whose export_dir is its output_dir counts once
             found.append((other, goal))
-    named = [(other, goal) for other, goal in found if other.stem == recipe_path.stem]
-    return named if len(named) == 1 else found
+    here = recipe_path.parent.resolve()
+    for preferred in ([(o, g) for o, g in found if o.parent.resolve() == here],
+                      [(o, g) for o, g in found if o.stem == recipe_path.stem]):
+        if len(preferred) == 1:
+            return preferred
+    return found
 
 
 def producer(recipe_path: Path, path: str) -> tuple[Path, str] | None:

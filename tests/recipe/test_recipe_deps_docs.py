@@ -170,11 +170,11 @@ def test_two_recipes_writing_the_path_a_recipe_starts_from_are_one_message(write
             "examples/train_qlora/llama3_lora_sft_awq.yaml), so make cannot tell which one to run first; give the "
             "one you mean an output_dir (or export_dir) of its own and start from that, or name it "
             "llama3_lora_predict.yaml as this recipe is named (make then takes it)"]
-    # once the adapter is there validate has nothing to decide (make still has: which stamp is the adapter's)
+    # once the adapter is there nothing needs deciding: make uses it as it is, as it did before it searched the
+    # working tree (refusing made LLaMA-Factory's nlg_eval example unusable through make after training it)
     write("saves/llama3-8b/lora/sft/adapter_config.json", {"peft_type": "LORA"})
     resolve("examples/extras/nlg_eval/llama3_lora_predict.yaml", command="validate")
-    with pytest.raises(UserError):
-        resolve("examples/extras/nlg_eval/llama3_lora_predict.yaml", command="deps")
+    assert _upstreams("examples/extras/nlg_eval/llama3_lora_predict.yaml")[0] == "UPSTREAMS="
     # an export_dir shared across folders is the export_dir rule's one message
     write("a/x.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/s\nexport_dir: saves/m\n")
     write("b/y.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/s\nexport_dir: saves/m/v2\n")
@@ -182,6 +182,36 @@ def test_two_recipes_writing_the_path_a_recipe_starts_from_are_one_message(write
         resolve("a/x.yaml", ["dataset=x"], command="deps")
     assert err.value.messages[0].startswith("a/x.yaml:3:13: export_dir: saves/m is also written by another recipe "
                                             "(b/y.yaml has export_dir: saves/m/v2)")
+
+
+def test_the_recipe_beside_it_stays_the_upstream_when_another_folder_writes_the_path_too(write):
+    """Before make searched the whole working tree, the recipe in this recipe's own folder writing the path it starts
+    from was its upstream: a second recipe elsewhere writing the same folder (an experiment copy) made deps refuse a
+    layout that made fine before."""
+    sft = "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/sft\n"
+    write("recipes/a.yaml", sft)
+    write("experiments/b.yaml", sft + "learning_rate: 1.0e-3\n")
+    write("recipes/eval.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\ndataset: x\n")
+    for command in ("deps", "validate"):
+        resolve("recipes/eval.yaml", command=command)
+    assert _upstreams("recipes/eval.yaml")[0] == "UPSTREAMS=recipes/a.yaml:train"
+    from pipeline.__main__ import main
+
+    assert main(["deps", "recipes/eval.yaml"]) == 0  # what make runs
+    # from the other folder, neither is beside it: still refused
+    write("runs/eval.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\ndataset: x\n")
+    with pytest.raises(UserError, match="is written by 2 recipes"):
+        resolve("runs/eval.yaml", command="deps")
+
+
+def test_a_path_several_recipes_write_is_no_step_of_a_cycle_once_it_is_there(write):
+    """The cycle check followed the first of several recipes writing a path that make does not chain (it is there
+    already: upstreams() names none), and refused a chain make runs fine as a cycle."""
+    write("recipes/down.yaml", "model_name_or_path: saves/mid\ndataset: x\noutput_dir: saves/p\n")
+    write("zz/z.yaml", "model_name_or_path: tiny\ndataset: x\noutput_dir: saves/p\n")
+    write("mids/mid.yaml", "model_name_or_path: saves/p\ndataset: x\noutput_dir: saves/mid\n")
+    write("saves/p/config.json", {"model_type": "gpt2"})
+    assert _upstreams("recipes/down.yaml")[0] == "UPSTREAMS=mids/mid.yaml:train"
 
 
 def test_deps_cli(write, capsys):

@@ -60,12 +60,14 @@ def export_dir_has_one_owner(ctx: Context) -> list[tuple[str, str]]:
 def upstream_has_one_producer(ctx: Context) -> list[tuple[str, str]]:
     """A path this recipe starts from that several recipes write (LLaMA-Factory's train_lora and train_qlora examples
     share output_dirs): make would have to guess which one to run first, and the chain's tokenizer is that recipe's.
-    make's read (deps) refuses it always; validate while the path is still to be made (then the chain decides)."""
+    Refused while the path is still to be made; once it is there nothing needs deciding, and make uses it as it is
+    (pipeline.recipe.deps.upstreams), as it did before it searched past the recipe's folder: LLaMA-Factory's
+    extras/nlg_eval example, which starts from an output_dir six examples write, stays usable after training one."""
     from pipeline.recipe.siblings import producers, upstream_items
 
     problems = []
     for key, path in upstream_items(ctx.values):
-        if ctx.command == "validate" and os.path.exists(path):
+        if os.path.exists(path):
             continue
         found = producers(Path(ctx.recipe_file), path)
         if len(found) > 1:
