@@ -35,13 +35,16 @@ def step_losses(policy: Path, reference: Path, batches: list[dict], alpha: float
                 reference_adapter: Path | None = None) -> list[float]:
     """LLaMA-Factory's loss of each micro-batch (ours: labels already shifted) over transformers' logits; with
     `adapter` (`reference_adapter`), the policy (reference) is that checkpoint with that PEFT adapter (LoRA / OFT)."""
-    import peft
     import torch
     import transformers
 
     def logits(path: Path, adapter: Path | None = None) -> list[torch.Tensor]:
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
-        model = (peft.PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
+        if adapter:
+            import peft  # here only: its import takes seconds, which a caller without adapters need not pay
+
+            model = peft.PeftModel.from_pretrained(model, adapter)
+        model.eval()
         with torch.no_grad():
             out = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
         return [torch.cat([x, x[:, -1:]], dim=1) for x in out]  # one position longer, as Trainer's labels are
