@@ -74,21 +74,22 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
 
 def check_one_rank_asft(recipe: Any, base: Path, scratch: Path) -> None:
     """The one-rank ASFT run's logged losses against LLaMA-Factory's asft_loss_func over transformers' logits
-    (tests/acceptance/test_asft_cli.step_losses): each step logs the mean of its micro-batches' losses; the policy of
+    (tests/acceptance/test_asft_cli.lf_losses): each step logs the mean of its micro-batches' losses; the policy of
     step 1 is the starting checkpoint `base`, that of step 2 checkpoint-1's weights; the reference is `base` both
     times. Makes the one-rank run an independent golden for the two-rank one."""
     from pipeline.data.loaders import make_loader
     from pipeline.model.weights import load_model, save_hf
     from pipeline.recipe.args import data_args
     from tests.acceptance.harness import log_losses
-    from tests.acceptance.test_asft_cli import step_losses
+    from tests.acceptance.test_asft_cli import hf_logits, lf_losses
 
     accumulation, alpha = recipe.gradient_accumulation_steps, recipe.asft_alpha
     batches = make_loader(data_args(recipe), "train", rank=0, world_size=1, epoch=0, shuffle=True).iter_from(0)
-    steps = [[next(batches) for _ in range(accumulation)] for _ in range(2)]
+    first, second = [[next(batches) for _ in range(accumulation)] for _ in range(2)]
+    start = hf_logits(base, first + second)  # each checkpoint loaded once
+    moved = hf_logits(save_hf(load_model(Path(recipe.output_dir) / "checkpoint-1" / "model"), scratch), second)
     logged = log_losses(recipe.output_dir)
-    assert logged[1] == pytest.approx(sum(step_losses(base, base, steps[0], alpha)) / accumulation, rel=1e-5)
-    step1 = save_hf(load_model(Path(recipe.output_dir) / "checkpoint-1" / "model"), scratch)
-    losses, itself = step_losses(step1, base, steps[1], alpha), step_losses(step1, step1, steps[1], alpha)
-    assert abs(sum(losses) - sum(itself)) > 1e-3 * sum(losses)  # the KL term weighs in
+    assert logged[1] == pytest.approx(sum(lf_losses(start, start, first, alpha)) / accumulation, rel=1e-5)
+    losses = lf_losses(moved, start[accumulation:], second, alpha)
+    assert abs(sum(losses) - sum(lf_losses(moved, moved, second, alpha))) > 1e-3 * sum(losses)  # the KL term counts
     assert logged[2] == pytest.approx(sum(losses) / accumulation, rel=1e-5)
