@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,23 +32,34 @@ OVERRIDES = ["dataset=identity", "max_steps=2", "gradient_accumulation_steps=1",
              "learning_rate=1e-2", "bf16=false", "logging_steps=1", "save_steps=1", "dataloader_num_workers=0"]
 
 
-def step_losses(policy: Path, reference: Path, batches: list[dict], alpha: float, adapter: Path | None = None,
-                reference_adapter: Path | None = None) -> list[float]:
-    """LLaMA-Factory's loss of each micro-batch (ours: labels already shifted) over transformers' logits; with
-    `adapter` (`reference_adapter`), the policy (reference) is that checkpoint with that PEFT adapter (LoRA / OFT)."""
-    import peft
+def hf_logits(path: Path, batches: list[dict], adapter: Path | None = None) -> list[Any]:
+    """transformers' logits of each micro-batch (ours) for the checkpoint at `path` (with `adapter`: that PEFT adapter
+    on it), each one position longer, as Trainer's labels are."""
     import torch
     import transformers
 
-    def logits(path: Path, adapter: Path | None = None) -> list[torch.Tensor]:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path)
-        model = (peft.PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
-        with torch.no_grad():
-            out = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
-        return [torch.cat([x, x[:, -1:]], dim=1) for x in out]  # one position longer, as Trainer's labels are
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    if adapter:
+        import peft  # here only: its import takes seconds, which a caller without adapters need not pay
 
-    return [float(llama_factory_asft(p, r, hf_labels(b["labels"]), alpha))
-            for p, r, b in zip(logits(policy, adapter), logits(reference, reference_adapter), batches)]
+        model = peft.PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    with torch.no_grad():
+        out = [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in batches]
+    return [torch.cat([x, x[:, -1:]], dim=1) for x in out]
+
+
+def lf_losses(policy: list[Any], reference: list[Any], batches: list[dict], alpha: float) -> list[float]:
+    """LLaMA-Factory's loss of each micro-batch (ours: labels already shifted) from hf_logits of policy and reference."""
+    return [float(llama_factory_asft(p, r, hf_labels(b["labels"]), alpha)) for p, r, b in zip(policy, reference, batches)]
+
+
+def step_losses(policy: Path, reference: Path, batches: list[dict], alpha: float, adapter: Path | None = None,
+                reference_adapter: Path | None = None) -> list[float]:
+    """LLaMA-Factory's loss of each micro-batch over transformers' logits; with `adapter` (`reference_adapter`), the
+    policy (reference) is that checkpoint with that PEFT adapter (LoRA / OFT)."""
+    return lf_losses(hf_logits(policy, batches, adapter), hf_logits(reference, batches, reference_adapter), batches,
+                     alpha)
 
 
 def step_loss(policy: Path, reference: Path, batch: dict, alpha: float) -> float:

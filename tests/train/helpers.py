@@ -69,8 +69,9 @@ GOLDEN_GPT2 = dict(model_name_or_path="gpt2", dataset="varied_sft", warmup_steps
 
 def check_two_ranks_follow_one_rank(one: Path, two: Path, output: str, keys: dict[str, Any]) -> None:
     """A two-rank run's output_dir `two` (its launch's stderr `output`) against the one-rank run `one` of the same
-    global batch and recipe `keys` (max_steps, zero_stage, compute_accuracy; full fine-tuning): the same losses, eval losses and
-    accuracies to rounding, tokens counted over both ranks, one writer, a checkpoint holding both ranks' state."""
+    global batch and recipe `keys` (max_steps, zero_stage, compute_accuracy; full fine-tuning): the same losses, eval losses,
+    accuracies and final weights to rounding, tokens counted over both ranks, one writer, a checkpoint holding both
+    ranks' state."""
     from pipeline.runtime.log import read_log
 
     # no rank aborted at exit (gloo's threads asking for the GIL while the interpreter finalized: dist.end_process)
@@ -83,7 +84,7 @@ def check_two_ranks_follow_one_rank(one: Path, two: Path, output: str, keys: dic
     assert [r["eval_loss"] for r in log_two if "eval_loss" in r] == \
         pytest.approx([r["eval_loss"] for r in log_one if "eval_loss" in r], rel=1e-4)
     accuracies = [r.get("eval_accuracy") for r in log_one if "eval_loss" in r]
-    assert all(accuracies) if keys.get("compute_accuracy") else accuracies == [None, None]
+    assert accuracies and (all(accuracies) if keys.get("compute_accuracy") else set(accuracies) == {None})
     assert [r.get("eval_accuracy") for r in log_two if "eval_loss" in r] == pytest.approx(accuracies, abs=1e-9)
     assert [r["tokens_seen"] for r in log_two] == [r["tokens_seen"] for r in log_one]  # counted over both ranks
     ckpt = two / f"checkpoint-{steps}"
@@ -92,4 +93,18 @@ def check_two_ranks_follow_one_rank(one: Path, two: Path, output: str, keys: dic
         assert {p.name for p in (ckpt / "deepspeed").glob("*optim_states.pt")} == \
             {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}  # shards
     assert json.loads((ckpt / "trainer_state.json").read_text())["recipe"]["world_size"] == 2
-    assert (two / "model" / "model.safetensors").is_file()
+    # AdamW moves a weight by about the learning rate a step: 2e-3 of the steps' rates is rounding (a gradient element
+    # near zero, summed in another order, changes its normalised step; 4e-4 seen at most), a wrong update is not
+    assert_same_weights(one / "model" / "model.safetensors", two / "model" / "model.safetensors",
+                        atol=2e-3 * sum(r["lr"] for r in log_one))
+
+
+def assert_same_weights(one: Path, two: Path, atol: float) -> None:
+    """Two safetensors files hold the same tensors, each element within `atol`."""
+    import torch
+    from safetensors.torch import load_file
+
+    want, got = load_file(one), load_file(two)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=atol, msg=lambda m: f"{name}: {m}")

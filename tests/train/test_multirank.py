@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,9 +36,17 @@ REPO = Path(__file__).resolve().parents[2]
     # (twice the accumulation): each rank's reference copy scores its own rows; eval batches of 2 rows likewise
     (BASE_SFT, dict(finetuning_type="full", zero_stage=0, use_badam=True, badam_switch_interval=2, llama=True,
                     use_asft_loss=True, per_device_eval_batch_size=2)),
-], ids=["sft-varied-lengths-zero3", "sft-badam-asft-zero0"])
+    # ASFT at ZeRO 3: the frozen reference is a DeepSpeed engine of its own, partitioned over the ranks and gathered
+    # in each forward (preference._place), whose scores must be the whole starting model's on both ranks. The one-rank
+    # run, at ZeRO 0 (a plain frozen copy; ZeRO 3 on one rank partitions nothing), is itself checked against
+    # LLaMA-Factory's asft_loss_func (check_one_rank_asft); no warmup and learning_rate 1e-2: step 1 moves the policy
+    # enough for step 2's KL term to count; 2 steps, one eval
+    (BASE_SFT, dict(finetuning_type="full", zero_stage=3, llama=True, use_asft_loss=True, per_device_eval_batch_size=2,
+                    max_steps=2, warmup_steps=0, learning_rate=1e-2, one_rank=dict(zero_stage=0, save_steps=1))),
+], ids=["sft-varied-lengths-zero3", "sft-badam-asft-zero0", "sft-asft-zero3"])
 def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdir, base, stage_keys):
-    keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2, **stage_keys)
+    keys = {**dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, eval_steps=2), **stage_keys}
+    one_rank = keys.pop("one_rank", {})  # the one-rank run's own keys
     if keys.pop("llama", False):
         write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
         keys.update(model_name_or_path=str(workdir / "llama"), cutoff_len=256)
@@ -45,7 +54,10 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
     # (ASFT): the two ranks' micro-batches one after another
     batch = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4) if keys.get("use_asft_loss") else \
         dict(per_device_train_batch_size=4)
-    one = train(make_recipe(base, name="one", **{**keys, **batch}))
+    recipe = make_recipe(base, name="one", **{**keys, **batch, **one_rank})
+    one = train(recipe)
+    if keys.get("use_asft_loss") and one_rank:
+        check_one_rank_asft(recipe, workdir / "llama", workdir / "step1")
     make_recipe(base, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml, builds data
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONWARNINGS"):
@@ -58,3 +70,26 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
     # both ranks install deepspeed_compat.quiet_deprecated_collectives: no torch FutureWarning on DeepSpeed's
     # ZeRO-3 collectives (two per rank before)
     assert not [line for line in proc.stderr.splitlines() if "FutureWarning" in line or "deprecated" in line]
+
+
+def check_one_rank_asft(recipe: Any, base: Path, scratch: Path) -> None:
+    """The one-rank ASFT run's logged losses against LLaMA-Factory's asft_loss_func over transformers' logits
+    (tests/acceptance/test_asft_cli.lf_losses): each step logs the mean of its micro-batches' losses; the policy of
+    step 1 is the starting checkpoint `base`, that of step 2 checkpoint-1's weights; the reference is `base` both
+    times. Makes the one-rank run an independent golden for the two-rank one."""
+    from pipeline.data.loaders import make_loader
+    from pipeline.model.weights import load_model, save_hf
+    from pipeline.recipe.args import data_args
+    from tests.acceptance.harness import log_losses
+    from tests.acceptance.test_asft_cli import hf_logits, lf_losses
+
+    accumulation, alpha = recipe.gradient_accumulation_steps, recipe.asft_alpha
+    batches = make_loader(data_args(recipe), "train", rank=0, world_size=1, epoch=0, shuffle=True).iter_from(0)
+    first, second = [[next(batches) for _ in range(accumulation)] for _ in range(2)]
+    start = hf_logits(base, first + second)  # each checkpoint loaded once
+    moved = hf_logits(save_hf(load_model(Path(recipe.output_dir) / "checkpoint-1" / "model"), scratch), second)
+    logged = log_losses(recipe.output_dir)
+    assert logged[1] == pytest.approx(sum(lf_losses(start, start, first, alpha)) / accumulation, rel=1e-5)
+    losses = lf_losses(moved, start[accumulation:], second, alpha)
+    assert abs(sum(losses) - sum(lf_losses(moved, moved, second, alpha))) > 1e-3 * sum(losses)  # the KL term counts
+    assert logged[2] == pytest.approx(sum(losses) / accumulation, rel=1e-5)
