@@ -94,6 +94,10 @@ class Tokenizer:
     # the checkpoint's additional_special_tokens as ids, in order (tokenizer_files.additional_special_ids): where
     # LLaMA-Factory's PPO also stops its rollouts (Template.ppo_stop_ids); nothing else reads them
     additional_special_ids: tuple[int, ...] = ()
+    # tokenizer_config.json's clean_up_tokenization_spaces (absent: false, as transformers 4.57 reads it): whether
+    # transformers 4's decode removes the spaces before punctuation (clean_up_tokenization); only the texts a reward
+    # server is sent follow it (decode_transformers4), as LLaMA-Factory's PPO on transformers 4 sends them
+    clean_up_tokenization_spaces: bool = False
     _ids: dict[str, int] = field(default_factory=dict, repr=False)
     # with_tokens' results by their tokens: the build, the model, the skeleton and the export each ask for the
     # recipe's tokenizer, and a new tiktoken Encoding of a 128k vocabulary costs ~0.1 s each time (init=False: a
@@ -189,6 +193,16 @@ class Tokenizer:
         drop = {self._ids[token] for token in self.special if token in self._ids} if skip_special else set()
         return self.encoding.decode([i for i in ids if i not in drop and 0 <= i < self.n_vocab])
 
+    def decode_transformers4(self, ids: Iterable[int]) -> str:
+        """decode(ids) with the special tokens kept, then clean_up_tokenization where the checkpoint's
+        clean_up_tokenization_spaces says so: the text transformers 4.57's decode / batch_decode gives
+        (tokenization_utils_fast.py:684-693), which LLaMA-Factory 0.9.5's PPO posts to a reward server (its PPO
+        needs TRL 0.8.6-0.9.6, released for transformers 4). transformers 5 skips that step for byte-level BPE
+        tokenizers, and decode() follows transformers 5: eval, chat and generate keep it. Meta's Llama 3 files set
+        the flag (the text loses the spaces before punctuation: "is n't ." -> "isn't."); Qwen2.5's do not."""
+        text = self.decode(ids)
+        return clean_up_tokenization(text) if self.clean_up_tokenization_spaces else text
+
     def token_bytes(self, token: int) -> bytes:
         return self.encoding.decode_single_token_bytes(token)
 
@@ -230,6 +244,14 @@ class Tokenizer:
                                          mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
         return dataclasses.replace(self, encoding=encoding, special=self.special | {t for t in new if t not in plain},
                                    added=self.added | set(new) | known, new_tokens=self.new_tokens + tuple(new))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers 4.57's PreTrainedTokenizerBase.clean_up_tokenization (tokenization_utils_base.py:3971-3994),
+    re-typed: English tokenization artifacts undone, each replacement in its order over the whole text."""
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
+            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve")
+            .replace(" 're", "'re"))
 
 
 def new_token_names(value: str | Sequence[str] | None) -> tuple[str, ...]:

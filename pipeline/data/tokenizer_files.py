@@ -11,7 +11,8 @@ Read, in this order of preference:
   GPT-2's ranks (never in a folder without config.json).
 Special tokens come from tokenizer.json's added_tokens and tokenizer_config.json's added_tokens_decoder;
 BOS / EOS / pad from tokenizer_config.json (else special_tokens_map.json), the stop ids from
-generation_config.json's eos_token_id (an id or a list), with config.json as the last fallback.
+generation_config.json's eos_token_id (an id or a list), with config.json as the last fallback;
+clean_up_tokenization_spaces from tokenizer_config.json (the text stage ppo sends a reward server).
 """
 from __future__ import annotations
 
@@ -339,7 +340,9 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),
                      added=frozenset(t for t in added if t not in markup), nfc=nfc, files=files,
-                     additional_special_ids=additional_special_ids(config, special_map, ids, ranks))
+                     additional_special_ids=additional_special_ids(config, special_map, ids, ranks),
+                     # transformers 4.57 reads the key's truth, false when absent (tokenization_utils_base.py:1453)
+                     clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
 
 def additional_special_ids(config: Mapping[str, Any], special_map: Mapping[str, Any], ids: Mapping[str, int],

@@ -18,11 +18,14 @@ ServerScorer (a reward server's scores of the decoded texts): the same call, (in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipeline.data.tokenizer import Tokenizer
 
 SCORE_INIT_STD = 0.02  # transformers' initializer_range (the default of GPT2Config, LlamaConfig, Qwen2/3Config)
 
@@ -78,11 +81,19 @@ class ServerScorer:
     """reward_model_type api: the scores of a reward server (pipeline.model.reward_server), as LLaMA-Factory 0.9.5's
     get_rewards asks for them: each row's attended tokens (prompt + response, the stop token kept) decoded by
     `decode` (the policy tokenizer's, special tokens kept: its skip_special_tokens=False), posted in requests of
-    `rows_per_request` rows (per_device_train_batch_size: LLaMA-Factory asks once per mini-batch)."""
+    `rows_per_request` rows (per_device_train_batch_size: LLaMA-Factory asks once per mini-batch). for_policy
+    builds it as stage ppo does."""
     url: str
     decode: Callable[[list[int]], str]
     rows_per_request: int
     model: None = None  # no model here: nothing to cast, freeze or count
+
+    @classmethod
+    def for_policy(cls, url: str, tokenizer: Tokenizer, rows_per_request: int) -> ServerScorer:
+        """The scorer of stage ppo: the policy tokenizer's text as transformers 4's batch_decode gives it
+        (Tokenizer.decode_transformers4: the checkpoint's clean_up_tokenization_spaces applied), which LLaMA-Factory
+        0.9.5's PPO (TRL 0.8.6-0.9.6, released for transformers 4) sends."""
+        return cls(url, tokenizer.decode_transformers4, rows_per_request)
 
     def __str__(self) -> str:
         return (f"the server's scores of the decoded prompt + response texts (special tokens kept), "

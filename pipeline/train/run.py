@@ -249,7 +249,7 @@ def ppo_parts(r: Any, engine: Any, scheduler: Any) -> tuple[Any, dict[str, Any]]
     ppo, generation, data = ppo_args(r), GenerationArgs.from_recipe(r), data_args(r)
     tokenizer, template = recipe_tokenizer(data), data.chat_template()
     if ppo.reward_model_type == "api":  # a reward server: the rule checked its URL and that it answers
-        reward: Any = ServerScorer(ppo.reward_model, tokenizer.decode, r["per_device_train_batch_size"])
+        reward: Any = ServerScorer.for_policy(ppo.reward_model, tokenizer, r["per_device_train_batch_size"])
     else:
         reward = load_reward_model(ppo.reward_model, ppo.reward_model_type, recipe_args(r).model, engine.device,
                                    compute_dtype(r), tokenizer.pad_id)

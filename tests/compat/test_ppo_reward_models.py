@@ -157,25 +157,53 @@ def test_reward_model_mistakes_stop_at_the_key(folders):
     assert "reads 16 hidden values" in refusal_at_reward_model(work, root / "other_rm", "lora")
 
 
+CLEAN_UP_PROMPT = "Hi , I do n't know ."  # what transformers 4's clean_up_tokenization changes: " ,", " n't", " ."
+
+
+def clean_up_checkout(folders: dict[str, Path]) -> Path:
+    """A copy of the tiny Llama whose tokenizer_config.json says clean_up_tokenization_spaces true, as Meta's Llama 3
+    files do, and a dataset clean_up_prompt whose rows ask CLEAN_UP_PROMPT; returns the copy."""
+    base, work = folders["root"] / "llama_clean_up", folders["work"]
+    if not base.exists():
+        shutil.copytree(folders["base"], base)
+        config = json.loads((base / "tokenizer_config.json").read_text("utf-8"))
+        (base / "tokenizer_config.json").write_text(json.dumps({**config, "clean_up_tokenization_spaces": True}))
+        rows = [{"instruction": CLEAN_UP_PROMPT, "input": "", "output": f"hi {i}"} for i in range(8)]
+        (work / "data/clean_up_prompt.json").write_text(json.dumps(rows), "utf-8")
+        registry = json.loads((work / "data/dataset_info.json").read_text("utf-8"))
+        registry["clean_up_prompt"] = {"file_name": "clean_up_prompt.json"}
+        (work / "data/dataset_info.json").write_text(json.dumps(registry), "utf-8")
+    return base
+
+
 def test_a_reward_server_scores_the_text_transformers_decodes(folders):
     """reward_model_type api, as LLaMA-Factory 0.9.5 asks a reward server (train/ppo/trainer.py get_rewards:
     `tokenizer.batch_decode(query + response, skip_special_tokens=False)`, then ppo_utils.py get_rewards_from_server:
     POST {"model": "model", "messages": [...]}, read `scores`), the LLaMA-Factory example with its reward_model
-    pointed at a local server, 2 mini-batches of 1 row, ppo_score_norm on. Golden: step 1's response is the base's
-    greedy one (greedy_sequence), so each row's text is transformers' batch_decode of that sequence, and the server
-    scores a text by its length (length_score): the logged reward is that, by hand, and the score moments are TRL's
-    over the step's two scores. One request per mini-batch (LLaMA-Factory's per_device_train_batch_size), after the
-    one GET of train's check that the server answers. The adapter loads in PEFT, the value head beside it."""
+    pointed at a local server, 2 mini-batches of 1 row, ppo_score_norm on, on a Llama whose tokenizer_config.json
+    says clean_up_tokenization_spaces true (Meta's files do) and a prompt with " ," " n't" " .". Golden: step 1's
+    response is the base's greedy one (greedy_sequence), so each row's text is transformers' batch_decode of that
+    sequence as transformers 4 gives it (LLaMA-Factory's PPO needs TRL 0.8.6-0.9.6, released for transformers 4): with the
+    checkpoint's clean_up_tokenization applied, which transformers 5 skips for a BPE tokenizer unless told
+    clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output; and the server scores a text by its
+    length (length_score): the logged reward is that, by hand, and the score moments are TRL's over the step's two
+    scores. One request per mini-batch (LLaMA-Factory's per_device_train_batch_size), after the one GET of train's
+    check that the server answers. The adapter loads in PEFT, the value head beside it."""
     from tests.helpers.reward_server import ScoringServer, length_score
     from tests.model.test_ppo_math import trl_score_norm
 
-    base, work = folders["base"], folders["work"]
-    text = transformers.AutoTokenizer.from_pretrained(base).batch_decode(greedy_sequence(base),
-                                                                         skip_special_tokens=False)[0]
-    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nSay hi<|eot_id|>")
+    base, work = clean_up_checkout(folders), folders["work"]
+    sequence = greedy_sequence(base, CLEAN_UP_PROMPT)
+    as_t5 = transformers.AutoTokenizer.from_pretrained(base).batch_decode(sequence, skip_special_tokens=False)[0]
+    text = transformers.AutoTokenizer.from_pretrained(
+        base, clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output=True,
+    ).batch_decode(sequence, skip_special_tokens=False)[0]
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi, I don't know.<|eot_id|>")
+    assert as_t5 != text  # what the server got before: transformers 5's text
     with ScoringServer() as server:
         stderr = ppo_step(work, server.url, "api", "saves/api", as_typed=True,
-                          extra=("gradient_accumulation_steps=2", "ppo_score_norm=true"))
+                          extra=("gradient_accumulation_steps=2", "ppo_score_norm=true", f"model_name_or_path={base}",
+                                 "dataset=clean_up_prompt"))
     assert f"ppo: reward_model {server.url} (api), scoring with the server's scores" in stderr, stderr
     assert server.gets == ["/score"]
     assert server.posts == [{"path": "/score", "content_type": "application/json",

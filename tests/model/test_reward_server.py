@@ -89,3 +89,40 @@ def test_the_scorer_posts_each_row_s_attended_tokens_in_mini_batches():
         scores = ServerScorer(server.url, lambda row: "-".join(map(str, row)), 2)(ids, mask)
     assert [post["body"]["messages"] for post in server.posts] == [["5-6-7", "8-9"], ["3-4-2"]]
     assert scores.dtype == torch.float32 and scores.tolist() == [5.0, 3.0, 5.0]
+
+
+ROW = "<|begin_of_text|>I do n't know , rock ' n roll . Who 's there ?<|eot_id|>"
+
+
+@pytest.mark.parametrize("flag, sent", [
+    # Meta's Llama 3 files say true: transformers 4.57's clean_up_tokenization (tokenization_utils_base.py:3971-3994)
+    # by hand, " n't" -> "n't", " ," -> ",", " ' " -> "'", " ." -> ".", " 's" -> "'s", " ?" -> "?"
+    (True, "<|begin_of_text|>I don't know, rock'n roll. Who's there?<|eot_id|>"),
+    (False, ROW),  # Qwen2.5's files say false: the text as decoded
+    (None, ROW),  # no key: transformers 4.57's default false (tokenization_utils_base.py:1453)
+], ids=["true", "false", "absent"])
+def test_the_server_gets_the_text_transformers_4_decodes(tmp_path, flag, sent):
+    """LLaMA-Factory 0.9.5's PPO (TRL 0.8.6-0.9.6, released for transformers 4) posts batch_decode(..., skip_special_tokens=
+    False), which applies clean_up_tokenization where tokenizer_config.json's clean_up_tokenization_spaces is true;
+    the scorer stage ppo builds (ServerScorer.for_policy) on the checkpoint's files posts that text, special tokens
+    kept, and decode() (eval, chat, generate: transformers 5's text) is unchanged."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    from pipeline.data.tokenizer_files import read_tokenizer
+    from pipeline.model.reward import ServerScorer
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    write_small_tokenizer_dir(tmp_path, "llama3", size=300)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("clean_up_tokenization_spaces")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config if flag is None else
+                                                               {**config, "clean_up_tokenization_spaces": flag}))
+    tokenizer = read_tokenizer(tmp_path)
+    ids = tokenizer.encode_special(ROW)
+    assert tokenizer.decode(ids) == ROW
+    pad, n = tokenizer.pad_id, len(ids)
+    with ScoringServer() as server:  # one row right-padded, one left-padded: the attended ids alike
+        ServerScorer.for_policy(server.url, tokenizer, 2)(torch.tensor([ids + [pad] * 2, [pad] * 2 + ids]),
+                                                          torch.tensor([[1] * n + [0] * 2, [0] * 2 + [1] * n]))
+    assert server.posts[0]["body"]["messages"] == [sent, sent]
