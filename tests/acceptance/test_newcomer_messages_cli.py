@@ -59,3 +59,14 @@ def test_a_real_hub_id_keeps_the_hub_message(workdir: Path):
                   cwd=workdir, as_typed=False)
     assert "model_name_or_path: 'Org/Name' is neither a local directory nor a cached hub snapshot" in err, err
     assert "does not exist here" not in err, err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (("trian", "recipes/sft.yaml"), "argument command: invalid choice: 'trian' (did you mean 'train'?)"),
+    (("trian",), "argument command: invalid choice: 'trian' (did you mean 'train'?)"),  # before 'recipe: required'
+    (("xyz", "recipes/sft.yaml"), "argument command: invalid choice: 'xyz' (commands: build, validate, inspect, "),
+], ids=["typo", "typo-alone", "nothing-close"])
+def test_a_mistyped_command_is_one_line_with_the_closest_one(workdir: Path, argv: tuple[str, ...], said: str):
+    """In this process: tests/test_cli.py runs `python -m pipeline trian r.yaml` as typed."""
+    err = refused(*argv, cwd=workdir, as_typed=False)
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"python -m pipeline: error: {said}"), err
