@@ -70,3 +70,13 @@ def test_a_mistyped_command_is_one_line_with_the_closest_one(workdir: Path, argv
     """In this process: tests/test_cli.py runs `python -m pipeline trian r.yaml` as typed."""
     err = refused(*argv, cwd=workdir, as_typed=False)
     assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"python -m pipeline: error: {said}"), err
+
+
+def test_every_message_names_a_command_line_override_as_typed(workdir: Path):
+    """The helper that names where a key was set (recipe.args.key_at / where, as the lock, the registry and the
+    bf16 notice use it) and the recipe rules say the same for the command line; key_at said `cli: output_dir: ...`."""
+    err = refused("train", "recipes/sft.yaml", "output_dir=/proc/x", cwd=workdir, as_typed=False)  # the lock's
+    assert err.startswith("error: command line override output_dir=/proc/x: output_dir: /proc/x cannot be created"), err
+    err = refused("validate", "recipes/sft.yaml", "lora_rank=0", cwd=workdir, as_typed=False)  # a rule's
+    assert err.startswith("error: command line override lora_rank=0: lora_rank: "), err
+    assert "cli:" not in err, err
