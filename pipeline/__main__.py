@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError, print_errors
+from pipeline.errors import UserError, did_you_mean, print_errors
 
 # command -> (module, function, one-line help). Each function takes (Resolved, argparse.Namespace).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # both optional to argparse so that a missing one is named alone (main checks them; see there)
-    parser.add_argument("command", nargs="?", choices=list(COMMANDS), metavar="command",
-                        help="one of the commands below")
+    # no argparse choices: an unknown command is one line naming the closest one (unknown_command)
+    parser.add_argument("command", nargs="?", metavar="command", help="one of the commands below")
     parser.add_argument("recipe", nargs="?", help="path to a YAML recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, values parsed as YAML")
     # the deepspeed launcher passes --local_rank=N (LOCAL_RANK is in the environment too, which resolve reads)
@@ -145,6 +145,13 @@ def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return ""
 
 
+def unknown_command(parser: argparse.ArgumentParser, command: str) -> None:
+    """`trian`: one line with the closest command (errors.did_you_mean, as for recipe keys), exit 2; argparse's
+    choices printed the usage and every command instead, and suggested nothing."""
+    hint = did_you_mean(command, [*COMMANDS, *TOOLS]) or f" (commands: {', '.join([*COMMANDS, *TOOLS])})"
+    parser.exit(2, f"{parser.prog}: error: argument command: invalid choice: {command!r}{hint}\n")
+
+
 def run_tool(name: str, argv: list[str]) -> int:
     """A command without a recipe (TOOLS): its own options, the same exit codes (2 for a user's mistake)."""
     module_name, func_name, _ = TOOLS[name]
@@ -161,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_tool(given[0], given[1:])
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
+    if args.command is not None and args.command not in COMMANDS:
+        unknown_command(parser, args.command)
     if args.command is None or args.recipe is None:
         # parse_intermixed_args lists the optional key=value overrides as required too when these are missing
         parser.error(f"the following arguments are required: {'command, ' if args.command is None else ''}recipe")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from typing import Iterable
+from typing import Callable, Iterable
 
 # Set by pipeline.launch for the ranks it starts: a folder where the first rank to print a message leaves a mark.
 REPORTED_ENV = "PIPELINE_REPORTED_ERRORS"
@@ -42,8 +42,11 @@ def _first_report(message: str) -> bool:
     return True
 
 
-def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
-    """A ' (did you mean X?)' suffix, or '' when nothing is close (similarity ratio >= cutoff).
+def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6,
+                 show: Callable[[str], str] | None = None) -> str:
+    """A ' (did you mean X?)' suffix, or '' when nothing is close (similarity ratio >= cutoff); `show` writes the
+    closest choice as the user would type it (a folder name compared alone, shown with its parent path: whole paths
+    sharing a long prefix are all 'close').
 
     Compared case-insensitively: 'LoRA' for 'lora' is the likeliest slip of all, yet too many letters differ in
     case for a case-sensitive ratio to reach the cutoff (while 'Lora' did). The suggestion keeps the choice's own
@@ -54,4 +57,6 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     for choice in choices:
         by_lower.setdefault(choice.lower(), choice)
     close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=cutoff)
-    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ""
+    if not close:
+        return ""
+    return f" (did you mean '{(show or str)(by_lower[close[0]])}'?)"

@@ -51,23 +51,33 @@ def apply_length_policy(data: DataArgs) -> None:
 
 
 def missing_model_note(r: Resolved) -> str:
-    """A note when model_name_or_path is a path (not a preset, not an `org/name` hub id) that does not exist and
-    that no recipe in scope (pipeline.recipe.siblings) produces: validate lets a missing model pass (an upstream run may make it),
-    but train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise."""
+    """A note when model_name_or_path is a path (not a preset, not an `org/name` hub id, or one whose first folder is
+    here: pipeline.model.hub.looks_local) that does not exist and that no recipe in scope (pipeline.recipe.siblings)
+    produces: validate lets a missing model pass (an upstream run may make it), but train refuses this one, and
+    calling it a hub id that train downloads would be wrong. "" otherwise."""
     from pipeline.model.config import PRESETS
-    from pipeline.model.hub import is_hub_id
+    from pipeline.model.hub import is_hub_id, looks_local
     from pipeline.recipe.siblings import producer
 
     model = str(r["model_name_or_path"])
     path = Path(model).expanduser()
-    if model in PRESETS or is_hub_id(model) or path.exists() or producer(r.recipe_path, model):
+    if model in PRESETS or (is_hub_id(model) and not looks_local(model)) or path.exists() or \
+            producer(r.recipe_path, model):
         return ""
-    hint = ""
-    if path.parent.is_dir():
-        parent = os.path.dirname(model) or "."
-        hint = did_you_mean(model, [os.path.join(parent, p.name) for p in path.parent.iterdir() if p.is_dir()])
+    shown = os.path.dirname(model) or "."
+    hint = did_you_mean(path.name, checkpoints_beside(model), show=lambda name: os.path.join(shown, name))
     if not hint and model.startswith("./") and is_hub_id(model[2:]):
         hint = f" (a hub id is written without './': {model[2:]})"
+    what = ("it is a path, not a hub id (org/name), so train will refuse it" if not is_hub_id(model) else
+            f"it reads as a local path ({model.split('/')[0]}/ is a folder here), so train reports it missing here "
+            "before it tries the hub")
     return (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder or "
-            "under the working directory produces it; it is a path, not a hub id (org/name), so train will refuse it: fix the path, or run "
-            "the recipe that writes it first")
+            f"under the working directory produces it; {what}: fix the path, or run the recipe that writes it first")
+
+
+def checkpoints_beside(model: str) -> list[str]:
+    """The names of the folders next to a missing model path that hold a config.json: the only plausible
+    did-you-means (any folder there was one, compared as a whole path: a model under /tmp got 'did you mean
+    /tmp/.../tmp')."""
+    parent = Path(model).expanduser().parent
+    return [p.name for p in parent.iterdir() if (p / "config.json").is_file()] if parent.is_dir() else []

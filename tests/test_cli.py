@@ -78,9 +78,10 @@ def test_missing_recipe_exit_2(tmp_path):
                                                     "its recipes, e.g. recipes/a.yaml (1 there)\n")
 
 
-def test_unknown_command_is_an_argparse_error(tmp_path):
+def test_unknown_command_is_one_line_with_the_closest_command(tmp_path):
     proc = run_cli("trian", "r.yaml", cwd=tmp_path)
-    assert proc.returncode == 2 and "invalid choice: 'trian'" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr == ("python -m pipeline: error: argument command: invalid choice: "
+                                                    "'trian' (did you mean 'train'?)\n"), proc.stderr
 
 
 def test_every_command_module_exists():

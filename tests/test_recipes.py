@@ -81,7 +81,7 @@ def test_resolves_for_every_command(recipe, in_repo, monkeypatch):
                 resolve(recipe, command=command)
             assert len(err.value.messages) == 1 and "model_name_or_path" in err.value.messages[0]
             assert f"'{model}'" in err.value.messages[0]
-            assert "not found" in err.value.messages[0] or "neither a local directory nor a cached hub snapshot" in \
+            assert "does not exist here" in err.value.messages[0] or "neither a local directory nor a cached hub snapshot" in \
                 err.value.messages[0]
         else:
             resolve(recipe, command=command)

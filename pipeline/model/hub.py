@@ -52,10 +52,26 @@ def download_command(repo_id: str, revision: str | None = None) -> str:
     return f"hf download {repo_id}{rev} {include}"
 
 
+def looks_local(name: str) -> bool:
+    """Whether a name shaped like a hub id (`saves/sft`) reads as a local path: its first part is a folder here, or
+    it lies under saves/, where runs write. Such a name that is neither here nor cached is first of all a missing
+    folder (a run not trained yet, a typo), and only then perhaps a hub id: the message says so in that order."""
+    first = name.split("/", 1)[0]
+    return first == "saves" or os.path.isdir(first)
+
+
+def missing_here(name: str, writer: str = "") -> str:
+    """`directory 'saves/sft' does not exist here` and what to do: `writer` (the recipe layer's ` (recipes/x.yaml
+    writes it: ...)`), else the generic advice. How every message about a local path that is not there starts."""
+    return f"directory '{name}' does not exist here{writer or '; if another recipe produces it, run that one first'}"
+
+
 def resolve_model_path(name_or_path: str | Path, revision: str | None = None, key: str = "model_name_or_path",
-                       download: bool = True) -> Path:
+                       download: bool = True, writer: str = "") -> Path:
     """A local directory for a path or hub id; hub ids are fetched (or, offline or with download=False,
-    found) in the HF cache."""
+    found) in the HF cache. A hub-id-shaped name found nowhere that looks local (looks_local), or that `writer`
+    (the recipe layer's ` (recipes/x.yaml writes it ...)`) says a recipe writes, is reported as a missing local
+    folder first, the hub as the second possibility."""
     name = str(name_or_path)
     if not is_hub_id(name):
         path = Path(name).expanduser()
@@ -70,23 +86,32 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, ke
         folder = snapshot_download(name, revision=revision, cache_dir=where, allow_patterns=ALLOW_PATTERNS,
                                    local_files_only=offline() or not download)
     except (RepositoryNotFoundError, GatedRepoError) as err:
-        raise UserError(f"{key}: '{name}' is not a hub repository this machine may read ({type(err).__name__}); "
-                        "check the id, or log in with `hf auth login` for gated models") from None
+        raise UserError(_local_first(name, key, writer, f"'{name}' is not a hub repository this machine may read "
+                                     f"({type(err).__name__}); check the id, or log in with `hf auth login` for "
+                                     "gated models")) from None
     except RevisionNotFoundError:
         raise UserError(f"{key}: '{name}' has no revision '{revision}'") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
         state = ("HF_HUB_OFFLINE=1 and it is not" if offline() else "it is not" if not download
                  else "the hub is unreachable and it is not")
-        raise UserError(f"{key}: '{name}' is neither a local directory nor a cached hub snapshot ({state} in "
-                        f"{where}){cached_suggestion(name, where)}; on a machine with network run "
-                        f"`{download_command(name, revision)}` "
-                        f"(with HF_HOME pointing at the same cache), or set {key} to a local checkpoint "
-                        f"directory [{type(err).__name__}]") from None
+        raise UserError(_local_first(name, key, writer, f"'{name}' is neither a local directory nor a cached hub "
+                                     f"snapshot ({state} in {where}){cached_suggestion(name, where)}; on a machine "
+                                     f"with network run `{download_command(name, revision)}` (with HF_HOME "
+                                     f"pointing at the same cache), or set {key} to a local checkpoint directory "
+                                     f"[{type(err).__name__}]")) from None
     path = Path(folder)
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise UserError(f"{key}: the snapshot of '{name}' at {path} has no config.json or adapter_config.json; "
                         f"fetch it with `{download_command(name, revision)}`")
     return path
+
+
+def _local_first(name: str, key: str, writer: str, hub: str) -> str:
+    """`{key}: {hub}` for a hub id; for a name the user meant locally (looks_local, or a recipe writes it), the
+    missing folder first and the hub's message only as the second possibility."""
+    if not (writer or looks_local(name)):
+        return f"{key}: {hub}"
+    return f"{key}: {missing_here(name, writer)}; only if '{name}' is meant as a hub id: {hub}"
 
 
 def cached_ids(where: Path) -> list[str]:

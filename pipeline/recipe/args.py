@@ -281,24 +281,27 @@ def train_args(r: Mapping[str, Any]) -> TrainArgs:
 
 
 def where(r: Mapping[str, Any], *keys: str) -> dict[str, str]:
-    """Where each key was set (`recipes/x.yaml:5`, 'cli', 'default'), for a resolved recipe; {} for a plain dict."""
-    source = getattr(r, "source", None)
-    if not callable(source):
+    """Where each key was set (`recipes/x.yaml:5`, `command line override key=value`, 'default': Origin.cited), for
+    a resolved recipe; {} for a plain dict."""
+    origin = getattr(r, "origin", None)
+    if not callable(origin):
         return {}
     found = {}
     for key in keys:
         try:
-            found[key] = str(source(key))
+            found[key] = origin(key).cited
         except Exception:  # a key without provenance: messages fall back to "recipe key 'KEY'"
             pass
     return found
 
 
 def key_at(r: Mapping[str, Any], key: str) -> str:
-    """`recipes/x.yaml:12: key` when the value came from a file or the command line, else `key`: how a message
-    names a recipe key."""
-    origin = where(r, key).get(key, "default")
-    return f"{origin}: {key}" if origin not in ("default", "derived") else key
+    """`recipes/x.yaml:12: key` when the value came from a file, `command line override key=value: key` from the
+    command line (the wording of every rule's message, Origin.cited), else `key`: how a message names a recipe key."""
+    try:
+        return r.origin(key).names(key)  # type: ignore[attr-defined]
+    except (AttributeError, KeyError):  # a plain dict in tests, a key without provenance
+        return key
 
 
 def data_args(r: Mapping[str, Any]) -> DataArgs:

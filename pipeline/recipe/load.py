@@ -51,6 +51,18 @@ class Origin:
             return f"command line override {self.text}"
         return f"{self.kind} value"
 
+    @property
+    def cited(self) -> str:
+        """How a message cites where a key was set, the key named after it: `recipes/x.yaml:12` (provenance) for a
+        file, for the command line the override as typed (`command line override output_dir=x`, as `where` and
+        every rule's message say it; the bare provenance `cli` read "cli: output_dir: ...")."""
+        return self.where if self.kind == "cli" else self.provenance
+
+    def names(self, key: str) -> str:
+        """How a message names recipe key `key` set here: `recipes/x.yaml:12: key`, `command line override
+        key=value: key`, or the bare `key` for a default or derived value (recipe.args.key_at)."""
+        return f"{self.cited}: {key}" if self.kind in ("file", "cli") else key
+
     def derived(self) -> "Origin":
         """The origin of a value the pipeline derived from this one (a run's output_dir made its adapter/ or model/
         folder): kind derived, as plan shows it, keeping the file position where the user wrote it, so that a rule

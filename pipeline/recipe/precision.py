@@ -123,9 +123,8 @@ def bf16_notice(r: Mapping[str, Any], *, cuda: bool, measured: str | None = None
     native, detected = cpu_bf16()
     if native is not False:
         return None
-    source = getattr(r, "source", None)
-    origin = source(key) if source is not None else "default"
-    where = f"{origin}: {key}" if origin not in ("default", "derived") else key
+    origin = getattr(r, "origin", None)  # as recipe.args.key_at, which imports this module's importers
+    where = origin(key).names(key) if callable(origin) else key
     cost = f"{measured}; {PUBLISHED}" if measured else PUBLISHED
     return (f"notice: {where} is true, but no CUDA GPU was found and {detected}: bf16 is emulated here, "
             f"often 10-50x slower than fp32 ({cost}). For this machine set {key}: false (or add the override "

@@ -132,6 +132,23 @@ class TrainLog:
         tqdm.write(format_record(record), file=sys.stderr)
 
 
+def progress_eta(bar: Any) -> float | None:
+    """The seconds left as the progress bar shows them, or None where it shows none (a disabled bar: ranks past 0).
+
+    The one ETA estimator of a run: the log line's `eta` (trainer_log.jsonl, console) is this, so the two never
+    disagree. tqdm's rate is an exponential moving average of the recent steps/s (smoothing 0.3), which follows a
+    change of load; the log's mean over the whole run did not (0:03:05 beside the bar's 10:12 at one step). Re-typed
+    from tqdm 4.70 std.py, tqdm.format_meter: `rate = (n - initial) / elapsed` when the average has no sample yet,
+    `remaining = (total - n) / rate`."""
+    info = bar.format_dict
+    rate, elapsed = info.get("rate"), info.get("elapsed")
+    if rate is None and elapsed:
+        rate = (info["n"] - (info.get("initial") or 0)) / elapsed
+    if not rate or not info.get("total"):
+        return None
+    return (info["total"] - info["n"]) / rate
+
+
 def _hms(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -31,6 +31,7 @@ from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
 from pipeline.runtime.batches import host_floats, lm_batch, to_device, trained_tokens
+from pipeline.runtime.log import progress_eta
 from pipeline.train.accuracy import example_accuracy_sums
 from pipeline.train.checkpoint import TrainState
 from pipeline.train.step_profile import StepProfiler
@@ -352,7 +353,7 @@ class Trainer:
                 step, last = state.global_step, state.global_step == total
                 record: dict[str, Any] = {}
                 if periodic_due(args.logging_strategy, args.logging_steps, step, args.steps_per_epoch) or last:
-                    record.update(self.train_metrics(window, norm, started, first_step))
+                    record.update(self.train_metrics(window, norm, started, bar))
                     window = self.window = Window()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
                 if self.evaluate is not None and eval_due(args, step, last):
@@ -393,7 +394,8 @@ class Trainer:
         self.state.trained_tokens_seen += int(trained)
         self._unflushed = [0, 0]
 
-    def train_metrics(self, window: Window, norm: Any, started: float, first_step: int) -> dict[str, Any]:
+    def train_metrics(self, window: Window, norm: Any, started: float, bar: Any) -> dict[str, Any]:
+        """The log line of the steps in `window`; its eta is the progress bar's own (runtime.log.progress_eta)."""
         args, state = self.args, self.state
         names = list(window.extra)  # the same on every rank: one objective
         loss, fresh, l1, norm, *extra = host_floats([window.loss, window.fresh_loss, window.l1, norm,
@@ -406,7 +408,6 @@ class Trainer:
         now = time.monotonic()
         seconds = max(now - window.started, 1e-9)
         elapsed = now - started
-        done = state.global_step - first_step
         record: dict[str, Any] = {
             "loss": loss / world / window.steps,
             "lr": window.lr,
@@ -416,8 +417,10 @@ class Trainer:
             "tokens_seen": state.tokens_seen,
             "trained_tokens_seen": state.trained_tokens_seen,
             "elapsed": round(elapsed, 3),
-            "eta": round(elapsed / max(done, 1) * (args.total_steps - state.global_step), 3),
         }
+        eta = progress_eta(bar)
+        if eta is not None:
+            record["eta"] = round(eta, 3)
         record.update({name: value / world / window.steps for name, value in zip(names, extra)})
         finish = getattr(self.objective, "finish_metrics", None)  # kto: summed rewards -> means per side
         if finish is not None:

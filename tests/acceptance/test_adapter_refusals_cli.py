@@ -57,14 +57,14 @@ def export_refusal(workdir: Path, **keys: str) -> str:
 
 def test_export_of_a_run_not_trained_yet_is_refused_at_adapter_name_or_path(workdir):
     err = export_refusal(workdir, adapter="saves/qwen3-4b/lora/sft")
-    assert "merge.yaml:3:23: adapter_name_or_path: 'saves/qwen3-4b/lora/sft' holds no adapter_config.json" in err, err
+    assert "merge.yaml:3:23: adapter_name_or_path: directory 'saves/qwen3-4b/lora/sft' does not exist here" in err, err
     assert err.count("adapter_name_or_path") == 1, err
     assert not (workdir / "saves/qwen3_sft_merged").exists()
 
 
 def test_export_of_a_missing_model_folder_is_refused_at_model_name_or_path(workdir):
     err = export_refusal(workdir, model="saves/qwen3-4b/full/sft")
-    assert "merge.yaml:2:21: model_name_or_path: directory 'saves/qwen3-4b/full/sft' not found" in err, err
+    assert "merge.yaml:2:21: model_name_or_path: directory 'saves/qwen3-4b/full/sft' does not exist here" in err, err
     assert err.count("model_name_or_path: ") == 1, err
 
 

@@ -89,10 +89,10 @@ def test_bf16_on_a_cpu_without_it_gets_a_notice_in_plan_dry_run_and_train(dry):
     (workdir / "cpuinfo").write_text("flags\t\t: fpu sse sse2 avx avx2 avx512f\n", encoding="utf-8")
     env = {**env, "PIPELINE_CPUINFO": str(workdir / "cpuinfo"), "CUDA_VISIBLE_DEVICES": ""}
     plan = pipeline("plan", recipe, "bf16=true", cwd=workdir, env=env)
-    assert "notice: cli: bf16 is true" in plan.stderr and "lacks avx512_bf16 and amx_bf16" in plan.stderr
+    assert "notice: command line override bf16=true: bf16 is true" in plan.stderr and "lacks avx512_bf16 and amx_bf16" in plan.stderr
     assert "bf16: false" in plan.stderr
     done = pipeline("train", recipe, "--dry-run", "bf16=true", cwd=workdir, env=env)
-    assert "notice: cli: bf16 is true" in done.stderr and "measured here just now" in done.stderr
+    assert "notice: command line override bf16=true: bf16 is true" in done.stderr and "measured here just now" in done.stderr
     assert "dry run: ok" in done.stdout
     quiet = pipeline("plan", recipe, "bf16=false", cwd=workdir, env=env)
     assert "notice" not in quiet.stderr

@@ -102,18 +102,28 @@ def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
 def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     """A misspelled model folder passed validate with a note calling it a hub id that train downloads; train then
     refused it. A path (/, ./, ../, ~, or more than org/name) that is not there, and that no recipe next to this
-    one produces, gets a note saying train will refuse it, with the close name; `org/name` stays a hub id."""
+    one produces, gets a note saying train will refuse it, with the close name; `org/name` stays a hub id. The close
+    name is a checkpoint folder (a config.json) or nothing: any folder there was suggested (models/tmp for
+    models/tmq: under /tmp, 'did you mean /tmp/.../tmp'). A name shaped like org/name whose first folder is here
+    (models/gpt) is a local path too (pipeline.model.hub.looks_local)."""
     write_data(tmp_path / "data")
     (tmp_path / "models" / "gpt2").mkdir(parents=True)
+    (tmp_path / "models" / "gpt2" / "config.json").write_text("{}", encoding="utf-8")
+    (tmp_path / "models" / "tmp").mkdir()  # a folder, not a checkpoint: never suggested
     recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
     pipeline("build", recipe, cwd=tmp_path)
     typo = str(tmp_path / "models" / "gpt3")
-    for model, hint in ((typo, f" (did you mean '{tmp_path / 'models' / 'gpt2'}'?)"),
-                        ("./models/gpt", " (did you mean './models/gpt2'?)"),
-                        ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)")):
+    path = "it is a path, not a hub id (org/name), so train will refuse it"
+    for model, hint, what in ((typo, f" (did you mean '{tmp_path / 'models' / 'gpt2'}'?)", path),
+                              (str(tmp_path / "models" / "tmq"), "", path),
+                              ("./models/gpt", " (did you mean './models/gpt2'?)", path),
+                              ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)", path),
+                              ("models/gpt", " (did you mean 'models/gpt2'?)",
+                               "it reads as a local path (models/ is a folder here), so train reports it missing "
+                               "here before it tries the hub")):
         out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path, as_typed=model == typo).stdout
         assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder "
-                "or under the working directory produces it; it is a path, not a hub id (org/name), so train will refuse it") in out, out
+                f"or under the working directory produces it; {what}") in out, out
         assert "hub id is downloaded" not in out
     assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path, as_typed=False)
     out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,

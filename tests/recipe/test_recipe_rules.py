@@ -128,8 +128,8 @@ def test_model_directory_checked_only_where_it_is_used(write):
     write("r.yaml", "model_name_or_path: saves/pt/model\ndataset: d\nmax_steps: 1\ncutoff_len: 64\n")
     assert resolve("r.yaml", command="plan")["model_name_or_path"] == "saves/pt/model"
     assert errors("r.yaml", command="train") == [
-        "r.yaml:1:21: model_name_or_path: directory 'saves/pt/model' not found; if another recipe produces it, run "
-        "that one first"]
+        "r.yaml:1:21: model_name_or_path: directory 'saves/pt/model' does not exist here; if another recipe produces "
+        "it, run that one first"]
 
 
 def test_adapter_and_checkpoint_paths(write):
@@ -137,8 +137,8 @@ def test_adapter_and_checkpoint_paths(write):
                     "adapter_name_or_path: saves/x/adapter\nresume_from_checkpoint: saves/x/checkpoint-9\n")
     assert resolve("r.yaml", command="plan")["adapter_name_or_path"] == "saves/x/adapter"
     assert errors("r.yaml", command="train") == [
-        "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected an adapter "
-        "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)",
+        "r.yaml:5:23: adapter_name_or_path: directory 'saves/x/adapter' does not exist here; if another recipe "
+        "produces it, run that one first; expected an adapter directory (LoRA or OFT: e.g. saves/<recipe>/adapter)",
         "r.yaml:6:25: resume_from_checkpoint: directory 'saves/x/checkpoint-9' not found; give a checkpoint-<step> "
         "directory or 'latest'"]
     assert resolve("r.yaml", ["resume_from_checkpoint=latest", "adapter_name_or_path="], command="train")
@@ -154,8 +154,8 @@ def test_adapter_folder_checked_where_it_exists_before_a_command_loads_it(write,
     assert resolve("r.yaml", command="plan")["adapter_name_or_path"] == "saves/x/adapter"
     for command in ("export", "chat"):
         assert errors("r.yaml", command=command) == [
-            "r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds no adapter_config.json; expected an adapter "
-            "directory (LoRA or OFT: e.g. saves/<recipe>/adapter)"]
+            "r.yaml:5:23: adapter_name_or_path: directory 'saves/x/adapter' does not exist here; if another recipe "
+            "produces it, run that one first; expected an adapter directory (LoRA or OFT: e.g. saves/<recipe>/adapter)"]
     (tmp_path / "saves/x/adapter").mkdir(parents=True)
     assert errors("r.yaml", command="plan")[0].startswith("r.yaml:5:23: adapter_name_or_path: 'saves/x/adapter' holds "
                                                          "no adapter_config.json")

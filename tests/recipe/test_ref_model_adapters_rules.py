@@ -42,7 +42,8 @@ def adapter(folder: str) -> str:
      "OFT: e.g. saves/<recipe>/adapter)"),
     # train loads it now: each folder of several, the missing one named
     ("stage: dpo\nref_model: tiny\nref_model_adapters: one, saves/sft/missing\n", "train",
-     "r.yaml:7:21: ref_model_adapters: 'saves/sft/missing' holds no adapter_config.json"),
+     "r.yaml:7:21: ref_model_adapters: directory 'saves/sft/missing' does not exist here; if another recipe "
+     "produces it, run that one first; expected an adapter directory"),
 ], ids=["without-ref_model", "under-sft", "reference-free-loss", "reference-free-loss-alone", "not-an-adapter",
         "missing-at-train"])
 def test_a_wrong_ref_model_adapters_is_one_message_at_its_line(recipe, lines, command, said):

@@ -532,8 +532,8 @@ CASES: list[Case] = [
          ("r.yaml:8:25: resume_from_checkpoint: directory 'out/checkpoint-9' not found",), argv=TRAIN, prebuild=True,
          strict_lines=False),
     # ------------------------------------------------------------------ command line
-    Case("cli: unknown command", "cli", {}, ("argument command: invalid choice: 'trian'",), argv=("trian", "r.yaml"),
-         cli=True),
+    Case("cli: unknown command", "cli", {}, ("argument command: invalid choice: 'trian' (did you mean 'train'?)",),
+         argv=("trian", "r.yaml"), cli=True),
     Case("cli: no recipe", "cli", {}, ("the following arguments are required: recipe",), argv=("validate",)),
     Case("cli: missing recipe file", "cli", {}, ("nope.yaml: recipe not found",), argv=("validate", "nope.yaml"),
          cli=True),

@@ -143,7 +143,9 @@ def test_fp16_log_carries_the_loss_scale():
     window = Window()
     trainer.optimizer_step(window)
     window.steps = 1
-    record = trainer.train_metrics(window, 0.5, started=0.0, first_step=2)
+    from tqdm import tqdm
+
+    record = trainer.train_metrics(window, 0.5, started=0.0, bar=tqdm(total=4, initial=2, disable=True))
     assert record["loss_scale"] == 2048.0  # DeepSpeed's scaler after one overflow (4096 halved), by hand
     assert record["loss"] == 3.0  # the mean of the window's two micro-batch losses, by hand
 

@@ -16,6 +16,19 @@ from pipeline.recipe.rules.core import Context, rule
 LOADS_MODEL_NOW = ("train", "merge", "eval", "generate", "chat", "export")
 
 
+def written_by(ctx: Context, path: str) -> str:
+    """` (recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` first)` when a recipe in scope
+    (pipeline.recipe.siblings, make's upstream search) writes `path`, else "": what a message about a folder that
+    is not there yet adds (pipeline.model.hub.missing_here)."""
+    from pipeline.recipe.siblings import producer
+
+    found = producer(Path(ctx.recipe_file), path)
+    if found is None:
+        return ""
+    recipe, goal = found
+    return f" ({recipe} writes it: run `make {goal} RECIPE={recipe}` first)"
+
+
 def loads_model_now(ctx: Context) -> bool:
     """Whether this command loads model_name_or_path and adapter_name_or_path now. Not export without export_dir:
     export refuses that recipe first (pipeline.merge.export_run), and `make export` runs it before the upstreams
@@ -35,20 +48,19 @@ def model_exists(ctx: Context) -> list[tuple[str, str]]:
     except ImportError:
         return []
     from pipeline.errors import UserError
-    from pipeline.model.hub import is_hub_id, resolve_model_path
+    from pipeline.model.hub import is_hub_id, missing_here, resolve_model_path
 
     if is_hub_id(name):  # fetched (or found in the HF cache) by the commands that load the model now
         if loads_model_now(ctx):
             try:
-                name = str(resolve_model_path(name))
+                name = str(resolve_model_path(name, writer=written_by(ctx, name)))
             except UserError as err:
                 return [("model_name_or_path", m.removeprefix("model_name_or_path: ")) for m in err.messages]
         else:
             return []
     if looks_like_path(name) and not os.path.exists(name):
         if loads_model_now(ctx):
-            return [("model_name_or_path", f"directory {name!r} not found; if another recipe produces it, "
-                                           "run that one first")]
+            return [("model_name_or_path", missing_here(name, written_by(ctx, name)))]
         return []
     try:
         read_config(name)
@@ -88,7 +100,7 @@ def adapter_exists(ctx: Context) -> list[tuple[str, str]]:
     folder; validate and plan check it where it exists (see folders_to_check)."""
     path = ctx.values["adapter_name_or_path"]
     paths = folders_to_check([] if path is None else [path], loads_model_now(ctx))
-    return [problem for path in paths for problem in adapter_folder_problems("adapter_name_or_path", path)]
+    return [problem for path in paths for problem in adapter_folder_problems(ctx, "adapter_name_or_path", path)]
 
 
 def folders_to_check(paths: list[str], loads_now: bool) -> list[str]:
@@ -98,16 +110,21 @@ def folders_to_check(paths: list[str], loads_now: bool) -> list[str]:
     return paths if loads_now else [path for path in paths if os.path.exists(path)]
 
 
-def adapter_folder_problems(key: str, path: str) -> list[tuple[str, str]]:
-    """An adapter folder recipe key `key` names (a folder or a hub id, fetched here) must hold adapter_config.json:
-    the check every key that loads an adapter (adapter_name_or_path, ref_model_adapters) makes alike."""
+def adapter_folder_problems(ctx: Context, key: str, path: str) -> list[tuple[str, str]]:
+    """An adapter folder recipe key `key` names (a folder or a hub id, fetched here) must be there and hold
+    adapter_config.json: the check every key that loads an adapter (adapter_name_or_path, ref_model_adapters)
+    makes alike."""
     from pipeline.errors import UserError
-    from pipeline.model.hub import resolve_model_path
+    from pipeline.model.hub import missing_here, resolve_model_path
 
+    writer = written_by(ctx, path)
     try:
-        path = str(resolve_model_path(path, key=key))
+        path = str(resolve_model_path(path, key=key, writer=writer))
     except UserError as err:
         return [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
+    if not os.path.exists(path):
+        return [(key, f"{missing_here(path, writer)}; expected an adapter directory (LoRA or OFT: "
+                      "e.g. saves/<recipe>/adapter)")]
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         return [(key, f"{path!r} holds no adapter_config.json; expected an adapter directory (LoRA or OFT: e.g. "
                       "saves/<recipe>/adapter)")]

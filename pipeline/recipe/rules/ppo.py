@@ -39,15 +39,17 @@ def ppo_needs_reward_model(ctx: Context) -> list[tuple[str, str]]:
         here = local_reward_folder(path, ctx.values["reward_model_type"])
         return reward_folder_problems(ctx, here) if here is not None else []
     from pipeline.errors import UserError
-    from pipeline.model.hub import is_hub_id, resolve_model_path
+    from pipeline.model.hub import is_hub_id, missing_here, resolve_model_path
+    from pipeline.recipe.rules.model import written_by
 
+    writer = written_by(ctx, path)
     if is_hub_id(path):  # as model_name_or_path: a snapshot in the HF cache, fetched now
         try:
-            resolve_model_path(path, key="reward_model")
+            resolve_model_path(path, key="reward_model", writer=writer)
         except UserError as err:
             return [("reward_model", m.removeprefix("reward_model: ")) for m in err.messages]
     elif not os.path.exists(path):
-        return [("reward_model", f"directory {path!r} not found; expected a stage rm run's output_dir, its adapter/ "
+        return [("reward_model", f"{missing_here(path, writer)}; expected a stage rm run's output_dir, its adapter/ "
                                  "(reward_model_type lora) or a reward model folder (reward_model_type full)")]
     return reward_folder_problems(ctx)
 

@@ -89,7 +89,7 @@ def ref_model_adapters_exist(ctx: Context) -> list[tuple[str, str]]:
     if not scores_against_reference(ctx):
         return []
     paths = folders_to_check(split_names(ctx.values["ref_model_adapters"]), ctx.command in ("train", "eval"))
-    return [problem for path in paths for problem in adapter_folder_problems("ref_model_adapters", path)]
+    return [problem for path in paths for problem in adapter_folder_problems(ctx, "ref_model_adapters", path)]
 
 
 @rule("stage", "ref_model_adapters", "ref_model", "pref_loss", "use_asft_loss", commands=("train", "eval"))

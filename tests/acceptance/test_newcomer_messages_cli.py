@@ -1,0 +1,82 @@
+"""Messages a newcomer met on a walk-through, each driven as typed (`python -m pipeline ...`) in a scratch folder:
+a missing local folder named like a hub id (`saves/sft`) is reported as missing here first, with the recipe that
+writes it, the hub only second; a real hub id (Org/Name) keeps the hub's message. Each: exit 2, no traceback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import refused, write_data, write_recipe
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """recipes/sft.yaml writes saves/sft (not trained); recipes/next.yaml continues its adapter; saves/ exists."""
+    write_data(tmp_path / "datasets")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "saves").mkdir()
+    write_recipe(tmp_path / "recipes" / "sft.yaml", model_name_or_path="tiny", output_dir="saves/sft")
+    write_recipe(tmp_path / "recipes" / "next.yaml", model_name_or_path="tiny", adapter_name_or_path="saves/sft",
+                 output_dir="saves/next")
+    return tmp_path
+
+
+WRITER = "(recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` first)"
+
+
+def test_a_missing_local_folder_shaped_like_a_hub_id_is_missing_here_first(workdir: Path):
+    err = refused("train", "recipes/next.yaml", cwd=workdir)
+    line = next(x for x in err.splitlines() if "adapter_name_or_path" in x)
+    assert line.startswith("error: recipes/next.yaml:"), err
+    first, hub = line.split("; only if 'saves/sft' is meant as a hub id: ")  # the hub comes second, once
+    assert first.endswith(f"adapter_name_or_path: directory 'saves/sft' does not exist here {WRITER}"), line
+    assert "hf download saves/sft" in hub, line
+
+
+@pytest.mark.parametrize("override, said", [
+    # model_name_or_path the same way
+    (("model_name_or_path=saves/sft", "adapter_name_or_path=null"),
+     f"model_name_or_path: directory 'saves/sft' does not exist here {WRITER}; only if 'saves/sft' is meant as a "
+     "hub id: "),
+    # no recipe writes it, but its first part (saves/) is a folder here: still missing here first
+    (("adapter_name_or_path=saves/other",),
+     "adapter_name_or_path: directory 'saves/other' does not exist here; if another recipe produces it, run that one "
+     "first; only if 'saves/other' is meant as a hub id: "),
+    # ./ is never a hub id: no hub hint at all, but the writer (an adapter folder was said to hold no config)
+    (("adapter_name_or_path=./saves/sft",),
+     f"adapter_name_or_path: directory 'saves/sft' does not exist here {WRITER}; expected an adapter directory"),
+], ids=["model", "under-saves", "dot-slash"])
+def test_other_local_looking_paths(workdir: Path, override: tuple[str, ...], said: str):
+    err = refused("train", "recipes/next.yaml", *override, cwd=workdir, as_typed=False)
+    assert said in err, err
+    assert "hub id" not in err or err.count("hf download") == 1, err
+
+
+def test_a_real_hub_id_keeps_the_hub_message(workdir: Path):
+    err = refused("train", "recipes/next.yaml", "model_name_or_path=Org/Name", "adapter_name_or_path=null",
+                  cwd=workdir, as_typed=False)
+    assert "model_name_or_path: 'Org/Name' is neither a local directory nor a cached hub snapshot" in err, err
+    assert "does not exist here" not in err, err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (("trian", "recipes/sft.yaml"), "argument command: invalid choice: 'trian' (did you mean 'train'?)"),
+    (("trian",), "argument command: invalid choice: 'trian' (did you mean 'train'?)"),  # before 'recipe: required'
+    (("xyz", "recipes/sft.yaml"), "argument command: invalid choice: 'xyz' (commands: build, validate, inspect, "),
+], ids=["typo", "typo-alone", "nothing-close"])
+def test_a_mistyped_command_is_one_line_with_the_closest_one(workdir: Path, argv: tuple[str, ...], said: str):
+    """In this process: tests/test_cli.py runs `python -m pipeline trian r.yaml` as typed."""
+    err = refused(*argv, cwd=workdir, as_typed=False)
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith(f"python -m pipeline: error: {said}"), err
+
+
+def test_every_message_names_a_command_line_override_as_typed(workdir: Path):
+    """The helper that names where a key was set (recipe.args.key_at / where, as the lock, the registry and the
+    bf16 notice use it) and the recipe rules say the same for the command line; key_at said `cli: output_dir: ...`."""
+    err = refused("train", "recipes/sft.yaml", "output_dir=/proc/x", cwd=workdir, as_typed=False)  # the lock's
+    assert err.startswith("error: command line override output_dir=/proc/x: output_dir: /proc/x cannot be created"), err
+    err = refused("validate", "recipes/sft.yaml", "lora_rank=0", cwd=workdir, as_typed=False)  # a rule's
+    assert err.startswith("error: command line override lora_rank=0: lora_rank: "), err
+    assert "cli:" not in err, err
