@@ -29,13 +29,14 @@ REPO = Path(__file__).resolve().parents[2]
     (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
                     learning_rate=3e-2)),
     # BAdam (use_badam) at ZeRO 0: both ranks switch to the same layer after the same steps, and DeepSpeed averages
-    # the gradients of the layer that requires them (every switch after step 1, 3: both layers train)
+    # the gradients of the layer that requires them (every switch after step 1, 3: both layers train); adam_epsilon
+    # 1e-6: each switch restarts the moments, where rounding near a zero gradient counts (check_two_ranks_follow_one_rank)
     # (a Llama: BAdam's blocks are the `layers.<i>.` of transformers' names, which the GPT-2 preset has not)
     # With use_asft_loss (LLaMA-Factory's ASFT: a mean per micro-batch, against a frozen copy of the starting
     # model), whose update averages micro-batch means, so the one-rank run takes the same micro-batches of 2 rows
     # (twice the accumulation): each rank's reference copy scores its own rows; eval batches of 2 rows likewise
     (BASE_SFT, dict(finetuning_type="full", zero_stage=0, use_badam=True, badam_switch_interval=2, llama=True,
-                    use_asft_loss=True, per_device_eval_batch_size=2)),
+                    adam_epsilon=1e-6, use_asft_loss=True, per_device_eval_batch_size=2)),
     # ASFT at ZeRO 3: the frozen reference is a DeepSpeed engine of its own, partitioned over the ranks and gathered
     # in each forward (preference._place), whose scores must be the whole starting model's on both ranks. The one-rank
     # run, at ZeRO 0 (a plain frozen copy; ZeRO 3 on one rank partitions nothing), is itself checked against
