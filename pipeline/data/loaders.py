@@ -22,9 +22,11 @@ input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_str
 """
 from __future__ import annotations
 
+import atexit
 import os
 import sys
-from typing import Any, Callable, Iterator
+import weakref
+from typing import Any, Callable, Generator, Iterator
 
 import numpy as np
 
@@ -72,13 +74,30 @@ def plan_batches(n: int, lengths: np.ndarray | None = None, *, batch_size: int, 
 
 
 def _leave_stops_to_training(worker_id: int) -> None:
-    """A DataLoader worker ignores Ctrl-C: the training process stops after its step and saves (pipeline.train.loop
-    .StopRequest), then ends its workers itself. A terminal's Ctrl-C reaches the whole process group, and each
-    worker, a fork with that handler, printed its notice too (five lines with LLaMA-Factory's 4 workers).
-    SIGTERM keeps torch's handler: multiprocessing ends workers with it when the process exits."""
+    """A DataLoader worker ignores Ctrl-C and SIGTERM: the training process stops after its step and saves
+    (pipeline.train.loop.StopRequest), then ends its workers itself (Loader.close). A terminal's Ctrl-C reaches the
+    whole process group, and so does a scheduler's SIGTERM (SLURM preemption, a Kubernetes stop, `kill -TERM --
+    -PGID`): a worker that died of it failed the run with torch's "DataLoader worker (pid N) is killed by signal:
+    Terminated" instead of the save; one that kept the handler it was forked with printed the stop notice again.
+    SIGKILL (the scheduler's escalation, the OOM killer) still ends a worker, and torch fails the run loudly."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+# The batch generators of this process whose DataLoader workers may be running, each with its Loader: Loader.close
+# ends a loader's, and an exit hook whatever the code that opened them left open (a worker ignores SIGTERM, and
+# multiprocessing's exit stops workers with it and waits for them: forever).
+_open_batches: "weakref.WeakKeyDictionary[Generator[dict, None, None], Loader]" = weakref.WeakKeyDictionary()
+_exit_hook = False
+
+
+def _close_open_batches(owner: "Loader | None" = None) -> None:
+    """Close the open batch generators of `owner` (all of them when None): each ends its workers (_from_workers)."""
+    for batches, loader in list(_open_batches.items()):
+        if owner is None or loader is owner:
+            batches.close()
 
 
 class Loader:
@@ -107,15 +126,40 @@ class Loader:
         return self.iter_from(0)
 
     def iter_from(self, start: int) -> Iterator[dict]:
-        """Batches from index `start` on (resume): the skipped ones are never built."""
+        """Batches from index `start` on (resume): the skipped ones are never built. With workers, closing the
+        generator (Loader.close, or dropping it) ends them at once."""
         if self.num_workers > 0:
-            import torch.utils.data
+            batches = self._from_workers(start)
+            _open_batches[batches] = self
+            return batches
+        return (self.batch(k) for k in range(start, len(self._plan)))
 
-            yield from torch.utils.data.DataLoader(_Batches(self, start), batch_size=None, shuffle=False,
-                                                   num_workers=self.num_workers, worker_init_fn=_leave_stops_to_training)
-            return
-        for k in range(start, len(self._plan)):
-            yield self.batch(k)
+    def _from_workers(self, start: int) -> Generator[dict, None, None]:
+        """torch's DataLoader over the same batches; its workers are shut down when the generator ends, however it
+        ends (exhausted, closed, an error), registered meanwhile so that close() and the exit hook can end it."""
+        global _exit_hook
+        import torch.utils.data
+
+        if not _exit_hook:  # after torch's own atexit hooks: run before them (LIFO), while shutting down still works
+            atexit.register(_close_open_batches)
+            _exit_hook = True
+        batches = iter(torch.utils.data.DataLoader(_Batches(self, start), batch_size=None, shuffle=False,
+                                                   num_workers=self.num_workers, worker_init_fn=_leave_stops_to_training))
+        try:
+            yield from batches
+        finally:  # GeneratorExit from close(), an exception, or the end: the workers are told to stop and joined
+            batches._shutdown_workers()  # torch's own shutdown, which its __del__ runs (at some later time)
+
+    def close(self) -> None:
+        """End the DataLoader workers of every batch generator of this loader still open (a stop or an error left
+        one suspended mid-epoch). The training process must do this itself: its workers ignore SIGTERM."""
+        _close_open_batches(self)
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def batch(self, k: int) -> dict:
         indices = self._plan[k]

@@ -160,7 +160,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     log = TrainLog(output_dir, enabled=dist.is_main(), resume_step=resume_step,
                    reporters=Reporters(r["report_to"], r.to_dict(), output_dir, enabled=dist.is_main(),
                                        resume_step=resume_step, run_name=r["run_name"]))
-    with one_step or StopRequest() as stop:
+    # the loaders inside the stop's scope: however the run ends, their DataLoader workers (which leave a SIGTERM or
+    # Ctrl-C to this process) are ended before the handlers are given back
+    with one_step or StopRequest() as stop, loader, val_loader or contextlib.nullcontext():
         evaluate_now = None
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective

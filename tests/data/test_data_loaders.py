@@ -201,15 +201,69 @@ def test_disable_shuffling_reads_the_train_split_in_order_every_epoch(sft_recipe
 
 
 
-def _ignores_sigint(process) -> bool:
-    """Whether `process` (alive) ignores SIGINT, from the kernel's SigIgn mask in /proc/<pid>/status (Linux)."""
-    import signal
-
+def _ignores(process, signum: int = 2) -> bool:
+    """Whether `process` (alive) ignores `signum` (SIGINT), from the kernel's SigIgn mask in /proc/<pid>/status
+    (Linux)."""
     from pathlib import Path
 
     status = Path(f"/proc/{process.pid}/status").read_text(encoding="ascii")
     mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
-    return bool(int(mask, 16) >> (signal.SIGINT - 1) & 1)
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def _workers_started(loader) -> tuple[object, list]:
+    """A batch iterator of `loader` (2 DataLoader workers) past its first batch, and its workers, each past its
+    start-up (worker_init_fn run: the fix, when there is one, in place)."""
+    import multiprocessing
+    import signal
+    import time
+
+    loader.num_workers = 2
+    batches = iter(loader)
+    next(batches)
+    children = multiprocessing.active_children()
+    deadline = time.monotonic() + 2
+    while not all(_ignores(c, signal.SIGTERM) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return batches, children
+
+
+def test_workers_leave_sigterm_to_training_which_ends_them_with_close(sft_recipe):
+    """A job-wide SIGTERM (a scheduler's preemption signals the whole process group) reaches the DataLoader workers:
+    they ignore it and go on serving batches while training saves; then Loader.close ends them at once (torch's
+    shutdown: told to stop, joined), since multiprocessing's exit would wait forever for a worker that ignores
+    the SIGTERM it stops workers with. Before, the workers died of it and training failed with torch's "DataLoader
+    worker (pid N) is killed by signal: Terminated"."""
+    import os
+    import signal
+
+    with sft_loader(data_args(sft_recipe), "train") as loader:
+        batches, workers = _workers_started(loader)
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+        assert next(batches)["input_ids"].shape[0] == 4  # still served
+    assert not any(w.is_alive() for w in workers)  # ended by close(), not left to exit
+    assert next(batches, None) is None
+
+
+def test_a_worker_killed_by_sigkill_still_fails_loudly(sft_recipe):
+    """SIGKILL (the scheduler's escalation, the OOM killer) cannot be ignored: the next batches fail (torch's error
+    names the worker), and closing the loader after it does not hang on the dead workers."""
+    import os
+    import signal
+
+    with sft_loader(data_args(sft_recipe), "train") as loader:
+        batches, workers = _workers_started(loader)
+        # torch's error; or, fetching a batch a dead worker had queued (its tensors shared by a file descriptor that
+        # the worker was to hand over), the connection's
+        with pytest.raises((RuntimeError, ConnectionError)) as failure:
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGKILL)  # torch's SIGCHLD handler may raise right here
+            list(batches)
+        assert isinstance(failure.value, ConnectionError) or "DataLoader worker (pid" in str(failure.value)
+    assert not any(w.is_alive() for w in workers)
+
 
 def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(make_recipe, capfd, monkeypatch):
     """LLaMA-Factory's examples set dataloader_num_workers: 4; on a machine with fewer CPUs torch warns twice an epoch
@@ -248,7 +302,7 @@ def test_more_workers_than_cpus_is_one_notice_not_torchs_warning_every_epoch(mak
                 got = [next(batches)["input_ids"]]
                 children = multiprocessing.active_children()  # the DataLoader's workers, mid-epoch
                 deadline = time.monotonic() + 2  # each past its start-up (the fix, when there is one, is in place)
-                while not all(map(_ignores_sigint, children)) and time.monotonic() < deadline:
+                while not all(map(_ignores, children)) and time.monotonic() < deadline:
                     time.sleep(0.01)
                 for child in children:
                     os.kill(child.pid, signal.SIGINT)

@@ -198,23 +198,31 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
-    recipe = write_recipe(workdir / "long.yaml", max_steps=400, save_steps=1000, eval_steps=None)
+    """A job-wide SIGTERM (SLURM preemption, a Kubernetes stop, `kill -TERM -- -PGID`): the whole process group gets
+    it, DataLoader workers too (dataloader_num_workers: LLaMA-Factory's examples set 4). The workers leave the stop to
+    training, which saves and ends them; before, they died of it and the run failed with torch's "DataLoader worker
+    (pid N) is killed by signal: Terminated" traceback instead of saving."""
+    from tests.ports import end_job, start_job
+
+    recipe = write_recipe(workdir / "long.yaml", max_steps=400, save_steps=1000, eval_steps=None,
+                          dataloader_num_workers=2)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # a plain `python -m pipeline train` sets its own
     subprocess.run([sys.executable, "-m", "pipeline", "build", str(recipe)], cwd=workdir, env=env, check=True,
                    capture_output=True)
     log = workdir / "saves" / "cli" / "trainer_log.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(recipe)], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_job([sys.executable, "-m", "pipeline", "train", str(recipe)], cwd=workdir, env=env)  # its own group
+    job: list = []
     try:
         assert wait_for(lambda: len(read_log(log)) >= 2 or proc.poll() is not None, 240), "training never started"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        job = workers_of(proc.pid)
+        assert job, "no DataLoader worker running"
+        os.killpg(proc.pid, signal.SIGTERM)
+    finally:  # a hang at exit (workers waited for, never told to stop) fails here, every process of the job stopped
+        err = end_job(proc, timeout=240).stderr
     assert proc.returncode == 143, err[-2000:]
+    assert not [p for p in job if p.is_running() and p.status() != "zombie"], "a DataLoader worker outlived the run"
     saved = checkpoint.list_checkpoints(workdir / "saves" / "cli")
     assert len(saved) == 1 and checkpoint.problems_with(saved[0]) == []
     step = checkpoint.step_of(saved[0])
@@ -224,6 +232,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
     # it continues from there (max_steps may change on resume: two more steps keep the test short)
     assert main(["train", str(recipe), "resume_from_checkpoint=latest", f"max_steps={step + 2}"]) == 0
     assert [rec["step"] for rec in read_log(log)][-3:] == [step, step + 1, step + 2]
+
+
+def workers_of(pid: int) -> list:
+    """The processes below `pid` (a one-rank run's: its DataLoader workers), as psutil.Process objects."""
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
 
 
 def test_ctrl_c_asks_for_a_clean_stop_and_a_second_one_interrupts():
