@@ -119,7 +119,7 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
                               ("./models/gpt", " (did you mean './models/gpt2'?)", path),
                               ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)", path),
                               ("models/gpt", " (did you mean 'models/gpt2'?)",
-                               "it reads as a local path (models/ is a folder here) and is not in the hub cache, "
+                               "it reads as a local path (under models/) and is not in the hub cache, "
                                "so train downloads it if it is a hub id and otherwise refuses it")):
         out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path, as_typed=model == typo).stdout
         assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder "
