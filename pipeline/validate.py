@@ -51,17 +51,18 @@ def apply_length_policy(data: DataArgs) -> None:
 
 
 def missing_model_note(r: Resolved) -> str:
-    """A note when model_name_or_path is a path (not a preset, not an `org/name` hub id, or one whose first folder is
-    here: pipeline.model.hub.looks_local) that does not exist and that no recipe in scope (pipeline.recipe.siblings)
-    produces: validate lets a missing model pass (an upstream run may make it), but train refuses this one, and
-    calling it a hub id that train downloads would be wrong. "" otherwise."""
+    """A note when model_name_or_path is a path (not a preset, not an `org/name` hub id, or one that reads as local,
+    pipeline.model.hub.looks_local, and is not in the hub cache) that does not exist and that no recipe in
+    scope (pipeline.recipe.siblings) produces: validate lets a missing model pass (an upstream run may make it), but
+    train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise: a cached
+    `Qwen/Qwen3-0.6B` is what train loads even where a Qwen/ folder sits beside the recipe."""
     from pipeline.model.config import PRESETS
     from pipeline.model.hub import is_hub_id, looks_local
     from pipeline.recipe.siblings import producer
 
     model = str(r["model_name_or_path"])
     path = Path(model).expanduser()
-    if model in PRESETS or (is_hub_id(model) and not looks_local(model)) or path.exists() or \
+    if model in PRESETS or (is_hub_id(model) and (not looks_local(model) or cached(model))) or path.exists() or \
             producer(r.recipe_path, model):
         return ""
     shown = os.path.dirname(model) or "."
@@ -69,10 +70,23 @@ def missing_model_note(r: Resolved) -> str:
     if not hint and model.startswith("./") and is_hub_id(model[2:]):
         hint = f" (a hub id is written without './': {model[2:]})"
     what = ("it is a path, not a hub id (org/name), so train will refuse it" if not is_hub_id(model) else
-            f"it reads as a local path ({model.split('/')[0]}/ is a folder here), so train reports it missing here "
-            "before it tries the hub")
+            f"it reads as a local path (under {model.split('/')[0]}/) and is not in the hub cache, so "
+            "train downloads it if it is a hub id and otherwise refuses it")
     return (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder or "
             f"under the working directory produces it; {what}: fix the path, or run the recipe that writes it first")
+
+
+def cached(model: str) -> bool:
+    """Whether the hub id `model` is in the hub cache (what train loads then, with no network): resolve_model_path
+    without a download, the one place that reads the cache."""
+    from pipeline.errors import UserError
+    from pipeline.model.hub import resolve_model_path
+
+    try:
+        resolve_model_path(model, download=False)
+    except UserError:
+        return False
+    return True
 
 
 def checkpoints_beside(model: str) -> list[str]:

@@ -52,12 +52,19 @@ def download_command(repo_id: str, revision: str | None = None) -> str:
     return f"hf download {repo_id}{rev} {include}"
 
 
+# First folders that name a place on this machine even before they exist: saves/, where runs write, and models/, where
+# docs/training.md and the example recipes (recipes/examples/gpt2_*.yaml: models/gpt2) put downloaded checkpoints
+# (and no hub namespace: huggingface.co/models is the hub's list of models)
+LOCAL_FOLDERS = ("saves", "models")
+
+
 def looks_local(name: str) -> bool:
     """Whether a name shaped like a hub id (`saves/sft`) reads as a local path: its first part is a folder here, or
-    it lies under saves/, where runs write. Such a name that is neither here nor cached is first of all a missing
-    folder (a run not trained yet, a typo), and only then perhaps a hub id: the message says so in that order."""
+    one of LOCAL_FOLDERS. Such a name that is neither here nor cached is first of all a missing folder (a run not
+    trained yet, a checkpoint not downloaded yet, a typo), and only then perhaps a hub id: the message says so in
+    that order."""
     first = name.split("/", 1)[0]
-    return first == "saves" or os.path.isdir(first)
+    return first in LOCAL_FOLDERS or os.path.isdir(first)
 
 
 def missing_here(name: str, writer: str = "") -> str:

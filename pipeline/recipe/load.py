@@ -403,9 +403,11 @@ def _not_a_recipe(file: str) -> str:
     if os.path.exists(file):
         return f"{file}: recipe not found"
     folder = os.path.dirname(file)
-    siblings = [os.path.join(folder, n) for n in os.listdir(folder or ".") if n.endswith((".yaml", ".yml"))] \
+    siblings = [n for n in os.listdir(folder or ".") if n.endswith((".yaml", ".yml"))] \
         if os.path.isdir(folder or ".") else []
-    return f"{file}: recipe not found (looked in {os.path.abspath(file)}){did_you_mean(file, siblings)}"
+    # names compared alone (whole paths sharing a long folder were all 'close'), shown with the folder as typed
+    hint = did_you_mean(os.path.basename(file), siblings, show=lambda name: os.path.join(folder, name))
+    return f"{file}: recipe not found (looked in {os.path.abspath(file)}){hint}"
 
 
 def load_chain(path: str | os.PathLike[str]) -> Chain:

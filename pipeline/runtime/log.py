@@ -133,20 +133,20 @@ class TrainLog:
 
 
 def progress_eta(bar: Any) -> float | None:
-    """The seconds left as the progress bar shows them, or None where it shows none (a disabled bar: ranks past 0).
+    """The seconds left as the progress bar shows them, or None where it shows none (a disabled bar: ranks past 0;
+    no rate yet; no total).
 
     The one ETA estimator of a run: the log line's `eta` (trainer_log.jsonl, console) is this, so the two never
     disagree. tqdm's rate is an exponential moving average of the recent steps/s (smoothing 0.3), which follows a
-    change of load; the log's mean over the whole run did not (0:03:05 beside the bar's 10:12 at one step). Re-typed
-    from tqdm 4.70 std.py, tqdm.format_meter: `rate = (n - initial) / elapsed` when the average has no sample yet,
-    `remaining = (total - n) / rate`."""
+    change of load; the log's mean over the whole run did not (0:03:05 beside the bar's 10:12 at one step). Asked of
+    tqdm itself (format_meter's `remaining_s`; `remaining` is '?' where it has no rate), not re-typed from it."""
     info = bar.format_dict
-    rate, elapsed = info.get("rate"), info.get("elapsed")
-    if rate is None and elapsed:
-        rate = (info["n"] - (info.get("initial") or 0)) / elapsed
-    if not rate or not info.get("total"):
+    if not info.get("total"):
         return None
-    return (info["total"] - info["n"]) / rate
+    # ncols None: the bar's width (dynamic_ncols: the terminal's) would cut the line short
+    asked = {**info, "bar_format": "{remaining}\t{remaining_s}", "ncols": None}
+    shown, seconds = bar.format_meter(**asked).split("\t")
+    return None if shown == "?" else float(seconds)
 
 
 def _hms(seconds: float) -> str:

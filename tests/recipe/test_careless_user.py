@@ -119,8 +119,8 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
                               ("./models/gpt", " (did you mean './models/gpt2'?)", path),
                               ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)", path),
                               ("models/gpt", " (did you mean 'models/gpt2'?)",
-                               "it reads as a local path (models/ is a folder here), so train reports it missing "
-                               "here before it tries the hub")):
+                               "it reads as a local path (under models/) and is not in the hub cache, "
+                               "so train downloads it if it is a hub id and otherwise refuses it")):
         out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path, as_typed=model == typo).stdout
         assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder "
                 f"or under the working directory produces it; {what}") in out, out
@@ -129,6 +129,17 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,
                    env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
     assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
+    # a Qwen/ folder beside the recipe (another model fetched by hand): a cached Qwen/Qwen3-0.6B is what train loads,
+    # no note; it said 'does not exist ... train reports it missing here before it tries the hub: fix the path'
+    (tmp_path / "Qwen" / "Qwen2.5-0.5B").mkdir(parents=True)
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}", encoding="utf-8")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("c" * 40, encoding="utf-8")
+    out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path, as_typed=False,
+                   env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
+    assert "does not exist" not in out and "train reports it missing" not in out, out
 
 
 def test_validate_applies_the_length_policy_as_train_does(tmp_path):

@@ -249,6 +249,18 @@ def test_a_missing_recipe(tmp_path):
     assert exc.value.messages == [f"nope.yaml: recipe not found (looked in {tmp_path / 'nope.yaml'})"]
 
 
+def test_a_missing_recipe_under_a_long_folder_gets_only_a_close_name(tmp_path):
+    """The recipe names are compared, not whole paths: under a long folder every sibling was 'close' to any name
+    (zzzz.yaml got 'did you mean .../demo_pt.yaml'), as validate's model folders were (errors.did_you_mean's show=)."""
+    folder = tmp_path / "a_rather_long_folder_name" / "recipes"
+    folder.mkdir(parents=True)
+    (folder / "demo_pt.yaml").write_text("model_name_or_path: tiny\n")
+    for given, hint in (("zzzz.yaml", ""), ("demo_p.yaml", f" (did you mean '{folder / 'demo_pt.yaml'}'?)")):
+        with pytest.raises(UserError) as exc:
+            resolve(str(folder / given))
+        assert exc.value.messages == [f"{folder / given}: recipe not found (looked in {folder / given}){hint}"]
+
+
 def test_json_dump_of_ds_config_is_valid(recipe):
     """The DeepSpeed JSON survives a strict JSON round trip (no NaN/Infinity, no Python-only values) unchanged,
     and DeepSpeed's own config reader accepts it with the recipe's batch layout."""

@@ -80,4 +80,6 @@ def test_progress_eta_is_what_the_bar_shows():
         bar.update(1)
     assert progress_eta(bar) == pytest.approx(ETA_AT_6)
     assert f"<{Bar.format_interval(ETA_AT_6)}," in str(bar)  # tqdm's own rendering: '[00:14<00:13, ...'
+    bar.ncols = 8  # a narrow terminal (dynamic_ncols): tqdm cuts its line to 8 characters, the eta stays
+    assert progress_eta(bar) == pytest.approx(ETA_AT_6)
     assert progress_eta(Bar(total=10, disable=True)) is None  # ranks past 0 show no bar
