@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             # one writer per output directory; a build that train/eval run themselves (overwrite_cache) waits for
             # one under way (another rank of the job, a `make data`) and then finds it current
             wait = command == "build" and args.command != "build"
-            with holding(lock_targets(command, resolved), what, wait):
+            # every other command writes into its folders: one it may not write is refused now, before the model
+            # loads (a build may only read an up-to-date dataset in a read-only place)
+            with holding(lock_targets(command, resolved), what, wait, writes=command != "build"):
                 code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break

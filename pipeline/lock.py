@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -73,15 +74,48 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+def _cannot_write(target: Path, at: str | None, err: OSError) -> UserError:
+    """The refusal of an output directory this user may not write (no write permission, a read-only or full disk,
+    /proc), one message whether it is still to be created (its lock file, beside it, could not be) or already there
+    and takes no new file (_probe): said before the model loads, not as a traceback from the first mkdir or as
+    'resolved.yaml: cannot be written here' after the load."""
+    where = f"{at}: " if at else ""
+    verb = "written" if target.is_dir() else "created"
+    return UserError(f"{where}{target} cannot be {verb}: {err.strerror} ({err.filename}); choose a directory this "
+                     "user may write, or make that one writable")
+
+
+def _probe(folder: Path) -> None:
+    """OSError unless this user may create files in the existing `folder`: os.access for a folder without write
+    permission, then a real file created and removed at once, since os.access says yes to root on a read-only
+    mount (and to anyone on /proc-like file systems that refuse new files)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    except OSError as err:  # named by the folder, not by the probe's random name
+        raise OSError(err.errno, err.strerror, str(folder)) from None
+    os.close(fd)
+    os.unlink(name)
+
+
 @contextlib.contextmanager
-def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool = False) -> Iterator[Path]:
+def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool = False,
+              writes: bool = False) -> Iterator[Path]:
     """Hold the lock on `target` (a directory, existing or not) for the block; UserError when another live run
     holds it. `what` is the command in words (`train recipes/x.yaml`), written for whoever comes second;
     `at` says where `target` came from (`recipes/x.yaml:7: output_dir`). wait=True waits for the holder instead
     (saying so once): for work that is the same whoever does it, such as a rebuild that the other ranks of a job
-    or a `make data` in another terminal may be doing already."""
+    or a `make data` in another terminal may be doing already. writes=True: the command writes into `target`
+    (train's output_dir, merge's and export's folders), so an existing one this user may not write is refused
+    here too; a build may only read an up-to-date dataset in a read-only place."""
     target = Path(target)
     path = lock_path(target)
+    if writes and target.is_dir():
+        try:
+            _probe(target)
+        except OSError as err:
+            raise _cannot_write(target, at, err) from None
     created = _missing_parents(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,14 +126,13 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
             where = f"{at}: " if at else ""
             raise UserError(f"{where}{target} cannot be created: {blocker[0]} is {blocker[1]}, not a directory; "
                             f"move it away or choose another directory") from None
-        where = f"{at}: " if at else ""
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not target.is_dir():
             # nowhere to write the directory itself either (a folder without write permission, a read-only disk,
-            # a full one, /proc): said here, before the model loads, not as a traceback from the first mkdir
-            raise UserError(f"{where}{target} cannot be created: {err.strerror} ({err.filename}); choose a "
-                            f"directory this user may write, or make that one writable") from None
-        # an existing directory in a read-only place (a shared, already built dataset folder): a run that only
-        # reads it needs no guard; a write it does attempt fails with its own message
+            # a full one, /proc)
+            raise _cannot_write(target, at, err) from None
+        # an existing directory in a read-only place: a shared, already built dataset folder, which a run that
+        # only reads needs no guard for, or (writes, probed above) an output folder this user may write inside a
+        # folder they may not, where the lock has no place: the run goes on without it
         yield path
         return
     said = False
@@ -146,10 +179,10 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
 
 
 @contextlib.contextmanager
-def holding(targets: Iterable[tuple[Path, str]], what: str, wait: bool = False) -> Iterator[None]:
+def holding(targets: Iterable[tuple[Path, str]], what: str, wait: bool = False, writes: bool = False) -> Iterator[None]:
     """The locks on every (directory, where its name came from) of `targets`, for the duration of the block
-    (`pipeline.__main__.lock_targets` says which directories each command writes); wait: see exclusive."""
+    (`pipeline.__main__.lock_targets` says which directories each command writes); wait, writes: see exclusive."""
     with contextlib.ExitStack() as stack:
         for target, at in sorted(set(targets)):
-            stack.enter_context(exclusive(target, what, at, wait))
+            stack.enter_context(exclusive(target, what, at, wait, writes))
         yield

@@ -86,6 +86,41 @@ def test_an_output_directory_this_user_cannot_create(tmp_path):
     assert not (tmp_path / "saves").exists()
 
 
+def test_an_existing_output_directory_this_user_cannot_write(tmp_path, monkeypatch):
+    """output_dir already there but taking no new file (a read-only mount, a folder without write permission) passed
+    the lock, and train went on to load the model and stop at 'resolved.yaml: cannot be written here'. Now the lock
+    refuses it as it refuses a folder it cannot create, and nothing is written. As another user, 0555 folders as
+    typed; as root, who writes anywhere and whom os.access answers yes on a read-only mount, a folder that refuses
+    new files (EROFS, as such a mount does) in this process."""
+    write_data(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    pipeline("build", recipe, cwd=tmp_path, as_typed=False)  # so that train, before, reached the model
+    for name in ("ro", "locked/run"):
+        (tmp_path / name).mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    if os.geteuid() != 0:
+        (tmp_path / "locked").chmod(0o555)
+        (tmp_path / "ro").chmod(0o555)
+        cases = [("ro", True), ("locked/run", False)]
+    else:
+        import errno
+        real_open = os.open
+
+        def read_only(path, flags, *args, **kwargs):  # what a read-only mount answers root too
+            if Path(path).parent in (tmp_path / "ro", tmp_path / "locked" / "run") and flags & os.O_CREAT:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", read_only)
+        cases = [("ro", False), ("locked/run", False)]
+    for value, as_typed in cases:
+        err = refused("train", recipe, f"output_dir={value}", cwd=tmp_path, as_typed=as_typed)
+        assert err.startswith(f"error: command line override output_dir={value}: output_dir: {value} cannot be "
+                              f"written: "), err
+        assert f"({value}); choose a directory this user may write, or make that one writable" in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    (tmp_path / "locked").chmod(0o755)
+
+
 def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
     """LLaMA-Factory's merge_lora recipe (export_dir, adapter_name_or_path, no dataset) run with `make train` or
     `build`: "dataset: missing" alone sent the user to add a dataset; the message now names the verb that runs it."""
