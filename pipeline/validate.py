@@ -57,7 +57,7 @@ def missing_model_note(r: Resolved) -> str:
     train refuses this one, and calling it a hub id that train downloads would be wrong. "" otherwise: a cached
     `Qwen/Qwen3-0.6B` is what train loads even where a Qwen/ folder sits beside the recipe."""
     from pipeline.model.config import PRESETS
-    from pipeline.model.hub import is_hub_id, looks_local
+    from pipeline.model.hub import is_hub_id, local_only, looks_local
     from pipeline.recipe.siblings import producer
 
     model = str(r["model_name_or_path"])
@@ -69,9 +69,10 @@ def missing_model_note(r: Resolved) -> str:
     hint = did_you_mean(path.name, checkpoints_beside(model), show=lambda name: os.path.join(shown, name))
     if not hint and model.startswith("./") and is_hub_id(model[2:]):
         hint = f" (a hub id is written without './': {model[2:]})"
+    under = f"it reads as a local path (under {model.split('/')[0]}/)"  # saves/, models/: never asked of the hub
     what = ("it is a path, not a hub id (org/name), so train will refuse it" if not is_hub_id(model) else
-            f"it reads as a local path (under {model.split('/')[0]}/) and is not in the hub cache, so "
-            "train downloads it if it is a hub id and otherwise refuses it")
+            f"{under}, so train will refuse it" if local_only(model) else
+            f"{under} and is not in the hub cache, so train downloads it if it is a hub id and otherwise refuses it")
     return (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder or "
             f"under the working directory produces it; {what}: fix the path, or run the recipe that writes it first")
 

@@ -58,13 +58,19 @@ def download_command(repo_id: str, revision: str | None = None) -> str:
 LOCAL_FOLDERS = ("saves", "models")
 
 
+def local_only(name: str) -> bool:
+    """Whether a name shaped like a hub id is under one of LOCAL_FOLDERS (`saves/sft`, `models/gpt2`): a path on this
+    machine and nothing else, so the hub is never asked for it (a network call, or a long wait offline, to end in a
+    message that offers `hf download models/gpt2`)."""
+    return name.split("/", 1)[0] in LOCAL_FOLDERS
+
+
 def looks_local(name: str) -> bool:
     """Whether a name shaped like a hub id (`saves/sft`) reads as a local path: its first part is a folder here, or
     one of LOCAL_FOLDERS. Such a name that is neither here nor cached is first of all a missing folder (a run not
-    trained yet, a checkpoint not downloaded yet, a typo), and only then perhaps a hub id: the message says so in
-    that order."""
-    first = name.split("/", 1)[0]
-    return first in LOCAL_FOLDERS or os.path.isdir(first)
+    trained yet, a checkpoint not downloaded yet, a typo), and only then perhaps a hub id (`Qwen/...` beside a Qwen/
+    folder): the message says so in that order; under LOCAL_FOLDERS (local_only) it is a missing folder alone."""
+    return local_only(name) or os.path.isdir(name.split("/", 1)[0])
 
 
 def missing_here(name: str, writer: str = "") -> str:
@@ -76,14 +82,17 @@ def missing_here(name: str, writer: str = "") -> str:
 def resolve_model_path(name_or_path: str | Path, revision: str | None = None, key: str = "model_name_or_path",
                        download: bool = True, writer: str = "") -> Path:
     """A local directory for a path or hub id; hub ids are fetched (or, offline or with download=False,
-    found) in the HF cache. A hub-id-shaped name found nowhere that looks local (looks_local), or that `writer`
-    (the recipe layer's ` (recipes/x.yaml writes it ...)`) says a recipe writes, is reported as a missing local
-    folder first, the hub as the second possibility."""
+    found) in the HF cache. A hub-id-shaped name under saves/ or models/ that is not there (local_only) is a
+    missing local folder, the hub not asked; one found nowhere that otherwise looks local (looks_local), or that
+    `writer` (the recipe layer's ` (recipes/x.yaml writes it ...)`) says a recipe writes, is reported as a missing
+    local folder first, the hub as the second possibility."""
     name = str(name_or_path)
     if not is_hub_id(name):
         path = Path(name).expanduser()
         _refuse_cache_folder(path, key)
         return path
+    if local_only(name):  # saves/sft not trained yet, models/gpt2 not downloaded yet: no hub id, the hub not asked
+        raise UserError(f"{key}: {missing_here(name, writer)}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)

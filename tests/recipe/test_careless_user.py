@@ -142,6 +142,7 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     models/tmq: under /tmp, 'did you mean /tmp/.../tmp'). A name shaped like org/name whose first folder is here
     (models/gpt) is a local path too (pipeline.model.hub.looks_local)."""
     write_data(tmp_path / "data")
+    (tmp_path / "Qwen").mkdir()  # a folder of that first name: Qwen/... may still be a hub id
     (tmp_path / "models" / "gpt2").mkdir(parents=True)
     (tmp_path / "models" / "gpt2" / "config.json").write_text("{}", encoding="utf-8")
     (tmp_path / "models" / "tmp").mkdir()  # a folder, not a checkpoint: never suggested
@@ -153,15 +154,16 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
                               (str(tmp_path / "models" / "tmq"), "", path),
                               ("./models/gpt", " (did you mean './models/gpt2'?)", path),
                               ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)", path),
-                              ("models/gpt", " (did you mean 'models/gpt2'?)",
-                               "it reads as a local path (under models/) and is not in the hub cache, "
-                               "so train downloads it if it is a hub id and otherwise refuses it")):
+                              ("models/gpt", " (did you mean 'models/gpt2'?)",  # the hub is never asked for it
+                               "it reads as a local path (under models/), so train will refuse it"),
+                              ("Qwen/Qwen3-0.6B", "", "it reads as a local path (under Qwen/) and is not in the hub "
+                               "cache, so train downloads it if it is a hub id and otherwise refuses it")):
         out = pipeline("validate", recipe, f"model_name_or_path={model}", cwd=tmp_path, as_typed=model == typo).stdout
         assert (f"note: model_name_or_path: directory '{model}' does not exist{hint}, and no recipe in its folder "
                 f"or under the working directory produces it; {what}") in out, out
         assert "hub id is downloaded" not in out
     assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path, as_typed=False)
-    out = pipeline("validate", recipe, "model_name_or_path=Qwen/Qwen3-0.6B", cwd=tmp_path,
+    out = pipeline("validate", recipe, "model_name_or_path=Org/Name", cwd=tmp_path,
                    env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
     assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
     # a Qwen/ folder beside the recipe (another model fetched by hand): a cached Qwen/Qwen3-0.6B is what train loads,

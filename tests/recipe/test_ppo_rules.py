@@ -23,8 +23,7 @@ PPO = "stage: ppo\nreward_model: saves/rm\n"
 @pytest.mark.parametrize("lines, command, said", [
     ("stage: ppo\n", None, "r.yaml:5:8: stage: ppo needs reward_model: a stage rm run's output_dir"),
     (PPO, "train", "r.yaml:6:15: reward_model: directory 'saves/rm' does not exist here; if another recipe produces "
-                   "it, run that one first; only if 'saves/rm' is meant as a hub id: 'saves/rm' is neither a local "
-                   "directory nor a cached hub snapshot"),
+                   "it, run that one first"),  # under saves/: the hub is not asked (it said 'only if ... a hub id')
     ("stage: ppo\nreward_model: saves/llama/rm\n", "train",
      "r.yaml:6:15: reward_model: directory 'saves/llama/rm' does not exist here"),
     (PPO + "num_beams: 3\n", None, "r.yaml:7:12: num_beams: given 3 with stage ppo: stage ppo's rollouts are one "
