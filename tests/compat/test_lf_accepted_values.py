@@ -210,6 +210,9 @@ def test_model_revision_main_is_accepted_and_another_points_at_the_snapshot_fold
     assert f"{snapshot.parent}/<commit> (the commit is in {snapshot.parents[1] / 'refs/v2'}" in failed.stderr
     failed = pipeline("validate", recipe, "model_revision=v1", cwd=work, env=env, expect=2, as_typed=False)
     assert "model_name_or_path 'tiny' is not a hub id (a directory or preset has no revisions)" in failed.stderr
+    failed = pipeline("validate", recipe, "model_name_or_path=models/gpt2", "model_revision=v1", cwd=work, env=env,
+                      expect=2, as_typed=False)  # a folder under models/, where checkpoints go: no hub download
+    assert "model_name_or_path 'models/gpt2' is not a hub id" in failed.stderr and "hf download" not in failed.stderr
     pipeline("validate", recipe, f"model_name_or_path={snapshot}", cwd=work, env=env, as_typed=False)  # the advice works
 
 

@@ -76,9 +76,9 @@ def main_revision_only(ctx: Context) -> list[tuple[str, str]]:
     revision, name = ctx.values["model_revision"], ctx.values["model_name_or_path"]
     if revision == "main":
         return []
-    from pipeline.model.hub import cache_dir, download_command, is_hub_id
+    from pipeline.model.hub import cache_dir, download_command, is_hub_id, local_only
 
-    if not is_hub_id(name):
+    if not is_hub_id(name) or local_only(name):  # models/gpt2: never `hf download models/gpt2 --revision ...`
         return [("model_revision", f"given {revision!r}, but model_name_or_path {name!r} is not a hub id (a "
                                    "directory or preset has no revisions): remove model_revision")]
     repo = cache_dir() / f"models--{name.replace('/', '--')}"
