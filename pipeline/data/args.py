@@ -77,8 +77,9 @@ class DataArgs:
     add_special_tokens: str | Sequence[str] | None = None
     new_special_tokens_config: str | None = None
     split_special_tokens: bool = False  # every special token literal in user text (Tokenizer.split_special)
-    # Where `dataset` / `eval_dataset` were set ("recipes/x.yaml:5"), for messages that name the recipe line.
-    where: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
+    # How a message names `dataset` / `eval_dataset` where they were set (recipe.args.key_at: "recipes/x.yaml:5:10:
+    # dataset", "command line override eval_dataset=x: eval_dataset"), as every message names a recipe key.
+    named: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
 
     @property
     def form(self) -> str:
@@ -97,6 +98,7 @@ class DataArgs:
 
         return recipe_template(self.template, self.default_system)
 
-    def source(self, key: str) -> str:
-        """Where a recipe key was set, or `recipe key 'KEY'` when unknown (a plain mapping in tests)."""
-        return self.where.get(key, f"recipe key '{key}'")
+    def names(self, key: str) -> str:
+        """How a message names recipe key `key`: `recipes/x.yaml:5:10: dataset`, or the bare key when it is not known
+        where it was set (DataArgs made without data_args)."""
+        return self.named.get(key, key)

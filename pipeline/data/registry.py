@@ -247,7 +247,7 @@ def resolve_datasets(data: DataArgs, key: str = "dataset") -> list[DatasetSpec]:
             known = ", ".join(entries) or "none"
             if len(entries) > 20:
                 known = ", ".join(list(entries)[:20]) + f", ... ({len(entries)} in all)"
-            problems.append(f"{data.source(key)}: dataset '{name}' is not in {shown}"
+            problems.append(f"{data.names(key)}: dataset '{name}' is not in {shown}"
                             f"{did_you_mean(name, entries)}; registered: {known}")
             continue
         if registry.problems.get(name):

@@ -280,21 +280,6 @@ def train_args(r: Mapping[str, Any]) -> TrainArgs:
     return from_recipe(TrainArgs, r)
 
 
-def where(r: Mapping[str, Any], *keys: str) -> dict[str, str]:
-    """Where each key was set (`recipes/x.yaml:5`, `command line override key=value`, 'default': Origin.cited), for
-    a resolved recipe; {} for a plain dict."""
-    origin = getattr(r, "origin", None)
-    if not callable(origin):
-        return {}
-    found = {}
-    for key in keys:
-        try:
-            found[key] = origin(key).cited
-        except Exception:  # a key without provenance: messages fall back to "recipe key 'KEY'"
-            pass
-    return found
-
-
 def key_at(r: Mapping[str, Any], key: str) -> str:
     """`recipes/x.yaml:12: key` when the value came from a file, `command line override key=value: key` from the
     command line (the wording of every rule's message, Origin.cited), else `key`: how a message names a recipe key."""
@@ -310,7 +295,8 @@ def data_args(r: Mapping[str, Any]) -> DataArgs:
     from pipeline.recipe.deps import tokenizer_source
 
     source = tokenizer_source(r)
-    return dataclasses.replace(from_recipe(DataArgs, r), where=where(r, "dataset", "eval_dataset"),
+    named = {key: key_at(r, key) for key in ("dataset", "eval_dataset")}  # the registry's messages name them
+    return dataclasses.replace(from_recipe(DataArgs, r), named=named,
                                tokenizer_name_or_path=None if source == r.get("model_name_or_path") else source)
 
 

@@ -100,9 +100,27 @@ def test_unknown_dataset_name_suggests(r):
     path = write_registry(r, json.dumps({"demo": {"file_name": "raw/a.jsonl"}}))
     r["dataset"] = ["demo", "dmeo2"]
     r["eval_dataset"] = ["deno"]
-    assert errors(r) == [f"recipe key 'dataset': dataset 'dmeo2' is not in {path} (did you mean 'demo'?); "
-                         "registered: demo"]
+    assert errors(r) == [f"dataset: dataset 'dmeo2' is not in {path} (did you mean 'demo'?); registered: demo"]
     assert "dataset 'deno' is not in" in errors(r, "eval_dataset")[0]
+
+
+def test_unknown_dataset_name_names_the_key_where_it_was_set(tmp_path, monkeypatch):
+    """The registry's own message (a name not registered when the datasets are read, after the recipe rules ran:
+    dataset_info.json edited meanwhile) began with the recipe line alone, `r.yaml:2:10: dataset 'x' ...`, not saying
+    whether `dataset` or `eval_dataset` named it; now as every message names a key (recipe.args.key_at)."""
+    from pipeline.recipe import resolve
+    from tests.acceptance.harness import write_data, write_recipe
+
+    monkeypatch.chdir(tmp_path)
+    write_data(tmp_path / "data")
+    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", dataset="tiny_sft")
+    r = resolve("r.yaml", ["eval_dataset=tiny_pt"], command="build")
+    registry = tmp_path / "data" / "dataset_info.json"
+    registry.write_text(json.dumps({"other": json.loads(registry.read_text(encoding="utf-8"))["tiny_sft"]}))
+    assert errors(r)[0].startswith(f"r.yaml:{r.origin('dataset').line}: dataset: dataset 'tiny_sft' is not in "
+                                   "data/dataset_info.json"), errors(r)
+    assert errors(r, "eval_dataset")[0].startswith("command line override eval_dataset=tiny_pt: eval_dataset: dataset "
+                                                   "'tiny_pt' is not in"), errors(r, "eval_dataset")
 
 
 def test_duplicate_key_and_broken_json(r):

@@ -46,7 +46,7 @@ def test_data_args_fill_from_the_schema_and_keep_provenance():
     data = data_args({"cutoff_len": 77})
     defaults = spec.defaults()
     assert data.cutoff_len == 77 and data.template == defaults["template"] and data.seed == defaults["seed"]
-    assert data.source("dataset") == "recipe key 'dataset'"
+    assert data.names("dataset") == "dataset"  # a plain dict: no provenance, the key as recipe.args.key_at names it
 
 
 def test_the_loss_config_defaults_are_the_schema_defaults():
