@@ -7,7 +7,7 @@ is built (pipeline.recipe.rules.optimizers).
 The state per trained tensor of n numbers (rows x cols for a matrix) once it has stepped, as the optimizers here
 keep it (tests/train/test_optimizer_state.py sums their state tensors after one step):
   AdamW (torch)  m and v: 2n, and torch's step count (a 4-byte fp32 tensor per tensor)
-  SGD (torch)    nothing: transformers' optim sgd has no momentum, so no momentum buffer
+  SGD (torch)    nothing; with optim_args momentum (not 0) the momentum buffer: n
   Adagrad,       the sum of squared gradients (Adagrad) or their running mean (RMSprop's square_avg): n, and
   RMSprop        torch's step count (a 4-byte fp32 tensor per tensor)
   Adafactor      a matrix (2-D and more): the running means of the squared gradient over its rows and over its
@@ -44,6 +44,54 @@ STEP_BYTES = 4  # torch AdamW's and BAdam's per-tensor step count: a float32 sca
 # the recipe's `optim` names besides AdamW's -> the optimizer pipeline.train.optim builds for them as transformers'
 # Trainer does (torch's SGD, Adagrad, RMSprop; transformers' Adafactor)
 OTHER_OPTIMS = {"sgd": "SGD", "adagrad": "Adagrad", "rmsprop": "RMSprop", "adafactor": "Adafactor"}
+
+
+# optim_args: the keys transformers' Trainer (5.x, trainer_optimizer.py _get_sgd / _get_adagrad / _get_rmsprop)
+# reads for each optimizer, as float or as a flag ("true", "1", "yes" in any case: True; any other value: False).
+# Any other key, and optim_args under every other optim (AdamW's names, adafactor), it ignores. Its weight_decay is
+# the constructor's default, which the Trainer's decay groups (each with its own weight_decay) override: no effect.
+OPTIM_ARGS_READ = {"sgd": {"momentum": float, "dampening": float, "weight_decay": float, "nesterov": bool},
+                   "adagrad": {"lr_decay": float, "weight_decay": float, "eps": float},
+                   "rmsprop": {"momentum": float, "alpha": float, "eps": float, "weight_decay": float,
+                               "centered": bool}}
+FLAG_TRUE = ("true", "1", "yes")
+
+
+def parse_optim_args(text: str | None) -> dict[str, str]:
+    """transformers' _parse_optim_args: spaces removed, comma-separated key=value pairs (a later key wins); empty or
+    None is none. Raises ValueError naming the pair that is not one `key=value` (transformers' unpacking fails
+    there too: a trailing comma, a bare key, two `=`)."""
+    if not text:
+        return {}
+    pairs = {}
+    for mapping in text.replace(" ", "").split(","):
+        parts = mapping.split("=")
+        if len(parts) != 2 or not parts[0]:
+            raise ValueError(f"{mapping!r} is not one key=value pair")
+        pairs[parts[0]] = parts[1]
+    return pairs
+
+
+def optim_kwargs(optim: str, text: str | None) -> dict[str, Any]:
+    """The keyword arguments transformers' Trainer passes the optimizer of `optim` from optim_args (OPTIM_ARGS_READ;
+    the others dropped, as there). Raises ValueError for a pair that does not parse or a number float() refuses."""
+    read, out = OPTIM_ARGS_READ.get(optim, {}), {}
+    for key, value in parse_optim_args(text).items():
+        if read.get(key) is bool:
+            out[key] = value.lower() in FLAG_TRUE
+        elif key in read:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{key}={value}: {value!r} is not a number") from None
+    return out
+
+
+def ignored_optim_args(optim: str, text: str | None) -> list[str]:
+    """The optim_args keys transformers' Trainer does not read for `optim` (all of them but sgd's, adagrad's and
+    rmsprop's OPTIM_ARGS_READ), and weight_decay, which its decay groups override."""
+    read = OPTIM_ARGS_READ.get(optim, {})
+    return [key for key in parse_optim_args(text) if key not in read or key == "weight_decay"]
 
 
 def optimizer_named(optim: str) -> str:
@@ -247,8 +295,8 @@ def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[Tenso
         return _ratio_bytes(values, stepped(values, cfg, tensors), width)
     if values["use_badam"]:
         return _largest_block_bytes(cfg, tensors, width)
-    if values["optim"] == "sgd":
-        return 0
+    if values["optim"] == "sgd":  # torch's SGD keeps a momentum buffer per tensor only with momentum
+        return sum(t.numel * width for t in tensors) if optim_kwargs("sgd", values.get("optim_args")).get("momentum") else 0
     if values["optim"] in ("adagrad", "rmsprop"):
         return sum(t.numel * width + STEP_BYTES for t in tensors)
     if values["optim"] == "adafactor":

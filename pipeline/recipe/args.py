@@ -115,6 +115,7 @@ class TrainArgs:
     adam_beta2: float
     adam_epsilon: float
     optim: str  # transformers' optimizer name: AdamW's, sgd, adagrad, rmsprop or adafactor (pipeline.train.optim)
+    optim_args: str | None  # transformers' "momentum=0.9,nesterov=True" for sgd / adagrad / rmsprop
     use_muon: bool  # LLaMA-Factory's Muon + AdamW instead of torch's AdamW (pipeline.train.muon)
     use_galore: bool  # galore_torch's GaLoreAdamW as LLaMA-Factory builds it (pipeline.train.galore)
     galore_target: str

@@ -132,6 +132,22 @@ def optimizer_key_notices(r: Any) -> list[str]:
     return out
 
 
+def optim_args_notices(r: Any) -> list[str]:
+    """optim_args keys transformers' Trainer does not read for the recipe's optim (all of them under AdamW's names and
+    adafactor; weight_decay, which its decay groups override): ignored here too, as there, and said once each."""
+    from pipeline.model.optimizer_state import OPTIM_ARGS_READ, ignored_optim_args
+
+    try:
+        ignored = ignored_optim_args(r["optim"], r["optim_args"])
+    except ValueError:  # refused by the rules (optim_args_parse)
+        return []
+    where, optim = r.origin("optim_args").where, r["optim"]
+    return [f"notice: {where}: optim_args: {key}: ignored, as transformers' Trainer ignores it "
+            + ("(its weight decay groups set weight_decay; use the weight_decay key)" if key == "weight_decay"
+               else f"(it reads {', '.join(k for k in OPTIM_ARGS_READ[optim] if k != 'weight_decay')} for optim {optim})" if optim in OPTIM_ARGS_READ
+               else f"(it reads no optim_args for optim {optim})") for key in ignored]
+
+
 def split_special_tokens_notice(r: Any) -> str | None:
     """Written in a recipe: a value other than the tokenizer_config.json of the checkpoint says (the recipe's wins,
     as transformers' from_pretrained(..., split_special_tokens=...) wins over the file: said, since the checkpoint
@@ -261,6 +277,7 @@ def notices(r: Any) -> list[str]:
     out += new_tokens_notices(r)
     out += dpo_dropout_notices(r)
     out += optimizer_key_notices(r)
+    out += optim_args_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

@@ -63,7 +63,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "context_length", "rope_scaling", "qkv_bias", "tie_word_embeddings", "dataset", "mix_strategy",
           "interleave_probs", "template", "train_on_prompt",
           "mask_history", "max_samples", "val_size", "overlength_policy", "pt_stride", "group_by_length", "packing",
-          "neat_packing", "loraplus_lr_ratio", "optim", "use_muon", "use_galore", "galore_target", "galore_rank",
+          "neat_packing", "loraplus_lr_ratio", "optim", "optim_args", "use_muon", "use_galore", "galore_target", "galore_rank",
           "galore_update_interval", "galore_scale", "galore_proj_type", "galore_layerwise", "use_apollo",
           "apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale", "apollo_proj", "apollo_proj_type",
           "apollo_scale_type", "apollo_layerwise", "use_adam_mini", "use_badam", "badam_mode", "badam_start_block",
@@ -335,9 +335,12 @@ def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
 
 def _comparable(key: str, value: Any) -> Any:
     """What a resume compares of a recipe value: the optimizer `optim` builds, not its name (the AdamW names are one
-    optimizer and state, so switching between them is no change); every other value as it is."""
-    from pipeline.model.optimizer_state import optimizer_named
+    optimizer and state, so switching between them is no change); optim_args' pairs as transformers parses them
+    (spaces and order are no change); every other value as it is."""
+    from pipeline.model.optimizer_state import optimizer_named, parse_optim_args
 
+    if key == "optim_args" and isinstance(value, str):
+        return parse_optim_args(value)
     return optimizer_named(value) if key == "optim" and isinstance(value, str) else value
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterable, Iterator
 
-from pipeline.model.optimizer_state import OTHER_OPTIMS
+from pipeline.model.optimizer_state import OTHER_OPTIMS, optim_kwargs
 from pipeline.recipe.args import TrainArgs
 from pipeline.train.decay import decays
 
@@ -135,8 +135,9 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
     GaLoreAdamW (pipeline.train.galore); with use_apollo, apollo_torch's APOLLOAdamW
     (pipeline.train.apollo); with use_adam_mini, adam-mini's Adam_mini (pipeline.train.adam_mini); with use_badam,
     BAdam's block-wise AdamW (pipeline.train.badam). Else `optim` as transformers' Trainer builds it over the same
-    groups: sgd, adagrad, rmsprop are torch's classes with learning_rate and their defaults (weight decay per group,
-    added to the gradient), adafactor transformers' Adafactor (pipeline.train.adafactor)."""
+    groups: sgd, adagrad, rmsprop are torch's classes with learning_rate, the optim_args keys transformers reads for
+    them (optimizer_state.optim_kwargs) and torch's defaults for the rest (weight decay per group, added to the
+    gradient), adafactor transformers' Adafactor (pipeline.train.adafactor)."""
     import torch
 
     groups = train_groups(model, train)
@@ -169,7 +170,8 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
 
         return Adafactor(groups, lr=train.learning_rate)
     if train.optim in OTHER_OPTIMS:  # sgd, adagrad, rmsprop: transformers' _get_sgd / _get_adagrad / _get_rmsprop
-        return getattr(torch.optim, OTHER_OPTIMS[train.optim])(groups, lr=train.learning_rate)
+        return getattr(torch.optim, OTHER_OPTIMS[train.optim])(groups, lr=train.learning_rate,
+                                                               **optim_kwargs(train.optim, train.optim_args))
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)

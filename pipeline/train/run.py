@@ -32,7 +32,7 @@ from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_
     trains_adapter, uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
-from pipeline.model.optimizer_state import OTHER_OPTIMS
+from pipeline.model.optimizer_state import OTHER_OPTIMS, optim_kwargs
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -557,6 +557,13 @@ def write_run_files(r: Any, output_dir: Path) -> None:
     write_json(RunLayout(output_dir).ds_config, r.ds_config)
 
 
+def _read_args(r: Mapping[str, Any]) -> str:
+    """The optim_args the optimizer was built with (those transformers reads for it; weight_decay, which the decay
+    groups set, left out), for the plan's optimizer line: ', momentum=0.9, nesterov=True'."""
+    return "".join(f", {key}={value:g}" if isinstance(value, float) else f", {key}={value}"
+                   for key, value in optim_kwargs(r["optim"], r.get("optim_args")).items() if key != "weight_decay")
+
+
 def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState,
                loss_changes: list[dict[str, Any]]) -> None:
     from pipeline.data.loaders import item_name
@@ -586,7 +593,7 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
 
         named = [f"{name} ({key})" for key, name in OPTIMIZERS.items() if r[key]]
         which = named[0] if named else ", ".join(
-            ([f"{OTHER_OPTIMS[r['optim']]} (optim {r['optim']})"] if r["optim"] in OTHER_OPTIMS else [])
+            ([f"{OTHER_OPTIMS[r['optim']]} (optim {r['optim']}{_read_args(r)})"] if r["optim"] in OTHER_OPTIMS else [])
             + ([f"LoRA+ (loraplus_lr_ratio {r['loraplus_lr_ratio']:g})"] if r["loraplus_lr_ratio"] is not None
                else []))
         lines.append(f"optimizer: {which}: {describe(train_groups(model, train_args(r)))}")

@@ -20,7 +20,8 @@ RUN = "saves/qwen3-4b/full/sft"
 # fp32, one micro-batch per update, a constant rate high enough to see, and weight decay (Adafactor decays by
 # p x weight_decay x lr, not on norms); overwrite_cache builds the datasets in train (the example leaves it out)
 GOLDEN = ["optim=adafactor", "overwrite_cache=true", "bf16=false", "gradient_accumulation_steps=1", "max_steps=2", "save_steps=1",
-          "lr_scheduler_type=constant", "warmup_ratio=0", "learning_rate=1e-3", "weight_decay=0.1"]
+          "lr_scheduler_type=constant", "warmup_ratio=0", "learning_rate=1e-3", "weight_decay=0.1",
+          "optim_args=beta1=0.9"]  # transformers' Trainer reads no optim_args for adafactor: ignored, with a notice
 ZERO0 = "deepspeed=examples/deepspeed/ds_z0_config.json"
 
 
@@ -33,10 +34,13 @@ def test_each_step_is_transformers_trainers_adafactor_step_and_merged_loads(tmp_
     work = lf_checkout(tmp_path, str(qwen3))
     err = pipeline("train", EXAMPLE, *GOLDEN, ZERO0, cwd=work, timeout=600).stderr
     assert "optimizer: Adafactor (optim adafactor): " in err and "ZeRO stage 0" in err, err
+    assert ("notice: command line override optim_args=beta1=0.9: optim_args: beta1: ignored, as transformers' "
+            "Trainer ignores it (it reads no optim_args for optim adafactor)") in err, err
     r, batches, model = golden_start(work, EXAMPLE, GOLDEN + [ZERO0], 2, qwen3)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), optim="adafactor", report_to=[],
-                                          learning_rate=r["learning_rate"], weight_decay=r["weight_decay"])
+                                          learning_rate=r["learning_rate"], weight_decay=r["weight_decay"],
+                                          optim_args=r["optim_args"])
     optimizer = transformers.Trainer(model=model, args=args).create_optimizer()
     assert type(optimizer) is transformers.optimization.Adafactor
     assert_each_step_equals(work / RUN, start, stepped(model, batches, optimizer.step, r["max_grad_norm"]))

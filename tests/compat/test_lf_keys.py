@@ -138,8 +138,6 @@ NO_EFFECT = {"tf32": ("true", "TF32 matmuls are not switched on"),
              "pissa_iter": ("16", "it only matters with pissa_init: true (PiSSA)")}
 REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_torch, adamw_hf, sgd, adagrad, rmsprop, "
                                     "adafactor: adamw_8bit (bitsandbytes' 8-bit/paged AdamW) is not available")),
-           "optim_args": ("momentum=0.9", "transformers' optim_args (extra keyword arguments such as momentum=0.9 for "
-                                          "sgd) are not implemented here"),
            "torch_compile": ("true", "torch.compile is not used here"),
            "new_special_tokens": ("'<tool>,'", "given '<tool>,', which holds an empty token name; expected token names"),
            "rope_scaling": ("yarn", "a gpt2 model has learned positions (no rotary embedding to scale)"),
@@ -148,7 +146,7 @@ REFUSED = {"optim": ("adamw_8bit", ("expected one of adamw_torch_fused, adamw_to
            "lr_scheduler_kwargs": ("{min_lr_rate: 0.1}", "only lr_scheduler_type: cosine_with_min_lr reads scheduler"),
            "split": ("test", "split: given 'test', expected one of train")}
 # LLaMA-Factory's (transformers') defaults, and the values that name what runs here: quiet
-NEUTRAL = {"optim": "adamw_torch", "torch_compile": "false", "resize_vocab": "false", "split": "train",
+NEUTRAL = {"optim": "adamw_torch", "optim_args": "null", "torch_compile": "false", "resize_vocab": "false", "split": "train",
            "freeze_trainable_modules": "all", "compute_accuracy": "false", "label_smoothing_factor": "0.0",
            "lr_scheduler_kwargs": "null", "rope_scaling": "null", "new_special_tokens": "null",
            "save_strategy": "steps", "logging_strategy": "epoch", "disable_shuffling": "true",

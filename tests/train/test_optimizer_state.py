@@ -39,6 +39,7 @@ CASES = {
     "badam": ("llama", {"use_badam": True}),
     "badam ratio": ("llama", {"use_badam": True, "badam_mode": "ratio", "badam_update_ratio": 0.3}),
     "sgd": ("llama", {"optim": "sgd"}),
+    "sgd, momentum": ("llama", {"optim": "sgd", "optim_args": "momentum=0.9"}),
     "adagrad": ("llama", {"optim": "adagrad"}),
     "rmsprop": ("qwen2", {"optim": "rmsprop"}),
     "adafactor, GPT-2": ("gpt2", {"optim": "adafactor"}),

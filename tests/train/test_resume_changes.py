@@ -89,7 +89,9 @@ def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, firs
     (dict(use_muon=True), "use_muon is true but"),  # another optimizer: Muon's state is not AdamW's
     (dict(split_special_tokens=True), "split_special_tokens is true but"),  # other ids for the same rows
     (dict(optim="sgd"), "optim is \"sgd\" but"),  # another optimizer: SGD keeps no Adam moments
-], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens", "optim"])
+    # the checkpoint's param groups would bring back the old momentum, eps, ... (torch's load_state_dict)
+    (dict(optim_args="momentum=0.9"), "optim_args is \"momentum=0.9\" but"),
+], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens", "optim", "optim_args"])
 def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
     with pytest.raises(UserError) as err:
         resume(make_recipe, **changes)

@@ -29,9 +29,18 @@ pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU to
 LR, DECAY = 1e-2, 0.1
 
 
+# optim_args as transformers' Trainer (5.x trainer_optimizer.py _parse_optim_args, _get_sgd / _get_adagrad /
+# _get_rmsprop) reads it: spaces dropped, flags true for "true" / "1" / "yes" in any case; weight_decay overridden by
+# the decay groups, keys it does not read (foo, initial_accumulator_value, all of adafactor's) ignored
+OPTIM_ARGS = [("sgd", None), ("sgd", "momentum=0.9, nesterov=True,dampening=0,weight_decay=0.5,foo=1"),
+              ("adagrad", None), ("adagrad", "lr_decay=0.5,eps=1e-3,initial_accumulator_value=1"),
+              ("rmsprop", None), ("rmsprop", "momentum=0.5,alpha=0.9,eps=1e-4,centered=YES"),
+              ("adafactor", None), ("adafactor", "beta1=0.9")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "pure-bf16"])
-@pytest.mark.parametrize("optim", ["sgd", "adagrad", "rmsprop", "adafactor"])
-def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_path, optim, dtype):
+@pytest.mark.parametrize("optim, optim_args", OPTIM_ARGS, ids=[f"{o}-{a}" if a else o for o, a in OPTIM_ARGS])
+def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_path, optim, optim_args, dtype):
     """Three steps with weight decay (so the decay groups matter: biases and LayerNorm gains are not decayed) on
     GPT-2, whose Conv1D weights are stored transposed here (Adafactor factors them by transformers' rows and
     columns), each optimizer's rate driven by the recipe's schedule beside transformers' get_scheduler (cosine, one
@@ -45,14 +54,16 @@ def test_each_step_is_transformers_trainers_optimizer_bitwise(checkpoints, tmp_p
     ours = load_model(path).to(dtype)
     family = family_of_model(ours)
     args = transformers.TrainingArguments(output_dir=str(tmp_path), optim=optim, learning_rate=LR,
-                                          weight_decay=DECAY, report_to=[])
+                                          weight_decay=DECAY, report_to=[], optim_args=optim_args)
     golden = transformers.Trainer(model=hf, args=args).create_optimizer()
     their_schedule = transformers.get_scheduler("cosine", golden, num_warmup_steps=1, num_training_steps=4)
-    settings = train_args({"optim": optim, "learning_rate": LR, "weight_decay": DECAY, "lr_scheduler_type": "cosine",
+    settings = train_args({"optim": optim, "optim_args": optim_args, "learning_rate": LR, "weight_decay": DECAY, "lr_scheduler_type": "cosine",
                           "total_steps": 4, "num_warmup_steps": 1, "min_lr_ratio": 0.0})
     optimizer = make_optimizer(ours, settings)
     schedule = make_scheduler(optimizer, settings)
     assert type(optimizer).__name__ == type(golden).__name__
+    if optim != "adafactor":  # the same constructor arguments (optim_args' momentum, nesterov, eps, ... included)
+        assert optimizer.defaults == golden.defaults
     theirs = dict(hf.named_parameters())
     pairs = [(p, theirs[family.to_hf(name)], family.is_conv1d(name)) for name, p in ours.named_parameters()]
     assert len(pairs) == len(theirs)
@@ -96,12 +107,13 @@ def test_adafactor_factors_loras_matrices_as_peft_stores_them(checkpoints):
     assert state["exp_avg_sq_row"].shape == (a.shape[1],) and state["exp_avg_sq_col"].shape == (a.shape[0],)
 
 
-def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_recipe):
-    """RMSprop (a second moment per element, weight decay in the gradient) on DeepSpeed's flat ZeRO-2 partitions,
+def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_recipe, capsys):
+    """RMSprop (a second moment per element, weight decay in the gradient; with optim_args' momentum and centered, a
+    momentum buffer and a mean gradient per element too) on DeepSpeed's flat ZeRO-2 partitions,
     offloaded to the CPU (DeepSpeed steps the client torch optimizer there: zero_force_ds_cpu_optimizer false, as
     for AdamW): the same losses and weights as on whole tensors at ZeRO 0, within fp32 rounding (the norm for
     clipping and the partitions' sums add in another order)."""
-    keys = dict(optim="rmsprop", weight_decay=DECAY, max_steps=2, warmup_steps=0, learning_rate=1e-3, val_size=0.0)
+    keys = dict(optim="rmsprop", optim_args="momentum=0.5, centered=true", weight_decay=DECAY, max_steps=2, warmup_steps=0, learning_rate=1e-3, val_size=0.0)
     from pipeline.model.build import build_model
     from pipeline.recipe.args import recipe_args
 
@@ -110,6 +122,9 @@ def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_r
     zero0 = train(r)
     zero2 = train(make_recipe(BASE_SFT, name="z2", zero_stage=2, offload_optimizer="cpu", **keys))
     assert type(zero2.engine.optimizer.optimizer) is torch.optim.RMSprop  # inside DeepSpeed's ZeRO-2 optimizer
+    assert zero2.engine.optimizer.optimizer.defaults | {"momentum": 0.5, "centered": True} == \
+        zero2.engine.optimizer.optimizer.defaults
+    assert "optimizer: RMSprop (optim rmsprop, momentum=0.5, centered=True): " in capsys.readouterr().err
     a = dict(zero0.engine.module.named_parameters())
     b = dict(zero2.engine.module.named_parameters())
     trained = [n for n, p in a.items() if p.requires_grad]
@@ -191,13 +206,14 @@ def test_adafactor_needs_zero0_and_one_optimizer_at_a_time(tmp_path):
 
     write_data(tmp_path / "data")
     err, at = refused_at(tmp_path, {"optim": "adafactor", "zero_stage": 2, "use_muon": True,
-                                    "optim_args": "momentum=0.9"})
+                                    "optim_args": "momentum=0.9,nesterov"})
     assert (f"{at['zero_stage']}13: zero_stage: given 2 with optim: adafactor: Adafactor needs zero_stage 0: it keeps "
             "each weight matrix's second moment as the means over its rows and its columns") in err, err
     assert "set zero_stage: 0" in err and "or set optim: adamw_torch" in err
     assert (f"{at['use_muon']}11: use_muon: given true with optim: adafactor: Muon and Adafactor are two optimizers "
             "(LLaMA-Factory builds Muon's and silently ignores optim)") in err, err
-    assert f"{at['optim_args']}13: optim_args: given 'momentum=0.9': transformers' optim_args" in err, err
+    assert (f"{at['optim_args']}13: optim_args: given 'momentum=0.9,nesterov': 'nesterov' is not one key=value pair; "
+            "expected comma-separated key=value pairs as transformers' Trainer reads them") in err, err
     for other in ("use_galore", "use_apollo", "use_adam_mini", "use_badam"):
         err, at = refused_at(tmp_path, {"optim": "sgd", other: True})
         assert f"{at[other]}" in err and f"{other}: given true with optim: sgd: " in err, err
@@ -206,3 +222,27 @@ def test_adafactor_needs_zero0_and_one_optimizer_at_a_time(tmp_path):
     assert ("error: ds.json: zero_optimization.stage is 1 with optim: adafactor: Adafactor needs zero_stage 0"
             in err), err
     assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
+
+
+def test_optim_args_transformers_cannot_parse_is_refused_and_what_it_ignores_is_said(tmp_path):
+    """What stops transformers' Trainer (a pair that is not key=value, float() on a number that is none) or torch's
+    constructor (nesterov without momentum) is refused at the key; the keys transformers reads and ignores
+    (weight_decay: its decay groups override it; a key sgd does not take) are said, once each."""
+    from tests.acceptance.harness import pipeline, write_data, write_recipe
+
+    write_data(tmp_path / "data")
+    err, at = refused_at(tmp_path, {"optim": "rmsprop", "optim_args": "eps=1e-8,momentum=0.9x"})
+    assert (f"{at['optim_args']}13: optim_args: given 'eps=1e-8,momentum=0.9x': momentum=0.9x: '0.9x' is not a "
+            "number") in err, err
+    err, at = refused_at(tmp_path, {"optim": "sgd", "optim_args": "nesterov=1"})
+    assert (f"{at['optim_args']}13: optim_args: given 'nesterov=1': torch's SGD takes nesterov only with a momentum "
+            "above 0 and dampening 0") in err, err
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
+                          optim="sgd", optim_args="momentum=0.9,weight_decay=0.5,foo=1")
+    line = next(i for i, text in enumerate(recipe.read_text().splitlines(), 1) if text.startswith("optim_args:"))
+    lines = pipeline("validate", "r.yaml", cwd=tmp_path, as_typed=False, expect=None).stderr.splitlines()
+    said = [text for text in lines if "optim_args" in text]
+    assert said == [f"notice: r.yaml:{line}:13: optim_args: weight_decay: ignored, as transformers' Trainer ignores "
+                    "it (its weight decay groups set weight_decay; use the weight_decay key)",
+                    f"notice: r.yaml:{line}:13: optim_args: foo: ignored, as transformers' Trainer ignores it (it "
+                    "reads momentum, dampening, nesterov for optim sgd)"], lines

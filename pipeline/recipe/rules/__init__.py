@@ -83,6 +83,7 @@ ORDER = (
     optimizers.badam_fits,
     optimizers.badam_start_block_in_model,
     optimizers.optim_fits,
+    optimizers.optim_args_parse,
     outputs.export_dir_has_one_owner,
     outputs.upstream_has_one_producer,
     data.refused_streaming,

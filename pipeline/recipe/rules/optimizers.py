@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
-from pipeline.model.optimizer_state import NAMES, OTHER_OPTIMS
+from pipeline.model.optimizer_state import NAMES, OPTIM_ARGS_READ, OTHER_OPTIMS, optim_kwargs
 
 
 def whole_matrices_only(v: Mapping[str, Any], key: str, why: str, given: str = "true") -> list[tuple[str, str]]:
@@ -329,4 +329,30 @@ def optim_fits(ctx: Context) -> list[tuple[str, str]]:
         if v[key]:
             problems.append((key, f"given true with optim: {v['optim']}: {other} and {name} are two optimizers "
                                   f"(LLaMA-Factory {theirs}); keep one: remove {key}, or set optim: adamw_torch"))
+    return problems
+
+
+OPTIM_ARGS_EXPECTED = ("expected comma-separated key=value pairs as transformers' Trainer reads them, such as "
+                       "'momentum=0.9,nesterov=True' for optim: sgd")
+
+
+@rule("optim_args", "optim")
+def optim_args_parse(ctx: Context) -> list[tuple[str, str]]:
+    """optim_args as transformers' Trainer parses it (optimizer_state.parse_optim_args / optim_kwargs): a pair that
+    is not key=value, or a number its float() refuses, stops transformers with a ValueError; said at the key instead.
+    A negative number torch's constructor refuses (every key it reads but SGD's dampening), and SGD's nesterov
+    without momentum or with dampening (torch: "Nesterov momentum requires a momentum and zero dampening"), too."""
+    v = ctx.values
+    try:
+        kwargs = optim_kwargs(v["optim"], v["optim_args"])
+    except ValueError as e:
+        return [("optim_args", f"given {show(v['optim_args'])}: {e}; {OPTIM_ARGS_EXPECTED}")]
+    problems = [("optim_args", f"given {show(v['optim_args'])}: {key} is {value:g}, torch's "
+                               f"{OTHER_OPTIMS[v['optim']]} takes {key} >= 0")
+                for key, value in kwargs.items() if OPTIM_ARGS_READ[v["optim"]][key] is float and key != "dampening"
+                and not value >= 0]
+    if kwargs.get("nesterov") and (not kwargs.get("momentum") or kwargs.get("dampening")):
+        problems.append(("optim_args", f"given {show(v['optim_args'])}: torch's SGD takes nesterov only with a "
+                                       "momentum above 0 and dampening 0 (its default); add momentum=0.9, or "
+                                       "remove nesterov"))
     return problems
