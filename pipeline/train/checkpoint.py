@@ -333,15 +333,23 @@ def training_data(r: Mapping[str, Any]) -> dict[str, str | None]:
     return out
 
 
-def _comparable(key: str, value: Any) -> Any:
-    """What a resume compares of a recipe value: the optimizer `optim` builds, not its name (the AdamW names are one
-    optimizer and state, so switching between them is no change); optim_args' pairs as transformers parses them
-    (spaces and order are no change); every other value as it is."""
-    from pipeline.model.optimizer_state import optimizer_named, parse_optim_args
+def _comparable(key: str, value: Any, values: Mapping[str, Any]) -> Any:
+    """What a resume compares of a recipe value (`values`: the recipe, or the checkpoint's saved values, it belongs to):
+    the optimizer `optim` builds, not its name (the AdamW names are one optimizer and state, so switching between them
+    is no change); optim_args as the keyword arguments transformers' Trainer passes that optimizer (spaces, order and
+    the keys it ignores are no change: under AdamW or adafactor all of them); every other value as it is."""
+    from pipeline.model.optimizer_state import ignored_optim_args, optim_kwargs, optimizer_named
 
+    if key == "optim" and isinstance(value, str):
+        return optimizer_named(value)
     if key == "optim_args" and isinstance(value, str):
-        return parse_optim_args(value)
-    return optimizer_named(value) if key == "optim" and isinstance(value, str) else value
+        optim = str(values.get("optim", ""))
+        try:
+            ignored = ignored_optim_args(optim, value)
+            return {k: v for k, v in optim_kwargs(optim, value).items() if k not in ignored}
+        except ValueError:  # refused at the key before a resume gets here; compared as written if not
+            return value
+    return value
 
 
 def _show(value: Any) -> str:
@@ -360,7 +368,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                         f"{'adapter_name_or_path' if weights.name == 'adapter' else 'model_name_or_path'}), or "
                         "train with save_only_model: false to get resumable checkpoints")
     saved = state.get("recipe", {})
-    changed = [k for k in saved if k in r and _comparable(k, saved[k]) != _comparable(k, r[k])]
+    changed = [k for k in saved if k in r and _comparable(k, saved[k], saved) != _comparable(k, r[k], r)]
     refused = [k for k in changed if k in REFUSE]
     source = getattr(r, "source", lambda key: "default")
     problems = [_refused(r, key, saved[key], path) for key in refused
