@@ -10,7 +10,8 @@ the recipe that trains an adapter (examples/train_lora/) and the one that merges
 different folders. Every *.yaml / *.yml under it is read, except in hidden folders, saves/, tests/, __pycache__/,
 node_modules/, virtual environments (a pyvenv.cfg), run folders (a resolved.yaml) and linked folders, and only files
 that set model_name_or_path (which every recipe needs, itself or through extends) count; at most MAX_FILES files are
-read, so a make started from a huge directory stays quick (the files past it are not looked at).
+read and MAX_ENTRIES names looked at, so a make started from a huge directory stays quick (what lies past them is
+not looked at; the recipe's own folder always is).
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from pipeline.names import PREFERENCE_STAGES, split_names
 from pipeline.recipe.load import load_chain
 
 MAX_FILES = 2000  # YAML files read per search; a working tree of recipes holds far fewer (LLaMA-Factory's: ~150)
+# Names (files and folders) looked at per search: make or validate started from a directory holding a large data tree
+# (a home folder, a dataset of many small files) would otherwise walk all of it for no recipe
+MAX_ENTRIES = 100_000
 # Besides hidden ones: outputs and caches, and test fixtures (this project's tests/compat/lf_examples holds
 # LLaMA-Factory's recipes: a user's copy of one in recipes/ would share their export_dir and output_dirs).
 SKIPPED_FOLDERS = ("saves", "tests", "__pycache__", "node_modules")
@@ -140,14 +144,16 @@ def scanned(recipe_path: Path) -> tuple[list[Path], list[Path]]:
     later is seen by the next make."""
     folders = {Path(os.path.normpath(recipe_path.parent))}
     files: list[Path] = []
+    seen = 0
     for top, dirs, names in os.walk(os.curdir):
+        seen += len(dirs) + len(names)
         if any(marker in names for marker in _RUN_MARKERS):
             dirs[:] = []
             continue
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_FOLDERS)
         folders.add(Path(os.path.normpath(top)))
         files += [Path(os.path.normpath(os.path.join(top, n))) for n in sorted(names) if n.endswith((".yaml", ".yml"))]
-        if len(files) >= MAX_FILES:
+        if len(files) >= MAX_FILES or seen >= MAX_ENTRIES:
             break
     files = files[:MAX_FILES] + [Path(os.path.normpath(p)) for p in recipe_path.parent.glob("*.y*ml")
                                  if p.suffix in (".yaml", ".yml")]

@@ -214,6 +214,24 @@ def test_a_path_several_recipes_write_is_no_step_of_a_cycle_once_it_is_there(wri
     assert _upstreams("recipes/down.yaml")[0] == "UPSTREAMS=mids/mid.yaml:train"
 
 
+def test_the_search_stops_at_its_bounds_but_reads_the_recipes_own_folder(write, monkeypatch):
+    """make / validate started from a directory holding a large tree (a home folder, a dataset of many small files)
+    walked all of it: the walk stops after MAX_ENTRIES names or MAX_FILES YAML files, the recipe's folder is read."""
+    from pipeline.recipe import siblings
+
+    for i in range(10):
+        write(f"a_data/f{i}.txt", "x\n")
+    write("b/r.yaml", "model_name_or_path: tiny\n")
+    write("me/x.yaml", "model_name_or_path: tiny\n")
+    write("me/y.yaml", "model_name_or_path: tiny\n")
+    assert [str(p) for p in siblings.scanned(Path("me/x.yaml"))[0]] == ["b/r.yaml", "me/x.yaml", "me/y.yaml"]
+    monkeypatch.setattr(siblings, "MAX_ENTRIES", 8)  # ./ (3 folders) and a_data/ (10 files): b/ is never walked
+    assert [str(p) for p in siblings.scanned(Path("me/x.yaml"))[0]] == ["me/x.yaml", "me/y.yaml"]
+    monkeypatch.setattr(siblings, "MAX_ENTRIES", 100_000)
+    monkeypatch.setattr(siblings, "MAX_FILES", 1)  # b/r.yaml, then the recipe's own folder
+    assert [str(p) for p in siblings.scanned(Path("me/x.yaml"))[0]] == ["b/r.yaml", "me/x.yaml", "me/y.yaml"]
+
+
 def test_deps_cli(write, capsys):
     from pipeline.__main__ import main
 
