@@ -87,11 +87,20 @@ def optim_kwargs(optim: str, text: str | None) -> dict[str, Any]:
     return out
 
 
+OVERRIDDEN_BY_GROUPS = ("weight_decay",)  # read into the constructor's defaults, then set by every decay group
+
+
 def ignored_optim_args(optim: str, text: str | None) -> list[str]:
     """The optim_args keys transformers' Trainer does not read for `optim` (all of them but sgd's, adagrad's and
     rmsprop's OPTIM_ARGS_READ), and weight_decay, which its decay groups override."""
     read = OPTIM_ARGS_READ.get(optim, {})
-    return [key for key in parse_optim_args(text) if key not in read or key == "weight_decay"]
+    return [key for key in parse_optim_args(text) if key not in read or key in OVERRIDDEN_BY_GROUPS]
+
+
+def effective_optim_args(optim: str, text: str | None) -> dict[str, Any]:
+    """The optim_args that change the update (optim_kwargs less OVERRIDDEN_BY_GROUPS): what the plan's optimizer line
+    shows and what a resume compares."""
+    return {k: v for k, v in optim_kwargs(optim, text).items() if k not in OVERRIDDEN_BY_GROUPS}
 
 
 def optimizer_named(optim: str) -> str:

@@ -338,15 +338,13 @@ def _comparable(key: str, value: Any, values: Mapping[str, Any]) -> Any:
     the optimizer `optim` builds, not its name (the AdamW names are one optimizer and state, so switching between them
     is no change); optim_args as the keyword arguments transformers' Trainer passes that optimizer (spaces, order and
     the keys it ignores are no change: under AdamW or adafactor all of them); every other value as it is."""
-    from pipeline.model.optimizer_state import ignored_optim_args, optim_kwargs, optimizer_named
+    from pipeline.model.optimizer_state import effective_optim_args, optimizer_named
 
     if key == "optim" and isinstance(value, str):
         return optimizer_named(value)
     if key == "optim_args" and isinstance(value, str):
-        optim = str(values.get("optim", ""))
         try:
-            ignored = ignored_optim_args(optim, value)
-            return {k: v for k, v in optim_kwargs(optim, value).items() if k not in ignored}
+            return effective_optim_args(str(values.get("optim", "")), value)
         except ValueError:  # refused at the key before a resume gets here; compared as written if not
             return value
     return value

@@ -32,7 +32,7 @@ from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_
     trains_adapter, uses_reference
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
-from pipeline.model.optimizer_state import OTHER_OPTIMS, optim_kwargs
+from pipeline.model.optimizer_state import OTHER_OPTIMS, effective_optim_args
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -558,10 +558,10 @@ def write_run_files(r: Any, output_dir: Path) -> None:
 
 
 def _read_args(r: Mapping[str, Any]) -> str:
-    """The optim_args the optimizer was built with (those transformers reads for it; weight_decay, which the decay
-    groups set, left out), for the plan's optimizer line: ', momentum=0.9, nesterov=True'."""
+    """The optim_args that change the update (optimizer_state.effective_optim_args), for the plan's optimizer line:
+    ', momentum=0.9, nesterov=True'."""
     return "".join(f", {key}={value:g}" if isinstance(value, float) else f", {key}={value}"
-                   for key, value in optim_kwargs(r["optim"], r.get("optim_args")).items() if key != "weight_decay")
+                   for key, value in effective_optim_args(r["optim"], r.get("optim_args")).items())
 
 
 def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | None, state: TrainState,
