@@ -40,6 +40,7 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
+from pipeline.data.hf_encoding import HFEncoding
 from pipeline.errors import UserError
 
 GPT2_EOS = "<|endoftext|>"
@@ -71,7 +72,9 @@ def bounded(text: str) -> list[str]:
 
 @dataclass(frozen=True, eq=False)
 class Tokenizer:
-    """A tiktoken Encoding plus what the checkpoint says about its special tokens.
+    """A tiktoken Encoding (byte-level BPE) or an HFEncoding (a sentencepiece-style tokenizer.json run by Hugging
+    Face `tokenizers`: pipeline.data.hf_encoding), plus what the checkpoint says about its special tokens. The rest
+    of the pipeline goes through the methods below and never asks which one it has.
 
     eos_id ends a response and separates pt documents (the checkpoint's eos_token); stop_ids are
     every id generation stops at (eos_id plus generation_config.json's eos_token_id list, e.g.
@@ -79,7 +82,7 @@ class Tokenizer:
     None when the family has no BOS (Qwen).
     """
 
-    encoding: tiktoken.Encoding
+    encoding: tiktoken.Encoding | HFEncoding
     name: str  # "gpt2", or the file it was read from
     eos_id: int
     pad_id: int
@@ -126,9 +129,9 @@ class Tokenizer:
         """User text: markup-token strings stay literal; the other added tokens are recognised."""
         text = self._prepare(text)
         if self.added:
-            return [t for piece in bounded(text)
+            return [t for piece in self._pieces(text)
                     for t in self.encoding.encode(piece, allowed_special=self.added, disallowed_special=())]
-        pieces = bounded(text)
+        pieces = self._pieces(text)
         if len(pieces) == 1:
             return self.encoding.encode_ordinary(text)
         return list(chain.from_iterable(self.encoding.encode_ordinary(p) for p in pieces))
@@ -148,8 +151,13 @@ class Tokenizer:
 
     def encode_special(self, text: str) -> list[int]:
         """Template markup: every special token of the vocabulary is recognised."""
-        return [t for piece in bounded(self._prepare(text))
+        return [t for piece in self._pieces(self._prepare(text))
                 for t in self.encoding.encode(piece, allowed_special="all", disallowed_special=())]
+
+    def _pieces(self, text: str) -> list[str]:
+        """`text` cut where tiktoken needs it (bounded); whole for `tokenizers`, whose merge is not quadratic and
+        whose Metaspace would give each cut piece a prefix space of its own."""
+        return [text] if isinstance(self.encoding, HFEncoding) else bounded(text)
 
     def has_token(self, token: str) -> bool:
         return token in self._ids
@@ -208,6 +216,8 @@ class Tokenizer:
 
     def present(self, token: str) -> bool:
         """Whether `token` already has an id: a special / added token, or one BPE token of the vocabulary."""
+        if isinstance(self.encoding, HFEncoding):
+            return token in self._ids or self.encoding.in_vocabulary(token)
         return token in self._ids or token.encode() in self.encoding._mergeable_ranks
 
     def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
@@ -238,7 +248,9 @@ class Tokenizer:
         if not new and not known:
             return self
         encoding = self.encoding
-        if new:
+        if new and isinstance(encoding, HFEncoding):
+            encoding = encoding.with_added([(t, t not in plain) for t in new])
+        elif new:
             specials = {**self.encoding._special_tokens, **{t: self.n_vocab + i for i, t in enumerate(new)}}
             encoding = tiktoken.Encoding(name=self.encoding.name, pat_str=self.encoding._pat_str,
                                          mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)

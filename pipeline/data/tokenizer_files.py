@@ -1,10 +1,11 @@
-"""A checkpoint's tokenizer files -> a tiktoken-backed Tokenizer, or one exit-2 message saying why not.
+"""A checkpoint's tokenizer files -> a Tokenizer, or one exit-2 message saying why not.
 
 Read, in this order of preference:
-- tokenizer.json (Hugging Face `tokenizers`): accepted when it is a byte-level BPE whose merge order
-  follows the token ids (what tiktoken's ranks are: GPT-2, Llama 3, Qwen2/2.5/3). The pre-tokenizer
-  regex and an NFC normaliser are taken from the file; a sentencepiece-style model (Unigram, BPE with
-  byte_fallback, Metaspace: Llama 2, Mistral, Gemma) is refused.
+- tokenizer.json (Hugging Face `tokenizers`): a byte-level BPE whose merge order follows the token ids (what
+  tiktoken's ranks are: GPT-2, Llama 3, Qwen2/2.5/3) runs on tiktoken, with the pre-tokenizer regex and an NFC
+  normaliser taken from the file; a sentencepiece-style BPE (byte_fallback: Llama 2, Mistral) runs on `tokenizers`
+  as transformers loads it (pipeline.data.hf_encoding), for the tokenizer classes it reproduces
+  (SENTENCEPIECE_CLASSES); other sentencepiece models (Unigram, Metaspace without byte fallback) are refused.
 - vocab.json + merges.txt (GPT-2's slow-tokenizer files, as our merged/ exports write them).
 - original/tokenizer.model in Meta's tiktoken format (base64 token, rank per line).
 - no tokenizer file at all, in a GPT-2 checkpoint (config.json model_type gpt2, or our own format):
@@ -20,11 +21,12 @@ import base64
 import functools
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import tiktoken
 
+from pipeline.data.hf_encoding import LLAMA_CLASSES, HFEncoding, is_sentencepiece_bpe
 from pipeline.data.tokenizer import GPT2_PATTERN, Tokenizer, gpt2
 from pipeline.errors import UserError
 from pipeline.io import write_json
@@ -39,7 +41,11 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", *CHAT_TEMPLATE_FILES)
-SUPPORTED = "byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3)"
+SUPPORTED = ("byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3) and sentencepiece-style BPE "
+             "tokenizer.json files with byte_fallback (Llama 2, Mistral)")
+# The tokenizer classes transformers runs a sentencepiece-style tokenizer.json with that hf_encoding reproduces.
+SENTENCEPIECE_CLASSES = (*LLAMA_CLASSES, "PreTrainedTokenizerFast")
+SUPPORTED_SENTENCEPIECE = f"tokenizer_class {' / '.join(SENTENCEPIECE_CLASSES)} (Llama 2, Mistral) or none"
 # What stays literal in user text (markup_tokens), in the words of the messages about it.
 MARKUP_WORDS = "EOS, BOS, pad, the stop tokens and the templates' markup such as <|im_end|> and <|eot_id|>"
 
@@ -201,18 +207,36 @@ def _from_tokenizer_json(directory: Path) -> Tokenizer:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise UserError(f"{path}: no 'model' object; not a Hugging Face tokenizer.json")
+    if is_sentencepiece_bpe(data):
+        return _from_sentencepiece_json(directory)
     kind = model.get("type")
     if kind != "BPE":
         what = " (sentencepiece)" if kind == "Unigram" else ""
         raise UserError(f"{path}: model.type {kind!r}{what} is not supported; supported: {SUPPORTED}")
-    if model.get("byte_fallback"):
-        raise UserError(f"{path}: model.byte_fallback is true (a sentencepiece-style BPE, e.g. Llama 2 or Mistral); "
-                        f"supported: {SUPPORTED}")
     pattern = _pattern(data.get("pre_tokenizer"), path)
     nfc = _nfc(data.get("normalizer"), path)
     added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
     ranks = _ranks(model.get("vocab") or {}, model.get("merges") or [], path, set(added))
     return _assemble(directory, path, pattern, ranks, added, nfc)
+
+
+def _from_sentencepiece_json(directory: Path) -> Tokenizer:
+    """A sentencepiece-style BPE (byte_fallback: Llama 2, Mistral) run by Hugging Face `tokenizers`, as transformers
+    loads it (pipeline.data.hf_encoding)."""
+    path = directory / "tokenizer.json"
+    config = optional_json(directory / "tokenizer_config.json")
+    named = config.get("tokenizer_class")
+    if named not in (None, *SENTENCEPIECE_CLASSES):
+        raise UserError(f"{directory / 'tokenizer_config.json'}: tokenizer_class {named!r} with a sentencepiece-style "
+                        f"tokenizer.json is not supported (transformers rebuilds it its own way); supported: "
+                        f"{SUPPORTED_SENTENCEPIECE}")
+    try:
+        encoding = HFEncoding.from_file(path, config, optional_json(directory / "config.json"))
+    except Exception as err:  # tokenizers raises its own Exception subclass on a file it cannot read
+        raise UserError(f"{path}: not readable by the tokenizers library ({err})") from None
+    data = _json(path)
+    added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
+    return _special_tokens(directory, path, encoding, added, False, encoding.vocabulary_id)
 
 
 def _from_vocab_merges(directory: Path) -> Tokenizer:
@@ -284,9 +308,7 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
               added: Mapping[str, tuple[int, bool]], nfc: bool, defaults: Mapping[str, Any] | None = None) -> Tokenizer:
     """The Tokenizer from ranks + added tokens, with BOS / EOS / pad / stops from the checkpoint's configs
     (`defaults` fill what no config file says: Meta's tokenizer.model alone)."""
-    defaults = defaults or {}
-    config_file = directory / "tokenizer_config.json"
-    config = optional_json(config_file)
+    config = optional_json(directory / "tokenizer_config.json")
     added = dict(added)
     for index, entry in (config.get("added_tokens_decoder") or {}).items():
         added.setdefault(entry["content"], (int(index), bool(entry.get("special", True))))
@@ -294,12 +316,27 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     clash = [t for t, (i, _) in added.items() if i in taken]
     if clash:
         raise UserError(f"{source}: added token {clash[0]!r} reuses id {added[clash[0]][0]}, which a BPE token has")
-    name = f"{source}"
     try:
-        encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
+        encoding = tiktoken.Encoding(name=f"{source}", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens={t: i for t, (i, _) in added.items()})
     except ValueError as err:
         raise UserError(f"{source}: not a consistent vocabulary for tiktoken ({err})") from None
+    table = _unicode_to_byte()
+
+    def vocabulary_id(name: str) -> int | None:  # a vocabulary token's rank, by its byte-level text
+        return ranks.get(bytes(table[c] for c in name)) if all(c in table for c in name) else None
+    return _special_tokens(directory, source, encoding, added, nfc, vocabulary_id, defaults)
+
+
+def _special_tokens(directory: Path, source: Path, encoding: tiktoken.Encoding | HFEncoding,
+                    added: Mapping[str, tuple[int, bool]], nfc: bool, vocabulary_id: Callable[[str], int | None],
+                    defaults: Mapping[str, Any] | None = None) -> Tokenizer:
+    """The Tokenizer of `encoding`, with BOS / EOS / pad / stops from the checkpoint's configs (`defaults` fill
+    what no config file says) and `added` (content -> (id, special)) the added tokens."""
+    defaults = defaults or {}
+    config_file = directory / "tokenizer_config.json"
+    config = optional_json(config_file)
+    name = f"{source}"
     ids = {t: i for t, (i, _) in added.items()}
     special_map = optional_json(directory / "special_tokens_map.json")
     generation = optional_json(directory / "generation_config.json")
@@ -340,13 +377,13 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),
                      added=frozenset(t for t in added if t not in markup), nfc=nfc, files=files,
-                     additional_special_ids=additional_special_ids(config, special_map, ids, ranks),
+                     additional_special_ids=additional_special_ids(config, special_map, ids, vocabulary_id),
                      # transformers 4.57 reads the key's truth, false when absent (tokenization_utils_base.py:1453)
                      clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))
 
 
 def additional_special_ids(config: Mapping[str, Any], special_map: Mapping[str, Any], ids: Mapping[str, int],
-                           ranks: Mapping[bytes, int]) -> tuple[int, ...]:
+                           vocabulary_id: Callable[[str], int | None]) -> tuple[int, ...]:
     """The checkpoint's additional_special_tokens as transformers 4.57 reads them, as ids: tokenizer_config.json's
     list, and only where that file has no added_tokens_decoder (the legacy branch) special_tokens_map.json's
     tokens it lacks appended (transformers/tokenization_utils_base.py:2262-2297); each name an added token's id, or
@@ -356,12 +393,9 @@ def additional_special_ids(config: Mapping[str, Any], special_map: Mapping[str, 
     names = [_content(t) for t in config.get("additional_special_tokens") or []]
     if "added_tokens_decoder" not in config:
         names += [n for t in special_map.get("additional_special_tokens") or [] if (n := _content(t)) not in names]
-    table = _unicode_to_byte()
 
     def token_id(name: str) -> int | None:
-        if name in ids:
-            return ids[name]
-        return ranks.get(bytes(table[c] for c in name)) if all(c in table for c in name) else None
+        return ids[name] if name in ids else vocabulary_id(name)
     return tuple(dict.fromkeys(i for n in names if n and (i := token_id(n)) is not None))
 
 

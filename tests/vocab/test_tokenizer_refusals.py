@@ -23,8 +23,6 @@ def _dir(tmp_path, name, tokenizer_json=None):
 
 @pytest.mark.parametrize("tokenizer_json, message", [
     ({"model": {"type": "Unigram", "vocab": []}}, r"model.type 'Unigram' \(sentencepiece\) is not supported"),
-    ({"model": {"type": "BPE", "byte_fallback": True, "vocab": {}, "merges": []}},
-     r"model.byte_fallback is true \(a sentencepiece-style BPE"),
     ({"model": {"type": "BPE", "vocab": {}, "merges": []}, "pre_tokenizer": {"type": "Metaspace"}},
      r"a sentencepiece tokenizer \(pre_tokenizer Metaspace\) is not supported"),
     ({"model": {"type": "WordPiece", "vocab": {}}}, r"model.type 'WordPiece' is not supported"),

@@ -1,0 +1,150 @@
+"""A sentencepiece-style BPE tokenizer.json (Llama 2, Mistral) run through Hugging Face `tokenizers`, behind the
+few operations of tiktoken's Encoding that pipeline.data.tokenizer.Tokenizer uses.
+
+Why `tokenizers` and not tiktoken: these vocabularies are no byte-level BPE. Text is normalised to "▁" for each
+space with a prefix "▁" (Metaspace), merges follow the pieces' scores rather than the ids, and a character the
+vocabulary lacks becomes its UTF-8 bytes as <0xNN> tokens (byte_fallback). tiktoken's ranks cannot say any of it;
+the library that wrote the file runs it exactly, and transformers runs it the same way.
+
+What transformers 5 changes on loading, done here too so that the ids equal AutoTokenizer's from the same folder:
+a checkpoint whose tokenizer class is LlamaTokenizer (tokenizer_config.json's tokenizer_class, else config.json's
+model_type llama / mistral) gets the normalizer, pre-tokenizer and decoder that class builds in its __init__
+(transformers/models/llama/tokenization_llama.py:126-143): no normalizer, Metaspace(prepend_scheme "first", or
+"always" with legacy: true, "never" with add_prefix_space: false; split false) and Replace / ByteFallback / Fuse /
+Strip(1 left). The file's own (the legacy Prepend + Replace normalizer of Llama 2's hub file) is not what
+transformers runs. Another class (PreTrainedTokenizerFast) runs the file as written.
+
+Every template piece and every text is encoded on its own without the post-processor's BOS (transformers'
+encode(text, add_special_tokens=False), as LLaMA-Factory's Template._convert_elements_to_ids calls it): each gets
+the prefix "▁" of its Metaspace, as there. Which added tokens a text may contain as one token is the caller's
+(`encode(text, allowed_special=...)`): the others are read as text, as transformers' split_special_tokens reads
+the special ones; one `tokenizers.Tokenizer` per such set, made from the same JSON with the others left out of its
+added tokens (the vocabulary pieces of <s>, [INST], ... are then never produced from text, as sentencepiece never
+produces a control piece).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Collection, Iterable, Literal, Mapping, Sequence
+
+from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+LLAMA_MODEL_TYPES = ("llama", "mistral")  # AutoTokenizer's class for these without tokenizer_class: LlamaTokenizer
+METASPACE = "▁"
+
+
+def is_sentencepiece_bpe(data: Mapping[str, Any]) -> bool:
+    """Whether a tokenizer.json is a sentencepiece-style BPE: model BPE with byte_fallback (its <0xNN> pieces)."""
+    model = data.get("model")
+    return isinstance(model, dict) and model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def transformers_class_is_llama(config: Mapping[str, Any], model_config: Mapping[str, Any]) -> bool:
+    """Whether AutoTokenizer (transformers 5) loads the folder as LlamaTokenizer, which rebuilds the pipeline."""
+    named = config.get("tokenizer_class")
+    if named:
+        return named in LLAMA_CLASSES
+    return model_config.get("model_type") in LLAMA_MODEL_TYPES
+
+
+def _as_llama_tokenizer(tokenizer: Tokenizer, config: Mapping[str, Any]) -> None:
+    """transformers 5's LlamaTokenizer.__init__ steps, re-typed (tokenization_llama.py:126-143 with
+    tokenization_utils_base._get_prepend_scheme): the config's legacy (default false) and add_prefix_space (default
+    true) pick the prepend scheme."""
+    add_prefix_space = config.get("add_prefix_space")
+    add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+    scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tokenizer.decoder = decoders.Sequence(steps)
+
+
+class HFEncoding:
+    """The tokenizer.json of a checkpoint as Tokenizer's encoding: tiktoken Encoding's names for the operations the
+    pipeline uses (encode / encode_ordinary / decode, decode_single_token_bytes, token_byte_values, n_vocab, the
+    added tokens as _special_tokens) and with_added for a recipe's new tokens."""
+
+    def __init__(self, name: str, text: str, added: Sequence[tuple[str, bool]] = ()):
+        self.name = name
+        self._text = text  # the tokenizer.json (after the class's rebuild), without the recipe's tokens
+        self._new = tuple(added)  # the recipe's tokens: (content, special), in the order they were added
+        self._full = self._build(None)
+        self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
+        self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
+                                max(self._special_tokens.values(), default=-1) + 1)
+
+    @classmethod
+    def from_file(cls, path: Path, config: Mapping[str, Any], model_config: Mapping[str, Any]) -> HFEncoding:
+        tokenizer = Tokenizer.from_file(str(path))
+        if transformers_class_is_llama(config, model_config):
+            _as_llama_tokenizer(tokenizer, config)
+        tokenizer.post_processor = None  # never used: every encode is add_special_tokens=False
+        return cls(str(path), tokenizer.to_str())
+
+    def _build(self, recognised: frozenset[str] | None) -> Tokenizer:
+        """The tokenizer that matches only the `recognised` added tokens in text (None: all of them)."""
+        if recognised is None:
+            tokenizer = Tokenizer.from_str(self._text)
+        else:
+            data = json.loads(self._text)
+            data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["content"] in recognised]
+            tokenizer = Tokenizer.from_str(json.dumps(data))
+        # transformers' add_tokens: AddedToken(normalized=not special, special=special), plain ones then special ones
+        for content, special in self._new:
+            if recognised is None or content in recognised:
+                token = AddedToken(content, normalized=not special, special=special)
+                (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
+        return tokenizer
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of sets per tokenizer, for its lifetime
+    def _variant(self, recognised: frozenset[str]) -> Tokenizer:
+        if recognised >= frozenset(self._special_tokens):
+            return self._full
+        return self._build(recognised)
+
+    def encode(self, text: str, *, allowed_special: Collection[str] | Literal["all"] = frozenset(),
+               disallowed_special: Collection[str] = ()) -> list[int]:
+        """`text` as transformers' encode(text, add_special_tokens=False); of the added tokens, only
+        `allowed_special` ("all": every one) is one token where it appears, the rest is text."""
+        del disallowed_special  # tiktoken's parameter: nothing here raises on a special token in text
+        tokenizer = self._full if allowed_special == "all" else self._variant(frozenset(allowed_special))
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """transformers 5's decode(ids, skip_special_tokens=False) (the decoder's ByteFallback, Fuse, the first
+        space stripped); the caller drops the special tokens it skips."""
+        return self._full.decode(list(ids), skip_special_tokens=False)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for: <0xNN> its byte, an added token its text, a piece its text with "▁" a
+        space (the prefix space included: what the token adds after another)."""
+        piece = self._full.id_to_token(token)
+        if piece is None:
+            raise KeyError(token)
+        if token not in self._special_tokens.values() and len(piece) == 6 and piece.startswith("<0x") and piece[5] == ">":
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace(METASPACE, " ").encode("utf-8")
+
+    def token_byte_values(self) -> list[bytes]:
+        return [self.decode_single_token_bytes(i) for i in range(self.n_vocab) if self._full.id_to_token(i) is not None]
+
+    def vocabulary_id(self, token: str) -> int | None:
+        """The id of a piece or added token spelled `token`, None when there is none."""
+        return self._full.token_to_id(token)
+
+    def in_vocabulary(self, token: str) -> bool:
+        """Whether `token` has an id already (transformers' add_tokens then adds nothing): a piece or added token."""
+        return self.vocabulary_id(token) is not None
+
+    def with_added(self, tokens: Sequence[tuple[str, bool]]) -> HFEncoding:
+        """This encoding with a recipe's new tokens, (content, special) each, ids from n_vocab up."""
+        return HFEncoding(self.name, self._text, (*self._new, *tokens))

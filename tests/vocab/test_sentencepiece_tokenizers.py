@@ -1,0 +1,100 @@
+"""Sentencepiece-style tokenizers (Llama 2, Mistral v0.1 / v0.3) encode and decode as transformers' tokenizer
+loaded from the same folder (AutoTokenizer: the golden), through pipeline.data.hf_encoding.
+
+Real vocabularies (tests/helpers/sp_vocab.py: mistral-common's sentencepiece models, converted by transformers'
+LlamaConverter) with the hub checkpoints' configs. The corpus covers what differs from byte-level BPE: the prefix
+space of each separately encoded text, leading / double spaces, newlines, tabs, byte fallback for characters the
+vocabulary lacks (emoji, rare CJK), digits, code, control tokens typed in text, the empty string.
+"""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.data.model_tokenizer import load_tokenizer
+from tests.helpers.sp_vocab import FAMILIES, write_sp_tokenizer_dir
+
+CORPUS = ["", "Hello", " Hello", "  two  spaces ", "a\nb\n\nc\n", "\ttab\tend", "emoji 🦙🤗 end", "rare 龘 and 𠀀",
+          "digits 12345 3.14159", "def f(x):\n    return x  # code\n", "héllo wörld, ünïcode", " ", "\n", "x" * 40,
+          "Answer:", "Human: hi\nAssistant:"]
+CONTROL = ["<s> and </s> here", "[INST] hi [/INST] ok", "A[INST]B[TOOL_CALLS]C", "<unk> unknown", "</s>"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sp")
+    return {family: write_sp_tokenizer_dir(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def golden(folders):
+    from transformers import AutoTokenizer
+
+    return {family: AutoTokenizer.from_pretrained(folder) for family, folder in folders.items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_encode_and_decode_equal_transformers(family, folders, golden):
+    hf, ours = golden[family], load_tokenizer(folders[family])
+    assert ours.n_vocab == len(hf) == (32768 if family == "mistral_v3" else 32000)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # no pad_token: the EOS pads (masked out)
+    for text in CORPUS + CONTROL:
+        expected = hf.encode(text, add_special_tokens=False)  # LLaMA-Factory's call for each template piece
+        assert ours.encode_special(text) == expected, text
+        assert ours.decode(expected) == hf.decode(expected), text
+        assert ours.decode(expected, skip_special=True) == hf.decode(expected, skip_special_tokens=True), text
+        split = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert ours.split_special().encode(text) == split, text
+    for text in CORPUS:  # user text without added tokens: as transformers reads it
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+    # the markup stays literal in user text (EOS, BOS): split as text, as split_special_tokens does
+    assert ours.encode("</s>") == hf("</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_control_tokens_typed_in_text_are_one_token_unless_split(folders, golden):
+    """Mistral v0.3's [INST] / [TOOL_CALLS] typed in user text: one token each as transformers reads it by default
+    (none is EOS / BOS / a template's markup), literal pieces with split_special_tokens."""
+    hf, ours = golden["mistral_v3"], load_tokenizer(folders["mistral_v3"])
+    text = "say [INST] and [TOOL_CALLS]"
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert {3, 5} <= set(ours.encode(text))  # [INST] 3, [TOOL_CALLS] 5 (the v3 model's control pieces)
+    assert not {3, 5} & set(ours.split_special().encode(text))
+
+
+def test_byte_fallback_token_bytes(folders):
+    """Each id's bytes (token_bytes: <0xNN> its byte, "▁" a space) joined give the text back with the one prefix
+    space Metaspace adds: 🦙 is four <0xNN> tokens."""
+    ours = load_tokenizer(folders["mistral_v1"])
+    ids = ours.encode("llama 🦙!")
+    assert b"".join(ours.token_bytes(i) for i in ids) == " llama 🦙!".encode()
+    assert [ours.token_bytes(i) for i in ids[-5:-1]] == [bytes([b]) for b in "🦙".encode()]
+
+
+def test_added_tokens_as_transformers_adds_them(folders, golden):
+    """add_tokens (plain, normalized) then add_special_tokens, ids from 32,000 up: as transformers' add_tokens."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(folders["llama2"])
+    hf.add_tokens(["<think>"], special_tokens=False)
+    hf.add_tokens(["<tool>"], special_tokens=True)
+    ours = load_tokenizer(folders["llama2"]).with_tokens(["<think>"], ["<tool>"])
+    assert (ours.token_id("<think>"), ours.token_id("<tool>"), ours.n_vocab) == (32000, 32001, 32002)
+    for text in ["a <think> b <tool> c", "<think>x</think>", "<tool>"]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode(text)) == hf.decode(hf.encode(text, add_special_tokens=False)), text
+    assert ours.decode([32000, 32001], skip_special=True) == hf.decode([32000, 32001], skip_special_tokens=True)
+
+
+def test_another_tokenizer_class_is_refused(folders, tmp_path):
+    """A sentencepiece-style tokenizer.json whose class transformers rebuilds another way (GemmaTokenizer) is
+    refused with one message naming the file and the key, as the CLI prints it (exit 2)."""
+    import json
+    import shutil
+
+    from pipeline.errors import UserError
+
+    folder = shutil.copytree(folders["mistral_v1"], tmp_path / "gemma_like")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
+    with pytest.raises(UserError, match=r"tokenizer_config.json: tokenizer_class 'GemmaTokenizer' with a "
+                                        r"sentencepiece-style tokenizer.json is not supported"):
+        load_tokenizer(folder)
