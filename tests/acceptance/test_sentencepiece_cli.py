@@ -1,0 +1,101 @@
+"""The user's path with a sentencepiece tokenizer: a transformers-written LlamaForCausalLM (vocabulary 32,000, the
+Mistral 7B v0.1 / Llama 2 shape; 2 layers, tiny width) with Mistral-7B-v0.1's tokenizer files (tests/helpers/
+sp_vocab.py) -> `python -m pipeline build / train (LoRA sft, template default, a new special token) / merge /
+generate` as typed; merged/ loads in transformers with the grown vocabulary, AutoTokenizer on merged/ encodes as on
+the base and gives the new token the id training used, and the training ids are LLaMA-Factory's: each template
+piece encoded on its own with add_special_tokens=False (each with its prefix "▁"), EOS by id, no BOS (the default
+template has none).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import pipeline, sft_rows, write_data, write_recipe
+from tests.helpers.sp_vocab import write_sp_tokenizer_dir
+
+TEXTS = ["Repeat the words: red river", "  two  spaces\tand a tab\n", "emoji 🦙 and 龘", "</s> typed", ""]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Path:
+    """A workdir with data/, the checkpoint at base/, one LoRA run trained and merged."""
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("sentencepiece")
+    write_data(root / "data")
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "base", safe_serialization=True)
+    write_sp_tokenizer_dir(root / "base", "mistral_v1")
+    recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
+                          template="default", output_dir="saves/lora", cutoff_len=64, add_special_tokens="<tool>")
+    pipeline("build", recipe, cwd=root)
+    pipeline("train", recipe, cwd=root)
+    pipeline("merge", recipe, cwd=root)
+    return root
+
+
+def test_merged_loads_in_transformers_with_the_same_tokenizer(session):
+    import transformers
+
+    merged = session / "saves/lora/merged"
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 32064  # 32,001 padded to 64
+    base_tok = transformers.AutoTokenizer.from_pretrained(session / "base")
+    merged_tok = transformers.AutoTokenizer.from_pretrained(merged)
+    for text in TEXTS:
+        assert merged_tok.encode(text) == base_tok.encode(text), text
+        assert merged_tok.decode(base_tok.encode(text)) == base_tok.decode(base_tok.encode(text)), text
+    assert (merged_tok.bos_token, merged_tok.eos_token) == ("<s>", "</s>")
+    assert merged_tok.encode("a <tool> b", add_special_tokens=False) == [264, 28705, 32000, 287]
+
+
+def test_generate_decodes_as_transformers(session):
+    """generate (the base model, greedy, the default template) prints what transformers' decode of the same new ids
+    gives: the completion text, byte fallback joined, its first prefix space stripped as the sentencepiece decoder
+    does. (A recipe without the new token: the rows it grows, never trained, would win greedy on this random model
+    and decode to nothing.)"""
+    import torch
+    import transformers
+
+    prompt = "Repeat the words: red 🦙"
+    recipe = write_recipe(session / "plain.yaml", model_name_or_path=str(session / "base"), dataset_dir="data",
+                          template="default", output_dir="saves/plain")
+    out = pipeline("generate", recipe, "--prompt", prompt, "--model", "base", cwd=session, as_typed=False)
+    hf = transformers.AutoTokenizer.from_pretrained(session / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(session / "base")
+    ids = hf.encode("Human: " + prompt, add_special_tokens=False) + [2] + hf.encode("\nAssistant:",
+                                                                                   add_special_tokens=False)
+    new = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=2, pad_token_id=2)
+    expected = hf.decode(new[0, len(ids):], skip_special_tokens=True)
+    assert expected and out.stdout.rstrip("\n") == expected
+
+
+def test_training_ids_are_llamafactorys(session):
+    """LLaMA-Factory's default template (data/template.py: format_user ["Human: {{content}}", {"eos_token"},
+    "\\nAssistant:"], format_assistant ["{{content}}", {"eos_token"}, "\\n"]), each string element encoded by
+    Template._convert_elements_to_ids with tokenizer.encode(elem, add_special_tokens=False)."""
+    import transformers
+
+    from pipeline.data.model_tokenizer import load_tokenizer
+    from pipeline.data.tokenize import encode_example
+
+    hf = transformers.AutoTokenizer.from_pretrained(session / "base")
+    row = sft_rows(1)[0]
+
+    def enc(text: str) -> list[int]:
+        return hf.encode(text, add_special_tokens=False)
+
+    prompt = enc("Human: " + row["instruction"]) + [2] + enc("\nAssistant:")
+    answer = enc(row["output"]) + [2] + enc("\n")
+    got = encode_example(row, "default", load_tokenizer(session / "base"), cutoff_len=64)
+    assert got.input_ids == prompt + answer
+    assert got.labels == [-100] * len(prompt) + answer
+    log = [json.loads(line) for line in (session / "saves/lora/trainer_log.jsonl").read_text().splitlines()]
+    assert log and all(entry.get("loss", 0) > 0 for entry in log if "loss" in entry)
