@@ -9,7 +9,7 @@ the library that wrote the file runs it exactly, and transformers runs it the sa
 What transformers 5 changes on loading, done here too so that the ids equal AutoTokenizer's from the same folder:
 a checkpoint whose tokenizer class is LlamaTokenizer (tokenizer_config.json's tokenizer_class, else config.json's
 model_type llama / mistral) gets the normalizer, pre-tokenizer and decoder that class builds in its __init__
-(transformers/models/llama/tokenization_llama.py:126-143): no normalizer, Metaspace(prepend_scheme "first", or
+(transformers/models/llama/tokenization_llama.py:101-133, transformers 5.24): no normalizer, Metaspace(prepend_scheme "first", or
 "always" with legacy: true, "never" with add_prefix_space: false; split false) and Replace / ByteFallback / Fuse /
 Strip(1 left). The file's own (the legacy Prepend + Replace normalizer of Llama 2's hub file) is not what
 transformers runs. Another class (PreTrainedTokenizerFast) runs the file as written.
@@ -27,9 +27,10 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any, Collection, Iterable, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Literal, Mapping, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+if TYPE_CHECKING:  # imported where used: a byte-level checkpoint's commands never load the library (~30 ms)
+    from tokenizers import Tokenizer
 
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 LLAMA_MODEL_TYPES = ("llama", "mistral")  # AutoTokenizer's class for these without tokenizer_class: LlamaTokenizer
@@ -51,9 +52,11 @@ def transformers_class_is_llama(config: Mapping[str, Any], model_config: Mapping
 
 
 def _as_llama_tokenizer(tokenizer: Tokenizer, config: Mapping[str, Any]) -> None:
-    """transformers 5's LlamaTokenizer.__init__ steps, re-typed (tokenization_llama.py:126-143 with
-    tokenization_utils_base._get_prepend_scheme): the config's legacy (default false) and add_prefix_space (default
+    """transformers 5's LlamaTokenizer.__init__ steps, re-typed (tokenization_llama.py:101-133 with
+    tokenization_utils_base.py:3770-3777): the config's legacy (default false) and add_prefix_space (default
     true) pick the prepend scheme."""
+    from tokenizers import decoders, pre_tokenizers
+
     add_prefix_space = config.get("add_prefix_space")
     add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
     scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
@@ -81,6 +84,8 @@ class HFEncoding:
 
     @classmethod
     def from_file(cls, path: Path, config: Mapping[str, Any], model_config: Mapping[str, Any]) -> HFEncoding:
+        from tokenizers import Tokenizer
+
         tokenizer = Tokenizer.from_file(str(path))
         if transformers_class_is_llama(config, model_config):
             _as_llama_tokenizer(tokenizer, config)
@@ -89,6 +94,8 @@ class HFEncoding:
 
     def _build(self, recognised: frozenset[str] | None) -> Tokenizer:
         """The tokenizer that matches only the `recognised` added tokens in text (None: all of them)."""
+        from tokenizers import AddedToken, Tokenizer
+
         if recognised is None:
             tokenizer = Tokenizer.from_str(self._text)
         else:

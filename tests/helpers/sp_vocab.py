@@ -134,3 +134,8 @@ def write_sp_tokenizer_dir(directory: str | Path, family: str) -> Path:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     return directory
+
+
+if __name__ == "__main__":  # `python -m tests.helpers.sp_vocab`: fetch and convert everything once (make test-deps)
+    for model_name, legacy_form in sorted(set(FAMILIES.values())):
+        print(tokenizer_json(model_name, legacy_form))

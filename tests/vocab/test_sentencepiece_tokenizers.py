@@ -37,6 +37,9 @@ def test_encode_and_decode_equal_transformers(family, folders, golden):
     hf, ours = golden[family], load_tokenizer(folders[family])
     assert ours.n_vocab == len(hf) == (32768 if family == "mistral_v3" else 32000)
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # no pad_token: the EOS pads (masked out)
+    # LLaMA-Factory 0.9.5's pretrain processor writes BOS only where getattr(tokenizer, "add_bos_token", False)
+    # (data/processor/pretrain.py:33, :49): transformers 5 reads it false here, so pt joins documents without BOS
+    assert not getattr(hf, "add_bos_token", False)
     for text in CORPUS + CONTROL:
         expected = hf.encode(text, add_special_tokens=False)  # LLaMA-Factory's call for each template piece
         assert ours.encode_special(text) == expected, text
