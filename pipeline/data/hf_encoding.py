@@ -77,6 +77,7 @@ class HFEncoding:
         self.name = name
         self._text = text  # the tokenizer.json (after the class's rebuild), without the recipe's tokens
         self._new = tuple(added)  # the recipe's tokens: (content, special), in the order they were added
+        self._data: dict[str, Any] = json.loads(text)  # for the variants (_build), parsed once
         self._full = self._build(None)
         self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
@@ -99,7 +100,7 @@ class HFEncoding:
         if recognised is None:
             tokenizer = Tokenizer.from_str(self._text)
         else:
-            data = json.loads(self._text)
+            data = dict(self._data)
             data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["content"] in recognised]
             tokenizer = Tokenizer.from_str(json.dumps(data))
         # transformers' add_tokens: AddedToken(normalized=not special, special=special), plain ones then special ones
