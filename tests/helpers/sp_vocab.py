@@ -17,17 +17,12 @@ configs follow the published checkpoints:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import types
-import zipfile
 from pathlib import Path
 
-from tests.helpers.hf_vocab import CACHE
+from tests.helpers.hf_vocab import CACHE, wheel_member
 
 REQUIREMENT = "mistral-common==1.13.1"
 MODELS = {  # name -> (member of the wheel, sha256)
@@ -36,7 +31,8 @@ MODELS = {  # name -> (member of the wheel, sha256)
     "v3": ("mistral_common/data/mistral_instruct_tokenizer_240323.model.v3",
            "9addc8bdce5988448ae81b729336f43a81262160ae8da760674badab9d4c7d33"),
 }
-FAMILIES = {"mistral_v1": ("v1", True), "llama2": ("v1", False), "mistral_v3": ("v3", False)}  # (model, legacy)
+# family -> (model, the legacy form of tokenizer.json (Prepend / Replace normalizer), tokenizer_config.json's legacy)
+FAMILIES = {"mistral_v1": ("v1", True, True), "llama2": ("v1", True, False), "mistral_v3": ("v3", False, False)}
 # Mistral-7B-Instruct-v0.3's chat template, shortened to its [INST] turns (no tools)
 MISTRAL_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content']"
@@ -47,21 +43,7 @@ MISTRAL_CHAT_TEMPLATE = (
 def sentencepiece_model(name: str) -> Path:
     """The cached sentencepiece model "v1" or "v3", fetched from PyPI with pip when absent (sha256 checked)."""
     member, sha = MODELS[name]
-    dest = CACHE / f"mistral-{name}.model"
-    if dest.is_file() and hashlib.sha256(dest.read_bytes()).hexdigest() == sha:
-        return dest
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                        REQUIREMENT, "-d", tmp], check=True)
-        (wheel,) = Path(tmp).glob("*.whl")
-        data = zipfile.ZipFile(wheel).read(member)
-    if hashlib.sha256(data).hexdigest() != sha:
-        raise RuntimeError(f"{member} from {REQUIREMENT} has an unexpected sha256")
-    part = dest.with_suffix(f".part{os.getpid()}")
-    part.write_bytes(data)
-    os.replace(part, dest)
-    return dest
+    return wheel_member(REQUIREMENT, member, sha, CACHE / f"mistral-{name}.model")
 
 
 def tokenizer_json(model: str, legacy: bool) -> Path:
@@ -103,8 +85,8 @@ def tokenizer_json(model: str, legacy: bool) -> Path:
 
 def _configs(family: str) -> tuple[dict, dict]:
     """(tokenizer_config.json, special_tokens_map.json) as the published checkpoints have them."""
-    model, legacy = FAMILIES[family]
-    added = json.loads(tokenizer_json(model, legacy).read_text())["added_tokens"]
+    model, legacy_form, legacy = FAMILIES[family]
+    added = json.loads(tokenizer_json(model, legacy_form).read_text())["added_tokens"]
     decoder = {str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
                                                    "special")} for t in sorted(added, key=lambda t: t["id"])}
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -128,8 +110,8 @@ def write_sp_tokenizer_dir(directory: str | Path, family: str) -> Path:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json of `family` (FAMILIES) in `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model, legacy = FAMILIES[family]
-    (directory / "tokenizer.json").write_bytes(tokenizer_json(model, legacy).read_bytes())
+    model, legacy_form, _ = FAMILIES[family]
+    (directory / "tokenizer.json").write_bytes(tokenizer_json(model, legacy_form).read_bytes())
     config, special = _configs(family)
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
@@ -137,5 +119,5 @@ def write_sp_tokenizer_dir(directory: str | Path, family: str) -> Path:
 
 
 if __name__ == "__main__":  # `python -m tests.helpers.sp_vocab`: fetch and convert everything once (make test-deps)
-    for model_name, legacy_form in sorted(set(FAMILIES.values())):
+    for model_name, legacy_form in sorted({(m, form) for m, form, _ in FAMILIES.values()}):
         print(tokenizer_json(model_name, legacy_form))

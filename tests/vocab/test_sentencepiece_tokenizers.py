@@ -101,3 +101,21 @@ def test_another_tokenizer_class_is_refused(folders, tmp_path):
     with pytest.raises(UserError, match=r"tokenizer_config.json: tokenizer_class 'GemmaTokenizer' with a "
                                         r"sentencepiece-style tokenizer.json is not supported"):
         load_tokenizer(folder)
+
+
+def test_a_pretrained_tokenizer_fast_file_runs_as_written(folders, tmp_path):
+    """tokenizer_class PreTrainedTokenizerFast: transformers runs the file's own legacy normalizer (Prepend "▁",
+    Replace " "), which encodes "  two  spaces" otherwise than LlamaTokenizer's rebuilt Metaspace; so does ours."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = shutil.copytree(folders["mistral_v1"], tmp_path / "fast")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    hf, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    for text in CORPUS:
+        assert ours.encode_special(text) == hf.encode(text, add_special_tokens=False), text
+        assert ours.decode(ours.encode_special(text)) == hf.decode(hf.encode(text, add_special_tokens=False)), text
+    assert ours.encode("  two  spaces") != load_tokenizer(folders["mistral_v1"]).encode("  two  spaces")
