@@ -80,6 +80,7 @@ class HFEncoding:
         self._data: dict[str, Any] = json.loads(text)  # for the variants (_build), parsed once
         self._full = self._build(None)
         self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
+        self._added_ids = frozenset(self._special_tokens.values())
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
                                 max(self._special_tokens.values(), default=-1) + 1)
 
@@ -138,7 +139,7 @@ class HFEncoding:
         piece = self._full.id_to_token(token)
         if piece is None:
             raise KeyError(token)
-        if token not in self._special_tokens.values() and len(piece) == 6 and piece.startswith("<0x") and piece[5] == ">":
+        if token not in self._added_ids and len(piece) == 6 and piece.startswith("<0x") and piece[5] == ">":
             return bytes([int(piece[3:5], 16)])
         return piece.replace(METASPACE, " ").encode("utf-8")
 

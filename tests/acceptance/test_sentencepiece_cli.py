@@ -1,7 +1,7 @@
 """The user's path with a sentencepiece tokenizer: a transformers-written LlamaForCausalLM (vocabulary 32,000, the
 Mistral 7B v0.1 / Llama 2 shape; 2 layers, tiny width) with Mistral-7B-v0.1's tokenizer files
 (tests/helpers/sp_vocab.py) -> `python -m pipeline build / train (LoRA sft, template default, a new special token) /
-merge / generate` (train and merge as typed, build and generate in process); merged/ loads in transformers with
+merge / generate` (train as typed, build, merge and generate in process); merged/ loads in transformers with
 the grown vocabulary, AutoTokenizer on merged/ encodes as on the base and gives the new token the id training used,
 and the training ids are LLaMA-Factory's: each template piece encoded on its own with add_special_tokens=False
 (each with its prefix "▁"), EOS by id, no BOS (the default template has none).
@@ -35,9 +35,9 @@ def session(tmp_path_factory) -> Path:
     write_sp_tokenizer_dir(root / "base", "mistral_v1")
     recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
                           template="default", output_dir="saves/lora", cutoff_len=64, add_special_tokens="<tool>")
-    pipeline("build", recipe, cwd=root, as_typed=False)  # train and merge run as typed
-    pipeline("train", recipe, cwd=root)
-    pipeline("merge", recipe, cwd=root)
+    pipeline("build", recipe, cwd=root, as_typed=False)
+    pipeline("train", recipe, cwd=root)  # as typed; the others in process (the same code, no interpreter start)
+    pipeline("merge", recipe, cwd=root, as_typed=False)
     return root
 
 
