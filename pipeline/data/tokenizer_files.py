@@ -261,7 +261,8 @@ def _from_tiktoken_model(path: Path, directory: Path) -> Tokenizer:
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
     except (ValueError, TypeError):
         raise UserError(f"{path}: not a tiktoken BPE file (base64 token and rank per line); a sentencepiece "
-                        f"tokenizer.model is not supported; supported: {SUPPORTED}") from None
+                        f"tokenizer.model is not supported; copy the checkpoint's tokenizer.json next to it (Llama 2 "
+                        f"and Mistral ship one); supported: {SUPPORTED}") from None
     n = len(ranks)
     added: dict[str, tuple[int, bool]] = {}
     config = optional_json(directory / "tokenizer_config.json")
