@@ -36,8 +36,8 @@ def test_non_byte_level_tokenizers_are_refused(tmp_path, tokenizer_json, message
 def test_a_sentencepiece_tokenizer_model_is_refused(tmp_path):
     d = _dir(tmp_path, "m")
     (d / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # protobuf, not text
-    with pytest.raises(UserError, match="not a tiktoken BPE file .* a sentencepiece tokenizer.model is not supported; copy the checkpoint.s "
-                                         "tokenizer.json next to it"):
+    with pytest.raises(UserError, match="not a tiktoken BPE file .* a sentencepiece tokenizer.model is not supported; "
+                                         "copy the checkpoint.s tokenizer.json next to it"):
         load_tokenizer(d)
 
 
