@@ -135,15 +135,17 @@ def test_an_adapter_trained_with_other_settings_is_refused_at_the_recipe_key(wri
     an sft adapter at lora_rank 16 continued by a dpo recipe left at the default 8 stopped train after the model was
     built, naming only the adapter's file (docs/preference-tuning.md's sft-then-dpo path). Now one message at the
     recipe key, before anything loads; a lora_alpha derived from lora_rank is not named when setting lora_rank
-    fixes it too. merge / plan load the adapter as its adapter_config.json says."""
+    fixes it too. validate says it as well when the recipe trains. merge / plan load the adapter as its
+    adapter_config.json says."""
     write("sft/adapter_config.json", {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]})
     write("oft/adapter_config.json", {"peft_type": "OFT", "r": 0, "oft_block_size": 16,
                                      "target_modules": ["q_proj"]})
     lora = LLAMA.replace("finetuning_type: oft", "finetuning_type: lora") + "adapter_name_or_path: sft\n"
     write("r.yaml", lora)
     set_here = "adapter_config.json), and training continues an adapter with the settings it was trained with; set"
-    with pytest.raises(UserError) as exc:
-        resolve("r.yaml", ["use_rslora=true"], command="train")
+    for command in ("train", "validate"):  # validate too: it said OK before make's train stage refused the recipe
+        with pytest.raises(UserError) as exc:
+            resolve("r.yaml", ["use_rslora=true"], command=command)
     assert exc.value.messages == [
         "r.yaml: lora_rank: 8 (the default), but adapter_name_or_path 'sft' was trained with r 16 (its "
         f"{set_here} lora_rank: 16",
@@ -162,6 +164,7 @@ def test_an_adapter_trained_with_other_settings_is_refused_at_the_recipe_key(wri
                                   f"with oft_block_size 16 (its {set_here} oft_block_size: 16"]
     for command in ("plan", "merge"):
         assert resolve("r.yaml", [], command=command)["lora_rank"] == 8
+    assert resolve("r.yaml", ["do_train=false", "do_eval=true"], command="validate")["lora_rank"] == 8
 
 
 def test_a_peft_lora_adapter_continued_under_oft_is_refused_as_typed(tmp_path):

@@ -132,7 +132,7 @@ def adapter_folder_problems(ctx: Context, key: str, path: str) -> list[tuple[str
 
 
 @rule("adapter_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "use_rslora", "use_dora", "oft_rank",
-      "oft_block_size", commands=("train",))
+      "oft_block_size", "do_train", commands=("train", "validate"))
 def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     """train under lora / oft continues adapter_name_or_path with the recipe's method and settings
     (pipeline.model.lora.load_adapter loads it into the recipe's adapter modules): a LoRA adapter under oft, or an
@@ -140,12 +140,13 @@ def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     oft_block_size), would otherwise stop train after the model is built, naming the adapter's file but not the
     recipe's key (an sft run at lora_rank 16 continued by a dpo recipe left at the default 8 did). full / freeze
     fold either into the base; merge / eval / generate load the adapter as its own config says (LLaMA-Factory's
-    merge and inference recipes leave finetuning_type at lora for an OFT adapter too). A missing or unreadable
-    adapter_config.json is adapter_exists's (or the load's) to say."""
+    merge and inference recipes leave finetuning_type at lora for an OFT adapter too). validate says it too when the
+    recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. A missing
+    or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
     from pipeline.names import trains_adapter
 
     path, kind = ctx.values["adapter_name_or_path"], ctx.values["finetuning_type"]
-    if path is None or not trains_adapter(kind):
+    if path is None or not trains_adapter(kind) or (ctx.command == "validate" and not ctx.values["do_train"]):
         return []
     try:
         from pipeline.model.hub import resolve_model_path
