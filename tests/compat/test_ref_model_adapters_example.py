@@ -82,6 +82,8 @@ def test_dpo_against_the_sft_adapter_as_reference(dpo):
     assert done.code == 0, done.err[-6000:]
     metrics = json.loads((run / "eval" / "metrics.json").read_text("utf-8"))
     assert metrics["base_model"] == str(base)
+    assert (f"- base model: {base} alone (adapter_name_or_path {SFT_RUN}/adapter is in the tuned model only)"
+            in (run / "eval" / "report.md").read_text("utf-8"))
     assert abs(metrics["results"]["base"]["reward_margin"]) > 1e-6, metrics["results"]["base"]
 
 
