@@ -132,10 +132,24 @@ $(STAMPS)/scope.mk: $(RECIPE) $(RECIPE_FILES) $(SCOPE_RECIPES) $(VENV)/.setup-do
 # --dry-run. Counting them made the next plain `make eval` after troubleshooting's
 # `make train ARGS='resume_from_checkpoint=latest'` (or after `ARGS=--dry-run`) retrain the whole run from scratch.
 RESULT_ARGS := $(filter-out --dry-run resume_from_checkpoint=% overwrite_output_dir=%,$(ARGS))
-# Written by make itself ($(file)), not echoed through the shell: a quote inside ARGS broke that line.
-# (deps.mk, included above, has made $(@D) before this recipe is expanded.)
+# Written by make itself ($(file)), not echoed through the shell: a quote inside ARGS broke that line. Written while
+# make reads this file, and only when its text changes, rather than by a rule run every time: `make -n` takes such a
+# forced rule as remade, so it listed every stage of an up-to-date chain (upstreams included) as what would run.
+# Under -n nothing is written: changed ARGS make the stamp a forced target instead, so the stages are listed as stale
+# and a later plain make still compares against the ARGS it last ran with.
+# (deps.mk, included above, has made the folder by then; before it exists make remakes it and reads this file again.)
+ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
+ifneq ($(wildcard $(STAMPS)/deps.mk),)
+ifneq ($(if $(wildcard $(STAMPS)/args),$(file <$(STAMPS)/args),<none>),$(RESULT_ARGS))
+ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
 $(STAMPS)/args: FORCE
-	$(file >$@.new,$(RESULT_ARGS))@cmp -s $@.new $@ && rm -f $@.new || mv -f $@.new $@
+else
+$(file >$(STAMPS)/args,$(RESULT_ARGS))
+endif
+endif
+endif
+endif
+$(STAMPS)/args: ;
 
 # Every upstream (recipe:goal) is made by a sub-make of its goal first; its stamp is a prerequisite of this recipe's
 # train (and export), so a re-run upstream makes this recipe stale, and an up-to-date one leaves it alone.

@@ -408,7 +408,9 @@ def render_markdown(
     facts = [
         ("recipe", info.get("recipe")),
         ("stage", info.get("stage")),
-        ("base model", info.get("base_model")),
+        ("base model", info.get("base_model") if not info.get("base_without_adapter") else
+         f"{info['base_model']} alone (adapter_name_or_path {info['base_without_adapter']} is in the tuned model "
+         "only)"),
         ("tuned model", info.get("tuned_model")),
         ("data", info.get("data")),
         ("loss and perplexity over", loss_on),

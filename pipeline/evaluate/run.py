@@ -99,6 +99,9 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "written_at": _dt.datetime.now().isoformat(timespec="seconds"),
             "stage": r["stage"],
             "base_model": str(r["model_name_or_path"]),
+            # the base is model_name_or_path alone: an adapter_name_or_path (continued by training, folded into a
+            # full run, or loaded for eval) is in the tuned model only, so the report says which it left out
+            "base_without_adapter": None if r["adapter_name_or_path"] is None else str(r["adapter_name_or_path"]),
             "tuned_model": tuned.description,
             "data": _data_description(data),
             "n_examples": len(rows) if sft else None,

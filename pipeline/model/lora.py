@@ -564,6 +564,16 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+def differing_settings(recipe_keys: Mapping[str, str], config: Mapping[str, Any],
+                       ours: Mapping[str, Any]) -> list[str]:
+    """The adapter_config.json keys of a method's RECIPE_KEYS whose value in `config` differs from `ours`: an adapter
+    continued (or loaded into existing adapter modules) must have been trained with the recipe's settings. A key
+    absent or null counts as false / 0 (PEFT's older files leave use_rslora and use_dora out). One comparison for
+    the load (_check_settings, on the built model) and the recipe rule that says it at the key's line first
+    (pipeline.recipe.rules.model.adapter_is_the_method, on the recipe's values)."""
+    return [key for key in recipe_keys if (config.get(key) or False) != (ours.get(key) or False)]
+
+
 def _check_settings(wrappers: Mapping[str, AdapterLinear], config: Mapping[str, Any], path: Path,
                     family: Family) -> None:
     """An adapter loaded into existing adapter modules must be of the same method, trained with the same settings."""
@@ -574,8 +584,8 @@ def _check_settings(wrappers: Mapping[str, AdapterLinear], config: Mapping[str, 
                         f"finetuning_type: {theirs.lower()} to continue this adapter)")
     ours = first.peft_config(family)
     problems = [f"{path}: {key} is {config.get(key)!r} but the model's {first.method} uses {ours[key]!r} (set the"
-                f" recipe's {recipe_key} to match the adapter)"
-                for key, recipe_key in first.RECIPE_KEYS.items() if (config.get(key) or False) != (ours[key] or False)]
+                f" recipe's {first.RECIPE_KEYS[key]} to match the adapter)"
+                for key in differing_settings(first.RECIPE_KEYS, config, ours)]
     if problems:
         raise UserError(problems)
 

@@ -6,7 +6,7 @@ the next plain `make train` / `make eval` retrained the whole (finished) run fro
 """
 from __future__ import annotations
 
-from tests.acceptance.harness import files_under, make, trained_with_make
+from tests.acceptance.harness import files_under, make, make_stages, trained_with_make
 
 
 def test_resume_and_dry_run_args_leave_a_finished_run_alone(tmp_path):
@@ -18,3 +18,11 @@ def test_resume_and_dry_run_args_leave_a_finished_run_alone(tmp_path):
     again = make("train", "RECIPE=recipes/r.yaml", venv, cwd=repo)
     assert "pipeline train" not in again.stdout, again.stdout
     assert files_under(repo / "saves" / "r") == done
+
+    # README: `make -n <target>` lists what would run. The ARGS stamp was a rule forced to run, which -n takes as
+    # remade: every stage of this finished run was listed (an upstream's too). Changed ARGS are listed, and -n writes
+    # no stamp, so -n (and a plain make) after it still has nothing to do.
+    assert make_stages(make("-n", "train", "RECIPE=recipes/r.yaml", venv, cwd=repo)) == []
+    changed = make("-n", "train", "RECIPE=recipes/r.yaml", "ARGS=learning_rate=0.5", venv, cwd=repo)
+    assert [command for command, _ in make_stages(changed)] == ["build", "validate", "train"], changed.stdout
+    assert make_stages(make("-n", "train", "RECIPE=recipes/r.yaml", venv, cwd=repo)) == []

@@ -43,7 +43,7 @@ def test_make_chat_takes_a_prompt_with_an_apostrophe(tmp_path):
 
 def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
     """DeepSpeed gives every host of the hostfile --num_gpus (NPROC) ranks (runner.apply_num_nodes_and_gpus); plan
-    showed NPROC ranks, one node's numbers."""
+    showed NPROC ranks, one node's numbers. NNODES (a job without ssh) counts the same way."""
     root = scratch_repo(tmp_path / "repo")
     write_data(root / "datasets")
     (root / "recipes").mkdir()
@@ -56,6 +56,9 @@ def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
     missing = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=nope", f"VENV={root / 'venv'}", cwd=root,
                    env=env, expect=2)
     assert "error: HOSTFILE=nope: no such file" in missing.stderr, missing.stderr
+    # docs/packing-and-scale.md#several-machines: `make plan NNODES=2 NPROC=8` shows the numbers of 16 ranks
+    nodes = make("plan", "RECIPE=recipes/r.yaml", "NPROC=8", "NNODES=2", f"VENV={root / 'venv'}", cwd=root, env=env)
+    assert any(line.split()[:2] == ["world_size", "16"] for line in nodes.stdout.splitlines()), nodes.stdout
 
 
 def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):

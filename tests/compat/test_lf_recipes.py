@@ -109,6 +109,7 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     assert make_stages(made) == [("build", sft), ("validate", sft), ("train", sft), ("export", merge)], made.stdout
     assert _token_table(made.stdout) == _token_table(checked.stdout)  # the same tokenizer (and data) as the chain's
     assert make_stages(make(*goal, cwd=work, env=env)) == []  # nothing stale
+    assert make_stages(make("-n", *goal, cwd=work, env=env)) == []  # and -n lists nothing, the upstream's included
     run = work / "saves/qwen3-4b/lora/sft"
     results = json.loads((run / "all_results.json").read_text("utf-8"))
     assert results["global_step"] == 6  # 21 train rows / (1 x 8) = 2 steps per epoch x 3 epochs

@@ -71,6 +71,21 @@ def test_dpo_against_the_sft_adapter_as_reference(dpo):
                                                 run / "adapter").eval()
         assert_close(theirs(ids).logits, trained_model(DPO, work, USED)(ids))
 
+    # the policy continues the sft adapter with its settings: another lora_rank is one message at the override, before
+    # anything loads (it stopped train after the model was built, naming only the adapter's file)
+    said = refused("train", DPO, *USED, "lora_rank=16", cwd=work, as_typed=False)
+    assert (f"command line override lora_rank=16: lora_rank: given 16, but adapter_name_or_path '{SFT_RUN}/adapter' "
+            "was trained with r 8 (its adapter_config.json)") in said and "set lora_rank: 8" in said, said
+    # eval's base is model_name_or_path alone, the model before the sft adapter (docs/preference-tuning.md#evaluation):
+    # not the reference (base + sft adapter), so its reward margin is not 0
+    done = run_main(["eval", DPO, *USED, "max_eval_samples=1", "max_new_tokens=1"], work)
+    assert done.code == 0, done.err[-6000:]
+    metrics = json.loads((run / "eval" / "metrics.json").read_text("utf-8"))
+    assert metrics["base_model"] == str(base)
+    assert (f"- base model: {base} alone (adapter_name_or_path {SFT_RUN}/adapter is in the tuned model only)"
+            in (run / "eval" / "report.md").read_text("utf-8"))
+    assert abs(metrics["results"]["base"]["reward_margin"]) > 1e-6, metrics["results"]["base"]
+
 
 def test_a_resume_rebuilds_the_same_reference_and_says_when_its_adapter_changed(dpo):
     """Killed after step 1 and resumed as typed: the reference is ref_model + the adapter folded again, so the run

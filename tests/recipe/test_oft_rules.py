@@ -130,6 +130,43 @@ def test_an_adapter_of_the_other_method_is_refused_at_its_key(write):
         assert resolve("l.yaml", [], command=command)["adapter_name_or_path"] == "oft_ad"
 
 
+def test_an_adapter_trained_with_other_settings_is_refused_at_the_recipe_key(write):
+    """train continues adapter_name_or_path with the recipe's r / lora_alpha / use_rslora (OFT: r, oft_block_size):
+    an sft adapter at lora_rank 16 continued by a dpo recipe left at the default 8 stopped train after the model was
+    built, naming only the adapter's file (docs/preference-tuning.md's sft-then-dpo path). Now one message at the
+    recipe key, before anything loads; a lora_alpha derived from lora_rank is not named when setting lora_rank
+    fixes it too. validate says it as well when the recipe trains. merge / plan load the adapter as its
+    adapter_config.json says."""
+    write("sft/adapter_config.json", {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj"]})
+    write("oft/adapter_config.json", {"peft_type": "OFT", "r": 0, "oft_block_size": 16,
+                                     "target_modules": ["q_proj"]})
+    lora = LLAMA.replace("finetuning_type: oft", "finetuning_type: lora") + "adapter_name_or_path: sft\n"
+    write("r.yaml", lora)
+    set_here = "adapter_config.json), and training continues an adapter with the settings it was trained with; set"
+    for command in ("train", "validate"):  # validate too: it said OK before make's train stage refused the recipe
+        with pytest.raises(UserError) as exc:
+            resolve("r.yaml", ["use_rslora=true"], command=command)
+    assert exc.value.messages == [
+        "r.yaml: lora_rank: 8 (the default), but adapter_name_or_path 'sft' was trained with r 16 (its "
+        f"{set_here} lora_rank: 16",
+        "command line override use_rslora=true: use_rslora: given true, but adapter_name_or_path 'sft' was trained "
+        f"with use_rslora false (its {set_here} use_rslora: false"]
+    assert resolve("r.yaml", ["lora_rank=16"], command="train")["lora_alpha"] == 32
+    write("a.yaml", lora + "lora_rank: 16\nlora_alpha: 8\n")
+    with pytest.raises(UserError) as exc:
+        resolve("a.yaml", [], command="train")
+    assert exc.value.messages == ["a.yaml:8:13: lora_alpha: given 8, but adapter_name_or_path 'sft' was trained with "
+                                  f"lora_alpha 32 (its {set_here} lora_alpha: 32"]
+    write("o.yaml", LLAMA + "oft_block_size: 8\nadapter_name_or_path: oft\n")
+    with pytest.raises(UserError) as exc:
+        resolve("o.yaml", [], command="train")
+    assert exc.value.messages == ["o.yaml:6:17: oft_block_size: given 8, but adapter_name_or_path 'oft' was trained "
+                                  f"with oft_block_size 16 (its {set_here} oft_block_size: 16"]
+    for command in ("plan", "merge"):
+        assert resolve("r.yaml", [], command=command)["lora_rank"] == 8
+    assert resolve("r.yaml", ["do_train=false", "do_eval=true"], command="validate")["lora_rank"] == 8
+
+
 def test_a_peft_lora_adapter_continued_under_oft_is_refused_as_typed(tmp_path):
     """As a user types it: a transformers checkpoint, PEFT's LoRA adapter of it (save_pretrained), LLaMA-Factory's
     data and an OFT recipe that names the adapter: exit 2 at the recipe's line, before any model is built."""

@@ -131,18 +131,22 @@ def adapter_folder_problems(ctx: Context, key: str, path: str) -> list[tuple[str
     return []
 
 
-@rule("adapter_name_or_path", "finetuning_type", commands=("train",))
+@rule("adapter_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "use_rslora", "use_dora", "oft_rank",
+      "oft_block_size", "do_train", commands=("train", "validate"))
 def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
-    """train under lora / oft continues adapter_name_or_path with the recipe's method (pipeline.model.lora.load_adapter
-    loads it into the recipe's adapter modules): a LoRA adapter under oft, or an OFT one under lora, would otherwise
-    stop train after the model is built, naming the adapter's file but not the recipe's key. full / freeze fold
-    either into the base; merge / eval / generate load the adapter as its own config says (LLaMA-Factory's merge
-    and inference recipes leave finetuning_type at lora for an OFT adapter too). A missing or unreadable
-    adapter_config.json is adapter_exists's (or the load's) to say."""
+    """train under lora / oft continues adapter_name_or_path with the recipe's method and settings
+    (pipeline.model.lora.load_adapter loads it into the recipe's adapter modules): a LoRA adapter under oft, or an
+    OFT one under lora, or one trained with another r / lora_alpha / use_rslora / use_dora (OFT: r,
+    oft_block_size), would otherwise stop train after the model is built, naming the adapter's file but not the
+    recipe's key (an sft run at lora_rank 16 continued by a dpo recipe left at the default 8 did). full / freeze
+    fold either into the base; merge / eval / generate load the adapter as its own config says (LLaMA-Factory's
+    merge and inference recipes leave finetuning_type at lora for an OFT adapter too). validate says it too when the
+    recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. A missing
+    or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
     from pipeline.names import trains_adapter
 
     path, kind = ctx.values["adapter_name_or_path"], ctx.values["finetuning_type"]
-    if path is None or not trains_adapter(kind):
+    if path is None or not trains_adapter(kind) or (ctx.command == "validate" and not ctx.values["do_train"]):
         return []
     try:
         from pipeline.model.hub import resolve_model_path
@@ -153,13 +157,48 @@ def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     except Exception:  # missing, unreadable: adapter_exists or the load says so
         return []
     method = {"LORA": "lora", "OFT": "oft"}.get(theirs)
-    if method is None or method == kind:
+    if method is None:
         return []
+    if method == kind:
+        return adapter_settings_problems(ctx, path, folder)
     named = {"lora": "a LoRA", "oft": "an OFT"}
     return [("adapter_name_or_path", f"given {path!r}, {named[method]} adapter (peft_type {theirs} in its "
                                      f"adapter_config.json), but finetuning_type is {kind}, which continues "
                                      f"{named[kind].split()[-1]} adapters only; set finetuning_type: {method} to "
                                      "continue it (or full / freeze to fold it into the base model)")]
+
+
+def adapter_settings_problems(ctx: Context, path: str, folder: Path) -> list[tuple[str, str]]:
+    """Each recipe key whose value differs from the setting adapter_name_or_path (at `folder`) was trained with, at
+    that key: the comparison the load makes (pipeline.model.lora.differing_settings). A lora_alpha derived from
+    lora_rank (null) is not named when the adapter's alpha is the one the adapter's r derives: setting lora_rank
+    fixes both. An adapter_config.json the load refuses (a required key missing) is the load's to say."""
+    from pipeline.errors import UserError
+    from pipeline.model.config import default_lora_alpha
+    from pipeline.model.lora import LinearWithLoRA, differing_settings, read_adapter_config
+    from pipeline.model.oft import LinearWithOFT
+
+    try:
+        config = read_adapter_config(folder)
+    except UserError:
+        return []
+
+    keys = (LinearWithLoRA if ctx.values["finetuning_type"] == "lora" else LinearWithOFT).RECIPE_KEYS
+    ours = {key: ctx.values[recipe_key] for key, recipe_key in keys.items()}
+    differ = differing_settings(keys, config, ours)
+    if ("r" in differ and "lora_alpha" in differ and ctx.origins["lora_alpha"].kind == "derived"
+            and config.get("lora_alpha") == default_lora_alpha(config.get("r"))):
+        differ.remove("lora_alpha")
+    problems = []
+    for key in differ:
+        recipe_key, origin = keys[key], ctx.origins[keys[key]]
+        theirs = json.dumps(False if config.get(key) is None else config[key])  # absent: off, as the load reads it
+        given = {"default": "the default", "derived": "derived"}.get(origin.kind)
+        value = f"{json.dumps(ours[key])} ({given})" if given else f"given {json.dumps(ours[key])}"
+        problems.append((recipe_key, f"{value}, but adapter_name_or_path {path!r} was trained with {key} {theirs} "
+                                     "(its adapter_config.json), and training continues an adapter with the settings "
+                                     f"it was trained with; set {recipe_key}: {theirs}"))
+    return problems
 
 
 @rule("cutoff_len", "context_length", "model_name_or_path", "rope_scaling")
