@@ -48,6 +48,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.weights import DTYPES, note
+from pipeline.model.config import ModelConfig, length_limit
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
@@ -114,7 +115,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
         _refuse_exporting_the_base_of_a_trained_run(RunLayout.of(r["output_dir"]), r["model_name_or_path"], models,
                                                     _recipe(r))
         model = _load_base(models.model, ex)
-        samples = validation_samples(data, model.cfg.context_length)
+        samples = validation_samples(data, model.cfg)
         check = Verified(model, {"source": str(r["model_name_or_path"]), "samples": len(samples),
                                  "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}},
                          samples, _logits(model, samples))
@@ -240,7 +241,7 @@ def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path,
     model = _load_base(base, ex, trained)
     lora.load_adapter(model, path)
     model.eval()
-    samples = validation_samples(data, model.cfg.context_length)
+    samples = validation_samples(data, model.cfg)
     return merge_verified(model, samples, ex.export_dtype, source=str(path))
 
 
@@ -268,7 +269,7 @@ def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunL
     if not changed:
         raise UserError(f"{path}: every weight equals the base model's ({models.model.model_name_or_path}); the"
                         " training run did not change the model (learning_rate 0? zero steps?)")
-    samples = validation_samples(data, model.cfg.context_length)
+    samples = validation_samples(data, model.cfg)
     report = {"source": str(path), "samples": len(samples), "tokens": sum(len(s) for s in samples),
               "changed_tensors": len(changed), "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}}
     check = Verified(model, report, samples, _logits(model, samples))
@@ -277,11 +278,12 @@ def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunL
 
 
 # ---------------------------------------------------------------- samples
-def validation_samples(data: DataArgs, context_length: int) -> list[list[int]]:
-    """A few real token sequences as training sees them (val split, else train); fixed tokens when there is no data."""
+def validation_samples(data: DataArgs, cfg: ModelConfig) -> list[list[int]]:
+    """A few real token sequences as training sees them (val split, else train); fixed tokens when there is no data.
+    At most MAX_SAMPLE_TOKENS long, and within the model's length limit (context, sliding window)."""
     from pipeline.data.tokenize import pt_stream, tokenized_split
 
-    limit = min(context_length, MAX_SAMPLE_TOKENS)
+    limit = min(length_limit(cfg) or MAX_SAMPLE_TOKENS, MAX_SAMPLE_TOKENS)
     for split in ("val", "train") if data.dataset else ():
         try:
             if data.stage == "pt":

@@ -9,7 +9,8 @@ each block of the template becomes a Jinja expression: its literal text (markup 
 the message's content. The rendering follows `Template.turns(..., mask_history=True)`, which is how eval and
 chat encode a prompt (pipeline.data.tokenize.encode_prompt):
 
-- a system message (else the default system prompt) opens the text after the prefix; an empty one is absent;
+- a system message (else the default system prompt) opens the text after the prefix, or (llama2, mistral:
+  `system_in_content`) the first user message's content; an empty one is absent;
 - turns alternate user (or tool) / assistant; every later prompt opens with the separator;
 - the template's `reply` (the assistant header that ends a user block) is written before an answer, or at the
   end with `add_generation_prompt`, as Hugging Face's templates do;
@@ -170,8 +171,13 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     else:
         lines += ["{%- if tools -%}{{- raise_exception(" + literal(no_tools(template.name)) + ") -}}{%- endif -%}",
                   "{%- if system_message -%}"]
+    system = _expression(template.system, marks, "system_message")
+    if template.system_in_content:  # Llama2Template: the block opens the first user message's content
+        lines.append("{%- set system_block = " + system + " -%}{%- else -%}{%- set system_block = '' -%}"
+                     "{%- endif -%}")
+    else:
+        lines.append("{{- " + system + " -}}{%- endif -%}")
     lines += [
-        "{{- " + _expression(template.system, marks, "system_message") + " -}}{%- endif -%}",
         "{%- set turns = namespace(last_prompt=-1) -%}",
         "{%- for message in loop_messages -%}{%- if message['role'] in " + prompt_roles + " -%}"
         "{%- set turns.last_prompt = loop.index0 -%}{%- endif -%}{%- endfor -%}",
@@ -184,6 +190,8 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         "{%- if not (message['role'] in " + prompt_roles + " if loop.index0 % 2 == 0 else message['role'] == "
         "'assistant') -%}{{- raise_exception(" + literal(ORDER) + ") -}}{%- endif -%}",
         "{%- set content = text_of(message) -%}",
+        "{%- if loop.first -%}{%- set content = system_block ~ content -%}{%- endif -%}"
+        if template.system_in_content else "",
         "{%- if loop.index0 % 2 == 0 -%}",
         "{%- if not loop.first -%}{{- " + _expression(template.separator, marks) + " -}}{%- endif -%}",
         "{{- " + (f"({observation}) if message['role'] == 'tool' else ({user})" if observation != user else user)
@@ -203,9 +211,11 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     if tools:  # the function_call turn: the message's text (kept in front, as training keeps it), then the calls
         lines.append("{%- if message['tool_calls'] -%}"
                      "{%- set content = content ~ call_text(message['tool_calls']) -%}{%- endif -%}")
+    answer = _expression(template.assistant, marks, "content")
+    if template.function:  # a function_call turn has its own block (mistral's [TOOL_CALLS])
+        answer = f"({_expression(template.function, marks, 'content')}) if message['tool_calls'] else ({answer})"
     lines += [
-        ("{%- generation -%}" if marked else "") + "{{- " + _expression(template.assistant, marks, "content")
-        + " -}}" + ("{%- endgeneration -%}" if marked else ""),
+        ("{%- generation -%}" if marked else "") + "{{- " + answer + " -}}" + ("{%- endgeneration -%}" if marked else ""),
         "{%- endif -%}",
         "{%- endfor -%}",
     ]

@@ -1,4 +1,4 @@
-"""Function calling in the exported chat template: pipeline.data.tools' three formats as Jinja, so that
+"""Function calling in the exported chat template: pipeline.data.tools' four formats as Jinja, so that
 `apply_chat_template(messages, tools=...)` (transformers, vLLM) writes what training wrote for the equivalent
 LLaMA-Factory sharegpt row.
 
@@ -61,7 +61,10 @@ _TODAY = ("{%- if date_string is defined -%}{%- set today = date_string -%}"
           "{%- else -%}{%- set today = strftime_now('%d %b %Y') -%}{%- endif -%}")
 _LLAMA3_TOOLS = _each_tool(_WRAPPED + " | tojson(indent=4) ~ '\\n\\n'", LLAMA3_TOOL_PROMPT, _TODAY, date="today")
 _QWEN_TOOLS = _each_tool("'\\n' ~ " + _WRAPPED + " | tojson", QWEN_TOOL_PROMPT)
-TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS}
+_MISTRAL_TOOLS = ("{%- set t = namespace(items=[]) -%}"
+                  "{%- for tool in tools -%}{%- set t.items = t.items + [" + _WRAPPED + "] -%}{%- endfor -%}"
+                  "{{- '[AVAILABLE_TOOLS] ' ~ t.items | tojson ~ '[/AVAILABLE_TOOLS]' -}}")
+TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS, "mistral": _MISTRAL_TOOLS}
 
 # one call's name and arguments (the function dict inside OpenAI's wrapping, or the call itself), as JSON text
 _CALL = (
@@ -75,6 +78,7 @@ _CALL_TEXT = {  # tools._format_calls: one call's text, and what joins several
     "llama3": ("'{\"name\": ' ~ fn['name'] | tojson ~ ', \"parameters\": ' ~ arguments ~ '}'", "', '"),
     "qwen": ("'<tool_call>\\n{\"name\": ' ~ fn['name'] | tojson ~ ', \"arguments\": ' ~ arguments ~ '}\\n</tool_call>'",
              "'\\n'"),
+    "mistral": ("'{\"name\": ' ~ fn['name'] | tojson ~ ', \"arguments\": ' ~ arguments ~ '}'", "', '"),
 }
 
 
@@ -88,6 +92,8 @@ def _call_text(fmt: str) -> str:
     )
     if fmt == "llama3":  # one call is an object, several a JSON list of them
         return body + "{{- t.text if calls | length == 1 else '[' ~ t.text ~ ']' -}}"
+    if fmt == "mistral":  # always a JSON list
+        return body + "{{- '[' ~ t.text ~ ']' -}}"
     return body + "{{- t.text -}}"
 
 

@@ -26,6 +26,10 @@ tokens: "<|im_end|>" typed by a user stays text. {eos} is the tokenizer's EOS, o
 - deepseekr1 (DeepSeek-R1-Distill-Qwen / -Llama): BOS, the system prompt as it is, then
   <｜User｜>...<｜Assistant｜> and the answer with the tokenizer's EOS (<｜end▁of▁sentence｜>); a reasoning
   template with qwen3's thought rules.
+- llama2, mistral (LLaMA-Factory's Llama2Template): the system block opens the first user block's content, inside
+  its [INST] ... [/INST] (`system_in_content`); llama2 writes BOS before every user block, mistral once, and answers
+  with a space in front. mistral's [INST], [/INST] and tool markup are placed by id where the vocabulary holds them
+  (Mistral v0.3's control tokens), else written as text (v0.1 / v0.2): `optional_tokens`, `for_vocabulary`.
 - default: "Human: ...<eos>\\nAssistant:" / "...<eos>\\n" / "System: ...<eos>\\n".
 - empty: no markup at all, and no EOS (as LLaMA-Factory's empty template; use it for raw continuation).
 
@@ -95,18 +99,24 @@ class Template:
     prefix: str = ""  # before the first turn ({bos} for llama3)
     separator: str = ""  # opens every later prompt (the book's alpaca: "\n\n")
     fuse_system: bool = False  # system block and first prompt are one string (the book's alpaca)
+    system_in_content: bool = False  # the system block opens the first user block's content (LLaMA-Factory's
+    # Llama2Template: llama2's <<SYS>> ... <</SYS>> and mistral's system inside the first [INST] ... [/INST])
+    optional_tokens: tuple[str, ...] = ()  # markup placed by id where the vocabulary holds it (Mistral v0.3's
+    # control tokens [INST], [TOOL_CALLS], ...), else text (the Llama 2 / Mistral v0.1 / v0.2 vocabularies):
+    # for_vocabulary, as LLaMA-Factory's encode finds an added token in the template's text or leaves it text
     special_tokens: tuple[str, ...] = ()  # markup tokens the vocabulary must have
     stop_words: tuple[str, ...] = ()  # generation stops at these tokens (those the vocabulary has)
     replace_eos: bool = False  # {eos} is stop_words[0] (LLaMA-Factory's replace_eos)
     thought_words: tuple[str, str] | None = None  # a reasoning template: (open, close) of a thought
     tool_format: str | None = None  # pipeline.data.tools.FORMATS; None: function-calling data is refused
     observation: str | None = None  # a tool result's block (slot {content}); None: as a user turn
+    function: str | None = None  # a function_call turn's block (slot {content}); None: as an assistant turn
     description: str = ""
 
     def __post_init__(self) -> None:
         for fmt, slots in ((self.system, ["system"]), (self.user, ["content"]), (self.assistant, ["content"]),
                            (self.query, ["instruction", "input"]), (self.prefix, []), (self.separator, []),
-                           (self.observation or "{content}", ["content"])):
+                           (self.observation or "{content}", ["content"]), (self.function or "{content}", ["content"])):
             if list(split_slots(fmt)[1::2]) != slots:
                 raise ValueError(f"template {self.name}: {fmt!r} must have the slots {slots} in that order")
         for fmt in (self.user, self.observation or self.reply):
@@ -121,20 +131,20 @@ class Template:
         tokens = sorted({*self.special_tokens, BOS, EOS}, key=len, reverse=True)
         return re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
 
-    def _element(self, fmt: str, lead: str = "", **values: str) -> list[Piece]:
-        """One block: template text split at its markup tokens, the values joined into the text between."""
+    def _element(self, fmt: str, lead: str = "", **values: str | Sequence[Piece]) -> list[Piece]:
+        """One block: template text split at its markup tokens, the values joined into the text between (a value
+        given as pieces keeps its markup: the system block inside a user block, with the tools' markup)."""
         parts = split_slots(fmt)
         out: list[Piece] = []
         text = lead
         for i, part in enumerate(parts):
-            if i % 2:
-                text += values[part]
-                continue
-            for j, bit in enumerate(self._splitter.split(part)):
-                if j % 2:
+            bits = ([values[part]] if isinstance(values[part], str) else values[part]) if i % 2 else \
+                [Special(b) if j % 2 else b for j, b in enumerate(self._splitter.split(part))]
+            for bit in bits:
+                if isinstance(bit, Special):
                     if text:
                         out.append(text)
-                    out.append(Special(bit))
+                    out.append(bit)
                     text = ""
                 else:
                     text += bit
@@ -176,8 +186,10 @@ class Template:
         if self.tool_format is None and (tools or set(roles) - {"user", "assistant"}):
             raise UserError(tool_refusal(self.name))  # data built for another template
         system = system or self.default_system
-        if tools:
-            system += self._tools_text(tools)
+        tool_pieces = self._tool_pieces(tools) if tools else []
+        system_value = [system, *tool_pieces] if tool_pieces else system
+        if tools:  # the book's alpaca fuses one string (and renders no tools: refused above)
+            system += self.text(tool_pieces)
         last = len(pairs) - 1
         out = []
         for k, (q, a) in enumerate(pairs):
@@ -189,11 +201,15 @@ class Template:
                 opening = (fill(self.system, system=system) if system else "") if k == 0 else self.separator
                 prompt += self._element(user, lead=opening, content=q)
             else:
-                if k == 0 and (system or tools):
-                    prompt += self._element(self.system, system=system)
+                opening = k == 0 and bool(system or tools)
+                content: str | list[Piece] = q
+                if opening and self.system_in_content:  # one element: the system block inside the user's block
+                    content = [*self._element(self.system, system=system_value), q]
+                elif opening:
+                    prompt += self._element(self.system, system=system_value)
                 elif k > 0:
                     prompt += self._element(self.separator)
-                prompt += self._element(user, content=q)
+                prompt += self._element(user, content=content)
             response: list[Piece] = []
             if self.thought_words is not None:
                 if not enable_thinking or (mask_history and k != last):
@@ -203,17 +219,28 @@ class Template:
                         response.append(self._thought())
                     else:
                         prompt.append(self._thought())
+            answer = self.assistant
             if roles[2 * k + 1] == "function":
-                a = self._function_text(a)
-            response += self._element(self.assistant, content=a)
+                a, answer = self._function_text(a), self.function or self.assistant
+            response += self._element(answer, content=a)
             out.append((prompt, response))
         return out
 
-    def _tools_text(self, tools: str) -> str:
+    def _tool_pieces(self, tools: str) -> list[Piece]:
+        """The text the tool descriptions add after the system prompt, its markup (Mistral v0.3's [AVAILABLE_TOOLS]
+        where the vocabulary holds it) placed by id, as LLaMA-Factory's encode finds added tokens in that text."""
         from pipeline.data.tools import tool_text
 
         assert self.tool_format is not None
-        return tool_text(tools, self.tool_format)
+        text = tool_text(tools, self.tool_format)
+        if not self.special_tokens:
+            return [text] if text else []
+        return [Special(b) if j % 2 else b for j, b in enumerate(self._markup.split(text)) if b]
+
+    @functools.cached_property
+    def _markup(self) -> re.Pattern[str]:
+        """The template's markup tokens (not {bos} / {eos}: a tool description may say "{eos}")."""
+        return re.compile("(" + "|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))) + ")")
 
     def _function_text(self, content: str) -> str:
         from pipeline.data.tools import function_text
@@ -260,6 +287,15 @@ class Template:
     def missing_tokens(self, tokenizer: "Tokenizer") -> list[str]:
         """Markup tokens this template needs that the vocabulary lacks."""
         return [t for t in self.special_tokens if not tokenizer.has_token(t)]
+
+    def for_vocabulary(self, tokenizer: "Tokenizer") -> "Template":
+        """This template as `tokenizer` writes it: the optional tokens the vocabulary holds are markup placed by id,
+        the others stay text (joined with the text around them, so that "[INST] hi" is encoded whole where [INST]
+        is no token). Every encoding of rows and prompts renders the template this way."""
+        held = tuple(t for t in self.optional_tokens if tokenizer.has_token(t))
+        if not held:
+            return self
+        return dataclasses.replace(self, special_tokens=(*self.special_tokens, *held), optional_tokens=())
 
     def vocabulary_problem(self, tokenizer: "Tokenizer") -> str | None:
         """Why the tokenizer cannot express this template's markup, or None when it can."""
@@ -336,6 +372,8 @@ LLAMA3_MARKUP = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 OPENCHAT_REPLY = "<|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n"
 DEFAULT_REPLY = "Assistant:"
 DEEPSEEK_REPLY = "<｜Assistant｜>"  # fullwidth bars (U+FF5C), as DeepSeek's tokenizer spells them
+INST = ("[INST]", "[/INST]")  # text in the Llama 2 and Mistral v0.1 / v0.2 vocabularies, v0.3's control tokens
+MISTRAL_TOOL_MARKUP = ("[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
@@ -373,6 +411,19 @@ TEMPLATES: dict[str, Template] = {
                  special_tokens=("<｜User｜>", DEEPSEEK_REPLY), thought_words=THOUGHT_WORDS,
                  description="DeepSeek-R1-Distill-Qwen / -Llama (reasoning): <｜User｜> ... <｜Assistant｜>, an empty "
                              "<think></think> where a response has none"),
+        # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1393-1398 (llama2: BOS in every user block, the
+        # assistant block the default {content}{eos}, Llama2Template) and :1780-1791 (mistral, "mistral tokenizer
+        # v3", with its tool format)
+        Template(name="llama2", system="<<SYS>>\n{system}\n<</SYS>>\n\n", user="{bos}[INST] {content} [/INST]",
+                 system_in_content=True, tool_format="default",
+                 description="Llama 2 chat: <s>[INST] <<SYS>> system <</SYS>> ... [/INST], the system inside the first "
+                             "[INST]"),
+        Template(name="mistral", prefix="{bos}", system="{system}\n\n", user="[INST] {content}[/INST]",
+                 assistant=" {content}{eos}", system_in_content=True, optional_tokens=(*INST, *MISTRAL_TOOL_MARKUP),
+                 tool_format="mistral", function="[TOOL_CALLS] {content}{eos}",
+                 observation='[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]',
+                 description="Mistral-7B-Instruct v0.1 / v0.2 / v0.3: <s>[INST] ...[/INST] answer</s>, the system "
+                             "inside the first [INST]"),
         Template(name="default", system="System: {system}{eos}\n", user="Human: {content}{eos}\n" + DEFAULT_REPLY,
                  reply=DEFAULT_REPLY,
                  assistant="{content}{eos}\n", tool_format="default",
@@ -386,7 +437,7 @@ TEMPLATES: dict[str, Template] = {
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.
 TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()
-                                            for token in (*t.special_tokens, *t.stop_words))
+                                            for token in (*t.special_tokens, *t.optional_tokens, *t.stop_words))
 
 
 def get_template(name: str) -> Template:

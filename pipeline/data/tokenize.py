@@ -98,8 +98,9 @@ class TokenizedSplit:
         return Encoded(ids.tolist(), labels.tolist(), bool(self.is_truncated[i]))
 
 
-def _as_template(template: Template | str) -> Template:
-    return get_template(template) if isinstance(template, str) else template
+def _as_template(template: Template | str, tokenizer: Tokenizer) -> Template:
+    """The template as this vocabulary writes it (Template.for_vocabulary: its optional markup by id or as text)."""
+    return (get_template(template) if isinstance(template, str) else template).for_vocabulary(tokenizer)
 
 
 def _plan(pieces: Sequence[Piece], ids: Mapping[str, int | None], texts: list[str]) -> list[int]:
@@ -152,7 +153,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     origin (`origins[i]`, the raw file and line it was built from; by default `row i`)."""
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
-    template = _as_template(template)
+    template = _as_template(template, tokenizer)
     ids = template.ids(tokenizer)  # exit 2 here when the vocabulary lacks the template's markup
     origins = row_origins(origins, len(rows))
     cap = encode_cap(tokenizer, cutoff_len)
@@ -298,7 +299,7 @@ def encode_prompt(template: Template | str, instruction: str, input: str = "", s
     template's history as inference writes it: earlier answers without their thoughts and without an empty one
     (LLaMA-Factory's encode_oneturn, used by its chat and predict; Qwen3's own chat template drops them too).
     That is mask_history's rule for thoughts (as dpo prompts are encoded); it sets no labels here."""
-    template = _as_template(template)
+    template = _as_template(template, tokenizer)
     ids = template.ids(tokenizer)
     turns = template.turns(instruction, input, "", system, history, mask_history=True,
                            enable_thinking=enable_thinking, tools=tools, roles=roles)

@@ -8,9 +8,11 @@ A function-calling example has three extra parts, and each template's tool forma
 - an `observation` turn (the tool's result, on the user's side: masked like a prompt): its text as given,
   in the template's observation block (pipeline.data.templates).
 
-Three formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
-`llama3` (Llama3ToolUtils: JSON tool list, today's date, {"name", "parameters"} calls) and `qwen`
-(QwenToolUtils, Hermes style: <tools>...</tools> in the system prompt, <tool_call>...</tool_call> calls).
+Four formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
+`llama3` (Llama3ToolUtils: JSON tool list, today's date, {"name", "parameters"} calls), `qwen`
+(QwenToolUtils, Hermes style: <tools>...</tools> in the system prompt, <tool_call>...</tool_call> calls) and
+`mistral` (MistralToolUtils, Mistral v0.3: "[AVAILABLE_TOOLS] [...][/AVAILABLE_TOOLS]", a JSON list of calls; the
+template writes [TOOL_CALLS] before it).
 JSON is written with Python's json.dumps(ensure_ascii=False), exactly as LLaMA-Factory does.
 
 `tools_problem` / `function_problem` say why a row's text cannot be rendered (the build reports them as the
@@ -23,7 +25,7 @@ import re
 from datetime import datetime
 from typing import Any, NamedTuple
 
-FORMATS = ("default", "llama3", "qwen")
+FORMATS = ("default", "llama3", "qwen", "mistral")
 # LLaMA-Factory's defaults for every template: a function_call turn may carry a thought before its call, and
 # may wrap the call in these words.
 THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")
@@ -103,12 +105,17 @@ def _qwen_tools(tools: list[dict]) -> str:
     return QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + _dumps(_wrapped(tool)) for tool in tools))
 
 
+def _mistral_tools(tools: list[dict]) -> str:
+    # LLaMA-Factory 0.9.5 src/llamafactory/data/tool_utils.py:557-564: the wrapped tools as one JSON list
+    return "[AVAILABLE_TOOLS] " + _dumps([_wrapped(tool) for tool in tools]) + "[/AVAILABLE_TOOLS]"
+
+
 def tool_text(tools: str, fmt: str) -> str:
     """The text the tool descriptions add after the system prompt ("" for an empty list), from the `tools` JSON."""
     parsed = json.loads(tools)
     if not parsed:
         return ""
-    return {"default": _default_tools, "llama3": _llama3_tools, "qwen": _qwen_tools}[fmt](parsed)
+    return {"default": _default_tools, "llama3": _llama3_tools, "qwen": _qwen_tools, "mistral": _mistral_tools}[fmt](parsed)
 
 
 def _calls(text: str) -> list[FunctionCall]:
@@ -122,6 +129,8 @@ def _format_calls(calls: list[FunctionCall], fmt: str) -> str:
     if fmt == "llama3":
         objects = [{"name": c.name, "parameters": c.arguments} for c in calls]
         return _dumps(objects[0] if len(objects) == 1 else objects)
+    if fmt == "mistral":  # tool_utils.py:566-571: always a list, even of one call
+        return _dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
     return "\n".join(f"<tool_call>\n{_dumps({'name': c.name, 'arguments': c.arguments})}\n</tool_call>" for c in calls)
 
 

@@ -54,12 +54,15 @@ class ModelConfig:
     qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn) or three (q_proj, k_proj, v_proj)
     tie_weights: bool = True
     num_labels: int = 0              # 0: the LM head lm_head; 1: a reward model, transformers' `score` head instead
+    # every layer attends to the last sliding_window positions only (Mistral v0.1's 4096); None: full attention. Our
+    # attention has no window, so no sequence may be longer (length_limit): below it the two are the same function
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
                     for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
                     if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
-        for name in ("n_kv_heads", "head_size", "ffn_dim"):
+        for name in ("n_kv_heads", "head_size", "ffn_dim", "sliding_window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer or null, got {value!r}")
@@ -328,19 +331,36 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
 
 
+def length_limit(cfg: ModelConfig) -> int | None:
+    """The longest sequence (prompt and generated tokens, or a training row) a forward of this model may run:
+    context_length (no limit under dynamic NTK, ModelConfig.dynamic_rope), and never past a sliding window. Our
+    attention has no window: a sequence within it is computed exactly as transformers' windowed mask computes it
+    (its keys kv > q - window are then all of them), a longer one would not be, so it stops there."""
+    limits = [n for n in (None if cfg.dynamic_rope else cfg.context_length, cfg.sliding_window) if n]
+    return min(limits) if limits else None
+
+
+def length_limit_name(cfg: ModelConfig) -> str:
+    """The config.json key that sets length_limit, for messages."""
+    if cfg.sliding_window and (cfg.dynamic_rope or cfg.sliding_window < cfg.context_length):
+        return f"sliding_window {cfg.sliding_window}"
+    return f"context_length {cfg.context_length}"
+
+
 def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
     """The longest prompt `generate` keeps (a longer one is cut from the left): room for max_new_tokens, at least
-    half the context; None under dynamic NTK, which has no limit (ModelConfig.dynamic_rope)."""
-    if cfg.dynamic_rope:
+    half the length limit; None where there is no limit (dynamic NTK without a window)."""
+    limit = length_limit(cfg)
+    if limit is None:
         return None
-    ctx = cfg.context_length
-    return max(ctx - max_new_tokens, ctx // 2, 1)
+    return max(limit - max_new_tokens, limit // 2, 1)
 
 
 def decode_steps(cfg: ModelConfig, width: int, max_new_tokens: int) -> int:
     """Forwards `generate` runs at most after a (left-padded) prompt of `width` tokens: max_new_tokens, ending at
-    the context (except under dynamic NTK)."""
-    return max_new_tokens if cfg.dynamic_rope else min(max_new_tokens, cfg.context_length - width)
+    the length limit (none under dynamic NTK without a window)."""
+    limit = length_limit(cfg)
+    return max_new_tokens if limit is None else min(max_new_tokens, limit - width)
 
 
 def kv_cache_bytes(cfg: ModelConfig, rows: int, prompt: int, max_new_tokens: int, bytes_per_value: int) -> int:

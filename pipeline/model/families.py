@@ -39,9 +39,12 @@ class Family:
     # config.json keys a checkpoint may leave out, with the value transformers' config class then takes, where
     # that is not Llama's (LlamaConfig: head_dim = hidden_size / heads, max_position_embeddings 2048)
     config_defaults: tuple[tuple[str, Any], ...] = ()
-    # whether the HF class has sliding-window layers (use_sliding_window, sliding_window, max_window_layers,
-    # layer_types: Qwen2 / Qwen3); LlamaForCausalLM has none and ignores those keys
-    sliding_window: bool = False
+    # the HF class's sliding-window attention: "layers" where use_sliding_window picks layers (sliding_window,
+    # max_window_layers, layer_types: Qwen2 / Qwen3), "every" where a non-null sliding_window applies to every
+    # layer (Mistral), "" none (LlamaForCausalLM ignores those keys)
+    sliding_window: str = ""
+    # the config.json bias switches the HF class reads (MistralAttention and MistralMLP have no biases at all)
+    bias_keys: tuple[str, ...] = ("attention_bias", "mlp_bias")
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,13 +113,20 @@ _QWEN_WINDOW = (("sliding_window", 4096), ("max_window_layers", 28))  # Qwen2Con
 QWEN2 = Family(name="qwen2", architecture="Qwen2ForCausalLM", reward_architecture="Qwen2ForSequenceClassification",
                model_type="qwen2", prefix="model.",
                skip=(".rotary_emb.inv_freq",), config_defaults=(("max_position_embeddings", 32768), *_QWEN_WINDOW),
-               sliding_window=True)
+               sliding_window="layers")
 QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", reward_architecture="Qwen3ForSequenceClassification",
                model_type="qwen3", prefix="model.",
                skip=(".rotary_emb.inv_freq",),
                config_defaults=(("max_position_embeddings", 32768), ("head_dim", 128), *_QWEN_WINDOW),
-               sliding_window=True)
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3)}
+               sliding_window="layers")
+# Mistral-7B v0.1 / v0.2 / v0.3: Llama's modules without any bias; MistralConfig's defaults 131,072 positions and a
+# 4,096 window in every layer (v0.1's config.json says 4096, v0.2+ null)
+MISTRAL = Family(name="mistral", architecture="MistralForCausalLM",
+                 reward_architecture="MistralForSequenceClassification", model_type="mistral", prefix="model.",
+                 skip=(".rotary_emb.inv_freq",),
+                 config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096)),
+                 sliding_window="every", bias_keys=())
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -261,7 +271,7 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
 
 
 def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
-    """LlamaConfig / Qwen2Config / Qwen3Config keys -> ModelConfig fields."""
+    """LlamaConfig / Qwen2Config / Qwen3Config / MistralConfig keys -> ModelConfig fields."""
     raw = {**dict(family.config_defaults), **raw}
     problems = _need(raw, path, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                  "vocab_size"))
@@ -271,13 +281,16 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         problems.append(f"{path}: hidden_act '{act}' is not supported; expected 'silu' (SwiGLU)")
-    sliding = _sliding_layers(raw) if family.sliding_window else []
+    sliding = _sliding_layers(raw) if family.sliding_window == "layers" else []
     if sliding:
         problems.append(f"{path}: use_sliding_window true is not supported: layer{'s' if len(sliding) > 1 else ''}"
                         f" {', '.join(map(str, sliding))} would attend to the last {raw['sliding_window']} positions"
                         f" only (max_window_layers {raw.get('max_window_layers')!r}, layer_types"
                         f" {raw.get('layer_types')!r}), and every layer here attends to the full context; set"
                         " use_sliding_window false to run it with full attention")
+    window = raw.get("sliding_window") if family.sliding_window == "every" else None
+    if window is not None and (type(window) is not int or window < 1):
+        problems.append(f"{path}: sliding_window is {window!r}; expected a positive integer or null")
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
     theta, scaling = _rope(raw, path, problems)
@@ -293,16 +306,18 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
                         " (and no head_dim is given)")
     if problems:
         raise UserError(problems)
-    bias = bool(raw.get("attention_bias", False))
+    bias = "attention_bias" in family.bias_keys and bool(raw.get("attention_bias", False))
     return dict(
         family=family.name, vocab_size=raw["vocab_size"], context_length=int(raw.get("max_position_embeddings", 2048)),
         emb_dim=raw["hidden_size"], n_heads=heads, n_layers=raw["num_hidden_layers"], n_kv_heads=kv,
         head_size=None if head_dim is None or head_dim * heads == raw["hidden_size"] else head_dim,
         drop_rate=float(raw.get("attention_dropout", 0.0) or 0.0), norm="rmsnorm",
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)), positions="rope", rope_theta=theta, rope_scaling=scaling,
-        mlp="swiglu", mlp_bias=bool(raw.get("mlp_bias", False)), ffn_dim=raw["intermediate_size"],
+        mlp="swiglu", mlp_bias="mlp_bias" in family.bias_keys and bool(raw.get("mlp_bias", False)),
+        ffn_dim=raw["intermediate_size"],
         qkv_bias=True if family is QWEN2 else bias, o_bias=False if family is QWEN2 else bias,
         qk_norm=family is QWEN3, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=window,
     )
 
 
@@ -346,7 +361,8 @@ def gpt2_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict
 
 
 def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM (both rope spellings)."""
+    """config.json for LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM (both rope
+    spellings)."""
     family = FAMILIES[cfg.family]
     scaling = None
     if cfg.rope_scaling:
@@ -363,6 +379,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     }
     if family is LLAMA:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    elif family.sliding_window == "every":
+        out["sliding_window"] = cfg.sliding_window  # null is full attention (MistralConfig's default is 4096)
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if family is QWEN3:
@@ -371,7 +389,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
 
 
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
-    "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config}
+    "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
+    "mistral": decoder_config}
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -386,6 +405,8 @@ def check_exportable(cfg: Any) -> list[str]:
                       mlp_bias=False, qkv_bias=True),
         "qwen3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
                       o_bias=cfg.qkv_bias, mlp_bias=False),
+        "mistral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
+                        qkv_bias=False, o_bias=False, mlp_bias=False),
     }[family.name]
     return [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
             for k, v in want.items() if getattr(cfg, k) != v]

@@ -315,6 +315,9 @@ class GPTModel(nn.Module):
         past_len = cache.length if cache is not None else 0
         if past_len + t > self.cfg.context_length and position_ids is None and not self.cfg.dynamic_rope:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
+        if self.cfg.sliding_window and past_len + t > self.cfg.sliding_window:  # config.length_limit: no window here
+            raise ValueError(f"sequence of {past_len + t} tokens exceeds sliding_window {self.cfg.sliding_window}: "
+                             "this attention has no window, so it runs sequences within it only")
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
         x = self.embed_tokens(input_ids)

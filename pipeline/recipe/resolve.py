@@ -282,9 +282,10 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
         from pipeline.recipe.modelinfo import model_info
 
         info = model_info(values["model_name_or_path"])
-        context = values["context_length"] or (info.context_length if info else None)
-        if context is not None and context < values["cutoff_len"]:  # the default never exceeds the model
-            values["cutoff_len"], origins["cutoff_len"] = context, DERIVED
+        limits = [n for n in (values["context_length"] or (info.context_length if info else None),
+                              info.config.sliding_window if info else None) if n]  # config.length_limit's two
+        if limits and min(limits) < values["cutoff_len"]:  # the default never exceeds the model
+            values["cutoff_len"], origins["cutoff_len"] = min(limits), DERIVED
     _derive_rope_context(values, origins, bad)
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} & bad:
         values["total_train_batch_size"] = None

@@ -69,6 +69,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM",
                     dict(_DECODER, vocab_size=151936, head_dim=16, tie_word_embeddings=False),
                     hints=("qwen3",), tokenizer="qwen3"),
+    # Mistral-7B-v0.1's shape of config: no biases, GQA, a sliding window in every layer (wider than cutoff_len);
+    # only with small_vocab (a byte-level stand-in: the real sentencepiece vocabulary is another helper's)
+    "mistral": Family("MistralConfig", "MistralForCausalLM", dict(_DECODER, vocab_size=32000, sliding_window=128),
+                      hints=("mistral",), tokenizer="mistral"),
 }
 
 
@@ -106,7 +110,8 @@ def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: in
         size = write_small_tokenizer_dir(directory, name)
         generation = json.loads((Path(directory) / "generation_config.json").read_text())
         overrides = {"vocab_size": size, "bos_token_id": generation.get("bos_token_id"),
-                     "eos_token_id": generation["eos_token_id"][0], **overrides}
+                     "eos_token_id": eos[0] if isinstance(eos := generation["eos_token_id"], list) else eos,
+                     **overrides}
     model = hf_model(family, seed=seed, **overrides)
     model.save_pretrained(Path(directory), safe_serialization=True)  # writes its own generation_config.json
     gen_path = Path(directory) / "generation_config.json"

@@ -19,3 +19,43 @@ def test_one_lora_step_from_a_save_pretrained_gpt2(workdir, hf_checkpoint):
     results = json.loads((workdir / "saves/r/all_results.json").read_text(encoding="utf-8"))
     assert results["global_step"] == 1
     assert (workdir / "saves/r/adapter/adapter_model.safetensors").is_file()
+
+
+def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, hf_checkpoint):
+    """Mistral-7B-v0.1's layout (MistralForCausalLM, a sliding window in every layer) as a user brings it, with
+    LLaMA-Factory's `template: mistral`: build, LoRA sft and merge as typed; PEFT loads adapter/ on the checkpoint,
+    merged/ loads as MistralForCausalLM with model_type and sliding_window kept and chats in mistral's format, and
+    both compute what our trained model computes. A cutoff_len past the window is one exit-2 message at the key
+    (our attention has no window: pipeline.model.config.length_limit)."""
+    import peft
+    import torch
+    import transformers
+
+    from tests.acceptance.harness import refused, trained_model
+
+    base = hf_checkpoint("mistral", small_vocab=True)
+    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", template="mistral",
+                          output_dir="saves/r", learning_rate=0.05)
+    message = refused("validate", recipe, "cutoff_len=200", cwd=workdir)
+    assert ("cutoff_len: given 200, expected at most 128: the model's config.json sets sliding_window 128" in message
+            and "lower cutoff_len to 128" in message), message
+    pipeline("build", recipe, cwd=workdir)
+    pipeline("train", recipe, cwd=workdir)
+    pipeline("merge", recipe, cwd=workdir)
+    merged = workdir / "saves/r/merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert (config["architectures"], config["model_type"], config["sliding_window"]) == (
+        ["MistralForCausalLM"], "mistral", 128)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert type(theirs).__name__ == "MistralForCausalLM" and theirs.config.sliding_window == 128
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)  # its chat template: the recipe's, as trained
+    assert tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+                                         tokenize=False) == "<s>[INST] S\n\nHi[/INST]"
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                             workdir / "saves/r/adapter").eval()
+    ours = trained_model(recipe, workdir)
+    x = torch.randint(0, config["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(x)
+        assert torch.allclose(theirs(x).logits, want, atol=1e-4, rtol=0)
+        assert torch.allclose(adapted(x).logits, want, atol=1e-4, rtol=0)

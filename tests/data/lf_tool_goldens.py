@@ -95,6 +95,32 @@ GOLDEN = {
         ('<|im_start|>user\nAnd the time in Rome and Köln?<|im_end|>\n<|im_start|>assistant\n',
          '<tool_call>\n{"name": "get_time", "arguments": {"cities": ["Rome"]}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"cities": ["Köln"]}}\n</tool_call><|im_end|>\n'),
     ],
+    # llama2 and mistral: added with the same stand-in tokenizer, LLaMA-Factory 0.9.5's wheel imported with its
+    # media libraries stubbed out (template.py does not use them)
+    ('llama2', 'You are a weather bot.'): [
+        ('{bos}[INST] <<SYS>>\nYou are a weather bot.You have access to the following tools:\n> Tool Name: get_weather\nTool Description: Météo for a city\nTool Args:\n  - location (string, required): the city\n  - unit (string): degrees, should be one of [c, f]\n\n> Tool Name: get_time\nTool Description: the local time\nTool Args:\n  - cities (array): cities, where each item should be string\n\nUse the following format if using a tool:\n```\nAction: tool name (one of [get_weather, get_time])\nAction Input: the input to the tool, in a JSON format representing the kwargs (e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n\n<</SYS>>\n\nWhat is the weather in Paris? [/INST]',
+         'Action: get_weather\nAction Input: {"location": "Paris", "unit": "c"}{eos}'),
+        ('{bos}[INST] {"temperature": 21, "sky": "clear"} [/INST]',
+         'It is 21 °C and clear in Paris.{eos}'),
+        ('{bos}[INST] And the time in Rome and Köln? [/INST]',
+         'Action: get_time\nAction Input: {"cities": ["Rome"]}\nAction: get_time\nAction Input: {"cities": ["Köln"]}{eos}'),
+    ],
+    ('mistral', 'You are a weather bot.'): [
+        ('{bos}[INST] You are a weather bot.[AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "Météo for a city", "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "the city"}, "unit": {"type": "string", "description": "degrees", "enum": ["c", "f"]}}, "required": ["location"]}}}, {"type": "function", "function": {"name": "get_time", "description": "the local time", "parameters": {"type": "object", "properties": {"cities": {"type": "array", "description": "cities", "items": {"type": "string"}}}}}}][/AVAILABLE_TOOLS]\n\nWhat is the weather in Paris?[/INST]',
+         '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"location": "Paris", "unit": "c"}}]{eos}'),
+        ('[TOOL_RESULTS] {"content": {"temperature": 21, "sky": "clear"}}[/TOOL_RESULTS]',
+         ' It is 21 °C and clear in Paris.{eos}'),
+        ('[INST] And the time in Rome and Köln?[/INST]',
+         '[TOOL_CALLS] [{"name": "get_time", "arguments": {"cities": ["Rome"]}}, {"name": "get_time", "arguments": {"cities": ["Köln"]}}]{eos}'),
+    ],
+    ('mistral', ''): [
+        ('{bos}[INST] [AVAILABLE_TOOLS] [{"type": "function", "function": {"name": "get_weather", "description": "Météo for a city", "parameters": {"type": "object", "properties": {"location": {"type": "string", "description": "the city"}, "unit": {"type": "string", "description": "degrees", "enum": ["c", "f"]}}, "required": ["location"]}}}, {"type": "function", "function": {"name": "get_time", "description": "the local time", "parameters": {"type": "object", "properties": {"cities": {"type": "array", "description": "cities", "items": {"type": "string"}}}}}}][/AVAILABLE_TOOLS]\n\nWhat is the weather in Paris?[/INST]',
+         '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"location": "Paris", "unit": "c"}}]{eos}'),
+        ('[TOOL_RESULTS] {"content": {"temperature": 21, "sky": "clear"}}[/TOOL_RESULTS]',
+         ' It is 21 °C and clear in Paris.{eos}'),
+        ('[INST] And the time in Rome and Köln?[/INST]',
+         '[TOOL_CALLS] [{"name": "get_time", "arguments": {"cities": ["Rome"]}}, {"name": "get_time", "arguments": {"cities": ["Köln"]}}]{eos}'),
+    ],
 }
 
 # A function_call turn carrying a thought, or a call wrapped in <tool_call> words, after the user's "Weather in

@@ -123,6 +123,42 @@ def test_llama3_strings_are_llamafactorys():
     assert t.stop_words == ("<|eot_id|>", "<|eom_id|>")
 
 
+def test_llama2_and_mistral_strings_are_llamafactorys():
+    """LLaMA-Factory 0.9.5 src/llamafactory/data/template.py, re-typed: llama2 (:1393-1398) format_user
+    [bos, "[INST] {{content}} [/INST]"], format_system "<<SYS>>\\n{{content}}\\n<</SYS>>\\n\\n", the default
+    assistant ["{{content}}", eos] (:534); mistral (:1780-1791) prefix [bos], user "[INST] {{content}}[/INST]",
+    assistant [" {{content}}", eos], system "{{content}}\\n\\n"; both Llama2Template (:337-373): at the first message
+    the system text (plus the tools' text) goes through format_system into that message's content."""
+    llama2, mistral = get_template("llama2"), get_template("mistral")
+    assert llama2.prompt("Hi", system="S", history=[("Q1", "A1")], eos="</s>", bos="<s>") == (
+        "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nQ1 [/INST]A1</s><s>[INST] Hi [/INST]")
+    assert llama2.prompt("Hi", bos="<s>") == "<s>[INST] Hi [/INST]" and llama2.response("A", eos="</s>") == "A</s>"
+    assert mistral.prompt("Hi", system="S", history=[("Q1", "A1")], eos="</s>", bos="<s>") == (
+        "<s>[INST] S\n\nQ1[/INST] A1</s>[INST] Hi[/INST]")
+    assert mistral.prompt("Hi", bos="<s>") == "<s>[INST] Hi[/INST]" and mistral.response("A", eos="</s>") == " A</s>"
+    (prompt, _), = llama2.turns("Hi", system="S")  # one element: BOS, then the system text inside [INST]
+    assert prompt == [Special("{bos}"), "[INST] <<SYS>>\nS\n<</SYS>>\n\nHi [/INST]"]
+    # their function calling: tests/data/test_data_tools.py (LLaMA-Factory's own renderings, lf_tool_goldens.py)
+
+
+@pytest.mark.parametrize("vocabulary", ["mistral", "mistral_v3"])
+def test_mistral_markup_is_a_token_where_the_vocabulary_has_it_else_text(tmp_path, vocabulary):
+    """LLaMA-Factory encodes each element's text with the tokenizer (template.py _convert_elements_to_ids), which
+    finds an added token such as Mistral v0.3's control token [INST] in it and leaves [INST] text in a v0.1 / v0.2
+    vocabulary. Golden: transformers' encode of the element text, on a byte-level stand-in of each vocabulary."""
+    import transformers
+
+    from pipeline.data.model_tokenizer import load_tokenizer
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    write_small_tokenizer_dir(tmp_path, vocabulary)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    want = [hf.bos_token_id] + hf.encode("[INST] Be brief.\n\nWhich word is red?[/INST]", add_special_tokens=False)
+    assert encode_prompt("mistral", "Which word is red?", system="Be brief.", tokenizer=ours) == want
+    assert (hf.convert_tokens_to_ids("[INST]") in want) == (vocabulary == "mistral_v3")
+
+
 def test_default_template_strings():
     t = get_template("default")
     assert t.prompt("Hi", system="S", history=[("Q1", "A1")], eos="</s>") == (
@@ -151,7 +187,7 @@ def test_schema_enum_lists_exactly_the_templates():
 
 def test_a_template_the_vocabulary_cannot_express_is_a_user_error():
     with pytest.raises(UserError, match=r"'chatml' needs the special tokens <\|im_start\|>, <\|im_end\|>.*gpt2.*"
-                                        r"\(alpaca, default, empty\)"):
+                                        r"\(alpaca, llama2, mistral, default, empty\)"):
         encode_prompt("chatml", "hi", tokenizer=gpt2())
 
 
@@ -162,7 +198,7 @@ def test_placeholders_in_user_text_stay_literal(name):
     prompt = t.prompt(nasty, nasty, system=nasty, history=[[nasty, nasty]])
     assert prompt.count(nasty) == 5  # system, history pair, instruction, input: each verbatim
     assert "<class" not in prompt
-    assert t.response(nasty).startswith(nasty)
+    assert t.response(nasty).removeprefix(" ").startswith(nasty)  # mistral's answer opens with a space
 
 
 def test_unknown_template_suggests():

@@ -170,6 +170,9 @@ SMALL_ADDED = {
     "qwen2": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True)],
     "qwen3": [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True), ("<think>", False),
               ("</think>", False)],
+    "mistral": [("<unk>", True), ("<s>", True), ("</s>", True)],  # [INST] ... [/INST] is text before v0.3
+    "mistral_v3": [(t, True) for t in ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                                       "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")],  # control tokens
 }
 
 
@@ -198,6 +201,9 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
         generation = {"bos_token_id": ids["<|begin_of_text|>"],
                       "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}
+    elif family.startswith("mistral"):
+        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+        generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}
     else:
         config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
         generation = {"pad_token_id": ids["<|endoftext|>"], "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]]}

@@ -1,9 +1,10 @@
-"""Llama 3, Qwen2 and Qwen3 checkpoints written by transformers: logits, greedy decoding (cached, uncached,
+"""Llama 3, Qwen2, Qwen3 and Mistral checkpoints written by transformers: logits, greedy decoding (cached, uncached,
 batched with left padding), export back to the HF layout, PEFT adapters and merging, and bad input.
 
 Every golden value comes from transformers / PEFT. Tiny shapes (2 layers, width 64) with the features that
 distinguish the families: GQA and MQA, Llama 3.1's rope scaling, Qwen2's q/k/v biases, Qwen3's explicit
-head_dim and q/k norms, tied and untied heads.
+head_dim and q/k norms, Mistral v0.1's sliding window (wider than every sequence here: config.length_limit), tied
+and untied heads.
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ VARIANTS = {
     # head_dim 32 x 4 heads = 128 != width 64, per-head q/k RMSNorm, untied
     "qwen3-headdim-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
+    # no biases anywhere, GQA, a sliding window in every layer (Mistral-7B-v0.1: 4096 of 32,768 positions) that
+    # no sequence here reaches, untied
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=32, tie_word_embeddings=False)),
 }
 
 
@@ -77,7 +82,9 @@ def test_config_is_read_into_fields(checkpoint):
     expect = {"llama-gqa-llama3-untied": dict(family="llama", kv_heads=2, tie_weights=False, qkv_bias=False),
               "llama-mqa-tied": dict(family="llama", kv_heads=1, tie_weights=True),
               "qwen2-bias-tied": dict(family="qwen2", qkv_bias=True, o_bias=False, tie_weights=True),
-              "qwen3-headdim-qknorm": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False)}[name]
+              "qwen3-headdim-qknorm": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False),
+              "mistral-window": dict(family="mistral", kv_heads=2, qkv_bias=False, o_bias=False, mlp_bias=False,
+                                     sliding_window=32, tie_weights=False)}[name]
     assert {k: getattr(cfg, k) for k in expect} == expect
     if name.startswith("llama-gqa"):
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["type"] == "llama3"
@@ -332,9 +339,9 @@ def write_config(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes,words", [
-    ({"architectures": ["MistralForCausalLM"]},
-     "architectures ['MistralForCausalLM'] is not supported; supported architectures: GPT2LMHeadModel, "
-     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ({"architectures": ["GemmaForCausalLM"]},
+     "architectures ['GemmaForCausalLM'] is not supported; supported architectures: GPT2LMHeadModel, "
+     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM"),
     ({"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
     ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}},
      "rope_parameters.rope_type 'longrope' is not implemented; supported: default, linear, dynamic, llama3, yarn"),
@@ -405,10 +412,11 @@ def test_an_edited_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("config_cls", ["LlamaConfig", "Qwen2Config", "Qwen3Config"])
+@pytest.mark.parametrize("config_cls", ["LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig"])
 def test_keys_a_config_leaves_out_take_the_transformers_defaults(tmp_path, config_cls):
     """A config.json without head_dim or max_position_embeddings means what transformers' config class makes of
-    it (Qwen3Config: head_dim 128, not hidden_size / heads; Qwen2/3: 32,768 positions; Llama: 2,048)."""
+    it (Qwen3Config: head_dim 128, not hidden_size / heads; Qwen2/3: 32,768 positions; Llama: 2,048; Mistral:
+    131,072 and, without the key, a 4,096 sliding window)."""
     arch = config_cls.replace("Config", "ForCausalLM")
     config = {"architectures": [arch], "model_type": config_cls[:-6].lower(), "hidden_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
@@ -418,6 +426,8 @@ def test_keys_a_config_leaves_out_take_the_transformers_defaults(tmp_path, confi
     ours = read_config(tmp_path)
     assert (ours.head_dim, ours.context_length) == (theirs.head_dim if hasattr(theirs, "head_dim") else 16,
                                                     theirs.max_position_embeddings)
+    if config_cls == "MistralConfig":
+        assert ours.sliding_window == theirs.sliding_window == 4096
 
 
 def test_a_tied_checkpoint_whose_config_lacks_tie_word_embeddings_names_the_key(tmp_path):
@@ -520,3 +530,33 @@ def test_rmsnorm_reduces_in_fp32_so_large_fp16_activations_do_not_overflow():
     assert not torch.isfinite(x.pow(2).mean(-1)).all()  # the naive fp16 reduction overflows
     out = RMSNorm(64, 1e-6).half()(x)
     assert out.dtype == torch.float16 and torch.allclose(out.float(), torch.ones(1, 4, 64), atol=1e-3)
+
+
+def test_mistral_window_bounds_every_sequence_and_null_is_full_attention(tmp_path):
+    """Our attention has no window: a Mistral v0.1 model runs sequences up to its sliding_window (transformers'
+    mask keeps keys kv > q - window, all of them there), refuses a longer forward, and generate cuts a prompt to
+    leave room within it. Golden: transformers' greedy continuation of the prompt as cut. v0.2's null window is
+    full attention and stays null in the export (MistralConfig would read a missing key as 4096)."""
+    config = transformers.MistralConfig(**{**COMMON, "max_position_embeddings": 256}, num_attention_heads=4,
+                                        num_key_value_heads=2, sliding_window=16)
+    torch.manual_seed(0)
+    ref = transformers.MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(tmp_path / "v01")
+    ours = load_model(tmp_path / "v01").eval()
+    with pytest.raises(ValueError, match="exceeds sliding_window 16"):
+        ours(ids(13, (1, 17)))
+    prompt = ids(14, (1, 14))[0].tolist()
+    with torch.no_grad():  # prompt_room: max(16 - 8, 16 // 2) = 8 tokens kept, then 8 new ones: 16 in all
+        expected = ref.generate(torch.tensor([prompt[-8:]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, 8:].tolist()
+    assert generate(ours, prompt, max_new_tokens=8, eos_id=None) == expected
+    config.sliding_window = None
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "v02")
+    full = load_model(tmp_path / "v02").eval()
+    assert full.cfg.sliding_window is None and full(ids(15, (1, 40))).shape == (1, 40, VOCAB)
+    save_hf(full, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] is None
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").sliding_window is None

@@ -98,6 +98,19 @@ def test_default_cutoff_len_is_capped_at_the_model_context(write):
     assert (r["cutoff_len"], r.source("cutoff_len")) == (128, "derived")  # tiny's context; the default is 1024
 
 
+def test_default_cutoff_len_is_capped_at_a_mistral_sliding_window(write, tmp_path):
+    """A Mistral v0.1 config.json: 32,768 positions, a 100-position window (sequences stop there, config.length_limit),
+    so the default cutoff_len (2,048) becomes 100, not refused for a value the recipe never gave."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 512,
+        "max_position_embeddings": 32768, "sliding_window": 100}))
+    write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\n")
+    r = resolve("r.yaml")
+    assert (r["cutoff_len"], r.source("cutoff_len")) == (100, "derived")
+
+
 # --- derived values, hand-computed ------------------------------------------------------------------
 # 1000 training examples (600 + 400 over two datasets), micro-batch 8, accumulation 4, 3 epochs, warmup 10%:
 # (the train loader drops the last incomplete global batch, so batches/rank rounds down):

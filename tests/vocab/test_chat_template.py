@@ -45,13 +45,13 @@ def messages(system: str | None, history, query: str | None = None, answer: str 
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2", "qwen3", "deepseek_r1_qwen"])
 def test_every_template_prompts_as_training(family_dirs, family, case):
     """apply_chat_template(..., add_generation_prompt=True) == encode_prompt for every template the vocabulary can
-    express (gpt2: alpaca, default, empty; llama3 adds llama3, openchat-3.6; qwen adds chatml, qwen, qwen3, qwen3_nothink;
-    DeepSeek-R1-Distill-Qwen's adds deepseekr1)."""
+    express (gpt2: alpaca, llama2, mistral, default, empty; llama3 adds llama3, openchat-3.6; qwen adds chatml, qwen,
+    qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen's adds deepseekr1)."""
     system, history = CASES[case]
     directory = family_dirs[family]
     ours = _ours(directory)
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours) is None]
-    assert len(names) == {"gpt2": 3, "llama3": 5, "deepseek_r1_qwen": 4}.get(family, 7)
+    assert len(names) == {"gpt2": 5, "llama3": 7, "deepseek_r1_qwen": 6}.get(family, 9)
     for name in names:
         template = TEMPLATES[name]
         for thinking in (True, False) if template.thought_words else (True,):
@@ -266,3 +266,66 @@ def test_the_exports_generation_config_stops_at_the_templates_stop_words(vocab_d
     assert config["eos_token_id"] == stops
     pt = merge.export_stop_ids(data_args({**recipe, "stage": "pt"}), ours)
     assert set(pt) == set(base["eos_token_id"] if isinstance(base["eos_token_id"], list) else [base["eos_token_id"]])
+
+
+# The hub's chat templates, re-typed: meta-llama/Llama-2-7b-chat-hf's tokenizer_config.json, and the part of
+# mistralai/Mistral-7B-Instruct-v0.3's without tools (its user branch: "[INST] " + system_message + "\\n\\n" +
+# content + "[/INST]" when loop.last, its assistant " " + content|trim + eos_token)
+HUB_LLAMA2 = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+HUB_MISTRAL_V03 = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token }}{%- endif %}"
+    "{%- endfor %}")
+
+
+def test_llama2_and_mistral_against_the_hubs_chat_templates(family_dirs):
+    """Text level (a byte-level vocabulary: the Llama 2 / Mistral sentencepiece one is not this test's), rendered by
+    apply_chat_template: our export's chat template gives the training text, which is LLaMA-Factory's; the hub's
+    templates give the same one-turn prompt, and differ where docs/tokenizers-templates.md says: Llama 2's hub
+    template writes ' answer ' + EOS (LLaMA-Factory: answer + EOS), Mistral v0.3's puts the system prompt in the
+    last message when it is a user's and drops it otherwise (LLaMA-Factory: always in the first)."""
+    directory = family_dirs["llama3"]
+    hf = _hf(directory)
+    bos, eos = hf.bos_token, hf.eos_token
+    one = messages(SYSTEM, [], QUERY)
+    many = messages(SYSTEM, HISTORY, QUERY, "red")
+    expected = {  # LLaMA-Factory's rendering, by hand
+        "llama2": (f"{bos}[INST] <<SYS>>\n{SYSTEM}\n<</SYS>>\n\n{QUERY} [/INST]",
+                   f"{bos}[INST] <<SYS>>\n{SYSTEM}\n<</SYS>>\n\nWhat is 2+2? [/INST]4{eos}{bos}[INST] And 3+3? [/INST]"
+                   f"It's 6.{eos}{bos}[INST] {QUERY} [/INST]red{eos}"),
+        "mistral": (f"{bos}[INST] {SYSTEM}\n\n{QUERY}[/INST]",
+                    f"{bos}[INST] {SYSTEM}\n\nWhat is 2+2?[/INST] 4{eos}[INST] And 3+3?[/INST] It's 6.{eos}"
+                    f"[INST] {QUERY}[/INST] red{eos}")}
+    hub = {"llama2": HUB_LLAMA2, "mistral": HUB_MISTRAL_V03}
+    for name, (prompt, conversation) in expected.items():
+        assert render(directory, TEMPLATES[name], one, tokenize=False) == prompt
+        assert render(directory, TEMPLATES[name], many, tokenize=False, add_generation_prompt=False) == conversation
+        assert hf.apply_chat_template(one, chat_template=hub[name], tokenize=False) == prompt
+    theirs = {name: hf.apply_chat_template(many, chat_template=hub[name], tokenize=False) for name in hub}
+    assert theirs["llama2"] == conversation_with(expected["llama2"][1], [("[/INST]4", "[/INST] 4 "), (
+        "[/INST]It's 6.", "[/INST] It's 6. "), ("[/INST]red", "[/INST] red ")])
+    # Mistral's hub template: the system prompt in the last message when that is a user's, else nowhere
+    assert theirs["mistral"] == conversation_with(expected["mistral"][1], [(f"{SYSTEM}\n\n", "")])
+    prompt = hf.apply_chat_template(messages(SYSTEM, HISTORY, QUERY), chat_template=hub["mistral"], tokenize=False)
+    assert prompt + " red" + eos == conversation_with(expected["mistral"][1], [(f"{SYSTEM}\n\n", ""), (
+        f"[INST] {QUERY}", f"[INST] {SYSTEM}\n\n{QUERY}")])
+
+
+def conversation_with(text: str, changes: list[tuple[str, str]]) -> str:
+    for old, new in changes:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    return text

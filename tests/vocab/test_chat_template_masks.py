@@ -35,8 +35,10 @@ CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "cont
         {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "It's 6."},
         {"role": "user", "content": "Which word is a color?\nred\nhill"},
         {"role": "assistant", "content": "<think>\nred is one\n</think>\n\nred"}]
-# the tokenizer merges across a block's edge: ":It", ":red" (default), "?It" (empty) are one token there
-MERGED = {(family, name) for family in ("llama3", "qwen3", "deepseek_r1_qwen") for name in ("default", "empty")}
+# the tokenizer merges across a block's edge: ":It", ":red" (default), "?It" (empty), "]<" (llama2's "[/INST]" before
+# the answer "<think>...") are one token there
+MERGED = {(family, name) for family in ("llama3", "qwen3", "deepseek_r1_qwen") for name in ("default", "empty", "llama2")}
+MERGED.add(("llama3", "mistral"))  # "[/INST][TOOL_CALLS]": "][" where they are text; v0.3's tokens: test below
 
 
 def trained(example: Encoded) -> list[int]:
@@ -95,10 +97,10 @@ def assert_marks_training(family_dirs, family: str, name: str, lf: list[dict], s
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3", "deepseek_r1_qwen"])
 def test_every_template_marks_the_trained_tokens(family_dirs, family):
     """Three turns, with and without a system message (thinking on and off for qwen3 and deepseekr1): gpt2 has
-    alpaca, default, empty; llama3 adds llama3, openchat-3.6; qwen3 adds chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen
+    alpaca, llama2, mistral, default, empty; llama3 adds llama3, openchat-3.6; qwen3 adds chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen
     adds deepseekr1."""
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours(family_dirs[family])) is None]
-    assert len(names) == {"gpt2": 3, "llama3": 5, "deepseek_r1_qwen": 4}.get(family, 7)
+    assert len(names) == {"gpt2": 5, "llama3": 7, "deepseek_r1_qwen": 6}.get(family, 9)
     for name in names:
         for system in (SYSTEM, None):
             for thinking in (True, False) if TEMPLATES[name].thought_words else (True,):
@@ -124,6 +126,15 @@ def test_function_calls_are_marked_as_trained(family_dirs, family):
     for name in TOOL_TEMPLATES[family]:
         for system in ("You are a weather bot.", None):
             assert_marks_training(family_dirs, family, name, MESSAGES, system, TOOLS, True)
+
+
+def test_mistral_v3_function_calls_are_marked_as_trained(tmp_path):
+    """The same on a stand-in of Mistral v0.3's vocabulary, whose control tokens keep the blocks apart: id for id."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    write_small_tokenizer_dir(tmp_path, "mistral_v3")
+    for system in ("You are a weather bot.", None):
+        assert_marks_training({"mistral_v3": tmp_path}, "mistral_v3", "mistral", MESSAGES, system, TOOLS, True)
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))

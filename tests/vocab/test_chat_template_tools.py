@@ -56,16 +56,19 @@ def prompt_ids(template, tokenizer, lf_messages: list[dict], system: str | None,
                          roles=roles, enable_thinking=thinking)
 
 
-TOOL_TEMPLATES = {"gpt2": ["default", "empty"], "llama3": ["llama3"], "qwen3": ["chatml", "qwen", "qwen3",
+TOOL_TEMPLATES = {"gpt2": ["default", "empty"], "llama3": ["llama3", "llama2", "mistral"], "qwen3": ["chatml", "qwen", "qwen3",
                                                                                  "qwen3_nothink"]}
 # no markup between the system prompt and the user's text (empty), or between "Assistant:" and the answer (default on
 # Llama 3's / Qwen's pre-tokenizer): the rendered string's BPE merges across them; the text is still training's
 TEXT_ONLY = {"empty"}
+# mistral on a vocabulary without its control tokens (Llama 3's here; v0.1 / v0.2's): "[/INST][TOOL_CALLS]" merges
+# "][" across the blocks' edge; on Mistral v0.3's they are tokens (test_mistral_v3_control_tokens_are_trainings_ids)
+TEXT_ONLY_ON = {"llama3": {"mistral"}}
 
 
-def assert_trainings(name: str, tokenizer, got: list[int] | str, want: list[int]) -> None:
+def assert_trainings(name: str, tokenizer, got: list[int] | str, want: list[int], text_only: set[str]) -> None:
     """The rendering (ids; the text for TEXT_ONLY templates) is training's."""
-    if name in TEXT_ONLY:
+    if name in text_only:
         assert got == tokenizer.decode(want), name
     else:
         assert got == want, (name, tokenizer.decode(got), tokenizer.decode(want))
@@ -77,24 +80,37 @@ def test_tools_calls_and_results_are_trainings_ids(family_dirs, family):
     two parallel calls): every prompt with add_generation_prompt (after a user or a tool message) is encode_prompt's,
     and the whole conversation, ending in the parallel calls, is the training example (mask_history's rendering,
     which a reasoning template's prompts follow). With and without a system message, thinking on and off."""
-    directory = family_dirs[family]
+    for name in TOOL_TEMPLATES[family]:
+        assert_conversation(family_dirs[family], name, TEXT_ONLY | TEXT_ONLY_ON.get(family, set()))
+
+
+def test_mistral_v3_control_tokens_are_trainings_ids(tmp_path):
+    """On a stand-in of Mistral v0.3's vocabulary ([INST], [TOOL_CALLS], [AVAILABLE_TOOLS], [TOOL_RESULTS] ...
+    control tokens in a byte-level BPE): the same conversation, id for id."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    write_small_tokenizer_dir(tmp_path, "mistral_v3")
+    assert_conversation(tmp_path, "mistral", set())
+
+
+def assert_conversation(directory, name: str, text_only: set[str]) -> None:
+    """The goldens' conversation rendered by apply_chat_template is training's, prompt by prompt and whole."""
     tokenizer = ours(directory)
     tools = json.loads(TOOLS)
-    for name in TOOL_TEMPLATES[family]:
-        template = get_template(name)
-        for system in (SYSTEM, None):
-            head = [{"role": "system", "content": system}] if system else []
-            for thinking in (True, False) if template.thought_words else (True,):
-                for end in (1, 3, 5):  # after the user, after the tool result, after the second user turn
-                    got = render(directory, template, head + openai(MESSAGES[:end]), tools=tools,
-                                 enable_thinking=thinking, tokenize=name not in TEXT_ONLY)
-                    assert_trainings(name, tokenizer, got, prompt_ids(template, tokenizer, MESSAGES[:end], system,
-                                                                      thinking))
-                want = encode_example(row(MESSAGES, system), template, tokenizer, cutoff_len=8192, mask_history=True,
-                                      enable_thinking=thinking).input_ids
-                got = render(directory, template, head + openai(MESSAGES), tools=tools, add_generation_prompt=False,
-                             enable_thinking=thinking, tokenize=name not in TEXT_ONLY)
-                assert_trainings(name, tokenizer, got, want)
+    template = get_template(name)
+    for system in (SYSTEM, None):
+        head = [{"role": "system", "content": system}] if system else []
+        for thinking in (True, False) if template.thought_words else (True,):
+            for end in (1, 3, 5):  # after the user, after the tool result, after the second user turn
+                got = render(directory, template, head + openai(MESSAGES[:end]), tools=tools,
+                             enable_thinking=thinking, tokenize=name not in text_only)
+                assert_trainings(name, tokenizer, got, prompt_ids(template, tokenizer, MESSAGES[:end], system,
+                                                                  thinking), text_only)
+            want = encode_example(row(MESSAGES, system), template, tokenizer, cutoff_len=8192, mask_history=True,
+                                  enable_thinking=thinking).input_ids
+            got = render(directory, template, head + openai(MESSAGES), tools=tools, add_generation_prompt=False,
+                         enable_thinking=thinking, tokenize=name not in text_only)
+            assert_trainings(name, tokenizer, got, want, text_only)
 
 
 @pytest.mark.parametrize("kind, name, thinking", sorted(k for k in THOUGHTS if k[1] == "qwen3"))

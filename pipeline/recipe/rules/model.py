@@ -203,13 +203,21 @@ def adapter_settings_problems(ctx: Context, path: str, folder: Path) -> list[tup
 
 @rule("cutoff_len", "context_length", "model_name_or_path", "rope_scaling")
 def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
-    """cutoff_len past the model's context length is refused, except under dynamic NTK (a checkpoint whose
+    """cutoff_len past a sliding window is refused (our attention has none: below it, the same function); past the
+    model's context length too, except under dynamic NTK (a checkpoint whose
     config.json has rope_scaling dynamic: our merged/ of a `rope_scaling: dynamic` run, LLaMA-Factory's export of
     one), which transformers rescales past it with no limit; the model does as well (pipeline.model.rope), and
     notices.dynamic_context_notice says so."""
     from pipeline.recipe.modelinfo import model_info, scales_past_context
 
     info = model_info(ctx.values["model_name_or_path"])
+    window = info.config.sliding_window if info else None
+    if window and ctx.values["cutoff_len"] > window:  # pipeline.model.config.length_limit
+        return [("cutoff_len", f"given {ctx.values['cutoff_len']}, expected at most {window}: the model's config.json "
+                               f"sets sliding_window {window} (each layer attends to the last {window} positions), "
+                               "and this pipeline's attention has no window, so a row may not be longer than it; "
+                               f"lower cutoff_len to {window}, or train a checkpoint whose sliding_window is null "
+                               "(Mistral v0.2 and later)")]
     context = ctx.values["context_length"] or (info.context_length if info else None)
     if info is not None and scales_past_context(info, ctx.values["rope_scaling"], ctx.values["cutoff_len"]):
         return []
