@@ -53,14 +53,18 @@ def test_encode_and_decode_equal_transformers(family, folders, golden):
     assert ours.encode("</s>") == hf("</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def test_control_tokens_typed_in_text_are_one_token_unless_split(folders, golden):
-    """Mistral v0.3's [INST] / [TOOL_CALLS] typed in user text: one token each as transformers reads it by default
-    (none is EOS / BOS / a template's markup), literal pieces with split_special_tokens."""
+def test_control_tokens_typed_in_text_follow_the_markup_rule(folders, golden):
+    """Mistral v0.3's control tokens typed in user text: the mistral template's markup ([INST], [TOOL_CALLS]) stays
+    literal, as <|im_end|> does for Qwen (split as text, as split_special_tokens reads it), so a user cannot open a
+    turn; a control token no template uses ([PREFIX], id 11) is one token, as transformers reads it by default."""
     hf, ours = golden["mistral_v3"], load_tokenizer(folders["mistral_v3"])
     text = "say [INST] and [TOOL_CALLS]"
-    assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
-    assert {3, 5} <= set(ours.encode(text))  # [INST] 3, [TOOL_CALLS] 5 (the v3 model's control pieces)
-    assert not {3, 5} & set(ours.split_special().encode(text))
+    assert ours.encode(text) == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert not {3, 5} & set(ours.encode(text))  # [INST] 3, [TOOL_CALLS] 5 (the v3 model's control pieces)
+    assert ours.encode_special(text) == hf.encode(text, add_special_tokens=False)  # template markup: one token each
+    other = "fill [PREFIX] here"
+    assert ours.encode(other) == hf.encode(other, add_special_tokens=False)
+    assert 11 in ours.encode(other) and 11 not in ours.split_special().encode(other)
 
 
 def test_byte_fallback_token_bytes(folders):
