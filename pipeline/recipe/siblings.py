@@ -140,8 +140,8 @@ def _shown(path: Path) -> Path:
 
 def scanned(recipe_path: Path) -> tuple[list[Path], list[Path]]:
     """(every YAML file in scope, the folders read), sorted: the recipe's own folder and the working tree, as the
-    module says. The Makefile lists the folders' YAML files as prerequisites of deps.mk, so a recipe written into one
-    later is seen by the next make."""
+    module says. The Makefile lists the folders and their YAML files as prerequisites of deps.mk, so a recipe written
+    into one later, or into a folder created in one, is seen by the next make."""
     folders = {Path(os.path.normpath(recipe_path.parent))}
     files: list[Path] = []
     seen = 0

@@ -386,6 +386,15 @@ def make(*args: str, cwd: str | Path, expect: int | None = 0, timeout: float = 6
     return _expect(proc, expect, Path(cwd))
 
 
+def refused_before_any_stage(proc: subprocess.CompletedProcess) -> list[str]:
+    """The lines a make that stopped at deps / validate printed before make's own stop line, which must end stderr:
+    the Makefile's $(error) (exit 2, a user mistake), after our message."""
+    *ours, last = proc.stderr.splitlines()
+    assert proc.returncode == 2 and last.startswith("Makefile:"), proc.stderr
+    assert last.endswith("*** stopped by the message above; nothing ran.  Stop."), proc.stderr
+    return ours
+
+
 def make_stages(proc: subprocess.CompletedProcess) -> list[tuple[str, str]]:
     """(command, recipe) of every `python -m pipeline` line make printed (or, under -n, would run), in order."""
     runs = [line.split(" -m pipeline ")[1].split()[:2] for line in proc.stdout.splitlines() if " -m pipeline " in line]

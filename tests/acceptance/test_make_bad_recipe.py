@@ -1,24 +1,52 @@
 """`make <stage>` on a recipe with mistakes prints each problem once (README: "one clear message per problem").
 
-The Makefile's deps step printed its messages, then ran validate, which printed them again.
+The Makefile's deps step printed its messages, then ran validate, which printed them again; then make added its own
+lines ("deps.mk: No such file or directory", "make: *** [...scope.mk] Error 2").
 """
 from __future__ import annotations
 
-from tests.acceptance.harness import make, scratch_repo, write_data
+import pytest
+
+from tests.acceptance.harness import make, refused_before_any_stage, scratch_repo, write_data
+
+# (recipe text, stderr): mistakes make finds before any stage runs
+BEFORE_ANY_STAGE = [
+    ("model_name_or_path: tiny\ndataset: tiny_sft\nlora_rnak: 3\n",
+     ["error: recipes/bad.yaml:3:1: lora_rnak: unknown key (did you mean 'lora_rank'?)"]),
+    ("model_name_or_path: tiny\ndataset: tiny_sfd\n",
+     ["error: recipes/bad.yaml:2:10: dataset: dataset 'tiny_sfd' is not in datasets/dataset_info.json (did you mean "
+      "'tiny_sft'?); known: tiny_pt, tiny_sft"]),
+]
 
 
-def test_each_problem_is_printed_once(tmp_path):
+def _repo(tmp_path, recipe: str):
     repo = scratch_repo(tmp_path / "repo")
     write_data(repo / "datasets")
     (repo / "recipes").mkdir()
-    (repo / "recipes" / "bad.yaml").write_text("model_name_or_path: tiny\ndataset: tiny_sft\nlora_rnak: 3\n",
-                                               encoding="utf-8")
-    failed = make("validate", "RECIPE=recipes/bad.yaml", f"VENV={repo / 'venv'}", cwd=repo, expect=2)
-    errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: recipes/bad.yaml:3:1: lora_rnak: unknown key (did you mean 'lora_rank'?)"], failed.stderr
-    # make's own line is the usual failed-rule one, not "No rule to make target" (a -include hid the failure)
-    assert "No rule to make target" not in failed.stderr, failed.stderr
-    assert not list((repo / ".stamps").rglob("deps.mk*"))
+    (repo / "recipes" / "bad.yaml").write_text(recipe, encoding="utf-8")
+    return repo, f"VENV={repo / 'venv'}"
+
+
+@pytest.mark.parametrize("recipe,stderr", BEFORE_ANY_STAGE, ids=["misspelt key", "missing dataset"])
+def test_a_mistake_found_before_any_stage_is_our_one_message(tmp_path, recipe, stderr):
+    """Our message, as typed and under -n, then make's one stop line (the Makefile's $(error): exit 2), and nothing
+    written. It was our message, then make's "deps.mk: No such file or directory" and "make: *** [...] Error 2"."""
+    repo, venv = _repo(tmp_path, recipe)
+    for goal in (["train"], ["-n", "train"]):
+        failed = make(*goal, "RECIPE=recipes/bad.yaml", venv, cwd=repo, expect=2)
+        assert refused_before_any_stage(failed) == stderr and failed.stdout == "", (goal, failed.stderr, failed.stdout)
+        assert not list((repo / ".stamps").rglob("*.mk*")) and not (repo / "datasets/build").exists()
+
+
+def test_a_missing_model_is_our_one_message_and_makes_line(tmp_path):
+    """train refuses a model folder that is not there and that no recipe writes: a stage's refusal, after which GNU
+    make always adds its own line and exits 2."""
+    repo, venv = _repo(tmp_path, "model_name_or_path: models/nothing\ndataset: tiny_sft\n")
+    failed = make("train", "RECIPE=recipes/bad.yaml", venv, cwd=repo, expect=2)
+    assert failed.stderr.splitlines()[:-1] == [
+        "error: recipes/bad.yaml:1:21: model_name_or_path: directory 'models/nothing' does not exist here; if another "
+        "recipe produces it, run that one first"], failed.stderr
+    assert failed.stderr.splitlines()[-1].startswith("make: *** ["), failed.stderr
 
 
 def test_a_missing_recipe_is_named(tmp_path):

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import (DPO, cli_env, make, make_stages, scratch_repo, write_data, write_ranking_data,
-                                      write_recipe)
+from tests.acceptance.harness import (DPO, cli_env, make, make_stages, refused_before_any_stage, scratch_repo,
+                                      write_data, write_ranking_data, write_recipe)
 
 
 def _repo(tmp_path: Path) -> tuple[Path, str]:
@@ -87,9 +87,9 @@ def test_two_recipes_sharing_an_export_dir_are_refused_with_one_message(tmp_path
         write_recipe(root / "recipes" / f"{name}.yaml", {"model_name_or_path": "tiny", "template": "alpaca"},
                      adapter_name_or_path="saves/sft", export_dir="saves/merged")
     refused = make("export", "RECIPE=recipes/a.yaml", venv, cwd=root, env=cli_env(MAKEFLAGS="", MAKELEVEL=""),
-                   expect=2)
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr
+                   expect=2)  # found before any stage: our message, make's stop line (test_make_bad_recipe.py)
+    errors = refused_before_any_stage(refused)
+    assert len(errors) == 1 and errors[0].startswith("error:"), refused.stderr
     assert "recipes/a.yaml:4:13: export_dir: saves/merged is also written by" in errors[0]
     assert "recipes/b.yaml has export_dir: saves/merged" in errors[0] and "export_dir: saves/a_export" in errors[0]
     assert not (root / "saves").exists()
@@ -130,3 +130,45 @@ def test_a_recipe_added_beside_this_one_becomes_its_upstream_and_an_unrelated_ed
     write_recipe(root / "recipes" / "other.yaml", model_name_or_path="tiny", output_dir="saves/other", max_steps=1)
     _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
     assert deps.stat().st_mtime_ns == before
+
+
+def _listing(root: Path) -> dict[str, int]:
+    """Every path under the scratch repo but its venv, with its mtime: what a dry run must leave as it is."""
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in sorted(root.rglob("*"))
+            if p.relative_to(root).parts[0] != "venv"}
+
+
+def test_make_n_changes_nothing_on_disk_and_prints_the_chain(tmp_path):
+    """`make -n` moved stamps of the layout before to the recipe's path, and wrote deps.mk, scope.mk and args.new for
+    this recipe and its upstream (GNU make runs the rule remaking an included makefile under -n, and expands the
+    recipes it prints). The real run still moves the stamps."""
+    root, venv = _repo(tmp_path)
+    write_recipe(root / "recipes" / "up.yaml", model_name_or_path="tiny", output_dir="saves/up", max_steps=1,
+                 finetuning_type="full")
+    write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/up", output_dir="saves/down", max_steps=1)
+    (root / ".stamps/down").mkdir(parents=True)
+    (root / ".stamps/down/deps.mk").write_text("RECIPE_FILES=./recipes/down.yaml\n")
+    (root / ".stamps/down/train").touch()
+    before = _listing(root)
+    dry = _make(root, "-n", "train", "RECIPE=recipes/down.yaml", venv)
+    assert _listing(root) == before
+    assert [s for s in _stages(dry) if s[0] == "train"] == [("train", "up"), ("train", "down")], dry.stdout
+    _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
+    assert (root / ".stamps/recipes/down/train").is_file() and not (root / ".stamps/down").exists()
+
+
+def test_a_recipe_in_a_folder_created_after_the_last_make_is_seen_by_the_next(tmp_path):
+    """deps ran again only when a recipe in a folder it had searched was added or edited: an upstream put in a new
+    folder was seen at the next edit of some recipe, and make stopped on the missing model until then."""
+    root, venv = _repo(tmp_path)
+    write_recipe(root / "recipes" / "down.yaml", model_name_or_path="saves/up", output_dir="saves/down", max_steps=1)
+    _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
+    deps = root / ".stamps/recipes/down/deps.mk"
+    assert "UPSTREAMS=\n" in deps.read_text()
+    (root / "more/up").mkdir(parents=True)
+    write_recipe(root / "more/up/up.yaml", model_name_or_path="tiny", output_dir="saves/up", max_steps=1,
+                 finetuning_type="full")
+    dry = _make(root, "-n", "train", "RECIPE=recipes/down.yaml", venv)
+    assert ("train", "up") in _stages(dry), dry.stdout
+    _make(root, "plan", "RECIPE=recipes/down.yaml", venv, expect=None)
+    assert "UPSTREAMS=more/up/up.yaml:train\n" in deps.read_text()

@@ -67,7 +67,7 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from tests.acceptance.harness import cli_env, make, make_stages, scratch_repo
+    from tests.acceptance.harness import cli_env, make, make_stages, refused_before_any_stage, scratch_repo
 
     ckpt = tmp_path / "ckpt"
     qwen3_checkpoint(ckpt)
@@ -78,8 +78,8 @@ def test_lora_sft_then_merge_lora_then_inference(tmp_path):
     goal = ["export", f"RECIPE={merge}", f"ARGS={' '.join(extra)}", f"VENV={work / 'venv'}"]
 
     # LLaMA-Factory's two merge_lora examples write one export_dir: one message naming both, nothing run
-    refused = make(*goal, cwd=work, env=env, expect=2)
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    refused = make(*goal, cwd=work, env=env, expect=2)  # found before any stage: our message, make's stop line
+    errors = refused_before_any_stage(refused)
     assert errors == [f"error: {merge}:10:13: export_dir: saves/qwen3_sft_merged is also written by another recipe "
                       "(examples/merge_lora/qwen3_full_sft.yaml has export_dir: saves/qwen3_sft_merged): each "
                       "export replaces the whole folder, so one deletes the other's model, and make could hand a "
