@@ -125,8 +125,8 @@ def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_optimizer(m
     the masters' (float32). For SGD, Adagrad and RMSprop, two more runs of the recipe: one stopped by SIGTERM after
     step 2 and resumed ends with the same weights, masters and optimizer state, bit for bit; ZeRO 2 (offloaded:
     DeepSpeed steps the client optimizer on the CPU's flat fp32 partitions) keeps the recipe's groups and ends with
-    ZeRO 0's masters, state and losses, bit for bit. No clipping (max_grad_norm 0): DeepSpeed's ZeRO 0 computes the
-    bf16 gradients' norm in another order than ZeRO 2, and the factors part in the sixth digit.
+    ZeRO 0's masters, state and losses, bit for bit. No clipping (max_grad_norm 0): DeepSpeed's ZeRO 0 sums the
+    gradient norm tensor by tensor, ZeRO 2 over its flat partitions, and the factors part in the sixth digit.
     Failed before: Adagrad's constructor-made state, keyed by the bf16 weights, stopped the first checkpoint's
     save (KeyError); at ZeRO 2 DeepSpeed swapped it for an Adagrad of one group (IndexError at the first step)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
