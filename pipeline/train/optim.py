@@ -137,7 +137,15 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
     BAdam's block-wise AdamW (pipeline.train.badam). Else `optim` as transformers' Trainer builds it over the same
     groups: sgd, adagrad, rmsprop are torch's classes with learning_rate, the optim_args keys transformers reads for
     them (optimizer_state.optim_kwargs) and torch's defaults for the rest (weight decay per group, added to the
-    gradient), adafactor transformers' Adafactor (pipeline.train.adafactor)."""
+    gradient), adafactor transformers' Adafactor (pipeline.train.adafactor).
+
+    torch's Adagrad makes its state (step 0, a `sum` of initial_accumulator_value) for every parameter in its
+    constructor, the others at their first step. Under bf16 mixed precision DeepSpeed then swaps each group's
+    parameters for its fp32 masters, whose state Adagrad makes at their first step as the others do: the
+    constructor's entries stayed behind, keyed by tensors no group holds (a second copy of every trained weight) that
+    torch's state_dict cannot number, so the run's first checkpoint failed (KeyError). Emptied here, each entry is
+    made at the first step with the same values (Adagrad._init_group) on the tensors that are stepped (ZeRO 1-3:
+    kept_adagrad)."""
     import torch
 
     groups = train_groups(model, train)
@@ -170,8 +178,10 @@ def make_optimizer(model: Any, train: TrainArgs) -> Any:
 
         return Adafactor(groups, lr=train.learning_rate)
     if train.optim in OTHER_OPTIMS:  # sgd, adagrad, rmsprop: transformers' _get_sgd / _get_adagrad / _get_rmsprop
-        return getattr(torch.optim, OTHER_OPTIMS[train.optim])(groups, lr=train.learning_rate,
-                                                               **optim_kwargs(train.optim, train.optim_args))
+        optimizer = getattr(torch.optim, OTHER_OPTIMS[train.optim])(groups, lr=train.learning_rate,
+                                                                    **optim_kwargs(train.optim, train.optim_args))
+        optimizer.state.clear()  # Adagrad's, made at construction: see the docstring
+        return optimizer
     return torch.optim.AdamW(groups, lr=train.learning_rate, betas=betas,
                              eps=train.adam_epsilon, weight_decay=train.weight_decay,
                              fused=True if fused_supported(groups) else None)
@@ -195,3 +205,25 @@ def no_startup_step(optimizer: Any) -> Iterator[None]:
             del optimizer.step
         else:
             optimizer.step = own
+
+
+@contextlib.contextmanager
+def kept_adagrad(optimizer: Any) -> Iterator[None]:
+    """Around deepspeed.initialize: torch's Adagrad is not one to DeepSpeed. ZeRO 1-3 (stage_1_and_2.py, stage3.py
+    initialize_optimizer_states) swap a client `torch.optim.Adagrad` for a new `Adagrad(<the fp32 partitions>,
+    **client.defaults)`, because Adagrad made its state in its constructor: one group holding every partition, so
+    the weight decay groups, LoRA+'s rates and the schedule (which drives the client's groups) never reached it, and a
+    second group stopped the first backward (IndexError at param_groups[1]). The client's groups already hold the
+    partitions by then and its state is made at the first step (make_optimizer empties the constructor's), so it is
+    kept: for the length of initialize it is of a class with Optimizer's methods alone, which the check does not
+    match. DeepSpeed never calls its step there (no_startup_step)."""
+    import torch
+
+    if type(optimizer) is not torch.optim.Adagrad:
+        yield
+        return
+    optimizer.__class__ = type("ClientAdagrad", (torch.optim.Optimizer,), {})
+    try:
+        yield
+    finally:
+        optimizer.__class__ = torch.optim.Adagrad

@@ -79,7 +79,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.runtime.log import Reporters, TrainLog
     from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
     from pipeline.train import step_profile
-    from pipeline.train.optim import make_optimizer, no_startup_step
+    from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
     from pipeline.train.badam import every_block_trainable
     from pipeline.train.schedule import make_scheduler
 
@@ -122,7 +122,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     args = train_args(r)
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)  # before no_startup_step: it wraps the optimizer's own step
-    with every_block_trainable(optimizer), no_startup_step(optimizer):  # BAdam: masters for every layer
+    # BAdam: masters for every layer; ZeRO: the Adagrad built here is the one stepped
+    with every_block_trainable(optimizer), no_startup_step(optimizer), kept_adagrad(optimizer):
         # stage ppo steps the schedule once per PPO step, not per update (TRL's PPOTrainer.step)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=r.ds_config,
                                           lr_scheduler=None if r["stage"] == "ppo" else scheduler)

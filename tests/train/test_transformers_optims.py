@@ -21,7 +21,7 @@ from pipeline.runtime.log import read_log
 from pipeline.train.optim import make_optimizer
 from pipeline.train.run import train
 from pipeline.train.schedule import make_scheduler
-from tests.train.helpers import BASE_PT, BASE_SFT
+from tests.train.helpers import BASE_PT
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # transformers' Trainer needs it, on a CPU too
@@ -107,48 +107,37 @@ def test_adafactor_factors_loras_matrices_as_peft_stores_them(checkpoints):
     assert state["exp_avg_sq_row"].shape == (a.shape[1],) and state["exp_avg_sq_col"].shape == (a.shape[0],)
 
 
-def test_zero2_with_offload_trains_as_zero0_with_an_elementwise_optimizer(make_recipe, capsys):
-    """RMSprop (a second moment per element, weight decay in the gradient; with optim_args' momentum and centered, a
-    momentum buffer and a mean gradient per element too) on DeepSpeed's flat ZeRO-2 partitions,
-    offloaded to the CPU (DeepSpeed steps the client torch optimizer there: zero_force_ds_cpu_optimizer false, as
-    for AdamW): the same losses and weights as on whole tensors at ZeRO 0, within fp32 rounding (the norm for
-    clipping and the partitions' sums add in another order)."""
-    keys = dict(optim="rmsprop", optim_args="momentum=0.5, centered=true", weight_decay=DECAY, max_steps=2, warmup_steps=0, learning_rate=1e-3, val_size=0.0)
-    from pipeline.model.build import build_model
-    from pipeline.recipe.args import recipe_args
-
-    r = make_recipe(BASE_SFT, name="z0", zero_stage=0, **keys)
-    start = dict(build_model(*recipe_args(r)).named_parameters())
-    zero0 = train(r)
-    zero2 = train(make_recipe(BASE_SFT, name="z2", zero_stage=2, offload_optimizer="cpu", **keys))
-    assert type(zero2.engine.optimizer.optimizer) is torch.optim.RMSprop  # inside DeepSpeed's ZeRO-2 optimizer
-    assert zero2.engine.optimizer.optimizer.defaults | {"momentum": 0.5, "centered": True} == \
-        zero2.engine.optimizer.optimizer.defaults
-    assert "optimizer: RMSprop (optim rmsprop, momentum=0.5, centered=True): " in capsys.readouterr().err
-    a = dict(zero0.engine.module.named_parameters())
-    b = dict(zero2.engine.module.named_parameters())
-    trained = [n for n, p in a.items() if p.requires_grad]
-    assert trained and all(torch.allclose(a[n], b[n], rtol=0, atol=1e-6) for n in trained)
-    assert all((a[n] - start[n]).abs().max() > 1e-4 for n in trained)  # each moved far more than that
-    losses0 = [r["loss"] for r in read_log(zero0.output_dir / "trainer_log.jsonl") if "loss" in r]
-    losses2 = [r["loss"] for r in read_log(zero2.output_dir / "trainer_log.jsonl") if "loss" in r]
-    assert losses0 == pytest.approx(losses2, rel=1e-5) and len(losses0) == 2
+SMALL = dict(per_device_train_batch_size=2, gradient_accumulation_steps=1)  # bf16 matmuls are slow on a CPU
+# the bf16 mixed-precision runs: each optimizer with the optim_args that give it every kind of state it has
+MIXED = [("adafactor", None), ("sgd", "momentum=0.9,nesterov=True"), ("adagrad", "lr_decay=0.5,eps=1e-3"),
+         ("rmsprop", "momentum=0.5,alpha=0.9,centered=YES")]
 
 
-def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_adafactor(make_recipe, monkeypatch):
+@pytest.mark.parametrize("optim, optim_args", MIXED, ids=[o for o, _ in MIXED])
+def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_optimizer(make_recipe, monkeypatch, capsys, optim,
+                                                                                optim_args):
     """bf16: true at ZeRO 0 (no pure_bf16): DeepSpeed's FP16_UnfusedOptimizer keeps bf16 weights and one fp32
     master per tensor (its shape kept, so Adafactor factors it; the group's `transposed` flag goes with it) and
-    steps our Adafactor on the masters with their fp32 gradients, unscaled and clipped. Each step's masters and
-    gradients going in are recorded and replayed on transformers' Adafactor (its Trainer's class and kwargs,
-    Trainer.get_optimizer_cls_and_kwargs) over copies in transformers' layout, with the recorded groups' rates and
-    decays: its masters coming out equal ours bit for bit, step after step, the first one included (DeepSpeed's
-    start-up step with zero gradients is skipped: pipeline.train.optim.no_startup_step)."""
+    steps our optimizer on the masters with their fp32 gradients. Each step's masters and gradients going in are
+    recorded and replayed on transformers' optimizer (its Trainer's class and kwargs,
+    Trainer.get_optimizer_cls_and_kwargs, optim_args included) over copies in transformers' layout, with the recorded
+    groups' rates and decays: its masters coming out equal ours bit for bit, step after step, the first one included
+    (DeepSpeed's start-up step with zero gradients is skipped: pipeline.train.optim.no_startup_step). The state is
+    the masters' (float32). For SGD, Adagrad and RMSprop, two more runs of the recipe: one resumed from the checkpoint
+    the run saved after step 2 ends with its weights, masters and optimizer state, bit for bit; ZeRO 2 (offloaded:
+    DeepSpeed steps the client optimizer on the CPU's flat fp32 partitions) keeps the recipe's groups and ends with
+    ZeRO 0's masters, state and losses, bit for bit. No clipping (max_grad_norm 0): DeepSpeed's ZeRO 0 sums the
+    gradient norm tensor by tensor, ZeRO 2 over its flat partitions, and the factors part in the sixth digit.
+    Failed before: Adagrad's constructor-made state, keyed by the bf16 weights, stopped the first checkpoint's
+    save (KeyError); at ZeRO 2 DeepSpeed swapped it for an Adagrad of one group (IndexError at the first step)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
+    from pipeline.model.optimizer_state import OTHER_OPTIMS
     from pipeline.train.adafactor import Adafactor
 
+    ours = Adafactor if optim == "adafactor" else getattr(torch.optim, OTHER_OPTIMS[optim])
     steps: list[list[tuple[dict, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]] = []
-    original = Adafactor.step
+    original = ours.step
 
     def recorded(self, closure=None):
         groups = [({k: v for k, v in g.items() if k != "params"}, [(p, p.detach().clone(), p.grad.clone())
@@ -157,25 +146,29 @@ def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_adafactor(m
         steps.append([(g, [(before, grad, p.detach().clone()) for p, before, grad in ps]) for g, ps in groups])
         return loss
 
-    monkeypatch.setattr(Adafactor, "step", recorded)
-    result = train(make_recipe(BASE_PT, name="mixed", bf16=True, optim="adafactor", weight_decay=DECAY,
-                               learning_rate=1e-3, max_steps=2, warmup_steps=0, val_size=0.0))
+    monkeypatch.setattr(ours, "step", recorded)
+    keys = dict(bf16=True, optim=optim, optim_args=optim_args, weight_decay=DECAY, learning_rate=1e-3, max_steps=3,
+                warmup_steps=0, val_size=0.0, max_grad_norm=0.0, save_steps=2, **SMALL)
+    result = train(make_recipe(BASE_PT, name="mixed", **keys))
+    monkeypatch.setattr(ours, "step", original)  # the golden and the runs below step unrecorded
     engine = result.engine
-    assert type(engine.optimizer) is FP16_UnfusedOptimizer and type(engine.optimizer.optimizer) is Adafactor
+    assert type(engine.optimizer) is FP16_UnfusedOptimizer and type(engine.optimizer.optimizer) is ours
     assert {p.dtype for p in engine.module.parameters()} == {torch.bfloat16}
     masters = [p for g in engine.optimizer.optimizer.param_groups for p in g["params"]]
-    assert {p.dtype for p in masters} == {torch.float32} and len(steps) == 2
-    assert all(engine.optimizer.optimizer.state[p]["step"] == 2 for p in masters)
+    assert {p.dtype for p in masters} == {torch.float32} and len(steps) == 3
+    state = engine.optimizer.optimizer.state
+    assert state.keys() == set(masters)  # the masters' state alone
+    assert {v.dtype for p in masters for v in state[p].values() if torch.is_tensor(v)} == {torch.float32}
 
-    args = transformers.TrainingArguments(output_dir=str(result.output_dir / "hf"), optim="adafactor",
+    args = transformers.TrainingArguments(output_dir=str(result.output_dir / "hf"), optim=optim, optim_args=optim_args,
                                           learning_rate=1e-3, weight_decay=DECAY, report_to=[])
     cls, kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args)
-    flip = [g["transposed"] for g, _ in steps[0]]
+    flip = [g.get("transposed", False) for g, _ in steps[0]]
     copies = [[(before.t() if f else before).clone().requires_grad_() for before, _, _ in ps]
               for f, (_, ps) in zip(flip, steps[0])]
     golden = cls([{"params": c, "lr": g["lr"], "weight_decay": g["weight_decay"]} for c, (g, _) in zip(copies, steps[0])],
                  **kwargs)
-    assert any(flip) and not all(flip)  # GPT-2's Conv1D weights are factored through their transpose
+    assert any(flip) and not all(flip) if optim == "adafactor" else not any(flip)  # GPT-2's Conv1D: transposed
     for step in steps:
         for group, (g, ps), c, f in zip(golden.param_groups, step, copies, flip):
             group["lr"] = g["lr"]  # the schedule's rate at this step
@@ -186,8 +179,70 @@ def test_bf16_mixed_precision_steps_the_fp32_masters_as_transformers_adafactor(m
         for (g, ps), c, f in zip(step, copies, flip):
             for (_, _, after), q in zip(ps, c):
                 assert torch.equal(q.detach(), after.t() if f else after)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(result.output_dir / "trainer_log.jsonl")
-               if "loss" in r)
+    losses = [r["loss"] for r in read_log(result.output_dir / "trainer_log.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    if optim == "adafactor":  # ZeRO 0 only; its pure_bf16 resume: tests/train/test_checkpoint_resume.py
+        return
+
+    assert_same_state(resumed_at_step_2(make_recipe, result, "mixed-resumed", keys).engine, engine)
+
+    # ZeRO 2 (offloaded: DeepSpeed steps the client optimizer on the CPU's fp32 partitions) trains as ZeRO 0
+    capsys.readouterr()
+    zero2 = train(make_recipe(BASE_PT, name="mixed-zero2", **keys | dict(zero_stage=2, offload_optimizer="cpu",
+                                                                         save_steps=1000)))
+    pairs = ", ".join(optim_args.split(",")).replace("YES", "True").replace("1e-3", "0.001")
+    assert f"optimizer: {OTHER_OPTIMS[optim]} (optim {optim}, {pairs}): " in capsys.readouterr().err
+    inner = zero2.engine.optimizer.optimizer
+    assert type(inner) is ours and len(inner.param_groups) == len(engine.optimizer.optimizer.param_groups)
+    assert [g["weight_decay"] for g in inner.param_groups] == [g["weight_decay"] for g, _ in steps[0]]
+    for masters, (flat,) in zip(engine.optimizer.fp32_groups, (g["params"] for g in inner.param_groups), strict=True):
+        n = sum(m.numel() for m in masters)  # ZeRO's flat partition: the group's tensors in order, then padding
+        assert torch.equal(flat[:n], torch.cat([m.flatten() for m in masters]))
+        assert inner.state[flat].keys() == state[masters[0]].keys()
+        for key, value in inner.state[flat].items():  # the momentum buffers, sums and averages, element for element
+            if value.dim():
+                assert torch.equal(value[:n], torch.cat([state[m][key].flatten() for m in masters])), key
+    assert [r["loss"] for r in read_log(zero2.output_dir / "trainer_log.jsonl") if "loss" in r] == losses
+
+
+def resumed_at_step_2(make_recipe, straight, name: str, keys: dict):
+    """A new run of `keys` from the checkpoint `straight` saved after step 2 (save_steps 2), to the end."""
+    second = train(make_recipe(BASE_PT, name=name, resume_from_checkpoint=str(straight.output_dir.resolve()
+                                                                                / "checkpoint-2"), **keys))
+    assert second.exit_code == 0 and second.state.global_step == keys["max_steps"] == 3
+    return second
+
+
+def assert_same_state(engine, golden) -> None:
+    """The weights, the fp32 masters where DeepSpeed keeps them, and every optimizer state tensor (momentum buffers,
+    Adagrad's sum, RMSprop's square_avg and grad_avg, the step counts) of two runs are equal, bit for bit."""
+    ours, theirs = (getattr(e.optimizer, "optimizer", e.optimizer) for e in (engine, golden))
+    for a, b in zip(engine.module.parameters(), golden.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    pairs = list(zip((p for g in ours.param_groups for p in g["params"]),
+                     (p for g in theirs.param_groups for p in g["params"]), strict=True))
+    for p, q in pairs:
+        assert torch.equal(p, q) and ours.state[p].keys() == theirs.state[q].keys() and ours.state[p]
+        for key, value in ours.state[p].items():
+            assert torch.equal(value, theirs.state[q][key]), key
+
+
+@pytest.mark.parametrize("optim, optim_args", MIXED[1:], ids=[o for o, _ in MIXED[1:]])
+def test_a_pure_bf16_run_resumes_bitwise(make_recipe, optim, optim_args):
+    """pure_bf16 (the optimizer steps the bf16 weights; DeepSpeed saves its state dict as it is): resumed from the
+    checkpoint it saved after step 2, the run and its optimizer state (bf16, torch's float32 step counts) equal the
+    uninterrupted run's, bit for bit. (A SIGTERM saves through the same Trainer.save: pipeline/train/loop.py.)"""
+    from pipeline.model.optimizer_state import OTHER_OPTIMS
+
+    keys = dict(pure_bf16=True, optim=optim, optim_args=optim_args, weight_decay=DECAY, learning_rate=LR,
+                max_steps=3, warmup_steps=0, val_size=0.0, save_steps=2, **SMALL)
+    straight = train(make_recipe(BASE_PT, name="straight", **keys))
+    assert type(straight.engine.optimizer) is getattr(torch.optim, OTHER_OPTIMS[optim])  # no DeepSpeed wrapper
+    resumed = resumed_at_step_2(make_recipe, straight, "resumed", keys)
+    assert_same_state(resumed.engine, straight.engine)
+    losses = [[r["loss"] for r in read_log(run.output_dir / "trainer_log.jsonl") if "loss" in r]
+              for run in (straight, resumed)]
+    assert losses[1] == losses[0][2:] and len(set(losses[0])) == 3  # step 3's; every step moved the bf16 weights
 
 
 def refused_at(tmp_path, keys: dict, command: str = "validate") -> tuple[str, dict[str, str]]:
