@@ -54,13 +54,21 @@ def test_encode_and_decode_equal_transformers(family, folders, golden):
 
 
 def test_control_tokens_typed_in_text_are_one_token_unless_split(folders, golden):
-    """Mistral v0.3's [INST] / [TOOL_CALLS] typed in user text: one token each as transformers reads it by default
-    (none is EOS / BOS / a template's markup), literal pieces with split_special_tokens."""
+    """Mistral v0.3's control tokens typed in user text: those the mistral template places ([INST], [TOOL_CALLS]:
+    pipeline.data.templates.TEMPLATE_MARKUP) stay literal pieces, as split_special_tokens reads them, so that data
+    cannot forge a turn (LLaMA-Factory, encoding the user's text inside the template's string, would read them as
+    tokens); the others ([IMG], [control_12]) are one token each, as transformers reads them by default; all literal
+    with split_special_tokens."""
     hf, ours = golden["mistral_v3"], load_tokenizer(folders["mistral_v3"])
-    text = "say [INST] and [TOOL_CALLS]"
-    assert ours.encode(text) == hf.encode(text, add_special_tokens=False)
-    assert {3, 5} <= set(ours.encode(text))  # [INST] 3, [TOOL_CALLS] 5 (the v3 model's control pieces)
-    assert not {3, 5} & set(ours.split_special().encode(text))
+
+    def split(text: str) -> list[int]:
+        return hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    markup, other = "say [INST] and [TOOL_CALLS]", " then [IMG] and [control_12]"
+    assert ours.encode(markup + other) == split(markup) + hf.encode(other, add_special_tokens=False)
+    assert {10, 14} <= set(ours.encode(markup + other))  # [IMG] 10, [control_12] 14 (the v3 model's control pieces)
+    assert not {3, 5} & set(ours.encode(markup + other))  # [INST] 3, [TOOL_CALLS] 5
+    assert ours.split_special().encode(markup + other) == split(markup + other)
 
 
 def test_byte_fallback_token_bytes(folders):
