@@ -16,11 +16,30 @@ from pathlib import Path
 import pytest
 
 from tests.acceptance.harness import answer_in_turn, pipeline, sft_rows, write_data, write_recipe
+from tests.data.lf_tool_goldens import GOLDEN, MESSAGES, TOOLS
 from tests.helpers.sp_vocab import write_sp_tokenizer_dir
+from tests.vocab.test_sentencepiece_templates import lf_example, lf_ids
 
 TEXTS = ["Repeat the words: red river", "  two  spaces\tand a tab\n", "emoji 🦙 and 龘", "</s> typed", ""]
 PROMPT = "Repeat the words: red 🦙"
 ANSWER = "red 🦙"  # what the checkpoint says after any prompt (answer_in_turn), then </s>
+SYSTEM = "You are a weather bot."
+TOOL_ANSWERS = ("It is 10:00 in both.", "Both say 10:00.")
+LF_ROLES = {"user": "human", "assistant": "gpt", "function": "function_call", "observation": "observation"}
+
+
+def write_tool_chat(data: Path) -> None:
+    """LLaMA-Factory's function-calling data as users bring it: a sharegpt entry with system and tools columns, the
+    conversation of tests/data/lf_tool_goldens.py (tools, two function calls, two tool results), with two last answers."""
+    conversation = [{"from": LF_ROLES[m["role"]], "value": m["content"]} for m in MESSAGES]
+    conversation.append({"from": "observation", "value": '{"Rome": "10:00", "Köln": "10:00"}'})
+    rows = [{"conversations": [*conversation, {"from": "gpt", "value": answer}], "system": SYSTEM, "tools": TOOLS}
+            for answer in TOOL_ANSWERS]  # a train and a val row
+    (data / "raw" / "tool_chat.json").write_text(json.dumps(rows), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["tool_chat"] = {"file_name": "raw/tool_chat.json", "formatting": "sharegpt",
+                             "columns": {"messages": "conversations", "system": "system", "tools": "tools"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry, indent=2))
 
 
 def answer_ids(tokenizer) -> list[int]:
@@ -35,17 +54,18 @@ def session(tmp_path_factory) -> Path:
     import transformers
 
     root = tmp_path_factory.mktemp("sentencepiece")
-    write_data(root / "data")
+    write_tool_chat(write_data(root / "data"))
     write_sp_tokenizer_dir(root / "base", "mistral_v3")
     config = transformers.MistralConfig(vocab_size=32768, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                         sliding_window=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config)
     answer_in_turn(model, answer_ids(transformers.AutoTokenizer.from_pretrained(root / "base")) + [2])
     model.save_pretrained(root / "base", safe_serialization=True)
     recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
-                          template="mistral", output_dir="saves/lora", cutoff_len=64, add_special_tokens="<tool>",
+                          template="mistral", output_dir="saves/lora", cutoff_len=400, add_special_tokens="<tool>",
+                          dataset="tiny_sft,tool_chat",
                           max_new_tokens=12)
     pipeline("build", recipe, cwd=root, as_typed=False)
     pipeline("train", recipe, cwd=root)  # as typed; the others in process (the same code, no interpreter start)
@@ -94,7 +114,10 @@ def test_merged_chats_in_the_training_format_and_stops_at_eos(session):
 def test_training_ids_are_llamafactorys(session):
     """LLaMA-Factory's mistral template (data/template.py:1780-1791: format_prefix [{"bos_token"}], format_user
     ["[INST] {{content}}[/INST]"], format_assistant [" {{content}}", {"eos_token"}]), each string element encoded by
-    Template._convert_elements_to_ids (:113-130) with tokenizer.encode(elem, add_special_tokens=False)."""
+    Template._convert_elements_to_ids (:113-130) with tokenizer.encode(elem, add_special_tokens=False); the
+    function-calling conversation as LLaMA-Factory renders it (tests/data/lf_tool_goldens.py) plus a tool result
+    and an answer (format_observation, format_assistant). Failed before: one "▁" too many after
+    [/AVAILABLE_TOOLS]."""
     import transformers
 
     from pipeline.data.model_tokenizer import load_tokenizer
@@ -111,5 +134,15 @@ def test_training_ids_are_llamafactorys(session):
     got = encode_example(row, "mistral", load_tokenizer(session / "base"), cutoff_len=64)
     assert got.input_ids == prompt + answer and {3, 4} <= set(prompt)
     assert got.labels == [-100] * len(prompt) + answer
+    # the function-calling conversation as build wrote it (train and val split): LLaMA-Factory's own rendering's ids
+    built = [r for split in ("train", "val") if (f := session / f"data/build/tool_chat/{split}.json").is_file()
+             for r in json.loads(f.read_text("utf-8"))]
+    assert sorted(r["output"] for r in built) == sorted(TOOL_ANSWERS)
+    for built_row in built:
+        pairs = lf_ids(hf, GOLDEN[("mistral", SYSTEM)]) + [(
+            enc('[TOOL_RESULTS] {"content": {"Rome": "10:00", "Köln": "10:00"}}[/TOOL_RESULTS]'),
+            enc(" " + built_row["output"]) + [2])]
+        got = encode_example(built_row, "mistral", load_tokenizer(session / "base"), cutoff_len=400)
+        assert (got.input_ids, got.labels) == lf_example(pairs)
     log = [json.loads(line) for line in (session / "saves/lora/trainer_log.jsonl").read_text().splitlines()]
     assert log and all(entry.get("loss", 0) > 0 for entry in log if "loss" in entry)
