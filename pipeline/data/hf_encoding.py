@@ -37,6 +37,16 @@ LLAMA_MODEL_TYPES = ("llama", "mistral")  # AutoTokenizer's class for these with
 METASPACE = "▁"
 
 
+class Continued(str):
+    """A template's text that goes on after a markup token inside one of its strings ("\\n\\nWhat ..." after Mistral
+    v0.3's [/AVAILABLE_TOOLS]; pipeline.data.templates marks it). LLaMA-Factory encodes each string in one call, which
+    transformers' tokenizer splits at the added token: a Metaspace with prepend_scheme "first" gives the text after
+    it no prefix "▁", where a text encoded on its own gets one. Tokenizer.encode passes it as encode(continued=True);
+    byte-level vocabularies encode it as any text."""
+
+    __slots__ = ()
+
+
 def is_sentencepiece_bpe(data: Mapping[str, Any]) -> bool:
     """Whether a tokenizer.json is a sentencepiece-style BPE: model BPE with byte_fallback (its <0xNN> pieces)."""
     model = data.get("model")

@@ -47,6 +47,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence, Union
 
+from pipeline.data.hf_encoding import Continued
 from pipeline.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -60,15 +61,6 @@ class Special(NamedTuple):
     """A token the template places by id: a markup token ("<|im_start|>"), or BOS / EOS."""
 
     token: str
-
-
-class Continued(str):
-    """Text that goes on after a markup token inside one of the template's strings ("\\n\\nWhat ..." after Mistral
-    v0.3's [/AVAILABLE_TOOLS]). LLaMA-Factory encodes each string in one call, which transformers' tokenizer splits at
-    the added token: a sentencepiece Metaspace (prepend_scheme "first") gives the text after it no prefix "▁", where
-    a text encoded on its own gets one. Tokenizer.encode encodes it so (byte-level vocabularies: as any text)."""
-
-    __slots__ = ()
 
 
 Piece = Union[str, Special]  # a str is encoded as text (a Continued one as the rest of a string); consecutive str

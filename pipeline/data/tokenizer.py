@@ -40,8 +40,7 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
-from pipeline.data.hf_encoding import HFEncoding
-from pipeline.data.templates import Continued
+from pipeline.data.hf_encoding import Continued, HFEncoding
 from pipeline.errors import UserError
 
 GPT2_EOS = "<|endoftext|>"
@@ -128,7 +127,7 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """User text: markup-token strings stay literal; the other added tokens are recognised. A template's Continued
-        text is encoded as the rest of its string (pipeline.data.templates.Continued; only a sentencepiece
+        text is encoded as the rest of its string (pipeline.data.hf_encoding.Continued; only a sentencepiece
         Metaspace encodes it otherwise)."""
         if isinstance(self.encoding, HFEncoding):
             return self.encoding.encode(self._prepare(text), allowed_special=self.added,

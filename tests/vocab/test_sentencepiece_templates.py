@@ -21,7 +21,6 @@ from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.data.templates import TEMPLATES
 from pipeline.data.tokenize import encode_example, encode_prompt
 from tests.data.lf_tool_goldens import GOLDEN, MESSAGES
-from tests.helpers.sp_vocab import FAMILIES, write_sp_tokenizer_dir
 from tests.vocab.chat_render import render
 from tests.vocab.test_chat_template import messages
 from tests.vocab.test_chat_template_tools import row as tool_row
@@ -33,19 +32,6 @@ QUERY = "Which word is a color?\nred\nhill"
 ANSWER = "red 🦙"
 # (vocabulary, template): Mistral's template on both Mistral vocabularies, Llama 2's on its own and on v0.3's
 PAIRS = [("mistral_v1", "mistral"), ("mistral_v3", "mistral"), ("llama2", "llama2"), ("mistral_v3", "llama2")]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp_templates")
-    return {family: write_sp_tokenizer_dir(root / family, family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def hf(folders):
-    from transformers import AutoTokenizer
-
-    return {family: AutoTokenizer.from_pretrained(folder) for family, folder in folders.items()}
 
 
 def lf_texts(template: str, pairs: list[tuple[str, str]], system: str | None) -> list[tuple[str, str]]:
@@ -95,12 +81,12 @@ def row(system: str | None) -> dict:
 
 
 @pytest.mark.parametrize("family,name", PAIRS)
-def test_conversations_are_llamafactorys(folders, hf, family, name):
+def test_conversations_are_llamafactorys(sp_folders, sp_golden, family, name):
     """System prompt or none, three turns; the labels with mask_history and train_on_prompt too; the prompt that
     eval and chat generate from is the training prompt."""
-    ours = load_tokenizer(folders[family])
+    ours = load_tokenizer(sp_folders[family])
     for system in (SYSTEM, None):
-        pairs = lf_ids(hf[family], lf_texts(name, [*HISTORY, (QUERY, ANSWER)], system))
+        pairs = lf_ids(sp_golden[family], lf_texts(name, [*HISTORY, (QUERY, ANSWER)], system))
         for flags in ({}, {"mask_history": True}, {"train_on_prompt": True}):
             got = encode_example(row(system), name, ours, cutoff_len=4096, **flags)
             assert (got.input_ids, got.labels) == lf_example(pairs, **flags), (system, flags)
@@ -113,39 +99,39 @@ def test_conversations_are_llamafactorys(folders, hf, family, name):
 
 @pytest.mark.parametrize("family", ["mistral_v1", "mistral_v3"])
 @pytest.mark.parametrize("system", ["You are a weather bot.", ""])
-def test_mistral_function_calls_are_llamafactorys(folders, hf, family, system):
+def test_mistral_function_calls_are_llamafactorys(sp_folders, sp_golden, family, system):
     """LLaMA-Factory's own mistral rendering of a conversation with tools, function calls and a tool result: on v0.3
     the text after [/AVAILABLE_TOOLS] ("\\n\\nWhat ...") continues that string, without the prefix "▁" a text of its
     own gets (failed before: one "▁" too many)."""
-    pairs = lf_ids(hf[family], GOLDEN[("mistral", system)])
-    got = encode_example(tool_row(MESSAGES, system or None), "mistral", load_tokenizer(folders[family]),
+    pairs = lf_ids(sp_golden[family], GOLDEN[("mistral", system)])
+    got = encode_example(tool_row(MESSAGES, system or None), "mistral", load_tokenizer(sp_folders[family]),
                          cutoff_len=4096)
     assert (got.input_ids, got.labels) == lf_example(pairs)
     if family == "mistral_v3":  # [AVAILABLE_TOOLS] [/AVAILABLE_TOOLS] [TOOL_CALLS] [TOOL_RESULTS] [/TOOL_RESULTS]
         assert {6, 7, 5, 8, 9} <= set(got.input_ids)
 
 
-def test_llama2_function_calls_are_llamafactorys(folders, hf):
-    pairs = lf_ids(hf["llama2"], GOLDEN[("llama2", "You are a weather bot.")])
-    got = encode_example(tool_row(MESSAGES, "You are a weather bot."), "llama2", load_tokenizer(folders["llama2"]),
+def test_llama2_function_calls_are_llamafactorys(sp_folders, sp_golden):
+    pairs = lf_ids(sp_golden["llama2"], GOLDEN[("llama2", "You are a weather bot.")])
+    got = encode_example(tool_row(MESSAGES, "You are a weather bot."), "llama2", load_tokenizer(sp_folders["llama2"]),
                          cutoff_len=4096)
     assert (got.input_ids, got.labels) == lf_example(pairs)
 
 
 @pytest.mark.parametrize("family,name", PAIRS)
-def test_exported_chat_template_gives_the_training_ids(folders, hf, family, name):
+def test_exported_chat_template_gives_the_training_ids(sp_folders, sp_golden, family, name):
     """apply_chat_template with the chat template merge/export write: mistral's gives training's ids on v0.1 and
     v0.3, the prompt and the whole conversation. llama2's string cannot (nor can LLaMA-Factory's own template, the
     same text): training encodes "[INST] ..." after BOS and each answer after "[/INST]" as texts of their own, each
     with its prefix "▁", which the rendered string, encoded whole, gives neither after <s> on a prepend_scheme
     "first" layout (Llama 2's; v0.1's legacy "always" gives it) nor after "[/INST]" on any: exactly those
     "▁" tokens differ (docs/tokenizers-templates.md)."""
-    template, ours = TEMPLATES[name], load_tokenizer(folders[family])
+    template, ours = TEMPLATES[name], load_tokenizer(sp_folders[family])
     for system in (SYSTEM, None):
         prompt = encode_prompt(name, QUERY, system=system, history=HISTORY, tokenizer=ours)
         whole = encode_example(row(system), name, ours, cutoff_len=4096).input_ids
-        got_prompt = render(folders[family], template, messages(system, HISTORY, QUERY))
-        got_whole = render(folders[family], template, messages(system, HISTORY, QUERY, ANSWER),
+        got_prompt = render(sp_folders[family], template, messages(system, HISTORY, QUERY))
+        got_whole = render(sp_folders[family], template, messages(system, HISTORY, QUERY, ANSWER),
                            add_generation_prompt=False)
         if name == "mistral":
             assert (got_prompt, got_whole) == (prompt, whole)
@@ -153,6 +139,6 @@ def test_exported_chat_template_gives_the_training_ids(folders, hf, family, name
         # the text is LLaMA-Factory's; only its encoding whole differs from training's pieces
         texts = lf_texts(name, [*HISTORY, (QUERY, ANSWER)], system)
         text = "".join(p + a for p, a in texts).replace("{bos}", "<s>").replace("{eos}", "</s>")
-        assert render(folders[family], template, messages(system, HISTORY, QUERY, ANSWER), tokenize=False,
+        assert render(sp_folders[family], template, messages(system, HISTORY, QUERY, ANSWER), tokenize=False,
                       add_generation_prompt=False) == text
-        assert got_whole == hf[family].encode(text, add_special_tokens=False) != whole
+        assert got_whole == sp_golden[family].encode(text, add_special_tokens=False) != whole
