@@ -37,6 +37,16 @@ LLAMA_MODEL_TYPES = ("llama", "mistral")  # AutoTokenizer's class for these with
 METASPACE = "▁"
 
 
+class Continued(str):
+    """A template's text that goes on after a markup token inside one of its strings ("\\n\\nWhat ..." after Mistral
+    v0.3's [/AVAILABLE_TOOLS]; pipeline.data.templates marks it). LLaMA-Factory encodes each string in one call, which
+    transformers' tokenizer splits at the added token: a Metaspace with prepend_scheme "first" gives the text after
+    it no prefix "▁", where a text encoded on its own gets one. Tokenizer.encode passes it as encode(continued=True);
+    byte-level vocabularies encode it as any text."""
+
+    __slots__ = ()
+
+
 def is_sentencepiece_bpe(data: Mapping[str, Any]) -> bool:
     """Whether a tokenizer.json is a sentencepiece-style BPE: model BPE with byte_fallback (its <0xNN> pieces)."""
     model = data.get("model")
@@ -68,6 +78,18 @@ def _as_llama_tokenizer(tokenizer: Tokenizer, config: Mapping[str, Any]) -> None
     tokenizer.decoder = decoders.Sequence(steps)
 
 
+def _not_first(pre_tokenizer: Any) -> Any:
+    """A tokenizer.json's pre_tokenizer with Metaspace's prepend_scheme "first" as "never" (inside a Sequence too):
+    how it treats a split that does not start the text."""
+    if not isinstance(pre_tokenizer, dict):
+        return pre_tokenizer
+    if pre_tokenizer.get("type") == "Sequence":
+        return {**pre_tokenizer, "pretokenizers": [_not_first(p) for p in pre_tokenizer.get("pretokenizers") or []]}
+    if pre_tokenizer.get("type") == "Metaspace" and pre_tokenizer.get("prepend_scheme") == "first":
+        return {**pre_tokenizer, "prepend_scheme": "never"}
+    return pre_tokenizer
+
+
 class HFEncoding:
     """The tokenizer.json of a checkpoint as Tokenizer's encoding: tiktoken Encoding's names for the operations the
     pipeline uses (encode / encode_ordinary / decode, decode_single_token_bytes, token_byte_values, n_vocab, the
@@ -78,7 +100,7 @@ class HFEncoding:
         self._text = text  # the tokenizer.json (after the class's rebuild), without the recipe's tokens
         self._new = tuple(added)  # the recipe's tokens: (content, special), in the order they were added
         self._data: dict[str, Any] = json.loads(text)  # for the variants (_build), parsed once
-        self._full = self._build(None)
+        self._full = self._build(None, False)
         self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
         self._added_ids = frozenset(self._special_tokens.values())
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
@@ -94,15 +116,19 @@ class HFEncoding:
         tokenizer.post_processor = None  # never used: every encode is add_special_tokens=False
         return cls(str(path), tokenizer.to_str())
 
-    def _build(self, recognised: frozenset[str] | None) -> Tokenizer:
-        """The tokenizer that matches only the `recognised` added tokens in text (None: all of them)."""
+    def _build(self, recognised: frozenset[str] | None, continued: bool) -> Tokenizer:
+        """The tokenizer that matches only the `recognised` added tokens in text (None: all of them); `continued`:
+        one for text after an added token inside a string (no "first" prefix space)."""
         from tokenizers import AddedToken, Tokenizer
 
-        if recognised is None:
+        if recognised is None and not continued:
             tokenizer = Tokenizer.from_str(self._text)
         else:
             data = dict(self._data)
-            data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["content"] in recognised]
+            if recognised is not None:
+                data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["content"] in recognised]
+            if continued:
+                data["pre_tokenizer"] = _not_first(data.get("pre_tokenizer"))
             tokenizer = Tokenizer.from_str(json.dumps(data))
         # transformers' add_tokens: AddedToken(normalized=not special, special=special), plain ones then special ones
         for content, special in self._new:
@@ -112,18 +138,25 @@ class HFEncoding:
         return tokenizer
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of sets per tokenizer, for its lifetime
-    def _variant(self, recognised: frozenset[str]) -> Tokenizer:
-        if recognised >= frozenset(self._special_tokens):
+    def _variant(self, recognised: frozenset[str], continued: bool) -> Tokenizer:
+        every = recognised >= frozenset(self._special_tokens)
+        if every and (not continued or not self._prepends_first):
             return self._full
-        return self._build(recognised)
+        return self._build(None if every else recognised, continued and self._prepends_first)
+
+    @functools.cached_property
+    def _prepends_first(self) -> bool:
+        """Whether the pre-tokenizer is a Metaspace with prepend_scheme "first" (a continued text differs)."""
+        return _not_first(self._data.get("pre_tokenizer")) != self._data.get("pre_tokenizer")
 
     def encode(self, text: str, *, allowed_special: Collection[str] | Literal["all"] = frozenset(),
-               disallowed_special: Collection[str] = ()) -> list[int]:
+               disallowed_special: Collection[str] = (), continued: bool = False) -> list[int]:
         """`text` as transformers' encode(text, add_special_tokens=False); of the added tokens, only
-        `allowed_special` ("all": every one) is one token where it appears, the rest is text."""
+        `allowed_special` ("all": every one) is one token where it appears, the rest is text. continued: `text`
+        follows an added token inside the string transformers encodes (the module's docstring)."""
         del disallowed_special  # tiktoken's parameter: nothing here raises on a special token in text
-        tokenizer = self._full if allowed_special == "all" else self._variant(frozenset(allowed_special))
-        return tokenizer.encode(text, add_special_tokens=False).ids
+        recognised = frozenset(self._special_tokens) if allowed_special == "all" else frozenset(allowed_special)
+        return self._variant(recognised, continued).encode(text, add_special_tokens=False).ids
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self.encode(text)

@@ -28,8 +28,9 @@ tokens: "<|im_end|>" typed by a user stays text. {eos} is the tokenizer's EOS, o
   template with qwen3's thought rules.
 - llama2, mistral (LLaMA-Factory's Llama2Template): the system block opens the first user block's content, inside
   its [INST] ... [/INST] (`system_in_content`); llama2 writes BOS before every user block, mistral once, and answers
-  with a space in front. mistral's [INST], [/INST] and tool markup are placed by id where the vocabulary holds them
-  (Mistral v0.3's control tokens), else written as text (v0.1 / v0.2): `optional_tokens`, `for_vocabulary`.
+  with a space in front. [INST], [/INST] and mistral's tool markup are placed by id where the vocabulary holds them
+  (Mistral v0.3's control tokens), else written as text (Llama 2, v0.1 / v0.2): `optional_tokens`, `for_vocabulary`;
+  the text after such a token in its block is `Continued` (encoded without a sentencepiece prefix space).
 - default: "Human: ...<eos>\\nAssistant:" / "...<eos>\\n" / "System: ...<eos>\\n".
 - empty: no markup at all, and no EOS (as LLaMA-Factory's empty template; use it for raw continuation).
 
@@ -46,6 +47,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence, Union
 
+from pipeline.data.hf_encoding import Continued
 from pipeline.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -61,7 +63,8 @@ class Special(NamedTuple):
     token: str
 
 
-Piece = Union[str, Special]  # a str is encoded as text; consecutive str pieces belong to different elements
+Piece = Union[str, Special]  # a str is encoded as text (a Continued one as the rest of a string); consecutive str
+# pieces belong to different elements
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,19 +140,23 @@ class Template:
         parts = split_slots(fmt)
         out: list[Piece] = []
         text = lead
+
+        def flush() -> None:  # the text so far; after a markup token (not BOS / EOS) the rest of its string
+            if text:
+                markup = bool(out) and isinstance(out[-1], Special) and out[-1].token not in (BOS, EOS)
+                out.append(Continued(text) if markup else text)
+
         for i, part in enumerate(parts):
             bits = ([values[part]] if isinstance(values[part], str) else values[part]) if i % 2 else \
                 [Special(b) if j % 2 else b for j, b in enumerate(self._splitter.split(part))]
             for bit in bits:
                 if isinstance(bit, Special):
-                    if text:
-                        out.append(text)
+                    flush()
                     out.append(bit)
                     text = ""
                 else:
                     text += bit
-        if text:
-            out.append(text)
+        flush()
         return out
 
     def _content(self, instruction: str, input: str) -> str:
@@ -415,7 +422,7 @@ TEMPLATES: dict[str, Template] = {
         # assistant block the default {content}{eos}, Llama2Template) and :1780-1791 (mistral, "mistral tokenizer
         # v3", with its tool format)
         Template(name="llama2", system="<<SYS>>\n{system}\n<</SYS>>\n\n", user="{bos}[INST] {content} [/INST]",
-                 system_in_content=True, tool_format="default",
+                 system_in_content=True, optional_tokens=INST, tool_format="default",
                  description="Llama 2 chat: <s>[INST] <<SYS>> system <</SYS>> ... [/INST], the system inside the first "
                              "[INST]"),
         Template(name="mistral", prefix="{bos}", system="{system}\n\n", user="[INST] {content}[/INST]",

@@ -179,7 +179,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
             seg_count[i] = len(segments)
             for pieces, trained, response in segments:
                 if any(isinstance(p, str) and len(p) > cap for p in pieces):
-                    pieces = [p[:cap] if isinstance(p, str) else p for p in pieces]
+                    pieces = [type(p)(p[:cap]) if isinstance(p, str) else p for p in pieces]  # Continued kept
                     capped.add(i)
                 plans.append(_plan(pieces, ids, texts))
                 flags.append(trained)

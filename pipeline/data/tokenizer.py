@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
-from pipeline.data.hf_encoding import HFEncoding
+from pipeline.data.hf_encoding import Continued, HFEncoding
 from pipeline.errors import UserError
 
 GPT2_EOS = "<|endoftext|>"
@@ -126,7 +126,12 @@ class Tokenizer:
         return text
 
     def encode(self, text: str) -> list[int]:
-        """User text: markup-token strings stay literal; the other added tokens are recognised."""
+        """User text: markup-token strings stay literal; the other added tokens are recognised. A template's Continued
+        text is encoded as the rest of its string (pipeline.data.hf_encoding.Continued; only a sentencepiece
+        Metaspace encodes it otherwise)."""
+        if isinstance(self.encoding, HFEncoding):
+            return self.encoding.encode(self._prepare(text), allowed_special=self.added,
+                                        continued=isinstance(text, Continued))
         text = self._prepare(text)
         if self.added:
             return [t for piece in self._pieces(text)

@@ -1,10 +1,12 @@
-"""The user's path with a sentencepiece tokenizer: a transformers-written LlamaForCausalLM (vocabulary 32,000, the
-Mistral 7B v0.1 / Llama 2 shape; 2 layers, tiny width) with Mistral-7B-v0.1's tokenizer files
-(tests/helpers/sp_vocab.py) -> `python -m pipeline build / train (LoRA sft, template default, a new special token) /
-merge / generate` (train as typed, build, merge and generate in process); merged/ loads in transformers with
-the grown vocabulary, AutoTokenizer on merged/ encodes as on the base and gives the new token the id training used,
-and the training ids are LLaMA-Factory's: each template piece encoded on its own with add_special_tokens=False
-(each with its prefix "▁"), EOS by id, no BOS (the default template has none).
+"""The user's path with a sentencepiece tokenizer and its chat template: a transformers-written MistralForCausalLM
+(vocabulary 32,768; 2 layers, tiny width) with Mistral-7B-Instruct-v0.3's tokenizer files beside it, as the hub's
+folder has them (tests/helpers/sp_vocab.py), an LLaMA-Factory-format LoRA sft recipe with `template: mistral` (and a
+new special token) and dataset -> `python -m pipeline build / train / merge / generate` (train as typed, build, merge
+and generate in process); merged/ loads in transformers as MistralForCausalLM with the grown vocabulary, AutoTokenizer
+on merged/ encodes as on the base, gives the new token the id training used and renders the training prompt with the
+exported chat template; generate stops at </s> as transformers' generate does; the training ids are LLaMA-Factory's
+(v0.3's [INST] / [/INST] control tokens by id, each template string encoded on its own with add_special_tokens=False,
+BOS and EOS by id).
 """
 from __future__ import annotations
 
@@ -13,10 +15,36 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import pipeline, sft_rows, write_data, write_recipe
+from tests.acceptance.harness import answer_in_turn, pipeline, sft_rows, write_data, write_recipe
+from tests.data.lf_tool_goldens import GOLDEN, MESSAGES, TOOLS
 from tests.helpers.sp_vocab import write_sp_tokenizer_dir
+from tests.vocab.test_sentencepiece_templates import lf_example, lf_ids
 
 TEXTS = ["Repeat the words: red river", "  two  spaces\tand a tab\n", "emoji 🦙 and 龘", "</s> typed", ""]
+PROMPT = "Repeat the words: red 🦙"
+ANSWER = "red 🦙"  # what the checkpoint says after any prompt (answer_in_turn), then </s>
+SYSTEM = "You are a weather bot."
+TOOL_ANSWERS = ("It is 10:00 in both.", "Both say 10:00.")
+LF_ROLES = {"user": "human", "assistant": "gpt", "function": "function_call", "observation": "observation"}
+
+
+def write_tool_chat(data: Path) -> None:
+    """LLaMA-Factory's function-calling data as users bring it: a sharegpt entry with system and tools columns, the
+    conversation of tests/data/lf_tool_goldens.py (tools, two function calls, two tool results), with two last answers."""
+    conversation = [{"from": LF_ROLES[m["role"]], "value": m["content"]} for m in MESSAGES]
+    conversation.append({"from": "observation", "value": '{"Rome": "10:00", "Köln": "10:00"}'})
+    rows = [{"conversations": [*conversation, {"from": "gpt", "value": answer}], "system": SYSTEM, "tools": TOOLS}
+            for answer in TOOL_ANSWERS]  # a train and a val row
+    (data / "raw" / "tool_chat.json").write_text(json.dumps(rows), encoding="utf-8")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["tool_chat"] = {"file_name": "raw/tool_chat.json", "formatting": "sharegpt",
+                             "columns": {"messages": "conversations", "system": "system", "tools": "tools"}}
+    (data / "dataset_info.json").write_text(json.dumps(registry, indent=2))
+
+
+def answer_ids(tokenizer) -> list[int]:
+    """" red 🦙" as the answer's pieces ("▁red", "▁", the four <0xNN> bytes of 🦙)."""
+    return tokenizer.encode(" " + ANSWER, add_special_tokens=False)
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +54,19 @@ def session(tmp_path_factory) -> Path:
     import transformers
 
     root = tmp_path_factory.mktemp("sentencepiece")
-    write_data(root / "data")
-    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    write_tool_chat(write_data(root / "data"))
+    write_sp_tokenizer_dir(root / "base", "mistral_v3")
+    config = transformers.MistralConfig(vocab_size=32768, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                        sliding_window=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "base", safe_serialization=True)
-    write_sp_tokenizer_dir(root / "base", "mistral_v1")
+    model = transformers.MistralForCausalLM(config)
+    answer_in_turn(model, answer_ids(transformers.AutoTokenizer.from_pretrained(root / "base")) + [2])
+    model.save_pretrained(root / "base", safe_serialization=True)
     recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
-                          template="default", output_dir="saves/lora", cutoff_len=64, add_special_tokens="<tool>")
+                          template="mistral", output_dir="saves/lora", cutoff_len=400, add_special_tokens="<tool>",
+                          dataset="tiny_sft,tool_chat",
+                          max_new_tokens=12)
     pipeline("build", recipe, cwd=root, as_typed=False)
     pipeline("train", recipe, cwd=root)  # as typed; the others in process (the same code, no interpreter start)
     pipeline("merge", recipe, cwd=root, as_typed=False)
@@ -46,41 +78,46 @@ def test_merged_loads_in_transformers_with_the_same_tokenizer(session):
 
     merged = session / "saves/lora/merged"
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
-    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 32064  # 32,001 padded to 64
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.vocab_size == 32832  # 32,769 padded to 64
     base_tok = transformers.AutoTokenizer.from_pretrained(session / "base")
     merged_tok = transformers.AutoTokenizer.from_pretrained(merged)
     for text in TEXTS:
         assert merged_tok.encode(text) == base_tok.encode(text), text
         assert merged_tok.decode(base_tok.encode(text)) == base_tok.decode(base_tok.encode(text)), text
     assert (merged_tok.bos_token, merged_tok.eos_token) == ("<s>", "</s>")
-    assert merged_tok.encode("a <tool> b", add_special_tokens=False) == [264, 28705, 32000, 287]
+    assert merged_tok.encode("a <tool> b", add_special_tokens=False) == (
+        base_tok.encode("a ", add_special_tokens=False) + [32768] + base_tok.encode(" b", add_special_tokens=False))
 
 
-def test_generate_decodes_as_transformers(session):
-    """generate (the base model, greedy, the default template) prints what transformers' decode of the same new ids
-    gives: the completion text, byte fallback joined, its first prefix space stripped as the sentencepiece decoder
-    does. (A recipe without the new token: the rows it grows, never trained, would win greedy on this random model
-    and decode to nothing.)"""
+def test_merged_chats_in_the_training_format_and_stops_at_eos(session):
+    """transformers on merged/: the exported chat template renders the prompt training writes (LLaMA-Factory's
+    mistral: BOS, "[INST] {query}[/INST]" with v0.3's [INST] 3 and [/INST] 4 by id), greedy generate says " red 🦙"
+    and stops at </s> (12 new tokens allowed); `pipeline generate --model merged` prints transformers' decode of the
+    same ids, the byte-fallback tokens joined and the prefix space stripped."""
     import torch
     import transformers
 
-    prompt = "Repeat the words: red 🦙"
-    recipe = write_recipe(session / "plain.yaml", model_name_or_path=str(session / "base"), dataset_dir="data",
-                          template="default", output_dir="saves/plain")
-    out = pipeline("generate", recipe, "--prompt", prompt, "--model", "base", cwd=session, as_typed=False)
-    hf = transformers.AutoTokenizer.from_pretrained(session / "base")
-    model = transformers.AutoModelForCausalLM.from_pretrained(session / "base")
-    ids = hf.encode("Human: " + prompt, add_special_tokens=False) + [2] + hf.encode("\nAssistant:",
-                                                                                   add_special_tokens=False)
-    new = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False, eos_token_id=2, pad_token_id=2)
-    expected = hf.decode(new[0, len(ids):], skip_special_tokens=True)
-    assert expected and out.stdout.rstrip("\n") == expected
+    merged = session / "saves/lora/merged"
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                     return_dict=True)["input_ids"]
+    assert prompt == [1] + tok.encode("[INST] " + PROMPT + "[/INST]", add_special_tokens=False)
+    assert prompt[1] == 3 and prompt[-1] == 4
+    new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    assert new == answer_ids(tok) + [2]  # stopped at </s>: generation_config.json's eos_token_id
+    out = pipeline("generate", session / "lora.yaml", "--prompt", PROMPT, "--model", "merged", cwd=session,
+                   as_typed=False)
+    assert out.stdout.rstrip("\n") == tok.decode(new, skip_special_tokens=True) == ANSWER
 
 
 def test_training_ids_are_llamafactorys(session):
-    """LLaMA-Factory's default template (data/template.py: format_user ["Human: {{content}}", {"eos_token"},
-    "\\nAssistant:"], format_assistant ["{{content}}", {"eos_token"}, "\\n"]), each string element encoded by
-    Template._convert_elements_to_ids with tokenizer.encode(elem, add_special_tokens=False)."""
+    """LLaMA-Factory's mistral template (data/template.py:1780-1791: format_prefix [{"bos_token"}], format_user
+    ["[INST] {{content}}[/INST]"], format_assistant [" {{content}}", {"eos_token"}]), each string element encoded by
+    Template._convert_elements_to_ids (:113-130) with tokenizer.encode(elem, add_special_tokens=False); the
+    function-calling conversation as LLaMA-Factory renders it (tests/data/lf_tool_goldens.py) plus a tool result
+    and an answer (format_observation, format_assistant). Failed before: one "▁" too many after
+    [/AVAILABLE_TOOLS]."""
     import transformers
 
     from pipeline.data.model_tokenizer import load_tokenizer
@@ -92,10 +129,20 @@ def test_training_ids_are_llamafactorys(session):
     def enc(text: str) -> list[int]:
         return hf.encode(text, add_special_tokens=False)
 
-    prompt = enc("Human: " + row["instruction"]) + [2] + enc("\nAssistant:")
-    answer = enc(row["output"]) + [2] + enc("\n")
-    got = encode_example(row, "default", load_tokenizer(session / "base"), cutoff_len=64)
-    assert got.input_ids == prompt + answer
+    prompt = [1] + enc("[INST] " + row["instruction"] + "[/INST]")
+    answer = enc(" " + row["output"]) + [2]
+    got = encode_example(row, "mistral", load_tokenizer(session / "base"), cutoff_len=64)
+    assert got.input_ids == prompt + answer and {3, 4} <= set(prompt)
     assert got.labels == [-100] * len(prompt) + answer
+    # the function-calling conversation as build wrote it (train and val split): LLaMA-Factory's own rendering's ids
+    built = [r for split in ("train", "val") if (f := session / f"data/build/tool_chat/{split}.json").is_file()
+             for r in json.loads(f.read_text("utf-8"))]
+    assert sorted(r["output"] for r in built) == sorted(TOOL_ANSWERS)
+    for built_row in built:
+        pairs = lf_ids(hf, GOLDEN[("mistral", SYSTEM)]) + [(
+            enc('[TOOL_RESULTS] {"content": {"Rome": "10:00", "Köln": "10:00"}}[/TOOL_RESULTS]'),
+            enc(" " + built_row["output"]) + [2])]
+        got = encode_example(built_row, "mistral", load_tokenizer(session / "base"), cutoff_len=400)
+        assert (got.input_ids, got.labels) == lf_example(pairs)
     log = [json.loads(line) for line in (session / "saves/lora/trainer_log.jsonl").read_text().splitlines()]
     assert log and all(entry.get("loss", 0) > 0 for entry in log if "loss" in entry)

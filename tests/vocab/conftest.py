@@ -8,6 +8,8 @@ import pytest
 from pipeline import merge
 from pipeline.data.tokenizer import gpt2
 from tests.helpers.hf_vocab import FAMILIES, write_llama3_original, write_tokenizer_dir
+from tests.helpers.sp_vocab import FAMILIES as SP_FAMILIES
+from tests.helpers.sp_vocab import write_sp_tokenizer_dir
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,21 @@ def vocab_dirs(tmp_path_factory) -> dict[str, Path]:
                  for family in ("llama3", "qwen2")})
     dirs["llama3_original"] = write_llama3_original(root / "llama3_original")
     return dirs
+
+
+@pytest.fixture(scope="session")
+def sp_folders(tmp_path_factory) -> dict[str, Path]:
+    """sentencepiece family (tests/helpers/sp_vocab.py: mistral_v1, llama2, mistral_v3) -> its tokenizer directory."""
+    root = tmp_path_factory.mktemp("sp")
+    return {family: write_sp_tokenizer_dir(root / family, family) for family in SP_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def sp_golden(sp_folders):
+    """sentencepiece family -> transformers' AutoTokenizer of its directory (the golden)."""
+    from transformers import AutoTokenizer
+
+    return {family: AutoTokenizer.from_pretrained(folder) for family, folder in sp_folders.items()}
 
 
 @pytest.fixture(scope="session")

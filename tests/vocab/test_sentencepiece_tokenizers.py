@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.data.model_tokenizer import load_tokenizer
-from tests.helpers.sp_vocab import FAMILIES, write_sp_tokenizer_dir
+from tests.helpers.sp_vocab import FAMILIES
 
 CORPUS = ["", "Hello", " Hello", "  two  spaces ", "a\nb\n\nc\n", "\ttab\tend", "emoji 🦙🤗 end", "rare 龘 and 𠀀",
           "digits 12345 3.14159", "def f(x):\n    return x  # code\n", "héllo wörld, ünïcode", " ", "\n", "x" * 40,
@@ -19,22 +19,9 @@ CORPUS = ["", "Hello", " Hello", "  two  spaces ", "a\nb\n\nc\n", "\ttab\tend", 
 CONTROL = ["<s> and </s> here", "[INST] hi [/INST] ok", "A[INST]B[TOOL_CALLS]C", "<unk> unknown", "</s>"]
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sp")
-    return {family: write_sp_tokenizer_dir(root / family, family) for family in FAMILIES}
-
-
-@pytest.fixture(scope="module")
-def golden(folders):
-    from transformers import AutoTokenizer
-
-    return {family: AutoTokenizer.from_pretrained(folder) for family, folder in folders.items()}
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_encode_and_decode_equal_transformers(family, folders, golden):
-    hf, ours = golden[family], load_tokenizer(folders[family])
+def test_encode_and_decode_equal_transformers(family, sp_folders, sp_golden):
+    hf, ours = sp_golden[family], load_tokenizer(sp_folders[family])
     assert ours.n_vocab == len(hf) == (32768 if family == "mistral_v3" else 32000)
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, 2)  # no pad_token: the EOS pads (masked out)
     # LLaMA-Factory 0.9.5's pretrain processor writes BOS only where getattr(tokenizer, "add_bos_token", False)
@@ -53,37 +40,41 @@ def test_encode_and_decode_equal_transformers(family, folders, golden):
     assert ours.encode("</s>") == hf("</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def test_control_tokens_typed_in_text_follow_the_markup_rule(folders, golden):
-    """Mistral v0.3's control tokens typed in user text: the mistral template's markup ([INST], [TOOL_CALLS]) stays
-    literal, as <|im_end|> does for Qwen (split as text, as split_special_tokens reads it), so a user cannot open a
-    turn; a control token no template uses ([PREFIX], id 11) is one token, as transformers reads it by default."""
-    hf, ours = golden["mistral_v3"], load_tokenizer(folders["mistral_v3"])
-    text = "say [INST] and [TOOL_CALLS]"
-    assert ours.encode(text) == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    assert not {3, 5} & set(ours.encode(text))  # [INST] 3, [TOOL_CALLS] 5 (the v3 model's control pieces)
-    assert ours.encode_special(text) == hf.encode(text, add_special_tokens=False)  # template markup: one token each
-    other = "fill [PREFIX] here"
-    assert ours.encode(other) == hf.encode(other, add_special_tokens=False)
-    assert 11 in ours.encode(other) and 11 not in ours.split_special().encode(other)
+def test_control_tokens_typed_in_text_are_one_token_unless_split(sp_folders, sp_golden):
+    """Mistral v0.3's control tokens typed in user text: those the mistral template places ([INST], [TOOL_CALLS]:
+    pipeline.data.templates.TEMPLATE_MARKUP) stay literal pieces, as split_special_tokens reads them, so that data
+    cannot forge a turn (LLaMA-Factory, encoding the user's text inside the template's string, would read them as
+    tokens); the others ([IMG], [control_12]) are one token each, as transformers reads them by default; all literal
+    with split_special_tokens."""
+    hf, ours = sp_golden["mistral_v3"], load_tokenizer(sp_folders["mistral_v3"])
+
+    def split(text: str) -> list[int]:
+        return hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    markup, other = "say [INST] and [TOOL_CALLS]", " then [IMG] and [control_12]"
+    assert ours.encode(markup + other) == split(markup) + hf.encode(other, add_special_tokens=False)
+    assert {10, 14} <= set(ours.encode(markup + other))  # [IMG] 10, [control_12] 14 (the v3 model's control pieces)
+    assert not {3, 5} & set(ours.encode(markup + other))  # [INST] 3, [TOOL_CALLS] 5
+    assert ours.split_special().encode(markup + other) == split(markup + other)
 
 
-def test_byte_fallback_token_bytes(folders):
+def test_byte_fallback_token_bytes(sp_folders):
     """Each id's bytes (token_bytes: <0xNN> its byte, "▁" a space) joined give the text back with the one prefix
     space Metaspace adds: 🦙 is four <0xNN> tokens."""
-    ours = load_tokenizer(folders["mistral_v1"])
+    ours = load_tokenizer(sp_folders["mistral_v1"])
     ids = ours.encode("llama 🦙!")
     assert b"".join(ours.token_bytes(i) for i in ids) == " llama 🦙!".encode()
     assert [ours.token_bytes(i) for i in ids[-5:-1]] == [bytes([b]) for b in "🦙".encode()]
 
 
-def test_added_tokens_as_transformers_adds_them(folders, golden):
+def test_added_tokens_as_transformers_adds_them(sp_folders, sp_golden):
     """add_tokens (plain, normalized) then add_special_tokens, ids from 32,000 up: as transformers' add_tokens."""
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(folders["llama2"])
+    hf = AutoTokenizer.from_pretrained(sp_folders["llama2"])
     hf.add_tokens(["<think>"], special_tokens=False)
     hf.add_tokens(["<tool>"], special_tokens=True)
-    ours = load_tokenizer(folders["llama2"]).with_tokens(["<think>"], ["<tool>"])
+    ours = load_tokenizer(sp_folders["llama2"]).with_tokens(["<think>"], ["<tool>"])
     assert (ours.token_id("<think>"), ours.token_id("<tool>"), ours.n_vocab) == (32000, 32001, 32002)
     for text in ["a <think> b <tool> c", "<think>x</think>", "<tool>"]:
         assert ours.encode(text) == hf.encode(text, add_special_tokens=False), text
@@ -91,7 +82,7 @@ def test_added_tokens_as_transformers_adds_them(folders, golden):
     assert ours.decode([32000, 32001], skip_special=True) == hf.decode([32000, 32001], skip_special_tokens=True)
 
 
-def test_another_tokenizer_class_is_refused(folders, tmp_path):
+def test_another_tokenizer_class_is_refused(sp_folders, tmp_path):
     """A sentencepiece-style tokenizer.json whose class transformers rebuilds another way (GemmaTokenizer) is
     refused with one message naming the file and the key, as the CLI prints it (exit 2)."""
     import json
@@ -99,7 +90,7 @@ def test_another_tokenizer_class_is_refused(folders, tmp_path):
 
     from pipeline.errors import UserError
 
-    folder = shutil.copytree(folders["mistral_v1"], tmp_path / "gemma_like")
+    folder = shutil.copytree(sp_folders["mistral_v1"], tmp_path / "gemma_like")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
     with pytest.raises(UserError, match=r"tokenizer_config.json: tokenizer_class 'GemmaTokenizer' with a "
@@ -107,7 +98,7 @@ def test_another_tokenizer_class_is_refused(folders, tmp_path):
         load_tokenizer(folder)
 
 
-def test_a_pretrained_tokenizer_fast_file_runs_as_written(folders, tmp_path):
+def test_a_pretrained_tokenizer_fast_file_runs_as_written(sp_folders, tmp_path):
     """tokenizer_class PreTrainedTokenizerFast: transformers runs the file's own legacy normalizer (Prepend "▁",
     Replace " "), which encodes "  two  spaces" otherwise than LlamaTokenizer's rebuilt Metaspace; so does ours."""
     import json
@@ -115,11 +106,11 @@ def test_a_pretrained_tokenizer_fast_file_runs_as_written(folders, tmp_path):
 
     from transformers import AutoTokenizer
 
-    folder = shutil.copytree(folders["mistral_v1"], tmp_path / "fast")
+    folder = shutil.copytree(sp_folders["mistral_v1"], tmp_path / "fast")
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
     hf, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
     for text in CORPUS:
         assert ours.encode_special(text) == hf.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode_special(text)) == hf.decode(hf.encode(text, add_special_tokens=False)), text
-    assert ours.encode("  two  spaces") != load_tokenizer(folders["mistral_v1"]).encode("  two  spaces")
+    assert ours.encode("  two  spaces") != load_tokenizer(sp_folders["mistral_v1"]).encode("  two  spaces")
