@@ -260,7 +260,9 @@ class Template:
         """The (pieces, trainable) parts of a full example, so masks are built per turn.
 
         Responses are trained (every turn, or only the last with mask_history); prompts only with
-        train_on_prompt (and, with mask_history, only the last turn's prompt).
+        train_on_prompt, every turn's prompt even with mask_history: LLaMA-Factory 0.9.5's supervised processor
+        (data/processor/supervised.py:83-91) labels each source with train_on_prompt before mask_history masks the
+        earlier targets.
         """
         turns = self.turns(row["instruction"], row.get("input") or "", row["output"], row.get("system"),
                            row.get("history") or (), mask_history=mask_history, enable_thinking=enable_thinking,
@@ -269,7 +271,7 @@ class Template:
         out = []
         for k, (p, a) in enumerate(turns):
             trained = not mask_history or k == last
-            out.append(Segment(tuple(p), train_on_prompt and trained, False))
+            out.append(Segment(tuple(p), train_on_prompt, False))
             out.append(Segment(tuple(a), trained, True))
         return out
 

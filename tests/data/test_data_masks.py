@@ -63,9 +63,13 @@ def test_train_on_prompt():
     got = encode(row, train_on_prompt=True)
     assert got.labels == got.input_ids
     p1 = enc(HEAD + "### Instruction:\nWhat is 1+1?\n\n### Response:\n")
+    # with mask_history too, every prompt stays trained and only the earlier responses (their EOS included) are
+    # masked, as LLaMA-Factory 0.9.5's supervised processor labels them (data/processor/supervised.py:83-91:
+    # source_label = source_ids under train_on_prompt for every turn; target_label IGNORE for turn_idx != 0 of the
+    # reversed pairs)
     both = encode(row, train_on_prompt=True, mask_history=True)
-    history_len = len(p1) + len(enc("2")) + 1
-    assert both.labels == [M] * history_len + got.input_ids[history_len:]
+    answer = len(enc("2")) + 1
+    assert both.labels == p1 + [M] * answer + got.input_ids[len(p1) + answer:]
 
 
 def test_default_template_masks():
