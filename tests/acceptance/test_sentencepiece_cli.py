@@ -19,11 +19,20 @@ from tests.helpers.sp_vocab import write_sp_tokenizer_dir
 TEXTS = ["Repeat the words: red river", "  two  spaces\tand a tab\n", "emoji 🦙 and 龘", "</s> typed", ""]
 
 
+REPO_ID = "meta-llama/Llama-2-7b-chat-hf"
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory) -> Path:
-    """A workdir with data/, the checkpoint at base/, one LoRA run trained and merged."""
+    """A workdir with data/, the checkpoint at base/, one LoRA run trained and merged. base/ is the snapshot of
+    Llama-2-7b-chat-hf's hub id in an HF_HUB_OFFLINE=1 cache, laid out as the hub holds it (tests/helpers/
+    hub_layout.py): save_pretrained's weights in shards + index, beside them the pickled pytorch_model-0000i-of-00002
+    .bin + index (each creates pickle_ran when unpickled) and a sentencepiece tokenizer.model; train names the id."""
     import torch
     import transformers
+
+    from tests.acceptance.harness import cli_env
+    from tests.helpers.hub_layout import add_llama2_decoys, hub_cache, save_sharded
 
     root = tmp_path_factory.mktemp("sentencepiece")
     write_data(root / "data")
@@ -31,14 +40,27 @@ def session(tmp_path_factory) -> Path:
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "base", safe_serialization=True)
-    write_sp_tokenizer_dir(root / "base", "mistral_v1")
-    recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
+    save_sharded(transformers.LlamaForCausalLM(config), root / "download")
+    write_sp_tokenizer_dir(root / "download", "mistral_v1")
+    add_llama2_decoys(root / "download", root / "pickle_ran")
+    (root / "base").symlink_to(hub_cache(root / "hf", REPO_ID, root / "download"))
+    recipe = write_recipe(root / "lora.yaml", model_name_or_path=REPO_ID, dataset_dir="data",
                           template="default", output_dir="saves/lora", cutoff_len=64, add_special_tokens="<tool>")
-    pipeline("build", recipe, cwd=root, as_typed=False)
-    pipeline("train", recipe, cwd=root)  # as typed; the others in process (the same code, no interpreter start)
-    pipeline("merge", recipe, cwd=root, as_typed=False)
+    env = cli_env(HF_HOME=str(root / "hf"))
+    pipeline("build", recipe, cwd=root, as_typed=False, env=env)
+    pipeline("train", recipe, cwd=root, env=env)  # as typed; the others in process (the same code, no interpreter start)
+    pipeline("merge", recipe, cwd=root, as_typed=False, env=env)
     return root
+
+
+def test_the_hub_layouts_pickles_and_tokenizer_model_are_left_alone(session):
+    """Nothing unpickled the .bin decoys (they would have created pickle_ran), and merged/ holds neither them nor
+    the sentencepiece tokenizer.model: the weights as safetensors, the tokenizer files that were read."""
+    from tests.helpers.hub_layout import LLAMA2_DECOYS
+
+    assert not (session / "pickle_ran").exists()
+    merged = {p.name for p in (session / "saves/lora/merged").iterdir()}
+    assert not set(LLAMA2_DECOYS) & merged and "tokenizer.json" in merged, sorted(merged)
 
 
 def test_merged_loads_in_transformers_with_the_same_tokenizer(session):
