@@ -102,6 +102,8 @@ def token_loss_history(changes: Any) -> str:
 # the rules read adapters at validate / plan, which import no torch.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME: a reward model's value head beside its causal LM (pipeline.model.reward_folder)
+V_HEAD_WEIGHTS = "value_head.safetensors"
 PEFT_PREFIX = "base_model.model."
 VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")  # one row per token id (PEFT's names)
 

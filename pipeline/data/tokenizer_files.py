@@ -236,7 +236,39 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
         raise UserError(f"{path}: not readable by the tokenizers library ({err})") from None
     data = _json(path)
     added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
+    extra = decoder_only_tokens(config, added)
+    if extra:
+        encoding = HFEncoding(encoding.name, with_decoder_tokens(encoding._text, extra))
+        # AddedToken's default: not special (transformers reads each entry as AddedToken(**entry))
+        added |= {entry["content"]: (encoding.vocabulary_id(entry["content"]), bool(entry.get("special", False)))
+                  for entry in extra}
     return _special_tokens(directory, path, encoding, added, False, encoding.vocabulary_id)
+
+
+def decoder_only_tokens(config: Mapping[str, Any], listed: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The entries of tokenizer_config.json's added_tokens_decoder whose token tokenizer.json's added_tokens
+    (`listed`) lacks, in id order: transformers adds them on loading, after the file's own tokens
+    (tokenization_utils_tokenizers.py:478-513, transformers 5.24: each decoder entry not among the backend's added
+    tokens, one add_tokens call in id order)."""
+    entries = sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0]))
+    return [entry for _, entry in entries
+            if isinstance(entry, dict) and isinstance(entry.get("content"), str) and entry["content"] not in listed]
+
+
+def with_decoder_tokens(text: str, entries: Sequence[Mapping[str, Any]]) -> str:
+    """A tokenizer.json (`text`, after the class's rebuild) with the decoder-only tokens added as transformers adds
+    them: AddedToken with the entry's flags (special, normalized, lstrip, rstrip, single_word), each given its
+    vocabulary piece's id, else the next free one; the recipe's tokens come after them. Written into added_tokens,
+    which the encoding's variants (hf_encoding's recognised sets) are built from. Known limit: a variant that leaves
+    out one of them past the vocabulary (a special one under split_special_tokens, a template's markup) gives the
+    later ones the next ids down, as it does for tokenizer.json's own added tokens (tokenizers re-adds them in
+    order); ids are right wherever no left-out token past the vocabulary comes before a kept one."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_str(text)
+    flags = ("special", "normalized", "lstrip", "rstrip", "single_word")
+    tokenizer.add_tokens([AddedToken(e["content"], **{k: bool(e[k]) for k in flags if k in e}) for e in entries])
+    return tokenizer.to_str()
 
 
 def _from_vocab_merges(directory: Path) -> Tokenizer:

@@ -124,7 +124,7 @@ def _gpt2(emb_dim: int, n_layers: int, n_heads: int) -> ModelConfig:
 def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ffn: int, theta: float,
             eps: float, tied: bool, head_size: int | None = None, scaling: Mapping[str, Any] | None = None,
             ) -> ModelConfig:
-    """The shared shape of Llama 3 / Qwen2 / Qwen3: RMSNorm, RoPE, SwiGLU, GQA, no MLP bias."""
+    """The shared shape of Llama 2 / 3, Mistral, Qwen2 / Qwen3: RMSNorm, RoPE, SwiGLU, GQA, no MLP bias."""
     return ModelConfig(family=family, vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
@@ -137,6 +137,21 @@ def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bo
                "original_max_position_embeddings": 8192}
     return _swiglu("llama", vocab=128256, ctx=131072, emb=emb, layers=layers, heads=heads, kv=8, ffn=ffn,
                    theta=500000.0, eps=1e-5, tied=tied, scaling=scaling)
+
+
+def _llama2(emb: int, layers: int, heads: int, ffn: int) -> ModelConfig:
+    """Llama 2 (meta-llama/Llama-2-7b-hf's config.json): 32,000 sentencepiece ids, 4,096 positions, full multi-head
+    attention (no GQA at 7B), RoPE theta 10,000, untied."""
+    return _swiglu("llama", vocab=32000, ctx=4096, emb=emb, layers=layers, heads=heads, kv=heads, ffn=ffn,
+                   theta=10000.0, eps=1e-5, tied=False)
+
+
+def _mistral(emb: int, layers: int, heads: int, kv: int, ffn: int) -> ModelConfig:
+    """Mistral 7B v0.3 (mistralai/Mistral-7B-v0.3's config.json): the vocabulary extended to 32,768, RoPE theta 1e6,
+    sliding_window null (full attention since v0.2; v0.1's 4,096-position window and 32,000 ids are not this
+    shape), untied."""
+    return _swiglu("mistral", vocab=32768, ctx=32768, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-5, tied=False)
 
 
 def _qwen2(emb: int, layers: int, heads: int, kv: int, ffn: int, tied: bool, vocab: int = 151936,
@@ -163,6 +178,8 @@ PRESETS: dict[str, ModelConfig] = {
     "llama-3.2-1b": _llama3(2048, 16, 32, 8192, 32.0, tied=True),
     "llama-3.2-3b": _llama3(3072, 28, 24, 8192, 32.0, tied=True),
     "llama-3.1-8b": _llama3(4096, 32, 32, 14336, 8.0, tied=False),
+    "llama-2-7b": _llama2(4096, 32, 32, 11008),
+    "mistral-7b": _mistral(4096, 32, 32, 8, 14336),
     "qwen2.5-0.5b": _qwen2(896, 24, 14, 2, 4864, tied=True),
     "qwen2.5-1.5b": _qwen2(1536, 28, 12, 2, 8960, tied=True),
     "qwen2.5-7b": _qwen2(3584, 28, 28, 4, 18944, tied=False, vocab=152064, ctx=131072),

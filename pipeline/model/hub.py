@@ -15,13 +15,23 @@ import re
 from pathlib import Path
 
 from pipeline.errors import UserError, did_you_mean
+from pipeline.model.safetensors_header import INDEX, SINGLE, index_shards
+from pipeline.names import ADAPTER_WEIGHTS, V_HEAD_WEIGHTS
 
-# What a model or adapter snapshot needs; weights as safetensors only (never *.bin / *.pt pickles).
+# What a model or adapter snapshot needs, by name: configs, tokenizer files, and the safetensors weights the loaders
+# read (never *.bin / *.pt pickles, never code). The weights as transformers picks them (transformers/utils/__init__.py
+# SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME; PEFT's adapter_model.safetensors; LLaMA-Factory's value_head.safetensors
+# beside a reward model), as safetensors_header.shard_files reads them: model.safetensors, else the shards the index
+# lists, fetched by name once the index is here (index_shards). Never "*.safetensors": the hub's Mistral-7B-v0.3
+# also holds consolidated.safetensors, the same 14.5 GB in Mistral's own names, which nothing here reads.
 ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+    "config.json", "generation_config.json", SINGLE, INDEX, ADAPTER_WEIGHTS, V_HEAD_WEIGHTS,
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "original/tokenizer.model", "adapter_config.json",
 ]
+# The shards' names as transformers' save_pretrained writes them (model-00001-of-00003.safetensors): what the `hf
+# download` line the messages suggest takes for them, where it cannot read the index first
+SHARD_PATTERN = "model-*-of-*.safetensors"
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -47,7 +57,7 @@ def download_command(repo_id: str, revision: str | None = None) -> str:
     """The `hf download` line that fetches what the pipeline reads. One --include per pattern: `hf` takes a single
     value per --include, so `--include 'a' 'b'` made 'b' a file name, and with file names given hf ignores --include
     ('a', config.json, was never downloaded)."""
-    include = " ".join(f"--include '{p}'" for p in ALLOW_PATTERNS)
+    include = " ".join(f"--include '{p}'" for p in (*ALLOW_PATTERNS, SHARD_PATTERN))
     rev = f" --revision {revision}" if revision and revision != "main" else ""
     return f"hf download {repo_id}{rev} {include}"
 
@@ -98,9 +108,13 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, ke
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     where = cache_dir()
+    local = offline() or not download
     try:
         folder = snapshot_download(name, revision=revision, cache_dir=where, allow_patterns=ALLOW_PATTERNS,
-                                   local_files_only=offline() or not download)
+                                   local_files_only=local)
+        shards = [] if local else _index_shards(Path(folder))
+        if shards:  # the same commit as the first call (its snapshot folder's name), so a push in between is no matter
+            folder = snapshot_download(name, revision=Path(folder).name, cache_dir=where, allow_patterns=shards)
     except (RepositoryNotFoundError, GatedRepoError) as err:
         raise UserError(_local_first(name, key, writer, f"'{name}' is not a hub repository this machine may read "
                                      f"({type(err).__name__}); check the id, or log in with `hf auth login` for "
@@ -120,6 +134,18 @@ def resolve_model_path(name_or_path: str | Path, revision: str | None = None, ke
         raise UserError(f"{key}: the snapshot of '{name}' at {path} has no config.json or adapter_config.json; "
                         f"fetch it with `{download_command(name, revision)}`")
     return path
+
+
+def _index_shards(snapshot: Path) -> list[str]:
+    """The shard files a snapshot's model.safetensors.index.json lists, where the snapshot has no model.safetensors
+    (which transformers, and shard_files, read first): what the second download fetches by name. [] when the index
+    is absent or unreadable (shard_files says what is wrong with it when the weights are read)."""
+    if (snapshot / SINGLE).is_file() or not (snapshot / INDEX).is_file():
+        return []
+    try:
+        return index_shards(snapshot / INDEX)
+    except UserError:
+        return []
 
 
 def _local_first(name: str, key: str, writer: str, hub: str) -> str:

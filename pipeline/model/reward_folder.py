@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
+from pipeline.names import V_HEAD_WEIGHTS
 
 if TYPE_CHECKING:
     from pipeline.data.tokenizer import Tokenizer
 
-V_HEAD_WEIGHTS = "value_head.safetensors"  # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME
 V_HEAD_KEYS = ("v_head.summary.weight", "v_head.summary.bias")  # TRL's ValueHead: Linear(hidden, 1) with a bias
 
 

@@ -16,16 +16,24 @@ INDEX = "model.safetensors.index.json"
 PICKLED = ("*.bin", "*.pt", "*.pth", "original/*.pth")
 
 
+def index_shards(index: Path) -> list[str]:
+    """The shard file names a model.safetensors.index.json's weight_map lists, sorted, each once."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"{index}: not a valid safetensors index ({err!r}); expected {{\"weight_map\": {{key: file}}}}")
+
+
 def shard_files(directory: Path) -> list[Path]:
+    """The safetensors files a checkpoint folder's weights are read from, as transformers picks them:
+    model.safetensors, else the shards model.safetensors.index.json lists. Any other *.safetensors beside them (the
+    hub's Mistral consolidated.safetensors) is never opened."""
     if (directory / SINGLE).is_file():
         return [directory / SINGLE]
     index = directory / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise UserError(f"{index}: not a valid safetensors index ({err!r}); expected {{\"weight_map\": {{key: file}}}}")
+        names = index_shards(index)
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             raise UserError([f"{index}: lists shard '{n}', which is missing from {directory}" for n in missing])

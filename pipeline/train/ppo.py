@@ -51,7 +51,7 @@ from pipeline.errors import UserError
 from pipeline.model.ppo import (PPOConfig, Reduce, RunningMoments, advantages_and_returns, kl_controller,
                                 ppo_losses, token_rewards)
 from pipeline.model.reward import RewardScorer, ServerScorer
-from pipeline.model.reward_folder import V_HEAD_WEIGHTS
+from pipeline.names import V_HEAD_WEIGHTS
 from pipeline.runtime import dist
 from pipeline.runtime.deepspeed_compat import gathered_for_generation
 from pipeline.train.export import Exporter

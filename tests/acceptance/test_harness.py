@@ -43,7 +43,8 @@ def test_an_in_process_command_sees_a_users_shell_and_leaves_the_process_as_it_w
                                           ("tiny", "gpt2"), ("gpt2-small", "gpt2"), ("saves/x/model", None),
                                           ("meta-llama/Llama-3.2-1B-Instruct", "llama"), ("llama-3.1-8b", "llama"),
                                           ("Qwen/Qwen3-0.6B", "qwen3"), ("qwen3-8b", "qwen3"),
-                                          ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2"), ("qwen2.5-7b", "qwen2")])
+                                          ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2"), ("qwen2.5-7b", "qwen2"),
+                                          ("mistral-7b", "mistral"), ("llama-2-7b", "llama")])
 def test_family_of_a_model_line(line, family):
     assert family_of(line) == family
 

@@ -6,6 +6,7 @@ and DeepSpeed's broadcast (p.data.view(torch.uint8)) refused them; every such ru
 from __future__ import annotations
 
 import json
+import shutil
 
 from tests.acceptance.harness import pipeline, write_recipe
 
@@ -21,21 +22,32 @@ def test_one_lora_step_from_a_save_pretrained_gpt2(workdir, hf_checkpoint):
     assert (workdir / "saves/r/adapter/adapter_model.safetensors").is_file()
 
 
-def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, hf_checkpoint):
-    """Mistral-7B-v0.1's layout (MistralForCausalLM, a sliding window in every layer) as a user brings it, with
-    LLaMA-Factory's `template: mistral`: build, LoRA sft and merge as typed; PEFT loads adapter/ on the checkpoint,
-    merged/ loads as MistralForCausalLM with model_type and sliding_window kept and chats in mistral's format, and
-    both compute what our trained model computes. A cutoff_len past the window is one exit-2 message at the key
-    (our attention has no window: pipeline.model.config.length_limit)."""
+def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, monkeypatch):
+    """A MistralForCausalLM (a sliding window in every layer, as Mistral-7B-v0.1's config) as a user brings it from
+    the hub, with LLaMA-Factory's `template: mistral`: by its hub id from the offline cache (HF_HUB_OFFLINE=1), the
+    snapshot laid out as the hub's Mistral-7B-Instruct-v0.3 (tests/helpers/hub_layout.py: save_pretrained's weights
+    in 3 shards + index, beside them consolidated.safetensors in Mistral's names, params.json, tokenizer.model,
+    tokenizer.model.v3). Build, LoRA sft and merge as typed; PEFT loads adapter/ on the checkpoint, merged/ loads as
+    MistralForCausalLM with model_type and sliding_window kept and chats in mistral's format, and both compute what
+    our trained model computes (so the shards were read, not the decoy); no decoy is copied into merged/. A
+    cutoff_len past the window is one exit-2 message at the key (our attention has no window:
+    pipeline.model.config.length_limit)."""
     import peft
     import torch
     import transformers
 
-    from tests.acceptance.harness import refused, trained_model
+    from tests.acceptance.harness import refused, trained_model, write_hf_checkpoint
+    from tests.helpers.hub_layout import MISTRAL_DECOYS, add_mistral_decoys, hub_cache, save_sharded
 
-    base = hf_checkpoint("mistral", small_vocab=True)
-    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", template="mistral",
-                          output_dir="saves/r", learning_rate=0.05)
+    folder = workdir / "download"
+    model = write_hf_checkpoint(folder, "mistral", small_vocab=True)
+    save_sharded(model, folder)
+    add_mistral_decoys(folder, model.config)
+    monkeypatch.setenv("HF_HOME", str(workdir / "hf"))  # the CLI's environment (cli_env) and trained_model's
+    base = hub_cache(workdir / "hf", "mistralai/Mistral-7B-Instruct-v0.3", folder)
+    shutil.rmtree(folder)
+    recipe = write_recipe(workdir / "r.yaml", model_name_or_path="mistralai/Mistral-7B-Instruct-v0.3",
+                          dataset_dir="data", template="mistral", output_dir="saves/r", learning_rate=0.05)
     message = refused("validate", recipe, "cutoff_len=200", cwd=workdir)
     assert ("cutoff_len: given 200, expected at most 128: the model's config.json sets sliding_window 128" in message
             and "lower cutoff_len to 128" in message), message
@@ -43,6 +55,7 @@ def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, hf_che
     pipeline("train", recipe, cwd=workdir)
     pipeline("merge", recipe, cwd=workdir)
     merged = workdir / "saves/r/merged"
+    assert not {*MISTRAL_DECOYS} & {p.name for p in merged.iterdir()}, sorted(p.name for p in merged.iterdir())
     config = json.loads((merged / "config.json").read_text())
     assert (config["architectures"], config["model_type"], config["sliding_window"]) == (
         ["MistralForCausalLM"], "mistral", 128)

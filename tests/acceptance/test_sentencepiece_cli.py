@@ -47,30 +47,55 @@ def answer_ids(tokenizer) -> list[int]:
     return tokenizer.encode(" " + ANSWER, add_special_tokens=False)
 
 
+REPO_ID = "mistralai/Mistral-7B-Instruct-v0.3"
+
+
 @pytest.fixture(scope="module")
 def session(tmp_path_factory) -> Path:
-    """A workdir with data/, the checkpoint at base/, one LoRA run trained and merged."""
+    """A workdir with data/, the checkpoint at base/, one LoRA run trained and merged. base/ is the snapshot of
+    Mistral-7B-Instruct-v0.3's hub id in an HF_HUB_OFFLINE=1 cache, laid out as the hub holds it (tests/helpers/
+    hub_layout.py): save_pretrained's weights in shards + index, beside them consolidated.safetensors (Mistral's own
+    names), params.json and the sentencepiece tokenizer.model / .v3, and pickled pytorch_model-0000i-of-00002.bin +
+    index as Llama-2-7b-chat-hf's folder holds them (each creates pickle_ran when unpickled); train names the id."""
     import torch
     import transformers
 
+    from tests.acceptance.harness import cli_env
+    from tests.helpers.hub_layout import add_llama2_decoys, add_mistral_decoys, hub_cache, save_sharded
+
     root = tmp_path_factory.mktemp("sentencepiece")
     write_tool_chat(write_data(root / "data"))
-    write_sp_tokenizer_dir(root / "base", "mistral_v3")
+    write_sp_tokenizer_dir(root / "download", "mistral_v3")
     config = transformers.MistralConfig(vocab_size=32768, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                         sliding_window=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config)
-    answer_in_turn(model, answer_ids(transformers.AutoTokenizer.from_pretrained(root / "base")) + [2])
-    model.save_pretrained(root / "base", safe_serialization=True)
-    recipe = write_recipe(root / "lora.yaml", model_name_or_path=str(root / "base"), dataset_dir="data",
+    answer_in_turn(model, answer_ids(transformers.AutoTokenizer.from_pretrained(root / "download")) + [2])
+    save_sharded(model, root / "download")
+    add_mistral_decoys(root / "download", config)
+    add_llama2_decoys(root / "download", root / "pickle_ran")  # pickled copies, as Llama-2-7b-chat-hf's folder has
+    (root / "base").symlink_to(hub_cache(root / "hf", REPO_ID, root / "download"))
+    recipe = write_recipe(root / "lora.yaml", model_name_or_path=REPO_ID, dataset_dir="data",
                           template="mistral", output_dir="saves/lora", cutoff_len=400, add_special_tokens="<tool>",
                           dataset="tiny_sft,tool_chat",
                           max_new_tokens=12)
-    pipeline("build", recipe, cwd=root, as_typed=False)
-    pipeline("train", recipe, cwd=root)  # as typed; the others in process (the same code, no interpreter start)
-    pipeline("merge", recipe, cwd=root, as_typed=False)
+    env = cli_env(HF_HOME=str(root / "hf"))
+    pipeline("build", recipe, cwd=root, as_typed=False, env=env)
+    pipeline("train", recipe, cwd=root, env=env)  # as typed; the others in process (the same code, no interpreter start)
+    pipeline("merge", recipe, cwd=root, as_typed=False, env=env)
     return root
+
+
+def test_the_hub_layouts_decoys_are_left_alone(session):
+    """Nothing unpickled the .bin decoys (they would have created pickle_ran), and merged/ holds none of the hub's
+    other files (consolidated.safetensors, params.json, the sentencepiece models, the pickles): the weights as
+    safetensors, the tokenizer files that were read."""
+    from tests.helpers.hub_layout import LLAMA2_DECOYS, MISTRAL_DECOYS
+
+    assert not (session / "pickle_ran").exists()
+    merged = {p.name for p in (session / "saves/lora/merged").iterdir()}
+    assert not set(LLAMA2_DECOYS + MISTRAL_DECOYS) & merged and "tokenizer.json" in merged, sorted(merged)
 
 
 def test_merged_loads_in_transformers_with_the_same_tokenizer(session):

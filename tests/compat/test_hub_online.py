@@ -99,3 +99,31 @@ def test_an_hf_hub_url_dataset_downloads_its_data_files_into_the_cache(tmp_path)
     root = home / "hub" / "datasets--org--qa"
     assert set(snapshot_files(root)) == {"data/train-00000-of-00001.jsonl", "README.md"}
     assert_cache_layout(root)
+
+
+def test_a_mistral_layout_downloads_the_shards_the_index_lists_and_no_decoy(tmp_path):
+    """The hub's Mistral-7B-v0.3 holds its weights twice: transformers' shards + index, and consolidated.safetensors
+    (Mistral's own names, 14.5 GB more) with params.json and tokenizer.model.v3 for mistral-inference. A hub id
+    downloads what transformers loads (model.safetensors, else the shards the index lists: SAFE_WEIGHTS_NAME /
+    SAFE_WEIGHTS_INDEX_NAME) and the tokenizer files: never the decoys (nor pickles), and `generate` runs on it."""
+    from tests.acceptance.harness import write_hf_checkpoint
+    from tests.helpers.hub_layout import MISTRAL_DECOYS, add_mistral_decoys, save_sharded
+
+    source = tmp_path / "src"
+    model = write_hf_checkpoint(source, "mistral", small_vocab=True, sliding_window=None)  # v0.3: none
+    shards = save_sharded(model, source)
+    add_mistral_decoys(source, model.config)
+    files = {p.name: p.read_bytes() for p in source.iterdir()} | NEVER
+    assert set(MISTRAL_DECOYS) <= set(files)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model_name_or_path: mistralai/Mistral-7B-v0.3\ntemplate: mistral\ncutoff_len: 64\nmax_new_tokens: 2\n")
+    home = tmp_path / "hf"
+    with FakeHub({("model", "mistralai/Mistral-7B-v0.3"): files}) as hub:
+        pipeline("generate", recipe, "--prompt", "Hi", "--model", "base", cwd=tmp_path, env=online_env(hub, home))
+        got = hub.downloaded("model", "mistralai/Mistral-7B-v0.3")
+    wanted = {"config.json", "generation_config.json", "model.safetensors.index.json", *shards, "tokenizer.json",
+              "tokenizer_config.json", "special_tokens_map.json"} & set(files)
+    assert got == wanted and {"model.safetensors.index.json", *shards} <= got, sorted(got)
+    root = home / "hub" / "models--mistralai--Mistral-7B-v0.3"
+    assert set(snapshot_files(root)) == wanted
+    assert_cache_layout(root)

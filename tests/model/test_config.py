@@ -31,6 +31,28 @@ def test_gpt2_preset_counts(name, golden):
     assert cfg.context_length == 1024 and cfg.qkv_bias and cfg.tie_weights and cfg.vocab_size == 50257
 
 
+def swiglu_by_hand(V, C, L, H, KV, F):
+    """A Llama-style decoder's count written out: embedding and an untied head, L blocks of (q, k, v, o without
+    biases, gate / up / down, two RMSNorm weights), the final norm."""
+    d = C // H
+    attn = C * H * d + 2 * C * KV * d + H * d * C
+    return 2 * V * C + L * (attn + 3 * C * F + 2 * C) + C
+
+
+@pytest.mark.parametrize("name,shape,golden,positions", [
+    # Llama-2-7b-hf: vocab 32,000, 4,096 wide, 32 layers, 32 heads (no GQA), MLP 11,008 (Llama 2 paper: "7B")
+    ("llama-2-7b", (32000, 4096, 32, 32, 32, 11008), 6_738_415_616, (4096, 10000.0)),
+    # Mistral-7B-v0.3: vocab 32,768, 32 layers, 32 query and 8 key/value heads, MLP 14,336 (7.25B)
+    ("mistral-7b", (32768, 4096, 32, 32, 8, 14336), 7_248_023_552, (32768, 1e6)),
+])
+def test_llama2_and_mistral_preset_counts(name, shape, golden, positions):
+    cfg = PRESETS[name]
+    assert count_params(cfg) == swiglu_by_hand(*shape) == golden
+    assert (cfg.vocab_size, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim) == shape
+    assert (cfg.context_length, cfg.rope_theta) == positions  # max_position_embeddings, rope_theta
+    assert not cfg.tie_weights and cfg.sliding_window is None and cfg.rope_scaling is None
+
+
 def test_small_presets_shapes_and_counts():
     tiny, mini = PRESETS["tiny"], PRESETS["mini"]
     assert (tiny.n_layers, tiny.n_heads, tiny.emb_dim, tiny.context_length) == (2, 2, 64, 128)

@@ -283,6 +283,7 @@ def test_lora_targets_use_the_family_names(checkpoint):
 # Presets: the published shapes, lazily sized positions
 # ------------------------------------------------------------------------------------------------
 
+SEVEN_B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, tie_word_embeddings=False)
 PRESET_CONFIGS = {
     "llama-3.2-1b": ("LlamaConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                          num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
@@ -290,6 +291,10 @@ PRESET_CONFIGS = {
     "llama-3.1-8b": ("LlamaConfig", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                          num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
                                          tie_word_embeddings=False)),
+    # Llama-2-7b-hf's and Mistral-7B-v0.3's config.json (LlamaConfig's and MistralConfig's own defaults are
+    # Llama-2-7B's and Mistral-7B-v0.1's shapes; v0.1 has 32,000 ids)
+    "llama-2-7b": ("LlamaConfig", dict(SEVEN_B, num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)),
+    "mistral-7b": ("MistralConfig", dict(SEVEN_B, num_key_value_heads=8, intermediate_size=14336, vocab_size=32768)),
     "qwen2.5-0.5b": ("Qwen2Config", dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                                          num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
                                          tie_word_embeddings=True)),
@@ -307,8 +312,8 @@ PRESET_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(PRESET_CONFIGS))
 def test_preset_parameter_counts_equal_transformers(name):
-    """The published totals (Llama 3.2 1B: 1,235,814,400; Qwen3-0.6B: 596,049,920 ...) counted by transformers on
-    the meta device (no memory)."""
+    """The published totals (Llama 3.2 1B: 1,235,814,400; Qwen3-0.6B: 596,049,920; Llama-2-7B: 6,738,415,616; Mistral
+    7B v0.3: 7,248,023,552 ...) counted by transformers on the meta device (no memory)."""
     config_cls, kw = PRESET_CONFIGS[name]
     config = getattr(transformers, config_cls)(**kw)
     with torch.device("meta"):

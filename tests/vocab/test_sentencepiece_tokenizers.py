@@ -114,3 +114,47 @@ def test_a_pretrained_tokenizer_fast_file_runs_as_written(sp_folders, tmp_path):
         assert ours.encode_special(text) == hf.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode_special(text)) == hf.decode(hf.encode(text, add_special_tokens=False)), text
     assert ours.encode("  two  spaces") != load_tokenizer(sp_folders["mistral_v1"]).encode("  two  spaces")
+
+
+def decoder_entry(content: str, special: bool, **flags: bool) -> dict:
+    """An added_tokens_decoder entry as transformers' save_pretrained writes it (add_tokens' flags by default)."""
+    return {"content": content, "lstrip": False, "normalized": not special, "rstrip": False, "single_word": False,
+            "special": special, **flags}
+
+
+def test_tokens_only_in_added_tokens_decoder_are_added_as_transformers_adds_them(sp_folders, tmp_path):
+    """tokenizer_config.json's added_tokens_decoder lists <think> (plain) and <tool> (special, lstrip) that
+    tokenizer.json's added_tokens lacks: transformers adds them on loading (tokenization_utils_tokenizers.py:478-513),
+    ids from the vocabulary's end, each with its entry's flags (lstrip: the spaces before <tool> go with it); so does
+    ours, in user text, template markup, split_special_tokens and decode; an export with a recipe's tokens loads in
+    transformers with the same ids."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from pipeline.data.tokenizer_files import write_recipe_settings
+
+    folder = shutil.copytree(sp_folders["llama2"], tmp_path / "base")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    decoder = {**config["added_tokens_decoder"], "32000": decoder_entry("<think>", False),
+               "32001": decoder_entry("<tool>", True, lstrip=True)}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": decoder}))
+    hf, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    assert (ours.token_id("<think>"), ours.token_id("<tool>"), ours.n_vocab) == (32000, 32001, len(hf))
+    for text in ["a <tool> b <think> c", "<tool>", "x<think>y", "a   <tool> b"]:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ours.encode(text) == ours.encode_special(text) == ids, text
+        assert ours.split_special().encode(text) == hf(text, add_special_tokens=False,
+                                                       split_special_tokens=True)["input_ids"], text
+        assert ours.decode(ids, skip_special=True) == hf.decode(ids, skip_special_tokens=True), text
+    assert ours.encode("a   <tool>")[-1:] == [32001] and 28705 not in ours.encode("a   <tool>")  # lstrip: no "▁"
+    tuned = ours.with_tokens(["<x>"], ["<y>"])
+    export = tmp_path / "export"
+    export.mkdir()
+    for path in tuned.files:
+        shutil.copyfile(path, export / path.name)
+    write_recipe_settings(export, tuned)
+    exported, text = AutoTokenizer.from_pretrained(export), "a <tool> <think> <x> <y> b"
+    assert tuned.encode(text) == exported.encode(text, add_special_tokens=False)
+    assert [tuned.token_id(t) for t in ("<x>", "<y>")] == [32002, 32003]

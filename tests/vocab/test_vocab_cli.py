@@ -7,15 +7,13 @@ process (cli(..., as_typed=False); pipeline.model.hub reads HF_HOME from the env
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.hf_vocab import write_tokenizer_dir
-
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+from tests.helpers.hub_layout import hub_cache
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +72,9 @@ def test_a_template_the_checkpoint_cannot_express_exits_2(tmp_path, checkpoint):
         in done.stderr and "qwen3" in done.stderr
 
 
-def _hub_cache(home: Path, repo_id: str, checkpoint: Path) -> Path:
-    """The documented cache layout: hub/models--Org--Name/{refs/main, snapshots/<commit>/...} (blobs omitted)."""
-    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(checkpoint, repo / "snapshots" / SNAPSHOT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(SNAPSHOT)
-    return repo / "snapshots" / SNAPSHOT
-
-
 def test_a_hub_id_resolves_from_the_offline_cache(tmp_path, checkpoint):
     home = tmp_path / "hf"
-    _hub_cache(home, "Org/Tiny-Qwen", checkpoint)
+    hub_cache(home, "Org/Tiny-Qwen", checkpoint)
     project(tmp_path, "Org/Tiny-Qwen", "qwen3_nothink")
     for command in ("build", "validate"):
         done = cli(tmp_path, command, "recipe.yaml", HF_HOME=str(home), as_typed=False)
@@ -111,7 +100,7 @@ def test_resolve_model_path_in_process(tmp_path, monkeypatch, checkpoint):
     from pipeline.errors import UserError
     from pipeline.model.hub import resolve_model_path
 
-    snapshot = _hub_cache(tmp_path / "hf", "Org/Tiny", checkpoint)
+    snapshot = hub_cache(tmp_path / "hf", "Org/Tiny", checkpoint)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model_path("Org/Tiny") == snapshot
@@ -135,7 +124,7 @@ def test_an_adapter_hub_id_resolves_from_the_offline_cache(tmp_path):
                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
                                      init_lora_weights=False))
     peft.save_pretrained(tmp_path / "adapter")
-    _hub_cache(tmp_path / "hf", "Org/Tiny-Adapter", tmp_path / "adapter")
+    hub_cache(tmp_path / "hf", "Org/Tiny-Adapter", tmp_path / "adapter")
     (tmp_path / "r.yaml").write_text(f"model_name_or_path: {tmp_path / 'base'}\nadapter_name_or_path: Org/Tiny-Adapter\n"
                                      "lora_rank: 4\nlora_alpha: 8\nlora_target: c_attn\nmax_new_tokens: 6\n"
                                      f"output_dir: {tmp_path / 'out'}\n")
