@@ -26,7 +26,8 @@ def test_a_job_past_its_timeout_is_killed_whole_with_every_stack():
     assert child, proc.stderr
     with contextlib.suppress(psutil.NoSuchProcess):  # gone, or only waiting to be reaped
         assert psutil.Process(int(child[1])).status() == psutil.STATUS_ZOMBIE
-    assert proc.stderr.count("Fatal Python error: Aborted") == 2, proc.stderr  # faulthandler: both processes' stacks
+    assert proc.stderr.count("Fatal Python error") == 2, proc.stderr  # faulthandler: both processes' stacks (their
+    # writes may interleave: "Fatal Python error: Fatal Python error: Aborted" was seen on a loaded machine)
     assert proc.stderr.rstrip().endswith("timed out after 3 s; every process of the job was killed]")
 
 
@@ -49,4 +50,4 @@ def test_a_job_whose_launcher_starts_its_own_session_is_killed_whole():
     assert child, proc.stderr
     with contextlib.suppress(psutil.NoSuchProcess):
         assert psutil.Process(int(child[1])).status() == psutil.STATUS_ZOMBIE
-    assert proc.stderr.count("Fatal Python error: Aborted") == 2, proc.stderr
+    assert proc.stderr.count("Fatal Python error") == 2, proc.stderr

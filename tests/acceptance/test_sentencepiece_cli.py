@@ -131,8 +131,10 @@ def test_merged_chats_in_the_training_format_and_stops_at_eos(session):
     assert prompt[1] == 3 and prompt[-1] == 4
     new = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
     assert new == answer_ids(tok) + [2]  # stopped at </s>: generation_config.json's eos_token_id
+    from tests.acceptance.harness import cli_env
+
     out = pipeline("generate", session / "lora.yaml", "--prompt", PROMPT, "--model", "merged", cwd=session,
-                   as_typed=False)
+                   as_typed=False, env=cli_env(HF_HOME=str(session / "hf")))  # the recipe names the cached hub id
     assert out.stdout.rstrip("\n") == tok.decode(new, skip_special_tokens=True) == ANSWER
 
 
