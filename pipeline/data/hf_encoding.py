@@ -90,6 +90,12 @@ def _not_first(pre_tokenizer: Any) -> Any:
     return pre_tokenizer
 
 
+def _never_matched(content: str) -> str:
+    """A stand-in for an added token that holds its id in an encoding that must not match it: U+FFFF, a Unicode
+    noncharacter (never in interchanged text), around the token it stands for (each stand-in its own)."""
+    return f"\uffff{content}\uffff"
+
+
 class HFEncoding:
     """The tokenizer.json of a checkpoint as Tokenizer's encoding: tiktoken Encoding's names for the operations the
     pipeline uses (encode / encode_ordinary / decode, decode_single_token_bytes, token_byte_values, n_vocab, the
@@ -126,16 +132,27 @@ class HFEncoding:
         else:
             data = dict(self._data)
             if recognised is not None:
-                data["added_tokens"] = [t for t in data.get("added_tokens") or [] if t["content"] in recognised]
+                data["added_tokens"] = self._left_out(data.get("added_tokens") or [], recognised)
             if continued:
                 data["pre_tokenizer"] = _not_first(data.get("pre_tokenizer"))
             tokenizer = Tokenizer.from_str(json.dumps(data))
         # transformers' add_tokens: AddedToken(normalized=not special, special=special), plain ones then special ones
         for content, special in self._new:
-            if recognised is None or content in recognised:
-                token = AddedToken(content, normalized=not special, special=special)
-                (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
+            if recognised is not None and content not in recognised:  # its id held, never matched (_left_out)
+                content, special = _never_matched(content), True
+            token = AddedToken(content, normalized=not special, special=special)
+            (tokenizer.add_special_tokens if special else tokenizer.add_tokens)([token])
         return tokenizer
+
+    def _left_out(self, entries: list[dict[str, Any]], recognised: frozenset[str]) -> list[dict[str, Any]]:
+        """tokenizer.json's added_tokens for an encoding that reads those not `recognised` as text. A token that is
+        a vocabulary piece ([INST], <s>) is left out: its id is the piece's. One past the vocabulary keeps its entry
+        under a content no text holds: `tokenizers` numbers those in order from the vocabulary's end whatever ids
+        the file gives, so leaving one out moved the ids of every later one down by one."""
+        vocab = (self._data.get("model") or {}).get("vocab") or {}
+        return [t if t["content"] in recognised else {**t, "content": _never_matched(t["content"]), "special": True,
+                                                      "normalized": False}
+                for t in entries if t["content"] in recognised or t["content"] not in vocab]
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of sets per tokenizer, for its lifetime
     def _variant(self, recognised: frozenset[str], continued: bool) -> Tokenizer:

@@ -158,3 +158,14 @@ def test_tokens_only_in_added_tokens_decoder_are_added_as_transformers_adds_them
     exported, text = AutoTokenizer.from_pretrained(export), "a <tool> <think> <x> <y> b"
     assert tuned.encode(text) == exported.encode(text, add_special_tokens=False)
     assert [tuned.token_id(t) for t in ("<x>", "<y>")] == [32002, 32003]
+    # a special token past the vocabulary before a plain one: read as text (split_special_tokens), it keeps its id,
+    # so the plain one after it keeps its own (it moved down to 32000 when the encoding left <tool> out)
+    swapped = {**config["added_tokens_decoder"], "32000": decoder_entry("<tool>", True),
+               "32001": decoder_entry("<think>", False)}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": swapped}))
+    hf, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder).with_tokens(["<x>"], ["<y>"])
+    hf.add_tokens(["<x>"])
+    hf.add_tokens(["<y>"], special_tokens=True)
+    for text in ["a <tool> b <think> c <x> <y>", "<think>"]:
+        split = hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert ours.split_special().encode(text) == split and 32001 in split, text
