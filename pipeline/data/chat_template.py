@@ -46,15 +46,19 @@ inference) and a token the tokenizer merges across a block's edge (below), which
 
 Where the rendered string is tokenized whole, the ids equal training's (each block tokenized on its own) as long
 as the tokenizer does not merge across two blocks; the markup between blocks keeps them apart in every shipped
-template except `empty` (nothing between a system prompt and the user's text, nor between turns).
+template except `empty` (nothing between a system prompt and the user's text, nor between turns) on a byte-level
+vocabulary. On a sentencepiece one (Llama 2, Mistral) each block's text is written with the space that becomes the
+prefix "▁" training's separate encoding gives it (pipeline.data.chat_template_blocks), so that every template it
+expresses, llama2's `<s> [INST]` and `[/INST] {answer}` included, gives training's ids.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.data.chat_template_blocks import CONTINUED, LEAD_MACRO, START, TEXT, Blocks, after
 from pipeline.data.chat_template_tools import tool_macros
 from pipeline.data.jinja_text import literal
-from pipeline.data.templates import BOS, EOS, Template, split_slots, tool_templates
+from pipeline.data.templates import Template, tool_templates
 
 if TYPE_CHECKING:
     from pipeline.data.args import DataArgs
@@ -74,20 +78,6 @@ def no_tools(name: str) -> str:
     return (f"this chat template (written by pipeline merge / export) renders no tool calls: its template '{name}' "
             f"has no tool format, so the model was not trained on any; templates that render them: "
             f"{', '.join(tool_templates())}")
-
-
-def _expression(fmt: str, marks: dict[str, str], variable: str = "") -> str:
-    """A template block as a Jinja expression: its text, {bos} / {eos} as their tokens, its slot as `variable`."""
-    items = []
-    for i, part in enumerate(split_slots(fmt)):
-        if i % 2:
-            items.append(variable)
-        else:
-            for mark, text in marks.items():
-                part = part.replace(mark, text)
-            if part:
-                items.append(literal(part))
-    return " + ".join(items) or "''"
 
 
 def _thought_macros(template: Template) -> str:
@@ -130,6 +120,39 @@ _TEXT_MACRO = (
 )
 
 
+def _edges(template: Template, blocks: Blocks) -> dict[str, str]:
+    """What each block follows in the rendered string (chat_template_blocks: where a space is written): the system
+    block the prefix, the first prompt the system block (inside the first user block for llama2 / mistral) or the
+    prefix, a later one the separator or the answer before it, the reply its prompt (of which it is the end), an
+    answer the reply or the prompt."""
+    prefix = blocks.ending(template.prefix)
+    answers = after(blocks.ending(template.assistant), blocks.ending(template.function or template.assistant))
+    prompts = [blocks.ending(_prompt_part(fmt, template.reply)) for fmt in (template.user, template.observation
+                                                                            or template.user)]
+    if template.fuse_system:  # the book's alpaca: the system block or the separator and the prompt are one string
+        first = first_system = later = CONTINUED
+    else:
+        first = after(prefix)
+        first_system = first if template.system_in_content else after(blocks.ending(template.system))
+        later = after(blocks.ending(template.separator)) if template.separator else answers
+    prompt_end = after(*prompts) if any(prompts) else None
+    return {"system": after(prefix), "separator": answers, "first": first, "first_system": first_system,
+            "later": later,
+            "reply": CONTINUED if prompt_end == TEXT else prompt_end or after(first_system, later),
+            "answer": after(blocks.ending(template.reply)) if template.reply else
+            prompt_end or after(first_system, later)}
+
+
+def _turn_expression(blocks: Blocks, fmt: str, edges: dict[str, str], shown: str) -> str:
+    """A prompt block (user or observation): one expression, or the first turn's (after the system block when
+    `shown`, a Jinja condition, holds) and a later turn's where they differ in a space."""
+    first_system, first, later = (blocks.expression(fmt, "content", edges[k])
+                                  for k in ("first_system", "first", "later"))
+    if first_system != first:
+        first = f"({first_system}) if {shown} else ({first})"
+    return first if first == later else f"({first}) if loop.first else ({later})"
+
+
 def _prompt_part(fmt: str, reply: str) -> str:
     """A user or observation block without the reply that ends it (written with the generation prompt)."""
     return fmt[:len(fmt) - len(reply)]
@@ -139,11 +162,14 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
                    marked: bool = False) -> str:
     """The chat template of `template` for `tokenizer` (UserError when the vocabulary lacks its markup); `marked`:
     each answer inside {% generation %} blocks (the training copy, TRAINING_TEMPLATE_FILE)."""
-    ids = template.ids(tokenizer)
-    marks = {BOS: "" if ids[BOS] is None else tokenizer.decode([ids[BOS]]), EOS: tokenizer.decode([ids[EOS]])}
-    user = _expression(_prompt_part(template.user, template.reply), marks, "content")
-    observation = _expression(_prompt_part(template.observation or template.user, template.reply), marks, "content")
+    blocks = Blocks.of(template, tokenizer)
+    edges = _edges(template, blocks)
+    prompts = (_prompt_part(template.user, template.reply),
+               _prompt_part(template.observation or template.user, template.reply))
     tools = template.tool_format is not None
+    # training: `system += tool_text(tools)`, and a system block when there is either
+    shown = "system_message or (tools is defined and tools is not none)" if tools else "system_message"
+    user, observation = (_turn_expression(blocks, fmt, edges, shown) for fmt in prompts)
     reasoning = template.thought_words is not None
     thought = literal(template.thought_words[0] + template.thought_words[1]) if reasoning else "''"
     prompt_roles = "('user', 'tool')" if tools else "('user',)"
@@ -156,6 +182,7 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
                   "{%- if enable_thinking is not defined -%}{%- set enable_thinking = "
                   + ("true" if enable_thinking else "false") + " -%}{%- endif -%}"]
     lines.append(_TEXT_MACRO)
+    macros_end = len(lines)
     if tools:
         lines.append(tool_macros(template.tool_format))
     lines += [
@@ -163,15 +190,15 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         "{%- set system_message = text_of(messages[0]) -%}{%- set loop_messages = messages[1:] -%}",
         "{%- else -%}{%- set system_message = '' -%}{%- set loop_messages = messages -%}{%- endif -%}",
         "{%- if not system_message -%}{%- set system_message = default_system -%}{%- endif -%}",
-        "{{- " + _expression(template.prefix, marks) + " -}}",
+        "{{- " + blocks.expression(template.prefix, edge=START) + " -}}",
     ]
-    if tools:  # training: `system += tool_text(tools)`, and a system block when there is either
-        lines += ["{%- if tools -%}{%- set system_message = system_message ~ tool_text(tools) -%}{%- endif -%}",
-                  "{%- if system_message or (tools is defined and tools is not none) -%}"]
+    if tools:
+        lines.append("{%- if tools -%}{%- set system_message = system_message ~ tool_text(tools) -%}{%- endif -%}")
     else:
-        lines += ["{%- if tools -%}{{- raise_exception(" + literal(no_tools(template.name)) + ") -}}{%- endif -%}",
-                  "{%- if system_message -%}"]
-    system = _expression(template.system, marks, "system_message")
+        lines.append("{%- if tools -%}{{- raise_exception(" + literal(no_tools(template.name)) + ") -}}{%- endif -%}")
+    lines.append("{%- if " + shown + " -%}")
+    system = blocks.expression(template.system, "system_message",
+                               CONTINUED if template.system_in_content else edges["system"])
     if template.system_in_content:  # Llama2Template: the block opens the first user message's content
         lines.append("{%- set system_block = " + system + " -%}{%- else -%}{%- set system_block = '' -%}"
                      "{%- endif -%}")
@@ -193,10 +220,12 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         "{%- if loop.first -%}{%- set content = system_block ~ content -%}{%- endif -%}"
         if template.system_in_content else "",
         "{%- if loop.index0 % 2 == 0 -%}",
-        "{%- if not loop.first -%}{{- " + _expression(template.separator, marks) + " -}}{%- endif -%}",
+        "{%- if not loop.first -%}{{- " + blocks.expression(template.separator, edge=edges["separator"])
+        + " -}}{%- endif -%}",
         "{{- " + (f"({observation}) if message['role'] == 'tool' else ({user})" if observation != user else user)
         + " -}}",
-        "{%- if not loop.last or add_generation_prompt -%}{{- " + _expression(template.reply, marks) + " -}}",
+        "{%- if not loop.last or add_generation_prompt -%}{{- " + blocks.expression(template.reply, edge=edges["reply"])
+        + " -}}",
     ]
     if reasoning:  # the empty thought ends the last prompt when thinking is off (and the answer has no thought)
         lines.append("{%- set answer = '' if loop.last else text_of(loop_messages[loop.index0 + 1]) -%}"
@@ -211,14 +240,17 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     if tools:  # the function_call turn: the message's text (kept in front, as training keeps it), then the calls
         lines.append("{%- if message['tool_calls'] -%}"
                      "{%- set content = content ~ call_text(message['tool_calls']) -%}{%- endif -%}")
-    answer = _expression(template.assistant, marks, "content")
+    answer = blocks.expression(template.assistant, "content", edges["answer"])
     if template.function:  # a function_call turn has its own block (mistral's [TOOL_CALLS])
-        answer = f"({_expression(template.function, marks, 'content')}) if message['tool_calls'] else ({answer})"
+        answer = (f"({blocks.expression(template.function, 'content', edges['answer'])}) if message['tool_calls'] "
+                  f"else ({answer})")
     lines += [
         ("{%- generation -%}" if marked else "") + "{{- " + answer + " -}}" + ("{%- endgeneration -%}" if marked else ""),
         "{%- endif -%}",
         "{%- endfor -%}",
     ]
+    if blocks.uses_lead:
+        lines.insert(macros_end, LEAD_MACRO)
     return "\n".join(lines)
 
 

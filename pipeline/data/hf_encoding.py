@@ -90,6 +90,18 @@ def _not_first(pre_tokenizer: Any) -> Any:
     return pre_tokenizer
 
 
+def _metaspace_scheme(pre_tokenizer: Any) -> str | None:
+    """The prepend_scheme of a tokenizer.json pre_tokenizer's Metaspace (inside a Sequence too), None without one."""
+    if not isinstance(pre_tokenizer, dict):
+        return None
+    if pre_tokenizer.get("type") == "Sequence":
+        return next(filter(None, map(_metaspace_scheme, pre_tokenizer.get("pretokenizers") or [])), None)
+    if pre_tokenizer.get("type") == "Metaspace":  # files before tokenizers 0.14 say add_prefix_space
+        return pre_tokenizer.get("prepend_scheme") or ("always" if pre_tokenizer.get("add_prefix_space", True)
+                                                       else "never")
+    return None
+
+
 def _never_matched(content: str) -> str:
     """A stand-in for an added token that holds its id in an encoding that must not match it: U+FFFF, a Unicode
     noncharacter (never in interchanged text), around the token it stands for (each stand-in its own)."""
@@ -164,7 +176,16 @@ class HFEncoding:
     @functools.cached_property
     def _prepends_first(self) -> bool:
         """Whether the pre-tokenizer is a Metaspace with prepend_scheme "first" (a continued text differs)."""
-        return _not_first(self._data.get("pre_tokenizer")) != self._data.get("pre_tokenizer")
+        return self.prepend_scheme == "first"
+
+    @functools.cached_property
+    def prepend_scheme(self) -> str | None:
+        """The prepend_scheme of the pre-tokenizer's Metaspace (inside a Sequence too): "first" (transformers'
+        LlamaTokenizer with legacy false: only a text's start gets the prefix "▁", not the text after an added token
+        in it), "always" (legacy true: every split between added tokens gets one) or "never"; None without a
+        Metaspace (the legacy Prepend normalizer a PreTrainedTokenizerFast-class file runs as written). The exported
+        chat template writes the space that becomes the prefix "▁" by it (pipeline.data.chat_template)."""
+        return _metaspace_scheme(self._data.get("pre_tokenizer"))
 
     def encode(self, text: str, *, allowed_special: Collection[str] | Literal["all"] = frozenset(),
                disallowed_special: Collection[str] = (), continued: bool = False) -> list[int]:

@@ -134,6 +134,10 @@ class Template:
         tokens = sorted({*self.special_tokens, BOS, EOS}, key=len, reverse=True)
         return re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
 
+    def split_markup(self, text: str) -> list[Piece]:
+        """A template string's text cut at its markup tokens and {bos} / {eos} (as Specials; text between, "" too)."""
+        return [Special(b) if j % 2 else b for j, b in enumerate(self._splitter.split(text))]
+
     def _element(self, fmt: str, lead: str = "", **values: str | Sequence[Piece]) -> list[Piece]:
         """One block: template text split at its markup tokens, the values joined into the text between (a value
         given as pieces keeps its markup: the system block inside a user block, with the tools' markup)."""
@@ -148,7 +152,7 @@ class Template:
 
         for i, part in enumerate(parts):
             bits = ([values[part]] if isinstance(values[part], str) else values[part]) if i % 2 else \
-                [Special(b) if j % 2 else b for j, b in enumerate(self._splitter.split(part))]
+                self.split_markup(part)
             for bit in bits:
                 if isinstance(bit, Special):
                     flush()

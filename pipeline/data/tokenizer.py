@@ -117,6 +117,12 @@ class Tokenizer:
         return self.encoding.n_vocab
 
     @property
+    def prepend_scheme(self) -> str | None:
+        """How a text encoded on its own gets a prefix "▁" (a sentencepiece Metaspace's "first" / "always" /
+        "never": HFEncoding.prepend_scheme); None for byte-level BPE, where a space is a token of its own."""
+        return self.encoding.prepend_scheme if isinstance(self.encoding, HFEncoding) else None
+
+    @property
     def eos_text(self) -> str:
         return self.decode([self.eos_id])
 

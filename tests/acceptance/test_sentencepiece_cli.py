@@ -6,7 +6,7 @@ and generate in process); merged/ loads in transformers as MistralForCausalLM wi
 on merged/ encodes as on the base, gives the new token the id training used and renders the training prompt with the
 exported chat template; generate stops at </s> as transformers' generate does; the training ids are LLaMA-Factory's
 (v0.3's [INST] / [/INST] control tokens by id, each template string encoded on its own with add_special_tokens=False,
-BOS and EOS by id).
+BOS and EOS by id); an `export` of merged/ with `template: llama2` chats with LLaMA-Factory's llama2 ids.
 """
 from __future__ import annotations
 
@@ -136,6 +136,32 @@ def test_merged_chats_in_the_training_format_and_stops_at_eos(session):
     out = pipeline("generate", session / "lora.yaml", "--prompt", PROMPT, "--model", "merged", cwd=session,
                    as_typed=False, env=cli_env(HF_HOME=str(session / "hf")))  # the recipe names the cached hub id
     assert out.stdout.rstrip("\n") == tok.decode(new, skip_special_tokens=True) == ANSWER
+
+
+def test_an_export_with_llama2_chats_with_the_training_ids(session):
+    """`python -m pipeline export` of merged/ (LLaMA-Factory's export recipe: model_name_or_path, template llama2,
+    export_dir) writes a chat template that transformers' apply_chat_template on the export turns into LLaMA-Factory's
+    llama2 ids on this vocabulary (test_sentencepiece_templates.lf_ids: each template string encoded on its own by
+    AutoTokenizer), which are training's: the prompt after several turns with a system prompt or none, and the whole
+    conversation. Failed before: no "▁" before each answer after v0.3's [/INST] token."""
+    import transformers
+
+    from tests.acceptance.harness import cli_env
+    from tests.vocab.test_chat_template import messages
+    from tests.vocab.test_sentencepiece_templates import lf_texts
+
+    (session / "export.yaml").write_text("model_name_or_path: saves/lora/merged\ntemplate: llama2\n"
+                                         "export_dir: saves/llama2_export\n")
+    pipeline("export", "export.yaml", cwd=session, as_typed=False, env=cli_env(HF_HOME=str(session / "hf")))
+    exported = transformers.AutoTokenizer.from_pretrained(session / "saves/llama2_export")
+    history = [("What is 2+2?", "4"), ("And 3+3?", " It's 6.")]
+    for system in (SYSTEM, None):
+        pairs = lf_ids(exported, lf_texts("llama2", [*history, (PROMPT, ANSWER)], system))
+        whole = exported.apply_chat_template(messages(system, history, PROMPT, ANSWER), return_dict=True)
+        prompt = exported.apply_chat_template(messages(system, history, PROMPT), add_generation_prompt=True,
+                                              return_dict=True)
+        assert whole["input_ids"] == lf_example(pairs)[0]
+        assert prompt["input_ids"] == [t for p, a in pairs[:-1] for t in p + a] + pairs[-1][0]
 
 
 def test_training_ids_are_llamafactorys(session):

@@ -61,8 +61,9 @@ TOOL_TEMPLATES = {"gpt2": ["default", "empty"], "llama3": ["llama3", "llama2", "
 # no markup between the system prompt and the user's text (empty), or between "Assistant:" and the answer (default on
 # Llama 3's / Qwen's pre-tokenizer): the rendered string's BPE merges across them; the text is still training's
 TEXT_ONLY = {"empty"}
-# mistral on a vocabulary without its control tokens (Llama 3's here; v0.1 / v0.2's): "[/INST][TOOL_CALLS]" merges
-# "][" across the blocks' edge; on Mistral v0.3's they are tokens (test_mistral_v3_control_tokens_are_trainings_ids)
+# mistral on a byte-level vocabulary without its control tokens (Llama 3's): "[/INST][TOOL_CALLS]" merges "][" across
+# the blocks' edge; on Mistral v0.3's they are tokens (test_mistral_v3_control_tokens_are_trainings_ids), and on the
+# sentencepiece v0.1 the template writes " [TOOL_CALLS]" (test_sentencepiece_templates.py)
 TEXT_ONLY_ON = {"llama3": {"mistral"}}
 
 

@@ -1,6 +1,6 @@
 """Templates mistral and llama2 on the real sentencepiece vocabularies (tests/helpers/sp_vocab.py: Mistral v0.1,
 Llama 2's layout, Mistral v0.3) give LLaMA-Factory 0.9.5's ids and labels, and the exported chat template, rendered
-by transformers, gives them back where the text allows.
+by transformers, gives them back.
 
 Golden: LLaMA-Factory's Llama2Template._encode (src/llamafactory/data/template.py:341-373) with the llama2 and mistral
 formatters (:1393-1398, :1780-1791), re-typed below, each turn's elements turned into ids by
@@ -23,6 +23,7 @@ from pipeline.data.tokenize import encode_example, encode_prompt
 from tests.data.lf_tool_goldens import GOLDEN, MESSAGES
 from tests.vocab.chat_render import render
 from tests.vocab.test_chat_template import messages
+from tests.vocab.test_chat_template_tools import assert_conversation
 from tests.vocab.test_chat_template_tools import row as tool_row
 
 M = -100
@@ -118,27 +119,58 @@ def test_llama2_function_calls_are_llamafactorys(sp_folders, sp_golden):
     assert (got.input_ids, got.labels) == lf_example(pairs)
 
 
-@pytest.mark.parametrize("family,name", PAIRS)
-def test_exported_chat_template_gives_the_training_ids(sp_folders, sp_golden, family, name):
-    """apply_chat_template with the chat template merge/export write: mistral's gives training's ids on v0.1 and
-    v0.3, the prompt and the whole conversation. llama2's string cannot (nor can LLaMA-Factory's own template, the
-    same text): training encodes "[INST] ..." after BOS and each answer after "[/INST]" as texts of their own, each
-    with its prefix "▁", which the rendered string, encoded whole, gives neither after <s> on a prepend_scheme
-    "first" layout (Llama 2's; v0.1's legacy "always" gives it) nor after "[/INST]" on any: exactly those
-    "▁" tokens differ (docs/tokenizers-templates.md)."""
-    template, ours = TEMPLATES[name], load_tokenizer(sp_folders[family])
-    for system in (SYSTEM, None):
-        prompt = encode_prompt(name, QUERY, system=system, history=HISTORY, tokenizer=ours)
-        whole = encode_example(row(system), name, ours, cutoff_len=4096).input_ids
-        got_prompt = render(sp_folders[family], template, messages(system, HISTORY, QUERY))
-        got_whole = render(sp_folders[family], template, messages(system, HISTORY, QUERY, ANSWER),
-                           add_generation_prompt=False)
-        if name == "mistral":
-            assert (got_prompt, got_whole) == (prompt, whole)
-            continue
-        # the text is LLaMA-Factory's; only its encoding whole differs from training's pieces
-        texts = lf_texts(name, [*HISTORY, (QUERY, ANSWER)], system)
-        text = "".join(p + a for p, a in texts).replace("{bos}", "<s>").replace("{eos}", "</s>")
-        assert render(sp_folders[family], template, messages(system, HISTORY, QUERY, ANSWER), tokenize=False,
-                      add_generation_prompt=False) == text
-        assert got_whole == sp_golden[family].encode(text, add_special_tokens=False) != whole
+# answers that start with a space or are empty: training encodes " 4" as "▁4" (no second prefix) and "" as nothing
+EDGE_HISTORY = [("What is 2+2?", " 4"), ("And  3+3?\n", ""), ("And 4+4?", "It's 8.")]
+
+
+@pytest.mark.parametrize("family", ["llama2", "mistral_v1", "mistral_v3"])
+def test_exported_chat_template_gives_the_training_ids(sp_folders, sp_golden, family):
+    """apply_chat_template with the chat template merge/export write gives training's ids for every template the
+    vocabulary expresses (alpaca, llama2, mistral, default, empty), the prompt (add_generation_prompt) and the whole
+    conversation, with a system prompt or none, answers that start with a space or are empty; for llama2 and mistral
+    they are LLaMA-Factory's ids too (lf_ids). Training encodes every template string on its own, each with the
+    prefix "▁" of its Metaspace; the rendered string, encoded whole, gets that "▁" only at a split's start (prepend
+    scheme "first": the string's start alone), so the template writes a space where a piece starts after text or,
+    with "first", after <s>, </s> or v0.3's [/INST] token (chat_template_blocks). Failed before for llama2 on every
+    vocabulary and default / empty / alpaca: no space, one "▁" fewer at each such place."""
+    ours = load_tokenizer(sp_folders[family])
+    names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours) is None]
+    assert names == ["alpaca", "llama2", "mistral", "default", "empty"]
+    for name in names:
+        template = TEMPLATES[name]
+        for system in (SYSTEM, None):
+            edge_row = {**row(system), "history": [list(h) for h in EDGE_HISTORY]}
+            prompt = encode_prompt(name, QUERY, system=system, history=EDGE_HISTORY, tokenizer=ours)
+            whole = encode_example(edge_row, name, ours, cutoff_len=4096).input_ids
+            got_prompt = render(sp_folders[family], template, messages(system, EDGE_HISTORY, QUERY))
+            got_whole = render(sp_folders[family], template, messages(system, EDGE_HISTORY, QUERY, ANSWER),
+                               add_generation_prompt=False)
+            assert (got_prompt, got_whole) == (prompt, whole), (name, system)
+            if name in ("llama2", "mistral"):
+                pairs = lf_ids(sp_golden[family], lf_texts(name, [*EDGE_HISTORY, (QUERY, ANSWER)], system))
+                assert whole == lf_example(pairs)[0], (name, system)
+
+
+def test_llama2_text_by_hand(sp_folders):
+    """What the spaces are: on Llama 2's layout (prepend scheme "first") one after each <s> and before each answer
+    that starts with none; on Mistral v0.3's, where [INST] / [/INST] are tokens, only before the answers; mistral's
+    text stays LLaMA-Factory's on v0.1 ("always": a split after <s> gets its "▁" by itself) and v0.3."""
+    chat = messages("Be brief.", [("Hi", "Hello"), ("Again", " Hey")], "Bye")
+    assert render(sp_folders["llama2"], TEMPLATES["llama2"], chat, tokenize=False) == (
+        "<s> [INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello</s><s> [INST] Again [/INST] Hey</s>"
+        "<s> [INST] Bye [/INST]")
+    assert render(sp_folders["mistral_v3"], TEMPLATES["llama2"], chat, tokenize=False) == (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello</s><s>[INST] Again [/INST] Hey</s>"
+        "<s>[INST] Bye [/INST]")
+    for family in ("mistral_v1", "mistral_v3"):
+        assert render(sp_folders[family], TEMPLATES["mistral"], chat, tokenize=False) == (
+            "<s>[INST] Be brief.\n\nHi[/INST] Hello</s>[INST] Again[/INST]  Hey</s>[INST] Bye[/INST]")
+
+
+@pytest.mark.parametrize("family,name", [*PAIRS, ("llama2", "default"), ("mistral_v1", "empty")])
+def test_exported_chat_template_gives_the_tool_conversations_ids(sp_folders, family, name):
+    """The function-calling conversation (tests/data/lf_tool_goldens.py: tools, calls, a tool result, parallel calls)
+    rendered with tools= / tool_calls / tool messages gives training's ids, prompt by prompt and whole. Failed before
+    for llama2, default and empty, and for mistral on v0.1: "[TOOL_CALLS]" after the text "[/INST]" without its
+    "▁"."""
+    assert_conversation(sp_folders[family], name, set())
