@@ -204,6 +204,19 @@ class HFEncoding:
         """Whether `token` has an id already (transformers' add_tokens then adds nothing): a piece or added token."""
         return self.vocabulary_id(token) is not None
 
+    def with_config_tokens(self, entries: Sequence[Mapping[str, Any]]) -> HFEncoding:
+        """This encoding with tokenizer_config.json's added_tokens_decoder entries that tokenizer.json lacks
+        (tokenizer_files.decoder_only_tokens), added as transformers 5 adds them on loading: AddedToken with the
+        entry's flags (special, normalized, lstrip, rstrip, single_word), each given its vocabulary piece's id, else
+        the next free one; the recipe's tokens come after them. Written into the file's added_tokens, which the
+        variants are built from (_build), so a variant that reads one of them as text keeps every id (_left_out)."""
+        from tokenizers import AddedToken, Tokenizer
+
+        tokenizer = Tokenizer.from_str(self._text)
+        flags = ("special", "normalized", "lstrip", "rstrip", "single_word")
+        tokenizer.add_tokens([AddedToken(e["content"], **{k: bool(e[k]) for k in flags if k in e}) for e in entries])
+        return HFEncoding(self.name, tokenizer.to_str(), self._new)
+
     def with_added(self, tokens: Sequence[tuple[str, bool]]) -> HFEncoding:
         """This encoding with a recipe's new tokens, (content, special) each, ids from n_vocab up."""
         return HFEncoding(self.name, self._text, (*self._new, *tokens))
