@@ -107,6 +107,7 @@ class HFEncoding:
         self._new = tuple(added)  # the recipe's tokens: (content, special), in the order they were added
         self._data: dict[str, Any] = json.loads(text)  # for the variants (_build), parsed once
         self._full = self._build(None, False)
+        self._variants: dict[tuple[frozenset[str], bool], Tokenizer] = {}  # _variant's
         self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
         self._added_ids = frozenset(self._special_tokens.values())
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
@@ -154,12 +155,15 @@ class HFEncoding:
                                                       "normalized": False}
                 for t in entries if t["content"] in recognised or t["content"] not in vocab]
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of sets per tokenizer, for its lifetime
     def _variant(self, recognised: frozenset[str], continued: bool) -> Tokenizer:
-        every = recognised >= frozenset(self._special_tokens)
-        if every and (not continued or not self._prepends_first):
-            return self._full
-        return self._build(None if every else recognised, continued and self._prepends_first)
+        """The tokenizer for `recognised` and `continued` (_build), made once per encoding: a handful of sets for its
+        lifetime, kept on the instance so that they go with it (two threads may both build one: either will do)."""
+        key = (recognised, continued)
+        if key not in self._variants:
+            every = recognised >= frozenset(self._special_tokens)
+            self._variants[key] = (self._full if every and (not continued or not self._prepends_first) else
+                                   self._build(None if every else recognised, continued and self._prepends_first))
+        return self._variants[key]
 
     @functools.cached_property
     def _prepends_first(self) -> bool:
