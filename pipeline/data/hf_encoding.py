@@ -119,6 +119,7 @@ class HFEncoding:
         self._new = tuple(added)  # the recipe's tokens: (content, special), in the order they were added
         self._data: dict[str, Any] = json.loads(text)  # for the variants (_build), parsed once
         self._full = self._build(None, False)
+        self._variants: dict[tuple[frozenset[str], bool], Tokenizer] = {}  # _variant's
         self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
         self._added_ids = frozenset(self._special_tokens.values())
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
@@ -166,12 +167,15 @@ class HFEncoding:
                                                       "normalized": False}
                 for t in entries if t["content"] in recognised or t["content"] not in vocab]
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019 - a handful of sets per tokenizer, for its lifetime
     def _variant(self, recognised: frozenset[str], continued: bool) -> Tokenizer:
-        every = recognised >= frozenset(self._special_tokens)
-        if every and (not continued or not self._prepends_first):
-            return self._full
-        return self._build(None if every else recognised, continued and self._prepends_first)
+        """The tokenizer for `recognised` and `continued` (_build), made once per encoding: a handful of sets for its
+        lifetime, kept on the instance so that they go with it (two threads may both build one: either will do)."""
+        key = (recognised, continued)
+        if key not in self._variants:
+            every = recognised >= frozenset(self._special_tokens)
+            self._variants[key] = (self._full if every and (not continued or not self._prepends_first) else
+                                   self._build(None if every else recognised, continued and self._prepends_first))
+        return self._variants[key]
 
     @functools.cached_property
     def _prepends_first(self) -> bool:
@@ -224,6 +228,19 @@ class HFEncoding:
     def in_vocabulary(self, token: str) -> bool:
         """Whether `token` has an id already (transformers' add_tokens then adds nothing): a piece or added token."""
         return self.vocabulary_id(token) is not None
+
+    def with_config_tokens(self, entries: Sequence[Mapping[str, Any]]) -> HFEncoding:
+        """This encoding with tokenizer_config.json's added_tokens_decoder entries that tokenizer.json lacks
+        (tokenizer_files.decoder_only_tokens), added as transformers 5 adds them on loading: AddedToken with the
+        entry's flags (special, normalized, lstrip, rstrip, single_word), each given its vocabulary piece's id, else
+        the next free one; the recipe's tokens come after them. Written into the file's added_tokens, which the
+        variants are built from (_build), so a variant that reads one of them as text keeps every id (_left_out)."""
+        from tokenizers import AddedToken, Tokenizer
+
+        tokenizer = Tokenizer.from_str(self._text)
+        flags = ("special", "normalized", "lstrip", "rstrip", "single_word")
+        tokenizer.add_tokens([AddedToken(e["content"], **{k: bool(e[k]) for k in flags if k in e}) for e in entries])
+        return HFEncoding(self.name, tokenizer.to_str(), self._new)
 
     def with_added(self, tokens: Sequence[tuple[str, bool]]) -> HFEncoding:
         """This encoding with a recipe's new tokens, (content, special) each, ids from n_vocab up."""

@@ -1,4 +1,6 @@
-"""The model's tokenizer, run through tiktoken: GPT-2's ranks, or a checkpoint's own byte-level BPE.
+"""The model's tokenizer: GPT-2's ranks or a checkpoint's own byte-level BPE run through tiktoken, or a checkpoint's
+sentencepiece-style tokenizer.json (Llama 2, Mistral) run through Hugging Face `tokenizers`
+(pipeline.data.hf_encoding).
 
 `load_tokenizer(model_name_or_path)` is the one way every stage gets token ids, so the end-of-text id,
 BOS, padding and the stop tokens are properties of the model's tokenizer, never literals:
@@ -15,7 +17,7 @@ through `encode_special` / `token_id`. Every other token the checkpoint's files 
 <think>, <tool_call>, a token an earlier run added), is recognised in any text, as the Hugging Face tokenizer
 does (pipeline.data.tokenizer_files.markup_tokens).
 
-Pathological input is bounded before encoding, as Meta's Llama 3 tokenizer does: a run of more than
+Pathological input is bounded before tiktoken encodes it, as Meta's Llama 3 tokenizer does: a run of more than
 MAX_RUN characters without whitespace (or of whitespace) is cut into MAX_RUN pieces, because tiktoken's
 merge is quadratic in the length of one pre-token (openai/tiktoken#195) and a tens-of-MB row without
 spaces would otherwise stall build or train. Ordinary text never has such runs and is unaffected.

@@ -238,7 +238,7 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
     added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
     extra = decoder_only_tokens(config, added)
     if extra:
-        encoding = HFEncoding(encoding.name, with_decoder_tokens(encoding._text, extra))
+        encoding = encoding.with_config_tokens(extra)
         # AddedToken's default: not special (transformers reads each entry as AddedToken(**entry))
         added |= {entry["content"]: (encoding.vocabulary_id(entry["content"]), bool(entry.get("special", False)))
                   for entry in extra}
@@ -253,22 +253,6 @@ def decoder_only_tokens(config: Mapping[str, Any], listed: Mapping[str, Any]) ->
     entries = sorted((config.get("added_tokens_decoder") or {}).items(), key=lambda item: int(item[0]))
     return [entry for _, entry in entries
             if isinstance(entry, dict) and isinstance(entry.get("content"), str) and entry["content"] not in listed]
-
-
-def with_decoder_tokens(text: str, entries: Sequence[Mapping[str, Any]]) -> str:
-    """A tokenizer.json (`text`, after the class's rebuild) with the decoder-only tokens added as transformers adds
-    them: AddedToken with the entry's flags (special, normalized, lstrip, rstrip, single_word), each given its
-    vocabulary piece's id, else the next free one; the recipe's tokens come after them. Written into added_tokens,
-    which the encoding's variants (hf_encoding's recognised sets) are built from. Known limit: a variant that leaves
-    out one of them past the vocabulary (a special one under split_special_tokens, a template's markup) gives the
-    later ones the next ids down, as it does for tokenizer.json's own added tokens (tokenizers re-adds them in
-    order); ids are right wherever no left-out token past the vocabulary comes before a kept one."""
-    from tokenizers import AddedToken, Tokenizer
-
-    tokenizer = Tokenizer.from_str(text)
-    flags = ("special", "normalized", "lstrip", "rstrip", "single_word")
-    tokenizer.add_tokens([AddedToken(e["content"], **{k: bool(e[k]) for k in flags if k in e}) for e in entries])
-    return tokenizer.to_str()
 
 
 def _from_vocab_merges(directory: Path) -> Tokenizer:

@@ -110,7 +110,7 @@ def _check_same_tokens(folder: Path, policy: Tokenizer) -> None:
     try:
         own = read_tokenizer(folder)
     except UserError as err:
-        raise UserError(f"reward_model: {source}: its tokenizer cannot be read as a byte-level BPE one "
+        raise UserError(f"reward_model: {source}: its tokenizer cannot be read "
                         f"({err.messages[0]}), so it is not the policy's: {ANOTHER_TOKENIZER}") from None
     differ = [i for i in range(policy.n_vocab) if _token(policy, i) != _token(own, i)]
     if differ:

@@ -67,6 +67,23 @@ def test_byte_fallback_token_bytes(sp_folders):
     assert [ours.token_bytes(i) for i in ids[-5:-1]] == [bytes([b]) for b in "🦙".encode()]
 
 
+def test_an_encoding_and_its_variants_are_freed_with_it(sp_folders):
+    """The tokenizers an encoding builds for a text after markup (continued) or another set of added tokens are its
+    own: they go when it goes. A cache shared by every HFEncoding (functools.lru_cache on the method) held the last
+    eight encodings alive, with their parsed tokenizer.json, and evicted one tokenizer's variants for another's."""
+    import gc
+    import weakref
+
+    from pipeline.data.hf_encoding import HFEncoding
+
+    encoding = HFEncoding.from_file(sp_folders["mistral_v3"] / "tokenizer.json", {"legacy": False}, {})
+    assert encoding.encode("hi", continued=True) != encoding.encode("hi")  # a variant: no prefix space after markup
+    freed = weakref.ref(encoding)
+    del encoding
+    gc.collect()
+    assert freed() is None
+
+
 def test_added_tokens_as_transformers_adds_them(sp_folders, sp_golden):
     """add_tokens (plain, normalized) then add_special_tokens, ids from 32,000 up: as transformers' add_tokens."""
     from transformers import AutoTokenizer
