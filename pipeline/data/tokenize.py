@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import chain
@@ -127,7 +128,9 @@ def _assemble(plan: list[int], tokens: list[list[int]]) -> list[int]:
     return out
 
 
-_MAX_TOKEN_BYTES: dict[int, int] = {}
+# by the encoding object, held weakly: keyed by id(), a freed encoding's number could be a new one's, which then
+# inherited the old one's longest token
+_MAX_TOKEN_BYTES: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
 def encode_cap(tokenizer: Tokenizer, cutoff_len: int) -> int:
@@ -140,7 +143,7 @@ def encode_cap(tokenizer: Tokenizer, cutoff_len: int) -> int:
     runs at the same places in a prefix as in the whole text, and the one piece the prefix cuts short lies a
     whole MAX_RUN beyond them.
     """
-    key = id(tokenizer.encoding)
+    key = tokenizer.encoding
     if key not in _MAX_TOKEN_BYTES:
         _MAX_TOKEN_BYTES[key] = max(map(len, tokenizer.encoding.token_byte_values()))
     return (cutoff_len + 1) * _MAX_TOKEN_BYTES[key] + MAX_RUN

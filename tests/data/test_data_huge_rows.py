@@ -53,3 +53,29 @@ def test_a_huge_row_under_policy_error_is_named_with_a_lower_bound(longest):
         encode_rows(rows(), "alpaca", tok, cutoff_len=64, policy="error")
     assert "row 1" in err.value.messages[0] and "more than" in err.value.messages[0]
     assert longest[0] <= encode_cap(tok, 64)
+
+
+def test_the_longest_token_is_remembered_per_encoding_object():
+    """encode_cap's longest-token length was keyed by id(encoding): once an encoding was freed, a new one given the
+    same number inherited its value. Held by the object (weakly), each encoding gets its own, and a freed one's
+    entry goes with it."""
+    import gc
+    from types import SimpleNamespace
+
+    from pipeline.data import tokenize
+
+    class Encoding:  # the one operation encode_cap asks of an encoding
+        def __init__(self, longest: int):
+            self.values = [b"x" * longest]
+
+        def token_byte_values(self) -> list[bytes]:
+            return self.values
+
+    caps, held = [], len(tokenize._MAX_TOKEN_BYTES)
+    for longest in (3, 7):  # the first is freed before the second is made: CPython may reuse its id
+        encoding = Encoding(longest)
+        caps.append(encode_cap(SimpleNamespace(encoding=encoding), 9) - tokenize.MAX_RUN)
+        del encoding
+        gc.collect()
+    assert caps == [10 * 3, 10 * 7]
+    assert len(tokenize._MAX_TOKEN_BYTES) <= held  # nothing kept for the freed encodings
