@@ -348,20 +348,31 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
 
 
-def length_limit(cfg: ModelConfig) -> int | None:
-    """The longest sequence (prompt and generated tokens, or a training row) a forward of this model may run:
-    context_length (no limit under dynamic NTK, ModelConfig.dynamic_rope), and never past a sliding window. Our
+def length_limits(context_length: int | None, sliding_window: int | None, dynamic: bool = False) -> dict[str, int]:
+    """The bounds on one sequence's length (prompt and generated tokens, or a training row), by the config.json key
+    that sets each: context_length (none under dynamic NTK, ModelConfig.dynamic_rope), and a sliding window. Our
     attention has no window: a sequence within it is computed exactly as transformers' windowed mask computes it
-    (its keys kv > q - window are then all of them), a longer one would not be, so it stops there."""
-    limits = [n for n in (None if cfg.dynamic_rope else cfg.context_length, cfg.sliding_window) if n]
-    return min(limits) if limits else None
+    (its keys kv > q - window are then all of them), a longer one would not be, so it stops there. The one source of
+    length_limit, length_limit_name and the recipe's cutoff_len (pipeline.recipe.modelinfo.recipe_length_limits);
+    the context length comes first, so that a tie names it."""
+    named = {"context_length": None if dynamic else context_length, "sliding_window": sliding_window}
+    return {key: n for key, n in named.items() if n}
+
+
+def _length_limits(cfg: ModelConfig) -> dict[str, int]:
+    return length_limits(cfg.context_length, cfg.sliding_window, cfg.dynamic_rope)
+
+
+def length_limit(cfg: ModelConfig) -> int | None:
+    """The longest sequence a forward of this model may run (length_limits' lowest); None: no limit."""
+    return min(_length_limits(cfg).values(), default=None)
 
 
 def length_limit_name(cfg: ModelConfig) -> str:
     """The config.json key that sets length_limit, for messages."""
-    if cfg.sliding_window and (cfg.dynamic_rope or cfg.sliding_window < cfg.context_length):
-        return f"sliding_window {cfg.sliding_window}"
-    return f"context_length {cfg.context_length}"
+    limits = _length_limits(cfg)
+    key = min(limits, key=limits.__getitem__, default="context_length")
+    return f"{key} {getattr(cfg, key)}"
 
 
 def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.model.config import (GPTConfig, TensorSpec, built_params, read_config, resized_vocab_size,
-                                   trainable_tensors)
+from pipeline.model.config import (GPTConfig, TensorSpec, built_params, length_limits, read_config,
+                                   resized_vocab_size, trainable_tensors)
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,14 @@ def scales_past_context(info: ModelInfo, rope_scaling: str | None, cutoff_len: i
         return recipe_rope(info.config, rope_scaling, cutoff_len).config.dynamic_rope
     except UserError:
         return False
+
+
+def recipe_length_limits(values: Mapping[str, Any], info: ModelInfo | None, dynamic: bool) -> dict[str, int]:
+    """The bounds on a row's length of the model the recipe trains (pipeline.model.config.length_limits): the
+    recipe's context_length, else the checkpoint's, and the checkpoint's sliding window; `dynamic`: the caller's
+    reading of dynamic NTK (no context bound). As far as known here: nothing of a model that cannot be read."""
+    return length_limits(values.get("context_length") or (info.context_length if info else None),
+                         info.config.sliding_window if info else None, dynamic)
 
 
 def looks_like_path(name: str) -> bool:

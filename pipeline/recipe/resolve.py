@@ -279,13 +279,13 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
         values[key] = _normalise(key, values[key], spec.properties()[key])
     if (origins["cutoff_len"].kind == "default" and values["rope_scaling"] is None
             and not {"model_name_or_path", "context_length"} & bad):
-        from pipeline.recipe.modelinfo import model_info
+        from pipeline.recipe.modelinfo import model_info, recipe_length_limits
 
-        info = model_info(values["model_name_or_path"])
-        limits = [n for n in (values["context_length"] or (info.context_length if info else None),
-                              info.config.sliding_window if info else None) if n]  # config.length_limit's two
-        if limits and min(limits) < values["cutoff_len"]:  # the default never exceeds the model
-            values["cutoff_len"], origins["cutoff_len"] = min(limits), DERIVED
+        # the default never exceeds the model, nor its context under dynamic NTK (a default relies on no rescaling)
+        limit = min(recipe_length_limits(values, model_info(values["model_name_or_path"]), False).values(),
+                    default=None)
+        if limit is not None and limit < values["cutoff_len"]:
+            values["cutoff_len"], origins["cutoff_len"] = limit, DERIVED
     _derive_rope_context(values, origins, bad)
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} & bad:
         values["total_train_batch_size"] = None

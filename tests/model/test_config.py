@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.model.config import PRESETS, GPTConfig, count_params, read_config, trainable_params
+from pipeline.model.config import (PRESETS, GPTConfig, count_params, length_limit, length_limit_name, read_config,
+                                   trainable_params)
 
 
 def by_hand(V, T, C, L, tied=True):
@@ -51,6 +52,21 @@ def test_llama2_and_mistral_preset_counts(name, shape, golden, positions):
     assert (cfg.vocab_size, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim) == shape
     assert (cfg.context_length, cfg.rope_theta) == positions  # max_position_embeddings, rope_theta
     assert not cfg.tie_weights and cfg.sliding_window is None and cfg.rope_scaling is None
+
+
+@pytest.mark.parametrize("context, window, scaling, limit, name", [
+    (32768, 4096, None, 4096, "sliding_window 4096"),   # Mistral v0.1: the window is the shorter
+    (4096, 8192, None, 4096, "context_length 4096"),    # a window wider than the context never binds
+    (4096, 4096, None, 4096, "context_length 4096"),    # a tie names the context length
+    (64, None, None, 64, "context_length 64"),          # full attention
+    (64, None, "dynamic", None, "context_length 64"),   # dynamic NTK runs past its context: no limit
+    (64, 16, "dynamic", 16, "sliding_window 16"),       # ... but never past a window
+    (64, None, "linear", 64, "context_length 64"),      # other scalings keep the context
+])
+def test_length_limit_by_hand(context, window, scaling, limit, name):
+    cfg = PRESETS["tiny"].replace(context_length=context, sliding_window=window, positions="rope",
+                                  rope_scaling={"type": scaling, "factor": 2.0} if scaling else None)
+    assert (length_limit(cfg), length_limit_name(cfg)) == (limit, name)
 
 
 def test_small_presets_shapes_and_counts():

@@ -109,6 +109,15 @@ def test_default_cutoff_len_is_capped_at_a_mistral_sliding_window(write, tmp_pat
     write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\n")
     r = resolve("r.yaml")
     assert (r["cutoff_len"], r.source("cutoff_len")) == (100, "derived")
+    # a cutoff_len the recipe gives past the window is refused at its key (rule cutoff_within_context)
+    write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\ncutoff_len: 101\n")
+    with pytest.raises(UserError) as err:
+        resolve("r.yaml")
+    assert [m for m in err.value.messages if "cutoff_len" in m] == [
+        "r.yaml:4:13: cutoff_len: given 101, expected at most 100: the model's config.json sets sliding_window 100 "
+        "(each layer attends to the last 100 positions), and this pipeline's attention has no window, so a row may "
+        "not be longer than it; lower cutoff_len to 100, or train a checkpoint whose sliding_window is null (Mistral "
+        "v0.2 and later)"]
 
 
 # --- derived values, hand-computed ------------------------------------------------------------------

@@ -208,21 +208,21 @@ def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
     config.json has rope_scaling dynamic: our merged/ of a `rope_scaling: dynamic` run, LLaMA-Factory's export of
     one), which transformers rescales past it with no limit; the model does as well (pipeline.model.rope), and
     notices.dynamic_context_notice says so."""
-    from pipeline.recipe.modelinfo import model_info, scales_past_context
+    from pipeline.recipe.modelinfo import model_info, recipe_length_limits, scales_past_context
 
     info = model_info(ctx.values["model_name_or_path"])
-    window = info.config.sliding_window if info else None
-    if window and ctx.values["cutoff_len"] > window:  # pipeline.model.config.length_limit
-        return [("cutoff_len", f"given {ctx.values['cutoff_len']}, expected at most {window}: the model's config.json "
+    cutoff = ctx.values["cutoff_len"]
+    dynamic = info is not None and scales_past_context(info, ctx.values["rope_scaling"], cutoff)
+    limits = recipe_length_limits(ctx.values, info, dynamic)
+    window, context = limits.get("sliding_window"), limits.get("context_length")
+    if window and cutoff > window:
+        return [("cutoff_len", f"given {cutoff}, expected at most {window}: the model's config.json "
                                f"sets sliding_window {window} (each layer attends to the last {window} positions), "
                                "and this pipeline's attention has no window, so a row may not be longer than it; "
                                f"lower cutoff_len to {window}, or train a checkpoint whose sliding_window is null "
                                "(Mistral v0.2 and later)")]
-    context = ctx.values["context_length"] or (info.context_length if info else None)
-    if info is not None and scales_past_context(info, ctx.values["rope_scaling"], ctx.values["cutoff_len"]):
-        return []
-    if context is not None and ctx.values["cutoff_len"] > context:
-        return [("cutoff_len", f"given {ctx.values['cutoff_len']}, expected at most {context} (the model's "
+    if context and cutoff > context:
+        return [("cutoff_len", f"given {cutoff}, expected at most {context} (the model's "
                                "context length); lower cutoff_len or raise context_length")]
     return []
 
