@@ -227,13 +227,23 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
     config = optional_json(directory / "tokenizer_config.json")
     named = config.get("tokenizer_class")
     if named not in (None, *SENTENCEPIECE_CLASSES):
+        # the two classes the fix names give AutoTokenizer's ids here (tests/vocab: test_tokenizer_refusals.py,
+        # test_sentencepiece_tokenizers.py); removing the key would not: without it transformers 5.24 runs the file
+        # as written where hf_encoding rebuilds a llama / mistral model_type's as LlamaTokenizer
         raise UserError(f"{directory / 'tokenizer_config.json'}: tokenizer_class {named!r} with a sentencepiece-style "
                         f"tokenizer.json is not supported (transformers rebuilds it its own way); supported: "
-                        f"{SUPPORTED_SENTENCEPIECE}")
+                        f"{SUPPORTED_SENTENCEPIECE}; to train it, set tokenizer_class in that file to "
+                        "LlamaTokenizerFast if it is a Llama 2 / Mistral tokenizer (transformers then rebuilds it as "
+                        "LlamaTokenizer, as this pipeline does), or to PreTrainedTokenizerFast to run tokenizer.json as "
+                        f"written; transformers and this pipeline then read it alike, perhaps not as {named} did: "
+                        "compare AutoTokenizer's ids on your text before and after the edit")
     try:
         encoding = HFEncoding.from_file(path, config, optional_json(directory / "config.json"))
     except Exception as err:  # tokenizers raises its own Exception subclass on a file it cannot read
-        raise UserError(f"{path}: not readable by the tokenizers library ({err})") from None
+        raise UserError(f"{path}: not readable by the tokenizers library {_tokenizers_version()} ({err}); the file is "
+                        "damaged (a cut-off download, an edit) or not one this version reads: copy "
+                        "tokenizer.json again from the checkpoint it came from (`hf download ORG/NAME tokenizer.json "
+                        f"--local-dir {directory}`)") from None
     data = _json(path)
     added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
     extra = decoder_only_tokens(config, added)
@@ -243,6 +253,13 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
         added |= {entry["content"]: (encoding.vocabulary_id(entry["content"]), bool(entry.get("special", False)))
                   for entry in extra}
     return _special_tokens(directory, path, encoding, added, False, encoding.vocabulary_id)
+
+
+def _tokenizers_version() -> str:
+    """The installed tokenizers' version, for a message (its import is lazy: byte-level commands do without)."""
+    import tokenizers
+
+    return tokenizers.__version__
 
 
 def decoder_only_tokens(config: Mapping[str, Any], listed: Mapping[str, Any]) -> list[dict[str, Any]]:

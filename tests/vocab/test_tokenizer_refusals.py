@@ -10,6 +10,9 @@ from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.errors import UserError
 
 LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+# a whole (tiny) Llama config.json: the recipe checks read the model's shape before validate reads its tokenizer
+LLAMA_SHAPE = {**LLAMA_CONFIG, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "intermediate_size": 96, "vocab_size": 32000}
 
 
 def _dir(tmp_path, name, tokenizer_json=None):
@@ -82,3 +85,72 @@ def test_a_token_id_that_is_not_a_whole_number_names_file_and_key(tmp_path, voca
 def test_a_preset_of_another_family_has_no_tokenizer(preset):
     with pytest.raises(UserError, match=f"preset '{preset}' has no tokenizer"):
         load_tokenizer(preset)
+
+
+def _sft_project(tmp_path, model):
+    """A LLaMA-Factory-format project (alpaca rows, dataset_info.json, recipe.yaml) that trains `model`, its data
+    built (in process: build reads no tokenizer)."""
+    from tests.acceptance.harness import pipeline
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chat.json").write_text(json.dumps([{"instruction": f"hi {i}", "output": "ok"}
+                                                              for i in range(10)]))
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"chat": {"file_name": "chat.json"}}))
+    (tmp_path / "recipe.yaml").write_text(f"model_name_or_path: {model}\ndataset_dir: data\ndataset: chat\n"
+                                          "template: mistral\ncutoff_len: 64\n")
+    pipeline("build", "recipe.yaml", cwd=tmp_path, as_typed=False)
+
+
+def _errors(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_an_unreadable_sentencepiece_tokenizer_json_says_to_copy_it_again(tmp_path):
+    """A sentencepiece-style tokenizer.json the tokenizers library cannot read (a merge of a token the vocabulary
+    lacks: an edited or damaged file): `validate` as typed exits 2 with one message naming the file, the library's
+    reason and the fix (the checkpoint's file again, by hf download into that folder)."""
+    import tokenizers
+
+    from tests.acceptance.harness import refused
+
+    model = _dir(tmp_path, "m", {"model": {"type": "BPE", "byte_fallback": True, "vocab": {"a": 0},
+                                           "merges": ["a b"]}})
+    (model / "config.json").write_text(json.dumps(LLAMA_SHAPE))
+    _sft_project(tmp_path, "m")
+    [error] = _errors(refused("validate", "recipe.yaml", cwd=tmp_path))
+    assert error.startswith(f"error: {model / 'tokenizer.json'}: not readable by the tokenizers library "
+                            f"{tokenizers.__version__} (Token `b` out of vocabulary"), error
+    assert error.endswith("the file is damaged (a cut-off download, an edit) or not one this version reads: copy "
+                          "tokenizer.json again from the checkpoint it came from (`hf download ORG/NAME "
+                          f"tokenizer.json --local-dir {model}`)"), error
+
+
+def test_another_tokenizer_class_says_which_classes_read_alike(sp_folders, sp_golden, tmp_path):
+    """A sentencepiece-style tokenizer.json whose tokenizer_class transformers rebuilds another way (GemmaTokenizer)
+    is refused: `validate` as typed exits 2 with one message naming tokenizer_config.json and the key, and the fix.
+    The edit it names for a Mistral tokenizer (LlamaTokenizerFast) then reads as AutoTokenizer does; the other
+    (PreTrainedTokenizerFast) runs as written: test_sentencepiece_tokenizers.py."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    from tests.acceptance.harness import refused
+
+    model = shutil.copytree(sp_folders["mistral_v1"], tmp_path / "m")
+    (model / "config.json").write_text(json.dumps(LLAMA_SHAPE))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
+    _sft_project(tmp_path, "m")
+    assert _errors(refused("validate", "recipe.yaml", cwd=tmp_path)) == [
+        f"error: {model / 'tokenizer_config.json'}: tokenizer_class 'GemmaTokenizer' with a sentencepiece-style "
+        "tokenizer.json is not supported (transformers rebuilds it its own way); supported: tokenizer_class "
+        "LlamaTokenizer / LlamaTokenizerFast / PreTrainedTokenizerFast (Llama 2, Mistral) or none; to train it, set "
+        "tokenizer_class in that file to LlamaTokenizerFast if it is a Llama 2 / Mistral tokenizer (transformers then "
+        "rebuilds it as LlamaTokenizer, as this pipeline does), or to PreTrainedTokenizerFast to run tokenizer.json "
+        "as written; transformers and this pipeline then read it alike, perhaps not as GemmaTokenizer did: compare "
+        "AutoTokenizer's ids on your text before and after the edit"]
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast"}))
+    # transformers 5 loads the edited folder with the golden's class: AutoTokenizer.from_pretrained drops the Fast
+    # suffix (tokenization_auto.py:918-919, 5.24) and the alias names the same class
+    golden, ours = sp_golden["mistral_v1"], load_tokenizer(model)
+    assert tokenizer_class_from_name("LlamaTokenizerFast") is type(golden)
+    for text in ("  two  spaces ", "Hello\nworld", "emoji 🦙"):
+        assert ours.encode_special(text) == golden.encode(text, add_special_tokens=False), text
