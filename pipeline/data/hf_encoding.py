@@ -7,12 +7,13 @@ vocabulary lacks becomes its UTF-8 bytes as <0xNN> tokens (byte_fallback). tikto
 the library that wrote the file runs it exactly, and transformers runs it the same way.
 
 What transformers 5 changes on loading, done here too so that the ids equal AutoTokenizer's from the same folder:
-a checkpoint whose tokenizer class is LlamaTokenizer (tokenizer_config.json's tokenizer_class, else config.json's
-model_type llama / mistral) gets the normalizer, pre-tokenizer and decoder that class builds in its __init__
+a checkpoint whose tokenizer_config.json names LlamaTokenizer / LlamaTokenizerFast as its tokenizer_class gets the
+normalizer, pre-tokenizer and decoder that class builds in its __init__
 (transformers/models/llama/tokenization_llama.py:101-133, transformers 5.24): no normalizer, Metaspace(prepend_scheme "first", or
 "always" with legacy: true, "never" with add_prefix_space: false; split false) and Replace / ByteFallback / Fuse /
 Strip(1 left). The file's own (the legacy Prepend + Replace normalizer of Llama 2's hub file) is not what
-transformers runs. Another class (PreTrainedTokenizerFast) runs the file as written.
+transformers runs. Another class (PreTrainedTokenizerFast, TokenizersBackend), or none - whatever config.json's
+model_type: transformers 5.24 then loads TokenizersBackend - runs the file as written.
 
 Every template piece and every text is encoded on its own without the post-processor's BOS (transformers'
 encode(text, add_special_tokens=False), as LLaMA-Factory's Template._convert_elements_to_ids calls it): each gets
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # imported where used: a byte-level checkpoint's commands nev
     from tokenizers import Tokenizer
 
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
-LLAMA_MODEL_TYPES = ("llama", "mistral")  # AutoTokenizer's class for these without tokenizer_class: LlamaTokenizer
 METASPACE = "▁"
 
 
@@ -53,12 +53,11 @@ def is_sentencepiece_bpe(data: Mapping[str, Any]) -> bool:
     return isinstance(model, dict) and model.get("type") == "BPE" and bool(model.get("byte_fallback"))
 
 
-def transformers_class_is_llama(config: Mapping[str, Any], model_config: Mapping[str, Any]) -> bool:
-    """Whether AutoTokenizer (transformers 5) loads the folder as LlamaTokenizer, which rebuilds the pipeline."""
-    named = config.get("tokenizer_class")
-    if named:
-        return named in LLAMA_CLASSES
-    return model_config.get("model_type") in LLAMA_MODEL_TYPES
+def transformers_class_is_llama(config: Mapping[str, Any]) -> bool:
+    """Whether AutoTokenizer (transformers 5.24) loads the folder as LlamaTokenizer, which rebuilds the pipeline: only
+    where tokenizer_config.json names that class. Without a tokenizer_class it loads TokenizersBackend (the file as
+    written) whatever config.json's model_type (llama, mistral: measured, tests/vocab/test_sentencepiece_tokenizers.py)."""
+    return config.get("tokenizer_class") in LLAMA_CLASSES
 
 
 def _as_llama_tokenizer(tokenizer: Tokenizer, config: Mapping[str, Any]) -> None:
@@ -126,11 +125,11 @@ class HFEncoding:
                                 max(self._special_tokens.values(), default=-1) + 1)
 
     @classmethod
-    def from_file(cls, path: Path, config: Mapping[str, Any], model_config: Mapping[str, Any]) -> HFEncoding:
+    def from_file(cls, path: Path, config: Mapping[str, Any]) -> HFEncoding:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(path))
-        if transformers_class_is_llama(config, model_config):
+        if transformers_class_is_llama(config):
             _as_llama_tokenizer(tokenizer, config)
         tokenizer.post_processor = None  # never used: every encode is add_special_tokens=False
         return cls(str(path), tokenizer.to_str())

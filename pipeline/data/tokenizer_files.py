@@ -44,7 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SUPPORTED = ("byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3) and sentencepiece-style BPE "
              "tokenizer.json files with byte_fallback (Llama 2, Mistral)")
 # The tokenizer classes transformers runs a sentencepiece-style tokenizer.json with that hf_encoding reproduces.
-SENTENCEPIECE_CLASSES = (*LLAMA_CLASSES, "PreTrainedTokenizerFast")
+SENTENCEPIECE_CLASSES = (*LLAMA_CLASSES, "PreTrainedTokenizerFast", "TokenizersBackend")
 SUPPORTED_SENTENCEPIECE = f"tokenizer_class {' / '.join(SENTENCEPIECE_CLASSES)} (Llama 2, Mistral) or none"
 # What stays literal in user text (markup_tokens), in the words of the messages about it.
 MARKUP_WORDS = "EOS, BOS, pad, the stop tokens and the templates' markup such as <|im_end|> and <|eot_id|>"
@@ -228,8 +228,7 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
     named = config.get("tokenizer_class")
     if named not in (None, *SENTENCEPIECE_CLASSES):
         # the two classes the fix names give AutoTokenizer's ids here (tests/vocab: test_tokenizer_refusals.py,
-        # test_sentencepiece_tokenizers.py); removing the key would not: without it transformers 5.24 runs the file
-        # as written where hf_encoding rebuilds a llama / mistral model_type's as LlamaTokenizer
+        # test_sentencepiece_tokenizers.py)
         raise UserError(f"{directory / 'tokenizer_config.json'}: tokenizer_class {named!r} with a sentencepiece-style "
                         f"tokenizer.json is not supported (transformers rebuilds it its own way); supported: "
                         f"{SUPPORTED_SENTENCEPIECE}; to train it, set tokenizer_class in that file to "
@@ -238,7 +237,7 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
                         f"written; transformers and this pipeline then read it alike, perhaps not as {named} did: "
                         "compare AutoTokenizer's ids on your text before and after the edit")
     try:
-        encoding = HFEncoding.from_file(path, config, optional_json(directory / "config.json"))
+        encoding = HFEncoding.from_file(path, config)
     except Exception as err:  # tokenizers raises its own Exception subclass on a file it cannot read
         raise UserError(f"{path}: not readable by the tokenizers library {_tokenizers_version()} ({err}); the file is "
                         "damaged (a cut-off download, an edit) or not one this version reads: copy "

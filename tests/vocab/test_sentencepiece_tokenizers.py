@@ -76,7 +76,7 @@ def test_an_encoding_and_its_variants_are_freed_with_it(sp_folders):
 
     from pipeline.data.hf_encoding import HFEncoding
 
-    encoding = HFEncoding.from_file(sp_folders["mistral_v3"] / "tokenizer.json", {"legacy": False}, {})
+    encoding = HFEncoding.from_file(sp_folders["mistral_v3"] / "tokenizer.json", {"legacy": False})
     assert encoding.encode("hi", continued=True) != encoding.encode("hi")  # a variant: no prefix space after markup
     freed = weakref.ref(encoding)
     del encoding
@@ -99,9 +99,14 @@ def test_added_tokens_as_transformers_adds_them(sp_folders, sp_golden):
     assert ours.decode([32000, 32001], skip_special=True) == hf.decode([32000, 32001], skip_special_tokens=True)
 
 
-def test_a_pretrained_tokenizer_fast_file_runs_as_written(sp_folders, tmp_path):
-    """tokenizer_class PreTrainedTokenizerFast: transformers runs the file's own legacy normalizer (Prepend "▁",
-    Replace " "), which encodes "  two  spaces" otherwise than LlamaTokenizer's rebuilt Metaspace; so does ours."""
+@pytest.mark.parametrize("tokenizer_class,model_type", [("PreTrainedTokenizerFast", "llama"),
+                                                         ("TokenizersBackend", "llama"), (None, "llama"),
+                                                         (None, "mistral")])
+def test_a_file_without_a_llama_tokenizer_class_runs_as_written(sp_folders, tmp_path, tokenizer_class, model_type):
+    """tokenizer_class PreTrainedTokenizerFast or TokenizersBackend, or none (whatever config.json's model_type:
+    transformers 5.24 then loads TokenizersBackend): transformers runs the file's own legacy normalizer (Prepend "▁",
+    Replace " "), which encodes "  two  spaces" otherwise than LlamaTokenizer's rebuilt Metaspace; so does ours.
+    Without a class, ours rebuilt a llama / mistral model_type's as LlamaTokenizer (TokenizersBackend was refused)."""
     import json
     import shutil
 
@@ -109,8 +114,12 @@ def test_a_pretrained_tokenizer_fast_file_runs_as_written(sp_folders, tmp_path):
 
     folder = shutil.copytree(sp_folders["mistral_v1"], tmp_path / "fast")
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    config.pop("tokenizer_class", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **({"tokenizer_class": tokenizer_class}
+                                                                           if tokenizer_class else {})}))
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
     hf, ours = AutoTokenizer.from_pretrained(folder), load_tokenizer(folder)
+    assert type(hf).__name__ == "TokenizersBackend"  # what transformers 5 loads PreTrainedTokenizerFast as, too
     for text in CORPUS:
         assert ours.encode_special(text) == hf.encode(text, add_special_tokens=False), text
         assert ours.decode(ours.encode_special(text)) == hf.decode(hf.encode(text, add_special_tokens=False)), text

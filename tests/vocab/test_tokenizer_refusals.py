@@ -142,7 +142,7 @@ def test_another_tokenizer_class_says_which_classes_read_alike(sp_folders, sp_go
     assert _errors(refused("validate", "recipe.yaml", cwd=tmp_path)) == [
         f"error: {model / 'tokenizer_config.json'}: tokenizer_class 'GemmaTokenizer' with a sentencepiece-style "
         "tokenizer.json is not supported (transformers rebuilds it its own way); supported: tokenizer_class "
-        "LlamaTokenizer / LlamaTokenizerFast / PreTrainedTokenizerFast (Llama 2, Mistral) or none; to train it, set "
+        "LlamaTokenizer / LlamaTokenizerFast / PreTrainedTokenizerFast / TokenizersBackend (Llama 2, Mistral) or none; to train it, set "
         "tokenizer_class in that file to LlamaTokenizerFast if it is a Llama 2 / Mistral tokenizer (transformers then "
         "rebuilds it as LlamaTokenizer, as this pipeline does), or to PreTrainedTokenizerFast to run tokenizer.json "
         "as written; transformers and this pipeline then read it alike, perhaps not as GemmaTokenizer did: compare "
