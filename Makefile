@@ -99,6 +99,7 @@ test-deps: $(VENV)/.test-deps-done
 $(VENV)/.test-deps-done: $(VENV)/.setup-done requirements-test.txt
 	$(PIP) install -q -r requirements-test.txt
 	$(PY) -m tests.helpers.hf_vocab  # real Llama 3 / Qwen vocabularies from PyPI into .cache/vocab (not committed)
+	$(PY) -m tests.helpers.sp_vocab  # real Mistral v0.1 / v0.3 sentencepiece vocabularies, the same way
 	@touch $@
 
 # ---------------------------------------------------------------- stages
