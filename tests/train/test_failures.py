@@ -216,6 +216,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
     job: list = []
     try:
         assert wait_for(lambda: len(read_log(log)) >= 2 or proc.poll() is not None, 240), "training never started"
+        # each epoch's loader starts its workers afresh (not persistent): between two epochs there are none (a CI
+        # run looked in that gap once)
+        assert wait_for(lambda: workers_of(proc.pid) or proc.poll() is not None, 60)
         job = workers_of(proc.pid)
         assert job, "no DataLoader worker running"
         os.killpg(proc.pid, signal.SIGTERM)
