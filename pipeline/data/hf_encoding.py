@@ -119,7 +119,9 @@ class HFEncoding:
         self._data: dict[str, Any] = json.loads(text)  # for the variants (_build), parsed once
         self._full = self._build(None, False)
         self._variants: dict[tuple[frozenset[str], bool], Tokenizer] = {}  # _variant's
-        self._special_tokens: dict[str, int] = {t.content: i for i, t in self._full.get_added_tokens_decoder().items()}
+        self.added_tokens: dict[str, tuple[int, bool]] = {t.content: (i, t.special)  # content -> (id, special)
+                                                          for i, t in self._full.get_added_tokens_decoder().items()}
+        self._special_tokens: dict[str, int] = {content: i for content, (i, _) in self.added_tokens.items()}
         self._added_ids = frozenset(self._special_tokens.values())
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
                                 max(self._special_tokens.values(), default=-1) + 1)

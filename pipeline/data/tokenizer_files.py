@@ -243,15 +243,10 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
                         "damaged (a cut-off download, an edit) or not one this version reads: copy "
                         "tokenizer.json again from the checkpoint it came from (`hf download ORG/NAME tokenizer.json "
                         f"--local-dir {directory}`)") from None
-    data = _json(path)
-    added = {t["content"]: (int(t["id"]), bool(t.get("special"))) for t in data.get("added_tokens") or []}
-    extra = decoder_only_tokens(config, added)
+    extra = decoder_only_tokens(config, encoding.added_tokens)
     if extra:
         encoding = encoding.with_config_tokens(extra)
-        # AddedToken's default: not special (transformers reads each entry as AddedToken(**entry))
-        added |= {entry["content"]: (encoding.vocabulary_id(entry["content"]), bool(entry.get("special", False)))
-                  for entry in extra}
-    return _special_tokens(directory, path, encoding, added, False, encoding.vocabulary_id)
+    return _special_tokens(directory, path, encoding, encoding.added_tokens, False, encoding.vocabulary_id)
 
 
 def _tokenizers_version() -> str:
