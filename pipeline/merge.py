@@ -687,11 +687,11 @@ def _read_kept(kept: Path) -> tuple[str, str] | None:
 def _rebuild_hf_tokenizer_files() -> tuple[str, str]:
     """hf_tokenizer_files' text from the ranks: vocab.json maps each token's bytes (as GPT-2's byte-to-unicode
     characters) to its rank; merges.txt lists, in rank order, the two parts whose merge makes each token."""
-    from pipeline.data.tokenizer import GPT2_EOS, gpt2
+    from pipeline.data.tokenizer import GPT2_EOS, gpt2, gpt2_encoding
     from pipeline.data.tokenizer_files import bytes_to_unicode
 
     tok = gpt2()
-    ranks: Mapping[bytes, int] = tok.encoding._mergeable_ranks
+    ranks: Mapping[bytes, int] = gpt2_encoding().ranks
     byte_char = bytes_to_unicode()
 
     def text(b: bytes) -> str:

@@ -108,9 +108,9 @@ def _never_matched(content: str) -> str:
 
 
 class HFEncoding:
-    """The tokenizer.json of a checkpoint as Tokenizer's encoding: tiktoken Encoding's names for the operations the
-    pipeline uses (encode / encode_ordinary / decode, decode_single_token_bytes, token_byte_values, n_vocab, the
-    added tokens as _special_tokens) and with_added for a recipe's new tokens."""
+    """The tokenizer.json of a checkpoint as Tokenizer's encoding (pipeline.data.encoding.Encoding: tiktoken
+    Encoding's names for the operations the pipeline uses, the added tokens as added_token_ids, with_added for a
+    recipe's new tokens)."""
 
     def __init__(self, name: str, text: str, added: Sequence[tuple[str, bool]] = ()):
         self.name = name
@@ -121,10 +121,10 @@ class HFEncoding:
         self._variants: dict[tuple[frozenset[str], bool], Tokenizer] = {}  # _variant's
         self.added_tokens: dict[str, tuple[int, bool]] = {t.content: (i, t.special)  # content -> (id, special)
                                                           for i, t in self._full.get_added_tokens_decoder().items()}
-        self._special_tokens: dict[str, int] = {content: i for content, (i, _) in self.added_tokens.items()}
-        self._added_ids = frozenset(self._special_tokens.values())
+        self.added_token_ids: dict[str, int] = {content: i for content, (i, _) in self.added_tokens.items()}
+        self._added_ids = frozenset(self.added_token_ids.values())
         self.n_vocab: int = max(self._full.get_vocab_size(with_added_tokens=True),
-                                max(self._special_tokens.values(), default=-1) + 1)
+                                max(self.added_token_ids.values(), default=-1) + 1)
 
     @classmethod
     def from_file(cls, path: Path, config: Mapping[str, Any]) -> HFEncoding:
@@ -173,7 +173,7 @@ class HFEncoding:
         lifetime, kept on the instance so that they go with it (two threads may both build one: either will do)."""
         key = (recognised, continued)
         if key not in self._variants:
-            every = recognised >= frozenset(self._special_tokens)
+            every = recognised >= frozenset(self.added_token_ids)
             self._variants[key] = (self._full if every and (not continued or not self._prepends_first) else
                                    self._build(None if every else recognised, continued and self._prepends_first))
         return self._variants[key]
@@ -193,16 +193,14 @@ class HFEncoding:
         return _metaspace_scheme(self._data.get("pre_tokenizer"))
 
     def encode(self, text: str, *, allowed_special: Collection[str] | Literal["all"] = frozenset(),
-               disallowed_special: Collection[str] = (), continued: bool = False) -> list[int]:
+               continued: bool = False) -> list[int]:
         """`text` as transformers' encode(text, add_special_tokens=False); of the added tokens, only
         `allowed_special` ("all": every one) is one token where it appears, the rest is text. continued: `text`
-        follows an added token inside the string transformers encodes (the module's docstring)."""
-        del disallowed_special  # tiktoken's parameter: nothing here raises on a special token in text
-        recognised = frozenset(self._special_tokens) if allowed_special == "all" else frozenset(allowed_special)
+        follows an added token inside the string transformers encodes (the module's docstring). The text is encoded
+        whole, however long (no bounded pieces): the merge of `tokenizers` is not quadratic, and a Metaspace would
+        give each cut piece a prefix "▁" of its own."""
+        recognised = frozenset(self.added_token_ids) if allowed_special == "all" else frozenset(allowed_special)
         return self._variant(recognised, continued).encode(text, add_special_tokens=False).ids
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        return self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """transformers 5's decode(ids, skip_special_tokens=False) (the decoder's ByteFallback, Fuse, the first

@@ -29,7 +29,8 @@ from pipeline.data.origins import Origin, as_origin
 from pipeline.data.problems import Problems, alike, line_order
 from pipeline.data.templates import EOS, Piece, Template, get_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
-from pipeline.data.tokenizer import MAX_RUN, Tokenizer
+from pipeline.data.encoding import MAX_RUN
+from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
 
 IGNORE = -100
@@ -139,7 +140,7 @@ def encode_cap(tokenizer: Tokenizer, cutoff_len: int) -> int:
     Every token is at most B bytes and every character at least one byte, so the first (cutoff_len + 1) * B
     characters hold more than cutoff_len tokens: a longer text is over-length for sure. Encoding only its
     first (cutoff_len + 1) * B + MAX_RUN characters decides the length policy (drop, error, or the tokens kept by
-    truncate) without encoding, say, a 50 MB row; the kept tokens are exact, because tokenizer.bounded cuts
+    truncate) without encoding, say, a 50 MB row; the kept tokens are exact, because encoding.bounded cuts
     runs at the same places in a prefix as in the whole text, and the one piece the prefix cuts short lies a
     whole MAX_RUN beyond them.
     """

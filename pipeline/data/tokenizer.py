@@ -1,6 +1,6 @@
 """The model's tokenizer: GPT-2's ranks or a checkpoint's own byte-level BPE run through tiktoken, or a checkpoint's
 sentencepiece-style tokenizer.json (Llama 2, Mistral) run through Hugging Face `tokenizers`
-(pipeline.data.hf_encoding).
+(pipeline.data.hf_encoding), each behind one interface (pipeline.data.encoding.Encoding).
 
 `load_tokenizer(model_name_or_path)` is the one way every stage gets token ids, so the end-of-text id,
 BOS, padding and the stop tokens are properties of the model's tokenizer, never literals:
@@ -17,10 +17,8 @@ through `encode_special` / `token_id`. Every other token the checkpoint's files 
 <think>, <tool_call>, a token an earlier run added), is recognised in any text, as the Hugging Face tokenizer
 does (pipeline.data.tokenizer_files.markup_tokens).
 
-Pathological input is bounded before tiktoken encodes it, as Meta's Llama 3 tokenizer does: a run of more than
-MAX_RUN characters without whitespace (or of whitespace) is cut into MAX_RUN pieces, because tiktoken's
-merge is quadratic in the length of one pre-token (openai/tiktoken#195) and a tens-of-MB row without
-spaces would otherwise stall build or train. Ordinary text never has such runs and is unaffected.
+Pathological input (a run of tens of MB without whitespace) is bounded before tiktoken encodes it
+(pipeline.data.encoding.bounded).
 """
 from __future__ import annotations
 
@@ -28,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import os
-import re
 import subprocess
 import sys
 import tarfile
@@ -42,7 +39,8 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
-from pipeline.data.hf_encoding import Continued, HFEncoding
+from pipeline.data.encoding import Encoding, TiktokenEncoding
+from pipeline.data.hf_encoding import Continued
 from pipeline.errors import UserError
 
 GPT2_EOS = "<|endoftext|>"
@@ -51,32 +49,15 @@ WHISPER_SDIST = "openai-whisper==20250625"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Same pattern as tiktoken_ext.openai_public.r50k_pat_str (GPT-2's original split, faster form).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-MAX_RUN = 25_000  # Meta's MAX_NO_WHITESPACES_CHARS (llama3/tokenizer.py)
-_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (MAX_RUN + 1, MAX_RUN + 1))
 BATCH_MIN = 4096  # texts below which one thread encodes
 CHUNK = 8192  # texts per thread task
 
 
-def bounded(text: str) -> list[str]:
-    """`text` cut so that no run of whitespace or of non-whitespace exceeds MAX_RUN characters.
-
-    Cuts fall at run start + k * MAX_RUN, as in Meta's `_split_whitespaces_or_nonwhitespaces`. The
-    lookbehinds make the scan linear: a run is only tried from its first character.
-    """
-    if len(text) <= MAX_RUN:
-        return [text]
-    cuts = [c for m in _LONG_RUN.finditer(text) for c in range(m.start() + MAX_RUN, m.end(), MAX_RUN)]
-    if not cuts:
-        return [text]
-    edges = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(edges[:-1], edges[1:])]
-
-
 @dataclass(frozen=True, eq=False)
 class Tokenizer:
-    """A tiktoken Encoding (byte-level BPE) or an HFEncoding (a sentencepiece-style tokenizer.json run by Hugging
-    Face `tokenizers`: pipeline.data.hf_encoding), plus what the checkpoint says about its special tokens. The rest
-    of the pipeline goes through the methods below and never asks which one it has.
+    """An Encoding (pipeline.data.encoding: tiktoken's for a byte-level BPE, HFEncoding for a sentencepiece-style
+    tokenizer.json), plus what the checkpoint says about its special tokens. Neither this class nor the rest of the
+    pipeline asks which encoding it has: each difference is the Encoding's to answer.
 
     eos_id ends a response and separates pt documents (the checkpoint's eos_token); stop_ids are
     every id generation stops at (eos_id plus generation_config.json's eos_token_id list, e.g.
@@ -84,7 +65,7 @@ class Tokenizer:
     None when the family has no BOS (Qwen).
     """
 
-    encoding: tiktoken.Encoding | HFEncoding
+    encoding: Encoding
     name: str  # "gpt2", or the file it was read from
     eos_id: int
     pad_id: int
@@ -110,7 +91,7 @@ class Tokenizer:
     _derived: dict[tuple[tuple[str, ...], ...], "Tokenizer"] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_ids", dict(self.encoding._special_tokens))
+        object.__setattr__(self, "_ids", dict(self.encoding.added_token_ids))
         object.__setattr__(self, "stop_ids", tuple(dict.fromkeys((self.eos_id, *self.stop_ids))))
 
     @property
@@ -121,8 +102,8 @@ class Tokenizer:
     @property
     def prepend_scheme(self) -> str | None:
         """How a text encoded on its own gets a prefix "▁" (a sentencepiece Metaspace's "first" / "always" /
-        "never": HFEncoding.prepend_scheme); None for byte-level BPE, where a space is a token of its own."""
-        return self.encoding.prepend_scheme if isinstance(self.encoding, HFEncoding) else None
+        "never": Encoding.prepend_scheme); None for byte-level BPE, where a space is a token of its own."""
+        return self.encoding.prepend_scheme
 
     @property
     def eos_text(self) -> str:
@@ -137,17 +118,8 @@ class Tokenizer:
         """User text: markup-token strings stay literal; the other added tokens are recognised. A template's Continued
         text is encoded as the rest of its string (pipeline.data.hf_encoding.Continued; only a sentencepiece
         Metaspace encodes it otherwise)."""
-        if isinstance(self.encoding, HFEncoding):
-            return self.encoding.encode(self._prepare(text), allowed_special=self.added,
-                                        continued=isinstance(text, Continued))
-        text = self._prepare(text)
-        if self.added:
-            return [t for piece in self._pieces(text)
-                    for t in self.encoding.encode(piece, allowed_special=self.added, disallowed_special=())]
-        pieces = self._pieces(text)
-        if len(pieces) == 1:
-            return self.encoding.encode_ordinary(text)
-        return list(chain.from_iterable(self.encoding.encode_ordinary(p) for p in pieces))
+        return self.encoding.encode(self._prepare(text), allowed_special=self.added,
+                                    continued=isinstance(text, Continued))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """encode() for many texts, in chunks on several threads (tiktoken releases the GIL)."""
@@ -164,13 +136,7 @@ class Tokenizer:
 
     def encode_special(self, text: str) -> list[int]:
         """Template markup: every special token of the vocabulary is recognised."""
-        return [t for piece in self._pieces(self._prepare(text))
-                for t in self.encoding.encode(piece, allowed_special="all", disallowed_special=())]
-
-    def _pieces(self, text: str) -> list[str]:
-        """`text` cut where tiktoken needs it (bounded); whole for `tokenizers`, whose merge is not quadratic and
-        whose Metaspace would give each cut piece a prefix space of its own."""
-        return [text] if isinstance(self.encoding, HFEncoding) else bounded(text)
+        return self.encoding.encode(self._prepare(text), allowed_special="all")
 
     def has_token(self, token: str) -> bool:
         return token in self._ids
@@ -229,9 +195,7 @@ class Tokenizer:
 
     def present(self, token: str) -> bool:
         """Whether `token` already has an id: a special / added token, or one BPE token of the vocabulary."""
-        if isinstance(self.encoding, HFEncoding):
-            return token in self._ids or self.encoding.in_vocabulary(token)
-        return token in self._ids or token.encode() in self.encoding._mergeable_ranks
+        return token in self._ids or self.encoding.in_vocabulary(token)
 
     def with_special_tokens(self, tokens: Sequence[str]) -> Tokenizer:
         """This tokenizer with `tokens` added as special tokens (with_tokens)."""
@@ -260,13 +224,7 @@ class Tokenizer:
         known = {t for t in named if t in self._ids} - self.added
         if not new and not known:
             return self
-        encoding = self.encoding
-        if new and isinstance(encoding, HFEncoding):
-            encoding = encoding.with_added([(t, t not in plain) for t in new])
-        elif new:
-            specials = {**self.encoding._special_tokens, **{t: self.n_vocab + i for i, t in enumerate(new)}}
-            encoding = tiktoken.Encoding(name=self.encoding.name, pat_str=self.encoding._pat_str,
-                                         mergeable_ranks=self.encoding._mergeable_ranks, special_tokens=specials)
+        encoding = self.encoding.with_added([(t, t not in plain) for t in new]) if new else self.encoding
         return dataclasses.replace(self, encoding=encoding, special=self.special | {t for t in new if t not in plain},
                                    added=self.added | set(new) | known, new_tokens=self.new_tokens + tuple(new))
 
@@ -300,18 +258,24 @@ def _sha256(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def gpt2() -> Tokenizer:
-    """GPT-2's tokenizer: from the offline ranks file when present, else tiktoken's download."""
+def gpt2_encoding() -> TiktokenEncoding:
+    """GPT-2's encoding: from the offline ranks file when present, else tiktoken's download."""
     path = ranks_path()
     if path.is_file():
         from tiktoken.load import load_tiktoken_bpe
 
         ranks = load_tiktoken_bpe(str(path), expected_hash=RANKS_SHA256)
-        encoding = tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                                     special_tokens={GPT2_EOS: len(ranks)}, explicit_n_vocab=len(ranks) + 1)
-    else:
-        encoding = tiktoken.get_encoding("gpt2")
-    eos = encoding.eot_token
+        return TiktokenEncoding(tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                                  special_tokens={GPT2_EOS: len(ranks)},
+                                                  explicit_n_vocab=len(ranks) + 1))
+    return TiktokenEncoding(tiktoken.get_encoding("gpt2"))
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2() -> Tokenizer:
+    """GPT-2's tokenizer (gpt2_encoding): <|endoftext|> is its EOS, pad, BOS and stop."""
+    encoding = gpt2_encoding()
+    eos = encoding.tiktoken.eot_token
     return Tokenizer(encoding, "gpt2", eos_id=eos, pad_id=eos, bos_id=eos, stop_ids=(eos,),
                      special=frozenset({GPT2_EOS}))
 

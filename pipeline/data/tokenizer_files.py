@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import tiktoken
 
+from pipeline.data.encoding import Encoding, TiktokenEncoding
 from pipeline.data.hf_encoding import LLAMA_CLASSES, HFEncoding, is_sentencepiece_bpe
 from pipeline.data.tokenizer import GPT2_PATTERN, Tokenizer, gpt2
 from pipeline.errors import UserError
@@ -345,8 +346,8 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     if clash:
         raise UserError(f"{source}: added token {clash[0]!r} reuses id {added[clash[0]][0]}, which a BPE token has")
     try:
-        encoding = tiktoken.Encoding(name=f"{source}", pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens={t: i for t, (i, _) in added.items()})
+        encoding = TiktokenEncoding(tiktoken.Encoding(name=f"{source}", pat_str=pattern, mergeable_ranks=ranks,
+                                                      special_tokens={t: i for t, (i, _) in added.items()}))
     except ValueError as err:
         raise UserError(f"{source}: not a consistent vocabulary for tiktoken ({err})") from None
     table = _unicode_to_byte()
@@ -356,7 +357,7 @@ def _assemble(directory: Path, source: Path, pattern: str, ranks: dict[bytes, in
     return _special_tokens(directory, source, encoding, added, nfc, vocabulary_id, defaults)
 
 
-def _special_tokens(directory: Path, source: Path, encoding: tiktoken.Encoding | HFEncoding,
+def _special_tokens(directory: Path, source: Path, encoding: Encoding,
                     added: Mapping[str, tuple[int, bool]], nfc: bool, vocabulary_id: Callable[[str], int | None],
                     defaults: Mapping[str, Any] | None = None) -> Tokenizer:
     """The Tokenizer of `encoding`, with BOS / EOS / pad / stops from the checkpoint's configs (`defaults` fill

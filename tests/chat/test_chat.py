@@ -41,7 +41,7 @@ def test_prompt_prints_only_the_templated_completion(tmp_path, capsys):
     capsys.readouterr()  # transformers' own start-up lines (it imports deepspeed) are not ours
     assert chat.run(r, args(prompt="Name a colour.")) == 0
     out, err = capsys.readouterr()
-    tok = gpt2().encoding  # tiktoken's GPT-2 encoding itself
+    tok = gpt2().encoding.tiktoken  # tiktoken's GPT-2 encoding itself
     prompt = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
               "request.\n\n### Instruction:\nName a colour.\n\n### Response:\n")  # the book's Alpaca format
     ids = tok.encode_ordinary(prompt)

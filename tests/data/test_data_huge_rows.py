@@ -43,7 +43,7 @@ def test_a_huge_row_is_decided_from_a_bounded_prefix(policy, longest):
     else:
         assert split.truncated == 1 and len(split) == 2
         kept = split.example(0)
-        whole = tok.encoding.encode_ordinary(PROMPT) + tok.encoding.encode_ordinary(HUGE)  # tiktoken, all of it
+        whole = tok.encoding.tiktoken.encode_ordinary(PROMPT) + tok.encoding.tiktoken.encode_ordinary(HUGE)  # all of it
         assert list(kept.input_ids) == whole[:len(kept.input_ids)] and len(kept.input_ids) <= 64
 
 

@@ -215,7 +215,7 @@ def test_eval_writes_base_vs_tuned(make_run, tmp_path):
     assert "adapter" in metrics["tuned_model"]  # no merged/ yet: base + adapter
     assert metrics["decoding"] == {"do_sample": False, "max_new_tokens": 6, "batch_size": 1}
 
-    tok = gpt2().encoding  # tiktoken's GPT-2 encoding itself (the ranks travel with the pipeline: no download)
+    tok = gpt2().encoding.tiktoken  # tiktoken's GPT-2 encoding itself (the ranks travel with the pipeline: no download)
     rows = load_split(data_args(r), "val")[:4]
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 4

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.data.model_tokenizer import load_tokenizer
-from pipeline.data.tokenizer import MAX_RUN, bounded
+from pipeline.data.encoding import MAX_RUN, bounded
 
 CORPUS = [
     "This is a test sentence.",
