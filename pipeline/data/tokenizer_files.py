@@ -47,6 +47,17 @@ SUPPORTED = ("byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwe
 # The tokenizer classes transformers runs a sentencepiece-style tokenizer.json with that hf_encoding reproduces.
 SENTENCEPIECE_CLASSES = (*LLAMA_CLASSES, "PreTrainedTokenizerFast", "TokenizersBackend")
 SUPPORTED_SENTENCEPIECE = f"tokenizer_class {' / '.join(SENTENCEPIECE_CLASSES)} (Llama 2, Mistral) or none"
+# The fix a refused tokenizer_class's message names where the general one (set LlamaTokenizerFast or
+# PreTrainedTokenizerFast) needs more: transformers 5.24's CodeLlamaTokenizer (tokenization_code_llama.py) is the
+# LlamaTokenizer rebuild with legacy ignored (Metaspace prepend_scheme "first") plus infilling - <FILL_ME> and
+# ▁<PRE> / ▁<SUF> / ▁<MID> / ▁<EOT> as special tokens, and a text holding <FILL_ME> encoded as an infilling prompt -
+# which this pipeline does not reproduce (tests/vocab/test_tokenizer_refusals.py measures the edit it names)
+CODE_LLAMA_FIX = ("CodeLlamaTokenizer is LlamaTokenizer with legacy false plus infilling (a text holding <FILL_ME> "
+                  "becomes an infilling prompt: ▁<PRE> ... ▁<SUF> ... ▁<MID>), which this pipeline does not train; to "
+                  "fine-tune on data without <FILL_ME>, set tokenizer_class in that file to LlamaTokenizerFast and "
+                  "legacy to false: transformers and this pipeline then read text as CodeLlamaTokenizer does (compare "
+                  "AutoTokenizer's ids on your text before and after the edit)")
+CLASS_FIXES = {"CodeLlamaTokenizer": CODE_LLAMA_FIX, "CodeLlamaTokenizerFast": CODE_LLAMA_FIX}
 # What stays literal in user text (markup_tokens), in the words of the messages about it.
 MARKUP_WORDS = "EOS, BOS, pad, the stop tokens and the templates' markup such as <|im_end|> and <|eot_id|>"
 
@@ -230,13 +241,14 @@ def _from_sentencepiece_json(directory: Path) -> Tokenizer:
     if named not in (None, *SENTENCEPIECE_CLASSES):
         # the two classes the fix names give AutoTokenizer's ids here (tests/vocab: test_tokenizer_refusals.py,
         # test_sentencepiece_tokenizers.py)
+        fix = CLASS_FIXES.get(named) or (
+            "to train it, set tokenizer_class in that file to LlamaTokenizerFast if it is a Llama 2 / Mistral tokenizer "
+            "(transformers then rebuilds it as LlamaTokenizer, as this pipeline does), or to PreTrainedTokenizerFast to "
+            f"run tokenizer.json as written; transformers and this pipeline then read it alike, perhaps not as {named} "
+            "did: compare AutoTokenizer's ids on your text before and after the edit")
         raise UserError(f"{directory / 'tokenizer_config.json'}: tokenizer_class {named!r} with a sentencepiece-style "
                         f"tokenizer.json is not supported (transformers rebuilds it its own way); supported: "
-                        f"{SUPPORTED_SENTENCEPIECE}; to train it, set tokenizer_class in that file to "
-                        "LlamaTokenizerFast if it is a Llama 2 / Mistral tokenizer (transformers then rebuilds it as "
-                        "LlamaTokenizer, as this pipeline does), or to PreTrainedTokenizerFast to run tokenizer.json as "
-                        f"written; transformers and this pipeline then read it alike, perhaps not as {named} did: "
-                        "compare AutoTokenizer's ids on your text before and after the edit")
+                        f"{SUPPORTED_SENTENCEPIECE}; {fix}")
     try:
         encoding = HFEncoding.from_file(path, config)
     except Exception as err:  # tokenizers raises its own Exception subclass on a file it cannot read

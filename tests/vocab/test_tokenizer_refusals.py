@@ -154,3 +154,53 @@ def test_another_tokenizer_class_says_which_classes_read_alike(sp_folders, sp_go
     assert tokenizer_class_from_name("LlamaTokenizerFast") is type(golden)
     for text in ("  two  spaces ", "Hello\nworld", "emoji 🦙"):
         assert ours.encode_special(text) == golden.encode(text, add_special_tokens=False), text
+
+
+INFILLING = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")  # CodeLlama's infilling pieces (special added tokens here)
+
+
+def test_a_code_llama_tokenizer_says_what_to_edit(sp_folders, tmp_path):
+    """tokenizer_class CodeLlamaTokenizer (Fast) is refused with a fix of its own: transformers 5.24's
+    CodeLlamaTokenizer (models/code_llama/tokenization_code_llama.py) rebuilds the file as LlamaTokenizer with legacy
+    false (prepend_scheme "first" whatever legacy says) and adds infilling: <FILL_ME> splits a text into an infilling
+    prompt. The folder: Llama 2's layout with legacy true and CodeLlama's infilling pieces as added tokens. The edit the
+    message names (LlamaTokenizerFast, legacy false) then gives CodeLlamaTokenizer's ids on text without <FILL_ME>
+    (this pipeline reads that class as AutoTokenizer does: test_sentencepiece_tokenizers.py); with <FILL_ME>,
+    AutoTokenizer's are the infilling prompt's.
+    Failed before: the message named the general fix (LlamaTokenizerFast alone, which with this legacy true reads
+    "x▁<MID>y" as "always" does: "▁y" where CodeLlamaTokenizer gives "y")."""
+    import transformers
+
+    model = shutil.copytree(sp_folders["llama2"], tmp_path / "m")
+    (model / "config.json").write_text(json.dumps(LLAMA_SHAPE))
+    data = json.loads((model / "tokenizer.json").read_text())
+    added = [{"id": 32000 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in enumerate(INFILLING)]
+    (model / "tokenizer.json").write_text(json.dumps({**data, "added_tokens": [*data["added_tokens"], *added]}))
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"].update({str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added})
+    for name in ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast"):
+        (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": name, "legacy": True}))
+        with pytest.raises(UserError) as err:
+            load_tokenizer(model)
+        assert err.value.messages == [
+            f"{model / 'tokenizer_config.json'}: tokenizer_class {name!r} with a sentencepiece-style tokenizer.json is "
+            "not supported (transformers rebuilds it its own way); supported: tokenizer_class LlamaTokenizer / "
+            "LlamaTokenizerFast / PreTrainedTokenizerFast / TokenizersBackend (Llama 2, Mistral) or none; "
+            "CodeLlamaTokenizer is LlamaTokenizer with legacy false plus infilling (a text holding <FILL_ME> becomes an "
+            "infilling prompt: ▁<PRE> ... ▁<SUF> ... ▁<MID>), which this pipeline does not train; to fine-tune on data "
+            "without <FILL_ME>, set tokenizer_class in that file to LlamaTokenizerFast and legacy to false: "
+            "transformers and this pipeline then read text as CodeLlamaTokenizer does (compare AutoTokenizer's ids on "
+            "your text before and after the edit)"]
+    code_llama = transformers.AutoTokenizer.from_pretrained(model)
+    assert type(code_llama).__name__ == "CodeLlamaTokenizer"
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast",
+                                                             "legacy": False}))
+    ours = load_tokenizer(model)
+    # text right after an added token (x▁<MID>y, a</s>b) is where legacy true ("always") would differ
+    for text in ("def f(x):\n    return x  # two  spaces", "emoji 🦙 and 龘", "x▁<MID>y", "a</s>b", "a ▁<MID> b",
+                 "[INST] hi [/INST]", "  lead", "\n\nline"):
+        assert ours.encode_special(text) == code_llama.encode(text, add_special_tokens=False), text
+    prefix, suffix, middle = (code_llama.convert_tokens_to_ids(t) for t in ("▁<PRE>", "▁<SUF>", "▁<MID>"))
+    infilled = code_llama.encode("x <FILL_ME> y", add_special_tokens=False)
+    assert infilled[0] == prefix and infilled[-1] == middle and suffix in infilled  # what this pipeline does not do
