@@ -92,7 +92,8 @@ def test_gpt2_packed_examples_equal_unpacked_loss_logits_and_gradients(monkeypat
 
 def _per_segment(q, k, v, cu_q, cu_k, max_q, *, grouped: bool, left: int = -1):
     """Causal SDPA on each segment alone: the documented contract of torch's CUDA varlen kernel; `left` >= 0:
-    flash's window_size (left, 0), inclusive bounds: query i sees the keys i - left <= j <= i."""
+    window_size (left, 0), inclusive bounds: query i sees the keys i - left <= j <= i (the reference mask of
+    torch's own test/test_varlen_attention.py, forward_sdpa: keys from i - window_size[0] to i + window_size[1])."""
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
