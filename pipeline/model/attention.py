@@ -18,8 +18,16 @@ Which path runs where:
   of 512 and 7x fewer on book-like ones. Measured: 1.1-1.6x less attention CPU time (the CPU kernel is
   less efficient on short blocks), 2-16% less CPU time per packed step (bench/README.md, packing).
 
-`segment_mask` (causal AND same segment, (B, 1, T, T) boolean) stays as the reference that both paths
-are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
+Sliding windows (ModelConfig.layer_windows: a query at position i sees the keys i - window < j <= i, transformers'
+sliding_window_overlay): `windowed` gives each window its own spec, once per forward. A window binds only where a
+sequence is longer than it; below that the spec is returned as it is (is_causal, the buckets' causal kernel: no cost
+for the common case). Where it binds: a boolean band mask ANDed into the dense mask (SDPA with a mask); the buckets
+path gives a bucket longer than the window the band as a mask (SDPA); the varlen kernel takes window_size
+(window - 1, 0) (flash's inclusive left bound), in the signatures that have window_size; a torch whose varlen_attn has
+none runs packed windowed models on the buckets path.
+
+`segment_mask` (causal AND same segment, (B, 1, T, T) boolean; AND the band with a window) stays as the reference
+that both paths are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
 every layer as its mask; `attend` dispatches. All paths compute the same function
 (tests/model/test_packed_attention.py: the bucket path against the mask path and against each example run
 alone, GPT-2 and the RoPE families; the varlen glue on CPU against per-segment SDPA, with stand-ins of all three
@@ -39,10 +47,12 @@ from pipeline.model import causal_attention as dense
 
 
 class Varlen(NamedTuple):
-    """Segments of the flattened (B*T) tokens: boundaries (int32, n + 1) and the longest segment."""
+    """Segments of the flattened (B*T) tokens: boundaries (int32, n + 1) and the longest segment; the sliding window
+    of the layers it is for (None: causal over the whole segment)."""
 
     cu_seqlens: torch.Tensor
     max_len: int
+    window: int | None = None
 
 
 class Buckets(NamedTuple):
@@ -50,12 +60,14 @@ class Buckets(NamedTuple):
 
     gather: (S,) indices into the B*T tokens, bucket after bucket; bucket j is n_j segments each padded at
     the end to L_j by repeating its last token (shapes[j] = (n_j, L_j), S = sum of n_j * L_j). back: (B*T,)
-    the slot in `gather` of each token's own (unpadded) occurrence.
+    the slot in `gather` of each token's own (unpadded) occurrence. window: the sliding window of the layers it is for
+    (None: causal over the whole segment).
     """
 
     gather: torch.Tensor
     shapes: tuple[tuple[int, int], ...]
     back: torch.Tensor
+    window: int | None = None
 
 
 BUCKET_GRAIN = 16  # lengths are grouped in steps of this many tokens before the buckets are chosen
@@ -77,11 +89,15 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Varlen) -> 
     Why ask the signature: torch has shipped three. The first takes `is_causal`; torch 2.11 (seen on an H200
     with 2.11.0+cu130) takes `window_size` ((-1, 0) = causal) but no grouped heads; later ones add
     `enable_gqa`. The machine a user brings pins its own torch. Without `enable_gqa`, each key/value head is
-    repeated for its group of query heads (what grouped-query attention means)."""
+    repeated for its group of query heads (what grouped-query attention means). A sliding window is window_size
+    (window - 1, 0): flash's bounds are inclusive, (4, 0) is four keys before the query and the query itself, as
+    transformers' flash path passes (sliding_window - 1, ...); use_varlen sends a windowed model here only where
+    the signature has window_size."""
     kernel = _varlen_kernel()
     params = inspect.signature(kernel).parameters
     bounds = (mask.cu_seqlens, mask.cu_seqlens, mask.max_len, mask.max_len)
-    options: dict[str, object] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    left = -1 if mask.window is None else mask.window - 1
+    options: dict[str, object] = {"window_size": (left, 0)} if "window_size" in params else {"is_causal": True}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             options["enable_gqa"] = True
@@ -90,20 +106,51 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Varlen) -> 
     return kernel(q, k, v, *bounds, **options)
 
 
-def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:
-    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
-            and _varlen_kernel() is not None)
+def varlen_device(device: torch.device, dtype: torch.dtype, dropout_p: float) -> bool:
+    """Where the varlen FlashAttention kernel may run: CUDA, half precision, no attention dropout."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
 
 
-def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(B, 1, T, T) boolean mask (True = may attend): causal and within the same segment.
+def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float, windowed: bool = False) -> bool:
+    """Whether packed rows take the varlen kernel; `windowed` (some layer has a sliding window) also needs a
+    `varlen_attn` that takes window_size (the first signature has only is_causal)."""
+    kernel = _varlen_kernel()
+    return (varlen_device(device, dtype, dropout_p) and kernel is not None
+            and (not windowed or "window_size" in inspect.signature(kernel).parameters))
+
+
+def band_mask(t: int, total: int, window: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, t, total) boolean: the last t of `total` positions as queries, each seeing the keys
+    q - window < k <= q (transformers' sliding_window_overlay AND causal_mask_function)."""
+    q = torch.arange(total - t, total, device=device).view(t, 1)
+    k = torch.arange(total, device=device).view(1, total)
+    return ((k <= q) & (k > q - window)).view(1, 1, t, total)
+
+
+Spec = torch.Tensor | Varlen | Buckets | None  # what a layer's attention gets as its mask (see `attend`)
+
+
+def windowed(spec: Spec, window: int | None, t: int, total: int, device: torch.device) -> Spec:
+    """The attention spec of the layers with this sliding window, from the forward's (t queries, the last of `total`
+    positions; packed rows: t = total = the row). Unchanged where no sequence is longer than the window, so that
+    the causal paths run as without one; else the band ANDed into a dense mask (None: the causal band alone), or
+    the window carried by the packed spec."""
+    if window is None or total <= window:
+        return spec
+    if isinstance(spec, (Varlen, Buckets)):
+        return spec._replace(window=window)
+    band = band_mask(t, total, window, device)
+    return band if spec is None else spec & band
+
+
+def segment_mask(segment_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(B, 1, T, T) boolean mask (True = may attend): causal and within the same segment, and within `window`.
 
     Padding at the end of a packed row gets its own segment id, so its rows are never empty (a query
     always sees itself) and no real token sees it.
     """
     t = segment_ids.shape[1]
-    pos = torch.arange(t, device=segment_ids.device)
-    causal = (pos.view(1, t) <= pos.view(t, 1)).view(1, 1, t, t)
+    causal = band_mask(t, t, window or t, segment_ids.device)
     same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)
     return causal & same.unsqueeze(1)
 
@@ -169,17 +216,19 @@ def segment_buckets(segment_ids: torch.Tensor) -> Buckets:
     return Buckets(torch.from_numpy(np.concatenate(gather)).to(device), tuple(shapes), torch.from_numpy(back).to(device))
 
 
-def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float) -> Buckets | Varlen:
-    """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else Buckets."""
-    if use_varlen(segment_ids.device, dtype, dropout_p):
+def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float,
+                     windowed: bool = False) -> Buckets | Varlen:
+    """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else Buckets;
+    `windowed`: some layer has a sliding window (`windowed` then sets it per layer)."""
+    if use_varlen(segment_ids.device, dtype, dropout_p, windowed):
         return segment_bounds(segment_ids)
     return segment_buckets(segment_ids)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, *,
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *,
            is_causal: bool, dropout_p: float) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); H_kv divides H (GQA / MQA);
-    `mask` None, a boolean mask, Varlen segments or Buckets of segments."""
+    `mask` None, a boolean mask, Varlen segments or Buckets of segments (a window in the last two: `windowed`)."""
     if isinstance(mask, Buckets):
         return _attend_buckets(q, k, v, mask, dropout_p)
     if isinstance(mask, Varlen):
@@ -236,7 +285,9 @@ class _ToTokens(torch.autograd.Function):
 
 def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: Buckets,
                     dropout_p: float) -> torch.Tensor:
-    """Causal attention per bucket of segments, between one gather into the buckets and one back into row order."""
+    """Causal attention per bucket of segments, between one gather into the buckets and one back into row order; a
+    bucket longer than the sliding window gets the band as a mask (its padding, after each segment's real tokens,
+    stays unseen by them as under causality)."""
     b, h, t, d = q.shape
     slots = [_ToSlots.apply(z.transpose(1, 2).reshape(b * t, z.shape[1], d), buckets.gather, buckets.back)
              for z in (q, k, v)]  # (S, heads, D) each
@@ -245,7 +296,9 @@ def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: 
     # split, not slicing: a slice's backward fills a zero tensor of all S slots per bucket, split's is one cat
     for (n, length), *qkv in zip(buckets.shapes, *(z.split(sizes) for z in slots)):
         qb, kb, vb = (z.view(n, length, z.shape[1], d).transpose(1, 2) for z in qkv)
-        y = _causal(qb, kb, vb, dropout_p)
+        band = windowed(None, buckets.window, length, length, q.device)
+        y = _causal(qb, kb, vb, dropout_p) if band is None else attend(qb, kb, vb, band, is_causal=False,
+                                                                      dropout_p=dropout_p)
         outs.append(y.transpose(1, 2).reshape(n * length, h, d))
     y = _ToTokens.apply(outs[0] if len(outs) == 1 else torch.cat(outs), buckets.back)
     return y.view(b, t, h, d).transpose(1, 2)

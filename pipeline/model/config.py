@@ -54,18 +54,21 @@ class ModelConfig:
     qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn) or three (q_proj, k_proj, v_proj)
     tie_weights: bool = True
     num_labels: int = 0              # 0: the LM head lm_head; 1: a reward model, transformers' `score` head instead
-    # every layer attends to the last sliding_window positions only (Mistral v0.1's 4096); None: full attention. Our
-    # attention has no window, so no sequence may be longer (length_limit): below it the two are the same function
-    sliding_window: int | None = None
+    # each layer's sliding window, as transformers' "sliding_attention" layers have it (a query at position i sees the
+    # keys i - window < j <= i), one entry per layer, None for a full-attention layer; () when no layer slides. The one
+    # source of which layer has which window: pipeline.model.families reads it from config.json (Mistral's
+    # sliding_window in every layer, Qwen2 / Qwen3's use_sliding_window layers) and writes it back
+    layer_windows: tuple[int | None, ...] = ()
 
     def __post_init__(self) -> None:
         problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
                     for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
                     if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
-        for name in ("n_kv_heads", "head_size", "ffn_dim", "sliding_window"):
+        for name in ("n_kv_heads", "head_size", "ffn_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer or null, got {value!r}")
+        problems += self._normalise_windows()
         if not problems and self.head_size is None and self.emb_dim % self.n_heads:
             problems.append(f"emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}")
         if not problems and self.n_heads % self.kv_heads:
@@ -82,6 +85,24 @@ class ModelConfig:
             problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if problems:
             raise UserError([f"model config: {p}" for p in problems])
+
+    def _normalise_windows(self) -> list[str]:
+        """layer_windows as a tuple (a JSON list read back from our config.json), () when no layer slides, so that
+        equal models have equal configs; the problems with it."""
+        windows = self.layer_windows
+        if not isinstance(windows, (list, tuple)):
+            return [f"layer_windows must be a list of positive integers or nulls, got {windows!r}"]
+        bad = [w for w in windows if w is not None and (type(w) is not int or w < 1)]
+        if bad:
+            return [f"layer_windows must hold positive integers or nulls, got {bad[0]!r}"]
+        if any(windows) and isinstance(self.n_layers, int) and len(windows) != self.n_layers:
+            return [f"layer_windows has {len(windows)} entries, one per layer of n_layers {self.n_layers}"]
+        object.__setattr__(self, "layer_windows", tuple(windows) if any(windows) else ())
+        return []
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of block `layer`; None: it attends to every earlier position."""
+        return self.layer_windows[layer] if self.layer_windows else None
 
     @property
     def hidden_dim(self) -> int:
@@ -111,6 +132,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        out["layer_windows"] = list(self.layer_windows)
         return out
 
 
@@ -148,8 +170,8 @@ def _llama2(emb: int, layers: int, heads: int, ffn: int) -> ModelConfig:
 
 def _mistral(emb: int, layers: int, heads: int, kv: int, ffn: int) -> ModelConfig:
     """Mistral 7B v0.3 (mistralai/Mistral-7B-v0.3's config.json): the vocabulary extended to 32,768, RoPE theta 1e6,
-    sliding_window null (full attention since v0.2; v0.1's 4,096-position window and 32,000 ids are not this
-    shape), untied."""
+    sliding_window null (full attention since v0.2; v0.1's 4,096-position window in every layer and 32,000 ids are not
+    this shape), untied."""
     return _swiglu("mistral", vocab=32768, ctx=32768, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
                    theta=1000000.0, eps=1e-5, tied=False)
 
@@ -269,6 +291,10 @@ _V1_NAMES = {"layer_norm_eps": "norm_eps"}
 def _from_own(raw: Mapping[str, Any], path: Path) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     values = {_V1_NAMES.get(k, k): v for k, v in raw.items()}
+    if "sliding_window" in values:  # written before layer_windows (2026-12-06): Mistral's one window in every layer
+        window = values.pop("sliding_window")
+        if window and "layer_windows" not in values and type(values.get("n_layers")) is int:
+            values["layer_windows"] = [window] * values["n_layers"]
     unknown = sorted(set(values) - fields - {"format", "format_version", "torch_dtype"})
     if unknown:
         raise UserError([f"{path}: unknown key '{k}'{did_you_mean(k, fields)}" for k in unknown])
@@ -348,36 +374,23 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
 
 
-def length_limits(context_length: int | None, sliding_window: int | None, dynamic: bool = False) -> dict[str, int]:
-    """The bounds on one sequence's length (prompt and generated tokens, or a training row), by the config.json key
-    that sets each: context_length (none under dynamic NTK, ModelConfig.dynamic_rope), and a sliding window. Our
-    attention has no window: a sequence within it is computed exactly as transformers' windowed mask computes it
-    (its keys kv > q - window are then all of them), a longer one would not be, so it stops there. The one source of
-    length_limit, length_limit_name and the recipe's cutoff_len (pipeline.recipe.modelinfo.recipe_length_limits);
-    the context length comes first, so that a tie names it."""
-    named = {"context_length": None if dynamic else context_length, "sliding_window": sliding_window}
-    return {key: n for key, n in named.items() if n}
-
-
-def _length_limits(cfg: ModelConfig) -> dict[str, int]:
-    return length_limits(cfg.context_length, cfg.sliding_window, cfg.dynamic_rope)
+def context_limit(context_length: int | None, dynamic: bool = False) -> int | None:
+    """The longest sequence (prompt and generated tokens, or a training row) a model may run: its context_length,
+    none under dynamic NTK (ModelConfig.dynamic_rope), whose frequencies follow the length past it as transformers'
+    do. A sliding window sets no limit: a windowed layer attends to the last `window` positions of any length
+    (pipeline.model.attention.windowed). The one source of length_limit and the recipe's cutoff_len
+    (pipeline.recipe.modelinfo.recipe_length_limit)."""
+    return None if dynamic else context_length
 
 
 def length_limit(cfg: ModelConfig) -> int | None:
-    """The longest sequence a forward of this model may run (length_limits' lowest); None: no limit."""
-    return min(_length_limits(cfg).values(), default=None)
-
-
-def length_limit_name(cfg: ModelConfig) -> str:
-    """The config.json key that sets length_limit, for messages."""
-    limits = _length_limits(cfg)
-    key = min(limits, key=limits.__getitem__, default="context_length")
-    return f"{key} {getattr(cfg, key)}"
+    """The longest sequence a forward of this model may run; None: no limit."""
+    return context_limit(cfg.context_length, cfg.dynamic_rope)
 
 
 def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
     """The longest prompt `generate` keeps (a longer one is cut from the left): room for max_new_tokens, at least
-    half the length limit; None where there is no limit (dynamic NTK without a window)."""
+    half the length limit; None where there is no limit (dynamic NTK)."""
     limit = length_limit(cfg)
     if limit is None:
         return None
@@ -386,7 +399,7 @@ def prompt_room(cfg: ModelConfig, max_new_tokens: int) -> int | None:
 
 def decode_steps(cfg: ModelConfig, width: int, max_new_tokens: int) -> int:
     """Forwards `generate` runs at most after a (left-padded) prompt of `width` tokens: max_new_tokens, ending at
-    the length limit (none under dynamic NTK without a window)."""
+    the length limit (none under dynamic NTK)."""
     limit = length_limit(cfg)
     return max_new_tokens if limit is None else min(max_new_tokens, limit - width)
 

@@ -39,9 +39,9 @@ class Family:
     # config.json keys a checkpoint may leave out, with the value transformers' config class then takes, where
     # that is not Llama's (LlamaConfig: head_dim = hidden_size / heads, max_position_embeddings 2048)
     config_defaults: tuple[tuple[str, Any], ...] = ()
-    # the HF class's sliding-window attention: "layers" where use_sliding_window picks layers (sliding_window,
-    # max_window_layers, layer_types: Qwen2 / Qwen3), "every" where a non-null sliding_window applies to every
-    # layer (Mistral), "" none (LlamaForCausalLM ignores those keys)
+    # the HF class's sliding-window attention (read into ModelConfig.layer_windows by layer_windows): "layers" where
+    # use_sliding_window picks layers (sliding_window, max_window_layers, layer_types: Qwen2 / Qwen3), "every" where a
+    # non-null sliding_window applies to every layer (Mistral), "" none (GPT-2; LlamaForCausalLM ignores those keys)
     sliding_window: str = ""
     # the config.json bias switches the HF class reads (MistralAttention and MistralMLP have no biases at all)
     bias_keys: tuple[str, ...] = ("attention_bias", "mlp_bias")
@@ -257,8 +257,8 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
     """The layers transformers gives sliding-window attention (Qwen2Config.__post_init__, Qwen3's alike).
 
     Only with use_sliding_window and a sliding_window: the layers layer_types calls "sliding_attention" where
-    config.json lists them, else those from max_window_layers on. max_window_layers >= num_hidden_layers is
-    a plain full-attention model (refusing it for use_sliding_window alone was wrong).
+    config.json lists them, else those from max_window_layers on (max_window_layers >= num_hidden_layers: none,
+    a plain full-attention model).
     """
     if not raw.get("use_sliding_window") or raw.get("sliding_window") is None:
         return []
@@ -268,6 +268,29 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
         return [i for i in layers if i < len(kinds) and kinds[i] == "sliding_attention"]
     first = raw.get("max_window_layers")
     return [i for i in layers if type(first) is not int or i >= first]
+
+
+def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[int | None, ...]:
+    """Each layer's sliding window as the family's transformers class gives it (ModelConfig.layer_windows): Mistral's
+    sliding_window in every layer (null: none), Qwen2 / Qwen3's in the layers _sliding_layers names; () where no
+    layer slides. A window that is no positive integer is a problem (only where a layer would use it)."""
+    layers = raw.get("num_hidden_layers")
+    if not family.sliding_window or type(layers) is not int or layers < 1:
+        return ()
+    window = raw.get("sliding_window")
+    sliding = range(layers) if family.sliding_window == "every" and window is not None else \
+        _sliding_layers(raw) if family.sliding_window == "layers" else []
+    if not sliding:
+        return ()
+    if type(window) is not int or window < 1:
+        problems.append(f"{path}: sliding_window is {window!r}; expected a positive integer or null")
+        return ()
+    return tuple(window if i in sliding else None for i in range(layers))
+
+
+def hf_window(cfg: Any) -> int | None:
+    """The one sliding_window config.json holds for the windowed layers (check_exportable refuses several)."""
+    return max((w for w in cfg.layer_windows if w), default=None)
 
 
 def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
@@ -281,16 +304,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     act = raw.get("hidden_act", "silu")
     if act != "silu":
         problems.append(f"{path}: hidden_act '{act}' is not supported; expected 'silu' (SwiGLU)")
-    sliding = _sliding_layers(raw) if family.sliding_window == "layers" else []
-    if sliding:
-        problems.append(f"{path}: use_sliding_window true is not supported: layer{'s' if len(sliding) > 1 else ''}"
-                        f" {', '.join(map(str, sliding))} would attend to the last {raw['sliding_window']} positions"
-                        f" only (max_window_layers {raw.get('max_window_layers')!r}, layer_types"
-                        f" {raw.get('layer_types')!r}), and every layer here attends to the full context; set"
-                        " use_sliding_window false to run it with full attention")
-    window = raw.get("sliding_window") if family.sliding_window == "every" else None
-    if window is not None and (type(window) is not int or window < 1):
-        problems.append(f"{path}: sliding_window is {window!r}; expected a positive integer or null")
+    windows = layer_windows(family, raw, path, problems)
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
     theta, scaling = _rope(raw, path, problems)
@@ -317,7 +331,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         ffn_dim=raw["intermediate_size"],
         qkv_bias=True if family is QWEN2 else bias, o_bias=False if family is QWEN2 else bias,
         qk_norm=family is QWEN3, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
-        sliding_window=window,
+        layer_windows=windows,
     )
 
 
@@ -380,13 +394,20 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     if family is LLAMA:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif family.sliding_window == "every":
-        out["sliding_window"] = cfg.sliding_window  # null is full attention (MistralConfig's default is 4096)
+        out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
+    elif any(cfg.layer_windows):  # layer_types as transformers 5 reads it; max_window_layers for older readers
+        out.update(use_sliding_window=True, sliding_window=hf_window(cfg),
+                   max_window_layers=next(i for i, w in enumerate(cfg.layer_windows) if w),
+                   layer_types=["sliding_attention" if w else "full_attention" for w in cfg.layer_windows])
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if family is QWEN3:
         out["attention_bias"] = cfg.qkv_bias
     return out
 
+
+_WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
+                      "layers": "one sliding_window, in the layers layer_types names"}
 
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
@@ -408,5 +429,11 @@ def check_exportable(cfg: Any) -> list[str]:
         "mistral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
                         qkv_bias=False, o_bias=False, mlp_bias=False),
     }[family.name]
-    return [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
-            for k, v in want.items() if getattr(cfg, k) != v]
+    problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
+                for k, v in want.items() if getattr(cfg, k) != v]
+    widths = {w for w in cfg.layer_windows if w}
+    if widths and (len(widths) > 1 or not family.sliding_window
+                   or (family.sliding_window == "every" and None in cfg.layer_windows)):
+        problems.append(f"{family.architecture} cannot express layer_windows {list(cfg.layer_windows)!r} (its"
+                        f" sliding windows: {_WINDOWS_EXPRESSED[family.sliding_window]})")
+    return problems

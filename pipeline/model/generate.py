@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from pipeline.model.beam_search import beam_search
-from pipeline.model.config import decode_steps, length_limit_name, prompt_room
+from pipeline.model.config import decode_steps, prompt_room
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.penalties import penalize_repeats
@@ -133,7 +133,7 @@ def generate(
         raise ValueError("every prompt needs at least one token")
     keep = prompt_room(model.cfg, max_new_tokens)
     if keep is not None and any(len(p) > keep for p in batch):
-        note(f"generate: prompt longer than {keep} tokens cut from the left ({length_limit_name(model.cfg)})")
+        note(f"generate: prompt longer than {keep} tokens cut from the left (context_length {model.cfg.context_length})")
         batch = [p[-keep:] for p in batch]
     device = next(model.parameters()).device
     pad_id = pad_id if pad_id < model.cfg.vocab_size else 0  # pads are masked out: any valid id will do

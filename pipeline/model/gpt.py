@@ -6,7 +6,8 @@ Family differences are ModelConfig fields, never family checks in this file:
     positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN)
     mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
-                per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three
+                per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
+                a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window: layer_windows)
     head        tied to the token embedding or not
 
 Class names follow the book (GPTModel, TransformerBlock, MultiHeadAttention, FeedForward, LayerNorm,
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.attention import Buckets, Varlen, attend, packed_attention, segment_mask  # noqa: F401 (re-export)
+from pipeline.model.attention import Spec, attend, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
                                       head_cross_entropy_tokens)
@@ -127,7 +128,8 @@ class MultiHeadAttention(nn.Module):
     """Causal self-attention with grouped key/value heads and torch's SDPA kernel.
 
     No T x T mask buffer: causality comes from `is_causal`, or from an explicit boolean mask when
-    padding or packed segments must be hidden or a KV cache shifts the query positions. The cache
+    padding or packed segments must be hidden, a KV cache shifts the query positions or a sliding window
+    (the block's, cfg.window) is shorter than the sequence. The cache
     holds the n_kv_heads keys/values, not their repeats (SDPA's enable_gqa shares them); `layer` is this
     attention's slot in it.
     """
@@ -153,8 +155,7 @@ class MultiHeadAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, cache: KVCache | None,
-                rope: Rope | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.split, dim=2)
@@ -178,17 +179,18 @@ class MultiHeadAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections)."""
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections). `window`: its
+    attention's sliding window (GPTModel.forward hands it the mask of that window)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.window = cfg.window(layer)
         self.input_layernorm = make_norm(cfg, cfg.emb_dim)
         self.self_attn = MultiHeadAttention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | Varlen | Buckets | None, cache: KVCache | None,
-                rope: Rope | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), mask, cache, rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -298,7 +300,11 @@ class GPTModel(nn.Module):
 
         attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
         sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
-        causal mask; pass position_ids restarting at 0 per segment). labels (B, T) are already shifted
+        causal mask; pass position_ids restarting at 0 per segment). A layer with a sliding window w
+        (cfg.layer_windows) attends only to the keys at the last w indices of the row (or of the cache, which
+        keeps every token), its own included, as transformers' sliding_window_overlay counts them; left padding
+        shifts a row's indices alike, so a left-padded row sees what it sees alone.
+        labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
         labels the output head runs only at the labelled positions, returning the mean
         cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches; with predict
@@ -315,9 +321,6 @@ class GPTModel(nn.Module):
         past_len = cache.length if cache is not None else 0
         if past_len + t > self.cfg.context_length and position_ids is None and not self.cfg.dynamic_rope:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
-        if self.cfg.sliding_window and past_len + t > self.cfg.sliding_window:  # config.length_limit: no window here
-            raise ValueError(f"sequence of {past_len + t} tokens exceeds sliding_window {self.cfg.sliding_window}: "
-                             "this attention has no window, so it runs sequences within it only")
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
         x = self.embed_tokens(input_ids)
@@ -329,13 +332,17 @@ class GPTModel(nn.Module):
         if segment_ids is not None:
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-            mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0)
+            mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
+                                    windowed=bool(self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
+        # one spec per sliding window the layers have (None: full attention), shared by the layers with it
+        masks = {w: windowed(mask, w, t, past_len + t, input_ids.device) for w in {blk.window for blk in self.layers}}
         rope = self._rope(position_ids.expand(b, t), x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.layers:
-            x = checkpoint(block, x, mask, None, rope, use_reentrant=False) if recompute else block(x, mask, cache, rope)
+            spec = masks[block.window]
+            x = checkpoint(block, x, spec, None, rope, use_reentrant=False) if recompute else block(x, spec, cache, rope)
         x = self.norm(x)
         if self.lm_head is None:
             if labels is not None or use_cache:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.model.config import (GPTConfig, TensorSpec, built_params, length_limits, read_config,
+from pipeline.model.config import (GPTConfig, TensorSpec, built_params, context_limit, read_config,
                                    resized_vocab_size, trainable_tensors)
 
 
@@ -69,12 +69,11 @@ def scales_past_context(info: ModelInfo, rope_scaling: str | None, cutoff_len: i
         return False
 
 
-def recipe_length_limits(values: Mapping[str, Any], info: ModelInfo | None, dynamic: bool) -> dict[str, int]:
-    """The bounds on a row's length of the model the recipe trains (pipeline.model.config.length_limits): the
-    recipe's context_length, else the checkpoint's, and the checkpoint's sliding window; `dynamic`: the caller's
-    reading of dynamic NTK (no context bound). As far as known here: nothing of a model that cannot be read."""
-    return length_limits(values.get("context_length") or (info.context_length if info else None),
-                         info.config.sliding_window if info else None, dynamic)
+def recipe_length_limit(values: Mapping[str, Any], info: ModelInfo | None, dynamic: bool) -> int | None:
+    """The longest row of the model the recipe trains (pipeline.model.config.context_limit): the recipe's
+    context_length, else the checkpoint's; `dynamic`: the caller's reading of dynamic NTK (no bound). As far as
+    known here: None for a model that cannot be read."""
+    return context_limit(values.get("context_length") or (info.context_length if info else None), dynamic)
 
 
 def looks_like_path(name: str) -> bool:

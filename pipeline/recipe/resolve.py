@@ -279,11 +279,10 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
         values[key] = _normalise(key, values[key], spec.properties()[key])
     if (origins["cutoff_len"].kind == "default" and values["rope_scaling"] is None
             and not {"model_name_or_path", "context_length"} & bad):
-        from pipeline.recipe.modelinfo import model_info, recipe_length_limits
+        from pipeline.recipe.modelinfo import model_info, recipe_length_limit
 
         # the default never exceeds the model, nor its context under dynamic NTK (a default relies on no rescaling)
-        limit = min(recipe_length_limits(values, model_info(values["model_name_or_path"]), False).values(),
-                    default=None)
+        limit = recipe_length_limit(values, model_info(values["model_name_or_path"]), False)
         if limit is not None and limit < values["cutoff_len"]:
             values["cutoff_len"], origins["cutoff_len"] = limit, DERIVED
     _derive_rope_context(values, origins, bad)

@@ -69,9 +69,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3Config", "Qwen3ForCausalLM",
                     dict(_DECODER, vocab_size=151936, head_dim=16, tie_word_embeddings=False),
                     hints=("qwen3",), tokenizer="qwen3"),
-    # Mistral-7B-v0.1's shape of config: no biases, GQA, a sliding window in every layer (wider than cutoff_len);
+    # Mistral-7B-v0.1's shape of config: no biases, GQA, a sliding window in every layer (shorter than cutoff_len);
     # only with small_vocab (a byte-level stand-in: the real sentencepiece vocabulary is another helper's)
-    "mistral": Family("MistralConfig", "MistralForCausalLM", dict(_DECODER, vocab_size=32000, sliding_window=128),
+    "mistral": Family("MistralConfig", "MistralForCausalLM", dict(_DECODER, vocab_size=32000, sliding_window=8),
                       hints=("mistral",), tokenizer="mistral"),
 }
 

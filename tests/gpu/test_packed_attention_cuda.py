@@ -2,13 +2,15 @@
 
 The CPU suite checks the varlen glue with stand-in kernels (tests/model/test_packed_attention.py); this file is
 the one place the real kernel runs. It is skipped without CUDA; bench/gpu_check.sh runs it on a lent GPU.
-The truth is the same weights in fp32 run on each example by itself (dense causal SDPA): nothing of the
-packed path computes it. In bf16/fp16 the packed row cannot match it to fp32 rounding, so the bar is the
+The truth is the same weights in fp32 run on each example by itself (dense causal SDPA; with a sliding window,
+SDPA with the band mask): nothing of the packed path computes it. In bf16/fp16 the packed row cannot match it to fp32 rounding, so the bar is the
 unpacked run's own: the packed logits and gradients are as close to the truth as those of each example run
 alone in the same dtype (within 2x, plus a floor of 1%). A kernel that let segments see each other or the
 future misses that by tens of percent (checked on CPU with broken stand-ins when this test was written).
 """
 from __future__ import annotations
+
+import inspect
 
 import pytest
 import torch
@@ -24,11 +26,14 @@ ROW = 320
 
 
 def _config(preset: str):
+    """The preset's shape, small; "+window": a 48-position sliding window in layer 0 (segments of 64-120 slide)."""
+    preset, _, window = preset.partition("+")
     base = PRESETS[preset]
     if preset == "tiny":
         return base.replace(context_length=ROW, drop_rate=0.0)
     return base.replace(vocab_size=4096, context_length=ROW, emb_dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                        ffn_dim=512, drop_rate=0.0, head_size=64 if base.head_size else None)
+                        ffn_dim=512, drop_rate=0.0, head_size=64 if base.head_size else None,
+                        layer_windows=(48, None) if window else ())
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -64,11 +69,13 @@ def _alone(model, ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, dict[str
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b", "llama-3.2-1b"])
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b", "llama-3.2-1b", "qwen3-0.6b+window"])
 def test_varlen_kernel_packed_examples_equal_each_alone(monkeypatch, preset, dtype):
     real = attention._varlen_kernel()
     if real is None:
         pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    if "+window" in preset and "window_size" not in inspect.signature(real).parameters:
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn has no window_size (windowed rows take the buckets)")
     calls = []
     monkeypatch.setattr(attention, "_varlen_kernel", lambda: (calls.append(1), real)[1])
     cfg = _config(preset)

@@ -16,22 +16,25 @@ VOCAB, EOS, PAD = 64, 3, 0
 NEW = 12
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(our model, transformers' model): a random Llama written by save_pretrained; every tensor gets noise and
-    the EOS row of the head is doubled, so that EOS ends some beams after a few tokens and others run to the end."""
-    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=VOCAB,
-                                      max_position_embeddings=128, num_attention_heads=4, num_key_value_heads=2,
-                                      bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
+def written(path, family: str, **extra):
+    """(our model, transformers' model): a random `family` model written by save_pretrained; every tensor gets noise
+    and the EOS row of the head is doubled, so that EOS ends some beams after a few tokens and others run to the end."""
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=128,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD, **extra)
     torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(config).eval()
+    ref = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         ref.lm_head.weight[EOS].mul_(2.0)
-    path = tmp_path_factory.mktemp("llama")
     ref.save_pretrained(path)
     return load_model(path).eval(), ref
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return written(tmp_path_factory.mktemp("llama"), "Llama")
 
 
 def prompts(lengths=(5, 9, 3), high=VOCAB, seed=1):
@@ -70,6 +73,14 @@ def test_llama_batch_equals_transformers(llama, answers, setting):
     assert answers[setting] == expected
     assert generate(ours, prompts(), max_new_tokens=NEW, num_beams=num_beams, length_penalty=length_penalty,
                     early_stopping=early_stopping, eos_id=EOS, use_cache=False) == expected
+
+
+def test_beams_past_a_sliding_window_equal_transformers(tmp_path):
+    """Beam search runs the model's forward, whose mask keeps a layer's window: a Mistral with a 4-position window,
+    left-padded prompts of 3-9 tokens and 12 new ones (prefill and cached steps past the window)."""
+    ours, ref = written(tmp_path, "Mistral", sliding_window=4)
+    expected = transformers_beams(ref, prompts(), PAD, EOS, num_beams=2, max_new_tokens=NEW)
+    assert generate(ours, prompts(), max_new_tokens=NEW, num_beams=2, eos_id=EOS) == expected
 
 
 def test_the_settings_matter(llama, answers):

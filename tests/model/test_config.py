@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.model.config import (PRESETS, GPTConfig, count_params, length_limit, length_limit_name, read_config,
+from pipeline.model.config import (PRESETS, GPTConfig, count_params, length_limit, read_config, to_own_config,
                                    trainable_params)
 
 
@@ -51,22 +51,42 @@ def test_llama2_and_mistral_preset_counts(name, shape, golden, positions):
     assert count_params(cfg) == swiglu_by_hand(*shape) == golden
     assert (cfg.vocab_size, cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.hidden_dim) == shape
     assert (cfg.context_length, cfg.rope_theta) == positions  # max_position_embeddings, rope_theta
-    assert not cfg.tie_weights and cfg.sliding_window is None and cfg.rope_scaling is None
+    assert not cfg.tie_weights and cfg.layer_windows == () and cfg.rope_scaling is None
 
 
-@pytest.mark.parametrize("context, window, scaling, limit, name", [
-    (32768, 4096, None, 4096, "sliding_window 4096"),   # Mistral v0.1: the window is the shorter
-    (4096, 8192, None, 4096, "context_length 4096"),    # a window wider than the context never binds
-    (4096, 4096, None, 4096, "context_length 4096"),    # a tie names the context length
-    (64, None, None, 64, "context_length 64"),          # full attention
-    (64, None, "dynamic", None, "context_length 64"),   # dynamic NTK runs past its context: no limit
-    (64, 16, "dynamic", 16, "sliding_window 16"),       # ... but never past a window
-    (64, None, "linear", 64, "context_length 64"),      # other scalings keep the context
+@pytest.mark.parametrize("context, windows, scaling, limit", [
+    (32768, (4096, 4096), None, 32768),  # Mistral v0.1: the window bounds what a layer sees, not the sequence
+    (64, (), None, 64),                  # full attention
+    (64, (), "dynamic", None),           # dynamic NTK runs past its context: no limit
+    (64, (16, None), "dynamic", None),   # ... with a window too
+    (64, (), "linear", 64),              # other scalings keep the context
 ])
-def test_length_limit_by_hand(context, window, scaling, limit, name):
-    cfg = PRESETS["tiny"].replace(context_length=context, sliding_window=window, positions="rope",
+def test_length_limit_by_hand(context, windows, scaling, limit):
+    cfg = PRESETS["tiny"].replace(context_length=context, layer_windows=windows, positions="rope",
                                   rope_scaling={"type": scaling, "factor": 2.0} if scaling else None)
-    assert (length_limit(cfg), length_limit_name(cfg)) == (limit, name)
+    assert length_limit(cfg) == limit
+
+
+def test_layer_windows_are_data_and_round_trip_in_our_config(tmp_path):
+    """One entry per layer (None: full attention), a JSON list in our config.json read back as the same tuple; all
+    None is (); the sliding_window key of our configs written before layer_windows is Mistral's window in every
+    layer (null: none); a wrong count or value is one message."""
+    cfg = PRESETS["tiny"].replace(layer_windows=[None, 8])
+    assert cfg.layer_windows == (None, 8) and (cfg.window(0), cfg.window(1)) == (None, 8)
+    assert PRESETS["tiny"].replace(layer_windows=(None, None)).layer_windows == ()
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps(to_own_config(cfg)))
+    assert read_config(own) == cfg
+    for window, windows in ((4096, (4096, 4096)), (None, ())):
+        written = {**to_own_config(PRESETS["tiny"]), "sliding_window": window}
+        del written["layer_windows"]
+        (own / "config.json").write_text(json.dumps(written))
+        assert read_config(own) == PRESETS["tiny"].replace(layer_windows=windows)
+    for windows, words in (((8,), "layer_windows has 1 entries, one per layer of n_layers 2"),
+                           ((0, 8), "layer_windows must hold positive integers or nulls, got 0")):
+        with pytest.raises(UserError, match=words):
+            PRESETS["tiny"].replace(layer_windows=windows)
 
 
 def test_small_presets_shapes_and_counts():

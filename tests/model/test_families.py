@@ -3,8 +3,8 @@ batched with left padding), export back to the HF layout, PEFT adapters and merg
 
 Every golden value comes from transformers / PEFT. Tiny shapes (2 layers, width 64) with the features that
 distinguish the families: GQA and MQA, Llama 3.1's rope scaling, Qwen2's q/k/v biases, Qwen3's explicit
-head_dim and q/k norms, Mistral v0.1's sliding window (wider than every sequence here: config.length_limit), tied
-and untied heads.
+head_dim and q/k norms, sliding windows shorter than the sequences here (Mistral v0.1's in every layer, Qwen2's
+from max_window_layers on, Qwen3's where layer_types says), tied and untied heads.
 """
 from __future__ import annotations
 
@@ -36,16 +36,20 @@ VARIANTS = {
     # MQA, tied head
     "llama-mqa-tied": ("LlamaConfig", "LlamaForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)),
-    # q/k/v biases, GQA, tied (Qwen2.5 0.5B / 1.5B)
+    # q/k/v biases, GQA, tied (Qwen2.5 0.5B / 1.5B); use_sliding_window: layer 1 (from max_window_layers on) attends
+    # to the last 5 positions, layer 0 to all
     "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True)),
-    # head_dim 32 x 4 heads = 128 != width 64, per-head q/k RMSNorm, untied
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    # head_dim 32 x 4 heads = 128 != width 64, per-head q/k RMSNorm, untied; a 4-position window in layer 0 only
+    # (layer_types: a pattern max_window_layers cannot say)
     "qwen3-headdim-qknorm": ("Qwen3Config", "Qwen3ForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
-    # no biases anywhere, GQA, a sliding window in every layer (Mistral-7B-v0.1: 4096 of 32,768 positions) that
-    # no sequence here reaches, untied
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention", "full_attention"])),
+    # no biases anywhere, GQA, a sliding window in every layer (Mistral-7B-v0.1: 4096 of 32,768 positions) shorter
+    # than the sequences here, untied
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=32, tie_word_embeddings=False)),
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=6, tie_word_embeddings=False)),
 }
 
 
@@ -81,10 +85,12 @@ def test_config_is_read_into_fields(checkpoint):
     assert cfg.norm == "rmsnorm" and cfg.positions == "rope" and cfg.mlp == "swiglu" and not cfg.qkv_fused
     expect = {"llama-gqa-llama3-untied": dict(family="llama", kv_heads=2, tie_weights=False, qkv_bias=False),
               "llama-mqa-tied": dict(family="llama", kv_heads=1, tie_weights=True),
-              "qwen2-bias-tied": dict(family="qwen2", qkv_bias=True, o_bias=False, tie_weights=True),
-              "qwen3-headdim-qknorm": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False),
+              "qwen2-bias-tied": dict(family="qwen2", qkv_bias=True, o_bias=False, tie_weights=True,
+                                      layer_windows=(None, 5)),
+              "qwen3-headdim-qknorm": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False,
+                                           layer_windows=(4, None)),
               "mistral-window": dict(family="mistral", kv_heads=2, qkv_bias=False, o_bias=False, mlp_bias=False,
-                                     sliding_window=32, tie_weights=False)}[name]
+                                     layer_windows=(6, 6), tie_weights=False)}[name]
     assert {k: getattr(cfg, k) for k in expect} == expect
     if name.startswith("llama-gqa"):
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["type"] == "llama3"
@@ -101,6 +107,21 @@ def test_logits_equal_transformers(checkpoint):
     # the parameter count of the model and of the torch-free layout agree with transformers'
     assert count_params(ours.cfg) == sum(p.numel() for p in ref.parameters())
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == ours.cfg.tie_weights
+
+
+def test_padded_batch_logits_equal_transformers(checkpoint):
+    """A batch with an attention mask, rows longer than the sliding windows: left padding (generate's) and right
+    padding (training's); the real positions' logits equal transformers' on the same ids and mask."""
+    name, path, ref = checkpoint
+    ours = load_model(path).eval()
+    x = ids(16, (2, 14))
+    left = torch.tensor([[0] * 3 + [1] * 11, [1] * 14])
+    for mask in (left, left.flip(1)):
+        with torch.no_grad():
+            want = ref(x, attention_mask=mask).logits
+            got = ours(x, attention_mask=mask)
+        real = mask.bool()
+        assert torch.allclose(got[real], want[real], atol=1e-4, rtol=0), (got[real] - want[real]).abs().max()
 
 
 def test_greedy_generation_equals_transformers_with_and_without_cache(checkpoint):
@@ -145,6 +166,21 @@ def test_export_loads_in_auto_model(checkpoint, tmp_path):
     x = ids(6)
     with torch.no_grad():
         assert torch.allclose(back(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset, windows, words", [
+    ("llama-3.2-1b", (8, None), "LlamaForCausalLM cannot express layer_windows [8, None] (its sliding windows: none)"),
+    ("mistral-7b", (8, None), "MistralForCausalLM cannot express layer_windows [8, None] (its sliding windows: one"
+                              " sliding_window in every layer)"),
+    ("qwen3-0.6b", (8, 4), "Qwen3ForCausalLM cannot express layer_windows [8, 4] (its sliding windows: one"
+                           " sliding_window, in the layers layer_types names)"),
+])
+def test_windows_the_architecture_cannot_express_are_named(preset, windows, words):
+    from pipeline.model.families import check_exportable
+
+    assert check_exportable(PRESETS[preset].replace(n_layers=2, layer_windows=windows)) == [words]
+    assert check_exportable(PRESETS[preset].replace(n_layers=2, layer_windows=(8, 8) if preset != "llama-3.2-1b"
+                                                    else ())) == []
 
 
 def randomise_lora(model, seed=0):
@@ -356,8 +392,8 @@ def write_config(tmp_path, **changes):
       "rope_scaling": {"type": "longrope", "factor": 2.0}},
      "rope_scaling.rope_type 'longrope' is not implemented"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
-    ({"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1, "layer_types": None},
-     "use_sliding_window true is not supported: layer 1 would attend to the last 16 positions only"),
+    ({"use_sliding_window": True, "sliding_window": 0, "max_window_layers": 1, "layer_types": None},
+     "sliding_window is 0; expected a positive integer or null"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, changes, words):
     path = write_config(tmp_path, **changes)
@@ -366,25 +402,31 @@ def test_bad_configs_name_file_and_key(tmp_path, changes, words):
     assert any(m.startswith(f"{path}: ") and words in m for m in err.value.messages), err.value.messages
 
 
-@pytest.mark.parametrize("layer_types", [None, ["full_attention", "full_attention"]])
-def test_use_sliding_window_with_every_layer_below_max_window_layers_is_full_attention(tmp_path, layer_types):
-    """Qwen2Config gives sliding-window attention only to the layers from max_window_layers on (or those
-    layer_types names): with max_window_layers >= num_hidden_layers no layer slides, and the model is the plain
-    full-attention one transformers runs; it was refused for use_sliding_window true alone."""
+@pytest.mark.parametrize("max_window_layers, windows", [(1, (None, 4)), (2, ())])
+def test_qwen2_config_without_layer_types_slides_from_max_window_layers(tmp_path, max_window_layers, windows):
+    """A Qwen2.5 config.json as the hub has it (written before transformers had layer_types): Qwen2Config gives
+    sliding-window attention to the layers from max_window_layers on (__post_init__); max_window_layers >=
+    num_hidden_layers is the plain full-attention model. Golden: transformers on the same folder, 24 positions
+    past the window."""
     config = transformers.Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                      sliding_window=4, max_window_layers=2, layer_types=layer_types)
+                                      sliding_window=4, max_window_layers=max_window_layers)
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(config)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # as hf_model: a window that did cut would show in the logits
     model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    del written["layer_types"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert json.loads((tmp_path / "config.json").read_text())["use_sliding_window"] is True
-    x = ids(12, (1, 24))  # longer than the window
+    assert ref.config.layer_types == ["sliding_attention" if w else "full_attention" for w in windows or (None, None)]
+    ours = load_model(tmp_path).eval()
+    assert ours.cfg.layer_windows == windows
+    x = ids(12, (1, 24))
     with torch.no_grad():
         want = ref(x).logits
-        got = load_model(tmp_path).eval()(x)
+        got = ours(x)
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
@@ -432,7 +474,7 @@ def test_keys_a_config_leaves_out_take_the_transformers_defaults(tmp_path, confi
     assert (ours.head_dim, ours.context_length) == (theirs.head_dim if hasattr(theirs, "head_dim") else 16,
                                                     theirs.max_position_embeddings)
     if config_cls == "MistralConfig":
-        assert ours.sliding_window == theirs.sliding_window == 4096
+        assert ours.layer_windows == (theirs.sliding_window,) * 2 == (4096, 4096)
 
 
 def test_a_tied_checkpoint_whose_config_lacks_tie_word_embeddings_names_the_key(tmp_path):
@@ -537,31 +579,13 @@ def test_rmsnorm_reduces_in_fp32_so_large_fp16_activations_do_not_overflow():
     assert out.dtype == torch.float16 and torch.allclose(out.float(), torch.ones(1, 4, 64), atol=1e-3)
 
 
-def test_mistral_window_bounds_every_sequence_and_null_is_full_attention(tmp_path):
-    """Our attention has no window: a Mistral v0.1 model runs sequences up to its sliding_window (transformers'
-    mask keeps keys kv > q - window, all of them there), refuses a longer forward, and generate cuts a prompt to
-    leave room within it. Golden: transformers' greedy continuation of the prompt as cut. v0.2's null window is
-    full attention and stays null in the export (MistralConfig would read a missing key as 4096)."""
-    config = transformers.MistralConfig(**{**COMMON, "max_position_embeddings": 256}, num_attention_heads=4,
-                                        num_key_value_heads=2, sliding_window=16)
-    torch.manual_seed(0)
-    ref = transformers.MistralForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    ref.save_pretrained(tmp_path / "v01")
-    ours = load_model(tmp_path / "v01").eval()
-    with pytest.raises(ValueError, match="exceeds sliding_window 16"):
-        ours(ids(13, (1, 17)))
-    prompt = ids(14, (1, 14))[0].tolist()
-    with torch.no_grad():  # prompt_room: max(16 - 8, 16 // 2) = 8 tokens kept, then 8 new ones: 16 in all
-        expected = ref.generate(torch.tensor([prompt[-8:]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, 8:].tolist()
-    assert generate(ours, prompt, max_new_tokens=8, eos_id=None) == expected
-    config.sliding_window = None
+def test_mistral_null_window_is_full_attention_and_stays_null(tmp_path):
+    """v0.2's null sliding_window is full attention and stays null in the export (MistralConfig would read a
+    missing key as 4096)."""
+    config = transformers.MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
     transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "v02")
     full = load_model(tmp_path / "v02").eval()
-    assert full.cfg.sliding_window is None and full(ids(15, (1, 40))).shape == (1, 40, VOCAB)
+    assert full.cfg.layer_windows == () and full(ids(15, (1, 40))).shape == (1, 40, VOCAB)
     save_hf(full, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["sliding_window"] is None
     assert transformers.AutoConfig.from_pretrained(tmp_path / "out").sliding_window is None

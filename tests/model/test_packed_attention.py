@@ -15,6 +15,7 @@ from pipeline.model import attention, causal_attention
 from pipeline.model.config import PRESETS
 from pipeline.model.gpt import GPTModel, segment_mask
 
+VARLEN = attention._varlen
 LENGTHS = (5, 9, 3)  # three examples; the packed row is 17 real tokens + 3 padding
 ROW = 20
 
@@ -30,9 +31,9 @@ def _examples(vocab: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tenso
     return out
 
 
-def _pack(examples):
+def _pack(examples, pad_id: int = 50256):
     """One row: examples back to back, then padding with its own segment; positions restart per segment."""
-    ids = torch.full((1, ROW), 50256)
+    ids = torch.full((1, ROW), pad_id)
     labels = torch.full((1, ROW), -100)
     seg = torch.full((1, ROW), len(examples))
     pos = torch.zeros((1, ROW), dtype=torch.long)
@@ -57,7 +58,7 @@ def packed_equals_unpacked(model, vocab: int) -> None:
 
     Shared by every decoder family (called with a GPT-2 here; RoPE families pass their own model)."""
     examples = _examples(vocab)
-    ids, labels, seg, pos = _pack(examples)
+    ids, labels, seg, pos = _pack(examples, vocab - 1)
     logits = model(ids, segment_ids=seg, position_ids=pos)
     at = 0
     for k, (x, y) in enumerate(examples):
@@ -89,28 +90,33 @@ def test_gpt2_packed_examples_equal_unpacked_loss_logits_and_gradients(monkeypat
     packed_equals_unpacked(model, cfg.vocab_size)
 
 
-def _per_segment(q, k, v, cu_q, cu_k, max_q, *, grouped: bool):
-    """Causal SDPA on each segment alone: the documented contract of torch's CUDA varlen kernel."""
+def _per_segment(q, k, v, cu_q, cu_k, max_q, *, grouped: bool, left: int = -1):
+    """Causal SDPA on each segment alone: the documented contract of torch's CUDA varlen kernel; `left` >= 0:
+    window_size (left, 0), inclusive bounds: query i sees the keys i - left <= j <= i (the reference mask of
+    torch's own test/test_varlen_attention.py, forward_sdpa: keys from i - window_size[0] to i + window_size[1])."""
     assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
     assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
     out = torch.empty_like(q)
     for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
         seg = [z[a:b].transpose(0, 1)[None] for z in (q, k, v)]  # (1, H, L, D)
-        out[a:b] = F.scaled_dot_product_attention(*seg, is_causal=True, enable_gqa=grouped)[0].transpose(0, 1)
+        i = torch.arange(b - a)
+        allowed = (i[None, :] <= i[:, None]) & ((i[:, None] - i[None, :] <= left) | (left < 0))
+        out[a:b] = F.scaled_dot_product_attention(*seg, attn_mask=allowed, enable_gqa=grouped)[0].transpose(0, 1)
     return out
 
 
 def _varlen_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
                 enable_gqa=False):
-    """A stand-in for the latest `varlen_attn` signature: window (-1, 0) = causal, grouped heads allowed."""
-    assert window_size == (-1, 0) and enable_gqa == (k.shape[1] != q.shape[1])
-    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=enable_gqa)
+    """A stand-in for the latest `varlen_attn` signature: window (-1, 0) = causal, (left, 0) a sliding window,
+    grouped heads allowed."""
+    assert window_size[1] == 0 and enable_gqa == (k.shape[1] != q.shape[1])
+    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=enable_gqa, left=window_size[0])
 
 
 def _varlen_window(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
     """A stand-in for torch 2.11's `varlen_attn`: `window_size`, and as many key/value heads as query heads."""
-    assert window_size == (-1, 0) and k.shape[1] == q.shape[1] == v.shape[1]
-    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=False)
+    assert window_size[1] == 0 and k.shape[1] == q.shape[1] == v.shape[1]
+    return _per_segment(q, k, v, cu_q, cu_k, max_q, grouped=False, left=window_size[0])
 
 
 def _varlen_is_causal(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -126,9 +132,25 @@ def test_varlen_path_glue_gives_the_same_results(monkeypatch, kernel, preset):
     """The CUDA path's reshaping, segment boundaries and grouped heads, run on CPU with a per-segment reference
     kernel in each of the three signatures torch has shipped."""
     monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
-    monkeypatch.setattr(attention, "use_varlen", lambda device, dtype, p: True)
+    monkeypatch.setattr(attention, "varlen_device", lambda device, dtype, p: True)
     cfg = _tiny(preset).replace(context_length=32)
     packed_equals_unpacked(GPTModel(cfg, seed=4).train(), cfg.vocab_size)
+
+
+@pytest.mark.parametrize("kernel", [_varlen_gqa, _varlen_window, _varlen_is_causal],
+                         ids=["enable_gqa", "window_size", "is_causal"])
+def test_sliding_window_packed_examples_equal_unpacked(monkeypatch, kernel):
+    """A 4-position window in layer 0, none in layer 1, examples of 5 and 9 tokens: each example in a packed row
+    computes what it computes alone (its own band: pipeline.model.attention.windowed), through the varlen glue,
+    whose stand-ins honour flash's inclusive window_size (left, 0), and where the kernel has no window_size (the
+    first signature) through the buckets, its kernel never called."""
+    calls = []
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(attention, "varlen_device", lambda device, dtype, p: True)
+    monkeypatch.setattr(attention, "_varlen", lambda *a: (calls.append(1), VARLEN(*a))[1])
+    cfg = _tiny("qwen3-0.6b").replace(vocab_size=256, context_length=32, layer_windows=(4, None))
+    packed_equals_unpacked(GPTModel(cfg, seed=4).train(), cfg.vocab_size)
+    assert bool(calls) == (kernel is not _varlen_is_causal)
 
 
 def test_segment_bounds_cut_rows_and_segments():
@@ -137,12 +159,35 @@ def test_segment_bounds_cut_rows_and_segments():
     assert bounds.cu_seqlens.tolist() == [0, 2, 5, 6, 7, 12] and bounds.max_len == 5
 
 
-def test_path_choice():
+def test_path_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not attention.use_varlen(cpu, torch.bfloat16, 0.0)
     assert not attention.use_varlen(cuda, torch.float32, 0.0)
     assert not attention.use_varlen(cuda, torch.bfloat16, 0.1)
     assert attention.use_varlen(cuda, torch.bfloat16, 0.0) == (attention._varlen_kernel() is not None)
+    for kernel, windowed in ((_varlen_gqa, True), (_varlen_window, True), (_varlen_is_causal, False)):
+        monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
+        assert attention.use_varlen(cuda, torch.bfloat16, 0.0)
+        assert attention.use_varlen(cuda, torch.bfloat16, 0.0, windowed=True) == windowed  # a window needs window_size
+
+
+def test_windowed_band_is_transformers_sliding_window_overlay():
+    """windowed's band: a query at i sees i - window < j <= i (transformers masking_utils.sliding_window_overlay
+    `kv_idx > q_idx - sliding_window` AND causal_mask_function `kv_idx <= q_idx`), written out for window 3; the last
+    queries of a cache; unchanged where no sequence is longer than the window."""
+    want = torch.tensor([[1, 0, 0, 0, 0],
+                         [1, 1, 0, 0, 0],
+                         [1, 1, 1, 0, 0],
+                         [0, 1, 1, 1, 0],
+                         [0, 0, 1, 1, 1]], dtype=torch.bool)
+    cpu = torch.device("cpu")
+    assert torch.equal(attention.windowed(None, 3, 5, 5, cpu)[0, 0], want)
+    assert torch.equal(attention.windowed(None, 3, 2, 5, cpu)[0, 0], want[3:])  # two new tokens after three cached
+    assert attention.windowed(None, 5, 5, 5, cpu) is None and attention.windowed(None, None, 5, 5, cpu) is None
+    pad = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+    assert torch.equal(attention.windowed(pad, 3, 5, 5, cpu)[0, 0], want)
+    seg = torch.tensor([[0, 0, 0, 0, 1]])
+    assert torch.equal(attention.segment_mask(seg, 3)[0, 0], want & (seg.view(5, 1) == seg.view(1, 5)))
 
 
 def test_without_segments_examples_see_each_other():
@@ -245,23 +290,25 @@ def _tiny(preset: str):
                         ffn_dim=96, drop_rate=0.0, head_size=16 if base.head_size else None)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b"])
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-0.6b", "qwen3-0.6b+window"])
 def test_bucket_path_equals_the_mask_path(monkeypatch, preset):
     """CPU packed rows go through length buckets; the (B, 1, T, T) mask is the reference: same loss and
-    gradients in fp32 (GPT-2, and a RoPE family with GQA and q/k norms), with segments in several buckets."""
-    from pipeline.model import config, gpt
+    gradients in fp32 (GPT-2, and a RoPE family with GQA and q/k norms; with a 7-position sliding window in layer
+    0, segments longer and shorter than it), with segments in several buckets."""
+    from pipeline.model import gpt
 
-    if preset not in config.PRESETS:
-        pytest.skip(f"no {preset} preset in this checkout")
     monkeypatch.setattr(attention, "BUCKET_CALL_COST", 0)  # one bucket per length group: several buckets
-    cfg = _tiny(preset)
+    name, _, window = preset.partition("+")
+    cfg = _tiny(name)
+    if window:  # a small vocabulary: the head is no part of what this case adds
+        cfg = cfg.replace(layer_windows=(7, None), vocab_size=256)
     model = GPTModel(cfg, seed=5).train()
     ids, labels, seg, pos = _many_segments_batch(cfg.vocab_size)
     assert len(attention.segment_buckets(seg).shapes) >= 3
     results = {}
     for path in ("mask", "buckets"):
         if path == "mask":
-            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p: attention.segment_mask(s))
+            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p, windowed: attention.segment_mask(s))
         else:
             monkeypatch.setattr(gpt, "packed_attention", attention.packed_attention)
         loss = model(ids, labels=labels, segment_ids=seg, position_ids=pos)

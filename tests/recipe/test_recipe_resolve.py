@@ -98,26 +98,26 @@ def test_default_cutoff_len_is_capped_at_the_model_context(write):
     assert (r["cutoff_len"], r.source("cutoff_len")) == (128, "derived")  # tiny's context; the default is 1024
 
 
-def test_default_cutoff_len_is_capped_at_a_mistral_sliding_window(write, tmp_path):
-    """A Mistral v0.1 config.json: 32,768 positions, a 100-position window (sequences stop there, config.length_limit),
-    so the default cutoff_len (2,048) becomes 100, not refused for a value the recipe never gave."""
+def test_a_mistral_sliding_window_bounds_no_cutoff_len(write, tmp_path):
+    """A Mistral v0.1 config.json: 32,768 positions, a 100-position window. The window bounds what each layer sees,
+    not a row (pipeline.model.attention.windowed), so the default cutoff_len (2,048) stays and a cutoff_len past the
+    window is accepted; past the context it is refused at its key (rule cutoff_within_context)."""
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps({
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 512,
-        "max_position_embeddings": 32768, "sliding_window": 100}))
+        "max_position_embeddings": 4096, "sliding_window": 100}))
     write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\n")
     r = resolve("r.yaml")
-    assert (r["cutoff_len"], r.source("cutoff_len")) == (100, "derived")
-    # a cutoff_len the recipe gives past the window is refused at its key (rule cutoff_within_context)
-    write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\ncutoff_len: 101\n")
+    assert (r["cutoff_len"], r.source("cutoff_len")) == (2048, "default")
+    write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\ncutoff_len: 4096\n")
+    assert resolve("r.yaml")["cutoff_len"] == 4096
+    write("r.yaml", f"model_name_or_path: {tmp_path / 'm'}\ndataset: d\nmax_steps: 1\ncutoff_len: 4097\n")
     with pytest.raises(UserError) as err:
         resolve("r.yaml")
     assert [m for m in err.value.messages if "cutoff_len" in m] == [
-        "r.yaml:4:13: cutoff_len: given 101, expected at most 100: the model's config.json sets sliding_window 100 "
-        "(each layer attends to the last 100 positions), and this pipeline's attention has no window, so a row may "
-        "not be longer than it; lower cutoff_len to 100, or train a checkpoint whose sliding_window is null (Mistral "
-        "v0.2 and later)"]
+        "r.yaml:4:13: cutoff_len: given 4097, expected at most 4096 (the model's context length); lower cutoff_len or "
+        "raise context_length"]
 
 
 # --- derived values, hand-computed ------------------------------------------------------------------

@@ -203,24 +203,17 @@ def adapter_settings_problems(ctx: Context, path: str, folder: Path) -> list[tup
 
 @rule("cutoff_len", "context_length", "model_name_or_path", "rope_scaling")
 def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
-    """cutoff_len past a sliding window is refused (our attention has none: below it, the same function); past the
-    model's context length too, except under dynamic NTK (a checkpoint whose
+    """cutoff_len past the model's context length is refused, except under dynamic NTK (a checkpoint whose
     config.json has rope_scaling dynamic: our merged/ of a `rope_scaling: dynamic` run, LLaMA-Factory's export of
     one), which transformers rescales past it with no limit; the model does as well (pipeline.model.rope), and
-    notices.dynamic_context_notice says so."""
-    from pipeline.recipe.modelinfo import model_info, recipe_length_limits, scales_past_context
+    notices.dynamic_context_notice says so. A sliding window bounds nothing: its layers attend to the last window
+    positions of a row of any length (pipeline.model.attention.windowed)."""
+    from pipeline.recipe.modelinfo import model_info, recipe_length_limit, scales_past_context
 
     info = model_info(ctx.values["model_name_or_path"])
     cutoff = ctx.values["cutoff_len"]
     dynamic = info is not None and scales_past_context(info, ctx.values["rope_scaling"], cutoff)
-    limits = recipe_length_limits(ctx.values, info, dynamic)
-    window, context = limits.get("sliding_window"), limits.get("context_length")
-    if window and cutoff > window:
-        return [("cutoff_len", f"given {cutoff}, expected at most {window}: the model's config.json "
-                               f"sets sliding_window {window} (each layer attends to the last {window} positions), "
-                               "and this pipeline's attention has no window, so a row may not be longer than it; "
-                               f"lower cutoff_len to {window}, or train a checkpoint whose sliding_window is null "
-                               "(Mistral v0.2 and later)")]
+    context = recipe_length_limit(ctx.values, info, dynamic)
     if context and cutoff > context:
         return [("cutoff_len", f"given {cutoff}, expected at most {context} (the model's "
                                "context length); lower cutoff_len or raise context_length")]
