@@ -177,9 +177,10 @@ def _yaml_blocks(page: Path) -> list[str]:
 
 
 def test_recipe_snippets_in_the_docs_use_keys_of_the_schema(tmp_path, monkeypatch):
-    """Every ```yaml block of README and docs/ is recipe keys (the schema's, which docs/recipe-reference.md lists); the
-    ones headed `# recipes/my_run.yaml`, which README's tour has the newcomer write and run with `make all`, resolve
-    as written beside the recipe they extend (a link to it in a temporary folder: nothing is written here)."""
+    """Every ```yaml block of README and docs/, and every `key: value` span of README, is recipe keys (the schema's,
+    which docs/recipe-reference.md lists); the blocks headed `# recipes/my_run.yaml`, which README's tour has the
+    newcomer write and run with `make all`, resolve as written beside the recipe they extend (a link to it in a
+    temporary folder: nothing is written here)."""
     import json
 
     import yaml
@@ -202,5 +203,8 @@ def test_recipe_snippets_in_the_docs_use_keys_of_the_schema(tmp_path, monkeypatc
                 (folder / "my_run.yaml").write_text(block, encoding="utf-8")
                 r = resolve(folder / "my_run.yaml", command="validate")
                 assert r["output_dir"] == "saves/my_run" and r["learning_rate"] == float(data["learning_rate"])
+    for span in _spans(ROOT / "README.md"):             # README's `tie_word_embeddings: false` and the like
+        if re.match(r"[a-z_]+: ", span) and not span.startswith("make: "):
+            unknown += [f"README.md: {key}" for key in yaml.safe_load(span) if key not in keys]
     assert not unknown, f"keys not in the recipe schema: {unknown}"
     assert runs == 2, "README.md and docs/recipe-reference.md each show recipes/my_run.yaml"
