@@ -208,3 +208,27 @@ def test_recipe_snippets_in_the_docs_use_keys_of_the_schema(tmp_path, monkeypatc
             unknown += [f"README.md: {key}" for key in yaml.safe_load(span) if key not in keys]
     assert not unknown, f"keys not in the recipe schema: {unknown}"
     assert runs == 2, "README.md and docs/recipe-reference.md each show recipes/my_run.yaml"
+
+
+def test_every_module_and_test_file_the_docs_name_exists():
+    """`python -m pipeline.recipe.docs`, `pipeline.errors.UserError`, `tests.helpers.sp_vocab`: the longest dotted
+    prefix is a module or package here and the name after it occurs in that module's source; a bare `test_x.py` (the
+    tables of test files in docs/) is a file under tests/. A module moved or a test file renamed left the pages
+    pointing readers at nothing."""
+    dotted = re.compile(r"(?<![\w./-])((?:pipeline|tests|bench)(?:\.[A-Za-z_]\w*)+)")
+    test_files = {p.name for p in (ROOT / "tests").rglob("test_*.py")}
+    missing, seen = [], 0
+    for page in _pages():
+        text = page.read_text(encoding="utf-8")
+        for name in dotted.findall(text):
+            seen += 1
+            parts = name.split(".")
+            for i in range(len(parts), 0, -1):
+                base = ROOT.joinpath(*parts[:i])
+                source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+                if source.is_file():
+                    break
+            if i < 2 or (i < len(parts) and not re.search(rf"\b{parts[i]}\b", source.read_text(encoding="utf-8"))):
+                missing.append(f"{page.name}: {name}")
+        missing += [f"{page.name}: {name}" for name in set(re.findall(r"\btest_\w+\.py\b", text)) - test_files]
+    assert seen > 50 and not missing, f"named in the docs, not in the repository: {missing}"
