@@ -285,9 +285,8 @@ chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT
 # ---------------------------------------------------------------- quality
 # TEST_WORKERS=2: two pytest-xdist workers, one test file at a time each (module fixtures stay shared within a file);
 # the files with the most slow tests are handed out first (tests/conftest.py), so the long end-to-end files do not
-# end the run alone, and each worker computes on one core's share (tests/conftest.py: OMP_NUM_THREADS). A fresh
-# clone's `bash .ci/run` on 2 cores, 2026-12-05 late: 2,296 tests in 20:27 with one helper's tests beside it
-# (22:19 with make setup).
+# end the run alone, and each worker computes on one core's share (tests/conftest.py: OMP_NUM_THREADS). Its measured
+# time on 2 cores is in README ("Working on the code"), the one place it is kept up to date.
 test: $(VENV)/.test-deps-done ## run the test suite
 	$(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
 		$(TESTS) $(PYTEST_ARGS)
