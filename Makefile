@@ -134,8 +134,7 @@ endif
 
 # On a bad recipe, validate lists every problem (deps checks fewer), so deps' own messages are shown only when
 # validate finds none: each problem is printed once. Not for `make export`: an export recipe names no dataset, which
-# validate requires, so validate's one message would hide deps' own. Both get ARGS less --dry-run, which is train's
-# (`make train ARGS=--dry-run`).
+# validate requires, so validate's one message would hide deps' own. Both get PREP_ARGS (below).
 # The recipes in scope are inputs too: UPSTREAMS is read off them, so a recipe added or edited in a folder deps
 # searched (scope.mk's SCOPE_FOLDERS; a new upstream, an upstream's output_dir changed) is seen. So are those folders:
 # a folder's time changes when a name is added to it, removed or renamed, so a recipe put in a folder created since
@@ -146,15 +145,27 @@ endif
 SCOPE_RECIPES := $(filter-out $(RECIPE),$(wildcard $(foreach d,$(dir $(RECIPE)) $(SCOPE_FOLDERS),$(d)*.yaml $(d)*.yml)))
 DEPS_INPUTS := $(RECIPE) $(RECIPE_FILES) $(SCOPE_RECIPES) $(wildcard $(SCOPE_FOLDERS:%=%.)) $(VENV)/.setup-done
 # deps' output into folder $(1): deps.mk (rewritten only when its text changes) and scope.mk; 2 on a mistake
-deps_into = mkdir -p $(1) && { $(PY) -m pipeline deps $(RECIPE) $(DEPS_ARGS) > $(1)/scope.mk.tmp \
+deps_into = mkdir -p $(1) && { $(PY) -m pipeline deps $(RECIPE) $(PREP_ARGS) > $(1)/scope.mk.tmp \
 	2> $(1)/scope.mk.err || { rm -f $(1)/scope.mk.tmp; \
-	$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(DEPS_ARGS) &&) \
+	$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS) &&) \
 	cat $(1)/scope.mk.err >&2; rm -f $(1)/scope.mk.err; exit 2; }; } && \
 	rm -f $(1)/scope.mk.err && grep -v '^SCOPE_FOLDERS=' $(1)/scope.mk.tmp > $(1)/deps.mk.tmp && \
 	{ cmp -s $(1)/deps.mk.tmp $(1)/deps.mk && rm -f $(1)/deps.mk.tmp || mv $(1)/deps.mk.tmp $(1)/deps.mk; } && \
 	grep '^SCOPE_FOLDERS=' $(1)/scope.mk.tmp > $(1)/scope.mk.new; rm -f $(1)/scope.mk.tmp; \
 	mv $(1)/scope.mk.new $(1)/scope.mk
-DEPS_ARGS = $(filter-out --dry-run,$(ARGS))
+# --dry-run is train's option (`make train ARGS=--dry-run`, what `make dry-run` runs): deps, build and validate get
+# ARGS without it (PREP_ARGS) and run for real first, as under `make dry-run`; handed it, build refused it, so a dry
+# run of a recipe whose data was not built yet stopped there. A goal with no dry run of its own (merge, eval, all, ...)
+# refuses it before anything runs: the dry run then ran, and merge refused --dry-run after it.
+TRAIN_DRY_RUN := $(filter --dry-run,$(ARGS))
+PREP_ARGS = $(filter-out --dry-run,$(ARGS))
+ifneq ($(TRAIN_DRY_RUN),)
+ifneq ($(filter-out train dry-run,$(STAGE_RUN)),)
+$(error ARGS='$(ARGS)': --dry-run is an option of train alone, and `make $(filter-out train dry-run,$(STAGE_RUN))` \
+has none; check the recipe with `make dry-run RECIPE=$(RECIPE)` (or `make train ARGS=--dry-run`) and take --dry-run out \
+of ARGS for the other targets)
+endif
+endif
 DEPS_MK := $(STAMPS)/deps.mk
 ifneq ($(DEPS_NOW),)
 ifneq ($(shell test -f $(STAMPS)/deps.mk -a -f $(STAMPS)/scope.mk || echo none yet; find $(DEPS_INPUTS) -maxdepth 0 \
@@ -216,11 +227,11 @@ $(foreach u,$(UPSTREAMS),$(eval $(call upstream_rule,$(u))))
 
 $(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
-	$(PY) -m pipeline build $(RECIPE) $(ARGS)
+	$(PY) -m pipeline build $(RECIPE) $(PREP_ARGS)
 	@touch $@
 
 $(STAMPS)/validate: $(STAMPS)/data
-	$(PY) -m pipeline validate $(RECIPE) $(ARGS)
+	$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS)
 	@touch $@
 
 # A stale *finished* run (all_results.json) of this recipe (resolved.yaml names it) is retrained from scratch
@@ -228,9 +239,9 @@ $(STAMPS)/validate: $(STAMPS)/data
 # recipe's run in the same output_dir (a recipe that extends one and inherits its output_dir), is not wiped:
 # the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true or another output_dir.
 # ARGS=--dry-run always runs (a dry run of a finished recipe too) and never marks train done.
-$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMPS) $(if $(findstring --dry-run,$(ARGS)),FORCE)
+$(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMPS) $(if $(TRAIN_DRY_RUN),FORCE)
 	$(LAUNCH) train $(RECIPE) --retrain-finished $(ARGS)
-	@$(if $(findstring --dry-run,$(ARGS)),true,touch $@)
+	@$(if $(TRAIN_DRY_RUN),true,touch $@)
 
 $(STAMPS)/merge: $(STAMPS)/train
 	$(PY) -m pipeline merge $(RECIPE) $(ARGS)
@@ -274,9 +285,8 @@ chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT
 # ---------------------------------------------------------------- quality
 # TEST_WORKERS=2: two pytest-xdist workers, one test file at a time each (module fixtures stay shared within a file);
 # the files with the most slow tests are handed out first (tests/conftest.py), so the long end-to-end files do not
-# end the run alone, and each worker computes on one core's share (tests/conftest.py: OMP_NUM_THREADS). A fresh
-# clone's `bash .ci/run` on 2 cores, 2026-12-05 late: 2,296 tests in 20:27 with one helper's tests beside it
-# (22:19 with make setup).
+# end the run alone, and each worker computes on one core's share (tests/conftest.py: OMP_NUM_THREADS). Its measured
+# time on 2 cores is in README ("Working on the code"), the one place it is kept up to date.
 test: $(VENV)/.test-deps-done ## run the test suite
 	$(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
 		$(TESTS) $(PYTEST_ARGS)

@@ -72,15 +72,26 @@ def test_make_dry_run_on_two_ranks(tmp_path, hf_checkpoint):
                  output_dir="saves/two", zero_stage=2)
     (root / "tmp").mkdir()
     env = cli_env(TMPDIR=str(root / "tmp"), MAKEFLAGS="", MAKELEVEL="")
+    # `make train ARGS=--dry-run` before the data is built: build and validate run without --dry-run (train's option
+    # alone; build refused it), then the dry run; nothing written under saves/, and train is not marked done.
+    # `make -n` first: it lists those commands and writes nothing.
+    raw = files_under(root / "datasets")
+    planned = make("-n", "train", "RECIPE=recipes/two.yaml", "ARGS=--dry-run", f"VENV={root / 'venv'}", cwd=root,
+                   env=env)
+    commands = [line.split(" -m pipeline ")[1].strip() for line in planned.stdout.splitlines() if " -m pipeline " in line]
+    assert commands == ["build recipes/two.yaml", "validate recipes/two.yaml",
+                        "train recipes/two.yaml --retrain-finished --dry-run"], planned.stdout
+    assert files_under(root / "datasets") == raw and not (root / ".stamps").exists()
+    done = make("train", "RECIPE=recipes/two.yaml", "ARGS=--dry-run", f"VENV={root / 'venv'}", cwd=root, env=env)
+    assert "dry run: ok" in done.stdout
+    assert (root / ".stamps/recipes/two/validate").exists()
+    assert not (root / "saves").exists() and not (root / ".stamps/recipes/two/train").exists()
+    # the same through `make dry-run` on two ranks
     done = make("dry-run", "RECIPE=recipes/two.yaml", "NPROC=2", f"VENV={root / 'venv'}", cwd=root, env=env)
     check_report(done.stdout.replace("whole run: 2 steps", "whole run: 3 steps"))
     assert "2 rank(s)" in done.stderr
     assert not (root / "saves").exists() and not (root / ".stamps/recipes/two/train").exists()
     assert leftovers(root / "tmp") == []
-    # the same through `make train ARGS=--dry-run`: nothing written, and train is not marked done
-    done = make("train", "RECIPE=recipes/two.yaml", "ARGS=--dry-run", f"VENV={root / 'venv'}", cwd=root, env=env)
-    assert "dry run: ok" in done.stdout
-    assert not (root / "saves").exists() and not (root / ".stamps/recipes/two/train").exists()
 
 
 def test_bf16_on_a_cpu_without_it_gets_a_notice_in_plan_dry_run_and_train(dry):

@@ -26,3 +26,12 @@ def test_resume_and_dry_run_args_leave_a_finished_run_alone(tmp_path):
     changed = make("-n", "train", "RECIPE=recipes/r.yaml", "ARGS=learning_rate=0.5", venv, cwd=repo)
     assert [command for command, _ in make_stages(changed)] == ["build", "validate", "train"], changed.stdout
     assert make_stages(make("-n", "train", "RECIPE=recipes/r.yaml", venv, cwd=repo)) == []
+
+    # --dry-run is train's alone: a goal past train refuses it before anything runs (the dry run ran, then merge
+    # refused the option), under -n too
+    for goal in (["eval"], ["-n", "all"]):
+        refused = make(*goal, "RECIPE=recipes/r.yaml", "ARGS=--dry-run", venv, cwd=repo, expect=2)
+        assert refused.stdout == "" and len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert f"--dry-run is an option of train alone, and `make {goal[-1]}` has none" in refused.stderr
+        assert "`make dry-run RECIPE=recipes/r.yaml`" in refused.stderr
+    assert files_under(repo / "saves" / "r") == done
