@@ -31,6 +31,7 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -203,8 +204,9 @@ def exclude_frozen_aliases(engine: Any) -> None:
     engine.module_state_dict = types.MethodType(module_state_dict, engine)
 
 
-# ZeRO 1-2's partitioned optimizer (stage_1_and_2.DeepSpeedZeroOptimizer): one file per data-parallel rank
-ZERO_OPTIM_FILE = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+# ZeRO 1-2's partitioned optimizer (stage_1_and_2.DeepSpeedZeroOptimizer): one file per data-parallel rank, named
+# with a "bf16_" prefix under bf16 (DeepSpeedEngine._get_zero_ckpt_prefix)
+ZERO_OPTIM_FILE = re.compile(r"^(?P<prefix>(?:bf16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_00_optim_states\.pt$")
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the module, counters, scheduler (ZeRO 0: optimizer)
 
 
@@ -251,11 +253,14 @@ def resharded_loads(engine: Any, saved_world: int) -> Iterator[None]:
             state = plain(path, map_location)
             _require("dp_world_size" in state, "resharded_loads", "the model states have no dp_world_size")
             return {**state, "dp_world_size": world}
-        if name == ZERO_OPTIM_FILE.format(rank=rank):
+        match = ZERO_OPTIM_FILE.match(name)
+        if match:  # DeepSpeed reads this rank's file alone: the saved ranks' answer for it
+            _require(int(match["rank"]) == rank, "resharded_loads", f"DeepSpeed read {name} on rank {rank}")
             files: dict[int, Any] = {}
 
             def read(saved_rank: int) -> Any:
-                files[saved_rank] = plain(os.path.join(folder, ZERO_OPTIM_FILE.format(rank=saved_rank)), map_location)
+                saved_name = f"{match['prefix']}zero_pp_rank_{saved_rank}_mp_rank_00_optim_states.pt"
+                files[saved_rank] = plain(os.path.join(folder, saved_name), map_location)
                 return files[saved_rank]["optimizer_state_dict"]
 
             state = zero12_partition(engine.optimizer, read, saved_world, rank, world)

@@ -168,9 +168,15 @@ def test_resharded_loads_reads_deepspeeds_names():
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    source = inspect.getsource(DeepSpeedEngine._get_rank_zero_ckpt_name) + inspect.getsource(DeepSpeedEngine)
+    source = inspect.getsource(DeepSpeedEngine)
     assert "_mp_rank_{mp_rank:02d}_optim_states.pt" in source and '"mp_rank_" + mp_rank_str + "_model_states.pt"' \
         in source and "self.loaded_checkpoint_dp_world_size = checkpoint['dp_world_size']" in source
+    for bf16 in (False, True):  # the names DeepSpeed gives the per-rank files, with and without bf16
+        engine = types.SimpleNamespace(_get_zero_ckpt_prefix=types.MethodType(DeepSpeedEngine._get_zero_ckpt_prefix,
+                                                                              object()))
+        name = DeepSpeedEngine._get_rank_zero_ckpt_name(engine, "d", "t", mp_rank=0, dp_rank=3, bf16_mode=bf16)
+        match = compat.ZERO_OPTIM_FILE.match(Path(name).name)
+        assert match and match["rank"] == "3" and match["prefix"] == ("bf16_" if bf16 else ""), name
     state_dict = inspect.getsource(DeepSpeedZeroOptimizer.state_dict)
     for key in ("BASE_OPTIMIZER_STATE", "SINGLE_PARTITION_OF_FP32_GROUPS", "GROUP_PADDINGS", "PARTITION_COUNT",
                 "PARAM_SLICE_MAPPINGS"):
