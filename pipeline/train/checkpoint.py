@@ -368,13 +368,16 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                         "train with save_only_model: false to get resumable checkpoints")
     saved = state.get("recipe", {})
     changed = [k for k in saved if k in r and _comparable(k, saved[k], saved) != _comparable(k, r[k], r)]
-    change = world_change.world_change(r, saved)  # another rank count: its own rules, batch keys included
+    change = resumed_world_change(r, path, saved)  # another rank count: its own rules, batch keys included
     refused = [k for k in changed if k in REFUSE and not (change and k in world_change.BATCH_KEYS)]
     source = getattr(r, "source", lambda key: "default")
     problems = [_refused(r, key, saved[key], path) for key in refused
                 if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
     if change:
-        problems += world_change.problems(r, change, path, int(state.get("batch_in_epoch", 0)))
+        problems += world_change.problems(
+            change, path, int(state.get("batch_in_epoch", 0)), stage=r["stage"], asft=bool(r.get("use_asft_loss")),
+            group_by_length=bool(r.get("group_by_length")), zero_stage=r["zero_stage"],
+            offload_optimizer=r.get("offload_optimizer", "none"))
     if r.get("pissa_init") and saved and "pissa_init" not in saved:  # saved before PiSSA existed here: without it
         problems.append(f"{where(r, 'pissa_init')} is true but {path} was trained without PiSSA (its LoRA started "
                         "from the default init on the original base), so its weights belong to another model; remove "
@@ -627,9 +630,13 @@ def prune(output_dir: Path, limit: int | None, keep: Path) -> list[Path]:
     return doomed
 
 
-def resumed_world_change(r: Mapping[str, Any], path: Path) -> world_change.WorldChange | None:
-    """How the rank count of this resume differs from `path`'s (None: the same); check_compatible allowed it."""
-    return world_change.world_change(r, read_state(path).get("recipe", {}))
+def resumed_world_change(r: Mapping[str, Any], path: Path,
+                         saved: Mapping[str, Any] | None = None) -> world_change.WorldChange | None:
+    """How the rank count of this resume differs from `path`'s (None: the same); `saved`: its recorded recipe values
+    when already read. check_compatible decides whether it can be resharded."""
+    saved = read_state(path).get("recipe", {}) if saved is None else saved
+    layout = tuple(int(r.get(key, 1)) for key in world_change.BATCH_KEYS)  # 1: a plain dict without them (tests)
+    return world_change.world_change(saved, layout)  # type: ignore[arg-type]
 
 
 def load(engine: Any, path: Path, change: world_change.WorldChange | None = None) -> TrainState:

@@ -52,20 +52,23 @@ def _layout(layout: tuple[int, int, int]) -> str:
     return f"{layout[0]} rank(s) x {layout[1]} x GA {layout[2]}"
 
 
-def world_change(r: Mapping[str, Any], saved: Mapping[str, Any]) -> WorldChange | None:
-    """The change of rank count between the checkpoint's recipe values `saved` and the recipe `r` (None: same)."""
-    if "world_size" not in saved or saved["world_size"] == r["world_size"]:
+def world_change(saved: Mapping[str, Any], layout: tuple[int, int, int]) -> WorldChange | None:
+    """The change of rank count between the checkpoint's recipe values `saved` and this run's `layout` (BATCH_KEYS'
+    values, in that order); None: the same rank count."""
+    if "world_size" not in saved or saved["world_size"] == layout[0]:
         return None
-    layout = tuple(int(saved.get(k, r[k])) for k in BATCH_KEYS)
-    return WorldChange(layout, tuple(int(r[k]) for k in BATCH_KEYS))  # type: ignore[arg-type]
+    before = tuple(int(saved.get(key, value)) for key, value in zip(BATCH_KEYS, layout))
+    return WorldChange(before, tuple(int(v) for v in layout))  # type: ignore[arg-type]
 
 
-def problems(r: Mapping[str, Any], change: WorldChange, path: Path, batch_in_epoch: int) -> list[str]:
-    """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set."""
+def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str, asft: bool, group_by_length: bool,
+             zero_stage: int, offload_optimizer: str) -> list[str]:
+    """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set.
+    `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values."""
     (was, micro, accumulation), (now, new_micro, _) = change.before, change.after
     ranks = f"this job has {now} rank(s) but {path} was trained on {was}"
-    same = (f"resume with {was} rank(s) (make train NPROC={was}), or start a new run from {path}/adapter or "
-            f"{path}/model")
+    same = (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
+            f"from {path}/adapter or {path}/model")
     keep = was * micro * accumulation
     if keep != change.global_batch:
         fits = [f"gradient_accumulation_steps: {keep // (now * new_micro)}"] if keep % (now * new_micro) == 0 else []
@@ -76,25 +79,25 @@ def problems(r: Mapping[str, Any], change: WorldChange, path: Path, batch_in_epo
                 f"is now {change.global_batch} ({_layout(change.after)}), not its {keep} ({_layout(change.before)}): "
                 f"each update would take other examples. The global batch must stay: {fix}; or {same}"]
     out = []
-    if r["stage"] not in ("pt", "sft"):
+    if stage not in ("pt", "sft"):
         out.append(f"{ranks}: resuming on another rank count is supported for stage pt and sft (stage "
-                   f"{r['stage']} is not checked against the uninterrupted run); {same}")
-    if new_micro != micro and r.get("use_asft_loss"):
+                   f"{stage} is not checked against the uninterrupted run); {same}")
+    if new_micro != micro and asft:
         fix = (f"keep per_device_train_batch_size {micro} (gradient_accumulation_steps {keep // (now * micro)}), "
                "or ") if keep % (now * micro) == 0 else ""
         out.append(f"{ranks}, and per_device_train_batch_size is {new_micro}, not {micro}: ASFT averages a mean per "
                    f"micro-batch, so other micro-batches are another objective; {fix}{same}")
-    if new_micro * now != micro * was and r.get("group_by_length"):
+    if new_micro * now != micro * was and group_by_length:
         fix = (f"set per_device_train_batch_size {micro * was // now} and gradient_accumulation_steps {accumulation} "
                "to keep them, or ") if (micro * was) % now == 0 else ""
         out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
                    f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
                    f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
-    if r["zero_stage"] == 3:
+    if zero_stage == 3:
         out.append(f"{ranks}: zero_stage 3 partitions every parameter across the ranks, and those partitions are "
                    f"not rebuilt for another rank count; {same}")
-    if r.get("offload_optimizer", "none") != "none":
-        out.append(f"{ranks}: the optimizer state offloaded to {r['offload_optimizer']} (offload_optimizer) is not "
+    if offload_optimizer != "none":
+        out.append(f"{ranks}: the optimizer state offloaded to {offload_optimizer} (offload_optimizer) is not "
                    f"rebuilt for another rank count; {same}")
     if (batch_in_epoch * was * micro) % (now * new_micro):
         out.append(f"{ranks}, and its data position ({batch_in_epoch} micro-batches of {micro} per rank into the "
