@@ -377,7 +377,8 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
         problems += world_change.problems(
             change, path, int(state.get("batch_in_epoch", 0)), stage=r["stage"], asft=bool(r.get("use_asft_loss")),
             group_by_length=bool(r.get("group_by_length")), zero_stage=r["zero_stage"],
-            offload_optimizer=r.get("offload_optimizer", "none"))
+            offload_optimizer=r.get("offload_optimizer", "none"),
+            accumulation_at=where(r, "gradient_accumulation_steps"))
     if r.get("pissa_init") and saved and "pissa_init" not in saved:  # saved before PiSSA existed here: without it
         problems.append(f"{where(r, 'pissa_init')} is true but {path} was trained without PiSSA (its LoRA started "
                         "from the default init on the original base), so its weights belong to another model; remove "

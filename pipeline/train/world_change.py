@@ -62,9 +62,10 @@ def world_change(saved: Mapping[str, Any], layout: tuple[int, int, int]) -> Worl
 
 
 def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str, asft: bool, group_by_length: bool,
-             zero_stage: int, offload_optimizer: str) -> list[str]:
+             zero_stage: int, offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps") -> list[str]:
     """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set.
-    `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values."""
+    `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values, and where the recipe sets
+    gradient_accumulation_steps (`file:line: key`, checkpoint.where)."""
     (was, micro, accumulation), (now, new_micro, _) = change.before, change.after
     ranks = f"this job has {now} rank(s) but {path} was trained on {was}"
     same = (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
@@ -75,6 +76,7 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
         fits += [f"per_device_train_batch_size: {micro} and gradient_accumulation_steps: {keep // (now * micro)}"
                  ] if not fits and keep % (now * micro) == 0 else []
         fix = f"set {fits[0]} to keep it on {now} rank(s)" if fits else f"{now} rank(s) cannot hold it"
+        fix += f" ({accumulation_at})" if fits and accumulation_at != BATCH_KEYS[2] else ""
         return [f"{ranks}, and the global batch (per_device_train_batch_size x gradient_accumulation_steps x ranks) "
                 f"is now {change.global_batch} ({_layout(change.after)}), not its {keep} ({_layout(change.before)}): "
                 f"each update would take other examples. The global batch must stay: {fix}; or {same}"]

@@ -190,7 +190,8 @@ RANK_REFUSALS = [
     # with 1; resume with the same value", a key no recipe sets; then "resume with 1 rank(s)" whatever the batch.)
     ({}, [], ["was trained on 1, and the global batch (per_device_train_batch_size x gradient_accumulation_steps x "
               "ranks) is now 16 (2 rank(s) x 4 x GA 2), not its 8 (1 rank(s) x 4 x GA 2)",
-              "set gradient_accumulation_steps: 1 to keep it on 2 rank(s)", "make train NPROC=1"]),
+              "set gradient_accumulation_steps: 1 to keep it on 2 rank(s) (run.yaml:11: gradient_accumulation_steps)",
+              "make train NPROC=1"]),
     # the global batch kept, but ZeRO 3's per-parameter partitions are not rebuilt
     (dict(zero_stage=3), ["gradient_accumulation_steps=1", "zero_stage=3"],
      ["zero_stage 3 partitions every parameter across the ranks", "make train NPROC=1"]),
