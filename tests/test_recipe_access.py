@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str] | None] = {
     # resume compares the whole recipe with the one a checkpoint saved: which keys changed, and where they are set
     "pipeline/train/checkpoint.py": {"where", "saved_recipe", "training_data", "check_compatible", "apply_changes",
                                      "check_schedule", "_refused", "reference_adapter_files",
-                                     "_reference_adapter_notices"},
+                                     "_reference_adapter_notices", "resumed_world_change"},
 }
 ALLOWED_PACKAGES = ("pipeline/recipe/",)
 

@@ -13,6 +13,7 @@ release where the item no longer holds, naming it.
   exclude_frozen_aliases       no frozen tied head in LoRA checkpoints (module_state_dict) train.checkpoint
                                (frozen: not `trains`; BAdam's resting layers are kept)
   HELPER_SCRIPTS               recovery scripts DeepSpeed copies into a checkpoint        train.checkpoint
+  resharded_loads              a ZeRO 0-2 checkpoint of N ranks read on M (world_size)    train.checkpoint
   STATE_CLASSES / STATE_ENUMS  DeepSpeed classes inside its state dicts (safestate allowlist) train.safestate
   fp32_master                  the fp32 master of a parameter (fp16_groups/fp32_groups)   train.export
   loss_scale                   the fp16 loss scale (optimizer.cur_scale / loss_scale)     train.loop
@@ -30,6 +31,7 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 import sys
 import types
 from typing import Any, Callable, Iterator
@@ -200,6 +202,138 @@ def exclude_frozen_aliases(engine: Any) -> None:
     _require(callable(getattr(engine, "module_state_dict", None)), "exclude_frozen_aliases",
              "the engine has no module_state_dict")
     engine.module_state_dict = types.MethodType(module_state_dict, engine)
+
+
+# ZeRO 1-2's partitioned optimizer (stage_1_and_2.DeepSpeedZeroOptimizer): one file per data-parallel rank, named
+# with a "bf16_" prefix under bf16 (DeepSpeedEngine._get_zero_ckpt_prefix)
+ZERO_OPTIM_FILE = re.compile(r"^(?P<prefix>(?:bf16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_00_optim_states\.pt$")
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the module, counters, scheduler (ZeRO 0: optimizer)
+
+
+def reshard_problem(engine: Any) -> str | None:
+    """Why this engine cannot read a checkpoint written by another number of ranks (None: resharded_loads can).
+
+    ZeRO 0 keeps the whole optimizer state in the model-states file, the same for any rank count (DeepSpeed's
+    unfused fp16/bf16 wrapper too). ZeRO 1-2 cut one flat fp32 buffer per param group into equal partitions, the
+    last one padded: rebuilt here. ZeRO 3 partitions every parameter on its own, and DeepSpeed's BF16_Optimizer
+    (bf16 at ZeRO 1) writes its own partition files: neither is rebuilt."""
+    stage = engine.zero_optimization_stage()
+    kind = type(engine.optimizer).__name__
+    if kind == "BF16_Optimizer":
+        return "DeepSpeed's BF16_Optimizer (bf16 at zero_stage 1) keeps partitions this trainer does not rebuild"
+    if stage == 3:
+        return "zero_stage 3 partitions every parameter across the ranks, which this trainer does not rebuild"
+    if stage in (1, 2) and (kind != "DeepSpeedZeroOptimizer" or engine.zero_cpu_offload()):
+        return f"zero_stage {stage} with {kind}{' and optimizer offload' if engine.zero_cpu_offload() else ''}"
+    return None
+
+
+@contextlib.contextmanager
+def resharded_loads(engine: Any, saved_world: int) -> Iterator[None]:
+    """Inside, engine.load_checkpoint reads a ZeRO 0-2 checkpoint written by `saved_world` data-parallel ranks as
+    if this run's ranks had written it (the engine's checkpoint engine answers in their place; each rank reads the
+    saved optimizer files its partition overlaps). DeepSpeed itself refuses another DP world size ("Automatic adjustment of ZeRO's
+    optimizer state partitioning with a new world size is not currently supported").
+
+    Each rank's file becomes the rigid state DeepSpeed writes for its partition: the slices of the saved ranks' fp32
+    masters and Adam moments that fall into this rank's partition of the flat group, padded as this engine pads it
+    (zero12_partition). Exact: values are moved, never recomputed."""
+    from deepspeed import comm
+
+    problem = reshard_problem(engine)
+    _require(problem is None, "resharded_loads", problem or "")
+    store = engine.checkpoint_engine
+    plain = store.load
+    world = engine.dp_world_size
+    rank = comm.get_rank(group=engine.optimizer.dp_process_group) if engine.zero_optimization_stage() else 0
+
+    def load(path: str, map_location: Any = None) -> Any:
+        folder, name = os.path.split(str(path))
+        if name == MODEL_STATES_FILE:
+            state = plain(path, map_location)
+            _require("dp_world_size" in state, "resharded_loads", "the model states have no dp_world_size")
+            return {**state, "dp_world_size": world}
+        match = ZERO_OPTIM_FILE.match(name)
+        if match:  # DeepSpeed reads this rank's file alone: the saved ranks' answer for it
+            _require(int(match["rank"]) == rank, "resharded_loads", f"DeepSpeed read {name} on rank {rank}")
+            files: dict[int, Any] = {}
+
+            def read(saved_rank: int) -> Any:
+                saved_name = f"{match['prefix']}zero_pp_rank_{saved_rank}_mp_rank_00_optim_states.pt"
+                files[saved_rank] = plain(os.path.join(folder, saved_name), map_location)
+                return files[saved_rank]["optimizer_state_dict"]
+
+            state = zero12_partition(engine.optimizer, read, saved_world, rank, world)
+            return {**files[min(files)], "optimizer_state_dict": state}
+        return plain(path, map_location)
+
+    store.load = load
+    try:
+        yield
+    finally:
+        del store.load  # the class's own method again
+
+
+def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], saved_world: int, rank: int,
+                     world: int) -> dict[str, Any]:
+    """Rank `rank` of `world`'s ZeRO 1-2 optimizer state (DeepSpeedZeroOptimizer.state_dict's rigid layout) from
+    the states saved by the `saved_world` ranks of another run (the same param groups, another partition size);
+    `read(s)` gives saved rank s's. `optimizer`: this run's DeepSpeedZeroOptimizer, whose partition sizes and
+    paddings are the layout wanted.
+
+    Only the saved partitions that overlap this rank's are read (each holds one rank's share of the fp32 masters
+    and both Adam moments: reading all of them would put the whole optimizer state in every rank's memory). The
+    saved partition size follows from DeepSpeed's layout: the flat group padded to a multiple of
+    nccl_start_alignment_factor x ranks, cut into equal partitions, the padding on the last."""
+    import torch
+    from deepspeed.checkpoint import constants as keys
+
+    align = optimizer.nccl_start_alignment_factor
+    layout = []  # per param group: this rank's partition size and padding, the group's size, the saved partition size
+    for i, current in enumerate(optimizer.single_partition_of_fp32_groups):
+        whole = (sum(p.numel() for p in optimizer.round_robin_bit16_groups[i])
+                 + sum(optimizer.round_robin_bit16_padding[i]))
+        _require(optimizer.bit16_groups_flat[i].numel() == current.numel() * world, "resharded_loads",
+                 f"param group {i} is not cut into {world} equal partitions")
+        layout.append((current.numel(), optimizer.groups_padding[i], whole, -(-whole // (align * saved_world)) * align))
+
+    def overlapping(size: int, whole: int, saved_size: int) -> range:
+        low, high = rank * size, min((rank + 1) * size, whole)
+        return range(low // saved_size, (high - 1) // saved_size + 1) if high > low else range(0)
+
+    needed = sorted({s for size, _, whole, saved_size in layout for s in overlapping(size, whole, saved_size)})
+    saved = {s: read(s) for s in needed or [0]}
+    first = saved[min(saved)]
+    base = first[keys.BASE_OPTIMIZER_STATE]
+    _require(isinstance(base, dict) and "state" in base, "resharded_loads",
+             "the saved ZeRO state is not the rigid layout (optimizer.state_dict())")
+    fp32, states = [], {}
+    for i, (size, padding, whole, saved_size) in enumerate(layout):
+        lean = {s: sd[keys.SINGLE_PARTITION_OF_FP32_GROUPS][i].flatten() for s, sd in saved.items()}  # no padding
+        _require(all(part.numel() == min(saved_size, whole - s * saved_size) for s, part in lean.items()),
+                 "resharded_loads", f"param group {i}: the saved partitions are not DeepSpeed's layout")
+
+        def mine(piece: Callable[[int], Any], dtype: Any) -> Any:
+            """This rank's partition of the group, from piece(s): saved rank s's values, without padding."""
+            out, low = torch.zeros(size, dtype=dtype), rank * size
+            for s in overlapping(size, whole, saved_size):
+                part, start = piece(s), s * saved_size
+                a, b = max(low, start), min(low + size, start + part.numel())
+                out[a - low:b - low] = part[a - start:b - start]
+            return out
+
+        fp32.append(mine(lean.__getitem__, lean[min(lean)].dtype)[:size - padding])
+        _require(base["param_groups"][i]["params"] == [i], "resharded_loads", "one flat parameter per param group")
+        group = {}
+        for key, value in base["state"][i].items():  # Adam's exp_avg / exp_avg_sq: partitions (padded); step: not
+            cut = torch.is_tensor(value) and value.dim() == 1 and value.numel() == saved_size
+            group[key] = mine(lambda s: saved[s][keys.BASE_OPTIMIZER_STATE]["state"][i][key][:lean[s].numel()],
+                              value.dtype) if cut else value
+        states[i] = group
+    return {**first, keys.BASE_OPTIMIZER_STATE: {"state": states, "param_groups": base["param_groups"]},
+            keys.SINGLE_PARTITION_OF_FP32_GROUPS: fp32, keys.GROUP_PADDINGS: list(optimizer.groups_padding),
+            keys.PARTITION_COUNT: list(optimizer.partition_count),
+            keys.PARAM_SLICE_MAPPINGS: optimizer._param_slice_mappings}
 
 
 # ---------------------------------------------------------------------------------------------- optimizer state

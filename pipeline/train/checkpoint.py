@@ -36,6 +36,7 @@ from pipeline.io import replace_dir, sha256_file, write_json
 from pipeline.recipe.args import TrainArgs, key_at
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
+from pipeline.train import world_change
 from pipeline.names import PREFERENCE_STAGES
 
 FORMAT = "pipeline-checkpoint"
@@ -367,10 +368,17 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
                         "train with save_only_model: false to get resumable checkpoints")
     saved = state.get("recipe", {})
     changed = [k for k in saved if k in r and _comparable(k, saved[k], saved) != _comparable(k, r[k], r)]
-    refused = [k for k in changed if k in REFUSE]
+    change = resumed_world_change(r, path, saved)  # another rank count: its own rules, batch keys included
+    refused = [k for k in changed if k in REFUSE and not (change and k in world_change.BATCH_KEYS)]
     source = getattr(r, "source", lambda key: "default")
     problems = [_refused(r, key, saved[key], path) for key in refused
                 if not (source(key) == "derived" and set(DERIVED_FROM.get(key, ())) & set(refused))]
+    if change:
+        problems += world_change.problems(
+            change, path, int(state.get("batch_in_epoch", 0)), stage=r["stage"], asft=bool(r.get("use_asft_loss")),
+            group_by_length=bool(r.get("group_by_length")), zero_stage=r["zero_stage"],
+            offload_optimizer=r.get("offload_optimizer", "none"),
+            accumulation_at=where(r, "gradient_accumulation_steps"))
     if r.get("pissa_init") and saved and "pissa_init" not in saved:  # saved before PiSSA existed here: without it
         problems.append(f"{where(r, 'pissa_init')} is true but {path} was trained without PiSSA (its LoRA started "
                         "from the default init on the original base), so its weights belong to another model; remove "
@@ -395,7 +403,8 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
         raise UserError(problems)
     inert = DROPOUT_KEYS if r.get("stage") in PREFERENCE_STAGES else ()  # dpo / kto train without dropout (as TRL)
     applied = (*APPLY, *ppo_rollout_keys(bool(r.get("do_sample")))) if r.get("stage") == "ppo" else APPLY
-    notices = [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
+    notices = [change.notice()] if change else []
+    notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: applied from step "
                f"{state.get('global_step', '?')} on" for k in changed if k in applied and k not in inert]
     notices += _reference_adapter_notices(r, path, saved)
     notices += [f"resume: {where(r, k)} changed from {_show(saved[k])} to {_show(r[k])}: no effect, stage "
@@ -434,14 +443,9 @@ def check_schedule(r: Mapping[str, Any], path: Path) -> None:
 
 
 def _refused(r: Mapping[str, Any], key: str, saved: Any, path: Path) -> str:
-    """The message for a refused key. world_size is no recipe key: the launch decides it (make train NPROC=N)."""
-    fresh = f"start a new run from {path}/adapter or {path}/model"
-    if key == "world_size":
-        return (f"this job has {r[key]} rank(s) but {path} was trained on {saved} (each rank's optimizer shard, RNG "
-                f"and data position are in it); resume with {saved} rank(s) (make train NPROC={saved}, or NPROC x "
-                f"NNODES = {saved}), or {fresh}")
+    """The message for a refused key (world_size, which the launch decides, has pipeline.train.world_change's)."""
     return f"{where(r, key)} is {_show(r[key])} but {path} was trained with {_show(saved)}; resume with the same " \
-           f"value (or {fresh})"
+           f"value (or start a new run from {path}/adapter or {path}/model)"
 
 
 def _training_files_problems(r: Mapping[str, Any], path: Path, saved: Mapping[str, Any] | None) -> list[str]:
@@ -627,26 +631,49 @@ def prune(output_dir: Path, limit: int | None, keep: Path) -> list[Path]:
     return doomed
 
 
-def load(engine: Any, path: Path) -> TrainState:
-    """Restore DeepSpeed's state, this rank's RNG and the data position (every rank must call this)."""
+def resumed_world_change(r: Mapping[str, Any], path: Path,
+                         saved: Mapping[str, Any] | None = None) -> world_change.WorldChange | None:
+    """How the rank count of this resume differs from `path`'s (None: the same); `saved`: its recorded recipe values
+    when already read. check_compatible decides whether it can be resharded."""
+    saved = read_state(path).get("recipe", {}) if saved is None else saved
+    layout = tuple(int(r.get(key, 1)) for key in world_change.BATCH_KEYS)  # 1: a plain dict without them (tests)
+    return world_change.world_change(saved, layout)  # type: ignore[arg-type]
+
+
+def load(engine: Any, path: Path, change: world_change.WorldChange | None = None) -> TrainState:
+    """Restore DeepSpeed's state, this rank's RNG and the data position (every rank must call this). `change`: the
+    checkpoint was written by another number of ranks (resumed_world_change): the ZeRO partitions are rebuilt for
+    this one and the data position counted in this run's micro-batches; a rank the checkpoint had not keeps the RNG
+    state seed_everything gave it (dropout draws on another rank count are not the uninterrupted run's anyway)."""
     from pipeline.train.safestate import StateFileError, load_state
 
+    if change:
+        problem = deepspeed_compat.reshard_problem(engine)
+        if problem:
+            raise UserError(f"this job has {change.after[0]} rank(s) but {path} was trained on {change.saved_world}: "
+                            f"{problem}; resume with {change.saved_world} rank(s) (make train "
+                            f"NPROC={change.saved_world}), or start a new run from {path}/adapter or {path}/model")
+    resharded = deepspeed_compat.resharded_loads(engine, change.saved_world) if change else contextlib.nullcontext()
     try:
-        with _weights_only_loads():
+        with _weights_only_loads(), resharded:
             loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=False,
                                                load_optimizer_states=True, load_lr_scheduler_states=True)
         if loaded is None:
             raise UserError(f"{path}/{DS_TAG}: DeepSpeed found no state to load; the checkpoint is incomplete")
         rng_file = path / RNG_DIR / f"rank-{dist.rank()}.safetensors"
-        if not rng_file.is_file():
+        if not rng_file.is_file() and not (change and dist.rank() >= change.saved_world):
             raise UserError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
-        _set_rng_state(load_state(rng_file))
+        if rng_file.is_file():
+            _set_rng_state(load_state(rng_file))
     except StateFileError as err:
         raise UserError(f"{err.path}: {err.reason}; this trainer writes and reads only its own safetensors state, "
                         f"so {path} cannot be resumed from. Resume from another checkpoint "
                         "(resume_from_checkpoint: <output_dir>/checkpoint-<step>), or start over with "
                         "overwrite_output_dir: true") from None
-    return TrainState.from_dict(read_state(path))
+    state = TrainState.from_dict(read_state(path))
+    if change:
+        state.batch_in_epoch = change.position(state.batch_in_epoch)
+    return state
 
 
 def saved_objective(path: Path) -> dict[str, Any]:
@@ -659,6 +686,14 @@ def saved_log_window(path: Path) -> dict[str, Any] | None:
     from pipeline.train.safestate import load_state
 
     return load_state(path / RNG_DIR / f"rank-{dist.rank()}.safetensors").get(LOG_WINDOW)
+
+
+def saved_log_windows(path: Path, ranks: int) -> list[dict[str, Any] | None]:
+    """Every rank's log-window sums saved with `path` (written by `ranks` ranks), for a resume on another rank
+    count (pipeline.train.loop.Window.regrouped)."""
+    from pipeline.train.safestate import load_state
+
+    return [load_state(path / RNG_DIR / f"rank-{rank}.safetensors").get(LOG_WINDOW) for rank in range(ranks)]
 
 
 _OWNER: str | None = None

@@ -156,6 +156,24 @@ class Window:
         """The window a checkpoint saved (its clock restarts now); an empty one for checkpoints without it."""
         return cls(**{name: sums[name] for name in cls.SAVED if name in sums}) if sums else cls()
 
+    @classmethod
+    def regrouped(cls, saved: list[Mapping[str, Any] | None], world: int, rank: int) -> "Window":
+        """This rank's window when the checkpoint's ranks (one `saved` sums each) were another number
+        (pipeline.train.world_change): rank 0 takes every sum, the others none, so the next log line is the
+        uninterrupted run's. The loss, l1 and the objective's metrics are logged as their sum over ranks / ranks
+        (a rank's step loss carries the rank count: Trainer.step_scale), so they move from the saved rank count
+        to this one; token counts are plain sums."""
+        if not saved or any(s is None for s in saved):
+            return cls()
+        sums: list[Mapping[str, Any]] = [s for s in saved if s is not None]
+        share = (world / len(sums)) if rank == 0 else 0.0
+        mine = {**sums[0], "extra": {k: share * sum(s["extra"][k] for s in sums) for k in sums[0]["extra"]}}
+        for name in ("loss", "l1"):
+            mine[name] = share * sum(s[name] for s in sums)
+        for name in ("tokens", "trained_tokens"):
+            mine[name] = sum(s[name] for s in sums) if rank == 0 else 0
+        return cls.resumed(mine)
+
     def add_loss(self, step_loss: Any) -> None:
         """One optimizer step's loss (the mean over its micro-batches; a float or a float64 device tensor, left
         unread), into the log line and the run's mean."""

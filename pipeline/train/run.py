@@ -133,7 +133,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
                  else asft_objective(r, engine) if r["stage"] == "sft" and r["use_asft_loss"] else None)
     # built before the resumed RNG state is set: loading the reward model draws from it
     trainer_class, extra = (Trainer, {}) if r["stage"] != "ppo" else ppo_parts(r, engine, scheduler)
-    state = checkpoint.load(engine, resume) if resume is not None else TrainState()
+    change = checkpoint.resumed_world_change(r, resume) if resume is not None else None  # another rank count
+    state = checkpoint.load(engine, resume, change) if resume is not None else TrainState()
     if resume is not None:
         if r["stage"] == "ppo":  # its schedule steps once per PPO step, outside DeepSpeed: it stands at the step
             scheduler.last_epoch = state.global_step
@@ -177,7 +178,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             trainer.restore(checkpoint.saved_objective(resume))  # dpo's BCO running mean, ppo's KL coefficient
             trainer.last_saved_step = state.global_step  # that checkpoint exists already
             trainer.last_record = logged_so_far(output_dir)  # all_results' losses when no step is left to log
-            trainer.window = Window.resumed(checkpoint.saved_log_window(resume))  # the log line under way
+            trainer.window = (  # the log line under way, from every saved rank's share on another rank count
+                Window.regrouped(checkpoint.saved_log_windows(resume, change.saved_world), dist.world_size(),
+                                 dist.rank()) if change else Window.resumed(checkpoint.saved_log_window(resume)))
         try:
             with explain_out_of_memory(r, state):
                 outcome = trainer.train()

@@ -102,6 +102,92 @@ def test_state_classes_exist():
         assert hasattr(importlib.import_module(module), attr), f"{name} is gone: update STATE_CLASSES"
 
 
+def _zero12_layout(world: int, rank: int, numel: int = 10) -> types.SimpleNamespace:
+    """Rank `rank`'s DeepSpeedZeroOptimizer partition layout for one param group of `numel` elements (two
+    parameters, 4 and the rest) on `world` ranks, as stage_1_and_2 builds it: the flat group padded to a multiple of
+    2 x world (nccl_start_alignment_factor 2), cut into `world` equal partitions, the padding on the last rank."""
+    total = -(-numel // (2 * world)) * 2 * world
+    size = total // world
+    return types.SimpleNamespace(single_partition_of_fp32_groups=[torch.zeros(size)],
+                                 groups_padding=[total - numel if rank == world - 1 else 0],
+                                 round_robin_bit16_padding=[[0, 0]],
+                                 round_robin_bit16_groups=[[torch.zeros(4), torch.zeros(numel - 4)]],
+                                 bit16_groups_flat=[torch.zeros(total)], partition_count=[world],
+                                 nccl_start_alignment_factor=2, _param_slice_mappings=[{"w": "mine"}])
+
+
+def _zero12_saved(values: list[float], world: int) -> list[dict]:
+    """What each of `world` ranks saves of a group holding `values` (DeepSpeedZeroOptimizer.state_dict, rigid):
+    its fp32 partition without padding, Adam's moments as whole partitions (padding included), the step."""
+    size = _zero12_layout(world, 0, len(values)).single_partition_of_fp32_groups[0].numel()
+    flat = torch.zeros(size * world)
+    flat[:len(values)] = torch.tensor(values)
+    out = []
+    for rank in range(world):
+        part = flat[rank * size:(rank + 1) * size]
+        padding = _zero12_layout(world, rank, len(values)).groups_padding[0]
+        out.append({"loss_scaler": "kept", "group_paddings": [padding], "partition_count": [world],
+                    "single_partition_of_fp32_groups": [part[:size - padding].clone()],
+                    "base_optimizer_state": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": part * 10,
+                                                           "exp_avg_sq": part * 100}},
+                                             "param_groups": [{"lr": 0.5, "params": [0]}]}})
+    return out
+
+
+@pytest.mark.parametrize("saved_world, world, wanted, reads", [
+    # 10 values on 2 ranks (12 with padding: partitions of 6, the last padded by 2), read on 3 ranks (12: partitions
+    # of 4, the last holding 8, 9 and 2 padding), on 1 (10: no padding) and back from 3 to 2; `reads`: the saved
+    # ranks each rank reads, those its partition overlaps
+    (2, 3, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], [{0}, {0, 1}, {1}]),
+    (2, 1, [list(range(10))], [{0, 1}]),
+    (3, 2, [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]], [{0, 1}, {1, 2}]),
+])
+def test_zero12_partition_moves_masters_and_moments_to_the_new_partitions(saved_world, world, wanted, reads):
+    """resharded_loads' arithmetic on the layout DeepSpeedZeroOptimizer builds (written out above by hand, not
+    taken from the code under test): each rank gets exactly its slice of the masters and of both moments, padded
+    with zeros where its partition is, reading only the saved partitions it overlaps; the step, the param groups
+    and the loss scaler come through as saved."""
+    saved = _zero12_saved([float(v) for v in range(10)], saved_world)
+    for rank, values in enumerate(wanted):
+        layout, read = _zero12_layout(world, rank), set()
+        state = compat.zero12_partition(layout, lambda s: read.add(s) or saved[s], saved_world, rank, world)
+        assert read == reads[rank]
+        size = layout.single_partition_of_fp32_groups[0].numel()
+        padded = torch.tensor([float(v) for v in values] + [0.0] * (size - len(values)))
+        assert torch.equal(state["single_partition_of_fp32_groups"][0], torch.tensor(values, dtype=torch.float32))
+        moments = state["base_optimizer_state"]["state"][0]
+        assert torch.equal(moments["exp_avg"], padded * 10) and torch.equal(moments["exp_avg_sq"], padded * 100)
+        assert moments["step"] == 3.0 and state["base_optimizer_state"]["param_groups"] == [{"lr": 0.5, "params": [0]}]
+        assert state["group_paddings"] == layout.groups_padding and state["partition_count"] == [world]
+        assert state["loss_scaler"] == "kept" and state["param_slice_mappings"] == [{"w": "mine"}]
+
+
+def test_resharded_loads_reads_deepspeeds_names():
+    """The file names and state-dict keys resharded_loads reads are the ones DeepSpeed 0.19 writes and checks."""
+    import deepspeed.checkpoint.constants as keys
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    source = inspect.getsource(DeepSpeedEngine)
+    assert "_mp_rank_{mp_rank:02d}_optim_states.pt" in source and '"mp_rank_" + mp_rank_str + "_model_states.pt"' \
+        in source and "self.loaded_checkpoint_dp_world_size = checkpoint['dp_world_size']" in source
+    for bf16 in (False, True):  # the names DeepSpeed gives the per-rank files, with and without bf16
+        engine = types.SimpleNamespace(_get_zero_ckpt_prefix=types.MethodType(DeepSpeedEngine._get_zero_ckpt_prefix,
+                                                                              object()))
+        name = DeepSpeedEngine._get_rank_zero_ckpt_name(engine, "d", "t", mp_rank=0, dp_rank=3, bf16_mode=bf16)
+        match = compat.ZERO_OPTIM_FILE.match(Path(name).name)
+        assert match and match["rank"] == "3" and match["prefix"] == ("bf16_" if bf16 else ""), name
+    state_dict = inspect.getsource(DeepSpeedZeroOptimizer.state_dict)
+    for key in ("BASE_OPTIMIZER_STATE", "SINGLE_PARTITION_OF_FP32_GROUPS", "GROUP_PADDINGS", "PARTITION_COUNT",
+                "PARAM_SLICE_MAPPINGS"):
+        assert f"state_dict[{key}]" in state_dict and hasattr(keys, key), key
+    init = inspect.getsource(DeepSpeedZeroOptimizer.__init__)
+    assert "self.nccl_start_alignment_factor = 2" in init and "self.groups_padding.append(padding)" in init
+    for name in ("single_partition_of_fp32_groups", "round_robin_bit16_groups", "round_robin_bit16_padding",
+                 "bit16_groups_flat", "partition_count", "_param_slice_mappings"):
+        assert f"self.{name} =" in init, name
+
+
 def test_fp32_master_reads_the_unfused_wrappers_groups():
     from deepspeed.runtime.fp16 import unfused_optimizer
 

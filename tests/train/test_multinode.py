@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pipeline.errors import UserError
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.ports import end_job, run_to_end, start_job
-from tests.train.helpers import BASE_PT, check_two_ranks_follow_one_rank
+from tests.train.helpers import BASE_PT, check_resumed_run_is_the_uninterrupted_one, check_two_ranks_follow_one_rank
 
 REPO = Path(__file__).resolve().parents[2]
 CLASH = ("address already in use", "EADDRINUSE", "errno: 98")
@@ -56,8 +57,11 @@ def test_two_one_rank_nodes_equal_two_ranks_on_one_node_bitwise(make_recipe, wor
     """The one-node run is also test_multirank's check for pt at ZeRO 2 (its one launch serves both): two ranks
     follow one rank of the same global batch; pt_stride 16 gives the val split 6 windows, so no padding copies on
     2 ranks and eval sees the same examples. 4 steps of 2 micro-batches: the nodes exchange gradients in every
-    update after the first sync, and step 4 writes the checkpoint compared below."""
-    keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, zero_stage=2, pt_stride=16, eval_steps=2)
+    update after the first sync, and step 4 writes the checkpoint compared below. The one-node run's checkpoint-2
+    is then resumed on one rank, 2 x GA 4 (pipeline.train.world_change: ZeRO 2's partitions of both ranks joined),
+    and its steps 3-4 are the one-node run's to fp32 rounding (failed before: exit 2, "resume with 2 rank(s)")."""
+    keys = dict(max_steps=4, warmup_steps=1, gradient_accumulation_steps=2, zero_stage=2, pt_stride=16, eval_steps=2,
+                save_steps=2)
     one_rank = train(make_recipe(BASE_PT, name="one_rank", per_device_train_batch_size=4, **keys))
     make_recipe(BASE_PT, name="one_node", per_device_train_batch_size=2, **keys)
     make_recipe(BASE_PT, name="two_nodes", per_device_train_batch_size=2, **keys)
@@ -89,6 +93,11 @@ def test_two_one_rank_nodes_equal_two_ranks_on_one_node_bitwise(make_recipe, wor
     assert [(r["loss"], r.get("eval_loss")) for r in log_a] == [(r["loss"], r.get("eval_loss")) for r in log_b]
     ckpt = workdir / "saves/two_nodes/checkpoint-4"
     assert (ckpt / "rng" / "rank-0.safetensors").is_file() and (ckpt / "rng" / "rank-1.safetensors").is_file()
+    shutil.copytree(workdir / "saves/one_node/checkpoint-2", workdir / "saves/resumed/checkpoint-2")
+    train(make_recipe(BASE_PT, name="resumed", **{**keys, "per_device_train_batch_size": 2,
+                                                  "gradient_accumulation_steps": 4, "resume_from_checkpoint": "latest"}))
+    check_resumed_run_is_the_uninterrupted_one(workdir / "saves/one_node", workdir / "saves/resumed",
+                                               "model/model.safetensors")
 
 
 def _second_node(workdir, port: int) -> subprocess.CompletedProcess:

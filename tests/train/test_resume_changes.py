@@ -184,21 +184,50 @@ def test_an_eval_dataset_that_makes_the_val_split_train_is_refused(make_recipe, 
         "tiny_sft/train.json, tiny_sft/val.json" in message, message
 
 
-def test_another_number_of_ranks_names_nproc_not_a_recipe_key(make_recipe, first_run):
-    """The message said "world_size is 2 but ... trained with 1; resume with the same value", a key no recipe sets."""
+# (recipe values the checkpoint records, the resume's overrides on 2 ranks, what its one message says)
+RANK_REFUSALS = [
+    # 1 rank x 4 x GA 2 = 8, resumed on 2 ranks as it is: 16. (The message said "world_size is 2 but ... trained
+    # with 1; resume with the same value", a key no recipe sets; then "resume with 1 rank(s)" whatever the batch.)
+    ({}, [], ["was trained on 1, and the global batch (per_device_train_batch_size x gradient_accumulation_steps x "
+              "ranks) is now 16 (2 rank(s) x 4 x GA 2), not its 8 (1 rank(s) x 4 x GA 2)",
+              "set gradient_accumulation_steps: 1 to keep it on 2 rank(s) (run.yaml:11: gradient_accumulation_steps)",
+              "make train NPROC=1"]),
+    # the global batch kept, but ZeRO 3's per-parameter partitions are not rebuilt
+    (dict(zero_stage=3), ["gradient_accumulation_steps=1", "zero_stage=3"],
+     ["zero_stage 3 partitions every parameter across the ranks", "make train NPROC=1"]),
+    # group_by_length's mega-batches are 50 global micro-batches: 4 x 1 rank then, 4 x 2 ranks now
+    (dict(group_by_length=True), ["gradient_accumulation_steps=1", "group_by_length=true"],
+     ["group_by_length sorts the examples inside mega-batches", "set per_device_train_batch_size 2 and "
+      "gradient_accumulation_steps 2"]),
+]
+
+
+def test_another_number_of_ranks_is_resharded_or_refused_by_the_global_batch(make_recipe, first_run, tmp_path):
+    """2 ranks x 4 x GA 1 = 1 rank x 4 x GA 2: accepted, said in one line (the runs themselves:
+    test_resume_world_size.py, test_multinode.py). RANK_REFUSALS: exit 2, one message saying what to set.
+    (One training run for all: first_run's checkpoint, its recorded recipe values edited in a copy.)"""
     import os
+    import shutil
 
     from pipeline.recipe import resolve
     from pipeline.train import checkpoint
 
     make_recipe(name="run", **FIRST, resume_from_checkpoint="latest")  # writes run.yaml
-    two = resolve("run.yaml", [], command="plan", env={**os.environ, "WORLD_SIZE": "2"})
-    assert two["world_size"] == 2
-    with pytest.raises(UserError) as err:
-        checkpoint.check_compatible(two, first_run / "checkpoint-2")
-    [message] = err.value.messages
-    assert message.startswith(f"this job has 2 rank(s) but {first_run}/checkpoint-2 was trained on 1 ") and \
-        "make train NPROC=1" in message, message
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    two = resolve("run.yaml", ["gradient_accumulation_steps=1"], command="plan", env=env)
+    assert checkpoint.check_compatible(two, first_run / "checkpoint-2") == [
+        "resume: world_size: 1 -> 2 (global batch 8 kept: 1 rank(s) x 4 x GA 2 -> 2 rank(s) x 4 x GA 1): resharded"]
+    for index, (saved, overrides, fragments) in enumerate(RANK_REFUSALS):
+        path = tmp_path / str(index) / "checkpoint-2"
+        shutil.copytree(first_run / "checkpoint-2", path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        state["recipe"].update(saved)
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        with pytest.raises(UserError) as err:
+            checkpoint.check_compatible(resolve("run.yaml", overrides, command="plan", env=env), path)
+        [message] = err.value.messages
+        assert message.startswith(f"this job has 2 rank(s) but {path} was trained on 1"), message
+        assert all(f in message for f in fragments), message
 
 
 def test_the_documented_table_lists_exactly_the_classified_keys():

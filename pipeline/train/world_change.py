@@ -1,0 +1,108 @@
+"""Resuming on another number of ranks (world_size N -> M) with the same global batch.
+
+A preempted 8-GPU job that gets 4 GPUs back continues when per_device_train_batch_size x
+gradient_accumulation_steps x world_size, the examples of one update, stays what the checkpoint was trained with
+(8 x GA 1 -> 4 x GA 2). Why that is the same run: the loader's order is a permutation of the examples seeded by
+(seed, epoch) alone, and update u takes its contiguous slice [u x B, (u + 1) x B) of it whatever the rank count
+(pipeline.data.loaders: rank k takes the k-th share of each global micro-batch, and the accumulation steps take
+consecutive global micro-batches), so only which rank holds which example of the update changes. The pt / sft
+loss weighs every trained token of the update the same wherever it lies (pipeline.train.loop.step_scale), so the
+update is the uninterrupted run's to rounding (the sums are added in another order).
+
+What moves with the ranks: the data position (counted in micro-batches per rank), the optimizer's ZeRO partitions
+(deepspeed_compat.resharded_loads), each rank's RNG state and log-window sums. What cannot, and is refused:
+another global batch; per_device_train_batch_size changed under objectives that average per micro-batch (dpo,
+kto, rm, ppo, ASFT) or under group_by_length (its mega-batches count global micro-batches); zero_stage 3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")  # REFUSE keys it lifts
+
+
+@dataclass(frozen=True)
+class WorldChange:
+    """The checkpoint's batch layout (`before`) and this run's (`after`): (ranks, micro-batch, accumulation)."""
+
+    before: tuple[int, int, int]
+    after: tuple[int, int, int]
+
+    @property
+    def saved_world(self) -> int:
+        return self.before[0]
+
+    @property
+    def global_batch(self) -> int:
+        ranks, micro, accumulation = self.after
+        return ranks * micro * accumulation
+
+    def position(self, batch_in_epoch: int) -> int:
+        """The saved data position (micro-batches per rank) in this run's micro-batches: the same examples used."""
+        return batch_in_epoch * self.before[0] * self.before[1] // (self.after[0] * self.after[1])
+
+    def notice(self) -> str:
+        return (f"resume: world_size: {self.before[0]} -> {self.after[0]} (global batch {self.global_batch} kept: "
+                f"{_layout(self.before)} -> {_layout(self.after)}): resharded")
+
+
+def _layout(layout: tuple[int, int, int]) -> str:
+    return f"{layout[0]} rank(s) x {layout[1]} x GA {layout[2]}"
+
+
+def world_change(saved: Mapping[str, Any], layout: tuple[int, int, int]) -> WorldChange | None:
+    """The change of rank count between the checkpoint's recipe values `saved` and this run's `layout` (BATCH_KEYS'
+    values, in that order); None: the same rank count."""
+    if "world_size" not in saved or saved["world_size"] == layout[0]:
+        return None
+    before = tuple(int(saved.get(key, value)) for key, value in zip(BATCH_KEYS, layout))
+    return WorldChange(before, tuple(int(v) for v in layout))  # type: ignore[arg-type]
+
+
+def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str, asft: bool, group_by_length: bool,
+             zero_stage: int, offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps") -> list[str]:
+    """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set.
+    `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values, and where the recipe sets
+    gradient_accumulation_steps (`file:line: key`, checkpoint.where)."""
+    (was, micro, accumulation), (now, new_micro, _) = change.before, change.after
+    ranks = f"this job has {now} rank(s) but {path} was trained on {was}"
+    same = (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
+            f"from {path}/adapter or {path}/model")
+    keep = was * micro * accumulation
+    if keep != change.global_batch:
+        fits = [f"gradient_accumulation_steps: {keep // (now * new_micro)}"] if keep % (now * new_micro) == 0 else []
+        fits += [f"per_device_train_batch_size: {micro} and gradient_accumulation_steps: {keep // (now * micro)}"
+                 ] if not fits and keep % (now * micro) == 0 else []
+        fix = f"set {fits[0]} to keep it on {now} rank(s)" if fits else f"{now} rank(s) cannot hold it"
+        fix += f" ({accumulation_at})" if fits and accumulation_at != BATCH_KEYS[2] else ""
+        return [f"{ranks}, and the global batch (per_device_train_batch_size x gradient_accumulation_steps x ranks) "
+                f"is now {change.global_batch} ({_layout(change.after)}), not its {keep} ({_layout(change.before)}): "
+                f"each update would take other examples. The global batch must stay: {fix}; or {same}"]
+    out = []
+    if stage not in ("pt", "sft"):
+        out.append(f"{ranks}: resuming on another rank count is supported for stage pt and sft (stage "
+                   f"{stage} is not checked against the uninterrupted run); {same}")
+    if new_micro != micro and asft:
+        fix = (f"keep per_device_train_batch_size {micro} (gradient_accumulation_steps {keep // (now * micro)}), "
+               "or ") if keep % (now * micro) == 0 else ""
+        out.append(f"{ranks}, and per_device_train_batch_size is {new_micro}, not {micro}: ASFT averages a mean per "
+                   f"micro-batch, so other micro-batches are another objective; {fix}{same}")
+    if new_micro * now != micro * was and group_by_length:
+        fix = (f"set per_device_train_batch_size {micro * was // now} and gradient_accumulation_steps {accumulation} "
+               "to keep them, or ") if (micro * was) % now == 0 else ""
+        out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
+                   f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
+                   f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
+    if zero_stage == 3:
+        out.append(f"{ranks}: zero_stage 3 partitions every parameter across the ranks, and those partitions are "
+                   f"not rebuilt for another rank count; {same}")
+    if offload_optimizer != "none":
+        out.append(f"{ranks}: the optimizer state offloaded to {offload_optimizer} (offload_optimizer) is not "
+                   f"rebuilt for another rank count; {same}")
+    if (batch_in_epoch * was * micro) % (now * new_micro):
+        out.append(f"{ranks}, and its data position ({batch_in_epoch} micro-batches of {micro} per rank into the "
+                   f"epoch) is not a whole number of this run's global micro-batches of {new_micro} x {now} (nan_policy: "
+                   f"skip drew extra ones); {same}")
+    return out
