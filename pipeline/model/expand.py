@@ -62,9 +62,15 @@ def layer_key(config: Mapping[str, Any]) -> str:
 
 
 def expanded_config(config: Mapping[str, Any], layout: list[tuple[int, bool]]) -> dict[str, Any]:
-    """config.json with the new block count; a per-block list (Qwen's layer_types) gets each copy's source entry."""
+    """config.json with the new block count; a per-block list (Qwen's layer_types) gets each copy's source entry, and
+    max_window_layers (Qwen2Config: the layers from it on slide, where layer_types is absent) becomes the new index of
+    the block it named, so that each original block keeps its attention (copies follow their source, so the sliding
+    blocks stay a suffix)."""
     out = dict(config)
     out[layer_key(config)] = len(layout)
+    first = config.get("max_window_layers")
+    if type(first) is int:
+        out["max_window_layers"] = next((i for i, (source, _) in enumerate(layout) if source >= first), len(layout))
     types = config.get("layer_types")
     if isinstance(types, list) and len(types) == len(layout) - sum(new for _, new in layout):
         out["layer_types"] = [types[source] for source, _ in layout]
