@@ -111,12 +111,12 @@ def varlen_device(device: torch.device, dtype: torch.dtype, dropout_p: float) ->
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
 
 
-def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float, windowed: bool = False) -> bool:
-    """Whether packed rows take the varlen kernel; `windowed` (some layer has a sliding window) also needs a
+def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float, has_window: bool = False) -> bool:
+    """Whether packed rows take the varlen kernel; `has_window` (some layer has a sliding window) also needs a
     `varlen_attn` that takes window_size (the first signature has only is_causal)."""
     kernel = _varlen_kernel()
     return (varlen_device(device, dtype, dropout_p) and kernel is not None
-            and (not windowed or "window_size" in inspect.signature(kernel).parameters))
+            and (not has_window or "window_size" in inspect.signature(kernel).parameters))
 
 
 def band_mask(t: int, total: int, window: int, device: torch.device) -> torch.Tensor:
@@ -217,10 +217,10 @@ def segment_buckets(segment_ids: torch.Tensor) -> Buckets:
 
 
 def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float,
-                     windowed: bool = False) -> Buckets | Varlen:
+                     has_window: bool = False) -> Buckets | Varlen:
     """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else Buckets;
-    `windowed`: some layer has a sliding window (`windowed` then sets it per layer)."""
-    if use_varlen(segment_ids.device, dtype, dropout_p, windowed):
+    `has_window`: some layer has a sliding window (the function `windowed` then sets it per layer)."""
+    if use_varlen(segment_ids.device, dtype, dropout_p, has_window):
         return segment_bounds(segment_ids)
     return segment_buckets(segment_ids)
 

@@ -333,7 +333,7 @@ class GPTModel(nn.Module):
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
             mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
-                                    windowed=bool(self.cfg.layer_windows))
+                                    has_window=bool(self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         # one spec per sliding window the layers have (None: full attention), shared by the layers with it

@@ -165,10 +165,10 @@ def test_path_choice(monkeypatch):
     assert not attention.use_varlen(cuda, torch.float32, 0.0)
     assert not attention.use_varlen(cuda, torch.bfloat16, 0.1)
     assert attention.use_varlen(cuda, torch.bfloat16, 0.0) == (attention._varlen_kernel() is not None)
-    for kernel, windowed in ((_varlen_gqa, True), (_varlen_window, True), (_varlen_is_causal, False)):
+    for kernel, takes_window in ((_varlen_gqa, True), (_varlen_window, True), (_varlen_is_causal, False)):
         monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
         assert attention.use_varlen(cuda, torch.bfloat16, 0.0)
-        assert attention.use_varlen(cuda, torch.bfloat16, 0.0, windowed=True) == windowed  # a window needs window_size
+        assert attention.use_varlen(cuda, torch.bfloat16, 0.0, has_window=True) == takes_window  # a window needs window_size
 
 
 def test_windowed_band_is_transformers_sliding_window_overlay():
@@ -308,7 +308,7 @@ def test_bucket_path_equals_the_mask_path(monkeypatch, preset):
     results = {}
     for path in ("mask", "buckets"):
         if path == "mask":
-            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p, windowed: attention.segment_mask(s))
+            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p, has_window: attention.segment_mask(s))
         else:
             monkeypatch.setattr(gpt, "packed_attention", attention.packed_attention)
         loss = model(ids, labels=labels, segment_ids=seg, position_ids=pos)
