@@ -24,7 +24,7 @@ sequence is longer than it; below that the spec is returned as it is (is_causal,
 for the common case). Where it binds: a boolean band mask ANDed into the dense mask (SDPA with a mask); the buckets
 path gives a bucket longer than the window the band as a mask (SDPA); the varlen kernel takes window_size
 (window - 1, 0) (flash's inclusive left bound), in the signatures that have window_size; a torch whose varlen_attn has
-none runs packed windowed models on the buckets path.
+none runs the packed rows longer than a window on the buckets path.
 
 `segment_mask` (causal AND same segment, (B, 1, T, T) boolean; AND the band with a window) stays as the reference
 that both paths are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
@@ -112,7 +112,7 @@ def varlen_device(device: torch.device, dtype: torch.dtype, dropout_p: float) ->
 
 
 def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float, has_window: bool = False) -> bool:
-    """Whether packed rows take the varlen kernel; `has_window` (some layer has a sliding window) also needs a
+    """Whether packed rows take the varlen kernel; `has_window` (some layer's sliding window binds) also needs a
     `varlen_attn` that takes window_size (the first signature has only is_causal)."""
     kernel = _varlen_kernel()
     return (varlen_device(device, dtype, dropout_p) and kernel is not None
@@ -130,12 +130,17 @@ def band_mask(t: int, total: int, window: int, device: torch.device) -> torch.Te
 Spec = torch.Tensor | Varlen | Buckets | None  # what a layer's attention gets as its mask (see `attend`)
 
 
+def binds(window: int | None, total: int) -> bool:
+    """Whether a sliding window changes anything for sequences of `total` positions: only past its length."""
+    return window is not None and total > window
+
+
 def windowed(spec: Spec, window: int | None, t: int, total: int, device: torch.device) -> Spec:
     """The attention spec of the layers with this sliding window, from the forward's (t queries, the last of `total`
     positions; packed rows: t = total = the row). Unchanged where no sequence is longer than the window, so that
     the causal paths run as without one; else the band ANDed into a dense mask (None: the causal band alone), or
     the window carried by the packed spec."""
-    if window is None or total <= window:
+    if not binds(window, total):
         return spec
     if isinstance(spec, (Varlen, Buckets)):
         return spec._replace(window=window)
@@ -219,7 +224,8 @@ def segment_buckets(segment_ids: torch.Tensor) -> Buckets:
 def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float,
                      has_window: bool = False) -> Buckets | Varlen:
     """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else Buckets;
-    `has_window`: some layer has a sliding window (the function `windowed` then sets it per layer)."""
+    `has_window`: some layer's sliding window binds on these rows (the function `windowed` then sets it per layer);
+    a window no row is longer than leaves the kernel choice as without one."""
     if use_varlen(segment_ids.device, dtype, dropout_p, has_window):
         return segment_bounds(segment_ids)
     return segment_buckets(segment_ids)

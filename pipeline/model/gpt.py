@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.attention import Spec, attend, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
+from pipeline.model.attention import Spec, attend, binds, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
                                       head_cross_entropy_tokens)
@@ -333,7 +333,7 @@ class GPTModel(nn.Module):
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
             mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
-                                    has_window=bool(self.cfg.layer_windows))
+                                    has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         # one spec per sliding window the layers have (None: full attention), shared by the layers with it
