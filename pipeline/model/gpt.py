@@ -301,10 +301,9 @@ class GPTModel(nn.Module):
         attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
         sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
         causal mask; pass position_ids restarting at 0 per segment). A layer with a sliding window w
-        (cfg.layer_windows) attends only to the keys at the last w indices of the row (or of the cache, which
-        keeps every token), its own included, as transformers' sliding_window_overlay counts them; left padding
-        shifts a row's indices alike, so a left-padded row sees what it sees alone.
-        labels (B, T) are already shifted
+        (cfg.layer_windows) lets the query at index i of the row (or of the cache, which keeps every token) see the
+        keys i - w < j <= i only, as transformers' sliding_window_overlay counts them; left padding shifts a row's
+        indices alike, so a left-padded row sees what it sees alone. labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
         labels the output head runs only at the labelled positions, returning the mean
         cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches; with predict
