@@ -390,3 +390,22 @@ def test_expand_keeps_qwen2_windows_read_from_max_window_layers(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "x").layer_types == ["full_attention"] * 4 + [
         "sliding_attention"] * 2
     assert torch.allclose(logits(tmp_path / "m", ids), logits(tmp_path / "x", ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config_class, keys", [
+    ("Qwen2Config", {"max_window_layers": 3}),
+    ("Qwen2Config", {}),  # max_window_layers absent: Qwen2Config's default, 28, of 30 blocks
+    ("Qwen3Config", {}),
+    ("Qwen3Config", {"layer_types": ["full_attention"] * 29 + ["sliding_attention"]}),
+])
+def test_expanded_config_gives_each_block_its_sources_attention_as_transformers_reads_it(config_class, keys):
+    """transformers' reading (layer_types, from max_window_layers or its default where config.json has none) of the
+    expanded config.json is, block by block, its source block's in the original (30 blocks, 2 expanded)."""
+    from pipeline.model.expand import checkpoint_family, expanded_config, expanded_layout
+
+    config = {"architectures": [config_class.replace("Config", "ForCausalLM")], "num_hidden_layers": 30,
+              "use_sliding_window": True, "sliding_window": 4, **keys}
+    layout = expanded_layout(30, 2)
+    before = getattr(transformers, config_class)(**config).layer_types
+    after = getattr(transformers, config_class)(**expanded_config(config, layout, checkpoint_family(config, Path()))).layer_types
+    assert after == [before[source] for source, _ in layout] and "sliding_attention" in after
