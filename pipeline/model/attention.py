@@ -24,7 +24,7 @@ sequence is longer than it; below that the spec is returned as it is (is_causal,
 for the common case). Where it binds: a boolean band mask ANDed into the dense mask (SDPA with a mask); the buckets
 path gives a bucket longer than the window the band as a mask (SDPA); the varlen kernel takes window_size
 (window - 1, 0) (flash's inclusive left bound), in the signatures that have window_size; a torch whose varlen_attn has
-none runs packed windowed models on the buckets path.
+none runs the packed rows longer than a window on the buckets path.
 
 `segment_mask` (causal AND same segment, (B, 1, T, T) boolean; AND the band with a window) stays as the reference
 that both paths are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
@@ -111,12 +111,12 @@ def varlen_device(device: torch.device, dtype: torch.dtype, dropout_p: float) ->
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and dropout_p == 0.0
 
 
-def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float, windowed: bool = False) -> bool:
-    """Whether packed rows take the varlen kernel; `windowed` (some layer has a sliding window) also needs a
+def use_varlen(device: torch.device, dtype: torch.dtype, dropout_p: float, has_window: bool = False) -> bool:
+    """Whether packed rows take the varlen kernel; `has_window` (some layer's sliding window binds) also needs a
     `varlen_attn` that takes window_size (the first signature has only is_causal)."""
     kernel = _varlen_kernel()
     return (varlen_device(device, dtype, dropout_p) and kernel is not None
-            and (not windowed or "window_size" in inspect.signature(kernel).parameters))
+            and (not has_window or "window_size" in inspect.signature(kernel).parameters))
 
 
 def band_mask(t: int, total: int, window: int, device: torch.device) -> torch.Tensor:
@@ -130,12 +130,17 @@ def band_mask(t: int, total: int, window: int, device: torch.device) -> torch.Te
 Spec = torch.Tensor | Varlen | Buckets | None  # what a layer's attention gets as its mask (see `attend`)
 
 
+def binds(window: int | None, total: int) -> bool:
+    """Whether a sliding window changes anything for sequences of `total` positions: only past its length."""
+    return window is not None and total > window
+
+
 def windowed(spec: Spec, window: int | None, t: int, total: int, device: torch.device) -> Spec:
     """The attention spec of the layers with this sliding window, from the forward's (t queries, the last of `total`
     positions; packed rows: t = total = the row). Unchanged where no sequence is longer than the window, so that
     the causal paths run as without one; else the band ANDed into a dense mask (None: the causal band alone), or
     the window carried by the packed spec."""
-    if window is None or total <= window:
+    if not binds(window, total):
         return spec
     if isinstance(spec, (Varlen, Buckets)):
         return spec._replace(window=window)
@@ -217,10 +222,11 @@ def segment_buckets(segment_ids: torch.Tensor) -> Buckets:
 
 
 def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: float,
-                     windowed: bool = False) -> Buckets | Varlen:
+                     has_window: bool = False) -> Buckets | Varlen:
     """The per-forward attention spec for packed rows: varlen boundaries where that kernel runs, else Buckets;
-    `windowed`: some layer has a sliding window (`windowed` then sets it per layer)."""
-    if use_varlen(segment_ids.device, dtype, dropout_p, windowed):
+    `has_window`: some layer's sliding window binds on these rows (the function `windowed` then sets it per layer);
+    a window no row is longer than leaves the kernel choice as without one."""
+    if use_varlen(segment_ids.device, dtype, dropout_p, has_window):
         return segment_bounds(segment_ids)
     return segment_buckets(segment_ids)
 

@@ -61,10 +61,16 @@ def layer_key(config: Mapping[str, Any]) -> str:
     return "n_layer" if "n_layer" in config else "num_hidden_layers"
 
 
-def expanded_config(config: Mapping[str, Any], layout: list[tuple[int, bool]]) -> dict[str, Any]:
-    """config.json with the new block count; a per-block list (Qwen's layer_types) gets each copy's source entry."""
+def expanded_config(config: Mapping[str, Any], layout: list[tuple[int, bool]], family: Family) -> dict[str, Any]:
+    """config.json with the new block count; a per-block list (Qwen's layer_types) gets each copy's source entry, and
+    max_window_layers (Qwen2Config: the layers from it on slide, where layer_types is absent) becomes the new index of
+    the block it named (the config class's default where config.json has none), so that each original block keeps its
+    attention (copies follow their source, so the sliding blocks stay a suffix)."""
     out = dict(config)
     out[layer_key(config)] = len(layout)
+    first = {**dict(family.config_defaults), **config}.get("max_window_layers")
+    if type(first) is int and family.sliding_window == "layers":
+        out["max_window_layers"] = next((i for i, (source, _) in enumerate(layout) if source >= first), len(layout))
     types = config.get("layer_types")
     if isinstance(types, list) and len(types) == len(layout) - sum(new for _, new in layout):
         out["layer_types"] = [types[source] for source, _ in layout]
@@ -172,7 +178,7 @@ def expand(model: str, output_dir: str | Path, num_expand: int) -> Path:
     tensors = {key: tensor for _, key, tensor in read_tensors(shard_files(source))}
     state = dict(expanded_tensors(family, tensors, layout))
     with atomic_dir(output) as tmp:
-        write_json(tmp / "config.json", expanded_config(config, layout))
+        write_json(tmp / "config.json", expanded_config(config, layout, family))
         copy_other_files(source, tmp)
         write_safetensors(state, tmp, SHARD_BYTES, progress=True)
     note(f"wrote {output}; train it with:\n  model_name_or_path: {output}\n  finetuning_type: freeze\n"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.model.attention import Spec, attend, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
+from pipeline.model.attention import Spec, attend, binds, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig
 from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
                                       head_cross_entropy_tokens)
@@ -301,10 +301,9 @@ class GPTModel(nn.Module):
         attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
         sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
         causal mask; pass position_ids restarting at 0 per segment). A layer with a sliding window w
-        (cfg.layer_windows) attends only to the keys at the last w indices of the row (or of the cache, which
-        keeps every token), its own included, as transformers' sliding_window_overlay counts them; left padding
-        shifts a row's indices alike, so a left-padded row sees what it sees alone.
-        labels (B, T) are already shifted
+        (cfg.layer_windows) lets the query at index i of the row (or of the cache, which keeps every token) see the
+        keys i - w < j <= i only, as transformers' sliding_window_overlay counts them; left padding shifts a row's
+        indices alike, so a left-padded row sees what it sees alone. labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
         labels the output head runs only at the labelled positions, returning the mean
         cross-entropy, or (sum, count) with reduction="sum" for exact perplexity over batches; with predict
@@ -333,7 +332,7 @@ class GPTModel(nn.Module):
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
             mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
-                                    windowed=bool(self.cfg.layer_windows))
+                                    has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         # one spec per sliding window the layers have (None: full attention), shared by the layers with it

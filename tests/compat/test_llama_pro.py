@@ -371,3 +371,41 @@ def test_oft_on_a_partly_trained_expansion_moves_what_peft_gives_a_gradient(tmp_
             if t.any()} == moves
     model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(partly), adapter)
     assert sum(n.endswith("oft_R.default.weight") for n, _ in model.named_parameters()) == len(tensors)
+
+
+def test_expand_keeps_qwen2_windows_read_from_max_window_layers(tmp_path):
+    """A Qwen2 config.json without layer_types (as transformers 4 writes it) slides from max_window_layers on
+    (Qwen2Config: i >= max_window_layers); inserted blocks shift the originals' indices, so that bound must move with
+    its block: here 3 of 4 (original block 2 full, 3 sliding) becomes 4 of 6, else original block 2, now at index 3,
+    would slide (a 2-position window, rows of 7 tokens: the logits would change)."""
+    write_hf_checkpoint(tmp_path / "m", "qwen2", small_vocab=True, num_hidden_layers=4, use_sliding_window=True,
+                        sliding_window=2, max_window_layers=3)
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    config.pop("layer_types", None)
+    (tmp_path / "m/config.json").write_text(json.dumps(config))
+    done = run_main(["expand", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "x"),
+                     "--num-expand", "2"], tmp_path)
+    assert done.code == 0, done.err
+    ids = [5, 9, 31, 2, 77, 14, 3]
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "x").layer_types == ["full_attention"] * 4 + [
+        "sliding_attention"] * 2
+    assert torch.allclose(logits(tmp_path / "m", ids), logits(tmp_path / "x", ids), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config_class, keys", [
+    ("Qwen2Config", {"max_window_layers": 3}),
+    ("Qwen2Config", {}),  # max_window_layers absent: Qwen2Config's default, 28, of 30 blocks
+    ("Qwen3Config", {}),
+    ("Qwen3Config", {"layer_types": ["full_attention"] * 29 + ["sliding_attention"]}),
+])
+def test_expanded_config_gives_each_block_its_sources_attention_as_transformers_reads_it(config_class, keys):
+    """transformers' reading (layer_types, from max_window_layers or its default where config.json has none) of the
+    expanded config.json is, block by block, its source block's in the original (30 blocks, 2 expanded)."""
+    from pipeline.model.expand import checkpoint_family, expanded_config, expanded_layout
+
+    config = {"architectures": [config_class.replace("Config", "ForCausalLM")], "num_hidden_layers": 30,
+              "use_sliding_window": True, "sliding_window": 4, **keys}
+    layout = expanded_layout(30, 2)
+    before = getattr(transformers, config_class)(**config).layer_types
+    after = getattr(transformers, config_class)(**expanded_config(config, layout, checkpoint_family(config, Path()))).layer_types
+    assert after == [before[source] for source, _ in layout] and "sliding_attention" in after

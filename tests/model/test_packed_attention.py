@@ -153,6 +153,21 @@ def test_sliding_window_packed_examples_equal_unpacked(monkeypatch, kernel):
     assert bool(calls) == (kernel is not _varlen_is_causal)
 
 
+def test_a_window_longer_than_the_row_keeps_the_varlen_kernel_without_window_size(monkeypatch):
+    """Mistral v0.1's 4,096-position window with rows of cutoff_len 2,048 never binds (windowed leaves the spec as
+    it is), so a torch whose varlen_attn has only is_causal keeps that kernel for such rows, as for a model without
+    a window: here a 32-position window and a row of 20."""
+    calls = []
+    monkeypatch.setattr(attention, "_varlen_kernel", lambda: _varlen_is_causal)
+    monkeypatch.setattr(attention, "varlen_device", lambda device, dtype, p: True)
+    monkeypatch.setattr(attention, "_varlen", lambda *a: (calls.append(1), VARLEN(*a))[1])
+    cfg = _tiny("qwen3-0.6b").replace(vocab_size=256, context_length=32, layer_windows=(32, None))
+    ids, _, seg, pos = _pack(_examples(cfg.vocab_size), cfg.vocab_size - 1)
+    with torch.no_grad():
+        GPTModel(cfg, seed=4).eval()(ids, segment_ids=seg, position_ids=pos)
+    assert len(calls) == 2  # both layers
+
+
 def test_segment_bounds_cut_rows_and_segments():
     seg = torch.tensor([[0, 0, 1, 1, 1, 9], [0, 1, 1, 1, 1, 1]])
     bounds = attention.segment_bounds(seg)
@@ -165,10 +180,10 @@ def test_path_choice(monkeypatch):
     assert not attention.use_varlen(cuda, torch.float32, 0.0)
     assert not attention.use_varlen(cuda, torch.bfloat16, 0.1)
     assert attention.use_varlen(cuda, torch.bfloat16, 0.0) == (attention._varlen_kernel() is not None)
-    for kernel, windowed in ((_varlen_gqa, True), (_varlen_window, True), (_varlen_is_causal, False)):
+    for kernel, takes_window in ((_varlen_gqa, True), (_varlen_window, True), (_varlen_is_causal, False)):
         monkeypatch.setattr(attention, "_varlen_kernel", lambda: kernel)
         assert attention.use_varlen(cuda, torch.bfloat16, 0.0)
-        assert attention.use_varlen(cuda, torch.bfloat16, 0.0, windowed=True) == windowed  # a window needs window_size
+        assert attention.use_varlen(cuda, torch.bfloat16, 0.0, has_window=True) == takes_window  # a window needs window_size
 
 
 def test_windowed_band_is_transformers_sliding_window_overlay():
@@ -308,7 +323,7 @@ def test_bucket_path_equals_the_mask_path(monkeypatch, preset):
     results = {}
     for path in ("mask", "buckets"):
         if path == "mask":
-            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p, windowed: attention.segment_mask(s))
+            monkeypatch.setattr(gpt, "packed_attention", lambda s, dtype, p, has_window: attention.segment_mask(s))
         else:
             monkeypatch.setattr(gpt, "packed_attention", attention.packed_attention)
         loss = model(ids, labels=labels, segment_ids=seg, position_ids=pos)
