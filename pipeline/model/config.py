@@ -523,8 +523,9 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     ours = list(names)
     hf = {n: fam.strip(fam.to_hf(n)) for n in ours}
     patterns = normalise_targets(targets)
+    every = set(ours)
     if "all" in patterns:
-        return [n for n in ours if not moe_blocked(fam, n, key, set(ours))]
+        return [n for n in ours if not moe_blocked(fam, n, key, every)]
     problems, chosen = [], set()
     for pattern in patterns:
         bare = fam.strip(pattern)
@@ -539,7 +540,7 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
         hit = [n for n in ours if fam.to_hf(n).endswith(pattern)] if key == "additional_target" \
             else [n for n in ours if matches(hf[n], bare)]
         if not hit:
-            short = _short_names(v for n, v in hf.items() if not moe_blocked(fam, n, key, set(ours)))
+            short = _short_names(v for n, v in hf.items() if not moe_blocked(fam, n, key, every))
             leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in short))
             block = next((re.match(r"^([^.]+)\.\d+\.", n).group(1) for n in hf.values()  # type: ignore[union-attr]
                           if re.match(r"^([^.]+)\.\d+\.", n)), "layers")
@@ -547,7 +548,7 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
             problems.append(f"{key}: '{pattern}' matches no module{did_you_mean(pattern, leaves + short)}; available:"
                             f" all, {', '.join(short)} (in every block {block}.0 .. {block}.N; a full path such as"
                             f" {example} picks one block)")
-        if blocked := [n for n in hit if moe_blocked(fam, n, key, set(ours))]:
+        if blocked := [n for n in hit if moe_blocked(fam, n, key, every)]:
             problems.append(moe_target_message(fam, key, pattern, blocked))
             continue
         chosen.update(hit)

@@ -22,12 +22,9 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediat
 
 def saved(tmp_path, **changes):
     """save_pretrained of a random Qwen3MoeForCausalLM (noise on every tensor, so routing is not uniform)."""
-    config = transformers.Qwen3MoeConfig(**{**TINY, **changes})
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
+    from tests.acceptance.harness import random_model
+
+    model = random_model(transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(**{**TINY, **changes}))
     model.save_pretrained(tmp_path)
     return model
 
@@ -115,3 +112,44 @@ def test_lora_takes_the_attention_projections_and_refuses_the_moe_mlp(tmp_path):
                                           " as layers.0.self_attn.q_proj picks one block)")
     # a dense block's MLP trained in full is an ordinary modules_to_save module
     assert trainable_params(cfg, "lora", rank, "q_proj", additional_target="layers.1.mlp") > 0
+
+
+def test_load_balancing_loss_equals_transformers_with_padded_rows(tmp_path):
+    """Qwen3MoeForCausalLM with output_router_logits and router_aux_loss_coef (what LLaMA-Factory's moe_aux_loss_coef
+    sets): its loss is the cross-entropy + coef x aux_loss, the aux over the real tokens only (attention_mask); ours
+    over the router logits our blocks kept equals both, and counting the pads would not."""
+    from pipeline.model.moe import collect_router_logits, load_balancing_loss
+
+    ref = saved(tmp_path, router_aux_loss_coef=0.3)
+    ours = load_model(tmp_path).eval()
+    collect_router_logits(ours)
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0  # a right-padded row
+    labels = x.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = ref(x, attention_mask=mask, labels=labels, output_router_logits=True)
+        shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)
+        ce = ours(x, attention_mask=mask, labels=shifted)
+        aux = load_balancing_loss(ours, mask)
+    assert aux == pytest.approx(float(out.aux_loss), rel=1e-5)
+    assert float(ce + 0.3 * aux) == pytest.approx(float(out.loss), rel=1e-5)
+    with torch.no_grad():
+        ours(x, attention_mask=mask)
+        assert float(load_balancing_loss(ours, None)) != pytest.approx(float(out.aux_loss), rel=1e-3)
+
+
+def test_moe_aux_loss_coef_on_a_dense_model_is_a_notice(tmp_path):
+    """LLaMA-Factory's configure_moe sets nothing for a dense model type: accepted with a notice at the key. On the
+    MoE preset the key is silent."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.notices import notices
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: qwen2.5-0.5b\ndataset: demo_alpaca\nmax_steps: 1\n"
+                                     "moe_aux_loss_coef: 0.01\n", "utf-8")
+    r = resolve(tmp_path / "r.yaml", command="plan")
+    assert any(line.startswith("notice: ") and "r.yaml:4:20: moe_aux_loss_coef: accepted without effect: this qwen2 "
+               "model has no sparse MoE blocks" in line for line in notices(r)), notices(r)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: qwen3-30b-a3b\ndataset: demo_alpaca\nmax_steps: 1\n"
+                                     "moe_aux_loss_coef: 0.01\n", "utf-8")
+    assert not any("moe_aux_loss_coef" in line for line in notices(resolve(tmp_path / "r.yaml", command="plan")))
