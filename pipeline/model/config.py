@@ -572,15 +572,21 @@ def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) 
     PEFT 0.21): Qwen3MoeForCausalLM holds each sparse block's experts as two fused 3-D parameters
     (mlp.experts.gate_up_proj, mlp.experts.down_proj) and its router as a Qwen3MoeTopKRouter, not Linears; PEFT
     re-targets the names gate_proj / up_proj / down_proj / gate onto those parameters (target_parameters, its v4 ->
-    v5 conversion, also for a dense block's gate_proj), which is another adapter than per-Linear LoRA, and a
-    modules_to_save copy of a block is stored under the fused names. LLaMA-Factory's lora_target: all
-    (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on this model."""
+    v5 conversion, also for a dense block's gate_proj, whose own adapter it then drops) and converts a per-expert
+    adapter file only for some sets of names. Measured with this pipeline's per-expert adapters on a 2-block,
+    4-expert model: gate_proj + up_proj + down_proj together, down_proj alone and the router gate load with our
+    logits; gate_proj + up_proj without down_proj, and one expert's modules, load as the base model without a
+    word; gate_proj alone raises. Enabling the sets that load (with OFT / DoRA, which PEFT does not convert, kept
+    off) is not done here. A modules_to_save copy of a block is stored under the fused names. LLaMA-Factory's
+    lora_target: all (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on
+    this model."""
     shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
     if key == "lora_target":
         return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}), which take no LoRA"
                 " here: transformers 5 holds its experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj)"
-                " and its router as no Linear, and PEFT re-targets these names onto those tensors, an adapter this"
-                " pipeline does not write. LoRA adapts the attention projections (q_proj, k_proj, v_proj, o_proj:"
+                " and its router as no Linear, and PEFT 0.21 re-targets these names onto those tensors, converting"
+                " a per-expert adapter for some sets of names only (others load as the base model without a word)."
+                " LoRA adapts the attention projections (q_proj, k_proj, v_proj, o_proj:"
                 " what lora_target: all takes on this model, as LLaMA-Factory finds its Linears); to train the"
                 " experts and the router, use finetuning_type: full or freeze")
     return (f"additional_target: '{pattern}' names the sparse MoE block ({shown}) of this {fam.architecture}, which"

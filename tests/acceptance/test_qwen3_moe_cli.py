@@ -2,7 +2,7 @@
 per-expert tensor names) with a small byte-level Qwen3 tokenizer, an LLaMA-Factory-format LoRA sft recipe with
 template qwen3 and LLaMA-Factory's moe_aux_loss_coef -> build / train / merge as typed; merged/ and PEFT's reading of
 adapter/ compute what our trained model computes. A lora_target on the experts and the aux loss in another stage
-are refused (exit 2) at validate."""
+are refused (exit 2) at validate (in process: main(argv), the CLI's refusal without an interpreter start)."""
 from __future__ import annotations
 
 import json
@@ -39,7 +39,7 @@ def test_lora_sft_from_a_save_pretrained_qwen3_moe_merges_to_qwen3_moe(workdir):
     save_pretrained_moe(base)
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", template="qwen3",
                           output_dir="saves/r", learning_rate=0.05, moe_aux_loss_coef=0.01)
-    message = refused("validate", recipe, "lora_target=q_proj,gate_proj", cwd=workdir)
+    message = refused("validate", recipe, "lora_target=q_proj,gate_proj", cwd=workdir, as_typed=False)
     assert "lora_target: 'gate_proj' picks MLP modules of this Qwen3MoeForCausalLM" in message, message
     message = refused("validate", recipe, "stage=kto", cwd=workdir, as_typed=False)
     assert "moe_aux_loss_coef: given 0.01: the router's load-balancing loss is added in stages pt and sft only, not" \

@@ -231,6 +231,9 @@ def test_embedding_and_head_trained_in_full_load_in_peft_and_merge(checkpoint, t
     tied = read_config(path).tie_weights
     if not tied and extra != "embed_tokens,lm_head":
         pytest.skip("an untied head is an ordinary module: one case covers it")
+    if name == "moe-qwen3-top2":
+        pytest.skip("the untied Qwen3 and Mistral variants cover an untied pair; the MoE adapter tests cover PEFT's MoE"
+                    " conversion")
     ours = load_model(path).eval()
     apply_lora(ours, ["q_proj"], rank=4, alpha=8, additional_targets=extra)
     assert ours.lm_head.weight.requires_grad and ours.embed_tokens.weight.requires_grad == (tied or "embed" in extra)
