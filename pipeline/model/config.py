@@ -57,10 +57,21 @@ class ModelConfig:
     # each layer's sliding window, as transformers' "sliding_attention" layers have it (a query at position i sees the
     # keys i - window < j <= i), one entry per layer, None for a full-attention layer; () when no layer slides. The one
     # source of which layer has which window: pipeline.model.families reads it from config.json (Mistral's
-    # sliding_window in every layer, Qwen2 / Qwen3's use_sliding_window layers) and writes it back
+    # sliding_window in every layer, Qwen2 / Qwen3 / Qwen3-MoE's use_sliding_window layers) and writes it back
     layer_windows: tuple[int | None, ...] = ()
+    # sparse MoE MLP blocks (Qwen3-MoE, Qwen3MoeSparseMoeBlock): a router Linear `gate` scores n_experts SwiGLU
+    # experts of width moe_ffn_dim per token; the experts_per_token best (softmax, then top-k; norm_topk_prob
+    # renormalises their weights to sum 1) run and their outputs are summed by weight. 0: every MLP is dense.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_ffn_dim: int | None = None
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1     # block i is sparse when (i + 1) % decoder_sparse_step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (these keep a dense MLP of ffn_dim)
+    router_aux_loss_coef: float = 0.001  # config.json's; kept for the export (training reads moe_aux_loss_coef)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))  # a JSON list read back
         problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
                     for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
                     if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
@@ -79,6 +90,12 @@ class ModelConfig:
                                 f"{did_you_mean(str(getattr(self, name)), allowed)}")
         if self.rope_scaling is not None and dict(self.rope_scaling).get("type") not in ROPE_TYPES:
             problems.append(f"rope_scaling type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_scaling!r}")
+        if self.n_experts and not (isinstance(self.experts_per_token, int) and 1 <= self.experts_per_token
+                                   <= self.n_experts and isinstance(self.moe_ffn_dim, int) and self.moe_ffn_dim >= 1
+                                   and isinstance(self.decoder_sparse_step, int) and self.decoder_sparse_step >= 1):
+            problems.append(f"n_experts {self.n_experts} needs experts_per_token in 1..n_experts, a positive moe_ffn_dim"
+                            f" and decoder_sparse_step, got {self.experts_per_token!r}, {self.moe_ffn_dim!r},"
+                            f" {self.decoder_sparse_step!r}")
         if self.num_labels not in (0, 1):
             problems.append(f"num_labels must be 0 (a language model) or 1 (a reward model), got {self.num_labels!r}")
         if not 0 <= self.drop_rate < 1:
@@ -108,6 +125,10 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         return self.ffn_dim or 4 * self.emb_dim
 
+    def sparse(self, layer: int) -> bool:
+        """Whether block `layer` has a sparse MoE MLP (Qwen3MoeDecoderLayer's rule) rather than a dense one."""
+        return bool(self.n_experts) and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
     @property
     def head_dim(self) -> int:
         return self.head_size or self.emb_dim // self.n_heads
@@ -133,6 +154,7 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         out["layer_windows"] = list(self.layer_windows)
+        out["mlp_only_layers"] = list(self.mlp_only_layers)
         return out
 
 
@@ -150,7 +172,7 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
     return ModelConfig(family=family, vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
-                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=family == "qwen3", qkv_fused=False,
+                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm, qkv_fused=False,
                        tie_weights=tied)
 
 
@@ -182,6 +204,15 @@ def _qwen2(emb: int, layers: int, heads: int, kv: int, ffn: int, tied: bool, voc
                    theta=1000000.0, eps=1e-6, tied=tied)
 
 
+def _qwen3_moe(emb: int, layers: int, heads: int, kv: int, ffn: int, experts: int, top_k: int, expert_ffn: int,
+               ) -> ModelConfig:
+    """Qwen3's MoE models (Qwen/Qwen3-30B-A3B's config.json): every block sparse, top-k weights renormalised
+    (norm_topk_prob true), head_dim 128, 40,960 positions, untied."""
+    return _swiglu("qwen3_moe", vocab=151936, ctx=40960, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-6, tied=False, head_size=128).replace(
+        n_experts=experts, experts_per_token=top_k, moe_ffn_dim=expert_ffn, norm_topk_prob=True)
+
+
 def _qwen3(emb: int, layers: int, heads: int, ffn: int, tied: bool) -> ModelConfig:
     return _swiglu("qwen3", vocab=151936, ctx=40960, emb=emb, layers=layers, heads=heads, kv=8, ffn=ffn,
                    theta=1000000.0, eps=1e-6, tied=tied, head_size=128)
@@ -209,6 +240,7 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-1.7b": _qwen3(2048, 28, 16, 6144, tied=True),
     "qwen3-4b": _qwen3(2560, 36, 32, 9728, tied=True),
     "qwen3-8b": _qwen3(4096, 36, 32, 12288, tied=False),
+    "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 6144, experts=128, top_k=8, expert_ffn=768),  # 30.5B, 3.3B active
 }
 
 
@@ -365,10 +397,12 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", cfg.head_dim, cfg.head_dim),
                      ModuleSpec(p + "self_attn.k_norm", "rmsnorm", cfg.head_dim, cfg.head_dim)]
         mods.append(ModuleSpec(p + "post_attention_layernorm", cfg.norm, c, c))
-        if cfg.mlp == "swiglu":
-            mods.append(ModuleSpec(p + "mlp.gate_proj", "linear", c, h, cfg.mlp_bias))
-        mods += [ModuleSpec(p + "mlp.up_proj", "linear", c, h, cfg.mlp_bias),
-                 ModuleSpec(p + "mlp.down_proj", "linear", h, c, cfg.mlp_bias)]
+        if cfg.sparse(i):
+            mods.append(ModuleSpec(p + "mlp.gate", "linear", c, cfg.n_experts))
+            for e in range(cfg.n_experts):
+                mods += _mlp(cfg, f"{p}mlp.experts.{e}.", cfg.moe_ffn_dim or h)
+        else:
+            mods += _mlp(cfg, p + "mlp.", h)
     head = ModuleSpec("score", "linear", c, cfg.num_labels, False) if cfg.num_labels else \
         ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
@@ -381,6 +415,14 @@ def context_limit(context_length: int | None, dynamic: bool = False) -> int | No
     (pipeline.model.attention.windowed). The one source of length_limit and the recipe's cutoff_len
     (pipeline.recipe.modelinfo.recipe_length_limit)."""
     return None if dynamic else context_length
+
+
+def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
+    """The Linears of one MLP (FeedForward) of hidden width h: a block's, or one expert's."""
+    c = cfg.emb_dim
+    gate = [ModuleSpec(prefix + "gate_proj", "linear", c, h, cfg.mlp_bias)] if cfg.mlp == "swiglu" else []
+    return gate + [ModuleSpec(prefix + "up_proj", "linear", c, h, cfg.mlp_bias),
+                   ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
 
 
 def length_limit(cfg: ModelConfig) -> int | None:
@@ -424,6 +466,8 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     (gate, up, silu(gate), their product) instead of two.
     """
     s, b, h, f = seq, batch, cfg.emb_dim, cfg.hidden_dim
+    if cfg.n_experts:  # a sparse block runs experts_per_token experts of moe_ffn_dim per token (the router's scores
+        f = cfg.experts_per_token * (cfg.moe_ffn_dim or f)  # are n_experts wide: small beside them)
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
     mlp = 2 * h + (8 if cfg.mlp == "swiglu" else 4) * f + h
@@ -434,6 +478,14 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
 def count_params(cfg: ModelConfig) -> int:
     """Distinct parameters (a tied output head shares the token embedding and is not counted twice)."""
     return sum(m.params for m in layout(cfg) if not (m.name == "lm_head" and cfg.tie_weights))
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters one token runs through (the "A3B" of Qwen3-30B-A3B): count_params less the experts a sparse block
+    does not pick (n_experts - experts_per_token of them per sparse block)."""
+    idle = cfg.n_experts - cfg.experts_per_token
+    per_expert = sum(m.params for m in _mlp(cfg, "", cfg.moe_ffn_dim or cfg.hidden_dim))
+    return count_params(cfg) - sum(idle * per_expert for i in range(cfg.n_layers) if cfg.sparse(i))
 
 
 def built_params(cfg: ModelConfig, trained: Iterable["TensorSpec"]) -> int:
@@ -484,8 +536,9 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     ours = list(names)
     hf = {n: fam.strip(fam.to_hf(n)) for n in ours}
     patterns = normalise_targets(targets)
+    every = set(ours)
     if "all" in patterns:
-        return ours
+        return [n for n in ours if not moe_blocked(fam, n, key, every)]
     problems, chosen = [], set()
     for pattern in patterns:
         bare = fam.strip(pattern)
@@ -500,7 +553,7 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
         hit = [n for n in ours if fam.to_hf(n).endswith(pattern)] if key == "additional_target" \
             else [n for n in ours if matches(hf[n], bare)]
         if not hit:
-            short = _short_names(hf.values())
+            short = _short_names(v for n, v in hf.items() if not moe_blocked(fam, n, key, every))
             leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in short))
             block = next((re.match(r"^([^.]+)\.\d+\.", n).group(1) for n in hf.values()  # type: ignore[union-attr]
                           if re.match(r"^([^.]+)\.\d+\.", n)), "layers")
@@ -508,10 +561,51 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
             problems.append(f"{key}: '{pattern}' matches no module{did_you_mean(pattern, leaves + short)}; available:"
                             f" all, {', '.join(short)} (in every block {block}.0 .. {block}.N; a full path such as"
                             f" {example} picks one block)")
+        if blocked := [n for n in hit if moe_blocked(fam, n, key, every)]:
+            problems.append(moe_target_message(fam, key, pattern, blocked))
+            continue
         chosen.update(hit)
     if problems:
         raise UserError(problems)
     return [n for n in ours if n in chosen and not any(n.startswith(c + ".") for c in chosen)]
+
+
+def moe_blocked(fam: Family, name: str, key: str, names: set[str]) -> bool:
+    """Whether a MoE family's module `name` (ours) is refused as lora_target / additional_target (moe_target_message):
+    for LoRA every MLP Linear of the model; trained in full, a sparse block (its router `gate` among `names`, every
+    module path) or anything inside it."""
+    if not fam.moe:
+        return False
+    if key == "lora_target":
+        return ".mlp." in name
+    return ".mlp.gate." in name + "." or ".mlp.experts" in name or name + ".gate" in names
+
+def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) -> str:
+    """Why a MoE model's MLP modules take no adapter, nor modules_to_save (checked against transformers 5.24 and
+    PEFT 0.21): Qwen3MoeForCausalLM holds each sparse block's experts as two fused 3-D parameters
+    (mlp.experts.gate_up_proj, mlp.experts.down_proj) and its router as a Qwen3MoeTopKRouter, not Linears; PEFT
+    re-targets the names gate_proj / up_proj / down_proj / gate onto those parameters (target_parameters, its v4 ->
+    v5 conversion, also for a dense block's gate_proj, whose own adapter it then drops) and converts a per-expert
+    adapter file only for some sets of names. Measured with this pipeline's per-expert adapters on a 2-block,
+    4-expert model: gate_proj + up_proj + down_proj together, down_proj alone and the router gate load with our
+    logits; gate_proj + up_proj without down_proj, and one expert's modules, load as the base model without a
+    word; gate_proj alone raises. Enabling the sets that load (with OFT / DoRA, which PEFT does not convert, kept
+    off) is not done here. A modules_to_save copy of a block is stored under the fused names. LLaMA-Factory's
+    lora_target: all (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on
+    this model."""
+    shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
+    if key == "lora_target":
+        return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}), which take no LoRA"
+                " here: transformers 5 holds its experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj)"
+                " and its router as no Linear, and PEFT 0.21 re-targets these names onto those tensors, converting"
+                " a per-expert adapter for some sets of names only (others load as the base model without a word)."
+                " LoRA adapts the attention projections (q_proj, k_proj, v_proj, o_proj:"
+                " what lora_target: all takes on this model, as LLaMA-Factory finds its Linears); to train the"
+                " experts and the router, use finetuning_type: full or freeze")
+    return (f"additional_target: '{pattern}' names the sparse MoE block ({shown}) of this {fam.architecture}, which"
+            " PEFT would save under transformers 5's fused expert tensors (mlp.experts.gate_up_proj / down_proj),"
+            " not the per-expert weights this pipeline trains; to train the experts and the router in full, use"
+            " finetuning_type: full or freeze")
 
 
 def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None,

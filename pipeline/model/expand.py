@@ -53,7 +53,11 @@ def checkpoint_family(config: Mapping[str, Any], where: Path) -> Family:
     if arch not in BY_ARCHITECTURE:
         raise UserError(f"{where}: architectures is {config.get('architectures')!r}; expand knows "
                         f"{', '.join(sorted(BY_ARCHITECTURE))}")
-    return BY_ARCHITECTURE[arch]
+    family = BY_ARCHITECTURE[arch]
+    if family.moe:  # each expert's down_proj would need zeroing, and mlp_only_layers renumbering: not written
+        raise UserError(f"{where}: {arch} has sparse MoE blocks, which expand (LLaMA Pro) does not copy; it expands"
+                        f" {', '.join(sorted(a for a, f in BY_ARCHITECTURE.items() if not f.moe))}")
+    return family
 
 
 def layer_key(config: Mapping[str, Any]) -> str:

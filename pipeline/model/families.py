@@ -8,6 +8,7 @@ tree whose names follow Llama's HF names, the layout most families share:
     layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
     layers.{i}.post_attention_layernorm
     layers.{i}.mlp.{gate_proj (SwiGLU), up_proj, down_proj}
+    layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE)
     norm, lm_head
 
 A family maps those names to its HF names the way torchtune's convert_weights.py does: a table of
@@ -41,10 +42,14 @@ class Family:
     config_defaults: tuple[tuple[str, Any], ...] = ()
     # the HF class's sliding-window attention (read into ModelConfig.layer_windows by layer_windows): "layers" where
     # use_sliding_window picks layers (sliding_window, max_window_layers, layer_types: Qwen2 / Qwen3), "every" where a
-    # non-null sliding_window applies to every layer (Mistral), "" none (GPT-2; LlamaForCausalLM ignores those keys)
+    # non-null sliding_window applies to every layer (Mistral), "flag" where use_sliding_window with a sliding_window
+    # windows every layer (Qwen3-MoE), "" none (GPT-2; LlamaForCausalLM ignores those keys)
     sliding_window: str = ""
     # the config.json bias switches the HF class reads (MistralAttention and MistralMLP have no biases at all)
     bias_keys: tuple[str, ...] = ("attention_bias", "mlp_bias")
+    qk_norm: bool = False          # per-head q / k RMSNorm (Qwen3Attention, Qwen3MoeAttention)
+    # sparse MoE blocks (Qwen3MoeSparseMoeBlock): the config.json keys of moe_fields are read and written
+    moe: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -118,7 +123,7 @@ QWEN3 = Family(name="qwen3", architecture="Qwen3ForCausalLM", reward_architectur
                model_type="qwen3", prefix="model.",
                skip=(".rotary_emb.inv_freq",),
                config_defaults=(("max_position_embeddings", 32768), ("head_dim", 128), *_QWEN_WINDOW),
-               sliding_window="layers")
+               sliding_window="layers", qk_norm=True)
 # Mistral-7B v0.1 / v0.2 / v0.3: Llama's modules without any bias; MistralConfig's defaults 131,072 positions and a
 # 4,096 window in every layer (v0.1's config.json says 4096, v0.2+ null)
 MISTRAL = Family(name="mistral", architecture="MistralForCausalLM",
@@ -126,7 +131,18 @@ MISTRAL = Family(name="mistral", architecture="MistralForCausalLM",
                  skip=(".rotary_emb.inv_freq",),
                  config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096)),
                  sliding_window="every", bias_keys=())
-FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL)}
+# Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B: Qwen3's attention (q/k norms, attention_bias on all four
+# projections) with sparse MoE MLP blocks. The hub (and transformers 5's save_pretrained) stores each expert as
+# mlp.experts.{e}.gate_proj / up_proj / down_proj and the router as mlp.gate: our module names, so no map. No
+# head_dim default (Qwen3MoeAttention: hidden_size / heads); Qwen3MoeConfig's defaults for the MoE keys (MOE_DEFAULTS).
+# Its use_sliding_window windows every layer (no max_window_layers / layer_types): "flag".
+QWEN3_MOE = Family(name="qwen3_moe", architecture="Qwen3MoeForCausalLM",
+                   reward_architecture="Qwen3MoeForSequenceClassification", model_type="qwen3_moe", prefix="model.",
+                   skip=(".rotary_emb.inv_freq",),
+                   config_defaults=(("max_position_embeddings", 32768), ("intermediate_size", 6144),
+                                    ("sliding_window", 4096)),
+                   sliding_window="flag", qk_norm=True, moe=True, bias_keys=("attention_bias",))
+FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -272,13 +288,15 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
 
 def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[int | None, ...]:
     """Each layer's sliding window as the family's transformers class gives it (ModelConfig.layer_windows): Mistral's
-    sliding_window in every layer (null: none), Qwen2 / Qwen3's in the layers _sliding_layers names; () where no
+    sliding_window in every layer (null: none), Qwen3-MoE's in every layer under use_sliding_window, Qwen2 / Qwen3's
+    in the layers _sliding_layers names; () where no
     layer slides. A window that is no positive integer is a problem (only where a layer would use it)."""
     layers = raw.get("num_hidden_layers")
     if not family.sliding_window or type(layers) is not int or layers < 1:
         return ()
     window = raw.get("sliding_window")
-    sliding = range(layers) if family.sliding_window == "every" and window is not None else \
+    flag = family.sliding_window == "flag" and raw.get("use_sliding_window")
+    sliding = range(layers) if window is not None and (family.sliding_window == "every" or flag) else \
         _sliding_layers(raw) if family.sliding_window == "layers" else []
     if not sliding:
         return ()
@@ -294,7 +312,7 @@ def hf_window(cfg: Any) -> int | None:
 
 
 def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
-    """LlamaConfig / Qwen2Config / Qwen3Config / MistralConfig keys -> ModelConfig fields."""
+    """LlamaConfig / Qwen2Config / Qwen3Config / MistralConfig / Qwen3MoeConfig keys -> ModelConfig fields."""
     raw = {**dict(family.config_defaults), **raw}
     problems = _need(raw, path, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                                  "vocab_size"))
@@ -308,6 +326,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
     theta, scaling = _rope(raw, path, problems)
+    moe = moe_fields(raw, path, problems) if family.moe else {}
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -330,9 +349,49 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         mlp="swiglu", mlp_bias="mlp_bias" in family.bias_keys and bool(raw.get("mlp_bias", False)),
         ffn_dim=raw["intermediate_size"],
         qkv_bias=True if family is QWEN2 else bias, o_bias=False if family is QWEN2 else bias,
-        qk_norm=family is QWEN3, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
-        layer_windows=windows,
+        qk_norm=family.qk_norm, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
+        layer_windows=windows, **moe,
     )
+
+
+# Qwen3MoeConfig's defaults (transformers 5.24, configuration_qwen3_moe.py): config.json key -> value
+MOE_DEFAULTS: dict[str, Any] = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                                "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                "router_aux_loss_coef": 0.001}
+
+
+def moe_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """Qwen3MoeConfig's MoE keys -> ModelConfig fields (num_experts is also spelt num_local_experts: transformers 5's
+    attribute_map, which its save_pretrained writes)."""
+    raw = {**MOE_DEFAULTS, **raw}
+    experts = raw.get("num_local_experts", raw["num_experts"])
+    values = {"num_experts": experts, "num_experts_per_tok": raw["num_experts_per_tok"],
+              "moe_intermediate_size": raw["moe_intermediate_size"], "decoder_sparse_step": raw["decoder_sparse_step"]}
+    for key, value in values.items():
+        if type(value) is not int or value < 1:
+            problems.append(f"{path}: {key} is {value!r}; expected a positive integer")
+    if type(experts) is int and type(values["num_experts_per_tok"]) is int and values["num_experts_per_tok"] > experts:
+        problems.append(f"{path}: num_experts_per_tok {values['num_experts_per_tok']} is more than num_experts"
+                        f" {experts}; expected at most num_experts")
+    only = raw["mlp_only_layers"] or []
+    if not isinstance(only, list) or any(type(i) is not int or i < 0 for i in only):
+        problems.append(f"{path}: mlp_only_layers is {only!r}; expected a list of layer indices")
+        only = []
+    coef = raw["router_aux_loss_coef"]
+    if not _number(coef):
+        problems.append(f"{path}: router_aux_loss_coef is {coef!r}; expected a number")
+    return dict(n_experts=experts, experts_per_token=values["num_experts_per_tok"],
+                moe_ffn_dim=values["moe_intermediate_size"], norm_topk_prob=bool(raw["norm_topk_prob"]),
+                decoder_sparse_step=values["decoder_sparse_step"], mlp_only_layers=tuple(sorted(set(only))),
+                router_aux_loss_coef=float(coef) if _number(coef) else 0.0)
+
+
+def moe_config(cfg: Any) -> dict[str, Any]:
+    """The MoE keys of a Qwen3MoeForCausalLM config.json (the hub's spelling num_experts)."""
+    return {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+            "moe_intermediate_size": cfg.moe_ffn_dim, "norm_topk_prob": cfg.norm_topk_prob,
+            "decoder_sparse_step": cfg.decoder_sparse_step, "mlp_only_layers": list(cfg.mlp_only_layers),
+            "router_aux_loss_coef": cfg.router_aux_loss_coef, "output_router_logits": False}
 
 
 def hf_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
@@ -375,8 +434,8 @@ def gpt2_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict
 
 
 def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM (both rope
-    spellings)."""
+    """config.json for LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM / MistralForCausalLM /
+    Qwen3MoeForCausalLM (both rope spellings)."""
     family = FAMILIES[cfg.family]
     scaling = None
     if cfg.rope_scaling:
@@ -395,23 +454,28 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif family.sliding_window == "every":
         out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
+    elif family.sliding_window == "flag":  # Qwen3MoeConfig: use_sliding_window windows every layer
+        out.update(use_sliding_window=any(cfg.layer_windows), sliding_window=hf_window(cfg))
     elif any(cfg.layer_windows):  # layer_types as transformers 5 reads it; max_window_layers for older readers
         out.update(use_sliding_window=True, sliding_window=hf_window(cfg),
                    max_window_layers=next(i for i, w in enumerate(cfg.layer_windows) if w),
                    layer_types=["sliding_attention" if w else "full_attention" for w in cfg.layer_windows])
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    if family is QWEN3:
+    if family.qk_norm:
         out["attention_bias"] = cfg.qkv_bias
+    if family.moe:
+        out.update(moe_config(cfg))
     return out
 
 
 _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
+                      "flag": "one sliding_window in every layer, with use_sliding_window",
                       "layers": "one sliding_window, in the layers layer_types names"}
 
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
-    "mistral": decoder_config}
+    "mistral": decoder_config, "qwen3_moe": decoder_config}
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -428,12 +492,16 @@ def check_exportable(cfg: Any) -> list[str]:
                       o_bias=cfg.qkv_bias, mlp_bias=False),
         "mistral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
                         qkv_bias=False, o_bias=False, mlp_bias=False),
+        "qwen3_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
+                          o_bias=cfg.qkv_bias, mlp_bias=False),
     }[family.name]
+    if not family.moe and cfg.n_experts:
+        want["n_experts"] = 0  # a dense class has no sparse blocks
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]
     widths = {w for w in cfg.layer_windows if w}
     if widths and (len(widths) > 1 or not family.sliding_window
-                   or (family.sliding_window == "every" and None in cfg.layer_windows)):
+                   or (family.sliding_window in ("every", "flag") and None in cfg.layer_windows)):
         problems.append(f"{family.architecture} cannot express layer_windows {list(cfg.layer_windows)!r} (its"
                         f" sliding windows: {_WINDOWS_EXPRESSED[family.sliding_window]})")
     return problems

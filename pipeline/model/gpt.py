@@ -4,7 +4,8 @@ Family differences are ModelConfig fields, never family checks in this file:
 
     norm        LayerNorm (GPT-2) | RMSNorm (Llama, Qwen)
     positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN)
-    mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU)
+    mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU); n_experts: sparse MoE blocks
+                (Qwen3-MoE: a router picks experts_per_token SwiGLU experts per token)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
                 per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
                 a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window: layer_windows)
@@ -85,19 +86,56 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     """gelu: emb -> hidden -> GELU -> emb (the book's ff.layers); swiglu: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden_dim: int | None = None):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
+        hidden = hidden_dim or cfg.hidden_dim  # an expert's is moe_ffn_dim
         if self.swiglu:
-            self.gate_proj = Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.emb_dim, cfg.hidden_dim, bias=cfg.mlp_bias)
+            self.gate_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
         self.act = nn.SiLU() if self.swiglu else GELU()
-        self.down_proj = Linear(cfg.hidden_dim, cfg.emb_dim, bias=cfg.mlp_bias)
+        self.down_proj = Linear(hidden, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else self.act(self.up_proj(x))
         return self.drop(self.down_proj(h))
+
+
+class SparseMoeBlock(nn.Module):
+    """Mixture of experts in place of one MLP (transformers' Qwen3MoeSparseMoeBlock): the router `gate` (a Linear,
+    hidden -> n_experts, no bias) scores every expert per token; softmax in fp32, the experts_per_token highest kept
+    (renormalised to sum 1 with norm_topk_prob), cast back; each token's output is the sum of its experts' SwiGLU
+    outputs times those weights.
+
+    The experts are FeedForwards in a ModuleList (experts.{e}.gate_proj ...: the hub's per-expert names) run by a
+    plain loop over the experts that received tokens: readable and exact, fine on a CPU and for small expert counts;
+    a fused grouped GEMM (transformers' grouped_mm experts) is what a GPU at Qwen3-30B-A3B's 128 experts wants.
+    keep_router_logits: the last forward's router logits stay in `router_logits` (N tokens x n_experts) for the
+    load-balancing loss (pipeline.model.moe)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
+        self.keep_router_logits = False
+        self.router_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.gate(flat)
+        self.router_logits = logits if self.keep_router_logits else None
+        weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(logits.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(chosen == e)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        return out.view_as(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +226,7 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = make_norm(cfg, cfg.emb_dim)
         self.self_attn = MultiHeadAttention(cfg, layer)
         self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
-        self.mlp = FeedForward(cfg)
+        self.mlp = SparseMoeBlock(cfg) if cfg.sparse(layer) else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), mask, cache, rope)

@@ -143,6 +143,7 @@ class TrainArgs:
     lr_scheduler_type: str
     min_lr_ratio: float
     l1_lambda: float
+    moe_aux_loss_coef: float | None  # sparse MoE models: the router's load-balancing loss (pipeline.model.moe)
     logging_strategy: str
     logging_steps: int
     save_strategy: str

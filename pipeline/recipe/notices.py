@@ -18,7 +18,7 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
 
 
 # The template that is each family's own chat format (the one its instruct checkpoints were trained in).
-FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral"}
+FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral", "qwen3_moe": "qwen3"}
 
 
 def template_notice(r: Any) -> str | None:
@@ -190,6 +190,20 @@ def rope_scaling_notice(r: Any) -> str | None:
     return rope_notice(plan, r["rope_scaling"], r["cutoff_len"], r.origin("rope_scaling").where)
 
 
+def moe_aux_loss_notice(r: Any) -> str | None:
+    """moe_aux_loss_coef on a model without sparse MoE blocks changes nothing, as LLaMA-Factory's configure_moe sets
+    nothing for a dense model type: said once, where the key was set."""
+    if not r["moe_aux_loss_coef"] or r.origin("moe_aux_loss_coef").kind not in ("file", "cli"):
+        return None
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(r["model_name_or_path"])
+    if info is None or info.config.n_experts:
+        return None
+    return (f"notice: {r.origin('moe_aux_loss_coef').where}: moe_aux_loss_coef: accepted without effect: this "
+            f"{info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory")
+
+
 def dynamic_context_notice(r: Any) -> str | None:
     """cutoff_len past the context of a dynamic NTK model is allowed (rule cutoff_within_context), as transformers
     allows it; the rows longer than the context then train with rescaled frequencies, which the user should know."""
@@ -269,10 +283,11 @@ def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
-    galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it."""
+    galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it;
+    moe_aux_loss_coef on a dense model."""
     lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r),
              dynamic_context_notice(r), pissa_iter_notice(r),
-             split_special_tokens_notice(r))
+             split_special_tokens_notice(r), moe_aux_loss_notice(r))
     out = [line for line in lines if line]
     out += new_tokens_notices(r)
     out += dpo_dropout_notices(r)

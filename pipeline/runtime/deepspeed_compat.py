@@ -21,6 +21,8 @@ release where the item no longer holds, naming it.
   validate_config, section_keys  DeepSpeed's pydantic config models                      train.run
   gathered_for_generation      ZeRO-3 weights whole, DeepSpeed's per-layer hooks off      train.ppo (rollouts)
   quiet_deprecated_collectives torch's FutureWarning on the collectives ZeRO calls, off    runtime dist init
+  z3_leaf_modules              ZeRO-3 gathers a module's whole subtree at once             train.run (MoE blocks)
+                               (deepspeed.utils.set_z3_leaf_modules)
 
 The launcher's process tree (pipeline.launch: the ranks are the runner's grandchildren) is the one
 further assumption, documented there.
@@ -370,6 +372,21 @@ def reports_grad_norm(engine: Any) -> bool:
     so the trainer measures the same quantity itself there.
     """
     return bool(engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+# ---------------------------------------------------------------------------------------------- ZeRO-3 leaves
+
+def z3_leaf_modules(model: Any, classes: list[type]) -> None:
+    """Mark every module of `classes` in `model` a ZeRO-3 leaf: DeepSpeed gathers its parameters (its whole
+    subtree's) when it runs, not module by module below it (deepspeed.utils.set_z3_leaf_modules, which LLaMA-Factory
+    calls for MoE blocks). Its module path is not one DeepSpeed documents as public. No classes: nothing to do."""
+    if not classes:
+        return
+    try:
+        from deepspeed.utils import set_z3_leaf_modules
+    except ImportError as err:
+        raise IncompatibleDeepSpeed(f"z3_leaf_modules: deepspeed.utils.set_z3_leaf_modules is gone ({err})") from None
+    set_z3_leaf_modules(model, classes)
 
 
 # ---------------------------------------------------------------------------------------------- generation

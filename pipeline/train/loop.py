@@ -213,6 +213,8 @@ class Trainer:
                  profiler: StepProfiler | None = None):
         self.engine, self.args, self.state = engine, train, state
         self.objective = objective or self.language_model_loss  # batch -> (loss, metrics); dpo: PreferenceObjective
+        # moe_aux_loss_coef on a model with sparse MoE blocks (pt / sft: the recipe rules refuse the other stages)
+        self.moe_aux = moe_aux_coef(train, engine.module) if self.objective == self.language_model_loss else None
         # micro-batches a step draws: the accumulation (stage ppo: x ppo_buffer_size, pipeline.recipe.batches_per_step)
         self.data = BatchStream(loader, state, train.batches_per_step)
         self.evaluate, self.save, self.log, self.stop = evaluate, save, log, stop
@@ -243,7 +245,11 @@ class Trainer:
         tokens (step_scale divides by the update's count, LLaMA-Factory's num_items_in_batch)."""
         total, _ = self.engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
                                **loss_keywords(self.args))
-        return total, {}
+        if self.moe_aux is None:
+            return total, {}
+        from pipeline.model.moe import load_balancing_loss
+
+        return total, {AUX_LOSS: load_balancing_loss(self.engine.module, batch[ROUTER_MASK])}
 
     def step_scale(self, batches: list[dict[str, Any]]) -> float:
         """What each micro-batch's loss is multiplied by before backward, so that the update follows the objective:
@@ -268,7 +274,10 @@ class Trainer:
         Only nan_policy: skip reads the loss here: it must decide before the backward whether the batch counts.
         nan_policy: stop reads the step's losses once, before the update is applied (stop_if_nonfinite)."""
         for _ in range(MAX_CONSECUTIVE_SKIPS):
-            loss, metrics = self.objective(to_device(lm_batch(batch), self.engine.device))
+            device_batch = to_device(lm_batch(batch), self.engine.device)
+            if self.moe_aux is not None:  # the router's loss counts the real tokens, also where the forward needs
+                device_batch[ROUTER_MASK] = batch["attention_mask"].to(self.engine.device)  # no mask (right padding)
+            loss, metrics = self.objective(device_batch)
             if self.args.nan_policy != "skip":
                 return batch, loss, metrics
             value = float(loss.detach())
@@ -295,15 +304,22 @@ class Trainer:
         skipped, trained_batches, step_loss, losses = self.state.skipped_batches, [], 0.0, []
         for index, drawn in enumerate(batches):
             batch, loss, metrics = self.micro_batch(drawn)
+            aux = metrics.get(AUX_LOSS)  # the router's loss, with its graph: logged detached, trained below
+            if aux is not None:
+                metrics[AUX_LOSS] = aux.detach()
             trained_batches.append(batch)
             losses.append(loss.detach())
             for key, value in metrics.items():
                 window.extra[key] = window.extra.get(key, 0.0) + value / accumulation
             loss = loss * scale  # this micro-batch's share of the update, times ranks x accumulation
             total = loss
+            if aux is not None:  # coef x aux in full per micro-batch, as transformers' Trainer adds it (its loss is
+                # not divided by the accumulation, and is multiplied by the ranks: average_tokens_across_devices);
+                # DeepSpeed's backward divides by both again
+                total = total + self.moe_aux * dist.world_size() * accumulation * aux
             if l1_lambda:
                 penalty = l1_penalty(self.params, l1_lambda)
-                total = loss + penalty
+                total = total + penalty
                 window.l1 += penalty.detach().double() / accumulation  # unread: host_floats at log points
             self.engine.backward(total)
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
@@ -483,6 +499,23 @@ def evaluates(train: TrainArgs) -> bool:
     total = train.total_steps
     periods = (train.eval_steps, train.logging_steps, train.steps_per_epoch)
     return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
+
+
+AUX_LOSS = "aux_loss"  # the router's load-balancing loss of a micro-batch (metrics key; logged as the mean)
+ROUTER_MASK = "router_mask"  # the host batch's attention_mask, for the aux loss (model_inputs passes it to no model)
+
+
+def moe_aux_coef(train: TrainArgs, model: Any) -> float | None:
+    """moe_aux_loss_coef where the model has sparse MoE blocks (which then keep their router logits for
+    pipeline.model.moe.load_balancing_loss), else None: LLaMA-Factory's configure_moe sets nothing on a dense model."""
+    if not train.moe_aux_loss_coef:
+        return None
+    from pipeline.model.moe import collect_router_logits, sparse_blocks
+
+    if next(sparse_blocks(model), None) is None:
+        return None
+    collect_router_logits(model)
+    return float(train.moe_aux_loss_coef)
 
 
 def loss_keywords(train: TrainArgs) -> dict[str, Any]:

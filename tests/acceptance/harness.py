@@ -83,18 +83,44 @@ def hf_model(family: str = "gpt2", *, seed: int = 0, noise: float = 0.1, **overr
     them could not pass) and greedy decoding does not collapse into one repeated token, so token-for-token
     parity with transformers means something.
     """
-    import torch
     import transformers
 
     spec = FAMILIES[family]
     config = getattr(transformers, spec.config_class)(**{**spec.tiny, **overrides})
+    return random_model(getattr(transformers, spec.model_class), config, seed=seed, noise=noise)
+
+
+def random_model(model_class: Any, config: Any, *, seed: int = 0, noise: float = 0.1) -> Any:
+    """model_class(config) drawn from `seed`, in eval mode, N(0, noise) added to every tensor (hf_model says why)."""
+    import torch
+
     torch.manual_seed(seed)
-    model = getattr(transformers, spec.model_class)(config).eval()
+    model = model_class(config).eval()
     if noise:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * noise)
     return model
+
+
+def assert_outputs_compute_ours(recipe: str | Path, cwd: str | Path, base: str | Path, merged: Any,
+                                vocab_size: int) -> Any:
+    """A LoRA run's outputs as transformers and PEFT load them compute our trained model's logits (fp32): `merged`
+    (transformers' model of merged/) and PEFT's reading of cwd/saves/r/adapter on the checkpoint `base`. Returns
+    (input ids, our logits)."""
+    import peft
+    import torch
+    import transformers
+
+    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                             Path(cwd) / "saves/r/adapter").eval()
+    ours = trained_model(recipe, cwd)
+    x = torch.randint(0, vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours(x)
+        assert torch.allclose(merged(x).logits, want, atol=1e-4, rtol=0)
+        assert torch.allclose(adapted(x).logits, want, atol=1e-4, rtol=0)
+    return x, want
 
 
 def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, small_vocab: bool = False,

@@ -32,11 +32,9 @@ def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, monkey
     our trained model computes on rows longer than the 8-position window (so the shards were read, not the decoy,
     and the window is transformers'); no decoy is copied into merged/. cutoff_len (48) is past the window: a
     window bounds what a layer sees, not a row."""
-    import peft
-    import torch
     import transformers
 
-    from tests.acceptance.harness import trained_model, write_hf_checkpoint
+    from tests.acceptance.harness import assert_outputs_compute_ours, write_hf_checkpoint
     from tests.helpers.hub_layout import MISTRAL_DECOYS, add_mistral_decoys, hub_cache, save_sharded
 
     folder = workdir / "download"
@@ -61,11 +59,4 @@ def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, monkey
     tokenizer = transformers.AutoTokenizer.from_pretrained(merged)  # its chat template: the recipe's, as trained
     assert tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
                                          tokenize=False) == "<s>[INST] S\n\nHi[/INST]"
-    adapted = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
-                                             workdir / "saves/r/adapter").eval()
-    ours = trained_model(recipe, workdir)
-    x = torch.randint(0, config["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = ours(x)
-        assert torch.allclose(theirs(x).logits, want, atol=1e-4, rtol=0)
-        assert torch.allclose(adapted(x).logits, want, atol=1e-4, rtol=0)
+    assert_outputs_compute_ours(recipe, workdir, base, theirs, config["vocab_size"])

@@ -4,7 +4,8 @@ batched with left padding), export back to the HF layout, PEFT adapters and merg
 Every golden value comes from transformers / PEFT. Tiny shapes (2 layers, width 64) with the features that
 distinguish the families: GQA and MQA, Llama 3.1's rope scaling, Qwen2's q/k/v biases, Qwen3's explicit
 head_dim and q/k norms, sliding windows shorter than the sequences here (Mistral v0.1's in every layer, Qwen2's
-from max_window_layers on, Qwen3's where layer_types says), tied and untied heads.
+from max_window_layers on, Qwen3's where layer_types says), tied and untied heads,
+Qwen3-MoE's sparse blocks (4 experts, top-2, renormalised; a window in every layer under use_sliding_window).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model.config import PRESETS, count_params, read_config, trainable_params
+from pipeline.model.config import PRESETS, active_params, count_params, read_config, trainable_params
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPTModel
 from pipeline.model.lora import apply_lora, load_adapter, lora_modules, merge_lora, save_adapter
@@ -50,6 +51,13 @@ VARIANTS = {
     # than the sequences here, untied
     "mistral-window": ("MistralConfig", "MistralForCausalLM", dict(
         num_attention_heads=4, num_key_value_heads=2, sliding_window=6, tie_word_embeddings=False)),
+    # Qwen3-30B-A3B's block: Qwen3's attention (head_dim, q/k norms) and a sparse MoE MLP in every layer: a router
+    # over 4 experts of width 32, top-2, weights renormalised (norm_topk_prob); untied;
+    # use_sliding_window: a 5-position window in every layer (Qwen3MoeConfig has no max_window_layers)
+    "moe-qwen3-top2": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False,
+        use_sliding_window=True, sliding_window=5)),
 }
 
 
@@ -90,7 +98,10 @@ def test_config_is_read_into_fields(checkpoint):
               "qwen3-headdim-qknorm": dict(family="qwen3", head_dim=32, qk_norm=True, qkv_bias=False,
                                            layer_windows=(4, None)),
               "mistral-window": dict(family="mistral", kv_heads=2, qkv_bias=False, o_bias=False, mlp_bias=False,
-                                     layer_windows=(6, 6), tie_weights=False)}[name]
+                                     layer_windows=(6, 6), tie_weights=False),
+              "moe-qwen3-top2": dict(family="qwen3_moe", head_dim=32, qk_norm=True, n_experts=4, experts_per_token=2,
+                                     moe_ffn_dim=32, norm_topk_prob=True, mlp_only_layers=(), tie_weights=False,
+                                     layer_windows=(5, 5))}[name]
     assert {k: getattr(cfg, k) for k in expect} == expect
     if name.startswith("llama-gqa"):
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["type"] == "llama3"
@@ -138,8 +149,8 @@ def test_greedy_generation_equals_transformers_with_and_without_cache(checkpoint
 
 def test_batched_left_padded_generation_equals_one_by_one(checkpoint):
     name, path, _ = checkpoint
-    if name == "llama-mqa-tied":
-        pytest.skip("the other three variants cover GQA and MHA-free heads")
+    if name in ("llama-mqa-tied", "moe-qwen3-top2"):
+        pytest.skip("the other variants cover GQA and MHA-free heads; MoE routing is per token, whatever the batch")
     ours = load_model(path).eval()
     prompts = [ids(2, (1, 4))[0].tolist(), ids(3, (1, 11))[0].tolist(), ids(4, (1, 7))[0].tolist()]
     alone = [generate(ours, p, max_new_tokens=8, eos_id=None) for p in prompts]
@@ -214,7 +225,7 @@ def assert_adapter_agrees(peft, ours, path, directory, x):
 def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets, extra):
     peft = pytest.importorskip("peft")
     name, path, _ = checkpoint
-    if extra and not name.startswith("qwen3"):
+    if extra and name != "qwen3-headdim-qknorm":
         pytest.skip("the additional_target case runs on one family")
     ours = load_model(path).eval()
     apply_lora(ours, targets, rank=4, alpha=8, additional_targets=extra)
@@ -225,7 +236,10 @@ def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets,
     save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is False
-    if targets == "all":
+    if targets == "all" and ours.cfg.n_experts:  # LLaMA-Factory's find_all_linear_modules on transformers 5: the
+        # experts (fused 3-D tensors) and the router (Qwen3MoeTopKRouter) are no Linear modules there
+        assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj"])
+    elif targets == "all":
         assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
     else:
@@ -257,6 +271,9 @@ def test_embedding_and_head_trained_in_full_load_in_peft_and_merge(checkpoint, t
     tied = read_config(path).tie_weights
     if not tied and extra != "embed_tokens,lm_head":
         pytest.skip("an untied head is an ordinary module: one case covers it")
+    if name == "moe-qwen3-top2":
+        pytest.skip("the untied Qwen3 and Mistral variants cover an untied pair; the MoE adapter tests cover PEFT's MoE"
+                    " conversion")
     ours = load_model(path).eval()
     apply_lora(ours, ["q_proj"], rank=4, alpha=8, additional_targets=extra)
     assert ours.lm_head.weight.requires_grad and ours.embed_tokens.weight.requires_grad == (tied or "embed" in extra)
@@ -309,10 +326,11 @@ def test_lora_targets_use_the_family_names(checkpoint):
         trainable_params(cfg, "lora", 4, ["c_attn"])
     assert "'c_attn' matches no module" in str(err.value) and "self_attn.q_proj" in str(err.value)
     model = GPTModel(cfg, seed=0)
-    wrapped = apply_lora(model, ["q_proj", "layers.1.mlp.gate_proj"], rank=2)
-    assert wrapped == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "layers.1.mlp.gate_proj"]
+    one = "layers.1.self_attn.o_proj" if cfg.n_experts else "layers.1.mlp.gate_proj"
+    wrapped = apply_lora(model, ["q_proj", one], rank=2)
+    assert wrapped == ["layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", one]
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == \
-        trainable_params(cfg, "lora", 2, ["q_proj", "layers.1.mlp.gate_proj"])
+        trainable_params(cfg, "lora", 2, ["q_proj", one])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -343,6 +361,12 @@ PRESET_CONFIGS = {
     "qwen3-8b": ("Qwen3Config", dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
                                      num_key_value_heads=8, head_dim=128, intermediate_size=12288,
                                      vocab_size=151936, tie_word_embeddings=False)),
+    # Qwen/Qwen3-30B-A3B's config.json
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, num_hidden_layers=48, num_attention_heads=32,
+                                             num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+                                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                                             norm_topk_prob=True, vocab_size=151936, max_position_embeddings=40960,
+                                             tie_word_embeddings=False)),
 }
 
 
@@ -355,6 +379,19 @@ def test_preset_parameter_counts_equal_transformers(name):
     with torch.device("meta"):
         ref = transformers.AutoModelForCausalLM.from_config(config)
     assert count_params(PRESETS[name]) == sum(p.numel() for p in ref.parameters())
+
+
+def test_qwen3_30b_a3b_has_the_published_total_and_active_parameters():
+    """Qwen3-30B-A3B's model card: 30.5B parameters in total, 3.3B activated (8 of 128 experts per block; the
+    embedding and head count, as the card's figures do: 30,532,122,624 and 3,353,032,704 by hand, 3.3B as the card
+    truncates it)."""
+    cfg = PRESETS["qwen3-30b-a3b"]
+    from pipeline.model.config import from_hf_config
+
+    config = transformers.Qwen3MoeConfig(**PRESET_CONFIGS["qwen3-30b-a3b"][1], rope_theta=1e6)
+    assert from_hf_config({**config.to_dict(), "architectures": ["Qwen3MoeForCausalLM"]}) == cfg
+    assert count_params(cfg) == 30_532_122_624 and active_params(cfg) == 3_353_032_704
+    assert (count_params(cfg) // 10**8, active_params(cfg) // 10**8) == (305, 33)
 
 
 def test_rope_positions_allocate_nothing_at_load():
@@ -518,7 +555,9 @@ def test_weights_that_do_not_fit_the_config_are_listed(tmp_path, checkpoint):
 # ------------------------------------------------------------------------------------------------
 
 def test_segment_ids_attend_within_each_packed_sequence(checkpoint):
-    _, path, _ = checkpoint
+    name, path, _ = checkpoint
+    if name == "moe-qwen3-top2":
+        pytest.skip("packing is attention's; MoE routing is per token")
     model = load_model(path).eval()
     a, b = ids(8, (1, 5)), ids(9, (1, 7))
     packed = torch.cat([a, b], 1)

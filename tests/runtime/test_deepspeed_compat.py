@@ -68,6 +68,16 @@ def test_checkpoint_engine_overrides_every_method_and_round_trips(tmp_path):
         compat.use_checkpoint_engine(object(), engine)
 
 
+def test_z3_leaf_modules_marks_the_modules_deepspeed_gathers_whole():
+    """DeepSpeed's ZeRO-3 hooks stop at a module its z3_leaf_module says is a leaf (what Qwen3-MoE's sparse blocks
+    need: pipeline.model.moe.zero3_leaf_modules)."""
+    from deepspeed.utils import z3_leaf_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    compat.z3_leaf_modules(model, [torch.nn.Sequential])
+    assert z3_leaf_module(model) and z3_leaf_module(model[1]) and not z3_leaf_module(model[0])
+
+
 def test_module_state_dict_has_deepspeeds_signature_and_drops_frozen_aliases():
     from deepspeed.runtime.engine import DeepSpeedEngine
 

@@ -46,6 +46,9 @@ def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) 
 
     torch.manual_seed(r["seed"])
     model = build_model(*recipe_args(r)).train()
+    for block in model.modules():  # sparse MoE blocks keep their router logits for moe_aux
+        if hasattr(block, "keep_router_logits"):
+            block.keep_router_logits = bool(r.get("moe_aux_loss_coef"))
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": r["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -68,7 +71,7 @@ def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) 
                                 reduction="sum")
             loss = loss_sum / labelled
             l1 = r["l1_lambda"] * sum(p.abs().sum() for p in params)
-            (loss + l1 / gas).backward()
+            (loss + l1 / gas + moe_aux(r, model, b["attention_mask"])).backward()
             step_loss += loss.item()
             step_l1 += float(l1.detach() if torch.is_tensor(l1) else l1) / gas
         if r["max_grad_norm"] > 0:
@@ -78,3 +81,17 @@ def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) 
         losses.append(step_loss)
         l1s.append(step_l1)
     return losses, l1s, model
+
+
+def moe_aux(r: Mapping[str, Any], model: Any, attention_mask: torch.Tensor) -> Any:
+    """moe_aux_loss_coef x transformers' own load_balancing_loss_func over the router logits this forward left in the
+    model's sparse blocks (collected by attribute, not by pipeline.model.moe), added in full per micro-batch as
+    transformers' Trainer adds a Qwen3MoeForCausalLM's aux loss under num_items_in_batch; 0 without the key."""
+    if not r.get("moe_aux_loss_coef"):
+        return 0.0
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    blocks = [m for m in model.modules() if hasattr(m, "router_logits")]
+    logits = tuple(b.router_logits for b in blocks)
+    return r["moe_aux_loss_coef"] * load_balancing_loss_func(logits, len(blocks[0].experts), blocks[0].top_k,
+                                                             attention_mask)

@@ -27,8 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
     # (compute_accuracy; ZeRO-3 partitions the head, so its argmax comes from one head call) is the mean over both
     # ranks' examples: 5 held out, so rank 1 evaluates a padding copy that must not count; learning_rate 3e-2 gets
     # some answer tokens right by step 2, so the accuracies are not all 0
+    # The model is a Qwen3MoeForCausalLM of 16 experts, top-1: the two ranks' rows route to different experts,
+    # which ZeRO-3 gathers per module unless each sparse block is one leaf module (pipeline.model.moe.
+    # zero3_leaf_classes, as LLaMA-Factory's add_z3_leaf_module): without it gloo fails on mismatched collectives
+    # (NCCL would hang)
     (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
-                    learning_rate=3e-2)),
+                    learning_rate=3e-2, warmup_steps=0, moe=True)),
     # BAdam (use_badam) at ZeRO 0: both ranks switch to the same layer after the same steps, and DeepSpeed averages
     # the gradients of the layer that requires them (every switch after step 1, 3: both layers train); adam_epsilon
     # 1e-6: each switch restarts the moments, where rounding near a zero gradient counts (check_two_ranks_follow_one_rank)
@@ -57,6 +61,11 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_recipe, workdi
     if keys.pop("llama", False):
         write_hf_checkpoint(workdir / "llama", "llama", small_vocab=True)
         keys.update(model_name_or_path=str(workdir / "llama"), cutoff_len=256)
+    if keys.pop("moe", False):
+        from tests.acceptance.test_qwen3_moe_cli import save_pretrained_moe
+
+        save_pretrained_moe(workdir / "moe", num_experts=16, num_experts_per_tok=1, norm_topk_prob=False)
+        keys.update(model_name_or_path=str(workdir / "moe"), cutoff_len=256)
     # a loss summed over the update's tokens: one rank takes each global micro-batch whole; a mean per micro-batch
     # (ASFT): the two ranks' micro-batches one after another
     batch = dict(per_device_train_batch_size=2, gradient_accumulation_steps=4) if keys.get("use_asft_loss") else \

@@ -46,6 +46,32 @@ def test_fp32_matches_plain_pytorch(make_recipe, base, keys):
         assert torch.allclose(ours[name], p.detach(), rtol=1e-4, atol=1e-6), name
 
 
+def test_moe_aux_loss_matches_plain_pytorch(make_recipe, workdir):
+    """moe_aux_loss_coef on a Qwen3MoeForCausalLM (save_pretrained, 2 sparse blocks, 4 experts, top-2): each micro-
+    batch adds coef x transformers' load_balancing_loss_func over its real tokens (padded rows masked), in full as
+    transformers' Trainer adds it; the 2 updates equal the plain loop's (2 micro-batches of rows of different
+    lengths), aux_loss is logged, and full fine-tuning moves the router."""
+    from tests.acceptance.test_qwen3_moe_cli import save_pretrained_moe
+
+    save_pretrained_moe(workdir / "moe")
+    r = make_recipe(BASE_SFT, model_name_or_path=str(workdir / "moe"), finetuning_type="full", dataset="varied_sft",
+                    per_device_train_batch_size=2, max_steps=2, warmup_steps=0, learning_rate=1e-2,
+                    moe_aux_loss_coef=0.5, cutoff_len=256)
+    result = train(r)
+    log = read_log(result.output_dir / "trainer_log.jsonl")
+    losses, _, ref_model = reference.train(r, 2)
+    assert [rec["loss"] for rec in log] == pytest.approx(losses, rel=1e-5)
+    assert all(1.0 <= rec["aux_loss"] < 4.0 for rec in log)  # n_experts x sum f_e P_e: 1 when balanced
+    ours = trained_params(result.engine)
+    start = dict(reference.train(r, 0)[2].named_parameters())
+    for name, p in ref_model.named_parameters():
+        assert torch.allclose(ours[name], p.detach(), rtol=1e-4, atol=1e-6), name
+    assert not torch.equal(ours["layers.0.mlp.gate.weight"], start["layers.0.mlp.gate.weight"])
+    without = reference.train({**r, "moe_aux_loss_coef": None}, 2)[2]  # and the aux loss changed the update
+    assert not torch.allclose(dict(without.named_parameters())["layers.0.mlp.gate.weight"],
+                              ours["layers.0.mlp.gate.weight"], atol=1e-5)
+
+
 def test_bf16_tracks_fp32_reference(make_recipe):
     r = make_recipe(BASE_SFT, max_steps=4, warmup_steps=0, bf16=True, learning_rate=3e-3)
     result = train(r)

@@ -57,6 +57,7 @@ ORDER = (
     model.rope_scaling_applies,
     stages.stage_only_keys,
     method.lora_targets_exist,
+    method.moe_aux_loss_stages,
     tokenizer.template_fits_vocabulary,
     tokenizer.new_token_names_given,
     tokenizer.one_special_tokens_key,

@@ -86,6 +86,24 @@ def oft_needs_linear_layers(ctx: Context) -> list[tuple[str, str]]:
 
 
 
+@rule("moe_aux_loss_coef", "stage", "model_name_or_path")
+def moe_aux_loss_stages(ctx: Context) -> list[tuple[str, str]]:
+    """The router's aux loss is added to stage pt / sft's loss (pipeline.train.loop); in dpo / kto / rm / ppo,
+    where LLaMA-Factory's trainers (TRL's) add it to their own losses, it is not implemented: refused on a MoE model
+    rather than trained without it."""
+    v = ctx.values
+    if not v["moe_aux_loss_coef"] or v["stage"] in ("pt", "sft"):
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is None or not info.config.n_experts:
+        return []
+    return [("moe_aux_loss_coef", f"given {v['moe_aux_loss_coef']}: the router's load-balancing loss is added in "
+                                  f"stages pt and sft only, not stage {v['stage']}; remove moe_aux_loss_coef (or "
+                                  "set it to null) to train this stage without it")]
+
+
 @rule("model_name_or_path", "finetuning_type", "lora_target", "additional_target", "context_length", "use_llama_pro",
       "freeze_trainable_layers")
 def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:

@@ -1,0 +1,62 @@
+"""The Qwen3-MoE user path through the CLI: a Qwen3MoeForCausalLM as transformers' save_pretrained writes it (the hub's
+per-expert tensor names) with a small byte-level Qwen3 tokenizer, an LLaMA-Factory-format LoRA sft recipe with
+template qwen3 and LLaMA-Factory's moe_aux_loss_coef -> build / train / merge as typed; merged/ and PEFT's reading of
+adapter/ compute what our trained model computes. A lora_target on the experts and the aux loss in another stage
+are refused (exit 2) at validate (in process: main(argv), the CLI's refusal without an interpreter start)."""
+from __future__ import annotations
+
+import json
+
+from tests.acceptance.harness import assert_outputs_compute_ours, pipeline, random_model, refused, write_recipe
+
+TINY = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+            max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def save_pretrained_moe(folder, **changes):
+    """A random tiny Qwen3MoeForCausalLM (noise on every tensor; TINY with `changes`) with tests.helpers.hf_vocab's
+    small Qwen3 tokenizer."""
+    import transformers
+
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    size = write_small_tokenizer_dir(folder, "qwen3")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    config = transformers.Qwen3MoeConfig(**{**TINY, **changes}, vocab_size=size,
+                                         eos_token_id=generation["eos_token_id"][0])
+    model = random_model(transformers.Qwen3MoeForCausalLM, config)
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return model
+
+
+def test_lora_sft_from_a_save_pretrained_qwen3_moe_merges_to_qwen3_moe(workdir):
+    import torch
+    import transformers
+
+    base = workdir / "Qwen3-30B-A3B"
+    save_pretrained_moe(base)
+    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", template="qwen3",
+                          output_dir="saves/r", learning_rate=0.05, moe_aux_loss_coef=0.01)
+    message = refused("validate", recipe, "lora_target=q_proj,gate_proj", cwd=workdir, as_typed=False)
+    assert "lora_target: 'gate_proj' picks MLP modules of this Qwen3MoeForCausalLM" in message, message
+    message = refused("validate", recipe, "stage=kto", cwd=workdir, as_typed=False)
+    assert "moe_aux_loss_coef: given 0.01: the router's load-balancing loss is added in stages pt and sft only, not" \
+           " stage kto" in message, message
+    pipeline("build", recipe, cwd=workdir)
+    pipeline("train", recipe, cwd=workdir)
+    log = [json.loads(line) for line in (workdir / "saves/r/trainer_log.jsonl").read_text().splitlines()]
+    assert all(record["aux_loss"] >= 1.0 for record in log if "loss" in record)  # logged beside the loss
+    pipeline("merge", recipe, cwd=workdir)
+    merged = workdir / "saves/r/merged"
+    config = json.loads((merged / "config.json").read_text())
+    assert (config["architectures"], config["model_type"], config["num_experts"], config["norm_topk_prob"]) == (
+        ["Qwen3MoeForCausalLM"], "qwen3_moe", 4, True)
+    adapter = json.loads((workdir / "saves/r/adapter/adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert type(theirs).__name__ == "Qwen3MoeForCausalLM"
+    x, want = assert_outputs_compute_ours(recipe, workdir, base, theirs, config["vocab_size"])
+    with torch.no_grad():  # and the run trained: not the base's logits
+        assert (want - transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits).abs().max() > 1e-3

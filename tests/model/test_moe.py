@@ -1,0 +1,153 @@
+"""Qwen3-MoE's sparse blocks beyond the family tests (tests/model/test_families.py runs a Qwen3MoeForCausalLM through
+every family test): which blocks are sparse (decoder_sparse_step, mlp_only_layers), the config.json spellings, and
+what takes no adapter (the experts and the router are no Linear modules in transformers 5, checked against 5.24 and
+PEFT 0.21). Golden values from transformers' Qwen3MoeForCausalLM."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.model.config import count_params, layout, read_config, trainable_params
+from pipeline.model.weights import load_model, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=64)
+
+
+def saved(tmp_path, **changes):
+    """save_pretrained of a random Qwen3MoeForCausalLM (noise on every tensor, so routing is not uniform)."""
+    from tests.acceptance.harness import random_model
+
+    model = random_model(transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(**{**TINY, **changes}))
+    model.save_pretrained(tmp_path)
+    return model
+
+
+@pytest.mark.parametrize("changes,sparse", [
+    (dict(mlp_only_layers=[1]), [True, False, True]),       # listed blocks keep a dense MLP
+    (dict(decoder_sparse_step=2), [False, True, False]),    # (i + 1) % step == 0: every second block
+])
+def test_dense_and_sparse_blocks_as_transformers_builds_them(tmp_path, changes, sparse):
+    ref = saved(tmp_path / "hf", **changes)
+    assert [type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in ref.model.layers] == sparse
+    ours = load_model(tmp_path / "hf").eval()
+    assert [ours.cfg.sparse(i) for i in range(3)] == sparse and not ours.cfg.norm_topk_prob
+    assert [n for n, _ in ours.named_parameters()] == [f"{m.name}.weight" for m in layout(ours.cfg)]
+    assert count_params(ours.cfg) == sum(p.numel() for p in ref.parameters())
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(x).logits
+        assert torch.allclose(ours(x), want, atol=1e-5, rtol=0)
+    save_hf(ours, tmp_path / "out")  # written back with the keys that make the same blocks sparse
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, want, atol=1e-5, rtol=0)
+
+
+def test_num_experts_is_read_in_both_spellings(tmp_path):
+    """transformers 5's save_pretrained writes num_local_experts (Qwen3MoeConfig.attribute_map), the hub's
+    config.json num_experts; a config.json without the MoE keys takes Qwen3MoeConfig's defaults."""
+    saved(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert raw["num_local_experts"] == 4 and "num_experts" not in raw
+    assert read_config(tmp_path).n_experts == 4
+    raw["num_experts"] = raw.pop("num_local_experts")
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    assert read_config(tmp_path).n_experts == 4
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob"):
+        raw.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    theirs = transformers.Qwen3MoeConfig.from_pretrained(tmp_path)
+    cfg = read_config(tmp_path)
+    assert (cfg.n_experts, cfg.experts_per_token, cfg.moe_ffn_dim, cfg.norm_topk_prob) == (
+        theirs.num_experts, theirs.num_experts_per_tok, theirs.moe_intermediate_size, theirs.norm_topk_prob)
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"num_experts_per_tok": 5}, "num_experts_per_tok 5 is more than num_experts 4"),
+    ({"moe_intermediate_size": 0}, "moe_intermediate_size is 0; expected a positive integer"),
+])
+def test_bad_moe_configs_name_file_and_key(tmp_path, changes, words):
+    config = {**transformers.Qwen3MoeConfig(**TINY).to_dict(), "architectures": ["Qwen3MoeForCausalLM"], **changes}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as err:
+        read_config(tmp_path)
+    assert any(m.startswith(f"{tmp_path / 'config.json'}: ") and words in m for m in err.value.messages), \
+        err.value.messages
+
+
+def test_lora_takes_the_attention_projections_and_refuses_the_moe_mlp(tmp_path):
+    """lora_target: all is what LLaMA-Factory's find_all_linear_modules finds on transformers 5's module tree (the
+    attention projections: the experts are fused 3-D tensors, the router a Qwen3MoeTopKRouter); a name of the
+    MLP side is refused, since PEFT 0.21 re-targets it onto those fused tensors (target_parameters); a dense block's
+    MLP too (mlp_only_layers: PEFT maps gate_proj there as well)."""
+    saved(tmp_path, mlp_only_layers=[1])
+    cfg = read_config(tmp_path)
+    rank = 2
+    per_block = sum(rank * (m.in_dim + m.out_dim) for m in layout(cfg)
+                    if m.name.startswith("layers.0.self_attn.") and m.kind == "linear")
+    assert trainable_params(cfg, "lora", rank, "all") == 3 * per_block
+    for target in ("gate_proj", "gate", "mlp.down_proj", "layers.1.mlp.up_proj"):
+        with pytest.raises(UserError) as err:
+            trainable_params(cfg, "lora", rank, ["q_proj", target])
+        message = err.value.messages[0]
+        assert message.startswith(f"lora_target: '{target}' picks MLP modules of this Qwen3MoeForCausalLM")
+        assert "finetuning_type: full or freeze" in message and "q_proj, k_proj, v_proj, o_proj" in message
+    for extra in ("mlp", "experts", "layers.0.mlp.gate", "experts.1"):
+        with pytest.raises(UserError) as err:
+            trainable_params(cfg, "lora", rank, "q_proj", additional_target=extra)
+        assert err.value.messages[0].startswith(f"additional_target: '{extra}' names the sparse MoE block")
+    with pytest.raises(UserError) as err:  # not a Linear: the list of what can take LoRA names no MLP module
+        trainable_params(cfg, "lora", rank, "experts")
+    assert err.value.messages[0].endswith("available: all, self_attn.q_proj, self_attn.k_proj, self_attn.v_proj,"
+                                          " self_attn.o_proj (in every block layers.0 .. layers.N; a full path such"
+                                          " as layers.0.self_attn.q_proj picks one block)")
+    # a dense block's MLP trained in full is an ordinary modules_to_save module
+    assert trainable_params(cfg, "lora", rank, "q_proj", additional_target="layers.1.mlp") > 0
+
+
+def test_load_balancing_loss_equals_transformers_with_padded_rows(tmp_path):
+    """Qwen3MoeForCausalLM with output_router_logits and router_aux_loss_coef (what LLaMA-Factory's moe_aux_loss_coef
+    sets): its loss is the cross-entropy + coef x aux_loss, the aux over the real tokens only (attention_mask); ours
+    over the router logits our blocks kept equals both, and counting the pads would not."""
+    from pipeline.model.moe import collect_router_logits, load_balancing_loss
+
+    ref = saved(tmp_path, router_aux_loss_coef=0.3)
+    ours = load_model(tmp_path).eval()
+    collect_router_logits(ours)
+    x = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0  # a right-padded row
+    labels = x.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        out = ref(x, attention_mask=mask, labels=labels, output_router_logits=True)
+        shifted = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], 1)
+        ce = ours(x, attention_mask=mask, labels=shifted)
+        aux = load_balancing_loss(ours, mask)
+    assert aux == pytest.approx(float(out.aux_loss), rel=1e-5)
+    assert float(ce + 0.3 * aux) == pytest.approx(float(out.loss), rel=1e-5)
+    with torch.no_grad():
+        ours(x, attention_mask=mask)
+        assert float(load_balancing_loss(ours, None)) != pytest.approx(float(out.aux_loss), rel=1e-3)
+
+
+def test_moe_aux_loss_coef_on_a_dense_model_is_a_notice(tmp_path):
+    """LLaMA-Factory's configure_moe sets nothing for a dense model type: accepted with a notice at the key. On the
+    MoE preset the key is silent."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.notices import notices
+
+    (tmp_path / "r.yaml").write_text("model_name_or_path: qwen2.5-0.5b\ndataset: demo_alpaca\nmax_steps: 1\n"
+                                     "moe_aux_loss_coef: 0.01\n", "utf-8")
+    r = resolve(tmp_path / "r.yaml", command="plan")
+    assert any(line.startswith("notice: ") and "r.yaml:4:20: moe_aux_loss_coef: accepted without effect: this qwen2 "
+               "model has no sparse MoE blocks" in line for line in notices(r)), notices(r)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: qwen3-30b-a3b\ndataset: demo_alpaca\nmax_steps: 1\n"
+                                     "moe_aux_loss_coef: 0.01\n", "utf-8")
+    assert not any("moe_aux_loss_coef" in line for line in notices(resolve(tmp_path / "r.yaml", command="plan")))
