@@ -112,14 +112,15 @@ class SparseMoeBlock(nn.Module):
     plain loop over the experts that received tokens: readable and exact, fine on a CPU and for small expert counts;
     a fused grouped GEMM (transformers' grouped_mm experts) is what a GPU at Qwen3-30B-A3B's 128 experts wants.
     keep_router_logits: the last forward's router logits stay in `router_logits` (N tokens x n_experts) for the
-    load-balancing loss (pipeline.model.moe)."""
+    load-balancing loss (pipeline.model.moe). every_expert: the experts without tokens run too, on no rows (ZeRO 1-2
+    across ranks: pipeline.model.moe.zero_stage_policy)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
         self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
-        self.keep_router_logits = False
+        self.keep_router_logits = self.every_expert = False
         self.router_logits: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +134,7 @@ class SparseMoeBlock(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
-            if token.numel():
+            if token.numel() or self.every_expert:
                 out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
         return out.view_as(x)
 

@@ -4,7 +4,7 @@ LLaMA-Factory's moe_aux_loss_coef (model/model_utils/moe.py, configure_moe) sets
 output_router_logits and router_aux_loss_coef; Qwen3MoeForCausalLM.forward then adds router_aux_loss_coef x
 load_balancing_loss_func(router logits of every sparse block, num_experts, num_experts_per_tok, attention_mask)
 to the cross-entropy. The blocks keep their router logits only while collect_router_logits is on
-(pipeline.model.gpt.SparseMoeBlock): nothing is held otherwise. And ZeRO 3's leaf modules for the sparse blocks.
+(pipeline.model.gpt.SparseMoeBlock): nothing is held otherwise. And what ZeRO 1-2 and 3 need of the sparse blocks.
 """
 from __future__ import annotations
 
@@ -60,11 +60,22 @@ def load_balancing_loss(model: nn.Module, attention_mask: torch.Tensor | None) -
     return torch.sum((counts / rows) * (probs / rows)) * n_experts
 
 
-def zero3_leaf_classes(model: nn.Module, ds_config: Mapping[str, Any]) -> list[type]:
-    """The module classes DeepSpeed must treat as ZeRO-3 leaves in `model` (deepspeed_compat.z3_leaf_modules marks
-    them; [] but under ZeRO 3 with sparse blocks): each sparse block, as LLaMA-Factory's add_z3_leaf_module sets
-    Qwen3MoeSparseMoeBlock, so that its parameters are gathered for the whole block at once. Without it ZeRO 3
-    gathers each expert when the expert runs, a collective every rank must join, and a rank none of whose tokens
-    chose that expert never calls it: gloo fails on the mismatched collectives, NCCL waits for ever."""
+def zero_stage_policy(model: nn.Module, ds_config: Mapping[str, Any]) -> list[type]:
+    """What the ZeRO stage of `ds_config` needs of `model`'s sparse blocks, set on them; returns the module classes
+    DeepSpeed must treat as ZeRO-3 leaves (deepspeed_compat.z3_leaf_modules marks them; [] but under ZeRO 3 with
+    sparse blocks).
+
+    ZeRO 3: each sparse block is a leaf, as LLaMA-Factory's add_z3_leaf_module sets Qwen3MoeSparseMoeBlock, so that
+    its parameters are gathered for the whole block at once. Without it ZeRO 3 gathers each expert when the expert
+    runs, a collective every rank must join, and a rank none of whose tokens chose that expert never calls it: gloo
+    fails on the mismatched collectives, NCCL waits for ever.
+    ZeRO 1-2: every expert runs (SparseMoeBlock.every_expert), on no rows where it got no token. Their gradient
+    hooks fill reduction buckets as gradients arrive, so an expert with tokens on one rank and none on another
+    leaves the ranks reducing different buckets (DeepSpeed's reduce_ipg_grads failed on two ranks, measured). Its
+    zero gradient changes nothing: the flat partition steps a missing gradient as zeros too. ZeRO 0 needs neither:
+    DeepSpeed's allreduce zero-fills missing gradients, and one rank skips them as transformers' experts do."""
     stage = dict(dict(ds_config).get("zero_optimization") or {}).get("stage")
-    return [SparseMoeBlock] if stage == 3 and next(sparse_blocks(model), None) is not None else []
+    blocks = list(sparse_blocks(model))
+    for block in blocks:
+        block.every_expert = stage in (1, 2)
+    return [SparseMoeBlock] if stage == 3 and blocks else []

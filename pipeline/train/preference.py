@@ -197,10 +197,10 @@ def _place(model: torch.nn.Module, engine: Any, zero3_config: Mapping[str, Any] 
         for key in ("optimizer", "scheduler"):
             config.pop(key, None)
         config.get("zero_optimization", {}).pop("offload_optimizer", None)
-        from pipeline.model.moe import zero3_leaf_classes
+        from pipeline.model.moe import zero_stage_policy
         from pipeline.runtime.deepspeed_compat import z3_leaf_modules
 
-        z3_leaf_modules(model, zero3_leaf_classes(model, config))
+        z3_leaf_modules(model, zero_stage_policy(model, config))
         ref_engine, *_ = deepspeed.initialize(model=model, config=config)
         ref_engine.eval()
         return ref_engine

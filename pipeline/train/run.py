@@ -33,7 +33,7 @@ from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_
 from pipeline.runtime import deepspeed_compat, dist, guard, hostmem
 from pipeline.runtime.layout import RunLayout
 from pipeline.model.optimizer_state import OTHER_OPTIMS, effective_optim_args
-from pipeline.model.moe import zero3_leaf_classes
+from pipeline.model.moe import zero_stage_policy
 from pipeline.train import checkpoint
 from pipeline.train.checkpoint import TrainState
 
@@ -124,8 +124,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     optimizer = make_optimizer(model, args)
     scheduler = make_scheduler(optimizer, args)  # before no_startup_step: it wraps the optimizer's own step
     # BAdam: masters for every layer; ZeRO: the Adagrad built here is the one stepped
-    # sparse MoE blocks gathered whole under ZeRO 3: the ranks' tokens route to different experts
-    deepspeed_compat.z3_leaf_modules(model, zero3_leaf_classes(model, r.ds_config))
+    # sparse MoE blocks under ZeRO 1-3 (each rank's tokens route to other experts): pipeline.model.moe
+    deepspeed_compat.z3_leaf_modules(model, zero_stage_policy(model, r.ds_config))
     with every_block_trainable(optimizer), no_startup_step(optimizer), kept_adagrad(optimizer):
         # stage ppo steps the schedule once per PPO step, not per update (TRL's PPOTrainer.step)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=r.ds_config,

@@ -151,3 +151,33 @@ def test_moe_aux_loss_coef_on_a_dense_model_is_a_notice(tmp_path):
     (tmp_path / "r.yaml").write_text("model_name_or_path: qwen3-30b-a3b\ndataset: demo_alpaca\nmax_steps: 1\n"
                                      "moe_aux_loss_coef: 0.01\n", "utf-8")
     assert not any("moe_aux_loss_coef" in line for line in notices(resolve(tmp_path / "r.yaml", command="plan")))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_expert_takes_a_gradient_under_zero_1_2(stage):
+    """ZeRO 1-2 reduce the gradients of each rank's backward in buckets filled as they arrive; an expert that none
+    of one rank's tokens chose gives no gradient there while another rank's does, so the ranks' buckets differ (a
+    two-rank ZeRO-2 Qwen3-MoE run died in DeepSpeed's reduce_ipg_grads, measured). Under stage 1-2 every expert
+    runs, on no rows where it got no token: the same outputs, a zero gradient, the same parameters in the same
+    backward order on every rank (the flat ZeRO partition steps a zero gradient as it would a missing one). Stage 0
+    (DeepSpeed's allreduce zero-fills missing gradients, and a single rank keeps transformers' skipped experts) and
+    stage 3 (leaf modules) keep the experts without tokens out."""
+    from pipeline.model.config import ModelConfig
+    from pipeline.model.gpt import SparseMoeBlock
+    from pipeline.model.moe import zero_stage_policy
+
+    cfg = ModelConfig(family="qwen3_moe", vocab_size=8, context_length=8, emb_dim=8, n_layers=1, n_heads=2,
+                      mlp="swiglu", norm="rmsnorm", positions="rope", mlp_bias=False, n_experts=4,
+                      experts_per_token=1, moe_ffn_dim=4)
+    torch.manual_seed(0)
+    block, x = SparseMoeBlock(cfg), torch.randn(1, 1, 8)  # one token, top-1: three experts get nothing
+    want = block(x)
+    assert zero_stage_policy(block, {"zero_optimization": {"stage": stage}}) == ([SparseMoeBlock] if stage == 3 else [])
+    out = block(x)
+    out.sum().backward()
+    assert torch.equal(out, want)
+    idle = [e for e in block.experts if e.up_proj.weight.grad is None]
+    if stage in (1, 2):
+        assert not idle and sum(bool(e.up_proj.weight.grad.any()) for e in block.experts) == 1
+    else:
+        assert len(idle) == 3
