@@ -462,17 +462,28 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     Their GPT figure, s*b*h*(34 + 5*a*s/h) at 2 bytes, counts per block: the attention input 2h, q/k/v 6h,
     the attention output 2h and its dropout mask h (11h), softmax scores and their mask 5*a*s, the MLP input
     2h, its 4h-wide hidden before and after GELU 16h and a dropout mask h (19h), and both norms 4h. Here
-    q and k/v have their own widths (GQA: n_kv_heads * head_dim), and SwiGLU keeps four ffn-wide tensors
-    (gate, up, silu(gate), their product) instead of two.
+    q and k/v have their own widths (GQA: n_kv_heads * head_dim), SwiGLU keeps four ffn-wide tensors
+    (gate, up, silu(gate), their product) instead of two, and a sparse MoE block keeps its experts' copies of the
+    rows they run on besides their MLPs (mlp_activation_bytes).
     """
-    s, b, h, f = seq, batch, cfg.emb_dim, cfg.hidden_dim
-    if cfg.n_experts:  # a sparse block runs experts_per_token experts of moe_ffn_dim per token (the router's scores
-        f = cfg.experts_per_token * (cfg.moe_ffn_dim or f)  # are n_experts wide: small beside them)
+    s, b, h = seq, batch, cfg.emb_dim
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
-    mlp = 2 * h + (8 if cfg.mlp == "swiglu" else 4) * f + h
-    per_token = attention + mlp + 4 * h
+    per_token = attention + mlp_activation_bytes(cfg) + 4 * h
     return (s * b * per_token + 5 * cfg.n_heads * s * s * b) * bytes_per_value / 2
+
+
+def mlp_activation_bytes(cfg: ModelConfig) -> int:
+    """The MLP's share of activation_bytes per token at 2 bytes a value: its input 2h, the hidden tensors (SwiGLU's
+    four, GELU's two) and a dropout mask h. A sparse MoE block (the largest block where some are dense) keeps that
+    input (the router reads it too) and, for each of the experts_per_token experts a token runs, the expert's copy
+    of the token's row 2h, its own MLP of moe_ffn_dim and its output 2h (kept for the routing weight), plus the
+    router's logits and fp32 probabilities (2 + 4 bytes per expert)."""
+    h, per_hidden = cfg.emb_dim, 8 if cfg.mlp == "swiglu" else 4
+    if not cfg.n_experts:
+        return 2 * h + per_hidden * cfg.hidden_dim + h
+    expert = 2 * h + per_hidden * (cfg.moe_ffn_dim or cfg.hidden_dim) + h + 2 * h
+    return 2 * h + cfg.experts_per_token * expert + 6 * cfg.n_experts
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -34,7 +34,8 @@ P = all parameters of the model train builds, an adapter's own included, T = tra
                                             plus fp32 logits for the loss; an upper bound: sft computes the
                                             head only where labels are trained). 34h is GPT-2's block; for
                                             GQA and SwiGLU blocks pipeline.model.config.activation_bytes
-                                            counts q, k/v and the MLP at their own widths.
+                                            counts q, k/v and the MLP at their own widths (a sparse MoE
+                                            block: each chosen expert's copy of the row, its MLP, its output).
                  with gradient checkpointing (per block): L * s*b*h * w + one block's share + the logits
                  sft's use_asft_loss: the logits 3 times (the policy's log-softmax and the reference's softmax,
                                             both kept for the backward, and the KL's per-token terms)

@@ -181,3 +181,33 @@ def test_every_expert_takes_a_gradient_under_zero_1_2(stage):
         assert not idle and sum(bool(e.up_proj.weight.grad.any()) for e in block.experts) == 1
     else:
         assert len(idle) == 3
+
+
+def test_mlp_activation_bytes_counts_what_a_sparse_block_keeps_for_the_backward():
+    """The plan's activation estimate (pipeline.model.config.mlp_activation_bytes, per token at 2 bytes a value)
+    against what autograd keeps of one bf16 forward (saved_tensors_hooks, the parameters not counted): a sparse
+    block keeps, for each expert a token runs, the token's gathered row and the expert's output as well as its
+    SwiGLU tensors, about 2.3 times the dense MLP of the same active width that the estimate counted before.
+    A dense MLP measured the same way is the check on the method (its dropout mask h is not kept at rate 0)."""
+    from pipeline.model.config import ModelConfig, mlp_activation_bytes
+    from pipeline.model.gpt import FeedForward, SparseMoeBlock
+
+    common = dict(family="qwen3_moe", vocab_size=8, context_length=8, emb_dim=64, n_layers=1, n_heads=2,
+                  mlp="swiglu", norm="rmsnorm", positions="rope", mlp_bias=False)
+    moe = ModelConfig(**common, n_experts=16, experts_per_token=4, moe_ffn_dim=32)
+    dense = ModelConfig(**common, ffn_dim=4 * 32)
+    torch.manual_seed(0)
+    x, tokens = torch.randn(1, 256, 64, dtype=torch.bfloat16, requires_grad=True), 256
+    for cfg, module in ((dense, FeedForward(dense)), (moe, SparseMoeBlock(moe))):
+        module = module.to(torch.bfloat16)
+        params, kept = {p.untyped_storage().data_ptr() for p in module.parameters()}, {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+        measured = sum(kept.values()) / tokens
+        assert 0.85 * measured <= mlp_activation_bytes(cfg) <= 1.15 * measured, (cfg.n_experts, measured)

@@ -82,6 +82,20 @@ def test_memory_qwen3_preset_counts_gqa_swiglu_and_the_152k_head(write):
     assert checkpointed == round(28 * s * b * h * 2 + block + logits)  # each block's input + one block at a time
 
 
+def test_memory_qwen3_moe_counts_each_chosen_experts_rows(write):
+    """qwen3-30b-a3b: 48 sparse blocks, width 2048, 32 query heads and 4 key/value heads of 128, 128 experts of
+    768, 8 per token. Per token a sparse block keeps its MLP input and, for each of the 8 experts the token runs,
+    the token's copied row 2h, the expert's SwiGLU 8 x 768 and dropout mask h, and its output 2h (kept for the
+    routing weight), plus the router's logits and fp32 probabilities 6 x 128 (measured against autograd in
+    tests/model/test_moe.py); the estimate counted one dense SwiGLU of 8 x 768 instead."""
+    write("r.yaml", RECIPE.replace("tiny", "qwen3-30b-a3b") + "bf16: true\nlora_target: [q_proj]\n")
+    s, b, h, q, kv = 128, 8, 2048, 4096, 512
+    mlp = 2 * h + 8 * (2 * h + 8 * 768 + h + 2 * h) + 6 * 128
+    per_token = (2 * h + 2 * q + 4 * kv + 2 * q + h) + mlp + 4 * h  # attention, the sparse MLP, norms
+    block = s * b * per_token + 5 * 32 * s * s * b  # bf16: 2 bytes per value
+    assert estimate_memory(resolve("r.yaml")).gpu["activations"] == round(48 * block + s * b * 151_936 * 4)
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_memory_lora_pure_bf16(write, stage):
     """pure_bf16 with LoRA: the base bf16, the adapter fp32 as PEFT upcasts it (LLaMA-Factory leaves that on), so
