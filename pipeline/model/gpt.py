@@ -135,7 +135,9 @@ class SparseMoeBlock(nn.Module):
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
             if token.numel() or self.every_expert:
-                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+                # under autocast the expert computes in bf16 and the sum is the input's fp32 (Qwen3MoeExperts'
+                # cast too)
+                out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
         return out.view_as(x)
 
 

@@ -211,3 +211,24 @@ def test_mlp_activation_bytes_counts_what_a_sparse_block_keeps_for_the_backward(
             module(x)
         measured = sum(kept.values()) / tokens
         assert 0.85 * measured <= mlp_activation_bytes(cfg) <= 1.15 * measured, (cfg.n_experts, measured)
+
+
+def test_sparse_blocks_under_bf16_autocast_equal_transformers(tmp_path):
+    """eval runs fp32 weights under bf16 autocast on CUDA (pipeline.evaluate.run._autocast); CPU autocast stands in.
+    There the experts' Linears compute in bf16 while the block's sum is fp32: transformers' Qwen3MoeExperts casts each
+    expert's weighted output to the sum's dtype before index_add_; ours raised (index_add_: self Float, source
+    BFloat16). The router's logits are transformers' bitwise (its softmax fp32, its weights cast to the logits'
+    bf16, as transformers'), so the same experts run; their outputs differ by bf16 rounding only (transformers
+    multiplies by the fused gate_up_proj: 1e-3 of 0.19 seen), the model's logits likewise (1 to 2 units at 2)."""
+    from pipeline.model.moe import sparse_blocks
+
+    ref = saved(tmp_path, norm_topk_prob=True).eval()
+    ours = load_model(tmp_path).eval()
+    x = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block, theirs = next(sparse_blocks(ours)), ref.model.layers[0].mlp
+        assert torch.equal(block.gate(hidden.reshape(-1, 32)), theirs.gate(hidden.reshape(-1, 32))[0])
+        assert torch.allclose(block(hidden), theirs(hidden), atol=4e-3, rtol=0)
+        got, want = ours(x), ref(x).logits
+    assert got.dtype == want.dtype and torch.allclose(got.float(), want.float(), atol=4e-2, rtol=0)
