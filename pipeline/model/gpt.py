@@ -112,8 +112,8 @@ class SparseMoeBlock(nn.Module):
     plain loop over the experts that received tokens: readable and exact, fine on a CPU and for small expert counts;
     a fused grouped GEMM (transformers' grouped_mm experts) is what a GPU at Qwen3-30B-A3B's 128 experts wants.
     keep_router_logits: the last forward's router logits stay in `router_logits` (N tokens x n_experts) for the
-    load-balancing loss (pipeline.model.moe). every_expert: the experts without tokens run too, on no rows (ZeRO 1-2
-    across ranks: pipeline.model.moe.zero_stage_policy)."""
+    load-balancing loss (pipeline.model.moe). every_expert: the experts without tokens run too, on no rows, where a
+    backward follows (ZeRO 1-2 across ranks: pipeline.model.moe.zero_stage_policy)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -134,7 +134,7 @@ class SparseMoeBlock(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
-            if token.numel() or self.every_expert:
+            if token.numel() or (self.every_expert and torch.is_grad_enabled()):  # no backward: no gradient
                 # under autocast the expert computes in bf16 and the sum is the input's fp32 (Qwen3MoeExperts'
                 # cast too)
                 out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
