@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
     # some answer tokens right by step 2, so the accuracies are not all 0
     # The model is a Qwen3MoeForCausalLM of 16 experts, top-1: the two ranks' rows route to different experts,
     # which ZeRO-3 gathers per module unless each sparse block is one leaf module (pipeline.model.moe.
-    # zero3_leaf_classes, as LLaMA-Factory's add_z3_leaf_module): without it gloo fails on mismatched collectives
+    # zero_stage_policy, as LLaMA-Factory's add_z3_leaf_module): without it gloo fails on mismatched collectives
     # (NCCL would hang)
     (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
                     learning_rate=3e-2, warmup_steps=0, moe=True)),
