@@ -48,6 +48,8 @@ def test_lora_sft_from_a_save_pretrained_qwen3_moe_merges_to_qwen3_moe(workdir):
     pipeline("train", recipe, cwd=workdir)
     log = [json.loads(line) for line in (workdir / "saves/r/trainer_log.jsonl").read_text().splitlines()]
     assert all(record["aux_loss"] >= 1.0 for record in log if "loss" in record)  # logged beside the loss
+    results = json.loads((workdir / "saves/r/all_results.json").read_text())
+    assert results["moe_aux_loss_coef"] == 0.01  # loss / eval_loss carry the router's term: eval's report says so
     pipeline("merge", recipe, cwd=workdir)
     merged = workdir / "saves/r/merged"
     config = json.loads((merged / "config.json").read_text())
