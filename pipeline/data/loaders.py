@@ -230,19 +230,24 @@ def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1
                   **order)
 
 
-def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int) -> dict:
-    """One right-padded batch of the given examples of each TokenizedSplit, in order; labels shifted."""
+def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int, whole: bool = False) -> dict:
+    """One right-padded batch of the given examples of each TokenizedSplit, in order; labels shifted. The inputs
+    leave out each example's last token (nothing follows it to predict), but with `whole`: stage rm scores a
+    sequence at its last token, and transformers' XForSequenceClassification (and LLaMA-Factory's pairwise
+    collator) see the whole sequence, so a template ending after its EOS (qwen's `<|im_end|>\n`) is scored at that
+    `\n`, not at the token before it; the labels are the same either way."""
     import torch
 
+    cut = 0 if whole else 1
     spans = [(data, int(data.offsets[i]), int(data.offsets[i + 1])) for data, indices in parts for i in indices]
-    width = max(e - a for _, a, e in spans) - 1
+    width = max(e - a for _, a, e in spans) - cut
     input_ids = np.full((len(spans), width), pad, dtype=np.int64)
     labels = np.full((len(spans), width), IGNORE, dtype=np.int64)
     mask = np.zeros((len(spans), width), dtype=np.int64)
     for b, (data, a, e) in enumerate(spans):
-        n = e - a - 1
-        input_ids[b, :n] = data.ids[a:e - 1]
-        labels[b, :n] = np.where(data.trainable[a + 1:e], data.ids[a + 1:e], IGNORE)
+        n = e - a - cut
+        input_ids[b, :n] = data.ids[a:a + n]
+        labels[b, :e - a - 1] = np.where(data.trainable[a + 1:e], data.ids[a + 1:e], IGNORE)
         mask[b, :n] = 1
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(mask)}
@@ -264,7 +269,7 @@ def pair_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 
     tags = pairs.tags
 
     def collate(indices: np.ndarray) -> dict:
-        batch = pad_examples([(pairs.chosen, indices), (pairs.rejected, indices)], pad)
+        batch = pad_examples([(pairs.chosen, indices), (pairs.rejected, indices)], pad, whole=data.stage == "rm")
         if tags is not None:
             batch["kto_tags"] = torch.from_numpy(tags[indices])
         return batch

@@ -335,6 +335,9 @@ def _training_line(training: Mapping[str, Any], stage: str | None = None) -> str
     objective = token_loss_label(training)  # the objective trained, not the table's cross-entropy
     said = [f"both {objective[0]}, {objective[1]}: the training objective, not the plain cross-entropy of the table "
             "above"] if objective else []
+    if training.get("moe_aux_loss_coef"):  # transformers' Trainer logs a MoE model's loss with the router's term
+        said.append(f"both add moe_aux_loss_coef {training['moe_aux_loss_coef']:g} x the router's load-balancing "
+                    "loss, as transformers' Trainer logs it: not the plain cross-entropy of the table above")
     history = token_loss_history(training.get("token_loss_changes"))
     said += [history] if history else []
     if said and losses:

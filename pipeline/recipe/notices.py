@@ -192,16 +192,23 @@ def rope_scaling_notice(r: Any) -> str | None:
 
 def moe_aux_loss_notice(r: Any) -> str | None:
     """moe_aux_loss_coef on a model without sparse MoE blocks changes nothing, as LLaMA-Factory's configure_moe sets
-    nothing for a dense model type: said once, where the key was set."""
+    nothing for a dense model type; nor under stage rm on a MoE model: transformers' Qwen3MoeForSequenceClassification
+    (GenericForSequenceClassification) computes no router loss, and LLaMA-Factory's rm trainer calls its value-head
+    model without labels, so Qwen3MoeForCausalLM adds its aux_loss to no loss, and takes the pairwise loss alone
+    (train/rm/trainer.py compute_loss). Said once, where the key was set."""
     if not r["moe_aux_loss_coef"] or r.origin("moe_aux_loss_coef").kind not in ("file", "cli"):
         return None
     from pipeline.recipe.modelinfo import model_info
 
     info = model_info(r["model_name_or_path"])
+    where = f"notice: {r.origin('moe_aux_loss_coef').where}: moe_aux_loss_coef: accepted without effect: "
+    if info is not None and info.config.n_experts and r["stage"] == "rm":
+        return (where + "stage rm's pairwise loss has no router term, as in LLaMA-Factory (its reward model's forward "
+                "gets no labels, so the aux loss is added to nothing) and in transformers' "
+                "Qwen3MoeForSequenceClassification (which computes none)")
     if info is None or info.config.n_experts:
         return None
-    return (f"notice: {r.origin('moe_aux_loss_coef').where}: moe_aux_loss_coef: accepted without effect: this "
-            f"{info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory")
+    return where + f"this {info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory"
 
 
 def dynamic_context_notice(r: Any) -> str | None:

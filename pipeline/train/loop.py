@@ -280,7 +280,7 @@ class Trainer:
             loss, metrics = self.objective(device_batch)
             if self.args.nan_policy != "skip":
                 return batch, loss, metrics
-            value = float(loss.detach())
+            value = float(checked_loss(loss, metrics))
             if not dist.any_rank(not math.isfinite(value)):
                 return batch, loss, metrics
             self.state.skipped_batches += 1  # no backward: nothing of this batch reaches the gradients
@@ -301,22 +301,24 @@ class Trainer:
         accumulation = self.args.gradient_accumulation_steps
         batches = [self.data.next() for _ in range(accumulation)]
         scale = self.step_scale(batches)
-        skipped, trained_batches, step_loss, losses = self.state.skipped_batches, [], 0.0, []
+        skipped, trained_batches, step_loss, step_aux, losses = self.state.skipped_batches, [], 0.0, 0.0, []
         for index, drawn in enumerate(batches):
             batch, loss, metrics = self.micro_batch(drawn)
+            losses.append(checked_loss(loss, metrics))  # nan_policy stop checks what is trained, the aux term too
             aux = metrics.get(AUX_LOSS)  # the router's loss, with its graph: logged detached, trained below
             if aux is not None:
                 metrics[AUX_LOSS] = aux.detach()
             trained_batches.append(batch)
-            losses.append(loss.detach())
             for key, value in metrics.items():
                 window.extra[key] = window.extra.get(key, 0.0) + value / accumulation
             loss = loss * scale  # this micro-batch's share of the update, times ranks x accumulation
             total = loss
             if aux is not None:  # coef x aux in full per micro-batch, as transformers' Trainer adds it (its loss is
                 # not divided by the accumulation, and is multiplied by the ranks: average_tokens_across_devices);
-                # DeepSpeed's backward divides by both again
-                total = total + self.moe_aux * dist.world_size() * accumulation * aux
+                # DeepSpeed's backward divides by both again. Logged in the loss as that Trainer logs it (moe_step_aux)
+                weighted = self.moe_aux * dist.world_size() * accumulation * aux
+                total = total + weighted
+                step_aux += weighted.detach().double() / accumulation
             if l1_lambda:
                 penalty = l1_penalty(self.params, l1_lambda)
                 total = total + penalty
@@ -335,7 +337,7 @@ class Trainer:
             self._unflushed[1] += trained
         if self.state.skipped_batches != skipped:  # a micro-batch was replaced, on every rank (micro_batch agrees)
             step_loss *= self.step_scale(trained_batches) / scale  # divided by the tokens trained, not those drawn
-        window.add_loss(step_loss)
+        window.add_loss(step_loss + step_aux)
         self.data.end_of_step()
         norm = self.engine.get_global_grad_norm()
         return own_norm if norm is None else norm
@@ -502,6 +504,14 @@ def evaluates(train: TrainArgs) -> bool:
 
 
 AUX_LOSS = "aux_loss"  # the router's load-balancing loss of a micro-batch (metrics key; logged as the mean)
+
+
+def checked_loss(loss: Any, metrics: Mapping[str, Any]) -> Any:
+    """What nan_policy checks of a micro-batch, detached: its loss plus the router's aux loss when the objective has
+    one (moe_aux_loss_coef), since the update trains (and the log line shows) their sum: a non-finite aux loss
+    beside a finite cross-entropy must stop or skip as a non-finite cross-entropy does."""
+    aux = metrics.get(AUX_LOSS)
+    return (loss if aux is None else loss + aux).detach()
 ROUTER_MASK = "router_mask"  # the host batch's attention_mask, for the aux loss (model_inputs passes it to no model)
 
 
@@ -530,7 +540,7 @@ def loss_keywords(train: TrainArgs) -> dict[str, Any]:
 
 
 def evaluate(engine: Any, loader: Any, accuracy: bool = False,
-             loss: Mapping[str, Any] | None = None) -> dict[str, float]:
+             loss: Mapping[str, Any] | None = None, moe_aux: float | None = None) -> dict[str, float]:
     """Token-weighted mean cross-entropy over the whole val split (all ranks) and its perplexity; with `accuracy`
     (compute_accuracy) also eval_accuracy, the mean over all ranks' examples of each one's token accuracy
     (pipeline.train.accuracy). Without it the forward is the one it always was.
@@ -539,6 +549,12 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False,
     training objective, as transformers' Trainer reports it (its compute_loss applies the label smoother or
     compute_loss_func in evaluation too), so the train and eval curves compare; eval_perplexity is left out, since
     exp of such a loss is no perplexity (the eval command reports the plain cross-entropy and perplexity).
+
+    With `moe_aux` (moe_aux_coef: moe_aux_loss_coef on a sparse MoE model) eval_loss adds moe_aux x the router's
+    load-balancing loss as transformers' evaluation does (Qwen3MoeForCausalLM's forward adds router_aux_loss_coef x
+    aux_loss to each batch's loss, without num_items_in_batch's scaling; the batches' losses are averaged weighted by
+    their rows): the row-weighted mean of each val micro-batch's aux loss, logged also alone as eval_aux_loss;
+    eval_perplexity stays exp of the cross-entropy.
 
     No device read per batch (each stops the host until the device drains): the sums stay float64 device tensors,
     the token and example counts and the right-padding question are answered on the host batch (lm_batch), and the
@@ -549,7 +565,8 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False,
     engine.eval()
     total: Any = 0.0  # float64 device sums, unread until the end (one all-reduce, one read)
     scores: Any = 0.0
-    count = examples = 0  # counted on the host batches
+    aux: Any = 0.0  # sum over micro-batches of rows x the router's loss (moe_aux)
+    count = examples = rows = 0  # counted on the host batches
     with torch.no_grad():
         for host in loader:
             count += trained_tokens(host)
@@ -557,14 +574,24 @@ def evaluate(engine: Any, loader: Any, accuracy: bool = False,
             out = engine(batch["input_ids"], labels=batch["labels"], reduction="sum", **model_inputs(batch),
                          **({"predict": True} if accuracy else {}), **(loss or {}))
             total = total + out[0].detach().double()
+            if moe_aux is not None:
+                from pipeline.model.moe import load_balancing_loss
+
+                n = int(host["attention_mask"].shape[0])
+                aux = aux + n * load_balancing_loss(engine.module, host["attention_mask"]).double()
+                rows += n
             if accuracy:
                 score, scored = example_accuracy_sums(host["labels"], out[2], host.get(EXAMPLE_KEY))
                 scores = scores + score
                 examples += scored
     engine.train()
-    total, count, scores, examples = dist.all_sum_unread([total, count, scores, examples]).tolist()
+    total, count, scores, examples, aux, rows = dist.all_sum_unread([total, count, scores, examples, aux,
+                                                                     rows]).tolist()
     mean = total / max(count, 1)
     metrics = {"eval_loss": mean, **({} if loss else {"eval_perplexity": math.exp(min(mean, 700.0))})}
+    if moe_aux is not None:
+        metrics["eval_aux_loss"] = aux / max(rows, 1)
+        metrics["eval_loss"] = mean + moe_aux * metrics["eval_aux_loss"]
     if accuracy:
         metrics["eval_accuracy"] = scores / max(examples, 1)
     return metrics

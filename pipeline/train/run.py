@@ -78,7 +78,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords, moe_aux_coef
     from pipeline.train import step_profile
     from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
     from pipeline.train.badam import every_block_trainable
@@ -171,7 +171,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         evaluate_now = None
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
-                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args))))
+                            else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args),
+                                                   moe_aux_coef(args, engine.module))))
         trainer = trainer_class(engine, args, state, loader, evaluate=evaluate_now, **extra,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
                                                        trainer.checkpoint_state()),
@@ -575,6 +576,7 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
                loss_changes: list[dict[str, Any]]) -> None:
     from pipeline.data.loaders import item_name
     from pipeline.model.lora import trainable_report
+    from pipeline.model.moe import sparse_blocks
     from pipeline.recipe.precision import precision as recipe_precision
 
     pure = ("pure bf16 (bf16 base, the adapter in fp32 as PEFT upcasts it, with fp32 optimizer states)"
@@ -625,6 +627,10 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
                      "no eval_perplexity" + (f"; {history}" if history else ""))
     elif history:
         lines.append(f"loss: the plain cross-entropy; {history}")
+    if r["stage"] in ("pt", "sft") and r["moe_aux_loss_coef"] and next(sparse_blocks(model), None) is not None:
+        lines.append(f"moe: loss and eval_loss add moe_aux_loss_coef {r['moe_aux_loss_coef']:g} x the router's "
+                     "load-balancing loss, as transformers' Trainer logs it (aux_loss / eval_aux_loss: the term alone; "
+                     "eval_perplexity: the cross-entropy's)")
     if resume is not None:
         lines.append(f"resuming from {resume} at step {state.global_step} (epoch {state.epoch}, "
                      f"batch {state.batch_in_epoch})")
@@ -743,6 +749,8 @@ def finish(r: Mapping[str, Any], output_dir: Path, last: Mapping[str, Any], stat
         **token_loss(r),
         **dpo_terms(r),  # stage dpo's objective beyond eval's preference loss (eval's report says so)
         **({"token_loss_changes": list(loss_changes)} if loss_changes else {}),  # which steps trained which loss
+        # loss and eval_loss then carry the router's aux term (Trainer's log), eval's report says so
+        **({"moe_aux_loss_coef": r["moe_aux_loss_coef"]} if "aux_loss" in last else {}),
         **({"eval_accuracy": last.get("eval_accuracy")} if r["compute_accuracy"] or r["stage"] == "rm" else {}),
         "num_train_examples": loader.num_examples,
         "train_items": item_name(data_args(r)),  # what num_train_examples counts (packed rows, windows, ...)

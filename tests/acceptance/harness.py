@@ -73,6 +73,11 @@ FAMILIES: dict[str, Family] = {
     # only with small_vocab (a byte-level stand-in: the real sentencepiece vocabulary is another helper's)
     "mistral": Family("MistralConfig", "MistralForCausalLM", dict(_DECODER, vocab_size=32000, sliding_window=8),
                       hints=("mistral",), tokenizer="mistral"),
+    # Qwen3-30B-A3B's shape in small: Qwen3's attention and a sparse MoE MLP in every layer (4 experts, top-2)
+    "qwen3_moe": Family("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                        dict(_DECODER, vocab_size=151936, head_dim=16, tie_word_embeddings=False, num_experts=4,
+                             num_experts_per_tok=2, moe_intermediate_size=16),
+                        hints=("qwen3",), tokenizer="qwen3"),
 }
 
 

@@ -48,6 +48,8 @@ def test_lora_sft_from_a_save_pretrained_qwen3_moe_merges_to_qwen3_moe(workdir):
     pipeline("train", recipe, cwd=workdir)
     log = [json.loads(line) for line in (workdir / "saves/r/trainer_log.jsonl").read_text().splitlines()]
     assert all(record["aux_loss"] >= 1.0 for record in log if "loss" in record)  # logged beside the loss
+    results = json.loads((workdir / "saves/r/all_results.json").read_text())
+    assert results["moe_aux_loss_coef"] == 0.01  # loss / eval_loss carry the router's term: eval's report says so
     pipeline("merge", recipe, cwd=workdir)
     merged = workdir / "saves/r/merged"
     config = json.loads((merged / "config.json").read_text())
@@ -60,3 +62,18 @@ def test_lora_sft_from_a_save_pretrained_qwen3_moe_merges_to_qwen3_moe(workdir):
     x, want = assert_outputs_compute_ours(recipe, workdir, base, theirs, config["vocab_size"])
     with torch.no_grad():  # and the run trained: not the base's logits
         assert (want - transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits).abs().max() > 1e-3
+    # `generate --model merged` (greedy, KV cache; in-process: the command's as-typed start is test_family_paths')
+    # prints transformers' greedy generate of merged/ on its own chat template's prompt, cut at the first stop id
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}],
+                                           add_generation_prompt=True)["input_ids"]
+    stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
+    stops = sorted(set(stops if isinstance(stops, list) else [stops]))
+    with torch.no_grad():
+        new = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, use_cache=True,
+                              eos_token_id=stops, pad_token_id=stops[0])[0, len(prompt):].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t in stops), len(new))]
+    assert len(new) >= 3  # something to agree on
+    got = pipeline("generate", recipe, "--model", "merged", "--prompt", "Name a colour.", "max_new_tokens=12",
+                   cwd=workdir, as_typed=False).stdout
+    assert got == tokenizer.decode(new, skip_special_tokens=False) + "\n"

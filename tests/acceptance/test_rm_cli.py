@@ -50,7 +50,9 @@ def in_workdir(workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("family,checkpoint,template,architecture", [
     ("llama", {"small_vocab": True}, "llama3", "LlamaForSequenceClassification"),
     ("gpt2", {}, "alpaca", "GPT2ForSequenceClassification"),  # a tied head, no pad token of its own
-], ids=["llama", "gpt2"])
+    # sparse MoE blocks; moe_aux_loss_coef set as a LLaMA-Factory MoE recipe would: no effect in stage rm (a notice)
+    ("qwen3_moe", {"small_vocab": True}, "qwen3", "Qwen3MoeForSequenceClassification"),
+], ids=["llama", "gpt2", "qwen3_moe"])
 def test_rm_train_merge_eval_loads_in_transformers_and_peft(workdir, hf_checkpoint, family, checkpoint, template,
                                                             architecture):
     from peft import PeftModel
@@ -58,10 +60,13 @@ def test_rm_train_merge_eval_loads_in_transformers_and_peft(workdir, hf_checkpoi
 
     write_ranking_data(workdir / "data")
     base = hf_checkpoint(family, **checkpoint)
-    harness.write_recipe(workdir / "rm.yaml", {**RM, "template": template}, model_name_or_path=str(base),
+    moe = {"moe_aux_loss_coef": 0.01} if family == "qwen3_moe" else {}
+    harness.write_recipe(workdir / "rm.yaml", {**RM, "template": template, **moe}, model_name_or_path=str(base),
                          output_dir="saves/rm", plot_loss=True)
     for command in ("build", "train", "merge"):
-        harness.pipeline(command, "rm.yaml", cwd=workdir)
+        done = harness.pipeline(command, "rm.yaml", cwd=workdir)
+        if moe and command == "train":  # accepted, said to change nothing (no router term in a reward model's loss)
+            assert "moe_aux_loss_coef: accepted without effect: stage rm's pairwise loss" in done.stderr, done.stderr
     out = workdir / "saves" / "rm"
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert all("accuracy" in rec and "scores/chosen" in rec for rec in log if "loss" in rec)

@@ -102,6 +102,15 @@ def test_a_label_smoothed_runs_training_losses_say_so():
             "objective, not the plain cross-entropy of the table above).") in md
 
 
+def test_a_moe_runs_training_losses_with_the_router_term_say_so():
+    """moe_aux_loss_coef on a sparse MoE model: training's loss and eval_loss carry the router's aux term as
+    transformers' Trainer logs them (all_results.json records the coefficient), eval's table stays the cross-entropy."""
+    training = {"global_step": 2, "train_loss": 3.5, "eval_loss": 3.9, "moe_aux_loss_coef": 0.01}
+    md = R.render_markdown({**_metrics(), "training": training}, None, {})
+    assert ("last eval loss during training 3.9000 (both add moe_aux_loss_coef 0.01 x the router's load-balancing "
+            "loss, as transformers' Trainer logs it: not the plain cross-entropy of the table above).") in md
+
+
 @pytest.mark.parametrize("keys, words", [
     ({"use_dft_loss": True}, "both DFT-weighted, use_dft_loss"),
     ({"use_eaft_loss": True, "eaft_alpha": 0.5}, "both EAFT-weighted, use_eaft_loss, eaft_alpha 0.5")])

@@ -151,6 +151,11 @@ def test_moe_aux_loss_coef_on_a_dense_model_is_a_notice(tmp_path):
     (tmp_path / "r.yaml").write_text("model_name_or_path: qwen3-30b-a3b\ndataset: demo_alpaca\nmax_steps: 1\n"
                                      "moe_aux_loss_coef: 0.01\n", "utf-8")
     assert not any("moe_aux_loss_coef" in line for line in notices(resolve(tmp_path / "r.yaml", command="plan")))
+    # stage rm on the MoE model: no router term in a reward model's loss (LLaMA-Factory's rm trainer passes no
+    # labels; transformers' Qwen3MoeForSequenceClassification computes none): accepted without effect, said so
+    r = resolve(tmp_path / "r.yaml", ["stage=rm", "dataset=demo_prefs"], command="plan")
+    assert any("r.yaml:4:20: moe_aux_loss_coef: accepted without effect: stage rm's pairwise loss has no router term"
+               in line for line in notices(r)), notices(r)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -71,8 +71,9 @@ def train(r: Mapping[str, Any], steps: int, dtype: torch.dtype = torch.float32) 
                                 reduction="sum")
             loss = loss_sum / labelled
             l1 = r["l1_lambda"] * sum(p.abs().sum() for p in params)
-            (loss + l1 / gas + moe_aux(r, model, b["attention_mask"])).backward()
-            step_loss += loss.item()
+            aux = moe_aux(r, model, b["attention_mask"])
+            (loss + l1 / gas + aux).backward()
+            step_loss += loss.item() + float(aux.detach() if torch.is_tensor(aux) else aux)  # transformers' Trainer logs the model's loss, aux term included
             step_l1 += float(l1.detach() if torch.is_tensor(l1) else l1) / gas
         if r["max_grad_norm"] > 0:
             torch.nn.utils.clip_grad_norm_(params, r["max_grad_norm"])

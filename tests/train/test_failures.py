@@ -278,3 +278,15 @@ def test_export_verification_catches_an_empty_or_partial_adapter(tmp_path):
     save_file({"a.lora_B.weight": torch.full((64, 4), math.nan)}, str(tmp_path / "y"))
     with pytest.raises(RuntimeError, match="missing tensor a.lora_A.weight; a.lora_B.weight holds NaN"):
         verify_tensors(tmp_path / "y", expected)
+
+
+def test_nan_policy_checks_the_router_aux_term_too():
+    """moe_aux_loss_coef: the update trains the cross-entropy plus the router's aux loss, so nan_policy (stop and
+    skip) checks their sum: a non-finite aux loss beside a finite cross-entropy counts as a non-finite loss."""
+    from pipeline.train.loop import AUX_LOSS, checked_loss
+
+    finite = torch.tensor(2.0, requires_grad=True)
+    assert float(checked_loss(finite, {})) == 2.0
+    assert float(checked_loss(finite, {AUX_LOSS: torch.tensor(0.5)})) == 2.5
+    assert math.isnan(float(checked_loss(finite, {AUX_LOSS: torch.tensor(math.nan)})))
+    assert not checked_loss(finite, {AUX_LOSS: torch.tensor(1.0, requires_grad=True)}).requires_grad

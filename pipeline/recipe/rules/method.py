@@ -88,11 +88,12 @@ def oft_needs_linear_layers(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("moe_aux_loss_coef", "stage", "model_name_or_path")
 def moe_aux_loss_stages(ctx: Context) -> list[tuple[str, str]]:
-    """The router's aux loss is added to stage pt / sft's loss (pipeline.train.loop); in dpo / kto / rm / ppo,
-    where LLaMA-Factory's trainers (TRL's) add it to their own losses, it is not implemented: refused on a MoE model
-    rather than trained without it."""
+    """The router's aux loss is added to stage pt / sft's loss (pipeline.train.loop); in dpo / kto / ppo, where
+    LLaMA-Factory's trainers (TRL's) add it to their own losses, it is not implemented: refused on a MoE model
+    rather than trained without it. Stage rm takes it without effect (notices.moe_aux_loss_notice): no router term
+    reaches a reward model's loss in LLaMA-Factory or transformers."""
     v = ctx.values
-    if not v["moe_aux_loss_coef"] or v["stage"] in ("pt", "sft"):
+    if not v["moe_aux_loss_coef"] or v["stage"] in ("pt", "sft", "rm"):
         return []
     from pipeline.recipe.modelinfo import model_info
 
