@@ -12,7 +12,7 @@ update is the uninterrupted run's to rounding (the sums are added in another ord
 What moves with the ranks: the data position (counted in micro-batches per rank), the optimizer's ZeRO partitions
 (deepspeed_compat.resharded_loads), each rank's RNG state and log-window sums. What cannot, and is refused:
 another global batch; per_device_train_batch_size changed under objectives that average per micro-batch (dpo,
-rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); zero_stage 3.
+rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); offload_optimizer.
 
 Stages dpo and rm average their loss per micro-batch (a mean over its pairs) and the loop adds them with factor 1
 (Trainer.step_scale), so an update is the mean of its micro-batches' means whatever ranks x accumulation hold them.
@@ -83,7 +83,7 @@ REFUSED_STAGES = {
 
 
 def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str, asft: bool, group_by_length: bool,
-             zero_stage: int, offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps",
+             offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps",
              bco: bool = False) -> list[str]:
     """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set.
     `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values (`bco`: stage dpo adds
@@ -124,9 +124,6 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
         out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
                    f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
                    f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
-    if zero_stage == 3:
-        out.append(f"{ranks}: zero_stage 3 partitions every parameter across the ranks, and those partitions are "
-                   f"not rebuilt for another rank count; {same}")
     if offload_optimizer != "none":
         out.append(f"{ranks}: the optimizer state offloaded to {offload_optimizer} (offload_optimizer) is not "
                    f"rebuilt for another rank count; {same}")
