@@ -13,7 +13,7 @@ release where the item no longer holds, naming it.
   exclude_frozen_aliases       no frozen tied head in LoRA checkpoints (module_state_dict) train.checkpoint
                                (frozen: not `trains`; BAdam's resting layers are kept)
   HELPER_SCRIPTS               recovery scripts DeepSpeed copies into a checkpoint        train.checkpoint
-  resharded_loads              a ZeRO 0-2 checkpoint of N ranks read on M (world_size)    train.checkpoint
+  resharded_loads              a ZeRO 0-3 checkpoint of N ranks read on M (world_size)    train.checkpoint
   STATE_CLASSES / STATE_ENUMS  DeepSpeed classes inside its state dicts (safestate allowlist) train.safestate
   fp32_master                  the fp32 master of a parameter (fp16_groups/fp32_groups)   train.export
   loss_scale                   the fp16 loss scale (optimizer.cur_scale / loss_scale)     train.loop
@@ -210,6 +210,7 @@ def exclude_frozen_aliases(engine: Any) -> None:
 # with a "bf16_" prefix under bf16 (DeepSpeedEngine._get_zero_ckpt_prefix)
 ZERO_OPTIM_FILE = re.compile(r"^(?P<prefix>(?:bf16_)?)zero_pp_rank_(?P<rank>\d+)_mp_rank_00_optim_states\.pt$")
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the module, counters, scheduler (ZeRO 0: optimizer)
+ZERO3_MODEL_STATES_FILE = re.compile(r"^zero_pp_rank_(?P<rank>\d+)_mp_rank_00_model_states\.pt$")  # ZeRO 3: per rank
 
 
 def reshard_problem(engine: Any) -> str | None:
@@ -217,29 +218,31 @@ def reshard_problem(engine: Any) -> str | None:
 
     ZeRO 0 keeps the whole optimizer state in the model-states file, the same for any rank count (DeepSpeed's
     unfused fp16/bf16 wrapper too). ZeRO 1-2 cut one flat fp32 buffer per param group into equal partitions, the
-    last one padded: rebuilt here. ZeRO 3 partitions every parameter on its own, and DeepSpeed's BF16_Optimizer
-    (bf16 at ZeRO 1) writes its own partition files: neither is rebuilt."""
+    last one padded, and ZeRO 3 every parameter on its own: both rebuilt here (zero12_partition, zero3_partition).
+    DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1) writes its own partition files, and offloaded optimizer state lives
+    elsewhere: neither is rebuilt."""
     stage = engine.zero_optimization_stage()
     kind = type(engine.optimizer).__name__
     if kind == "BF16_Optimizer":
         return "DeepSpeed's BF16_Optimizer (bf16 at zero_stage 1) keeps partitions this trainer does not rebuild"
-    if stage == 3:
-        return "zero_stage 3 partitions every parameter across the ranks, which this trainer does not rebuild"
-    if stage in (1, 2) and (kind != "DeepSpeedZeroOptimizer" or engine.zero_cpu_offload()):
+    wanted = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+    if stage in wanted and (kind != wanted[stage] or engine.zero_cpu_offload()):
         return f"zero_stage {stage} with {kind}{' and optimizer offload' if engine.zero_cpu_offload() else ''}"
     return None
 
 
 @contextlib.contextmanager
 def resharded_loads(engine: Any, saved_world: int) -> Iterator[None]:
-    """Inside, engine.load_checkpoint reads a ZeRO 0-2 checkpoint written by `saved_world` data-parallel ranks as
+    """Inside, engine.load_checkpoint reads a ZeRO 0-3 checkpoint written by `saved_world` data-parallel ranks as
     if this run's ranks had written it (the engine's checkpoint engine answers in their place; each rank reads the
     saved optimizer files its partition overlaps). DeepSpeed itself refuses another DP world size ("Automatic adjustment of ZeRO's
     optimizer state partitioning with a new world size is not currently supported").
 
     Each rank's file becomes the rigid state DeepSpeed writes for its partition: the slices of the saved ranks' fp32
     masters and Adam moments that fall into this rank's partition of the flat group, padded as this engine pads it
-    (zero12_partition). Exact: values are moved, never recomputed."""
+    (zero12_partition; ZeRO 3: each parameter's pieces, zero3_partition). ZeRO 3 also writes the model states per
+    rank (zero_pp_rank_<r>_mp_rank_00_model_states.pt: the same counters, scheduler and client state on every
+    rank): a rank the checkpoint did not have reads rank 0's. Exact: values are moved, never recomputed."""
     from deepspeed import comm
 
     problem = reshard_problem(engine)
@@ -248,32 +251,38 @@ def resharded_loads(engine: Any, saved_world: int) -> Iterator[None]:
     plain = store.load
     world = engine.dp_world_size
     rank = comm.get_rank(group=engine.optimizer.dp_process_group) if engine.zero_optimization_stage() else 0
+    partition = zero3_partition if engine.zero_optimization_stage() == 3 else zero12_partition
+    names = engine._get_all_ckpt_names  # ZeRO 3: globs this rank's model states file, which a new rank lacks
+
+    def saved_names(folder: str, tag: str) -> list[str]:
+        return names(folder, tag) or [os.path.join(folder, str(tag), "zero_pp_rank_0_mp_rank_00_model_states.pt")]
 
     def load(path: str, map_location: Any = None) -> Any:
         folder, name = os.path.split(str(path))
-        if name == MODEL_STATES_FILE:
+        if name == MODEL_STATES_FILE or ZERO3_MODEL_STATES_FILE.match(name):
             state = plain(path, map_location)
             _require("dp_world_size" in state, "resharded_loads", "the model states have no dp_world_size")
             return {**state, "dp_world_size": world}
         match = ZERO_OPTIM_FILE.match(name)
         if match:  # DeepSpeed reads this rank's file alone: the saved ranks' answer for it
             _require(int(match["rank"]) == rank, "resharded_loads", f"DeepSpeed read {name} on rank {rank}")
-            files: dict[int, Any] = {}
+            outer: list[dict[str, Any]] = []  # the first file read's other keys (ds_config, ds_version), kept
 
             def read(saved_rank: int) -> Any:
                 saved_name = f"{match['prefix']}zero_pp_rank_{saved_rank}_mp_rank_00_optim_states.pt"
-                files[saved_rank] = plain(os.path.join(folder, saved_name), map_location)
-                return files[saved_rank]["optimizer_state_dict"]
+                saved = plain(os.path.join(folder, saved_name), map_location)
+                outer.append({k: v for k, v in saved.items() if k != "optimizer_state_dict"})
+                return saved["optimizer_state_dict"]  # not kept here: its memory goes once partition is done with it
 
-            state = zero12_partition(engine.optimizer, read, saved_world, rank, world)
-            return {**files[min(files)], "optimizer_state_dict": state}
+            state = partition(engine.optimizer, read, saved_world, rank, world)
+            return {**outer[0], "optimizer_state_dict": state}
         return plain(path, map_location)
 
-    store.load = load
+    store.load, engine._get_all_ckpt_names = load, saved_names
     try:
         yield
     finally:
-        del store.load  # the class's own method again
+        del store.load, engine._get_all_ckpt_names  # the classes' own methods again
 
 
 def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], saved_world: int, rank: int,
@@ -336,6 +345,68 @@ def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], save
             keys.SINGLE_PARTITION_OF_FP32_GROUPS: fp32, keys.GROUP_PADDINGS: list(optimizer.groups_padding),
             keys.PARTITION_COUNT: list(optimizer.partition_count),
             keys.PARAM_SLICE_MAPPINGS: optimizer._param_slice_mappings}
+
+
+def zero3_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], saved_world: int, rank: int,
+                    world: int) -> dict[str, Any]:
+    """Rank `rank` of `world`'s ZeRO 3 optimizer state (DeepSpeedZeroOptimizer_Stage3._rigid_state_dict's layout)
+    from the states saved by the `saved_world` ranks of another run; `read(s)` gives saved rank s's.
+
+    ZeRO 3 cuts every parameter on its own into `ranks` pieces of ceil(numel / ranks), the last padded, and a rank's
+    flat fp32 sub-group is its pieces of the sub-group's parameters one after another (fp32_partitioned_groups_flat;
+    the Adam moments alike). Every parameter has a piece on every saved rank, so each rank reads every saved file,
+    one at a time (peak: one saved rank's share of the fp32 masters and moments beside this rank's own)."""
+    import torch
+    from deepspeed.checkpoint import constants as keys
+
+    params = [p for group in optimizer.fp16_groups for p in group]  # the sub-groups' parameters, in order
+    numels = [p.ds_numel for p in params]
+    mine = [p.partition_numel() for p in params]
+    theirs = [-(-n // saved_world) for n in numels]
+    groups = [len(group) for group in optimizer.fp16_groups]
+    _require([sum(mine[sum(groups[:i]):sum(groups[:i + 1])]) for i in range(len(groups))]
+             == [flat.numel() for flat in optimizer.fp32_partitioned_groups_flat], "resharded_loads",
+             "the ZeRO 3 sub-groups are not their parameters' partitions one after another")
+
+    def offsets(sizes: list[int]) -> list[int]:
+        return [sum(sizes[:k]) for k in range(len(sizes))]
+
+    def flat(value: Any) -> bool:  # Adam's exp_avg / exp_avg_sq are laid out like the masters; its step is not
+        return torch.is_tensor(value) and value.dim() == 1
+
+    at_mine, at_theirs = offsets(mine), offsets(theirs)
+    kept: dict[str, Any] = {}  # saved rank 0's state less its partitions (loss scaler, param groups, Adam's step)
+    out: dict[str, Any] = {}  # "fp32" and each Adam moment: this rank's flat over all sub-groups
+    for s in range(saved_world):
+        sd = read(s)
+        base = sd[keys.OPTIMIZER_STATE_DICT]
+        _require(isinstance(base, dict) and sorted(base.get("state", {})) == list(range(len(groups))),
+                 "resharded_loads", "the saved ZeRO 3 state is not the rigid layout with this run's sub-groups")
+        if not kept:
+            kept = {**{k: v for k, v in sd.items() if k not in (keys.OPTIMIZER_STATE_DICT, keys.FP32_FLAT_GROUPS)},
+                    "param_groups": base["param_groups"],
+                    "state": {i: {k: v for k, v in base["state"][i].items() if not flat(v)} for i in base["state"]}}
+        flats = {"fp32": torch.cat([t.flatten() for t in sd[keys.FP32_FLAT_GROUPS]])}
+        for key, value in base["state"][0].items():
+            if flat(value):
+                flats[key] = torch.cat([base["state"][i][key].flatten() for i in range(len(groups))])
+        for key, values in flats.items():
+            _require(values.numel() == sum(theirs), "resharded_loads",
+                     f"saved rank {s}'s {key} is not {saved_world} ranks' ZeRO 3 partitions of these parameters")
+            target = out.setdefault(key, torch.zeros(sum(mine), dtype=values.dtype))
+            for n, size, at, saved_size, saved_at in zip(numels, mine, at_mine, theirs, at_theirs):
+                low, high = max(rank * size, s * saved_size), min((rank + 1) * size, (s + 1) * saved_size, n)
+                if high > low:  # the part of this parameter both pieces hold (padding stays zero)
+                    target[at + low - rank * size:at + high - rank * size] = \
+                        values[saved_at + low - s * saved_size:saved_at + high - s * saved_size]
+        del sd, base, flats  # the next saved rank's file replaces this one
+    state, param_groups = kept.pop("state"), kept.pop("param_groups")
+    cuts = offsets([part.numel() for part in optimizer.fp32_partitioned_groups_flat]) + [sum(mine)]
+    moments = {i: {**state[i], **{k: v[cuts[i]:cuts[i + 1]].clone() for k, v in out.items() if k != "fp32"}}
+               for i in range(len(groups))}
+    return {**kept, keys.OPTIMIZER_STATE_DICT: {"state": moments, "param_groups": param_groups},
+            keys.FP32_FLAT_GROUPS: [out["fp32"][cuts[i]:cuts[i + 1]].clone() for i in range(len(groups))],
+            keys.PARTITION_COUNT: optimizer.partition_count}
 
 
 # ---------------------------------------------------------------------------------------------- optimizer state

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.errors import UserError
 from pipeline.io import replace_dir, sha256_file, write_json
-from pipeline.recipe.args import TrainArgs, key_at
+from pipeline.recipe.args import TrainArgs, key_at, preference_args
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
 from pipeline.train import world_change
@@ -376,9 +376,10 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     if change:
         problems += world_change.problems(
             change, path, int(state.get("batch_in_epoch", 0)), stage=r["stage"], asft=bool(r.get("use_asft_loss")),
-            group_by_length=bool(r.get("group_by_length")), zero_stage=r["zero_stage"],
+            group_by_length=bool(r.get("group_by_length")),
             offload_optimizer=r.get("offload_optimizer", "none"),
-            accumulation_at=where(r, "gradient_accumulation_steps"))
+            accumulation_at=where(r, "gradient_accumulation_steps"),
+            bco=r["stage"] == "dpo" and preference_args(r).loss_config().adds_bco)
     if r.get("pissa_init") and saved and "pissa_init" not in saved:  # saved before PiSSA existed here: without it
         problems.append(f"{where(r, 'pissa_init')} is true but {path} was trained without PiSSA (its LoRA started "
                         "from the default init on the original base), so its weights belong to another model; remove "

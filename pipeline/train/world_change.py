@@ -12,7 +12,16 @@ update is the uninterrupted run's to rounding (the sums are added in another ord
 What moves with the ranks: the data position (counted in micro-batches per rank), the optimizer's ZeRO partitions
 (deepspeed_compat.resharded_loads), each rank's RNG state and log-window sums. What cannot, and is refused:
 another global batch; per_device_train_batch_size changed under objectives that average per micro-batch (dpo,
-kto, rm, ppo, ASFT) or under group_by_length (its mega-batches count global micro-batches); zero_stage 3.
+rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); offload_optimizer.
+
+Stages dpo and rm average their loss per micro-batch (a mean over its pairs) and the loop adds them with factor 1
+(Trainer.step_scale), so an update is the mean of its micro-batches' means whatever ranks x accumulation hold them.
+With per_device_train_batch_size kept the update's micro-batches are the same sets of examples (the loader cuts
+each global micro-batch into rank shares of that size, in order), so only the order of the sums changes. Refused:
+stage kto (its KL estimate is the mean over every rank's micro-batch of one accumulation step, PreferenceObjective
+global_kl: 2 ranks x GA 1 estimate it over 2 micro-batches, 1 rank x GA 2 over one each), pref_bco_weight (its
+running mean of the rewards takes all ranks' micro-batch means at once, one accumulation step at a time:
+BcoBaseline.update), and ppo (rollouts, value head and PPO epochs not checked against the uninterrupted run).
 """
 from __future__ import annotations
 
@@ -61,11 +70,25 @@ def world_change(saved: Mapping[str, Any], layout: tuple[int, int, int]) -> Worl
     return WorldChange(before, tuple(int(v) for v in layout))  # type: ignore[arg-type]
 
 
+# stages whose update is the uninterrupted run's on another rank count (with a kept micro-batch where it is a mean)
+RESHARDED_STAGES = ("pt", "sft", "dpo", "rm")
+# the objectives that average per micro-batch: another per_device_train_batch_size is another objective
+PER_MICRO_BATCH = {"dpo": "stage dpo's loss is a mean over each micro-batch's pairs",
+                   "rm": "stage rm's loss is a mean over each micro-batch's pairs"}
+# why the other stages are refused (stage kto: see the module docstring)
+REFUSED_STAGES = {
+    "kto": "stage kto's KL estimate is the mean over every rank's micro-batch of one accumulation step, so ranks x "
+           "gradient_accumulation_steps decide which examples it averages",
+    "ppo": "stage ppo's rollouts and PPO epochs are not checked against the uninterrupted run"}
+
+
 def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str, asft: bool, group_by_length: bool,
-             zero_stage: int, offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps") -> list[str]:
+             offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps",
+             bco: bool = False) -> list[str]:
     """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set.
-    `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values, and where the recipe sets
-    gradient_accumulation_steps (`file:line: key`, checkpoint.where)."""
+    `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values (`bco`: stage dpo adds
+    pref_bco_weight's term), and where the recipe sets gradient_accumulation_steps (`file:line: key`,
+    checkpoint.where)."""
     (was, micro, accumulation), (now, new_micro, _) = change.before, change.after
     ranks = f"this job has {now} rank(s) but {path} was trained on {was}"
     same = (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
@@ -81,23 +104,26 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
                 f"is now {change.global_batch} ({_layout(change.after)}), not its {keep} ({_layout(change.before)}): "
                 f"each update would take other examples. The global batch must stay: {fix}; or {same}"]
     out = []
-    if stage not in ("pt", "sft"):
-        out.append(f"{ranks}: resuming on another rank count is supported for stage pt and sft (stage "
-                   f"{stage} is not checked against the uninterrupted run); {same}")
-    if new_micro != micro and asft:
+    if stage not in RESHARDED_STAGES:
+        why = REFUSED_STAGES.get(stage, f"stage {stage} is not checked against the uninterrupted run")
+        out.append(f"{ranks}: resuming on another rank count is supported for stage {', '.join(RESHARDED_STAGES)} "
+                   f"({why}); {same}")
+    if stage == "dpo" and bco:
+        out.append(f"{ranks}: pref_bco_weight's reward baseline is a running mean that takes every rank's micro-batch "
+                   "mean at once, one accumulation step at a time, so another ranks x gradient_accumulation_steps "
+                   f"gives the micro-batches other baselines; {same}")
+    averaged = "ASFT averages a mean per micro-batch" if asft else PER_MICRO_BATCH.get(stage)
+    if new_micro != micro and averaged:
         fix = (f"keep per_device_train_batch_size {micro} (gradient_accumulation_steps {keep // (now * micro)}), "
                "or ") if keep % (now * micro) == 0 else ""
-        out.append(f"{ranks}, and per_device_train_batch_size is {new_micro}, not {micro}: ASFT averages a mean per "
-                   f"micro-batch, so other micro-batches are another objective; {fix}{same}")
+        out.append(f"{ranks}, and per_device_train_batch_size is {new_micro}, not {micro}: {averaged}, so other "
+                   f"micro-batches are another objective; {fix}{same}")
     if new_micro * now != micro * was and group_by_length:
         fix = (f"set per_device_train_batch_size {micro * was // now} and gradient_accumulation_steps {accumulation} "
                "to keep them, or ") if (micro * was) % now == 0 else ""
         out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
                    f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
                    f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
-    if zero_stage == 3:
-        out.append(f"{ranks}: zero_stage 3 partitions every parameter across the ranks, and those partitions are "
-                   f"not rebuilt for another rank count; {same}")
     if offload_optimizer != "none":
         out.append(f"{ranks}: the optimizer state offloaded to {offload_optimizer} (offload_optimizer) is not "
                    f"rebuilt for another rank count; {same}")

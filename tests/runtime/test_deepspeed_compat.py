@@ -172,6 +172,59 @@ def test_zero12_partition_moves_masters_and_moments_to_the_new_partitions(saved_
         assert state["loss_scaler"] == "kept" and state["param_slice_mappings"] == [{"w": "mine"}]
 
 
+def _zero3_layout(world: int) -> types.SimpleNamespace:
+    """DeepSpeedZeroOptimizer_Stage3's layout on `world` ranks for two parameters of 5 and 3 elements in one
+    sub-group, as partition_parameters cuts them: each into pieces of ceil(numel / world), the last padded, and a
+    rank's flat sub-group its pieces one after another."""
+    params = [types.SimpleNamespace(ds_numel=n, partition_numel=lambda n=n: -(-n // world)) for n in (5, 3)]
+    return types.SimpleNamespace(fp16_groups=[params], partition_count=world,
+                                 fp32_partitioned_groups_flat=[torch.zeros(sum(-(-n // world) for n in (5, 3)))])
+
+
+def _zero3_saved(world: int) -> list[dict]:
+    """What each of `world` ranks saves (DeepSpeedZeroOptimizer_Stage3._rigid_state_dict) of parameters holding
+    0-4 and 10-12: its pieces of both, padded with -1 (padding is whatever the rank held there), Adam's moments the
+    same layout times 10 and 100, the step."""
+    out = []
+    for rank in range(world):
+        flat = []
+        for values in (list(range(5)), [10, 11, 12]):
+            size = -(-len(values) // world)
+            piece = values[rank * size:(rank + 1) * size]
+            flat += [float(v) for v in piece] + [-1.0] * (size - len(piece))
+        part = torch.tensor(flat)
+        out.append({"loss_scaler": "kept", "partition_count": world, "fp32_flat_groups": [part.clone()],
+                    "optimizer_state_dict": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": part * 10,
+                                                           "exp_avg_sq": part * 100}},
+                                             "param_groups": [{"lr": 0.5, "params": [0]}]}})
+    return out
+
+
+@pytest.mark.parametrize("saved_world, world, wanted", [
+    # 5 and 3 elements on 2 ranks (pieces of 3 and 2: [0 1 2 | 10 11], [3 4 pad | 12 pad]) read on 1 rank, and
+    # back: from 1 rank to 2, and from 2 to 3 (pieces of 2 and 1)
+    (2, 1, [[0, 1, 2, 3, 4, 10, 11, 12]]),
+    (1, 2, [[0, 1, 2, 10, 11], [3, 4, 0, 12, 0]]),
+    (2, 3, [[0, 1, 10], [2, 3, 11], [4, 0, 12]]),
+])
+def test_zero3_partition_moves_each_parameters_pieces_to_the_new_ranks(saved_world, world, wanted):
+    """resharded_loads' ZeRO 3 arithmetic on the layout written out above by hand: each rank gets its piece of every
+    parameter, of the masters and of both moments, zeros where its padding is (the saved padding is not carried);
+    the step, param groups and loss scaler come through as saved, partition_count is this run's."""
+    saved = _zero3_saved(saved_world)
+    for rank, values in enumerate(wanted):
+        read: list[int] = []
+        state = compat.zero3_partition(_zero3_layout(world), lambda s: read.append(s) or saved[s], saved_world,
+                                       rank, world)
+        assert read == list(range(saved_world))  # every saved rank holds a piece of every parameter: each read once
+        want = torch.tensor([float(v) for v in values])
+        assert torch.equal(state["fp32_flat_groups"][0], want)
+        moments = state["optimizer_state_dict"]["state"][0]
+        assert torch.equal(moments["exp_avg"], want * 10) and torch.equal(moments["exp_avg_sq"], want * 100)
+        assert moments["step"] == 3.0 and state["optimizer_state_dict"]["param_groups"] == [{"lr": 0.5, "params": [0]}]
+        assert state["partition_count"] == world and state["loss_scaler"] == "kept"
+
+
 def test_resharded_loads_reads_deepspeeds_names():
     """The file names and state-dict keys resharded_loads reads are the ones DeepSpeed 0.19 writes and checks."""
     import deepspeed.checkpoint.constants as keys
@@ -196,6 +249,25 @@ def test_resharded_loads_reads_deepspeeds_names():
     for name in ("single_partition_of_fp32_groups", "round_robin_bit16_groups", "round_robin_bit16_padding",
                  "bit16_groups_flat", "partition_count", "_param_slice_mappings"):
         assert f"self.{name} =" in init, name
+    # ZeRO 3: the per-rank model states file (engine._get_ckpt_name, globbed by _get_all_ckpt_names), the rigid state
+    # of fp32_partitioned_groups_flat and each parameter's own padded piece (partition_parameters)
+    from deepspeed.runtime.zero import partition_parameters
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert 'f"{filename}_mp_rank_{mp_rank_str}_model_states.pt"' in source and \
+        'filename = "zero_pp_rank_{}".format(pp_rank)' in source
+    assert compat.ZERO3_MODEL_STATES_FILE.match("zero_pp_rank_1_mp_rank_00_model_states.pt")
+    assert "ckpt_list = self._get_all_ckpt_names(load_dir, tag)" in inspect.getsource(DeepSpeedEngine._load_checkpoint)
+    rigid = inspect.getsource(DeepSpeedZeroOptimizer_Stage3._rigid_state_dict)
+    for key in ("OPTIMIZER_STATE_DICT", "FP32_FLAT_GROUPS", "PARTITION_COUNT"):
+        assert f"state_dict[{key}]" in rigid and hasattr(keys, key), key
+    assert "state_dict[FP32_FLAT_GROUPS] = self.fp32_partitioned_groups_flat" in rigid
+    assert "self.fp16_partitioned_groups.append([param.ds_tensor for param in sub_group])" in \
+        inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
+    init = inspect.getsource(partition_parameters.Init)
+    for line in ("return param.ds_numel + self._padding_size(param)", "return param.ds_tensor.ds_numel",
+                 "partition_size = tensor_size // self._partition_world_size(param)"):
+        assert line in init, line
 
 
 def test_fp32_master_reads_the_unfused_wrappers_groups():

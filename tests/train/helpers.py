@@ -108,10 +108,10 @@ def check_two_ranks_follow_one_rank(one: Path, two: Path, output: str, keys: dic
 
 
 def check_resumed_run_is_the_uninterrupted_one(uninterrupted: Path, resumed: Path, weights: str,
-                                               atol: float = 1e-6) -> float:
-    """Steps 3-4 of `resumed` (from checkpoint-2, on another rank count) log what `uninterrupted` logged, and the
-    final weights agree to fp32 rounding (`atol`: the ranks' sums are added in another order). Returns the largest
-    weight difference."""
+                                               atol: float = 1e-6, metrics: tuple[str, ...] = ()) -> float:
+    """Steps 3-4 of `resumed` (from checkpoint-2, on another rank count) log what `uninterrupted` logged (the loss,
+    and the objective's `metrics`), and the final weights agree to fp32 rounding (`atol`: the ranks' sums are added
+    in another order). Returns the largest weight difference."""
     from safetensors.torch import load_file
 
     from pipeline.runtime.log import read_log
@@ -119,7 +119,7 @@ def check_resumed_run_is_the_uninterrupted_one(uninterrupted: Path, resumed: Pat
     got = [r for r in read_log(resumed / "trainer_log.jsonl")]
     want = [r for r in read_log(uninterrupted / "trainer_log.jsonl") if r["step"] > 2]
     assert want and [r["step"] for r in got] == [r["step"] for r in want]
-    for name in ("loss", "eval_loss"):
+    for name in ("loss", "eval_loss", *metrics):
         assert [name in r for r in got] == [name in r for r in want], name
         assert [r[name] for r in got if name in r] == \
             pytest.approx([r[name] for r in want if name in r], rel=1e-5, abs=0), name

@@ -1,7 +1,8 @@
 """Resuming on another number of ranks with the same global batch (pipeline.train.world_change): the resumed run is
 the uninterrupted one to fp32 rounding. 2 ranks -> 1 (ZeRO 2, full, pt) rides on test_multinode's two-rank launch;
-1 -> 2 (ZeRO 2, LoRA, sft) is here, through the deepspeed launcher as a user starts it. The refusals are in
-test_resume_changes.py (check_compatible, no training run)."""
+here 1 -> 2 (ZeRO 2, LoRA, sft; ZeRO 3, LoRA, dpo) and 2 -> 1 (ZeRO 3, full, sft), the 2-rank side through the
+deepspeed launcher as a user starts it. The refusals are in test_resume_changes.py (check_compatible, no training
+run)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ import pytest
 
 from pipeline.train.run import train
 from tests.ports import run_on_free_port
-from tests.train.helpers import check_resumed_run_is_the_uninterrupted_one
+from tests.train.helpers import BASE_SFT, check_resumed_run_is_the_uninterrupted_one
+from tests.train.test_dpo import BASE_DPO, METRICS, dpo_recipe  # noqa: F401 - the ranking data fixture
 
 REPO = Path(__file__).resolve().parents[2]
 # 4 steps, a checkpoint at step 2; logging every 3 steps: the line of step 3 sums steps 1-2 (the checkpoint's log
@@ -23,28 +25,57 @@ KEYS = dict(max_steps=4, save_steps=2, logging_steps=3, warmup_steps=1, val_size
             bf16=True)
 
 
-@pytest.mark.multirank
-def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_global_batch(make_recipe, workdir):
-    """1 rank x 2 x GA 2 to step 4 (saving step 2), then its checkpoint-2 resumed by 2 ranks x 2 x GA 1: the same
-    examples per update, the ZeRO-2 partitions of the fp32 masters and Adam moments cut in two, the schedule and
-    counters going on. Failed before: exit 2, "resume with 1 rank(s)"; before the bf16_ file names were known, rank
-    0 read its 1-rank file as is ("The size of tensor a (4096) must match the size of tensor b (8192)")."""
-    one = train(make_recipe(name="one", per_device_train_batch_size=2, gradient_accumulation_steps=2, zero_stage=2,
-                            **KEYS)).output_dir
-    (workdir / "saves" / "two").mkdir(parents=True)
-    shutil.copytree(one / "checkpoint-2", workdir / "saves" / "two" / "checkpoint-2")
-    make_recipe(name="two", per_device_train_batch_size=2, gradient_accumulation_steps=1, zero_stage=2,
-                resume_from_checkpoint="latest", **KEYS)  # writes two.yaml
+# case: (recipe, final weights, logged metrics compared beside the loss, ranks before -> after). sft, and dpo, whose
+# loss is a mean per micro-batch (the same micro-batches: per_device_train_batch_size kept); ZeRO 2 and ZeRO 3
+# (every parameter cut on its own: deepspeed_compat.zero3_partition), LoRA and full, both directions. Stage rm (a
+# mean per micro-batch the same way) and the other ZeRO 3 combinations were run by hand: docs/resume.md
+CASES = {"sft-zero2-lora-1to2": ({**BASE_SFT, **KEYS}, "adapter/adapter_model.safetensors", (), (1, 2)),
+         "dpo-zero3-lora-1to2": ({**BASE_DPO, **KEYS, "zero_stage": 3}, "adapter/adapter_model.safetensors", METRICS,
+                                 (1, 2)),
+         "sft-zero3-full-2to1": ({**BASE_SFT, **KEYS, "zero_stage": 3, "finetuning_type": "full", "bf16": False},
+                                 "model/model.safetensors", (), (2, 1))}
+
+
+def launch_two_ranks(workdir: Path, recipe: str) -> str:
+    """`deepspeed --num_gpus 2 --module pipeline train <recipe>` as a user starts it; its stderr."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONWARNINGS")}
     env.update(PYTHONPATH=str(REPO))
     launcher = str(Path(os.sys.executable).with_name("deepspeed"))
     proc = run_on_free_port(lambda port: [launcher, "--num_gpus", "2", "--master_port", port, "--module",
-                                          "pipeline", "train", "two.yaml"], cwd=workdir, env=env, timeout=300)
+                                          "pipeline", "train", recipe], cwd=workdir, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert proc.stderr.count("resume: world_size: 1 -> 2 (global batch 4 kept: 1 rank(s) x 2 x GA 2 -> 2 rank(s) x "
-                             "2 x GA 1): resharded") == 1
-    two = workdir / "saves" / "two"
-    check_resumed_run_is_the_uninterrupted_one(one, two, "adapter/adapter_model.safetensors")
-    ckpt = two / "checkpoint-4"
-    assert {p.name for p in (ckpt / "rng").iterdir()} == {"rank-0.safetensors", "rank-1.safetensors"}
+    return proc.stderr
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_checkpoint_resumes_on_another_number_of_ranks_with_the_same_global_batch(make_recipe, workdir, request,
+                                                                                      capfd, case):
+    """2 x GA 2 on 1 rank and 2 x GA 1 on 2 ranks: one of them runs to step 4 (saving step 2), the other resumes its
+    checkpoint-2 (the 2-rank side through the deepspeed launcher): the same examples per update, the ZeRO partitions
+    of the fp32 masters and Adam moments rebuilt for the new ranks, the schedule and counters going on. Failed
+    before: exit 2, "resume with 1 rank(s)" (dpo: "supported for stage pt and sft"; ZeRO 3: "zero_stage 3
+    partitions every parameter"); before the bf16_ file names were known, rank 0 read its 1-rank file as is ("The
+    size of tensor a (4096) must match the size of tensor b (8192)")."""
+    base, weights, metrics, (before, after) = CASES[case]
+    if case.startswith("dpo"):
+        request.getfixturevalue("dpo_recipe")  # writes the ranking data and its registry entry
+    base = {"zero_stage": 2, **base}
+    layouts = {1: dict(per_device_train_batch_size=2, gradient_accumulation_steps=2),
+               2: dict(per_device_train_batch_size=2, gradient_accumulation_steps=1)}
+    one, two = workdir / "saves" / "one", workdir / "saves" / "two"
+    first = make_recipe(base, name="one", **layouts[before])  # writes one.yaml
+    train(first) if before == 1 else launch_two_ranks(workdir, "one.yaml")
+    two.mkdir(parents=True)
+    shutil.copytree(one / "checkpoint-2", two / "checkpoint-2")
+    capfd.readouterr()
+    resumed = make_recipe(base, name="two", resume_from_checkpoint="latest", **layouts[after])  # writes two.yaml
+    said = launch_two_ranks(workdir, "two.yaml") if after == 2 else (train(resumed), capfd.readouterr().err)[1]
+    assert said.count(f"resume: world_size: {before} -> {after} (global batch 4 kept: {before} rank(s) x 2 x GA "
+                      f"{layouts[before]['gradient_accumulation_steps']} -> {after} rank(s) x 2 x GA "
+                      f"{layouts[after]['gradient_accumulation_steps']}): resharded") == 1, said[-3000:]
+    diff = check_resumed_run_is_the_uninterrupted_one(one, two, weights, metrics=metrics)
+    print(f"{case}: largest weight difference {diff:.3g}")
+    assert {p.name for p in (two / "checkpoint-4" / "rng").iterdir()} == {f"rank-{r}.safetensors"
+                                                                           for r in range(after)}
