@@ -41,7 +41,7 @@ def test_dora_under_zero3_equals_peft_and_resumes_bitwise(make_recipe, workdir, 
 
     crash_copy(straight.output_dir, workdir / "saves" / "resumed", 1)
     loaded, load = [], checkpoint.load
-    monkeypatch.setattr(checkpoint, "load", lambda engine, path: loaded.append(path.name) or load(engine, path))
+    monkeypatch.setattr(checkpoint, "load", lambda engine, path, *rest: loaded.append(path.name) or load(engine, path, *rest))
     resumed = train(make_recipe(BASE_SFT, name="resumed", resume_from_checkpoint="latest", **keys))
     assert resumed.exit_code == 0 and loaded == ["checkpoint-1"]  # resumed, not trained again from the start
     assert_same_run(straight.output_dir, resumed.output_dir, "adapter/adapter_model.safetensors")

@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parents[2]
     # The model is a Qwen3MoeForCausalLM of 16 experts, top-1: the two ranks' rows route to different experts,
     # which ZeRO-3 gathers per module unless each sparse block is one leaf module (pipeline.model.moe.
     # zero_stage_policy, as LLaMA-Factory's add_z3_leaf_module): without it gloo fails on mismatched collectives
-    # (NCCL would hang)
+    # (NCCL would hang). adam_epsilon 1e-6: an expert first chosen after step 1 starts its moments afresh there, where a
+    # gradient element within a few eps of zero turns the ranks' rounding into a step of lr x d / eps (as BAdam's
+    # switches, check_two_ranks_follow_one_rank; at 1e-8 an expert-14 element moved 1.8e-4 against 1.5e-4 allowed)
     (BASE_SFT, dict(dataset="varied_sft", val_size=5, finetuning_type="full", zero_stage=3, compute_accuracy=True,
-                    learning_rate=3e-2, warmup_steps=0, moe=True)),
+                    learning_rate=3e-2, warmup_steps=0, moe=True, adam_epsilon=1e-6)),
     # BAdam (use_badam) at ZeRO 0: both ranks switch to the same layer after the same steps, and DeepSpeed averages
     # the gradients of the layer that requires them (every switch after step 1, 3: both layers train); adam_epsilon
     # 1e-6: each switch restarts the moments, where rounding near a zero gradient counts (check_two_ranks_follow_one_rank)
