@@ -26,6 +26,14 @@ def collect_router_logits(model: nn.Module, on: bool = True) -> None:
         block.keep_router_logits, block.router_logits = on, None
 
 
+def release_router_logits(model: nn.Module) -> None:
+    """Drop the router logits the sparse blocks hold after a backward. Under activation checkpointing the backward
+    recomputes each block's forward, which stores its router logits again, with a graph that holds the block's input
+    (tokens x hidden per sparse block): kept until the next forward replaced them, for nothing."""
+    for block in sparse_blocks(model):
+        block.router_logits = None
+
+
 def load_balancing_loss(model: nn.Module, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """transformers 5.24's load_balancing_loss_func (models/qwen3_moe/modeling_qwen3_moe.py:495-555), re-typed over
     the router logits the last forward left in the model's sparse blocks (layer order): per expert, the share of

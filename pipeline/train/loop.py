@@ -324,6 +324,10 @@ class Trainer:
                 total = total + penalty
                 window.l1 += penalty.detach().double() / accumulation  # unread: host_floats at log points
             self.engine.backward(total)
+            if aux is not None:  # activation checkpointing's recompute stored the router logits again
+                from pipeline.model.moe import release_router_logits
+
+                release_router_logits(self.engine.module)
             if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
                 own_norm = grad_norm(self.params)
             if index == accumulation - 1 and self.args.nan_policy != "skip":

@@ -47,6 +47,22 @@ def test_fp32_matches_plain_pytorch(make_recipe, base, keys):
         assert torch.allclose(ours[name], p.detach(), rtol=1e-4, atol=1e-6), name
 
 
+def test_moe_router_logits_are_released_after_each_backward(make_recipe, workdir):
+    """Under activation checkpointing the backward recomputes each sparse block's forward, which stores its router
+    logits again with a graph holding the block's input (tokens x hidden per block): the loop drops them after each
+    backward instead of holding them until the next forward. No evaluation here: its forward would consume them and
+    hide the difference (failed before: both blocks still held the recompute's logits)."""
+    from pipeline.model.moe import sparse_blocks
+    from tests.acceptance.test_qwen3_moe_cli import save_pretrained_moe
+
+    save_pretrained_moe(workdir / "moe")
+    r = make_recipe(BASE_SFT, model_name_or_path=str(workdir / "moe"), finetuning_type="full", dataset="varied_sft",
+                    per_device_train_batch_size=2, max_steps=1, val_size=0, moe_aux_loss_coef=0.5, cutoff_len=256,
+                    disable_gradient_checkpointing=False)
+    result = train(r)
+    assert [b.router_logits for b in sparse_blocks(result.engine.module)] == [None, None]
+
+
 def test_moe_aux_loss_matches_plain_pytorch(make_recipe, workdir):
     """moe_aux_loss_coef on a Qwen3MoeForCausalLM (save_pretrained, 2 sparse blocks, 4 experts, top-2): each micro-
     batch adds coef x transformers' load_balancing_loss_func over its real tokens (padded rows masked), in full as
