@@ -377,6 +377,14 @@ class ModuleSpec:
         return self.in_dim * self.out_dim + (self.out_dim if self.bias else 0)
 
 
+def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
+    """The Linears of one MLP (FeedForward) of hidden width h: a block's, or one expert's."""
+    c = cfg.emb_dim
+    gate = [ModuleSpec(prefix + "gate_proj", "linear", c, h, cfg.mlp_bias)] if cfg.mlp == "swiglu" else []
+    return gate + [ModuleSpec(prefix + "up_proj", "linear", c, h, cfg.mlp_bias),
+                   ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
+
+
 def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     """Every parameterised leaf module of GPTModel(cfg), in module order."""
     c, h, q, kv = cfg.emb_dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -415,14 +423,6 @@ def context_limit(context_length: int | None, dynamic: bool = False) -> int | No
     (pipeline.model.attention.windowed). The one source of length_limit and the recipe's cutoff_len
     (pipeline.recipe.modelinfo.recipe_length_limit)."""
     return None if dynamic else context_length
-
-
-def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
-    """The Linears of one MLP (FeedForward) of hidden width h: a block's, or one expert's."""
-    c = cfg.emb_dim
-    gate = [ModuleSpec(prefix + "gate_proj", "linear", c, h, cfg.mlp_bias)] if cfg.mlp == "swiglu" else []
-    return gate + [ModuleSpec(prefix + "up_proj", "linear", c, h, cfg.mlp_bias),
-                   ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
 
 
 def length_limit(cfg: ModelConfig) -> int | None:

@@ -78,7 +78,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords, moe_aux_coef
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
     from pipeline.train import step_profile
     from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
     from pipeline.train.badam import every_block_trainable
@@ -172,7 +172,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         if val_loader is not None:
             evaluate_now = ((lambda: objective.evaluate(val_loader)) if objective
                             else (lambda: evaluate(engine, val_loader, args.compute_accuracy, loss_keywords(args),
-                                                   moe_aux_coef(args, engine.module))))
+                                                   trainer.moe_aux)))
         trainer = trainer_class(engine, args, state, loader, evaluate=evaluate_now, **extra,
                           save=lambda: checkpoint.save(engine, args, state, exporter, saved, trainer.window.sums(),
                                                        trainer.checkpoint_state()),
