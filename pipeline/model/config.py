@@ -69,13 +69,16 @@ class ModelConfig:
     decoder_sparse_step: int = 1     # block i is sparse when (i + 1) % decoder_sparse_step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (these keep a dense MLP of ffn_dim)
     router_aux_loss_coef: float = 0.001  # config.json's; kept for the export (training reads moe_aux_loss_coef)
+    # Qwen2-MoE: each sparse block also runs a shared SwiGLU expert of this width on every token, its output scaled by
+    # sigmoid(shared_expert_gate(x)) (a Linear to 1) and added to the routed experts'; None: no shared expert
+    shared_expert_dim: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))  # a JSON list read back
         problems = [f"{name} must be a positive integer, got {getattr(self, name)!r}"
                     for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
                     if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
-        for name in ("n_kv_heads", "head_size", "ffn_dim"):
+        for name in ("n_kv_heads", "head_size", "ffn_dim", "shared_expert_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name} must be a positive integer or null, got {value!r}")
@@ -213,6 +216,23 @@ def _qwen3_moe(emb: int, layers: int, heads: int, kv: int, ffn: int, experts: in
         n_experts=experts, experts_per_token=top_k, moe_ffn_dim=expert_ffn, norm_topk_prob=True)
 
 
+def _mixtral(emb: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, ctx: int) -> ModelConfig:
+    """Mixtral (mistralai/Mixtral-8x7B-v0.1's config.json): Mistral's attention without a window (sliding_window
+    null), 8 experts of width intermediate_size in every block, top-2 renormalised, RoPE theta 1e6, untied."""
+    return _swiglu("mixtral", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-5, tied=False).replace(
+        n_experts=8, experts_per_token=2, moe_ffn_dim=ffn, norm_topk_prob=True)
+
+
+def _qwen2_moe(emb: int, layers: int, heads: int, kv: int, ffn: int, experts: int, top_k: int, expert_ffn: int,
+               shared: int, ctx: int) -> ModelConfig:
+    """Qwen2-MoE (Qwen/Qwen1.5-MoE-A2.7B's config.json): Qwen2's attention (q/k/v biases), every block sparse with a
+    shared expert of width `shared`, top-k weights not renormalised (norm_topk_prob false), untied."""
+    return _swiglu("qwen2_moe", vocab=151936, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-6, tied=False).replace(
+        qkv_bias=True, n_experts=experts, experts_per_token=top_k, moe_ffn_dim=expert_ffn, shared_expert_dim=shared)
+
+
 def _qwen3(emb: int, layers: int, heads: int, ffn: int, tied: bool) -> ModelConfig:
     return _swiglu("qwen3", vocab=151936, ctx=40960, emb=emb, layers=layers, heads=heads, kv=8, ffn=ffn,
                    theta=1000000.0, eps=1e-6, tied=tied, head_size=128)
@@ -242,6 +262,11 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-8b": _qwen3(4096, 36, 32, 12288, tied=False),
     "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 6144, experts=128, top_k=8, expert_ffn=768),  # 30.5B, 3.3B active
 }
+PRESETS.update({  # the MoE families beside Qwen3-MoE
+    "mixtral-8x7b": _mixtral(4096, 32, 32, 8, 14336, vocab=32000, ctx=32768),  # 46.7B, 12.9B active
+    "qwen1.5-moe-a2.7b": _qwen2_moe(2048, 24, 16, 16, 5632, experts=60, top_k=4, expert_ffn=1408, shared=5632,
+                                    ctx=8192),  # 14.3B, 2.7B active
+})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +434,9 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             mods.append(ModuleSpec(p + "mlp.gate", "linear", c, cfg.n_experts))
             for e in range(cfg.n_experts):
                 mods += _mlp(cfg, f"{p}mlp.experts.{e}.", cfg.moe_ffn_dim or h)
+            if cfg.shared_expert_dim:
+                mods += [*_mlp(cfg, p + "mlp.shared_expert.", cfg.shared_expert_dim),
+                         ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1)]
         else:
             mods += _mlp(cfg, p + "mlp.", h)
     head = ModuleSpec("score", "linear", c, cfg.num_labels, False) if cfg.num_labels else \
@@ -478,12 +506,14 @@ def mlp_activation_bytes(cfg: ModelConfig) -> int:
     four, GELU's two) and a dropout mask h. A sparse MoE block (the largest block where some are dense) keeps that
     input (the router reads it too) and, for each of the experts_per_token experts a token runs, the expert's copy
     of the token's row 2h, its own MLP of moe_ffn_dim and its output 2h (kept for the routing weight), plus the
-    router's logits and fp32 probabilities (2 + 4 bytes per expert)."""
+    router's logits and fp32 probabilities (2 + 4 bytes per expert); a shared expert (Qwen2-MoE) its MLP, its output
+    2h and its gate's value."""
     h, per_hidden = cfg.emb_dim, 8 if cfg.mlp == "swiglu" else 4
     if not cfg.n_experts:
         return 2 * h + per_hidden * cfg.hidden_dim + h
     expert = 2 * h + per_hidden * (cfg.moe_ffn_dim or cfg.hidden_dim) + h + 2 * h
-    return 2 * h + cfg.experts_per_token * expert + 6 * cfg.n_experts
+    shared = per_hidden * cfg.shared_expert_dim + h + 2 * h + 4 if cfg.shared_expert_dim else 0  # + its output, gate
+    return 2 * h + cfg.experts_per_token * expert + 6 * cfg.n_experts + shared
 
 
 def count_params(cfg: ModelConfig) -> int:
@@ -493,7 +523,7 @@ def count_params(cfg: ModelConfig) -> int:
 
 def active_params(cfg: ModelConfig) -> int:
     """Parameters one token runs through (the "A3B" of Qwen3-30B-A3B): count_params less the experts a sparse block
-    does not pick (n_experts - experts_per_token of them per sparse block)."""
+    does not pick (n_experts - experts_per_token of them per sparse block; a shared expert runs on every token)."""
     idle = cfg.n_experts - cfg.experts_per_token
     per_expert = sum(m.params for m in _mlp(cfg, "", cfg.moe_ffn_dim or cfg.hidden_dim))
     return count_params(cfg) - sum(idle * per_expert for i in range(cfg.n_layers) if cfg.sparse(i))
@@ -606,12 +636,15 @@ def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) 
     this model."""
     shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
     if key == "lora_target":
+        shared = (" (its shared expert and shared_expert_gate are Linears in transformers, which LLaMA-Factory's"
+                  " lora_target: all adapts too; their gate_proj / up_proj / down_proj are names PEFT re-targets:"
+                  " not supported here)") if fam.moe and fam.moe.shared_expert else ""
         return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}), which take no LoRA"
                 " here: transformers 5 holds its experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj)"
                 " and its router as no Linear, and PEFT 0.21 re-targets these names onto those tensors, converting"
-                " a per-expert adapter for some sets of names only (others load as the base model without a word)."
-                " LoRA adapts the attention projections (q_proj, k_proj, v_proj, o_proj:"
-                " what lora_target: all takes on this model, as LLaMA-Factory finds its Linears); to train the"
+                " a per-expert adapter for some sets of names only (others load as the base model without a word)"
+                f"{shared}. LoRA adapts the attention projections (q_proj, k_proj, v_proj, o_proj: what lora_target:"
+                f" all takes on this model{'' if shared else ', as LLaMA-Factory finds its Linears'}); to train the"
                 " experts and the router, use finetuning_type: full or freeze")
     return (f"additional_target: '{pattern}' names the sparse MoE block ({shown}) of this {fam.architecture}, which"
             " PEFT would save under transformers 5's fused expert tensors (mlp.experts.gate_up_proj / down_proj),"

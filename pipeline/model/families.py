@@ -8,11 +8,12 @@ tree whose names follow Llama's HF names, the layout most families share:
     layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
     layers.{i}.post_attention_layernorm
     layers.{i}.mlp.{gate_proj (SwiGLU), up_proj, down_proj}
-    layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE)
+    layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE, Mixtral)
+    layers.{i}.mlp.shared_expert.{gate_proj, up_proj, down_proj}, .shared_expert_gate (Qwen2-MoE's shared expert)
     norm, lm_head
 
 A family maps those names to its HF names the way torchtune's convert_weights.py does: a table of
-templates (`{i}` is the block index), read in both directions, plus the modules whose HF weight is a
+templates (`{i}` is the block index, `{e}` an expert's), read in both directions, plus the modules whose HF weight is a
 Conv1D (GPT-2 stores in x out, the transpose of nn.Linear). LoRA targets, additional_target, PEFT
 adapters and exports all speak the family's HF names; only the model itself uses ours.
 """
@@ -42,14 +43,16 @@ class Family:
     config_defaults: tuple[tuple[str, Any], ...] = ()
     # the HF class's sliding-window attention (read into ModelConfig.layer_windows by layer_windows): "layers" where
     # use_sliding_window picks layers (sliding_window, max_window_layers, layer_types: Qwen2 / Qwen3), "every" where a
-    # non-null sliding_window applies to every layer (Mistral), "flag" where use_sliding_window with a sliding_window
-    # windows every layer (Qwen3-MoE), "" none (GPT-2; LlamaForCausalLM ignores those keys)
+    # non-null sliding_window applies to every layer (Mistral, Mixtral), "flag" where use_sliding_window with a
+    # sliding_window windows every layer (Qwen3-MoE), "layers_even" as "layers" but without layer_types the
+    # even-indexed layers below max_window_layers (Qwen2-MoE), "" none (GPT-2; LlamaForCausalLM ignores those keys)
     sliding_window: str = ""
     # the config.json bias switches the HF class reads (MistralAttention and MistralMLP have no biases at all)
     bias_keys: tuple[str, ...] = ("attention_bias", "mlp_bias")
     qk_norm: bool = False          # per-head q / k RMSNorm (Qwen3Attention, Qwen3MoeAttention)
-    # sparse MoE blocks (Qwen3MoeSparseMoeBlock): the config.json keys of moe_fields are read and written
-    moe: bool = False
+    # sparse MoE blocks (Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock): which config.json
+    # keys say what (MoeKeys; read by moe_fields, written by moe_config); None: a dense family
+    moe: "MoeKeys | None" = None
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,20 @@ class Family:
         return leaf == "weight" and module.rsplit(".", 1)[-1] in self.conv1d
 
 
+@dataclass(frozen=True)
+class MoeKeys:
+    """How a MoE family's config.json describes its sparse blocks (the keys each transformers config class reads)."""
+
+    experts_key: str                  # the expert count's key (transformers 5's attribute_map takes the other spelling)
+    expert_width_key: str             # each expert's intermediate width (Mixtral: intermediate_size, no dense MLP)
+    defaults: tuple[tuple[str, Any], ...]  # the config class's defaults for absent keys
+    # the config.json key saying whether the top-k weights are renormalised to sum 1; "" where they always are
+    # (MixtralTopKRouter divides by their sum unconditionally)
+    renormalise_key: str = "norm_topk_prob"
+    sparse_layers: bool = True        # decoder_sparse_step / mlp_only_layers pick the sparse blocks (else every block)
+    shared_expert: bool = False       # Qwen2MoeSparseMoeBlock's shared expert and its sigmoid gate
+
+
 HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
 
 
@@ -86,7 +103,8 @@ def _is_head(path: str) -> bool:
 
 
 def _template(text: str) -> re.Pattern:
-    return re.compile("^" + re.escape(text).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<rest>(\..*)?)$")
+    body = re.escape(text).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+    return re.compile("^" + body + r"(?P<rest>(\..*)?)$")
 
 
 def _rename(path: str, table: list[tuple[re.Pattern, str]]) -> str:
@@ -97,7 +115,9 @@ def _rename(path: str, table: list[tuple[re.Pattern, str]]) -> str:
         if m:
             used = len(path) - len(m.group("rest"))
             if best is None or used > best[0]:
-                best = (used, out.replace("{i}", m.groupdict().get("i") or "") + m.group("rest"))
+                groups = m.groupdict()
+                best = (used, out.replace("{i}", groups.get("i") or "").replace("{e}", groups.get("e") or "")
+                        + m.group("rest"))
     return best[1] if best else path
 
 
@@ -131,6 +151,12 @@ MISTRAL = Family(name="mistral", architecture="MistralForCausalLM",
                  skip=(".rotary_emb.inv_freq",),
                  config_defaults=(("max_position_embeddings", 131072), ("sliding_window", 4096)),
                  sliding_window="every", bias_keys=())
+# Qwen3MoeConfig's defaults (transformers 5.24, configuration_qwen3_moe.py): config.json key -> value
+MOE_DEFAULTS: dict[str, Any] = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                                "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                                "router_aux_loss_coef": 0.001}
+
+
 # Qwen3-30B-A3B, Qwen3-235B-A22B, Qwen3-Coder-30B-A3B: Qwen3's attention (q/k norms, attention_bias on all four
 # projections) with sparse MoE MLP blocks. The hub (and transformers 5's save_pretrained) stores each expert as
 # mlp.experts.{e}.gate_proj / up_proj / down_proj and the router as mlp.gate: our module names, so no map. No
@@ -141,8 +167,45 @@ QWEN3_MOE = Family(name="qwen3_moe", architecture="Qwen3MoeForCausalLM",
                    skip=(".rotary_emb.inv_freq",),
                    config_defaults=(("max_position_embeddings", 32768), ("intermediate_size", 6144),
                                     ("sliding_window", 4096)),
-                   sliding_window="flag", qk_norm=True, moe=True, bias_keys=("attention_bias",))
+                   sliding_window="flag", qk_norm=True, bias_keys=("attention_bias",),
+                   moe=MoeKeys("num_experts", "moe_intermediate_size", defaults=tuple(MOE_DEFAULTS.items())))
+# Mixtral-8x7B / 8x22B (v0.1, Instruct): Mistral's attention (no biases, GQA, sliding_window in every layer when
+# set) with a sparse block in every layer: 8 experts of width intermediate_size, top-2 weights always renormalised
+# (MixtralTopKRouter). The hub (and transformers 5's save_pretrained: conversion_mapping.py's "mixtral" entry,
+# reversed) stores the block as block_sparse_moe, each expert's w1 (gate), w3 (up), w2 (down). MixtralConfig's
+# defaults: rope theta 1e6 (default_theta), 131,072 positions, no window, 8 kv heads, rms_norm_eps 1e-5.
+MIXTRAL = Family(name="mixtral", architecture="MixtralForCausalLM",
+                 reward_architecture="MixtralForSequenceClassification", model_type="mixtral", prefix="model.",
+                 modules=(("layers.{i}.mlp", "layers.{i}.block_sparse_moe"),
+                          ("layers.{i}.mlp.experts.{e}.gate_proj", "layers.{i}.block_sparse_moe.experts.{e}.w1"),
+                          ("layers.{i}.mlp.experts.{e}.up_proj", "layers.{i}.block_sparse_moe.experts.{e}.w3"),
+                          ("layers.{i}.mlp.experts.{e}.down_proj", "layers.{i}.block_sparse_moe.experts.{e}.w2")),
+                 skip=(".rotary_emb.inv_freq",),
+                 config_defaults=(("max_position_embeddings", 131072), ("sliding_window", None),
+                                  ("rope_theta", 1000000.0), ("num_key_value_heads", 8), ("rms_norm_eps", 1e-5),
+                                  ("intermediate_size", 14336)),
+                 sliding_window="every", bias_keys=(),
+                 moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
+                             defaults=(("num_local_experts", 8), ("num_experts_per_tok", 2),
+                                       ("router_aux_loss_coef", 0.001))))
+# Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B: Qwen2's attention (q/k/v biases: qkv_bias, true where absent) with sparse blocks
+# that add a shared expert (a SwiGLU of shared_expert_intermediate_size) to every token's output, gated by
+# sigmoid(shared_expert_gate(x)); norm_topk_prob false in the released configs. Module names as ours. Its
+# use_sliding_window windows layer_types' layers, else the even-indexed ones below max_window_layers
+# (Qwen2MoeConfig.__post_init__): "layers_even". Qwen2MoeConfig's defaults (16 kv heads, a dense MLP of 5632).
+QWEN2_MOE = Family(name="qwen2_moe", architecture="Qwen2MoeForCausalLM",
+                   reward_architecture="Qwen2MoeForSequenceClassification", model_type="qwen2_moe", prefix="model.",
+                   skip=(".rotary_emb.inv_freq",),
+                   config_defaults=(("max_position_embeddings", 32768), ("intermediate_size", 5632),
+                                    ("num_key_value_heads", 16), *_QWEN_WINDOW),
+                   sliding_window="layers_even", bias_keys=("qkv_bias",),
+                   moe=MoeKeys("num_experts", "moe_intermediate_size", shared_expert=True,
+                               defaults=(("num_experts", 60), ("num_experts_per_tok", 4),
+                                         ("moe_intermediate_size", 1408), ("shared_expert_intermediate_size", 5632),
+                                         ("norm_topk_prob", False), ("decoder_sparse_step", 1),
+                                         ("mlp_only_layers", []), ("router_aux_loss_coef", 0.001))))
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
+FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -269,12 +332,12 @@ def _yarn_window(raw: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str,
     return {**params, "original_max_position_embeddings": window or raw.get("max_position_embeddings")}
 
 
-def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
+def _sliding_layers(raw: Mapping[str, Any], even_below: bool = False) -> list[int]:
     """The layers transformers gives sliding-window attention (Qwen2Config.__post_init__, Qwen3's alike).
 
     Only with use_sliding_window and a sliding_window: the layers layer_types calls "sliding_attention" where
     config.json lists them, else those from max_window_layers on (max_window_layers >= num_hidden_layers: none,
-    a plain full-attention model).
+    a plain full-attention model); even_below (Qwen2-MoE): else the even-indexed layers below max_window_layers.
     """
     if not raw.get("use_sliding_window") or raw.get("sliding_window") is None:
         return []
@@ -283,6 +346,8 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
     if isinstance(kinds, list):
         return [i for i in layers if i < len(kinds) and kinds[i] == "sliding_attention"]
     first = raw.get("max_window_layers")
+    if even_below:  # Qwen2MoeConfig: `bool((i + 1) % 2) and i < self.max_window_layers`
+        return [i for i in layers if i % 2 == 0 and (type(first) is not int or i < first)]
     return [i for i in layers if type(first) is not int or i >= first]
 
 
@@ -297,7 +362,8 @@ def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: l
     window = raw.get("sliding_window")
     flag = family.sliding_window == "flag" and raw.get("use_sliding_window")
     sliding = range(layers) if window is not None and (family.sliding_window == "every" or flag) else \
-        _sliding_layers(raw) if family.sliding_window == "layers" else []
+        _sliding_layers(raw, family.sliding_window == "layers_even") \
+        if family.sliding_window in ("layers", "layers_even") else []
     if not sliding:
         return ()
     if type(window) is not int or window < 1:
@@ -326,7 +392,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
     theta, scaling = _rope(raw, path, problems)
-    moe = moe_fields(raw, path, problems) if family.moe else {}
+    moe = moe_fields(family.moe, raw, path, problems) if family.moe else {}
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -348,50 +414,67 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         norm_eps=float(raw.get("rms_norm_eps", 1e-6)), positions="rope", rope_theta=theta, rope_scaling=scaling,
         mlp="swiglu", mlp_bias="mlp_bias" in family.bias_keys and bool(raw.get("mlp_bias", False)),
         ffn_dim=raw["intermediate_size"],
-        qkv_bias=True if family is QWEN2 else bias, o_bias=False if family is QWEN2 else bias,
+        # Qwen2 always has q/k/v biases, Qwen2-MoE where qkv_bias (absent: true); neither an o_proj bias
+        qkv_bias=True if family is QWEN2 else bool(raw.get("qkv_bias", True)) if "qkv_bias" in family.bias_keys
+        else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias,
         qk_norm=family.qk_norm, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
         layer_windows=windows, **moe,
     )
 
 
-# Qwen3MoeConfig's defaults (transformers 5.24, configuration_qwen3_moe.py): config.json key -> value
-MOE_DEFAULTS: dict[str, Any] = {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
-                                "norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": [],
-                                "router_aux_loss_coef": 0.001}
-
-
-def moe_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
-    """Qwen3MoeConfig's MoE keys -> ModelConfig fields (num_experts is also spelt num_local_experts: transformers 5's
-    attribute_map, which its save_pretrained writes)."""
-    raw = {**MOE_DEFAULTS, **raw}
-    experts = raw.get("num_local_experts", raw["num_experts"])
-    values = {"num_experts": experts, "num_experts_per_tok": raw["num_experts_per_tok"],
-              "moe_intermediate_size": raw["moe_intermediate_size"], "decoder_sparse_step": raw["decoder_sparse_step"]}
+def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """A MoE config class's keys (`keys`: Qwen3MoeConfig, MixtralConfig, Qwen2MoeConfig) -> ModelConfig fields. The
+    expert count has two spellings (num_experts / num_local_experts: transformers 5's attribute_map, which its
+    save_pretrained writes); the family's own wins where both are given."""
+    alias = "num_experts" if keys.experts_key == "num_local_experts" else "num_local_experts"
+    given = raw
+    raw = {**dict(keys.defaults), **raw}
+    experts = given.get(keys.experts_key, given.get(alias, raw[keys.experts_key]))
+    values = {keys.experts_key: experts, "num_experts_per_tok": raw["num_experts_per_tok"],
+              keys.expert_width_key: raw[keys.expert_width_key]}
+    if keys.sparse_layers:
+        values["decoder_sparse_step"] = raw["decoder_sparse_step"]
+    if keys.shared_expert:
+        values["shared_expert_intermediate_size"] = raw["shared_expert_intermediate_size"]
     for key, value in values.items():
         if type(value) is not int or value < 1:
             problems.append(f"{path}: {key} is {value!r}; expected a positive integer")
     if type(experts) is int and type(values["num_experts_per_tok"]) is int and values["num_experts_per_tok"] > experts:
-        problems.append(f"{path}: num_experts_per_tok {values['num_experts_per_tok']} is more than num_experts"
-                        f" {experts}; expected at most num_experts")
-    only = raw["mlp_only_layers"] or []
+        problems.append(f"{path}: num_experts_per_tok {values['num_experts_per_tok']} is more than"
+                        f" {keys.experts_key} {experts}; expected at most {keys.experts_key}")
+    only = (raw["mlp_only_layers"] or []) if keys.sparse_layers else []
     if not isinstance(only, list) or any(type(i) is not int or i < 0 for i in only):
         problems.append(f"{path}: mlp_only_layers is {only!r}; expected a list of layer indices")
         only = []
     coef = raw["router_aux_loss_coef"]
     if not _number(coef):
         problems.append(f"{path}: router_aux_loss_coef is {coef!r}; expected a number")
+    if raw.get("router_jitter_noise"):  # MixtralSparseMoeBlock: training multiplies the block's input by noise
+        problems.append(f"{path}: router_jitter_noise {raw['router_jitter_noise']!r} is not supported; expected 0"
+                        " (the released Mixtral configs' value: the router sees the input as it is)")
     return dict(n_experts=experts, experts_per_token=values["num_experts_per_tok"],
-                moe_ffn_dim=values["moe_intermediate_size"], norm_topk_prob=bool(raw["norm_topk_prob"]),
-                decoder_sparse_step=values["decoder_sparse_step"], mlp_only_layers=tuple(sorted(set(only))),
-                router_aux_loss_coef=float(coef) if _number(coef) else 0.0)
+                moe_ffn_dim=values[keys.expert_width_key],
+                norm_topk_prob=bool(raw[keys.renormalise_key]) if keys.renormalise_key else True,
+                decoder_sparse_step=values.get("decoder_sparse_step", 1), mlp_only_layers=tuple(sorted(set(only))),
+                router_aux_loss_coef=float(coef) if _number(coef) else 0.0,
+                shared_expert_dim=values.get("shared_expert_intermediate_size"))
 
 
-def moe_config(cfg: Any) -> dict[str, Any]:
-    """The MoE keys of a Qwen3MoeForCausalLM config.json (the hub's spelling num_experts)."""
-    return {"num_experts": cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
-            "moe_intermediate_size": cfg.moe_ffn_dim, "norm_topk_prob": cfg.norm_topk_prob,
-            "decoder_sparse_step": cfg.decoder_sparse_step, "mlp_only_layers": list(cfg.mlp_only_layers),
-            "router_aux_loss_coef": cfg.router_aux_loss_coef, "output_router_logits": False}
+def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
+    """The MoE keys of the family's config.json (the hub's spellings: Qwen's num_experts, Mixtral's
+    num_local_experts and intermediate_size, the one width of its experts)."""
+    out = {keys.experts_key: cfg.n_experts, "num_experts_per_tok": cfg.experts_per_token,
+           keys.expert_width_key: cfg.moe_ffn_dim, "router_aux_loss_coef": cfg.router_aux_loss_coef,
+           "output_router_logits": False}
+    if keys.renormalise_key:
+        out[keys.renormalise_key] = cfg.norm_topk_prob
+    if keys.sparse_layers:
+        out.update(decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
+    if keys.shared_expert:
+        out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
+    if not keys.renormalise_key:  # MixtralConfig
+        out["router_jitter_noise"] = 0.0
+    return out
 
 
 def hf_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
@@ -457,25 +540,29 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     elif family.sliding_window == "flag":  # Qwen3MoeConfig: use_sliding_window windows every layer
         out.update(use_sliding_window=any(cfg.layer_windows), sliding_window=hf_window(cfg))
     elif any(cfg.layer_windows):  # layer_types as transformers 5 reads it; max_window_layers for older readers
+        windowed = [i for i, w in enumerate(cfg.layer_windows) if w]
         out.update(use_sliding_window=True, sliding_window=hf_window(cfg),
-                   max_window_layers=next(i for i, w in enumerate(cfg.layer_windows) if w),
+                   max_window_layers=windowed[-1] + 1 if family.sliding_window == "layers_even" else windowed[0],
                    layer_types=["sliding_attention" if w else "full_attention" for w in cfg.layer_windows])
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if family.qk_norm:
         out["attention_bias"] = cfg.qkv_bias
+    if "qkv_bias" in family.bias_keys:
+        out["qkv_bias"] = cfg.qkv_bias
     if family.moe:
-        out.update(moe_config(cfg))
+        out.update(moe_config(family.moe, cfg))
     return out
 
 
 _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
                       "flag": "one sliding_window in every layer, with use_sliding_window",
-                      "layers": "one sliding_window, in the layers layer_types names"}
+                      "layers": "one sliding_window, in the layers layer_types names",
+                      "layers_even": "one sliding_window, in the layers layer_types names"}
 
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
-    "mistral": decoder_config, "qwen3_moe": decoder_config}
+    "mistral": decoder_config, "qwen3_moe": decoder_config, "mixtral": decoder_config, "qwen2_moe": decoder_config}
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -494,7 +581,15 @@ def check_exportable(cfg: Any) -> list[str]:
                         qkv_bias=False, o_bias=False, mlp_bias=False),
         "qwen3_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
                           o_bias=cfg.qkv_bias, mlp_bias=False),
+        # every block sparse, its experts intermediate_size wide, the top-k weights renormalised
+        "mixtral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
+                        qkv_bias=False, o_bias=False, mlp_bias=False, norm_topk_prob=True, decoder_sparse_step=1,
+                        mlp_only_layers=(), moe_ffn_dim=cfg.hidden_dim),
+        "qwen2_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
+                          o_bias=False, mlp_bias=False),
     }[family.name]
+    if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
+        want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"

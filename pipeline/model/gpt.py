@@ -5,7 +5,8 @@ Family differences are ModelConfig fields, never family checks in this file:
     norm        LayerNorm (GPT-2) | RMSNorm (Llama, Qwen)
     positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN)
     mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU); n_experts: sparse MoE blocks
-                (Qwen3-MoE: a router picks experts_per_token SwiGLU experts per token)
+                (Qwen3-MoE, Mixtral: a router picks experts_per_token SwiGLU experts per token; Qwen2-MoE adds a
+                gated shared expert)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
                 per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
                 a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window: layer_windows)
@@ -103,10 +104,11 @@ class FeedForward(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Mixture of experts in place of one MLP (transformers' Qwen3MoeSparseMoeBlock): the router `gate` (a Linear,
-    hidden -> n_experts, no bias) scores every expert per token; softmax in fp32, the experts_per_token highest kept
-    (renormalised to sum 1 with norm_topk_prob), cast back; each token's output is the sum of its experts' SwiGLU
-    outputs times those weights.
+    """Mixture of experts in place of one MLP (transformers' Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock,
+    Qwen2MoeSparseMoeBlock): the router `gate` (a Linear, hidden -> n_experts, no bias) scores every expert per token;
+    softmax in fp32, the experts_per_token highest kept (renormalised to sum 1 with norm_topk_prob: always on Mixtral),
+    cast back; each token's output is the sum of its experts' SwiGLU outputs times those weights, plus (Qwen2-MoE,
+    shared_expert_dim) a shared expert's output times sigmoid(shared_expert_gate(x)).
 
     The experts are FeedForwards in a ModuleList (experts.{e}.gate_proj ...: the hub's per-expert names) run by a
     plain loop over the experts that received tokens: readable and exact, fine on a CPU and for small expert counts;
@@ -120,6 +122,9 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
         self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
+        if cfg.shared_expert_dim:  # Qwen2MoeSparseMoeBlock's shared expert and its gate (a Linear to 1)
+            self.shared_expert = FeedForward(cfg, cfg.shared_expert_dim)
+            self.shared_expert_gate = Linear(cfg.emb_dim, 1, bias=False)
         self.keep_router_logits = self.every_expert = False
         self.router_logits: torch.Tensor | None = None
 
@@ -138,6 +143,8 @@ class SparseMoeBlock(nn.Module):
                 # under autocast the expert computes in bf16 and the sum is the input's fp32 (Qwen3MoeExperts'
                 # cast too)
                 out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
+        if hasattr(self, "shared_expert"):  # every token: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view_as(x)
 
 
