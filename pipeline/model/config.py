@@ -603,8 +603,13 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
                             f" all, {', '.join(short)} (in every block {block}.0 .. {block}.N; a full path such as"
                             f" {example} picks one block)")
         if blocked := [n for n in hit if moe_blocked(fam, n, key, every)]:
-            problems.append(moe_target_message(fam, key, pattern, blocked))
-            continue
+            if key == "lora_target" and fam.moe and fam.moe.lora_mlp and len(blocked) < len(hit):
+                # gate_proj on Qwen2-MoE: PEFT adapts the shared expert's and dense blocks' Linears of that name,
+                # the experts being fused tensors in transformers 5 (no module of that name)
+                hit = [n for n in hit if n not in blocked]
+            else:
+                problems.append(moe_target_message(fam, key, pattern, blocked))
+                continue
         chosen.update(hit)
     if problems:
         raise UserError(problems)
@@ -613,12 +618,13 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
 
 def moe_blocked(fam: Family, name: str, key: str, names: set[str]) -> bool:
     """Whether a MoE family's module `name` (ours) is refused as lora_target / additional_target (moe_target_message):
-    for LoRA every MLP Linear of the model; trained in full, a sparse block (its router `gate` among `names`, every
+    for LoRA every MLP Linear of the model (with MoeKeys.lora_mlp, Qwen2-MoE: the experts' and the router only);
+    trained in full, a sparse block (its router `gate` among `names`, every
     module path) or anything inside it."""
     if not fam.moe:
         return False
     if key == "lora_target":
-        return ".mlp." in name
+        return ".mlp.experts." in name or name.endswith(".mlp.gate") if fam.moe.lora_mlp else ".mlp." in name
     return ".mlp.gate." in name + "." or ".mlp.experts" in name or name + ".gate" in names
 
 def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) -> str:
@@ -636,16 +642,15 @@ def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) 
     this model."""
     shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
     if key == "lora_target":
-        shared = (" (its shared expert and shared_expert_gate are Linears in transformers, which LLaMA-Factory's"
-                  " lora_target: all adapts too; their gate_proj / up_proj / down_proj are names PEFT re-targets:"
-                  " not supported here)") if fam.moe and fam.moe.shared_expert else ""
+        takes = ("the attention projections, the shared expert (shared_expert.gate_proj / up_proj / down_proj),"
+                 " shared_expert_gate and a dense block's MLP") if fam.moe and fam.moe.lora_mlp else \
+            "the attention projections (q_proj, k_proj, v_proj, o_proj)"
         return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}), which take no LoRA"
                 " here: transformers 5 holds its experts as fused 3-D tensors (mlp.experts.gate_up_proj / down_proj)"
                 " and its router as no Linear, and PEFT 0.21 re-targets these names onto those tensors, converting"
-                " a per-expert adapter for some sets of names only (others load as the base model without a word)"
-                f"{shared}. LoRA adapts the attention projections (q_proj, k_proj, v_proj, o_proj: what lora_target:"
-                f" all takes on this model{'' if shared else ', as LLaMA-Factory finds its Linears'}); to train the"
-                " experts and the router, use finetuning_type: full or freeze")
+                " a per-expert adapter for some sets of names only (others load as the base model without a word)."
+                f" LoRA adapts {takes}: what lora_target: all takes on this model, as LLaMA-Factory finds its"
+                " Linears; to train the experts and the router, use finetuning_type: full or freeze")
     return (f"additional_target: '{pattern}' names the sparse MoE block ({shown}) of this {fam.architecture}, which"
             " PEFT would save under transformers 5's fused expert tensors (mlp.experts.gate_up_proj / down_proj),"
             " not the per-expert weights this pipeline trains; to train the experts and the router in full, use"

@@ -93,6 +93,10 @@ class MoeKeys:
     renormalise_key: str = "norm_topk_prob"
     sparse_layers: bool = True        # decoder_sparse_step / mlp_only_layers pick the sparse blocks (else every block)
     shared_expert: bool = False       # Qwen2MoeSparseMoeBlock's shared expert and its sigmoid gate
+    # the MLP Linears that are Linears in transformers 5 (the shared expert, shared_expert_gate, a dense block's MLP)
+    # take LoRA, as LLaMA-Factory's lora_target: all adapts them; the experts and the router never do
+    # (pipeline.model.config.moe_blocked; measured with PEFT 0.21 on Qwen2MoeForCausalLM)
+    lora_mlp: bool = False
 
 
 HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
@@ -199,7 +203,7 @@ QWEN2_MOE = Family(name="qwen2_moe", architecture="Qwen2MoeForCausalLM",
                    config_defaults=(("max_position_embeddings", 32768), ("intermediate_size", 5632),
                                     ("num_key_value_heads", 16), *_QWEN_WINDOW),
                    sliding_window="layers_even", bias_keys=("qkv_bias",),
-                   moe=MoeKeys("num_experts", "moe_intermediate_size", shared_expert=True,
+                   moe=MoeKeys("num_experts", "moe_intermediate_size", shared_expert=True, lora_mlp=True,
                                defaults=(("num_experts", 60), ("num_experts_per_tok", 4),
                                          ("moe_intermediate_size", 1408), ("shared_expert_intermediate_size", 5632),
                                          ("norm_topk_prob", False), ("decoder_sparse_step", 1),

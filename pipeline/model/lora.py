@@ -38,7 +38,8 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family_of_model, head_is_tied,
                                     is_reward_model, linear_names, replace_linears, saved_modules, train_additional)
-from pipeline.model.config import adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates
+from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates,
+                                   moe_blocked)
 from pipeline.model.families import Family
 from pipeline.model.weights import read_tensors
 from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
@@ -438,9 +439,12 @@ def _hf_layout(family: Family, param: str, tensor: torch.Tensor) -> torch.Tensor
 
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
-    """Short HF suffixes (c_attn, q_proj, ...) when they select exactly `names` among the Linears, else full paths."""
+    """Short HF suffixes (c_attn, q_proj, ...) when they select exactly `names` among the Linears, else full paths.
+    A MoE model's experts and router are no Linears in transformers 5 (moe_blocked), so no suffix can select them
+    there: Qwen2-MoE's gate_proj names the shared expert's and the dense blocks' (as LLaMA-Factory writes it)."""
     family = family_of_model(model)
-    candidates = lora_candidates(linear_names(model)) + list(lora_modules(model))
+    candidates = [n for n in lora_candidates(linear_names(model)) + list(lora_modules(model))
+                  if not moe_blocked(family, n, "lora_target", set())]
 
     def leaf(n: str) -> str:
         return family.to_hf(n).rsplit(".", 1)[-1]

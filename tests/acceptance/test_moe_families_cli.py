@@ -3,7 +3,7 @@ tokenizer files, template mistral, as Mixtral-8x7B-Instruct-v0.1 ships them) / a
 byte-level Qwen tokenizer, template qwen) as transformers' save_pretrained writes them (the hub's tensor names:
 Mixtral's block_sparse_moe.experts.{e}.w1 / w2 / w3), an LLaMA-Factory-format LoRA sft recipe with moe_aux_loss_coef
 -> build / train / merge; merged/ loads in transformers as the same architecture and computes our trained model's
-logits, as PEFT's reading of adapter/ does. A lora_target on the MoE MLP is refused (exit 2) at validate, in process
+logits, as PEFT's reading of adapter/ does. A lora_target on the experts or the router is refused (exit 2) at validate, in process
 (the as-typed refusal is test_qwen3_moe_cli's)."""
 from __future__ import annotations
 
@@ -48,10 +48,12 @@ def save_pretrained_qwen2_moe(folder):
 
 @pytest.mark.parametrize("family,architecture,template,mlp_target", [
     ("mixtral", "MixtralForCausalLM", "mistral", "w1"),
-    ("qwen2_moe", "Qwen2MoeForCausalLM", "qwen", "shared_expert_gate"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM", "qwen", "gate"),
 ])
 def test_lora_sft_with_the_aux_loss_merges_to_the_same_architecture(workdir, family, architecture, template,
                                                                    mlp_target):
+    """lora_target: all (the recipe's) adapts what LLaMA-Factory's find_all_linear_modules names: Mixtral's attention
+    projections; Qwen2-MoE's also the shared expert and shared_expert_gate (tests/model/test_moe_families.py)."""
     import torch
     import transformers
 
@@ -71,7 +73,8 @@ def test_lora_sft_with_the_aux_loss_merges_to_the_same_architecture(workdir, fam
     config = json.loads((merged / "config.json").read_text())
     assert (config["architectures"], config["model_type"]) == ([architecture], family)
     adapter = json.loads((workdir / "saves/r/adapter/adapter_config.json").read_text())
-    assert adapter["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert adapter["target_modules"] == (["k_proj", "o_proj", "q_proj", "v_proj"] if family == "mixtral" else [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "shared_expert_gate", "up_proj", "v_proj"])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert type(theirs).__name__ == architecture
     x, want = assert_outputs_compute_ours(recipe, workdir, base, theirs, config["vocab_size"])

@@ -11,6 +11,8 @@ each adds to the sparse block Qwen3-MoE brought (tests/model/test_moe.py), check
   norm_topk_prob (:325-326, false in the released configs); q/k/v biases by qkv_bias, none on o_proj (:222-225);
   decoder_sparse_step / mlp_only_layers (:358-363); Qwen2MoeConfig.__post_init__ windows the even-indexed layers below
   max_window_layers under use_sliding_window where layer_types is absent.
+- LLaMA-Factory's lora_target: all (find_all_linear_modules) on transformers 5: Mixtral's attention projections;
+  Qwen2-MoE's also the shared expert, shared_expert_gate and a dense block's MLP (real Linears there).
 - Both add router_aux_loss_coef x load_balancing_loss_func (modeling_mixtral.py:475, modeling_qwen2_moe.py:512: the
   same function as Qwen3-MoE's, line for line) under output_router_logits, which LLaMA-Factory's configure_moe sets
   for model types mixtral and qwen2_moe; its add_z3_leaf_module makes MixtralSparseMoeBlock / Qwen2MoeSparseMoeBlock
@@ -25,8 +27,8 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.model.config import PRESETS, active_params, count_params, layout, read_config, to_hf_config, \
-    trainable_params
+from pipeline.model.config import PRESETS, active_params, count_params, layout, lora_target_modules, read_config, \
+    to_hf_config, trainable_params
 from pipeline.model.generate import generate
 from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
@@ -119,29 +121,49 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
         assert torch.equal(back(x).logits, ref(x).logits)
 
 
-def test_peft_loads_our_attention_adapter_and_merge_matches(checkpoint, tmp_path):
-    """lora_target: all takes the attention projections (LLaMA-Factory's find_all_linear_modules on transformers 5:
-    the experts are fused 3-D tensors, the router no Linear), as on Qwen3-MoE."""
+def lf_all_linear_modules(model) -> list[str]:
+    """LLaMA-Factory 0.9.5's find_all_linear_modules (model/model_utils/misc.py:28-52) re-typed: the last name of every
+    module whose class name holds "Linear" (not "Embedding"), lm_head left out."""
+    return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                   if "Linear" in type(module).__name__ and "Embedding" not in type(module).__name__
+                   and "lm_head" not in name})
+
+
+def test_lora_all_adapts_what_llamafactory_and_peft_adapt(checkpoint, tmp_path):
+    """lora_target: all is LLaMA-Factory's find_all_linear_modules on transformers 5's module tree, and adapts the
+    modules PEFT's get_peft_model adapts for those names: on Mixtral the attention projections (the experts are fused
+    3-D tensors, the router a MixtralTopKRouter); on Qwen2-MoE also the shared expert, shared_expert_gate and the dense
+    block's MLP (real Linears; the experts are fused). PEFT loads our adapter with our logits, and merge agrees."""
     peft = pytest.importorskip("peft")
+    from pipeline.model.families import FAMILIES
+    from pipeline.model.lora import lora_modules
     from tests.model.test_families import assert_adapter_agrees, randomise_lora
 
-    _, path, _ = checkpoint
+    name, path, ref = checkpoint
     ours = load_model(path).eval()
     apply_lora(ours, "all", rank=4, alpha=8)
     randomise_lora(ours, seed=1)
     save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    expected = lf_all_linear_modules(ref)
+    assert expected == {"mixtral": ["k_proj", "o_proj", "q_proj", "v_proj"],
+                        "qwen2_moe": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "shared_expert_gate",
+                                      "up_proj", "v_proj"]}[name]
+    assert config["target_modules"] == expected
+    theirs = peft.get_peft_model(hf_model(name), peft.LoraConfig(r=4, target_modules=expected))
+    adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    family = FAMILIES[ours.cfg.family]
+    assert {family.to_hf(n) for n in lora_modules(ours)} == adapted
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
 
 
 @pytest.mark.parametrize("name,target,hf_name", [
     ("mixtral", "w1", "block_sparse_moe.experts.0.w1"),           # the hub's expert names
     ("mixtral", "block_sparse_moe.gate", "block_sparse_moe.gate"),
-    ("qwen2_moe", "shared_expert_gate", "mlp.shared_expert_gate"),
-    ("qwen2_moe", "shared_expert.down_proj", "mlp.shared_expert.down_proj"),
+    ("qwen2_moe", "gate", "mlp.gate"),                             # the router
+    ("qwen2_moe", "experts.0.up_proj", "mlp.experts.0.up_proj"),
 ])
-def test_lora_on_the_moe_mlp_is_refused_by_its_hub_name(tmp_path, name, target, hf_name):
+def test_lora_on_the_experts_or_the_router_is_refused_by_its_hub_name(tmp_path, name, target, hf_name):
     hf_model(name, tmp_path)
     cfg = read_config(tmp_path)
     with pytest.raises(UserError) as err:
@@ -150,6 +172,9 @@ def test_lora_on_the_moe_mlp_is_refused_by_its_hub_name(tmp_path, name, target, 
     architecture = VARIANTS[name][1]
     assert message.startswith(f"lora_target: '{target}' picks MLP modules of this {architecture} ({hf_name}")
     assert "finetuning_type: full or freeze" in message
+    if name == "qwen2_moe":  # gate_proj: the shared expert's and the dense block's, as PEFT adapts that name there
+        picked = lora_target_modules(cfg, ["gate_proj"])
+        assert [m.name for m in picked] == ["layers.0.mlp.shared_expert.gate_proj", "layers.1.mlp.gate_proj"]
 
 
 def test_load_balancing_loss_equals_transformers(checkpoint):
