@@ -209,20 +209,26 @@ def test_mlp_activation_bytes_counts_what_a_sparse_block_keeps_for_the_backward(
     moe = ModelConfig(**common, n_experts=16, experts_per_token=4, moe_ffn_dim=32)
     dense = ModelConfig(**common, ffn_dim=4 * 32)
     torch.manual_seed(0)
-    x, tokens = torch.randn(1, 128, 64, dtype=torch.bfloat16, requires_grad=True), 128
     for cfg, module in ((dense, FeedForward(dense)), (moe, SparseMoeBlock(moe))):
-        module = module.to(torch.bfloat16)
-        params, kept = {p.untyped_storage().data_ptr() for p in module.parameters()}, {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(x)
-        measured = sum(kept.values()) / tokens
+        measured = saved_bytes_per_token(module)
         assert 0.85 * measured <= mlp_activation_bytes(cfg) <= 1.15 * measured, (cfg.n_experts, measured)
+
+
+def saved_bytes_per_token(module: torch.nn.Module, tokens: int = 128) -> float:
+    """What autograd keeps of one bf16 forward of `module` (width 64) over `tokens` random rows, per token: the
+    storages saved_tensors_hooks sees, the module's parameters not counted."""
+    module = module.to(torch.bfloat16)
+    x = torch.randn(1, tokens, 64, dtype=torch.bfloat16, requires_grad=True)
+    params, kept = {p.untyped_storage().data_ptr() for p in module.parameters()}, {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(kept.values()) / tokens
 
 
 def test_sparse_blocks_under_bf16_autocast_equal_transformers():

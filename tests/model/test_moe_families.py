@@ -215,6 +215,22 @@ def test_the_sparse_block_with_its_shared_expert_is_the_zero3_leaf(checkpoint):
     assert [sum(p.numel() for p in b.parameters()) for b in sparse_blocks(ours)] == theirs
 
 
+def test_mlp_activation_bytes_counts_the_shared_expert():
+    """The plan's activation estimate of a Qwen2-MoE sparse block (its shared expert's SwiGLU, output and gate besides
+    the routed experts') against what autograd keeps of one bf16 forward (test_moe's measurement)."""
+    from pipeline.model.config import ModelConfig, mlp_activation_bytes
+    from pipeline.model.gpt import SparseMoeBlock
+    from tests.model.test_moe import saved_bytes_per_token
+
+    cfg = ModelConfig(family="qwen2_moe", vocab_size=8, context_length=8, emb_dim=64, n_layers=1, n_heads=2,
+                      mlp="swiglu", norm="rmsnorm", positions="rope", mlp_bias=False, n_experts=16,
+                      experts_per_token=4, moe_ffn_dim=32, shared_expert_dim=128)
+    torch.manual_seed(0)
+    measured = saved_bytes_per_token(SparseMoeBlock(cfg))
+    assert 0.85 * measured <= mlp_activation_bytes(cfg) <= 1.15 * measured, measured
+    assert not 0.85 * measured <= mlp_activation_bytes(cfg.replace(shared_expert_dim=None)) <= 1.15 * measured
+
+
 @pytest.mark.parametrize("preset,model_class,total,active", [
     # the cards: Mixtral-8x7B 46.7B total, 12.9B active; Qwen1.5-MoE-A2.7B 14.3B total, 2.7B active
     ("mixtral-8x7b", "MixtralForCausalLM", 46.7e9, 12.9e9),
