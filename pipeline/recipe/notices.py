@@ -206,7 +206,7 @@ def moe_aux_loss_notice(r: Any) -> str | None:
     if info is not None and info.config.n_experts and r["stage"] == "rm":
         return (where + "stage rm's pairwise loss has no router term, as in LLaMA-Factory (its reward model's forward "
                 "gets no labels, so the aux loss is added to nothing) and in transformers' "
-                "Qwen3MoeForSequenceClassification (which computes none)")
+                f"{info.config.hf.reward_architecture} (which computes none)")
     if info is None or info.config.n_experts:
         return None
     return where + f"this {info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory"

@@ -289,3 +289,19 @@ def test_mixtral_keys_a_config_leaves_out_take_mixtral_config_defaults(tmp_path)
         theirs.rope_parameters["rope_theta"], theirs.num_local_experts, theirs.num_experts_per_tok,
         theirs.max_position_embeddings, theirs.num_key_value_heads, theirs.rms_norm_eps, theirs.router_aux_loss_coef,
         ())
+
+
+@pytest.mark.parametrize("preset,reward_class", [("mixtral-8x7b", "MixtralForSequenceClassification"),
+                                                 ("qwen1.5-moe-a2.7b", "Qwen2MoeForSequenceClassification")])
+def test_moe_aux_loss_coef_under_rm_names_the_familys_reward_class(tmp_path, preset, reward_class):
+    """The presets take moe_aux_loss_coef silently in sft; under stage rm the notice names the family's reward
+    class, which computes no router loss (GenericForSequenceClassification), as for Qwen3-MoE."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.notices import notices
+
+    (tmp_path / "r.yaml").write_text(f"model_name_or_path: {preset}\ndataset: demo_alpaca\nmax_steps: 1\n"
+                                     "moe_aux_loss_coef: 0.01\n", "utf-8")
+    assert not any("moe_aux_loss_coef" in line for line in notices(resolve(tmp_path / "r.yaml", command="plan")))
+    r = resolve(tmp_path / "r.yaml", ["stage=rm", "dataset=demo_prefs"], command="plan")
+    assert any("stage rm's pairwise loss has no router term" in line and line.endswith(f"{reward_class} (which"
+               " computes none)") for line in notices(r)), notices(r)
