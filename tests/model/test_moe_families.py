@@ -305,3 +305,16 @@ def test_moe_aux_loss_coef_under_rm_names_the_familys_reward_class(tmp_path, pre
     r = resolve(tmp_path / "r.yaml", ["stage=rm", "dataset=demo_prefs"], command="plan")
     assert any("stage rm's pairwise loss has no router term" in line and line.endswith(f"{reward_class} (which"
                " computes none)") for line in notices(r)), notices(r)
+
+
+def test_the_sparse_block_under_bf16_autocast_is_transformers_block(checkpoint):
+    """Evaluation's bf16 autocast (CPU's stands in for CUDA's): the same experts run (the router's logits bitwise
+    transformers'), the block's sum stays fp32 with the shared expert added, and the outputs differ by bf16 rounding
+    only (Mixtral's router keeps its top-k weights in fp32 where ours casts them to bf16 first, as Qwen's does)."""
+    _, path, ref = checkpoint
+    ours, theirs = load_model(path).eval().layers[0].mlp, ref.model.layers[0].mlp
+    hidden = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours.gate(hidden.reshape(-1, 32)), theirs.gate(hidden.reshape(-1, 32))[0])
+        got, want = ours(hidden), theirs(hidden)
+    assert got.dtype == want.dtype == torch.float32 and torch.allclose(got, want, atol=4e-3, rtol=0)
