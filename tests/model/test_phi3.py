@@ -24,6 +24,7 @@ from pipeline.model.config import PRESETS, count_params, read_config, trainable_
 from pipeline.model.generate import generate
 from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
+from tests.acceptance.harness import random_model
 from tests.model import test_families as families
 from tests.model.test_families import (COMMON, VOCAB, assert_adapter_agrees, ids, randomise_lora,  # noqa: F401
                                        test_export_loads_in_auto_model,
@@ -57,12 +58,7 @@ def phi3_model(name: str, seed: int = 0):
     """A random Phi3ForCausalLM of the variant with N(0, 0.1) noise on every tensor (norms leave 1, greedy decoding
     stays varied); special ids inside the tiny vocabulary (Phi3Config's defaults are Phi-3-mini's 32,000)."""
     config = transformers.Phi3Config(**COMMON, **PHI3_VARIANTS[name], bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.Phi3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return random_model(transformers.Phi3ForCausalLM, config, seed=seed)
 
 
 @pytest.fixture(scope="module", params=list(PHI3_VARIANTS))
@@ -109,17 +105,13 @@ def test_lora_all_takes_the_fused_linears_and_peft_loads_the_adapter(checkpoint,
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
     cfg = read_config(path)
     assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == trainable_params(cfg, "lora", 4, "all")
-
-
-def test_lora_targets_name_the_fused_modules(checkpoint):
-    _, path, _ = checkpoint
-    cfg = read_config(path)
+    # one LoRA on the whole fused Linear: A (64 x 4) and B (4 x q + 2 kv rows), as PEFT's lora.Linear on qkv_proj;
+    # Llama's names are not Phi-3's
+    rows = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
+    assert trainable_params(cfg, "lora", 4, ["qkv_proj"]) == cfg.n_layers * (64 * 4 + 4 * rows)
     with pytest.raises(UserError) as err:
         trainable_params(cfg, "lora", 4, ["q_proj"])
     assert "'q_proj' matches no module" in str(err.value) and "self_attn.qkv_proj" in str(err.value)
-    # one LoRA on the whole fused Linear: A (64 x 4) and B (4 x q + 2 kv rows), as PEFT's lora.Linear on qkv_proj
-    rows = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim
-    assert trainable_params(cfg, "lora", 4, ["qkv_proj"]) == cfg.n_layers * (64 * 4 + 4 * rows)
 
 
 def test_longrope_logits_equal_transformers_on_both_sides_of_the_switch(tmp_path):
@@ -147,14 +139,7 @@ def test_longrope_greedy_decoding_across_the_switch_equals_transformers(tmp_path
     and uncached."""
     ref = phi3_model("phi35-longrope-mqa")
     ref.save_pretrained(tmp_path)
-    ours = load_model(tmp_path).eval()
-    prompt = ids(21, (1, 5))[0].tolist()
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, 5:].tolist()
-    assert len(set(expected)) > 3
-    assert generate(ours, prompt, max_new_tokens=10, eos_id=None) == expected
-    assert generate(ours, prompt, max_new_tokens=10, eos_id=None, use_cache=False) == expected
+    families.assert_greedy_equals_transformers(ref, load_model(tmp_path).eval(), ids(21, (1, 5))[0].tolist(), 10)
 
 
 def test_batched_left_padded_generation(checkpoint):
