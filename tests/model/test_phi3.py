@@ -142,6 +142,21 @@ def test_longrope_greedy_decoding_across_the_switch_equals_transformers(tmp_path
     families.assert_greedy_equals_transformers(ref, load_model(tmp_path).eval(), ids(21, (1, 5))[0].tolist(), 10)
 
 
+def test_longrope_beam_search_across_the_switch_equals_transformers(tmp_path):
+    """num_beams 3 from a 5-token prompt, 8 tokens on past original_max_position_embeddings 8: transformers' beam
+    search restarts its cache there too (the same prepare_inputs_for_generation); ours (beam_search) cached and
+    uncached."""
+    ref = phi3_model("phi35-longrope-mqa")
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path).eval()
+    prompt = ids(22, (1, 5))[0].tolist()
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, num_beams=3, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)[0, 5:].tolist()
+    for cache in (True, False):
+        assert generate(ours, prompt, max_new_tokens=8, num_beams=3, eos_id=None, use_cache=cache) == want, cache
+
+
 def test_batched_left_padded_generation(checkpoint):
     """Rows alone and batched decode alike (test_families' check), except under LongRoPE, whose factor set is one per
     forward for the whole batch (longrope_frequency_update: max over every row's positions), so a short row batched
