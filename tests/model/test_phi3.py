@@ -201,9 +201,13 @@ PHI_CONFIGS = {  # the hub's config.json shape keys
     "phi-4": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=10,
                   intermediate_size=17920, vocab_size=100352, max_position_embeddings=16384, rope_theta=250000.0,
                   tie_word_embeddings=False, pad_token_id=100349),
+    # with its LongRoPE keys (48 factors each: 96 rotary dims of 128; the values here are stand-ins) and its
+    # sliding_window 262144, longer than the context
     "phi-4-mini": dict(hidden_size=3072, num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
                        intermediate_size=8192, vocab_size=200064, max_position_embeddings=131072,
-                       partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=199999),
+                       partial_rotary_factor=0.75, tie_word_embeddings=True, pad_token_id=199999,
+                       original_max_position_embeddings=4096, sliding_window=262144,
+                       rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [2.0] * 48}),
 }
 
 
@@ -217,7 +221,10 @@ def test_phi_preset_counts_equal_transformers_and_the_cards(name, card):
     assert count_params(PRESETS[name]) == sum(p.numel() for p in ref.parameters())
     assert round(count_params(PRESETS[name]) / 10**8) == card
     fields = read_config_dict({**config.to_dict(), "architectures": ["Phi3ForCausalLM"]})
-    assert fields.replace(rope_scaling=None) == PRESETS[name]
+    assert fields.replace(rope_scaling=None, layer_windows=()) == PRESETS[name]
+    if name == "phi-4-mini":  # the window every layer has, the rope dims' factors
+        assert fields.layer_windows == (262144,) * 32 and fields.rope_dim == 96
+        assert fields.rope_scaling["original_max_position_embeddings"] == 4096
 
 
 def read_config_dict(raw):
