@@ -446,6 +446,25 @@ TEMPLATES: dict[str, Template] = {
     )
 }
 
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1886-1927: phi (Phi-3 / Phi-3.5-mini-instruct), phi4
+# (microsoft/phi-4), phi4_mini (Phi-4-mini-instruct; its format_tools, <|tool|>...<|/tool|>, is not written here:
+# function-calling data is refused with it); every answer ends at the template's own end token (replace_eos)
+PHI_MARKUP = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+PHI4_MARKUP = ("<|im_start|>", "<|im_sep|>", "<|im_end|>")
+PHI4_REPLY = "<|im_start|>assistant<|im_sep|>"
+TEMPLATES.update({t.name: t for t in (
+    Template(name="phi", system="<|system|>\n{system}<|end|>\n", user="<|user|>\n{content}<|end|>\n<|assistant|>\n",
+             reply="<|assistant|>\n", assistant="{content}<|end|>\n", special_tokens=PHI_MARKUP,
+             stop_words=("<|end|>",), replace_eos=True,
+             description="Phi-3 / Phi-3.5-mini-instruct: <|user|> ...<|end|> <|assistant|>, a newline after each"),
+    Template(name="phi4", system="<|im_start|>system<|im_sep|>{system}<|im_end|>",
+             user="<|im_start|>user<|im_sep|>{content}<|im_end|>" + PHI4_REPLY, reply=PHI4_REPLY,
+             assistant="{content}<|im_end|>", special_tokens=PHI4_MARKUP, stop_words=("<|im_end|>",), replace_eos=True,
+             description="Phi-4 (microsoft/phi-4): <|im_start|>user<|im_sep|> ...<|im_end|>, no newlines"),
+    Template(name="phi4_mini", system="<|system|>{system}<|end|>", user="<|user|>{content}<|end|><|assistant|>",
+             reply="<|assistant|>", assistant="{content}<|end|>", special_tokens=PHI_MARKUP, stop_words=("<|end|>",),
+             replace_eos=True, description="Phi-4-mini-instruct: <|user|> ...<|end|><|assistant|>, no newlines"),
+)})
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.

@@ -27,6 +27,7 @@ import torch
 
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
+from pipeline.model.rope import longrope_restart
 from pipeline.model.penalties import penalize_repeats
 
 EarlyStopping = bool | Literal["never"]
@@ -108,6 +109,10 @@ def beam_search(model: GPTModel, ids: torch.Tensor, mask: torch.Tensor, position
     past = KVCache(len(model.layers), capacity=width + steps) if use_cache else None
     step_ids, step_pos = ids, positions
     for t in range(steps):
+        if past is not None and past.length and longrope_restart(model.cfg, width + t, past.length):
+            # as generate (Phi3ForCausalLM.prepare_inputs_for_generation): past LongRoPE's window, start again
+            past = KVCache(len(model.layers), capacity=past.capacity)
+            step_ids, step_pos = torch.cat([ids, running[:, :, :t].reshape(batch * k, -1)], 1), positions
         logits, past = _forward(model, step_ids, mask if padded else None, step_pos, past)
         log_probs = torch.log_softmax(logits, dim=-1)
         if seen is not None:  # transformers applies its processors to the log-probs in beam search

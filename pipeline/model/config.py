@@ -51,7 +51,9 @@ class ModelConfig:
     qkv_bias: bool = True
     o_bias: bool = True              # bias of the attention output projection
     qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3)
-    qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn) or three (q_proj, k_proj, v_proj)
+    qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn, Phi-3's qkv_proj: GQA sizes) or three
+    mlp_fused: bool = False          # SwiGLU's gate and up as one Linear gate_up_proj (Phi-3: gate rows first) or two
+    partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim x this) dims of each head (Phi-4-mini 0.75)
     tie_weights: bool = True
     num_labels: int = 0              # 0: the LM head lm_head; 1: a reward model, transformers' `score` head instead
     # each layer's sliding window, as transformers' "sliding_attention" layers have it (a query at position i sees the
@@ -99,6 +101,12 @@ class ModelConfig:
             problems.append(f"n_experts {self.n_experts} needs experts_per_token in 1..n_experts, a positive moe_ffn_dim"
                             f" and decoder_sparse_step, got {self.experts_per_token!r}, {self.moe_ffn_dim!r},"
                             f" {self.decoder_sparse_step!r}")
+        if not (isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1
+                and self.rope_dim >= 2):
+            problems.append(f"partial_rotary_factor must be in (0, 1] and leave RoPE at least 2 dims, got"
+                            f" {self.partial_rotary_factor!r}")
+        if self.mlp_fused and self.mlp != "swiglu":
+            problems.append("mlp_fused (one gate_up_proj) needs mlp: swiglu")
         if self.num_labels not in (0, 1):
             problems.append(f"num_labels must be 0 (a language model) or 1 (a reward model), got {self.num_labels!r}")
         if not 0 <= self.drop_rate < 1:
@@ -135,6 +143,11 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.head_size or self.emb_dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor)); the rest pass."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_heads(self) -> int:
@@ -175,8 +188,8 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
     return ModelConfig(family=family, vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
-                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm, qkv_fused=False,
-                       tie_weights=tied)
+                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm,
+                       qkv_fused=FAMILIES[family].fused, mlp_fused=FAMILIES[family].fused, tie_weights=tied)
 
 
 def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bool) -> ModelConfig:
@@ -238,6 +251,15 @@ def _qwen3(emb: int, layers: int, heads: int, ffn: int, tied: bool) -> ModelConf
                    theta=1000000.0, eps=1e-6, tied=tied, head_size=128)
 
 
+def _phi(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ffn: int, theta: float, tied: bool,
+         rotary: float = 1.0) -> ModelConfig:
+    """Phi-3 / Phi-4 (Phi3ForCausalLM): one qkv_proj and one gate_up_proj per block, no bias, rms_norm_eps 1e-5.
+    The presets leave rope_scaling default: Phi-4-mini's LongRoPE factors are in its config.json (a checkpoint brings
+    them); a preset is random weights, for plan's estimate and CPU trials."""
+    return _swiglu("phi3", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn, theta=theta,
+                   eps=1e-5, tied=tied).replace(partial_rotary_factor=rotary)
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -266,6 +288,11 @@ PRESETS.update({  # the MoE families beside Qwen3-MoE
     "mixtral-8x7b": _mixtral(4096, 32, 32, 8, 14336, vocab=32000, ctx=32768),  # 46.7B, 12.9B active
     "qwen1.5-moe-a2.7b": _qwen2_moe(2048, 24, 16, 16, 5632, experts=60, top_k=4, expert_ffn=1408, shared=5632,
                                     ctx=8192),  # 14.3B, 2.7B active
+})
+PRESETS.update({  # microsoft/phi-4 (14.7B) and microsoft/Phi-4-mini-instruct (3.8B): their config.json's shapes
+    "phi-4": _phi(vocab=100352, ctx=16384, emb=5120, layers=40, heads=40, kv=10, ffn=17920, theta=250000.0, tied=False),
+    "phi-4-mini": _phi(vocab=200064, ctx=131072, emb=3072, layers=32, heads=24, kv=8, ffn=8192, theta=10000.0,
+                       tied=True, rotary=0.75),
 })
 
 
@@ -405,6 +432,9 @@ class ModuleSpec:
 def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
     """The Linears of one MLP (FeedForward) of hidden width h: a block's, or one expert's."""
     c = cfg.emb_dim
+    if cfg.mlp_fused:  # Phi3MLP: gate rows, then up rows, in one Linear
+        return [ModuleSpec(prefix + "gate_up_proj", "linear", c, 2 * h, cfg.mlp_bias),
+                ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
     gate = [ModuleSpec(prefix + "gate_proj", "linear", c, h, cfg.mlp_bias)] if cfg.mlp == "swiglu" else []
     return gate + [ModuleSpec(prefix + "up_proj", "linear", c, h, cfg.mlp_bias),
                    ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]

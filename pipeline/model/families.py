@@ -7,7 +7,7 @@ tree whose names follow Llama's HF names, the layout most families share:
     layers.{i}.input_layernorm
     layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
     layers.{i}.post_attention_layernorm
-    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj, down_proj}
+    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj | gate_up_proj (Phi-3's fused SwiGLU), down_proj}
     layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE, Mixtral)
     layers.{i}.mlp.shared_expert.{gate_proj, up_proj, down_proj}, .shared_expert_gate (Qwen2-MoE's shared expert)
     norm, lm_head
@@ -53,6 +53,12 @@ class Family:
     # sparse MoE blocks (Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock): which config.json
     # keys say what (MoeKeys; read by moe_fields, written by moe_config); None: a dense family
     moe: "MoeKeys | None" = None
+    # one q|k|v Linear (qkv_proj, GQA sizes) and one gate|up Linear (gate_up_proj): Phi3Attention / Phi3MLP
+    fused: bool = False
+    # the head's first partial_rotary_factor of dims rotated, the rest passed (Phi3RotaryEmbedding reads the key)
+    partial_rotary: bool = False
+    # the rope types the class accepts (config.json's rope_type); Phi3Config.validate_rope allows default / longrope
+    rope_types: tuple[str, ...] = ()
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -208,13 +214,25 @@ QWEN2_MOE = Family(name="qwen2_moe", architecture="Qwen2MoeForCausalLM",
                                          ("moe_intermediate_size", 1408), ("shared_expert_intermediate_size", 5632),
                                          ("norm_topk_prob", False), ("decoder_sparse_step", 1),
                                          ("mlp_only_layers", []), ("router_aux_loss_coef", 0.001))))
+# microsoft/phi-4, Phi-4-mini-instruct, Phi-3.5-mini-instruct, Phi-3-mini-4k / 128k-instruct: Llama's block with one
+# fused qkv_proj (q | k | v rows, GQA sizes) and one fused gate_up_proj (gate rows, then up), no bias anywhere (the
+# hub's names are ours: no map); Phi3Config's defaults (4,096 positions, rms_norm_eps 1e-5, sliding_window null: a
+# non-null one windows every layer, Phi3Model's create_sliding_window_causal_mask); partial_rotary_factor (Phi-4-mini
+# 0.75); rope default or longrope (Phi3Config.convert_rope_params_to_dict reads "su" and "yarn" as longrope)
+PHI3 = Family(name="phi3", architecture="Phi3ForCausalLM", reward_architecture="Phi3ForSequenceClassification",
+              model_type="phi3", prefix="model.", skip=(".rotary_emb.inv_freq",),
+              config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
+                               ("original_max_position_embeddings", 4096)),
+              sliding_window="every", bias_keys=(), fused=True, partial_rotary=True, rope_types=("default", "longrope"))
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
+FAMILIES[PHI3.name] = PHI3
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(BY_ARCHITECTURE)
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+DEFAULT_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # a family whose rope_types is ()
+ROPE_TYPES = (*DEFAULT_ROPE_TYPES, "longrope")
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -278,7 +296,8 @@ def gpt2_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
     )
 
 
-def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float, dict[str, Any] | None]:
+def _rope(raw: Mapping[str, Any], path: Any, problems: list[str], family: Family | None = None,
+          ) -> tuple[float, dict[str, Any] | None]:
     """(theta, scaling) as transformers reads them: a non-empty rope_scaling first, else rope_parameters.
 
     transformers 5 takes `rope_scaling or rope_parameters` (modeling_rope_utils.convert_rope_params_to_dict),
@@ -295,11 +314,18 @@ def _rope(raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[float
         params = params if isinstance(params, dict) else {}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
-    if kind not in ROPE_TYPES:
-        problems.append(f"{path}: {key}.rope_type '{kind}' is not implemented; supported: {', '.join(ROPE_TYPES)}")
+    allowed = family.rope_types if family is not None and family.rope_types else DEFAULT_ROPE_TYPES
+    if family is not None and family.rope_types and kind in ("su", "yarn"):
+        kind = "longrope"  # Phi3Config.convert_rope_params_to_dict: Phi-3's older spellings of LongRoPE
+    if kind not in allowed:
+        problems.append(f"{path}: {key}.rope_type '{kind}' is not implemented"
+                        f"{' for ' + family.architecture if family is not None and family.rope_types else ''};"
+                        f" supported: {', '.join(allowed)}")
         return theta, None
     if kind == "default":
         return theta, None
+    if kind == "longrope":
+        return theta, _longrope(raw, params, key, path, problems)
     if kind == "yarn":
         params = _yarn_window(raw, params)
     wanted = _ROPE_KEYS[kind]
@@ -323,6 +349,30 @@ _ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor"
 # merged/ measures the same window (pipeline.model.rope_recipe)
 _ROPE_OPTIONAL = {"yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
                   "dynamic": ("original_max_position_embeddings",)}
+
+
+def _longrope(raw: Mapping[str, Any], params: Mapping[str, Any], key: str, path: Any,
+              problems: list[str]) -> dict[str, Any] | None:
+    """LongRoPE's keys as Phi3Config standardises them (modeling_rope_utils.standardize_rope_params): short_factor and
+    long_factor (one number per rotary pair), original_max_position_embeddings from the top-level key first (Phi-3's
+    spelling, which Phi3Config always has: 4,096 by default), else the rope dict's; factor and attention_factor when
+    given (pipeline.model.rope.rope_attention_factor derives the rest)."""
+    before = len(problems)
+    for name in ("short_factor", "long_factor"):
+        value = params.get(name)
+        if not (isinstance(value, list) and value and all(_number(v) for v in value)):
+            problems.append(f"{path}: {key}.{name} is {value!r}; expected a list of numbers, one per rotary pair"
+                            " (rope_type longrope needs it)")
+    window = raw.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
+    if type(window) is not int or window < 1:
+        problems.append(f"{path}: original_max_position_embeddings is {window!r}; expected a positive integer"
+                        " (rope_type longrope switches to long_factor past it)")
+    optional = {k: params[k] for k in ("factor", "attention_factor") if params.get(k) is not None}
+    problems += [f"{path}: {key}.{k} is {v!r}; expected a number" for k, v in optional.items() if not _number(v)]
+    if len(problems) > before:
+        return None
+    return {"type": "longrope", "short_factor": list(params["short_factor"]), "long_factor": list(params["long_factor"]),
+            "original_max_position_embeddings": window, **optional}
 
 
 def _number(value: Any) -> bool:
@@ -395,8 +445,11 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     windows = layer_windows(family, raw, path, problems)
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
-    theta, scaling = _rope(raw, path, problems)
+    theta, scaling = _rope(raw, path, problems, family)
     moe = moe_fields(family.moe, raw, path, problems) if family.moe else {}
+    rotary = _partial_rotary(family, raw, path, problems)
+    if family is PHI3:
+        problems += _phi3_dropout(raw, path)
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -407,6 +460,10 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     if head_dim is None and raw["hidden_size"] % heads:
         problems.append(f"{path}: hidden_size {raw['hidden_size']} is not divisible by num_attention_heads {heads}"
                         " (and no head_dim is given)")
+    if scaling and scaling["type"] == "longrope":
+        pairs = int((head_dim or raw["hidden_size"] // heads) * rotary) // 2
+        problems += [f"{path}: rope_scaling.{k} has {len(scaling[k])} numbers; expected {pairs}, one per rotary pair"
+                     for k in ("short_factor", "long_factor") if len(scaling[k]) != pairs]
     if problems:
         raise UserError(problems)
     bias = "attention_bias" in family.bias_keys and bool(raw.get("attention_bias", False))
@@ -421,9 +478,35 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         # Qwen2 always has q/k/v biases, Qwen2-MoE where qkv_bias (absent: true); neither an o_proj bias
         qkv_bias=True if family is QWEN2 else bool(raw.get("qkv_bias", True)) if "qkv_bias" in family.bias_keys
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias,
-        qk_norm=family.qk_norm, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
-        layer_windows=windows, **moe,
+        qk_norm=family.qk_norm, qkv_fused=family.fused, mlp_fused=family.fused,
+        partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
+        **moe,
     )
+
+
+def _partial_rotary(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> float:
+    """The fraction of each head's dims RoPE rotates (Phi-4-mini 0.75), where the family's class reads it: the rope
+    dict's partial_rotary_factor first, then the top-level key (Phi3Config.convert_rope_params_to_dict), else 1."""
+    if not family.partial_rotary:
+        return 1.0
+    params = raw.get("rope_scaling") or raw.get("rope_parameters")
+    params = params if isinstance(params, dict) else {}
+    value = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    value = 1.0 if value is None else value
+    if not _number(value) or not 0 < value <= 1:
+        problems.append(f"{path}: partial_rotary_factor is {value!r}; expected a number in (0, 1]")
+        return 1.0
+    return float(value)
+
+
+def _phi3_dropout(raw: Mapping[str, Any], path: Any) -> list[str]:
+    """Phi3 drops out attention weights (attention_dropout) and each residual branch (resid_pdrop), never the
+    embeddings (Phi3Model does not read embd_pdrop); our one drop_rate also drops the embeddings, so only the rates
+    every published Phi-3 / Phi-4 config.json has, 0, are read exactly."""
+    return [f"{path}: {k} is {raw[k]!r}; only 0 is supported for {PHI3.architecture} (every published Phi-3 / Phi-4"
+            f" config.json has 0; this pipeline's one dropout rate would also drop the embeddings, which Phi3Model"
+            f" does not): set it to 0.0" for k in ("attention_dropout", "resid_pdrop", "embd_pdrop")
+            if raw.get(k) not in (None, 0, 0.0)]
 
 
 def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
@@ -556,6 +639,14 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out["qkv_bias"] = cfg.qkv_bias
     if family.moe:
         out.update(moe_config(family.moe, cfg))
+    if family.partial_rotary:  # Phi3Config: both spellings, the rope dict's read first
+        out["partial_rotary_factor"] = out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+    if family is PHI3:  # Phi3Config's defaults are Phi-3-mini's ids (pad 32000: no row of a smaller vocabulary)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            out.setdefault(key, None)
+    if scaling and "original_max_position_embeddings" in scaling and family is PHI3:
+        # Phi3Config reads the top-level key before the rope dict's (standardize_rope_params)
+        out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     return out
 
 
@@ -567,6 +658,7 @@ _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
     "mistral": decoder_config, "qwen3_moe": decoder_config, "mixtral": decoder_config, "qwen2_moe": decoder_config}
+HF_CONFIG["phi3"] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -591,13 +683,24 @@ def check_exportable(cfg: Any) -> list[str]:
                         mlp_only_layers=(), moe_ffn_dim=cfg.hidden_dim),
         "qwen2_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
                           o_bias=False, mlp_bias=False),
+        "phi3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=True, qk_norm=False, qkv_bias=False,
+                     o_bias=False, mlp_bias=False),
     }[family.name]
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
+    want["mlp_fused"] = family.fused  # one gate_up_proj (Phi3MLP) or gate_proj + up_proj
+    if family.name != "gpt2":
+        want["qkv_fused"] = family.fused
+    if not family.partial_rotary:
+        want["partial_rotary_factor"] = 1.0
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]
+    kind = dict(cfg.rope_scaling or {}).get("type", "default")
+    if kind not in (family.rope_types or DEFAULT_ROPE_TYPES):
+        problems.append(f"{family.architecture} cannot express rope_scaling type {kind!r} (it runs"
+                        f" {', '.join(family.rope_types or DEFAULT_ROPE_TYPES)})")
     widths = {w for w in cfg.layer_windows if w}
     if widths and (len(widths) > 1 or not family.sliding_window
                    or (family.sliding_window in ("every", "flag") and None in cfg.layer_windows)):

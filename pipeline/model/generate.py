@@ -17,6 +17,7 @@ from pipeline.model.config import decode_steps, prompt_room
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.penalties import penalize_repeats
+from pipeline.model.rope import longrope_restart
 from pipeline.model.weights import note
 
 
@@ -165,6 +166,11 @@ def generate(
             seen = torch.zeros(len(batch), model.cfg.vocab_size, device=device).scatter_add_(1, ids, mask.float()) > 0
         for _ in range(steps):
             attn = mask if padded else None
+            if past is not None and past.length and longrope_restart(model.cfg, ids.shape[1], past.length):
+                # Phi3ForCausalLM.prepare_inputs_for_generation: the first step past original_max_position_embeddings
+                # drops the cache and runs the whole sequence again (every key on the long factors)
+                past = KVCache(len(model.layers), capacity=past.capacity)
+                step_ids, step_pos = ids, positions
             if use_cache:
                 logits, past = model(step_ids, attention_mask=attn, position_ids=step_pos, past_kv=past, use_cache=True,
                                      last_only=True)

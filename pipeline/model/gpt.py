@@ -3,10 +3,11 @@
 Family differences are ModelConfig fields, never family checks in this file:
 
     norm        LayerNorm (GPT-2) | RMSNorm (Llama, Qwen)
-    positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN)
-    mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU); n_experts: sparse MoE blocks
-                (Qwen3-MoE, Mixtral: a router picks experts_per_token SwiGLU experts per token; Qwen2-MoE adds a
-                gated shared expert)
+    positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN, LongRoPE),
+                on the first partial_rotary_factor of each head (Phi-4-mini)
+    mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU; gate and up one Linear: Phi-3's
+                gate_up_proj); n_experts: sparse MoE blocks (Qwen3-MoE, Mixtral: a router picks experts_per_token
+                SwiGLU experts per token; Qwen2-MoE adds a gated shared expert)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
                 per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
                 a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window: layer_windows)
@@ -33,7 +34,8 @@ from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.neftune import neftune_noise
-from pipeline.model.rope import dynamic_length, rope_attention_factor, rope_inv_freq  # noqa: F401 (re-export)
+from pipeline.model.rope import (dynamic_length, longrope_long, rope_attention_factor,  # noqa: F401 (re-export)
+                                 rope_inv_freq)
 
 IGNORE_INDEX = -100
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
@@ -91,15 +93,23 @@ class FeedForward(nn.Module):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
         hidden = hidden_dim or cfg.hidden_dim  # an expert's is moe_ffn_dim
-        if self.swiglu:
+        self.fused = cfg.mlp_fused
+        if self.fused:  # Phi3MLP's gate_up_proj: the gate's rows, then up's
+            self.gate_up_proj = Linear(cfg.emb_dim, 2 * hidden, bias=cfg.mlp_bias)
+        elif self.swiglu:
             self.gate_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
-        self.up_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
+        if not self.fused:
+            self.up_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
         self.act = nn.SiLU() if self.swiglu else GELU()
         self.down_proj = Linear(hidden, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else self.act(self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            h = up * self.act(gate)
+        else:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else self.act(self.up_proj(x))
         return self.drop(self.down_proj(h))
 
 
@@ -167,8 +177,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """HF's (non-interleaved) rotation: the first and second half of each head are the pairs."""
+    """HF's (non-interleaved) rotation: the first and second half of the rotated dims are the pairs. cos / sin
+    narrower than the head (partial_rotary_factor < 1, Phi-4-mini) rotate its first dims and pass the rest, as
+    transformers' Phi3 apply_rotary_pos_emb does."""
     cos, sin = rope
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        head, rest = x[..., :rot], x[..., rot:]
+        return torch.cat([head * cos + _rotate_half(head) * sin, rest], dim=-1)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -265,7 +281,7 @@ class GPTModel(nn.Module):
         else:
             self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
-        self._rope_length = cfg.context_length  # the length they stand for (dynamic NTK only: rope.dynamic_length)
+        self._rope_length = cfg.context_length  # the length they stand for (dynamic NTK: rope.dynamic_length; LongRoPE)
         self.gradient_checkpointing = False
         self.neftune_noise_alpha: float | None = None  # set_neftune: noisy embeddings in training forwards
         self.tie_weights()
@@ -316,6 +332,11 @@ class GPTModel(nn.Module):
             length = dynamic_length(self._rope_length, int(position_ids.max()) + 1, self.cfg.context_length)
             if length != self._rope_length:
                 self._inv_freq, self._rope_length = None, length
+        elif dict(self.cfg.rope_scaling or {}).get("type") == "longrope":  # short or long factors, per forward
+            length = int(position_ids.max()) + 1
+            if longrope_long(self.cfg, length) != longrope_long(self.cfg, self._rope_length):
+                self._inv_freq = None
+            self._rope_length = length
         if self._inv_freq is None or self._inv_freq.device != position_ids.device:
             self._inv_freq = rope_inv_freq(self.cfg, position_ids.device, self._rope_length)
         return rope_cos_sin(self._inv_freq, position_ids, dtype, rope_attention_factor(self.cfg))

@@ -22,7 +22,7 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None, length: 
     (Llama 3.1's smooth interpolation: long wavelengths slowed, short ones kept, a linear blend between),
     yarn (the same idea with the blend over rotation counts, transformers' _compute_yarn_parameters) or
     dynamic (a larger theta for sequences of `length` > context_length; the others ignore `length`)."""
-    d = cfg.head_dim
+    d = cfg.rope_dim
     s = dict(cfg.rope_scaling or {})
     theta = _dynamic_theta(cfg, s["factor"], length, device) if s.get("type") == "dynamic" else cfg.rope_theta
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
@@ -32,7 +32,28 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None, length: 
         return _llama3(inv, s)
     if s.get("type") == "yarn":
         return _yarn(cfg.rope_theta, d, s, device)
+    if s.get("type") == "longrope":  # _compute_longrope_parameters: 1 / (ext_factor x theta^(2j/d))
+        factors = s["long_factor"] if longrope_long(cfg, length) else s["short_factor"]
+        ext = torch.tensor(factors, dtype=torch.float32, device=device)
+        return 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
     return inv
+
+
+def longrope_restart(cfg: ModelConfig, width: int, cached: int) -> bool:
+    """Whether a cached decode of a sequence `width` tokens long (its pads included) with `cached` tokens in the KV
+    cache starts again from no cache: LongRoPE's keys cached on the short factors while the sequence now runs past
+    original_max_position_embeddings (Phi3ForCausalLM.prepare_inputs_for_generation's rule, modeling_phi3.py)."""
+    s = dict(cfg.rope_scaling or {})
+    return s.get("type") == "longrope" and width >= s["original_max_position_embeddings"] + 1 \
+        and cached <= s["original_max_position_embeddings"]
+
+
+def longrope_long(cfg: ModelConfig, length: int) -> bool:
+    """Whether LongRoPE runs its long factors for a forward whose largest position is length - 1: past
+    original_max_position_embeddings (transformers' longrope_frequency_update, per forward, whole batch); the short
+    ones up to it. False for every other rope type."""
+    s = dict(cfg.rope_scaling or {})
+    return s.get("type") == "longrope" and length > s["original_max_position_embeddings"]
 
 
 def _dynamic_theta(cfg: ModelConfig, factor: float, length: int,
@@ -41,7 +62,7 @@ def _dynamic_theta(cfg: ModelConfig, factor: float, length: int,
     with L = max(length, C), C = max_position_embeddings (context_length; LLaMA-Factory's window x factor,
     not the window). At L = C the multiplier is 1: the plain frequencies. Past C it is computed as there, in
     fp32 from a tensor length on the device (there it is max(position_ids) + 1), so the frequencies match."""
-    c, d = cfg.context_length, cfg.head_dim
+    c, d = cfg.context_length, cfg.rope_dim
     if length <= c:
         return cfg.rope_theta
     return cfg.rope_theta * ((factor * torch.tensor(length, device=device) / c) - (factor - 1)) ** (d / (d - 2))
@@ -65,8 +86,16 @@ def dynamic_length(cached: int, longest: int, context: int) -> int:
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """What cos and sin are multiplied by: YaRN's attention_factor when given, else 0.1 ln(factor) + 1 (the
     paper's sqrt(1/t)), or the DeepSeek form mscale(factor, mscale) / mscale(factor, mscale_all_dim) when
-    both are set and non-zero; 1 for every other rope type."""
+    both are set and non-zero; LongRoPE's attention_factor when given, else sqrt(1 + ln(factor) / ln(original)) with
+    factor max_position_embeddings / original_max_position_embeddings when not given (1 at factor <= 1); 1 for
+    every other rope type."""
     s = dict(cfg.rope_scaling or {})
+    if s.get("type") == "longrope":  # _compute_longrope_parameters: the factor from the two lengths when not given
+        old = s["original_max_position_embeddings"]
+        factor = s.get("factor") or cfg.context_length / old
+        if s.get("attention_factor") is not None:
+            return float(s["attention_factor"])
+        return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
     if s.get("type") != "yarn":
         return 1.0
     if s.get("attention_factor") is not None:

@@ -41,6 +41,11 @@ def recipe_rope(cfg: ModelConfig, kind: str | None, cutoff_len: int) -> RopePlan
     if cfg.positions != "rope":
         raise UserError(f"rope_scaling: given {kind!r}, but a {cfg.family} model has learned positions (no rotary "
                         "embedding to scale); remove the key")
+    allowed = cfg.hf.rope_types
+    if allowed and kind not in allowed:  # Phi3Config.validate_rope raises on any other type (and reads yarn as longrope)
+        raise UserError(f"rope_scaling: given {kind!r}, but {cfg.hf.architecture} runs only rope types"
+                        f" {', '.join(allowed)} (transformers refuses the others; LongRoPE's factors come with the"
+                        " checkpoint, as Phi-3.5-mini / Phi-4-mini's); remove the key")
     if cutoff_len <= window:
         return RopePlan(cfg, window, False)
     factor = float(math.ceil(cutoff_len / window))

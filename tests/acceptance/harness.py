@@ -155,6 +155,25 @@ def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: in
     return model
 
 
+def save_pretrained_small(folder: Path, vocab: str, model_class: str, config_class: str, special: Sequence[str],
+                          **config: Any) -> Any:
+    """A random tiny transformers `model_class` (noise on every tensor) saved in `folder` with tests.helpers.hf_vocab's
+    small byte-level tokenizer of `vocab`; the config gets its vocabulary size and the `special` ids of that
+    tokenizer's generation_config.json (a list's first), which is kept as the tokenizer wrote it. Returns the model."""
+    import transformers
+
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    size = write_small_tokenizer_dir(folder, vocab)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    ids = {key: value[0] if isinstance(value := generation[key], list) else value for key in special}
+    model = random_model(getattr(transformers, model_class),
+                         getattr(transformers, config_class)(**config, vocab_size=size, **ids))
+    model.save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps(generation))
+    return model
+
+
 def always_answer(model: Any, token: int) -> Any:
     """`model` (a transformers Llama / Qwen with an untied head, in place) made to score `token` highest at every
     position, whatever the input: every token embeds as the same vector, attention and MLP add only 1/1000 of

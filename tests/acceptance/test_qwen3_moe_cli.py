@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 
-from tests.acceptance.harness import assert_outputs_compute_ours, pipeline, random_model, refused, write_recipe
+from tests.acceptance.harness import (assert_outputs_compute_ours, pipeline, refused, save_pretrained_small,
+                                     write_recipe)
 
 TINY = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
@@ -17,18 +18,8 @@ TINY = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_
 def save_pretrained_moe(folder, **changes):
     """A random tiny Qwen3MoeForCausalLM (noise on every tensor; TINY with `changes`) with tests.helpers.hf_vocab's
     small Qwen3 tokenizer."""
-    import transformers
-
-    from tests.helpers.hf_vocab import write_small_tokenizer_dir
-
-    size = write_small_tokenizer_dir(folder, "qwen3")
-    generation = json.loads((folder / "generation_config.json").read_text())
-    config = transformers.Qwen3MoeConfig(**{**TINY, **changes}, vocab_size=size,
-                                         eos_token_id=generation["eos_token_id"][0])
-    model = random_model(transformers.Qwen3MoeForCausalLM, config)
-    model.save_pretrained(folder)
-    (folder / "generation_config.json").write_text(json.dumps(generation))
-    return model
+    return save_pretrained_small(folder, "qwen3", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", ("eos_token_id",),
+                                 **{**TINY, **changes})
 
 
 def test_lora_sft_from_a_save_pretrained_qwen3_moe_merges_to_qwen3_moe(workdir):

@@ -174,6 +174,10 @@ SMALL_ADDED = {
     "mistral_v3": [(t, True) for t in ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
                                        "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]")],  # control tokens
 }
+# Phi-4's vocabulary (cl100k-like byte-level BPE, not on PyPI) in small: the markup of the phi, phi4 and phi4_mini
+# templates, all special as in Phi-4's / Phi-4-mini's tokenizer.json, and Phi-4's pad <|dummy_85|>
+SMALL_ADDED["phi4"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|system|>",
+                                           "<|user|>", "<|assistant|>", "<|end|>", "<|dummy_85|>")]
 
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
@@ -201,6 +205,10 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
         generation = {"bos_token_id": ids["<|begin_of_text|>"],
                       "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}
+    elif family == "phi4":  # microsoft/phi-4's tokenizer_config.json / generation_config.json, by name
+        config = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>"}
+        generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                      "pad_token_id": ids["<|dummy_85|>"]}
     elif family.startswith("mistral"):
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}

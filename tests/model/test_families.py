@@ -137,14 +137,17 @@ def test_padded_batch_logits_equal_transformers(checkpoint):
 
 def test_greedy_generation_equals_transformers_with_and_without_cache(checkpoint):
     _, path, ref = checkpoint
-    ours = load_model(path).eval()
-    prompt = ids(1, (1, 9))[0].tolist()
+    assert_greedy_equals_transformers(ref, load_model(path).eval(), ids(1, (1, 9))[0].tolist(), 16)
+
+
+def assert_greedy_equals_transformers(ref, ours, prompt: list[int], new: int) -> None:
+    """transformers' greedy generate of `new` tokens (no EOS), a varied continuation, is ours cached and uncached."""
     with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, 9:].tolist()
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
     assert len(set(expected)) > 3  # a varied continuation
-    assert generate(ours, prompt, max_new_tokens=16, eos_id=None) == expected
-    assert generate(ours, prompt, max_new_tokens=16, eos_id=None, use_cache=False) == expected
+    assert generate(ours, prompt, max_new_tokens=new, eos_id=None) == expected
+    assert generate(ours, prompt, max_new_tokens=new, eos_id=None, use_cache=False) == expected
 
 
 def test_batched_left_padded_generation_equals_one_by_one(checkpoint):

@@ -63,3 +63,14 @@ def family_dirs(vocab_dirs, tmp_path_factory) -> dict[str, Path]:
     gpt2_dir = tmp_path_factory.mktemp("gpt2")
     merge.write_tokenizer_files(gpt2_dir, gpt2(), 1024)
     return {"gpt2": gpt2_dir, **{f: vocab_dirs[f] for f in ("llama3", "qwen2", "qwen3", "deepseek_r1_qwen")}}
+
+
+@pytest.fixture(scope="session")
+def phi_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE with Phi's special tokens (Phi-4's vocabulary is not on PyPI): the phi, phi4 and
+    phi4_mini templates' tokenizer (tests.helpers.hf_vocab.write_small_tokenizer_dir)."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    directory = tmp_path_factory.mktemp("phi4_vocab")
+    write_small_tokenizer_dir(directory, "phi4")
+    return directory
