@@ -92,8 +92,9 @@ def lf_rows(data: bytes) -> Any:
         return datasets.Dataset.from_file(f"{tmp}/rows.arrow", in_memory=True)
 
 
-def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42) -> tuple[dict, str]:
-    """(results.json, the score table) of llamafactory 0.9.5's Evaluator for the qwen template, lang en."""
+def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42, model: Any = None) -> tuple[dict, str]:
+    """(results.json, the score table) of llamafactory 0.9.5's Evaluator for the qwen template, lang en: transformers'
+    model of `checkpoint` unless `model` is given (a PEFT model on it)."""
     import torch
     import transformers
 
@@ -102,7 +103,8 @@ def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42) -> tu
     # whose own digit-splitting pre-tokenizer replaces the small test vocabulary's (GPT-2's); a real Qwen
     # tokenizer.json has Qwen's, and the two agree there
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"))
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     choices = ["A", "B", "C", "D"]  # extras/constants.py:35
     choice_ids = [tokenizer.encode(ch, add_special_tokens=False)[-1] for ch in choices]  # eval/evaluator.py:69
     system = "The following are multiple choice questions (with answers) about {subject}.\n\n"  # eval/template.py:68
@@ -167,13 +169,19 @@ def bench(tmp_path_factory) -> Path:
     return root
 
 
-def test_mmlu_recipe_as_typed_predicts_as_llama_factory(bench):
+@pytest.fixture(scope="module")
+def golden(bench) -> tuple[dict, str]:
+    """LLaMA-Factory's results.json and table for the base checkpoint, 2-shot."""
+    return lf_golden(bench / "evaluation" / "mmlu", bench / "qwen", n_shot=2)
+
+
+def test_mmlu_recipe_as_typed_predicts_as_llama_factory(bench, golden):
     """An LLaMA-Factory eval recipe, typed as `python -m pipeline eval recipe.yaml`: results.json holds the letters
     LLaMA-Factory's Evaluator picks (same shots, prompts and argmax), the table is its table; the batch size changes
-    nothing (1 and 3 against 2)."""
+    nothing (3 against 2, and the golden's one question at a time)."""
     (bench / "lf_eval.yaml").write_text(RECIPE.format(model="qwen", batch=2, save="saves/mmlu"))
     done = pipeline("eval", "lf_eval.yaml", cwd=bench)
-    golden, table = lf_golden(bench / "evaluation" / "mmlu", bench / "qwen", n_shot=2)
+    golden, table = golden
     saved = bench / "saves" / "mmlu"
     assert json.loads((saved / "results.json").read_text()) == golden
     assert len(set("".join(v for s in golden.values() for v in s.values()))) > 1  # not one letter everywhere
@@ -186,10 +194,36 @@ def test_mmlu_recipe_as_typed_predicts_as_llama_factory(bench):
                                                            for i, row in enumerate(SUBJECTS["history"][2]["test"]))}
     report = (saved / "report.md").read_text()
     assert "| world history (`history`) | Humanities |" in report and (saved / "accuracy.png").stat().st_size > 0
-    for batch in (1, 3):
-        pipeline("eval", "lf_eval.yaml", f"batch_size={batch}", f"save_dir=saves/b{batch}", cwd=bench,
-                 as_typed=False)
-        assert json.loads((bench / "saves" / f"b{batch}" / "results.json").read_text()) == golden
+    # batches of 3 (5, 4 and 3 questions a subject: other pads, a last short batch), against 2 and the golden's 1
+    pipeline("eval", "lf_eval.yaml", "batch_size=3", "save_dir=saves/b3", cwd=bench, as_typed=False)
+    assert json.loads((bench / "saves" / "b3" / "results.json").read_text()) == golden
+
+
+def test_a_peft_adapter_is_evaluated_on_its_base(bench, golden, tmp_path):
+    """adapter_name_or_path (a PEFT LoRA adapter, as LLaMA-Factory's example names its sft run): the predictions of
+    PEFT's model of the base + adapter (not the base's)."""
+    import peft
+    import torch
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(bench / "qwen", dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False)  # B random too: the adapter changes the answers
+    torch.manual_seed(1)
+    adapted = peft.get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.mul_(4.0)
+    adapted.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "qwen").symlink_to(bench / "qwen")
+    (tmp_path / "evaluation").symlink_to(bench / "evaluation")
+    (tmp_path / "r.yaml").write_text(RECIPE.format(model="qwen", batch=4, save="saves/lora")
+                                     + "adapter_name_or_path: adapter\nfinetuning_type: lora\n")
+    pipeline("eval", "r.yaml", cwd=tmp_path, as_typed=False)
+    tuned, _ = lf_golden(bench / "evaluation" / "mmlu", bench / "qwen", n_shot=2, model=adapted)
+    assert json.loads((tmp_path / "saves" / "lora" / "results.json").read_text()) == tuned != golden[0]
+    assert "+ LoRA adapter adapter" in (tmp_path / "saves" / "lora" / "report.md").read_text()
 
 
 def test_shot_draws_are_datasets_seedless_shuffle():
@@ -275,6 +309,9 @@ def test_mistakes_are_one_message_each(bench, tmp_path):
     assert "override task=mmlu_val: task: given 'mmlu_val', expected <folder>_<split> with split one of test, " \
            "validation, train" in refusal("task=mmlu_val", as_typed=True)
     assert "lang: given 'fr', expected one of en, zh" in refusal("lang=fr")
+    assert "r.yaml:5:9: n_shot: set to 2, but only eval with task reads it" in refusal("task=null")
+    assert "r.yaml:3:7: task: set to 'mmlu_test': a benchmark is run by `python -m pipeline eval RECIPE`" in refused(
+        "train", "r.yaml", "dataset=x", cwd=tmp_path, as_typed=False)
     assert "no folder nowhere/mmlu" in refusal("task_dir=nowhere")
     (tmp_path / "saves" / "x").mkdir(parents=True)
     assert "r.yaml:8:11: save_dir: saves/x already exists; LLaMA-Factory refuses" in refusal()
