@@ -31,15 +31,17 @@ from pipeline.recipe.args import BenchmarkArgs, benchmark_args, data_args, eval_
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
     from pipeline.data.model_tokenizer import recipe_tokenizer
-    from pipeline.evaluate.devices import autocast, device as eval_device
-    from pipeline.model.build import load_for_inference
-    from pipeline.model.weights import DTYPES, note
-    from pipeline.recipe.precision import weights_dtype
-    from pipeline.runtime.layout import RunLayout, current_weights, describe
+    from pipeline.evaluate.devices import autocast
+    from pipeline.model.weights import note
 
     bench = benchmark_args(r)
+    if r["world_size"] > 1:
+        raise UserError(f"{_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one too, "
+                        "its model spread over the GPUs); run `python -m pipeline eval` without NPROC / the launcher")
     if bench.save_dir is not None and Path(bench.save_dir).exists():  # before anything is read or loaded
-        raise UserError(save_dir_exists(bench.save_dir, _where(r, "save_dir")))
+        raise UserError(f"{_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an existing "
+                        "save_dir too (\"`save_dir` already exists, use another one.\"): name a new folder, or remove "
+                        "this one")
     try:
         parse_task(bench.task)
     except ValueError as err:
@@ -50,47 +52,52 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     prompts = encode_task(task, bench, data, tokenizer)
     choice_ids = [tokenizer.encode(ch)[-1] for ch in CHOICES]  # evaluator.py:69
 
-    ft = recipe_args(r).finetune
-    weights = current_weights(RunLayout.of(r["output_dir"], r["export_dir"]), ft.finetuning_type,
-                              ft.adapter_name_or_path)
-    device = eval_device()
-    model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)),
-                               device=device, dtype=DTYPES[weights_dtype(r)])
-    context = getattr(getattr(model, "cfg", None), "context_length", None)
+    model, described = _model(r)
     for subject in task.subjects:
-        _check_context(prompts[subject.key], context, subject, bench.n_shot)
+        _check_context(prompts[subject.key], model.cfg, subject, bench.n_shot)
     predictions: dict[str, list[str]] = {}
-    total = sum(len(p) for p in prompts.values())
-    with tqdm(total=total, desc=f"{task.name} {task.split}", unit="question") as bar:
+    device = next(model.parameters()).device
+    with tqdm(total=sum(map(len, prompts.values())), desc=f"{task.name} {task.split}", unit="question") as bar, \
+            autocast(eval_args(r), device):
         for subject in task.subjects:
             bar.set_postfix_str(subject.name)
-            with autocast(eval_args(r), device):
-                predictions[subject.key] = predict(model, prompts[subject.key], choice_ids, bench.batch_size, tokenizer.pad_id,
-                                                   on_batch=bar.update)
+            predictions[subject.key] = predict(model, prompts[subject.key], choice_ids, bench.batch_size,
+                                               tokenizer.pad_id, on_batch=bar.update)
     scores = score(task, predictions)
     table = score_table(scores)
     print(table, flush=True)
     if bench.save_dir is not None:
         info = {"task": bench.task, "task_dir": bench.task_dir, "n_shot": bench.n_shot, "lang": bench.lang,
-                "seed": bench.seed, "batch_size": bench.batch_size, "template": r["template"],
-                "model": (describe(weights, r["model_name_or_path"], ft.finetuning_type) if weights
-                          else f"{r['model_name_or_path']} (base model)"),
+                "seed": bench.seed, "batch_size": bench.batch_size, "template": r["template"], "model": described,
                 "recipe": str(getattr(r, "recipe_path", "")) or None}
         write(Path(bench.save_dir), task, predictions, scores, table, info)
         note(f"eval {bench.task}: results in {bench.save_dir}")
     return 0
 
 
+def _model(r: Mapping[str, Any]) -> tuple[torch.nn.Module, str]:
+    """The model eval and chat take (pipeline.runtime.layout.current_weights: an up-to-date merged/, else the trained
+    adapter or model/, else adapter_name_or_path), else the base; in the run's precision. With how reports name it."""
+    from pipeline.evaluate.devices import device
+    from pipeline.model.build import load_for_inference
+    from pipeline.model.weights import DTYPES
+    from pipeline.recipe.precision import weights_dtype
+    from pipeline.runtime.layout import RunLayout, current_weights, describe
+
+    ft = recipe_args(r).finetune
+    weights = current_weights(RunLayout.of(r["output_dir"], r["export_dir"]), ft.finetuning_type,
+                              ft.adapter_name_or_path)
+    model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)),
+                               device=device(), dtype=DTYPES[weights_dtype(r)])
+    named = (describe(weights, r["model_name_or_path"], ft.finetuning_type) if weights
+             else f"{r['model_name_or_path']} (base model)")
+    return model, named
+
+
 def _where(r: Mapping[str, Any], key: str) -> str:
     """`file:line:col: key` of a recipe key the user set, for messages."""
     origin = r.origin(key) if hasattr(r, "origin") else None
     return f"{origin.where}: {key}" if origin is not None and origin.kind in ("file", "cli") else f"recipe: {key}"
-
-
-def save_dir_exists(save_dir: str, where: str) -> str:
-    """The message for an existing save_dir (LLaMA-Factory's EvaluationArguments.__post_init__ refuses it too)."""
-    return (f"{where}: {save_dir} already exists; LLaMA-Factory refuses an existing save_dir too (\"`save_dir` "
-            "already exists, use another one.\"): name a new folder, or remove this one")
 
 
 def encode_task(task: Task, bench: BenchmarkArgs, data: Any, tokenizer: Any) -> dict[str, list[list[int]]]:
@@ -112,14 +119,15 @@ def encode_task(task: Task, bench: BenchmarkArgs, data: Any, tokenizer: Any) -> 
     return out
 
 
-def _check_context(prompts: Sequence[Sequence[int]], context: int | None, subject: Subject, n_shot: int) -> None:
-    if context is None:
+def _check_context(prompts: Sequence[Sequence[int]], cfg: Any, subject: Subject, n_shot: int) -> None:
+    """A prompt longer than the model's context (the model's forward refuses it; dynamic RoPE scaling stretches it)."""
+    if getattr(cfg, "dynamic_rope", False) or not prompts:
         return
-    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]), default=None)
-    if longest is not None and len(prompts[longest]) > context:
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    if len(prompts[longest]) > cfg.context_length:
         shots = f" with its {n_shot} shots" if n_shot else ""
         raise UserError(f"{subject.where}: row {longest}: its prompt is {len(prompts[longest])} tokens{shots}, longer "
-                        f"than the model's context of {context}{'; lower n_shot' if n_shot else ''}")
+                        f"than the model's context of {cfg.context_length}{'; lower n_shot' if n_shot else ''}")
 
 
 @torch.inference_mode()

@@ -154,17 +154,8 @@ def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42, model
 def bench(tmp_path_factory) -> Path:
     """A tiny Qwen2 checkpoint (transformers' save_pretrained, a small byte-level vocabulary with Qwen's markup) whose
     weights are noisy enough that the letter picked changes with the question, and the MMLU task folder."""
-    import torch
-    import transformers
-
     root = tmp_path_factory.mktemp("bench")
-    write_hf_checkpoint(root / "qwen", "qwen2", small_vocab=True, max_position_embeddings=1024)
-    model = transformers.AutoModelForCausalLM.from_pretrained(root / "qwen")
-    noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=noise) * 0.5)
-    model.save_pretrained(root / "qwen")
+    write_hf_checkpoint(root / "qwen", "qwen2", small_vocab=True, max_position_embeddings=1024, noise=0.5)
     write_mmlu(root / "evaluation")
     return root
 
