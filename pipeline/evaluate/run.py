@@ -14,6 +14,7 @@ adapter, or output_dir/model for full/freeze), then for each model
 For a dpo recipe the loss is over the chosen responses of the held-out pairs, the generations are scored
 against the chosen responses, and pipeline.evaluate.preference adds preference accuracy and reward margins.
 An rm recipe (a reward model: no text to generate) gets pipeline.evaluate.reward's pairwise loss and accuracy.
+A recipe with `task` runs LLaMA-Factory's multiple-choice benchmark instead (pipeline.evaluate.choice).
 
 With WORLD_SIZE > 1 every rank takes every world_size-th batch / example, the sums and predictions
 are gathered, and rank 0 writes output_dir/eval/ (metrics.json, predictions.jsonl, report.md, plots).
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report, reward
+from pipeline.evaluate.devices import autocast as _autocast, device as _device
 from pipeline.model.build import ModelArgs
 from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
@@ -43,6 +45,10 @@ from pipeline.runtime.layout import RunLayout, current_weights, describe
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
+    if r.get("task") is not None:  # LLaMA-Factory's eval recipe: a multiple-choice benchmark, not the held-out split
+        from pipeline.evaluate import choice
+
+        return choice.run(r, args)
     rank, world = _init_distributed()
     out = Path(r["output_dir"])
     tuned = tuned_model(r)
@@ -297,16 +303,6 @@ def _barrier() -> None:
     from pipeline.runtime.dist import barrier
 
     barrier()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _autocast(ev: EvalArgs, device: torch.device):
-    """bf16/fp16 compute on CUDA when the recipe trains that way; fp32 otherwise (CPU evaluation)."""
-    dtype = torch.bfloat16 if ev.bf16 else torch.float16 if ev.fp16 else None
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
 
 
 # ---------------------------------------------------------------- text

@@ -185,6 +185,20 @@ class EvalArgs:
 
 
 @dataclass(frozen=True)
+class BenchmarkArgs:
+    """eval with `task`: LLaMA-Factory's multiple-choice benchmarks (its EvaluationArguments, the same names and
+    defaults; seed is the recipe's one seed, 42 by default as there)."""
+
+    task: str
+    task_dir: str
+    n_shot: int
+    lang: str
+    batch_size: int
+    seed: int
+    save_dir: str | None
+
+
+@dataclass(frozen=True)
 class PreferenceArgs:
     """stage dpo / kto: the preference loss and its coefficients, and the reference model (null: the starting model)."""
 
@@ -253,6 +267,11 @@ def from_recipe(cls: type, r: Mapping[str, Any]) -> Any:
 def eval_args(r: Mapping[str, Any]) -> EvalArgs:
     """Resolved recipe (or a plain dict in tests) -> EvalArgs for pipeline.evaluate."""
     return from_recipe(EvalArgs, r)
+
+
+def benchmark_args(r: Mapping[str, Any]) -> BenchmarkArgs:
+    """Resolved recipe (or a plain dict in tests) -> BenchmarkArgs for pipeline.evaluate.choice."""
+    return from_recipe(BenchmarkArgs, r)
 
 
 def preference_args(r: Mapping[str, Any]) -> PreferenceArgs:

@@ -42,6 +42,9 @@ _JOINED_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
 # LLaMA-Factory's merge and inference recipes name no dataset; deps: `make export` reads an export recipe's deps
 # (the commands that need the data, build first, still say the dataset is missing)
 NO_DATA_COMMANDS = ("export", "generate", "chat", "deps")
+# a recipe with `task` (LLaMA-Factory's eval recipe: a multiple-choice benchmark, pipeline.evaluate.choice) names no
+# dataset either (eval alone reads the key; the other commands still ask for a dataset)
+BENCHMARK_COMMANDS = ("eval",)
 
 
 class Resolved(Mapping[str, Any]):
@@ -145,7 +148,9 @@ def resolve(path: str | os.PathLike[str], overrides: Iterable[str] = (), *, comm
         top = i >= len(chain.layers) - 1
         _merge_layer(merged, {k: e for k, e in layer.items() if top or k != "extends"})
 
-    problems, bad = check_schema(merged, recipe_file, optional=("dataset",) if command in NO_DATA_COMMANDS else ())
+    benchmark = "task" in merged and merged["task"].value is not None and command in BENCHMARK_COMMANDS
+    problems, bad = check_schema(merged, recipe_file,
+                                 optional=("dataset",) if command in NO_DATA_COMMANDS or benchmark else ())
     problems += [((0, *where), message) for where, message in chain.problems]  # duplicate keys, in file order
     problems += [((1, "", 0, i), m) for i, m in enumerate(cli_errors)]
     values = spec.defaults()

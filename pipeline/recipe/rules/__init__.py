@@ -15,6 +15,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
   outputs.py     resume_from_checkpoint, export_dir, the upstream's one producer, the refused exports, report_to
+  benchmark.py   task and the other keys of LLaMA-Factory's multiple-choice benchmarks (eval with task)
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
 
@@ -26,8 +27,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.recipe.load import Origin
-from pipeline.recipe.rules import (data, method, model, optimizers, outputs, ppo, preference, refused, stages,
-                                   tokenizer, training)
+from pipeline.recipe.rules import (benchmark, data, method, model, optimizers, outputs, ppo, preference, refused,
+                                   stages, tokenizer, training)
 from pipeline.recipe.rules.core import Context, Rule, in_order
 
 __all__ = ["Context", "ORDER", "RULES", "Rule", "run"]
@@ -113,6 +114,8 @@ ORDER = (
     ppo.ppo_needs_reward_model,
     ppo.ppo_parts_implemented,
     ppo.ppo_keys_need_ppo,
+    benchmark.benchmark_keys_need_task,
+    benchmark.task_is_for_eval,
 )
 RULES: list[Rule] = in_order(ORDER)
 

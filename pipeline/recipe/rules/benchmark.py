@@ -1,0 +1,32 @@
+"""The keys of LLaMA-Factory's multiple-choice benchmarks (task, task_dir, n_shot, lang, batch_size, save_dir): only
+`eval` with `task` reads them (pipeline.evaluate.choice), so set elsewhere they would be ignored without a word."""
+from __future__ import annotations
+
+from pipeline.recipe.rules.core import Context, rule
+
+BENCHMARK_KEYS = ("task_dir", "n_shot", "lang", "batch_size", "save_dir")  # besides task itself
+
+
+def _given(ctx: Context, key: str) -> bool:
+    return ctx.origins[key].kind in ("file", "cli")
+
+
+@rule("task", *BENCHMARK_KEYS)
+def benchmark_keys_need_task(ctx: Context) -> list[tuple[str, str]]:
+    """task_dir, n_shot, lang, batch_size, save_dir without task: the held-out evaluation runs and ignores them."""
+    if ctx.values["task"] is not None:
+        return []
+    return [(key, f"set to {ctx.values[key]!r}, but only eval with task reads it (LLaMA-Factory's multiple-choice "
+                  "benchmarks; eval without task evaluates the val split, batched by per_device_eval_batch_size); "
+                  f"add task: mmlu_test (or ceval_validation, cmmlu_test) or remove {key}")
+            for key in BENCHMARK_KEYS if _given(ctx, key)]
+
+
+@rule("task", commands=("train",))
+def task_is_for_eval(ctx: Context) -> list[tuple[str, str]]:
+    """LLaMA-Factory's train refuses an eval recipe's key too (its argument parser knows no `task` there)."""
+    if ctx.values["task"] is None:
+        return []
+    return [("task", f"set to {ctx.values['task']!r}: a benchmark is run by `python -m pipeline eval RECIPE` "
+                     "(LLaMA-Factory's `llamafactory-cli eval`), not by train; remove task from the training recipe "
+                     "and put it in an eval recipe (which may `extends` this one)")]
