@@ -247,7 +247,11 @@ $(STAMPS)/merge: $(STAMPS)/train
 	$(PY) -m pipeline merge $(RECIPE) $(ARGS)
 	@touch $@
 
-$(STAMPS)/eval: $(STAMPS)/merge
+# A benchmark recipe (task: mmlu_test, LLaMA-Factory's eval recipe) trains nothing: eval runs the benchmark on its
+# model and adapter, made first where an upstream recipe writes them; the task folder's files are inputs.
+# (A deps.mk older than BENCHMARK leaves it undefined: the held-out evaluation's chain, as before.)
+$(STAMPS)/eval: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(BENCHMARK_FILES) $(UPSTREAM_STAMPS),\
+		$(STAMPS)/merge)
 	$(LAUNCH) eval $(RECIPE) $(ARGS)
 	@touch $@
 
@@ -275,7 +279,7 @@ dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder
 merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the Hugging Face layout of its family
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
-	@echo "report: $(OUTPUT_DIR)/eval/report.md"
+	@$(if $(BENCHMARK),true,echo "report: $(OUTPUT_DIR)/eval/report.md")
 export: $(STAMPS)/export ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir
 # The prompt reaches the shell as the environment variable make exports for a command-line PROMPT, never pasted into
 # the command: pasted in quotes, a prompt with an apostrophe ("What's ...") was a shell syntax error.

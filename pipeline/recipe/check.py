@@ -122,6 +122,11 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
             merge = (f"; a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, is run by "
                      f"`python -m pipeline export {recipe_file}` (make export RECIPE={recipe_file})"
                      if missing == "dataset" and "export_dir" in known else "")
+            if missing == "dataset" and known.get("task"):  # LLaMA-Factory's eval recipe: `eval` needs no dataset
+                add(None, f"dataset: missing, and not needed here: this recipe has task: {known['task']} (LLaMA-"
+                          "Factory's eval recipe, a multiple-choice benchmark), which trains nothing; it is run by "
+                          f"`python -m pipeline eval {recipe_file}` (make eval RECIPE={recipe_file})", missing)
+                continue
             add(None, f"{missing}: missing, expected {spec.describe(prop)} (set it in the recipe, "
                       f"a file it extends, or on the command line as {missing}=...){merge}", missing)
             continue

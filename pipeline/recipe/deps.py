@@ -7,6 +7,8 @@
     DATA_FILES=<the local files those datasets (and eval_dataset) read, per dataset_info.json's file_name>
     STAGE=<pt|sft|dpo|kto|rm|ppo>
     EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
+    BENCHMARK=<task (LLaMA-Factory's eval recipe: `make eval` runs the benchmark, no data / train / merge), or empty>
+    BENCHMARK_FILES=<the files of the task's folder, task_dir/<name>/ (editing them makes `make eval` stale)>
     UPSTREAMS=<recipe:goal ...: every recipe in scope that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
@@ -143,6 +145,17 @@ def data_files(r: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def benchmark_files(r: Mapping[str, Any]) -> list[str]:
+    """The files of a benchmark recipe's task folder (task_dir/<name of mmlu_test>/, LLaMA-Factory's layout), so
+    that `make eval` runs again when they change; none for another recipe, or while the folder is missing (eval then
+    says so, naming the folder)."""
+    if not r["task"]:
+        return []
+    folder = Path(r["task_dir"]) / str(r["task"]).split("_")[0]
+    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+    return [str(p) for p in files if not _MAKE_UNSAFE & set(str(p))]
+
+
 def lines(r: Resolved) -> list[str]:
     found = upstreams(r)
     folders = [f"{folder}/" for folder in scanned(r.recipe_path)[1] if not _MAKE_UNSAFE & set(str(folder))]
@@ -154,6 +167,8 @@ def lines(r: Resolved) -> list[str]:
         f"DATA_FILES={' '.join(data_files(r))}",
         f"STAGE={r['stage']}",
         f"EXPORT_DIR={r['export_dir'] or ''}",
+        f"BENCHMARK={r['task'] or ''}",
+        f"BENCHMARK_FILES={' '.join(benchmark_files(r))}",
         f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
         f"UPSTREAM={found[0][0] if found else ''}",
         f"UPSTREAM_GOAL={found[0][1] if found else ''}",

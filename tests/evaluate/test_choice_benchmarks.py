@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.acceptance.harness import pipeline, refused, write_hf_checkpoint
+from tests.acceptance.harness import make, pipeline, refused, scratch_repo, write_hf_checkpoint
 
 # hand-written questions: (question, A, B, C, D, answer); algebra's options are numbers (pandas reads a number
 # column, which datasets stores as text: 4.0 -> "4"), history has an empty option cell (None, shown as "None")
@@ -188,6 +188,25 @@ def test_mmlu_recipe_as_typed_predicts_as_llama_factory(bench, golden):
     # batches of 3 (5, 4 and 3 questions a subject: other pads, a last short batch), against 2 and the golden's 1
     pipeline("eval", "lf_eval.yaml", "batch_size=3", "save_dir=saves/b3", cwd=bench, as_typed=False)
     assert json.loads((bench / "saves" / "b3" / "results.json").read_text()) == golden
+
+
+def test_make_eval_runs_a_benchmark_recipe_without_data_or_training(bench, golden, tmp_path):
+    """`make eval RECIPE=` on LLaMA-Factory's eval recipe (no dataset): no build, validate, train or merge, only the
+    benchmark, with LLaMA-Factory's results; a second make runs nothing; validate and plan, which check a recipe
+    that trains, say how such a recipe runs (one message, exit 2)."""
+    repo = scratch_repo(tmp_path / "repo")
+    (repo / "qwen").symlink_to(bench / "qwen")
+    (repo / "evaluation").symlink_to(bench / "evaluation")
+    (repo / "lf_eval.yaml").write_text(RECIPE.format(model="qwen", batch=4, save="saves/make"))
+    done = make("eval", "RECIPE=lf_eval.yaml", cwd=repo)
+    assert [line.split(" -m pipeline ")[1].split()[0] for line in done.stdout.splitlines()
+            if " -m pipeline " in line] == ["eval"]
+    assert json.loads((repo / "saves" / "make" / "results.json").read_text()) == golden[0]
+    assert " -m pipeline " not in make("eval", "RECIPE=lf_eval.yaml", cwd=repo).stdout
+    for command in ("validate", "plan"):
+        message = refused(command, "lf_eval.yaml", cwd=repo, as_typed=False)
+        assert "dataset: missing, and not needed here: this recipe has task: mmlu_test" in message
+        assert "(make eval RECIPE=lf_eval.yaml)" in message
 
 
 def test_a_peft_adapter_is_evaluated_on_its_base(bench, golden, tmp_path):

@@ -30,12 +30,29 @@ def test_deps_lines(write):
         "DATA_FILES=data/a.json",
         "STAGE=sft",
         "EXPORT_DIR=",
+        "BENCHMARK=",
+        "BENCHMARK_FILES=",
         "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
         "SCOPE_FOLDERS=./ data/ recipes/",  # "data/b dir" too, but make cannot name it
     ]
     assert lines(resolve("recipes/demo_pt.yaml", command="deps"))[-3:-1] == ["UPSTREAM=", "UPSTREAM_GOAL="]
+
+
+def test_deps_of_a_benchmark_recipe(write):
+    """LLaMA-Factory's eval recipe (task, no dataset): BENCHMARK names the task for the Makefile's eval rule (no data,
+    train or merge), its task folder's files are inputs, and the sft recipe writing its adapter is its upstream."""
+    write("recipes/sft.yaml", "model_name_or_path: tiny\ndataset: x\nmax_steps: 1\noutput_dir: saves/sft\n")
+    write("recipes/mmlu.yaml", "model_name_or_path: tiny\nadapter_name_or_path: saves/sft\ntemplate: default\n"
+                               "task: mmlu_test\ntask_dir: evaluation\n")
+    write("evaluation/mmlu/mapping.json", "{}")
+    write("evaluation/mmlu/mmlu.zip", "")
+    write("evaluation/cmmlu/cmmlu.zip", "")  # another task's folder: not an input
+    got = dict(line.split("=", 1) for line in lines(resolve("recipes/mmlu.yaml", command="deps")))
+    assert (got["BENCHMARK"], got["BENCHMARK_FILES"], got["DATASETS"]) == \
+        ("mmlu_test", "evaluation/mmlu/mapping.json evaluation/mmlu/mmlu.zip", "")
+    assert got["UPSTREAMS"] == "recipes/sft.yaml:train"
 
 
 def test_deps_upstream_with_explicit_output_dir_and_adapter(write):
