@@ -472,9 +472,19 @@ TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()
                                             for token in (*t.special_tokens, *t.optional_tokens, *t.stop_words))
 
 
+# Templates for LLaMA-Factory's multiple-choice benchmarks only (eval with task; recipe rule
+# fewshot_is_for_benchmarks refuses them elsewhere), kept out of TEMPLATES: never trained on, exported or offered.
+# fewshot: LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:958-963, the template of its eval example
+# (examples/train_lora/llama3_lora_eval.yaml): each shot's answer followed by a blank line, no markup, no BOS.
+BENCHMARK_TEMPLATES: dict[str, Template] = {
+    "fewshot": Template(name="fewshot", assistant="{content}\n\n",
+                        description="LLaMA-Factory's benchmark prompt (eval with task): question, answer, a blank line"),
+}
+
+
 def get_template(name: str) -> Template:
     try:
-        return TEMPLATES[name]
+        return TEMPLATES[name] if name in TEMPLATES else BENCHMARK_TEMPLATES[name]
     except KeyError:
         raise UserError(f"template '{name}' is not known{did_you_mean(name, TEMPLATES)}; "
                         f"choose one of {', '.join(TEMPLATES)}") from None

@@ -92,9 +92,10 @@ def lf_rows(data: bytes) -> Any:
         return datasets.Dataset.from_file(f"{tmp}/rows.arrow", in_memory=True)
 
 
-def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42, model: Any = None) -> tuple[dict, str]:
-    """(results.json, the score table) of llamafactory 0.9.5's Evaluator for the qwen template, lang en: transformers'
-    model of `checkpoint` unless `model` is given (a PEFT model on it)."""
+def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42, model: Any = None,
+              template: str = "qwen") -> tuple[dict, str]:
+    """(results.json, the score table) of llamafactory 0.9.5's Evaluator for the qwen or fewshot template, lang en:
+    transformers' model of `checkpoint` unless `model` is given (a PEFT model on it)."""
     import torch
     import transformers
 
@@ -133,11 +134,16 @@ def lf_golden(folder: Path, checkpoint: Path, n_shot: int, seed: int = 42, model
             messages += [q, a]
             messages[0] = system.format(subject=info["name"]) + messages[0]
             # data/template.py:1946-1955 (qwen) in _encode (:141-168): the system element, then each message's slot
-            ids = enc("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-                      "<|im_end|>\n")
-            for turn, content in enumerate(messages[:-1]):  # encode_oneturn: the prompt, not the last answer
-                ids += enc(f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n" if turn % 2 == 0
-                           else f"{content}<|im_end|>\n")
+            if template == "fewshot":  # data/template.py:958-963: the default user slot, "{content}\n\n" answers,
+                ids = []  # no system (default_system ""), no prefix (EmptyFormatter)
+                for turn, content in enumerate(messages[:-1]):
+                    ids += enc(content if turn % 2 == 0 else f"{content}\n\n")
+            else:
+                ids = enc("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+                          "<|im_end|>\n")
+                for turn, content in enumerate(messages[:-1]):  # encode_oneturn: the prompt, not the last answer
+                    ids += enc(f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n" if turn % 2 == 0
+                               else f"{content}<|im_end|>\n")
             with torch.no_grad():
                 logits = model(torch.tensor([ids])).logits[0, -1]
             outputs.append(choices[int(torch.softmax(logits[choice_ids], dim=-1).argmax())])  # evaluator.py:72-77
@@ -207,6 +213,24 @@ def test_make_eval_runs_a_benchmark_recipe_without_data_or_training(bench, golde
         message = refused(command, "lf_eval.yaml", cwd=repo, as_typed=False)
         assert "dataset: missing, and not needed here: this recipe has task: mmlu_test" in message
         assert "(make eval RECIPE=lf_eval.yaml)" in message
+
+
+def test_llama_factory_eval_example_with_template_fewshot(bench, tmp_path):
+    """LLaMA-Factory's own eval example (examples/train_lora/llama3_lora_eval.yaml at git 95ac3f237^: template
+    fewshot, task mmlu_test, lang en, n_shot 5 - 2 here, the test's dev rows - save_dir, batch_size): its letters;
+    fewshot outside a benchmark is refused at the key."""
+    for name in ("qwen", "evaluation"):
+        (tmp_path / name).symlink_to(bench / name)
+    (tmp_path / "r.yaml").write_text("model_name_or_path: qwen\ntrust_remote_code: true\nfinetuning_type: lora\n"
+                                     "task: mmlu_test\ntemplate: fewshot\nlang: en\nn_shot: 2\nsave_dir: saves/fs\n"
+                                     "batch_size: 4\ntask_dir: evaluation\n")
+    pipeline("eval", "r.yaml", cwd=tmp_path, as_typed=False)
+    golden, _ = lf_golden(bench / "evaluation" / "mmlu", bench / "qwen", n_shot=2, template="fewshot")
+    assert json.loads((tmp_path / "saves" / "fs" / "results.json").read_text()) == golden
+    message = refused("train", "r.yaml", "task=null", "n_shot=null", "lang=null", "save_dir=null", "batch_size=null",
+                      "task_dir=null", "dataset=x", cwd=tmp_path, as_typed=False)
+    assert "r.yaml:5:11: template: set to 'fewshot': LLaMA-Factory's prompt for its multiple-choice benchmarks" \
+        in message
 
 
 def test_a_peft_adapter_is_evaluated_on_its_base(bench, golden, tmp_path):

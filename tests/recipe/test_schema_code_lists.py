@@ -15,9 +15,9 @@ def _enum(key: str) -> set:
 
 
 def _templates():
-    from pipeline.data.templates import TEMPLATES
+    from pipeline.data.templates import BENCHMARK_TEMPLATES, TEMPLATES
 
-    return TEMPLATES
+    return {**TEMPLATES, **BENCHMARK_TEMPLATES}
 
 
 def _schedules():

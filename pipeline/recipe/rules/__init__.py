@@ -116,6 +116,7 @@ ORDER = (
     ppo.ppo_keys_need_ppo,
     benchmark.benchmark_keys_need_task,
     benchmark.task_is_for_eval,
+    benchmark.fewshot_is_for_benchmarks,
 )
 RULES: list[Rule] = in_order(ORDER)
 

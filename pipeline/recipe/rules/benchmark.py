@@ -30,3 +30,14 @@ def task_is_for_eval(ctx: Context) -> list[tuple[str, str]]:
     return [("task", f"set to {ctx.values['task']!r}: a benchmark is run by `python -m pipeline eval RECIPE` "
                      "(LLaMA-Factory's `llamafactory-cli eval`), not by train; remove task from the training recipe "
                      "and put it in an eval recipe (which may `extends` this one)")]
+
+
+@rule("template", "task")
+def fewshot_is_for_benchmarks(ctx: Context) -> list[tuple[str, str]]:
+    """template fewshot outside a benchmark: LLaMA-Factory trains on it with one EOS after the whole conversation
+    (efficient_eos), which no template here writes; it exists for its eval example's prompts."""
+    if ctx.values["template"] != "fewshot" or ctx.values["task"] is not None:
+        return []
+    return [("template", "set to 'fewshot': LLaMA-Factory's prompt for its multiple-choice benchmarks (eval with "
+                         "task: mmlu_test, ...); to train, evaluate or chat choose the model's own template (qwen, "
+                         "llama3, ...) or default / empty")]
