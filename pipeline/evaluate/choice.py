@@ -120,14 +120,18 @@ def encode_task(task: Task, bench: BenchmarkArgs, data: Any, tokenizer: Any) -> 
 
 
 def _check_context(prompts: Sequence[Sequence[int]], cfg: Any, subject: Subject, n_shot: int) -> None:
-    """A prompt longer than the model's context (the model's forward refuses it; dynamic RoPE scaling stretches it)."""
-    if getattr(cfg, "dynamic_rope", False) or not prompts:
+    """A prompt longer than the model's context (the model's forward refuses it; dynamic RoPE scaling stretches it:
+    config.length_limit, the one rule)."""
+    from pipeline.model.config import length_limit
+
+    limit = length_limit(cfg)
+    if limit is None or not prompts:
         return
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    if len(prompts[longest]) > cfg.context_length:
+    if len(prompts[longest]) > limit:
         shots = f" with its {n_shot} shots" if n_shot else ""
         raise UserError(f"{subject.where}: row {longest}: its prompt is {len(prompts[longest])} tokens{shots}, longer "
-                        f"than the model's context of {cfg.context_length}{'; lower n_shot' if n_shot else ''}")
+                        f"than the model's context of {limit}{'; lower n_shot' if n_shot else ''}")
 
 
 @torch.inference_mode()

@@ -352,6 +352,11 @@ def test_mistakes_are_one_message_each(bench, tmp_path):
     message = refusal("save_dir=saves/y", "n_shot=3")
     assert "mmlu.zip:data/dev/law_dev.csv: n_shot is 3 but subject 'law' has 2 dev rows; LLaMA-Factory then uses " \
            "all 2" in message
+    long = json.loads(json.dumps(SUBJECTS))
+    long["law"][2]["test"][2][0] = "Why? " * 600  # past the checkpoint's 1,024 positions
+    write_mmlu(tmp_path / "evaluation", long)
+    assert "law_test.csv: row 2: its prompt is " in (message := refusal("save_dir=saves/y")) and \
+        "tokens with its 2 shots, longer than the model's context of 1024; lower n_shot" in message
     broken = json.loads(json.dumps(SUBJECTS))
     broken["law"][2]["test"][1][5] = ""
     write_mmlu(tmp_path / "evaluation", broken)
