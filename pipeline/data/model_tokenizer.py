@@ -57,6 +57,7 @@ def load_tokenizer(model_name_or_path: str | Path, key: str = "model_name_or_pat
 # A hub id named in the message about a preset of each family (its checkpoints share one vocabulary).
 PRESET_TOKENIZER_EXAMPLE = {"llama": "meta-llama/Llama-3.2-1B", "qwen2": "Qwen/Qwen2.5-0.5B",
                             "qwen3": "Qwen/Qwen3-0.6B", "qwen3_moe": "Qwen/Qwen3-30B-A3B"}
+PRESET_TOKENIZER_EXAMPLE["gemma3"] = "google/gemma-3-1b-it"
 
 
 def _source(args: HasModel) -> tuple[str, str]:

@@ -50,6 +50,9 @@ class Family:
     qk_norm: bool = False          # per-head q / k RMSNorm (Qwen3Attention, Qwen3MoeAttention)
     # sparse MoE blocks (Qwen3MoeSparseMoeBlock): the config.json keys of moe_fields are read and written
     moe: bool = False
+    # Gemma's decoder (RMSNorm x (1 + w), scaled embeddings, GeGLU, query_pre_attn_scalar, four norms a block, a RoPE
+    # per layer type): gemma_fields reads its config.json keys and gemma_config writes them
+    gemma: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,12 +145,41 @@ QWEN3_MOE = Family(name="qwen3_moe", architecture="Qwen3MoeForCausalLM",
                    config_defaults=(("max_position_embeddings", 32768), ("intermediate_size", 6144),
                                     ("sliding_window", 4096)),
                    sliding_window="flag", qk_norm=True, moe=True, bias_keys=("attention_bias",))
+# Gemma 3's text-only checkpoints (gemma-3-1b, gemma-3-270m): Gemma3TextConfig's defaults for absent keys
+# (transformers 5.24, configuration_gemma3.py:73-95). Its post_attention_layernorm normalises the attention output
+# and pre_feedforward_layernorm is the MLP's input norm (ours: post_attention_layernorm, Llama's place for it).
+# Sliding windows: layer_types, else every layer but each sliding_window_pattern-th ("pattern").
+GEMMA3 = Family(name="gemma3", architecture="Gemma3ForCausalLM",
+                reward_architecture="Gemma3TextForSequenceClassification", model_type="gemma3_text", prefix="model.",
+                modules=(("layers.{i}.post_attention_layernorm", "layers.{i}.pre_feedforward_layernorm"),
+                         ("layers.{i}.attn_output_norm", "layers.{i}.post_attention_layernorm"),
+                         ("layers.{i}.mlp_output_norm", "layers.{i}.post_feedforward_layernorm")),
+                skip=(".rotary_emb.inv_freq", ".embed_scale"),
+                config_defaults=(("max_position_embeddings", 131072), ("head_dim", 256), ("num_key_value_heads", 4),
+                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
+                                 ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh")),
+                sliding_window="pattern", bias_keys=("attention_bias",), qk_norm=True, gemma=True)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
+FAMILIES[GEMMA3.name] = GEMMA3
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(BY_ARCHITECTURE)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+# Architectures of the Gemma line that are not implemented, with why and what works instead (appended to the refusal)
+_GEMMA_TEXT = "Gemma 3's text-only checkpoints (Gemma3ForCausalLM: google/gemma-3-1b-it, google/gemma-3-270m)"
+NOT_YET: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": "Gemma 3 4B / 12B / 27B are image-text models (a SigLIP vision tower and a"
+    " projector around the language model, weights under language_model.*); only " + _GEMMA_TEXT + " are"
+    " supported",
+    "Gemma2ForCausalLM": "Gemma 2 caps its attention scores and logits with tanh (attn_logit_softcapping,"
+    " final_logit_softcapping), which no attention path here computes yet; " + _GEMMA_TEXT + " work",
+    "GemmaForCausalLM": "Gemma 1 (gemma-2b / 7b) is not implemented; " + _GEMMA_TEXT + " work",
+}
+NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration", "gemma2": "Gemma2ForCausalLM",
+                       "gemma": "GemmaForCausalLM"}
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -156,8 +188,9 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     if isinstance(archs, list) and archs:
         family = BY_ARCHITECTURE.get(str(archs[0])) or BY_REWARD_ARCHITECTURE.get(str(archs[0]))
         if family is None:
+            why = NOT_YET.get(str(archs[0]))
             raise UserError(f"{path}: architectures {archs!r} is not supported; supported architectures:"
-                            f" {SUPPORTED}")
+                            f" {SUPPORTED}" + (f". {why}" if why else ""))
         if raw.get("model_type", family.model_type) != family.model_type:
             raise UserError(f"{path}: model_type '{raw['model_type']}' does not match architectures {archs!r}"
                             f" (expected model_type '{family.model_type}'); supported architectures: {SUPPORTED}")
@@ -165,8 +198,10 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     model_type = raw.get("model_type", "gpt2" if "n_embd" in raw else None)
     family = BY_MODEL_TYPE.get(str(model_type))
     if family is None:
+        why = NOT_YET.get(NOT_YET_MODEL_TYPES.get(str(model_type), ""))
         raise UserError(f"{path}: model_type '{model_type}' is not supported (no \"architectures\" given either);"
-                        f" supported architectures: {SUPPORTED} (model_type {', '.join(BY_MODEL_TYPE)})")
+                        f" supported architectures: {SUPPORTED} (model_type {', '.join(BY_MODEL_TYPE)})"
+                        + (f". {why}" if why else ""))
     return family
 
 
@@ -286,6 +321,17 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
     return [i for i in layers if type(first) is not int or i >= first]
 
 
+def _pattern_layers(raw: Mapping[str, Any], layers: int) -> list[int]:
+    """Gemma 3's sliding layers (Gemma3TextConfig.__post_init__, configuration_gemma3.py:100-107): those layer_types
+    calls "sliding_attention", else every layer i with (i + 1) % sliding_window_pattern != 0 (default 6: five local
+    layers, then a global one)."""
+    kinds = raw.get("layer_types")
+    if isinstance(kinds, list):
+        return [i for i in range(layers) if i < len(kinds) and kinds[i] == "sliding_attention"]
+    pattern = raw.get("sliding_window_pattern", 6)
+    return [i for i in range(layers) if type(pattern) is not int or pattern < 1 or (i + 1) % pattern]
+
+
 def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[int | None, ...]:
     """Each layer's sliding window as the family's transformers class gives it (ModelConfig.layer_windows): Mistral's
     sliding_window in every layer (null: none), Qwen3-MoE's in every layer under use_sliding_window, Qwen2 / Qwen3's
@@ -297,7 +343,8 @@ def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: l
     window = raw.get("sliding_window")
     flag = family.sliding_window == "flag" and raw.get("use_sliding_window")
     sliding = range(layers) if window is not None and (family.sliding_window == "every" or flag) else \
-        _sliding_layers(raw) if family.sliding_window == "layers" else []
+        _sliding_layers(raw) if family.sliding_window == "layers" else \
+        _pattern_layers(raw, layers) if family.sliding_window == "pattern" else []
     if not sliding:
         return ()
     if type(window) is not int or window < 1:
@@ -320,12 +367,13 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
                 "vocab_size", "max_position_embeddings", "head_dim"):
         _positive_int(raw, key, path, problems)
     act = raw.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and not family.gemma:
         problems.append(f"{path}: hidden_act '{act}' is not supported; expected 'silu' (SwiGLU)")
     windows = layer_windows(family, raw, path, problems)
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
-    theta, scaling = _rope(raw, path, problems)
+    gemma = gemma_fields(raw, path, problems) if family.gemma else {}
+    theta, scaling = _rope(gemma.pop("rope", raw), path, problems)
     moe = moe_fields(raw, path, problems) if family.moe else {}
     if problems:
         raise UserError(problems)
@@ -351,7 +399,67 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         qkv_bias=True if family is QWEN2 else bias, o_bias=False if family is QWEN2 else bias,
         qk_norm=family.qk_norm, qkv_fused=False, tie_weights=bool(raw.get("tie_word_embeddings", False)),
         layer_windows=windows, **moe,
-    )
+    ) | gemma
+
+
+def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(global, local) RoPE parameters as transformers 5 reads a Gemma 3 config.json
+    (Gemma3TextConfig.convert_rope_params_to_dict, configuration_gemma3.py:133-156): rope_parameters per layer type
+    ("full_attention", "sliding_attention"); a rope_scaling updates the global one; the global theta defaults to
+    rope_theta (else 1e6), the local one to rope_local_base_freq (else 1e4)."""
+    nested = raw.get("rope_parameters")
+    nested = nested if isinstance(nested, dict) else {}
+    full = dict(nested.get("full_attention") or {"rope_type": "default"})
+    local = dict(nested.get("sliding_attention") or {"rope_type": "default"})
+    if isinstance(raw.get("rope_scaling"), dict):
+        full.update(raw["rope_scaling"])
+    full.setdefault("rope_theta", raw.get("rope_theta", 1000000.0))
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
+    return full, local
+
+
+def gemma_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """Gemma3TextConfig's own keys -> ModelConfig fields, and under "rope" the config decoder_fields' _rope reads for
+    the global layers. What Gemma 3 can switch on that is not implemented (Gemma 2's tanh softcapping, bidirectional
+    attention, a scaled RoPE in the local layers) is a problem naming the key."""
+    act = raw.get("hidden_activation", raw.get("hidden_act"))
+    if act != "gelu_pytorch_tanh":
+        problems.append(f"{path}: hidden_activation '{act}' is not supported; expected 'gelu_pytorch_tanh' (GeGLU)")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if raw.get(key) is not None:
+            problems.append(f"{path}: {key} is {raw[key]!r}; tanh softcapping (Gemma 2's) is not implemented:"
+                            " expected null, as Gemma 3's checkpoints have it")
+    if raw.get("use_bidirectional_attention"):
+        problems.append(f"{path}: use_bidirectional_attention is true (an encoder); expected false (causal decoding)")
+    scalar = raw.get("query_pre_attn_scalar")
+    if not _number(scalar) or scalar <= 0:
+        problems.append(f"{path}: query_pre_attn_scalar is {scalar!r}; expected a positive number")
+    full, local = _gemma_rope(raw)
+    if (local.get("rope_type") or "default") != "default":
+        problems.append(f"{path}: rope_parameters.sliding_attention.rope_type '{local['rope_type']}' is not"
+                        " implemented; expected 'default' (Gemma 3 scales the global layers' RoPE only)")
+    if not _number(local.get("rope_theta")):
+        problems.append(f"{path}: the local RoPE theta is {local.get('rope_theta')!r}; expected a number")
+    return dict(rope={"max_position_embeddings": raw.get("max_position_embeddings"), "rope_parameters": full},
+                mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True,
+                attention_scores_scalar=scalar if _number(scalar) else None,
+                rope_local_theta=float(local["rope_theta"]) if _number(local.get("rope_theta")) else None)
+
+
+def gemma_config(cfg: Any, scaling: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keys of a Gemma3ForCausalLM config.json beside decoder_config's: both RoPE spellings (transformers 5's
+    rope_parameters per layer type; 4.x's rope_theta, rope_local_base_freq, rope_scaling), the window in the layers
+    layer_types names, the attention scalar; no softcapping."""
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
+    local_theta = cfg.rope_local_theta or cfg.rope_theta  # None: the local layers rotate as the global ones
+    local = {"rope_type": "default", "rope_theta": local_theta}
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.attention_scores_scalar or cfg.head_dim,
+            "rope_parameters": {"full_attention": full, "sliding_attention": local},
+            "rope_local_base_freq": local_theta, "sliding_window": hf_window(cfg),
+            "layer_types": ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
+            if cfg.layer_windows else ["full_attention"] * cfg.n_layers,
+            "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": cfg.qkv_bias,
+            "use_bidirectional_attention": False}
 
 
 # Qwen3MoeConfig's defaults (transformers 5.24, configuration_qwen3_moe.py): config.json key -> value
@@ -450,7 +558,10 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         "attention_dropout": cfg.drop_rate, "tie_word_embeddings": cfg.tie_weights, "use_cache": True,
         "initializer_range": 0.02, **special, "torch_dtype": dtype,
     }
-    if family is LLAMA:
+    if family.gemma:
+        del out["hidden_act"]
+        out.update(gemma_config(cfg, scaling))
+    elif family is LLAMA:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif family.sliding_window == "every":
         out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
@@ -470,12 +581,14 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
 
 
 _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
+                      "pattern": "one sliding_window, in the layers layer_types names",
                       "flag": "one sliding_window in every layer, with use_sliding_window",
                       "layers": "one sliding_window, in the layers layer_types names"}
 
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
     "mistral": decoder_config, "qwen3_moe": decoder_config}
+HF_CONFIG["gemma3"] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -494,9 +607,15 @@ def check_exportable(cfg: Any) -> list[str]:
                         qkv_bias=False, o_bias=False, mlp_bias=False),
         "qwen3_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
                           o_bias=cfg.qkv_bias, mlp_bias=False),
+        "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=True,
+                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
+                       sandwich_norms=True),
     }[family.name]
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
+    if not family.gemma:  # Gemma's decoder fields: no other class has them
+        want.update(norm_unit_offset=False, scale_embeddings=False, sandwich_norms=False,
+                    attention_scores_scalar=None, rope_local_theta=None)
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]
     widths = {w for w in cfg.layer_windows if w}
