@@ -19,6 +19,7 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
 
 # The template that is each family's own chat format (the one its instruct checkpoints were trained in).
 FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral", "qwen3_moe": "qwen3"}
+FAMILY_TEMPLATES["gemma3"] = "gemma3"
 
 
 def template_notice(r: Any) -> str | None:
