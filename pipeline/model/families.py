@@ -50,9 +50,9 @@ class Family:
     qk_norm: bool = False          # per-head q / k RMSNorm (Qwen3Attention, Qwen3MoeAttention)
     # sparse MoE blocks (Qwen3MoeSparseMoeBlock): the config.json keys of moe_fields are read and written
     moe: bool = False
-    # Gemma's decoder (RMSNorm x (1 + w), scaled embeddings, GeGLU, query_pre_attn_scalar, four norms a block, a RoPE
-    # per layer type): gemma_fields reads its config.json keys and gemma_config writes them
-    gemma: bool = False
+    # Gemma's generation (0: not Gemma). Every Gemma: RMSNorm x (1 + w), scaled embeddings, GeGLU; 3 adds four norms a
+    # block, query_pre_attn_scalar and a RoPE per layer type. gemma_fields reads its keys, gemma_config writes them
+    gemma: int = 0
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -158,9 +158,18 @@ GEMMA3 = Family(name="gemma3", architecture="Gemma3ForCausalLM",
                 config_defaults=(("max_position_embeddings", 131072), ("head_dim", 256), ("num_key_value_heads", 4),
                                  ("sliding_window", 4096), ("tie_word_embeddings", True),
                                  ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh")),
-                sliding_window="pattern", bias_keys=("attention_bias",), qk_norm=True, gemma=True)
+                sliding_window="pattern", bias_keys=("attention_bias",), qk_norm=True, gemma=3)
+# Gemma 1 (gemma-2b / 7b, CodeGemma, ...): Llama's block with Gemma's norms, embedding scale and GeGLU (its hidden_act;
+# the releases' "gelu" is read as the tanh form, GemmaConfig.__post_init__, configuration_gemma.py:87-94); GemmaConfig's
+# defaults (:63-85): head_dim 256, 16 key/value heads, 8,192 positions, tied
+GEMMA = Family(name="gemma", architecture="GemmaForCausalLM", reward_architecture="GemmaForSequenceClassification",
+               model_type="gemma", prefix="model.", skip=(".rotary_emb.inv_freq", ".embed_scale"),
+               config_defaults=(("max_position_embeddings", 8192), ("head_dim", 256), ("num_key_value_heads", 16),
+                                ("tie_word_embeddings", True), ("hidden_act", "gelu_pytorch_tanh")),
+               bias_keys=("attention_bias",), gemma=1)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES[GEMMA3.name] = GEMMA3
+FAMILIES[GEMMA.name] = GEMMA
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -176,10 +185,8 @@ NOT_YET: dict[str, str] = {
     " supported",
     "Gemma2ForCausalLM": "Gemma 2 caps its attention scores and logits with tanh (attn_logit_softcapping,"
     " final_logit_softcapping), which no attention path here computes yet; " + _GEMMA_TEXT + " work",
-    "GemmaForCausalLM": "Gemma 1 (gemma-2b / 7b) is not implemented; " + _GEMMA_TEXT + " work",
 }
-NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration", "gemma2": "Gemma2ForCausalLM",
-                       "gemma": "GemmaForCausalLM"}
+NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration", "gemma2": "Gemma2ForCausalLM"}
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -372,7 +379,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     windows = layer_windows(family, raw, path, problems)
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
-    gemma = gemma_fields(raw, path, problems) if family.gemma else {}
+    gemma = gemma_fields(family.gemma, raw, path, problems) if family.gemma else {}
     theta, scaling = _rope(gemma.pop("rope", raw), path, problems)
     moe = moe_fields(raw, path, problems) if family.moe else {}
     if problems:
@@ -418,19 +425,23 @@ def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return full, local
 
 
-def gemma_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
-    """Gemma3TextConfig's own keys -> ModelConfig fields, and under "rope" the config decoder_fields' _rope reads for
-    the global layers. What Gemma 3 can switch on that is not implemented (Gemma 2's tanh softcapping, bidirectional
-    attention, a scaled RoPE in the local layers) is a problem naming the key."""
-    act = raw.get("hidden_activation", raw.get("hidden_act"))
-    if act != "gelu_pytorch_tanh":
-        problems.append(f"{path}: hidden_activation '{act}' is not supported; expected 'gelu_pytorch_tanh' (GeGLU)")
+def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """GemmaConfig's / Gemma3TextConfig's own keys -> ModelConfig fields, and under "rope" the config decoder_fields'
+    _rope reads (Gemma 3: its global layers'). What they can switch on that is not implemented (tanh softcapping,
+    bidirectional attention, a scaled RoPE in Gemma 3's local layers) is a problem naming the key."""
+    key = "hidden_act" if generation == 1 else "hidden_activation"
+    act = raw.get(key)
+    if act not in ("gelu_pytorch_tanh", "gelu" if generation == 1 else "gelu_pytorch_tanh"):
+        problems.append(f"{path}: {key} '{act}' is not supported; expected 'gelu_pytorch_tanh' (GeGLU)")
+    if raw.get("use_bidirectional_attention"):
+        problems.append(f"{path}: use_bidirectional_attention is true (an encoder); expected false (causal decoding)")
+    common = dict(mlp="geglu", norm_unit_offset=True, scale_embeddings=True)
+    if generation == 1:
+        return dict(rope=raw, **common)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if raw.get(key) is not None:
             problems.append(f"{path}: {key} is {raw[key]!r}; tanh softcapping (Gemma 2's) is not implemented:"
                             " expected null, as Gemma 3's checkpoints have it")
-    if raw.get("use_bidirectional_attention"):
-        problems.append(f"{path}: use_bidirectional_attention is true (an encoder); expected false (causal decoding)")
     scalar = raw.get("query_pre_attn_scalar")
     if not _number(scalar) or scalar <= 0:
         problems.append(f"{path}: query_pre_attn_scalar is {scalar!r}; expected a positive number")
@@ -441,15 +452,17 @@ def gemma_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict
     if not _number(local.get("rope_theta")):
         problems.append(f"{path}: the local RoPE theta is {local.get('rope_theta')!r}; expected a number")
     return dict(rope={"max_position_embeddings": raw.get("max_position_embeddings"), "rope_parameters": full},
-                mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True,
+                **common, sandwich_norms=True,
                 attention_scores_scalar=scalar if _number(scalar) else None,
                 rope_local_theta=float(local["rope_theta"]) if _number(local.get("rope_theta")) else None)
 
 
 def gemma_config(cfg: Any, scaling: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The keys of a Gemma3ForCausalLM config.json beside decoder_config's: both RoPE spellings (transformers 5's
-    rope_parameters per layer type; 4.x's rope_theta, rope_local_base_freq, rope_scaling), the window in the layers
-    layer_types names, the attention scalar; no softcapping."""
+    """The keys of a GemmaForCausalLM / Gemma3ForCausalLM config.json beside decoder_config's; Gemma 3: both RoPE
+    spellings (transformers 5's rope_parameters per layer type; 4.x's rope_theta, rope_local_base_freq,
+    rope_scaling), the window in the layers layer_types names, the attention scalar; no softcapping."""
+    if FAMILIES[cfg.family].gemma == 1:
+        return {"hidden_act": "gelu_pytorch_tanh", "attention_bias": cfg.qkv_bias}
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
     local_theta = cfg.rope_local_theta or cfg.rope_theta  # None: the local layers rotate as the global ones
     local = {"rope_type": "default", "rope_theta": local_theta}
@@ -559,7 +572,7 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         "initializer_range": 0.02, **special, "torch_dtype": dtype,
     }
     if family.gemma:
-        del out["hidden_act"]
+        out.pop("hidden_act")  # Gemma 1 writes it back as "gelu_pytorch_tanh", Gemma 3 as hidden_activation
         out.update(gemma_config(cfg, scaling))
     elif family is LLAMA:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
@@ -588,7 +601,7 @@ _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
     "mistral": decoder_config, "qwen3_moe": decoder_config}
-HF_CONFIG["gemma3"] = decoder_config
+HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -610,6 +623,9 @@ def check_exportable(cfg: Any) -> list[str]:
         "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=True,
                        o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
                        sandwich_norms=True),
+        "gemma": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
+                      o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
+                      sandwich_norms=False, attention_scores_scalar=None, rope_local_theta=None),
     }[family.name]
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks

@@ -1,4 +1,5 @@
-"""Gemma 3's text-only checkpoints (Gemma3ForCausalLM: gemma-3-1b, gemma-3-270m) written by transformers 5.24.
+"""Gemma 3's text-only checkpoints (Gemma3ForCausalLM: gemma-3-1b, gemma-3-270m) and Gemma 1's (GemmaForCausalLM)
+written by transformers 5.24.
 
 The family tests of tests/model/test_families.py run here on a tiny Gemma 3 (imported below: pytest collects them in
 this module, where `checkpoint` is this file's fixture): logits, padded batches, greedy decoding with and without the
@@ -15,6 +16,9 @@ What the tiny model holds is what Gemma 3 does otherwise (transformers/models/ge
   (configuration_gemma3.py:100-107), the local layers rotating by rope_local_base_freq 100, the global ones by
   rope_theta 10,000 (Gemma3RotaryEmbedding per layer type, :139-197; configuration_gemma3.py:133-156)
 - a tied head (tie_word_embeddings defaults to true)
+
+Gemma 1 (modeling_gemma.py) has the norms (GemmaRMSNorm, :64-80), the embedding scale (:55-61) and GeGLU (:84-93) in
+Llama's two-norm block with head_dim ** -0.5 (:226), MQA here.
 
 Which attention path runs: the same as every family's (the dense CPU path, SDPA, the packing buckets); q is scaled by
 sqrt(head_dim / query_pre_attn_scalar) before it, so every kernel's own head_dim ** -0.5 gives Gemma's scale.
@@ -54,8 +58,30 @@ def gemma3(seed: int = 0, **changes):
     return model
 
 
+# Gemma 1 (GemmaForCausalLM, gemma-2b / 7b): Gemma's norms, embedding scale and GeGLU (the releases' hidden_act
+# "gelu", read as the tanh form: configuration_gemma.py:87-94) in Llama's two-norm block, MQA, head_dim 32 x 4 != 64
+GEMMA1 = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=96, vocab_size=512, max_position_embeddings=256,
+              num_attention_heads=4, num_key_value_heads=1, head_dim=32, hidden_act="gelu")
+
+
+def gemma1(seed: int = 0):
+    """N(0, 0.3) on the blocks' tensors: with 0.1 the embeddings, scaled by sqrt(64), outweighed two blocks and greedy
+    decoding repeated one token."""
+    torch.manual_seed(seed)
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**GEMMA1)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "embed" in name else 0.3))
+    return model
+
+
+GEMMA3_ONLY = {"test_embedding_and_head_trained_in_full_load_in_peft_and_merge", "test_segment_ids_attend_within_each_packed_sequence",
+               "test_fp16_logits_are_as_close_to_fp32_as_transformers_fp16_and_gradients_finite",
+               "test_batched_left_padded_generation_equals_one_by_one", "test_kv_cache_holds_the_key_value_heads_only"}
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def gemma3_checkpoint(tmp_path_factory):
     """(variant, directory, transformers model) saved with save_pretrained."""
     model = gemma3()
     path = tmp_path_factory.mktemp("gemma3")
@@ -63,8 +89,42 @@ def checkpoint(tmp_path_factory):
     return "gemma3-window-scalar", path, model
 
 
-def test_config_is_read_into_fields(checkpoint):
-    _, path, _ = checkpoint
+@pytest.fixture(scope="module")
+def gemma1_checkpoint(tmp_path_factory):
+    model = gemma1()
+    path = tmp_path_factory.mktemp("gemma1")
+    model.save_pretrained(path)
+    return "gemma1-mqa", path, model
+
+
+@pytest.fixture(params=["gemma3-window-scalar", "gemma1-mqa"])
+def checkpoint(request):
+    """The family tests' fixture: Gemma 3's checkpoint, and Gemma 1's (logits, padded batches, greedy, export, PEFT:
+    what its differences from Gemma 3 reach; the mechanisms below the model's function are the same code)."""
+    if request.param == "gemma3-window-scalar":
+        return request.getfixturevalue("gemma3_checkpoint")
+    if request.node.originalname in GEMMA3_ONLY:
+        pytest.skip("the Gemma 3 checkpoint covers it; Gemma 1's differences are in its function")
+    return request.getfixturevalue("gemma1_checkpoint")
+
+
+def test_gemma1_config_is_read_into_fields(checkpoint):
+    name, path, _ = checkpoint
+    if name != "gemma1-mqa":
+        pytest.skip("Gemma 3's: test_config_is_read_into_fields")
+    cfg = read_config(path)
+    expect = dict(family="gemma", mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=False,
+                  qk_norm=False, head_dim=32, kv_heads=1, attention_scores_scalar=None, rope_local_theta=None,
+                  layer_windows=(), tie_weights=True)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    # the releases' config.json says "gelu" (transformers reads the tanh form; save_pretrained writes that back)
+    from pipeline.model.config import from_hf_config
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["hidden_act"] == "gelu_pytorch_tanh" and from_hf_config({**raw, "hidden_act": "gelu"}) == cfg
+
+
+def test_config_is_read_into_fields(gemma3_checkpoint):
+    _, path, _ = gemma3_checkpoint
     cfg = read_config(path)
     expect = dict(family="gemma3", mlp="geglu", norm="rmsnorm", norm_unit_offset=True, scale_embeddings=True,
                   sandwich_norms=True, qk_norm=True, head_dim=32, kv_heads=2, attention_scores_scalar=24,
@@ -74,10 +134,10 @@ def test_config_is_read_into_fields(checkpoint):
     assert [cfg.local_rope(i) for i in range(4)] == [True, False, True, False]
 
 
-def test_module_names_are_gemma3s(checkpoint):
+def test_module_names_are_gemma3s(gemma3_checkpoint):
     """The four norms: ours keep Llama's post_attention_layernorm as the MLP's input norm, which Gemma 3 calls
     pre_feedforward_layernorm; its post_attention_layernorm normalises the attention output (our attn_output_norm)."""
-    _, path, ref = checkpoint
+    _, path, ref = gemma3_checkpoint
     ours = load_model(path)
     hf = ours.cfg.hf
     names = {hf.to_hf(n) for n, _ in ours.named_parameters()}
@@ -86,11 +146,11 @@ def test_module_names_are_gemma3s(checkpoint):
     assert hf.from_hf("model.layers.1.post_attention_layernorm.weight") == "layers.1.attn_output_norm.weight"
 
 
-def test_old_spelling_and_linear_rope_scaling_on_the_global_layers(checkpoint, tmp_path):
+def test_old_spelling_and_linear_rope_scaling_on_the_global_layers(gemma3_checkpoint, tmp_path):
     """A transformers 4.x config.json (rope_theta, rope_local_base_freq, rope_scaling: what the hub's Gemma 3 files
     say; the 4B+ checkpoints scale the global layers' RoPE linearly by 8): transformers 5 reads the scaling into the
     full-attention layers only, and so do we."""
-    _, path, _ = checkpoint
+    _, path, base = gemma3_checkpoint
     config = json.loads((path / "config.json").read_text())
     config.pop("rope_parameters")
     config.pop("layer_types")
@@ -104,7 +164,7 @@ def test_old_spelling_and_linear_rope_scaling_on_the_global_layers(checkpoint, t
     with torch.no_grad():
         want = ref(x).logits
         assert torch.allclose(ours(x), want, atol=1e-4, rtol=0)
-        assert (ref(x).logits - checkpoint[2](x).logits).abs().max() > 1e-3  # the scaling changed something
+        assert (ref(x).logits - base(x).logits).abs().max() > 1e-3  # the scaling changed something
     save_hf(ours, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
@@ -135,7 +195,6 @@ def test_layer_types_and_the_default_pattern(tmp_path):
     ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
      "Gemma 3 4B / 12B / 27B are image-text models"),
     ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}, "Gemma 2 caps its attention scores"),
-    ({"architectures": None, "model_type": "gemma"}, "Gemma 1 (gemma-2b / 7b) is not implemented; Gemma 3's"),
 ])
 def test_what_is_not_implemented_is_refused_with_the_key(tmp_path, changes, words):
     config = {**gemma3(num_hidden_layers=2).config.to_dict(), **changes}
@@ -172,9 +231,9 @@ def test_a_fresh_model_is_the_identity_norms_of_transformers_init():
     assert len(norms) == 1 * 6 + 1 and all(torch.equal(p, torch.zeros_like(p)) for p in norms)
 
 
-def test_expand_refuses_gemma3_with_what_it_expands(checkpoint):
+def test_expand_refuses_gemma3_with_what_it_expands(gemma3_checkpoint):
     from pipeline.model.expand import checkpoint_family
 
-    _, path, _ = checkpoint
+    _, path, _ = gemma3_checkpoint
     with pytest.raises(UserError, match="Gemma3ForCausalLM is not expanded .* it expands .*LlamaForCausalLM"):
         checkpoint_family(json.loads((path / "config.json").read_text()), path)
