@@ -77,6 +77,8 @@ class ModelConfig:
     attention_scores_scalar: float | None = None  # scores scaled by its ** -0.5 (query_pre_attn_scalar); None: head_dim
     rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (rope_local_base_freq);
     #                                        None: every layer rotates by rope_theta and rope_scaling
+    attn_logit_softcapping: float | None = None   # Gemma 2: scores become cap * tanh(scores / cap) before the mask
+    final_logit_softcapping: float | None = None  # Gemma 2: logits become cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))  # a JSON list read back

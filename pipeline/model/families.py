@@ -149,11 +149,12 @@ QWEN3_MOE = Family(name="qwen3_moe", architecture="Qwen3MoeForCausalLM",
 # (transformers 5.24, configuration_gemma3.py:73-95). Its post_attention_layernorm normalises the attention output
 # and pre_feedforward_layernorm is the MLP's input norm (ours: post_attention_layernorm, Llama's place for it).
 # Sliding windows: layer_types, else every layer but each sliding_window_pattern-th ("pattern").
+_SANDWICH = (("layers.{i}.post_attention_layernorm", "layers.{i}.pre_feedforward_layernorm"),
+             ("layers.{i}.attn_output_norm", "layers.{i}.post_attention_layernorm"),
+             ("layers.{i}.mlp_output_norm", "layers.{i}.post_feedforward_layernorm"))
 GEMMA3 = Family(name="gemma3", architecture="Gemma3ForCausalLM",
                 reward_architecture="Gemma3TextForSequenceClassification", model_type="gemma3_text", prefix="model.",
-                modules=(("layers.{i}.post_attention_layernorm", "layers.{i}.pre_feedforward_layernorm"),
-                         ("layers.{i}.attn_output_norm", "layers.{i}.post_attention_layernorm"),
-                         ("layers.{i}.mlp_output_norm", "layers.{i}.post_feedforward_layernorm")),
+                modules=_SANDWICH,
                 skip=(".rotary_emb.inv_freq", ".embed_scale"),
                 config_defaults=(("max_position_embeddings", 131072), ("head_dim", 256), ("num_key_value_heads", 4),
                                  ("sliding_window", 4096), ("tie_word_embeddings", True),
@@ -167,9 +168,20 @@ GEMMA = Family(name="gemma", architecture="GemmaForCausalLM", reward_architectur
                config_defaults=(("max_position_embeddings", 8192), ("head_dim", 256), ("num_key_value_heads", 16),
                                 ("tie_word_embeddings", True), ("hidden_act", "gelu_pytorch_tanh")),
                bias_keys=("attention_bias",), gemma=1)
+# Gemma 2 (gemma-2-2b / 9b / 27b): Gemma 3's block without q/k norms, one RoPE, tanh softcapping of the attention
+# scores (50) and the logits (30); a window in every other layer (layer_types, else alternating: Gemma2Config.
+# __post_init__, configuration_gemma2.py:92-97, which reads no sliding_window_pattern); Gemma2Config's defaults (:67-90)
+GEMMA2 = Family(name="gemma2", architecture="Gemma2ForCausalLM", reward_architecture="Gemma2ForSequenceClassification",
+                model_type="gemma2", prefix="model.", modules=_SANDWICH, skip=(".rotary_emb.inv_freq", ".embed_scale"),
+                config_defaults=(("max_position_embeddings", 8192), ("head_dim", 256), ("num_key_value_heads", 4),
+                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
+                                 ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh"),
+                                 ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
+                sliding_window="pattern", bias_keys=("attention_bias",), gemma=2)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES[GEMMA3.name] = GEMMA3
 FAMILIES[GEMMA.name] = GEMMA
+FAMILIES[GEMMA2.name] = GEMMA2
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -183,10 +195,8 @@ NOT_YET: dict[str, str] = {
     "Gemma3ForConditionalGeneration": "Gemma 3 4B / 12B / 27B are image-text models (a SigLIP vision tower and a"
     " projector around the language model, weights under language_model.*); only " + _GEMMA_TEXT + " are"
     " supported",
-    "Gemma2ForCausalLM": "Gemma 2 caps its attention scores and logits with tanh (attn_logit_softcapping,"
-    " final_logit_softcapping), which no attention path here computes yet; " + _GEMMA_TEXT + " work",
 }
-NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration", "gemma2": "Gemma2ForCausalLM"}
+NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration"}
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -328,14 +338,14 @@ def _sliding_layers(raw: Mapping[str, Any]) -> list[int]:
     return [i for i in layers if type(first) is not int or i >= first]
 
 
-def _pattern_layers(raw: Mapping[str, Any], layers: int) -> list[int]:
-    """Gemma 3's sliding layers (Gemma3TextConfig.__post_init__, configuration_gemma3.py:100-107): those layer_types
-    calls "sliding_attention", else every layer i with (i + 1) % sliding_window_pattern != 0 (default 6: five local
-    layers, then a global one)."""
+def _pattern_layers(raw: Mapping[str, Any], layers: int, generation: int) -> list[int]:
+    """Gemma 2 / 3's sliding layers (Gemma3TextConfig.__post_init__, configuration_gemma3.py:100-107): those
+    layer_types calls "sliding_attention", else every layer i with (i + 1) % pattern != 0: Gemma 3's
+    sliding_window_pattern (default 6: five local layers, then a global one), Gemma 2's 2 always."""
     kinds = raw.get("layer_types")
     if isinstance(kinds, list):
         return [i for i in range(layers) if i < len(kinds) and kinds[i] == "sliding_attention"]
-    pattern = raw.get("sliding_window_pattern", 6)
+    pattern = 2 if generation == 2 else raw.get("sliding_window_pattern", 6)
     return [i for i in range(layers) if type(pattern) is not int or pattern < 1 or (i + 1) % pattern]
 
 
@@ -351,7 +361,7 @@ def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: l
     flag = family.sliding_window == "flag" and raw.get("use_sliding_window")
     sliding = range(layers) if window is not None and (family.sliding_window == "every" or flag) else \
         _sliding_layers(raw) if family.sliding_window == "layers" else \
-        _pattern_layers(raw, layers) if family.sliding_window == "pattern" else []
+        _pattern_layers(raw, layers, family.gemma) if family.sliding_window == "pattern" else []
     if not sliding:
         return ()
     if type(window) is not int or window < 1:
@@ -426,9 +436,9 @@ def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
-    """GemmaConfig's / Gemma3TextConfig's own keys -> ModelConfig fields, and under "rope" the config decoder_fields'
-    _rope reads (Gemma 3: its global layers'). What they can switch on that is not implemented (tanh softcapping,
-    bidirectional attention, a scaled RoPE in Gemma 3's local layers) is a problem naming the key."""
+    """GemmaConfig's / Gemma2Config's / Gemma3TextConfig's own keys -> ModelConfig fields, and under "rope" the config
+    decoder_fields' _rope reads (Gemma 3: its global layers'). What they can switch on that is not implemented
+    (bidirectional attention, a scaled RoPE in Gemma 3's local layers) is a problem naming the key."""
     key = "hidden_act" if generation == 1 else "hidden_activation"
     act = raw.get(key)
     if act not in ("gelu_pytorch_tanh", "gelu" if generation == 1 else "gelu_pytorch_tanh"):
@@ -438,13 +448,18 @@ def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: l
     common = dict(mlp="geglu", norm_unit_offset=True, scale_embeddings=True)
     if generation == 1:
         return dict(rope=raw, **common)
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if raw.get(key) is not None:
-            problems.append(f"{path}: {key} is {raw[key]!r}; tanh softcapping (Gemma 2's) is not implemented:"
-                            " expected null, as Gemma 3's checkpoints have it")
+    caps = {name: raw.get(name) for name in ("attn_logit_softcapping", "final_logit_softcapping")}
+    for name, cap in caps.items():
+        if cap is not None and (not _number(cap) or cap <= 0):
+            problems.append(f"{path}: {name} is {cap!r}; expected a positive number or null")
+            caps[name] = None
+    common.update(sandwich_norms=True, **{k: float(v) if v is not None else None for k, v in caps.items()})
     scalar = raw.get("query_pre_attn_scalar")
     if not _number(scalar) or scalar <= 0:
         problems.append(f"{path}: query_pre_attn_scalar is {scalar!r}; expected a positive number")
+        scalar = None
+    if generation == 2:
+        return dict(rope=raw, **common, attention_scores_scalar=scalar)
     full, local = _gemma_rope(raw)
     if (local.get("rope_type") or "default") != "default":
         problems.append(f"{path}: rope_parameters.sliding_attention.rope_type '{local['rope_type']}' is not"
@@ -452,27 +467,30 @@ def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: l
     if not _number(local.get("rope_theta")):
         problems.append(f"{path}: the local RoPE theta is {local.get('rope_theta')!r}; expected a number")
     return dict(rope={"max_position_embeddings": raw.get("max_position_embeddings"), "rope_parameters": full},
-                **common, sandwich_norms=True,
-                attention_scores_scalar=scalar if _number(scalar) else None,
+                **common, attention_scores_scalar=scalar,
                 rope_local_theta=float(local["rope_theta"]) if _number(local.get("rope_theta")) else None)
 
 
 def gemma_config(cfg: Any, scaling: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The keys of a GemmaForCausalLM / Gemma3ForCausalLM config.json beside decoder_config's; Gemma 3: both RoPE
-    spellings (transformers 5's rope_parameters per layer type; 4.x's rope_theta, rope_local_base_freq,
-    rope_scaling), the window in the layers layer_types names, the attention scalar; no softcapping."""
-    if FAMILIES[cfg.family].gemma == 1:
+    """The keys of a GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM config.json beside decoder_config's;
+    Gemma 2 / 3: the window in the layers layer_types names, the attention scalar, the softcapping; Gemma 3 both RoPE
+    spellings too (transformers 5's rope_parameters per layer type; 4.x's rope_theta, rope_local_base_freq,
+    rope_scaling)."""
+    generation = FAMILIES[cfg.family].gemma
+    if generation == 1:
         return {"hidden_act": "gelu_pytorch_tanh", "attention_bias": cfg.qkv_bias}
+    out = {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.attention_scores_scalar or cfg.head_dim,
+           "sliding_window": hf_window(cfg), "layer_types": ["sliding_attention" if w else "full_attention" for w in
+                                                             cfg.layer_windows] or ["full_attention"] * cfg.n_layers,
+           "attn_logit_softcapping": cfg.attn_logit_softcapping,
+           "final_logit_softcapping": cfg.final_logit_softcapping, "attention_bias": cfg.qkv_bias}
+    if generation == 2:
+        return out
     full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
     local_theta = cfg.rope_local_theta or cfg.rope_theta  # None: the local layers rotate as the global ones
     local = {"rope_type": "default", "rope_theta": local_theta}
-    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.attention_scores_scalar or cfg.head_dim,
-            "rope_parameters": {"full_attention": full, "sliding_attention": local},
-            "rope_local_base_freq": local_theta, "sliding_window": hf_window(cfg),
-            "layer_types": ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
-            if cfg.layer_windows else ["full_attention"] * cfg.n_layers,
-            "attn_logit_softcapping": None, "final_logit_softcapping": None, "attention_bias": cfg.qkv_bias,
-            "use_bidirectional_attention": False}
+    return {**out, "rope_parameters": {"full_attention": full, "sliding_attention": local},
+            "rope_local_base_freq": local_theta, "use_bidirectional_attention": False}
 
 
 # Qwen3MoeConfig's defaults (transformers 5.24, configuration_qwen3_moe.py): config.json key -> value
@@ -601,7 +619,7 @@ _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
 HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, Any]]] = {
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
     "mistral": decoder_config, "qwen3_moe": decoder_config}
-HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = decoder_config
+HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -623,15 +641,20 @@ def check_exportable(cfg: Any) -> list[str]:
         "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=True,
                        o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
                        sandwich_norms=True),
+        "gemma2": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
+                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
+                       sandwich_norms=True, rope_local_theta=None),
         "gemma": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
-                      sandwich_norms=False, attention_scores_scalar=None, rope_local_theta=None),
+                      sandwich_norms=False, attention_scores_scalar=None, rope_local_theta=None,
+                      attn_logit_softcapping=None, final_logit_softcapping=None),
     }[family.name]
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
     if not family.gemma:  # Gemma's decoder fields: no other class has them
         want.update(norm_unit_offset=False, scale_embeddings=False, sandwich_norms=False,
-                    attention_scores_scalar=None, rope_local_theta=None)
+                    attention_scores_scalar=None, rope_local_theta=None, attn_logit_softcapping=None,
+                    final_logit_softcapping=None)
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]
     widths = {w for w in cfg.layer_windows if w}

@@ -11,7 +11,8 @@ Family differences are ModelConfig fields, never family checks in this file:
                 per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
                 a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window, Gemma 3: layer_windows),
                 the scores' scale (Gemma's query_pre_attn_scalar), a RoPE base of the windowed layers' own
-    Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs
+    Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs,
+                Gemma 2's tanh softcapping of the scores (the explicit attention path) and of the logits
     head        tied to the token embedding or not
 
 Class names follow the book (GPTModel, TransformerBlock, MultiHeadAttention, FeedForward, LayerNorm,
@@ -208,6 +209,7 @@ class MultiHeadAttention(nn.Module):
         # ratio first, 1 (no multiply) where they agree, as in gemma-3-1b and 270m
         self.q_scale = cfg.attention_scale * self.head_dim ** 0.5
         self.drop_rate = cfg.drop_rate
+        self.softcap = cfg.attn_logit_softcapping
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
@@ -230,9 +232,23 @@ class MultiHeadAttention(nn.Module):
             cached = cache.update(self.layer, k, v)
             if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
                 k, v = cached
-        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0)
+        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
+                   softcap=self.softcap)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_drop(self.o_proj(y))
+
+
+class SoftcappedHead(Linear):
+    """The LM head with Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) in the logits' dtype
+    (Gemma2ForCausalLM.forward). Its own class, so that every cross-entropy takes the plain path through it
+    (head_loss.direct_weight accepts a plain Linear only); its weight is lm_head.weight as in transformers."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x) / self.cap) * self.cap
 
 
 class TransformerBlock(nn.Module):
@@ -282,7 +298,8 @@ class GPTModel(nn.Module):
             self.score = Linear(cfg.emb_dim, cfg.num_labels, bias=False)
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+            self.lm_head = SoftcappedHead(cfg.emb_dim, cfg.vocab_size, cfg.final_logit_softcapping) \
+                if cfg.final_logit_softcapping else Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
         self._local_inv_freq: torch.Tensor | None = None  # those of the layers with local_rope (Gemma 3's local ones)
         self._rope_length = cfg.context_length  # the length they stand for (dynamic NTK only: rope.dynamic_length)
@@ -406,8 +423,10 @@ class GPTModel(nn.Module):
         if segment_ids is not None:
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-            mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
-                                    has_window=any(binds(w, t) for w in self.cfg.layer_windows))
+            # softcapped attention (Gemma 2) is the explicit path: a boolean mask, not the packed kernels' specs
+            mask = segment_mask(segment_ids) if self.cfg.attn_logit_softcapping else \
+                packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
+                                 has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         # one spec per sliding window the layers have (None: full attention), shared by the layers with it

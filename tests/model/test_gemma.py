@@ -33,6 +33,7 @@ import torch
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, count_params, read_config
 from pipeline.model.weights import load_model, save_hf
+from tests.acceptance.harness import random_model
 from tests.model.test_families import (  # noqa: F401 (collected here, on this file's checkpoint)
     ids, test_batched_left_padded_generation_equals_one_by_one, test_embedding_and_head_trained_in_full_load_in_peft_and_merge,
     test_export_loads_in_auto_model, test_fp16_logits_are_as_close_to_fp32_as_transformers_fp16_and_gradients_finite,
@@ -50,12 +51,7 @@ TINY = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=96, vocab_siz
 def gemma3(seed: int = 0, **changes):
     """A random Gemma3ForCausalLM; every tensor gets N(0, 0.1) noise so that the 0-centred norms leave zero (a norm
     scaled by weight instead of 1 + weight could not pass) and greedy decoding stays varied."""
-    torch.manual_seed(seed)
-    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**TINY, **changes})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return random_model(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(**{**TINY, **changes}), seed=seed)
 
 
 # Gemma 1 (GemmaForCausalLM, gemma-2b / 7b): Gemma's norms, embedding scale and GeGLU (the releases' hidden_act
@@ -75,43 +71,58 @@ def gemma1(seed: int = 0):
     return model
 
 
-GEMMA3_ONLY = {"test_embedding_and_head_trained_in_full_load_in_peft_and_merge", "test_segment_ids_attend_within_each_packed_sequence",
-               "test_fp16_logits_are_as_close_to_fp32_as_transformers_fp16_and_gradients_finite",
-               "test_batched_left_padded_generation_equals_one_by_one", "test_kv_cache_holds_the_key_value_heads_only"}
+# Gemma 2 (Gemma2ForCausalLM, gemma-2-2b / 9b / 27b): Gemma 3's four norms and query_pre_attn_scalar without q/k norms
+# or a local RoPE; tanh softcapping of the scores and the logits (modeling_gemma2.py:181-206 eager_attention_forward's
+# softcap, Gemma2ForCausalLM.forward's final_logit_softcapping), caps small enough here to bind; a window in every
+# other layer (Gemma2Config.__post_init__)
+GEMMA2 = dict(hidden_size=64, num_hidden_layers=4, intermediate_size=96, vocab_size=512, max_position_embeddings=256,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=5,
+              attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+# the family tests each further checkpoint runs: those its differences from Gemma 3's reach
+SKIPPED = {"gemma1-mqa": {"test_embedding_and_head_trained_in_full_load_in_peft_and_merge",
+                          "test_segment_ids_attend_within_each_packed_sequence",
+                          "test_fp16_logits_are_as_close_to_fp32_as_transformers_fp16_and_gradients_finite",
+                          "test_batched_left_padded_generation_equals_one_by_one",
+                          "test_kv_cache_holds_the_key_value_heads_only"},
+           "gemma2-softcap": {"test_embedding_and_head_trained_in_full_load_in_peft_and_merge",
+                              "test_batched_left_padded_generation_equals_one_by_one"}}
+
+
+def saved(factory, name: str, model):
+    """(variant, directory, transformers model) saved with save_pretrained."""
+    path = factory.mktemp(name)
+    model.save_pretrained(path)
+    return name, path, model
 
 
 @pytest.fixture(scope="module")
 def gemma3_checkpoint(tmp_path_factory):
-    """(variant, directory, transformers model) saved with save_pretrained."""
-    model = gemma3()
-    path = tmp_path_factory.mktemp("gemma3")
-    model.save_pretrained(path)
-    return "gemma3-window-scalar", path, model
+    return saved(tmp_path_factory, "gemma3-window-scalar", gemma3())
 
 
 @pytest.fixture(scope="module")
 def gemma1_checkpoint(tmp_path_factory):
-    model = gemma1()
-    path = tmp_path_factory.mktemp("gemma1")
-    model.save_pretrained(path)
-    return "gemma1-mqa", path, model
+    return saved(tmp_path_factory, "gemma1-mqa", gemma1())
 
 
-@pytest.fixture(params=["gemma3-window-scalar", "gemma1-mqa"])
+@pytest.fixture(scope="module")
+def gemma2_checkpoint(tmp_path_factory):
+    model = random_model(transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**GEMMA2))
+    return saved(tmp_path_factory, "gemma2-softcap", model)
+
+
+@pytest.fixture(params=["gemma3-window-scalar", "gemma1-mqa", "gemma2-softcap"])
 def checkpoint(request):
-    """The family tests' fixture: Gemma 3's checkpoint, and Gemma 1's (logits, padded batches, greedy, export, PEFT:
-    what its differences from Gemma 3 reach; the mechanisms below the model's function are the same code)."""
-    if request.param == "gemma3-window-scalar":
-        return request.getfixturevalue("gemma3_checkpoint")
-    if request.node.originalname in GEMMA3_ONLY:
-        pytest.skip("the Gemma 3 checkpoint covers it; Gemma 1's differences are in its function")
-    return request.getfixturevalue("gemma1_checkpoint")
+    """The family tests' fixture: Gemma 3's checkpoint, Gemma 1's and Gemma 2's (the tests their differences reach;
+    the mechanisms below the model's function are the same code)."""
+    if request.node.originalname in SKIPPED.get(request.param, ()):
+        pytest.skip("the Gemma 3 checkpoint covers it")
+    return request.getfixturevalue({"gemma3-window-scalar": "gemma3_checkpoint", "gemma1-mqa": "gemma1_checkpoint",
+                                    "gemma2-softcap": "gemma2_checkpoint"}[request.param])
 
 
-def test_gemma1_config_is_read_into_fields(checkpoint):
-    name, path, _ = checkpoint
-    if name != "gemma1-mqa":
-        pytest.skip("Gemma 3's: test_config_is_read_into_fields")
+def test_gemma1_config_is_read_into_fields(gemma1_checkpoint):
+    _, path, _ = gemma1_checkpoint
     cfg = read_config(path)
     expect = dict(family="gemma", mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=False,
                   qk_norm=False, head_dim=32, kv_heads=1, attention_scores_scalar=None, rope_local_theta=None,
@@ -121,6 +132,25 @@ def test_gemma1_config_is_read_into_fields(checkpoint):
     from pipeline.model.config import from_hf_config
     raw = json.loads((path / "config.json").read_text())
     assert raw["hidden_act"] == "gelu_pytorch_tanh" and from_hf_config({**raw, "hidden_act": "gelu"}) == cfg
+
+
+def test_gemma2_config_and_loss_on_the_softcapped_logits(gemma2_checkpoint):
+    """Gemma 2's fields; the training loss (the head's plain path through SoftcappedHead) is transformers' loss on its
+    softcapped logits, and its gradients are finite."""
+    _, path, ref = gemma2_checkpoint
+    ours = load_model(path)
+    expect = dict(family="gemma2", sandwich_norms=True, qk_norm=False, attention_scores_scalar=24,
+                  attn_logit_softcapping=2.0, final_logit_softcapping=3.0, layer_windows=(5, None, 5, None),
+                  rope_local_theta=None)
+    assert {k: getattr(ours.cfg, k) for k in expect} == expect
+    x = ids(12, (2, 14))
+    labels = torch.cat([x[:, 1:], torch.full((2, 1), -100)], 1)
+    with torch.no_grad():
+        want = ref(x, labels=x).loss
+    loss = ours.train()(x, labels=labels)
+    assert torch.allclose(loss, want, atol=1e-5), (loss, want)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
 
 
 def test_config_is_read_into_fields(gemma3_checkpoint):
@@ -185,8 +215,7 @@ def test_layer_types_and_the_default_pattern(tmp_path):
 
 
 @pytest.mark.parametrize("changes, words", [
-    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping is 50.0; tanh softcapping (Gemma 2's) is not"),
-    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping is 30.0; tanh softcapping"),
+    ({"attn_logit_softcapping": -1.0}, "attn_logit_softcapping is -1.0; expected a positive number or null"),
     ({"use_bidirectional_attention": True}, "use_bidirectional_attention is true"),
     ({"hidden_activation": "silu"}, "hidden_activation 'silu' is not supported; expected 'gelu_pytorch_tanh'"),
     ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
@@ -194,7 +223,6 @@ def test_layer_types_and_the_default_pattern(tmp_path):
      "rope_parameters.sliding_attention.rope_type 'linear' is not implemented"),
     ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
      "Gemma 3 4B / 12B / 27B are image-text models"),
-    ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}, "Gemma 2 caps its attention scores"),
 ])
 def test_what_is_not_implemented_is_refused_with_the_key(tmp_path, changes, words):
     config = {**gemma3(num_hidden_layers=2).config.to_dict(), **changes}
