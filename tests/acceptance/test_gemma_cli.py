@@ -30,6 +30,10 @@ def test_lora_sft_from_a_save_pretrained_gemma3_merges_to_gemma3(workdir):
     message = refused("validate", recipe, "template=qwen3", cwd=workdir, as_typed=False)
     assert "'qwen3' needs the special tokens <|im_start|>, <|im_end|>" in message and "gemma3" in message, message
     pipeline("build", recipe, cwd=workdir)
+    plain = write_recipe(workdir / "plain.yaml", model_name_or_path=str(base), dataset_dir="data", template=None,
+                         output_dir="saves/p", cutoff_len=256)
+    notice = pipeline("validate", plain, cwd=workdir, as_typed=False).stderr  # no template: the notice names gemma3
+    assert "whose own chat format is template: gemma3" in notice, notice
     pipeline("train", recipe, cwd=workdir)
     pipeline("merge", recipe, cwd=workdir)
     merged = workdir / "saves/r/merged"
