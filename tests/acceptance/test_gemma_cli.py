@@ -54,4 +54,4 @@ def test_lora_sft_from_a_save_pretrained_gemma3_merges_to_gemma3(workdir):
                                          tokenize=False)
     assert text == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
     stops = json.loads((merged / "generation_config.json").read_text())["eos_token_id"]
-    assert 106 in (stops if isinstance(stops, list) else [stops])
+    assert 106 in (stops if isinstance(stops, list) else [stops]) and tokenizer.eos_token == "<end_of_turn>"
