@@ -13,7 +13,8 @@ normalizer, pre-tokenizer and decoder that class builds in its __init__
 "always" with legacy: true, "never" with add_prefix_space: false; split false) and Replace / ByteFallback / Fuse /
 Strip(1 left). The file's own (the legacy Prepend + Replace normalizer of Llama 2's hub file) is not what
 transformers runs. Another class (PreTrainedTokenizerFast, TokenizersBackend), or none - whatever config.json's
-model_type: transformers 5.24 then loads TokenizersBackend - runs the file as written.
+model_type: transformers 5.24 then loads TokenizersBackend - runs the file as written. GemmaTokenizer (Gemma 3's
+class) rebuilds alike, its own way (_as_gemma_tokenizer): "▁" for spaces, no prefix "▁".
 
 Every template piece and every text is encoded on its own without the post-processor's BOS (transformers'
 encode(text, add_special_tokens=False), as LLaMA-Factory's Template._convert_elements_to_ids calls it): each gets
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # imported where used: a byte-level checkpoint's commands nev
     from tokenizers import Tokenizer
 
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+GEMMA_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")  # Gemma 1 / 2 / 3's tokenizer_config.json
 METASPACE = "▁"
 
 
@@ -75,6 +77,17 @@ def _as_llama_tokenizer(tokenizer: Tokenizer, config: Mapping[str, Any]) -> None
     if add_prefix_space:
         steps.append(decoders.Strip(content=" ", left=1))
     tokenizer.decoder = decoders.Sequence(steps)
+
+
+def _as_gemma_tokenizer(tokenizer: Tokenizer) -> None:
+    """transformers 5's GemmaTokenizer.__init__ steps, re-typed (tokenization_gemma.py:82-101, 5.24): spaces
+    normalised to "▁" with no prefix, a Split on " " (which then finds none), Replace / ByteFallback / Fuse decoding;
+    the BPE model (byte_fallback, fuse_unk) is the file's."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    tokenizer.normalizer = normalizers.Replace(" ", METASPACE)
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
 
 
 def _not_first(pre_tokenizer: Any) -> Any:
@@ -133,6 +146,8 @@ class HFEncoding:
         tokenizer = Tokenizer.from_file(str(path))
         if transformers_class_is_llama(config):
             _as_llama_tokenizer(tokenizer, config)
+        elif config.get("tokenizer_class") in GEMMA_CLASSES:
+            _as_gemma_tokenizer(tokenizer)
         tokenizer.post_processor = None  # never used: every encode is add_special_tokens=False
         return cls(str(path), tokenizer.to_str())
 

@@ -465,6 +465,18 @@ TEMPLATES.update({t.name: t for t in (
              reply="<|assistant|>", assistant="{content}<|end|>", special_tokens=PHI_MARKUP, stop_words=("<|end|>",),
              replace_eos=True, description="Phi-4-mini-instruct: <|user|> ...<|end|><|assistant|>, no newlines"),
 )})
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:966-978 (gemma) and :997-1011 (gemma3: gemma's strings, an
+# image plugin beside): Llama2Template, the system prompt and a blank line opening the first user turn's content;
+# BOS once; each answer closed by <end_of_turn> and a newline, <end_of_turn> the EOS generation stops at (replace_eos)
+_GEMMA_REPLY = "<start_of_turn>model\n"
+_GEMMA = dict(prefix="{bos}", system="{system}\n\n", user="<start_of_turn>user\n{content}<end_of_turn>\n" + _GEMMA_REPLY,
+              reply=_GEMMA_REPLY, assistant="{content}<end_of_turn>\n", system_in_content=True,
+              special_tokens=("<start_of_turn>", "<end_of_turn>"), stop_words=("<end_of_turn>",), replace_eos=True)
+TEMPLATES.update({t.name: t for t in (
+    Template(name="gemma", **_GEMMA, description="Gemma / Gemma 2 / Gemma 3 instruct: <start_of_turn>user ..."
+                                                 "<end_of_turn>, the system prompt inside the first user turn"),
+    Template(name="gemma3", **_GEMMA, description="Gemma 3 (text): gemma's strings"),
+)})
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.

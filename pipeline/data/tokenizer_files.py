@@ -27,7 +27,7 @@ import numpy as np
 import tiktoken
 
 from pipeline.data.encoding import Encoding, TiktokenEncoding
-from pipeline.data.hf_encoding import LLAMA_CLASSES, HFEncoding, is_sentencepiece_bpe
+from pipeline.data.hf_encoding import GEMMA_CLASSES, LLAMA_CLASSES, HFEncoding, is_sentencepiece_bpe
 from pipeline.data.tokenizer import GPT2_PATTERN, Tokenizer, gpt2
 from pipeline.errors import UserError
 from pipeline.io import write_json
@@ -45,8 +45,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SUPPORTED = ("byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3) and sentencepiece-style BPE "
              "tokenizer.json files with byte_fallback (Llama 2, Mistral)")
 # The tokenizer classes transformers runs a sentencepiece-style tokenizer.json with that hf_encoding reproduces.
-SENTENCEPIECE_CLASSES = (*LLAMA_CLASSES, "PreTrainedTokenizerFast", "TokenizersBackend")
-SUPPORTED_SENTENCEPIECE = f"tokenizer_class {' / '.join(SENTENCEPIECE_CLASSES)} (Llama 2, Mistral) or none"
+SENTENCEPIECE_CLASSES = (*LLAMA_CLASSES, "PreTrainedTokenizerFast", "TokenizersBackend", *GEMMA_CLASSES)
+SUPPORTED_SENTENCEPIECE = f"tokenizer_class {' / '.join(SENTENCEPIECE_CLASSES)} (Llama 2, Mistral, Gemma) or none"
 # The fix a refused tokenizer_class's message names where the general one (set LlamaTokenizerFast or
 # PreTrainedTokenizerFast) needs more: transformers 5.24's CodeLlamaTokenizer (tokenization_code_llama.py) is the
 # LlamaTokenizer rebuild with legacy ignored (Metaspace prepend_scheme "first") plus infilling - <FILL_ME> and

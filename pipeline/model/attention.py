@@ -26,6 +26,10 @@ path gives a bucket longer than the window the band as a mask (SDPA); the varlen
 (window - 1, 0) (flash's inclusive left bound), in the signatures that have window_size; a torch whose varlen_attn has
 none runs the packed rows longer than a window on the buckets path.
 
+Softcapped scores (Gemma 2's attn_logit_softcapping: cap x tanh(scores / cap)) are no kernel's: `softcapped_attention`
+computes them explicitly (transformers' eager path, the only one it runs for Gemma 2), packed rows through
+`segment_mask`.
+
 `segment_mask` (causal AND same segment, (B, 1, T, T) boolean; AND the band with a window) stays as the reference
 that both paths are tested against. The model builds a `packed_attention(...)` spec once per forward and passes it to
 every layer as its mask; `attend` dispatches. All paths compute the same function
@@ -232,9 +236,12 @@ def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: f
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *,
-           is_causal: bool, dropout_p: float) -> torch.Tensor:
+           is_causal: bool, dropout_p: float, softcap: float | None = None) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); H_kv divides H (GQA / MQA);
-    `mask` None, a boolean mask, Varlen segments or Buckets of segments (a window in the last two: `windowed`)."""
+    `mask` None, a boolean mask, Varlen segments or Buckets of segments (a window in the last two: `windowed`).
+    softcap (Gemma 2's attn_logit_softcapping): the explicit path, softcapped_attention (no kernel caps scores)."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap)
     if isinstance(mask, Buckets):
         return _attend_buckets(q, k, v, mask, dropout_p)
     if isinstance(mask, Varlen):
@@ -308,3 +315,25 @@ def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: 
         outs.append(y.transpose(1, 2).reshape(n * length, h, d))
     y = _ToTokens.apply(outs[0] if len(outs) == 1 else torch.cat(outs), buckets.back)
     return y.view(b, t, h, d).transpose(1, 2)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *, is_causal: bool,
+                         dropout_p: float, softcap: float) -> torch.Tensor:
+    """transformers' eager_attention_forward with softcap (models/gemma2/modeling_gemma2.py:181-206, 5.24), the one
+    path Gemma 2 runs there too (_supports_sdpa False): scores q k^T * head_dim ** -0.5 (q arrives scaled for
+    query_pre_attn_scalar), then softcap * tanh(scores / softcap), the mask, softmax in fp32 cast back, dropout, @ v.
+    `mask` is None (causal when is_causal, else every key) or boolean: packed rows reach it as segment_mask
+    (GPTModel.forward), never as Buckets / Varlen."""
+    if isinstance(mask, (Buckets, Varlen)):
+        raise ValueError("softcapped attention takes a boolean mask: packed rows need segment_mask")
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and is_causal:
+        mask = band_mask(q.shape[-2], k.shape[-2], k.shape[-2], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout_p)
+    return torch.matmul(probs, v)

@@ -24,7 +24,7 @@ FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own chec
 FORMAT_VERSION = 2       # 1: GPT-2 only, HF GPT-2 module names; 2: any family, our module names
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "geglu")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class ModelConfig:
     positions: str = "learned"       # learned table (GPT-2) | rope (rotary, computed per position: no table)
     rope_theta: float = 10000.0
     rope_scaling: Mapping[str, Any] | None = None  # {"type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ..}
-    mlp: str = "gelu"                # gelu: up -> GELU(tanh) -> down | swiglu: down(silu(gate) * up)
+    mlp: str = "gelu"                # gelu: up -> GELU(tanh) -> down | swiglu: down(silu(gate) * up) | geglu:
+    #                                  down(gelu_tanh(gate) * up) (Gemma's gelu_pytorch_tanh)
     ffn_dim: int | None = None       # hidden width of the MLP; None means 4 * emb_dim (GPT-2)
     mlp_bias: bool = True
     qkv_bias: bool = True
@@ -74,6 +75,15 @@ class ModelConfig:
     # Qwen2-MoE: each sparse block also runs a shared SwiGLU expert of this width on every token, its output scaled by
     # sigmoid(shared_expert_gate(x)) (a Linear to 1) and added to the routed experts'; None: no shared expert
     shared_expert_dim: int | None = None
+    # Gemma 3 (Gemma3ForCausalLM), one field per way its decoder differs from Llama's:
+    norm_unit_offset: bool = False   # every RMSNorm computes in fp32 and scales by (1 + weight): weights stored 0-centred
+    scale_embeddings: bool = False   # token embeddings times sqrt(emb_dim), that factor cast to their dtype first
+    sandwich_norms: bool = False     # an RMSNorm on the attention output and on the MLP output, before each residual add
+    attention_scores_scalar: float | None = None  # scores scaled by its ** -0.5 (query_pre_attn_scalar); None: head_dim
+    rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (rope_local_base_freq);
+    #                                        None: every layer rotates by rope_theta and rope_scaling
+    attn_logit_softcapping: float | None = None   # Gemma 2: scores become cap * tanh(scores / cap) before the mask
+    final_logit_softcapping: float | None = None  # Gemma 2: logits become cap * tanh(logits / cap)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))  # a JSON list read back
@@ -127,6 +137,16 @@ class ModelConfig:
             return [f"layer_windows has {len(windows)} entries, one per layer of n_layers {self.n_layers}"]
         object.__setattr__(self, "layer_windows", tuple(windows) if any(windows) else ())
         return []
+
+    def local_rope(self, layer: int) -> bool:
+        """Whether block `layer` rotates by rope_local_theta (Gemma 3's sliding-window layers) rather than rope_theta
+        and rope_scaling."""
+        return self.rope_local_theta is not None and self.window(layer) is not None
+
+    @property
+    def attention_scale(self) -> float:
+        """What q k^T is multiplied by before the softmax: attention_scores_scalar ** -0.5, else head_dim ** -0.5."""
+        return (self.attention_scores_scalar or self.head_dim) ** -0.5
 
     def window(self, layer: int) -> int | None:
         """The sliding window of block `layer`; None: it attends to every earlier position."""
@@ -260,6 +280,16 @@ def _phi(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ff
                    eps=1e-5, tied=tied).replace(partial_rotary_factor=rotary)
 
 
+def _gemma3(emb: int, layers: int, ffn: int) -> ModelConfig:
+    """Gemma 3's text-only checkpoints (google/gemma-3-1b-it's and gemma-3-270m's config.json): 262,144 ids, 32,768
+    positions, 4 query heads sharing one key/value head of width 256 (query_pre_attn_scalar 256), a 512-position
+    window in five layers of every six (sliding_window_pattern 6), RoPE theta 1e6 globally and 1e4 locally, tied."""
+    return _swiglu("gemma3", vocab=262144, ctx=32768, emb=emb, layers=layers, heads=4, kv=1, ffn=ffn,
+                   theta=1000000.0, eps=1e-6, tied=True, head_size=256).replace(
+        mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True, attention_scores_scalar=256,
+        rope_local_theta=10000.0, layer_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(layers)))
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -283,6 +313,8 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-4b": _qwen3(2560, 36, 32, 9728, tied=True),
     "qwen3-8b": _qwen3(4096, 36, 32, 12288, tied=False),
     "qwen3-30b-a3b": _qwen3_moe(2048, 48, 32, 4, 6144, experts=128, top_k=8, expert_ffn=768),  # 30.5B, 3.3B active
+    "gemma-3-1b": _gemma3(1152, 26, 6912),
+    "gemma-3-270m": _gemma3(640, 18, 2048),
 }
 PRESETS.update({  # the MoE families beside Qwen3-MoE
     "mixtral-8x7b": _mixtral(4096, 32, 32, 8, 14336, vocab=32000, ctx=32768),  # 46.7B, 12.9B active
@@ -429,13 +461,18 @@ class ModuleSpec:
         return self.in_dim * self.out_dim + (self.out_dim if self.bias else 0)
 
 
+def gated(cfg: ModelConfig) -> bool:
+    """Whether the MLP has a gate_proj: SwiGLU and GeGLU multiply an activated gate into up_proj's output."""
+    return cfg.mlp in ("swiglu", "geglu")
+
+
 def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
     """The Linears of one MLP (FeedForward) of hidden width h: a block's, or one expert's."""
     c = cfg.emb_dim
     if cfg.mlp_fused:  # Phi3MLP: gate rows, then up rows, in one Linear
         return [ModuleSpec(prefix + "gate_up_proj", "linear", c, 2 * h, cfg.mlp_bias),
                 ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
-    gate = [ModuleSpec(prefix + "gate_proj", "linear", c, h, cfg.mlp_bias)] if cfg.mlp == "swiglu" else []
+    gate = [ModuleSpec(prefix + "gate_proj", "linear", c, h, cfg.mlp_bias)] if gated(cfg) else []
     return gate + [ModuleSpec(prefix + "up_proj", "linear", c, h, cfg.mlp_bias),
                    ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
 
@@ -459,6 +496,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
         if cfg.qk_norm:
             mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", cfg.head_dim, cfg.head_dim),
                      ModuleSpec(p + "self_attn.k_norm", "rmsnorm", cfg.head_dim, cfg.head_dim)]
+        if cfg.sandwich_norms:
+            mods.append(ModuleSpec(p + "attn_output_norm", cfg.norm, c, c))
         mods.append(ModuleSpec(p + "post_attention_layernorm", cfg.norm, c, c))
         if cfg.sparse(i):
             mods.append(ModuleSpec(p + "mlp.gate", "linear", c, cfg.n_experts))
@@ -469,6 +508,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
                          ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1)]
         else:
             mods += _mlp(cfg, p + "mlp.", h)
+        if cfg.sandwich_norms:
+            mods.append(ModuleSpec(p + "mlp_output_norm", cfg.norm, c, c))
     head = ModuleSpec("score", "linear", c, cfg.num_labels, False) if cfg.num_labels else \
         ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]
@@ -527,7 +568,7 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     s, b, h = seq, batch, cfg.emb_dim
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
-    per_token = attention + mlp_activation_bytes(cfg) + 4 * h
+    per_token = attention + mlp_activation_bytes(cfg) + (8 if cfg.sandwich_norms else 4) * h  # Gemma's four norms
     return (s * b * per_token + 5 * cfg.n_heads * s * s * b) * bytes_per_value / 2
 
 
@@ -538,7 +579,7 @@ def mlp_activation_bytes(cfg: ModelConfig) -> int:
     of the token's row 2h, its own MLP of moe_ffn_dim and its output 2h (kept for the routing weight), plus the
     router's logits and fp32 probabilities (2 + 4 bytes per expert); a shared expert (Qwen2-MoE) its MLP, its output
     2h and its gate's value."""
-    h, per_hidden = cfg.emb_dim, 8 if cfg.mlp == "swiglu" else 4
+    h, per_hidden = cfg.emb_dim, 8 if gated(cfg) else 4
     if not cfg.n_experts:
         return 2 * h + per_hidden * cfg.hidden_dim + h
     expert = 2 * h + per_hidden * (cfg.moe_ffn_dim or cfg.hidden_dim) + h + 2 * h

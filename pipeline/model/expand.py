@@ -57,6 +57,10 @@ def checkpoint_family(config: Mapping[str, Any], where: Path) -> Family:
     if family.moe:  # each expert's down_proj would need zeroing, and mlp_only_layers renumbering: not written
         raise UserError(f"{where}: {arch} has sparse MoE blocks, which expand (LLaMA Pro) does not copy; it expands"
                         f" {', '.join(sorted(a for a, f in BY_ARCHITECTURE.items() if not f.moe))}")
+    if family.gemma:  # Gemma 3's sliding_window_pattern counts blocks: the inserted ones would shift which layers slide
+        raise UserError(f"{where}: {arch} is not expanded (LLaMA Pro): copying Gemma's blocks (Gemma 3's sliding"
+                        " layers by sliding_window_pattern, four norms a block) is not written; it expands "
+                        f"{', '.join(sorted(a for a, f in BY_ARCHITECTURE.items() if not (f.moe or f.gemma)))}")
     return family
 
 

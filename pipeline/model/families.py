@@ -59,6 +59,9 @@ class Family:
     partial_rotary: bool = False
     # the rope types the class accepts (config.json's rope_type); Phi3Config.validate_rope allows default / longrope
     rope_types: tuple[str, ...] = ()
+    # Gemma's generation (0: not Gemma). Every Gemma: RMSNorm x (1 + w), scaled embeddings, GeGLU; 3 adds four norms a
+    # block, query_pre_attn_scalar and a RoPE per layer type. gemma_fields reads its keys, gemma_config writes them
+    gemma: int = 0
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -224,9 +227,45 @@ PHI3 = Family(name="phi3", architecture="Phi3ForCausalLM", reward_architecture="
               config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
                                ("original_max_position_embeddings", 4096)),
               sliding_window="every", bias_keys=(), fused=True, partial_rotary=True, rope_types=("default", "longrope"))
+# Gemma 3's text-only checkpoints (gemma-3-1b, gemma-3-270m): Gemma3TextConfig's defaults for absent keys
+# (transformers 5.24, configuration_gemma3.py:73-95). Its post_attention_layernorm normalises the attention output
+# and pre_feedforward_layernorm is the MLP's input norm (ours: post_attention_layernorm, Llama's place for it).
+# Sliding windows: layer_types, else every layer but each sliding_window_pattern-th ("pattern").
+_SANDWICH = (("layers.{i}.post_attention_layernorm", "layers.{i}.pre_feedforward_layernorm"),
+             ("layers.{i}.attn_output_norm", "layers.{i}.post_attention_layernorm"),
+             ("layers.{i}.mlp_output_norm", "layers.{i}.post_feedforward_layernorm"))
+GEMMA3 = Family(name="gemma3", architecture="Gemma3ForCausalLM",
+                reward_architecture="Gemma3TextForSequenceClassification", model_type="gemma3_text", prefix="model.",
+                modules=_SANDWICH,
+                skip=(".rotary_emb.inv_freq", ".embed_scale"),
+                config_defaults=(("max_position_embeddings", 131072), ("head_dim", 256), ("num_key_value_heads", 4),
+                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
+                                 ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh")),
+                sliding_window="pattern", bias_keys=("attention_bias",), qk_norm=True, gemma=3)
+# Gemma 1 (gemma-2b / 7b, CodeGemma, ...): Llama's block with Gemma's norms, embedding scale and GeGLU (its hidden_act;
+# the releases' "gelu" is read as the tanh form, GemmaConfig.__post_init__, configuration_gemma.py:87-94); GemmaConfig's
+# defaults (:63-85): head_dim 256, 16 key/value heads, 8,192 positions, tied
+GEMMA = Family(name="gemma", architecture="GemmaForCausalLM", reward_architecture="GemmaForSequenceClassification",
+               model_type="gemma", prefix="model.", skip=(".rotary_emb.inv_freq", ".embed_scale"),
+               config_defaults=(("max_position_embeddings", 8192), ("head_dim", 256), ("num_key_value_heads", 16),
+                                ("tie_word_embeddings", True), ("hidden_act", "gelu_pytorch_tanh")),
+               bias_keys=("attention_bias",), gemma=1)
+# Gemma 2 (gemma-2-2b / 9b / 27b): Gemma 3's block without q/k norms, one RoPE, tanh softcapping of the attention
+# scores (50) and the logits (30); a window in every other layer (layer_types, else alternating: Gemma2Config.
+# __post_init__, configuration_gemma2.py:92-97, which reads no sliding_window_pattern); Gemma2Config's defaults (:67-90)
+GEMMA2 = Family(name="gemma2", architecture="Gemma2ForCausalLM", reward_architecture="Gemma2ForSequenceClassification",
+                model_type="gemma2", prefix="model.", modules=_SANDWICH, skip=(".rotary_emb.inv_freq", ".embed_scale"),
+                config_defaults=(("max_position_embeddings", 8192), ("head_dim", 256), ("num_key_value_heads", 4),
+                                 ("sliding_window", 4096), ("tie_word_embeddings", True),
+                                 ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh"),
+                                 ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
+                sliding_window="pattern", bias_keys=("attention_bias",), gemma=2)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
+FAMILIES[GEMMA3.name] = GEMMA3
+FAMILIES[GEMMA.name] = GEMMA
+FAMILIES[GEMMA2.name] = GEMMA2
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -235,14 +274,25 @@ DEFAULT_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # a fam
 ROPE_TYPES = (*DEFAULT_ROPE_TYPES, "longrope")
 
 
+# Architectures of the Gemma line that are not implemented, with why and what works instead (appended to the refusal)
+_GEMMA_TEXT = "Gemma 3's text-only checkpoints (Gemma3ForCausalLM: google/gemma-3-1b-it, google/gemma-3-270m)"
+NOT_YET: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": "Gemma 3 4B / 12B / 27B are image-text models (a SigLIP vision tower and a"
+    " projector around the language model, weights under language_model.*); only " + _GEMMA_TEXT + " are"
+    " supported",
+}
+NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration"}
+
+
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     """The family a HF config.json describes (architectures first, then model_type), or a UserError."""
     archs = raw.get("architectures")
     if isinstance(archs, list) and archs:
         family = BY_ARCHITECTURE.get(str(archs[0])) or BY_REWARD_ARCHITECTURE.get(str(archs[0]))
         if family is None:
+            why = NOT_YET.get(str(archs[0]))
             raise UserError(f"{path}: architectures {archs!r} is not supported; supported architectures:"
-                            f" {SUPPORTED}")
+                            f" {SUPPORTED}" + (f". {why}" if why else ""))
         if raw.get("model_type", family.model_type) != family.model_type:
             raise UserError(f"{path}: model_type '{raw['model_type']}' does not match architectures {archs!r}"
                             f" (expected model_type '{family.model_type}'); supported architectures: {SUPPORTED}")
@@ -250,8 +300,10 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     model_type = raw.get("model_type", "gpt2" if "n_embd" in raw else None)
     family = BY_MODEL_TYPE.get(str(model_type))
     if family is None:
+        why = NOT_YET.get(NOT_YET_MODEL_TYPES.get(str(model_type), ""))
         raise UserError(f"{path}: model_type '{model_type}' is not supported (no \"architectures\" given either);"
-                        f" supported architectures: {SUPPORTED} (model_type {', '.join(BY_MODEL_TYPE)})")
+                        f" supported architectures: {SUPPORTED} (model_type {', '.join(BY_MODEL_TYPE)})"
+                        + (f". {why}" if why else ""))
     return family
 
 
@@ -405,6 +457,17 @@ def _sliding_layers(raw: Mapping[str, Any], even_below: bool = False) -> list[in
     return [i for i in layers if type(first) is not int or i >= first]
 
 
+def _pattern_layers(raw: Mapping[str, Any], layers: int, generation: int) -> list[int]:
+    """Gemma 2 / 3's sliding layers (Gemma3TextConfig.__post_init__, configuration_gemma3.py:100-107): those
+    layer_types calls "sliding_attention", else every layer i with (i + 1) % pattern != 0: Gemma 3's
+    sliding_window_pattern (default 6: five local layers, then a global one), Gemma 2's 2 always."""
+    kinds = raw.get("layer_types")
+    if isinstance(kinds, list):
+        return [i for i in range(layers) if i < len(kinds) and kinds[i] == "sliding_attention"]
+    pattern = 2 if generation == 2 else raw.get("sliding_window_pattern", 6)
+    return [i for i in range(layers) if type(pattern) is not int or pattern < 1 or (i + 1) % pattern]
+
+
 def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> tuple[int | None, ...]:
     """Each layer's sliding window as the family's transformers class gives it (ModelConfig.layer_windows): Mistral's
     sliding_window in every layer (null: none), Qwen3-MoE's in every layer under use_sliding_window, Qwen2 / Qwen3's
@@ -417,7 +480,8 @@ def layer_windows(family: Family, raw: Mapping[str, Any], path: Any, problems: l
     flag = family.sliding_window == "flag" and raw.get("use_sliding_window")
     sliding = range(layers) if window is not None and (family.sliding_window == "every" or flag) else \
         _sliding_layers(raw, family.sliding_window == "layers_even") \
-        if family.sliding_window in ("layers", "layers_even") else []
+        if family.sliding_window in ("layers", "layers_even") else \
+        _pattern_layers(raw, layers, family.gemma) if family.sliding_window == "pattern" else []
     if not sliding:
         return ()
     if type(window) is not int or window < 1:
@@ -440,12 +504,13 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
                 "vocab_size", "max_position_embeddings", "head_dim"):
         _positive_int(raw, key, path, problems)
     act = raw.get("hidden_act", "silu")
-    if act != "silu":
+    if act != "silu" and not family.gemma:
         problems.append(f"{path}: hidden_act '{act}' is not supported; expected 'silu' (SwiGLU)")
     windows = layer_windows(family, raw, path, problems)
     if raw.get("pretraining_tp", 1) not in (1, None):
         problems.append(f"{path}: pretraining_tp {raw['pretraining_tp']!r} is not supported; expected 1")
-    theta, scaling = _rope(raw, path, problems, family)
+    gemma = gemma_fields(family.gemma, raw, path, problems) if family.gemma else {}
+    theta, scaling = _rope(gemma.pop("rope", raw), path, problems, family)
     moe = moe_fields(family.moe, raw, path, problems) if family.moe else {}
     rotary = _partial_rotary(family, raw, path, problems)
     if family is PHI3:
@@ -481,7 +546,81 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         qk_norm=family.qk_norm, qkv_fused=family.fused, mlp_fused=family.fused,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
         **moe,
-    )
+    ) | gemma
+
+
+def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(global, local) RoPE parameters as transformers 5 reads a Gemma 3 config.json
+    (Gemma3TextConfig.convert_rope_params_to_dict, configuration_gemma3.py:133-156): rope_parameters per layer type
+    ("full_attention", "sliding_attention"); a rope_scaling updates the global one; the global theta defaults to
+    rope_theta (else 1e6), the local one to rope_local_base_freq (else 1e4)."""
+    nested = raw.get("rope_parameters")
+    nested = nested if isinstance(nested, dict) else {}
+    full = dict(nested.get("full_attention") or {"rope_type": "default"})
+    local = dict(nested.get("sliding_attention") or {"rope_type": "default"})
+    if isinstance(raw.get("rope_scaling"), dict):
+        full.update(raw["rope_scaling"])
+    full.setdefault("rope_theta", raw.get("rope_theta", 1000000.0))
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
+    return full, local
+
+
+def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """GemmaConfig's / Gemma2Config's / Gemma3TextConfig's own keys -> ModelConfig fields, and under "rope" the config
+    decoder_fields' _rope reads (Gemma 3: its global layers'). What they can switch on that is not implemented
+    (bidirectional attention, a scaled RoPE in Gemma 3's local layers) is a problem naming the key."""
+    key = "hidden_act" if generation == 1 else "hidden_activation"
+    act = raw.get(key)
+    if act not in ("gelu_pytorch_tanh", "gelu" if generation == 1 else "gelu_pytorch_tanh"):
+        problems.append(f"{path}: {key} '{act}' is not supported; expected 'gelu_pytorch_tanh' (GeGLU)")
+    if raw.get("use_bidirectional_attention"):
+        problems.append(f"{path}: use_bidirectional_attention is true (an encoder); expected false (causal decoding)")
+    common = dict(mlp="geglu", norm_unit_offset=True, scale_embeddings=True)
+    if generation == 1:
+        return dict(rope=raw, **common)
+    caps = {name: raw.get(name) for name in ("attn_logit_softcapping", "final_logit_softcapping")}
+    for name, cap in caps.items():
+        if cap is not None and (not _number(cap) or cap <= 0):
+            problems.append(f"{path}: {name} is {cap!r}; expected a positive number or null")
+            caps[name] = None
+    common.update(sandwich_norms=True, **{k: float(v) if v is not None else None for k, v in caps.items()})
+    scalar = raw.get("query_pre_attn_scalar")
+    if not _number(scalar) or scalar <= 0:
+        problems.append(f"{path}: query_pre_attn_scalar is {scalar!r}; expected a positive number")
+        scalar = None
+    if generation == 2:
+        return dict(rope=raw, **common, attention_scores_scalar=scalar)
+    full, local = _gemma_rope(raw)
+    if (local.get("rope_type") or "default") != "default":
+        problems.append(f"{path}: rope_parameters.sliding_attention.rope_type '{local['rope_type']}' is not"
+                        " implemented; expected 'default' (Gemma 3 scales the global layers' RoPE only)")
+    if not _number(local.get("rope_theta")):
+        problems.append(f"{path}: the local RoPE theta is {local.get('rope_theta')!r}; expected a number")
+    return dict(rope={"max_position_embeddings": raw.get("max_position_embeddings"), "rope_parameters": full},
+                **common, attention_scores_scalar=scalar,
+                rope_local_theta=float(local["rope_theta"]) if _number(local.get("rope_theta")) else None)
+
+
+def gemma_config(cfg: Any, scaling: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keys of a GemmaForCausalLM / Gemma2ForCausalLM / Gemma3ForCausalLM config.json beside decoder_config's;
+    Gemma 2 / 3: the window in the layers layer_types names, the attention scalar, the softcapping; Gemma 3 both RoPE
+    spellings too (transformers 5's rope_parameters per layer type; 4.x's rope_theta, rope_local_base_freq,
+    rope_scaling)."""
+    generation = FAMILIES[cfg.family].gemma
+    if generation == 1:
+        return {"hidden_act": "gelu_pytorch_tanh", "attention_bias": cfg.qkv_bias}
+    out = {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.attention_scores_scalar or cfg.head_dim,
+           "sliding_window": hf_window(cfg), "layer_types": ["sliding_attention" if w else "full_attention" for w in
+                                                             cfg.layer_windows] or ["full_attention"] * cfg.n_layers,
+           "attn_logit_softcapping": cfg.attn_logit_softcapping,
+           "final_logit_softcapping": cfg.final_logit_softcapping, "attention_bias": cfg.qkv_bias}
+    if generation == 2:
+        return out
+    full = {"rope_type": "default", "rope_theta": cfg.rope_theta, **(scaling or {})}
+    local_theta = cfg.rope_local_theta or cfg.rope_theta  # None: the local layers rotate as the global ones
+    local = {"rope_type": "default", "rope_theta": local_theta}
+    return {**out, "rope_parameters": {"full_attention": full, "sliding_attention": local},
+            "rope_local_base_freq": local_theta, "use_bidirectional_attention": False}
 
 
 def _partial_rotary(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> float:
@@ -620,7 +759,10 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         "attention_dropout": cfg.drop_rate, "tie_word_embeddings": cfg.tie_weights, "use_cache": True,
         "initializer_range": 0.02, **special, "torch_dtype": dtype,
     }
-    if family is LLAMA:
+    if family.gemma:
+        out.pop("hidden_act")  # Gemma 1 writes it back as "gelu_pytorch_tanh", Gemma 3 as hidden_activation
+        out.update(gemma_config(cfg, scaling))
+    elif family is LLAMA:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
     elif family.sliding_window == "every":
         out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
@@ -651,6 +793,7 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
 
 
 _WINDOWS_EXPRESSED = {"": "none", "every": "one sliding_window in every layer",
+                      "pattern": "one sliding_window, in the layers layer_types names",
                       "flag": "one sliding_window in every layer, with use_sliding_window",
                       "layers": "one sliding_window, in the layers layer_types names",
                       "layers_even": "one sliding_window, in the layers layer_types names"}
@@ -659,6 +802,7 @@ HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, An
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
     "mistral": decoder_config, "qwen3_moe": decoder_config, "mixtral": decoder_config, "qwen2_moe": decoder_config}
 HF_CONFIG["phi3"] = decoder_config
+HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -685,6 +829,16 @@ def check_exportable(cfg: Any) -> list[str]:
                           o_bias=False, mlp_bias=False),
         "phi3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=True, qk_norm=False, qkv_bias=False,
                      o_bias=False, mlp_bias=False),
+        "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=True,
+                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
+                       sandwich_norms=True),
+        "gemma2": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
+                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
+                       sandwich_norms=True, rope_local_theta=None),
+        "gemma": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
+                      o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
+                      sandwich_norms=False, attention_scores_scalar=None, rope_local_theta=None,
+                      attn_logit_softcapping=None, final_logit_softcapping=None),
     }[family.name]
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
@@ -695,6 +849,10 @@ def check_exportable(cfg: Any) -> list[str]:
         want["partial_rotary_factor"] = 1.0
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
+    if not family.gemma:  # Gemma's decoder fields: no other class has them
+        want.update(norm_unit_offset=False, scale_embeddings=False, sandwich_norms=False,
+                    attention_scores_scalar=None, rope_local_theta=None, attn_logit_softcapping=None,
+                    final_logit_softcapping=None)
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]
     kind = dict(cfg.rope_scaling or {}).get("type", "default")

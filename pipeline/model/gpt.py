@@ -6,11 +6,15 @@ Family differences are ModelConfig fields, never family checks in this file:
     positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN, LongRoPE),
                 on the first partial_rotary_factor of each head (Phi-4-mini)
     mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU; gate and up one Linear: Phi-3's
-                gate_up_proj); n_experts: sparse MoE blocks (Qwen3-MoE, Mixtral: a router picks experts_per_token
-                SwiGLU experts per token; Qwen2-MoE adds a gated shared expert)
+                gate_up_proj) | down(gelu_tanh(gate) * up) (GeGLU, Gemma); n_experts: sparse MoE blocks (Qwen3-MoE,
+                Mixtral: a router picks experts_per_token SwiGLU experts per token; Qwen2-MoE adds a gated shared
+                expert)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
                 per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
-                a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window: layer_windows)
+                a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window, Gemma 3: layer_windows),
+                the scores' scale (Gemma's query_pre_attn_scalar), a RoPE base of the windowed layers' own
+    Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs,
+                Gemma 2's tanh softcapping of the scores (the explicit attention path) and of the logits
     head        tied to the token embedding or not
 
 Class names follow the book (GPTModel, TransformerBlock, MultiHeadAttention, FeedForward, LayerNorm,
@@ -28,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Spec, attend, binds, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
-from pipeline.model.config import ModelConfig
+from pipeline.model.config import ModelConfig, gated
 from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
                                       head_cross_entropy_tokens)
 from pipeline.model.kernels import Linear
@@ -63,19 +67,26 @@ class RMSNorm(nn.Module):
     torch's rms_norm without a weight is that normalisation: it computes in fp32 for bf16/fp16 input and
     rounds once (bitwise HF's `(x.float() * rsqrt(...)).to(dtype)`, forward and backward, on the CPU). On
     CUDA it is one fused kernel where the spelled-out form is seven, with two dtype copies; Qwen3 runs it
-    four times a layer (q and k norms included). The weight is applied after the cast, as HF does."""
+    four times a layer (q and k norms included). The weight is applied after the cast, as HF does.
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    unit_offset (Gemma3RMSNorm): the scale is (1 + weight), the weight stored 0-centred, and it is applied in fp32
+    before the one cast back (Gemma rounds (x * (1 + w)), Llama x then x * w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * (1.0 + self.weight.float())).type_as(x)
         return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps)
+    return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps,
+                                                                                cfg.norm_unit_offset)
 
 
 class GELU(nn.Module):
@@ -87,11 +98,12 @@ class GELU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """gelu: emb -> hidden -> GELU -> emb (the book's ff.layers); swiglu: down(silu(gate(x)) * up(x))."""
+    """gelu: emb -> hidden -> GELU -> emb (the book's ff.layers); swiglu: down(silu(gate(x)) * up(x)); geglu (Gemma):
+    down(gelu_tanh(gate(x)) * up(x))."""
 
     def __init__(self, cfg: ModelConfig, hidden_dim: int | None = None):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.swiglu = gated(cfg)  # the gated form (SwiGLU or GeGLU), named for the first
         hidden = hidden_dim or cfg.hidden_dim  # an expert's is moe_ffn_dim
         self.fused = cfg.mlp_fused
         if self.fused:  # Phi3MLP's gate_up_proj: the gate's rows, then up's
@@ -100,7 +112,7 @@ class FeedForward(nn.Module):
             self.gate_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
         if not self.fused:
             self.up_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
-        self.act = nn.SiLU() if self.swiglu else GELU()
+        self.act = nn.SiLU() if cfg.mlp == "swiglu" else GELU()
         self.down_proj = Linear(hidden, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
 
@@ -214,9 +226,13 @@ class MultiHeadAttention(nn.Module):
         self.o_proj = Linear(q, cfg.emb_dim, bias=cfg.o_bias)
         self.qk_norm = cfg.qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+        # every kernel scales by head_dim ** -0.5; another scale (Gemma's query_pre_attn_scalar) rescales q by the
+        # ratio first, 1 (no multiply) where they agree, as in gemma-3-1b and 270m
+        self.q_scale = cfg.attention_scale * self.head_dim ** 0.5
         self.drop_rate = cfg.drop_rate
+        self.softcap = cfg.attn_logit_softcapping
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
@@ -232,31 +248,57 @@ class MultiHeadAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         fresh = cache is None or cache.lengths[self.layer] == 0  # nothing before these tokens
         if cache is not None:
             cached = cache.update(self.layer, k, v)
             if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
                 k, v = cached
-        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0)
+        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
+                   softcap=self.softcap)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_drop(self.o_proj(y))
 
 
+class SoftcappedHead(Linear):
+    """The LM head with Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) in the logits' dtype
+    (Gemma2ForCausalLM.forward). Its own class, so that every cross-entropy takes the plain path through it
+    (head_loss.direct_weight accepts a plain Linear only); its weight is lm_head.weight as in transformers."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(super().forward(x) / self.cap) * self.cap
+
+
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections). `window`: its
-    attention's sliding window (GPTModel.forward hands it the mask of that window)."""
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections); with
+    sandwich_norms (Gemma 2 / 3) each branch's output is normalised too before it is added. `window`: its attention's
+    sliding window (GPTModel.forward hands it the mask of that window); `local_rope`: it rotates by the local RoPE
+    (GPTModel.forward hands it those cos / sin)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.window = cfg.window(layer)
+        self.local_rope = cfg.local_rope(layer)
         self.input_layernorm = make_norm(cfg, cfg.emb_dim)
         self.self_attn = MultiHeadAttention(cfg, layer)
+        if cfg.sandwich_norms:
+            self.attn_output_norm = make_norm(cfg, cfg.emb_dim)
         self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
         self.mlp = SparseMoeBlock(cfg) if cfg.sparse(layer) else FeedForward(cfg)
+        if cfg.sandwich_norms:
+            self.mlp_output_norm = make_norm(cfg, cfg.emb_dim)
+        self.sandwich = cfg.sandwich_norms
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cache, rope)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), mask, cache, rope)
+        x = x + (self.attn_output_norm(h) if self.sandwich else h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.mlp_output_norm(h) if self.sandwich else h)
 
 
 class GPTModel(nn.Module):
@@ -279,8 +321,10 @@ class GPTModel(nn.Module):
             self.score = Linear(cfg.emb_dim, cfg.num_labels, bias=False)
             self.lm_head = None
         else:
-            self.lm_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+            self.lm_head = SoftcappedHead(cfg.emb_dim, cfg.vocab_size, cfg.final_logit_softcapping) \
+                if cfg.final_logit_softcapping else Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         self._inv_freq: torch.Tensor | None = None  # RoPE frequencies, made on first use on the model's device
+        self._local_inv_freq: torch.Tensor | None = None  # those of the layers with local_rope (Gemma 3's local ones)
         self._rope_length = cfg.context_length  # the length they stand for (dynamic NTK: rope.dynamic_length; LongRoPE)
         self.gradient_checkpointing = False
         self.neftune_noise_alpha: float | None = None  # set_neftune: noisy embeddings in training forwards
@@ -321,13 +365,18 @@ class GPTModel(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
+                (nn.init.zeros_ if getattr(module, "unit_offset", False) else nn.init.ones_)(module.weight)
                 if isinstance(module, LayerNorm):
                     nn.init.zeros_(module.bias)
 
-    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope | None:
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False) -> Rope | None:
         if self.cfg.positions != "rope":
             return None
+        if local:  # rope_local_theta, no scaling (transformers' default rope type for Gemma 3's sliding layers)
+            if self._local_inv_freq is None or self._local_inv_freq.device != position_ids.device:
+                self._local_inv_freq = rope_inv_freq(self.cfg.replace(rope_theta=self.cfg.rope_local_theta,
+                                                                      rope_scaling=None), position_ids.device)
+            return rope_cos_sin(self._local_inv_freq, position_ids, dtype)
         if self.cfg.dynamic_rope:  # transformers' dynamic_rope_update: this forward's largest position may rescale
             length = dynamic_length(self._rope_length, int(position_ids.max()) + 1, self.cfg.context_length)
             if length != self._rope_length:
@@ -392,6 +441,8 @@ class GPTModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + t, device=input_ids.device).unsqueeze(0)
         x = self.embed_tokens(input_ids)
+        if self.cfg.scale_embeddings:  # Gemma3TextScaledWordEmbedding: sqrt(emb_dim) rounded to the dtype first
+            x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
         if self.training and self.neftune_noise_alpha:
             x = neftune_noise(x, self.neftune_noise_alpha)
         if self.cfg.positions == "learned":
@@ -400,16 +451,19 @@ class GPTModel(nn.Module):
         if segment_ids is not None:
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
-            mask = packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
-                                    has_window=any(binds(w, t) for w in self.cfg.layer_windows))
+            # softcapped attention (Gemma 2) is the explicit path: a boolean mask, not the packed kernels' specs
+            mask = segment_mask(segment_ids) if self.cfg.attn_logit_softcapping else \
+                packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
+                                 has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
         # one spec per sliding window the layers have (None: full attention), shared by the layers with it
         masks = {w: windowed(mask, w, t, past_len + t, input_ids.device) for w in {blk.window for blk in self.layers}}
-        rope = self._rope(position_ids.expand(b, t), x.dtype)
+        ropes = {local: self._rope(position_ids.expand(b, t), x.dtype, local) for local in
+                 {blk.local_rope for blk in self.layers}}
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for block in self.layers:
-            spec = masks[block.window]
+            spec, rope = masks[block.window], ropes[block.local_rope]
             x = checkpoint(block, x, spec, None, rope, use_reentrant=False) if recompute else block(x, spec, cache, rope)
         x = self.norm(x)
         if self.lm_head is None:

@@ -20,6 +20,7 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
 # The template that is each family's own chat format (the one its instruct checkpoints were trained in).
 FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral", "qwen3_moe": "qwen3"}
 FAMILY_TEMPLATES.update(mixtral="mistral", qwen2_moe="qwen")  # Mixtral-8x7B-Instruct, Qwen1.5-MoE-A2.7B-Chat
+FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma")  # Gemma 2: LLaMA-Factory's gemma2 (not here) has its strings
 
 
 def template_notice(r: Any) -> str | None:

@@ -142,9 +142,9 @@ def test_expand_refuses_with_one_message_and_exit_2(tmp_path):
     done = run_main([*argv[:-1], str(tmp_path / "x/keep.txt"), "--num-expand", "2"], tmp_path)
     assert done.code == 2 and "keep.txt is an existing file; expand never overwrites" in done.err, done.err
     config = json.loads((tmp_path / "m/config.json").read_text())
-    (tmp_path / "m/config.json").write_text(json.dumps({**config, "architectures": ["GemmaForCausalLM"]}))
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, "architectures": ["FalconForCausalLM"]}))
     done = run_main([*argv[:-1], str(tmp_path / "y"), "--num-expand", "2"], tmp_path)
-    assert done.code == 2 and "architectures is ['GemmaForCausalLM']; expand knows" in done.err
+    assert done.code == 2 and "architectures is ['FalconForCausalLM']; expand knows" in done.err
     done = run_main(["expand", "--model", "gpt2-small", "--output-dir", str(tmp_path / "y"), "--num-expand", "2"],
                     tmp_path)  # a preset name, or a typo: the folder is missing, not its config.json
     assert done.code == 2 and done.err.startswith("error: --model: gpt2-small: no such folder; expected a Hugging "

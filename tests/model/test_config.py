@@ -170,8 +170,8 @@ def test_read_config_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match="config.json: not readable as JSON"):
         read_config(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma", "n_embd": 8}))
-    with pytest.raises(UserError, match="model_type 'gemma' is not supported.*GPT2LMHeadModel, LlamaForCausalLM"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "n_embd": 8}))
+    with pytest.raises(UserError, match="model_type 'falcon' is not supported.*GPT2LMHeadModel, LlamaForCausalLM"):
         read_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"n_embd": 8, "n_layer": 1, "n_head": 3}))
     with pytest.raises(UserError, match="n_embd 8 is not divisible by n_head 3"):

@@ -420,8 +420,8 @@ def write_config(tmp_path, **changes):
 
 
 @pytest.mark.parametrize("changes,words", [
-    ({"architectures": ["GemmaForCausalLM"]},
-     "architectures ['GemmaForCausalLM'] is not supported; supported architectures: GPT2LMHeadModel, "
+    ({"architectures": ["FalconForCausalLM"]},
+     "architectures ['FalconForCausalLM'] is not supported; supported architectures: GPT2LMHeadModel, "
      "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MistralForCausalLM"),
     ({"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
     ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}},

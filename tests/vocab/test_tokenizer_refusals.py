@@ -126,8 +126,9 @@ def test_an_unreadable_sentencepiece_tokenizer_json_says_to_copy_it_again(tmp_pa
 
 
 def test_another_tokenizer_class_says_which_classes_read_alike(sp_folders, sp_golden, tmp_path):
-    """A sentencepiece-style tokenizer.json whose tokenizer_class transformers rebuilds another way (GemmaTokenizer)
-    is refused: `validate` as typed exits 2 with one message naming tokenizer_config.json and the key, and the fix.
+    """A sentencepiece-style tokenizer.json whose tokenizer_class transformers rebuilds another way (T5Tokenizer;
+    GemmaTokenizer until Gemma 3's tokenizer was reproduced) is refused: `validate` as typed exits 2 with one
+    message naming tokenizer_config.json and the key, and the fix.
     The edit it names for a Mistral tokenizer (LlamaTokenizerFast) then reads as AutoTokenizer does; the other
     (PreTrainedTokenizerFast) runs as written: test_sentencepiece_tokenizers.py."""
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
@@ -137,15 +138,16 @@ def test_another_tokenizer_class_says_which_classes_read_alike(sp_folders, sp_go
     model = shutil.copytree(sp_folders["mistral_v1"], tmp_path / "m")
     (model / "config.json").write_text(json.dumps(LLAMA_SHAPE))
     config = json.loads((model / "tokenizer_config.json").read_text())
-    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GemmaTokenizer"}))
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "T5Tokenizer"}))
     _sft_project(tmp_path, "m")
     assert _errors(refused("validate", "recipe.yaml", cwd=tmp_path)) == [
-        f"error: {model / 'tokenizer_config.json'}: tokenizer_class 'GemmaTokenizer' with a sentencepiece-style "
+        f"error: {model / 'tokenizer_config.json'}: tokenizer_class 'T5Tokenizer' with a sentencepiece-style "
         "tokenizer.json is not supported (transformers rebuilds it its own way); supported: tokenizer_class "
-        "LlamaTokenizer / LlamaTokenizerFast / PreTrainedTokenizerFast / TokenizersBackend (Llama 2, Mistral) or none; to train it, set "
+        "LlamaTokenizer / LlamaTokenizerFast / PreTrainedTokenizerFast / TokenizersBackend / GemmaTokenizer / "
+        "GemmaTokenizerFast (Llama 2, Mistral, Gemma) or none; to train it, set "
         "tokenizer_class in that file to LlamaTokenizerFast if it is a Llama 2 / Mistral tokenizer (transformers then "
         "rebuilds it as LlamaTokenizer, as this pipeline does), or to PreTrainedTokenizerFast to run tokenizer.json "
-        "as written; transformers and this pipeline then read it alike, perhaps not as GemmaTokenizer did: compare "
+        "as written; transformers and this pipeline then read it alike, perhaps not as T5Tokenizer did: compare "
         "AutoTokenizer's ids on your text before and after the edit"]
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizerFast"}))
     # transformers 5 loads the edited folder with the golden's class: AutoTokenizer.from_pretrained drops the Fast
@@ -186,7 +188,8 @@ def test_a_code_llama_tokenizer_says_what_to_edit(sp_folders, tmp_path):
         assert err.value.messages == [
             f"{model / 'tokenizer_config.json'}: tokenizer_class {name!r} with a sentencepiece-style tokenizer.json is "
             "not supported (transformers rebuilds it its own way); supported: tokenizer_class LlamaTokenizer / "
-            "LlamaTokenizerFast / PreTrainedTokenizerFast / TokenizersBackend (Llama 2, Mistral) or none; "
+            "LlamaTokenizerFast / PreTrainedTokenizerFast / TokenizersBackend / GemmaTokenizer / GemmaTokenizerFast "
+            "(Llama 2, Mistral, Gemma) or none; "
             "CodeLlamaTokenizer is LlamaTokenizer with legacy false plus infilling (a text holding <FILL_ME> becomes an "
             "infilling prompt: ▁<PRE> ... ▁<SUF> ... ▁<MID>), which this pipeline does not train; to fine-tune on data "
             "without <FILL_ME>, set tokenizer_class in that file to LlamaTokenizerFast and legacy to false: "
