@@ -20,6 +20,7 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
 # The template that is each family's own chat format (the one its instruct checkpoints were trained in).
 FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral", "qwen3_moe": "qwen3"}
 FAMILY_TEMPLATES.update(mixtral="mistral", qwen2_moe="qwen")  # Mixtral-8x7B-Instruct, Qwen1.5-MoE-A2.7B-Chat
+FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 
 
 def template_notice(r: Any) -> str | None:
