@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from tests.acceptance.harness import assert_outputs_compute_ours, pipeline, save_pretrained_small, write_recipe
+from tests.acceptance.harness import (assert_outputs_compute_ours, pipeline, refused, save_pretrained_small,
+                                     write_recipe)
 
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -38,6 +39,10 @@ def test_lora_sft_from_a_save_pretrained_checkpoint_merges_to_its_class(workdir,
                           lora_target="all", output_dir="saves/r", learning_rate=0.05)
     # Granite's path as typed; OLMo 2's build and merge in this process (the same commands; its training as typed)
     typed = template == "granite3"
+    if typed:  # transformers has no GraniteForSequenceClassification: a Granite reward model is refused up front
+        message = refused("validate", recipe, "stage=rm", cwd=workdir, as_typed=False)
+        assert "stage: given 'rm', but transformers has no sequence-classification class for this GraniteForCausalLM" \
+            in message, message
     pipeline("build", recipe, cwd=workdir, as_typed=typed)
     pipeline("train", recipe, cwd=workdir)
     pipeline("merge", recipe, cwd=workdir, as_typed=typed)
