@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from tests.acceptance.harness import (assert_outputs_compute_ours, pipeline, refused, save_pretrained_small,
-                                     write_recipe)
+from tests.acceptance.harness import (assert_outputs_compute_ours, exported_prompt, pipeline, refused,
+                                     save_pretrained_small, write_recipe)
 
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=256)
@@ -60,11 +60,4 @@ def test_lora_sft_from_a_save_pretrained_checkpoint_merges_to_its_class(workdir,
     with torch.no_grad():  # and the run trained: not the base's logits
         assert (want - transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits).abs().max() > 1e-3
     # the export's chat template renders the prompt training builds
-    from pipeline.data.model_tokenizer import load_tokenizer
-    from pipeline.data.tokenize import encode_prompt
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
-    assert prompt == encode_prompt(template, "Name a colour.", system="Be brief.", tokenizer=load_tokenizer(base))
-    assert tokenizer.decode(prompt) == rendered
+    assert exported_prompt(merged, base, template) == rendered

@@ -31,7 +31,8 @@ from pipeline.model.config import PRESETS, count_params, model_tensors, read_con
 from pipeline.model.gpt import GPTModel
 from pipeline.model.weights import load_model, save_hf
 from tests.acceptance.harness import random_model
-from tests.model.test_families import (COMMON, ids, test_batched_left_padded_generation_equals_one_by_one,  # noqa: F401
+from tests.model.test_families import (COMMON, assert_config_refused, ids, saved_variant,  # noqa: F401
+                                       test_batched_left_padded_generation_equals_one_by_one,
                                        test_export_loads_in_auto_model,
                                        test_greedy_generation_equals_transformers_with_and_without_cache,
                                        test_kv_cache_holds_the_key_value_heads_only, test_logits_equal_transformers,
@@ -69,10 +70,7 @@ def hf_model(name: str, seed: int = 0):
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def checkpoint(request, tmp_path_factory):
     """(variant, directory, transformers model) saved with save_pretrained."""
-    model = hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return request.param, path, model
+    return saved_variant(request.param, hf_model(request.param), tmp_path_factory)
 
 
 def test_config_is_read_into_fields(checkpoint):
@@ -171,13 +169,8 @@ def test_preset_counts_equal_transformers_and_the_cards(name, architecture, card
     ({"embedding_multiplier": "12"}, "embedding_multiplier is '12'; expected a positive number"),
 ])
 def test_bad_granite_configs_name_file_and_key(tmp_path, changes, words):
-    config = {**hf_model("granite-multipliers-bias").config.to_dict(), "architectures": ["GraniteForCausalLM"]}
-    config.update(changes)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError) as err:
-        read_config(tmp_path)
-    assert any(m.startswith(f"{tmp_path / 'config.json'}: ") and words in m for m in err.value.messages), \
-        err.value.messages
+    assert_config_refused(tmp_path, {**hf_model("granite-multipliers-bias").config.to_dict(),
+                                     "architectures": ["GraniteForCausalLM"], **changes}, words)
 
 
 def test_a_granite_config_without_multipliers_takes_graniteconfigs_defaults(tmp_path):

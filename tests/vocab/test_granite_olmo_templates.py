@@ -24,8 +24,7 @@ from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.data.templates import TEMPLATES
 from pipeline.data.tokenize import encode_example, encode_prompt
 from tests.helpers.hf_vocab import SMALL_ADDED
-from tests.vocab.chat_render import render
-from tests.vocab.test_chat_template import messages
+from tests.vocab.test_phi_templates import assert_export_renders_the_training_ids
 from tests.vocab.test_sentencepiece_templates import ANSWER, HISTORY, QUERY, SYSTEM, lf_example, lf_ids, row
 
 transformers = pytest.importorskip("transformers")
@@ -93,15 +92,7 @@ def test_conversations_are_llamafactorys(granite_olmo_dirs, golden, name):
 def test_the_exported_chat_template_gives_the_training_ids(granite_olmo_dirs, name):
     """transformers' apply_chat_template with the chat template merge / export write: the generation prompt is
     encode_prompt's, a whole conversation the training row's ids (mask_history's rendering)."""
-    directory = granite_olmo_dirs[name]
-    ours = load_tokenizer(directory)
-    template = TEMPLATES[name]
-    assert template.vocabulary_problem(ours) is None
-    for system in (SYSTEM, None):
-        want = encode_prompt(template, QUERY, system=system, history=HISTORY, tokenizer=ours)
-        assert render(directory, template, messages(system, HISTORY, QUERY)) == want
-        whole = encode_example(row(system), template, ours, cutoff_len=4096, mask_history=True).input_ids
-        assert render(directory, template, messages(system, HISTORY, QUERY, ANSWER), add_generation_prompt=False) == whole
+    assert_export_renders_the_training_ids(granite_olmo_dirs[name], name)
 
 
 def test_granite3_on_a_vocabulary_without_its_markup_is_refused_naming_it(granite_olmo_dirs):
