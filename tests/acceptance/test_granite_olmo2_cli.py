@@ -43,6 +43,11 @@ def test_lora_sft_from_a_save_pretrained_checkpoint_merges_to_its_class(workdir,
         message = refused("validate", recipe, "stage=rm", cwd=workdir, as_typed=False)
         assert "stage: given 'rm', but transformers has no sequence-classification class for this GraniteForCausalLM" \
             in message, message
+        # a recipe without template gets the notice naming Granite's own (FAMILY_TEMPLATES; its data is not built:
+        # validate's refusal of that follows the notice)
+        told = pipeline("validate", write_recipe(workdir / "n.yaml", model_name_or_path=str(base), dataset_dir="data",
+                                                 template=None), cwd=workdir, as_typed=False, expect=None).stderr
+        assert "this granite model, whose own chat format is template: granite3" in told, told
     pipeline("build", recipe, cwd=workdir, as_typed=typed)
     pipeline("train", recipe, cwd=workdir)
     pipeline("merge", recipe, cwd=workdir, as_typed=typed)
