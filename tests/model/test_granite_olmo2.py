@@ -214,3 +214,23 @@ def test_a_granite_reward_model_is_refused_at_export(tmp_path):
         save_hf(GPTModel(cfg, seed=0), tmp_path / "out")
     assert "no sequence-classification class for model_type granite" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_olmo2_reward_model_exports_as_olmo2forsequenceclassification(tmp_path):
+    """Stage rm's model on OLMo 2: our score head over the post-norm decoder, exported, is transformers'
+    Olmo2ForSequenceClassification (modeling_olmo2.py:488, GenericForSequenceClassification: score at the rightmost
+    token that is not pad_token_id), the same score for each row."""
+    from pipeline.model.reward import sequence_scores
+
+    path = tmp_path / "base"
+    hf_model("olmo2-gqa-untied").save_pretrained(path)
+    ours = load_model(path, cfg=read_config(path).replace(num_labels=1), seed=5).eval()
+    with torch.no_grad():
+        ours.score.weight.mul_(20)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(
+        save_hf(ours, tmp_path / "merged", special={"pad_token_id": 0, "eos_token_id": 2})).eval()
+    assert type(theirs).__name__ == "Olmo2ForSequenceClassification"
+    x = torch.tensor([[5, 9, 11, 3, 0, 0], [5, 9, 7, 12, 13, 14]])
+    with torch.no_grad():
+        assert torch.allclose(sequence_scores(ours(x), x, 0), theirs(x).logits[:, 0], atol=1e-5, rtol=0)
+
