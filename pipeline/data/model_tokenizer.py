@@ -59,6 +59,7 @@ PRESET_TOKENIZER_EXAMPLE = {"llama": "meta-llama/Llama-3.2-1B", "qwen2": "Qwen/Q
                             "qwen3": "Qwen/Qwen3-0.6B", "qwen3_moe": "Qwen/Qwen3-30B-A3B"}
 PRESET_TOKENIZER_EXAMPLE.update(mixtral="mistralai/Mixtral-8x7B-v0.1", qwen2_moe="Qwen/Qwen1.5-MoE-A2.7B")
 PRESET_TOKENIZER_EXAMPLE["gemma3"] = "google/gemma-3-1b-it"
+PRESET_TOKENIZER_EXAMPLE.update(granite="ibm-granite/granite-3.3-8b-instruct", olmo2="allenai/OLMo-2-1124-7B")
 
 
 def _source(args: HasModel) -> tuple[str, str]:

@@ -478,6 +478,23 @@ TEMPLATES.update({t.name: t for t in (
     Template(name="gemma3", **_GEMMA, description="Gemma 3 (text): gemma's strings"),
 )})
 
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1206-1215: granite3 (Granite 3.x instruct: its tokenizer's EOS
+# <|end_of_text|> closes every block, a newline after it) and :1820-1824: olmo (LLaMA-Factory's one OLMo template, the
+# OLMo-7B-Instruct format: the EOS as prefix, the system prompt bare, <|user|>\n...<|assistant|>\n, the answer then EOS;
+# <|user|> / <|assistant|> are text in OLMo 2's vocabulary, tokens in others': optional_tokens)
+GRANITE_MARKUP = ("<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>")
+GRANITE_REPLY = "<|start_of_role|>assistant<|end_of_role|>"
+TEMPLATES.update({t.name: t for t in (
+    Template(name="granite3", system="<|start_of_role|>system<|end_of_role|>{system}<|end_of_text|>\n",
+             user="<|start_of_role|>user<|end_of_role|>{content}<|end_of_text|>\n" + GRANITE_REPLY,
+             reply=GRANITE_REPLY, assistant="{content}<|end_of_text|>\n", special_tokens=GRANITE_MARKUP,
+             description="Granite 3.x instruct: <|start_of_role|>user<|end_of_role|> ...<|end_of_text|>, a newline "
+                         "after each block"),
+    Template(name="olmo", prefix="{eos}", user="<|user|>\n{content}<|assistant|>\n", reply="<|assistant|>\n",
+             optional_tokens=("<|user|>", "<|assistant|>"),
+             description="OLMo (LLaMA-Factory's olmo): EOS, then <|user|>\\n ...<|assistant|>\\n, the answer and EOS"),
+)})
+
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.
 TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()

@@ -52,6 +52,21 @@ class ModelConfig:
     qkv_bias: bool = True
     o_bias: bool = True              # bias of the attention output projection
     qk_norm: bool = False            # RMSNorm over each head's queries and keys before RoPE (Qwen3)
+    # the q / k norms over the whole projection (OLMo 2: q_norm of n_heads x head_dim, k_norm of kv_heads x head_dim,
+    # before the split into heads) rather than over each head (Qwen3)
+    qk_norm_projection: bool = False
+    # where each block's norms sit: False, pre-norm (x + attn(norm(x)), the book's and every family's but one); True,
+    # OLMo 2's post-branch norms (x + norm(attn(x)), then h + norm(mlp(h)): post_attention_layernorm and
+    # post_feedforward_layernorm, no input_layernorm)
+    post_norm: bool = False
+    # Granite's four multipliers (GraniteConfig; 1 / None leave the model as every other family's): the token
+    # embeddings times embedding_multiplier; attention scores times attention_multiplier instead of 1 / sqrt(head_dim)
+    # (None); each branch's output times residual_multiplier before its residual add; the logits divided by
+    # logits_scaling
+    embedding_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn, Phi-3's qkv_proj: GQA sizes) or three
     mlp_fused: bool = False          # SwiGLU's gate and up as one Linear gate_up_proj (Phi-3: gate rows first) or two
     partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim x this) dims of each head (Phi-4-mini 0.75)
@@ -115,6 +130,15 @@ class ModelConfig:
                 and self.rope_dim >= 2):
             problems.append(f"partial_rotary_factor must be in (0, 1] and leave RoPE at least 2 dims, got"
                             f" {self.partial_rotary_factor!r}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling", "attention_multiplier"):
+            value = getattr(self, name)
+            if not (value is None and name == "attention_multiplier") and not (
+                    isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                problems.append(f"{name} must be a positive number, got {value!r}")
+        if self.qk_norm_projection and not self.qk_norm:
+            problems.append("qk_norm_projection (q / k norms over the whole projection) needs qk_norm")
+        if self.post_norm and self.norm != "rmsnorm":
+            problems.append("post_norm (OLMo 2's norms after each branch) needs norm: rmsnorm")
         if self.mlp_fused and self.mlp != "swiglu":
             problems.append("mlp_fused (one gate_up_proj) needs mlp: swiglu")
         if self.num_labels not in (0, 1):
@@ -145,8 +169,17 @@ class ModelConfig:
 
     @property
     def attention_scale(self) -> float:
-        """What q k^T is multiplied by before the softmax: attention_scores_scalar ** -0.5, else head_dim ** -0.5."""
+        """What each query-key dot product is multiplied by before the softmax: Granite's attention_multiplier, else
+        Gemma's attention_scores_scalar ** -0.5 (query_pre_attn_scalar), else 1 / sqrt(head_dim)."""
+        if self.attention_multiplier is not None:
+            return float(self.attention_multiplier)
         return (self.attention_scores_scalar or self.head_dim) ** -0.5
+
+    @property
+    def default_attention_scale(self) -> bool:
+        """Whether attention_scale is 1 / sqrt(head_dim), every attention kernel's own (no query rescaling): decided
+        on the fields, since head_dim ** -0.5 * sqrt(head_dim) is not exactly 1 for every head_dim (128: 1 + 2e-16)."""
+        return self.attention_multiplier is None and self.attention_scores_scalar in (None, self.head_dim)
 
     def window(self, layer: int) -> int | None:
         """The sliding window of block `layer`; None: it attends to every earlier position."""
@@ -168,6 +201,7 @@ class ModelConfig:
     def rope_dim(self) -> int:
         """The dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor)); the rest pass."""
         return int(self.head_dim * self.partial_rotary_factor)
+
 
     @property
     def kv_heads(self) -> int:
@@ -209,7 +243,8 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
                        qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm,
-                       qkv_fused=FAMILIES[family].fused, mlp_fused=FAMILIES[family].fused, tie_weights=tied)
+                       qkv_fused=FAMILIES[family].fused, mlp_fused=FAMILIES[family].fused, tie_weights=tied,
+                       qk_norm_projection=FAMILIES[family].qk_norm_projection, post_norm=FAMILIES[family].post_norm)
 
 
 def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bool) -> ModelConfig:
@@ -290,6 +325,14 @@ def _gemma3(emb: int, layers: int, ffn: int) -> ModelConfig:
         rope_local_theta=10000.0, layer_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(layers)))
 
 
+def _granite(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ffn: int, theta: float, tied: bool,
+             embedding: float, attention: float, residual: float, logits: float) -> ModelConfig:
+    """Granite 3.x (GraniteForCausalLM): Llama's block without biases, rms_norm_eps 1e-5, its four multipliers."""
+    return _swiglu("granite", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn, theta=theta,
+                   eps=1e-5, tied=tied).replace(embedding_multiplier=embedding, attention_multiplier=attention,
+                                                residual_multiplier=residual, logits_scaling=logits)
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -325,6 +368,12 @@ PRESETS.update({  # microsoft/phi-4 (14.7B) and microsoft/Phi-4-mini-instruct (3
     "phi-4": _phi(vocab=100352, ctx=16384, emb=5120, layers=40, heads=40, kv=10, ffn=17920, theta=250000.0, tied=False),
     "phi-4-mini": _phi(vocab=200064, ctx=131072, emb=3072, layers=32, heads=24, kv=8, ffn=8192, theta=10000.0,
                        tied=True, rotary=0.75),
+})
+PRESETS.update({  # ibm-granite/granite-3.3-8b-instruct (8.17B) and allenai/OLMo-2-1124-7B (7.3B): their config.json's
+    "granite-3.3-8b": _granite(vocab=49159, ctx=131072, emb=4096, layers=40, heads=32, kv=8, ffn=12800, theta=1e7,
+                               tied=True, embedding=12.0, attention=0.0078125, residual=0.22, logits=16.0),
+    "olmo-2-7b": _swiglu("olmo2", vocab=100352, ctx=4096, emb=4096, layers=32, heads=32, kv=32, ffn=11008,
+                         theta=500000.0, eps=1e-6, tied=False),
 })
 
 
@@ -485,7 +534,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
         mods.append(ModuleSpec("pos_embed", "embedding", cfg.context_length, c))
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
-        mods.append(ModuleSpec(p + "input_layernorm", cfg.norm, c, c))
+        if not cfg.post_norm:
+            mods.append(ModuleSpec(p + "input_layernorm", cfg.norm, c, c))
         if cfg.qkv_fused:
             mods.append(ModuleSpec(p + "self_attn.qkv_proj", "linear", c, q + 2 * kv, cfg.qkv_bias))
         else:
@@ -494,8 +544,9 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
                      ModuleSpec(p + "self_attn.v_proj", "linear", c, kv, cfg.qkv_bias)]
         mods.append(ModuleSpec(p + "self_attn.o_proj", "linear", q, c, cfg.o_bias))
         if cfg.qk_norm:
-            mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", cfg.head_dim, cfg.head_dim),
-                     ModuleSpec(p + "self_attn.k_norm", "rmsnorm", cfg.head_dim, cfg.head_dim)]
+            qn, kn = (q, kv) if cfg.qk_norm_projection else (cfg.head_dim, cfg.head_dim)
+            mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", qn, qn),
+                     ModuleSpec(p + "self_attn.k_norm", "rmsnorm", kn, kn)]
         if cfg.sandwich_norms:
             mods.append(ModuleSpec(p + "attn_output_norm", cfg.norm, c, c))
         mods.append(ModuleSpec(p + "post_attention_layernorm", cfg.norm, c, c))
@@ -510,6 +561,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             mods += _mlp(cfg, p + "mlp.", h)
         if cfg.sandwich_norms:
             mods.append(ModuleSpec(p + "mlp_output_norm", cfg.norm, c, c))
+        if cfg.post_norm:  # OLMo 2: the MLP branch's output norm
+            mods.append(ModuleSpec(p + "post_feedforward_layernorm", cfg.norm, c, c))
     head = ModuleSpec("score", "linear", c, cfg.num_labels, False) if cfg.num_labels else \
         ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]

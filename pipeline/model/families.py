@@ -6,7 +6,8 @@ tree whose names follow Llama's HF names, the layout most families share:
     embed_tokens, pos_embed (learned positions only)
     layers.{i}.input_layernorm
     layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
-    layers.{i}.post_attention_layernorm
+    layers.{i}.post_attention_layernorm (OLMo 2: the attention branch's output norm; no input_layernorm)
+    layers.{i}.post_feedforward_layernorm (OLMo 2: the MLP branch's output norm)
     layers.{i}.mlp.{gate_proj (SwiGLU), up_proj | gate_up_proj (Phi-3's fused SwiGLU), down_proj}
     layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE, Mixtral)
     layers.{i}.mlp.shared_expert.{gate_proj, up_proj, down_proj}, .shared_expert_gate (Qwen2-MoE's shared expert)
@@ -62,6 +63,16 @@ class Family:
     # Gemma's generation (0: not Gemma). Every Gemma: RMSNorm x (1 + w), scaled embeddings, GeGLU; 3 adds four norms a
     # block, query_pre_attn_scalar and a RoPE per layer type. gemma_fields reads its keys, gemma_config writes them
     gemma: int = 0
+    # GraniteConfig's embedding_multiplier, attention_multiplier, residual_multiplier and logits_scaling (read into
+    # the ModelConfig fields of those names, written back); other classes have none of them
+    multipliers: bool = False
+    # Olmo2DecoderLayer's norms after each branch (ModelConfig.post_norm) and Olmo2Attention's q / k norms over the
+    # whole projection (ModelConfig.qk_norm_projection; with qk_norm)
+    post_norm: bool = False
+    qk_norm_projection: bool = False
+    # the config class's default bos / eos / pad ids are rows of its own vocabulary (Phi3Config's pad 32000,
+    # Olmo2Config's eos 50279), no row of a smaller one: the export writes null for an id not given
+    null_special_ids: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -226,7 +237,8 @@ PHI3 = Family(name="phi3", architecture="Phi3ForCausalLM", reward_architecture="
               model_type="phi3", prefix="model.", skip=(".rotary_emb.inv_freq",),
               config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
                                ("original_max_position_embeddings", 4096)),
-              sliding_window="every", bias_keys=(), fused=True, partial_rotary=True, rope_types=("default", "longrope"))
+              sliding_window="every", bias_keys=(), fused=True, partial_rotary=True, rope_types=("default", "longrope"),
+              null_special_ids=True)
 # Gemma 3's text-only checkpoints (gemma-3-1b, gemma-3-270m): Gemma3TextConfig's defaults for absent keys
 # (transformers 5.24, configuration_gemma3.py:73-95). Its post_attention_layernorm normalises the attention output
 # and pre_feedforward_layernorm is the MLP's input norm (ours: post_attention_layernorm, Llama's place for it).
@@ -260,14 +272,35 @@ GEMMA2 = Family(name="gemma2", architecture="Gemma2ForCausalLM", reward_architec
                                  ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh"),
                                  ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
                 sliding_window="pattern", bias_keys=("attention_bias",), gemma=2)
+# ibm-granite/granite-3.3-8b-instruct, granite-3.1-2b-instruct (GraniteForCausalLM): Llama's modules and names (biases
+# where attention_bias / mlp_bias: o_proj's with q/k/v's) with four multipliers (GraniteConfig, modeling_granite.py):
+# embeddings times embedding_multiplier (GraniteModel.forward), attention_multiplier as the score scale
+# (GraniteAttention.scaling), each branch times residual_multiplier (GraniteDecoderLayer.forward), logits divided by
+# logits_scaling (GraniteForCausalLM.forward). GraniteConfig's defaults are all 1.0 (attention_multiplier too, not
+# 1 / sqrt(head_dim)). transformers 5.24 has no GraniteForSequenceClassification: stage rm cannot export one.
+GRANITE = Family(name="granite", architecture="GraniteForCausalLM", reward_architecture="",
+                 model_type="granite", prefix="model.", skip=(".rotary_emb.inv_freq",),
+                 config_defaults=(("embedding_multiplier", 1.0), ("attention_multiplier", 1.0),
+                                  ("residual_multiplier", 1.0), ("logits_scaling", 1.0)),
+                 multipliers=True)
+# allenai/OLMo-2-1124-7B(-Instruct), OLMo-2-0425-1B (Olmo2ForCausalLM): Llama's modules without input_layernorm, the
+# norms after each branch (post_attention_layernorm on the attention's output, post_feedforward_layernorm on the
+# MLP's: Olmo2DecoderLayer.forward), q_norm / k_norm over the whole q / k projection before the split into heads
+# (Olmo2Attention: RMSNorm(num_attention_heads * head_dim), RMSNorm(num_key_value_heads * head_dim)), o_proj biased
+# with q/k/v where attention_bias, no MLP bias; Olmo2Config's rms_norm_eps 1e-5.
+OLMO2 = Family(name="olmo2", architecture="Olmo2ForCausalLM", reward_architecture="Olmo2ForSequenceClassification",
+               model_type="olmo2", prefix="model.", skip=(".rotary_emb.inv_freq",),
+               config_defaults=(("rms_norm_eps", 1e-5),), bias_keys=("attention_bias",), qk_norm=True,
+               post_norm=True, qk_norm_projection=True, null_special_ids=True)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
 FAMILIES[GEMMA3.name] = GEMMA3
 FAMILIES[GEMMA.name] = GEMMA
 FAMILIES[GEMMA2.name] = GEMMA2
+FAMILIES.update((f.name, f) for f in (GRANITE, OLMO2))
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
-BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
+BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
 SUPPORTED = ", ".join(BY_ARCHITECTURE)
 DEFAULT_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # a family whose rope_types is ()
@@ -515,6 +548,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     rotary = _partial_rotary(family, raw, path, problems)
     if family is PHI3:
         problems += _phi3_dropout(raw, path)
+    multipliers = _multipliers(raw, path, problems) if family.multipliers else {}
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -545,7 +579,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias,
         qk_norm=family.qk_norm, qkv_fused=family.fused, mlp_fused=family.fused,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
-        **moe,
+        qk_norm_projection=family.qk_norm_projection, post_norm=family.post_norm, **moe, **multipliers,
     ) | gemma
 
 
@@ -621,6 +655,22 @@ def gemma_config(cfg: Any, scaling: Mapping[str, Any] | None) -> dict[str, Any]:
     local = {"rope_type": "default", "rope_theta": local_theta}
     return {**out, "rope_parameters": {"full_attention": full, "sliding_attention": local},
             "rope_local_base_freq": local_theta, "use_bidirectional_attention": False}
+
+
+MULTIPLIERS = ("embedding_multiplier", "attention_multiplier", "residual_multiplier", "logits_scaling")
+
+
+def _multipliers(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, float]:
+    """GraniteConfig's four multipliers (the family's config_defaults fill absent ones with 1.0), each a positive
+    number (logits_scaling divides, the others scale)."""
+    out = {}
+    for key in MULTIPLIERS:
+        value = raw[key]
+        if not _number(value) or value <= 0:
+            problems.append(f"{path}: {key} is {value!r}; expected a positive number")
+        else:
+            out[key] = float(value)
+    return out
 
 
 def _partial_rotary(family: Family, raw: Mapping[str, Any], path: Any, problems: list[str]) -> float:
@@ -727,6 +777,10 @@ def head_config(family: Family, cfg: Any) -> dict[str, Any]:
     """config.json's architectures, and for a reward model its one label (as transformers writes num_labels=1)."""
     if not cfg.num_labels:
         return {"architectures": [family.architecture]}
+    if not family.reward_architecture:
+        raise UserError(f"export: a {family.architecture} reward model (stage rm) cannot be written: transformers has"
+                        f" no sequence-classification class for model_type {family.model_type}; train stage rm on"
+                        f" another family ({', '.join(BY_REWARD_ARCHITECTURE)})")
     return {"architectures": [family.reward_architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
 
 
@@ -762,8 +816,10 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     if family.gemma:
         out.pop("hidden_act")  # Gemma 1 writes it back as "gelu_pytorch_tanh", Gemma 3 as hidden_activation
         out.update(gemma_config(cfg, scaling))
-    elif family is LLAMA:
-        out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    elif not family.sliding_window:  # LlamaConfig, GraniteConfig, Olmo2Config: no window keys, their bias switches
+        out.update({key: cfg.mlp_bias if key == "mlp_bias" else cfg.qkv_bias for key in family.bias_keys})
+        if family is LLAMA:
+            out["pretraining_tp"] = 1
     elif family.sliding_window == "every":
         out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
     elif family.sliding_window == "flag":  # Qwen3MoeConfig: use_sliding_window windows every layer
@@ -783,7 +839,9 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out.update(moe_config(family.moe, cfg))
     if family.partial_rotary:  # Phi3Config: both spellings, the rope dict's read first
         out["partial_rotary_factor"] = out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
-    if family is PHI3:  # Phi3Config's defaults are Phi-3-mini's ids (pad 32000: no row of a smaller vocabulary)
+    if family.multipliers:  # GraniteConfig: attention_multiplier is the score scale itself (1 / sqrt(head_dim) spelled)
+        out.update({key: float(getattr(cfg, key)) for key in MULTIPLIERS}, attention_multiplier=cfg.attention_scale)
+    if family.null_special_ids:  # Phi3Config's / Olmo2Config's defaults are their vocabulary's ids
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             out.setdefault(key, None)
     if scaling and "original_max_position_embeddings" in scaling and family is PHI3:
@@ -803,6 +861,7 @@ HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, An
     "mistral": decoder_config, "qwen3_moe": decoder_config, "mixtral": decoder_config, "qwen2_moe": decoder_config}
 HF_CONFIG["phi3"] = decoder_config
 HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
+HF_CONFIG.update(granite=decoder_config, olmo2=decoder_config)
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -839,7 +898,14 @@ def check_exportable(cfg: Any) -> list[str]:
                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
                       sandwich_norms=False, attention_scores_scalar=None, rope_local_theta=None,
                       attn_logit_softcapping=None, final_logit_softcapping=None),
+        "granite": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
+                        o_bias=cfg.qkv_bias),
+        "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
+                      o_bias=cfg.qkv_bias, mlp_bias=False),
     }[family.name]
+    want.update(post_norm=family.post_norm, qk_norm_projection=family.qk_norm_projection)
+    if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
+        want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
     want["mlp_fused"] = family.fused  # one gate_up_proj (Phi3MLP) or gate_proj + up_proj

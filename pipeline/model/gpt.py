@@ -10,12 +10,16 @@ Family differences are ModelConfig fields, never family checks in this file:
                 Mixtral: a router picks experts_per_token SwiGLU experts per token; Qwen2-MoE adds a gated shared
                 expert)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
-                per-head q/k RMSNorm (Qwen3), one fused q|k|v Linear (GPT-2's c_attn) or three,
-                a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window, Gemma 3: layer_windows),
-                the scores' scale (Gemma's query_pre_attn_scalar), a RoPE base of the windowed layers' own
+                per-head q/k RMSNorm (Qwen3) or over the whole projection (OLMo 2), one fused q|k|v Linear
+                (GPT-2's c_attn) or three, a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window,
+                Gemma 3: layer_windows), a score scale other than 1 / sqrt(head_dim) (Gemma's query_pre_attn_scalar,
+                Granite's attention_multiplier), a RoPE base of the windowed layers' own
     Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs,
                 Gemma 2's tanh softcapping of the scores (the explicit attention path) and of the logits
-    head        tied to the token embedding or not
+    block       pre-norm (x + branch(norm(x))) | post_norm (OLMo 2: x + norm(branch(x))); each branch's output times
+                residual_multiplier (Granite)
+    head        tied to the token embedding or not; embeddings times embedding_multiplier, logits divided by
+                logits_scaling (Granite)
 
 Class names follow the book (GPTModel, TransformerBlock, MultiHeadAttention, FeedForward, LayerNorm,
 GELU); module names follow Llama's HF names (embed_tokens, layers.i.self_attn.q_proj, ...), and
@@ -224,13 +228,14 @@ class MultiHeadAttention(nn.Module):
             self.k_proj = Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
             self.v_proj = Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
         self.o_proj = Linear(q, cfg.emb_dim, bias=cfg.o_bias)
-        self.qk_norm = cfg.qk_norm
-        if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
-            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
-        # every kernel scales by head_dim ** -0.5; another scale (Gemma's query_pre_attn_scalar) rescales q by the
-        # ratio first, 1 (no multiply) where they agree, as in gemma-3-1b and 270m
-        self.q_scale = cfg.attention_scale * self.head_dim ** 0.5
+        self.qk_norm, self.qk_norm_projection = cfg.qk_norm, cfg.qk_norm_projection
+        if self.qk_norm:  # per head (Qwen3, Gemma 3), or over the whole q / k projection (OLMo 2's Olmo2Attention)
+            self.q_norm = RMSNorm(q if self.qk_norm_projection else self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+            self.k_norm = RMSNorm(kv if self.qk_norm_projection else self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
+        # every kernel (SDPA, the dense CPU path, varlen, the packed buckets) scales the scores by head_dim ** -0.5;
+        # another scale (config.attention_scale: Gemma's query_pre_attn_scalar, Granite's attention_multiplier)
+        # rescales q by the ratio first; none (no multiply) where the scale is the default
+        self.q_scale = 1.0 if cfg.default_attention_scale else cfg.attention_scale * math.sqrt(self.head_dim)
         self.drop_rate = cfg.drop_rate
         self.softcap = cfg.attn_logit_softcapping
         self.resid_drop = nn.Dropout(cfg.drop_rate)
@@ -241,9 +246,11 @@ class MultiHeadAttention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.split, dim=2)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm_projection:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_projection:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
@@ -276,29 +283,40 @@ class SoftcappedHead(Linear):
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections); with
-    sandwich_norms (Gemma 2 / 3) each branch's output is normalised too before it is added. `window`: its attention's
-    sliding window (GPTModel.forward hands it the mask of that window); `local_rope`: it rotates by the local RoPE
-    (GPTModel.forward hands it those cos / sin)."""
+    sandwich_norms (Gemma 2 / 3) each branch's output is normalised too before it is added; post_norm (OLMo 2):
+    x + norm1(attn(x)), then x + norm2(mlp(x)). Each branch's output times residual_multiplier (Granite) before its
+    add. `window`: its attention's sliding window (GPTModel.forward hands it the mask of that window); `local_rope`:
+    it rotates by the local RoPE (GPTModel.forward hands it those cos / sin)."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.window = cfg.window(layer)
         self.local_rope = cfg.local_rope(layer)
-        self.input_layernorm = make_norm(cfg, cfg.emb_dim)
+        self.post_norm, self.residual_multiplier = cfg.post_norm, cfg.residual_multiplier
+        if not self.post_norm:
+            self.input_layernorm = make_norm(cfg, cfg.emb_dim)
         self.self_attn = MultiHeadAttention(cfg, layer)
         if cfg.sandwich_norms:
             self.attn_output_norm = make_norm(cfg, cfg.emb_dim)
-        self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)
+        self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)  # post_norm: the attention branch's output norm
         self.mlp = SparseMoeBlock(cfg) if cfg.sparse(layer) else FeedForward(cfg)
         if cfg.sandwich_norms:
             self.mlp_output_norm = make_norm(cfg, cfg.emb_dim)
+        if self.post_norm:
+            self.post_feedforward_layernorm = make_norm(cfg, cfg.emb_dim)
         self.sandwich = cfg.sandwich_norms
 
+    def _branch(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.residual_multiplier == 1.0 else y * self.residual_multiplier
+
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
+        if self.post_norm:  # Olmo2DecoderLayer.forward
+            x = x + self._branch(self.post_attention_layernorm(self.self_attn(x, mask, cache, rope)))
+            return x + self._branch(self.post_feedforward_layernorm(self.mlp(x)))
         h = self.self_attn(self.input_layernorm(x), mask, cache, rope)
-        x = x + (self.attn_output_norm(h) if self.sandwich else h)
+        x = x + self._branch(self.attn_output_norm(h) if self.sandwich else h)
         h = self.mlp(self.post_attention_layernorm(x))
-        return x + (self.mlp_output_norm(h) if self.sandwich else h)
+        return x + self._branch(self.mlp_output_norm(h) if self.sandwich else h)
 
 
 class GPTModel(nn.Module):
@@ -445,6 +463,8 @@ class GPTModel(nn.Module):
             x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
         if self.training and self.neftune_noise_alpha:
             x = neftune_noise(x, self.neftune_noise_alpha)
+        if self.cfg.embedding_multiplier != 1.0:  # Granite: after the embedding (and NEFTune's hook on its output)
+            x = x * self.cfg.embedding_multiplier
         if self.cfg.positions == "learned":
             x = x + self.pos_embed(position_ids)
         x = self.drop(x)
@@ -470,6 +490,8 @@ class GPTModel(nn.Module):
             if labels is not None or use_cache:
                 raise ValueError("a reward model (score head) has no token logits: no labels, no cache")
             return self.score(x)
+        if self.cfg.logits_scaling != 1.0:  # Granite's logits / logits_scaling, as hidden / logits_scaling: the head
+            x = x / self.cfg.logits_scaling  # has no bias, and the loss's chunked head then sees the same logits
         if labels is not None:
             return self.loss(x, labels, reduction, predict, label_smoothing, token_weight)
         logits = self.lm_head(x[:, -1:] if last_only else x)

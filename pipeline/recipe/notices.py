@@ -21,6 +21,7 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
 FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral", "qwen3_moe": "qwen3"}
 FAMILY_TEMPLATES.update(mixtral="mistral", qwen2_moe="qwen")  # Mixtral-8x7B-Instruct, Qwen1.5-MoE-A2.7B-Chat
 FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma")  # Gemma 2: LLaMA-Factory's gemma2 (not here) has its strings
+FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 
 
 def template_notice(r: Any) -> str | None:

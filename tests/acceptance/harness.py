@@ -128,6 +128,22 @@ def assert_outputs_compute_ours(recipe: str | Path, cwd: str | Path, base: str |
     return x, want
 
 
+def exported_prompt(merged: str | Path, base: str | Path, template: str) -> str:
+    """The generation prompt of a short conversation (a system prompt, one question) by the chat template merge wrote
+    into `merged`, rendered by transformers' apply_chat_template; asserted to be the ids training builds with
+    `template` on the base checkpoint's tokenizer. Returns its text (for the caller to check the template's markup)."""
+    import transformers
+
+    from pipeline.data.model_tokenizer import load_tokenizer
+    from pipeline.data.tokenize import encode_prompt
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+    assert prompt == encode_prompt(template, "Name a colour.", system="Be brief.", tokenizer=load_tokenizer(base))
+    return tokenizer.decode(prompt)
+
+
 def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, small_vocab: bool = False,
                         instruct: bool = True, **overrides: Any) -> Any:
     """save_pretrained(directory) of a tiny random `family` model (safetensors) with the family's tokenizer files

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from tests.acceptance.harness import (assert_outputs_compute_ours, pipeline, refused, save_pretrained_small,
-                                     write_recipe)
+from tests.acceptance.harness import (assert_outputs_compute_ours, exported_prompt, pipeline, refused,
+                                     save_pretrained_small, write_recipe)
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, partial_rotary_factor=0.5, sliding_window=12, original_max_position_embeddings=16,
@@ -44,12 +44,6 @@ def test_lora_sft_from_a_save_pretrained_phi4_merges_to_phi3(workdir):
     with torch.no_grad():  # and the run trained: not the base's logits
         assert (want - transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits).abs().max() > 1e-3
     # the export's chat template renders the prompt training builds (phi4: no newlines, <|im_sep|> after the role)
-    from pipeline.data.model_tokenizer import load_tokenizer
-    from pipeline.data.tokenize import encode_prompt
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-    prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
-    assert prompt == encode_prompt("phi4", "Name a colour.", system="Be brief.", tokenizer=load_tokenizer(base))
-    assert tokenizer.decode(prompt) == ("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>user<|im_sep|>"
-                                        "Name a colour.<|im_end|><|im_start|>assistant<|im_sep|>")
+    assert exported_prompt(merged, base, "phi4") == ("<|im_start|>system<|im_sep|>Be brief.<|im_end|><|im_start|>"
+                                                     "user<|im_sep|>Name a colour.<|im_end|><|im_start|>assistant"
+                                                     "<|im_sep|>")

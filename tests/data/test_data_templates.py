@@ -189,7 +189,7 @@ def test_schema_enum_lists_exactly_the_templates():
 
 def test_a_template_the_vocabulary_cannot_express_is_a_user_error():
     with pytest.raises(UserError, match=r"'chatml' needs the special tokens <\|im_start\|>, <\|im_end\|>.*gpt2.*"
-                                        r"\(alpaca, llama2, mistral, default, empty\)"):
+                                        r"\(alpaca, llama2, mistral, default, empty, olmo\)"):
         encode_prompt("chatml", "hi", tokenizer=gpt2())
 
 

@@ -178,6 +178,12 @@ SMALL_ADDED = {
 # templates, all special as in Phi-4's / Phi-4-mini's tokenizer.json, and Phi-4's pad <|dummy_85|>
 SMALL_ADDED["phi4"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|system|>",
                                            "<|user|>", "<|assistant|>", "<|end|>", "<|dummy_85|>")]
+# Granite 3.x's vocabulary (ibm-granite's 49,155-row byte-level BPE) and OLMo 2's (cl100k-based, 100,352 rows) in small:
+# their special tokens as their tokenizer.json lists them (Granite: <|end_of_text|> is BOS, EOS, pad and unk, the role
+# markers special; OLMo 2: <|endoftext|> BOS / EOS, pad <|pad|>; its <|user|> / <|assistant|> are text there)
+SMALL_ADDED["granite3"] = [(t, True) for t in ("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>",
+                                               "<|tool_call|>")]
+SMALL_ADDED["olmo2"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")]
 
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
@@ -209,6 +215,15 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>"}
         generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                       "pad_token_id": ids["<|dummy_85|>"]}
+    elif family == "granite3":  # ibm-granite/granite-3.3-8b-instruct's tokenizer_config.json, by name
+        config = {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>",
+                  "unk_token": "<|end_of_text|>"}
+        generation = {"bos_token_id": ids["<|end_of_text|>"], "eos_token_id": ids["<|end_of_text|>"],
+                      "pad_token_id": ids["<|end_of_text|>"]}
+    elif family == "olmo2":  # allenai/OLMo-2-1124-7B-Instruct's
+        config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+        generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"],
+                      "pad_token_id": ids["<|pad|>"]}
     elif family.startswith("mistral"):
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}

@@ -77,10 +77,15 @@ def hf_model(name: str, seed: int = 0):
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def checkpoint(request, tmp_path_factory):
     """(variant, directory, transformers model) saved with save_pretrained."""
-    model = hf_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
+    return saved_variant(request.param, hf_model(request.param), tmp_path_factory)
+
+
+def saved_variant(name: str, model, tmp_path_factory):
+    """(name, directory, model): `model` saved with save_pretrained in a fresh folder named after the variant; the
+    `checkpoint` fixtures' value, on which the family tests run (here and in the modules importing them)."""
+    path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
-    return request.param, path, model
+    return name, path, model
 
 
 def ids(seed=0, shape=(2, 12)):
@@ -436,10 +441,17 @@ def write_config(tmp_path, **changes):
      "sliding_window is 0; expected a positive integer or null"),
 ])
 def test_bad_configs_name_file_and_key(tmp_path, changes, words):
-    path = write_config(tmp_path, **changes)
+    assert_config_refused(tmp_path, json.loads(write_config(tmp_path, **changes).read_text()), words)
+
+
+def assert_config_refused(folder, config: dict, words: str) -> None:
+    """read_config refuses `config` written as folder/config.json with a message that names the file and holds
+    `words`."""
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError) as err:
-        read_config(tmp_path)
-    assert any(m.startswith(f"{path}: ") and words in m for m in err.value.messages), err.value.messages
+        read_config(folder)
+    assert any(m.startswith(f"{folder / 'config.json'}: ") and words in m for m in err.value.messages), \
+        err.value.messages
 
 
 @pytest.mark.parametrize("max_window_layers, windows", [(1, (None, 4)), (2, ())])

@@ -65,10 +65,7 @@ def phi3_model(name: str, seed: int = 0):
 def checkpoint(request, tmp_path_factory):
     """(variant, directory, transformers model) saved with save_pretrained; the family tests imported above run on
     it."""
-    model = phi3_model(request.param)
-    path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return request.param, path, model
+    return families.saved_variant(request.param, phi3_model(request.param), tmp_path_factory)
 
 
 def test_config_is_read_into_fields(checkpoint):
@@ -250,12 +247,7 @@ def read_config_dict(raw):
 def test_bad_phi3_configs_name_file_and_key(tmp_path, changes, words):
     config = {**phi3_model("phi4mini-partial-tied").config.to_dict(), "architectures": ["Phi3ForCausalLM"]}
     config.pop("rope_parameters")
-    config.update(changes)
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError) as err:
-        read_config(tmp_path)
-    assert any(m.startswith(f"{tmp_path / 'config.json'}: ") and words in m for m in err.value.messages), \
-        err.value.messages
+    families.assert_config_refused(tmp_path, {**config, **changes}, words)
 
 
 def test_other_families_cannot_express_the_fused_modules():

@@ -74,3 +74,16 @@ def phi_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("phi4_vocab")
     write_small_tokenizer_dir(directory, "phi4")
     return directory
+
+
+@pytest.fixture(scope="session")
+def granite_olmo_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Small byte-level BPEs with Granite 3.x's and OLMo 2's special tokens (their vocabularies are not on PyPI): the
+    granite3 and olmo templates' tokenizers (tests.helpers.hf_vocab.write_small_tokenizer_dir), by template name."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    out = {}
+    for template, family in (("granite3", "granite3"), ("olmo", "olmo2")):
+        out[template] = tmp_path_factory.mktemp(f"{family}_vocab")
+        write_small_tokenizer_dir(out[template], family)
+    return out

@@ -30,6 +30,8 @@ CASES = {"one turn": (None, []), "system": (SYSTEM, []), "multi-turn": (SYSTEM, 
 # `empty` has no markup between a system prompt and the user's text, nor between turns: the tokenizer merges
 # across them in the rendered string ("terse.Hello"), so there only the text is training's (docs say so)
 TEXT_ONLY = {("empty", "system"), ("empty", "multi-turn"), ("empty", "multi-turn, no system")}
+# olmo's bare system prompt before the text <|user|>: "terse.<" merges to ".<" in these byte-level vocabularies
+TEXT_ONLY |= {("olmo", "system"), ("olmo", "multi-turn")}
 
 
 def messages(system: str | None, history, query: str | None = None, answer: str | None = None) -> list[dict]:
@@ -45,13 +47,13 @@ def messages(system: str | None, history, query: str | None = None, answer: str 
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2", "qwen3", "deepseek_r1_qwen"])
 def test_every_template_prompts_as_training(family_dirs, family, case):
     """apply_chat_template(..., add_generation_prompt=True) == encode_prompt for every template the vocabulary can
-    express (gpt2: alpaca, llama2, mistral, default, empty; llama3 adds llama3, openchat-3.6; qwen adds chatml, qwen,
-    qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen's adds deepseekr1)."""
+    express (gpt2: alpaca, llama2, mistral, default, empty, olmo; llama3 adds llama3, openchat-3.6; qwen adds chatml,
+    qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen's adds deepseekr1)."""
     system, history = CASES[case]
     directory = family_dirs[family]
     ours = _ours(directory)
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours) is None]
-    assert len(names) == {"gpt2": 5, "llama3": 7, "deepseek_r1_qwen": 6}.get(family, 9)
+    assert len(names) == {"gpt2": 6, "llama3": 8, "deepseek_r1_qwen": 7}.get(family, 10)
     for name in names:
         template = TEMPLATES[name]
         for thinking in (True, False) if template.thought_words else (True,):
@@ -80,9 +82,9 @@ def test_a_whole_conversation_is_the_training_example(family_dirs, family):
             continue
         want = encode_example(row, template, ours, cutoff_len=4096, mask_history=True).input_ids
         msgs = messages(SYSTEM, HISTORY, QUERY, "red")
-        if name == "empty" or (name == "default" and family != "gpt2"):
+        if name in ("empty", "olmo") or (name == "default" and family != "gpt2"):
             # no markup between "Assistant:" and the answer: Llama 3's and Qwen's pre-tokenizer joins ":red" (GPT-2's
-            # does not); the text is still training's
+            # does not); olmo's system prompt and its text <|user|> join (".<"); the text is still training's
             assert render(directory, template, msgs, tokenize=False, add_generation_prompt=False) == ours.decode(want)
             continue
         got = render(directory, template, msgs, add_generation_prompt=False)

@@ -39,6 +39,8 @@ CHAT = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "cont
 # the answer "<think>...") are one token there
 MERGED = {(family, name) for family in ("llama3", "qwen3", "deepseek_r1_qwen") for name in ("default", "empty", "llama2")}
 MERGED.add(("llama3", "mistral"))  # "[/INST][TOOL_CALLS]": "][" where they are text; v0.3's tokens: test below
+# olmo's bare system prompt before its <|user|> (text there): "terse.<" merges to ".<" in these byte-level vocabularies
+MERGED.update((family, "olmo") for family in ("gpt2", "llama3", "qwen3", "deepseek_r1_qwen"))
 
 
 def trained(example: Encoded) -> list[int]:
@@ -97,10 +99,10 @@ def assert_marks_training(family_dirs, family: str, name: str, lf: list[dict], s
 @pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen3", "deepseek_r1_qwen"])
 def test_every_template_marks_the_trained_tokens(family_dirs, family):
     """Three turns, with and without a system message (thinking on and off for qwen3 and deepseekr1): gpt2 has
-    alpaca, llama2, mistral, default, empty; llama3 adds llama3, openchat-3.6; qwen3 adds chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen
-    adds deepseekr1."""
+    alpaca, llama2, mistral, default, empty, olmo (no markup tokens needed); llama3 adds llama3, openchat-3.6; qwen3 adds
+    chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen adds deepseekr1."""
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours(family_dirs[family])) is None]
-    assert len(names) == {"gpt2": 5, "llama3": 7, "deepseek_r1_qwen": 6}.get(family, 9)
+    assert len(names) == {"gpt2": 6, "llama3": 8, "deepseek_r1_qwen": 7}.get(family, 10)
     for name in names:
         for system in (SYSTEM, None):
             for thinking in (True, False) if TEMPLATES[name].thought_words else (True,):
@@ -139,7 +141,8 @@ def test_mistral_v3_function_calls_are_marked_as_trained(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_text(name, family_dirs, phi_dir,
-                                                                                     tmp_path):
+                                                                                     tmp_path,
+                                                                                     granite_olmo_dirs):
     """The tokenizer's chat_template is rendered by engines without transformers' extension (llama-cpp-python,
     minijinja in TGI): a {% generation %} tag there stops the model from being served. The marked copy is written
     beside it; both render the same text."""
@@ -151,6 +154,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
         family_dirs["qwen3" if name.startswith(("qwen", "chatml")) else "llama3" if name in ("llama3", "openchat-3.6")
                     else "deepseek_r1_qwen" if name == "deepseekr1" else "gpt2"]
     directory = phi_dir if name.startswith("phi") else directory
+    directory = granite_olmo_dirs.get(name, directory)
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
     assert "endgeneration" not in served and "{%- generation -%}" in marked

@@ -126,7 +126,7 @@ EDGE_HISTORY = [("What is 2+2?", " 4"), ("And  3+3?\n", ""), ("And 4+4?", "It's 
 @pytest.mark.parametrize("family", ["llama2", "mistral_v1", "mistral_v3"])
 def test_exported_chat_template_gives_the_training_ids(sp_folders, sp_golden, family):
     """apply_chat_template with the chat template merge/export write gives training's ids for every template the
-    vocabulary expresses (alpaca, llama2, mistral, default, empty), the prompt (add_generation_prompt) and the whole
+    vocabulary expresses (alpaca, llama2, mistral, default, empty, olmo), the prompt (add_generation_prompt) and the whole
     conversation, with a system prompt or none, answers that start with a space or are empty; for llama2 and mistral
     they are LLaMA-Factory's ids too (lf_ids). Training encodes every template string on its own, each with the
     prefix "▁" of its Metaspace; the rendered string, encoded whole, gets that "▁" only at a split's start (prepend
@@ -135,7 +135,7 @@ def test_exported_chat_template_gives_the_training_ids(sp_folders, sp_golden, fa
     vocabulary and default / empty / alpaca: no space, one "▁" fewer at each such place."""
     ours = load_tokenizer(sp_folders[family])
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours) is None]
-    assert names == ["alpaca", "llama2", "mistral", "default", "empty"]
+    assert names == ["alpaca", "llama2", "mistral", "default", "empty", "olmo"]
     for name in names:
         template = TEMPLATES[name]
         for system in (SYSTEM, None):

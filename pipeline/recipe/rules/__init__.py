@@ -56,6 +56,7 @@ ORDER = (
     model.model_exists,
     model.cutoff_within_context,
     model.rope_scaling_applies,
+    model.reward_class_exists,
     stages.stage_only_keys,
     method.lora_targets_exist,
     method.moe_aux_loss_stages,

@@ -414,3 +414,21 @@ def _hidden_size(folder: Path) -> int | None:
     config = _config(folder)
     size = config.get("hidden_size", config.get("n_embd"))
     return size if isinstance(size, int) else None
+
+
+@rule("stage", "model_name_or_path")
+def reward_class_exists(ctx: Context) -> list[tuple[str, str]]:
+    """Stage rm writes its model as the family's XForSequenceClassification; a family transformers has none for
+    (GraniteForCausalLM in transformers 5.24) is refused before training rather than at the export after it."""
+    if ctx.values["stage"] != "rm":
+        return []
+    from pipeline.model.families import BY_REWARD_ARCHITECTURE
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(ctx.values["model_name_or_path"])
+    if info is None or info.config.hf.reward_architecture:
+        return []
+    return [("stage", f"given 'rm', but transformers has no sequence-classification class for this "
+                      f"{info.config.hf.architecture} (model_type {info.config.hf.model_type}), so the reward model "
+                      f"could not be written or read back; train the reward model on another family "
+                      f"({', '.join(sorted({f.name for f in BY_REWARD_ARCHITECTURE.values()}))})")]
