@@ -54,6 +54,9 @@ class ModelConfig:
     qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn, Phi-3's qkv_proj: GQA sizes) or three
     mlp_fused: bool = False          # SwiGLU's gate and up as one Linear gate_up_proj (Phi-3: gate rows first) or two
     partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim x this) dims of each head (Phi-4-mini 0.75)
+    rope_interleaved: bool = False   # RoPE's pairs are adjacent dims (2j, 2j+1) (GLM-4) or the two halves (Llama)
+    post_norms: bool = False         # an RMSNorm on the attention's and the MLP's outputs before each residual add
+    # (GLM-4-0414: post_self_attn_layernorm, post_mlp_layernorm; four norms per block)
     tie_weights: bool = True
     num_labels: int = 0              # 0: the LM head lm_head; 1: a reward model, transformers' `score` head instead
     # each layer's sliding window, as transformers' "sliding_attention" layers have it (a query at position i sees the
@@ -189,7 +192,9 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
                        qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm,
-                       qkv_fused=FAMILIES[family].fused, mlp_fused=FAMILIES[family].fused, tie_weights=tied)
+                       qkv_fused=FAMILIES[family].qkv_fused, mlp_fused=FAMILIES[family].mlp_fused,
+                       rope_interleaved=FAMILIES[family].rope_interleaved, post_norms=FAMILIES[family].post_norms,
+                       tie_weights=tied)
 
 
 def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bool) -> ModelConfig:
@@ -260,6 +265,15 @@ def _phi(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ff
                    eps=1e-5, tied=tied).replace(partial_rotary_factor=rotary)
 
 
+def _glm4(*, emb: int, layers: int, heads: int, ffn: int) -> ModelConfig:
+    """GLM-4-0414 (THUDM/GLM-4-9B-0414, GLM-4-32B-0414 and their GLM-Z1 siblings, Glm4ForCausalLM): 151,552 ids,
+    32,768 positions, 2 kv heads of head_dim 128, q / k / v biases, half of each head rotated in adjacent pairs, four
+    norms per block, rms_norm_eps 1e-5, RoPE theta 10,000, untied."""
+    return _swiglu("glm4", vocab=151552, ctx=32768, emb=emb, layers=layers, heads=heads, kv=2, ffn=ffn,
+                   theta=10000.0, eps=1e-5, tied=False, head_size=128 if 128 * heads != emb else None).replace(
+        qkv_bias=True, partial_rotary_factor=0.5)
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -293,6 +307,10 @@ PRESETS.update({  # microsoft/phi-4 (14.7B) and microsoft/Phi-4-mini-instruct (3
     "phi-4": _phi(vocab=100352, ctx=16384, emb=5120, layers=40, heads=40, kv=10, ffn=17920, theta=250000.0, tied=False),
     "phi-4-mini": _phi(vocab=200064, ctx=131072, emb=3072, layers=32, heads=24, kv=8, ffn=8192, theta=10000.0,
                        tied=True, rotary=0.75),
+})
+PRESETS.update({  # THUDM/GLM-4-9B-0414 (9.4B) and GLM-4-32B-0414 (32.6B): their config.json's shapes
+    "glm-4-9b-0414": _glm4(emb=4096, layers=40, heads=32, ffn=13696),
+    "glm-4-32b-0414": _glm4(emb=6144, layers=61, heads=48, ffn=23040),
 })
 
 
@@ -459,6 +477,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
         if cfg.qk_norm:
             mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", cfg.head_dim, cfg.head_dim),
                      ModuleSpec(p + "self_attn.k_norm", "rmsnorm", cfg.head_dim, cfg.head_dim)]
+        if cfg.post_norms:
+            mods.append(ModuleSpec(p + "post_self_attn_layernorm", cfg.norm, c, c))
         mods.append(ModuleSpec(p + "post_attention_layernorm", cfg.norm, c, c))
         if cfg.sparse(i):
             mods.append(ModuleSpec(p + "mlp.gate", "linear", c, cfg.n_experts))
@@ -469,6 +489,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
                          ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1)]
         else:
             mods += _mlp(cfg, p + "mlp.", h)
+        if cfg.post_norms:
+            mods.append(ModuleSpec(p + "post_mlp_layernorm", cfg.norm, c, c))
     head = ModuleSpec("score", "linear", c, cfg.num_labels, False) if cfg.num_labels else \
         ModuleSpec("lm_head", "linear", c, cfg.vocab_size, False)
     return [*mods, ModuleSpec("norm", cfg.norm, c, c), head]

@@ -6,8 +6,10 @@ tree whose names follow Llama's HF names, the layout most families share:
     embed_tokens, pos_embed (learned positions only)
     layers.{i}.input_layernorm
     layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
+    layers.{i}.post_self_attn_layernorm (GLM-4-0414's norm of the attention's output)
     layers.{i}.post_attention_layernorm
-    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj | gate_up_proj (Phi-3's fused SwiGLU), down_proj}
+    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj | gate_up_proj (Phi-3's and GLM's fused SwiGLU), down_proj}
+    layers.{i}.post_mlp_layernorm (GLM-4-0414's norm of the MLP's output)
     layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE, Mixtral)
     layers.{i}.mlp.shared_expert.{gate_proj, up_proj, down_proj}, .shared_expert_gate (Qwen2-MoE's shared expert)
     norm, lm_head
@@ -53,8 +55,18 @@ class Family:
     # sparse MoE blocks (Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock): which config.json
     # keys say what (MoeKeys; read by moe_fields, written by moe_config); None: a dense family
     moe: "MoeKeys | None" = None
-    # one q|k|v Linear (qkv_proj, GQA sizes) and one gate|up Linear (gate_up_proj): Phi3Attention / Phi3MLP
-    fused: bool = False
+    # one q|k|v Linear (qkv_proj, GQA sizes): Phi3Attention
+    qkv_fused: bool = False
+    # one gate|up Linear (gate_up_proj, the gate's rows first): Phi3MLP, GlmMLP, Glm4MLP
+    mlp_fused: bool = False
+    # attention_bias also biases o_proj (LlamaAttention); False where it biases q / k / v only (GlmAttention)
+    o_proj_bias: bool = True
+    # RoPE rotates pairs of adjacent dims (2j, 2j+1) by frequency j, cos / sin repeat_interleave'd: GLM's
+    # apply_rotary_pos_emb / rotate_half (x[..., 0::2], x[..., 1::2]); else the two halves (Llama's rotate_half)
+    rope_interleaved: bool = False
+    # an RMSNorm on the attention's and the MLP's outputs before each residual add (Glm4DecoderLayer's
+    # post_self_attn_layernorm / post_mlp_layernorm: four norms per block)
+    post_norms: bool = False
     # the head's first partial_rotary_factor of dims rotated, the rest passed (Phi3RotaryEmbedding reads the key)
     partial_rotary: bool = False
     # the rope types the class accepts (config.json's rope_type); Phi3Config.validate_rope allows default / longrope
@@ -223,10 +235,29 @@ PHI3 = Family(name="phi3", architecture="Phi3ForCausalLM", reward_architecture="
               model_type="phi3", prefix="model.", skip=(".rotary_emb.inv_freq",),
               config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
                                ("original_max_position_embeddings", 4096)),
-              sliding_window="every", bias_keys=(), fused=True, partial_rotary=True, rope_types=("default", "longrope"))
+              sliding_window="every", bias_keys=(), qkv_fused=True, mlp_fused=True, partial_rotary=True,
+              rope_types=("default", "longrope"))
+# THUDM / zai-org's GLM-4: Llama's block with q / k / v biases (attention_bias, true by default; none on o_proj), one
+# fused gate_up_proj (the gate's rows first), no MLP bias, half of each head rotated (partial_rotary_factor 0.5 by
+# default) in adjacent pairs (the interleaved rotation). The hub's names are ours (no map). GlmConfig / Glm4Config's
+# defaults (transformers 5.24, configuration_glm4.py:55-79): head_dim 128, 131,072 positions, rms_norm_eps 1.5625e-7,
+# 2 kv heads. Glm4ForCausalLM (GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1-*-0414) adds post_self_attn_layernorm and
+# post_mlp_layernorm to each block (four norms); GlmForCausalLM (glm-4-9b-chat-hf) is the same model without them.
+_GLM_DEFAULTS = (("max_position_embeddings", 131072), ("head_dim", 128), ("rms_norm_eps", 1.5625e-07),
+                 ("num_key_value_heads", 2), ("attention_bias", True), ("partial_rotary_factor", 0.5))
+GLM4 = Family(name="glm4", architecture="Glm4ForCausalLM", reward_architecture="Glm4ForSequenceClassification",
+              model_type="glm4", prefix="model.", skip=(".rotary_emb.inv_freq",), config_defaults=_GLM_DEFAULTS,
+              bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
+              rope_interleaved=True, post_norms=True)
+GLM = Family(name="glm", architecture="GlmForCausalLM", reward_architecture="GlmForSequenceClassification",
+             model_type="glm", prefix="model.", skip=(".rotary_emb.inv_freq",), config_defaults=_GLM_DEFAULTS,
+             bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
+             rope_interleaved=True)
+GLM_FAMILIES = (GLM4, GLM)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
+FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values()}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -477,8 +508,9 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         ffn_dim=raw["intermediate_size"],
         # Qwen2 always has q/k/v biases, Qwen2-MoE where qkv_bias (absent: true); neither an o_proj bias
         qkv_bias=True if family is QWEN2 else bool(raw.get("qkv_bias", True)) if "qkv_bias" in family.bias_keys
-        else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias,
-        qk_norm=family.qk_norm, qkv_fused=family.fused, mlp_fused=family.fused,
+        else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
+        qk_norm=family.qk_norm, qkv_fused=family.qkv_fused, mlp_fused=family.mlp_fused,
+        rope_interleaved=family.rope_interleaved, post_norms=family.post_norms,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
         **moe,
     )
@@ -622,6 +654,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     }
     if family is LLAMA:
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+    elif family in GLM_FAMILIES:  # GlmConfig / Glm4Config: attention_bias on q / k / v (true by default)
+        out["attention_bias"] = cfg.qkv_bias
     elif family.sliding_window == "every":
         out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
     elif family.sliding_window == "flag":  # Qwen3MoeConfig: use_sliding_window windows every layer
@@ -641,7 +675,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out.update(moe_config(family.moe, cfg))
     if family.partial_rotary:  # Phi3Config: both spellings, the rope dict's read first
         out["partial_rotary_factor"] = out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
-    if family is PHI3:  # Phi3Config's defaults are Phi-3-mini's ids (pad 32000: no row of a smaller vocabulary)
+    if family in (PHI3, *GLM_FAMILIES):  # Phi3Config's defaults are Phi-3-mini's ids (pad 32000: no row of a smaller
+        # vocabulary), GlmConfig / Glm4Config's GLM-4's (pad 151329, eos [151329, 151336, 151338])
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             out.setdefault(key, None)
     if scaling and "original_max_position_embeddings" in scaling and family is PHI3:
@@ -659,6 +694,7 @@ HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, An
     "gpt2": gpt2_config, "llama": decoder_config, "qwen2": decoder_config, "qwen3": decoder_config,
     "mistral": decoder_config, "qwen3_moe": decoder_config, "mixtral": decoder_config, "qwen2_moe": decoder_config}
 HF_CONFIG["phi3"] = decoder_config
+HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -685,12 +721,16 @@ def check_exportable(cfg: Any) -> list[str]:
                           o_bias=False, mlp_bias=False),
         "phi3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=True, qk_norm=False, qkv_bias=False,
                      o_bias=False, mlp_bias=False),
+        **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", qk_norm=False, o_bias=False, mlp_bias=False)
+           for f in GLM_FAMILIES},
     }[family.name]
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
-    want["mlp_fused"] = family.fused  # one gate_up_proj (Phi3MLP) or gate_proj + up_proj
+    want["mlp_fused"] = family.mlp_fused  # one gate_up_proj (Phi3MLP, GlmMLP) or gate_proj + up_proj
+    want["rope_interleaved"] = family.rope_interleaved  # adjacent-pair rotation (GLM) or halves
+    want["post_norms"] = family.post_norms  # Glm4DecoderLayer's two extra norms
     if family.name != "gpt2":
-        want["qkv_fused"] = family.fused
+        want["qkv_fused"] = family.qkv_fused
     if not family.partial_rotary:
         want["partial_rotary_factor"] = 1.0
     if not family.moe and cfg.n_experts:
