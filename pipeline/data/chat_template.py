@@ -14,6 +14,8 @@ chat encode a prompt (pipeline.data.tokenize.encode_prompt):
 - turns alternate user (or tool) / assistant; every later prompt opens with the separator;
 - the template's `reply` (the assistant header that ends a user block) is written before an answer, or at the
   end with `add_generation_prompt`, as Hugging Face's templates do;
+- an efficient_eos template (glm4): the conversation's last answer is followed by the EOS training appends to the
+  row (the EOS label training puts on each later prompt's first token is no text: a mark cannot say it);
 - a reasoning template (qwen3): earlier answers lose their thoughts; the answer after the last prompt (a user or
   tool message) gets the empty thought in front when it has none, or with `enable_thinking=False` (a chat-template
   argument whose default is the recipe's enable_thinking) loses its thought and the empty thought ends the prompt
@@ -58,7 +60,7 @@ from typing import TYPE_CHECKING
 from pipeline.data.chat_template_blocks import CONTINUED, LEAD_MACRO, START, TEXT, Blocks, after
 from pipeline.data.chat_template_tools import tool_macros
 from pipeline.data.jinja_text import literal
-from pipeline.data.templates import Template, tool_templates
+from pipeline.data.templates import EOS, Template, tool_templates
 
 if TYPE_CHECKING:
     from pipeline.data.args import DataArgs
@@ -244,6 +246,8 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     if template.function:  # a function_call turn has its own block (mistral's [TOOL_CALLS])
         answer = (f"({blocks.expression(template.function, 'content', edges['answer'])}) if message['tool_calls'] "
                   f"else ({answer})")
+    if template.efficient_eos:  # the trained EOS that ends training's row (Template.segments), after the last answer
+        answer = f"({answer}) ~ (({blocks.expression(EOS)}) if loop.last else '')"
     lines += [
         ("{%- generation -%}" if marked else "") + "{{- " + answer + " -}}" + ("{%- endgeneration -%}" if marked else ""),
         "{%- endif -%}",

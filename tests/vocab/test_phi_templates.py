@@ -85,14 +85,21 @@ def test_conversations_are_llamafactorys(phi_dir, golden, name):
 def test_the_exported_chat_template_gives_the_training_ids(phi_dir, name):
     """transformers' apply_chat_template with the chat template merge / export write: the generation prompt is
     encode_prompt's, a whole conversation the training row's ids (mask_history's rendering)."""
-    ours = load_tokenizer(phi_dir)
+    assert_export_gives_training_ids(phi_dir, name)
+
+
+def assert_export_gives_training_ids(directory, name: str) -> None:
+    """With and without a system prompt, template `name`'s chat template rendered by transformers on the vocabulary
+    in `directory` gives encode_prompt's ids (generation prompt) and the whole mask_history training row."""
+    ours = load_tokenizer(directory)
     template = TEMPLATES[name]
     assert template.vocabulary_problem(ours) is None
     for system in (SYSTEM, None):
         want = encode_prompt(template, QUERY, system=system, history=HISTORY, tokenizer=ours)
-        assert render(phi_dir, template, messages(system, HISTORY, QUERY)) == want
+        assert render(directory, template, messages(system, HISTORY, QUERY)) == want
         whole = encode_example(row(system), template, ours, cutoff_len=4096, mask_history=True).input_ids
-        assert render(phi_dir, template, messages(system, HISTORY, QUERY, ANSWER), add_generation_prompt=False) == whole
+        assert render(directory, template, messages(system, HISTORY, QUERY, ANSWER), add_generation_prompt=False) == \
+            whole
 
 
 def test_a_vocabulary_without_the_markup_is_refused_with_the_fix(vocab_dirs):
