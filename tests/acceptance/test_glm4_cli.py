@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 
-from tests.acceptance.harness import (assert_outputs_compute_ours, cli_env, pipeline, refused, save_pretrained_small,
-                                      write_recipe)
+from tests.acceptance.harness import (assert_outputs_compute_ours, build_train_merge, cli_env, refused,
+                                      save_pretrained_small, write_recipe)
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, max_position_embeddings=256, tie_word_embeddings=False)
@@ -42,14 +42,10 @@ def test_lora_sft_from_a_save_pretrained_glm4_merges_to_glm4(workdir, monkeypatc
                           learning_rate=0.05, cutoff_len=96, packing=True, neat_packing=True)
     message = refused("validate", recipe, "train_on_prompt=true", cwd=workdir, as_typed=False)
     assert "train_on_prompt: given true, but template glm4 (LLaMA-Factory's efficient_eos" in message, message
-    pipeline("build", recipe, cwd=workdir)
-    pipeline("train", recipe, cwd=workdir)
-    pipeline("merge", recipe, cwd=workdir)
+    config, adapter = build_train_merge(recipe, workdir)
     merged = workdir / "saves/r/merged"
-    config = json.loads((merged / "config.json").read_text())
     assert (config["architectures"], config["model_type"], config["partial_rotary_factor"], config["attention_bias"],
             config["head_dim"]) == (["Glm4ForCausalLM"], "glm4", 0.5, True, 8)
-    adapter = json.loads((workdir / "saves/r/adapter/adapter_config.json").read_text())
     assert adapter["target_modules"] == ["down_proj", "gate_up_proj", "k_proj", "o_proj", "q_proj", "v_proj"]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert type(theirs).__name__ == "Glm4ForCausalLM"
