@@ -483,16 +483,20 @@ TEMPLATES.update({t.name: t for t in (
 
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1081-1092: glm4 (GLM-4-9B-0414, GLM-4-32B-0414, glm-4-9b-chat):
 # the prefix [gMASK]<sop>, the answer after a newline with no end token (efficient_eos: it learns the EOS at the next
-# prompt's first token, and a trained EOS ends the row), stops at <|user|> / <|observation|>. Its glm4 tool format
-# (a Chinese tool prompt with each schema as json.dumps(indent=4), a call as "name\narguments", no parallel calls)
-# is not written: function-calling data is refused with it.
+# prompt's first token, and a trained EOS ends the row), stops at <|user|> / <|observation|>; :1178-1191: glmz1
+# (GLM-Z1-9B-0414 / -32B-0414), the same strings as a reasoning template (ReasoningTemplate, the default thought
+# words: an empty <think></think> in front of a response without one). Their glm4 tool format (a Chinese tool prompt
+# with each schema as json.dumps(indent=4), a call as "name\narguments", no parallel calls) is not written:
+# function-calling data is refused with them.
 GLM4_MARKUP = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
-TEMPLATES.update({t.name: t for t in (
-    Template(name="glm4", prefix="[gMASK]<sop>", system="<|system|>\n{system}", user="<|user|>\n{content}<|assistant|>",
+_GLM4 = dict(prefix="[gMASK]<sop>", system="<|system|>\n{system}", user="<|user|>\n{content}<|assistant|>",
              reply="<|assistant|>", assistant="\n{content}", special_tokens=GLM4_MARKUP,
-             stop_words=("<|user|>", "<|observation|>"), efficient_eos=True,
-             description="GLM-4 / GLM-4-0414: [gMASK]<sop><|user|> ...<|assistant|> answer, its EOS learnt as a label "
-                         "(efficient_eos)"),
+             stop_words=("<|user|>", "<|observation|>"), efficient_eos=True)
+TEMPLATES.update({t.name: t for t in (
+    Template(name="glm4", **_GLM4, description="GLM-4 / GLM-4-0414: [gMASK]<sop><|user|> ...<|assistant|> answer, its "
+                                               "EOS learnt as a label (efficient_eos)"),
+    Template(name="glmz1", **_GLM4, thought_words=THOUGHT_WORDS,
+             description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint

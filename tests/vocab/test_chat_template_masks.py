@@ -149,7 +149,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
     directory = family_dirs["qwen3" if name.startswith(("qwen", "chatml")) else "llama3" if name in ("llama3", "openchat-3.6")
                             else "deepseek_r1_qwen" if name == "deepseekr1" else "gpt2"]
     directory = phi_dir if name.startswith("phi") else directory
-    directory = glm_dir if name == "glm4" else directory
+    directory = glm_dir if name.startswith("glm") else directory
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
     assert "endgeneration" not in served and "{%- generation -%}" in marked
