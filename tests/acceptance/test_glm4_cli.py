@@ -42,6 +42,8 @@ def test_lora_sft_from_a_save_pretrained_glm4_merges_to_glm4(workdir, monkeypatc
                           learning_rate=0.05, cutoff_len=96, packing=True, neat_packing=True)
     message = refused("validate", recipe, "train_on_prompt=true", cwd=workdir, as_typed=False)
     assert "train_on_prompt: given true, but template glm4 (LLaMA-Factory's efficient_eos" in message, message
+    message = refused("validate", recipe, "stage=dpo", cwd=workdir, as_typed=False)
+    assert "template: given 'glm4' with stage: dpo, but its efficient_eos rows are written for stage sft" in message
     config, adapter = build_train_merge(recipe, workdir)
     merged = workdir / "saves/r/merged"
     assert (config["architectures"], config["model_type"], config["partial_rotary_factor"], config["attention_bias"],
