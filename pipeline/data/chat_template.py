@@ -14,10 +14,12 @@ chat encode a prompt (pipeline.data.tokenize.encode_prompt):
 - turns alternate user (or tool) / assistant; every later prompt opens with the separator;
 - the template's `reply` (the assistant header that ends a user block) is written before an answer, or at the
   end with `add_generation_prompt`, as Hugging Face's templates do;
-- a reasoning template (qwen3): earlier answers lose their thoughts; the answer after the last prompt (a user or
-  tool message) gets the empty thought in front when it has none, or with `enable_thinking=False` (a chat-template
-  argument whose default is the recipe's enable_thinking) loses its thought and the empty thought ends the prompt
-  instead.
+- an efficient_eos template (glm4): the conversation's last answer is followed by the EOS training appends to the
+  row (the EOS label training puts on each later prompt's first token is no text: a mark cannot say it);
+- a reasoning template (qwen3, glmz1): earlier answers lose their thoughts; the answer after the last prompt (a user
+  or tool message) gets the empty thought in front of its block (glmz1's opens with a newline) when it has none, or
+  with `enable_thinking=False` (a chat-template argument whose default is the recipe's enable_thinking) loses its
+  thought and the empty thought ends the prompt instead.
 
 A message's content is a string, or OpenAI's list of parts (`[{"type": "text", "text": ...}]`, as chat clients
 send it): its text parts joined by "\n", as vLLM joins them for a template that takes strings, so both render the
@@ -58,7 +60,7 @@ from typing import TYPE_CHECKING
 from pipeline.data.chat_template_blocks import CONTINUED, LEAD_MACRO, START, TEXT, Blocks, after
 from pipeline.data.chat_template_tools import tool_macros
 from pipeline.data.jinja_text import literal
-from pipeline.data.templates import Template, tool_templates
+from pipeline.data.templates import EOS, Template, tool_templates
 
 if TYPE_CHECKING:
     from pipeline.data.args import DataArgs
@@ -233,9 +235,11 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
                      " and not has_thought(remove_thought(answer)) -%}{{- " + thought + " -}}{%- endif -%}")
     lines += ["{%- endif -%}", "{%- else -%}"]
     if reasoning:
-        lines.append("{%- if loop.index0 < turns.last_prompt or not enable_thinking -%}"
+        # the empty thought goes in front of the answer block, as training puts it (glmz1's block opens with "\n")
+        lines.append("{%- set empty_thought = '' -%}"
+                     "{%- if loop.index0 < turns.last_prompt or not enable_thinking -%}"
                      "{%- set content = remove_thought(content) -%}"
-                     "{%- elif not has_thought(content) -%}{%- set content = " + thought + " + content -%}"
+                     "{%- elif not has_thought(content) -%}{%- set empty_thought = " + thought + " -%}"
                      "{%- endif -%}")
     if tools:  # the function_call turn: the message's text (kept in front, as training keeps it), then the calls
         lines.append("{%- if message['tool_calls'] -%}"
@@ -244,6 +248,10 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     if template.function:  # a function_call turn has its own block (mistral's [TOOL_CALLS])
         answer = (f"({blocks.expression(template.function, 'content', edges['answer'])}) if message['tool_calls'] "
                   f"else ({answer})")
+    if reasoning:
+        answer = f"empty_thought ~ ({answer})"
+    if template.efficient_eos:  # the trained EOS that ends training's row (Template.segments), after the last answer
+        answer = f"({answer}) ~ (({blocks.expression(EOS)}) if loop.last else '')"
     lines += [
         ("{%- generation -%}" if marked else "") + "{{- " + answer + " -}}" + ("{%- endgeneration -%}" if marked else ""),
         "{%- endif -%}",

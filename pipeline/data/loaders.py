@@ -215,7 +215,7 @@ def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1
     dropped = ", ".join(f"{v:,} {k}" for k, v in examples.dropped.items() if v)
     _check_size(len(examples), split, size, world_size, "examples",
                 f"{examples.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
-    offsets, ids, trainable = examples.offsets, examples.ids, examples.trainable
+    offsets, ids, trainable, targets = examples.offsets, examples.ids, examples.trainable, examples.label_ids
     pad = recipe_tokenizer(data).pad_id
     order = dict(batch_size=size, world_size=world_size, rank=rank, seed=data.seed, epoch=epoch, shuffle=shuffle,
                  drop_last=split == "train", group_by_length=bool(data.group_by_length))
@@ -225,6 +225,7 @@ def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1
                     f"{len(examples):,} examples packed into rows of cutoff_len {data.cutoff_len}; add data")
         neat, examples = bool(data.neat_packing), split != "train"
         return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets, pad,
+                                                                           targets=targets,
                                                                            neat=neat, examples=examples), **order)
     return Loader(len(examples), examples.example_lengths(), lambda indices: pad_examples([(examples, indices)], pad),
                   **order)
@@ -247,7 +248,7 @@ def pad_examples(parts: list[tuple[Any, np.ndarray]], pad: int, whole: bool = Fa
     for b, (data, a, e) in enumerate(spans):
         n = e - a - cut
         input_ids[b, :n] = data.ids[a:a + n]
-        labels[b, :e - a - 1] = np.where(data.trainable[a + 1:e], data.ids[a + 1:e], IGNORE)
+        labels[b, :e - a - 1] = np.where(data.trainable[a + 1:e], data.label_ids[a + 1:e], IGNORE)
         mask[b, :n] = 1
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
             "attention_mask": torch.from_numpy(mask)}

@@ -74,11 +74,12 @@ def pack_examples(sizes: np.ndarray, capacity: int) -> Packs:
 
 
 def collate_packs(packs: Packs, indices: np.ndarray, ids: np.ndarray, trainable: np.ndarray, offsets: np.ndarray,
-                  pad_id: int, *, neat: bool, examples: bool = False) -> dict:
+                  pad_id: int, *, neat: bool, examples: bool = False, targets: np.ndarray | None = None) -> dict:
     """Rows for the packs `indices`: input_ids, labels, attention_mask (B, T) with T the fullest row;
     with `neat` also segment_ids and position_ids (restarting per example); with `examples` (a val split) also
     which example of its row each position holds, under EXAMPLE_KEY, neat or not: compute_accuracy scores each
-    example (pipeline.train.accuracy). The model never reads that key (MODEL_KEYS)."""
+    example (pipeline.train.accuracy). The model never reads that key (MODEL_KEYS). `targets`: the trained tokens'
+    labels where they are not the ids (TokenizedSplit.label_ids)."""
     import torch
 
     width = int(packs.fill[indices].max())
@@ -94,7 +95,7 @@ def collate_packs(packs: Packs, indices: np.ndarray, ids: np.ndarray, trainable:
             a, e = int(offsets[example]), int(offsets[example + 1])
             n = e - a - 1
             input_ids[row, at:at + n] = ids[a:e - 1]
-            labels[row, at:at + n] = np.where(trainable[a + 1:e], ids[a + 1:e], IGNORE)
+            labels[row, at:at + n] = np.where(trainable[a + 1:e], (ids if targets is None else targets)[a + 1:e], IGNORE)
             segments[row, at:at + n] = k
             positions[row, at:at + n] = np.arange(n)
             at += n

@@ -141,6 +141,7 @@ def _cut(split: TokenizedSplit, keep: np.ndarray) -> TokenizedSplit:
     tokens = position < keep[mask] if len(mask) else np.zeros(0, bool)
     kept = keep > 0
     return TokenizedSplit(ids=split.ids[tokens], trainable=split.trainable[tokens],
+                          targets=None if split.targets is None else split.targets[tokens],
                           offsets=np.concatenate([[0], np.cumsum(keep[kept])]).astype(np.int64),
                           origins=[o for o, k in zip(split.origins, kept) if k], lengths=lengths,
                           is_truncated=(keep < lengths)[kept])

@@ -87,6 +87,9 @@ class Segment(NamedTuple):
     pieces: tuple[Piece, ...]
     trainable: bool
     response: bool  # an assistant turn
+    # the first token's label is the template's EOS (trained), whatever the token: LLaMA-Factory's efficient_eos
+    # labels the prompt after an answer so (pipeline.data.tokenize keeps such labels in TokenizedSplit.targets)
+    eos_label: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,10 @@ class Template:
     stop_words: tuple[str, ...] = ()  # generation stops at these tokens (those the vocabulary has)
     replace_eos: bool = False  # {eos} is stop_words[0] (LLaMA-Factory's replace_eos)
     thought_words: tuple[str, str] | None = None  # a reasoning template: (open, close) of a thought
+    # LLaMA-Factory's efficient_eos (glm4): no EOS in the answer block; the supervised processor labels the first token
+    # of each later prompt with the EOS (the answer before it learns to end there) and appends a trained EOS to the row
+    # (data/processor/supervised.py:68-104); train_on_prompt is refused with it, as LLaMA-Factory's get_template_and_fix_tokenizer
+    efficient_eos: bool = False
     tool_format: str | None = None  # pipeline.data.tools.FORMATS; None: function-calling data is refused
     observation: str | None = None  # a tool result's block (slot {content}); None: as a user turn
     function: str | None = None  # a function_call turn's block (slot {content}); None: as an assistant turn
@@ -266,8 +273,12 @@ class Template:
         Responses are trained (every turn, or only the last with mask_history); prompts only with
         train_on_prompt, every turn's prompt even with mask_history: LLaMA-Factory 0.9.5's supervised processor
         (data/processor/supervised.py:83-91) labels each source with train_on_prompt before mask_history masks the
-        earlier targets.
+        earlier targets. efficient_eos: the EOS label on a prompt's first token goes where that processor puts it, on
+        the sources of turn_idx != 0 of its (with mask_history reversed) order: every prompt but the first, or with
+        mask_history every prompt but the last (the first's is position 0, never a target); then a trained EOS.
         """
+        if self.efficient_eos and train_on_prompt:
+            raise ValueError(f"template {self.name}: train_on_prompt with efficient_eos (refused by the recipe rules)")
         turns = self.turns(row["instruction"], row.get("input") or "", row["output"], row.get("system"),
                            row.get("history") or (), mask_history=mask_history, enable_thinking=enable_thinking,
                            tools=row.get("tools") or "", roles=row.get("roles") or ())
@@ -275,8 +286,11 @@ class Template:
         out = []
         for k, (p, a) in enumerate(turns):
             trained = not mask_history or k == last
-            out.append(Segment(tuple(p), train_on_prompt, False))
+            relabel = self.efficient_eos and (k != last if mask_history else k > 0)
+            out.append(Segment(tuple(p), train_on_prompt, False, relabel))
             out.append(Segment(tuple(a), trained, True))
+        if self.efficient_eos:
+            out.append(Segment((Special(EOS),), True, True))
         return out
 
     # ------------------------------------------------------------ text views and ids
@@ -334,8 +348,9 @@ class Template:
     @property
     def ends_answers(self) -> bool:
         """Whether each response is followed by the template's EOS ({eos}, or a replace_eos template's first stop
-        word): every template but `empty`, whose answers end with their last word (LLaMA-Factory's too)."""
-        return EOS in self.assistant or (self.replace_eos and self.stop_words[0] in self.assistant)
+        word; efficient_eos: as a label): every template but `empty`, whose answers end with their last word
+        (LLaMA-Factory's too)."""
+        return self.efficient_eos or EOS in self.assistant or (self.replace_eos and self.stop_words[0] in self.assistant)
 
     def stop_ids(self, tokenizer: "Tokenizer") -> tuple[int, ...]:
         """Where generation stops (eval, generate / chat, the exports' generation_config.json): the template's EOS,
@@ -493,6 +508,24 @@ TEMPLATES.update({t.name: t for t in (
     Template(name="olmo", prefix="{eos}", user="<|user|>\n{content}<|assistant|>\n", reply="<|assistant|>\n",
              optional_tokens=("<|user|>", "<|assistant|>"),
              description="OLMo (LLaMA-Factory's olmo): EOS, then <|user|>\\n ...<|assistant|>\\n, the answer and EOS"),
+)})
+
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1081-1092: glm4 (GLM-4-9B-0414, GLM-4-32B-0414, glm-4-9b-chat):
+# the prefix [gMASK]<sop>, the answer after a newline with no end token (efficient_eos: it learns the EOS at the next
+# prompt's first token, and a trained EOS ends the row), stops at <|user|> / <|observation|>; :1178-1191: glmz1
+# (GLM-Z1-9B-0414 / -32B-0414), the same strings as a reasoning template (ReasoningTemplate, the default thought
+# words: an empty <think></think> in front of a response without one). Their glm4 tool format (a Chinese tool prompt
+# with each schema as json.dumps(indent=4), a call as "name\narguments", no parallel calls) is not written:
+# function-calling data is refused with them.
+GLM4_MARKUP = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+_GLM4 = dict(prefix="[gMASK]<sop>", system="<|system|>\n{system}", user="<|user|>\n{content}<|assistant|>",
+             reply="<|assistant|>", assistant="\n{content}", special_tokens=GLM4_MARKUP,
+             stop_words=("<|user|>", "<|observation|>"), efficient_eos=True)
+TEMPLATES.update({t.name: t for t in (
+    Template(name="glm4", **_GLM4, description="GLM-4 / GLM-4-0414: [gMASK]<sop><|user|> ...<|assistant|> answer, its "
+                                               "EOS learnt as a label (efficient_eos)"),
+    Template(name="glmz1", **_GLM4, thought_words=THOUGHT_WORDS,
+             description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint

@@ -82,6 +82,14 @@ class TokenizedSplit:
     truncated_rows: list[Origin] = field(default_factory=list)  # origins, for reports
     dropped_rows: list[Origin] = field(default_factory=list)
     is_truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # per kept example
+    # each token's label where it is trained, aligned with ids, where some label is not its token (efficient_eos
+    # templates: the EOS on a prompt's first token); None: every label is its token
+    targets: np.ndarray | None = None
+
+    @property
+    def label_ids(self) -> np.ndarray:
+        """What a trained token's label is: targets, else the ids."""
+        return self.ids if self.targets is None else self.targets
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -96,7 +104,7 @@ class TokenizedSplit:
     def example(self, i: int) -> Encoded:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         ids = self.ids[a:b]
-        labels = np.where(self.trainable[a:b], ids, IGNORE)
+        labels = np.where(self.trainable[a:b], self.label_ids[a:b], IGNORE)
         return Encoded(ids.tolist(), labels.tolist(), bool(self.is_truncated[i]))
 
 
@@ -158,19 +166,20 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
     template = _as_template(template, tokenizer)
-    ids = template.ids(tokenizer)  # exit 2 here when the vocabulary lacks the template's markup
+    markup = template.ids(tokenizer)  # exit 2 here when the vocabulary lacks the template's markup
     origins = row_origins(origins, len(rows))
     cap = encode_cap(tokenizer, cutoff_len)
     capped: set[int] = set()  # rows whose length below is a lower bound (a text cut at `cap` characters)
     seg_count = np.empty(len(rows), dtype=np.int64)
     seg_response: list[bool] = []
-    lens, id_parts, train_parts = [], [], []
+    lens, id_parts, train_parts, relabel_parts = [], [], [], []
     refused: dict[str, list[Origin]] = {}  # message -> the rows: said once, at the first, with the count
     bar = _progress(len(rows), "tokenize")
     for start in range(0, len(rows), ROW_CHUNK):
         texts: list[str] = []
         plans: list[list[int]] = []
         flags: list[bool] = []
+        relabel: list[bool] = []
         chunk = rows[start:start + ROW_CHUNK]
         for i, row in enumerate(chunk, start=start):
             try:
@@ -181,19 +190,22 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
                 seg_count[i] = 0
                 continue
             seg_count[i] = len(segments)
-            for pieces, trained, response in segments:
+            for segment in segments:
+                pieces = segment.pieces
                 if any(isinstance(p, str) and len(p) > cap for p in pieces):
-                    pieces = [type(p)(p[:cap]) if isinstance(p, str) else p for p in pieces]  # Continued kept
+                    pieces = tuple(type(p)(p[:cap]) if isinstance(p, str) else p for p in pieces)  # Continued kept
                     capped.add(i)
-                plans.append(_plan(pieces, ids, texts))
-                flags.append(trained)
-                seg_response.append(response)
+                plans.append(_plan(pieces, markup, texts))
+                flags.append(segment.trainable)
+                relabel.append(segment.eos_label)
+                seg_response.append(segment.response)
         encoded = tokenizer.encode_batch(texts)
         tokens = [_assemble(plan, encoded) for plan in plans]
         chunk_len = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
         lens.append(chunk_len)
         id_parts.append(np.fromiter(chain.from_iterable(tokens), dtype=np.int32, count=int(chunk_len.sum())))
         train_parts.append(np.repeat(np.array(flags, dtype=bool), chunk_len))
+        relabel_parts.append(np.array(relabel, dtype=bool) & (chunk_len > 0))
         bar.update(len(chunk))
     bar.close()
     if refused:
@@ -205,6 +217,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     seg_len = np.concatenate(lens) if lens else np.zeros(0, np.int64)
     ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int32)
     trainable = np.concatenate(train_parts) if train_parts else np.zeros(0, bool)
+    targets = _eos_targets(ids, trainable, seg_len, relabel_parts, markup[EOS])
     total = len(ids)
     seg_start = np.concatenate([[0], np.cumsum(seg_count)])
     row_len = np.add.reduceat(seg_len, seg_start[:-1]) if len(rows) else np.zeros(0, np.int64)
@@ -261,11 +274,26 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         for i in over:
             keep[offsets[i] + new_len[i]:offsets[i + 1]] = False
         ids, trainable = ids[keep], trainable[keep]
+        targets = None if targets is None else targets[keep]
     return TokenizedSplit(
         ids=ids, trainable=trainable, offsets=np.concatenate([[0], np.cumsum(new_len[kept])]).astype(np.int64),
         origins=[o for o, k in zip(origins, kept) if k], lengths=row_len, dropped=dropped,
         truncated=len(truncated_rows), truncated_rows=truncated_rows, dropped_rows=dropped_rows,
-        is_truncated=was_truncated[kept])
+        is_truncated=was_truncated[kept], targets=targets)
+
+
+def _eos_targets(ids: np.ndarray, trainable: np.ndarray, seg_len: np.ndarray, relabel_parts: list[np.ndarray],
+                 eos: int | None) -> np.ndarray | None:
+    """The labels of an efficient_eos template (Segment.eos_label): the ids, with each relabelled segment's first token
+    labelled EOS and trained (in place on `trainable`); None where no segment is relabelled."""
+    relabel = np.concatenate(relabel_parts) if relabel_parts else np.zeros(0, bool)
+    if not relabel.any():
+        return None
+    first = (np.cumsum(seg_len) - seg_len)[relabel]
+    targets = ids.copy()
+    targets[first] = eos
+    trainable[first] = True
+    return targets
 
 
 def row_origins(origins: Sequence[Origin | str] | None, n: int) -> list[Origin]:

@@ -70,6 +70,7 @@ class ModelConfig:
     qkv_fused: bool = True           # one q|k|v Linear (GPT-2's c_attn, Phi-3's qkv_proj: GQA sizes) or three
     mlp_fused: bool = False          # SwiGLU's gate and up as one Linear gate_up_proj (Phi-3: gate rows first) or two
     partial_rotary_factor: float = 1.0  # RoPE on the first int(head_dim x this) dims of each head (Phi-4-mini 0.75)
+    rope_interleaved: bool = False   # RoPE's pairs are adjacent dims (2j, 2j+1) (GLM-4) or the two halves (Llama)
     tie_weights: bool = True
     num_labels: int = 0              # 0: the LM head lm_head; 1: a reward model, transformers' `score` head instead
     # each layer's sliding window, as transformers' "sliding_attention" layers have it (a query at position i sees the
@@ -94,6 +95,7 @@ class ModelConfig:
     norm_unit_offset: bool = False   # every RMSNorm computes in fp32 and scales by (1 + weight): weights stored 0-centred
     scale_embeddings: bool = False   # token embeddings times sqrt(emb_dim), that factor cast to their dtype first
     sandwich_norms: bool = False     # an RMSNorm on the attention output and on the MLP output, before each residual add
+    #                                  (Gemma 2 / 3; GLM-4-0414's post_self_attn_layernorm / post_mlp_layernorm)
     attention_scores_scalar: float | None = None  # scores scaled by its ** -0.5 (query_pre_attn_scalar); None: head_dim
     rope_local_theta: float | None = None  # RoPE base of the sliding-window layers, unscaled (rope_local_base_freq);
     #                                        None: every layer rotates by rope_theta and rope_scaling
@@ -243,7 +245,9 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
                        qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm,
-                       qkv_fused=FAMILIES[family].fused, mlp_fused=FAMILIES[family].fused, tie_weights=tied,
+                       qkv_fused=FAMILIES[family].qkv_fused, mlp_fused=FAMILIES[family].mlp_fused,
+                       rope_interleaved=FAMILIES[family].rope_interleaved,
+                       sandwich_norms=FAMILIES[family].sandwich_norms, tie_weights=tied,
                        qk_norm_projection=FAMILIES[family].qk_norm_projection, post_norm=FAMILIES[family].post_norm)
 
 
@@ -333,6 +337,15 @@ def _granite(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int
                                                 residual_multiplier=residual, logits_scaling=logits)
 
 
+def _glm4(*, emb: int, layers: int, heads: int, ffn: int) -> ModelConfig:
+    """GLM-4-0414 (THUDM/GLM-4-9B-0414, GLM-4-32B-0414 and their GLM-Z1 siblings, Glm4ForCausalLM): 151,552 ids,
+    32,768 positions, 2 kv heads of head_dim 128, q / k / v biases, half of each head rotated in adjacent pairs, four
+    norms per block, rms_norm_eps 1e-5, RoPE theta 10,000, untied."""
+    return _swiglu("glm4", vocab=151552, ctx=32768, emb=emb, layers=layers, heads=heads, kv=2, ffn=ffn,
+                   theta=10000.0, eps=1e-5, tied=False, head_size=128 if 128 * heads != emb else None).replace(
+        qkv_bias=True, partial_rotary_factor=0.5)
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -374,6 +387,10 @@ PRESETS.update({  # ibm-granite/granite-3.3-8b-instruct (8.17B) and allenai/OLMo
                                tied=True, embedding=12.0, attention=0.0078125, residual=0.22, logits=16.0),
     "olmo-2-7b": _swiglu("olmo2", vocab=100352, ctx=4096, emb=4096, layers=32, heads=32, kv=32, ffn=11008,
                          theta=500000.0, eps=1e-6, tied=False),
+})
+PRESETS.update({  # THUDM/GLM-4-9B-0414 (9.4B) and GLM-4-32B-0414 (32.6B): their config.json's shapes
+    "glm-4-9b-0414": _glm4(emb=4096, layers=40, heads=32, ffn=13696),
+    "glm-4-32b-0414": _glm4(emb=6144, layers=61, heads=48, ffn=23040),
 })
 
 

@@ -8,7 +8,10 @@ tree whose names follow Llama's HF names, the layout most families share:
     layers.{i}.self_attn.{qkv_proj | q_proj, k_proj, v_proj}, .o_proj, .q_norm, .k_norm (Qwen3)
     layers.{i}.post_attention_layernorm (OLMo 2: the attention branch's output norm; no input_layernorm)
     layers.{i}.post_feedforward_layernorm (OLMo 2: the MLP branch's output norm)
-    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj | gate_up_proj (Phi-3's fused SwiGLU), down_proj}
+    layers.{i}.attn_output_norm, .mlp_output_norm (sandwich_norms: each branch's output normed before its add, Gemma 2
+        / 3's post_attention_layernorm / post_feedforward_layernorm, GLM-4-0414's post_self_attn_layernorm /
+        post_mlp_layernorm)
+    layers.{i}.mlp.{gate_proj (SwiGLU), up_proj | gate_up_proj (Phi-3's and GLM's fused SwiGLU), down_proj}
     layers.{i}.mlp.gate, .experts.{e}.{gate_proj, up_proj, down_proj} (a sparse MoE block: Qwen3-MoE, Mixtral)
     layers.{i}.mlp.shared_expert.{gate_proj, up_proj, down_proj}, .shared_expert_gate (Qwen2-MoE's shared expert)
     norm, lm_head
@@ -54,8 +57,18 @@ class Family:
     # sparse MoE blocks (Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock): which config.json
     # keys say what (MoeKeys; read by moe_fields, written by moe_config); None: a dense family
     moe: "MoeKeys | None" = None
-    # one q|k|v Linear (qkv_proj, GQA sizes) and one gate|up Linear (gate_up_proj): Phi3Attention / Phi3MLP
-    fused: bool = False
+    # one q|k|v Linear (qkv_proj, GQA sizes): Phi3Attention
+    qkv_fused: bool = False
+    # one gate|up Linear (gate_up_proj, the gate's rows first): Phi3MLP, GlmMLP, Glm4MLP
+    mlp_fused: bool = False
+    # attention_bias also biases o_proj (LlamaAttention); False where it biases q / k / v only (GlmAttention)
+    o_proj_bias: bool = True
+    # RoPE rotates pairs of adjacent dims (2j, 2j+1) by frequency j, cos / sin repeat_interleave'd: GLM's
+    # apply_rotary_pos_emb / rotate_half (x[..., 0::2], x[..., 1::2]); else the two halves (Llama's rotate_half)
+    rope_interleaved: bool = False
+    # an RMSNorm on the attention's and the MLP's outputs before each residual add, four norms per block
+    # (ModelConfig.sandwich_norms: Gemma2DecoderLayer / Gemma3DecoderLayer, Glm4DecoderLayer)
+    sandwich_norms: bool = False
     # the head's first partial_rotary_factor of dims rotated, the rest passed (Phi3RotaryEmbedding reads the key)
     partial_rotary: bool = False
     # the rope types the class accepts (config.json's rope_type); Phi3Config.validate_rope allows default / longrope
@@ -237,8 +250,8 @@ PHI3 = Family(name="phi3", architecture="Phi3ForCausalLM", reward_architecture="
               model_type="phi3", prefix="model.", skip=(".rotary_emb.inv_freq",),
               config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
                                ("original_max_position_embeddings", 4096)),
-              sliding_window="every", bias_keys=(), fused=True, partial_rotary=True, rope_types=("default", "longrope"),
-              null_special_ids=True)
+              sliding_window="every", bias_keys=(), qkv_fused=True, mlp_fused=True, partial_rotary=True,
+              rope_types=("default", "longrope"), null_special_ids=True)
 # Gemma 3's text-only checkpoints (gemma-3-1b, gemma-3-270m): Gemma3TextConfig's defaults for absent keys
 # (transformers 5.24, configuration_gemma3.py:73-95). Its post_attention_layernorm normalises the attention output
 # and pre_feedforward_layernorm is the MLP's input norm (ours: post_attention_layernorm, Llama's place for it).
@@ -253,7 +266,7 @@ GEMMA3 = Family(name="gemma3", architecture="Gemma3ForCausalLM",
                 config_defaults=(("max_position_embeddings", 131072), ("head_dim", 256), ("num_key_value_heads", 4),
                                  ("sliding_window", 4096), ("tie_word_embeddings", True),
                                  ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh")),
-                sliding_window="pattern", bias_keys=("attention_bias",), qk_norm=True, gemma=3)
+                sliding_window="pattern", bias_keys=("attention_bias",), qk_norm=True, sandwich_norms=True, gemma=3)
 # Gemma 1 (gemma-2b / 7b, CodeGemma, ...): Llama's block with Gemma's norms, embedding scale and GeGLU (its hidden_act;
 # the releases' "gelu" is read as the tanh form, GemmaConfig.__post_init__, configuration_gemma.py:87-94); GemmaConfig's
 # defaults (:63-85): head_dim 256, 16 key/value heads, 8,192 positions, tied
@@ -271,7 +284,7 @@ GEMMA2 = Family(name="gemma2", architecture="Gemma2ForCausalLM", reward_architec
                                  ("sliding_window", 4096), ("tie_word_embeddings", True),
                                  ("query_pre_attn_scalar", 256), ("hidden_activation", "gelu_pytorch_tanh"),
                                  ("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)),
-                sliding_window="pattern", bias_keys=("attention_bias",), gemma=2)
+                sliding_window="pattern", bias_keys=("attention_bias",), sandwich_norms=True, gemma=2)
 # ibm-granite/granite-3.3-8b-instruct, granite-3.1-2b-instruct (GraniteForCausalLM): Llama's modules and names (biases
 # where attention_bias / mlp_bias: o_proj's with q/k/v's) with four multipliers (GraniteConfig, modeling_granite.py):
 # embeddings times embedding_multiplier (GraniteModel.forward), attention_multiplier as the score scale
@@ -292,6 +305,25 @@ OLMO2 = Family(name="olmo2", architecture="Olmo2ForCausalLM", reward_architectur
                model_type="olmo2", prefix="model.", skip=(".rotary_emb.inv_freq",),
                config_defaults=(("rms_norm_eps", 1e-5),), bias_keys=("attention_bias",), qk_norm=True,
                post_norm=True, qk_norm_projection=True, null_special_ids=True)
+# THUDM / zai-org's GLM-4: Llama's block with q / k / v biases (attention_bias, true by default; none on o_proj), one
+# fused gate_up_proj (the gate's rows first), no MLP bias, half of each head rotated (partial_rotary_factor 0.5 by
+# default) in adjacent pairs (the interleaved rotation). The hub's names are ours (no map). GlmConfig / Glm4Config's
+# defaults (transformers 5.24, configuration_glm4.py:55-79): head_dim 128, 131,072 positions, rms_norm_eps 1.5625e-7,
+# 2 kv heads. Glm4ForCausalLM (GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1-*-0414) adds post_self_attn_layernorm and
+# post_mlp_layernorm to each block (four norms); GlmForCausalLM (glm-4-9b-chat-hf) is the same model without them.
+_GLM_DEFAULTS = (("max_position_embeddings", 131072), ("head_dim", 128), ("rms_norm_eps", 1.5625e-07),
+                 ("num_key_value_heads", 2), ("attention_bias", True), ("partial_rotary_factor", 0.5))
+GLM4 = Family(name="glm4", architecture="Glm4ForCausalLM", reward_architecture="Glm4ForSequenceClassification",
+              model_type="glm4", prefix="model.", skip=(".rotary_emb.inv_freq",), config_defaults=_GLM_DEFAULTS,
+              modules=(("layers.{i}.attn_output_norm", "layers.{i}.post_self_attn_layernorm"),
+                       ("layers.{i}.mlp_output_norm", "layers.{i}.post_mlp_layernorm")),
+              bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
+              rope_interleaved=True, sandwich_norms=True, null_special_ids=True)
+GLM = Family(name="glm", architecture="GlmForCausalLM", reward_architecture="GlmForSequenceClassification",
+             model_type="glm", prefix="model.", skip=(".rotary_emb.inv_freq",), config_defaults=_GLM_DEFAULTS,
+             bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
+             rope_interleaved=True, null_special_ids=True)
+GLM_FAMILIES = (GLM4, GLM)
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
@@ -299,6 +331,7 @@ FAMILIES[GEMMA3.name] = GEMMA3
 FAMILIES[GEMMA.name] = GEMMA
 FAMILIES[GEMMA2.name] = GEMMA2
 FAMILIES.update((f.name, f) for f in (GRANITE, OLMO2))
+FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -576,8 +609,9 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         ffn_dim=raw["intermediate_size"],
         # Qwen2 always has q/k/v biases, Qwen2-MoE where qkv_bias (absent: true); neither an o_proj bias
         qkv_bias=True if family is QWEN2 else bool(raw.get("qkv_bias", True)) if "qkv_bias" in family.bias_keys
-        else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias,
-        qk_norm=family.qk_norm, qkv_fused=family.fused, mlp_fused=family.fused,
+        else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
+        qk_norm=family.qk_norm, qkv_fused=family.qkv_fused, mlp_fused=family.mlp_fused,
+        rope_interleaved=family.rope_interleaved, sandwich_norms=family.sandwich_norms,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
         qk_norm_projection=family.qk_norm_projection, post_norm=family.post_norm, **moe, **multipliers,
     ) | gemma
@@ -617,7 +651,7 @@ def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: l
         if cap is not None and (not _number(cap) or cap <= 0):
             problems.append(f"{path}: {name} is {cap!r}; expected a positive number or null")
             caps[name] = None
-    common.update(sandwich_norms=True, **{k: float(v) if v is not None else None for k, v in caps.items()})
+    common.update(**{k: float(v) if v is not None else None for k, v in caps.items()})
     scalar = raw.get("query_pre_attn_scalar")
     if not _number(scalar) or scalar <= 0:
         problems.append(f"{path}: query_pre_attn_scalar is {scalar!r}; expected a positive number")
@@ -816,7 +850,7 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
     if family.gemma:
         out.pop("hidden_act")  # Gemma 1 writes it back as "gelu_pytorch_tanh", Gemma 3 as hidden_activation
         out.update(gemma_config(cfg, scaling))
-    elif not family.sliding_window:  # LlamaConfig, GraniteConfig, Olmo2Config: no window keys, their bias switches
+    elif not family.sliding_window:  # LlamaConfig, GraniteConfig, Olmo2Config, GlmConfig / Glm4Config: no window keys, their bias switches
         out.update({key: cfg.mlp_bias if key == "mlp_bias" else cfg.qkv_bias for key in family.bias_keys})
         if family is LLAMA:
             out["pretraining_tp"] = 1
@@ -841,7 +875,7 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out["partial_rotary_factor"] = out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
     if family.multipliers:  # GraniteConfig: attention_multiplier is the score scale itself (1 / sqrt(head_dim) spelled)
         out.update({key: float(getattr(cfg, key)) for key in MULTIPLIERS}, attention_multiplier=cfg.attention_scale)
-    if family.null_special_ids:  # Phi3Config's / Olmo2Config's defaults are their vocabulary's ids
+    if family.null_special_ids:  # Phi3Config's / Olmo2Config's / GlmConfig's defaults are their vocabulary's ids
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             out.setdefault(key, None)
     if scaling and "original_max_position_embeddings" in scaling and family is PHI3:
@@ -862,6 +896,7 @@ HF_CONFIG: dict[str, Callable[[Any, str, Mapping[str, int | None]], dict[str, An
 HF_CONFIG["phi3"] = decoder_config
 HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 HF_CONFIG.update(granite=decoder_config, olmo2=decoder_config)
+HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -902,21 +937,25 @@ def check_exportable(cfg: Any) -> list[str]:
                         o_bias=cfg.qkv_bias),
         "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
                       o_bias=cfg.qkv_bias, mlp_bias=False),
+        **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", qk_norm=False, o_bias=False, mlp_bias=False)
+           for f in GLM_FAMILIES},
     }[family.name]
     want.update(post_norm=family.post_norm, qk_norm_projection=family.qk_norm_projection)
     if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
         want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
-    want["mlp_fused"] = family.fused  # one gate_up_proj (Phi3MLP) or gate_proj + up_proj
+    want["mlp_fused"] = family.mlp_fused  # one gate_up_proj (Phi3MLP, GlmMLP) or gate_proj + up_proj
+    want["rope_interleaved"] = family.rope_interleaved  # adjacent-pair rotation (GLM) or halves
+    want["sandwich_norms"] = family.sandwich_norms  # Gemma 2 / 3's and Glm4DecoderLayer's two extra norms
     if family.name != "gpt2":
-        want["qkv_fused"] = family.fused
+        want["qkv_fused"] = family.qkv_fused
     if not family.partial_rotary:
         want["partial_rotary_factor"] = 1.0
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
     if not family.gemma:  # Gemma's decoder fields: no other class has them
-        want.update(norm_unit_offset=False, scale_embeddings=False, sandwich_norms=False,
+        want.update(norm_unit_offset=False, scale_embeddings=False,
                     attention_scores_scalar=None, rope_local_theta=None, attn_logit_softcapping=None,
                     final_logit_softcapping=None)
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"

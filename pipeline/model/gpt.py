@@ -4,17 +4,19 @@ Family differences are ModelConfig fields, never family checks in this file:
 
     norm        LayerNorm (GPT-2) | RMSNorm (Llama, Qwen)
     positions   learned table (GPT-2) | RoPE with theta and scaling (linear, Llama 3.1's "llama3", YaRN, LongRoPE),
-                on the first partial_rotary_factor of each head (Phi-4-mini)
+                on the first partial_rotary_factor of each head (Phi-4-mini, GLM-4), its pairs the two halves or
+                adjacent dims (GLM-4's interleaved rotation: rope_interleaved)
     mlp         up -> GELU(tanh) -> down (GPT-2) | down(silu(gate) * up) (SwiGLU; gate and up one Linear: Phi-3's
                 gate_up_proj) | down(gelu_tanh(gate) * up) (GeGLU, Gemma); n_experts: sparse MoE blocks (Qwen3-MoE,
                 Mixtral: a router picks experts_per_token SwiGLU experts per token; Qwen2-MoE adds a gated shared
                 expert)
     attention   n_heads, n_kv_heads (GQA / MQA), head_dim, q/k/v bias (GPT-2, Qwen2), output bias,
                 per-head q/k RMSNorm (Qwen3) or over the whole projection (OLMo 2), one fused q|k|v Linear
-                (GPT-2's c_attn) or three, a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window,
+                (GPT-2's c_attn) or three, RoPE on the two halves or on adjacent pairs (GLM), a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window,
                 Gemma 3: layer_windows), a score scale other than 1 / sqrt(head_dim) (Gemma's query_pre_attn_scalar,
                 Granite's attention_multiplier), a RoPE base of the windowed layers' own
-    Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs,
+    Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs
+                (sandwich_norms, GLM-4-0414's too),
                 Gemma 2's tanh softcapping of the scores (the explicit attention path) and of the logits
     block       pre-norm (x + branch(norm(x))) | post_norm (OLMo 2: x + norm(branch(x))); each branch's output times
                 residual_multiplier (Granite)
@@ -179,29 +181,35 @@ class SparseMoeBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype,
-                 scale: float = 1.0) -> Rope:
+                 scale: float = 1.0, interleaved: bool = False) -> Rope:
     """cos and sin for exactly these positions (no table: a 131,072-token context costs nothing at load), times
-    `scale` (YaRN's attention factor) in fp32 before the cast, as transformers' rotary embedding does."""
+    `scale` (YaRN's attention factor) in fp32 before the cast, as transformers' rotary embedding does. Each
+    frequency covers the dims of its pair: j and j + d/2 (the halves), or with `interleaved` 2j and 2j + 1 (GLM's
+    apply_rotary_pos_emb: cos[..., :d/2].repeat_interleave(2) of the same halves-layout table, the same values)."""
     freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate_half(x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """(-x2, x1) for each pair (x1, x2): the halves (Llama's rotate_half) or adjacent dims (GLM's rotate_half,
+    `torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)`)."""
+    if interleaved:
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """HF's (non-interleaved) rotation: the first and second half of the rotated dims are the pairs. cos / sin
-    narrower than the head (partial_rotary_factor < 1, Phi-4-mini) rotate its first dims and pass the rest, as
-    transformers' Phi3 apply_rotary_pos_emb does."""
+def apply_rope(x: torch.Tensor, rope: Rope, interleaved: bool = False) -> torch.Tensor:
+    """HF's rotation: the first and second half of the rotated dims are the pairs, or with `interleaved` adjacent
+    dims (GLM-4). cos / sin narrower than the head (partial_rotary_factor < 1: Phi-4-mini, GLM-4's 0.5) rotate its
+    first dims and pass the rest, as transformers' Phi3 / Glm4 apply_rotary_pos_emb do."""
     cos, sin = rope
     rot = cos.shape[-1]
     if rot < x.shape[-1]:
         head, rest = x[..., :rot], x[..., rot:]
-        return torch.cat([head * cos + _rotate_half(head) * sin, rest], dim=-1)
-    return x * cos + _rotate_half(x) * sin
+        return torch.cat([head * cos + _rotate_half(head, interleaved) * sin, rest], dim=-1)
+    return x * cos + _rotate_half(x, interleaved) * sin
 
 
 class MultiHeadAttention(nn.Module):
@@ -228,6 +236,7 @@ class MultiHeadAttention(nn.Module):
             self.k_proj = Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
             self.v_proj = Linear(cfg.emb_dim, kv, bias=cfg.qkv_bias)
         self.o_proj = Linear(q, cfg.emb_dim, bias=cfg.o_bias)
+        self.rope_interleaved = cfg.rope_interleaved
         self.qk_norm, self.qk_norm_projection = cfg.qk_norm, cfg.qk_norm_projection
         if self.qk_norm:  # per head (Qwen3, Gemma 3), or over the whole q / k projection (OLMo 2's Olmo2Attention)
             self.q_norm = RMSNorm(q if self.qk_norm_projection else self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
@@ -254,7 +263,7 @@ class MultiHeadAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q, k = apply_rope(q, rope, self.rope_interleaved), apply_rope(k, rope, self.rope_interleaved)
         if self.q_scale != 1.0:
             q = q * self.q_scale
         fresh = cache is None or cache.lengths[self.layer] == 0  # nothing before these tokens
@@ -283,7 +292,7 @@ class SoftcappedHead(Linear):
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)) (the book's shortcut connections); with
-    sandwich_norms (Gemma 2 / 3) each branch's output is normalised too before it is added; post_norm (OLMo 2):
+    sandwich_norms (Gemma 2 / 3, GLM-4-0414) each branch's output is normalised too before it is added; post_norm (OLMo 2):
     x + norm1(attn(x)), then x + norm2(mlp(x)). Each branch's output times residual_multiplier (Granite) before its
     add. `window`: its attention's sliding window (GPTModel.forward hands it the mask of that window); `local_rope`:
     it rotates by the local RoPE (GPTModel.forward hands it those cos / sin)."""
@@ -406,7 +415,8 @@ class GPTModel(nn.Module):
             self._rope_length = length
         if self._inv_freq is None or self._inv_freq.device != position_ids.device:
             self._inv_freq = rope_inv_freq(self.cfg, position_ids.device, self._rope_length)
-        return rope_cos_sin(self._inv_freq, position_ids, dtype, rope_attention_factor(self.cfg))
+        return rope_cos_sin(self._inv_freq, position_ids, dtype, rope_attention_factor(self.cfg),
+                            self.cfg.rope_interleaved)
 
     def forward(
         self,

@@ -144,6 +144,16 @@ def exported_prompt(merged: str | Path, base: str | Path, template: str) -> str:
     return tokenizer.decode(prompt)
 
 
+def build_train_merge(recipe: str | Path, cwd: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`build`, `train` and `merge` of a LoRA recipe whose output_dir is saves/r, as typed; returns merged/config.json
+    and adapter/adapter_config.json as read back."""
+    for stage in ("build", "train", "merge"):
+        pipeline(stage, recipe, cwd=cwd)
+    out = Path(cwd) / "saves/r"
+    return (json.loads((out / "merged/config.json").read_text()),
+            json.loads((out / "adapter/adapter_config.json").read_text()))
+
+
 def write_hf_checkpoint(directory: str | Path, family: str = "gpt2", *, seed: int = 0, small_vocab: bool = False,
                         instruct: bool = True, **overrides: Any) -> Any:
     """save_pretrained(directory) of a tiny random `family` model (safetensors) with the family's tokenizer files

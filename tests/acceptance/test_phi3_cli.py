@@ -6,10 +6,9 @@ and PEFT reads adapter/ (one LoRA per fused Linear), both computing what our tra
 template renders the training prompt."""
 from __future__ import annotations
 
-import json
 
-from tests.acceptance.harness import (assert_outputs_compute_ours, exported_prompt, pipeline, refused,
-                                     save_pretrained_small, write_recipe)
+from tests.acceptance.harness import (assert_outputs_compute_ours, build_train_merge, exported_prompt, refused,
+                                      save_pretrained_small, write_recipe)
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, partial_rotary_factor=0.5, sliding_window=12, original_max_position_embeddings=16,
@@ -28,14 +27,10 @@ def test_lora_sft_from_a_save_pretrained_phi4_merges_to_phi3(workdir):
                           lora_target="all", output_dir="saves/r", learning_rate=0.05)
     message = refused("validate", recipe, "rope_scaling=yarn", "cutoff_len=400", cwd=workdir, as_typed=False)
     assert "rope_scaling: given 'yarn', but Phi3ForCausalLM runs only rope types default, longrope" in message, message
-    pipeline("build", recipe, cwd=workdir)
-    pipeline("train", recipe, cwd=workdir)
-    pipeline("merge", recipe, cwd=workdir)
+    config, adapter = build_train_merge(recipe, workdir)
     merged = workdir / "saves/r/merged"
-    config = json.loads((merged / "config.json").read_text())
     assert (config["architectures"], config["model_type"], config["sliding_window"], config["partial_rotary_factor"],
             config["original_max_position_embeddings"]) == (["Phi3ForCausalLM"], "phi3", 12, 0.5, 16)
-    adapter = json.loads((workdir / "saves/r/adapter/adapter_config.json").read_text())
     assert adapter["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert type(theirs).__name__ == "Phi3ForCausalLM" and theirs.config.rope_parameters["rope_type"] == "longrope"

@@ -200,7 +200,8 @@ def test_placeholders_in_user_text_stay_literal(name):
     prompt = t.prompt(nasty, nasty, system=nasty, history=[[nasty, nasty]])
     assert prompt.count(nasty) == 5  # system, history pair, instruction, input: each verbatim
     assert "<class" not in prompt
-    assert t.response(nasty).removeprefix(" ").startswith(nasty)  # mistral's answer opens with a space
+    # mistral's answer opens with a space, glm4's with a newline
+    assert t.response(nasty).removeprefix(" ").removeprefix("\n").startswith(nasty)
 
 
 def test_unknown_template_suggests():

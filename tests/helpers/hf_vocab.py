@@ -184,6 +184,10 @@ SMALL_ADDED["phi4"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|i
 SMALL_ADDED["granite3"] = [(t, True) for t in ("<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>",
                                                "<|tool_call|>")]
 SMALL_ADDED["olmo2"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")]
+# GLM-4's vocabulary (tiktoken-style, 151,552 rows, not on PyPI) in small: GLM-4-9B-0414's added tokens 151329-151338
+# in their order, all special (its tokenizer_config.json's added_tokens_decoder)
+SMALL_ADDED["glm4"] = [(t, True) for t in ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
+                                           "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")]
 
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
@@ -224,6 +228,10 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
         generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|endoftext|>"],
                       "pad_token_id": ids["<|pad|>"]}
+    elif family == "glm4":  # THUDM/GLM-4-9B-0414's tokenizer_config.json / generation_config.json, by name: no BOS
+        config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+        generation = {"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
+                      "pad_token_id": ids["<|endoftext|>"]}
     elif family.startswith("mistral"):
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}

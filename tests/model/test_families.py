@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -74,18 +75,25 @@ def hf_model(name: str, seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-    """(variant, directory, transformers model) saved with save_pretrained."""
-    return saved_variant(request.param, hf_model(request.param), tmp_path_factory)
-
-
 def saved_variant(name: str, model, tmp_path_factory):
     """(name, directory, model): `model` saved with save_pretrained in a fresh folder named after the variant; the
     `checkpoint` fixtures' value, on which the family tests run (here and in the modules importing them)."""
     path = tmp_path_factory.mktemp(name)
     model.save_pretrained(path)
     return name, path, model
+
+
+def variant_checkpoints(make, names):
+    """A module-scoped `checkpoint` fixture over the variant `names`: (variant, directory, transformers model) with
+    make(variant) saved by save_pretrained. The family tests here run on any module's fixture of that name."""
+    @pytest.fixture(scope="module", params=list(names))
+    def checkpoint(request, tmp_path_factory):
+        return saved_variant(request.param, make(request.param), tmp_path_factory)
+
+    return checkpoint
+
+
+checkpoint = variant_checkpoints(hf_model, VARIANTS)
 
 
 def ids(seed=0, shape=(2, 12)):
@@ -257,6 +265,37 @@ def test_peft_loads_our_adapter_and_merge_matches(checkpoint, tmp_path, targets,
                   ("input_layernorm", "self_attn.q_norm", "self_attn.k_norm", "post_attention_layernorm")]
         assert config["modules_to_save"] == blocks + ["model.norm"]
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
+
+
+def assert_lora_all_is_llama_factorys(peft, checkpoint, tmp_path, names: set[str]) -> Any:
+    """lora_target: all is LLaMA-Factory's find_all_linear_modules (model_utils/misc.py:28-52: every module whose
+    class name has "Linear", lm_head excepted, by its last name part) on transformers' model, here `names`, one LoRA
+    per (fused) Linear as PEFT puts it; PEFT loads our adapter with our logits, merged and exported transformers
+    computes them again (assert_adapter_agrees), and plan's count is the model's. Returns our ModelConfig."""
+    name, path, ref = checkpoint
+    found = {n.split(".")[-1] for n, m in ref.named_modules()
+             if "lm_head" not in n and "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__}
+    assert found == names
+    ours = load_model(path).eval()
+    apply_lora(ours, "all", rank=4, alpha=8)
+    randomise_lora(ours, seed=1)
+    save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(found)
+    assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
+    cfg = read_config(path)
+    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == trainable_params(cfg, "lora", 4, "all")
+    return cfg
+
+
+def assert_config_refused(tmp_path, config: dict, words: str) -> None:
+    """`config` written as tmp_path/config.json is refused by read_config with a message naming that file and
+    holding `words`."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as err:
+        read_config(tmp_path)
+    assert any(m.startswith(f"{tmp_path / 'config.json'}: ") and words in m for m in err.value.messages), \
+        err.value.messages
 
 
 def perturb_trainable(model, seed=2):
@@ -442,16 +481,6 @@ def write_config(tmp_path, **changes):
 ])
 def test_bad_configs_name_file_and_key(tmp_path, changes, words):
     assert_config_refused(tmp_path, json.loads(write_config(tmp_path, **changes).read_text()), words)
-
-
-def assert_config_refused(folder, config: dict, words: str) -> None:
-    """read_config refuses `config` written as folder/config.json with a message that names the file and holds
-    `words`."""
-    (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError) as err:
-        read_config(folder)
-    assert any(m.startswith(f"{folder / 'config.json'}: ") and words in m for m in err.value.messages), \
-        err.value.messages
 
 
 @pytest.mark.parametrize("max_window_layers, windows", [(1, (None, 4)), (2, ())])

@@ -22,7 +22,6 @@ import torch
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, count_params, read_config, trainable_params
 from pipeline.model.generate import generate
-from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
 from tests.acceptance.harness import random_model
 from tests.model import test_families as families
@@ -61,11 +60,7 @@ def phi3_model(name: str, seed: int = 0):
     return random_model(transformers.Phi3ForCausalLM, config, seed=seed)
 
 
-@pytest.fixture(scope="module", params=list(PHI3_VARIANTS))
-def checkpoint(request, tmp_path_factory):
-    """(variant, directory, transformers model) saved with save_pretrained; the family tests imported above run on
-    it."""
-    return families.saved_variant(request.param, phi3_model(request.param), tmp_path_factory)
+checkpoint = families.variant_checkpoints(phi3_model, PHI3_VARIANTS)  # the family tests imported above run on it
 
 
 def test_config_is_read_into_fields(checkpoint):
@@ -89,19 +84,8 @@ def test_lora_all_takes_the_fused_linears_and_peft_loads_the_adapter(checkpoint,
     gate_up_proj, down_proj, one LoRA per fused Linear as PEFT puts it. PEFT loads our adapter with our logits;
     merged and exported, transformers computes them again."""
     peft = pytest.importorskip("peft")
-    name, path, ref = checkpoint
-    found = {n.split(".")[-1] for n, m in ref.named_modules()
-             if "lm_head" not in n and "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__}
-    assert found == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    ours = load_model(path).eval()
-    apply_lora(ours, "all", rank=4, alpha=8)
-    randomise_lora(ours, seed=1)
-    save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == sorted(found)
-    assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
-    cfg = read_config(path)
-    assert sum(p.numel() for p in ours.parameters() if p.requires_grad) == trainable_params(cfg, "lora", 4, "all")
+    cfg = families.assert_lora_all_is_llama_factorys(peft, checkpoint, tmp_path,
+                                                     {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"})
     # one LoRA on the whole fused Linear: A (64 x 4) and B (4 x q + 2 kv rows), as PEFT's lora.Linear on qkv_proj;
     # Llama's names are not Phi-3's
     rows = (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim

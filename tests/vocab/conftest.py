@@ -87,3 +87,14 @@ def granite_olmo_dirs(tmp_path_factory) -> dict[str, Path]:
         out[template] = tmp_path_factory.mktemp(f"{family}_vocab")
         write_small_tokenizer_dir(out[template], family)
     return out
+
+
+@pytest.fixture(scope="session")
+def glm_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE with GLM-4's special tokens (GLM-4's 151k vocabulary is not on PyPI): the glm4
+    template's tokenizer (tests.helpers.hf_vocab.write_small_tokenizer_dir)."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    directory = tmp_path_factory.mktemp("glm4_vocab")
+    write_small_tokenizer_dir(directory, "glm4")
+    return directory

@@ -142,7 +142,8 @@ def test_mistral_v3_function_calls_are_marked_as_trained(tmp_path):
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_text(name, family_dirs, phi_dir,
                                                                                      tmp_path,
-                                                                                     granite_olmo_dirs):
+                                                                                     granite_olmo_dirs,
+                                                                                     glm_dir):
     """The tokenizer's chat_template is rendered by engines without transformers' extension (llama-cpp-python,
     minijinja in TGI): a {% generation %} tag there stops the model from being served. The marked copy is written
     beside it; both render the same text."""
@@ -155,6 +156,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
                     else "deepseek_r1_qwen" if name == "deepseekr1" else "gpt2"]
     directory = phi_dir if name.startswith("phi") else directory
     directory = granite_olmo_dirs.get(name, directory)
+    directory = glm_dir if name.startswith("glm") else directory
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
     assert "endgeneration" not in served and "{%- generation -%}" in marked

@@ -65,6 +65,7 @@ ORDER = (
     tokenizer.one_special_tokens_key,
     tokenizer.token_config_readable,
     tokenizer.tokenizer_fits_model,
+    tokenizer.efficient_eos_template,
     model.adapter_exists,
     model.adapter_is_the_method,
     model.adapter_fits_model,

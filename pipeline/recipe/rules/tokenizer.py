@@ -124,3 +124,34 @@ def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
         return [(key, f"'{name}' has {tokenizer.n_vocab:,} token ids, more than the {info.vocab_size:,} rows of "
                       f"{model}'s embedding table; use a tokenizer of the model's family")]
     return []
+
+
+# stages whose rows an efficient_eos template (glm4) is written for here: sft's supervised rows (and pt, which reads
+# no template); the pair, feedback and prompt processors' EOS handling is LLaMA-Factory's too but not written
+EFFICIENT_EOS_STAGES = ("sft", "pt")
+
+
+@rule("template", "train_on_prompt", "stage")
+def efficient_eos_template(ctx: Context) -> list[tuple[str, str]]:
+    """A template with LLaMA-Factory's efficient_eos (glm4: its answers end at an EOS the next prompt's first token
+    is labelled with): train_on_prompt would label that token as itself, so LLaMA-Factory 0.9.5 refuses it
+    (data/template.py:643-644, "Current template does not support `train_on_prompt`"); stages other than sft are
+    refused with what runs (the pair / prompt processors' EOS is not written here)."""
+    if not ctx.values.get("template"):
+        return []
+    from pipeline.data.templates import TEMPLATES
+
+    template = TEMPLATES.get(ctx.values["template"])
+    if template is None or not template.efficient_eos:
+        return []
+    name, stage = template.name, ctx.values["stage"]
+    problems = []
+    if ctx.values.get("train_on_prompt"):
+        problems.append(("train_on_prompt", f"given true, but template {name} (LLaMA-Factory's efficient_eos: each "
+                                            "answer's EOS is the label of the next prompt's first token) cannot train "
+                                            "the prompt, as LLaMA-Factory refuses it; remove the key"))
+    if stage not in EFFICIENT_EOS_STAGES:
+        problems.append(("template", f"given '{name}' with stage: {stage}, but its efficient_eos rows are written for "
+                                     f"stage sft only here ({stage}'s EOS placement is not); use stage sft, or "
+                                     "another template"))
+    return problems
