@@ -242,6 +242,9 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
                         "raise cutoff_len, or set overlength_policy: drop or truncate")
         raise UserError(messages)
     is_response = np.array(seg_response, dtype=bool)
+    # efficient_eos: a truncated row still ends with its trained EOS (its last token), as LLaMA-Factory 0.9.5 reserves
+    # one token for it and appends it after the cut (processor/supervised.py:68-104)
+    tail = 1 if template.efficient_eos else 0
     for i in over:
         start = int(offsets[i])
         if policy == "drop":
@@ -250,15 +253,15 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
             dropped_rows.append(origins[i])
             continue
         cut = _truncation_point(seg_len[seg_start[i]:seg_start[i + 1]], is_response[seg_start[i]:seg_start[i + 1]],
-                                cutoff_len)
+                                cutoff_len - tail)
         left = int(trainable[start + 1:start + cut].sum()) if cut > 1 else 0
         if left == 0:
             new_len[i] = 0
             dropped[NO_ROOM] += 1
             dropped_rows.append(origins[i])
         else:
-            new_len[i] = cut
-            n_trained[i] = left
+            new_len[i] = cut + tail
+            n_trained[i] = left + tail
             truncated_rows.append(origins[i])
     kept = new_len > 0
     was_truncated = (new_len < row_len) & kept
@@ -272,7 +275,8 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
     if len(over):
         keep = np.ones(total, dtype=bool)
         for i in over:
-            keep[offsets[i] + new_len[i]:offsets[i + 1]] = False
+            end = tail if new_len[i] else 0  # a truncated efficient_eos row keeps its last token, the EOS
+            keep[offsets[i] + new_len[i] - end:offsets[i + 1] - end] = False
         ids, trainable = ids[keep], trainable[keep]
         targets = None if targets is None else targets[keep]
     return TokenizedSplit(

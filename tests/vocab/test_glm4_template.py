@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.data.templates import TEMPLATES
-from pipeline.data.tokenize import encode_example, encode_prompt
+from pipeline.data.tokenize import NO_ROOM, encode_example, encode_prompt, encode_rows
 from tests.helpers.hf_vocab import SMALL_ADDED
 from tests.vocab.chat_render import render
 from tests.vocab.test_chat_template import messages
@@ -132,3 +132,24 @@ def test_function_calling_data_is_refused_with_glm4(glm_dir):
     with pytest.raises(UserError) as err:
         encode_example({**row(None), "tools": '[{"name": "f"}]'}, "glm4", load_tokenizer(glm_dir), cutoff_len=4096)
     assert "template 'glm4' does not" in str(err.value)
+
+
+def test_truncation_keeps_the_final_eos(glm_dir, golden):
+    """overlength_policy truncate on an efficient_eos row ends it with the trained EOS, as LLaMA-Factory 0.9.5 does:
+    _encode_data_example (processor/supervised.py:68-104) reserves one token for it (total_length starts at 1) and
+    appends it after the cut. One turn with a short prompt: infer_seqlen (processor_utils.py) keeps the prompt and
+    cutoff_len - 1 - len(prompt) answer tokens, then the EOS."""
+    ours, eos = load_tokenizer(glm_dir), golden.eos_token_id
+    [(source, target)] = lf_pairs(golden, [(QUERY, ANSWER * 8)], None)
+    cutoff = len(source) + 5
+    got = encode_example({"instruction": QUERY, "output": ANSWER * 8}, "glm4", ours, cutoff_len=cutoff,
+                         policy="truncate")
+    want = lf_efficient_example([(source, target[:cutoff - 1 - len(source)])], eos)
+    assert (got.input_ids, got.labels, got.truncated) == (*want, True)
+    # a dropped row (its prompt fills cutoff_len) beside truncated ones leaves the others' tokens whole; a conversation
+    # cut inside its second answer (our truncate's cut, not infer_seqlen's per-turn one) ends there with the EOS
+    rows = [{"instruction": QUERY * 9, "output": ANSWER}, {"instruction": QUERY, "output": ANSWER * 8}, row(None)]
+    split = encode_rows(rows, "glm4", ours, cutoff_len=cutoff, policy="truncate")
+    assert (len(split), split.dropped[NO_ROOM]) == (2, 1) and split.example(0) == got
+    whole = encode_example(row(None), "glm4", ours, cutoff_len=4096)
+    assert split.example(1)[:2] == (whole.input_ids[:cutoff - 1] + [eos], whole.labels[:cutoff - 1] + [eos])
