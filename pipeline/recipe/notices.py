@@ -22,6 +22,7 @@ FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistr
 FAMILY_TEMPLATES.update(mixtral="mistral", qwen2_moe="qwen")  # Mixtral-8x7B-Instruct, Qwen1.5-MoE-A2.7B-Chat
 FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma")  # Gemma 2: LLaMA-Factory's gemma2 (not here) has its strings
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
+FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
 
 
 def template_notice(r: Any) -> str | None:

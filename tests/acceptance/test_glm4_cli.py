@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tests.acceptance.harness import (assert_outputs_compute_ours, build_train_merge, cli_env, refused,
+from tests.acceptance.harness import (assert_outputs_compute_ours, build_train_merge, cli_env, pipeline, refused,
                                       save_pretrained_small, write_recipe)
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -44,6 +44,11 @@ def test_lora_sft_from_a_save_pretrained_glm4_merges_to_glm4(workdir, monkeypatc
     assert "train_on_prompt: given true, but template glm4 (LLaMA-Factory's efficient_eos" in message, message
     message = refused("validate", recipe, "stage=dpo", cwd=workdir, as_typed=False)
     assert "template: given 'glm4' with stage: dpo, but its efficient_eos rows are written for stage sft" in message
+    # a recipe without template gets the notice naming GLM-4's own (FAMILY_TEMPLATES; validate then refuses the
+    # unbuilt data)
+    told = pipeline("validate", write_recipe(workdir / "n.yaml", model_name_or_path=str(base), dataset_dir="data",
+                                             template=None), cwd=workdir, as_typed=False, expect=None).stderr
+    assert "this glm4 model, whose own chat format is template: glm4" in told, told
     config, adapter = build_train_merge(recipe, workdir)
     merged = workdir / "saves/r/merged"
     assert (config["architectures"], config["model_type"], config["partial_rotary_factor"], config["attention_bias"],
