@@ -46,7 +46,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         parse_task(bench.task)
     except ValueError as err:
         raise UserError(f"{_where(r, 'task')}: {err}") from None
-    task = read_task(bench.task, bench.task_dir, bench.n_shot)
+    task = read_task(bench.task, bench.task_dir, bench.n_shot, _where(r, "task"))
     data = data_args(r)
     tokenizer = recipe_tokenizer(data)
     prompts = encode_task(task, bench, data, tokenizer)

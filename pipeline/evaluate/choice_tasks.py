@@ -115,20 +115,20 @@ def parse_task(task: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def read_task(task: str, task_dir: str | Path, n_shot: int) -> Task:
+def read_task(task: str, task_dir: str | Path, n_shot: int, where: str = "task") -> Task:
     """Every subject of mapping.json with its evaluated rows and dev rows; a UserError naming the file for what is
-    missing or malformed."""
+    missing or malformed, or `where` (the recipe's task line) for a folder or split the task names but lacks."""
     name, split = parse_task(task)
     folder = Path(task_dir) / name
     if not folder.is_dir():
-        raise UserError(f"task: {task}: no folder {folder} (task_dir {task_dir!s} + the task's name {name!r}); "
+        raise UserError(f"{where}: {task}: no folder {folder} (task_dir {task_dir!s} + the task's name {name!r}); "
                         f"expected LLaMA-Factory's evaluation/{name}/ with mapping.json and {name}.zip, e.g. copied "
                         "from LLaMA-Factory's repository, and task_dir naming the folder that holds it")
     mapping = _read_mapping(folder / "mapping.json")
     with _Archive(folder, name) as archive:
         layout = archive.layout(next(iter(mapping)))
         if split not in layout.files:
-            raise UserError(f"task: {task}: {layout.name} has no {split} split (LLaMA-Factory's loading script gives "
+            raise UserError(f"{where}: {task}: {layout.name} has no {split} split (LLaMA-Factory's loading script gives "
                             f"{', '.join(layout.files)}); use {name}_{next(iter(layout.files))}")
         subjects = []
         for key, info in mapping.items():

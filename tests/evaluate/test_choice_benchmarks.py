@@ -346,7 +346,7 @@ def test_mistakes_are_one_message_each(bench, tmp_path):
     assert "r.yaml:5:9: n_shot: set to 2, but only eval with task reads it" in refusal("task=null")
     assert "r.yaml:3:7: task: set to 'mmlu_test': a benchmark is run by `python -m pipeline eval RECIPE`" in refused(
         "train", "r.yaml", "dataset=x", cwd=tmp_path, as_typed=False)
-    assert "no folder nowhere/mmlu" in refusal("task_dir=nowhere")
+    assert "r.yaml:3:7: task: mmlu_test: no folder nowhere/mmlu" in refusal("task_dir=nowhere")
     (tmp_path / "saves" / "x").mkdir(parents=True)
     assert "r.yaml:8:11: save_dir: saves/x already exists; LLaMA-Factory refuses" in refusal()
     message = refusal("save_dir=saves/y", "n_shot=3")
