@@ -72,13 +72,18 @@ def inspect(data: DataArgs, num: int = 3) -> str:
 
 def eos_note(data: DataArgs, tokenizer: Tokenizer) -> str:
     """Which token ends each trained answer: the template's EOS (Template.ids: a replace_eos template's first stop
-    word, qwen's <|im_end|> on a base whose tokenizer says <|endoftext|>, or an added one), else the tokenizer's."""
+    word, qwen's <|im_end|> on a base whose tokenizer says <|endoftext|>, or an added one), else the tokenizer's; an
+    efficient_eos template's as a label on the next prompt's first token, which inspect marks as any trained one."""
     from pipeline.data.templates import EOS
 
     template = data.chat_template()
     if not template.ends_answers:
         return f"no EOS ends the answers (template {template.name})"
     eos = template.ids(tokenizer)[EOS]
+    if template.efficient_eos:  # the marked token is not the target there (TokenizedSplit.targets)
+        return (f"template {template.name} (efficient_eos) writes no EOS after an answer: the first token of each "
+                f"later prompt, marked, is trained to predict the EOS {tokenizer.decode([eos])} (id {eos}) in its "
+                "place, and each row ends with a trained EOS, as LLaMA-Factory labels them")
     return f"{tokenizer.decode([eos])} is EOS (id {eos})"
 
 

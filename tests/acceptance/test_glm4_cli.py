@@ -50,6 +50,10 @@ def test_lora_sft_from_a_save_pretrained_glm4_merges_to_glm4(workdir, monkeypatc
                                              template=None), cwd=workdir, as_typed=False, expect=None).stderr
     assert "this glm4 model, whose own chat format is template: glm4" in told, told
     config, adapter = build_train_merge(recipe, workdir)
+    # inspect marks each later <|user|> as trained: it says the label there is the EOS, not the token
+    shown = pipeline("inspect", recipe, "--num", "40", cwd=workdir, as_typed=False).stdout
+    assert "<|user|>]]" in shown and "template glm4 (efficient_eos) writes no EOS after an answer: the first " \
+        "token of each later prompt, marked, is trained to predict the EOS <|endoftext|>" in shown, shown
     merged = workdir / "saves/r/merged"
     assert (config["architectures"], config["model_type"], config["partial_rotary_factor"], config["attention_bias"],
             config["head_dim"]) == (["Glm4ForCausalLM"], "glm4", 0.5, True, 8)
