@@ -60,6 +60,9 @@ PRESET_TOKENIZER_EXAMPLE = {"llama": "meta-llama/Llama-3.2-1B", "qwen2": "Qwen/Q
 PRESET_TOKENIZER_EXAMPLE.update(mixtral="mistralai/Mixtral-8x7B-v0.1", qwen2_moe="Qwen/Qwen1.5-MoE-A2.7B")
 PRESET_TOKENIZER_EXAMPLE["gemma3"] = "google/gemma-3-1b-it"
 PRESET_TOKENIZER_EXAMPLE.update(granite="ibm-granite/granite-3.3-8b-instruct", olmo2="allenai/OLMo-2-1124-7B")
+PRESET_TOKENIZER_EXAMPLE.update(mistral="mistralai/Mistral-7B-v0.1", glm4="THUDM/GLM-4-9B-0414",
+                                # phi-4 and Phi-4-mini have different vocabularies: the preset's own
+                                phi3="microsoft/phi-4 for phi-4, microsoft/Phi-4-mini-instruct for phi-4-mini")
 
 
 def _source(args: HasModel) -> tuple[str, str]:
