@@ -144,10 +144,13 @@ endif
 # that deps runs once per change, and a folder that appears (datasets/build/x) costs one deps run and changes nothing.
 SCOPE_RECIPES := $(filter-out $(RECIPE),$(wildcard $(foreach d,$(dir $(RECIPE)) $(SCOPE_FOLDERS),$(d)*.yaml $(d)*.yml)))
 DEPS_INPUTS := $(RECIPE) $(RECIPE_FILES) $(SCOPE_RECIPES) $(wildcard $(SCOPE_FOLDERS:%=%.)) $(VENV)/.setup-done
+# `make eval` of a benchmark recipe (LLaMA-Factory's eval recipe: a top-level `task:` key): like export's, it names no
+# dataset, so validate's message about that would come before deps' own (read before deps.mk exists: a grep)
+BENCHMARK_GOAL = $(and $(filter eval,$(MAKECMDGOALS)),$(shell grep -qE '^task:[[:space:]]*[^[:space:]#]' '$(RECIPE)' && echo y))
 # deps' output into folder $(1): deps.mk (rewritten only when its text changes) and scope.mk; 2 on a mistake
 deps_into = mkdir -p $(1) && { $(PY) -m pipeline deps $(RECIPE) $(PREP_ARGS) > $(1)/scope.mk.tmp \
 	2> $(1)/scope.mk.err || { rm -f $(1)/scope.mk.tmp; \
-	$(if $(filter export,$(MAKECMDGOALS)),,$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS) &&) \
+	$(if $(filter export,$(MAKECMDGOALS))$(BENCHMARK_GOAL),,$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS) &&) \
 	cat $(1)/scope.mk.err >&2; rm -f $(1)/scope.mk.err; exit 2; }; } && \
 	rm -f $(1)/scope.mk.err && grep -v '^SCOPE_FOLDERS=' $(1)/scope.mk.tmp > $(1)/deps.mk.tmp && \
 	{ cmp -s $(1)/deps.mk.tmp $(1)/deps.mk && rm -f $(1)/deps.mk.tmp || mv $(1)/deps.mk.tmp $(1)/deps.mk; } && \

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.acceptance.harness import make, pipeline, refused, scratch_repo, write_hf_checkpoint
+from tests.acceptance.harness import (make, pipeline, refused, refused_before_any_stage, scratch_repo,
+                                      write_hf_checkpoint)
 
 # hand-written questions: (question, A, B, C, D, answer); algebra's options are numbers (pandas reads a number
 # column, which datasets stores as text: 4.0 -> "4"), history has an empty option cell (None, shown as "None")
@@ -209,6 +210,14 @@ def test_make_eval_runs_a_benchmark_recipe_without_data_or_training(bench, golde
             if " -m pipeline " in line] == ["eval"]
     assert json.loads((repo / "saves" / "make" / "results.json").read_text()) == golden[0]
     assert " -m pipeline " not in make("eval", "RECIPE=lf_eval.yaml", cwd=repo).stdout
+    # deps' own mistake (two recipes write the adapter) is the one message: no validate message about the dataset
+    # a benchmark recipe does without before it, as for export's merge recipes
+    for name in ("a", "b"):
+        (repo / f"{name}.yaml").write_text("model_name_or_path: qwen\ndataset: x\noutput_dir: saves/sft\n")
+    (repo / "ambiguous.yaml").write_text(RECIPE.format(model="qwen", batch=4, save="saves/amb")
+                                         + "adapter_name_or_path: saves/sft\n")
+    ours = refused_before_any_stage(make("eval", "RECIPE=ambiguous.yaml", cwd=repo, expect=2))
+    assert len(ours) == 1 and "adapter_name_or_path: saves/sft is written by 2 recipes" in ours[0], ours
     for command in ("validate", "plan"):
         message = refused(command, "lf_eval.yaml", cwd=repo, as_typed=False)
         assert "dataset: missing, and not needed here: this recipe has task: mmlu_test" in message
