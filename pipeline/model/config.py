@@ -244,11 +244,7 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
     return ModelConfig(family=family, vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
-                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm,
-                       qkv_fused=FAMILIES[family].qkv_fused, mlp_fused=FAMILIES[family].mlp_fused,
-                       rope_interleaved=FAMILIES[family].rope_interleaved,
-                       sandwich_norms=FAMILIES[family].sandwich_norms, tie_weights=tied,
-                       qk_norm_projection=FAMILIES[family].qk_norm_projection, post_norm=FAMILIES[family].post_norm)
+                       qkv_bias=family == "qwen2", o_bias=False, tie_weights=tied, **FAMILIES[family].structure())
 
 
 def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bool) -> ModelConfig:
@@ -325,7 +321,7 @@ def _gemma3(emb: int, layers: int, ffn: int) -> ModelConfig:
     window in five layers of every six (sliding_window_pattern 6), RoPE theta 1e6 globally and 1e4 locally, tied."""
     return _swiglu("gemma3", vocab=262144, ctx=32768, emb=emb, layers=layers, heads=4, kv=1, ffn=ffn,
                    theta=1000000.0, eps=1e-6, tied=True, head_size=256).replace(
-        mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True, attention_scores_scalar=256,
+        mlp="geglu", attention_scores_scalar=256,
         rope_local_theta=10000.0, layer_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(layers)))
 
 
