@@ -629,13 +629,16 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     2h, its 4h-wide hidden before and after GELU 16h and a dropout mask h (19h), and both norms 4h. Here
     q and k/v have their own widths (GQA: n_kv_heads * head_dim), SwiGLU keeps four ffn-wide tensors
     (gate, up, silu(gate), their product) instead of two, and a sparse MoE block keeps its experts' copies of the
-    rows they run on besides their MLPs (mlp_activation_bytes).
+    rows they run on besides their MLPs (mlp_activation_bytes), and Gemma 2's softcapped scores more per score.
     """
     s, b, h = seq, batch, cfg.emb_dim
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
     per_token = attention + mlp_activation_bytes(cfg) + (8 if cfg.sandwich_norms else 4) * h  # Gemma's four norms
-    return (s * b * per_token + 5 * cfg.n_heads * s * s * b) * bytes_per_value / 2
+    # per score: their 5 (softmax output, dropout mask and output); Gemma 2's softcapped explicit path keeps the tanh
+    # output, the fp32 softmax, its cast back, the dropout mask and the scores' mask: 11 (measured 11.25 at bf16)
+    per_score = 11 if cfg.attn_logit_softcapping else 5
+    return (s * b * per_token + per_score * cfg.n_heads * s * s * b) * bytes_per_value / 2
 
 
 def mlp_activation_bytes(cfg: ModelConfig) -> int:

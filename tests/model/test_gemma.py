@@ -174,6 +174,37 @@ def test_gemma2_attention_scales_its_scores_once_as_transformers_eager_attention
     assert block.self_attn.q_scale == 1.0
 
 
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_activation_bytes_count_what_a_gemma2_block_keeps_for_the_backward(cap):
+    """plan's activation estimate (config.activation_bytes) of a Gemma 2 block, against what autograd keeps of one
+    bf16 training forward (tests/model/test_moe.py's saved_bytes_per_token), within its 15%: the softcapped explicit
+    path keeps ~11 bytes per score (the tanh output, the fp32 softmax, its cast, the masks) where the estimate counted
+    the kernels' 5. Failed before with the cap (6,272 estimated per token, 9,752 measured); without it, it passed."""
+    from pipeline.model.config import ModelConfig, activation_bytes
+    from pipeline.model.gpt import TransformerBlock, rope_cos_sin
+    from pipeline.model.rope import rope_inv_freq
+    from tests.model.test_moe import saved_bytes_per_token
+
+    cfg = ModelConfig(family="gemma2", vocab_size=8, context_length=256, emb_dim=64, n_layers=1, n_heads=4,
+                      n_kv_heads=2, head_size=32, mlp="geglu", norm="rmsnorm", positions="rope", mlp_bias=False,
+                      qkv_fused=False, norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True,
+                      attention_scores_scalar=24, attn_logit_softcapping=cap)
+    block, rope = TransformerBlock(cfg), rope_cos_sin(rope_inv_freq(cfg), torch.arange(128)[None], torch.bfloat16)
+    measured = saved_bytes_per_token(_Applied(lambda x: block(x, None, None, rope), block), 128)
+    assert 0.85 * measured <= activation_bytes(cfg, 128, 1) / 128 <= 1.15 * measured, measured
+
+
+class _Applied(torch.nn.Module):
+    """`function` as a module holding `module` (saved_bytes_per_token casts it and leaves its parameters out)."""
+
+    def __init__(self, function, module: torch.nn.Module):
+        super().__init__()
+        self.function, self.module = function, module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+
 def test_config_is_read_into_fields(gemma3_checkpoint):
     _, path, _ = gemma3_checkpoint
     cfg = read_config(path)
