@@ -236,12 +236,15 @@ def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: f
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *,
-           is_causal: bool, dropout_p: float, softcap: float | None = None) -> torch.Tensor:
+           is_causal: bool, dropout_p: float, softcap: float | None = None,
+           scale: float | None = None) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); H_kv divides H (GQA / MQA);
     `mask` None, a boolean mask, Varlen segments or Buckets of segments (a window in the last two: `windowed`).
-    softcap (Gemma 2's attn_logit_softcapping): the explicit path, softcapped_attention (no kernel caps scores)."""
+    softcap (Gemma 2's attn_logit_softcapping): the explicit path, softcapped_attention (no kernel caps scores), whose
+    scores are multiplied by `scale` (None: head_dim ** -0.5, the kernels' own, which q arrives prescaled for)."""
     if softcap is not None:
-        return softcapped_attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap)
+        return softcapped_attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap,
+                                    scale=q.shape[-1] ** -0.5 if scale is None else scale)
     if isinstance(mask, Buckets):
         return _attend_buckets(q, k, v, mask, dropout_p)
     if isinstance(mask, Varlen):
@@ -318,10 +321,10 @@ def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: 
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *, is_causal: bool,
-                         dropout_p: float, softcap: float) -> torch.Tensor:
+                         dropout_p: float, softcap: float, scale: float) -> torch.Tensor:
     """transformers' eager_attention_forward with softcap (models/gemma2/modeling_gemma2.py:181-206, 5.24), the one
-    path Gemma 2 runs there too (_supports_sdpa False): scores q k^T * head_dim ** -0.5 (q arrives scaled for
-    query_pre_attn_scalar), then softcap * tanh(scores / softcap), the mask, softmax in fp32 cast back, dropout, @ v.
+    path Gemma 2 runs there too (_supports_sdpa False): scores q k^T * scale (query_pre_attn_scalar ** -0.5: one
+    multiply, q is not prescaled as for the kernels), then softcap * tanh(scores / softcap), the mask, softmax in fp32 cast back, dropout, @ v.
     `mask` is None (causal when is_causal, else every key) or boolean: packed rows reach it as segment_mask
     (GPTModel.forward), never as Buckets / Varlen."""
     if isinstance(mask, (Buckets, Varlen)):
@@ -329,7 +332,7 @@ def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = torch.tanh(scores / softcap) * softcap
     if mask is None and is_causal:
         mask = band_mask(q.shape[-2], k.shape[-2], k.shape[-2], q.device)

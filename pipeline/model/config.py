@@ -244,11 +244,7 @@ def _swiglu(family: str, *, vocab: int, ctx: int, emb: int, layers: int, heads: 
     return ModelConfig(family=family, vocab_size=vocab, context_length=ctx, emb_dim=emb, n_layers=layers,
                        n_heads=heads, n_kv_heads=kv, head_size=head_size, ffn_dim=ffn, norm="rmsnorm", norm_eps=eps,
                        positions="rope", rope_theta=theta, rope_scaling=scaling, mlp="swiglu", mlp_bias=False,
-                       qkv_bias=family == "qwen2", o_bias=False, qk_norm=FAMILIES[family].qk_norm,
-                       qkv_fused=FAMILIES[family].qkv_fused, mlp_fused=FAMILIES[family].mlp_fused,
-                       rope_interleaved=FAMILIES[family].rope_interleaved,
-                       sandwich_norms=FAMILIES[family].sandwich_norms, tie_weights=tied,
-                       qk_norm_projection=FAMILIES[family].qk_norm_projection, post_norm=FAMILIES[family].post_norm)
+                       qkv_bias=family == "qwen2", o_bias=False, tie_weights=tied, **FAMILIES[family].structure())
 
 
 def _llama3(emb: int, layers: int, heads: int, ffn: int, factor: float, tied: bool) -> ModelConfig:
@@ -325,7 +321,7 @@ def _gemma3(emb: int, layers: int, ffn: int) -> ModelConfig:
     window in five layers of every six (sliding_window_pattern 6), RoPE theta 1e6 globally and 1e4 locally, tied."""
     return _swiglu("gemma3", vocab=262144, ctx=32768, emb=emb, layers=layers, heads=4, kv=1, ffn=ffn,
                    theta=1000000.0, eps=1e-6, tied=True, head_size=256).replace(
-        mlp="geglu", norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True, attention_scores_scalar=256,
+        mlp="geglu", attention_scores_scalar=256,
         rope_local_theta=10000.0, layer_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(layers)))
 
 
@@ -633,13 +629,16 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     2h, its 4h-wide hidden before and after GELU 16h and a dropout mask h (19h), and both norms 4h. Here
     q and k/v have their own widths (GQA: n_kv_heads * head_dim), SwiGLU keeps four ffn-wide tensors
     (gate, up, silu(gate), their product) instead of two, and a sparse MoE block keeps its experts' copies of the
-    rows they run on besides their MLPs (mlp_activation_bytes).
+    rows they run on besides their MLPs (mlp_activation_bytes), and Gemma 2's softcapped scores more per score.
     """
     s, b, h = seq, batch, cfg.emb_dim
     q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
     per_token = attention + mlp_activation_bytes(cfg) + (8 if cfg.sandwich_norms else 4) * h  # Gemma's four norms
-    return (s * b * per_token + 5 * cfg.n_heads * s * s * b) * bytes_per_value / 2
+    # per score: their 5 (softmax output, dropout mask and output); Gemma 2's softcapped explicit path keeps the tanh
+    # output, the fp32 softmax, its cast back, the dropout mask and the scores' mask: 11 (measured 11.25 at bf16)
+    per_score = 11 if cfg.attn_logit_softcapping else 5
+    return (s * b * per_token + per_score * cfg.n_heads * s * s * b) * bytes_per_value / 2
 
 
 def mlp_activation_bytes(cfg: ModelConfig) -> int:

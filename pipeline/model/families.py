@@ -57,7 +57,7 @@ class Family:
     # sparse MoE blocks (Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock, Qwen2MoeSparseMoeBlock): which config.json
     # keys say what (MoeKeys; read by moe_fields, written by moe_config); None: a dense family
     moe: "MoeKeys | None" = None
-    # one q|k|v Linear (qkv_proj, GQA sizes): Phi3Attention
+    # one q|k|v Linear: GPT-2's c_attn, Phi3Attention's qkv_proj (GQA sizes)
     qkv_fused: bool = False
     # one gate|up Linear (gate_up_proj, the gate's rows first): Phi3MLP, GlmMLP, Glm4MLP
     mlp_fused: bool = False
@@ -91,6 +91,15 @@ class Family:
     def __post_init__(self) -> None:
         for ours, hf in self.modules:
             self._compiled.append((_template(ours), hf, _template(hf), ours))
+
+    def structure(self) -> dict[str, Any]:
+        """The ModelConfig fields this HF class fixes whatever its config.json says (how its modules are laid out and
+        wired), from the flags above: one source for decoder_fields (every config read), the presets
+        (config._swiglu) and check_exportable (what the class can express)."""
+        return dict(qk_norm=self.qk_norm, qk_norm_projection=self.qk_norm_projection, qkv_fused=self.qkv_fused,
+                    mlp_fused=self.mlp_fused, rope_interleaved=self.rope_interleaved,
+                    sandwich_norms=self.sandwich_norms, post_norm=self.post_norm,
+                    norm_unit_offset=bool(self.gemma), scale_embeddings=bool(self.gemma))
 
     # -- module paths ------------------------------------------------------------------------
     def to_hf(self, ours: str) -> str:
@@ -167,7 +176,7 @@ GPT2 = Family(
              ("layers.{i}.mlp.up_proj", "h.{i}.mlp.c_fc"), ("layers.{i}.mlp.down_proj", "h.{i}.mlp.c_proj"),
              ("norm", "ln_f")),
     conv1d=frozenset({"qkv_proj", "o_proj", "up_proj", "down_proj"}),
-    skip=(".attn.bias", ".attn.masked_bias"),
+    skip=(".attn.bias", ".attn.masked_bias"), qkv_fused=True,
 )
 LLAMA = Family(name="llama", architecture="LlamaForCausalLM", reward_architecture="LlamaForSequenceClassification", model_type="llama", prefix="model.",
                skip=(".rotary_emb.inv_freq",))
@@ -610,10 +619,8 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         # Qwen2 always has q/k/v biases, Qwen2-MoE where qkv_bias (absent: true); neither an o_proj bias
         qkv_bias=True if family is QWEN2 else bool(raw.get("qkv_bias", True)) if "qkv_bias" in family.bias_keys
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
-        qk_norm=family.qk_norm, qkv_fused=family.qkv_fused, mlp_fused=family.mlp_fused,
-        rope_interleaved=family.rope_interleaved, sandwich_norms=family.sandwich_norms,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
-        qk_norm_projection=family.qk_norm_projection, post_norm=family.post_norm, **moe, **multipliers,
+        **family.structure(), **moe, **multipliers,
     ) | gemma
 
 
@@ -643,7 +650,7 @@ def gemma_fields(generation: int, raw: Mapping[str, Any], path: Any, problems: l
         problems.append(f"{path}: {key} '{act}' is not supported; expected 'gelu_pytorch_tanh' (GeGLU)")
     if raw.get("use_bidirectional_attention"):
         problems.append(f"{path}: use_bidirectional_attention is true (an encoder); expected false (causal decoding)")
-    common = dict(mlp="geglu", norm_unit_offset=True, scale_embeddings=True)
+    common = dict(mlp="geglu")  # the norms and the embedding scale: Family.structure
     if generation == 1:
         return dict(rope=raw, **common)
     caps = {name: raw.get(name) for name in ("attn_logit_softcapping", "final_logit_softcapping")}
@@ -902,61 +909,40 @@ HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
 def check_exportable(cfg: Any) -> list[str]:
     """What the family's HF class cannot express (our config allows more combinations than each HF class)."""
     family = FAMILIES[cfg.family]
-    want: dict[str, Any] = {
-        "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", qkv_fused=True, qk_norm=False, o_bias=True,
-                     mlp_bias=True, kv_heads=cfg.n_heads),
-        "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
-                      o_bias=cfg.qkv_bias),
-        "qwen2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False, o_bias=False,
-                      mlp_bias=False, qkv_bias=True),
-        "qwen3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
-                      o_bias=cfg.qkv_bias, mlp_bias=False),
-        "mistral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
-                        qkv_bias=False, o_bias=False, mlp_bias=False),
-        "qwen3_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
-                          o_bias=cfg.qkv_bias, mlp_bias=False),
+    want: dict[str, Any] = {  # beside the fields the Family fixes (Family.structure, added below)
+        "gpt2": dict(norm="layernorm", positions="learned", mlp="gelu", o_bias=True, mlp_bias=True,
+                     kv_heads=cfg.n_heads),
+        "llama": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias),
+        "qwen2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False, qkv_bias=True),
+        "qwen3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=False),
+        "mistral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=False, o_bias=False, mlp_bias=False),
+        "qwen3_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=False),
         # every block sparse, its experts intermediate_size wide, the top-k weights renormalised
-        "mixtral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
-                        qkv_bias=False, o_bias=False, mlp_bias=False, norm_topk_prob=True, decoder_sparse_step=1,
-                        mlp_only_layers=(), moe_ffn_dim=cfg.hidden_dim),
-        "qwen2_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
-                          o_bias=False, mlp_bias=False),
-        "phi3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=True, qk_norm=False, qkv_bias=False,
-                     o_bias=False, mlp_bias=False),
-        "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=True,
-                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
-                       sandwich_norms=True),
-        "gemma2": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
-                       o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
-                       sandwich_norms=True, rope_local_theta=None),
-        "gemma": dict(norm="rmsnorm", positions="rope", mlp="geglu", qkv_fused=False, qk_norm=False,
-                      o_bias=cfg.qkv_bias, mlp_bias=False, norm_unit_offset=True, scale_embeddings=True,
-                      sandwich_norms=False, attention_scores_scalar=None, rope_local_theta=None,
-                      attn_logit_softcapping=None, final_logit_softcapping=None),
-        "granite": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=False,
-                        o_bias=cfg.qkv_bias),
-        "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_fused=False, qk_norm=True,
-                      o_bias=cfg.qkv_bias, mlp_bias=False),
-        **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", qk_norm=False, o_bias=False, mlp_bias=False)
+        "mixtral": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=False, o_bias=False, mlp_bias=False,
+                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(), moe_ffn_dim=cfg.hidden_dim),
+        "qwen2_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False),
+        "phi3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", qkv_bias=False, o_bias=False, mlp_bias=False),
+        "gemma3": dict(norm="rmsnorm", positions="rope", mlp="geglu", o_bias=cfg.qkv_bias, mlp_bias=False),
+        "gemma2": dict(norm="rmsnorm", positions="rope", mlp="geglu", o_bias=cfg.qkv_bias, mlp_bias=False,
+                       rope_local_theta=None),
+        "gemma": dict(norm="rmsnorm", positions="rope", mlp="geglu", o_bias=cfg.qkv_bias, mlp_bias=False,
+                      attention_scores_scalar=None, rope_local_theta=None, attn_logit_softcapping=None,
+                      final_logit_softcapping=None),
+        "granite": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias),
+        "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=False),
+        **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False)
            for f in GLM_FAMILIES},
-    }[family.name]
-    want.update(post_norm=family.post_norm, qk_norm_projection=family.qk_norm_projection)
+    }[family.name] | family.structure()
     if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
         want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
-    want["mlp_fused"] = family.mlp_fused  # one gate_up_proj (Phi3MLP, GlmMLP) or gate_proj + up_proj
-    want["rope_interleaved"] = family.rope_interleaved  # adjacent-pair rotation (GLM) or halves
-    want["sandwich_norms"] = family.sandwich_norms  # Gemma 2 / 3's and Glm4DecoderLayer's two extra norms
-    if family.name != "gpt2":
-        want["qkv_fused"] = family.qkv_fused
     if not family.partial_rotary:
         want["partial_rotary_factor"] = 1.0
     if not family.moe and cfg.n_experts:
         want["n_experts"] = 0  # a dense class has no sparse blocks
     if not family.gemma:  # Gemma's decoder fields: no other class has them
-        want.update(norm_unit_offset=False, scale_embeddings=False,
-                    attention_scores_scalar=None, rope_local_theta=None, attn_logit_softcapping=None,
+        want.update(attention_scores_scalar=None, rope_local_theta=None, attn_logit_softcapping=None,
                     final_logit_softcapping=None)
     problems = [f"{family.architecture} cannot express {k}={getattr(cfg, k)!r} (it has {v!r})"
                 for k, v in want.items() if getattr(cfg, k) != v]

@@ -243,10 +243,11 @@ class MultiHeadAttention(nn.Module):
             self.k_norm = RMSNorm(kv if self.qk_norm_projection else self.head_dim, cfg.norm_eps, cfg.norm_unit_offset)
         # every kernel (SDPA, the dense CPU path, varlen, the packed buckets) scales the scores by head_dim ** -0.5;
         # another scale (config.attention_scale: Gemma's query_pre_attn_scalar, Granite's attention_multiplier)
-        # rescales q by the ratio first; none (no multiply) where the scale is the default
-        self.q_scale = 1.0 if cfg.default_attention_scale else cfg.attention_scale * math.sqrt(self.head_dim)
+        # rescales q by the ratio first; none (no multiply) where the scale is the default, or where the softcapped
+        # path (Gemma 2) multiplies the scores by the scale itself, as transformers' eager attention does
+        self.softcap, self.scale = cfg.attn_logit_softcapping, cfg.attention_scale
+        self.q_scale = 1.0 if cfg.default_attention_scale or self.softcap else self.scale * math.sqrt(self.head_dim)
         self.drop_rate = cfg.drop_rate
-        self.softcap = cfg.attn_logit_softcapping
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
@@ -272,7 +273,7 @@ class MultiHeadAttention(nn.Module):
             if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
                 k, v = cached
         y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
-                   softcap=self.softcap)
+                   softcap=self.softcap, scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_drop(self.o_proj(y))
 

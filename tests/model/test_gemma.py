@@ -26,6 +26,7 @@ sqrt(head_dim / query_pre_attn_scalar) before it, so every kernel's own head_dim
 """
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -150,6 +151,58 @@ def test_gemma2_config_and_loss_on_the_softcapped_logits(gemma2_checkpoint):
     assert torch.allclose(loss, want, atol=1e-5), (loss, want)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
+
+
+def test_gemma2_attention_scales_its_scores_once_as_transformers_eager_attention(gemma2_checkpoint):
+    """Gemma2Attention runs eager_attention_forward (modeling_gemma2.py:181-206, 5.24): q k^T * query_pre_attn_scalar
+    ** -0.5, softcap, mask, softmax, @ v. In bf16 our block-0 attention on transformers' own input is that bitwise
+    (every position 0: RoPE is the identity in both, so only the scaling can differ). Failed before (0.016 apart): q
+    was first multiplied by sqrt(head_dim / query_pre_attn_scalar) for the kernels' head_dim ** -0.5, a rounding and a
+    multiply per layer that the explicit path, which scales the scores itself, does not need."""
+    _, path, ref = gemma2_checkpoint
+    ours, ref = load_model(path).eval().to(torch.bfloat16), copy.deepcopy(ref).eval().to(torch.bfloat16)  # not the
+    # module's model, which the other tests read in fp32
+    x = ref.model.embed_tokens(ids(13, (2, 9))) * 8.0  # hidden 64: Gemma's sqrt(hidden) scale, exact in bf16
+    zeros = torch.zeros(2, 9, dtype=torch.long)
+    causal = torch.full((9, 9), torch.finfo(torch.bfloat16).min).triu(1).to(torch.bfloat16)[None, None]
+    with torch.no_grad():
+        theirs = ref.model.layers[0].self_attn(ref.model.layers[0].input_layernorm(x), attention_mask=causal,
+                                               position_embeddings=ref.model.rotary_emb(x, zeros))[0]
+        block = ours.layers[0]
+        mine = block.self_attn(block.input_layernorm(x), None, None, ours._rope(zeros, x.dtype))
+    assert torch.equal(mine, theirs), (mine.float() - theirs.float()).abs().max()
+    assert block.self_attn.q_scale == 1.0
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_activation_bytes_count_what_a_gemma2_block_keeps_for_the_backward(cap):
+    """plan's activation estimate (config.activation_bytes) of a Gemma 2 block, against what autograd keeps of one
+    bf16 training forward (tests/model/test_moe.py's saved_bytes_per_token), within its 15%: the softcapped explicit
+    path keeps ~11 bytes per score (the tanh output, the fp32 softmax, its cast, the masks) where the estimate counted
+    the kernels' 5. Failed before with the cap (6,272 estimated per token, 9,752 measured); without it, it passed."""
+    from pipeline.model.config import ModelConfig, activation_bytes
+    from pipeline.model.gpt import TransformerBlock, rope_cos_sin
+    from pipeline.model.rope import rope_inv_freq
+    from tests.model.test_moe import saved_bytes_per_token
+
+    cfg = ModelConfig(family="gemma2", vocab_size=8, context_length=256, emb_dim=64, n_layers=1, n_heads=4,
+                      n_kv_heads=2, head_size=32, mlp="geglu", norm="rmsnorm", positions="rope", mlp_bias=False,
+                      qkv_fused=False, norm_unit_offset=True, scale_embeddings=True, sandwich_norms=True,
+                      attention_scores_scalar=24, attn_logit_softcapping=cap)
+    block, rope = TransformerBlock(cfg), rope_cos_sin(rope_inv_freq(cfg), torch.arange(128)[None], torch.bfloat16)
+    measured = saved_bytes_per_token(_Applied(lambda x: block(x, None, None, rope), block), 128)
+    assert 0.85 * measured <= activation_bytes(cfg, 128, 1) / 128 <= 1.15 * measured, measured
+
+
+class _Applied(torch.nn.Module):
+    """`function` as a module holding `module` (saved_bytes_per_token casts it and leaves its parameters out)."""
+
+    def __init__(self, function, module: torch.nn.Module):
+        super().__init__()
+        self.function, self.module = function, module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
 
 
 def test_config_is_read_into_fields(gemma3_checkpoint):
