@@ -24,9 +24,14 @@ from pipeline.model.config import llama_pro_problem
 from pipeline.model.families import BY_ARCHITECTURE, Family
 
 ZEROED = ("self_attn.o_proj", "mlp.down_proj")  # our names of the two projections that write into the residual
-# each part of a block (our names) and the projection of ZEROED through which it reaches the residual stream
-THROUGH = {"input_layernorm": ZEROED[0], "self_attn": ZEROED[0], "post_attention_layernorm": ZEROED[1],
-           "mlp": ZEROED[1]}
+# each part of a block (our names) and the projection of ZEROED through which it reaches the residual stream: the
+# input norms feed a branch, the output norms (sandwich_norms: Gemma 2 / 3, GLM-4-0414; OLMo 2's post_norm) take its
+# projection's output, zero while that projection is (RMSNorm(0) = 0, and so is its weight's gradient). Under
+# post_norm (OLMo 2) post_attention_layernorm is the attention branch's output norm, not the MLP's input (POST_NORM)
+THROUGH = {"input_layernorm": ZEROED[0], "self_attn": ZEROED[0], "attn_output_norm": ZEROED[0],
+           "post_attention_layernorm": ZEROED[1], "mlp": ZEROED[1], "mlp_output_norm": ZEROED[1],
+           "post_feedforward_layernorm": ZEROED[1]}
+POST_NORM = {**THROUGH, "post_attention_layernorm": ZEROED[0]}
 SHARD_BYTES = 5 * 10**9  # LLaMA-Factory's script: max_shard_size "5GB"
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack)$|.*\.safetensors\.index\.json$|"
                          r".*\.bin\.index\.json$")
@@ -115,15 +120,15 @@ def expanded_tensors(family: Family, tensors: Mapping[str, Any],
         yield key, tensors[key]
 
 
-def output_projection(module: str) -> str | None:
+def output_projection(module: str, post_norm: bool = False) -> str | None:
     """The projection (ZEROED's, with its block: layers.1.self_attn.o_proj) through which `module`, a module of a
     block, reaches the residual stream: in an expanded block it gets a gradient only once that projection is
-    non-zero (the projection itself gets one whenever it is trained in full). None outside a block, or for a part of
-    a block THROUGH does not know."""
-    parts = module.split(".")
-    if len(parts) < 3 or parts[0] != "layers" or parts[2] not in THROUGH:
+    non-zero (the projection itself gets one whenever it is trained in full). `post_norm`: the model's
+    ModelConfig.post_norm (OLMo 2's block). None outside a block, or for a part of a block THROUGH does not know."""
+    parts, table = module.split("."), POST_NORM if post_norm else THROUGH
+    if len(parts) < 3 or parts[0] != "layers" or parts[2] not in table:
         return None
-    return f"layers.{parts[1]}.{THROUGH[parts[2]]}"
+    return f"layers.{parts[1]}.{table[parts[2]]}"
 
 
 def nonzero_outputs(folder: Path, projections: Iterable[str]) -> set[str] | None:

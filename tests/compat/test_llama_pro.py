@@ -193,6 +193,25 @@ def test_use_llama_pro_mistakes_name_the_key_and_line(tmp_path, checkpoints):
     assert done.code == 0, done.err
 
 
+def test_output_norms_reach_the_residual_through_their_branch_projection():
+    """Which zeroed projection of an expanded block each norm waits for, by hand from the blocks' forwards
+    (transformers 5.24): Llama's input_layernorm feeds attention (o_proj), post_attention_layernorm the MLP
+    (down_proj); Gemma 2 / 3's and Glm4's branch output norms (ours attn_output_norm / mlp_output_norm) normalise
+    o_proj's / down_proj's output (Gemma3DecoderLayer.forward, Glm4DecoderLayer.forward), zero while it is;
+    Olmo2DecoderLayer.forward: x + post_attention_layernorm(self_attn(x)), x + post_feedforward_layernorm(mlp(x)).
+    OLMo 2's post_attention_layernorm was read as the MLP's input (down_proj) before."""
+    from pipeline.model.expand import output_projection
+
+    o, down = "layers.3.self_attn.o_proj", "layers.3.mlp.down_proj"
+    llama = {"input_layernorm": o, "self_attn.q_proj": o, "post_attention_layernorm": down, "mlp.up_proj": down,
+             "attn_output_norm": o, "mlp_output_norm": down}
+    assert {m: output_projection(f"layers.3.{m}") for m in llama} == llama
+    olmo2 = {"self_attn.q_norm": o, "post_attention_layernorm": o, "mlp.gate_proj": down,
+             "post_feedforward_layernorm": down}
+    assert {m: output_projection(f"layers.3.{m}", post_norm=True) for m in olmo2} == olmo2
+    assert output_projection("norm") is None and output_projection("layers.3.unknown_part") is None
+
+
 def test_why_lora_on_expanded_blocks_needs_their_output_projections(checkpoints):
     """What the refusals above rest on, in PEFT on the expanded checkpoint: LoRA on q_proj / v_proj of an expanded
     block gets no gradient (its zero o_proj passes nothing on), PiSSA there starts at A = B = 0 (no gradient either),

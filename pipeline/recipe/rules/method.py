@@ -257,11 +257,11 @@ def llama_pro_stalled(v: Mapping[str, Any]) -> bool:
     tensors = recipe_tensors(v, found[0]) if found is not None else None
     if tensors is None:
         return False
-    _, folder, blocks = found
+    info, folder, blocks = found
     behind = set()  # the zero-at-start projections the trained modules need non-zero
     for tensor in tensors[1]:
         module = tensor.name.rsplit(".", 2 if tensor.adapter else 1)[0]  # X.oft.weight, X.lora.A; X.weight / X.bias
-        projection = output_projection(module)
+        projection = output_projection(module, info.config.post_norm)
         if projection is None or module.split(".")[1] not in blocks:
             return False  # outside the expanded blocks (or a part of one not known here): it trains
         if module == projection and (not tensor.adapter or v["finetuning_type"] == "lora"):
