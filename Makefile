@@ -233,7 +233,8 @@ $(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 	$(PY) -m pipeline build $(RECIPE) $(PREP_ARGS)
 	@touch $@
 
-$(STAMPS)/validate: $(STAMPS)/data
+# A benchmark recipe (task:) has no data to build: validate checks the recipe and its task folder's files.
+$(STAMPS)/validate: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(BENCHMARK_FILES),$(STAMPS)/data)
 	$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS)
 	@touch $@
 

@@ -15,6 +15,8 @@ from pipeline.recipe.args import data_args
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     files = ", ".join(r.files)
+    if r["task"] is not None:
+        return validate_benchmark(r)
     print(f"recipe: OK ({files}; stage {r['stage']}, {r['finetuning_type']}, model {r['model_name_or_path']}, "
           f"dataset {', '.join(r['dataset'])})")
     data = data_args(r)
@@ -34,6 +36,23 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
         model = str(r["model_name_or_path"])
         print(f"note: token lengths need the tokenizer of {model}, which is not on this machine yet "
               f"(a hub id is downloaded by train, or beforehand with `hf download`){cached_suggestion(model, cache_dir())}")
+    return 0
+
+
+def validate_benchmark(r: Resolved) -> int:
+    """A benchmark recipe (eval with task: no dataset, nothing trained): the recipe, then its task folder read as eval
+    reads it (a missing folder, mapping.json or subject file, a malformed CSV: eval's message, exit 2), before any
+    model loads. The prompts' lengths against the model's context are eval's check (they need the model's config)."""
+    from pipeline.recipe.benchmark import read_benchmark, summary
+
+    print(f"recipe: OK ({', '.join(r.files)}; eval with task {r['task']}, model {r['model_name_or_path']}"
+          f"{f' + adapter {a}' if (a := r['adapter_name_or_path']) else ''}, template {r['template']})")
+    task = read_benchmark(r)
+    print(f"task: OK ({summary(task, int(r['n_shot']))})")
+    missing = missing_model_note(r)
+    if missing:
+        print(missing)
+    print(f"eval runs it (make eval RECIPE={r.recipe_path}); make plan RECIPE={r.recipe_path} says how")
     return 0
 
 

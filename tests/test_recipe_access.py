@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str] | None] = {
     "pipeline/chat.py": {"run"},
     "pipeline/merge.py": {"run", "export_run", "adapter_dir", "_recipe", "_export_target", "export_generation"},
     "pipeline/evaluate/run.py": {"run", "tuned_model", "_recipe"},
-    "pipeline/evaluate/choice.py": {"run", "_model", "_where"},
+    "pipeline/evaluate/choice.py": {"run", "_model"},
     "pipeline/train/run.py": None,
     "pipeline/train/dryrun.py": {"run"},
     # resume compares the whole recipe with the one a checkpoint saved: which keys changed, and where they are set

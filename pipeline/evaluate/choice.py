@@ -1,7 +1,7 @@
 """`python -m pipeline eval RECIPE` with `task`: LLaMA-Factory's multiple-choice benchmarks (MMLU, C-Eval, CMMLU).
 
 Scored as LLaMA-Factory 0.9.5's Evaluator scores them (llamafactory/eval/evaluator.py): per subject of mapping.json,
-for each row of the split, the shots drawn from the dev split (pipeline.evaluate.choice_tasks.ShotDraws), the
+for each row of the split, the shots drawn from the dev split (pipeline.data.choice_tasks.ShotDraws), the
 messages of the eval template (en / zh), the prompt encoded by the recipe's chat template as encode_oneturn encodes it
 (the prompt ids without the answer: pipeline.data.tokenize.encode_prompt with the shots as history), the logits at
 the prompt's last position over the ids of "A".."D" (`tokenizer.encode(ch, add_special_tokens=False)[-1]`), the
@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.evaluate.choice_tasks import (CATEGORIES, CHOICES, EVAL_TEMPLATES, ShotDraws, Subject, Task, parse_task,
-                                            read_task)
+from pipeline.data.choice_tasks import CATEGORIES, CHOICES, EVAL_TEMPLATES, ShotDraws, Subject, Task
+from pipeline.recipe.benchmark import key_where, read_benchmark
 from pipeline.recipe.args import BenchmarkArgs, benchmark_args, data_args, eval_args, recipe_args
 
 
@@ -36,17 +36,13 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
 
     bench = benchmark_args(r)
     if r["world_size"] > 1:
-        raise UserError(f"{_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one too, "
-                        "its model spread over the GPUs); run `python -m pipeline eval` without NPROC / the launcher")
+        raise UserError(f"{key_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one "
+                        "too, its model spread over the GPUs); run `python -m pipeline eval` without NPROC / the launcher")
     if bench.save_dir is not None and Path(bench.save_dir).exists():  # before anything is read or loaded
-        raise UserError(f"{_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an existing "
-                        "save_dir too (\"`save_dir` already exists, use another one.\"): name a new folder, or remove "
+        raise UserError(f"{key_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an "
+                        "existing save_dir too (\"`save_dir` already exists, use another one.\"): name a new folder, or remove "
                         "this one")
-    try:
-        parse_task(bench.task)
-    except ValueError as err:
-        raise UserError(f"{_where(r, 'task')}: {err}") from None
-    task = read_task(bench.task, bench.task_dir, bench.n_shot, _where(r, "task"))
+    task = read_benchmark(r)
     data = data_args(r)
     tokenizer = recipe_tokenizer(data)
     prompts = encode_task(task, bench, data, tokenizer)
@@ -92,12 +88,6 @@ def _model(r: Mapping[str, Any]) -> tuple[torch.nn.Module, str]:
     named = (describe(weights, r["model_name_or_path"], ft.finetuning_type) if weights
              else f"{r['model_name_or_path']} (base model)")
     return model, named
-
-
-def _where(r: Mapping[str, Any], key: str) -> str:
-    """`file:line:col: key` of a recipe key the user set, for messages."""
-    origin = r.origin(key) if hasattr(r, "origin") else None
-    return f"{origin.where}: {key}" if origin is not None and origin.kind in ("file", "cli") else f"recipe: {key}"
 
 
 def encode_task(task: Task, bench: BenchmarkArgs, data: Any, tokenizer: Any) -> dict[str, list[list[int]]]:

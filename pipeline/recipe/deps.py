@@ -32,6 +32,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.data.choice_tasks import parse_task  # the rule eval reads the folder by (rules refuse another name)
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
 from pipeline.recipe.siblings import UPSTREAM_KEYS, producer, producers, recipe_value, scanned, upstream_paths
@@ -139,21 +140,24 @@ def data_files(r: Mapping[str, Any]) -> list[str]:
         entry = registry.get(name) if isinstance(registry, dict) else None
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or "hf_hub_url" in entry:
             continue
-        path = folder / entry["file_name"]
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-        found += [str(p) for p in files if not _MAKE_UNSAFE & set(str(p)) and str(p) not in found]
+        found += [path for path in nameable_files(folder / entry["file_name"]) if path not in found]
     return found
+
+
+def nameable_files(path: Path) -> list[str]:
+    """The files at `path` (a file, or a folder's files at any depth, sorted) that make can name as prerequisites:
+    one with a space, a colon or another character make reads as its own is left out. [] for a missing path."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [str(p) for p in files if not _MAKE_UNSAFE & set(str(p))]
 
 
 def benchmark_files(r: Mapping[str, Any]) -> list[str]:
     """The files of a benchmark recipe's task folder (task_dir/<name of mmlu_test>/, LLaMA-Factory's layout), so
-    that `make eval` runs again when they change; none for another recipe, or while the folder is missing (eval then
-    says so, naming the folder)."""
+    that `make eval` runs again when they change; none for another recipe, or while the folder is missing (validate
+    and eval then say so, naming the folder)."""
     if not r["task"]:
         return []
-    folder = Path(r["task_dir"]) / str(r["task"]).split("_")[0]
-    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
-    return [str(p) for p in files if not _MAKE_UNSAFE & set(str(p))]
+    return nameable_files(Path(r["task_dir"]) / parse_task(r["task"])[0])
 
 
 def lines(r: Resolved) -> list[str]:

@@ -395,6 +395,11 @@ def packed_counts(r: Resolved) -> Resolved:
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
+    if r["task"] is not None:  # a benchmark recipe: how eval will run it (nothing trains, so no steps or memory)
+        from pipeline.recipe.benchmark import render as render_benchmark
+
+        print(render_benchmark(r))
+        return 0
     r = packed_counts(r)
     print(render(r))
     from pipeline.recipe.precision import bf16_notice

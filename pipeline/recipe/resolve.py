@@ -43,8 +43,9 @@ _JOINED_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
 # (the commands that need the data, build first, still say the dataset is missing)
 NO_DATA_COMMANDS = ("export", "generate", "chat", "deps")
 # a recipe with `task` (LLaMA-Factory's eval recipe: a multiple-choice benchmark, pipeline.evaluate.choice) names no
-# dataset either (eval alone reads the key; the other commands still ask for a dataset)
-BENCHMARK_COMMANDS = ("eval",)
+# dataset either: eval runs it, validate checks it and its task folder, plan says how eval runs it
+# (pipeline.recipe.benchmark); the other commands still ask for a dataset
+BENCHMARK_COMMANDS = ("eval", "validate", "plan")
 
 
 class Resolved(Mapping[str, Any]):

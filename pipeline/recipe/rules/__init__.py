@@ -117,6 +117,7 @@ ORDER = (
     ppo.ppo_parts_implemented,
     ppo.ppo_keys_need_ppo,
     benchmark.benchmark_keys_need_task,
+    benchmark.task_names_a_split,
     benchmark.task_is_for_eval,
     benchmark.fewshot_is_for_benchmarks,
 )

@@ -2,6 +2,7 @@
 `eval` with `task` reads them (pipeline.evaluate.choice), so set elsewhere they would be ignored without a word."""
 from __future__ import annotations
 
+from pipeline.data.choice_tasks import parse_task
 from pipeline.recipe.rules.core import Context, rule
 
 BENCHMARK_KEYS = ("task_dir", "n_shot", "lang", "batch_size", "save_dir")  # besides task itself
@@ -20,6 +21,24 @@ def benchmark_keys_need_task(ctx: Context) -> list[tuple[str, str]]:
                   "benchmarks; eval without task evaluates the val split, batched by per_device_eval_batch_size); "
                   f"add task: mmlu_test (or ceval_validation, cmmlu_test) or remove {key}")
             for key in BENCHMARK_KEYS if _given(ctx, key)]
+
+
+# the commands that read task (train refuses the key: task_is_for_eval); deps names the task folder's files for make
+TASK_READERS = ("eval", "validate", "plan", "deps", None)
+
+
+@rule("task", commands=TASK_READERS)
+def task_names_a_split(ctx: Context) -> list[tuple[str, str]]:
+    """task is <folder>_<split> by parse_task, the one rule eval's reading of the folder and deps' listing of its files
+    both take: a name they would read otherwise (high_school_test, mmlu_dev) is one message at the task line from
+    every command, before make names any file or eval reads any."""
+    if ctx.values["task"] is None:
+        return []
+    try:
+        parse_task(ctx.values["task"])
+    except ValueError as err:
+        return [("task", str(err))]
+    return []
 
 
 @rule("task", commands=("train",))

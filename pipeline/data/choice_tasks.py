@@ -13,6 +13,11 @@ The few-shot examples are drawn as LLaMA-Factory draws them (evaluator.py:108-11
 split, `dataset["train"].shuffle().select(range(min(n_shot, len(train))))`, each seedless shuffle seeded from numpy's
 global state after `transformers.set_seed(seed)` (ShotDraws re-types datasets' Dataset.shuffle, on a private
 RandomState so that nothing else's numpy draws move it).
+
+It sits in the data layer, below the recipe layer and the stages, so that one reading serves all of them: eval
+(pipeline.evaluate.choice) scores the questions, validate and plan check and describe the folder without loading a
+model, and deps (pipeline.recipe.deps) names the folder's files for make through parse_task, the one rule for what a
+task name means. Importing it imports neither numpy nor pandas (deps runs on every make).
 """
 from __future__ import annotations
 
@@ -22,8 +27,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import numpy as np
 
 from pipeline.errors import UserError
 
@@ -268,9 +271,13 @@ class ShotDraws:
     permutes with np.random.default_rng(that seed). An empty split returns before drawing."""
 
     def __init__(self, seed: int):
+        import numpy as np
+
         self.state = np.random.RandomState(seed)  # np.random.seed(seed), as transformers.set_seed does
 
     def permutation(self, n: int) -> list[int]:
+        import numpy as np
+
         if n == 0:
             return []
         _, words, pos, *_ = self.state.get_state()
