@@ -11,11 +11,11 @@ import sys
 from typing import Any, Mapping, Sequence
 
 from pipeline.errors import UserError
-from pipeline.model.build import FinetuneArgs, load_for_inference
+from pipeline.model.build import FinetuneArgs
 from pipeline.model.generate import generate_text
-from pipeline.model.weights import DTYPES, note
+from pipeline.model.weights import note
 from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, value
-from pipeline.recipe.precision import weights_dtype
+from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, stale, trained_weights
 
 
@@ -73,8 +73,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
     out = RunLayout.of(r["output_dir"], value(r, "export_dir"))  # merge writes the merged model to export_dir when set
     weights = chosen_weights(out, recipe_args(r).finetune, getattr(args, "model", None))
     # pure_bf16: the bf16 weights (an adapter in fp32 on the bf16 base), as the run trained and eval computes
-    model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)),
-                               dtype=DTYPES[weights_dtype(r)])
+    model = load_weights(r, weights)
     kwargs = generation_kwargs(GenerationArgs.from_recipe(r), template.stop_ids(tokenizer) if template else tokenizer.stop_ids)
 
     def complete(text: str, history: list[tuple[str, str]]) -> str:

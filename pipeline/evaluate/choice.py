@@ -75,16 +75,13 @@ def _model(r: Mapping[str, Any]) -> tuple[torch.nn.Module, str]:
     """The model eval and chat take (pipeline.runtime.layout.current_weights: an up-to-date merged/, else the trained
     adapter or model/, else adapter_name_or_path), else the base; in the run's precision. With how reports name it."""
     from pipeline.evaluate.devices import device
-    from pipeline.model.build import load_for_inference
-    from pipeline.model.weights import DTYPES
-    from pipeline.recipe.precision import weights_dtype
+    from pipeline.runtime.inference import load_weights
     from pipeline.runtime.layout import RunLayout, current_weights, describe
 
     ft = recipe_args(r).finetune
     weights = current_weights(RunLayout.of(r["output_dir"], r["export_dir"]), ft.finetuning_type,
                               ft.adapter_name_or_path)
-    model = load_for_inference(recipe_args(r).model, *((weights.kind, weights.path) if weights else ("base",)),
-                               device=device(), dtype=DTYPES[weights_dtype(r)])
+    model = load_weights(r, weights, device())
     named = (describe(weights, r["model_name_or_path"], ft.finetuning_type) if weights
              else f"{r['model_name_or_path']} (base model)")
     return model, named

@@ -33,7 +33,6 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.evaluate import preference, report, reward
 from pipeline.evaluate.devices import autocast as _autocast, device as _device
-from pipeline.model.build import ModelArgs
 from pipeline.model.weights import DTYPES, note
 from pipeline.data.args import DataArgs
 from pipeline.data.loaders import tokenized_pair_split
@@ -41,7 +40,8 @@ from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.recipe.precision import eval_precision, weights_dtype
-from pipeline.runtime.layout import RunLayout, current_weights, describe
+from pipeline.runtime.inference import load_weights
+from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
@@ -60,12 +60,12 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     rows = _generation_rows(data, ev) if sft else []
     pair_scores: dict[str, Any] = {}
     models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
-    dtype = DTYPES[weights_dtype(r)]  # pure_bf16: the bf16 weights, as the run trained and evaluated them
+    dtype = DTYPES[weights_dtype(r)]  # the frozen reference too (pure_bf16: bf16, as the run trained against it)
 
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[str]] = {}
     for name, which in models:
-        model = load_model_for_eval(recipe_args(r).model, which, _device(), dtype)
+        model = load_weights(r, which, _device())
         if rm:  # a score per sequence, no tokens: the pairwise metrics only
             scores = reward.split_scores(model, data, rank=rank, world=world, label=name)
             if rank == 0:
@@ -126,12 +126,9 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
 
 # ---------------------------------------------------------------- which models
 @dataclass(frozen=True)
-class Tuned:
-    """The fine-tuned weights to evaluate (kind and path as in pipeline.runtime.layout.Weights) and how the report
-    names them."""
+class Tuned(Weights):
+    """The fine-tuned weights to evaluate and how the report names them."""
 
-    kind: str
-    path: Path
     description: str
 
 
@@ -145,16 +142,6 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
         raise UserError(f"{out.trained_dir(r['finetuning_type'])}: no trained {'adapter' if lora else 'model'} to "
                         f"evaluate; `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
     return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))
-
-
-def load_model_for_eval(model: ModelArgs, which: Tuned | None, device: torch.device,
-                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The base model (which=None) or the tuned one, in eval mode on `device`, its weights in `dtype`."""
-    from pipeline.model.build import load_for_inference
-
-    if which is None:
-        return load_for_inference(model, "base", device=device, dtype=dtype)
-    return load_for_inference(model, which.kind, which.path, device=device, dtype=dtype)
 
 
 def _recipe(r: Mapping[str, Any]) -> str:

@@ -66,7 +66,9 @@ def test_a_pure_bf16_run_generates_with_its_bf16_weights(tmp_path, capsys, monke
     import torch
 
     loaded = []
-    monkeypatch.setattr(chat, "load_for_inference", lambda *a, **kw: loaded.append(load_for_inference(*a, **kw))
+    import pipeline.model.build
+
+    monkeypatch.setattr(pipeline.model.build, "load_for_inference", lambda *a, **kw: loaded.append(load_for_inference(*a, **kw))
                         or loaded[-1])
     for keys, dtype in (({"pure_bf16": True}, torch.bfloat16), ({"bf16": True}, torch.float32)):
         r = recipe(tmp_path, **keys)
