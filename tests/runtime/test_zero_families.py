@@ -34,8 +34,9 @@ from pipeline import merge
 from pipeline.runtime.log import read_log
 from pipeline.train.run import train
 from tests.acceptance.harness import random_model, save_pretrained_small, trained_model
-from tests.train.conftest import launch_env, make_recipe, workdir  # noqa: F401 (fixtures used here)
-from tests.train.helpers import BASE_SFT
+from tests.train.conftest import launch_env  # noqa: F401  (autouse here: one rank in this process, on the CPU)
+from tests.train.helpers import BASE_SFT, check_two_ranks_follow_one_rank
+from tests.train.test_resume_world_size import launch_two_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -111,3 +112,30 @@ def test_zero3_logs_the_zero0_losses_and_its_export_loads_in_transformers(make_r
         torch.testing.assert_close(theirs(x).logits, want, rtol=0, atol=1e-4)
         before = transformers.AutoModelForCausalLM.from_pretrained(base).eval()(x).logits
         assert (want - before).abs().max() > 1e-3  # the runs trained
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family", ["mixtral", "gemma3"])
+def test_two_ranks_at_zero3_follow_one_rank_with_the_same_global_batch(make_recipe, workdir, family):
+    """Full fine-tuning, 2 x GA 2 on each of two ranks (the deepspeed launcher, gloo) against 4 x GA 2 on one, as
+    tests/train/test_multirank.py checks GPT-2 / Llama / Qwen3-MoE: the same losses, eval losses and final weights.
+    Mixtral with 8 experts, top-1: the ranks' rows route to different experts, some chosen on one rank only (each
+    sparse block one ZeRO-3 leaf: moe.zero_stage_policy; with it returning [] rank 1 died in gloo); adam_epsilon 1e-6 for an expert first chosen after step 1
+    (test_multirank says why). No moe_aux_loss_coef: the router's balance term is a product of two means over each
+    rank's own tokens (transformers' load_balancing_loss_func, per device as in LLaMA-Factory), not a sum the ranks
+    split. Gemma 3: the tied, scaled embedding is one parameter partitioned over both ranks, its gradient from the
+    embedding and the head reduced across them."""
+    base = workdir / family
+    if family == "mixtral":
+        from tests.acceptance.test_moe_families_cli import save_pretrained_mixtral
+
+        save_pretrained_mixtral(base, num_local_experts=8, num_experts_per_tok=1)
+    else:
+        CHECKPOINTS[family](base)
+    keys = dict(model_name_or_path=str(base), finetuning_type="full", zero_stage=3, max_steps=2, warmup_steps=0,
+                learning_rate=1e-2, adam_epsilon=1e-6, gradient_accumulation_steps=2, val_size=4, eval_steps=2,
+                cutoff_len=256)
+    one = train(make_recipe(BASE_SFT, name="one", per_device_train_batch_size=4, **keys))
+    make_recipe(BASE_SFT, name="two", per_device_train_batch_size=2, **keys)  # writes two.yaml
+    check_two_ranks_follow_one_rank(one.output_dir, workdir / "saves" / "two", launch_two_ranks(workdir, "two.yaml"),
+                                    keys)
