@@ -110,6 +110,8 @@ def test_zero3_logs_the_zero0_losses_and_its_export_loads_in_transformers(make_r
     with torch.no_grad():
         want = ours(x)
         torch.testing.assert_close(theirs(x).logits, want, rtol=0, atol=1e-4)
+        # 12 positions: within Phi-3's LongRoPE window (its short factors; the 20 above and training: the long)
+        torch.testing.assert_close(theirs(x[:, :12]).logits, ours(x[:, :12]), rtol=0, atol=1e-4)
         before = transformers.AutoModelForCausalLM.from_pretrained(base).eval()(x).logits
         assert (want - before).abs().max() > 1e-3  # the runs trained
 
