@@ -123,9 +123,9 @@ def test_two_ranks_at_zero3_follow_one_rank_with_the_same_global_batch(make_reci
     tests/train/test_multirank.py checks GPT-2 / Llama / Qwen3-MoE: the same losses, eval losses and final weights.
     Mixtral with 8 experts, top-1: the ranks' rows route to different experts, some chosen on one rank only (each
     sparse block one ZeRO-3 leaf: moe.zero_stage_policy; with it returning [] rank 1 died in gloo); adam_epsilon 1e-6 for an expert first chosen after step 1
-    (test_multirank says why). No moe_aux_loss_coef: the router's balance term is a product of two means over each
-    rank's own tokens (transformers' load_balancing_loss_func, per device as in LLaMA-Factory), not a sum the ranks
-    split. Gemma 3: the tied, scaled embedding is one parameter partitioned over both ranks, its gradient from the
+    (test_multirank says why). No moe_aux_loss_coef: the logged loss counts its term times the ranks, as transformers'
+    Trainer logs it (docs/models.md), each rank's over its own tokens (load_balancing_loss_func is a product of two
+    means, not a sum the ranks split). Gemma 3: the tied, scaled embedding is one parameter partitioned over both ranks, its gradient from the
     embedding and the head reduced across them."""
     base = workdir / family
     if family == "mixtral":
