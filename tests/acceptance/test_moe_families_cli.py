@@ -17,16 +17,17 @@ TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
             max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def save_pretrained_mixtral(folder):
+def save_pretrained_mixtral(folder, **changes):
     """Mixtral-8x7B-Instruct-v0.1's tokenizer files (Mistral v0.1's 32,000-id sentencepiece vocabulary) beside a
-    random tiny MixtralForCausalLM (4 experts, top-2, no window)."""
+    random tiny MixtralForCausalLM (4 experts, top-2, no window; config `changes` over these)."""
     import transformers
 
     from tests.helpers.sp_vocab import write_sp_tokenizer_dir
 
     write_sp_tokenizer_dir(folder, "mistral_v1")
-    config = transformers.MixtralConfig(**TINY, vocab_size=32000, intermediate_size=24, num_local_experts=4,
-                                        sliding_window=None, bos_token_id=1, eos_token_id=2)
+    config = transformers.MixtralConfig(**{**TINY, "vocab_size": 32000, "intermediate_size": 24,
+                                           "num_local_experts": 4, "sliding_window": None, "bos_token_id": 1,
+                                           "eos_token_id": 2, **changes})
     random_model(transformers.MixtralForCausalLM, config).save_pretrained(folder)
 
 

@@ -55,12 +55,19 @@ def in_workdir(workdir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 ], ids=["llama", "gpt2", "qwen3_moe"])
 def test_rm_train_merge_eval_loads_in_transformers_and_peft(workdir, hf_checkpoint, family, checkpoint, template,
                                                             architecture):
+    moe = {"moe_aux_loss_coef": 0.01} if family == "qwen3_moe" else {}
+    check_rm_user_path(workdir, hf_checkpoint(family, **checkpoint), template, architecture, moe)
+
+
+def check_rm_user_path(workdir: Path, base: Path, template: str, architecture: str, moe: dict | None = None) -> None:
+    """Stage rm on the save_pretrained checkpoint `base` as the module docstring says: build / train / merge as typed
+    with `template` (and `moe`: moe_aux_loss_coef, said to have no effect), merged/ loaded as `architecture` and
+    adapter/ by PEFT scoring the held-out pairs alike, the trainer's and eval's loss and accuracy those scores'."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     write_ranking_data(workdir / "data")
-    base = hf_checkpoint(family, **checkpoint)
-    moe = {"moe_aux_loss_coef": 0.01} if family == "qwen3_moe" else {}
+    moe = moe or {}
     harness.write_recipe(workdir / "rm.yaml", {**RM, "template": template, **moe}, model_name_or_path=str(base),
                          output_dir="saves/rm", plot_loss=True)
     for command in ("build", "train", "merge"):
