@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.data.chat_template_blocks import CONTINUED, LEAD_MACRO, START, TEXT, Blocks, after
 from pipeline.data.chat_template_tools import tool_macros
+from pipeline.data.tools import VERBATIM_TOOLS
 from pipeline.data.jinja_text import literal
 from pipeline.data.templates import EOS, Template, tool_templates
 
@@ -195,7 +196,8 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         "{{- " + blocks.expression(template.prefix, edge=START) + " -}}",
     ]
     if tools:
-        lines.append("{%- if tools -%}{%- set system_message = system_message ~ tool_text(tools) -%}{%- endif -%}")
+        given = "tools is defined and tools is not none" if template.tool_format in VERBATIM_TOOLS else "tools"
+        lines.append("{%- if " + given + " -%}{%- set system_message = system_message ~ tool_text(tools) -%}{%- endif -%}")
     else:
         lines.append("{%- if tools -%}{{- raise_exception(" + literal(no_tools(template.name)) + ") -}}{%- endif -%}")
     lines.append("{%- if " + shown + " -%}")

@@ -1,4 +1,4 @@
-"""Function calling in the exported chat template: pipeline.data.tools' four formats as Jinja, so that
+"""Function calling in the exported chat template: pipeline.data.tools' formats as Jinja, so that
 `apply_chat_template(messages, tools=...)` (transformers, vLLM) writes what training wrote for the equivalent
 LLaMA-Factory sharegpt row.
 
@@ -19,9 +19,12 @@ slots), so one source states it.
 from __future__ import annotations
 
 from pipeline.data.jinja_text import formatted, literal
-from pipeline.data.tools import DEFAULT_TOOL_PROMPT, LLAMA3_TOOL_PROMPT, QWEN_TOOL_PROMPT
+from pipeline.data.tools import (DEFAULT_TOOL_PROMPT, GLM4_TOOL, GLM4_TOOL_PROMPT, LLAMA3_TOOL_PROMPT, PHI4_MINI_TOOLS,
+                                  QWEN_TOOL_PROMPT, SINGLE_CALL)
 
 NO_CALL = "this chat template (written by pipeline merge / export): a tool call needs a \"name\" and \"arguments\""
+SEVERAL_CALLS = ("this chat template (written by pipeline merge / export) writes one tool call per assistant message "
+                 "(tool format '{fmt}', as training): give each call its own assistant message and tool result")
 
 
 # a tool as LLaMA-Factory reads it: OpenAI's wrapping taken off (tools._unwrap), or put on (tools._wrapped).
@@ -64,7 +67,14 @@ _QWEN_TOOLS = _each_tool("'\\n' ~ " + _WRAPPED + " | tojson", QWEN_TOOL_PROMPT)
 _MISTRAL_TOOLS = ("{%- set t = namespace(items=[]) -%}"
                   "{%- for tool in tools -%}{%- set t.items = t.items + [" + _WRAPPED + "] -%}{%- endfor -%}"
                   "{{- '[AVAILABLE_TOOLS] ' ~ t.items | tojson ~ '[/AVAILABLE_TOOLS]' -}}")
-TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS, "mistral": _MISTRAL_TOOLS}
+_GLM4_TOOLS = ("{%- set t = namespace(text='') -%}"
+               "{%- for tool in tools -%}" + _UNWRAP + "{%- set t.text = t.text ~ "
+               + formatted(GLM4_TOOL, name="fn['name']", body="fn | tojson(indent=4)") + " -%}{%- endfor -%}"
+               "{{- " + formatted(GLM4_TOOL_PROMPT, tool_text="t.text") + " -}}")
+# training writes the tools column's text as given: tojson's text of the list is it when that text is json.dumps'
+_PHI4_MINI_TOOLS = "{{- " + literal(PHI4_MINI_TOOLS[0]) + " ~ tools | tojson ~ " + literal(PHI4_MINI_TOOLS[1]) + " -}}"
+TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS, "mistral": _MISTRAL_TOOLS,
+             "glm4": _GLM4_TOOLS, "phi4_mini": _PHI4_MINI_TOOLS}
 
 # one call's name and arguments (the function dict inside OpenAI's wrapping, or the call itself), as JSON text
 _CALL = (
@@ -79,7 +89,9 @@ _CALL_TEXT = {  # tools._format_calls: one call's text, and what joins several
     "qwen": ("'<tool_call>\\n{\"name\": ' ~ fn['name'] | tojson ~ ', \"arguments\": ' ~ arguments ~ '}\\n</tool_call>'",
              "'\\n'"),
     "mistral": ("'{\"name\": ' ~ fn['name'] | tojson ~ ', \"arguments\": ' ~ arguments ~ '}'", "', '"),
+    "glm4": ("fn['name'] ~ '\\n' ~ arguments", "''"),  # one call only (checked in _call_text)
 }
+_CALL_TEXT["phi4_mini"] = _CALL_TEXT["default"]
 
 
 def _call_text(fmt: str) -> str:
@@ -92,6 +104,9 @@ def _call_text(fmt: str) -> str:
     )
     if fmt == "llama3":  # one call is an object, several a JSON list of them
         return body + "{{- t.text if calls | length == 1 else '[' ~ t.text ~ ']' -}}"
+    if fmt in SINGLE_CALL:
+        body = ("{%- if calls | length > 1 -%}{{- raise_exception(" + literal(SEVERAL_CALLS.format(fmt=fmt)) + ") -}}"
+                "{%- endif -%}" + body)
     if fmt == "mistral":  # always a JSON list
         return body + "{{- '[' ~ t.text ~ ']' -}}"
     return body + "{{- t.text -}}"

@@ -383,9 +383,11 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
             if not spec.tool_turns:
                 raise _RowError(f"{at}.{role_tag} is '{role}': {tool_refusal(spec.template)}")
             if role == function:
+                from pipeline.data.templates import TEMPLATES
                 from pipeline.data.tools import function_problem
 
-                problem = function_problem(content)
+                template = TEMPLATES.get(spec.template)  # glm4 writes one call per turn
+                problem = function_problem(content, template.tool_format if template else None)
                 if problem:
                     raise _RowError(f"{at}.{content_tag} (a function call) {problem}")
         texts.append(content)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence, Union
 
 from pipeline.data.hf_encoding import Continued
+from pipeline.data.tools import PHI4_MINI_TOOLS
 from pipeline.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -462,8 +463,10 @@ TEMPLATES: dict[str, Template] = {
 }
 
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1886-1927: phi (Phi-3 / Phi-3.5-mini-instruct), phi4
-# (microsoft/phi-4), phi4_mini (Phi-4-mini-instruct; its format_tools, <|tool|>...<|/tool|>, is not written here:
-# function-calling data is refused with it); every answer ends at the template's own end token (replace_eos)
+# (microsoft/phi-4), phi4_mini (Phi-4-mini-instruct; its format_tools writes the tools text as given inside
+# <|tool|>...<|/tool|>, tokens in Phi-4-mini's vocabulary and text where a vocabulary lacks them; a call in the default
+# format as an answer, a tool result as a user turn: register_template's defaults, :534-550); every answer ends at the
+# template's own end token (replace_eos)
 PHI_MARKUP = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 PHI4_MARKUP = ("<|im_start|>", "<|im_sep|>", "<|im_end|>")
 PHI4_REPLY = "<|im_start|>assistant<|im_sep|>"
@@ -478,19 +481,28 @@ TEMPLATES.update({t.name: t for t in (
              description="Phi-4 (microsoft/phi-4): <|im_start|>user<|im_sep|> ...<|im_end|>, no newlines"),
     Template(name="phi4_mini", system="<|system|>{system}<|end|>", user="<|user|>{content}<|end|><|assistant|>",
              reply="<|assistant|>", assistant="{content}<|end|>", special_tokens=PHI_MARKUP, stop_words=("<|end|>",),
-             replace_eos=True, description="Phi-4-mini-instruct: <|user|> ...<|end|><|assistant|>, no newlines"),
+             replace_eos=True, tool_format="phi4_mini", optional_tokens=PHI4_MINI_TOOLS,
+             description="Phi-4-mini-instruct: <|user|> ...<|end|><|assistant|>, no newlines"),
 )})
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:966-978 (gemma) and :997-1011 (gemma3: gemma's strings, an
 # image plugin beside): Llama2Template, the system prompt and a blank line opening the first user turn's content;
-# BOS once; each answer closed by <end_of_turn> and a newline, <end_of_turn> the EOS generation stops at (replace_eos)
+# BOS once; each answer closed by <end_of_turn> and a newline, <end_of_turn> the EOS generation stops at (replace_eos).
+# Tools in the default format (register_template's default format_tools / format_function, the call in the answer's
+# block, :534-550), a tool result in its own <start_of_turn>tool block. :981-994: gemma2, the same strings with
+# efficient_eos and no replace_eos: the answer keeps <end_of_turn>\n, the tokenizer's EOS (<eos>) is learnt as the next
+# prompt's first label and ends the row; it stops at <eos> / <end_of_turn>.
 _GEMMA_REPLY = "<start_of_turn>model\n"
 _GEMMA = dict(prefix="{bos}", system="{system}\n\n", user="<start_of_turn>user\n{content}<end_of_turn>\n" + _GEMMA_REPLY,
               reply=_GEMMA_REPLY, assistant="{content}<end_of_turn>\n", system_in_content=True,
-              special_tokens=("<start_of_turn>", "<end_of_turn>"), stop_words=("<end_of_turn>",), replace_eos=True)
+              special_tokens=("<start_of_turn>", "<end_of_turn>"), stop_words=("<end_of_turn>",), replace_eos=True,
+              tool_format="default", observation="<start_of_turn>tool\n{content}<end_of_turn>\n" + _GEMMA_REPLY)
 TEMPLATES.update({t.name: t for t in (
     Template(name="gemma", **_GEMMA, description="Gemma / Gemma 2 / Gemma 3 instruct: <start_of_turn>user ..."
                                                  "<end_of_turn>, the system prompt inside the first user turn"),
     Template(name="gemma3", **_GEMMA, description="Gemma 3 (text): gemma's strings"),
+    Template(name="gemma2", **{**_GEMMA, "stop_words": ("<eos>", "<end_of_turn>"), "replace_eos": False},
+             efficient_eos=True, description="Gemma 2 (LLaMA-Factory's gemma2): gemma's strings, the EOS learnt as a "
+                                             "label (efficient_eos)"),
 )})
 
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1206-1215: granite3 (Granite 3.x instruct: its tokenizer's EOS
@@ -514,13 +526,14 @@ TEMPLATES.update({t.name: t for t in (
 # the prefix [gMASK]<sop>, the answer after a newline with no end token (efficient_eos: it learns the EOS at the next
 # prompt's first token, and a trained EOS ends the row), stops at <|user|> / <|observation|>; :1178-1191: glmz1
 # (GLM-Z1-9B-0414 / -32B-0414), the same strings as a reasoning template (ReasoningTemplate, the default thought
-# words: an empty <think></think> in front of a response without one). Their glm4 tool format (a Chinese tool prompt
-# with each schema as json.dumps(indent=4), a call as "name\narguments", no parallel calls) is not written:
-# function-calling data is refused with them.
+# words: an empty <think></think> in front of a response without one). Both use the glm4 tool format (a Chinese tool
+# prompt with each schema as json.dumps(indent=4), a call as "name\narguments" right after <|assistant|>, no parallel
+# calls) and a tool result in an <|observation|> block.
 GLM4_MARKUP = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 _GLM4 = dict(prefix="[gMASK]<sop>", system="<|system|>\n{system}", user="<|user|>\n{content}<|assistant|>",
              reply="<|assistant|>", assistant="\n{content}", special_tokens=GLM4_MARKUP,
-             stop_words=("<|user|>", "<|observation|>"), efficient_eos=True)
+             stop_words=("<|user|>", "<|observation|>"), efficient_eos=True, tool_format="glm4", function="{content}",
+             observation="<|observation|>\n{content}<|assistant|>")
 TEMPLATES.update({t.name: t for t in (
     Template(name="glm4", **_GLM4, description="GLM-4 / GLM-4-0414: [gMASK]<sop><|user|> ...<|assistant|> answer, its "
                                                "EOS learnt as a label (efficient_eos)"),

@@ -8,11 +8,14 @@ A function-calling example has three extra parts, and each template's tool forma
 - an `observation` turn (the tool's result, on the user's side: masked like a prompt): its text as given,
   in the template's observation block (pipeline.data.templates).
 
-Four formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
+Six formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
 `llama3` (Llama3ToolUtils: JSON tool list, today's date, {"name", "parameters"} calls), `qwen`
-(QwenToolUtils, Hermes style: <tools>...</tools> in the system prompt, <tool_call>...</tool_call> calls) and
+(QwenToolUtils, Hermes style: <tools>...</tools> in the system prompt, <tool_call>...</tool_call> calls),
 `mistral` (MistralToolUtils, Mistral v0.3: "[AVAILABLE_TOOLS] [...][/AVAILABLE_TOOLS]", a JSON list of calls; the
-template writes [TOOL_CALLS] before it).
+template writes [TOOL_CALLS] before it), `glm4` (GLM4ToolUtils: GLM-4's Chinese tool prompt with each function as
+json.dumps(indent=4), a call as "name\\narguments", one call per turn) and `phi4_mini` (not a tool utils of
+LLaMA-Factory's but phi4_mini's own format_tools: the `tools` text as given, between <|tool|> and <|/tool|>; calls
+in the default format, which LLaMA-Factory's register_template gives a template without format_function).
 JSON is written with Python's json.dumps(ensure_ascii=False), exactly as LLaMA-Factory does.
 
 `tools_problem` / `function_problem` say why a row's text cannot be rendered (the build reports them as the
@@ -25,7 +28,11 @@ import re
 from datetime import datetime
 from typing import Any, NamedTuple
 
-FORMATS = ("default", "llama3", "qwen", "mistral")
+FORMATS = ("default", "llama3", "qwen", "mistral", "glm4", "phi4_mini")
+# formats that write one call per turn (LLaMA-Factory's GLM4ToolUtils.function_formatter raises on several)
+SINGLE_CALL = frozenset({"glm4"})
+# formats that write the tools column's text as given, an empty list ("[]") too (phi4_mini's StringFormatter)
+VERBATIM_TOOLS = frozenset({"phi4_mini"})
 # LLaMA-Factory's defaults for every template: a function_call turn may carry a thought before its call, and
 # may wrap the call in these words.
 THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")
@@ -53,6 +60,14 @@ QWEN_TOOL_PROMPT = (
     """<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, """
     """"arguments": <args-json-object>}}\n</tool_call>"""
 )
+# LLaMA-Factory 0.9.5 src/llamafactory/data/tool_utils.py:41-44 (GLM4_TOOL_PROMPT) and :377-386 (each tool's text)
+GLM4_TOOL_PROMPT = (
+    "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{tool_text}"
+)
+GLM4_TOOL = "\n\n## {name}\n\n{body}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1919-1927: phi4_mini's format_tools, a StringFormatter
+PHI4_MINI_TOOLS = ("<|tool|>", "<|/tool|>")
 
 
 class FunctionCall(NamedTuple):
@@ -110,12 +125,22 @@ def _mistral_tools(tools: list[dict]) -> str:
     return "[AVAILABLE_TOOLS] " + _dumps([_wrapped(tool) for tool in tools]) + "[/AVAILABLE_TOOLS]"
 
 
+def _glm4_tools(tools: list[dict]) -> str:
+    return GLM4_TOOL_PROMPT.format(tool_text="".join(
+        GLM4_TOOL.format(name=tool["name"], body=_dumps(tool, indent=4)) for tool in map(_unwrap, tools)))
+
+
 def tool_text(tools: str, fmt: str) -> str:
-    """The text the tool descriptions add after the system prompt ("" for an empty list), from the `tools` JSON."""
+    """The text the tool descriptions add after the system prompt ("" for an empty list), from the `tools` JSON.
+    phi4_mini's is the text itself, as given (an empty list too): its format_tools is a StringFormatter, which
+    LLaMA-Factory's Template._encode applies to the column's string without parsing it (template.py:152)."""
+    if fmt in VERBATIM_TOOLS:
+        return PHI4_MINI_TOOLS[0] + tools + PHI4_MINI_TOOLS[1]
     parsed = json.loads(tools)
     if not parsed:
         return ""
-    return {"default": _default_tools, "llama3": _llama3_tools, "qwen": _qwen_tools, "mistral": _mistral_tools}[fmt](parsed)
+    return {"default": _default_tools, "llama3": _llama3_tools, "qwen": _qwen_tools, "mistral": _mistral_tools,
+            "glm4": _glm4_tools}[fmt](parsed)
 
 
 def _calls(text: str) -> list[FunctionCall]:
@@ -124,7 +149,13 @@ def _calls(text: str) -> list[FunctionCall]:
 
 
 def _format_calls(calls: list[FunctionCall], fmt: str) -> str:
-    if fmt == "default":
+    if fmt in SINGLE_CALL and len(calls) > 1:  # the build refuses such rows (function_problem); data built elsewhere
+        from pipeline.errors import UserError
+
+        raise UserError("a function_call turn " + single_call_problem(fmt, len(calls)))
+    if fmt == "glm4":  # tool_utils.py:388-394
+        return f"{calls[0].name}\n{_dumps(calls[0].arguments)}"
+    if fmt in ("default", "phi4_mini"):
         return "\n".join(f"Action: {c.name}\nAction Input: {_dumps(c.arguments)}" for c in calls)
     if fmt == "llama3":
         objects = [{"name": c.name, "parameters": c.arguments} for c in calls]
@@ -182,8 +213,15 @@ def tools_problem(tools: str) -> str | None:
     return None
 
 
-def function_problem(content: str) -> str | None:
-    """Why a function_call turn cannot be rendered (None: it can)."""
+def single_call_problem(fmt: str, calls: int) -> str:
+    """Why a turn of several calls cannot be written in a one-call format."""
+    return (f"holds {calls} parallel calls, but tool format '{fmt}' writes one call per turn (LLaMA-Factory 0.9.5's "
+            "GLM4ToolUtils refuses several: 'GLM-4 does not support parallel functions.'); give each call its own "
+            "function_call turn, each followed by its observation")
+
+
+def function_problem(content: str, fmt: str | None = None) -> str | None:
+    """Why a function_call turn cannot be rendered (None: it can), in tool format `fmt` when given (the template's)."""
     _, call = _split(content)
     try:
         parsed = json.loads(call)
@@ -193,4 +231,6 @@ def function_problem(content: str) -> str | None:
     if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c
                             for c in calls):
         return "expected a JSON object {\"name\": ..., \"arguments\": ...} (or a list of them for parallel calls)"
+    if fmt in SINGLE_CALL and len(calls) > 1:
+        return single_call_problem(fmt, len(calls))
     return None

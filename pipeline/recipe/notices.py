@@ -20,7 +20,8 @@ TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported m
 # The template that is each family's own chat format (the one its instruct checkpoints were trained in).
 FAMILY_TEMPLATES = {"llama": "llama3", "qwen2": "qwen", "qwen3": "qwen3", "mistral": "mistral", "qwen3_moe": "qwen3"}
 FAMILY_TEMPLATES.update(mixtral="mistral", qwen2_moe="qwen")  # Mixtral-8x7B-Instruct, Qwen1.5-MoE-A2.7B-Chat
-FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma")  # Gemma 2: LLaMA-Factory's gemma2 (not here) has its strings
+FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma2")  # Gemma 2: LLaMA-Factory 0.9.5's own
+# (extras/constants.py:750-795 registers Gemma-2-*-Instruct with template gemma2)
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
 

@@ -178,6 +178,9 @@ SMALL_ADDED = {
 # templates, all special as in Phi-4's / Phi-4-mini's tokenizer.json, and Phi-4's pad <|dummy_85|>
 SMALL_ADDED["phi4"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|system|>",
                                            "<|user|>", "<|assistant|>", "<|end|>", "<|dummy_85|>")]
+# Phi-4-mini's: Phi-4's markup with Phi-4-mini-instruct's <|tool|> / <|/tool|> (special in its tokenizer.json), which
+# the phi4_mini template writes around the tools text
+SMALL_ADDED["phi4_mini"] = [*SMALL_ADDED["phi4"], ("<|tool|>", True), ("<|/tool|>", True)]
 # Granite 3.x's vocabulary (ibm-granite's 49,155-row byte-level BPE) and OLMo 2's (cl100k-based, 100,352 rows) in small:
 # their special tokens as their tokenizer.json lists them (Granite: <|end_of_text|> is BOS, EOS, pad and unk, the role
 # markers special; OLMo 2: <|endoftext|> BOS / EOS, pad <|pad|>; its <|user|> / <|assistant|> are text there)
@@ -215,7 +218,7 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
         generation = {"bos_token_id": ids["<|begin_of_text|>"],
                       "eos_token_id": [ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]]}
-    elif family == "phi4":  # microsoft/phi-4's tokenizer_config.json / generation_config.json, by name
+    elif family.startswith("phi4"):  # microsoft/phi-4's tokenizer_config.json / generation_config.json, by name
         config = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|dummy_85|>"}
         generation = {"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                       "pad_token_id": ids["<|dummy_85|>"]}

@@ -94,8 +94,9 @@ def test_mistral_v3_control_tokens_are_trainings_ids(tmp_path):
     assert_conversation(tmp_path, "mistral", set())
 
 
-def assert_conversation(directory, name: str, text_only: set[str]) -> None:
-    """The goldens' conversation rendered by apply_chat_template is training's, prompt by prompt and whole."""
+def assert_conversation(directory, name: str, text_only: set[str], messages: list[dict] = MESSAGES) -> None:
+    """The goldens' conversation (or `messages`, in its shape) rendered by apply_chat_template is training's, prompt by
+    prompt and whole."""
     tokenizer = ours(directory)
     tools = json.loads(TOOLS)
     template = get_template(name)
@@ -103,13 +104,13 @@ def assert_conversation(directory, name: str, text_only: set[str]) -> None:
         head = [{"role": "system", "content": system}] if system else []
         for thinking in (True, False) if template.thought_words else (True,):
             for end in (1, 3, 5):  # after the user, after the tool result, after the second user turn
-                got = render(directory, template, head + openai(MESSAGES[:end]), tools=tools,
+                got = render(directory, template, head + openai(messages[:end]), tools=tools,
                              enable_thinking=thinking, tokenize=name not in text_only)
-                assert_trainings(name, tokenizer, got, prompt_ids(template, tokenizer, MESSAGES[:end], system,
+                assert_trainings(name, tokenizer, got, prompt_ids(template, tokenizer, messages[:end], system,
                                                                   thinking), text_only)
-            want = encode_example(row(MESSAGES, system), template, tokenizer, cutoff_len=8192, mask_history=True,
+            want = encode_example(row(messages, system), template, tokenizer, cutoff_len=8192, mask_history=True,
                                   enable_thinking=thinking).input_ids
-            got = render(directory, template, head + openai(MESSAGES), tools=tools, add_generation_prompt=False,
+            got = render(directory, template, head + openai(messages), tools=tools, add_generation_prompt=False,
                          enable_thinking=thinking, tokenize=name not in text_only)
             assert_trainings(name, tokenizer, got, want, text_only)
 

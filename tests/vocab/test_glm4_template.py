@@ -125,15 +125,6 @@ def test_glmz1s_chat_template_gives_the_training_prompt_and_text(glm_dir):
         assert text == ours.decode(whole) and "</think>\n\n\n" + ANSWER + "<|endoftext|>" in text
 
 
-def test_function_calling_data_is_refused_with_glm4(glm_dir):
-    """glm4's tool format is not written: a row with tools names the templates that render them."""
-    from pipeline.errors import UserError
-
-    with pytest.raises(UserError) as err:
-        encode_example({**row(None), "tools": '[{"name": "f"}]'}, "glm4", load_tokenizer(glm_dir), cutoff_len=4096)
-    assert "template 'glm4' does not" in str(err.value)
-
-
 def test_truncation_keeps_the_final_eos(glm_dir, golden):
     """overlength_policy truncate on an efficient_eos row ends it with the trained EOS, as LLaMA-Factory 0.9.5 does:
     _encode_data_example (processor/supervised.py:68-104) reserves one token for it (total_length starts at 1) and
