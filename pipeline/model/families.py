@@ -436,6 +436,15 @@ GEMMA3_VLM = Wrapper(
     top_level=(("tie_word_embeddings", True),), ignored=("final_logit_softcapping",),
     files=("preprocessor_config.json", "processor_config.json"))
 WRAPPERS: dict[str, Wrapper] = {GEMMA3_VLM.architecture: GEMMA3_VLM}
+# Mistral Small 3.1 / 3.2 (mistralai/Mistral-Small-3.1-24B-Instruct-2503): a Pixtral vision tower and a projector
+# (with its patch merger) around a MistralForCausalLM's decoder (transformers 5.24 modeling_mistral3.py:180-317: the
+# same module tree as Gemma 3's, the same "llava" spellings); the hub's text_config is complete (MistralConfig's
+# defaults for the rest); Mistral3Config's top-level tie_word_embeddings defaults to true (configuration_mistral3.py:98)
+MISTRAL3_VLM = Wrapper(
+    architecture="Mistral3ForConditionalGeneration", model_type="mistral3", family="mistral", text_config="text_config",
+    prefix=GEMMA3_VLM.prefix, aliases=GEMMA3_VLM.aliases, carried=GEMMA3_VLM.carried,
+    top_level=(("tie_word_embeddings", True),), files=GEMMA3_VLM.files)
+WRAPPERS[MISTRAL3_VLM.architecture] = MISTRAL3_VLM
 WRAPPERS_BY_MODEL_TYPE = {w.model_type: w for w in WRAPPERS.values()}
 SUPPORTED = ", ".join([*BY_ARCHITECTURE, *WRAPPERS])
 

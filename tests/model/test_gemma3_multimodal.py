@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, count_params, read_config
 from pipeline.model.weights import load_model, save_hf, save_model
+from tests.acceptance.harness import random_model
 from tests.acceptance.test_gemma3_multimodal_cli import tiny_gemma3_vlm
 
 transformers = pytest.importorskip("transformers")
@@ -141,3 +142,46 @@ def test_gemma_3_4b_preset_counts_the_decoder():
     decoder = sum(p.numel() for p in ref.model.language_model.parameters())
     assert count_params(PRESETS["gemma-3-4b"]) == decoder == 3_880_263_168
     assert sum(p.numel() for p in ref.parameters()) == 4_300_079_472
+
+
+def test_mistral3_is_a_second_row_logits_adapter_and_merge(tmp_path):
+    """Mistral Small 3.1's class (Mistral3ForConditionalGeneration: a Pixtral tower and a projector around a Mistral
+    decoder, here untied, its head saved as language_model.lm_head.weight) is the table's second row, no code of its
+    own: our logits are transformers' (input_ids only); a LoRA adapter (every decoder Linear) loads in PEFT with our
+    logits; merged and written around the source, transformers loads a Mistral3ForConditionalGeneration computing
+    them, its tower and projector the source's tensors."""
+    import peft
+
+    from pipeline.model import lora
+
+    text = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, vocab_size=300, max_position_embeddings=128, sliding_window=None, rope_theta=10000.0)
+    vision = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  image_size=28, patch_size=14)
+    config = transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=299,
+                                         tie_word_embeddings=False)
+    source = random_model(transformers.Mistral3ForConditionalGeneration, config)
+    source.save_pretrained(tmp_path / "small")
+    ours = load_model(tmp_path / "small").eval()
+    assert (ours.cfg.wrapper, ours.cfg.family, ours.cfg.tie_weights) == ("Mistral3ForConditionalGeneration", "mistral",
+                                                                         False)
+    x = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), source(input_ids=x).logits, atol=1e-5, rtol=0)
+        lora.apply_lora(ours, "all", rank=4, alpha=8)
+        for name, p in ours.named_parameters():
+            if "lora" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        want = ours(x)
+    lora.save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(tmp_path / "small")})
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "small"), tmp_path / "adapter").eval()
+    lora.merge_lora(ours)
+    save_hf(ours, tmp_path / "merged", source=tmp_path / "small")
+    theirs = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(adapted(input_ids=x).logits, want, atol=1e-5, rtol=0)
+        assert torch.allclose(theirs(input_ids=x).logits, want, atol=1e-5, rtol=0)
+    before, after = source.state_dict(), theirs.state_dict()
+    towers = [k for k in before if k.startswith(TOWERS)]
+    assert towers and all(torch.equal(before[k], after[k]) for k in towers)
