@@ -171,6 +171,15 @@ class ExportFiles:
     chat_template: str | None = None
     eos_token: str | None = None
     training_chat_template: str | None = None
+    source: Path | None = None  # the base checkpoint's folder (None: a preset): a wrapped model's other towers
+
+
+def base_folder(model_name_or_path: str) -> Path | None:
+    """The folder of the recipe's base checkpoint (a hub id's snapshot); None for a preset."""
+    from pipeline.model.config import config_path
+
+    path = config_path(model_name_or_path)
+    return path.parent if path else None
 
 
 def export_files(r: Mapping[str, Any]) -> ExportFiles:
@@ -181,7 +190,8 @@ def export_files(r: Mapping[str, Any]) -> ExportFiles:
                        base_config_ids(recipe_args(r).model.model_name_or_path),
                        recipe_chat_template(data, tokenizer, key_at(r, "template")),
                        export_eos_token(data, tokenizer),
-                       recipe_chat_template(data, tokenizer, key_at(r, "template"), marked=True))
+                       recipe_chat_template(data, tokenizer, key_at(r, "template"), marked=True),
+                       base_folder(recipe_args(r).model.model_name_or_path))
 
 
 @dataclass
@@ -511,7 +521,7 @@ def export(check: Verified, target: Path, ex: ExportArgs, files: ExportFiles) ->
     with atomic_dir(target) as tmp:
         save_hf(model, tmp, dtype=dtype, max_shard_bytes=shard_bytes_from_gb(ex.export_size),
                 special={k: v for k, v in files.generation.items() if k.endswith("_token_id")},
-                config_ids=files.config_ids)
+                config_ids=files.config_ids, source=files.source)
         del model
         hostmem.release_freed()
         written = load_model(tmp).eval()

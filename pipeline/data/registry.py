@@ -307,8 +307,9 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
             f"column{echo}")
     for col in MULTIMODAL_COLUMNS:
         if col in given:
-            add(("columns", col), f"multimodal data ({col}) is not supported: the models here read text only; "
-                                  "name a text-only dataset")
+            add(("columns", col), f"multimodal data ({col}) is not supported: the models here read text only (an "
+                                  "image-text checkpoint such as Gemma3ForConditionalGeneration trains its language "
+                                  "model, its vision tower carried to the export unchanged); name a text-only dataset")
     if "kto_tag" in given and data.form != "kto":
         add(("columns", "kto_tag"), "KTO data (a desirable/undesirable label per row) trains with stage: kto; rows "
                                     f"labelled undesirable would be learned as good answers under stage {stage}; "

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.model.config import adapted, in_blocks, lora_candidates, select_modules
-from pipeline.model.families import FAMILIES, GPT2, Family
+from pipeline.model.families import GPT2, Family
 from pipeline.names import split_names
 
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
@@ -151,7 +151,7 @@ def train_additional(model: nn.Module, extra: list[str]) -> None:
 def family_of_model(model: nn.Module) -> Family:
     """The model's family (a GPTModel's cfg.family); a bare module (unit tests) counts as GPT-2."""
     cfg = getattr(model, "cfg", None)
-    return FAMILIES[cfg.family] if cfg is not None else GPT2
+    return cfg.hf if cfg is not None else GPT2
 
 
 def is_reward_model(model: nn.Module) -> bool:

@@ -21,7 +21,6 @@ from pipeline.errors import UserError
 from pipeline.model.adapter import cast_keeping_adapters
 from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, llama_pro_blocks, read_config,
                                    resized_vocab_size, vocab_modules)
-from pipeline.model.families import FAMILIES
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
@@ -207,7 +206,7 @@ def lora_additional_targets(model: GPTModel, ft: FinetuneArgs) -> Sequence[str] 
     last name component, as LLaMA-Factory's adapter.py picks them): the new tokens' rows must train."""
     if ft.additional_target is not None or not ft.resize_vocab:
         return ft.additional_target
-    return [FAMILIES[model.cfg.family].to_hf(name).split(".")[-1] for name in vocab_modules(model.cfg)]
+    return [model.cfg.hf.to_hf(name).split(".")[-1] for name in vocab_modules(model.cfg)]
 
 
 def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path | None = None) -> GPTModel:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.names import split_names, trains_adapter
-from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, hf_fields, HF_CONFIG
+from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, hf_fields, HF_CONFIG, WRAPPERS, wrapped_family
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
 FORMAT_VERSION = 2       # 1: GPT-2 only, HF GPT-2 module names; 2: any family, our module names
@@ -101,6 +101,9 @@ class ModelConfig:
     #                                        None: every layer rotates by rope_theta and rope_scaling
     attn_logit_softcapping: float | None = None   # Gemma 2: scores become cap * tanh(scores / cap) before the mask
     final_logit_softcapping: float | None = None  # Gemma 2: logits become cap * tanh(logits / cap)
+    # the architecture wrapping this decoder in its checkpoint (pipeline.model.families.WRAPPERS: an image-text
+    # model's language model, e.g. Gemma3ForConditionalGeneration); None: the family's causal LM class itself
+    wrapper: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))  # a JSON list read back
@@ -120,6 +123,10 @@ class ModelConfig:
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                                 f"{did_you_mean(str(getattr(self, name)), allowed)}")
+        if self.wrapper is not None and (self.wrapper not in WRAPPERS or WRAPPERS[self.wrapper].family != self.family):
+            problems.append(f"wrapper must be null or an architecture wrapping family {self.family!r}"
+                            f" ({', '.join(w for w, row in WRAPPERS.items() if row.family == self.family) or 'none'}),"
+                            f" got {self.wrapper!r}")
         if self.rope_scaling is not None and dict(self.rope_scaling).get("type") not in ROPE_TYPES:
             problems.append(f"rope_scaling type must be one of {', '.join(ROPE_TYPES)}, got {self.rope_scaling!r}")
         if self.n_experts and not (isinstance(self.experts_per_token, int) and 1 <= self.experts_per_token
@@ -217,7 +224,8 @@ class ModelConfig:
 
     @property
     def hf(self) -> Family:
-        return FAMILIES[self.family]
+        """The family's HF names as this checkpoint's class has them (a wrapper's module prefix and towers)."""
+        return wrapped_family(self.family, self.wrapper)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -315,14 +323,17 @@ def _phi(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ff
                    eps=1e-5, tied=tied).replace(partial_rotary_factor=rotary)
 
 
-def _gemma3(emb: int, layers: int, ffn: int) -> ModelConfig:
-    """Gemma 3's text-only checkpoints (google/gemma-3-1b-it's and gemma-3-270m's config.json): 262,144 ids, 32,768
-    positions, 4 query heads sharing one key/value head of width 256 (query_pre_attn_scalar 256), a 512-position
-    window in five layers of every six (sliding_window_pattern 6), RoPE theta 1e6 globally and 1e4 locally, tied."""
-    return _swiglu("gemma3", vocab=262144, ctx=32768, emb=emb, layers=layers, heads=4, kv=1, ffn=ffn,
+def _gemma3(emb: int, layers: int, ffn: int, *, heads: int = 4, kv: int = 1, vocab: int = 262144, ctx: int = 32768,
+            window: int = 512, scaling: Mapping[str, Any] | None = None) -> ModelConfig:
+    """Gemma 3's decoders. By default the text-only checkpoints' (google/gemma-3-1b-it's and gemma-3-270m's
+    config.json): 262,144 ids, 32,768 positions, 4 query heads sharing one key/value head of width 256
+    (query_pre_attn_scalar 256), a 512-position window in five layers of every six (sliding_window_pattern 6), RoPE
+    theta 1e6 globally and 1e4 locally, tied. The image-text checkpoints' decoders (gemma-3-4b-it's text_config over
+    Gemma3TextConfig's defaults) differ in ids, heads, positions, window and the global layers' rope scaling."""
+    return _swiglu("gemma3", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
                    theta=1000000.0, eps=1e-6, tied=True, head_size=256).replace(
-        mlp="geglu", attention_scores_scalar=256,
-        rope_local_theta=10000.0, layer_windows=tuple(None if (i + 1) % 6 == 0 else 512 for i in range(layers)))
+        mlp="geglu", attention_scores_scalar=256, rope_scaling=scaling,
+        rope_local_theta=10000.0, layer_windows=tuple(None if (i + 1) % 6 == 0 else window for i in range(layers)))
 
 
 def _granite(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, kv: int, ffn: int, theta: float, tied: bool,
@@ -368,6 +379,10 @@ PRESETS: dict[str, ModelConfig] = {
     "gemma-3-1b": _gemma3(1152, 26, 6912),
     "gemma-3-270m": _gemma3(640, 18, 2048),
 }
+PRESETS.update({  # the decoder of google/gemma-3-4b-it (Gemma3ForConditionalGeneration; its vision tower not counted)
+    "gemma-3-4b": _gemma3(2560, 34, 10240, heads=8, kv=4, vocab=262208, ctx=131072, window=1024,
+                          scaling={"type": "linear", "factor": 8.0}),  # 3,880,263,168 (the card's 4B: 4.30B in all)
+})
 PRESETS.update({  # the MoE families beside Qwen3-MoE
     "mixtral-8x7b": _mixtral(4096, 32, 32, 8, 14336, vocab=32000, ctx=32768),  # 46.7B, 12.9B active
     "qwen1.5-moe-a2.7b": _qwen2_moe(2048, 24, 16, 16, 5632, experts=60, top_k=4, expert_ffn=1408, shared=5632,
@@ -801,7 +816,7 @@ def lora_target_modules(cfg: ModelConfig, targets: str | Iterable[str] | None,
                         blocks: Iterable[int] | None = None) -> list[ModuleSpec]:
     """The Linears lora_target picks, within `blocks` when given (use_llama_pro)."""
     linears = {m.name: m for m in layout(cfg) if m.kind == "linear"}
-    return [linears[n] for n in in_blocks(select_modules(lora_candidates(linears), targets, family=cfg.family), blocks)]
+    return [linears[n] for n in in_blocks(select_modules(lora_candidates(linears), targets, family=cfg.hf), blocks)]
 
 
 def whole_model_message(fam: Family, pattern: str) -> str:
@@ -1056,7 +1071,7 @@ def additional_target_modules(cfg: ModelConfig, patterns: str | Iterable[str] | 
     if not patterns:
         return []
     chosen = select_modules(module_paths(cfg), normalise_targets(patterns), key="additional_target",
-                            family=cfg.family)
+                            family=cfg.hf)
     return [m for m in layout(cfg) if any(m.name == c or m.name.startswith(c + ".") for c in chosen)]
 
 
@@ -1151,7 +1166,7 @@ def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8
                                       if use_llama_pro else None)
         extra = {m.name: m for m in additional_target_modules(cfg, additional_target)}
         kept = set(adapted([m.name for m in targets], normalise_targets(additional_target) if additional_target
-                           else [], cfg.family))  # a module trained in full takes none
+                           else [], cfg.hf))  # a module trained in full takes none
         adapters = [t for m in targets if m.name in kept
                     for t in adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
         if resize_vocab and additional_target is None:

@@ -20,9 +20,14 @@ A family maps those names to its HF names the way torchtune's convert_weights.py
 templates (`{i}` is the block index, `{e}` an expert's), read in both directions, plus the modules whose HF weight is a
 Conv1D (GPT-2 stores in x out, the transpose of nn.Linear). LoRA targets, additional_target, PEFT
 adapters and exports all speak the family's HF names; only the model itself uses ours.
+
+A checkpoint that wraps one of these decoders with other towers (Gemma3ForConditionalGeneration: a vision tower and a
+projector around Gemma 3's) is a Wrapper row: its decoder trains, ModelConfig.wrapper names the row, and
+ModelConfig.hf is the family in the wrapper's names (its prefix, the other spellings, the towers carried).
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -86,6 +91,11 @@ class Family:
     # the config class's default bos / eos / pad ids are rows of its own vocabulary (Phi3Config's pad 32000,
     # Olmo2Config's eos 50279), no row of a smaller one: the export writes null for an id not given
     null_special_ids: bool = False
+    # a wrapped checkpoint's decoder (Wrapper.family_of): other writers' prefixes for the decoder's tensors, read as
+    # `prefix` / the head (old -> new, transformers' conversion_mapping), and the tensor prefixes of the wrapper's
+    # other towers, which are not ours: read past on load, copied unchanged into an export; both empty for a causal LM
+    aliases: tuple[tuple[str, str], ...] = ()
+    carried: tuple[str, ...] = ()
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,9 +120,20 @@ class Family:
 
     def from_hf(self, hf: str) -> str:
         """A full or prefix-less HF path -> ours (unknown names come back unchanged after the prefix)."""
+        hf = self.canonical(hf)
         if _is_head(hf):
             return hf
         return _rename(self.strip(hf), [(p, out) for _, _, p, out in self._compiled])
+
+    def canonical(self, hf: str) -> str:
+        """A tensor name as transformers 5's module tree has it: an alias prefix (a wrapped checkpoint's file
+        names, e.g. language_model.model.) replaced by the one it stands for."""
+        old = next((pair for pair in self.aliases if hf.startswith(pair[0])), None)
+        return old[1] + hf[len(old[0]):] if old else hf
+
+    def is_carried(self, hf: str) -> bool:
+        """Whether a checkpoint tensor belongs to a wrapper's other tower (not to the decoder): carried, not read."""
+        return self.canonical(hf).startswith(self.carried) if self.carried else False
 
     def strip(self, hf: str) -> str:
         return hf[len(self.prefix):] if hf.startswith(self.prefix) else hf
@@ -344,19 +365,102 @@ FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
-SUPPORTED = ", ".join(BY_ARCHITECTURE)
 DEFAULT_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # a family whose rope_types is ()
 ROPE_TYPES = (*DEFAULT_ROPE_TYPES, "longrope")
 
 
-# Architectures of the Gemma line that are not implemented, with why and what works instead (appended to the refusal)
-_GEMMA_TEXT = "Gemma 3's text-only checkpoints (Gemma3ForCausalLM: google/gemma-3-1b-it, google/gemma-3-270m)"
-NOT_YET: dict[str, str] = {
-    "Gemma3ForConditionalGeneration": "Gemma 3 4B / 12B / 27B are image-text models (a SigLIP vision tower and a"
-    " projector around the language model, weights under language_model.*); only " + _GEMMA_TEXT + " are"
-    " supported",
-}
-NOT_YET_MODEL_TYPES = {"gemma3": "Gemma3ForConditionalGeneration"}
+@dataclass(frozen=True)
+class Wrapper:
+    """An architecture that wraps one of our decoders with other towers (an image-text model: a vision tower and a
+    projector around the language model), trained here as its text decoder. One row per wrapping architecture: where
+    its text config lives, where the decoder's tensors are, which tensors are the other towers'. Those are carried:
+    never read into the model, copied bit for bit into an export, whose config.json stays the wrapper's.
+
+    Text-only training is what LLaMA-Factory does on text data: its vision tower and projector stay frozen
+    (freeze_vision_tower / freeze_multi_modal_projector default true, model_utils/visual.py), never run."""
+
+    architecture: str                     # config.json "architectures"[0]
+    model_type: str                       # config.json "model_type"
+    family: str                           # the decoder's family (FAMILIES), read from the text config
+    text_config: str                      # the config.json key holding the decoder's config
+    prefix: str                           # the decoder's modules in transformers 5's module tree (PEFT's names)
+    # other writers' tensor prefixes -> transformers 5's module tree (transformers' conversion_mapping)
+    aliases: tuple[tuple[str, str], ...]
+    carried: tuple[str, ...]              # the other towers' prefixes (in the module tree's names)
+    # the text config class's defaults for the keys the hub's sparse text_config leaves out (beside the family's own
+    # config_defaults); and the decoder settings the wrapper's config holds at its top level, with its class's default
+    text_defaults: tuple[tuple[str, Any], ...] = ()
+    top_level: tuple[tuple[str, Any], ...] = ()
+    ignored: tuple[str, ...] = ()         # text-config keys the wrapper's forward does not apply: read as null
+    files: tuple[str, ...] = ()           # the wrapper's own files beside the tokenizer's, copied into an export
+
+    def family_of(self) -> Family:
+        """The decoder's family as this wrapper names it: its architecture and model_type, its module prefix, the
+        aliases and the carried towers (LoRA targets, PEFT adapters, exports and messages then speak its names)."""
+        import dataclasses
+
+        return dataclasses.replace(FAMILIES[self.family], architecture=self.architecture, model_type=self.model_type,
+                                   reward_architecture="", prefix=self.prefix, aliases=self.aliases,
+                                   carried=self.carried, _compiled=[])
+
+    def text_raw(self, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
+        """The decoder's config.json keys: the text config over the class's defaults, the top-level settings."""
+        family = FAMILIES[self.family]
+        sub = raw.get(self.text_config)
+        if not isinstance(sub, dict):
+            raise UserError(f"{path}: {self.text_config} is {sub!r}; a {self.architecture} config.json holds its"
+                            f" language model's config (model_type {family.model_type}) there as an object")
+        if sub.get("model_type", family.model_type) != family.model_type:
+            raise UserError(f"{path}: {self.text_config}.model_type is {sub['model_type']!r}; a {self.architecture}"
+                            f" is read here with a {family.architecture} inside (model_type {family.model_type})")
+        text = {**dict(self.text_defaults), **sub, **{key: raw.get(key, default) for key, default in self.top_level}}
+        return {**text, **{key: None for key in self.ignored}}
+
+
+# Gemma 3 4B / 12B / 27B (google/gemma-3-4b-it ...): a SigLIP vision tower and a projector around a Gemma 3 text
+# decoder (transformers 5.24 modeling_gemma3.py:747-911: model.vision_tower, model.multi_modal_projector,
+# model.language_model, lm_head tied to the embedding by the top-level tie_word_embeddings). The hub's files and
+# transformers 5's save_pretrained name the decoder language_model.model.* (its "llava" conversion mapping,
+# conversion_mapping.py:812-817). Gemma3ForConditionalGeneration.forward applies no final_logit_softcapping (:998).
+# The hub's text_config is sparse (4B: hidden_size, intermediate_size, num_hidden_layers, rope_scaling,
+# sliding_window): Gemma3TextConfig's defaults fill it (configuration_gemma3.py:73-95).
+GEMMA3_VLM = Wrapper(
+    architecture="Gemma3ForConditionalGeneration", model_type="gemma3", family="gemma3", text_config="text_config",
+    prefix="model.language_model.",
+    aliases=(("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+             ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")),
+    carried=("model.vision_tower.", "model.multi_modal_projector."),
+    text_defaults=(("vocab_size", 262208), ("hidden_size", 2304), ("intermediate_size", 9216),
+                   ("num_hidden_layers", 26), ("num_attention_heads", 8), ("rms_norm_eps", 1e-6),
+                   ("bos_token_id", 2), ("eos_token_id", 1), ("pad_token_id", 0)),
+    top_level=(("tie_word_embeddings", True),), ignored=("final_logit_softcapping",),
+    files=("preprocessor_config.json", "processor_config.json"))
+WRAPPERS: dict[str, Wrapper] = {GEMMA3_VLM.architecture: GEMMA3_VLM}
+# Mistral Small 3.1 / 3.2 (mistralai/Mistral-Small-3.1-24B-Instruct-2503): a Pixtral vision tower and a projector
+# (with its patch merger) around a MistralForCausalLM's decoder (transformers 5.24 modeling_mistral3.py:180-317: the
+# same module tree as Gemma 3's, the same "llava" spellings); the hub's text_config is complete (MistralConfig's
+# defaults for the rest); Mistral3Config's top-level tie_word_embeddings defaults to true (configuration_mistral3.py:98)
+MISTRAL3_VLM = Wrapper(
+    architecture="Mistral3ForConditionalGeneration", model_type="mistral3", family="mistral", text_config="text_config",
+    prefix=GEMMA3_VLM.prefix, aliases=GEMMA3_VLM.aliases, carried=GEMMA3_VLM.carried,
+    top_level=(("tie_word_embeddings", True),), files=GEMMA3_VLM.files)
+WRAPPERS[MISTRAL3_VLM.architecture] = MISTRAL3_VLM
+WRAPPERS_BY_MODEL_TYPE = {w.model_type: w for w in WRAPPERS.values()}
+SUPPORTED = ", ".join([*BY_ARCHITECTURE, *WRAPPERS])
+
+
+@functools.lru_cache(maxsize=None)
+def wrapped_family(family: str, wrapper: str | None) -> Family:
+    """ModelConfig.hf: the family, as the wrapping architecture names it where the checkpoint was one."""
+    return WRAPPERS[wrapper].family_of() if wrapper else FAMILIES[family]
+
+
+def wrapper_of(raw: Mapping[str, Any]) -> Wrapper | None:
+    """The Wrapper a config.json describes (architectures first, then model_type), else None."""
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and archs:
+        return WRAPPERS.get(str(archs[0]))
+    return WRAPPERS_BY_MODEL_TYPE.get(str(raw.get("model_type")))
 
 
 def family_of(raw: Mapping[str, Any], path: Any) -> Family:
@@ -365,9 +469,8 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     if isinstance(archs, list) and archs:
         family = BY_ARCHITECTURE.get(str(archs[0])) or BY_REWARD_ARCHITECTURE.get(str(archs[0]))
         if family is None:
-            why = NOT_YET.get(str(archs[0]))
             raise UserError(f"{path}: architectures {archs!r} is not supported; supported architectures:"
-                            f" {SUPPORTED}" + (f". {why}" if why else ""))
+                            f" {SUPPORTED}")
         if raw.get("model_type", family.model_type) != family.model_type:
             raise UserError(f"{path}: model_type '{raw['model_type']}' does not match architectures {archs!r}"
                             f" (expected model_type '{family.model_type}'); supported architectures: {SUPPORTED}")
@@ -375,10 +478,9 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
     model_type = raw.get("model_type", "gpt2" if "n_embd" in raw else None)
     family = BY_MODEL_TYPE.get(str(model_type))
     if family is None:
-        why = NOT_YET.get(NOT_YET_MODEL_TYPES.get(str(model_type), ""))
         raise UserError(f"{path}: model_type '{model_type}' is not supported (no \"architectures\" given either);"
-                        f" supported architectures: {SUPPORTED} (model_type {', '.join(BY_MODEL_TYPE)})"
-                        + (f". {why}" if why else ""))
+                        f" supported architectures: {SUPPORTED} (model_type"
+                        f" {', '.join([*BY_MODEL_TYPE, *WRAPPERS_BY_MODEL_TYPE])})")
     return family
 
 
@@ -795,6 +897,11 @@ def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
 
 
 def hf_fields(raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
+    wrapper = wrapper_of(raw)
+    if wrapper is not None:  # its decoder, read from the text config; the other towers are carried
+        text = wrapper.text_raw(raw, path)
+        return {**decoder_fields(FAMILIES[wrapper.family], text, f"{path}: {wrapper.text_config}"), "num_labels": 0,
+                "wrapper": wrapper.architecture}
     family = family_of(raw, path)
     fields = gpt2_fields(raw, path) if family is GPT2 else decoder_fields(family, raw, path)
     return {**fields, "num_labels": num_labels(family, raw, path)}

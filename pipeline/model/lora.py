@@ -441,8 +441,13 @@ def _hf_layout(family: Family, param: str, tensor: torch.Tensor) -> torch.Tensor
 def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     """Short HF suffixes (c_attn, q_proj, ...) when they select exactly `names` among the Linears, else full paths.
     A MoE model's experts and router are no Linears in transformers 5 (moe_blocked), so no suffix can select them
-    there: Qwen2-MoE's gate_proj names the shared expert's and the dense blocks' (as LLaMA-Factory writes it)."""
+    there: Qwen2-MoE's gate_proj names the shared expert's and the dense blocks' (as LLaMA-Factory writes it).
+    A wrapped model's (an image-text checkpoint's decoder) are always full paths: its vision tower has Linears of the
+    same leaf names (SigLIP's q_proj), which a suffix would adapt in PEFT too (LLaMA-Factory's patch_target_modules
+    lists the language model's modules by full name for the same reason)."""
     family = family_of_model(model)
+    if family.carried:
+        return [family.to_hf(n) for n in names]
     candidates = [n for n in lora_candidates(linear_names(model)) + list(lora_modules(model))
                   if not moe_blocked(family, n, "lora_target", set())]
 

@@ -37,7 +37,6 @@ import re
 from typing import Any, Iterable, Mapping
 
 from pipeline.model.config import ModelConfig, TensorSpec, layout
-from pipeline.model.families import FAMILIES
 
 STEP_BYTES = 4  # torch AdamW's and BAdam's per-tensor step count: a float32 scalar tensor whatever the weights' dtype
 
@@ -181,7 +180,7 @@ def block_prefixes(hf_names: Iterable[str]) -> list[str]:
 def linear_weights(cfg: ModelConfig) -> dict[str, str]:
     """transformers module name -> our name of its weight, for the modules that are an nn.Linear in transformers
     (GPT-2's projections are Conv1D there; a tied head's weight is the embedding's), in module order."""
-    family = FAMILIES[cfg.family]
+    family = cfg.hf
     return {family.to_hf(m.name): "embed_tokens.weight" if m.name == "lm_head" and cfg.tie_weights
             else f"{m.name}.weight" for m in layout(cfg)
             if m.kind == "linear" and not family.is_conv1d(f"{m.name}.weight")}
@@ -223,7 +222,7 @@ def _low_rank_numbers(values: Mapping[str, Any], key: str, cfg: ModelConfig, ten
 
 def _adam_mini_numbers(cfg: ModelConfig, tensors: list[TensorSpec]) -> int:
     """Adam-mini's m per number and v per block (module docstring), over transformers' names and layout."""
-    family, heads = FAMILIES[cfg.family], head_numel(cfg.emb_dim, cfg.n_heads)
+    family, heads = cfg.hf, head_numel(cfg.emb_dim, cfg.n_heads)
     total = 0
     for t in tensors:
         kind = block_kind(family.to_hf(t.name))
@@ -247,7 +246,7 @@ def _ratio_bytes(values: Mapping[str, Any], tensors: list[TensorSpec], width: in
 def badam_blocks(cfg: ModelConfig, tensors: list[TensorSpec]) -> list[str | None]:
     """Each tensor's BAdam block, by its transformers name: the first prefix (block_prefixes) the name holds, None
     for the tensors outside the decoder layers (pipeline.train.badam.badam_groups)."""
-    family = FAMILIES[cfg.family]
+    family = cfg.hf
     names = [family.to_hf(t.name) for t in tensors]
     prefixes = block_prefixes(names)
     return [next((prefix for prefix in prefixes if prefix in name), None) for name in names]
@@ -273,7 +272,7 @@ def stepped(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[TensorSpe
     if not values["use_badam"]:
         return tensors
     if values["badam_mode"] == "ratio":
-        family = FAMILIES[cfg.family]
+        family = cfg.hf
         return [t for t, keep in zip(tensors, ratio_trained([family.to_hf(t.name) for t in tensors])) if keep]
     return [t for t, block in zip(tensors, badam_blocks(cfg, tensors)) if block is not None]
 
@@ -292,7 +291,7 @@ def state_bytes(values: Mapping[str, Any], cfg: ModelConfig, tensors: list[Tenso
     """Bytes of the recipe's optimizer state over the trained `tensors`, each number `width` bytes (module
     docstring); the optimizer as pipeline.train.optim.make_optimizer picks it."""
     if values["use_muon"]:
-        family = FAMILIES[cfg.family]
+        family = cfg.hf
         return width * sum(t.numel * (1 if takes_muon(family.to_hf(t.name), len(t.shape)) else 2) for t in tensors)
     if values["use_galore"]:
         return width * _low_rank_numbers(values, "galore", cfg, tensors)

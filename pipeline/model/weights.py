@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config_path, read_config, read_raw,
                                    to_hf_config, to_own_config)
-from pipeline.model.families import FAMILIES, GPT2, Family, check_exportable
+from pipeline.model.families import GPT2, Family, check_exportable
 from pipeline.model.gpt import GPTModel
 from pipeline.model.memory import dense_weight
 from pipeline.model.reward import new_score_weight
@@ -108,13 +108,13 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
     kind "hf": HF names (with or without the model prefix), buffers skipped, Conv1D weights transposed;
     "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
     """
-    family = GPT2 if kind == "pipeline-v1" else FAMILIES[cfg.family]
+    family = GPT2 if kind == "pipeline-v1" else cfg.hf
     files = shard_files(directory)
     for file, key, tensor in read_tensors(files, dtype):
         name = key
         if kind != "pipeline":
-            if key.endswith(family.skip):
-                continue
+            if key.endswith(family.skip) or family.is_carried(key):
+                continue  # a buffer, or a wrapper's other tower (a vision tower: the export copies it)
             name = family.from_hf(key)
             if kind == "hf":
                 if name == "lm_head.weight" and cfg.tie_weights:
@@ -167,7 +167,7 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
     if not cfg.num_labels and not cfg.tie_weights and file_cfg.tie_weights and "lm_head.weight" not in state and "embed_tokens.weight" in state:
         file, wte = state["embed_tokens.weight"]
         state["lm_head.weight"] = (file, wte.clone())
-    family = FAMILIES[file_cfg.family]
+    family = file_cfg.hf
 
     def shown(key: str) -> str:  # a tensor as the user's files name it (HF names without the model prefix)
         return family.strip(family.to_hf(key)) if hf_names else key
@@ -263,7 +263,7 @@ def torch_name(dtype: str) -> str:
 def hf_state_dict(model: GPTModel, dtype: str = "fp32") -> dict[str, torch.Tensor]:
     """The family's HF names and layout (GPT-2: Conv1D); GPT-2 without qkv bias gets zeros (it always has one)."""
     cfg = model.cfg
-    family = FAMILIES[cfg.family]
+    family = cfg.hf
     problems = [p for p in check_exportable(cfg) if not (family is GPT2 and "qkv_bias" in p)]
     if problems:
         raise UserError([f"export: {p}; this model cannot be written in the {family.architecture} layout"
@@ -303,7 +303,8 @@ def default_special_ids(cfg: ModelConfig) -> dict[str, int | None]:
 
 
 def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_shard_bytes: int | None = None,
-            special: Mapping[str, Any] | None = None, config_ids: Mapping[str, Any] | None = None) -> Path:
+            special: Mapping[str, Any] | None = None, config_ids: Mapping[str, Any] | None = None,
+            source: str | Path | None = None) -> Path:
     """The family's Hugging Face layout (loads with transformers.AutoModelForCausalLM.from_pretrained; a reward
     model as XForSequenceClassification with AutoModelForSequenceClassification).
 
@@ -312,7 +313,9 @@ def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_sha
     model.safetensors.index.json when larger than max_shard_bytes. Tokenizer files are the caller's
     (merge copies the base checkpoint's, or writes GPT-2's). config.json's ids are `special`'s (the first
     of a list), except those `config_ids` gives: merge passes the base config.json's own eos_token_id, so
-    that model.config.eos_token_id stays what the base model said.
+    that model.config.eos_token_id stays what the base model said. A wrapped model (ModelConfig.wrapper: an
+    image-text checkpoint's decoder) is written around `source`, the checkpoint it was read from
+    (pipeline.model.wrapped: its other towers, config.json and processor files).
     """
     if dtype not in DTYPES:
         raise UserError(f"export_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
@@ -321,8 +324,13 @@ def save_hf(model: GPTModel, directory: str | Path, dtype: str = "fp32", max_sha
     ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in special.items()
            if k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids.update(config_ids or {})
+    config = to_hf_config(model.cfg, torch_name(dtype), ids)
     with atomic_dir(directory) as tmp:
-        write_json(tmp / "config.json", to_hf_config(model.cfg, torch_name(dtype), ids))
+        if model.cfg.wrapper:
+            from pipeline.model.wrapped import around
+
+            state, config = around(model.cfg, state, config, source, tmp)
+        write_json(tmp / "config.json", config)
         write_json(tmp / "generation_config.json", special)
         write_safetensors(state, tmp, max_shard_bytes)
     return Path(directory)

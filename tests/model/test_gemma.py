@@ -273,8 +273,6 @@ def test_layer_types_and_the_default_pattern(tmp_path):
     ({"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                           "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
      "rope_parameters.sliding_attention.rope_type 'linear' is not implemented"),
-    ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3"},
-     "Gemma 3 4B / 12B / 27B are image-text models"),
 ])
 def test_what_is_not_implemented_is_refused_with_the_key(tmp_path, changes, words):
     config = {**gemma3(num_hidden_layers=2).config.to_dict(), **changes}
