@@ -210,6 +210,9 @@ def moe_aux_loss_notice(r: Any) -> str | None:
         return (where + "stage rm's pairwise loss has no router term, as in LLaMA-Factory (its reward model's forward "
                 "gets no labels, so the aux loss is added to nothing) and in transformers' "
                 f"{info.config.hf.reward_architecture} (which computes none)")
+    if info is not None and info.config.n_experts and not info.config.hf.moe.router_loss:
+        return (where + f"LLaMA-Factory 0.9.5 sets output_router_logits for no {info.config.family} model"
+                " (configure_moe), so it trains without the router's load-balancing loss, as here")
     if info is None or info.config.n_experts:
         return None
     return where + f"this {info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory"
