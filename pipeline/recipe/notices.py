@@ -23,6 +23,7 @@ FAMILY_TEMPLATES.update(mixtral="mistral", qwen2_moe="qwen")  # Mixtral-8x7B-Ins
 FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma")  # Gemma 2: LLaMA-Factory's gemma2 (not here) has its strings
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
+FAMILY_TEMPLATES["gpt_oss"] = "gpt_oss"  # gpt-oss-20b / -120b: LLaMA-Factory's gpt_oss
 
 
 def template_notice(r: Any) -> str | None:

@@ -98,3 +98,14 @@ def glm_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("glm4_vocab")
     write_small_tokenizer_dir(directory, "glm4")
     return directory
+
+
+@pytest.fixture(scope="session")
+def oss_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE with gpt-oss's named special tokens (o200k_harmony is not on PyPI): the gpt_oss
+    template's tokenizer (tests.helpers.hf_vocab.write_small_tokenizer_dir)."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    directory = tmp_path_factory.mktemp("gpt_oss_vocab")
+    write_small_tokenizer_dir(directory, "gpt_oss")
+    return directory
