@@ -24,11 +24,9 @@ import pytest
 import torch
 
 from pipeline.model.config import PRESETS, active_params, count_params, model_tensors, read_config, to_hf_config
-from pipeline.model.generate import generate
-from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
 from tests.model.test_families import assert_config_refused, ids
-from tests.model.test_moe_families import lf_all_linear_modules
+from tests.model.test_moe_families import assert_computes_as_transformers, assert_lora_all_is_peft
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,20 +68,7 @@ def test_config_fields_logits_padding_and_generation_equal_transformers(checkpoi
     assert {k: getattr(cfg, k) for k in expect} == expect
     ours = load_model(path).eval()
     assert [n for n, _ in ours.named_parameters()] == [t.name for t in model_tensors(cfg)]  # layout: sinks, biases
-    assert count_params(cfg) == sum(p.numel() for p in ref.parameters())
-    x = ids(0, (2, 14))
-    left = torch.tensor([[0] * 3 + [1] * 11, [1] * 14])
-    for mask in (None, left, left.flip(1)):  # rows longer than the window; left and right padding
-        with torch.no_grad():
-            want, got = ref(x, attention_mask=mask).logits, ours(x, attention_mask=mask)
-        real = torch.ones_like(x).bool() if mask is None else mask.bool()
-        assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
-    prompt = ids(1, (1, 9))[0].tolist()
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, 9:].tolist()
-    assert len(set(expected)) > 3 and all(generate(ours, prompt, max_new_tokens=12, eos_id=None, use_cache=cache)
-                                          == expected for cache in (True, False))
+    assert_computes_as_transformers(ours, ref)  # counts, padded logits, greedy with and without the cache
 
 
 def test_the_sinks_change_the_logits_and_take_gradients(checkpoint):
@@ -152,23 +137,8 @@ def test_lora_all_adapts_what_llamafactory_and_peft_adapt(checkpoint, tmp_path):
     """lora_target: all is LLaMA-Factory's find_all_linear_modules on GptOssForCausalLM: the attention projections
     (measured with PEFT 0.21: get_peft_model adapts those, nothing of the MLP); PEFT loads our adapter with our logits,
     and merged and exported, transformers computes them (assert_adapter_agrees)."""
-    peft = pytest.importorskip("peft")
-    from pipeline.model.families import FAMILIES
-    from pipeline.model.lora import lora_modules
-    from tests.model.test_families import assert_adapter_agrees, randomise_lora
-
     path, ref = checkpoint
-    ours = load_model(path).eval()
-    apply_lora(ours, "all", rank=4, alpha=8)
-    randomise_lora(ours, seed=1)
-    save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    expected = lf_all_linear_modules(ref)
-    assert expected == ["k_proj", "o_proj", "q_proj", "v_proj"] == config["target_modules"]
-    theirs = peft.get_peft_model(hf_model(), peft.LoraConfig(r=4, target_modules=expected))
-    adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
-    assert {FAMILIES["gpt_oss"].to_hf(n) for n in lora_modules(ours)} == adapted
-    assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
+    assert assert_lora_all_is_peft(path, ref, hf_model(), tmp_path) == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
 
 def test_load_balancing_loss_equals_transformers_and_llamafactory_trains_none(checkpoint):
