@@ -671,8 +671,9 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
     per_token = attention + mlp_activation_bytes(cfg) + (8 if cfg.sandwich_norms else 4) * h  # Gemma's four norms
     # per score: their 5 (softmax output, dropout mask and output); Gemma 2's softcapped explicit path keeps the tanh
-    # output, the fp32 softmax, its cast back, the dropout mask and the scores' mask: 11 (measured 11.25 at bf16)
-    per_score = 11 if cfg.attn_logit_softcapping else 5
+    # output, the fp32 softmax, its cast back, the dropout mask and the scores' mask: 11 (measured 11.25 at bf16);
+    # GPT-OSS's sink path keeps the masked scores with the sink column, the fp32 softmax and its cast: 10 (9.8)
+    per_score = 11 if cfg.attn_logit_softcapping else 10 if cfg.attention_sinks else 5
     return (s * b * per_token + per_score * cfg.n_heads * s * s * b) * bytes_per_value / 2
 
 
