@@ -103,6 +103,7 @@ class ModelConfig:
     final_logit_softcapping: float | None = None  # Gemma 2: logits become cap * tanh(logits / cap)
     # GPT-OSS (GptOssForCausalLM), one field per way its decoder differs from Mixtral's:
     attention_sinks: bool = False    # a learned logit per head in each softmax's denominator (self_attn.sinks)
+    norm_scale_fp32: bool = False    # RMSNorm scales by its weight in fp32 before the one cast back (GptOssRMSNorm)
     router_bias: bool = False        # the MoE router Linear has a bias (GptOssTopKRouter)
     # the experts' clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
     # (up + 1) * gate * sigmoid(swiglu_alpha * gate) (GptOssExperts._apply_gate); None: the plain SwiGLU

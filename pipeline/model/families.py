@@ -88,6 +88,8 @@ class Family:
     null_special_ids: bool = False
     # GptOssAttention's sinks: a learned logit per head in each softmax's denominator (ModelConfig.attention_sinks)
     attention_sinks: bool = False
+    # GptOssRMSNorm: (weight * x_normed in fp32).to(dtype), the weight applied before the cast (ModelConfig.norm_scale_fp32)
+    norm_scale_fp32: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,7 +104,8 @@ class Family:
                     mlp_fused=self.mlp_fused, rope_interleaved=self.rope_interleaved,
                     sandwich_norms=self.sandwich_norms, post_norm=self.post_norm,
                     norm_unit_offset=bool(self.gemma), scale_embeddings=bool(self.gemma),
-                    attention_sinks=self.attention_sinks, router_bias=bool(self.moe and self.moe.router_bias))
+                    attention_sinks=self.attention_sinks, router_bias=bool(self.moe and self.moe.router_bias),
+                    norm_scale_fp32=self.norm_scale_fp32)
 
     # -- module paths ------------------------------------------------------------------------
     def to_hf(self, ours: str) -> str:
@@ -361,7 +364,7 @@ GPT_OSS = Family(name="gpt_oss", architecture="GptOssForCausalLM", reward_archit
                                   ("rope_parameters", {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
                                                        "beta_slow": 1.0, "truncate": False,
                                                        "original_max_position_embeddings": 4096})),
-                 sliding_window="pattern", bias_keys=("attention_bias",), attention_sinks=True,
+                 sliding_window="pattern", bias_keys=("attention_bias",), attention_sinks=True, norm_scale_fp32=True,
                  moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
                              router_bias=True, fused_experts=True, router_loss=False,
                              defaults=(("num_local_experts", 128), ("num_experts_per_tok", 4),

@@ -78,23 +78,26 @@ class RMSNorm(nn.Module):
     four times a layer (q and k norms included). The weight is applied after the cast, as HF does.
 
     unit_offset (Gemma3RMSNorm): the scale is (1 + weight), the weight stored 0-centred, and it is applied in fp32
-    before the one cast back (Gemma rounds (x * (1 + w)), Llama x then x * w)."""
+    before the one cast back (Gemma rounds (x * (1 + w)), Llama x then x * w); scale_fp32 (GptOssRMSNorm): the weight
+    applied in fp32 before that one cast too."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False, scale_fp32: bool = False):
         super().__init__()
         self.eps = eps
-        self.unit_offset = unit_offset
+        self.unit_offset, self.scale_fp32 = unit_offset, scale_fp32
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unit_offset:
-            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * (1.0 + self.weight.float())).type_as(x)
+        if self.unit_offset or self.scale_fp32:
+            scale = 1.0 + self.weight.float() if self.unit_offset else self.weight.float()
+            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * scale).type_as(x)
         return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps,
-                                                                                cfg.norm_unit_offset)
+                                                                                cfg.norm_unit_offset,
+                                                                                cfg.norm_scale_fp32)
 
 
 class GELU(nn.Module):

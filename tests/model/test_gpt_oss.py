@@ -259,3 +259,20 @@ def test_activation_bytes_count_what_a_block_with_sinks_keeps_for_the_backward(s
     block, rope = TransformerBlock(cfg), rope_cos_sin(rope_inv_freq(cfg), torch.arange(128)[None], torch.bfloat16)
     measured = saved_bytes_per_token(_Applied(lambda x: block(x, None, None, rope), block), 128)
     assert 0.85 * measured <= activation_bytes(cfg, 128, 1) / 128 <= 1.15 * measured, measured
+
+
+def test_rmsnorm_in_bf16_is_gptossrmsnorms():
+    """GptOssRMSNorm (modeling_gpt_oss.py:48-62) multiplies by its weight in fp32 and casts once: bitwise ours in bf16
+    (norm_scale_fp32), where Llama's order (cast, then scale in bf16) differs. Failed before: not equal."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    from pipeline.model.gpt import make_norm
+
+    gen = torch.Generator().manual_seed(3)
+    theirs = GptOssRMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    ours = make_norm(PRESETS["gpt-oss-20b"], 64).to(torch.bfloat16)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(64, generator=gen) + 1)
+        ours.weight.copy_(theirs.weight)
+    x = torch.randn(4, 7, 64, generator=gen).to(torch.bfloat16) * 3
+    assert torch.equal(ours(x), theirs(x))
