@@ -23,7 +23,8 @@ import json
 import pytest
 import torch
 
-from pipeline.model.config import PRESETS, active_params, count_params, model_tensors, read_config, to_hf_config
+from pipeline.model.config import (PRESETS, active_params, count_params, from_hf_config, model_tensors, read_config,
+                                   to_hf_config)
 from pipeline.model.weights import load_model, save_hf
 from tests.model.test_families import assert_config_refused, ids
 from tests.model.test_moe_families import assert_computes_as_transformers, assert_lora_all_is_peft
@@ -173,6 +174,7 @@ def test_presets_count_as_transformers_and_the_cards(preset, total, active):
     with torch.device("meta"):
         model = transformers.GptOssForCausalLM(config)
     assert count_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert from_hf_config({**config.to_dict(), "architectures": ["GptOssForCausalLM"]}) == cfg  # the config, read back
     assert round(count_params(cfg) / 1e9) == round(total / 1e9)
     assert round((active_params(cfg) - cfg.vocab_size * cfg.emb_dim) / 1e8) == round(active / 1e8)
 
