@@ -235,15 +235,25 @@ class Template:
                     a = self.remove_thought(a)
                 if (k == last or not mask_history) and not self._has_thought(a):
                     if enable_thinking:
-                        response.append(self._thought())
+                        response += self._element(self._thought())
                     else:
-                        prompt.append(self._thought())
+                        prompt += self._element(self._thought())
             answer = self.assistant
             if roles[2 * k + 1] == "function":
                 a, answer = self._function_text(a), self.function or self.assistant
-            response += self._element(answer, content=a)
+            response += self._element(answer, content=self._thought_markup(a))
             out.append((prompt, response))
         return out
+
+    def _thought_markup(self, text: str) -> str | list[Piece]:
+        """An answer whose thought words hold markup tokens (gpt_oss's <|channel|>analysis<|message|>): those words
+        placed by id, as LLaMA-Factory's encode finds them in the answer's text; other markup in it stays text.
+        Unchanged where the thought words hold none (qwen3's <think>: text, an added token the vocabulary finds)."""
+        if self.thought_words is None or not any(self.split_markup(w)[1:] for w in self.thought_words):
+            return text
+        words = "|".join(map(re.escape, sorted(set(self.thought_words), key=len, reverse=True)))
+        return [piece for j, bit in enumerate(re.split(f"({words})", text)) if bit
+                for piece in (self._element(bit) if j % 2 else [bit])]
 
     def _tool_pieces(self, tools: str) -> list[Piece]:
         """The text the tool descriptions add after the system prompt, its markup (Mistral v0.3's [AVAILABLE_TOOLS]
@@ -540,6 +550,22 @@ TEMPLATES.update({t.name: t for t in (
     Template(name="glmz1", **_GLM4, thought_words=THOUGHT_WORDS,
              description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
+
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1194-1203: gpt_oss (openai/gpt-oss-20b / -120b), the harmony
+# format as LLaMA-Factory writes it: a system block (its default system prompt ChatGPT's), user blocks ending in
+# <|start|>assistant, the answer after it with no end token (efficient_eos: the tokenizer's EOS <|return|> is learnt
+# as a label), a reasoning template (ReasoningTemplate) whose thought is the analysis channel closed by the final
+# channel's header: an answer without one gets the empty thought in front. No developer block, no tools.
+GPT_OSS_REPLY = "<|start|>assistant"
+TEMPLATES["gpt_oss"] = Template(
+    name="gpt_oss", system="<|start|>system<|message|>{system}<|end|>",
+    default_system="You are ChatGPT, a large language model trained by OpenAI.",
+    user="<|start|>user<|message|>{content}<|end|>" + GPT_OSS_REPLY, reply=GPT_OSS_REPLY, assistant="{content}",
+    special_tokens=("<|start|>", "<|message|>", "<|end|>", "<|channel|>"),
+    thought_words=("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>"),
+    efficient_eos=True,
+    description="gpt-oss (reasoning): <|start|>user<|message|> ...<|end|><|start|>assistant, the analysis channel's "
+                "thought (empty where the answer has none), then the final channel; its EOS learnt as a label")
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.

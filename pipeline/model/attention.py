@@ -237,14 +237,15 @@ def packed_attention(segment_ids: torch.Tensor, dtype: torch.dtype, dropout_p: f
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *,
            is_causal: bool, dropout_p: float, softcap: float | None = None,
-           scale: float | None = None) -> torch.Tensor:
+           scale: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q (B, H, T, D) over k, v (B, H_kv, T, D) -> (B, H, T, D); H_kv divides H (GQA / MQA);
     `mask` None, a boolean mask, Varlen segments or Buckets of segments (a window in the last two: `windowed`).
-    softcap (Gemma 2's attn_logit_softcapping): the explicit path, softcapped_attention (no kernel caps scores), whose
-    scores are multiplied by `scale` (None: head_dim ** -0.5, the kernels' own, which q arrives prescaled for)."""
-    if softcap is not None:
+    softcap (Gemma 2's attn_logit_softcapping) or sinks (GPT-OSS's logit per head, (H,)): the explicit path,
+    softcapped_attention (no kernel caps scores or takes a sink), whose scores are multiplied by `scale` (None:
+    head_dim ** -0.5, the kernels' own, which q arrives prescaled for)."""
+    if softcap is not None or sinks is not None:
         return softcapped_attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p, softcap=softcap,
-                                    scale=q.shape[-1] ** -0.5 if scale is None else scale)
+                                    scale=q.shape[-1] ** -0.5 if scale is None else scale, sinks=sinks)
     if isinstance(mask, Buckets):
         return _attend_buckets(q, k, v, mask, dropout_p)
     if isinstance(mask, Varlen):
@@ -321,22 +322,35 @@ def _attend_buckets(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buckets: 
 
 
 def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Spec, *, is_causal: bool,
-                         dropout_p: float, softcap: float, scale: float) -> torch.Tensor:
+                         dropout_p: float, softcap: float | None, scale: float,
+                         sinks: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' eager_attention_forward with softcap (models/gemma2/modeling_gemma2.py:181-206, 5.24), the one
     path Gemma 2 runs there too (_supports_sdpa False): scores q k^T * scale (query_pre_attn_scalar ** -0.5: one
     multiply, q is not prescaled as for the kernels), then softcap * tanh(scores / softcap), the mask, softmax in fp32 cast back, dropout, @ v.
     `mask` is None (causal when is_causal, else every key) or boolean: packed rows reach it as segment_mask
-    (GPTModel.forward), never as Buckets / Varlen."""
+    (GPTModel.forward), never as Buckets / Varlen.
+
+    sinks (GPT-OSS, one logit per head): a column of each head's sink beside the masked scores, the softmax over both,
+    the sink's column dropped (GptOss's eager_attention_forward, modeling_gpt_oss.py:227-255; transformers runs no
+    SDPA for it, _supports_sdpa False). Why not SDPA with an extra all-zero key whose score the sink is, through a
+    float mask: the mask is then a (B, H, T, T + 1) tensor as large as these scores, and the sink's gradient would
+    have to flow through SDPA's attn_mask, which its fused kernels do not all give; this path is exact and simple,
+    at the explicit path's memory (T x T scores per head)."""
     if isinstance(mask, (Buckets, Varlen)):
         raise ValueError("softcapped attention takes a boolean mask: packed rows need segment_mask")
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None and is_causal:
         mask = band_mask(q.shape[-2], k.shape[-2], k.shape[-2], q.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        return torch.matmul(F.dropout(probs.to(q.dtype), p=dropout_p), v)
     probs = F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), p=dropout_p)
     return torch.matmul(probs, v)

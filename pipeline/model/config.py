@@ -104,6 +104,14 @@ class ModelConfig:
     # the architecture wrapping this decoder in its checkpoint (pipeline.model.families.WRAPPERS: an image-text
     # model's language model, e.g. Gemma3ForConditionalGeneration); None: the family's causal LM class itself
     wrapper: str | None = None
+    # GPT-OSS (GptOssForCausalLM), one field per way its decoder differs from Mixtral's:
+    attention_sinks: bool = False    # a learned logit per head in each softmax's denominator (self_attn.sinks)
+    norm_scale_fp32: bool = False    # RMSNorm scales by its weight in fp32 before the one cast back (GptOssRMSNorm)
+    router_bias: bool = False        # the MoE router Linear has a bias (GptOssTopKRouter)
+    # the experts' clamped SwiGLU: gate clamped above and up on both sides at swiglu_limit, then
+    # (up + 1) * gate * sigmoid(swiglu_alpha * gate) (GptOssExperts._apply_gate); None: the plain SwiGLU
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))  # a JSON list read back
@@ -150,6 +158,9 @@ class ModelConfig:
             problems.append("post_norm (OLMo 2's norms after each branch) needs norm: rmsnorm")
         if self.mlp_fused and self.mlp != "swiglu":
             problems.append("mlp_fused (one gate_up_proj) needs mlp: swiglu")
+        if self.swiglu_limit is not None and not (isinstance(self.swiglu_limit, (int, float)) and self.swiglu_limit > 0
+                                                  and self.mlp == "swiglu"):
+            problems.append(f"swiglu_limit must be a positive number (with mlp: swiglu) or null, got {self.swiglu_limit!r}")
         if self.num_labels not in (0, 1):
             problems.append(f"num_labels must be 0 (a language model) or 1 (a reward model), got {self.num_labels!r}")
         if not 0 <= self.drop_rate < 1:
@@ -189,6 +200,12 @@ class ModelConfig:
         """Whether attention_scale is 1 / sqrt(head_dim), every attention kernel's own (no query rescaling): decided
         on the fields, since head_dim ** -0.5 * sqrt(head_dim) is not exactly 1 for every head_dim (128: 1 + 2e-16)."""
         return self.attention_multiplier is None and self.attention_scores_scalar in (None, self.head_dim)
+
+    @property
+    def explicit_attention(self) -> bool:
+        """Whether attention takes the explicit path (attention.softcapped_attention): softcapped scores (Gemma 2) or
+        sink logits (GPT-OSS), which no kernel computes; packed rows then reach it as a segment mask."""
+        return self.attn_logit_softcapping is not None or self.attention_sinks
 
     def window(self, layer: int) -> int | None:
         """The sliding window of block `layer`; None: it attends to every earlier position."""
@@ -353,6 +370,20 @@ def _glm4(*, emb: int, layers: int, heads: int, ffn: int) -> ModelConfig:
         qkv_bias=True, partial_rotary_factor=0.5)
 
 
+def _gpt_oss(layers: int, experts: int) -> ModelConfig:
+    """OpenAI's gpt-oss (openai/gpt-oss-20b / -120b's config.json): 2,880 wide, 64 heads of 64 over 8 kv heads, q / k / v
+    / o biases and sinks, a 128-token window in the even-indexed layers, YaRN (factor 32 over 4,096 positions,
+    truncate false) on theta 150,000, every block sparse: top-4 of `experts` biased experts 2,880 wide, the clamped
+    SwiGLU (alpha 1.702, limit 7), rms_norm_eps 1e-5, untied."""
+    return _swiglu("gpt_oss", vocab=201088, ctx=131072, emb=2880, layers=layers, heads=64, kv=8, ffn=2880,
+                   theta=150000.0, eps=1e-5, tied=False, head_size=64,
+                   scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                            "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}).replace(
+        qkv_bias=True, o_bias=True, mlp_bias=True, n_experts=experts, experts_per_token=4, moe_ffn_dim=2880,
+        norm_topk_prob=True, swiglu_limit=7.0, swiglu_alpha=1.702,
+        layer_windows=tuple(128 if i % 2 == 0 else None for i in range(layers)))
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -403,6 +434,9 @@ PRESETS.update({  # THUDM/GLM-4-9B-0414 (9.4B) and GLM-4-32B-0414 (32.6B): their
     "glm-4-9b-0414": _glm4(emb=4096, layers=40, heads=32, ffn=13696),
     "glm-4-32b-0414": _glm4(emb=6144, layers=61, heads=48, ffn=23040),
 })
+
+
+PRESETS.update({"gpt-oss-20b": _gpt_oss(24, 32), "gpt-oss-120b": _gpt_oss(36, 128)})  # 20.9B / 3.6B, 116.8B / 5.1B
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +567,7 @@ class ModuleSpec:
             return self.in_dim * self.out_dim
         if self.kind == "layernorm":
             return 2 * self.out_dim
-        if self.kind == "rmsnorm":
+        if self.kind in ("rmsnorm", "sinks"):  # sinks: one learned logit per head (GPT-OSS's self_attn.sinks)
             return self.out_dim
         return self.in_dim * self.out_dim + (self.out_dim if self.bias else 0)
 
@@ -564,6 +598,8 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
         p = f"layers.{i}."
         if not cfg.post_norm:
             mods.append(ModuleSpec(p + "input_layernorm", cfg.norm, c, c))
+        if cfg.attention_sinks:  # the attention module's own parameter: named before its Linears' (named_parameters)
+            mods.append(ModuleSpec(p + "self_attn.sinks", "sinks", cfg.n_heads, cfg.n_heads))
         if cfg.qkv_fused:
             mods.append(ModuleSpec(p + "self_attn.qkv_proj", "linear", c, q + 2 * kv, cfg.qkv_bias))
         else:
@@ -579,7 +615,7 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             mods.append(ModuleSpec(p + "attn_output_norm", cfg.norm, c, c))
         mods.append(ModuleSpec(p + "post_attention_layernorm", cfg.norm, c, c))
         if cfg.sparse(i):
-            mods.append(ModuleSpec(p + "mlp.gate", "linear", c, cfg.n_experts))
+            mods.append(ModuleSpec(p + "mlp.gate", "linear", c, cfg.n_experts, cfg.router_bias))
             for e in range(cfg.n_experts):
                 mods += _mlp(cfg, f"{p}mlp.experts.{e}.", cfg.moe_ffn_dim or h)
             if cfg.shared_expert_dim:
@@ -651,8 +687,9 @@ def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: in
     attention = 2 * h + 2 * q + 4 * kv + 2 * q + h
     per_token = attention + mlp_activation_bytes(cfg) + (8 if cfg.sandwich_norms else 4) * h  # Gemma's four norms
     # per score: their 5 (softmax output, dropout mask and output); Gemma 2's softcapped explicit path keeps the tanh
-    # output, the fp32 softmax, its cast back, the dropout mask and the scores' mask: 11 (measured 11.25 at bf16)
-    per_score = 11 if cfg.attn_logit_softcapping else 5
+    # output, the fp32 softmax, its cast back, the dropout mask and the scores' mask: 11 (measured 11.25 at bf16);
+    # GPT-OSS's sink path keeps the masked scores with the sink column, the fp32 softmax and its cast: 10 (9.8)
+    per_score = 11 if cfg.attn_logit_softcapping else 10 if cfg.attention_sinks else 5
     return (s * b * per_token + per_score * cfg.n_heads * s * s * b) * bytes_per_value / 2
 
 
@@ -1122,6 +1159,8 @@ def module_tensors(m: ModuleSpec) -> list[TensorSpec]:
     Conv1D ones too: stored as a Linear here)."""
     if m.kind == "embedding":
         return [TensorSpec(f"{m.name}.weight", (m.in_dim, m.out_dim))]
+    if m.kind == "sinks":  # a parameter of the attention module itself, not a leaf module's weight
+        return [TensorSpec(m.name, (m.out_dim,))]
     if m.kind in NORMS:
         return [TensorSpec(f"{m.name}.{leaf}", (m.out_dim,)) for leaf in ("weight", "bias")[:m.params // m.out_dim]]
     return [TensorSpec(f"{m.name}.weight", (m.out_dim, m.in_dim))] + \

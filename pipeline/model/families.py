@@ -96,6 +96,10 @@ class Family:
     # other towers, which are not ours: read past on load, copied unchanged into an export; both empty for a causal LM
     aliases: tuple[tuple[str, str], ...] = ()
     carried: tuple[str, ...] = ()
+    # GptOssAttention's sinks: a learned logit per head in each softmax's denominator (ModelConfig.attention_sinks)
+    attention_sinks: bool = False
+    # GptOssRMSNorm: (weight * x_normed in fp32).to(dtype), the weight applied before the cast (ModelConfig.norm_scale_fp32)
+    norm_scale_fp32: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +113,9 @@ class Family:
         return dict(qk_norm=self.qk_norm, qk_norm_projection=self.qk_norm_projection, qkv_fused=self.qkv_fused,
                     mlp_fused=self.mlp_fused, rope_interleaved=self.rope_interleaved,
                     sandwich_norms=self.sandwich_norms, post_norm=self.post_norm,
-                    norm_unit_offset=bool(self.gemma), scale_embeddings=bool(self.gemma))
+                    norm_unit_offset=bool(self.gemma), scale_embeddings=bool(self.gemma),
+                    attention_sinks=self.attention_sinks, router_bias=bool(self.moe and self.moe.router_bias),
+                    norm_scale_fp32=self.norm_scale_fp32)
 
     # -- module paths ------------------------------------------------------------------------
     def to_hf(self, ours: str) -> str:
@@ -160,6 +166,15 @@ class MoeKeys:
     # take LoRA, as LLaMA-Factory's lora_target: all adapts them; the experts and the router never do
     # (pipeline.model.config.moe_blocked; measured with PEFT 0.21 on Qwen2MoeForCausalLM)
     lora_mlp: bool = False
+    # GptOssMLP: a router Linear with a bias (GptOssTopKRouter), each expert's Linears biased, the clamped SwiGLU
+    # (config.json's swiglu_alpha / swiglu_limit), and the experts stored fused: mlp.experts.gate_up_proj (E, H, 2I:
+    # gate and up columns interleaved), down_proj (E, I, H) and their biases (pipeline.model.weights splits and
+    # fuses them)
+    router_bias: bool = False
+    fused_experts: bool = False
+    # LLaMA-Factory's configure_moe sets output_router_logits for this model type, so moe_aux_loss_coef trains the
+    # load-balancing loss; 0.9.5 lists no gpt_oss (model/model_utils/moe.py), which then trains without it
+    router_loss: bool = True
 
 
 HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
@@ -354,6 +369,28 @@ GLM = Family(name="glm", architecture="GlmForCausalLM", reward_architecture="Glm
              bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
              rope_interleaved=True, null_special_ids=True)
 GLM_FAMILIES = (GLM4, GLM)
+# openai/gpt-oss-20b, gpt-oss-120b (GptOssForCausalLM, transformers 5.24 models/gpt_oss): Mixtral's sparse block in
+# every layer with a biased router (mlp.router: ours mlp.gate), top-k then softmax over the chosen logits (the same
+# weights as softmax, top-k, renormalised: norm_topk_prob), biased experts with the clamped SwiGLU stored fused
+# (MoeKeys.fused_experts); q / k / v / o biases (attention_bias, true by default), a learned sink logit per head
+# (self_attn.sinks, our name too), a 128-token window in every other layer (layer_types, else the even-indexed
+# layers: GptOssConfig.__post_init__, configuration_gpt_oss.py:84-87), YaRN, untied. GptOssConfig's defaults
+# (configuration_gpt_oss.py:51-77; theta 150,000 as default_theta, the YaRN dict of :89-97)
+GPT_OSS = Family(name="gpt_oss", architecture="GptOssForCausalLM", reward_architecture="GptOssForSequenceClassification",
+                 model_type="gpt_oss", prefix="model.", modules=(("layers.{i}.mlp.gate", "layers.{i}.mlp.router"),),
+                 skip=(".rotary_emb.inv_freq",),
+                 config_defaults=(("max_position_embeddings", 131072), ("head_dim", 64), ("num_key_value_heads", 8),
+                                  ("sliding_window", 128), ("rms_norm_eps", 1e-5), ("attention_bias", True),
+                                  ("intermediate_size", 2880), ("rope_theta", 150000.0),
+                                  ("rope_parameters", {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                       "beta_slow": 1.0, "truncate": False,
+                                                       "original_max_position_embeddings": 4096})),
+                 sliding_window="pattern", bias_keys=("attention_bias",), attention_sinks=True, norm_scale_fp32=True,
+                 moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
+                             router_bias=True, fused_experts=True, router_loss=False,
+                             defaults=(("num_local_experts", 128), ("num_experts_per_tok", 4),
+                                       ("router_aux_loss_coef", 0.001), ("swiglu_alpha", 1.702),
+                                       ("swiglu_limit", 7.0))))
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
@@ -362,6 +399,7 @@ FAMILIES[GEMMA.name] = GEMMA
 FAMILIES[GEMMA2.name] = GEMMA2
 FAMILIES.update((f.name, f) for f in (GRANITE, OLMO2))
 FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
+FAMILIES[GPT_OSS.name] = GPT_OSS
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -641,7 +679,7 @@ def _pattern_layers(raw: Mapping[str, Any], layers: int, generation: int) -> lis
     kinds = raw.get("layer_types")
     if isinstance(kinds, list):
         return [i for i in range(layers) if i < len(kinds) and kinds[i] == "sliding_attention"]
-    pattern = 2 if generation == 2 else raw.get("sliding_window_pattern", 6)
+    pattern = raw.get("sliding_window_pattern", 6) if generation == 3 else 2  # Gemma 2, GPT-OSS: alternating
     return [i for i in range(layers) if type(pattern) is not int or pattern < 1 or (i + 1) % pattern]
 
 
@@ -693,6 +731,10 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     if family is PHI3:
         problems += _phi3_dropout(raw, path)
     multipliers = _multipliers(raw, path, problems) if family.multipliers else {}
+    quantization = raw.get("quantization_config")
+    if isinstance(quantization, dict) and not (quantization.get("quant_method") == "mxfp4" and family.moe
+                                               and family.moe.fused_experts):  # gpt-oss's MXFP4 experts: dequantized
+        problems.append(_quantized(quantization, path))
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -722,8 +764,16 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         qkv_bias=True if family is QWEN2 else bool(raw.get("qkv_bias", True)) if "qkv_bias" in family.bias_keys
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
-        **family.structure(), **moe, **multipliers,
-    ) | gemma
+        **family.structure(), **multipliers,
+    ) | moe | gemma
+
+
+def _quantized(quantization: Mapping[str, Any], path: Any) -> str:
+    """Why a quantized checkpoint is refused: its tensors are not the weights (GPTQ's, AWQ's, FP8's, ...); only
+    gpt-oss's MXFP4 experts are dequantized at load (pipeline.model.weights.dequantize_mxfp4)."""
+    return (f"{path}: quantization_config (quant_method {quantization.get('quant_method')!r}) is not supported: the"
+            " files hold quantized tensors, not the weights (only GptOssForCausalLM's MXFP4 experts are dequantized"
+            " at load); give the unquantized checkpoint")
 
 
 def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -876,7 +926,20 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
                 norm_topk_prob=bool(raw[keys.renormalise_key]) if keys.renormalise_key else True,
                 decoder_sparse_step=values.get("decoder_sparse_step", 1), mlp_only_layers=tuple(sorted(set(only))),
                 router_aux_loss_coef=float(coef) if _number(coef) else 0.0,
-                shared_expert_dim=values.get("shared_expert_intermediate_size"))
+                shared_expert_dim=values.get("shared_expert_intermediate_size")) | _gpt_oss_experts(keys, raw, path,
+                                                                                         problems)
+
+
+def _gpt_oss_experts(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """GptOssExperts' fields: biased Linears, the clamped SwiGLU's swiglu_alpha / swiglu_limit (positive numbers)."""
+    if not keys.fused_experts:
+        return {}
+    for key in ("swiglu_alpha", "swiglu_limit"):
+        if not _number(raw[key]) or raw[key] <= 0:
+            problems.append(f"{path}: {key} is {raw[key]!r}; expected a positive number")
+    ok = all(_number(raw[k]) and raw[k] > 0 for k in ("swiglu_alpha", "swiglu_limit"))
+    return dict(mlp_bias=True, swiglu_alpha=float(raw["swiglu_alpha"]) if ok else 1.702,
+                swiglu_limit=float(raw["swiglu_limit"]) if ok else 7.0)
 
 
 def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
@@ -893,6 +956,8 @@ def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
         out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
     if not keys.renormalise_key:  # MixtralConfig
         out["router_jitter_noise"] = 0.0
+    if keys.fused_experts:  # GptOssConfig
+        out.update(swiglu_alpha=cfg.swiglu_alpha, swiglu_limit=cfg.swiglu_limit)
     return out
 
 
@@ -970,6 +1035,10 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
             out["pretraining_tp"] = 1
     elif family.sliding_window == "every":
         out["sliding_window"] = hf_window(cfg)  # null is full attention (MistralConfig's default is 4096)
+    elif family.sliding_window == "pattern":  # GptOssConfig: the windowed layers by layer_types, no switch
+        out.update(sliding_window=hf_window(cfg), layer_types=["sliding_attention" if w else "full_attention"
+                                                               for w in cfg.layer_windows] or
+                   ["full_attention"] * cfg.n_layers)
     elif family.sliding_window == "flag":  # Qwen3MoeConfig: use_sliding_window windows every layer
         out.update(use_sliding_window=any(cfg.layer_windows), sliding_window=hf_window(cfg))
     elif any(cfg.layer_windows):  # layer_types as transformers 5 reads it; max_window_layers for older readers
@@ -985,6 +1054,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out["qkv_bias"] = cfg.qkv_bias
     if family.moe:
         out.update(moe_config(family.moe, cfg))
+        if "attention_bias" in family.bias_keys:  # Qwen3MoeConfig, GptOssConfig: q / k / v / o biases
+            out["attention_bias"] = cfg.qkv_bias
     if family.partial_rotary:  # Phi3Config: both spellings, the rope dict's read first
         out["partial_rotary_factor"] = out["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
     if family.multipliers:  # GraniteConfig: attention_multiplier is the score scale itself (1 / sqrt(head_dim) spelled)
@@ -1011,6 +1082,7 @@ HF_CONFIG["phi3"] = decoder_config
 HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 HF_CONFIG.update(granite=decoder_config, olmo2=decoder_config)
 HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
+HF_CONFIG[GPT_OSS.name] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -1039,7 +1111,12 @@ def check_exportable(cfg: Any) -> list[str]:
         "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=False),
         **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False)
            for f in GLM_FAMILIES},
+        # every block sparse, experts intermediate_size wide with biases, weights renormalised over the top-k
+        "gpt_oss": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=True,
+                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(), moe_ffn_dim=cfg.hidden_dim),
     }[family.name] | family.structure()
+    if not (family.moe and family.moe.fused_experts):
+        want["swiglu_limit"] = None  # only GptOssExperts clamps its SwiGLU
     if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
         want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
     if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:

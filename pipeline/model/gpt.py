@@ -15,6 +15,8 @@ Family differences are ModelConfig fields, never family checks in this file:
                 (GPT-2's c_attn) or three, RoPE on the two halves or on adjacent pairs (GLM), a sliding window per layer (Mistral v0.1, Qwen's use_sliding_window,
                 Gemma 3: layer_windows), a score scale other than 1 / sqrt(head_dim) (Gemma's query_pre_attn_scalar,
                 Granite's attention_multiplier), a RoPE base of the windowed layers' own
+    GPT-OSS     a learned sink logit per head in the softmax (attention_sinks), a biased router (router_bias), the
+                experts' clamped SwiGLU (swiglu_limit, swiglu_alpha)
     Gemma       RMSNorm x (1 + weight) in fp32, embeddings x sqrt(emb_dim), a norm on the attention and MLP outputs
                 (sandwich_norms, GLM-4-0414's too),
                 Gemma 2's tanh softcapping of the scores (the explicit attention path) and of the logits
@@ -76,23 +78,26 @@ class RMSNorm(nn.Module):
     four times a layer (q and k norms included). The weight is applied after the cast, as HF does.
 
     unit_offset (Gemma3RMSNorm): the scale is (1 + weight), the weight stored 0-centred, and it is applied in fp32
-    before the one cast back (Gemma rounds (x * (1 + w)), Llama x then x * w)."""
+    before the one cast back (Gemma rounds (x * (1 + w)), Llama x then x * w); scale_fp32 (GptOssRMSNorm): the weight
+    applied in fp32 before that one cast too."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False, scale_fp32: bool = False):
         super().__init__()
         self.eps = eps
-        self.unit_offset = unit_offset
+        self.unit_offset, self.scale_fp32 = unit_offset, scale_fp32
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.unit_offset:
-            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * (1.0 + self.weight.float())).type_as(x)
+        if self.unit_offset or self.scale_fp32:
+            scale = 1.0 + self.weight.float() if self.unit_offset else self.weight.float()
+            return (F.rms_norm(x.float(), self.weight.shape, eps=self.eps) * scale).type_as(x)
         return self.weight * F.rms_norm(x, self.weight.shape, eps=self.eps)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return LayerNorm(dim, cfg.norm_eps) if cfg.norm == "layernorm" else RMSNorm(dim, cfg.norm_eps,
-                                                                                cfg.norm_unit_offset)
+                                                                                cfg.norm_unit_offset,
+                                                                                cfg.norm_scale_fp32)
 
 
 class GELU(nn.Module):
@@ -119,6 +124,7 @@ class FeedForward(nn.Module):
         if not self.fused:
             self.up_proj = Linear(cfg.emb_dim, hidden, bias=cfg.mlp_bias)
         self.act = nn.SiLU() if cfg.mlp == "swiglu" else GELU()
+        self.limit, self.alpha = cfg.swiglu_limit, cfg.swiglu_alpha  # GPT-OSS's clamped SwiGLU (limit None: plain)
         self.down_proj = Linear(hidden, cfg.emb_dim, bias=cfg.mlp_bias)
         self.drop = nn.Dropout(cfg.drop_rate)
 
@@ -126,6 +132,10 @@ class FeedForward(nn.Module):
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             h = up * self.act(gate)
+        elif self.limit is not None:  # GptOssExperts._apply_gate (modeling_gpt_oss.py:82-88)
+            gate = self.gate_proj(x).clamp(max=self.limit)
+            up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+            h = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
         else:
             h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.swiglu else self.act(self.up_proj(x))
         return self.drop(self.down_proj(h))
@@ -148,7 +158,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
-        self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=False)
+        self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=cfg.router_bias)  # GPT-OSS's router has a bias
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
         if cfg.shared_expert_dim:  # Qwen2MoeSparseMoeBlock's shared expert and its gate (a Linear to 1)
             self.shared_expert = FeedForward(cfg, cfg.shared_expert_dim)
@@ -246,7 +256,10 @@ class MultiHeadAttention(nn.Module):
         # rescales q by the ratio first; none (no multiply) where the scale is the default, or where the softcapped
         # path (Gemma 2) multiplies the scores by the scale itself, as transformers' eager attention does
         self.softcap, self.scale = cfg.attn_logit_softcapping, cfg.attention_scale
-        self.q_scale = 1.0 if cfg.default_attention_scale or self.softcap else self.scale * math.sqrt(self.head_dim)
+        # GPT-OSS: a learned logit per head in each softmax's denominator (the explicit path, attention.attend)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attention_sinks else None
+        self.q_scale = 1.0 if cfg.default_attention_scale or cfg.explicit_attention else \
+            self.scale * math.sqrt(self.head_dim)
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
@@ -273,7 +286,7 @@ class MultiHeadAttention(nn.Module):
             if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
                 k, v = cached
         y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
-                   softcap=self.softcap, scale=self.scale)
+                   softcap=self.softcap, scale=self.scale, sinks=self.sinks)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_drop(self.o_proj(y))
 
@@ -483,7 +496,7 @@ class GPTModel(nn.Module):
             if past_len:
                 raise ValueError("segment_ids (packed rows) cannot be combined with a KV cache")
             # softcapped attention (Gemma 2) is the explicit path: a boolean mask, not the packed kernels' specs
-            mask = segment_mask(segment_ids) if self.cfg.attn_logit_softcapping else \
+            mask = segment_mask(segment_ids) if self.cfg.explicit_attention else \
                 packed_attention(segment_ids, x.dtype, self.cfg.drop_rate if self.training else 0.0,
                                  has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -80,7 +81,7 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    if dtype is None or handle.get_slice(key).get_dtype() == _SAFETENSORS_NAMES.get(dtype):
+                    if dtype is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(dtype), "U8"):
                         yield file, key, handle.get_tensor(key)
                         continue
                     with safe_open(file, framework="pt") as own:
@@ -110,11 +111,25 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
     """
     family = GPT2 if kind == "pipeline-v1" else cfg.hf
     files = shard_files(directory)
+    fused = kind == "hf" and family.moe is not None and family.moe.fused_experts
+    packed: dict[str, dict[str, torch.Tensor]] = {}  # MXFP4 experts: a fused tensor's blocks or scales, till both came
     for file, key, tensor in read_tensors(files, dtype):
         name = key
         if kind != "pipeline":
             if key.endswith(family.skip) or family.is_carried(key):
                 continue  # a buffer, or a wrapper's other tower (a vision tower: the export copies it)
+            mxfp4 = _MXFP4.match(family.strip(key)) if fused else None
+            if mxfp4:
+                parts = packed.setdefault(mxfp4.group(1), {})
+                parts[mxfp4.group(2)] = tensor
+                if len(parts) < 2:
+                    continue
+                key, tensor = mxfp4.group(1), dequantize_mxfp4(parts["blocks"], packed.pop(mxfp4.group(1))["scales"],
+                                                               dtype or torch.float32)
+            if fused and _FUSED_EXPERTS.match(family.strip(key)):
+                for name, part in split_experts(family.strip(key), tensor):
+                    yield name, file, part
+                continue
             name = family.from_hf(key)
             if kind == "hf":
                 if name == "lm_head.weight" and cfg.tie_weights:
@@ -123,6 +138,76 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
                 if family.is_conv1d(name):
                     tensor = tensor.t()  # a view: model_from_state_dict makes every parameter dense
         yield name, file, tensor
+
+
+# GptOssExperts' fused parameters (modeling_gpt_oss.py:68-78): gate_up_proj (E, H, 2I), its columns gate, up, gate,
+# up, ... (_apply_gate reads gate_up[..., ::2] and [..., 1::2]); gate_up_proj_bias (E, 2I) alike; down_proj (E, I, H),
+# x @ W (the transpose of a Linear's weight); down_proj_bias (E, H)
+_FUSED_EXPERTS = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+
+
+# MXFP4 experts as the hub stores gpt-oss (quantization_config quant_method mxfp4): each fused weight's `_blocks`
+# (uint8, (E, rows, cols / 32, 16): two 4-bit E2M1 codes a byte, the low nibble first) and `_scales` (uint8, (E, rows,
+# cols / 32): one power-of-two exponent + 127 per 32 values); dequantized as transformers' convert_moe_packed_tensors
+# (integrations/mxfp4.py:229-285) and Mxfp4Config(dequantize=True), which LLaMA-Factory loads them with
+_MXFP4 = re.compile(r"^(layers\.\d+\.mlp\.experts\.(?:gate_up_proj|down_proj))_(blocks|scales)$")
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # E2M1 codes
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(E, rows, groups, 16) blocks and (E, rows, groups) scales -> the fused weight (E, groups * 32, rows) in `dtype`.
+    Every value is a code times a power of two: exact in fp32, cast once (transformers computes in `dtype`, the same
+    numbers but where a product leaves its range). One expert at a time: the codes' index tensors of a whole
+    gpt-oss-20b layer would take 2 GB."""
+    if blocks.shape[:-1] != scales.shape:
+        raise UserError(f"MXFP4 blocks {list(blocks.shape)} do not fit scales {list(scales.shape)}; expected the"
+                        " blocks' shape without its last dimension")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    out = []
+    for codes, exponents in zip(blocks.to(torch.uint8), scales.to(torch.int32) - 127):
+        values = torch.stack([lut[(codes & 0x0F).long()], lut[(codes >> 4).long()]], dim=-1)  # (rows, groups, 16, 2)
+        values = torch.ldexp(values, exponents[..., None, None].float())
+        out.append(values.reshape(codes.shape[0], -1).t().to(dtype))
+    return torch.stack(out)
+
+
+def split_experts(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """A fused expert tensor (prefix-less HF name) -> our per-expert Linear parameters (views; made dense at
+    assignment)."""
+    match = _FUSED_EXPERTS.match(key)
+    assert match is not None, key
+    layer, which, bias = match.groups()
+    leaf = "bias" if bias else "weight"
+    out = []
+    for e in range(tensor.shape[0]):
+        base = f"layers.{layer}.mlp.experts.{e}."
+        if which == "down_proj":
+            out.append((base + "down_proj." + leaf, tensor[e] if bias else tensor[e].t()))
+            continue
+        for j, proj in enumerate(("gate_proj", "up_proj")):
+            out.append((base + f"{proj}.{leaf}", tensor[e][j::2] if bias else tensor[e][:, j::2].t()))
+    return out
+
+
+def fuse_experts(state: dict[str, torch.Tensor], n_layers: int, n_experts: int) -> dict[str, torch.Tensor]:
+    """The inverse of split_experts over a whole state dict (our names): each block's per-expert parameters
+    replaced by GptOssExperts' four fused ones (prefix-less HF names)."""
+    out = dict(state)
+    for i in range(n_layers):
+        def take(e: int, proj: str, leaf: str) -> torch.Tensor:
+            return out.pop(f"layers.{i}.mlp.experts.{e}.{proj}.{leaf}")
+        gate_up, gate_up_bias, down, down_bias = [], [], [], []
+        for e in range(n_experts):
+            gate_w, up_w = take(e, "gate_proj", "weight"), take(e, "up_proj", "weight")
+            gate_b, up_b = take(e, "gate_proj", "bias"), take(e, "up_proj", "bias")
+            gate_up.append(torch.stack([gate_w.t(), up_w.t()], dim=-1).flatten(-2))  # (H, 2I) interleaved
+            gate_up_bias.append(torch.stack([gate_b, up_b], dim=-1).flatten())
+            down.append(take(e, "down_proj", "weight").t())
+            down_bias.append(take(e, "down_proj", "bias"))
+        prefix = f"layers.{i}.mlp.experts."
+        out.update({prefix + "gate_up_proj": torch.stack(gate_up), prefix + "gate_up_proj_bias": torch.stack(gate_up_bias),
+                    prefix + "down_proj": torch.stack(down), prefix + "down_proj_bias": torch.stack(down_bias)})
+    return out
 
 
 def _check_tied_head(directory: Path, files: list[Path], family: Family, file: Path, key: str,
@@ -269,10 +354,14 @@ def hf_state_dict(model: GPTModel, dtype: str = "fp32") -> dict[str, torch.Tenso
         raise UserError([f"export: {p}; this model cannot be written in the {family.architecture} layout"
                          for p in problems])
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in plain_state_dict(model).items():
+    state = plain_state_dict(model)
+    if family.moe is not None and family.moe.fused_experts:  # GPT-OSS: the fused expert tensors, HF-named already
+        state = fuse_experts(state, cfg.n_layers, cfg.n_experts)
+    for name, tensor in state.items():
         if family.is_conv1d(name):
             tensor = tensor.t()
-        out[family.to_hf(name)] = tensor.to(DTYPES[dtype]).contiguous().cpu()
+        key = family.prefix + name if _FUSED_EXPERTS.match(name) else family.to_hf(name)
+        out[key] = tensor.to(DTYPES[dtype]).contiguous().cpu()
     if family is GPT2 and not cfg.qkv_bias:  # GPT2LMHeadModel always has a c_attn bias; zeros are the same function
         for i in range(cfg.n_layers):
             out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim, dtype=DTYPES[dtype])

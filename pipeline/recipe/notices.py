@@ -24,6 +24,7 @@ FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma2")  # Gemm
 # (extras/constants.py:750-795 registers Gemma-2-*-Instruct with template gemma2)
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
+FAMILY_TEMPLATES["gpt_oss"] = "gpt_oss"  # gpt-oss-20b / -120b: LLaMA-Factory's gpt_oss
 
 
 def template_notice(r: Any) -> str | None:
@@ -211,6 +212,9 @@ def moe_aux_loss_notice(r: Any) -> str | None:
         return (where + "stage rm's pairwise loss has no router term, as in LLaMA-Factory (its reward model's forward "
                 "gets no labels, so the aux loss is added to nothing) and in transformers' "
                 f"{info.config.hf.reward_architecture} (which computes none)")
+    if info is not None and info.config.n_experts and not info.config.hf.moe.router_loss:
+        return (where + f"LLaMA-Factory 0.9.5 sets output_router_logits for no {info.config.family} model"
+                " (configure_moe), so it trains without the router's load-balancing loss, as here")
     if info is None or info.config.n_experts:
         return None
     return where + f"this {info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory"

@@ -192,6 +192,11 @@ SMALL_ADDED["olmo2"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|
 SMALL_ADDED["glm4"] = [(t, True) for t in ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
                                            "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")]
 
+# gpt-oss's vocabulary (o200k_harmony, 201,088 rows) in small: its named added tokens in their order (ids 199998,
+# 199999, 200002, 200003, 200005-200008, 200012 there; the reserved ones between left out), all special
+SMALL_ADDED["gpt_oss"] = [(t, True) for t in ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>",
+                                              "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>")]
+
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
     """A small byte-level BPE in the family's format (tokenizer.json, tokenizer_config.json,
@@ -235,6 +240,10 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
         generation = {"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
                       "pad_token_id": ids["<|endoftext|>"]}
+    elif family == "gpt_oss":  # openai/gpt-oss-20b's tokenizer_config.json / generation_config.json, by name
+        config = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}
+        generation = {"bos_token_id": ids["<|startoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+                      "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]]}
     elif family.startswith("mistral"):
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}

@@ -83,7 +83,13 @@ def test_config_fields_logits_and_generation_equal_transformers(checkpoint):
     ours = load_model(path).eval()
     assert [n for n, _ in ours.named_parameters()] == [
         f"{m.name}.{p}" for m in layout(cfg) for p in (("weight", "bias") if m.bias else ("weight",))]
-    assert count_params(cfg) == sum(p.numel() for p in ref.parameters())
+    assert_computes_as_transformers(ours, ref)
+
+
+def assert_computes_as_transformers(ours, ref) -> None:
+    """Parameter count, logits on rows longer than the windows (unpadded, left- and right-padded) and greedy generation
+    with and without the KV cache: ours as transformers' `ref` (fp32)."""
+    assert count_params(ours.cfg) == sum(p.numel() for p in ref.parameters())
     x = ids(0, (2, 14))
     left = torch.tensor([[0] * 3 + [1] * 11, [1] * 14])
     for mask in (None, left, left.flip(1)):  # rows longer than the windows; left and right padding
@@ -134,27 +140,35 @@ def test_lora_all_adapts_what_llamafactory_and_peft_adapt(checkpoint, tmp_path):
     modules PEFT's get_peft_model adapts for those names: on Mixtral the attention projections (the experts are fused
     3-D tensors, the router a MixtralTopKRouter); on Qwen2-MoE also the shared expert, shared_expert_gate and the dense
     block's MLP (real Linears; the experts are fused). PEFT loads our adapter with our logits, and merge agrees."""
+    name, path, ref = checkpoint
+    assert assert_lora_all_is_peft(path, ref, hf_model(name), tmp_path) == {
+        "mixtral": ["k_proj", "o_proj", "q_proj", "v_proj"],
+        "qwen2_moe": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "shared_expert_gate", "up_proj",
+                      "v_proj"]}[name]
+
+
+def assert_lora_all_is_peft(path, ref, fresh, tmp_path) -> list[str]:
+    """Our lora_target: all on the checkpoint `path` (transformers' model `ref`) writes LLaMA-Factory's
+    find_all_linear_modules as target_modules, adapts what PEFT's get_peft_model adapts on `fresh` (a copy of `ref`)
+    for those names, and PEFT loads the adapter with our logits (merge too: assert_adapter_agrees). Returns the names."""
     peft = pytest.importorskip("peft")
     from pipeline.model.families import FAMILIES
     from pipeline.model.lora import lora_modules
     from tests.model.test_families import assert_adapter_agrees, randomise_lora
 
-    name, path, ref = checkpoint
     ours = load_model(path).eval()
     apply_lora(ours, "all", rank=4, alpha=8)
     randomise_lora(ours, seed=1)
     save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     expected = lf_all_linear_modules(ref)
-    assert expected == {"mixtral": ["k_proj", "o_proj", "q_proj", "v_proj"],
-                        "qwen2_moe": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "shared_expert_gate",
-                                      "up_proj", "v_proj"]}[name]
     assert config["target_modules"] == expected
-    theirs = peft.get_peft_model(hf_model(name), peft.LoraConfig(r=4, target_modules=expected))
+    theirs = peft.get_peft_model(fresh, peft.LoraConfig(r=4, target_modules=expected))
     adapted = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
     family = FAMILIES[ours.cfg.family]
     assert {family.to_hf(n) for n in lora_modules(ours)} == adapted
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
+    return expected
 
 
 @pytest.mark.parametrize("name,target,hf_name", [

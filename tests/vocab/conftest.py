@@ -89,12 +89,24 @@ def granite_olmo_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+def small_vocab_dir(tmp_path_factory, family: str) -> Path:
+    """tests.helpers.hf_vocab.write_small_tokenizer_dir of `family` in a fresh folder."""
+    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+    directory = tmp_path_factory.mktemp(f"{family}_vocab")
+    write_small_tokenizer_dir(directory, family)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def glm_dir(tmp_path_factory) -> Path:
     """A small byte-level BPE with GLM-4's special tokens (GLM-4's 151k vocabulary is not on PyPI): the glm4
-    template's tokenizer (tests.helpers.hf_vocab.write_small_tokenizer_dir)."""
-    from tests.helpers.hf_vocab import write_small_tokenizer_dir
+    template's tokenizer."""
+    return small_vocab_dir(tmp_path_factory, "glm4")
 
-    directory = tmp_path_factory.mktemp("glm4_vocab")
-    write_small_tokenizer_dir(directory, "glm4")
-    return directory
+
+@pytest.fixture(scope="session")
+def oss_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE with gpt-oss's named special tokens (o200k_harmony is not on PyPI): the gpt_oss
+    template's tokenizer."""
+    return small_vocab_dir(tmp_path_factory, "gpt_oss")

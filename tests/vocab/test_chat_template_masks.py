@@ -143,7 +143,7 @@ def test_mistral_v3_function_calls_are_marked_as_trained(tmp_path):
 def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_text(name, family_dirs, phi_dir,
                                                                                      tmp_path,
                                                                                      granite_olmo_dirs,
-                                                                                     glm_dir):
+                                                                                     glm_dir, oss_dir):
     """The tokenizer's chat_template is rendered by engines without transformers' extension (llama-cpp-python,
     minijinja in TGI): a {% generation %} tag there stops the model from being served. The marked copy is written
     beside it; both render the same text."""
@@ -157,6 +157,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
     directory = phi_dir if name.startswith("phi") else directory
     directory = granite_olmo_dirs.get(name, directory)
     directory = glm_dir if name.startswith("glm") else directory
+    directory = oss_dir if name == "gpt_oss" else directory
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
     assert "endgeneration" not in served and "{%- generation -%}" in marked
