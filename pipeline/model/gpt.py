@@ -39,8 +39,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Spec, attend, binds, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig, gated
-from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
-                                      head_cross_entropy_tokens)
+from pipeline.model.head_loss import (SoftcappedHead, TokenWeight, head_cross_entropy_sum,  # noqa: F401 (re-export)
+                                      head_cross_entropy_sum_argmax, head_cross_entropy_tokens)
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.neftune import neftune_noise
@@ -276,19 +276,6 @@ class MultiHeadAttention(nn.Module):
                    softcap=self.softcap, scale=self.scale)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_drop(self.o_proj(y))
-
-
-class SoftcappedHead(Linear):
-    """The LM head with Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) in the logits' dtype
-    (Gemma2ForCausalLM.forward). Its own class, so that every cross-entropy takes the plain path through it
-    (head_loss.direct_weight accepts a plain Linear only); its weight is lm_head.weight as in transformers."""
-
-    def __init__(self, in_features: int, out_features: int, cap: float):
-        super().__init__(in_features, out_features, bias=False)
-        self.cap = cap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(super().forward(x) / self.cap) * self.cap
 
 
 class TransformerBlock(nn.Module):
