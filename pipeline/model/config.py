@@ -85,6 +85,10 @@ class ModelConfig:
     experts_per_token: int = 0
     moe_ffn_dim: int | None = None
     norm_topk_prob: bool = False
+    # the top-k routing weights stay fp32 (softmax's dtype) up to their product with each expert's output, which the
+    # product then promotes (MixtralTopKRouter); False: cast to the router logits' dtype first (Qwen2 / Qwen3-MoE's
+    # TopKRouter: router_top_value.to(router_logits.dtype)). One rounding apart in bf16
+    router_weights_fp32: bool = False
     decoder_sparse_step: int = 1     # block i is sparse when (i + 1) % decoder_sparse_step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (these keep a dense MLP of ffn_dim)
     router_aux_loss_coef: float = 0.001  # config.json's; kept for the export (training reads moe_aux_loss_coef)
@@ -289,7 +293,7 @@ def _mixtral(emb: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, c
     null), 8 experts of width intermediate_size in every block, top-2 renormalised, RoPE theta 1e6, untied."""
     return _swiglu("mixtral", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
                    theta=1000000.0, eps=1e-5, tied=False).replace(
-        n_experts=8, experts_per_token=2, moe_ffn_dim=ffn, norm_topk_prob=True)
+        n_experts=8, experts_per_token=2, moe_ffn_dim=ffn, norm_topk_prob=True, router_weights_fp32=True)
 
 
 def _qwen2_moe(emb: int, layers: int, heads: int, kv: int, ffn: int, experts: int, top_k: int, expert_ffn: int,

@@ -135,7 +135,7 @@ class SparseMoeBlock(nn.Module):
     """Mixture of experts in place of one MLP (transformers' Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock,
     Qwen2MoeSparseMoeBlock): the router `gate` (a Linear, hidden -> n_experts, no bias) scores every expert per token;
     softmax in fp32, the experts_per_token highest kept (renormalised to sum 1 with norm_topk_prob: always on Mixtral),
-    cast back; each token's output is the sum of its experts' SwiGLU outputs times those weights, plus (Qwen2-MoE,
+    cast back to the logits' dtype (Qwen2 / Qwen3-MoE) or kept fp32 into the product (router_weights_fp32: Mixtral); each token's output is the sum of its experts' SwiGLU outputs times those weights, plus (Qwen2-MoE,
     shared_expert_dim) a shared expert's output times sigmoid(shared_expert_gate(x)).
 
     The experts are FeedForwards in a ModuleList (experts.{e}.gate_proj ...: the hub's per-expert names) run by a
@@ -148,6 +148,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.router_weights_fp32 = cfg.router_weights_fp32
         self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
         if cfg.shared_expert_dim:  # Qwen2MoeSparseMoeBlock's shared expert and its gate (a Linear to 1)
@@ -163,7 +164,8 @@ class SparseMoeBlock(nn.Module):
         weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(logits.dtype)
+        if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product below
+            weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
