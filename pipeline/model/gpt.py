@@ -42,7 +42,7 @@ from pipeline.model.config import ModelConfig, gated
 from pipeline.model.head_loss import (SoftcappedHead, TokenWeight, head_cross_entropy_sum,  # noqa: F401 (re-export)
                                       head_cross_entropy_sum_argmax, head_cross_entropy_tokens)
 from pipeline.model.kernels import Linear
-from pipeline.model.kv_cache import KVCache
+from pipeline.model.kv_cache import KVCache, window_keys
 from pipeline.model.neftune import neftune_noise
 from pipeline.model.rope import (dynamic_length, longrope_long, rope_attention_factor,  # noqa: F401 (re-export)
                                  rope_inv_freq)
@@ -269,7 +269,7 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, rope, self.rope_interleaved), apply_rope(k, rope, self.rope_interleaved)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        fresh = cache is None or cache.lengths[self.layer] == 0  # nothing before these tokens
+        fresh = cache is None or cache.seen[self.layer] == 0  # nothing before these tokens
         if cache is not None:
             cached = cache.update(self.layer, k, v)
             if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
@@ -348,6 +348,12 @@ class GPTModel(nn.Module):
         self.tie_weights()
         if seed is not None and self.embed_tokens.weight.device.type != "meta":
             self.init_weights(seed)
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty KV cache for this model: `capacity` positions per layer (0: grown as needed); a layer with a
+        sliding window keeps only the keys it can still see (KVCache windows), as transformers' sliding-window cache
+        layers do."""
+        return KVCache(len(self.layers), capacity, [blk.window for blk in self.layers])
 
     def tie_weights(self) -> None:
         """Re-establish tying (after load_state_dict(assign=True) replaced the Parameter objects)."""
@@ -437,8 +443,9 @@ class GPTModel(nn.Module):
         attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
         sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
         causal mask; pass position_ids restarting at 0 per segment). A layer with a sliding window w
-        (cfg.layer_windows) lets the query at index i of the row (or of the cache, which keeps every token) see the
-        keys i - w < j <= i only, as transformers' sliding_window_overlay counts them; left padding shifts a row's
+        (cfg.layer_windows) lets the query at index i of the row (or of the cache) see the
+        keys i - w < j <= i only, as transformers' sliding_window_overlay counts them (its cache keeps only those:
+        KVCache windows, new_cache); left padding shifts a row's
         indices alike, so a left-padded row sees what it sees alone. labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
         labels the output head runs only at the labelled positions, returning the mean
@@ -452,7 +459,7 @@ class GPTModel(nn.Module):
         over whole distributions, ASFT's KL: pipeline.model.asft), the head computed there only.
         """
         b, t = input_ids.shape
-        cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
+        cache = past_kv if past_kv is not None else self.new_cache() if use_cache else None
         past_len = cache.length if cache is not None else 0
         if past_len + t > self.cfg.context_length and position_ids is None and not self.cfg.dynamic_rope:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
@@ -477,13 +484,17 @@ class GPTModel(nn.Module):
                                  has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
-        # one spec per sliding window the layers have (None: full attention), shared by the layers with it
-        masks = {w: windowed(mask, w, t, past_len + t, input_ids.device) for w in {blk.window for blk in self.layers}}
+        # one spec per sliding window the layers have (None: full attention), shared by the layers with it; a layer
+        # whose cache keeps only its window's keys (KVCache windows) gets the spec's columns of those keys
+        windows = [blk.window for blk in self.layers]
+        kept = cache.windows if cache is not None else (None,) * len(windows)
+        masks = {w: windowed(mask, w, t, past_len + t, input_ids.device) for w in set(windows)}
+        masks = {(w, c): _last_keys(masks[w], window_keys(c, past_len, t)) for w, c in set(zip(windows, kept))}
         ropes = {local: self._rope(position_ids.expand(b, t), x.dtype, local) for local in
                  {blk.local_rope for blk in self.layers}}
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for block in self.layers:
-            spec, rope = masks[block.window], ropes[block.local_rope]
+        for block, c in zip(self.layers, kept):
+            spec, rope = masks[block.window, c], ropes[block.local_rope]
             x = checkpoint(block, x, spec, None, rope, use_reentrant=False) if recompute else block(x, spec, cache, rope)
         x = self.norm(x)
         if self.lm_head is None:
@@ -532,6 +543,14 @@ class GPTModel(nn.Module):
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         return total / max(count, 1)
+
+
+def _last_keys(spec: Spec, keys: int) -> Spec:
+    """A dense mask's columns of the last `keys` keys (those a windowed layer's cache returns: every key before them
+    is out of the window for each query of the forward); None and packed specs as they are."""
+    if isinstance(spec, torch.Tensor) and spec.shape[-1] > keys:
+        return spec[..., -keys:]
+    return spec
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
