@@ -615,14 +615,23 @@ def decode_steps(cfg: ModelConfig, width: int, max_new_tokens: int) -> int:
     return max_new_tokens if limit is None else min(max_new_tokens, limit - width)
 
 
+def kv_cache_positions(window: int | None, capacity: int) -> int:
+    """Positions of a layer's KV cache buffers for `capacity` tokens (0: unknown): all of them, or with a sliding
+    window its kept window - 1 and room for window more (pipeline.model.kv_cache), the capacity where that is less."""
+    if window is None:
+        return capacity
+    return min(2 * window - 1, capacity) if capacity else 2 * window - 1
+
+
 def kv_cache_bytes(cfg: ModelConfig, rows: int, prompt: int, max_new_tokens: int, bytes_per_value: int) -> int:
     """The KV cache `generate` allocates for `rows` prompts of at most `prompt` tokens (pipeline.model.kv_cache:
-    sized once for the kept prompt + its decode steps): per layer a keys and a values buffer of
-    rows x kv_heads x positions x head_dim numbers in the compute dtype."""
+    sized once for the kept prompt + its decode steps, a windowed layer's for its window): per layer a keys and a
+    values buffer of rows x kv_heads x positions x head_dim numbers in the compute dtype."""
     room = prompt_room(cfg, max_new_tokens)
     width = prompt if room is None else min(prompt, room)
     positions = width + decode_steps(cfg, width, max_new_tokens)
-    return 2 * cfg.n_layers * rows * cfg.kv_heads * positions * cfg.head_dim * bytes_per_value
+    per_layer = sum(kv_cache_positions(cfg.window(i), positions) for i in range(cfg.n_layers))
+    return 2 * per_layer * rows * cfg.kv_heads * cfg.head_dim * bytes_per_value
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from pipeline.model.config import kv_cache_positions
+
 
 class KVCache:
     """Keys and values of `n_layers` layers, (B, n_kv_heads, capacity, head_dim) buffers holding each layer's kept
@@ -80,8 +82,8 @@ class KVCache:
         start, end = self.starts[layer], self.lengths[layer]
         old = end - start
         keys, values = self.keys[layer], self.values[layer]
-        size = min(keep + window, self.capacity) if self.capacity else keep + window
         if keys is None or values is None:
+            size = kv_cache_positions(window, self.capacity)
             keys, values = self._grown(None, k, 0, size), self._grown(None, v, 0, size)
             self.keys[layer], self.values[layer] = keys, values
         if old + t > keys.shape[2]:  # more new tokens than the buffer holds (a long prompt after a past): joined

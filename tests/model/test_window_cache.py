@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.model.config import kv_cache_bytes
 from pipeline.model.generate import generate
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
@@ -49,7 +50,8 @@ def caches(monkeypatch):
 def test_generation_keeps_the_window_and_equals_transformers(checkpoint, caches):
     """Greedy, 20 new tokens after a 9-token prompt (windows 5 / 6): transformers' tokens; each windowed layer's
     buffer holds at most 2 x window - 1 positions and keeps window - 1, a full layer every position but the last
-    token's (never run through the model)."""
+    token's (never run through the model); plan's estimate of the cache counts those buffers (it counted every layer's
+    prompt + new tokens before)."""
     ref, ours = checkpoint
     prompt, new = ids(1, (1, 9))[0].tolist(), 20
     with torch.no_grad():
@@ -65,6 +67,10 @@ def test_generation_keeps_the_window_and_equals_transformers(checkpoint, caches)
             assert keys.shape[2] == len(prompt) + new - 1
         else:
             assert keys.shape[2] == values.shape[2] == window - 1 and cache.keys[layer].shape[2] <= 2 * window - 1
+    # plan's estimate (config.kv_cache_bytes) is what this cache allocated: the windowed layers' buffers count their
+    # 2 x window - 1 positions, not prompt + new tokens
+    allocated = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
+    assert kv_cache_bytes(ours.cfg, 1, len(prompt), new, 4) == allocated
 
 
 def test_left_padded_batch_equals_transformers_past_the_window(checkpoint):
