@@ -18,19 +18,25 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atten
             final_logit_softcapping=3.0, max_position_embeddings=256, vocab_size=VOCAB_SIZE)
 
 
+def saved_gemma2(folder):
+    """save_pretrained of a random tiny Gemma2ForCausalLM beside a Gemma-form tokenizer in `folder`; the model."""
+    import transformers
+
+    write_gemma_tokenizer_dir(folder)
+    model = random_model(transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**TINY))
+    model.save_pretrained(folder)
+    return model
+
+
 def test_lora_sft_from_a_save_pretrained_gemma2_merges_to_gemma2(workdir):
     import torch
     import transformers
 
-    base = workdir / "gemma-2-2b-it"
-    write_gemma_tokenizer_dir(base)
-    model = random_model(transformers.Gemma2ForCausalLM, transformers.Gemma2Config(**TINY))
-    model.save_pretrained(base)
+    model = saved_gemma2(base := workdir / "gemma-2-2b-it")
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", template="gemma",
                           output_dir="saves/r", learning_rate=0.05, cutoff_len=256)  # a small vocabulary: long rows
-    pipeline("build", recipe, cwd=workdir)
-    pipeline("train", recipe, cwd=workdir)
-    pipeline("merge", recipe, cwd=workdir)
+    for command in ("build", "train", "merge"):
+        pipeline(command, recipe, cwd=workdir)
     config = json.loads((workdir / "saves/r/merged/config.json").read_text())
     assert (config["architectures"], config["final_logit_softcapping"], config["attn_logit_softcapping"]) == (
         ["Gemma2ForCausalLM"], 3.0, 5.0)

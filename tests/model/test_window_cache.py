@@ -17,6 +17,7 @@ from pipeline.model.generate import generate
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.weights import load_model
+from tests.helpers.hf_generate import left_padded_greedy
 from tests.model.test_families import hf_model, ids
 from tests.model.test_gemma import gemma3
 
@@ -80,13 +81,7 @@ def test_left_padded_batch_equals_transformers_past_the_window(checkpoint):
     if ref.config.model_type == "mistral":
         pytest.skip("Gemma 3's mixed layers cover it")
     prompts = [ids(2, (1, 4))[0].tolist(), ids(3, (1, 10))[0].tolist()]
-    width = max(map(len, prompts))
-    batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        want = ref.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[:, width:].tolist()
-    assert generate(ours, prompts, max_new_tokens=10, eos_id=None) == want
+    assert generate(ours, prompts, max_new_tokens=10, eos_id=None) == left_padded_greedy(ref, prompts, 10)
 
 
 def test_beam_search_reorders_the_kept_keys_as_transformers(checkpoint):
