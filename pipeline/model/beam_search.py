@@ -106,12 +106,12 @@ def beam_search(model: GPTModel, ids: torch.Tensor, mask: torch.Tensor, position
     running_scores[:, 0] = 0.0  # only the first copy of the prompt proposes: k copies would propose the same
     finished = _Finished(batch, k, steps, pad_id, device)
     improvable = torch.ones(batch, dtype=torch.bool, device=device)
-    past = KVCache(len(model.layers), capacity=width + steps) if use_cache else None
+    past = model.new_cache(width + steps) if use_cache else None
     step_ids, step_pos = ids, positions
     for t in range(steps):
         if past is not None and past.length and longrope_restart(model.cfg, width + t, past.length):
             # as generate (Phi3ForCausalLM.prepare_inputs_for_generation): past LongRoPE's window, start again
-            past = KVCache(len(model.layers), capacity=past.capacity)
+            past = model.new_cache(past.capacity)
             step_ids, step_pos = torch.cat([ids, running[:, :, :t].reshape(batch * k, -1)], 1), positions
         logits, past = _forward(model, step_ids, mask if padded else None, step_pos, past)
         log_probs = torch.log_softmax(logits, dim=-1)

@@ -85,6 +85,10 @@ class ModelConfig:
     experts_per_token: int = 0
     moe_ffn_dim: int | None = None
     norm_topk_prob: bool = False
+    # the top-k routing weights stay fp32 (softmax's dtype) up to their product with each expert's output, which the
+    # product then promotes (MixtralTopKRouter); False: cast to the router logits' dtype first (Qwen2 / Qwen3-MoE's
+    # TopKRouter: router_top_value.to(router_logits.dtype)). One rounding apart in bf16
+    router_weights_fp32: bool = False
     decoder_sparse_step: int = 1     # block i is sparse when (i + 1) % decoder_sparse_step == 0 ...
     mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here (these keep a dense MLP of ffn_dim)
     router_aux_loss_coef: float = 0.001  # config.json's; kept for the export (training reads moe_aux_loss_coef)
@@ -314,7 +318,7 @@ def _mixtral(emb: int, layers: int, heads: int, kv: int, ffn: int, vocab: int, c
     null), 8 experts of width intermediate_size in every block, top-2 renormalised, RoPE theta 1e6, untied."""
     return _swiglu("mixtral", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
                    theta=1000000.0, eps=1e-5, tied=False).replace(
-        n_experts=8, experts_per_token=2, moe_ffn_dim=ffn, norm_topk_prob=True)
+        n_experts=8, experts_per_token=2, moe_ffn_dim=ffn, norm_topk_prob=True, router_weights_fp32=True)
 
 
 def _qwen2_moe(emb: int, layers: int, heads: int, kv: int, ffn: int, experts: int, top_k: int, expert_ffn: int,
@@ -662,14 +666,23 @@ def decode_steps(cfg: ModelConfig, width: int, max_new_tokens: int) -> int:
     return max_new_tokens if limit is None else min(max_new_tokens, limit - width)
 
 
+def kv_cache_positions(window: int | None, capacity: int) -> int:
+    """Positions of a layer's KV cache buffers for `capacity` tokens (0: unknown): all of them, or with a sliding
+    window its kept window - 1 and room for window more (pipeline.model.kv_cache), the capacity where that is less."""
+    if window is None:
+        return capacity
+    return min(2 * window - 1, capacity) if capacity else 2 * window - 1
+
+
 def kv_cache_bytes(cfg: ModelConfig, rows: int, prompt: int, max_new_tokens: int, bytes_per_value: int) -> int:
     """The KV cache `generate` allocates for `rows` prompts of at most `prompt` tokens (pipeline.model.kv_cache:
-    sized once for the kept prompt + its decode steps): per layer a keys and a values buffer of
-    rows x kv_heads x positions x head_dim numbers in the compute dtype."""
+    sized once for the kept prompt + its decode steps, a windowed layer's for its window): per layer a keys and a
+    values buffer of rows x kv_heads x positions x head_dim numbers in the compute dtype."""
     room = prompt_room(cfg, max_new_tokens)
     width = prompt if room is None else min(prompt, room)
     positions = width + decode_steps(cfg, width, max_new_tokens)
-    return 2 * cfg.n_layers * rows * cfg.kv_heads * positions * cfg.head_dim * bytes_per_value
+    per_layer = sum(kv_cache_positions(cfg.window(i), positions) for i in range(cfg.n_layers))
+    return 2 * per_layer * rows * cfg.kv_heads * cfg.head_dim * bytes_per_value
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:

@@ -160,6 +160,10 @@ class MoeKeys:
     # the config.json key saying whether the top-k weights are renormalised to sum 1; "" where they always are
     # (MixtralTopKRouter divides by their sum unconditionally)
     renormalise_key: str = "norm_topk_prob"
+    # the top-k weights stay fp32 into the product with the experts' outputs (MixtralTopKRouter, modeling_mixtral.py:
+    # 106-110 in transformers 5.24: no cast back), where Qwen2 / Qwen3-MoE's routers cast them to the logits' dtype
+    # (modeling_qwen2_moe.py:327, modeling_qwen3_moe.py:266): ModelConfig.router_weights_fp32
+    router_weights_fp32: bool = False
     sparse_layers: bool = True        # decoder_sparse_step / mlp_only_layers pick the sparse blocks (else every block)
     shared_expert: bool = False       # Qwen2MoeSparseMoeBlock's shared expert and its sigmoid gate
     # the MLP Linears that are Linears in transformers 5 (the shared expert, shared_expert_gate, a dense block's MLP)
@@ -268,6 +272,7 @@ MIXTRAL = Family(name="mixtral", architecture="MixtralForCausalLM",
                                   ("intermediate_size", 14336)),
                  sliding_window="every", bias_keys=(),
                  moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
+                             router_weights_fp32=True,
                              defaults=(("num_local_experts", 8), ("num_experts_per_tok", 2),
                                        ("router_aux_loss_coef", 0.001))))
 # Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B: Qwen2's attention (q/k/v biases: qkv_bias, true where absent) with sparse blocks
@@ -924,6 +929,7 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
     return dict(n_experts=experts, experts_per_token=values["num_experts_per_tok"],
                 moe_ffn_dim=values[keys.expert_width_key],
                 norm_topk_prob=bool(raw[keys.renormalise_key]) if keys.renormalise_key else True,
+                router_weights_fp32=keys.router_weights_fp32,
                 decoder_sparse_step=values.get("decoder_sparse_step", 1), mlp_only_layers=tuple(sorted(set(only))),
                 router_aux_loss_coef=float(coef) if _number(coef) else 0.0,
                 shared_expert_dim=values.get("shared_expert_intermediate_size")) | _gpt_oss_experts(keys, raw, path,

@@ -15,7 +15,6 @@ import torch
 from pipeline.model.beam_search import beam_search
 from pipeline.model.config import decode_steps, prompt_room
 from pipeline.model.gpt import GPTModel
-from pipeline.model.kv_cache import KVCache
 from pipeline.model.penalties import penalize_repeats
 from pipeline.model.rope import longrope_restart
 from pipeline.model.weights import note
@@ -159,7 +158,7 @@ def generate(
     with _eval_mode(model):
         out: list[list[int]] = [[] for _ in batch]
         done = [False] * len(batch)
-        past = KVCache(len(model.layers), capacity=ids.shape[1] + steps) if use_cache else None  # allocated once
+        past = model.new_cache(ids.shape[1] + steps) if use_cache else None  # allocated once
         step_ids, step_pos = ids, positions
         seen = None
         if repetition_penalty != 1.0:
@@ -169,7 +168,7 @@ def generate(
             if past is not None and past.length and longrope_restart(model.cfg, ids.shape[1], past.length):
                 # Phi3ForCausalLM.prepare_inputs_for_generation: the first step past original_max_position_embeddings
                 # drops the cache and runs the whole sequence again (every key on the long factors)
-                past = KVCache(len(model.layers), capacity=past.capacity)
+                past = model.new_cache(past.capacity)
                 step_ids, step_pos = ids, positions
             if use_cache:
                 logits, past = model(step_ids, attention_mask=attn, position_ids=step_pos, past_kv=past, use_cache=True,

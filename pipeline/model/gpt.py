@@ -41,10 +41,10 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.model.attention import Spec, attend, binds, packed_attention, segment_mask, windowed  # noqa: F401 (re-export)
 from pipeline.model.config import ModelConfig, gated
-from pipeline.model.head_loss import (TokenWeight, head_cross_entropy_sum, head_cross_entropy_sum_argmax,
-                                      head_cross_entropy_tokens)
+from pipeline.model.head_loss import (SoftcappedHead, TokenWeight, head_cross_entropy_sum,  # noqa: F401 (re-export)
+                                      head_cross_entropy_sum_argmax, head_cross_entropy_tokens)
 from pipeline.model.kernels import Linear
-from pipeline.model.kv_cache import KVCache
+from pipeline.model.kv_cache import KVCache, window_keys
 from pipeline.model.neftune import neftune_noise
 from pipeline.model.rope import (dynamic_length, longrope_long, rope_attention_factor,  # noqa: F401 (re-export)
                                  rope_inv_freq)
@@ -145,7 +145,7 @@ class SparseMoeBlock(nn.Module):
     """Mixture of experts in place of one MLP (transformers' Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock,
     Qwen2MoeSparseMoeBlock): the router `gate` (a Linear, hidden -> n_experts, no bias) scores every expert per token;
     softmax in fp32, the experts_per_token highest kept (renormalised to sum 1 with norm_topk_prob: always on Mixtral),
-    cast back; each token's output is the sum of its experts' SwiGLU outputs times those weights, plus (Qwen2-MoE,
+    cast back to the logits' dtype (Qwen2 / Qwen3-MoE) or kept fp32 into the product (router_weights_fp32: Mixtral); each token's output is the sum of its experts' SwiGLU outputs times those weights, plus (Qwen2-MoE,
     shared_expert_dim) a shared expert's output times sigmoid(shared_expert_gate(x)).
 
     The experts are FeedForwards in a ModuleList (experts.{e}.gate_proj ...: the hub's per-expert names) run by a
@@ -158,6 +158,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        self.router_weights_fp32 = cfg.router_weights_fp32
         self.gate = Linear(cfg.emb_dim, cfg.n_experts, bias=cfg.router_bias)  # GPT-OSS's router has a bias
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
         if cfg.shared_expert_dim:  # Qwen2MoeSparseMoeBlock's shared expert and its gate (a Linear to 1)
@@ -173,7 +174,8 @@ class SparseMoeBlock(nn.Module):
         weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(logits.dtype)
+        if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product below
+            weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
@@ -280,7 +282,7 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rope(q, rope, self.rope_interleaved), apply_rope(k, rope, self.rope_interleaved)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        fresh = cache is None or cache.lengths[self.layer] == 0  # nothing before these tokens
+        fresh = cache is None or cache.seen[self.layer] == 0  # nothing before these tokens
         if cache is not None:
             cached = cache.update(self.layer, k, v)
             if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
@@ -289,19 +291,6 @@ class MultiHeadAttention(nn.Module):
                    softcap=self.softcap, scale=self.scale, sinks=self.sinks)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         return self.resid_drop(self.o_proj(y))
-
-
-class SoftcappedHead(Linear):
-    """The LM head with Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) in the logits' dtype
-    (Gemma2ForCausalLM.forward). Its own class, so that every cross-entropy takes the plain path through it
-    (head_loss.direct_weight accepts a plain Linear only); its weight is lm_head.weight as in transformers."""
-
-    def __init__(self, in_features: int, out_features: int, cap: float):
-        super().__init__(in_features, out_features, bias=False)
-        self.cap = cap
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(super().forward(x) / self.cap) * self.cap
 
 
 class TransformerBlock(nn.Module):
@@ -372,6 +361,12 @@ class GPTModel(nn.Module):
         self.tie_weights()
         if seed is not None and self.embed_tokens.weight.device.type != "meta":
             self.init_weights(seed)
+
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """An empty KV cache for this model: `capacity` positions per layer (0: grown as needed); a layer with a
+        sliding window keeps only the keys it can still see (KVCache windows), as transformers' sliding-window cache
+        layers do."""
+        return KVCache(len(self.layers), capacity, [blk.window for blk in self.layers])
 
     def tie_weights(self) -> None:
         """Re-establish tying (after load_state_dict(assign=True) replaced the Parameter objects)."""
@@ -461,8 +456,9 @@ class GPTModel(nn.Module):
         attention_mask (B, T_past + T) marks real tokens with 1. segment_ids (B, T) packs several
         sequences in a row: a token attends only to earlier tokens of its own segment (block-diagonal
         causal mask; pass position_ids restarting at 0 per segment). A layer with a sliding window w
-        (cfg.layer_windows) lets the query at index i of the row (or of the cache, which keeps every token) see the
-        keys i - w < j <= i only, as transformers' sliding_window_overlay counts them; left padding shifts a row's
+        (cfg.layer_windows) lets the query at index i of the row (or of the cache) see the
+        keys i - w < j <= i only, as transformers' sliding_window_overlay counts them (its cache keeps only those:
+        KVCache windows, new_cache); left padding shifts a row's
         indices alike, so a left-padded row sees what it sees alone. labels (B, T) are already shifted
         (labels[:, t] is the target after position t) with -100 where nothing is learned. With
         labels the output head runs only at the labelled positions, returning the mean
@@ -476,7 +472,7 @@ class GPTModel(nn.Module):
         over whole distributions, ASFT's KL: pipeline.model.asft), the head computed there only.
         """
         b, t = input_ids.shape
-        cache = past_kv if past_kv is not None else KVCache(len(self.layers)) if use_cache else None
+        cache = past_kv if past_kv is not None else self.new_cache() if use_cache else None
         past_len = cache.length if cache is not None else 0
         if past_len + t > self.cfg.context_length and position_ids is None and not self.cfg.dynamic_rope:
             raise ValueError(f"sequence of {past_len + t} tokens exceeds context_length {self.cfg.context_length}")
@@ -501,13 +497,17 @@ class GPTModel(nn.Module):
                                  has_window=any(binds(w, t) for w in self.cfg.layer_windows))
         else:
             mask = _attention_mask(attention_mask, b, t, past_len, input_ids.device)
-        # one spec per sliding window the layers have (None: full attention), shared by the layers with it
-        masks = {w: windowed(mask, w, t, past_len + t, input_ids.device) for w in {blk.window for blk in self.layers}}
+        # one spec per sliding window the layers have (None: full attention), shared by the layers with it; a layer
+        # whose cache keeps only its window's keys (KVCache windows) gets the spec's columns of those keys
+        windows = [blk.window for blk in self.layers]
+        kept = cache.windows if cache is not None else (None,) * len(windows)
+        masks = {w: windowed(mask, w, t, past_len + t, input_ids.device) for w in set(windows)}
+        masks = {(w, c): _last_keys(masks[w], window_keys(c, past_len, t)) for w, c in set(zip(windows, kept))}
         ropes = {local: self._rope(position_ids.expand(b, t), x.dtype, local) for local in
                  {blk.local_rope for blk in self.layers}}
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
-        for block in self.layers:
-            spec, rope = masks[block.window], ropes[block.local_rope]
+        for block, c in zip(self.layers, kept):
+            spec, rope = masks[block.window, c], ropes[block.local_rope]
             x = checkpoint(block, x, spec, None, rope, use_reentrant=False) if recompute else block(x, spec, cache, rope)
         x = self.norm(x)
         if self.lm_head is None:
@@ -556,6 +556,14 @@ class GPTModel(nn.Module):
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         return total / max(count, 1)
+
+
+def _last_keys(spec: Spec, keys: int) -> Spec:
+    """A dense mask's columns of the last `keys` keys (those a windowed layer's cache returns: every key before them
+    is out of the window for each query of the forward); None and packed specs as they are."""
+    if isinstance(spec, torch.Tensor) and spec.shape[-1] > keys:
+        return spec[..., -keys:]
+    return spec
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:

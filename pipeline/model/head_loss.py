@@ -17,7 +17,14 @@ cross-entropy by a weight taken without gradient (TokenWeight), so in a block th
 are scaled by it: DFT's weight is the target's probability exp(-CE), EAFT's (H / 3) ** eaft_alpha with H the entropy
 of the softmax over the row's 20 largest logits (taken from the block's logits before they are overwritten).
 
-Used only where that is exact and safe: grad enabled, the head a bias-free nn.Linear whose weight is
+Gemma 2's final_logit_softcapping (SoftcappedHead: cap x tanh(logits / cap), in the logits' dtype, as
+Gemma2ForCausalLM.forward caps them) is applied to each block's logits the same way, before the fp32 cast, so a
+block's values are the head's own; the logit gradient then passes through the cap's derivative, 1 - (capped / cap)^2.
+Why here, once: every loss that reads token log-probabilities (sft / pt, the preference and PPO stages through
+reduction="none", evaluation) comes through these functions, and Gemma 2's 256,000-wide vocabulary is the last
+place to lose the row blocks (bench/softcap_head_memory.py: the measured saving).
+
+Used only where that is exact and safe: grad enabled, the head a bias-free nn.Linear (or SoftcappedHead) whose weight is
 frozen and not partitioned (ZeRO-3 gathers weights through module hooks, which this bypasses), hidden
 states in the weight's dtype, bf16 or fp32, no autocast. fp16 keeps the plain path: there the loss scale
 must multiply the logit gradient before its cast to fp16, or small probabilities underflow.
@@ -72,6 +79,24 @@ class TokenWeight:
             return (entropy / EAFT_SCALE).pow(self.alpha)
 
 
+class SoftcappedHead(Linear):
+    """The LM head with Gemma 2's final_logit_softcapping: cap * tanh(logits / cap) in the logits' dtype
+    (Gemma2ForCausalLM.forward). The row blocks below apply the same cap (`softcap`); its weight is lm_head.weight as
+    in transformers."""
+
+    def __init__(self, in_features: int, out_features: int, cap: float):
+        super().__init__(in_features, out_features, bias=False)
+        self.cap = cap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softcap(super().forward(x), self.cap)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(logits / cap) in the logits' dtype (Gemma2ForCausalLM.forward's three ops); None: unchanged."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 @contextlib.contextmanager
 def plain_head() -> Iterator[None]:
     """Inside, every head takes the plain path (full logits, F.cross_entropy). Why: a frozen copy that must give
@@ -94,10 +119,11 @@ def chunkable(head: nn.Module, hidden: torch.Tensor) -> bool:
 
 
 def direct_weight(head: nn.Module, hidden: torch.Tensor) -> bool:
-    """hidden @ head.weight.T is exactly head(hidden): a bias-free, unpartitioned Linear (not a LoRA wrapper) in
+    """hidden @ head.weight.T is exactly head(hidden) (capped by `softcap` for a SoftcappedHead): a bias-free,
+    unpartitioned Linear (not a LoRA wrapper) in
     the hidden states' dtype (bf16/fp32), no autocast. Without gradients (evaluation) that is all row blocks need."""
     weight = getattr(head, "weight", None)
-    return (not _PLAIN.get() and type(head) in (nn.Linear, Linear) and head.bias is None
+    return (not _PLAIN.get() and type(head) in (nn.Linear, Linear, SoftcappedHead) and head.bias is None
             and weight is not None and not hasattr(weight, "ds_id")
             and hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float32)
             and not torch.is_autocast_enabled(hidden.device.type))
@@ -108,7 +134,7 @@ def head_cross_entropy_sum(head: nn.Module, hidden: torch.Tensor, targets: torch
     """Summed cross-entropy of head(hidden) (N, V) against targets (N,), in fp32, label-smoothed by `smoothing`,
     each token's weighted by `token_weight`."""
     if fused_applies(head, hidden):
-        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, smoothing, token_weight).sum()
+        return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, smoothing, token_weight, _cap(head)).sum()
     return _plain_losses(head(hidden).float(), targets, smoothing, token_weight).sum()
 
 
@@ -130,8 +156,8 @@ def head_cross_entropy_tokens(head: nn.Module, hidden: torch.Tensor, targets: to
     """
     if chunkable(head, hidden):
         if torch.is_grad_enabled() and hidden.requires_grad:
-            return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets)
-        return _chunked_tokens(hidden, head.weight, targets, None)
+            return _ChunkedHeadCrossEntropy.apply(hidden, head.weight, targets, 0.0, None, _cap(head))
+        return _chunked_tokens(hidden, head.weight, targets, None, cap=_cap(head))
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
@@ -150,21 +176,30 @@ def head_cross_entropy_sum_argmax(head: nn.Module, hidden: torch.Tensor, targets
     """
     if direct_weight(head, hidden):
         predicted = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        losses = _chunked_tokens(hidden, head.weight, targets, None, predicted, smoothing, token_weight)
+        losses = _chunked_tokens(hidden, head.weight, targets, None, predicted, smoothing, token_weight, _cap(head))
         return losses.sum(), predicted
     logits = head(hidden).float()
     return _plain_losses(logits, targets, smoothing, token_weight).sum(), logits.argmax(dim=-1)
 
 
+def _cap(head: nn.Module) -> float | None:
+    """The head's final logit softcap (SoftcappedHead.cap), None for a plain Linear."""
+    return head.cap if isinstance(head, SoftcappedHead) else None
+
+
 def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     grad_hidden: torch.Tensor | None, predicted: torch.Tensor | None = None,
-                    smoothing: float = 0.0, token_weight: TokenWeight | None = None) -> torch.Tensor:
-    """Per-token losses by row blocks, label-smoothed by `smoothing` and weighted by `token_weight`; fills grad_hidden
-    (d loss_i / d hidden_i) and predicted (each row's argmax) when given."""
+                    smoothing: float = 0.0, token_weight: TokenWeight | None = None,
+                    cap: float | None = None) -> torch.Tensor:
+    """Per-token losses by row blocks, label-smoothed by `smoothing` and weighted by `token_weight`, of the logits
+    softcapped by `cap`; fills grad_hidden (d loss_i / d hidden_i) and predicted (each row's argmax) when given."""
     losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        logits = (hidden[rows] @ weight.T).float()  # the same bf16 matmul as head(hidden), then fp32
+        # the same bf16 matmul (and cap) as head(hidden), then fp32
+        logits = softcap(hidden[rows] @ weight.T, cap).float()
+        # the cap's derivative 1 - tanh^2, from the capped values, before the in-place passes below overwrite them
+        cap_slope = None if cap is None or grad_hidden is None else (logits / cap).square_().neg_().add_(1.0)
         if predicted is not None:  # before the shift below: subtracting the maximum can round others up to it
             predicted[rows] = logits.argmax(dim=1)
         target = targets[rows]
@@ -187,6 +222,8 @@ def _chunked_tokens(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                 grad_logits.sub_(smoothing / grad_logits.shape[1])  # ... minus the uniform target's share
             if scale is not None:
                 grad_logits.mul_(scale)  # ... times the token's weight, itself not differentiated
+            if cap_slope is not None:
+                grad_logits.mul_(cap_slope)  # ... through the cap, to the head's own logits
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
     return losses
 
@@ -196,13 +233,15 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                smoothing: float = 0.0, token_weight: TokenWeight | None = None) -> torch.Tensor:
+                smoothing: float = 0.0, token_weight: TokenWeight | None = None,
+                cap: float | None = None) -> torch.Tensor:
         grad_hidden = torch.empty_like(hidden)
-        losses = _chunked_tokens(hidden, weight, targets, grad_hidden, smoothing=smoothing, token_weight=token_weight)
+        losses = _chunked_tokens(hidden, weight, targets, grad_hidden, smoothing=smoothing, token_weight=token_weight,
+                                 cap=cap)
         ctx.save_for_backward(grad_hidden)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
-        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None, None
+        return (grad_hidden.float() * grad_losses[:, None]).to(grad_hidden.dtype), None, None, None, None, None

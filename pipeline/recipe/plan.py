@@ -246,8 +246,8 @@ def rollout_bytes(r: Resolved, cfg: ModelConfig, prompt: int, gathered: int) -> 
     """What stage ppo's rollouts hold (pipeline.train.ppo.PPOTrainer): while the policy decodes (responses), the KV
     cache generate allocates for one micro-batch, per_device_train_batch_size prompts of at most `prompt` tokens
     (cutoff_len; cut to generate's room when longer) and their max_new_tokens, in the compute dtype
-    (pipeline.model.config.kv_cache_bytes: 2 x layers x rows x kv_heads x (prompt + new tokens) x head_dim x
-    bytes); under ZeRO 3 also `gathered`, the whole parameters (P x w) gathered beside their partitions for
+    (pipeline.model.config.kv_cache_bytes: 2 x layers x rows x kv_heads x (prompt + new tokens, at most
+    2 x window - 1 in a sliding-window layer) x head_dim x bytes); under ZeRO 3 also `gathered`, the whole parameters (P x w) gathered beside their partitions for
     decoding (deepspeed_compat.gathered_for_generation), not offloaded; and the step's rollout, kept through its
     updates: every row of the step (per_device_train_batch_size x batches_per_step: the whole ppo_buffer_size) at
     prompt + max_new_tokens positions (ROLLOUT_POSITION_BYTES, ROLLOUT_ROW_BYTES). Decoding runs before the step's

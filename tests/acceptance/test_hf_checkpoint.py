@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import torch
+
 from tests.acceptance.harness import pipeline, write_recipe
+
+WINDOW_PROMPT = "Say the colours: red, green, blue"  # its chat prompt is longer than Mistral's 8-position window
 
 
 def test_one_lora_step_from_a_save_pretrained_gpt2(workdir, hf_checkpoint):
@@ -60,3 +64,16 @@ def test_lora_sft_from_a_save_pretrained_mistral_exports_mistral(workdir, monkey
     assert tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
                                          tokenize=False) == "<s>[INST] S\n\nHi[/INST]"
     assert_outputs_compute_ours(recipe, workdir, base, theirs, config["vocab_size"])
+    # `generate --model base --raw` past the window (prompt + new tokens > 8): the KV cache keeps only each layer's
+    # last 7 positions (tests/model/test_window_cache.py); the text is transformers' greedy continuation (the random
+    # base: the trained model answers EOS at once)
+    original = transformers.AutoModelForCausalLM.from_pretrained(base).eval()
+    prompt = tokenizer.encode(WINDOW_PROMPT, add_special_tokens=False)
+    with torch.no_grad():
+        new = original.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, len(prompt):].tolist()
+    new = new[:next((i for i, t in enumerate(new) if t == tokenizer.eos_token_id), len(new))]
+    assert len(prompt) + len(new) > 8 and len(new) > 2, (prompt, new)
+    got = pipeline("generate", recipe, "--model", "base", "--raw", "--prompt", WINDOW_PROMPT, "max_new_tokens=12",
+                   cwd=workdir, as_typed=False).stdout
+    assert got == tokenizer.decode(new) + "\n", (got, tokenizer.decode(new))

@@ -324,7 +324,8 @@ def test_moe_aux_loss_coef_under_rm_names_the_familys_reward_class(tmp_path, pre
 def test_the_sparse_block_under_bf16_autocast_is_transformers_block(checkpoint):
     """Evaluation's bf16 autocast (CPU's stands in for CUDA's): the same experts run (the router's logits bitwise
     transformers'), the block's sum stays fp32 with the shared expert added, and the outputs differ by bf16 rounding
-    only (Mixtral's router keeps its top-k weights in fp32 where ours casts them to bf16 first, as Qwen's does)."""
+    only (transformers' grouped_mm experts round their own way; with its per-expert loop the block is bitwise ours:
+    tests/model/test_moe_router_dtype.py, Mixtral's top-k weights kept fp32 as its router keeps them)."""
     _, path, ref = checkpoint
     ours, theirs = load_model(path).eval().layers[0].mlp, ref.model.layers[0].mlp
     hidden = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))

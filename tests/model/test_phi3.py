@@ -24,6 +24,7 @@ from pipeline.model.config import PRESETS, count_params, read_config, trainable_
 from pipeline.model.generate import generate
 from pipeline.model.weights import load_model, save_hf
 from tests.acceptance.harness import random_model
+from tests.helpers.hf_generate import left_padded_greedy
 from tests.model import test_families as families
 from tests.model.test_families import (COMMON, VOCAB, assert_adapter_agrees, ids, randomise_lora,  # noqa: F401
                                        test_export_loads_in_auto_model,
@@ -148,12 +149,7 @@ def test_batched_left_padded_generation(checkpoint):
         return families.test_batched_left_padded_generation_equals_one_by_one(checkpoint)
     ours = load_model(path).eval()
     prompts = [ids(2, (1, 3))[0].tolist(), ids(3, (1, 6))[0].tolist(), ids(4, (1, 5))[0].tolist()]
-    width = max(map(len, prompts))
-    batch = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        want = ref.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[:, width:].tolist()
+    want = left_padded_greedy(ref, prompts, 8)
     assert generate(ours, prompts, max_new_tokens=8, eos_id=None) == want
     assert generate(ours, prompts, max_new_tokens=8, eos_id=None, use_cache=False) == want
 

@@ -132,10 +132,11 @@ def test_plan_counts_the_parameters_train_builds(folder, keys):
 
 
 class RecordedCache:
-    """Every KV cache generate makes (pipeline.model.generate.KVCache, wrapped): the buffers it allocated."""
+    """Every KV cache generate makes (GPTModel.new_cache's pipeline.model.gpt.KVCache, wrapped): the buffers it
+    allocated."""
 
     def __init__(self, monkeypatch):
-        from pipeline.model import generate
+        from pipeline.model import gpt
         from pipeline.model.kv_cache import KVCache
 
         self.made: list[Any] = []
@@ -146,7 +147,7 @@ class RecordedCache:
                 super().__init__(*args, **kwargs)
                 made.append(self)
 
-        monkeypatch.setattr(generate, "KVCache", Recording)
+        monkeypatch.setattr(gpt, "KVCache", Recording)
 
     def bytes(self) -> int:
         (cache,) = self.made
