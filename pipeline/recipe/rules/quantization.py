@@ -1,0 +1,54 @@
+"""Rules on QLoRA's keys (quantization_bit, quantization_method; pipeline.model.quantize) against what they read
+besides: the fine-tuning method (finetuning_type), the stage, PiSSA (pissa_init) and the ZeRO stage (zero_stage,
+deepspeed: a deepspeed JSON's stage is train's preflight, quantization_zero3).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.recipe.check import show
+from pipeline.recipe.rules.core import Context, rule
+
+QLORA_STAGES = ("pt", "sft")
+# LLaMA-Factory (hparams/parser.py _verify_model_args): "Quantization is only compatible with the LoRA or OFT method."
+FULL_REFUSED = ("a quantized base cannot train: its 4/8-bit weights are frozen integer codes (LLaMA-Factory refuses "
+                "it too: 'Quantization is only compatible with the LoRA or OFT method.'); set finetuning_type: lora "
+                "(or oft), or remove quantization_bit")
+# LLaMA-Factory's bnb 4-bit under ZeRO 3 needs bnb_4bit_quant_storage (model_utils/quantization.py) so that ZeRO can
+# partition the packed weights as floats; ours keeps uint8 storage and its quant state beside the tensor.
+ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their quantization constants (LLaMA-Factory "
+                 "needs bitsandbytes' quant_storage for it, not implemented here); {fix}: ZeRO 0-2 keep the 4/8-bit "
+                 "base whole on every rank")
+
+
+def quantization_zero3(v: Mapping[str, Any]) -> str | None:
+    """Why quantization_bit does not run at this ZeRO stage (3), or None: the rule's and train's preflight's words."""
+    if v["quantization_bit"] is None or v["zero_stage"] != 3:
+        return None
+    return ZERO3_REFUSED
+
+
+@rule("quantization_bit", "quantization_method", "finetuning_type", "stage", "pissa_init", "zero_stage", "deepspeed")
+def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
+    """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, for stages pt and sft,
+    at ZeRO 0-2; everything else it is combined with is said here, one message per key."""
+    v = ctx.values
+    if v["quantization_bit"] is None:
+        return []
+    given = f"with quantization_bit: {v['quantization_bit']}"
+    problems = []
+    if v["quantization_method"] != "bnb":
+        problems.append(("quantization_method", f"given {show(v['quantization_method'])} {given}: bnb (bitsandbytes) "
+                                                "is the one quantizer implemented here; set quantization_method: bnb"))
+    if v["finetuning_type"] not in ("lora", "oft"):
+        problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: {FULL_REFUSED}"))
+    if v["stage"] not in QLORA_STAGES:
+        problems.append(("stage", f"given {v['stage']} {given}: QLoRA is implemented for stages "
+                                  f"{', '.join(QLORA_STAGES)}; train stage {v['stage']} on an unquantized base "
+                                  "(remove quantization_bit)"))
+    if v["pissa_init"]:
+        problems.append(("pissa_init", f"given true {given}: PiSSA's SVD needs the unquantized weights (LLaMA-Factory: "
+                                       "'Cannot initialize PiSSA adapter on quantized models.'); remove pissa_init"))
+    if v["deepspeed"] is None and (why := quantization_zero3(v)):
+        problems.append(("zero_stage", f"given 3 {given}: " + why.format(fix="set zero_stage: 2 (or lower)")))
+    return problems
