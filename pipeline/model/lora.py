@@ -41,7 +41,7 @@ from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates,
                                    moe_blocked)
 from pipeline.model.families import Family
-from pipeline.model.quantize import adapter_dtype, dense_weight
+from pipeline.model.quantize import adapter_dtype, dequantized_weight
 from pipeline.model.weights import read_tensors
 from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
 
@@ -133,7 +133,7 @@ class LinearWithDoRA(LinearWithLoRA):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output feature, in the adapter's dtype (formed in fp32); a constant for autograd."""
-        weight = dense_weight(self.linear)  # a quantized base's dequantized weight, as PEFT's bnb DoRA reads it
+        weight = dequantized_weight(self.linear)  # a quantized base's dequantized weight, as PEFT's bnb DoRA reads it
         return torch.linalg.norm(weight.float() + self.lora.delta_weight().float(), dim=1).to(self.lora.A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ class LinearWithDoRA(LinearWithLoRA):
             base = result if self.linear.bias is None else result - self.linear.bias
         else:
             dropped = self.dropout(x)
-            base = F.linear(dropped, dense_weight(self.linear).to(x.dtype))
+            base = F.linear(dropped, dequantized_weight(self.linear).to(x.dtype))
         return (result + (scale - 1) * base + scale * self.lora(dropped)).to(result.dtype)
 
     def merged_weight(self) -> torch.Tensor:

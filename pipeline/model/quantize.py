@@ -17,42 +17,17 @@ Its CPU path (the torch fallback) is what the tests exercise; on CUDA the same c
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline.errors import UserError
 
+from pipeline.model.quant_layout import BITS, NOT_QUANTIZED, Quantization
+
 PIN = "bitsandbytes==0.50.2"  # requirements.txt's line
-BITS = (4, 8)
 INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig llm_int8_threshold default (LLM.int8()'s outlier threshold)
-NOT_QUANTIZED = ("lm_head", "score")  # get_keys_to_not_convert: the output embedding (and the tied input one)
-
-
-@dataclass(frozen=True)
-class Quantization:
-    """The recipe's quantization_bit, quantization_type and double_quantization (LLaMA-Factory's names)."""
-
-    bits: int
-    quant_type: str = "nf4"
-    double_quant: bool = True
-
-    @classmethod
-    def of(cls, args: Any) -> "Quantization | None":
-        """From a ModelArgs (or anything with the three recipe keys); None when quantization_bit is unset."""
-        bits = getattr(args, "quantization_bit", None)
-        if bits is None:
-            return None
-        return cls(int(bits), str(getattr(args, "quantization_type", "nf4")),
-                   bool(getattr(args, "double_quantization", True)))
-
-    def describe(self) -> str:
-        if self.bits == 8:
-            return "8-bit (LLM.int8)"
-        return f"4-bit {self.quant_type}" + (" with double quantization" if self.double_quant else "")
 
 
 def bitsandbytes() -> ModuleType:
@@ -118,7 +93,7 @@ def is_quantized(linear: nn.Module) -> bool:
     return isinstance(linear, nn.Linear) and not linear.weight.is_floating_point()
 
 
-def dense_weight(linear: nn.Linear) -> torch.Tensor:
+def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
     """The weight as a float matrix (out x in): the quantized layer's dequantized (what its matmul multiplies by),
     else the weight itself. DoRA's column norms and its dropout path read it (PEFT's dequantize_module_weight)."""
     if not is_quantized(linear):
@@ -137,15 +112,3 @@ def adapter_dtype(linear: nn.Linear) -> torch.dtype:
     if linear.weight.is_floating_point():
         return linear.weight.dtype
     return getattr(linear, "compute_dtype", None) or torch.float32
-
-
-def quantized_bytes(out_features: int, in_features: int, spec: Quantization) -> float:
-    """Bytes one quantized weight takes: 4 bits a value + one absmax per 64-value block (fp32, or with double
-    quantization one byte per block + an fp32 absmax per 256 blocks), bitsandbytes' Params4bit layout; 8 bits a value
-    + one fp32 scale per output row for Linear8bitLt."""
-    values = out_features * in_features
-    if spec.bits == 8:
-        return values + 4 * out_features
-    blocks = values / 64
-    stats = blocks + 4 * blocks / 256 if spec.double_quant else 4 * blocks
-    return values / 2 + stats

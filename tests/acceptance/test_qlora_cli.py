@@ -34,7 +34,7 @@ def test_a_qlora_recipe_trains_loads_in_peft_on_the_4bit_base_and_merges_unquant
     write_hf_checkpoint(tmp_path / "llama", "llama", small_vocab=True)
     recipe = write_recipe(tmp_path / "qlora.yaml", model_name_or_path=str(tmp_path / "llama"), dataset_dir="data",
                           output_dir="saves/qlora", template="llama3", cutoff_len=256, max_samples=8,
-                          learning_rate=0.05, export_dtype="fp32", **QLORA)
+                          learning_rate=0.05, export_dtype="fp32", zero_stage=2, **QLORA)
     pipeline("build", recipe, cwd=tmp_path)
     trained = pipeline("train", recipe, cwd=tmp_path)
     assert "quantized to 4-bit nf4 with double quantization" in trained.stderr
