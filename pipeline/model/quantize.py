@@ -17,6 +17,7 @@ Its CPU path (the torch fallback) is what the tests exercise; on CUDA the same c
 """
 from __future__ import annotations
 
+import logging
 from types import ModuleType
 
 import torch
@@ -58,6 +59,8 @@ def quantize_model(model: nn.Module, spec: Quantization, compute_dtype: torch.dt
                         "leaves its fused experts and router unquantized, ours are per-expert Linears); quantization_bit "
                         "works on dense Llama / Qwen / Mistral / Gemma / Phi-3 / GPT-2 checkpoints: remove the key")
     bnb = bitsandbytes()
+    if spec.bits == 8:
+        quiet_int8_cast()
     names = quantized_names(model)
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -86,6 +89,21 @@ def _quantized(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_d
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.train(linear.training)
+
+
+class _Int8CastNotice(logging.Filter):
+    """Drops bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" line, logged on every call of every
+    8-bit layer (thousands a step); the fact is said once, in the schema's quantization_bit description and here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_int8_cast() -> None:
+    """LLM.int8 quantizes each 8-bit layer's input from fp16 (bitsandbytes casts it): expected, not the user's to fix."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastNotice) for f in log.filters):
+        log.addFilter(_Int8CastNotice())
 
 
 def is_quantized(linear: nn.Module) -> bool:
