@@ -40,8 +40,8 @@ def test_full_freeze_zero3_other_stages_pissa_and_other_quantizers_are_refused(w
     assert [m.split(": given")[0] for m in errors("m.yaml")] == ["m.yaml:6:22: quantization_method",
                                                                  "m.yaml:7:13: pissa_init"]
     write("d.yaml", QLORA.replace("alpaca_demo", "dpo_demo") + "stage: dpo\n")
-    assert any("stage: given dpo with quantization_bit: 4: QLoRA is implemented for stages pt, sft" in m
-               for m in errors("d.yaml"))
+    assert any(m.startswith("d.yaml:5:19: quantization_bit: given 4 with stage: dpo: QLoRA is implemented for "
+                            "stages pt, sft") for m in errors("d.yaml"))
     write("b.yaml", BASE + "quantization_bit: 2\n")
     assert errors("b.yaml") == ["b.yaml:5:19: quantization_bit: given 2, expected one of 4, 8, null"]
 
@@ -63,3 +63,19 @@ def test_plan_counts_the_4bit_base_at_half_a_byte_a_weight_plus_its_constants(wr
     assert mem.quantized == (CODES + ABSMAX + NESTED, QUANTIZED * 4)
     assert mem.gpu["parameters"] == (TINY_PARAMS + TINY_LORA_8 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
     assert "quantization_bit 4: the base's Linear weights counted at 0.5 byte a parameter" in render(r)
+
+
+def test_the_4bit_keys_say_they_do_nothing_without_quantization_bit_4(write):
+    from pipeline.recipe.notices import notices
+
+    keys = "quantization_method: bnb\nquantization_type: nf4\ndouble_quantization: true\n"
+    plain = notices(resolve(write("p.yaml", BASE + keys)))
+    assert [n.split(": accepted")[0] for n in plain if "quantization" in n] == [
+        "notice: p.yaml:5:22: quantization_method", "notice: p.yaml:6:20: quantization_type",
+        "notice: p.yaml:7:22: double_quantization"]
+    eight = [n for n in notices(resolve(write("e.yaml", BASE + keys + "quantization_bit: 8\n"))) if "quantization" in n]
+    assert eight == ["notice: e.yaml:6:20: quantization_type: accepted without effect: it only matters with "
+                     "quantization_bit: 4",
+                     "notice: e.yaml:7:22: double_quantization: accepted without effect: it only matters with "
+                     "quantization_bit: 4"]
+    assert not [n for n in notices(resolve(write("f.yaml", QLORA + keys))) if "quantization" in n]

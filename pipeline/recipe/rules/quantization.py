@@ -43,9 +43,9 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     if v["finetuning_type"] not in ("lora", "oft"):
         problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: {FULL_REFUSED}"))
     if v["stage"] not in QLORA_STAGES:
-        problems.append(("stage", f"given {v['stage']} {given}: QLoRA is implemented for stages "
-                                  f"{', '.join(QLORA_STAGES)}; train stage {v['stage']} on an unquantized base "
-                                  "(remove quantization_bit)"))
+        problems.append(("quantization_bit", f"given {v['quantization_bit']} with stage: {v['stage']}: QLoRA is "
+                                             f"implemented for stages {', '.join(QLORA_STAGES)}; train stage "
+                                             f"{v['stage']} on an unquantized base (remove quantization_bit)"))
     if v["pissa_init"]:
         problems.append(("pissa_init", f"given true {given}: PiSSA's SVD needs the unquantized weights (LLaMA-Factory: "
                                        "'Cannot initialize PiSSA adapter on quantized models.'); remove pissa_init"))
