@@ -79,3 +79,21 @@ def test_the_4bit_keys_say_they_do_nothing_without_quantization_bit_4(write):
                      "notice: e.yaml:7:22: double_quantization: accepted without effect: it only matters with "
                      "quantization_bit: 4"]
     assert not [n for n in notices(resolve(write("f.yaml", QLORA + keys))) if "quantization" in n]
+
+
+def test_a_prequantized_checkpoint_is_refused_with_the_fix(write, tmp_path):
+    """The hub's unsloth/*-bnb-4bit form: config.json's quantization_config as transformers' save_pretrained of a
+    BitsAndBytesConfig(load_in_4bit=True) model writes it; its packed weights are not read here."""
+    transformers = pytest.importorskip("transformers")
+    from tests.acceptance.harness import FAMILIES
+
+    config = transformers.LlamaConfig(**FAMILIES["llama"].tiny)
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                  "bnb_4bit_quant_type": "nf4"}
+    config.save_pretrained(tmp_path / "llama-bnb-4bit")
+    write("r.yaml", BASE.replace("tiny", "llama-bnb-4bit"))
+    assert errors("r.yaml") == [
+        "r.yaml:1:21: model_name_or_path: llama-bnb-4bit is a pre-quantized checkpoint (config.json "
+        "quantization_config: quant_method bitsandbytes, 4-bit), whose stored quantized weights are not read here; "
+        "point model_name_or_path at the unquantized checkpoint it was made from and set quantization_bit: 4 to "
+        "quantize it at load (bitsandbytes; the same quantization of the same weights)"]
