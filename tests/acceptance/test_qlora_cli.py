@@ -56,6 +56,23 @@ def test_a_qlora_recipe_trains_loads_in_peft_on_the_4bit_base_and_merges_unquant
         unquantized = peft.PeftModel.from_pretrained(plain, out / "adapter").eval()(x).logits
         merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
         assert_close(unquantized, merged(x).logits, rel=1e-5)
+    assert evaluated(recipe, tmp_path) == "adapter"  # eval: the adapter on the quantized base, not merged/
     for key, value in merged.state_dict().items():  # a plain checkpoint: no 4-bit codes, no quantization_config
         assert value.dtype == torch.float32, key
     assert getattr(merged.config, "quantization_config", None) is None
+
+
+def evaluated(recipe, cwd) -> str:
+    """Which weights `eval` takes as the tuned model (pipeline.evaluate.run.tuned_model), resolved in `cwd`."""
+    import os
+
+    from pipeline.evaluate.run import tuned_model
+    from pipeline.recipe import resolve
+    from tests.acceptance.harness import cli_env
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return tuned_model(resolve(recipe, [], command="eval", env=cli_env(WORLD_SIZE="1"))).kind
+    finally:
+        os.chdir(here)
