@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import UserError
 from pipeline.recipe import resolve
 from pipeline.recipe.plan import estimate_memory, render
 from tests.recipe.helpers import BASE
+from tests.recipe.test_oft_rules import errors
 
 QLORA = BASE + "quantization_bit: 4\n"  # its line 5
-
-
-def errors(path: str, overrides=()) -> list[str]:
-    with pytest.raises(UserError) as exc:
-        resolve(path, list(overrides))
-    return exc.value.messages
 
 
 def test_a_llamafactory_qlora_recipe_resolves(write):
