@@ -232,12 +232,14 @@ def _recipe(r: Mapping[str, Any]) -> str:
 
 
 def _load_base(base: ModelArgs, ex: ExportArgs, trained: torch.dtype = torch.float32) -> nn.Module:
-    """The base in fp32, its values those of `trained` (bf16: a pure_bf16 run's base, cast as train cast it)."""
-    from pipeline.model.build import load_for_inference
+    """The base in fp32, its values those of `trained` (bf16: a pure_bf16 run's base, cast as train cast it). A QLoRA
+    run's base unquantized, re-read from the checkpoint: the adapter folds into the model's own weights, and the
+    export is a plain checkpoint (pipeline.model.build.unquantized)."""
+    from pipeline.model.build import load_for_inference, unquantized
 
     device = "cuda" if ex.export_device == "auto" and torch.cuda.is_available() else "cpu"
     # export_device cpu (default): exact, and any size fits
-    model = load_for_inference(base, "base", device=device, dtype=trained)
+    model = load_for_inference(unquantized(base), "base", device=device, dtype=trained)
     return model.float().eval()
 
 

@@ -41,7 +41,7 @@ from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.runtime.inference import load_weights
-from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe
+from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
@@ -137,6 +137,10 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     training produced); a UserError when nothing was trained."""
     out = RunLayout.of(r["output_dir"], r["export_dir"])
     weights = current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+    if weights is not None and weights.kind == "merged" and r["quantization_bit"] is not None:
+        # QLoRA: the adapter on the quantized base, the model that trained and logged eval_loss, beside the base
+        # quantized the same way; merged/ is the unquantized export (docs/training.md#qlora)
+        weights = trained_weights(out, r["finetuning_type"], r["adapter_name_or_path"]) or weights
     if weights is None:
         lora = trains_adapter(r["finetuning_type"])
         raise UserError(f"{out.trained_dir(r['finetuning_type'])}: no trained {'adapter' if lora else 'model'} to "

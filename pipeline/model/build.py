@@ -54,6 +54,10 @@ class ModelArgs:
     init_special_tokens: str = "noise_init"  # the new rows: noise_init, desc_init, desc_init_w_noise (model.vocab)
     tokenizer_name_or_path: str | None = None
     stage: str = "sft"               # rm: a reward model, the score head in place of lm_head (pipeline.model.reward)
+    # QLoRA: the base's Linears held by bitsandbytes in 4 / 8 bits, frozen (pipeline.model.quantize); None: unquantized
+    quantization_bit: int | None = None
+    quantization_type: str = "nf4"   # 4 bits: nf4 or fp4
+    double_quantization: bool = True  # 4 bits: the blocks' absmax quantized too
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,7 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
              " model_name_or_path to a directory with config.json + model.safetensors")
     tokens = vocab_tokens(args)
     if tokens is None:
-        return load_model(name, seed=args.seed, cfg=cfg, dtype=dtype)
+        return quantized(load_model(name, seed=args.seed, cfg=cfg, dtype=dtype), args, dtype)
     model = load_model(name, seed=args.seed, cfg=cfg.replace(vocab_size=read_config(name).vocab_size), dtype=dtype)
     old = model.cfg.vocab_size
     described = described_rows(args)
@@ -151,7 +155,25 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     if described is not None and described.rows:
         note(f"model: {len(described.rows)} new token rows from their descriptions (init_special_tokens: "
              f"{args.init_special_tokens})")
+    return quantized(model, args, dtype)
+
+
+def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
+    """With quantization_bit, the base's Linears quantized by bitsandbytes, their matmuls in `dtype` (the run's
+    precision: LLaMA-Factory's bnb_4bit_compute_dtype); the model unchanged without it."""
+    from pipeline.model.quantize import Quantization, quantize_model
+
+    spec = Quantization.of(args)
+    if spec is not None:
+        names = quantize_model(model, spec, dtype)
+        note(f"model: {len(names)} Linears quantized to {spec.describe()} (bitsandbytes; quantization_bit)")
     return model
+
+
+def unquantized(args: ModelArgs) -> ModelArgs:
+    """The same base without quantization_bit: what merge folds a QLoRA adapter into (the checkpoint's own weights,
+    QLoRA's and LLaMA-Factory's practice: its merge examples say not to quantize the base being merged into)."""
+    return replace(args, quantization_bit=None)
 
 
 def load_ref_model(path: str, base: ModelArgs, adapters: str | Sequence[str] | None = None) -> GPTModel:
@@ -182,7 +204,7 @@ def base_tensors(args: ModelArgs) -> Iterator[tuple[str, torch.Tensor]]:
     asked for (the whole model is never in memory), a preset's from its seeded build (as load_base makes it), and so
     a base whose embedding new_special_tokens grow (the grown rows are the build's)."""
     if str(args.model_name_or_path) in PRESETS or vocab_tokens(args) is not None:
-        yield from load_base(args, dropout=False).state_dict().items()
+        yield from load_base(unquantized(args), dropout=False).state_dict().items()
     else:
         yield from checkpoint_tensors(args.model_name_or_path)
 

@@ -41,6 +41,7 @@ from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates,
                                    moe_blocked)
 from pipeline.model.families import Family
+from pipeline.model.quantize import adapter_dtype, dequantized_weight
 from pipeline.model.weights import read_tensors
 from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
 
@@ -79,7 +80,7 @@ class LinearWithLoRA(AdapterLinear):
                  generator: torch.Generator | None = None):
         super().__init__(linear)
         self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, generator)
-        self.lora.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.lora.to(device=linear.weight.device, dtype=adapter_dtype(linear))  # a quantized base: its compute dtype
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def peft_config(self, family: Family) -> dict[str, Any]:
@@ -132,7 +133,7 @@ class LinearWithDoRA(LinearWithLoRA):
     @torch.no_grad()
     def weight_norm(self) -> torch.Tensor:
         """||W + s B A|| per output feature, in the adapter's dtype (formed in fp32); a constant for autograd."""
-        weight = self.linear.weight
+        weight = dequantized_weight(self.linear)  # a quantized base's dequantized weight, as PEFT's bnb DoRA reads it
         return torch.linalg.norm(weight.float() + self.lora.delta_weight().float(), dim=1).to(self.lora.A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +147,7 @@ class LinearWithDoRA(LinearWithLoRA):
             base = result if self.linear.bias is None else result - self.linear.bias
         else:
             dropped = self.dropout(x)
-            base = F.linear(dropped, self.linear.weight.to(x.dtype))
+            base = F.linear(dropped, dequantized_weight(self.linear).to(x.dtype))
         return (result + (scale - 1) * base + scale * self.lora(dropped)).to(result.dtype)
 
     def merged_weight(self) -> torch.Tensor:

@@ -35,6 +35,7 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.model.config import oft_blocks
 from pipeline.model.families import Family
+from pipeline.model.quantize import adapter_dtype
 from pipeline.model.adapter import (AdapterLinear, adapter_targets, family_of_model, replace_linears, saved_modules,
                                     train_additional)
 from pipeline.model.weights import note
@@ -125,7 +126,7 @@ class LinearWithOFT(AdapterLinear):
         self.rank, self.block_size, self.module_dropout = rank, block_size, module_dropout  # as configured
         blocks, size = layer_blocks(linear.in_features, rank, block_size)  # as this layer has them
         self.oft = OFTLayer(linear.in_features, blocks, size, neumann_terms)
-        self.oft.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        self.oft.to(device=linear.weight.device, dtype=adapter_dtype(linear))  # a quantized base: compute dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:

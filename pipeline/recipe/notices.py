@@ -106,6 +106,17 @@ def pissa_iter_notice(r: Any) -> str | None:
     return f"notice: {origin.where}: pissa_iter: accepted without effect: it only matters with pissa_init: true (PiSSA)"
 
 
+def quantization_notices(r: Any) -> list[str]:
+    """quantization_method / quantization_type / double_quantization (LLaMA-Factory's recipes carry them) do nothing
+    without quantization_bit, and the 4-bit pair nothing at 8 bits (Linear8bitLt): said once each, as for pissa_iter."""
+    bits = r["quantization_bit"]
+    keys = ("quantization_method", "quantization_type", "double_quantization") if bits is None else \
+        ("quantization_type", "double_quantization") if bits == 8 else ()
+    why = "it only matters with quantization_bit (QLoRA)" if bits is None else "it only matters with quantization_bit: 4"
+    return [f"notice: {r.origin(k).where}: {k}: accepted without effect: {why}" for k in keys
+            if r.origin(k).kind in ("file", "cli")]
+
+
 OPTIMIZER_KEYS = {"galore": ("GaLore", ("galore_target", "galore_rank", "galore_update_interval", "galore_scale",
                                          "galore_proj_type", "galore_layerwise")),
                  "apollo": ("APOLLO", ("apollo_target", "apollo_rank", "apollo_update_interval", "apollo_scale",
@@ -300,7 +311,7 @@ def notices(r: Any) -> list[str]:
     epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
     galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it;
-    moe_aux_loss_coef on a dense model."""
+    moe_aux_loss_coef on a dense model; the quantization keys without quantization_bit."""
     lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r),
              dynamic_context_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r), moe_aux_loss_notice(r))
@@ -309,6 +320,7 @@ def notices(r: Any) -> list[str]:
     out += dpo_dropout_notices(r)
     out += optimizer_key_notices(r)
     out += optim_args_notices(r)
+    out += quantization_notices(r)
     for key, prop in spec.properties().items():
         origin = r.origin(key)
         if origin.kind not in ("file", "cli"):

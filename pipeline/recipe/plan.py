@@ -79,6 +79,9 @@ class Memory:
     params_trainable: int
     gpu: dict[str, int]  # parameters, gradients, optimizer, activations -> bytes per rank on the accelerator
     cpu: dict[str, int]  # what offloading moved to host memory, per rank
+    # quantization_bit: (bytes of the base's quantized Linear weights, what they would take unquantized), counted
+    # in `parameters`
+    quantized: tuple[float, float] | None = None
 
     @property
     def gpu_total(self) -> int:
@@ -109,7 +112,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
     half = bool(ds.get("bf16", {}).get("enabled")) or bool(ds.get("fp16", {}).get("enabled"))
     w = 2 if half or pure else 4
     upcast = sum(t.numel * (width(r, t, w) - w) for t in tensors)  # pure_bf16: an adapter's fp32 weights
-    params = (total * w + upcast) / (world if stage == 3 else 1)
+    quantized = quantized_base(r, cfg, w)
+    params = (total * w + upcast - (quantized[1] - quantized[0] if quantized else 0)) / (world if stage == 3 else 1)
     grads = sum(t.numel * width(r, t, w) for t in with_gradients(r, cfg, tensors)) / (world if stage >= 2 else 1)
     if stage in (1, 2) and zero.get("contiguous_gradients", True):  # in the adapter's fp32 under pure_bf16
         bucket_width = max((width(r, t, w) for t in tensors), default=w)
@@ -149,7 +153,19 @@ def estimate_memory(r: Resolved) -> Memory | None:
         gpu["optimizer"] = 0
     order = ("parameters", "gradients", "optimizer", "activations", "reference", "reward_model", "rollout")
     return Memory(total, trainable, {k: int(round(gpu[k])) for k in order if k in gpu},
-                  {k: int(round(cpu[k])) for k in order if k in cpu})
+                  {k: int(round(cpu[k])) for k in order if k in cpu}, quantized)
+
+
+def quantized_base(r: Resolved, cfg: ModelConfig, w: int) -> tuple[float, float] | None:
+    """quantization_bit: (bytes of the base's quantized Linear weights, the bytes they would take at `w`), or None."""
+    from pipeline.model.config import layout
+    from pipeline.model.quant_layout import Quantization, base_weight_bytes
+
+    spec = Quantization.of(r)
+    if spec is None:
+        return None
+    linears = [(m.name, m.in_dim, m.out_dim) for m in layout(cfg) if m.kind == "linear"]
+    return base_weight_bytes(linears, spec, w)
 
 
 def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pure: bool, half: bool,
@@ -298,7 +314,7 @@ def render(r: Resolved) -> str:
     else:
         out.append(f"parameters: {mem.params_total:,} total, {mem.params_trainable:,} trainable "
                    f"({100 * mem.params_trainable / mem.params_total:.2f}%)")
-        out.extend(filter(None, [trainable_blocks(r)]))
+        out.extend(filter(None, [trainable_blocks(r), quantization_line(r, mem)]))
         rows = [(k, human(v), human(mem.cpu[k]) if k in mem.cpu else "-") for k, v in mem.gpu.items()]
         rows.append(("total", human(mem.gpu_total), human(sum(mem.cpu.values())) if mem.cpu else "-"))
         out.append(format_table(rows, header=("", "accelerator", "offloaded to cpu")))
@@ -306,6 +322,20 @@ def render(r: Resolved) -> str:
                    "an upper bound" + (" without recomputation)" if r["disable_gradient_checkpointing"] else
                                           " with per-block recomputation)"))
     return "\n".join(out)
+
+
+def quantization_line(r: Resolved, mem: Memory) -> str | None:
+    """What the parameters row counts for a QLoRA recipe: its base's Linears at 4 (8) bits plus their constants."""
+    from pipeline.model.quant_layout import Quantization
+
+    spec = Quantization.of(r)
+    if spec is None or mem.quantized is None:
+        return None
+    quantized, unquantized = mem.quantized
+    per = "0.5 byte" if spec.bits == 4 else "1 byte"
+    return (f"quantization_bit {spec.bits}: the base's Linear weights counted at {per} a parameter + their "
+            f"quantization constants ({spec.describe()}): {human(quantized)} instead of {human(unquantized)}; "
+            "embeddings, norms and the output head at the run's precision")
 
 
 def _made_first(r: Resolved) -> list[str]:

@@ -15,6 +15,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
   outputs.py     resume_from_checkpoint, export_dir, the upstream's one producer, the refused exports, report_to
+  quantization.py  QLoRA's quantization_bit against the method, stage, PiSSA and ZeRO stage
   benchmark.py   task and the other keys of LLaMA-Factory's multiple-choice benchmarks (eval with task)
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
@@ -27,8 +28,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.recipe.load import Origin
-from pipeline.recipe.rules import (benchmark, data, method, model, optimizers, outputs, ppo, preference, refused,
-                                   stages, tokenizer, training)
+from pipeline.recipe.rules import (benchmark, data, method, model, optimizers, outputs, ppo, preference, quantization,
+                                   refused, stages, tokenizer, training)
 from pipeline.recipe.rules.core import Context, Rule, in_order
 
 __all__ = ["Context", "ORDER", "RULES", "Rule", "run"]
@@ -46,6 +47,7 @@ ORDER = (
     method.oft_target_is_lora_target,
     method.oft_needs_linear_layers,
     method.pissa_starts_a_lora,
+    quantization.quantization_fits,
     method.llama_pro_needs_freeze_or_lora,
     method.llama_pro_lora_can_train,
     method.llama_pro_oft_can_train,
@@ -66,6 +68,7 @@ ORDER = (
     tokenizer.token_config_readable,
     tokenizer.tokenizer_fits_model,
     tokenizer.efficient_eos_template,
+    quantization.checkpoint_not_prequantized,
     model.adapter_exists,
     model.adapter_is_the_method,
     model.adapter_fits_model,

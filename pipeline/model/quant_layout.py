@@ -1,0 +1,57 @@
+"""What QLoRA's quantized base is, without torch: the recipe's three keys (Quantization), which Linears are quantized
+(all but the output heads: NOT_QUANTIZED) and the bytes a quantized weight takes. pipeline.model.quantize does the
+quantizing; `plan` (which must not import torch) counts the memory from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+BITS = (4, 8)
+NOT_QUANTIZED = ("lm_head", "score")  # transformers' get_keys_to_not_convert: the output embedding (tied or not)
+BLOCK = 64          # values per absmax block (bitsandbytes' Params4bit blocksize)
+NESTED_BLOCK = 256  # double quantization: absmax values per second-level block
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """The recipe's quantization_bit, quantization_type and double_quantization (LLaMA-Factory's names)."""
+
+    bits: int
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+    @classmethod
+    def of(cls, args: Any) -> "Quantization | None":
+        """From a ModelArgs or a resolved recipe (the three keys); None when quantization_bit is unset."""
+        def get(key: str, default: Any) -> Any:
+            return args.get(key, default) if isinstance(args, Mapping) else getattr(args, key, default)
+
+        bits = get("quantization_bit", None)
+        if bits is None:
+            return None
+        return cls(int(bits), str(get("quantization_type", "nf4")), bool(get("double_quantization", True)))
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            return "8-bit (LLM.int8)"
+        return f"4-bit {self.quant_type}" + (" with double quantization" if self.double_quant else "")
+
+
+def quantized_bytes(out_features: int, in_features: int, spec: Quantization) -> float:
+    """Bytes one quantized weight takes: 4 bits a value + one absmax per 64-value block (fp32, or with double
+    quantization one byte per block + an fp32 absmax per 256 blocks), bitsandbytes' Params4bit layout; 8 bits a value
+    + one fp32 scale per output row for Linear8bitLt."""
+    values = out_features * in_features
+    if spec.bits == 8:
+        return values + 4 * out_features
+    blocks = values / BLOCK
+    stats = blocks + 4 * blocks / NESTED_BLOCK if spec.double_quant else 4 * blocks
+    return values / 2 + stats
+
+
+def base_weight_bytes(linears: list[tuple[str, int, int]], spec: Quantization, width: int) -> tuple[float, float]:
+    """(bytes of the quantized weights, bytes the same weights take at `width` bytes a value) over the base's Linears
+    (path, in, out) that are quantized: what plan's memory estimate puts in place of the unquantized count."""
+    chosen = [(i, o) for name, i, o in linears if name.split(".")[-1] not in NOT_QUANTIZED]
+    return sum(quantized_bytes(o, i, spec) for i, o in chosen), float(sum(i * o * width for i, o in chosen))

@@ -1,0 +1,132 @@
+"""QLoRA's base: the frozen base Linears held by bitsandbytes in 4 bits (Linear4bit: nf4 / fp4, double quantization)
+or 8 bits (Linear8bitLt), as transformers' BitsAndBytesConfig(load_in_4bit / load_in_8bit) loads a checkpoint for
+LLaMA-Factory's `quantization_bit`.
+
+Which Linears: every one transformers' bnb quantizer converts (integrations/bitsandbytes.py replace_with_bnb_linear,
+minus quantizers/base.py get_keys_to_not_convert): all but the output head (lm_head, tied or not; a reward model's
+score). Embeddings and norms are no Linears and stay in the run's precision. Sparse MoE blocks are refused: in
+transformers 5 their experts are fused 3-D parameters and their router no Linear, so its quantizer leaves them in
+full precision, while ours are per-expert Linears; quantizing them would give another model than the reference.
+
+Why at load and frozen: QLoRA (Dettmers et al. 2023) keeps the base in 4 bits for the whole run; only the adapter
+beside it (LinearWithLoRA, OFT) trains, in fp32 (pipeline.model.adapter.upcast_adapter), and the quantized layer is
+called as it is, its matmul in the compute dtype (the run's precision, LLaMA-Factory's bnb_4bit_compute_dtype).
+
+bitsandbytes is imported here only, and only when a recipe sets quantization_bit: every other run works without it.
+Its CPU path (the torch fallback) is what the tests exercise; on CUDA the same calls use its kernels.
+"""
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+from pipeline.model.quant_layout import BITS, NOT_QUANTIZED, Quantization
+
+PIN = "bitsandbytes==0.50.2"  # requirements.txt's line
+INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig llm_int8_threshold default (LLM.int8()'s outlier threshold)
+
+
+def bitsandbytes() -> ModuleType:
+    """The bitsandbytes module, or the one clear message a QLoRA recipe gets where it is not installed."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise UserError(f"quantization_bit needs bitsandbytes, which is not installed ({e}); `make setup` installs "
+                        f"it (requirements.txt: {PIN}), or pip install {PIN}") from None
+    return bitsandbytes
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """The Linears transformers' bnb quantizer would convert: all but the output heads."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.split(".")[-1] not in NOT_QUANTIZED]
+
+
+def quantize_model(model: nn.Module, spec: Quantization, compute_dtype: torch.dtype) -> list[str]:
+    """Replace the base's Linears (quantized_names) by frozen bitsandbytes layers holding their weights; returns their
+    paths. The weights are quantized from the values the model holds (the checkpoint's, in the dtype it was loaded
+    in), as transformers quantizes each tensor it reads."""
+    if spec.bits not in BITS:
+        raise UserError(f"quantization_bit: given {spec.bits}, expected 4 or 8 (bitsandbytes)")
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and getattr(cfg, "n_experts", 0):
+        raise UserError("quantization_bit: a sparse MoE model is not quantized here (transformers' bnb quantizer "
+                        "leaves its fused experts and router unquantized, ours are per-expert Linears); quantization_bit "
+                        "works on dense Llama / Qwen / Mistral / Gemma / Phi-3 / GPT-2 checkpoints: remove the key")
+    bnb = bitsandbytes()
+    if spec.bits == 8:
+        quiet_int8_cast()
+    names = quantized_names(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, _quantized(bnb, getattr(owner, child), spec, compute_dtype))
+    return names
+
+
+def _quantized(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_dtype: torch.dtype) -> nn.Module:
+    """One Linear as Linear4bit / Linear8bitLt with its weight and bias, frozen, on the Linear's device."""
+    device, has_bias = linear.weight.device, linear.bias is not None
+    weight = linear.weight.data
+    if spec.bits == 4:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                                  compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=spec.double_quant,
+                                         quant_type=spec.quant_type, module=layer).to(device)
+        # bitsandbytes' CPU inference shortcut (avx512_bf16 CPUs, eval without grad) repacks the weight with its
+        # absmax rounded to bf16, and fails on layers narrower than a 64-value block: another model than the one
+        # that trained. Off, every device computes the reference dequantize + matmul (CUDA never takes it).
+        layer.support_avx512bf16_for_cpu = False
+    else:
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
+                                    threshold=INT8_THRESHOLD, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+    if has_bias:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.train(linear.training)
+
+
+class _Int8CastNotice(logging.Filter):
+    """Drops bitsandbytes' "MatMul8bitLt: inputs will be cast from ... to float16" line, logged on every call of every
+    8-bit layer (thousands a step); the fact is said once, in the schema's quantization_bit description and here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quiet_int8_cast() -> None:
+    """LLM.int8 quantizes each 8-bit layer's input from fp16 (bitsandbytes casts it): expected, not the user's to fix."""
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Int8CastNotice) for f in log.filters):
+        log.addFilter(_Int8CastNotice())
+
+
+def is_quantized(linear: nn.Module) -> bool:
+    """Whether this Linear holds a bitsandbytes-quantized weight (uint8 / int8 storage)."""
+    return isinstance(linear, nn.Linear) and not linear.weight.is_floating_point()
+
+
+def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight as a float matrix (out x in): the quantized layer's dequantized (what its matmul multiplies by),
+    else the weight itself. DoRA's column norms and its dropout path read it (PEFT's dequantize_module_weight)."""
+    if not is_quantized(linear):
+        return linear.weight
+    import bitsandbytes.functional as F
+
+    weight = linear.weight
+    if getattr(weight, "quant_state", None) is not None:  # Params4bit
+        return F.dequantize_4bit(weight.data, weight.quant_state).float()
+    return F.int8_vectorwise_dequant(weight.data, weight.SCB).float()  # Int8Params: CB * SCB / 127
+
+
+def adapter_dtype(linear: nn.Linear) -> torch.dtype:
+    """The dtype an adapter beside this Linear is made in: the weight's, or for a quantized one its compute dtype
+    (fp32 where it has none: Linear8bitLt); upcast_adapter then holds it in fp32 as PEFT does."""
+    if linear.weight.is_floating_point():
+        return linear.weight.dtype
+    return getattr(linear, "compute_dtype", None) or torch.float32

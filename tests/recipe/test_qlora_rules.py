@@ -1,0 +1,93 @@
+"""quantization_bit (QLoRA) in recipes: what runs, what LLaMA-Factory 0.9.5 refuses too (one message at the key's
+file:line), and what `plan` counts for the quantized base (hand-counted for the tiny preset)."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.recipe import resolve
+from pipeline.recipe.plan import estimate_memory, render
+from tests.recipe.helpers import BASE
+from tests.recipe.test_oft_rules import errors
+
+QLORA = BASE + "quantization_bit: 4\n"  # its line 5
+
+
+def test_a_llamafactory_qlora_recipe_resolves(write):
+    r = resolve(write("r.yaml", QLORA + "quantization_method: bnb\nquantization_type: fp4\ndouble_quantization: false\n"
+                                        "zero_stage: 2\n"))
+    assert (r["quantization_bit"], r["quantization_type"], r["double_quantization"]) == (4, "fp4", False)
+    assert resolve(write("o.yaml", QLORA), ["quantization_bit=8"])["quantization_bit"] == 8
+
+
+def test_full_freeze_zero3_other_stages_pissa_and_other_quantizers_are_refused(write):
+    write("full.yaml", QLORA + "finetuning_type: freeze\n")
+    assert errors("full.yaml") == [
+        "full.yaml:6:18: finetuning_type: given freeze with quantization_bit: 4: a quantized base cannot train: its "
+        "4/8-bit weights are frozen integer codes (LLaMA-Factory refuses it too: 'Quantization is only compatible "
+        "with the LoRA or OFT method.'); set finetuning_type: lora (or oft), or remove quantization_bit"]
+    write("z3.yaml", QLORA + "zero_stage: 3\n")
+    assert errors("z3.yaml") == [
+        "z3.yaml:6:13: zero_stage: given 3 with quantization_bit: 4: ZeRO-3 would partition the quantized weights "
+        "apart from their quantization constants (LLaMA-Factory needs bitsandbytes' quant_storage for it, not "
+        "implemented here); set zero_stage: 2 (or lower): ZeRO 0-2 keep the 4/8-bit base whole on every rank"]
+    write("m.yaml", QLORA + "quantization_method: hqq\npissa_init: true\n")
+    assert [m.split(": given")[0] for m in errors("m.yaml")] == ["m.yaml:6:22: quantization_method",
+                                                                 "m.yaml:7:13: pissa_init"]
+    write("d.yaml", QLORA.replace("alpaca_demo", "dpo_demo") + "stage: dpo\n")
+    assert any(m.startswith("d.yaml:5:19: quantization_bit: given 4 with stage: dpo: QLoRA is implemented for "
+                            "stages pt, sft") for m in errors("d.yaml"))
+    write("b.yaml", BASE + "quantization_bit: 2\n")
+    assert errors("b.yaml") == ["b.yaml:5:19: quantization_bit: given 2, expected one of 4, 8, null"]
+
+
+# tiny (GPT-2 shape): per block the Linears 64x192, 64x64, 64x256, 256x64 = 49,152 weights (the tied head stays fp32)
+QUANTIZED = 2 * 49_152
+CODES = QUANTIZED // 2                       # 4 bits a weight
+ABSMAX = QUANTIZED // 64                     # one byte per 64-value block (double quantization) ...
+NESTED = 2 * 4 * (192 + 64 + 256 + 256) // 256  # ... + an fp32 absmax per 256 blocks, per weight
+
+
+def test_plan_counts_the_4bit_base_at_half_a_byte_a_weight_plus_its_constants(write):
+    from tests.recipe.test_recipe_plan import TINY_LORA_8, TINY_PARAMS
+
+    write("r.yaml", "model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\n"
+                    "per_device_train_batch_size: 8\nquantization_bit: 4\n")
+    r = resolve("r.yaml")
+    mem = estimate_memory(r)
+    assert mem.quantized == (CODES + ABSMAX + NESTED, QUANTIZED * 4)
+    assert mem.gpu["parameters"] == (TINY_PARAMS + TINY_LORA_8 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
+    assert "quantization_bit 4: the base's Linear weights counted at 0.5 byte a parameter" in render(r)
+
+
+def test_the_4bit_keys_say_they_do_nothing_without_quantization_bit_4(write):
+    from pipeline.recipe.notices import notices
+
+    keys = "quantization_method: bnb\nquantization_type: nf4\ndouble_quantization: true\n"
+    plain = notices(resolve(write("p.yaml", BASE + keys)))
+    assert [n.split(": accepted")[0] for n in plain if "quantization" in n] == [
+        "notice: p.yaml:5:22: quantization_method", "notice: p.yaml:6:20: quantization_type",
+        "notice: p.yaml:7:22: double_quantization"]
+    eight = [n for n in notices(resolve(write("e.yaml", BASE + keys + "quantization_bit: 8\n"))) if "quantization" in n]
+    assert eight == ["notice: e.yaml:6:20: quantization_type: accepted without effect: it only matters with "
+                     "quantization_bit: 4",
+                     "notice: e.yaml:7:22: double_quantization: accepted without effect: it only matters with "
+                     "quantization_bit: 4"]
+    assert not [n for n in notices(resolve(write("f.yaml", QLORA + keys))) if "quantization" in n]
+
+
+def test_a_prequantized_checkpoint_is_refused_with_the_fix(write, tmp_path):
+    """The hub's unsloth/*-bnb-4bit form: config.json's quantization_config as transformers' save_pretrained of a
+    BitsAndBytesConfig(load_in_4bit=True) model writes it; its packed weights are not read here."""
+    transformers = pytest.importorskip("transformers")
+    from tests.acceptance.harness import FAMILIES
+
+    config = transformers.LlamaConfig(**FAMILIES["llama"].tiny)
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                                  "bnb_4bit_quant_type": "nf4"}
+    config.save_pretrained(tmp_path / "llama-bnb-4bit")
+    write("r.yaml", BASE.replace("tiny", "llama-bnb-4bit"))
+    assert errors("r.yaml") == [
+        "r.yaml:1:21: model_name_or_path: llama-bnb-4bit is a pre-quantized checkpoint (config.json "
+        "quantization_config: quant_method bitsandbytes, 4-bit), whose stored quantized weights are not read here; "
+        "point model_name_or_path at the unquantized checkpoint it was made from and set quantization_bit: 4 to "
+        "quantize it at load (bitsandbytes; the same quantization of the same weights)"]
