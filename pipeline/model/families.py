@@ -737,8 +737,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         problems += _phi3_dropout(raw, path)
     multipliers = _multipliers(raw, path, problems) if family.multipliers else {}
     quantization = raw.get("quantization_config")
-    if isinstance(quantization, dict) and not (quantization.get("quant_method") == "mxfp4" and family.moe
-                                               and family.moe.fused_experts):  # gpt-oss's MXFP4 experts: dequantized
+    if isinstance(quantization, dict) and not dequantized_at_load(quantization, family):
         problems.append(_quantized(quantization, path))
     if problems:
         raise UserError(problems)
@@ -773,12 +772,26 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     ) | moe | gemma
 
 
+def dequantized_at_load(quantization: Mapping[str, Any], family: Family) -> bool:
+    """Whether a checkpoint's quantization_config is one the weight reader dequantizes: gpt-oss's MXFP4 experts
+    (pipeline.model.weights.dequantize_mxfp4), the form the hub ships openai/gpt-oss-20b in."""
+    return quantization.get("quant_method") == "mxfp4" and bool(family.moe and family.moe.fused_experts)
+
+
 def _quantized(quantization: Mapping[str, Any], path: Any) -> str:
-    """Why a quantized checkpoint is refused: its tensors are not the weights (GPTQ's, AWQ's, FP8's, ...); only
-    gpt-oss's MXFP4 experts are dequantized at load (pipeline.model.weights.dequantize_mxfp4)."""
-    return (f"{path}: quantization_config (quant_method {quantization.get('quant_method')!r}) is not supported: the"
-            " files hold quantized tensors, not the weights (only GptOssForCausalLM's MXFP4 experts are dequantized"
-            " at load); give the unquantized checkpoint")
+    """Why a pre-quantized checkpoint (the hub's unsloth/*-bnb-4bit, GPTQ, AWQ, FP8) is refused, with the fix: its
+    files hold packed integer codes under the Linears' names, not the weights. Said once, here, where every path that
+    reads a config.json passes (the recipe's model rules before a run included), instead of a shape mismatch for every
+    Linear when the weights are read."""
+    method = quantization.get("quant_method", "unknown")
+    bits = 4 if quantization.get("load_in_4bit") else 8 if quantization.get("load_in_8bit") else quantization.get("bits")
+    fix = ("point model_name_or_path at the unquantized checkpoint it was made from"
+           + (f" and set quantization_bit: {bits} to quantize it at load (bitsandbytes; the same quantization of the"
+              " same weights)" if method == "bitsandbytes" else " (quantization_bit quantizes it with bitsandbytes at"
+              " load)"))
+    return (f"{path}: a pre-quantized checkpoint (quantization_config: quant_method {method}"
+            + (f", {bits}-bit" if bits else "") + "), whose stored quantized weights are not read here (only"
+            f" GptOssForCausalLM's MXFP4 experts are dequantized at load); {fix}")
 
 
 def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -87,7 +87,26 @@ def test_a_prequantized_checkpoint_is_refused_with_the_fix(write, tmp_path):
     config.save_pretrained(tmp_path / "llama-bnb-4bit")
     write("r.yaml", BASE.replace("tiny", "llama-bnb-4bit"))
     assert errors("r.yaml") == [
-        "r.yaml:1:21: model_name_or_path: llama-bnb-4bit is a pre-quantized checkpoint (config.json "
-        "quantization_config: quant_method bitsandbytes, 4-bit), whose stored quantized weights are not read here; "
-        "point model_name_or_path at the unquantized checkpoint it was made from and set quantization_bit: 4 to "
-        "quantize it at load (bitsandbytes; the same quantization of the same weights)"]
+        "r.yaml:1:21: model_name_or_path: llama-bnb-4bit/config.json: a pre-quantized checkpoint (quantization_config:"
+        " quant_method bitsandbytes, 4-bit), whose stored quantized weights are not read here (only GptOssForCausalLM's"
+        " MXFP4 experts are dequantized at load); point model_name_or_path at the unquantized checkpoint it was made"
+        " from and set quantization_bit: 4 to quantize it at load (bitsandbytes; the same quantization of the same"
+        " weights)"]
+
+
+def test_gpt_oss_as_the_hub_ships_it_is_not_a_prequantized_checkpoint(write, tmp_path):
+    """openai/gpt-oss-20b's config.json says quantization_config mxfp4 (its experts' _blocks / _scales), which the
+    weight reader dequantizes at load (tests/model/test_gpt_oss.py): the recipe's model rules let it through, while the
+    same config under another family (MXFP4 is only read for gpt-oss's fused experts) stays refused."""
+    transformers = pytest.importorskip("transformers")
+
+    tiny = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, num_local_experts=4, num_experts_per_tok=2)
+    mxfp4 = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+    for name, config in (("gpt-oss", transformers.GptOssConfig(**tiny)),
+                         ("llama-mxfp4", transformers.LlamaConfig(**{k: tiny[k] for k in list(tiny)[:6]}))):
+        config.quantization_config = mxfp4
+        config.save_pretrained(tmp_path / name)
+    assert resolve(write("r.yaml", BASE.replace("tiny", "gpt-oss")))["model_name_or_path"] == "gpt-oss"
+    write("l.yaml", BASE.replace("tiny", "llama-mxfp4"))
+    assert [e.split(": ", 2)[1] for e in errors("l.yaml")] == ["model_name_or_path"]

@@ -68,7 +68,6 @@ ORDER = (
     tokenizer.token_config_readable,
     tokenizer.tokenizer_fits_model,
     tokenizer.efficient_eos_template,
-    quantization.checkpoint_not_prequantized,
     model.adapter_exists,
     model.adapter_is_the_method,
     model.adapter_fits_model,

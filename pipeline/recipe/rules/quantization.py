@@ -1,11 +1,10 @@
 """Rules on QLoRA's keys (quantization_bit, quantization_method; pipeline.model.quantize) against what they read
 besides: the fine-tuning method (finetuning_type), the stage, PiSSA (pissa_init) and the ZeRO stage (zero_stage,
-deepspeed: a deepspeed JSON's stage is train's preflight, quantization_zero3); and a pre-quantized checkpoint
-(model_name_or_path whose config.json has a quantization_config), whose stored codes are not read here.
+deepspeed: a deepspeed JSON's stage is train's preflight, quantization_zero3). A pre-quantized checkpoint (config.json
+with a quantization_config) is refused where every config.json is read (pipeline.model.families._quantized).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 from pipeline.recipe.check import show
@@ -54,36 +53,3 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     if v["deepspeed"] is None and (why := quantization_zero3(v)):
         problems.append(("zero_stage", f"given 3 {given}: " + why.format(fix="set zero_stage: 2 (or lower)")))
     return problems
-
-
-def stored_quantization(name_or_path: str | None) -> dict[str, Any] | None:
-    """config.json's quantization_config of a checkpoint folder (a path or a cached hub snapshot), or None."""
-    from pipeline.recipe.modelinfo import model_folder
-
-    folder = model_folder(name_or_path)
-    try:
-        raw = json.loads((folder / "config.json").read_text(encoding="utf-8")) if folder is not None else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None  # model_exists says what is wrong with it
-    found = raw.get("quantization_config") if isinstance(raw, dict) else None
-    return found if isinstance(found, dict) else None
-
-
-@rule("model_name_or_path", "quantization_bit")
-def checkpoint_not_prequantized(ctx: Context) -> list[tuple[str, str]]:
-    """A checkpoint saved quantized (the hub's unsloth/*-bnb-4bit, GPTQ, AWQ) holds packed integer codes under the
-    Linears' names: said here, with the fix, instead of a shape mismatch for every Linear when the weights are read."""
-    found = stored_quantization(ctx.values["model_name_or_path"])
-    if found is None:
-        return []
-    method = found.get("quant_method", "unknown")
-    bits = 4 if found.get("load_in_4bit") else 8 if found.get("load_in_8bit") else found.get("bits")
-    fix = (f"point model_name_or_path at the unquantized checkpoint it was made from and set quantization_bit: {bits} "
-           "to quantize it at load (bitsandbytes; the same quantization of the same weights)"
-           if method == "bitsandbytes" else "point model_name_or_path at the unquantized checkpoint it was made from"
-           + (" (quantization_bit quantizes it with bitsandbytes at load)" if ctx.values["quantization_bit"] is None
-              else ""))
-    return [("model_name_or_path", f"{ctx.values['model_name_or_path']} is a pre-quantized checkpoint (config.json "
-                                   f"quantization_config: quant_method {method}"
-                                   + (f", {bits}-bit" if bits else "") + "), whose stored quantized weights are not "
-                                   f"read here; {fix}")]
