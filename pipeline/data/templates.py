@@ -275,7 +275,7 @@ class Template:
         from pipeline.data.tools import function_text
 
         assert self.tool_format is not None
-        return function_text(content, self.tool_format)
+        return function_text(content, self.tool_format, self.thought_words)
 
     def segments(self, row: dict, *, train_on_prompt: bool = False, mask_history: bool = False,
                  enable_thinking: bool = True) -> list[Segment]:

@@ -167,3 +167,21 @@ def test_glm4_refuses_parallel_calls_where_llamafactory_raises(make_recipe, voca
         get_template("glm4").segments(row)
     with pytest.raises(Exception, match="writes one tool call per assistant message"):
         render(vocab["glm4"], TEMPLATES["glm4"], openai(MESSAGES), tools=json.loads(TOOLS), add_generation_prompt=False)
+
+
+def test_gpt_oss_writes_a_calls_analysis_thought_before_the_call():
+    """A call carrying gpt-oss's analysis-channel thought: LLaMA-Factory's FunctionFormatter finds it by the template's
+    own thought words (formatter.py:119-133; Template._encode passes them) and writes it before the call in the default
+    format; the build's check takes the row. Golden by hand from those lines (and what llamafactory renders). Failed
+    before: the call's JSON was cut by <think>'s words, so the thought was read as JSON (the build refused the row)."""
+    from pipeline.data.tools import function_problem
+
+    template = get_template("gpt_oss")
+    opening, closing = template.thought_words
+    call = opening + "I should call it." + closing + MESSAGES[1]["content"]
+    row = conversation_row([MESSAGES[0], {**MESSAGES[1], "content": call}], TOOLS, "")
+    (prompt, answer), = template.turns(row["instruction"], "", row["output"], row.get("system"), row["history"],
+                                       tools=TOOLS, roles=row["roles"])
+    assert template.text(answer, "{eos}", "{bos}") == \
+        opening + "I should call it." + closing + 'Action: get_weather\nAction Input: {"location": "Paris", "unit": "c"}'
+    assert function_problem(call, template.tool_format, template.thought_words) is None
