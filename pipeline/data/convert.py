@@ -386,8 +386,9 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
                 from pipeline.data.templates import TEMPLATES
                 from pipeline.data.tools import function_problem
 
-                template = TEMPLATES.get(spec.template)  # glm4 writes one call per turn
-                problem = function_problem(content, template.tool_format if template else None)
+                template = TEMPLATES.get(spec.template)  # glm4 writes one call per turn; gpt_oss's thought words
+                problem = function_problem(content, *((template.tool_format, template.thought_words) if template
+                                                      else ()))
                 if problem:
                     raise _RowError(f"{at}.{content_tag} (a function call) {problem}")
         texts.append(content)

@@ -275,7 +275,7 @@ class Template:
         from pipeline.data.tools import function_text
 
         assert self.tool_format is not None
-        return function_text(content, self.tool_format)
+        return function_text(content, self.tool_format, self.thought_words)
 
     def segments(self, row: dict, *, train_on_prompt: bool = False, mask_history: bool = False,
                  enable_thinking: bool = True) -> list[Segment]:
@@ -555,7 +555,9 @@ TEMPLATES.update({t.name: t for t in (
 # format as LLaMA-Factory writes it: a system block (its default system prompt ChatGPT's), user blocks ending in
 # <|start|>assistant, the answer after it with no end token (efficient_eos: the tokenizer's EOS <|return|> is learnt
 # as a label), a reasoning template (ReasoningTemplate) whose thought is the analysis channel closed by the final
-# channel's header: an answer without one gets the empty thought in front. No developer block, no tools.
+# channel's header: an answer without one gets the empty thought in front. No developer block. Tools: register_template's
+# defaults (:534-550), as for the gemma family: the default tool format, a call in the answer's block (its empty thought
+# in front too), a tool result as a user turn.
 GPT_OSS_REPLY = "<|start|>assistant"
 TEMPLATES["gpt_oss"] = Template(
     name="gpt_oss", system="<|start|>system<|message|>{system}<|end|>",
@@ -563,7 +565,7 @@ TEMPLATES["gpt_oss"] = Template(
     user="<|start|>user<|message|>{content}<|end|>" + GPT_OSS_REPLY, reply=GPT_OSS_REPLY, assistant="{content}",
     special_tokens=("<|start|>", "<|message|>", "<|end|>", "<|channel|>"),
     thought_words=("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>"),
-    efficient_eos=True,
+    efficient_eos=True, tool_format="default",
     description="gpt-oss (reasoning): <|start|>user<|message|> ...<|end|><|start|>assistant, the analysis channel's "
                 "thought (empty where the answer has none), then the final channel; its EOS learnt as a label")
 

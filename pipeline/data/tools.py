@@ -165,25 +165,26 @@ def _format_calls(calls: list[FunctionCall], fmt: str) -> str:
     return "\n".join(f"<tool_call>\n{_dumps({'name': c.name, 'arguments': c.arguments})}\n</tool_call>" for c in calls)
 
 
-def _split(content: str) -> tuple[str, str]:
+def _split(content: str, thought_words: tuple[str, str] | None = None) -> tuple[str, str]:
     """(text kept before the call, the call's JSON): LLaMA-Factory's FunctionFormatter. A call wrapped in
-    <tool_call>...</tool_call> keeps the rest of the turn (a thought) in front; otherwise a leading
-    <think>...</think> thought is kept in front and the rest is the JSON."""
+    <tool_call>...</tool_call> keeps the rest of the turn (a thought) in front; otherwise a thought in the template's
+    thought words (formatter.py:119-133: Template._encode passes its own, <think>...</think> by default) is kept in
+    front and the rest is the JSON."""
     start, end = map(re.escape, TOOL_CALL_WORDS)
     wrapped = re.search(f"{start}(.*?){end}", content, re.DOTALL)
     if wrapped:
         return content.replace(wrapped.group(0), ""), wrapped.group(1)
-    start, end = map(re.escape, THOUGHT_WORDS)
+    start, end = map(re.escape, thought_words or THOUGHT_WORDS)
     thought = re.search(f"{start}(.*?){end}", content, re.DOTALL)
     if thought:
         return thought.group(0), content.replace(thought.group(0), "")
     return "", content
 
 
-def function_text(content: str, fmt: str) -> str:
+def function_text(content: str, fmt: str, thought_words: tuple[str, str] | None = None) -> str:
     """A function_call turn's content (JSON {"name", "arguments"}, or a list for parallel calls) as the
-    assistant writes it in `fmt`."""
-    before, call = _split(content)
+    assistant writes it in `fmt`, a thought in `thought_words` (the template's; None: the default) kept in front."""
+    before, call = _split(content, thought_words)
     return before + _format_calls(_calls(call), fmt)
 
 
@@ -220,9 +221,10 @@ def single_call_problem(fmt: str, calls: int) -> str:
             "function_call turn, each followed by its observation")
 
 
-def function_problem(content: str, fmt: str | None = None) -> str | None:
-    """Why a function_call turn cannot be rendered (None: it can), in tool format `fmt` when given (the template's)."""
-    _, call = _split(content)
+def function_problem(content: str, fmt: str | None = None, thought_words: tuple[str, str] | None = None) -> str | None:
+    """Why a function_call turn cannot be rendered (None: it can), in tool format `fmt` when given (the template's),
+    a thought in front in `thought_words` (the template's; None: the default)."""
+    _, call = _split(content, thought_words)
     try:
         parsed = json.loads(call)
     except json.JSONDecodeError as err:

@@ -259,9 +259,11 @@ def apply_finetuning_type(model: GPTModel, ft: FinetuneArgs, pissa_start: Path |
         fold_adapter(model, adapter, key="adapter_name_or_path")
     if kind == "freeze":
         model.requires_grad_(False)
+        # layout's names: modules, or a parameter the attention holds itself (GPT-OSS's self_attn.sinks)
+        params = dict(model.named_parameters(remove_duplicate=False))
         for name in freeze_trainable_names(model.cfg, ft.freeze_trainable_layers, ft.use_llama_pro,
                                            ft.freeze_trainable_modules, ft.freeze_extra_modules):
-            model.get_submodule(name).requires_grad_(True)
+            (params[name] if name in params else model.get_submodule(name)).requires_grad_(True)
     elif kind == "full":
         model.requires_grad_(True)
     else:

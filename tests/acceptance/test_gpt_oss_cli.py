@@ -26,12 +26,15 @@ def test_lora_sft_from_a_save_pretrained_gpt_oss_merges_to_gpt_oss(workdir):
                           template="gpt_oss", lora_target="all", output_dir="saves/r", learning_rate=0.05,
                           cutoff_len=224, moe_aux_loss_coef=0.01)
     # a recipe without template gets the notice naming gpt-oss's own; moe_aux_loss_coef is said to change nothing,
-    # as in LLaMA-Factory (validate then refuses the unbuilt data)
+    # as in LLaMA-Factory (validate then refuses the unbuilt data), in every stage
     told = pipeline("validate", write_recipe(workdir / "n.yaml", model_name_or_path=str(base), dataset_dir="data",
                                              template=None, moe_aux_loss_coef=0.01),
                     cwd=workdir, as_typed=False, expect=None).stderr
     assert "this gpt_oss model, whose own chat format is template: gpt_oss" in told, told
     assert "LLaMA-Factory 0.9.5 sets output_router_logits for no gpt_oss model" in told, told
+    # nor in dpo, which LLaMA-Factory runs with the key set (no router term to leave out): the notice, no refusal
+    told = pipeline("validate", workdir / "n.yaml", "stage=dpo", cwd=workdir, as_typed=False, expect=None).stderr
+    assert "sets output_router_logits for no gpt_oss model" in told and "pt and sft only" not in told, told
     config, adapter = build_train_merge(recipe, workdir)
     assert (config["architectures"], config["layer_types"], config["sliding_window"], config["attention_bias"]) == \
         (["GptOssForCausalLM"], ["sliding_attention", "full_attention"], 8, True)

@@ -1,4 +1,4 @@
-"""Function-calling renderings by LLaMA-Factory 0.9.5 itself for the gemma family, glm4 / glmz1 and phi4_mini: literal
+"""Function-calling renderings by LLaMA-Factory 0.9.5 itself for the gemma family, glm4 / glmz1, phi4_mini and gpt_oss: literal
 expected strings for tests/data/test_tool_formats_more.py, made as lf_tool_goldens.py's were (the 0.9.5 wheel's
 llamafactory.data.template.TEMPLATES[name].encode_multiturn(tok, messages, system, tools) with a stand-in tokenizer
 whose encode(text) returns [text], its media libraries stubbed out; obtained once, not at test time). "{bos}" / "{eos}"
@@ -73,3 +73,14 @@ GOLDEN = {
 }
 # gemma3 (template.py:997-1011, "copied from gemma template"): llamafactory rendered it letter for letter as gemma2
 GOLDEN[("gemma3", "", TOOLS)] = GOLDEN[("gemma2", "", TOOLS)]
+# gpt_oss (template.py:1194-1203): no format_tools / format_function / format_observation, so register_template's
+# defaults (:534-550) as for the gemma family: the default tool format, a call in the answer's block, a tool result as a
+# user turn; ReasoningTemplate puts the empty analysis-channel thought in front of every response (call or answer)
+GOLDEN[('gpt_oss', '', TOOLS)] = [
+    ('<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.You have access to the following tools:\n> Tool Name: get_weather\nTool Description: Météo for a city\nTool Args:\n  - location (string, required): the city\n  - unit (string): degrees, should be one of [c, f]\n\n> Tool Name: get_time\nTool Description: the local time\nTool Args:\n  - cities (array): cities, where each item should be string\n\nUse the following format if using a tool:\n```\nAction: tool name (one of [get_weather, get_time])\nAction Input: the input to the tool, in a JSON format representing the kwargs (e.g. ```{"input": "hello world", "num_beams": 5}```)\n```\n<|end|><|start|>user<|message|>What is the weather in Paris?<|end|><|start|>assistant',
+     '<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>Action: get_weather\nAction Input: {"location": "Paris", "unit": "c"}'),
+    ('<|start|>user<|message|>{"temperature": 21, "sky": "clear"}<|end|><|start|>assistant',
+     '<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>It is 21 °C and clear in Paris.'),
+    ('<|start|>user<|message|>And the time in Rome and Köln?<|end|><|start|>assistant',
+     '<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>Action: get_time\nAction Input: {"cities": ["Rome"]}\nAction: get_time\nAction Input: {"cities": ["Köln"]}'),
+]

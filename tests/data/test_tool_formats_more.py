@@ -13,12 +13,14 @@ What LLaMA-Factory gives each (src/llamafactory/data/template.py; tool_utils.py)
   <|assistant|>".
 - phi4_mini (:1919-1927): format_tools StringFormatter "<|tool|>{{content}}<|/tool|>": the tools column's text as
   given; calls in the default format (register_template's default format_function), results as user turns.
+- gpt_oss (:1194-1203): register_template's defaults as gemma's, results as user turns; ReasoningTemplate's empty
+  analysis-channel thought in front of every response, a call's too.
 
 Ids: LLaMA-Factory's Template._convert_elements_to_ids (template.py:113-130) encodes each element with
 tokenizer.encode(add_special_tokens=False); every element edge in these templates is next to a markup token (or BOS),
 where AutoTokenizer splits anyway, so a turn's text encoded whole by AutoTokenizer is its ids (lf_ids). Labels: the
 supervised processor (processor/supervised.py:58-104): lf_example, or lf_efficient_example for the efficient_eos
-templates (glm4, glmz1, gemma2).
+templates (glm4, glmz1, gemma2, gpt_oss).
 """
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ transformers = pytest.importorskip("transformers")
 
 # template -> the fixture vocabulary it is checked on
 VOCABULARY = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "glm4": "glm4", "glmz1": "glm4",
-              "phi4_mini": "phi4"}
-EFFICIENT = {"glm4", "glmz1", "gemma2"}
+              "phi4_mini": "phi4", "gpt_oss": "gpt_oss"}
+EFFICIENT = {"glm4", "glmz1", "gemma2", "gpt_oss"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def vocab(tmp_path_factory) -> dict:
     from tests.helpers.hf_vocab import write_small_tokenizer_dir
 
     out = {"gemma": write_gemma_tokenizer_dir(tmp_path_factory.mktemp("gemma"))}
-    for family in ("glm4", "phi4", "phi4_mini"):
+    for family in ("glm4", "phi4", "phi4_mini", "gpt_oss"):
         out[family] = tmp_path_factory.mktemp(family)
         write_small_tokenizer_dir(out[family], family)
     return out
@@ -62,8 +64,8 @@ def messages_of(name: str) -> list[dict]:
 @pytest.mark.parametrize("name,system,tools", sorted(GOLDEN))
 def test_every_turn_is_llamafactorys_text(name, system, tools):
     """Tools in the system text, a call, its result, an answer, a user turn, then parallel calls (one call for
-    glm4 / glmz1). Failed before: the gemma templates, glm4 and phi4_mini refused function-calling data, gemma2 was
-    not known."""
+    glm4 / glmz1). Failed before: the gemma templates, glm4, phi4_mini and gpt_oss refused function-calling data,
+    gemma2 was not known."""
     template = get_template(name)
     row = conversation_row(messages_of(name), tools, system)
     turns = template.turns(row["instruction"], "", row["output"], row.get("system"), row["history"], tools=tools,
@@ -73,7 +75,7 @@ def test_every_turn_is_llamafactorys_text(name, system, tools):
 
 
 def test_these_templates_render_tools():
-    assert {"gemma", "gemma2", "gemma3", "glm4", "glmz1", "phi4_mini"} <= set(tool_templates())
+    assert {"gemma", "gemma2", "gemma3", "glm4", "glmz1", "phi4_mini", "gpt_oss"} <= set(tool_templates())
     assert (TEMPLATES["glm4"].tool_format, TEMPLATES["phi4_mini"].tool_format, TEMPLATES["gemma3"].tool_format) == \
         ("glm4", "phi4_mini", "default")
 
@@ -96,7 +98,8 @@ def test_ids_and_labels_are_llamafactorys(vocab, name, system, tools, family):
     ours = load_tokenizer(vocab[family])
     pairs = lf_ids(golden, GOLDEN[(name, system, tools)])
     row = conversation_row(messages_of(name), tools, system)
-    for flags in ({}, {"mask_history": True}) if name != "glmz1" else ({},):  # glmz1: mask_history drops thoughts
+    for flags in ({}, {"mask_history": True}) if name not in ("glmz1", "gpt_oss") else ({},):  # reasoning: mask_history
+        # drops thoughts
         got = encode_example(row, name, ours, cutoff_len=8192, **flags)
         want = lf_efficient_example(pairs, golden.eos_token_id, **flags) if name in EFFICIENT else \
             lf_example(pairs, **flags)
@@ -164,3 +167,21 @@ def test_glm4_refuses_parallel_calls_where_llamafactory_raises(make_recipe, voca
         get_template("glm4").segments(row)
     with pytest.raises(Exception, match="writes one tool call per assistant message"):
         render(vocab["glm4"], TEMPLATES["glm4"], openai(MESSAGES), tools=json.loads(TOOLS), add_generation_prompt=False)
+
+
+def test_gpt_oss_writes_a_calls_analysis_thought_before_the_call():
+    """A call carrying gpt-oss's analysis-channel thought: LLaMA-Factory's FunctionFormatter finds it by the template's
+    own thought words (formatter.py:119-133; Template._encode passes them) and writes it before the call in the default
+    format; the build's check takes the row. Golden by hand from those lines (and what llamafactory renders). Failed
+    before: the call's JSON was cut by <think>'s words, so the thought was read as JSON (the build refused the row)."""
+    from pipeline.data.tools import function_problem
+
+    template = get_template("gpt_oss")
+    opening, closing = template.thought_words
+    call = opening + "I should call it." + closing + MESSAGES[1]["content"]
+    row = conversation_row([MESSAGES[0], {**MESSAGES[1], "content": call}], TOOLS, "")
+    (prompt, answer), = template.turns(row["instruction"], "", row["output"], row.get("system"), row["history"],
+                                       tools=TOOLS, roles=row["roles"])
+    assert template.text(answer, "{eos}", "{bos}") == \
+        opening + "I should call it." + closing + 'Action: get_weather\nAction Input: {"location": "Paris", "unit": "c"}'
+    assert function_problem(call, template.tool_format, template.thought_words) is None

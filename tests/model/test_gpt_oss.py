@@ -100,6 +100,25 @@ def test_packed_rows_compute_each_example_alone(checkpoint):
     assert torch.allclose(packed, alone, atol=1e-5, rtol=0)
 
 
+def test_freeze_of_self_attn_trains_llamafactorys_tensors_the_sinks_too(checkpoint):
+    """finetuning_type freeze with freeze_trainable_modules self_attn: LLaMA-Factory's substring rule trains
+    model.layers.1.self_attn.* of transformers' model, its sinks (a parameter of the attention itself) included; plan's
+    count names the same tensors. Failed before: the sinks' name was looked up as a module (AttributeError)."""
+    from pipeline.model.build import FinetuneArgs, apply_finetuning_type
+    from pipeline.model.config import trainable_tensors
+    from tests.compat.test_lf_freeze_modules import lf_trainable
+
+    path, ref = checkpoint
+    ft = FinetuneArgs("freeze", 8, None, 0.0, None, False, False, None, freeze_trainable_layers=1,
+                      adapter_name_or_path=None, seed=0, freeze_trainable_modules="self_attn")
+    model = apply_finetuning_type(load_model(path), ft)
+    trained = {model.cfg.hf.to_hf(n) for n, p in model.named_parameters() if p.requires_grad}
+    want = lf_trainable([n for n, _ in ref.named_parameters()], 2, 1, "self_attn", None)
+    assert trained == want and "model.layers.1.self_attn.sinks" in want, trained ^ want
+    planned = trainable_tensors(model.cfg, "freeze", freeze_trainable_layers=1, freeze_modules=("self_attn", None))
+    assert {model.cfg.hf.to_hf(t.name) for t in planned} == want
+
+
 def test_the_sparse_block_is_gptossmlp_where_the_clamp_binds(checkpoint):
     """Inputs scaled so that the gate and up projections pass the limit 7 on both sides: our block (router Linear with
     bias, the experts split from the fused tensors, the clamped SwiGLU) is transformers' GptOssMLP."""

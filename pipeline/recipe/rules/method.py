@@ -91,14 +91,15 @@ def moe_aux_loss_stages(ctx: Context) -> list[tuple[str, str]]:
     """The router's aux loss is added to stage pt / sft's loss (pipeline.train.loop); in dpo / kto / ppo, where
     LLaMA-Factory's trainers (TRL's) add it to their own losses, it is not implemented: refused on a MoE model
     rather than trained without it. Stage rm takes it without effect (notices.moe_aux_loss_notice): no router term
-    reaches a reward model's loss in LLaMA-Factory or transformers."""
+    reaches a reward model's loss in LLaMA-Factory or transformers; nor does any stage's on a family LLaMA-Factory
+    sets no output_router_logits for (MoeKeys.router_loss: gpt-oss), which trains every stage without it."""
     v = ctx.values
     if not v["moe_aux_loss_coef"] or v["stage"] in ("pt", "sft", "rm"):
         return []
     from pipeline.recipe.modelinfo import model_info
 
     info = model_info(v["model_name_or_path"])
-    if info is None or not info.config.n_experts:
+    if info is None or not info.config.n_experts or not info.config.hf.moe.router_loss:
         return []
     return [("moe_aux_loss_coef", f"given {v['moe_aux_loss_coef']}: the router's load-balancing loss is added in "
                                   f"stages pt and sft only, not stage {v['stage']}; remove moe_aux_loss_coef (or "
