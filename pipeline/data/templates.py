@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, NamedTuple, Sequence, Union
 
 from pipeline.data.hf_encoding import Continued
-from pipeline.data.tools import PHI4_MINI_TOOLS
+from pipeline.data.tools import PHI4_MINI_TOOLS, THOUGHT_WORDS
 from pipeline.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -397,7 +397,6 @@ class Template:
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
                  "Write a response that appropriately completes the request.")
 QWEN_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")  # LLaMA-Factory's default thought_words
 IM = ("<|im_start|>", "<|im_end|>")
 IM_REPLY = "<|im_start|>assistant\n"
 _CHATML = dict(system="<|im_start|>system\n{system}<|im_end|>\n",
