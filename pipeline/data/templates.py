@@ -541,6 +541,19 @@ TEMPLATES.update({t.name: t for t in (
              description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
 
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:2072-2121 (Qwen2-VL / Qwen2.5-VL and Qwen3-VL, "copied from qwen
+# template"): on text their strings are qwen's and qwen3's; only an image plugin is beside (images are refused here).
+# qwen2_vl differs from qwen in its default system prompt alone; qwen3_vl is qwen3 (ReasoningTemplate) and
+# qwen3_vl_nothink qwen3_nothink, letter for letter: the same Template under LLaMA-Factory's names.
+TEMPLATES.update({t.name: t for t in (
+    dataclasses.replace(TEMPLATES["qwen"], name="qwen2_vl", default_system="You are a helpful assistant.",
+                        description="Qwen2-VL / Qwen2.5-VL on text: qwen's strings, the default system prompt "
+                                    "\"You are a helpful assistant.\""),
+    dataclasses.replace(TEMPLATES["qwen3"], name="qwen3_vl", description="Qwen3-VL (reasoning) on text: qwen3"),
+    dataclasses.replace(TEMPLATES["qwen3_nothink"], name="qwen3_vl_nothink",
+                        description="Qwen3-VL-Instruct on text: qwen3_nothink"),
+)})
+
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.
 TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()

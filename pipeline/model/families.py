@@ -125,10 +125,17 @@ class Family:
             return hf
         return _rename(self.strip(hf), [(p, out) for _, _, p, out in self._compiled])
 
+    def alias_of(self, hf: str) -> tuple[str, str] | None:
+        """The (old, new) alias a tensor name is spelled in, None where it is the module tree's already (the decoder's
+        prefix, a carried tower's or the head: Qwen2-VL's old prefix "model." is also the start of those)."""
+        if not self.aliases or hf.startswith((self.prefix, *self.carried)) or _is_head(hf):
+            return None
+        return next((pair for pair in self.aliases if hf.startswith(pair[0])), None)
+
     def canonical(self, hf: str) -> str:
         """A tensor name as transformers 5's module tree has it: an alias prefix (a wrapped checkpoint's file
         names, e.g. language_model.model.) replaced by the one it stands for."""
-        old = next((pair for pair in self.aliases if hf.startswith(pair[0])), None)
+        old = self.alias_of(hf)
         return old[1] + hf[len(old[0]):] if old else hf
 
     def is_carried(self, hf: str) -> bool:
@@ -393,6 +400,16 @@ class Wrapper:
     top_level: tuple[tuple[str, Any], ...] = ()
     ignored: tuple[str, ...] = ()         # text-config keys the wrapper's forward does not apply: read as null
     files: tuple[str, ...] = ()           # the wrapper's own files beside the tokenizer's, copied into an export
+    # the text config's own model_type where the wrapper has a text class of its own (Qwen2_5_VLTextConfig's
+    # "qwen2_5_vl_text"); "" where it is the family's (Gemma3TextConfig's gemma3_text, MistralConfig's mistral)
+    text_model_type: str = ""
+    # an older config.json may hold the text keys at its top level, without a text config (Qwen2-VL / Qwen2.5-VL as
+    # the hub has them: Qwen2_5_VLConfig.__post_init__ then reads them from there); the export keeps that form
+    flat_text: bool = False
+    # multimodal RoPE (Qwen2-VL's mrope_section, Qwen3-VL's interleaved one): the rope keys that place the three
+    # position streams (time, height, width) on the rotary pairs. On text the three streams are one position, so the
+    # rotation is the plain 1-D RoPE of the decoder's family; the keys are read past and carried into an export
+    mrope: tuple[str, ...] = ()
 
     def family_of(self) -> Family:
         """The decoder's family as this wrapper names it: its architecture and model_type, its module prefix, the
@@ -406,15 +423,44 @@ class Wrapper:
     def text_raw(self, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
         """The decoder's config.json keys: the text config over the class's defaults, the top-level settings."""
         family = FAMILIES[self.family]
+        model_type = self.text_model_type or family.model_type
         sub = raw.get(self.text_config)
+        if sub is None and self.flat_text:
+            sub = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "vision_config")}
         if not isinstance(sub, dict):
             raise UserError(f"{path}: {self.text_config} is {sub!r}; a {self.architecture} config.json holds its"
-                            f" language model's config (model_type {family.model_type}) there as an object")
-        if sub.get("model_type", family.model_type) != family.model_type:
+                            f" language model's config (model_type {model_type}) there as an object")
+        if sub.get("model_type", model_type) not in (model_type, family.model_type):
             raise UserError(f"{path}: {self.text_config}.model_type is {sub['model_type']!r}; a {self.architecture}"
-                            f" is read here with a {family.architecture} inside (model_type {family.model_type})")
+                            f" is read here with a {family.architecture} inside (model_type {model_type})")
         text = {**dict(self.text_defaults), **sub, **{key: raw.get(key, default) for key, default in self.top_level}}
-        return {**text, **{key: None for key in self.ignored}}
+        return {**text, **{key: None for key in self.ignored}, **self.plain_rope(text)}
+
+    def plain_rope(self, text: Mapping[str, Any]) -> dict[str, Any]:
+        """The text config's rope dicts with the multimodal keys taken out and "mrope" read as "default"
+        (Qwen2_5_VLTextConfig.convert_rope_params_to_dict): the 1-D rotation text positions get."""
+        if not self.mrope:
+            return {}
+        out = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            params = text.get(key)
+            if isinstance(params, dict):
+                params = {k: v for k, v in params.items() if k not in self.mrope}
+                for kind in ("rope_type", "type"):
+                    if params.get(kind) == "mrope":
+                        params[kind] = "default"
+                out[key] = params or None
+        return out
+
+    def multimodal_rope(self, source_text: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict[str, Any]:
+        """The decoder's rope dicts (an export's text config) with the source's multimodal keys put back, so that
+        transformers' wrapper finds its mrope_section again."""
+        kept = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(source_text.get(key), dict):
+                kept = {k: v for k, v in source_text[key].items() if k in self.mrope} or kept
+        return {key: {**decoder[key], **kept} for key in ("rope_scaling", "rope_parameters")
+                if kept and isinstance(decoder.get(key), dict)}
 
 
 # Gemma 3 4B / 12B / 27B (google/gemma-3-4b-it ...): a SigLIP vision tower and a projector around a Gemma 3 text
@@ -445,6 +491,44 @@ MISTRAL3_VLM = Wrapper(
     prefix=GEMMA3_VLM.prefix, aliases=GEMMA3_VLM.aliases, carried=GEMMA3_VLM.carried,
     top_level=(("tie_word_embeddings", True),), files=GEMMA3_VLM.files)
 WRAPPERS[MISTRAL3_VLM.architecture] = MISTRAL3_VLM
+# Qwen2-VL / Qwen2.5-VL (Qwen/Qwen2.5-VL-7B-Instruct ...): a vision transformer with its patch merger (model.visual)
+# around a Qwen2 decoder (transformers 5.24 modeling_qwen2_5_vl.py:866-876, :1260-1269: model.visual,
+# model.language_model, lm_head; Qwen2_5_VLTextModel's blocks are Qwen2's: q / k / v biased, o_proj not, Qwen2's
+# sliding-window keys). The hub's files and transformers 5's save_pretrained spell the decoder model.* and the tower
+# visual.* (conversion_mapping.py:1074-1080, reversed on save; Qwen2.5-VL maps to Qwen2-VL's at :142-143). The hub's
+# config.json holds the text keys at its top level (Qwen2_5_VLConfig.__post_init__ reads them from there when there
+# is no text_config); rope_scaling {"type": "mrope", "mrope_section": [16, 24, 24]} is read as "default"
+# (configuration_qwen2_5_vl.py convert_rope_params_to_dict). tie_word_embeddings at the top level, default false (the
+# 3B ties). Qwen2_5_VLTextConfig's defaults (the 72B's) for the keys a text_config leaves out.
+_QWEN2_VL = dict(
+    family="qwen2", text_config="text_config", prefix="model.language_model.",
+    aliases=(("visual.", "model.visual."), ("model.", "model.language_model.")), carried=("model.visual.",),
+    text_defaults=(("vocab_size", 152064), ("hidden_size", 8192), ("intermediate_size", 29568),
+                   ("num_hidden_layers", 80), ("num_attention_heads", 64), ("num_key_value_heads", 8),
+                   ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-5), ("rope_theta", 1000000.0),
+                   ("sliding_window", 4096), ("max_window_layers", 80), ("bos_token_id", 151643),
+                   ("eos_token_id", 151645)),
+    top_level=(("tie_word_embeddings", False),), flat_text=True, mrope=("mrope_section",),
+    files=("preprocessor_config.json", "video_preprocessor_config.json"))
+QWEN2_5_VLM = Wrapper(architecture="Qwen2_5_VLForConditionalGeneration", model_type="qwen2_5_vl",
+                      text_model_type="qwen2_5_vl_text", **_QWEN2_VL)
+QWEN2_VLM = Wrapper(architecture="Qwen2VLForConditionalGeneration", model_type="qwen2_vl",
+                    text_model_type="qwen2_vl_text", **_QWEN2_VL)
+# Qwen3-VL (Qwen/Qwen3-VL-8B-Instruct ...): the same tower around a Qwen3 decoder (modeling_qwen3_vl.py:853-861,
+# :1252: q_norm / k_norm, no biases, no sliding window); the hub's files are spelled as the module tree (no
+# conversion mapping) and its config.json has a complete text_config. Its RoPE interleaves the three streams
+# (mrope_interleaved) and its deepstack adds the tower's features to the first layers' hidden states at the image
+# tokens only (_deepstack_process, visual_pos_masks): on text both leave Qwen3's decoder. Qwen3VLTextConfig's
+# defaults (rope_theta 500,000, 128,000 positions) for the keys a text_config leaves out; it reads no window keys.
+QWEN3_VLM = Wrapper(
+    architecture="Qwen3VLForConditionalGeneration", model_type="qwen3_vl", text_model_type="qwen3_vl_text",
+    family="qwen3", text_config="text_config", prefix="model.language_model.", aliases=(), carried=("model.visual.",),
+    text_defaults=(("vocab_size", 151936), ("hidden_size", 4096), ("intermediate_size", 22016),
+                   ("num_hidden_layers", 32), ("num_attention_heads", 32), ("head_dim", 128),
+                   ("max_position_embeddings", 128000), ("rms_norm_eps", 1e-6), ("rope_theta", 500000.0)),
+    top_level=(("tie_word_embeddings", False),), ignored=("use_sliding_window", "sliding_window", "layer_types"),
+    mrope=("mrope_section", "mrope_interleaved"), files=_QWEN2_VL["files"])
+WRAPPERS.update((w.architecture, w) for w in (QWEN2_5_VLM, QWEN2_VLM, QWEN3_VLM))
 WRAPPERS_BY_MODEL_TYPE = {w.model_type: w for w in WRAPPERS.values()}
 SUPPORTED = ", ".join([*BY_ARCHITECTURE, *WRAPPERS])
 
