@@ -400,6 +400,9 @@ class Wrapper:
     top_level: tuple[tuple[str, Any], ...] = ()
     ignored: tuple[str, ...] = ()         # text-config keys the wrapper's forward does not apply: read as null
     files: tuple[str, ...] = ()           # the wrapper's own files beside the tokenizer's, copied into an export
+    # the text config the wrapper's config class builds where config.json has none (Mistral3Config's SubConfigSpec
+    # init_kwargs: the 24B's); empty: a config.json without one is refused
+    absent_text: tuple[tuple[str, Any], ...] = ()
     # the text config's own model_type where the wrapper has a text class of its own (Qwen2_5_VLTextConfig's
     # "qwen2_5_vl_text"); "" where it is the family's (Gemma3TextConfig's gemma3_text, MistralConfig's mistral)
     text_model_type: str = ""
@@ -425,6 +428,8 @@ class Wrapper:
         family = FAMILIES[self.family]
         model_type = self.text_model_type or family.model_type
         sub = raw.get(self.text_config)
+        if sub is None and self.absent_text:
+            sub = dict(self.absent_text)
         if sub is None and self.flat_text:
             sub = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "vision_config")}
         if not isinstance(sub, dict):
@@ -484,11 +489,21 @@ GEMMA3_VLM = Wrapper(
 WRAPPERS: dict[str, Wrapper] = {GEMMA3_VLM.architecture: GEMMA3_VLM}
 # Mistral Small 3.1 / 3.2 (mistralai/Mistral-Small-3.1-24B-Instruct-2503): a Pixtral vision tower and a projector
 # (with its patch merger) around a MistralForCausalLM's decoder (transformers 5.24 modeling_mistral3.py:180-317: the
-# same module tree as Gemma 3's, the same "llava" spellings); the hub's text_config is complete (MistralConfig's
-# defaults for the rest); Mistral3Config's top-level tie_word_embeddings defaults to true (configuration_mistral3.py:98)
+# same module tree as Gemma 3's, the same "llava" spellings); Mistral3Config's top-level tie_word_embeddings defaults
+# to true (configuration_mistral3.py:98). A text_config given (the hub's is complete) builds MistralConfig over its own
+# defaults, however sparse (configuration_utils.py:227-268, SubConfigSpec.create_subconfig: a dict goes to the
+# model_type's class as it is); Mistral3Config's init_kwargs (configuration_mistral3.py:52-72, the 24B's decoder) only
+# stand in for an absent one.
 MISTRAL3_VLM = Wrapper(
     architecture="Mistral3ForConditionalGeneration", model_type="mistral3", family="mistral", text_config="text_config",
     prefix=GEMMA3_VLM.prefix, aliases=GEMMA3_VLM.aliases, carried=GEMMA3_VLM.carried,
+    text_defaults=(("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 14336),
+                   ("num_hidden_layers", 32), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                   ("bos_token_id", 1), ("eos_token_id", 2)),  # MistralConfig's (configuration_mistral.py:62-79)
+    absent_text=(("head_dim", 128), ("hidden_size", 5120), ("intermediate_size", 32768),
+                 ("max_position_embeddings", 131072), ("num_attention_heads", 32), ("num_hidden_layers", 40),
+                 ("num_key_value_heads", 8), ("rms_norm_eps", 1e-05), ("rope_theta", 1000000000.0),
+                 ("sliding_window", None), ("vocab_size", 131072)),
     top_level=(("tie_word_embeddings", True),), files=GEMMA3_VLM.files)
 WRAPPERS[MISTRAL3_VLM.architecture] = MISTRAL3_VLM
 # Qwen2-VL / Qwen2.5-VL (Qwen/Qwen2.5-VL-7B-Instruct ...): a vision transformer with its patch merger (model.visual)

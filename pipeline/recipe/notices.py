@@ -25,9 +25,10 @@ FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma2")  # Gemm
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
 # an image-text checkpoint's own, where it is not its decoder family's (LLaMA-Factory 0.9.5 extras/constants.py:3104,
-# :3136: Qwen2.5-VL-*-Instruct qwen2_vl, Qwen3-VL-*-Instruct qwen3_vl_nothink)
+# :3136, :2074: Qwen2.5-VL-*-Instruct qwen2_vl, Qwen3-VL-*-Instruct qwen3_vl_nothink, Mistral-Small-3.1 mistral_small)
 WRAPPER_TEMPLATES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_vl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
-                     "Qwen3VLForConditionalGeneration": "qwen3_vl_nothink"}
+                     "Qwen3VLForConditionalGeneration": "qwen3_vl_nothink",
+                     "Mistral3ForConditionalGeneration": "mistral_small"}
 
 
 def template_notice(r: Any) -> str | None:

@@ -192,6 +192,13 @@ SMALL_ADDED["olmo2"] = [(t, True) for t in ("<|endoftext|>", "<|im_start|>", "<|
 SMALL_ADDED["glm4"] = [(t, True) for t in ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
                                            "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")]
 
+# Mistral Small 3.1's Tekken vocabulary (131,072 rows, byte-level BPE; mistralai/Mistral-Small-3.1-24B-Instruct-2503's
+# tokenizer.json, not on PyPI) in small: its control tokens 0-19 in their order, all special
+SMALL_ADDED["mistral_tekken"] = [(t, True) for t in (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]",
+    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")]
+
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
     """A small byte-level BPE in the family's format (tokenizer.json, tokenizer_config.json,

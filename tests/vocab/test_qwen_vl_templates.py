@@ -17,28 +17,39 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
+from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.data.templates import TEMPLATES
+from pipeline.data.tokenize import encode_example
 from tests.vocab import test_template_masks_real as real
-from tests.vocab.test_template_masks_real import IE, IS, M, ROW, example
+from tests.vocab.test_template_masks_real import IE, IS, M, ROW
 
 enc = real.enc  # the fixture: a family's text -> ids by the `tokenizers` library
 
 
-def test_qwen2_vl_is_qwen_with_its_own_default_system_prompt(vocab_dirs, enc):
+@pytest.fixture(scope="module")
+def example(vocab_dirs):
+    """(family, template, row, **flags) -> encode_example on the family's real vocabulary, each loaded once."""
+    loaded = {family: load_tokenizer(vocab_dirs[family]) for family in ("qwen2", "qwen3")}
+    return lambda family, template, row, **kw: encode_example(row, template, loaded[family], cutoff_len=4096, **kw)
+
+
+def test_qwen2_vl_is_qwen_with_its_own_default_system_prompt(example, enc):
     """Its ids and labels: tests/vocab/test_template_masks_real.py's qwen case; here: mask_history, a row's own system
     prompt, and nothing but the default system prompt differs from qwen."""
     e = lambda text: enc("qwen2", text)  # noqa: E731
     p2_a2 = [IS] + e("user\nHi") + [IE] + e("\n") + [IS] + e("assistant\n") + e("Yo") + [IE] + e("\n")
-    masked = example(vocab_dirs, "qwen2", "qwen2_vl", ROW, mask_history=True)
+    masked = example("qwen2", "qwen2_vl", ROW, mask_history=True)
     assert masked.input_ids[-len(p2_a2):] == p2_a2 and masked.labels[-3:] == e("Yo") + [IE] + e("\n")
     assert set(masked.labels[:-3]) == {M}
-    given = example(vocab_dirs, "qwen2", "qwen2_vl", {**ROW, "system": "S"})
+    given = example("qwen2", "qwen2_vl", {**ROW, "system": "S"})
     assert given.input_ids[:len(e("system\nS")) + 2] == [IS] + e("system\nS") + [IE]
     assert dataclasses.replace(TEMPLATES["qwen2_vl"], name="qwen", default_system=TEMPLATES["qwen"].default_system,
                                description=TEMPLATES["qwen"].description) == TEMPLATES["qwen"]
 
 
-def test_qwen3_vl_templates_are_qwen3s(vocab_dirs, enc):
+def test_qwen3_vl_templates_are_qwen3s(example, enc):
     """qwen3_vl: qwen3's empty thought in front of an answer without one (trained); qwen3_vl_nothink: plain ChatML."""
     e = lambda text: enc("qwen3", text)  # noqa: E731
     p1 = [IS] + e("user\nQ") + [IE] + e("\n") + [IS] + e("assistant\n")
@@ -46,10 +57,10 @@ def test_qwen3_vl_templates_are_qwen3s(vocab_dirs, enc):
     a1 = e("A") + [IE] + e("\n")
     a2 = e("Yo") + [IE] + e("\n")
     empty = e("<think>\n\n</think>\n\n")
-    thinking = example(vocab_dirs, "qwen3", "qwen3_vl", ROW, mask_history=True)
+    thinking = example("qwen3", "qwen3_vl", ROW, mask_history=True)
     assert thinking.input_ids == p1 + a1 + p2 + empty + a2
     assert thinking.labels == [M] * len(p1 + a1 + p2) + empty + a2
-    plain = example(vocab_dirs, "qwen3", "qwen3_vl_nothink", ROW)
+    plain = example("qwen3", "qwen3_vl_nothink", ROW)
     assert plain.input_ids == p1 + a1 + p2 + a2 and plain.labels == [M] * len(p1) + a1 + [M] * len(p2) + a2
     for vl, text in (("qwen3_vl", "qwen3"), ("qwen3_vl_nothink", "qwen3_nothink")):
         assert dataclasses.replace(TEMPLATES[vl], name=text, description=TEMPLATES[text].description) \
