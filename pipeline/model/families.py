@@ -400,6 +400,10 @@ class Wrapper:
     top_level: tuple[tuple[str, Any], ...] = ()
     ignored: tuple[str, ...] = ()         # text-config keys the wrapper's forward does not apply: read as null
     files: tuple[str, ...] = ()           # the wrapper's own files beside the tokenizer's, copied into an export
+    # transformers' class scoring with the whole wrapper (a score head on the image-text model: Gemma 3's
+    # Gemma3ForSequenceClassification, modeling_gemma3.py:1069), "" where transformers has none; stage rm writes a
+    # decoder's XForSequenceClassification, so neither is written here (reward_refusal says so)
+    reward_architecture: str = ""
     # the text config the wrapper's config class builds where config.json has none (Mistral3Config's SubConfigSpec
     # init_kwargs: the 24B's); empty: a config.json without one is refused
     absent_text: tuple[tuple[str, Any], ...] = ()
@@ -485,7 +489,7 @@ GEMMA3_VLM = Wrapper(
                    ("num_hidden_layers", 26), ("num_attention_heads", 8), ("rms_norm_eps", 1e-6),
                    ("bos_token_id", 2), ("eos_token_id", 1), ("pad_token_id", 0)),
     top_level=(("tie_word_embeddings", True),), ignored=("final_logit_softcapping",),
-    files=("preprocessor_config.json", "processor_config.json"))
+    files=("preprocessor_config.json", "processor_config.json"), reward_architecture="Gemma3ForSequenceClassification")
 WRAPPERS: dict[str, Wrapper] = {GEMMA3_VLM.architecture: GEMMA3_VLM}
 # Mistral Small 3.1 / 3.2 (mistralai/Mistral-Small-3.1-24B-Instruct-2503): a Pixtral vision tower and a projector
 # (with its patch merger) around a MistralForCausalLM's decoder (transformers 5.24 modeling_mistral3.py:180-317: the
@@ -1020,14 +1024,34 @@ def num_labels(family: Family, raw: Mapping[str, Any], path: Any) -> int:
     return 1
 
 
+def reward_refusal(family: Family) -> tuple[str, str]:
+    """(why stage rm cannot write this model's reward model, what to do instead) for a family without
+    reward_architecture: a causal LM transformers has no sequence-classification class for (Granite), or an image-text
+    checkpoint's decoder (Wrapper.family_of): stage rm writes a decoder's XForSequenceClassification, and transformers
+    has either no class for the wrapper (Mistral3, the Qwen-VLs) or one over the whole image-text model (Gemma 3's)."""
+    wrapper = WRAPPERS.get(family.architecture)
+    if wrapper is None:
+        others = sorted(f.name for f in FAMILIES.values() if f.reward_architecture)
+        return (f"transformers has no sequence-classification class for this {family.architecture} (model_type"
+                f" {family.model_type})", f"another family ({', '.join(others)})")
+    decoder = FAMILIES[wrapper.family]
+    theirs = (f"transformers' {wrapper.reward_architecture} scores with the whole image-text model, which is not"
+              " written here" if wrapper.reward_architecture else
+              f"transformers has no sequence-classification class for {wrapper.architecture} (model_type"
+              f" {wrapper.model_type})")
+    return (f"stage rm writes a text decoder's reward model and this {wrapper.architecture} is an image-text"
+            f" checkpoint ({theirs})", f"a text-only {decoder.architecture} checkpoint (its reward model is a"
+            f" {decoder.reward_architecture})")
+
+
 def head_config(family: Family, cfg: Any) -> dict[str, Any]:
     """config.json's architectures, and for a reward model its one label (as transformers writes num_labels=1)."""
     if not cfg.num_labels:
         return {"architectures": [family.architecture]}
     if not family.reward_architecture:
-        raise UserError(f"export: a {family.architecture} reward model (stage rm) cannot be written: transformers has"
-                        f" no sequence-classification class for model_type {family.model_type}; train stage rm on"
-                        f" another family ({', '.join(BY_REWARD_ARCHITECTURE)})")
+        why, instead = reward_refusal(family)
+        raise UserError(f"export: a {family.architecture} reward model (stage rm) cannot be written: {why}; train"
+                        f" stage rm on {instead}")
     return {"architectures": [family.reward_architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
 
 

@@ -46,6 +46,14 @@ def test_lora_sft_of_a_gemma3_image_text_checkpoint_merges_to_one(workdir):
     (workdir / "data/dataset_info.json").write_text(json.dumps(info))
     message = refused("validate", recipe, "dataset=pictures", cwd=workdir)
     assert "multimodal data (images) is not supported" in message and "vision tower" in message, message
+    # stage rm: transformers' Gemma3ForSequenceClassification exists (modeling_gemma3.py:1069), scoring with the whole
+    # image-text model; stage rm writes a text decoder's reward class: refused saying so, and what to start from
+    message = refused("validate", recipe, "stage=rm", cwd=workdir, as_typed=False)
+    assert ("stage: given 'rm', but stage rm writes a text decoder's reward model and this "
+            "Gemma3ForConditionalGeneration is an image-text checkpoint (transformers' Gemma3ForSequenceClassification "
+            "scores with the whole image-text model, which is not written here), so the reward model could not be "
+            "written or read back; train the reward model on a text-only Gemma3ForCausalLM checkpoint (its reward "
+            "model is a Gemma3TextForSequenceClassification)") in message, message
     for stage in ("build", "train", "merge"):
         pipeline(stage, recipe, cwd=workdir)
 

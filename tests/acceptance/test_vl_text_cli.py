@@ -15,7 +15,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.acceptance.harness import assert_image_text_outputs, exported_prompt, pipeline, random_model, write_recipe
+from tests.acceptance.harness import (assert_image_text_outputs, exported_prompt, pipeline, random_model, refused,
+                                      write_recipe)
 
 PROCESSOR = {"image_processor_type": "PixtralImageProcessor", "patch_size": {"height": 14, "width": 14}}
 CASES = {  # template, transformers class, the tokenizer's markup (tests/helpers/hf_vocab.py), the towers' prefix
@@ -67,6 +68,9 @@ def test_lora_sft_on_text_merges_back_to_the_image_text_class(workdir, name):
     source = tiny_checkpoint(name, base)
     recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset_dir="data", template=template,
                           output_dir="saves/r", learning_rate=0.05, cutoff_len=128)
+    message = refused("validate", recipe, "stage=rm", cwd=workdir, as_typed=False)  # no reward class to write
+    assert (f"this {cls} is an image-text checkpoint (transformers has no sequence-classification class for {cls}"
+            in message), message
     pipeline("build", recipe, cwd=workdir, as_typed=False)  # in this process (as typed in the other CLI tests)
     for stage in ("train", "merge"):
         pipeline(stage, recipe, cwd=workdir)
