@@ -417,6 +417,9 @@ class Wrapper:
     # position streams (time, height, width) on the rotary pairs. On text the three streams are one position, so the
     # rotation is the plain 1-D RoPE of the decoder's family; the keys are read past and carried into an export
     mrope: tuple[str, ...] = ()
+    # a text config's tie_word_embeddings true ties too, the top level's being false (Qwen2VLConfig.__post_init__,
+    # configuration_qwen2_vl.py:184-188: pre-v5 saves kept it there)
+    tie_in_text: bool = False
 
     def family_of(self) -> Family:
         """The decoder's family as this wrapper names it: its architecture and model_type, its module prefix, the
@@ -443,6 +446,8 @@ class Wrapper:
             raise UserError(f"{path}: {self.text_config}.model_type is {sub['model_type']!r}; a {self.architecture}"
                             f" is read here with a {family.architecture} inside (model_type {model_type})")
         text = {**dict(self.text_defaults), **sub, **{key: raw.get(key, default) for key, default in self.top_level}}
+        if self.tie_in_text and sub.get("tie_word_embeddings") is True:
+            text["tie_word_embeddings"] = True
         return {**text, **{key: None for key in self.ignored}, **self.plain_rope(text)}
 
     def plain_rope(self, text: Mapping[str, Any]) -> dict[str, Any]:
@@ -527,7 +532,7 @@ _QWEN2_VL = dict(
                    ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-5), ("rope_theta", 1000000.0),
                    ("sliding_window", 4096), ("max_window_layers", 80), ("bos_token_id", 151643),
                    ("eos_token_id", 151645)),
-    top_level=(("tie_word_embeddings", False),), flat_text=True, mrope=("mrope_section",),
+    top_level=(("tie_word_embeddings", False),), flat_text=True, mrope=("mrope_section",), tie_in_text=True,
     files=("preprocessor_config.json", "video_preprocessor_config.json"))
 QWEN2_5_VLM = Wrapper(architecture="Qwen2_5_VLForConditionalGeneration", model_type="qwen2_5_vl",
                       text_model_type="qwen2_5_vl_text", **_QWEN2_VL)

@@ -218,3 +218,15 @@ def test_the_hub_configs_read_as_transformers_reads_them(tmp_path, raw, cls):
         model = getattr(transformers, cls.replace("Config", "ForConditionalGeneration"))(theirs)
     decoder = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
     assert count_params(cfg) == decoder == {"Qwen2_5_VLConfig": 7_615_616_512, "Qwen3VLConfig": 8_190_735_360}[cls]
+
+
+def test_a_tie_inside_the_text_config_ties_qwen2_vl_as_transformers_does(tmp_path):
+    """Qwen2VLConfig / Qwen2_5_VLConfig tie where the text_config says tie_word_embeddings true and the top level does
+    not (configuration_qwen2_vl.py:184-188, pre-v5 saves); Qwen3VLConfig reads the top level only."""
+    text = {k: v for k, v in HUB_QWEN3_VL_8B["text_config"].items() if k != "model_type"}
+    for arch, cls, model_type in (("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", "qwen2_5_vl"),
+                                  ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig", "qwen3_vl")):
+        raw = {"model_type": model_type, "text_config": {**text, "tie_word_embeddings": True}}
+        (tmp_path / "config.json").write_text(json.dumps({"architectures": [arch], **raw}))
+        assert read_config(tmp_path).tie_weights == getattr(transformers, cls)(**raw).tie_word_embeddings == (
+            model_type == "qwen2_5_vl")
