@@ -30,20 +30,21 @@ enc = real.enc  # the fixture: a family's text -> ids by the `tokenizers` librar
 
 @pytest.fixture(scope="module")
 def example(vocab_dirs):
-    """(family, template, row, **flags) -> encode_example on the family's real vocabulary, each loaded once."""
-    loaded = {family: load_tokenizer(vocab_dirs[family]) for family in ("qwen2", "qwen3")}
+    """(family, template, row, **flags) -> encode_example on the family's real vocabulary, loaded once: Qwen3's, the
+    Qwen2 / Qwen2.5 BPE with <think> / </think> (tests/vocab/test_template_masks_real.py runs qwen2_vl on Qwen2's)."""
+    loaded = {family: load_tokenizer(vocab_dirs[family]) for family in ("qwen3",)}
     return lambda family, template, row, **kw: encode_example(row, template, loaded[family], cutoff_len=4096, **kw)
 
 
 def test_qwen2_vl_is_qwen_with_its_own_default_system_prompt(example, enc):
     """Its ids and labels: tests/vocab/test_template_masks_real.py's qwen case; here: mask_history, a row's own system
     prompt, and nothing but the default system prompt differs from qwen."""
-    e = lambda text: enc("qwen2", text)  # noqa: E731
+    e = lambda text: enc("qwen3", text)  # noqa: E731
     p2_a2 = [IS] + e("user\nHi") + [IE] + e("\n") + [IS] + e("assistant\n") + e("Yo") + [IE] + e("\n")
-    masked = example("qwen2", "qwen2_vl", ROW, mask_history=True)
+    masked = example("qwen3", "qwen2_vl", ROW, mask_history=True)
     assert masked.input_ids[-len(p2_a2):] == p2_a2 and masked.labels[-3:] == e("Yo") + [IE] + e("\n")
     assert set(masked.labels[:-3]) == {M}
-    given = example("qwen2", "qwen2_vl", {**ROW, "system": "S"})
+    given = example("qwen3", "qwen2_vl", {**ROW, "system": "S"})
     assert given.input_ids[:len(e("system\nS")) + 2] == [IS] + e("system\nS") + [IE]
     assert dataclasses.replace(TEMPLATES["qwen2_vl"], name="qwen", default_system=TEMPLATES["qwen"].default_system,
                                description=TEMPLATES["qwen"].description) == TEMPLATES["qwen"]
