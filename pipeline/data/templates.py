@@ -568,6 +568,32 @@ TEMPLATES["gpt_oss"] = Template(
     description="gpt-oss (reasoning): <|start|>user<|message|> ...<|end|><|start|>assistant, the analysis channel's "
                 "thought (empty where the answer has none), then the final channel; its EOS learnt as a label")
 
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:2072-2121 (Qwen2-VL / Qwen2.5-VL and Qwen3-VL, "copied from qwen
+# template"): on text their strings are qwen's and qwen3's; only an image plugin is beside (images are refused here).
+# qwen2_vl differs from qwen in its default system prompt alone; qwen3_vl is qwen3 (ReasoningTemplate) and
+# qwen3_vl_nothink qwen3_nothink, letter for letter: the same Template under LLaMA-Factory's names.
+TEMPLATES.update({t.name: t for t in (
+    dataclasses.replace(TEMPLATES["qwen"], name="qwen2_vl", default_system="You are a helpful assistant.",
+                        description="Qwen2-VL / Qwen2.5-VL on text: qwen's strings, the default system prompt "
+                                    "\"You are a helpful assistant.\""),
+    dataclasses.replace(TEMPLATES["qwen3"], name="qwen3_vl", description="Qwen3-VL (reasoning) on text: qwen3"),
+    dataclasses.replace(TEMPLATES["qwen3_nothink"], name="qwen3_vl_nothink",
+                        description="Qwen3-VL-Instruct on text: qwen3_nothink"),
+)})
+
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1794-1804: mistral_small ("mistral tokenizer v7 tekken": Mistral
+# Small 3 / 3.1 / 3.2). The default Template class, not mistral's Llama2Template: BOS once, the system prompt in a block
+# of its own ([SYSTEM_PROMPT] ... [/SYSTEM_PROMPT], the tools text after it inside, Template._encode :149-153), then
+# [INST]{query}[/INST] without spaces, the answer closed by the tokenizer's EOS (register_template's default
+# format_assistant, :534-536; no stop words, no replace_eos); a call after [TOOL_CALLS] with the EOS, a result inside
+# [TOOL_RESULTS] (the mistral tool format). Tekken holds all of this markup as control tokens.
+TEMPLATES["mistral_small"] = Template(
+    name="mistral_small", prefix="{bos}", system="[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT]", user="[INST]{content}[/INST]",
+    special_tokens=(*INST, "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"), optional_tokens=MISTRAL_TOOL_MARKUP,
+    tool_format="mistral", function="[TOOL_CALLS]{content}{eos}",
+    observation='[TOOL_RESULTS]{"content": {content}}[/TOOL_RESULTS]',
+    description="Mistral Small 3 / 3.1 / 3.2 (Tekken): <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>")
+
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.
 TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()

@@ -418,6 +418,12 @@ PRESETS.update({  # the decoder of google/gemma-3-4b-it (Gemma3ForConditionalGen
     "gemma-3-4b": _gemma3(2560, 34, 10240, heads=8, kv=4, vocab=262208, ctx=131072, window=1024,
                           scaling={"type": "linear", "factor": 8.0}),  # 3,880,263,168 (the card's 4B: 4.30B in all)
 })
+PRESETS.update({  # the decoder of mistralai/Mistral-Small-3.1-24B-Instruct-2503 (Mistral3ForConditionalGeneration: its
+    # text_config, Mistral3Config's text defaults; Tekken's 131,072 ids, head_dim 128 beside a 5,120 width, RoPE theta
+    # 1e9, no window, its own head): 23,572,403,200 (the card's 24B is the whole model, with the Pixtral tower)
+    "mistral-small-3.1-24b": _swiglu("mistral", vocab=131072, ctx=131072, emb=5120, layers=40, heads=32, kv=8,
+                                     ffn=32768, theta=1000000000.0, eps=1e-5, tied=False, head_size=128),
+})
 PRESETS.update({  # the MoE families beside Qwen3-MoE
     "mixtral-8x7b": _mixtral(4096, 32, 32, 8, 14336, vocab=32000, ctx=32768),  # 46.7B, 12.9B active
     "qwen1.5-moe-a2.7b": _qwen2_moe(2048, 24, 16, 16, 5632, experts=60, top_k=4, expert_ffn=1408, shared=5632,

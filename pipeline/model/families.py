@@ -131,10 +131,17 @@ class Family:
             return hf
         return _rename(self.strip(hf), [(p, out) for _, _, p, out in self._compiled])
 
+    def alias_of(self, hf: str) -> tuple[str, str] | None:
+        """The (old, new) alias a tensor name is spelled in, None where it is the module tree's already (the decoder's
+        prefix, a carried tower's or the head: Qwen2-VL's old prefix "model." is also the start of those)."""
+        if not self.aliases or hf.startswith((self.prefix, *self.carried)) or _is_head(hf):
+            return None
+        return next((pair for pair in self.aliases if hf.startswith(pair[0])), None)
+
     def canonical(self, hf: str) -> str:
         """A tensor name as transformers 5's module tree has it: an alias prefix (a wrapped checkpoint's file
         names, e.g. language_model.model.) replaced by the one it stands for."""
-        old = next((pair for pair in self.aliases if hf.startswith(pair[0])), None)
+        old = self.alias_of(hf)
         return old[1] + hf[len(old[0]):] if old else hf
 
     def is_carried(self, hf: str) -> bool:
@@ -436,6 +443,26 @@ class Wrapper:
     top_level: tuple[tuple[str, Any], ...] = ()
     ignored: tuple[str, ...] = ()         # text-config keys the wrapper's forward does not apply: read as null
     files: tuple[str, ...] = ()           # the wrapper's own files beside the tokenizer's, copied into an export
+    # transformers' class scoring with the whole wrapper (a score head on the image-text model: Gemma 3's
+    # Gemma3ForSequenceClassification, modeling_gemma3.py:1069), "" where transformers has none; stage rm writes a
+    # decoder's XForSequenceClassification, so neither is written here (reward_refusal says so)
+    reward_architecture: str = ""
+    # the text config the wrapper's config class builds where config.json has none (Mistral3Config's SubConfigSpec
+    # init_kwargs: the 24B's); empty: a config.json without one is refused
+    absent_text: tuple[tuple[str, Any], ...] = ()
+    # the text config's own model_type where the wrapper has a text class of its own (Qwen2_5_VLTextConfig's
+    # "qwen2_5_vl_text"); "" where it is the family's (Gemma3TextConfig's gemma3_text, MistralConfig's mistral)
+    text_model_type: str = ""
+    # an older config.json may hold the text keys at its top level, without a text config (Qwen2-VL / Qwen2.5-VL as
+    # the hub has them: Qwen2_5_VLConfig.__post_init__ then reads them from there); the export keeps that form
+    flat_text: bool = False
+    # multimodal RoPE (Qwen2-VL's mrope_section, Qwen3-VL's interleaved one): the rope keys that place the three
+    # position streams (time, height, width) on the rotary pairs. On text the three streams are one position, so the
+    # rotation is the plain 1-D RoPE of the decoder's family; the keys are read past and carried into an export
+    mrope: tuple[str, ...] = ()
+    # a text config's tie_word_embeddings true ties too, the top level's being false (Qwen2VLConfig.__post_init__,
+    # configuration_qwen2_vl.py:184-188: pre-v5 saves kept it there)
+    tie_in_text: bool = False
 
     def family_of(self) -> Family:
         """The decoder's family as this wrapper names it: its architecture and model_type, its module prefix, the
@@ -449,15 +476,48 @@ class Wrapper:
     def text_raw(self, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
         """The decoder's config.json keys: the text config over the class's defaults, the top-level settings."""
         family = FAMILIES[self.family]
+        model_type = self.text_model_type or family.model_type
         sub = raw.get(self.text_config)
+        if sub is None and self.absent_text:
+            sub = dict(self.absent_text)
+        if sub is None and self.flat_text:
+            sub = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "vision_config")}
         if not isinstance(sub, dict):
             raise UserError(f"{path}: {self.text_config} is {sub!r}; a {self.architecture} config.json holds its"
-                            f" language model's config (model_type {family.model_type}) there as an object")
-        if sub.get("model_type", family.model_type) != family.model_type:
+                            f" language model's config (model_type {model_type}) there as an object")
+        if sub.get("model_type", model_type) not in (model_type, family.model_type):
             raise UserError(f"{path}: {self.text_config}.model_type is {sub['model_type']!r}; a {self.architecture}"
-                            f" is read here with a {family.architecture} inside (model_type {family.model_type})")
+                            f" is read here with a {family.architecture} inside (model_type {model_type})")
         text = {**dict(self.text_defaults), **sub, **{key: raw.get(key, default) for key, default in self.top_level}}
-        return {**text, **{key: None for key in self.ignored}}
+        if self.tie_in_text and sub.get("tie_word_embeddings") is True:
+            text["tie_word_embeddings"] = True
+        return {**text, **{key: None for key in self.ignored}, **self.plain_rope(text)}
+
+    def plain_rope(self, text: Mapping[str, Any]) -> dict[str, Any]:
+        """The text config's rope dicts with the multimodal keys taken out and "mrope" read as "default"
+        (Qwen2_5_VLTextConfig.convert_rope_params_to_dict): the 1-D rotation text positions get."""
+        if not self.mrope:
+            return {}
+        out = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            params = text.get(key)
+            if isinstance(params, dict):
+                params = {k: v for k, v in params.items() if k not in self.mrope}
+                for kind in ("rope_type", "type"):
+                    if params.get(kind) == "mrope":
+                        params[kind] = "default"
+                out[key] = params or None
+        return out
+
+    def multimodal_rope(self, source_text: Mapping[str, Any], decoder: Mapping[str, Any]) -> dict[str, Any]:
+        """The decoder's rope dicts (an export's text config) with the source's multimodal keys put back, so that
+        transformers' wrapper finds its mrope_section again."""
+        kept = {}
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(source_text.get(key), dict):
+                kept = {k: v for k, v in source_text[key].items() if k in self.mrope} or kept
+        return {key: {**decoder[key], **kept} for key in ("rope_scaling", "rope_parameters")
+                if kept and isinstance(decoder.get(key), dict)}
 
 
 # Gemma 3 4B / 12B / 27B (google/gemma-3-4b-it ...): a SigLIP vision tower and a projector around a Gemma 3 text
@@ -477,17 +537,65 @@ GEMMA3_VLM = Wrapper(
                    ("num_hidden_layers", 26), ("num_attention_heads", 8), ("rms_norm_eps", 1e-6),
                    ("bos_token_id", 2), ("eos_token_id", 1), ("pad_token_id", 0)),
     top_level=(("tie_word_embeddings", True),), ignored=("final_logit_softcapping",),
-    files=("preprocessor_config.json", "processor_config.json"))
+    files=("preprocessor_config.json", "processor_config.json"), reward_architecture="Gemma3ForSequenceClassification")
 WRAPPERS: dict[str, Wrapper] = {GEMMA3_VLM.architecture: GEMMA3_VLM}
 # Mistral Small 3.1 / 3.2 (mistralai/Mistral-Small-3.1-24B-Instruct-2503): a Pixtral vision tower and a projector
 # (with its patch merger) around a MistralForCausalLM's decoder (transformers 5.24 modeling_mistral3.py:180-317: the
-# same module tree as Gemma 3's, the same "llava" spellings); the hub's text_config is complete (MistralConfig's
-# defaults for the rest); Mistral3Config's top-level tie_word_embeddings defaults to true (configuration_mistral3.py:98)
+# same module tree as Gemma 3's, the same "llava" spellings); Mistral3Config's top-level tie_word_embeddings defaults
+# to true (configuration_mistral3.py:98). A text_config given (the hub's is complete) builds MistralConfig over its own
+# defaults, however sparse (configuration_utils.py:227-268, SubConfigSpec.create_subconfig: a dict goes to the
+# model_type's class as it is); Mistral3Config's init_kwargs (configuration_mistral3.py:52-72, the 24B's decoder) only
+# stand in for an absent one.
 MISTRAL3_VLM = Wrapper(
     architecture="Mistral3ForConditionalGeneration", model_type="mistral3", family="mistral", text_config="text_config",
     prefix=GEMMA3_VLM.prefix, aliases=GEMMA3_VLM.aliases, carried=GEMMA3_VLM.carried,
+    text_defaults=(("vocab_size", 32000), ("hidden_size", 4096), ("intermediate_size", 14336),
+                   ("num_hidden_layers", 32), ("num_attention_heads", 32), ("num_key_value_heads", 8),
+                   ("bos_token_id", 1), ("eos_token_id", 2)),  # MistralConfig's (configuration_mistral.py:62-79)
+    absent_text=(("head_dim", 128), ("hidden_size", 5120), ("intermediate_size", 32768),
+                 ("max_position_embeddings", 131072), ("num_attention_heads", 32), ("num_hidden_layers", 40),
+                 ("num_key_value_heads", 8), ("rms_norm_eps", 1e-05), ("rope_theta", 1000000000.0),
+                 ("sliding_window", None), ("vocab_size", 131072)),
     top_level=(("tie_word_embeddings", True),), files=GEMMA3_VLM.files)
 WRAPPERS[MISTRAL3_VLM.architecture] = MISTRAL3_VLM
+# Qwen2-VL / Qwen2.5-VL (Qwen/Qwen2.5-VL-7B-Instruct ...): a vision transformer with its patch merger (model.visual)
+# around a Qwen2 decoder (transformers 5.24 modeling_qwen2_5_vl.py:866-876, :1260-1269: model.visual,
+# model.language_model, lm_head; Qwen2_5_VLTextModel's blocks are Qwen2's: q / k / v biased, o_proj not, Qwen2's
+# sliding-window keys). The hub's files and transformers 5's save_pretrained spell the decoder model.* and the tower
+# visual.* (conversion_mapping.py:1074-1080, reversed on save; Qwen2.5-VL maps to Qwen2-VL's at :142-143). The hub's
+# config.json holds the text keys at its top level (Qwen2_5_VLConfig.__post_init__ reads them from there when there
+# is no text_config); rope_scaling {"type": "mrope", "mrope_section": [16, 24, 24]} is read as "default"
+# (configuration_qwen2_5_vl.py convert_rope_params_to_dict). tie_word_embeddings at the top level, default false (the
+# 3B ties). Qwen2_5_VLTextConfig's defaults (the 72B's) for the keys a text_config leaves out.
+_QWEN2_VL = dict(
+    family="qwen2", text_config="text_config", prefix="model.language_model.",
+    aliases=(("visual.", "model.visual."), ("model.", "model.language_model.")), carried=("model.visual.",),
+    text_defaults=(("vocab_size", 152064), ("hidden_size", 8192), ("intermediate_size", 29568),
+                   ("num_hidden_layers", 80), ("num_attention_heads", 64), ("num_key_value_heads", 8),
+                   ("max_position_embeddings", 32768), ("rms_norm_eps", 1e-5), ("rope_theta", 1000000.0),
+                   ("sliding_window", 4096), ("max_window_layers", 80), ("bos_token_id", 151643),
+                   ("eos_token_id", 151645)),
+    top_level=(("tie_word_embeddings", False),), flat_text=True, mrope=("mrope_section",), tie_in_text=True,
+    files=("preprocessor_config.json", "video_preprocessor_config.json"))
+QWEN2_5_VLM = Wrapper(architecture="Qwen2_5_VLForConditionalGeneration", model_type="qwen2_5_vl",
+                      text_model_type="qwen2_5_vl_text", **_QWEN2_VL)
+QWEN2_VLM = Wrapper(architecture="Qwen2VLForConditionalGeneration", model_type="qwen2_vl",
+                    text_model_type="qwen2_vl_text", **_QWEN2_VL)
+# Qwen3-VL (Qwen/Qwen3-VL-8B-Instruct ...): the same tower around a Qwen3 decoder (modeling_qwen3_vl.py:853-861,
+# :1252: q_norm / k_norm, no biases, no sliding window); the hub's files are spelled as the module tree (no
+# conversion mapping) and its config.json has a complete text_config. Its RoPE interleaves the three streams
+# (mrope_interleaved) and its deepstack adds the tower's features to the first layers' hidden states at the image
+# tokens only (_deepstack_process, visual_pos_masks): on text both leave Qwen3's decoder. Qwen3VLTextConfig's
+# defaults (rope_theta 500,000, 128,000 positions) for the keys a text_config leaves out; it reads no window keys.
+QWEN3_VLM = Wrapper(
+    architecture="Qwen3VLForConditionalGeneration", model_type="qwen3_vl", text_model_type="qwen3_vl_text",
+    family="qwen3", text_config="text_config", prefix="model.language_model.", aliases=(), carried=("model.visual.",),
+    text_defaults=(("vocab_size", 151936), ("hidden_size", 4096), ("intermediate_size", 22016),
+                   ("num_hidden_layers", 32), ("num_attention_heads", 32), ("head_dim", 128),
+                   ("max_position_embeddings", 128000), ("rms_norm_eps", 1e-6), ("rope_theta", 500000.0)),
+    top_level=(("tie_word_embeddings", False),), ignored=("use_sliding_window", "sliding_window", "layer_types"),
+    mrope=("mrope_section", "mrope_interleaved"), files=_QWEN2_VL["files"])
+WRAPPERS.update((w.architecture, w) for w in (QWEN2_5_VLM, QWEN2_VLM, QWEN3_VLM))
 WRAPPERS_BY_MODEL_TYPE = {w.model_type: w for w in WRAPPERS.values()}
 SUPPORTED = ", ".join([*BY_ARCHITECTURE, *WRAPPERS])
 
@@ -1005,14 +1113,34 @@ def num_labels(family: Family, raw: Mapping[str, Any], path: Any) -> int:
     return 1
 
 
+def reward_refusal(family: Family) -> tuple[str, str]:
+    """(why stage rm cannot write this model's reward model, what to do instead) for a family without
+    reward_architecture: a causal LM transformers has no sequence-classification class for (Granite), or an image-text
+    checkpoint's decoder (Wrapper.family_of): stage rm writes a decoder's XForSequenceClassification, and transformers
+    has either no class for the wrapper (Mistral3, the Qwen-VLs) or one over the whole image-text model (Gemma 3's)."""
+    wrapper = WRAPPERS.get(family.architecture)
+    if wrapper is None:
+        others = sorted(f.name for f in FAMILIES.values() if f.reward_architecture)
+        return (f"transformers has no sequence-classification class for this {family.architecture} (model_type"
+                f" {family.model_type})", f"another family ({', '.join(others)})")
+    decoder = FAMILIES[wrapper.family]
+    theirs = (f"transformers' {wrapper.reward_architecture} scores with the whole image-text model, which is not"
+              " written here" if wrapper.reward_architecture else
+              f"transformers has no sequence-classification class for {wrapper.architecture} (model_type"
+              f" {wrapper.model_type})")
+    return (f"stage rm writes a text decoder's reward model and this {wrapper.architecture} is an image-text"
+            f" checkpoint ({theirs})", f"a text-only {decoder.architecture} checkpoint (its reward model is a"
+            f" {decoder.reward_architecture})")
+
+
 def head_config(family: Family, cfg: Any) -> dict[str, Any]:
     """config.json's architectures, and for a reward model its one label (as transformers writes num_labels=1)."""
     if not cfg.num_labels:
         return {"architectures": [family.architecture]}
     if not family.reward_architecture:
-        raise UserError(f"export: a {family.architecture} reward model (stage rm) cannot be written: transformers has"
-                        f" no sequence-classification class for model_type {family.model_type}; train stage rm on"
-                        f" another family ({', '.join(BY_REWARD_ARCHITECTURE)})")
+        why, instead = reward_refusal(family)
+        raise UserError(f"export: a {family.architecture} reward model (stage rm) cannot be written: {why}; train"
+                        f" stage rm on {instead}")
     return {"architectures": [family.reward_architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
 
 

@@ -46,7 +46,8 @@ def source_names(family: Family, keys: Iterable[str]) -> Callable[[str], str]:
     """A canonical HF tensor name -> the spelling the source's files use: an alias's old prefix where the source
     spells its tensors so (the hub's language_model.model.*), else the name as it is."""
     keys = list(keys)
-    older = [(new, old) for old, new in family.aliases if any(k.startswith(old) for k in keys)]
+    used = {family.alias_of(k) for k in keys} - {None}
+    older = [(new, old) for old, new in family.aliases if (old, new) in used]
 
     def name(hf: str) -> str:
         pair = next(((new, old) for new, old in older if hf.startswith(new)), None)
@@ -58,7 +59,16 @@ def wrapped_config(wrapper: Wrapper, text: Mapping[str, Any], source: Mapping[st
     """The source's config.json with the decoder's config.json keys (`text`, as the causal LM's export has them)
     as its text config, over the source's own there."""
     decoder = {k: v for k, v in text.items() if k not in ("architectures", "torch_dtype")}
-    out = {**source, wrapper.text_config: {**dict(source.get(wrapper.text_config) or {}), **decoder}}
+    if wrapper.text_model_type:
+        decoder["model_type"] = wrapper.text_model_type
+    inner = source.get(wrapper.text_config)
+    out = dict(source)
+    if isinstance(inner, dict) or not wrapper.flat_text:
+        inner = dict(inner or {})
+        out[wrapper.text_config] = {**inner, **decoder, **wrapper.multimodal_rope(inner, decoder)}
+    if wrapper.flat_text:  # the text keys the source holds at its top level (all of them without a text config)
+        flat = {**decoder, **wrapper.multimodal_rope(source, decoder)}
+        out.update({k: v for k, v in flat.items() if k != "model_type" and (inner is None or k in source)})
     out.update({key: text[key] for key, _ in wrapper.top_level if key in text})
     out.update({key: dtype for key in ("torch_dtype", "dtype") if key in source or key == "torch_dtype"})
     return out

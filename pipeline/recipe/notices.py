@@ -25,6 +25,11 @@ FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma2")  # Gemm
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
 FAMILY_TEMPLATES["gpt_oss"] = "gpt_oss"  # gpt-oss-20b / -120b: LLaMA-Factory's gpt_oss
+# an image-text checkpoint's own, where it is not its decoder family's (LLaMA-Factory 0.9.5 extras/constants.py:3104,
+# :3136, :2074: Qwen2.5-VL-*-Instruct qwen2_vl, Qwen3-VL-*-Instruct qwen3_vl_nothink, Mistral-Small-3.1 mistral_small)
+WRAPPER_TEMPLATES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_vl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
+                     "Qwen3VLForConditionalGeneration": "qwen3_vl_nothink",
+                     "Mistral3ForConditionalGeneration": "mistral_small"}
 
 
 def template_notice(r: Any) -> str | None:
@@ -36,7 +41,7 @@ def template_notice(r: Any) -> str | None:
     from pipeline.recipe.modelinfo import model_info
 
     info = model_info(r["model_name_or_path"])
-    own = FAMILY_TEMPLATES.get(info.config.family) if info else None
+    own = (WRAPPER_TEMPLATES.get(info.config.wrapper) or FAMILY_TEMPLATES.get(info.config.family)) if info else None
     if own is None:
         return None
     own = vocabulary_template(r["model_name_or_path"], own)

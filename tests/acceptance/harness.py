@@ -128,6 +128,28 @@ def assert_outputs_compute_ours(recipe: str | Path, cwd: str | Path, base: str |
     return x, want
 
 
+def assert_image_text_outputs(recipe: str | Path, cwd: str | Path, base: str | Path, source: Any,
+                              towers: tuple[str, ...], x: Any) -> None:
+    """An image-text checkpoint's LoRA run (output_dir saves/r): merged/, loaded as the source's class, and adapter/,
+    by PEFT on the source, compute our trained model's logits on the ids `x` (input_ids only; 1e-4); the run trained;
+    every tensor of the carried `towers` (module-tree prefixes) is the source's, equal."""
+    import peft
+    import torch
+
+    cls = type(source)
+    theirs = cls.from_pretrained(Path(cwd) / "saves/r/merged").eval()
+    adapted = peft.PeftModel.from_pretrained(cls.from_pretrained(base), Path(cwd) / "saves/r/adapter").eval()
+    ours = trained_model(recipe, cwd)
+    with torch.no_grad():
+        want = ours(x)
+        assert torch.allclose(theirs(input_ids=x).logits, want, atol=1e-4, rtol=0)
+        assert torch.allclose(adapted(input_ids=x).logits, want, atol=1e-4, rtol=0)
+        assert (want - source(input_ids=x).logits).abs().max() > 1e-3  # the run trained
+    before, after = source.state_dict(), theirs.state_dict()
+    carried = [k for k in before if k.startswith(towers)]
+    assert len(carried) > 10 and all(torch.equal(before[k], after[k]) for k in carried)
+
+
 def exported_prompt(merged: str | Path, base: str | Path, template: str) -> str:
     """The generation prompt of a short conversation (a system prompt, one question) by the chat template merge wrote
     into `merged`, rendered by transformers' apply_chat_template; asserted to be the ids training builds with

@@ -196,6 +196,12 @@ SMALL_ADDED["glm4"] = [(t, True) for t in ("<|endoftext|>", "[MASK]", "[gMASK]",
 # 199999, 200002, 200003, 200005-200008, 200012 there; the reserved ones between left out), all special
 SMALL_ADDED["gpt_oss"] = [(t, True) for t in ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>",
                                               "<|channel|>", "<|start|>", "<|end|>", "<|message|>", "<|call|>")]
+# Mistral Small 3.1's Tekken vocabulary (131,072 rows, byte-level BPE; mistralai/Mistral-Small-3.1-24B-Instruct-2503's
+# tokenizer.json, not on PyPI) in small: its control tokens 0-19 in their order, all special
+SMALL_ADDED["mistral_tekken"] = [(t, True) for t in (
+    "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]",
+    "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")]
 
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:

@@ -212,7 +212,7 @@ def test_a_granite_reward_model_is_refused_at_export(tmp_path):
                                             vocab_size=128, num_labels=1)
     with pytest.raises(UserError) as err:
         save_hf(GPTModel(cfg, seed=0), tmp_path / "out")
-    assert "no sequence-classification class for model_type granite" in str(err.value)
+    assert "no sequence-classification class for this GraniteForCausalLM (model_type granite)" in str(err.value)
     assert not (tmp_path / "out").exists()
 
 

@@ -49,14 +49,18 @@ def test_llama3_masks(vocab_dirs, enc):
                          tokenizer=load_tokenizer(vocab_dirs["llama3"])) == p1 + a1 + p2
 
 
-def test_qwen_masks_with_the_default_system_prompt(vocab_dirs, enc):
+@pytest.mark.parametrize("template, default_system", [
+    ("qwen", "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+    # LLaMA-Factory 0.9.5 template.py:2072-2087: qwen's strings with another default system prompt (Qwen2.5-VL)
+    ("qwen2_vl", "You are a helpful assistant.")])
+def test_qwen_masks_with_the_default_system_prompt(vocab_dirs, enc, template, default_system):
     e = lambda text: enc("qwen2", text)  # noqa: E731
-    system = [IS] + e("system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.") + [IE] + e("\n")
+    system = [IS] + e("system\n" + default_system) + [IE] + e("\n")
     p1 = system + [IS] + e("user\nQ") + [IE] + e("\n") + [IS] + e("assistant\n")
     a1 = e("A") + [IE] + e("\n")
     p2 = [IS] + e("user\nHi") + [IE] + e("\n") + [IS] + e("assistant\n")
     a2 = e("Yo") + [IE] + e("\n")
-    got = example(vocab_dirs, "qwen2", "qwen", ROW)
+    got = example(vocab_dirs, "qwen2", template, ROW)
     assert got.input_ids == p1 + a1 + p2 + a2
     assert got.labels == [M] * len(p1) + a1 + [M] * len(p2) + a2
 

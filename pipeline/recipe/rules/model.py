@@ -422,13 +422,12 @@ def reward_class_exists(ctx: Context) -> list[tuple[str, str]]:
     (GraniteForCausalLM in transformers 5.24) is refused before training rather than at the export after it."""
     if ctx.values["stage"] != "rm":
         return []
-    from pipeline.model.families import BY_REWARD_ARCHITECTURE
+    from pipeline.model.families import reward_refusal
     from pipeline.recipe.modelinfo import model_info
 
     info = model_info(ctx.values["model_name_or_path"])
     if info is None or info.config.hf.reward_architecture:
         return []
-    return [("stage", f"given 'rm', but transformers has no sequence-classification class for this "
-                      f"{info.config.hf.architecture} (model_type {info.config.hf.model_type}), so the reward model "
-                      f"could not be written or read back; train the reward model on another family "
-                      f"({', '.join(sorted({f.name for f in BY_REWARD_ARCHITECTURE.values()}))})")]
+    why, instead = reward_refusal(info.config.hf)
+    return [("stage", f"given 'rm', but {why}, so the reward model could not be written or read back; train the"
+                      f" reward model on {instead}")]
