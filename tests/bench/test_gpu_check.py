@@ -295,7 +295,7 @@ def test_wheels_script_usage():
     """bench/gpu_wheels.sh (the folder --wheels takes): its mistakes exit 2 before anything is downloaded."""
     run = lambda *a: subprocess.run(["bash", str(REPO / "bench" / "gpu_wheels.sh"), *a], cwd=REPO, env=_env(),  # noqa: E731
                                     capture_output=True, text=True, timeout=60)
-    assert run("--help").returncode == 0 and "--python" in run("--help").stdout
+    assert run("--help").returncode == 0 and "--python" in run("--help").stdout and "--qlora" in run("--help").stdout
     for argv, message in [((), "name the folder"), (("a", "b"), "one folder only"), (("--bogus",), "unknown argument"),
                           (("w", "--python", "twelve"), "expected a version such as 3.12"), (("w", "--python"), "needs")]:
         proc = run(*argv)
