@@ -91,6 +91,19 @@ class ModelConfig:
     # Qwen2-MoE: each sparse block also runs a shared SwiGLU expert of this width on every token, its output scaled by
     # sigmoid(shared_expert_gate(x)) (a Linear to 1) and added to the routed experts'; None: no shared expert
     shared_expert_dim: int | None = None
+    # DeepSeek-V3's router (GLM-4.5 / 4.6: Glm4MoeTopkRouter): router_scoring "sigmoid" scores each expert by
+    # sigmoid(logit) instead of the softmax; router_correction_bias adds a learned per-expert bias (a buffer,
+    # e_score_correction_bias: never trained by the optimizer) to the scores for choosing only, the weights being the
+    # unbiased scores; n_group / topk_group: the experts split into n_group groups, each scored by its two best, and
+    # only the topk_group best groups' experts may be chosen; routed_scaling_factor multiplies the (renormalised)
+    # weights. shared_expert_gated: Qwen2-MoE's sigmoid(shared_expert_gate(x)) on the shared expert (GLM-4.5's
+    # shared_experts are added ungated)
+    router_scoring: str = "softmax"
+    router_correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True
     # Gemma 3 (Gemma3ForCausalLM), one field per way its decoder differs from Llama's:
     norm_unit_offset: bool = False   # every RMSNorm computes in fp32 and scales by (1 + weight): weights stored 0-centred
     scale_embeddings: bool = False   # token embeddings times sqrt(emb_dim), that factor cast to their dtype first
@@ -135,6 +148,7 @@ class ModelConfig:
             problems.append(f"n_experts {self.n_experts} needs experts_per_token in 1..n_experts, a positive moe_ffn_dim"
                             f" and decoder_sparse_step, got {self.experts_per_token!r}, {self.moe_ffn_dim!r},"
                             f" {self.decoder_sparse_step!r}")
+        problems += self._router_problems()
         if not (isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1
                 and self.rope_dim >= 2):
             problems.append(f"partial_rotary_factor must be in (0, 1] and leave RoPE at least 2 dims, got"
@@ -156,6 +170,22 @@ class ModelConfig:
             problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if problems:
             raise UserError([f"model config: {p}" for p in problems])
+
+    def _router_problems(self) -> list[str]:
+        """DeepSeek-V3 routing's fields (Glm4MoeTopkRouter): the groups split the experts evenly, each group holds
+        two experts at least (a group scores by its two best), and the chosen groups hold experts_per_token."""
+        if self.router_scoring not in ("softmax", "sigmoid"):
+            return [f"router_scoring must be softmax or sigmoid, got {self.router_scoring!r}"]
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            return [f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}"]
+        if (self.n_group, self.topk_group) == (1, 1) or not self.n_experts:
+            return []
+        ok = isinstance(self.n_group, int) and isinstance(self.topk_group, int) and 1 <= self.topk_group <= \
+            self.n_group and self.n_experts % self.n_group == 0 and self.n_experts // self.n_group >= 2 and \
+            self.topk_group * (self.n_experts // self.n_group) >= self.experts_per_token
+        return [] if ok else [f"n_group {self.n_group!r} / topk_group {self.topk_group!r} must split n_experts"
+                              f" {self.n_experts} into groups of two experts or more, topk_group of which hold"
+                              f" experts_per_token {self.experts_per_token}"]
 
     def _normalise_windows(self) -> list[str]:
         """layer_windows as a tuple (a JSON list read back from our config.json), () when no layer slides, so that
@@ -353,6 +383,20 @@ def _glm4(*, emb: int, layers: int, heads: int, ffn: int) -> ModelConfig:
         qkv_bias=True, partial_rotary_factor=0.5)
 
 
+def _glm4_moe(*, emb: int, layers: int, heads: int, kv: int, ffn: int, experts: int, top_k: int, expert_ffn: int,
+              shared: int, dense: int, qk_norm: bool) -> ModelConfig:
+    """GLM-4.5 / 4.6 (zai-org/GLM-4.5-Air's config.json, Glm4MoeForCausalLM): 151,552 ids, 131,072 positions, head_dim
+    128, q / k / v biases, half of each head rotated (theta 1e6), the first `dense` blocks dense, then DeepSeek-V3
+    sparse blocks: sigmoid router with its correction bias, top_k of `experts`, renormalised, `shared` ungated
+    shared experts."""
+    return _swiglu("glm4_moe", vocab=151552, ctx=131072, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-5, tied=False, head_size=128).replace(
+        qkv_bias=True, qk_norm=qk_norm, partial_rotary_factor=0.5, n_experts=experts, experts_per_token=top_k,
+        moe_ffn_dim=expert_ffn, norm_topk_prob=True, mlp_only_layers=tuple(range(dense)),
+        shared_expert_dim=shared * expert_ffn, router_scoring="sigmoid", router_correction_bias=True,
+        shared_expert_gated=False, router_aux_loss_coef=0.0)
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -402,6 +446,12 @@ PRESETS.update({  # ibm-granite/granite-3.3-8b-instruct (8.17B) and allenai/OLMo
 PRESETS.update({  # THUDM/GLM-4-9B-0414 (9.4B) and GLM-4-32B-0414 (32.6B): their config.json's shapes
     "glm-4-9b-0414": _glm4(emb=4096, layers=40, heads=32, ffn=13696),
     "glm-4-32b-0414": _glm4(emb=6144, layers=61, heads=48, ffn=23040),
+})
+
+
+PRESETS.update({  # zai-org/GLM-4.5-Air (106B, 12B active): its config.json's shapes, without the MTP layer
+    "glm-4.5-air": _glm4_moe(emb=4096, layers=46, heads=96, kv=8, ffn=10944, experts=128, top_k=8, expert_ffn=1408,
+                             shared=1, dense=1, qk_norm=False),
 })
 
 
@@ -583,8 +633,9 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             for e in range(cfg.n_experts):
                 mods += _mlp(cfg, f"{p}mlp.experts.{e}.", cfg.moe_ffn_dim or h)
             if cfg.shared_expert_dim:
-                mods += [*_mlp(cfg, p + "mlp.shared_expert.", cfg.shared_expert_dim),
-                         ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1)]
+                mods += _mlp(cfg, p + "mlp.shared_expert.", cfg.shared_expert_dim)
+                if cfg.shared_expert_gated:
+                    mods.append(ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1))
         else:
             mods += _mlp(cfg, p + "mlp.", h)
         if cfg.sandwich_norms:
@@ -669,6 +720,14 @@ def mlp_activation_bytes(cfg: ModelConfig) -> int:
     expert = 2 * h + per_hidden * (cfg.moe_ffn_dim or cfg.hidden_dim) + h + 2 * h
     shared = per_hidden * cfg.shared_expert_dim + h + 2 * h + 4 if cfg.shared_expert_dim else 0  # + its output, gate
     return 2 * h + cfg.experts_per_token * expert + 6 * cfg.n_experts + shared
+
+
+def balances_routers(cfg: ModelConfig) -> bool:
+    """Whether moe_aux_loss_coef adds a router loss: sparse blocks with a softmax router (transformers'
+    load_balancing_loss_func, pipeline.model.moe). A DeepSeek-V3 router (sigmoid scores, GLM-4.5) balances by its
+    correction bias instead: Glm4MoeForCausalLM computes no aux loss, and LLaMA-Factory 0.9.5's configure_moe sets
+    output_router_logits / router_aux_loss_coef for no glm4_moe model type."""
+    return bool(cfg.n_experts) and cfg.router_scoring == "softmax"
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -96,6 +96,12 @@ class Family:
     # other towers, which are not ours: read past on load, copied unchanged into an export; both empty for a causal LM
     aliases: tuple[tuple[str, str], ...] = ()
     carried: tuple[str, ...] = ()
+    # the config.json key switching the per-head q / k norms where the class reads one (Glm4MoeConfig's use_qk_norm;
+    # qk_norm then comes from it, not from the flag above)
+    qk_norm_key: str = ""
+    # the hub's files hold multi-token-prediction layers after the last block (model.layers.{num_hidden_layers}...),
+    # which the class ignores on load: read past, not exported (Glm4MoeForCausalLM)
+    mtp_layers: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +141,11 @@ class Family:
         """Whether a checkpoint tensor belongs to a wrapper's other tower (not to the decoder): carried, not read."""
         return self.canonical(hf).startswith(self.carried) if self.carried else False
 
+    def is_mtp(self, ours: str, n_layers: int) -> bool:
+        """Whether a tensor (our name) belongs to a multi-token-prediction layer after the last block (mtp_layers)."""
+        m = re.match(r"layers\.(\d+)\.", ours) if self.mtp_layers else None
+        return bool(m) and int(m.group(1)) >= n_layers
+
     def strip(self, hf: str) -> str:
         return hf[len(self.prefix):] if hf.startswith(self.prefix) else hf
 
@@ -160,6 +171,12 @@ class MoeKeys:
     # take LoRA, as LLaMA-Factory's lora_target: all adapts them; the experts and the router never do
     # (pipeline.model.config.moe_blocked; measured with PEFT 0.21 on Qwen2MoeForCausalLM)
     lora_mlp: bool = False
+    # DeepSeek-V3's MoE keys (Glm4MoeConfig): the first first_k_dense_replace blocks dense (read into mlp_only_layers),
+    # n_shared_experts shared experts of the experts' width added ungated (one shared_expert of their summed width),
+    # the sigmoid router with its e_score_correction_bias, n_group / topk_group and routed_scaling_factor; no
+    # load-balancing loss (the model computes none: aux_loss False)
+    deepseek: bool = False
+    aux_loss: bool = True
 
 
 HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
@@ -354,6 +371,34 @@ GLM = Family(name="glm", architecture="GlmForCausalLM", reward_architecture="Glm
              bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
              rope_interleaved=True, null_special_ids=True)
 GLM_FAMILIES = (GLM4, GLM)
+# zai-org/GLM-4.5, GLM-4.5-Air, GLM-4.6 (Glm4MoeForCausalLM, transformers 5.24 models/glm4_moe): Llama's attention with
+# q / k / v biases (attention_bias; none on o_proj), per-head q / k norms where use_qk_norm (GLM-4.5 / 4.6, not Air),
+# half of each head rotated in halves (not GLM-4's interleaved pairs); the first first_k_dense_replace blocks dense
+# (Glm4MoeMLP of intermediate_size), the rest DeepSeek-V3 sparse blocks (MoeKeys.deepseek). The hub and
+# save_pretrained (conversion_mapping's qwen2_moe entry, reversed) name each expert mlp.experts.{e}.gate_proj /
+# up_proj / down_proj, the router mlp.gate (its weight and e_score_correction_bias), the shared experts
+# mlp.shared_experts (ours: shared_expert). The hub's files hold num_nextn_predict_layers multi-token-prediction
+# layers after the last block (model.layers.46.* in GLM-4.5-Air), which Glm4MoeForCausalLM ignores on load
+# (_keys_to_ignore_on_load_unexpected, modeling_glm4_moe.py:461): mtp_layers, read past here too. LoRA as on
+# Qwen3-MoE (no lora_mlp): PEFT 0.21 maps glm4_moe to transformers' qwen2_moe conversion, which re-targets the names
+# gate_proj / up_proj / down_proj onto the fused experts (target_parameters) and drops them from the Linears of the
+# dense block and the shared experts, so an MLP name is refused and lora_target: all adapts the attention.
+# Glm4MoeConfig's defaults (configuration_glm4_moe.py:96-126).
+GLM4_MOE = Family(name="glm4_moe", architecture="Glm4MoeForCausalLM", reward_architecture="",
+                  model_type="glm4_moe", prefix="model.", skip=(".rotary_emb.inv_freq",),
+                  modules=(("layers.{i}.mlp.shared_expert", "layers.{i}.mlp.shared_experts"),),
+                  config_defaults=(("max_position_embeddings", 131072), ("rms_norm_eps", 1e-5),
+                                   ("num_key_value_heads", 8), ("intermediate_size", 10944),
+                                   ("partial_rotary_factor", 0.5)),
+                  bias_keys=("attention_bias",), o_proj_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
+                  mtp_layers=True,
+                  moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False,
+                              deepseek=True, aux_loss=False,
+                              defaults=(("n_routed_experts", 128), ("num_experts_per_tok", 8),
+                                        ("moe_intermediate_size", 1408), ("n_shared_experts", 1),
+                                        ("routed_scaling_factor", 1.0), ("n_group", 1), ("topk_group", 1),
+                                        ("first_k_dense_replace", 1), ("norm_topk_prob", True),
+                                        ("router_aux_loss_coef", 0.0))))
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
@@ -362,6 +407,7 @@ FAMILIES[GEMMA.name] = GEMMA
 FAMILIES[GEMMA2.name] = GEMMA2
 FAMILIES.update((f.name, f) for f in (GRANITE, OLMO2))
 FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
+FAMILIES[GLM4_MOE.name] = GLM4_MOE
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -723,7 +769,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
         **family.structure(), **moe, **multipliers,
-    ) | gemma
+    ) | gemma | ({"qk_norm": bool(raw.get(family.qk_norm_key, False))} if family.qk_norm_key else {})
 
 
 def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -855,6 +901,8 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
         values["decoder_sparse_step"] = raw["decoder_sparse_step"]
     if keys.shared_expert:
         values["shared_expert_intermediate_size"] = raw["shared_expert_intermediate_size"]
+    if keys.deepseek:
+        values.update({k: raw[k] for k in ("n_shared_experts", "n_group", "topk_group")})
     for key, value in values.items():
         if type(value) is not int or value < 1:
             problems.append(f"{path}: {key} is {value!r}; expected a positive integer")
@@ -862,6 +910,9 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
         problems.append(f"{path}: num_experts_per_tok {values['num_experts_per_tok']} is more than"
                         f" {keys.experts_key} {experts}; expected at most {keys.experts_key}")
     only = (raw["mlp_only_layers"] or []) if keys.sparse_layers else []
+    deepseek = _deepseek_fields(raw, path, problems, values, experts) if keys.deepseek else {}
+    if deepseek:
+        only = list(range(deepseek.pop("dense_layers")))
     if not isinstance(only, list) or any(type(i) is not int or i < 0 for i in only):
         problems.append(f"{path}: mlp_only_layers is {only!r}; expected a list of layer indices")
         only = []
@@ -876,7 +927,32 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
                 norm_topk_prob=bool(raw[keys.renormalise_key]) if keys.renormalise_key else True,
                 decoder_sparse_step=values.get("decoder_sparse_step", 1), mlp_only_layers=tuple(sorted(set(only))),
                 router_aux_loss_coef=float(coef) if _number(coef) else 0.0,
-                shared_expert_dim=values.get("shared_expert_intermediate_size"))
+                **{"shared_expert_dim": values.get("shared_expert_intermediate_size"), **deepseek})
+
+
+def _deepseek_fields(raw: Mapping[str, Any], path: Any, problems: list[str], values: Mapping[str, Any],
+                     experts: Any) -> dict[str, Any]:
+    """DeepSeek-V3's MoE keys (Glm4MoeConfig) -> ModelConfig fields: the sigmoid router with its correction bias,
+    n_group / topk_group, routed_scaling_factor, the ungated shared experts (n_shared_experts of the experts' width:
+    Glm4MoeMoE's one Glm4MoeMLP of moe_intermediate_size x n_shared_experts), and under dense_layers the
+    first_k_dense_replace blocks that keep a dense MLP (Glm4MoeDecoderLayer: layer_idx >= first_k_dense_replace is
+    sparse). Bad values are problems naming the key."""
+    dense, scaling = raw["first_k_dense_replace"], raw["routed_scaling_factor"]
+    if type(dense) is not int or dense < 0:
+        problems.append(f"{path}: first_k_dense_replace is {dense!r}; expected a non-negative integer")
+        dense = 0
+    if not _number(scaling) or scaling <= 0:
+        problems.append(f"{path}: routed_scaling_factor is {scaling!r}; expected a positive number")
+        scaling = 1.0
+    groups, chosen = values["n_group"], values["topk_group"]
+    if all(type(v) is int and v > 0 for v in (groups, chosen, experts)) and not (
+            chosen <= groups and experts % groups == 0 and experts // groups >= 2):
+        problems.append(f"{path}: n_group {groups} / topk_group {chosen} do not fit {experts} experts; expected"
+                        " n_group dividing the experts into groups of two or more and topk_group <= n_group")
+    shared, width = values["n_shared_experts"], values.get("moe_intermediate_size")
+    return dict(router_scoring="sigmoid", router_correction_bias=True, n_group=groups, topk_group=chosen,
+                routed_scaling_factor=float(scaling), shared_expert_gated=False, dense_layers=dense,
+                shared_expert_dim=shared * width if type(shared) is int and type(width) is int else None)
 
 
 def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
@@ -891,6 +967,11 @@ def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
         out.update(decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
     if keys.shared_expert:
         out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
+    if keys.deepseek:  # Glm4MoeConfig: no aux loss coefficient; the dense blocks are the first ones (check_exportable)
+        del out["router_aux_loss_coef"]
+        out.update(n_shared_experts=(cfg.shared_expert_dim or 0) // cfg.moe_ffn_dim, n_group=cfg.n_group,
+                   topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
+                   first_k_dense_replace=len(cfg.mlp_only_layers))
     if not keys.renormalise_key:  # MixtralConfig
         out["router_jitter_noise"] = 0.0
     return out
@@ -981,6 +1062,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if family.qk_norm:
         out["attention_bias"] = cfg.qkv_bias
+    if family.qk_norm_key:
+        out[family.qk_norm_key] = cfg.qk_norm
     if "qkv_bias" in family.bias_keys:
         out["qkv_bias"] = cfg.qkv_bias
     if family.moe:
@@ -1011,6 +1094,7 @@ HF_CONFIG["phi3"] = decoder_config
 HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 HF_CONFIG.update(granite=decoder_config, olmo2=decoder_config)
 HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
+HF_CONFIG[GLM4_MOE.name] = decoder_config
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -1039,10 +1123,22 @@ def check_exportable(cfg: Any) -> list[str]:
         "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=False),
         **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False)
            for f in GLM_FAMILIES},
+        # the dense blocks first (first_k_dense_replace), the shared experts n_shared_experts x the experts' width
+        "glm4_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False,
+                         decoder_sparse_step=1, mlp_only_layers=tuple(range(len(cfg.mlp_only_layers))),
+                         shared_expert_dim=cfg.moe_ffn_dim * max(1, (cfg.shared_expert_dim or 0) // cfg.moe_ffn_dim)
+                         if cfg.moe_ffn_dim else None),
     }[family.name] | family.structure()
+    if family.qk_norm_key:  # the config.json says (use_qk_norm)
+        del want["qk_norm"]
+    deepseek = bool(family.moe and family.moe.deepseek)  # the router the class runs (Glm4MoeTopkRouter or a softmax)
+    want.update(router_scoring="sigmoid" if deepseek else "softmax", router_correction_bias=deepseek,
+                shared_expert_gated=not deepseek)
+    if not deepseek:
+        want.update(n_group=1, topk_group=1, routed_scaling_factor=1.0)
     if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
         want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
-    if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
+    if not (family.moe and (family.moe.shared_expert or family.moe.deepseek)) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
     if not family.partial_rotary:
         want["partial_rotary_factor"] = 1.0

@@ -152,7 +152,12 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
         if cfg.shared_expert_dim:  # Qwen2MoeSparseMoeBlock's shared expert and its gate (a Linear to 1)
             self.shared_expert = FeedForward(cfg, cfg.shared_expert_dim)
-            self.shared_expert_gate = Linear(cfg.emb_dim, 1, bias=False)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = Linear(cfg.emb_dim, 1, bias=False)
+        self.sigmoid = cfg.router_scoring == "sigmoid"
+        self.n_group, self.topk_group, self.scaling = cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor
+        if cfg.router_correction_bias:  # a buffer beside the router's weight, as Glm4MoeTopkRouter holds it
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
         self.keep_router_logits = self.every_expert = False
         self.router_logits: torch.Tensor | None = None
 
@@ -160,9 +165,12 @@ class SparseMoeBlock(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = self.gate(flat)
         self.router_logits = logits if self.keep_router_logits else None
-        weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.sigmoid:
+            weights, chosen = self._deepseek_route(logits)
+        else:
+            weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
@@ -171,9 +179,30 @@ class SparseMoeBlock(nn.Module):
                 # under autocast the expert computes in bf16 and the sum is the input's fp32 (Qwen3MoeExperts'
                 # cast too)
                 out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
-        if hasattr(self, "shared_expert"):  # every token: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+        if hasattr(self, "shared_expert_gate"):  # every token: sigmoid(shared_expert_gate(x)) * shared_expert(x)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        elif hasattr(self, "shared_expert"):  # GLM-4.5's shared_experts: added as they are
+            out = out + self.shared_expert(flat)
         return out.view_as(x)
+
+    def _deepseek_route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3's choice (transformers 5.24 Glm4MoeTopkRouter.forward, modeling_glm4_moe.py:282-307), in
+        fp32: scores sigmoid(logits); the choice reads scores + e_score_correction_bias, limited to the experts of the
+        topk_group groups whose two best biased scores sum highest; the weights are the chosen experts' unbiased
+        scores, renormalised (norm_topk_prob, + 1e-20 as there) and times routed_scaling_factor."""
+        scores = torch.sigmoid(logits.float())
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        choice = scores if bias is None else scores + bias.float()
+        if self.n_group > 1:
+            groups = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
+            best = torch.topk(groups.topk(2, dim=-1)[0].sum(dim=-1), self.topk_group, dim=-1, sorted=False)[1]
+            keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+        chosen = torch.topk(choice, self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, chosen)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, chosen
 
 
 # ---------------------------------------------------------------------------------------------

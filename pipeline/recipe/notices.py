@@ -211,6 +211,12 @@ def moe_aux_loss_notice(r: Any) -> str | None:
         return (where + "stage rm's pairwise loss has no router term, as in LLaMA-Factory (its reward model's forward "
                 "gets no labels, so the aux loss is added to nothing) and in transformers' "
                 f"{info.config.hf.reward_architecture} (which computes none)")
+    from pipeline.model.config import balances_routers
+
+    if info is not None and info.config.n_experts and not balances_routers(info.config):
+        return (where + f"this {info.config.hf.architecture} balances its experts by the router's correction bias and"
+                " computes no load-balancing loss, as in transformers and LLaMA-Factory (whose configure_moe sets"
+                f" nothing for model type {info.config.hf.model_type})")
     if info is None or info.config.n_experts:
         return None
     return where + f"this {info.config.family} model has no sparse MoE blocks (no router to balance), as in LLaMA-Factory"

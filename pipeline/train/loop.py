@@ -526,7 +526,7 @@ def moe_aux_coef(train: TrainArgs, model: Any) -> float | None:
         return None
     from pipeline.model.moe import collect_router_logits, sparse_blocks
 
-    if next(sparse_blocks(model), None) is None:
+    if not any(not block.sigmoid for block in sparse_blocks(model)):  # config.balances_routers: no softmax router
         return None
     collect_router_logits(model)
     return float(train.moe_aux_loss_coef)

@@ -97,8 +97,10 @@ def moe_aux_loss_stages(ctx: Context) -> list[tuple[str, str]]:
         return []
     from pipeline.recipe.modelinfo import model_info
 
+    from pipeline.model.config import balances_routers
+
     info = model_info(v["model_name_or_path"])
-    if info is None or not info.config.n_experts:
+    if info is None or not balances_routers(info.config):
         return []
     return [("moe_aux_loss_coef", f"given {v['moe_aux_loss_coef']}: the router's load-balancing loss is added in "
                                   f"stages pt and sft only, not stage {v['stage']}; remove moe_aux_loss_coef (or "
