@@ -31,10 +31,10 @@ import torch
 from pipeline.errors import UserError
 from pipeline.model.config import PRESETS, active_params, count_params, layout, read_config, to_hf_config, \
     trainable_params
-from pipeline.model.generate import generate
 from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
 from tests.model.test_families import ids
+from tests.model.test_moe_families import assert_logits_and_greedy_equal, lf_all_linear_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,19 +94,7 @@ def test_config_fields_logits_and_generation_equal_transformers(checkpoint):
     bias = ours.layers[1].mlp.gate.e_score_correction_bias
     assert torch.equal(bias, ref.model.layers[1].mlp.gate.e_score_correction_bias)
     assert "layers.1.mlp.gate.e_score_correction_bias" not in dict(ours.named_parameters())
-    x = ids(0, (2, 14))
-    left = torch.tensor([[0] * 3 + [1] * 11, [1] * 14])
-    for mask in (None, left, left.flip(1)):
-        with torch.no_grad():
-            want, got = ref(x, attention_mask=mask).logits, ours(x, attention_mask=mask)
-        real = torch.ones_like(x).bool() if mask is None else mask.bool()
-        assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
-    prompt = ids(1, (1, 9))[0].tolist()
-    with torch.no_grad():
-        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, 9:].tolist()
-    assert len(set(expected)) > 3 and all(generate(ours, prompt, max_new_tokens=12, eos_id=None, use_cache=cache)
-                                          == expected for cache in (True, False))
+    assert_logits_and_greedy_equal(ref, ours)
 
 
 def test_the_routing_is_transformers_and_the_bias_and_groups_change_it(checkpoint):
@@ -158,13 +146,6 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
     x = ids(6)
     with torch.no_grad():
         assert torch.equal(back(x).logits, ref(x).logits)
-
-
-def lf_all_linear_modules(model) -> list[str]:
-    """LLaMA-Factory 0.9.5's find_all_linear_modules (model/model_utils/misc.py:28-52) re-typed."""
-    return sorted({name.split(".")[-1] for name, module in model.named_modules()
-                   if "Linear" in type(module).__name__ and "Embedding" not in type(module).__name__
-                   and "lm_head" not in name})
 
 
 def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(checkpoint, tmp_path):
