@@ -540,6 +540,11 @@ TEMPLATES.update({t.name: t for t in (
     Template(name="glmz1", **_GLM4, thought_words=THOUGHT_WORDS,
              description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
+# :1095-1108: glm4_moe (GLM-4.5 / GLM-4.6, LLaMA-Factory's template for zai-org/GLM-4.5-Air): glmz1 (glm4's strings as a
+# ReasoningTemplate) with its own tool format (GLM4MoeToolUtils: <tool_call> with <arg_key> / <arg_value> pairs), which
+# is not implemented: function-calling data is refused with it
+TEMPLATES["glm4_moe"] = Template(name="glm4_moe", **{**_GLM4, "tool_format": None}, thought_words=THOUGHT_WORDS,
+                                 description="GLM-4.5 / GLM-4.6 (reasoning): glmz1's strings; no function calling")
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.

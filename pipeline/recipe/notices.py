@@ -24,6 +24,7 @@ FAMILY_TEMPLATES.update(gemma3="gemma3", gemma="gemma", gemma2="gemma2")  # Gemm
 # (extras/constants.py:750-795 registers Gemma-2-*-Instruct with template gemma2)
 FAMILY_TEMPLATES["granite"] = "granite3"  # Granite 3.x instruct (OLMo 2 has none: LLaMA-Factory's olmo is OLMo 1's format)
 FAMILY_TEMPLATES.update(glm4="glm4", glm="glm4")  # GLM-4-0414, glm-4-9b-chat-hf (GLM-Z1's glmz1: the same markup)
+FAMILY_TEMPLATES["glm4_moe"] = "glm4_moe"  # GLM-4.5(-Air) / 4.6: LLaMA-Factory 0.9.5 constants.py:943-963 registers them so
 
 
 def template_notice(r: Any) -> str | None:
