@@ -104,6 +104,14 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     shared_expert_gated: bool = True
+    # DeepSeek-V3's multi-head latent attention (DeepseekV3Attention; kv_lora_rank None: none): keys and values from a
+    # kv_lora_rank latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), queries from a q_lora_rank latent (q_a_proj,
+    # q_a_layernorm, q_b_proj; None: one q_proj); each head's head_dim = its unrotated dims + qk_rope_head_dim rotated
+    # ones (the key's rotated dims one head shared by all), values v_head_dim wide
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None
     # Gemma 3 (Gemma3ForCausalLM), one field per way its decoder differs from Llama's:
     norm_unit_offset: bool = False   # every RMSNorm computes in fp32 and scales by (1 + weight): weights stored 0-centred
     scale_embeddings: bool = False   # token embeddings times sqrt(emb_dim), that factor cast to their dtype first
@@ -148,7 +156,7 @@ class ModelConfig:
             problems.append(f"n_experts {self.n_experts} needs experts_per_token in 1..n_experts, a positive moe_ffn_dim"
                             f" and decoder_sparse_step, got {self.experts_per_token!r}, {self.moe_ffn_dim!r},"
                             f" {self.decoder_sparse_step!r}")
-        problems += self._router_problems()
+        problems += self._router_problems() + self._latent_problems()
         if not (isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1
                 and self.rope_dim >= 2):
             problems.append(f"partial_rotary_factor must be in (0, 1] and leave RoPE at least 2 dims, got"
@@ -186,6 +194,21 @@ class ModelConfig:
         return [] if ok else [f"n_group {self.n_group!r} / topk_group {self.topk_group!r} must split n_experts"
                               f" {self.n_experts} into groups of two experts or more, topk_group of which hold"
                               f" experts_per_token {self.experts_per_token}"]
+
+    def _latent_problems(self) -> list[str]:
+        """Multi-head latent attention's widths: positive ranks, an even rotated part narrower than the head, values
+        no wider than it (every attention kernel pads them to the head's width), one key / value head per query head."""
+        if self.kv_lora_rank is None:
+            return []
+        ranks = [self.kv_lora_rank, self.v_head_dim] + ([] if self.q_lora_rank is None else [self.q_lora_rank])
+        if not all(isinstance(r, int) and r >= 1 for r in ranks) or not isinstance(self.qk_rope_head_dim, int) or \
+                not 2 <= self.qk_rope_head_dim < self.head_dim or self.qk_rope_head_dim % 2 or \
+                self.v_head_dim > self.head_dim or self.kv_heads != self.n_heads:
+            return [f"kv_lora_rank {self.kv_lora_rank!r} (latent attention) needs positive q_lora_rank (or null) and"
+                    f" v_head_dim <= head_dim {self.head_dim}, an even qk_rope_head_dim in 2..head_dim - 1 and"
+                    f" n_kv_heads = n_heads; got {self.q_lora_rank!r}, {self.v_head_dim!r}, {self.qk_rope_head_dim!r},"
+                    f" {self.kv_heads!r}"]
+        return []
 
     def _normalise_windows(self) -> list[str]:
         """layer_windows as a tuple (a JSON list read back from our config.json), () when no layer slides, so that
@@ -239,6 +262,8 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """The dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor)); the rest pass."""
+        if self.kv_lora_rank is not None:  # latent attention: the qk_rope_head_dim dims after the unrotated ones
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
 
@@ -604,6 +629,19 @@ def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
                    ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
 
 
+def _latent_attention(cfg: ModelConfig, p: str) -> list[ModuleSpec]:
+    """DeepseekV3Attention's projections before o_proj (no biases: attention_bias is refused on read)."""
+    c, heads, rank = cfg.emb_dim, cfg.n_heads, cfg.kv_lora_rank or 0
+    query = [ModuleSpec(p + "q_proj", "linear", c, heads * cfg.head_dim)] if cfg.q_lora_rank is None else [
+        ModuleSpec(p + "q_a_proj", "linear", c, cfg.q_lora_rank),
+        ModuleSpec(p + "q_a_layernorm", "rmsnorm", cfg.q_lora_rank, cfg.q_lora_rank),
+        ModuleSpec(p + "q_b_proj", "linear", cfg.q_lora_rank, heads * cfg.head_dim)]
+    return [*query, ModuleSpec(p + "kv_a_proj_with_mqa", "linear", c, rank + cfg.qk_rope_head_dim),
+            ModuleSpec(p + "kv_a_layernorm", "rmsnorm", rank, rank),
+            ModuleSpec(p + "kv_b_proj", "linear", rank,
+                       heads * (cfg.head_dim - cfg.qk_rope_head_dim + (cfg.v_head_dim or cfg.head_dim)))]
+
+
 def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     """Every parameterised leaf module of GPTModel(cfg), in module order."""
     c, h, q, kv = cfg.emb_dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -614,13 +652,16 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
         p = f"layers.{i}."
         if not cfg.post_norm:
             mods.append(ModuleSpec(p + "input_layernorm", cfg.norm, c, c))
-        if cfg.qkv_fused:
+        if cfg.kv_lora_rank is not None:
+            mods += _latent_attention(cfg, p + "self_attn.")
+        elif cfg.qkv_fused:
             mods.append(ModuleSpec(p + "self_attn.qkv_proj", "linear", c, q + 2 * kv, cfg.qkv_bias))
         else:
             mods += [ModuleSpec(p + "self_attn.q_proj", "linear", c, q, cfg.qkv_bias),
                      ModuleSpec(p + "self_attn.k_proj", "linear", c, kv, cfg.qkv_bias),
                      ModuleSpec(p + "self_attn.v_proj", "linear", c, kv, cfg.qkv_bias)]
-        mods.append(ModuleSpec(p + "self_attn.o_proj", "linear", q, c, cfg.o_bias))
+        mods.append(ModuleSpec(p + "self_attn.o_proj", "linear", cfg.n_heads * (cfg.v_head_dim or cfg.head_dim), c,
+                               cfg.o_bias))
         if cfg.qk_norm:
             qn, kn = (q, kv) if cfg.qk_norm_projection else (cfg.head_dim, cfg.head_dim)
             mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", qn, qn),

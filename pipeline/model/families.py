@@ -102,6 +102,8 @@ class Family:
     # the hub's files hold multi-token-prediction layers after the last block (model.layers.{num_hidden_layers}...),
     # which the class ignores on load: read past, not exported (Glm4MoeForCausalLM)
     mtp_layers: bool = False
+    # DeepSeek-V3's multi-head latent attention (ModelConfig.kv_lora_rank ...: latent_fields reads its keys)
+    latent_attention: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -384,6 +386,26 @@ GLM_FAMILIES = (GLM4, GLM)
 # gate_proj / up_proj / down_proj onto the fused experts (target_parameters) and drops them from the Linears of the
 # dense block and the shared experts, so an MLP name is refused and lora_target: all adapts the attention.
 # Glm4MoeConfig's defaults (configuration_glm4_moe.py:96-126).
+# deepseek-ai/DeepSeek-V3, moonshotai/Moonlight-16B-A3B (DeepseekV3ForCausalLM, transformers 5.24 models/deepseek_v3):
+# multi-head latent attention (DeepseekV3Attention) on GLM-4.5's routing (DeepseekV3TopkRouter is Glm4MoeTopkRouter,
+# DeepseekV3MoE Glm4MoeMoE), RoPE on adjacent pairs (rope_interleave, true by default), no biases, MTP layers after
+# the last block (model.layers.61.*, _keys_to_ignore_on_load_unexpected). DeepseekV3Config's defaults
+# (configuration_deepseek_v3.py); its config.json's head_dim is qk_rope_head_dim (DeepseekV3Config.__post_init__).
+DEEPSEEK_V3 = Family(name="deepseek_v3", architecture="DeepseekV3ForCausalLM", reward_architecture="",
+                     model_type="deepseek_v3", prefix="model.", skip=(".rotary_emb.inv_freq",),
+                     modules=(("layers.{i}.mlp.shared_expert", "layers.{i}.mlp.shared_experts"),),
+                     config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-6),
+                                      ("intermediate_size", 18432), ("q_lora_rank", 1536), ("kv_lora_rank", 512),
+                                      ("qk_rope_head_dim", 64), ("qk_nope_head_dim", 128), ("v_head_dim", 128),
+                                      ("rope_interleave", True)),
+                     bias_keys=("attention_bias",), rope_interleaved=True, mtp_layers=True, latent_attention=True,
+                     moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False, deepseek=True,
+                                 aux_loss=False,
+                                 defaults=(("n_routed_experts", 256), ("num_experts_per_tok", 8),
+                                           ("moe_intermediate_size", 2048), ("n_shared_experts", 1),
+                                           ("routed_scaling_factor", 2.5), ("n_group", 8), ("topk_group", 4),
+                                           ("first_k_dense_replace", 3), ("norm_topk_prob", True),
+                                           ("router_aux_loss_coef", 0.0))))
 GLM4_MOE = Family(name="glm4_moe", architecture="Glm4MoeForCausalLM", reward_architecture="",
                   model_type="glm4_moe", prefix="model.", skip=(".rotary_emb.inv_freq",),
                   modules=(("layers.{i}.mlp.shared_expert", "layers.{i}.mlp.shared_experts"),),
@@ -408,6 +430,7 @@ FAMILIES[GEMMA2.name] = GEMMA2
 FAMILIES.update((f.name, f) for f in (GRANITE, OLMO2))
 FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
 FAMILIES[GLM4_MOE.name] = GLM4_MOE
+FAMILIES[DEEPSEEK_V3.name] = DEEPSEEK_V3
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -739,6 +762,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     if family is PHI3:
         problems += _phi3_dropout(raw, path)
     multipliers = _multipliers(raw, path, problems) if family.multipliers else {}
+    latent = latent_fields(raw, path, problems) if family.latent_attention else {}
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -769,7 +793,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
         **family.structure(), **moe, **multipliers,
-    ) | gemma | ({"qk_norm": bool(raw.get(family.qk_norm_key, False))} if family.qk_norm_key else {})
+    ) | gemma | ({"qk_norm": bool(raw.get(family.qk_norm_key, False))} if family.qk_norm_key else {}) | latent
 
 
 def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -930,6 +954,36 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
                 **{"shared_expert_dim": values.get("shared_expert_intermediate_size"), **deepseek})
 
 
+def latent_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """DeepseekV3Config's attention keys -> ModelConfig fields (head_size: qk_nope_head_dim + qk_rope_head_dim, the
+    config.json's head_dim being the rotated part); what DeepseekV3Attention can switch that is not implemented
+    (biases, RoPE in halves, fewer key / value heads than queries, whose eager path does not fit) is a problem."""
+    keys = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    for key in keys:
+        _positive_int({key: raw[key]}, key, path, problems)
+    if raw["q_lora_rank"] is not None:
+        _positive_int(raw, "q_lora_rank", path, problems)
+    for key, value, want in (("attention_bias", raw.get("attention_bias", False), False),
+                             ("rope_interleave", raw["rope_interleave"], True),
+                             ("num_key_value_heads", raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                              raw["num_attention_heads"])):
+        if value != want:
+            problems.append(f"{path}: {key} is {value!r}; only {want!r} is supported here (DeepSeek-V3's and"
+                            " Moonlight's value)")
+    if problems:
+        return {}
+    return dict(q_lora_rank=raw["q_lora_rank"], kv_lora_rank=raw["kv_lora_rank"],
+                qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"], n_kv_heads=None,
+                head_size=raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"], qkv_bias=False, o_bias=False)
+
+
+def latent_config(cfg: Any) -> dict[str, Any]:
+    """The attention keys of a DeepseekV3ForCausalLM config.json."""
+    return dict(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+                head_dim=cfg.qk_rope_head_dim, rope_interleave=True, attention_bias=False)
+
+
 def _deepseek_fields(raw: Mapping[str, Any], path: Any, problems: list[str], values: Mapping[str, Any],
                      experts: Any) -> dict[str, Any]:
     """DeepSeek-V3's MoE keys (Glm4MoeConfig) -> ModelConfig fields: the sigmoid router with its correction bias,
@@ -1064,6 +1118,8 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out["attention_bias"] = cfg.qkv_bias
     if family.qk_norm_key:
         out[family.qk_norm_key] = cfg.qk_norm
+    if family.latent_attention:
+        out.update(latent_config(cfg))
     if "qkv_bias" in family.bias_keys:
         out["qkv_bias"] = cfg.qkv_bias
     if family.moe:
@@ -1094,7 +1150,14 @@ HF_CONFIG["phi3"] = decoder_config
 HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 HF_CONFIG.update(granite=decoder_config, olmo2=decoder_config)
 HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
-HF_CONFIG[GLM4_MOE.name] = decoder_config
+HF_CONFIG[GLM4_MOE.name] = HF_CONFIG[DEEPSEEK_V3.name] = decoder_config
+
+
+def _deepseek_blocks(cfg: Any) -> dict[str, Any]:
+    """What Glm4MoeConfig / DeepseekV3Config can say of the blocks: the dense ones first (first_k_dense_replace), the
+    shared expert n_shared_experts x the experts' width."""
+    shared = cfg.moe_ffn_dim * max(1, (cfg.shared_expert_dim or 0) // cfg.moe_ffn_dim) if cfg.moe_ffn_dim else None
+    return dict(decoder_sparse_step=1, mlp_only_layers=tuple(range(len(cfg.mlp_only_layers))), shared_expert_dim=shared)
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -1123,11 +1186,10 @@ def check_exportable(cfg: Any) -> list[str]:
         "olmo2": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=False),
         **{f.name: dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False)
            for f in GLM_FAMILIES},
-        # the dense blocks first (first_k_dense_replace), the shared experts n_shared_experts x the experts' width
+        "deepseek_v3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False,
+                            qkv_bias=False, **_deepseek_blocks(cfg)),
         "glm4_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False,
-                         decoder_sparse_step=1, mlp_only_layers=tuple(range(len(cfg.mlp_only_layers))),
-                         shared_expert_dim=cfg.moe_ffn_dim * max(1, (cfg.shared_expert_dim or 0) // cfg.moe_ffn_dim)
-                         if cfg.moe_ffn_dim else None),
+                         **_deepseek_blocks(cfg)),
     }[family.name] | family.structure()
     if family.qk_norm_key:  # the config.json says (use_qk_norm)
         del want["qk_norm"]
@@ -1136,6 +1198,10 @@ def check_exportable(cfg: Any) -> list[str]:
                 shared_expert_gated=not deepseek)
     if not deepseek:
         want.update(n_group=1, topk_group=1, routed_scaling_factor=1.0)
+    if not family.latent_attention:  # only DeepseekV3Attention has latent attention
+        want.update(kv_lora_rank=None)
+    elif cfg.kv_lora_rank is None:
+        want.update(kv_lora_rank="a rank")
     if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
         want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
     if not (family.moe and (family.moe.shared_expert or family.moe.deepseek)) and cfg.shared_expert_dim:

@@ -230,3 +230,4 @@ def test_bad_configs_name_file_and_key(tmp_path, changes, words):
 
     raw = {**CONFIG, "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe", **changes}
     assert_config_refused(tmp_path, raw, words)
+
