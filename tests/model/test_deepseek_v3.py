@@ -22,11 +22,11 @@ import json
 import pytest
 import torch
 
-from pipeline.model.config import count_params, layout, read_config
 from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
-from tests.model.test_families import ids
-from tests.model.test_moe_families import assert_logits_and_greedy_equal, lf_all_linear_modules
+from tests.model.test_families import ids, variant_checkpoints
+from tests.model.test_glm4_moe import deepseek_routed_model
+from tests.model.test_moe_families import assert_reads_as_transformers, lf_all_linear_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -44,41 +44,22 @@ VARIANTS = {
 }
 
 
-def hf_model(name: str, folder=None):
-    """A random DeepseekV3ForCausalLM of the variant (N(0, 0.1) on every parameter), the routers' weights x 10 and
-    their correction biases N(0, 0.1), as test_glm4_moe's."""
-    from tests.acceptance.harness import random_model
-
-    model = random_model(transformers.DeepseekV3ForCausalLM,
-                         transformers.DeepseekV3Config(**{**CONFIG, **VARIANTS[name]}))
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for layer in model.model.layers[model.config.first_k_dense_replace:]:
-            layer.mlp.gate.weight.mul_(10)
-            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(model.config.n_routed_experts, generator=gen) * 0.1)
-    if folder is not None:
-        model.save_pretrained(folder)
-    return model
+def hf_model(name: str):
+    """A random DeepseekV3ForCausalLM of the variant, its routers as test_glm4_moe's (deepseek_routed_model)."""
+    return deepseek_routed_model(transformers.DeepseekV3ForCausalLM,
+                                 transformers.DeepseekV3Config(**{**CONFIG, **VARIANTS[name]}))
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
-def checkpoint(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    return request.param, path, hf_model(request.param, path)
+checkpoint = variant_checkpoints(hf_model, VARIANTS)
 
 
 def test_config_fields_logits_and_generation_equal_transformers(checkpoint):
     name, path, ref = checkpoint
-    cfg = read_config(path)
-    expect = dict(family="deepseek_v3", head_dim=16, rope_dim=8, kv_lora_rank=12, v_head_dim=6, n_kv_heads=None,
-                  q_lora_rank=16 if name == "q-latent-groups" else None, rope_interleaved=True, qkv_bias=False,
-                  router_scoring="sigmoid", shared_expert_dim=16, mlp_only_layers=(0,))
-    assert {k: getattr(cfg, k) for k in expect} == expect
-    ours = load_model(path).eval()
-    assert [n for n, _ in ours.named_parameters()] == [
-        f"{m.name}.{p}" for m in layout(cfg) for p in (("weight", "bias") if m.bias else ("weight",))]
-    assert count_params(cfg) == sum(p.numel() for p in ref.parameters())
-    assert_logits_and_greedy_equal(ref, ours)
+    assert_reads_as_transformers(path, ref, dict(
+        family="deepseek_v3", head_dim=16, rope_dim=8, kv_lora_rank=12, v_head_dim=6, n_kv_heads=None,
+        q_lora_rank=16 if name == "q-latent-groups" else None, rope_interleaved=True, qkv_bias=False,
+        router_scoring="sigmoid", shared_expert_dim=16, mlp_only_layers=(0,)),
+        greedy=name == "q-latent-groups")  # the cache's path is the variants' one: decoded once
 
 
 def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_path):

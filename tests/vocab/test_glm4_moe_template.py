@@ -20,9 +20,7 @@ from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.data.templates import TEMPLATES
 from pipeline.data.tokenize import encode_example, encode_prompt
 from pipeline.errors import UserError
-from tests.vocab.chat_render import render
-from tests.vocab.test_chat_template import messages
-from tests.vocab.test_glm4_template import lf_efficient_example, lf_pairs
+from tests.vocab.test_glm4_template import assert_export_renders_prompt_and_text, lf_efficient_example, lf_pairs
 from tests.vocab.test_sentencepiece_templates import ANSWER, HISTORY, QUERY, SYSTEM, row
 
 transformers = pytest.importorskip("transformers")
@@ -58,14 +56,7 @@ def test_conversations_are_llamafactorys(glm_dir, golden):
 def test_the_exported_chat_template_gives_the_training_prompt_and_text(glm_dir):
     """transformers' apply_chat_template with the exported chat template: the generation prompt is encode_prompt's
     ids, a whole conversation the training row's text (as glmz1's: test_glm4_template says why text, not ids)."""
-    ours, template = load_tokenizer(glm_dir), TEMPLATES["glm4_moe"]
-    for system in (SYSTEM, None):
-        want = encode_prompt(template, QUERY, system=system, history=HISTORY, tokenizer=ours)
-        assert render(glm_dir, template, messages(system, HISTORY, QUERY)) == want
-        whole = encode_example(row(system), template, ours, cutoff_len=4096, mask_history=True).input_ids
-        text = render(glm_dir, template, messages(system, HISTORY, QUERY, ANSWER), add_generation_prompt=False,
-                      tokenize=False)
-        assert text == ours.decode(whole)
+    assert_export_renders_prompt_and_text(glm_dir, "glm4_moe")
 
 
 def test_function_calling_data_is_refused(glm_dir):
