@@ -114,3 +114,20 @@ def test_bad_configs_name_file_and_key(tmp_path, changes, words):
 
     raw = {**CONFIG, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **changes}
     assert_config_refused(tmp_path, raw, words)
+
+
+
+def test_packed_rows_equal_each_example_alone(checkpoint):
+    """Packing (segment_ids: the varlen / bucket kernels) with latent attention, whose values are padded to the keys'
+    width and cut back: each example's logits in the packed row are its logits alone (positions restarting)."""
+    name, path, _ = checkpoint
+    if name != "q-latent-groups":
+        pytest.skip("one variant: the padding is the same in both")
+    ours = load_model(path).eval()
+    first, second = ids(4, (1, 5)), ids(5, (1, 7))
+    segments = torch.tensor([[0] * 5 + [1] * 7])
+    positions = torch.tensor([list(range(5)) + list(range(7))])
+    with torch.no_grad():
+        packed = ours(torch.cat([first, second], 1), segment_ids=segments, position_ids=positions)
+        for got, alone in ((packed[:, :5], ours(first)), (packed[:, 5:], ours(second))):
+            assert torch.allclose(got, alone, atol=1e-5, rtol=0), (got - alone).abs().max()
