@@ -64,6 +64,7 @@ PRESET_TOKENIZER_EXAMPLE.update(mistral="mistralai/Mistral-7B-v0.1", glm4="THUDM
                                 # phi-4 and Phi-4-mini have different vocabularies: the preset's own
                                 phi3="microsoft/phi-4 for phi-4, microsoft/Phi-4-mini-instruct for phi-4-mini")
 PRESET_TOKENIZER_EXAMPLE["gpt_oss"] = "openai/gpt-oss-20b"  # -20b and -120b: one vocabulary (o200k_harmony)
+PRESET_TOKENIZER_EXAMPLE["glm4_moe"] = "zai-org/GLM-4.5-Air"
 
 
 def _source(args: HasModel) -> tuple[str, str]:

@@ -549,6 +549,11 @@ TEMPLATES.update({t.name: t for t in (
     Template(name="glmz1", **_GLM4, thought_words=THOUGHT_WORDS,
              description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
+# :1095-1108: glm4_moe (GLM-4.5 / GLM-4.6, LLaMA-Factory's template for zai-org/GLM-4.5-Air): glmz1 (glm4's strings as a
+# ReasoningTemplate) with its own tool format (GLM4MoeToolUtils: <tool_call> with <arg_key> / <arg_value> pairs), which
+# is not implemented: function-calling data is refused with it
+TEMPLATES["glm4_moe"] = Template(name="glm4_moe", **{**_GLM4, "tool_format": None}, thought_words=THOUGHT_WORDS,
+                                 description="GLM-4.5 / GLM-4.6 (reasoning): glmz1's strings; no function calling")
 
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1194-1203: gpt_oss (openai/gpt-oss-20b / -120b), the harmony
 # format as LLaMA-Factory writes it: a system block (its default system prompt ChatGPT's), user blocks ending in

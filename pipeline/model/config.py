@@ -95,6 +95,27 @@ class ModelConfig:
     # Qwen2-MoE: each sparse block also runs a shared SwiGLU expert of this width on every token, its output scaled by
     # sigmoid(shared_expert_gate(x)) (a Linear to 1) and added to the routed experts'; None: no shared expert
     shared_expert_dim: int | None = None
+    # DeepSeek-V3's router (GLM-4.5 / 4.6: Glm4MoeTopkRouter): router_scoring "sigmoid" scores each expert by
+    # sigmoid(logit) instead of the softmax; router_correction_bias adds a learned per-expert bias (a buffer,
+    # e_score_correction_bias: never trained by the optimizer) to the scores for choosing only, the weights being the
+    # unbiased scores; n_group / topk_group: the experts split into n_group groups, each scored by its two best, and
+    # only the topk_group best groups' experts may be chosen; routed_scaling_factor multiplies the (renormalised)
+    # weights. shared_expert_gated: Qwen2-MoE's sigmoid(shared_expert_gate(x)) on the shared expert (GLM-4.5's
+    # shared_experts are added ungated)
+    router_scoring: str = "softmax"
+    router_correction_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    shared_expert_gated: bool = True
+    # DeepSeek-V3's multi-head latent attention (DeepseekV3Attention; kv_lora_rank None: none): keys and values from a
+    # kv_lora_rank latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj), queries from a q_lora_rank latent (q_a_proj,
+    # q_a_layernorm, q_b_proj; None: one q_proj); each head's head_dim = its unrotated dims + qk_rope_head_dim rotated
+    # ones (the key's rotated dims one head shared by all), values v_head_dim wide
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int = 0
+    v_head_dim: int | None = None
     # Gemma 3 (Gemma3ForCausalLM), one field per way its decoder differs from Llama's:
     norm_unit_offset: bool = False   # every RMSNorm computes in fp32 and scales by (1 + weight): weights stored 0-centred
     scale_embeddings: bool = False   # token embeddings times sqrt(emb_dim), that factor cast to their dtype first
@@ -147,6 +168,7 @@ class ModelConfig:
             problems.append(f"n_experts {self.n_experts} needs experts_per_token in 1..n_experts, a positive moe_ffn_dim"
                             f" and decoder_sparse_step, got {self.experts_per_token!r}, {self.moe_ffn_dim!r},"
                             f" {self.decoder_sparse_step!r}")
+        problems += self._router_problems() + self._latent_problems()
         if not (isinstance(self.partial_rotary_factor, (int, float)) and 0 < self.partial_rotary_factor <= 1
                 and self.rope_dim >= 2):
             problems.append(f"partial_rotary_factor must be in (0, 1] and leave RoPE at least 2 dims, got"
@@ -171,6 +193,37 @@ class ModelConfig:
             problems.append(f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
         if problems:
             raise UserError([f"model config: {p}" for p in problems])
+
+    def _router_problems(self) -> list[str]:
+        """DeepSeek-V3 routing's fields (Glm4MoeTopkRouter): the groups split the experts evenly, each group holds
+        two experts at least (a group scores by its two best), and the chosen groups hold experts_per_token."""
+        if self.router_scoring not in ("softmax", "sigmoid"):
+            return [f"router_scoring must be softmax or sigmoid, got {self.router_scoring!r}"]
+        if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            return [f"routed_scaling_factor must be a positive number, got {self.routed_scaling_factor!r}"]
+        if (self.n_group, self.topk_group) == (1, 1) or not self.n_experts:
+            return []
+        ok = isinstance(self.n_group, int) and isinstance(self.topk_group, int) and 1 <= self.topk_group <= \
+            self.n_group and self.n_experts % self.n_group == 0 and self.n_experts // self.n_group >= 2 and \
+            self.topk_group * (self.n_experts // self.n_group) >= self.experts_per_token
+        return [] if ok else [f"n_group {self.n_group!r} / topk_group {self.topk_group!r} must split n_experts"
+                              f" {self.n_experts} into groups of two experts or more, topk_group of which hold"
+                              f" experts_per_token {self.experts_per_token}"]
+
+    def _latent_problems(self) -> list[str]:
+        """Multi-head latent attention's widths: positive ranks, an even rotated part narrower than the head, values
+        no wider than it (every attention kernel pads them to the head's width), one key / value head per query head."""
+        if self.kv_lora_rank is None:
+            return []
+        ranks = [self.kv_lora_rank, self.v_head_dim] + ([] if self.q_lora_rank is None else [self.q_lora_rank])
+        if not all(isinstance(r, int) and r >= 1 for r in ranks) or not isinstance(self.qk_rope_head_dim, int) or \
+                not 2 <= self.qk_rope_head_dim < self.head_dim or self.qk_rope_head_dim % 2 or \
+                self.v_head_dim > self.head_dim or self.kv_heads != self.n_heads:
+            return [f"kv_lora_rank {self.kv_lora_rank!r} (latent attention) needs positive q_lora_rank (or null) and"
+                    f" v_head_dim <= head_dim {self.head_dim}, an even qk_rope_head_dim in 2..head_dim - 1 and"
+                    f" n_kv_heads = n_heads; got {self.q_lora_rank!r}, {self.v_head_dim!r}, {self.qk_rope_head_dim!r},"
+                    f" {self.kv_heads!r}"]
+        return []
 
     def _normalise_windows(self) -> list[str]:
         """layer_windows as a tuple (a JSON list read back from our config.json), () when no layer slides, so that
@@ -230,6 +283,8 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """The dims of each head RoPE rotates (transformers: int(head_dim * partial_rotary_factor)); the rest pass."""
+        if self.kv_lora_rank is not None:  # latent attention: the qk_rope_head_dim dims after the unrotated ones
+            return self.qk_rope_head_dim
         return int(self.head_dim * self.partial_rotary_factor)
 
 
@@ -388,6 +443,20 @@ def _gpt_oss(layers: int, experts: int) -> ModelConfig:
         layer_windows=tuple(128 if i % 2 == 0 else None for i in range(layers)))
 
 
+def _glm4_moe(*, emb: int, layers: int, heads: int, kv: int, ffn: int, experts: int, top_k: int, expert_ffn: int,
+              shared: int, dense: int, qk_norm: bool) -> ModelConfig:
+    """GLM-4.5 / 4.6 (zai-org/GLM-4.5-Air's config.json, Glm4MoeForCausalLM): 151,552 ids, 131,072 positions, head_dim
+    128, q / k / v biases, half of each head rotated (theta 1e6), the first `dense` blocks dense, then DeepSeek-V3
+    sparse blocks: sigmoid router with its correction bias, top_k of `experts`, renormalised, `shared` ungated
+    shared experts."""
+    return _swiglu("glm4_moe", vocab=151552, ctx=131072, emb=emb, layers=layers, heads=heads, kv=kv, ffn=ffn,
+                   theta=1000000.0, eps=1e-5, tied=False, head_size=128).replace(
+        qkv_bias=True, qk_norm=qk_norm, partial_rotary_factor=0.5, n_experts=experts, experts_per_token=top_k,
+        moe_ffn_dim=expert_ffn, norm_topk_prob=True, mlp_only_layers=tuple(range(dense)),
+        shared_expert_dim=shared * expert_ffn, router_scoring="sigmoid", router_correction_bias=True,
+        shared_expert_gated=False, router_aux_loss_coef=0.0)
+
+
 # name -> config. gpt2-*, llama-*, qwen* are the published shapes (their config.json on the hub);
 # tiny, mini, small-demo are GPT-2s small enough to train on a CPU.
 PRESETS: dict[str, ModelConfig] = {
@@ -447,6 +516,10 @@ PRESETS.update({  # THUDM/GLM-4-9B-0414 (9.4B) and GLM-4-32B-0414 (32.6B): their
 
 
 PRESETS.update({"gpt-oss-20b": _gpt_oss(24, 32), "gpt-oss-120b": _gpt_oss(36, 128)})  # 20.9B / 3.6B, 116.8B / 5.1B
+PRESETS.update({  # zai-org/GLM-4.5-Air (106B, 12B active): its config.json's shapes, without the MTP layer
+    "glm-4.5-air": _glm4_moe(emb=4096, layers=46, heads=96, kv=8, ffn=10944, experts=128, top_k=8, expert_ffn=1408,
+                             shared=1, dense=1, qk_norm=False),
+})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -598,6 +671,19 @@ def _mlp(cfg: ModelConfig, prefix: str, h: int) -> list[ModuleSpec]:
                    ModuleSpec(prefix + "down_proj", "linear", h, c, cfg.mlp_bias)]
 
 
+def _latent_attention(cfg: ModelConfig, p: str) -> list[ModuleSpec]:
+    """DeepseekV3Attention's projections before o_proj (no biases: attention_bias is refused on read)."""
+    c, heads, rank = cfg.emb_dim, cfg.n_heads, cfg.kv_lora_rank or 0
+    query = [ModuleSpec(p + "q_proj", "linear", c, heads * cfg.head_dim)] if cfg.q_lora_rank is None else [
+        ModuleSpec(p + "q_a_proj", "linear", c, cfg.q_lora_rank),
+        ModuleSpec(p + "q_a_layernorm", "rmsnorm", cfg.q_lora_rank, cfg.q_lora_rank),
+        ModuleSpec(p + "q_b_proj", "linear", cfg.q_lora_rank, heads * cfg.head_dim)]
+    return [*query, ModuleSpec(p + "kv_a_proj_with_mqa", "linear", c, rank + cfg.qk_rope_head_dim),
+            ModuleSpec(p + "kv_a_layernorm", "rmsnorm", rank, rank),
+            ModuleSpec(p + "kv_b_proj", "linear", rank,
+                       heads * (cfg.head_dim - cfg.qk_rope_head_dim + (cfg.v_head_dim or cfg.head_dim)))]
+
+
 def layout(cfg: ModelConfig) -> list[ModuleSpec]:
     """Every parameterised leaf module of GPTModel(cfg), in module order."""
     c, h, q, kv = cfg.emb_dim, cfg.hidden_dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -610,13 +696,16 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             mods.append(ModuleSpec(p + "input_layernorm", cfg.norm, c, c))
         if cfg.attention_sinks:  # the attention module's own parameter: named before its Linears' (named_parameters)
             mods.append(ModuleSpec(p + "self_attn.sinks", "sinks", cfg.n_heads, cfg.n_heads))
-        if cfg.qkv_fused:
+        if cfg.kv_lora_rank is not None:
+            mods += _latent_attention(cfg, p + "self_attn.")
+        elif cfg.qkv_fused:
             mods.append(ModuleSpec(p + "self_attn.qkv_proj", "linear", c, q + 2 * kv, cfg.qkv_bias))
         else:
             mods += [ModuleSpec(p + "self_attn.q_proj", "linear", c, q, cfg.qkv_bias),
                      ModuleSpec(p + "self_attn.k_proj", "linear", c, kv, cfg.qkv_bias),
                      ModuleSpec(p + "self_attn.v_proj", "linear", c, kv, cfg.qkv_bias)]
-        mods.append(ModuleSpec(p + "self_attn.o_proj", "linear", q, c, cfg.o_bias))
+        mods.append(ModuleSpec(p + "self_attn.o_proj", "linear", cfg.n_heads * (cfg.v_head_dim or cfg.head_dim), c,
+                               cfg.o_bias))
         if cfg.qk_norm:
             qn, kn = (q, kv) if cfg.qk_norm_projection else (cfg.head_dim, cfg.head_dim)
             mods += [ModuleSpec(p + "self_attn.q_norm", "rmsnorm", qn, qn),
@@ -629,8 +718,9 @@ def layout(cfg: ModelConfig) -> list[ModuleSpec]:
             for e in range(cfg.n_experts):
                 mods += _mlp(cfg, f"{p}mlp.experts.{e}.", cfg.moe_ffn_dim or h)
             if cfg.shared_expert_dim:
-                mods += [*_mlp(cfg, p + "mlp.shared_expert.", cfg.shared_expert_dim),
-                         ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1)]
+                mods += _mlp(cfg, p + "mlp.shared_expert.", cfg.shared_expert_dim)
+                if cfg.shared_expert_gated:
+                    mods.append(ModuleSpec(p + "mlp.shared_expert_gate", "linear", c, 1))
         else:
             mods += _mlp(cfg, p + "mlp.", h)
         if cfg.sandwich_norms:

@@ -100,6 +100,14 @@ class Family:
     attention_sinks: bool = False
     # GptOssRMSNorm: (weight * x_normed in fp32).to(dtype), the weight applied before the cast (ModelConfig.norm_scale_fp32)
     norm_scale_fp32: bool = False
+    # the config.json key switching the per-head q / k norms where the class reads one (Glm4MoeConfig's use_qk_norm;
+    # qk_norm then comes from it, not from the flag above)
+    qk_norm_key: str = ""
+    # the hub's files hold multi-token-prediction layers after the last block (model.layers.{num_hidden_layers}...),
+    # which the class ignores on load: read past, not exported (Glm4MoeForCausalLM)
+    mtp_layers: bool = False
+    # DeepSeek-V3's multi-head latent attention (ModelConfig.kv_lora_rank ...: latent_fields reads its keys)
+    latent_attention: bool = False
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +156,11 @@ class Family:
         """Whether a checkpoint tensor belongs to a wrapper's other tower (not to the decoder): carried, not read."""
         return self.canonical(hf).startswith(self.carried) if self.carried else False
 
+    def is_mtp(self, ours: str, n_layers: int) -> bool:
+        """Whether a tensor (our name) belongs to a multi-token-prediction layer after the last block (mtp_layers)."""
+        m = re.match(r"layers\.(\d+)\.", ours) if self.mtp_layers else None
+        return bool(m) and int(m.group(1)) >= n_layers
+
     def strip(self, hf: str) -> str:
         return hf[len(self.prefix):] if hf.startswith(self.prefix) else hf
 
@@ -183,9 +196,15 @@ class MoeKeys:
     # fuses them)
     router_bias: bool = False
     fused_experts: bool = False
-    # LLaMA-Factory's configure_moe sets output_router_logits for this model type, so moe_aux_loss_coef trains the
-    # load-balancing loss; 0.9.5 lists no gpt_oss (model/model_utils/moe.py), which then trains without it
+    # moe_aux_loss_coef trains the router's load-balancing loss (transformers' load_balancing_loss_func): false where
+    # LLaMA-Factory 0.9.5's configure_moe sets no output_router_logits for the model type (gpt_oss) or the model
+    # computes none (DeepSeek-V3 routing: the correction bias balances; glm4_moe, deepseek_v3)
     router_loss: bool = True
+    # DeepSeek-V3's MoE keys (Glm4MoeConfig): the first first_k_dense_replace blocks dense (read into mlp_only_layers),
+    # n_shared_experts shared experts of the experts' width added ungated (one shared_expert of their summed width),
+    # the sigmoid router with its e_score_correction_bias, n_group / topk_group and routed_scaling_factor; no
+    # load-balancing loss (the model computes none: router_loss False)
+    deepseek: bool = False
 
 
 HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
@@ -403,6 +422,55 @@ GPT_OSS = Family(name="gpt_oss", architecture="GptOssForCausalLM", reward_archit
                              defaults=(("num_local_experts", 128), ("num_experts_per_tok", 4),
                                        ("router_aux_loss_coef", 0.001), ("swiglu_alpha", 1.702),
                                        ("swiglu_limit", 7.0))))
+
+# zai-org/GLM-4.5, GLM-4.5-Air, GLM-4.6 (Glm4MoeForCausalLM, transformers 5.24 models/glm4_moe): Llama's attention with
+# q / k / v biases (attention_bias; none on o_proj), per-head q / k norms where use_qk_norm (GLM-4.5 / 4.6, not Air),
+# half of each head rotated in halves (not GLM-4's interleaved pairs); the first first_k_dense_replace blocks dense
+# (Glm4MoeMLP of intermediate_size), the rest DeepSeek-V3 sparse blocks (MoeKeys.deepseek). The hub and
+# save_pretrained (conversion_mapping's qwen2_moe entry, reversed) name each expert mlp.experts.{e}.gate_proj /
+# up_proj / down_proj, the router mlp.gate (its weight and e_score_correction_bias), the shared experts
+# mlp.shared_experts (ours: shared_expert). The hub's files hold num_nextn_predict_layers multi-token-prediction
+# layers after the last block (model.layers.46.* in GLM-4.5-Air), which Glm4MoeForCausalLM ignores on load
+# (_keys_to_ignore_on_load_unexpected, modeling_glm4_moe.py:461): mtp_layers, read past here too. LoRA as on
+# Qwen3-MoE (no lora_mlp): PEFT 0.21 maps glm4_moe to transformers' qwen2_moe conversion, which re-targets the names
+# gate_proj / up_proj / down_proj onto the fused experts (target_parameters) and drops them from the Linears of the
+# dense block and the shared experts, so an MLP name is refused and lora_target: all adapts the attention.
+# Glm4MoeConfig's defaults (configuration_glm4_moe.py:96-126).
+# deepseek-ai/DeepSeek-V3, moonshotai/Moonlight-16B-A3B (DeepseekV3ForCausalLM, transformers 5.24 models/deepseek_v3):
+# multi-head latent attention (DeepseekV3Attention) on GLM-4.5's routing (DeepseekV3TopkRouter is Glm4MoeTopkRouter,
+# DeepseekV3MoE Glm4MoeMoE), RoPE on adjacent pairs (rope_interleave, true by default), no biases, MTP layers after
+# the last block (model.layers.61.*, _keys_to_ignore_on_load_unexpected). DeepseekV3Config's defaults
+# (configuration_deepseek_v3.py); its config.json's head_dim is qk_rope_head_dim (DeepseekV3Config.__post_init__).
+DEEPSEEK_V3 = Family(name="deepseek_v3", architecture="DeepseekV3ForCausalLM", reward_architecture="",
+                     model_type="deepseek_v3", prefix="model.", skip=(".rotary_emb.inv_freq",),
+                     modules=(("layers.{i}.mlp.shared_expert", "layers.{i}.mlp.shared_experts"),),
+                     config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-6),
+                                      ("intermediate_size", 18432), ("q_lora_rank", 1536), ("kv_lora_rank", 512),
+                                      ("qk_rope_head_dim", 64), ("qk_nope_head_dim", 128), ("v_head_dim", 128),
+                                      ("rope_interleave", True)),
+                     bias_keys=("attention_bias",), rope_interleaved=True, mtp_layers=True, latent_attention=True,
+                     moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False, deepseek=True,
+                                 router_loss=False,
+                                 defaults=(("n_routed_experts", 256), ("num_experts_per_tok", 8),
+                                           ("moe_intermediate_size", 2048), ("n_shared_experts", 1),
+                                           ("routed_scaling_factor", 2.5), ("n_group", 8), ("topk_group", 4),
+                                           ("first_k_dense_replace", 3), ("norm_topk_prob", True),
+                                           ("router_aux_loss_coef", 0.0))))
+GLM4_MOE = Family(name="glm4_moe", architecture="Glm4MoeForCausalLM", reward_architecture="",
+                  model_type="glm4_moe", prefix="model.", skip=(".rotary_emb.inv_freq",),
+                  modules=(("layers.{i}.mlp.shared_expert", "layers.{i}.mlp.shared_experts"),),
+                  config_defaults=(("max_position_embeddings", 131072), ("rms_norm_eps", 1e-5),
+                                   ("num_key_value_heads", 8), ("intermediate_size", 10944),
+                                   ("partial_rotary_factor", 0.5)),
+                  bias_keys=("attention_bias",), o_proj_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
+                  mtp_layers=True,
+                  moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False,
+                              deepseek=True, router_loss=False,
+                              defaults=(("n_routed_experts", 128), ("num_experts_per_tok", 8),
+                                        ("moe_intermediate_size", 1408), ("n_shared_experts", 1),
+                                        ("routed_scaling_factor", 1.0), ("n_group", 1), ("topk_group", 1),
+                                        ("first_k_dense_replace", 1), ("norm_topk_prob", True),
+                                        ("router_aux_loss_coef", 0.0))))
 FAMILIES: dict[str, Family] = {f.name: f for f in (GPT2, LLAMA, QWEN2, QWEN3, MISTRAL, QWEN3_MOE)}
 FAMILIES.update((f.name, f) for f in (MIXTRAL, QWEN2_MOE))  # the MoE families beside Qwen3-MoE
 FAMILIES[PHI3.name] = PHI3
@@ -412,6 +480,8 @@ FAMILIES[GEMMA2.name] = GEMMA2
 FAMILIES.update((f.name, f) for f in (GRANITE, OLMO2))
 FAMILIES.update((f.name, f) for f in GLM_FAMILIES)
 FAMILIES[GPT_OSS.name] = GPT_OSS
+FAMILIES[GLM4_MOE.name] = GLM4_MOE
+FAMILIES[DEEPSEEK_V3.name] = DEEPSEEK_V3
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 BY_REWARD_ARCHITECTURE = {f.reward_architecture: f for f in FAMILIES.values() if f.reward_architecture}
 BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES.values()}
@@ -847,6 +917,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     quantization = raw.get("quantization_config")
     if isinstance(quantization, dict) and not dequantized_at_load(quantization, family):
         problems.append(_quantized(quantization, path))
+    latent = latent_fields(raw, path, problems) if family.latent_attention else {}
     if problems:
         raise UserError(problems)
     heads = raw["num_attention_heads"]
@@ -877,7 +948,8 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         else bias, o_bias=False if family is QWEN2 or "qkv_bias" in family.bias_keys else bias and family.o_proj_bias,
         partial_rotary_factor=rotary, tie_weights=bool(raw.get("tie_word_embeddings", False)), layer_windows=windows,
         **family.structure(), **multipliers,
-    ) | moe | gemma
+    ) | moe | gemma | ({"qk_norm": bool(raw.get(family.qk_norm_key, False))} if family.qk_norm_key else {}) | latent
+
 
 
 def dequantized_at_load(quantization: Mapping[str, Any], family: Family) -> bool:
@@ -1031,6 +1103,8 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
         values["decoder_sparse_step"] = raw["decoder_sparse_step"]
     if keys.shared_expert:
         values["shared_expert_intermediate_size"] = raw["shared_expert_intermediate_size"]
+    if keys.deepseek:
+        values.update({k: raw[k] for k in ("n_shared_experts", "n_group", "topk_group")})
     for key, value in values.items():
         if type(value) is not int or value < 1:
             problems.append(f"{path}: {key} is {value!r}; expected a positive integer")
@@ -1038,6 +1112,9 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
         problems.append(f"{path}: num_experts_per_tok {values['num_experts_per_tok']} is more than"
                         f" {keys.experts_key} {experts}; expected at most {keys.experts_key}")
     only = (raw["mlp_only_layers"] or []) if keys.sparse_layers else []
+    deepseek = _deepseek_fields(raw, path, problems, values, experts) if keys.deepseek else {}
+    if deepseek:
+        only = list(range(deepseek.pop("dense_layers")))
     if not isinstance(only, list) or any(type(i) is not int or i < 0 for i in only):
         problems.append(f"{path}: mlp_only_layers is {only!r}; expected a list of layer indices")
         only = []
@@ -1053,8 +1130,8 @@ def moe_fields(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[
                 router_weights_fp32=keys.router_weights_fp32,
                 decoder_sparse_step=values.get("decoder_sparse_step", 1), mlp_only_layers=tuple(sorted(set(only))),
                 router_aux_loss_coef=float(coef) if _number(coef) else 0.0,
-                shared_expert_dim=values.get("shared_expert_intermediate_size")) | _gpt_oss_experts(keys, raw, path,
-                                                                                         problems)
+                **{"shared_expert_dim": values.get("shared_expert_intermediate_size"), **deepseek}) \
+        | _gpt_oss_experts(keys, raw, path, problems)
 
 
 def _gpt_oss_experts(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
@@ -1069,6 +1146,62 @@ def _gpt_oss_experts(keys: MoeKeys, raw: Mapping[str, Any], path: Any, problems:
                 swiglu_limit=float(raw["swiglu_limit"]) if ok else 7.0)
 
 
+
+def latent_fields(raw: Mapping[str, Any], path: Any, problems: list[str]) -> dict[str, Any]:
+    """DeepseekV3Config's attention keys -> ModelConfig fields (head_size: qk_nope_head_dim + qk_rope_head_dim, the
+    config.json's head_dim being the rotated part); what DeepseekV3Attention can switch that is not implemented
+    (biases, RoPE in halves, fewer key / value heads than queries, whose eager path does not fit) is a problem."""
+    keys = ("kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+    for key in keys:
+        _positive_int({key: raw[key]}, key, path, problems)
+    if raw["q_lora_rank"] is not None:
+        _positive_int(raw, "q_lora_rank", path, problems)
+    for key, value, want in (("attention_bias", raw.get("attention_bias", False), False),
+                             ("rope_interleave", raw["rope_interleave"], True),
+                             ("num_key_value_heads", raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                              raw["num_attention_heads"])):
+        if value != want:
+            problems.append(f"{path}: {key} is {value!r}; only {want!r} is supported here (DeepSeek-V3's and"
+                            " Moonlight's value)")
+    if problems:
+        return {}
+    return dict(q_lora_rank=raw["q_lora_rank"], kv_lora_rank=raw["kv_lora_rank"],
+                qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"], n_kv_heads=None,
+                head_size=raw["qk_nope_head_dim"] + raw["qk_rope_head_dim"], qkv_bias=False, o_bias=False)
+
+
+def latent_config(cfg: Any) -> dict[str, Any]:
+    """The attention keys of a DeepseekV3ForCausalLM config.json."""
+    return dict(q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                qk_nope_head_dim=cfg.head_dim - cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+                head_dim=cfg.qk_rope_head_dim, rope_interleave=True, attention_bias=False)
+
+
+def _deepseek_fields(raw: Mapping[str, Any], path: Any, problems: list[str], values: Mapping[str, Any],
+                     experts: Any) -> dict[str, Any]:
+    """DeepSeek-V3's MoE keys (Glm4MoeConfig) -> ModelConfig fields: the sigmoid router with its correction bias,
+    n_group / topk_group, routed_scaling_factor, the ungated shared experts (n_shared_experts of the experts' width:
+    Glm4MoeMoE's one Glm4MoeMLP of moe_intermediate_size x n_shared_experts), and under dense_layers the
+    first_k_dense_replace blocks that keep a dense MLP (Glm4MoeDecoderLayer: layer_idx >= first_k_dense_replace is
+    sparse). Bad values are problems naming the key."""
+    dense, scaling = raw["first_k_dense_replace"], raw["routed_scaling_factor"]
+    if type(dense) is not int or dense < 0:
+        problems.append(f"{path}: first_k_dense_replace is {dense!r}; expected a non-negative integer")
+        dense = 0
+    if not _number(scaling) or scaling <= 0:
+        problems.append(f"{path}: routed_scaling_factor is {scaling!r}; expected a positive number")
+        scaling = 1.0
+    groups, chosen = values["n_group"], values["topk_group"]
+    if all(type(v) is int and v > 0 for v in (groups, chosen, experts)) and not (
+            chosen <= groups and experts % groups == 0 and experts // groups >= 2):
+        problems.append(f"{path}: n_group {groups} / topk_group {chosen} do not fit {experts} experts; expected"
+                        " n_group dividing the experts into groups of two or more and topk_group <= n_group")
+    shared, width = values["n_shared_experts"], values.get("moe_intermediate_size")
+    return dict(router_scoring="sigmoid", router_correction_bias=True, n_group=groups, topk_group=chosen,
+                routed_scaling_factor=float(scaling), shared_expert_gated=False, dense_layers=dense,
+                shared_expert_dim=shared * width if type(shared) is int and type(width) is int else None)
+
+
 def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
     """The MoE keys of the family's config.json (the hub's spellings: Qwen's num_experts, Mixtral's
     num_local_experts and intermediate_size, the one width of its experts)."""
@@ -1081,6 +1214,11 @@ def moe_config(keys: MoeKeys, cfg: Any) -> dict[str, Any]:
         out.update(decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
     if keys.shared_expert:
         out["shared_expert_intermediate_size"] = cfg.shared_expert_dim
+    if keys.deepseek:  # Glm4MoeConfig: no aux loss coefficient; the dense blocks are the first ones (check_exportable)
+        del out["router_aux_loss_coef"]
+        out.update(n_shared_experts=(cfg.shared_expert_dim or 0) // cfg.moe_ffn_dim, n_group=cfg.n_group,
+                   topk_group=cfg.topk_group, routed_scaling_factor=cfg.routed_scaling_factor,
+                   first_k_dense_replace=len(cfg.mlp_only_layers))
     if not keys.renormalise_key:  # MixtralConfig
         out["router_jitter_noise"] = 0.0
     if keys.fused_experts:  # GptOssConfig
@@ -1197,6 +1335,10 @@ def decoder_config(cfg: Any, dtype: str, special: Mapping[str, int | None]) -> d
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if family.qk_norm:
         out["attention_bias"] = cfg.qkv_bias
+    if family.qk_norm_key:
+        out[family.qk_norm_key] = cfg.qk_norm
+    if family.latent_attention:
+        out.update(latent_config(cfg))
     if "qkv_bias" in family.bias_keys:
         out["qkv_bias"] = cfg.qkv_bias
     if family.moe:
@@ -1230,6 +1372,14 @@ HF_CONFIG["gemma3"] = HF_CONFIG["gemma"] = HF_CONFIG["gemma2"] = decoder_config
 HF_CONFIG.update(granite=decoder_config, olmo2=decoder_config)
 HF_CONFIG.update((f.name, decoder_config) for f in GLM_FAMILIES)
 HF_CONFIG[GPT_OSS.name] = decoder_config
+HF_CONFIG[GLM4_MOE.name] = HF_CONFIG[DEEPSEEK_V3.name] = decoder_config
+
+
+def _deepseek_blocks(cfg: Any) -> dict[str, Any]:
+    """What Glm4MoeConfig / DeepseekV3Config can say of the blocks: the dense ones first (first_k_dense_replace), the
+    shared expert n_shared_experts x the experts' width."""
+    shared = cfg.moe_ffn_dim * max(1, (cfg.shared_expert_dim or 0) // cfg.moe_ffn_dim) if cfg.moe_ffn_dim else None
+    return dict(decoder_sparse_step=1, mlp_only_layers=tuple(range(len(cfg.mlp_only_layers))), shared_expert_dim=shared)
 
 
 def check_exportable(cfg: Any) -> list[str]:
@@ -1261,12 +1411,27 @@ def check_exportable(cfg: Any) -> list[str]:
         # every block sparse, experts intermediate_size wide with biases, weights renormalised over the top-k
         "gpt_oss": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=cfg.qkv_bias, mlp_bias=True,
                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=(), moe_ffn_dim=cfg.hidden_dim),
+        "deepseek_v3": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False,
+                            qkv_bias=False, **_deepseek_blocks(cfg)),
+        "glm4_moe": dict(norm="rmsnorm", positions="rope", mlp="swiglu", o_bias=False, mlp_bias=False,
+                         **_deepseek_blocks(cfg)),
     }[family.name] | family.structure()
+    if family.qk_norm_key:  # the config.json says (use_qk_norm)
+        del want["qk_norm"]
+    deepseek = bool(family.moe and family.moe.deepseek)  # the router the class runs (Glm4MoeTopkRouter or a softmax)
+    want.update(router_scoring="sigmoid" if deepseek else "softmax", router_correction_bias=deepseek,
+                shared_expert_gated=not deepseek)
+    if not deepseek:
+        want.update(n_group=1, topk_group=1, routed_scaling_factor=1.0)
+    if not family.latent_attention:  # only DeepseekV3Attention has latent attention
+        want.update(kv_lora_rank=None)
+    elif cfg.kv_lora_rank is None:
+        want.update(kv_lora_rank="a rank")
     if not (family.moe and family.moe.fused_experts):
         want["swiglu_limit"] = None  # only GptOssExperts clamps its SwiGLU
     if not family.multipliers:  # only GraniteForCausalLM scales embeddings, scores, branches and logits
         want.update(embedding_multiplier=1.0, attention_multiplier=None, residual_multiplier=1.0, logits_scaling=1.0)
-    if not (family.moe and family.moe.shared_expert) and cfg.shared_expert_dim:
+    if not (family.moe and (family.moe.shared_expert or family.moe.deepseek)) and cfg.shared_expert_dim:
         want["shared_expert_dim"] = None  # only Qwen2MoeSparseMoeBlock has a shared expert
     if not family.partial_rotary:
         want["partial_rotary_factor"] = 1.0

@@ -46,8 +46,8 @@ from pipeline.model.head_loss import (SoftcappedHead, TokenWeight, head_cross_en
 from pipeline.model.kernels import Linear
 from pipeline.model.kv_cache import KVCache, window_keys
 from pipeline.model.neftune import neftune_noise
-from pipeline.model.rope import (dynamic_length, longrope_long, rope_attention_factor,  # noqa: F401 (re-export)
-                                 rope_inv_freq)
+from pipeline.model.rope import (dynamic_length, latent_score_scale, longrope_long,  # noqa: F401 (re-export)
+                                 rope_attention_factor, rope_inv_freq)
 
 IGNORE_INDEX = -100
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (B, 1, T, head_dim)
@@ -163,7 +163,12 @@ class SparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(FeedForward(cfg, cfg.moe_ffn_dim) for _ in range(cfg.n_experts))
         if cfg.shared_expert_dim:  # Qwen2MoeSparseMoeBlock's shared expert and its gate (a Linear to 1)
             self.shared_expert = FeedForward(cfg, cfg.shared_expert_dim)
-            self.shared_expert_gate = Linear(cfg.emb_dim, 1, bias=False)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = Linear(cfg.emb_dim, 1, bias=False)
+        self.sigmoid = cfg.router_scoring == "sigmoid"
+        self.n_group, self.topk_group, self.scaling = cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor
+        if cfg.router_correction_bias:  # a buffer beside the router's weight, as Glm4MoeTopkRouter holds it
+            self.gate.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
         self.keep_router_logits = self.every_expert = False
         self.router_logits: torch.Tensor | None = None
 
@@ -171,9 +176,12 @@ class SparseMoeBlock(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         logits = self.gate(flat)
         self.router_logits = logits if self.keep_router_logits else None
-        weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.sigmoid:
+            weights, chosen = self._deepseek_route(logits)
+        else:
+            weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
         if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product below
             weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
@@ -183,9 +191,30 @@ class SparseMoeBlock(nn.Module):
                 # under autocast the expert computes in bf16 and the sum is the input's fp32 (Qwen3MoeExperts'
                 # cast too)
                 out.index_add_(0, token, (expert(flat[token]) * weights[token, slot, None]).to(out.dtype))
-        if hasattr(self, "shared_expert"):  # every token: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+        if hasattr(self, "shared_expert_gate"):  # every token: sigmoid(shared_expert_gate(x)) * shared_expert(x)
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        elif hasattr(self, "shared_expert"):  # GLM-4.5's shared_experts: added as they are
+            out = out + self.shared_expert(flat)
         return out.view_as(x)
+
+    def _deepseek_route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3's choice (transformers 5.24 Glm4MoeTopkRouter.forward, modeling_glm4_moe.py:282-307), in
+        fp32: scores sigmoid(logits); the choice reads scores + e_score_correction_bias, limited to the experts of the
+        topk_group groups whose two best biased scores sum highest; the weights are the chosen experts' unbiased
+        scores, renormalised (norm_topk_prob, + 1e-20 as there) and times routed_scaling_factor."""
+        scores = torch.sigmoid(logits.float())
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        choice = scores if bias is None else scores + bias.float()
+        if self.n_group > 1:
+            groups = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
+            best = torch.topk(groups.topk(2, dim=-1)[0].sum(dim=-1), self.topk_group, dim=-1, sorted=False)[1]
+            keep = torch.zeros(groups.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
+        chosen = torch.topk(choice, self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, chosen)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,8 +293,27 @@ class MultiHeadAttention(nn.Module):
             self.scale * math.sqrt(self.head_dim)
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
+        self.v_dim = self.head_dim
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x, rope)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        fresh = cache is None or cache.seen[self.layer] == 0  # nothing before these tokens
+        if cache is not None:
+            cached = cache.update(self.layer, k, v)
+            if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
+                k, v = cached
+        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
+                   softcap=self.softcap, scale=self.scale, sinks=self.sinks)
+        if self.v_dim != self.head_dim:  # latent attention's values, padded to the head's width for the kernels
+            y = y[..., :self.v_dim]
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim)
+        return self.resid_drop(self.o_proj(y))
+
+    def project(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, H_kv, T, D), rotated."""
         b, t, _ = x.shape
         if self.fused:
             q, k, v = self.qkv_proj(x).split(self.split, dim=2)
@@ -280,17 +328,57 @@ class MultiHeadAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, rope, self.rope_interleaved), apply_rope(k, rope, self.rope_interleaved)
-        if self.q_scale != 1.0:
-            q = q * self.q_scale
-        fresh = cache is None or cache.seen[self.layer] == 0  # nothing before these tokens
-        if cache is not None:
-            cached = cache.update(self.layer, k, v)
-            if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
-                k, v = cached
-        y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
-                   softcap=self.softcap, scale=self.scale, sinks=self.sinks)
-        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
-        return self.resid_drop(self.o_proj(y))
+        return q, k, v
+
+
+LATENT_NORM_EPS = 1e-6  # DeepseekV3Attention's latent norms take DeepseekV3RMSNorm's default, not rms_norm_eps
+
+
+class LatentAttention(MultiHeadAttention):
+    """DeepSeek-V3's multi-head latent attention (transformers 5.24 DeepseekV3Attention, modeling_deepseek_v3.py:349-483):
+    queries from a q_lora_rank latent (q_a_proj, its RMSNorm q_a_layernorm, q_b_proj) or one q_proj; keys and values
+    from a kv_lora_rank latent (kv_a_proj_with_mqa, which also gives the one rotated key part all heads share,
+    kv_a_layernorm, kv_b_proj). Each head: head_dim - qk_rope_head_dim unrotated dims, then qk_rope_head_dim rotated
+    ones (adjacent pairs: rope_interleave). The values (v_head_dim) are padded with zeros to head_dim so every kernel
+    and the cache see one width (transformers pads them so for flash attention), and the output cut back. The scores
+    are scaled by head_dim ** -0.5 times YaRN's mscale(factor, mscale_all_dim) ** 2 (yarn_apply_mscale, :268-274).
+    The cache holds the expanded keys and values, not the latents."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
+        nn.Module.__init__(self)
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, cfg.n_heads, cfg.n_heads, cfg.head_dim
+        self.rope_dim, self.v_dim, rank = cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        width = cfg.n_heads * cfg.head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(cfg.emb_dim, width, bias=False)
+        else:
+            self.q_a_proj = Linear(cfg.emb_dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = Linear(cfg.q_lora_rank, width, bias=False)
+        self.kv_a_proj_with_mqa = Linear(cfg.emb_dim, rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(rank, LATENT_NORM_EPS)
+        self.kv_b_proj = Linear(rank, cfg.n_heads * (cfg.head_dim - self.rope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(cfg.n_heads * self.v_dim, cfg.emb_dim, bias=False)
+        self.rope_interleaved = cfg.rope_interleaved
+        self.softcap, self.scale, self.sinks = None, cfg.attention_scale, None
+        self.q_scale = latent_score_scale(cfg)
+        self.drop_rate = cfg.drop_rate
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def project(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_pass, q_rot = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2).split(
+            [self.head_dim - self.rope_dim, self.rope_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_a_layernorm.weight.shape[0], self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, self.n_heads, -1).transpose(1, 2)
+        k_pass, v = kv.split([self.head_dim - self.rope_dim, self.v_dim], dim=-1)
+        k_rot = k_rot.view(b, 1, t, self.rope_dim)
+        if rope is not None:
+            q_rot, k_rot = apply_rope(q_rot, rope, self.rope_interleaved), apply_rope(k_rot, rope, self.rope_interleaved)
+        q = torch.cat([q_pass, q_rot], dim=-1)
+        k = torch.cat([k_pass, k_rot.expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
+        return q, k, F.pad(v, (0, self.head_dim - self.v_dim))
 
 
 class TransformerBlock(nn.Module):
@@ -307,7 +395,7 @@ class TransformerBlock(nn.Module):
         self.post_norm, self.residual_multiplier = cfg.post_norm, cfg.residual_multiplier
         if not self.post_norm:
             self.input_layernorm = make_norm(cfg, cfg.emb_dim)
-        self.self_attn = MultiHeadAttention(cfg, layer)
+        self.self_attn = MultiHeadAttention(cfg, layer) if cfg.kv_lora_rank is None else LatentAttention(cfg, layer)
         if cfg.sandwich_norms:
             self.attn_output_norm = make_norm(cfg, cfg.emb_dim)
         self.post_attention_layernorm = make_norm(cfg, cfg.emb_dim)  # post_norm: the attention branch's output norm

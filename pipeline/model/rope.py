@@ -105,6 +105,16 @@ def rope_attention_factor(cfg: ModelConfig) -> float:
     return _mscale(s["factor"])
 
 
+def latent_score_scale(cfg: ModelConfig) -> float:
+    """DeepSeek's factor on the attention scores beside head_dim ** -0.5 (latent attention): mscale(factor,
+    mscale_all_dim) ** 2 under a scaled RoPE with mscale_all_dim (transformers' yarn_apply_mscale,
+    models/deepseek_v3/modeling_deepseek_v3.py:268-274), else 1."""
+    s = dict(cfg.rope_scaling or {})
+    if s.get("type", "default") == "default" or not s.get("mscale_all_dim"):
+        return 1.0
+    return _mscale(s["factor"], s["mscale_all_dim"]) ** 2
+
+
 def _mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 

@@ -131,6 +131,8 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
                     yield name, file, part
                 continue
             name = family.from_hf(key)
+            if family.is_mtp(name, cfg.n_layers):
+                continue  # GLM-4.5's multi-token-prediction layer, which Glm4MoeForCausalLM does not load either
             if kind == "hf":
                 if name == "lm_head.weight" and cfg.tie_weights:
                     _check_tied_head(directory, files, family, file, key, tensor)

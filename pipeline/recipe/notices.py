@@ -30,6 +30,7 @@ FAMILY_TEMPLATES["gpt_oss"] = "gpt_oss"  # gpt-oss-20b / -120b: LLaMA-Factory's 
 WRAPPER_TEMPLATES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_vl", "Qwen2VLForConditionalGeneration": "qwen2_vl",
                      "Qwen3VLForConditionalGeneration": "qwen3_vl_nothink",
                      "Mistral3ForConditionalGeneration": "mistral_small"}
+FAMILY_TEMPLATES["glm4_moe"] = "glm4_moe"  # GLM-4.5(-Air) / 4.6: LLaMA-Factory 0.9.5 constants.py:943-963 registers them so
 
 
 def template_notice(r: Any) -> str | None:
@@ -229,6 +230,10 @@ def moe_aux_loss_notice(r: Any) -> str | None:
                 "gets no labels, so the aux loss is added to nothing) and in transformers' "
                 f"{info.config.hf.reward_architecture} (which computes none)")
     if info is not None and info.config.n_experts and not info.config.hf.moe.router_loss:
+        if info.config.hf.moe.deepseek:
+            return (where + f"this {info.config.hf.architecture} balances its experts by the router's correction bias"
+                    " and computes no load-balancing loss, as in transformers and LLaMA-Factory (whose configure_moe"
+                    f" sets nothing for model type {info.config.hf.model_type})")
         return (where + f"LLaMA-Factory 0.9.5 sets output_router_logits for no {info.config.family} model"
                 " (configure_moe), so it trains without the router's load-balancing loss, as here")
     if info is None or info.config.n_experts:

@@ -529,8 +529,8 @@ def moe_aux_coef(train: TrainArgs, model: Any) -> float | None:
     if next(sparse_blocks(model), None) is None:
         return None
     cfg = getattr(model, "cfg", None)
-    if cfg is not None and not cfg.hf.moe.router_loss:  # gpt_oss: LLaMA-Factory sets no output_router_logits
-        return None
+    if cfg is not None and not cfg.hf.moe.router_loss:  # gpt_oss (LLaMA-Factory sets no output_router_logits), the
+        return None  # DeepSeek-V3 routers of glm4_moe / deepseek_v3 (balanced by their correction bias: no such loss)
     collect_router_logits(model)
     return float(train.moe_aux_loss_coef)
 

@@ -72,24 +72,36 @@ def checkpoint(request, tmp_path_factory):
 
 def test_config_fields_logits_and_generation_equal_transformers(checkpoint):
     name, path, ref = checkpoint
-    cfg = read_config(path)
     expect = {"mixtral": dict(family="mixtral", n_experts=4, experts_per_token=2, moe_ffn_dim=24, hidden_dim=24,
                               norm_topk_prob=True, qkv_bias=False, o_bias=False, shared_expert_dim=None,
                               layer_windows=(6, 6), rope_theta=1e6),
               "qwen2_moe": dict(family="qwen2_moe", n_experts=4, experts_per_token=2, moe_ffn_dim=16, hidden_dim=48,
                                 norm_topk_prob=False, qkv_bias=True, o_bias=False, shared_expert_dim=40,
                                 mlp_only_layers=(1,), layer_windows=(5, None))}[name]
+    assert_reads_as_transformers(path, ref, expect)
+
+
+def assert_reads_as_transformers(path, ref, expect: dict, greedy: bool = True) -> None:
+    """The checkpoint `path` of transformers' model `ref` reads into the fields `expect`, our model's parameters are
+    layout(cfg)'s and count as ref's, and its logits and (greedy) its greedy tokens are ref's
+    (assert_computes_as_transformers)."""
+    cfg = read_config(path)
     assert {k: getattr(cfg, k) for k in expect} == expect
     ours = load_model(path).eval()
     assert [n for n, _ in ours.named_parameters()] == [
         f"{m.name}.{p}" for m in layout(cfg) for p in (("weight", "bias") if m.bias else ("weight",))]
-    assert_computes_as_transformers(ours, ref)
+    assert_computes_as_transformers(ours, ref, greedy)
 
 
-def assert_computes_as_transformers(ours, ref) -> None:
-    """Parameter count, logits on rows longer than the windows (unpadded, left- and right-padded) and greedy generation
-    with and without the KV cache: ours as transformers' `ref` (fp32)."""
+def assert_computes_as_transformers(ours, ref, greedy: bool = True) -> None:
+    """Parameter count, then assert_logits_and_greedy_equal: ours as transformers' `ref` (fp32)."""
     assert count_params(ours.cfg) == sum(p.numel() for p in ref.parameters())
+    assert_logits_and_greedy_equal(ref, ours, greedy)
+
+
+def assert_logits_and_greedy_equal(ref, ours, greedy: bool = True) -> None:
+    """Logits on rows of 14 (longer than the windows) unpadded, left- and right-padded, and (greedy) 12 greedy tokens
+    with and without the KV cache equal transformers' model `ref`."""
     x = ids(0, (2, 14))
     left = torch.tensor([[0] * 3 + [1] * 11, [1] * 14])
     for mask in (None, left, left.flip(1)):  # rows longer than the windows; left and right padding
@@ -97,6 +109,8 @@ def assert_computes_as_transformers(ours, ref) -> None:
             want, got = ref(x, attention_mask=mask).logits, ours(x, attention_mask=mask)
         real = torch.ones_like(x).bool() if mask is None else mask.bool()
         assert torch.allclose(got[real], want[real], atol=1e-5, rtol=0), (got[real] - want[real]).abs().max()
+    if not greedy:
+        return
     prompt = ids(1, (1, 9))[0].tolist()
     with torch.no_grad():
         expected = ref.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,

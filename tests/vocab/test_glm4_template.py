@@ -115,14 +115,24 @@ def test_glmz1s_chat_template_gives_the_training_prompt_and_text(glm_dir):
     """glmz1's generation prompt is encode_prompt's ids; a whole conversation is the training row's text, not its
     ids: training encodes the empty thought ("...</think>\\n\\n") and the answer ("\\n...") apart, as LLaMA-Factory
     does, and a byte-level vocabulary merges "\\n\\n\\n" across them when the string is tokenized whole."""
-    ours, template = load_tokenizer(glm_dir), TEMPLATES["glmz1"]
+    for text in assert_export_renders_prompt_and_text(glm_dir, "glmz1"):
+        assert "</think>\n\n\n" + ANSWER + "<|endoftext|>" in text
+
+
+def assert_export_renders_prompt_and_text(glm_dir, name: str) -> list[str]:
+    """The exported chat template of template `name`, rendered by transformers: the generation prompt is
+    encode_prompt's ids and a whole conversation the mask_history training row's text, with a system prompt and
+    without; returns those texts."""
+    ours, template = load_tokenizer(glm_dir), TEMPLATES[name]
+    texts = []
     for system in (SYSTEM, None):
         want = encode_prompt(template, QUERY, system=system, history=HISTORY, tokenizer=ours)
         assert render(glm_dir, template, messages(system, HISTORY, QUERY)) == want
         whole = encode_example(row(system), template, ours, cutoff_len=4096, mask_history=True).input_ids
-        text = render(glm_dir, template, messages(system, HISTORY, QUERY, ANSWER), add_generation_prompt=False,
-                      tokenize=False)
-        assert text == ours.decode(whole) and "</think>\n\n\n" + ANSWER + "<|endoftext|>" in text
+        texts.append(render(glm_dir, template, messages(system, HISTORY, QUERY, ANSWER), add_generation_prompt=False,
+                            tokenize=False))
+        assert texts[-1] == ours.decode(whole)
+    return texts
 
 
 def test_truncation_keeps_the_final_eos(glm_dir, golden):

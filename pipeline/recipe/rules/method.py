@@ -92,7 +92,8 @@ def moe_aux_loss_stages(ctx: Context) -> list[tuple[str, str]]:
     LLaMA-Factory's trainers (TRL's) add it to their own losses, it is not implemented: refused on a MoE model
     rather than trained without it. Stage rm takes it without effect (notices.moe_aux_loss_notice): no router term
     reaches a reward model's loss in LLaMA-Factory or transformers; nor does any stage's on a family LLaMA-Factory
-    sets no output_router_logits for (MoeKeys.router_loss: gpt-oss), which trains every stage without it."""
+    sets no output_router_logits for or whose model computes none (MoeKeys.router_loss: gpt-oss; GLM-4.5 and
+    DeepSeek-V3, balanced by the router's correction bias), which trains every stage without it."""
     v = ctx.values
     if not v["moe_aux_loss_coef"] or v["stage"] in ("pt", "sft", "rm"):
         return []
