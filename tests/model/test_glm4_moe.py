@@ -34,7 +34,8 @@ from pipeline.model.config import PRESETS, active_params, count_params, read_con
 from pipeline.model.lora import apply_lora, save_adapter
 from pipeline.model.weights import load_model, save_hf
 from tests.model.test_families import ids
-from tests.model.test_moe_families import assert_reads_as_transformers, lf_all_linear_modules
+from tests.model.test_moe_families import (assert_export_reads_back, assert_reads_as_transformers,
+                                           lf_all_linear_modules)
 
 transformers = pytest.importorskip("transformers")
 
@@ -141,11 +142,7 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
                                    "routed_scaling_factor", "first_k_dense_replace", "use_qk_norm")} == \
         {"n_routed_experts": 8, "n_group": 4, "topk_group": 2, "n_shared_experts": 2, "routed_scaling_factor": 2.5,
          "first_k_dense_replace": 1, "use_qk_norm": True}
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(back) is type(ref)
-    x = ids(6)
-    with torch.no_grad():
-        assert torch.equal(back(x).logits, ref(x).logits)
+    assert_export_reads_back(tmp_path / "out", ref)
 
 
 def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(checkpoint, tmp_path):

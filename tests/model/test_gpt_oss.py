@@ -27,7 +27,8 @@ from pipeline.model.config import (PRESETS, active_params, count_params, from_hf
                                    to_hf_config)
 from pipeline.model.weights import load_model, save_hf
 from tests.model.test_families import assert_config_refused, ids
-from tests.model.test_moe_families import assert_computes_as_transformers, assert_lora_all_is_peft
+from tests.model.test_moe_families import (assert_computes_as_transformers, assert_export_reads_back,
+                                           assert_lora_all_is_peft)
 
 transformers = pytest.importorskip("transformers")
 
@@ -146,11 +147,7 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
             "model.layers.0.mlp.router.bias", "model.layers.0.self_attn.sinks"} <= keys
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["layer_types"] == ["sliding_attention", "full_attention"] and written["sliding_window"] == 4
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(back) is type(ref)
-    x = ids(6)
-    with torch.no_grad():
-        assert torch.equal(back(x).logits, ref(x).logits)
+    assert_export_reads_back(tmp_path / "out", ref)
 
 
 def test_lora_all_adapts_what_llamafactory_and_peft_adapt(checkpoint, tmp_path):

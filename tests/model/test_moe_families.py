@@ -134,11 +134,7 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
     else:
         assert {"model.layers.0.mlp.shared_expert_gate.weight", "model.layers.0.mlp.shared_expert.up_proj.weight",
                 "model.layers.1.mlp.up_proj.weight"} <= keys
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(back) is type(ref)
-    x = ids(6)
-    with torch.no_grad():
-        assert torch.equal(back(x).logits, ref(x).logits)
+    assert_export_reads_back(tmp_path / "out", ref)
 
 
 def lf_all_linear_modules(model) -> list[str]:
@@ -347,3 +343,12 @@ def test_the_sparse_block_under_bf16_autocast_is_transformers_block(checkpoint):
         assert torch.equal(ours.gate(hidden.reshape(-1, 32)), theirs.gate(hidden.reshape(-1, 32))[0])
         got, want = ours(hidden), theirs(hidden)
     assert got.dtype == want.dtype == torch.float32 and torch.allclose(got, want, atol=4e-3, rtol=0)
+
+
+def assert_export_reads_back(out, ref) -> None:
+    """transformers' AutoModelForCausalLM reads our export `out` as `ref`'s class with `ref`'s logits, bit for bit."""
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back) is type(ref)
+    x = ids(6)
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, ref(x).logits)
