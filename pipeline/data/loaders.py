@@ -23,7 +23,9 @@ input ids[i:i+L], target ids[i+1:i+L+1], with L = cutoff_len and stride = pt_str
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import sys
 import weakref
 from typing import Any, Callable, Generator, Iterator
@@ -73,6 +75,9 @@ def plan_batches(n: int, lengths: np.ndarray | None = None, *, batch_size: int, 
     return out
 
 
+STOPS = {signal.SIGINT, signal.SIGTERM}  # the signals that ask training to save and stop (pipeline.train.loop)
+
+
 def _leave_stops_to_training(worker_id: int) -> None:
     """A DataLoader worker ignores Ctrl-C and SIGTERM: the training process stops after its step and saves
     (pipeline.train.loop.StopRequest), then ends its workers itself (Loader.close). A terminal's Ctrl-C reaches the
@@ -80,10 +85,23 @@ def _leave_stops_to_training(worker_id: int) -> None:
     -PGID`): a worker that died of it failed the run with torch's "DataLoader worker (pid N) is killed by signal:
     Terminated" instead of the save; one that kept the handler it was forked with printed the stop notice again.
     SIGKILL (the scheduler's escalation, the OOM killer) still ends a worker, and torch fails the run loudly."""
-    import signal
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOPS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)  # a stop held since the fork (_stops_held) is now discarded
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while the DataLoader workers are forked. A worker is forked with the training process's
+    handlers and runs _leave_stops_to_training only once it has started: a job-wide stop landing in between (a busy
+    machine widens that gap: a CI run hit it) killed the worker, and the run failed with "DataLoader worker exited
+    unexpectedly" instead of saving. Forked with the stops blocked, the worker holds such a stop pending until its
+    SIG_IGN discards it; the training process gets its own as soon as the workers are started."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 # The batch generators of this process whose DataLoader workers may be running, each with its Loader: Loader.close
@@ -143,8 +161,10 @@ class Loader:
         if not _exit_hook:  # after torch's own atexit hooks: run before them (LIFO), while shutting down still works
             atexit.register(_close_open_batches)
             _exit_hook = True
-        batches = iter(torch.utils.data.DataLoader(_Batches(self, start), batch_size=None, shuffle=False,
-                                                   num_workers=self.num_workers, worker_init_fn=_leave_stops_to_training))
+        with _stops_held():  # iter() forks the workers
+            batches = iter(torch.utils.data.DataLoader(_Batches(self, start), batch_size=None, shuffle=False,
+                                                       num_workers=self.num_workers,
+                                                       worker_init_fn=_leave_stops_to_training))
         try:
             yield from batches
         finally:  # GeneratorExit from close(), an exception, or the end: the workers are told to stop and joined

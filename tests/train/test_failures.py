@@ -197,6 +197,35 @@ def wait_for(predicate, timeout: float) -> bool:
     return False
 
 
+def _worker_started_late(go) -> None:
+    """A DataLoader worker whose start is slow: the job's stop lands before its worker_init_fn runs."""
+    from pipeline.data.loaders import _leave_stops_to_training
+
+    go.wait(60)
+    _leave_stops_to_training(0)
+
+
+def test_a_stop_before_a_worker_has_started_leaves_the_worker_alive():
+    """The race a CI run lost under load: the job-wide SIGTERM reached a DataLoader worker forked a moment before,
+    whose worker_init_fn (SIG_IGN) had not run yet, so it died of the signal and the run failed with "DataLoader
+    worker exited unexpectedly" instead of saving. Forked inside _stops_held (as Loader forks its workers), the
+    worker holds the stop until its init discards it. Failed before (the worker's exit code -15)."""
+    import multiprocessing
+
+    from pipeline.data.loaders import _stops_held
+
+    ctx = multiprocessing.get_context("fork")  # torch's DataLoader default here
+    go = ctx.Event()
+    with _stops_held():
+        worker = ctx.Process(target=_worker_started_late, args=(go,))
+        worker.start()
+    os.kill(worker.pid, signal.SIGTERM)  # before its init: the worker is still waiting for `go`
+    time.sleep(0.2)
+    go.set()
+    worker.join(60)
+    assert worker.exitcode == 0
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_143_then_resume_finishes(workdir):
     """A job-wide SIGTERM (SLURM preemption, a Kubernetes stop, `kill -TERM -- -PGID`): the whole process group gets
     it, DataLoader workers too (dataloader_num_workers: LLaMA-Factory's examples set 4). The workers leave the stop to
