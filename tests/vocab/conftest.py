@@ -106,6 +106,13 @@ def glm_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tekken_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE with Mistral Small 3.1's Tekken control tokens (its 131k vocabulary is not on PyPI): the
+    mistral_small template's tokenizer."""
+    return small_vocab_dir(tmp_path_factory, "mistral_tekken")
+
+
+@pytest.fixture(scope="session")
 def oss_dir(tmp_path_factory) -> Path:
     """A small byte-level BPE with gpt-oss's named special tokens (o200k_harmony is not on PyPI): the gpt_oss
     template's tokenizer."""

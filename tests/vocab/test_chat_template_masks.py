@@ -100,9 +100,10 @@ def assert_marks_training(family_dirs, family: str, name: str, lf: list[dict], s
 def test_every_template_marks_the_trained_tokens(family_dirs, family):
     """Three turns, with and without a system message (thinking on and off for qwen3 and deepseekr1): gpt2 has
     alpaca, llama2, mistral, default, empty, olmo (no markup tokens needed); llama3 adds llama3, openchat-3.6; qwen3 adds
-    chatml, qwen, qwen3, qwen3_nothink; DeepSeek-R1-Distill-Qwen adds deepseekr1."""
+    chatml, qwen, qwen3, qwen3_nothink and the Qwen-VL ones, qwen2_vl, qwen3_vl, qwen3_vl_nothink; DeepSeek-R1-Distill-Qwen
+    adds deepseekr1."""
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours(family_dirs[family])) is None]
-    assert len(names) == {"gpt2": 6, "llama3": 8, "deepseek_r1_qwen": 7}.get(family, 10)
+    assert len(names) == {"gpt2": 6, "llama3": 8, "deepseek_r1_qwen": 7}.get(family, 13)
     for name in names:
         for system in (SYSTEM, None):
             for thinking in (True, False) if TEMPLATES[name].thought_words else (True,):
@@ -143,7 +144,7 @@ def test_mistral_v3_function_calls_are_marked_as_trained(tmp_path):
 def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_text(name, family_dirs, phi_dir,
                                                                                      tmp_path,
                                                                                      granite_olmo_dirs,
-                                                                                     glm_dir, oss_dir):
+                                                                                     glm_dir, oss_dir, tekken_dir):
     """The tokenizer's chat_template is rendered by engines without transformers' extension (llama-cpp-python,
     minijinja in TGI): a {% generation %} tag there stops the model from being served. The marked copy is written
     beside it; both render the same text."""
@@ -158,6 +159,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
     directory = granite_olmo_dirs.get(name, directory)
     directory = glm_dir if name.startswith("glm") else directory
     directory = oss_dir if name == "gpt_oss" else directory
+    directory = tekken_dir if name == "mistral_small" else directory
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
     assert "endgeneration" not in served and "{%- generation -%}" in marked
