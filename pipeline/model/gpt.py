@@ -174,16 +174,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.gate(flat)
+        logits, weights, chosen = self.route(flat)
         self.router_logits = logits if self.keep_router_logits else None
-        if self.sigmoid:
-            weights, chosen = self._deepseek_route(logits)
-        else:
-            weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
-            if self.norm_topk_prob:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product below
-            weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
@@ -196,6 +188,22 @@ class SparseMoeBlock(nn.Module):
         elif hasattr(self, "shared_expert"):  # GLM-4.5's shared_experts: added as they are
             out = out + self.shared_expert(flat)
         return out.view_as(x)
+
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits, the chosen experts' weights, their indices) for rows (N, C). DeepSeek-V3's router computes
+        in fp32 whatever the model's dtype (Glm4MoeTopkRouter.forward's F.linear(x.float(), weight.float()),
+        modeling_glm4_moe.py:284): its logits and so its weights into the product stay fp32 in a bf16 model."""
+        if self.sigmoid:
+            logits = F.linear(flat.float(), self.gate.weight.float())
+            weights, chosen = self._deepseek_route(logits)
+        else:
+            logits = self.gate(flat)
+            weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product
+            weights = weights.to(logits.dtype)
+        return logits, weights, chosen
 
     def _deepseek_route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DeepSeek-V3's choice (transformers 5.24 Glm4MoeTopkRouter.forward, modeling_glm4_moe.py:282-307), in
