@@ -174,16 +174,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.gate(flat)
+        logits, weights, chosen = self.route(flat)
         self.router_logits = logits if self.keep_router_logits else None
-        if self.sigmoid:
-            weights, chosen = self._deepseek_route(logits)
-        else:
-            weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
-            if self.norm_topk_prob:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product below
-            weights = weights.to(logits.dtype)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == e)
@@ -197,14 +189,30 @@ class SparseMoeBlock(nn.Module):
             out = out + self.shared_expert(flat)
         return out.view_as(x)
 
+    def route(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits, the chosen experts' weights, their indices) for rows (N, C). DeepSeek-V3's router casts
+        its input and weight to fp32 (Glm4MoeTopkRouter.forward's F.linear(x.float(), weight.float()),
+        modeling_glm4_moe.py:284): fp32 logits and weights in a bf16 model, bf16 ones under autocast."""
+        if self.sigmoid:
+            logits = F.linear(flat.float(), self.gate.weight.float())
+            weights, chosen = self._deepseek_route(logits)
+        else:
+            logits = self.gate(flat)
+            weights, chosen = torch.topk(F.softmax(logits, dim=-1, dtype=torch.float), self.top_k, dim=-1)
+            if self.norm_topk_prob:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.router_weights_fp32:  # Qwen's routers cast them back; Mixtral's keep fp32 into the product
+            weights = weights.to(logits.dtype)
+        return logits, weights, chosen
+
     def _deepseek_route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """DeepSeek-V3's choice (transformers 5.24 Glm4MoeTopkRouter.forward, modeling_glm4_moe.py:282-307), in
-        fp32: scores sigmoid(logits); the choice reads scores + e_score_correction_bias, limited to the experts of the
-        topk_group groups whose two best biased scores sum highest; the weights are the chosen experts' unbiased
-        scores, renormalised (norm_topk_prob, + 1e-20 as there) and times routed_scaling_factor."""
-        scores = torch.sigmoid(logits.float())
+        """DeepSeek-V3's choice (transformers 5.24 Glm4MoeTopkRouter.forward, modeling_glm4_moe.py:282-307), in the
+        logits' dtype as there: scores sigmoid(logits); the choice reads scores + e_score_correction_bias, limited to
+        the experts of the topk_group groups whose two best biased scores sum highest; the weights are the chosen
+        experts' unbiased scores, renormalised (norm_topk_prob, + 1e-20 as there) and times routed_scaling_factor."""
+        scores = torch.sigmoid(logits)
         bias = getattr(self.gate, "e_score_correction_bias", None)
-        choice = scores if bias is None else scores + bias.float()
+        choice = scores if bias is None else scores + bias
         if self.n_group > 1:
             groups = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
             best = torch.topk(groups.topk(2, dim=-1)[0].sum(dim=-1), self.topk_group, dim=-1, sorted=False)[1]

@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 
-from pipeline.model.quant_layout import BITS, NOT_QUANTIZED, Quantization
+from pipeline.model.quant_layout import BITS, NOT_QUANTIZED, SPARSE_MOE_REFUSED, Quantization
 
 PIN = "bitsandbytes==0.50.2"  # requirements.txt's line
 INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig llm_int8_threshold default (LLM.int8()'s outlier threshold)
@@ -55,9 +55,7 @@ def quantize_model(model: nn.Module, spec: Quantization, compute_dtype: torch.dt
         raise UserError(f"quantization_bit: given {spec.bits}, expected 4 or 8 (bitsandbytes)")
     cfg = getattr(model, "cfg", None)
     if cfg is not None and getattr(cfg, "n_experts", 0):
-        raise UserError("quantization_bit: a sparse MoE model is not quantized here (transformers' bnb quantizer "
-                        "leaves its fused experts and router unquantized, ours are per-expert Linears); quantization_bit "
-                        "works on dense Llama / Qwen / Mistral / Gemma / Phi-3 / GPT-2 checkpoints: remove the key")
+        raise UserError("quantization_bit: " + SPARSE_MOE_REFUSED)
     bnb = bitsandbytes()
     if spec.bits == 8:
         quiet_int8_cast()

@@ -72,7 +72,7 @@ REFUSE = ("stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_target", 
           "disable_shuffling", "pissa_init", "pissa_iter",
           "new_special_tokens", "add_special_tokens", "add_tokens", "new_special_tokens_config", "init_special_tokens",
           "split_special_tokens",
-          "resize_vocab")
+          "resize_vocab", "quantization_bit", "quantization_type", "double_quantization")
 APPLY = ("learning_rate", "weight_decay", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "min_lr_ratio",
          "max_steps", "num_train_epochs", "max_grad_norm", "dropout", "lora_dropout", "l1_lambda",
          "moe_aux_loss_coef", "neftune_noise_alpha", "label_smoothing_factor", "use_dft_loss", "use_eaft_loss", "eaft_alpha",
@@ -338,9 +338,12 @@ def _comparable(key: str, value: Any, values: Mapping[str, Any]) -> Any:
     """What a resume compares of a recipe value (`values`: the recipe, or the checkpoint's saved values, it belongs to):
     the optimizer `optim` builds, not its name (the AdamW names are one optimizer and state, so switching between them
     is no change); optim_args as the keyword arguments transformers' Trainer passes that optimizer (spaces, order and
-    the keys it ignores are no change: under AdamW or adafactor all of them); every other value as it is."""
+    the keys it ignores are no change: under AdamW or adafactor all of them); quantization_type and
+    double_quantization only under quantization_bit 4; every other value as it is."""
     from pipeline.model.optimizer_state import effective_optim_args, optimizer_named
 
+    if key in ("quantization_type", "double_quantization") and values.get("quantization_bit") != 4:
+        return None  # only a 4-bit base reads them (the recipe notices say so): not a change of the model without it
     if key == "optim" and isinstance(value, str):
         return optimizer_named(value)
     if key == "optim_args" and isinstance(value, str):

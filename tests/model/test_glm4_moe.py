@@ -108,17 +108,17 @@ def test_the_routing_is_transformers_and_the_bias_and_groups_change_it(checkpoin
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _, want_w, want_i = theirs.gate(x)
-        got_w, got_i = block._deepseek_route(block.gate(x))
+        _, got_w, got_i = block.route(x)
         order_w, order_g = want_i.sort(-1), got_i.sort(-1)
         assert torch.equal(order_w.values, order_g.values)
         assert torch.allclose(got_w.gather(1, order_g.indices), want_w.gather(1, order_w.indices), atol=1e-6, rtol=0)
         assert torch.allclose(block(x), theirs(x), atol=1e-6, rtol=0)
         saved = block.gate.e_score_correction_bias.clone()
         block.gate.e_score_correction_bias.zero_()
-        unbiased = block._deepseek_route(block.gate(x))[1].sort(-1).values
+        unbiased = block.route(x)[2].sort(-1).values
         block.gate.e_score_correction_bias.copy_(saved)
         block.n_group = 1
-        ungrouped = block._deepseek_route(block.gate(x))[1].sort(-1).values
+        ungrouped = block.route(x)[2].sort(-1).values
         block.n_group = 4
     assert len({tuple(r) for r in order_g.values.tolist()}) > 8  # the rows choose many pairs
     assert not torch.equal(unbiased, order_g.values) and not torch.equal(ungrouped, order_g.values)

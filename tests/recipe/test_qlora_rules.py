@@ -110,3 +110,14 @@ def test_gpt_oss_as_the_hub_ships_it_is_not_a_prequantized_checkpoint(write, tmp
     assert resolve(write("r.yaml", BASE.replace("tiny", "gpt-oss")))["model_name_or_path"] == "gpt-oss"
     write("l.yaml", BASE.replace("tiny", "llama-mxfp4"))
     assert [e.split(": ", 2)[1] for e in errors("l.yaml")] == ["model_name_or_path"]
+
+
+def test_a_sparse_moe_model_is_refused_before_the_run(write):
+    """quantize_model refuses a sparse MoE model at load (its experts are no Linears in transformers 5's bnb
+    quantizer); validate and plan say so first, at the key, instead of passing a recipe train then refuses."""
+    write("moe.yaml", QLORA.replace("tiny", "glm-4.5-air"))
+    assert errors("moe.yaml") == [
+        "moe.yaml:5:19: quantization_bit: given 4 with model_name_or_path: glm-4.5-air: a sparse MoE model is not "
+        "quantized here (transformers' bnb quantizer leaves its fused experts and router unquantized, ours are "
+        "per-expert Linears); quantization_bit works on dense Llama / Qwen / Mistral / Gemma / Phi-3 / GPT-2 "
+        "checkpoints: remove the key"]

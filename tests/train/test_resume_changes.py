@@ -90,7 +90,8 @@ def test_adam_betas_are_kept_from_the_checkpoint_with_a_notice(make_recipe, firs
     (dict(split_special_tokens=True), "split_special_tokens is true but"),  # other ids for the same rows
     (dict(optim="sgd"), "optim is \"sgd\" but"),  # another optimizer: SGD keeps no Adam moments
     # the checkpoint's param groups would bring back the old momentum, eps, ... (torch's load_state_dict)
-], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens", "optim"])
+    (dict(quantization_bit=4), "quantization_bit is 4 but"),  # the adapter trained beside another base (QLoRA)
+], ids=["model", "data", "template", "shape", "loraplus", "muon", "split_special_tokens", "optim", "qlora"])
 def test_model_data_and_shape_changes_are_refused(make_recipe, first_run, changes, fragment):
     with pytest.raises(UserError) as err:
         resume(make_recipe, **changes)

@@ -1,7 +1,8 @@
 """Rules on QLoRA's keys (quantization_bit, quantization_method; pipeline.model.quantize) against what they read
-besides: the fine-tuning method (finetuning_type), the stage, PiSSA (pissa_init) and the ZeRO stage (zero_stage,
-deepspeed: a deepspeed JSON's stage is train's preflight, quantization_zero3). A pre-quantized checkpoint (config.json
-with a quantization_config) is refused where every config.json is read (pipeline.model.families._quantized).
+besides: the fine-tuning method (finetuning_type), the stage, PiSSA (pissa_init), a sparse MoE model
+(model_name_or_path) and the ZeRO stage (zero_stage, deepspeed: a deepspeed JSON's stage is train's preflight,
+quantization_zero3). A pre-quantized checkpoint (config.json with a quantization_config) is refused where every
+config.json is read (pipeline.model.families._quantized).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def quantization_zero3(v: Mapping[str, Any]) -> str | None:
     return ZERO3_REFUSED
 
 
-@rule("quantization_bit", "quantization_method", "finetuning_type", "stage", "pissa_init", "zero_stage", "deepspeed")
+@rule("quantization_bit", "quantization_method", "finetuning_type", "stage", "pissa_init", "zero_stage", "deepspeed",
+      "model_name_or_path")
 def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, for stages pt and sft,
     at ZeRO 0-2; everything else it is combined with is said here, one message per key."""
@@ -50,6 +52,13 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     if v["pissa_init"]:
         problems.append(("pissa_init", f"given true {given}: PiSSA's SVD needs the unquantized weights (LLaMA-Factory: "
                                        "'Cannot initialize PiSSA adapter on quantized models.'); remove pissa_init"))
+    from pipeline.model.quant_layout import SPARSE_MOE_REFUSED
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is not None and info.config.n_experts:  # quantize_model's refusal at load, said before the run
+        problems.append(("quantization_bit", f"given {v['quantization_bit']} with model_name_or_path: "
+                                             f"{v['model_name_or_path']}: {SPARSE_MOE_REFUSED}"))
     if v["deepspeed"] is None and (why := quantization_zero3(v)):
         problems.append(("zero_stage", f"given 3 {given}: " + why.format(fix="set zero_stage: 2 (or lower)")))
     return problems
