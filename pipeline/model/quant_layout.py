@@ -13,6 +13,13 @@ NOT_QUANTIZED = ("lm_head", "score")  # transformers' get_keys_to_not_convert: t
 SPARSE_MOE_REFUSED = ("a sparse MoE model is not quantized here (transformers' bnb quantizer leaves its fused experts "
                       "and router unquantized, ours are per-expert Linears); quantization_bit works on dense Llama / "
                       "Qwen / Mistral / Gemma / Phi-3 / GPT-2 checkpoints: remove the key")
+
+
+def is_quantized_path(path: str) -> bool:
+    """Whether QLoRA quantizes the Linear at this module path: all but the output heads (NOT_QUANTIZED)."""
+    return path.split(".")[-1] not in NOT_QUANTIZED
+
+
 BLOCK = 64          # values per absmax block (bitsandbytes' Params4bit blocksize)
 NESTED_BLOCK = 256  # double quantization: absmax values per second-level block
 
@@ -57,5 +64,5 @@ def quantized_bytes(out_features: int, in_features: int, spec: Quantization) -> 
 def base_weight_bytes(linears: list[tuple[str, int, int]], spec: Quantization, width: int) -> tuple[float, float]:
     """(bytes of the quantized weights, bytes the same weights take at `width` bytes a value) over the base's Linears
     (path, in, out) that are quantized: what plan's memory estimate puts in place of the unquantized count."""
-    chosen = [(i, o) for name, i, o in linears if name.split(".")[-1] not in NOT_QUANTIZED]
+    chosen = [(i, o) for name, i, o in linears if is_quantized_path(name)]
     return sum(quantized_bytes(o, i, spec) for i, o in chosen), float(sum(i * o * width for i, o in chosen))

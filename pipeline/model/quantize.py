@@ -25,7 +25,7 @@ from torch import nn
 
 from pipeline.errors import UserError
 
-from pipeline.model.quant_layout import BITS, NOT_QUANTIZED, SPARSE_MOE_REFUSED, Quantization
+from pipeline.model.quant_layout import BITS, SPARSE_MOE_REFUSED, Quantization, is_quantized_path
 
 PIN = "bitsandbytes==0.50.2"  # requirements.txt's line
 INT8_THRESHOLD = 6.0  # transformers' BitsAndBytesConfig llm_int8_threshold default (LLM.int8()'s outlier threshold)
@@ -43,8 +43,7 @@ def bitsandbytes() -> ModuleType:
 
 def quantized_names(model: nn.Module) -> list[str]:
     """The Linears transformers' bnb quantizer would convert: all but the output heads."""
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.split(".")[-1] not in NOT_QUANTIZED]
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and is_quantized_path(name)]
 
 
 def quantize_model(model: nn.Module, spec: Quantization, compute_dtype: torch.dtype) -> list[str]:
