@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.names import split_names, trains_adapter
+from pipeline.model.expert_lora import FUSED, PAIR, expert_of
 from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, hf_fields, HF_CONFIG, WRAPPERS, wrapped_family
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
@@ -903,6 +904,9 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
             problems.append(f"{key}: '{pattern}' matches no module{did_you_mean(pattern, leaves + short)}; available:"
                             f" all, {', '.join(short)} (in every block {block}.0 .. {block}.N; a full path such as"
                             f" {example} picks one block)")
+        if key == "lora_target" and bare in expert_names(fam):  # every expert's Linear of that name (PEFT's)
+            chosen.update(n for n in hit if expert_of(n))
+            continue
         if blocked := [n for n in hit if moe_blocked(fam, n, key, every)]:
             if key == "lora_target" and fam.moe and fam.moe.lora_mlp and len(blocked) < len(hit):
                 # gate_proj on Qwen2-MoE: PEFT adapts the shared expert's and dense blocks' Linears of that name,
@@ -912,9 +916,31 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
                 problems.append(moe_target_message(fam, key, pattern, blocked))
                 continue
         chosen.update(hit)
+    problems += expert_pair_problems(fam, chosen)
     if problems:
         raise UserError(problems)
     return [n for n in ours if n in chosen and not any(n.startswith(c + ".") for c in chosen)]
+
+
+def expert_names(fam: Family) -> dict[str, str]:
+    """The lora_target names of a sparse block's expert Linears (the family's: gate_proj / up_proj / down_proj,
+    Mixtral's w1 / w3 / w2) -> ours, where the family trains LoRA on its experts (MoeKeys.expert_lora); else {}."""
+    if not (fam.moe and fam.moe.expert_lora):
+        return {}
+    return {fam.to_hf(f"layers.0.mlp.experts.0.{linear}").rsplit(".", 1)[-1]: linear for linear in FUSED}
+
+
+def expert_pair_problems(fam: Family, chosen: Iterable[str]) -> list[str]:
+    """gate_proj without up_proj (or the reverse): PEFT 0.21 fuses the two into gate_up_proj and raises
+    ("Cannot convert PEFT target(s) gate_proj without also targeting up_proj", transformers_weight_conversion.py:443)."""
+    picked = {e[2] for n in chosen if (e := expert_of(n))}
+    if len(picked & set(PAIR)) != 1:
+        return []
+    shown = {ours: name for name, ours in expert_names(fam).items()}
+    given, missing = (shown[p] for p in (PAIR if PAIR[0] in picked else PAIR[::-1]))
+    return [f"lora_target: '{given}' without '{missing}': transformers 5 holds each expert's two as one fused"
+            f" tensor (mlp.experts.gate_up_proj) and PEFT 0.21 refuses one without the other ({expert_sets(fam)}); add"
+            f" {missing} to lora_target or take {given} out"]
 
 
 def moe_blocked(fam: Family, name: str, key: str, names: set[str]) -> bool:
@@ -928,20 +954,30 @@ def moe_blocked(fam: Family, name: str, key: str, names: set[str]) -> bool:
         return ".mlp.experts." in name or name.endswith(".mlp.gate") if fam.moe.lora_mlp else ".mlp." in name
     return ".mlp.gate." in name + "." or ".mlp.experts" in name or name + ".gate" in names
 
+def expert_sets(fam: Family) -> str:
+    """The sets of expert names lora_target takes on this family (the sets PEFT 0.21 converts and loads back)."""
+    gate, up, down = expert_names(fam)
+    return (f"the experts take LoRA by their bare names, on every expert of every sparse block: {gate}, {up} and"
+            f" {down} together, {down} alone, or {gate} and {up} together")
+
+
 def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) -> str:
     """Why a MoE model's MLP modules take no adapter, nor modules_to_save (checked against transformers 5.24 and
     PEFT 0.21): Qwen3MoeForCausalLM holds each sparse block's experts as two fused 3-D parameters
     (mlp.experts.gate_up_proj, mlp.experts.down_proj) and its router as a Qwen3MoeTopKRouter, not Linears; PEFT
     re-targets the names gate_proj / up_proj / down_proj / gate onto those parameters (target_parameters, its v4 ->
-    v5 conversion, also for a dense block's gate_proj, whose own adapter it then drops) and converts a per-expert
-    adapter file only for some sets of names. Measured with this pipeline's per-expert adapters on a 2-block,
-    4-expert model: gate_proj + up_proj + down_proj together, down_proj alone and the router gate load with our
-    logits; gate_proj + up_proj without down_proj, and one expert's modules, load as the base model without a
-    word; gate_proj alone raises. Enabling the sets that load (with OFT / DoRA, which PEFT does not convert, kept
-    off) is not done here. A modules_to_save copy of a block is stored under the fused names. LLaMA-Factory's
-    lora_target: all (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on
-    this model."""
+    v5 conversion, also for a dense block's gate_proj, whose own adapter it then drops). Where the family trains the
+    experts (MoeKeys.expert_lora: pipeline.model.expert_lora) the bare names take them; any other pattern reaching an
+    expert (one expert's or one block's path) would still adapt every expert in PEFT (its conversion matches the
+    name's end), the router `gate` and a dense block's MLP are not done here. LLaMA-Factory's lora_target: all
+    (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on this model."""
     shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
+    if key == "lora_target" and expert_names(fam):
+        return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}) that take no LoRA"
+                f" here: {expert_sets(fam)}"
+                " (PEFT 0.21 re-targets those names onto transformers 5's fused expert tensors, whatever path they"
+                " are given with); the router (gate) and a dense block's MLP are not adapted. Use those names, or"
+                " finetuning_type: full or freeze to train the router too")
     if key == "lora_target":
         takes = ("the attention projections, the shared expert (shared_expert.gate_proj / up_proj / down_proj),"
                  " shared_expert_gate and a dense block's MLP") if fam.moe and fam.moe.lora_mlp else \
@@ -1293,6 +1329,19 @@ def adapter_tensors(m: ModuleSpec, finetuning_type: str, lora_rank: int, use_dor
             ] + ([TensorSpec(f"{m.name}.magnitude", (m.out_dim,), adapter=True)] if use_dora else [])
 
 
+def fused_adapter_tensors(m: ModuleSpec, finetuning_type: str, lora_rank: int, use_dora: bool,
+                          oft: tuple[int, int] | None) -> list[TensorSpec]:
+    """adapter_tensors, but an expert's gate_proj and up_proj share one pair of rank 2 lora_rank over both
+    (pipeline.model.expert_lora: PEFT's LoRA on the fused gate_up_proj), counted on gate_proj."""
+    expert = expert_of(m.name)
+    if expert is None or expert[2] not in PAIR:
+        return adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)
+    if expert[2] != PAIR[0]:
+        return []
+    return [TensorSpec(f"{m.name}.lora.A", (m.in_dim, 2 * lora_rank), adapter=True),
+            TensorSpec(f"{m.name}.lora.B", (2 * lora_rank, 2 * m.out_dim), adapter=True)]
+
+
 def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8,
                       lora_target: str | Iterable[str] | None = "all", freeze_trainable_layers: int = 2,
                       additional_target: str | Iterable[str] | None = None, use_dora: bool = False,
@@ -1316,7 +1365,7 @@ def trainable_tensors(cfg: ModelConfig, finetuning_type: str, lora_rank: int = 8
         kept = set(adapted([m.name for m in targets], normalise_targets(additional_target) if additional_target
                            else [], cfg.hf))  # a module trained in full takes none
         adapters = [t for m in targets if m.name in kept
-                    for t in adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
+                    for t in fused_adapter_tensors(m, finetuning_type, lora_rank, use_dora, oft)]
         if resize_vocab and additional_target is None:
             extra = {m.name: m for m in layout(cfg) if m.name in vocab_modules(cfg)}
         if cfg.tie_weights and "lm_head" in extra and "embed_tokens" in extra:

@@ -205,6 +205,11 @@ class MoeKeys:
     # the sigmoid router with its e_score_correction_bias, n_group / topk_group and routed_scaling_factor; no
     # load-balancing loss (the model computes none: router_loss False)
     deepseek: bool = False
+    # lora_target may name the experts' Linears (gate_proj / up_proj / down_proj; Mixtral's w1 / w3 / w2): trained as
+    # PEFT 0.21 trains them on transformers 5's fused expert tensors (pipeline.model.expert_lora), where the model
+    # type's conversion maps them (transformers' qwen2_moe / mixtral patterns) and PEFT loads the adapter back
+    # with our logits (tests/model/test_moe_expert_lora.py)
+    expert_lora: bool = False
 
 
 HEADS = ("lm_head", "score")  # top-level in every HF class (XForCausalLM / XForSequenceClassification): no prefix
@@ -280,7 +285,8 @@ QWEN3_MOE = Family(name="qwen3_moe", architecture="Qwen3MoeForCausalLM",
                    config_defaults=(("max_position_embeddings", 32768), ("intermediate_size", 6144),
                                     ("sliding_window", 4096)),
                    sliding_window="flag", qk_norm=True, bias_keys=("attention_bias",),
-                   moe=MoeKeys("num_experts", "moe_intermediate_size", defaults=tuple(MOE_DEFAULTS.items())))
+                   moe=MoeKeys("num_experts", "moe_intermediate_size", defaults=tuple(MOE_DEFAULTS.items()),
+                               expert_lora=True))
 # Mixtral-8x7B / 8x22B (v0.1, Instruct): Mistral's attention (no biases, GQA, sliding_window in every layer when
 # set) with a sparse block in every layer: 8 experts of width intermediate_size, top-2 weights always renormalised
 # (MixtralTopKRouter). The hub (and transformers 5's save_pretrained: conversion_mapping.py's "mixtral" entry,
@@ -298,7 +304,7 @@ MIXTRAL = Family(name="mixtral", architecture="MixtralForCausalLM",
                                   ("intermediate_size", 14336)),
                  sliding_window="every", bias_keys=(),
                  moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
-                             router_weights_fp32=True,
+                             router_weights_fp32=True, expert_lora=True,
                              defaults=(("num_local_experts", 8), ("num_experts_per_tok", 2),
                                        ("router_aux_loss_coef", 0.001))))
 # Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B: Qwen2's attention (q/k/v biases: qkv_bias, true where absent) with sparse blocks

@@ -37,9 +37,12 @@ from torch.nn import functional as F
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
 from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family_of_model, head_is_tied,
-                                    is_reward_model, linear_names, replace_linears, saved_modules, train_additional)
+                                    is_reward_model, linear_names, replace_linears, saved_modules, train_additional,
+                                    upcast_adapter)
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates,
                                    moe_blocked)
+from pipeline.model.expert_lora import FUSED, PAIR, expert_of, fuse, fused_parts, parts_of_config, peft_fields, \
+    peft_module, split
 from pipeline.model.families import Family
 from pipeline.model.quantize import adapter_dtype, dequantized_weight
 from pipeline.model.weights import read_tensors
@@ -165,6 +168,75 @@ class LinearWithDoRA(LinearWithLoRA):
         return zero
 
 
+class LinearWithFusedLoRA(AdapterLinear):
+    """One expert's gate_proj or up_proj under the LoRA PEFT trains on transformers 5's fused gate_up_proj
+    (pipeline.model.expert_lora): one pair of rank 2 rank and alpha 2 alpha over the expert's [gate; up] rows, A
+    shared by both halves, B dense (2I x 2 rank). The gate_proj wrapper holds the pair (`lora`, a LoRALayer hidden ->
+    2I); the up_proj wrapper reads it (`owner`) and adds the second half of the rows. Same scale as a LoRA of rank r
+    (2 alpha / 2r), rsLoRA's 2 alpha / sqrt(2r) as PEFT's alpha_pattern and rank_pattern give it."""
+
+    RECIPE_KEYS = LinearWithLoRA.RECIPE_KEYS
+    use_dora = False
+
+    def __init__(self, linear: nn.Linear, rank: int, alpha: float, use_rslora: bool = False,
+                 generator: torch.Generator | None = None, owner: "LinearWithFusedLoRA | None" = None):
+        super().__init__(linear)
+        self.rank, self.alpha = rank, alpha  # the recipe's, as adapter_config.json's r / lora_alpha say them
+        self.half = 0 if owner is None else 1  # gate_proj's rows, then up_proj's
+        if owner is None:
+            self.lora = LoRALayer(linear.in_features, 2 * linear.out_features, 2 * rank, 2 * alpha, use_rslora,
+                                  generator)
+            self.lora.to(device=linear.weight.device, dtype=adapter_dtype(linear))
+        self._owner = (owner,) if owner is not None else ()  # a tuple: the pair is registered once, on gate_proj
+
+    @property
+    def pair(self) -> LoRALayer:
+        return self._owner[0].lora if self._owner else self.lora
+
+    def _rows(self) -> slice:
+        out = self.linear.out_features
+        return slice(self.half * out, (self.half + 1) * out)
+
+    def peft_config(self, family: Family) -> dict[str, Any]:
+        return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": 0.0, "use_rslora": self.pair.use_rslora,
+                "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.linear(x)
+        if self.disabled:
+            return result
+        pair = self.pair
+        update = (x.to(pair.A.dtype) @ pair.A) @ (pair.B[:, self._rows()] * pair.scaling)
+        return (result + update).to(result.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.linear.weight.float() + self.pair.delta_weight()[self._rows()].float()
+
+    def peft_params(self) -> dict[str, tuple[nn.Parameter, bool]]:
+        """The pair's tensors on the gate_proj wrapper (upcast_adapter, Adafactor's layout read them); the file holds
+        them fused over the experts (expert_lora.fuse), not under this module's name."""
+        return {} if self._owner else {"lora_A.weight": (self.lora.A, True), "lora_B.weight": (self.lora.B, True)}
+
+    def unchanged_by(self) -> str | None:
+        pair = self.pair
+        return next((name for name, param in (("lora_B", pair.B[:, self._rows()]), ("lora_A", pair.A))
+                     if not param.any()), None)
+
+
+def wrap_fused_pairs(model: nn.Module, paths: list[str], rank: int, alpha: float, use_rslora: bool,
+                     generator: torch.Generator | None) -> list[str]:
+    """Each expert's gate_proj and up_proj among `paths` as one LinearWithFusedLoRA pair (gate_proj's holds it)."""
+    wrapped = []
+    for path in sorted(p for p in paths if p.endswith(".gate_proj")):
+        up = path.removesuffix("gate_proj") + "up_proj"
+        gate = upcast_adapter(LinearWithFusedLoRA(model.get_submodule(path), rank, alpha, use_rslora, generator))
+        model.set_submodule(path, gate.train(gate.linear.training))
+        second = LinearWithFusedLoRA(model.get_submodule(up), rank, alpha, owner=gate)
+        model.set_submodule(up, second.train(second.linear.training))
+        wrapped += [path, up]
+    return wrapped
+
+
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, targets: set[str] | None = None,
                              dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
                              generator: torch.Generator | None = None, prefix: str = "") -> list[str]:
@@ -203,8 +275,12 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     # a CPU generator whatever the model's device: LoRALayer draws A on the host before moving it to the base
     # layer's device (a CUDA generator cannot draw into a CPU tensor), so a seed gives the same A on every machine
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen), dropout=dropout,
+    pairs = [n for n in chosen if (e := expert_of(n)) is not None and e[2] in PAIR]
+    if (pairs or fused_parts(chosen)) and (dropout or use_dora):  # PEFT's ParamWrapper refuses both
+        raise ValueError("LoRA on MoE experts takes no lora_dropout and no DoRA (PEFT's ParamWrapper refuses both)")
+    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen) - set(pairs), dropout=dropout,
                                         use_rslora=use_rslora, use_dora=use_dora, generator=generator)
+    replaced += wrap_fused_pairs(model, pairs, rank, alpha, use_rslora, generator)
     if pissa_iter is not None or pissa_start is not None:
         init_pissa(model, PISSA_EXACT if pissa_iter is None else pissa_iter, seed, pissa_start)
     train_additional(model, extra)
@@ -425,13 +501,38 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     family = family_of_model(model)
     out: dict[str, torch.Tensor] = {}
     for name, wrapper in lora_modules(model).items():
+        if expert_of(name):  # fused over the experts below
+            continue
         key = PEFT_PREFIX + family.to_hf(name)
         for suffix, (param, transposed) in wrapper.peft_params().items():
             out[f"{key}.{suffix}"] = param.detach().t() if transposed else param.detach()
     for name in getattr(model, "_lora_additional", []):
         for pname, tensor in model.get_submodule(name).state_dict().items():
             out[f"{PEFT_PREFIX}{family.to_hf(name)}.{pname}"] = _hf_layout(family, f"{name}.{pname}", tensor.detach())
+    for key, (params, _) in expert_params(model).items():
+        lora_a, lora_b = fuse([(a.detach().t(), b.detach().t()) for a, b in params])
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = lora_a, lora_b
     return out
+
+
+def expert_params(model: nn.Module) -> dict[str, tuple[list[tuple[nn.Parameter, nn.Parameter]], str]]:
+    """PEFT's key of each fused expert adapter (expert_lora.peft_module, prefixed) -> (each expert's (A, B), ours,
+    in expert order; the fused parameter): gate_up_proj's pairs held by the gate_proj wrappers, down_proj's by the
+    down_proj LinearWithLoRAs. Every expert of a block is adapted (lora_target takes the names on every expert)."""
+    family = family_of_model(model)
+    wrappers = {n: w for n, w in lora_modules(model).items() if expert_of(n)}
+    parts = fused_parts(wrappers)
+    found: dict[str, dict[int, tuple[nn.Parameter, nn.Parameter]]] = {}
+    fused: dict[str, str] = {}
+    for name, wrapper in wrappers.items():
+        block, expert, linear = expert_of(name)  # type: ignore[misc]
+        if linear == "up_proj":
+            continue
+        part = "gate_up_proj" if linear == "gate_proj" else "down_proj"
+        key = PEFT_PREFIX + family.prefix + peft_module(block, part, parts)
+        found.setdefault(key, {})[expert] = (wrapper.lora.A, wrapper.lora.B)
+        fused[key] = part
+    return {key: ([pairs[e] for e in sorted(pairs)], fused[key]) for key, pairs in found.items()}
 
 
 def _hf_layout(family: Family, param: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -447,6 +548,9 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     same leaf names (SigLIP's q_proj), which a suffix would adapt in PEFT too (LLaMA-Factory's patch_target_modules
     lists the language model's modules by full name for the same reason)."""
     family = family_of_model(model)
+    names = [n for n in names if not expert_of(n)]  # PEFT's target_parameters (expert_lora.peft_fields)
+    if not names:
+        return []
     if family.carried:
         return [family.to_hf(n) for n in names]
     candidates = [n for n in lora_candidates(linear_names(model)) + list(lora_modules(model))
@@ -489,6 +593,7 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         "base_model_name_or_path": None,
         **first.peft_config(family),
         "target_modules": _target_modules(model, list(wrappers)),
+        **peft_fields(fused_parts(wrappers), first.peft_config(family)["r"], first.peft_config(family)["lora_alpha"]),
         "bias": "none",
         "modules_to_save": [family.to_hf(n) for n in additional] or None,
         "inference_mode": True,
@@ -552,6 +657,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: peft_type {json.dumps(peft_type)} is not supported (LORA or OFT)")
     problems = []
     for key, ok, expected in _required_keys(peft_type):
+        if key == "target_modules" and config.get(key) == [] and config.get("target_parameters"):
+            continue  # only MoE experts adapted: PEFT writes target_modules [] beside target_parameters
         if key not in config:
             problems.append(f"{path}: missing key '{key}'")
         elif not ok(config[key]):
@@ -560,7 +667,16 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         from pipeline.model.oft import oft_config_problems
 
         problems += [f"{path}: {problem}" for problem in oft_config_problems(config)]
-    unsupported = [(k, config[k]) for k in PEFT_UNSUPPORTED if config.get(k) not in (None, False, {}, [])]
+    fused: tuple[str, ...] = ()
+    if config.get("target_parameters"):  # LoRA on MoE experts, as PEFT writes it: those keys in exactly its form
+        fused = ("target_parameters", "rank_pattern", "alpha_pattern")
+        if not problems:
+            try:
+                parts_of_config(config)
+            except ValueError as err:
+                problems.append(f"{path}: {err}")
+    unsupported = [(k, config[k]) for k in PEFT_UNSUPPORTED
+                   if k not in fused and config.get(k) not in (None, False, {}, [])]
     if config.get("bias", "none") not in ("none", None):
         unsupported.append(("bias", config["bias"]))
     accepted = {"bias": '"none"'}  # what the message asks for instead of the value given
@@ -630,6 +746,15 @@ def _tied_tensors(model: nn.Module, config: Mapping[str, Any], tensors: dict[str
                     f" {ADAPTER_CONFIG}")
 
 
+def expert_targets(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
+    """The lora_target names (the family's: gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2) of the fused
+    expert parameters an adapter_config.json targets (read_adapter_config checked them)."""
+    family = family_of_model(model)
+    parts = set(config.get("target_parameters") or [])
+    ours = [linear for linear, part in FUSED.items() if part in parts]
+    return [family.to_hf(f"layers.0.mlp.experts.0.{linear}").rsplit(".", 1)[-1] for linear in ours]
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     """Load a PEFT-layout adapter; injects LoRA from adapter_config.json unless the model already has it.
 
@@ -657,7 +782,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         _check_settings(existing, config, directory / ADAPTER_CONFIG, family_of_model(model))
     else:
         targets = config["target_modules"]
-        targets = [targets] if isinstance(targets, str) else targets
+        targets = ([targets] if isinstance(targets, str) else targets) + expert_targets(model, config)
         if config.get("peft_type", "LORA") == "OFT":
             from pipeline.model.oft import apply_oft_config
 
@@ -686,10 +811,17 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     family = family_of_model(model)
     with torch.no_grad():
         for name, wrapper in lora_modules(model).items():
+            if expert_of(name):
+                continue
             key = PEFT_PREFIX + family.to_hf(name)
             for suffix, (param, transposed) in wrapper.peft_params().items():
                 value = tensors[f"{key}.{suffix}"]
                 param.copy_(value.t() if transposed else value)
+        for key, (params, _) in expert_params(model).items():
+            for (a, b), (lora_a, lora_b) in zip(params, split(tensors[f"{key}.lora_A.weight"],
+                                                              tensors[f"{key}.lora_B.weight"], len(params))):
+                a.copy_(lora_a.t())
+                b.copy_(lora_b.t())
         for name in getattr(model, "_lora_additional", []):
             for pname, param in model.get_submodule(name).named_parameters():
                 param.copy_(_hf_layout(family, f"{name}.{pname}",

@@ -182,7 +182,7 @@ def assert_lora_all_is_peft(path, ref, fresh, tmp_path) -> list[str]:
 
 
 @pytest.mark.parametrize("name,target,hf_name", [
-    ("mixtral", "w1", "block_sparse_moe.experts.0.w1"),           # the hub's expert names
+    ("mixtral", "experts.0.w1", "block_sparse_moe.experts.0.w1"),  # one expert (bare names: test_moe_expert_lora)
     ("mixtral", "block_sparse_moe.gate", "block_sparse_moe.gate"),
     ("qwen2_moe", "gate", "mlp.gate"),                             # the router
     ("qwen2_moe", "experts.0.up_proj", "mlp.experts.0.up_proj"),

@@ -61,6 +61,7 @@ ORDER = (
     model.reward_class_exists,
     stages.stage_only_keys,
     method.lora_targets_exist,
+    method.expert_lora_settings,
     method.moe_aux_loss_stages,
     tokenizer.template_fits_vocabulary,
     tokenizer.new_token_names_given,

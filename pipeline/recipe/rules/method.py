@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from pipeline.names import trains_adapter, uses_reference
+from pipeline.names import split_names, trains_adapter, uses_reference
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
 
@@ -137,6 +137,49 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
                 key = next((k for k in ADAPTER_KEYS if message.startswith(f"{k}: ")), "lora_target")
                 problems.append((key, message.removeprefix(f"{key}: ")))
     return problems
+
+
+@rule("model_name_or_path", "finetuning_type", "lora_target", "lora_dropout", "use_dora", "pissa_init",
+      "quantization_bit")
+def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
+    """LoRA on a MoE model's experts (pipeline.model.expert_lora) is PEFT's ParamWrapper on the fused expert tensors,
+    which raises for lora_dropout other than 0 and for DoRA (peft/tuners/lora/layer.py:2366-2373), reads no PiSSA
+    start (its pissa_init reads the base layer's `weight`, which the experts module has not) and is LoRA only (PEFT
+    converts expert names for LoRA alone); QLoRA on the fused experts is not done here."""
+    v = ctx.values
+    if not trains_adapter(v["finetuning_type"]):
+        return []
+    from pipeline.recipe.modelinfo import model_info
+
+    info = model_info(v["model_name_or_path"])
+    if info is None or not info.config.n_experts:
+        return []
+    from pipeline.errors import UserError
+    from pipeline.model.config import expert_names, lora_target_modules
+    from pipeline.model.expert_lora import expert_of
+
+    try:
+        experts = [m.name for m in lora_target_modules(info.config, v["lora_target"]) if expert_of(m.name)]
+    except UserError:  # lora_targets_exist says it
+        return []
+    if not experts:
+        return []
+    names = ", ".join(n for n in split_names(v["lora_target"]) if n in expert_names(info.config.hf))
+    why = (f"lora_target names the MoE experts ({names}), which PEFT 0.21 adapts as its ParamWrapper on transformers"
+           " 5's fused expert tensors")
+    wrong = [("finetuning_type", v["finetuning_type"] == "oft", "given oft; " + why + " for LoRA only: set"
+              " finetuning_type: lora, or take the expert names out of lora_target"),
+             ("lora_dropout", bool(v["lora_dropout"]), f"given {v['lora_dropout']}; {why}, which refuses dropout"
+              " (it cannot apply it to the input of one expert's weights): set lora_dropout: 0"),
+             ("use_dora", bool(v["use_dora"]), f"given true; {why}, which refuses DoRA: remove use_dora, or take"
+              " the expert names out of lora_target"),
+             ("pissa_init", bool(v["pissa_init"]), f"given true; {why}, which has no PiSSA start (its pissa_init"
+              " reads a weight the experts module has not): remove pissa_init, or take the expert names out of"
+              " lora_target"),
+             ("quantization_bit", bool(v["quantization_bit"]), f"given {v['quantization_bit']}; {why}: QLoRA on"
+              " the experts is not done here; remove quantization_bit, or take the expert names out of"
+              " lora_target")]
+    return [(key, message) for key, bad, message in wrong if bad]
 
 
 @rule("finetuning_type", "pissa_init", "use_dora", "adapter_name_or_path", "stage", "pref_loss", "ref_model",
