@@ -4,6 +4,7 @@ quantizing; `plan` (which must not import torch) counts the memory from here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,6 +19,13 @@ SPARSE_MOE_REFUSED = ("a sparse MoE model is not quantized here (transformers' b
 def is_quantized_path(path: str) -> bool:
     """Whether QLoRA quantizes the Linear at this module path: all but the output heads (NOT_QUANTIZED)."""
     return path.split(".")[-1] not in NOT_QUANTIZED
+
+
+# The tensors transformers' save_pretrained writes beside each bitsandbytes 4-bit weight (Params4bit's packed codes under
+# the Linear's `weight`): its QuantState.as_dict(packed=True), as the hub's unsloth/*-bnb-4bit files hold them
+# (group 1: the weight's key, group 2: the part, Params4bit.from_prequantized's quantized_stats key)
+STORED_4BIT_PART = re.compile(r"^(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map"
+                              r"|quant_state\.bitsandbytes__(?:nf4|fp4))$")
 
 
 BLOCK = 64          # values per absmax block (bitsandbytes' Params4bit blocksize)
@@ -66,3 +74,18 @@ def base_weight_bytes(linears: list[tuple[str, int, int]], spec: Quantization, w
     (path, in, out) that are quantized: what plan's memory estimate puts in place of the unquantized count."""
     chosen = [(i, o) for name, i, o in linears if is_quantized_path(name)]
     return sum(quantized_bytes(o, i, spec) for i, o in chosen), float(sum(i * o * width for i, o in chosen))
+
+
+def stored_quantization(quantization_config: Any) -> "Quantization | None":
+    """The bitsandbytes quantization a checkpoint's files hold, from its config.json quantization_config as
+    transformers' BitsAndBytesConfig.to_dict writes it (quant_method bitsandbytes; load_in_4bit with
+    bnb_4bit_quant_type and bnb_4bit_use_double_quant, whose BitsAndBytesConfig defaults are fp4 and false; or
+    load_in_8bit); None for an unquantized checkpoint and every other method (GPTQ, AWQ, FP8, gpt-oss's MXFP4)."""
+    q = quantization_config
+    if not isinstance(q, Mapping) or q.get("quant_method") != "bitsandbytes":
+        return None
+    if q.get("load_in_4bit") or q.get("_load_in_4bit"):
+        return Quantization(4, str(q.get("bnb_4bit_quant_type") or "fp4"), bool(q.get("bnb_4bit_use_double_quant")))
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        return Quantization(8)
+    return None

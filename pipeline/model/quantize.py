@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from types import ModuleType
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -71,14 +72,9 @@ def _quantized(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_d
     device, has_bias = linear.weight.device, linear.bias is not None
     weight = linear.weight.data
     if spec.bits == 4:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                  compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta")
+        layer = _linear4bit(bnb, linear, spec, compute_dtype)
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=spec.double_quant,
                                          quant_type=spec.quant_type, module=layer).to(device)
-        # bitsandbytes' CPU inference shortcut (avx512_bf16 CPUs, eval without grad) repacks the weight with its
-        # absmax rounded to bf16, and fails on layers narrower than a 64-value block: another model than the one
-        # that trained. Off, every device computes the reference dequantize + matmul (CUDA never takes it).
-        layer.support_avx512bf16_for_cpu = False
     else:
         layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
                                     threshold=INT8_THRESHOLD, device="meta")
@@ -86,6 +82,79 @@ def _quantized(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_d
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.train(linear.training)
+
+
+def _linear4bit(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_dtype: torch.dtype) -> nn.Module:
+    """An empty (meta) Linear4bit in place of `linear`, its matmul in `compute_dtype`; the caller gives it its weight."""
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=spec.double_quant,
+                              quant_type=spec.quant_type, device="meta")
+    # bitsandbytes' CPU inference shortcut (avx512_bf16 CPUs, eval without grad) repacks the weight with its absmax
+    # rounded to bf16, and fails on layers narrower than a 64-value block: another model than the one that trained.
+    # Off, every device computes the reference dequantize + matmul (CUDA never takes it).
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def stored_4bit(weight: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One stored 4-bit weight as bitsandbytes' Params4bit: its packed codes (the file's `weight`, uint8) and the
+    quant-state tensors save_pretrained wrote beside it (absmax, quant_map, with double quantization nested_absmax and
+    nested_quant_map, and quant_state.bitsandbytes__nf4 / __fp4: the shape, block size and dtype as packed JSON), read
+    as transformers' Bnb4bitDeserialize reads them (integrations/bitsandbytes.py: Params4bit.from_prequantized).
+    The result's quant_state.shape is the weight's (out x in)."""
+    bnb = bitsandbytes()
+    try:
+        return bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=dict(parts), requires_grad=False,
+                                                   device=weight.device)
+    except (ValueError, KeyError, AssertionError, TypeError) as err:
+        raise UserError(f"a bitsandbytes 4-bit weight whose quant state cannot be read ({sorted(parts)}: {err});"
+                        " the checkpoint may be truncated or written by another tool (save it again with"
+                        " transformers' save_pretrained)") from None
+
+
+def stored_4bit_layer(linear: nn.Linear, weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
+    """`linear` (its weight a placeholder; its bias loaded) as a frozen Linear4bit holding the stored Params4bit
+    `weight` (stored_4bit) as it is: the checkpoint's 4-bit codes are the base, never quantized again (re-quantizing
+    their dequantized values would not give the same codes under double quantization)."""
+    state = weight.quant_state
+    spec = Quantization(4, state.quant_type, state.nested)
+    layer = _linear4bit(bitsandbytes(), linear, spec, compute_dtype)
+    layer.weight = weight
+    layer.quant_state = state
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.train(linear.training)
+
+
+def load_stored_4bit(model: nn.Module, weights: Mapping[str, torch.Tensor], compute_dtype: torch.dtype) -> list[str]:
+    """Each Linear whose `<path>.weight` is in `weights` (stored_4bit's, by our parameter names) replaced by its
+    stored_4bit_layer; returns their paths. The Linears a checkpoint stores unquantized (the output head,
+    llm_int8_skip_modules) stay as they are, as transformers leaves them."""
+    paths = []
+    for name, weight in weights.items():
+        path = name.removesuffix(".weight")
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, stored_4bit_layer(getattr(owner, child), weight, compute_dtype))
+        paths.append(path)
+    return paths
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Every quantized Linear replaced by a plain fp32 Linear holding its dequantized weight (what its matmul
+    multiplies by): a pre-quantized base as merge folds an adapter into it, the 4-bit values written out in 16/32
+    bits, as unsloth's merged_16bit save does. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not is_quantized(module):
+            continue
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        plain.weight = nn.Parameter(dequantized_weight(module).float(), requires_grad=False)
+        if module.bias is not None:
+            plain.bias = nn.Parameter(module.bias.data.float(), requires_grad=False)
+        model.set_submodule(name, plain.train(module.training))
+        count += 1
+    return count
 
 
 class _Int8CastNotice(logging.Filter):
