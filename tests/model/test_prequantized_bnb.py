@@ -60,6 +60,7 @@ def args(path: Path, **quantization) -> ModelArgs:
                      tie_word_embeddings=None, **quantization)
 
 
+# nf4 with double quantization (unsloth's form) is also the CLI test's (tests/acceptance/test_prequantized_cli.py)
 @pytest.mark.parametrize("quant_type, double", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
 def test_the_stored_4bit_base_is_transformers_model_of_the_same_folder(tmp_path, quant_type, double):
     folder = write_bnb_4bit(tmp_path / "q", quant_type, double)
