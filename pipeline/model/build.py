@@ -164,9 +164,10 @@ def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
     from pipeline.model.quantize import Quantization, is_quantized, quantize_model
 
     spec = Quantization.of(args)
-    stored = sum(is_quantized(module) for module in model.modules())
+    stored = [module.weight.dtype for module in model.modules() if is_quantized(module)]
     if stored:  # a pre-quantized checkpoint: its codes are the base (resolve derived quantization_bit from it)
-        note(f"model: {stored} Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their "
+        bits = "8-bit (LLM.int8)" if torch.int8 in stored else "4-bit"
+        note(f"model: {len(stored)} Linears loaded as stored, bitsandbytes {bits} (a pre-quantized checkpoint), their "
              f"matmuls in {str(dtype).removeprefix('torch.')}")
     elif spec is not None:
         names = quantize_model(model, spec, dtype)

@@ -962,14 +962,13 @@ def dequantized_at_load(quantization: Mapping[str, Any], family: Family) -> bool
 
 def read_as_stored(quantization: Mapping[str, Any], family: Family) -> bool:
     """Whether the weight reader loads this checkpoint's quantized Linears as they are stored: bitsandbytes 4-bit
-    (the hub's unsloth/*-bnb-4bit; pipeline.model.quantize.stored_4bit_layer), of a dense family (a sparse MoE's
+    (the hub's unsloth/*-bnb-4bit) or 8-bit (pipeline.model.quantize.stored_layer), of a dense family (a sparse MoE's
     experts are no bnb Linears in transformers 5: pipeline.model.quant_layout.SPARSE_MOE_REFUSED)."""
-    spec = stored_quantization(quantization)
-    return spec is not None and spec.bits == 4 and family.moe is None
+    return stored_quantization(quantization) is not None and family.moe is None
 
 
 def _quantized(quantization: Mapping[str, Any], path: Any) -> str:
-    """Why a pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes 8-bit, a bnb 4-bit sparse MoE) is refused, with
+    """Why a pre-quantized checkpoint (GPTQ, AWQ, FP8, a bitsandbytes sparse MoE) is refused, with
     the fix: its files hold packed integer codes under the Linears' names, not the weights. Said once, here, where
     every path that reads a config.json passes (the recipe's model rules before a run included), instead of a shape
     mismatch for every Linear when the weights are read."""
@@ -979,8 +978,8 @@ def _quantized(quantization: Mapping[str, Any], path: Any) -> str:
            + (f" and set quantization_bit: {bits} to quantize it at load (bitsandbytes; the same quantization of the"
               " same weights)" if method == "bitsandbytes" else " (quantization_bit quantizes it with bitsandbytes at"
               " load)"))
-    read = ("only GptOssForCausalLM's MXFP4 experts are dequantized at load, and bitsandbytes 4-bit checkpoints of"
-            " dense models are read as stored")
+    read = ("only GptOssForCausalLM's MXFP4 experts are dequantized at load, and bitsandbytes 4-bit / 8-bit"
+            " checkpoints of dense models are read as stored")
     return (f"{path}: a pre-quantized checkpoint (quantization_config: quant_method {method}"
             + (f", {bits}-bit" if bits else "") + f"), whose stored quantized weights are not read here ({read});"
             f" {fix}")

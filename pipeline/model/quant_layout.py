@@ -21,11 +21,22 @@ def is_quantized_path(path: str) -> bool:
     return path.split(".")[-1] not in NOT_QUANTIZED
 
 
-# The tensors transformers' save_pretrained writes beside each bitsandbytes 4-bit weight (Params4bit's packed codes under
-# the Linear's `weight`): its QuantState.as_dict(packed=True), as the hub's unsloth/*-bnb-4bit files hold them
-# (group 1: the weight's key, group 2: the part, Params4bit.from_prequantized's quantized_stats key)
-STORED_4BIT_PART = re.compile(r"^(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map"
-                              r"|quant_state\.bitsandbytes__(?:nf4|fp4))$")
+# The tensors transformers' save_pretrained writes beside each bitsandbytes weight, as the hub's unsloth/*-bnb-4bit
+# files hold them: 4 bits, Params4bit's packed codes under the Linear's `weight` and its QuantState.as_dict(packed=True)
+# beside it (`weight.absmax`, ...: Params4bit.from_prequantized's quantized_stats keys); 8 bits, the int8 `weight` (out
+# x in) with the Linear's `SCB` (one fp32 scale a row) and `weight_format` (0: row-major)
+_STORED_4BIT_PART = re.compile(r"^(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map"
+                               r"|quant_state\.bitsandbytes__(?:nf4|fp4))$")
+_STORED_8BIT_PART = re.compile(r"^(.+)\.(SCB|weight_format)$")
+
+
+def stored_part(key: str) -> tuple[str, str] | None:
+    """(the weight's key, the part) for a tensor saved beside a bitsandbytes weight (a quant-state part); else None."""
+    four = _STORED_4BIT_PART.match(key)
+    if four:
+        return four.group(1), four.group(2)
+    eight = _STORED_8BIT_PART.match(key)
+    return (eight.group(1) + ".weight", eight.group(2)) if eight else None
 
 
 BLOCK = 64          # values per absmax block (bitsandbytes' Params4bit blocksize)
@@ -89,3 +100,12 @@ def stored_quantization(quantization_config: Any) -> "Quantization | None":
     if q.get("load_in_8bit") or q.get("_load_in_8bit"):
         return Quantization(8)
     return None
+
+
+def stored_keys(stored: Quantization) -> tuple[tuple[str, Any], ...]:
+    """The recipe keys (LLaMA-Factory's names) and values that describe a checkpoint stored as `stored`: the bit width,
+    and at 4 bits the data type and double quantization (at 8 bits those two have no effect)."""
+    if stored.bits == 8:
+        return (("quantization_bit", 8),)
+    return (("quantization_bit", 4), ("quantization_type", stored.quant_type),
+            ("double_quantization", stored.double_quant))

@@ -27,7 +27,7 @@ from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config
 from pipeline.model.families import GPT2, Family, check_exportable
 from pipeline.model.gpt import GPTModel
 from pipeline.model.memory import dense_weight
-from pipeline.model.quant_layout import STORED_4BIT_PART
+from pipeline.model.quant_layout import stored_part
 from pipeline.model.reward import new_score_weight
 from pipeline.model.safetensors_header import INDEX, SINGLE, shard_files
 
@@ -54,36 +54,37 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     directory, file_cfg, kind = _checkpoint(name_or_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     state = read_state_dict(directory, kind=kind, cfg=file_cfg, dtype=dtype, parts=parts)
-    stored = _stored_4bit(state, parts)
+    stored = _stored_quantized(state, parts)
     if cfg is not None and cfg.num_labels and not file_cfg.num_labels:  # a language model becomes a reward model
         state.pop("lm_head.weight", None)  # XForSequenceClassification has no LM head; a new score head instead
         state["score.weight"] = (directory, new_score_weight(cfg.emb_dim, seed, dtype))
     model = model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
                                   dtype=dtype, hf_names=kind != "pipeline")
     if stored:
-        from pipeline.model.quantize import load_stored_4bit
+        from pipeline.model.quantize import load_stored
 
-        load_stored_4bit(model, stored, dtype)
+        load_stored(model, stored, dtype)
     return model
 
 
-def _stored_4bit(state: dict[str, tuple[Path, torch.Tensor]],
-                 parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """A bitsandbytes 4-bit checkpoint's packed weights as Params4bit (pipeline.model.quantize.stored_4bit), by our
-    names; in `state` each is replaced by a meta placeholder of the weight's shape, so that model_from_state_dict
+def _stored_quantized(state: dict[str, tuple[Path, torch.Tensor]],
+                      parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A bitsandbytes checkpoint's quantized weights as Params4bit / Int8Params (pipeline.model.quantize.stored_weight),
+    by our names; in `state` each is replaced by a meta placeholder of the weight's shape, so that model_from_state_dict
     checks it against the config as any weight (and its quant state must say the shape the model expects)."""
     if not parts:
         return {}
-    from pipeline.model.quantize import stored_4bit
+    from pipeline.model.quantize import stored_weight
 
     stored = {}
     for name, quant_state in parts.items():
         if name not in state:
-            raise UserError(f"{', '.join(sorted(quant_state))} of '{name}' without its packed weight: the checkpoint"
+            raise UserError(f"{', '.join(sorted(quant_state))} of '{name}' without its quantized weight: the checkpoint"
                             " is incomplete (download or save it again)")
         file, packed = state[name]
-        stored[name] = weight = stored_4bit(packed, quant_state)
-        state[name] = (file, torch.empty(tuple(weight.quant_state.shape), dtype=torch.float32, device="meta"))
+        stored[name] = weight = stored_weight(packed, quant_state)
+        shape = weight.quant_state.shape if getattr(weight, "quant_state", None) is not None else weight.shape
+        state[name] = (file, torch.empty(tuple(shape), dtype=torch.float32, device="meta"))
     return stored
 
 
@@ -109,8 +110,9 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    if dtype is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(dtype), "U8") \
-                            or STORED_4BIT_PART.match(key):  # a 4-bit weight's quant state: read as bitsandbytes wrote it
+                    if dtype is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(dtype), "U8",
+                                                                               "I8") \
+                            or stored_part(key):  # a quantized weight's state: read as bitsandbytes wrote it
                         yield file, key, handle.get_tensor(key)
                         continue
                     with safe_open(file, framework="pt") as own:
@@ -138,9 +140,9 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig, dtype: torc
 
     kind "hf": HF names (with or without the model prefix), buffers skipped, Conv1D weights transposed;
     "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
-    `parts`: where a bitsandbytes 4-bit checkpoint's quant-state tensors go (our weight name -> {part: tensor},
-    quant_layout.STORED_4BIT_PART), its packed weights yielded as stored (uint8, never transposed: transformers packs
-    a Conv1D's weight as out x in); None yields them as any tensor.
+    `parts`: where a bitsandbytes checkpoint's quant-state tensors go (our weight name -> {part: tensor},
+    quant_layout.stored_part), its quantized weights yielded as stored (uint8 / int8, never transposed: transformers
+    quantizes a Conv1D's weight as out x in); None yields them as any tensor.
     """
     family = GPT2 if kind == "pipeline-v1" else cfg.hf
     files = shard_files(directory)
@@ -151,9 +153,9 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig, dtype: torc
         if kind != "pipeline":
             if key.endswith(family.skip) or family.is_carried(key):
                 continue  # a buffer, or a wrapper's other tower (a vision tower: the export copies it)
-            part = STORED_4BIT_PART.match(key) if parts is not None else None
+            part = stored_part(key) if parts is not None else None
             if part:
-                parts.setdefault(family.from_hf(part.group(1)), {})[part.group(2)] = tensor
+                parts.setdefault(family.from_hf(part[0]), {})[part[1]] = tensor
                 continue
             mxfp4 = _MXFP4.match(family.strip(key)) if fused else None
             if mxfp4:

@@ -324,20 +324,20 @@ def _derive_rope_context(values: dict[str, Any], origins: dict[str, Origin], bad
 
 
 def _derive_stored_quantization(values: dict[str, Any], origins: dict[str, Origin], bad: set[str]) -> None:
-    """A pre-quantized bitsandbytes 4-bit checkpoint (the hub's unsloth/*-bnb-4bit) is a QLoRA base as it is stored:
+    """A pre-quantized bitsandbytes checkpoint (the hub's unsloth/*-bnb-4bit) is a QLoRA base as it is stored:
     the quantization keys the recipe leaves at their defaults take the checkpoint's values (LLaMA-Factory trains QLoRA
     on it with quantization_bit unset), so that every rule, plan's byte count, eval and resume see the quantized base
     QLoRA's keys describe; one the recipe sets otherwise is refused by the rule stored_quantization_matches. Left alone
-    where the config cannot be read here (the model stage says why) or the family reader refuses it (8-bit, MoE)."""
+    where the config cannot be read here (the model stage says why) or the family reader refuses it (a MoE)."""
     if "model_name_or_path" in bad:
         return
+    from pipeline.model.quant_layout import stored_keys
     from pipeline.recipe.modelinfo import model_info, stored_quantization
 
     stored = stored_quantization(values["model_name_or_path"])
-    if stored is None or stored.bits != 4 or model_info(values["model_name_or_path"]) is None:
+    if stored is None or model_info(values["model_name_or_path"]) is None:
         return
-    for key, value in (("quantization_bit", 4), ("quantization_type", stored.quant_type),
-                       ("double_quantization", stored.double_quant)):
+    for key, value in stored_keys(stored):
         if origins[key].kind == "default" and key not in bad:
             values[key], origins[key] = value, DERIVED
 

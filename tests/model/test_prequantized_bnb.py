@@ -1,4 +1,4 @@
-"""A pre-quantized bitsandbytes 4-bit checkpoint (the hub's unsloth/*-bnb-4bit) as the frozen QLoRA base, read as
+"""A pre-quantized bitsandbytes checkpoint (the hub's unsloth/*-bnb-4bit; 8-bit too) as the frozen QLoRA base, read as
 stored: its packed codes and quant state are the base, whatever the recipe's quantization keys say (they are derived
 from config.json's quantization_config; one set otherwise is refused), nothing quantized again.
 
@@ -32,7 +32,7 @@ DOUBLE_QUANT_PARTS = ["weight", "weight.absmax", "weight.nested_absmax", "weight
                       "weight.quant_state.bitsandbytes__nf4"]
 
 
-def write_bnb_4bit(folder: Path, quant_type: str = "nf4", double: bool = True, *, load_in_8bit: bool = False,
+def write_bnb(folder: Path, quant_type: str = "nf4", double: bool = True, *, load_in_8bit: bool = False,
                    **overrides) -> Path:
     """A tiny Llama (fp32) quantized by transformers' BitsAndBytesConfig and save_pretrained'd into `folder`, with a
     tokenizer-less config as the model tests need; the unquantized model is at `folder`-plain."""
@@ -63,7 +63,7 @@ def args(path: Path, **quantization) -> ModelArgs:
 # nf4 with double quantization (unsloth's form) is also the CLI test's (tests/acceptance/test_prequantized_cli.py)
 @pytest.mark.parametrize("quant_type, double", [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)])
 def test_the_stored_4bit_base_is_transformers_model_of_the_same_folder(tmp_path, quant_type, double):
-    folder = write_bnb_4bit(tmp_path / "q", quant_type, double)
+    folder = write_bnb(tmp_path / "q", quant_type, double)
     with open(folder / "model.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     parts = sorted(k.removeprefix("model.layers.0.mlp.down_proj.") for k in header
@@ -92,14 +92,36 @@ def test_the_stored_4bit_base_is_transformers_model_of_the_same_folder(tmp_path,
         torch.testing.assert_close(again(X), golden, rtol=1e-5, atol=1e-5)
 
 
+def test_a_stored_8bit_base_is_transformers_model_of_the_same_folder(tmp_path):
+    """load_in_8bit: the int8 weight (out x in) with its per-row SCB scales, as Linear8bitLt (LLM.int8, outlier
+    threshold 6.0: BitsAndBytesConfig's default, what transformers reads back)."""
+    folder = write_bnb(tmp_path / "q8", load_in_8bit=True)
+    theirs = reference(folder)
+    ours = load_for_inference(args(folder), device="cpu")
+    linears = {name: type(m).__name__ for name, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert linears.pop("lm_head") == "Linear" and set(linears.values()) == {"Linear8bitLt"} and len(linears) == 14
+    stored = theirs.get_submodule("model.layers.0.mlp.down_proj")
+    assert torch.equal(ours.get_submodule("layers.0.mlp.down_proj").weight.data, stored.weight.data)
+    with torch.no_grad():
+        golden = theirs(X).logits
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q8-plain")(X).logits
+        assert (golden - plain).abs().max() > 1e-4
+        torch.testing.assert_close(ours(X), golden, rtol=1e-5, atol=1e-5)
+    from pipeline.model.quantize import dequantize_model  # what merge folds into: int8 codes x SCB / 127, by hand
+
+    codes, scales = stored.weight.data.float(), theirs.get_submodule("model.layers.0.mlp.down_proj").state.SCB
+    assert dequantize_model(ours) == 14
+    torch.testing.assert_close(ours.get_submodule("layers.0.mlp.down_proj").weight, codes * scales[:, None] / 127)
+
+
 def test_a_truncated_quant_state_is_one_message(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    folder = write_bnb_4bit(tmp_path / "q", "fp4", False)
+    folder = write_bnb(tmp_path / "q", "fp4", False)
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight.quant_map"]
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(UserError, match="a bitsandbytes 4-bit weight whose quant state cannot be read"):
+    with pytest.raises(UserError, match="a bitsandbytes weight whose quant state cannot be read"):
         load_for_inference(args(folder), device="cpu")
 
 
@@ -139,8 +161,9 @@ def test_the_quantization_keys_are_read_from_the_checkpoint_and_a_different_one_
     assert refused.value.messages == [
         "other.yaml:4:19: quantization_bit: given 8" + said.format(key="quantization_bit", value=4),
         "other.yaml:5:20: quantization_type: given 'fp4'" + said.format(key="quantization_type", value="'nf4'")]
-    # an 8-bit one is refused where config.json is read, with the fix; 4-bit fp4 without double quantization is read
+    # BitsAndBytesConfig's defaults: 4-bit fp4 without double quantization; an 8-bit one sets quantization_bit alone
     assert resolve("r.yaml", [f"model_name_or_path={bnb_config_only(tmp_path / 'f', load_in_4bit=True)}"])[
         "quantization_type"] == "fp4"
-    with pytest.raises(UserError, match="quant_method bitsandbytes, 8-bit"):
-        resolve("r.yaml", [f"model_name_or_path={bnb_config_only(tmp_path / 'e', load_in_8bit=True)}"])
+    eight = resolve("r.yaml", [f"model_name_or_path={bnb_config_only(tmp_path / 'e', load_in_8bit=True)}"])
+    assert (eight["quantization_bit"], eight.source("quantization_bit"), eight.source("quantization_type")) == (
+        8, "derived", "default")  # the 4-bit keys have no effect at 8 bits

@@ -1,5 +1,5 @@
-"""Rules on a pre-quantized bitsandbytes checkpoint (model_name_or_path with a 4-bit quantization_config, the hub's
-unsloth/*-bnb-4bit) against QLoRA's keys (quantization_bit, quantization_type, double_quantization): its stored codes
+"""Rules on a pre-quantized bitsandbytes checkpoint (model_name_or_path with a 4-bit or 8-bit quantization_config, the
+hub's unsloth/*-bnb-4bit) against QLoRA's keys (quantization_bit, quantization_type, double_quantization): its stored codes
 are the base. resolve derives the keys the recipe leaves at their defaults from the checkpoint
 (resolve._derive_stored_quantization); a value the recipe sets otherwise is refused here.
 """
@@ -16,15 +16,15 @@ IGNORED_THERE = "LLaMA-Factory ignores it there: '`quantization_bit` will not af
 def stored_quantization_matches(ctx: Context) -> list[tuple[str, str]]:
     """Each quantization key the recipe sets to another value than the checkpoint stores: the checkpoint's codes are
     not quantized again, so the recipe's value would not be the model that trains."""
+    from pipeline.model.quant_layout import stored_keys
     from pipeline.recipe.modelinfo import stored_quantization
 
     v = ctx.values
     stored = stored_quantization(v["model_name_or_path"])
-    if stored is None or stored.bits != 4:
+    if stored is None:
         return []
     problems = []
-    for key, value in (("quantization_bit", 4), ("quantization_type", stored.quant_type),
-                       ("double_quantization", stored.double_quant)):
+    for key, value in stored_keys(stored):
         if v[key] == value or ctx.origins[key].kind not in ("file", "cli"):
             continue
         problems.append((key, f"given {show(v[key])} with model_name_or_path: {v['model_name_or_path']}, a"
