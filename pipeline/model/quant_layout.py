@@ -39,6 +39,15 @@ def stored_part(key: str) -> tuple[str, str] | None:
     return (eight.group(1) + ".weight", eight.group(2)) if eight else None
 
 
+def header_shapes(shapes: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """A checkpoint's tensor shapes from its safetensors headers, as the checks that read them use them: a bitsandbytes
+    checkpoint's quant-state parts left out, and its 4-bit weights too (their header shape is the packed codes'
+    bytes, [out x in / 2, 1]; the weight's own is in the quant state's data); 8-bit weights keep theirs (out x in)."""
+    parts = {key: stored_part(key) for key in shapes}
+    packed = {part[0] for part in parts.values() if part and part[1] == "absmax"}
+    return {key: shape for key, shape in shapes.items() if not parts[key] and key not in packed}
+
+
 BLOCK = 64          # values per absmax block (bitsandbytes' Params4bit blocksize)
 NESTED_BLOCK = 256  # double quantization: absmax values per second-level block
 

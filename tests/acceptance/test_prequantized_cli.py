@@ -76,3 +76,13 @@ def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequanti
     for key, value in merged.state_dict().items():  # a plain checkpoint: no 4-bit codes, no quantization_config
         assert value.dtype == torch.float32, key
     assert getattr(merged.config, "quantization_config", None) is None
+
+    # a LLaMA-Factory export recipe naming the run's adapter on the same hub id: its shapes fit the 4-bit Linears
+    # (the files' header shapes are the packed codes', not the weights'), and it writes merged/'s model
+    export = write_recipe(tmp_path / "export.yaml", model_name_or_path=HUB_ID, adapter_name_or_path="saves/bnb",
+                          dataset_dir="data", cutoff_len=256, max_samples=8,
+                          template="llama3", export_dir="saves/exported", export_dtype="fp32")
+    pipeline("export", export, cwd=tmp_path, env=env, as_typed=False)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saves/exported").eval()
+    with torch.no_grad():
+        assert_close(golden, exported(x).logits, rel=1e-5)
