@@ -240,7 +240,23 @@ def _load_base(base: ModelArgs, ex: ExportArgs, trained: torch.dtype = torch.flo
     device = "cuda" if ex.export_device == "auto" and torch.cuda.is_available() else "cpu"
     # export_device cpu (default): exact, and any size fits
     model = load_for_inference(unquantized(base), "base", device=device, dtype=trained)
+    dequantized_base(model, base.model_name_or_path)
     return model.float().eval()
+
+
+def dequantized_base(model: nn.Module, model_name_or_path: str) -> None:
+    """A pre-quantized checkpoint's base (the hub's unsloth/*-bnb-4bit) holds no other weights than its 4-bit codes:
+    merge folds into their dequantized values, written in export_dtype, as unsloth's merged_16bit save does, and says
+    so (LLaMA-Factory refuses instead: 'Cannot merge adapters to a quantized model.'). The original 16-bit weights
+    are another checkpoint: merging into them is QLoRA's merge, with model_name_or_path set to it."""
+    from pipeline.model.quantize import dequantize_model
+
+    count = dequantize_model(model)
+    if count:
+        note(f"merge: {model_name_or_path} is a pre-quantized bitsandbytes checkpoint: the export holds its 4-bit"
+             f" weights dequantized ({count} Linears) with the adapter folded in, not the 16-bit weights it was"
+             " quantized from; to merge into those, run merge with model_name_or_path=<the unquantized checkpoint>"
+             " (e.g. unsloth/Llama-3.2-1B-Instruct for unsloth/Llama-3.2-1B-Instruct-bnb-4bit)")
 
 
 def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path,

@@ -161,10 +161,15 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
 def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
     """With quantization_bit, the base's Linears quantized by bitsandbytes, their matmuls in `dtype` (the run's
     precision: LLaMA-Factory's bnb_4bit_compute_dtype); the model unchanged without it."""
-    from pipeline.model.quantize import Quantization, quantize_model
+    from pipeline.model.quantize import Quantization, is_quantized, quantize_model
 
     spec = Quantization.of(args)
-    if spec is not None:
+    stored = [module.weight.dtype for module in model.modules() if is_quantized(module)]
+    if stored:  # a pre-quantized checkpoint: its codes are the base (resolve derived quantization_bit from it)
+        bits = "8-bit (LLM.int8)" if torch.int8 in stored else "4-bit"
+        note(f"model: {len(stored)} Linears loaded as stored, bitsandbytes {bits} (a pre-quantized checkpoint), their "
+             f"matmuls in {str(dtype).removeprefix('torch.')}")
+    elif spec is not None:
         names = quantize_model(model, spec, dtype)
         note(f"model: {len(names)} Linears quantized to {spec.describe()} (bitsandbytes; quantization_bit)")
     return model

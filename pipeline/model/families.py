@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import UserError
+from pipeline.model.quant_layout import stored_quantization
 
 
 @dataclass(frozen=True)
@@ -921,7 +922,8 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
         problems += _phi3_dropout(raw, path)
     multipliers = _multipliers(raw, path, problems) if family.multipliers else {}
     quantization = raw.get("quantization_config")
-    if isinstance(quantization, dict) and not dequantized_at_load(quantization, family):
+    if isinstance(quantization, dict) and not dequantized_at_load(quantization, family) \
+            and not read_as_stored(quantization, family):
         problems.append(_quantized(quantization, path))
     latent = latent_fields(raw, path, problems) if family.latent_attention else {}
     if problems:
@@ -964,20 +966,29 @@ def dequantized_at_load(quantization: Mapping[str, Any], family: Family) -> bool
     return quantization.get("quant_method") == "mxfp4" and bool(family.moe and family.moe.fused_experts)
 
 
+def read_as_stored(quantization: Mapping[str, Any], family: Family) -> bool:
+    """Whether the weight reader loads this checkpoint's quantized Linears as they are stored: bitsandbytes 4-bit
+    (the hub's unsloth/*-bnb-4bit) or 8-bit (pipeline.model.quantize.stored_layer), of a dense family (a sparse MoE's
+    experts are no bnb Linears in transformers 5: pipeline.model.quant_layout.SPARSE_MOE_REFUSED)."""
+    return stored_quantization(quantization) is not None and family.moe is None
+
+
 def _quantized(quantization: Mapping[str, Any], path: Any) -> str:
-    """Why a pre-quantized checkpoint (the hub's unsloth/*-bnb-4bit, GPTQ, AWQ, FP8) is refused, with the fix: its
-    files hold packed integer codes under the Linears' names, not the weights. Said once, here, where every path that
-    reads a config.json passes (the recipe's model rules before a run included), instead of a shape mismatch for every
-    Linear when the weights are read."""
+    """Why a pre-quantized checkpoint (GPTQ, AWQ, FP8, a bitsandbytes sparse MoE) is refused, with
+    the fix: its files hold packed integer codes under the Linears' names, not the weights. Said once, here, where
+    every path that reads a config.json passes (the recipe's model rules before a run included), instead of a shape
+    mismatch for every Linear when the weights are read."""
     method = quantization.get("quant_method", "unknown")
     bits = 4 if quantization.get("load_in_4bit") else 8 if quantization.get("load_in_8bit") else quantization.get("bits")
     fix = ("point model_name_or_path at the unquantized checkpoint it was made from"
            + (f" and set quantization_bit: {bits} to quantize it at load (bitsandbytes; the same quantization of the"
               " same weights)" if method == "bitsandbytes" else " (quantization_bit quantizes it with bitsandbytes at"
               " load)"))
+    read = ("only GptOssForCausalLM's MXFP4 experts are dequantized at load, and bitsandbytes 4-bit / 8-bit"
+            " checkpoints of dense models are read as stored")
     return (f"{path}: a pre-quantized checkpoint (quantization_config: quant_method {method}"
-            + (f", {bits}-bit" if bits else "") + "), whose stored quantized weights are not read here (only"
-            f" GptOssForCausalLM's MXFP4 experts are dequantized at load); {fix}")
+            + (f", {bits}-bit" if bits else "") + f"), whose stored quantized weights are not read here ({read});"
+            f" {fix}")
 
 
 def _gemma_rope(raw: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

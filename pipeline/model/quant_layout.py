@@ -4,6 +4,7 @@ quantizing; `plan` (which must not import torch) counts the memory from here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,6 +19,33 @@ SPARSE_MOE_REFUSED = ("a sparse MoE model is not quantized here (transformers' b
 def is_quantized_path(path: str) -> bool:
     """Whether QLoRA quantizes the Linear at this module path: all but the output heads (NOT_QUANTIZED)."""
     return path.split(".")[-1] not in NOT_QUANTIZED
+
+
+# The tensors transformers' save_pretrained writes beside each bitsandbytes weight, as the hub's unsloth/*-bnb-4bit
+# files hold them: 4 bits, Params4bit's packed codes under the Linear's `weight` and its QuantState.as_dict(packed=True)
+# beside it (`weight.absmax`, ...: Params4bit.from_prequantized's quantized_stats keys); 8 bits, the int8 `weight` (out
+# x in) with the Linear's `SCB` (one fp32 scale a row) and `weight_format` (0: row-major)
+_STORED_4BIT_PART = re.compile(r"^(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map"
+                               r"|quant_state\.bitsandbytes__(?:nf4|fp4))$")
+_STORED_8BIT_PART = re.compile(r"^(.+)\.(SCB|weight_format)$")
+
+
+def stored_part(key: str) -> tuple[str, str] | None:
+    """(the weight's key, the part) for a tensor saved beside a bitsandbytes weight (a quant-state part); else None."""
+    four = _STORED_4BIT_PART.match(key)
+    if four:
+        return four.group(1), four.group(2)
+    eight = _STORED_8BIT_PART.match(key)
+    return (eight.group(1) + ".weight", eight.group(2)) if eight else None
+
+
+def header_shapes(shapes: Mapping[str, list[int]]) -> dict[str, list[int]]:
+    """A checkpoint's tensor shapes from its safetensors headers, as the checks that read them use them: a bitsandbytes
+    checkpoint's quant-state parts left out, and its 4-bit weights too (their header shape is the packed codes'
+    bytes, [out x in / 2, 1]; the weight's own is in the quant state's data); 8-bit weights keep theirs (out x in)."""
+    parts = {key: stored_part(key) for key in shapes}
+    packed = {part[0] for part in parts.values() if part and part[1] == "absmax"}
+    return {key: shape for key, shape in shapes.items() if not parts[key] and key not in packed}
 
 
 BLOCK = 64          # values per absmax block (bitsandbytes' Params4bit blocksize)
@@ -66,3 +94,27 @@ def base_weight_bytes(linears: list[tuple[str, int, int]], spec: Quantization, w
     (path, in, out) that are quantized: what plan's memory estimate puts in place of the unquantized count."""
     chosen = [(i, o) for name, i, o in linears if is_quantized_path(name)]
     return sum(quantized_bytes(o, i, spec) for i, o in chosen), float(sum(i * o * width for i, o in chosen))
+
+
+def stored_quantization(quantization_config: Any) -> "Quantization | None":
+    """The bitsandbytes quantization a checkpoint's files hold, from its config.json quantization_config as
+    transformers' BitsAndBytesConfig.to_dict writes it (quant_method bitsandbytes; load_in_4bit with
+    bnb_4bit_quant_type and bnb_4bit_use_double_quant, whose BitsAndBytesConfig defaults are fp4 and false; or
+    load_in_8bit); None for an unquantized checkpoint and every other method (GPTQ, AWQ, FP8, gpt-oss's MXFP4)."""
+    q = quantization_config
+    if not isinstance(q, Mapping) or q.get("quant_method") != "bitsandbytes":
+        return None
+    if q.get("load_in_4bit") or q.get("_load_in_4bit"):
+        return Quantization(4, str(q.get("bnb_4bit_quant_type") or "fp4"), bool(q.get("bnb_4bit_use_double_quant")))
+    if q.get("load_in_8bit") or q.get("_load_in_8bit"):
+        return Quantization(8)
+    return None
+
+
+def stored_keys(stored: Quantization) -> tuple[tuple[str, Any], ...]:
+    """The recipe keys (LLaMA-Factory's names) and values that describe a checkpoint stored as `stored`: the bit width,
+    and at 4 bits the data type and double quantization (at 8 bits those two have no effect)."""
+    if stored.bits == 8:
+        return (("quantization_bit", 8),)
+    return (("quantization_bit", 4), ("quantization_type", stored.quant_type),
+            ("double_quantization", stored.double_quant))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from types import ModuleType
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -56,8 +57,6 @@ def quantize_model(model: nn.Module, spec: Quantization, compute_dtype: torch.dt
     if cfg is not None and getattr(cfg, "n_experts", 0):
         raise UserError("quantization_bit: " + SPARSE_MOE_REFUSED)
     bnb = bitsandbytes()
-    if spec.bits == 8:
-        quiet_int8_cast()
     names = quantized_names(model)
     for name in names:
         parent, _, child = name.rpartition(".")
@@ -71,21 +70,104 @@ def _quantized(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_d
     device, has_bias = linear.weight.device, linear.bias is not None
     weight = linear.weight.data
     if spec.bits == 4:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                                  compress_statistics=spec.double_quant, quant_type=spec.quant_type, device="meta")
+        layer = _linear4bit(bnb, linear, spec, compute_dtype)
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=spec.double_quant,
                                          quant_type=spec.quant_type, module=layer).to(device)
-        # bitsandbytes' CPU inference shortcut (avx512_bf16 CPUs, eval without grad) repacks the weight with its
-        # absmax rounded to bf16, and fails on layers narrower than a 64-value block: another model than the one
-        # that trained. Off, every device computes the reference dequantize + matmul (CUDA never takes it).
-        layer.support_avx512bf16_for_cpu = False
     else:
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
-                                    threshold=INT8_THRESHOLD, device="meta")
+        layer = _linear8bit(bnb, linear)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
     if has_bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.train(linear.training)
+
+
+def _linear4bit(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_dtype: torch.dtype) -> nn.Module:
+    """An empty (meta) Linear4bit in place of `linear`, its matmul in `compute_dtype`; the caller gives it its weight."""
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=spec.double_quant,
+                              quant_type=spec.quant_type, device="meta")
+    # bitsandbytes' CPU inference shortcut (avx512_bf16 CPUs, eval without grad) repacks the weight with its absmax
+    # rounded to bf16, and fails on layers narrower than a 64-value block: another model than the one that trained.
+    # Off, every device computes the reference dequantize + matmul (CUDA never takes it).
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def _linear8bit(bnb: ModuleType, linear: nn.Linear) -> nn.Module:
+    """An empty (meta) Linear8bitLt in place of `linear` (LLM.int8 with transformers' default outlier threshold)."""
+    quiet_int8_cast()
+    return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+
+
+def stored_weight(weight: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One stored bitsandbytes weight as its parameter, read as transformers reads it back
+    (integrations/bitsandbytes.py). 4 bits: Params4bit.from_prequantized of the packed codes (uint8) and the quant
+    state save_pretrained wrote beside them (absmax, quant_map, with double quantization nested_absmax and
+    nested_quant_map, quant_state.bitsandbytes__nf4 / __fp4: the shape, block size and dtype as packed JSON;
+    Bnb4bitDeserialize), its quant_state.shape the weight's (out x in). 8 bits: Int8Params of the int8 weight (out x
+    in) with its per-row scales SCB (Bnb8bitDeserialize); weight_format 0 is row-major, the one bitsandbytes writes."""
+    bnb = bitsandbytes()
+    try:
+        if "SCB" in parts:
+            if int(parts.get("weight_format", torch.tensor(0))) != 0 or weight.dtype != torch.int8:
+                raise ValueError(f"expected an int8 row-major weight, got {weight.dtype} in format "
+                                 f"{int(parts.get('weight_format', torch.tensor(0)))}")
+            return bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=parts["SCB"])
+        return bnb.nn.Params4bit.from_prequantized(data=weight, quantized_stats=dict(parts), requires_grad=False,
+                                                   device=weight.device)
+    except (ValueError, KeyError, AssertionError, TypeError) as err:
+        raise UserError(f"a bitsandbytes weight whose quant state cannot be read ({sorted(parts)}: {err}); the"
+                        " checkpoint may be truncated or written by another tool (save it again with transformers'"
+                        " save_pretrained)") from None
+
+
+def stored_layer(linear: nn.Linear, weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
+    """`linear` (its weight a placeholder; its bias loaded) as a frozen Linear4bit / Linear8bitLt holding the stored
+    `weight` (stored_weight) as it is: the checkpoint's codes are the base, never quantized again (re-quantizing their
+    dequantized values would not give the same codes under double quantization)."""
+    bnb = bitsandbytes()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        layer = _linear4bit(bnb, linear, Quantization(4, state.quant_type, state.nested), compute_dtype)
+        layer.quant_state = state
+    else:
+        layer = _linear8bit(bnb, linear)
+    layer.weight = weight
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.train(linear.training)
+
+
+def load_stored(model: nn.Module, weights: Mapping[str, torch.Tensor], compute_dtype: torch.dtype) -> list[str]:
+    """Each Linear whose `<path>.weight` is in `weights` (stored_weight's, by our parameter names) replaced by its
+    stored_layer; returns their paths. The Linears a checkpoint stores unquantized (the output head,
+    llm_int8_skip_modules) stay as they are, as transformers leaves them."""
+    paths = []
+    for name, weight in weights.items():
+        path = name.removesuffix(".weight")
+        parent, _, child = path.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, stored_layer(getattr(owner, child), weight, compute_dtype))
+        paths.append(path)
+    return paths
+
+
+def dequantize_model(model: nn.Module) -> int:
+    """Every quantized Linear replaced by a plain fp32 Linear holding its dequantized weight (what its matmul
+    multiplies by): a pre-quantized base as merge folds an adapter into it, the 4-bit values written out in 16/32
+    bits, as unsloth's merged_16bit save does. Returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not is_quantized(module):
+            continue
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        plain.weight = nn.Parameter(dequantized_weight(module).float(), requires_grad=False)
+        if module.bias is not None:
+            plain.bias = nn.Parameter(module.bias.data.float(), requires_grad=False)
+        model.set_submodule(name, plain.train(module.training))
+        count += 1
+    return count
 
 
 class _Int8CastNotice(logging.Filter):
@@ -118,7 +200,8 @@ def dequantized_weight(linear: nn.Linear) -> torch.Tensor:
     weight = linear.weight
     if getattr(weight, "quant_state", None) is not None:  # Params4bit
         return F.dequantize_4bit(weight.data, weight.quant_state).float()
-    return F.int8_vectorwise_dequant(weight.data, weight.SCB).float()  # Int8Params: CB * SCB / 127
+    scales = weight.SCB if weight.SCB is not None else linear.state.SCB  # a forward moves them to the layer's state
+    return F.int8_vectorwise_dequant(weight.data, scales).float()  # Int8Params: CB * SCB / 127
 
 
 def adapter_dtype(linear: nn.Linear) -> torch.dtype:

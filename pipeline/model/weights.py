@@ -27,6 +27,7 @@ from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config
 from pipeline.model.families import GPT2, Family, check_exportable
 from pipeline.model.gpt import GPTModel
 from pipeline.model.memory import dense_weight
+from pipeline.model.quant_layout import stored_part
 from pipeline.model.reward import new_score_weight
 from pipeline.model.safetensors_header import INDEX, SINGLE, shard_files
 
@@ -51,12 +52,40 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     if str(name_or_path) in PRESETS:
         return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
     directory, file_cfg, kind = _checkpoint(name_or_path)
-    state = read_state_dict(directory, kind=kind, cfg=file_cfg, dtype=dtype)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    state = read_state_dict(directory, kind=kind, cfg=file_cfg, dtype=dtype, parts=parts)
+    stored = _stored_quantized(state, parts)
     if cfg is not None and cfg.num_labels and not file_cfg.num_labels:  # a language model becomes a reward model
         state.pop("lm_head.weight", None)  # XForSequenceClassification has no LM head; a new score head instead
         state["score.weight"] = (directory, new_score_weight(cfg.emb_dim, seed, dtype))
-    return model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
-                                 dtype=dtype, hf_names=kind != "pipeline")
+    model = model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
+                                  dtype=dtype, hf_names=kind != "pipeline")
+    if stored:
+        from pipeline.model.quantize import load_stored
+
+        load_stored(model, stored, dtype)
+    return model
+
+
+def _stored_quantized(state: dict[str, tuple[Path, torch.Tensor]],
+                      parts: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A bitsandbytes checkpoint's quantized weights as Params4bit / Int8Params (pipeline.model.quantize.stored_weight),
+    by our names; in `state` each is replaced by a meta placeholder of the weight's shape, so that model_from_state_dict
+    checks it against the config as any weight (and its quant state must say the shape the model expects)."""
+    if not parts:
+        return {}
+    from pipeline.model.quantize import stored_weight
+
+    stored = {}
+    for name, quant_state in parts.items():
+        if name not in state:
+            raise UserError(f"{', '.join(sorted(quant_state))} of '{name}' without its quantized weight: the checkpoint"
+                            " is incomplete (download or save it again)")
+        file, packed = state[name]
+        stored[name] = weight = stored_weight(packed, quant_state)
+        shape = weight.quant_state.shape if getattr(weight, "quant_state", None) is not None else weight.shape
+        state[name] = (file, torch.empty(tuple(shape), dtype=torch.float32, device="meta"))
+    return stored
 
 
 def _checkpoint(name_or_path: str | Path) -> tuple[Path, ModelConfig, str]:
@@ -81,7 +110,9 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    if dtype is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(dtype), "U8"):
+                    if dtype is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(dtype), "U8",
+                                                                               "I8") \
+                            or stored_part(key):  # a quantized weight's state: read as bitsandbytes wrote it
                         yield file, key, handle.get_tensor(key)
                         continue
                     with safe_open(file, framework="pt") as own:
@@ -96,18 +127,22 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
                             " (download or save it again)") from None
 
 
-def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
-                    dtype: torch.dtype | None = None) -> dict[str, tuple[Path, torch.Tensor]]:
+def read_state_dict(directory: Path, *, kind: str, cfg: ModelConfig, dtype: torch.dtype | None = None,
+                    parts: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, tuple[Path, torch.Tensor]]:
     """Our parameter names -> (file, tensor), through the family's name map (iter_state_dict)."""
-    return {name: (file, tensor) for name, file, tensor in iter_state_dict(directory, kind=kind, cfg=cfg, dtype=dtype)}
+    return {name: (file, tensor) for name, file, tensor in iter_state_dict(directory, kind=kind, cfg=cfg, dtype=dtype,
+                                                                           parts=parts)}
 
 
-def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
-                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, Path, torch.Tensor]]:
+def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig, dtype: torch.dtype | None = None,
+                    parts: dict[str, dict[str, torch.Tensor]] | None = None) -> Iterator[tuple[str, Path, torch.Tensor]]:
     """(our parameter name, file, tensor), one tensor at a time, as read_tensors reads them.
 
     kind "hf": HF names (with or without the model prefix), buffers skipped, Conv1D weights transposed;
     "pipeline-v1": our GPT-2-only format 1 (HF GPT-2 names without prefix, nn.Linear layout); "pipeline": ours.
+    `parts`: where a bitsandbytes checkpoint's quant-state tensors go (our weight name -> {part: tensor},
+    quant_layout.stored_part), its quantized weights yielded as stored (uint8 / int8, never transposed: transformers
+    quantizes a Conv1D's weight as out x in); None yields them as any tensor.
     """
     family = GPT2 if kind == "pipeline-v1" else cfg.hf
     files = shard_files(directory)
@@ -118,6 +153,10 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
         if kind != "pipeline":
             if key.endswith(family.skip) or family.is_carried(key):
                 continue  # a buffer, or a wrapper's other tower (a vision tower: the export copies it)
+            part = stored_part(key) if parts is not None else None
+            if part:
+                parts.setdefault(family.from_hf(part[0]), {})[part[1]] = tensor
+                continue
             mxfp4 = _MXFP4.match(family.strip(key)) if fused else None
             if mxfp4:
                 parts = packed.setdefault(mxfp4.group(1), {})
@@ -137,7 +176,7 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig,
                 if name == "lm_head.weight" and cfg.tie_weights:
                     _check_tied_head(directory, files, family, file, key, tensor)
                     continue  # a copy of the embedding, which is the head
-                if family.is_conv1d(name):
+                if family.is_conv1d(name) and tensor.is_floating_point():
                     tensor = tensor.t()  # a view: model_from_state_dict makes every parameter dense
         yield name, file, tensor
 

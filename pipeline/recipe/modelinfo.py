@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from pipeline.model.config import (GPTConfig, TensorSpec, built_params, context_limit, read_config,
                                    resized_vocab_size, trainable_tensors)
+from pipeline.model.quant_layout import Quantization
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,21 @@ def model_info(name_or_path: str | None) -> ModelInfo | None:
         return None
     return ModelInfo(config=cfg, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.emb_dim,
                      vocab_size=cfg.vocab_size, context_length=cfg.context_length)
+
+
+def stored_quantization(name_or_path: str | None) -> "Quantization | None":
+    """The bitsandbytes quantization a pre-quantized checkpoint's files hold (config.json's quantization_config:
+    pipeline.model.quant_layout.stored_quantization), or None: unquantized, another method, or not readable here."""
+    from pipeline.model.config import config_path, read_raw
+    from pipeline.model.quant_layout import stored_quantization as of_config
+
+    if not name_or_path:
+        return None
+    try:
+        path = config_path(_local(name_or_path))
+        return of_config(read_raw(path).get("quantization_config")) if path is not None else None
+    except Exception:  # noqa: BLE001 - as model_info: unknown here
+        return None
 
 
 def model_folder(name_or_path: str | None) -> Path | None:

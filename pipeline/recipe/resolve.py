@@ -292,6 +292,7 @@ def _derive(values: dict[str, Any], origins: dict[str, Origin], recipe_file: str
         if limit is not None and limit < values["cutoff_len"]:
             values["cutoff_len"], origins["cutoff_len"] = limit, DERIVED
     _derive_rope_context(values, origins, bad)
+    _derive_stored_quantization(values, origins, bad)
     if {"per_device_train_batch_size", "gradient_accumulation_steps"} & bad:
         values["total_train_batch_size"] = None
     else:
@@ -320,6 +321,25 @@ def _derive_rope_context(values: dict[str, Any], origins: dict[str, Origin], bad
         return
     if plan is not None and plan.applied:
         values["context_length"], origins["context_length"] = plan.config.context_length, DERIVED
+
+
+def _derive_stored_quantization(values: dict[str, Any], origins: dict[str, Origin], bad: set[str]) -> None:
+    """A pre-quantized bitsandbytes checkpoint (the hub's unsloth/*-bnb-4bit) is a QLoRA base as it is stored:
+    the quantization keys the recipe leaves at their defaults take the checkpoint's values (LLaMA-Factory trains QLoRA
+    on it with quantization_bit unset), so that every rule, plan's byte count, eval and resume see the quantized base
+    QLoRA's keys describe; one the recipe sets otherwise is refused by the rule stored_quantization_matches. Left alone
+    where the config cannot be read here (the model stage says why) or the family reader refuses it (a MoE)."""
+    if "model_name_or_path" in bad:
+        return
+    from pipeline.model.quant_layout import stored_keys
+    from pipeline.recipe.modelinfo import model_info, stored_quantization
+
+    stored = stored_quantization(values["model_name_or_path"])
+    if stored is None or model_info(values["model_name_or_path"]) is None:
+        return
+    for key, value in stored_keys(stored):
+        if origins[key].kind == "default" and key not in bad:
+            values[key], origins[key] = value, DERIVED
 
 
 def count_train_examples(values: Mapping[str, Any]) -> int | None:

@@ -75,23 +75,22 @@ def test_the_4bit_keys_say_they_do_nothing_without_quantization_bit_4(write):
     assert not [n for n in notices(resolve(write("f.yaml", QLORA + keys))) if "quantization" in n]
 
 
-def test_a_prequantized_checkpoint_is_refused_with_the_fix(write, tmp_path):
-    """The hub's unsloth/*-bnb-4bit form: config.json's quantization_config as transformers' save_pretrained of a
-    BitsAndBytesConfig(load_in_4bit=True) model writes it; its packed weights are not read here."""
+def test_a_gptq_checkpoint_is_refused_with_the_fix(write, tmp_path):
+    """config.json's quantization_config as a GPTQ checkpoint on the hub holds it: its packed qweight / qzeros /
+    scales are not read here (a bitsandbytes one is read as stored: tests/model/test_prequantized_bnb.py)."""
     transformers = pytest.importorskip("transformers")
     from tests.acceptance.harness import FAMILIES
 
     config = transformers.LlamaConfig(**FAMILIES["llama"].tiny)
-    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
-                                  "bnb_4bit_quant_type": "nf4"}
-    config.save_pretrained(tmp_path / "llama-bnb-4bit")
-    write("r.yaml", BASE.replace("tiny", "llama-bnb-4bit"))
+    config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    config.save_pretrained(tmp_path / "llama-gptq")
+    write("r.yaml", BASE.replace("tiny", "llama-gptq"))
     assert errors("r.yaml") == [
-        "r.yaml:1:21: model_name_or_path: llama-bnb-4bit/config.json: a pre-quantized checkpoint (quantization_config:"
-        " quant_method bitsandbytes, 4-bit), whose stored quantized weights are not read here (only GptOssForCausalLM's"
-        " MXFP4 experts are dequantized at load); point model_name_or_path at the unquantized checkpoint it was made"
-        " from and set quantization_bit: 4 to quantize it at load (bitsandbytes; the same quantization of the same"
-        " weights)"]
+        "r.yaml:1:21: model_name_or_path: llama-gptq/config.json: a pre-quantized checkpoint (quantization_config:"
+        " quant_method gptq, 4-bit), whose stored quantized weights are not read here (only GptOssForCausalLM's"
+        " MXFP4 experts are dequantized at load, and bitsandbytes 4-bit / 8-bit checkpoints of dense models are read"
+        " as stored); point model_name_or_path at the unquantized checkpoint it was made from (quantization_bit"
+        " quantizes it with bitsandbytes at load)"]
 
 
 def test_gpt_oss_as_the_hub_ships_it_is_not_a_prequantized_checkpoint(write, tmp_path):

@@ -16,6 +16,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
   outputs.py     resume_from_checkpoint, export_dir, the upstream's one producer, the refused exports, report_to
   quantization.py  QLoRA's quantization_bit against the method, stage, PiSSA and ZeRO stage
+  prequantized.py  a pre-quantized bitsandbytes checkpoint against the quantization keys the recipe sets
   benchmark.py   task and the other keys of LLaMA-Factory's multiple-choice benchmarks (eval with task)
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
@@ -28,8 +29,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from pipeline.recipe.load import Origin
-from pipeline.recipe.rules import (benchmark, data, method, model, optimizers, outputs, ppo, preference, quantization,
-                                   refused, stages, tokenizer, training)
+from pipeline.recipe.rules import (benchmark, data, method, model, optimizers, outputs, ppo, preference, prequantized,
+                                   quantization, refused, stages, tokenizer, training)
 from pipeline.recipe.rules.core import Context, Rule, in_order
 
 __all__ = ["Context", "ORDER", "RULES", "Rule", "run"]
@@ -48,6 +49,7 @@ ORDER = (
     method.oft_needs_linear_layers,
     method.pissa_starts_a_lora,
     quantization.quantization_fits,
+    prequantized.stored_quantization_matches,
     method.llama_pro_needs_freeze_or_lora,
     method.llama_pro_lora_can_train,
     method.llama_pro_oft_can_train,

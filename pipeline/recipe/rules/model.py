@@ -382,15 +382,17 @@ def _oft_expected(name: str, shape: list[int], model: dict[str, list[int]], conf
 
 def checkpoint_shapes(folder: Path) -> dict[str, list[int]]:
     """Each tensor's shape in a safetensors checkpoint folder (its files as the loader finds them:
-    pipeline.model.safetensors_header.shard_files), headers only; {} when it has none."""
+    pipeline.model.safetensors_header.shard_files), headers only (a bitsandbytes 4-bit weight's left out:
+    quant_layout.header_shapes); {} when it has none."""
     from pipeline.errors import UserError
+    from pipeline.model.quant_layout import header_shapes
     from pipeline.model.safetensors_header import safetensors_shapes, shard_files
 
     try:
         files = shard_files(folder)
     except UserError:
         return {}
-    return {k: v for file in files for k, v in safetensors_shapes(file).items()}
+    return header_shapes({k: v for file in files for k, v in safetensors_shapes(file).items()})
 
 
 def _config(folder: Path, file: str = "config.json") -> dict:

@@ -1,0 +1,88 @@
+"""A pre-quantized bitsandbytes 4-bit checkpoint as users bring it (unsloth/*-bnb-4bit: transformers' save_pretrained
+of a BitsAndBytesConfig model, in the hub cache, HF_HUB_OFFLINE=1) under a LLaMA-Factory LoRA sft recipe with no
+quantization key (its examples' form; LLaMA-Factory trains QLoRA on such a model as it is stored): plan, build, train,
+merge as a user types them.
+
+Golden values: transformers' from_pretrained of the same snapshot (its 4-bit model as stored, compute dtype fp32 as
+the fixture was quantized with) and PEFT's PeftModel.from_pretrained of our adapter/ on it; merged/ (the 4-bit
+weights dequantized, the adapter folded in, as unsloth's merged_16bit save writes it) loaded by transformers computes
+the same logits.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from pipeline.recipe import resolve
+from tests.acceptance.harness import (assert_close, cli_env, pipeline, trained_model, write_data, write_hf_checkpoint,
+                                      write_recipe)
+from tests.helpers.hub_layout import hub_cache
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+HUB_ID = "unsloth/Tiny-Llama-bnb-4bit"
+
+
+def reference(folder) -> torch.nn.Module:
+    """transformers' model of the folder as stored; bitsandbytes' avx512_bf16 CPU shortcut off, as in ours."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequantized(tmp_path, monkeypatch):
+    write_data(tmp_path / "data")
+    plain, quantized, home = tmp_path / "plain", tmp_path / "bnb-4bit", tmp_path / "hf"
+    write_hf_checkpoint(plain, "llama", small_vocab=True)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    transformers.AutoModelForCausalLM.from_pretrained(plain, quantization_config=config, dtype=torch.float32,
+                                                      device_map="cpu").save_pretrained(quantized)
+    for file in plain.iterdir():  # the tokenizer files, as the hub repo holds them beside the weights
+        if not (quantized / file.name).exists():
+            shutil.copy(file, quantized / file.name)
+    snapshot = hub_cache(home, HUB_ID, quantized)
+    env = cli_env(HF_HOME=str(home))
+    recipe = write_recipe(tmp_path / "sft.yaml", model_name_or_path=HUB_ID, dataset_dir="data",
+                          output_dir="saves/bnb", template="llama3", cutoff_len=256, max_samples=8,
+                          learning_rate=0.05, export_dtype="fp32", zero_stage=2)
+
+    planned = pipeline("plan", recipe, cwd=tmp_path, env=env, as_typed=False).stdout
+    assert "quantization_bit 4: the base's Linear weights counted at 0.5 byte a parameter + their quantization" \
+           " constants (4-bit nf4 with double quantization)" in planned
+    pipeline("build", recipe, cwd=tmp_path, env=env, as_typed=False)
+    trained = pipeline("train", recipe, cwd=tmp_path, env=env)
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained.stderr
+    merged_run = pipeline("merge", recipe, cwd=tmp_path, env=env, as_typed=False)
+    assert f"merge: {HUB_ID} is a pre-quantized bitsandbytes checkpoint: the export holds its 4-bit weights" \
+           " dequantized (14 Linears)" in merged_run.stderr
+
+    out = tmp_path / "saves/bnb"
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("HF_HOME", str(home))  # trained_model resolves the hub id in this process
+    with torch.no_grad():
+        stored = reference(snapshot)
+        before = stored(x).logits
+        golden = peft.PeftModel.from_pretrained(stored, out / "adapter").eval()(x).logits
+        assert (golden - before).abs().max() > 1e-2  # the adapter trained
+        assert_close(golden, trained_model(recipe, tmp_path)(x), rel=1e-5)
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        assert_close(golden, merged(x).logits, rel=1e-5)
+    for key, value in merged.state_dict().items():  # a plain checkpoint: no 4-bit codes, no quantization_config
+        assert value.dtype == torch.float32, key
+    assert getattr(merged.config, "quantization_config", None) is None
+
+    # a LLaMA-Factory export recipe naming the run's adapter on the same hub id passes the adapter-fits-model rule:
+    # the files' header shapes of the 4-bit Linears are the packed codes', not the weights' (export itself is merge's
+    # dequantized fold, run above)
+    export = write_recipe(tmp_path / "export.yaml", model_name_or_path=HUB_ID, adapter_name_or_path="saves/bnb",
+                          dataset_dir="data", cutoff_len=256, max_samples=8, template="llama3",
+                          export_dir="saves/exported", export_dtype="fp32")
+    monkeypatch.chdir(tmp_path)
+    assert resolve(export, [], command="export", env=env)["quantization_bit"] == 4
