@@ -48,7 +48,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.weights import DTYPES, note
-from pipeline.model.config import ModelConfig, length_limit
+from pipeline.model.config import ModelConfig, base_folder, length_limit
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
@@ -172,14 +172,6 @@ class ExportFiles:
     eos_token: str | None = None
     training_chat_template: str | None = None
     source: Path | None = None  # the base checkpoint's folder (None: a preset): a wrapped model's other towers
-
-
-def base_folder(model_name_or_path: str) -> Path | None:
-    """The folder of the recipe's base checkpoint (a hub id's snapshot); None for a preset."""
-    from pipeline.model.config import config_path
-
-    path = config_path(model_name_or_path)
-    return path.parent if path else None
 
 
 def export_files(r: Mapping[str, Any]) -> ExportFiles:
