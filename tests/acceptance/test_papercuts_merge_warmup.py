@@ -24,7 +24,7 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     from safetensors.torch import load_file
 
     write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
-                 output_dir="saves/r", max_steps=1, warmup_ratio=0.03)
+                 output_dir="saves/r", max_steps=1, warmup_ratio=0.03, val_size=None)
     line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
                 if text.startswith("warmup_ratio:"))
     notice = (f"notice: r.yaml:{line}:15: warmup_ratio 0.03 of 1 step = 1 warmup step: the run's only step trains at "

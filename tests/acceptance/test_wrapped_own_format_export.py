@@ -27,7 +27,8 @@ def test_a_full_runs_model_folder_exports_the_whole_image_text_checkpoint(workdi
     base = workdir / "Qwen2.5-VL"
     source = tiny_checkpoint("qwen2_5_vl", base)
     run = write_recipe(workdir / "full.yaml", model_name_or_path=str(base), dataset_dir="data", template="qwen2_vl",
-                       finetuning_type="full", output_dir="saves/full", learning_rate=1e-3, cutoff_len=128)
+                       finetuning_type="full", output_dir="saves/full", learning_rate=1e-3, cutoff_len=128,
+                       max_steps=1, val_size=None)
     pipeline("build", run, cwd=workdir, as_typed=False)
     pipeline("train", run, cwd=workdir)
     # LLaMA-Factory's merge recipe form (examples/merge_lora/*.yaml), the run's model/ as the model, no adapter
