@@ -113,6 +113,21 @@ def test_all_zero_b_is_an_untrained_adapter():
     assert "no gradient reached them" in message and "lora_target" in message, message
 
 
+def test_an_adapter_zero_in_every_layer_is_one_message_with_the_general_causes():
+    """No run beside it to name the cause (cause=None): the general ones, once for the whole adapter."""
+    model = adapted_model()
+    wrappers = L.lora_modules(model)
+    with torch.no_grad():
+        for wrapper in wrappers.values():
+            wrapper.lora.B.zero_()
+    with pytest.raises(UserError) as err:
+        merge.merge_verified(model, SAMPLES, "fp32", source="a/adapter")
+    (message,) = err.value.messages
+    assert message.startswith(f"a/adapter: the adapter is untrained: lora_B is all zero in all {len(wrappers)} of its"
+                              " adapted layers"), message
+    assert "saved before any optimizer step" in message and "Fix: train again" in message, message
+
+
 def test_a_merge_touching_a_non_lora_weight_is_caught_by_the_logits(monkeypatch):
     model = adapted_model()
     fold_with(monkeypatch, model, {}, also=lambda: model.norm.weight.data.mul_(1.01))
