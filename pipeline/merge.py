@@ -48,7 +48,7 @@ from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json, write_text
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.weights import DTYPES, note
-from pipeline.model.config import ModelConfig, length_limit
+from pipeline.model.config import ModelConfig, base_folder, length_limit
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
@@ -174,14 +174,6 @@ class ExportFiles:
     source: Path | None = None  # the base checkpoint's folder (None: a preset): a wrapped model's other towers
 
 
-def base_folder(model_name_or_path: str) -> Path | None:
-    """The folder of the recipe's base checkpoint (a hub id's snapshot); None for a preset."""
-    from pipeline.model.config import config_path
-
-    path = config_path(model_name_or_path)
-    return path.parent if path else None
-
-
 def export_files(r: Mapping[str, Any]) -> ExportFiles:
     """merge's and export's ExportFiles for recipe `r`, gathered before any merging (cheap: configs are read)."""
     data = data_args(r)
@@ -270,7 +262,7 @@ def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path,
     lora.load_adapter(model, path)
     model.eval()
     samples = validation_samples(data, model.cfg)
-    return merge_verified(model, samples, ex.export_dtype, source=str(path))
+    return merge_verified(model, samples, ex.export_dtype, source=str(path), cause=untrained_cause(path))
 
 
 def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, recipe: str,
@@ -379,13 +371,15 @@ def _rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> flo
 
 @torch.no_grad()
 def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dtype: str, *,
-                   source: str = "adapter") -> Verified:
+                   source: str = "adapter", cause: str | None = None) -> Verified:
     """Fold every LoRA layer of `model` into its base weight, in place, proving each fold and then the whole.
 
     Layer by layer: the folded Linear (lora.fold_lora) minus the base must be the layer's update (the LoRA
     branch; DoRA's rescaled sum) on random inputs, and must not be zero; then the merged model's logits must
     equal the adapter model's, taken before the first fold. In place, the memory is the model once plus one
     layer's base weight (kept for its check): keeping the adapter model next to a merged copy would double it.
+    Layers whose update is nothing (an untrained adapter) are refused first, in one message (untrained_message;
+    `cause`: why its run left them so, when the caller knows: untrained_cause).
     """
     from pipeline.model import lora
 
@@ -393,6 +387,9 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     shown = hf_namer(model)
     if not names:
         raise UserError(f"{source}: the adapter has no LoRA layers to merge")
+    zero = {shown(n): which for n in names if (which := model.get_submodule(n).unchanged_by()) is not None}
+    if zero:
+        raise UserError(untrained_message(source, zero, len(names), cause))
     reference = _logits(model, samples)
     gen = torch.Generator().manual_seed(0)
     layers: dict[str, dict[str, float]] = {}
@@ -401,14 +398,7 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     for ours in names:
         name = shown(ours)  # what the user knows the layer as (the family's HF module name)
         wrapper = model.get_submodule(ours)
-        base_linear, which = wrapper.linear, wrapper.unchanged_by()
-        if which is not None:
-            problems.append(
-                f"layer {name}: {which} is all zero in {source}, so merging changes nothing (the merged model"
-                " would equal the base). The adapter looks untrained or empty: was it saved before any"
-                " optimizer step, or from ZeRO-3 partitions without gathering? Train again (`make train`)."
-            )
-            continue
+        base_linear = wrapper.linear
         base_weight = base_linear.weight.detach().clone()  # measured before the fold, which must not change it
         x = torch.randn(8, base_linear.in_features, generator=gen).to(base_weight)
         base_out = base_linear(x)
@@ -450,6 +440,48 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     check = Verified(model, report, list(map(list, samples)), reference)
     _check_cast(check, export_dtype, casts)
     return check
+
+
+def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: str | None = None) -> str:
+    """One message for the adapter layers whose update is nothing (`zero`: the family's layer name -> the PEFT tensor
+    that is all zero, AdapterLinear.unchanged_by), out of `layers`: merging them changes nothing, which says the
+    adapter (or those layers) did not train. One line per layer said the same thing a dozen times (every layer of a
+    GPT-2 adapter from a run whose only step trained at lr 0)."""
+    which = " / ".join(sorted(set(zero.values())))
+    if len(zero) < layers:
+        shown = ", ".join(list(zero)[:4]) + (f" and {len(zero) - 4} more" if len(zero) > 4 else "")
+        return (f"{source}: {which} is all zero in {len(zero)} of its {layers} adapted layers ({shown}), so merging"
+                " would leave those layers as the base's. Likely cause: no gradient reached them in training (the"
+                " loss does not depend on them), or the adapter file was edited. Fix: leave them out of lora_target"
+                " and train again (`make train`); nothing was written")
+    cause = cause or ("it was saved before any optimizer step, every step it took trained at lr 0 (a warmup covering a"
+                      " 1-step run: the warmup starts at lr 0), or it was written from ZeRO-3 partitions without"
+                      " gathering")
+    return (f"{source}: the adapter is untrained: {which} is all zero in all {layers} of its adapted layers, so"
+            f" merging would change nothing (the merged model would equal the base). Likely cause: {cause}. Fix:"
+            " train again with steps at a learning rate above 0 (warmup_ratio: 0, or more steps: max_steps),"
+            " `make train`; nothing was written")
+
+
+def untrained_cause(adapter: Path) -> str | None:
+    """Why the run that wrote `adapter` (its resolved.yaml beside it, when it is a run's adapter/) trained nothing,
+    when its recipe says so: a warmup that leaves a 1-step run's only step at lr 0 (steps.warmup_waste, which plan
+    and train said as a notice); else None (untrained_message's general causes)."""
+    import yaml
+
+    from pipeline.recipe.steps import steps_word, warmup_waste
+
+    resolved = RunLayout(adapter.parent).resolved_yaml
+    try:
+        run = yaml.safe_load(resolved.read_text(encoding="utf-8"))
+        total, warmup = run["total_steps"], run["num_warmup_steps"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return None
+    if total != 1 or warmup_waste(total, warmup) is None:  # a later step trains at lr > 0: not the warmup's doing
+        return None
+    key = "warmup_steps" if run.get("warmup_steps") is not None else "warmup_ratio"
+    return (f"its run ({resolved}) trained {steps_word(total)} with {key} {run[key]:g}, which is {warmup} warmup"
+            f" step{'s' * (warmup > 1)}: {warmup_waste(total, warmup)}")
 
 
 def hf_namer(model: nn.Module):

@@ -108,7 +108,24 @@ def test_all_zero_b_is_an_untrained_adapter():
     with pytest.raises(UserError) as err:
         merge.merge_verified(model, SAMPLES, "fp32")
     (message,) = err.value.messages
-    assert "layer h.0.mlp.c_proj: lora_B is all zero" in message and "untrained or empty" in message
+    layers = len(L.lora_modules(model))
+    assert f"lora_B is all zero in 1 of its {layers} adapted layers (h.0.mlp.c_proj)" in message, message
+    assert "no gradient reached them" in message and "lora_target" in message, message
+
+
+def test_an_adapter_zero_in_every_layer_is_one_message_with_the_general_causes():
+    """No run beside it to name the cause (cause=None): the general ones, once for the whole adapter."""
+    model = adapted_model()
+    wrappers = L.lora_modules(model)
+    with torch.no_grad():
+        for wrapper in wrappers.values():
+            wrapper.lora.B.zero_()
+    with pytest.raises(UserError) as err:
+        merge.merge_verified(model, SAMPLES, "fp32", source="a/adapter")
+    (message,) = err.value.messages
+    assert message.startswith(f"a/adapter: the adapter is untrained: lora_B is all zero in all {len(wrappers)} of its"
+                              " adapted layers"), message
+    assert "saved before any optimizer step" in message and "Fix: train again" in message, message
 
 
 def test_a_merge_touching_a_non_lora_weight_is_caught_by_the_logits(monkeypatch):

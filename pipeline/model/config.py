@@ -553,6 +553,12 @@ def config_path(name_or_path: str | Path) -> Path | None:
     return path / "config.json"
 
 
+def base_folder(name_or_path: str | Path) -> Path | None:
+    """The folder of a model reference's checkpoint (a hub id's snapshot); None for a preset."""
+    path = config_path(name_or_path)
+    return path.parent if path else None
+
+
 def _adapter_as_model_message(given: str | Path, path: Path) -> str | None:
     """When `path` is a LoRA adapter or a LoRA run's output_dir (LLaMA-Factory's merge_lora recipes name it in
     adapter_name_or_path, with the base in model_name_or_path): what to write instead; else None."""

@@ -371,13 +371,19 @@ def plain_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model(model: GPTModel, directory: str | Path, dtype: str = "fp32") -> Path:
+def save_model(model: GPTModel, directory: str | Path, dtype: str = "fp32", source: str | Path | None = None) -> Path:
     """Our own checkpoint: config.json ("format": "pipeline-gpt", with torch_dtype as transformers names the
-    weights' dtype) + model.safetensors in our names."""
+    weights' dtype) + model.safetensors in our names. A wrapped model (an image-text checkpoint's decoder) with its
+    `source` folder (the checkpoint it was read from, or a folder of ours that carries one) also gets the rest of
+    that source (pipeline.model.wrapped.carry), so that the folder exports the whole image-text model."""
     state = {k: v.to(DTYPES[dtype]).contiguous().cpu() for k, v in plain_state_dict(model).items()}
     with atomic_dir(directory) as tmp:
         write_json(tmp / "config.json", to_own_config(model.cfg, torch_name(dtype)))
         save_file(state, str(tmp / SINGLE), metadata={"format": "pt"})
+        if model.cfg.wrapper and source is not None:
+            from pipeline.model.wrapped import carry
+
+            carry(model.cfg, source, tmp)
     return Path(directory)
 
 

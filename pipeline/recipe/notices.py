@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from pipeline.recipe import spec
+from pipeline.recipe.steps import steps_word, warmup_waste
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
 
 TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported model family is implemented in "
@@ -79,6 +80,22 @@ def epochs_notice(r: Any) -> str | None:
     return (f"notice: {epochs.where}: num_train_epochs: {r['num_train_epochs']:g} has no effect: max_steps "
             f"{r['max_steps']} ({steps.where}) sets the length of the run; set max_steps: null (or the override "
             "max_steps=) to train by epochs")
+
+
+def warmup_notice(r: Any) -> str | None:
+    """A warmup that wastes the run's steps at learning rate 0 (steps.warmup_waste: it covers every step, or is one
+    step long): warmup_ratio 0.03 of a 1-step run is 1 warmup step, whose only step then trains at lr 0 and leaves an
+    adapter merge refuses as untrained. transformers' linear warmup starts at 0 (HF Trainer's: kept here), so this
+    is a notice, said before any step runs, not a refusal."""
+    total, warmup = r["total_steps"], r["num_warmup_steps"]
+    waste = warmup_waste(total, warmup)
+    if waste is None:
+        return None
+    key = "warmup_steps" if r["warmup_steps"] is not None else "warmup_ratio"
+    given = (f"warmup_steps {warmup} of {steps_word(total)}" if key == "warmup_steps" else
+             f"warmup_ratio {r['warmup_ratio']:g} of {steps_word(total)} = {warmup} warmup step{'s' * (warmup > 1)}")
+    return (f"notice: {r.origin(key).where}: {given}: {waste} (a linear warmup starts at lr 0, as transformers' "
+            f"does); set {key}: 0 or more steps")
 
 
 def dpo_dropout_notices(r: Any) -> list[str]:
@@ -318,11 +335,11 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
 
 def notices(r: Any) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides; dropout under stage dpo; run_name without wandb; what rope_scaling set;
+    epochs that max_steps overrides; a warmup that wastes the run's steps at lr 0; dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
     galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it;
     moe_aux_loss_coef on a dense model; the quantization keys without quantization_bit."""
-    lines = (template_notice(r), epochs_notice(r), run_name_notice(r), rope_scaling_notice(r),
+    lines = (template_notice(r), epochs_notice(r), warmup_notice(r), run_name_notice(r), rope_scaling_notice(r),
              dynamic_context_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r), moe_aux_loss_notice(r))
     out = [line for line in lines if line]

@@ -180,9 +180,10 @@ class Exporter:
                 # tokenizer before loading it, and load that tokenizer to encode as training did
                 copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens, self.split_special_tokens)
         else:
+            from pipeline.model.config import base_folder
             from pipeline.model.weights import SINGLE, plain_state_dict, save_model
 
-            target = save_model(model, self.target(directory), self.dtype)
+            target = save_model(model, self.target(directory), self.dtype, source=base_folder(self.base))
             expected = {k: tuple(v.shape) for k, v in plain_state_dict(model).items()}
             verify_tensors(target / SINGLE, expected)
             copy_tokenizer_files(self.tokenizer_from, target, self.new_tokens, self.split_special_tokens)

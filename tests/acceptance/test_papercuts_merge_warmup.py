@@ -1,0 +1,52 @@
+"""The warmup trap and the merge that follows it, through the CLI: a recipe with `max_steps: 1` and
+`warmup_ratio: 0.03` (LLaMA-Factory's examples' warmup) on a transformers-written GPT-2 checkpoint.
+
+transformers' schedule, which ours follows: warmup steps = ceil(total x warmup_ratio) (training_args.py:2154-2161,
+get_warmup_steps: ceil(1 x 0.03) = 1) and the linear warmup's factor at step s is s / warmup steps
+(optimization.py:101-104, _get_linear_schedule_with_warmup_lr_lambda: 0 / 1 = 0 at the only step). So the run trains
+its only step at lr 0 and the adapter's lora_B stays all zero (PEFT's init), which merge must refuse.
+
+`plan` and `train` say it once each as a notice (exit 0: the schedule is transformers'), and merge refuses the adapter
+in ONE message naming the adapter, how many of how many layers are all zero, the cause (the run's own warmup, from its
+resolved.yaml) and the fix, exit 2, nothing written.
+
+Failed before: no notice; merge printed one `error: layer h.N...: lora_B is all zero` line per adapted layer (8 here,
+12 on GPT-2 small's c_attn).
+"""
+from __future__ import annotations
+
+from tests.acceptance.harness import pipeline, refused, write_recipe
+
+LAYERS = 2 * 4  # the checkpoint's 2 blocks x GPT-2's four Conv1D (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+
+
+def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_one_message(workdir, hf_checkpoint):
+    from safetensors.torch import load_file
+
+    write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+                 output_dir="saves/r", max_steps=1, warmup_ratio=0.03, val_size=None)
+    line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
+                if text.startswith("warmup_ratio:"))
+    notice = (f"notice: r.yaml:{line}:15: warmup_ratio 0.03 of 1 step = 1 warmup step: the run's only step trains at "
+              "lr 0, so the weights do not change (a linear warmup starts at lr 0, as transformers' does); set "
+              "warmup_ratio: 0 or more steps")
+    pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
+    plan = pipeline("plan", "r.yaml", cwd=workdir, as_typed=False).stderr
+    train = pipeline("train", "r.yaml", cwd=workdir).stderr  # as typed
+    for err in (plan, train):
+        assert [text for text in err.splitlines() if text.startswith("notice:") and "warmup" in text] == [notice], err
+
+    tensors = load_file(workdir / "saves/r/adapter/adapter_model.safetensors")
+    b = [t for k, t in tensors.items() if k.endswith("lora_B.weight")]
+    assert len(b) == LAYERS and not any(t.any() for t in b)  # lr 0: B as PEFT initialises it
+    assert all(t.any() for k, t in tensors.items() if k.endswith("lora_A.weight"))
+
+    err = refused("merge", "r.yaml", cwd=workdir, as_typed=False)
+    errors = [text for text in err.splitlines() if text.startswith("error:")]
+    assert errors == [
+        f"error: saves/r/adapter: the adapter is untrained: lora_B is all zero in all {LAYERS} of its adapted layers,"
+        " so merging would change nothing (the merged model would equal the base). Likely cause: its run"
+        " (saves/r/resolved.yaml) trained 1 step with warmup_ratio 0.03, which is 1 warmup step: the run's only step"
+        " trains at lr 0, so the weights do not change. Fix: train again with steps at a learning rate above 0"
+        " (warmup_ratio: 0, or more steps: max_steps), `make train`; nothing was written"], err
+    assert not (workdir / "saves/r/merged").exists()
