@@ -11,7 +11,12 @@ from typing import Any, Mapping
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
 
-QLORA_STAGES = ("pt", "sft")
+# the stages whose model is the quantized base + the adapter: pt / sft; dpo (orpo, simpo) and kto, whose reference is
+# the same base with the adapter off (pipeline.train.preference.AdapterReference: no second model, as LLaMA-Factory's
+# create_ref_model gives TRL None for LoRA) or an unquantized ref_model (build.load_ref_model); rm, its score head
+# unquantized beside it. ppo is not: its reward model (reward_model_type lora folds an adapter into the policy's base,
+# which a 4/8-bit base cannot take) and value head are not built on a quantized base here.
+QLORA_STAGES = ("pt", "sft", "dpo", "kto", "rm")
 # LLaMA-Factory (hparams/parser.py _verify_model_args): "Quantization is only compatible with the LoRA or OFT method."
 FULL_REFUSED = ("a quantized base cannot train: its 4/8-bit weights are frozen integer codes (LLaMA-Factory refuses "
                 "it too: 'Quantization is only compatible with the LoRA or OFT method.'); set finetuning_type: lora "
@@ -33,7 +38,7 @@ def quantization_zero3(v: Mapping[str, Any]) -> str | None:
 @rule("quantization_bit", "quantization_method", "finetuning_type", "stage", "pissa_init", "zero_stage", "deepspeed",
       "model_name_or_path")
 def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
-    """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, for stages pt and sft,
+    """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, for the QLORA_STAGES,
     at ZeRO 0-2; everything else it is combined with is said here, one message per key."""
     v = ctx.values
     if v["quantization_bit"] is None:
