@@ -16,14 +16,13 @@ import math
 import pytest
 import torch
 
-from tests.acceptance.harness import (assert_close, pipeline, trained_model, write_data, write_hf_checkpoint,
-                                      write_ranking_data)
+from tests.acceptance.harness import pipeline, trained_model, write_data, write_hf_checkpoint, write_ranking_data
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from tests.acceptance.test_qlora_cli import reference_path  # noqa: E402  (after the skips)
+from tests.acceptance.test_qlora_cli import assert_outputs_are_peft_on_the_4bit_base  # noqa: E402
 
 
 def llamafactory_recipe(model: str, stage: str, quantization: str, output_dir: str) -> str:
@@ -98,20 +97,7 @@ def test_a_llamafactory_qlora_dpo_recipe_trains_merges_and_loads_in_peft_on_the_
     out = tmp_path / "saves/qlora-dpo"
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference (adapter off) at step one
-    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    quantized = reference_path(transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "llama", quantization_config=config, dtype=torch.float32, device_map="cpu").eval())
-    with torch.no_grad():
-        before = quantized(x).logits
-        golden = peft.PeftModel.from_pretrained(quantized, out / "adapter").eval()(x).logits
-        assert (golden - before).abs().max() > 1e-3  # the adapter trained
-        assert_close(golden, trained_model("dpo.yaml", tmp_path)(x), rel=1e-5)
-        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
-        unquantized = peft.PeftModel.from_pretrained(plain, out / "adapter").eval()(x).logits
-        assert_close(unquantized, transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()(x).logits,
-                     rel=1e-5)
+    assert_outputs_are_peft_on_the_4bit_base("dpo.yaml", tmp_path, tmp_path / "llama", out, changed=1e-3)
 
     # 8 bits (LLM.int8), stage rm: LLaMA-Factory's reward example on the same data, the score head trained beside it
     eight = "quantization_bit: 8\nquantization_method: bnb\n"
@@ -121,6 +107,7 @@ def test_a_llamafactory_qlora_dpo_recipe_trains_merges_and_loads_in_peft_on_the_
     assert "quantized to 8-bit (LLM.int8)" in trained.stderr
     out = tmp_path / "saves/qlora-rm"
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
     ours = trained_model("rm.yaml", tmp_path)
     base = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "llama", num_labels=1, dtype=torch.float32, device_map="cpu",
