@@ -1,12 +1,13 @@
-"""QLoRA for the preference and reward stages as a user brings it: LLaMA-Factory's examples/train_lora/qwen3_lora_dpo.yaml
-(and qwen3_lora_reward.yaml) with its keys as written plus `quantization_bit`, LLaMA-Factory's pairwise data
-(dataset_info.json "ranking": true, alpaca and sharegpt forms), a save_pretrained tiny Llama; `python -m pipeline
-build / train / merge` as typed.
+"""QLoRA for the preference and reward stages as a user brings it: LLaMA-Factory's
+examples/train_lora/qwen3_lora_dpo.yaml (then qwen3_lora_reward.yaml and llama3_lora_ppo.yaml at 8 bits) with its keys
+as written plus `quantization_bit`, LLaMA-Factory's pairwise data (dataset_info.json "ranking": true, alpaca and
+sharegpt forms), a save_pretrained tiny Llama; `python -m pipeline build / train / merge` as typed.
 
 Golden values are transformers' and PEFT's: PeftModel.from_pretrained on our adapter/ over transformers'
 BitsAndBytesConfig model of the same checkpoint (4-bit nf4 with double quantization for dpo; load_in_8bit for rm,
 AutoModelForSequenceClassification), and PEFT on the unquantized checkpoint for merged/; step one's loss is ln 2 by
-hand (the reference is the policy with its adapter off: the same quantized model at step one).
+hand (the reference is the policy with its adapter off: the same quantized model at step one), and so is ppo's first
+KL, 0.
 """
 from __future__ import annotations
 
@@ -26,12 +27,17 @@ from tests.acceptance.test_qlora_cli import assert_outputs_are_peft_on_the_4bit_
 
 
 def llamafactory_recipe(model: str, stage: str, quantization: str, output_dir: str) -> str:
-    """examples/train_lora/qwen3_lora_dpo.yaml (stage rm: qwen3_lora_reward.yaml, no pref_ keys) as LLaMA-Factory
-    ships it, QLoRA's two lines added, sized for a test (model, data, steps, batch); bf16 left out on a CPU."""
+    """examples/train_lora/qwen3_lora_dpo.yaml (stage rm: qwen3_lora_reward.yaml, no pref_ keys; stage ppo:
+    llama3_lora_ppo.yaml, its reward_model the rm run, sft data, its generate keys) as LLaMA-Factory ships it, QLoRA's
+    two lines added, sized for a test (model, data, steps, batch, new tokens); bf16 left out on a CPU."""
     method = "pref_beta: 0.1\npref_loss: sigmoid  # choices: [sigmoid (dpo), orpo, simpo]\n" if stage == "dpo" else ""
+    reward = "reward_model: saves/qlora-rm\n" if stage == "ppo" else ""
+    dataset = "tiny_sft" if stage == "ppo" else "prefs_alpaca,prefs_sharegpt"
+    cache = "overwrite_cache: true\n" if stage == "ppo" else ""  # the ppo example's: train builds its data itself
+    generate = "\n### generate\nmax_new_tokens: 2\ntop_k: 0\ntop_p: 0.9\n" if stage == "ppo" else ""
     return f"""### model
 model_name_or_path: {model}
-trust_remote_code: true
+{reward}trust_remote_code: true
 {quantization}
 ### method
 stage: {stage}
@@ -41,11 +47,11 @@ lora_rank: 8
 lora_target: all
 {method}
 ### dataset
-dataset: prefs_alpaca,prefs_sharegpt
+dataset: {dataset}
 template: llama3
 cutoff_len: 64
 max_samples: 1000
-preprocessing_num_workers: 16
+{cache}preprocessing_num_workers: 16
 dataloader_num_workers: 4
 
 ### output
@@ -67,7 +73,7 @@ warmup_ratio: 0.1
 ddp_timeout: 180000000
 resume_from_checkpoint: null
 deepspeed: ds_z2_config.json
-"""
+{generate}"""
 
 
 # examples/deepspeed/ds_z2_config.json as LLaMA-Factory ships it
@@ -116,3 +122,13 @@ def test_a_llamafactory_qlora_dpo_recipe_trains_merges_and_loads_in_peft_on_the_
         scorer = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
         golden = torch.cat([scorer(row[None]).logits[:, 0] for row in x])
         torch.testing.assert_close(ours(x)[:, -1, 0], golden, rtol=1e-5, atol=1e-5)
+
+    # 8 bits, stage ppo: LLaMA-Factory's llama3_lora_ppo.yaml scoring with that reward adapter, beside the 8-bit base
+    (tmp_path / "ppo.yaml").write_text(llamafactory_recipe(str(tmp_path / "llama"), "ppo", eight, "saves/qlora-ppo"),
+                                       encoding="utf-8")
+    trained = pipeline("train", "ppo.yaml", cwd=tmp_path)
+    assert "reference: the starting model (the policy with its adapters switched off)" in trained.stderr
+    out = tmp_path / "saves/qlora-ppo"
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert log[0]["kl"] == 0.0  # the rollout's policy is the reference (the 8-bit base, adapter off) before an update
+    assert (out / "adapter" / "value_head.safetensors").is_file()

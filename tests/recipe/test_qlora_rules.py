@@ -19,7 +19,7 @@ def test_a_llamafactory_qlora_recipe_resolves(write):
     assert resolve(write("o.yaml", QLORA), ["quantization_bit=8"])["quantization_bit"] == 8
 
 
-def test_full_freeze_zero3_ppo_pissa_and_other_quantizers_are_refused(write):
+def test_full_freeze_zero3_pissa_and_other_quantizers_are_refused(write):
     write("full.yaml", QLORA + "finetuning_type: freeze\n")
     assert errors("full.yaml") == [
         "full.yaml:6:18: finetuning_type: given freeze with quantization_bit: 4: a quantized base cannot train: its "
@@ -33,9 +33,6 @@ def test_full_freeze_zero3_ppo_pissa_and_other_quantizers_are_refused(write):
     write("m.yaml", QLORA + "quantization_method: hqq\npissa_init: true\n")
     assert [m.split(": given")[0] for m in errors("m.yaml")] == ["m.yaml:6:22: quantization_method",
                                                                  "m.yaml:7:13: pissa_init"]
-    write("p.yaml", QLORA + "stage: ppo\nreward_model: rm\n")
-    assert any(m.startswith("p.yaml:5:19: quantization_bit: given 4 with stage: ppo: QLoRA is implemented for "
-                            "stages pt, sft, dpo, kto, rm; train stage ppo on an unquantized base") for m in errors("p.yaml"))
     write("b.yaml", BASE + "quantization_bit: 2\n")
     assert errors("b.yaml") == ["b.yaml:5:19: quantization_bit: given 2, expected one of 4, 8, null"]
 
@@ -74,6 +71,18 @@ def test_plan_counts_a_preference_or_reward_stage_on_the_4bit_base_without_a_sec
     if stage == "dpo":
         ref = estimate_memory(resolve(write("f.yaml", keys + "stage: dpo\nref_model: tiny\n")))
         assert ref.gpu["reference"] == TINY_PARAMS * 4
+
+
+def test_plan_counts_ppo_s_lora_reward_model_on_the_4bit_base(write):
+    """reward_model_type lora: the reward adapter beside the policy's base quantized the same way (its score head
+    unquantized), no reference (the adapter off); a full reward model loads unquantized."""
+    from tests.recipe.test_recipe_plan import TINY_PARAMS
+
+    keys = ("model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\nquantization_bit: 4\n"
+            "stage: ppo\nreward_model: rm\n")
+    mem = estimate_memory(resolve(write("r.yaml", keys)))
+    assert mem.gpu["reward_model"] == (TINY_PARAMS + 64 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
+    assert "reference" not in mem.gpu
 
 
 def test_the_4bit_keys_say_they_do_nothing_without_quantization_bit_4(write):

@@ -1,8 +1,8 @@
-"""quantization_bit (QLoRA) for the preference and reward stages: dpo (sigmoid, orpo, simpo), kto and rm on a quantized
-base. The policy is the 4 / 8-bit base + the LoRA adapter, the reference the same base with the adapter off (no second
-model: LLaMA-Factory's create_ref_model returns None for LoRA and TRL's trainers call the PEFT model under
-disable_adapter()); a ref_model is loaded unquantized, as LLaMA-Factory loads it (ref_model_quantization_bit, which
-is refused here, left None).
+"""quantization_bit (QLoRA) for the preference and reward stages: dpo (sigmoid, orpo, simpo), kto, rm and ppo's reward
+model on a quantized base. The policy is the 4 / 8-bit base + the LoRA adapter, the reference the same base with the
+adapter off (no second model: LLaMA-Factory's create_ref_model returns None for LoRA and TRL's trainers call the PEFT
+model under disable_adapter()); a ref_model is loaded unquantized, as LLaMA-Factory loads it
+(ref_model_quantization_bit, which is refused here, left None).
 
 Golden values: transformers' BitsAndBytesConfig model of the same save_pretrained checkpoint with PEFT's LoRA loaded
 from our adapter (the policy's log-probabilities) and under PEFT's disable_adapter() (the reference's), and the
@@ -185,3 +185,29 @@ def test_a_qlora_reward_model_trains_its_fp32_score_head_beside_the_frozen_quant
     assert len(quantized) == 14 and not any(p.requires_grad for m in quantized for p in m.parameters())
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trained - {name for name in trained if ".lora." in name} == {"score.weight"}
+
+
+def test_a_ppo_lora_reward_model_on_the_4bit_base_is_peft_seq_cls_on_transformers_4bit_model(llama, tmp_path):
+    """stage ppo, reward_model_type lora: the rm run's adapter (LoRA + its score head) stays beside the policy's 4-bit
+    base (LLaMA-Factory swaps it into its quantized policy), since no fold fits a quantized weight (it raised a shape
+    error). Its scores are PEFT's SEQ_CLS adapter on transformers' 4-bit AutoModelForSequenceClassification."""
+    from dataclasses import replace
+
+    from pipeline.train.ppo import load_reward_model
+
+    rm = build_model(replace(model_args(llama, 4), stage="rm"), LORA).eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        for wrapper in lora_modules(rm).values():
+            wrapper.lora.B.normal_(0, 0.3, generator=generator)
+        rm.score.weight.normal_(0, 0.3, generator=generator)
+    save_adapter(rm, tmp_path / "rm")
+    scorer = load_reward_model(str(tmp_path / "rm"), "lora", model_args(llama, 4), "cpu", torch.float32, pad_id=383)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in scorer.model.modules())
+    x = torch.randint(1, 383, (2, 8), generator=torch.Generator().manual_seed(6))
+    base = reference_path(transformers.AutoModelForSequenceClassification.from_pretrained(
+        llama, num_labels=1, quantization_config=bnb_config(4), dtype=torch.float32, device_map="cpu")).eval()
+    with torch.no_grad():
+        golden = peft.PeftModel.from_pretrained(base, tmp_path / "rm").eval()
+        expected = torch.cat([golden(row[None]).logits[:, 0] for row in x])  # a lone row: its last token's score
+        torch.testing.assert_close(scorer(x, torch.ones_like(x)), expected, rtol=1e-5, atol=1e-5)
