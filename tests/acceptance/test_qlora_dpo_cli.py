@@ -29,8 +29,9 @@ from tests.acceptance.test_qlora_cli import assert_outputs_are_peft_on_the_4bit_
 def llamafactory_recipe(model: str, stage: str, quantization: str, output_dir: str) -> str:
     """examples/train_lora/qwen3_lora_dpo.yaml (stage rm: qwen3_lora_reward.yaml, no pref_ keys; stage ppo:
     llama3_lora_ppo.yaml, its reward_model the rm run, sft data, its generate keys) as LLaMA-Factory ships it, QLoRA's
-    two lines added, sized for a test (model, data, steps, batch, new tokens); bf16 left out on a CPU."""
-    method = "pref_beta: 0.1\npref_loss: sigmoid  # choices: [sigmoid (dpo), orpo, simpo]\n" if stage == "dpo" else ""
+    two lines added, sized for a test (model, data, steps, batch, new tokens, ppo_epochs); bf16 left out on a CPU."""
+    method = {"dpo": "pref_beta: 0.1\npref_loss: sigmoid  # choices: [sigmoid (dpo), orpo, simpo]\n",
+              "ppo": "ppo_epochs: 1\n"}.get(stage, "")
     reward = "reward_model: saves/qlora-rm\n" if stage == "ppo" else ""
     dataset = "tiny_sft" if stage == "ppo" else "prefs_alpaca,prefs_sharegpt"
     cache = "overwrite_cache: true\n" if stage == "ppo" else ""  # the ppo example's: train builds its data itself
@@ -87,7 +88,7 @@ ZERO2 = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "
                                "contiguous_gradients": True, "round_robin_gradients": True}}
 
 
-def test_a_llamafactory_qlora_dpo_recipe_trains_merges_and_loads_in_peft_on_the_4bit_base(tmp_path):
+def test_llamafactory_qlora_dpo_rm_ppo_recipes_train_merge_and_load_in_peft_on_the_quantized_base(tmp_path):
     write_ranking_data(write_data(tmp_path / "data"))
     write_hf_checkpoint(tmp_path / "llama", "llama", small_vocab=True)
     (tmp_path / "ds_z2_config.json").write_text(json.dumps(ZERO2), encoding="utf-8")
