@@ -187,9 +187,12 @@ def load_ref_model(path: str, base: ModelArgs, adapters: str | Sequence[str] | N
     saved max_position_embeddings stopped the reference pass), and new_special_tokens grow its embedding with the
     policy's rows (same seed): a ref_model that is the base is the starting policy. `adapters`
     (ref_model_adapters: LoRA or OFT folders, a comma string or a list) are folded into it in order, as LLaMA-Factory
-    merges every adapter of a model it loads untrainable: the reference is then one plain model, no adapter pass."""
+    merges every adapter of a model it loads untrainable: the reference is then one plain model, no adapter pass.
+    Never quantized: LLaMA-Factory's copy takes quantization_bit from ref_model_quantization_bit (refused here), not
+    the policy's, so beside a QLoRA policy the ref_model is its checkpoint's own weights."""
     tokenizer = base.tokenizer_name_or_path or base.model_name_or_path
-    model = load_base(replace(base, model_name_or_path=path, tokenizer_name_or_path=tokenizer), dropout=False)
+    model = load_base(replace(unquantized(base), model_name_or_path=path, tokenizer_name_or_path=tokenizer),
+                      dropout=False)
     for adapter in split_names(adapters):
         fold_adapter(model, adapter, key="ref_model_adapters")
     return model

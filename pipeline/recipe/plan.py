@@ -139,7 +139,7 @@ def estimate_memory(r: Resolved) -> Memory | None:
         gpu["reference"] = reference * w / (world if stage == 3 else 1)
     reward = reward_model_params(r, cfg)
     if reward:  # a plain module on every rank: neither ZeRO-3 partitioned nor offloaded
-        gpu["reward_model"] = reward * compute_bytes(r)
+        gpu["reward_model"] = reward * compute_bytes(r) - quantized_reward_saving(r, cfg, compute_bytes(r))
     if r["stage"] == "ppo":  # under ZeRO 3 the whole policy is gathered for decoding, its adapter's weights too
         gpu["rollout"] = rollout_bytes(r, cfg, s, total * w + upcast if stage == 3 else 0)
     cpu: dict[str, float] = {}
@@ -235,6 +235,17 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
 
     info = model_info(run_model(r["reward_model"]))  # a hub id: only a cached snapshot (model_info downloads nothing)
     return count_params(info.config.replace(num_labels=1)) + value_head_bias(r) if info is not None else 0
+
+
+def quantized_reward_saving(r: Resolved, cfg: ModelConfig, w: int) -> float:
+    """What quantization_bit saves on stage ppo's reward_model_type lora reward model, counted at `w` bytes a
+    parameter by reward_model_params: its base is the policy's, quantized as the policy's is, the reward adapter beside
+    it unfolded (pipeline.train.ppo.load_reward_model; its own weights, a LoRA's few, are not counted); 0 otherwise (a
+    full reward model loads unquantized)."""
+    if r["stage"] != "ppo" or r["reward_model_type"] != "lora":
+        return 0.0
+    quantized = quantized_base(r, cfg.replace(num_labels=1), w)
+    return quantized[1] - quantized[0] if quantized else 0.0
 
 
 def value_head_bias(r: Resolved) -> int:

@@ -195,7 +195,9 @@ def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch
     folder) with its value head. `pad_id`: the policy tokenizer's, which a stage rm run here pooled with."""
     from dataclasses import replace
 
+    from pipeline.model.adapter import cast_keeping_adapters
     from pipeline.model.build import fold_adapter, load_base
+    from pipeline.model.lora import load_adapter
     from pipeline.model.reward_folder import reward_source
     from pipeline.model.weights import load_model
     from pipeline.recipe.run_folders import reward_folder
@@ -203,14 +205,20 @@ def load_reward_model(path: str, kind: str, base: Any, device: Any, dtype: torch
     source = reward_source(reward_folder(path, kind), kind, hidden=None)  # the rule checked it against the policy
     if kind == "lora":  # LLaMA-Factory's adapter is a causal LM's: onto the base as it is, a score head's onto stage rm's
         built = load_base(base if source.value_head else replace(base, stage="rm"), dropout=False)
-        model = fold_adapter(built, str(source.folder), key="reward_model")
+        if base.quantization_bit is None:
+            model = fold_adapter(built, str(source.folder), key="reward_model")
+        else:  # a 4/8-bit base takes no fold: the adapter stays beside it, as LLaMA-Factory swaps it into its policy
+            load_adapter(built, source.folder)
+            model = built
     else:
         model = load_model(source.folder)
     if source.value_head:
         model, pad = with_value_head(model, source.value_head), None
     else:
         pad = pad_id if kind == "lora" else saved_pad_id(source.folder, pad_id)
-    return RewardScorer(model.to(device=device, dtype=dtype).eval().requires_grad_(False), pad, source.form)
+    # in `dtype`, an unfolded adapter's own weights kept fp32 (as PEFT holds them; LLaMA-Factory upcasts them too)
+    model = cast_keeping_adapters(model.to(device=device), dtype)
+    return RewardScorer(model.eval().requires_grad_(False), pad, source.form)
 
 
 def with_value_head(model: nn.Module, path: Path) -> nn.Module:

@@ -40,26 +40,33 @@ def test_a_qlora_recipe_trains_loads_in_peft_on_the_4bit_base_and_merges_unquant
     assert "quantized to 4-bit nf4 with double quantization" in trained.stderr
     pipeline("merge", recipe, cwd=tmp_path)
 
-    out = tmp_path / "saves/qlora"
-    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
-    quantized = reference_path(transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "llama", quantization_config=config, dtype=torch.float32, device_map="cpu").eval())
-    with torch.no_grad():
-        before = quantized(x).logits
-        golden = peft.PeftModel.from_pretrained(quantized, out / "adapter").eval()(x).logits
-        assert (golden - before).abs().max() > 1e-2  # the adapter trained
-        assert_close(golden, trained_model(recipe, tmp_path)(x), rel=1e-5)
-
-        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
-        unquantized = peft.PeftModel.from_pretrained(plain, out / "adapter").eval()(x).logits
-        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
-        assert_close(unquantized, merged(x).logits, rel=1e-5)
+    merged = assert_outputs_are_peft_on_the_4bit_base(recipe, tmp_path, tmp_path / "llama", tmp_path / "saves/qlora")
     assert evaluated(recipe, tmp_path) == "adapter"  # eval: the adapter on the quantized base, not merged/
     for key, value in merged.state_dict().items():  # a plain checkpoint: no 4-bit codes, no quantization_config
         assert value.dtype == torch.float32, key
     assert getattr(merged.config, "quantization_config", None) is None
+
+
+def assert_outputs_are_peft_on_the_4bit_base(recipe, cwd, base, out, changed: float = 1e-2):
+    """PEFT's LoRA from out/adapter on transformers' 4-bit model of the checkpoint `base` gives our trained model's
+    logits (and differs from that base by `changed`: the adapter trained); out/merged is PEFT's adapter on the
+    unquantized checkpoint. Returns merged/ as transformers loads it."""
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    quantized = reference_path(transformers.AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=config, dtype=torch.float32, device_map="cpu").eval())
+    with torch.no_grad():
+        before = quantized(x).logits
+        golden = peft.PeftModel.from_pretrained(quantized, out / "adapter").eval()(x).logits
+        assert (golden - before).abs().max() > changed  # the adapter trained
+        assert_close(golden, trained_model(recipe, cwd)(x), rel=1e-5)
+
+        plain = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        unquantized = peft.PeftModel.from_pretrained(plain, out / "adapter").eval()(x).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        assert_close(unquantized, merged(x).logits, rel=1e-5)
+    return merged
 
 
 def evaluated(recipe, cwd) -> str:

@@ -91,8 +91,8 @@ def test_a_lora_runs_output_as_model_name_or_path_says_to_name_it_as_the_adapter
 def test_qlora_and_dpo_extras_are_refused_with_the_reason_and_pass_at_their_defaults(tmp_path):
     """LLaMA-Factory's QLoRA recipes (examples/train_qlora: quantization_bit 4, quantization_method bnb) got
     "quantization_bit: unknown key (did you mean 'export_quantization_bit'?)", which points at the wrong feature;
-    QLoRA now trains for stages pt and sft (tests/acceptance/test_qlora_cli.py), and this stage dpo recipe hears why
-    not here; its dpo extras (ref_model_adapters, ref_model_quantization_bit, pref_loss kto_pair) got "unknown key". Each is
+    QLoRA now trains, stage dpo included (tests/acceptance/test_qlora_dpo_cli.py; ppo hears why not:
+    tests/recipe/test_qlora_rules.py); its dpo extras (ref_model_adapters, ref_model_quantization_bit, pref_loss kto_pair) got "unknown key". Each is
     now refused with its reason; at LLaMA-Factory's defaults they pass (pref_bco_weight and ld_alpha, refused here
     before, train: tests/acceptance/test_dpo_ld_bco_cli.py; ref_model_adapters too:
     tests/compat/test_ref_model_adapters_example.py)."""
@@ -100,13 +100,14 @@ def test_qlora_and_dpo_extras_are_refused_with_the_reason_and_pass_at_their_defa
 
     (tmp_path / "r.yaml").write_text("model_name_or_path: tiny\ndataset: x\nmax_steps: 1\nstage: dpo\n",
                                      encoding="utf-8")
-    for override, reason in (("quantization_bit=4", "QLoRA is implemented for stages pt, sft"),
-                             ("ref_model_quantization_bit=8", "a quantized reference model is not implemented"),
+    for override, reason in (("ref_model_quantization_bit=8", "a quantized reference model is not implemented"),
                              ("pref_loss=kto_pair", "kto_pair loss is not implemented")):
         err = pipeline("validate", "r.yaml", override, cwd=tmp_path, as_typed=False, expect=2).stderr
         key = override.partition("=")[0]
         assert f"{key}: given" in err and reason in err and "unknown key" not in err, err
         assert "export_quantization_bit" not in err and "Traceback" not in err, err
+    err = pipeline("validate", "r.yaml", "quantization_bit=4", cwd=tmp_path, as_typed=False, expect=None).stderr
+    assert "quantization_bit" not in err and "unknown key" not in err, err  # QLoRA dpo: no word on the key
     neutral = ("quantization_bit=null", "pref_bco_weight=0", "ld_alpha=null", "quantization_method=bnb",
                "quantization_type=nf4", "double_quantization=true")
     err = pipeline("validate", "r.yaml", *neutral, cwd=tmp_path, as_typed=False, expect=None).stderr

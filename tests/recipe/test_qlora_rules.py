@@ -19,7 +19,7 @@ def test_a_llamafactory_qlora_recipe_resolves(write):
     assert resolve(write("o.yaml", QLORA), ["quantization_bit=8"])["quantization_bit"] == 8
 
 
-def test_full_freeze_zero3_other_stages_pissa_and_other_quantizers_are_refused(write):
+def test_full_freeze_zero3_pissa_and_other_quantizers_are_refused(write):
     write("full.yaml", QLORA + "finetuning_type: freeze\n")
     assert errors("full.yaml") == [
         "full.yaml:6:18: finetuning_type: given freeze with quantization_bit: 4: a quantized base cannot train: its "
@@ -33,9 +33,6 @@ def test_full_freeze_zero3_other_stages_pissa_and_other_quantizers_are_refused(w
     write("m.yaml", QLORA + "quantization_method: hqq\npissa_init: true\n")
     assert [m.split(": given")[0] for m in errors("m.yaml")] == ["m.yaml:6:22: quantization_method",
                                                                  "m.yaml:7:13: pissa_init"]
-    write("d.yaml", QLORA.replace("alpaca_demo", "dpo_demo") + "stage: dpo\n")
-    assert any(m.startswith("d.yaml:5:19: quantization_bit: given 4 with stage: dpo: QLoRA is implemented for "
-                            "stages pt, sft") for m in errors("d.yaml"))
     write("b.yaml", BASE + "quantization_bit: 2\n")
     assert errors("b.yaml") == ["b.yaml:5:19: quantization_bit: given 2, expected one of 4, 8, null"]
 
@@ -57,6 +54,35 @@ def test_plan_counts_the_4bit_base_at_half_a_byte_a_weight_plus_its_constants(wr
     assert mem.quantized == (CODES + ABSMAX + NESTED, QUANTIZED * 4)
     assert mem.gpu["parameters"] == (TINY_PARAMS + TINY_LORA_8 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
     assert "quantization_bit 4: the base's Linear weights counted at 0.5 byte a parameter" in render(r)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "dpo\npref_loss: orpo", "kto", "rm"])
+def test_plan_counts_a_preference_or_reward_stage_on_the_4bit_base_without_a_second_model(write, stage):
+    """dpo / kto: the reference is the quantized base with the adapter off (no bytes of its own), orpo none; rm: the
+    score head (64 weights, trained) is no quantized Linear. A ref_model is its checkpoint unquantized (fp32)."""
+    from tests.recipe.test_recipe_plan import TINY_LORA_8, TINY_PARAMS
+
+    keys = "model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\nquantization_bit: 4\n"
+    mem = estimate_memory(resolve(write("r.yaml", keys + f"stage: {stage}\n")))
+    score = 64 if stage == "rm" else 0
+    assert mem.quantized == (CODES + ABSMAX + NESTED, QUANTIZED * 4)
+    assert mem.gpu["parameters"] == (TINY_PARAMS + TINY_LORA_8 + score - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
+    assert "reference" not in mem.gpu
+    if stage == "dpo":
+        ref = estimate_memory(resolve(write("f.yaml", keys + "stage: dpo\nref_model: tiny\n")))
+        assert ref.gpu["reference"] == TINY_PARAMS * 4
+
+
+def test_plan_counts_ppo_s_lora_reward_model_on_the_4bit_base(write):
+    """reward_model_type lora: the reward adapter beside the policy's base quantized the same way (its score head
+    unquantized), no reference (the adapter off); a full reward model loads unquantized."""
+    from tests.recipe.test_recipe_plan import TINY_PARAMS
+
+    keys = ("model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\nquantization_bit: 4\n"
+            "stage: ppo\nreward_model: rm\n")
+    mem = estimate_memory(resolve(write("r.yaml", keys)))
+    assert mem.gpu["reward_model"] == (TINY_PARAMS + 64 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
+    assert "reference" not in mem.gpu
 
 
 def test_the_4bit_keys_say_they_do_nothing_without_quantization_bit_4(write):

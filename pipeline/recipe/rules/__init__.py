@@ -15,7 +15,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
   outputs.py     resume_from_checkpoint, export_dir, the upstream's one producer, the refused exports, report_to
-  quantization.py  QLoRA's quantization_bit against the method, stage, PiSSA and ZeRO stage
+  quantization.py  QLoRA's quantization_bit against the method, PiSSA, a sparse MoE model and the ZeRO stage
   prequantized.py  a pre-quantized bitsandbytes checkpoint against the quantization keys the recipe sets
   benchmark.py   task and the other keys of LLaMA-Factory's multiple-choice benchmarks (eval with task)
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling

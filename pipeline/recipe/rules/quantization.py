@@ -1,8 +1,15 @@
 """Rules on QLoRA's keys (quantization_bit, quantization_method; pipeline.model.quantize) against what they read
-besides: the fine-tuning method (finetuning_type), the stage, PiSSA (pissa_init), a sparse MoE model
+besides: the fine-tuning method (finetuning_type), PiSSA (pissa_init), a sparse MoE model
 (model_name_or_path) and the ZeRO stage (zero_stage, deepspeed: a deepspeed JSON's stage is train's preflight,
 quantization_zero3). A pre-quantized checkpoint (config.json with a quantization_config) is refused where every
 config.json is read (pipeline.model.families._quantized).
+
+Every stage runs on a quantized base, as in LLaMA-Factory (its parser checks no stage): the policy is the 4/8-bit base
++ the adapter; dpo / kto / ppo's reference the same base with the adapter off (pipeline.train.preference.
+AdapterReference: no second model, as LLaMA-Factory's create_ref_model gives TRL None for LoRA), a ref_model or a full
+reward model loaded unquantized (build.load_ref_model; LLaMA-Factory's ref_ / reward_model_quantization_bit, refused
+here, left unset); rm's score head and ppo's value head unquantized beside it; ppo's lora reward adapter beside the
+4/8-bit base, not folded into it (train.ppo.load_reward_model).
 """
 from __future__ import annotations
 
@@ -11,7 +18,6 @@ from typing import Any, Mapping
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
 
-QLORA_STAGES = ("pt", "sft")
 # LLaMA-Factory (hparams/parser.py _verify_model_args): "Quantization is only compatible with the LoRA or OFT method."
 FULL_REFUSED = ("a quantized base cannot train: its 4/8-bit weights are frozen integer codes (LLaMA-Factory refuses "
                 "it too: 'Quantization is only compatible with the LoRA or OFT method.'); set finetuning_type: lora "
@@ -30,11 +36,11 @@ def quantization_zero3(v: Mapping[str, Any]) -> str | None:
     return ZERO3_REFUSED
 
 
-@rule("quantization_bit", "quantization_method", "finetuning_type", "stage", "pissa_init", "zero_stage", "deepspeed",
+@rule("quantization_bit", "quantization_method", "finetuning_type", "pissa_init", "zero_stage", "deepspeed",
       "model_name_or_path")
 def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
-    """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, for stages pt and sft,
-    at ZeRO 0-2; everything else it is combined with is said here, one message per key."""
+    """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, in every stage, at ZeRO
+    0-2; everything else it is combined with is said here, one message per key."""
     v = ctx.values
     if v["quantization_bit"] is None:
         return []
@@ -45,10 +51,6 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
                                                 "is the one quantizer implemented here; set quantization_method: bnb"))
     if v["finetuning_type"] not in ("lora", "oft"):
         problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: {FULL_REFUSED}"))
-    if v["stage"] not in QLORA_STAGES:
-        problems.append(("quantization_bit", f"given {v['quantization_bit']} with stage: {v['stage']}: QLoRA is "
-                                             f"implemented for stages {', '.join(QLORA_STAGES)}; train stage "
-                                             f"{v['stage']} on an unquantized base (remove quantization_bit)"))
     if v["pissa_init"]:
         problems.append(("pissa_init", f"given true {given}: PiSSA's SVD needs the unquantized weights (LLaMA-Factory: "
                                        "'Cannot initialize PiSSA adapter on quantized models.'); remove pissa_init"))
