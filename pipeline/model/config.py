@@ -799,15 +799,23 @@ def kv_cache_positions(window: int | None, capacity: int) -> int:
     return min(2 * window - 1, capacity) if capacity else 2 * window - 1
 
 
+def kv_cache_values(cfg: ModelConfig) -> int:
+    """Numbers a layer's KV cache keeps per token: a key and a value per key/value head, or under latent attention
+    (gpt.LatentAttention) the normalised kv latent and the one rotated key part (DeepSeek-V3: 512 + 64 = 576)."""
+    if cfg.kv_lora_rank is not None:
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * cfg.kv_heads * cfg.head_dim
+
+
 def kv_cache_bytes(cfg: ModelConfig, rows: int, prompt: int, max_new_tokens: int, bytes_per_value: int) -> int:
     """The KV cache `generate` allocates for `rows` prompts of at most `prompt` tokens (pipeline.model.kv_cache:
-    sized once for the kept prompt + its decode steps, a windowed layer's for its window): per layer a keys and a
-    values buffer of rows x kv_heads x positions x head_dim numbers in the compute dtype."""
+    sized once for the kept prompt + its decode steps, a windowed layer's for its window): per layer rows x
+    positions x kv_cache_values numbers in the compute dtype."""
     room = prompt_room(cfg, max_new_tokens)
     width = prompt if room is None else min(prompt, room)
     positions = width + decode_steps(cfg, width, max_new_tokens)
     per_layer = sum(kv_cache_positions(cfg.window(i), positions) for i in range(cfg.n_layers))
-    return 2 * per_layer * rows * cfg.kv_heads * cfg.head_dim * bytes_per_value
+    return per_layer * rows * kv_cache_values(cfg) * bytes_per_value
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:
