@@ -18,12 +18,13 @@ import torch
 
 from pipeline.model.config import PRESETS, kv_cache_bytes, kv_cache_values
 from pipeline.model.generate import generate
-from pipeline.model.gpt import GPTModel
 from pipeline.model.weights import load_model
-from tests.helpers.hf_generate import left_padded_greedy
+from tests.helpers.hf_generate import (beam_search_tokens, caches_after_steps, greedy_tokens,
+                                        left_padded_greedy)
 from tests.model.test_deepseek_v3 import CONFIG, VARIANTS
 from tests.model.test_families import ids
 from tests.model.test_glm4_moe import deepseek_routed_model
+from tests.model.test_window_cache import caches  # noqa: F401 - the fixture: the caches generate makes
 
 transformers = pytest.importorskip("transformers")
 RANK, ROPE = CONFIG["kv_lora_rank"], CONFIG["qk_rope_head_dim"]
@@ -39,19 +40,6 @@ def checkpoint(tmp_path_factory):
     return ref, load_model(path).eval()
 
 
-@pytest.fixture
-def caches(monkeypatch):
-    made = []
-    real = GPTModel.new_cache
-
-    def spy(self, capacity=0):
-        made.append(real(self, capacity))
-        return made[-1]
-
-    monkeypatch.setattr(GPTModel, "new_cache", spy)
-    return made
-
-
 def test_the_cache_keeps_transformers_latents(checkpoint):
     """After a 9-token prompt and 3 one-token steps each layer keeps (1, 1, 12, kv_lora_rank) latents and (1, 1, 12,
     qk_rope_head_dim) rotated keys: transformers' cache layers' two tensors. Its rotated part is laid out with the
@@ -59,15 +47,8 @@ def test_the_cache_keeps_transformers_latents(checkpoint):
     k2 * cos + k1 * sin]) of k[..., 0::2], k[..., 1::2]), ours in adjacent pairs (the same values: queries and keys
     share the order, so the scores are equal): compared through that permutation."""
     ref, ours = checkpoint
-    x = ids(4, (1, 12))
-    with torch.no_grad():
-        out = ref(x[:, :9], use_cache=True)
-        for t in range(9, 12):
-            out = ref(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-        _, past = ours(x[:, :9], use_cache=True)
-        for t in range(9, 12):
-            _, past = ours(x[:, t:t + 1], past_kv=past, use_cache=True)
-    for layer, theirs in enumerate(out.past_key_values.layers):
+    layers, past = caches_after_steps(ref, ours, ids(4, (1, 12)), 9)
+    for layer, theirs in enumerate(layers):
         latent, k_rot = past[layer]
         assert (latent.shape, k_rot.shape) == (theirs.keys.shape, theirs.values.shape) == \
             ((1, 1, 12, RANK), (1, 1, 12, ROPE))
@@ -75,48 +56,44 @@ def test_the_cache_keeps_transformers_latents(checkpoint):
         assert torch.allclose(latent, theirs.keys, atol=1e-5) and torch.allclose(halves, theirs.values, atol=1e-5)
 
 
-def test_greedy_with_and_without_the_cache_equals_transformers(checkpoint, caches):
-    """One prompt (12 new tokens) and a left-padded batch: transformers' tokens, with and without the cache; the
-    cache generate allocated is what plan's estimate (config.kv_cache_bytes) counts: the latents."""
+def test_greedy_with_the_cache_equals_transformers(checkpoint, caches):  # noqa: F811 - the imported fixture
+    """One prompt (8 new tokens) and a left-padded batch: transformers' tokens with the cache (without it:
+    tests/model/test_deepseek_v3.py); the cache generate allocated is what plan's estimate (config.kv_cache_bytes)
+    counts: the latents."""
     ref, ours = checkpoint
-    prompt, new = ids(1, (1, 9))[0].tolist(), 12
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(prompt):].tolist()
-    assert generate(ours, prompt, max_new_tokens=new, eos_id=None) == want
-    assert generate(ours, prompt, max_new_tokens=new, eos_id=None, use_cache=False) == want
+    prompt, new = ids(1, (1, 9))[0].tolist(), 8
+    assert generate(ours, prompt, max_new_tokens=new, eos_id=None) == greedy_tokens(ref, prompt, new)
     (cache,) = caches
     allocated = sum(t.numel() * t.element_size() for t in [*cache.keys, *cache.values])
     assert kv_cache_bytes(ours.cfg, 1, len(prompt), new, 4) == allocated == \
         CONFIG["num_hidden_layers"] * (len(prompt) + new) * (RANK + ROPE) * 4
     prompts = [ids(2, (1, 4))[0].tolist(), ids(3, (1, 10))[0].tolist()]
-    assert generate(ours, prompts, max_new_tokens=8, eos_id=None) == left_padded_greedy(ref, prompts, 8)
+    assert generate(ours, prompts, max_new_tokens=5, eos_id=None) == left_padded_greedy(ref, prompts, 5)
 
 
 def test_beam_search_reorders_the_latents_as_transformers(checkpoint):
     """2 beams, the cache's latents reordered each step (KVCache.reorder): transformers' beam search."""
     ref, ours = checkpoint
     prompt = ids(5, (1, 7))[0].tolist()
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, num_beams=2,
-                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    assert generate(ours, prompt, max_new_tokens=6, eos_id=None, num_beams=2) == want
+    assert generate(ours, prompt, max_new_tokens=6, eos_id=None, num_beams=2) == beam_search_tokens(ref, prompt, 6, 2)
 
 
-def test_plan_counts_576_values_per_token_and_layer_on_deepseek_v3(tmp_path):
-    """DeepSeek-V3: 512 + 64 cached numbers per token and layer, against 2 x 128 x 192 expanded (the values padded
-    to the keys' width), 85 times fewer; plan's stage ppo rollout estimate (pipeline.recipe.plan) holds that cache:
-    61 layers x rows x (cutoff_len + max_new_tokens) x 576 x 2 bytes (bf16), plus the rollout's kept rows
-    (44 bytes a position, 8 a row: plan.ROLLOUT_POSITION_BYTES / ROW_BYTES)."""
+def test_plan_counts_576_values_per_token_and_layer(tmp_path):
+    """DeepSeek-V3 and Moonlight: 512 + 64 cached numbers per token and layer, against DeepSeek-V3's 2 x 128 x 192
+    expanded (the values padded to the keys' width), 85 times fewer. plan's stage ppo rollout estimate
+    (pipeline.recipe.plan) holds that cache: on moonlight-16b-a3b 27 layers x rows x (cutoff_len + max_new_tokens) x
+    576 x 2 bytes (bf16), plus the rollout's kept rows (44 bytes a position, 8 a row: plan.ROLLOUT_POSITION_BYTES /
+    ROW_BYTES)."""
     from pipeline.recipe.plan import estimate_memory
     from pipeline.recipe.resolve import resolve
 
-    cfg = PRESETS["deepseek-v3"]
-    assert kv_cache_values(cfg) == 576 and 2 * cfg.n_heads * cfg.head_dim // 576 == 85
+    v3 = PRESETS["deepseek-v3"]
+    assert kv_cache_values(v3) == kv_cache_values(PRESETS["moonlight-16b-a3b"]) == 576
+    assert 2 * v3.n_heads * v3.head_dim // 576 == 85
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("model_name_or_path: deepseek-v3\nstage: ppo\nreward_model: http://127.0.0.1:9/score\n"
-                      "reward_model_type: api\ndataset: demo_alpaca\ntemplate: deepseek3\nfinetuning_type: lora\n"
+    recipe.write_text("model_name_or_path: moonlight-16b-a3b\nstage: ppo\nreward_model: http://127.0.0.1:9/score\n"
+                      "reward_model_type: api\ndataset: demo_alpaca\nfinetuning_type: lora\n"
                       "cutoff_len: 1024\nmax_new_tokens: 512\nper_device_train_batch_size: 2\nbf16: true\n")
     r = resolve(recipe, command="plan")
     positions, rows = 1024 + 512, 2 * r["gradient_accumulation_steps"] * r["ppo_buffer_size"]
-    assert estimate_memory(r).gpu["rollout"] == 61 * 2 * positions * 576 * 2 + rows * (positions * 44 + 8)
+    assert estimate_memory(r).gpu["rollout"] == 27 * 2 * positions * 576 * 2 + rows * (positions * 44 + 8)
