@@ -399,6 +399,7 @@ class LatentAttention(MultiHeadAttention):
         return (q, *self.expand(latent, k_rot), fresh)
 
     def project(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MultiHeadAttention.project's q, k, v without a cache (forward goes through attention_inputs)."""
         q, latent, k_rot = self.latents(x, rope)
         return (q, *self.expand(latent, k_rot))
 
