@@ -65,6 +65,8 @@ PRESET_TOKENIZER_EXAMPLE.update(mistral="mistralai/Mistral-7B-v0.1", glm4="THUDM
                                 phi3="microsoft/phi-4 for phi-4, microsoft/Phi-4-mini-instruct for phi-4-mini")
 PRESET_TOKENIZER_EXAMPLE["gpt_oss"] = "openai/gpt-oss-20b"  # -20b and -120b: one vocabulary (o200k_harmony)
 PRESET_TOKENIZER_EXAMPLE["glm4_moe"] = "zai-org/GLM-4.5-Air"
+PRESET_TOKENIZER_EXAMPLE["deepseek_v3"] = ("deepseek-ai/DeepSeek-V3 for deepseek-v3, moonshotai/Moonlight-16B-A3B for "
+                                           "moonlight-16b-a3b")  # two vocabularies
 
 
 def _source(args: HasModel) -> tuple[str, str]:

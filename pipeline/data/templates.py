@@ -599,6 +599,17 @@ TEMPLATES["mistral_small"] = Template(
     observation='[TOOL_RESULTS]{"content": {content}}[/TOOL_RESULTS]',
     description="Mistral Small 3 / 3.1 / 3.2 (Tekken): <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>")
 
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:820-824: deepseek3 (DeepSeek-V3 / -V3-0324 chat,
+# extras/constants.py:480-493; Moonlight-16B-A3B-Instruct has LLaMA-Factory's moonlight template, not this one): BOS,
+# the system prompt as it is (register_template's default format_system, :547), <｜User｜>...<｜Assistant｜>, the answer
+# with the tokenizer's EOS; the default tool format (:533-550: a call as an answer, a tool result as a user turn).
+# :827-833, deepseekr1, is these strings as a ReasoningTemplate: deepseek3 is deepseekr1 without its thought handling
+# (and with the default tools, which deepseekr1 here refuses).
+TEMPLATES["deepseek3"] = dataclasses.replace(
+    TEMPLATES["deepseekr1"], name="deepseek3", thought_words=None, tool_format="default",
+    description="DeepSeek-V3 chat: <｜begin▁of▁sentence｜>system<｜User｜> ...<｜Assistant｜>answer"
+                "<｜end▁of▁sentence｜>; deepseekr1's strings without <think>")
+
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.
 TEMPLATE_MARKUP: frozenset[str] = frozenset(token for t in TEMPLATES.values()

@@ -523,6 +523,35 @@ PRESETS.update({  # zai-org/GLM-4.5-Air (106B, 12B active): its config.json's sh
 })
 
 
+
+def _deepseek_v3(*, vocab: int, ctx: int, emb: int, layers: int, heads: int, ffn: int, experts: int, top_k: int,
+                 expert_ffn: int, shared: int, dense: int, groups: int, kept: int, scaling_factor: float,
+                 q_rank: int | None, theta: float, eps: float, yarn: Mapping[str, Any] | None) -> ModelConfig:
+    """DeepSeek-V3 / Moonlight (DeepseekV3ForCausalLM): multi-head latent attention (a kv latent of 512, one rotated
+    key part of 64 shared by the heads, keys 128 + 64 and values 128 wide per head, queries from a `q_rank` latent or
+    one q_proj) over GLM-4.5's routing (_glm4_moe: sigmoid router, correction bias, `groups` expert groups of which
+    `kept` are searched, routed_scaling_factor, ungated shared experts, the first `dense` blocks dense), untied."""
+    return _swiglu("deepseek_v3", vocab=vocab, ctx=ctx, emb=emb, layers=layers, heads=heads, kv=heads, ffn=ffn,
+                   theta=theta, eps=eps, tied=False, head_size=192, scaling=yarn).replace(
+        n_kv_heads=None, q_lora_rank=q_rank, kv_lora_rank=512, qk_rope_head_dim=64, v_head_dim=128, n_experts=experts,
+        experts_per_token=top_k, moe_ffn_dim=expert_ffn, norm_topk_prob=True, mlp_only_layers=tuple(range(dense)),
+        shared_expert_dim=shared * expert_ffn, router_scoring="sigmoid", router_correction_bias=True, n_group=groups,
+        topk_group=kept, routed_scaling_factor=scaling_factor, shared_expert_gated=False, router_aux_loss_coef=0.0)
+
+
+PRESETS.update({  # their config.json's shapes, without DeepSeek-V3's MTP layer (transformers leaves it out too)
+    # deepseek-ai/DeepSeek-V3 (671B, 37B active): YaRN x40 over 4,096 positions, mscale = mscale_all_dim = 1
+    "deepseek-v3": _deepseek_v3(vocab=129280, ctx=163840, emb=7168, layers=61, heads=128, ffn=18432, experts=256,
+                                top_k=8, expert_ffn=2048, shared=1, dense=3, groups=8, kept=4, scaling_factor=2.5,
+                                q_rank=1536, theta=10000.0, eps=1e-6, yarn={
+                                    "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # moonshotai/Moonlight-16B-A3B (16B, 3B active): one q_proj, no expert groups, no rope scaling
+    "moonlight-16b-a3b": _deepseek_v3(vocab=163840, ctx=8192, emb=2048, layers=27, heads=16, ffn=11264, experts=64,
+                                      top_k=6, expert_ffn=1408, shared=2, dense=1, groups=1, kept=1,
+                                      scaling_factor=2.446, q_rank=None, theta=50000.0, eps=1e-5, yarn=None),
+})
+
 # ---------------------------------------------------------------------------------------------
 # Reading a config: preset name, HF config.json, or our own checkpoint's config.json
 # ---------------------------------------------------------------------------------------------
@@ -777,15 +806,23 @@ def kv_cache_positions(window: int | None, capacity: int) -> int:
     return min(2 * window - 1, capacity) if capacity else 2 * window - 1
 
 
+def kv_cache_values(cfg: ModelConfig) -> int:
+    """Numbers a layer's KV cache keeps per token: a key and a value per key/value head, or under latent attention
+    (gpt.LatentAttention) the normalised kv latent and the one rotated key part (DeepSeek-V3: 512 + 64 = 576)."""
+    if cfg.kv_lora_rank is not None:
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * cfg.kv_heads * cfg.head_dim
+
+
 def kv_cache_bytes(cfg: ModelConfig, rows: int, prompt: int, max_new_tokens: int, bytes_per_value: int) -> int:
     """The KV cache `generate` allocates for `rows` prompts of at most `prompt` tokens (pipeline.model.kv_cache:
-    sized once for the kept prompt + its decode steps, a windowed layer's for its window): per layer a keys and a
-    values buffer of rows x kv_heads x positions x head_dim numbers in the compute dtype."""
+    sized once for the kept prompt + its decode steps, a windowed layer's for its window): per layer rows x
+    positions x kv_cache_values numbers in the compute dtype."""
     room = prompt_room(cfg, max_new_tokens)
     width = prompt if room is None else min(prompt, room)
     positions = width + decode_steps(cfg, width, max_new_tokens)
     per_layer = sum(kv_cache_positions(cfg.window(i), positions) for i in range(cfg.n_layers))
-    return 2 * per_layer * rows * cfg.kv_heads * cfg.head_dim * bytes_per_value
+    return per_layer * rows * kv_cache_values(cfg) * bytes_per_value
 
 
 def activation_bytes(cfg: ModelConfig, seq: int, batch: int, bytes_per_value: int = 2) -> float:

@@ -305,20 +305,34 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Spec, cache: KVCache | None, rope: Rope | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project(x, rope)
+        q, k, v, fresh = self.attention_inputs(x, cache, rope)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        fresh = cache is None or cache.seen[self.layer] == 0  # nothing before these tokens
-        if cache is not None:
-            cached = cache.update(self.layer, k, v)
-            if not fresh:  # a prompt attends to its own (contiguous) keys, later tokens to the cache's
-                k, v = cached
         y = attend(q, k, v, mask, is_causal=mask is None and fresh, dropout_p=self.drop_rate if self.training else 0.0,
                    softcap=self.softcap, scale=self.scale, sinks=self.sinks)
         if self.v_dim != self.head_dim:  # latent attention's values, padded to the head's width for the kernels
             y = y[..., :self.v_dim]
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.v_dim)
         return self.resid_drop(self.o_proj(y))
+
+    def attention_inputs(self, x: torch.Tensor, cache: KVCache | None, rope: Rope | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """q, the keys and values it attends to, and whether nothing came before these tokens: their own keys, or
+        with a cache that holds earlier tokens the cache's (which this forward's keys and values join)."""
+        q, k, v = self.project(x, rope)
+        k, v, fresh = self.cached(cache, k, v)
+        return q, k, v, fresh
+
+    def cached(self, cache: KVCache | None, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """What this layer keeps per token (k, v: (B, heads, t, width)) put into the cache: a prompt (nothing cached
+        before) attends to its own, contiguous, tensors, later tokens to every kept one (the cache's views)."""
+        fresh = cache is None or cache.seen[self.layer] == 0
+        if cache is not None:
+            cached = cache.update(self.layer, k, v)
+            if not fresh:
+                k, v = cached
+        return k, v, fresh
 
     def project(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q (B, H, T, D), k and v (B, H_kv, T, D), rotated."""
@@ -350,7 +364,12 @@ class LatentAttention(MultiHeadAttention):
     ones (adjacent pairs: rope_interleave). The values (v_head_dim) are padded with zeros to head_dim so every kernel
     and the cache see one width (transformers pads them so for flash attention), and the output cut back. The scores
     are scaled by head_dim ** -0.5 times YaRN's mscale(factor, mscale_all_dim) ** 2 (yarn_apply_mscale, :268-274).
-    The cache holds the expanded keys and values, not the latents."""
+
+    The KV cache holds what makes MLA worth it: per token the normalised kv latent (kv_lora_rank) and the one rotated
+    key part (qk_rope_head_dim), 512 + 64 = 576 values a layer on DeepSeek-V3 where the expanded keys and values are
+    128 heads x (192 + 128); each step expands the kept latents through kv_b_proj again, as transformers' cache and
+    expand_kv do (:406-424, :457-460). The up-projections are not absorbed into the queries: the scores and values
+    are the expanded ones, as transformers computes them."""
 
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         nn.Module.__init__(self)
@@ -373,20 +392,38 @@ class LatentAttention(MultiHeadAttention):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
+    def attention_inputs(self, x: torch.Tensor, cache: KVCache | None, rope: Rope | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        q, latent, k_rot = self.latents(x, rope)
+        latent, k_rot, fresh = self.cached(cache, latent, k_rot)
+        return (q, *self.expand(latent, k_rot), fresh)
+
     def project(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MultiHeadAttention.project's q, k, v without a cache (forward goes through attention_inputs)."""
+        q, latent, k_rot = self.latents(x, rope)
+        return (q, *self.expand(latent, k_rot))
+
+    def latents(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, head_dim), rotated; the normalised kv latent (B, 1, T, kv_lora_rank) and the rotated key part
+        all heads share (B, 1, T, qk_rope_head_dim): what the cache keeps per token."""
         b, t, _ = x.shape
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_pass, q_rot = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2).split(
             [self.head_dim - self.rope_dim, self.rope_dim], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_a_layernorm.weight.shape[0], self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, self.n_heads, -1).transpose(1, 2)
-        k_pass, v = kv.split([self.head_dim - self.rope_dim, self.v_dim], dim=-1)
         k_rot = k_rot.view(b, 1, t, self.rope_dim)
         if rope is not None:
             q_rot, k_rot = apply_rope(q_rot, rope, self.rope_interleaved), apply_rope(k_rot, rope, self.rope_interleaved)
-        q = torch.cat([q_pass, q_rot], dim=-1)
+        return torch.cat([q_pass, q_rot], dim=-1), self.kv_a_layernorm(latent)[:, None], k_rot
+
+    def expand(self, latent: torch.Tensor, k_rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's keys (its unrotated part from kv_b_proj, then the shared rotated part) and values, padded to
+        head_dim, from the latents of (B, 1, T, ...)."""
+        b, t = latent.shape[0], latent.shape[2]
+        kv = self.kv_b_proj(latent[:, 0]).view(b, t, self.n_heads, -1).transpose(1, 2)
+        k_pass, v = kv.split([self.head_dim - self.rope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_pass, k_rot.expand(b, self.n_heads, t, self.rope_dim)], dim=-1)
-        return q, k, F.pad(v, (0, self.head_dim - self.v_dim))
+        return k, F.pad(v, (0, self.head_dim - self.v_dim))
 
 
 class TransformerBlock(nn.Module):

@@ -19,6 +19,8 @@ copy every w steps), so no step allocates.
 
 Indexing gives what a list of (keys, values) pairs gave: cache[i] is layer i's (B, n_kv_heads, T, head_dim)
 keys and values kept (every token so far, or a windowed layer's last w - 1), len(cache) the number of layers.
+A layer decides what its pair holds (gpt.MultiHeadAttention.cached): DeepSeek-V3's latent attention keeps its
+(B, 1, T, kv_lora_rank) kv latents and (B, 1, T, qk_rope_head_dim) rotated key parts in the two buffers instead.
 """
 from __future__ import annotations
 

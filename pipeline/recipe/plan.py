@@ -45,7 +45,8 @@ P = all parameters of the model train builds, an adapter's own included, T = tra
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
     reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params)
     rollout      stage ppo: 2*L*b*kv*(s + max_new_tokens)*d * w, the decoding KV cache of a micro-batch
-                                            (kv key/value heads of d numbers);   ZeRO-3: + P * w (pure_bf16: an
+                                            (kv key/value heads of d numbers; latent attention: 2*kv*d is
+                                            kv_lora_rank + qk_rope_head_dim);   ZeRO-3: + P * w (pure_bf16: an
                                             adapter's in fp32), the policy gathered whole for decoding; + the step's
                                             rollout: b*accumulation*ppo_buffer_size rows x ((s + max_new_tokens)
                                             x 44 + 8) bytes (rollout_bytes)
@@ -273,8 +274,9 @@ def rollout_bytes(r: Resolved, cfg: ModelConfig, prompt: int, gathered: int) -> 
     """What stage ppo's rollouts hold (pipeline.train.ppo.PPOTrainer): while the policy decodes (responses), the KV
     cache generate allocates for one micro-batch, per_device_train_batch_size prompts of at most `prompt` tokens
     (cutoff_len; cut to generate's room when longer) and their max_new_tokens, in the compute dtype
-    (pipeline.model.config.kv_cache_bytes: 2 x layers x rows x kv_heads x (prompt + new tokens, at most
-    2 x window - 1 in a sliding-window layer) x head_dim x bytes); under ZeRO 3 also `gathered`, the whole parameters (P x w) gathered beside their partitions for
+    (pipeline.model.config.kv_cache_bytes: layers x rows x (prompt + new tokens, at most 2 x window - 1 in a
+    sliding-window layer) x kv_cache_values (2 x kv_heads x head_dim; latent attention's kv latent and rotated key
+    part) x bytes); under ZeRO 3 also `gathered`, the whole parameters (P x w) gathered beside their partitions for
     decoding (deepspeed_compat.gathered_for_generation), not offloaded; and the step's rollout, kept through its
     updates: every row of the step (per_device_train_batch_size x batches_per_step: the whole ppo_buffer_size) at
     prompt + max_new_tokens positions (ROLLOUT_POSITION_BYTES, ROLLOUT_ROW_BYTES). Decoding runs before the step's

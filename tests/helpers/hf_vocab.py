@@ -204,6 +204,13 @@ SMALL_ADDED["mistral_tekken"] = [(t, True) for t in (
     "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")]
 
 
+# DeepSeek-V3's vocabulary (deepseek-ai/DeepSeek-V3's 128k-row byte-level BPE, not on PyPI) in small: BOS / EOS / pad
+# (ids 0-2 there, special), <think> / </think> and the chat markup <｜User｜> / <｜Assistant｜> (128798, 128799, 128803,
+# 128804 there, not special), the bars U+FF5C and the U+2581 as the hub writes them
+SMALL_ADDED["deepseek_v3"] = [("<｜begin▁of▁sentence｜>", True), ("<｜end▁of▁sentence｜>", True), ("<｜▁pad▁｜>", True),
+                              ("<think>", False), ("</think>", False), ("<｜User｜>", False), ("<｜Assistant｜>", False)]
+
+
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
     """A small byte-level BPE in the family's format (tokenizer.json, tokenizer_config.json,
     special_tokens_map.json, generation_config.json) with the family's template markup as added tokens;
@@ -250,6 +257,10 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<|startoftext|>", "eos_token": "<|return|>", "pad_token": "<|endoftext|>"}
         generation = {"bos_token_id": ids["<|startoftext|>"], "pad_token_id": ids["<|endoftext|>"],
                       "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]]}
+    elif family == "deepseek_v3":  # deepseek-ai/DeepSeek-V3's tokenizer_config.json / generation_config.json, by name
+        config = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
+                  "pad_token": "<｜end▁of▁sentence｜>"}
+        generation = {"bos_token_id": ids["<｜begin▁of▁sentence｜>"], "eos_token_id": ids["<｜end▁of▁sentence｜>"]}
     elif family.startswith("mistral"):
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}

@@ -17,7 +17,8 @@ from pipeline.model.generate import generate
 from pipeline.model.gpt import GPTModel
 from pipeline.model.kv_cache import KVCache
 from pipeline.model.weights import load_model
-from tests.helpers.hf_generate import left_padded_greedy
+from tests.helpers.hf_generate import (beam_search_tokens, caches_after_steps, greedy_tokens,
+                                        left_padded_greedy)
 from tests.model.test_families import hf_model, ids
 from tests.model.test_gemma import gemma3
 
@@ -55,10 +56,7 @@ def test_generation_keeps_the_window_and_equals_transformers(checkpoint, caches)
     prompt + new tokens before)."""
     ref, ours = checkpoint
     prompt, new = ids(1, (1, 9))[0].tolist(), 20
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(prompt):].tolist()
-    assert generate(ours, prompt, max_new_tokens=new, eos_id=None) == want
+    assert generate(ours, prompt, max_new_tokens=new, eos_id=None) == greedy_tokens(ref, prompt, new)
     (cache,) = caches
     windows = [blk.window for blk in ours.layers]
     assert cache.windows == tuple(windows) and any(windows)
@@ -90,25 +88,15 @@ def test_beam_search_reorders_the_kept_keys_as_transformers(checkpoint):
     if ref.config.model_type != "mistral":
         pytest.skip("reordering is family-independent: Mistral's windowed layers cover it")
     prompt = ids(3, (1, 10))[0].tolist()
-    with torch.no_grad():
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, num_beams=2,
-                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    assert generate(ours, prompt, max_new_tokens=8, eos_id=None, num_beams=2) == want
+    assert generate(ours, prompt, max_new_tokens=8, eos_id=None, num_beams=2) == beam_search_tokens(ref, prompt, 8, 2)
 
 
 def test_kept_keys_are_transformers_sliding_window_layer_keys(checkpoint):
     """After a 12-token forward and 3 one-token steps, each layer's kept keys and values are those transformers'
     cache layers hold (DynamicSlidingWindowLayer: the last window - 1; DynamicLayer: all)."""
     ref, ours = checkpoint
-    x = ids(4, (1, 15))
-    with torch.no_grad():
-        out = ref(x[:, :12], use_cache=True)
-        for t in range(12, 15):
-            out = ref(x[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-        _, past = ours(x[:, :12], use_cache=True)
-        for t in range(12, 15):
-            _, past = ours(x[:, t:t + 1], past_kv=past, use_cache=True)
-    for layer, theirs in enumerate(out.past_key_values.layers):
+    layers, past = caches_after_steps(ref, ours, ids(4, (1, 15)), 12)
+    for layer, theirs in enumerate(layers):
         keys, values = past[layer]
         assert keys.shape == theirs.keys.shape, (layer, keys.shape, theirs.keys.shape)
         assert torch.allclose(keys, theirs.keys, atol=1e-5) and torch.allclose(values, theirs.values, atol=1e-5)

@@ -101,9 +101,9 @@ def test_every_template_marks_the_trained_tokens(family_dirs, family):
     """Three turns, with and without a system message (thinking on and off for qwen3 and deepseekr1): gpt2 has
     alpaca, llama2, mistral, default, empty, olmo (no markup tokens needed); llama3 adds llama3, openchat-3.6; qwen3 adds
     chatml, qwen, qwen3, qwen3_nothink and the Qwen-VL ones, qwen2_vl, qwen3_vl, qwen3_vl_nothink; DeepSeek-R1-Distill-Qwen
-    adds deepseekr1."""
+    adds deepseekr1, deepseek3."""
     names = [n for n, t in TEMPLATES.items() if t.vocabulary_problem(ours(family_dirs[family])) is None]
-    assert len(names) == {"gpt2": 6, "llama3": 8, "deepseek_r1_qwen": 7}.get(family, 13)
+    assert len(names) == {"gpt2": 6, "llama3": 8, "deepseek_r1_qwen": 8}.get(family, 13)
     for name in names:
         for system in (SYSTEM, None):
             for thinking in (True, False) if TEMPLATES[name].thought_words else (True,):
@@ -154,7 +154,7 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
 
     directory = write_gemma_tokenizer_dir(tmp_path / "gemma") if name.startswith("gemma") else \
         family_dirs["qwen3" if name.startswith(("qwen", "chatml")) else "llama3" if name in ("llama3", "openchat-3.6")
-                    else "deepseek_r1_qwen" if name == "deepseekr1" else "gpt2"]
+                    else "deepseek_r1_qwen" if name.startswith("deepseek") else "gpt2"]
     directory = phi_dir if name.startswith("phi") else directory
     directory = granite_olmo_dirs.get(name, directory)
     directory = glm_dir if name.startswith("glm") else directory
