@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -241,16 +242,41 @@ def test_deepspeed_examples_refused_with_reason(tmp_path, config, reason):
     assert reason in failed.stderr and "Traceback" not in failed.stderr
 
 
+@dataclass(frozen=True)
+class ReportedRun:
+    work: Path
+    recipe: str
+    env: dict[str, str]  # the CLI's environment with the wandb stand-in on PYTHONPATH
+    stderr: str  # what train said
+    wandb_calls: Path  # what the stand-in recorded, one JSON object a line
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory) -> ReportedRun:
+    """A 2-step tiny LoRA run reporting to tensorboard and to wandb (offline, a stand-in: WANDB_STUB), with
+    save_only_model and an eval each step, trained as typed once for the file: the tensorboard, wandb and do_predict
+    tests check it (separate training runs only cost test time)."""
+    from tests.acceptance.harness import REPO, cli_env
+
+    root = tmp_path_factory.mktemp("reported_run")
+    (root / "stub").mkdir()
+    (root / "stub" / "wandb.py").write_text(WANDB_STUB, "utf-8")
+    env = cli_env(PYTHONPATH=f"{root / 'stub'}:{REPO}", WANDB_MODE="offline", WANDB_STUB_LOG=str(root / "wandb.jsonl"))
+    work = lf_checkout(root / "lf", "tiny")
+    recipe = tiny_recipe(work, report_to=["tensorboard", "wandb"], run_name="tiny-demo", save_only_model=True,
+                         save_steps=1, max_steps=2, eval_strategy="steps", eval_steps=1, dataloader_num_workers=1,
+                         ddp_timeout=600, preprocessing_num_workers=2, tokenized_path="saves/tokenized",
+                         use_reentrant_gc=False)
+    pipeline("build", recipe, cwd=work, env=env, as_typed=False)
+    stderr = pipeline("train", recipe, cwd=work, env=env).stderr
+    return ReportedRun(work, recipe, env, stderr, root / "wandb.jsonl")
+
+
 @pytest.mark.slow  # ~15-45 s: trains through the CLI
-def test_recipe_keys_tensorboard_save_only_model_and_notices(tmp_path):
-    work = lf_checkout(tmp_path, "tiny")
-    recipe = tiny_recipe(work, report_to="tensorboard", save_only_model=True, save_steps=1, max_steps=2,
-                         eval_strategy="steps", eval_steps=1, dataloader_num_workers=1, ddp_timeout=600,
-                         preprocessing_num_workers=2, tokenized_path="saves/tokenized", use_reentrant_gc=False)
-    pipeline("build", recipe, cwd=work, as_typed=False)
-    done = pipeline("train", recipe, cwd=work)
-    assert "tokenized_path: accepted without effect" in done.stderr
-    assert "use_reentrant_gc: accepted without effect" in done.stderr
+def test_recipe_keys_tensorboard_save_only_model_and_notices(reported_run):
+    work, recipe = reported_run.work, reported_run.recipe
+    assert "tokenized_path: accepted without effect" in reported_run.stderr
+    assert "use_reentrant_gc: accepted without effect" in reported_run.stderr
     run = work / "saves/tiny"
     log = [json.loads(line) for line in (run / "trainer_log.jsonl").read_text("utf-8").splitlines()]
     assert [rec["step"] for rec in log if "eval_loss" in rec] == [1, 2]  # eval_strategy steps, eval_steps 1
@@ -262,7 +288,8 @@ def test_recipe_keys_tensorboard_save_only_model_and_notices(tmp_path):
     assert abs(events.Scalars("train/loss")[-1].value - log[-1]["loss"]) < 1e-5
     ckpt = run / "checkpoint-2"
     assert (ckpt / "adapter/adapter_model.safetensors").is_file() and not (ckpt / "deepspeed").exists()
-    failed = pipeline("train", recipe, "resume_from_checkpoint=latest", cwd=work, expect=2)
+    env = {**reported_run.env, "WANDB_STUB_LOG": str(work.parent / "refused-resume.jsonl")}  # not the run's record
+    failed = pipeline("train", recipe, "resume_from_checkpoint=latest", cwd=work, env=env, expect=2)
     assert "was saved with save_only_model: true" in failed.stderr and "resuming from it is refused" in failed.stderr
 
 
@@ -284,17 +311,20 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path):
     assert [round(e.value, 5) for e in scalars] == [round(rec["loss"], 5) for rec in log if "loss" in rec]
 
 
-@pytest.mark.slow  # ~15-45 s: trains through the CLI
-def test_do_train_false_with_do_predict_evaluates(tmp_path):
-    work = lf_checkout(tmp_path, "tiny")
-    recipe = tiny_recipe(work, max_eval_samples=2, max_new_tokens=2, eval_base=False)
-    pipeline("build", recipe, cwd=work, as_typed=False)
-    pipeline("train", recipe, cwd=work)
-    pipeline("train", recipe, "do_train=false", "do_predict=true", cwd=work)
+@pytest.mark.slow  # ~15-45 s: predicts through the CLI
+def test_do_train_false_with_do_predict_evaluates(tmp_path, reported_run):
+    """A trained run's recipe with do_train=false and do_predict=true evaluates its adapter (a copy of the file's
+    reported run: the recipe, its built data and its adapter)."""
+    work = tmp_path / "lf"
+    shutil.copytree(reported_run.work, work, symlinks=True)
+    recipe, env = reported_run.recipe, {**reported_run.env, "WANDB_STUB_LOG": str(tmp_path / "wandb.jsonl")}
+    keys = ("max_eval_samples=2", "max_new_tokens=2", "eval_base=false")
+    pipeline("train", recipe, "do_train=false", "do_predict=true", *keys, cwd=work, env=env)
     metrics = json.loads((work / "saves/tiny/eval/metrics.json").read_text("utf-8"))
     assert metrics["n_examples"] == 2 and "tuned" in metrics["results"]
     assert (work / "saves/tiny/eval/predictions.jsonl").is_file()
-    failed = pipeline("train", recipe, "do_train=false", cwd=work, expect=2, as_typed=False)  # refused by the rules
+    failed = pipeline("train", recipe, "do_train=false", *keys, cwd=work, env=env, expect=2,
+                      as_typed=False)  # refused by the rules
     assert "the train command would do nothing" in failed.stderr
 
 
@@ -406,18 +436,8 @@ def init(**kwargs):
 
 
 @pytest.mark.slow  # ~15-45 s: trains through the CLI
-def test_report_to_wandb_offline(tmp_path):
-    from tests.acceptance.harness import REPO, cli_env
-
-    stub = tmp_path / "stub"
-    stub.mkdir()
-    (stub / "wandb.py").write_text(WANDB_STUB, "utf-8")
-    work = lf_checkout(tmp_path / "lf", "tiny")
-    recipe = tiny_recipe(work, report_to="wandb", max_steps=2, run_name="tiny-demo")
-    env = cli_env(PYTHONPATH=f"{stub}:{REPO}", WANDB_MODE="offline", WANDB_STUB_LOG=str(tmp_path / "wandb.jsonl"))
-    pipeline("build", recipe, cwd=work, env=env, as_typed=False)
-    pipeline("train", recipe, cwd=work, env=env)
-    calls = [json.loads(line) for line in (tmp_path / "wandb.jsonl").read_text("utf-8").splitlines()]
+def test_report_to_wandb_offline(reported_run):
+    calls = [json.loads(line) for line in reported_run.wandb_calls.read_text("utf-8").splitlines()]
     assert calls[0]["mode"] == "offline" and calls[0]["init"]["dir"] == "saves/tiny"
     assert calls[0]["init"]["name"] == "tiny-demo"  # run_name (else output_dir's folder name)
     assert "learning_rate" in calls[0]["config_keys"]
