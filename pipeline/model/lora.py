@@ -565,6 +565,12 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     return [family.to_hf(n) for n in names]
 
 
+def expert_fields(settings: Mapping[str, Any], parts: set[str]) -> dict[str, Any]:
+    """adapter_config.json's fields for LoRA on MoE experts (expert_lora.peft_fields), {} without expert targets:
+    only LoRA's settings have the r / lora_alpha they read (an OFT adapter's have neither)."""
+    return peft_fields(parts, settings["r"], settings["lora_alpha"]) if parts else {}
+
+
 def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str, Any] | None = None,
                  start: Mapping[str, torch.Tensor] | None = None) -> Path:
     """adapter_config.json + adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained.
@@ -593,7 +599,7 @@ def save_adapter(model: nn.Module, directory: str | Path, cfg_info: Mapping[str,
         "base_model_name_or_path": None,
         **first.peft_config(family),
         "target_modules": _target_modules(model, list(wrappers)),
-        **peft_fields(fused_parts(wrappers), first.peft_config(family)["r"], first.peft_config(family)["lora_alpha"]),
+        **expert_fields(first.peft_config(family), fused_parts(wrappers)),
         "bias": "none",
         "modules_to_save": [family.to_hf(n) for n in additional] or None,
         "inference_mode": True,
