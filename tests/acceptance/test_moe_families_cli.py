@@ -48,7 +48,7 @@ def save_pretrained_qwen2_moe(folder):
 
 
 @pytest.mark.parametrize("family,architecture,template,mlp_target", [
-    ("mixtral", "MixtralForCausalLM", "mistral", "w1"),
+    ("mixtral", "MixtralForCausalLM", "mistral", "gate"),  # the router: its experts take LoRA (test_moe_expert_lora)
     ("qwen2_moe", "Qwen2MoeForCausalLM", "qwen", "gate"),
 ])
 def test_lora_sft_with_the_aux_loss_merges_to_the_same_architecture(workdir, family, architecture, template,
