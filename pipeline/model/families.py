@@ -924,7 +924,7 @@ def decoder_fields(family: Family, raw: Mapping[str, Any], path: Any) -> dict[st
     quantization = raw.get("quantization_config")
     if isinstance(quantization, dict) and not dequantized_at_load(quantization, family) \
             and not read_as_stored(quantization, family):
-        problems.append(_quantized(quantization, path))
+        problems.append(_quantized(quantization, path, family))
     latent = latent_fields(raw, path, problems) if family.latent_attention else {}
     if problems:
         raise UserError(problems)
@@ -973,17 +973,18 @@ def read_as_stored(quantization: Mapping[str, Any], family: Family) -> bool:
     return stored_quantization(quantization) is not None and family.moe is None
 
 
-def _quantized(quantization: Mapping[str, Any], path: Any) -> str:
+def _quantized(quantization: Mapping[str, Any], path: Any, family: Family) -> str:
     """Why a pre-quantized checkpoint (GPTQ, AWQ, FP8, a bitsandbytes sparse MoE) is refused, with
     the fix: its files hold packed integer codes under the Linears' names, not the weights. Said once, here, where
     every path that reads a config.json passes (the recipe's model rules before a run included), instead of a shape
-    mismatch for every Linear when the weights are read."""
+    mismatch for every Linear when the weights are read. On a sparse MoE the fix is the unquantized checkpoint alone:
+    quantization_bit is refused there too (quant_layout.SPARSE_MOE_REFUSED), so naming it would send the user from
+    this refusal to that one (every bitsandbytes checkpoint that reaches here is a MoE's: read_as_stored)."""
     method = quantization.get("quant_method", "unknown")
     bits = 4 if quantization.get("load_in_4bit") else 8 if quantization.get("load_in_8bit") else quantization.get("bits")
-    fix = ("point model_name_or_path at the unquantized checkpoint it was made from"
-           + (f" and set quantization_bit: {bits} to quantize it at load (bitsandbytes; the same quantization of the"
-              " same weights)" if method == "bitsandbytes" else " (quantization_bit quantizes it with bitsandbytes at"
-              " load)"))
+    fix = "point model_name_or_path at the unquantized checkpoint it was made from" + (
+        ", trained unquantized (quantization_bit does not quantize a sparse MoE model here either)" if family.moe
+        else " (quantization_bit quantizes it with bitsandbytes at load)")
     read = ("only GptOssForCausalLM's MXFP4 experts are dequantized at load, and bitsandbytes 4-bit / 8-bit"
             " checkpoints of dense models are read as stored")
     return (f"{path}: a pre-quantized checkpoint (quantization_config: quant_method {method}"

@@ -338,11 +338,11 @@ def preflight(r: Mapping[str, Any]) -> None:
         if r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.optimizers' *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: {given}: "
                             + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
-    from pipeline.recipe.rules.quantization import quantization_zero3
+    from pipeline.recipe.rules.quantization import quantization_zero3, quantized_base
 
     if why := quantization_zero3(r):  # a deepspeed JSON's, as above
-        raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 with quantization_bit: "
-                        f"{r['quantization_bit']}: " + why.format(fix="set zero_optimization.stage to 2 there"))
+        raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 {quantized_base(r)[0]}: "
+                        + why.format(fix="set zero_optimization.stage to 2 there"))
     if r["pure_bf16"] and r["zero_stage"] == 3:  # a deepspeed JSON's, as above
         raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 with pure_bf16: true: "
                         + PURE_BF16_ZERO3.format(fix="set zero_optimization.stage to 2 (or lower) there"))

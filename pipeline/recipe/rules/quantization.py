@@ -1,8 +1,10 @@
 """Rules on QLoRA's keys (quantization_bit, quantization_method; pipeline.model.quantize) against what they read
 besides: the fine-tuning method (finetuning_type), PiSSA (pissa_init), a sparse MoE model
 (model_name_or_path) and the ZeRO stage (zero_stage, deepspeed: a deepspeed JSON's stage is train's preflight,
-quantization_zero3). A pre-quantized checkpoint (config.json with a quantization_config) is refused where every
-config.json is read (pipeline.model.families._quantized).
+quantization_zero3). A pre-quantized checkpoint (config.json with a quantization_config) other than a bitsandbytes one
+is refused where every config.json is read (pipeline.model.families._quantized); a bitsandbytes one's keys are
+derived from it (resolve._derive_stored_quantization, rules.prequantized), and these rules' messages then name the
+checkpoint, not a quantization_bit the recipe does not set (quantized_base).
 
 Every stage runs on a quantized base, as in LLaMA-Factory (its parser checks no stage): the policy is the 4/8-bit base
 + the adapter; dpo / kto / ppo's reference the same base with the adapter off (pipeline.train.preference.
@@ -19,14 +21,32 @@ from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
 
 # LLaMA-Factory (hparams/parser.py _verify_model_args): "Quantization is only compatible with the LoRA or OFT method."
-FULL_REFUSED = ("a quantized base cannot train: its 4/8-bit weights are frozen integer codes (LLaMA-Factory refuses "
-                "it too: 'Quantization is only compatible with the LoRA or OFT method.'); set finetuning_type: lora "
-                "(or oft), or remove quantization_bit")
+FULL_REFUSED = ("a quantized base cannot train: its 4/8-bit weights are frozen integer codes ({refused}); set "
+                "finetuning_type: lora (or oft), or {fix}")
+LF_REFUSES = "LLaMA-Factory refuses it too: 'Quantization is only compatible with the LoRA or OFT method.'"
+# a pre-quantized checkpoint leaves LLaMA-Factory's quantization_bit unset: transformers' Trainer refuses it
+# (trainer_utils.py validate_quantization_for_training)
+HF_REFUSES = "transformers' Trainer refuses it too: 'You cannot perform fine-tuning on purely quantized models.'"
 # LLaMA-Factory's bnb 4-bit under ZeRO 3 needs bnb_4bit_quant_storage (model_utils/quantization.py) so that ZeRO can
 # partition the packed weights as floats; ours keeps uint8 storage and its quant state beside the tensor.
 ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their quantization constants (LLaMA-Factory "
                  "needs bitsandbytes' quant_storage for it, not implemented here); {fix}: ZeRO 0-2 keep the 4/8-bit "
                  "base whole on every rank")
+
+
+def quantized_base(v: Mapping[str, Any]) -> tuple[str, str, str]:
+    """How a message names what quantizes the base, what else refuses a full fine-tune of it, and how to do without
+    the quantization: the recipe's quantization_bit; or a pre-quantized bitsandbytes checkpoint (its quantization_bit
+    derived by resolve._derive_stored_quantization, or set to the same value), whose codes no recipe key removes: a
+    'remove quantization_bit' would name a key that changes nothing (or that the recipe does not even set)."""
+    from pipeline.recipe.modelinfo import stored_quantization
+
+    stored = stored_quantization(v["model_name_or_path"])
+    if stored is None:
+        return f"with quantization_bit: {v['quantization_bit']}", LF_REFUSES, "remove quantization_bit"
+    return (f"with model_name_or_path: {v['model_name_or_path']}, a pre-quantized bitsandbytes checkpoint stored as"
+            f" {stored.describe()}", HF_REFUSES, "point model_name_or_path at the unquantized checkpoint it was made"
+            " from")
 
 
 def quantization_zero3(v: Mapping[str, Any]) -> str | None:
@@ -44,13 +64,14 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     v = ctx.values
     if v["quantization_bit"] is None:
         return []
-    given = f"with quantization_bit: {v['quantization_bit']}"
+    given, refused, fix = quantized_base(v)
     problems = []
     if v["quantization_method"] != "bnb":
         problems.append(("quantization_method", f"given {show(v['quantization_method'])} {given}: bnb (bitsandbytes) "
                                                 "is the one quantizer implemented here; set quantization_method: bnb"))
     if v["finetuning_type"] not in ("lora", "oft"):
-        problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: {FULL_REFUSED}"))
+        problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: "
+                                            + FULL_REFUSED.format(refused=refused, fix=fix)))
     if v["pissa_init"]:
         problems.append(("pissa_init", f"given true {given}: PiSSA's SVD needs the unquantized weights (LLaMA-Factory: "
                                        "'Cannot initialize PiSSA adapter on quantized models.'); remove pissa_init"))
