@@ -387,7 +387,7 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     shown = hf_namer(model)
     if not names:
         raise UserError(f"{source}: the adapter has no LoRA layers to merge")
-    zero = {shown(n): which for n in names if (which := model.get_submodule(n).unchanged_by()) is not None}
+    zero = {shown(n): which for n, which in untrained_layers(model, names).items()}
     if zero:
         raise UserError(untrained_message(source, zero, len(names), cause))
     reference = _logits(model, samples)
@@ -408,7 +408,7 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
             problems.append(f"layer {name}: still a LoRA wrapper after merging ({type(merged_linear).__name__})")
             continue
         delta = merged_linear.weight.float() - base_weight.float()
-        if not delta.any():
+        if not delta.any() and want.any():  # an idle expert's update is nothing (untrained_layers)
             problems.append(f"layer {name}: the merged weight equals the base weight although its LoRA update is"
                             " non-zero (the adapter looks untrained/empty, or the merge did not apply it)")
             continue
@@ -440,6 +440,23 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     check = Verified(model, report, list(map(list, samples)), reference)
     _check_cast(check, export_dtype, casts)
     return check
+
+
+def untrained_layers(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
+    """Each adapted layer among `names` (ours) whose update is nothing -> the PEFT tensor that makes it so
+    (AdapterLinear.unchanged_by). A MoE expert's Linear counts only where its whole fused tensor's update is nothing
+    (pipeline.model.expert_lora: PEFT trains one lora_B over every expert of a block): an expert the router sent no
+    token in training keeps its zero update beside the trained ones, as in PEFT, which merges that adapter, and
+    lora_target cannot leave one expert out."""
+    from pipeline.model.expert_lora import FUSED, expert_of
+
+    def fused(name: str) -> tuple[str, str] | None:
+        expert = expert_of(name)
+        return None if expert is None else (expert[0], FUSED[expert[2]])
+
+    zero = {n: which for n in names if (which := model.get_submodule(n).unchanged_by()) is not None}
+    moved = {fused(n) for n in names if n not in zero} - {None}
+    return {n: which for n, which in zero.items() if fused(n) is None or fused(n) not in moved}
 
 
 def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: str | None = None) -> str:

@@ -3,8 +3,9 @@
 - A pre-quantized bitsandbytes checkpoint (the hub's unsloth/*-bnb-4bit) derives quantization_bit from its
   config.json (resolve._derive_stored_quantization); the QLoRA rules' messages then told a user who never wrote
   quantization_bit to "remove quantization_bit" (which changes nothing: the checkpoint's codes stay the base).
-- A bitsandbytes checkpoint refused at its config.json is a sparse MoE's now (dense ones are read as stored): its fix
-  named quantization_bit, which a sparse MoE refuses too.
+- LoRA on MoE experts (pipeline.model.expert_lora) is one fused tensor per block in PEFT: an expert the router sent no
+  token in training keeps its zero update beside the trained ones, and PEFT merges that adapter; merge refused it as
+  untrained layers to "leave out of lora_target" (which cannot name one expert).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.errors import UserError
 from pipeline.recipe import resolve, rules
@@ -73,6 +75,38 @@ def test_a_prequantized_checkpoint_s_refusals_name_the_checkpoint_not_a_key_the_
     assert exc.value.messages[0].startswith("z3.json: zero_optimization.stage is 3 with model_name_or_path: bnb4, a"
                                             " pre-quantized bitsandbytes checkpoint stored as 4-bit nf4")
     assert "remove quantization_bit" not in " ".join(full + zero + exc.value.messages)
+
+
+def test_merge_folds_expert_lora_whose_idle_experts_kept_their_zero_update():
+    """A short run's router sent no token to expert 1..3 of the block: their update is zero (B starts at 0, as PEFT's
+    ParamWrapper's lora_B columns of those experts), expert 0's and q_proj's trained. PEFT merges the one fused
+    tensor (get_delta_weight: zero columns add nothing), so merge folds it too, the merged logits the adapter
+    model's (merge_verified checks them)."""
+    from pipeline.merge import merge_verified
+    from pipeline.model.config import PRESETS
+    from pipeline.model.gpt import GPTModel
+    from pipeline.model.lora import apply_lora, lora_modules
+
+    cfg = PRESETS["qwen3-30b-a3b"].replace(vocab_size=64, context_length=32, emb_dim=32, n_layers=1, n_heads=4,
+                                           n_kv_heads=2, head_size=8, ffn_dim=48, n_experts=4, experts_per_token=2,
+                                           moe_ffn_dim=16)
+    model = GPTModel(cfg, seed=0).eval()
+    apply_lora(model, ["q_proj", "gate_proj", "up_proj", "down_proj"], rank=2, alpha=4, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, wrapper in lora_modules(model).items():
+            if (".experts.0." in name or "q_proj" in name) and not name.endswith("up_proj"):
+                wrapper.lora.B.copy_(torch.randn(wrapper.lora.B.shape, generator=gen) * 0.1)
+    check = merge_verified(model, [[1, 2, 3, 4, 5, 6]], "fp32")
+    assert not lora_modules(check.model)
+    assert check.report["logits"]["fp32"] <= check.report["tolerance"]["fp32"]
+    # an adapter whose whole expert tensor is zero is still untrained, refused in one message
+    model = GPTModel(cfg, seed=0).eval()
+    apply_lora(model, ["q_proj", "down_proj"], rank=2, alpha=4, seed=0)
+    with torch.no_grad():
+        model.get_submodule("layers.0.self_attn.q_proj").lora.B.fill_(0.1)
+    with pytest.raises(UserError, match=r"lora_B is all zero in 4 of its 5 adapted layers"):
+        merge_verified(model, [[1, 2, 3]], "fp32")
 
 
 def test_a_bnb_sparse_moe_checkpoint_s_fix_is_not_a_quantization_bit_that_is_refused_too(tmp_path):
