@@ -6,6 +6,8 @@
 - LoRA on MoE experts (pipeline.model.expert_lora) is one fused tensor per block in PEFT: an expert the router sent no
   token in training keeps its zero update beside the trained ones, and PEFT merges that adapter; merge refused it as
   untrained layers to "leave out of lora_target" (which cannot name one expert).
+- A bitsandbytes checkpoint refused at its config.json is a sparse MoE's now (dense ones are read as stored): its fix
+  named quantization_bit, which a sparse MoE refuses too.
 """
 from __future__ import annotations
 
