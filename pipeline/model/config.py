@@ -968,8 +968,12 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
 def expert_names(fam: Family) -> dict[str, str]:
     """The lora_target names of a sparse block's expert Linears (the family's: gate_proj / up_proj / down_proj,
     Mixtral's w1 / w3 / w2) -> ours, where the family trains LoRA on its experts (MoeKeys.expert_lora); else {}."""
-    if not (fam.moe and fam.moe.expert_lora):
-        return {}
+    return expert_spelling(fam) if fam.moe and fam.moe.expert_lora else {}
+
+
+def expert_spelling(fam: Family) -> dict[str, str]:
+    """How the family names an expert's Linears (gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2) -> ours,
+    whether or not it trains LoRA on them (an adapter file's target_parameters are read back by these names)."""
     return {fam.to_hf(f"layers.0.mlp.experts.0.{linear}").rsplit(".", 1)[-1]: linear for linear in FUSED}
 
 

@@ -39,8 +39,8 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family_of_model, head_is_tied,
                                     is_reward_model, linear_names, replace_linears, saved_modules, train_additional,
                                     upcast_adapter)
-from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, lora_candidates,
-                                   moe_blocked)
+from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, expert_spelling,
+                                   lora_candidates, moe_blocked)
 from pipeline.model.expert_lora import FUSED, PAIR, expert_of, fuse, fused_parts, parts_of_config, peft_fields, \
     peft_module, split
 from pipeline.model.families import Family
@@ -755,10 +755,8 @@ def _tied_tensors(model: nn.Module, config: Mapping[str, Any], tensors: dict[str
 def expert_targets(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
     """The lora_target names (the family's: gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2) of the fused
     expert parameters an adapter_config.json targets (read_adapter_config checked them)."""
-    family = family_of_model(model)
     parts = set(config.get("target_parameters") or [])
-    ours = [linear for linear, part in FUSED.items() if part in parts]
-    return [family.to_hf(f"layers.0.mlp.experts.0.{linear}").rsplit(".", 1)[-1] for linear in ours]
+    return [name for name, linear in expert_spelling(family_of_model(model)).items() if FUSED[linear] in parts]
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
