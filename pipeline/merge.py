@@ -241,11 +241,12 @@ def dequantized_base(model: nn.Module, model_name_or_path: str) -> None:
     merge folds into their dequantized values, written in export_dtype, as unsloth's merged_16bit save does, and says
     so (LLaMA-Factory refuses instead: 'Cannot merge adapters to a quantized model.'). The original 16-bit weights
     are another checkpoint: merging into them is QLoRA's merge, with model_name_or_path set to it."""
-    from pipeline.model.quantize import dequantize_model
+    from pipeline.model.quantize import dequantize_model, stored_width
 
+    width = stored_width(model)
     count = dequantize_model(model)
     if count:
-        note(f"merge: {model_name_or_path} is a pre-quantized bitsandbytes checkpoint: the export holds its 4-bit"
+        note(f"merge: {model_name_or_path} is a pre-quantized bitsandbytes checkpoint: the export holds its {width}"
              f" weights dequantized ({count} Linears) with the adapter folded in, not the 16-bit weights it was"
              " quantized from; to merge into those, run merge with model_name_or_path=<the unquantized checkpoint>"
              " (e.g. unsloth/Llama-3.2-1B-Instruct for unsloth/Llama-3.2-1B-Instruct-bnb-4bit)")

@@ -161,14 +161,18 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
 def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
     """With quantization_bit, the base's Linears quantized by bitsandbytes, their matmuls in `dtype` (the run's
     precision: LLaMA-Factory's bnb_4bit_compute_dtype); the model unchanged without it."""
-    from pipeline.model.quantize import Quantization, is_quantized, quantize_model
+    from pipeline.model.quantize import Quantization, is_quantized, quantize_model, stored_width
 
     spec = Quantization.of(args)
-    stored = [module.weight.dtype for module in model.modules() if is_quantized(module)]
-    if stored:  # a pre-quantized checkpoint: its codes are the base (resolve derived quantization_bit from it)
-        bits = "8-bit (LLM.int8)" if torch.int8 in stored else "4-bit"
-        note(f"model: {len(stored)} Linears loaded as stored, bitsandbytes {bits} (a pre-quantized checkpoint), their "
-             f"matmuls in {str(dtype).removeprefix('torch.')}")
+    width = stored_width(model)
+    if width:  # a pre-quantized checkpoint: its codes are the base (resolve derived quantization_bit from it)
+        stored = [module for module in model.modules() if is_quantized(module)]
+        # 4 bits: the checkpoint's bnb_4bit_compute_dtype (quantize.stored_layer); LLM.int8 casts to fp16 itself
+        matmuls = "" if width != "4-bit" else ", their matmuls in " + " / ".join(sorted(
+            {str(module.compute_dtype).removeprefix("torch.") for module in stored})) + " (bnb_4bit_compute_dtype)"
+        plain = sum(isinstance(module, torch.nn.Linear) and not is_quantized(module) for module in model.modules())
+        note(f"model: {len(stored)} Linears loaded as stored, bitsandbytes {width} (a pre-quantized checkpoint)"
+             f"{matmuls}; {plain} stored unquantized (the output head, llm_int8_skip_modules) in the run's precision")
     elif spec is not None:
         names = quantize_model(model, spec, dtype)
         note(f"model: {len(names)} Linears quantized to {spec.describe()} (bitsandbytes; quantization_bit)")

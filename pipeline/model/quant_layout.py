@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 BITS = (4, 8)
 NOT_QUANTIZED = ("lm_head", "score")  # transformers' get_keys_to_not_convert: the output embedding (tied or not)
@@ -16,9 +16,31 @@ SPARSE_MOE_REFUSED = ("a sparse MoE model is not quantized here (transformers' b
                       "Qwen / Mistral / Gemma / Phi-3 / GPT-2 checkpoints: remove the key")
 
 
-def is_quantized_path(path: str) -> bool:
-    """Whether QLoRA quantizes the Linear at this module path: all but the output heads (NOT_QUANTIZED)."""
-    return path.split(".")[-1] not in NOT_QUANTIZED
+def is_quantized_path(path: str, skip: Sequence[str] | None = None) -> bool:
+    """Whether QLoRA quantizes the Linear at this module path: all but the output heads (NOT_QUANTIZED). With `skip`
+    (a checkpoint's llm_int8_skip_modules, `path` then the HF module path): all but those transformers' bnb quantizer
+    leaves unconverted, which then replace the heads rule (quantizers/base.py get_modules_to_not_convert adds the
+    default heads only where the list is None: unsloth's dynamic quants list lm_head themselves)."""
+    if skip is None:
+        return path.split(".")[-1] not in NOT_QUANTIZED
+    return not any(_skips(key, path) for key in skip)
+
+
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"  # a module boundary after the match (quantizers_utils.should_convert_module)
+
+
+def _skips(key: str, path: str) -> bool:
+    """transformers 5's quantizers_utils.should_convert_module, one pattern: `key` matches the module path from its
+    start up to a module boundary ("model.layers.1" the whole block, not "model.layers.11"), as a regex with that
+    boundary ("model.layers.*.mlp"), or as a suffix ("down_proj"). A key that is no valid regex (transformers would
+    raise) is matched as its literal text."""
+    try:
+        if re.match(rf"(?:{key}){_BOUNDARY}", path):
+            return True
+    except re.error:
+        if re.match(rf"(?:{re.escape(key)}){_BOUNDARY}", path):
+            return True
+    return path.endswith(key)
 
 
 # The tensors transformers' save_pretrained writes beside each bitsandbytes weight, as the hub's unsloth/*-bnb-4bit
@@ -59,6 +81,13 @@ class Quantization:
     bits: int
     quant_type: str = "nf4"
     double_quant: bool = True
+    # a pre-quantized checkpoint's quantization_config beyond those keys (stored_quantization): the Linears it keeps
+    # unquantized (llm_int8_skip_modules; None: the heads), the 4-bit matmuls' dtype (bnb_4bit_compute_dtype, a torch
+    # dtype's name, float32 where the config has none as BitsAndBytesConfig; None: the recipe's quantization, whose
+    # matmuls are in the run's precision) and LLM.int8's outlier threshold (llm_int8_threshold)
+    skip_modules: tuple[str, ...] | None = None
+    compute_dtype: str | None = None
+    int8_threshold: float = 6.0
 
     @classmethod
     def of(cls, args: Any) -> "Quantization | None":
@@ -91,8 +120,9 @@ def quantized_bytes(out_features: int, in_features: int, spec: Quantization) -> 
 
 def base_weight_bytes(linears: list[tuple[str, int, int]], spec: Quantization, width: int) -> tuple[float, float]:
     """(bytes of the quantized weights, bytes the same weights take at `width` bytes a value) over the base's Linears
-    (path, in, out) that are quantized: what plan's memory estimate puts in place of the unquantized count."""
-    chosen = [(i, o) for name, i, o in linears if is_quantized_path(name)]
+    (path, in, out; HF paths where `spec` has skip_modules) that are quantized: what plan's memory estimate puts in
+    place of the unquantized count."""
+    chosen = [(i, o) for name, i, o in linears if is_quantized_path(name, spec.skip_modules)]
     return sum(quantized_bytes(o, i, spec) for i, o in chosen), float(sum(i * o * width for i, o in chosen))
 
 
@@ -100,14 +130,22 @@ def stored_quantization(quantization_config: Any) -> "Quantization | None":
     """The bitsandbytes quantization a checkpoint's files hold, from its config.json quantization_config as
     transformers' BitsAndBytesConfig.to_dict writes it (quant_method bitsandbytes; load_in_4bit with
     bnb_4bit_quant_type and bnb_4bit_use_double_quant, whose BitsAndBytesConfig defaults are fp4 and false; or
-    load_in_8bit); None for an unquantized checkpoint and every other method (GPTQ, AWQ, FP8, gpt-oss's MXFP4)."""
+    load_in_8bit); None for an unquantized checkpoint and every other method (GPTQ, AWQ, FP8, gpt-oss's MXFP4).
+    With it what transformers reads back besides (replace_with_bnb_linear): llm_int8_skip_modules (unsloth's dynamic
+    quants, *-unsloth-bnb-4bit), bnb_4bit_compute_dtype and llm_int8_threshold."""
     q = quantization_config
     if not isinstance(q, Mapping) or q.get("quant_method") != "bitsandbytes":
         return None
+    skip = q.get("llm_int8_skip_modules")
+    skip = tuple(str(key) for key in skip) if isinstance(skip, (list, tuple)) else None
+    threshold = q.get("llm_int8_threshold", 6.0)
+    threshold = float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else 6.0
     if q.get("load_in_4bit") or q.get("_load_in_4bit"):
-        return Quantization(4, str(q.get("bnb_4bit_quant_type") or "fp4"), bool(q.get("bnb_4bit_use_double_quant")))
+        dtype = q.get("bnb_4bit_compute_dtype")
+        return Quantization(4, str(q.get("bnb_4bit_quant_type") or "fp4"), bool(q.get("bnb_4bit_use_double_quant")),
+                            skip, str(dtype or "float32").removeprefix("torch."), threshold)
     if q.get("load_in_8bit") or q.get("_load_in_8bit"):
-        return Quantization(8)
+        return Quantization(8, skip_modules=skip, int8_threshold=threshold)
     return None
 
 

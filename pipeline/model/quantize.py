@@ -10,7 +10,8 @@ full precision, while ours are per-expert Linears; quantizing them would give an
 
 Why at load and frozen: QLoRA (Dettmers et al. 2023) keeps the base in 4 bits for the whole run; only the adapter
 beside it (LinearWithLoRA, OFT) trains, in fp32 (pipeline.model.adapter.upcast_adapter), and the quantized layer is
-called as it is, its matmul in the compute dtype (the run's precision, LLaMA-Factory's bnb_4bit_compute_dtype).
+called as it is, its matmul in the compute dtype (the run's precision, LLaMA-Factory's bnb_4bit_compute_dtype; a
+pre-quantized checkpoint's own bnb_4bit_compute_dtype, stored_layer).
 
 bitsandbytes is imported here only, and only when a recipe sets quantization_bit: every other run works without it.
 Its CPU path (the torch fallback) is what the tests exercise; on CUDA the same calls use its kernels.
@@ -93,11 +94,12 @@ def _linear4bit(bnb: ModuleType, linear: nn.Linear, spec: Quantization, compute_
     return layer
 
 
-def _linear8bit(bnb: ModuleType, linear: nn.Linear) -> nn.Module:
-    """An empty (meta) Linear8bitLt in place of `linear` (LLM.int8 with transformers' default outlier threshold)."""
+def _linear8bit(bnb: ModuleType, linear: nn.Linear, threshold: float = INT8_THRESHOLD) -> nn.Module:
+    """An empty (meta) Linear8bitLt in place of `linear` (LLM.int8 with the outlier threshold: transformers' default,
+    or a pre-quantized checkpoint's llm_int8_threshold, which transformers' replace_with_bnb_linear reads)."""
     quiet_int8_cast()
     return bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
+                               has_fp16_weights=False, threshold=threshold, device="meta")
 
 
 def stored_weight(weight: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -122,33 +124,48 @@ def stored_weight(weight: torch.Tensor, parts: Mapping[str, torch.Tensor]) -> to
                         " save_pretrained)") from None
 
 
-def stored_layer(linear: nn.Linear, weight: torch.Tensor, compute_dtype: torch.dtype) -> nn.Module:
+def stored_layer(linear: nn.Linear, weight: torch.Tensor, stored: Quantization) -> nn.Module:
     """`linear` (its weight a placeholder; its bias loaded) as a frozen Linear4bit / Linear8bitLt holding the stored
     `weight` (stored_weight) as it is: the checkpoint's codes are the base, never quantized again (re-quantizing their
-    dequantized values would not give the same codes under double quantization)."""
+    dequantized values would not give the same codes under double quantization). The layer as transformers'
+    replace_with_bnb_linear makes it from the checkpoint's quantization_config (`stored`): 4 bits, the matmul in its
+    bnb_4bit_compute_dtype, whatever the run's precision (LLaMA-Factory passes a PTQ-quantized model no
+    quantization_config of its own, so transformers keeps the checkpoint's); 8 bits, its llm_int8_threshold."""
     bnb = bitsandbytes()
     state = getattr(weight, "quant_state", None)
     if state is not None:
-        layer = _linear4bit(bnb, linear, Quantization(4, state.quant_type, state.nested), compute_dtype)
+        layer = _linear4bit(bnb, linear, Quantization(4, state.quant_type, state.nested), stored_compute_dtype(stored))
         layer.quant_state = state
     else:
-        layer = _linear8bit(bnb, linear)
+        layer = _linear8bit(bnb, linear, stored.int8_threshold)
     layer.weight = weight
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.train(linear.training)
 
 
-def load_stored(model: nn.Module, weights: Mapping[str, torch.Tensor], compute_dtype: torch.dtype) -> list[str]:
+def stored_compute_dtype(stored: Quantization) -> torch.dtype:
+    """A stored 4-bit checkpoint's bnb_4bit_compute_dtype as a torch dtype (BitsAndBytesConfig: getattr(torch, name));
+    one that is no floating dtype is the checkpoint's mistake, said once."""
+    dtype = getattr(torch, str(stored.compute_dtype or "float32"), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise UserError(f"config.json quantization_config: bnb_4bit_compute_dtype given {stored.compute_dtype!r},"
+                        " expected a floating torch dtype (float32, bfloat16, float16); correct it in the"
+                        " checkpoint's config.json")
+    return dtype
+
+
+def load_stored(model: nn.Module, weights: Mapping[str, torch.Tensor], stored: Quantization) -> list[str]:
     """Each Linear whose `<path>.weight` is in `weights` (stored_weight's, by our parameter names) replaced by its
-    stored_layer; returns their paths. The Linears a checkpoint stores unquantized (the output head,
-    llm_int8_skip_modules) stay as they are, as transformers leaves them."""
+    stored_layer (`stored`: the checkpoint's quantization_config, quant_layout.stored_quantization); returns their
+    paths. The Linears a checkpoint stores unquantized (the output head, llm_int8_skip_modules: unsloth's dynamic
+    quants) stay plain Linears in the run's precision, as transformers leaves them: the file says which."""
     paths = []
     for name, weight in weights.items():
         path = name.removesuffix(".weight")
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, stored_layer(getattr(owner, child), weight, compute_dtype))
+        setattr(owner, child, stored_layer(getattr(owner, child), weight, stored))
         paths.append(path)
     return paths
 
@@ -183,6 +200,13 @@ def quiet_int8_cast() -> None:
     log = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _Int8CastNotice) for f in log.filters):
         log.addFilter(_Int8CastNotice())
+
+
+def stored_width(model: nn.Module) -> str | None:
+    """How a model's quantized Linears hold their weights, for the notes that name it ("4-bit", "8-bit (LLM.int8)"):
+    Linear8bitLt's int8, Params4bit's uint8 codes; None where none is quantized."""
+    dtypes = {module.weight.dtype for module in model.modules() if is_quantized(module)}
+    return None if not dtypes else "8-bit (LLM.int8)" if torch.int8 in dtypes else "4-bit"
 
 
 def is_quantized(linear: nn.Module) -> bool:

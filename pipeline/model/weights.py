@@ -61,9 +61,11 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     model = model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
                                   dtype=dtype, hf_names=kind != "pipeline")
     if stored:
+        from pipeline.model.quant_layout import Quantization, stored_quantization
         from pipeline.model.quantize import load_stored
 
-        load_stored(model, stored, dtype)
+        spec = stored_quantization(read_raw(directory / "config.json").get("quantization_config"))
+        load_stored(model, stored, spec or Quantization(4))  # no bnb config beside bnb tensors: BitsAndBytesConfig's
     return model
 
 

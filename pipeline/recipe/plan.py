@@ -69,6 +69,7 @@ from pipeline.recipe import Resolved, batches_per_step, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
 from pipeline.model.config import ModelConfig, TensorSpec, built_params, count_params
+from pipeline.model.quant_layout import Quantization
 from pipeline.recipe.modelinfo import model_info, recipe_tensors, scales_past_context
 from pipeline.recipe.text import format_table
 from pipeline.names import split_names, trains_adapter, uses_reference
@@ -159,14 +160,27 @@ def estimate_memory(r: Resolved) -> Memory | None:
 
 def quantized_base(r: Resolved, cfg: ModelConfig, w: int) -> tuple[float, float] | None:
     """quantization_bit: (bytes of the base's quantized Linear weights, the bytes they would take at `w`), or None."""
-    from pipeline.model.config import layout
-    from pipeline.model.quant_layout import Quantization, base_weight_bytes
+    from pipeline.model.quant_layout import base_weight_bytes
 
     spec = Quantization.of(r)
     if spec is None:
         return None
-    linears = [(m.name, m.in_dim, m.out_dim) for m in layout(cfg) if m.kind == "linear"]
+    spec, linears = quantized_linears(r, cfg, spec)
     return base_weight_bytes(linears, spec, w)
+
+
+def quantized_linears(r: Resolved, cfg: ModelConfig, spec: Quantization) -> tuple[Quantization,
+                                                                                   list[tuple[str, int, int]]]:
+    """(the quantization, the base's Linears (path, in, out)) base_weight_bytes counts: a pre-quantized checkpoint's
+    own quantization_config when model_name_or_path is one, its llm_int8_skip_modules (unsloth's dynamic quants)
+    matched against the HF paths as transformers matches them; a tied head is the embedding, never a quantized Linear."""
+    from pipeline.model.config import layout
+    from pipeline.recipe.modelinfo import stored_quantization
+
+    spec = stored_quantization(r["model_name_or_path"]) or spec
+    hf = spec.skip_modules is not None
+    return spec, [(cfg.hf.to_hf(m.name) if hf else m.name, m.in_dim, m.out_dim) for m in layout(cfg)
+                  if m.kind == "linear" and not (cfg.tie_weights and m.name == "lm_head")]
 
 
 def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pure: bool, half: bool,
@@ -339,16 +353,21 @@ def render(r: Resolved) -> str:
 
 def quantization_line(r: Resolved, mem: Memory) -> str | None:
     """What the parameters row counts for a QLoRA recipe: its base's Linears at 4 (8) bits plus their constants."""
-    from pipeline.model.quant_layout import Quantization
+    from pipeline.model.quant_layout import is_quantized_path
 
     spec = Quantization.of(r)
-    if spec is None or mem.quantized is None:
+    info = model_info(r["model_name_or_path"])
+    if spec is None or mem.quantized is None or info is None:
         return None
     quantized, unquantized = mem.quantized
     per = "0.5 byte" if spec.bits == 4 else "1 byte"
+    spec, linears = quantized_linears(r, info.config, spec)
+    kept = sum(not is_quantized_path(name, spec.skip_modules) for name, _, _ in linears)
+    rest = ("embeddings, norms and the output head" if spec.skip_modules is None else
+            f"embeddings, norms and the {kept} Linears the checkpoint keeps unquantized (llm_int8_skip_modules)")
     return (f"quantization_bit {spec.bits}: the base's Linear weights counted at {per} a parameter + their "
             f"quantization constants ({spec.describe()}): {human(quantized)} instead of {human(unquantized)}; "
-            "embeddings, norms and the output head at the run's precision")
+            f"{rest} at the run's precision")
 
 
 def _made_first(r: Resolved) -> list[str]:

@@ -11,6 +11,8 @@ the same logits.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -36,22 +38,51 @@ def reference(folder) -> torch.nn.Module:
     return model
 
 
-def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequantized(tmp_path, monkeypatch):
+def bnb_hub_checkpoint(tmp_path: Path, hub_id: str, config: Any) -> tuple[Path, Path, dict[str, str], Path]:
+    """(the hub snapshot, HF_HOME, the CLI's environment, the recipe): a tiny Llama quantized by transformers with the
+    BitsAndBytesConfig `config` and save_pretrained'd, tokenizer files beside it as the hub repo holds them, in the
+    hub cache under `hub_id`; LLaMA-Factory's LoRA sft recipe on it with no quantization key, and its data."""
     write_data(tmp_path / "data")
-    plain, quantized, home = tmp_path / "plain", tmp_path / "bnb-4bit", tmp_path / "hf"
+    plain, quantized, home = tmp_path / "plain", tmp_path / "bnb", tmp_path / "hf"
     write_hf_checkpoint(plain, "llama", small_vocab=True)
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     transformers.AutoModelForCausalLM.from_pretrained(plain, quantization_config=config, dtype=torch.float32,
                                                       device_map="cpu").save_pretrained(quantized)
-    for file in plain.iterdir():  # the tokenizer files, as the hub repo holds them beside the weights
+    for file in plain.iterdir():
         if not (quantized / file.name).exists():
             shutil.copy(file, quantized / file.name)
-    snapshot = hub_cache(home, HUB_ID, quantized)
-    env = cli_env(HF_HOME=str(home))
-    recipe = write_recipe(tmp_path / "sft.yaml", model_name_or_path=HUB_ID, dataset_dir="data",
+    recipe = write_recipe(tmp_path / "sft.yaml", model_name_or_path=hub_id, dataset_dir="data",
                           output_dir="saves/bnb", template="llama3", cutoff_len=256, max_samples=8,
                           learning_rate=0.05, export_dtype="fp32", zero_stage=2)
+    return hub_cache(home, hub_id, quantized), home, cli_env(HF_HOME=str(home)), recipe
+
+
+def assert_peft_on_the_stored_base(recipe: Path, tmp_path: Path, snapshot: Path, home: Path, monkeypatch: Any,
+                                   merged_base: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
+    """PEFT's adapter/ on transformers' model of the snapshot as stored computes our adapter model's logits; merged/
+    loaded by transformers those of PEFT's adapter on `merged_base` of that model (the dequantized weights merge
+    folds into; None: the 4-bit model itself, whose matmul multiplies by them), and holds no quantized weight."""
+    out = tmp_path / "saves/bnb"
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("HF_HOME", str(home))  # trained_model resolves the hub id in this process
+    with torch.no_grad():
+        stored = reference(snapshot)
+        before = stored(x).logits
+        golden = peft.PeftModel.from_pretrained(stored, out / "adapter").eval()(x).logits
+        assert (golden - before).abs().max() > 1e-2  # the adapter trained
+        assert_close(golden, trained_model(recipe, tmp_path)(x), rel=1e-5)
+        folded = golden if merged_base is None else \
+            peft.PeftModel.from_pretrained(merged_base(reference(snapshot)), out / "adapter").eval()(x).logits
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+        assert_close(folded, merged(x).logits, rel=1e-5)
+    for key, value in merged.state_dict().items():  # a plain checkpoint: no 4-bit codes, no quantization_config
+        assert value.dtype == torch.float32, key
+    assert getattr(merged.config, "quantization_config", None) is None
+
+
+def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequantized(tmp_path, monkeypatch):
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    snapshot, home, env, recipe = bnb_hub_checkpoint(tmp_path, HUB_ID, config)
 
     planned = pipeline("plan", recipe, cwd=tmp_path, env=env, as_typed=False).stdout
     assert "quantization_bit 4: the base's Linear weights counted at 0.5 byte a parameter + their quantization" \
@@ -62,21 +93,7 @@ def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequanti
     merged_run = pipeline("merge", recipe, cwd=tmp_path, env=env, as_typed=False)
     assert f"merge: {HUB_ID} is a pre-quantized bitsandbytes checkpoint: the export holds its 4-bit weights" \
            " dequantized (14 Linears)" in merged_run.stderr
-
-    out = tmp_path / "saves/bnb"
-    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setenv("HF_HOME", str(home))  # trained_model resolves the hub id in this process
-    with torch.no_grad():
-        stored = reference(snapshot)
-        before = stored(x).logits
-        golden = peft.PeftModel.from_pretrained(stored, out / "adapter").eval()(x).logits
-        assert (golden - before).abs().max() > 1e-2  # the adapter trained
-        assert_close(golden, trained_model(recipe, tmp_path)(x), rel=1e-5)
-        merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged").eval()
-        assert_close(golden, merged(x).logits, rel=1e-5)
-    for key, value in merged.state_dict().items():  # a plain checkpoint: no 4-bit codes, no quantization_config
-        assert value.dtype == torch.float32, key
-    assert getattr(merged.config, "quantization_config", None) is None
+    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch)
 
     # a LLaMA-Factory export recipe naming the run's adapter on the same hub id passes the adapter-fits-model rule:
     # the files' header shapes of the 4-bit Linears are the packed codes', not the weights' (export itself is merge's

@@ -33,14 +33,16 @@ DOUBLE_QUANT_PARTS = ["weight", "weight.absmax", "weight.nested_absmax", "weight
 
 
 def write_bnb(folder: Path, quant_type: str = "nf4", double: bool = True, *, load_in_8bit: bool = False,
-                   **overrides) -> Path:
-    """A tiny Llama (fp32) quantized by transformers' BitsAndBytesConfig and save_pretrained'd into `folder`, with a
-    tokenizer-less config as the model tests need; the unquantized model is at `folder`-plain."""
+              bnb: dict | None = None, **overrides) -> Path:
+    """A tiny Llama (fp32) quantized by transformers' BitsAndBytesConfig (`bnb`: more of its keys) and
+    save_pretrained'd into `folder`, with a tokenizer-less config as the model tests need; the unquantized model is at
+    `folder`-plain."""
     plain = folder.with_name(folder.name + "-plain")
     hf_model("llama", vocab_size=256, **overrides).save_pretrained(plain)
-    config = transformers.BitsAndBytesConfig(load_in_8bit=True) if load_in_8bit else transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
-        bnb_4bit_compute_dtype=torch.float32)
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True, **bnb or {}) if load_in_8bit else \
+        transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                        bnb_4bit_use_double_quant=double,
+                                        **{"bnb_4bit_compute_dtype": torch.float32, **(bnb or {})})
     transformers.AutoModelForCausalLM.from_pretrained(plain, quantization_config=config, dtype=torch.float32,
                                                       device_map="cpu").save_pretrained(folder)
     return folder
