@@ -114,7 +114,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     else:
         _refuse_exporting_the_base_of_a_trained_run(RunLayout.of(r["output_dir"]), r["model_name_or_path"], models,
                                                     _recipe(r))
-        model = _load_base(models.model, ex)
+        model = _load_base(models.model, ex, folded=False)
         samples = validation_samples(data, model.cfg)
         check = Verified(model, {"source": str(r["model_name_or_path"]), "samples": len(samples),
                                  "logits": {"fp32": 0.0}, "tolerance": {"fp32": LOGIT_RTOL["fp32"]}},
@@ -223,7 +223,8 @@ def _recipe(r: Mapping[str, Any]) -> str:
     return str(getattr(r, "recipe_path", None) or "<recipe>")
 
 
-def _load_base(base: ModelArgs, ex: ExportArgs, trained: torch.dtype = torch.float32) -> nn.Module:
+def _load_base(base: ModelArgs, ex: ExportArgs, trained: torch.dtype = torch.float32, *,
+               folded: bool = True) -> nn.Module:
     """The base in fp32, its values those of `trained` (bf16: a pure_bf16 run's base, cast as train cast it). A QLoRA
     run's base unquantized, re-read from the checkpoint: the adapter folds into the model's own weights, and the
     export is a plain checkpoint (pipeline.model.build.unquantized)."""
@@ -232,22 +233,24 @@ def _load_base(base: ModelArgs, ex: ExportArgs, trained: torch.dtype = torch.flo
     device = "cuda" if ex.export_device == "auto" and torch.cuda.is_available() else "cpu"
     # export_device cpu (default): exact, and any size fits
     model = load_for_inference(unquantized(base), "base", device=device, dtype=trained)
-    dequantized_base(model, base.model_name_or_path)
+    dequantized_base(model, base.model_name_or_path, folded)
     return model.float().eval()
 
 
-def dequantized_base(model: nn.Module, model_name_or_path: str) -> None:
+def dequantized_base(model: nn.Module, model_name_or_path: str, folded: bool = True) -> None:
     """A pre-quantized checkpoint's base (the hub's unsloth/*-bnb-4bit) holds no other weights than its 4-bit codes:
     merge folds into their dequantized values, written in export_dtype, as unsloth's merged_16bit save does, and says
     so (LLaMA-Factory refuses instead: 'Cannot merge adapters to a quantized model.'). The original 16-bit weights
-    are another checkpoint: merging into them is QLoRA's merge, with model_name_or_path set to it."""
+    are another checkpoint: merging into them is QLoRA's merge, with model_name_or_path set to it. `folded`: whether
+    an adapter goes into it (export of a recipe without one writes the dequantized base alone)."""
     from pipeline.model.quantize import dequantize_model, stored_width
 
     width = stored_width(model)
     count = dequantize_model(model)
     if count:
         note(f"merge: {model_name_or_path} is a pre-quantized bitsandbytes checkpoint: the export holds its {width}"
-             f" weights dequantized ({count} Linears) with the adapter folded in, not the 16-bit weights it was"
+             f" weights dequantized ({count} Linears){' with the adapter folded in' if folded else ''}, not the"
+             " 16-bit weights it was"
              " quantized from; to merge into those, run merge with model_name_or_path=<the unquantized checkpoint>"
              " (e.g. unsloth/Llama-3.2-1B-Instruct for unsloth/Llama-3.2-1B-Instruct-bnb-4bit)")
 

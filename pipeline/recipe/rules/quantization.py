@@ -34,6 +34,13 @@ ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their 
                  "base whole on every rank")
 
 
+# the commands that train a recipe or check it for training: a full / freeze recipe on a pre-quantized checkpoint is
+# refused there only. Its chat, eval and export load the stored model as it is, as LLaMA-Factory's do (quantization_bit
+# unset, its _verify_model_args checks nothing); the recipe's own quantization_bit is refused with full / freeze in
+# every command, as LLaMA-Factory's get_train_args, get_infer_args and get_eval_args all refuse it.
+TRAINS = ("train", "validate", "plan", None)
+
+
 def quantized_base(v: Mapping[str, Any]) -> tuple[str, str, str]:
     """How a message names what quantizes the base, what else refuses a full fine-tune of it, and how to do without
     the quantization: the recipe's quantization_bit; or a pre-quantized bitsandbytes checkpoint (its quantization_bit
@@ -69,7 +76,7 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     if v["quantization_method"] != "bnb":
         problems.append(("quantization_method", f"given {show(v['quantization_method'])} {given}: bnb (bitsandbytes) "
                                                 "is the one quantizer implemented here; set quantization_method: bnb"))
-    if v["finetuning_type"] not in ("lora", "oft"):
+    if v["finetuning_type"] not in ("lora", "oft") and (refused == LF_REFUSES or ctx.command in TRAINS):
         problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: "
                                             + FULL_REFUSED.format(refused=refused, fix=fix)))
     if v["pissa_init"]:
