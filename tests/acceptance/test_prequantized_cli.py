@@ -56,6 +56,14 @@ def bnb_hub_checkpoint(tmp_path: Path, hub_id: str, config: Any) -> tuple[Path, 
     return hub_cache(home, hub_id, quantized), home, cli_env(HF_HOME=str(home)), recipe
 
 
+def plan_build_train_merge(recipe: Path, tmp_path: Path, env: dict[str, str]) -> tuple[str, str, str]:
+    """The commands a user types, train as typed: (plan's stdout, train's stderr, merge's stderr)."""
+    planned = pipeline("plan", recipe, cwd=tmp_path, env=env, as_typed=False).stdout
+    pipeline("build", recipe, cwd=tmp_path, env=env, as_typed=False)
+    trained = pipeline("train", recipe, cwd=tmp_path, env=env).stderr
+    return planned, trained, pipeline("merge", recipe, cwd=tmp_path, env=env, as_typed=False).stderr
+
+
 def assert_peft_on_the_stored_base(recipe: Path, tmp_path: Path, snapshot: Path, home: Path, monkeypatch: Any,
                                    merged_base: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
     """PEFT's adapter/ on transformers' model of the snapshot as stored computes our adapter model's logits; merged/
@@ -83,16 +91,12 @@ def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequanti
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     snapshot, home, env, recipe = bnb_hub_checkpoint(tmp_path, HUB_ID, config)
-
-    planned = pipeline("plan", recipe, cwd=tmp_path, env=env, as_typed=False).stdout
+    planned, trained, merged = plan_build_train_merge(recipe, tmp_path, env)
     assert "quantization_bit 4: the base's Linear weights counted at 0.5 byte a parameter + their quantization" \
            " constants (4-bit nf4 with double quantization)" in planned
-    pipeline("build", recipe, cwd=tmp_path, env=env, as_typed=False)
-    trained = pipeline("train", recipe, cwd=tmp_path, env=env)
-    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained.stderr
-    merged_run = pipeline("merge", recipe, cwd=tmp_path, env=env, as_typed=False)
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained
     assert f"merge: {HUB_ID} is a pre-quantized bitsandbytes checkpoint: the export holds its 4-bit weights" \
-           " dequantized (14 Linears)" in merged_run.stderr
+           " dequantized (14 Linears)" in merged
     assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch)
 
     # a LLaMA-Factory export recipe naming the run's adapter on the same hub id passes the adapter-fits-model rule:

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tests.acceptance.harness import pipeline, refused, write_recipe
-from tests.acceptance.test_prequantized_cli import assert_peft_on_the_stored_base, bnb_hub_checkpoint, reference
+from tests.acceptance.test_prequantized_cli import (assert_peft_on_the_stored_base, bnb_hub_checkpoint,
+                                                    plan_build_train_merge, reference)
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
@@ -31,18 +32,14 @@ def test_an_unsloth_dynamic_quant_trains_its_kept_linears_plain_and_merges_the_m
         bnb_4bit_compute_dtype=torch.float32,
         llm_int8_skip_modules=["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn"])
     snapshot, home, env, recipe = bnb_hub_checkpoint(tmp_path, hub_id, config)
-
-    planned = pipeline("plan", recipe, cwd=tmp_path, env=env, as_typed=False).stdout
+    planned, trained, merged = plan_build_train_merge(recipe, tmp_path, env)
     # by hand: the 9 4-bit Linears hold 13,312 values (test_prequantized_dynamic's count), 4 bytes each in the fp32
     # run = 52.0 KiB; at nf4 with double quantization 13,312 / 2 + 13,312 / 64 + 4 * 13,312 / 64 / 256 = 6,867 bytes
     assert "(4-bit nf4 with double quantization): 6.7 KiB instead of 52.0 KiB; embeddings, norms and the 5 Linears" \
            " the checkpoint keeps unquantized (llm_int8_skip_modules) at the run's precision" in planned
-    pipeline("build", recipe, cwd=tmp_path, env=env, as_typed=False)
-    trained = pipeline("train", recipe, cwd=tmp_path, env=env)
     assert "model: 9 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
-           " float32 (bnb_4bit_compute_dtype); 6 stored unquantized" in trained.stderr
-    merged = pipeline("merge", recipe, cwd=tmp_path, env=env, as_typed=False)
-    assert "the export holds its 4-bit weights dequantized (9 Linears)" in merged.stderr
+           " float32 (bnb_4bit_compute_dtype); 6 stored unquantized" in trained
+    assert "the export holds its 4-bit weights dequantized (9 Linears)" in merged
     assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch)
 
     # a full recipe on it chats with the stored model, as llamafactory-cli chat does (quantization_bit unset there:
@@ -64,13 +61,10 @@ def test_an_unsloth_dynamic_quant_trains_its_kept_linears_plain_and_merges_the_m
 def test_an_8bit_checkpoint_trains_loads_in_peft_and_merges_dequantized(tmp_path, monkeypatch):
     snapshot, home, env, recipe = bnb_hub_checkpoint(tmp_path, "someone/Tiny-Llama-8bit",
                                                      transformers.BitsAndBytesConfig(load_in_8bit=True))
-    planned = pipeline("plan", recipe, cwd=tmp_path, env=env, as_typed=False).stdout
+    planned, trained, merged = plan_build_train_merge(recipe, tmp_path, env)
     assert "quantization_bit 8: the base's Linear weights counted at 1 byte a parameter" in planned
-    pipeline("build", recipe, cwd=tmp_path, env=env, as_typed=False)
-    trained = pipeline("train", recipe, cwd=tmp_path, env=env)
     assert "model: 14 Linears loaded as stored, bitsandbytes 8-bit (LLM.int8) (a pre-quantized checkpoint);" \
-           in trained.stderr
-    merged = pipeline("merge", recipe, cwd=tmp_path, env=env, as_typed=False)
-    assert "the export holds its 8-bit (LLM.int8) weights dequantized (14 Linears)" in merged.stderr
+           in trained
+    assert "the export holds its 8-bit (LLM.int8) weights dequantized (14 Linears)" in merged
     assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch,
                                    merged_base=lambda model: model.dequantize(dtype=torch.float32))
