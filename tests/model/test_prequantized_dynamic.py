@@ -5,7 +5,7 @@ bnb_4bit_compute_dtype (the 4-bit matmuls' dtype) and llm_int8_threshold (LLM.in
 Golden values: transformers 5.24's from_pretrained of the folder its own save_pretrained wrote
 (quantizers/base.py get_modules_to_not_convert, quantizers_utils.should_convert_module, integrations/bitsandbytes.py
 replace_with_bnb_linear: Linear4bit(compute_dtype=bnb_4bit_compute_dtype), Linear8bitLt(threshold=
-llm_int8_threshold)); LLaMA-Factory 0.9.5's configure_quantization (model/model_utils/quantization.py:94-141) passes a
+llm_int8_threshold)); LLaMA-Factory 0.9.5's configure_quantization (model/model_utils/quantization.py:90-130) passes a
 PTQ-quantized model no quantization_config of its own, so those are the checkpoint's whatever the recipe's bf16 / fp16;
 plan's bytes by hand.
 """

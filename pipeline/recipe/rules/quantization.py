@@ -35,9 +35,10 @@ ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their 
 
 
 # the commands that train a recipe or check it for training: a full / freeze recipe on a pre-quantized checkpoint is
-# refused there only. Its chat, eval and export load the stored model as it is, as LLaMA-Factory's do (quantization_bit
+# refused there only. Its chat, eval with task and export load the stored model as it is, as LLaMA-Factory's do (quantization_bit
 # unset, its _verify_model_args checks nothing); the recipe's own quantization_bit is refused with full / freeze in
-# every command, as LLaMA-Factory's get_train_args, get_infer_args and get_eval_args all refuse it.
+# every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and get_eval_args (hparams/parser.py:
+# 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the LoRA or OFT method.", :190).
 TRAINS = ("train", "validate", "plan", None)
 
 
