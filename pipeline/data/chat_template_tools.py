@@ -75,8 +75,10 @@ _GLM4_TOOLS = ("{%- set t = namespace(text='') -%}"
                "{%- for tool in tools -%}" + _UNWRAP + "{%- set t.text = t.text ~ "
                + formatted(GLM4_TOOL, name="fn['name']", body="fn | tojson(indent=4)") + " -%}{%- endfor -%}"
                "{{- " + formatted(GLM4_TOOL_PROMPT, tool_text="t.text") + " -}}")
-# training writes the tools column's text as given: tojson's text of the list is it when that text is json.dumps'
-_PHI4_MINI_TOOLS = "{{- " + literal(PHI4_MINI_TOOLS[0]) + " ~ tools | tojson ~ " + literal(PHI4_MINI_TOOLS[1]) + " -}}"
+# training writes the tools column's text as given: a string (Phi-4-mini's own way: the system message's "tools") as it
+# is, a list (transformers' tools=) as tojson writes it, which is that text when the column is json.dumps'
+_PHI4_MINI_TOOLS = ("{{- " + literal(PHI4_MINI_TOOLS[0]) + " ~ (tools if tools is string else tools | tojson) ~ "
+                    + literal(PHI4_MINI_TOOLS[1]) + " -}}")
 TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS, "mistral": _MISTRAL_TOOLS,
              "glm4": _GLM4_TOOLS, "glm4_moe": _GLM4_MOE_TOOLS, "phi4_mini": _PHI4_MINI_TOOLS}
 

@@ -43,11 +43,12 @@ VOCABULARY = {"deepseekr1": "deepseek_v3", "glm4_moe": "glm4", "moonlight": "moo
 
 @pytest.fixture(scope="module")
 def vocab(tmp_path_factory) -> dict:
-    """Small byte-level BPEs with DeepSeek-V3's, GLM-4's and Moonlight's markup (tests/helpers/hf_vocab.py)."""
+    """Small byte-level BPEs with DeepSeek-V3's, GLM-4's, Moonlight's and Phi-4-mini's markup
+    (tests/helpers/hf_vocab.py)."""
     from tests.helpers.hf_vocab import write_small_tokenizer_dir
 
     out = {}
-    for family in sorted(set(VOCABULARY.values())):
+    for family in sorted({*VOCABULARY.values(), "phi4_mini"}):
         out[family] = tmp_path_factory.mktemp(family)
         write_small_tokenizer_dir(out[family], family)
     return out
@@ -137,3 +138,39 @@ def test_a_user_typing_the_call_markup_gets_text(vocab):
     assert ids.count(ours.token_id("<｜User｜>")) == 2
     with pytest.raises(UserError, match="template 'alpaca' does not"):
         encode_example(conversation_row(MESSAGES, TOOLS, ""), "alpaca", ours, cutoff_len=8192)
+
+
+# microsoft/Phi-4-mini-instruct's own chat template (its tokenizer_config.json's chat_template, re-typed), which
+# LLaMA-Factory 0.9.5 leaves in the tokenizer it trains (phi4_mini sets no replace_jinja_template, template.py:1919-1927;
+# fix_jinja_template, :273-279, replaces only a missing one): the tools are a string in the system message, as given
+PHI4_MINI_HUB = (
+    "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not "
+    "none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + "
+    "'<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+def test_phi4_mini_takes_the_tools_as_its_own_template_does(vocab):
+    """Phi-4-mini's way to pass tools (the system message's "tools", a JSON string) gives the hub template's prompt,
+    which is training's (LLaMA-Factory's StringFormatter writes the tools column as given: lf_tool_goldens_more), a
+    non-json.dumps string too; tools= (a list) gives the same text through tojson; both at once raise. Failed before:
+    the exported template ignored the system message's "tools" and wrote no tools at all."""
+    from lf_tool_goldens_more import GOLDEN as MORE
+
+    from tests.vocab.chat_render import hf_tokenizer, render
+
+    system, question = "You are a weather bot.", MESSAGES[0]["content"]
+    template, directory = TEMPLATES["phi4_mini"], vocab["phi4_mini"]
+    for tools in (TOOLS, json.dumps(json.loads(TOOLS), indent=1)):  # json.dumps' form, and another
+        msgs = [{"role": "system", "content": system, "tools": tools}, {"role": "user", "content": question}]
+        hub = hf_tokenizer(directory).apply_chat_template(msgs, chat_template=PHI4_MINI_HUB, add_generation_prompt=True,
+                                                          tokenize=False)
+        assert render(directory, template, msgs, tokenize=False) == hub == \
+            f"<|system|>{system}<|tool|>{tools}<|/tool|><|end|><|user|>{question}<|end|><|assistant|>"
+    trained = MORE[("phi4_mini", system, TOOLS)][0][0]  # training's first prompt, as LLaMA-Factory writes it
+    assert trained == f"<|system|>{system}<|tool|>{TOOLS}<|/tool|><|end|><|user|>{question}<|end|><|assistant|>"
+    listed = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    assert render(directory, template, listed, tools=json.loads(TOOLS), tokenize=False) == \
+        render(directory, template, [{**listed[0], "tools": TOOLS}, listed[1]], tokenize=False)
+    with pytest.raises(Exception, match="takes the tools once"):
+        render(directory, template, [{**listed[0], "tools": TOOLS}, listed[1]], tools=json.loads(TOOLS))
