@@ -107,15 +107,26 @@ def test_the_exported_chat_template_renders_trainings_ids(vocab, name):
     assert_conversation(vocab[VOCABULARY[name]], name, set())
 
 
-def test_glm4_moe_writes_arguments_by_name_from_an_object(vocab):
+def test_glm4_moe_writes_arguments_by_name_from_an_object(vocab, make_recipe):
     """GLM4MOEToolUtils reads a call's arguments as an object (json.loads(arguments).items(), tool_utils.py:699-707):
-    other arguments are refused by the build's check with the fix, at tokenizing, and by the chat template (a JSON
-    string, which Jinja cannot take apart); other formats take them."""
+    other arguments are refused by the build (the row's file:line and the fix), at tokenizing, and by the chat template
+    (a JSON string, which Jinja cannot take apart); other formats take them."""
+    import os
+
+    from pipeline.data.build import build
+    from pipeline.recipe.args import data_args
+    from test_data_tools import ENTRY, _registry_row
     from tests.vocab.chat_render import render
 
     call = json.dumps({"name": "get_weather", "arguments": "Paris"})
-    assert "arguments\" that are not a JSON object, but tool format 'glm4_moe' writes each argument by its name" in \
-        function_problem(call, "glm4_moe")
+    files = {"raw/t.jsonl": json.dumps(_registry_row([("human", "Weather?"), ("function_call", call)])) + "\n"}
+    r = make_recipe({"t": {**ENTRY, "file_name": "raw/t.jsonl"}}, files=files, template="glm4_moe")
+    with pytest.raises(UserError) as err:
+        build(data_args(r))
+    assert err.value.messages == [
+        f"{os.path.join(r['dataset_dir'], 'raw', 't.jsonl')}:1: conversations[1].value (a function call) has "
+        "\"arguments\" that are not a JSON object, but tool format 'glm4_moe' writes each argument by its name "
+        "(LLaMA-Factory 0.9.5's GLM4MOEToolUtils reads them as one); give the arguments as an object, {} for none"]
     assert function_problem(call, "default") is None
     row = conversation_row([MESSAGES[0], {"role": "function", "content": call}], TOOLS, "")
     with pytest.raises(UserError, match="a function_call turn has \"arguments\" that are not a JSON object"):
