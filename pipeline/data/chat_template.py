@@ -76,6 +76,10 @@ ORDER = ("this chat template (written by pipeline merge / export) renders turns 
          "several results of parallel tool calls go in one tool message, as training's observation turn")
 
 
+TOOLS_TWICE = ("this chat template (written by pipeline merge / export) takes the tools once: as the system message's "
+               "\"tools\" string or as tools=, not both")
+
+
 def no_tools(name: str) -> str:
     """Why a chat template without a tool format refuses tools, tool_calls and tool messages."""
     return (f"this chat template (written by pipeline merge / export) renders no tool calls: its template '{name}' "
@@ -195,6 +199,12 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
         "{%- if not system_message -%}{%- set system_message = default_system -%}{%- endif -%}",
         "{{- " + blocks.expression(template.prefix, edge=START) + " -}}",
     ]
+    if template.tool_format in VERBATIM_TOOLS:  # the system message's "tools" string, as Phi-4-mini's own template
+        # takes them (microsoft/Phi-4-mini-instruct's chat_template: message['tools'] written as given)
+        lines.append("{%- if messages and messages[0]['role'] == 'system' and messages[0]['tools'] is defined"
+                     " and messages[0]['tools'] is not none -%}"
+                     "{%- if tools is defined and tools is not none -%}{{- raise_exception(" + literal(TOOLS_TWICE)
+                     + ") -}}{%- endif -%}{%- set tools = messages[0]['tools'] -%}{%- endif -%}")
     if tools:
         given = "tools is defined and tools is not none" if template.tool_format in VERBATIM_TOOLS else "tools"
         lines.append("{%- if " + given + " -%}{%- set system_message = system_message ~ tool_text(tools) -%}{%- endif -%}")

@@ -11,7 +11,8 @@ Two macros, per tool format:
 - `call_text(calls)`: an assistant message's `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}]
   or the function dicts themselves) as tools.function_text writes a function_call turn. `arguments` is a dict
   (written with tojson: training's text) or a JSON string, written as it is: training re-dumps a string, so
-  only a string in json.dumps' own form (", " and ": ") gives training's text; vLLM passes dicts.
+  only a string in json.dumps' own form (", " and ": ") gives training's text; vLLM passes dicts. glm4_moe writes
+  each argument by its name, from a dict only (a JSON string raises: Jinja cannot parse it).
 
 The prompts' wording comes from pipeline.data.tools (its constants, formatted with Jinja expressions in the
 slots), so one source states it.
@@ -19,10 +20,12 @@ slots), so one source states it.
 from __future__ import annotations
 
 from pipeline.data.jinja_text import formatted, literal
-from pipeline.data.tools import (DEFAULT_TOOL_PROMPT, GLM4_TOOL, GLM4_TOOL_PROMPT, LLAMA3_TOOL_PROMPT, PHI4_MINI_TOOLS,
-                                  QWEN_TOOL_PROMPT, SINGLE_CALL)
+from pipeline.data.tools import (DEFAULT_TOOL_PROMPT, GLM4_MOE_CALL, GLM4_MOE_TOOL_PROMPT, GLM4_TOOL, GLM4_TOOL_PROMPT,
+                                  KEY_VALUE_CALLS, LLAMA3_TOOL_PROMPT, PHI4_MINI_TOOLS, QWEN_TOOL_PROMPT, SINGLE_CALL)
 
 NO_CALL = "this chat template (written by pipeline merge / export): a tool call needs a \"name\" and \"arguments\""
+NOT_AN_OBJECT = ("this chat template (written by pipeline merge / export) writes each argument of a tool call by its name "
+                 "(tool format '{fmt}', as training): give \"arguments\" as an object (a dict), not a JSON string")
 SEVERAL_CALLS = ("this chat template (written by pipeline merge / export) writes one tool call per assistant message "
                  "(tool format '{fmt}', as training): give each call its own assistant message and tool result")
 
@@ -64,6 +67,7 @@ _TODAY = ("{%- if date_string is defined -%}{%- set today = date_string -%}"
           "{%- else -%}{%- set today = strftime_now('%d %b %Y') -%}{%- endif -%}")
 _LLAMA3_TOOLS = _each_tool(_WRAPPED + " | tojson(indent=4) ~ '\\n\\n'", LLAMA3_TOOL_PROMPT, _TODAY, date="today")
 _QWEN_TOOLS = _each_tool("'\\n' ~ " + _WRAPPED + " | tojson", QWEN_TOOL_PROMPT)
+_GLM4_MOE_TOOLS = _each_tool("'\\n' ~ " + _WRAPPED + " | tojson", GLM4_MOE_TOOL_PROMPT)
 _MISTRAL_TOOLS = ("{%- set t = namespace(items=[]) -%}"
                   "{%- for tool in tools -%}{%- set t.items = t.items + [" + _WRAPPED + "] -%}{%- endfor -%}"
                   "{{- '[AVAILABLE_TOOLS] ' ~ t.items | tojson ~ '[/AVAILABLE_TOOLS]' -}}")
@@ -71,10 +75,12 @@ _GLM4_TOOLS = ("{%- set t = namespace(text='') -%}"
                "{%- for tool in tools -%}" + _UNWRAP + "{%- set t.text = t.text ~ "
                + formatted(GLM4_TOOL, name="fn['name']", body="fn | tojson(indent=4)") + " -%}{%- endfor -%}"
                "{{- " + formatted(GLM4_TOOL_PROMPT, tool_text="t.text") + " -}}")
-# training writes the tools column's text as given: tojson's text of the list is it when that text is json.dumps'
-_PHI4_MINI_TOOLS = "{{- " + literal(PHI4_MINI_TOOLS[0]) + " ~ tools | tojson ~ " + literal(PHI4_MINI_TOOLS[1]) + " -}}"
+# training writes the tools column's text as given: a string (Phi-4-mini's own way: the system message's "tools") as it
+# is, a list (transformers' tools=) as tojson writes it, which is that text when the column is json.dumps'
+_PHI4_MINI_TOOLS = ("{{- " + literal(PHI4_MINI_TOOLS[0]) + " ~ (tools if tools is string else tools | tojson) ~ "
+                    + literal(PHI4_MINI_TOOLS[1]) + " -}}")
 TOOL_TEXT = {"default": _DEFAULT_TOOLS, "llama3": _LLAMA3_TOOLS, "qwen": _QWEN_TOOLS, "mistral": _MISTRAL_TOOLS,
-             "glm4": _GLM4_TOOLS, "phi4_mini": _PHI4_MINI_TOOLS}
+             "glm4": _GLM4_TOOLS, "glm4_moe": _GLM4_MOE_TOOLS, "phi4_mini": _PHI4_MINI_TOOLS}
 
 # one call's name and arguments (the function dict inside OpenAI's wrapping, or the call itself), as JSON text
 _CALL = (
@@ -92,6 +98,18 @@ _CALL_TEXT = {  # tools._format_calls: one call's text, and what joins several
     "glm4": ("fn['name'] ~ '\\n' ~ arguments", "''"),  # one call only (checked in _call_text)
 }
 _CALL_TEXT["phi4_mini"] = _CALL_TEXT["default"]
+_START, _KEY, _KEY_END, _VALUE, _VALUE_END = map(literal, GLM4_MOE_CALL)
+# tools._glm4_moe_call: the name, then each argument's pair (a string as it is, another value as JSON), read from the
+# arguments object itself (the macro arg_pairs): a JSON string cannot be taken apart in Jinja
+_CALL_TEXT["glm4_moe"] = (_START + " ~ fn['name'] ~ arg_pairs(fn['arguments'])", "'\\n'")
+_ARG_PAIRS = (
+    "{%- macro arg_pairs(arguments) -%}"
+    "{%- if arguments is string or arguments is not mapping -%}{{- raise_exception({not_an_object}) -}}{%- endif -%}"
+    "{%- for key, value in arguments.items() -%}"
+    "{{- " + _KEY + " ~ key ~ " + _KEY_END + " ~ " + _VALUE + " ~ (value if value is string else value | tojson) ~ "
+    + _VALUE_END + " -}}"
+    "{%- endfor -%}{%- endmacro -%}\n"
+)
 
 
 def _call_text(fmt: str) -> str:
@@ -114,5 +132,7 @@ def _call_text(fmt: str) -> str:
 
 def tool_macros(fmt: str) -> str:
     """The Jinja macros tool_text(tools) and call_text(calls) of tool format `fmt` (pipeline.data.tools.FORMATS)."""
-    return ("{%- macro tool_text(tools) -%}" + TOOL_TEXT[fmt] + "{%- endmacro -%}\n"
+    pairs = _ARG_PAIRS.replace("{not_an_object}", literal(NOT_AN_OBJECT.format(fmt=fmt))) if fmt in KEY_VALUE_CALLS \
+        else ""
+    return (pairs + "{%- macro tool_text(tools) -%}" + TOOL_TEXT[fmt] + "{%- endmacro -%}\n"
             "{%- macro call_text(calls) -%}" + _call_text(fmt) + "{%- endmacro -%}\n")

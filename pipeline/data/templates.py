@@ -445,8 +445,10 @@ TEMPLATES: dict[str, Template] = {
                  user="<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|>" + OPENCHAT_REPLY,
                  reply=OPENCHAT_REPLY, special_tokens=LLAMA3_MARKUP, stop_words=("<|eot_id|>",),
                  description="OpenChat 3.6 (a Llama 3 8B): GPT4 Correct User / Assistant headers, the tokenizer's EOS"),
+        # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:827-833: register_template's defaults (:533-550) for the
+        # rest, tools included: the default tool format, a call in the answer's block, a tool result as a user turn
         Template(name="deepseekr1", prefix="{bos}", user="<｜User｜>{content}" + DEEPSEEK_REPLY, reply=DEEPSEEK_REPLY,
-                 special_tokens=("<｜User｜>", DEEPSEEK_REPLY), thought_words=THOUGHT_WORDS,
+                 special_tokens=("<｜User｜>", DEEPSEEK_REPLY), thought_words=THOUGHT_WORDS, tool_format="default",
                  description="DeepSeek-R1-Distill-Qwen / -Llama (reasoning): <｜User｜> ... <｜Assistant｜>, an empty "
                              "<think></think> where a response has none"),
         # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1393-1398 (llama2: BOS in every user block, the
@@ -550,10 +552,11 @@ TEMPLATES.update({t.name: t for t in (
              description="GLM-Z1-0414 (reasoning): glm4's strings, an empty <think></think> where a response has none"),
 )})
 # :1095-1108: glm4_moe (GLM-4.5 / GLM-4.6, LLaMA-Factory's template for zai-org/GLM-4.5-Air): glmz1 (glm4's strings as a
-# ReasoningTemplate) with its own tool format (GLM4MoeToolUtils: <tool_call> with <arg_key> / <arg_value> pairs), which
-# is not implemented: function-calling data is refused with it
-TEMPLATES["glm4_moe"] = Template(name="glm4_moe", **{**_GLM4, "tool_format": None}, thought_words=THOUGHT_WORDS,
-                                 description="GLM-4.5 / GLM-4.6 (reasoning): glmz1's strings; no function calling")
+# ReasoningTemplate) with its own tool format (GLM4MOEToolUtils, tool_utils.py:684-713: the tools as qwen lists them,
+# a call as "\n<tool_call>name" with <arg_key> / <arg_value> pairs, parallel calls allowed)
+TEMPLATES["glm4_moe"] = Template(name="glm4_moe", **{**_GLM4, "tool_format": "glm4_moe"}, thought_words=THOUGHT_WORDS,
+                                 description="GLM-4.5 / GLM-4.6 (reasoning): glmz1's strings, calls with <arg_key> / "
+                                             "<arg_value> pairs")
 
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1194-1203: gpt_oss (openai/gpt-oss-20b / -120b), the harmony
 # format as LLaMA-Factory writes it: a system block (its default system prompt ChatGPT's), user blocks ending in
@@ -600,15 +603,28 @@ TEMPLATES["mistral_small"] = Template(
     description="Mistral Small 3 / 3.1 / 3.2 (Tekken): <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>")
 
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:820-824: deepseek3 (DeepSeek-V3 / -V3-0324 chat,
-# extras/constants.py:480-493; Moonlight-16B-A3B-Instruct has LLaMA-Factory's moonlight template, not this one): BOS,
+# extras/constants.py:480-493; Moonlight-16B-A3B-Instruct has LLaMA-Factory's moonlight template, below): BOS,
 # the system prompt as it is (register_template's default format_system, :547), <｜User｜>...<｜Assistant｜>, the answer
 # with the tokenizer's EOS; the default tool format (:533-550: a call as an answer, a tool result as a user turn).
-# :827-833, deepseekr1, is these strings as a ReasoningTemplate: deepseek3 is deepseekr1 without its thought handling
-# (and with the default tools, which deepseekr1 here refuses).
+# :827-833, deepseekr1, is these strings as a ReasoningTemplate: deepseek3 is deepseekr1 without its thought handling.
 TEMPLATES["deepseek3"] = dataclasses.replace(
-    TEMPLATES["deepseekr1"], name="deepseek3", thought_words=None, tool_format="default",
+    TEMPLATES["deepseekr1"], name="deepseek3", thought_words=None,
     description="DeepSeek-V3 chat: <｜begin▁of▁sentence｜>system<｜User｜> ...<｜Assistant｜>answer"
                 "<｜end▁of▁sentence｜>; deepseekr1's strings without <think>")
+
+# LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1490-1500: moonlight (Moonlight-16B-A3B-Instruct,
+# extras/constants.py:2133-2145): Kimi's <|im_user|>user<|im_middle|> ...<|im_end|> blocks with no newlines, Moonshot's
+# default system prompt, every answer ending at <|im_end|> (replace_eos); register_template's defaults (:533-550) for
+# tools: the default tool format, a call in the answer's block, a tool result as a user turn
+MOONLIGHT_REPLY = "<|im_assistant|>assistant<|im_middle|>"
+TEMPLATES["moonlight"] = Template(
+    name="moonlight", system="<|im_system|>system<|im_middle|>{system}<|im_end|>",
+    default_system="You are a helpful assistant provided by Moonshot-AI.",
+    user="<|im_user|>user<|im_middle|>{content}<|im_end|>" + MOONLIGHT_REPLY, reply=MOONLIGHT_REPLY,
+    assistant="{content}<|im_end|>", special_tokens=("<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>",
+                                                     "<|im_end|>"),
+    stop_words=("<|im_end|>",), replace_eos=True, tool_format="default",
+    description="Moonlight-16B-A3B-Instruct: <|im_user|>user<|im_middle|> ...<|im_end|>, Moonshot's default system prompt")
 
 # Every markup string a template places by id or stops at: in user text these stay literal whatever the checkpoint
 # (pipeline.data.tokenizer_files.markup_tokens), so that data cannot forge a turn boundary.

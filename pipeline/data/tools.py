@@ -8,12 +8,15 @@ A function-calling example has three extra parts, and each template's tool forma
 - an `observation` turn (the tool's result, on the user's side: masked like a prompt): its text as given,
   in the template's observation block (pipeline.data.templates).
 
-Six formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
+Seven formats, by LLaMA-Factory's names: `default` (DefaultToolUtils: "Action: ...\\nAction Input: ..."),
 `llama3` (Llama3ToolUtils: JSON tool list, today's date, {"name", "parameters"} calls), `qwen`
 (QwenToolUtils, Hermes style: <tools>...</tools> in the system prompt, <tool_call>...</tool_call> calls),
 `mistral` (MistralToolUtils, Mistral v0.3: "[AVAILABLE_TOOLS] [...][/AVAILABLE_TOOLS]", a JSON list of calls; the
 template writes [TOOL_CALLS] before it), `glm4` (GLM4ToolUtils: GLM-4's Chinese tool prompt with each function as
-json.dumps(indent=4), a call as "name\\narguments", one call per turn) and `phi4_mini` (not a tool utils of
+json.dumps(indent=4), a call as "name\\narguments", one call per turn), `glm4_moe` (GLM4MOEToolUtils, GLM-4.5 / 4.6:
+qwen's tool list under an English prompt, a call as "\\n<tool_call>name" and an <arg_key> / <arg_value> pair per
+argument, a string value as it is, others as JSON; no closing </tool_call>, as LLaMA-Factory 0.9.5 writes it) and
+`phi4_mini` (not a tool utils of
 LLaMA-Factory's but phi4_mini's own format_tools: the `tools` text as given, between <|tool|> and <|/tool|>; calls
 in the default format, which LLaMA-Factory's register_template gives a template without format_function).
 JSON is written with Python's json.dumps(ensure_ascii=False), exactly as LLaMA-Factory does.
@@ -28,9 +31,12 @@ import re
 from datetime import datetime
 from typing import Any, NamedTuple
 
-FORMATS = ("default", "llama3", "qwen", "mistral", "glm4", "phi4_mini")
+FORMATS = ("default", "llama3", "qwen", "mistral", "glm4", "glm4_moe", "phi4_mini")
 # formats that write one call per turn (LLaMA-Factory's GLM4ToolUtils.function_formatter raises on several)
 SINGLE_CALL = frozenset({"glm4"})
+# formats that write each argument by its key (LLaMA-Factory's GLM4MOEToolUtils calls .items() on the arguments): they
+# must be a JSON object
+KEY_VALUE_CALLS = frozenset({"glm4_moe"})
 # formats that write the tools column's text as given, an empty list ("[]") too (phi4_mini's StringFormatter)
 VERBATIM_TOOLS = frozenset({"phi4_mini"})
 # LLaMA-Factory's defaults for every template: a function_call turn may carry a thought before its call, and
@@ -66,6 +72,21 @@ GLM4_TOOL_PROMPT = (
     "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{tool_text}"
 )
 GLM4_TOOL = "\n\n## {name}\n\n{body}\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+# LLaMA-Factory 0.9.5 src/llamafactory/data/tool_utils.py:46-56 (GLM4_MOE_TOOL_PROMPT; str.format's {{ }} are braces)
+GLM4_MOE_TOOL_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
+    "\n</tools>\n\nFor each function call, output the function name and arguments within the following XML format:"
+    "\n<tool_call>{{function-name}}"
+    "\n<arg_key>{{arg-key-1}}</arg_key>"
+    "\n<arg_value>{{arg-value-1}}</arg_value>"
+    "\n<arg_key>{{arg-key-2}}</arg_key>"
+    "\n<arg_value>{{arg-value-2}}</arg_value>"
+    "\n...\n</tool_call>\n"
+)
+# tool_utils.py:699-713 (GLM4MOEToolUtils.function_formatter): each call opens "\n<tool_call>" + its name, then one
+# pair per argument; the calls joined by "\n"
+GLM4_MOE_CALL = ("\n<tool_call>", "\n<arg_key>", "</arg_key>", "\n<arg_value>", "</arg_value>")
 # LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1919-1927: phi4_mini's format_tools, a StringFormatter
 PHI4_MINI_TOOLS = ("<|tool|>", "<|/tool|>")
 
@@ -116,8 +137,13 @@ def today() -> str:
     return datetime.now().strftime("%d %b %Y")
 
 
-def _qwen_tools(tools: list[dict]) -> str:
-    return QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + _dumps(_wrapped(tool)) for tool in tools))
+def _qwen_tools(tools: list[dict], prompt: str = QWEN_TOOL_PROMPT) -> str:
+    return prompt.format(tool_text="".join("\n" + _dumps(_wrapped(tool)) for tool in tools))
+
+
+def _glm4_moe_tools(tools: list[dict]) -> str:
+    # tool_utils.py:689-695: qwen's tool list (each tool wrapped, one JSON line each) in GLM-4.5's prompt
+    return _qwen_tools(tools, GLM4_MOE_TOOL_PROMPT)
 
 
 def _mistral_tools(tools: list[dict]) -> str:
@@ -140,7 +166,7 @@ def tool_text(tools: str, fmt: str) -> str:
     if not parsed:
         return ""
     return {"default": _default_tools, "llama3": _llama3_tools, "qwen": _qwen_tools, "mistral": _mistral_tools,
-            "glm4": _glm4_tools}[fmt](parsed)
+            "glm4": _glm4_tools, "glm4_moe": _glm4_moe_tools}[fmt](parsed)
 
 
 def _calls(text: str) -> list[FunctionCall]:
@@ -149,12 +175,15 @@ def _calls(text: str) -> list[FunctionCall]:
 
 
 def _format_calls(calls: list[FunctionCall], fmt: str) -> str:
-    if fmt in SINGLE_CALL and len(calls) > 1:  # the build refuses such rows (function_problem); data built elsewhere
+    problem = calls_problem(fmt, [c.arguments for c in calls])
+    if problem:  # the build refuses such rows (function_problem); data built elsewhere
         from pipeline.errors import UserError
 
-        raise UserError("a function_call turn " + single_call_problem(fmt, len(calls)))
+        raise UserError("a function_call turn " + problem)
     if fmt == "glm4":  # tool_utils.py:388-394
         return f"{calls[0].name}\n{_dumps(calls[0].arguments)}"
+    if fmt == "glm4_moe":
+        return "\n".join(_glm4_moe_call(c) for c in calls)
     if fmt in ("default", "phi4_mini"):
         return "\n".join(f"Action: {c.name}\nAction Input: {_dumps(c.arguments)}" for c in calls)
     if fmt == "llama3":
@@ -163,6 +192,14 @@ def _format_calls(calls: list[FunctionCall], fmt: str) -> str:
     if fmt == "mistral":  # tool_utils.py:566-571: always a list, even of one call
         return _dumps([{"name": c.name, "arguments": c.arguments} for c in calls])
     return "\n".join(f"<tool_call>\n{_dumps({'name': c.name, 'arguments': c.arguments})}\n</tool_call>" for c in calls)
+
+
+def _glm4_moe_call(call: FunctionCall) -> str:
+    """One call as GLM4MOEToolUtils writes it: a string argument as it is, any other value as JSON."""
+    start, key_open, key_close, value_open, value_close = GLM4_MOE_CALL
+    return start + call.name + "".join(
+        key_open + key + key_close + value_open + (value if isinstance(value, str) else _dumps(value)) + value_close
+        for key, value in call.arguments.items())
 
 
 def _split(content: str, thought_words: tuple[str, str] | None = None) -> tuple[str, str]:
@@ -233,6 +270,15 @@ def function_problem(content: str, fmt: str | None = None, thought_words: tuple[
     if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c
                             for c in calls):
         return "expected a JSON object {\"name\": ..., \"arguments\": ...} (or a list of them for parallel calls)"
-    if fmt in SINGLE_CALL and len(calls) > 1:
-        return single_call_problem(fmt, len(calls))
+    return calls_problem(fmt, [c["arguments"] for c in calls])
+
+
+def calls_problem(fmt: str | None, arguments: list[Any]) -> str | None:
+    """Why tool format `fmt` cannot write a turn of these calls (their decoded arguments, one per call), or None."""
+    if fmt in SINGLE_CALL and len(arguments) > 1:
+        return single_call_problem(fmt, len(arguments))
+    if fmt in KEY_VALUE_CALLS and not all(isinstance(a, dict) for a in arguments):
+        return (f"has \"arguments\" that are not a JSON object, but tool format '{fmt}' writes each argument by its "
+                "name (LLaMA-Factory 0.9.5's GLM4MOEToolUtils reads them as one); give the arguments as an object, "
+                "{} for none")
     return None

@@ -32,6 +32,12 @@ WRAPPER_TEMPLATES = {"Qwen2_5_VLForConditionalGeneration": "qwen2_vl", "Qwen2VLF
                      "Qwen3VLForConditionalGeneration": "qwen3_vl_nothink",
                      "Mistral3ForConditionalGeneration": "mistral_small"}
 FAMILY_TEMPLATES["glm4_moe"] = "glm4_moe"  # GLM-4.5(-Air) / 4.6: LLaMA-Factory 0.9.5 constants.py:943-963 registers them so
+# DeepSeek-V3 / -V3-0324 chat (constants.py:480-493: deepseek3)
+FAMILY_TEMPLATES["deepseek_v3"] = "deepseek3"
+# a family's checkpoint whose config.json names another vocabulary, by its size: Moonlight-16B-A3B(-Instruct), a
+# DeepseekV3ForCausalLM with Kimi's 163,840 rows (DeepSeek-V3's: 129,280), LLaMA-Factory's moonlight
+# (constants.py:2133-2145); its tiktoken.model is read by remote code only, so vocabulary_template cannot tell it here
+VOCABULARY_TEMPLATES = {("deepseek_v3", 163840): "moonlight"}
 
 
 def template_notice(r: Any) -> str | None:
@@ -43,7 +49,8 @@ def template_notice(r: Any) -> str | None:
     from pipeline.recipe.modelinfo import model_info
 
     info = model_info(r["model_name_or_path"])
-    own = (WRAPPER_TEMPLATES.get(info.config.wrapper) or FAMILY_TEMPLATES.get(info.config.family)) if info else None
+    own = (WRAPPER_TEMPLATES.get(info.config.wrapper) or VOCABULARY_TEMPLATES.get((info.config.family, info.vocab_size))
+           or FAMILY_TEMPLATES.get(info.config.family)) if info else None
     if own is None:
         return None
     own = vocabulary_template(r["model_name_or_path"], own)

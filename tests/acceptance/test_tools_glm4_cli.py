@@ -44,34 +44,47 @@ def write_tool_data(data) -> None:
     (data / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
 
 
-def test_lora_sft_on_function_calling_data_with_glm4(workdir, monkeypatch):
+def glm_tool_recipe(base, model_class: str, tiny: dict, template: str):
+    """A GLM checkpoint of `model_class` in `base` (test_glm4_cli's tokenizer), the tool data beside it (data/), and a
+    one-step LoRA sft recipe on them with `template`: (base, recipe)."""
+    save_pretrained_small(base, "glm4", model_class, model_class.replace("ForCausalLM", "Config"),
+                          ("eos_token_id", "pad_token_id"), **{**tiny, "max_position_embeddings": 1024})
+    write_tool_data(base.parent / "data")
+    recipe = write_recipe(base.parent / "r.yaml", model_name_or_path=str(base), dataset="glm_tools", dataset_dir="data",
+                          template=template, cutoff_len=1024, val_size=0, max_steps=1, output_dir="saves/r")
+    return base, recipe
+
+
+def assert_trained_and_merged(base, recipe, monkeypatch, call_text, architecture: str, thought: str = ""):
+    """Every row trains its call (`call_text(city)`, after `thought`), the EOS label on the next prompt's first token
+    (efficient_eos), then `thought`, "\n" and the answer, and a trained EOS; merged/ loads as `architecture`.
+    Returns the train batches and merged/'s tokenizer."""
     import transformers
 
-    base = workdir / "GLM-4-9B-0414"
-    save_pretrained_small(base, "glm4", "Glm4ForCausalLM", "Glm4Config", ("eos_token_id", "pad_token_id"),
-                          **{**TINY, "max_position_embeddings": 1024})
-    write_tool_data(workdir / "data")
-    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(base), dataset="glm_tools", dataset_dir="data",
-                          template="glm4", cutoff_len=1024, val_size=0, max_steps=1, output_dir="saves/r")
-    for stage in ("build", "train", "merge"):
-        pipeline(stage, recipe, cwd=workdir)
-
-    # every row's trained labels, by hand: glm4 writes the call right after <|assistant|> as "name\narguments" (no
-    # end token: efficient_eos), the next prompt's first token (<|observation|>) is labelled with the EOS, the answer
-    # follows <|assistant|> after a newline, and a trained EOS ends the row; the tools text, the question and the
-    # tool result are not trained
-    from pipeline.data.loaders import make_loader
-    from pipeline.recipe import resolve
-    from pipeline.recipe.args import data_args
-
+    workdir = recipe.parent
     tokenizer = transformers.AutoTokenizer.from_pretrained(base)
-    eos, observation = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|observation|>")
+    eos = tokenizer.eos_token_id
 
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    want = sorted(encode(f'get_weather\n{{"city": "{city}"}}') + [eos] + encode(f"\nIt is {20 + k} degrees in {city}.")
-                  + [eos] for k, city in enumerate(CITIES))
+    want = sorted(encode(thought) + encode(call_text(city)) + [eos] + encode(thought)
+                  + encode(f"\nIt is {20 + k} degrees in {city}.") + [eos] for k, city in enumerate(CITIES))
+    got, relabelled, batches = trained_rows(recipe, workdir, monkeypatch, tokenizer)
+    assert got == want and relabelled == len(CITIES)
+    merged = workdir / "saves/r/merged"
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(merged)).__name__ == architecture
+    return batches, transformers.AutoTokenizer.from_pretrained(merged)
+
+
+def trained_rows(recipe, workdir, monkeypatch, tokenizer) -> tuple[list[list[int]], int, list[dict]]:
+    """What training reads (the recipe's train loader, as train builds it): every row's trained labels (sorted), how
+    many <|observation|> tokens carry the EOS label (GLM's efficient_eos), and the batches."""
+    from pipeline.data.loaders import make_loader
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import data_args
+
+    eos, observation = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|observation|>")
     monkeypatch.chdir(workdir)
     batches = list(make_loader(data_args(resolve(str(recipe), [], command="train", env=cli_env(WORLD_SIZE="1"))),
                                "train", rank=0, world_size=1, shuffle=False))
@@ -80,11 +93,21 @@ def test_lora_sft_on_function_calling_data_with_glm4(workdir, monkeypatch):
         for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
             got.append([y for y in labels if y != M])
             relabelled += sum(1 for t, y in zip(ids[1:], labels[:-1]) if t == observation and y == eos)
-    assert sorted(got) == want and relabelled == len(CITIES)
+    return sorted(got), relabelled, batches
 
-    merged = workdir / "saves/r/merged"
-    assert type(transformers.AutoModelForCausalLM.from_pretrained(merged)).__name__ == "Glm4ForCausalLM"
-    served = transformers.AutoTokenizer.from_pretrained(merged)
+
+def test_lora_sft_on_function_calling_data_with_glm4(workdir, monkeypatch):
+    base, recipe = glm_tool_recipe(workdir / "GLM-4-9B-0414", "Glm4ForCausalLM", TINY, "glm4")
+    for stage in ("build", "train", "merge"):
+        pipeline(stage, recipe, cwd=workdir)
+
+    # every row's trained labels, by hand: glm4 writes the call right after <|assistant|> as "name\narguments" (no
+    # end token: efficient_eos), the next prompt's first token (<|observation|>) is labelled with the EOS, the answer
+    # follows <|assistant|> after a newline, and a trained EOS ends the row; the tools text, the question and the
+    # tool result are not trained
+    batches, served = assert_trained_and_merged(base, recipe, monkeypatch, lambda city: f'get_weather\n{{"city": "{city}"}}',
+                                                "Glm4ForCausalLM")
+    eos = served.eos_token_id
     chat = [{"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": "",
              "tool_calls": [{"type": "function", "function": json.loads(call("Paris"))}]},

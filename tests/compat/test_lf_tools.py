@@ -30,7 +30,7 @@ def test_a_template_without_tools_is_one_message(lf_workdir):
                       cwd=lf_workdir, expect=2)
     (line,) = [m for m in failed.stderr.splitlines() if m.startswith("error:")]
     assert '"glaive_toolcall_en_demo".columns.tools: function-calling data' in line
-    assert "template 'alpaca' does not; use one that does (chatml, qwen, qwen3, qwen3_nothink, llama3, llama2, mistral, " \
-           "default, empty, phi4_mini, gemma, gemma3, gemma2, glm4, glmz1, gpt_oss, qwen2_vl, qwen3_vl, qwen3_vl_nothink, " \
-           "mistral_small, deepseek3)" in line
+    assert "template 'alpaca' does not; use one that does (chatml, qwen, qwen3, qwen3_nothink, llama3, deepseekr1, llama2, " \
+           "mistral, default, empty, phi4_mini, gemma, gemma3, gemma2, glm4, glmz1, glm4_moe, gpt_oss, qwen2_vl, qwen3_vl, " \
+           "qwen3_vl_nothink, mistral_small, deepseek3, moonlight)" in line
     assert "Traceback" not in failed.stderr and not (lf_workdir / "data" / "build").exists()

@@ -230,9 +230,9 @@ def test_sharegpt_bad_conversations(make_recipe):
         f"{f}:8: conversations[0]: missing 'value' (the text)",
         f"{f}:9: conversations[1].from is 'function_call': function-calling data (tool descriptions and "
         "function_call/observation turns) needs a template that renders tools, and template 'alpaca' does not; use "
-        "one that does (chatml, qwen, qwen3, qwen3_nothink, llama3, llama2, mistral, default, empty, phi4_mini, gemma, "
-        "gemma3, gemma2, glm4, glmz1, gpt_oss, qwen2_vl, qwen3_vl, qwen3_vl_nothink, mistral_small, deepseek3) or name a dataset without "
-        "tools",
+        "one that does (chatml, qwen, qwen3, qwen3_nothink, llama3, deepseekr1, llama2, mistral, default, empty, phi4_mini, "
+        "gemma, gemma3, gemma2, glm4, glmz1, glm4_moe, gpt_oss, qwen2_vl, qwen3_vl, qwen3_vl_nothink, mistral_small, "
+        "deepseek3, moonlight) or name a dataset without tools",
         f"{f}:10: conversations[1].from is 'observation' where 'gpt' was expected; turns must alternate 'human' (or "
         "'observation'), 'gpt' (or 'function_call'), ... starting with 'human'",
     ]

@@ -54,9 +54,9 @@ def test_a_thought_or_wrapped_call_in_a_function_turn(kind, name, thinking):
 
 def test_the_templates_that_render_tools():
     assert [n for n, t in TEMPLATES.items() if t.tool_format] == [
-        "chatml", "qwen", "qwen3", "qwen3_nothink", "llama3", "llama2", "mistral", "default", "empty", "phi4_mini",
-        "gemma", "gemma3", "gemma2", "glm4", "glmz1", "gpt_oss", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "mistral_small",
-        "deepseek3"]
+        "chatml", "qwen", "qwen3", "qwen3_nothink", "llama3", "deepseekr1", "llama2", "mistral", "default", "empty",
+        "phi4_mini", "gemma", "gemma3", "gemma2", "glm4", "glmz1", "glm4_moe", "gpt_oss", "qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "mistral_small",
+        "deepseek3", "moonlight"]
     assert TEMPLATES["alpaca"].tool_format is None  # the book's prompt: LLaMA-Factory has no rendering of it
 
 

@@ -56,15 +56,15 @@ def lf_turns(pairs: list[tuple[str, str]], system: str | None) -> list[tuple[str
 
 
 def test_the_strings_are_llamafactorys():
-    """Each formatter's string (template.py:820-824, :533-550), and deepseekr1 (:827-833) is it with thoughts."""
+    """Each formatter's string (template.py:820-824, :533-550), and deepseekr1 (:827-833) is it with thoughts (the
+    default tool format too: tests/data/test_templates_deepseek_glm_tools.py)."""
     t = TEMPLATES["deepseek3"]
     assert (t.prefix, t.system, t.user, t.reply, t.assistant, t.separator) == \
         ("{bos}", "{system}", USER + "{content}" + REPLY, REPLY, "{content}{eos}", "")
     assert (t.default_system, t.stop_words, t.replace_eos, t.efficient_eos, t.thought_words) == ("", (), False, False, None)
     assert (t.observation, t.function, t.tool_format) == (None, None, "default")  # a user turn; an answer; default
     r1 = TEMPLATES["deepseekr1"]
-    assert dataclasses.replace(t, name=r1.name, description=r1.description, thought_words=r1.thought_words,
-                               tool_format=None) == r1
+    assert dataclasses.replace(t, name=r1.name, description=r1.description, thought_words=r1.thought_words) == r1
 
 
 def test_the_stand_in_vocabulary_tokenizes_as_transformers(ds_dir, golden):

@@ -210,6 +210,12 @@ SMALL_ADDED["mistral_tekken"] = [(t, True) for t in (
 SMALL_ADDED["deepseek_v3"] = [("<｜begin▁of▁sentence｜>", True), ("<｜end▁of▁sentence｜>", True), ("<｜▁pad▁｜>", True),
                               ("<think>", False), ("</think>", False), ("<｜User｜>", False), ("<｜Assistant｜>", False)]
 
+# Moonlight's vocabulary (moonshotai/Moonlight-16B-A3B-Instruct: Kimi's tiktoken ranks with remote code, not on PyPI)
+# in small, as a stand-in: BOS [BOS], EOS [EOS] and the moonlight template's chat markup (<|im_system|>, <|im_user|>,
+# <|im_assistant|>, <|im_middle|>, <|im_end|>), all special; not the hub's ids
+SMALL_ADDED["moonlight"] = [(t, True) for t in ("[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>",
+                                                "<|im_system|>", "<|im_middle|>")]
+
 
 def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 384) -> int:
     """A small byte-level BPE in the family's format (tokenizer.json, tokenizer_config.json,
@@ -261,6 +267,9 @@ def write_small_tokenizer_dir(directory: str | Path, family: str, size: int = 38
         config = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>",
                   "pad_token": "<｜end▁of▁sentence｜>"}
         generation = {"bos_token_id": ids["<｜begin▁of▁sentence｜>"], "eos_token_id": ids["<｜end▁of▁sentence｜>"]}
+    elif family == "moonlight":  # BOS / EOS by name; generation ends at <|im_end|>, the template's stop word
+        config = {"bos_token": "[BOS]", "eos_token": "[EOS]"}
+        generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": [ids["[EOS]"], ids["<|im_end|>"]]}
     elif family.startswith("mistral"):
         config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
         generation = {"bos_token_id": ids["<s>"], "eos_token_id": ids["</s>"]}

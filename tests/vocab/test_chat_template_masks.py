@@ -160,6 +160,11 @@ def test_the_served_template_has_no_generation_tag_and_renders_the_marked_ones_t
     directory = glm_dir if name.startswith("glm") else directory
     directory = oss_dir if name == "gpt_oss" else directory
     directory = tekken_dir if name == "mistral_small" else directory
+    if name == "moonlight":
+        from tests.helpers.hf_vocab import write_small_tokenizer_dir
+
+        write_small_tokenizer_dir(tmp_path / "moonlight", "moonlight")
+        directory = tmp_path / "moonlight"
     template, tokenizer = TEMPLATES[name], ours(directory)
     served, marked = jinja_template(template, tokenizer), jinja_template(template, tokenizer, marked=True)
     assert "endgeneration" not in served and "{%- generation -%}" in marked

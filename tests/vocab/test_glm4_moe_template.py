@@ -5,8 +5,8 @@ LLaMA-Factory 0.9.5 src/llamafactory/data/template.py:1095-1108 registers glm4_m
 prefix "[gMASK]<sop>", system "<|system|>\\n{{content}}", user "<|user|>\\n{{content}}<|assistant|>", assistant
 "\\n{{content}}", observation, stop words <|user|> / <|observation|>, efficient_eos) as a ReasoningTemplate (:439-475:
 the empty thought's ids in front of each answer without one; the last one only under mask_history): glmz1's
-(:1178-1191) strings and class, with tool_format glm4_moe (GLM4MoeToolUtils) where glmz1 has glm4. So glm4_moe is
-glmz1's template with another tool format, which is not implemented here: function-calling data is refused with it.
+(:1178-1191) strings and class, with tool_format glm4_moe (GLM4MOEToolUtils) where glmz1 has glm4. So glm4_moe is
+glmz1's template with another tool format (its function calling: tests/data/test_templates_deepseek_glm_tools.py).
 extras/constants.py:943-963 registers GLM-4.5-Air / GLM-4.5 (-Base) with template glm4_moe. Golden: the ids of
 test_glm4_template's lf_pairs / lf_efficient_example (Template._encode and _encode_data_example re-typed there).
 """
@@ -19,7 +19,6 @@ import pytest
 from pipeline.data.model_tokenizer import load_tokenizer
 from pipeline.data.templates import TEMPLATES
 from pipeline.data.tokenize import encode_example, encode_prompt
-from pipeline.errors import UserError
 from tests.vocab.test_glm4_template import assert_export_renders_prompt_and_text, lf_efficient_example, lf_pairs
 from tests.vocab.test_sentencepiece_templates import ANSWER, HISTORY, QUERY, SYSTEM, row
 
@@ -36,7 +35,7 @@ def test_glm4_moe_is_glmz1_but_for_the_tool_format():
     """The strings LLaMA-Factory's glm4_moe and glmz1 share (template.py:1095-1108 against :1178-1191)."""
     ours, z1 = TEMPLATES["glm4_moe"], TEMPLATES["glmz1"]
     assert dataclasses.replace(ours, name="glmz1", description=z1.description, tool_format="glm4") == z1
-    assert ours.tool_format is None and ours.efficient_eos and ours.thought_words == z1.thought_words
+    assert ours.tool_format == "glm4_moe" and ours.efficient_eos and ours.thought_words == z1.thought_words
 
 
 def test_conversations_are_llamafactorys(glm_dir, golden):
@@ -58,11 +57,3 @@ def test_the_exported_chat_template_gives_the_training_prompt_and_text(glm_dir):
     ids, a whole conversation the training row's text (as glmz1's: test_glm4_template says why text, not ids)."""
     assert_export_renders_prompt_and_text(glm_dir, "glm4_moe")
 
-
-def test_function_calling_data_is_refused(glm_dir):
-    """GLM4MoeToolUtils' format is not implemented: a row with tools names the template and those that render
-    tools."""
-    ours = load_tokenizer(glm_dir)
-    with pytest.raises(UserError) as err:
-        encode_example({**row(None), "tools": '[{"name": "f", "parameters": {}}]'}, "glm4_moe", ours, cutoff_len=4096)
-    assert "template 'glm4_moe' does not" in str(err.value) and "glmz1" in str(err.value)
