@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "deps":
             from pipeline.recipe.notices import print_notices
 
-            print_notices(resolved)
+            print_notices(resolved, args.command)
         from pipeline.lock import holding
 
         code = 0
