@@ -61,3 +61,41 @@ def test_a_dry_run_locks_nothing(write, manifest):
     r = resolve("r.yaml", command="train")
     assert [str(p) for p, _ in lock_targets("train", r)] == ["saves/r"]
     assert lock_targets("train", r, dry_run=True) == []
+
+
+def test_qwen2_windows_that_are_no_suffix_export_as_layer_types_with_the_same_logits(tmp_path):
+    """Qwen2 layers that slide but are no suffix of the stack (only the middle one here), which max_window_layers (the
+    layers from it on) cannot say: transformers 5's Qwen2Config reads layer_types first (__post_init__ derives it from
+    max_window_layers only where it is absent), so the export writes it, and the merged model loads with the windows it
+    was read with. A guard: the export wrote layer_types before this test was written (tests/model/test_families.py
+    covers Qwen3's first-layer window the same way)."""
+    import json
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from pipeline.model.weights import load_model, save_hf
+
+    types = ["full_attention", "sliding_attention", "full_attention"]
+    config = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      use_sliding_window=True, sliding_window=3, layer_types=types)
+    torch.manual_seed(0)
+    theirs = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases and norms off their init values
+    theirs.save_pretrained(tmp_path / "src")
+    ours = load_model(tmp_path / "src").eval()
+    assert ours.cfg.layer_windows == (None, 3, None)
+    save_hf(ours, tmp_path / "out", special={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["use_sliding_window"], written["sliding_window"], written["layer_types"]) == (True, 3, types)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.layer_types == types
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))  # 12 positions > the window of 3
+    full = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{**config.to_dict(), "layer_types": None,
+                                                                      "use_sliding_window": False})).eval()
+    full.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, theirs(x).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(full(x).logits, theirs(x).logits, atol=1e-3, rtol=0)  # the window matters here
