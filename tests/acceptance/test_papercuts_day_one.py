@@ -7,6 +7,15 @@
 - `train --dry-run` with an output_dir the real run could not write: the dry run writes only to a temporary folder,
   so it reports as usual (exit 0) and names the folder in ONE warning line, the refusal the real run would stop
   with. Failed before: refused, exit 2, as the real run is (the dry run took output_dir's lock like train).
+- `additional_target: all`: LLaMA-Factory 0.9.5 hands additional_target to PEFT as modules_to_save
+  (model/adapter.py:241, 249), and PEFT 0.21 trains in full the modules whose name ends with the text
+  (utils/other.py:1088, _set_trainable: `key.endswith(target_key)`): no module of GPT-2 ends with 'all', so there it
+  trains nothing beyond LoRA, without a word. Here, as for any text that matches no module: one message saying so,
+  exit 2. Failed before: 'all' was read as every module, and every lora_target was refused as 'also in
+  additional_target' (or, validated alone, every module would have trained in full).
+- `finetuning_type: oft` on GPT-2: PEFT 0.21's OFT cannot wrap Conv1D (get_peft_model raises TypeError, tried on a
+  transformers GPT-2), so LLaMA-Factory's run fails there; refused here as before, the message now saying that
+  (it said the adapter "would not load", which is not what PEFT does).
 """
 from __future__ import annotations
 
@@ -52,3 +61,30 @@ def test_a_dry_run_names_an_output_dir_the_real_run_cannot_write_and_goes_on(wor
         "directory this user may write, or make that one writable. The real run would stop there; this dry run "
         "writes only to a temporary folder, so it goes on"], done.stderr
     assert files(workdir) == before and not [p for p in tmp.iterdir() if p.name.startswith("pipeline-dry-run")]
+
+
+def test_additional_target_all_is_named_as_llamafactory_reads_it(workdir, hf_checkpoint):
+    write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+                 output_dir="saves/r", lora_target="c_attn", additional_target="all")
+    line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
+                if text.startswith("additional_target:"))
+    err = refused("validate", "r.yaml", cwd=workdir)
+    assert [text for text in err.splitlines() if text.startswith("error:")] == [
+        f"error: r.yaml:{line}:20: additional_target: 'all' matches no module: LLaMA-Factory hands additional_target to "
+        "PEFT as modules_to_save, which trains in full every module whose name ends with the text, and no module of "
+        "this GPT2LMHeadModel ends with 'all', so LLaMA-Factory trains nothing beside the adapter ('all' is "
+        "lora_target's word for every Linear). Remove additional_target for LLaMA-Factory's run, name the modules to "
+        "train in full (e.g. wte, ln_f), or use finetuning_type: full to train every weight"], err
+    assert not (workdir / "saves").exists()
+
+
+def test_oft_on_gpt2_is_refused_as_peft_refuses_it(workdir, hf_checkpoint):
+    write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+                 output_dir="saves/r", finetuning_type="oft", oft_block_size=8)
+    line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
+                if text.startswith("finetuning_type:"))
+    err = refused("validate", "r.yaml", cwd=workdir, as_typed=False)  # validate ran as typed above
+    assert [text for text in err.splitlines() if text.startswith("error:")] == [
+        f"error: r.yaml:{line}:18: finetuning_type: is oft but the model is GPT-2, whose projections are Conv1D in "
+        "transformers: PEFT's OFT cannot wrap Conv1D (get_peft_model raises TypeError: \"Target module Conv1D is not "
+        "supported\"), so LLaMA-Factory fails there too; use lora, or a Llama / Qwen model"], err

@@ -99,3 +99,27 @@ def test_qwen2_windows_that_are_no_suffix_export_as_layer_types_with_the_same_lo
     with torch.no_grad():
         assert torch.allclose(back(x).logits, theirs(x).logits, atol=1e-5, rtol=0)
         assert not torch.allclose(full(x).logits, theirs(x).logits, atol=1e-3, rtol=0)  # the window matters here
+
+
+def test_additional_target_all_is_a_name_and_an_adapter_listing_it_loads_as_peft_loads_it():
+    """'all' is lora_target's word for every Linear, not additional_target's: there it is a module name, as PEFT
+    matches modules_to_save (LLaMA-Factory passes the text on), and no module bears it. An adapter_config.json that
+    LLaMA-Factory wrote with it (modules_to_save: ["all"]) trained nothing in full: PEFT skips the name, and so does
+    saved_modules. Golden: PEFT 0.21, utils/other.py:1088 (`key.endswith(target_key)`, no error when none matches)."""
+    torch = pytest.importorskip("torch")
+    from pipeline.model.adapter import saved_modules
+    from pipeline.model.config import all_saved_message, module_paths, saved_whole, select_modules
+    from pipeline.model.config import PRESETS
+    from pipeline.model.families import FAMILIES
+
+    cfg = PRESETS["tiny"]
+    with pytest.raises(UserError) as refusal:
+        select_modules(module_paths(cfg), ["all"], key="additional_target", family=cfg.hf)
+    assert refusal.value.messages == [all_saved_message(FAMILIES["gpt2"])]
+    assert len(select_modules(module_paths(cfg), ["all"], family=cfg.hf)) > 0  # lora_target's 'all': every Linear
+    assert not saved_whole("transformer.h.0.attn.c_attn", "all")
+
+    model = torch.nn.Module()
+    model.ln_f = torch.nn.LayerNorm(4)
+    assert saved_modules(model, {"modules_to_save": ["all", "ln_f"]}) == ["ln_f"]
+    assert saved_modules(model, {"modules_to_save": ["ln_f", "wte"]}) == ["ln_f", "wte"]  # a misspelt one is refused later
