@@ -113,15 +113,14 @@ def cleanup(scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def real_run_problem(r: Any) -> str | None:
-    """A warning line when the real run could not write its output_dir (pipeline.lock refuses it there, before the
-    model loads): the dry run writes only to its temporary folder and goes on, so that it still reports what it
-    checks, and says what the real run would meet. None when output_dir is writable. Nothing is left on disk
-    (pipeline.lock.unwritable)."""
+def real_run_problem(output_dir: str, at: str) -> str | None:
+    """A warning line when the real run could not write its output_dir (`at`: where the recipe set it; pipeline.lock
+    refuses it there, before the model loads): the dry run writes only to its temporary folder and goes on, so that it
+    still reports what it checks, and says what the real run would meet. None when output_dir is writable. Nothing is
+    left on disk (pipeline.lock.unwritable)."""
     from pipeline.lock import unwritable
-    from pipeline.train import checkpoint
 
-    refusal = unwritable(r["output_dir"], checkpoint.where(r, "output_dir"))
+    refusal = unwritable(output_dir, at)
     if refusal is None:
         return None
     return (f"warning: {refusal.messages[0]}. The real run would stop there; this dry run writes only to a temporary "
@@ -135,7 +134,7 @@ def run(r: Any, train: Any) -> int:
 
     dist.init(r.get("ddp_timeout"))
     real_output_dir = str(r["output_dir"])
-    if dist.is_main() and (problem := real_run_problem(r)):
+    if dist.is_main() and (problem := real_run_problem(real_output_dir, checkpoint.where(r, "output_dir"))):
         print(problem, file=sys.stderr, flush=True)
     # 'latest' is looked up in the real output_dir, which is only read
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
