@@ -3,7 +3,8 @@
 - `train` of an epoch-based recipe (num_train_epochs, no max_steps) before `make data`: the steps cannot be counted,
   and train does not build (DESIGN.md: `make data` / `python -m pipeline build` builds; train builds only with
   LLaMA-Factory's overwrite_cache: true). One line naming the dataset that is not built and the commands that build
-  it, exit 2, nothing written. (It already said so when this test was written: a guard, not a fix.)
+  it for this recipe, exit 2, nothing written. Failed before: the line said `make data` (python -m pipeline build
+  RECIPE), and a bare `make data` builds the Makefile's default recipe, not r.yaml.
 - `train --dry-run` with an output_dir the real run could not write: the dry run writes only to a temporary folder,
   so it reports as usual (exit 0) and names the folder in ONE warning line, the refusal the real run would stop
   with. Failed before: refused, exit 2, as the real run is (the dry run took output_dir's lock like train).
@@ -35,8 +36,8 @@ def test_an_epoch_recipe_trained_before_its_data_is_built_says_what_builds_it(wo
                  output_dir="saves/r", max_steps=None, num_train_epochs=2)
     err = refused("train", "r.yaml", cwd=workdir)
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        "error: data/build/tiny_sft: dataset 'tiny_sft' is not built; run `make data` (python -m pipeline build "
-        "RECIPE), or set overwrite_cache: true so that train and eval rebuild it themselves"], err
+        "error: data/build/tiny_sft: dataset 'tiny_sft' is not built; run `make data RECIPE=r.yaml` (python -m "
+        "pipeline build r.yaml), or set overwrite_cache: true so that train and eval rebuild it themselves"], err
     assert sorted(p.name for p in workdir.iterdir()) == ["data", "r.yaml"]  # no saves/, no build
 
 
