@@ -101,12 +101,15 @@ def steps(command: str, r: Any, args: argparse.Namespace) -> list[str]:
     return ["build", *run] if r.get("overwrite_cache") and command in ("train", "eval") else run
 
 
-def lock_targets(command: str, r: Any) -> list[tuple[Path, str]]:
+def lock_targets(command: str, r: Any, dry_run: bool = False) -> list[tuple[Path, str]]:
     """The directories `command` writes that no other run may write meanwhile (pipeline.lock), each with where
     its name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ or export_dir, the
-    datasets a build writes."""
+    datasets a build writes. `train --dry-run` writes only to a temporary folder of its own: none (it says what the
+    real run would meet in output_dir itself, pipeline.train.dryrun.real_run_problem)."""
     from pipeline.train.checkpoint import where
 
+    if command == "train" and dry_run:
+        return []
     if command == "train":
         return [(Path(r["output_dir"]), where(r, "output_dir"))] if os.environ.get("RANK", "0") == "0" else []
     if command in ("merge", "export"):
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "deps":
             from pipeline.recipe.notices import print_notices
 
-            print_notices(resolved)
+            print_notices(resolved, args.command)
         from pipeline.lock import holding
 
         code = 0
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             wait = command == "build" and args.command != "build"
             # every other command writes into its folders: one it may not write is refused now, before the model
             # loads (a build may only read an up-to-date dataset in a read-only place)
-            with holding(lock_targets(command, resolved), what, wait, writes=command != "build"):
+            with holding(lock_targets(command, resolved, getattr(args, "dry_run", False)), what, wait,
+                         writes=command != "build"):
                 code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break

@@ -85,6 +85,39 @@ def _cannot_write(target: Path, at: str | None, err: OSError) -> UserError:
                      "user may write, or make that one writable")
 
 
+def _blocked(target: Path, at: str | None, blocker: tuple[Path, str]) -> UserError:
+    """The refusal of an output directory that cannot be created because a file (or a link to nothing) is where it
+    or one of its parents must go (_in_the_way)."""
+    where = f"{at}: " if at else ""
+    return UserError(f"{where}{target} cannot be created: {blocker[0]} is {blocker[1]}, not a directory; move it away "
+                     "or choose another directory")
+
+
+def unwritable(target: str | Path, at: str | None = None) -> UserError | None:
+    """The refusal `exclusive(target, ..., writes=True)` would give this user, found while leaving no trace: for
+    `train --dry-run`, which writes only to a temporary folder and so must not create the lock beside output_dir (nor
+    output_dir's missing parents, to hold it), yet can tell the user what the real run would meet. An existing
+    `target` is only asked (os.access, and whether its file system is mounted read-only): a probe file would change
+    the folder's mtime, which a dry run promises to leave alone; a missing one is probed where it would be created,
+    the nearest existing parent (a file created and removed at once, as _probe does: os.access says yes to root on
+    /proc-like file systems that refuse new files). None: nothing stands in the way."""
+    target = Path(target)
+    blocker = _in_the_way(target)
+    if blocker is not None:
+        return _blocked(target, at, blocker)
+    try:
+        if target.is_dir():
+            if not os.access(target, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+            if os.statvfs(target).f_flag & os.ST_RDONLY:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+        else:
+            _probe(next(p for p in target.absolute().parents if p.exists()))
+    except OSError as err:
+        return _cannot_write(target, at, err)
+    return None
+
+
 def _probe(folder: Path) -> None:
     """OSError unless this user may create files in the existing `folder`: os.access for a folder without write
     permission, then a real file created and removed at once, since os.access says yes to root on a read-only
@@ -123,9 +156,7 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
     except OSError as err:
         blocker = _in_the_way(path.parent)
         if blocker is not None:
-            where = f"{at}: " if at else ""
-            raise UserError(f"{where}{target} cannot be created: {blocker[0]} is {blocker[1]}, not a directory; "
-                            f"move it away or choose another directory") from None
+            raise _blocked(target, at, blocker) from None
         if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not target.is_dir():
             # nowhere to write the directory itself either (a folder without write permission, a read-only disk,
             # a full one, /proc)

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
-from pipeline.data.load import MAKE_DATA, build_problem, edited, read_rows_hashed
+from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed
 from pipeline.data.markup import typed_markup_warnings
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
@@ -182,7 +182,8 @@ def check_built(data: DataArgs) -> Checked:
             check_rows(rows, str(path), data.form, problems, origins)
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
-                problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; {MAKE_DATA}")
+                problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; "
+                             f"{make_data(data.recipe)}")
             if not problems.count[str(path)]:
                 changed += [m for m in [edited(path, digest)] if m]
             loaded.append((spec.name, split, path, rows, origins))

@@ -26,26 +26,36 @@ from pipeline.errors import UserError
 
 T = TypeVar("T")
 _read: dict[tuple, tuple[list[Any], str]] | None = None  # read_once's rows and digests, while one is open
-MAKE_DATA = ("run `make data` (python -m pipeline build RECIPE), or set overwrite_cache: true so that train and eval "
-             "rebuild it themselves")
+
+
+def make_data(recipe: str | None = None) -> str:
+    """What rebuilds the data, the recipe named as the user named it (DataArgs.recipe; None: RECIPE, for messages that
+    have no recipe at hand): a bare `make data` builds the Makefile's default recipe, not theirs."""
+    run = f"`make data RECIPE={recipe}` (python -m pipeline build {recipe})" if recipe else \
+        "`make data` (python -m pipeline build RECIPE)"
+    return f"run {run}, or set overwrite_cache: true so that train and eval rebuild it themselves"
+
+
+MAKE_DATA = make_data()
 
 
 def build_problem(data: DataArgs, name: str) -> str | None:
     """Why the build of `name` cannot be used with this recipe, or None."""
     directory = built_dir(data.dataset_dir, name)
     manifest = read_manifest(directory)
+    fix = make_data(data.recipe)
     if manifest is None or not all(isinstance(manifest.get(k), dict) for k in ("build_keys", "splits")):
         if (directory / "manifest.json").is_file():
-            return f"{directory}/manifest.json: damaged (not a JSON object as the build writes it); {MAKE_DATA}"
-        return f"{directory}: dataset '{name}' is not built; {MAKE_DATA}"
+            return f"{directory}/manifest.json: damaged (not a JSON object as the build writes it); {fix}"
+        return f"{directory}: dataset '{name}' is not built; {fix}"
     wanted = build_keys(data)
     changed = [f"{k} {manifest.get('build_keys', {}).get(k)!r} -> {v!r}" for k, v in wanted.items()
                if manifest.get("build_keys", {}).get(k) != v]
     if changed:
-        return (f"{directory}: built with other settings than the recipe's ({'; '.join(changed)}); {MAKE_DATA}")
+        return (f"{directory}: built with other settings than the recipe's ({'; '.join(changed)}); {fix}")
     missing = [f"{s}.json" for s in SPLITS if not (directory / f"{s}.json").is_file()]
     if missing:
-        return f"{directory}: {', '.join(missing)} missing; {MAKE_DATA}"
+        return f"{directory}: {', '.join(missing)} missing; {fix}"
     return sources_changed(data, name, manifest)
 
 
@@ -83,7 +93,7 @@ def sources_changed(data: DataArgs, name: str, manifest: Mapping[str, Any]) -> s
     if not changed:
         return None
     return (f"{built_dir(dataset_dir, name)}: built from other sources than the recipe's now ({'; '.join(changed)} since "
-            f"the build); {MAKE_DATA}")
+            f"the build); {make_data(data.recipe)}")
 
 
 def split_files(data: DataArgs, split: str) -> list[Path]:

@@ -132,11 +132,14 @@ def saved_modules(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
     task_type SEQ_CLS config, so PEFT's own SEQ_CLS adapters list both where a decoder has one. Those two are
     dropped here when no module bears the name. Any other name must match (select_modules refuses it otherwise): a
     misspelt module there trains nothing in PEFT, without a word; and the adapter's tensors are checked against the
-    modules either way (load_adapter), so a list naming nothing the file holds is still refused."""
+    modules either way (load_adapter), so a list naming nothing the file holds is still refused. But for "all", which
+    LLaMA-Factory's additional_target: all writes there (config.all_saved_message): dropped where no module's name
+    ends with it, as PEFT skips it; such an adapter trained nothing in full."""
     names = list(config.get("modules_to_save") or [])
-    if config.get("task_type") == "SEQ_CLS":
+    droppable = {"all", *(PEFT_SEQ_CLS_HEADS if config.get("task_type") == "SEQ_CLS" else ())}
+    if droppable & set(names):
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        names = [n for n in names if n not in PEFT_SEQ_CLS_HEADS or n in present]
+        names = [n for n in names if n not in droppable or n in present]
     return names
 
 

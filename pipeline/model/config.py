@@ -923,7 +923,7 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     hf = {n: fam.strip(fam.to_hf(n)) for n in ours}
     patterns = normalise_targets(targets)
     every = set(ours)
-    if "all" in patterns:
+    if "all" in patterns and key != "additional_target":  # additional_target's 'all' is a name (all_saved_message)
         return [n for n in ours if not moe_blocked(fam, n, key, every)]
     problems, chosen = [], set()
     for pattern in patterns:
@@ -938,15 +938,17 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
             continue
         hit = [n for n in ours if fam.to_hf(n).endswith(pattern)] if key == "additional_target" \
             else [n for n in ours if matches(hf[n], bare)]
-        if not hit:
+        if not hit and key == "additional_target" and pattern == "all":
+            problems.append(all_saved_message(fam))
+        elif not hit:
             short = _short_names(v for n, v in hf.items() if not moe_blocked(fam, n, key, every))
             leaves = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in short))
             block = next((re.match(r"^([^.]+)\.\d+\.", n).group(1) for n in hf.values()  # type: ignore[union-attr]
                           if re.match(r"^([^.]+)\.\d+\.", n)), "layers")
             example = next((n for n in hf.values() if n.startswith(block + ".0.")), f"{block}.0")
             problems.append(f"{key}: '{pattern}' matches no module{did_you_mean(pattern, leaves + short)}; available:"
-                            f" all, {', '.join(short)} (in every block {block}.0 .. {block}.N; a full path such as"
-                            f" {example} picks one block)")
+                            f" {'all, ' * (key != 'additional_target')}{', '.join(short)} (in every block {block}.0 .."
+                            f" {block}.N; a full path such as {example} picks one block)")
         if key == "lora_target" and bare in expert_names(fam):  # every expert's Linear of that name (PEFT's)
             chosen.update(n for n in hit if expert_of(n))
             continue
@@ -1057,16 +1059,33 @@ def whole_model_message(fam: Family, pattern: str) -> str:
             "every block and the final norm); PEFT trains a modules_to_save module in full and puts no adapter inside"
             " it, so lora_target is left nothing to adapt (PEFT: \"No modules were targeted for adaptation\", and "
             "LLaMA-Factory fails). To train every weight, use finetuning_type: full (without additional_target and "
-            "the lora_* keys); to train some modules in full beside LoRA, name them (e.g. "
-            f"{fam.strip(fam.to_hf('embed_tokens'))}, {fam.strip(fam.to_hf('norm'))})")
+            f"the lora_* keys); to train some modules in full beside LoRA, name them (e.g. {_saved_examples(fam)})")
+
+
+def _saved_examples(fam: Family) -> str:
+    """Modules a user may name in additional_target, in the family's words: the input embedding, the final norm."""
+    return f"{fam.strip(fam.to_hf('embed_tokens'))}, {fam.strip(fam.to_hf('norm'))}"
+
+
+def all_saved_message(fam: Family) -> str:
+    """Why additional_target: all is refused where no module's name ends with 'all' (every family here): LLaMA-Factory
+    0.9.5 hands additional_target to PEFT as modules_to_save unchanged (model/adapter.py:241, 249), and PEFT 0.21
+    trains in full the modules whose name ends with each text (utils/other.py:1088, _set_trainable), skipping one that
+    matches none: so there it trains nothing beside the adapter, without a word. Read as every module (as lora_target
+    reads it), it made every lora_target 'also in additional_target'."""
+    return (f"additional_target: 'all' matches no module: LLaMA-Factory hands additional_target to PEFT as "
+            "modules_to_save, which trains in full every module whose name ends with the text, and no module of this "
+            f"{fam.architecture} ends with 'all', so LLaMA-Factory trains nothing beside the adapter ('all' is "
+            "lora_target's word for every Linear). Remove additional_target for LLaMA-Factory's run, name the modules "
+            f"to train in full (e.g. {_saved_examples(fam)}), or use finetuning_type: full to train every weight")
 
 
 def saved_whole(path: str, pattern: str) -> bool:
     """Whether `pattern` is whole dotted parts of the HF module path `path` (names the module or one holding it):
     PEFT's rule keeping every adapter off a modules_to_save module (0.21, tuners/tuners_utils.py:2363,
     check_target_module_exists: `re.match(rf"(^|.*\\.){m}($|\\..*)", key)`; escaped here, our names hold no other
-    regex character than the dot). 'all' is every module, as select_modules reads additional_target."""
-    return pattern == "all" or re.match(rf"(^|.*\.){re.escape(pattern)}($|\..*)", path) is not None
+    regex character than the dot). 'all' is a name here too, as PEFT reads modules_to_save (all_saved_message)."""
+    return re.match(rf"(^|.*\.){re.escape(pattern)}($|\..*)", path) is not None
 
 
 def saved_around(path: str, pattern: str) -> str | None:
@@ -1316,6 +1335,13 @@ def _nearest_divisor(in_features: int, wanted: int) -> int:
     while lower > 1 and in_features % lower != 0:
         lower -= 1
     return lower if wanted - lower <= higher - wanted else higher
+
+
+# Why OFT is refused on GPT-2 (the recipe rule oft_needs_linear_layers, and oft.refuse_conv1d below it): PEFT 0.21's OFT
+# wraps Linear, Conv2d and Embedding (tuners/oft/model.py:30-41, _get_tuner_layer_class), and get_peft_model raises
+# TypeError on GPT-2's Conv1D (:140-144), so LLaMA-Factory's OFT run on GPT-2 fails before training.
+OFT_NO_CONV1D = ("PEFT's OFT cannot wrap Conv1D (get_peft_model raises TypeError: \"Target module Conv1D is not "
+                 "supported\"), so LLaMA-Factory fails there too")
 
 
 def oft_blocks(in_features: int, rank: int, block_size: int) -> tuple[int, int]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.model.config import oft_blocks
+from pipeline.model.config import OFT_NO_CONV1D, oft_blocks
 from pipeline.model.families import Family
 from pipeline.model.quantize import adapter_dtype
 from pipeline.model.adapter import (AdapterLinear, adapter_targets, family_of_model, replace_linears, saved_modules,
@@ -180,11 +180,11 @@ def apply_oft(model: nn.Module, targets: str | Iterable[str] | None = "all", ran
 
 
 def refuse_conv1d(family: Family) -> None:
-    """PEFT's OFT wraps nn.Linear only: GPT-2's Hugging Face projections are Conv1D (PEFT raises a TypeError)."""
+    """GPT-2's Hugging Face projections are Conv1D, which PEFT's OFT cannot wrap (OFT_NO_CONV1D); the recipe rule
+    oft_needs_linear_layers says it first, this is the library's own guard."""
     if family.conv1d:
         raise UserError(f"finetuning_type: oft needs nn.Linear layers and {family.name}'s projections are Conv1D in "
-                        "the Hugging Face layout, which PEFT's OFT cannot wrap (its adapter would not load); use "
-                        "finetuning_type: lora, or a Llama / Qwen model")
+                        f"the Hugging Face layout: {OFT_NO_CONV1D}; use finetuning_type: lora, or a Llama / Qwen model")
 
 
 def apply_oft_config(model: nn.Module, targets: list[str], config: Mapping[str, Any]) -> list[str]:

@@ -317,7 +317,8 @@ def data_args(r: Mapping[str, Any]) -> DataArgs:
 
     source = tokenizer_source(r)
     named = {key: key_at(r, key) for key in ("dataset", "eval_dataset")}  # the registry's messages name them
-    return dataclasses.replace(from_recipe(DataArgs, r), named=named,
+    recipe = getattr(r, "recipe_path", None)
+    return dataclasses.replace(from_recipe(DataArgs, r), named=named, recipe=None if recipe is None else str(recipe),
                                tokenizer_name_or_path=None if source == r.get("model_name_or_path") else source)
 
 

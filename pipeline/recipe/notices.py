@@ -340,13 +340,22 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
     return out
 
 
-def notices(r: Any) -> list[str]:
+# The commands whose output the learning-rate schedule shapes: train runs it, plan shows it. The warmup notice is said
+# there only: `make all` said it at build, validate, train, merge and eval, four times too many (merge's refusal of
+# the untrained adapter it leaves names the warmup itself: merge.untrained_cause).
+SCHEDULE_COMMANDS = ("train", "plan")
+
+
+def notices(r: Any, command: str | None = None) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides; a warmup that wastes the run's steps at lr 0; dropout under stage dpo; run_name without wandb; what rope_scaling set;
+    epochs that max_steps overrides; a warmup that wastes the run's steps at lr 0 (for `command` in SCHEDULE_COMMANDS,
+    or None: every notice); dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
     galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it;
     moe_aux_loss_coef on a dense model; the quantization keys without quantization_bit."""
-    lines = (template_notice(r), epochs_notice(r), warmup_notice(r), run_name_notice(r), rope_scaling_notice(r),
+    schedule = command is None or command in SCHEDULE_COMMANDS
+    lines = (template_notice(r), epochs_notice(r), warmup_notice(r) if schedule else None, run_name_notice(r),
+             rope_scaling_notice(r),
              dynamic_context_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r), moe_aux_loss_notice(r))
     out = [line for line in lines if line]
@@ -366,8 +375,9 @@ def notices(r: Any) -> list[str]:
     return out
 
 
-def print_notices(r: Any) -> None:
+def print_notices(r: Any, command: str) -> None:
+    """The notices `command` says (notices), on rank 0's stderr."""
     if os.environ.get("RANK", "0") != "0":
         return
-    for line in notices(r):
+    for line in notices(r, command):
         print(line, file=sys.stderr)

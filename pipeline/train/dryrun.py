@@ -113,6 +113,20 @@ def cleanup(scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def real_run_problem(output_dir: str, at: str) -> str | None:
+    """A warning line when the real run could not write its output_dir (`at`: where the recipe set it; pipeline.lock
+    refuses it there, before the model loads): the dry run writes only to its temporary folder and goes on, so that it
+    still reports what it checks, and says what the real run would meet. None when output_dir is writable. Nothing is
+    left on disk (pipeline.lock.unwritable)."""
+    from pipeline.lock import unwritable
+
+    refusal = unwritable(output_dir, at)
+    if refusal is None:
+        return None
+    return (f"warning: {refusal.messages[0]}. The real run would stop there; this dry run writes only to a temporary "
+            "folder, so it goes on")
+
+
 def run(r: Any, train: Any) -> int:
     """`train --dry-run`: train(r) redirected to a scratch folder, stopped after one step, then the report."""
     from pipeline.runtime.log import LOG_FILE, read_log
@@ -120,6 +134,8 @@ def run(r: Any, train: Any) -> int:
 
     dist.init(r.get("ddp_timeout"))
     real_output_dir = str(r["output_dir"])
+    if dist.is_main() and (problem := real_run_problem(real_output_dir, checkpoint.where(r, "output_dir"))):
+        print(problem, file=sys.stderr, flush=True)
     # 'latest' is looked up in the real output_dir, which is only read
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
                                     checkpoint.where(r, "resume_from_checkpoint"))

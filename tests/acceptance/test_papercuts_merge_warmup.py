@@ -8,16 +8,22 @@ its only step at lr 0 and the adapter's lora_B stays all zero (PEFT's init), whi
 
 `plan` and `train` say it once each as a notice (exit 0: the schedule is transformers'), and merge refuses the adapter
 in ONE message naming the adapter, how many of how many layers are all zero, the cause (the run's own warmup, from its
-resolved.yaml) and the fix, exit 2, nothing written.
+resolved.yaml) and the fix, exit 2, nothing written. The other stages (build, validate, merge) say no notice: the
+warmup is train's business, and merge's refusal names it already.
 
-Failed before: no notice; merge printed one `error: layer h.N...: lora_B is all zero` line per adapted layer (8 here,
-12 on GPT-2 small's c_attn).
+Failed before: every stage said the notice once the data was built (build, validate and merge too; in `make all`
+five times: tests/test_make_all.py); before that, no notice, and merge printed one `error: layer h.N...: lora_B is
+all zero` line per adapted layer (8 here, 12 on GPT-2 small's c_attn).
 """
 from __future__ import annotations
 
 from tests.acceptance.harness import pipeline, refused, write_recipe
 
 LAYERS = 2 * 4  # the checkpoint's 2 blocks x GPT-2's four Conv1D (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
+
+
+def warmup_notices(stderr: str) -> list[str]:
+    return [text for text in stderr.splitlines() if text.startswith("notice:") and "warmup" in text]
 
 
 def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_one_message(workdir, hf_checkpoint):
@@ -34,7 +40,10 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     plan = pipeline("plan", "r.yaml", cwd=workdir, as_typed=False).stderr
     train = pipeline("train", "r.yaml", cwd=workdir).stderr  # as typed
     for err in (plan, train):
-        assert [text for text in err.splitlines() if text.startswith("notice:") and "warmup" in text] == [notice], err
+        assert warmup_notices(err) == [notice], err
+    for command in ("build", "validate"):  # the data is built now, so the steps are known: still quiet
+        err = pipeline(command, "r.yaml", cwd=workdir, as_typed=False).stderr
+        assert warmup_notices(err) == [], (command, err)
 
     tensors = load_file(workdir / "saves/r/adapter/adapter_model.safetensors")
     b = [t for k, t in tensors.items() if k.endswith("lora_B.weight")]
@@ -43,6 +52,7 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
 
     err = refused("merge", "r.yaml", cwd=workdir, as_typed=False)
     errors = [text for text in err.splitlines() if text.startswith("error:")]
+    assert warmup_notices(err) == [], err  # the refusal below says it
     assert errors == [
         f"error: saves/r/adapter: the adapter is untrained: lora_B is all zero in all {LAYERS} of its adapted layers,"
         " so merging would change nothing (the merged model would equal the base). Likely cause: its run"

@@ -76,10 +76,12 @@ REFUSED = [
                                           "(LLaMA-Factory's optimizer then finds none to project and trains OFT's "
                                           "rotations with plain AdamW); set finetuning_type: full (or freeze), or "
                                           "remove use_galore"),
-    # PEFT's OFT wraps nn.Linear only
+    # PEFT 0.21's OFT wraps Linear, Conv2d and Embedding, no Conv1D (tuners/oft/model.py:30-41: get_peft_model raises
+    # TypeError "Target module Conv1D(nf=96, nx=32) is not supported..." on GPT-2, as tried)
     ("model_name_or_path: tiny\n", "r.yaml:5:18: finetuning_type: is oft but the model is GPT-2, whose projections are "
-                                   "Conv1D in transformers: PEFT's OFT wraps nn.Linear only (its adapter would not "
-                                   "load); use lora, or a Llama / Qwen model"),
+                                   "Conv1D in transformers: PEFT's OFT cannot wrap Conv1D (get_peft_model raises "
+                                   "TypeError: \"Target module Conv1D is not supported\"), so LLaMA-Factory fails "
+                                   "there too; use lora, or a Llama / Qwen model"),
 ]
 
 

@@ -16,7 +16,7 @@ from tests.reliability.rel_helpers import BASE, PYTHON, Result, clean_env, make_
 # 18 training rows, micro-batch 2, accumulation 2: 4 optimizer steps per epoch, so 3 steps stop mid-epoch and
 # a resume must find the right batch. Dropout makes the saved RNG state matter. A checkpoint after every step. Two
 # warmup steps: the learning rate differs at each step (0, half, full), so a resume must restore the schedule's place
-# (one warmup step only wasted step 1 at lr 0, which plan and train now say as a notice, on every command's stderr).
+# (one warmup step only wasted step 1 at lr 0, which plan and train say as a notice).
 KILL_RECIPE = BASE.replace("max_steps: 2", "max_steps: 3") + (
     "save_steps: 1\nlogging_steps: 1\nper_device_train_batch_size: 2\ngradient_accumulation_steps: 2\n"
     "dropout: 0.1\nlora_dropout: 0.1\nlearning_rate: 1.0e-3\nwarmup_steps: 2\nplot_loss: false\n")

@@ -70,7 +70,8 @@ def oft_target_is_lora_target(ctx: Context) -> list[tuple[str, str]]:
 
 @rule("finetuning_type", "model_name_or_path")
 def oft_needs_linear_layers(ctx: Context) -> list[tuple[str, str]]:
-    """PEFT's OFT wraps nn.Linear only; GPT-2's projections are Conv1D in transformers (PEFT raises a TypeError)."""
+    """GPT-2's projections are Conv1D in transformers, which PEFT's OFT cannot wrap (config.OFT_NO_CONV1D): refused,
+    as PEFT refuses it."""
     if ctx.values["finetuning_type"] != "oft":
         return []
     from pipeline.recipe.modelinfo import model_info
@@ -80,9 +81,10 @@ def oft_needs_linear_layers(ctx: Context) -> list[tuple[str, str]]:
     info = model_info(ctx.values["model_name_or_path"])
     if info is None or not FAMILIES[info.config.family].conv1d:
         return []
-    return [("finetuning_type", "is oft but the model is GPT-2, whose projections are Conv1D in transformers: "
-                                "PEFT's OFT wraps nn.Linear only (its adapter would not load); use lora, or a Llama / "
-                                "Qwen model")]
+    from pipeline.model.config import OFT_NO_CONV1D
+
+    return [("finetuning_type", f"is oft but the model is GPT-2, whose projections are Conv1D in transformers: "
+                                f"{OFT_NO_CONV1D}; use lora, or a Llama / Qwen model")]
 
 
 
