@@ -1016,15 +1016,19 @@ def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) 
     v5 conversion, also for a dense block's gate_proj, whose own adapter it then drops). Where the family trains the
     experts (MoeKeys.expert_lora: pipeline.model.expert_lora) the bare names take them; any other pattern reaching an
     expert (one expert's or one block's path) would still adapt every expert in PEFT (its conversion matches the
-    name's end), the router `gate` and a dense block's MLP are not done here. LLaMA-Factory's lora_target: all
-    (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on this model."""
+    name's end: also a DeepSeek-V3 shared expert's), the router `gate` and a dense block's MLP are not done here.
+    LLaMA-Factory's lora_target: all (find_all_linear_modules: modules whose class is a Linear) takes the attention
+    projections on this model."""
     shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
     if key == "lora_target" and expert_names(fam):
+        # DeepSeek-V3's shared experts (mlp.shared_experts) are Linears, but PEFT moves their names onto the routed
+        # experts too (any target ending in .gate_proj / .up_proj / .down_proj)
+        shared = ", the shared experts (shared_experts)" if fam.moe and fam.moe.deepseek else ""
         return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}) that take no LoRA"
                 f" here: {expert_sets(fam)}"
                 " (PEFT 0.21 re-targets those names onto transformers 5's fused expert tensors, whatever path they"
-                " are given with); the router (gate) and a dense block's MLP are not adapted. Use those names, or"
-                " finetuning_type: full or freeze to train the router too")
+                f" are given with); the router (gate){shared} and a dense block's MLP are not adapted. Use those"
+                " names, or finetuning_type: full or freeze to train the router too")
     if key == "lora_target":
         takes = ("the attention projections, the shared expert (shared_expert.gate_proj / up_proj / down_proj),"
                  " shared_expert_gate and a dense block's MLP") if fam.moe and fam.moe.lora_mlp else \
