@@ -10,8 +10,8 @@ reads that pattern: gate_proj + up_proj become target_parameters gate_up_proj (r
 dense block's MLP (first_k_dense_replace) take no LoRA in PEFT whatever path names them: a target
 shared_experts.gate_proj is moved onto the routed experts' gate_up_proj. The tensor names, shapes, count and config
 below are PEFT's own get_peft_model's; the logits are PeftModel.from_pretrained's on our adapter and transformers'
-on our merge (tests/model/test_moe_expert_lora.py's checks, on these two families' tiny checkpoints: a dense first
-block, 8 experts in 4 groups, shared experts, rows choosing every expert)."""
+on our merge (tests/model/test_moe_expert_lora.py's checks, on GLM-4.5's tiny checkpoint: a dense first block, 8
+experts in 4 groups, shared experts, rows choosing every expert; DeepSeek-V3's through its CLI path)."""
 from __future__ import annotations
 
 import pytest
@@ -23,53 +23,48 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 EXPERTS = ["gate_proj", "up_proj", "down_proj"]
+CONFIGS = {"glm4_moe": "Glm4MoeConfig", "deepseek_v3": "DeepseekV3Config"}
 
 
-@pytest.fixture(scope="module", params=["glm4_moe", "deepseek_v3"])
-def checkpoint(request, tmp_path_factory):
-    """(family, save_pretrained directory): test_glm4_moe's / test_deepseek_v3's tiny model (routers spread, the
-    correction bias set), with its dense block 0 and its shared experts."""
-    path = tmp_path_factory.mktemp(request.param)
-    if request.param == "glm4_moe":
-        from tests.model.test_glm4_moe import hf_model
-
-        hf_model(path)
+def tiny_config(family: str):
+    """test_glm4_moe's / test_deepseek_v3's tiny config: a dense block 0, 8 experts in 4 groups, shared experts."""
+    if family == "glm4_moe":
+        from tests.model.test_glm4_moe import CONFIG
     else:
-        from tests.model.test_deepseek_v3 import hf_model
-
-        hf_model("q-latent-groups").save_pretrained(path)
-    return request.param, path
+        from tests.model.test_deepseek_v3 import CONFIG
+    return getattr(transformers, CONFIGS[family])(**CONFIG)
 
 
 @pytest.mark.parametrize("which", ["all three", "down alone"])
-def test_peft_trains_loads_and_merges_what_we_train(checkpoint, tmp_path, which):
-    """The expert names beside an attention projection (GLM-4.5's q_proj; DeepSeek-V3's latent q_b_proj): PEFT trains
-    our adapter file's tensors and count, writes our config, and loads our adapter with our logits; transformers loads
-    our merge with them. 'down alone' (one fused tensor, its wrapper not nested) runs on GLM-4.5."""
+def test_peft_trains_loads_and_merges_what_we_train(tmp_path, which):
+    """On GLM-4.5, the expert names beside q_proj: PEFT trains our adapter file's tensors and count, writes our
+    config, and loads our adapter with our logits; transformers loads our merge with them ('down alone': one fused
+    tensor, its wrapper not nested). DeepSeek-V3's experts are the same module tree under the same conversion: its
+    CLI path (tests/acceptance/test_deepseek_v3_cli.py) trains them and loads adapter/ in PEFT and merged/ in
+    transformers with our logits."""
+    from tests.model.test_glm4_moe import hf_model
     from tests.model.test_moe_expert_lora import assert_peft_trains_what_we_train
 
-    family, path = checkpoint
-    if family == "deepseek_v3" and which != "all three":
-        pytest.skip("the layout of one fused tensor is the family's neither: run on glm4_moe")
-    attention = {"glm4_moe": "q_proj", "deepseek_v3": "q_b_proj"}[family]
-    assert_peft_trains_what_we_train(path, [attention] + (EXPERTS if which == "all three" else ["down_proj"]),
-                                     tmp_path)
+    hf_model(tmp_path / "base")  # routers spread, the correction bias set
+    assert_peft_trains_what_we_train(tmp_path / "base", ["q_proj"] + (EXPERTS if which == "all three" else
+                                                                      ["down_proj"]), tmp_path)
 
 
 @pytest.mark.parametrize("target", ["shared_experts.gate_proj", "layers.0.mlp.gate_proj"])
-def test_the_shared_experts_and_the_dense_block_stay_refused_as_peft_moves_them(checkpoint, target):
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_the_shared_experts_and_the_dense_block_stay_refused_as_peft_moves_them(tmp_path, family, target):
     """PEFT 0.21 moves a target ending in .gate_proj onto the routed experts' fused gate_up_proj (with up_proj) and
     leaves the shared experts' and the dense block's Linears without LoRA (measured below with get_peft_model): a
     recipe naming them would train something else than it says, so it is refused with the sets that work."""
-    family, path = checkpoint
     pair = [target, target.replace("gate_proj", "up_proj")]
-    config = getattr(transformers, {"glm4_moe": "Glm4MoeConfig", "deepseek_v3": "DeepseekV3Config"}[family])
-    model = transformers.AutoModelForCausalLM.from_config(config.from_pretrained(path))
+    config = tiny_config(family)
+    config.save_pretrained(tmp_path)  # config.json: what read_config reads
+    model = transformers.AutoModelForCausalLM.from_config(config)
     theirs = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=pair))
     adapted = {n.split(".lora_")[0] for n, p in theirs.named_parameters() if p.requires_grad}
     assert adapted == {f"base_model.model.model.layers.{i}.mlp.experts" for i in (1, 2)}
     with pytest.raises(UserError) as err:
-        trainable_params(read_config(path), "lora", 2, pair)
+        trainable_params(read_config(tmp_path), "lora", 2, pair)
     message = err.value.messages[0]
     assert message.startswith(f"lora_target: '{target}' picks MLP modules of this "), message
     assert "gate_proj, up_proj and down_proj together, down_proj alone, or gate_proj and up_proj together" in message
