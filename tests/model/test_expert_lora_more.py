@@ -18,6 +18,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.model.config import read_config, trainable_params
+from pipeline.model.lora import apply_lora
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -68,3 +69,34 @@ def test_the_shared_experts_and_the_dense_block_stay_refused_as_peft_moves_them(
     message = err.value.messages[0]
     assert message.startswith(f"lora_target: '{target}' picks MLP modules of this "), message
     assert "gate_proj, up_proj and down_proj together, down_proj alone, or gate_proj and up_proj together" in message
+
+
+def test_an_experts_a_is_drawn_as_peft_draws_it(tmp_path):
+    """PEFT's ParamWrapper holds an expert tensor's lora_A as an nn.Linear(in, r E) (peft/tuners/lora/layer.py:2455)
+    and draws it by kaiming_uniform_(a = sqrt(5)) (:338): uniform within 1 / sqrt(in), the fused tensor's input
+    width (hidden for gate_up_proj, the expert's width for down_proj), not the book's 1 / sqrt(rank) of the dense
+    LoRA. Ours against PEFT's own draw on the same GLM-4.5 config (rank 8: 4096 values on gate_up_proj, 1024 on
+    down_proj per block): the same largest magnitude and standard deviation (within 5%: sampling), B zero. Failed
+    before: the pair's A within 1 / sqrt(2r) = 0.25 where PEFT's is within 1 / sqrt(32), 1.41 times wider; down_proj's
+    1 / sqrt(8) against 1 / sqrt(16)."""
+    import torch
+
+    from pipeline.model.gpt import GPTModel
+    from pipeline.model.lora import lora_modules
+
+    config = tiny_config("glm4_moe")
+    config.save_pretrained(tmp_path)
+    ours = GPTModel(read_config(tmp_path))
+    apply_lora(ours, EXPERTS, rank=8, alpha=16, seed=0)
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
+                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules=EXPERTS))
+    for part, ending, peft_module in (("gate_up_proj", ".gate_proj", "mlp.experts.base_layer"),
+                                      ("down_proj", ".down_proj", "mlp.experts")):
+        pairs = [w.lora for n, w in lora_modules(ours).items() if n.endswith(ending)]
+        assert pairs and not any(p.B.any() for p in pairs)
+        mine = torch.cat([p.A.detach().flatten() for p in pairs])
+        peft_a = torch.cat([m.lora_A["default"].weight.detach().flatten() for n, m in theirs.named_modules()
+                            if n.endswith(peft_module) and hasattr(m, "lora_A")])
+        assert mine.numel() == peft_a.numel(), part
+        assert mine.abs().max() / peft_a.abs().max() == pytest.approx(1, abs=0.05), part
+        assert mine.std() / peft_a.std() == pytest.approx(1, abs=0.05), part
