@@ -206,8 +206,9 @@ class MoeKeys:
     # the sigmoid router with its e_score_correction_bias, n_group / topk_group and routed_scaling_factor; no
     # load-balancing loss (the model computes none: router_loss False)
     deepseek: bool = False
-    # lora_target may name the experts' Linears (gate_proj / up_proj / down_proj; Mixtral's w1 / w3 / w2): trained as
-    # PEFT 0.21 trains them on transformers 5's fused expert tensors (pipeline.model.expert_lora), where the model
+    # lora_target may name the experts' Linears (gate_proj / up_proj / down_proj; Mixtral's w1 / w3 / w2) and the
+    # router (gate): trained as PEFT 0.21 trains them on transformers 5's fused expert tensors and the router's weight
+    # (target_parameters: pipeline.model.expert_lora), where the model
     # type's conversion maps them (transformers' qwen2_moe / mixtral patterns) and PEFT loads the adapter back
     # with our logits (tests/model/test_moe_expert_lora.py)
     expert_lora: bool = False

@@ -1,6 +1,7 @@
 """LoRA on a Qwen3-MoE model's experts through the CLI, as a LLaMA-Factory user writes it: a Qwen3MoeForCausalLM as
 transformers' save_pretrained writes it -> an LLaMA-Factory-format LoRA sft recipe with
-`lora_target: q_proj,v_proj,gate_proj,up_proj,down_proj` -> build / train / merge as typed; PEFT reads adapter/ on
+`lora_target: q_proj,v_proj,gate_proj,up_proj,down_proj,gate` (the experts and the router) -> build / train / merge
+as typed; PEFT reads adapter/ on
 the base and transformers reads merged/ with our trained model's logits; plan counts the trainable parameters PEFT's
 get_peft_model trains for those target_modules (LLaMA-Factory's adapter.py passes lora_target as they are). A setting
 PEFT's ParamWrapper refuses (lora_dropout) is refused at its key (exit 2).
@@ -22,7 +23,7 @@ from tests.acceptance.harness import (assert_outputs_compute_ours, assert_same_r
                                       write_recipe)
 from tests.acceptance.test_qwen3_moe_cli import save_pretrained_moe
 
-TARGETS = "q_proj,v_proj,gate_proj,up_proj,down_proj"
+TARGETS = "q_proj,v_proj,gate_proj,up_proj,down_proj,gate"  # the experts and the router
 LF_ZERO3 = Path(__file__).parents[1] / "compat" / "lf_examples" / "deepspeed" / "ds_z3_config.json"
 
 
@@ -38,7 +39,7 @@ def test_lora_on_the_experts_trains_exports_to_peft_and_merges(workdir):
                           output_dir="saves/r", learning_rate=0.05, lora_target=TARGETS, lora_alpha=8, save_steps=1,
                           deepspeed="ds_z3_config.json")
     message = refused("validate", recipe, "lora_dropout=0.1", cwd=workdir, as_typed=False)
-    assert "lora_dropout: given 0.1; lora_target names the MoE experts (gate_proj, up_proj, down_proj)" in message
+    assert "lora_dropout: given 0.1; lora_target names the MoE experts (gate_proj, up_proj, down_proj, gate)" in message
     theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.split(",")))
     trained = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
@@ -53,8 +54,8 @@ def test_lora_on_the_experts_trains_exports_to_peft_and_merges(workdir):
     assert_same_run(workdir / "saves/r", workdir / "saves/resumed", "adapter/adapter_model.safetensors")
     pipeline("merge", recipe, cwd=workdir)
     adapter = json.loads((workdir / "saves/r/adapter/adapter_config.json").read_text())
-    assert (sorted(adapter["target_modules"]), adapter["target_parameters"], adapter["rank_pattern"]) == (
-        ["q_proj", "v_proj"], ["down_proj", "gate_up_proj"], {r".*\.gate_up_proj": 8})
+    assert (sorted(adapter["target_modules"]), sorted(adapter["target_parameters"]), adapter["rank_pattern"]) == (
+        ["q_proj", "v_proj"], ["down_proj", "gate.weight", "gate_up_proj"], {r".*\.gate_up_proj": 8})
     merged = transformers.AutoModelForCausalLM.from_pretrained(workdir / "saves/r/merged").eval()
     x, want = assert_outputs_compute_ours(recipe, workdir, base, merged, merged.config.vocab_size)
     with torch.no_grad():  # the experts trained: merged/'s expert tensors moved from the base's
@@ -63,3 +64,4 @@ def test_lora_on_the_experts_trains_exports_to_peft_and_merges(workdir):
                 ).abs().max() > 1e-4
         assert (merged.model.layers[1].mlp.experts.gate_up_proj - source.model.layers[1].mlp.experts.gate_up_proj
                 ).abs().max() > 1e-4
+        assert (merged.model.layers[1].mlp.gate.weight - source.model.layers[1].mlp.gate.weight).abs().max() > 1e-4

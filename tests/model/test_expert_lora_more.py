@@ -36,19 +36,34 @@ def tiny_config(family: str):
     return getattr(transformers, CONFIGS[family])(**CONFIG)
 
 
-@pytest.mark.parametrize("which", ["all three", "down alone"])
-def test_peft_trains_loads_and_merges_what_we_train(tmp_path, which):
-    """On GLM-4.5, the expert names beside q_proj: PEFT trains our adapter file's tensors and count, writes our
-    config, and loads our adapter with our logits; transformers loads our merge with them ('down alone': one fused
-    tensor, its wrapper not nested). DeepSeek-V3's experts are the same module tree under the same conversion: its
-    CLI path (tests/acceptance/test_deepseek_v3_cli.py) trains them and loads adapter/ in PEFT and merged/ in
-    transformers with our logits."""
-    from tests.model.test_glm4_moe import hf_model
+@pytest.mark.parametrize("case", ["glm4_moe experts and router", "glm4_moe down alone", "mixtral router and experts"])
+def test_peft_trains_loads_and_merges_what_we_train(tmp_path, case):
+    """LLaMA-Factory's target_modules, PEFT's own get_peft_model and PeftModel.from_pretrained as the golden: PEFT trains
+    our adapter file's tensors (names, shapes) and plan's count, writes our config (target_parameters with gate.weight
+    for the router `gate`), and loads our adapter with our logits; transformers loads our merge with them.
+    GLM-4.5: the experts and the router (DeepSeek-V3's fp32 sigmoid router: PEFT's ParamWrapper puts W + delta in its
+    weight, ours adds the update to the fp32 weight; the merge keeps the router's e_score_correction_bias), and
+    down_proj alone (one fused tensor, its wrapper not nested). Mixtral: the router's PEFT key is transformers 5's
+    mlp.gate, not the hub's block_sparse_moe.gate. DeepSeek-V3's experts are GLM-4.5's module tree under the same
+    conversion: its CLI path (tests/acceptance/test_deepseek_v3_cli.py) trains them and loads adapter/ in PEFT and
+    merged/ in transformers with our logits."""
     from tests.model.test_moe_expert_lora import assert_peft_trains_what_we_train
 
-    hf_model(tmp_path / "base")  # routers spread, the correction bias set
-    assert_peft_trains_what_we_train(tmp_path / "base", ["q_proj"] + (EXPERTS if which == "all three" else
-                                                                      ["down_proj"]), tmp_path)
+    base = tmp_path / "base"
+    if case.startswith("glm4_moe"):
+        from tests.model.test_glm4_moe import hf_model
+
+        hf_model(base)  # routers spread, the correction bias set
+        targets = ["q_proj", "gate", *EXPERTS] if "router" in case else ["q_proj", "down_proj"]
+    else:
+        from tests.acceptance.harness import random_model
+        from tests.model.test_moe_expert_lora import COMMON, MODELS
+
+        config_cls, model_cls, extra, names = MODELS["mixtral"]
+        random_model(getattr(transformers, model_cls),
+                     getattr(transformers, config_cls)(**{**COMMON, **extra})).save_pretrained(base)
+        targets = ["q_proj", "gate", *names]
+    assert_peft_trains_what_we_train(base, targets, tmp_path)
 
 
 @pytest.mark.parametrize("target", ["shared_experts.gate_proj", "layers.0.mlp.gate_proj"])
@@ -74,9 +89,10 @@ def test_the_shared_experts_and_the_dense_block_stay_refused_as_peft_moves_them(
 def test_an_experts_a_is_drawn_as_peft_draws_it(tmp_path):
     """PEFT's ParamWrapper holds an expert tensor's lora_A as an nn.Linear(in, r E) (peft/tuners/lora/layer.py:2455)
     and draws it by kaiming_uniform_(a = sqrt(5)) (:338): uniform within 1 / sqrt(in), the fused tensor's input
-    width (hidden for gate_up_proj, the expert's width for down_proj), not the book's 1 / sqrt(rank) of the dense
-    LoRA. Ours against PEFT's own draw on the same GLM-4.5 config (rank 8: 4096 values on gate_up_proj, 1024 on
-    down_proj per block): the same largest magnitude and standard deviation (within 5%: sampling), B zero. Failed
+    width (hidden for gate_up_proj and the router's gate.weight, the expert's width for down_proj), not the book's
+    1 / sqrt(rank) of the dense LoRA. Ours against PEFT's own draw on the same GLM-4.5 config (rank 8: 4096 values on
+    gate_up_proj, 1024 on down_proj, 256 on the router per block; both drawn from seed 0): the same largest magnitude
+    and standard deviation (within 5%: sampling), B zero. Failed
     before: the pair's A within 1 / sqrt(2r) = 0.25 where PEFT's is within 1 / sqrt(32), 1.41 times wider; down_proj's
     1 / sqrt(8) against 1 / sqrt(16)."""
     import torch
@@ -87,11 +103,12 @@ def test_an_experts_a_is_drawn_as_peft_draws_it(tmp_path):
     config = tiny_config("glm4_moe")
     config.save_pretrained(tmp_path)
     ours = GPTModel(read_config(tmp_path))
-    apply_lora(ours, EXPERTS, rank=8, alpha=16, seed=0)
+    apply_lora(ours, ["gate", *EXPERTS], rank=8, alpha=16, seed=0)
+    torch.manual_seed(0)  # PEFT draws from torch's generator
     theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
-                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules=EXPERTS))
+                                 peft.LoraConfig(r=8, lora_alpha=16, target_modules=["gate", *EXPERTS]))
     for part, ending, peft_module in (("gate_up_proj", ".gate_proj", "mlp.experts.base_layer"),
-                                      ("down_proj", ".down_proj", "mlp.experts")):
+                                      ("down_proj", ".down_proj", "mlp.experts"), ("router", ".mlp.gate", "mlp.gate")):
         pairs = [w.lora for n, w in lora_modules(ours).items() if n.endswith(ending)]
         assert pairs and not any(p.B.any() for p in pairs)
         mine = torch.cat([p.A.detach().flatten() for p in pairs])

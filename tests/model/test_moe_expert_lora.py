@@ -141,13 +141,13 @@ def test_one_fused_pair_of_rank_2r_over_gate_and_up(checkpoint):
     (["q_proj", "up_proj", "down_proj"], "lora_target: 'up_proj' without 'gate_proj'"),
     (["experts.0.down_proj"], "lora_target: 'experts.0.down_proj' picks MLP modules"),
     (["mlp.down_proj"], "lora_target: 'mlp.down_proj' picks MLP modules"),
-    (["gate"], "lora_target: 'gate' picks MLP modules"),
+    (["mlp.gate"], "lora_target: 'mlp.gate' picks MLP modules"),
     (["layers.1.mlp.up_proj"], "lora_target: 'layers.1.mlp.up_proj' picks MLP modules"),
 ])
 def test_sets_peft_mishandles_are_refused_with_the_sets_that_work(tmp_path, targets, words):
     """gate_proj or up_proj alone (PEFT raises "Cannot convert PEFT target(s) gate_proj without also targeting
-    up_proj"), a path reaching some experts (PEFT's conversion adapts every expert for it), the router and a dense
-    block's MLP: one message each, naming the sets that work."""
+    up_proj"), a path reaching some experts (PEFT's conversion adapts every expert for it), the router by a path and
+    a dense block's MLP: one message each, naming the sets that work."""
     from tests.acceptance.harness import random_model
 
     random_model(transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(
