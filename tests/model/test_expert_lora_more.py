@@ -36,17 +36,18 @@ def tiny_config(family: str):
     return getattr(transformers, CONFIGS[family])(**CONFIG)
 
 
-@pytest.mark.parametrize("case", ["glm4_moe experts and router", "glm4_moe down alone", "mixtral router and experts"])
+@pytest.mark.parametrize("case", ["glm4_moe experts and router", "mixtral router and experts"])
 def test_peft_trains_loads_and_merges_what_we_train(tmp_path, case):
     """LLaMA-Factory's target_modules, PEFT's own get_peft_model and PeftModel.from_pretrained as the golden: PEFT trains
     our adapter file's tensors (names, shapes) and plan's count, writes our config (target_parameters with gate.weight
     for the router `gate`), and loads our adapter with our logits; transformers loads our merge with them.
     GLM-4.5: the experts and the router (DeepSeek-V3's fp32 sigmoid router: PEFT's ParamWrapper puts W + delta in its
-    weight, ours adds the update to the fp32 weight; the merge keeps the router's e_score_correction_bias), and
-    down_proj alone (one fused tensor, its wrapper not nested). Mixtral: the router's PEFT key is transformers 5's
-    mlp.gate, not the hub's block_sparse_moe.gate. DeepSeek-V3's experts are GLM-4.5's module tree under the same
-    conversion: its CLI path (tests/acceptance/test_deepseek_v3_cli.py) trains them and loads adapter/ in PEFT and
-    merged/ in transformers with our logits."""
+    weight, ours adds the update to the fp32 weight; the merge keeps the router's e_score_correction_bias; down_proj
+    alone, one fused tensor whose wrapper is not nested, is test_moe_expert_lora's on Qwen3-MoE, the same layout).
+    Mixtral: the router's PEFT key is transformers 5's mlp.gate, not the hub's block_sparse_moe.gate. DeepSeek-V3's
+    experts and router are GLM-4.5's module tree under the same conversion: its CLI path
+    (tests/acceptance/test_deepseek_v3_cli.py) trains them and loads adapter/ in PEFT and merged/ in transformers with
+    our logits."""
     from tests.model.test_moe_expert_lora import assert_peft_trains_what_we_train
 
     base = tmp_path / "base"
@@ -54,7 +55,7 @@ def test_peft_trains_loads_and_merges_what_we_train(tmp_path, case):
         from tests.model.test_glm4_moe import hf_model
 
         hf_model(base)  # routers spread, the correction bias set
-        targets = ["q_proj", "gate", *EXPERTS] if "router" in case else ["q_proj", "down_proj"]
+        targets = ["q_proj", "gate", *EXPERTS]
     else:
         from tests.acceptance.harness import random_model
         from tests.model.test_moe_expert_lora import COMMON, MODELS
