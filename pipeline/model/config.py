@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from pipeline.errors import UserError, did_you_mean
 from pipeline.names import split_names, trains_adapter
-from pipeline.model.expert_lora import FUSED, PAIR, expert_of
+from pipeline.model.expert_lora import FUSED, PAIR, expert_of, router_of
 from pipeline.model.families import FAMILIES, ROPE_TYPES, Family, hf_fields, HF_CONFIG, WRAPPERS, wrapped_family
 
 FORMAT = "pipeline-gpt"  # the "format" value in the config.json of our own checkpoints
@@ -952,6 +952,9 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
         if key == "lora_target" and bare in expert_names(fam):  # every expert's Linear of that name (PEFT's)
             chosen.update(n for n in hit if expert_of(n))
             continue
+        if key == "lora_target" and bare == router_name(fam):  # every sparse block's router (PEFT's gate.weight)
+            chosen.update(n for n in hit if router_of(n))
+            continue
         if blocked := [n for n in hit if moe_blocked(fam, n, key, every)]:
             if key == "lora_target" and fam.moe and fam.moe.lora_mlp and len(blocked) < len(hit):
                 # gate_proj on Qwen2-MoE: PEFT adapts the shared expert's and dense blocks' Linears of that name,
@@ -971,6 +974,12 @@ def expert_names(fam: Family) -> dict[str, str]:
     """The lora_target names of a sparse block's expert Linears (the family's: gate_proj / up_proj / down_proj,
     Mixtral's w1 / w3 / w2) -> ours, where the family trains LoRA on its experts (MoeKeys.expert_lora); else {}."""
     return expert_spelling(fam) if fam.moe and fam.moe.expert_lora else {}
+
+
+def router_name(fam: Family) -> str | None:
+    """The lora_target name of a sparse block's router (`gate`) where the family trains LoRA on its experts: PEFT 0.21
+    maps that name to target_parameters gate.weight in the same conversion (_MOE_TARGET_MODULE_MAPPING); else None."""
+    return fam.to_hf("layers.0.mlp.gate").rsplit(".", 1)[-1] if fam.moe and fam.moe.expert_lora else None
 
 
 def expert_spelling(fam: Family) -> dict[str, str]:
@@ -1007,7 +1016,8 @@ def expert_sets(fam: Family) -> str:
     """The sets of expert names lora_target takes on this family (the sets PEFT 0.21 converts and loads back)."""
     gate, up, down = expert_names(fam)
     return (f"the experts take LoRA by their bare names, on every expert of every sparse block: {gate}, {up} and"
-            f" {down} together, {down} alone, or {gate} and {up} together")
+            f" {down} together, {down} alone, or {gate} and {up} together; the routers by the bare name"
+            f" {router_name(fam)}")
 
 
 def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) -> str:
@@ -1018,15 +1028,20 @@ def moe_target_message(fam: Family, key: str, pattern: str, blocked: list[str]) 
     v5 conversion, also for a dense block's gate_proj, whose own adapter it then drops). Where the family trains the
     experts (MoeKeys.expert_lora: pipeline.model.expert_lora) the bare names take them; any other pattern reaching an
     expert (one expert's or one block's path) would still adapt every expert in PEFT (its conversion matches the
-    name's end), the router `gate` and a dense block's MLP are not done here. LLaMA-Factory's lora_target: all
-    (find_all_linear_modules: modules whose class is a Linear) takes the attention projections on this model."""
+    name's end: also a DeepSeek-V3 shared expert's); the bare `gate` takes the routers; a dense block's MLP is not
+    done here.
+    LLaMA-Factory's lora_target: all (find_all_linear_modules: modules whose class is a Linear) takes the attention
+    projections on this model."""
     shown = ", ".join(_short_names(fam.strip(fam.to_hf(n)) for n in blocked[:3])) + (" ..." if len(blocked) > 3 else "")
     if key == "lora_target" and expert_names(fam):
+        # DeepSeek-V3's shared experts (mlp.shared_experts) are Linears, but PEFT moves their names onto the routed
+        # experts too (any target ending in .gate_proj / .up_proj / .down_proj)
+        shared = "; the shared experts (shared_experts) are not adapted" if fam.moe and fam.moe.deepseek else ""
         return (f"lora_target: '{pattern}' picks MLP modules of this {fam.architecture} ({shown}) that take no LoRA"
                 f" here: {expert_sets(fam)}"
                 " (PEFT 0.21 re-targets those names onto transformers 5's fused expert tensors, whatever path they"
-                " are given with); the router (gate) and a dense block's MLP are not adapted. Use those names, or"
-                " finetuning_type: full or freeze to train the router too")
+                f" are given with){shared}; a dense block's MLP is not adapted. Use those names, or finetuning_type:"
+                " full or freeze")
     if key == "lora_target":
         takes = ("the attention projections, the shared expert (shared_expert.gate_proj / up_proj / down_proj),"
                  " shared_expert_gate and a dense block's MLP") if fam.moe and fam.moe.lora_mlp else \

@@ -17,8 +17,9 @@ sqrt(2r) on gate_up_proj.
 PEFT nests the two wrappers on the experts module in sorted name order (tuners_utils.py:1225): down_proj's outer,
 so its tensors are saved as mlp.experts.lora_A.weight and gate_up_proj's as mlp.experts.base_layer.lora_A.weight;
 one alone is mlp.experts.lora_A.weight. adapter_config.json says target_parameters, rank_pattern and alpha_pattern
-as PEFT writes them after that rewrite (measured: save_pretrained of get_peft_model's model). Torch-free but for
-fuse / split (plan reads the names).
+as PEFT writes them after that rewrite (measured: save_pretrained of get_peft_model's model). The router `gate` is
+converted too, to target_parameters gate.weight (ROUTER_PARAMETER): a plain LoRA pair on the router's weight, under
+its transformers 5 path. Torch-free but for fuse / split (plan reads the names).
 """
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$
 FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 GATE_UP = "gate_up_proj"
 PAIR = ("gate_proj", "up_proj")  # the two Linears gate_up_proj fuses, in its row order
+# our path of a sparse block's router (a Linear here; transformers 5's Qwen3MoeTopKRouter / MixtralTopKRouter /
+# Glm4MoeTopkRouter hold a `weight` parameter): PEFT maps the target `gate` to target_parameters gate.weight
+# (_MOE_TARGET_MODULE_MAPPING), a ParamWrapper of one "expert" on that 2-D weight: lora_A (r, in), lora_B (E, r), the
+# plain LoRA's math and tensors, saved under the router's transformers 5 path (mlp.gate, Mixtral's too)
+ROUTER = re.compile(r"^(.*\.mlp)\.gate$")
+ROUTER_PARAMETER = "gate.weight"
 
 
 def expert_of(name: str) -> tuple[str, int, str] | None:
@@ -42,9 +49,18 @@ def expert_of(name: str) -> tuple[str, int, str] | None:
     return None if match is None else (match.group(1), int(match.group(2)), match.group(3))
 
 
+def router_of(name: str) -> str | None:
+    """The sparse block's path of a router (ours: layers.N.mlp.gate), else None."""
+    match = ROUTER.match(name)
+    return None if match is None else match.group(1)
+
+
 def fused_parts(names: Iterable[str]) -> set[str]:
-    """The fused parameters (gate_up_proj, down_proj) the expert Linears among `names` are adapted as."""
-    return {FUSED[e[2]] for n in names if (e := expert_of(n)) is not None}
+    """The parameters PEFT targets (target_parameters) for the expert Linears (gate_up_proj, down_proj) and routers
+    (gate.weight) among `names`."""
+    names = list(names)
+    return {FUSED[e[2]] for n in names if (e := expert_of(n)) is not None} | \
+        ({ROUTER_PARAMETER} if any(router_of(n) for n in names) else set())
 
 
 def peft_fields(parts: set[str], rank: int, alpha: float) -> dict[str, Any]:
@@ -63,9 +79,10 @@ def parts_of_config(config: Mapping[str, Any]) -> set[str]:
     describe another model than these wrappers compute."""
     given = config.get("target_parameters") or []
     parts = set(given) if isinstance(given, list) and all(isinstance(p, str) for p in given) else None
-    if parts is None or not parts <= set(FUSED.values()):
-        raise ValueError(f"target_parameters is {given!r}; this pipeline reads only {sorted(set(FUSED.values()))}"
-                         " (PEFT's fused expert tensors of a sparse MoE block)")
+    known = {*FUSED.values(), ROUTER_PARAMETER}
+    if parts is None or not parts <= known:
+        raise ValueError(f"target_parameters is {given!r}; this pipeline reads only {sorted(known)}"
+                         " (PEFT's fused expert tensors of a sparse MoE block and its router's weight)")
     want = peft_fields(parts, config["r"], config["lora_alpha"])
     for key in ("rank_pattern", "alpha_pattern"):
         if (config.get(key) or {}) != want.get(key, {}):

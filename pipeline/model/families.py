@@ -206,8 +206,9 @@ class MoeKeys:
     # the sigmoid router with its e_score_correction_bias, n_group / topk_group and routed_scaling_factor; no
     # load-balancing loss (the model computes none: router_loss False)
     deepseek: bool = False
-    # lora_target may name the experts' Linears (gate_proj / up_proj / down_proj; Mixtral's w1 / w3 / w2): trained as
-    # PEFT 0.21 trains them on transformers 5's fused expert tensors (pipeline.model.expert_lora), where the model
+    # lora_target may name the experts' Linears (gate_proj / up_proj / down_proj; Mixtral's w1 / w3 / w2) and the
+    # router (gate): trained as PEFT 0.21 trains them on transformers 5's fused expert tensors and the router's weight
+    # (target_parameters: pipeline.model.expert_lora), where the model
     # type's conversion maps them (transformers' qwen2_moe / mixtral patterns) and PEFT loads the adapter back
     # with our logits (tests/model/test_moe_expert_lora.py)
     expert_lora: bool = False
@@ -439,9 +440,10 @@ GPT_OSS = Family(name="gpt_oss", architecture="GptOssForCausalLM", reward_archit
 # mlp.shared_experts (ours: shared_expert). The hub's files hold num_nextn_predict_layers multi-token-prediction
 # layers after the last block (model.layers.46.* in GLM-4.5-Air), which Glm4MoeForCausalLM ignores on load
 # (_keys_to_ignore_on_load_unexpected, modeling_glm4_moe.py:461): mtp_layers, read past here too. LoRA as on
-# Qwen3-MoE (no lora_mlp): PEFT 0.21 maps glm4_moe to transformers' qwen2_moe conversion, which re-targets the names
-# gate_proj / up_proj / down_proj onto the fused experts (target_parameters) and drops them from the Linears of the
-# dense block and the shared experts, so an MLP name is refused and lora_target: all adapts the attention.
+# Qwen3-MoE (no lora_mlp, expert_lora): PEFT 0.21 maps glm4_moe (and deepseek_v3) to transformers' qwen2_moe
+# conversion, which re-targets the names gate_proj / up_proj / down_proj onto the fused experts (target_parameters)
+# and drops them from the Linears of the dense block and the shared experts: the bare names adapt the routed experts
+# (tests/model/test_expert_lora_more.py), any other MLP path is refused, and lora_target: all adapts the attention.
 # Glm4MoeConfig's defaults (configuration_glm4_moe.py:96-126).
 # deepseek-ai/DeepSeek-V3, moonshotai/Moonlight-16B-A3B (DeepseekV3ForCausalLM, transformers 5.24 models/deepseek_v3):
 # multi-head latent attention (DeepseekV3Attention) on GLM-4.5's routing (DeepseekV3TopkRouter is Glm4MoeTopkRouter,
@@ -457,7 +459,7 @@ DEEPSEEK_V3 = Family(name="deepseek_v3", architecture="DeepseekV3ForCausalLM", r
                                       ("rope_interleave", True)),
                      bias_keys=("attention_bias",), rope_interleaved=True, mtp_layers=True, latent_attention=True,
                      moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False, deepseek=True,
-                                 router_loss=False,
+                                 router_loss=False, expert_lora=True,
                                  defaults=(("n_routed_experts", 256), ("num_experts_per_tok", 8),
                                            ("moe_intermediate_size", 2048), ("n_shared_experts", 1),
                                            ("routed_scaling_factor", 2.5), ("n_group", 8), ("topk_group", 4),
@@ -472,7 +474,7 @@ GLM4_MOE = Family(name="glm4_moe", architecture="Glm4MoeForCausalLM", reward_arc
                   bias_keys=("attention_bias",), o_proj_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
                   mtp_layers=True,
                   moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False,
-                              deepseek=True, router_loss=False,
+                              deepseek=True, router_loss=False, expert_lora=True,
                               defaults=(("n_routed_experts", 128), ("num_experts_per_tok", 8),
                                         ("moe_intermediate_size", 1408), ("n_shared_experts", 1),
                                         ("routed_scaling_factor", 1.0), ("n_group", 1), ("topk_group", 1),

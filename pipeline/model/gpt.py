@@ -194,7 +194,7 @@ class SparseMoeBlock(nn.Module):
         its input and weight to fp32 (Glm4MoeTopkRouter.forward's F.linear(x.float(), weight.float()),
         modeling_glm4_moe.py:284): fp32 logits and weights in a bf16 model, bf16 ones under autocast."""
         if self.sigmoid:
-            logits = F.linear(flat.float(), self.gate.weight.float())
+            logits = F.linear(flat.float(), self.router_weight())
             weights, chosen = self._deepseek_route(logits)
         else:
             logits = self.gate(flat)
@@ -205,13 +205,22 @@ class SparseMoeBlock(nn.Module):
             weights = weights.to(logits.dtype)
         return logits, weights, chosen
 
+    def router_weight(self) -> torch.Tensor:
+        """The router's weight in fp32 for DeepSeek-V3's fp32 product. A router under LoRA (lora_target gate: an
+        AdapterLinear around it, its Linear `.linear`) gives its base weight plus the update (merged_weight), as
+        PEFT's ParamWrapper puts W + delta in the router's `weight` before Glm4MoeTopkRouter's fp32 F.linear."""
+        gate = self.gate
+        if not hasattr(gate, "linear"):
+            return gate.weight.float()
+        return gate.linear.weight.float() if gate.disabled else gate.merged_weight()
+
     def _deepseek_route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """DeepSeek-V3's choice (transformers 5.24 Glm4MoeTopkRouter.forward, modeling_glm4_moe.py:282-307), in the
         logits' dtype as there: scores sigmoid(logits); the choice reads scores + e_score_correction_bias, limited to
         the experts of the topk_group groups whose two best biased scores sum highest; the weights are the chosen
         experts' unbiased scores, renormalised (norm_topk_prob, + 1e-20 as there) and times routed_scaling_factor."""
         scores = torch.sigmoid(logits)
-        bias = getattr(self.gate, "e_score_correction_bias", None)
+        bias = getattr(getattr(self.gate, "linear", self.gate), "e_score_correction_bias", None)  # on the Linear
         choice = scores if bias is None else scores + bias
         if self.n_group > 1:
             groups = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)

@@ -40,9 +40,9 @@ from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family
                                     is_reward_model, linear_names, replace_linears, saved_modules, train_additional,
                                     upcast_adapter)
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, expert_spelling,
-                                   lora_candidates, moe_blocked)
-from pipeline.model.expert_lora import FUSED, PAIR, expert_of, fuse, fused_parts, parts_of_config, peft_fields, \
-    peft_module, split
+                                   lora_candidates, moe_blocked, router_name)
+from pipeline.model.expert_lora import FUSED, ROUTER_PARAMETER, expert_of, fuse, fused_parts, parts_of_config, \
+    peft_fields, peft_module, router_of, split
 from pipeline.model.families import Family
 from pipeline.model.quantize import adapter_dtype, dequantized_weight
 from pipeline.model.weights import read_tensors
@@ -55,10 +55,13 @@ class LoRALayer(nn.Module):
     """The low-rank update x @ A @ B, scaled by alpha / rank (alpha / sqrt(rank) with rsLoRA)."""
 
     def __init__(self, in_dim: int, out_dim: int, rank: int, alpha: float, use_rslora: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, peft_fan_in: bool = False):
         super().__init__()
         self.A = nn.Parameter(torch.empty(in_dim, rank))
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5), generator=generator)  # as the book, fan_in = rank
+        # as the book, fan_in = rank (A is in x rank); peft_fan_in (an expert's LoRA): PEFT's ParamWrapper draws its
+        # lora_A, an nn.Linear(in, r E) (peft/tuners/lora/layer.py:2455), by the same kaiming_uniform_ (a = sqrt(5),
+        # :338) over fan_in = in_dim: bound 1 / sqrt(in_dim), drawn here on A's transpose (rank x in)
+        nn.init.kaiming_uniform_(self.A.t() if peft_fan_in else self.A, a=math.sqrt(5), generator=generator)
         self.B = nn.Parameter(torch.zeros(rank, out_dim))
         self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
@@ -80,9 +83,9 @@ class LinearWithLoRA(AdapterLinear):
     RECIPE_KEYS = {"r": "lora_rank", "lora_alpha": "lora_alpha", "use_rslora": "use_rslora", "use_dora": "use_dora"}
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, peft_fan_in: bool = False):
         super().__init__(linear)
-        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, generator)
+        self.lora = LoRALayer(linear.in_features, linear.out_features, rank, alpha, use_rslora, generator, peft_fan_in)
         self.lora.to(device=linear.weight.device, dtype=adapter_dtype(linear))  # a quantized base: its compute dtype
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -185,7 +188,7 @@ class LinearWithFusedLoRA(AdapterLinear):
         self.half = 0 if owner is None else 1  # gate_proj's rows, then up_proj's
         if owner is None:
             self.lora = LoRALayer(linear.in_features, 2 * linear.out_features, 2 * rank, 2 * alpha, use_rslora,
-                                  generator)
+                                  generator, peft_fan_in=True)
             self.lora.to(device=linear.weight.device, dtype=adapter_dtype(linear))
         self._owner = (owner,) if owner is not None else ()  # a tuple: the pair is registered once, on gate_proj
 
@@ -223,9 +226,11 @@ class LinearWithFusedLoRA(AdapterLinear):
                      if not param.any()), None)
 
 
-def wrap_fused_pairs(model: nn.Module, paths: list[str], rank: int, alpha: float, use_rslora: bool,
-                     generator: torch.Generator | None) -> list[str]:
-    """Each expert's gate_proj and up_proj among `paths` as one LinearWithFusedLoRA pair (gate_proj's holds it)."""
+def wrap_experts(model: nn.Module, paths: list[str], rank: int, alpha: float, use_rslora: bool,
+                 generator: torch.Generator | None) -> list[str]:
+    """The expert Linears and routers among `paths` as PEFT's ParamWrapper adapts them (pipeline.model.expert_lora):
+    each expert's gate_proj and up_proj as one LinearWithFusedLoRA pair (gate_proj's holds it), each down_proj and
+    router a LinearWithLoRA; A drawn over PEFT's fan-in (LoRALayer's peft_fan_in)."""
     wrapped = []
     for path in sorted(p for p in paths if p.endswith(".gate_proj")):
         up = path.removesuffix("gate_proj") + "up_proj"
@@ -234,7 +239,9 @@ def wrap_fused_pairs(model: nn.Module, paths: list[str], rank: int, alpha: float
         second = LinearWithFusedLoRA(model.get_submodule(up), rank, alpha, owner=gate)
         model.set_submodule(up, second.train(second.linear.training))
         wrapped += [path, up]
-    return wrapped
+    singles = {p for p in paths if p.endswith(".down_proj") or router_of(p)}
+    return wrapped + replace_linears(model, lambda linear: LinearWithLoRA(linear, rank, alpha, 0.0, use_rslora,
+                                                                         generator, peft_fan_in=True), singles)
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float, *, targets: set[str] | None = None,
@@ -275,12 +282,13 @@ def apply_lora(model: nn.Module, targets: str | Iterable[str] | None = "all", ra
     # a CPU generator whatever the model's device: LoRALayer draws A on the host before moving it to the base
     # layer's device (a CUDA generator cannot draw into a CPU tensor), so a seed gives the same A on every machine
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    pairs = [n for n in chosen if (e := expert_of(n)) is not None and e[2] in PAIR]
-    if (pairs or fused_parts(chosen)) and (dropout or use_dora):  # PEFT's ParamWrapper refuses both
-        raise ValueError("LoRA on MoE experts takes no lora_dropout and no DoRA (PEFT's ParamWrapper refuses both)")
-    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen) - set(pairs), dropout=dropout,
+    experts = [n for n in chosen if expert_of(n) is not None or router_of(n) is not None]
+    if experts and (dropout or use_dora):  # PEFT's ParamWrapper refuses both
+        raise ValueError("LoRA on MoE experts and routers takes no lora_dropout and no DoRA (PEFT's ParamWrapper"
+                         " refuses both)")
+    replaced = replace_linear_with_lora(model, rank, alpha, targets=set(chosen) - set(experts), dropout=dropout,
                                         use_rslora=use_rslora, use_dora=use_dora, generator=generator)
-    replaced += wrap_fused_pairs(model, pairs, rank, alpha, use_rslora, generator)
+    replaced += wrap_experts(model, experts, rank, alpha, use_rslora, generator)
     if pissa_iter is not None or pissa_start is not None:
         init_pissa(model, PISSA_EXACT if pissa_iter is None else pissa_iter, seed, pissa_start)
     train_additional(model, extra)
@@ -446,7 +454,7 @@ def fold_lora(wrapper: AdapterLinear) -> nn.Linear:
     """A new Linear whose weight is the wrapper's merged_weight (the base weight + scale * (A @ B)^T; DoRA's
     rescaled by magnitude / norm); the wrapper is left as it was.
 
-    The weight is formed in fp32 and cast back to the base dtype; the bias is shared. Leaving the wrapper
+    The weight is formed in fp32 and cast back to the base dtype; the bias and buffers are shared. Leaving the wrapper
     intact lets the merge stage check each folded layer against the base it came from, and lets
     unmerge_lora put the exact base back.
     """
@@ -455,6 +463,8 @@ def fold_lora(wrapper: AdapterLinear) -> nn.Linear:
     merged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     merged.weight = nn.Parameter(wrapper.merged_weight().to(weight.dtype), requires_grad=weight.requires_grad)
     merged.bias = linear.bias
+    for name, buffer in linear.named_buffers(recurse=False):  # a DeepSeek-V3 router's e_score_correction_bias
+        merged.register_buffer(name, buffer, persistent=name not in linear._non_persistent_buffers_set)
     return merged.train(linear.training)
 
 
@@ -503,7 +513,7 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, wrapper in lora_modules(model).items():
         if expert_of(name):  # fused over the experts below
             continue
-        key = PEFT_PREFIX + family.to_hf(name)
+        key = peft_key(family, name)
         for suffix, (param, transposed) in wrapper.peft_params().items():
             out[f"{key}.{suffix}"] = param.detach().t() if transposed else param.detach()
     for name in getattr(model, "_lora_additional", []):
@@ -513,6 +523,12 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         lora_a, lora_b = fuse([(a.detach().t(), b.detach().t()) for a, b in params])
         out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = lora_a, lora_b
     return out
+
+
+def peft_key(family: Family, name: str) -> str:
+    """PEFT's key of an adapted module (ours): the family's HF name, but a router's is its transformers 5 path (PEFT's
+    ParamWrapper on mlp.gate.weight: Mixtral's too, whose hub name is block_sparse_moe.gate)."""
+    return PEFT_PREFIX + (family.prefix + name if router_of(name) else family.to_hf(name))
 
 
 def expert_params(model: nn.Module) -> dict[str, tuple[list[tuple[nn.Parameter, nn.Parameter]], str]]:
@@ -548,7 +564,7 @@ def _target_modules(model: nn.Module, names: list[str]) -> list[str]:
     same leaf names (SigLIP's q_proj), which a suffix would adapt in PEFT too (LLaMA-Factory's patch_target_modules
     lists the language model's modules by full name for the same reason)."""
     family = family_of_model(model)
-    names = [n for n in names if not expert_of(n)]  # PEFT's target_parameters (expert_lora.peft_fields)
+    names = [n for n in names if not (expert_of(n) or router_of(n))]  # PEFT's target_parameters (peft_fields)
     if not names:
         return []
     if family.carried:
@@ -756,7 +772,8 @@ def expert_targets(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
     """The lora_target names (the family's: gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2) of the fused
     expert parameters an adapter_config.json targets (read_adapter_config checked them)."""
     parts = set(config.get("target_parameters") or [])
-    return [name for name, linear in expert_spelling(family_of_model(model)).items() if FUSED[linear] in parts]
+    return [name for name, linear in expert_spelling(family_of_model(model)).items() if FUSED[linear] in parts] + \
+        ([router_name(family_of_model(model)) or "gate"] if ROUTER_PARAMETER in parts else [])
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
@@ -817,7 +834,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         for name, wrapper in lora_modules(model).items():
             if expert_of(name):
                 continue
-            key = PEFT_PREFIX + family.to_hf(name)
+            key = peft_key(family, name)
             for suffix, (param, transposed) in wrapper.peft_params().items():
                 value = tensors[f"{key}.{suffix}"]
                 param.copy_(value.t() if transposed else value)

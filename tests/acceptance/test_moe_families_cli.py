@@ -48,7 +48,8 @@ def save_pretrained_qwen2_moe(folder):
 
 
 @pytest.mark.parametrize("family,architecture,template,mlp_target", [
-    ("mixtral", "MixtralForCausalLM", "mistral", "gate"),  # the router: its experts take LoRA (test_moe_expert_lora)
+    # the router by a path (the bare name gate takes LoRA, as its experts do: test_moe_expert_lora, test_expert_lora_more)
+    ("mixtral", "MixtralForCausalLM", "mistral", "block_sparse_moe.gate"),
     ("qwen2_moe", "Qwen2MoeForCausalLM", "qwen", "gate"),
 ])
 def test_lora_sft_with_the_aux_loss_merges_to_the_same_architecture(workdir, family, architecture, template,

@@ -174,8 +174,8 @@ def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(chec
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
 
 
-@pytest.mark.parametrize("target,hf_name", [("gate", "mlp.gate"), ("experts.0.up_proj", "mlp.experts.0.up_proj"),
-                                            ("gate_proj", "mlp.gate_proj")])
+@pytest.mark.parametrize("target,hf_name", [("mlp.gate", "mlp.gate"), ("experts.0.up_proj", "mlp.experts.0.up_proj"),
+                                            ("shared_experts.gate_proj", "mlp.shared_experts.gate_proj")])
 def test_lora_on_the_mlp_is_refused(checkpoint, target, hf_name):
     path, _ = checkpoint
     with pytest.raises(UserError) as err:

@@ -91,7 +91,7 @@ def test_lora_takes_the_attention_projections_and_refuses_the_moe_mlp(tmp_path):
     per_block = sum(rank * (m.in_dim + m.out_dim) for m in layout(cfg)
                     if m.name.startswith("layers.0.self_attn.") and m.kind == "linear")
     assert trainable_params(cfg, "lora", rank, "all") == 3 * per_block
-    for target in ("gate", "mlp.down_proj", "layers.1.mlp.up_proj"):  # the experts by bare names: test_moe_expert_lora
+    for target in ("mlp.gate", "mlp.down_proj", "layers.1.mlp.up_proj"):  # bare names only: test_moe_expert_lora
         with pytest.raises(UserError) as err:
             trainable_params(cfg, "lora", rank, ["q_proj", target])
         message = err.value.messages[0]

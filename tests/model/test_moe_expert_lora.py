@@ -80,14 +80,23 @@ def test_peft_trains_loads_and_merges_what_we_train(checkpoint, tmp_path, which)
     tensors of exactly our adapter file's names and shapes, its count is plan's, its saved config is ours; PEFT loads
     our adapter with our logits, our loader reads it back, and the merge loads in transformers with them. The sets
     with one fused tensor (its wrapper not nested) run on Qwen3-MoE only: the layout is the same on Mixtral."""
-    from tests.model.test_families import assert_adapter_agrees
-
     family, path, names = checkpoint
     if family == "mixtral" and which != "all three":
         pytest.skip("one fused tensor: run on qwen3_moe")
-    targets = ["q_proj", "v_proj"] + [names[i] for i in SETS[which]]
+    assert_peft_trains_what_we_train(path, ["q_proj", "v_proj"] + [names[i] for i in SETS[which]], tmp_path)
+
+
+def assert_peft_trains_what_we_train(path, targets: list[str], tmp_path) -> None:
+    """test_peft_trains_loads_and_merges_what_we_train's checks on the checkpoint `path` for `targets`: rows() choose
+    every expert of every sparse block; PEFT's get_peft_model trains our file's tensors (names, shapes), plan's count,
+    our config's keys; PEFT loads our adapter with our logits, our loader reads it back, the merge loads in
+    transformers with them (assert_adapter_agrees)."""
+    from safetensors.torch import load_file
+
+    from tests.model.test_families import assert_adapter_agrees
+
     ours = load_model(path).eval()
-    assert all(picked == {0, 1, 2, 3} for picked in chosen_experts(ours, rows()))
+    assert all(picked == set(range(ours.cfg.n_experts)) for picked in chosen_experts(ours, rows()))
     apply_lora(ours, targets, rank=2, alpha=4)
     randomise(ours)
     save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
@@ -95,8 +104,6 @@ def test_peft_trains_loads_and_merges_what_we_train(checkpoint, tmp_path, which)
     fresh = transformers.AutoModelForCausalLM.from_pretrained(path)
     theirs = peft.get_peft_model(fresh, peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(targets)))
     trained = {n.replace(".default", ""): tuple(p.shape) for n, p in theirs.named_parameters() if p.requires_grad}
-    from safetensors.torch import load_file
-
     written = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert {k: tuple(v.shape) for k, v in written.items()} == trained
     assert trainable_params(read_config(path), "lora", 2, targets) == sum(
@@ -134,13 +141,13 @@ def test_one_fused_pair_of_rank_2r_over_gate_and_up(checkpoint):
     (["q_proj", "up_proj", "down_proj"], "lora_target: 'up_proj' without 'gate_proj'"),
     (["experts.0.down_proj"], "lora_target: 'experts.0.down_proj' picks MLP modules"),
     (["mlp.down_proj"], "lora_target: 'mlp.down_proj' picks MLP modules"),
-    (["gate"], "lora_target: 'gate' picks MLP modules"),
+    (["mlp.gate"], "lora_target: 'mlp.gate' picks MLP modules"),
     (["layers.1.mlp.up_proj"], "lora_target: 'layers.1.mlp.up_proj' picks MLP modules"),
 ])
 def test_sets_peft_mishandles_are_refused_with_the_sets_that_work(tmp_path, targets, words):
     """gate_proj or up_proj alone (PEFT raises "Cannot convert PEFT target(s) gate_proj without also targeting
-    up_proj"), a path reaching some experts (PEFT's conversion adapts every expert for it), the router and a dense
-    block's MLP: one message each, naming the sets that work."""
+    up_proj"), a path reaching some experts (PEFT's conversion adapts every expert for it), the router by a path and
+    a dense block's MLP: one message each, naming the sets that work."""
     from tests.acceptance.harness import random_model
 
     random_model(transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig(

@@ -144,10 +144,11 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
 @rule("model_name_or_path", "finetuning_type", "lora_target", "lora_dropout", "use_dora", "pissa_init",
       "quantization_bit")
 def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
-    """LoRA on a MoE model's experts (pipeline.model.expert_lora) is PEFT's ParamWrapper on the fused expert tensors,
-    which raises for lora_dropout other than 0 and for DoRA (peft/tuners/lora/layer.py:2366-2373), reads no PiSSA
-    start (its pissa_init reads the base layer's `weight`, which the experts module has not) and is LoRA only (PEFT
-    converts expert names for LoRA alone); QLoRA on the fused experts is not done here."""
+    """LoRA on a MoE model's experts and routers (pipeline.model.expert_lora) is PEFT's ParamWrapper on the fused expert
+    tensors and the router's weight, which raises for lora_dropout other than 0 and for DoRA
+    (peft/tuners/lora/layer.py:2366-2373), reads no PiSSA start (its pissa_init reads the base layer's `weight`, which
+    the experts module has not) and is LoRA only (PEFT converts expert names for LoRA alone); QLoRA on the fused
+    experts is not done here."""
     v = ctx.values
     if not trains_adapter(v["finetuning_type"]):
         return []
@@ -157,16 +158,18 @@ def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
     if info is None or not info.config.n_experts:
         return []
     from pipeline.errors import UserError
-    from pipeline.model.config import expert_names, lora_target_modules
-    from pipeline.model.expert_lora import expert_of
+    from pipeline.model.config import expert_names, lora_target_modules, router_name
+    from pipeline.model.expert_lora import expert_of, router_of
 
     try:
-        experts = [m.name for m in lora_target_modules(info.config, v["lora_target"]) if expert_of(m.name)]
+        experts = [m.name for m in lora_target_modules(info.config, v["lora_target"])
+                   if expert_of(m.name) or router_of(m.name)]
     except UserError:  # lora_targets_exist says it
         return []
     if not experts:
         return []
-    names = ", ".join(n for n in split_names(v["lora_target"]) if n in expert_names(info.config.hf))
+    names = ", ".join(n for n in split_names(v["lora_target"])
+                      if n in expert_names(info.config.hf) or n == router_name(info.config.hf))
     why = (f"lora_target names the MoE experts ({names}), which PEFT 0.21 adapts as its ParamWrapper on transformers"
            " 5's fused expert tensors")
     wrong = [("finetuning_type", v["finetuning_type"] == "oft", "given oft; " + why + " for LoRA only: set"
