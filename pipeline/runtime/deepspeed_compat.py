@@ -13,7 +13,8 @@ release where the item no longer holds, naming it.
   exclude_frozen_aliases       no frozen tied head in LoRA checkpoints (module_state_dict) train.checkpoint
                                (frozen: not `trains`; BAdam's resting layers are kept)
   HELPER_SCRIPTS               recovery scripts DeepSpeed copies into a checkpoint        train.checkpoint
-  resharded_loads              a ZeRO 0-3 checkpoint of N ranks read on M (world_size)    train.checkpoint
+  resharded_loads              a ZeRO 0-3 checkpoint of N ranks read on M (world_size;    train.checkpoint
+                               BF16_Optimizer too: flat_groups)
   STATE_CLASSES / STATE_ENUMS  DeepSpeed classes inside its state dicts (safestate allowlist) train.safestate
   fp32_master                  the fp32 master of a parameter (fp16_groups/fp32_groups)   train.export
   loss_scale                   the fp16 loss scale (optimizer.cur_scale / loss_scale)     train.loop
