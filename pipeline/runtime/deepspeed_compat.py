@@ -13,7 +13,8 @@ release where the item no longer holds, naming it.
   exclude_frozen_aliases       no frozen tied head in LoRA checkpoints (module_state_dict) train.checkpoint
                                (frozen: not `trains`; BAdam's resting layers are kept)
   HELPER_SCRIPTS               recovery scripts DeepSpeed copies into a checkpoint        train.checkpoint
-  resharded_loads              a ZeRO 0-3 checkpoint of N ranks read on M (world_size)    train.checkpoint
+  resharded_loads              a ZeRO 0-3 checkpoint of N ranks read on M (world_size;    train.checkpoint
+                               BF16_Optimizer too: flat_groups)
   STATE_CLASSES / STATE_ENUMS  DeepSpeed classes inside its state dicts (safestate allowlist) train.safestate
   fp32_master                  the fp32 master of a parameter (fp16_groups/fp32_groups)   train.export
   loss_scale                   the fp16 loss scale (optimizer.cur_scale / loss_scale)     train.loop
@@ -218,16 +219,20 @@ def reshard_problem(engine: Any) -> str | None:
 
     ZeRO 0 keeps the whole optimizer state in the model-states file, the same for any rank count (DeepSpeed's
     unfused fp16/bf16 wrapper too). ZeRO 1-2 cut one flat fp32 buffer per param group into equal partitions, the
-    last one padded, and ZeRO 3 every parameter on its own: both rebuilt here (zero12_partition, zero3_partition).
-    DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1) writes its own partition files, and offloaded optimizer state lives
-    elsewhere: neither is rebuilt."""
+    last one padded, and so does DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1 with data_types.grad_accum_dtype fp32:
+    its own class, the same bf16_zero_pp_rank_* files, its fp32 partitions saved with their padding); ZeRO 3 cuts
+    every parameter on its own: all rebuilt here (zero12_partition, zero3_partition). offload_optimizer: cpu
+    changes where the partitions live, not what DeepSpeed writes (the same state_dict, its tensors on the CPU);
+    NVMe offload swaps the optimizer state through files of its own, which is not rebuilt."""
     stage = engine.zero_optimization_stage()
     kind = type(engine.optimizer).__name__
-    if kind == "BF16_Optimizer":
-        return "DeepSpeed's BF16_Optimizer (bf16 at zero_stage 1) keeps partitions this trainer does not rebuild"
-    wanted = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
-    if stage in wanted and (kind != wanted[stage] or engine.zero_cpu_offload()):
-        return f"zero_stage {stage} with {kind}{' and optimizer offload' if engine.zero_cpu_offload() else ''}"
+    if engine.zero_nvme_offload_optimizer():
+        return ("the optimizer state offloaded to NVMe (offload_optimizer: nvme) is swapped through DeepSpeed's own "
+                "files, which this trainer does not rebuild for another rank count (offload_optimizer: cpu it does)")
+    wanted = {1: ("DeepSpeedZeroOptimizer", "BF16_Optimizer"), 2: ("DeepSpeedZeroOptimizer",),
+              3: ("DeepSpeedZeroOptimizer_Stage3",)}
+    if stage in wanted and kind not in wanted[stage]:
+        return f"zero_stage {stage} with DeepSpeed's {kind} keeps partitions this trainer does not rebuild"
     return None
 
 
@@ -285,12 +290,26 @@ def resharded_loads(engine: Any, saved_world: int) -> Iterator[None]:
         del store.load, engine._get_all_ckpt_names  # the classes' own methods again
 
 
+def flat_groups(optimizer: Any) -> list[tuple[int, int, int, int]]:
+    """Per param group of a ZeRO 1-2 optimizer (DeepSpeedZeroOptimizer, or BF16_Optimizer: the same flat layout under
+    other attribute names, without padding between parameters): this rank's partition size, its padding (the last
+    rank's), the group's length without that padding, the flat group's length (partition size x ranks)."""
+    if type(optimizer).__name__ == "BF16_Optimizer":
+        return [(part.numel(), padding, sum(p.numel() for p in params), flat.numel()) for part, padding, params, flat
+                in zip(optimizer.fp32_groups_flat_partition, optimizer.group_paddings, optimizer.bf16_groups,
+                       optimizer.bf16_groups_flat)]
+    return [(part.numel(), padding, sum(p.numel() for p in params) + sum(gaps), flat.numel())
+            for part, padding, params, gaps, flat
+            in zip(optimizer.single_partition_of_fp32_groups, optimizer.groups_padding,
+                   optimizer.round_robin_bit16_groups, optimizer.round_robin_bit16_padding, optimizer.bit16_groups_flat)]
+
+
 def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], saved_world: int, rank: int,
                      world: int) -> dict[str, Any]:
-    """Rank `rank` of `world`'s ZeRO 1-2 optimizer state (DeepSpeedZeroOptimizer.state_dict's rigid layout) from
-    the states saved by the `saved_world` ranks of another run (the same param groups, another partition size);
-    `read(s)` gives saved rank s's. `optimizer`: this run's DeepSpeedZeroOptimizer, whose partition sizes and
-    paddings are the layout wanted.
+    """Rank `rank` of `world`'s ZeRO 1-2 optimizer state (DeepSpeedZeroOptimizer.state_dict's rigid layout, or
+    BF16_Optimizer.state_dict's) from the states saved by the `saved_world` ranks of another run (the same param
+    groups, another partition size); `read(s)` gives saved rank s's. `optimizer`: this run's DeepSpeedZeroOptimizer
+    or BF16_Optimizer, whose partition sizes and paddings are the layout wanted (flat_groups).
 
     Only the saved partitions that overlap this rank's are read (each holds one rank's share of the fp32 masters
     and both Adam moments: reading all of them would put the whole optimizer state in every rank's memory). The
@@ -301,12 +320,9 @@ def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], save
 
     align = optimizer.nccl_start_alignment_factor
     layout = []  # per param group: this rank's partition size and padding, the group's size, the saved partition size
-    for i, current in enumerate(optimizer.single_partition_of_fp32_groups):
-        whole = (sum(p.numel() for p in optimizer.round_robin_bit16_groups[i])
-                 + sum(optimizer.round_robin_bit16_padding[i]))
-        _require(optimizer.bit16_groups_flat[i].numel() == current.numel() * world, "resharded_loads",
-                 f"param group {i} is not cut into {world} equal partitions")
-        layout.append((current.numel(), optimizer.groups_padding[i], whole, -(-whole // (align * saved_world)) * align))
+    for i, (size, padding, whole, flat) in enumerate(flat_groups(optimizer)):
+        _require(flat == size * world, "resharded_loads", f"param group {i} is not cut into {world} equal partitions")
+        layout.append((size, padding, whole, -(-whole // (align * saved_world)) * align))
 
     def overlapping(size: int, whole: int, saved_size: int) -> range:
         low, high = rank * size, min((rank + 1) * size, whole)
@@ -320,9 +336,11 @@ def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], save
              "the saved ZeRO state is not the rigid layout (optimizer.state_dict())")
     fp32, states = [], {}
     for i, (size, padding, whole, saved_size) in enumerate(layout):
-        lean = {s: sd[keys.SINGLE_PARTITION_OF_FP32_GROUPS][i].flatten() for s, sd in saved.items()}  # no padding
-        _require(all(part.numel() == min(saved_size, whole - s * saved_size) for s, part in lean.items()),
+        lean = {s: sd[keys.SINGLE_PARTITION_OF_FP32_GROUPS][i].flatten() for s, sd in saved.items()}
+        _require(all(part.numel() in (min(saved_size, whole - s * saved_size), saved_size)
+                     for s, part in lean.items()),
                  "resharded_loads", f"param group {i}: the saved partitions are not DeepSpeed's layout")
+        lean = {s: part[:min(saved_size, whole - s * saved_size)] for s, part in lean.items()}  # BF16_Optimizer's pad
 
         def mine(piece: Callable[[int], Any], dtype: Any) -> Any:
             """This rank's partition of the group, from piece(s): saved rank s's values, without padding."""
@@ -342,7 +360,7 @@ def zero12_partition(optimizer: Any, read: Callable[[int], dict[str, Any]], save
                               value.dtype) if cut else value
         states[i] = group
     return {**first, keys.BASE_OPTIMIZER_STATE: {"state": states, "param_groups": base["param_groups"]},
-            keys.SINGLE_PARTITION_OF_FP32_GROUPS: fp32, keys.GROUP_PADDINGS: list(optimizer.groups_padding),
+            keys.SINGLE_PARTITION_OF_FP32_GROUPS: fp32, keys.GROUP_PADDINGS: [padding for _, padding, _, _ in layout],
             keys.PARTITION_COUNT: list(optimizer.partition_count),
             keys.PARAM_SLICE_MAPPINGS: optimizer._param_slice_mappings}
 

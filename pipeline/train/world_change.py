@@ -12,7 +12,9 @@ update is the uninterrupted run's to rounding (the sums are added in another ord
 What moves with the ranks: the data position (counted in micro-batches per rank), the optimizer's ZeRO partitions
 (deepspeed_compat.resharded_loads), each rank's RNG state and log-window sums. What cannot, and is refused:
 another global batch; per_device_train_batch_size changed under objectives that average per micro-batch (dpo,
-rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); offload_optimizer.
+rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); offload_optimizer: nvme
+(DeepSpeed swaps that state through files of its own; offload_optimizer: cpu writes the same per-rank partitions
+as no offload, deepspeed_compat.reshard_problem).
 
 Stages dpo and rm average their loss per micro-batch (a mean over its pairs) and the loop adds them with factor 1
 (Trainer.step_scale), so an update is the mean of its micro-batches' means whatever ranks x accumulation hold them.
@@ -124,9 +126,10 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
         out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
                    f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
                    f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
-    if offload_optimizer != "none":
-        out.append(f"{ranks}: the optimizer state offloaded to {offload_optimizer} (offload_optimizer) is not "
-                   f"rebuilt for another rank count; {same}")
+    if offload_optimizer == "nvme":
+        out.append(f"{ranks}: the optimizer state offloaded to NVMe (offload_optimizer: nvme) is swapped through "
+                   f"DeepSpeed's own files, which are not rebuilt for another rank count (offload_optimizer: cpu "
+                   f"is); {same}")
     if (batch_in_epoch * was * micro) % (now * new_micro):
         out.append(f"{ranks}, and its data position ({batch_in_epoch} micro-batches of {micro} per rank into the "
                    f"epoch) is not a whole number of this run's global micro-batches of {new_micro} x {now} (nan_policy: "

@@ -13,6 +13,7 @@ import importlib
 import inspect
 import types
 from pathlib import Path
+from typing import Any
 
 import pydantic
 import pytest
@@ -170,6 +171,86 @@ def test_zero12_partition_moves_masters_and_moments_to_the_new_partitions(saved_
         assert moments["step"] == 3.0 and state["base_optimizer_state"]["param_groups"] == [{"lr": 0.5, "params": [0]}]
         assert state["group_paddings"] == layout.groups_padding and state["partition_count"] == [world]
         assert state["loss_scaler"] == "kept" and state["param_slice_mappings"] == [{"w": "mine"}]
+
+
+def _bf16_optimizer_layout(world: int, rank: int, numel: int = 10) -> Any:
+    """Rank `rank`'s BF16_Optimizer layout for one param group of `numel` elements (two parameters, 4 and the rest)
+    on `world` ranks, as bf16_optimizer._setup_for_real_optimizer builds it: the parameters flattened without gaps,
+    padded to a multiple of 2 x world, cut into `world` equal partitions, the padding on the last rank."""
+    zero = _zero12_layout(world, rank, numel)
+    layout = type("BF16_Optimizer", (), {})()  # the class name is what flat_groups tells the optimizers apart by
+    layout.__dict__.update(fp32_groups_flat_partition=zero.single_partition_of_fp32_groups,
+                           group_paddings=zero.groups_padding, bf16_groups=zero.round_robin_bit16_groups,
+                           bf16_groups_flat=zero.bit16_groups_flat, partition_count=[world],
+                           nccl_start_alignment_factor=2, _param_slice_mappings=[{"w": "mine"}])
+    return layout
+
+
+@pytest.mark.parametrize("saved_world, world, wanted", [
+    (2, 3, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]),
+    (3, 2, [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9]]),
+])
+def test_zero12_partition_reads_bf16_optimizers_padded_partitions(saved_world, world, wanted):
+    """DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1, fp32 gradient accumulation) saves its fp32 partitions with their
+    padding (BF16_Optimizer.state_dict: fp32_groups_flat_partition as is), which DeepSpeedZeroOptimizer strips; the
+    padding (here -1) is not carried into another rank's partition. Failed before: resharded_loads refused
+    BF16_Optimizer ("keeps partitions this trainer does not rebuild")."""
+    saved = _zero12_saved([float(v) for v in range(10)], saved_world)
+    size = _zero12_layout(saved_world, 0).single_partition_of_fp32_groups[0].numel()
+    for state in saved:  # the padded partition BF16_Optimizer writes, its padding -1
+        lean = state["single_partition_of_fp32_groups"][0]
+        state["single_partition_of_fp32_groups"] = [torch.cat([lean, -torch.ones(size - lean.numel())])]
+        del state["loss_scaler"]  # BF16_Optimizer has none
+    for rank, values in enumerate(wanted):
+        layout = _bf16_optimizer_layout(world, rank)
+        state = compat.zero12_partition(layout, lambda s: saved[s], saved_world, rank, world)
+        padded = torch.tensor([float(v) for v in values] + [0.0] * (layout.fp32_groups_flat_partition[0].numel()
+                                                                     - len(values)))
+        assert torch.equal(state["single_partition_of_fp32_groups"][0], torch.tensor(values, dtype=torch.float32))
+        assert torch.equal(state["base_optimizer_state"]["state"][0]["exp_avg"], padded * 10)
+        assert state["group_paddings"] == layout.group_paddings and state["partition_count"] == [world]
+
+
+def test_reshard_problem_refuses_nvme_offload_and_unknown_optimizers_only():
+    """offload_optimizer: cpu and BF16_Optimizer are resharded (both refused before); NVMe offload and an optimizer
+    class this file does not know are refused, each naming why."""
+    def engine(stage: int, kind: str, nvme: bool = False) -> types.SimpleNamespace:
+        return types.SimpleNamespace(zero_optimization_stage=lambda: stage, optimizer=type(kind, (), {})(),
+                                     zero_nvme_offload_optimizer=lambda: nvme)
+
+    assert compat.reshard_problem(engine(1, "BF16_Optimizer")) is None
+    assert compat.reshard_problem(engine(2, "DeepSpeedZeroOptimizer")) is None
+    assert compat.reshard_problem(engine(3, "DeepSpeedZeroOptimizer_Stage3")) is None
+    assert compat.reshard_problem(engine(0, "AdamW")) is None  # ZeRO 0: the whole state in the model-states file
+    assert "offload_optimizer: nvme" in compat.reshard_problem(engine(3, "DeepSpeedZeroOptimizer_Stage3", nvme=True))
+    assert compat.reshard_problem(engine(3, "SuperOffloadOptimizer_Stage3")) == (
+        "zero_stage 3 with DeepSpeed's SuperOffloadOptimizer_Stage3 keeps partitions this trainer does not rebuild")
+
+
+def test_bf16_optimizer_and_offload_are_what_reshard_problem_reads():
+    """BF16_Optimizer's state_dict keys and attributes flat_groups reads, when DeepSpeed picks it, and that CPU
+    offload writes the same state_dict (DeepSpeedZeroOptimizer.state_dict has no offload branch) while NVMe is
+    what zero_nvme_offload_optimizer tells."""
+    import deepspeed.checkpoint.constants as keys
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    state_dict = inspect.getsource(BF16_Optimizer.state_dict)
+    for key in ("BASE_OPTIMIZER_STATE", "SINGLE_PARTITION_OF_FP32_GROUPS", "GROUP_PADDINGS", "PARTITION_COUNT",
+                "PARAM_SLICE_MAPPINGS"):
+        assert f"state_dict[{key}]" in state_dict and hasattr(keys, key), key
+    assert "state_dict[SINGLE_PARTITION_OF_FP32_GROUPS] = self.fp32_groups_flat_partition" in state_dict  # padded
+    setup = inspect.getsource(BF16_Optimizer._setup_for_real_optimizer)
+    for line in ("self.nccl_start_alignment_factor * real_dp_world_size", "self.group_paddings.append(padding)",
+                 "self.fp32_groups_flat_partition.append(", "self.bf16_groups.append(trainable_parameters)",
+                 "self.bf16_groups_flat.append("):
+        assert line in setup, line
+    assert "self.nccl_start_alignment_factor = 2" in inspect.getsource(BF16_Optimizer.__init__)
+    assert "return BFLOAT16" in inspect.getsource(DeepSpeedEngine._do_optimizer_sanity_check)
+    assert "cpu_offload" not in inspect.getsource(DeepSpeedZeroOptimizer.state_dict)
+    assert 'getattr(self.optimizer, "swap_optimizer", False)' in \
+        inspect.getsource(DeepSpeedEngine.zero_nvme_offload_optimizer)
 
 
 def _zero3_layout(world: int) -> types.SimpleNamespace:

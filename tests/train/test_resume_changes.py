@@ -185,7 +185,8 @@ def test_an_eval_dataset_that_makes_the_val_split_train_is_refused(make_recipe, 
         "tiny_sft/train.json, tiny_sft/val.json" in message, message
 
 
-# (recipe values the checkpoint records, the resume's overrides on 2 ranks, what its one message says)
+# (recipe values the checkpoint records, the resume's overrides on 2 ranks, what its one message says; None:
+# resharded)
 RANK_REFUSALS = [
     # 1 rank x 4 x GA 2 = 8, resumed on 2 ranks as it is: 16. (The message said "world_size is 2 but ... trained
     # with 1; resume with the same value", a key no recipe sets; then "resume with 1 rank(s)" whatever the batch.)
@@ -193,11 +194,11 @@ RANK_REFUSALS = [
               "ranks) is now 16 (2 rank(s) x 4 x GA 2), not its 8 (1 rank(s) x 4 x GA 2)",
               "set gradient_accumulation_steps: 1 to keep it on 2 rank(s) (run.yaml:11: gradient_accumulation_steps)",
               "make train NPROC=1"]),
-    # the global batch kept, but the optimizer state offloaded to the CPU is not rebuilt (ZeRO 3's partitions are,
-    # since 2026-12-06: test_resume_world_size.py)
+    # the global batch kept and the optimizer state offloaded to the CPU: DeepSpeed writes the same per-rank
+    # partitions as without offload, resharded alike (the run: test_resume_world_size.py; it was refused: "the
+    # optimizer state offloaded to cpu (offload_optimizer) is not rebuilt")
     (dict(zero_stage=3, offload_optimizer="cpu"), ["gradient_accumulation_steps=1", "zero_stage=3",
-                                                   "offload_optimizer=cpu"],
-     ["the optimizer state offloaded to cpu (offload_optimizer) is not rebuilt", "make train NPROC=1"]),
+                                                   "offload_optimizer=cpu"], None),
     # group_by_length's mega-batches are 50 global micro-batches: 4 x 1 rank then, 4 x 2 ranks now
     (dict(group_by_length=True), ["gradient_accumulation_steps=1", "group_by_length=true"],
      ["group_by_length sorts the examples inside mega-batches", "set per_device_train_batch_size 2 and "
@@ -226,8 +227,14 @@ def test_another_number_of_ranks_is_resharded_or_refused_by_the_global_batch(mak
         state = json.loads((path / "trainer_state.json").read_text())
         state["recipe"].update(saved)
         (path / "trainer_state.json").write_text(json.dumps(state))
+        resumed = resolve("run.yaml", overrides, command="plan", env=env)
+        if fragments is None:
+            assert checkpoint.check_compatible(resumed, path) == [
+                "resume: world_size: 1 -> 2 (global batch 8 kept: 1 rank(s) x 4 x GA 2 -> 2 rank(s) x 4 x GA 1): "
+                "resharded"]
+            continue
         with pytest.raises(UserError) as err:
-            checkpoint.check_compatible(resolve("run.yaml", overrides, command="plan", env=env), path)
+            checkpoint.check_compatible(resumed, path)
         [message] = err.value.messages
         assert message.startswith(f"this job has 2 rank(s) but {path} was trained on 1"), message
         assert all(f in message for f in fragments), message
@@ -268,6 +275,24 @@ def test_preference_stages_resume_on_another_rank_count_where_the_update_is_the_
     else:
         assert len(out) == 1 and said in out[0] and out[0].startswith("this job has 1 rank(s) but ckpt was "
                                                                        "trained on 2"), out
+
+
+@pytest.mark.parametrize("offload, refused", [("none", False), ("cpu", False), ("nvme", True)])
+def test_only_nvme_offload_is_refused_on_another_rank_count(offload, refused):
+    """offload_optimizer: cpu leaves DeepSpeed's per-rank partition files as they are without offload (resharded:
+    test_resume_world_size.py); NVMe swaps the optimizer state through DeepSpeed's own files, not rebuilt. Failed
+    before for cpu: "the optimizer state offloaded to cpu (offload_optimizer) is not rebuilt"."""
+    from pathlib import Path
+
+    from pipeline.train import world_change
+
+    out = world_change.problems(world_change.WorldChange((2, 2, 1), (1, 2, 2)), Path("ckpt"), 0, stage="sft",
+                                asft=False, group_by_length=False, offload_optimizer=offload)
+    assert out == ([] if not refused else [
+        "this job has 1 rank(s) but ckpt was trained on 2: the optimizer state offloaded to NVMe (offload_optimizer: "
+        "nvme) is swapped through DeepSpeed's own files, which are not rebuilt for another rank count "
+        "(offload_optimizer: cpu is); resume with 2 rank(s) (make train NPROC=2, or NPROC x NNODES = 2), or start a "
+        "new run from ckpt/adapter or ckpt/model"])
 
 
 def test_the_documented_table_lists_exactly_the_classified_keys():
