@@ -136,3 +136,20 @@ def test_logits_and_loss_are_transformers_bf16_forwards_within_its_rounding(bf16
     loss_bound = 2 * TIMES * rounding + 2 * float(torch.where(departs, off_theirs, 0).max()) / int((shifted != -100).sum())
     assert abs(loss_got - loss_want).item() <= loss_bound, (name, loss_got, loss_want, loss_bound)
 
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_own_checkpoints_written_before_router_weights_fp32_route_as_the_familys_class(name, tmp_path):
+    """Our own format's config.json (a full fine-tune's model/) written before ModelConfig.router_weights_fp32 has no
+    such key; its model must route as the family's transformers class does (MixtralTopKRouter keeps the top-k weights
+    fp32, Qwen2MoeTopKRouter casts them: tests/model/test_moe_router_dtype.py), not as the field's default."""
+    import json
+
+    from pipeline.model.config import read_config
+    from pipeline.model.weights import load_model, save_model
+
+    test_moe_families.hf_model(name, tmp_path / "hf")
+    save_model(load_model(tmp_path / "hf"), tmp_path / "own")
+    config = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert config.pop("router_weights_fp32") is (name == "mixtral")
+    (tmp_path / "own" / "config.json").write_text(json.dumps(config))
+    assert read_config(tmp_path / "own").router_weights_fp32 is (name == "mixtral")
