@@ -439,6 +439,7 @@ GPT_OSS = Family(name="gpt_oss", architecture="GptOssForCausalLM", reward_archit
                                                        "beta_slow": 1.0, "truncate": False,
                                                        "original_max_position_embeddings": 4096})),
                  sliding_window="pattern", bias_keys=("attention_bias",), attention_sinks=True, norm_scale_fp32=True,
+                 fp32_in_fp16=("post_attention_layernorm", "input_layernorm", "norm"),  # modeling_gpt_oss.py:390
                  moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
                              router_bias=True, fused_experts=True, router_loss=False,
                              defaults=(("num_local_experts", 128), ("num_experts_per_tok", 4),
