@@ -46,7 +46,7 @@ import pytest
 import torch
 
 from pipeline.model.build import build_model
-from pipeline.model.families import BY_MODEL_TYPE
+from pipeline.model.families import BY_ARCHITECTURE, BY_MODEL_TYPE, WRAPPERS
 from pipeline.recipe.args import recipe_args
 from tests.acceptance.harness import hf_model, random_model
 from tests.model import (test_deepseek_v3, test_families, test_gemma, test_glm4, test_glm4_moe, test_gpt_oss,
@@ -85,6 +85,16 @@ CHECKPOINTS: dict[str, Callable[[], Any]] = {
 
 def test_every_supported_model_type_has_a_checkpoint_here():
     assert set(CHECKPOINTS) == set(BY_MODEL_TYPE)
+
+
+@pytest.mark.parametrize("architecture", sorted([*BY_ARCHITECTURE, *WRAPPERS]))
+def test_each_familys_fp32_tensors_are_its_transformers_classs(architecture):
+    """Family.fp32_strict / fp32_in_fp16 are the class's _keep_in_fp32_modules_strict / _keep_in_fp32_modules, for the
+    image-text wrappers too (whose checkpoints the model tests below do not build): none has a list of its own."""
+    family = BY_ARCHITECTURE[architecture] if architecture in BY_ARCHITECTURE else WRAPPERS[architecture].family_of()
+    cls = getattr(transformers, architecture)
+    assert set(family.fp32_strict) == set(cls._keep_in_fp32_modules_strict or ())
+    assert set(family.fp32_in_fp16) == set(cls._keep_in_fp32_modules or ())
 
 
 def loaded_in(folder: Path, model_class: Any, dtype: torch.dtype) -> Any:
