@@ -112,8 +112,9 @@ class Family:
     # the tensors transformers holds in fp32 in a bf16 / fp16 model (PreTrainedModel._get_dtype_plan, transformers 5.24
     # modeling_utils.py:3844-3858): the class's _keep_in_fp32_modules_strict in both (fp32_strict), its
     # _keep_in_fp32_modules in fp16 only (fp32_in_fp16); patterns as there, searched in the HF tensor name with "." any
-    # character (core_model_loading.py:1880-1922, build_glob_alternation). Read by held_fp32 for every load, cast and
-    # export of ours
+    # character (core_model_loading.py:1880-1922, build_glob_alternation). Read through held_fp32 by every load and cast
+    # of ours (pipeline.model.gpt.held_dtype); the export writes every tensor in export_dtype, as LLaMA-Factory's
+    # model.to(output_dtype) does (train/tuner.py:208)
     fp32_strict: tuple[str, ...] = ()
     fp32_in_fp16: tuple[str, ...] = ()
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
