@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.model.config import adapted, in_blocks, lora_candidates, select_modules
 from pipeline.model.families import GPT2, Family
+from pipeline.model.gpt import held_dtype
 from pipeline.names import split_names
 
 TIED = ("embed_tokens", "lm_head")  # one matrix when the head is tied (tie_word_embeddings): trained as one module
@@ -84,16 +85,20 @@ def upcast_adapter(wrapper: AdapterLinear) -> AdapterLinear:
 
 def cast_keeping_adapters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """model.to(dtype), the adapters' own weights left as they are (fp32: upcast_adapter), so that an adapter loaded
-    in fp32 (adapter_name_or_path) keeps its values, as PEFT keeps them."""
+    in fp32 (adapter_name_or_path) keeps its values, as PEFT keeps them; and a GPTModel's tensors that transformers
+    holds fp32 in a model of `dtype` held fp32 (gpt.held_dtype)."""
     kept = {id(param) for wrapper in model.modules() if isinstance(wrapper, AdapterLinear)
             for param, _ in wrapper.peft_params().values()}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if id(param) not in kept and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
+    cfg = getattr(model, "cfg", None)
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            want = held_dtype(cfg, f"{path}.{name}".lstrip("."), dtype) if cfg is not None else dtype
+            if id(param) not in kept and param.is_floating_point() and param.dtype != want:
+                param.data = param.data.to(want)
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point() and buffer.dtype != dtype:
-                module._buffers[name] = buffer.to(dtype)
+            want = held_dtype(cfg, f"{path}.{name}".lstrip("."), dtype) if cfg is not None else dtype
+            if buffer.is_floating_point() and buffer.dtype != want:
+                module._buffers[name] = buffer.to(want)
     return model
 
 

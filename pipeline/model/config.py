@@ -644,6 +644,9 @@ def _from_own(raw: Mapping[str, Any], path: Path) -> ModelConfig:
     unknown = sorted(set(values) - fields - {"format", "format_version", "torch_dtype"})
     if unknown:
         raise UserError([f"{path}: unknown key '{k}'{did_you_mean(k, fields)}" for k in unknown])
+    moe = getattr(FAMILIES.get(str(values.get("family"))), "moe", None)
+    if moe is not None and "router_weights_fp32" not in values:  # written before the field (4602188, 2026-12-06):
+        values["router_weights_fp32"] = moe.router_weights_fp32  # the family's router, as its HF class computes it
     try:
         return ModelConfig(**{k: v for k, v in values.items() if k in fields})
     except TypeError as err:

@@ -109,6 +109,14 @@ class Family:
     mtp_layers: bool = False
     # DeepSeek-V3's multi-head latent attention (ModelConfig.kv_lora_rank ...: latent_fields reads its keys)
     latent_attention: bool = False
+    # the tensors transformers holds in fp32 in a bf16 / fp16 model (PreTrainedModel._get_dtype_plan, transformers 5.24
+    # modeling_utils.py:3844-3858): the class's _keep_in_fp32_modules_strict in both (fp32_strict), its
+    # _keep_in_fp32_modules in fp16 only (fp32_in_fp16); patterns as there, searched in the HF tensor name with "." any
+    # character (core_model_loading.py:1880-1922, build_glob_alternation). Read through held_fp32 by every load and cast
+    # of ours (pipeline.model.gpt.held_dtype); the export writes every tensor in export_dtype, as LLaMA-Factory's
+    # model.to(output_dtype) does (train/tuner.py:208)
+    fp32_strict: tuple[str, ...] = ()
+    fp32_in_fp16: tuple[str, ...] = ()
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +133,14 @@ class Family:
                     norm_unit_offset=bool(self.gemma), scale_embeddings=bool(self.gemma),
                     attention_sinks=self.attention_sinks, router_bias=bool(self.moe and self.moe.router_bias),
                     norm_scale_fp32=self.norm_scale_fp32)
+
+    def held_fp32(self, hf_name: str, dtype: Any) -> bool:
+        """Whether transformers' from_pretrained(dtype=dtype) holds the tensor `hf_name` (an HF name) in fp32 rather
+        than in `dtype` (a torch dtype or its name: float16 / bfloat16 keep fp32_strict, float16 fp32_in_fp16 too)."""
+        kind = str(dtype).removeprefix("torch.")
+        patterns = (*(self.fp32_strict if kind in ("bfloat16", "float16") else ()),
+                    *(self.fp32_in_fp16 if kind == "float16" else ()))
+        return bool(patterns) and re.search("|".join(p.replace("*", ".*") for p in patterns), hf_name) is not None
 
     # -- module paths ------------------------------------------------------------------------
     def to_hf(self, ours: str) -> str:
@@ -425,12 +441,16 @@ GPT_OSS = Family(name="gpt_oss", architecture="GptOssForCausalLM", reward_archit
                                                        "beta_slow": 1.0, "truncate": False,
                                                        "original_max_position_embeddings": 4096})),
                  sliding_window="pattern", bias_keys=("attention_bias",), attention_sinks=True, norm_scale_fp32=True,
+                 fp32_in_fp16=("post_attention_layernorm", "input_layernorm", "norm"),  # modeling_gpt_oss.py:390
                  moe=MoeKeys("num_local_experts", "intermediate_size", renormalise_key="", sparse_layers=False,
                              router_bias=True, fused_experts=True, router_loss=False,
                              defaults=(("num_local_experts", 128), ("num_experts_per_tok", 4),
                                        ("router_aux_loss_coef", 0.001), ("swiglu_alpha", 1.702),
                                        ("swiglu_limit", 7.0))))
 
+# Glm4MoePreTrainedModel's and DeepseekV3PreTrainedModel's _keep_in_fp32_modules_strict (modeling_glm4_moe.py:460,
+# modeling_deepseek_v3.py:551): the router's weight and correction bias stay fp32 in a bf16 / fp16 model
+_ROUTER_FP32 = ("e_score_correction_bias", "gate.weight")
 # zai-org/GLM-4.5, GLM-4.5-Air, GLM-4.6 (Glm4MoeForCausalLM, transformers 5.24 models/glm4_moe): Llama's attention with
 # q / k / v biases (attention_bias; none on o_proj), per-head q / k norms where use_qk_norm (GLM-4.5 / 4.6, not Air),
 # half of each head rotated in halves (not GLM-4's interleaved pairs); the first first_k_dense_replace blocks dense
@@ -458,6 +478,7 @@ DEEPSEEK_V3 = Family(name="deepseek_v3", architecture="DeepseekV3ForCausalLM", r
                                       ("qk_rope_head_dim", 64), ("qk_nope_head_dim", 128), ("v_head_dim", 128),
                                       ("rope_interleave", True)),
                      bias_keys=("attention_bias",), rope_interleaved=True, mtp_layers=True, latent_attention=True,
+                     fp32_strict=_ROUTER_FP32,
                      moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False, deepseek=True,
                                  router_loss=False, expert_lora=True,
                                  defaults=(("n_routed_experts", 256), ("num_experts_per_tok", 8),
@@ -472,7 +493,7 @@ GLM4_MOE = Family(name="glm4_moe", architecture="Glm4MoeForCausalLM", reward_arc
                                    ("num_key_value_heads", 8), ("intermediate_size", 10944),
                                    ("partial_rotary_factor", 0.5)),
                   bias_keys=("attention_bias",), o_proj_bias=False, partial_rotary=True, qk_norm_key="use_qk_norm",
-                  mtp_layers=True,
+                  mtp_layers=True, fp32_strict=_ROUTER_FP32,
                   moe=MoeKeys("n_routed_experts", "moe_intermediate_size", sparse_layers=False,
                               deepseek=True, router_loss=False, expert_lora=True,
                               defaults=(("n_routed_experts", 128), ("num_experts_per_tok", 8),

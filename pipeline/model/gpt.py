@@ -141,6 +141,14 @@ class FeedForward(nn.Module):
         return self.drop(self.down_proj(h))
 
 
+def held_dtype(cfg: ModelConfig, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype our tensor `name` is held in, in a model of `dtype`: fp32 where transformers' from_pretrained(dtype=)
+    keeps the family's tensor fp32 (Family.held_fp32: GLM-4.5's and DeepSeek-V3's router weight and correction bias in
+    bf16 and fp16), else `dtype`. Every load and cast of ours asks it (weights.load_model, adapter.cast_keeping_adapters)."""
+    family = cfg.hf
+    return torch.float32 if dtype != torch.float32 and family.held_fp32(family.to_hf(name), dtype) else dtype
+
+
 class SparseMoeBlock(nn.Module):
     """Mixture of experts in place of one MLP (transformers' Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock,
     Qwen2MoeSparseMoeBlock): the router `gate` (a Linear, hidden -> n_experts, no bias) scores every expert per token;

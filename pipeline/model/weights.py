@@ -25,7 +25,8 @@ from pipeline.io import atomic_dir, write_json
 from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config_path, read_config, read_raw,
                                    to_hf_config, to_own_config)
 from pipeline.model.families import GPT2, Family, check_exportable
-from pipeline.model.gpt import GPTModel
+from pipeline.model.adapter import cast_keeping_adapters
+from pipeline.model.gpt import GPTModel, held_dtype
 from pipeline.model.memory import dense_weight
 from pipeline.model.quant_layout import stored_part
 from pipeline.model.reward import new_score_weight
@@ -50,7 +51,7 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     weights' dtype, each tensor cast as it is read (read_tensors says why).
     """
     if str(name_or_path) in PRESETS:
-        return GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed).to(dtype)
+        return cast_keeping_adapters(GPTModel(cfg or PRESETS[str(name_or_path)], seed=seed), dtype)
     directory, file_cfg, kind = _checkpoint(name_or_path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     state = read_state_dict(directory, kind=kind, cfg=file_cfg, dtype=dtype, parts=parts)
@@ -97,8 +98,10 @@ def _checkpoint(name_or_path: str | Path) -> tuple[Path, ModelConfig, str]:
     return path.parent, read_config(path.parent), checkpoint_kind(read_raw(path))
 
 
-def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, key, tensor) of every tensor; with `dtype`, each tensor cast to it as it is read.
+def read_tensors(files: list[Path], dtype: torch.dtype | None = None,
+                 held_fp32: Callable[[str], bool] | None = None) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, key, tensor) of every tensor; with `dtype`, each tensor cast to it as it is read (to fp32 where
+    `held_fp32(key)`: a tensor transformers holds fp32 in a model of `dtype`, Family.held_fp32).
 
     safetensors maps the whole file and hands out views of that one mapping, read from disk page by page
     when touched; the mapping lives until the last view is gone. Casting the views of one handle (or
@@ -112,13 +115,14 @@ def read_tensors(files: list[Path], dtype: torch.dtype | None = None) -> Iterato
         try:
             with safe_open(file, framework="pt") as handle:
                 for key in handle.keys():
-                    if dtype is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(dtype), "U8",
-                                                                               "I8") \
+                    target = torch.float32 if dtype is not None and held_fp32 is not None and held_fp32(key) else dtype
+                    if target is None or handle.get_slice(key).get_dtype() in (_SAFETENSORS_NAMES.get(target), "U8",
+                                                                                "I8") \
                             or stored_part(key):  # a quantized weight's state: read as bitsandbytes wrote it
                         yield file, key, handle.get_tensor(key)
                         continue
                     with safe_open(file, framework="pt") as own:
-                        tensor = own.get_tensor(key).to(dtype)
+                        tensor = own.get_tensor(key).to(target)
                     yield file, key, tensor
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             if Path(file).is_file() and not os.access(file, os.R_OK):  # safetensors says "No such file" for it
@@ -150,7 +154,9 @@ def iter_state_dict(directory: Path, *, kind: str, cfg: ModelConfig, dtype: torc
     files = shard_files(directory)
     fused = kind == "hf" and family.moe is not None and family.moe.fused_experts
     packed: dict[str, dict[str, torch.Tensor]] = {}  # MXFP4 experts: a fused tensor's blocks or scales, till both came
-    for file, key, tensor in read_tensors(files, dtype):
+    def held_fp32(key: str) -> bool:  # the file's names: HF names, or ours in our own format
+        return family.held_fp32(family.canonical(key) if kind != "pipeline" else family.to_hf(key), dtype)
+    for file, key, tensor in read_tensors(files, dtype, held_fp32):
         name = key
         if kind != "pipeline":
             if key.endswith(family.skip) or family.is_carried(key):
@@ -331,7 +337,8 @@ def model_from_state_dict(cfg: ModelConfig, state: Mapping[str, tuple[Path, torc
     # (a transposed or sliced view would reach DeepSpeed, which views every parameter as bytes). Copies made
     # here (dtype conversion) land on huge pages where the OS offers them (pipeline.model.memory: decoding reads
     # every weight per token).
-    model.load_state_dict({k: dense_weight(state[k][1], dtype) for k in expected}, assign=True, strict=False)
+    model.load_state_dict({k: dense_weight(state[k][1], held_dtype(cfg, k, dtype)) for k in expected}, assign=True,
+                          strict=False)
     model.tie_weights()
     return model
 
