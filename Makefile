@@ -272,11 +272,14 @@ validate: $(STAMPS)/validate ## check the recipe and the built data; prints a re
 inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram (NUM=N samples)
 	$(PY) -m pipeline inspect $(RECIPE) $(ARGS) $(if $(NUM),--num $(NUM))
 # Ranks: NPROC per node, on NNODES nodes or on every host of HOSTFILE (DeepSpeed gives each host --num_gpus ranks);
-# without counting the hostfile, plan showed one node's numbers for a multi-node job.
+# without counting the hostfile, plan showed one node's numbers for a multi-node job. The count is made by make (the
+# line make echoes is `WORLD_SIZE=1 .venv/bin/python -m pipeline plan ...`): echoed as shell arithmetic, it was the
+# first line `make plan` showed a newcomer, `WORLD_SIZE=$(( 1 * 1 )) \`, a line split in two.
+PLAN_WORLD_SIZE = $(shell echo $$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[[:space:]]*(\#|$$)' '$(HOSTFILE)' \
+	2>/dev/null || echo 0),$(NNODES)) )))
 plan: $(DEPS_MK) ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
 	@$(if $(HOSTFILE),test -f '$(HOSTFILE)' || { echo "error: HOSTFILE=$(HOSTFILE): no such file" >&2; exit 2; })
-	WORLD_SIZE=$$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[[:space:]]*(#|$$)' '$(HOSTFILE)'),$(NNODES)) )) \
-		$(PY) -m pipeline plan $(RECIPE) $(ARGS)
+	WORLD_SIZE=$(PLAN_WORLD_SIZE) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
 train: $(STAMPS)/train ## train (NPROC=N ranks; HOSTFILE=... or NNODES/NODE_RANK/MASTER_ADDR for several nodes)
 dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)
