@@ -7,6 +7,7 @@ as the page shows it. What went wrong on that walk (2026-12-06) and is checked h
 - a LLaMA-Factory recipe's `cutoff_len` past a checkpoint's positions was refused with "lower cutoff_len or raise
   context_length": for GPT-2's learned positions that passed validate and train then refused the checkpoint, and for
   rotary ones it named our key, not LLaMA-Factory's `rope_scaling`. Now the fix this checkpoint takes.
+- README's `python datasets/generate.py --check` printed nothing when the files matched: now one line says so.
 """
 from __future__ import annotations
 
@@ -72,3 +73,13 @@ def test_a_cutoff_past_the_checkpoints_positions_names_the_fix_that_works(tmp_pa
         assert line.endswith("expected at most 64 (the model's context length); lower cutoff_len: the checkpoint's "
                              "learned positions end at 64 (a gpt2 model cannot be stretched: rope_scaling needs rotary "
                              "positions)"), line
+
+
+def test_the_readmes_generate_check_says_what_it_verified():
+    """README: "`python datasets/generate.py --check` verifies the files are its output, byte for byte". Typed as
+    shown (from the repository root), it exits 0 and says so in one line; before, it printed nothing."""
+    root = DOCS.parent
+    assert "`python datasets/generate.py --check` verifies" in (root / "README.md").read_text(encoding="utf-8")
+    done = _run([PYTHON, "datasets/generate.py", "--check"], cwd=root, expect=0, timeout=60, env=None)
+    (line,) = done.stdout.splitlines()
+    assert line.endswith("files are the generator's output, byte for byte (seed 1234)"), line
