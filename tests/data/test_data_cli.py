@@ -88,6 +88,10 @@ def test_sharegpt_and_csv_recipe_builds_validates_inspects(tmp_path, monkeypatch
     assert main(["inspect", "recipe.yaml", "--num", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("── sample") == 2
+    # one of each dataset, in the recipe's order: the first two rows of the split are chat's (both from chat before)
+    samples = [line for line in out.splitlines() if line.startswith("── sample")]
+    assert "raw/chat.json:" in samples[0] and "(dataset 'chat')" in samples[0], samples
+    assert "raw/sums.csv:" in samples[1] and "(dataset 'sums')" in samples[1], samples
     assert reads == {f"data/build/{name}/{split}.json": 1 for name in ("chat", "sums") for split in ("train", "val")}
     assert "\nAssistant:[[" in out and "<|endoftext|>\n]]" in out
     assert "train: 20 rows -> 20 examples · dropped 0" in out
