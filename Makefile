@@ -221,12 +221,19 @@ upstream_recipe = $(word 1,$(subst :, ,$(1)))
 upstream_goal = $(word 2,$(subst :, ,$(1)))
 upstream_stamp = $(call stamps_of,$(call upstream_recipe,$(1)))/$(call upstream_goal,$(1))
 UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u)))
+# AS_UPSTREAM: an upstream made already says nothing. Its goal had no recipe, so GNU make said "make[1]: Nothing to be
+# done for 'train'." just before this recipe's own training began (a newcomer read it as this recipe's train); a goal
+# with a recipe (the no-op below) is never "nothing to be done". A make typed by the user keeps make's own line.
 define upstream_rule
 $(call upstream_stamp,$(1)): FORCE
-	@$$(MAKE) --no-print-directory $(call upstream_goal,$(1)) RECIPE=$(call upstream_recipe,$(1)) ARGS= NPROC=$$(NPROC) \
-		HOSTFILE=$$(HOSTFILE) NNODES=$$(NNODES) NODE_RANK=$$(NODE_RANK) MASTER_ADDR=$$(MASTER_ADDR) MASTER_PORT=$$(MASTER_PORT)
+	@$$(MAKE) --no-print-directory $(call upstream_goal,$(1)) RECIPE=$(call upstream_recipe,$(1)) ARGS= AS_UPSTREAM=1 \
+		NPROC=$$(NPROC) HOSTFILE=$$(HOSTFILE) NNODES=$$(NNODES) NODE_RANK=$$(NODE_RANK) MASTER_ADDR=$$(MASTER_ADDR) \
+		MASTER_PORT=$$(MASTER_PORT)
 endef
 $(foreach u,$(UPSTREAMS),$(eval $(call upstream_rule,$(u))))
+ifneq ($(AS_UPSTREAM),)
+train merge export: ; @:
+endif
 
 $(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
