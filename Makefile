@@ -223,7 +223,8 @@ upstream_stamp = $(call stamps_of,$(call upstream_recipe,$(1)))/$(call upstream_
 UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u)))
 # AS_UPSTREAM: an upstream made already says nothing. Its goal had no recipe, so GNU make said "make[1]: Nothing to be
 # done for 'train'." just before this recipe's own training began (a newcomer read it as this recipe's train); a goal
-# with a recipe (the no-op below) is never "nothing to be done". A make typed by the user keeps make's own line.
+# with a recipe (the no-op below) is never "nothing to be done". A make typed by the user keeps make's own line, and so
+# does `make -n` (which would print the no-op as a line ":"; there the line says the upstream would not run).
 define upstream_rule
 $(call upstream_stamp,$(1)): FORCE
 	@$$(MAKE) --no-print-directory $(call upstream_goal,$(1)) RECIPE=$(call upstream_recipe,$(1)) ARGS= AS_UPSTREAM=1 \
@@ -231,7 +232,7 @@ $(call upstream_stamp,$(1)): FORCE
 		MASTER_PORT=$$(MASTER_PORT)
 endef
 $(foreach u,$(UPSTREAMS),$(eval $(call upstream_rule,$(u))))
-ifneq ($(AS_UPSTREAM),)
+ifneq ($(and $(AS_UPSTREAM),$(if $(DRY_RUN),,y)),)
 train merge export: ; @:
 endif
 
