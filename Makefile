@@ -221,12 +221,20 @@ upstream_recipe = $(word 1,$(subst :, ,$(1)))
 upstream_goal = $(word 2,$(subst :, ,$(1)))
 upstream_stamp = $(call stamps_of,$(call upstream_recipe,$(1)))/$(call upstream_goal,$(1))
 UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u)))
+# AS_UPSTREAM: an upstream made already says nothing. Its goal had no recipe, so GNU make said "make[1]: Nothing to be
+# done for 'train'." just before this recipe's own training began (a newcomer read it as this recipe's train); a goal
+# with a recipe (the no-op below) is never "nothing to be done". A make typed by the user keeps make's own line, and so
+# does `make -n` (which would print the no-op as a line ":"; there the line says the upstream would not run).
 define upstream_rule
 $(call upstream_stamp,$(1)): FORCE
-	@$$(MAKE) --no-print-directory $(call upstream_goal,$(1)) RECIPE=$(call upstream_recipe,$(1)) ARGS= NPROC=$$(NPROC) \
-		HOSTFILE=$$(HOSTFILE) NNODES=$$(NNODES) NODE_RANK=$$(NODE_RANK) MASTER_ADDR=$$(MASTER_ADDR) MASTER_PORT=$$(MASTER_PORT)
+	@$$(MAKE) --no-print-directory $(call upstream_goal,$(1)) RECIPE=$(call upstream_recipe,$(1)) ARGS= AS_UPSTREAM=1 \
+		NPROC=$$(NPROC) HOSTFILE=$$(HOSTFILE) NNODES=$$(NNODES) NODE_RANK=$$(NODE_RANK) MASTER_ADDR=$$(MASTER_ADDR) \
+		MASTER_PORT=$$(MASTER_PORT)
 endef
 $(foreach u,$(UPSTREAMS),$(eval $(call upstream_rule,$(u))))
+ifneq ($(and $(AS_UPSTREAM),$(if $(DRY_RUN),,y)),)
+train merge export: ; @:
+endif
 
 $(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
@@ -272,11 +280,14 @@ validate: $(STAMPS)/validate ## check the recipe and the built data; prints a re
 inspect: $(STAMPS)/data ## show samples with trainable tokens marked and the length histogram (NUM=N samples)
 	$(PY) -m pipeline inspect $(RECIPE) $(ARGS) $(if $(NUM),--num $(NUM))
 # Ranks: NPROC per node, on NNODES nodes or on every host of HOSTFILE (DeepSpeed gives each host --num_gpus ranks);
-# without counting the hostfile, plan showed one node's numbers for a multi-node job.
+# without counting the hostfile, plan showed one node's numbers for a multi-node job. The count is made by make (the
+# line make echoes is `WORLD_SIZE=1 .venv/bin/python -m pipeline plan ...`): echoed as shell arithmetic, it was the
+# first line `make plan` showed a newcomer, `WORLD_SIZE=$(( 1 * 1 )) \`, a line split in two.
+PLAN_WORLD_SIZE = $(shell echo $$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[[:space:]]*(\#|$$)' '$(HOSTFILE)' \
+	2>/dev/null || echo 0),$(NNODES)) )))
 plan: $(DEPS_MK) ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
 	@$(if $(HOSTFILE),test -f '$(HOSTFILE)' || { echo "error: HOSTFILE=$(HOSTFILE): no such file" >&2; exit 2; })
-	WORLD_SIZE=$$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[[:space:]]*(#|$$)' '$(HOSTFILE)'),$(NNODES)) )) \
-		$(PY) -m pipeline plan $(RECIPE) $(ARGS)
+	WORLD_SIZE=$(PLAN_WORLD_SIZE) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
 train: $(STAMPS)/train ## train (NPROC=N ranks; HOSTFILE=... or NNODES/NODE_RANK/MASTER_ADDR for several nodes)
 dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)

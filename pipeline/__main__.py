@@ -155,6 +155,21 @@ def unknown_command(parser: argparse.ArgumentParser, command: str) -> None:
     parser.exit(2, f"{parser.prog}: error: argument command: invalid choice: {command!r}{hint}\n")
 
 
+def missing_dependency(err: ModuleNotFoundError) -> str | None:
+    """The message for a Python without the pipeline's packages, or None when the project's own environment lacks
+    one (a bug or a broken setup: the traceback says which import). The docs write `python -m pipeline ...` for the
+    project's environment; typed with another Python (the system's, a conda env's) it ended in a traceback about
+    `tiktoken` or `yaml` that named neither the environment nor `make setup`."""
+    top = (err.name or "").partition(".")[0]
+    venv = Path(__file__).resolve().parents[1] / ".venv"
+    if not top or top in ("pipeline", "tests") or Path(sys.prefix).resolve() == venv.resolve():
+        return None
+    return (f"this Python ({sys.executable}) has no module {top!r}, one of the pipeline's dependencies "
+            "(requirements.txt): run the pipeline with the environment `make setup` makes, `.venv/bin/python -m "
+            "pipeline ...` (or `source .venv/bin/activate` first, then `python -m pipeline ...`), or install "
+            "requirements.txt into this Python")
+
+
 def run_tool(name: str, argv: list[str]) -> int:
     """A command without a recipe (TOOLS): its own options, the same exit codes (2 for a user's mistake)."""
     module_name, func_name, _ = TOOLS[name]
@@ -162,6 +177,11 @@ def run_tool(name: str, argv: list[str]) -> int:
         return int(getattr(importlib.import_module(module_name), func_name)(argv) or 0)
     except UserError as err:
         print_errors(err)
+        return 2
+    except ModuleNotFoundError as err:
+        if (message := missing_dependency(err)) is None:
+            raise
+        print_errors(UserError(message))
         return 2
 
 
@@ -207,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                 resolved = resolve(args.recipe, args.overrides, command=args.command, built=True)
     except UserError as err:
         print_errors(err)
+        return 2
+    except ModuleNotFoundError as err:
+        if (message := missing_dependency(err)) is None:
+            raise
+        print_errors(UserError(message))
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

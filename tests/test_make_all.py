@@ -217,3 +217,17 @@ def test_the_readmes_transformers_lines_prompt_the_merged_model(first_run, scrat
         f"\n\n### Instruction:\n{question}\n\n### Response:\n")
     out = model.generate(**ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
+    # the README's block as written (it ended at `ids = ...`, the answer left to the reader), on this run's merged/:
+    # it prints the greedy answer, without a warning from generate
+    import contextlib
+    import io
+    import re
+    import warnings
+
+    (block,) = [b for b in re.findall(r"^```python\n(.*?)^```", readme, flags=re.S | re.M) if "apply_chat_template" in b]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exec(compile(block.replace("saves/demo_sft/merged", str(merged)), "README.md", "exec"), {})  # noqa: S102
+    answer = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert printed.getvalue() == tok.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) + "\n"

@@ -6,6 +6,7 @@ length policy dropped or truncated, and the token-length histogram (text here, P
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from pipeline.data.args import DataArgs
+from pipeline.data.origins import Origin
 from pipeline.data.registry import dataset_names
 from pipeline.data.tokenize import (NO_ROOM, OVER, TokenizedSplit, length_table, plot_lengths, pt_stream, pt_windows,
                                     tokenized_split)
@@ -70,6 +72,17 @@ def inspect(data: DataArgs, num: int = 3) -> str:
     return show(data, max(0, num), color)
 
 
+def spread(origins: Sequence[Origin], num: int) -> list[int]:
+    """The rows `inspect` shows: the first of each dataset in turn (dataset order), then the second of each, ...
+    The first `num` rows of the split are the first dataset's alone, so a recipe mixing formats (the demo's alpaca
+    JSONL, ShareGPT JSON and CSV) showed one format's conversion and never the others'. One dataset: its first rows."""
+    rows: dict[str | None, list[int]] = {}
+    for i, origin in enumerate(origins):
+        rows.setdefault(origin.dataset, []).append(i)
+    turns = (i for turn in itertools.zip_longest(*rows.values()) for i in turn if i is not None)
+    return list(itertools.islice(turns, max(0, num)))
+
+
 def eos_note(data: DataArgs, tokenizer: Tokenizer) -> str:
     """Which token ends each trained answer: the template's EOS (Template.ids: a replace_eos template's first stop
     word, qwen's <|im_end|> on a base whose tokenizer says <|endoftext|>, or an added one), else the tokenizer's; an
@@ -101,8 +114,8 @@ def inspect_dpo(data: DataArgs, num: int, color: bool) -> str:
     how = "their log-probabilities summed" + ("" if kto else "; pref_loss ipo, orpo, simpo: averaged")
     out = [f"stage {data.stage} · template {data.template} · cutoff_len {data.cutoff_len} · {scored}",
            f"response tokens ({'' if kto else 'dpo: '}{how}) are {mark}; {eos_note(data, tokenizer)}", ""]
-    for i in range(min(num, len(train))):
-        out.append(f"── {'row' if kto else 'pair'} {i + 1}/{min(num, len(train))} · {train.origins[i]}")
+    for n, i in enumerate(spread(train.origins, num)):
+        out.append(f"── {'row' if kto else 'pair'} {n + 1}/{min(num, len(train))} · {train.origins[i]}")
         sides = ((f"example ({'desirable' if train.tags[i] else 'undesirable'})", train.chosen),
                  ("KL sequence (another row's response)", train.rejected)) if kto else \
             (("chosen", train.chosen), ("rejected", train.rejected))
@@ -130,10 +143,10 @@ def inspect_sft(data: DataArgs, num: int, color: bool) -> str:
     out = [f"template {data.template} · cutoff_len {data.cutoff_len} · train_on_prompt {data.train_on_prompt} · "
            f"mask_history {data.mask_history}",
            f"trained tokens (the loss targets) are {mark}; {eos_note(data, tokenizer)}", ""]
-    for i in range(min(num, len(train))):
+    for n, i in enumerate(spread(train.origins, num)):
         ex = train.example(i)
         trained = [False] + [label != -100 for label in ex.labels[1:]]  # token 0 is never a target
-        out.append(f"── sample {i + 1}/{min(num, len(train))} · {train.origins[i]} · {len(ex.input_ids)} tokens, "
+        out.append(f"── sample {n + 1}/{min(num, len(train))} · {train.origins[i]} · {len(ex.input_ids)} tokens, "
                    f"{sum(trained)} trained{' · truncated' if ex.truncated else ''}")
         out.append(render(ex.input_ids, trained, color, tokenizer))
         out.append("")

@@ -311,7 +311,8 @@ def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str
             text = f"{name}: loss {res['loss']:.4f}" if res.get("loss") is not None else f"{name}:"
             if "pairwise_loss" in res:  # stage rm
                 text += f" pairwise loss {res['pairwise_loss']:.4f}, accuracy {100 * res['accuracy']:.1f}%"
-            if "f1" in res:
-                text += ", " + ", ".join(f"{report.SHORT[k]} {100 * res[k]:.1f}" for k in ("f1", "rouge_l", "bleu"))
+            if "f1" in res:  # exact match first: the demo's measure (README), which the line left out
+                text += f", exact match {100 * res['exact_match']:.1f}%, " + ", ".join(
+                    f"{report.SHORT[k]} {100 * res[k]:.1f}" for k in ("f1", "rouge_l", "bleu"))
             parts.append(text)
     return "eval: " + " | ".join(parts) + f"; report: {target / 'report.md'}"

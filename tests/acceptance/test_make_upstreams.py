@@ -79,6 +79,8 @@ def test_train_from_an_export_makes_the_export_and_its_training_first(made):
     # an edit upstream re-runs everything after it, and nothing before it
     assert [s for s in _stages(runs["down after an export edit"]) if s[0] in ("train", "export")] == [
         ("export", "export"), ("train", "down")]
+    # the sft run, made already, is silent: it was "make[2]: Nothing to be done for 'train'." before down's own train
+    assert "Nothing to be done" not in runs["down after an export edit"].stdout + runs["down after an export edit"].stderr
 
 
 def test_two_recipes_sharing_an_export_dir_are_refused_with_one_message(tmp_path):

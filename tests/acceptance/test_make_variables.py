@@ -53,12 +53,16 @@ def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
     done = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=hostfile", f"VENV={root / 'venv'}", cwd=root,
                 env=env)
     assert any(line.split()[:2] == ["world_size", "4"] for line in done.stdout.splitlines()), done.stdout
+    # the command make echoes is the one that runs, on one line (it was `WORLD_SIZE=$(( 2 * $(grep ...) )) \`)
+    assert f"WORLD_SIZE=4 {root / 'venv'}/bin/python -m pipeline plan recipes/r.yaml" in done.stdout, done.stdout
+    assert "$((" not in done.stdout, done.stdout
     missing = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=nope", f"VENV={root / 'venv'}", cwd=root,
                    env=env, expect=2)
     assert "error: HOSTFILE=nope: no such file" in missing.stderr, missing.stderr
     # docs/packing-and-scale.md#several-machines: `make plan NNODES=2 NPROC=8` shows the numbers of 16 ranks
     nodes = make("plan", "RECIPE=recipes/r.yaml", "NPROC=8", "NNODES=2", f"VENV={root / 'venv'}", cwd=root, env=env)
     assert any(line.split()[:2] == ["world_size", "16"] for line in nodes.stdout.splitlines()), nodes.stdout
+    assert f"WORLD_SIZE=16 {root / 'venv'}/bin/python -m pipeline plan recipes/r.yaml" in nodes.stdout, nodes.stdout
 
 
 def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):

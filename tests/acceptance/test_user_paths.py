@@ -100,10 +100,14 @@ def test_the_tuned_model_generates_otherwise_than_the_base(session):
 
 
 def test_eval_reports_base_and_tuned(session):
-    pipeline("eval", session / "lora.yaml", cwd=session)
+    done = pipeline("eval", session / "lora.yaml", cwd=session)
     eval_dir = session / "saves/lora/eval"
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     base, tuned = metrics["results"]["base"], metrics["results"]["tuned"]
+    # the terminal's summary line gives exact match, README's measure of the demo (it gave F1, ROUGE-L, BLEU-4 only)
+    (line,) = [x for x in (done.stdout + done.stderr).splitlines() if x.startswith("eval: base: ")]
+    assert f"exact match {100 * base['exact_match']:.1f}%" in line.split(" | ")[0], line
+    assert f"exact match {100 * tuned['exact_match']:.1f}%" in line.split(" | ")[1], line
     assert base["n"] == tuned["n"] == metrics["n_examples"] > 0
     assert base["loss_tokens"] == tuned["loss_tokens"] > 0
     assert tuned["loss"] != base["loss"]

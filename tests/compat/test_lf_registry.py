@@ -170,6 +170,13 @@ def test_lf_data_copied_beside_our_datasets_folder_gets_the_dataset_dir_fix(lf_w
         f"{', '.join(sorted(json.loads((ROOT / 'datasets/dataset_info.json').read_text('utf-8'))))}; "
         "data/dataset_info.json (LLaMA-Factory's data/ folder) has it: add `dataset_dir: data` to the recipe\n")
     assert not (lf_workdir / "data" / "build").exists() and not (lf_workdir / "datasets" / "build").exists()
+    # LLaMA-Factory's train_lora/qwen3_lora_sft.yaml names two: one message, not the list and the fix once per name
+    both = pipeline("validate", recipe(lf_workdir, dataset="identity,alpaca_en_demo"), cwd=lf_workdir, expect=2,
+                    as_typed=False)
+    (line,) = [x for x in both.stderr.splitlines() if "dataset_info.json" in x]
+    assert line.startswith("error: ") and ("r.yaml:5:10: dataset: datasets 'identity', 'alpaca_en_demo' are not in "
+                                            "datasets/dataset_info.json; known: ") in line and line.endswith(
+        "data/dataset_info.json (LLaMA-Factory's data/ folder) has them: add `dataset_dir: data` to the recipe"), line
     pipeline("build", recipe(lf_workdir, dataset="identity", dataset_dir="data"), cwd=lf_workdir, as_typed=False)
     assert built(lf_workdir, "identity")
     missing = pipeline("validate", recipe(lf_workdir, dataset="identiy"), cwd=lf_workdir, expect=2, as_typed=False)

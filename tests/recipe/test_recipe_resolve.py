@@ -116,8 +116,9 @@ def test_a_mistral_sliding_window_bounds_no_cutoff_len(write, tmp_path):
     with pytest.raises(UserError) as err:
         resolve("r.yaml")
     assert [m for m in err.value.messages if "cutoff_len" in m] == [
-        "r.yaml:4:13: cutoff_len: given 4097, expected at most 4096 (the model's context length); lower cutoff_len or "
-        "raise context_length"]
+        "r.yaml:4:13: cutoff_len: given 4097, expected at most 4096 (the model's context length); lower cutoff_len, or "
+        "set rope_scaling: linear (or dynamic, yarn), which stretches the checkpoint's positions to cutoff_len as "
+        "LLaMA-Factory does"]
 
 
 # --- derived values, hand-computed ------------------------------------------------------------------

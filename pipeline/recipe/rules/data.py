@@ -53,12 +53,21 @@ def datasets_registered(ctx: Context) -> list[tuple[str, str]]:
     where = os.path.join(ctx.values["dataset_dir"], "dataset_info.json")
     elsewhere = _llamafactory_registry(ctx)
     for key in ("dataset", "eval_dataset"):
-        for name in ctx.values[key] or []:
-            if name not in registry:
-                fix = (f"; {LLAMAFACTORY_DATASET_DIR}/dataset_info.json (LLaMA-Factory's data/ folder) has it: add "
-                       f"`dataset_dir: {LLAMAFACTORY_DATASET_DIR}` to the recipe") if name in elsewhere else ""
-                problems.append((key, f"dataset {name!r} is not in {where}{did_you_mean(name, registry)}; "
-                                      f"known: {', '.join(sorted(registry)) or 'none'}{fix}"))
+        # one message per key: LLaMA-Factory's examples name two datasets (identity,alpaca_en_demo), and a message
+        # per name repeated the list of known names and the one fix, dataset_dir, twice
+        missing = [name for name in ctx.values[key] or [] if name not in registry]
+        if not missing:
+            continue
+        one, theirs = len(missing) == 1, [name for name in missing if name in elsewhere]
+        if one:
+            said = f"dataset {missing[0]!r} is not in {where}{did_you_mean(missing[0], registry)}"
+        else:
+            named = ", ".join(f"{name!r}{did_you_mean(name, registry)}" for name in missing)
+            said = f"datasets {named} are not in {where}"
+        has = ("it" if one else "them") if theirs == missing else ", ".join(map(repr, theirs))
+        fix = (f"; {LLAMAFACTORY_DATASET_DIR}/dataset_info.json (LLaMA-Factory's data/ folder) has {has}: add "
+               f"`dataset_dir: {LLAMAFACTORY_DATASET_DIR}` to the recipe") if theirs else ""
+        problems.append((key, f"{said}; known: {', '.join(sorted(registry)) or 'none'}{fix}"))
     return problems
 
 

@@ -8,6 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 from pipeline.recipe.rules.core import Context, rule
 
@@ -216,8 +217,29 @@ def cutoff_within_context(ctx: Context) -> list[tuple[str, str]]:
     context = recipe_length_limit(ctx.values, info, dynamic)
     if context and cutoff > context:
         return [("cutoff_len", f"given {cutoff}, expected at most {context} (the model's "
-                               "context length); lower cutoff_len or raise context_length")]
+                               f"context length); {_longer_rows_fix(ctx, info)}")]
     return []
+
+
+def _longer_rows_fix(ctx: Context, info: Any) -> str:
+    """What lets this model take longer rows. A preset's random weights have any context_length; a checkpoint's do
+    not: GPT-2's learned positions end at its n_positions (context_length past it passed validate, then train refused
+    the checkpoint's wpe), and rotary positions are stretched with rope_scaling, LLaMA-Factory's way (configure_rope),
+    where the family's transformers class takes the recipe's rope types (Phi-3 runs only its own LongRoPE)."""
+    from pipeline.model.families import DEFAULT_ROPE_TYPES
+    from pipeline.recipe.modelinfo import model_folder
+
+    if info is None or model_folder(ctx.values["model_name_or_path"]) is None:
+        return "lower cutoff_len or raise context_length"
+    cfg = info.config
+    if cfg.positions != "rope":
+        return (f"lower cutoff_len: the checkpoint's learned positions end at {info.context_length} (a {cfg.family} "
+                "model cannot be stretched: rope_scaling needs rotary positions)")
+    if cfg.hf.rope_types and "linear" not in cfg.hf.rope_types:
+        return "lower cutoff_len"
+    kinds = [k for k in ("linear", "dynamic", "yarn") if k in (cfg.hf.rope_types or DEFAULT_ROPE_TYPES)]
+    return (f"lower cutoff_len, or set rope_scaling: {kinds[0]} (or {', '.join(kinds[1:])}), which stretches the "
+            "checkpoint's positions to cutoff_len as LLaMA-Factory does")
 
 
 @rule("rope_scaling", "context_length", "cutoff_len", "model_name_or_path")
