@@ -183,7 +183,7 @@ def check_built(data: DataArgs) -> Checked:
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; "
-                             f"{make_data(data.recipe)}")
+                             f"{make_data(data)}")
             if not problems.count[str(path)]:
                 changed += [m for m in [edited(path, digest)] if m]
             loaded.append((spec.name, split, path, rows, origins))
