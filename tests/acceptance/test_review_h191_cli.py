@@ -5,10 +5,18 @@
   (make passes them as ARGS, which `make data` hands to the build). Failed before: it said `make data RECIPE=r.yaml`
   (python -m pipeline build r.yaml), which rebuilds the recipe as written, val_size 0.1, so the run stopped on the same
   message again.
+- A full recipe on a pre-quantized bitsandbytes checkpoint (transformers' save_pretrained of a BitsAndBytesConfig
+  model): chat and export load the stored model as it is (test_prequantized_more_cli), but `eval` without a task and
+  `merge` read the model a training run of the recipe writes (output_dir/model), and no run of it can train (transformers'
+  Trainer: 'You cannot perform fine-tuning on purely quantized models.'). Both are refused at finetuning_type with
+  that reason, exit 2, as train is. Failed before: they said "no trained model ...; `make train RECIPE=full.yaml`
+  (python -m pipeline train) produces it", and make train then refused the recipe.
 """
 from __future__ import annotations
 
 import shlex
+
+import pytest
 
 from tests.acceptance.harness import pipeline, refused, write_recipe
 
@@ -25,3 +33,25 @@ def test_a_stale_build_names_the_rebuild_with_the_runs_overrides(workdir, hf_che
     command = err.split("(python -m pipeline ", 1)[1].split(")", 1)[0]
     pipeline(*shlex.split(command), cwd=workdir, as_typed=False)  # what the message says, as it says it
     pipeline("validate", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)  # the build is now the run's
+
+
+def test_a_full_recipe_on_a_prequantized_checkpoint_is_refused_where_it_needs_a_training_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from tests.acceptance.test_prequantized_cli import bnb_hub_checkpoint
+
+    snapshot, _, _, _ = bnb_hub_checkpoint(tmp_path, "someone/Tiny-Llama-bnb-4bit",
+                                           transformers.BitsAndBytesConfig(load_in_4bit=True))
+    write_recipe(tmp_path / "full.yaml", model_name_or_path=str(snapshot), dataset_dir="data", template="llama3",
+                 finetuning_type="full", output_dir="saves/full")
+    line = next(i for i, text in enumerate((tmp_path / "full.yaml").read_text().splitlines(), 1)
+                if text.startswith("finetuning_type:"))
+    for command, as_typed in (("eval", True), ("merge", False), ("train", False)):
+        err = refused(command, "full.yaml", cwd=tmp_path, as_typed=as_typed)
+        assert [text for text in err.splitlines() if text.startswith("error:")] == [
+            f"error: full.yaml:{line}:18: finetuning_type: given full with model_name_or_path: {snapshot}, a "
+            "pre-quantized bitsandbytes checkpoint stored as 4-bit fp4: a quantized base cannot train: its 4/8-bit "
+            "weights are frozen integer codes (transformers' Trainer refuses it too: 'You cannot perform fine-tuning "
+            "on purely quantized models.'); set finetuning_type: lora (or oft), or point model_name_or_path at the "
+            "unquantized checkpoint it was made from"], (command, err)
+    assert not (tmp_path / "saves").exists()
