@@ -326,11 +326,10 @@ def data_args(r: Mapping[str, Any]) -> DataArgs:
 def typed_overrides(r: Mapping[str, Any]) -> tuple[str, ...]:
     """The command line's key=value overrides that set the recipe's values, as typed (Origin.text); () for a plain
     mapping (tests)."""
-    try:
-        origins = [r.origin(key) for key in r]  # type: ignore[attr-defined]
-    except AttributeError:
+    origin = getattr(r, "origin", None)
+    if origin is None:
         return ()
-    return tuple(origin.text for origin in origins if origin.kind == "cli" and origin.text)
+    return tuple(o.text for key in r if (o := origin(key)).kind == "cli" and o.text)
 
 
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
