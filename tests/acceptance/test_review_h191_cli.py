@@ -11,6 +11,10 @@
   Trainer: 'You cannot perform fine-tuning on purely quantized models.'). Both are refused at finetuning_type with
   that reason, exit 2, as train is. Failed before: they said "no trained model ...; `make train RECIPE=full.yaml`
   (python -m pipeline train) produces it", and make train then refused the recipe.
+- `train --dry-run` of a recipe whose output_dir holds another run's checkpoint: the real run stops there (neither
+  resumed nor overwritten); the dry run writes only to its temporary folder, reports as usual (exit 0) and says that
+  refusal in one warning line, as it says an output_dir the real run cannot write. Failed before: "dry run: ok" and
+  nothing else, so the user learnt it only when the real run stopped.
 """
 from __future__ import annotations
 
@@ -55,3 +59,21 @@ def test_a_full_recipe_on_a_prequantized_checkpoint_is_refused_where_it_needs_a_
             "on purely quantized models.'); set finetuning_type: lora (or oft), or point model_name_or_path at the "
             "unquantized checkpoint it was made from"], (command, err)
     assert not (tmp_path / "saves").exists()
+
+
+def test_a_dry_run_says_the_real_run_would_stop_on_an_output_dir_holding_a_run(workdir, hf_checkpoint):
+    write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+                 output_dir="saves/r", max_steps=1)
+    pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
+    (workdir / "saves/r/checkpoint-1").mkdir(parents=True)
+    (workdir / "saves/r/trainer_log.jsonl").write_text("{}\n")
+    line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
+                if text.startswith("output_dir:"))
+    done = pipeline("train", "r.yaml", "--dry-run", cwd=workdir)
+    assert "dry run: ok" in done.stdout and "output_dir saves/r was not touched" in done.stdout, done.stdout
+    assert [text for text in done.stderr.splitlines() if text.startswith(("warning:", "error:"))] == [
+        f"warning: r.yaml:{line}: output_dir: saves/r is not empty (it holds checkpoint-1, trainer_log.jsonl); set "
+        "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to start over (its contents "
+        "are removed), or choose another output_dir. The real run would stop there; this dry run writes only to a "
+        "temporary folder, so it goes on"], done.stderr
+    assert sorted(p.name for p in (workdir / "saves/r").iterdir()) == ["checkpoint-1", "trainer_log.jsonl"]
