@@ -29,7 +29,7 @@ def test_a_stale_build_names_the_rebuild_with_the_runs_overrides(workdir, hf_che
     write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
                  output_dir="saves/r")
     pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
-    err = refused("train", "r.yaml", "val_size=0.2", cwd=workdir)
+    err = refused("train", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)  # refused before the model loads
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         "error: data/build/tiny_sft: built with other settings than the recipe's (val_size 0.1 -> 0.2); run `make data "
         "RECIPE=r.yaml ARGS=val_size=0.2` (python -m pipeline build r.yaml val_size=0.2), or set overwrite_cache: true"
@@ -50,8 +50,8 @@ def test_a_full_recipe_on_a_prequantized_checkpoint_is_refused_where_it_needs_a_
                  finetuning_type="full", output_dir="saves/full")
     line = next(i for i, text in enumerate((tmp_path / "full.yaml").read_text().splitlines(), 1)
                 if text.startswith("finetuning_type:"))
-    for command, as_typed in (("eval", True), ("merge", False), ("train", False)):
-        err = refused(command, "full.yaml", cwd=tmp_path, as_typed=as_typed)
+    for command in ("eval", "merge", "train"):  # refused as the recipe resolves: in this process
+        err = refused(command, "full.yaml", cwd=tmp_path, as_typed=False)
         assert [text for text in err.splitlines() if text.startswith("error:")] == [
             f"error: full.yaml:{line}:18: finetuning_type: given full with model_name_or_path: {snapshot}, a "
             "pre-quantized bitsandbytes checkpoint stored as 4-bit fp4: a quantized base cannot train: its 4/8-bit "
