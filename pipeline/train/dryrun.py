@@ -115,7 +115,7 @@ def cleanup(scratch: Path) -> None:
 
 def real_run_problem(output_dir: str, at: str, occupied: str | None = None) -> str | None:
     """A warning line when the real run could not write its output_dir (`at`: where the recipe set it; pipeline.lock
-    refuses it there, before the model loads) or would not start in it (`occupied`: run.output_dir_refusal, a folder
+    refuses it there, before the model loads) or would not start in it (`occupied`: RunLayout.start_refusal, a folder
     holding another run): the dry run writes only to its temporary folder and goes on, so that it still reports what
     it checks, and says what the real run would meet. None when neither. Nothing is left on disk
     (pipeline.lock.unwritable)."""
@@ -135,14 +135,15 @@ def run(r: Any, train: Any) -> int:
     from pipeline.train import checkpoint
 
     dist.init(r.get("ddp_timeout"))
-    from pipeline.train.run import output_dir_refusal
+    from pipeline.runtime.layout import RunLayout
 
     real_output_dir = str(r["output_dir"])
     # 'latest' is looked up in the real output_dir, which is only read
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
                                     checkpoint.where(r, "resume_from_checkpoint"))
-    if dist.is_main() and (problem := real_run_problem(real_output_dir, checkpoint.where(r, "output_dir"),
-                                                       output_dir_refusal(r, resume))):
+    at = checkpoint.where(r, "output_dir")
+    occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    if dist.is_main() and (problem := real_run_problem(real_output_dir, at, occupied)):
         print(problem, file=sys.stderr, flush=True)
     if resume is not None:
         r = r.replace(resume_from_checkpoint=str(resume))

@@ -472,30 +472,13 @@ def json_short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def output_dir_refusal(r: Mapping[str, Any], resume: Path | None) -> str | None:
-    """Why a run (resuming from `resume`, or a new one) may not start in its output_dir, or None: a file in its
-    place, or a folder holding another run that the recipe neither resumes nor overwrites. prepare_output_dir stops
-    on it; `train --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem)."""
-    output_dir = Path(r["output_dir"])
-    at = checkpoint.where(r, "output_dir")
-    if output_dir.exists() and not output_dir.is_dir():
-        return f"{at}: {output_dir} is a file, not a directory; choose another output_dir"
-    entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    if not entries or resume is not None or r["overwrite_output_dir"] or RunLayout(output_dir).unfinished_start():
-        return None
-    shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-    return (f"{at}: {output_dir} is not empty (it holds {shown}); set resume_from_checkpoint: latest to continue "
-            "that run, overwrite_output_dir: true to start over (its contents are removed), or choose another "
-            "output_dir")
-
-
 def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
-    refusal = output_dir_refusal(r, resume)
-    if refusal is not None:
-        raise UserError(refusal)
     output_dir = Path(r["output_dir"])
     at = checkpoint.where(r, "output_dir")
+    refusal = RunLayout(output_dir).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    if refusal is not None:
+        raise UserError(refusal)
     entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
     leftover = RunLayout(output_dir).unfinished_start()
     if leftover and resume is None and not r["overwrite_output_dir"] and dist.is_main():
