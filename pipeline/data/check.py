@@ -185,7 +185,7 @@ def check_built(data: DataArgs) -> Checked:
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; "
                              f"{make_data(data)}")
             if not problems.count[str(path)]:
-                changed += [m for m in [edited(path, digest)] if m]
+                changed += [m for m in [edited(path, digest, data)] if m]
             loaded.append((spec.name, split, path, rows, origins))
     if changed or problems:
         raise UserError(changed + problems.messages())

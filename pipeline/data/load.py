@@ -123,8 +123,9 @@ def split_files(data: DataArgs, split: str) -> list[Path]:
     return [built_dir(data.dataset_dir, name) / f"{s}.json" for name, s in parts]
 
 
-def edited(path: Path, digest: str | None = None) -> str | None:
-    """Why a built file cannot be trusted: its sha256 is not the one manifest.json recorded (None: it is)."""
+def edited(path: Path, digest: str | None = None, data: DataArgs | None = None) -> str | None:
+    """Why a built file cannot be trusted: its sha256 is not the one manifest.json recorded (None: it is); `data`:
+    the recipe's, whose rebuild the message names (make_data)."""
     files = (read_manifest(Path(path).parent) or {}).get("files")
     recorded = files.get(Path(path).name) if isinstance(files, dict) else None
     if not isinstance(recorded, dict) or recorded.get("sha256") is None:
@@ -132,7 +133,7 @@ def edited(path: Path, digest: str | None = None) -> str | None:
     if recorded["sha256"] == (digest or sha256_file(Path(path))):
         return None
     return (f"{path}: changed after it was built (its sha256 differs from manifest.json); edit the raw sources "
-            f"instead and {MAKE_DATA}")
+            f"instead and {make_data(data)}")
 
 
 def read_rows(path: Path, verify: bool = True) -> list[Any]:

@@ -4,7 +4,7 @@
   r.yaml as written. The message names the command that rebuilds the data this run reads, the overrides included
   (make passes them as ARGS, which `make data` hands to the build). Failed before: it said `make data RECIPE=r.yaml`
   (python -m pipeline build r.yaml), which rebuilds the recipe as written, val_size 0.1, so the run stopped on the same
-  message again.
+  message again. The same for a built file edited by hand, which validate finds (it said `make data` and RECIPE).
 - A full recipe on a pre-quantized bitsandbytes checkpoint (transformers' save_pretrained of a BitsAndBytesConfig
   model): chat and export load the stored model as it is (test_prequantized_more_cli), but `eval` without a task and
   `merge` read the model a training run of the recipe writes (output_dir/model), and no run of it can train (transformers'
@@ -18,6 +18,7 @@
 """
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -37,6 +38,12 @@ def test_a_stale_build_names_the_rebuild_with_the_runs_overrides(workdir, hf_che
     command = err.split("(python -m pipeline ", 1)[1].split(")", 1)[0]
     pipeline(*shlex.split(command), cwd=workdir, as_typed=False)  # what the message says, as it says it
     pipeline("validate", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)  # the build is now the run's
+    built = workdir / "data/build/tiny_sft/train.json"
+    built.write_text(json.dumps(json.loads(built.read_text())), encoding="utf-8")  # the same rows, other bytes
+    err = refused("validate", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)
+    assert "data/build/tiny_sft/train.json: changed after it was built (its sha256 differs from manifest.json); edit " \
+           "the raw sources instead and run `make data RECIPE=r.yaml ARGS=val_size=0.2` (python -m pipeline build " \
+           "r.yaml val_size=0.2)" in err, err
 
 
 def test_a_full_recipe_on_a_prequantized_checkpoint_is_refused_where_it_needs_a_training_run(tmp_path):
