@@ -80,9 +80,11 @@ class DataArgs:
     # How a message names `dataset` / `eval_dataset` where they were set (recipe.args.key_at: "recipes/x.yaml:5:10:
     # dataset", "command line override eval_dataset=x: eval_dataset"), as every message names a recipe key.
     named: Mapping[str, str] = field(default_factory=dict, compare=False, metadata={NOT_A_KEY: True})
-    # The recipe file as the user named it (None: a plain mapping, in tests), so that a message can give the command
-    # that fixes a missing or stale build as the user types it (pipeline.data.load.make_data)
+    # The recipe file as the user named it (None: a plain mapping, in tests) and the command line's key=value overrides
+    # as typed, so that a message can give the command that fixes a missing or stale build as the user types it
+    # (pipeline.data.load.make_data): without the overrides it rebuilds another dataset than the run reads
     recipe: str | None = field(default=None, compare=False, metadata={NOT_A_KEY: True})
+    overrides: tuple[str, ...] = field(default=(), compare=False, metadata={NOT_A_KEY: True})
 
     @property
     def form(self) -> str:

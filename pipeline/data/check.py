@@ -183,9 +183,9 @@ def check_built(data: DataArgs) -> Checked:
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; "
-                             f"{make_data(data.recipe)}")
+                             f"{make_data(data)}")
             if not problems.count[str(path)]:
-                changed += [m for m in [edited(path, digest)] if m]
+                changed += [m for m in [edited(path, digest, data)] if m]
             loaded.append((spec.name, split, path, rows, origins))
     if changed or problems:
         raise UserError(changed + problems.messages())

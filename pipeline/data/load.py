@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
@@ -28,12 +29,20 @@ T = TypeVar("T")
 _read: dict[tuple, tuple[list[Any], str]] | None = None  # read_once's rows and digests, while one is open
 
 
-def make_data(recipe: str | None = None) -> str:
-    """What rebuilds the data, the recipe named as the user named it (DataArgs.recipe; None: RECIPE, for messages that
-    have no recipe at hand): a bare `make data` builds the Makefile's default recipe, not theirs."""
-    run = f"`make data RECIPE={recipe}` (python -m pipeline build {recipe})" if recipe else \
-        "`make data` (python -m pipeline build RECIPE)"
-    return f"run {run}, or set overwrite_cache: true so that train and eval rebuild it themselves"
+def make_data(data: DataArgs | None = None) -> str:
+    """What rebuilds the data, the recipe named as the user named it and the run's command-line overrides
+    (DataArgs.recipe / overrides; None: RECIPE, for messages that have no recipe at hand): a bare `make data` builds
+    the Makefile's default recipe, not theirs, and one without the overrides (val_size=0.2) another dataset than the
+    run reads. make hands ARGS to the build as it hands them to train."""
+    recipe = data.recipe if data is not None else None
+    if not recipe:
+        return ("run `make data` (python -m pipeline build RECIPE), or set overwrite_cache: true so that train and eval "
+                "rebuild it themselves")
+    overrides = data.overrides if data is not None else ()
+    args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
+    build = shlex.join(["python", "-m", "pipeline", "build", recipe, *overrides])
+    return (f"run `make data RECIPE={shlex.quote(recipe)}{args}` ({build}), or set overwrite_cache: true so that train"
+            " and eval rebuild it themselves")
 
 
 MAKE_DATA = make_data()
@@ -43,7 +52,7 @@ def build_problem(data: DataArgs, name: str) -> str | None:
     """Why the build of `name` cannot be used with this recipe, or None."""
     directory = built_dir(data.dataset_dir, name)
     manifest = read_manifest(directory)
-    fix = make_data(data.recipe)
+    fix = make_data(data)
     if manifest is None or not all(isinstance(manifest.get(k), dict) for k in ("build_keys", "splits")):
         if (directory / "manifest.json").is_file():
             return f"{directory}/manifest.json: damaged (not a JSON object as the build writes it); {fix}"
@@ -93,7 +102,7 @@ def sources_changed(data: DataArgs, name: str, manifest: Mapping[str, Any]) -> s
     if not changed:
         return None
     return (f"{built_dir(dataset_dir, name)}: built from other sources than the recipe's now ({'; '.join(changed)} since "
-            f"the build); {make_data(data.recipe)}")
+            f"the build); {make_data(data)}")
 
 
 def split_files(data: DataArgs, split: str) -> list[Path]:
@@ -114,8 +123,9 @@ def split_files(data: DataArgs, split: str) -> list[Path]:
     return [built_dir(data.dataset_dir, name) / f"{s}.json" for name, s in parts]
 
 
-def edited(path: Path, digest: str | None = None) -> str | None:
-    """Why a built file cannot be trusted: its sha256 is not the one manifest.json recorded (None: it is)."""
+def edited(path: Path, digest: str | None = None, data: DataArgs | None = None) -> str | None:
+    """Why a built file cannot be trusted: its sha256 is not the one manifest.json recorded (None: it is); `data`:
+    the recipe's, whose rebuild the message names (make_data)."""
     files = (read_manifest(Path(path).parent) or {}).get("files")
     recorded = files.get(Path(path).name) if isinstance(files, dict) else None
     if not isinstance(recorded, dict) or recorded.get("sha256") is None:
@@ -123,7 +133,7 @@ def edited(path: Path, digest: str | None = None) -> str | None:
     if recorded["sha256"] == (digest or sha256_file(Path(path))):
         return None
     return (f"{path}: changed after it was built (its sha256 differs from manifest.json); edit the raw sources "
-            f"instead and {MAKE_DATA}")
+            f"instead and {make_data(data)}")
 
 
 def read_rows(path: Path, verify: bool = True) -> list[Any]:

@@ -319,7 +319,17 @@ def data_args(r: Mapping[str, Any]) -> DataArgs:
     named = {key: key_at(r, key) for key in ("dataset", "eval_dataset")}  # the registry's messages name them
     recipe = getattr(r, "recipe_path", None)
     return dataclasses.replace(from_recipe(DataArgs, r), named=named, recipe=None if recipe is None else str(recipe),
+                               overrides=typed_overrides(r),
                                tokenizer_name_or_path=None if source == r.get("model_name_or_path") else source)
+
+
+def typed_overrides(r: Mapping[str, Any]) -> tuple[str, ...]:
+    """The command line's key=value overrides that set the recipe's values, as typed (Origin.text); () for a plain
+    mapping (tests)."""
+    origin = getattr(r, "origin", None)
+    if origin is None:
+        return ()
+    return tuple(o.text for key in r if (o := origin(key)).kind == "cli" and o.text)
 
 
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:

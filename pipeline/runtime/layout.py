@@ -108,6 +108,21 @@ class RunLayout:
         entries = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
         return entries if entries and set(entries) <= start else []
 
+    def start_refusal(self, at: str, kept: bool) -> str | None:
+        """Why a run may not start here, or None: a file in output_dir's place, or a folder holding another run
+        (beyond an unfinished_start) that the run neither resumes nor overwrites (`kept`: resume_from_checkpoint or
+        overwrite_output_dir; `at`: where output_dir was set). train's prepare_output_dir stops on it; `train
+        --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem)."""
+        if self.root.exists() and not self.root.is_dir():
+            return f"{at}: {self.root} is a file, not a directory; choose another output_dir"
+        entries = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+        if not entries or kept or self.unfinished_start():
+            return None
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        return (f"{at}: {self.root} is not empty (it holds {shown}); set resume_from_checkpoint: latest to continue "
+                "that run, overwrite_output_dir: true to start over (its contents are removed), or choose another "
+                "output_dir")
+
     def finished_by(self, recipe: str | Path) -> bool:
         """Whether this folder holds a finished run (all_results.json) of `recipe`: resolved.yaml's first line
         names the recipe it was trained from. A recipe that extends another inherits its output_dir, so a

@@ -113,18 +113,20 @@ def cleanup(scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def real_run_problem(output_dir: str, at: str) -> str | None:
+def real_run_problem(output_dir: str, at: str, occupied: str | None = None) -> str | None:
     """A warning line when the real run could not write its output_dir (`at`: where the recipe set it; pipeline.lock
-    refuses it there, before the model loads): the dry run writes only to its temporary folder and goes on, so that it
-    still reports what it checks, and says what the real run would meet. None when output_dir is writable. Nothing is
-    left on disk (pipeline.lock.unwritable)."""
+    refuses it there, before the model loads) or would not start in it (`occupied`: RunLayout.start_refusal, a folder
+    holding another run): the dry run writes only to its temporary folder and goes on, so that it still reports what
+    it checks, and says what the real run would meet. None when neither. Nothing is left on disk
+    (pipeline.lock.unwritable)."""
     from pipeline.lock import unwritable
 
     refusal = unwritable(output_dir, at)
-    if refusal is None:
+    problem = refusal.messages[0] if refusal is not None else occupied
+    if problem is None:
         return None
-    return (f"warning: {refusal.messages[0]}. The real run would stop there; this dry run writes only to a temporary "
-            "folder, so it goes on")
+    return (f"warning: {problem}. The real run would stop there; this dry run writes only to a temporary folder, so "
+            "it goes on")
 
 
 def run(r: Any, train: Any) -> int:
@@ -133,12 +135,16 @@ def run(r: Any, train: Any) -> int:
     from pipeline.train import checkpoint
 
     dist.init(r.get("ddp_timeout"))
+    from pipeline.runtime.layout import RunLayout
+
     real_output_dir = str(r["output_dir"])
-    if dist.is_main() and (problem := real_run_problem(real_output_dir, checkpoint.where(r, "output_dir"))):
-        print(problem, file=sys.stderr, flush=True)
     # 'latest' is looked up in the real output_dir, which is only read
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
                                     checkpoint.where(r, "resume_from_checkpoint"))
+    at = checkpoint.where(r, "output_dir")
+    occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    if dist.is_main() and (problem := real_run_problem(real_output_dir, at, occupied)):
+        print(problem, file=sys.stderr, flush=True)
     if resume is not None:
         r = r.replace(resume_from_checkpoint=str(resume))
     r, scratch = redirect(r.replace(logging_steps=1, logging_strategy="steps"))

@@ -53,13 +53,15 @@ class TrainResult:
 
 
 def run(r: Any, args: Any = None) -> int:
+    # `make train` on a stale finished run; every rank decides here, before prepare_output_dir's barrier
+    retrain = getattr(args, "retrain_finished", False) and not r["overwrite_output_dir"] and \
+        not r["resume_from_checkpoint"] and RunLayout.of(r["output_dir"]).finished_by(r.recipe_path)
     if getattr(args, "dry_run", False):
         from pipeline.train import dryrun
 
-        return dryrun.run(r, train)
-    if getattr(args, "retrain_finished", False) and not r["overwrite_output_dir"] and \
-            not r["resume_from_checkpoint"] and RunLayout.of(r["output_dir"]).finished_by(r.recipe_path):
-        # `make train` on a stale finished run; every rank decides here, before prepare_output_dir's barrier
+        # `make train ARGS=--dry-run`: that finished run is make's to retrain or leave, not in the real run's way
+        return dryrun.run(r.replace(overwrite_output_dir=True) if retrain else r, train)
+    if retrain:
         if dist.is_main():
             print(f"note: {r['output_dir']} holds a finished run of {r.recipe_path} that is out of date; training "
                   "it again from scratch", file=sys.stderr)
@@ -474,19 +476,15 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
     output_dir = Path(r["output_dir"])
     at = checkpoint.where(r, "output_dir")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"{at}: {output_dir} is a file, not a directory; choose another output_dir")
+    refusal = RunLayout(output_dir).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    if refusal is not None:
+        raise UserError(refusal)
     entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
     leftover = RunLayout(output_dir).unfinished_start()
     if leftover and resume is None and not r["overwrite_output_dir"] and dist.is_main():
         print(f"note: {output_dir} holds only what a run that stopped before its first checkpoint wrote "
               f"({', '.join(leftover)}); starting over there", file=sys.stderr)
     if entries and resume is None and not leftover:
-        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-        if not r["overwrite_output_dir"]:
-            raise UserError(f"{at}: {output_dir} is not empty (it holds {shown}); set "
-                            "resume_from_checkpoint: latest to continue that run, overwrite_output_dir: true to "
-                            "start over (its contents are removed), or choose another output_dir")
         from pipeline.data.build import source_files
 
         inputs = guard.protected({**{k: r[k] for k in guard.INPUT_KEYS}, **source_files(data_args(r))}, r.files)

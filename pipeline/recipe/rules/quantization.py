@@ -34,12 +34,20 @@ ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their 
                  "base whole on every rank")
 
 
-# the commands that train a recipe or check it for training: a full / freeze recipe on a pre-quantized checkpoint is
-# refused there only. Its chat, eval with task and export load the stored model as it is, as LLaMA-Factory's do (quantization_bit
-# unset, its _verify_model_args checks nothing); the recipe's own quantization_bit is refused with full / freeze in
-# every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and get_eval_args (hparams/parser.py:
-# 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the LoRA or OFT method.", :190).
-TRAINS = ("train", "validate", "plan", None)
+# the commands that train a recipe, check it for training, or read what its training run writes (merge, and eval
+# without a task: output_dir/model, which no run of it can write): a full / freeze recipe on a pre-quantized checkpoint
+# is refused there only. Its chat, eval with task and export load the stored model as it is, as LLaMA-Factory's do
+# (quantization_bit unset, its _verify_model_args checks nothing); the recipe's own quantization_bit is refused with
+# full / freeze in every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and
+# get_eval_args (hparams/parser.py: 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the
+# LoRA or OFT method.", :190).
+TRAINS = ("train", "validate", "plan", "merge", None)
+
+
+def needs_training(command: str | None, task: Any) -> bool:
+    """Whether `command` trains the recipe, checks it for training or reads its training run's model (TRAINS; eval
+    without a task compares that model with the base)."""
+    return command in TRAINS or (command == "eval" and task is None)
 
 
 def quantized_base(v: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -65,7 +73,7 @@ def quantization_zero3(v: Mapping[str, Any]) -> str | None:
 
 
 @rule("quantization_bit", "quantization_method", "finetuning_type", "pissa_init", "zero_stage", "deepspeed",
-      "model_name_or_path")
+      "model_name_or_path", "task")
 def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     """quantization_bit (QLoRA) trains an adapter (lora, oft) on a frozen bitsandbytes base, in every stage, at ZeRO
     0-2; everything else it is combined with is said here, one message per key."""
@@ -77,7 +85,7 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     if v["quantization_method"] != "bnb":
         problems.append(("quantization_method", f"given {show(v['quantization_method'])} {given}: bnb (bitsandbytes) "
                                                 "is the one quantizer implemented here; set quantization_method: bnb"))
-    if v["finetuning_type"] not in ("lora", "oft") and (refused == LF_REFUSES or ctx.command in TRAINS):
+    if v["finetuning_type"] not in ("lora", "oft") and (refused == LF_REFUSES or needs_training(ctx.command, v["task"])):
         problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: "
                                             + FULL_REFUSED.format(refused=refused, fix=fix)))
     if v["pissa_init"]:
