@@ -4,7 +4,8 @@ recipe with `lora_target: all` -> plan / build / train one step as typed -> PEFT
 trained model's logits, and plan's trainable count is what PEFT's get_peft_model trains for the names LLaMA-Factory
 0.9.5's find_all_linear_modules gives (model/adapter.py:205-206): the dense block's gate_proj / up_proj / down_proj
 among them, which PEFT 0.21 moves onto every routed expert (target_parameters gate_up_proj, down_proj). A setting
-PEFT's ParamWrapper refuses (lora_dropout) is refused at its key, saying what `all` is on this model. GLM-4.5's
+PEFT's ParamWrapper refuses (lora_dropout) is refused at its key, saying what `all` is on this model, and so is
+finetuning_type: oft (PEFT's OFT would adapt the dense block's MLP Linears, which take no adapter here). GLM-4.5's
 `all` (dense block and shared experts) runs in test_glm4_moe_cli with the same checks; every family's table:
 tests/model/test_lora_all_moe.py."""
 from __future__ import annotations
@@ -29,6 +30,11 @@ def test_lora_all_trains_the_experts_peft_trains(workdir):
     message = refused("validate", recipe, "lora_dropout=0.1", cwd=workdir, as_typed=False)
     assert "lora_dropout: given 0.1; lora_target: all is q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj," \
            " down_proj on this model" in message, message
+    # PEFT converts the names for LoRA only: its OFT adapts the dense block's Linears, which take no adapter here
+    message = refused("validate", recipe, "finetuning_type=oft", cwd=workdir, as_typed=False)
+    assert "PEFT's OFT (no MoE conversion: LoRA only) adapts the dense block's and shared experts' Linears of the" \
+           " names gate_proj, up_proj, down_proj, which take no adapter here: name the others instead of all" \
+           " (lora_target: q_proj,k_proj,v_proj,o_proj)" in message, message
     source = transformers.AutoModelForCausalLM.from_pretrained(base)
     names = lf_all_linear_modules(source)
     assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
