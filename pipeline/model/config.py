@@ -927,6 +927,8 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     patterns = normalise_targets(targets)
     every = set(ours)
     if "all" in patterns and key != "additional_target":  # additional_target's 'all' is a name (all_saved_message)
+        if expert_names(fam):  # LLaMA-Factory's names, which PEFT moves onto the experts (all_linear_names)
+            return select_modules(ours, all_linear_names(fam, ours), key, fam)
         return [n for n in ours if not moe_blocked(fam, n, key, every)]
     problems, chosen = [], set()
     for pattern in patterns:
@@ -971,6 +973,18 @@ def select_modules(names: Iterable[str], targets: str | Iterable[str] | None, ke
     if problems:
         raise UserError(problems)
     return [n for n in ours if n in chosen and not any(n.startswith(c + ".") for c in chosen)]
+
+
+def all_linear_names(fam: Family, names: Iterable[str]) -> list[str]:
+    """What lora_target: all names on this family's transformers model: LLaMA-Factory 0.9.5's
+    find_all_linear_modules (model/model_utils/misc.py:28-52) hands PEFT the last name of every module whose class is
+    a Linear, the head left out: all of ours (`names`, the LoRA candidates) but the experts' and the routers', which
+    transformers 5 holds as fused 3-D tensors and a TopKRouter. Where a dense block or shared experts hold Linears
+    named gate_proj / up_proj / down_proj (GLM-4.5, DeepSeek-V3, Qwen3-MoE with mlp_only_layers), those names reach
+    PEFT 0.21, whose MoE conversion moves them onto every routed expert (select_modules' bare expert names) and off
+    those Linears; without such a block `all` is the attention's names."""
+    return list(dict.fromkeys(fam.strip(fam.to_hf(n)).rsplit(".", 1)[-1] for n in names
+                              if not expert_of(n) and not router_of(n)))
 
 
 def expert_names(fam: Family) -> dict[str, str]:

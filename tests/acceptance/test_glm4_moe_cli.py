@@ -2,8 +2,10 @@
 dense, block 1 a DeepSeek-V3 sparse block: sigmoid router with a correction bias far from 0, 2 groups of 2 experts
 with 1 kept, top-2, a shared expert, routed_scaling_factor 1.5) with the small byte-level tokenizer holding GLM's
 special tokens, an LLaMA-Factory-format LoRA sft recipe with template glm4_moe, lora_target all and
-moe_aux_loss_coef -> validate (the coefficient's notice; an MLP target refused) -> build / train / merge as typed ->
-merged/ loads in transformers as Glm4MoeForCausalLM and PEFT reads adapter/, both computing what our trained model
+moe_aux_loss_coef -> validate (the coefficient's notice; an MLP target refused) -> plan (the trainable count PEFT's
+get_peft_model trains for LLaMA-Factory's expansion of all: the dense block's and shared expert's MLP names bring the
+routed experts, test_lora_all_moe) -> build / train / merge as typed -> merged/ loads in transformers as
+Glm4MoeForCausalLM (its routed experts moved) and PEFT reads adapter/, both computing what our trained model
 computes."""
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atten
 
 
 def test_lora_sft_from_a_save_pretrained_glm4_moe_merges_to_glm4_moe(workdir):
+    import peft
     import torch
     import transformers
 
@@ -33,14 +36,29 @@ def test_lora_sft_from_a_save_pretrained_glm4_moe_merges_to_glm4_moe(workdir):
     assert "lora_target: 'gate_proj' without 'up_proj'" in message, message  # the experts take LoRA in pairs
     told = pipeline("validate", recipe, cwd=workdir, as_typed=False, expect=None).stderr
     assert "moe_aux_loss_coef: accepted without effect: this Glm4MoeForCausalLM balances its experts by the" in told
+    # lora_target: all is LLaMA-Factory's find_all_linear_modules: the dense block's and the shared expert's
+    # gate_proj / up_proj / down_proj among them, which PEFT 0.21 moves onto the routed experts: plan counts PEFT's
+    from tests.model.test_moe_families import lf_all_linear_modules
+
+    names = lf_all_linear_modules(model)
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                                 peft.LoraConfig(r=4, lora_alpha=8, target_modules=names))
+    trained = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert f" total, {trained:,} trainable " in pipeline("plan", recipe, cwd=workdir, as_typed=False).stdout
     config, adapter = build_train_merge(recipe, workdir)
     assert (config["architectures"], config["model_type"], config["n_group"], config["routed_scaling_factor"],
             config["first_k_dense_replace"]) == (["Glm4MoeForCausalLM"], "glm4_moe", 2, 1.5, 1)
-    assert adapter["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert (adapter["target_modules"], adapter["target_parameters"]) == (
+        ["k_proj", "o_proj", "q_proj", "v_proj"], ["down_proj", "gate_up_proj"])
     merged = workdir / "saves/r/merged"
     theirs = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
     assert type(theirs).__name__ == "Glm4MoeForCausalLM"
     assert torch.equal(theirs.model.layers[1].mlp.gate.e_score_correction_bias, torch.tensor([0.3, -0.2, 0.1, -0.4]))
     x, want = assert_outputs_compute_ours(recipe, workdir, base, theirs, config["vocab_size"])
-    with torch.no_grad():  # and the run trained: not the base's logits
-        assert (want - transformers.AutoModelForCausalLM.from_pretrained(base)(x).logits).abs().max() > 1e-3
+    with torch.no_grad():  # and the run trained: not the base's logits; the routed experts moved (lora_target: all)
+        source = transformers.AutoModelForCausalLM.from_pretrained(base)
+        assert (want - source(x).logits).abs().max() > 1e-3
+        for part in ("gate_up_proj", "down_proj"):
+            assert (theirs.model.layers[1].mlp.experts.get_parameter(part)
+                    - source.model.layers[1].mlp.experts.get_parameter(part)).abs().max() > 1e-4, part

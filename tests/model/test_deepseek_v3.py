@@ -78,11 +78,13 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
         assert torch.equal(back(x).logits, ref(x).logits)
 
 
-def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(checkpoint, tmp_path):
+def test_lora_all_adapts_what_peft_adapts_on_this_model(checkpoint, tmp_path):
     """As on GLM-4.5 (PEFT 0.21 maps deepseek_v3 to transformers' qwen2_moe conversion too): LLaMA-Factory's
-    find_all_linear_modules adds the MLP names, which PEFT moves onto the fused experts; the Linears PEFT adapts are the
-    latent attention's, ours; PEFT loads our adapter with our logits and merge agrees."""
+    find_all_linear_modules adds the MLP names (the dense block's, the shared experts'), which PEFT moves onto the
+    fused routed experts; the Linears PEFT adapts are the latent attention's, ours, and the routed experts take LoRA as
+    PEFT's target_parameters; PEFT loads our adapter with our logits and merge agrees."""
     peft = pytest.importorskip("peft")
+    from pipeline.model.expert_lora import expert_of
     from pipeline.model.families import FAMILIES
     from pipeline.model.lora import lora_modules
     from tests.model.test_families import assert_adapter_agrees, randomise_lora
@@ -96,10 +98,12 @@ def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(chec
     save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(path)})
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]
+    assert config["target_parameters"] == ["down_proj", "gate_up_proj"]
     theirs = peft.get_peft_model(hf_model(name), peft.LoraConfig(r=4, target_modules=lf_all_linear_modules(ref)))
     linears = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                if hasattr(m, "lora_A") and isinstance(m.get_base_layer(), torch.nn.Linear)}
-    assert {FAMILIES["deepseek_v3"].to_hf(n) for n in lora_modules(ours)} == linears
+    assert {FAMILIES["deepseek_v3"].to_hf(n) for n in lora_modules(ours) if not expert_of(n)} == linears
+    assert theirs.peft_config["default"].target_parameters == {"gate_up_proj", "down_proj"}
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
 
 

@@ -216,7 +216,8 @@ def randomise_lora(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for wrapper in lora_modules(model).values():
-            wrapper.lora.B.copy_(torch.randn(wrapper.lora.B.shape, generator=gen) * 0.1)
+            if hasattr(wrapper, "lora"):  # an expert's up_proj reads its gate_proj's pair (LinearWithFusedLoRA)
+                wrapper.lora.B.copy_(torch.randn(wrapper.lora.B.shape, generator=gen) * 0.1)
 
 
 def assert_adapter_agrees(peft, ours, path, directory, x):

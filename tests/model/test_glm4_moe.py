@@ -145,15 +145,17 @@ def test_export_writes_the_hub_names_and_loads_in_transformers(checkpoint, tmp_p
     assert_export_reads_back(tmp_path / "out", ref)
 
 
-def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(checkpoint, tmp_path):
+def test_lora_all_adapts_what_peft_adapts_on_this_model(checkpoint, tmp_path):
     """LLaMA-Factory's lora_target: all (find_all_linear_modules) on Glm4MoeForCausalLM names the attention
     projections and, from the dense block and the shared experts, gate_proj / up_proj / down_proj; PEFT 0.21 maps
     model type glm4_moe to transformers' qwen2_moe conversion (utils/transformers_weight_conversion.py:332-353,
     402-482) and moves those three names onto the fused experts' tensors (target_parameters), dropping them from the
-    Linears. So PEFT's LoRA Linears are the attention projections: ours are the same, PEFT loads our adapter with our
-    logits, and merge agrees. (The fused experts' adapters LLaMA-Factory's all would train are not written here.)"""
+    Linears. So PEFT's LoRA Linears are the attention projections and every routed expert takes LoRA: ours are the
+    same, PEFT loads our adapter (experts included) with our logits, and merge agrees (every family's table:
+    test_lora_all_moe)."""
     peft = pytest.importorskip("peft")
     from pipeline.model.families import FAMILIES
+    from pipeline.model.expert_lora import expert_of
     from pipeline.model.lora import lora_modules
     from tests.model.test_families import assert_adapter_agrees, randomise_lora
 
@@ -168,9 +170,11 @@ def test_lora_all_adapts_the_attention_as_peft_adapts_linears_on_this_model(chec
     assert lf_all == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     theirs = peft.get_peft_model(hf_model(), peft.LoraConfig(r=4, target_modules=lf_all))
     assert theirs.peft_config["default"].target_parameters == {"gate_up_proj", "down_proj"}
+    assert config["target_parameters"] == ["down_proj", "gate_up_proj"]
     linears = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                if hasattr(m, "lora_A") and isinstance(m.get_base_layer(), torch.nn.Linear)}
-    assert {FAMILIES["glm4_moe"].to_hf(n) for n in lora_modules(ours)} == linears
+    assert {FAMILIES["glm4_moe"].to_hf(n) for n in lora_modules(ours) if not expert_of(n)} == linears
+    assert {n.split(".")[-1] for n in lora_modules(ours) if expert_of(n)} == {"gate_proj", "up_proj", "down_proj"}
     assert_adapter_agrees(peft, ours, path, tmp_path / "adapter", ids(7))
 
 

@@ -158,7 +158,8 @@ def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
     if info is None or not info.config.n_experts:
         return []
     from pipeline.errors import UserError
-    from pipeline.model.config import expert_names, lora_target_modules, router_name
+    from pipeline.model.config import (all_linear_names, expert_names, layout, lora_candidates, lora_target_modules,
+                                       router_name)
     from pipeline.model.expert_lora import expert_of, router_of
 
     try:
@@ -168,22 +169,30 @@ def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
         return []
     if not experts:
         return []
-    names = ", ".join(n for n in split_names(v["lora_target"])
-                      if n in expert_names(info.config.hf) or n == router_name(info.config.hf))
+    fam = info.config.hf
+    names = ", ".join(n for n in split_names(v["lora_target"]) if n in expert_names(fam) or n == router_name(fam))
     why = (f"lora_target names the MoE experts ({names}), which PEFT 0.21 adapts as its ParamWrapper on transformers"
            " 5's fused expert tensors")
-    wrong = [("finetuning_type", v["finetuning_type"] == "oft", "given oft; " + why + " for LoRA only: set"
-              " finetuning_type: lora, or take the expert names out of lora_target"),
+    out = "take the expert names out of lora_target"
+    oft = why + " for LoRA only: set finetuning_type: lora, or " + out
+    if "all" in split_names(v["lora_target"]):  # the expert names come from LLaMA-Factory's expansion
+        found = all_linear_names(fam, lora_candidates(m.name for m in layout(info.config) if m.kind == "linear"))
+        mlp = [n for n in found if n in expert_names(fam)]
+        why = (f"lora_target: all is {', '.join(found)} on this model (LLaMA-Factory's find_all_linear_modules: the"
+               f" dense block's or shared experts' Linears bring {', '.join(mlp)}), which PEFT 0.21 moves onto the MoE"
+               " experts, adapted as its ParamWrapper on transformers 5's fused expert tensors")
+        out = f"name the others instead of all (lora_target: {','.join(n for n in found if n not in mlp)})"
+        oft = (f"lora_target: all is {', '.join(found)} on this model (LLaMA-Factory's find_all_linear_modules), and"
+               f" PEFT's OFT (no MoE conversion: LoRA only) adapts the dense block's and shared experts' Linears of"
+               f" the names {', '.join(mlp)}, which take no adapter here: {out}, or set finetuning_type: lora")
+    wrong = [("finetuning_type", v["finetuning_type"] == "oft", f"given oft; {oft}"),
              ("lora_dropout", bool(v["lora_dropout"]), f"given {v['lora_dropout']}; {why}, which refuses dropout"
               " (it cannot apply it to the input of one expert's weights): set lora_dropout: 0"),
-             ("use_dora", bool(v["use_dora"]), f"given true; {why}, which refuses DoRA: remove use_dora, or take"
-              " the expert names out of lora_target"),
+             ("use_dora", bool(v["use_dora"]), f"given true; {why}, which refuses DoRA: remove use_dora, or {out}"),
              ("pissa_init", bool(v["pissa_init"]), f"given true; {why}, which has no PiSSA start (its pissa_init"
-              " reads a weight the experts module has not): remove pissa_init, or take the expert names out of"
-              " lora_target"),
+              f" reads a weight the experts module has not): remove pissa_init, or {out}"),
              ("quantization_bit", bool(v["quantization_bit"]), f"given {v['quantization_bit']}; {why}: QLoRA on"
-              " the experts is not done here; remove quantization_bit, or take the expert names out of"
-              " lora_target")]
+              f" the experts is not done here; remove quantization_bit, or {out}")]
     return [(key, message) for key, bad, message in wrong if bad]
 
 
