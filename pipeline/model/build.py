@@ -3,8 +3,8 @@
 finetuning_type decides what the optimizer sees:
   lora    every base weight frozen; LoRA on lora_target (+ additional_target modules trained in full)
   oft     the same, with OFT's orthogonal rotations (pipeline.model.oft) on lora_target, as LLaMA-Factory picks them
-  freeze  only the last freeze_trainable_layers blocks and the final norm ln_f train (embeddings and
-          the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge);
+  freeze  only the last freeze_trainable_layers blocks (negative: the first ones) and the final norm ln_f train
+          (embeddings and the tied head stay frozen: they hold most of GPT-2's parameters and its vocabulary knowledge);
           with use_llama_pro, only the blocks `python -m pipeline expand` inserted (lora / oft: the adapter only there)
   full    every weight trains
 """

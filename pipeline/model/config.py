@@ -1299,23 +1299,40 @@ def freeze_module_problems(cfg: ModelConfig, trainable_modules: str | Iterable[s
     return problems
 
 
+def freeze_layers_problem(n_layers: int, trainable_layers: int) -> str:
+    """Why freeze_trainable_layers cannot count blocks of a model of `n_layers` ("" when it can), starting at "given"
+    for the caller to prefix its key: 0 trains no block, and more blocks than the model has are refused where
+    LLaMA-Factory would quietly train them all."""
+    if trainable_layers and abs(trainable_layers) <= n_layers:
+        return ""
+    return (f"given {trainable_layers}, expected 1..{n_layers} (the last blocks of the model's {n_layers}) or "
+            f"-1..-{n_layers} (the first ones); or finetuning_type: full")
+
+
+def freeze_blocks(n_layers: int, trainable_layers: int) -> list[int]:
+    """The blocks finetuning_type: freeze trains: the last n for n > 0, the first -n for n < 0, as LLaMA-Factory
+    0.9.5's _setup_freeze_tuning picks them (model/adapter.py:89-92: range(num_layers - n, num_layers), else
+    range(-n)); one rule for the model, plan and the recipe rules."""
+    if problem := freeze_layers_problem(n_layers, trainable_layers):
+        raise UserError(f"freeze_trainable_layers: {problem}")
+    if trainable_layers > 0:
+        return list(range(n_layers - trainable_layers, n_layers))
+    return list(range(-trainable_layers))
+
+
 def freeze_trainable_names(cfg: ModelConfig, trainable_layers: int, llama_pro: bool = False,
                            trainable_modules: str | Iterable[str] | None = "all",
                            extra_modules: str | Iterable[str] | None = None) -> list[str]:
-    """finetuning_type: freeze trains the last `trainable_layers` blocks and the final norm (and a reward model's
+    """finetuning_type: freeze trains the last `trainable_layers` blocks (the first -trainable_layers when negative:
+    freeze_blocks) and the final norm (and a reward model's
     new score head: it starts random). With use_llama_pro, the expanded blocks alone (LLaMA-Factory trains no norm
     then either): the rest is the original model, which LLaMA Pro keeps. freeze_trainable_modules narrows each block
     to the named modules and freeze_extra_modules adds modules outside the blocks, both by the family's HF names as
     LLaMA-Factory; once either is given the recipe spells out what trains, so the final norm trains only when
     freeze_extra_modules names it (LLaMA-Factory's set exactly)."""
     head = ["score"] if cfg.num_labels else []
-    if llama_pro:
-        blocks = llama_pro_blocks(cfg.n_layers, trainable_layers)
-    elif not 1 <= trainable_layers <= cfg.n_layers:
-        raise UserError(f"freeze_trainable_layers: {trainable_layers} is out of range; the model has"
-                        f" {cfg.n_layers} blocks (use 1..{cfg.n_layers}, or finetuning_type: full)")
-    else:
-        blocks = list(range(cfg.n_layers - trainable_layers, cfg.n_layers))
+    blocks = llama_pro_blocks(cfg.n_layers, trainable_layers) if llama_pro else freeze_blocks(cfg.n_layers,
+                                                                                              trainable_layers)
     modules, extra = normalise_targets(trainable_modules or "all"), split_names(extra_modules)
     if problems := freeze_module_problems(cfg, modules, extra):
         raise UserError([f"{key}: {why}" for key, why in problems])

@@ -383,7 +383,7 @@ def _made_first(r: Resolved) -> list[str]:
 def trainable_blocks(r: Resolved) -> str:
     """Which blocks train when only some do (freeze, or use_llama_pro's expanded blocks), so that a user checks the
     ids against expand's output before a long run; "" otherwise or when the model cannot be read here."""
-    from pipeline.model.config import llama_pro_blocks
+    from pipeline.model.config import freeze_blocks, llama_pro_blocks
 
     info = model_info(r["model_name_or_path"])
     kind, n = r["finetuning_type"], r["freeze_trainable_layers"]
@@ -392,14 +392,14 @@ def trainable_blocks(r: Resolved) -> str:
     last = info.n_layer - 1
     modules, extra = r["freeze_trainable_modules"], r["freeze_extra_modules"]
     if kind == "freeze" and (modules != "all" or extra):
-        blocks = llama_pro_blocks(info.n_layer, n) if r["use_llama_pro"] else range(info.n_layer - n, info.n_layer)
+        blocks = llama_pro_blocks(info.n_layer, n) if r["use_llama_pro"] else freeze_blocks(info.n_layer, n)
         inside = "whole" if modules == "all" else f"their {', '.join(split_names(modules))}"
         return (f"trainable blocks: {', '.join(map(str, blocks))} of 0..{last} ({inside}: freeze_trainable_modules)"
                 + (f"; outside the blocks: {', '.join(split_names(extra))} (freeze_extra_modules)" if extra else
                    "; nothing outside the blocks (freeze_extra_modules names what would)"))
     if not r["use_llama_pro"]:
-        return f"trainable blocks: {', '.join(map(str, range(info.n_layer - n, info.n_layer)))} of 0..{last} (the " \
-               "last freeze_trainable_layers) and the final norm"
+        return f"trainable blocks: {', '.join(map(str, freeze_blocks(info.n_layer, n)))} of 0..{last} (the " \
+               f"{'last' if n > 0 else 'first'} {abs(n)}: freeze_trainable_layers) and the final norm"
     what = {"freeze": "in full, nothing else", "lora": "LoRA on lora_target inside them",
             "oft": "OFT on lora_target inside them"}[kind]
     return (f"trainable blocks: {', '.join(map(str, llama_pro_blocks(info.n_layer, n)))} of 0..{last} (use_llama_pro:"

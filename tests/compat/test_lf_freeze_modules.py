@@ -38,9 +38,10 @@ def lf_modules(named: list[str]) -> tuple[set[str], set[str]]:
 
 
 def lf_trainable(named: list[str], n_layers: int, layers: int, modules: str, extra: str | None) -> set[str]:
-    """The parameter names LLaMA-Factory leaves trainable: the last `layers` blocks, then the substring rule."""
-    patterns = [f".{i}.{m if m != 'all' else ''}" for m in modules.split(",") for i in range(n_layers - layers,
-                                                                                           n_layers)]
+    """The parameter names LLaMA-Factory leaves trainable: the last `layers` blocks (negative: the first -layers;
+    model/adapter.py:89-92 re-typed), then the substring rule."""
+    blocks = range(max(0, n_layers - layers), n_layers) if layers > 0 else range(min(-layers, n_layers))
+    patterns = [f".{i}.{m if m != 'all' else ''}" for m in modules.split(",") for i in blocks]
     patterns += extra.split(",") if extra else []
     return {name for name in named if any(p in name for p in patterns)}
 
@@ -60,17 +61,19 @@ def ours(model, checkpoint: Path, layers: int, modules: str, extra: str | None) 
     return {name for name in hf_names(model) if any(name.startswith(p + ".") for p in prefixes)}
 
 
-@pytest.mark.parametrize("family, modules, extra", [
-    ("gpt2", "attn,ln_2", "wpe,ln_f"), ("gpt2", "all", "wte"), ("llama", "mlp,input_layernorm", "embed_tokens"),
-    ("qwen3", "self_attn", "lm_head,embed_tokens"), ("qwen3", "post_attention_layernorm,mlp", None)])
-def test_choices_and_trainable_set_are_llama_factorys_on_the_transformers_model(tmp_path, family, modules, extra):
+@pytest.mark.parametrize("family, modules, extra, layers", [
+    ("gpt2", "attn,ln_2", "wpe,ln_f", 2), ("gpt2", "all", "wte", -2), ("llama", "mlp,input_layernorm", "embed_tokens", 2),
+    ("qwen3", "self_attn", "lm_head,embed_tokens", -1), ("qwen3", "post_attention_layernorm,mlp", None, 2)])
+def test_choices_and_trainable_set_are_llama_factorys_on_the_transformers_model(tmp_path, family, modules, extra,
+                                                                                layers):
+    """layers < 0: the first -layers blocks, as LLaMA-Factory (failed before: our rule took the last ones)."""
     model = write_hf_checkpoint(tmp_path, family, **({"n_layer": 3} if family == "gpt2" else
                                                      {"num_hidden_layers": 3}))
     from pipeline.model.config import freeze_module_choices, read_config
 
     hidden, outside = lf_modules(hf_names(model))
     assert tuple(map(set, freeze_module_choices(read_config(tmp_path)))) == (hidden, outside)
-    assert ours(model, tmp_path, 2, modules, extra) == lf_trainable(hf_names(model), 3, 2, modules, extra)
+    assert ours(model, tmp_path, layers, modules, extra) == lf_trainable(hf_names(model), 3, layers, modules, extra)
 
 
 def recipe(tmp_path: Path, model: Path, **keys) -> Path:
@@ -90,12 +93,14 @@ def recipe(tmp_path: Path, model: Path, **keys) -> Path:
 @pytest.mark.parametrize("modules, extra", [("self_attn,post_attention_layernorm", "embed_tokens,lm_head")])
 def test_freeze_modules_train_through_the_cli_exactly_llama_factorys_tensors(tmp_path, modules, extra):
     """Qwen3 (untied head; q_norm / k_norm sit inside self_attn): plan names them, the merge changes exactly the
-    tensors LLaMA-Factory's rule trains (the final norm too stays: the recipe spelled out what trains)."""
+    tensors LLaMA-Factory's rule trains (the final norm too stays: the recipe spelled out what trains).
+    freeze_trainable_layers: -1, LLaMA-Factory's first block (failed before: refused, "expected an integer >= 1")."""
     ckpt = tmp_path / "qwen3"
     write_hf_checkpoint(ckpt, "qwen3", small_vocab=True, num_hidden_layers=3)
-    path = recipe(tmp_path, ckpt, freeze_trainable_modules=modules, freeze_extra_modules=extra)
+    path = recipe(tmp_path, ckpt, freeze_trainable_modules=modules, freeze_extra_modules=extra,
+                  freeze_trainable_layers=-1)
     plan = run_main(["plan", str(path)], tmp_path).out  # in this process: no interpreter start-up
-    assert ("trainable blocks: 2 of 0..2 (their self_attn, post_attention_layernorm: freeze_trainable_modules); "
+    assert ("trainable blocks: 0 of 0..2 (their self_attn, post_attention_layernorm: freeze_trainable_modules); "
             "outside the blocks: embed_tokens, lm_head (freeze_extra_modules)") in plan
     assert run_main(["build", str(path)], tmp_path).code == 0
     for command in ("train", "merge"):
@@ -103,8 +108,8 @@ def test_freeze_modules_train_through_the_cli_exactly_llama_factorys_tensors(tmp
     before = transformers.AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
     after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run/merged").state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed == lf_trainable(list(before), 3, 1, modules, extra)
-    assert "model.norm.weight" not in changed and "model.layers.2.self_attn.q_norm.weight" in changed
+    assert changed == lf_trainable(list(before), 3, -1, modules, extra)
+    assert "model.norm.weight" not in changed and "model.layers.0.self_attn.q_norm.weight" in changed
 
 
 def test_unknown_module_names_the_recipe_line_and_the_valid_names(tmp_path):

@@ -113,6 +113,7 @@ def test_trainable_params_by_hand():
     assert trainable_params(tiny, "lora", r, ["c_attn"], additional_target=["ln_f"]) == 2 * r * 256 + 128
     block = by_hand(50257, 128, 64, 1) - 50257 * 64 - 128 * 64 - 128   # one block alone
     assert trainable_params(tiny, "freeze", freeze_trainable_layers=1) == block + 128
+    assert trainable_params(tiny, "freeze", freeze_trainable_layers=-1) == block + 128  # the first block (+ ln_f)
     assert trainable_params(tiny, "full") == count_params(tiny)
 
 
@@ -125,8 +126,9 @@ def test_bad_targets_are_user_errors():
     assert "attn.c_proj" in text and "mlp.c_fc" in text  # lists what is available
     with pytest.raises(UserError, match="output head"):
         trainable_params(tiny, "lora", 4, ["lm_head"])
-    with pytest.raises(UserError, match="freeze_trainable_layers: 3 is out of range"):
-        trainable_params(tiny, "freeze", freeze_trainable_layers=3)
+    for layers in (3, -3, 0):
+        with pytest.raises(UserError, match=f"freeze_trainable_layers: given {layers}, expected 1..2 .* or -1..-2"):
+            trainable_params(tiny, "freeze", freeze_trainable_layers=layers)
 
 
 def test_additional_target_takes_the_head_and_a_comma_string():

@@ -178,8 +178,11 @@ CASES = [
          [("r.yaml:1:21: model_name_or_path: 'gpt2-smal' is neither a preset", "(did you mean 'gpt2-small'?)")]),
     Case("freeze more layers than the model has", {"r.yaml": BASE + "finetuning_type: freeze\n"
                                                                     "freeze_trainable_layers: 3\n"},
-         ["r.yaml:6:26: freeze_trainable_layers: given 3, expected at most 2 (the number of transformer blocks of "
-          "tiny)"]),
+         ["r.yaml:6:26: freeze_trainable_layers: given 3, expected 1..2 (the last blocks of the model's 2) or -1..-2 "
+          "(the first ones); or finetuning_type: full (tiny has 2 transformer blocks)"]),
+    Case("freeze no layer", {"r.yaml": BASE + "finetuning_type: freeze\nfreeze_trainable_layers: 0\n"},
+         ["r.yaml:6:26: freeze_trainable_layers: given 0, expected 1..2 (the last blocks of the model's 2) or -1..-2 "
+          "(the first ones); or finetuning_type: full (tiny has 2 transformer blocks)"]),
     Case("cutoff longer than the context", {"r.yaml": BASE.replace("cutoff_len: 64", "cutoff_len: 4096")},
          ["r.yaml:4:13: cutoff_len: given 4096, expected at most 128 (the model's context length); lower "
           "cutoff_len or raise context_length"]),

@@ -387,7 +387,9 @@ def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
     info = model_info(model)
     n = ctx.values["freeze_trainable_layers"]
     if info is None:
-        return []
+        return [] if n or ctx.values["use_llama_pro"] else [
+            ("freeze_trainable_layers", "given 0, which trains no block: expected the number of last blocks to "
+                                        "train (or minus the number of first ones), e.g. 2 or -2")]
     if ctx.values["use_llama_pro"]:
         from pipeline.model.config import llama_pro_problem
 
@@ -395,10 +397,10 @@ def freeze_layers_within_model(ctx: Context) -> list[tuple[str, str]]:
         return [("freeze_trainable_layers", f"{problem}; with use_llama_pro it is the --num-expand that `python -m "
                                             f"pipeline expand` added to {model} (is it the expanded checkpoint?)")
                 ] if problem else []
-    if n > info.n_layer:
-        return [("freeze_trainable_layers", f"given {n}, expected at most {info.n_layer} (the number of "
-                                            f"transformer blocks of {model})")]
-    return []
+    from pipeline.model.config import freeze_layers_problem
+
+    problem = freeze_layers_problem(info.n_layer, n)
+    return [("freeze_trainable_layers", f"{problem} ({model} has {info.n_layer} transformer blocks)")] if problem else []
 
 
 FREEZE_MODULE_KEYS = ("freeze_trainable_modules", "freeze_extra_modules")
