@@ -141,14 +141,13 @@ def lora_targets_exist(ctx: Context) -> list[tuple[str, str]]:
     return problems
 
 
-@rule("model_name_or_path", "finetuning_type", "lora_target", "lora_dropout", "use_dora", "pissa_init",
-      "quantization_bit")
+@rule("model_name_or_path", "finetuning_type", "lora_target", "lora_dropout", "use_dora", "pissa_init")
 def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
     """LoRA on a MoE model's experts and routers (pipeline.model.expert_lora) is PEFT's ParamWrapper on the fused expert
     tensors and the router's weight, which raises for lora_dropout other than 0 and for DoRA
     (peft/tuners/lora/layer.py:2366-2373), reads no PiSSA start (its pissa_init reads the base layer's `weight`, which
-    the experts module has not) and is LoRA only (PEFT converts expert names for LoRA alone); QLoRA on the fused
-    experts is not done here."""
+    the experts module has not) and is LoRA only (PEFT converts expert names for LoRA alone). quantization_bit is not
+    said here: rules.quantization refuses it on every sparse MoE model (one message per key)."""
     v = ctx.values
     if not trains_adapter(v["finetuning_type"]):
         return []
@@ -190,9 +189,7 @@ def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
               " (it cannot apply it to the input of one expert's weights): set lora_dropout: 0"),
              ("use_dora", bool(v["use_dora"]), f"given true; {why}, which refuses DoRA: remove use_dora, or {out}"),
              ("pissa_init", bool(v["pissa_init"]), f"given true; {why}, which has no PiSSA start (its pissa_init"
-              f" reads a weight the experts module has not): remove pissa_init, or {out}"),
-             ("quantization_bit", bool(v["quantization_bit"]), f"given {v['quantization_bit']}; {why}: QLoRA on"
-              f" the experts is not done here; remove quantization_bit, or {out}")]
+              f" reads a weight the experts module has not): remove pissa_init, or {out}")]
     return [(key, message) for key, bad, message in wrong if bad]
 
 
