@@ -1,0 +1,115 @@
+"""LoRA adapters on a sparse MoE model's experts and router that PEFT itself wrote, brought to the CLI as a user brings
+an adapter trained elsewhere (LLaMA-Factory's merge recipe: model_name_or_path + adapter_name_or_path + export_dir,
+`python -m pipeline export`): merged/ loads in transformers with the logits of PEFT's merge_and_unload() of the same
+adapter (fp32, |difference| <= 1e-5; measured ~1e-6).
+
+The adapters: PEFT 0.21's get_peft_model on a transformers-written Qwen3MoeForCausalLM (random lora_A and lora_B, so
+the adapter moves the logits), saved with save_pretrained: its conversion onto transformers 5's fused expert tensors
+writes target_parameters (gate_up_proj with rank_pattern / alpha_pattern 2r / 2 lora_alpha, down_proj, the router's
+gate.weight) and the ParamWrapper keys (mlp.experts[.base_layer].lora_A.weight); and the file PEFT wrote for the same
+lora_target on transformers 4, where each expert was its own Linear (mlp.experts.E.gate_proj.lora_A.weight, one rank-r
+pair per expert and Linear, no target_parameters), which PEFT 0.21 still loads: its weight conversion
+(peft/utils/transformers_weight_conversion.py:470-478, PeftConcatenate, _block_diag_3d) fuses gate and up into one pair
+of rank 2r per expert, [A_gate; A_up] and blockdiag(B_gate, B_up), the same update at alpha / r. Under use_rslora that
+conversion changes the scale (2 alpha / sqrt(2r), not alpha / sqrt(r): sqrt 2 times the trained update on gate and up),
+so such an adapter is refused rather than loaded as either model.
+
+PEFT warns "The following rank_pattern keys did not match any targeted module and were ignored" on its own
+get_peft_model here (tuners_utils.py:1110-1126 checks the patterns against the targeted modules only, not the targeted
+parameters, which _create_and_replace does give the pattern's rank: lora/model.py:309-312); it says the same on
+PeftModel.from_pretrained of our adapter, whose adapter_config.json holds the same target_parameters / rank_pattern /
+alpha_pattern (tests/model/test_moe_expert_lora.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance.harness import pipeline
+from tests.acceptance.test_qwen3_moe_cli import save_pretrained_moe
+
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# LLaMA-Factory's examples/merge_lora/qwen3_lora_sft.yaml with this test's model and adapter
+MERGE = """### model
+model_name_or_path: base
+adapter_name_or_path: {adapter}
+template: qwen3
+trust_remote_code: true
+
+### export
+export_dir: {adapter}-merged
+export_size: 5
+export_device: cpu
+export_legacy_format: false
+"""
+RANK, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """base/: a tiny Qwen3MoeForCausalLM (2 sparse blocks of 4 experts) as transformers' save_pretrained writes it."""
+    root = tmp_path_factory.mktemp("peft_written")
+    save_pretrained_moe(root / "base")
+    return root
+
+
+def randomised(model):
+    """Every trained tensor (lora_A and lora_B) moved by N(0, 0.1): PEFT's start (B = 0) would change nothing."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
+def logits(model) -> torch.Tensor:
+    x = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(x).logits
+
+
+def export(root: Path, adapter: str, as_typed: bool = False) -> Path:
+    """`python -m pipeline export` of LLaMA-Factory's merge recipe naming `adapter`; returns the export_dir."""
+    (root / f"{adapter}.yaml").write_text(MERGE.format(adapter=adapter))
+    pipeline("export", f"{adapter}.yaml", cwd=root, as_typed=as_typed)
+    return root / f"{adapter}-merged"
+
+
+def assert_merged_is_peft_merge(root: Path, adapter: str, theirs, as_typed: bool = False) -> None:
+    """export's merged/ in transformers computes PEFT's merge_and_unload() of the same adapter, and not the base."""
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export(root, adapter, as_typed)).eval()
+    want = logits(theirs.merge_and_unload().eval())
+    assert (logits(merged) - want).abs().max() <= 1e-5
+    assert (logits(transformers.AutoModelForCausalLM.from_pretrained(root / "base")) - want).abs().max() > 0.1
+
+
+def test_experts_router_and_attention_written_by_peft_merge_as_peft_merges_them(root):
+    """LLaMA-Factory's lora_target q_proj,v_proj,gate_proj,up_proj,down_proj,gate as PEFT 0.21 writes it, as typed."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj",
+                                                                       "down_proj", "gate"])
+    with pytest.warns(RuntimeWarning, match="rank_pattern keys did not match any targeted module and were ignored"):
+        theirs = randomised(peft.get_peft_model(base, config))  # PEFT's own warning on its own adapter (see above)
+    theirs.save_pretrained(root / "all")
+    written = json.loads((root / "all/adapter_config.json").read_text())
+    assert (sorted(written["target_modules"]), sorted(written["target_parameters"]), written["rank_pattern"],
+            written["alpha_pattern"]) == (["q_proj", "v_proj"], ["down_proj", "gate.weight", "gate_up_proj"],
+                                          {r".*\.gate_up_proj": 2 * RANK}, {r".*\.gate_up_proj": 2 * ALPHA})
+    assert_merged_is_peft_merge(root, "all", theirs, as_typed=True)
+
+
+def test_the_experts_and_router_alone_under_rslora_merge_as_peft_merges_them(root):
+    """target_modules [] beside target_parameters, as PEFT writes an adapter on the experts and the router only;
+    rsLoRA: 2 alpha / sqrt(2r) on gate_up_proj, alpha / sqrt(r) on down_proj and the router, as PEFT scales them."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=["gate_proj", "up_proj", "down_proj", "gate"],
+                             use_rslora=True)
+    theirs = randomised(peft.get_peft_model(base, config))
+    theirs.save_pretrained(root / "experts-router-rslora")
+    assert json.loads((root / "experts-router-rslora/adapter_config.json").read_text())["target_modules"] == []
+    assert_merged_is_peft_merge(root, "experts-router-rslora", theirs)
