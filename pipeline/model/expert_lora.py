@@ -108,6 +108,17 @@ def fuse(pairs: list[tuple["torch.Tensor", "torch.Tensor"]]) -> tuple["torch.Ten
     return lora_a, lora_b.reshape(lora_b.shape[0], -1)
 
 
+def concatenated(pairs: list[tuple["torch.Tensor", "torch.Tensor"]]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """One expert's per-Linear pairs (lora_A (r x in), lora_B (out x r)) of the Linears one fused parameter holds, in
+    its row order (gate_proj, up_proj) -> that parameter's pair: [A_1; A_2] (2r x in), blockdiag(B_1, B_2) (2I x 2r),
+    the same update at 2 alpha / 2r. How PEFT 0.21 loads an adapter written on transformers 4, where each expert's
+    Linears took their own LoRA (transformers_weight_conversion.py: PeftConcatenate on lora_A, _block_diag_3d on
+    lora_B); a single pair (down_proj) is itself."""
+    import torch
+
+    return torch.cat([a for a, _ in pairs], dim=0), torch.block_diag(*[b for _, b in pairs])
+
+
 def split(lora_a: "torch.Tensor", lora_b: "torch.Tensor", experts: int) -> list[tuple["torch.Tensor", "torch.Tensor"]]:
     """fuse's inverse: expert e's (lora_A (r' x in), lora_B (out x r'))."""
     a = lora_a.reshape(experts, -1, lora_a.shape[-1])

@@ -41,8 +41,8 @@ from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family
                                     upcast_adapter)
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, expert_spelling,
                                    lora_candidates, moe_blocked, router_name)
-from pipeline.model.expert_lora import FUSED, ROUTER_PARAMETER, expert_of, fuse, fused_parts, parts_of_config, \
-    peft_fields, peft_module, router_of, split
+from pipeline.model.expert_lora import FUSED, PAIR, ROUTER_PARAMETER, concatenated, expert_of, fuse, \
+    fused_parts, parts_of_config, peft_fields, peft_module, router_of, split
 from pipeline.model.families import Family
 from pipeline.model.quantize import adapter_dtype, dequantized_weight
 from pipeline.model.weights import read_tensors
@@ -551,6 +551,57 @@ def expert_params(model: nn.Module) -> dict[str, tuple[list[tuple[nn.Parameter, 
     return {key: ([pairs[e] for e in sorted(pairs)], fused[key]) for key, pairs in found.items()}
 
 
+def _per_expert_tensors(model: nn.Module, config: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                        weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors with an adapter's per-expert pairs fused as the model's expert wrappers hold them, as PEFT 0.21 loads
+    an adapter PEFT wrote on transformers 4: there each expert's gate_proj / up_proj / down_proj was its own Linear
+    with its own rank-r pair, keyed by its hub name (base_model.model.model.layers.N.mlp.experts.E.gate_proj.lora_A.
+    weight; Mixtral's block_sparse_moe.experts.E.w1), and the router an nn.Linear under its hub name (Mixtral's
+    block_sparse_moe.gate). gate and up become one pair of rank 2r per expert (expert_lora.concatenated), the experts
+    fused as save_adapter writes them (expert_lora.fuse). A fused key already present, or a per-expert key missing,
+    leaves the tensors as they are: the shape check names what does not fit.
+
+    Under use_rslora that conversion changes the model (PEFT scales the fused pair 2 alpha / sqrt(2r), sqrt(2) times
+    the alpha / sqrt(r) each pair was trained with): such an adapter is refused, since PEFT's model of it is not the
+    trained one."""
+    family = family_of_model(model)
+    wrappers = [n for n in lora_modules(model) if expert_of(n)]
+    parts = fused_parts(wrappers)
+    found: dict[str, dict[int, dict[str, str]]] = {}  # fused key -> expert -> its Linear -> that Linear's old key
+    for name in wrappers:
+        block, expert, linear = expert_of(name)  # type: ignore[misc]
+        key = PEFT_PREFIX + family.prefix + peft_module(block, FUSED[linear], parts)
+        found.setdefault(key, {}).setdefault(expert, {})[linear] = PEFT_PREFIX + family.to_hf(name)
+    out, fused = dict(tensors), False
+    for key, experts in found.items():
+        olds = [[per[linear] for linear in PAIR + ("down_proj",) if linear in per] for _, per in sorted(experts.items())]
+        wanted = [f"{old}.lora_{ab}.weight" for keys in olds for old in keys for ab in "AB"]
+        if f"{key}.lora_A.weight" in out or not all(k in out for k in wanted):
+            continue
+        try:
+            pairs = [concatenated([(out[f"{old}.lora_A.weight"], out[f"{old}.lora_B.weight"]) for old in keys])
+                     for keys in olds]
+            out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = fuse(pairs)
+        except RuntimeError:  # shapes that do not line up: left to the shape check
+            continue
+        for k in wanted:
+            del out[k]
+        fused = fused or len(olds[0]) == 2  # gate and up concatenated: the pair whose scale rsLoRA changes
+    for name in (n for n in lora_modules(model) if router_of(n)):
+        new, old = peft_key(family, name), PEFT_PREFIX + family.to_hf(name)
+        for suffix in ("lora_A.weight", "lora_B.weight"):
+            if new != old and f"{old}.{suffix}" in out and f"{new}.{suffix}" not in out:
+                out[f"{new}.{suffix}"] = out.pop(f"{old}.{suffix}")
+    if fused and config.get("use_rslora"):
+        raise UserError(f"{weights}: one LoRA per expert and Linear (the layout PEFT wrote on transformers 4, each "
+                        "expert's gate_proj and up_proj a Linear of its own) with use_rslora: true. PEFT 0.21 loads it"
+                        " onto transformers 5's fused gate_up_proj as one pair of rank 2r scaled 2 lora_alpha /"
+                        " sqrt(2r), sqrt(2) times the lora_alpha / sqrt(r) it was trained with, so PEFT's model is not"
+                        " the trained one; fold the adapter into its base with PEFT's merge_and_unload() under"
+                        " transformers 4 and use that checkpoint as model_name_or_path")
+    return out
+
+
 def _hf_layout(family: Family, param: str, tensor: torch.Tensor) -> torch.Tensor:
     """Conv1D weights are stored transposed in HF GPT-2 (the transpose is its own inverse)."""
     return tensor.t() if family.is_conv1d(param) else tensor
@@ -812,7 +863,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             apply_lora(model, targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
                        dropout=float(config.get("lora_dropout") or 0.0), use_rslora=bool(config.get("use_rslora")),
                        use_dora=bool(config.get("use_dora")), additional_targets=saved_modules(model, config))
-    tensors = _tied_tensors(model, config, tensors, weights)
+    tensors = _tied_tensors(model, config, _per_expert_tensors(model, config, tensors, weights), weights)
     model_keys = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
     problems = []
     for key, shape in model_keys.items():

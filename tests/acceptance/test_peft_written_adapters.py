@@ -22,11 +22,12 @@ alpha_pattern (tests/model/test_moe_expert_lora.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import pipeline
+from tests.acceptance.harness import pipeline, refused
 from tests.acceptance.test_qwen3_moe_cli import save_pretrained_moe
 
 peft = pytest.importorskip("peft")
@@ -113,3 +114,51 @@ def test_the_experts_and_router_alone_under_rslora_merge_as_peft_merges_them(roo
     theirs.save_pretrained(root / "experts-router-rslora")
     assert json.loads((root / "experts-router-rslora/adapter_config.json").read_text())["target_modules"] == []
     assert_merged_is_peft_merge(root, "experts-router-rslora", theirs)
+
+
+def transformers4_adapter(root: Path, name: str, rslora: bool = False) -> Path:
+    """The adapter PEFT wrote for lora_target q_proj,gate_proj,up_proj,down_proj,gate on this model under transformers
+    4, whose Qwen3MoeSparseMoeBlock held each expert as three nn.Linear and the router as an nn.Linear (PEFT's
+    LoraLayer keys: base_model.model.model.layers.N.mlp.experts.E.gate_proj.lora_A.weight (r x in), lora_B (out x r)),
+    written by hand in that layout with random tensors."""
+    cfg = transformers.AutoConfig.from_pretrained(root / "base")
+    hidden, inner, heads = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_attention_heads * cfg.head_dim
+    shapes = {"self_attn.q_proj": (hidden, heads), "mlp.gate": (hidden, cfg.num_experts)}
+    for e in range(cfg.num_experts):
+        shapes |= {f"mlp.experts.{e}.gate_proj": (hidden, inner), f"mlp.experts.{e}.up_proj": (hidden, inner),
+                   f"mlp.experts.{e}.down_proj": (inner, hidden)}
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for layer in range(cfg.num_hidden_layers):
+        for module, (fan_in, fan_out) in shapes.items():
+            key = f"base_model.model.model.layers.{layer}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=g) * 0.2
+            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=g) * 0.2
+    directory = root / name
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "Qwen/Qwen3-30B-A3B", "r": RANK,
+        "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": rslora, "use_dora": False, "bias": "none",
+        "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj", "gate"], "modules_to_save": None,
+        "fan_in_fan_out": False, "init_lora_weights": True, "peft_version": "0.17.1"}))
+    return directory
+
+
+def test_a_transformers_4_adapter_on_the_experts_merges_as_peft_0_21_loads_it(root):
+    """PEFT 0.21 loads the per-expert file onto transformers 5's fused experts; so does export, with its logits. Under
+    use_rslora, exit 2 with one message at adapter_name_or_path, nothing written."""
+    transformers4_adapter(root, "v4")
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(root / "base"),
+                                            root / "v4")
+    assert theirs.peft_config["default"].rank_pattern == {r".*\.gate_up_proj": 2 * RANK}  # PEFT converted it
+    assert_merged_is_peft_merge(root, "v4", theirs)
+
+    transformers4_adapter(root, "v4-rslora", rslora=True)
+    (root / "v4-rslora.yaml").write_text(MERGE.format(adapter="v4-rslora"))
+    err = refused("export", "v4-rslora.yaml", cwd=root, as_typed=False)
+    assert err.count("error:") == 1 and "v4-rslora/adapter_model.safetensors: one LoRA per expert" in err, err
+    assert "use_rslora: true" in err and not (root / "v4-rslora-merged").exists(), err
