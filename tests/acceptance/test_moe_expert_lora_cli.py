@@ -39,7 +39,8 @@ def test_lora_on_the_experts_trains_exports_to_peft_and_merges(workdir):
                           output_dir="saves/r", learning_rate=0.05, lora_target=TARGETS, lora_alpha=8, save_steps=1,
                           deepspeed="ds_z3_config.json")
     message = refused("validate", recipe, "lora_dropout=0.1", cwd=workdir, as_typed=False)
-    assert "lora_dropout: given 0.1; lora_target names the MoE experts (gate_proj, up_proj, down_proj, gate)" in message
+    assert ("lora_dropout: given 0.1; lora_target names the MoE experts (gate_proj, up_proj, down_proj) and the MoE"
+            " router (gate)") in message
     theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS.split(",")))
     trained = sum(p.numel() for p in theirs.parameters() if p.requires_grad)

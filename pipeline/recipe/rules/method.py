@@ -169,10 +169,19 @@ def expert_lora_settings(ctx: Context) -> list[tuple[str, str]]:
     if not experts:
         return []
     fam = info.config.hf
-    names = ", ".join(n for n in split_names(v["lora_target"]) if n in expert_names(fam) or n == router_name(fam))
-    why = (f"lora_target names the MoE experts ({names}), which PEFT 0.21 adapts as its ParamWrapper on transformers"
-           " 5's fused expert tensors")
-    out = "take the expert names out of lora_target"
+    named = split_names(v["lora_target"])
+    experts_named = [n for n in named if n in expert_names(fam)]
+    routers_named = [n for n in named if n == router_name(fam)]
+    # what lora_target names and what PEFT wraps for it: the experts' fused tensors, the router's weight, or both
+    said = []
+    if experts_named:
+        said.append((f"the MoE experts ({', '.join(experts_named)})", "transformers 5's fused expert tensors"))
+    if routers_named:
+        said.append((f"the MoE router ({', '.join(routers_named)})", "the router's weight"))
+    said = said or [("MoE experts or routers", "transformers 5's fused expert tensors or the router's weight")]
+    why = (f"lora_target names {' and '.join(n for n, _ in said)}, which PEFT 0.21 adapts as its ParamWrapper on"
+           f" {' and '.join(w for _, w in said)}")
+    out = f"take {', '.join(experts_named + routers_named) or 'the expert and router names'} out of lora_target"
     oft = why + " for LoRA only: set finetuning_type: lora, or " + out
     if "all" in split_names(v["lora_target"]):  # the expert names come from LLaMA-Factory's expansion
         found = all_linear_names(fam, lora_candidates(m.name for m in layout(info.config) if m.kind == "linear"))
