@@ -12,7 +12,9 @@ pair per expert and Linear, no target_parameters), which PEFT 0.21 still loads: 
 (peft/utils/transformers_weight_conversion.py:470-478, PeftConcatenate, _block_diag_3d) fuses gate and up into one pair
 of rank 2r per expert, [A_gate; A_up] and blockdiag(B_gate, B_up), the same update at alpha / r. Under use_rslora that
 conversion changes the scale (2 alpha / sqrt(2r), not alpha / sqrt(r): sqrt 2 times the trained update on gate and up),
-so such an adapter is refused rather than loaded as either model.
+so such an adapter is refused rather than loaded as either model. The dense kinds LLaMA-Factory users bring (use_rslora,
+use_dora, additional_target as modules_to_save, finetuning_type oft), written by PEFT on this model's attention, go the
+same way.
 
 PEFT warns "The following rank_pattern keys did not match any targeted module and were ignored" on its own
 get_peft_model here (tuners_utils.py:1110-1126 checks the patterns against the targeted modules only, not the targeted
@@ -114,6 +116,24 @@ def test_the_experts_and_router_alone_under_rslora_merge_as_peft_merges_them(roo
     theirs.save_pretrained(root / "experts-router-rslora")
     assert json.loads((root / "experts-router-rslora/adapter_config.json").read_text())["target_modules"] == []
     assert_merged_is_peft_merge(root, "experts-router-rslora", theirs)
+
+
+@pytest.mark.parametrize("config", [
+    dict(peft_type="LORA", r=RANK, lora_alpha=ALPHA, use_rslora=True, use_dora=True, target_modules=["q_proj", "v_proj"],
+         modules_to_save=["embed_tokens", "lm_head"]),
+    dict(peft_type="OFT", r=0, oft_block_size=8, target_modules=["q_proj", "o_proj"], modules_to_save=["norm"]),
+], ids=["rslora-dora-modules_to_save", "oft-modules_to_save"])
+def test_dense_kinds_written_by_peft_merge_as_peft_merges_them(root, config):
+    """The other kinds a LLaMA-Factory user brings (use_rslora, use_dora, additional_target as modules_to_save,
+    finetuning_type oft), on this model's attention, written by PEFT itself: until now loaded only in process
+    (tests/model/test_dora.py, test_families.py, train/test_ref_model_adapters.py), never through the CLI."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "base")
+    settings = dict(config)
+    make = peft.OFTConfig if settings.pop("peft_type") == "OFT" else peft.LoraConfig
+    theirs = randomised(peft.get_peft_model(base, make(**settings)))
+    name = "dense-" + make.__name__
+    theirs.save_pretrained(root / name)
+    assert_merged_is_peft_merge(root, name, theirs)
 
 
 def transformers4_adapter(root: Path, name: str, rslora: bool = False) -> Path:
