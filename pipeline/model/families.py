@@ -118,10 +118,16 @@ class Family:
     fp32_strict: tuple[str, ...] = ()
     fp32_in_fp16: tuple[str, ...] = ()
     _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
+    # held_fp32's patterns per dtype name, compiled once here (every tensor of every load and cast asks): bfloat16
+    # fp32_strict, float16 both lists; a dtype without any is absent
+    _fp32: dict[str, re.Pattern] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for ours, hf in self.modules:
             self._compiled.append((_template(ours), hf, _template(hf), ours))
+        for kind, patterns in (("bfloat16", self.fp32_strict), ("float16", (*self.fp32_strict, *self.fp32_in_fp16))):
+            if patterns:
+                self._fp32[kind] = re.compile("|".join(p.replace("*", ".*") for p in patterns))
 
     def structure(self) -> dict[str, Any]:
         """The ModelConfig fields this HF class fixes whatever its config.json says (how its modules are laid out and
@@ -137,10 +143,8 @@ class Family:
     def held_fp32(self, hf_name: str, dtype: Any) -> bool:
         """Whether transformers' from_pretrained(dtype=dtype) holds the tensor `hf_name` (an HF name) in fp32 rather
         than in `dtype` (a torch dtype or its name: float16 / bfloat16 keep fp32_strict, float16 fp32_in_fp16 too)."""
-        kind = str(dtype).removeprefix("torch.")
-        patterns = (*(self.fp32_strict if kind in ("bfloat16", "float16") else ()),
-                    *(self.fp32_in_fp16 if kind == "float16" else ()))
-        return bool(patterns) and re.search("|".join(p.replace("*", ".*") for p in patterns), hf_name) is not None
+        pattern = self._fp32.get(str(dtype).removeprefix("torch."))
+        return pattern is not None and pattern.search(hf_name) is not None
 
     # -- module paths ------------------------------------------------------------------------
     def to_hf(self, ours: str) -> str:

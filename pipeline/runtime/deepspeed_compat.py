@@ -214,6 +214,18 @@ MODEL_STATES_FILE = "mp_rank_00_model_states.pt"  # ZeRO 0-2: the module, counte
 ZERO3_MODEL_STATES_FILE = re.compile(r"^zero_pp_rank_(?P<rank>\d+)_mp_rank_00_model_states\.pt$")  # ZeRO 3: per rank
 
 
+def offload_problem(offload_optimizer: str) -> str | None:
+    """Why an optimizer state offloaded to `offload_optimizer` (none, cpu or nvme) cannot be read by another number
+    of ranks (None: it can). The one decision and its wording: check_compatible asks it with the recipe's value
+    (which is the DeepSpeed config's: recipe.dsconfig adopts it) before any engine exists, reshard_problem with the
+    engine's. NVMe offload swaps the state through DeepSpeed's own files (its swap_optimizer), which resharded_loads
+    does not rebuild; cpu offload writes the same per-rank partitions as none."""
+    if offload_optimizer != "nvme":
+        return None
+    return ("the optimizer state offloaded to NVMe (offload_optimizer: nvme) is swapped through DeepSpeed's own "
+            "files, which are not rebuilt for another rank count (offload_optimizer: cpu is)")
+
+
 def reshard_problem(engine: Any) -> str | None:
     """Why this engine cannot read a checkpoint written by another number of ranks (None: resharded_loads can).
 
@@ -223,12 +235,12 @@ def reshard_problem(engine: Any) -> str | None:
     its own class, the same bf16_zero_pp_rank_* files, its fp32 partitions saved with their padding); ZeRO 3 cuts
     every parameter on its own: all rebuilt here (zero12_partition, zero3_partition). offload_optimizer: cpu
     changes where the partitions live, not what DeepSpeed writes (the same state_dict, its tensors on the CPU);
-    NVMe offload swaps the optimizer state through files of its own, which is not rebuilt."""
+    NVMe offload swaps the optimizer state through files of its own, which is not rebuilt (offload_problem)."""
     stage = engine.zero_optimization_stage()
     kind = type(engine.optimizer).__name__
-    if engine.zero_nvme_offload_optimizer():
-        return ("the optimizer state offloaded to NVMe (offload_optimizer: nvme) is swapped through DeepSpeed's own "
-                "files, which this trainer does not rebuild for another rank count (offload_optimizer: cpu it does)")
+    offloaded = offload_problem("nvme" if engine.zero_nvme_offload_optimizer() else "cpu or none")
+    if offloaded:
+        return offloaded
     wanted = {1: ("DeepSpeedZeroOptimizer", "BF16_Optimizer"), 2: ("DeepSpeedZeroOptimizer",),
               3: ("DeepSpeedZeroOptimizer_Stage3",)}
     if stage in wanted and kind not in wanted[stage]:

@@ -101,22 +101,28 @@ class RunLayout:
     def eval(self) -> Path:
         return self.root / "eval"
 
-    def unfinished_start(self) -> list[str]:
+    def entries(self) -> list[str]:
+        """The names in output_dir, sorted ([]: no folder there). Read once per decision and handed to
+        unfinished_start and start_refusal, so every answer about the folder is about the same listing."""
+        return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+
+    def unfinished_start(self, entries: list[str] | None = None) -> list[str]:
         """The entries of a run that stopped before it saved anything (a mistake found after the start, a crash):
-        only the files a run writes as it starts and logs. Empty when the folder holds anything else."""
+        only the files a run writes as it starts and logs. Empty when the folder holds anything else. `entries`:
+        the folder's listing when already read (self.entries())."""
         start = {p.name for p in (self.resolved_yaml, self.ds_config, self.trainer_log, self.loss_plot)} | {"runs"}
-        entries = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+        entries = self.entries() if entries is None else entries
         return entries if entries and set(entries) <= start else []
 
-    def start_refusal(self, at: str, kept: bool) -> str | None:
+    def start_refusal(self, at: str, kept: bool, entries: list[str] | None = None) -> str | None:
         """Why a run may not start here, or None: a file in output_dir's place, or a folder holding another run
         (beyond an unfinished_start) that the run neither resumes nor overwrites (`kept`: resume_from_checkpoint or
         overwrite_output_dir; `at`: where output_dir was set). train's prepare_output_dir stops on it; `train
         --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem)."""
         if self.root.exists() and not self.root.is_dir():
             return f"{at}: {self.root} is a file, not a directory; choose another output_dir"
-        entries = sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
-        if not entries or kept or self.unfinished_start():
+        entries = self.entries() if entries is None else entries  # the caller's listing (self.entries()), if read
+        if not entries or kept or self.unfinished_start(entries):
             return None
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         return (f"{at}: {self.root} is not empty (it holds {shown}); set resume_from_checkpoint: latest to continue "

@@ -654,9 +654,7 @@ def load(engine: Any, path: Path, change: world_change.WorldChange | None = None
     if change:
         problem = deepspeed_compat.reshard_problem(engine)
         if problem:
-            raise UserError(f"this job has {change.after[0]} rank(s) but {path} was trained on {change.saved_world}: "
-                            f"{problem}; resume with {change.saved_world} rank(s) (make train "
-                            f"NPROC={change.saved_world}), or start a new run from {path}/adapter or {path}/model")
+            raise UserError(change.refusal(path, problem))
     resharded = deepspeed_compat.resharded_loads(engine, change.saved_world) if change else contextlib.nullcontext()
     try:
         with _weights_only_loads(), resharded:

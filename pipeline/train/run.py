@@ -476,11 +476,12 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
     output_dir = Path(r["output_dir"])
     at = checkpoint.where(r, "output_dir")
-    refusal = RunLayout(output_dir).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    layout = RunLayout(output_dir)
+    entries = layout.entries()  # listed once: the refusal, the leftover and what is cleared all read this listing
+    refusal = layout.start_refusal(at, kept=resume is not None or r["overwrite_output_dir"], entries=entries)
     if refusal is not None:
         raise UserError(refusal)
-    entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
-    leftover = RunLayout(output_dir).unfinished_start()
+    leftover = layout.unfinished_start(entries)
     if leftover and resume is None and not r["overwrite_output_dir"] and dist.is_main():
         print(f"note: {output_dir} holds only what a run that stopped before its first checkpoint wrote "
               f"({', '.join(leftover)}); starting over there", file=sys.stderr)
@@ -492,7 +493,7 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():
         if resume is not None:  # the run goes on: an earlier finish's results no longer mark it finished
-            RunLayout(output_dir).all_results.unlink(missing_ok=True)
+            layout.all_results.unlink(missing_ok=True)
         if entries and resume is None:  # overwrite_output_dir, or a start that never saved
             for name in entries:
                 path = output_dir / name

@@ -14,7 +14,7 @@ What moves with the ranks: the data position (counted in micro-batches per rank)
 another global batch; per_device_train_batch_size changed under objectives that average per micro-batch (dpo,
 rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); offload_optimizer: nvme
 (DeepSpeed swaps that state through files of its own; offload_optimizer: cpu writes the same per-rank partitions
-as no offload, deepspeed_compat.reshard_problem).
+as no offload: deepspeed_compat.offload_problem).
 
 Stages dpo and rm average their loss per micro-batch (a mean over its pairs) and the loop adds them with factor 1
 (Trainer.step_scale), so an update is the mean of its micro-batches' means whatever ranks x accumulation hold them.
@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from pipeline.runtime import deepspeed_compat
 
 BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")  # REFUSE keys it lifts
 
@@ -53,6 +55,20 @@ class WorldChange:
     def position(self, batch_in_epoch: int) -> int:
         """The saved data position (micro-batches per rank) in this run's micro-batches: the same examples used."""
         return batch_in_epoch * self.before[0] * self.before[1] // (self.after[0] * self.after[1])
+
+    def refused_ranks(self, path: Path) -> str:
+        """The opening of every refusal of this change: which rank counts differ."""
+        return f"this job has {self.after[0]} rank(s) but {path} was trained on {self.saved_world}"
+
+    def fixes(self, path: Path) -> str:
+        """The closing of every refusal of this change: what a user can do instead."""
+        was = self.saved_world
+        return (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
+                f"from {path}/adapter or {path}/model")
+
+    def refusal(self, path: Path, why: str) -> str:
+        """The message refusing to resume `path` on this change's rank count, for the reason `why`."""
+        return f"{self.refused_ranks(path)}: {why}; {self.fixes(path)}"
 
     def notice(self) -> str:
         return (f"resume: world_size: {self.before[0]} -> {self.after[0]} (global batch {self.global_batch} kept: "
@@ -92,9 +108,7 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
     pref_bco_weight's term), and where the recipe sets gradient_accumulation_steps (`file:line: key`,
     checkpoint.where)."""
     (was, micro, accumulation), (now, new_micro, _) = change.before, change.after
-    ranks = f"this job has {now} rank(s) but {path} was trained on {was}"
-    same = (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
-            f"from {path}/adapter or {path}/model")
+    ranks, same = change.refused_ranks(path), change.fixes(path)
     keep = was * micro * accumulation
     if keep != change.global_batch:
         fits = [f"gradient_accumulation_steps: {keep // (now * new_micro)}"] if keep % (now * new_micro) == 0 else []
@@ -108,12 +122,12 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
     out = []
     if stage not in RESHARDED_STAGES:
         why = REFUSED_STAGES.get(stage, f"stage {stage} is not checked against the uninterrupted run")
-        out.append(f"{ranks}: resuming on another rank count is supported for stage {', '.join(RESHARDED_STAGES)} "
-                   f"({why}); {same}")
+        out.append(change.refusal(path, f"resuming on another rank count is supported for stage "
+                                        f"{', '.join(RESHARDED_STAGES)} ({why})"))
     if stage == "dpo" and bco:
-        out.append(f"{ranks}: pref_bco_weight's reward baseline is a running mean that takes every rank's micro-batch "
-                   "mean at once, one accumulation step at a time, so another ranks x gradient_accumulation_steps "
-                   f"gives the micro-batches other baselines; {same}")
+        out.append(change.refusal(path, "pref_bco_weight's reward baseline is a running mean that takes every "
+                                        "rank's micro-batch mean at once, one accumulation step at a time, so another "
+                                        "ranks x gradient_accumulation_steps gives the micro-batches other baselines"))
     averaged = "ASFT averages a mean per micro-batch" if asft else PER_MICRO_BATCH.get(stage)
     if new_micro != micro and averaged:
         fix = (f"keep per_device_train_batch_size {micro} (gradient_accumulation_steps {keep // (now * micro)}), "
@@ -126,10 +140,9 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
         out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
                    f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
                    f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
-    if offload_optimizer == "nvme":
-        out.append(f"{ranks}: the optimizer state offloaded to NVMe (offload_optimizer: nvme) is swapped through "
-                   f"DeepSpeed's own files, which are not rebuilt for another rank count (offload_optimizer: cpu "
-                   f"is); {same}")
+    offloaded = deepspeed_compat.offload_problem(offload_optimizer)
+    if offloaded:
+        out.append(change.refusal(path, offloaded))
     if (batch_in_epoch * was * micro) % (now * new_micro):
         out.append(f"{ranks}, and its data position ({batch_in_epoch} micro-batches of {micro} per rank into the "
                    f"epoch) is not a whole number of this run's global micro-batches of {new_micro} x {now} (nan_policy: "

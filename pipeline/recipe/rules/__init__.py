@@ -14,7 +14,7 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   data.py        dataset / eval_dataset, dataset_dir, val_size, the interleave mix, streaming
   preference.py  dpo / kto keys, ref_model, ref_model_adapters
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
-  outputs.py     resume_from_checkpoint, export_dir, the upstream's one producer, the refused exports, report_to
+  outputs.py     resume_from_checkpoint, adapter_name_or_path in the run's own checkpoints, export_dir, the upstream's one producer, the refused exports, report_to
   quantization.py  QLoRA's quantization_bit against the method, PiSSA, a sparse MoE model and the ZeRO stage
   prequantized.py  a pre-quantized bitsandbytes checkpoint against the quantization keys the recipe sets
   benchmark.py   task and the other keys of LLaMA-Factory's multiple-choice benchmarks (eval with task)
@@ -78,6 +78,7 @@ ORDER = (
     training.warmup_once,
     training.enough_batches,
     outputs.checkpoint_exists,
+    outputs.adapter_is_no_checkpoint_of_this_run,
     data.hub_dataset_dir,
     data.datasets_registered,
     data.datasets_listed_once,

@@ -1,5 +1,5 @@
-"""Rules on what a run writes or reads back: resume_from_checkpoint, export_dir (one recipe writes it), the upstream
-path a recipe starts from (one recipe writes it), the
+"""Rules on what a run writes or reads back: resume_from_checkpoint, an adapter_name_or_path inside the run's own
+checkpoints, export_dir (one recipe writes it), the upstream path a recipe starts from (one recipe writes it), the
 exports not done here (export_legacy_format, export_quantization_*, export_hub_model_id), and report_to's
 reporters.
 """
@@ -10,6 +10,9 @@ import re
 from pathlib import Path
 
 from pipeline.recipe.rules.core import Context, rule
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a run's checkpoint-<step>/ (pipeline.train.checkpoint writes it)
 
 
 @rule("resume_from_checkpoint", commands=("train",))
@@ -25,13 +28,42 @@ def _checkpoints_hint(output_dir: str, given: str) -> str:
     """What output_dir holds, for a resume_from_checkpoint that is not there: `checkpoint-4` typed as in the
     listing is output_dir/checkpoint-4 (paths are relative to the working directory)."""
     found = sorted((n for n in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-                    if re.fullmatch(r"checkpoint-\d+", n) and os.path.isdir(os.path.join(output_dir, n))),
+                    if CHECKPOINT_NAME.fullmatch(n) and os.path.isdir(os.path.join(output_dir, n))),
                    key=lambda n: int(n.split("-")[1]))
     if not found:
         return f" ({output_dir} holds no checkpoint)" if os.path.isdir(output_dir) else ""
     inside = os.path.join(output_dir, given)
     mean = f"; did you mean {inside!r}?" if os.path.isdir(inside) else ""
     return f" ({output_dir} holds {', '.join(found)}: paths are relative to the working directory{mean})"
+
+
+@rule("adapter_name_or_path", "output_dir", commands=("train", "merge", "eval", "generate", "chat", "validate", "plan"))
+def adapter_is_no_checkpoint_of_this_run(ctx: Context) -> list[tuple[str, str]]:
+    """adapter_name_or_path naming a checkpoint-<step> of the recipe's own output_dir (or its adapter/), as a user
+    who wants step N's adapter types it: this recipe's merge, eval and chat take the run's final adapter
+    (runtime.layout.trained_weights: what the recipe trained comes first), so the step would be passed over without a
+    word, and train would write into the folder it starts from. LLaMA-Factory merges step N from a merge recipe
+    naming the checkpoint (examples/merge_lora: adapter_name_or_path + export_dir), and so does `export` here
+    (resolve reads checkpoint-<step>/adapter/ for checkpoint-<step>), as do this recipe's merge, eval and chat under
+    another output_dir (nothing trained there: trained_weights takes adapter_name_or_path); the message says both."""
+    given, out = ctx.values["adapter_name_or_path"], ctx.values["output_dir"]
+    if not isinstance(given, str) or not isinstance(out, str):
+        return []
+    parts = Path(os.path.relpath(os.path.realpath(given), os.path.realpath(out))).parts
+    step = CHECKPOINT_NAME.fullmatch(parts[0]) if parts else None
+    if step is None or parts[1:] not in ((), ("adapter",)):
+        return []
+    folder = os.path.join(out, parts[0])
+    other = f"{out.rstrip(os.sep)}-step{step[1]}"
+    return [("adapter_name_or_path", f"{given} is step {step[1]}'s adapter of this recipe's own run (output_dir "
+                                     f"{out}), but this recipe's merge, eval and chat use that run's final adapter "
+                                     f"({os.path.join(out, 'adapter')}) and its train writes into {out}. For step "
+                                     f"{step[1]}'s adapter, give it with another output_dir (adapter_name_or_path="
+                                     f"{folder} output_dir={other}: merge writes {os.path.join(other, 'merged')}, "
+                                     f"eval {os.path.join(other, 'eval')}), or name it in a merge recipe as "
+                                     "LLaMA-Factory's examples/merge_lora do (model_name_or_path, adapter_name_or_path: "
+                                     f"{folder}, template, export_dir) and run `python -m pipeline export` on it; or "
+                                     "remove adapter_name_or_path to use the final adapter")]
 
 
 @rule("export_dir", commands=("deps", "validate"))
