@@ -1,0 +1,54 @@
+"""The papercuts a user meets in `make all` and in the dry run, through make and the CLI as typed.
+
+One tiny LoRA run (the `tiny` preset, one step) is made by `make all` once for the module, with a recipe that sets
+keys a ported LLaMA-Factory recipe carries (num_train_epochs beside max_steps, trust_remote_code) and data with a
+few rows too long for cutoff_len; the checks share it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.acceptance import harness
+
+pytestmark = pytest.mark.slow  # one `make all` (build, validate, a one-step train, merge, eval): ~20 s on 2 cores
+
+LONG = {"instruction": "Repeat: " + " ".join(harness.WORDS), "input": "", "output": "x"}  # over cutoff_len 48
+EPOCHS = "num_train_epochs: 2 has no effect: max_steps 1"
+TRUST = "trust_remote_code: accepted; no remote code ever runs here"
+
+
+def notice_lines(stderr: str, text: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("notice:") and text in line]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[Path, str, subprocess.CompletedProcess]:
+    """(the scratch repo, its VENV= argument, `make all`'s result) for recipes/t.yaml."""
+    repo = harness.scratch_repo(tmp_path_factory.mktemp("repo"))
+    harness.write_data(repo / "datasets")
+    with open(repo / "datasets" / "raw" / "sft.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(LONG) + "\n")
+    (repo / "recipes").mkdir()
+    harness.write_recipe(repo / "recipes" / "t.yaml", model_name_or_path="tiny", output_dir="saves/t", max_steps=1,
+                         num_train_epochs=2, trust_remote_code=True)
+    venv = f"VENV={repo / 'venv'}"
+    return repo, venv, harness.make("all", "RECIPE=recipes/t.yaml", venv, cwd=repo)
+
+
+def test_each_recipe_notice_is_said_once_per_make_all(made):
+    """validate says them (it checks the recipe, and reads the checkpoint first in the chain); train, merge and
+    eval, which follow it, do not repeat them. Failed before: build, validate, train, merge and eval each said both
+    (five times)."""
+    repo, _, done = made
+    assert harness.make_stages(done) == [(c, "recipes/t.yaml") for c in ("build", "validate", "train", "merge", "eval")]
+    assert len(notice_lines(done.stderr, EPOCHS)) == 1, done.stderr
+    assert len(notice_lines(done.stderr, TRUST)) == 1, done.stderr
+    # a stage run alone, as typed, still says them: validate and plan (which check and show the recipe)
+    for command in ("validate", "plan"):
+        err = harness.pipeline(command, "recipes/t.yaml", cwd=repo, as_typed=False).stderr
+        assert len(notice_lines(err, EPOCHS)) == 1 and len(notice_lines(err, TRUST)) == 1, (command, err)
+
