@@ -296,6 +296,9 @@ dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)
 merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the Hugging Face layout of its family
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
+# The report's path, last (eval was up to date or not); the eval run for it leaves the path out of its own summary line
+# (pipeline.evaluate.run.REPORT_BY_MAKE), which named it just before make did.
+all: export PIPELINE_REPORT_BY_MAKE := 1
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
 	@$(if $(BENCHMARK),true,echo "report: $(OUTPUT_DIR)/eval/report.md")
 export: $(STAMPS)/export ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir

@@ -43,6 +43,10 @@ from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
 
+# Set by the Makefile's `all`, which ends with its own `report: <path>` line (also when eval was up to date and did not
+# run): eval's summary then leaves the path out, so that `make all` names the report once, last.
+REPORT_BY_MAKE = "PIPELINE_REPORT_BY_MAKE"
+
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
     if r.get("task") is not None:  # LLaMA-Factory's eval recipe: a multiple-choice benchmark, not the held-out split
@@ -119,7 +123,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "results": results,
         }
         target = report.write(RunLayout(out).eval, metrics, rows_out, output_dir=out)
-        note(_summary_line(results, target))
+        note(_summary_line(results, target, with_report=os.environ.get(REPORT_BY_MAKE) != "1"))
     _barrier()
     return 0
 
@@ -303,7 +307,7 @@ def _data_description(data: DataArgs) -> str:
     return f"val split of {', '.join(dataset_names(data, 'dataset'))}"
 
 
-def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str:
+def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path, with_report: bool = True) -> str:
     parts = []
     for name in report.MODELS:
         if name in results:
@@ -315,4 +319,4 @@ def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str
                 text += f", exact match {100 * res['exact_match']:.1f}%, " + ", ".join(
                     f"{report.SHORT[k]} {100 * res[k]:.1f}" for k in ("f1", "rouge_l", "bleu"))
             parts.append(text)
-    return "eval: " + " | ".join(parts) + f"; report: {target / 'report.md'}"
+    return "eval: " + " | ".join(parts) + (f"; report: {target / 'report.md'}" if with_report else "")

@@ -52,3 +52,11 @@ def test_each_recipe_notice_is_said_once_per_make_all(made):
         err = harness.pipeline(command, "recipes/t.yaml", cwd=repo, as_typed=False).stderr
         assert len(notice_lines(err, EPOCHS)) == 1 and len(notice_lines(err, TRUST)) == 1, (command, err)
 
+
+def test_make_all_names_the_report_once_last(made):
+    """eval's summary line named it, then make's own last line again. Failed before: two `report:`."""
+    _, _, done = made
+    said = [line for line in (done.stdout + done.stderr).splitlines() if "report: " in line]
+    assert said == ["report: saves/t/eval/report.md"], said
+    assert done.stdout.rstrip().endswith("report: saves/t/eval/report.md")
+    assert any(line.startswith("eval: base: loss ") for line in done.stderr.splitlines()), done.stderr
