@@ -32,6 +32,12 @@ def made(tmp_path_factory) -> tuple[Path, str, subprocess.CompletedProcess]:
     harness.write_data(repo / "datasets")
     with open(repo / "datasets" / "raw" / "sft.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(LONG) + "\n")
+    # an evaluation set of its own (demo_test's part in demo_sft.yaml), for the checks that name it in eval_dataset
+    rows = harness.sft_rows(10, seed=5)
+    (repo / "datasets" / "raw" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    registry = json.loads((repo / "datasets" / "dataset_info.json").read_text(encoding="utf-8"))
+    registry["tiny_eval"] = {"file_name": "raw/eval.jsonl", "formatting": "alpaca"}
+    (repo / "datasets" / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
     (repo / "recipes").mkdir()
     harness.write_recipe(repo / "recipes" / "t.yaml", model_name_or_path="tiny", output_dir="saves/t", max_steps=1,
                          num_train_epochs=2, trust_remote_code=True)
@@ -60,3 +66,15 @@ def test_make_all_names_the_report_once_last(made):
     assert said == ["report: saves/t/eval/report.md"], said
     assert done.stdout.rstrip().endswith("report: saves/t/eval/report.md")
     assert any(line.startswith("eval: base: loss ") for line in done.stderr.splitlines()), done.stderr
+
+
+def test_validate_counts_the_rows_each_stage_reads(made):
+    """With eval_dataset, eval reads the whole of an evaluation-only dataset (its train.json and val.json) and
+    training reads the training dataset's val.json too (load.split_files): the table says so, one row per dataset and
+    use. Failed before: one row per built file, tiny_eval as train 9 / val 1 and tiny_sft as train 22 / val 3."""
+    repo, _, _ = made
+    harness.pipeline("build", "recipes/t.yaml", "eval_dataset=tiny_eval", cwd=repo, as_typed=False)
+    out = harness.pipeline("validate", "recipes/t.yaml", "eval_dataset=tiny_eval", cwd=repo).stdout
+    table = [line.split()[:3] for line in out.splitlines()[out.splitlines().index(next(
+        line for line in out.splitlines() if line.startswith("dataset "))) + 1:] if line.startswith("tiny_")]
+    assert table == [["tiny_sft", "train", "25"], ["tiny_eval", "val", "10"]], out
