@@ -68,7 +68,7 @@ def apply_length_policy(data: DataArgs) -> None:
     from pipeline.data.model_tokenizer import available_tokenizer
 
     if available_tokenizer(data) is not None:
-        make_loader(data, "train")
+        make_loader(data, "train", say_workers=False)
         count_examples(data)  # the val split too: train counts it before it builds its loader
 
 

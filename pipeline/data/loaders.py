@@ -366,14 +366,17 @@ def pt_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1,
                   epoch=epoch, shuffle=shuffle, drop_last=split == "train", group_by_length=False)
 
 
-def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
+def make_loader(data: DataArgs, split: str, *, say_workers: bool = True, **kwargs: Any) -> Loader:
     """sft_loader, pt_loader or pair_loader, by the recipe's stage. disable_shuffling: the train split in its built
-    order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked."""
+    order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked. say_workers: False for a
+    loader never iterated (validate's length pass) or one whose workers' notice train said already (eval in make's
+    chain): say_worker_count."""
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
     loader = (pair_loader if data.paired else pt_loader if data.form == "pt" else sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
-    say_worker_count(loader.num_workers)
+    if say_workers:
+        say_worker_count(loader.num_workers)
     return loader
 
 

@@ -175,7 +175,8 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
     from pipeline.runtime.dist import all_sum_unread
     from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
 
-    loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False)
+    # its batches are built here (loader.batch), never by DataLoader workers: no dataloader_num_workers notice
+    loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False, say_workers=False)
     device = next(model.parameters()).device
     total: Any = 0.0  # a float64 device sum, read once at the end
     count = 0  # counted on the host batches

@@ -349,10 +349,15 @@ SCHEDULE_COMMANDS = ("train", "plan")
 # runs without validate: export, generate / chat). Not build (data only; validate comes next), nor merge and eval,
 # which follow train (a benchmark recipe's eval, which trains nothing and follows no validate in make, does).
 RECIPE_COMMANDS = ("validate", "plan", "inspect", "train", "export", "generate", "chat")
-# Set by the Makefile for the stages that follow its validate stage (train, dry-run, merge, eval): validate said the
-# notices when the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not at
-# validate and again at train. `python -m pipeline train` typed alone still says them.
+# Set by the Makefile for the stages that follow its validate stage (train, dry-run): validate said the notices when
+# the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not at validate and again
+# at train. `python -m pipeline train` typed alone still says them.
 AFTER_VALIDATE = "PIPELINE_AFTER_VALIDATE"
+
+
+def after_validate() -> bool:
+    """Whether this command runs in the Makefile's chain after its validate stage (see AFTER_VALIDATE)."""
+    return os.environ.get(AFTER_VALIDATE) == "1"
 
 
 def says_recipe_notices(r: Any, command: str | None) -> bool:
@@ -361,7 +366,7 @@ def says_recipe_notices(r: Any, command: str | None) -> bool:
         return True
     if command == "eval" and r["task"] is not None:  # a benchmark recipe: eval is its only stage
         return True
-    return command in RECIPE_COMMANDS and not (command == "train" and os.environ.get(AFTER_VALIDATE) == "1")
+    return command in RECIPE_COMMANDS and not (command == "train" and after_validate())
 
 
 def notices(r: Any, command: str | None = None) -> list[str]:

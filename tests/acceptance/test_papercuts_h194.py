@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow  # one `make all` (build, validate, a one-step tra
 LONG = {"instruction": "Repeat: " + " ".join(harness.WORDS), "input": "", "output": "x"}  # over cutoff_len 48
 EPOCHS = "num_train_epochs: 2 has no effect: max_steps 1"
 TRUST = "trust_remote_code: accepted; no remote code ever runs here"
+WORKERS = "dataloader_num_workers: "
 
 
 def notice_lines(stderr: str, text: str) -> list[str]:
@@ -39,8 +40,10 @@ def made(tmp_path_factory) -> tuple[Path, str, subprocess.CompletedProcess]:
     registry["tiny_eval"] = {"file_name": "raw/eval.jsonl", "formatting": "alpaca"}
     (repo / "datasets" / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
     (repo / "recipes").mkdir()
+    from pipeline.data.build import usable_cores
+
     harness.write_recipe(repo / "recipes" / "t.yaml", model_name_or_path="tiny", output_dir="saves/t", max_steps=1,
-                         num_train_epochs=2, trust_remote_code=True)
+                         num_train_epochs=2, trust_remote_code=True, dataloader_num_workers=usable_cores() + 1)
     venv = f"VENV={repo / 'venv'}"
     return repo, venv, harness.make("all", "RECIPE=recipes/t.yaml", venv, cwd=repo)
 
@@ -53,6 +56,8 @@ def test_each_recipe_notice_is_said_once_per_make_all(made):
     assert harness.make_stages(done) == [(c, "recipes/t.yaml") for c in ("build", "validate", "train", "merge", "eval")]
     assert len(notice_lines(done.stderr, EPOCHS)) == 1, done.stderr
     assert len(notice_lines(done.stderr, TRUST)) == 1, done.stderr
+    # train's workers (validate's loader and eval's never start any): failed before, 3 times (validate, train, eval)
+    assert len(notice_lines(done.stderr, WORKERS)) == 1, done.stderr
     # a stage run alone, as typed, still says them: validate and plan (which check and show the recipe)
     for command in ("validate", "plan"):
         err = harness.pipeline(command, "recipes/t.yaml", cwd=repo, as_typed=False).stderr
