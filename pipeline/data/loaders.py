@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.packing import Packs, collate_packs, pack_examples
-from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
+from pipeline.data.tokenize import IGNORE, dropped_words, pt_stream, pt_windows, tokenized_split
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
 from pipeline.library_warnings import hide_library_warning
@@ -406,6 +406,15 @@ def say_worker_count(workers: int) -> None:
               f"CPUs this process may use: they share them with training (batches may come slower); set "
               f"dataloader_num_workers: {cpus} or less here", file=sys.stderr)
     hide_library_warning(WORKER_COUNT_WARNING)  # not under the user's own PYTHONWARNINGS / -W
+
+
+def dropped_note(data: DataArgs) -> str:
+    """tokenize.dropped_words for the train split as the trainer tokenizes it (exact counts; tokenized once per
+    process, which validate's length pass and train do anyway); "" for pt, whose documents are cut into windows."""
+    if data.form == "pt":
+        return ""
+    split = tokenized_pair_split(data, "train") if data.paired else tokenized_split(data, "train")
+    return dropped_words(split.dropped, split.rows, data.cutoff_len)
 
 
 def holds_out(data: DataArgs) -> bool:

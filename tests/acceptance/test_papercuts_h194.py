@@ -83,3 +83,25 @@ def test_validate_counts_the_rows_each_stage_reads(made):
     table = [line.split()[:3] for line in out.splitlines()[out.splitlines().index(next(
         line for line in out.splitlines() if line.startswith("dataset "))) + 1:] if line.startswith("tiny_")]
     assert table == [["tiny_sft", "train", "25"], ["tiny_eval", "val", "10"]], out
+
+
+DROPPED = ("note: 1 of the 22 training rows are longer than cutoff_len 48 and are left out (overlength_policy: drop, "
+           "the default here; LLaMA-Factory cuts them instead): set overlength_policy: truncate to keep them with "
+           "their responses cut, or raise cutoff_len")
+
+
+@pytest.fixture(scope="module")
+def dry_run_alone(made) -> subprocess.CompletedProcess:
+    """`python -m pipeline train recipes/t.yaml --dry-run` as typed, into an output_dir that does not exist yet."""
+    repo, _, _ = made
+    return harness.pipeline("train", "recipes/t.yaml", "--dry-run", "output_dir=saves/new/run", cwd=repo)
+
+
+def test_train_says_the_rows_it_leaves_out_once_in_validates_words(made, dry_run_alone):
+    """The one row over cutoff_len 48 (build kept 25 rows: 22 train, 3 val): validate says it, and train typed alone
+    says the same line once; under make (which runs validate first) once in all. Failed before: train said nothing."""
+    _, _, done = made
+    assert (done.stdout + done.stderr).splitlines().count(DROPPED) == 1, done.stdout + done.stderr
+    assert dry_run_alone.stderr.splitlines().count(DROPPED) == 1, dry_run_alone.stderr
+    # and the recipe's notices, which a stage typed alone must still say
+    assert len(notice_lines(dry_run_alone.stderr, EPOCHS)) == 1 and len(notice_lines(dry_run_alone.stderr, TRUST)) == 1
