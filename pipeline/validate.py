@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
@@ -58,7 +57,9 @@ def validate_benchmark(r: Resolved) -> int:
     missing = missing_model_note(r)
     if missing:
         print(missing)
-    print(f"eval runs it (make eval RECIPE={r.recipe_path}); make plan RECIPE={r.recipe_path} says how")
+    from pipeline.rerun import run_this_for
+
+    print(f"eval runs it: {run_this_for('eval', r)}; {run_this_for('plan', r)} says how")
     return 0
 
 

@@ -40,6 +40,7 @@ from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.recipe.precision import eval_precision, weights_dtype
+from pipeline.rerun import run_this_for
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
 
@@ -148,12 +149,8 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     if weights is None:
         lora = trains_adapter(r["finetuning_type"])
         raise UserError(f"{out.trained_dir(r['finetuning_type'])}: no trained {'adapter' if lora else 'model'} to "
-                        f"evaluate; `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
+                        f"evaluate; {run_this_for('train', r)} produces it")
     return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))
-
-
-def _recipe(r: Mapping[str, Any]) -> str:
-    return str(getattr(r, "recipe_path", None) or "<recipe>")
 
 
 # ---------------------------------------------------------------- loss and perplexity

@@ -105,3 +105,16 @@ def test_train_says_the_rows_it_leaves_out_once_in_validates_words(made, dry_run
     assert dry_run_alone.stderr.splitlines().count(DROPPED) == 1, dry_run_alone.stderr
     # and the recipe's notices, which a stage typed alone must still say
     assert len(notice_lines(dry_run_alone.stderr, EPOCHS)) == 1 and len(notice_lines(dry_run_alone.stderr, TRUST)) == 1
+
+
+def test_the_commands_messages_give_carry_the_overrides_typed(made):
+    """eval and merge of a run not trained yet name the training that produces it with the overrides the user gave
+    (rerun.run_this, which make_data's hint uses too): without them `make train` trained saves/t, not saves/none.
+    Failed before: `make train RECIPE=recipes/t.yaml` (python -m pipeline train), the overrides left out."""
+    repo, _, _ = made
+    train = ("`make train RECIPE=recipes/t.yaml ARGS='output_dir=saves/none max_steps=3'` (python -m pipeline train "
+             "recipes/t.yaml output_dir=saves/none max_steps=3)")
+    err = harness.refused("eval", "recipes/t.yaml", "output_dir=saves/none", "max_steps=3", cwd=repo, as_typed=False)
+    assert f"error: saves/none/adapter: no trained adapter to evaluate; {train} produces it" in err.splitlines(), err
+    err = harness.refused("merge", "recipes/t.yaml", "output_dir=saves/none", "max_steps=3", cwd=repo, as_typed=False)
+    assert f"). {train} produces output_dir/adapter/;" in err, err
