@@ -132,6 +132,35 @@ def _probe(folder: Path) -> None:
     os.unlink(name)
 
 
+def _in_use(target: Path, at: str | None, path: Path) -> str:
+    """The refusal of `target`, whose lock file `path` another live run holds."""
+    where = f"{at}: " if at else ""
+    return (f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt each other. Wait for "
+            f"that run to finish (or stop it), or choose another directory. The lock is {path}")
+
+
+def in_use(target: str | Path, at: str | None = None) -> str | None:
+    """The refusal `exclusive(target)` would give because another live run holds the lock, found without taking it:
+    for `train --dry-run`, which must not block the real run (pipeline.train.dryrun.real_run_problem). No lock file:
+    nobody holds it (a holder removes it on release). One there is a live holder's or one a killed run left:
+    a shared lock asked for without waiting tells which, and is let go at once; the file is opened read-only, never
+    created. None: free."""
+    path = lock_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return _in_use(Path(target), at, path)
+        return None
+    finally:
+        os.close(fd)  # closing lets go of the shared lock, when it was granted
+    return None
+
+
 @contextlib.contextmanager
 def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool = False,
               writes: bool = False) -> Iterator[Path]:
@@ -180,10 +209,7 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
                 for parent in reversed(created):
                     with contextlib.suppress(OSError):
                         parent.rmdir()
-                where = f"{at}: " if at else ""
-                raise UserError(f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt "
-                                f"each other. Wait for that run to finish (or stop it), or choose another "
-                                f"directory. The lock is {path}")
+                raise UserError(_in_use(target, at, path))
         # The previous holder may have removed the file between our open and our flock: then we locked an
         # orphan inode, and a third run could lock the new file. Only a lock on the file at `path` counts.
         try:

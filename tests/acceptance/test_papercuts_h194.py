@@ -7,6 +7,7 @@ few rows too long for cutoff_len; the checks share it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -118,3 +119,35 @@ def test_the_commands_messages_give_carry_the_overrides_typed(made):
     assert f"error: saves/none/adapter: no trained adapter to evaluate; {train} produces it" in err.splitlines(), err
     err = harness.refused("merge", "recipes/t.yaml", "output_dir=saves/none", "max_steps=3", cwd=repo, as_typed=False)
     assert f"). {train} produces output_dir/adapter/;" in err, err
+
+
+@pytest.fixture(scope="module")
+def dry_run_of_the_finished_run(made) -> tuple[subprocess.CompletedProcess, Path, str]:
+    """`make dry-run` of the finished saves/t while a real run (this test process, as `python -m pipeline train`
+    would) holds its lock: (the result, the lock file, what the holder wrote into it)."""
+    from pipeline.lock import exclusive, lock_path
+
+    repo, venv, _ = made
+    with exclusive(repo / "saves" / "t", "python -m pipeline train recipes/t.yaml", writes=True) as lock:
+        held = lock.read_text(encoding="utf-8")
+        done = harness.make("dry-run", "RECIPE=recipes/t.yaml", venv, cwd=repo)
+        assert lock.read_text(encoding="utf-8") == held  # the dry run neither took nor rewrote it
+    assert not lock_path(repo / "saves" / "t").exists()  # and the holder's release removed it as usual
+    return done, lock, held
+
+
+def warnings(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_a_dry_run_says_a_real_run_holds_the_lock_without_taking_it(dry_run_of_the_finished_run):
+    """pipeline.lock.in_use: a shared lock asked for without waiting, let go at once. Failed before: no word of the
+    run under way (the real run would stop at the lock)."""
+    done, lock, _ = dry_run_of_the_finished_run
+    assert "dry run: ok" in done.stdout, done.stdout
+    said = [line for line in warnings(done.stderr) if " is in use by " in line]
+    assert len(said) == 1, done.stderr
+    assert (f"output_dir: saves/t is in use by `python -m pipeline train recipes/t.yaml` (pid {os.getpid()} on host "
+            in said[0]), said
+    assert said[0].endswith(f"The lock is saves/.t.lock. The real run would stop there; this dry run writes only to a "
+                            "temporary folder, so it goes on"), said
