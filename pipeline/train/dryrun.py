@@ -142,7 +142,8 @@ def run(r: Any, train: Any) -> int:
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
                                     checkpoint.where(r, "resume_from_checkpoint"))
     at = checkpoint.where(r, "output_dir")
-    occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"],
+                                                              recipe=getattr(r, "recipe_path", None))
     if dist.is_main() and (problem := real_run_problem(real_output_dir, at, occupied)):
         print(problem, file=sys.stderr, flush=True)
     if resume is not None:

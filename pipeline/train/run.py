@@ -477,7 +477,8 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
     output_dir = Path(r["output_dir"])
     at = checkpoint.where(r, "output_dir")
-    refusal = RunLayout(output_dir).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    refusal = RunLayout(output_dir).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"],
+                                                  recipe=getattr(r, "recipe_path", None))
     if refusal is not None:
         raise UserError(refusal)
     entries = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
