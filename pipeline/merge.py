@@ -53,7 +53,7 @@ from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
 from pipeline.recipe.precision import weights_dtype
-from pipeline.rerun import run_this_for
+from pipeline.recipe.args import run_this_for
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
                                   recipe_args)
 from pipeline.runtime import guard, hostmem

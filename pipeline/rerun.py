@@ -4,11 +4,12 @@ One builder for every "run this" message (the data's rebuild, the training that 
 the benchmark's eval): it names the recipe as the user named it and carries the command-line overrides they gave. A
 bare `make train` trains the Makefile's default recipe, not theirs, and one without the overrides (output_dir=...,
 max_steps=40) another run than the one the message is about. make hands ARGS to every stage of the chain.
+recipe.args.run_this_for: the same for a resolved recipe.
 """
 from __future__ import annotations
 
 import shlex
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 # make goals whose pipeline command has another name
 COMMANDS = {"data": "build", "dry-run": "train"}
@@ -24,9 +25,3 @@ def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = ()) -> st
     typed = shlex.join(["python", "-m", "pipeline", command, recipe, *overrides])
     return f"`make {goal} RECIPE={shlex.quote(recipe)}{args}` ({typed})"
 
-
-def run_this_for(goal: str, r: Mapping[str, Any]) -> str:
-    """run_this for a resolved recipe: its path as the user gave it and its command-line overrides as typed."""
-    from pipeline.recipe.args import typed_overrides
-
-    return run_this(goal, str(getattr(r, "recipe_path", "") or "") or None, typed_overrides(r))

@@ -154,7 +154,7 @@ def test_a_dry_run_says_a_real_run_holds_the_lock_without_taking_it(dry_run_of_t
     assert len(said) == 1, done.stderr
     assert (f"output_dir: saves/t is in use by `python -m pipeline train recipes/t.yaml` (pid {os.getpid()} on host "
             in said[0]), said
-    assert said[0].endswith(f"The lock is saves/.t.lock. The real run would stop there; this dry run writes only to a "
+    assert said[0].endswith("The lock is saves/.t.lock. The real run would stop there; this dry run writes only to a "
                             "temporary folder, so it goes on"), said
 
 
