@@ -94,12 +94,17 @@ DROPPED = ("note: 1 of the 22 training rows are longer than cutoff_len 48 and ar
 @pytest.fixture(scope="module")
 def dry_run_alone(made) -> subprocess.CompletedProcess:
     """`python -m pipeline train recipes/t.yaml --dry-run` as typed, into an output_dir that does not exist yet
-    (saves/new/run: saves/ is its nearest existing parent); `.saves_before`: saves/'s (entries, mtime_ns) before."""
+    (saves/new/run: saves/ is its nearest existing parent); `.saves`: saves/'s (entries, mtime_ns) before and after
+    (taken at once: the lock test's holder changes saves/ later)."""
     repo, _, _ = made
     saves = repo / "saves"
-    before = (sorted(p.name for p in saves.iterdir()), saves.stat().st_mtime_ns)
+
+    def state() -> tuple[list[str], int]:
+        return sorted(p.name for p in saves.iterdir()), saves.stat().st_mtime_ns
+
+    before = state()
     done = harness.pipeline("train", "recipes/t.yaml", "--dry-run", "output_dir=saves/new/run", cwd=repo)
-    done.saves_before = before
+    done.saves = (before, state())
     return done
 
 
@@ -174,11 +179,10 @@ def test_a_dry_run_of_a_finished_run_says_what_the_real_run_would_do(dry_run_of_
         "temporary folder, so it goes on"), done.stderr
 
 
-def test_a_dry_run_probes_a_missing_output_dir_without_writing(made, dry_run_alone):
+def test_a_dry_run_probes_a_missing_output_dir_without_writing(dry_run_alone):
     """The write probe of saves/new/run (pipeline.lock.unwritable) is a file without a name in saves/, so saves/
     keeps its entries and its mtime (make reads folder times). Failed before: a named probe file, created and
     removed, changed saves/'s mtime."""
-    repo, _, _ = made
-    saves = repo / "saves"
     assert "dry run: ok" in dry_run_alone.stdout and warnings(dry_run_alone.stderr) == [], dry_run_alone.stderr
-    assert (sorted(p.name for p in saves.iterdir()), saves.stat().st_mtime_ns) == dry_run_alone.saves_before
+    before, after = dry_run_alone.saves
+    assert after == before
