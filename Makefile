@@ -251,6 +251,9 @@ $(STAMPS)/validate: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) 
 # recipe's run in the same output_dir (a recipe that extends one and inherits its output_dir), is not wiped:
 # the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true or another output_dir.
 # ARGS=--dry-run always runs (a dry run of a finished recipe too) and never marks train done.
+# validate, which train follows, said the recipe's notices when the recipe or ARGS last changed: train says only its
+# own (the warmup's, dataloader_num_workers'), so that `make all` says each once (pipeline.recipe.notices.AFTER_VALIDATE).
+$(STAMPS)/train dry-run: export PIPELINE_AFTER_VALIDATE := 1
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMPS) $(if $(TRAIN_DRY_RUN),FORCE)
 	$(LAUNCH) train $(RECIPE) --retrain-finished $(ARGS)
 	@$(if $(TRAIN_DRY_RUN),true,touch $@)
@@ -293,6 +296,9 @@ dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)
 merge: $(STAMPS)/merge ## fold the adapter into the base, verify, export the Hugging Face layout of its family
 eval: $(STAMPS)/eval ## held-out metrics for base vs tuned, and the report
+# The report's path, last (eval was up to date or not); the eval run for it leaves the path out of its own summary line
+# (pipeline.evaluate.run.REPORT_BY_MAKE), which named it just before make did.
+all: export PIPELINE_REPORT_BY_MAKE := 1
 all: $(STAMPS)/eval ## data -> validate -> train -> merge -> eval (only stale stages)
 	@$(if $(BENCHMARK),true,echo "report: $(OUTPUT_DIR)/eval/report.md")
 export: $(STAMPS)/export ## LLaMA-Factory merge recipe: adapter_name_or_path folded into the base, written to export_dir

@@ -99,8 +99,9 @@ def unwritable(target: str | Path, at: str | None = None) -> UserError | None:
     output_dir's missing parents, to hold it), yet can tell the user what the real run would meet. An existing
     `target` is only asked (os.access, and whether its file system is mounted read-only): a probe file would change
     the folder's mtime, which a dry run promises to leave alone; a missing one is probed where it would be created,
-    the nearest existing parent (a file created and removed at once, as _probe does: os.access says yes to root on
-    /proc-like file systems that refuse new files). None: nothing stands in the way."""
+    the nearest existing parent, by a file without a name (_probe_unseen: a named one, as _probe makes, changed that
+    folder's mtime, which make reads for the folders it watches; os.access alone says yes to root on /proc-like file
+    systems that refuse new files). None: nothing stands in the way."""
     target = Path(target)
     blocker = _in_the_way(target)
     if blocker is not None:
@@ -112,7 +113,7 @@ def unwritable(target: str | Path, at: str | None = None) -> UserError | None:
             if os.statvfs(target).f_flag & os.ST_RDONLY:
                 raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
         else:
-            _probe(next(p for p in target.absolute().parents if p.exists()))
+            _probe_unseen(next(p for p in target.absolute().parents if p.exists()))
     except OSError as err:
         return _cannot_write(target, at, err)
     return None
@@ -130,6 +131,57 @@ def _probe(folder: Path) -> None:
         raise OSError(err.errno, err.strerror, str(folder)) from None
     os.close(fd)
     os.unlink(name)
+
+
+def _in_use(target: Path, at: str | None, path: Path) -> str:
+    """The refusal of `target`, whose lock file `path` another live run holds."""
+    where = f"{at}: " if at else ""
+    return (f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt each other. Wait for "
+            f"that run to finish (or stop it), or choose another directory. The lock is {path}")
+
+
+def in_use(target: str | Path, at: str | None = None) -> str | None:
+    """The refusal `exclusive(target)` would give because another live run holds the lock, found without taking it:
+    for `train --dry-run`, which must not block the real run (pipeline.train.dryrun.real_run_problem). No lock file:
+    nobody holds it (a holder removes it on release). One there is a live holder's or one a killed run left:
+    a shared lock asked for without waiting tells which, and is let go at once; the file is opened read-only, never
+    created. None: free."""
+    path = lock_path(target)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return _in_use(Path(target), at, path)
+        return None
+    finally:
+        os.close(fd)  # closing lets go of the shared lock, when it was granted
+    return None
+
+
+def _probe_unseen(folder: Path) -> None:
+    """_probe that leaves the folder as it was, mtime included: a file without a name (O_TMPFILE, Linux: ext4, xfs,
+    btrfs, tmpfs) adds no entry to it. Where the file system (or platform) makes none, _probe, and the folder's
+    times put back after it."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+    unnamed = getattr(os, "O_TMPFILE", None)
+    if unnamed is not None:
+        try:
+            os.close(os.open(folder, unnamed | os.O_WRONLY, 0o600))
+            return
+        except OSError as err:  # EOPNOTSUPP (or EISDIR / EINVAL on older kernels): no unnamed files here
+            if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise OSError(err.errno, err.strerror, str(folder)) from None
+    times = folder.stat()
+    try:
+        _probe(folder)
+    finally:
+        with contextlib.suppress(OSError):
+            os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 @contextlib.contextmanager
@@ -180,10 +232,7 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
                 for parent in reversed(created):
                     with contextlib.suppress(OSError):
                         parent.rmdir()
-                where = f"{at}: " if at else ""
-                raise UserError(f"{where}{target} is in use by {_holder(path)}; two runs writing it would corrupt "
-                                f"each other. Wait for that run to finish (or stop it), or choose another "
-                                f"directory. The lock is {path}")
+                raise UserError(_in_use(target, at, path))
         # The previous holder may have removed the file between our open and our flock: then we locked an
         # orphan inode, and a third run could lock the new file. Only a lock on the file at `path` counts.
         try:

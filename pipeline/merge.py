@@ -53,6 +53,7 @@ from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
 from pipeline.recipe.precision import weights_dtype
+from pipeline.recipe.args import run_this_for
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
                                   recipe_args)
 from pipeline.runtime import guard, hostmem
@@ -82,7 +83,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     if lora:
         check = merge_adapter(models.model, data, ex, adapter_dir(r), trained)
     else:
-        check = reexport_full(models, data, ex, out, _recipe(r), trained)
+        check = reexport_full(models, data, ex, out, run_this_for("train", r), trained)
     target = export(check, target, ex, files)
     errors = ", ".join(f"{err:.2e} ({dtype})" for dtype, err in check.report["logits"].items())
     note(f"merged model written to {target} ({ex.export_dtype}); verified on {check.report['samples']} samples,"
@@ -213,7 +214,7 @@ def adapter_dir(r: Mapping[str, Any]) -> Path:
         given = f" nor at adapter_name_or_path '{r['adapter_name_or_path']}'" if r["adapter_name_or_path"] else ""
         raise UserError(
             f"{out.adapter}: no adapter here{given} (adapter_config.json +"
-            f" adapter_model.safetensors). `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces"
+            f" adapter_model.safetensors). {run_this_for('train', r)} produces"
             " output_dir/adapter/; or point adapter_name_or_path at an adapter directory (PEFT layout)."
         )
     return found.path
@@ -269,11 +270,12 @@ def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path,
     return merge_verified(model, samples, ex.export_dtype, source=str(path), cause=untrained_cause(path))
 
 
-def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, recipe: str,
+def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, train: str,
                   start: torch.dtype = torch.float32) -> Verified:
     """full/freeze: output_dir/model re-exported; it must differ from the base and survive the dtype cast.
     start: the dtype the run started from the base in (bf16 under pure_bf16): the update is measured from that
-    base, so that the base's own bf16 rounding counts neither as a change nor as an update the cast loses."""
+    base, so that the base's own bf16 rounding counts neither as a change nor as an update the cast loses.
+    train: the command that trains the run (rerun.run_this), for the message when there is nothing to re-export."""
     from pipeline.model.build import base_tensors
     from pipeline.model.weights import load_model
 
@@ -283,7 +285,7 @@ def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunL
     if trained is None:
         raise UserError(
             f"{path}: no trained model here (finetuning_type {kind} writes output_dir/model/)."
-            f" `make train RECIPE={recipe}` (python -m pipeline train) produces it."
+            f" {train} produces it."
         )
     model = load_model(path).float().eval()
     state = model.state_dict()

@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
@@ -22,13 +21,16 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
           f"dataset {', '.join(r['dataset'])})")
     data = data_args(r)
     checked = check_built(data)  # raises UserError listing every bad row
-    apply_length_policy(data)
+    tokenized = apply_length_policy(data)
     print("data: OK")
     for line in checked.warnings:
         print(line, file=sys.stderr)
     print(format_summary(checked.summary))
-    if (dropped := dropped_note(data, checked.summary)):
-        print(dropped)
+    if tokenized:
+        from pipeline.data.loaders import dropped_note
+
+        if (dropped := dropped_note(data)):  # train's words too (pipeline.train.run.print_plan)
+            print(dropped)
     missing = missing_model_note(r)
     untokenized = bool(checked.summary) and all(row["tokens_min"] is None for row in checked.summary)
     if missing:
@@ -55,37 +57,25 @@ def validate_benchmark(r: Resolved) -> int:
     missing = missing_model_note(r)
     if missing:
         print(missing)
-    print(f"eval runs it (make eval RECIPE={r.recipe_path}); make plan RECIPE={r.recipe_path} says how")
+    from pipeline.recipe.args import run_this_for
+
+    print(f"eval runs it: {run_this_for('eval', r)}; {run_this_for('plan', r)} says how")
     return 0
 
 
-def apply_length_policy(data: DataArgs) -> None:
+def apply_length_policy(data: DataArgs) -> bool:
     """The trainer's own length pass over the whole built data, so that validate refuses what train would, with
     train's message: rows over cutoff_len under overlength_policy: error, or a train split left without examples
     (or without one batch) once the policy dropped its long rows. check_built only samples token lengths. Skipped
-    when the tokenizer is not on this machine yet (train reports it then)."""
+    when the tokenizer is not on this machine yet (train reports it then): False."""
     from pipeline.data.loaders import count_examples, make_loader
     from pipeline.data.model_tokenizer import available_tokenizer
 
-    if available_tokenizer(data) is not None:
-        make_loader(data, "train")
-        count_examples(data)  # the val split too: train counts it before it builds its loader
-
-
-def dropped_note(data: DataArgs, summary: list[dict[str, Any]]) -> str:
-    """A note when overlength_policy drop (the default here) leaves rows of the training splits out: LLaMA-Factory
-    truncates them, so its recipes run here on fewer rows (a quarter of alpaca_en_demo's at cutoff_len 256), and the
-    only sign was a number in the table's >cutoff column. "" when none (or they are counted on a sample)."""
-    from pipeline.data.registry import dataset_names
-
-    trained = [row for row in summary if row["split"] == "train" and row["dataset"] in dataset_names(data, "dataset")]
-    over = sum(row["over_cutoff_len"] or 0 for row in trained if not row["sampled"])
-    if data.overlength_policy != "drop" or not over:
-        return ""
-    rows = sum(row["rows"] for row in trained)
-    return (f"note: {over:,} of the {rows:,} training rows are longer than cutoff_len {data.cutoff_len} and are left "
-            "out (overlength_policy: drop, the default here; LLaMA-Factory cuts them instead): set overlength_policy: "
-            "truncate to keep them with their responses cut, or raise cutoff_len")
+    if available_tokenizer(data) is None:
+        return False
+    make_loader(data, "train", say_workers=False)
+    count_examples(data)  # the val split too: train counts it before it builds its loader
+    return True
 
 
 def missing_model_note(r: Resolved) -> str:

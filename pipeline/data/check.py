@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
-from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed
+from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed, split_files
 from pipeline.data.markup import typed_markup_warnings
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
@@ -191,13 +191,16 @@ def check_built(data: DataArgs) -> Checked:
         raise UserError(changed + problems.messages())
     tokenizer = available_tokenizer(data)
     summary = []
-    for name, split, path, rows, origins in loaded:
+    read = {path: (rows, origins) for _, _, path, rows, origins in loaded}
+    for split, name, paths in used_files(data):
+        rows = [row for path in paths for row in read[path][0]]
+        row_origins = [origin for path in paths for origin in read[path][1]]
         pick = np.unique(np.linspace(0, len(rows) - 1, min(SAMPLE, len(rows))).astype(int)) if rows else []
         sample = [rows[i] for i in pick]
-        lengths = None if tokenizer is None else _token_lengths(data, sample, tokenizer, [origins[i] for i in pick])
+        lengths = None if tokenizer is None else _token_lengths(data, sample, tokenizer, [row_origins[i] for i in pick])
         known = lengths is not None and len(lengths) > 0
         summary.append({
-            "dataset": name, "split": split, "file": str(path), "rows": len(rows),
+            "dataset": name, "split": split, "file": ", ".join(map(str, paths)), "rows": len(rows),
             "tokens_min": int(lengths.min()) if known else None,
             "tokens_mean": round(float(lengths.mean()), 1) if known else None,
             "tokens_max": int(lengths.max()) if known else None,
@@ -208,6 +211,20 @@ def check_built(data: DataArgs) -> Checked:
     warnings = [] if tokenizer is None else typed_markup_warnings(
         tokenizer, data.split_special_tokens, [(name, rows, origins) for name, _, _, rows, origins in loaded])
     return Checked(summary, warnings)
+
+
+def used_files(data: DataArgs) -> list[tuple[str, str, list[Path]]]:
+    """(split, dataset, its built files) for what each stage reads (load.split_files): "train" the rows training
+    reads, "val" those evaluation reads. A dataset only in eval_dataset is evaluated whole (its train.json and
+    val.json), and a training dataset's val.json is trained on when eval_dataset names others: per built file, the
+    table showed demo_test as train 135 / val 15 where eval reads all 150 rows."""
+    out: list[tuple[str, str, list[Path]]] = []
+    for split in SPLITS:
+        by_dataset: dict[str, list[Path]] = {}
+        for path in split_files(data, split):
+            by_dataset.setdefault(path.parent.name, []).append(path)
+        out += [(split, name, paths) for name, paths in by_dataset.items()]
+    return out
 
 
 def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any, origins: list[Origin]) -> np.ndarray:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shlex
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
@@ -34,15 +33,11 @@ def make_data(data: DataArgs | None = None) -> str:
     (DataArgs.recipe / overrides; None: RECIPE, for messages that have no recipe at hand): a bare `make data` builds
     the Makefile's default recipe, not theirs, and one without the overrides (val_size=0.2) another dataset than the
     run reads. make hands ARGS to the build as it hands them to train."""
-    recipe = data.recipe if data is not None else None
-    if not recipe:
-        return ("run `make data` (python -m pipeline build RECIPE), or set overwrite_cache: true so that train and eval "
-                "rebuild it themselves")
-    overrides = data.overrides if data is not None else ()
-    args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
-    build = shlex.join(["python", "-m", "pipeline", "build", recipe, *overrides])
-    return (f"run `make data RECIPE={shlex.quote(recipe)}{args}` ({build}), or set overwrite_cache: true so that train"
-            " and eval rebuild it themselves")
+    from pipeline.rerun import run_this
+
+    recipe, overrides = (data.recipe, data.overrides) if data is not None else (None, ())
+    return (f"run {run_this('data', recipe, overrides)}, or set overwrite_cache: true so that train and eval rebuild "
+            "it themselves")
 
 
 MAKE_DATA = make_data()

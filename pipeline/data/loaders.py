@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.packing import Packs, collate_packs, pack_examples
-from pipeline.data.tokenize import IGNORE, pt_stream, pt_windows, tokenized_split
+from pipeline.data.tokenize import IGNORE, dropped_words, pt_stream, pt_windows, tokenized_split
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
 from pipeline.library_warnings import hide_library_warning
@@ -366,14 +366,17 @@ def pt_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1,
                   epoch=epoch, shuffle=shuffle, drop_last=split == "train", group_by_length=False)
 
 
-def make_loader(data: DataArgs, split: str, **kwargs: Any) -> Loader:
+def make_loader(data: DataArgs, split: str, *, say_workers: bool = True, **kwargs: Any) -> Loader:
     """sft_loader, pt_loader or pair_loader, by the recipe's stage. disable_shuffling: the train split in its built
-    order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked."""
+    order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked. say_workers: False for a
+    loader never iterated (validate's length pass) or one whose workers' notice train said already (eval in make's
+    chain): say_worker_count."""
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
     loader = (pair_loader if data.paired else pt_loader if data.form == "pt" else sft_loader)(data, split, **kwargs)
     loader.num_workers = int(data.dataloader_num_workers or 0)
-    say_worker_count(loader.num_workers)
+    if say_workers:
+        say_worker_count(loader.num_workers)
     return loader
 
 
@@ -403,6 +406,15 @@ def say_worker_count(workers: int) -> None:
               f"CPUs this process may use: they share them with training (batches may come slower); set "
               f"dataloader_num_workers: {cpus} or less here", file=sys.stderr)
     hide_library_warning(WORKER_COUNT_WARNING)  # not under the user's own PYTHONWARNINGS / -W
+
+
+def dropped_note(data: DataArgs) -> str:
+    """tokenize.dropped_words for the train split as the trainer tokenizes it (exact counts; tokenized once per
+    process, which validate's length pass and train do anyway); "" for pt, whose documents are cut into windows."""
+    if data.form == "pt":
+        return ""
+    split = tokenized_pair_split(data, "train") if data.paired else tokenized_split(data, "train")
+    return dropped_words(split.dropped, split.rows, data.cutoff_len)
 
 
 def holds_out(data: DataArgs) -> bool:

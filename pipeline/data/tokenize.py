@@ -300,6 +300,21 @@ def _eos_targets(ids: np.ndarray, trainable: np.ndarray, seg_len: np.ndarray, re
     return targets
 
 
+def dropped_words(dropped: Mapping[str, int], rows: int, cutoff_len: int) -> str:
+    """One note line per length-policy reason (OVER, NO_ROOM) that left rows of the `rows` training rows out: the
+    words validate prints and train prints once (the one source of them). LLaMA-Factory truncates long rows, so its
+    recipes run here on fewer rows under overlength_policy: drop (a quarter of alpaca_en_demo's at cutoff_len 256);
+    "" when none."""
+    head = "note: {n:,} of the {rows:,} training rows"
+    words = {OVER: f" are longer than cutoff_len {cutoff_len} and are left out (overlength_policy: drop, the default "
+                   "here; LLaMA-Factory cuts them instead): set overlength_policy: truncate to keep them with their "
+                   "responses cut, or raise cutoff_len",
+             NO_ROOM: f" are left out: their prompt fills cutoff_len {cutoff_len}, so cutting leaves no response "
+                      "token to train (overlength_policy: truncate cuts responses, not prompts): raise cutoff_len"}
+    return "\n".join(head.format(n=dropped[reason], rows=rows) + text for reason, text in words.items()
+                     if dropped.get(reason))
+
+
 def row_origins(origins: Sequence[Origin | str] | None, n: int) -> list[Origin]:
     """The given origins as Origins, or `row i` for each of n rows when none are given."""
     if origins is None:

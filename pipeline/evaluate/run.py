@@ -40,8 +40,13 @@ from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
 from pipeline.recipe.precision import eval_precision, weights_dtype
+from pipeline.recipe.args import run_this_for
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
+
+# Set by the Makefile's `all`, which ends with its own `report: <path>` line (also when eval was up to date and did not
+# run): eval's summary then leaves the path out, so that `make all` names the report once, last.
+REPORT_BY_MAKE = "PIPELINE_REPORT_BY_MAKE"
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
@@ -119,7 +124,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
             "results": results,
         }
         target = report.write(RunLayout(out).eval, metrics, rows_out, output_dir=out)
-        note(_summary_line(results, target))
+        note(_summary_line(results, target, with_report=os.environ.get(REPORT_BY_MAKE) != "1"))
     _barrier()
     return 0
 
@@ -144,12 +149,8 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     if weights is None:
         lora = trains_adapter(r["finetuning_type"])
         raise UserError(f"{out.trained_dir(r['finetuning_type'])}: no trained {'adapter' if lora else 'model'} to "
-                        f"evaluate; `make train RECIPE={_recipe(r)}` (python -m pipeline train) produces it")
+                        f"evaluate; {run_this_for('train', r)} produces it")
     return Tuned(weights.kind, weights.path, describe(weights, r["model_name_or_path"], r["finetuning_type"]))
-
-
-def _recipe(r: Mapping[str, Any]) -> str:
-    return str(getattr(r, "recipe_path", None) or "<recipe>")
 
 
 # ---------------------------------------------------------------- loss and perplexity
@@ -171,7 +172,8 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
     from pipeline.runtime.dist import all_sum_unread
     from pipeline.runtime.batches import lm_batch, to_device, trained_tokens
 
-    loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False)
+    # its batches are built here (loader.batch), never by DataLoader workers: no dataloader_num_workers notice
+    loader = make_loader(data, "val", rank=0, world_size=1, shuffle=False, say_workers=False)
     device = next(model.parameters()).device
     total: Any = 0.0  # a float64 device sum, read once at the end
     count = 0  # counted on the host batches
@@ -303,7 +305,7 @@ def _data_description(data: DataArgs) -> str:
     return f"val split of {', '.join(dataset_names(data, 'dataset'))}"
 
 
-def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str:
+def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path, with_report: bool = True) -> str:
     parts = []
     for name in report.MODELS:
         if name in results:
@@ -315,4 +317,4 @@ def _summary_line(results: Mapping[str, Mapping[str, Any]], target: Path) -> str
                 text += f", exact match {100 * res['exact_match']:.1f}%, " + ", ".join(
                     f"{report.SHORT[k]} {100 * res[k]:.1f}" for k in ("f1", "rouge_l", "bleu"))
             parts.append(text)
-    return "eval: " + " | ".join(parts) + f"; report: {target / 'report.md'}"
+    return "eval: " + " | ".join(parts) + (f"; report: {target / 'report.md'}" if with_report else "")

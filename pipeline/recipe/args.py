@@ -332,6 +332,14 @@ def typed_overrides(r: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(o.text for key in r if (o := origin(key)).kind == "cli" and o.text)
 
 
+def run_this_for(goal: str, r: Mapping[str, Any]) -> str:
+    """pipeline.rerun.run_this for a resolved recipe: its path as the user gave it and its command-line overrides as
+    typed (typed_overrides)."""
+    from pipeline.rerun import run_this
+
+    return run_this(goal, str(getattr(r, "recipe_path", "") or "") or None, typed_overrides(r))
+
+
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:
     """Resolved recipe (or a plain dict in tests) -> (ModelArgs, FinetuneArgs) for pipeline.model.build."""
     from pipeline.model.build import FinetuneArgs, ModelArgs

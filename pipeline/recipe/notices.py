@@ -344,6 +344,29 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
 # there only: `make all` said it at build, validate, train, merge and eval, four times too many (merge's refusal of
 # the untrained adapter it leaves names the warmup itself: merge.untrained_cause).
 SCHEDULE_COMMANDS = ("train", "plan")
+# The commands that say the recipe's other notices: those that check it (validate, which reads the checkpoint's
+# config.json and tokenizer first in make's chain), show it (plan, inspect) or run it alone (train, and those make
+# runs without validate: export, generate / chat). Not build (data only; validate comes next), nor merge and eval,
+# which follow train (a benchmark recipe's eval, which trains nothing and follows no validate in make, does).
+RECIPE_COMMANDS = ("validate", "plan", "inspect", "train", "export", "generate", "chat")
+# Set by the Makefile for the stages that follow its validate stage (train, dry-run): validate said the notices when
+# the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not at validate and again
+# at train. `python -m pipeline train` typed alone still says them.
+AFTER_VALIDATE = "PIPELINE_AFTER_VALIDATE"
+
+
+def after_validate() -> bool:
+    """Whether this command runs in the Makefile's chain after its validate stage (see AFTER_VALIDATE)."""
+    return os.environ.get(AFTER_VALIDATE) == "1"
+
+
+def says_recipe_notices(r: Any, command: str | None) -> bool:
+    """Whether `command` says the recipe's notices (all but the warmup's); None: every notice (the unit tests')."""
+    if command is None:
+        return True
+    if command == "eval" and r["task"] is not None:  # a benchmark recipe: eval is its only stage
+        return True
+    return command in RECIPE_COMMANDS and not (command == "train" and after_validate())
 
 
 def notices(r: Any, command: str | None = None) -> list[str]:
@@ -352,9 +375,13 @@ def notices(r: Any, command: str | None = None) -> list[str]:
     or None: every notice); dropout under stage dpo; run_name without wandb; what rope_scaling set;
     pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
     galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it;
-    moe_aux_loss_coef on a dense model; the quantization keys without quantization_bit."""
+    moe_aux_loss_coef on a dense model; the quantization keys without quantization_bit. All but the warmup's only
+    where says_recipe_notices."""
     schedule = command is None or command in SCHEDULE_COMMANDS
-    lines = (template_notice(r), epochs_notice(r), warmup_notice(r) if schedule else None, run_name_notice(r),
+    warmup = warmup_notice(r) if schedule else None
+    if not says_recipe_notices(r, command):
+        return [warmup] if warmup else []
+    lines = (template_notice(r), epochs_notice(r), warmup, run_name_notice(r),
              rope_scaling_notice(r),
              dynamic_context_notice(r), pissa_iter_notice(r),
              split_special_tokens_notice(r), moe_aux_loss_notice(r))

@@ -114,35 +114,52 @@ class RunLayout:
         entries = self.entries() if entries is None else entries
         return entries if entries and set(entries) <= start else []
 
-    def start_refusal(self, at: str, kept: bool, entries: list[str] | None = None) -> str | None:
+    def start_refusal(self, at: str, kept: bool, entries: list[str] | None = None,
+                      recipe: str | Path | None = None) -> str | None:
         """Why a run may not start here, or None: a file in output_dir's place, or a folder holding another run
         (beyond an unfinished_start) that the run neither resumes nor overwrites (`kept`: resume_from_checkpoint or
         overwrite_output_dir; `at`: where output_dir was set). train's prepare_output_dir stops on it; `train
-        --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem)."""
+        --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem). A finished run
+        is named as one, with what each key would do to it and, when it is `recipe`'s own, what `make train` does."""
         if self.root.exists() and not self.root.is_dir():
             return f"{at}: {self.root} is a file, not a directory; choose another output_dir"
         entries = self.entries() if entries is None else entries  # the caller's listing (self.entries()), if read
         if not entries or kept or self.unfinished_start(entries):
             return None
+        if self.all_results.is_file():
+            writer = self.finished_recipe()
+            of = f" of {writer}" if writer else ""
+            again = (" (`make train` does so itself once the recipe or its ARGS change)"
+                     if recipe is not None and self.finished_by(recipe) else "")
+            return (f"{at}: {self.root} is not empty: it holds a finished run{of} (all_results.json), which a new run "
+                    "neither continues nor replaces unless told: resume_from_checkpoint: latest continues it (with "
+                    "more steps: raise max_steps or num_train_epochs, it trained all it was asked), "
+                    f"overwrite_output_dir: true trains again from scratch (its contents are removed){again}; or "
+                    "choose another output_dir")
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         return (f"{at}: {self.root} is not empty (it holds {shown}); set resume_from_checkpoint: latest to continue "
                 "that run, overwrite_output_dir: true to start over (its contents are removed), or choose another "
                 "output_dir")
 
-    def finished_by(self, recipe: str | Path) -> bool:
-        """Whether this folder holds a finished run (all_results.json) of `recipe`: resolved.yaml's first line
-        names the recipe it was trained from. A recipe that extends another inherits its output_dir, so a
-        finished run there may be the other recipe's."""
+    def finished_recipe(self) -> str | None:
+        """The recipe a finished run here (all_results.json) was trained from, as resolved.yaml's first line names
+        it; None when no finished run or no name."""
         if not self.all_results.is_file():
-            return False
+            return None
         try:
             with self.resolved_yaml.open(encoding="utf-8") as handle:
                 first = handle.readline()
         except OSError:
-            return False
+            return None
         prefix = "# resolved recipe: "
-        return first.startswith(prefix) and \
-            os.path.realpath(first[len(prefix):].rstrip("\n")) == os.path.realpath(recipe)
+        return (first[len(prefix):].rstrip("\n") or None) if first.startswith(prefix) else None
+
+    def finished_by(self, recipe: str | Path) -> bool:
+        """Whether this folder holds a finished run (all_results.json) of `recipe`: resolved.yaml's first line
+        names the recipe it was trained from. A recipe that extends another inherits its output_dir, so a
+        finished run there may be the other recipe's."""
+        writer = self.finished_recipe()
+        return writer is not None and os.path.realpath(writer) == os.path.realpath(recipe)
 
     def trained_dir(self, finetuning_type: str) -> Path:
         """Where training writes its final weights: adapter/ for lora and oft, model/ otherwise."""

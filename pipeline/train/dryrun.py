@@ -114,19 +114,19 @@ def cleanup(scratch: Path) -> None:
 
 
 def real_run_problem(output_dir: str, at: str, occupied: str | None = None) -> str | None:
-    """A warning line when the real run could not write its output_dir (`at`: where the recipe set it; pipeline.lock
-    refuses it there, before the model loads) or would not start in it (`occupied`: RunLayout.start_refusal, a folder
-    holding another run): the dry run writes only to its temporary folder and goes on, so that it still reports what
-    it checks, and says what the real run would meet. None when neither. Nothing is left on disk
-    (pipeline.lock.unwritable)."""
-    from pipeline.lock import unwritable
+    """Warning lines for what the real run would meet in its output_dir (`at`: where the recipe set it): a folder it
+    could not write, or one another run holds the lock on (pipeline.lock refuses both, before the model loads), and
+    then one it would not start in (`occupied`: RunLayout.start_refusal, a folder holding another run or a finished
+    one). The dry run writes only to its temporary folder and takes no lock, so it goes on (it still reports what it
+    checks) and says what the real run would meet. None when nothing. Nothing is left on disk, and the lock is not
+    taken (pipeline.lock.unwritable, in_use)."""
+    from pipeline.lock import in_use, unwritable
 
     refusal = unwritable(output_dir, at)
-    problem = refusal.messages[0] if refusal is not None else occupied
-    if problem is None:
-        return None
-    return (f"warning: {problem}. The real run would stop there; this dry run writes only to a temporary folder, so "
-            "it goes on")
+    problems = [refusal.messages[0] if refusal is not None else in_use(output_dir, at), occupied]
+    said = [f"warning: {problem}. The real run would stop there; this dry run writes only to a temporary folder, so "
+            "it goes on" for problem in problems if problem]
+    return "\n".join(said) or None
 
 
 def run(r: Any, train: Any) -> int:
@@ -142,7 +142,8 @@ def run(r: Any, train: Any) -> int:
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], real_output_dir,
                                     checkpoint.where(r, "resume_from_checkpoint"))
     at = checkpoint.where(r, "output_dir")
-    occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"])
+    occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"],
+                                                              recipe=getattr(r, "recipe_path", None))
     if dist.is_main() and (problem := real_run_problem(real_output_dir, at, occupied)):
         print(problem, file=sys.stderr, flush=True)
     if resume is not None:

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import data_args
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
+from pipeline.recipe.notices import after_validate
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.errors import UserError
 from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_history, token_loss_label, \
@@ -478,7 +479,8 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     at = checkpoint.where(r, "output_dir")
     layout = RunLayout(output_dir)
     entries = layout.entries()  # listed once: the refusal, the leftover and what is cleared all read this listing
-    refusal = layout.start_refusal(at, kept=resume is not None or r["overwrite_output_dir"], entries=entries)
+    refusal = layout.start_refusal(at, kept=resume is not None or r["overwrite_output_dir"], entries=entries,
+                                   recipe=getattr(r, "recipe_path", None))
     if refusal is not None:
         raise UserError(refusal)
     leftover = layout.unfinished_start(entries)
@@ -600,6 +602,10 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]
+    if r["stage"] != "ppo" and not after_validate():  # under make, validate said it (notices.AFTER_VALIDATE)
+        from pipeline.data.loaders import dropped_note
+
+        lines += [line for line in [dropped_note(data_args(r))] if line]
     if r["loraplus_lr_ratio"] is not None or any(r[key] for key in OPTIMIZERS) or r["optim"] in OTHER_OPTIMS:
         from pipeline.recipe.args import train_args
         from pipeline.train.optim import describe, train_groups
