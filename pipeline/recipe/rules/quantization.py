@@ -34,20 +34,23 @@ ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their 
                  "base whole on every rank")
 
 
-# the commands that train a recipe, check it for training, or read what its training run writes (merge, and eval
-# without a task: output_dir/model, which no run of it can write): a full / freeze recipe on a pre-quantized checkpoint
-# is refused there only. Its chat, eval with task and export load the stored model as it is, as LLaMA-Factory's do
-# (quantization_bit unset, its _verify_model_args checks nothing); the recipe's own quantization_bit is refused with
-# full / freeze in every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and
-# get_eval_args (hparams/parser.py: 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the
-# LoRA or OFT method.", :190).
-TRAINS = ("train", "validate", "plan", "merge", None)
+# the commands that train a recipe or read what its training run writes (merge): a full / freeze recipe on a
+# pre-quantized checkpoint is refused there; validate and plan check a recipe for what it runs, so there too unless it
+# is a benchmark recipe (task: LLaMA-Factory's eval recipe, which trains nothing), and eval without a task
+# (output_dir/model, which no run of it can write). Its chat, eval with task and export load the stored model as it
+# is, as LLaMA-Factory's do (quantization_bit unset, its _verify_model_args checks nothing; get_eval_args loads the
+# model untrainable, hparams/parser.py:572-590); the recipe's own quantization_bit is refused with full / freeze in
+# every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and get_eval_args
+# (hparams/parser.py: 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the LoRA or OFT
+# method.", :190).
+TRAINS = ("train", "merge", None)
+CHECKS_WHAT_RUNS = ("validate", "plan", "eval")  # with a task: the benchmark; without: training / its model
 
 
 def needs_training(command: str | None, task: Any) -> bool:
-    """Whether `command` trains the recipe, checks it for training or reads its training run's model (TRAINS; eval
-    without a task compares that model with the base)."""
-    return command in TRAINS or (command == "eval" and task is None)
+    """Whether `command` trains the recipe, reads its training run's model (TRAINS; eval without a task compares that
+    model with the base) or checks it for either (validate, plan of a recipe without a task)."""
+    return command in TRAINS or (command in CHECKS_WHAT_RUNS and task is None)
 
 
 def quantized_base(v: Mapping[str, Any]) -> tuple[str, str, str]:

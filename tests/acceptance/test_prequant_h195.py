@@ -1,0 +1,81 @@
+"""A pre-quantized bitsandbytes checkpoint (transformers' save_pretrained of a BitsAndBytesConfig model, as the hub's
+unsloth/*-bnb-4bit repos are written) under recipes that need no training of it: LLaMA-Factory's eval recipe
+(`task: mmlu_test`) with finetuning_type: full, through make as a user types it.
+
+The checkpoint is a tiny untied Qwen2 whose llm_int8_skip_modules lists one MLP Linear and not lm_head: transformers
+quantizes the output head too (quantizers/base.py get_modules_to_not_convert adds the default heads only where the
+list is None), so its 4-bit lm_head is part of every model compared here.
+
+Golden values: LLaMA-Factory 0.9.5's Evaluator (tests/evaluate/test_choice_benchmarks.lf_golden, re-typed there with
+file:line) on transformers' from_pretrained of the same folder; LLaMA-Factory's get_eval_args
+(hparams/parser.py:572-590) calls _verify_model_args, which checks finetuning_type against quantization_bit only
+(:188-190), and a pre-quantized checkpoint leaves that unset: its eval runs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.acceptance.harness import make, make_stages, pipeline, refused, scratch_repo, write_hf_checkpoint
+from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+SKIP = ["model.layers.0.mlp.down_proj"]  # not lm_head: the untied head is stored in 4 bits
+
+
+def reference(folder: Path) -> torch.nn.Module:
+    """transformers' model of the folder as stored; bitsandbytes' avx512_bf16 CPU shortcut off, as in ours."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A scratch repository with the 4-bit checkpoint (qbnb/, its tokenizer files beside it as a hub repo holds them)
+    and LLaMA-Factory's MMLU task folder."""
+    root = scratch_repo(tmp_path_factory.mktemp("prequant") / "repo")
+    plain = root.parent / "plain"
+    write_hf_checkpoint(plain, "qwen2", small_vocab=True, max_position_embeddings=1024, noise=0.5,
+                        tie_word_embeddings=False)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                             llm_int8_skip_modules=SKIP)
+    transformers.AutoModelForCausalLM.from_pretrained(plain, quantization_config=config, dtype=torch.float32,
+                                                      device_map="cpu").save_pretrained(root / "qbnb")
+    for file in plain.iterdir():
+        if not (root / "qbnb" / file.name).exists():
+            shutil.copy(file, root / "qbnb" / file.name)
+    write_mmlu(root / "evaluation", {"algebra": SUBJECTS["algebra"]})  # one subject: 5 questions
+    return root
+
+
+def test_make_eval_of_a_full_benchmark_recipe_on_a_prequantized_checkpoint_runs(repo):
+    """LLaMA-Factory's eval recipe with finetuning_type: full on a 4-bit checkpoint: validate and plan check it as the
+    benchmark it is (they refused it as a full fine-tune), make eval gives LLaMA-Factory's letters on transformers'
+    4-bit model; training the same recipe without its task stays refused with the existing message. (validate, plan
+    and train in this process: make eval is the one run as typed.)"""
+    assert isinstance(reference(repo / "qbnb").lm_head, bnb.nn.Linear4bit)  # the fixture's point: a 4-bit head
+    (repo / "full.yaml").write_text(RECIPE.format(model="qbnb", batch=4, save="saves/full")
+                                    + "finetuning_type: full\n")
+    validated = pipeline("validate", "full.yaml", cwd=repo, as_typed=False).stdout
+    assert "eval with task mmlu_test, model qbnb" in validated
+    assert "`python -m pipeline eval full.yaml`" in pipeline("plan", "full.yaml", cwd=repo, as_typed=False).stdout
+
+    done = make("eval", "RECIPE=full.yaml", cwd=repo)
+    assert make_stages(done) == [("eval", "full.yaml")]
+    golden, _ = lf_golden(repo / "evaluation" / "mmlu", repo / "qbnb", n_shot=2, model=reference(repo / "qbnb"))
+    assert json.loads((repo / "saves" / "full" / "results.json").read_text()) == golden
+
+    message = refused("train", "full.yaml", "task=null", "task_dir=null", "n_shot=null", "lang=null",
+                      "batch_size=null", "save_dir=null", "dataset=x", cwd=repo, as_typed=False)
+    assert "finetuning_type: given full with model_name_or_path: qbnb, a pre-quantized bitsandbytes checkpoint" \
+           " stored as 4-bit nf4 with double quantization: a quantized base cannot train" in message
