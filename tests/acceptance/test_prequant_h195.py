@@ -79,3 +79,24 @@ def test_make_eval_of_a_full_benchmark_recipe_on_a_prequantized_checkpoint_runs(
                       "batch_size=null", "save_dir=null", "dataset=x", cwd=repo, as_typed=False)
     assert "finetuning_type: given full with model_name_or_path: qbnb, a pre-quantized bitsandbytes checkpoint" \
            " stored as 4-bit nf4 with double quantization: a quantized base cannot train" in message
+
+
+def test_plan_counts_the_linears_an_rm_run_holds_quantized(repo, monkeypatch):
+    """stage rm on the checkpoint: its score head is new (drawn at load: the file stores none), a plain Linear beside
+    the stored 4-bit ones, whatever llm_int8_skip_modules lists, and its stored 4-bit lm_head is dropped as the
+    unquantized one is (the load failed on it); plan's byte count covers the Linears the loaded model holds
+    quantized, no more (it counted the score head quantized where the checkpoint has a skip list)."""
+    from pipeline.model.build import load_base
+    from pipeline.model.quantize import is_quantized
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.plan import estimate_memory
+
+    monkeypatch.chdir(repo)
+    (repo / "rm.yaml").write_text("model_name_or_path: qbnb\nstage: rm\ndataset: x\ntemplate: qwen\n")
+    r = resolve("rm.yaml")
+    model = load_base(recipe_args(r).model, dropout=False)
+    held = [m for m in model.modules() if is_quantized(m)]
+    assert not is_quantized(model.score) and len(held) == 13  # 2 blocks x 7 Linears but the skipped one
+    quantized, unquantized = estimate_memory(r).quantized
+    assert unquantized == 4 * sum(m.in_features * m.out_features for m in held)  # fp32: 4 bytes a value
