@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import make, make_stages, pipeline, refused, scratch_repo, write_hf_checkpoint
+from tests.acceptance.harness import assert_close, make, make_stages, pipeline, refused, scratch_repo, write_hf_checkpoint
 from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -100,3 +100,27 @@ def test_plan_counts_the_linears_an_rm_run_holds_quantized(repo, monkeypatch):
     assert not is_quantized(model.score) and len(held) == 13  # 2 blocks x 7 Linears but the skipped one
     quantized, unquantized = estimate_memory(r).quantized
     assert unquantized == 4 * sum(m.in_features * m.out_features for m in held)  # fp32: 4 bytes a value
+
+
+def test_a_4bit_untied_head_is_transformers_and_takes_no_added_tokens(repo, capsys):
+    """The checkpoint's lm_head stored in 4 bits (untied, llm_int8_skip_modules without it): ours holds the file's
+    codes and computes transformers' logits, and the load's note counts the head among the stored 4-bit Linears (it
+    said the one plain Linear was "the output head"). Added tokens, which need a row each in the head, are one
+    message (they raised a bare RuntimeError growing the packed codes)."""
+    from dataclasses import replace
+
+    from pipeline.errors import UserError
+    from pipeline.model.build import ModelArgs, load_base, load_for_inference
+
+    args = ModelArgs(model_name_or_path=str(repo / "qbnb"), seed=0, dropout=0.0, context_length=None, qkv_bias=None,
+                     tie_word_embeddings=None)
+    ours, theirs = load_for_inference(args, device="cpu"), reference(repo / "qbnb")
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
+           " float32 (bnb_4bit_compute_dtype); 1 stored unquantized (1 llm_int8_skip_modules lists) in the run's" \
+           " precision\n" in capsys.readouterr().err
+    assert type(ours.lm_head) is bnb.nn.Linear4bit and torch.equal(ours.lm_head.weight.data, theirs.lm_head.weight.data)
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(theirs(x).logits, ours(x), rel=1e-5)  # noise 0.5: logits of a few units
+    with pytest.raises(UserError, match=r"stores its output head \(lm_head\) quantized"):
+        load_base(replace(args, new_special_tokens="<tool_x>"))
