@@ -26,16 +26,9 @@ from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, w
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
+from tests.model.test_prequantized_bnb import reference  # noqa: E402  (after the skips)
+
 SKIP = ["model.layers.0.mlp.down_proj"]  # not lm_head: the untied head is stored in 4 bits
-
-
-def reference(folder: Path) -> torch.nn.Module:
-    """transformers' model of the folder as stored; bitsandbytes' avx512_bf16 CPU shortcut off, as in ours."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
 
 
 @pytest.fixture(scope="module")
