@@ -203,7 +203,7 @@ def stored_plain(model: GPTModel) -> str:
              and not is_quantized(module) and name != "score"]
     listed = sum(name != "lm_head" for name in plain)
     what = [*(["the output head"] if "lm_head" in plain else []),
-            *([f"{listed} llm_int8_skip_modules lists"] if listed else [])]
+            *([f"{listed} listed in llm_int8_skip_modules"] if listed else [])]
     return f"; {len(plain)} stored unquantized ({', '.join(what)}) in the run's precision" if plain else ""
 
 

@@ -109,7 +109,7 @@ def test_a_4bit_untied_head_is_transformers_and_takes_no_added_tokens(repo, caps
                      tie_word_embeddings=None)
     ours, theirs = load_for_inference(args, device="cpu"), reference(repo / "qbnb")
     assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
-           " float32 (bnb_4bit_compute_dtype); 1 stored unquantized (1 llm_int8_skip_modules lists) in the run's" \
+           " float32 (bnb_4bit_compute_dtype); 1 stored unquantized (1 listed in llm_int8_skip_modules) in the run's" \
            " precision\n" in capsys.readouterr().err
     assert type(ours.lm_head) is bnb.nn.Linear4bit and torch.equal(ours.lm_head.weight.data, theirs.lm_head.weight.data)
     x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
