@@ -147,6 +147,7 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     if tokens is None:
         return quantized(load_model(name, seed=args.seed, cfg=cfg, dtype=dtype), args, dtype)
     model = load_model(name, seed=args.seed, cfg=cfg.replace(vocab_size=read_config(name).vocab_size), dtype=dtype)
+    refuse_quantized_head(model, name)
     old = model.cfg.vocab_size
     described = described_rows(args)
     if resize_vocab(model, tokens, seed=args.seed, described=described) != old:
@@ -156,6 +157,20 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
         note(f"model: {len(described.rows)} new token rows from their descriptions (init_special_tokens: "
              f"{args.init_special_tokens})")
     return quantized(model, args, dtype)
+
+
+def refuse_quantized_head(model: GPTModel, name: str) -> None:
+    """Added tokens need a row each in the output head: one a pre-quantized checkpoint stores in 4/8 bits (untied, its
+    llm_int8_skip_modules without lm_head) holds packed codes, no rows to grow or write (transformers' resize would
+    read the packed shape as the vocabulary); LLaMA-Factory refuses resizing a quantized model ('Cannot resize
+    embedding layers of a quantized model.', hparams/parser.py:195)."""
+    from pipeline.model.quantize import is_quantized
+
+    if model.lm_head is not None and is_quantized(model.lm_head):
+        raise UserError(f"model_name_or_path: {name} stores its output head (lm_head) quantized (its quantization_config's"
+                        " llm_int8_skip_modules does not list lm_head), which has no rows to add tokens to (LLaMA-Factory:"
+                        " 'Cannot resize embedding layers of a quantized model.'); remove the added tokens (new_special_"
+                        "tokens, add_tokens, add_special_tokens), or start from a checkpoint that keeps lm_head unquantized")
 
 
 def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
@@ -170,13 +185,26 @@ def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
         # 4 bits: the checkpoint's bnb_4bit_compute_dtype (quantize.stored_layer); LLM.int8 casts to fp16 itself
         matmuls = "" if width != "4-bit" else ", their matmuls in " + " / ".join(sorted(
             {str(module.compute_dtype).removeprefix("torch.") for module in stored})) + " (bnb_4bit_compute_dtype)"
-        plain = sum(isinstance(module, torch.nn.Linear) and not is_quantized(module) for module in model.modules())
         note(f"model: {len(stored)} Linears loaded as stored, bitsandbytes {width} (a pre-quantized checkpoint)"
-             f"{matmuls}; {plain} stored unquantized (the output head, llm_int8_skip_modules) in the run's precision")
+             f"{matmuls}{stored_plain(model)}")
     elif spec is not None:
         names = quantize_model(model, spec, dtype)
         note(f"model: {len(names)} Linears quantized to {spec.describe()} (bitsandbytes; quantization_bit)")
     return model
+
+
+def stored_plain(model: GPTModel) -> str:
+    """The note's words for the Linears a pre-quantized checkpoint stores unquantized, by what keeps them so: the
+    output head (transformers' default, or listed) and those llm_int8_skip_modules lists; a 4-bit head (a list without
+    lm_head) is among the stored ones, stage rm's new score head no stored Linear."""
+    from pipeline.model.quantize import is_quantized
+
+    plain = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+             and not is_quantized(module) and name != "score"]
+    listed = sum(name != "lm_head" for name in plain)
+    what = [*(["the output head"] if "lm_head" in plain else []),
+            *([f"{listed} listed in llm_int8_skip_modules"] if listed else [])]
+    return f"; {len(plain)} stored unquantized ({', '.join(what)}) in the run's precision" if plain else ""
 
 
 def unquantized(args: ModelArgs) -> ModelArgs:

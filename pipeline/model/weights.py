@@ -58,6 +58,7 @@ def load_model(name_or_path: str | Path, *, seed: int = 0, cfg: ModelConfig | No
     stored = _stored_quantized(state, parts)
     if cfg is not None and cfg.num_labels and not file_cfg.num_labels:  # a language model becomes a reward model
         state.pop("lm_head.weight", None)  # XForSequenceClassification has no LM head; a new score head instead
+        stored.pop("lm_head.weight", None)  # nor a stored 4/8-bit one (a skip list without lm_head quantizes it)
         state["score.weight"] = (directory, new_score_weight(cfg.emb_dim, seed, dtype))
     model = model_from_state_dict(file_cfg if cfg is None else cfg, state, source=directory, file_cfg=file_cfg,
                                   dtype=dtype, hf_names=kind != "pipeline")

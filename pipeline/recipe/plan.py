@@ -173,14 +173,19 @@ def quantized_linears(r: Resolved, cfg: ModelConfig, spec: Quantization) -> tupl
                                                                                    list[tuple[str, int, int]]]:
     """(the quantization, the base's Linears (path, in, out)) base_weight_bytes counts: a pre-quantized checkpoint's
     own quantization_config when model_name_or_path is one, its llm_int8_skip_modules (unsloth's dynamic quants)
-    matched against the HF paths as transformers matches them; a tied head is the embedding, never a quantized Linear."""
+    matched against the HF paths as transformers matches them; a tied head is the embedding, never a quantized Linear,
+    and a Linear the checkpoint does not hold (stage rm's score head on a language model, drawn at load) is a plain
+    one beside the stored codes, as the loader makes it (pipeline.model.weights.load_model)."""
     from pipeline.model.config import layout
-    from pipeline.recipe.modelinfo import stored_quantization
+    from pipeline.recipe.modelinfo import model_info, stored_quantization
 
     spec = stored_quantization(r["model_name_or_path"]) or spec
     hf = spec.skip_modules is not None
+    info = model_info(r["model_name_or_path"])
+    held = None if info is None else {m.name for m in layout(info.config) if m.kind == "linear"}
     return spec, [(cfg.hf.to_hf(m.name) if hf else m.name, m.in_dim, m.out_dim) for m in layout(cfg)
-                  if m.kind == "linear" and not (cfg.tie_weights and m.name == "lm_head")]
+                  if m.kind == "linear" and not (cfg.tie_weights and m.name == "lm_head")
+                  and (held is None or m.name in held)]
 
 
 def optimizer_bytes(r: Resolved, cfg: ModelConfig, tensors: list[TensorSpec], pure: bool, half: bool,

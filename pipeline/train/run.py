@@ -344,7 +344,7 @@ def preflight(r: Mapping[str, Any]) -> None:
     from pipeline.recipe.rules.quantization import quantization_zero3, quantized_base
 
     if why := quantization_zero3(r):  # a deepspeed JSON's, as above
-        raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 {quantized_base(r)[0]}: "
+        raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 {quantized_base(r).given}: "
                         + why.format(fix="set zero_optimization.stage to 2 there"))
     if r["pure_bf16"] and r["zero_stage"] == 3:  # a deepspeed JSON's, as above
         raise UserError(f"{r['deepspeed']}: zero_optimization.stage is 3 with pure_bf16: true: "

@@ -15,6 +15,8 @@ here, left unset); rm's score head and ppo's value head unquantized beside it; p
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Mapping
 
 from pipeline.recipe.check import show
@@ -23,10 +25,28 @@ from pipeline.recipe.rules.core import Context, rule
 # LLaMA-Factory (hparams/parser.py _verify_model_args): "Quantization is only compatible with the LoRA or OFT method."
 FULL_REFUSED = ("a quantized base cannot train: its 4/8-bit weights are frozen integer codes ({refused}); set "
                 "finetuning_type: lora (or oft), or {fix}")
-LF_REFUSES = "LLaMA-Factory refuses it too: 'Quantization is only compatible with the LoRA or OFT method.'"
-# a pre-quantized checkpoint leaves LLaMA-Factory's quantization_bit unset: transformers' Trainer refuses it
-# (trainer_utils.py validate_quantization_for_training)
-HF_REFUSES = "transformers' Trainer refuses it too: 'You cannot perform fine-tuning on purely quantized models.'"
+
+
+class Quantizer(Enum):
+    """What quantizes the base, which decides where a full / freeze recipe on it is refused (the value: which
+    reference refuses it too, quoted in the message)."""
+
+    # the recipe's quantization_bit: LLaMA-Factory refuses it with full / freeze in every command
+    RECIPE = "LLaMA-Factory refuses it too: 'Quantization is only compatible with the LoRA or OFT method.'"
+    # a pre-quantized checkpoint leaves LLaMA-Factory's quantization_bit unset: transformers' Trainer refuses training
+    # it (trainer_utils.py validate_quantization_for_training), every other command loads it as stored
+    CHECKPOINT = "transformers' Trainer refuses it too: 'You cannot perform fine-tuning on purely quantized models.'"
+
+
+@dataclass(frozen=True)
+class QuantizedBase:
+    """How a message names what quantizes the base (`given`), what does (`source`) and how to do without it (`fix`)."""
+
+    given: str
+    source: Quantizer
+    fix: str
+
+
 # LLaMA-Factory's bnb 4-bit under ZeRO 3 needs bnb_4bit_quant_storage (model_utils/quantization.py) so that ZeRO can
 # partition the packed weights as floats; ours keeps uint8 storage and its quant state beside the tensor.
 ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their quantization constants (LLaMA-Factory "
@@ -34,35 +54,39 @@ ZERO3_REFUSED = ("ZeRO-3 would partition the quantized weights apart from their 
                  "base whole on every rank")
 
 
-# the commands that train a recipe, check it for training, or read what its training run writes (merge, and eval
-# without a task: output_dir/model, which no run of it can write): a full / freeze recipe on a pre-quantized checkpoint
-# is refused there only. Its chat, eval with task and export load the stored model as it is, as LLaMA-Factory's do
-# (quantization_bit unset, its _verify_model_args checks nothing); the recipe's own quantization_bit is refused with
-# full / freeze in every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and
-# get_eval_args (hparams/parser.py: 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the
-# LoRA or OFT method.", :190).
-TRAINS = ("train", "validate", "plan", "merge", None)
+# the commands that train a recipe or read what its training run writes (merge): a full / freeze recipe on a
+# pre-quantized checkpoint is refused there; validate and plan check a recipe for what it runs, so there too unless it
+# is a benchmark recipe (task: LLaMA-Factory's eval recipe, which trains nothing), and eval without a task
+# (output_dir/model, which no run of it can write). Its chat, eval with task and export load the stored model as it
+# is, as LLaMA-Factory's do (quantization_bit unset, its _verify_model_args checks nothing; get_eval_args loads the
+# model untrainable, hparams/parser.py:572-590); the recipe's own quantization_bit is refused with full / freeze in
+# every command, as LLaMA-Factory 0.9.5 refuses it in get_train_args, get_infer_args and get_eval_args
+# (hparams/parser.py: 416, 558, 583 call _verify_model_args: "Quantization is only compatible with the LoRA or OFT
+# method.", :190).
+TRAINS = ("train", "merge", None)
+CHECKS_WHAT_RUNS = ("validate", "plan", "eval")  # with a task: the benchmark; without: training / its model
 
 
 def needs_training(command: str | None, task: Any) -> bool:
-    """Whether `command` trains the recipe, checks it for training or reads its training run's model (TRAINS; eval
-    without a task compares that model with the base)."""
-    return command in TRAINS or (command == "eval" and task is None)
+    """Whether `command` trains the recipe, reads its training run's model (TRAINS; eval without a task compares that
+    model with the base) or checks it for either (validate, plan of a recipe without a task)."""
+    return command in TRAINS or (command in CHECKS_WHAT_RUNS and task is None)
 
 
-def quantized_base(v: Mapping[str, Any]) -> tuple[str, str, str]:
-    """How a message names what quantizes the base, what else refuses a full fine-tune of it, and how to do without
-    the quantization: the recipe's quantization_bit; or a pre-quantized bitsandbytes checkpoint (its quantization_bit
-    derived by resolve._derive_stored_quantization, or set to the same value), whose codes no recipe key removes: a
-    'remove quantization_bit' would name a key that changes nothing (or that the recipe does not even set)."""
+def quantized_base(v: Mapping[str, Any]) -> QuantizedBase:
+    """What quantizes the base: the recipe's quantization_bit; or a pre-quantized bitsandbytes checkpoint (its
+    quantization_bit derived by resolve._derive_stored_quantization, or set to the same value), whose codes no recipe
+    key removes: its fix names the unquantized checkpoint, as a 'remove quantization_bit' would name a key that changes
+    nothing (or that the recipe does not even set)."""
     from pipeline.recipe.modelinfo import stored_quantization
 
     stored = stored_quantization(v["model_name_or_path"])
     if stored is None:
-        return f"with quantization_bit: {v['quantization_bit']}", LF_REFUSES, "remove quantization_bit"
-    return (f"with model_name_or_path: {v['model_name_or_path']}, a pre-quantized bitsandbytes checkpoint stored as"
-            f" {stored.describe()}", HF_REFUSES, "point model_name_or_path at the unquantized checkpoint it was made"
-            " from")
+        return QuantizedBase(f"with quantization_bit: {v['quantization_bit']}", Quantizer.RECIPE,
+                             "remove quantization_bit")
+    return QuantizedBase(f"with model_name_or_path: {v['model_name_or_path']}, a pre-quantized bitsandbytes checkpoint"
+                         f" stored as {stored.describe()}", Quantizer.CHECKPOINT,
+                         "point model_name_or_path at the unquantized checkpoint it was made from")
 
 
 def quantization_zero3(v: Mapping[str, Any]) -> str | None:
@@ -80,14 +104,16 @@ def quantization_fits(ctx: Context) -> list[tuple[str, str]]:
     v = ctx.values
     if v["quantization_bit"] is None:
         return []
-    given, refused, fix = quantized_base(v)
+    base = quantized_base(v)
+    given = base.given
     problems = []
     if v["quantization_method"] != "bnb":
         problems.append(("quantization_method", f"given {show(v['quantization_method'])} {given}: bnb (bitsandbytes) "
                                                 "is the one quantizer implemented here; set quantization_method: bnb"))
-    if v["finetuning_type"] not in ("lora", "oft") and (refused == LF_REFUSES or needs_training(ctx.command, v["task"])):
+    if v["finetuning_type"] not in ("lora", "oft") and (base.source is Quantizer.RECIPE
+                                                        or needs_training(ctx.command, v["task"])):
         problems.append(("finetuning_type", f"given {v['finetuning_type']} {given}: "
-                                            + FULL_REFUSED.format(refused=refused, fix=fix)))
+                                            + FULL_REFUSED.format(refused=base.source.value, fix=base.fix)))
     if v["pissa_init"]:
         problems.append(("pissa_init", f"given true {given}: PiSSA's SVD needs the unquantized weights (LLaMA-Factory: "
                                        "'Cannot initialize PiSSA adapter on quantized models.'); remove pissa_init"))

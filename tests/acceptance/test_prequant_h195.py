@@ -1,0 +1,119 @@
+"""A pre-quantized bitsandbytes checkpoint (transformers' save_pretrained of a BitsAndBytesConfig model, as the hub's
+unsloth/*-bnb-4bit repos are written) under recipes that need no training of it: LLaMA-Factory's eval recipe
+(`task: mmlu_test`) with finetuning_type: full, through make as a user types it.
+
+The checkpoint is a tiny untied Qwen2 whose llm_int8_skip_modules lists one MLP Linear and not lm_head: transformers
+quantizes the output head too (quantizers/base.py get_modules_to_not_convert adds the default heads only where the
+list is None), so its 4-bit lm_head is part of every model compared here.
+
+Golden values: LLaMA-Factory 0.9.5's Evaluator (tests/evaluate/test_choice_benchmarks.lf_golden, re-typed there with
+file:line) on transformers' from_pretrained of the same folder; LLaMA-Factory's get_eval_args
+(hparams/parser.py:572-590) calls _verify_model_args, which checks finetuning_type against quantization_bit only
+(:188-190), and a pre-quantized checkpoint leaves that unset: its eval runs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.acceptance.harness import assert_close, make, make_stages, pipeline, refused, scratch_repo, write_hf_checkpoint
+from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+from tests.model.test_prequantized_bnb import reference  # noqa: E402  (after the skips)
+
+SKIP = ["model.layers.0.mlp.down_proj"]  # not lm_head: the untied head is stored in 4 bits
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A scratch repository with the 4-bit checkpoint (qbnb/, its tokenizer files beside it as a hub repo holds them)
+    and LLaMA-Factory's MMLU task folder."""
+    root = scratch_repo(tmp_path_factory.mktemp("prequant") / "repo")
+    plain = root.parent / "plain"
+    write_hf_checkpoint(plain, "qwen2", small_vocab=True, max_position_embeddings=1024, noise=0.5,
+                        tie_word_embeddings=False)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                             llm_int8_skip_modules=SKIP)
+    transformers.AutoModelForCausalLM.from_pretrained(plain, quantization_config=config, dtype=torch.float32,
+                                                      device_map="cpu").save_pretrained(root / "qbnb")
+    for file in plain.iterdir():
+        if not (root / "qbnb" / file.name).exists():
+            shutil.copy(file, root / "qbnb" / file.name)
+    write_mmlu(root / "evaluation", {"algebra": SUBJECTS["algebra"]})  # one subject: 5 questions
+    return root
+
+
+def test_make_eval_of_a_full_benchmark_recipe_on_a_prequantized_checkpoint_runs(repo):
+    """LLaMA-Factory's eval recipe with finetuning_type: full on a 4-bit checkpoint: validate and plan check it as the
+    benchmark it is (they refused it as a full fine-tune), make eval gives LLaMA-Factory's letters on transformers'
+    4-bit model; training the same recipe without its task stays refused with the existing message. (validate, plan
+    and train in this process: make eval is the one run as typed.)"""
+    assert isinstance(reference(repo / "qbnb").lm_head, bnb.nn.Linear4bit)  # the fixture's point: a 4-bit head
+    (repo / "full.yaml").write_text(RECIPE.format(model="qbnb", batch=4, save="saves/full")
+                                    + "finetuning_type: full\n")
+    validated = pipeline("validate", "full.yaml", cwd=repo, as_typed=False).stdout
+    assert "eval with task mmlu_test, model qbnb" in validated
+    assert "`python -m pipeline eval full.yaml`" in pipeline("plan", "full.yaml", cwd=repo, as_typed=False).stdout
+
+    done = make("eval", "RECIPE=full.yaml", cwd=repo)
+    assert make_stages(done) == [("eval", "full.yaml")]
+    golden, _ = lf_golden(repo / "evaluation" / "mmlu", repo / "qbnb", n_shot=2, model=reference(repo / "qbnb"))
+    assert json.loads((repo / "saves" / "full" / "results.json").read_text()) == golden
+
+    message = refused("train", "full.yaml", "task=null", "task_dir=null", "n_shot=null", "lang=null",
+                      "batch_size=null", "save_dir=null", "dataset=x", cwd=repo, as_typed=False)
+    assert "finetuning_type: given full with model_name_or_path: qbnb, a pre-quantized bitsandbytes checkpoint" \
+           " stored as 4-bit nf4 with double quantization: a quantized base cannot train" in message
+
+
+def test_plan_counts_the_linears_an_rm_run_holds_quantized(repo, monkeypatch):
+    """stage rm on the checkpoint: its score head is new (drawn at load: the file stores none), a plain Linear beside
+    the stored 4-bit ones, whatever llm_int8_skip_modules lists, and its stored 4-bit lm_head is dropped as the
+    unquantized one is (the load failed on it); plan's byte count covers the Linears the loaded model holds
+    quantized, no more (it counted the score head quantized where the checkpoint has a skip list)."""
+    from pipeline.model.build import load_base
+    from pipeline.model.quantize import is_quantized
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+    from pipeline.recipe.plan import estimate_memory
+
+    monkeypatch.chdir(repo)
+    (repo / "rm.yaml").write_text("model_name_or_path: qbnb\nstage: rm\ndataset: x\ntemplate: qwen\n")
+    r = resolve("rm.yaml")
+    model = load_base(recipe_args(r).model, dropout=False)
+    held = [m for m in model.modules() if is_quantized(m)]
+    assert not is_quantized(model.score) and len(held) == 13  # 2 blocks x 7 Linears but the skipped one
+    quantized, unquantized = estimate_memory(r).quantized
+    assert unquantized == 4 * sum(m.in_features * m.out_features for m in held)  # fp32: 4 bytes a value
+
+
+def test_a_4bit_untied_head_is_transformers_and_takes_no_added_tokens(repo, capsys):
+    """The checkpoint's lm_head stored in 4 bits (untied, llm_int8_skip_modules without it): ours holds the file's
+    codes and computes transformers' logits, and the load's note counts the head among the stored 4-bit Linears (it
+    said the one plain Linear was "the output head"). Added tokens, which need a row each in the head, are one
+    message (they raised a bare RuntimeError growing the packed codes)."""
+    from dataclasses import replace
+
+    from pipeline.errors import UserError
+    from pipeline.model.build import ModelArgs, load_base, load_for_inference
+
+    args = ModelArgs(model_name_or_path=str(repo / "qbnb"), seed=0, dropout=0.0, context_length=None, qkv_bias=None,
+                     tie_word_embeddings=None)
+    ours, theirs = load_for_inference(args, device="cpu"), reference(repo / "qbnb")
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
+           " float32 (bnb_4bit_compute_dtype); 1 stored unquantized (1 listed in llm_int8_skip_modules) in the run's" \
+           " precision\n" in capsys.readouterr().err
+    assert type(ours.lm_head) is bnb.nn.Linear4bit and torch.equal(ours.lm_head.weight.data, theirs.lm_head.weight.data)
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(theirs(x).logits, ours(x), rel=1e-5)  # noise 0.5: logits of a few units
+    with pytest.raises(UserError, match=r"stores its output head \(lm_head\) quantized"):
+        load_base(replace(args, new_special_tokens="<tool_x>"))
