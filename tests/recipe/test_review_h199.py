@@ -1,0 +1,36 @@
+"""Review h199: units for what make all says once (notices.AFTER_VALIDATE)."""
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline.recipe import notices
+
+
+def _recipe(model: str) -> dict:
+    return {"model_name_or_path": model, "task": None}
+
+
+def test_train_after_validate_says_the_notices_of_a_model_validate_could_not_read(tmp_path, monkeypatch):
+    """make runs a recipe's validate before its upstream's training (and before a hub model is downloaded), so
+    validate reads no config.json and says none of the notices that need it; train, which then has the model, says
+    them. A model validate had read is not said again."""
+    stamp = tmp_path / "validate"
+    stamp.write_text("")
+    os.utime(stamp, ns=(10**18, 10**18))
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    monkeypatch.setenv(notices.AFTER_VALIDATE, str(stamp))
+    os.utime(model / "config.json", ns=(2 * 10**18, 2 * 10**18))  # written by the upstream after validate ran
+    assert notices.says_recipe_notices(_recipe(str(model)), "train")
+    os.utime(model / "config.json", ns=(10**17, 10**17))  # there when validate ran
+    assert not notices.says_recipe_notices(_recipe(str(model)), "train")
+    assert notices.says_recipe_notices(_recipe(str(model)), "validate")
+
+
+def test_a_stamp_that_is_not_there_leaves_the_notices_to_train(tmp_path, monkeypatch):
+    monkeypatch.setenv(notices.AFTER_VALIDATE, str(tmp_path / "no-stamp"))
+    assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
+    monkeypatch.delenv(notices.AFTER_VALIDATE)
+    assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
