@@ -34,3 +34,14 @@ def test_a_stamp_that_is_not_there_leaves_the_notices_to_train(tmp_path, monkeyp
     assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
     monkeypatch.delenv(notices.AFTER_VALIDATE)
     assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
+
+
+def test_the_dry_run_goal_is_told_as_a_dry_run():
+    """`make dry-run` runs `train RECIPE --dry-run` (Makefile): the command beside it must not be a real training."""
+    from pipeline.rerun import run_this
+
+    assert run_this("dry-run", "recipes/t.yaml", ("max_steps=3",)) == (
+        "`make dry-run RECIPE=recipes/t.yaml ARGS=max_steps=3` (python -m pipeline train recipes/t.yaml --dry-run "
+        "max_steps=3)")
+    assert run_this("dry-run", None) == "`make dry-run` (python -m pipeline train RECIPE --dry-run)"
+    assert run_this("data", "r.yaml") == "`make data RECIPE=r.yaml` (python -m pipeline build r.yaml)"
