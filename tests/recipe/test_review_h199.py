@@ -45,3 +45,27 @@ def test_the_dry_run_goal_is_told_as_a_dry_run():
         "max_steps=3)")
     assert run_this("dry-run", None) == "`make dry-run` (python -m pipeline train RECIPE --dry-run)"
     assert run_this("data", "r.yaml") == "`make data RECIPE=r.yaml` (python -m pipeline build r.yaml)"
+
+
+def test_an_interrupted_runs_checkpoint_is_merged_by_its_own_recipe(tmp_path, monkeypatch):
+    """A run stopped before its end has checkpoint-N/ and no adapter/: merge, eval and chat then take
+    adapter_name_or_path (runtime.layout.trained_weights), step N itself, so the rule's 'they use the final adapter'
+    is false there; train still writes into the folder it starts from. Once adapter/ is there, merge is refused."""
+    from pipeline.recipe.rules.core import Context
+    from pipeline.recipe.rules.outputs import adapter_is_no_checkpoint_of_this_run
+
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "saves/r/checkpoint-5/adapter"
+    step.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (step / name).write_text("{}")
+
+    def refused(command: str) -> bool:
+        values = {"adapter_name_or_path": "saves/r/checkpoint-5", "output_dir": "saves/r"}
+        return bool(adapter_is_no_checkpoint_of_this_run(Context(values, {}, "r.yaml", command)))
+
+    assert [refused(c) for c in ("merge", "eval", "chat", "train")] == [False, False, False, True]
+    final = tmp_path / "saves/r/adapter"
+    final.mkdir()
+    (final / "adapter_config.json").write_text("{}")
+    assert [refused(c) for c in ("merge", "eval", "chat", "train")] == [True, True, True, True]
