@@ -252,8 +252,9 @@ $(STAMPS)/validate: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) 
 # the trainer then asks for resume_from_checkpoint=latest, overwrite_output_dir=true or another output_dir.
 # ARGS=--dry-run always runs (a dry run of a finished recipe too) and never marks train done.
 # validate, which train follows, said the recipe's notices when the recipe or ARGS last changed: train says only its
-# own (the warmup's, dataloader_num_workers'), so that `make all` says each once (pipeline.recipe.notices.AFTER_VALIDATE).
-$(STAMPS)/train dry-run: export PIPELINE_AFTER_VALIDATE := 1
+# own (the warmup's, dataloader_num_workers'), so that `make all` says each once (pipeline.recipe.notices.AFTER_VALIDATE;
+# the stamp tells train whether validate ran before the model it names was written, by an upstream or a download).
+$(STAMPS)/train dry-run: export PIPELINE_AFTER_VALIDATE := $(STAMPS)/validate
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMPS) $(if $(TRAIN_DRY_RUN),FORCE)
 	$(LAUNCH) train $(RECIPE) --retrain-finished $(ARGS)
 	@$(if $(TRAIN_DRY_RUN),true,touch $@)

@@ -11,17 +11,17 @@ from __future__ import annotations
 import shlex
 from typing import Sequence
 
-# make goals whose pipeline command has another name
-COMMANDS = {"data": "build", "dry-run": "train"}
+# make goals whose pipeline command is another: its name, then the flags the Makefile gives it after the recipe
+COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run")}
 
 
 def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = ()) -> str:
     """"`make GOAL RECIPE=r ARGS='k=v'` (python -m pipeline COMMAND r k=v)", quoted for a POSIX shell; without a
     recipe (a message that has none at hand) "`make GOAL` (python -m pipeline COMMAND RECIPE)"."""
-    command = COMMANDS.get(goal, goal)
+    command, *flags = COMMANDS.get(goal, (goal,))
     if not recipe:
-        return f"`make {goal}` (python -m pipeline {command} RECIPE)"
+        return f"`make {goal}` ({shlex.join(['python', '-m', 'pipeline', command, 'RECIPE', *flags])})"
     args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
-    typed = shlex.join(["python", "-m", "pipeline", command, recipe, *overrides])
+    typed = shlex.join(["python", "-m", "pipeline", command, recipe, *flags, *overrides])
     return f"`make {goal} RECIPE={shlex.quote(recipe)}{args}` ({typed})"
 

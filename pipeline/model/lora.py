@@ -558,8 +558,9 @@ def _per_expert_tensors(model: nn.Module, config: Mapping[str, Any], tensors: di
     with its own rank-r pair, keyed by its hub name (base_model.model.model.layers.N.mlp.experts.E.gate_proj.lora_A.
     weight; Mixtral's block_sparse_moe.experts.E.w1), and the router an nn.Linear under its hub name (Mixtral's
     block_sparse_moe.gate). gate and up become one pair of rank 2r per expert (expert_lora.concatenated), the experts
-    fused as save_adapter writes them (expert_lora.fuse). A fused key already present, or a per-expert key missing,
-    leaves the tensors as they are: the shape check names what does not fit.
+    fused as save_adapter writes them (expert_lora.fuse). A fused key already present, or no per-expert key of a block,
+    leaves the tensors as they are (the shape check names what does not fit); a block with some experts' pairs and not
+    others' is refused in one message naming the missing ones (the shape check said every tensor of the block).
 
     Under use_rslora that conversion changes the model (PEFT scales the fused pair 2 alpha / sqrt(2r), sqrt(2) times
     the alpha / sqrt(r) each pair was trained with): such an adapter is refused, since PEFT's model of it is not the
@@ -572,11 +573,14 @@ def _per_expert_tensors(model: nn.Module, config: Mapping[str, Any], tensors: di
         block, expert, linear = expert_of(name)  # type: ignore[misc]
         key = PEFT_PREFIX + family.prefix + peft_module(block, FUSED[linear], parts)
         found.setdefault(key, {}).setdefault(expert, {})[linear] = PEFT_PREFIX + family.to_hf(name)
-    out, fused = dict(tensors), False
+    out, fused, lacking = dict(tensors), False, []
     for key, experts in found.items():
         olds = [[per[linear] for linear in PAIR + ("down_proj",) if linear in per] for _, per in sorted(experts.items())]
         wanted = [f"{old}.lora_{ab}.weight" for keys in olds for old in keys for ab in "AB"]
-        if f"{key}.lora_A.weight" in out or not all(k in out for k in wanted):
+        if f"{key}.lora_A.weight" in out or not any(k in out for k in wanted):
+            continue
+        if not all(k in out for k in wanted):  # some experts' pairs: PEFT writes one for every expert it targets
+            lacking += sorted({k.rsplit(".lora_", 1)[0].removeprefix(PEFT_PREFIX) for k in wanted if k not in out})
             continue
         try:
             pairs = [concatenated([(out[f"{old}.lora_A.weight"], out[f"{old}.lora_B.weight"]) for old in keys])
@@ -592,6 +596,13 @@ def _per_expert_tensors(model: nn.Module, config: Mapping[str, Any], tensors: di
         for suffix in ("lora_A.weight", "lora_B.weight"):
             if new != old and f"{old}.{suffix}" in out and f"{new}.{suffix}" not in out:
                 out[f"{new}.{suffix}"] = out.pop(f"{old}.{suffix}")
+    if lacking:
+        shown = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+        raise UserError(f"{weights}: one LoRA per expert and Linear (the layout PEFT wrote on transformers 4) without "
+                        f"the pair of {shown}: PEFT writes lora_A and lora_B for every expert of a Linear it targets, "
+                        "and fuses all of a block's experts into one tensor on transformers 5, so this file is "
+                        "incomplete (or written for a model with fewer experts than this one); save the adapter again, "
+                        "or copy it whole")
     if fused and config.get("use_rslora"):
         raise UserError(f"{weights}: one LoRA per expert and Linear (the layout PEFT wrote on transformers 4, each "
                         "expert's gate_proj and up_proj a Linear of its own) with use_rslora: true. PEFT 0.21 loads it"

@@ -349,15 +349,34 @@ SCHEDULE_COMMANDS = ("train", "plan")
 # runs without validate: export, generate / chat). Not build (data only; validate comes next), nor merge and eval,
 # which follow train (a benchmark recipe's eval, which trains nothing and follows no validate in make, does).
 RECIPE_COMMANDS = ("validate", "plan", "inspect", "train", "export", "generate", "chat")
-# Set by the Makefile for the stages that follow its validate stage (train, dry-run): validate said the notices when
-# the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not at validate and again
-# at train. `python -m pipeline train` typed alone still says them.
+# Set by the Makefile for the stages that follow its validate stage (train, dry-run), to validate's stamp: validate
+# said the notices when the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not
+# at validate and again at train. `python -m pipeline train` typed alone still says them.
 AFTER_VALIDATE = "PIPELINE_AFTER_VALIDATE"
 
 
-def after_validate() -> bool:
-    """Whether this command runs in the Makefile's chain after its validate stage (see AFTER_VALIDATE)."""
-    return os.environ.get(AFTER_VALIDATE) == "1"
+def after_validate(r: Any) -> bool:
+    """Whether this command runs in the Makefile's chain after a validate that read the model `r` names (see
+    AFTER_VALIDATE). make runs validate before the upstream recipe that writes the model (model_name_or_path:
+    saves/sft/merged) and before a hub model is downloaded: that validate read no config.json nor tokenizer, so it
+    said neither the notices that need them nor the rows the length policy drops. A model whose config.json is newer
+    than validate's stamp is one validate did not read; train says them then. A preset has no files: validate read
+    what train reads."""
+    from pipeline.recipe.modelinfo import model_folder
+
+    stamp = os.environ.get(AFTER_VALIDATE)
+    if not stamp:
+        return False
+    try:
+        validated = os.stat(stamp).st_mtime_ns
+    except OSError:  # no validate ran (a stamp removed by hand): nobody said them
+        return False
+    folder = model_folder(r["model_name_or_path"])
+    try:
+        written = os.stat(folder / "config.json").st_mtime_ns if folder is not None else None
+    except OSError:
+        return False
+    return written is None or written <= validated
 
 
 def says_recipe_notices(r: Any, command: str | None) -> bool:
@@ -366,7 +385,7 @@ def says_recipe_notices(r: Any, command: str | None) -> bool:
         return True
     if command == "eval" and r["task"] is not None:  # a benchmark recipe: eval is its only stage
         return True
-    return command in RECIPE_COMMANDS and not (command == "train" and after_validate())
+    return command in RECIPE_COMMANDS and not (command == "train" and after_validate(r))
 
 
 def notices(r: Any, command: str | None = None) -> list[str]:

@@ -602,7 +602,7 @@ def print_plan(r: Mapping[str, Any], model: Any, loader: Any, resume: Path | Non
         f"steps: {r['steps_per_epoch']} per epoch, {r['total_steps']} in total, {r['num_warmup_steps']} warmup, "
         f"schedule {r['lr_scheduler_type']}",
     ]
-    if r["stage"] != "ppo" and not after_validate():  # under make, validate said it (notices.AFTER_VALIDATE)
+    if r["stage"] != "ppo" and not after_validate(r):  # under make, validate said it (notices.AFTER_VALIDATE)
         from pipeline.data.loaders import dropped_note
 
         lines += [line for line in [dropped_note(data_args(r))] if line]

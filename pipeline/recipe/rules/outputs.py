@@ -10,9 +10,12 @@ import re
 from pathlib import Path
 
 from pipeline.recipe.rules.core import Context, rule
+from pipeline.recipe.run_folders import run_adapter
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a run's checkpoint-<step>/ (pipeline.train.checkpoint writes it)
+# the commands that take the run's final adapter/ over adapter_name_or_path when it is there (trained_weights)
+TAKE_THE_FINAL_ADAPTER = ("merge", "eval", "generate", "chat")
 
 
 @rule("resume_from_checkpoint", commands=("train",))
@@ -45,7 +48,9 @@ def adapter_is_no_checkpoint_of_this_run(ctx: Context) -> list[tuple[str, str]]:
     word, and train would write into the folder it starts from. LLaMA-Factory merges step N from a merge recipe
     naming the checkpoint (examples/merge_lora: adapter_name_or_path + export_dir), and so does `export` here
     (resolve reads checkpoint-<step>/adapter/ for checkpoint-<step>), as do this recipe's merge, eval and chat under
-    another output_dir (nothing trained there: trained_weights takes adapter_name_or_path); the message says both."""
+    another output_dir (nothing trained there: trained_weights takes adapter_name_or_path); the message says both.
+    A run stopped before its end has no adapter/: there merge, eval and chat take step N as asked, and only train
+    (and validate and plan, which check the recipe make trains) refuse it."""
     given, out = ctx.values["adapter_name_or_path"], ctx.values["output_dir"]
     if not isinstance(given, str) or not isinstance(out, str):
         return []
@@ -53,6 +58,8 @@ def adapter_is_no_checkpoint_of_this_run(ctx: Context) -> list[tuple[str, str]]:
     step = CHECKPOINT_NAME.fullmatch(parts[0]) if parts else None
     if step is None or parts[1:] not in ((), ("adapter",)):
         return []
+    if ctx.command in TAKE_THE_FINAL_ADAPTER and run_adapter(out) == out:
+        return []  # no adapter/ there (a run stopped before its end): they take adapter_name_or_path, step N itself
     folder = os.path.join(out, parts[0])
     other = f"{out.rstrip(os.sep)}-step{step[1]}"
     return [("adapter_name_or_path", f"{given} is step {step[1]}'s adapter of this recipe's own run (output_dir "

@@ -1,0 +1,71 @@
+"""Review h199: units for what make all says once (notices.AFTER_VALIDATE)."""
+from __future__ import annotations
+
+import json
+import os
+
+from pipeline.recipe import notices
+
+
+def _recipe(model: str) -> dict:
+    return {"model_name_or_path": model, "task": None}
+
+
+def test_train_after_validate_says_the_notices_of_a_model_validate_could_not_read(tmp_path, monkeypatch):
+    """make runs a recipe's validate before its upstream's training (and before a hub model is downloaded), so
+    validate reads no config.json and says none of the notices that need it; train, which then has the model, says
+    them. A model validate had read is not said again."""
+    stamp = tmp_path / "validate"
+    stamp.write_text("")
+    os.utime(stamp, ns=(10**18, 10**18))
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    monkeypatch.setenv(notices.AFTER_VALIDATE, str(stamp))
+    os.utime(model / "config.json", ns=(2 * 10**18, 2 * 10**18))  # written by the upstream after validate ran
+    assert notices.says_recipe_notices(_recipe(str(model)), "train")
+    os.utime(model / "config.json", ns=(10**17, 10**17))  # there when validate ran
+    assert not notices.says_recipe_notices(_recipe(str(model)), "train")
+    assert notices.says_recipe_notices(_recipe(str(model)), "validate")
+
+
+def test_a_stamp_that_is_not_there_leaves_the_notices_to_train(tmp_path, monkeypatch):
+    monkeypatch.setenv(notices.AFTER_VALIDATE, str(tmp_path / "no-stamp"))
+    assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
+    monkeypatch.delenv(notices.AFTER_VALIDATE)
+    assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
+
+
+def test_the_dry_run_goal_is_told_as_a_dry_run():
+    """`make dry-run` runs `train RECIPE --dry-run` (Makefile): the command beside it must not be a real training."""
+    from pipeline.rerun import run_this
+
+    assert run_this("dry-run", "recipes/t.yaml", ("max_steps=3",)) == (
+        "`make dry-run RECIPE=recipes/t.yaml ARGS=max_steps=3` (python -m pipeline train recipes/t.yaml --dry-run "
+        "max_steps=3)")
+    assert run_this("dry-run", None) == "`make dry-run` (python -m pipeline train RECIPE --dry-run)"
+    assert run_this("data", "r.yaml") == "`make data RECIPE=r.yaml` (python -m pipeline build r.yaml)"
+
+
+def test_an_interrupted_runs_checkpoint_is_merged_by_its_own_recipe(tmp_path, monkeypatch):
+    """A run stopped before its end has checkpoint-N/ and no adapter/: merge, eval and chat then take
+    adapter_name_or_path (runtime.layout.trained_weights), step N itself, so the rule's 'they use the final adapter'
+    is false there; train still writes into the folder it starts from. Once adapter/ is there, merge is refused."""
+    from pipeline.recipe.rules.core import Context
+    from pipeline.recipe.rules.outputs import adapter_is_no_checkpoint_of_this_run
+
+    monkeypatch.chdir(tmp_path)
+    step = tmp_path / "saves/r/checkpoint-5/adapter"
+    step.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (step / name).write_text("{}")
+
+    def refused(command: str) -> bool:
+        values = {"adapter_name_or_path": "saves/r/checkpoint-5", "output_dir": "saves/r"}
+        return bool(adapter_is_no_checkpoint_of_this_run(Context(values, {}, "r.yaml", command)))
+
+    assert [refused(c) for c in ("merge", "eval", "chat", "train")] == [False, False, False, True]
+    final = tmp_path / "saves/r/adapter"
+    final.mkdir()
+    (final / "adapter_config.json").write_text("{}")
+    assert [refused(c) for c in ("merge", "eval", "chat", "train")] == [True, True, True, True]
