@@ -53,9 +53,8 @@ from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import trains_adapter
 from pipeline.recipe.precision import weights_dtype
-from pipeline.recipe.args import run_this_for
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
-                                  recipe_args)
+                                  recipe_args, run_this_for)
 from pipeline.runtime import guard, hostmem
 from pipeline.runtime.layout import RunLayout, trained_weights
 

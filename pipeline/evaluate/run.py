@@ -38,9 +38,9 @@ from pipeline.data.args import DataArgs
 from pipeline.data.loaders import tokenized_pair_split
 from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
-from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
+from pipeline.recipe.args import (EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args,
+                                  run_this_for)
 from pipeline.recipe.precision import eval_precision, weights_dtype
-from pipeline.recipe.args import run_this_for
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
 

@@ -117,7 +117,8 @@ class Family:
     # model.to(output_dtype) does (train/tuner.py:208)
     fp32_strict: tuple[str, ...] = ()
     fp32_in_fp16: tuple[str, ...] = ()
-    _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, compare=False, repr=False)
+    _compiled: list[tuple[re.Pattern, str, re.Pattern, str]] = field(default_factory=list, init=False, compare=False,
+                                                                    repr=False)
     # held_fp32's patterns per dtype name, compiled once here (every tensor of every load and cast asks): bfloat16
     # fp32_strict, float16 both lists; a dtype without any is absent
     _fp32: dict[str, re.Pattern] = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -575,7 +576,7 @@ class Wrapper:
 
         return dataclasses.replace(FAMILIES[self.family], architecture=self.architecture, model_type=self.model_type,
                                    reward_architecture="", prefix=self.prefix, aliases=self.aliases,
-                                   carried=self.carried, _compiled=[])
+                                   carried=self.carried)
 
     def text_raw(self, raw: Mapping[str, Any], path: Any) -> dict[str, Any]:
         """The decoder's config.json keys: the text config over the class's defaults, the top-level settings."""

@@ -337,7 +337,8 @@ def run_this_for(goal: str, r: Mapping[str, Any]) -> str:
     typed (typed_overrides)."""
     from pipeline.rerun import run_this
 
-    return run_this(goal, str(getattr(r, "recipe_path", "") or "") or None, typed_overrides(r))
+    path = getattr(r, "recipe_path", None)
+    return run_this(goal, str(path) if path else None, typed_overrides(r))
 
 
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:

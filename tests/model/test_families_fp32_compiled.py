@@ -32,6 +32,6 @@ def test_held_fp32_builds_no_regex_per_call(monkeypatch):
 @pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
 def test_a_wrapper_copy_compiles_its_own(family):
     """Wrapper.family_of's dataclasses.replace copy answers as the family it copies."""
-    copy = dataclasses.replace(FAMILIES[family], prefix="model.language_model.", _compiled=[])
+    copy = dataclasses.replace(FAMILIES[family], prefix="model.language_model.")
     assert copy.held_fp32("model.language_model.layers.3.mlp.gate.e_score_correction_bias", "bfloat16")
     assert not copy.held_fp32("model.language_model.layers.3.mlp.experts.0.up_proj.weight", "float16")
