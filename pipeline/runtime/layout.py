@@ -126,7 +126,7 @@ class RunLayout:
         entries = self.entries() if entries is None else entries  # the caller's listing (self.entries()), if read
         if not entries or kept or self.unfinished_start(entries):
             return None
-        if self.all_results.is_file():
+        if self.all_results.name in entries:  # the same listing as every answer above
             writer = self.finished_recipe()
             of = f" of {writer}" if writer else ""
             again = (" (`make train` does so itself once the recipe or its ARGS change)"
