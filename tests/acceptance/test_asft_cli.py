@@ -181,7 +181,9 @@ def test_a_resumed_asft_run_is_the_same_run_and_merged_loads_in_transformers(tra
     pipeline("train", EXAMPLE, *OVERRIDES, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=work)
     assert_same_run(run, crashed, "model/model.safetensors")
 
-    pipeline("merge", EXAMPLE, *OVERRIDES, cwd=work)
+    # the merge in this process (main(argv), as_typed=False): the point is the resumed ASFT run; a full run's merge is
+    # typed by test_lf_examples.py's full examples
+    pipeline("merge", EXAMPLE, *OVERRIDES, cwd=work, as_typed=False)
     ids = torch.tensor([[3, 17, 42, 99, 120, 7]])
     with torch.no_grad():
         want = transformers.AutoModelForCausalLM.from_pretrained(run / "merged").eval()(ids).logits

@@ -6,6 +6,10 @@ tokenizer's EOS (TGI, transformers pipelines, LLaMA-Factory's chat). The rule, L
 tested per template in tests/vocab/test_export_eos_token.py; GPT-2's alpaca export keeps <|endoftext|>
 (tests/test_merge.py::test_merge_cli_writes_the_recipes_chat_template).
 
+The LoRA run types build, train and merge; the full run types train (and export) and runs build and merge as
+main(argv) in this process (harness.pipeline as_typed=False: the same command line and files, without an interpreter
+start and torch's import).
+
 A full run's model/ is also exported LLaMA-Factory's way (`python -m pipeline export` with model_name_or_path:
 output_dir): the export says what merge's does.
 """
@@ -55,8 +59,8 @@ def answers(export: Path) -> tuple[list[int], list[int]]:
 def test_the_export_of_a_llama3_base_tuned_on_llama3_ends_answers_at_eot(workdir, kind):
     recipe = write_recipe(workdir / f"{kind}.yaml", model_name_or_path="base", dataset_dir="data", template="llama3",
                           output_dir=f"saves/{kind}", finetuning_type=kind, max_steps=1, max_new_tokens=4)
-    for command in ("build", "train", "merge"):
-        pipeline(command, recipe, cwd=workdir)
+    for command in ("build", "train", "merge"):  # the full run's build and merge in this process (LoRA's typed them)
+        pipeline(command, recipe, cwd=workdir, as_typed=command == "train" or kind == "lora")
     merged = workdir / f"saves/{kind}/merged"
     tok = transformers.AutoTokenizer.from_pretrained(merged)
     assert (tok.eos_token, tok.eos_token_id) == ("<|eot_id|>", EOT)

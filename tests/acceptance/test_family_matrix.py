@@ -14,7 +14,11 @@ Each row, as a user types it:
     python -m pipeline merge R
 
 then transformers loads output_dir/merged and (LoRA) PEFT loads output_dir/adapter on the original checkpoint,
-with the logits of our trained model. A `resume` row trains 4 steps with a checkpoint at step 2, then a
+with the logits of our trained model. Training runs as typed in every row; a one-rank row's build and the merge run
+as typed in the Qwen2 row (TYPED; test_family_paths.py's sessions type them for Llama and Qwen3) and, in the other
+rows, as main(argv) in this process (harness.pipeline as_typed=False: the same command line and files, without an
+interpreter start and torch's import): a row's point is what training (and resuming) left for the merge.
+A `resume` row trains 4 steps with a checkpoint at step 2, then a
 copy of what a crash after that checkpoint leaves is resumed with resume_from_checkpoint=latest on as many ranks
 (`make train NPROC=2 ARGS=resume_from_checkpoint=latest` for two) and must end bitwise equal to the
 uninterrupted run; the merge and the peers' checks then run on the resumed run's outputs. The resume rows train
@@ -54,6 +58,7 @@ ROWS = [  # (family, finetuning_type, zero_stage, ranks, precision, resume)
     ("qwen2", "lora", 3, 1, "bf16", False),
 ]
 REAL_VOCABULARY = {("qwen2", "lora", 3, 1, "bf16", False)}
+TYPED = {("qwen2", "lora", 3, 1, "bf16", False)}  # build and merge as typed (the other rows: in this process)
 
 
 def row_id(row: tuple) -> str:
@@ -84,10 +89,11 @@ def repo(tmp_path_factory) -> Path:
     return root
 
 
-def train(repo: Path, recipe: Path, ranks: int, *overrides: str) -> str:
-    """Train as a user types it (1 rank: build + train; 2 ranks: make NPROC=2 ARGS=...); returns what it said."""
+def train(repo: Path, recipe: Path, ranks: int, *overrides: str, typed_build: bool = True) -> str:
+    """Train as a user types it (1 rank: build + train; 2 ranks: make NPROC=2 ARGS=...); returns what it said.
+    typed_build=False: a one-rank build runs in this process (main(argv))."""
     if ranks == 1:
-        pipeline("build", recipe, cwd=repo)
+        pipeline("build", recipe, cwd=repo, as_typed=typed_build)
         return pipeline("train", recipe, *overrides, cwd=repo).stderr
     made = make("train", f"RECIPE={recipe.relative_to(repo)}", "NPROC=2", f"VENV={repo / 'venv'}",
                 *([f"ARGS={' '.join(overrides)}"] if overrides else []), cwd=repo,
@@ -112,7 +118,8 @@ def test_train_resume_merge_and_load_in_the_peers(repo, hf_checkpoint, row):
         keys.update(max_steps=4, save_steps=2, lr_scheduler_type="cosine", warmup_steps=1,
                     **{"lora_dropout" if kind == "lora" else "dropout": 0.1})
     recipe = write_recipe(repo / "recipes" / f"{name}.yaml", output_dir=str(out), **keys)
-    train(repo, recipe, ranks)
+    typed = row in TYPED
+    train(repo, recipe, ranks, typed_build=typed)
     steps = 4 if resume else 2
     results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
     assert results["global_step"] == steps and math.isfinite(results["train_loss"])
@@ -129,12 +136,12 @@ def test_train_resume_merge_and_load_in_the_peers(repo, hf_checkpoint, row):
             assert shards == {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)}
         crashed = crash_copy(out, repo / "saves" / f"{name}-crashed", 2)
         recipe = write_recipe(repo / "recipes" / f"{name}-crashed.yaml", output_dir=str(crashed), **keys)
-        resumed = train(repo, recipe, ranks, "resume_from_checkpoint=latest")
+        resumed = train(repo, recipe, ranks, "resume_from_checkpoint=latest", typed_build=typed)
         assert "resuming from" in resumed and "at step 2" in resumed
         assert_same_run(out, crashed, final)
         out = crashed
 
-    pipeline("merge", recipe, cwd=repo)
+    pipeline("merge", recipe, cwd=repo, as_typed=typed)
     mine = trained_model(recipe, repo)
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))  # in every vocabulary
     with torch.no_grad():

@@ -9,7 +9,10 @@ the 54 of the full product. Each row, as a user types it:
     python -m pipeline merge R
 
 then transformers loads output_dir/merged and (LoRA) PEFT loads output_dir/adapter on top of the original
-checkpoint; both give the logits our trained model gives.
+checkpoint; both give the logits our trained model gives. Training runs as typed in every row; build and merge run
+as typed in the first row (TYPED) and, in the others, as main(argv) in this process (harness.pipeline
+as_typed=False: the same command line and files, without an interpreter start and torch's import, ~1.3 CPU-s a
+row): the row's point is what training left for the merge, not a second interpreter start.
 """
 from __future__ import annotations
 
@@ -70,6 +73,7 @@ def ids(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> torch.Tensor:
     return torch.randint(0, 50257, shape, generator=torch.Generator().manual_seed(seed))
 
 
+TYPED = ROWS[0]  # build and merge as a user types them (the other rows: in this process)
 # Every `make test` runs these two rows (one rank, no ZeRO: the cheapest); the others are `slow` (CI runs them).
 EVERY_RUN = {("lora", 0, 1, "fp32"), ("freeze", 0, 1, "bf16")}
 
@@ -86,7 +90,7 @@ def test_train_merge_and_load_in_the_peers(repo, row):
                           dataset_dir="datasets", output_dir=str(out), finetuning_type=kind, zero_stage=zero,
                           bf16=precision == "bf16", freeze_trainable_layers=1 if kind == "freeze" else None)
     if ranks == 1:
-        pipeline("build", recipe, cwd=repo)
+        pipeline("build", recipe, cwd=repo, as_typed=row == TYPED)
         pipeline("train", recipe, cwd=repo)
     else:
         made = make("train", f"RECIPE=recipes/{name}.yaml", "NPROC=2", f"VENV={repo / 'venv'}", cwd=repo,
@@ -98,7 +102,7 @@ def test_train_merge_and_load_in_the_peers(repo, row):
     assert [e["step"] for e in log if "loss" in e] == [1, 2]
     assert (out / ("adapter/adapter_model.safetensors" if kind == "lora" else "model/model.safetensors")).is_file()
 
-    pipeline("merge", recipe, cwd=repo)
+    pipeline("merge", recipe, cwd=repo, as_typed=row == TYPED)
     mine = trained_model(recipe, repo)
     x = ids()
     with torch.no_grad():

@@ -5,6 +5,9 @@ save_pretrained GPT-2 (template: default) or Llama 3 (template: llama3) checkpoi
 assistant's `tool_calls`, a "tool" message) with training's token ids, its assistant mask marks the tokens training
 trained, and the merged model generates from them.
 
+GPT-2's run types all three commands; Llama 3's types train and runs build and merge as main(argv) in this process
+(harness.pipeline as_typed=False: the same command line and files without an interpreter start and torch's import).
+
 Expected ids: the pipeline's encoding of the built row (the example train used; its text is pinned to LLaMA-Factory
 0.9.5's by tests/data/lf_tool_goldens.py, its ids to the `tokenizers` library by test_template_masks_real.py).
 """
@@ -43,8 +46,8 @@ def test_an_agent_fine_tune_serves_tool_calls_as_it_was_trained(tmp_path, hf_che
     recipe = write_recipe(tmp_path / "tools.yaml", model_name_or_path=str(base), dataset_dir="data",
                           dataset="glaive_toolcall_en_demo", template=name, cutoff_len=256, val_size=0,
                           max_steps=1, output_dir="saves/tools")
-    for command in ("build", "train", "merge"):
-        pipeline(command, recipe, cwd=tmp_path)
+    for command in ("build", "train", "merge"):  # Llama 3's build and merge in this process (GPT-2's typed them)
+        pipeline(command, recipe, cwd=tmp_path, as_typed=command == "train" or family == "gpt2")
 
     (row,) = [r for r in json.loads((tmp_path / "data/build/glaive_toolcall_en_demo/train.json").read_text("utf-8"))
               if r["instruction"] == '{"time": "10:00"}']  # the first conversation, as build wrote it

@@ -126,12 +126,14 @@ def bf16_within_a_step(got: torch.Tensor, want: torch.Tensor, start: torch.Tenso
 
 def merged_is_the_last_checkpoint(work: Path, example: str, overrides: list[str], run: Path, last: int) -> None:
     """`python -m pipeline merge` writes merged/: transformers loads it, it holds checkpoint-<last>'s weights and
-    its logits are finite."""
+    its logits are finite. The merge runs as main(argv) in this process (harness.pipeline as_typed=False: the same
+    command line and files without an interpreter start and torch's import, ~1 CPU-s a call): these files' point is
+    the optimizer's steps, and a full run's merge is typed by test_lf_examples.py's full examples."""
     import transformers
 
     from tests.acceptance.harness import pipeline
 
-    pipeline("merge", example, *overrides, cwd=work)
+    pipeline("merge", example, *overrides, cwd=work, as_typed=False)
     merged = transformers.AutoModelForCausalLM.from_pretrained(run / "merged")
     final = saved_weights(run, last)
     assert all(torch.equal(v, final[k]) for k, v in without_prefix(merged.state_dict()).items())

@@ -65,13 +65,16 @@ def test_each_step_is_llamafactorys_muon_step(tmp_path, lf_models):
 
 @pytest.mark.slow  # ~25 s: builds, trains two steps of 8 bf16 micro-batches and merges through the CLI
 def test_the_example_trains_and_its_merged_model_loads_in_transformers(tmp_path, lf_models):
+    """Build and train as typed; the merge as main(argv) in this process (harness.pipeline as_typed=False: the same
+    command line and files without an interpreter start and torch's import): the point is Muon's run, and a full
+    run's merge is typed by test_lf_examples.py's full examples."""
     qwen2 = lf_models("qwen2")
     work = lf_checkout(tmp_path, str(qwen2))
     pipeline("build", EXAMPLE, cwd=work)
     err = pipeline("train", EXAMPLE, "max_steps=2", cwd=work, timeout=600).stderr
     assert "optimizer: Muon (use_muon): 14 tensors by Muon" in err and "bf16, ZeRO stage 0" in err, err
     assert json.loads((work / RUN / "all_results.json").read_text("utf-8"))["global_step"] == 2
-    pipeline("merge", EXAMPLE, "max_steps=2", cwd=work)
+    pipeline("merge", EXAMPLE, "max_steps=2", cwd=work, as_typed=False)
     before = transformers.AutoModelForCausalLM.from_pretrained(qwen2).state_dict()
     merged = transformers.AutoModelForCausalLM.from_pretrained(work / RUN / "merged")
     after = merged.state_dict()
