@@ -236,6 +236,8 @@ ifneq ($(and $(AS_UPSTREAM),$(if $(DRY_RUN),,y)),)
 train merge export: ; @:
 endif
 
+# build says the recipe's notices only where no later stage of this make does (pipeline.recipe.notices.BEFORE_VALIDATE)
+$(STAMPS)/data: export PIPELINE_BEFORE_VALIDATE := $(if $(filter-out data,$(MAKECMDGOALS)),1)
 $(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 		$(wildcard $(DATASET_DIR)/dataset_info.json $(DATASET_DIR)/raw/*)
 	$(PY) -m pipeline build $(RECIPE) $(PREP_ARGS)

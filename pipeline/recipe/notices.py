@@ -346,9 +346,13 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
 SCHEDULE_COMMANDS = ("train", "plan")
 # The commands that say the recipe's other notices: those that check it (validate, which reads the checkpoint's
 # config.json and tokenizer first in make's chain), show it (plan, inspect) or run it alone (train, and those make
-# runs without validate: export, generate / chat). Not build (data only; validate comes next), nor merge and eval,
-# which follow train (a benchmark recipe's eval, which trains nothing and follows no validate in make, does).
+# runs without validate: export, generate / chat). Not merge and eval, which follow train (a benchmark recipe's eval,
+# which trains nothing and follows no validate in make, does); build only when no validate follows it (BEFORE_VALIDATE).
 RECIPE_COMMANDS = ("validate", "plan", "inspect", "train", "export", "generate", "chat")
+# Set by the Makefile for build when its goal is more than `make data` (validate or inspect comes next and says the
+# notices): a build typed alone, or `make data`, says them, as LLaMA-Factory's preprocessing recipes
+# (examples/train_lora/qwen3_preprocess.yaml: tokenized_path) are run for their data only.
+BEFORE_VALIDATE = "PIPELINE_BEFORE_VALIDATE"
 # Set by the Makefile for the stages that follow its validate stage (train, dry-run), to validate's stamp: validate
 # said the notices when the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not
 # at validate and again at train. `python -m pipeline train` typed alone still says them.
@@ -385,6 +389,8 @@ def says_recipe_notices(r: Any, command: str | None) -> bool:
         return True
     if command == "eval" and r["task"] is not None:  # a benchmark recipe: eval is its only stage
         return True
+    if command == "build":
+        return not os.environ.get(BEFORE_VALIDATE)
     return command in RECIPE_COMMANDS and not (command == "train" and after_validate(r))
 
 
