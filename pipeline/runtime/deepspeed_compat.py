@@ -9,6 +9,8 @@ release where the item no longer holds, naming it.
 
   item                         why                                                       used by
   skip_shm_build               no ~75 s JIT build of a CPU shared-memory allreduce        runtime dist init
+  eager_muon                   DeepSpeed's Muon module imported without torch.compile     runtime dist init
+                               (~1 CPU-s a rank: torch._inductor, sympy; never used here)
   SafeCheckpointEngine         DeepSpeed's save/load without pickle (CheckpointEngine)   train.checkpoint
   exclude_frozen_aliases       no frozen tied head in LoRA checkpoints (module_state_dict) train.checkpoint
                                (frozen: not `trains`; BAdam's resting layers are kept)
@@ -99,6 +101,33 @@ def skip_shm_build() -> None:
     ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
     if hasattr(ds_comm_torch, "build_shm_op"):  # releases without it have nothing to skip
         ds_comm_torch.build_shm_op = lambda: None
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def eager_muon() -> None:
+    """Import DeepSpeed's Muon module with its torch.compile decorators as no-ops, before ZeRO imports it.
+
+    DeepSpeed 0.19's ZeRO 1/2 (average_tensor, on the first gradient reduction), ZeRO 3 and BF16_Optimizer import
+    deepspeed.runtime.zero.muon, whose original_muon wraps three functions in `@compiler.compile()` (torch.compile)
+    at import: that pulls in torch._inductor, aot_autograd and sympy, ~1 CPU-second in every rank of every run, for
+    an optimizer this pipeline never builds (a DeepSpeed JSON's "optimizer" section is refused: recipe.dsconfig;
+    use_muon is pipeline.train.muon's own). Imported here with DeepSpeed's compile() returning the function itself,
+    its functions stay eager: the same arithmetic if anything ever called them, only not compiled. Call before
+    deepspeed.initialize; a no-op once the module is imported."""
+    if MUON_MODULE in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    _require(callable(getattr(compiler, "compile", None)), "eager_muon",
+             "deepspeed.runtime.compiler.compile is gone (original_muon's decorator)")
+    compile_ = compiler.compile
+    compiler.compile = lambda *args, **kwargs: (lambda fn: fn)
+    try:
+        importlib.import_module(MUON_MODULE)
+    finally:
+        compiler.compile = compile_
 
 
 def destroy_process_groups() -> None:

@@ -77,6 +77,7 @@ def init(timeout_s: int | None = None) -> None:
         share_cores()
         if os.environ.get("PIPELINE_DS_SHM_COMM") != "1":
             deepspeed_compat.skip_shm_build()  # gloo does the same reductions, without a JIT build
+    deepspeed_compat.eager_muon()  # no torch.compile of DeepSpeed's (unused) Muon in every rank: see there
     extra: dict[str, Any] = {}
     if timeout_s is not None:
         import datetime

@@ -11,6 +11,8 @@ import contextlib
 
 import importlib
 import inspect
+import subprocess
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,20 @@ def test_skip_shm_build_replaces_the_jit_build(monkeypatch):
     monkeypatch.setattr(ds_comm_torch, "build_shm_op", ds_comm_torch.build_shm_op)  # restored after the test
     compat.skip_shm_build()
     assert ds_comm_torch.build_shm_op() is None
+
+
+def test_eager_muon_imports_deepspeeds_muon_without_torch_compile():
+    """In a fresh interpreter (this one may hold the module already): after eager_muon, ZeRO's later import finds
+    DeepSpeed's Muon functions plain (not torch.compile's wrappers) and torch._inductor never imported; compile()
+    is DeepSpeed's again. Failed before (no eager_muon)."""
+    code = ("import sys, types; from pipeline.runtime import deepspeed_compat as c; c.eager_muon(); "
+            "from deepspeed.runtime import compiler; import torch; "
+            "from deepspeed.runtime.zero.muon import original_muon as m; "
+            "assert type(m.zeropower_via_newtonschulz5) is types.FunctionType, type(m.zeropower_via_newtonschulz5); "
+            "assert 'torch._inductor' not in sys.modules; assert compiler.compile() is torch.compile; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_checkpoint_engine_overrides_every_method_and_round_trips(tmp_path):
