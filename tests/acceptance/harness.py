@@ -494,8 +494,11 @@ def refused_before_any_stage(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 def make_stages(proc: subprocess.CompletedProcess) -> list[tuple[str, str]]:
-    """(command, recipe) of every `python -m pipeline` line make printed (or, under -n, would run), in order."""
-    runs = [line.split(" -m pipeline ")[1].split()[:2] for line in proc.stdout.splitlines() if " -m pipeline " in line]
+    """(command, recipe) of every `python -m pipeline` line make printed (or, under -n, would run), in order: make
+    echoes $(PY), a path to the environment's python, before ` -m pipeline`; a message that names a command for the
+    user (validate's "`make eval RECIPE=r` (python -m pipeline eval r)") is no stage."""
+    runs = [after.split()[:2] for before, sep, after in (line.partition(" -m pipeline ") for line in proc.stdout.splitlines())
+            if sep and before.split()[-1:] and before.split()[-1].endswith("/python")]
     return [(command, recipe) for command, recipe in runs]
 
 
