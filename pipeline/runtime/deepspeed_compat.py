@@ -125,7 +125,7 @@ def eager_muon() -> None:
     compile_ = compiler.compile
     compiler.compile = lambda *args, **kwargs: (lambda fn: fn)
     try:
-        importlib.import_module(MUON_MODULE)
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (MUON_MODULE: importing it is the point)
     finally:
         compiler.compile = compile_
 
