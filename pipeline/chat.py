@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 from pipeline.model.build import FinetuneArgs
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
-from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, value
+from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, run_this_for, value
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, stale, trained_weights
 
@@ -27,26 +27,28 @@ def generation_kwargs(gen: GenerationArgs, stop_ids: Sequence[int] = ()) -> dict
     return kwargs
 
 
-def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None) -> Weights | None:
+def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None,
+                   r: Mapping[str, Any] | None = None) -> Weights | None:
     """The weights `--model` asks for (None: the base model). Without --model: the current tuned weights as
-    eval would take them (a stale merged/ is passed over), else the base model."""
+    eval would take them (a stale merged/ is passed over), else the base model. `r`: the recipe chat runs, whose
+    merge or train (with the overrides typed) the message for missing weights names (recipe.args.run_this_for)."""
     if choice == "base":
         return None
     if choice == "merged":
         weights = merged_weights(out)
         if weights is None:
-            raise UserError(f"--model merged: no merged model at {out.merged}; produce it with `make merge` "
-                            "(python -m pipeline merge RECIPE), or use --model adapter")
+            raise UserError(f"--model merged: no merged model at {out.merged}; produce it with "
+                            f"{run_this_for('merge', r or {})}, or use --model adapter")
         trained = trained_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
         if stale(weights, trained):  # asked for by name, so used; but it is not what training produced last
             print(f"note: --model merged: {weights.path} is older than {trained.path} (trained again since the "
-                  "merge); `make merge` refreshes it", file=sys.stderr)
+                  f"merge); {run_this_for('merge', r or {})} refreshes it", file=sys.stderr)
         return weights
     trained = trained_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
     if choice == "adapter":
         if trained is None:
             raise UserError(f"--model adapter: nothing at {out.trained_dir(ft.finetuning_type)}; produce it with "
-                            "`make train` (python -m pipeline train RECIPE), or set adapter_name_or_path")
+                            f"{run_this_for('train', r or {})}, or set adapter_name_or_path")
         return trained
     return current_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
 
@@ -71,7 +73,7 @@ def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:
         template = data_args(r).chat_template()
     tokenizer = recipe_tokenizer(data_args(r))  # before the model: a preset without a vocabulary is refused at once
     out = RunLayout.of(r["output_dir"], value(r, "export_dir"))  # merge writes the merged model to export_dir when set
-    weights = chosen_weights(out, recipe_args(r).finetune, getattr(args, "model", None))
+    weights = chosen_weights(out, recipe_args(r).finetune, getattr(args, "model", None), r)
     # pure_bf16: the bf16 weights (an adapter in fp32 on the bf16 base), as the run trained and eval computes
     model = load_weights(r, weights)
     kwargs = generation_kwargs(GenerationArgs.from_recipe(r), template.stop_ids(tokenizer) if template else tokenizer.stop_ids)

@@ -111,10 +111,22 @@ def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
     assert run.returncode == 0, run.stderr
     tok = gpt2()
     assert run.stdout == generate_text(load_model(path).eval(), tok, "The sky is", max_new_tokens=5) + "\n"
-    bad = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(tmp_path / "r.yaml"), "--prompt", "x",
-                          "--model", "merged"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert bad.returncode == 2 and "make merge" in bad.stderr and bad.stdout == ""
-    assert "Traceback" not in bad.stderr
+    # the merge that makes it is this recipe's, with the override typed (a bare `make merge` merges the Makefile's
+    # default recipe): failed before, the message said "`make merge` (python -m pipeline merge RECIPE)"
+    bad = subprocess.run([sys.executable, "-m", "pipeline", "generate", "r.yaml", "--prompt", "x", "--model",
+                          "merged", "output_dir=o2"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr == ("error: --model merged: no merged model at o2/merged; produce it with `make merge "
+                          "RECIPE=r.yaml ARGS=output_dir=o2` (python -m pipeline merge r.yaml output_dir=o2), or use "
+                          "--model adapter\n"), bad.stderr
+    # --model adapter names the recipe's training the same way (in this process: the same main(argv))
+    from tests.acceptance.harness import refused
+
+    err = refused("generate", "r.yaml", "--prompt", "x", "--model", "adapter", "output_dir=o2", "seed=3",
+                  cwd=tmp_path, as_typed=False)
+    assert err == ("error: --model adapter: nothing at o2/adapter; produce it with `make train RECIPE=r.yaml "
+                   "ARGS='output_dir=o2 seed=3'` (python -m pipeline train r.yaml output_dir=o2 seed=3), or set "
+                   "adapter_name_or_path\n"), err
 
 
 def test_model_choice_follows_the_run_layout(tmp_path, capsys):
