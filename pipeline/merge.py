@@ -80,7 +80,9 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     lora = trains_adapter(models.finetune.finetuning_type)
     trained = DTYPES[weights_dtype(r)]  # pure_bf16: the base trained as bf16 (its model/ is bf16)
     if lora:
-        check = merge_adapter(models.model, data, ex, adapter_dir(r), trained)
+        adapter = adapter_dir(r)  # the run's own adapter/ is trained by this recipe; another by its own run
+        own = adapter.resolve() == out.adapter.resolve()
+        check = merge_adapter(models.model, data, ex, adapter, trained, run_this_for("train", r) if own else None)
     else:
         check = reexport_full(models, data, ex, out, run_this_for("train", r), trained)
     target = export(check, target, ex, files)
@@ -256,17 +258,20 @@ def dequantized_base(model: nn.Module, model_name_or_path: str, folded: bool = T
 
 
 def merge_adapter(base: ModelArgs, data: DataArgs, ex: ExportArgs, path: Path,
-                  trained: torch.dtype = torch.float32) -> Verified:
+                  trained: torch.dtype = torch.float32, train: str | None = None) -> Verified:
     """The base with the adapter folded in (fp32) and the verification; UserError when it is not the adapter model.
     trained: the dtype the run held the base in (bf16 under pure_bf16): the adapter is folded into that base, the
-    model that trained (B A onto the fp32 base would be another one, by the base's bf16 rounding)."""
+    model that trained (B A onto the fp32 base would be another one, by the base's bf16 rounding). train: the command
+    that trains it (rerun.run_this), for the refusal of an untrained adapter; None: the one its resolved.yaml
+    records (trained_by)."""
     from pipeline.model import lora
 
     model = _load_base(base, ex, trained)
     lora.load_adapter(model, path)
     model.eval()
     samples = validation_samples(data, model.cfg)
-    return merge_verified(model, samples, ex.export_dtype, source=str(path), cause=untrained_cause(path))
+    return merge_verified(model, samples, ex.export_dtype, source=str(path), cause=untrained_cause(path),
+                          train=train or trained_by(path))
 
 
 def reexport_full(models: RecipeModel, data: DataArgs, ex: ExportArgs, out: RunLayout, train: str,
@@ -376,7 +381,7 @@ def _rel_error(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> flo
 
 @torch.no_grad()
 def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dtype: str, *,
-                   source: str = "adapter", cause: str | None = None) -> Verified:
+                   source: str = "adapter", cause: str | None = None, train: str | None = None) -> Verified:
     """Fold every LoRA layer of `model` into its base weight, in place, proving each fold and then the whole.
 
     Layer by layer: the folded Linear (lora.fold_lora) minus the base must be the layer's update (the LoRA
@@ -384,7 +389,7 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
     equal the adapter model's, taken before the first fold. In place, the memory is the model once plus one
     layer's base weight (kept for its check): keeping the adapter model next to a merged copy would double it.
     Layers whose update is nothing (an untrained adapter) are refused first, in one message (untrained_message;
-    `cause`: why its run left them so, when the caller knows: untrained_cause).
+    `cause`: why its run left them so, when the caller knows: untrained_cause; `train`: the command that trains it).
     """
     from pipeline.model import lora
 
@@ -394,7 +399,7 @@ def merge_verified(model: nn.Module, samples: Sequence[Sequence[int]], export_dt
         raise UserError(f"{source}: the adapter has no LoRA layers to merge")
     zero = {shown(n): which for n, which in untrained_layers(model, names).items()}
     if zero:
-        raise UserError(untrained_message(source, zero, len(names), cause))
+        raise UserError(untrained_message(source, zero, len(names), cause, train))
     reference = _logits(model, samples)
     gen = torch.Generator().manual_seed(0)
     layers: dict[str, dict[str, float]] = {}
@@ -464,25 +469,44 @@ def untrained_layers(model: nn.Module, names: Sequence[str]) -> dict[str, str]:
     return {n: which for n, which in zero.items() if fused(n) is None or fused(n) not in moved}
 
 
-def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: str | None = None) -> str:
+def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: str | None = None,
+                      train: str | None = None) -> str:
     """One message for the adapter layers whose update is nothing (`zero`: the family's layer name -> the PEFT tensor
     that is all zero, AdapterLinear.unchanged_by), out of `layers`: merging them changes nothing, which says the
     adapter (or those layers) did not train. One line per layer said the same thing a dozen times (every layer of a
-    GPT-2 adapter from a run whose only step trained at lr 0)."""
+    GPT-2 adapter from a run whose only step trained at lr 0). `train`: the command that trains the adapter's run
+    (rerun.run_this: its recipe and overrides; None: none is known, an adapter from elsewhere)."""
+    from pipeline.rerun import run_this
+
+    train = train or run_this("train", None)
     which = " / ".join(sorted(set(zero.values())))
     if len(zero) < layers:
         shown = ", ".join(list(zero)[:4]) + (f" and {len(zero) - 4} more" if len(zero) > 4 else "")
         return (f"{source}: {which} is all zero in {len(zero)} of its {layers} adapted layers ({shown}), so merging"
                 " would leave those layers as the base's. Likely cause: no gradient reached them in training (the"
                 " loss does not depend on them), or the adapter file was edited. Fix: leave them out of lora_target"
-                " and train again (`make train`); nothing was written")
+                f" and train again ({train}); nothing was written")
     cause = cause or ("it was saved before any optimizer step, every step it took trained at lr 0 (a warmup covering a"
                       " 1-step run: the warmup starts at lr 0), or it was written from ZeRO-3 partitions without"
                       " gathering")
     return (f"{source}: the adapter is untrained: {which} is all zero in all {layers} of its adapted layers, so"
             f" merging would change nothing (the merged model would equal the base). Likely cause: {cause}. Fix:"
             " train again with steps at a learning rate above 0 (warmup_ratio: 0, or more steps: max_steps),"
-            " `make train`; nothing was written")
+            f" {train}; nothing was written")
+
+
+def trained_by(adapter: Path) -> str | None:
+    """The command that trains the run whose adapter/ `adapter` is: its recipe and command-line overrides as its
+    resolved.yaml beside it records them (recipe.resolve.recorded_command); None for an adapter without one (PEFT's,
+    the hub's)."""
+    from pipeline.recipe.resolve import recorded_command
+    from pipeline.rerun import run_this
+
+    try:
+        recorded = recorded_command(RunLayout(adapter.parent).resolved_yaml.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None if recorded is None else run_this("train", *recorded)
 
 
 def untrained_cause(adapter: Path) -> str | None:

@@ -409,9 +409,12 @@ def derive_steps(r: Resolved, num_train_examples: int) -> Resolved:
     return r.replace(**changed)
 
 
+RECIPE_LINE = "# resolved recipe: "  # resolved_yaml's first line: the recipe as the user named it
+
+
 def resolved_yaml(r: Resolved) -> str:
     """Every value with its provenance as a comment, grouped like the schema (for output_dir/resolved.yaml)."""
-    lines = [f"# resolved recipe: {r.recipe_path}", "# value  # provenance: default | file:line | cli | derived"]
+    lines = [f"{RECIPE_LINE}{r.recipe_path}", "# value  # provenance: default | file:line | cli | derived"]
     shown = set()
     for group, keys in spec.groups().items():
         lines.append(f"\n# --- {group} ---")
@@ -430,6 +433,41 @@ def resolved_yaml(r: Resolved) -> str:
 
 def _yaml_line(r: Resolved, key: str) -> str:
     return f"{key}: {_flow(r[key])}  # {r.source(key)}"
+
+
+def recorded_command(text: str) -> tuple[str, tuple[str, ...]] | None:
+    """(recipe, command-line overrides) of the run whose resolved.yaml is `text` (resolved_yaml's format: its first
+    line names the recipe, a `# cli` value came from the command line), for a message that says how to run that run
+    again (an adapter merged away from its run folder: pipeline.merge). The overrides are written back as key=value
+    (a string as is where it reads back as that string, else the value's JSON, which is YAML flow syntax too); None
+    when `text` is no resolved.yaml."""
+    import yaml
+
+    first, _, rest = text.partition("\n")
+    if not first.startswith(RECIPE_LINE):
+        return None
+    overrides = []
+    for line in rest.splitlines():
+        key, colon, shown = line.partition(": ")
+        if not colon or not shown.endswith("  # cli"):
+            continue
+        flow = shown.removesuffix("  # cli")
+        try:
+            value = yaml.safe_load(flow)
+        except yaml.YAMLError:
+            return None
+        overrides.append(f"{key}={value if isinstance(value, str) and _reads_back(value) else flow}")
+    return first.removeprefix(RECIPE_LINE), tuple(overrides)
+
+
+def _reads_back(text: str) -> bool:
+    """Whether `text`, unquoted, is read as that same string (not a number, a boolean, a list, ...)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text) == text
+    except yaml.YAMLError:
+        return False
 
 
 def _flow(value: Any) -> str:

@@ -38,7 +38,7 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
               "warmup_ratio: 0 or more steps")
     pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
     plan = pipeline("plan", "r.yaml", cwd=workdir, as_typed=False).stderr
-    train = pipeline("train", "r.yaml", cwd=workdir).stderr  # as typed
+    train = pipeline("train", "r.yaml", "logging_steps=2", cwd=workdir).stderr  # as typed, with an override
     for err in (plan, train):
         assert warmup_notices(err) == [notice], err
     for command in ("build", "validate"):  # the data is built now, so the steps are known: still quiet
@@ -50,7 +50,11 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     assert len(b) == LAYERS and not any(t.any() for t in b)  # lr 0: B as PEFT initialises it
     assert all(t.any() for k, t in tensors.items() if k.endswith("lora_A.weight"))
 
-    err = refused("merge", "r.yaml", cwd=workdir, as_typed=False)
+    # the fix names the run's training: its recipe and override (a bare `make train` trains the Makefile's default
+    # recipe), from merge's own recipe, and for an adapter exported from elsewhere from its resolved.yaml. Failed
+    # before: "`make train`" in both
+    again = "`make train RECIPE=r.yaml ARGS=logging_steps=2` (python -m pipeline train r.yaml logging_steps=2)"
+    err = refused("merge", "r.yaml", "logging_steps=2", cwd=workdir, as_typed=False)
     errors = [text for text in err.splitlines() if text.startswith("error:")]
     assert warmup_notices(err) == [], err  # the refusal below says it
     assert errors == [
@@ -58,5 +62,10 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
         " so merging would change nothing (the merged model would equal the base). Likely cause: its run"
         " (saves/r/resolved.yaml) trained 1 step with warmup_ratio 0.03, which is 1 warmup step: the run's only step"
         " trains at lr 0, so the weights do not change. Fix: train again with steps at a learning rate above 0"
-        " (warmup_ratio: 0, or more steps: max_steps), `make train`; nothing was written"], err
+        f" (warmup_ratio: 0, or more steps: max_steps), {again}; nothing was written"], err
     assert not (workdir / "saves/r/merged").exists()
+    write_recipe(workdir / "export.yaml", {}, model_name_or_path=str(hf_checkpoint("gpt2")), template="alpaca",
+                 adapter_name_or_path="saves/r/adapter", export_dir="saves/exported")
+    err = refused("export", "export.yaml", cwd=workdir, as_typed=False)
+    assert f"(warmup_ratio: 0, or more steps: max_steps), {again}; nothing was written" in err, err
+    assert not (workdir / "saves/exported").exists()

@@ -260,6 +260,23 @@ def test_resolved_yaml_has_every_value_and_its_provenance(recipe):
     assert lines["total_train_batch_size"] == "total_train_batch_size: 8  # derived"
 
 
+def test_resolved_yaml_records_the_command_that_ran(recipe):
+    """merge's refusal of an untrained adapter from another run folder names that run's training from its
+    resolved.yaml (pipeline.merge.trained_by): the recipe and each override, written back so that they resolve to
+    the same values (a string that reads as another type keeps its quotes)."""
+    from pipeline.recipe.resolve import recorded_command
+
+    typed = ["seed=7", "lora_target=[c_attn,c_fc]", "output_dir=saves/x y", "run_name='true'"]
+    r = resolve(recipe(), typed)
+    path, overrides = recorded_command(resolved_yaml(r))
+    assert path == str(r.recipe_path)
+    assert sorted(overrides) == sorted(['seed=7', 'lora_target=["c_attn", "c_fc"]', "output_dir=saves/x y",
+                                        'run_name="true"'])
+    again = resolve(path, overrides)
+    assert all(again[key.split("=")[0]] == r[key.split("=")[0]] for key in typed)
+    assert recorded_command("seed: 7  # cli\n") is None  # no resolved.yaml
+
+
 def test_resolve_reads_manifests_relative_to_dataset_dir(write, manifest):
     manifest("a", train=16, dataset_dir="data")
     write("r.yaml", "model_name_or_path: tiny\ndataset: a\ndataset_dir: data\nmax_steps: 1\n")
