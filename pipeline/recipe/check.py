@@ -96,6 +96,9 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
         order = (0, origin.file, origin.line, origin.column) if origin.kind == "file" else (1, "", 0, 0)
         problems.append((order, f"{origin.where}: {text}"))
 
+    from pipeline.rerun import run_this
+
+    typed = [e.origin.text for e in entries.values() if e.origin.kind == "cli" and e.origin.text]  # "run this"
     known = {}
     for key, entry in entries.items():
         if key not in props:
@@ -120,12 +123,12 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
             prop = props[missing]
             # LLaMA-Factory's merge recipes (export_dir, no dataset) are run by `export`, which needs none
             merge = (f"; a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, is run by "
-                     f"`python -m pipeline export {recipe_file}` (make export RECIPE={recipe_file})"
-                     if missing == "dataset" and "export_dir" in known else "")
+                     f"{run_this('export', recipe_file, typed)}" if missing == "dataset" and "export_dir" in known
+                     else "")
             if missing == "dataset" and known.get("task"):  # LLaMA-Factory's eval recipe: `eval` needs no dataset
                 add(None, f"dataset: missing, and not needed here: this recipe has task: {known['task']} (LLaMA-"
                           "Factory's eval recipe, a multiple-choice benchmark), which trains nothing; it is run by "
-                          f"`python -m pipeline eval {recipe_file}` (make eval RECIPE={recipe_file})", missing)
+                          f"{run_this('eval', recipe_file, typed)}", missing)
                 continue
             add(None, f"{missing}: missing, expected {spec.describe(prop)} (set it in the recipe, "
                       f"a file it extends, or on the command line as {missing}=...){merge}", missing)
