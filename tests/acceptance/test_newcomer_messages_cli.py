@@ -24,14 +24,18 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-WRITER = "(recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` first)"
+# the upstream's own command, as rerun.run_this says every "run this" (hand-written before: "run `make train
+# RECIPE=recipes/sft.yaml` first"), without this command's overrides (they set next.yaml's values; make runs an
+# upstream with ARGS= too)
+WRITER = ("(recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` (python -m pipeline train "
+          "recipes/sft.yaml) first)")
 
 
 def test_a_missing_local_folder_shaped_like_a_hub_id_is_missing_here_first(workdir: Path):
     """saves/sft is a folder of this machine: the message is that it is missing here and which recipe writes it. It
     was looked up on the hub first (a network call, or a long wait offline) and went on 'only if 'saves/sft' is meant
     as a hub id: ... run `hf download saves/sft ...`'."""
-    err = refused("train", "recipes/next.yaml", cwd=workdir)
+    err = refused("train", "recipes/next.yaml", "output_dir=saves/other", cwd=workdir)
     line = next(x for x in err.splitlines() if "adapter_name_or_path" in x)
     assert line.startswith("error: recipes/next.yaml:"), err
     assert line.endswith(f"adapter_name_or_path: directory 'saves/sft' does not exist here {WRITER}"), line

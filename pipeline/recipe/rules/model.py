@@ -18,16 +18,19 @@ LOADS_MODEL_NOW = ("train", "merge", "eval", "generate", "chat", "export")
 
 
 def written_by(ctx: Context, path: str) -> str:
-    """` (recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` first)` when a recipe in scope
-    (pipeline.recipe.siblings, make's upstream search) writes `path`, else "": what a message about a folder that
-    is not there yet adds (pipeline.model.hub.missing_here)."""
+    """` (recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` (python -m pipeline train
+    recipes/sft.yaml) first)` when a recipe in scope (pipeline.recipe.siblings, make's upstream search) writes `path`,
+    else "": what a message about a folder that is not there yet adds (pipeline.model.hub.missing_here). The
+    upstream's command carries none of this command's overrides: they set this recipe's values (its output_dir ...),
+    and make runs an upstream with ARGS= too."""
     from pipeline.recipe.siblings import producer
+    from pipeline.rerun import run_this
 
     found = producer(Path(ctx.recipe_file), path)
     if found is None:
         return ""
     recipe, goal = found
-    return f" ({recipe} writes it: run `make {goal} RECIPE={recipe}` first)"
+    return f" ({recipe} writes it: run {run_this(goal, str(recipe))} first)"
 
 
 def loads_model_now(ctx: Context) -> bool:
