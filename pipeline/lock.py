@@ -108,10 +108,7 @@ def unwritable(target: str | Path, at: str | None = None) -> UserError | None:
         return _blocked(target, at, blocker)
     try:
         if target.is_dir():
-            if not os.access(target, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
-            if os.statvfs(target).f_flag & os.ST_RDONLY:
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+            _may_write(target)
         else:
             _probe_unseen(next(p for p in target.absolute().parents if p.exists()))
     except OSError as err:
@@ -119,12 +116,21 @@ def unwritable(target: str | Path, at: str | None = None) -> UserError | None:
     return None
 
 
-def _probe(folder: Path) -> None:
-    """OSError unless this user may create files in the existing `folder`: os.access for a folder without write
-    permission, then a real file created and removed at once, since os.access says yes to root on a read-only
-    mount (and to anyone on /proc-like file systems that refuse new files)."""
+def _may_write(folder: Path) -> None:
+    """OSError unless this user may write into the existing `folder` as far as its mode and mount say: EROFS ("Read-only
+    file system") on a read-only mount, EACCES ("Permission denied") for a folder this user lacks write permission
+    on. The mount is asked first: os.access answers a plain no on a read-only mount (access(2) fails with EROFS),
+    which was reported as permission denied, sending the user to chmod a folder no chmod makes writable."""
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
+def _probe(folder: Path) -> None:
+    """OSError unless this user may create files in the existing `folder`: _may_write, then a real file created and
+    removed at once, since os.access says yes to anyone on /proc-like file systems that refuse new files."""
+    _may_write(folder)
     try:
         fd, name = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
     except OSError as err:  # named by the folder, not by the probe's random name
@@ -166,8 +172,7 @@ def _probe_unseen(folder: Path) -> None:
     """_probe that leaves the folder as it was, mtime included: a file without a name (O_TMPFILE, Linux: ext4, xfs,
     btrfs, tmpfs) adds no entry to it. Where the file system (or platform) makes none, _probe, and the folder's
     times put back after it."""
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+    _may_write(folder)
     unnamed = getattr(os, "O_TMPFILE", None)
     if unnamed is not None:
         try:

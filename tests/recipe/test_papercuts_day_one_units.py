@@ -123,3 +123,32 @@ def test_additional_target_all_is_a_name_and_an_adapter_listing_it_loads_as_peft
     model.ln_f = torch.nn.LayerNorm(4)
     assert saved_modules(model, {"modules_to_save": ["all", "ln_f"]}) == ["ln_f"]
     assert saved_modules(model, {"modules_to_save": ["ln_f", "wte"]}) == ["ln_f", "wte"]  # a misspelt one is refused later
+
+
+def test_a_read_only_mount_is_said_as_one_not_as_permission_denied(tmp_path, monkeypatch):
+    """On a read-only mount access(2) fails with EROFS, for root too: os.access said no, and both probes (the dry
+    run's of output_dir's nearest existing parent, and the real run's of an existing output_dir before the lock) said
+    "Permission denied", sending the user to chmod. The mount stands in here (statvfs's ST_RDONLY, os.access no, as
+    the kernel answers there); a folder without write permission keeps "Permission denied". Failed before: EACCES's
+    words for the read-only mount."""
+    ro, out = tmp_path / "ro", tmp_path / "ro" / "out"
+    out.mkdir(parents=True)
+    real_statvfs, real_access = os.statvfs, os.access
+    read_only = {str(ro), str(out)}
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly() if str(path) in read_only else real_statvfs(path))
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) not in read_only and real_access(path, mode))
+    rofs = f"cannot be written: {os.strerror(errno.EROFS)}"
+    for target, verb in ((ro / "new" / "run", "created"), (out, "written")):  # the dry run's probe
+        (message,) = unwritable(target, "r.yaml:3: output_dir").messages
+        assert message.startswith(f"r.yaml:3: output_dir: {target} cannot be {verb}: {os.strerror(errno.EROFS)} ("), \
+            message
+    with pytest.raises(UserError) as refusal, exclusive(out, "train r.yaml", "r.yaml:3: output_dir", writes=True):
+        pass  # the real run's
+    assert refusal.value.messages == [f"r.yaml:3: output_dir: {out} {rofs} ({out}); choose a directory this user may "
+                                      "write, or make that one writable"]
+    read_only.clear()  # a folder this user may not write, on a writable mount
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: str(path) != str(out) and real_access(path, mode))
+    assert f"cannot be written: {os.strerror(errno.EACCES)} ({out})" in unwritable(out).messages[0]
