@@ -255,6 +255,14 @@ def offload_problem(offload_optimizer: str) -> str | None:
             "files, which are not rebuilt for another rank count (offload_optimizer: cpu is)")
 
 
+def offload_device(engine: Any) -> str:
+    """Where the engine's ZeRO config offloads the optimizer state (none, cpu or nvme): its offload_optimizer.device,
+    the DeepSpeed config's value, which recipe.dsconfig adopts as the recipe's offload_optimizer, so that
+    offload_problem is asked the same question by check_compatible (the recipe's) and reshard_problem (this)."""
+    device = getattr(engine.zero_offload_optimizer(), "device", None)  # no offload_optimizer section: None
+    return "none" if device is None else str(getattr(device, "value", device))  # OffloadDeviceEnum
+
+
 def reshard_problem(engine: Any) -> str | None:
     """Why this engine cannot read a checkpoint written by another number of ranks (None: resharded_loads can).
 
@@ -267,7 +275,7 @@ def reshard_problem(engine: Any) -> str | None:
     NVMe offload swaps the optimizer state through files of its own, which is not rebuilt (offload_problem)."""
     stage = engine.zero_optimization_stage()
     kind = type(engine.optimizer).__name__
-    offloaded = offload_problem("nvme" if engine.zero_nvme_offload_optimizer() else "cpu or none")
+    offloaded = offload_problem(offload_device(engine))
     if offloaded:
         return offloaded
     wanted = {1: ("DeepSpeedZeroOptimizer", "BF16_Optimizer"), 2: ("DeepSpeedZeroOptimizer",),

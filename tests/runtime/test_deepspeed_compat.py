@@ -230,14 +230,23 @@ def test_zero12_partition_reads_bf16_optimizers_padded_partitions(saved_world, w
 def test_reshard_problem_refuses_nvme_offload_and_unknown_optimizers_only():
     """offload_optimizer: cpu and BF16_Optimizer are resharded (both refused before); NVMe offload and an optimizer
     class this file does not know are refused, each naming why."""
-    def engine(stage: int, kind: str, nvme: bool = False) -> types.SimpleNamespace:
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    def engine(stage: int, kind: str, nvme: bool = False, offload: bool = True) -> types.SimpleNamespace:
+        device = OffloadDeviceEnum.nvme if nvme else OffloadDeviceEnum.cpu
         return types.SimpleNamespace(zero_optimization_stage=lambda: stage, optimizer=type(kind, (), {})(),
-                                     zero_nvme_offload_optimizer=lambda: nvme)
+                                     zero_offload_optimizer=lambda: types.SimpleNamespace(device=device)
+                                     if offload else None)
 
     assert compat.reshard_problem(engine(1, "BF16_Optimizer")) is None
     assert compat.reshard_problem(engine(2, "DeepSpeedZeroOptimizer")) is None
     assert compat.reshard_problem(engine(3, "DeepSpeedZeroOptimizer_Stage3")) is None
     assert compat.reshard_problem(engine(0, "AdamW")) is None  # ZeRO 0: the whole state in the model-states file
+    assert compat.reshard_problem(engine(2, "DeepSpeedZeroOptimizer", offload=False)) is None
+    # the engine's device as its config names it, no made-up one ("cpu or none" before)
+    assert [compat.offload_device(engine(3, "x", nvme=n, offload=o)) for n, o in ((True, True), (False, True),
+                                                                                  (False, False))] == \
+        ["nvme", "cpu", "none"]
     assert "offload_optimizer: nvme" in compat.reshard_problem(engine(3, "DeepSpeedZeroOptimizer_Stage3", nvme=True))
     assert compat.reshard_problem(engine(3, "SuperOffloadOptimizer_Stage3")) == (
         "zero_stage 3 with DeepSpeed's SuperOffloadOptimizer_Stage3 keeps partitions this trainer does not rebuild")
@@ -246,7 +255,7 @@ def test_reshard_problem_refuses_nvme_offload_and_unknown_optimizers_only():
 def test_bf16_optimizer_and_offload_are_what_reshard_problem_reads():
     """BF16_Optimizer's state_dict keys and attributes flat_groups reads, when DeepSpeed picks it, and that CPU
     offload writes the same state_dict (DeepSpeedZeroOptimizer.state_dict has no offload branch) while NVMe is
-    what zero_nvme_offload_optimizer tells."""
+    what the engine's offload_optimizer.device says (DeepSpeed swaps the state exactly then)."""
     import deepspeed.checkpoint.constants as keys
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.engine import DeepSpeedEngine
@@ -265,8 +274,12 @@ def test_bf16_optimizer_and_offload_are_what_reshard_problem_reads():
     assert "self.nccl_start_alignment_factor = 2" in inspect.getsource(BF16_Optimizer.__init__)
     assert "return BFLOAT16" in inspect.getsource(DeepSpeedEngine._do_optimizer_sanity_check)
     assert "cpu_offload" not in inspect.getsource(DeepSpeedZeroOptimizer.state_dict)
-    assert 'getattr(self.optimizer, "swap_optimizer", False)' in \
-        inspect.getsource(DeepSpeedEngine.zero_nvme_offload_optimizer)
+    assert "return self._config.zero_config.offload_optimizer" in \
+        inspect.getsource(DeepSpeedEngine.zero_offload_optimizer)  # what offload_device reads its device from
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert "self.swap_optimizer = offload_optimizer_config.device == OffloadDeviceEnum.nvme" in \
+        inspect.getsource(DeepSpeedZeroOptimizer_Stage3)
 
 
 def _zero3_layout(world: int) -> types.SimpleNamespace:

@@ -22,7 +22,8 @@ def test_recipe_and_engine_refuse_nvme_offload_in_the_same_words():
     path = Path("saves/x/checkpoint-4")
     from_recipe = world_change.problems(change, path, 0, stage="sft", asft=False, group_by_length=False,
                                         offload_optimizer="nvme")
-    engine = types.SimpleNamespace(zero_optimization_stage=lambda: 3, zero_nvme_offload_optimizer=lambda: True,
+    engine = types.SimpleNamespace(zero_optimization_stage=lambda: 3,
+                                   zero_offload_optimizer=lambda: types.SimpleNamespace(device="nvme"),
                                    optimizer=type("DeepSpeedZeroOptimizer_Stage3", (), {})())
     with pytest.raises(UserError) as raised:  # refused before DeepSpeed reads anything
         checkpoint.load(engine, path, change)
