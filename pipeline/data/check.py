@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
-from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed, split_files
+from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed, split_parts
 from pipeline.data.markup import typed_markup_warnings
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
@@ -214,15 +214,15 @@ def check_built(data: DataArgs) -> Checked:
 
 
 def used_files(data: DataArgs) -> list[tuple[str, str, list[Path]]]:
-    """(split, dataset, its built files) for what each stage reads (load.split_files): "train" the rows training
+    """(split, dataset, its built files) for what each stage reads (load.split_parts): "train" the rows training
     reads, "val" those evaluation reads. A dataset only in eval_dataset is evaluated whole (its train.json and
     val.json), and a training dataset's val.json is trained on when eval_dataset names others: per built file, the
     table showed demo_test as train 135 / val 15 where eval reads all 150 rows."""
     out: list[tuple[str, str, list[Path]]] = []
     for split in SPLITS:
         by_dataset: dict[str, list[Path]] = {}
-        for path in split_files(data, split):
-            by_dataset.setdefault(path.parent.name, []).append(path)
+        for name, path in split_parts(data, split):  # the name the recipe gives, not the build folder's
+            by_dataset.setdefault(name, []).append(path)
         out += [(split, name, paths) for name, paths in by_dataset.items()]
     return out
 

@@ -102,6 +102,13 @@ def sources_changed(data: DataArgs, name: str, manifest: Mapping[str, Any]) -> s
 
 def split_files(data: DataArgs, split: str) -> list[Path]:
     """The built JSON files that make up `split` ("train" or "val"), in recipe order."""
+    return [path for _, path in split_parts(data, split)]
+
+
+def split_parts(data: DataArgs, split: str) -> list[tuple[str, Path]]:
+    """(the dataset's name as the recipe gives it, one of its built JSON files) for each file of `split`, in recipe
+    order: split_files with the name each file is of, for what names a dataset to the user (validate's table)
+    without reading it back off the build folder."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
     train_names = dataset_names(data, "dataset")
@@ -115,7 +122,7 @@ def split_files(data: DataArgs, split: str) -> list[Path]:
     problems = [p for p in dict.fromkeys(build_problem(data, name) for name, _ in parts) if p]
     if problems:
         raise UserError(problems)
-    return [built_dir(data.dataset_dir, name) / f"{s}.json" for name, s in parts]
+    return [(name, built_dir(data.dataset_dir, name) / f"{s}.json") for name, s in parts]
 
 
 def edited(path: Path, digest: str | None = None, data: DataArgs | None = None) -> str | None:

@@ -141,3 +141,24 @@ def test_fast_path_agrees_with_the_schema():
         doc = {"text": rng.choice(values)} if rng.random() < 0.8 else rng.choice(values)
         doc = json.loads(json.dumps(doc))
         assert text_ok(doc) == text_validator.is_valid(doc), doc
+
+
+def test_validate_labels_each_dataset_by_the_name_the_recipe_gives(tmp_path):
+    """validate's table of a two-dataset recipe (dataset: tiny_sft,more_sft; eval_dataset: more_sft): one row per
+    dataset and split, labelled by the name as the recipe gives it (load.split_parts), in recipe order; the rows
+    counted as each stage reads them (tiny_sft, not in eval_dataset, is trained on whole). The label was read back
+    off the build folder (path.parent.name): the same text while a registry name is its folder (names with '/' are
+    refused), so this passed before too; it guards the label's source."""
+    from tests.acceptance.harness import pipeline, write_data, write_recipe
+
+    data = write_data(tmp_path / "data")
+    registry = json.loads((data / "dataset_info.json").read_text())
+    registry["more_sft"] = {"file_name": "raw/sft.jsonl", "formatting": "alpaca"}
+    (data / "dataset_info.json").write_text(json.dumps(registry))
+    write_recipe(tmp_path / "r.yaml", model_name_or_path="tiny", dataset_dir="data", dataset="more_sft,tiny_sft",
+                 output_dir="saves/r")
+    pipeline("build", "r.yaml", cwd=tmp_path, as_typed=False)
+    out = pipeline("validate", "r.yaml", "eval_dataset=more_sft", cwd=tmp_path, as_typed=False).stdout
+    table = out[out.index("\ndataset ") + 1:].splitlines()
+    assert [line.split()[:3] for line in table[1:]] == [["more_sft", "train", "21"], ["tiny_sft", "train", "24"],
+                                                         ["more_sft", "val", "3"]], out
