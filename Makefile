@@ -244,9 +244,12 @@ $(STAMPS)/data: $(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(DATA_FILES) \
 	@touch $@
 
 # A benchmark recipe (task:) has no data to build: validate checks the recipe and its task folder's files.
+# The stamp takes validate's start time (touch -r): what changed while validate ran is newer than it, for make and
+# for train's notices (pipeline.recipe.notices.after_validate: a model an upstream wrote under `make -j` meanwhile).
 $(STAMPS)/validate: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(BENCHMARK_FILES),$(STAMPS)/data)
+	@touch $@.start
 	$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS)
-	@touch $@
+	@touch -r $@.start $@ && rm -f $@.start
 
 # A stale *finished* run (all_results.json) of this recipe (resolved.yaml names it) is retrained from scratch
 # (--retrain-finished: the trainer decides, in Python, not with GNU realpath); an interrupted one, or another

@@ -363,9 +363,12 @@ def after_validate(r: Any) -> bool:
     """Whether this command runs in the Makefile's chain after a validate that read the model `r` names (see
     AFTER_VALIDATE). make runs validate before the upstream recipe that writes the model (model_name_or_path:
     saves/sft/merged) and before a hub model is downloaded: that validate read no config.json nor tokenizer, so it
-    said neither the notices that need them nor the rows the length policy drops. A model whose config.json is newer
-    than validate's stamp is one validate did not read; train says them then. A preset has no files: validate read
-    what train reads."""
+    said neither the notices that need them nor the rows the length policy drops. A model whose config.json is not
+    older than validate's stamp is one validate may not have read; train says them then. A preset has no files:
+    validate read what train reads. The stamp holds validate's start time (the Makefile touches it with -r from a
+    file made before validate ran): under `make -j` an upstream may write the model while validate runs, after it
+    read the folder, and its end time (the stamp as it was) would count that model as read. Equal times count as
+    unread: a notice said twice beats one never said (file systems with coarse timestamps)."""
     from pipeline.recipe.modelinfo import model_folder
 
     stamp = os.environ.get(AFTER_VALIDATE)
@@ -380,7 +383,7 @@ def after_validate(r: Any) -> bool:
         written = os.stat(folder / "config.json").st_mtime_ns if folder is not None else None
     except OSError:
         return False
-    return written is None or written <= validated
+    return written is None or written < validated
 
 
 def says_recipe_notices(r: Any, command: str | None) -> bool:

@@ -69,3 +69,24 @@ def test_an_interrupted_runs_checkpoint_is_merged_by_its_own_recipe(tmp_path, mo
     final.mkdir()
     (final / "adapter_config.json").write_text("{}")
     assert [refused(c) for c in ("merge", "eval", "chat", "train")] == [True, True, True, True]
+
+
+def test_a_model_written_while_validate_ran_is_not_counted_as_read(tmp_path, monkeypatch):
+    """Under `make -j` an upstream may write the model while validate runs, after validate looked: the stamp then
+    holds validate's start (the Makefile's validate rule touches it with -r from a file made before validate), and a
+    config.json of that same time counts as unread (train says the notices). Failed before: the stamp was touched
+    when validate ended, and a config.json written before that end counted as read."""
+    from pathlib import Path
+
+    rule = Path(__file__).resolve().parents[2].joinpath("Makefile").read_text().split("$(STAMPS)/validate:", 1)[1]
+    commands = rule.split("\n\n", 1)[0].splitlines()[1:]
+    assert [c.strip() for c in commands] == ["@touch $@.start", "$(PY) -m pipeline validate $(RECIPE) $(PREP_ARGS)",
+                                             "@touch -r $@.start $@ && rm -f $@.start"]
+    stamp, model = tmp_path / "validate", tmp_path / "merged"
+    stamp.write_text("")
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    monkeypatch.setenv(notices.AFTER_VALIDATE, str(stamp))
+    for path in (stamp, model / "config.json"):
+        os.utime(path, ns=(10**18, 10**18))
+    assert notices.says_recipe_notices(_recipe(str(model)), "train")
