@@ -74,6 +74,24 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+# How long a run retries a lock it finds held before it calls it in use (_lock_within): longer than in_use's probe
+# holds its shared lock (an open, a flock, a close), far shorter than a real holder's whole command.
+PROBE_PATIENCE = 0.2  # seconds
+_RETRY_EVERY = 0.01
+
+
+def _lock_within(fd: int, seconds: float) -> bool:
+    """_try_lock, tried again for up to `seconds`: a dry run's in_use probes a stale lock file with a shared lock for
+    an instant, and a real run starting at that instant took the probe for a live holder and refused to start. A
+    real holder keeps the lock for its command's lifetime: the retry only delays that refusal by `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not _try_lock(fd):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_RETRY_EVERY)
+    return True
+
+
 def _cannot_write(target: Path, at: str | None, err: OSError) -> UserError:
     """The refusal of an output directory this user may not write (no write permission, a read-only or full disk,
     /proc), one message whether it is still to be created (its lock file, beside it, could not be) or already there
@@ -151,7 +169,8 @@ def in_use(target: str | Path, at: str | None = None) -> str | None:
     for `train --dry-run`, which must not block the real run (pipeline.train.dryrun.real_run_problem). No lock file:
     nobody holds it (a holder removes it on release). One there is a live holder's or one a killed run left:
     a shared lock asked for without waiting tells which, and is let go at once; the file is opened read-only, never
-    created. None: free."""
+    created. A real run that tries the lock in that instant tries again (exclusive: _lock_within), so the probe never
+    makes it refuse to start. None: free."""
     path = lock_path(target)
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -226,7 +245,7 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
     said = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
+        if not _lock_within(fd, PROBE_PATIENCE):
             if wait:
                 if not said:
                     print(f"{target}: waiting for {_holder(path)} to finish", file=sys.stderr, flush=True)

@@ -161,3 +161,29 @@ def test_an_up_to_date_build_in_a_read_only_folder_needs_no_lock(project: Path, 
     result = run_main(["build", "r.yaml"], project)
     assert result.code == 0 and "up to date" in result.out, result.err
     figures.record("race")
+
+
+def test_a_dry_runs_probe_does_not_make_a_starting_run_refuse(tmp_path: Path, monkeypatch):
+    """in_use (the dry run's look at the lock) holds a shared lock on a stale lock file for an instant; a real run
+    trying the lock in that instant called it in use by 'another run' and refused to start. It now tries again
+    for PROBE_PATIENCE: here the probe's lock is let go at the run's first retry (no clock involved), and the run
+    takes the lock. A live holder is still refused after the patience (the tests above). Failed before: UserError
+    '... is in use by ...'."""
+    import fcntl
+
+    from pipeline import lock
+
+    target = tmp_path / "out"
+    lock_path(target).write_text("")  # stale: a killed run's
+    probe = os.open(lock_path(target), os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)  # the probe's instant
+    retries = []
+
+    def retry(seconds: float) -> None:  # the probe closes its file: its shared lock goes with it
+        if not retries:
+            os.close(probe)
+        retries.append(seconds)
+    monkeypatch.setattr(lock.time, "sleep", retry)
+    with lock.exclusive(target, "train r.yaml") as held:
+        assert held == lock_path(target) and '"command": "train r.yaml"' in held.read_text()
+    assert len(retries) == 1
