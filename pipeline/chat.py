@@ -50,7 +50,7 @@ def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None,
             raise UserError(f"--model adapter: nothing at {out.trained_dir(ft.finetuning_type)}; produce it with "
                             f"{run_this_for('train', r or {})}, or set adapter_name_or_path")
         return trained
-    return current_weights(out, ft.finetuning_type, ft.adapter_name_or_path)
+    return current_weights(out, ft.finetuning_type, ft.adapter_name_or_path, run_this_for("merge", r or {}))
 
 
 def run(r: Mapping[str, Any], args: argparse.Namespace) -> int:

@@ -141,7 +141,7 @@ def tuned_model(r: Mapping[str, Any]) -> Tuned:
     """The current tuned weights (pipeline.runtime.layout.current_weights: merged/ when up to date, else what
     training produced); a UserError when nothing was trained."""
     out = RunLayout.of(r["output_dir"], r["export_dir"])
-    weights = current_weights(out, r["finetuning_type"], r["adapter_name_or_path"])
+    weights = current_weights(out, r["finetuning_type"], r["adapter_name_or_path"], run_this_for("merge", r))
     if weights is not None and weights.kind == "merged" and r["quantization_bit"] is not None:
         # QLoRA: the adapter on the quantized base, the model that trained and logged eval_loss, beside the base
         # quantized the same way; merged/ is the unquantized export (docs/training.md#qlora)

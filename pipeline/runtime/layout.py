@@ -208,9 +208,13 @@ def merged_weights(out: RunLayout) -> Weights | None:
     return Weights("merged", out.merged) if is_model(out.merged) else None
 
 
-def current_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: str | None) -> Weights | None:
+def current_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: str | None,
+                    merge: str | None = None) -> Weights | None:
     """merged/ when complete and not older than the trained weights, else the trained weights; None when
-    neither exists. Passing over a stale merged/ is said on stderr."""
+    neither exists. Passing over a stale merged/ is said on stderr, with `merge`: the command that refreshes it
+    (rerun.run_this: the recipe's merge and its overrides; None: none at hand)."""
+    from pipeline.rerun import run_this
+
     trained = trained_weights(out, finetuning_type, adapter_name_or_path)
     merged = merged_weights(out)
     if merged is None:
@@ -218,7 +222,7 @@ def current_weights(out: RunLayout, finetuning_type: str, adapter_name_or_path: 
     if not stale(merged, trained):
         return merged
     print(f"note: {merged.path} is older than {trained.path}; using {trained.path} instead "
-          "(`make merge` refreshes it)", file=sys.stderr)
+          f"({merge or run_this('merge', None)} refreshes it)", file=sys.stderr)
     return trained
 
 

@@ -153,6 +153,18 @@ def test_model_choice_follows_the_run_layout(tmp_path, capsys):
     os.utime(out / "merged" / "config.json", (old, old))  # trained again after the merge
     assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, None).kind == "adapter"
     assert "is older than" in capsys.readouterr().err
+    # the merge that refreshes it is the recipe's, with the overrides typed (a bare `make merge` before)
+    from pipeline.recipe import resolve
+
+    from tests.acceptance.harness import write_data
+
+    write_data(tmp_path / "data")
+    (tmp_path / "r.yaml").write_text(f"model_name_or_path: tiny\ndataset: tiny_sft\ndataset_dir: {tmp_path / 'data'}\n"
+                                     "template: alpaca\n")
+    typed = resolve(tmp_path / "r.yaml", [f"output_dir={out}"], command="generate")
+    assert chat.chosen_weights(RunLayout.of(out), recipe_args(typed).finetune, None, typed).kind == "adapter"
+    assert (f"(`make merge RECIPE={tmp_path / 'r.yaml'} ARGS=output_dir={out}` (python -m pipeline merge "
+            f"{tmp_path / 'r.yaml'} output_dir={out}) refreshes it)") in capsys.readouterr().err
     assert chat.chosen_weights(RunLayout.of(r["output_dir"]), recipe_args(r).finetune, "merged").kind == "merged"
     # asked for by name: used, but not silently (it answered with weights older than the training)
     assert "--model merged: " in capsys.readouterr().err
