@@ -336,8 +336,10 @@ def validation_samples(data: DataArgs, cfg: ModelConfig) -> list[list[int]]:
         note("merge: the recipe names no dataset, so the verification runs on fixed pseudo-random tokens (with a "
              "`dataset` line it would use real rows)")
     else:
-        note("merge: no built data found for the verification (`make data` builds it); using fixed pseudo-random "
-             "tokens")
+        from pipeline.rerun import run_this
+
+        note(f"merge: no built data found for the verification ({run_this('data', data.recipe, data.overrides)} "
+             "builds it); using fixed pseudo-random tokens")
     gen = torch.Generator().manual_seed(0)
     vocab = recipe_tokenizer(data).n_vocab
     return [torch.randint(0, vocab, (min(limit, 64),), generator=gen).tolist() for _ in range(NUM_SAMPLES)]

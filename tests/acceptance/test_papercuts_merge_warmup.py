@@ -17,6 +17,8 @@ all zero` line per adapted layer (8 here, 12 on GPT-2 small's c_attn).
 """
 from __future__ import annotations
 
+import shutil
+
 from tests.acceptance.harness import pipeline, refused, write_recipe
 
 LAYERS = 2 * 4  # the checkpoint's 2 blocks x GPT-2's four Conv1D (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj)
@@ -54,7 +56,10 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     # recipe), from merge's own recipe, and for an adapter exported from elsewhere from its resolved.yaml. Failed
     # before: "`make train`" in both
     again = "`make train RECIPE=r.yaml ARGS=logging_steps=2` (python -m pipeline train r.yaml logging_steps=2)"
+    shutil.rmtree(workdir / "data" / "build")  # the verification's rows: their build is named the same way
     err = refused("merge", "r.yaml", "logging_steps=2", cwd=workdir, as_typed=False)
+    assert ("merge: no built data found for the verification (`make data RECIPE=r.yaml ARGS=logging_steps=2` "
+            "(python -m pipeline build r.yaml logging_steps=2) builds it); using fixed pseudo-random tokens") in err, err
     errors = [text for text in err.splitlines() if text.startswith("error:")]
     assert warmup_notices(err) == [], err  # the refusal below says it
     assert errors == [
