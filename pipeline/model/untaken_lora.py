@@ -54,7 +54,7 @@ def untaken_message(family: Family, weights: str, modules: list[str]) -> str:
     patterns = dict.fromkeys(re.sub(r"\.experts\.\d+\.", ".experts.E.", re.sub(r"\.layers\.\d+\.", ".layers.N.",
                                                                                    family.to_hf(m)))
                              for m in modules)
-    shown = f"{', '.join(patterns)} ({len(modules)} modules)"
+    shown = f"{', '.join(patterns)} ({len(modules)} modules"
     if family.moe and family.moe.expert_lora:
         why = ("PEFT 0.21 on transformers 5 moves the names gate_proj / up_proj / down_proj onto the routed experts'"
                " fused tensors (mlp.experts.gate_up_proj / down_proj) and off every other Linear of the MLP (the shared"
@@ -64,8 +64,8 @@ def untaken_message(family: Family, weights: str, modules: list[str]) -> str:
                f" 0.21 converts no {family.model_type} adapter onto them (its transformers 4 -> 5 conversion has no"
                " entry for this model type: a router `gate` in target_modules makes it raise); the shared expert,"
                " shared_expert_gate, a dense block's MLP and the attention take LoRA")
-    return (f"{weights}: LoRA on {shown} (the layout PEFT wrote on transformers 4, where each was an nn.Linear), which"
-            f" takes no LoRA on this {family.architecture}: {why}. PEFT 0.21 loads this file without those tensors"
+    return (f"{weights}: LoRA on {shown}: one pair each, as PEFT wrote it on transformers 4, where each was an"
+            f" nn.Linear), none of which takes LoRA on this {family.architecture}: {why}. PEFT 0.21 loads this file without those tensors"
             " and without a word, so its model is not the one trained, and this pipeline does not compute it either."
             " For the trained model, fold the adapter into its base with PEFT's merge_and_unload() under transformers"
             " 4 and use that checkpoint as model_name_or_path; for PEFT 0.21's model, save the adapter without the"
