@@ -54,7 +54,7 @@ def test_a_pissa_adapter_peft_converted_merges_and_the_unconverted_one_is_refuse
     assert (logits(theirs) - trained).abs().max() <= 1e-4  # PEFT's conversion is the trained model
     assert_merged_is_peft_merge(root, "saves/pissa/pissa_converted", theirs, template="qwen")
 
-    err = refused("export", merge_recipe(root, "saves/pissa", "qwen"), cwd=root, as_typed=False)
+    err = refused("export", merge_recipe(root, "saves/pissa", "qwen"), cwd=root)  # as typed: the silent merge it was
     assert err.count("error:") == 1 and 'init_lora_weights is "pissa"' in err, err
     assert "set adapter_name_or_path: saves/pissa/pissa_converted, which holds it" in err, err
     assert not (root / "saves/pissa-merged").exists()
