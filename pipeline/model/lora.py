@@ -40,11 +40,12 @@ from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family
                                     is_reward_model, linear_names, replace_linears, saved_modules, train_additional,
                                     upcast_adapter)
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, expert_spelling,
-                                   lora_candidates, moe_blocked, router_name)
+                                   lora_candidates, matches, moe_blocked, router_name)
 from pipeline.model.expert_lora import FUSED, PAIR, ROUTER_PARAMETER, concatenated, expert_of, fuse, \
     fused_parts, parts_of_config, peft_fields, peft_module, router_of, split
 from pipeline.model.families import Family
 from pipeline.model.quantize import adapter_dtype, dequantized_weight
+from pipeline.model.untaken_lora import untaken_message, untaken_modules
 from pipeline.model.weights import read_tensors
 from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
 
@@ -769,9 +770,41 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
                  f"{accepted.get(key, 'it absent, null or empty')}; fold the adapter into its base with "
                  "PEFT's merge_and_unload() and use that checkpoint as model_name_or_path)"
                  for key, value in unsupported]
+    if mutated := base_mutating_init(config):
+        problems.append(unconverted_message(path, mutated))
     if problems:
         raise UserError(problems)
     return config
+
+
+# PEFT's init_lora_weights values that change the base weights at injection (PiSSA, CorDA, OLoRA: PEFT warns that such
+# an adapter "changes the base weights of the model", peft_model.py _check_new_adapter_config): the trained pairs
+# apply to that residual base, not to the original checkpoint
+BASE_MUTATING_INITS = ("pissa", "corda", "olora")
+
+
+def base_mutating_init(config: Mapping[str, Any]) -> str | None:
+    """adapter_config.json's init_lora_weights where it is one of BASE_MUTATING_INITS ('pissa', 'pissa_niter_16', ...),
+    else None: True / false / 'gaussian' (a plain LoRA, and what PEFT's conversion writes) leave the base as it is."""
+    init = config.get("init_lora_weights")
+    return init if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS) else None
+
+
+def unconverted_message(path: Path, init: str) -> str:
+    """Why an unconverted PiSSA (CorDA, OLoRA) adapter is refused, and where its conversion is: LLaMA-Factory 0.9.5's
+    PissaConvertCallback leaves the unconverted one in output_dir and writes the converted one to
+    output_dir/pissa_converted (pissa_convert: true), which a merge recipe names instead."""
+    converted = path.parent / "pissa_converted"
+    where = (f"set adapter_name_or_path: {converted}, which holds it" if (converted / ADAPTER_CONFIG).is_file() else
+             "LLaMA-Factory writes it to output_dir/pissa_converted with pissa_convert: true, PEFT with save_pretrained"
+             "(..., path_initial_model_for_weight_conversion=<the adapter saved before training>)")
+    randomized = (" (by a randomized SVD for pissa_niter_<k>: another start than the trained one)"
+                  if init.lower().startswith("pissa_niter") else "")
+    return (f"{path}: init_lora_weights is {json.dumps(init)}: the adapter as trained, whose pairs apply to the residual"
+            " base its start took out of the original weights, not to the checkpoint itself (PEFT recomputes that"
+            f" start when it loads it{randomized}); read as a plain LoRA on model_name_or_path it would compute another"
+            " model without an error. Use its conversion to a plain LoRA on the original base (init_lora_weights true,"
+            f" rank 2r; this pipeline's runs always write adapter/ so): {where}")
 
 
 def differing_settings(recipe_keys: Mapping[str, str], config: Mapping[str, Any],
@@ -830,6 +863,26 @@ def _tied_tensors(model: nn.Module, config: Mapping[str, Any], tensors: dict[str
                     f" {ADAPTER_CONFIG}")
 
 
+def embedding_targets(family: Family, targets: Iterable[str]) -> list[str]:
+    """The target_modules entries that name the token embedding or the output head (PEFT's suffix rule), which take
+    no LoRA here (select_modules refuses the head for lora_target; the embedding is no Linear)."""
+    return [t for t in targets if any(matches(family.to_hf(ours), t) for ours in TIED)]
+
+
+def embedding_target_message(path: Path, targets: list[str], tied: bool) -> str:
+    """Why an adapter with LoRA on the embedding or the head is refused. On a tied model PEFT's own merge is not its
+    adapter model: merge_and_unload folds the head's update into the one matrix the embedding shares (measured on a
+    tied Qwen2 with PEFT 0.21: the merged logits differ from the unmerged ones; PEFT warns, peft issue #2777)."""
+    tied_note = (" This model's head is tied to its token embedding, and PEFT's merge_and_unload folds such an update"
+                 " into that one matrix, so even PEFT's merged model is not its adapter model (PEFT's warning, peft"
+                 " issue #2777): load the base in transformers with tie_word_embeddings=False and lm_head.weight a"
+                 " copy of the embedding before merging.") if tied else ""
+    return (f"{path}: target_modules {targets} puts LoRA on the token embedding or the output head, which this"
+            " pipeline neither trains nor loads (train them in full with additional_target, PEFT's modules_to_save)."
+            f"{tied_note} Fold the adapter into its base with PEFT's merge_and_unload() and use that checkpoint as"
+            " model_name_or_path")
+
+
 def expert_targets(model: nn.Module, config: Mapping[str, Any]) -> list[str]:
     """The lora_target names (the family's: gate_proj / up_proj / down_proj, Mixtral's w1 / w3 / w2) of the fused
     expert parameters an adapter_config.json targets (read_adapter_config checked them)."""
@@ -858,6 +911,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         raise UserError(f"{directory / ADAPTER_CONFIG}: a reward-model adapter (task_type SEQ_CLS: a score head, "
                         "no LM head) on a language model; load it with stage: rm (docs/reward-models.md)")
     tensors = {key: tensor for _, key, tensor in read_tensors([weights])}
+    if untaken := untaken_modules(family_of_model(model), linear_names(model), tensors):  # before apply_lora's refusal
+        raise UserError(untaken_message(family_of_model(model), str(weights), untaken))
     if overlap := adapted_and_saved(tensors, saved_modules(model, config)):  # before its targets are read
         raise UserError(adapted_and_saved_message(str(weights), overlap, family_of_model(model)))
     existing = lora_modules(model)
@@ -865,7 +920,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         _check_settings(existing, config, directory / ADAPTER_CONFIG, family_of_model(model))
     else:
         targets = config["target_modules"]
-        targets = ([targets] if isinstance(targets, str) else targets) + expert_targets(model, config)
+        targets = [targets] if isinstance(targets, str) else targets
+        if embedding := embedding_targets(family_of_model(model), targets):
+            raise UserError(embedding_target_message(directory / ADAPTER_CONFIG, embedding, head_is_tied(model)))
+        targets = targets + expert_targets(model, config)
         if config.get("peft_type", "LORA") == "OFT":
             from pipeline.model.oft import apply_oft_config
 

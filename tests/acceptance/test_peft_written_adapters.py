@@ -24,6 +24,7 @@ alpha_pattern (tests/model/test_moe_expert_lora.py)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ transformers = pytest.importorskip("transformers")
 MERGE = """### model
 model_name_or_path: base
 adapter_name_or_path: {adapter}
-template: qwen3
+template: {template}
 trust_remote_code: true
 
 ### export
@@ -76,16 +77,23 @@ def logits(model) -> torch.Tensor:
         return model(x).logits
 
 
-def export(root: Path, adapter: str, as_typed: bool = False) -> Path:
+def merge_recipe(root: Path, adapter: str, template: str = "qwen3") -> str:
+    """LLaMA-Factory's merge recipe naming `adapter`, written to root/<adapter>.yaml; returns its name."""
+    (root / f"{adapter}.yaml").write_text(MERGE.format(adapter=adapter, template=template))
+    return f"{adapter}.yaml"
+
+
+def export(root: Path, adapter: str, as_typed: bool = False, template: str = "qwen3") -> Path:
     """`python -m pipeline export` of LLaMA-Factory's merge recipe naming `adapter`; returns the export_dir."""
-    (root / f"{adapter}.yaml").write_text(MERGE.format(adapter=adapter))
+    merge_recipe(root, adapter, template)
     pipeline("export", f"{adapter}.yaml", cwd=root, as_typed=as_typed)
     return root / f"{adapter}-merged"
 
 
-def assert_merged_is_peft_merge(root: Path, adapter: str, theirs, as_typed: bool = False) -> None:
+def assert_merged_is_peft_merge(root: Path, adapter: str, theirs, as_typed: bool = False,
+                                template: str = "qwen3") -> None:
     """export's merged/ in transformers computes PEFT's merge_and_unload() of the same adapter, and not the base."""
-    merged = transformers.AutoModelForCausalLM.from_pretrained(export(root, adapter, as_typed)).eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export(root, adapter, as_typed, template)).eval()
     want = logits(theirs.merge_and_unload().eval())
     assert (logits(merged) - want).abs().max() <= 1e-5
     assert (logits(transformers.AutoModelForCausalLM.from_pretrained(root / "base")) - want).abs().max() > 0.1
@@ -136,24 +144,40 @@ def test_dense_kinds_written_by_peft_merge_as_peft_merges_them(root, config):
     assert_merged_is_peft_merge(root, name, theirs)
 
 
-def transformers4_adapter(root: Path, name: str, rslora: bool = False) -> Path:
-    """The adapter PEFT wrote for lora_target q_proj,gate_proj,up_proj,down_proj,gate on this model under transformers
-    4, whose Qwen3MoeSparseMoeBlock held each expert as three nn.Linear and the router as an nn.Linear (PEFT's
-    LoraLayer keys: base_model.model.model.layers.N.mlp.experts.E.gate_proj.lora_A.weight (r x in), lora_B (out x r)),
-    written by hand in that layout with random tensors."""
-    cfg = transformers.AutoConfig.from_pretrained(root / "base")
-    hidden, inner, heads = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_attention_heads * cfg.head_dim
-    shapes = {"self_attn.q_proj": (hidden, heads), "mlp.gate": (hidden, cfg.num_experts)}
-    for e in range(cfg.num_experts):
-        shapes |= {f"mlp.experts.{e}.gate_proj": (hidden, inner), f"mlp.experts.{e}.up_proj": (hidden, inner),
-                   f"mlp.experts.{e}.down_proj": (inner, hidden)}
+TARGETS = ("q_proj", "gate_proj", "up_proj", "down_proj", "gate")  # LLaMA-Factory's lora_target on transformers 4
+
+
+def transformers4_adapter(root: Path, name: str, rslora: bool = False, base: str = "base",
+                          targets: tuple[str, ...] = TARGETS, leave_out: str | None = None) -> Path:
+    """The adapter PEFT wrote for `targets` on root/base's model under transformers 4, written by hand in that layout
+    with random tensors. There each sparse block's expert was three nn.Linear (mlp.experts.E.gate_proj / up_proj /
+    down_proj: transformers 5 fuses them into mlp.experts.gate_up_proj (E, 2I, H) and down_proj (E, H, I)) and a
+    Qwen-MoE router an nn.Linear (transformers 5's mlp.gate.weight (E, H) in a TopKRouter; GLM-4.5's and
+    DeepSeek-V3's routers were no Linear there, so those targets leave `gate` out); every other Linear of a target's
+    name (attention, shared experts, a dense block's MLP) took LoRA too. PEFT's LoraLayer keys:
+    base_model.model.<module>.lora_A.weight (r x in), lora_B.weight (out x r). leave_out: a regular expression; the
+    modules whose path it finds are left out of the file."""
+    cfg = transformers.AutoConfig.from_pretrained(root / base)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets and n != "lm_head"}
+    for param, value in model.named_parameters():
+        module, leaf = param.rsplit(".", 1)[0], param.rsplit(".", 2)[-2:]
+        if leaf == ["experts", "gate_up_proj"] or leaf == ["experts", "down_proj"]:
+            experts, out, fan_in = value.shape
+            linears = {"gate_proj": (fan_in, out // 2), "up_proj": (fan_in, out // 2)} \
+                if leaf[1] == "gate_up_proj" else {"down_proj": (fan_in, out)}
+            shapes |= {f"{module}.{e}.{linear}": shape for e in range(experts) for linear, shape in linears.items()
+                       if linear in targets}
+        elif leaf == ["gate", "weight"] and "gate" in targets:
+            shapes[module] = (value.shape[1], value.shape[0])
     g = torch.Generator().manual_seed(2)
     tensors = {}
-    for layer in range(cfg.num_hidden_layers):
-        for module, (fan_in, fan_out) in shapes.items():
-            key = f"base_model.model.model.layers.{layer}.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, fan_in, generator=g) * 0.2
-            tensors[f"{key}.lora_B.weight"] = torch.randn(fan_out, RANK, generator=g) * 0.2
+    for module, (fan_in, fan_out) in sorted(shapes.items()):  # drawn for every module: the same values either way
+        pair = torch.randn(RANK, fan_in, generator=g) * 0.2, torch.randn(fan_out, RANK, generator=g) * 0.2
+        if not (leave_out and re.search(leave_out, module)):
+            tensors[f"base_model.model.{module}.lora_A.weight"], tensors[f"base_model.model.{module}.lora_B.weight"] = pair
     directory = root / name
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir()
@@ -161,10 +185,10 @@ def transformers4_adapter(root: Path, name: str, rslora: bool = False) -> Path:
 
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     (directory / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "Qwen/Qwen3-30B-A3B", "r": RANK,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.architectures[0], "r": RANK,
         "lora_alpha": ALPHA, "lora_dropout": 0.0, "use_rslora": rslora, "use_dora": False, "bias": "none",
-        "target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj", "gate"], "modules_to_save": None,
-        "fan_in_fan_out": False, "init_lora_weights": True, "peft_version": "0.17.1"}))
+        "target_modules": list(targets), "modules_to_save": None, "fan_in_fan_out": False,
+        "init_lora_weights": True, "peft_version": "0.17.1"}))
     return directory
 
 
@@ -178,7 +202,6 @@ def test_a_transformers_4_adapter_on_the_experts_merges_as_peft_0_21_loads_it(ro
     assert_merged_is_peft_merge(root, "v4", theirs)
 
     transformers4_adapter(root, "v4-rslora", rslora=True)
-    (root / "v4-rslora.yaml").write_text(MERGE.format(adapter="v4-rslora"))
-    err = refused("export", "v4-rslora.yaml", cwd=root, as_typed=False)
+    err = refused("export", merge_recipe(root, "v4-rslora"), cwd=root, as_typed=False)
     assert err.count("error:") == 1 and "v4-rslora/adapter_model.safetensors: one LoRA per expert" in err, err
     assert "use_rslora: true" in err and not (root / "v4-rslora-merged").exists(), err

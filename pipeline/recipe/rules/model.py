@@ -128,11 +128,23 @@ def adapter_folder_problems(ctx: Context, key: str, path: str) -> list[tuple[str
         return [(key, m.removeprefix(f"{key}: ")) for m in err.messages]
     if not os.path.exists(path):
         return [(key, f"{missing_here(path, writer)}; expected an adapter directory (LoRA or OFT: "
-                      "e.g. saves/<recipe>/adapter)")]
+                      f"e.g. saves/<recipe>/adapter){pissa_converted_hint(path)}")]
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         return [(key, f"{path!r} holds no adapter_config.json; expected an adapter directory (LoRA or OFT: e.g. "
                       "saves/<recipe>/adapter)")]
     return []
+
+
+def pissa_converted_hint(path: str) -> str:
+    """Where a run of this pipeline keeps what LLaMA-Factory 0.9.5 writes to output_dir/pissa_converted (pissa_convert:
+    true): its adapter/ always holds the converted PiSSA adapter (the x-no-effect of pissa_convert), so a merge recipe
+    copied from LLaMA-Factory names a folder that is not there."""
+    run = os.path.dirname(os.path.normpath(path))
+    if os.path.basename(os.path.normpath(path)) != "pissa_converted" or \
+            not os.path.isfile(os.path.join(run, "adapter", "adapter_config.json")):
+        return ""
+    return (f". This pipeline writes the converted PiSSA adapter (LLaMA-Factory's output_dir/pissa_converted) to"
+            f" output_dir/adapter: set adapter_name_or_path: {run}")
 
 
 @rule("adapter_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "use_rslora", "use_dora", "oft_rank",
