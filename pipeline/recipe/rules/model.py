@@ -21,12 +21,17 @@ def written_by(ctx: Context, path: str) -> str:
     """` (recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` first)` when a recipe in scope
     (pipeline.recipe.siblings, make's upstream search) writes `path`, else "": what a message about a folder that
     is not there yet adds (pipeline.model.hub.missing_here)."""
-    from pipeline.recipe.siblings import producer
+    from pipeline.recipe.siblings import producer, run_checkpoint, unsaved_step
 
     found = producer(Path(ctx.recipe_file), path)
     if found is None:
         return ""
     recipe, goal = found
+    step = run_checkpoint(path, recipe) if goal == "train" else None
+    why = unsaved_step(recipe, step) if step is not None else None
+    if why:  # make does not train it for this (pipeline.recipe.deps._upstream)
+        return (f" (a checkpoint of {recipe}'s run, which saves no step {step}: {why}; name a checkpoint-<step> "
+                "that is there, or its final adapter/)")
     return f" ({recipe} writes it: run `make {goal} RECIPE={recipe}` first)"
 
 
