@@ -9,6 +9,7 @@
     EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
     BENCHMARK=<task (LLaMA-Factory's eval recipe: `make eval` runs the benchmark, no data / train / merge), or empty>
     BENCHMARK_FILES=<the files of the task's folder, task_dir/<name>/ (editing them makes `make eval` stale)>
+    NO_TRAIN=<y for do_train: false (an eval recipe: `make eval` runs data, validate, eval; no train, no merge), or empty>
     UPSTREAMS=<recipe:goal ...: every recipe in scope that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
@@ -192,6 +193,7 @@ def lines(r: Resolved) -> list[str]:
         f"EXPORT_DIR={r['export_dir'] or ''}",
         f"BENCHMARK={r['task'] or ''}",
         f"BENCHMARK_FILES={' '.join(benchmark_files(r))}",
+        f"NO_TRAIN={'' if r['do_train'] else 'y'}",
         f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
         f"UPSTREAM={found[0][0] if found else ''}",
         f"UPSTREAM_GOAL={found[0][1] if found else ''}",

@@ -145,8 +145,21 @@ def _loss(model, recipe: Path, cwd: Path) -> float:
 
 def test_an_eval_recipe_of_checkpoint_n_evaluates_that_step(run):
     """`python -m pipeline eval` of an eval recipe naming saves/r/checkpoint-1 scores step 1's adapter: its tuned loss
-    is PEFT's on checkpoint-1/adapter, not the final adapter's; the run's folder gets no eval/."""
+    is PEFT's on checkpoint-1/adapter, not the final adapter's; the run's folder gets no eval/. `make eval` of it
+    runs build, validate and eval: before, it ran train, which refused the recipe (lora_rank 8, the default, against
+    the adapter's r 4: a rule for continuing an adapter, applied where do_train: false only evaluates; this test
+    failed there) and would then have evaluated, and merge, which wrote a merged copy, before eval."""
+    from pipeline.recipe import resolve
+
     repo, base = run
+    assert make_stages(make("-n", "eval", "RECIPE=recipes/eval_step1.yaml", f"VENV={repo / 'venv'}", cwd=repo)) == \
+        [("build", "recipes/eval_step1.yaml"), ("validate", "recipes/eval_step1.yaml"), ("eval", "recipes/eval_step1.yaml")]
+    here = os.getcwd()
+    os.chdir(repo)
+    try:  # train (llamafactory-cli train's verb for this recipe) evaluates it: its rules pass
+        assert resolve("recipes/eval_step1.yaml", [], command="train")["do_train"] is False
+    finally:
+        os.chdir(here)
     recipe = repo / "recipes/eval_step1.yaml"
     pipeline("build", recipe, cwd=repo, as_typed=False)
     # in this process (main(argv)): what is asked is which weights eval takes, which an interpreter's start does not

@@ -147,12 +147,14 @@ def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     recipe's key (an sft run at lora_rank 16 continued by a dpo recipe left at the default 8 did). full / freeze
     fold either into the base; merge / eval / generate load the adapter as its own config says (LLaMA-Factory's
     merge and inference recipes leave finetuning_type at lora for an OFT adapter too). validate says it too when the
-    recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. A missing
-    or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
+    recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. Neither
+    says it when do_train is false: train then only evaluates, loading the adapter as its config says (LLaMA-Factory's
+    extras/nlg_eval predict recipe of an adapter, lora_rank left out: `make eval` of it stopped at the train stage).
+    A missing or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
     from pipeline.names import trains_adapter
 
     path, kind = ctx.values["adapter_name_or_path"], ctx.values["finetuning_type"]
-    if path is None or not trains_adapter(kind) or (ctx.command == "validate" and not ctx.values["do_train"]):
+    if path is None or not trains_adapter(kind) or not ctx.values["do_train"]:
         return []
     try:
         from pipeline.model.hub import resolve_model_path
