@@ -174,6 +174,30 @@ def test_an_eval_recipe_of_checkpoint_n_evaluates_that_step(run):
     assert not (repo / "saves/r/eval").exists()
 
 
+def test_a_benchmark_recipe_of_checkpoint_n_loads_that_step(run):
+    """A benchmark recipe (LLaMA-Factory's eval recipe: task, adapter_name_or_path saves/r/checkpoint-1) loads step
+    1's adapter for its questions: the model eval's benchmark takes (pipeline.evaluate.choice._model, in this
+    process: the benchmark's run is tests/evaluate's) computes PEFT's logits of checkpoint-1/adapter."""
+    from pipeline.evaluate.choice import _model
+    from pipeline.recipe import resolve
+
+    repo, base = run
+    (repo / "recipes/mmlu_step1.yaml").write_text(
+        f"model_name_or_path: {base}\nadapter_name_or_path: {STEP1}\ntemplate: fewshot\ntask: mmlu_test\n"
+        "task_dir: evaluation\nn_shot: 0\n", encoding="utf-8")
+    here = os.getcwd()
+    os.chdir(repo)
+    try:
+        model, described = _model(resolve("recipes/mmlu_step1.yaml", [], command="eval"))
+    finally:
+        os.chdir(here)
+        (repo / "recipes/mmlu_step1.yaml").unlink()
+    assert described == f"{base} + LoRA adapter {STEP1}/adapter"
+    x = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(x).float(), _peft(base, repo / STEP1 / "adapter")(x).logits, atol=1e-4, rtol=0)
+
+
 def test_chat_with_checkpoint_n_answers_as_that_step(run):
     """`python -m pipeline chat R --model adapter --prompt ...` (main(argv) in this process) of the eval recipe,
     checkpoint-1 from another output_dir, prints transformers + PEFT's greedy answer of step 1's adapter."""
