@@ -225,6 +225,9 @@ def test_make_export_of_checkpoint_n_uses_it_as_it_is(run):
     edited since) retrained the run from scratch with --retrain-finished, replacing the step chosen (this test failed
     there: build, validate and train of recipes/train.yaml came first). A missing checkpoint is trained first where
     the recipe saves that step; one it never saves is not, and export names the folder and why."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.deps import lines
+
     repo, base = run
     venv = f"VENV={repo / 'venv'}"
     merge = repo / "recipes/merge.yaml"
@@ -232,18 +235,22 @@ def test_make_export_of_checkpoint_n_uses_it_as_it_is(run):
         merge.write_text(MERGE_RECIPE.format(base=base), encoding="utf-8")
     assert make_stages(make("-n", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)) == \
         [("export", "recipes/merge.yaml")]
-    # a second training recipe, not trained yet: its step 1 is made first; its step 3 (max_steps 2) never is
+    # a second training recipe, not trained yet: its step 1 is made first; its step 3 (max_steps 2) never is. What
+    # make chains is deps' UPSTREAMS (in this process: make's use of it is test_make_upstreams')
     write_recipe(repo / "recipes/later.yaml", model_name_or_path=str(base), output_dir="saves/later", max_steps=2,
                  save_steps=1)
+    here = os.getcwd()
+    os.chdir(repo)
     try:
-        later = make("-n", "export", "RECIPE=recipes/merge.yaml", venv,
-                     "ARGS=adapter_name_or_path=saves/later/checkpoint-1", cwd=repo)
-        assert make_stages(later) == [("build", "recipes/later.yaml"), ("validate", "recipes/later.yaml"),
-                                      ("train", "recipes/later.yaml"), ("export", "recipes/merge.yaml")]
+        for step, chained in ((1, "recipes/later.yaml:train"), (2, "recipes/later.yaml:train"), (3, "")):
+            r = resolve("recipes/merge.yaml", [f"adapter_name_or_path=saves/later/checkpoint-{step}"], command="deps")
+            assert f"UPSTREAMS={chained}" in lines(r)
+        os.chdir(here)
         never = refused("export", "recipes/merge.yaml", "adapter_name_or_path=saves/later/checkpoint-3", cwd=repo,
                         as_typed=False)
         assert ("directory 'saves/later/checkpoint-3' does not exist here (a checkpoint of recipes/later.yaml's run, "
                 "which saves no step 3: save_strategy steps, save_steps 1, max_steps 2; name a checkpoint-<step> that "
                 "is there, or its final adapter/)") in never, never
     finally:
+        os.chdir(here)
         (repo / "recipes/later.yaml").unlink()
