@@ -271,8 +271,11 @@ $(STAMPS)/merge: $(STAMPS)/train
 # A benchmark recipe (task: mmlu_test, LLaMA-Factory's eval recipe) trains nothing: eval runs the benchmark on its
 # model and adapter, made first where an upstream recipe writes them; the task folder's files are inputs.
 # (A deps.mk older than BENCHMARK leaves it undefined: the held-out evaluation's chain, as before.)
+# A recipe with do_train: false (LLaMA-Factory's extras/nlg_eval predict recipe: a model and an adapter, such as a
+# run's checkpoint-N, on held-out rows) trains nothing either: eval follows validate (and the upstreams), without the
+# train stage, which would only evaluate too, and merge, which would write a merged copy of the model nobody asked for.
 $(STAMPS)/eval: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) $(BENCHMARK_FILES) $(UPSTREAM_STAMPS),\
-		$(STAMPS)/merge)
+		$(if $(NO_TRAIN),$(STAMPS)/validate $(UPSTREAM_STAMPS),$(STAMPS)/merge))
 	$(LAUNCH) eval $(RECIPE) $(ARGS)
 	@touch $@
 

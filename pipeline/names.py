@@ -6,6 +6,7 @@ lists once; library functions called with plain values (unit tests, other caller
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 
 
@@ -104,6 +105,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME: a reward model's value head beside its causal LM (pipeline.model.reward_folder)
 V_HEAD_WEIGHTS = "value_head.safetensors"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a run's checkpoint-<step>/ (pipeline.train.checkpoint writes it)
 PEFT_PREFIX = "base_model.model."
 VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")  # one row per token id (PEFT's names)
 

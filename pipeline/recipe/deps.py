@@ -9,6 +9,7 @@
     EXPORT_DIR=<export_dir, or empty: `make export` then refuses the recipe before making its upstreams>
     BENCHMARK=<task (LLaMA-Factory's eval recipe: `make eval` runs the benchmark, no data / train / merge), or empty>
     BENCHMARK_FILES=<the files of the task's folder, task_dir/<name>/ (editing them makes `make eval` stale)>
+    NO_TRAIN=<y for do_train: false (an eval recipe: `make eval` runs data, validate, eval; no train, no merge), or empty>
     UPSTREAMS=<recipe:goal ...: every recipe in scope that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
@@ -29,13 +30,15 @@ The same chain gives a chained recipe its tokenizer before the upstream has run 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.data.choice_tasks import parse_task  # the rule eval reads the folder by (rules refuse another name)
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved
-from pipeline.recipe.siblings import UPSTREAM_KEYS, producer, producers, recipe_value, scanned, upstream_paths
+from pipeline.recipe.siblings import (UPSTREAM_KEYS, producer, producers, recipe_value, run_checkpoint, scanned,
+                                      unsaved_step, upstream_paths)
 
 _GOAL_ORDER = ("train", "merge", "export")  # merge runs train first: of two goals of one recipe, the later one
 
@@ -48,12 +51,29 @@ def upstreams(r: Resolved) -> list[tuple[str, str]]:
     as it is."""
     goals: dict[str, str] = {}
     for path in upstream_paths(r):
-        found = producers(r.recipe_path, path)
-        if len(found) == 1:
-            recipe, goal = str(found[0][0]), found[0][1]
+        found = _upstream(r.recipe_path, path)
+        if found is not None:
+            recipe, goal = str(found[0]), found[1]
             goals[recipe] = max(goals.get(recipe, goal), goal, key=_GOAL_ORDER.index)
     _refuse_cycle(r.recipe_path, [Path(recipe) for recipe in goals])
     return list(goals.items())
+
+
+def _upstream(recipe_path: Path, path: str) -> tuple[Path, str] | None:
+    """The one recipe in scope that writes `path`, with its goal, for make to build first; None when none does, when
+    several do (upstream_has_one_producer), or when `path` is one of its run's checkpoint-<step> folders (or inside
+    one) and is there. Such a checkpoint is a step the user chose from a run that went on past it (LLaMA-Factory's
+    examples/merge_lora name saves/x/checkpoint-500): it is used as it is. Chained to the training recipe, an edit
+    of that recipe (max_steps raised, a learning rate tried) made `make export` retrain the run from scratch, which
+    removes the step chosen and writes another model under its name. A missing one is chained where the recipe's
+    keys save that step (siblings.unsaved_step): train writes it; else the command names the missing folder and why
+    (pipeline.recipe.rules.model.written_by) rather than make training a run that cannot give it."""
+    found = producers(recipe_path, path)
+    if len(found) != 1:
+        return None
+    recipe, goal = found[0]
+    step = run_checkpoint(path, recipe) if goal == "train" else None
+    return None if step is not None and (os.path.exists(path) or unsaved_step(recipe, step)) else found[0]
 
 
 def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
@@ -72,9 +92,9 @@ def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
         seen.add(recipe.resolve())
         values = {key: recipe_value(recipe, key) for key in (*UPSTREAM_KEYS, "stage", "reward_model_type")}
         for path in upstream_paths(values):
-            found = producers(recipe, path)
-            if len(found) == 1:  # as upstreams() follows them
-                visit(found[0][0], [*trail, found[0][0]])
+            found = _upstream(recipe, path)
+            if found is not None:  # as upstreams() follows them
+                visit(found[0], [*trail, found[0]])
 
     for recipe in first:
         visit(recipe, [recipe_path, recipe])
@@ -173,6 +193,7 @@ def lines(r: Resolved) -> list[str]:
         f"EXPORT_DIR={r['export_dir'] or ''}",
         f"BENCHMARK={r['task'] or ''}",
         f"BENCHMARK_FILES={' '.join(benchmark_files(r))}",
+        f"NO_TRAIN={'' if r['do_train'] else 'y'}",
         f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
         f"UPSTREAM={found[0][0] if found else ''}",
         f"UPSTREAM_GOAL={found[0][1] if found else ''}",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import UserError
-from pipeline.names import PREFERENCE_STAGES, split_names
+from pipeline.names import CHECKPOINT_NAME, PREFERENCE_STAGES, split_names
 from pipeline.recipe.load import load_chain
 
 MAX_FILES = 2000  # YAML files read per search; a working tree of recipes holds far fewer (LLaMA-Factory's: ~150)
@@ -130,6 +130,35 @@ def _writes(recipe: Path) -> list[tuple[str, str]]:
     elif out:
         found.append((os.path.join(out, "merged"), "merge"))
     return found
+
+
+def run_checkpoint(path: str, recipe: Path) -> int | None:
+    """The step of the checkpoint-<step> folder of the run `recipe` trains (its output_dir's) that `path` is or lies
+    in (checkpoint-<step>/adapter); None for another path."""
+    out = _output_dir(recipe)
+    if out is None or not _inside(path, out) or os.path.abspath(path) == os.path.abspath(out):
+        return None
+    step = CHECKPOINT_NAME.fullmatch(Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).parts[0])
+    return int(step[1]) if step else None
+
+
+def unsaved_step(recipe: Path, step: int) -> str | None:
+    """Why the run `recipe` trains writes no checkpoint-<step>, by its keys as written (save_strategy, save_steps,
+    max_steps; the schema's defaults where unset), or None when it does or may (a run of num_train_epochs ends at a
+    step counted from the data: any step may be its last, which always saves). train saves every save_steps steps
+    under save_strategy steps, and at the end."""
+    from pipeline.recipe.spec import defaults
+
+    given = {k: recipe_value(recipe, k) for k in ("save_strategy", "save_steps", "max_steps")}
+    values = {k: defaults()[k] if v is None else v for k, v in given.items()}
+    strategy, every, last = values["save_strategy"], values["save_steps"], values["max_steps"]
+    if not isinstance(last, int) or last < 1 or step == last:
+        return None
+    if step < last and strategy == "steps" and isinstance(every, int) and every > 0 and step % every == 0:
+        return None
+    if step < last and strategy == "epoch":
+        return None  # an epoch's end: counted from the data
+    return f"save_strategy {strategy}, save_steps {every}, max_steps {last}"
 
 
 def _shown(path: Path) -> Path:

@@ -185,3 +185,70 @@ def test_phi4_mini_takes_the_tools_as_its_own_template_does(vocab):
         render(directory, template, [{**listed[0], "tools": TOOLS}, listed[1]], tokenize=False)
     with pytest.raises(Exception, match="takes the tools once"):
         render(directory, template, [{**listed[0], "tools": TOOLS}, listed[1]], tools=json.loads(TOOLS))
+
+
+def test_phi4_mini_empty_or_no_tools_as_the_hub_template(vocab):
+    """The system message's "tools" empty (""), None or absent renders as Phi-4-mini's own template does: "" still
+    writes the tool block, <|tool|><|/tool|> (its test is `'tools' in message and message['tools'] is not none`),
+    None and absent write none. Training writes no block for an empty tools column (LLaMA-Factory's `if tools`,
+    template.py:151-152), so a conversation with tools "" prompts the export's users as Microsoft's template does,
+    not as training did: leave "tools" out where the data had none. tools= (a list, which the hub's template ignores)
+    is the tools column's text, "[]" for an empty list (test_phi4_mini_takes_the_tools_as_its_own_template_does)."""
+    from tests.vocab.chat_render import hf_tokenizer, render
+
+    template, directory = TEMPLATES["phi4_mini"], vocab["phi4_mini"]
+    question = MESSAGES[0]["content"]
+    for system, tools, block in (("Be brief.", "", "<|tool|><|/tool|>"), ("", "", "<|tool|><|/tool|>"),
+                                 ("Be brief.", None, ""), ("Be brief.", ..., "")):
+        first = {"role": "system", "content": system} | ({} if tools is ... else {"tools": tools})
+        msgs = [first, {"role": "user", "content": question}, {"role": "assistant", "content": "Sunny."},
+                {"role": "user", "content": "And tomorrow?"}]
+        hub = hf_tokenizer(directory).apply_chat_template(msgs, chat_template=PHI4_MINI_HUB, add_generation_prompt=True,
+                                                          tokenize=False)
+        assert render(directory, template, msgs, tokenize=False) == hub == \
+            (f"<|system|>{system}{block}<|end|><|user|>{question}<|end|><|assistant|>Sunny.<|end|>"
+             "<|user|>And tomorrow?<|end|><|assistant|>")
+
+
+# zai-org/GLM-4.5's chat_template.jinja (GLM-4.5-Air's is the same), the lines that write an assistant message's
+# tool_calls, re-typed: each argument by its name, from `arguments.items()`
+GLM45_HUB_CALLS = (
+    "{% for m in messages %}{% if m.tool_calls %}{% for tc in m.tool_calls %}"
+    "{%- if tc.function %}{%- set tc = tc.function %}{%- endif %}"
+    "{{ '\\n<tool_call>' + tc.name }}\n{% set _args = tc.arguments %}\n{% for k, v in _args.items() %}\n"
+    "<arg_key>{{ k }}</arg_key>\n<arg_value>{{ v | tojson(ensure_ascii=False) if v is not string else v }}"
+    "</arg_value>\n{% endfor %}\n</tool_call>{% endfor %}{% endif %}{% endfor %}")
+
+
+def test_glm4_moe_takes_call_arguments_as_glm45s_own_template_does(vocab):
+    """GLM-4.5's own chat template needs a call's arguments as a dict, as the exported glm4_moe template does: given
+    one, both write the same name and argument pairs (a string value as it is, any other as JSON, non-ASCII kept); a
+    JSON string (OpenAI's wire form) fails in both, the export's with one message naming the fix (vLLM decodes the
+    arguments into a dict before it renders a template; with transformers, pass the dict). The layout around the
+    pairs is training's (LLaMA-Factory's GLM4MOEToolUtils: no closing </tool_call>), not the hub's."""
+    import re
+
+    from tests.vocab.chat_render import hf_tokenizer, render
+
+    def pairs(text: str) -> list[tuple[str, str]]:  # the call's (the tool prompt shows the format with placeholders)
+        call = text.split("\n<tool_call>get_weather")[-1]
+        return re.findall(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", call, flags=re.S)
+
+    directory, tools = vocab["glm4"], json.loads(TOOLS)
+    arguments = {"city": "Zürich", "days": 3, "units": ["°C"], "exact": True, "where": {"lat": 47.4}}
+    for wrapped in (True, False):  # OpenAI's {"type": "function", "function": {...}}, or the function itself
+        call = {"name": "get_weather", "arguments": arguments}
+        chat = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": [{"type": "function", "function": call} if wrapped else call]}]
+        hub = hf_tokenizer(directory).apply_chat_template(chat, chat_template=GLM45_HUB_CALLS, tokenize=False)
+        ours = render(directory, TEMPLATES["glm4_moe"], chat, tools=tools, add_generation_prompt=False,
+                      tokenize=False)
+        assert "\n<tool_call>get_weather" in ours and "\n<tool_call>get_weather" in hub
+        assert pairs(ours) == pairs(hub) == [("city", "Zürich"), ("days", "3"), ("units", '["°C"]'),
+                                             ("exact", "true"), ("where", '{"lat": 47.4}')]
+    call = {"name": "get_weather", "arguments": json.dumps(arguments)}
+    chat = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [call]}]
+    with pytest.raises(Exception):
+        hf_tokenizer(directory).apply_chat_template(chat, chat_template=GLM45_HUB_CALLS, tokenize=False)
+    with pytest.raises(Exception, match="give \"arguments\" as an object"):
+        render(directory, TEMPLATES["glm4_moe"], chat, tools=tools, add_generation_prompt=False)

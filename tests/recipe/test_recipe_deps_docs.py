@@ -32,6 +32,7 @@ def test_deps_lines(write):
         "EXPORT_DIR=",
         "BENCHMARK=",
         "BENCHMARK_FILES=",
+        "NO_TRAIN=",
         "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",

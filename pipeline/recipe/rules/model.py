@@ -23,13 +23,18 @@ def written_by(ctx: Context, path: str) -> str:
     else "": what a message about a folder that is not there yet adds (pipeline.model.hub.missing_here). The
     upstream's command carries none of this command's overrides: they set this recipe's values (its output_dir ...),
     and make runs an upstream with ARGS= too."""
-    from pipeline.recipe.siblings import producer
+    from pipeline.recipe.siblings import producer, run_checkpoint, unsaved_step
     from pipeline.rerun import run_this
 
     found = producer(Path(ctx.recipe_file), path)
     if found is None:
         return ""
     recipe, goal = found
+    step = run_checkpoint(path, recipe) if goal == "train" else None
+    why = unsaved_step(recipe, step) if step is not None else None
+    if why:  # make does not train it for this (pipeline.recipe.deps._upstream)
+        return (f" (a checkpoint of {recipe}'s run, which saves no step {step}: {why}; name a checkpoint-<step> "
+                "that is there, or its final adapter/)")
     return f" ({recipe} writes it: run {run_this(goal, str(recipe))} first)"
 
 
@@ -157,12 +162,14 @@ def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     recipe's key (an sft run at lora_rank 16 continued by a dpo recipe left at the default 8 did). full / freeze
     fold either into the base; merge / eval / generate load the adapter as its own config says (LLaMA-Factory's
     merge and inference recipes leave finetuning_type at lora for an OFT adapter too). validate says it too when the
-    recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. A missing
-    or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
+    recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. Neither
+    says it when do_train is false: train then only evaluates, loading the adapter as its config says (LLaMA-Factory's
+    extras/nlg_eval predict recipe of an adapter, lora_rank left out: `make eval` of it stopped at the train stage).
+    A missing or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
     from pipeline.names import trains_adapter
 
     path, kind = ctx.values["adapter_name_or_path"], ctx.values["finetuning_type"]
-    if path is None or not trains_adapter(kind) or (ctx.command == "validate" and not ctx.values["do_train"]):
+    if path is None or not trains_adapter(kind) or not ctx.values["do_train"]:
         return []
     try:
         from pipeline.model.hub import resolve_model_path

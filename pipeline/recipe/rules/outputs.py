@@ -6,14 +6,13 @@ reporters.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from pipeline.names import CHECKPOINT_NAME
 from pipeline.recipe.rules.core import Context, rule
 from pipeline.recipe.run_folders import run_adapter
 
 
-CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a run's checkpoint-<step>/ (pipeline.train.checkpoint writes it)
 # the commands that take the run's final adapter/ over adapter_name_or_path when it is there (trained_weights)
 TAKE_THE_FINAL_ADAPTER = ("merge", "eval", "generate", "chat")
 
