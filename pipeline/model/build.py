@@ -19,8 +19,8 @@ import torch
 from pipeline.data.added_tokens import DESCRIBED, TokenNames
 from pipeline.errors import UserError
 from pipeline.model.adapter import cast_keeping_adapters
-from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, llama_pro_blocks, read_config,
-                                   resized_vocab_size, vocab_modules)
+from pipeline.model.config import (PRESETS, ModelConfig, config_path, freeze_trainable_names, llama_pro_blocks,
+                                   read_config, read_raw, resized_vocab_size, vocab_modules)
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
@@ -146,8 +146,8 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     tokens = vocab_tokens(args)
     if tokens is None:
         return quantized(load_model(name, seed=args.seed, cfg=cfg, dtype=dtype), args, dtype)
+    refuse_quantized_head(cfg, name)
     model = load_model(name, seed=args.seed, cfg=cfg.replace(vocab_size=read_config(name).vocab_size), dtype=dtype)
-    refuse_quantized_head(model, name)
     old = model.cfg.vocab_size
     described = described_rows(args)
     if resize_vocab(model, tokens, seed=args.seed, described=described) != old:
@@ -159,18 +159,17 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     return quantized(model, args, dtype)
 
 
-def refuse_quantized_head(model: GPTModel, name: str) -> None:
-    """Added tokens need a row each in the output head: one a pre-quantized checkpoint stores in 4/8 bits (untied, its
-    llm_int8_skip_modules without lm_head) holds packed codes, no rows to grow or write (transformers' resize would
-    read the packed shape as the vocabulary); LLaMA-Factory refuses resizing a quantized model ('Cannot resize
-    embedding layers of a quantized model.', hparams/parser.py:195)."""
-    from pipeline.model.quantize import is_quantized
+def refuse_quantized_head(cfg: ModelConfig, name: str) -> None:
+    """Added tokens need a row each in the output head: one a pre-quantized checkpoint stores in 4/8 bits
+    (quant_layout.quantized_head, the decision the recipe rule shares) holds packed codes, no rows to grow or write
+    (transformers' resize would read the packed shape as the vocabulary); LLaMA-Factory refuses resizing a quantized
+    model ('Cannot resize embedding layers of a quantized model.', hparams/parser.py:195). Said before the weights
+    are read."""
+    from pipeline.model.quant_layout import QUANTIZED_HEAD_REFUSED, quantized_head, stored_quantization
 
-    if model.lm_head is not None and is_quantized(model.lm_head):
-        raise UserError(f"model_name_or_path: {name} stores its output head (lm_head) quantized (its quantization_config's"
-                        " llm_int8_skip_modules does not list lm_head), which has no rows to add tokens to (LLaMA-Factory:"
-                        " 'Cannot resize embedding layers of a quantized model.'); remove the added tokens (new_special_"
-                        "tokens, add_tokens, add_special_tokens), or start from a checkpoint that keeps lm_head unquantized")
+    path = config_path(name)
+    if path is not None and quantized_head(stored_quantization(read_raw(path).get("quantization_config")), cfg):
+        raise UserError("model_name_or_path: " + QUANTIZED_HEAD_REFUSED.format(name=name))
 
 
 def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:

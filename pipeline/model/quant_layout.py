@@ -149,6 +149,25 @@ def stored_quantization(quantization_config: Any) -> "Quantization | None":
     return None
 
 
+# Added tokens on a checkpoint whose output head is stored quantized (quantized_head): the load's refusal
+# (pipeline.model.build.refuse_quantized_head) and the recipe rule's (rules.prequantized.added_tokens_fit_the_head),
+# after "model_name_or_path: "
+QUANTIZED_HEAD_REFUSED = ("{name} stores its output head (lm_head) quantized (its quantization_config's"
+                          " llm_int8_skip_modules does not list lm_head), which has no rows to add tokens to (LLaMA-Factory:"
+                          " 'Cannot resize embedding layers of a quantized model.'); remove the added tokens (new_special_"
+                          "tokens, add_tokens, add_special_tokens), or start from a checkpoint that keeps lm_head unquantized")
+
+
+def quantized_head(stored: Quantization | None, cfg: Any) -> bool:
+    """Whether the model a recipe builds (`cfg`: its ModelConfig, stage rm's num_labels and tie_word_embeddings
+    applied) has an output head a pre-quantized checkpoint (`stored`) holds in 4/8 bits: an untied lm_head that its
+    llm_int8_skip_modules does not list (transformers quantizes it then: is_quantized_path). A reward model has none
+    (its lm_head is dropped for the new score head), a tied head is the embedding. The one decision the load and the
+    recipe rule share: added tokens need a row each in the head, and packed codes have none."""
+    return (stored is not None and not cfg.num_labels and not cfg.tie_weights
+            and is_quantized_path("lm_head", stored.skip_modules))
+
+
 def stored_keys(stored: Quantization) -> tuple[tuple[str, Any], ...]:
     """The recipe keys (LLaMA-Factory's names) and values that describe a checkpoint stored as `stored`: the bit width,
     and at 4 bits the data type and double quantization (at 8 bits those two have no effect)."""

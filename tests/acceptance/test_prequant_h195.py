@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import assert_close, make, make_stages, pipeline, refused, scratch_repo, write_hf_checkpoint
+from tests.acceptance.harness import (assert_close, make, make_stages, pipeline, refused, scratch_repo, write_data,
+                                      write_hf_checkpoint)
 from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -115,5 +116,29 @@ def test_a_4bit_untied_head_is_transformers_and_takes_no_added_tokens(repo, caps
     x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(theirs(x).logits, ours(x), rel=1e-5)  # noise 0.5: logits of a few units
-    with pytest.raises(UserError, match=r"stores its output head \(lm_head\) quantized"):
+    with pytest.raises(UserError) as refused_at_load:
         load_base(replace(args, new_special_tokens="<tool_x>"))
+    assert refused_at_load.value.messages == [f"model_name_or_path: {repo / 'qbnb'} {HEAD_REFUSED}"]
+
+
+# the load's refusal of added tokens on the 4-bit head, after "model_name_or_path: NAME" (re-typed: the test holds it)
+HEAD_REFUSED = ("stores its output head (lm_head) quantized (its quantization_config's llm_int8_skip_modules does not"
+                " list lm_head), which has no rows to add tokens to (LLaMA-Factory: 'Cannot resize embedding layers of a"
+                " quantized model.'); remove the added tokens (new_special_tokens, add_tokens, add_special_tokens), or"
+                " start from a checkpoint that keeps lm_head unquantized")
+
+
+def test_validate_and_plan_refuse_added_tokens_on_the_4bit_head_as_the_load_does(repo, monkeypatch):
+    """LLaMA-Factory's key new_special_tokens on the checkpoint whose untied head is stored in 4 bits: validate (as
+    typed) and plan exit 2 with the load's message at the recipe's model_name_or_path (they passed it: train refused
+    it after the data was built); stage rm (no lm_head: the score head is new) passes the rule."""
+    from pipeline.recipe import resolve
+
+    write_data(repo / "data")
+    (repo / "tokens.yaml").write_text("model_name_or_path: qbnb\ntemplate: qwen\ndataset: tiny_sft\n"
+                                      "dataset_dir: data\nnew_special_tokens: <tool_x>\n")
+    said = refused("validate", "tokens.yaml", cwd=repo)
+    assert said.splitlines() == [f"error: tokens.yaml:1:21: model_name_or_path: qbnb {HEAD_REFUSED}"], said
+    assert refused("plan", "tokens.yaml", cwd=repo, as_typed=False) == said
+    monkeypatch.chdir(repo)
+    assert resolve("tokens.yaml", ["stage=rm"])["stage"] == "rm"

@@ -1,7 +1,8 @@
 """Rules on a pre-quantized bitsandbytes checkpoint (model_name_or_path with a 4-bit or 8-bit quantization_config, the
 hub's unsloth/*-bnb-4bit) against QLoRA's keys (quantization_bit, quantization_type, double_quantization): its stored codes
 are the base. resolve derives the keys the recipe leaves at their defaults from the checkpoint
-(resolve._derive_stored_quantization); a value the recipe sets otherwise is refused here.
+(resolve._derive_stored_quantization); a value the recipe sets otherwise is refused here. Tokens the recipe adds are
+refused where the checkpoint stores its output head quantized, as the load refuses them.
 """
 from __future__ import annotations
 
@@ -33,3 +34,30 @@ def stored_quantization_matches(ctx: Context) -> list[tuple[str, str]]:
                               f" from the checkpoint's quantization_config: {show(value)}), or point"
                               " model_name_or_path at the unquantized checkpoint to quantize it as the recipe says"))
     return problems
+
+
+@rule("model_name_or_path", "stage", "tie_word_embeddings", "add_tokens", "add_special_tokens", "new_special_tokens",
+      "new_special_tokens_config")
+def added_tokens_fit_the_head(ctx: Context) -> list[tuple[str, str]]:
+    """Added tokens on a checkpoint whose output head is stored quantized: the load refuses them
+    (pipeline.model.build.refuse_quantized_head, by the same decision quant_layout.quantized_head and words), said
+    here so that validate and plan do, not train after the data is built."""
+    from pipeline.data.added_tokens import TokenNames
+    from pipeline.errors import UserError
+    from pipeline.model.quant_layout import QUANTIZED_HEAD_REFUSED, quantized_head
+    from pipeline.recipe.modelinfo import model_info, stored_quantization
+
+    v = ctx.values
+    try:
+        adds = bool(TokenNames.of(v))
+    except UserError:  # an unreadable new_special_tokens_config: token_config_readable says so
+        return []
+    info = model_info(v["model_name_or_path"]) if adds else None
+    if info is None:
+        return []
+    cfg = info.config.replace(num_labels=1 if v["stage"] == "rm" else info.config.num_labels)
+    if v["tie_word_embeddings"] is not None:  # as pipeline.model.build.recipe_config overrides it
+        cfg = cfg.replace(tie_weights=bool(v["tie_word_embeddings"]))
+    if not quantized_head(stored_quantization(v["model_name_or_path"]), cfg):
+        return []
+    return [("model_name_or_path", QUANTIZED_HEAD_REFUSED.format(name=v["model_name_or_path"]))]
