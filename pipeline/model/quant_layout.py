@@ -158,14 +158,29 @@ QUANTIZED_HEAD_REFUSED = ("{name} stores its output head (lm_head) quantized (it
                           "tokens, add_tokens, add_special_tokens), or start from a checkpoint that keeps lm_head unquantized")
 
 
-def quantized_head(stored: Quantization | None, cfg: Any) -> bool:
-    """Whether the model a recipe builds (`cfg`: its ModelConfig, stage rm's num_labels and tie_word_embeddings
-    applied) has an output head a pre-quantized checkpoint (`stored`) holds in 4/8 bits: an untied lm_head that its
-    llm_int8_skip_modules does not list (transformers quantizes it then: is_quantized_path). A reward model has none
-    (its lm_head is dropped for the new score head), a tied head is the embedding. The one decision the load and the
-    recipe rule share: added tokens need a row each in the head, and packed codes have none."""
-    return (stored is not None and not cfg.num_labels and not cfg.tie_weights
-            and is_quantized_path("lm_head", stored.skip_modules))
+# stage rm training a reward model's score head that the checkpoint stores quantized (quantized_head "score"): the
+# load's refusal (pipeline.model.build.build_model) and the recipe rule's (rules.prequantized.score_head_trains)
+SCORE_HEAD_REFUSED = ("{name} is a reward model (XForSequenceClassification) whose score head is stored quantized (its"
+                      " quantization_config's llm_int8_skip_modules does not list score): stage rm trains the score head"
+                      " in full, and packed 4/8-bit codes cannot train (LLaMA-Factory does not continue it either: it"
+                      " loads such a checkpoint as a causal LM with a new value head); start from the language model it"
+                      " was trained from (stage rm draws a new score head), or from a checkpoint whose"
+                      " llm_int8_skip_modules lists score")
+
+
+def quantized_head(stored: Quantization | None, cfg: Any, scored: bool) -> str | None:
+    """The output head of the model a recipe builds (`cfg`: its ModelConfig, stage rm's num_labels and
+    tie_word_embeddings applied) that a pre-quantized checkpoint (`stored`) holds in 4/8 bits, by its module name
+    (lm_head, score); None where that head is plain. `scored`: the checkpoint is a reward model (its config's
+    num_labels: XForSequenceClassification), whose score head stage rm keeps; an rm run on a language model draws a new
+    plain one (its lm_head dropped). transformers quantizes a head its llm_int8_skip_modules does not list, and keeps
+    the heads without a list (is_quantized_path); a tied lm_head is the embedding. The one decision the load and the
+    recipe rules share: added tokens need rows in lm_head, stage rm trains the score head, and packed codes do
+    neither."""
+    if stored is None:
+        return None
+    head = ("score" if scored else None) if cfg.num_labels else (None if cfg.tie_weights else "lm_head")
+    return head if head and is_quantized_path(head, stored.skip_modules) else None
 
 
 def stored_keys(stored: Quantization) -> tuple[tuple[str, Any], ...]:

@@ -142,3 +142,59 @@ def test_validate_and_plan_refuse_added_tokens_on_the_4bit_head_as_the_load_does
     assert refused("plan", "tokens.yaml", cwd=repo, as_typed=False) == said
     monkeypatch.chdir(repo)
     assert resolve("tokens.yaml", ["stage=rm"])["stage"] == "rm"
+
+
+def reward_checkpoint(repo: Path, name: str, skip: list[str] | None) -> Path:
+    """repo/name: a reward model (transformers' Qwen2ForSequenceClassification of the fixture's plain checkpoint, its
+    score head drawn and saved) quantized to 4 bits by transformers with llm_int8_skip_modules `skip` and
+    save_pretrained'd, tokenizer files beside it: without a list transformers keeps the score head (the model's last
+    module, quantizers/base.py get_keys_to_not_convert) unquantized, a list without score quantizes it."""
+    folder, plain = repo / name, repo.parent / "plain_rm"
+    if not plain.exists():
+        transformers.AutoModelForSequenceClassification.from_pretrained(
+            repo.parent / "plain", num_labels=1, dtype=torch.float32).save_pretrained(plain)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    transformers.AutoModelForSequenceClassification.from_pretrained(
+        plain, quantization_config=config, dtype=torch.float32, device_map="cpu").save_pretrained(folder)
+    for file in (repo.parent / "plain").iterdir():
+        if not (folder / file.name).exists():
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+def test_a_prequantized_reward_model_scores_as_transformers_and_its_4bit_score_head_is_refused(repo, capsys,
+                                                                                             monkeypatch):
+    """A reward model saved quantized: stage rm on it keeps its stored score head (LLaMA-Factory would load it as a
+    causal LM with a new value head, its score dropped). Unquantized (no skip list), ours computes transformers'
+    scores and the load's note counts it ("the score head" stored unquantized: it said nothing of it, 14 Linears
+    stored and no plain one). Stored in 4 bits (a skip list without score), training it is one message in validate
+    (as typed) and at the load (it raised a bare RuntimeError making the packed codes trainable)."""
+    from pipeline.errors import UserError
+    from pipeline.model.build import ModelArgs, build_model, load_base
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+
+    args = ModelArgs(model_name_or_path=str(reward_checkpoint(repo, "rm_plain_head", None)), seed=0, dropout=0.0,
+                     context_length=None, qkv_bias=None, tie_word_embeddings=None, stage="rm")
+    ours = load_base(args, dropout=False).eval()
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).eval()
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
+           " float32 (bnb_4bit_compute_dtype); 1 stored unquantized (the score head) in the run's precision\n" \
+           in capsys.readouterr().err
+    assert type(theirs.score) is torch.nn.Linear and torch.equal(theirs.score.weight, ours.score.weight)
+    x = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits[0], ours(x)[0, -1], rtol=1e-5, atol=1e-6)
+
+    reward_checkpoint(repo, "rm_4bit_head", SKIP)
+    (repo / "rm.yaml").write_text("model_name_or_path: rm_4bit_head\nstage: rm\ntemplate: qwen\ndataset: x\n")
+    said = refused("validate", "rm.yaml", cwd=repo)
+    message = ("model_name_or_path: rm_4bit_head is a reward model (XForSequenceClassification) whose score head is"
+               " stored quantized (its quantization_config's llm_int8_skip_modules does not list score): stage rm"
+               " trains the score head in full")
+    assert f"error: rm.yaml:1:21: {message}" in said, said
+    monkeypatch.chdir(repo)
+    with pytest.raises(UserError) as at_load:  # resolved for build, which trains nothing: the rule is silent there
+        build_model(*recipe_args(resolve("rm.yaml", command="build")))
+    assert at_load.value.messages[0].startswith(message) and at_load.value.messages[0] in said

@@ -6,6 +6,8 @@ refused where the checkpoint stores its output head quantized, as the load refus
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 from pipeline.recipe.check import show
 from pipeline.recipe.rules.core import Context, rule
 
@@ -44,20 +46,43 @@ def added_tokens_fit_the_head(ctx: Context) -> list[tuple[str, str]]:
     here so that validate and plan do, not train after the data is built."""
     from pipeline.data.added_tokens import TokenNames
     from pipeline.errors import UserError
-    from pipeline.model.quant_layout import QUANTIZED_HEAD_REFUSED, quantized_head
-    from pipeline.recipe.modelinfo import model_info, stored_quantization
+    from pipeline.model.quant_layout import QUANTIZED_HEAD_REFUSED
 
     v = ctx.values
     try:
         adds = bool(TokenNames.of(v))
     except UserError:  # an unreadable new_special_tokens_config: token_config_readable says so
         return []
-    info = model_info(v["model_name_or_path"]) if adds else None
-    if info is None:
-        return []
-    cfg = info.config.replace(num_labels=1 if v["stage"] == "rm" else info.config.num_labels)
-    if v["tie_word_embeddings"] is not None:  # as pipeline.model.build.recipe_config overrides it
-        cfg = cfg.replace(tie_weights=bool(v["tie_word_embeddings"]))
-    if not quantized_head(stored_quantization(v["model_name_or_path"]), cfg):
+    if not adds or stored_head(v) != "lm_head":
         return []
     return [("model_name_or_path", QUANTIZED_HEAD_REFUSED.format(name=v["model_name_or_path"]))]
+
+
+@rule("model_name_or_path", "stage", "tie_word_embeddings", "task")
+def score_head_trains(ctx: Context) -> list[tuple[str, str]]:
+    """stage rm on a reward model whose score head the checkpoint stores quantized: training it is refused at load
+    (pipeline.model.build.build_model, the same decision and words), said here for the commands that train or check
+    a recipe that does (eval and chat of the stored reward model run)."""
+    from pipeline.model.quant_layout import SCORE_HEAD_REFUSED
+    from pipeline.recipe.rules.quantization import needs_training
+
+    v = ctx.values
+    if not needs_training(ctx.command, v["task"]) or stored_head(v) != "score":
+        return []
+    return [("model_name_or_path", SCORE_HEAD_REFUSED.format(name=v["model_name_or_path"]))]
+
+
+def stored_head(v: Mapping[str, Any]) -> str | None:
+    """The output head of the recipe's model that its pre-quantized checkpoint stores quantized
+    (pipeline.model.quant_layout.quantized_head, on the config as pipeline.model.build.recipe_config sets it: stage
+    rm's num_labels, tie_word_embeddings); None where none is, or the checkpoint cannot be read here."""
+    from pipeline.model.quant_layout import quantized_head
+    from pipeline.recipe.modelinfo import model_info, stored_quantization
+
+    info = model_info(v["model_name_or_path"])
+    if info is None:
+        return None
+    cfg = info.config.replace(num_labels=1 if v["stage"] == "rm" else info.config.num_labels)
+    if v["tie_word_embeddings"] is not None:
+        cfg = cfg.replace(tie_weights=bool(v["tie_word_embeddings"]))
+    return quantized_head(stored_quantization(v["model_name_or_path"]), cfg, scored=bool(info.config.num_labels))
