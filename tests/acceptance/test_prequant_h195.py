@@ -198,3 +198,16 @@ def test_a_prequantized_reward_model_scores_as_transformers_and_its_4bit_score_h
     with pytest.raises(UserError) as at_load:  # resolved for build, which trains nothing: the rule is silent there
         build_model(*recipe_args(resolve("rm.yaml", command="build")))
     assert at_load.value.messages[0].startswith(message) and at_load.value.messages[0] in said
+
+
+def test_expand_refuses_a_prequantized_checkpoint_and_writes_nothing(repo):
+    """`python -m pipeline expand` (LLaMA Pro) on the 4-bit checkpoint, as typed: one message, exit 2, no output
+    folder. The new blocks need zero o_proj / down_proj weights, and packed nf4 codes hold none (code 0 is
+    -1 x absmax); LLaMA-Factory's scripts/llama_pro.py zeroes the quantized state_dict's tensors, quant state included."""
+    said = refused("expand", "--model", "qbnb", "--output-dir", "pro", "--num-expand", "2", cwd=repo)
+    assert said.splitlines()[-1] == (
+        "error: --model: qbnb is a pre-quantized bitsandbytes checkpoint (quantization_config: 4-bit nf4 with double"
+        " quantization), whose projections are packed codes with no zero weight to write into the new blocks; expand"
+        " the unquantized checkpoint it was made from (a recipe's quantization_bit then quantizes the expanded model"
+        " at load for QLoRA)"), said
+    assert not (repo / "pro").exists()
