@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import (assert_close, make, make_stages, pipeline, refused, scratch_repo, write_data,
-                                      write_hf_checkpoint)
+from tests.acceptance.harness import (DPO, assert_close, make, make_stages, pipeline, refused, scratch_repo,
+                                      trained_model, write_data, write_hf_checkpoint, write_ranking_data, write_recipe)
 from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
 
 bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from tests.model.test_prequantized_bnb import reference  # noqa: E402  (after the skips)
@@ -188,15 +189,18 @@ def test_a_prequantized_reward_model_scores_as_transformers_and_its_4bit_score_h
         torch.testing.assert_close(theirs(x).logits[0], ours(x)[0, -1], rtol=1e-5, atol=1e-6)
 
     reward_checkpoint(repo, "rm_4bit_head", SKIP)
-    (repo / "rm.yaml").write_text("model_name_or_path: rm_4bit_head\nstage: rm\ntemplate: qwen\ndataset: x\n")
+    write_ranking_data(write_data(repo / "data"))
+    (repo / "rm.yaml").write_text("model_name_or_path: rm_4bit_head\nstage: rm\ntemplate: qwen\n"
+                                  "dataset: prefs_alpaca\ndataset_dir: data\n")
     said = refused("validate", "rm.yaml", cwd=repo)
     message = ("model_name_or_path: rm_4bit_head is a reward model (XForSequenceClassification) whose score head is"
                " stored quantized (its quantization_config's llm_int8_skip_modules does not list score): stage rm"
                " trains the score head in full")
     assert f"error: rm.yaml:1:21: {message}" in said, said
     monkeypatch.chdir(repo)
-    with pytest.raises(UserError) as at_load:  # resolved for build, which trains nothing: the rule is silent there
-        build_model(*recipe_args(resolve("rm.yaml", command="build")))
+    built = recipe_args(resolve("rm.yaml", command="build"))  # build trains nothing: the rule is silent there
+    with pytest.raises(UserError) as at_load:
+        build_model(*built)
     assert at_load.value.messages[0].startswith(message) and at_load.value.messages[0] in said
 
 
@@ -211,3 +215,22 @@ def test_expand_refuses_a_prequantized_checkpoint_and_writes_nothing(repo):
         " the unquantized checkpoint it was made from (a recipe's quantization_bit then quantizes the expanded model"
         " at load for QLoRA)"), said
     assert not (repo / "pro").exists()
+
+
+def test_dpo_on_the_prequantized_checkpoint_trains_an_adapter_peft_loads_on_it(repo):
+    """stage dpo (LoRA, no quantization key) on the 4-bit checkpoint, one step, LLaMA-Factory's pairwise data: train
+    as typed (the reference is the stored 4-bit base with the adapter off), then PEFT's PeftModel.from_pretrained of
+    adapter/ on transformers' model of the same folder computes our adapter model's logits."""
+    write_ranking_data(write_data(repo / "data"))
+    recipe = write_recipe(repo / "dpo.yaml", DPO, model_name_or_path="qbnb", dataset_dir="data", template="qwen",
+                          cutoff_len=256, max_steps=1, val_size=0.0, learning_rate=0.05, output_dir="saves/dpo")
+    pipeline("build", recipe, cwd=repo, as_typed=False)
+    trained = pipeline("train", recipe, cwd=repo).stderr
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stored = reference(repo / "qbnb")
+        before = stored(x).logits
+        golden = peft.PeftModel.from_pretrained(stored, repo / "saves/dpo/adapter").eval()(x).logits
+        assert (golden - before).abs().max() > 1e-3  # the adapter trained
+        assert_close(golden, trained_model(recipe, repo)(x), rel=1e-5)
