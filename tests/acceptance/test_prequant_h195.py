@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import (DPO, assert_close, make, make_stages, pipeline, refused, scratch_repo,
-                                      trained_model, write_data, write_hf_checkpoint, write_ranking_data, write_recipe)
+from tests.acceptance.harness import (DPO, assert_close, assert_same_run, crash_copy, make, make_stages, pipeline,
+                                      refused, scratch_repo, trained_model, write_data, write_hf_checkpoint,
+                                      write_ranking_data, write_recipe)
 from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -217,13 +218,17 @@ def test_expand_refuses_a_prequantized_checkpoint_and_writes_nothing(repo):
     assert not (repo / "pro").exists()
 
 
-def test_dpo_on_the_prequantized_checkpoint_trains_an_adapter_peft_loads_on_it(repo):
-    """stage dpo (LoRA, no quantization key) on the 4-bit checkpoint, one step, LLaMA-Factory's pairwise data: train
-    as typed (the reference is the stored 4-bit base with the adapter off), then PEFT's PeftModel.from_pretrained of
-    adapter/ on transformers' model of the same folder computes our adapter model's logits."""
+def test_dpo_on_the_prequantized_checkpoint_resumes_exactly_and_peft_loads_its_adapter(repo):
+    """QLoRA stage dpo (LoRA, no quantization key) on the 4-bit checkpoint, LLaMA-Factory's pairwise data, two steps
+    saved at each: train as typed (the reference is the stored 4-bit base with the adapter off); PEFT's
+    PeftModel.from_pretrained of adapter/ on transformers' model of the same folder computes our adapter model's
+    logits; the run killed after its step-1 checkpoint and resumed as typed (resume_from_checkpoint: latest) ends
+    bitwise equal to it (adapter, logged losses, step: CPU bitsandbytes dequantizes the stored codes
+    deterministically)."""
     write_ranking_data(write_data(repo / "data"))
     recipe = write_recipe(repo / "dpo.yaml", DPO, model_name_or_path="qbnb", dataset_dir="data", template="qwen",
-                          cutoff_len=256, max_steps=1, val_size=0.0, learning_rate=0.05, output_dir="saves/dpo")
+                          cutoff_len=256, max_steps=2, save_steps=1, val_size=0.0, learning_rate=0.05,
+                          output_dir="saves/dpo")
     pipeline("build", recipe, cwd=repo, as_typed=False)
     trained = pipeline("train", recipe, cwd=repo).stderr
     assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained
@@ -234,3 +239,8 @@ def test_dpo_on_the_prequantized_checkpoint_trains_an_adapter_peft_loads_on_it(r
         golden = peft.PeftModel.from_pretrained(stored, repo / "saves/dpo/adapter").eval()(x).logits
         assert (golden - before).abs().max() > 1e-3  # the adapter trained
         assert_close(golden, trained_model(recipe, repo)(x), rel=1e-5)
+
+    crashed = crash_copy(repo / "saves/dpo", repo / "saves/crashed", 1)
+    resumed = pipeline("train", recipe, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=repo).stderr
+    assert "step 2 |" in resumed and "step 1 |" not in resumed  # it trained step 2 only
+    assert_same_run(repo / "saves/dpo", crashed, "adapter/adapter_model.safetensors")
