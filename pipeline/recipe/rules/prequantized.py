@@ -2,7 +2,8 @@
 hub's unsloth/*-bnb-4bit) against QLoRA's keys (quantization_bit, quantization_type, double_quantization): its stored codes
 are the base. resolve derives the keys the recipe leaves at their defaults from the checkpoint
 (resolve._derive_stored_quantization); a value the recipe sets otherwise is refused here. Tokens the recipe adds are
-refused where the checkpoint stores its output head quantized, as the load refuses them.
+refused where the checkpoint stores its output head quantized, and stage rm's training of a reward model's score head
+stored so, as the load refuses them.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def added_tokens_fit_the_head(ctx: Context) -> list[tuple[str, str]]:
 def score_head_trains(ctx: Context) -> list[tuple[str, str]]:
     """stage rm on a reward model whose score head the checkpoint stores quantized: training it is refused at load
     (pipeline.model.build.build_model, the same decision and words), said here for the commands that train or check
-    a recipe that does (eval and chat of the stored reward model run)."""
+    a recipe that does (quantization.needs_training); those that only load the stored model (export) pass."""
     from pipeline.model.quant_layout import SCORE_HEAD_REFUSED
     from pipeline.recipe.rules.quantization import needs_training
 
