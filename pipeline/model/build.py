@@ -19,8 +19,8 @@ import torch
 from pipeline.data.added_tokens import DESCRIBED, TokenNames
 from pipeline.errors import UserError
 from pipeline.model.adapter import cast_keeping_adapters
-from pipeline.model.config import (PRESETS, ModelConfig, freeze_trainable_names, llama_pro_blocks, read_config,
-                                   resized_vocab_size, vocab_modules)
+from pipeline.model.config import (PRESETS, ModelConfig, config_path, freeze_trainable_names, llama_pro_blocks,
+                                   read_config, read_raw, resized_vocab_size, vocab_modules)
 from pipeline.model.gpt import GPTModel
 from pipeline.model.hub import resolve_model_path
 from pipeline.model.lora import apply_lora, load_adapter, merge_lora, pissa_start_of
@@ -146,8 +146,8 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     tokens = vocab_tokens(args)
     if tokens is None:
         return quantized(load_model(name, seed=args.seed, cfg=cfg, dtype=dtype), args, dtype)
+    refuse_quantized_head(cfg, name)
     model = load_model(name, seed=args.seed, cfg=cfg.replace(vocab_size=read_config(name).vocab_size), dtype=dtype)
-    refuse_quantized_head(model, name)
     old = model.cfg.vocab_size
     described = described_rows(args)
     if resize_vocab(model, tokens, seed=args.seed, described=described) != old:
@@ -159,18 +159,27 @@ def load_base(args: ModelArgs, *, dropout: bool = True, dtype: torch.dtype = tor
     return quantized(model, args, dtype)
 
 
-def refuse_quantized_head(model: GPTModel, name: str) -> None:
-    """Added tokens need a row each in the output head: one a pre-quantized checkpoint stores in 4/8 bits (untied, its
-    llm_int8_skip_modules without lm_head) holds packed codes, no rows to grow or write (transformers' resize would
-    read the packed shape as the vocabulary); LLaMA-Factory refuses resizing a quantized model ('Cannot resize
-    embedding layers of a quantized model.', hparams/parser.py:195)."""
-    from pipeline.model.quantize import is_quantized
+def refuse_quantized_head(cfg: ModelConfig, name: str) -> None:
+    """Added tokens need a row each in the output head: one a pre-quantized checkpoint stores in 4/8 bits
+    (stored_head) holds packed codes, no rows to grow or write (transformers' resize would read the packed shape as
+    the vocabulary); LLaMA-Factory refuses resizing a quantized model ('Cannot resize embedding layers of a quantized
+    model.', hparams/parser.py:195). Said before the weights are read."""
+    from pipeline.model.quant_layout import QUANTIZED_HEAD_REFUSED
 
-    if model.lm_head is not None and is_quantized(model.lm_head):
-        raise UserError(f"model_name_or_path: {name} stores its output head (lm_head) quantized (its quantization_config's"
-                        " llm_int8_skip_modules does not list lm_head), which has no rows to add tokens to (LLaMA-Factory:"
-                        " 'Cannot resize embedding layers of a quantized model.'); remove the added tokens (new_special_"
-                        "tokens, add_tokens, add_special_tokens), or start from a checkpoint that keeps lm_head unquantized")
+    if stored_head(cfg, name) == "lm_head":
+        raise UserError("model_name_or_path: " + QUANTIZED_HEAD_REFUSED.format(name=name))
+
+
+def stored_head(cfg: ModelConfig, name: str) -> str | None:
+    """The output head of the recipe's model (`cfg`: recipe_config's) that checkpoint `name` stores quantized
+    (quant_layout.quantized_head, the decision the recipe rules share), from its config.json; None for a preset."""
+    from pipeline.model.quant_layout import quantized_head, stored_quantization
+
+    path = config_path(name)
+    if path is None:
+        return None
+    return quantized_head(stored_quantization(read_raw(path).get("quantization_config")), cfg,
+                          scored=bool(read_config(name).num_labels))
 
 
 def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
@@ -186,23 +195,25 @@ def quantized(model: GPTModel, args: ModelArgs, dtype: torch.dtype) -> GPTModel:
         matmuls = "" if width != "4-bit" else ", their matmuls in " + " / ".join(sorted(
             {str(module.compute_dtype).removeprefix("torch.") for module in stored})) + " (bnb_4bit_compute_dtype)"
         note(f"model: {len(stored)} Linears loaded as stored, bitsandbytes {width} (a pre-quantized checkpoint)"
-             f"{matmuls}{stored_plain(model)}")
+             f"{matmuls}{stored_plain(model, scored=bool(read_config(args.model_name_or_path).num_labels))}")
     elif spec is not None:
         names = quantize_model(model, spec, dtype)
         note(f"model: {len(names)} Linears quantized to {spec.describe()} (bitsandbytes; quantization_bit)")
     return model
 
 
-def stored_plain(model: GPTModel) -> str:
+def stored_plain(model: GPTModel, scored: bool) -> str:
     """The note's words for the Linears a pre-quantized checkpoint stores unquantized, by what keeps them so: the
-    output head (transformers' default, or listed) and those llm_int8_skip_modules lists; a 4-bit head (a list without
-    lm_head) is among the stored ones, stage rm's new score head no stored Linear."""
+    output head (transformers' default, or listed: lm_head, or a reward model's score head where the checkpoint is
+    one, `scored`) and those llm_int8_skip_modules lists; a 4-bit head (a list without it) is among the stored ones,
+    stage rm's new score head on a language model no stored Linear."""
     from pipeline.model.quantize import is_quantized
 
+    heads = ("lm_head", "score")
     plain = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-             and not is_quantized(module) and name != "score"]
-    listed = sum(name != "lm_head" for name in plain)
-    what = [*(["the output head"] if "lm_head" in plain else []),
+             and not is_quantized(module) and (name != "score" or scored)]
+    listed = sum(name not in heads for name in plain)
+    what = [*(f"the {'output' if head == 'lm_head' else 'score'} head" for head in heads if head in plain),
             *([f"{listed} listed in llm_int8_skip_modules"] if listed else [])]
     return f"; {len(plain)} stored unquantized ({', '.join(what)}) in the run's precision" if plain else ""
 
@@ -323,6 +334,10 @@ def build_model(model: ModelArgs, finetune: FinetuneArgs, dtype: torch.dtype = t
     the cast: the same values as a cast of the fp32 model. PiSSA's SVD and residual are formed in fp32 from the weight
     as read (PEFT's pissa_init), here on the whole weights, before DeepSpeed partitions them (ZeRO-3).
     """
+    if stored_head(recipe_config(model), str(model.model_name_or_path)) == "score":  # stage rm trains it
+        from pipeline.model.quant_layout import SCORE_HEAD_REFUSED
+
+        raise UserError("model_name_or_path: " + SCORE_HEAD_REFUSED.format(name=model.model_name_or_path))
     merges = not trains_adapter(finetune.finetuning_type) and bool(finetune.adapter_name_or_path)
     built = apply_finetuning_type(load_base(model, dtype=torch.float32 if merges else dtype), finetune, pissa_start)
     return cast_keeping_adapters(built, dtype)  # LoRA / OFT's own weights stay fp32 (PEFT's upcast_adapter)

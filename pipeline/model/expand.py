@@ -149,6 +149,22 @@ def nonzero_outputs(folder: Path, projections: Iterable[str]) -> set[str] | None
         return None
 
 
+def refuse_quantized(config: Mapping[str, Any], model: str) -> None:
+    """A pre-quantized bitsandbytes checkpoint (config.json quantization_config, the hub's unsloth/*-bnb-4bit) is not
+    expanded: its projections are packed 4/8-bit codes with a quant state beside them, and the zero projection a new
+    block needs is no code to copy (nf4's code 0 is -1 x absmax). LLaMA-Factory's scripts/llama_pro.py loads such a
+    model quantized and zeroes every state_dict tensor named o_proj / down_proj, its packed quant-state JSON included:
+    what it writes does not load as the original model computes. Said before anything is written."""
+    from pipeline.model.quant_layout import stored_quantization
+
+    stored = stored_quantization(config.get("quantization_config"))
+    if stored is not None:
+        raise UserError(f"--model: {model} is a pre-quantized bitsandbytes checkpoint (quantization_config:"
+                        f" {stored.describe()}), whose projections are packed codes with no zero weight to write into"
+                        " the new blocks; expand the unquantized checkpoint it was made from (a recipe's"
+                        " quantization_bit then quantizes the expanded model at load for QLoRA)")
+
+
 def refuse_output(output: Path) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         what = "an existing file" if not output.is_dir() else "not an empty folder"
@@ -181,6 +197,7 @@ def expand(model: str, output_dir: str | Path, num_expand: int) -> Path:
     if not config_file.is_file():
         raise UserError(f"--model: {model}: no config.json there; expected a Hugging Face checkpoint folder")
     config = json.loads(config_file.read_text(encoding="utf-8"))
+    refuse_quantized(config, model)
     family = checkpoint_family(config, config_file)
     num_layers = int(config[layer_key(config)])
     layout = expanded_layout(num_layers, num_expand)

@@ -149,6 +149,40 @@ def stored_quantization(quantization_config: Any) -> "Quantization | None":
     return None
 
 
+# Added tokens on a checkpoint whose output head is stored quantized (quantized_head): the load's refusal
+# (pipeline.model.build.refuse_quantized_head) and the recipe rule's (rules.prequantized.added_tokens_fit_the_head),
+# after "model_name_or_path: "
+QUANTIZED_HEAD_REFUSED = ("{name} stores its output head (lm_head) quantized (its quantization_config's"
+                          " llm_int8_skip_modules does not list lm_head), which has no rows to add tokens to (LLaMA-Factory:"
+                          " 'Cannot resize embedding layers of a quantized model.'); remove the added tokens (new_special_"
+                          "tokens, add_tokens, add_special_tokens), or start from a checkpoint that keeps lm_head unquantized")
+
+
+# stage rm training a reward model's score head that the checkpoint stores quantized (quantized_head "score"): the
+# load's refusal (pipeline.model.build.build_model) and the recipe rule's (rules.prequantized.score_head_trains)
+SCORE_HEAD_REFUSED = ("{name} is a reward model (XForSequenceClassification) whose score head is stored quantized (its"
+                      " quantization_config's llm_int8_skip_modules does not list score): stage rm trains the score head"
+                      " in full, and packed 4/8-bit codes cannot train (LLaMA-Factory does not continue it either: it"
+                      " loads such a checkpoint as a causal LM with a new value head); start from the language model it"
+                      " was trained from (stage rm draws a new score head), or from a checkpoint whose"
+                      " llm_int8_skip_modules lists score")
+
+
+def quantized_head(stored: Quantization | None, cfg: Any, scored: bool) -> str | None:
+    """The output head of the model a recipe builds (`cfg`: its ModelConfig, stage rm's num_labels and
+    tie_word_embeddings applied) that a pre-quantized checkpoint (`stored`) holds in 4/8 bits, by its module name
+    (lm_head, score); None where that head is plain. `scored`: the checkpoint is a reward model (its config's
+    num_labels: XForSequenceClassification), whose score head stage rm keeps; an rm run on a language model draws a new
+    plain one (its lm_head dropped). transformers quantizes a head its llm_int8_skip_modules does not list, and keeps
+    the heads without a list (is_quantized_path); a tied lm_head is the embedding. The one decision the load and the
+    recipe rules share: added tokens need rows in lm_head, stage rm trains the score head, and packed codes do
+    neither."""
+    if stored is None:
+        return None
+    head = ("score" if scored else None) if cfg.num_labels else (None if cfg.tie_weights else "lm_head")
+    return head if head and is_quantized_path(head, stored.skip_modules) else None
+
+
 def stored_keys(stored: Quantization) -> tuple[tuple[str, Any], ...]:
     """The recipe keys (LLaMA-Factory's names) and values that describe a checkpoint stored as `stored`: the bit width,
     and at 4 bits the data type and double quantization (at 8 bits those two have no effect)."""

@@ -20,10 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import assert_close, make, make_stages, pipeline, refused, scratch_repo, write_hf_checkpoint
+from tests.acceptance.harness import (DPO, assert_close, assert_same_run, crash_copy, make, make_stages, pipeline,
+                                      refused, scratch_repo, trained_model, write_data, write_hf_checkpoint,
+                                      write_ranking_data, write_recipe)
 from tests.evaluate.test_choice_benchmarks import RECIPE, SUBJECTS, lf_golden, write_mmlu
 
 bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from tests.model.test_prequantized_bnb import reference  # noqa: E402  (after the skips)
@@ -115,5 +118,129 @@ def test_a_4bit_untied_head_is_transformers_and_takes_no_added_tokens(repo, caps
     x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(theirs(x).logits, ours(x), rel=1e-5)  # noise 0.5: logits of a few units
-    with pytest.raises(UserError, match=r"stores its output head \(lm_head\) quantized"):
+    with pytest.raises(UserError) as refused_at_load:
         load_base(replace(args, new_special_tokens="<tool_x>"))
+    assert refused_at_load.value.messages == [f"model_name_or_path: {repo / 'qbnb'} {HEAD_REFUSED}"]
+
+
+# the load's refusal of added tokens on the 4-bit head, after "model_name_or_path: NAME" (re-typed: the test holds it)
+HEAD_REFUSED = ("stores its output head (lm_head) quantized (its quantization_config's llm_int8_skip_modules does not"
+                " list lm_head), which has no rows to add tokens to (LLaMA-Factory: 'Cannot resize embedding layers of a"
+                " quantized model.'); remove the added tokens (new_special_tokens, add_tokens, add_special_tokens), or"
+                " start from a checkpoint that keeps lm_head unquantized")
+
+
+def test_validate_and_plan_refuse_added_tokens_on_the_4bit_head_as_the_load_does(repo, monkeypatch):
+    """LLaMA-Factory's key new_special_tokens on the checkpoint whose untied head is stored in 4 bits: validate (as
+    typed) and plan exit 2 with the load's message at the recipe's model_name_or_path (they passed it: train refused
+    it after the data was built); stage rm (no lm_head: the score head is new) passes the rule."""
+    from pipeline.recipe import resolve
+
+    write_data(repo / "data")
+    (repo / "tokens.yaml").write_text("model_name_or_path: qbnb\ntemplate: qwen\ndataset: tiny_sft\n"
+                                      "dataset_dir: data\nnew_special_tokens: <tool_x>\n")
+    said = refused("validate", "tokens.yaml", cwd=repo)
+    assert said.splitlines() == [f"error: tokens.yaml:1:21: model_name_or_path: qbnb {HEAD_REFUSED}"], said
+    assert refused("plan", "tokens.yaml", cwd=repo, as_typed=False) == said
+    monkeypatch.chdir(repo)
+    assert resolve("tokens.yaml", ["stage=rm"])["stage"] == "rm"
+
+
+def reward_checkpoint(repo: Path, name: str, skip: list[str] | None) -> Path:
+    """repo/name: a reward model (transformers' Qwen2ForSequenceClassification of the fixture's plain checkpoint, its
+    score head drawn and saved) quantized to 4 bits by transformers with llm_int8_skip_modules `skip` and
+    save_pretrained'd, tokenizer files beside it: without a list transformers keeps the score head (the model's last
+    module, quantizers/base.py get_keys_to_not_convert) unquantized, a list without score quantizes it."""
+    folder, plain = repo / name, repo.parent / "plain_rm"
+    if not plain.exists():
+        transformers.AutoModelForSequenceClassification.from_pretrained(
+            repo.parent / "plain", num_labels=1, dtype=torch.float32).save_pretrained(plain)
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip)
+    transformers.AutoModelForSequenceClassification.from_pretrained(
+        plain, quantization_config=config, dtype=torch.float32, device_map="cpu").save_pretrained(folder)
+    for file in (repo.parent / "plain").iterdir():
+        if not (folder / file.name).exists():
+            shutil.copy(file, folder / file.name)
+    return folder
+
+
+def test_a_prequantized_reward_model_scores_as_transformers_and_its_4bit_score_head_is_refused(repo, capsys,
+                                                                                             monkeypatch):
+    """A reward model saved quantized: stage rm on it keeps its stored score head (LLaMA-Factory would load it as a
+    causal LM with a new value head, its score dropped). Unquantized (no skip list), ours computes transformers'
+    scores and the load's note counts it ("the score head" stored unquantized: it said nothing of it, 14 Linears
+    stored and no plain one). Stored in 4 bits (a skip list without score), training it is one message in validate
+    (as typed) and at the load (it raised a bare RuntimeError making the packed codes trainable)."""
+    from pipeline.errors import UserError
+    from pipeline.model.build import ModelArgs, build_model, load_base
+    from pipeline.recipe import resolve
+    from pipeline.recipe.args import recipe_args
+
+    args = ModelArgs(model_name_or_path=str(reward_checkpoint(repo, "rm_plain_head", None)), seed=0, dropout=0.0,
+                     context_length=None, qkv_bias=None, tie_word_embeddings=None, stage="rm")
+    ours = load_base(args, dropout=False).eval()
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).eval()
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
+           " float32 (bnb_4bit_compute_dtype); 1 stored unquantized (the score head) in the run's precision\n" \
+           in capsys.readouterr().err
+    assert type(theirs.score) is torch.nn.Linear and torch.equal(theirs.score.weight, ours.score.weight)
+    x = torch.randint(0, 384, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits[0], ours(x)[0, -1], rtol=1e-5, atol=1e-6)
+
+    reward_checkpoint(repo, "rm_4bit_head", SKIP)
+    write_ranking_data(write_data(repo / "data"))
+    (repo / "rm.yaml").write_text("model_name_or_path: rm_4bit_head\nstage: rm\ntemplate: qwen\n"
+                                  "dataset: prefs_alpaca\ndataset_dir: data\n")
+    said = refused("validate", "rm.yaml", cwd=repo)
+    message = ("model_name_or_path: rm_4bit_head is a reward model (XForSequenceClassification) whose score head is"
+               " stored quantized (its quantization_config's llm_int8_skip_modules does not list score): stage rm"
+               " trains the score head in full")
+    assert f"error: rm.yaml:1:21: {message}" in said, said
+    monkeypatch.chdir(repo)
+    built = recipe_args(resolve("rm.yaml", command="build"))  # build trains nothing: the rule is silent there
+    with pytest.raises(UserError) as at_load:
+        build_model(*built)
+    assert at_load.value.messages[0].startswith(message) and at_load.value.messages[0] in said
+
+
+def test_expand_refuses_a_prequantized_checkpoint_and_writes_nothing(repo):
+    """`python -m pipeline expand` (LLaMA Pro) on the 4-bit checkpoint, as typed: one message, exit 2, no output
+    folder. The new blocks need zero o_proj / down_proj weights, and packed nf4 codes hold none (code 0 is
+    -1 x absmax); LLaMA-Factory's scripts/llama_pro.py zeroes the quantized state_dict's tensors, quant state included."""
+    said = refused("expand", "--model", "qbnb", "--output-dir", "pro", "--num-expand", "2", cwd=repo)
+    assert said.splitlines()[-1] == (
+        "error: --model: qbnb is a pre-quantized bitsandbytes checkpoint (quantization_config: 4-bit nf4 with double"
+        " quantization), whose projections are packed codes with no zero weight to write into the new blocks; expand"
+        " the unquantized checkpoint it was made from (a recipe's quantization_bit then quantizes the expanded model"
+        " at load for QLoRA)"), said
+    assert not (repo / "pro").exists()
+
+
+def test_dpo_on_the_prequantized_checkpoint_resumes_exactly_and_peft_loads_its_adapter(repo):
+    """QLoRA stage dpo (LoRA, no quantization key) on the 4-bit checkpoint, LLaMA-Factory's pairwise data, two steps
+    saved at each: train as typed (the reference is the stored 4-bit base with the adapter off); PEFT's
+    PeftModel.from_pretrained of adapter/ on transformers' model of the same folder computes our adapter model's
+    logits; the run killed after its step-1 checkpoint and resumed as typed (resume_from_checkpoint: latest) ends
+    bitwise equal to it (adapter, logged losses, step: CPU bitsandbytes dequantizes the stored codes
+    deterministically)."""
+    write_ranking_data(write_data(repo / "data"))
+    recipe = write_recipe(repo / "dpo.yaml", DPO, model_name_or_path="qbnb", dataset_dir="data", template="qwen",
+                          cutoff_len=256, max_steps=2, save_steps=1, val_size=0.0, learning_rate=0.05,
+                          output_dir="saves/dpo")
+    pipeline("build", recipe, cwd=repo, as_typed=False)
+    trained = pipeline("train", recipe, cwd=repo).stderr
+    assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stored = reference(repo / "qbnb")
+        before = stored(x).logits
+        golden = peft.PeftModel.from_pretrained(stored, repo / "saves/dpo/adapter").eval()(x).logits
+        assert (golden - before).abs().max() > 1e-3  # the adapter trained
+        assert_close(golden, trained_model(recipe, repo)(x), rel=1e-5)
+
+    crashed = crash_copy(repo / "saves/dpo", repo / "saves/crashed", 1)
+    resumed = pipeline("train", recipe, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=repo).stderr
+    assert "step 2 |" in resumed and "step 1 |" not in resumed  # it trained step 2 only
+    assert_same_run(repo / "saves/dpo", crashed, "adapter/adapter_model.safetensors")

@@ -16,7 +16,8 @@ Where a rule lives, by the keys it reads (each module's docstring lists them):
   ppo.py         stage ppo: reward_model, the ppo keys, the parts implemented
   outputs.py     resume_from_checkpoint, adapter_name_or_path in the run's own checkpoints, export_dir, the upstream's one producer, the refused exports, report_to
   quantization.py  QLoRA's quantization_bit against the method, PiSSA, a sparse MoE model and the ZeRO stage
-  prequantized.py  a pre-quantized bitsandbytes checkpoint against the quantization keys the recipe sets
+  prequantized.py  a pre-quantized bitsandbytes checkpoint against the quantization keys the recipe sets and the
+                 tokens it adds and the score head stage rm trains (a head stored quantized)
   benchmark.py   task and the other keys of LLaMA-Factory's multiple-choice benchmarks (eval with task)
   refused.py     keys whose feature is not here, with the schema's reason (x-refused-when-set); beam sampling
   core.py        the machinery: Context, the `rule` decorator, the command lists
@@ -50,6 +51,8 @@ ORDER = (
     method.pissa_starts_a_lora,
     quantization.quantization_fits,
     prequantized.stored_quantization_matches,
+    prequantized.added_tokens_fit_the_head,
+    prequantized.score_head_trains,
     method.llama_pro_needs_freeze_or_lora,
     method.llama_pro_lora_can_train,
     method.llama_pro_oft_can_train,
