@@ -254,3 +254,25 @@ def test_make_export_of_checkpoint_n_uses_it_as_it_is(run):
     finally:
         os.chdir(here)
         (repo / "recipes/later.yaml").unlink()
+
+
+def test_make_export_of_checkpoint_n_runs_again_when_the_step_is_written_again(run):
+    """The checkpoint used as it is has no stamp of its own: its files are export's prerequisites (deps'
+    CHECKPOINT_FILES). Exported once (`make -t`: the stamps as after a real export), then the run trained again, which
+    replaces checkpoint-1 (its files newer): `make -n export` would export again. Before, make said nothing to be done
+    and export_dir kept the merge of the step the run no longer holds (this test failed there: [] stages)."""
+    repo, base = run
+    venv = f"VENV={repo / 'venv'}"
+    merge = repo / "recipes/merge.yaml"
+    if not merge.exists():
+        merge.write_text(MERGE_RECIPE.format(base=base), encoding="utf-8")
+    make("-t", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)
+    assert make_stages(make("-n", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)) == []  # up to date
+    weights = repo / STEP1 / "adapter/adapter_model.safetensors"
+    before = weights.stat()
+    os.utime(weights)  # written again, now: after the export
+    try:
+        assert make_stages(make("-n", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)) == \
+            [("export", "recipes/merge.yaml")]
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))

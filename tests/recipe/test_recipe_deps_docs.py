@@ -33,6 +33,7 @@ def test_deps_lines(write):
         "BENCHMARK=",
         "BENCHMARK_FILES=",
         "NO_TRAIN=",
+        "CHECKPOINT_FILES=",
         "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
