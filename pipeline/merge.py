@@ -51,7 +51,7 @@ from pipeline.model.weights import DTYPES, note
 from pipeline.model.config import ModelConfig, base_folder, length_limit
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
-from pipeline.names import trains_adapter
+from pipeline.names import CHECKPOINT_NAME, trains_adapter
 from pipeline.recipe.precision import weights_dtype
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
                                   recipe_args, run_this_for)
@@ -498,14 +498,16 @@ def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: 
 
 
 def trained_by(adapter: Path) -> str | None:
-    """The command that trains the run whose adapter/ `adapter` is: its recipe and command-line overrides as its
-    resolved.yaml beside it records them (recipe.resolve.recorded_command); None for an adapter without one (PEFT's,
-    the hub's)."""
+    """The command that trains the run whose adapter/ (or checkpoint-<step>/adapter) `adapter` is: its recipe and
+    command-line overrides as the run's resolved.yaml records them (recipe.resolve.recorded_command); None for an
+    adapter without one (PEFT's, the hub's). A checkpoint holds no resolved.yaml: the run's is above it (a merge
+    recipe naming saves/x/checkpoint-500 was told a bare `make train`, the Makefile's default recipe)."""
     from pipeline.recipe.resolve import recorded_command
     from pipeline.rerun import run_this
 
+    run = adapter.parent.parent if CHECKPOINT_NAME.fullmatch(adapter.parent.name) else adapter.parent
     try:
-        recorded = recorded_command(RunLayout(adapter.parent).resolved_yaml.read_text(encoding="utf-8"))
+        recorded = recorded_command(RunLayout(run).resolved_yaml.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return None
     return None if recorded is None else run_this("train", *recorded)
