@@ -220,7 +220,9 @@ UPSTREAMS ?= $(if $(UPSTREAM),$(UPSTREAM):$(UPSTREAM_GOAL))
 upstream_recipe = $(word 1,$(subst :, ,$(1)))
 upstream_goal = $(word 2,$(subst :, ,$(1)))
 upstream_stamp = $(call stamps_of,$(call upstream_recipe,$(1)))/$(call upstream_goal,$(1))
-UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u)))
+# A run's checkpoint-<step> used as it is (no upstream: deps' CHECKPOINT_FILES) counts by its files, which a run
+# trained again replaces: what starts from it is stale then (a file gone since deps listed it is left out).
+UPSTREAM_STAMPS := $(foreach u,$(UPSTREAMS),$(call upstream_stamp,$(u))) $(wildcard $(CHECKPOINT_FILES))
 # AS_UPSTREAM: an upstream made already says nothing. Its goal had no recipe, so GNU make said "make[1]: Nothing to be
 # done for 'train'." just before this recipe's own training began (a newcomer read it as this recipe's train); a goal
 # with a recipe (the no-op below) is never "nothing to be done". A make typed by the user keeps make's own line, and so

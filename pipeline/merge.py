@@ -51,7 +51,7 @@ from pipeline.model.weights import DTYPES, note
 from pipeline.model.config import ModelConfig, base_folder, length_limit
 from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
-from pipeline.names import trains_adapter
+from pipeline.names import CHECKPOINT_NAME, trains_adapter
 from pipeline.recipe.precision import weights_dtype
 from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
                                   recipe_args, run_this_for)
@@ -129,6 +129,14 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     return 0
 
 
+def run_of(adapter: Path) -> RunLayout:
+    """The run folder that wrote `adapter`, whose resolved.yaml says how it trained: adapter/'s parent, or for a
+    run's checkpoint-<step>/adapter the run's folder above the checkpoint (a checkpoint holds no resolved.yaml: a
+    merge recipe naming saves/x/checkpoint-500, LLaMA-Factory's way, read none)."""
+    folder = adapter.parent
+    return RunLayout(folder.parent if CHECKPOINT_NAME.fullmatch(folder.name) else folder)
+
+
 def _adapter_base_dtype(r: Mapping[str, Any], adapter: Path) -> str:
     """The dtype the adapter's run held its base in (weights_dtype): a LLaMA-Factory merge recipe (model + the run's
     adapter) does not say it, but the run's resolved.yaml beside adapter/ does. A pure_bf16 run's adapter is folded
@@ -139,7 +147,7 @@ def _adapter_base_dtype(r: Mapping[str, Any], adapter: Path) -> str:
 
     mine = weights_dtype(r)
     try:
-        run = yaml.safe_load(RunLayout(adapter.parent).resolved_yaml.read_text(encoding="utf-8"))
+        run = yaml.safe_load(run_of(adapter).resolved_yaml.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return mine
     return "bf16" if isinstance(run, dict) and weights_dtype(run) == "bf16" else mine
@@ -498,14 +506,15 @@ def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: 
 
 
 def trained_by(adapter: Path) -> str | None:
-    """The command that trains the run whose adapter/ `adapter` is: its recipe and command-line overrides as its
-    resolved.yaml beside it records them (recipe.resolve.recorded_command); None for an adapter without one (PEFT's,
-    the hub's)."""
+    """The command that trains the run whose adapter/ (or checkpoint-<step>/adapter) `adapter` is: its recipe and
+    command-line overrides as the run's resolved.yaml records them (recipe.resolve.recorded_command); None for an
+    adapter without one (PEFT's, the hub's). A checkpoint's is its run's (run_of: a merge recipe naming
+    saves/x/checkpoint-500 was told a bare `make train`, the Makefile's default recipe)."""
     from pipeline.recipe.resolve import recorded_command
     from pipeline.rerun import run_this
 
     try:
-        recorded = recorded_command(RunLayout(adapter.parent).resolved_yaml.read_text(encoding="utf-8"))
+        recorded = recorded_command(run_of(adapter).resolved_yaml.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError):
         return None
     return None if recorded is None else run_this("train", *recorded)
@@ -519,7 +528,7 @@ def untrained_cause(adapter: Path) -> str | None:
 
     from pipeline.recipe.steps import steps_word, warmup_waste
 
-    resolved = RunLayout(adapter.parent).resolved_yaml
+    resolved = run_of(adapter).resolved_yaml
     try:
         run = yaml.safe_load(resolved.read_text(encoding="utf-8"))
         total, warmup = run["total_steps"], run["num_warmup_steps"]

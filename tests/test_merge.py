@@ -514,3 +514,14 @@ def test_a_pure_bf16_models_update_is_measured_from_the_base_it_trained_from(tmp
     assert check.report["changed_tensors"] == 1 and check.report["update_lost"] == {"bf16": 0.0}
     with pytest.raises(UserError, match="loses"):  # from the fp32 base: the bf16 rounding read as a lost update
         merge.reexport_full(recipe_args(keys), data_args(keys), export_args(keys), RunLayout(tmp_path), "r.yaml")
+
+
+def test_a_checkpoint_adapter_goes_by_its_runs_resolved_yaml(tmp_path):
+    """A merge recipe naming saves/x/checkpoint-N of a pure_bf16 run: the base is folded in bf16, as that run held it
+    (its resolved.yaml is in the run's folder; a checkpoint holds none: before, the checkpoint's adapter was folded
+    onto the fp32 base, another model than the one trained, without a word)."""
+    (tmp_path / "run/checkpoint-3/adapter").mkdir(parents=True)
+    (tmp_path / "run/resolved.yaml").write_text("pure_bf16: true  # cli\n", encoding="utf-8")
+    assert merge._adapter_base_dtype({}, tmp_path / "run/checkpoint-3/adapter") == "bf16"
+    assert merge._adapter_base_dtype({}, tmp_path / "run/adapter") == "bf16"
+    assert merge._adapter_base_dtype({}, tmp_path / "elsewhere/adapter") == "fp32"

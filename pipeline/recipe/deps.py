@@ -10,6 +10,8 @@
     BENCHMARK=<task (LLaMA-Factory's eval recipe: `make eval` runs the benchmark, no data / train / merge), or empty>
     BENCHMARK_FILES=<the files of the task's folder, task_dir/<name>/ (editing them makes `make eval` stale)>
     NO_TRAIN=<y for do_train: false (an eval recipe: `make eval` runs data, validate, eval; no train, no merge), or empty>
+    CHECKPOINT_FILES=<the files of a run's checkpoint-<step> it starts from, used as it is (no upstream): a run trained
+        again, which replaces the step, makes train, eval and export stale>
     UPSTREAMS=<recipe:goal ...: every recipe in scope that writes a model this one starts from>
     UPSTREAM=<the first of them (the one holding model_name_or_path, else the adapter, else ref_model), or empty>
     UPSTREAM_GOAL=<its goal>
@@ -74,6 +76,19 @@ def _upstream(recipe_path: Path, path: str) -> tuple[Path, str] | None:
     recipe, goal = found[0]
     step = run_checkpoint(path, recipe) if goal == "train" else None
     return None if step is not None and (os.path.exists(path) or unsaved_step(recipe, step)) else found[0]
+
+
+def checkpoint_files(r: Resolved) -> list[str]:
+    """The files of each run's checkpoint-<step> the recipe starts from (_upstream: used as it is, not chained): it
+    has no stamp of its own, so its files are make's prerequisites instead. Without them, after its run was trained
+    again (checkpoint-<step> replaced), `make export` said nothing to be done and export_dir kept the merge of a step
+    the run no longer holds. [] while it is missing (then it is chained, or refused)."""
+    files: list[str] = []
+    for path in upstream_paths(r):
+        found = producers(r.recipe_path, path)
+        if len(found) == 1 and found[0][1] == "train" and run_checkpoint(path, found[0][0]) is not None:
+            files += [f for f in nameable_files(Path(path)) if f not in files]
+    return files
 
 
 def _refuse_cycle(recipe_path: Path, first: list[Path]) -> None:
@@ -194,6 +209,7 @@ def lines(r: Resolved) -> list[str]:
         f"BENCHMARK={r['task'] or ''}",
         f"BENCHMARK_FILES={' '.join(benchmark_files(r))}",
         f"NO_TRAIN={'' if r['do_train'] else 'y'}",
+        f"CHECKPOINT_FILES={' '.join(checkpoint_files(r))}",
         f"UPSTREAMS={' '.join(f'{recipe}:{goal}' for recipe, goal in found)}",
         f"UPSTREAM={found[0][0] if found else ''}",
         f"UPSTREAM_GOAL={found[0][1] if found else ''}",

@@ -146,7 +146,8 @@ def unsaved_step(recipe: Path, step: int) -> str | None:
     """Why the run `recipe` trains writes no checkpoint-<step>, by its keys as written (save_strategy, save_steps,
     max_steps; the schema's defaults where unset), or None when it does or may (a run of num_train_epochs ends at a
     step counted from the data: any step may be its last, which always saves). train saves every save_steps steps
-    under save_strategy steps, and at the end."""
+    under save_strategy steps, and at the end; save_total_limit then removes all but the newest (a removed step was
+    chained: make retrained a finished run from scratch for a folder that training removes again)."""
     from pipeline.recipe.spec import defaults
 
     given = {k: recipe_value(recipe, k) for k in ("save_strategy", "save_steps", "max_steps")}
@@ -155,7 +156,14 @@ def unsaved_step(recipe: Path, step: int) -> str | None:
     if not isinstance(last, int) or last < 1 or step == last:
         return None
     if step < last and strategy == "steps" and isinstance(every, int) and every > 0 and step % every == 0:
-        return None
+        limit = recipe_value(recipe, "save_total_limit")  # train.checkpoint.prune: the newest `limit` stay
+        if not isinstance(limit, int) or limit < 1:
+            return None
+        saved = range(every, last, every)
+        kept = [*saved[max(0, len(saved) - limit + 1):], last]
+        shown = " and ".join(f"checkpoint-{k}" for k in kept) if len(kept) < 3 else \
+            f"checkpoint-{kept[0]} to checkpoint-{last}"
+        return None if step in kept else f"save_total_limit {limit} removes it (the run keeps {shown})"
     if step < last and strategy == "epoch":
         return None  # an epoch's end: counted from the data
     return f"save_strategy {strategy}, save_steps {every}, max_steps {last}"

@@ -254,3 +254,49 @@ def test_make_export_of_checkpoint_n_uses_it_as_it_is(run):
     finally:
         os.chdir(here)
         (repo / "recipes/later.yaml").unlink()
+
+
+def test_make_export_of_checkpoint_n_runs_again_when_the_step_is_written_again(run):
+    """The checkpoint used as it is has no stamp of its own: its files are export's prerequisites (deps'
+    CHECKPOINT_FILES). Exported once (`make -t`: the stamps as after a real export), then the run trained again, which
+    replaces checkpoint-1 (its files newer): `make -n export` would export again. Before, make said nothing to be done
+    and export_dir kept the merge of the step the run no longer holds (this test failed there: [] stages)."""
+    repo, base = run
+    venv = f"VENV={repo / 'venv'}"
+    merge = repo / "recipes/merge.yaml"
+    if not merge.exists():
+        merge.write_text(MERGE_RECIPE.format(base=base), encoding="utf-8")
+    make("-t", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)
+    assert make_stages(make("-n", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)) == []  # up to date
+    weights = repo / STEP1 / "adapter/adapter_model.safetensors"
+    before = weights.stat()
+    os.utime(weights)  # written again, now: after the export
+    try:
+        assert make_stages(make("-n", "export", "RECIPE=recipes/merge.yaml", venv, cwd=repo)) == \
+            [("export", "recipes/merge.yaml")]
+    finally:
+        os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_an_untrained_checkpoint_n_names_the_training_of_its_run(run):
+    """export of a merge recipe naming a run's checkpoint-N whose adapter is all zero (a step at lr 0): the refusal
+    names that run's training (recipes/train.yaml, from the resolved.yaml in the run's folder, the checkpoint's
+    parent), not a bare `make train`, which trains the Makefile's default recipe (failed before: trained_by read
+    checkpoint-N/resolved.yaml, which no run writes). A copy of the run (saves/z) with its checkpoint-1's lora_B
+    zeroed: the fixture's run stays as it is."""
+    from safetensors.torch import load_file, save_file
+
+    repo, base = run
+    merge = repo / "recipes/merge.yaml"
+    if not merge.exists():
+        merge.write_text(MERGE_RECIPE.format(base=base), encoding="utf-8")
+    copy = repo / "saves/z/checkpoint-1/adapter"
+    copy.mkdir(parents=True)
+    (repo / "saves/z/resolved.yaml").write_bytes((repo / "saves/r/resolved.yaml").read_bytes())
+    (copy / "adapter_config.json").write_bytes((repo / STEP1 / "adapter/adapter_config.json").read_bytes())
+    tensors = load_file(repo / STEP1 / "adapter/adapter_model.safetensors")
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in tensors.items()}, copy / "adapter_model.safetensors")
+    said = refused("export", "recipes/merge.yaml", "adapter_name_or_path=saves/z/checkpoint-1", cwd=repo,
+                   as_typed=False)
+    assert "the adapter is untrained" in said and \
+        "`make train RECIPE=recipes/train.yaml` (python -m pipeline train recipes/train.yaml)" in said, said

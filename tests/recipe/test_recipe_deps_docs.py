@@ -33,6 +33,7 @@ def test_deps_lines(write):
         "BENCHMARK=",
         "BENCHMARK_FILES=",
         "NO_TRAIN=",
+        "CHECKPOINT_FILES=",
         "UPSTREAMS=recipes/demo_pt.yaml:train",
         "UPSTREAM=recipes/demo_pt.yaml",
         "UPSTREAM_GOAL=train",
@@ -294,3 +295,15 @@ def test_reference_page_agrees_with_schema():
     assert START in page.read_text(encoding="utf-8"), f"{page}: the recipe-reference markers are missing"
     assert docs_main(["--page", str(page), "--check"]) == 0, \
         "docs/recipe-reference.md is stale: run `python -m pipeline.recipe.docs`"
+
+
+def test_a_step_save_total_limit_removes_is_not_trained_for(tmp_path):
+    """save_total_limit: 2 with save_steps 1, max_steps 4 keeps checkpoint-3 and -4: step 1 and 2 are removed as
+    the run goes on, so make does not chain the training for them (a run trained as typed has no stamp: make
+    retrained it from scratch with --retrain-finished) and export names the folder and why. Failed before (None)."""
+    from pipeline.recipe.siblings import unsaved_step
+
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("save_steps: 1\nmax_steps: 4\nsave_total_limit: 2\n", encoding="utf-8")
+    assert [unsaved_step(recipe, step) is None for step in (1, 2, 3, 4)] == [False, False, True, True]
+    assert "save_total_limit 2" in unsaved_step(recipe, 2)
