@@ -777,34 +777,60 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-# PEFT's init_lora_weights values that change the base weights at injection (PiSSA, CorDA, OLoRA: PEFT warns that such
-# an adapter "changes the base weights of the model", peft_model.py _check_new_adapter_config): the trained pairs
-# apply to that residual base, not to the original checkpoint
-BASE_MUTATING_INITS = ("pissa", "corda", "olora")
+# PEFT 0.21's init_lora_weights values whose start changes the base weights (tuners/lora/layer.py update_layer: the
+# pissa / olora / corda / lora_ga inits subtract the starting pairs' product from the base layer's weight, loftq
+# replaces it by its quantized form): the trained pairs apply to that base, not to the checkpoint, so read as a plain
+# LoRA on model_name_or_path, as this pipeline reads every adapter, the file is another model without an error. Each
+# with how PEFT itself loads such a file onto the checkpoint. "eva", "mica", "orthogonal" and "gaussian" start the
+# pairs alone (B = 0, or a product nothing subtracts) and leave the base as it is: such an adapter is a plain LoRA.
+BASE_MUTATING_INITS = {
+    "pissa": "PEFT recomputes that start when it loads it",
+    "olora": "PEFT recomputes that start (a QR decomposition of each weight) when it loads it",
+    "corda": "PEFT's load needs the statistics preprocess_corda took from the training data, and raises without them",
+    "lora_ga": "PEFT 0.21 loads it onto the original base: the gradients its start came from are gone",
+    "loftq": "PEFT quantizes the checkpoint again when it loads it",
+}
+# Those PEFT converts to a plain LoRA on the original base (rank 2r, init_lora_weights true): save_pretrained(...,
+# path_initial_model_for_weight_conversion=<the adapter saved before training>), peft/tuners/lora/model.py
+# _convert_state_dict_for_initial_model. LoftQ has no conversion: its base is another (quantized) model.
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 
 
 def base_mutating_init(config: Mapping[str, Any]) -> str | None:
-    """adapter_config.json's init_lora_weights where it is one of BASE_MUTATING_INITS ('pissa', 'pissa_niter_16', ...),
-    else None: True / false / 'gaussian' (a plain LoRA, and what PEFT's conversion writes) leave the base as it is."""
+    """adapter_config.json's init_lora_weights where it starts with one of BASE_MUTATING_INITS ('pissa',
+    'pissa_niter_16', 'loftq', ...), else None: True / false / 'gaussian' (a plain LoRA, and what PEFT's conversion
+    writes), 'eva', 'mica', 'orthogonal' leave the base as it is."""
     init = config.get("init_lora_weights")
-    return init if isinstance(init, str) and init.lower().startswith(BASE_MUTATING_INITS) else None
+    return init if isinstance(init, str) and init.lower().startswith(tuple(BASE_MUTATING_INITS)) else None
 
 
 def unconverted_message(path: Path, init: str) -> str:
-    """Why an unconverted PiSSA (CorDA, OLoRA) adapter is refused, and where its conversion is: LLaMA-Factory 0.9.5's
-    PissaConvertCallback leaves the unconverted one in output_dir and writes the converted one to
-    output_dir/pissa_converted (pissa_convert: true), which a merge recipe names instead."""
+    """Why an adapter whose start changed the base (base_mutating_init) is refused, and the way on: for PiSSA (OLoRA,
+    CorDA, LoRA-GA) its conversion to a plain LoRA, which LLaMA-Factory 0.9.5's PissaConvertCallback writes to
+    output_dir/pissa_converted (pissa_convert: true; the unconverted one stays in output_dir), where a merge recipe
+    names it; for LoftQ the backbone it was trained on, as PEFT's LoftQ example saves it, or PEFT's merge."""
+    name = next(k for k in BASE_MUTATING_INITS if init.lower().startswith(k))
+    shown = f"{path}: init_lora_weights is {json.dumps(init)}"
+    if name not in CONVERTIBLE_INITS:  # LoftQ
+        return (f"{shown}: the adapter as trained, whose pairs apply to the backbone LoftQ wrote in place of each"
+                " targeted weight (quantized to loftq_config's loftq_bits), not to the checkpoint itself"
+                f" ({BASE_MUTATING_INITS[name]}); read as a plain LoRA on model_name_or_path it would compute another"
+                " model without an error. Use that backbone as model_name_or_path with this adapter saved under"
+                " init_lora_weights true (PEFT's examples/loftq_finetuning save both so; where model_name_or_path"
+                " already is that backbone, set init_lora_weights: true in this file), or fold the adapter into it"
+                " with PEFT's merge_and_unload() and use that checkpoint as model_name_or_path")
     converted = path.parent / "pissa_converted"
     where = (f"set adapter_name_or_path: {converted}, which holds it" if (converted / ADAPTER_CONFIG).is_file() else
-             "LLaMA-Factory writes it to output_dir/pissa_converted with pissa_convert: true, PEFT with save_pretrained"
-             "(..., path_initial_model_for_weight_conversion=<the adapter saved before training>)")
-    randomized = (" (by a randomized SVD for pissa_niter_<k>: another start than the trained one)"
+             ("LLaMA-Factory writes it to output_dir/pissa_converted with pissa_convert: true, " if name == "pissa"
+              else "") + "PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved"
+             " before training>)")
+    randomized = (", by a randomized SVD for pissa_niter_<k>: another start than the trained one"
                   if init.lower().startswith("pissa_niter") else "")
-    return (f"{path}: init_lora_weights is {json.dumps(init)}: the adapter as trained, whose pairs apply to the residual"
-            " base its start took out of the original weights, not to the checkpoint itself (PEFT recomputes that"
-            f" start when it loads it{randomized}); read as a plain LoRA on model_name_or_path it would compute another"
-            " model without an error. Use its conversion to a plain LoRA on the original base (init_lora_weights true,"
-            f" rank 2r; this pipeline's runs always write adapter/ so): {where}")
+    return (f"{shown}: the adapter as trained, whose pairs apply to the residual base its start took out of the"
+            f" original weights, not to the checkpoint itself ({BASE_MUTATING_INITS[name]}{randomized}); read as a"
+            " plain LoRA on model_name_or_path it would compute another model without an error. Use its conversion"
+            " to a plain LoRA on the original base (init_lora_weights true, rank 2r; this pipeline's runs always"
+            f" write adapter/ so): {where}")
 
 
 def differing_settings(recipe_keys: Mapping[str, str], config: Mapping[str, Any],
