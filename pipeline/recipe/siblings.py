@@ -155,9 +155,10 @@ def unsaved_step(recipe: Path, step: int) -> str | None:
     strategy, every, last = values["save_strategy"], values["save_steps"], values["max_steps"]
     if not isinstance(last, int) or last < 1 or step == last:
         return None
+    limit = recipe_value(recipe, "save_total_limit")  # train.checkpoint.prune: the newest `limit` stay
+    limit = limit if isinstance(limit, int) and limit >= 1 else None
     if step < last and strategy == "steps" and isinstance(every, int) and every > 0 and step % every == 0:
-        limit = recipe_value(recipe, "save_total_limit")  # train.checkpoint.prune: the newest `limit` stay
-        if not isinstance(limit, int) or limit < 1:
+        if limit is None:
             return None
         saved = range(every, last, every)
         kept = [*saved[max(0, len(saved) - limit + 1):], last]
@@ -165,7 +166,9 @@ def unsaved_step(recipe: Path, step: int) -> str | None:
             f"checkpoint-{kept[0]} to checkpoint-{last}"
         return None if step in kept else f"save_total_limit {limit} removes it (the run keeps {shown})"
     if step < last and strategy == "epoch":
-        return None  # an epoch's end: counted from the data
+        # an epoch's end, counted from the data: saved, unless save_total_limit 1 keeps the last step alone (which
+        # epoch ends a larger limit keeps depends on the data's count too)
+        return f"save_total_limit 1 removes it (the run keeps checkpoint-{last})" if limit == 1 else None
     return f"save_strategy {strategy}, save_steps {every}, max_steps {last}"
 
 

@@ -307,3 +307,18 @@ def test_a_step_save_total_limit_removes_is_not_trained_for(tmp_path):
     recipe.write_text("save_steps: 1\nmax_steps: 4\nsave_total_limit: 2\n", encoding="utf-8")
     assert [unsaved_step(recipe, step) is None for step in (1, 2, 3, 4)] == [False, False, True, True]
     assert "save_total_limit 2" in unsaved_step(recipe, 2)
+
+
+def test_save_strategy_epoch_with_save_total_limit_1_keeps_the_last_step_alone(tmp_path):
+    """save_strategy: epoch saves each epoch's end (a step counted from the data: any step may be one), but
+    save_total_limit: 1 then keeps the final step alone (train.checkpoint.prune at every save): no other step is
+    there to chain the training for. A larger limit keeps epoch ends the data decides: maybe saved. Failed before
+    (None for every step under epoch)."""
+    from pipeline.recipe.siblings import unsaved_step
+
+    recipe = tmp_path / "train.yaml"
+    recipe.write_text("save_strategy: epoch\nmax_steps: 6\nsave_total_limit: 1\n", encoding="utf-8")
+    assert [unsaved_step(recipe, step) is None for step in (2, 3, 6)] == [False, False, True]
+    assert unsaved_step(recipe, 3) == "save_total_limit 1 removes it (the run keeps checkpoint-6)"
+    recipe.write_text("save_strategy: epoch\nmax_steps: 6\nsave_total_limit: 2\n", encoding="utf-8")
+    assert unsaved_step(recipe, 3) is None
