@@ -209,6 +209,18 @@ def _normalise(key: str, value: Any, prop: dict[str, Any]) -> Any:
     return value
 
 
+def comma_form(key: str, value: Any) -> str | None:
+    """`value` as LLaMA-Factory's comma string (dataset=a,b), which _normalise reads back as this same list, where `key`
+    takes it; else None. A list written back for a message's command line so takes no nested quoting in make's
+    ARGS='...' (its JSON, dataset=["a", "b"], does)."""
+    if key not in _LIST_KEYS or not isinstance(value, list) or not value:
+        return None
+    if not all(isinstance(v, str) and v and v == v.strip() and "," not in v for v in value):
+        return None
+    joined = ",".join(value)
+    return joined if _reads_back(joined) else None
+
+
 def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> tuple[int, str | None]:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -439,8 +451,8 @@ def recorded_command(text: str) -> tuple[str, tuple[str, ...]] | None:
     """(recipe, command-line overrides) of the run whose resolved.yaml is `text` (resolved_yaml's format: its first
     line names the recipe, a `# cli` value came from the command line), for a message that says how to run that run
     again (an adapter merged away from its run folder: pipeline.merge). The overrides are written back as key=value
-    (a string as is where it reads back as that string, else the value's JSON, which is YAML flow syntax too); None
-    when `text` is no resolved.yaml."""
+    (a list as its comma string where the key takes one, a string as is where it reads back as that string, else
+    the value's JSON, which is YAML flow syntax too); None when `text` is no resolved.yaml."""
     import yaml
 
     first, _, rest = text.partition("\n")
@@ -456,7 +468,8 @@ def recorded_command(text: str) -> tuple[str, tuple[str, ...]] | None:
             value = yaml.safe_load(flow)
         except yaml.YAMLError:
             return None
-        overrides.append(f"{key}={value if isinstance(value, str) and _reads_back(value) else flow}")
+        plain = value if isinstance(value, str) and _reads_back(value) else None
+        overrides.append(f"{key}={comma_form(key, value) or plain or flow}")
     return first.removeprefix(RECIPE_LINE), tuple(overrides)
 
 

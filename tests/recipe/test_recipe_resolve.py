@@ -265,16 +265,22 @@ def test_resolved_yaml_records_the_command_that_ran(recipe):
     resolved.yaml (pipeline.merge.trained_by): the recipe and each override, written back so that they resolve to
     the same values (a string that reads as another type keeps its quotes)."""
     from pipeline.recipe.resolve import recorded_command
+    from pipeline.rerun import run_this
 
-    typed = ["seed=7", "lora_target=[c_attn,c_fc]", "output_dir=saves/x y", "run_name='true'"]
+    typed = ["seed=7", "lora_target=[c_attn,c_fc]", "output_dir=saves/x y", "run_name='true'", "dataset=a,b",
+             "eval_dataset=[yes]"]
     r = resolve(recipe(), typed)
     path, overrides = recorded_command(resolved_yaml(r))
     assert path == str(r.recipe_path)
-    assert sorted(overrides) == sorted(['seed=7', 'lora_target=["c_attn", "c_fc"]', "output_dir=saves/x y",
-                                        'run_name="true"'])
+    # a list of a key LLaMA-Factory reads as a comma string comes back in that form (it was dataset=["a", "b"]); one
+    # whose comma form reads as another type keeps its JSON
+    assert sorted(overrides) == sorted(['seed=7', "lora_target=c_attn,c_fc", "output_dir=saves/x y",
+                                        'run_name="true"', "dataset=a,b", 'eval_dataset=["yes"]'])
     again = resolve(path, overrides)
     assert all(again[key.split("=")[0]] == r[key.split("=")[0]] for key in typed)
     assert recorded_command("seed: 7  # cli\n") is None  # no resolved.yaml
+    # the message's make form needs no quoting at all (it was ARGS='dataset='"'"'["a", "b"]'"'"'')
+    assert "ARGS=dataset=a,b`" in run_this("train", "r.yaml", [o for o in overrides if o.startswith("dataset")])
 
 
 def test_resolve_reads_manifests_relative_to_dataset_dir(write, manifest):
