@@ -375,6 +375,12 @@ def shown_path(base_file: str, target: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(base_file), target))
 
 
+def shown_here(path: Path) -> Path:
+    """A path as make and the messages name it: relative to the working directory when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else Path(relative)
+
+
 def _extends_targets(entry: Entry, errors: list[str]) -> list[str]:
     value = entry.value
     if value is None:

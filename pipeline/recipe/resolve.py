@@ -31,7 +31,7 @@ from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.steps import batches_per_step
 from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
-from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
+from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial, shown_here
 from pipeline.recipe.run_folders import run_adapter
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target",  # LLaMA-Factory: comma strings
@@ -422,11 +422,16 @@ def derive_steps(r: Resolved, num_train_examples: int) -> Resolved:
 
 
 RECIPE_LINE = "# resolved recipe: "  # resolved_yaml's first line: the recipe as the user named it
+# its second line: the folder the run was started in, which that name (and the recipe's relative paths) is relative to.
+# A comment, so every reader of the file as YAML, or of its first line only (RunLayout.finished_recipe), reads it as
+# before; a file written without it (older code) names the recipe from the folder of the command reading it.
+RAN_IN_LINE = "# started in: "
 
 
 def resolved_yaml(r: Resolved) -> str:
     """Every value with its provenance as a comment, grouped like the schema (for output_dir/resolved.yaml)."""
-    lines = [f"{RECIPE_LINE}{r.recipe_path}", "# value  # provenance: default | file:line | cli | derived"]
+    lines = [f"{RECIPE_LINE}{r.recipe_path}", f"{RAN_IN_LINE}{os.getcwd()}",
+             "# value  # provenance: default | file:line | cli | derived"]
     shown = set()
     for group, keys in spec.groups().items():
         lines.append(f"\n# --- {group} ---")
@@ -470,7 +475,18 @@ def recorded_command(text: str) -> tuple[str, tuple[str, ...]] | None:
             return None
         plain = value if isinstance(value, str) and _reads_back(value) else None
         overrides.append(f"{key}={comma_form(key, value) or plain or flow}")
-    return first.removeprefix(RECIPE_LINE), tuple(overrides)
+    return _named_here(first.removeprefix(RECIPE_LINE), rest), tuple(overrides)
+
+
+def _named_here(recipe: str, rest: str) -> str:
+    """The recipe path a run's resolved.yaml names (relative to the folder it was started in, RAN_IN_LINE), as a
+    command typed in this process's working folder names it: relative to it when inside it, else absolute. A run
+    trained with `cd recipes && python -m pipeline train x.yaml` recorded x.yaml, which from the repository's root
+    is recipes/x.yaml. As recorded where the file has no such line."""
+    ran_in = rest.partition("\n")[0]
+    if not ran_in.startswith(RAN_IN_LINE) or os.path.isabs(recipe):
+        return recipe
+    return str(shown_here(Path(os.path.normpath(os.path.join(ran_in.removeprefix(RAN_IN_LINE), recipe)))))
 
 
 def _reads_back(text: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from pipeline.errors import UserError
 from pipeline.names import CHECKPOINT_NAME, PREFERENCE_STAGES, split_names
-from pipeline.recipe.load import load_chain
+from pipeline.recipe.load import load_chain, shown_here
 
 MAX_FILES = 2000  # YAML files read per search; a working tree of recipes holds far fewer (LLaMA-Factory's: ~150)
 # Names (files and folders) looked at per search: make or validate started from a directory holding a large data tree
@@ -172,12 +172,6 @@ def unsaved_step(recipe: Path, step: int) -> str | None:
     return f"save_strategy {strategy}, save_steps {every}, max_steps {last}"
 
 
-def _shown(path: Path) -> Path:
-    """A path as make and the messages name it: relative to the working directory when inside it."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith(os.pardir) else Path(relative)
-
-
 def scanned(recipe_path: Path) -> tuple[list[Path], list[Path]]:
     """(every YAML file in scope, the folders read), sorted: the recipe's own folder and the working tree, as the
     module says. The Makefile lists the folders and their YAML files as prerequisites of deps.mk, so a recipe written
@@ -197,7 +191,7 @@ def scanned(recipe_path: Path) -> tuple[list[Path], list[Path]]:
             break
     files = files[:MAX_FILES] + [Path(os.path.normpath(p)) for p in recipe_path.parent.glob("*.y*ml")
                                  if p.suffix in (".yaml", ".yml")]
-    return sorted({p.resolve(): _shown(p) for p in files}.values()), sorted(folders)
+    return sorted({p.resolve(): shown_here(p) for p in files}.values()), sorted(folders)
 
 
 def _recipes(recipe_path: Path) -> list[Path]:

@@ -74,3 +74,11 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     err = refused("export", "export.yaml", cwd=workdir, as_typed=False)
     assert f"(warmup_ratio: 0, or more steps: max_steps), {again}; nothing was written" in err, err
     assert not (workdir / "saves/exported").exists()
+    # from another folder (the run was trained in workdir, whose resolved.yaml names r.yaml): the command names the
+    # recipe as typed from there, here by its absolute path (workdir is outside it). Failed before: "RECIPE=r.yaml",
+    # which is no recipe from sub/
+    (workdir / "sub").mkdir()
+    write_recipe(workdir / "sub/export.yaml", {}, model_name_or_path=str(hf_checkpoint("gpt2")), template="alpaca",
+                 adapter_name_or_path=str(workdir / "saves/r/adapter"), export_dir="exported")
+    err = refused("export", "export.yaml", cwd=workdir / "sub", as_typed=False)
+    assert f"`make train RECIPE={workdir / 'r.yaml'} ARGS=logging_steps=2`" in err, err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 
 import pytest
@@ -281,6 +282,25 @@ def test_resolved_yaml_records_the_command_that_ran(recipe):
     assert recorded_command("seed: 7  # cli\n") is None  # no resolved.yaml
     # the message's make form needs no quoting at all (it was ARGS='dataset='"'"'["a", "b"]'"'"'')
     assert "ARGS=dataset=a,b`" in run_this("train", "r.yaml", [o for o in overrides if o.startswith("dataset")])
+
+
+def test_recorded_command_names_the_recipe_from_where_it_is_typed(recipe, tmp_path, monkeypatch):
+    """A run trained in recipes/ (`cd recipes && python -m pipeline train r.yaml`) recorded r.yaml: a message typed
+    from the folder above names recipes/r.yaml, from outside both the absolute path (resolved.yaml's second line, the
+    folder the run started in). A resolved.yaml without that line (older code's) names it as recorded. Failed
+    before: r.yaml from everywhere."""
+    from pipeline.recipe.resolve import recorded_command
+
+    recipe(name="recipes/r.yaml")
+    monkeypatch.chdir(tmp_path / "recipes")
+    text = resolved_yaml(resolve("r.yaml", ["seed=7"]))
+    monkeypatch.chdir(tmp_path)
+    assert recorded_command(text) == (os.path.join("recipes", "r.yaml"), ("seed=7",))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert recorded_command(text)[0] == str(tmp_path / "recipes" / "r.yaml")
+    first, _, rest = text.split("\n", 2)
+    assert recorded_command(f"{first}\n{rest}") == ("r.yaml", ("seed=7",))
 
 
 def test_resolve_reads_manifests_relative_to_dataset_dir(write, manifest):
