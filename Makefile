@@ -261,7 +261,9 @@ $(STAMPS)/validate: $(if $(BENCHMARK),$(DEPS_MK) $(STAMPS)/args $(RECIPE_FILES) 
 # validate, which train follows, said the recipe's notices when the recipe or ARGS last changed: train says only its
 # own (the warmup's, dataloader_num_workers'), so that `make all` says each once (pipeline.recipe.notices.AFTER_VALIDATE;
 # the stamp tells train whether validate ran before the model it names was written, by an upstream or a download).
+# So does eval of a do_train: false recipe (NO_TRAIN), which follows validate with no train between.
 $(STAMPS)/train dry-run: export PIPELINE_AFTER_VALIDATE := $(STAMPS)/validate
+$(STAMPS)/eval: export PIPELINE_AFTER_VALIDATE := $(if $(NO_TRAIN),$(STAMPS)/validate)
 $(STAMPS)/train: $(STAMPS)/validate $(UPSTREAM_STAMPS) $(if $(TRAIN_DRY_RUN),FORCE)
 	$(LAUNCH) train $(RECIPE) --retrain-finished $(ARGS)
 	@$(if $(TRAIN_DRY_RUN),true,touch $@)

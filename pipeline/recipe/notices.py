@@ -347,15 +347,17 @@ SCHEDULE_COMMANDS = ("train", "plan")
 # The commands that say the recipe's other notices: those that check it (validate, which reads the checkpoint's
 # config.json and tokenizer first in make's chain), show it (plan, inspect) or run it alone (train, and those make
 # runs without validate: export, generate / chat). Not merge and eval, which follow train (a benchmark recipe's eval,
-# which trains nothing and follows no validate in make, does); build only when no validate follows it (BEFORE_VALIDATE).
+# which trains nothing and follows no validate in make, does; so does an eval recipe's, do_train: false, where no
+# validate said them: AFTER_VALIDATE); build only when no validate follows it (BEFORE_VALIDATE).
 RECIPE_COMMANDS = ("validate", "plan", "inspect", "train", "export", "generate", "chat")
 # Set by the Makefile for build when its goal is more than `make data` (validate or inspect comes next and says the
 # notices): a build typed alone, or `make data`, says them, as LLaMA-Factory's preprocessing recipes
 # (examples/train_lora/qwen3_preprocess.yaml: tokenized_path) are run for their data only.
 BEFORE_VALIDATE = "PIPELINE_BEFORE_VALIDATE"
-# Set by the Makefile for the stages that follow its validate stage (train, dry-run), to validate's stamp: validate
-# said the notices when the recipe or ARGS last changed (its stamp depends on both), so `make all` says each once, not
-# at validate and again at train. `python -m pipeline train` typed alone still says them.
+# Set by the Makefile for the stages that follow its validate stage (train, dry-run; eval of a do_train: false recipe,
+# which has no train), to validate's stamp: validate said the notices when the recipe or ARGS last changed (its stamp
+# depends on both), so `make all` says each once, not at validate and again at train. `python -m pipeline train`
+# (eval of such a recipe) typed alone still says them.
 AFTER_VALIDATE = "PIPELINE_AFTER_VALIDATE"
 
 
@@ -392,6 +394,8 @@ def says_recipe_notices(r: Any, command: str | None) -> bool:
         return True
     if command == "eval" and r["task"] is not None:  # a benchmark recipe: eval is its only stage
         return True
+    if command == "eval" and r["do_train"] is False:  # an eval recipe: eval follows no train, in make validate
+        return not after_validate(r)
     if command == "build":
         return not os.environ.get(BEFORE_VALIDATE)
     return command in RECIPE_COMMANDS and not (command == "train" and after_validate(r))

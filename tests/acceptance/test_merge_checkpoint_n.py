@@ -42,7 +42,8 @@ export_device: cpu
 export_legacy_format: false
 """
 # an eval recipe of the user's own: LLaMA-Factory's extras/nlg_eval predict recipe with the dataset this pipeline
-# requires (docs/coming-from-llama-factory.md); step 1's adapter on the base, the held-out rows, another output_dir
+# requires (docs/coming-from-llama-factory.md); step 1's adapter on the base, the held-out rows, another output_dir;
+# run_name without wandb has a notice (validate's, not eval's again under make)
 EVAL_RECIPE = """model_name_or_path: {base}
 adapter_name_or_path: saves/r/checkpoint-1
 stage: sft
@@ -56,6 +57,7 @@ max_new_tokens: 4
 max_eval_samples: 2
 eval_base: false
 output_dir: saves/eval_step1
+run_name: step1
 """
 
 
@@ -144,11 +146,12 @@ def _loss(model, recipe: Path, cwd: Path) -> float:
 
 
 def test_an_eval_recipe_of_checkpoint_n_evaluates_that_step(run):
-    """`python -m pipeline eval` of an eval recipe naming saves/r/checkpoint-1 scores step 1's adapter: its tuned loss
+    """eval of an eval recipe naming saves/r/checkpoint-1 scores step 1's adapter: its tuned loss
     is PEFT's on checkpoint-1/adapter, not the final adapter's; the run's folder gets no eval/. `make eval` of it
     runs build, validate and eval: before, it ran train, which refused the recipe (lora_rank 8, the default, against
     the adapter's r 4: a rule for continuing an adapter, applied where do_train: false only evaluates; this test
-    failed there) and would then have evaluated, and merge, which wrote a merged copy, before eval."""
+    failed there) and would then have evaluated, and merge, which wrote a merged copy, before eval. eval says none
+    of the notices validate said."""
     from pipeline.recipe import resolve
 
     repo, base = run
@@ -162,9 +165,14 @@ def test_an_eval_recipe_of_checkpoint_n_evaluates_that_step(run):
         os.chdir(here)
     recipe = repo / "recipes/eval_step1.yaml"
     pipeline("build", recipe, cwd=repo, as_typed=False)
-    # in this process (main(argv)): what is asked is which weights eval takes, which an interpreter's start does not
-    # change (eval as typed: tests/evaluate, test_user_paths); the training above and make below run as typed
-    pipeline("eval", "recipes/eval_step1.yaml", cwd=repo, as_typed=False)
+    # eval as make runs it after validate (its stamp touched: validate's notices are tests/recipe's), as typed: the
+    # recipe's run_name notice, which validate said, eval does not say again (the Makefile's PIPELINE_AFTER_VALIDATE),
+    # where eval typed alone says it (tests/recipe/test_review_h199). Failed without the Makefile's export (eval said it)
+    args = ("RECIPE=recipes/eval_step1.yaml", f"VENV={repo / 'venv'}")
+    make("-t", "validate", *args, cwd=repo)
+    proc = make("eval", *args, cwd=repo)
+    assert make_stages(proc) == [("eval", "recipes/eval_step1.yaml")]
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("notice:")], proc.stderr
     metrics = json.loads((repo / "saves/eval_step1/eval/metrics.json").read_text())
     assert metrics["tuned_model"] == f"{base} + LoRA adapter {STEP1}/adapter"
     tuned = metrics["results"]["tuned"]["loss"]

@@ -36,6 +36,25 @@ def test_a_stamp_that_is_not_there_leaves_the_notices_to_train(tmp_path, monkeyp
     assert notices.says_recipe_notices(_recipe("qwen3-tiny"), "train")
 
 
+def test_an_eval_recipes_eval_says_the_notices_where_no_validate_did(tmp_path, monkeypatch):
+    """An eval recipe (do_train: false: LLaMA-Factory's nlg_eval predict recipe) has no train: `python -m pipeline
+    eval` typed alone is its only stage and says the recipe's notices (failed before: none, as for eval after a
+    train); after make's validate (PIPELINE_AFTER_VALIDATE, the Makefile sets it for eval under NO_TRAIN) it does
+    not say them again. eval of a trained recipe follows train, which said them."""
+    stamp, model = tmp_path / "validate", tmp_path / "merged"
+    stamp.write_text("")
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    os.utime(model / "config.json", ns=(10**17, 10**17))
+    os.utime(stamp, ns=(10**18, 10**18))
+    eval_recipe = {**_recipe(str(model)), "do_train": False}
+    assert notices.says_recipe_notices(eval_recipe, "eval")
+    monkeypatch.setenv(notices.AFTER_VALIDATE, str(stamp))
+    assert not notices.says_recipe_notices(eval_recipe, "eval")
+    monkeypatch.delenv(notices.AFTER_VALIDATE)
+    assert not notices.says_recipe_notices({**eval_recipe, "do_train": True}, "eval")
+
+
 def test_the_dry_run_goal_is_told_as_a_dry_run():
     """`make dry-run` runs `train RECIPE --dry-run` (Makefile): the command beside it must not be a real training."""
     from pipeline.rerun import run_this
