@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.acceptance.harness import make, make_stages, pipeline, refused, scratch_repo, write_data, write_recipe
+from tests.acceptance.harness import (cli_env, make, make_stages, pipeline, refused, scratch_repo, write_data,
+                                      write_recipe)
 
 STEP1 = "saves/r/checkpoint-1"
 
@@ -165,14 +166,20 @@ def test_an_eval_recipe_of_checkpoint_n_evaluates_that_step(run):
         os.chdir(here)
     recipe = repo / "recipes/eval_step1.yaml"
     pipeline("build", recipe, cwd=repo, as_typed=False)
-    # eval as make runs it after validate (its stamp touched: validate's notices are tests/recipe's), as typed: the
-    # recipe's run_name notice, which validate said, eval does not say again (the Makefile's PIPELINE_AFTER_VALIDATE),
-    # where eval typed alone says it (tests/recipe/test_review_h199). Failed without the Makefile's export (eval said it)
+    # eval as make runs it after validate (its stamp touched: validate's notices are tests/recipe's), its command
+    # replaced by one that shows the environment make gives it: validate's stamp (PIPELINE_AFTER_VALIDATE), with which
+    # eval does not say the recipe's run_name notice again; eval typed alone says it (tests/recipe/test_review_h199).
+    # Failed without the Makefile's export (eval said it a second time). eval itself runs in this process (main(argv)):
+    # what is asked is which weights it takes, which an interpreter's start does not change (eval as typed:
+    # tests/evaluate, test_user_paths; a real `make eval` of this recipe costs 6 s more)
     args = ("RECIPE=recipes/eval_step1.yaml", f"VENV={repo / 'venv'}")
     make("-t", "validate", *args, cwd=repo)
-    proc = make("eval", *args, cwd=repo)
-    assert make_stages(proc) == [("eval", "recipes/eval_step1.yaml")]
-    assert not [line for line in proc.stderr.splitlines() if line.startswith("notice:")], proc.stderr
+    shown = make("eval", *args, """LAUNCH=sh -c 'echo "after validate: $$PIPELINE_AFTER_VALIDATE"' sh""", cwd=repo)
+    (after,) = [line.partition(": ")[2] for line in shown.stdout.splitlines() if line.startswith("after validate:")]
+    assert Path(repo / after).name == "validate" and Path(repo / after).is_file(), shown.stdout
+    err = pipeline("eval", "recipes/eval_step1.yaml", cwd=repo, as_typed=False,
+                   env=cli_env(PIPELINE_AFTER_VALIDATE=after)).stderr
+    assert not [line for line in err.splitlines() if line.startswith("notice:")], err
     metrics = json.loads((repo / "saves/eval_step1/eval/metrics.json").read_text())
     assert metrics["tuned_model"] == f"{base} + LoRA adapter {STEP1}/adapter"
     tuned = metrics["results"]["tuned"]["loss"]
