@@ -482,11 +482,13 @@ def _named_here(recipe: str, rest: str) -> str:
     """The recipe path a run's resolved.yaml names (relative to the folder it was started in, RAN_IN_LINE), as a
     command typed in this process's working folder names it: relative to it when inside it, else absolute. A run
     trained with `cd recipes && python -m pipeline train x.yaml` recorded x.yaml, which from the repository's root
-    is recipes/x.yaml. As recorded where the file has no such line."""
+    is recipes/x.yaml. As recorded where the file has no such line, or names no file there (a run folder copied from
+    another machine)."""
     ran_in = rest.partition("\n")[0]
     if not ran_in.startswith(RAN_IN_LINE) or os.path.isabs(recipe):
         return recipe
-    return str(shown_here(Path(os.path.normpath(os.path.join(ran_in.removeprefix(RAN_IN_LINE), recipe)))))
+    path = Path(os.path.normpath(os.path.join(ran_in.removeprefix(RAN_IN_LINE), recipe)))
+    return str(shown_here(path)) if path.is_file() else recipe
 
 
 def _reads_back(text: str) -> bool:

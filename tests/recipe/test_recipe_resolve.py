@@ -287,8 +287,8 @@ def test_resolved_yaml_records_the_command_that_ran(recipe):
 def test_recorded_command_names_the_recipe_from_where_it_is_typed(recipe, tmp_path, monkeypatch):
     """A run trained in recipes/ (`cd recipes && python -m pipeline train r.yaml`) recorded r.yaml: a message typed
     from the folder above names recipes/r.yaml, from outside both the absolute path (resolved.yaml's second line, the
-    folder the run started in). A resolved.yaml without that line (older code's) names it as recorded. Failed
-    before: r.yaml from everywhere."""
+    folder the run started in). A resolved.yaml without that line (older code's), or whose folder holds no such
+    recipe, names it as recorded. Failed before: r.yaml from everywhere."""
     from pipeline.recipe.resolve import recorded_command
 
     recipe(name="recipes/r.yaml")
@@ -301,6 +301,8 @@ def test_recorded_command_names_the_recipe_from_where_it_is_typed(recipe, tmp_pa
     assert recorded_command(text)[0] == str(tmp_path / "recipes" / "r.yaml")
     first, _, rest = text.split("\n", 2)
     assert recorded_command(f"{first}\n{rest}") == ("r.yaml", ("seed=7",))
+    moved = f"{first}\n# started in: {tmp_path / 'gone'}\n{rest}"  # a run folder from another machine
+    assert recorded_command(moved) == ("r.yaml", ("seed=7",))
 
 
 def test_resolve_reads_manifests_relative_to_dataset_dir(write, manifest):
