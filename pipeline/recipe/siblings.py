@@ -67,15 +67,21 @@ def _inside(path: str, folder: str) -> bool:
 def recipe_value(recipe: Path, key: str) -> Any:
     """A key's value as another recipe (or a file it extends) writes it, read without validating the recipe;
     None when unset or unreadable."""
+    return recipe_values(recipe, key)[key]
+
+
+def recipe_values(recipe: Path, *keys: str) -> dict[str, Any]:
+    """recipe_value of several keys from one read of the recipe's chain."""
+    values: dict[str, Any] = dict.fromkeys(keys)
     try:
         chain = load_chain(recipe)
     except UserError:
-        return None
-    value: Any = None
+        return values
     for layer in chain.layers:
-        if key in layer:
-            value = layer[key].value
-    return value
+        for key in keys:
+            if key in layer:
+                values[key] = layer[key].value
+    return values
 
 
 def _values(recipe: Path) -> dict[str, Any]:
@@ -150,12 +156,13 @@ def unsaved_step(recipe: Path, step: int) -> str | None:
     chained: make retrained a finished run from scratch for a folder that training removes again)."""
     from pipeline.recipe.spec import defaults
 
-    given = {k: recipe_value(recipe, k) for k in ("save_strategy", "save_steps", "max_steps")}
-    values = {k: defaults()[k] if v is None else v for k, v in given.items()}
-    strategy, every, last = values["save_strategy"], values["save_steps"], values["max_steps"]
+    given = recipe_values(recipe, "save_strategy", "save_steps", "max_steps", "save_total_limit")
+    default = defaults()
+    strategy, every, last = (default[k] if given[k] is None else given[k]
+                             for k in ("save_strategy", "save_steps", "max_steps"))
     if not isinstance(last, int) or last < 1 or step == last:
         return None
-    limit = recipe_value(recipe, "save_total_limit")  # train.checkpoint.prune: the newest `limit` stay
+    limit = given["save_total_limit"]  # train.checkpoint.prune: the newest `limit` stay
     limit = limit if isinstance(limit, int) and limit >= 1 else None
     if step < last and strategy == "steps" and isinstance(every, int) and every > 0 and step % every == 0:
         if limit is None:
