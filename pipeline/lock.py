@@ -208,6 +208,50 @@ def _probe_unseen(folder: Path) -> None:
             os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
+def _is_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is the file at `path` now (not one its holder removed since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _remove_made(created: list[Path]) -> None:
+    """The folders made only to hold a lock (`created`, outermost first), deepest first, if nothing else went there."""
+    for parent in reversed(created):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+def _release(fd: int, path: Path, created: list[Path]) -> None:
+    """Let go of the lock `fd` holds on `path`: the file removed before the unlock (so that nobody locks a file that
+    is about to go), then the folders made only to hold it (`created`), if nothing else went there."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
+    _remove_made(created)
+
+
+def _never_taken(fd: int | None, path: Path, created: list[Path]) -> None:
+    """Leave no trace of a lock this run gave up on (another run holds it, or Ctrl-C while retrying or waiting for
+    it): the file at `path` is removed only when nobody holds it (taken here without waiting, then released as a
+    holder does; a live holder's stays), and the folders made only to hold it (`created`) go when empty. A Ctrl-C in
+    _lock_within's retry left those folders, and the lock file in them, behind."""
+    if fd is None:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDWR)
+    try:
+        free = fd is not None and _try_lock(fd) and _is_at(fd, path)
+    except OSError:  # _try_lock closed it
+        fd, free = None, False
+    if free:
+        _release(fd, path, created)
+        return
+    if fd is not None:
+        os.close(fd)
+    _remove_made(created)
+
+
 @contextlib.contextmanager
 def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool = False,
               writes: bool = False) -> Iterator[Path]:
@@ -242,30 +286,26 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
         # folder they may not, where the lock has no place: the run goes on without it
         yield path
         return
-    said = False
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _lock_within(fd, PROBE_PATIENCE):
-            if wait:
+    said, fd = False, None
+    try:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not _lock_within(fd, PROBE_PATIENCE):
+                if not wait:
+                    raise UserError(_in_use(target, at, path))
                 if not said:
                     print(f"{target}: waiting for {_holder(path)} to finish", file=sys.stderr, flush=True)
                     said = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                os.close(fd)
-                for parent in reversed(created):
-                    with contextlib.suppress(OSError):
-                        parent.rmdir()
-                raise UserError(_in_use(target, at, path))
-        # The previous holder may have removed the file between our open and our flock: then we locked an
-        # orphan inode, and a third run could lock the new file. Only a lock on the file at `path` counts.
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
+            # The previous holder may have removed the file between our open and our flock: then we locked an
+            # orphan inode, and a third run could lock the new file. Only a lock on the file at `path` counts.
+            if _is_at(fd, path):
+                break
+            os.close(fd)
+            fd = None
+    except BaseException:  # in use, or Ctrl-C while retrying or waiting: no trace of a lock never taken
+        _never_taken(fd, path, created)
+        raise
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -273,12 +313,7 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
         os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # before the unlock, so that nobody locks a file that is about to go
-        os.close(fd)
-        for parent in reversed(created):  # folders made only to hold the lock, if nothing else went there
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        _release(fd, path, created)
 
 
 

@@ -507,9 +507,11 @@ def untrained_message(source: str, zero: Mapping[str, str], layers: int, cause: 
 
 def trained_by(adapter: Path) -> str | None:
     """The command that trains the run whose adapter/ (or checkpoint-<step>/adapter) `adapter` is: its recipe and
-    command-line overrides as the run's resolved.yaml records them (recipe.resolve.recorded_command); None for an
-    adapter without one (PEFT's, the hub's). A checkpoint's is its run's (run_of: a merge recipe naming
-    saves/x/checkpoint-500 was told a bare `make train`, the Makefile's default recipe)."""
+    command-line overrides as the run's resolved.yaml records them (recipe.resolve.recorded_command), typed in the
+    folder the run was started in (`cd recipes && ...` for a run trained there: named from here, its relative
+    output_dir would be another folder than this adapter's); None for an adapter without one (PEFT's, the hub's).
+    A checkpoint's is its run's (run_of: a merge recipe naming saves/x/checkpoint-500 was told a bare `make train`,
+    the Makefile's default recipe)."""
     from pipeline.recipe.resolve import recorded_command
     from pipeline.rerun import run_this
 

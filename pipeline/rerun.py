@@ -5,23 +5,47 @@ the benchmark's eval): it names the recipe as the user named it and carries the 
 bare `make train` trains the Makefile's default recipe, not theirs, and one without the overrides (output_dir=...,
 max_steps=40) another run than the one the message is about. make hands ARGS to every stage of the chain.
 recipe.args.run_this_for: the same for a resolved recipe.
+
+A recipe's relative paths (output_dir, dataset_dir, the models) are relative to the folder a command runs in, as
+LLaMA-Factory's are, and so is the recipe's own name. The make form is given only where it is typed in the folder
+of the pipeline's Makefile, which make runs its commands in: typed in recipes/, `make` finds no Makefile, and from
+the root `make train RECIPE=x.yaml` names another file (and trains another output_dir) than the command that said it.
+Elsewhere the message is the python -m form alone, which means the same run where the user is.
 """
 from __future__ import annotations
 
+import os
 import shlex
+from pathlib import Path
 from typing import Sequence
 
 # make goals whose pipeline command is another: its name, then the flags the Makefile gives it after the recipe
 COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run")}
+MAKEFILE = Path(__file__).resolve().parent.parent / "Makefile"  # the pipeline's own, beside the package
 
 
-def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = ()) -> str:
-    """"`make GOAL RECIPE=r ARGS='k=v'` (python -m pipeline COMMAND r k=v)", quoted for a POSIX shell; without a
-    recipe (a message that has none at hand) "`make GOAL` (python -m pipeline COMMAND RECIPE)"."""
+def make_runs_here() -> bool:
+    """Whether `make` typed in this process's working folder reads the pipeline's Makefile (a link to it counts: a
+    checkout's root, or a folder that links it)."""
+    try:
+        return os.path.samefile("Makefile", MAKEFILE)
+    except OSError:
+        return False
+
+
+def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folder: str | None = None) -> str:
+    """"`make GOAL RECIPE=r ARGS='k=v'` (python -m pipeline COMMAND r k=v)", quoted for a POSIX shell, where make runs
+    the pipeline's Makefile here (make_runs_here), else "`python -m pipeline COMMAND r k=v`"; without a recipe (a
+    message that has none at hand) RECIPE stands for it. folder: the folder the command must be typed in when it is
+    not this one (a recorded run started elsewhere, as a path from here): "`cd folder && python -m pipeline ...`"."""
     command, *flags = COMMANDS.get(goal, (goal,))
+    shown = (recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)
+    typed = shlex.join(["python", "-m", "pipeline", command, *shown])
+    if folder is not None:
+        return f"`cd {shlex.quote(folder)} && {typed}`"
+    if not make_runs_here():
+        return f"`{typed}`"
     if not recipe:
-        return f"`make {goal}` ({shlex.join(['python', '-m', 'pipeline', command, 'RECIPE', *flags])})"
+        return f"`make {goal}` ({typed})"
     args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
-    typed = shlex.join(["python", "-m", "pipeline", command, recipe, *flags, *overrides])
     return f"`make {goal} RECIPE={shlex.quote(recipe)}{args}` ({typed})"
-

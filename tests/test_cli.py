@@ -58,8 +58,8 @@ def test_validate_before_the_build_says_to_build(tmp_path):
     root = make_project(tmp_path / "proj")
     proc = run_cli("validate", "r.yaml", cwd=root)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "dataset 'a' is not built; run `make data RECIPE=r.yaml` (python -m pipeline build r.yaml)" \
-        in proc.stderr  # the recipe as typed: a bare `make data` builds the Makefile's default recipe
+    assert "dataset 'a' is not built; run `python -m pipeline build r.yaml`" \
+        in proc.stderr  # the recipe as typed (no Makefile in this folder: no make form, pipeline.rerun)
 
 
 def test_user_error_exit_2_no_traceback(tmp_path):

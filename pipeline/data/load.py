@@ -40,9 +40,6 @@ def make_data(data: DataArgs | None = None) -> str:
             "it themselves")
 
 
-MAKE_DATA = make_data()
-
-
 def build_problem(data: DataArgs, name: str) -> str | None:
     """Why the build of `name` cannot be used with this recipe, or None."""
     directory = built_dir(data.dataset_dir, name)
@@ -183,11 +180,11 @@ def _parsed(path: Path) -> tuple[list[Any], str]:
         del data  # large splits: the bytes and the text need not live together with the rows
         rows = json.loads(text)
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte offset {err.start}); {MAKE_DATA}") from None
+        raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte offset {err.start}); {make_data()}") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; {MAKE_DATA}") from None
+        raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; {make_data()}") from None
     if not isinstance(rows, list):
-        raise UserError(f"{path}:1: expected a JSON array of rows; {MAKE_DATA}")
+        raise UserError(f"{path}:1: expected a JSON array of rows; {make_data()}")
     return rows, digest
 
 

@@ -31,8 +31,9 @@ from pipeline.recipe import lr_kwargs, spec
 from pipeline.recipe.steps import batches_per_step
 from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
-from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial, shown_here
+from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 from pipeline.recipe.run_folders import run_adapter
+from pipeline.recipe.started import header, read_started
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target",  # LLaMA-Factory: comma strings
               "oft_target")
@@ -421,17 +422,9 @@ def derive_steps(r: Resolved, num_train_examples: int) -> Resolved:
     return r.replace(**changed)
 
 
-RECIPE_LINE = "# resolved recipe: "  # resolved_yaml's first line: the recipe as the user named it
-# its second line: the folder the run was started in, which that name (and the recipe's relative paths) is relative to.
-# A comment, so every reader of the file as YAML, or of its first line only (RunLayout.finished_recipe), reads it as
-# before; a file written without it (older code) names the recipe from the folder of the command reading it.
-RAN_IN_LINE = "# started in: "
-
-
 def resolved_yaml(r: Resolved) -> str:
     """Every value with its provenance as a comment, grouped like the schema (for output_dir/resolved.yaml)."""
-    lines = [f"{RECIPE_LINE}{r.recipe_path}", f"{RAN_IN_LINE}{os.getcwd()}",
-             "# value  # provenance: default | file:line | cli | derived"]
+    lines = [*header(r.recipe_path), "# value  # provenance: default | file:line | cli | derived"]
     shown = set()
     for group, keys in spec.groups().items():
         lines.append(f"\n# --- {group} ---")
@@ -452,19 +445,21 @@ def _yaml_line(r: Resolved, key: str) -> str:
     return f"{key}: {_flow(r[key])}  # {r.source(key)}"
 
 
-def recorded_command(text: str) -> tuple[str, tuple[str, ...]] | None:
-    """(recipe, command-line overrides) of the run whose resolved.yaml is `text` (resolved_yaml's format: its first
-    line names the recipe, a `# cli` value came from the command line), for a message that says how to run that run
-    again (an adapter merged away from its run folder: pipeline.merge). The overrides are written back as key=value
-    (a list as its comma string where the key takes one, a string as is where it reads back as that string, else
-    the value's JSON, which is YAML flow syntax too); None when `text` is no resolved.yaml."""
+def recorded_command(text: str) -> tuple[str, tuple[str, ...], str | None] | None:
+    """(recipe, command-line overrides, folder) of the run whose resolved.yaml is `text` (resolved_yaml's format: its
+    first lines name the recipe and the folder it was typed in, a `# cli` value came from the command line), for a
+    message that says how to run that run again (an adapter merged away from its run folder: pipeline.merge, through
+    rerun.run_this). The recipe as typed, and the folder to type it in when it is not this one (Started.typed_in:
+    the recipe's relative paths are relative to it), else None. The overrides are written back as key=value (a list
+    as its comma string where the key takes one, a string as is where it reads back as that string, else the
+    value's JSON, which is YAML flow syntax too); None when `text` is no resolved.yaml."""
     import yaml
 
-    first, _, rest = text.partition("\n")
-    if not first.startswith(RECIPE_LINE):
+    started = read_started(text)
+    if started is None:
         return None
     overrides = []
-    for line in rest.splitlines():
+    for line in text.splitlines()[1:]:
         key, colon, shown = line.partition(": ")
         if not colon or not shown.endswith("  # cli"):
             continue
@@ -475,20 +470,7 @@ def recorded_command(text: str) -> tuple[str, tuple[str, ...]] | None:
             return None
         plain = value if isinstance(value, str) and _reads_back(value) else None
         overrides.append(f"{key}={comma_form(key, value) or plain or flow}")
-    return _named_here(first.removeprefix(RECIPE_LINE), rest), tuple(overrides)
-
-
-def _named_here(recipe: str, rest: str) -> str:
-    """The recipe path a run's resolved.yaml names (relative to the folder it was started in, RAN_IN_LINE), as a
-    command typed in this process's working folder names it: relative to it when inside it, else absolute. A run
-    trained with `cd recipes && python -m pipeline train x.yaml` recorded x.yaml, which from the repository's root
-    is recipes/x.yaml. As recorded where the file has no such line, or names no file there (a run folder copied from
-    another machine)."""
-    ran_in = rest.partition("\n")[0]
-    if not ran_in.startswith(RAN_IN_LINE) or os.path.isabs(recipe):
-        return recipe
-    path = Path(os.path.normpath(os.path.join(ran_in.removeprefix(RAN_IN_LINE), recipe)))
-    return str(shown_here(path)) if path.is_file() else recipe
+    return started.recipe, tuple(overrides), started.typed_in()
 
 
 def _reads_back(text: str) -> bool:

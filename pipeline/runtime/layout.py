@@ -25,14 +25,17 @@ note, by eval and chat alike. Importing this module does not import torch.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.names import trains_adapter
 from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE, \
     REWARD_PLOT_FILE, REWARDS_PLOT_FILE
+
+if TYPE_CHECKING:
+    from pipeline.recipe.started import Started
 
 CONFIG = "config.json"  # marks a complete model folder (ours and Hugging Face's): written with the weights
 
@@ -141,25 +144,26 @@ class RunLayout:
                 "that run, overwrite_output_dir: true to start over (its contents are removed), or choose another "
                 "output_dir")
 
+    def finished_start(self) -> Started | None:
+        """How the finished run here (all_results.json) was started, as its resolved.yaml records it (the recipe
+        and the folder it was named in: pipeline.recipe.started, the one reader of those lines); None when no
+        finished run or no record."""
+        from pipeline.recipe.started import started_of
+
+        return started_of(self.resolved_yaml) if self.all_results.is_file() else None
+
     def finished_recipe(self) -> str | None:
-        """The recipe a finished run here (all_results.json) was trained from, as resolved.yaml's first line names
-        it; None when no finished run or no name."""
-        if not self.all_results.is_file():
-            return None
-        try:
-            with self.resolved_yaml.open(encoding="utf-8") as handle:
-                first = handle.readline()
-        except OSError:
-            return None
-        prefix = "# resolved recipe: "
-        return (first[len(prefix):].rstrip("\n") or None) if first.startswith(prefix) else None
+        """The recipe a finished run here was trained from, as a command typed in this folder names it (a run
+        trained in recipes/ as x.yaml is recipes/x.yaml from the root); None when no finished run or no name."""
+        started = self.finished_start()
+        return (started.named_here() or None) if started is not None else None
 
     def finished_by(self, recipe: str | Path) -> bool:
-        """Whether this folder holds a finished run (all_results.json) of `recipe`: resolved.yaml's first line
-        names the recipe it was trained from. A recipe that extends another inherits its output_dir, so a
-        finished run there may be the other recipe's."""
-        writer = self.finished_recipe()
-        return writer is not None and os.path.realpath(writer) == os.path.realpath(recipe)
+        """Whether this folder holds a finished run (all_results.json) of `recipe` (a path from this process's
+        folder): the recipe resolved.yaml names, from the folder the run was started in. A recipe that extends
+        another inherits its output_dir, so a finished run there may be the other recipe's."""
+        started = self.finished_start()
+        return started is not None and started.is_recipe(recipe)
 
     def trained_dir(self, finetuning_type: str) -> Path:
         """Where training writes its final weights: adapter/ for lora and oft, model/ otherwise."""

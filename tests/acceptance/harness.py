@@ -502,6 +502,16 @@ def make_stages(proc: subprocess.CompletedProcess) -> list[tuple[str, str]]:
     return [(command, recipe) for command, recipe in runs]
 
 
+def link_makefile(folder: str | Path) -> Path:
+    """`folder` as a checkout's root for the messages: the pipeline's Makefile linked there. A "run this" message
+    gives the make form only where `make` reads that Makefile (pipeline.rerun.make_runs_here); elsewhere (a
+    recipes/ folder, a tmp_path) the python -m form alone."""
+    link = Path(folder) / "Makefile"
+    if not link.exists():
+        link.symlink_to(REPO / "Makefile")
+    return Path(folder)
+
+
 def scratch_repo(root: str | Path) -> Path:
     """A scratch repository for `make`: Makefile, pipeline/ and requirements linked, a venv whose python is
     the one running the tests, datasets/ empty (tests write their own registry with write_data)."""

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import refused, write_data, write_recipe
+from tests.acceptance.harness import link_makefile, refused, write_data, write_recipe
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    """recipes/sft.yaml writes saves/sft (not trained); recipes/next.yaml continues its adapter; saves/ exists."""
+    """recipes/sft.yaml writes saves/sft (not trained); recipes/next.yaml continues its adapter; saves/ exists; the
+    Makefile linked, as in a newcomer's checkout (its messages give the make form there: pipeline.rerun)."""
+    link_makefile(tmp_path)
     write_data(tmp_path / "datasets")
     (tmp_path / "recipes").mkdir()
     (tmp_path / "saves").mkdir()

@@ -36,8 +36,8 @@ def test_an_epoch_recipe_trained_before_its_data_is_built_says_what_builds_it(wo
                  output_dir="saves/r", max_steps=None, num_train_epochs=2)
     err = refused("train", "r.yaml", cwd=workdir)
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        "error: data/build/tiny_sft: dataset 'tiny_sft' is not built; run `make data RECIPE=r.yaml` (python -m "
-        "pipeline build r.yaml), or set overwrite_cache: true so that train and eval rebuild it themselves"], err
+        "error: data/build/tiny_sft: dataset 'tiny_sft' is not built; run `python -m pipeline build r.yaml`, or set "
+        "overwrite_cache: true so that train and eval rebuild it themselves"], err  # no Makefile here: no make form
     assert sorted(p.name for p in workdir.iterdir()) == ["data", "r.yaml"]  # no saves/, no build
 
 

@@ -17,6 +17,7 @@ all zero` line per adapted layer (8 here, 12 on GPT-2 small's c_attn).
 """
 from __future__ import annotations
 
+import shlex
 import shutil
 
 from tests.acceptance.harness import pipeline, refused, write_recipe
@@ -54,12 +55,12 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
 
     # the fix names the run's training: its recipe and override (a bare `make train` trains the Makefile's default
     # recipe), from merge's own recipe, and for an adapter exported from elsewhere from its resolved.yaml. Failed
-    # before: "`make train`" in both
-    again = "`make train RECIPE=r.yaml ARGS=logging_steps=2` (python -m pipeline train r.yaml logging_steps=2)"
+    # before: "`make train`" in both. workdir holds no Makefile: the python -m form alone (pipeline.rerun)
+    again = "`python -m pipeline train r.yaml logging_steps=2`"
     shutil.rmtree(workdir / "data" / "build")  # the verification's rows: their build is named the same way
     err = refused("merge", "r.yaml", "logging_steps=2", cwd=workdir, as_typed=False)
-    assert ("merge: no built data found for the verification (`make data RECIPE=r.yaml ARGS=logging_steps=2` "
-            "(python -m pipeline build r.yaml logging_steps=2) builds it); using fixed pseudo-random tokens") in err, err
+    assert ("merge: no built data found for the verification (`python -m pipeline build r.yaml logging_steps=2` "
+            "builds it); using fixed pseudo-random tokens") in err, err
     errors = [text for text in err.splitlines() if text.startswith("error:")]
     assert warmup_notices(err) == [], err  # the refusal below says it
     assert errors == [
@@ -74,11 +75,12 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     err = refused("export", "export.yaml", cwd=workdir, as_typed=False)
     assert f"(warmup_ratio: 0, or more steps: max_steps), {again}; nothing was written" in err, err
     assert not (workdir / "saves/exported").exists()
-    # from another folder (the run was trained in workdir, whose resolved.yaml names r.yaml): the command names the
-    # recipe as typed from there, here by its absolute path (workdir is outside it). Failed before: "RECIPE=r.yaml",
-    # which is no recipe from sub/
+    # from another folder (the run was trained in workdir, whose resolved.yaml names r.yaml and workdir): the command
+    # is typed in the folder the run started in, where r.yaml and its relative output_dir mean that run. Failed
+    # before: "RECIPE=r.yaml", which is no recipe from sub/ (then its absolute path, whose output_dir saves/r is
+    # sub/saves/r from sub/)
     (workdir / "sub").mkdir()
     write_recipe(workdir / "sub/export.yaml", {}, model_name_or_path=str(hf_checkpoint("gpt2")), template="alpaca",
                  adapter_name_or_path=str(workdir / "saves/r/adapter"), export_dir="exported")
     err = refused("export", "export.yaml", cwd=workdir / "sub", as_typed=False)
-    assert f"`make train RECIPE={workdir / 'r.yaml'} ARGS=logging_steps=2`" in err, err
+    assert f"`cd {shlex.quote(str(workdir))} && python -m pipeline train r.yaml logging_steps=2`" in err, err

@@ -32,18 +32,17 @@ def test_a_stale_build_names_the_rebuild_with_the_runs_overrides(workdir, hf_che
     pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
     err = refused("train", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)  # refused before the model loads
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        "error: data/build/tiny_sft: built with other settings than the recipe's (val_size 0.1 -> 0.2); run `make data "
-        "RECIPE=r.yaml ARGS=val_size=0.2` (python -m pipeline build r.yaml val_size=0.2), or set overwrite_cache: true"
-        " so that train and eval rebuild it themselves"], err
-    command = err.split("(python -m pipeline ", 1)[1].split(")", 1)[0]
+        "error: data/build/tiny_sft: built with other settings than the recipe's (val_size 0.1 -> 0.2); run `python -m"
+        " pipeline build r.yaml val_size=0.2`, or set overwrite_cache: true so that train and eval rebuild it"
+        " themselves"], err  # workdir holds no Makefile: the python -m form alone (pipeline.rerun)
+    command = err.split("`python -m pipeline ", 1)[1].split("`", 1)[0]
     pipeline(*shlex.split(command), cwd=workdir, as_typed=False)  # what the message says, as it says it
     pipeline("validate", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)  # the build is now the run's
     built = workdir / "data/build/tiny_sft/train.json"
     built.write_text(json.dumps(json.loads(built.read_text())), encoding="utf-8")  # the same rows, other bytes
     err = refused("validate", "r.yaml", "val_size=0.2", cwd=workdir, as_typed=False)
     assert "data/build/tiny_sft/train.json: changed after it was built (its sha256 differs from manifest.json); edit " \
-           "the raw sources instead and run `make data RECIPE=r.yaml ARGS=val_size=0.2` (python -m pipeline build " \
-           "r.yaml val_size=0.2)" in err, err
+           "the raw sources instead and run `python -m pipeline build r.yaml val_size=0.2`" in err, err
 
 
 def test_a_full_recipe_on_a_prequantized_checkpoint_is_refused_where_it_needs_a_training_run(tmp_path):

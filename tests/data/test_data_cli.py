@@ -63,7 +63,7 @@ def test_bad_rows_exit_2_with_every_message(tmp_path):
     ]
     assert not (tmp_path / "data" / "build").exists()
     done = cli(tmp_path, "validate", "recipe.yaml")
-    assert done.returncode == 2 and "is not built; run `make data RECIPE=recipe.yaml`" in done.stderr
+    assert done.returncode == 2 and "is not built; run `python -m pipeline build recipe.yaml`" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -168,7 +168,7 @@ def test_a_raw_file_edited_after_build_stops_train_unless_overwrite_cache(tmp_pa
     stopped = cli(tmp_path, "train", "recipe.yaml")
     assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
     assert "data/raw/a.jsonl was edited since the build" in stopped.stderr
-    assert "run `make data RECIPE=recipe.yaml`" in stopped.stderr and "overwrite_cache: true" in stopped.stderr
+    assert "run `python -m pipeline build recipe.yaml`" in stopped.stderr and "overwrite_cache: true" in stopped.stderr
     assert not (tmp_path / "out" / "adapter").exists()
 
     done = cli(tmp_path, "train", "recipe.yaml", "overwrite_cache=true")

@@ -132,13 +132,11 @@ def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
         assert err.splitlines()[0] == ("error: merge.yaml: dataset: missing, expected a non-empty string or a non-empty list of "
                        "non-empty strings (set it in the recipe, a file it extends, or on the command line as "
                        "dataset=...); a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, "
-                       "is run by `make export RECIPE=merge.yaml ARGS=export_size=2` (python -m pipeline export "
-                       "merge.yaml export_size=2)"), err
+                       "is run by `python -m pipeline export merge.yaml export_size=2`"), err
     # LLaMA-Factory's eval recipe (task, no dataset) the same way
     write_recipe(tmp_path / "bench.yaml", {}, model_name_or_path="tiny", template="alpaca", task="mmlu_test")
     err = refused("build", "bench.yaml", "n_shot=2", cwd=tmp_path, as_typed=False)
-    assert err.splitlines()[0].endswith("it is run by `make eval RECIPE=bench.yaml ARGS=n_shot=2` (python -m pipeline "
-                                        "eval bench.yaml n_shot=2)"), err
+    assert err.splitlines()[0].endswith("it is run by `python -m pipeline eval bench.yaml n_shot=2`"), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", recipe.name]
 
 def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):

@@ -11,6 +11,7 @@ import yaml
 from pipeline.errors import UserError
 from pipeline.recipe import Resolved, derive_steps, resolve, resolved_yaml
 from pipeline.recipe import spec
+from tests.acceptance.harness import link_makefile
 
 
 def test_defaults_fill_every_schema_key(recipe):
@@ -271,8 +272,8 @@ def test_resolved_yaml_records_the_command_that_ran(recipe):
     typed = ["seed=7", "lora_target=[c_attn,c_fc]", "output_dir=saves/x y", "run_name='true'", "dataset=a,b",
              "eval_dataset=[yes]"]
     r = resolve(recipe(), typed)
-    path, overrides = recorded_command(resolved_yaml(r))
-    assert path == str(r.recipe_path)
+    path, overrides, folder = recorded_command(resolved_yaml(r))
+    assert path == str(r.recipe_path) and folder is None  # typed here, where it ran
     # a list of a key LLaMA-Factory reads as a comma string comes back in that form (it was dataset=["a", "b"]); one
     # whose comma form reads as another type keeps its JSON
     assert sorted(overrides) == sorted(['seed=7', "lora_target=c_attn,c_fc", "output_dir=saves/x y",
@@ -280,29 +281,37 @@ def test_resolved_yaml_records_the_command_that_ran(recipe):
     again = resolve(path, overrides)
     assert all(again[key.split("=")[0]] == r[key.split("=")[0]] for key in typed)
     assert recorded_command("seed: 7  # cli\n") is None  # no resolved.yaml
-    # the message's make form needs no quoting at all (it was ARGS='dataset='"'"'["a", "b"]'"'"'')
+    # the message's make form (typed in the Makefile's folder) needs no quoting at all (it was
+    # ARGS='dataset='"'"'["a", "b"]'"'"'')
+    link_makefile(os.getcwd())
     assert "ARGS=dataset=a,b`" in run_this("train", "r.yaml", [o for o in overrides if o.startswith("dataset")])
 
 
-def test_recorded_command_names_the_recipe_from_where_it_is_typed(recipe, tmp_path, monkeypatch):
-    """A run trained in recipes/ (`cd recipes && python -m pipeline train r.yaml`) recorded r.yaml: a message typed
-    from the folder above names recipes/r.yaml, from outside both the absolute path (resolved.yaml's second line, the
-    folder the run started in). A resolved.yaml without that line (older code's), or whose folder holds no such
-    recipe, names it as recorded. Failed before: r.yaml from everywhere."""
+def test_recorded_command_is_typed_in_the_folder_the_run_started_in(recipe, tmp_path, monkeypatch):
+    """A run trained in recipes/ (`cd recipes && python -m pipeline train r.yaml`) recorded r.yaml and that folder
+    (resolved.yaml's second line): the command that trains it again is typed there, since the recipe's relative
+    paths (output_dir, its default saves/r too) are relative to it. A message typed in the folder above says
+    `cd recipes && python -m pipeline train r.yaml`, from outside both the absolute folder, from recipes/ itself no
+    cd. A resolved.yaml without that line (older code's), or whose folder holds no such recipe, names the recipe as
+    recorded. Failed before (afd494e): recipes/r.yaml from the folder above, which trains saves/r there, not the
+    run's recipes/saves/r."""
     from pipeline.recipe.resolve import recorded_command
+    from pipeline.rerun import run_this
 
     recipe(name="recipes/r.yaml")
     monkeypatch.chdir(tmp_path / "recipes")
     text = resolved_yaml(resolve("r.yaml", ["seed=7"]))
+    assert recorded_command(text) == ("r.yaml", ("seed=7",), None)
     monkeypatch.chdir(tmp_path)
-    assert recorded_command(text) == (os.path.join("recipes", "r.yaml"), ("seed=7",))
+    assert recorded_command(text) == ("r.yaml", ("seed=7",), "recipes")
+    assert run_this("train", *recorded_command(text)) == "`cd recipes && python -m pipeline train r.yaml seed=7`"
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert recorded_command(text)[0] == str(tmp_path / "recipes" / "r.yaml")
+    assert recorded_command(text) == ("r.yaml", ("seed=7",), str(tmp_path / "recipes"))
     first, _, rest = text.split("\n", 2)
-    assert recorded_command(f"{first}\n{rest}") == ("r.yaml", ("seed=7",))
+    assert recorded_command(f"{first}\n{rest}") == ("r.yaml", ("seed=7",), None)
     moved = f"{first}\n# started in: {tmp_path / 'gone'}\n{rest}"  # a run folder from another machine
-    assert recorded_command(moved) == ("r.yaml", ("seed=7",))
+    assert recorded_command(moved) == ("r.yaml", ("seed=7",), None)
 
 
 def test_resolve_reads_manifests_relative_to_dataset_dir(write, manifest):

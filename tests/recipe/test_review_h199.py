@@ -55,10 +55,16 @@ def test_an_eval_recipes_eval_says_the_notices_where_no_validate_did(tmp_path, m
     assert not notices.says_recipe_notices({**eval_recipe, "do_train": True}, "eval")
 
 
-def test_the_dry_run_goal_is_told_as_a_dry_run():
-    """`make dry-run` runs `train RECIPE --dry-run` (Makefile): the command beside it must not be a real training."""
+def test_the_dry_run_goal_is_told_as_a_dry_run(tmp_path):
+    """`make dry-run` runs `train RECIPE --dry-run` (Makefile): the command beside it must not be a real training.
+    The make form is given where make reads the pipeline's Makefile (here a link to it, as in a checkout's root);
+    elsewhere (recipes/, a folder outside the checkout) the python -m form alone, which means the same run there."""
     from pipeline.rerun import run_this
+    from tests.acceptance.harness import link_makefile
 
+    assert run_this("dry-run", "t.yaml", ("max_steps=3",)) == "`python -m pipeline train t.yaml --dry-run max_steps=3`"
+    assert run_this("data", None) == "`python -m pipeline build RECIPE`"
+    link_makefile(tmp_path)  # the recipe tests' working folder
     assert run_this("dry-run", "recipes/t.yaml", ("max_steps=3",)) == (
         "`make dry-run RECIPE=recipes/t.yaml ARGS=max_steps=3` (python -m pipeline train recipes/t.yaml --dry-run "
         "max_steps=3)")

@@ -187,3 +187,42 @@ def test_a_dry_runs_probe_does_not_make_a_starting_run_refuse(tmp_path: Path, mo
     with lock.exclusive(target, "train r.yaml") as held:
         assert held == lock_path(target) and '"command": "train r.yaml"' in held.read_text()
     assert len(retries) == 1
+
+
+def test_ctrl_c_while_retrying_a_lock_leaves_no_folder_and_no_lock_file(tmp_path: Path, monkeypatch):
+    """exclusive() makes output_dir's missing parents to hold the lock file. A Ctrl-C while it retries a lock held
+    for an instant (_lock_within: a dry run's probe, here the first try failing) left those folders and the lock file
+    behind; now nothing of them stays. A lock file another run holds stays, with its folder. Failed before: a/b/ and
+    a/b/.out.lock were there after the Ctrl-C."""
+    import fcntl
+
+    from pipeline import lock
+
+    tries = []
+
+    def held_once(fd: int) -> bool:  # another run holds it at the first try only
+        tries.append(fd)
+        return len(tries) > 1 and real_try(fd)
+
+    def ctrl_c(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    real_try = lock._try_lock
+    monkeypatch.setattr(lock, "_try_lock", held_once)
+    monkeypatch.setattr(lock.time, "sleep", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with lock.exclusive(tmp_path / "a" / "b" / "out", "train r.yaml", writes=True):
+            raise AssertionError("the lock was never taken")
+    assert list(tmp_path.iterdir()) == []
+
+    monkeypatch.setattr(lock, "_try_lock", real_try)
+    (tmp_path / "c").mkdir()
+    holder = os.open(lock_path(tmp_path / "c" / "out"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a live run's lock
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with lock.exclusive(tmp_path / "c" / "out", "train r.yaml", writes=True):
+                raise AssertionError("the lock was never taken")
+        assert [p.name for p in (tmp_path / "c").iterdir()] == [".out.lock"]
+    finally:
+        os.close(holder)

@@ -76,3 +76,30 @@ def test_reports_name_the_merged_models_own_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
     assert describe(Weights("merged", tmp_path), "base", "lora") == \
         f"{tmp_path} (merged, Hugging Face Qwen3ForCausalLM layout)"
+
+
+def test_a_finished_runs_recipe_is_named_from_the_folder_it_was_started_in(tmp_path, monkeypatch):
+    """resolved.yaml's first line names the recipe as typed, its second the folder typed in (pipeline.recipe.started):
+    a run trained with `cd recipes && python -m pipeline train x.yaml` is recipes/x.yaml's from the root, and not the
+    root's own x.yaml's (whose `make train` would have wiped it as stale). A file without the second line (older
+    code's), or whose folder no longer holds the recipe (a run folder copied from another machine), names it from
+    the folder of the command reading it, as before. Failed before: x.yaml was read from the root."""
+    (tmp_path / "recipes").mkdir()
+    for name in ("recipes/x.yaml", "x.yaml"):
+        (tmp_path / name).write_text("model_name_or_path: tiny\n")
+    out = RunLayout(tmp_path / "runs" / "x")
+    out.root.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    out.resolved_yaml.write_text(f"# resolved recipe: x.yaml\n# started in: {tmp_path / 'recipes'}\nseed: 7  # cli\n")
+    assert out.finished_recipe() is None and not out.finished_by("recipes/x.yaml")  # not finished
+    out.all_results.write_text("{}")
+    assert out.finished_recipe() == os.path.join("recipes", "x.yaml")
+    assert out.finished_by("recipes/x.yaml") and out.finished_by(tmp_path / "recipes" / "x.yaml")
+    assert not out.finished_by("x.yaml")
+    monkeypatch.chdir(tmp_path / "recipes")
+    assert out.finished_recipe() == "x.yaml" and out.finished_by("x.yaml") and not out.finished_by("../x.yaml")
+    monkeypatch.chdir(tmp_path)
+    for older in ("# resolved recipe: x.yaml\nseed: 7  # cli\n",
+                  f"# resolved recipe: x.yaml\n# started in: {tmp_path / 'gone'}\nseed: 7  # cli\n"):
+        out.resolved_yaml.write_text(older)
+        assert out.finished_recipe() == "x.yaml" and out.finished_by("x.yaml") and not out.finished_by("recipes/x.yaml")
