@@ -14,7 +14,8 @@ from pipeline.errors import UserError
 from pipeline.model.build import FinetuneArgs
 from pipeline.model.generate import generate_text
 from pipeline.model.weights import note
-from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, run_this_for, value
+from pipeline.recipe.args import GenerationArgs, data_args, recipe_args, value
+from pipeline.recipe.typed import run_this_for
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, merged_weights, stale, trained_weights
 
@@ -31,7 +32,7 @@ def chosen_weights(out: RunLayout, ft: FinetuneArgs, choice: str | None,
                    r: Mapping[str, Any] | None = None) -> Weights | None:
     """The weights `--model` asks for (None: the base model). Without --model: the current tuned weights as
     eval would take them (a stale merged/ is passed over), else the base model. `r`: the recipe chat runs, whose
-    merge or train (with the overrides typed) the message for missing weights names (recipe.args.run_this_for)."""
+    merge or train (with the overrides typed) the message for missing weights names (recipe.typed.run_this_for)."""
     if choice == "base":
         return None
     if choice == "merged":

@@ -53,8 +53,8 @@ from pipeline.data.args import DataArgs
 from pipeline.model.build import ModelArgs
 from pipeline.names import CHECKPOINT_NAME, trains_adapter
 from pipeline.recipe.precision import weights_dtype
-from pipeline.recipe.args import (ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at,
-                                  recipe_args, run_this_for)
+from pipeline.recipe.args import ExportArgs, GenerationArgs, RecipeModel, data_args, export_args, key_at, recipe_args
+from pipeline.recipe.typed import run_this_for
 from pipeline.runtime import guard, hostmem
 from pipeline.runtime.layout import RunLayout, trained_weights
 
@@ -102,7 +102,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
     if not r.get("export_dir"):
         raise UserError(f"{_recipe(r)}: export needs export_dir (where the merged model goes), e.g. "
                         "export_dir: saves/merged; to merge a run of this recipe into output_dir/merged use "
-                        "`python -m pipeline merge`")
+                        f"{run_this_for('merge', r)}")
     target = _export_target(r, Path(r["export_dir"]))
     models, data, ex = recipe_args(r), data_args(r), export_args(r)
     files = export_files(r)
@@ -115,7 +115,7 @@ def export_run(r: Mapping[str, Any], args: Any = None) -> int:
                                                     if trained != weights_dtype(r) else "")
     else:
         _refuse_exporting_the_base_of_a_trained_run(RunLayout.of(r["output_dir"]), r["model_name_or_path"], models,
-                                                    _recipe(r))
+                                                    _recipe(r), run_this_for("merge", r))
         model = _load_base(models.model, ex, folded=False)
         samples = validation_samples(data, model.cfg)
         check = Verified(model, {"source": str(r["model_name_or_path"]), "samples": len(samples),
@@ -154,9 +154,10 @@ def _adapter_base_dtype(r: Mapping[str, Any], adapter: Path) -> str:
 
 
 def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_path: str, models: RecipeModel,
-                                                recipe: str) -> None:
+                                                recipe: str, merge: str) -> None:
     """export without adapter_name_or_path writes model_name_or_path as it is. When this recipe trained other
-    weights (its output_dir holds them), that would leave the fine-tune out of the export without a word."""
+    weights (its output_dir holds them), that would leave the fine-tune out of the export without a word. `merge`:
+    the recipe's merge with the overrides typed (recipe.typed.run_this_for), which exports the trained model."""
     kind = models.finetune.finetuning_type
     trained = trained_weights(out, kind, None)
     if trained is None or trained.path.resolve() == resolve_model_path(model_name_or_path).resolve():
@@ -164,7 +165,7 @@ def _refuse_exporting_the_base_of_a_trained_run(out: RunLayout, model_name_or_pa
     fix = f"adapter_name_or_path: {out.root}" if trains_adapter(kind) else f"model_name_or_path: {out.root}"
     raise UserError(f"{recipe}: export without adapter_name_or_path would write model_name_or_path "
                     f"({model_name_or_path}) unchanged, but this recipe trained {trained.path}. To export the "
-                    f"trained model run `python -m pipeline merge {recipe}` (it writes export_dir when set), or "
+                    f"trained model run {merge} (it writes export_dir when set), or "
                     f"set {fix}")
 
 

@@ -4,7 +4,8 @@ One builder for every "run this" message (the data's rebuild, the training that 
 the benchmark's eval): it names the recipe as the user named it and carries the command-line overrides they gave. A
 bare `make train` trains the Makefile's default recipe, not theirs, and one without the overrides (output_dir=...,
 max_steps=40) another run than the one the message is about. make hands ARGS to every stage of the chain.
-recipe.args.run_this_for: the same for a resolved recipe.
+recipe.typed.run_this_for: the same for a resolved recipe; with_values: the overrides with the value a message
+suggests (val_size=0.1 where val_size=0 was typed), so that the command runs the fix rather than the mistake again.
 
 A recipe's relative paths (output_dir, dataset_dir, the models) are relative to the folder a command runs in, as
 LLaMA-Factory's are, and so is the recipe's own name. The make form is given only where it is typed in the folder
@@ -33,19 +34,37 @@ def make_runs_here() -> bool:
         return False
 
 
-def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folder: str | None = None) -> str:
+def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folder: str | None = None, *,
+             ranks: int = 1, env: Sequence[str] = ()) -> str:
     """"`make GOAL RECIPE=r ARGS='k=v'` (python -m pipeline COMMAND r k=v)", quoted for a POSIX shell, where make runs
     the pipeline's Makefile here (make_runs_here), else "`python -m pipeline COMMAND r k=v`"; without a recipe (a
     message that has none at hand) RECIPE stands for it. folder: the folder the command must be typed in when it is
-    not this one (a recorded run started elsewhere, as a path from here): "`cd folder && python -m pipeline ...`"."""
+    not this one (a recorded run started elsewhere, as a path from here): "`cd folder && python -m pipeline ...`".
+    ranks > 1: `make GOAL NPROC=n ...` (python -m pipeline.launch --num_gpus n --module pipeline COMMAND ...), as
+    the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0)."""
     command, *flags = COMMANDS.get(goal, (goal,))
-    shown = (recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)
-    typed = shlex.join(["python", "-m", "pipeline", command, *shown])
+    make = [*env, "make", goal, *([f"NPROC={ranks}"] if ranks > 1 else [])]
+    python = [*env, "python", "-m", *(["pipeline.launch", "--num_gpus", str(ranks), "--module"] if ranks > 1 else []),
+              "pipeline", command]
+    typed = shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags))])
     if folder is not None:
         return f"`cd {shlex.quote(folder)} && {typed}`"
     if not make_runs_here():
         return f"`{typed}`"
     if not recipe:
-        return f"`make {goal}` ({typed})"
+        return f"`{shlex.join(make)}` ({typed})"
     args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
-    return f"`make {goal} RECIPE={shlex.quote(recipe)}{args}` ({typed})"
+    return f"`{shlex.join(make)} RECIPE={shlex.quote(recipe)}{args}` ({typed})"
+
+
+def key_of(override: str) -> str:
+    """The recipe key an override `key=value` sets, as recipe.load.parse_overrides reads it."""
+    return override.partition("=")[0].strip()
+
+
+def with_values(overrides: Sequence[str], **changed: str) -> tuple[str, ...]:
+    """The overrides `key=value` as typed, each key of `changed` set to its value instead: in the place where the
+    user typed that key, else added at the end."""
+    typed = [key_of(text) for text in overrides]
+    return (*(f"{key}={changed[key]}" if key in changed else text for text, key in zip(overrides, typed)),
+            *(f"{key}={value}" for key, value in changed.items() if key not in typed))

@@ -57,7 +57,7 @@ def validate_benchmark(r: Resolved) -> int:
     missing = missing_model_note(r)
     if missing:
         print(missing)
-    from pipeline.recipe.args import run_this_for
+    from pipeline.recipe.typed import run_this_for
 
     print(f"eval runs it: {run_this_for('eval', r)}; {run_this_for('plan', r)} says how")
     return 0

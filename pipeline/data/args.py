@@ -107,3 +107,15 @@ class DataArgs:
         """How a message names recipe key `key`: `recipes/x.yaml:5:10: dataset`, or the bare key when it is not known
         where it was set (DataArgs made without data_args)."""
         return self.named.get(key, key)
+
+
+def rebuild(data: DataArgs | None = None, env: Sequence[str] = ()) -> str:
+    """The command that rebuilds the data, the recipe named as the user named it and the run's command-line overrides
+    (DataArgs.recipe / overrides; None: RECIPE, for messages that have no recipe at hand): a bare `make data` builds
+    the Makefile's default recipe, not theirs, and one without the overrides (val_size=0.2) another dataset than the
+    run reads. make hands ARGS to the build as it hands them to train. env: VAR=value settings the command needs
+    (rerun.run_this: HF_HUB_OFFLINE=0 for a hub download)."""
+    from pipeline.rerun import run_this
+
+    recipe, overrides = (data.recipe, data.overrides) if data is not None else (None, ())
+    return run_this("data", recipe, overrides, env=env)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.data.args import DataArgs
+from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
 from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed, split_parts
 from pipeline.data.markup import typed_markup_warnings
@@ -22,6 +22,7 @@ from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
 from pipeline.data.registry import load_schema
 from pipeline.errors import UserError
+from pipeline.rerun import run_this
 
 SAMPLE = 2000
 ALPACA_FIELDS = ("instruction", "input", "output", "system", "history", "tools", "roles")
@@ -133,9 +134,10 @@ def row_messages(row: Any, schema_name: str) -> list[tuple[str, str]]:
 
 
 def check_rows(rows: list[Any], file: str, stage: str, problems: Problems,
-               origins: Sequence[Origin] | None = None) -> None:
+               origins: Sequence[Origin] | None = None, rebuilt_by: str | None = None) -> None:
     """Schema problems of a built file's rows, `file:row:field`. The build never writes such a row, so the
-    file was edited: the message names the built row, and the raw row it came from (`origins`) to fix instead."""
+    file was edited: the message names the built row, and the raw row it came from (`origins`) to fix instead, and
+    the command that rebuilds it (`rebuilt_by`: pipeline.data.load.rebuild of the recipe; None: none at hand)."""
     ok, schema_name = {"pt": (text_ok, "text.schema.json"), "dpo": (pair_ok, "pairwise.schema.json"),
                        "kto": (feedback_ok, "feedback.schema.json")}.get(stage, (row_ok, "alpaca.schema.json"))
     for i, row in enumerate(rows, start=1):
@@ -145,8 +147,8 @@ def check_rows(rows: list[Any], file: str, stage: str, problems: Problems,
             for field, text in row_messages(row, schema_name) or [("", "does not match the schema")]:
                 problems.add(file, f"{i}:{field}" if field else i, text + source)
         elif stage == "dpo" and row["chosen"] == row["rejected"]:
-            problems.add(file, f"{i}:rejected", "equals chosen: the pair states no preference; `make data` "
-                                                "removes such pairs" + source)
+            problems.add(file, f"{i}:rejected", "equals chosen: the pair states no preference; "
+                                                f"{rebuilt_by or run_this('data', None)} removes such pairs" + source)
 
 
 @dataclass(frozen=True)
@@ -174,12 +176,12 @@ def check_built(data: DataArgs) -> Checked:
         for split in SPLITS:
             path = directory / f"{split}.json"
             try:
-                rows, digest = read_rows_hashed(path)  # a bad row is named below, more precisely than the hash can
+                rows, digest = read_rows_hashed(path, data)  # a bad row is named below, more precisely than the hash can
             except UserError as err:
                 changed += err.messages
                 continue
             origins = built_origins(path, len(rows), spec.shown)
-            check_rows(rows, str(path), data.form, problems, origins)
+            check_rows(rows, str(path), data.form, problems, origins, rebuild(data))
             expected = manifest.get("splits", {}).get(split)
             if expected != len(rows):
                 problems.add(str(path), None, f"{len(rows):,} rows, but manifest.json says {expected}; "
@@ -245,7 +247,8 @@ def _token_lengths(data: DataArgs, sample: list[dict], tokenizer: Any, origins: 
     from pipeline.data.tokenize import encode_rows
 
     return encode_rows(sample, data.chat_template(), tokenizer, cutoff_len=2**62, train_on_prompt=data.train_on_prompt,
-                       mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins).lengths
+                       mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins,
+                       rebuilt_by=rebuild(data)).lengths
 
 
 def _count(value: Any, spec: str) -> str:

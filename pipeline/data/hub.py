@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from pipeline.data.args import DataArgs, rebuild
+
 DATA_EXTS = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 # The hub's split keywords (as in the datasets library's data-files conventions).
 SPLIT_WORDS = {
@@ -35,15 +37,17 @@ def cache_dir() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-def hub_files(entry: dict[str, Any], add: Callable[[tuple, str], None]) -> tuple[list[Path], list[str]]:
-    """(files, how each is shown) of a hub entry, downloading into the cache unless offline; problems via `add`."""
+def hub_files(entry: dict[str, Any], add: Callable[[tuple, str], None],
+              data: DataArgs | None = None) -> tuple[list[Path], list[str]]:
+    """(files, how each is shown) of a hub entry, downloading into the cache unless offline; problems via `add`,
+    an offline one naming the build of `data`'s recipe with the download allowed (None: no recipe at hand)."""
     repo = entry["hf_hub_url"]
     try:
         import huggingface_hub  # noqa: F401
     except ImportError:
         add(("hf_hub_url",), "reading hub datasets needs huggingface_hub (pip install -r requirements.txt)")
         return [], []
-    snapshot = _snapshot(repo, entry, add)
+    snapshot = _snapshot(repo, entry, add, data)
     if snapshot is None:
         return [], []
     relative = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*")
@@ -58,7 +62,8 @@ def hub_files(entry: dict[str, Any], add: Callable[[tuple, str], None]) -> tuple
     return files, [os.path.normpath(str(f)) for f in files]
 
 
-def _snapshot(repo: str, entry: dict[str, Any], add: Callable[[tuple, str], None]) -> Path | None:
+def _snapshot(repo: str, entry: dict[str, Any], add: Callable[[tuple, str], None],
+              data: DataArgs | None) -> Path | None:
     """The local snapshot folder of the repository, downloaded when online; None (and a problem) otherwise."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -67,7 +72,7 @@ def _snapshot(repo: str, entry: dict[str, Any], add: Callable[[tuple, str], None
     if entry.get("folder"):
         patterns = [f"{entry['folder'].strip('/')}/*{ext}" for ext in DATA_EXTS] + \
                    [f"{entry['folder'].strip('/')}/**/*{ext}" for ext in DATA_EXTS] + ["README.md"]
-    get = f"HF_HUB_OFFLINE=0 python -m pipeline build RECIPE (or: hf download --repo-type dataset {repo})"
+    get = f"{rebuild(data, env=('HF_HUB_OFFLINE=0',))} (or: hf download --repo-type dataset {repo})"
     try:
         path = snapshot_download(repo_id=repo, repo_type="dataset", allow_patterns=patterns,
                                  local_files_only=offline())

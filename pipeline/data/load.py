@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
 
-from pipeline.data.args import DataArgs
+from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
 from pipeline.data.built import training_splits
 from pipeline.data.mix import mixed, parse_probs
@@ -29,15 +29,8 @@ _read: dict[tuple, tuple[list[Any], str]] | None = None  # read_once's rows and 
 
 
 def make_data(data: DataArgs | None = None) -> str:
-    """What rebuilds the data, the recipe named as the user named it and the run's command-line overrides
-    (DataArgs.recipe / overrides; None: RECIPE, for messages that have no recipe at hand): a bare `make data` builds
-    the Makefile's default recipe, not theirs, and one without the overrides (val_size=0.2) another dataset than the
-    run reads. make hands ARGS to the build as it hands them to train."""
-    from pipeline.rerun import run_this
-
-    recipe, overrides = (data.recipe, data.overrides) if data is not None else (None, ())
-    return (f"run {run_this('data', recipe, overrides)}, or set overwrite_cache: true so that train and eval rebuild "
-            "it themselves")
+    """What to do about data that is not the recipe's build: rebuild(data), or let train and eval build it."""
+    return f"run {rebuild(data)}, or set overwrite_cache: true so that train and eval rebuild it themselves"
 
 
 def build_problem(data: DataArgs, name: str) -> str | None:
@@ -135,11 +128,12 @@ def edited(path: Path, digest: str | None = None, data: DataArgs | None = None) 
             f"instead and {make_data(data)}")
 
 
-def read_rows(path: Path, verify: bool = True) -> list[Any]:
+def read_rows(path: Path, data: DataArgs | None, verify: bool = True) -> list[Any]:
     """A built JSON array; a damaged file is a UserError naming its line, an edited one (verify: the sha256 that
-    manifest.json recorded differs) a UserError too: the raw sources are the truth, `make data` rebuilds."""
-    rows, digest = read_rows_hashed(path)
-    problem = edited(path, digest) if verify else None
+    manifest.json recorded differs) a UserError too: the raw sources are the truth, the rebuild of `data`'s recipe
+    (make_data; None: no recipe at hand) rebuilds."""
+    rows, digest = read_rows_hashed(path, data)
+    problem = edited(path, digest, data) if verify else None
     if problem:
         raise UserError(problem)
     return rows
@@ -160,31 +154,34 @@ def read_once() -> Iterator[None]:
         _read = outer
 
 
-def read_rows_hashed(path: Path) -> tuple[list[Any], str]:
+def read_rows_hashed(path: Path, data: DataArgs | None) -> tuple[list[Any], str]:
     """A built JSON array and the sha256 of the bytes it was parsed from, from one read of the file (inside
     read_once, the first read's): for a caller that compares the digest with manifest.json (`edited`) later, as
-    check_built does once the rows are valid. A damaged file is a UserError naming its line."""
+    check_built does once the rows are valid. A damaged file is a UserError naming its line and the rebuild of
+    `data`'s recipe (make_data)."""
     if _read is None:
-        return _parsed(path)
+        return _parsed(path, data)
     key = _file_version(Path(path))
     if key not in _read:
-        _read[key] = _parsed(path)
+        _read[key] = _parsed(path, data)
     return _read[key]
 
 
-def _parsed(path: Path) -> tuple[list[Any], str]:
+def _parsed(path: Path, data: DataArgs | None) -> tuple[list[Any], str]:
     try:
-        data = Path(path).read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        text = data.decode("utf-8")
-        del data  # large splits: the bytes and the text need not live together with the rows
+        raw = Path(path).read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        text = raw.decode("utf-8")
+        del raw  # large splits: the bytes and the text need not live together with the rows
         rows = json.loads(text)
     except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte offset {err.start}); {make_data()}") from None
+        raise UserError(f"{path}: not valid UTF-8 ({err.reason} at byte offset {err.start}); "
+                        f"{make_data(data)}") from None
     except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; {make_data()}") from None
+        raise UserError(f"{path}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg}; "
+                        f"{make_data(data)}") from None
     if not isinstance(rows, list):
-        raise UserError(f"{path}:1: expected a JSON array of rows; {make_data()}")
+        raise UserError(f"{path}:1: expected a JSON array of rows; {make_data(data)}")
     return rows, digest
 
 
@@ -229,7 +226,7 @@ def read_split_rows(data: DataArgs, split: str, paths: list[Path]) -> tuple[list
     origins: list[list[Origin]] = []
     names: dict[str, tuple[str, ...]] = {}
     for path in paths:
-        part = read_rows(path)
+        part = read_rows(path, data)
         dataset = Path(path).parent.name
         if dataset not in names:
             names[dataset] = source_names(data, dataset)
@@ -242,4 +239,4 @@ def load_split(data: DataArgs, split: str) -> list[dict]:
     """Alpaca rows (pt: {"text"} documents) of the recipe's `split`, datasets concatenated in order (the training
     rows, and eval_dataset's, of an interleave mix_strategy interleaved)."""
     paths = split_files(data, split)
-    return combine(data, split, paths, [read_rows(path) for path in paths])
+    return combine(data, split, paths, [read_rows(path, data) for path in paths])

@@ -423,7 +423,7 @@ def holds_out(data: DataArgs) -> bool:
     asked for would silently not happen."""
     from pipeline.data.load import read_rows, split_files
 
-    return any(read_rows(path) for path in split_files(data, "val"))
+    return any(read_rows(path, data) for path in split_files(data, "val"))
 
 
 def count_examples(data: DataArgs) -> dict[str, int]:

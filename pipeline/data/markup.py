@@ -85,6 +85,6 @@ def built_markup_warnings(data: DataArgs) -> list[str]:
         for split in SPLITS:
             path = built_dir(data.dataset_dir, spec.name) / f"{split}.json"
             if path.is_file():
-                rows = read_rows(path, verify=False)
+                rows = read_rows(path, data, verify=False)
                 loaded.append((spec.name, rows, built_origins(path, len(rows), spec.shown)))
     return typed_markup_warnings(tokenizer, data.split_special_tokens, loaded)

@@ -155,7 +155,7 @@ def tokenized_pairs(data: DataArgs, split: str) -> TokenizedPairs:
 def tokenized_rows(data: DataArgs, split: str, fields: set[str], what: str, encode: Any) -> TokenizedPairs:
     """The recipe's `split` through `encode` (encode_pairs, or stage kto's encode_feedback) with its template and
     length policy, once per process and stage; rows without `fields` are named as `what` (a build of another stage)."""
-    from pipeline.data.load import mix_key, read_split_rows, split_files
+    from pipeline.data.load import make_data, mix_key, read_split_rows, split_files
 
     paths = split_files(data, split)
     tokenizer = recipe_tokenizer(data)
@@ -166,7 +166,7 @@ def tokenized_rows(data: DataArgs, split: str, fields: set[str], what: str, enco
         rows, origins = read_split_rows(data, split, paths)
         missing = [o for row, o in zip(rows, origins) if not isinstance(row, dict) or not fields <= row.keys()]
         if missing:
-            raise UserError([f"{o}: {what}; the build is from another stage: run `make data`" for o in missing[:5]])
+            raise UserError([f"{o}: {what}; the build is from another stage: {make_data(data)}" for o in missing[:5]])
         return encode(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
                       policy=data.overlength_policy, enable_thinking=data.enable_thinking, origins=origins)
 

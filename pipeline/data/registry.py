@@ -357,7 +357,7 @@ def _spec(name: str, entry: dict[str, Any], data: DataArgs, lines: dict[tuple, i
     if "hf_hub_url" in entry:
         from pipeline.data.hub import hub_files
 
-        files, shown_files = hub_files(entry, add)
+        files, shown_files = hub_files(entry, add, data)
     elif "file_name" in entry:
         for key in HUB_ONLY_KEYS:
             if key in entry:

@@ -32,6 +32,7 @@ from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.data.encoding import MAX_RUN
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
+from pipeline.rerun import run_this
 
 IGNORE = -100
 POLICIES = ("drop", "truncate", "error")
@@ -160,9 +161,12 @@ def encode_cap(tokenizer: Tokenizer, cutoff_len: int) -> int:
 
 def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tokenizer: Tokenizer, *,
                 cutoff_len: int, policy: str = "drop", train_on_prompt: bool = False, mask_history: bool = False,
-                enable_thinking: bool = True, origins: Sequence[Origin | str] | None = None) -> TokenizedSplit:
+                enable_thinking: bool = True, origins: Sequence[Origin | str] | None = None,
+                rebuilt_by: str | None = None) -> TokenizedSplit:
     """Tokenize, mask and apply the length policy to many Alpaca rows at once; a problem names the row by its
-    origin (`origins[i]`, the raw file and line it was built from; by default `row i`)."""
+    origin (`origins[i]`, the raw file and line it was built from; by default `row i`) and, for a row to fix in the
+    raw file, the command that rebuilds the data (`rebuilt_by`: pipeline.data.load.rebuild of the recipe; None: the
+    rows come from no recipe, and the message says the bare command)."""
     if policy not in POLICIES:
         raise UserError(f"overlength_policy is {policy!r}; expected one of {', '.join(POLICIES)}")
     template = _as_template(template, tokenizer)
@@ -270,7 +274,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], template: Template | str, tok
         problems = Problems()
         for i in empty:
             problems.add(origins[i].file, origins[i].place, "no trainable token: the example would teach nothing "
-                         "(is the output empty?); fix the row and run `make data`")
+                         f"(is the output empty?); fix the row and run {rebuilt_by or run_this('data', None)}")
         problems.raise_if_any()
     if len(over):
         keep = np.ones(total, dtype=bool)
@@ -380,6 +384,7 @@ def _cached(key: tuple, make: Any) -> Any:
 
 def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
     """The recipe's sft `split` tokenized with its template, masks and length policy (once per process)."""
+    from pipeline.data.args import rebuild
     from pipeline.data.load import mix_key, read_split_rows, split_files
 
     paths = split_files(data, split)
@@ -393,7 +398,8 @@ def tokenized_split(data: DataArgs, split: str) -> TokenizedSplit:
         try:
             return encode_rows(rows, data.chat_template(), tokenizer, cutoff_len=data.cutoff_len,
                                policy=data.overlength_policy, train_on_prompt=data.train_on_prompt,
-                               mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins)
+                               mask_history=data.mask_history, enable_thinking=data.enable_thinking, origins=origins,
+                               rebuilt_by=rebuild(data))
         except UserError as err:
             if data.packing or data.neat_packing:
                 err.messages[-1] += ("; packing never splits an example: with packing too, cutoff_len is the "
@@ -424,7 +430,7 @@ def pt_stream(data: DataArgs, split: str) -> np.ndarray:
     separator = pt_separator(data.template, tokenizer)
 
     def make() -> np.ndarray:
-        docs = [row["text"] for row in combine(data, split, paths, [read_rows(path) for path in paths])]
+        docs = [row["text"] for row in combine(data, split, paths, [read_rows(path, data) for path in paths])]
         return join_documents(tokenizer.encode_batch(docs), separator)
 
     return _cached(("pt", tokenizer.cache_key, separator, _file_key(paths), mix_key(data, split)), make)

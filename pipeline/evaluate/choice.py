@@ -27,6 +27,7 @@ from pipeline.errors import UserError
 from pipeline.data.choice_tasks import CATEGORIES, CHOICES, EVAL_TEMPLATES, ShotDraws, Subject, Task
 from pipeline.recipe.benchmark import key_where, read_benchmark
 from pipeline.recipe.args import BenchmarkArgs, benchmark_args, data_args, eval_args, recipe_args
+from pipeline.recipe.typed import run_this_for
 
 
 def run(r: Mapping[str, Any], args: Any = None) -> int:
@@ -37,7 +38,8 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     bench = benchmark_args(r)
     if r["world_size"] > 1:
         raise UserError(f"{key_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one "
-                        "too, its model spread over the GPUs); run `python -m pipeline eval` without NPROC / the launcher")
+                        f"too, its model spread over the GPUs); run {run_this_for('eval', r)}, without NPROC / the "
+                        "launcher")
     if bench.save_dir is not None and Path(bench.save_dir).exists():  # before anything is read or loaded
         raise UserError(f"{key_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an "
                         "existing save_dir too (\"`save_dir` already exists, use another one.\"): name a new folder, or remove "

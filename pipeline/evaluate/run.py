@@ -38,8 +38,8 @@ from pipeline.data.args import DataArgs
 from pipeline.data.loaders import tokenized_pair_split
 from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
-from pipeline.recipe.args import (EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args,
-                                  run_this_for)
+from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
+from pipeline.recipe.typed import run_this_for
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
@@ -193,11 +193,14 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
 def _generation_rows(data: DataArgs, ev: EvalArgs) -> list[dict]:
     """The val rows generation is scored on (dpo: the chosen response as the reference), max_eval_samples first."""
     from pipeline.data.load import load_split
+    from pipeline.recipe.rules.data import VAL_SIZE
+    from pipeline.rerun import run_this, with_values
 
     rows = load_split(data, "val")
-    if not rows:
-        raise UserError("the val split is empty: nothing to evaluate; set val_size > 0 (and `make data`) or name"
-                        " an eval_dataset")
+    if not rows:  # make rebuilds the data for the new ARGS first
+        again = run_this("eval", data.recipe, with_values(data.overrides, val_size=VAL_SIZE))
+        raise UserError(f"the val split is empty: nothing to evaluate; set val_size > 0, e.g. {again}, or name an "
+                        "eval_dataset")
     if ev.stage == "dpo":  # generation is scored against the chosen response
         rows = [{**{k: v for k, v in row.items() if k not in ("chosen", "rejected")}, "output": row["chosen"]}
                 for row in rows]

@@ -16,6 +16,7 @@ from pipeline.names import DPO_LOSS_KEYS
 from pipeline.recipe import spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.steps import batches_per_step
+from pipeline.recipe.typed import typed_overrides
 
 if TYPE_CHECKING:  # the model layer imports torch: validate and plan (which use data_args) must not
     from pipeline.model.build import FinetuneArgs, ModelArgs
@@ -321,24 +322,6 @@ def data_args(r: Mapping[str, Any]) -> DataArgs:
     return dataclasses.replace(from_recipe(DataArgs, r), named=named, recipe=None if recipe is None else str(recipe),
                                overrides=typed_overrides(r),
                                tokenizer_name_or_path=None if source == r.get("model_name_or_path") else source)
-
-
-def typed_overrides(r: Mapping[str, Any]) -> tuple[str, ...]:
-    """The command line's key=value overrides that set the recipe's values, as typed (Origin.text); () for a plain
-    mapping (tests)."""
-    origin = getattr(r, "origin", None)
-    if origin is None:
-        return ()
-    return tuple(o.text for key in r if (o := origin(key)).kind == "cli" and o.text)
-
-
-def run_this_for(goal: str, r: Mapping[str, Any]) -> str:
-    """pipeline.rerun.run_this for a resolved recipe: its path as the user gave it and its command-line overrides as
-    typed (typed_overrides)."""
-    from pipeline.rerun import run_this
-
-    path = getattr(r, "recipe_path", None)
-    return run_this(goal, str(path) if path else None, typed_overrides(r))
 
 
 def recipe_args(r: Mapping[str, Any]) -> RecipeModel:

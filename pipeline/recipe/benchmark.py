@@ -50,6 +50,7 @@ def subject_table(task: Task) -> str:
 def render(r: Resolved) -> str:
     """plan of a benchmark recipe: what runs it, the keys eval reads with their provenance, the model it takes, the
     task folder's subjects and question counts. (A recipe that trains gets the training plan instead.)"""
+    from pipeline.recipe.typed import run_this_for
     from pipeline.recipe.deps import upstreams
     from pipeline.recipe.precision import eval_precision
     from pipeline.recipe.rules import core
@@ -57,8 +58,8 @@ def render(r: Resolved) -> str:
     task = read_benchmark(r)
     recipe = r.recipe_path
     out = [f"recipe: {recipe}" + (f" (extends {', '.join(r.files[1:])})" if len(r.files) > 1 else ""),
-           f"benchmark: LLaMA-Factory's multiple-choice eval, run by `python -m pipeline eval {recipe}` (make eval "
-           f"RECIPE={recipe}); it trains nothing, and the model is loaded only then"]
+           f"benchmark: LLaMA-Factory's multiple-choice eval, run by {run_this_for('eval', r)}; it trains nothing, "
+           "and the model is loaded only then"]
     found = upstreams(r)
     if found:
         out.append(f"made first by make eval: {', '.join(f'{name} ({goal})' for name, goal in found)}")

@@ -98,7 +98,9 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
 
     from pipeline.rerun import run_this
 
-    typed = [e.origin.text for e in entries.values() if e.origin.kind == "cli" and e.origin.text]  # "run this"
+    from pipeline.recipe.typed import cli_texts
+
+    typed = cli_texts(e.origin for e in entries.values())  # for "run this"
     known = {}
     for key, entry in entries.items():
         if key not in props:

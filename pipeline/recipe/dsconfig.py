@@ -74,13 +74,19 @@ _SECTION_KEYS = {
 def one_rank_zero3_notice(values: Mapping[str, Any]) -> str | None:
     """ZeRO 3 on a single rank, parameters not offloaded: said once as training starts. Why: there is nothing
     to partition across ranks, yet every layer's weights are still gathered and released in each forward
-    and backward, and LLaMA-Factory's ds_z3 configs are often copied into one-GPU runs."""
+    and backward, and LLaMA-Factory's ds_z3 configs are often copied into one-GPU runs. The plan it names is this
+    run's at ZeRO 2 (its recipe and overrides, recipe.typed.run_this_for; a deepspeed JSON sets the stage in its
+    file, where a zero_stage=2 override would contradict it)."""
+    from pipeline.recipe.typed import run_this_for
+
     if values["zero_stage"] != 3 or values["world_size"] != 1 or values["offload_param"] != "none":
         return None
+    plan = run_this_for("plan", values, **({} if values.get("deepspeed") else {"zero_stage": "2"}))
     return ("note: zero_stage 3 on one rank partitions nothing, yet still gathers and releases every layer's "
             "weights in each forward and backward: on an H200 it ran at 0.2-0.65x the tokens/s of ZeRO 2, "
-            "for which `make plan` estimates the same memory per rank (docs/packing-and-scale.md). On one "
-            "rank use zero_stage: 2, or keep 3 with offload_param: cpu to hold the weights in host memory.")
+            f"for which {plan} estimates the same memory per rank "
+            "(docs/packing-and-scale.md). On one rank use zero_stage: 2, or keep 3 with offload_param: cpu to hold "
+            "the weights in host memory.")
 
 
 REDUCE_BUCKET_MAX = 500_000_000  # DeepSpeed's default, and LLaMA-Factory's ds_z2_config.json

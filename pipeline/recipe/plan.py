@@ -65,6 +65,7 @@ from typing import Any
 
 from pipeline.data.args import PAIRED_FORMS, data_form
 from pipeline.recipe.args import data_args
+from pipeline.recipe.typed import run_this_for
 from pipeline.recipe import Resolved, batches_per_step, spec
 from pipeline.recipe.check import DERIVED_KEYS
 from pipeline.recipe.dsconfig import REDUCE_BUCKET_MAX
@@ -424,7 +425,7 @@ def _explain(r: Resolved, key: str) -> str:
         if n is not None and (r["packing"] or r["neat_packing"]):
             return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
         if n is None:
-            return "unknown until `make data`"
+            return f"unknown until {run_this_for('data', r)}"
         trained = "splits.train in the built manifests" + (
             " (and splits.val of the datasets eval_dataset does not name: nothing else reads them)"
             if r["eval_dataset"] and set(r["dataset"]) - set(r["eval_dataset"]) else "")

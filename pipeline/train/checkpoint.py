@@ -641,7 +641,7 @@ def resumed_world_change(r: Mapping[str, Any], path: Path,
     when already read. check_compatible decides whether it can be resharded."""
     saved = read_state(path).get("recipe", {}) if saved is None else saved
     layout = tuple(int(r.get(key, 1)) for key in world_change.BATCH_KEYS)  # 1: a plain dict without them (tests)
-    return world_change.world_change(saved, layout)  # type: ignore[arg-type]
+    return world_change.world_change(saved, layout, r)  # type: ignore[arg-type]
 
 
 def load(engine: Any, path: Path, change: world_change.WorldChange | None = None) -> TrainState:

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import data_args
+from pipeline.recipe.typed import run_this_for
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.recipe.notices import after_validate
 from pipeline.recipe.precision import eval_precision, weights_dtype
@@ -340,7 +341,8 @@ def preflight(r: Mapping[str, Any]) -> None:
     for key, given, why in zero_zero_settings(r):
         if r["zero_stage"] != 0:  # a deepspeed JSON's stage (the recipe's own: rules.optimizers' *_fits)
             raise UserError(f"{r['deepspeed']}: zero_optimization.stage is {r['zero_stage']} with {key}: {given}: "
-                            + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there"))
+                            + why.format(stage=r["zero_stage"], fix="set zero_optimization.stage to 0 there",
+                                         plan=run_this_for("plan", r)))
     from pipeline.recipe.rules.quantization import quantization_zero3, quantized_base
 
     if why := quantization_zero3(r):  # a deepspeed JSON's, as above
@@ -668,7 +670,8 @@ def explain_out_of_memory(r: Mapping[str, Any], state: TrainState) -> Any:
                if r["disable_gradient_checkpointing"] else "")
             + f"raise zero_stage (now {r['zero_stage']}) to 2 or 3 and "
             "offload_optimizer: cpu (offload_param: cpu with stage 3); use finetuning_type: lora (now "
-            f"{r['finetuning_type']}); bf16: true on GPUs that support it. `make plan` estimates a recipe's memory"
+            f"{r['finetuning_type']}); bf16: true on GPUs that support it. {run_this_for('plan', r)} estimates "
+            "this run's memory (and with any of these values changed, in the recipe or ARGS)"
         ) from None
 
 

@@ -27,10 +27,11 @@ BcoBaseline.update), and ppo (rollouts, value head and PPO epochs not checked ag
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.rerun import key_of, run_this
 from pipeline.runtime import deepspeed_compat
 
 BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")  # REFUSE keys it lifts
@@ -38,10 +39,13 @@ BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulatio
 
 @dataclass(frozen=True)
 class WorldChange:
-    """The checkpoint's batch layout (`before`) and this run's (`after`): (ranks, micro-batch, accumulation)."""
+    """The checkpoint's batch layout (`before`) and this run's (`after`): (ranks, micro-batch, accumulation);
+    `resume`: the command that runs this recipe, as the user named it with their overrides, on the checkpoint's rank
+    count (rerun.run_this; None: no recipe at hand, and the fix names the bare command)."""
 
     before: tuple[int, int, int]
     after: tuple[int, int, int]
+    resume: str | None = field(default=None, compare=False)
 
     @property
     def saved_world(self) -> int:
@@ -63,8 +67,8 @@ class WorldChange:
     def fixes(self, path: Path) -> str:
         """The closing of every refusal of this change: what a user can do instead."""
         was = self.saved_world
-        return (f"resume with {was} rank(s) (make train NPROC={was}, or NPROC x NNODES = {was}), or start a new run "
-                f"from {path}/adapter or {path}/model")
+        return (f"resume with {was} rank(s) ({self.resume or run_this('train', None, ranks=was)}, or NPROC x NNODES "
+                f"= {was}), or start a new run from {path}/adapter or {path}/model")
 
     def refusal(self, path: Path, why: str) -> str:
         """The message refusing to resume `path` on this change's rank count, for the reason `why`."""
@@ -79,13 +83,23 @@ def _layout(layout: tuple[int, int, int]) -> str:
     return f"{layout[0]} rank(s) x {layout[1]} x GA {layout[2]}"
 
 
-def world_change(saved: Mapping[str, Any], layout: tuple[int, int, int]) -> WorldChange | None:
+def world_change(saved: Mapping[str, Any], layout: tuple[int, int, int],
+                 r: Mapping[str, Any] | None = None) -> WorldChange | None:
     """The change of rank count between the checkpoint's recipe values `saved` and this run's `layout` (BATCH_KEYS'
-    values, in that order); None: the same rank count."""
+    values, in that order), whose fixes name the resume of recipe `r` (WorldChange.resume: on the checkpoint's rank
+    count, and with its batch keys where the command line set others, which would change the global batch again);
+    None: the same rank count."""
+    from pipeline.recipe.typed import run_this_for, typed_overrides
+
     if "world_size" not in saved or saved["world_size"] == layout[0]:
         return None
     before = tuple(int(saved.get(key, value)) for key, value in zip(BATCH_KEYS, layout))
-    return WorldChange(before, tuple(int(v) for v in layout))  # type: ignore[arg-type]
+    resume = None
+    if r is not None:
+        typed = {key_of(text) for text in typed_overrides(r)}
+        kept = {key: str(value) for key, value in zip(BATCH_KEYS[1:], before[1:]) if key in typed}
+        resume = run_this_for("train", r, ranks=before[0], **kept)
+    return WorldChange(before, tuple(int(v) for v in layout), resume)  # type: ignore[arg-type]
 
 
 # stages whose update is the uninterrupted run's on another rank count (with a kept micro-batch where it is a mean)

@@ -111,10 +111,13 @@ def test_hub_entry_offline_from_the_cache_and_missing(lf_workdir, tmp_path):
     env = cli_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
     pipeline("build", recipe(lf_workdir, dataset="alpaca_en"), cwd=lf_workdir, env=env)
     assert sorted(r["output"] for r in built(lf_workdir, "alpaca_en")) == ["four", "one", "three", "two"]
-    failed = pipeline("build", recipe(lf_workdir, dataset="alpaca_zh"), cwd=lf_workdir, env=env, expect=2)
+    recipe(lf_workdir, dataset="alpaca_zh")
+    failed = pipeline("build", "r.yaml", "max_samples=3", cwd=lf_workdir, env=env, expect=2)
     assert "dataset 'llamafactory/alpaca_zh' is not in the Hugging Face cache" in failed.stderr
-    assert "HF_HUB_OFFLINE=1 forbids downloading" in failed.stderr
-    assert "hf download --repo-type dataset llamafactory/alpaca_zh" in failed.stderr
+    # this recipe's build with its overrides, the download allowed (it said `python -m pipeline build RECIPE`)
+    assert "HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run: `HF_HUB_OFFLINE=0 make data " \
+           "RECIPE=r.yaml ARGS=max_samples=3` (HF_HUB_OFFLINE=0 python -m pipeline build r.yaml max_samples=3) (or: " \
+           "hf download --repo-type dataset llamafactory/alpaca_zh)" in failed.stderr, failed.stderr
 
 
 def test_hub_subset_split_and_readme_configs(lf_workdir, tmp_path):

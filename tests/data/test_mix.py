@@ -133,7 +133,7 @@ def test_eval_datasets_are_interleaved_as_llama_factory_mixes_them(tmp_path, mon
                       "val_size: 0\nmix_strategy: interleave_over\ninterleave_probs: 0.5,0.5\nseed: 7\n"
                       "output_dir: saves/mix\nmax_steps: 1\n", encoding="utf-8")
     assert run_main(["build", "mix.yaml"], tmp_path).code == 0
-    built = [[row for split in ("train", "val") for row in read_rows(built_dir(data, name) / f"{split}.json")]
+    built = [[row for split in ("train", "val") for row in read_rows(built_dir(data, name) / f"{split}.json", None)]
              for name in ("c", "d")]
     golden = hf_mix([[json.dumps(row) for row in part] for part in built], [0.5, 0.5], 7, "interleave_over")
     assert len(golden) > sum(sizes[n] for n in "cd")  # c's rows repeat until d runs out

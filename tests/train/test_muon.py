@@ -216,3 +216,5 @@ def test_zero_stages_that_cut_matrices_and_loraplus_are_refused_where_the_recipe
     assert err.startswith("error: ds.json: zero_optimization.stage is 3 with use_muon: true: Muon needs zero_stage "
                           "0"), err
     assert "set zero_optimization.stage to 0 there" in err and not (tmp_path / "saves/r").exists()
+    # the plan of this recipe (the JSON's stage is set in the file, not by an override): it said `make plan`
+    assert f"the memory plan: `make plan RECIPE={recipe}` (python -m pipeline plan {recipe})" in err, err

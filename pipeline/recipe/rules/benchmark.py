@@ -46,9 +46,9 @@ def task_is_for_eval(ctx: Context) -> list[tuple[str, str]]:
     """LLaMA-Factory's train refuses an eval recipe's key too (its argument parser knows no `task` there)."""
     if ctx.values["task"] is None:
         return []
-    return [("task", f"set to {ctx.values['task']!r}: a benchmark is run by `python -m pipeline eval RECIPE` "
-                     "(LLaMA-Factory's `llamafactory-cli eval`), not by train; remove task from the training recipe "
-                     "and put it in an eval recipe (which may `extends` this one)")]
+    return [("task", f"set to {ctx.values['task']!r}: a benchmark is run by {ctx.run_this('eval')} (LLaMA-Factory's "
+                     "`llamafactory-cli eval`), not by train; remove task from the training recipe and put it in an "
+                     "eval recipe (which may `extends` this one)")]
 
 
 @rule("template", "task")

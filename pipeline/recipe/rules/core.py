@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.recipe.load import Origin
+from pipeline.recipe.typed import cli_texts
 
 RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None)  # commands that run on this machine
 # Commands checked against the built row counts. Not `build`, which replaces those counts (a user told to "add
@@ -54,6 +55,13 @@ class Context:
         """Set in the recipe itself or on the command line (not inherited through extends)."""
         origin = self.origins[key]
         return origin.kind == "cli" or (origin.kind == "file" and origin.file == self.recipe_file)
+
+    def run_this(self, goal: str, **changed: str) -> str:
+        """pipeline.rerun.run_this for this recipe as the user named it and the overrides they typed, the keys of
+        `changed` set to the value the message suggests (rerun.with_values): a rule's fix as a command to run."""
+        from pipeline.rerun import run_this, with_values
+
+        return run_this(goal, self.recipe_file, with_values(cli_texts(self.origins.values()), **changed))
 
     def sort_key(self, key: str) -> tuple:
         origin = self.origins.get(key)

@@ -135,6 +135,9 @@ def _ppo_policy(ctx: Context) -> str:
             "run's")
 
 
+VAL_SIZE = "0.1"  # the val_size a message suggests where 0 leaves nothing to evaluate
+
+
 @rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps", "stage",
       "finetuning_type", commands=("train", "eval", "plan", "validate", None))
 def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
@@ -157,9 +160,11 @@ def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
         asked = ["the eval command"]
     if not asked:
         return []
+    # the command the user ran, with the value: make rebuilds the data when ARGS change (the Makefile's args stamp)
+    again = ctx.run_this(ctx.command or "data", val_size=VAL_SIZE)
     return [("val_size", f"given 0: no validation split, and no eval_dataset names a dataset outside `dataset`, "
                          f"so {' and '.join(asked)} would have nothing to evaluate; set val_size (a fraction such "
-                         "as 0.1, or a number of rows) and run `make data`, or name an eval_dataset")]
+                         f"as {VAL_SIZE}, or a number of rows), e.g. {again}, or name an eval_dataset")]
 
 
 @rule("mix_strategy", "interleave_probs", "dataset", "eval_dataset")

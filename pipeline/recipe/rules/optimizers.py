@@ -13,20 +13,23 @@ from pipeline.recipe.rules.core import Context, rule
 from pipeline.model.optimizer_state import NAMES, OPTIM_ARGS_READ, OTHER_OPTIMS, optim_kwargs
 
 
-def whole_matrices_only(v: Mapping[str, Any], key: str, why: str, given: str = "true") -> list[tuple[str, str]]:
+def whole_matrices_only(ctx: Context, key: str, why: str, given: str = "true") -> list[tuple[str, str]]:
     """The ZeRO-0 client optimizers (Muon, GaLore, APOLLO, Adam-mini, BAdam, optim adafactor: `key` given `given`)
-    refused at the recipe's ZeRO 1-3 with their reason `why` ({stage}, {fix}); a deepspeed JSON's stage is train's
-    preflight (the file's line there: zero_zero_settings)."""
+    refused at the recipe's ZeRO 1-3 with their reason `why` ({stage}, {fix}, {plan}: the plan of this run at ZeRO 0,
+    whose memory the fix changes); a deepspeed JSON's stage is train's preflight (the file's line there:
+    zero_zero_settings)."""
+    v = ctx.values
     if v["deepspeed"] is None and v["zero_stage"] != 0:
         return [("zero_stage", f"given {v['zero_stage']} with {key}: {given}: "
-                               + why.format(stage=v["zero_stage"], fix="set zero_stage: 0"))]
+                               + why.format(stage=v["zero_stage"], fix="set zero_stage: 0",
+                                            plan=ctx.run_this("plan", zero_stage="0")))]
     return []
 
 
 MUON_ZERO = ("Muon needs zero_stage 0: it orthogonalizes each weight matrix's whole update, but ZeRO {stage} hands "
              "the optimizer flat slices of the parameters that cut the matrices apart (DeepSpeed's own Muon, which "
              "works on those slices, computes another update than LLaMA-Factory's: docs/training.md); {fix} (data "
-             "parallel; the memory plan: `make plan`), or remove use_muon")
+             "parallel; the memory plan: {plan}), or remove use_muon")
 
 
 @rule("use_muon", "zero_stage", "deepspeed", "loraplus_lr_ratio")
@@ -37,7 +40,7 @@ def muon_fits(ctx: Context) -> list[tuple[str, str]]:
     if not ctx.values["use_muon"]:
         return []
     problems = []
-    problems += whole_matrices_only(ctx.values, "use_muon", MUON_ZERO)
+    problems += whole_matrices_only(ctx, "use_muon", MUON_ZERO)
     if ctx.values["loraplus_lr_ratio"] is not None:
         problems.append(("loraplus_lr_ratio", f"given {show(ctx.values['loraplus_lr_ratio'])} with use_muon: true: "
                                               "LoRA+ and Muon are two optimizers (LLaMA-Factory silently trains with "
@@ -47,7 +50,7 @@ def muon_fits(ctx: Context) -> list[tuple[str, str]]:
 
 _LOW_RANK_ZERO = ("{name} needs zero_stage 0: {why}, but ZeRO {{stage}} hands the optimizer flat slices of the "
                   "parameters that cut the matrices apart (LLaMA-Factory refuses GaLore and APOLLO under any "
-                  "DeepSpeed); {{fix}} (data parallel; the memory plan: `make plan`), or remove use_{key}")
+                  "DeepSpeed); {{fix}} (data parallel; the memory plan: {{plan}}), or remove use_{key}")
 GALORE_ZERO = _LOW_RANK_ZERO.format(name="GaLore", key="galore",
                                     why="each GaLore matrix's update starts from an SVD of its whole gradient")
 APOLLO_ZERO = _LOW_RANK_ZERO.format(name="APOLLO", key="apollo",
@@ -63,7 +66,7 @@ def _low_rank_problems(ctx: Context, key: str, name: str, zero: str) -> list[tup
     if not v[f"use_{key}"]:
         return []
     problems = []
-    problems += whole_matrices_only(v, f"use_{key}", zero)
+    problems += whole_matrices_only(ctx, f"use_{key}", zero)
     if v["finetuning_type"] == "lora":
         problems.append((f"use_{key}", f"given true with finetuning_type: lora: {name} projects the gradients of "
                                        "whole weight matrices, which LoRA freezes (LLaMA-Factory refuses the two "
@@ -176,7 +179,7 @@ def low_rank_target_trains(ctx: Context) -> list[tuple[str, str]]:
 
 ADAM_MINI_ZERO = ("Adam-mini needs zero_stage 0: it keeps one second moment per row or attention head of each "
                   "weight matrix, but ZeRO {stage} hands the optimizer flat slices of the parameters that cut rows "
-                  "and heads apart; {fix} (data parallel; the memory plan: `make plan`), or remove use_adam_mini")
+                  "and heads apart; {fix} (data parallel; the memory plan: {plan}), or remove use_adam_mini")
 _OTHER_OPTIMIZERS = (("use_muon", "Muon"), ("use_galore", "GaLore"), ("use_apollo", "APOLLO"))
 
 
@@ -193,7 +196,7 @@ def adam_mini_fits(ctx: Context) -> list[tuple[str, str]]:
     if not v["use_adam_mini"]:
         return []
     problems = []
-    problems += whole_matrices_only(v, "use_adam_mini", ADAM_MINI_ZERO)
+    problems += whole_matrices_only(ctx, "use_adam_mini", ADAM_MINI_ZERO)
     if v["finetuning_type"] in ("lora", "oft"):
         method = "LoRA" if v["finetuning_type"] == "lora" else "OFT"
         problems.append(("use_adam_mini", f"given true with finetuning_type: {v['finetuning_type']}: Adam-mini's "
@@ -228,7 +231,7 @@ def badam_fits(ctx: Context) -> list[tuple[str, str]]:
     if not v["use_badam"]:
         return []
     problems = []
-    problems += whole_matrices_only(v, "use_badam", BADAM_ZERO)
+    problems += whole_matrices_only(ctx, "use_badam", BADAM_ZERO)
     if v["finetuning_type"] != "full":
         problems.append(("use_badam", f"given true with finetuning_type: {v['finetuning_type']}: BAdam trains whole "
                                       "decoder layers in turn, overriding which weights the method trains "
@@ -291,7 +294,7 @@ def badam_start_block_in_model(ctx: Context) -> list[tuple[str, str]]:
 ADAFACTOR_ZERO = ("Adafactor needs zero_stage 0: it keeps each weight matrix's second moment as the means over its rows "
                   "and its columns, but ZeRO {stage} hands the optimizer flat slices of the parameters that cut the "
                   "matrices apart (transformers' Adafactor would then keep a second moment per element: another "
-                  "optimizer); {fix} (data parallel; the memory plan: `make plan`), or set optim: adamw_torch")
+                  "optimizer); {fix} (data parallel; the memory plan: {plan}), or set optim: adamw_torch")
 # optim sgd / adagrad / rmsprop / adafactor beside an optimizer key: what LLaMA-Factory 0.9.5 does with the two
 # (train/trainer_utils.py create_custom_optimizer: its own optimizer first; GaLore picks its class by optim, APOLLO
 # knows adamw_torch alone, BAdam's layer mode wraps optim's class, its ratio mode and Adam-mini and Muon ignore optim)
@@ -324,7 +327,7 @@ def optim_fits(ctx: Context) -> list[tuple[str, str]]:
         return []
     name, problems = OTHER_OPTIMS[v["optim"]], []
     if v["optim"] == "adafactor":
-        problems += whole_matrices_only(v, "optim", ADAFACTOR_ZERO, given="adafactor")
+        problems += whole_matrices_only(ctx, "optim", ADAFACTOR_ZERO, given="adafactor")
     for key, other, theirs in _OPTIM_WITH:
         if v[key]:
             problems.append((key, f"given true with optim: {v['optim']}: {other} and {name} are two optimizers "

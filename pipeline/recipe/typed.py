@@ -1,0 +1,32 @@
+"""What the user typed, for the commands messages tell them to run: the command line's key=value overrides as typed,
+and "run this" for a resolved recipe (pipeline.rerun.run_this: the recipe as the user named it, with those overrides).
+
+A module of its own, importing only the recipe's Origin and pipeline.rerun, so that every layer that words a message
+(the recipe's rules, its ds_config notice, the stages) can name the command without importing the recipe's args.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from pipeline.recipe.load import Origin
+from pipeline.rerun import run_this, with_values
+
+
+def cli_texts(origins: Iterable[Origin]) -> tuple[str, ...]:
+    """The command line's overrides among `origins`, as typed (Origin.text): what a "run this" message carries, so
+    that the command it names runs this run, not the recipe as written."""
+    return tuple(o.text for o in origins if o.kind == "cli" and o.text)
+
+
+def typed_overrides(r: Mapping[str, Any]) -> tuple[str, ...]:
+    """The command line's key=value overrides that set the recipe's values, as typed; () for a plain mapping
+    (tests)."""
+    origin = getattr(r, "origin", None)
+    return () if origin is None else cli_texts(origin(key) for key in r)
+
+
+def run_this_for(goal: str, r: Mapping[str, Any], *, ranks: int = 1, **changed: str) -> str:
+    """pipeline.rerun.run_this for a resolved recipe: its path as the user gave it and its command-line overrides as
+    typed (typed_overrides), the keys of `changed` set to the value a message suggests (rerun.with_values)."""
+    path = getattr(r, "recipe_path", None)
+    return run_this(goal, str(path) if path else None, with_values(typed_overrides(r), **changed), ranks=ranks)
