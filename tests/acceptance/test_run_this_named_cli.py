@@ -1,7 +1,8 @@
 """Messages that tell the user what to run name the recipe as they named it and the overrides they typed
 (pipeline.rerun.run_this), the key the fix changes set to the value it suggests (rerun.with_values): a bare `make
 data` builds the Makefile's default recipe, and one without the overrides another dataset than the run reads.
-Driven as typed (`python -m pipeline ...`) in a scratch folder with a recipe path and a command-line override.
+Driven as typed (`python -m pipeline ...`) with a recipe path and a command-line override in a scratch folder that
+links the pipeline's Makefile (a checkout's root: the make form is given where make reads it, rerun.make_runs_here).
 
 Failed before, each: the val_size 0 refusal said "set val_size ... and run `make data`"; the ZeRO-0 optimizers'
 "the memory plan: `make plan`"; a dpo pair edited to prefer nothing "`make data` removes such pairs"; plan's count
@@ -15,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import DPO, pipeline, refused, write_ranking_data, write_recipe
+from tests.acceptance.harness import DPO, link_makefile, pipeline, refused, write_ranking_data, write_recipe
+
+
+@pytest.fixture(autouse=True)
+def checkout_root(workdir: Path) -> Path:
+    """The scratch folder as a checkout's root (the Makefile linked), where users type `make`."""
+    return link_makefile(workdir)
 
 
 @pytest.fixture

@@ -115,8 +115,8 @@ def test_hub_entry_offline_from_the_cache_and_missing(lf_workdir, tmp_path):
     failed = pipeline("build", "r.yaml", "max_samples=3", cwd=lf_workdir, env=env, expect=2)
     assert "dataset 'llamafactory/alpaca_zh' is not in the Hugging Face cache" in failed.stderr
     # this recipe's build with its overrides, the download allowed (it said `python -m pipeline build RECIPE`)
-    assert "HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run: `HF_HUB_OFFLINE=0 make data " \
-           "RECIPE=r.yaml ARGS=max_samples=3` (HF_HUB_OFFLINE=0 python -m pipeline build r.yaml max_samples=3) (or: " \
+    assert "HF_HUB_OFFLINE=1 forbids downloading it; on a machine with network run: " \
+           "`HF_HUB_OFFLINE=0 python -m pipeline build r.yaml max_samples=3` (or: " \
            "hf download --repo-type dataset llamafactory/alpaca_zh)" in failed.stderr, failed.stderr
 
 

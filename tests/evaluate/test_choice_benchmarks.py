@@ -349,8 +349,7 @@ def test_mistakes_are_one_message_each(bench, tmp_path):
            "validation, train" in refusal("task=mmlu_val", as_typed=True)
     assert "lang: given 'fr', expected one of en, zh" in refusal("lang=fr")
     assert "r.yaml:5:9: n_shot: set to 2, but only eval with task reads it" in refusal("task=null")
-    assert "r.yaml:3:7: task: set to 'mmlu_test': a benchmark is run by `make eval RECIPE=r.yaml ARGS=dataset=x` " \
-           "(python -m pipeline eval r.yaml dataset=x)" in refused(
+    assert "r.yaml:3:7: task: set to 'mmlu_test': a benchmark is run by `python -m pipeline eval r.yaml dataset=x`" in refused(
         "train", "r.yaml", "dataset=x", cwd=tmp_path, as_typed=False)
     assert "r.yaml:3:7: task: mmlu_test: no folder nowhere/mmlu" in refusal("task_dir=nowhere")
     (tmp_path / "saves" / "x").mkdir(parents=True)

@@ -194,7 +194,7 @@ RANK_REFUSALS = [
               "ranks) is now 16 (2 rank(s) x 4 x GA 2), not its 8 (1 rank(s) x 4 x GA 2)",
               "set gradient_accumulation_steps: 1 to keep it on 2 rank(s) (run.yaml:11: gradient_accumulation_steps)",
               # the recipe's own command (it said a bare `make train NPROC=1`: the Makefile's default recipe)
-              "resume with 1 rank(s) (`make train RECIPE=run.yaml` (python -m pipeline train run.yaml), or NPROC x "
+              "resume with 1 rank(s) (`python -m pipeline train run.yaml`, or NPROC x "
               "NNODES = 1)"]),
     # the global batch kept and the optimizer state offloaded to the CPU: DeepSpeed writes the same per-rank
     # partitions as without offload, resharded alike (the run: test_resume_world_size.py; it was refused: "the
@@ -207,8 +207,8 @@ RANK_REFUSALS = [
       "gradient_accumulation_steps 2",
       # the resume on 1 rank with the overrides typed, the batch key among them the checkpoint's (GA 1 on 1 rank
       # would change the global batch again)
-      "resume with 1 rank(s) (`make train RECIPE=run.yaml ARGS='group_by_length=true gradient_accumulation_steps=2'` "
-      "(python -m pipeline train run.yaml group_by_length=true gradient_accumulation_steps=2), or NPROC x NNODES = 1)"]),
+      "resume with 1 rank(s) (`python -m pipeline train run.yaml group_by_length=true gradient_accumulation_steps=2`, "
+      "or NPROC x NNODES = 1)"]),
 ]
 
 
