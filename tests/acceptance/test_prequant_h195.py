@@ -299,12 +299,14 @@ output_dir: saves/ppo
 """
 
 
-def test_ppo_scores_with_a_prequantized_reward_model_as_transformers_does(repo):
+def test_ppo_scores_with_a_prequantized_reward_model_as_transformers_does(repo, monkeypatch):
     """stage ppo with reward_model_type full on the 4-bit reward model (transformers' Qwen2ForSequenceClassification
     saved quantized, its score head plain) and the unquantized language model it came from as the policy: train
     (as typed) runs its step; the scorer ppo loads (its stored 4-bit Linears, the score head plain) computes
     transformers' scores of the same folder (one row a call: without a pad id transformers scores a lone row at its
     last token)."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.plan import estimate_memory
     from pipeline.train.ppo import load_reward_model
 
     folder = repo / "rm_plain_head"
@@ -319,10 +321,17 @@ def test_ppo_scores_with_a_prequantized_reward_model_as_transformers_does(repo):
     (step,) = [json.loads(line) for line in (repo / "saves/ppo/trainer_log.jsonl").read_text().splitlines()]
     assert step["step"] == 1 and torch.isfinite(torch.tensor(step["reward"]))
 
+    # plan's reward_model row: the folder's stored 4-bit Linears at their packed size (it counted them at 4 bytes a
+    # value, twice this), as transformers' model of it holds them: its parameters (the packed codes, the rest fp32)
+    # and each 4-bit weight's absmax (one fp32 per 64 values; its quant state, no parameter)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder, device_map="cpu").eval()
+    absmax = sum(m.weight.quant_state.absmax.nbytes for m in theirs.modules() if isinstance(m, bnb.nn.Linear4bit))
+    monkeypatch.chdir(repo)
+    held = estimate_memory(resolve("ppo.yaml")).gpu["reward_model"]
+    assert held == sum(p.nbytes for p in theirs.parameters()) + absmax
     scorer = load_reward_model(str(folder), "full", None, "cpu", torch.float32, pad_id=0)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in scorer.model.modules()) == 14
     assert not isinstance(scorer.model.score, bnb.nn.Linear4bit)
-    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder, device_map="cpu").eval()
     x = torch.randint(1, 384, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         golden = torch.cat([theirs(row[None]).logits[:, 0] for row in x])
