@@ -45,6 +45,7 @@ from pipeline.model.expert_lora import FUSED, PAIR, ROUTER_PARAMETER, concatenat
     fused_parts, parts_of_config, peft_fields, peft_module, router_of, split
 from pipeline.model.families import Family
 from pipeline.model.quantize import adapter_dtype, dequantized_weight
+from pipeline.model.peft_targets import pattern_problem, target_names
 from pipeline.model.untaken_lora import untaken_message, untaken_modules
 from pipeline.model.weights import read_tensors
 from pipeline.names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, VOCAB_ROWS
@@ -704,6 +705,9 @@ PEFT_UNSUPPORTED = ("alpha_pattern", "rank_pattern", "layers_to_transform", "exc
                     "target_parameters", "trainable_token_indices", "layer_replication")
 
 
+TARGETS_EXPECTED = "a list of module names, or a string: a regular expression (PEFT's reading of one)"
+
+
 def _target_list(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and bool(value)
                                       and all(isinstance(t, str) for t in value))
@@ -714,10 +718,10 @@ def _required_keys(peft_type: str) -> tuple[tuple[str, Callable[[Any], bool], st
     if peft_type == "OFT":
         return (("r", lambda v: type(v) is int and v >= 0, "an integer >= 0"),
                 ("oft_block_size", lambda v: type(v) is int and v >= 0, "an integer >= 0"),
-                ("target_modules", _target_list, "a module name or a list of module names"))
+                ("target_modules", _target_list, TARGETS_EXPECTED))
     return (("r", lambda v: type(v) is int and v >= 1, "an integer >= 1"),
             ("lora_alpha", lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a number > 0"),
-            ("target_modules", _target_list, "a module name or a list of module names"))
+            ("target_modules", _target_list, TARGETS_EXPECTED))
 
 
 def _reject_constant(name: str) -> Any:
@@ -748,6 +752,8 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
             problems.append(f"{path}: missing key '{key}'")
         elif not ok(config[key]):
             problems.append(f"{path}: {key} is {json.dumps(config[key])}; expected {expected}")
+    if not problems and (problem := pattern_problem(config.get("target_modules"))):
+        problems.append(f"{path}: {problem}")
     if peft_type == "OFT":
         from pipeline.model.oft import oft_config_problems
 
@@ -945,8 +951,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     if existing:
         _check_settings(existing, config, directory / ADAPTER_CONFIG, family_of_model(model))
     else:
-        targets = config["target_modules"]
-        targets = [targets] if isinstance(targets, str) else targets
+        targets = target_names(model, config["target_modules"], directory / ADAPTER_CONFIG)
         if embedding := embedding_targets(family_of_model(model), targets):
             raise UserError(embedding_target_message(directory / ADAPTER_CONFIG, embedding, head_is_tied(model)))
         targets = targets + expert_targets(model, config)

@@ -43,7 +43,8 @@ P = all parameters of the model train builds, an adapter's own included, T = tra
                                             ref_model): its parameters * w; LoRA / OFT: the kept starting copies
                                             of the additional_target modules (the adapters-off policy is the rest),
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
-    reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params)
+    reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params), its
+                                            quantized Linears packed (quantized_reward_saving)
     rollout      stage ppo: 2*L*b*kv*(s + max_new_tokens)*d * w, the decoding KV cache of a micro-batch
                                             (kv key/value heads of d numbers; latent attention: 2*kv*d is
                                             kv_lora_rank + qk_rope_head_dim);   ZeRO-3: + P * w (pure_bf16: an
@@ -166,23 +167,23 @@ def quantized_base(r: Resolved, cfg: ModelConfig, w: int) -> tuple[float, float]
     spec = Quantization.of(r)
     if spec is None:
         return None
-    spec, linears = quantized_linears(r, cfg, spec)
+    spec, linears = quantized_linears(r["model_name_or_path"], cfg, spec)
     return base_weight_bytes(linears, spec, w)
 
 
-def quantized_linears(r: Resolved, cfg: ModelConfig, spec: Quantization) -> tuple[Quantization,
-                                                                                   list[tuple[str, int, int]]]:
-    """(the quantization, the base's Linears (path, in, out)) base_weight_bytes counts: a pre-quantized checkpoint's
-    own quantization_config when model_name_or_path is one, its llm_int8_skip_modules (unsloth's dynamic quants)
-    matched against the HF paths as transformers matches them; a tied head is the embedding, never a quantized Linear,
-    and a Linear the checkpoint does not hold (stage rm's score head on a language model, drawn at load) is a plain
-    one beside the stored codes, as the loader makes it (pipeline.model.weights.load_model)."""
+def quantized_linears(model: str, cfg: ModelConfig, spec: Quantization) -> tuple[Quantization,
+                                                                                 list[tuple[str, int, int]]]:
+    """(the quantization, the Linears (path, in, out) of checkpoint `model` built as `cfg`) base_weight_bytes counts:
+    a pre-quantized checkpoint's own quantization_config when `model` is one, its llm_int8_skip_modules (unsloth's
+    dynamic quants) matched against the HF paths as transformers matches them; a tied head is the embedding, never a
+    quantized Linear, and a Linear the checkpoint does not hold (stage rm's score head on a language model, drawn at
+    load) is a plain one beside the stored codes, as the loader makes it (pipeline.model.weights.load_model)."""
     from pipeline.model.config import layout
     from pipeline.recipe.modelinfo import model_info, stored_quantization
 
-    spec = stored_quantization(r["model_name_or_path"]) or spec
+    spec = stored_quantization(model) or spec
     hf = spec.skip_modules is not None
-    info = model_info(r["model_name_or_path"])
+    info = model_info(model)
     held = None if info is None else {m.name for m in layout(info.config) if m.kind == "linear"}
     return spec, [(cfg.hf.to_hf(m.name) if hf else m.name, m.in_dim, m.out_dim) for m in layout(cfg)
                   if m.kind == "linear" and not (cfg.tie_weights and m.name == "lm_head")
@@ -259,14 +260,32 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
 
 
 def quantized_reward_saving(r: Resolved, cfg: ModelConfig, w: int) -> float:
-    """What quantization_bit saves on stage ppo's reward_model_type lora reward model, counted at `w` bytes a
-    parameter by reward_model_params: its base is the policy's, quantized as the policy's is, the reward adapter beside
-    it unfolded (pipeline.train.ppo.load_reward_model; its own weights, a LoRA's few, are not counted); 0 otherwise (a
-    full reward model loads unquantized)."""
-    if r["stage"] != "ppo" or r["reward_model_type"] != "lora":
+    """What quantized weights save on stage ppo's reward model, counted at `w` bytes a parameter by
+    reward_model_params: under reward_model_type lora quantization_bit's, its base the policy's, quantized as the
+    policy's is, the reward adapter beside it unfolded (pipeline.train.ppo.load_reward_model; its own weights, a
+    LoRA's few, are not counted); under full a pre-quantized reward model folder's stored 4/8-bit Linears, which the
+    load keeps as stored (pipeline.model.weights.load_model); 0 otherwise (an unquantized full reward model)."""
+    if r["stage"] != "ppo" or r["reward_model_type"] not in ("lora", "full"):
         return 0.0
-    quantized = quantized_base(r, cfg.replace(num_labels=1), w)
+    quantized = quantized_base(r, cfg.replace(num_labels=1), w) if r["reward_model_type"] == "lora" \
+        else stored_reward_bytes(r, w)
     return quantized[1] - quantized[0] if quantized else 0.0
+
+
+def stored_reward_bytes(r: Resolved, w: int) -> tuple[float, float] | None:
+    """A pre-quantized full reward model's (stage ppo's reward_model folder): (bytes of its stored 4/8-bit Linear
+    weights, the bytes they would take at `w`), as reward_model_params builds it (num_labels 1); None for an
+    unquantized folder or one not readable here."""
+    from pipeline.model.quant_layout import base_weight_bytes
+    from pipeline.recipe.modelinfo import stored_quantization
+    from pipeline.recipe.run_folders import run_model
+
+    folder = run_model(r["reward_model"])
+    spec, info = stored_quantization(folder), model_info(folder)
+    if spec is None or info is None:
+        return None
+    spec, linears = quantized_linears(folder, info.config.replace(num_labels=1), spec)
+    return base_weight_bytes(linears, spec, w)
 
 
 def value_head_bias(r: Resolved) -> int:
@@ -367,7 +386,7 @@ def quantization_line(r: Resolved, mem: Memory) -> str | None:
         return None
     quantized, unquantized = mem.quantized
     per = "0.5 byte" if spec.bits == 4 else "1 byte"
-    spec, linears = quantized_linears(r, info.config, spec)
+    spec, linears = quantized_linears(r["model_name_or_path"], info.config, spec)
     kept = sum(not is_quantized_path(name, spec.skip_modules) for name, _, _ in linears)
     rest = ("embeddings, norms and the output head" if spec.skip_modules is None else
             f"embeddings, norms and the {kept} Linears the checkpoint keeps unquantized (llm_int8_skip_modules)")

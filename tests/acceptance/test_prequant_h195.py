@@ -244,3 +244,95 @@ def test_dpo_on_the_prequantized_checkpoint_resumes_exactly_and_peft_loads_its_a
     resumed = pipeline("train", recipe, "output_dir=saves/crashed", "resume_from_checkpoint=latest", cwd=repo).stderr
     assert "step 2 |" in resumed and "step 1 |" not in resumed  # it trained step 2 only
     assert_same_run(repo / "saves/dpo", crashed, "adapter/adapter_model.safetensors")
+
+
+def test_an_8bit_head_takes_no_added_tokens_with_the_4bit_heads_message(repo):
+    """load_in_8bit (LLM.int8, quantization_bit 8's form) with the same llm_int8_skip_modules: transformers stores the
+    untied lm_head in int8 too. Ours computes transformers' logits on it; added tokens are the 4-bit head's one
+    message (HEAD_REFUSED) in validate and at the load."""
+    from dataclasses import replace
+
+    from pipeline.errors import UserError
+    from pipeline.model.build import ModelArgs, load_base, load_for_inference
+
+    folder = repo / "q8"
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP)
+    transformers.AutoModelForCausalLM.from_pretrained(repo.parent / "plain", quantization_config=config,
+                                                      dtype=torch.float32, device_map="cpu").save_pretrained(folder)
+    for file in (repo.parent / "plain").iterdir():
+        if not (folder / file.name).exists():
+            shutil.copy(file, folder / file.name)
+    theirs = reference(folder)
+    assert isinstance(theirs.lm_head, bnb.nn.Linear8bitLt)  # the fixture's point: an 8-bit head
+    args = ModelArgs(model_name_or_path=str(folder), seed=0, dropout=0.0, context_length=None, qkv_bias=None,
+                     tie_word_embeddings=None)
+    x = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # no attention mask: transformers' 8-bit model with one shifts a row's logits by ~1e-2
+        assert_close(theirs(x).logits, load_for_inference(args, device="cpu")(x), rel=1e-4)
+
+    write_data(repo / "data")
+    (repo / "q8.yaml").write_text("model_name_or_path: q8\nquantization_bit: 8\ntemplate: qwen\ndataset: tiny_sft\n"
+                                  "dataset_dir: data\nnew_special_tokens: <tool_x>\n")
+    said = refused("validate", "q8.yaml", cwd=repo, as_typed=False)  # the 4-bit case runs as typed
+    assert said.splitlines() == [f"error: q8.yaml:1:21: model_name_or_path: q8 {HEAD_REFUSED}"], said
+    with pytest.raises(UserError) as at_load:
+        load_base(replace(args, new_special_tokens="<tool_x>"))
+    assert at_load.value.messages == [f"model_name_or_path: {folder} {HEAD_REFUSED}"]
+
+
+PPO = """model_name_or_path: {policy}
+reward_model: {reward}
+reward_model_type: full
+stage: ppo
+finetuning_type: lora
+lora_target: all
+dataset: tiny_sft
+dataset_dir: data
+template: qwen
+cutoff_len: 256
+per_device_train_batch_size: 2
+max_steps: 1
+ppo_epochs: 1
+max_new_tokens: 2
+logging_steps: 1
+output_dir: saves/ppo
+"""
+
+
+def test_ppo_scores_with_a_prequantized_reward_model_as_transformers_does(repo, monkeypatch):
+    """stage ppo with reward_model_type full on the 4-bit reward model (transformers' Qwen2ForSequenceClassification
+    saved quantized, its score head plain) and the unquantized language model it came from as the policy: train
+    (as typed) runs its step; the scorer ppo loads (its stored 4-bit Linears, the score head plain) computes
+    transformers' scores of the same folder (one row a call: without a pad id transformers scores a lone row at its
+    last token)."""
+    from pipeline.recipe import resolve
+    from pipeline.recipe.plan import estimate_memory
+    from pipeline.train.ppo import load_reward_model
+
+    folder = repo / "rm_plain_head"
+    if not folder.exists():
+        reward_checkpoint(repo, "rm_plain_head", None)
+    write_data(repo / "data")
+    (repo / "ppo.yaml").write_text(PPO.format(policy=repo.parent / "plain", reward="rm_plain_head"))
+    pipeline("build", "ppo.yaml", cwd=repo, as_typed=False)
+    trained = pipeline("train", "ppo.yaml", cwd=repo).stderr
+    assert "ppo: reward_model rm_plain_head (full), scoring with its score head at the last attended token" \
+        in trained, trained
+    (step,) = [json.loads(line) for line in (repo / "saves/ppo/trainer_log.jsonl").read_text().splitlines()]
+    assert step["step"] == 1 and torch.isfinite(torch.tensor(step["reward"]))
+
+    # plan's reward_model row: the folder's stored 4-bit Linears at their packed size (it counted them at 4 bytes a
+    # value, twice this), as transformers' model of it holds them: its parameters (the packed codes, the rest fp32)
+    # and each 4-bit weight's absmax (one fp32 per 64 values; its quant state, no parameter)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(folder, device_map="cpu").eval()
+    absmax = sum(m.weight.quant_state.absmax.nbytes for m in theirs.modules() if isinstance(m, bnb.nn.Linear4bit))
+    monkeypatch.chdir(repo)
+    held = estimate_memory(resolve("ppo.yaml")).gpu["reward_model"]
+    assert held == sum(p.nbytes for p in theirs.parameters()) + absmax
+    scorer = load_reward_model(str(folder), "full", None, "cpu", torch.float32, pad_id=0)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in scorer.model.modules()) == 14
+    assert not isinstance(scorer.model.score, bnb.nn.Linear4bit)
+    x = torch.randint(1, 384, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        golden = torch.cat([theirs(row[None]).logits[:, 0] for row in x])
+        torch.testing.assert_close(scorer(x, torch.ones_like(x)), golden, rtol=1e-5, atol=1e-6)

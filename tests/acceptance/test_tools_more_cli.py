@@ -30,6 +30,29 @@ from tests.acceptance.test_tools_glm4_cli import TOOLS, assert_trained_and_merge
 from tests.reliability.rel_helpers import run_main
 
 THOUGHT = "<think>\n\n</think>\n\n"  # ReasoningTemplate's empty thought (LLaMA-Factory's default thought words)
+# zai-org/GLM-4.5's chat_template.jinja (GLM-4.5-Air's is the same), re-typed: its opening (the tools block only
+# `{%- if tools -%}`, so an empty list writes none) and the lines that write a system message, a user message (the
+# content as visible_text gives a string) and the generation prompt, enable_thinking left undefined (its /nothink and
+# empty thought are the hub's, not training's); the assistant's lines and the tool list's text are left out
+# (tests/data/test_templates_deepseek_glm_tools.py re-types the calls)
+GLM45_HUB_OPENING = (
+    "[gMASK]<sop>\n{%- if tools -%}\n<|system|>\n# Tools\n\nYou may call one or more functions to assist with the"
+    " user query.\n{%- endif -%}\n"
+    "{%- for m in messages %}\n"
+    "{%- if m.role == 'user' -%}<|user|>\n{{ m.content }}\n"
+    "{%- elif m.role == 'system' -%}\n<|system|>\n{{ m.content }}\n"
+    "{%- endif -%}\n{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "    <|assistant|>\n"
+    "{%- endif -%}")
+
+
+def hub_rendering(messages: list[dict], **kwargs) -> str:
+    """GLM45_HUB_OPENING rendered by jinja2 as transformers renders a chat template (trim_blocks, lstrip_blocks)."""
+    import jinja2
+
+    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return environment.from_string(GLM45_HUB_OPENING).render(messages=messages, add_generation_prompt=True, **kwargs)
 
 
 def glm_call(city: str) -> str:
@@ -57,6 +80,16 @@ def test_lora_sft_on_function_calling_data_with_glm4_moe(workdir, monkeypatch):
     assert f"<tools>{tools_text}\n</tools>" in text
     assert text.endswith("<|user|>\nWeather in Paris?<|assistant|>" + glm_call("Paris")
                          + '<|observation|>\n{"temp": 20}<|assistant|>'), text
+
+    # tools=[] is no tools, as GLM-4.5's own template takes it (the export wrote an empty system block, <|system|>\n,
+    # before the user's turn); with a system message too (enable_thinking off is training's, not the hub's /nothink)
+    for system in ([], [{"role": "system", "content": "Be brief."}]):
+        chat = [*system, {"role": "user", "content": "Weather in Paris?"}]
+        hub = hub_rendering(chat, tools=[])
+        no_tools = served.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert hub == hub_rendering(chat) == no_tools
+        assert served.apply_chat_template(chat, tools=[], add_generation_prompt=True, tokenize=False) == hub, system
+    assert hub == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nWeather in Paris?<|assistant|>"
 
 
 def trained_spans(shown: str) -> list[str]:

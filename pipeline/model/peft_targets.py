@@ -1,0 +1,72 @@
+"""An adapter_config.json's target_modules as PEFT 0.21 reads it onto a model, in the names apply_lora takes.
+
+PEFT reads the field two ways (tuners/tuners_utils.py check_target_module_exists):
+- a list: each entry a module's full name or the end of one after a '.' (the suffix rule select_modules applies);
+- a string: a regular expression that must match a module's WHOLE name in the transformers model
+  (utils/other.py match_target_against_key: `re.fullmatch(target_modules, key)`, key such as
+  model.layers.0.self_attn.q_proj), or PEFT's shorthand "all-linear" (any case: every Linear but the output head,
+  _maybe_include_all_linear_layers). transformers-4-era adapters and LLaMA-Factory users write such strings
+  ("model.layers.*.self_attn.(q_proj|v_proj)"); read as one module name, they matched nothing.
+
+A string is resolved here against the model's Linears (and its embedding and head, which the load then refuses as it
+refuses them in a list) by their transformers names, into the full names it matches, which apply_lora's suffix rule
+then picks exactly. On a sparse MoE model PEFT 0.21 resolves a string otherwise (its v4 -> v5 conversion,
+utils/transformers_weight_conversion.py _resolve_string_target_modules, widens the matches to leaf names over every
+layer): such an adapter is refused with the way on, rather than read as another model than PEFT builds.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.model.adapter import TIED, family_of_model, linear_names
+from pipeline.model.config import lora_candidates
+
+ALL_LINEAR = "all-linear"  # peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND, compared lower-cased as PEFT does
+FOLD = ("fold the adapter into its base with PEFT's merge_and_unload() and use that checkpoint as "
+        "model_name_or_path")
+
+
+def pattern_problem(value: Any) -> str | None:
+    """Why a string target_modules is no regular expression PEFT can match with (re.fullmatch raises on it), else
+    None (a list, or a pattern that compiles). Said by read_adapter_config, before any model is built."""
+    if not isinstance(value, str) or value.lower() == ALL_LINEAR:
+        return None
+    try:
+        re.compile(value)
+    except re.error as err:
+        return (f"target_modules is {json.dumps(value)}, a string, which PEFT reads as a regular expression matched"
+                f" against each module's whole name, and this one does not compile ({err}); write it as a valid"
+                " regular expression, or as a list of module names such as [\"q_proj\", \"v_proj\"]")
+    return None
+
+
+def target_names(model: nn.Module, targets: str | list[str], path: Path) -> list[str]:
+    """`targets` (an adapter_config.json's target_modules, at `path`) as PEFT reads it onto `model`: a list as it is,
+    a string as the full transformers names of the modules it selects (the module docstring says how). A string
+    that selects no Linear is a UserError naming the rule and an example of a name it must match."""
+    if not isinstance(targets, str):
+        return list(targets)
+    family = family_of_model(model)
+    if family.moe:
+        raise UserError(f"{path}: target_modules is {json.dumps(targets)}, a string (PEFT's regular expression or"
+                        " its \"all-linear\"), on a sparse MoE model: PEFT 0.21 widens such a pattern to the last"
+                        " part of each name it matches, over every layer (its transformers 5 conversion), which this"
+                        f" pipeline does not reproduce; {FOLD}")
+    candidates = lora_candidates(linear_names(model))  # every Linear but the heads (lm_head, a reward model's score)
+    if targets.lower() == ALL_LINEAR:
+        return [family.to_hf(n) for n in candidates]
+    named = candidates + [n for n in TIED if isinstance(getattr(model, n, None), nn.Module)]
+    chosen = [family.to_hf(n) for n in named if re.fullmatch(targets, family.to_hf(n))]
+    if not chosen:
+        example = family.to_hf(candidates[0]) if candidates else "lm_head"
+        raise UserError(f"{path}: target_modules is {json.dumps(targets)}, a string, which PEFT reads as a regular"
+                        " expression that must match a module's whole name (re.fullmatch, e.g. against"
+                        f" {json.dumps(example)}), and it matches none of this model's Linears: an adapter of another"
+                        " model? A list of names such as [\"q_proj\", \"v_proj\"] matches the ends of names instead")
+    return chosen
