@@ -314,4 +314,4 @@ def test_an_untrained_checkpoint_n_names_the_training_of_its_run(run):
     said = refused("export", "recipes/merge.yaml", "adapter_name_or_path=saves/z/checkpoint-1", cwd=repo,
                    as_typed=False)
     assert "the adapter is untrained" in said and \
-        "`make train RECIPE=recipes/train.yaml` (python -m pipeline train recipes/train.yaml)" in said, said
+        "`make train RECIPE=recipes/train.yaml` (python -m pipeline train recipes/train.yaml --retrain-finished)" in said, said

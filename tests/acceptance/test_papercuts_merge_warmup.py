@@ -56,7 +56,7 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     # the fix names the run's training: its recipe and override (a bare `make train` trains the Makefile's default
     # recipe), from merge's own recipe, and for an adapter exported from elsewhere from its resolved.yaml. Failed
     # before: "`make train`" in both. workdir holds no Makefile: the python -m form alone (pipeline.rerun)
-    again = "`python -m pipeline train r.yaml logging_steps=2`"
+    again = "`python -m pipeline train r.yaml --retrain-finished logging_steps=2`"
     shutil.rmtree(workdir / "data" / "build")  # the verification's rows: their build is named the same way
     err = refused("merge", "r.yaml", "logging_steps=2", cwd=workdir, as_typed=False)
     assert ("merge: no built data found for the verification (`python -m pipeline build r.yaml logging_steps=2` "
@@ -83,4 +83,15 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     write_recipe(workdir / "sub/export.yaml", {}, model_name_or_path=str(hf_checkpoint("gpt2")), template="alpaca",
                  adapter_name_or_path=str(workdir / "saves/r/adapter"), export_dir="exported")
     err = refused("export", "export.yaml", cwd=workdir / "sub", as_typed=False)
-    assert f"`cd {shlex.quote(str(workdir))} && python -m pipeline train r.yaml logging_steps=2`" in err, err
+    assert f"`cd {shlex.quote(str(workdir))} && python -m pipeline train r.yaml --retrain-finished logging_steps=2`" in err, err
+    # the fix as the message words it runs: the recipe fixed as it says (warmup_ratio: 0), the command typed as given,
+    # in workdir, trains that run again (its output_dir holds the finished run: what `make train` does with
+    # --retrain-finished). Failed before: `python -m pipeline train r.yaml logging_steps=2` was refused, "saves/r is
+    # not empty: it holds a finished run"
+    (workdir / "r.yaml").write_text((workdir / "r.yaml").read_text().replace("warmup_ratio: 0.03", "warmup_ratio: 0"))
+    pipeline("build", "r.yaml", cwd=workdir, as_typed=False)  # removed above
+    python, dash_m, module, *typed = shlex.split(again.strip("`"))
+    assert (python, dash_m, module) == ("python", "-m", "pipeline")
+    pipeline(*typed, cwd=workdir)
+    tensors = load_file(workdir / "saves/r/adapter/adapter_model.safetensors")
+    assert all(t.any() for k, t in tensors.items() if k.endswith("lora_B.weight"))  # trained at lr > 0 this time

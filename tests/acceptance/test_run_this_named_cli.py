@@ -84,7 +84,7 @@ def test_the_overrides_with_a_key_set_and_the_launcher_form():
     assert with_values(("max_steps=3",), zero_stage="0") == ("max_steps=3", "zero_stage=0")
     assert run_this("train", "r.yaml", ("max_steps=3",), ranks=2) == (
         "`make train NPROC=2 RECIPE=r.yaml ARGS=max_steps=3` (python -m pipeline.launch --num_gpus 2 --module pipeline "
-        "train r.yaml max_steps=3)")
+        "train r.yaml --retrain-finished max_steps=3)")
     assert run_this("data", None, env=("HF_HUB_OFFLINE=0",)) == (
         "`HF_HUB_OFFLINE=0 make data` (HF_HUB_OFFLINE=0 python -m pipeline build RECIPE)")
 

@@ -194,8 +194,8 @@ RANK_REFUSALS = [
               "ranks) is now 16 (2 rank(s) x 4 x GA 2), not its 8 (1 rank(s) x 4 x GA 2)",
               "set gradient_accumulation_steps: 1 to keep it on 2 rank(s) (run.yaml:11: gradient_accumulation_steps)",
               # the recipe's own command (it said a bare `make train NPROC=1`: the Makefile's default recipe)
-              "resume with 1 rank(s) (`python -m pipeline train run.yaml`, or NPROC x "
-              "NNODES = 1)"]),
+              "resume with 1 rank(s) (`python -m pipeline train run.yaml --retrain-finished`, or "
+              "NPROC x NNODES = 1)"]),
     # the global batch kept and the optimizer state offloaded to the CPU: DeepSpeed writes the same per-rank
     # partitions as without offload, resharded alike (the run: test_resume_world_size.py; it was refused: "the
     # optimizer state offloaded to cpu (offload_optimizer) is not rebuilt")
@@ -207,8 +207,8 @@ RANK_REFUSALS = [
       "gradient_accumulation_steps 2",
       # the resume on 1 rank with the overrides typed, the batch key among them the checkpoint's (GA 1 on 1 rank
       # would change the global batch again)
-      "resume with 1 rank(s) (`python -m pipeline train run.yaml group_by_length=true gradient_accumulation_steps=2`, "
-      "or NPROC x NNODES = 1)"]),
+      "resume with 1 rank(s) (`python -m pipeline train run.yaml --retrain-finished group_by_length=true "
+      "gradient_accumulation_steps=2`, or NPROC x NNODES = 1)"]),
 ]
 
 
@@ -298,7 +298,7 @@ def test_only_nvme_offload_is_refused_on_another_rank_count(offload, refused):
         "this job has 1 rank(s) but ckpt was trained on 2: the optimizer state offloaded to NVMe (offload_optimizer: "
         "nvme) is swapped through DeepSpeed's own files, which are not rebuilt for another rank count "
         "(offload_optimizer: cpu is); resume with 2 rank(s) (`make train NPROC=2` (python -m pipeline.launch "
-        "--num_gpus 2 --module pipeline train RECIPE), or NPROC x NNODES = 2), or start a "
+        "--num_gpus 2 --module pipeline train RECIPE --retrain-finished), or NPROC x NNODES = 2), or start a "
         "new run from ckpt/adapter or ckpt/model"])
 
 
