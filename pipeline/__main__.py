@@ -125,11 +125,6 @@ def lock_targets(command: str, r: Any, dry_run: bool = False) -> list[tuple[Path
     return []
 
 
-# Options the Makefile passes from a variable of its own: `make inspect ARGS='--num 5'` gave the option to deps,
-# build and validate too, which refused it.
-MAKE_VARIABLES = {"--num": ("inspect", "NUM=5"), "--prompt": ("chat", "PROMPT='...'")}
-
-
 def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> str:
     """An option of another command ('validate r.yaml --num 3'), which would be ignored without a word: the
     groups of build_parser are named after the command their options belong to."""
@@ -141,10 +136,24 @@ def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
             used = given & set(action.option_strings)
             if used:
                 option = min(used)
-                variable = MAKE_VARIABLES.get(option)
-                hint = (f" (with make, ARGS reach every stage of the chain: set {variable[1]} instead, e.g. "
-                        f"`make {variable[0]} {variable[1]}`)") if variable else ""
-                return f"{option} is an option of `{group.title}`, not of `{args.command}`{hint}"
+                return f"{option} is an option of `{group.title}`, not of `{args.command}`" + \
+                    make_variable_hint(option, getattr(args, action.dest), args)
+    return ""
+
+
+def make_variable_hint(option: str, value: object, args: argparse.Namespace) -> str:
+    """Where the Makefile passes `option` from a variable of its own (rerun.MAKE_VARIABLES: `make inspect ARGS='--num
+    5'` gave it to deps, build and validate too, which refused it), the command with the user's recipe, overrides and
+    value: ": run `make inspect RECIPE=r.yaml ARGS='k=v' NUM=5` (python -m pipeline inspect r.yaml k=v --num 5)...";
+    "" for an option the Makefile gives no variable."""
+    from pipeline.rerun import MAKE_VARIABLES, make_runs_here, run_this
+
+    for variable, (goal, flag) in MAKE_VARIABLES.items():
+        if flag == option:
+            command = run_this(goal, args.recipe, args.overrides, variables={variable: str(value)})
+            why = f"; make hands ARGS to every stage of the chain, and {variable} to {goal} alone" \
+                if make_runs_here() else ""
+            return f": run {command}{why}"
     return ""
 
 

@@ -18,13 +18,17 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 # make goals whose pipeline command is another, or takes flags: its name, then the flags the Makefile gives it after
 # the recipe. train's --retrain-finished: make trains a finished run of the recipe again once it is stale, and a
 # message that says "train again" is about such a run (merge's refusal of an untrained adapter): without the flag the
 # python -m form is refused there ("holds a finished run"), so it would not run what the make form runs.
-COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "train": ("train", "--retrain-finished")}
+COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "train": ("train", "--retrain-finished"),
+            "chat": ("generate",)}
+# the Makefile's variables that give one goal's command one option, after the recipe and ARGS (ARGS reach every stage
+# of a goal's chain, which refuses the option): variable -> (goal, option)
+MAKE_VARIABLES = {"NUM": ("inspect", "--num"), "PROMPT": ("chat", "--prompt")}
 MAKEFILE = Path(__file__).resolve().parent.parent / "Makefile"  # the pipeline's own, beside the package
 
 
@@ -38,26 +42,29 @@ def make_runs_here() -> bool:
 
 
 def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folder: str | None = None, *,
-             ranks: int = 1, env: Sequence[str] = ()) -> str:
+             ranks: int = 1, env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str:
     """"`make GOAL RECIPE=r ARGS='k=v'` (python -m pipeline COMMAND r k=v)", quoted for a POSIX shell, where make runs
     the pipeline's Makefile here (make_runs_here), else "`python -m pipeline COMMAND r k=v`"; without a recipe (a
     message that has none at hand) RECIPE stands for it. folder: the folder the command must be typed in when it is
     not this one (a recorded run started elsewhere, as a path from here): "`cd folder && python -m pipeline ...`".
     ranks > 1: `make GOAL NPROC=n ...` (python -m pipeline.launch --num_gpus n --module pipeline COMMAND ...), as
-    the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0)."""
+    the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0);
+    variables: MAKE_VARIABLES and their values (NUM=5), `make GOAL ... NUM=5` (python -m pipeline COMMAND ... --num 5)."""
     command, *flags = COMMANDS.get(goal, (goal,))
+    options = [part for name, value in variables.items() for part in (MAKE_VARIABLES[name][1], value)]
     make = [*env, "make", goal, *([f"NPROC={ranks}"] if ranks > 1 else [])]
     python = [*env, "python", "-m", *(["pipeline.launch", "--num_gpus", str(ranks), "--module"] if ranks > 1 else []),
               "pipeline", command]
-    typed = shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags))])
+    typed = shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
     if folder is not None:
         return f"`cd {shlex.quote(folder)} && {typed}`"
     if not make_runs_here():
         return f"`{typed}`"
+    settings = "".join(f" {name}={shlex.quote(value)}" for name, value in variables.items())
     if not recipe:
-        return f"`{shlex.join(make)}` ({typed})"
+        return f"`{shlex.join(make)}{settings}` ({typed})"
     args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
-    return f"`{shlex.join(make)} RECIPE={shlex.quote(recipe)}{args}` ({typed})"
+    return f"`{shlex.join(make)} RECIPE={shlex.quote(recipe)}{args}{settings}` ({typed})"
 
 
 def key_of(override: str) -> str:

@@ -129,12 +129,15 @@ def test_a_misspelt_recipe_path_gets_its_closest_sibling(tmp_path):
 
 
 def test_an_option_of_another_command_is_refused(tmp_path):
-    """`validate r.yaml --num 3` ran validate and ignored --num without a word."""
-    proc = run_cli("validate", "r.yaml", "--num", "3", cwd=tmp_path)
+    """`validate r.yaml --num 3` ran validate and ignored --num without a word; the message names the command with
+    the user's recipe, overrides and value (it said `make inspect NUM=5`: the Makefile's default recipe). Here, with
+    no Makefile, the python -m form alone (the make form: test_make_variables)."""
+    proc = run_cli("validate", "r.yaml", "seed=7", "--num", "3", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.endswith(
-        "error: --num is an option of `inspect`, not of `validate` (with make, ARGS reach every stage of the chain: "
-        "set NUM=5 instead, e.g. `make inspect NUM=5`)\n"), proc.stderr
-    proc = run_cli("train", "r.yaml", "--prompt=hi", cwd=tmp_path)
-    assert proc.returncode == 2 and "error: --prompt is an option of `generate`, not of `train`" in proc.stderr
+        "error: --num is an option of `inspect`, not of `validate`: run `python -m pipeline inspect r.yaml seed=7 --num"
+        " 3`\n"), proc.stderr
+    proc = run_cli("train", "r.yaml", "--prompt=hi there", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.endswith("error: --prompt is an option of `generate`, not of `train`:"
+                                                         " run `python -m pipeline generate r.yaml --prompt 'hi there'`\n")
     proc = run_cli("chat", "r.yaml", "--prompt", "hi", cwd=tmp_path)  # LLaMA-Factory's name for generate
     assert "is an option of" not in proc.stderr and "r.yaml: recipe not found" in proc.stderr

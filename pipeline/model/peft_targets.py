@@ -12,25 +12,22 @@ A string is resolved here against the model's Linears (and its embedding and hea
 refuses them in a list) by their transformers names, into the full names it matches, which apply_lora's suffix rule
 then picks exactly. On a sparse MoE model PEFT 0.21 resolves a string otherwise (its v4 -> v5 conversion,
 utils/transformers_weight_conversion.py _resolve_string_target_modules, widens the matches to leaf names over every
-layer): such an adapter is refused with the way on, rather than read as another model than PEFT builds.
+layer): pipeline.model.peft_moe_targets reproduces that, against the names of the transformers 5 model.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
 from pipeline.errors import UserError
 from pipeline.model.adapter import TIED, family_of_model, linear_names
 from pipeline.model.config import lora_candidates
-
-ALL_LINEAR = "all-linear"  # peft.utils.constants.INCLUDE_LINEAR_LAYERS_SHORTHAND, compared lower-cased as PEFT does
-FOLD = ("fold the adapter into its base with PEFT's merge_and_unload() and use that checkpoint as "
-        "model_name_or_path")
-
+from pipeline.model.peft_moe_targets import ALL_LINEAR, LINEAR, converted_names, plain_names, resolved_names, \
+    transformers_names
 
 def pattern_problem(value: Any) -> str | None:
     """Why a string target_modules is no regular expression PEFT can match with (re.fullmatch raises on it), else
@@ -54,19 +51,26 @@ def target_names(model: nn.Module, targets: str | list[str], path: Path) -> list
         return list(targets)
     family = family_of_model(model)
     if family.moe:
-        raise UserError(f"{path}: target_modules is {json.dumps(targets)}, a string (PEFT's regular expression or"
-                        " its \"all-linear\"), on a sparse MoE model: PEFT 0.21 widens such a pattern to the last"
-                        " part of each name it matches, over every layer (its transformers 5 conversion), which this"
-                        f" pipeline does not reproduce; {FOLD}")
+        chosen = (resolved_names if converted_names(family) else plain_names)(model, family, targets, path)
+        if not chosen:
+            modules = transformers_names(model, family)[0]
+            raise UserError(no_match_message(path, targets, [n for n, kind in modules.items() if kind == LINEAR]))
+        return chosen
     candidates = lora_candidates(linear_names(model))  # every Linear but the heads (lm_head, a reward model's score)
     if targets.lower() == ALL_LINEAR:
         return [family.to_hf(n) for n in candidates]
     named = candidates + [n for n in TIED if isinstance(getattr(model, n, None), nn.Module)]
     chosen = [family.to_hf(n) for n in named if re.fullmatch(targets, family.to_hf(n))]
     if not chosen:
-        example = family.to_hf(candidates[0]) if candidates else "lm_head"
-        raise UserError(f"{path}: target_modules is {json.dumps(targets)}, a string, which PEFT reads as a regular"
-                        " expression that must match a module's whole name (re.fullmatch, e.g. against"
-                        f" {json.dumps(example)}), and it matches none of this model's Linears: an adapter of another"
-                        " model? A list of names such as [\"q_proj\", \"v_proj\"] matches the ends of names instead")
+        raise UserError(no_match_message(path, targets, [family.to_hf(n) for n in candidates]))
     return chosen
+
+
+def no_match_message(path: Path, targets: str, names: Iterable[str]) -> str:
+    """A string that selects no module: PEFT raises (its "Target modules ... not found in the base model"); the
+    message shows one of the model's Linear names (`names`, transformers') the pattern must match whole."""
+    example = next(iter(lora_candidates(names)), "lm_head")
+    return (f"{path}: target_modules is {json.dumps(targets)}, a string, which PEFT reads as a regular expression that"
+            f" must match a module's whole name (re.fullmatch, e.g. against {json.dumps(example)}), and it matches"
+            " none of this model's Linears: an adapter of another model? A list of names such as [\"q_proj\","
+            " \"v_proj\"] matches the ends of names instead")

@@ -82,13 +82,20 @@ def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):
 
 
 def test_make_inspect_takes_the_number_of_samples_from_num(tmp_path):
-    """`make inspect ARGS='--num 1'` handed --num to deps, build and validate as well, which refused it: NUM is
-    inspect's own variable."""
+    """`make inspect ARGS='--num 1'` hands --num to deps, build and validate as well: the first refuses it in one
+    message that names the command to type, with the user's recipe, overrides and number (it said `make inspect
+    NUM=5`, which inspects the Makefile's default recipe); that command shows the sample."""
     root = scratch_repo(tmp_path / "repo")
     write_data(root / "datasets")
     (root / "recipes").mkdir()
     write_recipe(root / "recipes" / "r.yaml", model_name_or_path="tiny", dataset_dir="datasets")
     env = cli_env(MAKEFLAGS="", MAKELEVEL="")
-    done = make("inspect", "RECIPE=recipes/r.yaml", "NUM=1", f"VENV={root / 'venv'}", cwd=root, env=env)
+    mistake = make("inspect", "RECIPE=recipes/r.yaml", "ARGS=--num 1 seed=7", f"VENV={root / 'venv'}", cwd=root,
+                   env=env, expect=2)
+    suggested = "make inspect RECIPE=recipes/r.yaml ARGS=seed=7 NUM=1"
+    assert f"error: --num is an option of `inspect`, not of `validate`: run `{suggested}` (python -m pipeline" \
+           " inspect recipes/r.yaml seed=7 --num 1); make hands ARGS to every stage of the chain, and NUM to inspect" \
+           " alone\nMakefile:" in mistake.stderr, mistake.stderr
+    done = make(*suggested.split()[1:], f"VENV={root / 'venv'}", cwd=root, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("── sample ") == 1 and "── sample 1/1 · " in done.stdout, done.stdout[-3000:]

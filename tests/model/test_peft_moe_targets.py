@@ -1,0 +1,126 @@
+"""A string target_modules on a sparse MoE model, resolved as PEFT 0.21 resolves it (pipeline.model.peft_moe_targets).
+
+Golden values: transformers 5.24's own model of each family's config (its named_modules / named_parameters, built on
+the meta device) and PEFT 0.21's own _resolve_string_target_modules on it; a pattern PEFT raises on (get_peft_model:
+"is not supported", "should not contain an empty string") is one UserError here. The CLI path (export of PEFT-written
+adapters, against PEFT's merge_and_unload) is tests/acceptance/test_peft_regex_targets_moe_cli.py."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.model.adapter import family_of_model
+from pipeline.model.config import read_config
+from pipeline.model.gpt import GPTModel
+from pipeline.model.peft_moe_targets import EMBEDDING, LINEAR, OTHER, converted_names, plain_names, resolved_names, \
+    transformers_names
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, tie_word_embeddings=False)
+CONFIGS = {
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16, head_dim=8, num_experts=4,
+                                         num_experts_per_tok=2)),
+    "glm4_moe": ("Glm4MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16, head_dim=8, n_routed_experts=4,
+                                       num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+                                       first_k_dense_replace=1)),
+    "deepseek_v3": ("DeepseekV3Config", dict(num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16,
+                                             n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                             n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+                                             kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=6)),
+    "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=48, moe_intermediate_size=16,
+                                         shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2)),
+    "gpt_oss": ("GptOssConfig", dict(head_dim=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2)),
+}
+PATTERNS = [
+    "all-linear", "ALL-LINEAR",
+    r"model\.layers\.0\.self_attn\.q_proj",  # one block's: every block's in PEFT 0.21
+    r"model\.layers\.1\.mlp\.experts\.(gate|up|down)_proj",  # the transformers 4 key rebuilt: gate_proj / up_proj
+    r".*\.mlp\.experts\.w[123]|model\.layers\.1\.mlp\.gate",  # Mixtral's names, and one block's router
+    r".*\.(q_proj|v_proj|gate_proj|up_proj|down_proj|gate)",  # LLaMA-Factory's lora_target as a regex
+    r".*shared_experts\.(gate|up|down)_proj|.*o_proj",  # the shared experts' Linears: their names go to the experts
+    r".*gate_up_proj|.*weight",  # parameters alone: names of no module in transformers 5
+    r"model\.layers\.\d\.self_attn\.(k|v)_proj",
+]
+RAISING = [r".*\.experts", r".*(q_proj|rotary_emb)", r".*act_fn", ".*", r"model\.layers\.1", r".*mlp\.router"]
+
+
+def models(tmp_path: Path, family: str):
+    """(ours, transformers 5's on the meta device) of the family's tiny config."""
+    cls, keys = CONFIGS[family]
+    config = getattr(transformers, cls)(**{**SMALL, **keys})
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        theirs = transformers.AutoModelForCausalLM.from_config(config)
+    return GPTModel(read_config(tmp_path), seed=0), theirs
+
+
+def kind(module) -> str:
+    return LINEAR if isinstance(module, torch.nn.Linear) else EMBEDDING if isinstance(module, torch.nn.Embedding) \
+        else OTHER
+
+
+def peft_targets(theirs, pattern: str) -> tuple[set[str], set[str]] | str:
+    """(target_modules PEFT keeps that name some module, target_parameters) after PEFT 0.21's own conversion of
+    `pattern` on `theirs`, or what get_peft_model raises."""
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    config = peft.LoraConfig(r=2, target_modules=pattern)
+    try:
+        convert_peft_config_for_transformers(config, theirs, None)
+    except ValueError:  # "target_modules should not contain an empty string"
+        return "raises"
+    names = [n for n, _ in theirs.named_modules()]
+    if isinstance(config.target_modules, str):  # no conversion: PEFT's plain fullmatch
+        import re
+
+        chosen = {n for n in names if re.fullmatch(pattern, n)} if pattern.lower() != "all-linear" else None
+    else:
+        chosen = {n for n in names if any(n == t or n.endswith("." + t) for t in config.target_modules)}
+    if chosen is not None and any(kind(theirs.get_submodule(n)) == OTHER for n in chosen):
+        return "raises"
+    if chosen is None:
+        chosen = {n for n in names if kind(theirs.get_submodule(n)) == LINEAR and n != "lm_head"}
+    return chosen, set(config.target_parameters or ())
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_the_names_are_transformers_5s_and_strings_resolve_as_peft_resolves_them(tmp_path, family):
+    """Our derivation of transformers 5's module / parameter names equals its model's; each pattern selects the
+    modules and parameters PEFT 0.21 adapts (ours through the list it resolves to, read by PEFT's suffix rule and
+    its table), or is refused where PEFT raises."""
+    ours, theirs = models(tmp_path, family)
+    fam = family_of_model(ours)
+    modules, params = transformers_names(ours, fam)
+    assert modules == {n: kind(m) for n, m in theirs.named_modules()}
+    assert sorted(params) == sorted(n for n, _ in theirs.named_parameters())
+    table = converted_names(fam)
+    assert bool(table) == (family not in ("gpt_oss", "qwen2_moe"))  # no conversion in PEFT: its plain reading
+    for pattern in PATTERNS + RAISING:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            want = peft_targets(theirs, pattern)
+        try:
+            got = (resolved_names if table else plain_names)(ours, fam, pattern, "a/adapter_config.json")
+        except UserError as err:
+            assert want == "raises", (pattern, err.messages)
+            assert len(err.messages) == 1 and err.messages[0].startswith("a/adapter_config.json: target_modules is")
+            continue
+        assert want != "raises", (pattern, got)
+        if not got:  # target_names says it matches none: PEFT raises "Target modules ... not found"
+            assert want == (set(), set()), pattern
+            continue
+        if table:
+            rest = [t for t in got if t not in table]
+            chosen = {n for n, k in modules.items() if k != OTHER and any(n == t or n.endswith("." + t) for t in rest)}
+            got = chosen, {table[t] for t in got if t in table}
+        else:
+            got = set(got), set()
+        assert got == want, pattern
