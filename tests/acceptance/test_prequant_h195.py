@@ -64,7 +64,7 @@ def test_make_eval_of_a_full_benchmark_recipe_on_a_prequantized_checkpoint_runs(
                                     + "finetuning_type: full\n")
     validated = pipeline("validate", "full.yaml", cwd=repo, as_typed=False).stdout
     assert "eval with task mmlu_test, model qbnb" in validated
-    assert "`python -m pipeline eval full.yaml`" in pipeline("plan", "full.yaml", cwd=repo, as_typed=False).stdout
+    assert "`make eval RECIPE=full.yaml` (python -m pipeline eval full.yaml)" in pipeline("plan", "full.yaml", cwd=repo, as_typed=False).stdout
 
     done = make("eval", "RECIPE=full.yaml", cwd=repo)
     assert make_stages(done) == [("eval", "full.yaml")]

@@ -57,7 +57,7 @@ def test_make_validate_plan_and_eval_of_a_recipe_that_inherits_its_task(repo):
     for key, (name, category, _) in SUBJECTS.items():  # the subject table: key, name, category, questions, dev rows
         assert rows[key] == [*name.split(), category, *map(str, COUNTS[key])]
     assert "model: qwen, unless output_dir saves/child holds tuned weights" in plan
-    assert "`python -m pipeline eval child.yaml`" in plan
+    assert "`make eval RECIPE=child.yaml` (python -m pipeline eval child.yaml)" in plan
     assert "[memory per rank" not in plan and "[deepspeed]" not in plan
 
     done = make("eval", "RECIPE=child.yaml", cwd=repo)
