@@ -50,7 +50,7 @@ def converted_names(family: Family) -> dict[str, str]:
 
 def transformers_names(model: nn.Module, family: Family) -> tuple[dict[str, str], list[str]]:
     """({module name: LINEAR | EMBEDDING | OTHER}, [parameter names]) of the transformers 5 model PEFT sees for
-    `model` (ours), as named_modules() / named_parameters() name them."""
+    `model` (ours), as named_modules() / named_parameters() name them; a dense model's too (peft_targets)."""
     params, modules = [], {}
     converted = bool(converted_names(family))
     for name, _ in model.named_parameters():
@@ -69,7 +69,8 @@ def transformers_names(model: nn.Module, family: Family) -> tuple[dict[str, str]
     activations = not (family.moe and family.moe.fused_experts)  # GptOssExperts computes its activation inline
     for key in [k for k in modules if k.endswith(".experts") and activations]:
         modules[f"{key}.act_fn"] = OTHER
-    modules[f"{family.prefix}rotary_emb"] = OTHER
+    if getattr(getattr(model, "cfg", None), "positions", "rope") == "rope":  # GPT-2's learned table has none
+        modules[f"{family.prefix}rotary_emb"] = OTHER
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not (expert_of(name) or router_of(name) or (
                 not converted and moe_blocked(family, name, "lora_target", set()))):  # GPT-OSS's router

@@ -10,7 +10,9 @@ PEFT reads the field two ways (tuners/tuners_utils.py check_target_module_exists
 
 A string is resolved here against the model's Linears (and its embedding and head, which the load then refuses as it
 refuses them in a list) by their transformers names, into the full names it matches, which apply_lora's suffix rule
-then picks exactly. On a sparse MoE model PEFT 0.21 resolves a string otherwise (its v4 -> v5 conversion,
+then picks exactly. A string that also matches a module PEFT cannot adapt (a norm, an attention or MLP block, an
+activation: PEFT 0.21 raises "Target module ... is not supported") is refused, never read as its Linears alone.
+On a sparse MoE model PEFT 0.21 resolves a string otherwise (its v4 -> v5 conversion,
 utils/transformers_weight_conversion.py _resolve_string_target_modules, widens the matches to leaf names over every
 layer): pipeline.model.peft_moe_targets reproduces that, against the names of the transformers 5 model.
 """
@@ -26,8 +28,12 @@ from torch import nn
 from pipeline.errors import UserError
 from pipeline.model.adapter import TIED, family_of_model, linear_names
 from pipeline.model.config import lora_candidates
-from pipeline.model.peft_moe_targets import ALL_LINEAR, LINEAR, converted_names, plain_names, resolved_names, \
-    transformers_names
+from pipeline.model.families import Family
+from pipeline.model.peft_moe_targets import ALL_LINEAR, EXAMPLE, LINEAR, OTHER, converted_names, plain_names, \
+    resolved_names, transformers_names
+
+SHOWN = 4  # the matched modules a message names before "and N more"
+
 
 def pattern_problem(value: Any) -> str | None:
     """Why a string target_modules is no regular expression PEFT can match with (re.fullmatch raises on it), else
@@ -46,7 +52,8 @@ def pattern_problem(value: Any) -> str | None:
 def target_names(model: nn.Module, targets: str | list[str], path: Path) -> list[str]:
     """`targets` (an adapter_config.json's target_modules, at `path`) as PEFT reads it onto `model`: a list as it is,
     a string as the full transformers names of the modules it selects (the module docstring says how). A string
-    that selects no Linear is a UserError naming the rule and an example of a name it must match."""
+    that selects no Linear is a UserError naming the rule and an example of a name it must match; one that selects a
+    module PEFT cannot adapt (a norm, an attention or MLP block, an activation) too, as PEFT raises on it."""
     if not isinstance(targets, str):
         return list(targets)
     family = family_of_model(model)
@@ -59,6 +66,9 @@ def target_names(model: nn.Module, targets: str | list[str], path: Path) -> list
     candidates = lora_candidates(linear_names(model))  # every Linear but the heads (lm_head, a reward model's score)
     if targets.lower() == ALL_LINEAR:
         return [family.to_hf(n) for n in candidates]
+    modules = transformers_names(model, family)[0]
+    if unsupported := [n for n, kind in modules.items() if kind == OTHER and n and re.fullmatch(targets, n)]:
+        raise UserError(unsupported_dense_message(path, targets, unsupported, model, family))
     named = candidates + [n for n in TIED if isinstance(getattr(model, n, None), nn.Module)]
     chosen = [family.to_hf(n) for n in named if re.fullmatch(targets, family.to_hf(n))]
     if not chosen:
@@ -74,3 +84,19 @@ def no_match_message(path: Path, targets: str, names: Iterable[str]) -> str:
             f" must match a module's whole name (re.fullmatch, e.g. against {json.dumps(example)}), and it matches"
             " none of this model's Linears: an adapter of another model? A list of names such as [\"q_proj\","
             " \"v_proj\"] matches the ends of names instead")
+
+
+def unsupported_dense_message(path: Path, targets: str, names: list[str], model: nn.Module, family: Family) -> str:
+    """A string that fullmatches modules of the transformers model that are no Linear nor Embedding (`names`): PEFT
+    0.21 raises on the first ("Target module LlamaRMSNorm(...) is not supported"), where reading the Linears alone
+    would adapt another set of modules than the adapter says. Each is named with its type here (ours: RMSNorm,
+    MultiHeadAttention, ...; an activation or the rotary embedding, which hold no weights, as such)."""
+    kinds = {family.to_hf(name): type(module).__name__ for name, module in model.named_modules()}
+    shown = [f"{n} ({kinds.get(n) or ('rotary embedding' if n.endswith('rotary_emb') else 'activation')})"
+             for n in names[:SHOWN]]
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return (f"{path}: target_modules is {json.dumps(targets)}, a string, which PEFT reads as a regular expression that"
+            f" must match a module's whole name, and it matches {', '.join(shown)}{more}: no Linear nor Embedding,"
+            " which PEFT 0.21 raises on (\"Target module ... is not supported\": it adapts Linear, Embedding and"
+            f" convolution layers); write a pattern that matches Linears only, such as {EXAMPLE}, or a list of names"
+            " such as [\"q_proj\", \"v_proj\"]")

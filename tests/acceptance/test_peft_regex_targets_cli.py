@@ -107,3 +107,38 @@ def test_a_regex_that_matches_no_module_or_does_not_compile_is_one_message(tmp_p
                " a regular expression" in said and says in said, said
         assert len([line for line in said.splitlines() if line.startswith("error:")]) == 1, said
         assert not (tmp_path / "adapter-merged").exists()
+
+
+# strings that match modules PEFT cannot adapt: (the Linears among them, which PEFT's adapter is saved with, what the
+# refusal names: transformers' names, our types)
+UNSUPPORTED = {r"model\.norm|.*v_proj": (r".*v_proj", "model.norm (RMSNorm)"),  # the final norm beside every v_proj
+               r"model\.layers\.0\.self_attn": (r".*v_proj", "model.layers.0.self_attn (MultiHeadAttention)"),
+               r".*\.mlp\..*": (r".*\.mlp\..*_proj",
+                                "model.layers.0.mlp.act_fn (activation), model.layers.1.mlp.act_fn (activation)")}
+
+
+@pytest.mark.parametrize("pattern", sorted(UNSUPPORTED))
+def test_a_regex_that_matches_a_module_peft_cannot_adapt_is_one_message(tmp_path, hf_checkpoint, pattern):
+    """A string that fullmatches a norm, an attention block or an MLP's activation of the transformers model: PEFT
+    0.21's get_peft_model raises ValueError ("Target module LlamaRMSNorm(...) is not supported"), the golden here;
+    the export of PEFT's adapter of the Linears among them, its config holding that string, says so in one message
+    naming those modules and their types, exit 2, nothing exported. Failed before: the norm and the activations were
+    dropped silently (v_proj / the MLP's Linears alone merged, exit 0), the block refused as "matches none of this
+    model's Linears"."""
+    linears, named = UNSUPPORTED[pattern]
+    base = hf_checkpoint("llama", small_vocab=True)
+    with pytest.raises(ValueError, match="is not supported"):
+        peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
+                            peft.LoraConfig(r=4, target_modules=pattern))
+    peft_adapter(base, tmp_path / "adapter", linears)
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": pattern}))
+    (tmp_path / "m.yaml").write_text(MERGE.format(base=base, adapter="adapter"))
+    said = refused("export", "m.yaml", cwd=tmp_path, as_typed=False)
+    assert [line for line in said.splitlines() if line.startswith("error:")] == [
+        f"error: adapter/adapter_config.json: target_modules is {json.dumps(pattern)}, a string, which PEFT reads as a"
+        f" regular expression that must match a module's whole name, and it matches {named}: no Linear nor Embedding,"
+        " which PEFT 0.21 raises on (\"Target module ... is not supported\": it adapts Linear, Embedding and"
+        " convolution layers); write a pattern that matches Linears only, such as \".*\\\\.(q_proj|v_proj)\", or a"
+        " list of names such as [\"q_proj\", \"v_proj\"]"], said
+    assert not (tmp_path / "adapter-merged").exists()
