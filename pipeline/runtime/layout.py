@@ -28,7 +28,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from pipeline.names import trains_adapter
 from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE, \
@@ -118,12 +118,15 @@ class RunLayout:
         return entries if entries and set(entries) <= start else []
 
     def start_refusal(self, at: str, kept: bool, entries: list[str] | None = None,
-                      recipe: str | Path | None = None) -> str | None:
+                      recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> str | None:
         """Why a run may not start here, or None: a file in output_dir's place, or a folder holding another run
         (beyond an unfinished_start) that the run neither resumes nor overwrites (`kept`: resume_from_checkpoint or
         overwrite_output_dir; `at`: where output_dir was set). train's prepare_output_dir stops on it; `train
         --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem). A finished run
-        is named as one, with what each key would do to it and, when it is `recipe`'s own, what `make train` does."""
+        is named as one, with what each key would do to it and, when it is `recipe`'s own, the command that trains it
+        again without an edit: `make train`, which does so itself once the recipe or its ARGS change, where make reads
+        the pipeline's Makefile (rerun.make_runs_here), else train --retrain-finished with the `overrides` typed
+        (rerun.run_this)."""
         if self.root.exists() and not self.root.is_dir():
             return f"{at}: {self.root} is a file, not a directory; choose another output_dir"
         entries = self.entries() if entries is None else entries  # the caller's listing (self.entries()), if read
@@ -132,8 +135,7 @@ class RunLayout:
         if self.all_results.name in entries:  # the same listing as every answer above
             writer = self.finished_recipe()
             of = f" of {writer}" if writer else ""
-            again = (" (`make train` does so itself once the recipe or its ARGS change)"
-                     if recipe is not None and self.finished_by(recipe) else "")
+            again = self._train_again(recipe, overrides) if recipe is not None and self.finished_by(recipe) else ""
             return (f"{at}: {self.root} is not empty: it holds a finished run{of} (all_results.json), which a new run "
                     "neither continues nor replaces unless told: resume_from_checkpoint: latest continues it (with "
                     "more steps: raise max_steps or num_train_epochs, it trained all it was asked), "
@@ -143,6 +145,15 @@ class RunLayout:
         return (f"{at}: {self.root} is not empty (it holds {shown}); set resume_from_checkpoint: latest to continue "
                 "that run, overwrite_output_dir: true to start over (its contents are removed), or choose another "
                 "output_dir")
+
+    @staticmethod
+    def _train_again(recipe: str | Path, overrides: Sequence[str]) -> str:
+        """start_refusal's aside on the command that trains a finished run of `recipe` again from scratch."""
+        from pipeline.rerun import make_runs_here, run_this
+
+        if make_runs_here():
+            return " (`make train` does so itself once the recipe or its ARGS change)"
+        return f" ({run_this('train', str(recipe), overrides)} does so without an edit)"
 
     def finished_start(self) -> Started | None:
         """How the finished run here (all_results.json) was started, as its resolved.yaml records it (the recipe

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.recipe.args import TrainArgs, train_args
+from pipeline.recipe.typed import typed_overrides
 from pipeline.runtime import dist
 
 
@@ -143,7 +144,8 @@ def run(r: Any, train: Any) -> int:
                                     checkpoint.where(r, "resume_from_checkpoint"))
     at = checkpoint.where(r, "output_dir")
     occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"],
-                                                              recipe=getattr(r, "recipe_path", None))
+                                                              recipe=getattr(r, "recipe_path", None),
+                                                              overrides=typed_overrides(r))
     if dist.is_main() and (problem := real_run_problem(real_output_dir, at, occupied)):
         print(problem, file=sys.stderr, flush=True)
     if resume is not None:

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import data_args
-from pipeline.recipe.typed import run_this_for
+from pipeline.recipe.typed import run_this_for, typed_overrides
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.recipe.notices import after_validate
 from pipeline.recipe.precision import eval_precision, weights_dtype
@@ -482,7 +482,7 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     layout = RunLayout(output_dir)
     entries = layout.entries()  # listed once: the refusal, the leftover and what is cleared all read this listing
     refusal = layout.start_refusal(at, kept=resume is not None or r["overwrite_output_dir"], entries=entries,
-                                   recipe=getattr(r, "recipe_path", None))
+                                   recipe=getattr(r, "recipe_path", None), overrides=typed_overrides(r))
     if refusal is not None:
         raise UserError(refusal)
     leftover = layout.unfinished_start(entries)

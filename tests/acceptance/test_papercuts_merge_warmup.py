@@ -90,6 +90,15 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     # not empty: it holds a finished run"
     (workdir / "r.yaml").write_text((workdir / "r.yaml").read_text().replace("warmup_ratio: 0.03", "warmup_ratio: 0"))
     pipeline("build", "r.yaml", cwd=workdir, as_typed=False)  # removed above
+    # typed without the flag, the run is refused: its finished run is named, with this same command (the one that
+    # trains it again here, where `make` reads no Makefile: rerun.make_runs_here). Failed before: "(`make train` does
+    # so itself once the recipe or its ARGS change)", which is no command in this folder
+    err = refused("train", "r.yaml", "logging_steps=2", cwd=workdir)
+    assert err.splitlines()[-1].endswith(
+        "output_dir: saves/r is not empty: it holds a finished run of r.yaml (all_results.json), which a new run "
+        "neither continues nor replaces unless told: resume_from_checkpoint: latest continues it (with more steps: "
+        "raise max_steps or num_train_epochs, it trained all it was asked), overwrite_output_dir: true trains again "
+        f"from scratch (its contents are removed) ({again} does so without an edit); or choose another output_dir"), err
     python, dash_m, module, *typed = shlex.split(again.strip("`"))
     assert (python, dash_m, module) == ("python", "-m", "pipeline")
     pipeline(*typed, cwd=workdir)
