@@ -11,7 +11,9 @@ A recipe's relative paths (output_dir, dataset_dir, the models) are relative to 
 LLaMA-Factory's are, and so is the recipe's own name. The make form is given only where it is typed in the folder
 of the pipeline's Makefile, which make runs its commands in: typed in recipes/, `make` finds no Makefile, and from
 the root `make train RECIPE=x.yaml` names another file (and trains another output_dir) than the command that said it.
-Elsewhere the message is the python -m form alone, which means the same run where the user is.
+Elsewhere the message is the python -m form alone, which means the same run where the user is. A fix that changes
+what the data build makes (val_size) is, in that form, the build and then the command (run_after_build): make's goal
+rebuilds the data when ARGS change, `python -m pipeline train` refuses a build made with other settings.
 """
 from __future__ import annotations
 
@@ -50,12 +52,8 @@ def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folde
     ranks > 1: `make GOAL NPROC=n ...` (python -m pipeline.launch --num_gpus n --module pipeline COMMAND ...), as
     the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0);
     variables: MAKE_VARIABLES and their values (NUM=5), `make GOAL ... NUM=5` (python -m pipeline COMMAND ... --num 5)."""
-    command, *flags = COMMANDS.get(goal, (goal,))
-    options = [part for name, value in variables.items() for part in (MAKE_VARIABLES[name][1], value)]
+    typed = python_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables)
     make = [*env, "make", goal, *([f"NPROC={ranks}"] if ranks > 1 else [])]
-    python = [*env, "python", "-m", *(["pipeline.launch", "--num_gpus", str(ranks), "--module"] if ranks > 1 else []),
-              "pipeline", command]
-    typed = shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
     if folder is not None:
         return f"`cd {shlex.quote(folder)} && {typed}`"
     if not make_runs_here():
@@ -65,6 +63,27 @@ def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folde
         return f"`{shlex.join(make)}{settings}` ({typed})"
     args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
     return f"`{shlex.join(make)} RECIPE={shlex.quote(recipe)}{args}{settings}` ({typed})"
+
+
+def python_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
+                env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str:
+    """run_this's python -m form, unquoted: "python -m pipeline COMMAND r k=v", quoted for a POSIX shell."""
+    command, *flags = COMMANDS.get(goal, (goal,))
+    options = [part for name, value in variables.items() for part in (MAKE_VARIABLES[name][1], value)]
+    python = [*env, "python", "-m", *(["pipeline.launch", "--num_gpus", str(ranks), "--module"] if ranks > 1 else []),
+              "pipeline", command]
+    return shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
+
+
+def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = ()) -> str:
+    """run_this for a fix that changes what the data build makes (a build key such as val_size, in `overrides`):
+    make's goal rebuilds the data itself when ARGS change (the Makefile's args stamp), but `python -m pipeline
+    COMMAND` reads the build as it is and refuses one made with other settings (pipeline.data.load.build_problem:
+    "built with other settings than the recipe's"), so where make does not run the pipeline's Makefile the command
+    builds first: "`python -m pipeline build r k=v && python -m pipeline COMMAND r k=v`"."""
+    if make_runs_here() or goal == "data":
+        return run_this(goal, recipe, overrides)
+    return f"`{python_form('data', recipe, overrides)} && {python_form(goal, recipe, overrides)}`"
 
 
 def key_of(override: str) -> str:

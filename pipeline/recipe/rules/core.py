@@ -63,6 +63,14 @@ class Context:
 
         return run_this(goal, self.recipe_file, with_values(cli_texts(self.origins.values()), **changed))
 
+    def run_after_build(self, goal: str, **changed: str) -> str:
+        """run_this for a fix that changes a build key (val_size): where make reads no pipeline Makefile, the build
+        with those values first (rerun.run_after_build), since `python -m pipeline train` refuses the data built
+        before."""
+        from pipeline.rerun import run_after_build, with_values
+
+        return run_after_build(goal, self.recipe_file, with_values(cli_texts(self.origins.values()), **changed))
+
     def sort_key(self, key: str) -> tuple:
         origin = self.origins.get(key)
         if origin is not None and origin.kind in ("file", "derived") and origin.file:

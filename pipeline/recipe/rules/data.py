@@ -160,8 +160,9 @@ def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
         asked = ["the eval command"]
     if not asked:
         return []
-    # the command the user ran, with the value: make rebuilds the data when ARGS change (the Makefile's args stamp)
-    again = ctx.run_this(ctx.command or "data", val_size=VAL_SIZE)
+    # the command the user ran, with the value: make rebuilds the data when ARGS change (the Makefile's args stamp);
+    # the python -m form builds first, as train refuses data built with another val_size
+    again = ctx.run_after_build(ctx.command or "data", val_size=VAL_SIZE)
     return [("val_size", f"given 0: no validation split, and no eval_dataset names a dataset outside `dataset`, "
                          f"so {' and '.join(asked)} would have nothing to evaluate; set val_size (a fraction such "
                          f"as {VAL_SIZE}, or a number of rows), e.g. {again}, or name an eval_dataset")]
