@@ -776,11 +776,28 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
                  f"{accepted.get(key, 'it absent, null or empty')}; fold the adapter into its base with "
                  "PEFT's merge_and_unload() and use that checkpoint as model_name_or_path)"
                  for key, value in unsupported]
+    if problem := layers_pattern_problem(config):
+        problems.append(f"{path}: {problem}")
     if mutated := base_mutating_init(config):
         problems.append(unconverted_message(path, mutated))
     if problems:
         raise UserError(problems)
     return config
+
+
+def layers_pattern_problem(config: Mapping[str, Any]) -> str | None:
+    """PEFT 0.21's LoraConfig.__post_init__ rule (OFTConfig's too): layers_pattern (the name of the model's layer list) only with
+    layers_to_transform (which it qualifies). PEFT raises on a config with one and not the other, so it cannot load
+    such an adapter (hand-edited: its own save_pretrained never writes one); read here, it would load without a word.
+    layers_to_transform set is refused with PEFT_UNSUPPORTED."""
+    pattern = config.get("layers_pattern")
+    if not pattern or config.get("layers_to_transform") is not None:
+        return None
+    kind = "OFTConfig" if config.get("peft_type") == "OFT" else "LoraConfig"
+    return (f"layers_pattern is {json.dumps(pattern)} without layers_to_transform, which PEFT 0.21's {kind} refuses"
+            " (\"When `layers_pattern` is specified, `layers_to_transform` must also be specified\"), so PEFT cannot"
+            " load this adapter; expected layers_pattern null, as PEFT writes it for an adapter on every layer (set it"
+            " so in this file)")
 
 
 # PEFT 0.21's init_lora_weights values whose start changes the base weights (tuners/lora/layer.py update_layer: the
