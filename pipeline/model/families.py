@@ -48,6 +48,10 @@ class Family:
     modules: tuple[tuple[str, str], ...] = ()  # (ours, HF without prefix) templates; empty = same names
     conv1d: frozenset[str] = frozenset()       # our leaf module names whose HF weight is transposed
     skip: tuple[str, ...] = ()     # HF tensor-name endings that are buffers, not weights (ignored on load)
+    # the HF class's modules that hold no weights (HF without prefix, "{i}" a block's index), beyond an MLP's act_fn
+    # and the rotary_emb, which peft_moe_targets.transformers_names adds itself: GPT-2's dropouts and activation,
+    # which a PEFT target_modules string can match (PEFT raises on them)
+    weightless: tuple[str, ...] = ()
     # config.json keys a checkpoint may leave out, with the value transformers' config class then takes, where
     # that is not Llama's (LlamaConfig: head_dim = hidden_size / heads, max_position_embeddings 2048)
     config_defaults: tuple[tuple[str, Any], ...] = ()
@@ -271,6 +275,7 @@ GPT2 = Family(
              ("norm", "ln_f")),
     conv1d=frozenset({"qkv_proj", "o_proj", "up_proj", "down_proj"}),
     skip=(".attn.bias", ".attn.masked_bias"), qkv_fused=True,
+    weightless=("drop", "h.{i}.attn.attn_dropout", "h.{i}.attn.resid_dropout", "h.{i}.mlp.act", "h.{i}.mlp.dropout"),
 )
 LLAMA = Family(name="llama", architecture="LlamaForCausalLM", reward_architecture="LlamaForSequenceClassification", model_type="llama", prefix="model.",
                skip=(".rotary_emb.inv_freq",))

@@ -69,8 +69,12 @@ def transformers_names(model: nn.Module, family: Family) -> tuple[dict[str, str]
     activations = not (family.moe and family.moe.fused_experts)  # GptOssExperts computes its activation inline
     for key in [k for k in modules if k.endswith(".experts") and activations]:
         modules[f"{key}.act_fn"] = OTHER
-    if getattr(getattr(model, "cfg", None), "positions", "rope") == "rope":  # GPT-2's learned table has none
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "positions", "rope") == "rope":  # GPT-2's learned table has none
         modules[f"{family.prefix}rotary_emb"] = OTHER
+    blocks = range(getattr(cfg, "n_layers", 0))
+    modules.update({family.prefix + name.format(i=i): OTHER for name in family.weightless
+                    for i in (blocks if "{i}" in name else (0,))})
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not (expert_of(name) or router_of(name) or (
                 not converted and moe_blocked(family, name, "lora_target", set()))):  # GPT-OSS's router

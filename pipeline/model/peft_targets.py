@@ -90,13 +90,19 @@ def unsupported_dense_message(path: Path, targets: str, names: list[str], model:
     """A string that fullmatches modules of the transformers model that are no Linear nor Embedding (`names`): PEFT
     0.21 raises on the first ("Target module LlamaRMSNorm(...) is not supported"), where reading the Linears alone
     would adapt another set of modules than the adapter says. Each is named with its type here (ours: RMSNorm,
-    MultiHeadAttention, ...; an activation or the rotary embedding, which hold no weights, as such)."""
+    MultiHeadAttention, ...; those of transformers' alone, which hold no weights, by weightless_kind)."""
     kinds = {family.to_hf(name): type(module).__name__ for name, module in model.named_modules()}
-    shown = [f"{n} ({kinds.get(n) or ('rotary embedding' if n.endswith('rotary_emb') else 'activation')})"
-             for n in names[:SHOWN]]
+    shown = [f"{n} ({kinds.get(n) or weightless_kind(n)})" for n in names[:SHOWN]]
     more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
     return (f"{path}: target_modules is {json.dumps(targets)}, a string, which PEFT reads as a regular expression that"
             f" must match a module's whole name, and it matches {', '.join(shown)}{more}: no Linear nor Embedding,"
             " which PEFT 0.21 raises on (\"Target module ... is not supported\": it adapts Linear, Embedding and"
             f" convolution layers); write a pattern that matches Linears only, such as {EXAMPLE}, or a list of names"
             " such as [\"q_proj\", \"v_proj\"]")
+
+
+def weightless_kind(name: str) -> str:
+    """What a module of the transformers model without weights is (ours has none of them): the rotary embedding, a
+    dropout (GPT-2's drop, attn_dropout, resid_dropout, dropout) or an activation (act_fn, GPT-2's act)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return "rotary embedding" if leaf == "rotary_emb" else "dropout" if "drop" in leaf else "activation"

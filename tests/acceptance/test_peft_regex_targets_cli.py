@@ -109,12 +109,17 @@ def test_a_regex_that_matches_no_module_or_does_not_compile_is_one_message(tmp_p
         assert not (tmp_path / "adapter-merged").exists()
 
 
-# strings that match modules PEFT cannot adapt: (the Linears among them, which PEFT's adapter is saved with, what the
-# refusal names: transformers' names, our types)
+# strings that match modules PEFT cannot adapt, on a Llama (and on GPT-2, whose MLP's activation and dropouts are
+# modules of their own): (the Linears among them, which PEFT's adapter is saved with, what the refusal names:
+# transformers' names, our types)
 UNSUPPORTED = {r"model\.norm|.*v_proj": (r".*v_proj", "model.norm (RMSNorm)"),  # the final norm beside every v_proj
                r"model\.layers\.0\.self_attn": (r".*v_proj", "model.layers.0.self_attn (MultiHeadAttention)"),
                r".*\.mlp\..*": (r".*\.mlp\..*_proj",
-                                "model.layers.0.mlp.act_fn (activation), model.layers.1.mlp.act_fn (activation)")}
+                                "model.layers.0.mlp.act_fn (activation), model.layers.1.mlp.act_fn (activation)"),
+               r".*\.h\.\d\.mlp\..*": (r".*\.mlp\.c_.*", "transformer.h.0.mlp.act (GELU), transformer.h.1.mlp.act"
+                                      " (GELU), transformer.h.0.mlp.dropout (dropout), transformer.h.1.mlp.dropout"
+                                      " (dropout)")}
+GPT2_ONLY = r".*\.h\."  # the patterns on GPT-2's names (transformer.h.0.mlp.c_fc)
 
 
 @pytest.mark.parametrize("pattern", sorted(UNSUPPORTED))
@@ -126,14 +131,16 @@ def test_a_regex_that_matches_a_module_peft_cannot_adapt_is_one_message(tmp_path
     dropped silently (v_proj / the MLP's Linears alone merged, exit 0), the block refused as "matches none of this
     model's Linears"."""
     linears, named = UNSUPPORTED[pattern]
-    base = hf_checkpoint("llama", small_vocab=True)
+    gpt2 = pattern.startswith(GPT2_ONLY)
+    base = hf_checkpoint("gpt2") if gpt2 else hf_checkpoint("llama", small_vocab=True)
     with pytest.raises(ValueError, match="is not supported"):
         peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base),
                             peft.LoraConfig(r=4, target_modules=pattern))
     peft_adapter(base, tmp_path / "adapter", linears)
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": pattern}))
-    (tmp_path / "m.yaml").write_text(MERGE.format(base=base, adapter="adapter"))
+    recipe = MERGE.format(base=base, adapter="adapter")
+    (tmp_path / "m.yaml").write_text(recipe.replace("template: llama3", "template: alpaca") if gpt2 else recipe)
     said = refused("export", "m.yaml", cwd=tmp_path, as_typed=False)
     assert [line for line in said.splitlines() if line.startswith("error:")] == [
         f"error: adapter/adapter_config.json: target_modules is {json.dumps(pattern)}, a string, which PEFT reads as a"
