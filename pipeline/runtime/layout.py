@@ -121,7 +121,7 @@ class RunLayout:
                       recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> str | None:
         """Why a run may not start here, or None: a file in output_dir's place, or a folder holding another run
         (beyond an unfinished_start) that the run neither resumes nor overwrites (`kept`: resume_from_checkpoint or
-        overwrite_output_dir; `at`: where output_dir was set). train's prepare_output_dir stops on it; `train
+        overwrite_output_dir; `at`: where output_dir was set). train's check_output_dir stops on it; `train
         --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem). A finished run
         is named as one, with what each key would do to it and, when it is `recipe`'s own, the command that trains it
         again without an edit: `make train`, which does so itself once the recipe or its ARGS change, where make reads

@@ -98,6 +98,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
             print(zero3, file=sys.stderr, flush=True)
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
                                     checkpoint.where(r, "resume_from_checkpoint"))
+    check_output_dir(r, resume)  # a refused output_dir says so now, not after minutes of loading the model
     notices = checkpoint.check_compatible(r, resume) if resume is not None else []
     loss_changes = checkpoint.token_loss_changes(r, resume)
 
@@ -475,8 +476,12 @@ def json_short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
-    """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
+def check_output_dir(r: Mapping[str, Any], resume: Path | None) -> tuple[list[str], list[str]]:
+    """Whether the run may start in output_dir, without changing anything there: a UserError when not (a folder
+    holding another run that it neither resumes nor overwrites, or inputs that overwrite_output_dir would remove).
+    Returns (output_dir's entries, the unfinished start among them). train asks first thing, before the data and
+    the model are loaded (minutes for a large model, all spent before a refusal the folder alone decides), and
+    prepare_output_dir asks again on the listing it then acts on."""
     output_dir = Path(r["output_dir"])
     at = checkpoint.where(r, "output_dir")
     layout = RunLayout(output_dir)
@@ -486,14 +491,22 @@ def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
     if refusal is not None:
         raise UserError(refusal)
     leftover = layout.unfinished_start(entries)
-    if leftover and resume is None and not r["overwrite_output_dir"] and dist.is_main():
-        print(f"note: {output_dir} holds only what a run that stopped before its first checkpoint wrote "
-              f"({', '.join(leftover)}); starting over there", file=sys.stderr)
     if entries and resume is None and not leftover:
         from pipeline.data.build import source_files
 
         inputs = guard.protected({**{k: r[k] for k in guard.INPUT_KEYS}, **source_files(data_args(r))}, r.files)
         guard.refuse_to_clear(output_dir, at, "output_dir", inputs)  # overwrite_output_dir empties it
+    return entries, leftover
+
+
+def prepare_output_dir(r: Mapping[str, Any], resume: Path | None) -> Path:
+    """A new run needs an empty output_dir (or overwrite_output_dir); a resumed one keeps it."""
+    output_dir = Path(r["output_dir"])
+    layout = RunLayout(output_dir)
+    entries, leftover = check_output_dir(r, resume)
+    if leftover and resume is None and not r["overwrite_output_dir"] and dist.is_main():
+        print(f"note: {output_dir} holds only what a run that stopped before its first checkpoint wrote "
+              f"({', '.join(leftover)}); starting over there", file=sys.stderr)
     dist.barrier()  # every rank has decided before rank 0 changes anything
     if dist.is_main():
         if resume is not None:  # the run goes on: an earlier finish's results no longer mark it finished

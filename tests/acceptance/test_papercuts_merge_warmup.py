@@ -32,7 +32,9 @@ def warmup_notices(stderr: str) -> list[str]:
 def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_one_message(workdir, hf_checkpoint):
     from safetensors.torch import load_file
 
-    write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+    model = workdir / "gpt2"  # this test's own copy: the refused train below reads it damaged
+    shutil.copytree(hf_checkpoint("gpt2"), model)
+    write_recipe(workdir / "r.yaml", model_name_or_path=str(model), dataset_dir="data",
                  output_dir="saves/r", max_steps=1, warmup_ratio=0.03, val_size=None)
     line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
                 if text.startswith("warmup_ratio:"))
@@ -93,7 +95,14 @@ def test_a_one_step_warmup_run_is_noticed_and_its_untrained_adapter_refused_in_o
     # typed without the flag, the run is refused: its finished run is named, with this same command (the one that
     # trains it again here, where `make` reads no Makefile: rerun.make_runs_here). Failed before: "(`make train` does
     # so itself once the recipe or its ARGS change)", which is no command in this folder
+    # The refusal comes before the model is read (a large model loads for minutes first): with its weights file
+    # damaged, the output_dir refusal is still the one message. Failed before: "models/...model.safetensors: not a
+    # readable safetensors file", and with the file whole the refusal after the load.
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:1000])
     err = refused("train", "r.yaml", "logging_steps=2", cwd=workdir)
+    weights.write_bytes(whole)
     assert err.splitlines()[-1].endswith(
         "output_dir: saves/r is not empty: it holds a finished run of r.yaml (all_results.json), which a new run "
         "neither continues nor replaces unless told: resume_from_checkpoint: latest continues it (with more steps: "
