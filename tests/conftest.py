@@ -50,6 +50,17 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(REPO / folder, quiet=1)
 
 
+@pytest.fixture(autouse=True)
+def _in_the_checkouts_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts in the checkout's root, the folder `make test` runs pytest in, wherever pytest was typed.
+
+    Why: the "run this" messages give the make form only where make reads the pipeline's Makefile (pipeline.rerun),
+    so an in-process test's expected message depended on the folder pytest started in (from /tmp: the python -m
+    form; two tests of tests/data failed there). A fixture, not a chdir at import: pytest-xdist's workers resolve
+    the typed test paths after importing this file. Tests that need another folder change to it themselves."""
+    monkeypatch.chdir(REPO)
+
+
 @pytest.fixture
 def repo() -> Path:
     return REPO
