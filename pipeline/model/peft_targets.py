@@ -103,6 +103,7 @@ def unsupported_dense_message(path: Path, targets: str, names: list[str], model:
 
 def weightless_kind(name: str) -> str:
     """What a module of the transformers model without weights is (ours has none of them): the rotary embedding, a
-    dropout (GPT-2's drop, attn_dropout, resid_dropout, dropout) or an activation (act_fn, GPT-2's act)."""
+    dropout (GPT-2's drop, attn_dropout, resid_dropout, dropout; Phi-3's resid_attn_dropout / resid_mlp_dropout) or an
+    activation (act_fn, GPT-2's act, Phi-3's and GLM's activation_fn)."""
     leaf = name.rsplit(".", 1)[-1]
     return "rotary embedding" if leaf == "rotary_emb" else "dropout" if "drop" in leaf else "activation"
