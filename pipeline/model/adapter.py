@@ -106,6 +106,14 @@ def linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
+def embedding_names(model: nn.Module) -> list[str]:
+    """Our modules PEFT puts LoRA on when target_modules names them but which take none here: every nn.Embedding (the
+    token embedding, GPT-2's learned position table pos_embed: PEFT 0.21 makes each a lora.Embedding) and the output
+    head (TIED). One list, so a name or a pattern reaching any of them is refused one way (lora.embedding_targets)."""
+    tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    return list(dict.fromkeys([*tables, *(n for n in TIED if isinstance(getattr(model, n, None), nn.Module))]))
+
+
 def adapter_targets(model: nn.Module, targets: str | Iterable[str] | None,
                     additional_targets: str | Iterable[str] | None,
                     blocks: Iterable[int] | None = None) -> tuple[list[str], list[str]]:

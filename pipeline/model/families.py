@@ -49,8 +49,10 @@ class Family:
     conv1d: frozenset[str] = frozenset()       # our leaf module names whose HF weight is transposed
     skip: tuple[str, ...] = ()     # HF tensor-name endings that are buffers, not weights (ignored on load)
     # the HF class's modules that hold no weights (HF without prefix, "{i}" a block's index), beyond an MLP's act_fn
-    # and the rotary_emb, which peft_moe_targets.transformers_names adds itself: GPT-2's dropouts and activation,
-    # which a PEFT target_modules string can match (PEFT raises on them)
+    # beside its gate_proj and the rotary_emb, which peft_moe_targets.transformers_names adds itself: GPT-2's dropouts
+    # and activation, Phi-3's and GLM's fused MLP's activation_fn, Phi-3's residual dropouts; a PEFT target_modules
+    # string can match them (PEFT raises on them). tests/model/test_peft_dense_targets.py holds each dense family's
+    # named_modules() to it
     weightless: tuple[str, ...] = ()
     # config.json keys a checkpoint may leave out, with the value transformers' config class then takes, where
     # that is not Llama's (LlamaConfig: head_dim = hidden_size / heads, max_position_embeddings 2048)
@@ -361,7 +363,9 @@ PHI3 = Family(name="phi3", architecture="Phi3ForCausalLM", reward_architecture="
               config_defaults=(("max_position_embeddings", 4096), ("rms_norm_eps", 1e-5),
                                ("original_max_position_embeddings", 4096)),
               sliding_window="every", bias_keys=(), qkv_fused=True, mlp_fused=True, partial_rotary=True,
-              rope_types=("default", "longrope"), null_special_ids=True)
+              rope_types=("default", "longrope"), null_special_ids=True,
+              weightless=("layers.{i}.mlp.activation_fn", "layers.{i}.resid_attn_dropout",
+                          "layers.{i}.resid_mlp_dropout"))
 # Gemma 3's text-only checkpoints (gemma-3-1b, gemma-3-270m): Gemma3TextConfig's defaults for absent keys
 # (transformers 5.24, configuration_gemma3.py:73-95). Its post_attention_layernorm normalises the attention output
 # and pre_feedforward_layernorm is the MLP's input norm (ours: post_attention_layernorm, Llama's place for it).
@@ -423,16 +427,17 @@ OLMO2 = Family(name="olmo2", architecture="Olmo2ForCausalLM", reward_architectur
 # post_mlp_layernorm to each block (four norms); GlmForCausalLM (glm-4-9b-chat-hf) is the same model without them.
 _GLM_DEFAULTS = (("max_position_embeddings", 131072), ("head_dim", 128), ("rms_norm_eps", 1.5625e-07),
                  ("num_key_value_heads", 2), ("attention_bias", True), ("partial_rotary_factor", 0.5))
+_GLM_WEIGHTLESS = ("layers.{i}.mlp.activation_fn",)  # GlmMLP's, beside its fused gate_up_proj
 GLM4 = Family(name="glm4", architecture="Glm4ForCausalLM", reward_architecture="Glm4ForSequenceClassification",
               model_type="glm4", prefix="model.", skip=(".rotary_emb.inv_freq",), config_defaults=_GLM_DEFAULTS,
               modules=(("layers.{i}.attn_output_norm", "layers.{i}.post_self_attn_layernorm"),
                        ("layers.{i}.mlp_output_norm", "layers.{i}.post_mlp_layernorm")),
               bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
-              rope_interleaved=True, sandwich_norms=True, null_special_ids=True)
+              rope_interleaved=True, sandwich_norms=True, null_special_ids=True, weightless=_GLM_WEIGHTLESS)
 GLM = Family(name="glm", architecture="GlmForCausalLM", reward_architecture="GlmForSequenceClassification",
              model_type="glm", prefix="model.", skip=(".rotary_emb.inv_freq",), config_defaults=_GLM_DEFAULTS,
              bias_keys=("attention_bias",), mlp_fused=True, o_proj_bias=False, partial_rotary=True,
-             rope_interleaved=True, null_special_ids=True)
+             rope_interleaved=True, null_special_ids=True, weightless=_GLM_WEIGHTLESS)
 GLM_FAMILIES = (GLM4, GLM)
 # openai/gpt-oss-20b, gpt-oss-120b (GptOssForCausalLM, transformers 5.24 models/gpt_oss): Mixtral's sparse block in
 # every layer with a biased router (mlp.router: ours mlp.gate), top-k then softmax over the chosen logits (the same

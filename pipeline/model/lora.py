@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
-from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, family_of_model, head_is_tied,
+from pipeline.model.adapter import (TIED, AdapterLinear, adapter_targets, embedding_names, family_of_model, head_is_tied,
                                     is_reward_model, linear_names, replace_linears, saved_modules, train_additional,
                                     upcast_adapter)
 from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message, default_lora_alpha, expert_spelling,
@@ -912,10 +912,12 @@ def _tied_tensors(model: nn.Module, config: Mapping[str, Any], tensors: dict[str
                     f" {ADAPTER_CONFIG}")
 
 
-def embedding_targets(family: Family, targets: Iterable[str]) -> list[str]:
-    """The target_modules entries that name the token embedding or the output head (PEFT's suffix rule), which take
-    no LoRA here (select_modules refuses the head for lora_target; the embedding is no Linear)."""
-    return [t for t in targets if any(matches(family.to_hf(ours), t) for ours in TIED)]
+def embedding_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """The target_modules entries that name an embedding (the token embedding, GPT-2's position table) or the output
+    head (PEFT's suffix rule), which take no LoRA here (select_modules refuses the head for lora_target; an embedding
+    is no Linear)."""
+    family = family_of_model(model)
+    return [t for t in targets if any(matches(family.to_hf(ours), t) for ours in embedding_names(model))]
 
 
 def embedding_target_message(path: Path, targets: list[str], tied: bool) -> str:
@@ -926,8 +928,8 @@ def embedding_target_message(path: Path, targets: list[str], tied: bool) -> str:
                  " into that one matrix, so even PEFT's merged model is not its adapter model (PEFT's warning, peft"
                  " issue #2777): load the base in transformers with tie_word_embeddings=False and lm_head.weight a"
                  " copy of the embedding before merging.") if tied else ""
-    return (f"{path}: target_modules {targets} puts LoRA on the token embedding or the output head, which this"
-            " pipeline neither trains nor loads (train them in full with additional_target, PEFT's modules_to_save)."
+    return (f"{path}: target_modules {targets} puts LoRA on an embedding (the token embedding, a learned position"
+            " table) or the output head, which this pipeline neither trains nor loads (train them in full with additional_target, PEFT's modules_to_save)."
             f"{tied_note} Fold the adapter into its base with PEFT's merge_and_unload() and use that checkpoint as"
             " model_name_or_path")
 
@@ -969,7 +971,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         _check_settings(existing, config, directory / ADAPTER_CONFIG, family_of_model(model))
     else:
         targets = target_names(model, config["target_modules"], directory / ADAPTER_CONFIG)
-        if embedding := embedding_targets(family_of_model(model), targets):
+        if embedding := embedding_targets(model, targets):
             raise UserError(embedding_target_message(directory / ADAPTER_CONFIG, embedding, head_is_tied(model)))
         targets = targets + expert_targets(model, config)
         if config.get("peft_type", "LORA") == "OFT":

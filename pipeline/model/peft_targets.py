@@ -8,9 +8,9 @@ PEFT reads the field two ways (tuners/tuners_utils.py check_target_module_exists
   _maybe_include_all_linear_layers). transformers-4-era adapters and LLaMA-Factory users write such strings
   ("model.layers.*.self_attn.(q_proj|v_proj)"); read as one module name, they matched nothing.
 
-A string is resolved here against the model's Linears (and its embedding and head, which the load then refuses as it
-refuses them in a list) by their transformers names, into the full names it matches, which apply_lora's suffix rule
-then picks exactly. A string that also matches a module PEFT cannot adapt (a norm, an attention or MLP block, an
+A string is resolved here against the model's Linears (and its embeddings, GPT-2's position table wpe too, and its
+head, which the load then refuses as it refuses them in a list) by their transformers names, into the full names it
+matches, which apply_lora's suffix rule then picks exactly. A string that also matches a module PEFT cannot adapt (a norm, an attention or MLP block, an
 activation: PEFT 0.21 raises "Target module ... is not supported") is refused, never read as its Linears alone.
 On a sparse MoE model PEFT 0.21 resolves a string otherwise (its v4 -> v5 conversion,
 utils/transformers_weight_conversion.py _resolve_string_target_modules, widens the matches to leaf names over every
@@ -26,7 +26,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.model.adapter import TIED, family_of_model, linear_names
+from pipeline.model.adapter import embedding_names, family_of_model, linear_names
 from pipeline.model.config import lora_candidates
 from pipeline.model.families import Family
 from pipeline.model.peft_moe_targets import ALL_LINEAR, EXAMPLE, LINEAR, OTHER, converted_names, plain_names, \
@@ -69,7 +69,7 @@ def target_names(model: nn.Module, targets: str | list[str], path: Path) -> list
     modules = transformers_names(model, family)[0]
     if unsupported := [n for n, kind in modules.items() if kind == OTHER and n and re.fullmatch(targets, n)]:
         raise UserError(unsupported_dense_message(path, targets, unsupported, model, family))
-    named = candidates + [n for n in TIED if isinstance(getattr(model, n, None), nn.Module)]
+    named = candidates + embedding_names(model)
     chosen = [family.to_hf(n) for n in named if re.fullmatch(targets, family.to_hf(n))]
     if not chosen:
         raise UserError(no_match_message(path, targets, [family.to_hf(n) for n in candidates]))
@@ -103,6 +103,7 @@ def unsupported_dense_message(path: Path, targets: str, names: list[str], model:
 
 def weightless_kind(name: str) -> str:
     """What a module of the transformers model without weights is (ours has none of them): the rotary embedding, a
-    dropout (GPT-2's drop, attn_dropout, resid_dropout, dropout) or an activation (act_fn, GPT-2's act)."""
+    dropout (GPT-2's drop, attn_dropout, resid_dropout, dropout; Phi-3's resid_attn_dropout / resid_mlp_dropout) or an
+    activation (act_fn, GPT-2's act, Phi-3's and GLM's activation_fn)."""
     leaf = name.rsplit(".", 1)[-1]
     return "rotary embedding" if leaf == "rotary_emb" else "dropout" if "drop" in leaf else "activation"

@@ -149,3 +149,23 @@ def test_a_regex_that_matches_a_module_peft_cannot_adapt_is_one_message(tmp_path
         " convolution layers); write a pattern that matches Linears only, such as \".*\\\\.(q_proj|v_proj)\", or a"
         " list of names such as [\"q_proj\", \"v_proj\"]"], said
     assert not (tmp_path / "adapter-merged").exists()
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(c_attn|wpe)", r"transformer\.wte|.*c_attn"])
+def test_a_regex_that_matches_an_embedding_is_the_embedding_message(tmp_path, hf_checkpoint, pattern):
+    """A string that fullmatches GPT-2's position table wpe (an nn.Embedding, as the token embedding wte is) beside
+    Linears: PEFT 0.21's get_peft_model gives it a lora.Embedding (the golden: its adapter, saved with that string,
+    holds lora_embedding_A / B of it). The export refuses it as it refuses wte matched by a string: one message naming
+    the embedding, exit 2, nothing exported. Failed before: the string's wpe was dropped from the targets (an adapter
+    without its tensors merged c_attn alone; PEFT's own was two "unexpected tensor" errors), and wte's message named
+    the token embedding alone."""
+    base = hf_checkpoint("gpt2")
+    theirs = peft_adapter(base, tmp_path / "adapter", pattern)
+    table = "transformer.wpe" if "wpe" in pattern else "transformer.wte"
+    assert isinstance(theirs.get_submodule(f"base_model.model.{table}"), peft.tuners.lora.Embedding)
+    (tmp_path / "m.yaml").write_text(MERGE.format(base=base, adapter="adapter").replace("llama3", "alpaca"))
+    said = refused("export", "m.yaml", cwd=tmp_path, as_typed=False)
+    assert [line.split(" which this pipeline")[0] for line in said.splitlines() if line.startswith("error:")] == [
+        f"error: adapter/adapter_config.json: target_modules ['{table}'] puts LoRA on an embedding (the token"
+        " embedding, a learned position table) or the output head,"], said
+    assert not (tmp_path / "adapter-merged").exists()

@@ -2,8 +2,10 @@
 
 Golden values: transformers 5.24's own model of each family's config (its named_modules / named_parameters, built on
 the meta device) and PEFT 0.21's own _resolve_string_target_modules on it; a pattern PEFT raises on (get_peft_model:
-"is not supported", "should not contain an empty string") is one UserError here. The CLI path (export of PEFT-written
-adapters, against PEFT's merge_and_unload) is tests/acceptance/test_peft_regex_targets_moe_cli.py."""
+"is not supported", "should not contain an empty string") is one UserError here; and for the families checked by hand
+before (Mixtral, gpt-oss, Qwen2-MoE, DeepSeek-V3), the modules get_peft_model itself makes LoRA layers of. The CLI
+path (export of PEFT-written adapters, against PEFT's merge_and_unload) is
+tests/acceptance/test_peft_regex_targets_moe_cli.py."""
 from __future__ import annotations
 
 import warnings
@@ -14,9 +16,12 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.model.adapter import family_of_model
 from pipeline.model.config import read_config
+from pipeline.model.expert_lora import FUSED, expert_of, router_of
 from pipeline.model.gpt import GPTModel
+from pipeline.model.lora import apply_lora, lora_modules
 from pipeline.model.peft_moe_targets import EMBEDDING, LINEAR, OTHER, converted_names, plain_names, resolved_names, \
     transformers_names
+from pipeline.model.peft_targets import target_names
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -124,3 +129,62 @@ def test_the_names_are_transformers_5s_and_strings_resolve_as_peft_resolves_them
         else:
             got = set(got), set()
         assert got == want, pattern
+
+
+# one pattern on the attention alone (DeepSeek-V3's latent attention: q_b_proj), PEFT's shorthand, one on the experts
+# by their transformers 4 names (Mixtral's w1 / w2 / w3), and the experts' container (no Linear: PEFT raises)
+ADAPTED = [r".*\.self_attn\.(q_proj|q_b_proj|o_proj)", "all-linear",
+           r".*\.mlp\.experts\.(gate_proj|up_proj|down_proj|w1|w2|w3)", r".*\.mlp\.experts"]
+
+
+def peft_adapted(theirs, pattern: str) -> set[str] | str:
+    """The modules get_peft_model (PEFT 0.21) turns into LoRA layers for `pattern`: a Linear's name, a fused
+    parameter's (ParamWrapper: the experts' gate_up_proj / down_proj, a router's weight) as module.parameter; or
+    "raises"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = peft.get_peft_model(theirs, peft.LoraConfig(r=2, target_modules=pattern))
+        except ValueError:  # "is not supported", NoMatchingPeftModuleError ("not found in the base model")
+            return "raises"
+    adapted = set()
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            adapted.add(f"{name}.{module.parameter_name}" if isinstance(module, peft.tuners.lora.ParamWrapper)
+                        else name)
+    return adapted
+
+
+def ours_adapted(tmp_path: Path, pattern: str) -> set[str] | str:
+    """The Linears apply_lora wraps for the names target_names resolves `pattern` to (as load_adapter does), in
+    transformers 5's names (an expert's Linear as its fused parameter, a router as its weight); or "raises" where
+    target_names refuses it (one message)."""
+    ours = GPTModel(read_config(tmp_path), seed=0)
+    family = family_of_model(ours)
+    try:
+        targets = target_names(ours, pattern, Path("a/adapter_config.json"))
+    except UserError as err:
+        assert len(err.messages) == 1, err.messages
+        return "raises"
+    apply_lora(ours, targets, rank=2, alpha=4)
+    names = set()
+    for name in lora_modules(ours):
+        if expert := expert_of(name):
+            names.add(f"{family.prefix}{expert[0]}.experts.{FUSED[expert[2]]}")
+        else:
+            names.add(f"{family.prefix}{name}.weight" if router_of(name) else family.to_hf(name))
+    return names
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss", "mixtral", "qwen2_moe"])
+def test_a_string_adapts_the_modules_get_peft_model_adapts(tmp_path, family):
+    """Per family whose strings were checked by hand before: the modules ours adapts for each ADAPTED pattern are the
+    ones PEFT 0.21's get_peft_model makes LoRA layers of on transformers 5's model (the experts' fused parameters
+    and the router through its conversion, not DeepSeek-V3's shared experts nor its dense block), or both refuse."""
+    models(tmp_path, family)  # its config.json
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    for pattern in ADAPTED:  # a fresh model each time (get_peft_model injects in place), on the CPU: PEFT's
+        want = peft_adapted(transformers.AutoModelForCausalLM.from_config(config), pattern)  # ParamWrapper needs data
+        assert ours_adapted(tmp_path, pattern) == want, pattern
+        assert want == "raises" or want, pattern
