@@ -118,7 +118,8 @@ class RunLayout:
         return entries if entries and set(entries) <= start else []
 
     def start_refusal(self, at: str, kept: bool, entries: list[str] | None = None,
-                      recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> str | None:
+                      recipe: str | Path | None = None, overrides: Sequence[str] = (),
+                      ranks: int = 1) -> str | None:
         """Why a run may not start here, or None: a file in output_dir's place, or a folder holding another run
         (beyond an unfinished_start) that the run neither resumes nor overwrites (`kept`: resume_from_checkpoint or
         overwrite_output_dir; `at`: where output_dir was set). train's check_output_dir stops on it; `train
@@ -135,7 +136,8 @@ class RunLayout:
         if self.all_results.name in entries:  # the same listing as every answer above
             writer = self.finished_recipe()
             of = f" of {writer}" if writer else ""
-            again = self._train_again(recipe, overrides) if recipe is not None and self.finished_by(recipe) else ""
+            again = (self._train_again(recipe, overrides, ranks) if recipe is not None and self.finished_by(recipe)
+                     else "")
             return (f"{at}: {self.root} is not empty: it holds a finished run{of} (all_results.json), which a new run "
                     "neither continues nor replaces unless told: resume_from_checkpoint: latest continues it (with "
                     "more steps: raise max_steps or num_train_epochs, it trained all it was asked), "
@@ -147,13 +149,13 @@ class RunLayout:
                 "output_dir")
 
     @staticmethod
-    def _train_again(recipe: str | Path, overrides: Sequence[str]) -> str:
+    def _train_again(recipe: str | Path, overrides: Sequence[str], ranks: int) -> str:
         """start_refusal's aside on the command that trains a finished run of `recipe` again from scratch."""
         from pipeline.rerun import make_runs_here, run_this
 
         if make_runs_here():
             return " (`make train` does so itself once the recipe or its ARGS change)"
-        return f" ({run_this('train', str(recipe), overrides)} does so without an edit)"
+        return f" ({run_this('train', str(recipe), overrides, ranks=ranks)} does so without an edit)"
 
     def finished_start(self) -> Started | None:
         """How the finished run here (all_results.json) was started, as its resolved.yaml records it (the recipe

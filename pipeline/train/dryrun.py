@@ -145,7 +145,7 @@ def run(r: Any, train: Any) -> int:
     at = checkpoint.where(r, "output_dir")
     occupied = RunLayout(Path(real_output_dir)).start_refusal(at, kept=resume is not None or r["overwrite_output_dir"],
                                                               recipe=getattr(r, "recipe_path", None),
-                                                              overrides=typed_overrides(r))
+                                                              overrides=typed_overrides(r), ranks=r["world_size"])
     if dist.is_main() and (problem := real_run_problem(real_output_dir, at, occupied)):
         print(problem, file=sys.stderr, flush=True)
     if resume is not None:

@@ -487,7 +487,8 @@ def check_output_dir(r: Mapping[str, Any], resume: Path | None) -> tuple[list[st
     layout = RunLayout(output_dir)
     entries = layout.entries()  # listed once: the refusal, the leftover and what is cleared all read this listing
     refusal = layout.start_refusal(at, kept=resume is not None or r["overwrite_output_dir"], entries=entries,
-                                   recipe=getattr(r, "recipe_path", None), overrides=typed_overrides(r))
+                                   recipe=getattr(r, "recipe_path", None), overrides=typed_overrides(r),
+                                   ranks=r["world_size"])
     if refusal is not None:
         raise UserError(refusal)
     leftover = layout.unfinished_start(entries)
