@@ -786,18 +786,24 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 
 
 def layers_pattern_problem(config: Mapping[str, Any]) -> str | None:
-    """PEFT 0.21's LoraConfig.__post_init__ rule (OFTConfig's too): layers_pattern (the name of the model's layer list) only with
-    layers_to_transform (which it qualifies). PEFT raises on a config with one and not the other, so it cannot load
-    such an adapter (hand-edited: its own save_pretrained never writes one); read here, it would load without a word.
+    """PEFT 0.21's LoraConfig.__post_init__ rules (OFTConfig's second one too): layers_pattern (the name of the
+    model's layer list) only with layers_to_transform (which it qualifies), and a LoRA adapter's string target_modules
+    with no layers_pattern at all, not even an empty one. PEFT raises on such a config, so it cannot load such an
+    adapter (hand-edited: its own save_pretrained never writes one); read here, it would load without a word.
     layers_to_transform set is refused with PEFT_UNSUPPORTED."""
-    pattern = config.get("layers_pattern")
-    if not pattern or config.get("layers_to_transform") is not None:
-        return None
+    pattern, targets = config.get("layers_pattern"), config.get("target_modules")
     kind = "OFTConfig" if config.get("peft_type") == "OFT" else "LoraConfig"
-    return (f"layers_pattern is {json.dumps(pattern)} without layers_to_transform, which PEFT 0.21's {kind} refuses"
-            " (\"When `layers_pattern` is specified, `layers_to_transform` must also be specified\"), so PEFT cannot"
-            " load this adapter; expected layers_pattern null, as PEFT writes it for an adapter on every layer (set it"
-            " so in this file)")
+    if kind == "LoraConfig" and isinstance(targets, str) and pattern is not None:
+        given, rule = (f"beside target_modules {json.dumps(targets)}, a string",
+                       "`layers_pattern` cannot be used when `target_modules` is a str")
+    elif pattern and config.get("layers_to_transform") is None:
+        given, rule = ("without layers_to_transform",
+                       "When `layers_pattern` is specified, `layers_to_transform` must also be specified")
+    else:
+        return None
+    return (f"layers_pattern is {json.dumps(pattern)} {given}, which PEFT 0.21's {kind} refuses (\"{rule}\"), so PEFT"
+            " cannot load this adapter; expected layers_pattern null, as PEFT writes it for an adapter on every layer"
+            " (set it so in this file)")
 
 
 # PEFT 0.21's init_lora_weights values whose start changes the base weights (tuners/lora/layer.py update_layer: the

@@ -45,3 +45,24 @@ def test_an_adapter_with_layers_pattern_alone_is_refused_as_peft_refuses_it(tmp_
         " specified\"), so PEFT cannot load this adapter; expected layers_pattern null, as PEFT writes it for an"
         " adapter on every layer (set it so in this file)"], said
     assert not (tmp_path / "adapter-merged").exists()
+
+
+def test_a_string_target_modules_with_any_layers_pattern_is_refused_as_peft_refuses_it(tmp_path: Path, hf_checkpoint):
+    """PEFT 0.21's LoraConfig raises on a string target_modules beside any layers_pattern but null ("`layers_pattern`
+    cannot be used when `target_modules` is a str."), an empty one too, which its other rule lets pass. Failed
+    before: layers_pattern "" loaded without a word (export exited 0); "layers" was refused quoting the other rule."""
+    base = hf_checkpoint("llama", small_vocab=True)
+    peft_adapter(base, tmp_path / "adapter", PATTERNS["attention"])
+    config = tmp_path / "adapter" / "adapter_config.json"
+    (tmp_path / "m.yaml").write_text(MERGE.format(base=base, adapter="adapter"))
+    for pattern in ("", "layers"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "layers_pattern": pattern}))
+        with pytest.raises(ValueError, match="`layers_pattern` cannot be used when `target_modules` is a str"):
+            peft.LoraConfig.from_pretrained(tmp_path / "adapter")
+        said = refused("export", "m.yaml", cwd=tmp_path, as_typed=False)
+        assert [line for line in said.splitlines() if line.startswith("error:")] == [
+            f"error: adapter/adapter_config.json: layers_pattern is {json.dumps(pattern)} beside target_modules"
+            f" {json.dumps(PATTERNS['attention'])}, a string, which PEFT 0.21's LoraConfig refuses (\"`layers_pattern`"
+            " cannot be used when `target_modules` is a str\"), so PEFT cannot load this adapter; expected"
+            " layers_pattern null, as PEFT writes it for an adapter on every layer (set it so in this file)"], said
+        assert not (tmp_path / "adapter-merged").exists()
