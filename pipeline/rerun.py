@@ -12,8 +12,9 @@ LLaMA-Factory's are, and so is the recipe's own name. The make form is given onl
 of the pipeline's Makefile, which make runs its commands in: typed in recipes/, `make` finds no Makefile, and from
 the root `make train RECIPE=x.yaml` names another file (and trains another output_dir) than the command that said it.
 Elsewhere the message is the python -m form alone, which means the same run where the user is. A fix that changes
-what the data build makes (val_size) is, in that form, the build and then the command (run_after_build): make's goal
-rebuilds the data when ARGS change, `python -m pipeline train` refuses a build made with other settings.
+what the data build makes (val_size) is, in the python -m form (alone, or beside make's), the build and then the
+command (run_after_build): make's goal rebuilds the data when ARGS change, `python -m pipeline train` refuses a
+build made with other settings.
 """
 from __future__ import annotations
 
@@ -53,16 +54,22 @@ def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folde
     the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0);
     variables: MAKE_VARIABLES and their values (NUM=5), `make GOAL ... NUM=5` (python -m pipeline COMMAND ... --num 5)."""
     typed = python_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables)
-    make = [*env, "make", goal, *([f"NPROC={ranks}"] if ranks > 1 else [])]
     if folder is not None:
         return f"`cd {shlex.quote(folder)} && {typed}`"
     if not make_runs_here():
         return f"`{typed}`"
+    return f"{make_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables)} ({typed})"
+
+
+def make_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
+              env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str:
+    """run_this's make form, in backticks: "`make GOAL RECIPE=r ARGS='k=v'`", quoted for a POSIX shell."""
+    make = [*env, "make", goal, *([f"NPROC={ranks}"] if ranks > 1 else [])]
     settings = "".join(f" {name}={shlex.quote(value)}" for name, value in variables.items())
     if not recipe:
-        return f"`{shlex.join(make)}{settings}` ({typed})"
+        return f"`{shlex.join(make)}{settings}`"
     args = f" ARGS={shlex.quote(shlex.join(overrides))}" if overrides else ""
-    return f"`{shlex.join(make)} RECIPE={shlex.quote(recipe)}{args}{settings}` ({typed})"
+    return f"`{shlex.join(make)} RECIPE={shlex.quote(recipe)}{args}{settings}`"
 
 
 def python_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
@@ -79,11 +86,15 @@ def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = ()
     """run_this for a fix that changes what the data build makes (a build key such as val_size, in `overrides`):
     make's goal rebuilds the data itself when ARGS change (the Makefile's args stamp), but `python -m pipeline
     COMMAND` reads the build as it is and refuses one made with other settings (pipeline.data.load.build_problem:
-    "built with other settings than the recipe's"), so where make does not run the pipeline's Makefile the command
-    builds first: "`python -m pipeline build r k=v && python -m pipeline COMMAND r k=v`"."""
-    if make_runs_here() or goal == "data":
+    "built with other settings than the recipe's"), so its python -m form builds first, alone where make does not
+    run the pipeline's Makefile ("`python -m pipeline build r k=v && python -m pipeline COMMAND r k=v`") and beside
+    the make form where it does ("`make COMMAND RECIPE=r ARGS=k=v` (python -m pipeline build ... && ...)")."""
+    if goal == "data":
         return run_this(goal, recipe, overrides)
-    return f"`{python_form('data', recipe, overrides)} && {python_form(goal, recipe, overrides)}`"
+    both = f"{python_form('data', recipe, overrides)} && {python_form(goal, recipe, overrides)}"
+    if not make_runs_here():
+        return f"`{both}`"
+    return f"{make_form(goal, recipe, overrides)} ({both})"
 
 
 def key_of(override: str) -> str:

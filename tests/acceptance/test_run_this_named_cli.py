@@ -33,11 +33,13 @@ def recipe(workdir: Path) -> Path:
 
 def test_val_size_zero_names_the_command_again_with_val_size_set(workdir: Path, recipe: Path):
     """eval of a recipe given val_size=0 on the command line: the fix is the same command with val_size=0.1 in
-    place of val_size=0 (make rebuilds the data when ARGS change) and the other override kept."""
+    place of val_size=0 (make rebuilds the data when ARGS change) and the other override kept; its python -m form
+    builds first, as it does where make reads no Makefile (tests/acceptance/test_val_size_zero_fix_cli.py: the
+    command alone refuses the data built with val_size 0). Failed before: the python -m form was the command alone."""
     err = refused("eval", "r.yaml", "val_size=0", "output_dir=saves/x", cwd=workdir)
     assert ("set val_size (a fraction such as 0.1, or a number of rows), e.g. `make eval RECIPE=r.yaml "
-            "ARGS='val_size=0.1 output_dir=saves/x'` (python -m pipeline eval r.yaml val_size=0.1 output_dir=saves/x), "
-            "or name an eval_dataset") in err, err
+            "ARGS='val_size=0.1 output_dir=saves/x'` (python -m pipeline build r.yaml val_size=0.1 output_dir=saves/x "
+            "&& python -m pipeline eval r.yaml val_size=0.1 output_dir=saves/x), or name an eval_dataset") in err, err
 
 
 def test_the_memory_plan_of_a_zero0_optimizer_is_this_runs_at_zero_stage_0(workdir: Path, recipe: Path):
