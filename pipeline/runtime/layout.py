@@ -125,9 +125,9 @@ class RunLayout:
         overwrite_output_dir; `at`: where output_dir was set). train's check_output_dir stops on it; `train
         --dry-run`, which writes elsewhere, warns with it (pipeline.train.dryrun.real_run_problem). A finished run
         is named as one, with what each key would do to it and, when it is `recipe`'s own, the command that trains it
-        again without an edit: `make train`, which does so itself once the recipe or its ARGS change, where make reads
-        the pipeline's Makefile (rerun.make_runs_here), else train --retrain-finished with the `overrides` typed
-        (rerun.run_this)."""
+        again without an edit: train --retrain-finished with the `overrides` typed on the run's `ranks`
+        (rerun.run_this), and where make reads the pipeline's Makefile (rerun.make_runs_here) that `make train` does
+        so itself once the recipe or its ARGS change (not before: make retrains only a stale run)."""
         if self.root.exists() and not self.root.is_dir():
             return f"{at}: {self.root} is a file, not a directory; choose another output_dir"
         entries = self.entries() if entries is None else entries  # the caller's listing (self.entries()), if read
@@ -151,10 +151,11 @@ class RunLayout:
     @staticmethod
     def _train_again(recipe: str | Path, overrides: Sequence[str], ranks: int) -> str:
         """start_refusal's aside on the command that trains a finished run of `recipe` again from scratch."""
-        from pipeline.rerun import make_runs_here, run_this
+        from pipeline.rerun import make_runs_here, python_form, run_this
 
-        if make_runs_here():
-            return " (`make train` does so itself once the recipe or its ARGS change)"
+        if make_runs_here():  # make retrains only a stale run; this run is finished and may be current
+            return (" (`make train` does so itself once the recipe or its ARGS change; "
+                    f"`{python_form('train', str(recipe), overrides, ranks=ranks)}` does so now, without an edit)")
         return f" ({run_this('train', str(recipe), overrides, ranks=ranks)} does so without an edit)"
 
     def finished_start(self) -> Started | None:

@@ -166,7 +166,8 @@ def test_a_dry_run_says_a_real_run_holds_the_lock_without_taking_it(dry_run_of_t
 def test_a_dry_run_of_a_finished_run_says_what_the_real_run_would_do(dry_run_of_the_finished_run):
     """RunLayout.start_refusal names a finished run as one: the real run refuses it, resume_from_checkpoint: latest
     continues it (only with more steps), overwrite_output_dir: true trains it again, and `make train` does that
-    itself for its own recipe once the recipe changes. Failed before: the generic "is not empty (it holds adapter,
+    itself for its own recipe once the recipe changes (and, as make retrains only a stale run, the command that does
+    so now: train --retrain-finished). Failed before: the generic "is not empty (it holds adapter,
     all_results.json, ...); set resume_from_checkpoint: latest to continue that run" of a folder holding anything."""
     done, _, _ = dry_run_of_the_finished_run
     said = [line for line in warnings(done.stderr) if "finished run" in line]
@@ -175,7 +176,8 @@ def test_a_dry_run_of_a_finished_run_says_what_the_real_run_would_do(dry_run_of_
         "run neither continues nor replaces unless told: resume_from_checkpoint: latest continues it (with more "
         "steps: raise max_steps or num_train_epochs, it trained all it was asked), overwrite_output_dir: true trains "
         "again from scratch (its contents are removed) (`make train` does so itself once the recipe or its ARGS "
-        "change); or choose another output_dir. The real run would stop there; this dry run writes only to a "
+        "change; `python -m pipeline train recipes/t.yaml --retrain-finished` does so now, without an edit); or "
+        "choose another output_dir. The real run would stop there; this dry run writes only to a "
         "temporary folder, so it goes on"), done.stderr
 
 
