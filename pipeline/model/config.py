@@ -1193,6 +1193,12 @@ def _ending_overlap(fam: Family, pattern: str, hits: list[tuple[str, str]]) -> s
 _ADAPTER_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.(lora_A|lora_B|lora_magnitude_vector|oft_R)(\.|$)")
 
 
+def is_adapter_tensor(key: str) -> bool:
+    """Whether a PEFT adapter file's tensor is the adapter's own (LoRA's A / B, DoRA's magnitude, OFT's R), not a
+    module it saves whole (modules_to_save: a score head), whose tensors take the base module's place."""
+    return _ADAPTER_TENSOR.match(key) is not None
+
+
 def adapted_and_saved(tensor_names: Iterable[str], modules_to_save: Iterable[str]) -> dict[str, str]:
     """The modules (HF paths) for which an adapter file holds adapter tensors (LoRA's A / B / DoRA's magnitude,
     OFT's R) although its modules_to_save trains them in full, each with the name that takes it (saved_whole or

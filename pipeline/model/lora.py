@@ -44,7 +44,7 @@ from pipeline.model.config import (adapted_and_saved, adapted_and_saved_message,
 from pipeline.model.expert_lora import FUSED, PAIR, ROUTER_PARAMETER, concatenated, expert_of, fuse, \
     fused_parts, parts_of_config, peft_fields, peft_module, router_of, split
 from pipeline.model.families import Family
-from pipeline.model.quantize import adapter_dtype, dequantized_weight
+from pipeline.model.quantize import adapter_dtype, dequantized_weight, parameter_count
 from pipeline.model.peft_targets import pattern_problem, target_names
 from pipeline.model.untaken_lora import untaken_message, untaken_modules
 from pipeline.model.weights import read_tensors
@@ -334,15 +334,16 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def trainable_report(model: nn.Module) -> tuple[int, int, float, str]:
-    """(trainable, total, percent, printable line); a tied weight counts once, and a parameter ZeRO-3 has
-    partitioned by its full size (DeepSpeed's ds_numel: its local numel is 0, so the line said 0 of 0)."""
+    """(trainable, total, percent, printable line), PEFT's print_trainable_parameters line; a tied weight counts once,
+    a parameter by quantize.parameter_count (a 4-bit weight by its values, not its packed bytes, so a QLoRA run says
+    the same total as the unquantized one; a ZeRO-3 partitioned one by its full size: the line said 0 of 0)."""
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        size = getattr(p, "ds_numel", p.numel())
+        size = parameter_count(p)
         total += size
         trainable += size if p.requires_grad else 0
     pct = 100.0 * trainable / max(total, 1)

@@ -209,6 +209,18 @@ def stored_width(model: nn.Module) -> str | None:
     return None if not dtypes else "8-bit (LLM.int8)" if torch.int8 in dtypes else "4-bit"
 
 
+def parameter_count(param: torch.Tensor) -> int:
+    """The parameters a tensor holds, as PEFT's get_nb_trainable_parameters (and LLaMA-Factory's count_parameters)
+    count them: its elements, except a 4-bit weight (Params4bit, from quantization_bit 4 or a pre-quantized
+    checkpoint) whose storage packs two 4-bit values a byte, numel * 2 * its storage's itemsize (an out x in weight
+    is stored as (out * in / 2) x 1 uint8). An 8-bit weight (Int8Params) holds one int8 a value: its numel. A
+    parameter ZeRO-3 has partitioned (local numel 0) counts its full size, DeepSpeed's ds_numel."""
+    count = getattr(param, "ds_numel", param.numel())
+    if type(param).__name__ == "Params4bit":  # by name, as PEFT checks it: bitsandbytes stays unimported
+        count *= 2 * param.element_size()
+    return count
+
+
 def is_quantized(linear: nn.Module) -> bool:
     """Whether this Linear holds a bitsandbytes-quantized weight (uint8 / int8 storage)."""
     return isinstance(linear, nn.Linear) and not linear.weight.is_floating_point()

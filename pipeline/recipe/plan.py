@@ -44,7 +44,9 @@ P = all parameters of the model train builds, an adapter's own included, T = tra
                                             of the additional_target modules (the adapters-off policy is the rest),
                                             ZeRO-3: / N (an engine of its own);   offload_param: moved to CPU
     reward_model stage ppo: the frozen reward model in the compute dtype, on every rank (reward_model_params), its
-                                            quantized Linears packed (quantized_reward_saving)
+                                            quantized Linears packed (quantized_reward_saving); a LoRA reward
+                                            adapter on a quantized base: + its own weights in fp32, unfolded
+                                            (reward_adapter_params)
     rollout      stage ppo: 2*L*b*kv*(s + max_new_tokens)*d * w, the decoding KV cache of a micro-batch
                                             (kv key/value heads of d numbers; latent attention: 2*kv*d is
                                             kv_lora_rank + qk_rope_head_dim);   ZeRO-3: + P * w (pure_bf16: an
@@ -59,10 +61,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data.args import PAIRED_FORMS, data_form
 from pipeline.recipe.args import data_args
@@ -75,6 +78,9 @@ from pipeline.model.quant_layout import Quantization
 from pipeline.recipe.modelinfo import model_info, recipe_tensors, scales_past_context
 from pipeline.recipe.text import format_table
 from pipeline.names import split_names, trains_adapter, uses_reference
+
+if TYPE_CHECKING:
+    from pipeline.model.reward_folder import RewardSource
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,8 @@ def estimate_memory(r: Resolved) -> Memory | None:
         gpu["reference"] = reference * w / (world if stage == 3 else 1)
     reward = reward_model_params(r, cfg)
     if reward:  # a plain module on every rank: neither ZeRO-3 partitioned nor offloaded
-        gpu["reward_model"] = reward * compute_bytes(r) - quantized_reward_saving(r, cfg, compute_bytes(r))
+        gpu["reward_model"] = reward * compute_bytes(r) - quantized_reward_saving(r, cfg, compute_bytes(r)) \
+            + 4 * reward_adapter_params(r)  # fp32, as upcast_adapter holds an adapter's own weights
     if r["stage"] == "ppo":  # under ZeRO 3 the whole policy is gathered for decoding, its adapter's weights too
         gpu["rollout"] = rollout_bytes(r, cfg, s, total * w + upcast if stage == 3 else 0)
     cpu: dict[str, float] = {}
@@ -262,8 +269,8 @@ def reward_model_params(r: Resolved, cfg: ModelConfig) -> int:
 def quantized_reward_saving(r: Resolved, cfg: ModelConfig, w: int) -> float:
     """What quantized weights save on stage ppo's reward model, counted at `w` bytes a parameter by
     reward_model_params: under reward_model_type lora quantization_bit's, its base the policy's, quantized as the
-    policy's is, the reward adapter beside it unfolded (pipeline.train.ppo.load_reward_model; its own weights, a
-    LoRA's few, are not counted); under full a pre-quantized reward model folder's stored 4/8-bit Linears, which the
+    policy's is, the reward adapter beside it unfolded (pipeline.train.ppo.load_reward_model; its own weights are
+    reward_adapter_params'); under full a pre-quantized reward model folder's stored 4/8-bit Linears, which the
     load keeps as stored (pipeline.model.weights.load_model); 0 otherwise (an unquantized full reward model)."""
     if r["stage"] != "ppo" or r["reward_model_type"] not in ("lora", "full"):
         return 0.0
@@ -288,20 +295,43 @@ def stored_reward_bytes(r: Resolved, w: int) -> tuple[float, float] | None:
     return base_weight_bytes(linears, spec, w)
 
 
+def reward_adapter_params(r: Resolved) -> int:
+    """Stage ppo's LoRA reward adapter's own weights (LoRA's A and B, DoRA's magnitudes, OFT's rotations) where the
+    policy's base is quantized: no fold fits a 4/8-bit weight, so they stay beside it (load_reward_model), in fp32.
+    Counted from the adapter file's safetensors header (shapes only, no tensor read; a module it saves whole, the
+    score head, takes the base's own place and is counted there); 0 otherwise, and for a folder not readable here."""
+    from pipeline.model.config import is_adapter_tensor
+    from pipeline.model.safetensors_header import safetensors_shapes
+    from pipeline.names import ADAPTER_WEIGHTS
+
+    if r["stage"] != "ppo" or r["reward_model_type"] != "lora" or r["quantization_bit"] is None:
+        return 0
+    source = _reward_source(r)
+    shapes = safetensors_shapes(source.folder / ADAPTER_WEIGHTS) if source is not None else {}
+    return sum(math.prod(shape) for key, shape in shapes.items() if is_adapter_tensor(key))
+
+
 def value_head_bias(r: Resolved) -> int:
-    """1 for LLaMA-Factory's value head (the score head's bias, pipeline.model.reward_folder), else 0; 0 too for a
-    folder not there yet or refused (the rule says why) or a hub id (plan downloads nothing)."""
+    """1 for LLaMA-Factory's value head (the score head's bias, pipeline.model.reward_folder), else 0 (0 too where
+    _reward_source finds none)."""
+    source = _reward_source(r)
+    return int(source is not None and source.value_head is not None)
+
+
+def _reward_source(r: Resolved) -> RewardSource | None:
+    """What stage ppo's reward_model folder holds (pipeline.model.reward_folder); None for a folder not there yet or
+    refused (the rule says why) or a hub id (plan downloads nothing)."""
     from pipeline.errors import UserError
     from pipeline.model.reward_folder import reward_source
     from pipeline.recipe.run_folders import reward_folder
 
     if not os.path.isdir(r["reward_model"]):
-        return 0
+        return None
     try:
         kind = r["reward_model_type"]
-        return int(reward_source(reward_folder(r["reward_model"], kind), kind, None).value_head is not None)
+        return reward_source(reward_folder(r["reward_model"], kind), kind, None)
     except UserError:
-        return 0
+        return None
 
 
 # What a step's rollout keeps through its last update (pipeline.train.ppo.PPOTrainer.rollout): a position's input_ids,

@@ -620,3 +620,15 @@ def assert_close(theirs: Any, mine: Any, rel: float = 1e-4) -> None:
     mine = mine - mine.mean(-1, keepdim=True)
     err = (theirs - mine).abs().max().item() / mine.abs().max().item()
     assert err < rel, f"relative logit error {err:.2e} >= {rel:.0e}"
+
+
+def peft_size_line(model: Any) -> str:
+    """The "trainable params: T || all params: A || trainable%: P" line PEFT's print_trainable_parameters prints for
+    `model` (a PeftModel; LLaMA-Factory prints the same format): the golden for train's first line."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        model.print_trainable_parameters()
+    return printed.getvalue().strip()

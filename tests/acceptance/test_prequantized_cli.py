@@ -4,7 +4,8 @@ quantization key (its examples' form; LLaMA-Factory trains QLoRA on such a model
 merge as a user types them.
 
 Golden values: transformers' from_pretrained of the same snapshot (its 4-bit model as stored, compute dtype fp32 as
-the fixture was quantized with) and PEFT's PeftModel.from_pretrained of our adapter/ on it; merged/ (the 4-bit
+the fixture was quantized with) and PEFT's PeftModel.from_pretrained of our adapter/ on it (its logits; its
+print_trainable_parameters line is train's, the stored 4-bit weights counted by their parameters); merged/ (the 4-bit
 weights dequantized, the adapter folded in, as unsloth's merged_16bit save writes it) loaded by transformers computes
 the same logits.
 """
@@ -18,8 +19,8 @@ import pytest
 import torch
 
 from pipeline.recipe import resolve
-from tests.acceptance.harness import (assert_close, cli_env, pipeline, trained_model, write_data, write_hf_checkpoint,
-                                      write_recipe)
+from tests.acceptance.harness import (assert_close, cli_env, peft_size_line, pipeline, trained_model, write_data,
+                                      write_hf_checkpoint, write_recipe)
 from tests.helpers.hub_layout import hub_cache
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -65,8 +66,10 @@ def plan_build_train_merge(recipe: Path, tmp_path: Path, env: dict[str, str]) ->
 
 
 def assert_peft_on_the_stored_base(recipe: Path, tmp_path: Path, snapshot: Path, home: Path, monkeypatch: Any,
+                                   trained: str,
                                    merged_base: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> None:
-    """PEFT's adapter/ on transformers' model of the snapshot as stored computes our adapter model's logits; merged/
+    """PEFT's adapter/ on transformers' model of the snapshot as stored computes our adapter model's logits, and its
+    parameter line is the one train printed (`trained`: train's stderr); merged/
     loaded by transformers those of PEFT's adapter on `merged_base` of that model (the dequantized weights merge
     folds into; None: the 4-bit model itself, whose matmul multiplies by them), and holds no quantized weight."""
     out = tmp_path / "saves/bnb"
@@ -75,7 +78,9 @@ def assert_peft_on_the_stored_base(recipe: Path, tmp_path: Path, snapshot: Path,
     with torch.no_grad():
         stored = reference(snapshot)
         before = stored(x).logits
-        golden = peft.PeftModel.from_pretrained(stored, out / "adapter").eval()(x).logits
+        adapted = peft.PeftModel.from_pretrained(stored, out / "adapter", is_trainable=True).eval()
+        assert peft_size_line(adapted) in trained.splitlines()
+        golden = adapted(x).logits
         assert (golden - before).abs().max() > 1e-2  # the adapter trained
         assert_close(golden, trained_model(recipe, tmp_path)(x), rel=1e-5)
         folded = golden if merged_base is None else \
@@ -97,7 +102,7 @@ def test_an_unsloth_bnb_4bit_checkpoint_trains_loads_in_peft_and_merges_dequanti
     assert "model: 14 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint)" in trained
     assert f"merge: {HUB_ID} is a pre-quantized bitsandbytes checkpoint: the export holds its 4-bit weights" \
            " dequantized (14 Linears)" in merged
-    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch)
+    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch, trained)
 
     # a LLaMA-Factory export recipe naming the run's adapter on the same hub id passes the adapter-fits-model rule:
     # the files' header shapes of the 4-bit Linears are the packed codes', not the weights' (export itself is merge's

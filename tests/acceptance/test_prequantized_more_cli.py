@@ -40,7 +40,7 @@ def test_an_unsloth_dynamic_quant_trains_its_kept_linears_plain_and_merges_the_m
     assert "model: 9 Linears loaded as stored, bitsandbytes 4-bit (a pre-quantized checkpoint), their matmuls in" \
            " float32 (bnb_4bit_compute_dtype); 6 stored unquantized" in trained
     assert "the export holds its 4-bit weights dequantized (9 Linears)" in merged
-    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch)
+    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch, trained)
 
     # a full recipe on it chats with the stored model, as llamafactory-cli chat does (quantization_bit unset there:
     # _verify_model_args checks nothing); training it stays refused
@@ -66,5 +66,5 @@ def test_an_8bit_checkpoint_trains_loads_in_peft_and_merges_dequantized(tmp_path
     assert "model: 14 Linears loaded as stored, bitsandbytes 8-bit (LLM.int8) (a pre-quantized checkpoint);" \
            in trained
     assert "the export holds its 8-bit (LLM.int8) weights dequantized (14 Linears)" in merged
-    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch,
+    assert_peft_on_the_stored_base(recipe, tmp_path, snapshot, home, monkeypatch, trained,
                                    merged_base=lambda model: model.dequantize(dtype=torch.float32))

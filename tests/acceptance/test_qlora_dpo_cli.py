@@ -7,7 +7,7 @@ Golden values are transformers' and PEFT's: PeftModel.from_pretrained on our ada
 BitsAndBytesConfig model of the same checkpoint (4-bit nf4 with double quantization for dpo; load_in_8bit for rm,
 AutoModelForSequenceClassification), and PEFT on the unquantized checkpoint for merged/; step one's loss is ln 2 by
 hand (the reference is the policy with its adapter off: the same quantized model at step one), and so is ppo's first
-KL, 0.
+KL, 0. Train's "trainable params" line is PEFT's get_nb_trainable_parameters on those models.
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ def test_llamafactory_qlora_dpo_rm_ppo_recipes_train_merge_and_load_in_peft_on_t
     out = tmp_path / "saves/qlora-dpo"
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference (adapter off) at step one
-    assert_outputs_are_peft_on_the_4bit_base("dpo.yaml", tmp_path, tmp_path / "llama", out, changed=1e-3)
+    assert_outputs_are_peft_on_the_4bit_base("dpo.yaml", tmp_path, tmp_path / "llama", out, trained.stderr,
+                                             changed=1e-3)
 
     # 8 bits (LLM.int8), stage rm: LLaMA-Factory's reward example on the same data, the score head trained beside it
     eight = "quantization_bit: 8\nquantization_method: bnb\n"
@@ -119,8 +120,14 @@ def test_llamafactory_qlora_dpo_rm_ppo_recipes_train_merge_and_load_in_peft_on_t
     base = transformers.AutoModelForSequenceClassification.from_pretrained(
         tmp_path / "llama", num_labels=1, dtype=torch.float32, device_map="cpu",
         quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True)).eval()
+    scorer = peft.PeftModel.from_pretrained(base, out / "adapter", is_trainable=True).eval()
+    # the 8-bit base counted as PEFT counts it, by its values (Int8Params: one int8 each); PEFT's total also holds the
+    # frozen original of each modules_to_save module beside its trained copy (score here), a copy ours has not
+    trainable, total = scorer.get_nb_trainable_parameters()
+    total -= sum(p.numel() for name, p in scorer.named_parameters() if ".original_module." in name)
+    assert f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}" \
+           in trained.stderr.splitlines()
     with torch.no_grad():  # one row a call: without a pad id transformers scores a lone row at its last token
-        scorer = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
         golden = torch.cat([scorer(row[None]).logits[:, 0] for row in x])
         torch.testing.assert_close(ours(x)[:, -1, 0], golden, rtol=1e-5, atol=1e-5)
 

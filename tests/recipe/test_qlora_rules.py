@@ -73,15 +73,24 @@ def test_plan_counts_a_preference_or_reward_stage_on_the_4bit_base_without_a_sec
         assert ref.gpu["reference"] == TINY_PARAMS * 4
 
 
-def test_plan_counts_ppo_s_lora_reward_model_on_the_4bit_base(write):
+def test_plan_counts_ppo_s_lora_reward_model_on_the_4bit_base(write, tmp_path):
     """reward_model_type lora: the reward adapter beside the policy's base quantized the same way (its score head
-    unquantized), no reference (the adapter off); a full reward model loads unquantized."""
+    unquantized), no reference (the adapter off); a full reward model loads unquantized. The adapter's own weights
+    stay unfolded beside the 4-bit base, in fp32: they were not counted (8,192 bytes short for this one). Golden: a
+    PEFT SEQ_CLS adapter saved by save_pretrained (LoRA r 4 on c_attn of the tiny preset's GPT-2 shape), its tensors'
+    shapes counted by hand: per block lora_A (4 x 64) + lora_B (192 x 4) = 1,024, two blocks; its modules_to_save
+    score (1 x 64) replaces the base's score head, counted there."""
     from tests.recipe.test_recipe_plan import TINY_PARAMS
 
+    peft, transformers = pytest.importorskip("peft"), pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=16, n_positions=128, n_embd=64, n_layer=2, n_head=2, num_labels=1)
+    peft.get_peft_model(transformers.GPT2ForSequenceClassification(config), peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules=["c_attn"], fan_in_fan_out=True)).save_pretrained(tmp_path / "rm")
     keys = ("model_name_or_path: tiny\ndataset: d\nmax_steps: 10\ncutoff_len: 128\nquantization_bit: 4\n"
             "stage: ppo\nreward_model: rm\n")
     mem = estimate_memory(resolve(write("r.yaml", keys)))
-    assert mem.gpu["reward_model"] == (TINY_PARAMS + 64 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED
+    adapter = 2 * (4 * 64 + 192 * 4)
+    assert mem.gpu["reward_model"] == (TINY_PARAMS + 64 - QUANTIZED) * 4 + CODES + ABSMAX + NESTED + adapter * 4
     assert "reference" not in mem.gpu
 
 
