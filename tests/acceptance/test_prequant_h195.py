@@ -89,7 +89,10 @@ def test_plan_counts_the_linears_an_rm_run_holds_quantized(repo, monkeypatch):
     from pipeline.recipe.plan import estimate_memory
 
     monkeypatch.chdir(repo)
-    (repo / "rm.yaml").write_text("model_name_or_path: qbnb\nstage: rm\ndataset: x\ntemplate: qwen\n")
+    # dataset_dir: a folder no test writes (the module's data/, which a later test writes, lists no 'x'): the
+    # recipe resolves before any data exists, as this test needs, in whatever order the file's tests run
+    (repo / "rm.yaml").write_text("model_name_or_path: qbnb\nstage: rm\ndataset: x\ndataset_dir: no_data\n"
+                                  "template: qwen\n")
     r = resolve("rm.yaml")
     model = load_base(recipe_args(r).model, dropout=False)
     held = [m for m in model.modules() if is_quantized(m)]
