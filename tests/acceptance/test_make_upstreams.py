@@ -97,6 +97,32 @@ def test_two_recipes_sharing_an_export_dir_are_refused_with_one_message(tmp_path
     assert not (root / "saves").exists()
 
 
+def test_two_recipes_named_as_the_merge_recipe_writing_its_adapter_are_not_told_to_take_that_name(tmp_path):
+    """LLaMA-Factory's layout with the training recipe also copied into recipes/ (the porting steps' step 2): the
+    merge_lora recipe's adapter folder is written by two recipes both named as it is. The message told the user to
+    "name it qwen3_lora_sft.yaml as this recipe is named (make then takes it)": both already were, and make took
+    neither."""
+    root, venv = _repo(tmp_path)
+    for folder in ("examples/train_lora", "recipes"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        write_recipe(root / folder / "qwen3_lora_sft.yaml", model_name_or_path="tiny",
+                     output_dir="saves/qwen3-4b/lora/sft")
+    (root / "examples/merge_lora").mkdir()
+    write_recipe(root / "examples/merge_lora/qwen3_lora_sft.yaml", {"model_name_or_path": "tiny",
+                                                                    "template": "alpaca"},
+                 adapter_name_or_path="saves/qwen3-4b/lora/sft", export_dir="saves/qwen3_lora_sft_export")
+    refused = make("export", "RECIPE=examples/merge_lora/qwen3_lora_sft.yaml", venv, cwd=root,
+                   env=cli_env(MAKEFLAGS="", MAKELEVEL=""), expect=2)
+    [error] = refused_before_any_stage(refused)
+    assert error.startswith("error: examples/merge_lora/qwen3_lora_sft.yaml:3:23: adapter_name_or_path: "
+                            "saves/qwen3-4b/lora/sft is written by 2 recipes"), error
+    assert "name it qwen3_lora_sft.yaml as this recipe is named" not in error
+    assert error.endswith("or leave one of them named qwen3_lora_sft.yaml as this recipe is (make then takes it): 2 "
+                          "are now (examples/train_lora/qwen3_lora_sft.yaml, recipes/qwen3_lora_sft.yaml), so rename "
+                          "the other"), error
+    assert not (root / "saves").exists()
+
+
 def test_make_export_of_a_recipe_without_export_dir_refuses_before_training_its_upstream(tmp_path):
     """`make export` on a merge recipe that forgot export_dir trained the sft recipe it names first, then refused:
     minutes (or GPU hours) spent before a message that needed none of them."""

@@ -112,9 +112,19 @@ def upstream_has_one_producer(ctx: Context) -> list[tuple[str, str]]:
             names = ", ".join(str(recipe) for recipe, _ in found)
             problems.append((key, f"{path} is written by {len(found)} recipes ({names}), so make cannot tell which "
                                   "one to run first; give the one you mean an output_dir (or export_dir) of its own "
-                                  f"and start from that, or name it {Path(ctx.recipe_file).name} as this recipe "
-                                  "is named (make then takes it)"))
+                                  f"and start from that, or {_by_name(Path(ctx.recipe_file), found)}"))
     return problems
+
+
+def _by_name(recipe: Path, found: list[tuple[Path, str]]) -> str:
+    """The second way out of several producers: the one named as `recipe` is taken (pipeline.recipe.siblings.producers)
+    -- unless two or more already are (LLaMA-Factory's examples/train_lora/qwen3_lora_sft.yaml and a copy of it in
+    recipes/), where "name it so" would name what is already the case."""
+    same = [str(other) for other, _ in found if other.stem == recipe.stem]
+    if len(same) < 2:
+        return f"name it {recipe.name} as this recipe is named (make then takes it)"
+    return (f"leave one of them named {recipe.name} as this recipe is (make then takes it): {len(same)} are now "
+            f"({', '.join(same)}), so rename the other{'s' if len(same) > 2 else ''}")
 
 
 @rule("export_legacy_format", "export_quantization_bit", "export_quantization_dataset")
