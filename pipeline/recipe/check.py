@@ -126,6 +126,7 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
             # LLaMA-Factory's merge recipes (export_dir, no dataset) are run by `export`, which needs none
             merge = (f"; a recipe with export_dir and no dataset, as LLaMA-Factory's merge_lora ones, is run by "
                      f"{run_this('export', recipe_file, typed)}" if missing == "dataset" and "export_dir" in known
+                     else _inference_hint(recipe_file, typed) if missing == "dataset" and "infer_backend" in known
                      else "")
             if missing == "dataset" and known.get("task"):  # LLaMA-Factory's eval recipe: `eval` needs no dataset
                 add(None, f"dataset: missing, and not needed here: this recipe has task: {known['task']} (LLaMA-"
@@ -145,6 +146,17 @@ def check_schema(entries: Mapping[str, Entry], recipe_file: str, optional: tuple
             given += f" ({_kind(entry.value)})"
         add(entry, f"{key}: given {given}, expected {spec.describe(prop)}{_hint(entry.value, prop)}", key)
     return problems, bad
+
+
+def _inference_hint(recipe_file: str, typed: tuple[str, ...]) -> str:
+    """LLaMA-Factory's inference recipes (examples/inference: a model, an adapter, template, infer_backend; no dataset)
+    are run by chat, which needs none: "dataset: missing" alone sent the user to add one, making it a training
+    recipe."""
+    from pipeline.rerun import make_runs_here, run_this
+
+    one = "PROMPT='TEXT'" if make_runs_here() else "--prompt TEXT"
+    return (f"; a recipe with infer_backend and no dataset, as LLaMA-Factory's inference ones, is run by "
+            f"{run_this('chat', recipe_file, typed)}, with {one} for one answer")
 
 
 def _non_finite(value: Any) -> bool:

@@ -137,7 +137,17 @@ def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
     write_recipe(tmp_path / "bench.yaml", {}, model_name_or_path="tiny", template="alpaca", task="mmlu_test")
     err = refused("build", "bench.yaml", "n_shot=2", cwd=tmp_path, as_typed=False)
     assert err.splitlines()[0].endswith("it is run by `python -m pipeline eval bench.yaml n_shot=2`"), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", recipe.name]
+    # LLaMA-Factory's inference recipe (examples/inference: infer_backend, no dataset) given to validate: the
+    # message sent the user to add a dataset, which makes it a training recipe; chat runs it as it is
+    write_recipe(tmp_path / "infer.yaml", {}, model_name_or_path="tiny", adapter_name_or_path="saves/sft",
+                 template="alpaca", infer_backend="huggingface")
+    err = refused("validate", "infer.yaml", cwd=tmp_path)
+    assert err.splitlines() == [
+        "error: infer.yaml: dataset: missing, expected a non-empty string or a non-empty list of non-empty strings (set "
+        "it in the recipe, a file it extends, or on the command line as dataset=...); a recipe with infer_backend and "
+        "no dataset, as LLaMA-Factory's inference ones, is run by `python -m pipeline generate infer.yaml`, with "
+        "--prompt TEXT for one answer"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "infer.yaml", recipe.name]
 
 def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     """A misspelled model folder passed validate with a note calling it a hub id that train downloads; train then
