@@ -10,7 +10,7 @@ from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
 from pipeline.errors import did_you_mean
 from pipeline.recipe import Resolved
-from pipeline.recipe.args import data_args
+from pipeline.recipe.args import data_args, no_step_fits
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
@@ -21,7 +21,7 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
           f"dataset {', '.join(r['dataset'])})")
     data = data_args(r)
     checked = check_built(data)  # raises UserError listing every bad row
-    tokenized = apply_length_policy(data)
+    tokenized = apply_length_policy(r, data)
     print("data: OK")
     for line in checked.warnings:
         print(line, file=sys.stderr)
@@ -63,17 +63,21 @@ def validate_benchmark(r: Resolved) -> int:
     return 0
 
 
-def apply_length_policy(data: DataArgs) -> bool:
+def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
     """The trainer's own length pass over the whole built data, so that validate refuses what train would, with
     train's message: rows over cutoff_len under overlength_policy: error, or a train split left without examples
-    (or without one batch) once the policy dropped its long rows. check_built only samples token lengths. Skipped
-    when the tokenizer is not on this machine yet (train reports it then): False."""
+    (or without one batch, or without one optimizer step: LLaMA-Factory's dpo / kto examples at a small max_samples
+    passed validate and stopped at train) once the policy dropped its long rows. check_built only samples token
+    lengths. Skipped when the tokenizer is not on this machine yet (train reports it then): False."""
     from pipeline.data.loaders import count_examples, make_loader
     from pipeline.data.model_tokenizer import available_tokenizer
+    from pipeline.recipe import derive_steps
 
     if available_tokenizer(data) is None:
         return False
-    make_loader(data, "train", say_workers=False)
+    loader = make_loader(data, "train", say_workers=False)
+    if r["do_train"] and not derive_steps(r, loader.num_examples)["total_steps"]:
+        raise no_step_fits(r, len(loader))
     count_examples(data)  # the val split too: train counts it before it builds its loader
     return True
 

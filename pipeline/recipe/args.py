@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
+from pipeline.errors import UserError
 from pipeline.names import DPO_LOSS_KEYS
 from pipeline.recipe import spec
 from pipeline.recipe.check import DERIVED_KEYS
@@ -309,6 +310,21 @@ def key_at(r: Mapping[str, Any], key: str) -> str:
         return r.origin(key).names(key)  # type: ignore[attr-defined]
     except (AttributeError, KeyError):  # a plain dict in tests, a key without provenance
         return key
+
+
+def no_step_fits(r: Mapping[str, Any], micro_batches: int) -> UserError:
+    """The message for a train split whose `micro_batches` per rank (the loader's, after the length policy) fill no
+    optimizer step: train's last check (pipeline.train.run.exact_steps) and validate's length pass say it alike, at
+    the key that does not fit, as rules.training.enough_batches (which catches it first on the built rows)."""
+    per_step, accumulation = batches_per_step(r), r["gradient_accumulation_steps"]
+    what, keys = (f"gradient_accumulation_steps is {accumulation}", "gradient_accumulation_steps")
+    if per_step != accumulation:
+        what = f"{what} and ppo_buffer_size {r['ppo_buffer_size']} ({per_step} micro-batches a PPO step)"
+        keys = "gradient_accumulation_steps, ppo_buffer_size"
+    key = "ppo_buffer_size" if per_step != accumulation and micro_batches >= accumulation else \
+        "gradient_accumulation_steps"
+    return UserError(f"{key_at(r, key)}: no optimizer step fits: the train split gives {micro_batches} micro-batches "
+                     f"per rank per epoch and {what}; lower {keys} or per_device_train_batch_size, or add data")
 
 
 def data_args(r: Mapping[str, Any]) -> DataArgs:

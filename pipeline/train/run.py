@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.recipe import batches_per_step
-from pipeline.recipe.args import data_args
+from pipeline.recipe.args import data_args, no_step_fits
 from pipeline.recipe.typed import run_this_for, typed_overrides
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.recipe.notices import after_validate
@@ -559,17 +559,7 @@ def exact_steps(r: Any, loader: Any) -> Any:
     per_step = batches_per_step(r)
     assert r["steps_per_epoch"] == len(loader) // per_step, "derive_steps disagrees with the loader"
     if not r["total_steps"]:
-        accumulation = r["gradient_accumulation_steps"]
-        what, keys = (f"gradient_accumulation_steps is {accumulation}", "gradient_accumulation_steps")
-        if per_step != accumulation:
-            what = f"{what} and ppo_buffer_size {r['ppo_buffer_size']} ({per_step} micro-batches a PPO step)"
-            keys = "gradient_accumulation_steps, ppo_buffer_size"
-        # at the key that does not fit, as rules.training.enough_batches (which catches this first when it can)
-        key = "ppo_buffer_size" if per_step != accumulation and len(loader) >= accumulation else \
-            "gradient_accumulation_steps"
-        raise UserError(f"{checkpoint.where(r, key)}: no optimizer step fits: the train split gives {len(loader)} "
-                        f"micro-batches per rank per epoch and {what}; lower {keys} or per_device_train_batch_size, "
-                        "or add data")
+        raise no_step_fits(r, len(loader))
     return r
 
 

@@ -135,6 +135,14 @@ def test_validate_says_how_many_training_rows_the_default_drop_leaves_out(tmp_pa
                      "them with their responses cut, or raise cutoff_len"], notes
     assert main(["validate", "recipe.yaml", "overlength_policy=truncate"]) == 0
     assert "note: " not in capsys.readouterr().out
+    # the 23 built rows fill a step of 21 micro-batches, the 20 left after the drop do not: validate said "data: OK"
+    # and train stopped (LLaMA-Factory's dpo / kto examples at a small max_samples); now validate says train's words
+    refused = cli(tmp_path, "validate", "recipe.yaml", "per_device_train_batch_size=1", "gradient_accumulation_steps=21")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.splitlines()[-1] == (
+        "error: command line override gradient_accumulation_steps=21: gradient_accumulation_steps: no optimizer step "
+        "fits: the train split gives 20 micro-batches per rank per epoch and gradient_accumulation_steps is 21; lower "
+        "gradient_accumulation_steps or per_device_train_batch_size, or add data"), refused.stderr
 
 
 def test_pt_recipe(tmp_path, monkeypatch, capsys):
