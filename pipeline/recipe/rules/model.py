@@ -218,11 +218,9 @@ def adapter_settings_problems(ctx: Context, path: str, folder: Path) -> list[tup
         differ.remove("lora_alpha")
     problems = []
     for key in differ:
-        recipe_key, origin = keys[key], ctx.origins[keys[key]]
+        recipe_key = keys[key]
         theirs = json.dumps(False if config.get(key) is None else config[key])  # absent: off, as the load reads it
-        given = {"default": "the default", "derived": "derived"}.get(origin.kind)
-        value = f"{json.dumps(ours[key])} ({given})" if given else f"given {json.dumps(ours[key])}"
-        problems.append((recipe_key, f"{value}, but adapter_name_or_path {path!r} was trained with {key} {theirs} "
+        problems.append((recipe_key, f"{ctx.given(recipe_key)}, but adapter_name_or_path {path!r} was trained with {key} {theirs} "
                                      "(its adapter_config.json), and training continues an adapter with the settings "
                                      f"it was trained with; set {recipe_key}: {theirs}"))
     return problems
