@@ -379,7 +379,7 @@ def check_compatible(r: Mapping[str, Any], path: Path) -> list[str]:
     if change:
         problems += world_change.problems(
             change, path, int(state.get("batch_in_epoch", 0)), stage=r["stage"], asft=bool(r.get("use_asft_loss")),
-            group_by_length=bool(r.get("group_by_length")),
+            group_by_length=bool(r.get("group_by_length")), disable_shuffling=bool(r.get("disable_shuffling")),
             offload_optimizer=r.get("offload_optimizer", "none"),
             accumulation_at=where(r, "gradient_accumulation_steps"),
             bco=r["stage"] == "dpo" and preference_args(r).loss_config().adds_bco)

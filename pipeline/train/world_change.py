@@ -12,7 +12,8 @@ update is the uninterrupted run's to rounding (the sums are added in another ord
 What moves with the ranks: the data position (counted in micro-batches per rank), the optimizer's ZeRO partitions
 (deepspeed_compat.resharded_loads), each rank's RNG state and log-window sums. What cannot, and is refused:
 another global batch; per_device_train_batch_size changed under objectives that average per micro-batch (dpo,
-rm, ASFT) or under group_by_length (its mega-batches count global micro-batches); offload_optimizer: nvme
+rm, ASFT) or under group_by_length (its mega-batches count global micro-batches; so those objectives under
+group_by_length, the default, keep their rank count); offload_optimizer: nvme
 (DeepSpeed swaps that state through files of its own; offload_optimizer: cpu writes the same per-rank partitions
 as no offload: deepspeed_compat.offload_problem).
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.data.args import data_form
 from pipeline.rerun import key_of, run_this
 from pipeline.runtime import deepspeed_compat
 
@@ -116,12 +118,15 @@ REFUSED_STAGES = {
 
 def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str, asft: bool, group_by_length: bool,
              offload_optimizer: str, accumulation_at: str = "gradient_accumulation_steps",
-             bco: bool = False) -> list[str]:
+             bco: bool = False, disable_shuffling: bool = False) -> list[str]:
     """Why this resume cannot continue on the new rank count ([]: it can, resharded); each says what to set.
     `batch_in_epoch`: the checkpoint's data position; the rest: this run's recipe values (`bco`: stage dpo adds
     pref_bco_weight's term), and where the recipe sets gradient_accumulation_steps (`file:line: key`,
-    checkpoint.where)."""
+    checkpoint.where). group_by_length binds only where the train loader groups (loaders.plan_batches: a shuffled
+    split whose items have lengths): not pt's windows (pt_loader gives none), nor under disable_shuffling (the built
+    order); a pt run of the default keys was refused on another rank count for it."""
     (was, micro, accumulation), (now, new_micro, _) = change.before, change.after
+    group_by_length = group_by_length and not disable_shuffling and data_form(stage) != "pt"
     ranks, same = change.refused_ranks(path), change.fixes(path)
     keep = was * micro * accumulation
     if keep != change.global_batch:
@@ -143,12 +148,18 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
                                         "rank's micro-batch mean at once, one accumulation step at a time, so another "
                                         "ranks x gradient_accumulation_steps gives the micro-batches other baselines"))
     averaged = "ASFT averages a mean per micro-batch" if asft else PER_MICRO_BATCH.get(stage)
-    if new_micro != micro and averaged:
+    if averaged and group_by_length:
+        # each keeps what the other's fix would change (group_by_length itself is a refused key): say both at once
+        out.append(f"{ranks}: {averaged}, so per_device_train_batch_size must stay {micro}, and group_by_length sorts "
+                   f"the examples inside mega-batches of 50 global micro-batches of per_device_train_batch_size x "
+                   f"ranks = {micro * was} examples, so that product must stay {micro * was} too: no layout on {now} "
+                   f"rank(s) keeps both; {same}")
+    elif new_micro != micro and averaged:
         fix = (f"keep per_device_train_batch_size {micro} (gradient_accumulation_steps {keep // (now * micro)}), "
                "or ") if keep % (now * micro) == 0 else ""
         out.append(f"{ranks}, and per_device_train_batch_size is {new_micro}, not {micro}: {averaged}, so other "
                    f"micro-batches are another objective; {fix}{same}")
-    if new_micro * now != micro * was and group_by_length:
+    elif new_micro * now != micro * was and group_by_length:
         fix = (f"set per_device_train_batch_size {micro * was // now} and gradient_accumulation_steps {accumulation} "
                "to keep them, or ") if (micro * was) % now == 0 else ""
         out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "

@@ -240,7 +240,10 @@ def test_llama_factory_eval_example_with_template_fewshot(bench, tmp_path):
 
 def test_a_peft_adapter_is_evaluated_on_its_base(bench, golden, tmp_path):
     """adapter_name_or_path (a PEFT LoRA adapter, as LLaMA-Factory's example names its sft run): the predictions of
-    PEFT's model of the base + adapter (not the base's)."""
+    PEFT's model of the base + adapter (not the base's). validate passes the recipe, lora_rank left out as in
+    LLaMA-Factory's eval recipe: it trains nothing (validate refused it, "lora_rank: 8 (the default), but ... was
+    trained with r 4 ... training continues an adapter", where eval ran it); so does a merge recipe's validate say
+    only that export runs it, not to set lora_rank."""
     import peft
     import torch
     import transformers
@@ -259,6 +262,11 @@ def test_a_peft_adapter_is_evaluated_on_its_base(bench, golden, tmp_path):
     (tmp_path / "evaluation").symlink_to(bench / "evaluation")
     (tmp_path / "r.yaml").write_text(RECIPE.format(model="qwen", batch=4, save="saves/lora")
                                      + "adapter_name_or_path: adapter\nfinetuning_type: lora\n")
+    assert "task: OK (evaluation/mmlu" in pipeline("validate", "r.yaml", cwd=tmp_path).stdout
+    (tmp_path / "merge.yaml").write_text("model_name_or_path: qwen\nadapter_name_or_path: adapter\ntemplate: qwen\n"
+                                         "finetuning_type: lora\nexport_dir: merged\n")
+    err = refused("validate", "merge.yaml", cwd=tmp_path, as_typed=False)
+    assert [line.split(": ")[2] for line in err.splitlines() if line.startswith("error: ")] == ["dataset"], err
     pipeline("eval", "r.yaml", cwd=tmp_path, as_typed=False)
     tuned, _ = lf_golden(bench / "evaluation" / "mmlu", bench / "qwen", n_shot=2, model=adapted)
     assert json.loads((tmp_path / "saves" / "lora" / "results.json").read_text()) == tuned != golden[0]

@@ -113,6 +113,12 @@ def test_accumulation_larger_than_the_data(write, manifest):
         "per rank (per_device_train_batch_size 4 x world size 1): no optimizer step would happen; lower "
         "gradient_accumulation_steps or the batch size"]
     assert resolve("r.yaml", ["gradient_accumulation_steps=5"])["steps_per_epoch"] == 1
+    # a batch size the recipe leaves out is the default, not "given 8" (a dpo recipe of 3 pairs was told so)
+    manifest("few", train=5, val=1)
+    write("s.yaml", "model_name_or_path: tiny\ndataset: few\nmax_steps: 1\ncutoff_len: 64\n")
+    assert errors("s.yaml") == [
+        "s.yaml: per_device_train_batch_size: 8 (the default), but the 5 training examples do not fill one batch per "
+        "rank (world size 1; incomplete batches are dropped): lower per_device_train_batch_size or add data"]
     # nothing trains: an evaluation-only run (LLaMA-Factory's nlg_eval example) is not held to the train split
     assert resolve("r.yaml", ["do_train=false", "do_predict=true"])["do_predict"] is True
     assert resolve("r.yaml", ["do_train=false", "do_predict=true", "per_device_train_batch_size=32"])

@@ -209,6 +209,11 @@ RANK_REFUSALS = [
       # would change the global batch again)
       "resume with 1 rank(s) (`python -m pipeline train run.yaml --retrain-finished group_by_length=true "
       "gradient_accumulation_steps=2`, or NPROC x NNODES = 1)"]),
+    # group_by_length (the default) where the train loader groups nothing: disable_shuffling reads the built order
+    # (and pt's windows have no lengths: STAGE_RESHARDING). Refused by the message above (found resuming a pt run of
+    # the default keys with `python -m pipeline.launch --num_gpus 2`)
+    (dict(group_by_length=True, disable_shuffling=True), ["gradient_accumulation_steps=1", "group_by_length=true",
+                                                          "disable_shuffling=true"], None),
 ]
 
 
@@ -250,6 +255,10 @@ def test_another_number_of_ranks_is_resharded_or_refused_by_the_global_batch(mak
 # average their loss per micro-batch (a mean over its pairs, step_scale 1), so the same micro-batches give the same
 # update (the runs: test_resume_world_size.py for dpo; rm by hand, docs/resume.md); kto's KL estimate and the BCO
 # baseline take every rank's micro-batch of one accumulation step at once, so ranks x accumulation change them
+GROUPED_DPO = ("stage dpo's loss is a mean over each micro-batch's pairs, so per_device_train_batch_size must stay 2, "
+               "and group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
+               "per_device_train_batch_size x ranks = 4 examples, so that product must stay 4 too: no layout on 1 "
+               "rank(s) keeps both; resume with 2 rank(s)")
 STAGE_RESHARDING = [
     ("dpo", {}, (1, 2, 2), None),
     ("rm", {}, (1, 2, 2), None),
@@ -262,6 +271,13 @@ STAGE_RESHARDING = [
     ("kto", {}, (1, 2, 2), "supported for stage pt, sft, dpo, rm (stage kto's KL estimate is the mean over every "
                            "rank's micro-batch of one accumulation step"),
     ("ppo", {}, (1, 2, 2), "(stage ppo's rollouts and PPO epochs are not checked against the uninterrupted run)"),
+    # group_by_length (the default) keeps per_device_train_batch_size x ranks, dpo's mean per micro-batch keeps
+    # per_device_train_batch_size: no layout on 1 rank keeps both. Each message sent to the other's fix ("set
+    # per_device_train_batch_size 4 and gradient_accumulation_steps 1", then "keep per_device_train_batch_size 2"),
+    # found resuming a dpo run on 2 ranks with `python -m pipeline.launch --num_gpus 2`
+    ("dpo", {"group_by_length": True}, (1, 2, 2), GROUPED_DPO),
+    ("pt", {"group_by_length": True}, (1, 2, 2), None),  # pt's windows are never grouped (it was refused for it)
+    ("dpo", {"group_by_length": True}, (1, 4, 1), GROUPED_DPO),
 ]
 
 
@@ -274,8 +290,8 @@ def test_preference_stages_resume_on_another_rank_count_where_the_update_is_the_
     from pipeline.train import world_change
 
     change = world_change.WorldChange((2, 2, 1), after)
-    out = world_change.problems(change, Path("ckpt"), 0, stage=stage, asft=False, group_by_length=False,
-                                offload_optimizer="none", **keys)
+    out = world_change.problems(change, Path("ckpt"), 0, stage=stage, asft=False,
+                                **{"group_by_length": False, "offload_optimizer": "none", **keys})
     if said is None:
         assert out == []
     else:

@@ -5,6 +5,7 @@ rule checks lives in its theme's module, never here.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -50,6 +51,13 @@ class Context:
         if origin is not None and origin.kind == "derived" and origin.file:
             return f"{origin.file}:{origin.line}:{origin.column}: {key}"
         return f"{self.recipe_file}: {key}"
+
+    def given(self, key: str, value: Any = None) -> str:
+        """How a message names `key`'s value (`value`: one shown in its place, in JSON): "given 8" when the user set
+        it, else "8 (the default)" / "8 (derived)": a value the recipe leaves out was never given."""
+        shown = json.dumps(self.values[key] if value is None else value)
+        kind = {"default": "the default", "derived": "derived"}.get(self.origins[key].kind)
+        return f"{shown} ({kind})" if kind else f"given {shown}"
 
     def set_here(self, key: str) -> bool:
         """Set in the recipe itself or on the command line (not inherited through extends)."""

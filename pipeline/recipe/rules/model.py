@@ -153,7 +153,7 @@ def pissa_converted_hint(path: str) -> str:
 
 
 @rule("adapter_name_or_path", "finetuning_type", "lora_rank", "lora_alpha", "use_rslora", "use_dora", "oft_rank",
-      "oft_block_size", "do_train", commands=("train", "validate"))
+      "oft_block_size", "do_train", "task", "dataset", commands=("train", "validate"))
 def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     """train under lora / oft continues adapter_name_or_path with the recipe's method and settings
     (pipeline.model.lora.load_adapter loads it into the recipe's adapter modules): a LoRA adapter under oft, or an
@@ -165,11 +165,15 @@ def adapter_is_the_method(ctx: Context) -> list[tuple[str, str]]:
     recipe trains (do_train), before make's train stage: it reported the recipe OK and train refused it. Neither
     says it when do_train is false: train then only evaluates, loading the adapter as its config says (LLaMA-Factory's
     extras/nlg_eval predict recipe of an adapter, lora_rank left out: `make eval` of it stopped at the train stage).
+    Nor for a recipe that trains nothing whatever do_train says: LLaMA-Factory's eval recipe (task: eval runs it; train
+    refuses task) and its merge recipe (no dataset: export runs it; the missing dataset is validate's one message,
+    with the export that runs it), which leave lora_rank out too: `make validate` of the eval recipe refused it.
     A missing or unreadable adapter_config.json is adapter_exists's (or the load's) to say."""
     from pipeline.names import trains_adapter
 
     path, kind = ctx.values["adapter_name_or_path"], ctx.values["finetuning_type"]
-    if path is None or not trains_adapter(kind) or not ctx.values["do_train"]:
+    trains = ctx.values["do_train"] and ctx.values["task"] is None and ctx.values["dataset"] is not None
+    if path is None or not trains_adapter(kind) or not trains:
         return []
     try:
         from pipeline.model.hub import resolve_model_path
@@ -214,11 +218,9 @@ def adapter_settings_problems(ctx: Context, path: str, folder: Path) -> list[tup
         differ.remove("lora_alpha")
     problems = []
     for key in differ:
-        recipe_key, origin = keys[key], ctx.origins[keys[key]]
+        recipe_key = keys[key]
         theirs = json.dumps(False if config.get(key) is None else config[key])  # absent: off, as the load reads it
-        given = {"default": "the default", "derived": "derived"}.get(origin.kind)
-        value = f"{json.dumps(ours[key])} ({given})" if given else f"given {json.dumps(ours[key])}"
-        problems.append((recipe_key, f"{value}, but adapter_name_or_path {path!r} was trained with {key} {theirs} "
+        problems.append((recipe_key, f"{ctx.given(recipe_key)}, but adapter_name_or_path {path!r} was trained with {key} {theirs} "
                                      "(its adapter_config.json), and training continues an adapter with the settings "
                                      f"it was trained with; set {recipe_key}: {theirs}"))
     return problems

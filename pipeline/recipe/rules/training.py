@@ -95,17 +95,17 @@ def enough_batches(ctx: Context) -> list[tuple[str, str]]:
         batches = n // (micro * world)  # the train loader drops the last incomplete batch
         if batches == 0:
             return [("per_device_train_batch_size",
-                     f"given {micro}, but the {n} training examples do not fill one batch per rank (world size "
+                     f"{ctx.given('per_device_train_batch_size')}, but the {n} training examples do not fill one batch per rank (world size "
                      f"{world}; incomplete batches are dropped): lower per_device_train_batch_size or add data")]
         accumulation, per_step = ctx.values["gradient_accumulation_steps"], batches_per_step(ctx.values)
         if per_step != accumulation and batches >= accumulation:  # stage ppo: the buffer is what does not fit
             return [("ppo_buffer_size",
-                     f"given {ctx.values['ppo_buffer_size']}, but the {n} training examples make only {batches} "
+                     f"{ctx.given('ppo_buffer_size')}, but the {n} training examples make only {batches} "
                      f"micro-batches per rank (per_device_train_batch_size {micro} x world size {world}) and a PPO "
                      f"step draws gradient_accumulation_steps {accumulation} x ppo_buffer_size = {per_step}: no PPO "
                      "step would happen; lower ppo_buffer_size or the batch size")]
         return [("gradient_accumulation_steps",
-                 f"given {ctx.values['gradient_accumulation_steps']}, but the {n} training examples make only "
+                 f"{ctx.given('gradient_accumulation_steps')}, but the {n} training examples make only "
                  f"{batches} micro-batches per rank (per_device_train_batch_size {micro} x world size {world}): "
                  "no optimizer step would happen; lower gradient_accumulation_steps or the batch size")]
     return []
