@@ -69,7 +69,7 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
     (or without one batch, or without one optimizer step: LLaMA-Factory's dpo / kto examples at a small max_samples
     passed validate and stopped at train) once the policy dropped its long rows. check_built only samples token
     lengths. Skipped when the tokenizer is not on this machine yet (train reports it then): False."""
-    from pipeline.data.loaders import count_examples, make_loader
+    from pipeline.data.loaders import count_examples, dropped_note, make_loader
     from pipeline.data.model_tokenizer import available_tokenizer
     from pipeline.recipe import derive_steps
 
@@ -77,7 +77,7 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
         return False
     loader = make_loader(data, "train", say_workers=False)
     if r["do_train"] and not derive_steps(r, loader.num_examples)["total_steps"]:
-        raise no_step_fits(r, len(loader))
+        raise no_step_fits(r, len(loader), dropped_note(data))
     count_examples(data)  # the val split too: train counts it before it builds its loader
     return True
 

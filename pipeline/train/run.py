@@ -105,7 +105,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
     loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
-    r = exact_steps(r, loader)
+    r = exact_steps(r, loader, data_args(r))
     if resume is not None:
         checkpoint.check_schedule(r, resume)  # before output_dir is touched
     if one_step is not None:
@@ -547,8 +547,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # every device's generator too
 
 
-def exact_steps(r: Any, loader: Any) -> Any:
-    """Step counts from the real loader's example count (after the length policy; pt: windows).
+def exact_steps(r: Any, loader: Any, data: Any = None) -> Any:
+    """Step counts from the real loader's example count (after the length policy; pt: windows). `data`: the
+    loader's DataArgs, whose rows the length policy left out the refusal names (None: not said).
 
     derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // batches_per_step
     (gradient_accumulation_steps; x ppo_buffer_size under stage ppo).
@@ -559,7 +560,9 @@ def exact_steps(r: Any, loader: Any) -> Any:
     per_step = batches_per_step(r)
     assert r["steps_per_epoch"] == len(loader) // per_step, "derive_steps disagrees with the loader"
     if not r["total_steps"]:
-        raise no_step_fits(r, len(loader))
+        from pipeline.data.loaders import dropped_note
+
+        raise no_step_fits(r, len(loader), dropped_note(data) if data is not None else "")
     return r
 
 

@@ -142,7 +142,10 @@ def test_validate_says_how_many_training_rows_the_default_drop_leaves_out(tmp_pa
     assert refused.stderr.splitlines()[-1] == (
         "error: command line override gradient_accumulation_steps=21: gradient_accumulation_steps: no optimizer step "
         "fits: the train split gives 20 micro-batches per rank per epoch and gradient_accumulation_steps is 21; lower "
-        "gradient_accumulation_steps or per_device_train_batch_size, or add data"), refused.stderr
+        "gradient_accumulation_steps or per_device_train_batch_size, or add data; 3 of the 23 training rows are longer "
+        "than cutoff_len 60 and are left out (overlength_policy: drop, the default here; LLaMA-Factory cuts them "
+        "instead): set overlength_policy: truncate to keep them with their responses cut, or raise cutoff_len"
+    ), refused.stderr  # the cause, the drop, is said with its fix: "add data" alone hid it
 
 
 def test_pt_recipe(tmp_path, monkeypatch, capsys):
