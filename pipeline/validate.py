@@ -75,7 +75,9 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
 
     if available_tokenizer(data) is None:
         return False
-    loader = make_loader(data, "train", say_workers=False)
+    # one rank's loader on the recipe's world size (WORLD_SIZE, 1 unless launched): the micro-batches per rank train
+    # counts, which the refusal below names
+    loader = make_loader(data, "train", world_size=r["world_size"], say_workers=False)
     if r["do_train"] and not derive_steps(r, loader.num_examples)["total_steps"]:
         raise no_step_fits(r, len(loader), dropped_note(data))
     count_examples(data)  # the val split too: train counts it before it builds its loader

@@ -146,6 +146,12 @@ def test_validate_says_how_many_training_rows_the_default_drop_leaves_out(tmp_pa
         "than cutoff_len 60 and are left out (overlength_policy: drop, the default here; LLaMA-Factory cuts them "
         "instead): set overlength_policy: truncate to keep them with their responses cut, or raise cutoff_len"
     ), refused.stderr  # the cause, the drop, is said with its fix: "add data" alone hid it
+    # under a launcher's WORLD_SIZE=2 (as train is run), the 20 rows give 10 micro-batches per rank: the message
+    # said 20 (one rank's loader), more than the 11 it said did not fit
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["validate", "recipe.yaml", "per_device_train_batch_size=1", "gradient_accumulation_steps=11"]) == 2
+    assert "the train split gives 10 micro-batches per rank per epoch and gradient_accumulation_steps is 11; " in \
+        capsys.readouterr().err
 
 
 def test_pt_recipe(tmp_path, monkeypatch, capsys):
