@@ -150,10 +150,8 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
     averaged = "ASFT averages a mean per micro-batch" if asft else PER_MICRO_BATCH.get(stage)
     if averaged and group_by_length:
         # each keeps what the other's fix would change (group_by_length itself is a refused key): say both at once
-        out.append(f"{ranks}: {averaged}, so per_device_train_batch_size must stay {micro}, and group_by_length sorts "
-                   f"the examples inside mega-batches of 50 global micro-batches of per_device_train_batch_size x "
-                   f"ranks = {micro * was} examples, so that product must stay {micro * was} too: no layout on {now} "
-                   f"rank(s) keeps both; {same}")
+        out.append(f"{ranks}: {averaged}, so per_device_train_batch_size must stay {micro}, and {_grouped(micro, was)}"
+                   f", so that product must stay {micro * was} too: no layout on {now} rank(s) keeps both; {same}")
     elif new_micro != micro and averaged:
         fix = (f"keep per_device_train_batch_size {micro} (gradient_accumulation_steps {keep // (now * micro)}), "
                "or ") if keep % (now * micro) == 0 else ""
@@ -162,9 +160,8 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
     elif new_micro * now != micro * was and group_by_length:
         fix = (f"set per_device_train_batch_size {micro * was // now} and gradient_accumulation_steps {accumulation} "
                "to keep them, or ") if (micro * was) % now == 0 else ""
-        out.append(f"{ranks}: group_by_length sorts the examples inside mega-batches of 50 global micro-batches of "
-                   f"per_device_train_batch_size x ranks = {micro * was} examples, which would now be "
-                   f"{new_micro * now}, so the updates would hold other examples; {fix}{same}")
+        out.append(f"{ranks}: {_grouped(micro, was)}, which would now be {new_micro * now}, so the updates would "
+                   f"hold other examples; {fix}{same}")
     offloaded = deepspeed_compat.offload_problem(offload_optimizer)
     if offloaded:
         out.append(change.refusal(path, offloaded))
@@ -173,3 +170,11 @@ def problems(change: WorldChange, path: Path, batch_in_epoch: int, *, stage: str
                    f"epoch) is not a whole number of this run's global micro-batches of {new_micro} x {now} (nan_policy: "
                    f"skip drew extra ones); {same}")
     return out
+
+
+def _grouped(micro: int, ranks: int) -> str:
+    """Why group_by_length binds the rank count: what its mega-batches count (pipeline.data.loaders.plan_batches)."""
+    from pipeline.data.loaders import MEGA_BATCHES
+
+    return (f"group_by_length sorts the examples inside mega-batches of {MEGA_BATCHES} global micro-batches of "
+            f"per_device_train_batch_size x ranks = {micro * ranks} examples")
