@@ -64,7 +64,7 @@ LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) \
 	$(if $(MASTER_PORT),--master_port $(MASTER_PORT)) --num_gpus $(NPROC) --module pipeline
 endif
 
-.PHONY: help setup test-deps data validate inspect plan train dry-run merge export eval chat all test bench clean FORCE
+.PHONY: help setup test-deps data validate inspect plan train dry-run merge export eval chat all test test-slow test-all bench clean FORCE
 
 help: ## list targets and variables
 	@echo "usage: make <target> [RECIPE=recipes/x.yaml] [ARGS='key=value ...'] [NPROC=N] [HOSTFILE=file]"
@@ -321,13 +321,21 @@ chat: $(VENV)/.setup-done ## talk to the tuned model (ARGS for overrides; PROMPT
 	$(PY) -m pipeline generate $(RECIPE) $(ARGS) $(if $(PROMPT),--prompt "$$PROMPT")
 
 # ---------------------------------------------------------------- quality
+# The suite in two tiers (pyproject.toml's markers): `make test` leaves out the long trials (marked slow: kill and
+# resume, several ranks, whole make chains, the second and later variants of a matrix), `make test-slow` runs only
+# them, `make test-all` both in one run; CI (.ci/run) runs test, then test-slow. Their measured times on 2 cores are in
+# README ("Working on the code"), the one place they are kept up to date.
 # TEST_WORKERS=2: two pytest-xdist workers, one test file at a time each (module fixtures stay shared within a file);
-# the files with the most slow tests are handed out first (tests/conftest.py), so the long end-to-end files do not
-# end the run alone, and each worker computes on one core's share (tests/conftest.py: OMP_NUM_THREADS). Its measured
-# time on 2 cores is in README ("Working on the code"), the one place it is kept up to date.
-test: $(VENV)/.test-deps-done ## run the test suite
-	$(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
-		$(TESTS) $(PYTEST_ARGS)
+# the longest files are handed out first (tests/file_times.py), so no long file ends the run alone, and each worker
+# computes on one core's share (tests/conftest.py: OMP_NUM_THREADS). PYTEST_ARGS come last: a -m there wins.
+PYTEST_RUN = $(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile \
+	--no-loadscope-reorder)
+test: $(VENV)/.test-deps-done ## run the test suite without the long trials (test-slow; test-all for both)
+	$(PYTEST_RUN) -m "not slow" $(TESTS) $(PYTEST_ARGS)
+test-slow: $(VENV)/.test-deps-done ## run only the long trials (marked slow)
+	$(PYTEST_RUN) -m slow $(TESTS) $(PYTEST_ARGS)
+test-all: $(VENV)/.test-deps-done ## run every test, the long trials too
+	$(PYTEST_RUN) $(TESTS) $(PYTEST_ARGS)
 
 bench: $(VENV)/.test-deps-done ## benchmarks against the peers (see bench/README.md)
 	$(PIP) install -q -r bench/requirements.txt

@@ -2,7 +2,7 @@
 races checked, counted while the reliability suite runs and written into the page's figures block.
 
 Trials call `record(kind)` once they have passed their checks. The block is rewritten only after a run that
-executed every test of tests/reliability (slow and multi-rank ones included, as `make test` and CI do) with no
+executed every test of tests/reliability (slow and multi-rank ones included, as `make test-all` does) with no
 failure, so a partial run never publishes partial counts; the counts are deterministic (fixed seeds), so the
 page changes only when the suite does.
 """
@@ -30,7 +30,8 @@ def record(kind: str, n: int = 1) -> None:
 
 def block(counts: Counter[str]) -> str:
     rows = "\n".join(f"| {counts[k]:,} | {text} |" for k, text in KINDS.items())
-    return f"{START}\n| count | what the last full `make test` tried |\n|---:|---|\n{rows}\n{END}"
+    head = "| count | what the last complete run of tests/reliability tried (`make test-all`) |"
+    return f"{START}\n{head}\n|---:|---|\n{rows}\n{END}"
 
 
 def publish(counts: Counter[str], page: Path = PAGE) -> bool:
