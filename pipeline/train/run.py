@@ -76,13 +76,14 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     dist.init(r.get("ddp_timeout"))
     import deepspeed
 
-    from pipeline.data.loaders import count_examples, holds_out, make_loader
+    from pipeline.data.loaders import make_loader
     from pipeline.model import lora
     from pipeline.model.build import base_as_built, base_subset, build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
+    from pipeline.recipe.evaluation import evaluates, val_split_used
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, loss_keywords
     from pipeline.train import step_profile
     from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
     from pipeline.train.badam import every_block_trainable
@@ -110,9 +111,9 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
         checkpoint.check_schedule(r, resume)  # before output_dir is touched
     if one_step is not None:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
-    has_val = count_examples(data_args(r))["val"] > 0 or (evaluates(train_args(r)) and holds_out(data_args(r)))
-    # held-out rows that give no example: make_loader stops with the split's message (why none is left)
-    val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) if has_val else None
+    # held-out rows that give no example to an evaluation the run makes: refused there, at the key (validate too)
+    val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) \
+        if val_split_used(r) else None
     # read straight into the dtype DeepSpeed trains in; a resumed PiSSA run takes its starting pairs (the residual
     # base) from the checkpoint's converted adapter, not from the SVD again
     pissa_start = RunLayout(resume).adapter if resume is not None and r["pissa_init"] else None
