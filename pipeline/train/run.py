@@ -27,7 +27,7 @@ from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import data_args, no_step_fits
 from pipeline.recipe.typed import run_this_for, typed_overrides
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
-from pipeline.recipe.notices import after_validate
+from pipeline.recipe.notices import after_validate, warmup_notice
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.errors import UserError
 from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_history, token_loss_label, \
@@ -107,6 +107,8 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     rank, world = dist.rank(), dist.world_size()
     loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
     r = exact_steps(r, loader)
+    if dist.is_main() and (warmup := warmup_notice(r)):  # of the steps this run makes (recipe.notices)
+        print(warmup, file=sys.stderr, flush=True)
     if resume is not None:
         checkpoint.check_schedule(r, resume)  # before output_dir is touched
     if one_step is not None:
