@@ -60,3 +60,24 @@ def did_you_mean(word: str, choices: Iterable[str], cutoff: float = 0.6,
     if not close:
         return ""
     return f" (did you mean '{(show or str)(by_lower[close[0]])}'?)"
+
+
+def article(word: str) -> str:
+    """'a' or 'an' for `word` as it is said, for a message that puts a value after the article ("an 'assistant'
+    turn", "a 'gpt' turn", "an Olmo2ForCausalLM", "a UTF-16 byte order mark"): a fixed article reads wrong for half
+    the values a message can name. By the sound of the first letters: a vowel letter (but a 'u' said 'you', as in
+    user, unit, UTF, and 'one'), a capital acronym by its first letter's name (an HF, a GPU), a number by
+    its first word (an 8, an 11, an 18, an 80; a 1024)."""
+    text = word.lstrip("'\"`(")
+    head = text.split("-")[0].split("_")[0]
+    if not text:
+        return "a"
+    if text[0].isdigit():
+        digits = len(text) - len(text.lstrip("0123456789"))
+        return "an" if text[0] == "8" or (text[:2] in ("11", "18") and digits % 3 == 2) else "a"
+    if len(head) > 1 and head[:2].isupper():  # an acronym, said letter by letter
+        return "an" if head[0] in "AEFHILMNORSX" else "a"
+    lower = text.lower()
+    if lower.startswith(("one", "once", "uni", "use", "usu", "uti", "utf", "eu", "ur")):
+        return "a"
+    return "an" if lower[0] in "aeiou" else "a"

@@ -67,19 +67,25 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
     """The trainer's own length pass over the whole built data, so that validate refuses what train would, with
     train's message: rows over cutoff_len under overlength_policy: error, or a train split left without examples
     (or without one batch, or without one optimizer step: LLaMA-Factory's dpo / kto examples at a small max_samples
-    passed validate and stopped at train) once the policy dropped its long rows. check_built only samples token
-    lengths. Skipped when the tokenizer is not on this machine yet (train reports it then): False."""
+    passed validate and stopped at train) once the policy dropped its long rows, or a val split whose held-out rows
+    give the run's evaluation nothing (LLaMA-Factory's pt example at max_samples 16: too little text for a window).
+    check_built only samples token lengths. Skipped when the tokenizer is not on this machine yet (train reports it
+    then): False."""
     from pipeline.data.loaders import count_examples, dropped_note, make_loader
     from pipeline.data.model_tokenizer import available_tokenizer
     from pipeline.recipe import derive_steps
+    from pipeline.recipe.evaluation import val_split_used
 
     if available_tokenizer(data) is None:
         return False
     # one rank's loader on the recipe's world size (WORLD_SIZE, 1 unless launched): the micro-batches per rank train
     # counts, which the refusal below names
     loader = make_loader(data, "train", world_size=r["world_size"], say_workers=False)
-    if r["do_train"] and not derive_steps(r, loader.num_examples)["total_steps"]:
-        raise no_step_fits(r, len(loader), dropped_note(data))
+    if r["do_train"]:
+        exact = derive_steps(r, loader.num_examples)
+        if not exact["total_steps"]:
+            raise no_step_fits(r, len(loader), dropped_note(data))
+        val_split_used(exact)  # held-out rows that give the run's evaluation nothing: train's refusal
     count_examples(data)  # the val split too: train counts it before it builds its loader
     return True
 

@@ -123,7 +123,7 @@ def test_make_all_succeeds_and_ends_with_the_report(first_run, scratch_repo):
     assert stages == [("build", "e2e_sft"), ("validate", "e2e_sft"),
                       ("build", "e2e_pt"), ("validate", "e2e_pt"), ("train", "e2e_pt"),
                       ("train", "e2e_sft"), ("merge", "e2e_sft"), ("eval", "e2e_sft")]
-    # the sft recipe's one-step warmup is said once, by train (recipe.notices.SCHEDULE_COMMANDS), not by every stage
+    # the sft recipe's one-step warmup is said once, by train (pipeline.train.run, of its steps), not by every stage
     # (validate, merge and eval said it too)
     warmup = [line for line in first_run.stderr.splitlines() if line.startswith("notice:") and "warmup" in line]
     assert warmup == ["notice: recipes/e2e_sft.yaml:15:15: warmup_steps 1 of 30 steps: step 1 trains at lr 0 and the "

@@ -427,6 +427,13 @@ def count_tokens(docs: list[dict], tokenizer: Tokenizer) -> int:
     return sum(map(len, tokenizer.encode_batch([d["text"] for d in docs]))) + len(docs) - 1
 
 
+def counts_tokens(form: str) -> bool:
+    """Whether the build of data of this form (DataArgs.form) reads the model's tokenizer: a pt corpus's manifest
+    records its token counts (the windows it gives), rows of the other forms are tokenized by the commands that
+    read them. The rule that refuses a preset without a tokenizer asks it for `build`."""
+    return form == "pt"
+
+
 def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: list[int],
              data: DataArgs) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Clean, split and serialise one dataset: (manifest, file name -> bytes); UserError if a split is empty."""
@@ -459,7 +466,7 @@ def _prepare(spec: DatasetSpec, wanted: dict[str, Any], rows: Rows, per_source: 
                         f"removed: {gone}); val_size {data.val_size} leaves {len(train):,} for training and "
                         f"{len(val):,} for validation, and {need}. Add data or change val_size")
     manifest["splits"] = {"train": len(train), "val": len(val)}
-    if stage == "pt":
+    if counts_tokens(stage):
         tokenizer = available_tokenizer(data)
         if tokenizer is not None:  # a hub model not downloaded yet: no token counts (see available_tokenizer)
             manifest["tokens"] = {"train": count_tokens(train, tokenizer), "val": count_tokens(val, tokenizer)}

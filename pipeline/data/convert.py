@@ -19,7 +19,7 @@ from pipeline.data.problems import Problems, alike
 from pipeline.data.registry import OPENAI_TAGS, DatasetSpec
 from pipeline.data.templates import tool_refusal
 from pipeline.data.sources import Table
-from pipeline.errors import did_you_mean
+from pipeline.errors import article, did_you_mean
 
 _MISSING = object()
 
@@ -286,7 +286,7 @@ def _sharegpt_pair(rec: dict, spec: DatasetSpec) -> dict:
     column = cols["messages"]
     turns = rec.get(column, _MISSING)
     if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and turns[-1].get(role_tag) == assistant:
-        raise _RowError(f"'{column}' ends with an '{assistant}' turn; for ranking data the conversation ends with "
+        raise _RowError(f"'{column}' ends with {article(assistant)} '{assistant}' turn; for ranking data the conversation ends with "
                         f"the user's turn and the responses are in {_name(cols['chosen'], 'chosen')} and "
                         f"{_name(cols['rejected'], 'rejected')}")
     if isinstance(turns, list):
@@ -359,7 +359,7 @@ def _sharegpt(rec: dict, spec: DatasetSpec) -> dict:
             raise _RowError(f"{at}: missing '{content_tag}' (the text){did_you_mean(content_tag, map(str, turn))}")
         if turn.get("tool_calls"):  # OpenAI's function call: content null, the call beside it (never read here)
             raise _RowError(f"{at} has 'tool_calls' (an OpenAI-style function call), which a sharegpt turn does not "
-                            f"carry; write the call as a '{function}' turn whose '{content_tag}' is the JSON "
+                            f"carry; write the call as {article(function)} '{function}' turn whose '{content_tag}' is the JSON "
                             '{"name": ..., "arguments": {...}} (LLaMA-Factory\'s sharegpt form), the tool\'s result '
                             f"in the '{observation}' turn after it")
         content = _string(turn[content_tag], f"{at}.{content_tag}")

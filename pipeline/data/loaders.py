@@ -219,9 +219,10 @@ def _batch_size(data: DataArgs, split: str, batch_size: int | None) -> int:
     return data.per_device_train_batch_size if split == "train" else data.per_device_eval_batch_size
 
 
-def _check_size(n: int, split: str, size: int, world_size: int, what: str, hint: str) -> None:
+def _check_size(n: int, data: DataArgs, split: str, size: int, world_size: int, what: str) -> None:
     if n == 0:
-        raise UserError(f"the {split} split has no {what}; {hint}")
+        reason, fix = no_items(data, split)
+        raise UserError(f"the {split} split has {reason}; {fix}")
     if split == "train" and n < size * world_size:
         raise UserError(f"the train split has {n:,} {what}, fewer than one global batch of {size * world_size:,} "
                         f"(per_device_train_batch_size {size} x {world_size} ranks); lower the batch size or add data")
@@ -232,17 +233,14 @@ def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1
     """Padded batches of templated, masked examples (the length policy already applied)."""
     examples = tokenized_split(data, split)
     size = _batch_size(data, split, batch_size)
-    dropped = ", ".join(f"{v:,} {k}" for k, v in examples.dropped.items() if v)
-    _check_size(len(examples), split, size, world_size, "examples",
-                f"{examples.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
+    _check_size(len(examples), data, split, size, world_size, "examples")
     offsets, ids, trainable, targets = examples.offsets, examples.ids, examples.trainable, examples.label_ids
     pad = recipe_tokenizer(data).pad_id
     order = dict(batch_size=size, world_size=world_size, rank=rank, seed=data.seed, epoch=epoch, shuffle=shuffle,
                  drop_last=split == "train", group_by_length=bool(data.group_by_length))
     if packing_enabled(data):
         packs = sft_packs(data, split)
-        _check_size(len(packs), split, size, world_size, "packed rows",
-                    f"{len(examples):,} examples packed into rows of cutoff_len {data.cutoff_len}; add data")
+        _check_size(len(packs), data, split, size, world_size, "packed rows")  # none only where no example is
         neat, examples = bool(data.neat_packing), split != "train"
         return Loader(len(packs), packs.fill, lambda indices: collate_packs(packs, indices, ids, trainable, offsets, pad,
                                                                            targets=targets,
@@ -284,9 +282,7 @@ def pair_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 
     pairs = tokenized_pair_split(data, split)
     pad = recipe_tokenizer(data).pad_id
     size = _batch_size(data, split, batch_size)
-    dropped = ", ".join(f"{v:,} {k}" for k, v in pairs.dropped.items() if v)
-    _check_size(len(pairs), split, size, world_size, item_name(data),
-                f"{pairs.rows:,} rows, dropped: {dropped or 'none'}; raise cutoff_len or add data")
+    _check_size(len(pairs), data, split, size, world_size, item_name(data))
     tags = pairs.tags
 
     def collate(indices: np.ndarray) -> dict:
@@ -309,6 +305,20 @@ def tokenized_pair_split(data: DataArgs, split: str) -> Any:
     from pipeline.data.pairs import tokenized_pairs
 
     return tokenized_pairs(data, split)
+
+
+def no_items(data: DataArgs, split: str) -> tuple[str, str]:
+    """Why `split` gives no item once the length policy ran, and the fix in the data: ("no windows; it has 521
+    tokens and one window needs cutoff_len + 1 = 2,049", "lower cutoff_len or add text"). The loaders' refusal of an
+    empty split says it, and so does train's (and validate's) of held-out rows an evaluation would find nothing in
+    (pipeline.recipe.evaluation.val_split_used), which adds the recipe's keys."""
+    if data.form == "pt":
+        return (f"no windows; it has {len(pt_stream(data, split)):,} tokens and one window needs cutoff_len + 1 = "
+                f"{data.cutoff_len + 1:,}", "lower cutoff_len or add text")
+    kept = tokenized_pair_split(data, split) if data.paired else tokenized_split(data, split)
+    dropped = ", ".join(f"{v:,} {k}" for k, v in kept.dropped.items() if v)
+    what = item_name(data) if data.paired else "examples"
+    return f"no {what}; {kept.rows:,} rows, dropped: {dropped or 'none'}", "raise cutoff_len or add data"
 
 
 def packing_enabled(data: DataArgs) -> bool:
@@ -349,9 +359,7 @@ def pt_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1,
     length, stride = data.cutoff_len, pt_stride(data)
     starts = pt_windows(len(stream), length, stride)
     size = _batch_size(data, split, batch_size)
-    _check_size(len(starts), split, size, world_size, "windows",
-                f"it has {len(stream):,} tokens and one window needs cutoff_len + 1 = {length + 1:,}; "
-                "lower cutoff_len or add text")
+    _check_size(len(starts), data, split, size, world_size, "windows")
     span = np.arange(length)
 
     def collate(indices: np.ndarray) -> dict:

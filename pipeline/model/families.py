@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, article
 from pipeline.model.quant_layout import stored_quantization
 
 
@@ -598,11 +598,11 @@ class Wrapper:
         if sub is None and self.flat_text:
             sub = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "vision_config")}
         if not isinstance(sub, dict):
-            raise UserError(f"{path}: {self.text_config} is {sub!r}; a {self.architecture} config.json holds its"
+            raise UserError(f"{path}: {self.text_config} is {sub!r}; {article(self.architecture)} {self.architecture} config.json holds its"
                             f" language model's config (model_type {model_type}) there as an object")
         if sub.get("model_type", model_type) not in (model_type, family.model_type):
-            raise UserError(f"{path}: {self.text_config}.model_type is {sub['model_type']!r}; a {self.architecture}"
-                            f" is read here with a {family.architecture} inside (model_type {model_type})")
+            raise UserError(f"{path}: {self.text_config}.model_type is {sub['model_type']!r}; {article(self.architecture)} {self.architecture}"
+                            f" is read here with {article(family.architecture)} {family.architecture} inside (model_type {model_type})")
         text = {**dict(self.text_defaults), **sub, **{key: raw.get(key, default) for key, default in self.top_level}}
         if self.tie_in_text and sub.get("tie_word_embeddings") is True:
             text["tie_word_embeddings"] = True
@@ -755,7 +755,8 @@ def family_of(raw: Mapping[str, Any], path: Any) -> Family:
 # ---------------------------------------------------------------------------------------------
 
 def _need(raw: Mapping[str, Any], path: Any, keys: tuple[str, ...]) -> list[str]:
-    return [f"{path}: missing key '{k}' (a {raw.get('model_type', 'HF')} config.json has it)" for k in keys if k not in raw]
+    kind = raw.get('model_type', 'HF')
+    return [f"{path}: missing key '{k}' ({article(kind)} {kind} config.json has it)" for k in keys if k not in raw]
 
 
 def _positive_int(raw: Mapping[str, Any], key: str, path: Any, problems: list[str]) -> None:
@@ -1333,7 +1334,7 @@ def head_config(family: Family, cfg: Any) -> dict[str, Any]:
         return {"architectures": [family.architecture]}
     if not family.reward_architecture:
         why, instead = reward_refusal(family)
-        raise UserError(f"export: a {family.architecture} reward model (stage rm) cannot be written: {why}; train"
+        raise UserError(f"export: {article(family.architecture)} {family.architecture} reward model (stage rm) cannot be written: {why}; train"
                         f" stage rm on {instead}")
     return {"architectures": [family.reward_architecture], "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, article
 from pipeline.model.config import ModelConfig
 
 DYNAMIC_NOTICE = ("; dynamic NTK rescales only sequences longer than that context (transformers' rule, as "
@@ -39,7 +39,7 @@ def recipe_rope(cfg: ModelConfig, kind: str | None, cutoff_len: int) -> RopePlan
     if kind is None:
         return RopePlan(cfg, window, False)
     if cfg.positions != "rope":
-        raise UserError(f"rope_scaling: given {kind!r}, but a {cfg.family} model has learned positions (no rotary "
+        raise UserError(f"rope_scaling: given {kind!r}, but {article(cfg.family)} {cfg.family} model has learned positions (no rotary "
                         "embedding to scale); remove the key")
     allowed = cfg.hf.rope_types
     if allowed and kind not in allowed:  # Phi3Config.validate_rope raises on any other type (and reads yarn as longrope)

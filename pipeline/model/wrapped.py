@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, article
 from pipeline.io import write_json
 from pipeline.model.families import WRAPPERS, Family, Wrapper, wrapper_of
 from pipeline.model.safetensors_header import shard_files
@@ -74,7 +74,7 @@ def source_of(wrapper: Wrapper, source: str | Path | None) -> Source:
         return Source(carried, inner, [carried / TOWERS], tuple((new, old) for new, old in pairs))
     ours = " (a folder of our own format written without the rest of its source: its text decoder alone)" \
         if raw.get("format") == FORMAT else ""
-    raise UserError(f"export: a {wrapper.architecture} is written around its source checkpoint (its vision tower"
+    raise UserError(f"export: {article(wrapper.architecture)} {wrapper.architecture} is written around its source checkpoint (its vision tower"
                     f" and config come from there), and {folder or 'none'} is no {wrapper.architecture}"
                     f" checkpoint{ours}; set model_name_or_path to the checkpoint the run started from")
 

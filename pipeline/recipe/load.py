@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from pipeline.errors import UserError, did_you_mean
+from pipeline.errors import UserError, article, did_you_mean
 
 _Y = "tag:yaml.org,2002:"
 STR, INT, FLOAT, BOOL, NULL, SEQ, MAP = (_Y + t for t in ("str", "int", "float", "bool", "null", "seq", "map"))
@@ -246,7 +246,7 @@ def _decode(data: bytes, file: str) -> str:
     for bom, name in ((b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe\x00\x00", "UTF-32"),
                       (b"\xfe\xff", "UTF-16"), (b"\xff\xfe", "UTF-16")):
         if data.startswith(bom):
-            raise UserError(f"{file}:1:1: the file is {name} encoded (it starts with a {name} byte order mark); "
+            raise UserError(f"{file}:1:1: the file is {name} encoded (it starts with {article(name)} {name} byte order mark); "
                             "save it as UTF-8")
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark (Windows editors) is harmless: drop it
         data = data[3:]

@@ -342,8 +342,10 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
 
 # The commands whose output the learning-rate schedule shapes: train runs it, plan shows it. The warmup notice is said
 # there only: `make all` said it at build, validate, train, merge and eval, four times too many (merge's refusal of
-# the untrained adapter it leaves names the warmup itself: merge.untrained_cause).
-SCHEDULE_COMMANDS = ("train", "plan")
+# the untrained adapter it leaves names the warmup itself: merge.untrained_cause). plan's is said here, of the steps
+# it shows; train says its own, of the steps it runs (pipeline.train.run, once the length policy dropped the long
+# rows: said here from the built rows, it told of "5 steps" of a dpo run that then trained 2).
+SCHEDULE_COMMANDS = ("plan",)
 # The commands that say the recipe's other notices: those that check it (validate, which reads the checkpoint's
 # config.json and tokenizer first in make's chain), show it (plan, inspect) or run it alone (train, and those make
 # runs without validate: export, generate / chat). Not merge and eval, which follow train (a benchmark recipe's eval,

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.errors import article
+
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PUBLISHED = ("measured on such a CPU: one LoRA step of a 4-layer gpt2-small-wide model took 49 s in bf16 "
              "against 0.9 s in fp32")
@@ -146,5 +148,5 @@ def measured_slowdown(size: int = 256, repeats: int = 3) -> str:
         return min(times[1:])
 
     fp32, bf16 = best(torch.float32), best(torch.bfloat16)
-    return (f"measured here just now: a {size}x{size} matmul takes {bf16 * 1e3:.2f} ms in bf16 against "
+    return (f"measured here just now: {article(str(size))} {size}x{size} matmul takes {bf16 * 1e3:.2f} ms in bf16 against "
             f"{fp32 * 1e3:.2f} ms in fp32, {bf16 / max(fp32, 1e-9):.1f}x")

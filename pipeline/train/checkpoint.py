@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, article
 from pipeline.io import replace_dir, sha256_file, write_json
 from pipeline.recipe.args import TrainArgs, key_at, preference_args
 from pipeline.runtime import deepspeed_compat
@@ -170,7 +170,7 @@ def problems_with(path: str | Path) -> list[str]:
     except (OSError, ValueError) as err:
         return [f"{path / MANIFEST} is unreadable ({err})"]
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return [f"{path / MANIFEST} is not a {FORMAT} manifest"]
+        return [f"{path / MANIFEST} is not {article(FORMAT)} {FORMAT} manifest"]
     if manifest.get("version") != VERSION:
         return [f"{path / MANIFEST} has version {manifest.get('version')!r}; this trainer reads version {VERSION}"]
     problems = []

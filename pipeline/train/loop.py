@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.data.packing import EXAMPLE_KEY, model_inputs
 from pipeline.recipe.args import TrainArgs
+from pipeline.recipe.evaluation import eval_due, periodic_due
 from pipeline.errors import UserError
 from pipeline.runtime import deepspeed_compat
 from pipeline.runtime import dist
@@ -472,39 +473,6 @@ class Trainer:
         if state.skipped_batches:
             record["skipped_batches"] = state.skipped_batches
         return record
-
-
-def periodic_due(strategy: str, every: int, step: int, steps_per_epoch: int | None) -> bool:
-    """transformers' IntervalStrategy for logging_strategy and save_strategy after optimizer step `step`: steps
-    (every `every`), epoch (each epoch's last step), no (never; the caller adds the end of training)."""
-    if strategy == "epoch":
-        return bool(steps_per_epoch) and step % steps_per_epoch == 0
-    if strategy == "no":
-        return False
-    return step % every == 0
-
-
-def eval_due(train: TrainArgs, step: int, last: bool) -> bool:
-    """Whether to evaluate after optimizer step `step`: eval_strategy (LLaMA-Factory's), then do_eval at the end.
-
-    eval_strategy null: every eval_steps when set; no: never during training; steps: every eval_steps (else
-    every logging_steps, as transformers does); epoch: at each epoch end. The last step evaluates unless
-    do_eval is false.
-    """
-    strategy, every = train.eval_strategy, train.eval_steps
-    if strategy in ("steps", "epoch", "no"):
-        due = periodic_due(strategy, every or train.logging_steps, step, train.steps_per_epoch)
-    else:
-        due = bool(every) and step % every == 0
-    return due or (last and train.do_eval is not False)
-
-
-def evaluates(train: TrainArgs) -> bool:
-    """Whether eval_due holds at some step of the run: the last one, or the first of a period (train asks for the
-    val split only then)."""
-    total = train.total_steps
-    periods = (train.eval_steps, train.logging_steps, train.steps_per_epoch)
-    return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
 
 
 AUX_LOSS = "aux_loss"  # the router's load-balancing loss of a micro-batch (metrics key; logged as the mean)

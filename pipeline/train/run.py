@@ -27,7 +27,7 @@ from pipeline.recipe import batches_per_step
 from pipeline.recipe.args import data_args, no_step_fits
 from pipeline.recipe.typed import run_this_for, typed_overrides
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
-from pipeline.recipe.notices import after_validate
+from pipeline.recipe.notices import after_validate, warmup_notice
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.errors import UserError
 from pipeline.names import PREFERENCE_STAGES, dpo_terms, token_loss, token_loss_history, token_loss_label, \
@@ -76,13 +76,14 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     dist.init(r.get("ddp_timeout"))
     import deepspeed
 
-    from pipeline.data.loaders import count_examples, holds_out, make_loader
+    from pipeline.data.loaders import make_loader
     from pipeline.model import lora
     from pipeline.model.build import base_as_built, base_subset, build_model, build_skeleton
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, evaluates, loss_keywords
+    from pipeline.recipe.evaluation import evaluates, val_split_used
+    from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, loss_keywords
     from pipeline.train import step_profile
     from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
     from pipeline.train.badam import every_block_trainable
@@ -106,13 +107,15 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     rank, world = dist.rank(), dist.world_size()
     loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
     r = exact_steps(r, loader, data_args(r))
+    if dist.is_main() and (warmup := warmup_notice(r)):  # of the steps this run makes (recipe.notices)
+        print(warmup, file=sys.stderr, flush=True)
     if resume is not None:
         checkpoint.check_schedule(r, resume)  # before output_dir is touched
     if one_step is not None:
         one_step.recipe = r  # the dry-run report extrapolates from the exact step count
-    has_val = count_examples(data_args(r))["val"] > 0 or (evaluates(train_args(r)) and holds_out(data_args(r)))
-    # held-out rows that give no example: make_loader stops with the split's message (why none is left)
-    val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) if has_val else None
+    # held-out rows that give no example to an evaluation the run makes: refused there, at the key (validate too)
+    val_loader = make_loader(data_args(r), "val", rank=rank, world_size=world, shuffle=False) \
+        if val_split_used(r) else None
     # read straight into the dtype DeepSpeed trains in; a resumed PiSSA run takes its starting pairs (the residual
     # base) from the checkpoint's converted adapter, not from the SVD again
     pissa_start = RunLayout(resume).adapter if resume is not None and r["pissa_init"] else None

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import article
 from pipeline.runtime import deepspeed_compat
 
 STRUCTURE_KEY = "pipeline.structure"
@@ -94,7 +95,7 @@ class _Encoder:
         name = _qualname(type(value))
         if name in ALLOWED_OBJECTS:
             return {"$t": "obj", "cls": name, "v": self(dict(vars(value)))}
-        raise TypeError(f"cannot store a {name} in a checkpoint without pickle; add it to "
+        raise TypeError(f"cannot store {article(name)} {name} in a checkpoint without pickle; add it to "
                         "pipeline.train.safestate.ALLOWED_OBJECTS if it is plain data")
 
 

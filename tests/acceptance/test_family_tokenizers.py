@@ -72,6 +72,12 @@ def test_a_preset_without_a_vocabulary_says_what_to_add(work):
                       stage="pt", dataset="docs", template=None, output_dir="saves/preset_pt")
     refused = pipeline("build", pt, cwd=work, expect=2)  # pt counts tokens while building
     assert "set tokenizer_name_or_path" in refused.stderr and "Qwen/Qwen3-0.6B" in refused.stderr
+    # in validate's words, at the key's file:line (failed before: build named the bare key, 'error: model_name_or_path:')
+    said = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    validated = pipeline("validate", pt, cwd=work, expect=2, as_typed=False).stderr
+    assert said == [line for line in validated.splitlines() if line.startswith("error:")] and len(said) == 1, said
+    line = next(i for i, text in enumerate(pt.read_text("utf-8").splitlines(), 1) if text.startswith("model_name_or_path"))
+    assert said[0].startswith(f"error: {pt}:{line}:21: model_name_or_path: preset 'qwen3-0.6b' has no tokenizer"), said
     assert not (work / "data" / "build" / "docs").exists()
     assert not (work / "saves").exists()
 

@@ -20,10 +20,11 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
-from tests.acceptance.harness import cli_env, pipeline, refused, write_recipe
+from tests.acceptance.harness import WORDS, cli_env, pipeline, refused, write_recipe
 
 
 def files(workdir: Path) -> list[Path]:
@@ -44,8 +45,12 @@ def test_an_epoch_recipe_trained_before_its_data_is_built_says_what_builds_it(wo
 def test_a_dry_run_names_an_output_dir_the_real_run_cannot_write_and_goes_on(workdir, hf_checkpoint):
     """As root, who may write anywhere, /proc stands in for a folder this user may not create in (as
     tests/recipe/test_careless_user.py does for the real run); as another user, a folder without write permission."""
+    # by epochs, with rows over cutoff_len: the warmup notice counts the steps the run makes (below)
+    with open(workdir / "data" / "raw" / "sft.jsonl", "a", encoding="utf-8") as rows:
+        rows.writelines(json.dumps({"instruction": f"Long {i}: " + " ".join(WORDS), "input": "", "output": "x"}) + "\n"
+                        for i in range(6))
     write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
-                 output_dir="saves/r", max_steps=3)
+                 output_dir="saves/r", max_steps=None, num_train_epochs=1, warmup_ratio=0.05)
     pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
     if os.geteuid() == 0:
         value, why = "/proc/no-such-run", "No such file or directory (/proc)"
@@ -62,6 +67,18 @@ def test_a_dry_run_names_an_output_dir_the_real_run_cannot_write_and_goes_on(wor
         "directory this user may write, or make that one writable. The real run would stop there; this dry run "
         "writes only to a temporary folder, so it goes on"], done.stderr
     assert files(workdir) == before and not [p for p in tmp.iterdir() if p.name.startswith("pipeline-dry-run")]
+    # the warmup notice of the steps train makes: one epoch of the rows that fit cutoff_len 48, 2 a step (by hand:
+    # the long rows the build split into train.json are left out). Failed before: of the built rows' steps (all of
+    # train.json's), said before the length policy ran
+    built = json.loads((workdir / "data/build/tiny_sft/train.json").read_text(encoding="utf-8"))
+    steps = sum(not row["instruction"].startswith("Long ") for row in built) // 2
+    assert steps < len(built) // 2, len(built)
+    line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
+                if text.startswith("warmup_ratio:"))
+    assert [text for text in done.stderr.splitlines() if text.startswith("notice:") and "warmup" in text] == [
+        f"notice: r.yaml:{line}:15: warmup_ratio 0.05 of {steps} steps = 1 warmup step: step 1 trains at lr 0 and the "
+        "warmup is that one step, which trains nothing (a linear warmup starts at lr 0, as transformers' does); set "
+        "warmup_ratio: 0 or more steps"], done.stderr
 
 
 def test_additional_target_all_is_named_as_llamafactory_reads_it(workdir, hf_checkpoint):

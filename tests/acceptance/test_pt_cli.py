@@ -27,6 +27,18 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     bad = pipeline("train", recipe, cwd=workdir, expect=2)
     assert "the val split has no windows" in bad.stderr and "cutoff_len + 1 = 17" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/pt").exists()
+    # at the key, and validate says it in train's words (failed before: no key, and validate said "data: OK");
+    # eval_steps asks for the evaluation, so the fix is to hold out more (val_size 0 would be refused for it)
+    at = {key: next(i for i, text in enumerate(recipe.read_text("utf-8").splitlines(), 1) if text.startswith(key + ":"))
+          for key in ("cutoff_len", "val_size")}
+    said = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].startswith(f"error: {recipe}:{at['cutoff_len']}: cutoff_len: the val split has "
+                                                 "no windows; it has "), said
+    assert said[0].endswith(f"tokens and one window needs cutoff_len + 1 = 17; lower cutoff_len or add text, or hold "
+                            f"out more rows ({recipe}:{at['val_size']}: val_size is 1)"), said
+    validated = pipeline("validate", recipe, cwd=workdir, expect=2)
+    assert [line for line in validated.stderr.splitlines() if line.startswith("error:")] == said, validated.stderr
+    assert "data: OK" not in validated.stdout
 
     # no evaluation asked for: the held-out text is not needed, the run trains
     pipeline("train", recipe, "eval_steps=", "do_eval=false", cwd=workdir)

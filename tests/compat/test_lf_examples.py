@@ -130,6 +130,24 @@ def test_preprocess_example_builds_the_data_and_says_what_tokenized_path_does_he
     assert not (work / "saves").exists()  # nothing trained, nothing written at tokenized_path
 
 
+def test_pretrain_example_with_too_little_held_out_text_is_refused_by_validate_in_trains_words(tmp_path, models):
+    """LLaMA-Factory's pt example holds nothing out (its val_size default is 0); ours holds out 0.1 of the corpus, and
+    train evaluates it at the end. Too little of it for one window was 'data: OK' from validate, then train stopped
+    without naming a key or val_size (failed before). cutoff_len=40: our demo c4_demo holds out 38 tokens here, the
+    9 other documents fill windows (the example's 2,048 would leave the train split without one)."""
+    work = lf_checkout(tmp_path, str(models["qwen"]))
+    example, used = "examples/train_lora/qwen3_lora_pretrain.yaml", ["max_samples=16", "cutoff_len=40"]
+    pipeline("build", example, *used, cwd=work, as_typed=False)
+    done = pipeline("validate", example, *used, cwd=work, expect=2)
+    again = (f"python -m pipeline build {example} cutoff_len=40 max_samples=16 val_size=0 && python -m pipeline train "
+             f"{example} --retrain-finished cutoff_len=40 max_samples=16 val_size=0")  # the overrides in key order
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: command line override cutoff_len=40: cutoff_len: the val split has no windows; it has 38 tokens and "
+        "one window needs cutoff_len + 1 = 41; lower cutoff_len or add text, or hold out nothing with val_size: 0 "
+        "(LLaMA-Factory's default; val_size 0.1 is the default here), which evaluates nothing: "
+        f"`{again}`"], done.stderr
+
+
 def assert_adapter_loads_in_peft(work: Path, example: str, base: Path, run: Path, overrides: list[str]) -> None:
     """PEFT loads the adapter onto the checkpoint transformers wrote, and gives the logits our loader gives."""
     torch = pytest.importorskip("torch")

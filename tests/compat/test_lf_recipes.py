@@ -448,7 +448,7 @@ def test_report_to_wandb_offline(reported_run):
 
 def test_eval_due():
     from pipeline.recipe.args import train_args
-    from pipeline.train.loop import eval_due, evaluates
+    from pipeline.recipe.evaluation import eval_due, evaluates
 
     base = {"eval_steps": None, "logging_steps": 2, "steps_per_epoch": 3, "do_eval": None, "eval_strategy": None}
     due = lambda **k: [s for s in range(1, 7) if eval_due(train_args({**base, **k}), s, s == 6)]  # noqa: E731
@@ -521,7 +521,7 @@ def test_a_users_lora_recipe_with_trainer_keys_validates_trains_and_loads_in_pef
 def test_save_and_logging_strategies():
     """transformers' save_strategy / logging_strategy (steps, epoch, no) over 6 steps of 3 per epoch; save_steps and
     logging_steps only count under steps, as in transformers."""
-    from pipeline.train.loop import periodic_due
+    from pipeline.recipe.evaluation import periodic_due
 
     def due(strategy: str, every: int) -> list[int]:
         return [s for s in range(1, 7) if periodic_due(strategy, every, s, 3)]

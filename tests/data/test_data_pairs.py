@@ -90,7 +90,7 @@ def test_missing_chosen_and_wrong_message_object_are_named_by_row(make_recipe):
     text = "\n".join(err.value.messages)
     assert "pairs.jsonl:2: missing 'chosen'" in text
     assert "pairs_sg.json:2: 'chosen' is a string; expected a message object" in text
-    assert "pairs_sg.json:3: 'conversations' ends with an 'gpt' turn; for ranking data" in text
+    assert "pairs_sg.json:3: 'conversations' ends with a 'gpt' turn; for ranking data" in text
     assert not built_dir(r["dataset_dir"], "pa").exists()  # nothing half-written
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.data.args import LLAMAFACTORY_DATASET_DIR, ROW_FORMS, data_form
 from pipeline.errors import did_you_mean
 from pipeline.names import trains_adapter
 from pipeline.recipe.check import show
+from pipeline.recipe.load import Origin
 from pipeline.recipe.rules.core import READS_BUILT_DATA, Context, rebuilt_first, rule
 
 
@@ -138,6 +139,20 @@ def _ppo_policy(ctx: Context) -> str:
 VAL_SIZE = "0.1"  # the val_size a message suggests where 0 leaves nothing to evaluate
 
 
+def evaluates_other_datasets(values: Mapping[str, Any]) -> bool:
+    """Whether eval_dataset names a dataset `dataset` does not train on: the val split is then not only what val_size
+    holds out (pipeline.data.load.split_parts evaluates such a dataset whole)."""
+    trained = set(values["dataset"] or [])
+    return any(name not in trained for name in values["eval_dataset"] or [])
+
+
+def asked_evaluation(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> list[str]:
+    """The keys the recipe or the command line sets that ask for an evaluation (during training, at its end, or after
+    it): with none, a run evaluates only at its end, and only where it holds rows out."""
+    return [key for key in ("eval_strategy", "eval_steps", "do_eval", "do_predict")
+            if origins[key].kind in ("file", "cli") and values[key] not in (None, False, "no")]
+
+
 @rule("val_size", "dataset", "eval_dataset", "do_eval", "do_predict", "eval_strategy", "eval_steps", "stage",
       "finetuning_type", commands=("train", "eval", "plan", "validate", None))
 def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
@@ -151,11 +166,9 @@ def val_size_zero_evaluates_nothing(ctx: Context) -> list[tuple[str, str]]:
         return [("stage", f"ppo evaluates nothing (as in LLaMA-Factory): evaluate the tuned {_ppo_policy(ctx)} and "
                           "whose dataset holds out rows (val_size), e.g. `python -m pipeline eval sft.yaml` "
                           "(docs/ppo.md)")]
-    trained = set(ctx.values["dataset"] or [])
-    if any(name not in trained for name in ctx.values["eval_dataset"] or []):
+    if evaluates_other_datasets(ctx.values):
         return []
-    asked = [key for key in ("eval_strategy", "eval_steps", "do_eval", "do_predict")
-             if ctx.origins[key].kind in ("file", "cli") and ctx.values[key] not in (None, False, "no")]
+    asked = asked_evaluation(ctx.values, ctx.origins)
     if ctx.command == "eval":
         asked = ["the eval command"]
     if not asked:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import article
 from pipeline.recipe.rules.core import Context, rule
 
 # The commands that load model_name_or_path and adapter_name_or_path now: each must exist (or be fetched) before
@@ -257,7 +258,7 @@ def _longer_rows_fix(ctx: Context, info: Any) -> str:
         return "lower cutoff_len or raise context_length"
     cfg = info.config
     if cfg.positions != "rope":
-        return (f"lower cutoff_len: the checkpoint's learned positions end at {info.context_length} (a {cfg.family} "
+        return (f"lower cutoff_len: the checkpoint's learned positions end at {info.context_length} ({article(cfg.family)} {cfg.family} "
                 "model cannot be stretched: rope_scaling needs rotary positions)")
     if cfg.hf.rope_types and "linear" not in cfg.hf.rope_types:
         return "lower cutoff_len"

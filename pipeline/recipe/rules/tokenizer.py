@@ -81,16 +81,23 @@ def token_config_readable(ctx: Context) -> list[tuple[str, str]]:
 TOKENIZING = ("train", "eval", "generate", "inspect", "validate", "merge")  # the commands that need token ids
 
 
-@rule("tokenizer_name_or_path", "model_name_or_path", commands=TOKENIZING)
+@rule("tokenizer_name_or_path", "model_name_or_path", "stage", commands=(*TOKENIZING, "build"))
 def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
     """A Llama / Qwen preset (shapes, no vocabulary) names its tokenizer: refused up front, before any data or
-    model is loaded, with the key to add. A tokenizer taken from elsewhere (tokenizer_name_or_path) exists and
+    model is loaded, with the key to add; by `build` too where it counts tokens (a pt corpus:
+    data.build.counts_tokens), in the words and at the file:line validate and train give (the data layer, where the
+    build met it, named the bare key). A tokenizer taken from elsewhere (tokenizer_name_or_path) exists and
     its ids fit the model's embedding table; otherwise training would index past it. So do the tokenizer files
     of a model folder itself: copied from another download, they give the same IndexError mid-training."""
+    from pipeline.data.args import data_form
+    from pipeline.data.build import counts_tokens
     from pipeline.data.model_tokenizer import is_gpt2_preset, load_tokenizer
     from pipeline.errors import UserError
     from pipeline.model.config import PRESETS
 
+    building = ctx.command == "build"
+    if building and not counts_tokens(data_form(ctx.values["stage"])):
+        return []
     name, key = ctx.values.get("tokenizer_name_or_path"), "tokenizer_name_or_path"
     if not name:
         model = str(ctx.values["model_name_or_path"])
@@ -102,6 +109,8 @@ def tokenizer_fits_model(ctx: Context) -> list[tuple[str, str]]:
         if model in PRESETS or not os.path.isdir(model):
             return []
         name, key = model, "model_name_or_path"
+    if building:  # the counts need a tokenizer only; whether it fits the model is the commands' that load both
+        return []
     from pipeline.model.hub import is_hub_id
     from pipeline.recipe.modelinfo import model_info
 
