@@ -46,6 +46,12 @@ def load() -> dict[str, dict[str, list[float]]]:
     return data if isinstance(data, dict) else {}
 
 
+def dump(times: dict[str, dict[str, list[float]]]) -> None:
+    """One file a line, sorted: a re-recording shows in a diff as the lines of the files whose times moved."""
+    lines = [f"{json.dumps(path)}: {json.dumps(per_tier, sort_keys=True)}" for path, per_tier in sorted(times.items())]
+    TIMES.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 def expected_seconds(items: list[pytest.Item], times: dict[str, dict[str, list[float]]]) -> dict[str, float]:
     """Each file's expected time in this run: its selected tests, each at its file's recorded average for its tier
     (a file or tier with no record: the average test of that tier over every recorded file)."""
@@ -96,7 +102,7 @@ class Recorder:
             for t, (seconds, count) in per_tier.items():
                 if count:
                     recorded[t] = [round(seconds, 1), count]
-        TIMES.write_text(json.dumps(dict(sorted(times.items())), indent=0) + "\n")
+        dump(times)
 
 
 def pytest_configure(config: pytest.Config) -> None:
