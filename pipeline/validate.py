@@ -10,7 +10,7 @@ from pipeline.data.args import DataArgs
 from pipeline.data.check import check_built, format_summary
 from pipeline.errors import did_you_mean
 from pipeline.recipe import Resolved
-from pipeline.recipe.args import data_args, no_step_fits
+from pipeline.recipe.args import data_args
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
@@ -71,21 +71,15 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
     give the run's evaluation nothing (LLaMA-Factory's pt example at max_samples 16: too little text for a window).
     check_built only samples token lengths. Skipped when the tokenizer is not on this machine yet (train reports it
     then): False."""
-    from pipeline.data.loaders import count_examples, dropped_note, make_loader
-    from pipeline.data.model_tokenizer import available_tokenizer
-    from pipeline.recipe import derive_steps
+    from pipeline.data.loaders import count_examples
     from pipeline.recipe.evaluation import val_split_used
+    from pipeline.recipe.exact import counted_steps
 
-    if available_tokenizer(data) is None:
+    counted = counted_steps(r, data)  # the micro-batches per rank train counts, which its refusal names
+    if counted is None:
         return False
-    # one rank's loader on the recipe's world size (WORLD_SIZE, 1 unless launched): the micro-batches per rank train
-    # counts, which the refusal below names
-    loader = make_loader(data, "train", world_size=r["world_size"], say_workers=False)
     if r["do_train"]:
-        exact = derive_steps(r, loader.num_examples)
-        if not exact["total_steps"]:
-            raise no_step_fits(r, len(loader), dropped_note(data))
-        val_split_used(exact)  # held-out rows that give the run's evaluation nothing: train's refusal
+        val_split_used(counted[0])  # held-out rows that give the run's evaluation nothing: train's refusal
     count_examples(data)  # the val split too: train counts it before it builds its loader
     return True
 

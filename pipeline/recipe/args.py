@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
-from pipeline.errors import UserError
 from pipeline.names import DPO_LOSS_KEYS
 from pipeline.recipe import spec
 from pipeline.recipe.check import DERIVED_KEYS
@@ -310,26 +309,6 @@ def key_at(r: Mapping[str, Any], key: str) -> str:
         return r.origin(key).names(key)  # type: ignore[attr-defined]
     except (AttributeError, KeyError):  # a plain dict in tests, a key without provenance
         return key
-
-
-def no_step_fits(r: Mapping[str, Any], micro_batches: int, dropped: str = "") -> UserError:
-    """The message for a train split whose `micro_batches` per rank (the loader's, after the length policy) fill no
-    optimizer step: train's last check (pipeline.train.run.exact_steps) and validate's length pass say it alike, at
-    the key that does not fit, as rules.training.enough_batches (which catches it first on the built rows).
-    `dropped`: pipeline.data.loaders.dropped_note, the rows the length policy left out and how to keep them: where
-    the built rows filled a step, that drop is the cause (LLaMA-Factory's dpo example at max_samples 16 loses 7 of
-    14 pairs at cutoff_len 2048), and "add data" alone hid it."""
-    per_step, accumulation = batches_per_step(r), r["gradient_accumulation_steps"]
-    what, keys = (f"gradient_accumulation_steps is {accumulation}", "gradient_accumulation_steps")
-    if per_step != accumulation:
-        what = f"{what} and ppo_buffer_size {r['ppo_buffer_size']} ({per_step} micro-batches a PPO step)"
-        keys = "gradient_accumulation_steps, ppo_buffer_size"
-    key = "ppo_buffer_size" if per_step != accumulation and micro_batches >= accumulation else \
-        "gradient_accumulation_steps"
-    left_out = "".join(f"; {line.removeprefix('note: ')}" for line in dropped.splitlines())
-    return UserError(f"{key_at(r, key)}: no optimizer step fits: the train split gives {micro_batches} micro-batches "
-                     f"per rank per epoch and {what}; lower {keys} or per_device_train_batch_size, or add data"
-                     f"{left_out}")
 
 
 def data_args(r: Mapping[str, Any]) -> DataArgs:

@@ -340,12 +340,12 @@ def _token_source_notices(r: Any, described: tuple[str, ...], special_keys: tupl
     return out
 
 
-# The commands whose output the learning-rate schedule shapes: train runs it, plan shows it. The warmup notice is said
-# there only: `make all` said it at build, validate, train, merge and eval, four times too many (merge's refusal of
-# the untrained adapter it leaves names the warmup itself: merge.untrained_cause). plan's is said here, of the steps
-# it shows; train says its own, of the steps it runs (pipeline.train.run, once the length policy dropped the long
-# rows: said here from the built rows, it told of "5 steps" of a dpo run that then trained 2).
-SCHEDULE_COMMANDS = ("plan",)
+# The warmup notice is said by the commands whose output the learning-rate schedule shapes, each of the steps it
+# counts once the length policy dropped the rows over cutoff_len: train of the steps it runs (pipeline.train.run),
+# plan of the steps it shows (pipeline.recipe.plan.run), both from pipeline.recipe.exact. Said here, from the built
+# rows, it told of "5 steps" of a dpo run that then trained 2; said by every command, `make all` said it at build,
+# validate, train, merge and eval, four times too many (merge's refusal of the untrained adapter it leaves names the
+# warmup itself: merge.untrained_cause).
 # The commands that say the recipe's other notices: those that check it (validate, which reads the checkpoint's
 # config.json and tokenizer first in make's chain), show it (plan, inspect) or run it alone (train, and those make
 # runs without validate: export, generate / chat). Not merge and eval, which follow train (a benchmark recipe's eval,
@@ -405,14 +405,13 @@ def says_recipe_notices(r: Any, command: str | None) -> bool:
 
 def notices(r: Any, command: str | None = None) -> list[str]:
     """`where: key: accepted without effect: why` for every no-effect key the user set; the template notice; the
-    epochs that max_steps overrides; a warmup that wastes the run's steps at lr 0 (for `command` in SCHEDULE_COMMANDS,
-    or None: every notice); dropout under stage dpo; run_name without wandb; what rope_scaling set;
-    pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
+    epochs that max_steps overrides; a warmup that wastes the run's steps at lr 0 (only for `command` None: every
+    notice; plan and train say it of their exact counts); dropout under stage dpo; run_name without wandb; what
+    rope_scaling set; pissa_iter without pissa_init; what the keys that add tokens did; split_special_tokens: false written; the
     galore_* / apollo_* / badam_* keys without use_galore / use_apollo / use_badam, and *_layerwise with it;
     moe_aux_loss_coef on a dense model; the quantization keys without quantization_bit. All but the warmup's only
     where says_recipe_notices."""
-    schedule = command is None or command in SCHEDULE_COMMANDS
-    warmup = warmup_notice(r) if schedule else None
+    warmup = warmup_notice(r) if command is None else None
     if not says_recipe_notices(r, command):
         return [warmup] if warmup else []
     lines = (template_notice(r), epochs_notice(r), warmup, run_name_notice(r),

@@ -376,14 +376,15 @@ def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def render(r: Resolved) -> str:
+def render(r: Resolved, exact: bool = False) -> str:
+    """The plan's text; `exact`: the step counts are counted (after the length policy), not the built rows'."""
     out = [f"recipe: {r.recipe_path}" + (f" (extends {', '.join(r.files[1:])})" if len(r.files) > 1 else "")]
     out.extend(_made_first(r))
     for group, keys in spec.groups().items():
         out.append(f"\n[{group}]")
         out.append(format_table([(k, _show(r[k]), r.source(k)) for k in keys], header=("key", "value", "source")))
     out.append("\n[derived]")
-    out.append(format_table([(k, _show(r[k]), _explain(r, k)) for k in DERIVED_KEYS],
+    out.append(format_table([(k, _show(r[k]), _explain(r, k, exact)) for k in DERIVED_KEYS],
                             header=("key", "value", "how")))
     out.append("\n[deepspeed]" + (f" from {r['deepspeed']} (\"auto\" filled from the recipe)" if r["deepspeed"]
                                   else " generated from the recipe"))
@@ -461,7 +462,7 @@ def trainable_blocks(r: Resolved) -> str:
             f" the {n} blocks `python -m pipeline expand` inserted; {what})")
 
 
-def _explain(r: Resolved, key: str) -> str:
+def _explain(r: Resolved, key: str, exact: bool = False) -> str:
     micro, accum, world = r["per_device_train_batch_size"], r["gradient_accumulation_steps"], r["world_size"]
     n = r["num_train_examples"]
     if key in ("world_size", "rank", "local_rank"):
@@ -471,10 +472,12 @@ def _explain(r: Resolved, key: str) -> str:
     if key == "num_train_examples":
         if r["stage"] == "pt":
             return "pt: the trainer counts windows after tokenizing"
-        if n is not None and (r["packing"] or r["neat_packing"]):
+        if n is not None and exact and (r["packing"] or r["neat_packing"]):
             return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
         if n is None:
             return f"unknown until {run_this_for('data', r)}"
+        if exact:
+            return f"the built train split's rows that fit cutoff_len {r['cutoff_len']} (tokenized as train does)"
         trained = "splits.train in the built manifests" + (
             " (and splits.val of the datasets eval_dataset does not name: nothing else reads them)"
             if r["eval_dataset"] and set(r["dataset"]) - set(r["eval_dataset"]) else "")
@@ -500,15 +503,16 @@ def _explain(r: Resolved, key: str) -> str:
     return ""
 
 
-def packed_counts(r: Resolved) -> Resolved:
-    """With packing the steps count packed rows: pack the built train split now (tokenizes it, no torch)."""
-    from pipeline.data.loaders import count_examples, packing_enabled
+def counted(r: Resolved) -> tuple[Resolved, bool]:
+    """(`r` with the step counts train runs, True) once the built train split is tokenized as train does (the length
+    policy's drops, sft's packs: pipeline.recipe.exact, validate's count too); (`r`, False) with the built rows'
+    counts when nothing trains, the data is not built, or the tokenizer is not on this machine yet."""
+    from pipeline.recipe.exact import counted_steps
 
-    if not packing_enabled(data_args(r)) or r["num_train_examples"] is None:
-        return r
-    from pipeline.recipe import derive_steps
-
-    return derive_steps(r, count_examples(data_args(r))["train"])
+    if r["num_train_examples"] is None or not r["do_train"]:
+        return r, False
+    found = counted_steps(r, data_args(r))
+    return (r, False) if found is None else (found[0], True)
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
@@ -517,12 +521,13 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
 
         print(render_benchmark(r))
         return 0
-    r = packed_counts(r)
-    print(render(r))
+    r, exact = counted(r)
+    print(render(r, exact))
+    from pipeline.recipe.notices import warmup_notice
     from pipeline.recipe.precision import bf16_notice
     from pipeline.recipe.rules import core
 
-    notice = bf16_notice(r, cuda=core.cuda_available())
-    if notice:
-        print(notice, file=sys.stderr)
+    for notice in (warmup_notice(r), bf16_notice(r, cuda=core.cuda_available())):  # the warmup: of the steps shown
+        if notice:
+            print(notice, file=sys.stderr)
     return 0

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.recipe import batches_per_step
-from pipeline.recipe.args import data_args, no_step_fits
+from pipeline.recipe.args import data_args
+from pipeline.recipe.exact import exact_steps
 from pipeline.recipe.typed import run_this_for, typed_overrides
 from pipeline.recipe.dsconfig import one_rank_zero3_notice
 from pipeline.recipe.notices import after_validate, warmup_notice
@@ -548,25 +549,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # every device's generator too
-
-
-def exact_steps(r: Any, loader: Any, data: Any = None) -> Any:
-    """Step counts from the real loader's example count (after the length policy; pt: windows). `data`: the
-    loader's DataArgs, whose rows the length policy left out the refusal names (None: not said).
-
-    derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // batches_per_step
-    (gradient_accumulation_steps; x ppo_buffer_size under stage ppo).
-    """
-    from pipeline.recipe import derive_steps
-
-    r = derive_steps(r, loader.num_examples)
-    per_step = batches_per_step(r)
-    assert r["steps_per_epoch"] == len(loader) // per_step, "derive_steps disagrees with the loader"
-    if not r["total_steps"]:
-        from pipeline.data.loaders import dropped_note
-
-        raise no_step_fits(r, len(loader), dropped_note(data) if data is not None else "")
-    return r
 
 
 def quietly(func: Any, *args: Any) -> Any:

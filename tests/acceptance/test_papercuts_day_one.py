@@ -71,14 +71,27 @@ def test_a_dry_run_names_an_output_dir_the_real_run_cannot_write_and_goes_on(wor
     # the long rows the build split into train.json are left out). Failed before: of the built rows' steps (all of
     # train.json's), said before the length policy ran
     built = json.loads((workdir / "data/build/tiny_sft/train.json").read_text(encoding="utf-8"))
-    steps = sum(not row["instruction"].startswith("Long ") for row in built) // 2
+    kept = sum(not row["instruction"].startswith("Long ") for row in built)
+    steps = kept // 2
     assert steps < len(built) // 2, len(built)
     line = next(i for i, text in enumerate((workdir / "r.yaml").read_text().splitlines(), 1)
                 if text.startswith("warmup_ratio:"))
     assert [text for text in done.stderr.splitlines() if text.startswith("notice:") and "warmup" in text] == [
-        f"notice: r.yaml:{line}:15: warmup_ratio 0.05 of {steps} steps = 1 warmup step: step 1 trains at lr 0 and the "
-        "warmup is that one step, which trains nothing (a linear warmup starts at lr 0, as transformers' does); set "
-        "warmup_ratio: 0 or more steps"], done.stderr
+        notice(line, steps)], done.stderr
+    # plan shows the steps train runs, and says the warmup notice of them. Failed before: total_steps and the notice
+    # of all of train.json's rows ('of 13 steps'), counted before the length policy
+    shown = pipeline("plan", "r.yaml", cwd=workdir)
+    derived = dict(row.split()[:2] for row in shown.stdout.split("[derived]")[1].split("[deepspeed]")[0].splitlines()
+                   if row.startswith(("num_train_examples ", "steps_per_epoch ", "total_steps ")))
+    assert derived == {"num_train_examples": str(kept), "steps_per_epoch": str(steps), "total_steps": str(steps)}
+    assert [text for text in shown.stderr.splitlines() if "warmup" in text] == [notice(line, steps)], shown.stderr
+
+
+def notice(line: int, steps: int) -> str:
+    """The warmup notice of r.yaml's warmup_ratio 0.05 (at `line`) for a run of `steps` steps (one warmup step)."""
+    return (f"notice: r.yaml:{line}:15: warmup_ratio 0.05 of {steps} steps = 1 warmup step: step 1 trains at lr 0 and "
+            "the warmup is that one step, which trains nothing (a linear warmup starts at lr 0, as transformers' "
+            "does); set warmup_ratio: 0 or more steps")
 
 
 def test_additional_target_all_is_named_as_llamafactory_reads_it(workdir, hf_checkpoint):

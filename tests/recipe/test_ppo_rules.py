@@ -94,9 +94,9 @@ def test_a_buffer_the_data_cannot_fill_is_said_at_ppo_buffer_size(recipe, manife
      "per epoch and gradient_accumulation_steps is 9"),
 ], ids=["buffer", "accumulation"])
 def test_a_step_the_loader_cannot_fill_is_said_at_its_key(recipe, lines, said):
-    """train's last check (pipeline.train.run.exact_steps, on the loader's real count after the length policy) names
+    """train's last check (pipeline.recipe.exact.exact_steps, on the loader's real count after the length policy) names
     the key that does not fit at its recipe line, as enough_batches does when the built split's count is known."""
-    from pipeline.train.run import exact_steps
+    from pipeline.recipe.exact import exact_steps
 
     r = resolve(recipe(PPO + "per_device_train_batch_size: 1\n" + lines))
     loader = type("Loader", (), {"num_examples": 8, "__len__": lambda self: 8})()

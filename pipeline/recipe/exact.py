@@ -1,0 +1,62 @@
+"""The step counts a run makes, from the train loader's real example count (after the length policy; sft with
+packing: packs; pt: windows), and the refusal when no optimizer step fits. One source for train (on its own rank's
+loader), validate's length pass and plan (pipeline.recipe.plan), so that all three say the steps train runs: plan
+counted the built rows, before the length policy dropped those over cutoff_len (LLaMA-Factory's dpo example at
+max_samples 48 on a tiny Qwen3: plan said 5 steps, train ran 2)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.data.args import DataArgs
+from pipeline.errors import UserError
+from pipeline.recipe.args import key_at
+from pipeline.recipe.steps import batches_per_step
+
+
+def exact_steps(r: Any, loader: Any, data: DataArgs | None = None) -> Any:
+    """`r` with its step counts from `loader`'s example count; `data`: the loader's DataArgs, whose rows the length
+    policy left out the refusal names (None: not said).
+
+    derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // batches_per_step
+    (gradient_accumulation_steps; x ppo_buffer_size under stage ppo)."""
+    from pipeline.recipe import derive_steps
+
+    r = derive_steps(r, loader.num_examples)
+    assert r["steps_per_epoch"] == len(loader) // batches_per_step(r), "derive_steps disagrees with the loader"
+    if r["do_train"] and not r["total_steps"]:
+        raise no_step_fits(r, len(loader), data)
+    return r
+
+
+def counted_steps(r: Any, data: DataArgs) -> tuple[Any, Any] | None:
+    """(`r` with exact_steps' counts, the train loader of one rank on the recipe's world size: WORLD_SIZE, 1 unless
+    launched) as validate and plan count them; None when the tokenizer is not on this machine yet (train reports it
+    then, and the counts stay the built rows')."""
+    from pipeline.data.loaders import make_loader
+    from pipeline.data.model_tokenizer import available_tokenizer
+
+    if available_tokenizer(data) is None:
+        return None
+    loader = make_loader(data, "train", world_size=r["world_size"], say_workers=False)
+    return exact_steps(r, loader, data), loader
+
+
+def no_step_fits(r: Mapping[str, Any], micro_batches: int, data: DataArgs | None = None) -> UserError:
+    """The message for a train split whose `micro_batches` per rank (the loader's, after the length policy) fill no
+    optimizer step, at the key that does not fit, as rules.training.enough_batches (which catches it first on the
+    built rows). With `data`: pipeline.data.loaders.dropped_note, the rows the length policy left out and how to keep
+    them (LLaMA-Factory's dpo example at max_samples 16 loses 7 of 14 pairs at cutoff_len 2048, and "add data" alone
+    hid it)."""
+    from pipeline.data.loaders import dropped_note
+
+    left_out = "".join(f"; {line.removeprefix('note: ')}" for line in (dropped_note(data) if data else "").splitlines())
+    per_step, accumulation = batches_per_step(r), r["gradient_accumulation_steps"]
+    what, keys = (f"gradient_accumulation_steps is {accumulation}", "gradient_accumulation_steps")
+    if per_step != accumulation:
+        what = f"{what} and ppo_buffer_size {r['ppo_buffer_size']} ({per_step} micro-batches a PPO step)"
+        keys = "gradient_accumulation_steps, ppo_buffer_size"
+    key = "ppo_buffer_size" if per_step != accumulation and micro_batches >= accumulation else \
+        "gradient_accumulation_steps"
+    return UserError(f"{key_at(r, key)}: no optimizer step fits: the train split gives {micro_batches} micro-batches "
+                     f"per rank per epoch and {what}; lower {keys} or per_device_train_batch_size, or add data"
+                     f"{left_out}")
