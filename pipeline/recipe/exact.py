@@ -46,10 +46,13 @@ def no_step_fits(r: Mapping[str, Any], micro_batches: int, data: DataArgs | None
     optimizer step, at the key that does not fit, as rules.training.enough_batches (which catches it first on the
     built rows). With `data`: pipeline.data.loaders.dropped_note, the rows the length policy left out and how to keep
     them (LLaMA-Factory's dpo example at max_samples 16 loses 7 of 14 pairs at cutoff_len 2048, and "add data" alone
-    hid it)."""
-    from pipeline.data.loaders import dropped_note
+    hid it); under packing, how many rows went into how many packs, at the packing key: the packs are what is too
+    few (a step that 8 rows fill takes 8 packs), and the fixes are packing's own."""
+    from pipeline.data.loaders import dropped_note, packing_enabled
 
     left_out = "".join(f"; {line.removeprefix('note: ')}" for line in (dropped_note(data) if data else "").splitlines())
+    if data is not None and packing_enabled(data):
+        return packed_no_step_fits(r, micro_batches, data, left_out)
     per_step, accumulation = batches_per_step(r), r["gradient_accumulation_steps"]
     what, keys = (f"gradient_accumulation_steps is {accumulation}", "gradient_accumulation_steps")
     if per_step != accumulation:
@@ -60,3 +63,19 @@ def no_step_fits(r: Mapping[str, Any], micro_batches: int, data: DataArgs | None
     return UserError(f"{key_at(r, key)}: no optimizer step fits: the train split gives {micro_batches} micro-batches "
                      f"per rank per epoch and {what}; lower {keys} or per_device_train_batch_size, or add data"
                      f"{left_out}")
+
+
+def packed_no_step_fits(r: Mapping[str, Any], micro_batches: int, data: DataArgs, left_out: str) -> UserError:
+    """no_step_fits under packing (stage sft): the train split's rows packed into rows of cutoff_len, fewer than the
+    rows; cited at packing (neat_packing where only it is set), and setting off every key that packs."""
+    from pipeline.data.loaders import sft_packs
+
+    packs = sft_packs(data, "train")
+    keys = [key for key in ("packing", "neat_packing") if r[key]]
+    micro, accumulation = r["per_device_train_batch_size"], r["gradient_accumulation_steps"]
+    return UserError(
+        f"{key_at(r, keys[0])}: no optimizer step fits: packing put the train split's {len(packs.members)} rows into "
+        f"{len(packs)} packs of cutoff_len {r['cutoff_len']}, {micro_batches} micro-batches per rank per epoch, and a "
+        f"step takes per_device_train_batch_size {micro} x gradient_accumulation_steps {accumulation} packs per rank; "
+        "lower per_device_train_batch_size x gradient_accumulation_steps, lower cutoff_len (more, smaller packs), "
+        f"add data, or set {' and '.join(keys)}: false{left_out}")

@@ -63,6 +63,28 @@ def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
     assert "over cutoff_len 12" in bad.stderr and "packing never splits an example" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/short").exists()
 
+    # rows that fill a step (batch 2 x accumulation 4 of the built train split's rows) whose packs do not: the
+    # refusal says the packing and its fixes, at its key. Failed before: the pack count as if it were rows, at
+    # gradient_accumulation_steps ('lower gradient_accumulation_steps ... or add data'), packing unnamed
+    few = write_recipe(workdir / "few.yaml", model_name_or_path=str(hf_checkpoint("gpt2", n_positions=160)),
+                       dataset_dir="data", output_dir="saves/few", max_steps=None, num_train_epochs=1,
+                       gradient_accumulation_steps=4, **PACKED)
+    pipeline("build", few, cwd=workdir, as_typed=False)
+    rows = len(json.loads((workdir / "data/build/tiny_sft/train.json").read_text(encoding="utf-8")))
+    assert rows // 2 >= 4  # the built rows fill a step: resolve's enough_batches lets the recipe through
+    packs = int(re.search(r"num_train_examples\s+(\d+)", pipeline("plan", few, "gradient_accumulation_steps=1",
+                                                                   cwd=workdir, as_typed=False).stdout).group(1))
+    line = next(i for i, text in enumerate(few.read_text().splitlines(), 1) if text.startswith("packing:"))
+    said = (f"error: few.yaml:{line}: packing: no optimizer step fits: packing put the train split's {rows} rows into "
+            f"{packs} packs of cutoff_len 160, {packs // 2} micro-batches per rank per epoch, and a step takes "
+            "per_device_train_batch_size 2 x gradient_accumulation_steps 4 packs per rank; lower "
+            "per_device_train_batch_size x gradient_accumulation_steps, lower cutoff_len (more, smaller packs), add "
+            "data, or set packing and neat_packing: false")
+    for command, as_typed in (("validate", True), ("train", False)):
+        bad = pipeline(command, "few.yaml", cwd=workdir, expect=2, as_typed=as_typed)
+        assert [text for text in bad.stderr.splitlines() if text.startswith("error:")] == [said], bad.stderr
+        assert "Traceback" not in bad.stderr and not (workdir / "saves/few").exists()
+
 
 def test_eval_of_a_packed_run_counts_examples_not_packed_rows(workdir, hf_checkpoint):
     """`eval` scores the val split through training's packed loader; metrics.json's loss_examples and report.md's
