@@ -18,12 +18,17 @@ def exact_steps(r: Any, loader: Any, data: DataArgs | None = None) -> Any:
     policy left out the refusal names (None: not said).
 
     derive_steps rounds down like the loader's drop_last, so steps_per_epoch == len(loader) // batches_per_step
-    (gradient_accumulation_steps; x ppo_buffer_size under stage ppo)."""
+    (gradient_accumulation_steps; x ppo_buffer_size under stage ppo). A run that trains needs one step an epoch,
+    max_steps or not (rules.training.enough_batches asks the same of the built rows): with max_steps and no step in
+    an epoch, train ran max_steps steps that each drew their micro-batches from several epochs (3 rows kept, batch 2
+    x accumulation 4: 'epoch 4.00' at step 1, one step's global batch of 8 the same rows again), against the epoch
+    arithmetic the loop keeps (pipeline.train.loop: an epoch is floor(batches / batches_per_step) steps, the
+    micro-batches left over are not used) and what gradient_accumulation_steps says."""
     from pipeline.recipe import derive_steps
 
     r = derive_steps(r, loader.num_examples)
     assert r["steps_per_epoch"] == len(loader) // batches_per_step(r), "derive_steps disagrees with the loader"
-    if r["do_train"] and not r["total_steps"]:
+    if r["do_train"] and not r["steps_per_epoch"]:
         raise no_step_fits(r, len(loader), data)
     return r
 

@@ -85,6 +85,22 @@ def test_a_dry_run_names_an_output_dir_the_real_run_cannot_write_and_goes_on(wor
                    if row.startswith(("num_train_examples ", "steps_per_epoch ", "total_steps ")))
     assert derived == {"num_train_examples": str(kept), "steps_per_epoch": str(steps), "total_steps": str(steps)}
     assert [text for text in shown.stderr.splitlines() if "warmup" in text] == [notice(line, steps)], shown.stderr
+    # max_steps with no optimizer step in an epoch once the long rows are left out (the built rows fill one):
+    # refused as by epochs. Failed before: validate passed, and train ran max_steps steps that each drew their
+    # micro-batches from several epochs ('epoch 4.00' at step 1 of a 1-micro-batch epoch with accumulation 4)
+    accumulation = kept // 2 + 1
+    assert len(built) // 2 >= accumulation  # resolve's enough_batches, on the built rows, lets it through
+    said = (f"error: command line override gradient_accumulation_steps={accumulation}: gradient_accumulation_steps: no "
+            f"optimizer step fits: the train split gives {kept // 2} micro-batches per rank per epoch and "
+            f"gradient_accumulation_steps is {accumulation}; lower gradient_accumulation_steps or "
+            f"per_device_train_batch_size, or add data; {len(built) - kept} of the {len(built)} training rows are "
+            "longer than cutoff_len 48 and are left out (overlength_policy: drop, the default here; LLaMA-Factory cuts "
+            "them instead): set overlength_policy: truncate to keep them with their responses cut, or raise cutoff_len")
+    for command, as_typed in (("validate", True), ("train", False)):  # train: main(argv) here, no interpreter start
+        err = refused(command, "r.yaml", "max_steps=2", f"gradient_accumulation_steps={accumulation}", cwd=workdir,
+                      as_typed=as_typed)
+        assert [text for text in err.splitlines() if text.startswith("error:")] == [said], err
+    assert not (workdir / "saves").exists()
 
 
 def notice(line: int, steps: int) -> str:
