@@ -71,16 +71,16 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
     give the run's evaluation nothing (LLaMA-Factory's pt example at max_samples 16: too little text for a window).
     check_built only samples token lengths. Skipped when the tokenizer is not on this machine yet (train reports it
     then): False."""
-    from pipeline.data.loaders import count_examples, dropped_note, make_loader
+    from pipeline.data.loaders import count_examples, dropped_note
     from pipeline.data.model_tokenizer import available_tokenizer
     from pipeline.recipe import derive_steps
-    from pipeline.recipe.evaluation import val_split_used
+    from pipeline.recipe.evaluation import train_loader, val_split_used
 
     if available_tokenizer(data) is None:
         return False
     # one rank's loader on the recipe's world size (WORLD_SIZE, 1 unless launched): the micro-batches per rank train
     # counts, which the refusal below names
-    loader = make_loader(data, "train", world_size=r["world_size"], say_workers=False)
+    loader = train_loader(r, world_size=r["world_size"], say_workers=False)  # empty: train's refusal, at the key
     if r["do_train"]:
         exact = derive_steps(r, loader.num_examples)
         if not exact["total_steps"]:

@@ -1,6 +1,7 @@
 """When a training run evaluates, and whether it reads its val split: one source for train (its loop evaluates at these
 steps, and it builds the val loader when this says so) and validate (which refuses what train would refuse, in train's
-words). Below the stages, which may not import each other; torch-free."""
+words), and the train loader both build, whose empty split they refuse at the recipe key alike. Below the stages,
+which may not import each other; torch-free."""
 from __future__ import annotations
 
 from typing import Any
@@ -40,6 +41,18 @@ def evaluates(train: TrainArgs) -> bool:
     total = train.total_steps
     periods = (train.eval_steps, train.logging_steps, train.steps_per_epoch)
     return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
+
+
+def train_loader(r: Any, **options: Any) -> Any:
+    """pipeline.data.loaders.make_loader of `r`'s train split (`options`: rank, world_size, ...), its refusal of a
+    split the length policy left empty at cutoff_len's file:line, the key the rows do not fit (as the val split's,
+    held_out_gives_nothing): the loader knows no recipe file, and said the same words without a key."""
+    from pipeline.data.loaders import EmptySplit, make_loader
+
+    try:
+        return make_loader(data_args(r), "train", **options)
+    except EmptySplit as err:
+        raise UserError(f"{key_at(r, 'cutoff_len')}: {err}") from None
 
 
 def val_split_used(r: Any) -> bool:

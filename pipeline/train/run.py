@@ -82,7 +82,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.recipe.evaluation import evaluates, val_split_used
+    from pipeline.recipe.evaluation import evaluates, train_loader, val_split_used
     from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, loss_keywords
     from pipeline.train import step_profile
     from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
@@ -105,7 +105,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
-    loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
+    loader = train_loader(r, rank=rank, world_size=world, epoch=0, shuffle=True)  # empty: refused at cutoff_len
     r = exact_steps(r, loader, data_args(r))
     if dist.is_main() and (warmup := warmup_notice(r)):  # of the steps this run makes (recipe.notices)
         print(warmup, file=sys.stderr, flush=True)

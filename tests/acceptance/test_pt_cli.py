@@ -3,6 +3,9 @@ column, as c4_demo) through `python -m pipeline build / train`."""
 from __future__ import annotations
 
 import json
+import re
+
+import yaml
 
 from tests.acceptance.harness import pipeline, write_recipe
 
@@ -44,3 +47,17 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     pipeline("train", recipe, "eval_steps=", "do_eval=false", cwd=workdir)
     results = json.loads((workdir / "saves/pt/all_results.json").read_text(encoding="utf-8"))
     assert results["global_step"] == 2 and results["eval_loss"] is None
+
+    # three documents (~24 tokens) left to train on, fewer than one window: the empty train split is refused at
+    # cutoff_len's line too, by train and by validate alike (failed before: no key)
+    few = write_recipe(workdir / "pt_few.yaml", yaml.safe_load(recipe.read_text("utf-8")), val_size=9, cutoff_len=64,
+                        output_dir="saves/pt_few")
+    pipeline("build", few, cwd=workdir, as_typed=False)
+    line = next(i for i, text in enumerate(few.read_text("utf-8").splitlines(), 1) if text.startswith("cutoff_len:"))
+    for command in ("train", "validate"):
+        said = [text for text in pipeline(command, few, cwd=workdir, expect=2, as_typed=command == "train").stderr.splitlines()
+                if text.startswith("error:")]
+        assert len(said) == 1 and re.fullmatch(
+            rf"error: {re.escape(str(few))}:{line}: cutoff_len: the train split has no windows; it has \d+ tokens "
+            r"and one window needs cutoff_len \+ 1 = 65; lower cutoff_len or add text", said[0]), (command, said)
+    assert not (workdir / "saves/pt_few").exists()
