@@ -77,8 +77,7 @@ def held_out_gives_nothing(r: Any) -> UserError:
     (rules.data.val_size_zero_evaluates_nothing), so the fix is to hold out more."""
     from pipeline.data.loaders import no_items
     from pipeline.recipe.rules.data import asked_evaluation, evaluates_other_datasets
-    from pipeline.rerun import run_after_build, with_values
-    from pipeline.recipe.typed import typed_overrides
+    from pipeline.recipe.typed import run_after_build_for
 
     reason, fix = no_items(data_args(r), "val")
     held = f"{key_at(r, 'val_size')} is {r['val_size']}" if r.origin("val_size").kind in ("file", "cli") else \
@@ -88,7 +87,7 @@ def held_out_gives_nothing(r: Any) -> UserError:
     elif asked_evaluation(r, {key: r.origin(key) for key in r}):
         other = f", or hold out more rows ({held})"
     else:
-        again = run_after_build("train", str(r.recipe_path), with_values(typed_overrides(r), val_size="0"))
+        again = run_after_build_for("train", r, val_size="0")
         other = (f", or hold out nothing with val_size: 0 (LLaMA-Factory's default; {held}), which evaluates "
                  f"nothing: {again}")
     return UserError(f"{key_at(r, 'cutoff_len')}: the val split has {reason}; {fix}{other}")
