@@ -31,6 +31,9 @@ COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "chat": ("gen
 # refusal) carries it (`finished`), as without it that command is refused ("holds a finished run"); a run that never
 # finished needs it not, and a command that shows it there reads as if something would be thrown away.
 RETRAIN = "--retrain-finished"
+# the goals the Makefile starts through its launcher on NPROC ranks ($(LAUNCH)): a message about a run on several
+# ranks gives these with that rank count (run_this's `ranks`); the other commands run in one process
+LAUNCHED = ("train", "dry-run", "eval")
 # the Makefile's variables that give one goal's command one option, after the recipe and ARGS (ARGS reach every stage
 # of a goal's chain, which refuses the option): variable -> (goal, option)
 MAKE_VARIABLES = {"NUM": ("inspect", "--num"), "PROMPT": ("chat", "--prompt")}
@@ -87,20 +90,22 @@ def python_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *,
     return shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
 
 
-def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, finished: bool = False) -> str:
+def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
+                    finished: bool = False) -> str:
     """run_this for a fix that changes what the data build makes (a build key such as val_size, in `overrides`):
     make's goal rebuilds the data itself when ARGS change (the Makefile's args stamp), but `python -m pipeline
     COMMAND` reads the build as it is and refuses one made with other settings (pipeline.data.load.build_problem:
     "built with other settings than the recipe's"), so its python -m form builds first, alone where make does not
     run the pipeline's Makefile ("`python -m pipeline build r k=v && python -m pipeline COMMAND r k=v`") and beside
-    the make form where it does ("`make COMMAND RECIPE=r ARGS=k=v` (python -m pipeline build ... && ...)"); finished:
-    as run_this's."""
+    the make form where it does ("`make COMMAND RECIPE=r ARGS=k=v` (python -m pipeline build ... && ...)"); ranks,
+    finished: as run_this's (the build runs in one process, make's NPROC launches the goal alone)."""
     if goal == "data":
         return run_this(goal, recipe, overrides)
-    both = f"{python_form('data', recipe, overrides)} && {python_form(goal, recipe, overrides, finished=finished)}"
+    command = python_form(goal, recipe, overrides, ranks=ranks, finished=finished)
+    both = f"{python_form('data', recipe, overrides)} && {command}"
     if not make_runs_here():
         return f"`{both}`"
-    return f"{make_form(goal, recipe, overrides)} ({both})"
+    return f"{make_form(goal, recipe, overrides, ranks=ranks)} ({both})"
 
 
 def key_of(override: str) -> str:

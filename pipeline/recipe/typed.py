@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.recipe.load import Origin
 from pipeline.recipe.started import finished_by
-from pipeline.rerun import run_after_build, run_this, with_values
+from pipeline.rerun import LAUNCHED, run_after_build, run_this, with_values
 
 
 def cli_texts(origins: Iterable[Origin]) -> tuple[str, ...]:
@@ -37,18 +37,27 @@ def finished_here(goal: str, recipe: str | None, values: Mapping[str, Any]) -> b
     return goal == "train" and bool(recipe) and bool(output_dir) and finished_by(Path(str(output_dir)), str(recipe))
 
 
-def run_this_for(goal: str, r: Mapping[str, Any], *, ranks: int = 1, **changed: str) -> str:
+def ranks_here(goal: str, values: Mapping[str, Any]) -> int:
+    """The ranks the command for `goal` launches (rerun.run_this's `ranks`): for a goal the Makefile launches
+    (rerun.LAUNCHED), those of the run a message is about (world_size: WORLD_SIZE, which the launcher sets), so that
+    a fix typed as printed runs on the ranks the user launched (`NPROC=2`: without it the fix ran on one, another
+    global batch); 1 for the commands that run in one process."""
+    return int(values.get("world_size") or 1) if goal in LAUNCHED else 1
+
+
+def run_this_for(goal: str, r: Mapping[str, Any], *, ranks: int | None = None, **changed: str) -> str:
     """pipeline.rerun.run_this for a resolved recipe: its path as the user gave it and its command-line overrides as
-    typed (typed_overrides), the keys of `changed` set to the value a message suggests (rerun.with_values)."""
+    typed (typed_overrides), the keys of `changed` set to the value a message suggests (rerun.with_values), on the
+    run's ranks (ranks_here; `ranks`: others, a checkpoint's) and with train's flag for a finished run there."""
     path = getattr(r, "recipe_path", None)
     recipe = str(path) if path else None
-    return run_this(goal, recipe, with_values(typed_overrides(r), **changed), ranks=ranks,
-                    finished=finished_here(goal, recipe, r))
+    return run_this(goal, recipe, with_values(typed_overrides(r), **changed),
+                    ranks=ranks_here(goal, r) if ranks is None else ranks, finished=finished_here(goal, recipe, r))
 
 
 def run_after_build_for(goal: str, r: Mapping[str, Any], **changed: str) -> str:
     """pipeline.rerun.run_after_build for a resolved recipe (a fix that changes a build key), as run_this_for."""
     path = getattr(r, "recipe_path", None)
     recipe = str(path) if path else None
-    return run_after_build(goal, recipe, with_values(typed_overrides(r), **changed),
+    return run_after_build(goal, recipe, with_values(typed_overrides(r), **changed), ranks=ranks_here(goal, r),
                            finished=finished_here(goal, recipe, r))

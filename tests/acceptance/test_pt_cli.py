@@ -47,6 +47,11 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     # printed; never trained, so train needs no --retrain-finished (failed before: the flag was there)
     assert zero_fix(workdir, recipe) == (f"python -m pipeline build {recipe} eval_steps= val_size=0 && python -m "
                                          f"pipeline train {recipe} eval_steps= val_size=0")
+    # validated for a 2-rank run (WORLD_SIZE=2, as the launcher sets it): the fix trains on those 2 ranks
+    # (failed before: `python -m pipeline train ...`, one rank)
+    assert zero_fix(workdir, recipe, WORLD_SIZE="2") == (
+        f"python -m pipeline build {recipe} eval_steps= val_size=0 && python -m pipeline.launch --num_gpus 2 --module "
+        f"pipeline train {recipe} eval_steps= val_size=0")
 
     # no evaluation asked for: the held-out text is not needed, the run trains
     pipeline("train", recipe, "eval_steps=", "do_eval=false", cwd=workdir)
