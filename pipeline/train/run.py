@@ -54,10 +54,27 @@ class TrainResult:
     final: Path | None = None  # output_dir/adapter or output_dir/model
 
 
-def run(r: Any, args: Any = None) -> int:
-    # `make train` on a stale finished run; every rank decides here, before prepare_output_dir's barrier
-    retrain = getattr(args, "retrain_finished", False) and not r["overwrite_output_dir"] and \
+def retraining(r: Any, args: Any = None) -> bool:
+    """Whether this is `make train` on a stale finished run of the recipe (--retrain-finished), which train trains
+    again from scratch; every rank decides here, before prepare_output_dir's barrier."""
+    return bool(getattr(args, "retrain_finished", False)) and not r["overwrite_output_dir"] and \
         not r["resume_from_checkpoint"] and RunLayout.of(r["output_dir"]).finished_by(r.recipe_path)
+
+
+def check_start(r: Any, args: Any = None) -> None:
+    """train's refusals that the recipe and output_dir decide before its first step (the checkpoint it resumes, a
+    folder it may not start in: check_output_dir), asked without writing anything. overwrite_cache's build runs
+    before train (pipeline.__main__.steps) and asks these first: it rebuilt the data and only then was the run
+    refused, leaving the build of a run that never started."""
+    if retraining(r, args):
+        r = r.replace(overwrite_output_dir=True)
+    resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
+                                    checkpoint.where(r, "resume_from_checkpoint"))
+    check_output_dir(r, resume)
+
+
+def run(r: Any, args: Any = None) -> int:
+    retrain = retraining(r, args)
     if getattr(args, "dry_run", False):
         from pipeline.train import dryrun
 

@@ -75,6 +75,17 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
             r"and one window needs cutoff_len \+ 1 = 65; lower cutoff_len or add text", said[0]), (command, said)
     assert not (workdir / "saves/pt_few").exists()
 
+    # overwrite_cache: true into saves/pt, which holds pt.yaml's finished run: refused before the build (stale here:
+    # val_size 1, built with 9) rewrites a file (failed before: the data rebuilt, then the refusal)
+    built = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (workdir / "data/build").rglob("*")
+             if path.is_file()}
+    err = pipeline("train", few, "output_dir=saves/pt", "val_size=1", "overwrite_cache=true", cwd=workdir,
+                   expect=2).stderr
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "saves/pt is not empty: it holds a finished run of pt.yaml" in said[0], err
+    assert "Traceback" not in err and built == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in
+                                                (workdir / "data/build").rglob("*") if path.is_file()}
+
 
 def zero_fix(workdir, recipe, **env: str) -> str:
     """The command validate's refusal of held-out text too short for a window gives to hold out nothing, with
