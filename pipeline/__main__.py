@@ -219,7 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.lock import holding
 
         code = 0
-        for command in steps(args.command, resolved, args):
+        planned = steps(args.command, resolved, args)
+        if planned[:2] == ["build", "train"] and not getattr(args, "dry_run", False):
+            from pipeline.train.run import check_start
+
+            check_start(resolved, args)  # a run train refuses is refused before overwrite_cache's build writes
+        for command in planned:
             module_name, func_name, _ = COMMANDS[command]
             what = f"python -m pipeline {command} {args.recipe}"
             # one writer per output directory; a build that train/eval run themselves (overwrite_cache) waits for

@@ -512,15 +512,17 @@ def trained_by(adapter: Path) -> str | None:
     folder the run was started in (`cd recipes && ...` for a run trained there: named from here, its relative
     output_dir would be another folder than this adapter's); None for an adapter without one (PEFT's, the hub's).
     A checkpoint's is its run's (run_of: a merge recipe naming saves/x/checkpoint-500 was told a bare `make train`,
-    the Makefile's default recipe)."""
-    from pipeline.recipe.resolve import recorded_command
+    the Makefile's default recipe). Its python -m form carries --retrain-finished where that run finished
+    (resolve.recorded_finished), which train would refuse to replace without it."""
+    from pipeline.recipe.resolve import recorded_command, recorded_finished
     from pipeline.rerun import run_this
 
     try:
-        recorded = recorded_command(run_of(adapter).resolved_yaml.read_text(encoding="utf-8"))
+        text = run_of(adapter).resolved_yaml.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    return None if recorded is None else run_this("train", *recorded)
+    recorded = recorded_command(text)
+    return None if recorded is None else run_this("train", *recorded, finished=recorded_finished(text))
 
 
 def untrained_cause(adapter: Path) -> str | None:

@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 # make goals whose pipeline command is another, or takes flags: its name, then the flags the Makefile gives it after
-# the recipe. train's --retrain-finished: make trains a finished run of the recipe again once it is stale, and a
-# message that says "train again" is about such a run (merge's refusal of an untrained adapter): without the flag the
-# python -m form is refused there ("holds a finished run"), so it would not run what the make form runs.
-COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "train": ("train", "--retrain-finished"),
-            "chat": ("generate",)}
+# the recipe
+COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "chat": ("generate",)}
+# the flag `make train` gives train after the recipe: make trains a finished run of the recipe again once it is stale.
+# The python -m form of a message about such a run (merge's refusal of an untrained adapter, a finished run's
+# refusal) carries it (`finished`), as without it that command is refused ("holds a finished run"); a run that never
+# finished needs it not, and a command that shows it there reads as if something would be thrown away.
+RETRAIN = "--retrain-finished"
+# the goals the Makefile starts through its launcher on NPROC ranks ($(LAUNCH)): a message about a run on several
+# ranks gives these with that rank count (run_this's `ranks`); the other commands run in one process
+LAUNCHED = ("train", "dry-run", "eval")
 # the Makefile's variables that give one goal's command one option, after the recipe and ARGS (ARGS reach every stage
 # of a goal's chain, which refuses the option): variable -> (goal, option)
 MAKE_VARIABLES = {"NUM": ("inspect", "--num"), "PROMPT": ("chat", "--prompt")}
@@ -45,15 +50,17 @@ def make_runs_here() -> bool:
 
 
 def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folder: str | None = None, *,
-             ranks: int = 1, env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str:
+             ranks: int = 1, env: Sequence[str] = (), variables: Mapping[str, str] = {}, finished: bool = False) -> str:
     """"`make GOAL RECIPE=r ARGS='k=v'` (python -m pipeline COMMAND r k=v)", quoted for a POSIX shell, where make runs
     the pipeline's Makefile here (make_runs_here), else "`python -m pipeline COMMAND r k=v`"; without a recipe (a
     message that has none at hand) RECIPE stands for it. folder: the folder the command must be typed in when it is
     not this one (a recorded run started elsewhere, as a path from here): "`cd folder && python -m pipeline ...`".
     ranks > 1: `make GOAL NPROC=n ...` (python -m pipeline.launch --num_gpus n --module pipeline COMMAND ...), as
     the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0);
-    variables: MAKE_VARIABLES and their values (NUM=5), `make GOAL ... NUM=5` (python -m pipeline COMMAND ... --num 5)."""
-    typed = python_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables)
+    variables: MAKE_VARIABLES and their values (NUM=5), `make GOAL ... NUM=5` (python -m pipeline COMMAND ... --num 5);
+    finished: a finished run of the recipe is in its output_dir, which the python -m form of train trains again with
+    RETRAIN (make's does so itself)."""
+    typed = python_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables, finished=finished)
     if folder is not None:
         return f"`cd {shlex.quote(folder)} && {typed}`"
     if not make_runs_here():
@@ -73,28 +80,32 @@ def make_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, r
 
 
 def python_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
-                env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str:
+                env: Sequence[str] = (), variables: Mapping[str, str] = {}, finished: bool = False) -> str:
     """run_this's python -m form, unquoted: "python -m pipeline COMMAND r k=v", quoted for a POSIX shell."""
     command, *flags = COMMANDS.get(goal, (goal,))
+    flags += [RETRAIN] if goal == "train" and finished else []
     options = [part for name, value in variables.items() for part in (MAKE_VARIABLES[name][1], value)]
     python = [*env, "python", "-m", *(["pipeline.launch", "--num_gpus", str(ranks), "--module"] if ranks > 1 else []),
               "pipeline", command]
     return shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
 
 
-def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = ()) -> str:
+def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
+                    finished: bool = False) -> str:
     """run_this for a fix that changes what the data build makes (a build key such as val_size, in `overrides`):
     make's goal rebuilds the data itself when ARGS change (the Makefile's args stamp), but `python -m pipeline
     COMMAND` reads the build as it is and refuses one made with other settings (pipeline.data.load.build_problem:
     "built with other settings than the recipe's"), so its python -m form builds first, alone where make does not
     run the pipeline's Makefile ("`python -m pipeline build r k=v && python -m pipeline COMMAND r k=v`") and beside
-    the make form where it does ("`make COMMAND RECIPE=r ARGS=k=v` (python -m pipeline build ... && ...)")."""
+    the make form where it does ("`make COMMAND RECIPE=r ARGS=k=v` (python -m pipeline build ... && ...)"); ranks,
+    finished: as run_this's (the build runs in one process, make's NPROC launches the goal alone)."""
     if goal == "data":
         return run_this(goal, recipe, overrides)
-    both = f"{python_form('data', recipe, overrides)} && {python_form(goal, recipe, overrides)}"
+    command = python_form(goal, recipe, overrides, ranks=ranks, finished=finished)
+    both = f"{python_form('data', recipe, overrides)} && {command}"
     if not make_runs_here():
         return f"`{both}`"
-    return f"{make_form(goal, recipe, overrides)} ({both})"
+    return f"{make_form(goal, recipe, overrides, ranks=ranks)} ({both})"
 
 
 def key_of(override: str) -> str:

@@ -219,10 +219,15 @@ def _batch_size(data: DataArgs, split: str, batch_size: int | None) -> int:
     return data.per_device_train_batch_size if split == "train" else data.per_device_eval_batch_size
 
 
+class EmptySplit(UserError):
+    """A split that gives no item once the length policy ran (no_items says why). The data layer knows no recipe
+    file, so the caller that does names the key at its line (pipeline.recipe.evaluation.train_loader)."""
+
+
 def _check_size(n: int, data: DataArgs, split: str, size: int, world_size: int, what: str) -> None:
     if n == 0:
         reason, fix = no_items(data, split)
-        raise UserError(f"the {split} split has {reason}; {fix}")
+        raise EmptySplit(f"the {split} split has {reason}; {fix}")
     if split == "train" and n < size * world_size:
         raise UserError(f"the train split has {n:,} {what}, fewer than one global batch of {size * world_size:,} "
                         f"(per_device_train_batch_size {size} x {world_size} ranks); lower the batch size or add data")

@@ -38,7 +38,7 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
     bench = benchmark_args(r)
     if r["world_size"] > 1:
         raise UserError(f"{key_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one "
-                        f"too, its model spread over the GPUs); run {run_this_for('eval', r)}, without NPROC / the "
+                        f"too, its model spread over the GPUs); run {run_this_for('eval', r, ranks=1)}, without NPROC / the "
                         "launcher")
     if bench.save_dir is not None and Path(bench.save_dir).exists():  # before anything is read or loaded
         raise UserError(f"{key_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an "

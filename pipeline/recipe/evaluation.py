@@ -1,6 +1,7 @@
 """When a training run evaluates, and whether it reads its val split: one source for train (its loop evaluates at these
 steps, and it builds the val loader when this says so) and validate (which refuses what train would refuse, in train's
-words). Below the stages, which may not import each other; torch-free."""
+words), and the train loader both build, whose empty split they refuse at the recipe key alike. Below the stages,
+which may not import each other; torch-free."""
 from __future__ import annotations
 
 from typing import Any
@@ -42,6 +43,18 @@ def evaluates(train: TrainArgs) -> bool:
     return any(eval_due(train, step, step == total) for step in {total, *(p for p in periods if p and p <= total)})
 
 
+def train_loader(r: Any, **options: Any) -> Any:
+    """pipeline.data.loaders.make_loader of `r`'s train split (`options`: rank, world_size, ...), its refusal of a
+    split the length policy left empty at cutoff_len's file:line, the key the rows do not fit (as the val split's,
+    held_out_gives_nothing): the loader knows no recipe file, and said the same words without a key."""
+    from pipeline.data.loaders import EmptySplit, make_loader
+
+    try:
+        return make_loader(data_args(r), "train", **options)
+    except EmptySplit as err:
+        raise UserError(f"{key_at(r, 'cutoff_len')}: {err}") from None
+
+
 def val_split_used(r: Any) -> bool:
     """Whether training reads the val split: it gives examples (pt: windows) once the length policy ran, or the run
     evaluates (`r` with its exact step counts: derive_steps) and held-out rows give none. That last case is refused:
@@ -64,8 +77,7 @@ def held_out_gives_nothing(r: Any) -> UserError:
     (rules.data.val_size_zero_evaluates_nothing), so the fix is to hold out more."""
     from pipeline.data.loaders import no_items
     from pipeline.recipe.rules.data import asked_evaluation, evaluates_other_datasets
-    from pipeline.rerun import run_after_build, with_values
-    from pipeline.recipe.typed import typed_overrides
+    from pipeline.recipe.typed import run_after_build_for
 
     reason, fix = no_items(data_args(r), "val")
     held = f"{key_at(r, 'val_size')} is {r['val_size']}" if r.origin("val_size").kind in ("file", "cli") else \
@@ -75,7 +87,7 @@ def held_out_gives_nothing(r: Any) -> UserError:
     elif asked_evaluation(r, {key: r.origin(key) for key in r}):
         other = f", or hold out more rows ({held})"
     else:
-        again = run_after_build("train", str(r.recipe_path), with_values(typed_overrides(r), val_size="0"))
+        again = run_after_build_for("train", r, val_size="0")
         other = (f", or hold out nothing with val_size: 0 (LLaMA-Factory's default; {held}), which evaluates "
                  f"nothing: {again}")
     return UserError(f"{key_at(r, 'cutoff_len')}: the val split has {reason}; {fix}{other}")

@@ -37,12 +37,13 @@ def counted_steps(r: Any, data: DataArgs) -> tuple[Any, Any] | None:
     """(`r` with exact_steps' counts, the train loader of one rank on the recipe's world size: WORLD_SIZE, 1 unless
     launched) as validate and plan count them; None when the tokenizer is not on this machine yet (train reports it
     then, and the counts stay the built rows')."""
-    from pipeline.data.loaders import make_loader
     from pipeline.data.model_tokenizer import available_tokenizer
+    from pipeline.recipe.evaluation import train_loader
 
     if available_tokenizer(data) is None:
         return None
-    loader = make_loader(data, "train", world_size=r["world_size"], say_workers=False)
+    # an empty split: train's refusal, at cutoff_len's file:line
+    loader = train_loader(r, world_size=r["world_size"], say_workers=False)
     return exact_steps(r, loader, data), loader
 
 

@@ -33,7 +33,7 @@ from pipeline.recipe.precision import default_export_dtype
 from pipeline.recipe.check import DERIVED_KEYS, check_schema
 from pipeline.recipe.load import DEFAULT, DERIVED, Entry, Origin, load_chain, parse_overrides_partial
 from pipeline.recipe.run_folders import run_adapter
-from pipeline.recipe.started import header, read_started
+from pipeline.recipe.started import finished_by, header, read_started
 
 _LIST_KEYS = ("dataset", "eval_dataset", "lora_target", "additional_target",  # LLaMA-Factory: comma strings
               "oft_target")
@@ -471,6 +471,24 @@ def recorded_command(text: str) -> tuple[str, tuple[str, ...], str | None] | Non
         plain = value if isinstance(value, str) and _reads_back(value) else None
         overrides.append(f"{key}={comma_form(key, value) or plain or flow}")
     return started.recipe, tuple(overrides), started.typed_in()
+
+
+def recorded_finished(text: str) -> bool:
+    """Whether the run whose resolved.yaml is `text` finished in its output_dir (as recorded, relative to the folder
+    it was started in) and is its recipe's there (recipe.started.finished_by): the command recorded_command gives
+    trains it again only with --retrain-finished (rerun.run_this's `finished`). The output_dir recorded, not the
+    folder `text` was read from: a run's resolved.yaml copied beside a checkpoint elsewhere names the same run."""
+    import yaml
+
+    started = read_started(text)
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    output_dir = values.get("output_dir") if isinstance(values, dict) else None
+    if started is None or not output_dir:
+        return False
+    return finished_by(Path(started.folder or os.curdir) / str(output_dir), started.path())
 
 
 def _reads_back(text: str) -> bool:

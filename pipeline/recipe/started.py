@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+RESOLVED_FILE = "resolved.yaml"  # in a run's output_dir: the recipe it ran, these lines first
+RESULTS_FILE = "all_results.json"  # in a run's output_dir once the run finished (pipeline.runtime.log writes it)
 RECIPE_LINE = "# resolved recipe: "  # resolved.yaml's first line: the recipe as the user named it
 RAN_IN_LINE = "# started in: "  # its second line: the folder the run was started in
 
@@ -86,3 +88,18 @@ def started_of(resolved: Path) -> Started | None:
     except (OSError, UnicodeDecodeError):
         return None
     return read_started(head)
+
+
+def finished_start(output_dir: Path) -> Started | None:
+    """How the finished run in `output_dir` (RESULTS_FILE) was started, as its resolved.yaml records it; None when no
+    finished run or no record."""
+    return started_of(output_dir / RESOLVED_FILE) if (output_dir / RESULTS_FILE).is_file() else None
+
+
+def finished_by(output_dir: Path, recipe: str | os.PathLike[str]) -> bool:
+    """Whether `output_dir` holds a finished run of `recipe` (a path from this process's folder): what train's
+    --retrain-finished trains again, and so whether the command a message gives to train it carries that flag
+    (pipeline.rerun.RETRAIN). A recipe that extends another inherits its output_dir, so a finished run there may be
+    the other recipe's."""
+    started = finished_start(output_dir)
+    return started is not None and started.is_recipe(recipe)

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from pipeline.names import trains_adapter
-from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, RESULTS_FILE, \
-    REWARD_PLOT_FILE, REWARDS_PLOT_FILE
+from pipeline.recipe.started import RESOLVED_FILE, RESULTS_FILE
+from pipeline.runtime.log import ACCURACY_PLOT_FILE, EVAL_ACCURACY_PLOT_FILE, LOG_FILE, PLOT_FILE, REWARD_PLOT_FILE, \
+    REWARDS_PLOT_FILE
 
 if TYPE_CHECKING:
     from pipeline.recipe.started import Started
@@ -54,7 +55,7 @@ class RunLayout:
 
     @property
     def resolved_yaml(self) -> Path:
-        return self.root / "resolved.yaml"
+        return self.root / RESOLVED_FILE
 
     @property
     def ds_config(self) -> Path:
@@ -155,16 +156,17 @@ class RunLayout:
 
         if make_runs_here():  # make retrains only a stale run; this run is finished and may be current
             return (" (`make train` does so itself once the recipe or its ARGS change; "
-                    f"`{python_form('train', str(recipe), overrides, ranks=ranks)}` does so now, without an edit)")
-        return f" ({run_this('train', str(recipe), overrides, ranks=ranks)} does so without an edit)"
+                    f"`{python_form('train', str(recipe), overrides, ranks=ranks, finished=True)}` does so now, without "
+                    "an edit)")
+        return f" ({run_this('train', str(recipe), overrides, ranks=ranks, finished=True)} does so without an edit)"
 
     def finished_start(self) -> Started | None:
         """How the finished run here (all_results.json) was started, as its resolved.yaml records it (the recipe
         and the folder it was named in: pipeline.recipe.started, the one reader of those lines); None when no
         finished run or no record."""
-        from pipeline.recipe.started import started_of
+        from pipeline.recipe.started import finished_start
 
-        return started_of(self.resolved_yaml) if self.all_results.is_file() else None
+        return finished_start(self.root)
 
     def finished_recipe(self) -> str | None:
         """The recipe a finished run here was trained from, as a command typed in this folder names it (a run
@@ -176,8 +178,9 @@ class RunLayout:
         """Whether this folder holds a finished run (all_results.json) of `recipe` (a path from this process's
         folder): the recipe resolved.yaml names, from the folder the run was started in. A recipe that extends
         another inherits its output_dir, so a finished run there may be the other recipe's."""
-        started = self.finished_start()
-        return started is not None and started.is_recipe(recipe)
+        from pipeline.recipe.started import finished_by
+
+        return finished_by(self.root, recipe)
 
     def trained_dir(self, finetuning_type: str) -> Path:
         """Where training writes its final weights: adapter/ for lora and oft, model/ otherwise."""

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from pipeline.io import write_json, write_text
 from pipeline.names import wanted_reporters
+from pipeline.recipe.started import RESULTS_FILE  # a finished run's mark: recipe.started reads it too
 
 LOG_FILE = "trainer_log.jsonl"
 PLOT_FILE = "training_loss.png"
@@ -21,7 +22,6 @@ ACCURACY_PLOT_FILE = "training_rewards_accuracies.png"  # stage dpo (LLaMA-Facto
 EVAL_ACCURACY_PLOT_FILE = "training_eval_accuracy.png"  # compute_accuracy (LLaMA-Factory's name for it too)
 REWARDS_PLOT_FILE = "training_rewards_chosen.png"  # stage kto (LLaMA-Factory's kto workflow plots rewards/chosen)
 REWARD_PLOT_FILE = "training_reward.png"  # stage ppo (LLaMA-Factory's ppo workflow plots reward)
-RESULTS_FILE = "all_results.json"
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:

@@ -55,10 +55,27 @@ class TrainResult:
     final: Path | None = None  # output_dir/adapter or output_dir/model
 
 
-def run(r: Any, args: Any = None) -> int:
-    # `make train` on a stale finished run; every rank decides here, before prepare_output_dir's barrier
-    retrain = getattr(args, "retrain_finished", False) and not r["overwrite_output_dir"] and \
+def retraining(r: Any, args: Any = None) -> bool:
+    """Whether this is `make train` on a stale finished run of the recipe (--retrain-finished), which train trains
+    again from scratch; every rank decides here, before prepare_output_dir's barrier."""
+    return bool(getattr(args, "retrain_finished", False)) and not r["overwrite_output_dir"] and \
         not r["resume_from_checkpoint"] and RunLayout.of(r["output_dir"]).finished_by(r.recipe_path)
+
+
+def check_start(r: Any, args: Any = None) -> None:
+    """train's refusals that the recipe and output_dir decide before its first step (the checkpoint it resumes, a
+    folder it may not start in: check_output_dir), asked without writing anything. overwrite_cache's build runs
+    before train (pipeline.__main__.steps) and asks these first: it rebuilt the data and only then was the run
+    refused, leaving the build of a run that never started."""
+    if retraining(r, args):
+        r = r.replace(overwrite_output_dir=True)
+    resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
+                                    checkpoint.where(r, "resume_from_checkpoint"))
+    check_output_dir(r, resume)
+
+
+def run(r: Any, args: Any = None) -> int:
+    retrain = retraining(r, args)
     if getattr(args, "dry_run", False):
         from pipeline.train import dryrun
 
@@ -83,7 +100,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.recipe.args import recipe_args, train_args
     from pipeline.data.added_tokens import TokenNames
     from pipeline.runtime.log import Reporters, TrainLog
-    from pipeline.recipe.evaluation import evaluates, val_split_used
+    from pipeline.recipe.evaluation import evaluates, train_loader, val_split_used
     from pipeline.train.loop import StopRequest, Trainer, Window, evaluate, loss_keywords
     from pipeline.train import step_profile
     from pipeline.train.optim import kept_adagrad, make_optimizer, no_startup_step
@@ -106,7 +123,7 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
 
     seed_everything(r["seed"])
     rank, world = dist.rank(), dist.world_size()
-    loader = make_loader(data_args(r), "train", rank=rank, world_size=world, epoch=0, shuffle=True)
+    loader = train_loader(r, rank=rank, world_size=world, epoch=0, shuffle=True)  # empty: refused at cutoff_len
     r = exact_steps(r, loader, data_args(r))
     if dist.is_main() and (warmup := warmup_notice(r)):  # of the steps this run makes (recipe.notices)
         print(warmup, file=sys.stderr, flush=True)

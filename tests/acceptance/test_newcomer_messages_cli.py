@@ -30,7 +30,7 @@ def workdir(tmp_path: Path) -> Path:
 # RECIPE=recipes/sft.yaml` first"), without this command's overrides (they set next.yaml's values; make runs an
 # upstream with ARGS= too)
 WRITER = ("(recipes/sft.yaml writes it: run `make train RECIPE=recipes/sft.yaml` (python -m pipeline train "
-          "recipes/sft.yaml --retrain-finished) first)")
+          "recipes/sft.yaml) first)")
 
 
 def test_a_missing_local_folder_shaped_like_a_hub_id_is_missing_here_first(workdir: Path):

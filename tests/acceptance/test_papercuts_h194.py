@@ -124,7 +124,7 @@ def test_the_commands_messages_give_carry_the_overrides_typed(made):
     Failed before: `make train RECIPE=recipes/t.yaml` (python -m pipeline train), the overrides left out."""
     repo, _, _ = made
     train = ("`make train RECIPE=recipes/t.yaml ARGS='output_dir=saves/none max_steps=3'` (python -m pipeline train "
-             "recipes/t.yaml --retrain-finished output_dir=saves/none max_steps=3)")
+             "recipes/t.yaml output_dir=saves/none max_steps=3)")
     err = harness.refused("eval", "recipes/t.yaml", "output_dir=saves/none", "max_steps=3", cwd=repo, as_typed=False)
     assert f"error: saves/none/adapter: no trained adapter to evaluate; {train} produces it" in err.splitlines(), err
     err = harness.refused("merge", "recipes/t.yaml", "output_dir=saves/none", "max_steps=3", cwd=repo, as_typed=False)

@@ -3,8 +3,11 @@ column, as c4_demo) through `python -m pipeline build / train`."""
 from __future__ import annotations
 
 import json
+import re
 
-from tests.acceptance.harness import pipeline, write_recipe
+import yaml
+
+from tests.acceptance.harness import cli_env, pipeline, write_recipe
 
 
 def _c4_like(data, n: int) -> None:
@@ -40,7 +43,54 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     assert [line for line in validated.stderr.splitlines() if line.startswith("error:")] == said, validated.stderr
     assert "data: OK" not in validated.stdout
 
+    # the evaluation at the end alone (eval_steps cleared): holding out nothing is a fix too, its command typed as
+    # printed; never trained, so train needs no --retrain-finished (failed before: the flag was there)
+    assert zero_fix(workdir, recipe) == (f"python -m pipeline build {recipe} eval_steps= val_size=0 && python -m "
+                                         f"pipeline train {recipe} eval_steps= val_size=0")
+    # validated for a 2-rank run (WORLD_SIZE=2, as the launcher sets it): the fix trains on those 2 ranks
+    # (failed before: `python -m pipeline train ...`, one rank)
+    assert zero_fix(workdir, recipe, WORLD_SIZE="2") == (
+        f"python -m pipeline build {recipe} eval_steps= val_size=0 && python -m pipeline.launch --num_gpus 2 --module "
+        f"pipeline train {recipe} eval_steps= val_size=0")
+
     # no evaluation asked for: the held-out text is not needed, the run trains
     pipeline("train", recipe, "eval_steps=", "do_eval=false", cwd=workdir)
     results = json.loads((workdir / "saves/pt/all_results.json").read_text(encoding="utf-8"))
     assert results["global_step"] == 2 and results["eval_loss"] is None
+    # now a finished run of the recipe is in output_dir, which that train refuses unless told to train it again
+    assert zero_fix(workdir, recipe) == (f"python -m pipeline build {recipe} eval_steps= val_size=0 && python -m "
+                                         f"pipeline train {recipe} --retrain-finished eval_steps= val_size=0")
+
+    # three documents (~24 tokens) left to train on, fewer than one window: the empty train split is refused at
+    # cutoff_len's line too, by train and by validate alike (failed before: no key)
+    few = write_recipe(workdir / "pt_few.yaml", yaml.safe_load(recipe.read_text("utf-8")), val_size=9, cutoff_len=64,
+                        output_dir="saves/pt_few")
+    pipeline("build", few, cwd=workdir, as_typed=False)
+    line = next(i for i, text in enumerate(few.read_text("utf-8").splitlines(), 1) if text.startswith("cutoff_len:"))
+    for command in ("train", "validate"):
+        said = [text for text in pipeline(command, few, cwd=workdir, expect=2, as_typed=command == "train").stderr.splitlines()
+                if text.startswith("error:")]
+        assert len(said) == 1 and re.fullmatch(
+            rf"error: {re.escape(str(few))}:{line}: cutoff_len: the train split has no windows; it has \d+ tokens "
+            r"and one window needs cutoff_len \+ 1 = 65; lower cutoff_len or add text", said[0]), (command, said)
+    assert not (workdir / "saves/pt_few").exists()
+
+    # overwrite_cache: true into saves/pt, which holds pt.yaml's finished run: refused before the build (stale here:
+    # val_size 1, built with 9) rewrites a file (failed before: the data rebuilt, then the refusal)
+    built = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in (workdir / "data/build").rglob("*")
+             if path.is_file()}
+    err = pipeline("train", few, "output_dir=saves/pt", "val_size=1", "overwrite_cache=true", cwd=workdir,
+                   expect=2, as_typed=False).stderr  # in this process: refused before torch.distributed is set up
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "saves/pt is not empty: it holds a finished run of pt.yaml" in said[0], err
+    assert "Traceback" not in err and built == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in
+                                                (workdir / "data/build").rglob("*") if path.is_file()}
+
+
+def zero_fix(workdir, recipe, **env: str) -> str:
+    """The command validate's refusal of held-out text too short for a window gives to hold out nothing, with
+    eval_steps cleared (the run evaluates at its end only); `env`: the launcher's variables (WORLD_SIZE)."""
+    err = pipeline("validate", recipe, "eval_steps=", cwd=workdir, expect=2, as_typed=False, env=cli_env(**env)).stderr
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and "or hold out nothing with val_size: 0 (LLaMA-Factory's default; " in said[0], err
+    return said[0].rpartition("which evaluates nothing: ")[2].strip("`")

@@ -79,14 +79,18 @@ def test_a_built_pair_edited_to_prefer_nothing_names_this_recipes_rebuild(workdi
 
 def test_the_overrides_with_a_key_set_and_the_launcher_form():
     """rerun.with_values: the typed key replaced where it was typed, a key not typed added last; run_this(ranks=)
-    the Makefile's NPROC form and the launcher it runs; env= both forms' variables."""
+    the Makefile's NPROC form and the launcher it runs; env= both forms' variables; finished= train's
+    --retrain-finished in the python -m form alone."""
     from pipeline.rerun import run_this, with_values
 
     assert with_values(("val_size=0", "max_steps=3"), val_size="0.1") == ("val_size=0.1", "max_steps=3")
     assert with_values(("max_steps=3",), zero_stage="0") == ("max_steps=3", "zero_stage=0")
     assert run_this("train", "r.yaml", ("max_steps=3",), ranks=2) == (
         "`make train NPROC=2 RECIPE=r.yaml ARGS=max_steps=3` (python -m pipeline.launch --num_gpus 2 --module pipeline "
-        "train r.yaml --retrain-finished max_steps=3)")
+        "train r.yaml max_steps=3)")
+    # a finished run of the recipe is there: the python -m form trains it again as make's does (make's is the same)
+    assert run_this("train", "r.yaml", ("max_steps=3",), finished=True) == (
+        "`make train RECIPE=r.yaml ARGS=max_steps=3` (python -m pipeline train r.yaml --retrain-finished max_steps=3)")
     assert run_this("data", None, env=("HF_HUB_OFFLINE=0",)) == (
         "`HF_HUB_OFFLINE=0 make data` (HF_HUB_OFFLINE=0 python -m pipeline build RECIPE)")
 

@@ -51,8 +51,8 @@ def test_a_message_typed_in_recipes_names_the_command_that_runs_there(tmp_path):
     write_recipe(repo / "recipes" / "y.yaml", model_name_or_path="tiny", dataset_dir="../datasets")
     err = harness.refused("eval", "y.yaml", "max_steps=3", cwd=repo / "recipes", as_typed=False)
     assert ("error: saves/y/adapter: no trained adapter to evaluate; `python -m pipeline train y.yaml "
-            "--retrain-finished max_steps=3` produces it") in err.splitlines(), err
+            "max_steps=3` produces it") in err.splitlines(), err
     err = harness.refused("eval", "recipes/y.yaml", "max_steps=3", "dataset_dir=datasets", cwd=repo, as_typed=False)
     assert ("error: saves/y/adapter: no trained adapter to evaluate; `make train RECIPE=recipes/y.yaml "
-            "ARGS='dataset_dir=datasets max_steps=3'` (python -m pipeline train recipes/y.yaml --retrain-finished "
+            "ARGS='dataset_dir=datasets max_steps=3'` (python -m pipeline train recipes/y.yaml "
             "dataset_dir=datasets max_steps=3) produces it") in err.splitlines(), err

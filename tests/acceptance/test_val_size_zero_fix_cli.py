@@ -21,7 +21,7 @@ def test_the_val_size_zero_fix_typed_as_printed_trains_and_evaluates(workdir: Pa
                  eval_strategy="steps", eval_steps=1, max_steps=1)
     pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
     err = refused("train", "r.yaml", cwd=workdir, as_typed=False)
-    fix = "`python -m pipeline build r.yaml val_size=0.1 && python -m pipeline train r.yaml --retrain-finished val_size=0.1`"
+    fix = "`python -m pipeline build r.yaml val_size=0.1 && python -m pipeline train r.yaml val_size=0.1`"
     assert f"set val_size (a fraction such as 0.1, or a number of rows), e.g. {fix}, or name an eval_dataset" in err, err
     build, train = (shlex.split(command) for command in fix.strip("`").split(" && "))
     assert build[:3] == train[:3] == ["python", "-m", "pipeline"]

@@ -124,7 +124,7 @@ def test_cli_on_hf_checkpoint(tmp_path, hf_dir, repo):
     err = refused("generate", "r.yaml", "--prompt", "x", "--model", "adapter", "output_dir=o2", "seed=3",
                   cwd=tmp_path, as_typed=False)
     assert err == ("error: --model adapter: nothing at o2/adapter; produce it with `python -m pipeline train r.yaml "
-                   "--retrain-finished output_dir=o2 seed=3`, or set adapter_name_or_path\n"), err
+                   "output_dir=o2 seed=3`, or set adapter_name_or_path\n"), err
 
 
 def test_model_choice_follows_the_run_layout(tmp_path, capsys):

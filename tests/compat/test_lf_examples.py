@@ -140,7 +140,7 @@ def test_pretrain_example_with_too_little_held_out_text_is_refused_by_validate_i
     pipeline("build", example, *used, cwd=work, as_typed=False)
     done = pipeline("validate", example, *used, cwd=work, expect=2)
     again = (f"python -m pipeline build {example} cutoff_len=40 max_samples=16 val_size=0 && python -m pipeline train "
-             f"{example} --retrain-finished cutoff_len=40 max_samples=16 val_size=0")  # the overrides in key order
+             f"{example} cutoff_len=40 max_samples=16 val_size=0")  # the overrides in key order
     assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
         "error: command line override cutoff_len=40: cutoff_len: the val split has no windows; it has 38 tokens and "
         "one window needs cutoff_len + 1 = 41; lower cutoff_len or add text, or hold out nothing with val_size: 0 "

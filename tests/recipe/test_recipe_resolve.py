@@ -304,7 +304,7 @@ def test_recorded_command_is_typed_in_the_folder_the_run_started_in(recipe, tmp_
     assert recorded_command(text) == ("r.yaml", ("seed=7",), None)
     monkeypatch.chdir(tmp_path)
     assert recorded_command(text) == ("r.yaml", ("seed=7",), "recipes")
-    assert run_this("train", *recorded_command(text)) == "`cd recipes && python -m pipeline train r.yaml --retrain-finished seed=7`"
+    assert run_this("train", *recorded_command(text)) == "`cd recipes && python -m pipeline train r.yaml seed=7`"
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert recorded_command(text) == ("r.yaml", ("seed=7",), str(tmp_path / "recipes"))

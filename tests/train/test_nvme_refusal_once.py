@@ -32,7 +32,7 @@ def test_recipe_and_engine_refuse_nvme_offload_in_the_same_words():
     assert from_engine.startswith("this job has 1 rank(s) but saves/x/checkpoint-4 was trained on 2: the optimizer "
                                   "state offloaded to NVMe (offload_optimizer: nvme)")
     assert from_engine.endswith("resume with 2 rank(s) (`make train NPROC=2` (python -m pipeline.launch --num_gpus 2 "
-                                "--module pipeline train RECIPE --retrain-finished), or NPROC x NNODES = 2), or start a new run from "
+                                "--module pipeline train RECIPE), or NPROC x NNODES = 2), or start a new run from "
                                 "saves/x/checkpoint-4/adapter or saves/x/checkpoint-4/model")
     for offload in ("none", "cpu"):
         assert deepspeed_compat.offload_problem(offload) is None

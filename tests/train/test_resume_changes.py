@@ -314,7 +314,7 @@ def test_only_nvme_offload_is_refused_on_another_rank_count(offload, refused):
         "this job has 1 rank(s) but ckpt was trained on 2: the optimizer state offloaded to NVMe (offload_optimizer: "
         "nvme) is swapped through DeepSpeed's own files, which are not rebuilt for another rank count "
         "(offload_optimizer: cpu is); resume with 2 rank(s) (`make train NPROC=2` (python -m pipeline.launch "
-        "--num_gpus 2 --module pipeline train RECIPE --retrain-finished), or NPROC x NNODES = 2), or start a "
+        "--num_gpus 2 --module pipeline train RECIPE), or NPROC x NNODES = 2), or start a "
         "new run from ckpt/adapter or ckpt/model"])
 
 
