@@ -506,12 +506,17 @@ def _explain(r: Resolved, key: str, exact: bool = False) -> str:
 def counted(r: Resolved) -> tuple[Resolved, bool]:
     """(`r` with the step counts train runs, True) once the built train split is tokenized as train does (the length
     policy's drops, sft's packs: pipeline.recipe.exact, validate's count too); (`r`, False) with the built rows'
-    counts when nothing trains, the data is not built, or the tokenizer is not on this machine yet."""
+    counts when nothing trains, the data is not built or built with other settings than the recipe's (a changed
+    val_size, overwrite_cache: true: train rebuilds it first, or refuses it; plan showed the recipe, and a count
+    refused it), or the tokenizer is not on this machine yet."""
+    from pipeline.data.load import build_problem, dataset_names
     from pipeline.recipe.exact import counted_steps
 
-    if r["num_train_examples"] is None or not r["do_train"]:
+    data = data_args(r)
+    if r["num_train_examples"] is None or not r["do_train"] or \
+            any(build_problem(data, name) for name in dataset_names(data, "dataset")):
         return r, False
-    found = counted_steps(r, data_args(r))
+    found = counted_steps(r, data)
     return (r, False) if found is None else (found[0], True)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from tests.acceptance.harness import WORDS, cli_env, pipeline, refused, write_recipe
@@ -85,6 +86,11 @@ def test_a_dry_run_names_an_output_dir_the_real_run_cannot_write_and_goes_on(wor
                    if row.startswith(("num_train_examples ", "steps_per_epoch ", "total_steps ")))
     assert derived == {"num_train_examples": str(kept), "steps_per_epoch": str(steps), "total_steps": str(steps)}
     assert [text for text in shown.stderr.splitlines() if "warmup" in text] == [notice(line, steps)], shown.stderr
+    # a build key changed (val_size) with overwrite_cache: true, which train rebuilds first: plan shows the recipe
+    # with the built rows' counts, as before it counted. Failed before: exit 2, 'built with other settings than the
+    # recipe's ...; or set overwrite_cache: true' (set already)
+    stale = pipeline("plan", "r.yaml", "val_size=0.3", "overwrite_cache=true", cwd=workdir, as_typed=False).stdout
+    assert re.search(rf"\nnum_train_examples +{len(built)} +sum of splits.train in the built manifests\n", stale)
     # max_steps with no optimizer step in an epoch once the long rows are left out (the built rows fill one):
     # refused as by epochs. Failed before: validate passed, and train ran max_steps steps that each drew their
     # micro-batches from several epochs ('epoch 4.00' at step 1 of a 1-micro-batch epoch with accumulation 4)

@@ -61,8 +61,9 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     assert zero_fix(workdir, recipe) == (f"python -m pipeline build {recipe} eval_steps= val_size=0 && python -m "
                                          f"pipeline train {recipe} --retrain-finished eval_steps= val_size=0")
 
-    # three documents (~24 tokens) left to train on, fewer than one window: the empty train split is refused at
-    # cutoff_len's line too, by train and by validate alike (failed before: no key)
+    # three documents left to train on, fewer than one window: 23 tokens by hand (GPT-2's BPE: 'document', ' 7',
+    # ' says', ' the', ' quick', ' brown', ' fox' each, and one EOS between two documents: 3 x 7 + 2). The empty
+    # train split is refused at cutoff_len's line too, by train and by validate alike (failed before: no key)
     few = write_recipe(workdir / "pt_few.yaml", yaml.safe_load(recipe.read_text("utf-8")), val_size=9, cutoff_len=64,
                         output_dir="saves/pt_few")
     pipeline("build", few, cwd=workdir, as_typed=False)
@@ -71,7 +72,7 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
         said = [text for text in pipeline(command, few, cwd=workdir, expect=2, as_typed=command == "train").stderr.splitlines()
                 if text.startswith("error:")]
         assert len(said) == 1 and re.fullmatch(
-            rf"error: {re.escape(str(few))}:{line}: cutoff_len: the train split has no windows; it has \d+ tokens "
+            rf"error: {re.escape(str(few))}:{line}: cutoff_len: the train split has no windows; it has 23 tokens "
             r"and one window needs cutoff_len \+ 1 = 65; lower cutoff_len or add text", said[0]), (command, said)
     assert not (workdir / "saves/pt_few").exists()
 
