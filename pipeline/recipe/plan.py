@@ -471,7 +471,8 @@ def _explain(r: Resolved, key: str, exact: bool = False) -> str:
         return f"per_device_train_batch_size {micro} x gradient_accumulation_steps {accum} x world_size {world}"
     if key == "num_train_examples":
         if r["stage"] == "pt":
-            return "pt: the trainer counts windows after tokenizing"
+            return f"windows of cutoff_len {r['cutoff_len']} in the built train split's text (tokenized as train " \
+                "does)" if exact else "pt: the trainer counts windows after tokenizing"
         if n is not None and exact and (r["packing"] or r["neat_packing"]):
             return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
         if n is None:
@@ -505,16 +506,16 @@ def _explain(r: Resolved, key: str, exact: bool = False) -> str:
 
 def counted(r: Resolved) -> tuple[Resolved, bool]:
     """(`r` with the step counts train runs, True) once the built train split is tokenized as train does (the length
-    policy's drops, sft's packs: pipeline.recipe.exact, validate's count too); (`r`, False) with the built rows'
-    counts when nothing trains, the data is not built or built with other settings than the recipe's (a changed
-    val_size, overwrite_cache: true: train rebuilds it first, or refuses it; plan showed the recipe, and a count
-    refused it), or the tokenizer is not on this machine yet."""
+    policy's drops, sft's packs, pt's windows: pipeline.recipe.exact, validate's count too); (`r`, False) with the
+    built rows' counts when nothing trains, the data is not built or built with other settings than the recipe's (a
+    changed val_size, overwrite_cache: true: train rebuilds it first, or refuses it; plan showed the recipe, and a
+    count refused it), or the tokenizer is not on this machine yet."""
     from pipeline.data.load import build_problem, dataset_names
     from pipeline.recipe.exact import counted_steps
 
     data = data_args(r)
-    if r["num_train_examples"] is None or not r["do_train"] or \
-            any(build_problem(data, name) for name in dataset_names(data, "dataset")):
+    built = r["num_train_examples"] is not None or r["stage"] == "pt"  # pt's windows: only a count knows them
+    if not built or not r["do_train"] or any(build_problem(data, name) for name in dataset_names(data, "dataset")):
         return r, False
     found = counted_steps(r, data)
     return (r, False) if found is None else (found[0], True)

@@ -27,6 +27,13 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
                           output_dir="saves/pt", stage="pt", dataset="c4_demo", template=None, cutoff_len=16,
                           val_size=1, eval_steps=1)
     pipeline("build", recipe, cwd=workdir)
+    # plan counts the windows train makes, by epochs: by hand, 11 documents to train on (GPT-2: 7 tokens each, an
+    # EOS between two) are 87 tokens, windows of 17 at starts 0, 16, ..., 64: 5 windows, 2 micro-batches of 2 an
+    # epoch. Failed before: num_train_examples, steps_per_epoch and total_steps null
+    shown = pipeline("plan", recipe, "max_steps=", "num_train_epochs=2", cwd=workdir, as_typed=False).stdout
+    assert [row.split()[:2] for row in shown.splitlines() if row.startswith(("num_train_examples ", "steps_per_epoch ",
+                                                                            "total_steps "))] == [
+        ["num_train_examples", "5"], ["steps_per_epoch", "2"], ["total_steps", "4"]], shown
     bad = pipeline("train", recipe, cwd=workdir, expect=2)
     assert "the val split has no windows" in bad.stderr and "cutoff_len + 1 = 17" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/pt").exists()
