@@ -220,8 +220,13 @@ def _batch_size(data: DataArgs, split: str, batch_size: int | None) -> int:
 
 
 class EmptySplit(UserError):
-    """A split that gives no item once the length policy ran (no_items says why). The data layer knows no recipe
-    file, so the caller that does names the key at its line (pipeline.recipe.evaluation.train_loader)."""
+    """A split that gives no item once the length policy ran (no_items says why: `key` cutoff_len), or a train split
+    of fewer items than one global batch (`key` per_device_train_batch_size). The data layer knows no recipe file, so
+    the caller that does names the key at its line (pipeline.recipe.evaluation.train_loader)."""
+
+    def __init__(self, message: str, key: str = "cutoff_len") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _check_size(n: int, data: DataArgs, split: str, size: int, world_size: int, what: str) -> None:
@@ -229,8 +234,9 @@ def _check_size(n: int, data: DataArgs, split: str, size: int, world_size: int, 
         reason, fix = no_items(data, split)
         raise EmptySplit(f"the {split} split has {reason}; {fix}")
     if split == "train" and n < size * world_size:
-        raise UserError(f"the train split has {n:,} {what}, fewer than one global batch of {size * world_size:,} "
-                        f"(per_device_train_batch_size {size} x {world_size} ranks); lower the batch size or add data")
+        raise EmptySplit(f"the train split has {n:,} {what}, fewer than one global batch of {size * world_size:,} "
+                         f"(per_device_train_batch_size {size} x {world_size} ranks); lower the batch size or add "
+                         "data", "per_device_train_batch_size")
 
 
 def sft_loader(data: DataArgs, split: str, *, rank: int = 0, world_size: int = 1, epoch: int = 0,

@@ -46,13 +46,14 @@ def evaluates(train: TrainArgs) -> bool:
 def train_loader(r: Any, **options: Any) -> Any:
     """pipeline.data.loaders.make_loader of `r`'s train split (`options`: rank, world_size, ...), its refusal of a
     split the length policy left empty at cutoff_len's file:line, the key the rows do not fit (as the val split's,
-    held_out_gives_nothing): the loader knows no recipe file, and said the same words without a key."""
+    held_out_gives_nothing), and of one short of a global batch at per_device_train_batch_size's: the loader knows
+    no recipe file, and said the same words without a key."""
     from pipeline.data.loaders import EmptySplit, make_loader
 
     try:
         return make_loader(data_args(r), "train", **options)
     except EmptySplit as err:
-        raise UserError(f"{key_at(r, 'cutoff_len')}: {err}") from None
+        raise UserError(f"{key_at(r, err.key)}: {err}") from None
 
 
 def val_split_used(r: Any) -> bool:

@@ -34,6 +34,15 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     assert [row.split()[:2] for row in shown.splitlines() if row.startswith(("num_train_examples ", "steps_per_epoch ",
                                                                             "total_steps "))] == [
         ["num_train_examples", "5"], ["steps_per_epoch", "2"], ["total_steps", "4"]], shown
+    # on 4 ranks (WORLD_SIZE, as the launcher and `make plan NPROC=4` set it) the 5 windows fill no global batch of
+    # 2 x 4: plan and validate refuse, as train does, at per_device_train_batch_size's line (failed before: no key)
+    line = next(i for i, text in enumerate(recipe.read_text("utf-8").splitlines(), 1)
+                if text.startswith("per_device_train_batch_size:"))
+    for command in ("plan", "validate"):
+        err = pipeline(command, recipe, cwd=workdir, expect=2, as_typed=False, env=cli_env(WORLD_SIZE="4")).stderr
+        assert [text for text in err.splitlines() if text.startswith("error:")] == [
+            f"error: {recipe}:{line}: per_device_train_batch_size: the train split has 5 windows, fewer than one global "
+            "batch of 8 (per_device_train_batch_size 2 x 4 ranks); lower the batch size or add data"], err
     bad = pipeline("train", recipe, cwd=workdir, expect=2)
     assert "the val split has no windows" in bad.stderr and "cutoff_len + 1 = 17" in bad.stderr
     assert "Traceback" not in bad.stderr and not (workdir / "saves/pt").exists()
