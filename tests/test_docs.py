@@ -232,3 +232,14 @@ def test_every_module_and_test_file_the_docs_name_exists():
                 missing.append(f"{page.name}: {name}")
         missing += [f"{page.name}: {name}" for name in set(re.findall(r"\btest_\w+\.py\b", text)) - test_files]
     assert seen > 50 and not missing, f"named in the docs, not in the repository: {missing}"
+
+
+def test_the_make_line_the_pages_quote_after_a_mistake_is_the_makefiles():
+    """README and docs/troubleshooting.md quote the one line GNU make adds after a mistake found before any stage runs;
+    GNU make writes it as `Makefile:N: *** <the Makefile's $(error) text>.  Stop.`, so the quote must be that text:
+    a reworded $(error) left the pages telling newcomers to expect a line make no longer prints."""
+    (said,) = re.findall(r"^\$\(error (stopped by [^)]*)\)$", MAKEFILE, flags=re.M)
+    quoted = f"Makefile:N: *** {said}.  Stop."
+    for page in (ROOT / "README.md", DOCS / "troubleshooting.md"):
+        spans = [s for s in _spans(page) if s.startswith("Makefile:N: ***")]
+        assert spans and set(spans) == {quoted}, f"{page.name} quotes {spans}; make prints {quoted!r}"
