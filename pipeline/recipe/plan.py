@@ -477,14 +477,12 @@ def _explain(r: Resolved, key: str, exact: bool = False) -> str:
             return f"packed rows of cutoff_len {r['cutoff_len']} (the built train split, tokenized and packed)"
         if n is None:
             return f"unknown until {run_this_for('data', r)}"
-        if exact:
-            return f"the built train split's rows that fit cutoff_len {r['cutoff_len']} (tokenized as train does)"
         trained = "splits.train in the built manifests" + (
             " (and splits.val of the datasets eval_dataset does not name: nothing else reads them)"
             if r["eval_dataset"] and set(r["dataset"]) - set(r["eval_dataset"]) else "")
-        if r["mix_strategy"] != "concat" and len(r["dataset"]) > 1:
-            return f"{r['mix_strategy']} of {trained}, interleaved with seed {r['seed']}"
-        return f"sum of {trained}"
+        rows = f"{r['mix_strategy']} of {trained}, interleaved with seed {r['seed']}" \
+            if r["mix_strategy"] != "concat" and len(r["dataset"]) > 1 else f"sum of {trained}"
+        return f"{rows}: the rows that fit cutoff_len {r['cutoff_len']} (tokenized as train does)" if exact else rows
     if key == "steps_per_epoch":
         if n is None:
             return "needs num_train_examples"
