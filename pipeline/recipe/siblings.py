@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from pipeline.errors import UserError
 from pipeline.names import CHECKPOINT_NAME, PREFERENCE_STAGES, split_names
 from pipeline.recipe.load import load_chain, shown_here
+from pipeline.recipe.started import RESOLVED_FILE
 
 MAX_FILES = 2000  # YAML files read per search; a working tree of recipes holds far fewer (LLaMA-Factory's: ~150)
 # Names (files and folders) looked at per search: make or validate started from a directory holding a large data tree
@@ -30,7 +31,7 @@ MAX_ENTRIES = 100_000
 # Besides hidden ones: outputs and caches, and test fixtures (this project's tests/compat/lf_examples holds
 # LLaMA-Factory's recipes: a user's copy of one in recipes/ would share their export_dir and output_dirs).
 SKIPPED_FOLDERS = ("saves", "tests", "__pycache__", "node_modules")
-_RUN_MARKERS = ("resolved.yaml", "pyvenv.cfg")  # a run's output_dir, a virtual environment: no recipes inside
+_RUN_MARKERS = (RESOLVED_FILE, "pyvenv.cfg")  # a run's output_dir, a virtual environment: no recipes inside
 _KEYS = ("output_dir", "export_dir", "dataset", "model_name_or_path")
 _values_cache: dict[str, tuple[tuple, dict[str, Any]]] = {}
 

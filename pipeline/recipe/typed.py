@@ -45,19 +45,27 @@ def ranks_here(goal: str, values: Mapping[str, Any]) -> int:
     return int(values.get("world_size") or 1) if goal in LAUNCHED else 1
 
 
+def command_options(goal: str, recipe: str | None, values: Mapping[str, Any]) -> dict[str, Any]:
+    """rerun.run_this's / run_after_build's `ranks` and `finished` for the command for `goal` about the run of
+    `recipe` whose resolved `values` a message has at hand (ranks_here, finished_here): one place for every caller."""
+    return {"ranks": ranks_here(goal, values), "finished": finished_here(goal, recipe, values)}
+
+
+def _recipe_of(r: Mapping[str, Any]) -> str | None:
+    path = getattr(r, "recipe_path", None)
+    return str(path) if path else None
+
+
 def run_this_for(goal: str, r: Mapping[str, Any], *, ranks: int | None = None, **changed: str) -> str:
     """pipeline.rerun.run_this for a resolved recipe: its path as the user gave it and its command-line overrides as
     typed (typed_overrides), the keys of `changed` set to the value a message suggests (rerun.with_values), on the
     run's ranks (ranks_here; `ranks`: others, a checkpoint's) and with train's flag for a finished run there."""
-    path = getattr(r, "recipe_path", None)
-    recipe = str(path) if path else None
-    return run_this(goal, recipe, with_values(typed_overrides(r), **changed),
-                    ranks=ranks_here(goal, r) if ranks is None else ranks, finished=finished_here(goal, recipe, r))
+    recipe = _recipe_of(r)
+    options = command_options(goal, recipe, r) | ({} if ranks is None else {"ranks": ranks})
+    return run_this(goal, recipe, with_values(typed_overrides(r), **changed), **options)
 
 
 def run_after_build_for(goal: str, r: Mapping[str, Any], **changed: str) -> str:
     """pipeline.rerun.run_after_build for a resolved recipe (a fix that changes a build key), as run_this_for."""
-    path = getattr(r, "recipe_path", None)
-    recipe = str(path) if path else None
-    return run_after_build(goal, recipe, with_values(typed_overrides(r), **changed), ranks=ranks_here(goal, r),
-                           finished=finished_here(goal, recipe, r))
+    recipe = _recipe_of(r)
+    return run_after_build(goal, recipe, with_values(typed_overrides(r), **changed), **command_options(goal, recipe, r))

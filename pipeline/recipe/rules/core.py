@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from pipeline.recipe.load import Origin
-from pipeline.recipe.typed import cli_texts, finished_here, ranks_here
+from pipeline.recipe.typed import cli_texts, command_options
 
 RUNS_HERE = ("train", "eval", "generate", "merge", "inspect", "validate", None)  # commands that run on this machine
 # Commands checked against the built row counts. Not `build`, which replaces those counts (a user told to "add
@@ -70,7 +70,7 @@ class Context:
         from pipeline.rerun import run_this, with_values
 
         return run_this(goal, self.recipe_file, with_values(cli_texts(self.origins.values()), **changed),
-                        ranks=ranks_here(goal, self.values), finished=finished_here(goal, self.recipe_file, self.values))
+                        **command_options(goal, self.recipe_file, self.values))
 
     def run_after_build(self, goal: str, **changed: str) -> str:
         """run_this for a fix that changes a build key (val_size): where make reads no pipeline Makefile, the build
@@ -79,8 +79,7 @@ class Context:
         from pipeline.rerun import run_after_build, with_values
 
         return run_after_build(goal, self.recipe_file, with_values(cli_texts(self.origins.values()), **changed),
-                               ranks=ranks_here(goal, self.values),
-                               finished=finished_here(goal, self.recipe_file, self.values))
+                               **command_options(goal, self.recipe_file, self.values))
 
     def sort_key(self, key: str) -> tuple:
         origin = self.origins.get(key)
