@@ -56,12 +56,18 @@ STAGE_GOALS := data validate inspect plan train dry-run merge export eval chat a
 
 # Several ranks (or nodes) go through the deepspeed launcher; one rank is a plain python process.
 # NNODES > 1: this node's part of a job without ssh (docs/packing-and-scale.md); HOSTFILE: DeepSpeed over ssh.
+# PLAN_LAUNCH: plan's environment as the launcher gives the ranks (pipeline/launched.py: its options, percent-encoded),
+# so the commands plan's messages name launch the job `make train` with these variables would.
 ifeq ($(NPROC)$(HOSTFILE)$(NNODES),11)
 LAUNCH := $(PY) -m pipeline
+PLAN_LAUNCH :=
 else
-LAUNCH := $(PY) -m pipeline.launch $(if $(HOSTFILE),--hostfile $(HOSTFILE)) \
+LAUNCH_OPTIONS := $(strip $(if $(HOSTFILE),--hostfile $(HOSTFILE)) \
 	$(if $(filter-out 1,$(NNODES)),--nnodes $(NNODES) --node_rank $(NODE_RANK) --master_addr '$(MASTER_ADDR)') \
-	$(if $(MASTER_PORT),--master_port $(MASTER_PORT)) --num_gpus $(NPROC) --module pipeline
+	$(if $(MASTER_PORT),--master_port $(MASTER_PORT)) --num_gpus $(NPROC))
+LAUNCH := $(PY) -m pipeline.launch $(LAUNCH_OPTIONS) --module pipeline
+LAUNCH_SPACE := $(subst ,, )
+PLAN_LAUNCH := PYTHON_PIPELINE_LAUNCH=$(subst $(LAUNCH_SPACE),%20,$(subst ',%27,$(subst %,%25,$(LAUNCH_OPTIONS))))
 endif
 
 .PHONY: help setup test-deps data validate inspect plan train dry-run merge export eval chat all test test-slow test-all bench clean FORCE
@@ -303,7 +309,7 @@ PLAN_WORLD_SIZE = $(shell echo $$(( $(NPROC) * $(if $(HOSTFILE),$$(grep -cvE '^[
 	2>/dev/null || echo 0),$(NNODES)) )))
 plan: $(DEPS_MK) ## resolved recipe with provenance, derived steps, DeepSpeed JSON, memory estimate
 	@$(if $(HOSTFILE),test -f '$(HOSTFILE)' || { echo "error: HOSTFILE=$(HOSTFILE): no such file" >&2; exit 2; })
-	WORLD_SIZE=$(PLAN_WORLD_SIZE) $(PY) -m pipeline plan $(RECIPE) $(ARGS)
+	WORLD_SIZE=$(PLAN_WORLD_SIZE) $(if $(PLAN_LAUNCH),$(PLAN_LAUNCH) )$(PY) -m pipeline plan $(RECIPE) $(ARGS)
 train: $(STAMPS)/train ## train (NPROC=N ranks; HOSTFILE=... or NNODES/NODE_RANK/MASTER_ADDR for several nodes)
 dry-run: $(STAMPS)/validate ## one training step + checkpoint into a temp folder: step time, memory; output_dir untouched
 	$(LAUNCH) train $(RECIPE) --dry-run $(ARGS)

@@ -57,9 +57,12 @@ def _wait_for_group(pgid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import REPORTED_ENV, UserError, print_errors
+    from pipeline.launched import LAUNCH_ENV, encode
     from pipeline.nodes import expand
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    # the ranks inherit how they were launched (every node's: see pipeline.launched), for the commands messages give
+    os.environ[LAUNCH_ENV] = encode(launcher_options(argv))
     try:
         argv, hostfile = expand(argv)  # --nnodes N --node_rank R: this node's part of a no-ssh job
     except UserError as err:
@@ -72,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if hostfile is not None:
                 hostfile.unlink(missing_ok=True)
+
+
+def launcher_options(argv: list[str]) -> list[str]:
+    """The options before `--module` (the launcher's, as given: --nnodes / --hostfile, not what nodes.expand makes
+    of them); all of argv when there is no --module."""
+    return argv[:argv.index("--module")] if "--module" in argv else list(argv)
 
 
 def _run(argv: list[str]) -> int:

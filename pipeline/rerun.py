@@ -23,6 +23,8 @@ import shlex
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from pipeline.launched import Launch, launch_of
+
 # make goals whose pipeline command is another, or takes flags: its name, then the flags the Makefile gives it after
 # the recipe
 COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "chat": ("generate",)}
@@ -32,7 +34,8 @@ COMMANDS = {"data": ("build",), "dry-run": ("train", "--dry-run"), "chat": ("gen
 # finished needs it not, and a command that shows it there reads as if something would be thrown away.
 RETRAIN = "--retrain-finished"
 # the goals the Makefile starts through its launcher on NPROC ranks ($(LAUNCH)): a message about a run on several
-# ranks gives these with that rank count (run_this's `ranks`); the other commands run in one process
+# ranks gives these with that rank count (run_this's `ranks`), launched as this run was where it ran on as many
+# (pipeline.launched: its hostfile or nodes); the other commands run in one process
 LAUNCHED = ("train", "dry-run", "eval")
 # the Makefile's variables that give one goal's command one option, after the recipe and ARGS (ARGS reach every stage
 # of a goal's chain, which refuses the option): variable -> (goal, option)
@@ -59,19 +62,44 @@ def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folde
     the Makefile launches several ranks; env: VAR=value settings both forms start with (HF_HUB_OFFLINE=0);
     variables: MAKE_VARIABLES and their values (NUM=5), `make GOAL ... NUM=5` (python -m pipeline COMMAND ... --num 5);
     finished: a finished run of the recipe is in its output_dir, which the python -m form of train trains again with
-    RETRAIN (make's does so itself)."""
+    RETRAIN (make's does so itself). Where `ranks` are this run's and pipeline.launch started it
+    (pipeline.launched.launch_of), both forms launch it as it was (its options: MASTER_PORT, its hostfile, or its
+    nodes, then "on every node, with its NODE_RANK"), the python -m form alone where make has no variable for an
+    option; a run on several nodes started otherwise is run "as you launched this run"."""
     typed = python_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables, finished=finished)
+    where = launch_note(goal, ranks)
     if folder is not None:
-        return f"`cd {shlex.quote(folder)} && {typed}`"
-    if not make_runs_here():
-        return f"`{typed}`"
-    return f"{make_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables)} ({typed})"
+        return f"`cd {shlex.quote(folder)} && {typed}`{where}"
+    make = make_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables)
+    if make is None or not make_runs_here():
+        return f"`{typed}`{where}"
+    return f"{make} ({typed}){where}"
+
+
+def _launch(goal: str, ranks: int) -> Launch | None:
+    """How the command for `goal` on `ranks` ranks is launched: as this run was (launch_of), for a launched goal."""
+    return launch_of(ranks) if goal in LAUNCHED else None
+
+
+def launch_note(goal: str, ranks: int) -> str:
+    """What a message adds after the command for `goal` on `ranks` ranks: where it is typed for a job on several
+    nodes, or that it is launched as this run was when that launch is unknown (pipeline.launched.Launch.where)."""
+    launch = _launch(goal, ranks)
+    return launch.where() if launch is not None else ""
 
 
 def make_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
-              env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str:
-    """run_this's make form, in backticks: "`make GOAL RECIPE=r ARGS='k=v'`", quoted for a POSIX shell."""
-    make = [*env, "make", goal, *([f"NPROC={ranks}"] if ranks > 1 else [])]
+              env: Sequence[str] = (), variables: Mapping[str, str] = {}) -> str | None:
+    """run_this's make form, in backticks: "`make GOAL RECIPE=r ARGS='k=v'`", quoted for a POSIX shell; with this
+    run's launch (NPROC=8 HOSTFILE=hf, or its nodes); None where make has no variable for an option of that launch,
+    or the launch is unknown."""
+    launch = _launch(goal, ranks)
+    launched = [f"NPROC={ranks}"] if ranks > 1 else []
+    if launch is not None:
+        launched = launch.make_variables() if launch.options is not None else None
+        if launched is None:
+            return None
+    make = [*env, "make", goal, *launched]
     settings = "".join(f" {name}={shlex.quote(value)}" for name, value in variables.items())
     if not recipe:
         return f"`{shlex.join(make)}{settings}`"
@@ -81,11 +109,17 @@ def make_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, r
 
 def python_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
                 env: Sequence[str] = (), variables: Mapping[str, str] = {}, finished: bool = False) -> str:
-    """run_this's python -m form, unquoted: "python -m pipeline COMMAND r k=v", quoted for a POSIX shell."""
+    """run_this's python -m form, unquoted: "python -m pipeline COMMAND r k=v", quoted for a POSIX shell; through
+    pipeline.launch with this run's launcher options where it has them (pipeline.launched), the bare command where
+    that launch is unknown (launch_note says how it is launched)."""
     command, *flags = COMMANDS.get(goal, (goal,))
     flags += [RETRAIN] if goal == "train" and finished else []
     options = [part for name, value in variables.items() for part in (MAKE_VARIABLES[name][1], value)]
-    python = [*env, "python", "-m", *(["pipeline.launch", "--num_gpus", str(ranks), "--module"] if ranks > 1 else []),
+    launch = _launch(goal, ranks)
+    launcher = ["--num_gpus", str(ranks)] if ranks > 1 and launch is None else None
+    if launch is not None and launch.options is not None:
+        launcher = list(launch.options)
+    python = [*env, "python", "-m", *(["pipeline.launch", *launcher, "--module"] if launcher is not None else []),
               "pipeline", command]
     return shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
 
@@ -103,9 +137,11 @@ def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = ()
         return run_this(goal, recipe, overrides)
     command = python_form(goal, recipe, overrides, ranks=ranks, finished=finished)
     both = f"{python_form('data', recipe, overrides)} && {command}"
-    if not make_runs_here():
-        return f"`{both}`"
-    return f"{make_form(goal, recipe, overrides, ranks=ranks)} ({both})"
+    where = launch_note(goal, ranks)
+    make = make_form(goal, recipe, overrides, ranks=ranks)
+    if make is None or not make_runs_here():
+        return f"`{both}`{where}"
+    return f"{make} ({both}){where}"
 
 
 def key_of(override: str) -> str:

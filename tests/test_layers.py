@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("recipe", ("pipeline.recipe",)),
     ("libraries", ("pipeline.model", "pipeline.data")),
     ("base", ("pipeline.errors", "pipeline.io", "pipeline.library_warnings", "pipeline.lock", "pipeline.names",
-              "pipeline.rerun", "pipeline")),
+              "pipeline.rerun", "pipeline.launched", "pipeline")),
 ]
 STAGES = LAYERS[1][1]
 

@@ -152,12 +152,12 @@ class RunLayout:
     @staticmethod
     def _train_again(recipe: str | Path, overrides: Sequence[str], ranks: int) -> str:
         """start_refusal's aside on the command that trains a finished run of `recipe` again from scratch."""
-        from pipeline.rerun import make_runs_here, python_form, run_this
+        from pipeline.rerun import launch_note, make_runs_here, python_form, run_this
 
         if make_runs_here():  # make retrains only a stale run; this run is finished and may be current
             return (" (`make train` does so itself once the recipe or its ARGS change; "
-                    f"`{python_form('train', str(recipe), overrides, ranks=ranks, finished=True)}` does so now, without "
-                    "an edit)")
+                    f"`{python_form('train', str(recipe), overrides, ranks=ranks, finished=True)}`"
+                    f"{launch_note('train', ranks)} does so now, without an edit)")
         return f" ({run_this('train', str(recipe), overrides, ranks=ranks, finished=True)} does so without an edit)"
 
     def finished_start(self) -> Started | None:

@@ -407,8 +407,8 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment a user's shell would give: offline, no launcher variables or warning filters (PYTHONWARNINGS)
     left from the test runner."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "PYTHONWARNINGS")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT", "PYTHON_PIPELINE_LAUNCH", "PYTHONWARNINGS")}
     # the repository first, then what the caller's PYTHONPATH held (bench/gpu_check.sh --wheels puts the wheels
     # a machine without network lacks there)
     path = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)])

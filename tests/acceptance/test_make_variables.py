@@ -9,6 +9,8 @@ which refuses it. `make -n` runs the sub-make (its line calls $(MAKE)) and print
 """
 from __future__ import annotations
 
+import re
+
 from tests.acceptance.harness import cli_env, make, scratch_repo, write_data, write_recipe
 
 
@@ -53,8 +55,11 @@ def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
     done = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=hostfile", f"VENV={root / 'venv'}", cwd=root,
                 env=env)
     assert any(line.split()[:2] == ["world_size", "4"] for line in done.stdout.splitlines()), done.stdout
-    # the command make echoes is the one that runs, on one line (it was `WORLD_SIZE=$(( 2 * $(grep ...) )) \`)
-    assert f"WORLD_SIZE=4 {root / 'venv'}/bin/python -m pipeline plan recipes/r.yaml" in done.stdout, done.stdout
+    # the command make echoes is the one that runs, on one line (it was `WORLD_SIZE=$(( 2 * $(grep ...) )) \`), with
+    # the launch `make train` would make (pipeline/launched.py; the harness gives make a free MASTER_PORT)
+    assert re.search(r"^WORLD_SIZE=4 PYTHON_PIPELINE_LAUNCH=--hostfile%20hostfile%20--master_port%20[0-9]+%20"
+                     rf"--num_gpus%202 {re.escape(str(root / 'venv'))}/bin/python -m pipeline plan recipes/r.yaml",
+                     done.stdout, re.M), done.stdout
     assert "$((" not in done.stdout, done.stdout
     missing = make("plan", "RECIPE=recipes/r.yaml", "NPROC=2", "HOSTFILE=nope", f"VENV={root / 'venv'}", cwd=root,
                    env=env, expect=2)
@@ -62,7 +67,9 @@ def test_make_plan_counts_the_hosts_of_a_hostfile(tmp_path):
     # docs/packing-and-scale.md#several-machines: `make plan NNODES=2 NPROC=8` shows the numbers of 16 ranks
     nodes = make("plan", "RECIPE=recipes/r.yaml", "NPROC=8", "NNODES=2", f"VENV={root / 'venv'}", cwd=root, env=env)
     assert any(line.split()[:2] == ["world_size", "16"] for line in nodes.stdout.splitlines()), nodes.stdout
-    assert f"WORLD_SIZE=16 {root / 'venv'}/bin/python -m pipeline plan recipes/r.yaml" in nodes.stdout, nodes.stdout
+    assert re.search(r"^WORLD_SIZE=16 PYTHON_PIPELINE_LAUNCH=--nnodes%202%20--node_rank%200%20--master_addr%20%27%27"
+                     rf"%20--master_port%20[0-9]+%20--num_gpus%208 {re.escape(str(root / 'venv'))}/bin/python -m "
+                     "pipeline plan recipes/r.yaml", nodes.stdout, re.M), nodes.stdout
 
 
 def test_args_may_hold_a_quote_inside_a_quoted_value(tmp_path):

@@ -1,0 +1,83 @@
+"""The command a message gives for a run on several nodes launches the job the user launched (pipeline.launched):
+its hostfile, or its nodes with "on every node, with its NODE_RANK"; and where that launch is unknown, no
+single-node command but "as you launched this run". Driven as typed under the environment each launch gives the
+ranks (WORLD_SIZE, DeepSpeed's LOCAL_SIZE and the variable pipeline.launch exports, set here by hand: no second host
+is needed), from the pt recipe whose held-out document gives no window at cutoff_len (validate says train's
+refusal, whose fix is `train ... val_size=0`). Failed before, each: `make train NPROC=2 RECIPE=pt.yaml
+ARGS=val_size=0` (python -m pipeline build ... && python -m pipeline.launch --num_gpus 2 --module pipeline train
+...), two ranks on one machine."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.launch import main
+from tests.acceptance.harness import REPO, cli_env, link_makefile, pipeline, write_recipe
+from tests.acceptance.test_pt_cli import _c4_like
+
+BUILD = "python -m pipeline build pt.yaml val_size=0 && "
+
+
+@pytest.fixture
+def pt_recipe(workdir, hf_checkpoint):
+    """pt.yaml: 11 short documents to train on (5 windows: tests/acceptance/test_pt_cli.py) and 1 held out, which
+    gives no window of cutoff_len + 1 tokens; no key asks for an evaluation, so holding out nothing is the fix."""
+    link_makefile(workdir)
+    _c4_like(workdir / "data", 12)
+    write_recipe(workdir / "pt.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
+                 output_dir="saves/pt", stage="pt", dataset="c4_demo", template=None, cutoff_len=16, val_size=1)
+    pipeline("build", "pt.yaml", cwd=workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("launch, command", [
+    # make train NPROC=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501, on the second node
+    ("--nnodes%202%20--node_rank%201%20--master_addr%2010.0.0.1%20--master_port%2029501%20--num_gpus%201",
+     "`make train NPROC=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501 RECIPE=pt.yaml "
+     f"ARGS=val_size=0` ({BUILD}python -m pipeline.launch --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "
+     "--master_port 29501 --num_gpus 1 --module pipeline train pt.yaml val_size=0) on every node, with its NODE_RANK "
+     "(0 on MASTER_ADDR)"),
+    # make train NPROC=1 HOSTFILE=hosts (two hosts over ssh)
+    ("--hostfile%20hosts%20--num_gpus%201",
+     "`make train NPROC=1 HOSTFILE=hosts RECIPE=pt.yaml ARGS=val_size=0` "
+     f"({BUILD}python -m pipeline.launch --hostfile hosts --num_gpus 1 --module pipeline train pt.yaml val_size=0)"),
+    # DeepSpeed's or torchrun's launcher typed directly on two nodes: the launch is not known
+    (None, f"`{BUILD}python -m pipeline train pt.yaml val_size=0`, launched on 2 ranks as you launched this run "
+           "(its nodes, its launcher)"),
+])
+def test_validate_on_two_nodes_names_the_launch_the_user_made(pt_recipe, launch, command):
+    env = cli_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_SIZE="1",
+                  **({} if launch is None else {"PYTHON_PIPELINE_LAUNCH": launch}))
+    err = pipeline("validate", "pt.yaml", cwd=pt_recipe, expect=2, as_typed=False, env=env).stderr
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].endswith(f"which evaluates nothing: {command}"), err
+
+
+def test_make_plan_gives_plan_the_launch_make_train_makes():
+    """`make plan` with the node variables runs plan under the launch `make train` would make (WORLD_SIZE and the
+    variable, percent-encoded by hand here), so plan's messages name the same command."""
+    shown = subprocess.run(["make", "-n", "plan", f"VENV={sys.prefix}", "NPROC=8", "NNODES=2", "NODE_RANK=0",
+                            "MASTER_ADDR=10.0.0.1", "MASTER_PORT=29501"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout
+    assert ("WORLD_SIZE=16 PYTHON_PIPELINE_LAUNCH=--nnodes%202%20--node_rank%200%20--master_addr%20%2710.0.0.1%27"
+            "%20--master_port%2029501%20--num_gpus%208 ") in shown, shown
+
+
+def test_launch_exports_the_options_it_was_given_to_the_ranks_of_a_no_ssh_node(monkeypatch):
+    """pipeline.launch sets the variable to its options as given (not the --no_ssh form nodes.expand makes of them)
+    before it starts DeepSpeed's runner, which passes its environment to the ranks it starts."""
+    import pipeline.launch as launch
+    import pipeline.nodes as nodes
+
+    monkeypatch.setenv("PYTHON_PIPELINE_LAUNCH", "")  # put back after the test
+    monkeypatch.setattr(nodes, "check_master", lambda *args: None)  # no node 0 to reach
+    started = []
+    monkeypatch.setattr(launch, "_run", lambda argv: started.append((argv, dict(launch.os.environ))) or 0)
+    assert main(["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--num_gpus", "4",
+                 "--module", "pipeline", "train", "r.yaml"]) == 0
+    (argv, environ), = started
+    assert "--no_ssh" in argv
+    assert environ["PYTHON_PIPELINE_LAUNCH"] == ("--nnodes%202%20--node_rank%201%20--master_addr%2010.0.0.1"
+                                                 "%20--num_gpus%204")
