@@ -113,7 +113,7 @@ def _values(recipe: Path) -> dict[str, Any]:
     return values
 
 
-def _output_dir(recipe: Path) -> str | None:
+def output_dir_of(recipe: Path) -> str | None:
     """A recipe's output_dir (its own or inherited; saves/<its name> by default)."""
     value = _values(recipe).get("output_dir")
     if value is None:
@@ -130,7 +130,7 @@ def _writes(recipe: Path) -> list[tuple[str, str]]:
     """(folder, make goal that writes it) for what a recipe produces: train its output_dir, merge its merged
     model (output_dir/merged, or export_dir when set). A recipe naming no dataset cannot train (a LLaMA-Factory
     merge recipe): `export` writes its export_dir."""
-    out, export_dir = _output_dir(recipe), _export_dir(recipe)
+    out, export_dir = output_dir_of(recipe), _export_dir(recipe)
     found = [(out, "train")] if out else []
     if export_dir:  # merge writes there instead of merged/
         found.append((export_dir, "merge" if _values(recipe).get("dataset") else "export"))
@@ -142,7 +142,7 @@ def _writes(recipe: Path) -> list[tuple[str, str]]:
 def run_checkpoint(path: str, recipe: Path) -> int | None:
     """The step of the checkpoint-<step> folder of the run `recipe` trains (its output_dir's) that `path` is or lies
     in (checkpoint-<step>/adapter); None for another path."""
-    out = _output_dir(recipe)
+    out = output_dir_of(recipe)
     if out is None or not _inside(path, out) or os.path.abspath(path) == os.path.abspath(out):
         return None
     step = CHECKPOINT_NAME.fullmatch(Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).parts[0])

@@ -23,8 +23,11 @@ def written_by(ctx: Context, path: str) -> str:
     recipes/sft.yaml) first)` when a recipe in scope (pipeline.recipe.siblings, make's upstream search) writes `path`,
     else "": what a message about a folder that is not there yet adds (pipeline.model.hub.missing_here). The
     upstream's command carries none of this command's overrides: they set this recipe's values (its output_dir ...),
-    and make runs an upstream with ARGS= too."""
-    from pipeline.recipe.siblings import producer, run_checkpoint, unsaved_step
+    and make runs an upstream with ARGS= too. Where the upstream's output_dir holds its finished run and `path` is
+    gone from it all the same (its adapter/ or checkpoint-<step> deleted), the python -m form of its train carries
+    --retrain-finished (typed.finished_here), without which train refuses that output_dir."""
+    from pipeline.recipe.siblings import output_dir_of, producer, run_checkpoint, unsaved_step
+    from pipeline.recipe.typed import finished_here
     from pipeline.rerun import run_this
 
     found = producer(Path(ctx.recipe_file), path)
@@ -36,7 +39,8 @@ def written_by(ctx: Context, path: str) -> str:
     if why:  # make does not train it for this (pipeline.recipe.deps._upstream)
         return (f" (a checkpoint of {recipe}'s run, which saves no step {step}: {why}; name a checkpoint-<step> "
                 "that is there, or its final adapter/)")
-    return f" ({recipe} writes it: run {run_this(goal, str(recipe))} first)"
+    finished = finished_here(goal, str(recipe), {"output_dir": output_dir_of(recipe)})
+    return f" ({recipe} writes it: run {run_this(goal, str(recipe), finished=finished)} first)"
 
 
 def loads_model_now(ctx: Context) -> bool:
