@@ -39,7 +39,7 @@ from pipeline.data.loaders import tokenized_pair_split
 from pipeline.data.registry import dataset_names
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
 from pipeline.recipe.args import EvalArgs, GenerationArgs, data_args, eval_args, preference_args, recipe_args
-from pipeline.recipe.typed import run_this_for
+from pipeline.recipe.typed import run_after_build_for, run_this_for
 from pipeline.recipe.precision import eval_precision, weights_dtype
 from pipeline.runtime.inference import load_weights
 from pipeline.runtime.layout import RunLayout, Weights, current_weights, describe, trained_weights
@@ -54,15 +54,15 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         from pipeline.evaluate import choice
 
         return choice.run(r, args)
+    data, ev, gen, pref = data_args(r), eval_args(r), GenerationArgs.from_recipe(r), preference_args(r)
+    sft = ev.stage in ("sft", *PREFERENCE_STAGES)  # generation metrics (dpo: against the chosen responses)
+    rows = _generation_rows(r, data, ev) if sft else []  # an empty split is refused before the ranks meet
     rank, world = _init_distributed()
     out = Path(r["output_dir"])
     tuned = tuned_model(r)
-    data, ev, gen, pref = data_args(r), eval_args(r), GenerationArgs.from_recipe(r), preference_args(r)
-    sft = ev.stage in ("sft", *PREFERENCE_STAGES)  # generation metrics (dpo: against the chosen responses)
     dpo = ev.stage in PREFERENCE_STAGES  # log-probs of pairs (kto: of examples and their KL sequences)
     rm = ev.stage == "rm"  # a reward model's scores of the pairs (pipeline.evaluate.reward)
     tags = tokenized_pair_split(data, "val").tags if ev.stage == "kto" else None
-    rows = _generation_rows(data, ev) if sft else []
     pair_scores: dict[str, Any] = {}
     models: list[tuple[str, Tuned | None]] = ([("base", None)] if r["eval_base"] else []) + [("tuned", tuned)]
     dtype = DTYPES[weights_dtype(r)]  # the frozen reference too (pure_bf16: bf16, as the run trained against it)
@@ -190,15 +190,16 @@ def split_loss(model: torch.nn.Module, data: DataArgs, ev: EvalArgs, *, rank: in
 
 
 # ---------------------------------------------------------------- generation
-def _generation_rows(data: DataArgs, ev: EvalArgs) -> list[dict]:
-    """The val rows generation is scored on (dpo: the chosen response as the reference), max_eval_samples first."""
+def _generation_rows(r: Mapping[str, Any], data: DataArgs, ev: EvalArgs) -> list[dict]:
+    """The val rows generation is scored on (dpo: the chosen response as the reference), max_eval_samples first. An
+    empty split's fix is the eval of `r` with val_size set, on the run's ranks (typed.run_after_build_for: the
+    launch the user made; its python -m form builds first, as eval refuses data built with another val_size)."""
     from pipeline.data.load import load_split
     from pipeline.recipe.rules.data import VAL_SIZE
-    from pipeline.rerun import run_this, with_values
 
     rows = load_split(data, "val")
-    if not rows:  # make rebuilds the data for the new ARGS first
-        again = run_this("eval", data.recipe, with_values(data.overrides, val_size=VAL_SIZE))
+    if not rows:
+        again = run_after_build_for("eval", r, val_size=VAL_SIZE)
         raise UserError(f"the val split is empty: nothing to evaluate; set val_size > 0, e.g. {again}, or name an "
                         "eval_dataset")
     if ev.stage == "dpo":  # generation is scored against the chosen response

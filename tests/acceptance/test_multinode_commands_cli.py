@@ -8,6 +8,8 @@ ARGS=val_size=0` (python -m pipeline build ... && python -m pipeline.launch --nu
 ...), two ranks on one machine."""
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -21,14 +23,15 @@ BUILD = "python -m pipeline build pt.yaml val_size=0 && "
 
 
 @pytest.fixture
-def pt_recipe(workdir, hf_checkpoint):
-    """pt.yaml: 11 short documents to train on (5 windows: tests/acceptance/test_pt_cli.py) and 1 held out, which
-    gives no window of cutoff_len + 1 tokens; no key asks for an evaluation, so holding out nothing is the fix."""
+def pt_recipe(workdir):
+    """pt.yaml: 11 short documents to train on and 1 held out, which gives no window of cutoff_len + 1 tokens
+    (tests/acceptance/test_pt_cli.py, on the tiny preset's GPT-2 vocabulary); no key asks for an evaluation, so
+    holding out nothing is the fix."""
     link_makefile(workdir)
     _c4_like(workdir / "data", 12)
-    write_recipe(workdir / "pt.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
-                 output_dir="saves/pt", stage="pt", dataset="c4_demo", template=None, cutoff_len=16, val_size=1)
-    pipeline("build", "pt.yaml", cwd=workdir)
+    write_recipe(workdir / "pt.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/pt",
+                 stage="pt", dataset="c4_demo", template=None, cutoff_len=16, val_size=1)
+    pipeline("build", "pt.yaml", cwd=workdir, as_typed=False)
     return workdir
 
 
@@ -81,3 +84,25 @@ def test_launch_exports_the_options_it_was_given_to_the_ranks_of_a_no_ssh_node(m
     assert "--no_ssh" in argv
     assert environ["PYTHON_PIPELINE_LAUNCH"] == ("--nnodes%202%20--node_rank%201%20--master_addr%2010.0.0.1"
                                                  "%20--num_gpus%204")
+
+
+def test_eval_of_an_empty_val_split_names_the_eval_on_the_runs_ranks(workdir):
+    """eval's "the val split is empty" on 2 ranks (WORLD_SIZE=2, as `make eval NPROC=2` gives every rank; the split
+    and its manifest emptied by hand: the build refuses an empty split and the rules a val_size that holds none out) names the eval on 2 ranks, built first
+    in its python -m form as every val_size fix is, and says so before the ranks meet (failed before: `make eval
+    RECIPE=r.yaml ARGS=val_size=0.1` (python -m pipeline eval r.yaml val_size=0.1), one rank, no build)."""
+    link_makefile(workdir)
+    write_recipe(workdir / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r")
+    pipeline("build", "r.yaml", cwd=workdir, as_typed=False)
+    built = workdir / "data" / "build" / "tiny_sft"
+    (built / "val.json").write_text("[]", encoding="utf-8")
+    manifest = json.loads((built / "manifest.json").read_text(encoding="utf-8"))  # as if the build had made it
+    manifest["splits"]["val"] = 0
+    manifest["files"]["val.json"] = {"sha256": hashlib.sha256(b"[]").hexdigest(), "bytes": 2}
+    (built / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    err = pipeline("eval", "r.yaml", cwd=workdir, expect=2, env=cli_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),
+                   timeout=60).stderr
+    assert err.splitlines() == [
+        "error: the val split is empty: nothing to evaluate; set val_size > 0, e.g. `make eval NPROC=2 RECIPE=r.yaml "
+        "ARGS=val_size=0.1` (python -m pipeline build r.yaml val_size=0.1 && python -m pipeline.launch --num_gpus 2 "
+        "--module pipeline eval r.yaml val_size=0.1), or name an eval_dataset"], err

@@ -414,7 +414,7 @@ def test_a_reasoning_templates_thought_is_not_scored(tmp_path, monkeypatch):
     rows = [{"instruction": "What is 2 plus 2?", "input": "", "output": "<think>\nadd them\n</think>\n\n2 plus 2 is 4."},
             {"instruction": "What is 1 plus 1?", "input": "", "output": "1 plus 1 is 2."}]
     monkeypatch.setattr(load, "load_split", lambda data, split: rows)
-    refs = [row["output"] for row in E._generation_rows(data, ev)]
+    refs = [row["output"] for row in E._generation_rows(r, data, ev)]
     assert refs == ["2 plus 2 is 4.", "1 plus 1 is 2."]
     tokenizer = recipe_tokenizer(data)
     said = [tokenizer.encode("<think>\n\n</think>\n\n2 plus 2 is 4."), tokenizer.encode("1 plus 1 is 2.")]
