@@ -133,7 +133,7 @@ def refuse_before_build(command: str, r: Any, args: argparse.Namespace) -> None:
     if command == "train" and not getattr(args, "dry_run", False):
         from pipeline.train.run import check_start
 
-        check_start(r, args)
+        check_start(r, args, warn=False)  # train asks again after the build and says which checkpoints it skipped
     elif command == "eval":
         from pipeline.evaluate.run import check_start as check_eval
 

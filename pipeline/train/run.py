@@ -71,12 +71,13 @@ class Start:
     profile: Any
 
 
-def check_start(r: Any, args: Any = None) -> Start:
+def check_start(r: Any, args: Any = None, warn: bool = True) -> Start:
     """Every refusal of train that needs no model and no data, asked without writing anything: the combinations the
     trainer cannot honour (preflight), the DeepSpeed JSON (check_ds_config), PIPELINE_PROFILE, the checkpoint it
     resumes and a folder it may not start in (check_output_dir). One list, asked by train itself and, before
     overwrite_cache's build (pipeline.__main__.steps), by main: the build rewrote the data and only then was the
-    run refused."""
+    run refused. `warn`: whether find_resume says which damaged checkpoints it skipped (main asks quietly; train,
+    which asks again after the build, says it: once, not twice)."""
     from pipeline.train import step_profile
 
     if retraining(r, args):
@@ -85,7 +86,7 @@ def check_start(r: Any, args: Any = None) -> Start:
     check_ds_config(r)
     profile = step_profile.from_env(dist.rank())
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
-                                    checkpoint.where(r, "resume_from_checkpoint"))
+                                    checkpoint.where(r, "resume_from_checkpoint"), warn=warn)
     check_output_dir(r, resume)
     return Start(resume, profile)
 
