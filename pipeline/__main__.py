@@ -129,7 +129,19 @@ def refuse_before_build(command: str, r: Any, args: argparse.Namespace) -> None:
     """overwrite_cache's build runs before train or eval (steps): every refusal of that command that needs no model
     and no data is asked first, without writing anything, so that a refused run leaves the built data as it was
     (it was rebuilt, then the run refused). train: pipeline.train.run.check_start, the list train asks itself; eval:
-    pipeline.evaluate.run.check_start (nothing trained to evaluate, the benchmark's own)."""
+    pipeline.evaluate.run.check_start (nothing trained to evaluate, the benchmark's own). The lock on what the
+    command writes (lock_targets) is asked first, without taking it (pipeline.lock.in_use, unwritable): when another
+    run holds it, that is what the user needs to hear, not that run's files in output_dir; the lock itself is taken
+    only around the command, after the build, so a refusal here leaves no lock behind."""
+    from pipeline.lock import in_use, unwritable
+
+    for target, at in lock_targets(command, r, getattr(args, "dry_run", False)):
+        held = in_use(target, at)
+        if held is not None:
+            raise UserError(held)
+        refusal = unwritable(target, at)
+        if refusal is not None:
+            raise refusal
     if command == "train" and not getattr(args, "dry_run", False):
         from pipeline.train.run import check_start
 

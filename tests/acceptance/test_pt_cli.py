@@ -125,6 +125,22 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
                                                     (workdir / "data/build").rglob("*") if path.is_file()}, argv
     assert not (workdir / "saves/new").exists()
 
+    # another run holds saves/pt's lock: that is the refusal, not saves/pt's finished run that the holder is writing
+    # (failed before: check_output_dir's 'is not empty'), and the lock is not taken over
+    from pipeline.lock import exclusive
+
+    with exclusive(workdir / "saves/pt", "python -m pipeline train pt.yaml", writes=True) as lock:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        err = pipeline("train", few, "output_dir=saves/pt", "val_size=1", "overwrite_cache=true", cwd=workdir,
+                       expect=2, as_typed=False).stderr
+        assert json.loads(lock.read_text(encoding="utf-8")) == holder
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: command line override output_dir=saves/pt: output_dir: saves/pt is in use by `python -m pipeline train pt.yaml` (pid "
+        f"{holder['pid']} on host {holder['host']}, started {holder['started']}); two runs writing it would corrupt each "
+        "other. Wait for that run to finish (or stop it), or choose another directory. The lock is saves/.pt.lock"], err
+    assert "Traceback" not in err and built == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in
+                                                (workdir / "data/build").rglob("*") if path.is_file()}
+
 
 def zero_fix(workdir, recipe, **env: str) -> str:
     """The command validate's refusal of held-out text too short for a window gives to hold out nothing, with
