@@ -125,6 +125,33 @@ def lock_targets(command: str, r: Any, dry_run: bool = False) -> list[tuple[Path
     return []
 
 
+def refuse_before_build(command: str, r: Any, args: argparse.Namespace) -> None:
+    """overwrite_cache's build runs before train or eval (steps): every refusal of that command that needs no model
+    and no data is asked first, without writing anything, so that a refused run leaves the built data as it was
+    (it was rebuilt, then the run refused). train: pipeline.train.run.check_start, the list train asks itself; eval:
+    pipeline.evaluate.run.check_start (nothing trained to evaluate, the benchmark's own). The lock on what the
+    command writes (lock_targets) is asked first, without taking it (pipeline.lock.in_use, unwritable): when another
+    run holds it, that is what the user needs to hear, not that run's files in output_dir; the lock itself is taken
+    only around the command, after the build, so a refusal here leaves no lock behind."""
+    from pipeline.lock import in_use, unwritable
+
+    for target, at in lock_targets(command, r, getattr(args, "dry_run", False)):
+        held = in_use(target, at)
+        if held is not None:
+            raise UserError(held)
+        refusal = unwritable(target, at)
+        if refusal is not None:
+            raise refusal
+    if command == "train" and not getattr(args, "dry_run", False):
+        from pipeline.train.run import check_start
+
+        check_start(r, args, warn=False)  # train asks again after the build and says which checkpoints it skipped
+    elif command == "eval":
+        from pipeline.evaluate.run import check_start as check_eval
+
+        check_eval(r, args)
+
+
 def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> str:
     """An option of another command ('validate r.yaml --num 3'), which would be ignored without a word: the
     groups of build_parser are named after the command their options belong to."""
@@ -220,10 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
         code = 0
         planned = steps(args.command, resolved, args)
-        if planned[:2] == ["build", "train"] and not getattr(args, "dry_run", False):
-            from pipeline.train.run import check_start
-
-            check_start(resolved, args)  # a run train refuses is refused before overwrite_cache's build writes
+        if planned[0] == "build" and len(planned) > 1:
+            refuse_before_build(planned[1], resolved, args)
         for command in planned:
             module_name, func_name, _ = COMMANDS[command]
             what = f"python -m pipeline {command} {args.recipe}"

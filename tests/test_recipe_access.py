@@ -26,8 +26,8 @@ ALLOWED: dict[str, set[str] | None] = {
     "pipeline/validate.py": None,
     "pipeline/chat.py": {"run"},
     "pipeline/merge.py": {"run", "export_run", "adapter_dir", "_recipe", "_export_target", "export_generation"},
-    "pipeline/evaluate/run.py": {"run", "tuned_model", "_recipe"},
-    "pipeline/evaluate/choice.py": {"run", "_model"},
+    "pipeline/evaluate/run.py": {"run", "check_start", "tuned_model", "_recipe"},
+    "pipeline/evaluate/choice.py": {"run", "check_start", "_model"},
     "pipeline/train/run.py": None,
     "pipeline/train/dryrun.py": {"run"},
     # resume compares the whole recipe with the one a checkpoint saved: which keys changed, and where they are set

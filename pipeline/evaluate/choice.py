@@ -30,20 +30,27 @@ from pipeline.recipe.args import BenchmarkArgs, benchmark_args, data_args, eval_
 from pipeline.recipe.typed import run_this_for
 
 
+def check_start(r: Mapping[str, Any]) -> None:
+    """The benchmark's refusals that need no model and no data (several ranks, an existing save_dir), asked by run
+    and, before overwrite_cache's build, by pipeline.evaluate.run.check_start."""
+    bench = benchmark_args(r)
+    if r["world_size"] > 1:
+        raise UserError(f"{key_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one "
+                        f"too, its model spread over the GPUs); run {run_this_for('eval', r, ranks=1)}, without NPROC / the "
+                        "launcher")
+    if bench.save_dir is not None and Path(bench.save_dir).exists():
+        raise UserError(f"{key_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an "
+                        "existing save_dir too (\"`save_dir` already exists, use another one.\"): name a new folder, or remove "
+                        "this one")
+
+
 def run(r: Mapping[str, Any], args: Any = None) -> int:
     from pipeline.data.model_tokenizer import recipe_tokenizer
     from pipeline.evaluate.devices import autocast
     from pipeline.model.weights import note
 
     bench = benchmark_args(r)
-    if r["world_size"] > 1:
-        raise UserError(f"{key_where(r, 'task')}: the benchmark runs in one process (LLaMA-Factory's eval runs one "
-                        f"too, its model spread over the GPUs); run {run_this_for('eval', r, ranks=1)}, without NPROC / the "
-                        "launcher")
-    if bench.save_dir is not None and Path(bench.save_dir).exists():  # before anything is read or loaded
-        raise UserError(f"{key_where(r, 'save_dir')}: {bench.save_dir} already exists; LLaMA-Factory refuses an "
-                        "existing save_dir too (\"`save_dir` already exists, use another one.\"): name a new folder, or remove "
-                        "this one")
+    check_start(r)  # before anything is read or loaded
     task = read_benchmark(r)
     data = data_args(r)
     tokenizer = recipe_tokenizer(data)

@@ -49,6 +49,18 @@ from pipeline.runtime.layout import RunLayout, Weights, current_weights, describ
 REPORT_BY_MAKE = "PIPELINE_REPORT_BY_MAKE"
 
 
+def check_start(r: Mapping[str, Any], args: Any = None) -> None:
+    """eval's refusals that need no model and no data (nothing trained to evaluate; the benchmark's own), asked
+    before overwrite_cache's build (pipeline.__main__.refuse_before_build): the build rewrote the data and only then
+    was the evaluation refused."""
+    if r.get("task") is not None:
+        from pipeline.evaluate import choice
+
+        choice.check_start(r)
+    else:
+        tuned_model(r)
+
+
 def run(r: Mapping[str, Any], args: Any = None) -> int:
     if r.get("task") is not None:  # LLaMA-Factory's eval recipe: a multiple-choice benchmark, not the held-out split
         from pipeline.evaluate import choice

@@ -196,9 +196,11 @@ def read_state(path: str | Path) -> dict[str, Any]:
 where = key_at  # the name train's modules use
 
 
-def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_from_checkpoint") -> Path | None:
+def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_from_checkpoint",
+                warn: bool = True) -> Path | None:
     """The checkpoint resume_from_checkpoint (`value`; `at`: where it was set) names: None for a fresh run; a
-    UserError when it cannot be used. 'latest' is the newest intact checkpoint in output_dir."""
+    UserError when it cannot be used. 'latest' is the newest intact checkpoint in output_dir; `warn`: whether to
+    say which damaged ones it skipped (a caller that asks again later says it then: pipeline.train.run.check_start)."""
     if value is None:
         return None
     output_dir = Path(output_dir)
@@ -211,7 +213,7 @@ def find_resume(value: str | None, output_dir: str | Path, at: str = "resume_fro
         for path in reversed(candidates):
             problems = problems_with(path)
             if not problems:
-                if damaged and dist.is_main():
+                if damaged and warn and dist.is_main():
                     print(f"warning: skipped damaged checkpoints: {'; '.join(damaged)}; resuming from {path}",
                           file=sys.stderr)
                 return path

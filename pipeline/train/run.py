@@ -62,16 +62,33 @@ def retraining(r: Any, args: Any = None) -> bool:
         not r["resume_from_checkpoint"] and RunLayout.of(r["output_dir"]).finished_by(r.recipe_path)
 
 
-def check_start(r: Any, args: Any = None) -> None:
-    """train's refusals that the recipe and output_dir decide before its first step (the checkpoint it resumes, a
-    folder it may not start in: check_output_dir), asked without writing anything. overwrite_cache's build runs
-    before train (pipeline.__main__.steps) and asks these first: it rebuilt the data and only then was the run
-    refused, leaving the build of a run that never started."""
+@dataclass(frozen=True)
+class Start:
+    """What check_start found, which train goes on with: the checkpoint it resumes (None: a fresh run) and the
+    steps PIPELINE_PROFILE asks to profile (None: none, or not rank 0)."""
+
+    resume: Path | None
+    profile: Any
+
+
+def check_start(r: Any, args: Any = None, warn: bool = True) -> Start:
+    """Every refusal of train that needs no model and no data, asked without writing anything: the combinations the
+    trainer cannot honour (preflight), the DeepSpeed JSON (check_ds_config), PIPELINE_PROFILE, the checkpoint it
+    resumes and a folder it may not start in (check_output_dir). One list, asked by train itself and, before
+    overwrite_cache's build (pipeline.__main__.steps), by main: the build rewrote the data and only then was the
+    run refused. `warn`: whether find_resume says which damaged checkpoints it skipped (main asks quietly; train,
+    which asks again after the build, says it: once, not twice)."""
+    from pipeline.train import step_profile
+
     if retraining(r, args):
         r = r.replace(overwrite_output_dir=True)
+    preflight(r)
+    check_ds_config(r)
+    profile = step_profile.from_env(dist.rank())
     resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
-                                    checkpoint.where(r, "resume_from_checkpoint"))
+                                    checkpoint.where(r, "resume_from_checkpoint"), warn=warn)
     check_output_dir(r, resume)
+    return Start(resume, profile)
 
 
 def run(r: Any, args: Any = None) -> int:
@@ -107,17 +124,17 @@ def train(r: Any, one_step: Any = None) -> TrainResult:
     from pipeline.train.badam import every_block_trainable
     from pipeline.train.schedule import make_scheduler
 
-    preflight(r)
-    check_ds_config(r)
-    profile = step_profile.from_env(dist.rank())  # a bad PIPELINE_PROFILE stops here, before anything is written
+    if r["world_size"] != dist.world_size():
+        raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
+                           f"{dist.world_size()}")
+    # every refusal the recipe and output_dir decide, before anything is written or the model loads (minutes)
+    start = check_start(r)
+    resume, profile = start.resume, start.profile
     if dist.is_main():
         precision_notice(r)
         zero3 = one_rank_zero3_notice(r)
         if zero3:
             print(zero3, file=sys.stderr, flush=True)
-    resume = checkpoint.find_resume(r["resume_from_checkpoint"], r["output_dir"],
-                                    checkpoint.where(r, "resume_from_checkpoint"))
-    check_output_dir(r, resume)  # a refused output_dir says so now, not after minutes of loading the model
     notices = checkpoint.check_compatible(r, resume) if resume is not None else []
     loss_changes = checkpoint.token_loss_changes(r, resume)
 
@@ -378,9 +395,6 @@ def preflight(r: Mapping[str, Any]) -> None:
                         f"pure_bf16: true: {PURE_BF16_OFFLOAD}")
     if r["pure_bf16"]:
         pure_bf16_device()
-    if r["world_size"] != dist.world_size():
-        raise RuntimeError(f"the recipe was resolved for {r['world_size']} ranks but torch.distributed has "
-                           f"{dist.world_size()}")
 
 
 def pure_bf16_device() -> None:

@@ -102,6 +102,44 @@ def test_held_out_text_too_short_for_one_window_is_an_error_not_a_skipped_evalua
     assert len(said) == 1 and "saves/pt is not empty: it holds a finished run of pt.yaml" in said[0], err
     assert "Traceback" not in err and built == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in
                                                 (workdir / "data/build").rglob("*") if path.is_file()}
+    # every other refusal that needs no model and no data comes before that build too (train.run.check_start): a
+    # deepspeed JSON's ZeRO 3 with pure_bf16 (preflight), a bad PIPELINE_PROFILE, and eval's nothing trained to
+    # evaluate (failed before: the data rebuilt, then the refusal)
+    (workdir / "ds3.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}), encoding="utf-8")
+    stale = (few, "val_size=1", "overwrite_cache=true", "output_dir=saves/new")
+    cases = [(("train", *stale, "deepspeed=ds3.json", "pure_bf16=true"), {}, True,
+              "error: ds3.json: zero_optimization.stage is 3 with pure_bf16: true: pure_bf16 does not run under ZeRO 3: "
+              "LLaMA-Factory refuses the two (\"`pure_bf16` is incompatible with DeepSpeed ZeRO-3\"); set "
+              "zero_optimization.stage to 2 (or lower) there, or use bf16: true (mixed precision: fp32 master weights "
+              "and optimizer states) with ZeRO 3"),
+             (("train", *stale), {"PIPELINE_PROFILE": "prof.json:0"}, False,
+              "error: PIPELINE_PROFILE='prof.json:0': expected FILE.json[:FIRST[:COUNT]] with FIRST and COUNT whole "
+              "numbers of at least 1, e.g. profile.json:3:2 (steps 3 and 4)"),
+             (("eval", *stale), {}, False,
+              f"error: saves/new/adapter: no trained adapter to evaluate; `python -m pipeline train {few} overwrite_cache=true "
+              "val_size=1 output_dir=saves/new` produces it")]
+    for argv, env, typed, message in cases:
+        err = pipeline(*argv, cwd=workdir, expect=2, as_typed=typed, env=cli_env(**env)).stderr
+        assert [line for line in err.splitlines() if line.startswith("error:")] == [message], (argv, err)
+        assert "Traceback" not in err and built == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in
+                                                    (workdir / "data/build").rglob("*") if path.is_file()}, argv
+    assert not (workdir / "saves/new").exists()
+
+    # another run holds saves/pt's lock: that is the refusal, not saves/pt's finished run that the holder is writing
+    # (failed before: check_output_dir's 'is not empty'), and the lock is not taken over
+    from pipeline.lock import exclusive
+
+    with exclusive(workdir / "saves/pt", "python -m pipeline train pt.yaml", writes=True) as lock:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        err = pipeline("train", few, "output_dir=saves/pt", "val_size=1", "overwrite_cache=true", cwd=workdir,
+                       expect=2, as_typed=False).stderr
+        assert json.loads(lock.read_text(encoding="utf-8")) == holder
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: command line override output_dir=saves/pt: output_dir: saves/pt is in use by `python -m pipeline train pt.yaml` (pid "
+        f"{holder['pid']} on host {holder['host']}, started {holder['started']}); two runs writing it would corrupt each "
+        "other. Wait for that run to finish (or stop it), or choose another directory. The lock is saves/.pt.lock"], err
+    assert "Traceback" not in err and built == {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in
+                                                (workdir / "data/build").rglob("*") if path.is_file()}
 
 
 def zero_fix(workdir, recipe, **env: str) -> str:
