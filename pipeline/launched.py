@@ -65,6 +65,15 @@ class Launch:
             return None
         return [f"{variable}={pairs[name]}" for name, variable in MAKE_OPTIONS.items() if name in pairs]
 
+    def started(self) -> int | None:
+        """The ranks the options start: --num_gpus on each of --nnodes nodes (one by default); None where they do
+        not say (a hostfile's hosts, or options without --num_gpus: DeepSpeed's own count)."""
+        pairs = self.pairs()
+        if pairs is None or "--hostfile" in pairs or any(name not in MAKE_OPTIONS for name in pairs):
+            return None
+        gpus, nodes = pairs.get("--num_gpus", ""), pairs.get("--nnodes", "1")
+        return int(gpus) * int(nodes) if gpus.isdigit() and nodes.isdigit() else None
+
     def node_by_node(self) -> bool:
         """Whether each node starts its own part (NNODES > 1, no ssh): the command is typed on every node."""
         nodes = (self.pairs() or {}).get("--nnodes", "1")
@@ -83,13 +92,24 @@ def launch_of(ranks: int, environ: Mapping[str, str] = os.environ) -> Launch | N
     """The launch a command on `ranks` ranks reproduces: this process's (LAUNCH_ENV) when it runs on as many
     (WORLD_SIZE; a checkpoint's other rank count is another launch), Launch(options=None) for a run on several
     nodes whose launch is unknown, and None for the rest (one process, or ranks on one node: `NPROC=ranks` is that
-    launch)."""
-    world = environ.get("WORLD_SIZE", "1")
+    launch). The variable is believed only where a launcher gave this process its WORLD_SIZE and its options start
+    that many ranks (Launch.started): a shell that exported it holds another launch's
+    (a process a rank starts inherits WORLD_SIZE too, and is taken for a rank of that launch, as resolve takes it)."""
+    world = environ.get("WORLD_SIZE", "")
     if not world.isdigit() or int(world) != ranks:
         return None
-    if environ.get(LAUNCH_ENV):
-        return Launch(ranks, tuple(shlex.split(unquote(environ[LAUNCH_ENV]))))
+    launch = _given(ranks, environ.get(LAUNCH_ENV, ""))
+    if launch is not None and launch.started() in (None, ranks):
+        return launch
     local = environ.get("LOCAL_SIZE") or environ.get("LOCAL_WORLD_SIZE") or ""
     if local.isdigit() and 0 < int(local) < ranks:
         return Launch(ranks, None)
     return None
+
+
+def _given(ranks: int, value: str) -> Launch | None:
+    """The Launch LAUNCH_ENV's `value` names; None for none, or for a value encode never writes (unbalanced quotes)."""
+    try:
+        return Launch(ranks, tuple(shlex.split(unquote(value)))) if value else None
+    except ValueError:
+        return None

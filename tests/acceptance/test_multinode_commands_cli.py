@@ -57,6 +57,26 @@ def test_validate_on_two_nodes_names_the_launch_the_user_made(pt_recipe, launch,
     assert len(said) == 1 and said[0].endswith(f"which evaluates nothing: {command}"), err
 
 
+@pytest.mark.parametrize("environ, command", [
+    # one process, in a shell that exported the variable (copied from a rank's environment): no launcher gave this
+    # process a WORLD_SIZE, so no launch is its
+    ({"PYTHON_PIPELINE_LAUNCH": "--hostfile%20hosts%20--num_gpus%202"},
+     f"`make train RECIPE=pt.yaml ARGS=val_size=0` ({BUILD}python -m pipeline train pt.yaml val_size=0)"),
+    # torchrun's 2 ranks on one node in that shell: the variable's 4 ranks are another launch's
+    ({"PYTHON_PIPELINE_LAUNCH": "--num_gpus%204", "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+      "LOCAL_WORLD_SIZE": "2"},
+     f"`make train NPROC=2 RECIPE=pt.yaml ARGS=val_size=0` ({BUILD}python -m pipeline.launch --num_gpus 2 --module "
+     "pipeline train pt.yaml val_size=0)"),
+])
+def test_a_launch_left_in_the_environment_is_not_this_runs(pt_recipe, environ, command):
+    """The variable names the launch of the process pipeline.launch started and of its ranks alone; found in another
+    process's environment it is not that process's launch (failed before: `make train NPROC=2 HOSTFILE=hosts ...`
+    for a one-process validate, `make train NPROC=4 ...` for a run of 2 ranks)."""
+    err = pipeline("validate", "pt.yaml", cwd=pt_recipe, expect=2, as_typed=False, env=cli_env(**environ)).stderr
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].endswith(f"which evaluates nothing: {command}"), err
+
+
 def test_launch_exports_the_options_it_was_given_to_the_ranks_of_a_no_ssh_node(monkeypatch):
     """pipeline.launch sets the variable to its options as given (not the --no_ssh form nodes.expand makes of them)
     before it starts DeepSpeed's runner, which passes its environment to the ranks it starts."""
