@@ -124,6 +124,14 @@ def python_form(goal: str, recipe: str | None, overrides: Sequence[str] = (), *,
     return shlex.join([*python, *((recipe, *flags, *overrides) if recipe else ("RECIPE", *flags)), *options])
 
 
+def train_again(recipe: str, overrides: Sequence[str] = (), *, ranks: int = 1) -> str:
+    """The command that trains the finished run of `recipe` in its output_dir again now, in backticks: the python -m
+    form with RETRAIN, launched as this run was (launch_note). Never make's: `make train` retrains a finished run
+    only once the recipe or its ARGS change, and with its train stamp current it says "Nothing to be done" (its
+    adapter deleted since, or not)."""
+    return f"`{python_form('train', recipe, overrides, ranks=ranks, finished=True)}`{launch_note('train', ranks)}"
+
+
 def run_after_build(goal: str, recipe: str | None, overrides: Sequence[str] = (), *, ranks: int = 1,
                     finished: bool = False) -> str:
     """run_this for a fix that changes what the data build makes (a build key such as val_size, in `overrides`):

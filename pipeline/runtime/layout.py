@@ -152,13 +152,13 @@ class RunLayout:
     @staticmethod
     def _train_again(recipe: str | Path, overrides: Sequence[str], ranks: int) -> str:
         """start_refusal's aside on the command that trains a finished run of `recipe` again from scratch."""
-        from pipeline.rerun import launch_note, make_runs_here, python_form, run_this
+        from pipeline.rerun import make_runs_here, train_again
 
+        command = train_again(str(recipe), overrides, ranks=ranks)
         if make_runs_here():  # make retrains only a stale run; this run is finished and may be current
-            return (" (`make train` does so itself once the recipe or its ARGS change; "
-                    f"`{python_form('train', str(recipe), overrides, ranks=ranks, finished=True)}`"
-                    f"{launch_note('train', ranks)} does so now, without an edit)")
-        return f" ({run_this('train', str(recipe), overrides, ranks=ranks, finished=True)} does so without an edit)"
+            return (f" (`make train` does so itself once the recipe or its ARGS change; {command} does so now, without "
+                    "an edit)")
+        return f" ({command} does so without an edit)"
 
     def finished_start(self) -> Started | None:
         """How the finished run here (all_results.json) was started, as its resolved.yaml records it (the recipe

@@ -110,13 +110,15 @@ def test_the_upstream_of_a_deleted_adapter_is_trained_again_with_retrain_finishe
     """recipes/sft.yaml's run finished (resolved.yaml's lines, all_results.json: written by hand as train writes
     them) but its adapter/ was deleted: the command to run first trains that finished run again, which train does
     only with --retrain-finished (failed before: `python -m pipeline train recipes/sft.yaml`, which train refuses:
-    "holds a finished run"); make's form is the same (make retrains it itself)."""
+    "holds a finished run"). Not `make train RECIPE=recipes/sft.yaml`: its train stamp, current since that run,
+    makes it say "Nothing to be done for 'train'" and leave the adapter missing (failed before: printed first)."""
     run = workdir / "saves" / "sft"
     run.mkdir()
     (run / "resolved.yaml").write_text(f"# resolved recipe: recipes/sft.yaml\n# started in: {workdir}\n", "utf-8")
     (run / "all_results.json").write_text("{}", encoding="utf-8")
     err = refused("train", "recipes/next.yaml", "adapter_name_or_path=saves/sft/adapter", cwd=workdir,
                   as_typed=False)
-    assert ("adapter_name_or_path: directory 'saves/sft/adapter' does not exist here (recipes/sft.yaml writes it: "
-            "run `make train RECIPE=recipes/sft.yaml` (python -m pipeline train recipes/sft.yaml --retrain-finished) "
-            "first)") in err, err
+    assert ("adapter_name_or_path: directory 'saves/sft/adapter' does not exist here (recipes/sft.yaml writes it, "
+            "and its finished run in saves/sft is there without it: run `python -m pipeline train recipes/sft.yaml "
+            "--retrain-finished` first; `make train` leaves a finished run as it is until the recipe or its ARGS "
+            "change)") in err, err

@@ -24,11 +24,12 @@ def written_by(ctx: Context, path: str) -> str:
     else "": what a message about a folder that is not there yet adds (pipeline.model.hub.missing_here). The
     upstream's command carries none of this command's overrides: they set this recipe's values (its output_dir ...),
     and make runs an upstream with ARGS= too. Where the upstream's output_dir holds its finished run and `path` is
-    gone from it all the same (its adapter/ or checkpoint-<step> deleted), the python -m form of its train carries
-    --retrain-finished (typed.finished_here), without which train refuses that output_dir."""
+    gone from it all the same (its adapter/ or checkpoint-<step> deleted), the command is rerun.train_again's, the
+    python -m form with --retrain-finished (typed.finished_here), without which train refuses that output_dir;
+    make's form would say "Nothing to be done" (its train stamp is current)."""
     from pipeline.recipe.siblings import output_dir_of, producer, run_checkpoint, unsaved_step
     from pipeline.recipe.typed import finished_here
-    from pipeline.rerun import run_this
+    from pipeline.rerun import make_runs_here, run_this, train_again
 
     found = producer(Path(ctx.recipe_file), path)
     if found is None:
@@ -39,8 +40,13 @@ def written_by(ctx: Context, path: str) -> str:
     if why:  # make does not train it for this (pipeline.recipe.deps._upstream)
         return (f" (a checkpoint of {recipe}'s run, which saves no step {step}: {why}; name a checkpoint-<step> "
                 "that is there, or its final adapter/)")
-    finished = finished_here(goal, str(recipe), {"output_dir": output_dir_of(recipe)})
-    return f" ({recipe} writes it: run {run_this(goal, str(recipe), finished=finished)} first)"
+    out = output_dir_of(recipe)
+    if finished_here(goal, str(recipe), {"output_dir": out}):
+        make = "; `make train` leaves a finished run as it is until the recipe or its ARGS change" \
+            if make_runs_here() else ""
+        return (f" ({recipe} writes it, and its finished run in {out} is there without it: run "
+                f"{train_again(str(recipe))} first{make})")
+    return f" ({recipe} writes it: run {run_this(goal, str(recipe))} first)"
 
 
 def loads_model_now(ctx: Context) -> bool:
