@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError, did_you_mean, print_errors
+from pipeline.launched import first_rank
 
 # command -> (module, function, one-line help). Each function takes (Resolved, argparse.Namespace).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -111,7 +112,7 @@ def lock_targets(command: str, r: Any, dry_run: bool = False) -> list[tuple[Path
     if command == "train" and dry_run:
         return []
     if command == "train":
-        return [(Path(r["output_dir"]), where(r, "output_dir"))] if os.environ.get("RANK", "0") == "0" else []
+        return [(Path(r["output_dir"]), where(r, "output_dir"))] if first_rank() else []
     if command in ("merge", "export"):
         if r.get("export_dir"):
             return [(Path(r["export_dir"]), where(r, "export_dir"))]

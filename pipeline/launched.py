@@ -32,6 +32,14 @@ MAKE_OPTIONS = {"--num_gpus": "NPROC", "--hostfile": "HOSTFILE", "--nnodes": "NN
                 "--master_addr": "MASTER_ADDR", "--master_port": "MASTER_PORT"}
 
 
+def first_rank(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process is rank 0 of its job, the one that says what every rank would say (a note, a progress
+    bar): RANK, which every launcher sets before the ranks start and a plain process lacks. Asked from the
+    environment, not torch.distributed, because the ranks talk before they meet (resolving the recipe, loading the
+    model, train's checks); pipeline.runtime.dist.rank agrees with it once they have."""
+    return (environ.get("RANK") or "0") == "0"
+
+
 def encode(options: list[str]) -> str:
     """LAUNCH_ENV's value for pipeline.launch's `options` (a shell-safe word: see the module docstring)."""
     return quote(shlex.join(options), safe="")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import os
 import signal
 import sys
 import weakref
@@ -37,6 +36,7 @@ from pipeline.data.packing import Packs, collate_packs, pack_examples
 from pipeline.data.tokenize import IGNORE, dropped_words, pt_stream, pt_windows, tokenized_split
 from pipeline.data.model_tokenizer import recipe_tokenizer
 from pipeline.errors import UserError
+from pipeline.launched import first_rank
 from pipeline.library_warnings import hide_library_warning
 
 MEGA_BATCHES = 50
@@ -420,7 +420,7 @@ def say_worker_count(workers: int) -> None:
     if workers <= cpus:
         return
     _said_worker_count = True
-    if os.environ.get("RANK", "0") == "0":
+    if first_rank():
         print(f"notice: dataloader_num_workers: {workers} worker processes per DataLoader, more than the {cpus} "
               f"CPUs this process may use: they share them with training (batches may come slower); set "
               f"dataloader_num_workers: {cpus} or less here", file=sys.stderr)

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_json
+from pipeline.launched import first_rank
 from pipeline.model.config import (PRESETS, ModelConfig, checkpoint_kind, config_path, read_config, read_raw,
                                    to_hf_config, to_own_config)
 from pipeline.model.families import GPT2, Family, check_exportable
@@ -505,5 +506,7 @@ def shard_bytes_from_gb(gigabytes: float | None) -> int | None:
 
 
 def note(message: str) -> None:
-    """Status lines go to stderr so that `generate` keeps stdout for the completion only."""
-    print(message, file=sys.stderr, flush=True)
+    """Status lines go to stderr so that `generate` keeps stdout for the completion only; rank 0's alone (every rank
+    of a launched job loads the same model and would say the same line once per rank)."""
+    if first_rank():
+        print(message, file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.recipe import spec
 from pipeline.recipe.steps import steps_word, warmup_waste
 from pipeline.names import PREFERENCE_STAGES, trains_adapter
+from pipeline.launched import first_rank
 
 TRUST_REMOTE_CODE = ("accepted; no remote code ever runs here: every supported model family is implemented in "
                      "this repository and weights are read from safetensors only")
@@ -437,7 +438,7 @@ def notices(r: Any, command: str | None = None) -> list[str]:
 
 def print_notices(r: Any, command: str) -> None:
     """The notices `command` says (notices), on rank 0's stderr."""
-    if os.environ.get("RANK", "0") != "0":
+    if not first_rank():
         return
     for line in notices(r, command):
         print(line, file=sys.stderr)

@@ -183,9 +183,11 @@ def _flush_c_streams() -> None:
 
 
 def rank() -> int:
+    """This process's rank: torch.distributed's once the ranks have met, before that the launcher's RANK (0 for a
+    plain process), so that what rank 0 alone says before init (train's retrain note) is said once, not per rank."""
     import torch.distributed as tdist
 
-    return tdist.get_rank() if tdist.is_initialized() else 0
+    return tdist.get_rank() if tdist.is_initialized() else int(os.environ.get("RANK") or 0)
 
 
 def world_size() -> int:
