@@ -79,7 +79,7 @@ def apply_length_policy(r: Resolved, data: DataArgs) -> bool:
     if counted is None:
         return False
     if r["do_train"]:
-        val_split_used(counted[0])  # held-out rows that give the run's evaluation nothing: train's refusal
+        val_split_used(counted)  # held-out rows that give the run's evaluation nothing: train's refusal
     count_examples(data)  # the val split too: train counts it before it builds its loader
     return True
 

@@ -393,6 +393,9 @@ def make_loader(data: DataArgs, split: str, *, say_workers: bool = True, **kwarg
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
     loader = (pair_loader if data.paired else pt_loader if data.form == "pt" else sft_loader)(data, split, **kwargs)
+    from pipeline.data.counts import keep_tally
+
+    keep_tally(data, split, tokenized_tally(data, split))  # what plan and validate count next (pipeline.data.counts)
     loader.num_workers = int(data.dataloader_num_workers or 0)
     if say_workers:
         say_worker_count(loader.num_workers)
@@ -432,8 +435,8 @@ def dropped_note(data: DataArgs) -> str:
     process, which validate's length pass and train do anyway); "" for pt, whose documents are cut into windows."""
     if data.form == "pt":
         return ""
-    split = tokenized_pair_split(data, "train") if data.paired else tokenized_split(data, "train")
-    return dropped_words(split.dropped, split.rows, data.cutoff_len)
+    counted = tally(data, "train")  # kept beside the build by an earlier count: validate tokenizes nothing then
+    return dropped_words(counted["dropped"], counted["rows"], data.cutoff_len)
 
 
 def holds_out(data: DataArgs) -> bool:
@@ -447,10 +450,32 @@ def holds_out(data: DataArgs) -> bool:
 
 def count_examples(data: DataArgs) -> dict[str, int]:
     """Examples per split after the length policy (pt: windows), for exact step counts."""
+    return {s: count_items(data, s) for s in ("train", "val")}
+
+
+def count_items(data: DataArgs, split: str) -> int:
+    """The items of `split` once the length policy ran (pt: windows; sft with packing: packs; dpo: pairs)."""
+    return tally(data, split)["items"]
+
+
+def tally(data: DataArgs, split: str) -> dict[str, Any]:
+    """count_items and, but for pt, the rows the split held and those the length policy dropped, by reason
+    (dropped_note's words): kept next to the build when these settings were counted before (pipeline.data.counts),
+    else counted by tokenizing the split, and kept."""
+    from pipeline.data.counts import cached_tally, keep_tally
+
+    kept = cached_tally(data, split)
+    if kept is not None:
+        return kept
+    counted = tokenized_tally(data, split)
+    keep_tally(data, split, counted)
+    return counted
+
+
+def tokenized_tally(data: DataArgs, split: str) -> dict[str, Any]:
+    """tally of the split as tokenized in this process (once: the per-process caches of tokenize and sft_packs)."""
     if data.stage == "pt":
-        return {s: len(pt_windows(len(pt_stream(data, s)), data.cutoff_len, pt_stride(data))) for s in ("train", "val")}
-    if data.paired:
-        return {s: len(tokenized_pair_split(data, s)) for s in ("train", "val")}
-    if packing_enabled(data):
-        return {s: len(sft_packs(data, s)) for s in ("train", "val")}
-    return {s: len(tokenized_split(data, s)) for s in ("train", "val")}
+        return {"items": len(pt_windows(len(pt_stream(data, split)), data.cutoff_len, pt_stride(data)))}
+    tokenized = tokenized_pair_split(data, split) if data.paired else tokenized_split(data, split)
+    items = len(sft_packs(data, split)) if packing_enabled(data) else len(tokenized)
+    return {"items": items, "rows": tokenized.rows, "dropped": dict(tokenized.dropped)}

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import tiktoken
 
@@ -121,17 +121,22 @@ class Tokenizer:
         return self.encoding.encode(self._prepare(text), allowed_special=self.added,
                                     continued=isinstance(text, Continued))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """encode() for many texts, in chunks on several threads (tiktoken releases the GIL)."""
+    def encode_batch(self, texts: Sequence[str], done: Callable[[int], None] | None = None) -> list[list[int]]:
+        """encode() for many texts, in chunks on several threads (tiktoken releases the GIL). `done`: told the
+        characters of each text (one thread) or chunk (several) once encoded, for a progress bar."""
         threads = min(8, os.cpu_count() or 1)
-        if len(texts) < BATCH_MIN or threads < 2:
-            return [self.encode(t) for t in texts]
+        size = len(texts) if len(texts) < BATCH_MIN or threads < 2 else CHUNK
+        tell = done or (lambda _: None)
 
         def work(chunk: Sequence[str]) -> list[list[int]]:
-            return [self.encode(t) for t in chunk]
+            encoded = [self.encode(t) for t in chunk]
+            tell(sum(map(len, chunk)))
+            return encoded
 
+        if size == len(texts):
+            return [ids for t in texts for ids in work([t])]
         with ThreadPoolExecutor(threads) as pool:
-            parts = pool.map(work, [texts[i:i + CHUNK] for i in range(0, len(texts), CHUNK)])  # in order
+            parts = pool.map(work, [texts[i:i + size] for i in range(0, len(texts), size)])  # in order
             return list(chain.from_iterable(parts))
 
     def encode_special(self, text: str) -> list[int]:

@@ -33,18 +33,31 @@ def exact_steps(r: Any, loader: Any, data: DataArgs | None = None) -> Any:
     return r
 
 
-def counted_steps(r: Any, data: DataArgs) -> tuple[Any, Any] | None:
-    """(`r` with exact_steps' counts, the train loader of one rank on the recipe's world size: WORLD_SIZE, 1 unless
-    launched) as validate and plan count them; None when the tokenizer is not on this machine yet (train reports it
-    then, and the counts stay the built rows')."""
+def counted_steps(r: Any, data: DataArgs) -> Any | None:
+    """`r` with exact_steps' counts of the train loader of one rank on the recipe's world size (WORLD_SIZE, 1 unless
+    launched), as validate and plan count them; None when the tokenizer is not on this machine yet (train reports it
+    then, and the counts stay the built rows').
+
+    The train split's item count is read back where it was counted before under the same settings (pipeline.data
+    .counts: by an earlier plan, validate, train or eval), so that a second plan of a large corpus does not
+    tokenize it again. A kept count that leaves no global batch or no step is counted again through the loader: its
+    refusals (an empty split at cutoff_len, one short of a global batch, no_step_fits) say what the length policy
+    dropped, which only the tokenized split knows."""
+    from pipeline.data.counts import cached_count
     from pipeline.data.model_tokenizer import available_tokenizer
+    from pipeline.recipe import derive_steps
     from pipeline.recipe.evaluation import train_loader
 
     if available_tokenizer(data) is None:
         return None
+    kept = cached_count(data, "train")
+    if kept is not None and kept >= r["per_device_train_batch_size"] * r["world_size"]:
+        counted = derive_steps(r, kept)
+        if counted["steps_per_epoch"] or not counted["do_train"]:
+            return counted
     # an empty split: train's refusal, at cutoff_len's file:line
     loader = train_loader(r, world_size=r["world_size"], say_workers=False)
-    return exact_steps(r, loader, data), loader
+    return exact_steps(r, loader, data)
 
 
 def no_step_fits(r: Mapping[str, Any], micro_batches: int, data: DataArgs | None = None) -> UserError:

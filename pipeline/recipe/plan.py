@@ -504,7 +504,8 @@ def _explain(r: Resolved, key: str, exact: bool = False) -> str:
 
 def counted(r: Resolved) -> tuple[Resolved, bool]:
     """(`r` with the step counts train runs, True) once the built train split is tokenized as train does (the length
-    policy's drops, sft's packs, pt's windows: pipeline.recipe.exact, validate's count too); (`r`, False) with the
+    policy's drops, sft's packs, pt's windows: pipeline.recipe.exact, validate's count too; read back where an earlier
+    command kept it for the same build and settings: pipeline.data.counts); (`r`, False) with the
     built rows' counts when nothing trains, the data is not built or built with other settings than the recipe's (a
     changed val_size, overwrite_cache: true: train rebuilds it first, or refuses it; plan showed the recipe, and a
     count refused it), or the tokenizer is not on this machine yet."""
@@ -516,7 +517,7 @@ def counted(r: Resolved) -> tuple[Resolved, bool]:
     if not built or not r["do_train"] or any(build_problem(data, name) for name in dataset_names(data, "dataset")):
         return r, False
     found = counted_steps(r, data)
-    return (r, False) if found is None else (found[0], True)
+    return (r, False) if found is None else (found, True)
 
 
 def run(r: Resolved, args: argparse.Namespace | None = None) -> int:

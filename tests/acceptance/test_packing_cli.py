@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,23 @@ import torch
 from tests.acceptance.harness import pipeline, write_recipe
 
 PACKED = dict(cutoff_len=160, packing=True, neat_packing=True, disable_gradient_checkpointing=False, val_size=0.2)
+
+# The packs of the workdir's tiny_sft (harness.write_data: 24 rows of sft_rows), counted by hand. Row i is
+# {"instruction": "Repeat the words: W1 W2 W3", "output": "W1 W2 W3 (i)"}, its words from WORDS (each one GPT-2 token
+# after a space; bare, as W1 opens the output, too, but for "garden": "gard" "en", and no output opens with it), i
+# from 0 to 23 (one token each). Under the alpaca template every row is 44 GPT-2 tokens:
+#   "Below is an instruction that describes a task." 9 + " Write a response that appropriately completes the
+#   request." 9 + "\n" "\n" 2 (the system's "\n\n" before "###")                            = 20
+#   "###" " Instruction" ":" "\n" 4 + "Repeat" " the" " words" ":" 4 + W1 W2 W3 3            = 31
+#   "\n" "\n" "###" " Response" ":" "\n" 6                                                   = 37
+#   W1 W2 W3 3 + " (" i ")" 3 + <|endoftext|> 1                                             = 44
+# val_size 0.2 holds out ceil(0.2 x 24) = 5 rows: 19 train rows. An example of 44 tokens fills 43 positions of a
+# packed row (its inputs, tokens 0..42). Best-fit decreasing of 19 equal sizes fills one row until the next does
+# not fit, then opens another:
+#   cutoff_len 160: 3 x 43 = 129 <= 160 < 4 x 43 = 172: 3 a row, rows of 3,3,3,3,3,3,1 = 7 packs
+#   cutoff_len 100: 2 x 43 = 86 <= 100 < 129:          2 a row, rows of 2 x 9, then 1  = 10 packs
+HAND_TRAIN_ROWS = 19
+HAND_PACKS = {160: 7, 100: 10}
 
 
 def test_neat_packed_lora_run_from_a_save_pretrained_gpt2(workdir, hf_checkpoint):
@@ -48,6 +66,43 @@ def test_neat_packed_lora_run_from_a_save_pretrained_gpt2(workdir, hf_checkpoint
     assert torch.isfinite(after).all() and not torch.allclose(before, after)
 
 
+def planned(done: Any) -> int:
+    """plan's num_train_examples."""
+    return int(re.search(r"num_train_examples\s+(\d+)", done.stdout).group(1))
+
+
+def test_plan_keeps_its_count_beside_the_build(workdir, hf_checkpoint):
+    """plan counts the packs by tokenizing the train split as train does; a second plan of the same build and
+    settings reads the count kept beside the build (data/build/tiny_sft/counts/) and tokenizes nothing: the
+    tokenizing path writes the file again (a new inode), so an untouched file is the second call's proof. Another
+    cutoff_len is another key: counted anew, to the hand count. Failed before: no counts/ folder, every plan tokenized."""
+    recipe = write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2", n_positions=160)),
+                          dataset_dir="data", output_dir="saves/r", max_steps=None, num_train_epochs=1, **PACKED)
+    pipeline("build", recipe, cwd=workdir, as_typed=False)
+    counts = workdir / "data/build/tiny_sft/counts"
+
+    def kept() -> dict[str, tuple[int, int, int]]:
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, json.loads(p.read_text())["items"])
+                for p in counts.iterdir()}
+
+    assert planned(pipeline("plan", "r.yaml", cwd=workdir)) == HAND_PACKS[160]
+    first = kept()
+    assert [items for _, _, items in first.values()] == [HAND_PACKS[160]]
+    assert planned(pipeline("plan", "r.yaml", cwd=workdir)) == HAND_PACKS[160]
+    assert kept() == first  # read, not counted again
+    pipeline("validate", "r.yaml", cwd=workdir, as_typed=False)  # reads it too, and counts the val split
+    assert {name: kept()[name] for name in first} == first and len(kept()) == 2
+
+    assert planned(pipeline("plan", "r.yaml", "cutoff_len=100", cwd=workdir, as_typed=False)) == HAND_PACKS[100]
+    second = kept()
+    assert sorted((name.split("-")[0], items) for name, (_, _, items) in second.items()) == \
+        [("train", HAND_PACKS[160]), ("train", HAND_PACKS[100]), ("val", 2)]  # val: 5 rows, 3 + 2 at cutoff_len 160
+    assert planned(pipeline("plan", "r.yaml", "packing=false", "neat_packing=false", cwd=workdir,
+                            as_typed=False)) == HAND_TRAIN_ROWS  # unpacked: the 19 rows, each within cutoff_len
+    assert planned(pipeline("plan", "r.yaml", cwd=workdir, as_typed=False)) == HAND_PACKS[160]
+    assert {name: kept()[name] for name in first} == first
+
+
 def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
     base = str(hf_checkpoint("gpt2"))
     pt = write_recipe(workdir / "pt.yaml", model_name_or_path=base, dataset_dir="data", output_dir="saves/pt",
@@ -71,9 +126,9 @@ def test_packing_mistakes_exit_2_with_one_message(workdir, hf_checkpoint):
                        gradient_accumulation_steps=4, **PACKED)
     pipeline("build", few, cwd=workdir, as_typed=False)
     rows = len(json.loads((workdir / "data/build/tiny_sft/train.json").read_text(encoding="utf-8")))
-    assert rows // 2 >= 4  # the built rows fill a step: resolve's enough_batches lets the recipe through
-    packs = int(re.search(r"num_train_examples\s+(\d+)", pipeline("plan", few, "gradient_accumulation_steps=1",
-                                                                   cwd=workdir, as_typed=False).stdout).group(1))
+    assert rows == HAND_TRAIN_ROWS and rows // 2 >= 4  # the rows fill a step: resolve's enough_batches passes them
+    packs = HAND_PACKS[160]  # 7 packs: 3 micro-batches of 2, fewer than accumulation 4
+    assert planned(pipeline("plan", few, "gradient_accumulation_steps=1", cwd=workdir, as_typed=False)) == packs
     line = next(i for i, text in enumerate(few.read_text().splitlines(), 1) if text.startswith("packing:"))
     said = (f"error: few.yaml:{line}: packing: no optimizer step fits: packing put the train split's {rows} rows into "
             f"{packs} packs of cutoff_len 160, {packs // 2} micro-batches per rank per epoch, and a step takes "
