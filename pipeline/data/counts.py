@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from pipeline.data.args import NOT_A_KEY, DataArgs
 from pipeline.data.built import built_dir, read_manifest
 from pipeline.errors import UserError
+from pipeline.launched import first_rank
 from pipeline.io import sha256_file, write_json
 
 FORMAT = 1
@@ -123,7 +123,7 @@ def cached_count(data: DataArgs, split: str) -> int | None:
 def keep_tally(data: DataArgs, split: str, tally: dict[str, Any]) -> None:
     """Keep `split`'s tally, as just counted by tokenizing it, for later plan and validate calls. Rank 0 only
     (the other ranks count the same); a folder that cannot be written keeps nothing, silently."""
-    if os.environ.get("RANK", "0") != "0":
+    if not first_rank():
         return
     with contextlib.suppress(OSError, ValueError, IndexError, UserError):
         key = count_key(data, split)

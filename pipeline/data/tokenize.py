@@ -29,6 +29,7 @@ from pipeline.data.origins import Origin, as_origin
 from pipeline.data.problems import Problems, alike, line_order
 from pipeline.data.templates import EOS, Piece, Template, get_template
 from pipeline.data.model_tokenizer import recipe_tokenizer
+from pipeline.launched import first_rank
 from pipeline.data.encoding import MAX_RUN
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.errors import UserError
@@ -52,7 +53,7 @@ def _progress(total: int, desc: str, unit: str = "row", minimum: int = PROGRESS_
     only on a terminal (tqdm's disable=None), and only from `minimum` on."""
     from tqdm import tqdm
 
-    show = total >= minimum and os.environ.get("RANK", "0") == "0"
+    show = total >= minimum and first_rank()
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit != "row", file=sys.stderr,
                 disable=None if show else True)
 
