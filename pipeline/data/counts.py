@@ -27,7 +27,7 @@ import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
 from pipeline.data.built import built_dir, read_manifest
@@ -120,10 +120,25 @@ def cached_count(data: DataArgs, split: str) -> int | None:
     return None if tally is None else tally["items"]
 
 
+_keeping = True  # off inside nothing_kept()
+
+
+@contextlib.contextmanager
+def nothing_kept() -> Iterator[None]:
+    """No tally is kept in the block: `train --dry-run` writes only to its scratch folder, the build included."""
+    global _keeping
+    before, _keeping = _keeping, False
+    try:
+        yield
+    finally:
+        _keeping = before
+
+
 def keep_tally(data: DataArgs, split: str, tally: dict[str, Any]) -> None:
     """Keep `split`'s tally, as just counted by tokenizing it, for later plan and validate calls. Rank 0 only
-    (the other ranks count the same); a folder that cannot be written keeps nothing, silently."""
-    if not first_rank():
+    (the other ranks count the same), never inside nothing_kept(); a folder that cannot be written keeps nothing,
+    silently."""
+    if not first_rank() or not _keeping:
         return
     with contextlib.suppress(OSError, ValueError, IndexError, UserError):
         key = count_key(data, split)

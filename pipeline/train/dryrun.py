@@ -132,6 +132,7 @@ def real_run_problem(output_dir: str, at: str, occupied: str | None = None) -> s
 
 def run(r: Any, train: Any) -> int:
     """`train --dry-run`: train(r) redirected to a scratch folder, stopped after one step, then the report."""
+    from pipeline.data.counts import nothing_kept
     from pipeline.runtime.log import LOG_FILE, read_log
     from pipeline.train import checkpoint
 
@@ -153,7 +154,8 @@ def run(r: Any, train: Any) -> int:
     r, scratch = redirect(r.replace(logging_steps=1, logging_strategy="steps"))
     try:
         one = OneStep()
-        result = train(r, one_step=one)
+        with nothing_kept():  # the build's saved counts (pipeline.data.counts) too: the dry run touches nothing
+            result = train(r, one_step=one)
         finished = time.monotonic()
         if dist.is_main():
             records = read_log(scratch / "output_dir" / LOG_FILE)
