@@ -25,6 +25,9 @@ NUM ?=
 TEST_WORKERS ?= 2
 
 export PYTHONUNBUFFERED := 1
+# how a run was launched is pipeline.launch's to say (pipeline/launched.py), or plan's PLAN_LAUNCH below: one left
+# exported in the user's shell would make a one-process goal's messages name a launch it never made
+unexport PYTHON_PIPELINE_LAUNCH
 
 ifneq ($(words $(RECIPE)),1)
 $(error RECIPE='$(RECIPE)': make cannot handle a file name with a space (it splits it into two targets); rename the \
