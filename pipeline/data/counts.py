@@ -53,9 +53,12 @@ def code_digest() -> str:
 
 
 def tokenizer_identity(tokenizer: Any) -> list[Any]:
-    """What the token ids of a text depend on: Tokenizer.cache_key, the ids placed by id, and its files' contents."""
+    """What the token ids of a text depend on: Tokenizer.cache_key, the ids placed by id, and its files' contents.
+    The same in every process: cache_key's added tokens are a frozenset, whose order (and repr) follows the
+    process's string hash seed, so they are sorted (a repr missed in every next command, and wrote a file each)."""
+    name, new_tokens, added = tokenizer.cache_key
     files = [[Path(f).name, sha256_file(f)] for f in tokenizer.files if Path(f).is_file()]
-    return [repr(tokenizer.cache_key), tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id,
+    return [str(name), list(new_tokens), sorted(added), tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id,
             bool(tokenizer.split_special_tokens), files]
 
 

@@ -119,3 +119,10 @@ def test_validate_s_dropped_note_comes_from_the_kept_tally(make_recipe, encodes)
     encodes.clear()
     tokenize._cache.clear()
     assert dropped_note(data) == note and count_items(data, "train") == 5 and encodes == []
+
+
+def tiktoken_model(merged: bytes) -> str:
+    """A tiktoken tokenizer.model (`base64 rank` lines): the 256 bytes, then `merged` as rank 256."""
+    import base64
+
+    return "".join(f"{base64.b64encode(bytes([b]) if b < 256 else merged).decode()} {b}\n" for b in range(257))
