@@ -151,13 +151,16 @@ def zero_fix(workdir, recipe, **env: str) -> str:
     return said[0].rpartition("which evaluates nothing: ")[2].strip("`")
 
 
-def test_plan_reads_the_count_kept_under_a_tokenizer_with_added_tokens(workdir):
+def test_plan_reads_the_count_kept_under_a_tokenizer_until_its_file_changes(workdir):
     """tokenizer_name_or_path: a folder whose tokenizer is a top-level tiktoken tokenizer.model (Meta's Llama 3
     layout, its 256 special tokens). A count kept beside the build (as train, validate or an earlier plan keep it:
     counted here in this process, to spare the suite a command) is what plan reads: the counts folder is as it was,
     no second file. Failed before: the key held the added tokens' repr, a frozenset whose order follows the
-    process's string hash seed, so every command missed and wrote a file of its own. Hand count: "ab" x 50 is 100
-    byte tokens, windows of cutoff_len 8 at starts 0, 8, ..., 88: 12."""
+    process's string hash seed, so every command missed and wrote a file of its own. Once tokenizer.model holds
+    another vocabulary of the same size (same ids for the specials), plan counts the new tokenizer's windows, as
+    train would. Failed before: plan said the 12 kept under the first one (the key hashed only the files exports
+    copy, without tokenizer.model). Hand counts: "ab" x 50 is 100 byte tokens, windows of cutoff_len 8 at starts 0,
+    8, ..., 88: 12; with "ab" one token, 50 tokens: 0, 8, ..., 40: 6."""
     from pipeline.data.build import build
     from pipeline.data.loaders import count_items
     from pipeline.recipe.args import data_args
@@ -190,3 +193,5 @@ def test_plan_reads_the_count_kept_under_a_tokenizer_with_added_tokens(workdir):
         return int(re.search(r"num_train_examples\s+(\d+)", shown).group(1))
 
     assert windows() == 12 and kept() == first
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"ab"), encoding="utf-8")
+    assert windows() == 6

@@ -126,3 +126,20 @@ def tiktoken_model(merged: bytes) -> str:
     import base64
 
     return "".join(f"{base64.b64encode(bytes([b]) if b < 256 else merged).decode()} {b}\n" for b in range(257))
+
+
+def test_a_changed_top_level_tokenizer_model_misses(make_recipe, tmp_path, encodes):
+    """A tokenizer read from a top-level tokenizer.model (tokenizer_files.READ_FILES), replaced by another vocabulary
+    of the same size (same name, same special ids): the kept count is not the new tokenizer's. Failed before: the
+    identity hashed Tokenizer.files, what exports copy, which lacks it."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"xy"), encoding="utf-8")
+    r = make_recipe({"book": {"file_name": "raw/book.txt", "formatting": "text"}}, files={"raw/book.txt": "ab" * 50},
+                    stage="pt", cutoff_len=8, val_size=0, per_device_train_batch_size=1, model_name_or_path=str(tok))
+    build(data_args(r))
+    assert count_items(data_args(r), "train") == 12  # 100 byte tokens: window starts range(0, 92, 8)
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"ab"), encoding="utf-8")  # "ab" one token: 50 tokens
+    tokenize._cache.clear()
+    assert cached_count(data_args(r), "train") is None
+    assert count_items(data_args(r), "train") == 6  # range(0, 42, 8)
