@@ -165,7 +165,7 @@ def test_plan_reads_the_count_kept_under_a_tokenizer_until_its_file_changes(work
     from pipeline.data.loaders import count_items
     from pipeline.recipe.args import data_args
     from pipeline.recipe.resolve import resolve
-    from tests.data.test_counts import tiktoken_model
+    from tests.helpers.tiktoken_vocab import tiktoken_model
 
     tok = workdir / "tok"
     tok.mkdir()

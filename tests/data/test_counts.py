@@ -14,6 +14,7 @@ from pipeline.data.counts import FOLDER, cached_count, count_key, keep_tally
 from pipeline.data.loaders import count_items
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.recipe.args import data_args
+from tests.helpers.tiktoken_vocab import tiktoken_model
 
 TEXT = "a" + " a" * 99  # 100 GPT-2 tokens: "a", then 99 x " a"
 
@@ -119,13 +120,6 @@ def test_validate_s_dropped_note_comes_from_the_kept_tally(make_recipe, encodes)
     encodes.clear()
     tokenize._cache.clear()
     assert dropped_note(data) == note and count_items(data, "train") == 5 and encodes == []
-
-
-def tiktoken_model(merged: bytes) -> str:
-    """A tiktoken tokenizer.model (`base64 rank` lines): the 256 bytes, then `merged` as rank 256."""
-    import base64
-
-    return "".join(f"{base64.b64encode(bytes([b]) if b < 256 else merged).decode()} {b}\n" for b in range(257))
 
 
 def test_a_changed_top_level_tokenizer_model_misses(make_recipe, tmp_path, encodes):
