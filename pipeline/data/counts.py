@@ -11,7 +11,8 @@ rows the length policy dropped (validate's note says them, as train does). The k
 everything the count depends on:
 - the split's built files: the manifest's sha256 of each (a rebuild) and its size, mtime and inode (an edit after
   the build, which the tokenizing path refuses: a changed file misses, and the refusal comes from there);
-- the tokenizer: its name, its files' sha256, its added tokens and its EOS / PAD / BOS ids (pt_separator);
+- the tokenizer: its name, the sha256 of every file it was read from (tokenizer_files.READ_FILES), its added
+  tokens and its EOS / PAD / BOS ids (pt_separator);
 - every DataArgs key but those that only order or batch the items (ORDER_ONLY): cutoff_len, template,
   default_system, overlength_policy, packing and neat_packing, pt_stride, stage, train_on_prompt, mask_history,
   enable_thinking, the mix, the added tokens, ...;
@@ -53,9 +54,13 @@ def code_digest() -> str:
 
 
 def tokenizer_identity(tokenizer: Any) -> list[Any]:
-    """What the token ids of a text depend on: Tokenizer.cache_key, the ids placed by id, and its files' contents."""
-    files = [[Path(f).name, sha256_file(f)] for f in tokenizer.files if Path(f).is_file()]
-    return [repr(tokenizer.cache_key), tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id,
+    """What the token ids of a text depend on: Tokenizer.cache_key, the ids placed by id, and the contents of every
+    file it was read from (read_from: a top-level tokenizer.model too, which Tokenizer.files, what exports copy, lacks).
+    The same in every process: cache_key's added tokens are a frozenset, whose order (and repr) follows the
+    process's string hash seed, so they are sorted (a repr missed in every next command, and wrote a file each)."""
+    name, new_tokens, added = tokenizer.cache_key
+    files = [[Path(f).name, sha256_file(f)] for f in tokenizer.read_from if Path(f).is_file()]
+    return [str(name), list(new_tokens), sorted(added), tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id,
             bool(tokenizer.split_special_tokens), files]
 
 

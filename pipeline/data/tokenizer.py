@@ -75,6 +75,7 @@ class Tokenizer:
     added: frozenset[str] = frozenset()  # recognised in any text: every added token but the markup (tokenizer_files)
     nfc: bool = False  # the checkpoint normalises text to NFC first (Qwen2)
     files: tuple[Path, ...] = ()  # the checkpoint's tokenizer files, copied into exports
+    read_from: tuple[Path, ...] = ()  # every file it was read from (tokenizer_files.READ_FILES): what counts key on
     new_tokens: tuple[str, ...] = ()  # added by the recipe (with_tokens), not in the files: exports add them
     split_special_tokens: bool = False  # special tokens literal in user text (split_special): exports say so too
     # the checkpoint's additional_special_tokens as ids, in order (tokenizer_files.additional_special_ids): where

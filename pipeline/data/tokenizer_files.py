@@ -42,6 +42,10 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "added_tokens.json", *CHAT_TEMPLATE_FILES)
+# Every file a tokenizer may be read from (read_tokenizer): the tokenizer files, the stop ids' generation_config.json
+# and config.json, and a tiktoken tokenizer.model (Meta's original/ or top-level). What the per-process cache and the
+# counts kept beside a build (pipeline.data.counts) watch, where TOKENIZER_FILES is only what exports copy.
+READ_FILES = (*TOKENIZER_FILES, "generation_config.json", "config.json", "original/tokenizer.model", "tokenizer.model")
 SUPPORTED = ("byte-level BPE tokenizers (GPT-2, Llama 3.x, Qwen2 / Qwen2.5 / Qwen3) and sentencepiece-style BPE "
              "tokenizer.json files with byte_fallback (Llama 2, Mistral)")
 # The tokenizer classes transformers runs a sentencepiece-style tokenizer.json with that hf_encoding reproduces.
@@ -102,8 +106,7 @@ def optional_json(path: Path) -> dict[str, Any]:
 
 def _stamp(directory: Path) -> tuple:
     """What the cache key watches: the tokenizer files' sizes and mtimes."""
-    names = (*TOKENIZER_FILES, "generation_config.json", "config.json", "original/tokenizer.model", "tokenizer.model")
-    return tuple((n, p.stat().st_mtime_ns, p.stat().st_size) for n in names if (p := directory / n).is_file())
+    return tuple((n, p.stat().st_mtime_ns, p.stat().st_size) for n in READ_FILES if (p := directory / n).is_file())
 
 
 def read_tokenizer(directory: str | Path) -> Tokenizer:
@@ -418,6 +421,7 @@ def _special_tokens(directory: Path, source: Path, encoding: Encoding,
     return Tokenizer(encoding, name, eos_id=eos, pad_id=pad, bos_id=bos, stop_ids=tuple(gen_eos),
                      special=frozenset(t for t, (_, s) in added.items() if s),
                      added=frozenset(t for t in added if t not in markup), nfc=nfc, files=files,
+                     read_from=tuple(p for n in READ_FILES if (p := directory / n).is_file()),
                      additional_special_ids=additional_special_ids(config, special_map, ids, vocabulary_id),
                      # transformers 4.57 reads the key's truth, false when absent (tokenization_utils_base.py:1453)
                      clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)))

@@ -149,3 +149,49 @@ def zero_fix(workdir, recipe, **env: str) -> str:
     said = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and "or hold out nothing with val_size: 0 (LLaMA-Factory's default; " in said[0], err
     return said[0].rpartition("which evaluates nothing: ")[2].strip("`")
+
+
+def test_plan_reads_the_count_kept_under_a_tokenizer_until_its_file_changes(workdir):
+    """tokenizer_name_or_path: a folder whose tokenizer is a top-level tiktoken tokenizer.model (Meta's Llama 3
+    layout, its 256 special tokens). A count kept beside the build (as train, validate or an earlier plan keep it:
+    counted here in this process, to spare the suite a command) is what plan reads: the counts folder is as it was,
+    no second file. Failed before: the key held the added tokens' repr, a frozenset whose order follows the
+    process's string hash seed, so every command missed and wrote a file of its own. Once tokenizer.model holds
+    another vocabulary of the same size (same ids for the specials), plan counts the new tokenizer's windows, as
+    train would. Failed before: plan said the 12 kept under the first one (the key hashed only the files exports
+    copy, without tokenizer.model). Hand counts: "ab" x 50 is 100 byte tokens, windows of cutoff_len 8 at starts 0,
+    8, ..., 88: 12; with "ab" one token, 50 tokens: 0, 8, ..., 40: 6."""
+    from pipeline.data.build import build
+    from pipeline.data.loaders import count_items
+    from pipeline.recipe.args import data_args
+    from pipeline.recipe.resolve import resolve
+    from tests.helpers.tiktoken_vocab import tiktoken_model
+
+    tok = workdir / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"xy"), encoding="utf-8")
+    (workdir / "data" / "raw" / "ab.txt").write_text("ab" * 50, encoding="utf-8")
+    registry = json.loads((workdir / "data" / "dataset_info.json").read_text(encoding="utf-8"))
+    registry["ab"] = {"file_name": "raw/ab.txt", "formatting": "text"}
+    (workdir / "data" / "dataset_info.json").write_text(json.dumps(registry), encoding="utf-8")
+    recipe = write_recipe(workdir / "pt.yaml", model_name_or_path="tiny", tokenizer_name_or_path=str(tok),
+                          dataset_dir=str(workdir / "data"), output_dir="saves/pt", stage="pt", dataset="ab",
+                          template=None, cutoff_len=8, val_size=0, per_device_train_batch_size=1, max_steps=None,
+                          num_train_epochs=1)
+    data = data_args(resolve(recipe, command="plan"))
+    build(data)
+    assert count_items(data, "train") == 12
+    counts = workdir / "data" / "build" / "ab" / "counts"
+
+    def kept() -> list[tuple[str, int]]:
+        return [(path.name, path.stat().st_ino) for path in sorted(counts.iterdir())]
+
+    first = kept()
+
+    def windows() -> int:
+        shown = pipeline("plan", "pt.yaml", cwd=workdir).stdout
+        return int(re.search(r"num_train_examples\s+(\d+)", shown).group(1))
+
+    assert windows() == 12 and kept() == first
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"ab"), encoding="utf-8")
+    assert windows() == 6

@@ -14,6 +14,7 @@ from pipeline.data.counts import FOLDER, cached_count, count_key, keep_tally
 from pipeline.data.loaders import count_items
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.recipe.args import data_args
+from tests.helpers.tiktoken_vocab import tiktoken_model
 
 TEXT = "a" + " a" * 99  # 100 GPT-2 tokens: "a", then 99 x " a"
 
@@ -119,3 +120,20 @@ def test_validate_s_dropped_note_comes_from_the_kept_tally(make_recipe, encodes)
     encodes.clear()
     tokenize._cache.clear()
     assert dropped_note(data) == note and count_items(data, "train") == 5 and encodes == []
+
+
+def test_a_changed_top_level_tokenizer_model_misses(make_recipe, tmp_path, encodes):
+    """A tokenizer read from a top-level tokenizer.model (tokenizer_files.READ_FILES), replaced by another vocabulary
+    of the same size (same name, same special ids): the kept count is not the new tokenizer's. Failed before: the
+    identity hashed Tokenizer.files, what exports copy, which lacks it."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"xy"), encoding="utf-8")
+    r = make_recipe({"book": {"file_name": "raw/book.txt", "formatting": "text"}}, files={"raw/book.txt": "ab" * 50},
+                    stage="pt", cutoff_len=8, val_size=0, per_device_train_batch_size=1, model_name_or_path=str(tok))
+    build(data_args(r))
+    assert count_items(data_args(r), "train") == 12  # 100 byte tokens: window starts range(0, 92, 8)
+    (tok / "tokenizer.model").write_text(tiktoken_model(b"ab"), encoding="utf-8")  # "ab" one token: 50 tokens
+    tokenize._cache.clear()
+    assert cached_count(data_args(r), "train") is None
+    assert count_items(data_args(r), "train") == 6  # range(0, 42, 8)
