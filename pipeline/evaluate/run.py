@@ -66,12 +66,12 @@ def run(r: Mapping[str, Any], args: Any = None) -> int:
         from pipeline.evaluate import choice
 
         return choice.run(r, args)
+    tuned = tuned_model(r)  # nothing trained: the first thing to say (train it), before the data's state
     data, ev, gen, pref = data_args(r), eval_args(r), GenerationArgs.from_recipe(r), preference_args(r)
     sft = ev.stage in ("sft", *PREFERENCE_STAGES)  # generation metrics (dpo: against the chosen responses)
     rows = _generation_rows(r, data, ev) if sft else []  # an empty split is refused before the ranks meet
     rank, world = _init_distributed()
     out = Path(r["output_dir"])
-    tuned = tuned_model(r)
     dpo = ev.stage in PREFERENCE_STAGES  # log-probs of pairs (kto: of examples and their KL sequences)
     rm = ev.stage == "rm"  # a reward model's scores of the pairs (pipeline.evaluate.reward)
     tags = tokenized_pair_split(data, "val").tags if ev.stage == "kto" else None

@@ -109,6 +109,10 @@ def test_eval_of_an_empty_val_split_names_the_eval_on_the_runs_ranks(workdir):
     manifest["splits"]["val"] = 0
     manifest["files"]["val.json"] = {"sha256": hashlib.sha256(b"[]").hexdigest(), "bytes": 2}
     (built / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    adapter = workdir / "saves" / "r" / "adapter"  # eval says "no trained adapter" first; never loaded here
+    adapter.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (adapter / name).write_text("{}", encoding="utf-8")
     err = pipeline("eval", "r.yaml", cwd=workdir, expect=2, env=cli_env(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),
                    timeout=60).stderr
     assert err.splitlines() == [

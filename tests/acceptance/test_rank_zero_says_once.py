@@ -19,6 +19,10 @@ from tests.ports import run_on_free_port
 
 
 def test_rank_before_the_ranks_meet_is_the_launchers(monkeypatch: pytest.MonkeyPatch, capsys):
+    import torch.distributed
+
+    # before the ranks meet (an earlier in-process run of this test worker may have left a group of one set up)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setenv("RANK", "1")
     assert (dist.rank(), dist.is_main(), first_rank()) == (1, False, False)
     note("model: said by rank 0 alone")
