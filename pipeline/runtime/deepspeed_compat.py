@@ -555,11 +555,17 @@ def gathered_for_generation(engine: Any) -> Iterator[Any]:
 
 # ---------------------------------------------------------------------------------------------- config
 
-def validate_config(config: dict[str, Any]) -> None:
-    """Run DeepSpeed's own config models over a config; raises pydantic.ValidationError on a bad key or value."""
+def validate_config(config: dict[str, Any], world_size: int = 1) -> None:
+    """Run DeepSpeed's own config models over a config; raises pydantic.ValidationError on a bad key or value.
+    `world_size`: the ranks of the run the config is for. DeepSpeedConfig checks train_batch_size against micro
+    batch x accumulation x the world size of deepspeed.comm, which is 1 before the ranks meet (overwrite_cache's
+    checks before the build, pipeline.train.run.check_start): there it checks one rank's share of the batch."""
     guard()
+    from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    if world_size > 1 and not comm.is_initialized() and isinstance(config.get("train_batch_size"), int):
+        config = {**config, "train_batch_size": config["train_batch_size"] // world_size}
     DeepSpeedConfig(config)
 
 

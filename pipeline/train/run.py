@@ -464,7 +464,7 @@ def check_ds_config(r: Any) -> None:
     import pydantic
 
     try:
-        deepspeed_compat.validate_config(r.ds_config)
+        deepspeed_compat.validate_config(r.ds_config, r["world_size"])
     except pydantic.ValidationError as err:
         if r["deepspeed"] is None:  # the JSON is the pipeline's own: a bug, not a user mistake
             raise

@@ -74,6 +74,14 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def data_snapshot(root: Path) -> dict[str, str]:
+    """snapshot of a data folder without the step counts kept beside its builds (pipeline.data.counts): a cache whose
+    file names hold the built files' inode and mtime, which differ between two folders of the same data."""
+    from pipeline.data.counts import FOLDER
+
+    return {rel: value for rel, value in snapshot(root).items() if FOLDER not in Path(rel).parts[2:3]}
+
+
 def diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
     changes = [f"+ {k}" for k in after if k not in before] + [f"- {k}" for k in before if k not in after]
     return changes + [f"~ {k}" for k in before if k in after and before[k] != after[k]]

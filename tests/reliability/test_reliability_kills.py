@@ -27,7 +27,7 @@ import pytest
 
 from tests.reliability import figures
 from tests.reliability.conftest import ADAPTER, Reference, crash_run, same_tensors, tensors
-from tests.reliability.rel_helpers import PYTHON, clean_env, jsonl, rows, run_main, snapshot
+from tests.reliability.rel_helpers import PYTHON, clean_env, jsonl, rows, data_snapshot, run_main, snapshot
 
 SEED = 20240609
 
@@ -176,7 +176,7 @@ def check_recovered(root: Path, trained: Reference) -> None:
     assert same_tensors(tensors(root / ADAPTER), trained.weights), "resumed weights differ from the uninterrupted run"
     assert [rec["step"] for rec in read_log(root / "out" / "trainer_log.jsonl")] == [1, 2, 3]
     assert hidden(root / "out") == [], "temp files left behind"
-    assert snapshot(root / "data") == snapshot(trained.root / "data")
+    assert data_snapshot(root / "data") == data_snapshot(trained.root / "data")
 
 
 def _train_trial(trained: Reference, root: Path, n: int, phase=lambda out: True) -> None:
