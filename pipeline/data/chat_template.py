@@ -27,8 +27,8 @@ same prompt; a part that is not text raises. A missing or None content (transfor
 
 Function calling, for a template with a tool format (pipeline.data.tools; the macros: chat_template_tools),
 renders as training renders the equivalent LLaMA-Factory sharegpt row (a `tools` column, function_call and
-observation turns): `tools=` (a list, even empty, is the row's tools column; glm4_moe's takes an empty one as none, as
-GLM-4.5's own template does: tools.EMPTY_TOOLS_AS_NONE) adds its tool text to the system prompt; an assistant
+observation turns): `tools=` (a list, even empty, is the row's tools column: "[]" opens the system block, empty, as LLaMA-Factory's
+`if system or tools` does, glm4_moe's too, where GLM-4.5's own template takes tools=[] as none) adds its tool text to the system prompt; an assistant
 message's `tool_calls` are the function_call turn, written after the message's text (a thought or words before the
 call, as LLaMA-Factory keeps them in front); a "tool" message is the observation turn, on the prompt's side like a
 user turn (the last prompt, user or tool, is the one a reasoning template's rules call last).
@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.data.chat_template_blocks import CONTINUED, LEAD_MACRO, START, TEXT, Blocks, after
 from pipeline.data.chat_template_tools import tool_macros
-from pipeline.data.tools import EMPTY_TOOLS_AS_NONE, VERBATIM_TOOLS
+from pipeline.data.tools import VERBATIM_TOOLS
 from pipeline.data.jinja_text import literal
 from pipeline.data.templates import EOS, Template, tool_templates
 
@@ -175,14 +175,8 @@ def jinja_template(template: Template, tokenizer: "Tokenizer", *, enable_thinkin
     prompts = (_prompt_part(template.user, template.reply),
                _prompt_part(template.observation or template.user, template.reply))
     tools = template.tool_format is not None
-    # training: `system += tool_text(tools)`, and a system block when there is either (an empty list counts, but
-    # where the model's own template takes it as none: EMPTY_TOOLS_AS_NONE)
-    if not tools:
-        shown = "system_message"
-    elif template.tool_format in EMPTY_TOOLS_AS_NONE:
-        shown = "system_message or tools"
-    else:
-        shown = "system_message or (tools is defined and tools is not none)"
+    # training: `system += tool_text(tools)`, and a system block when there is either (an empty list counts)
+    shown = "system_message or (tools is defined and tools is not none)" if tools else "system_message"
     user, observation = (_turn_expression(blocks, fmt, edges, shown) for fmt in prompts)
     reasoning = template.thought_words is not None
     thought = literal(template.thought_words[0] + template.thought_words[1]) if reasoning else "''"

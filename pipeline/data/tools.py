@@ -39,11 +39,6 @@ SINGLE_CALL = frozenset({"glm4"})
 KEY_VALUE_CALLS = frozenset({"glm4_moe"})
 # formats that write the tools column's text as given, an empty list ("[]") too (phi4_mini's StringFormatter)
 VERBATIM_TOOLS = frozenset({"phi4_mini"})
-# formats whose model's own chat template takes an empty tools list as no tools (GLM-4.5's chat_template.jinja opens
-# with `{%- if tools -%}`): the exported chat template writes tools=[] as it writes no tools, no system block of its
-# own. Training's rule is LLaMA-Factory's: an empty tools column ("[]", a non-empty string) still opens the system
-# block, empty (`if system or tools`, template.py), so leave the column out of rows that offer no tools.
-EMPTY_TOOLS_AS_NONE = frozenset({"glm4_moe"})
 # LLaMA-Factory's defaults for every template: a function_call turn may carry a thought before its call, and
 # may wrap the call in these words.
 THOUGHT_WORDS = ("<think>\n", "\n</think>\n\n")

@@ -81,14 +81,15 @@ def test_lora_sft_on_function_calling_data_with_glm4_moe(workdir, monkeypatch):
     assert text.endswith("<|user|>\nWeather in Paris?<|assistant|>" + glm_call("Paris")
                          + '<|observation|>\n{"temp": 20}<|assistant|>'), text
 
-    # tools=[] is no tools, as GLM-4.5's own template takes it (the export wrote an empty system block, <|system|>\n,
-    # before the user's turn); with a system message too (enable_thinking off is training's, not the hub's /nothink)
+    # no tools renders as GLM-4.5's own template; tools=[] as training renders a tools column of "[]" (LLaMA-Factory's
+    # `if system or tools`: an empty system block, <|system|>\n, where the hub's writes none); with a system message
+    # too (enable_thinking off is training's, not the hub's /nothink)
     for system in ([], [{"role": "system", "content": "Be brief."}]):
         chat = [*system, {"role": "user", "content": "Weather in Paris?"}]
-        hub = hub_rendering(chat, tools=[])
-        no_tools = served.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-        assert hub == hub_rendering(chat) == no_tools
-        assert served.apply_chat_template(chat, tools=[], add_generation_prompt=True, tokenize=False) == hub, system
+        hub = hub_rendering(chat)
+        assert served.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == hub, system
+        empty = served.apply_chat_template(chat, tools=[], add_generation_prompt=True, tokenize=False)
+        assert empty == (hub if system else hub.replace("<sop>", "<sop><|system|>\n")), system
     assert hub == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nWeather in Paris?<|assistant|>"
 
 

@@ -57,3 +57,21 @@ def test_the_exported_chat_template_gives_the_training_prompt_and_text(glm_dir):
     ids, a whole conversation the training row's text (as glmz1's: test_glm4_template says why text, not ids)."""
     assert_export_renders_prompt_and_text(glm_dir, "glm4_moe")
 
+
+
+def test_an_empty_tools_column_renders_as_training_renders_it(glm_dir):
+    """A row whose tools column is "[]" (a non-empty string): LLaMA-Factory's ReasoningTemplate._encode
+    (template.py:348-358, `if system or tools`) opens the system block with the empty tool text (ToolFormatter.apply
+    gives "" for an empty list, formatter.py:149-153): "[gMASK]<sop><|system|>\\n" before the user's turn. The export's
+    chat template, rendered by transformers with `tools=[]`, must give the same ids, a system message beside it too."""
+    template, tokenizer = TEMPLATES["glm4_moe"], load_tokenizer(glm_dir)
+    from tests.vocab.chat_render import render
+
+    for system in (None, SYSTEM):
+        built = {"instruction": QUERY, "input": "", "output": ANSWER, "system": system, "tools": "[]", "history": []}
+        want = encode_example(built, "glm4_moe", tokenizer, cutoff_len=4096, mask_history=True)
+        head = [{"role": "system", "content": system}] if system else []
+        msgs = [*head, {"role": "user", "content": QUERY}, {"role": "assistant", "content": ANSWER}]
+        text = render(glm_dir, template, msgs, tools=[], add_generation_prompt=False, tokenize=False)
+        assert text.startswith(f"[gMASK]<sop><|system|>\n{system or ''}<|user|>\n{QUERY}<|assistant|>"), text
+        assert render(glm_dir, template, msgs, tools=[], add_generation_prompt=False) == want.input_ids, text
