@@ -1,4 +1,4 @@
-"""lora_target: all on every MoE family (and a dense control) adapts what LLaMA-Factory 0.9.5 + PEFT 0.21 adapt on
+"""lora_target: all on every MoE family (and a dense control, and Gemma 3's image-text wrapper) adapts what LLaMA-Factory 0.9.5 + PEFT 0.21 adapt on
 transformers 5.24's model.
 
 Golden facts, from their source and from PEFT's get_peft_model on the tiny transformers model itself:
@@ -105,3 +105,46 @@ def test_lora_all_adapts_what_llamafactory_and_peft_adapt(tmp_path, case):
     assert (fields.get("target_parameters", []), fields.get("rank_pattern", {})) == (
         parameters, dict(settings.rank_pattern))
     assert trainable_params(cfg, "lora", 2, "all") == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+
+
+def lf_target_modules(model) -> list[str]:
+    """LLaMA-Factory's `lora_target: all` on an image-text model, re-typed with its defaults (freeze_vision_tower,
+    freeze_multi_modal_projector true; no freeze_language_model): find_all_linear_modules (model_utils/misc.py:28-52)
+    leaves out lm_head, the projector's and the vision tower's modules (COMPOSITE_MODELS' projector_keys /
+    vision_model_keys, visual.py: gemma3 registered with the defaults, multi_modal_projector / vision_tower) and keeps
+    the last names; then adapter.py:237's patch_target_modules (visual.py:196-211) turns them into the full names of
+    every module holding one of them, the forbidden ones (the towers) left out."""
+    forbidden = ("lm_head", "multi_modal_projector", "vision_tower")
+    names = {n.split(".")[-1] for n, m in model.named_modules() if not any(f in n for f in forbidden)
+             and "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__}
+    return [n for n, _ in model.named_modules()
+            if any(t in n for t in names) and not any(f in n for f in forbidden[1:])]
+
+
+def test_lora_all_on_gemma3s_image_text_wrapper_adapts_llamafactorys_modules(tmp_path):
+    """Gemma3ForConditionalGeneration (a tiny config, written by transformers): `all` adapts the language model's
+    Linears that LLaMA-Factory's rule hands PEFT, none of the SigLIP tower's (its q_proj / k_proj / v_proj share the
+    decoder's names) nor the projector's: our adapter loaded by PEFT onto transformers' model sits on the modules
+    get_peft_model puts LoRA on for LLaMA-Factory's target list, and plan's trainable count is PEFT's."""
+    import torch
+
+    from pipeline.model import lora
+    from pipeline.model.weights import load_model
+    from tests.acceptance.test_gemma3_multimodal_cli import tiny_gemma3_vlm
+
+    source = tiny_gemma3_vlm()
+    source.save_pretrained(tmp_path / "vlm")
+    targets = lf_target_modules(source)
+    assert any(n.startswith("model.vision_tower.") and n.endswith("q_proj") for n, _ in source.named_modules())
+    theirs = peft.get_peft_model(source, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    want = peft_modules(theirs)
+    assert want and all(n.startswith("model.language_model.layers.") for n in want), sorted(want)
+    assert {n.rsplit(".", 1)[-1] for n in want} == set(ATTENTION + MLP)
+
+    ours = load_model(tmp_path / "vlm")
+    lora.apply_lora(ours, "all", rank=2, alpha=4)
+    lora.save_adapter(ours, tmp_path / "adapter", {"base_model_name_or_path": str(tmp_path / "vlm")})
+    fresh = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "vlm", dtype=torch.float32)
+    assert peft_modules(peft.PeftModel.from_pretrained(fresh, tmp_path / "adapter")) == want
+    assert trainable_params(read_config(tmp_path / "vlm"), "lora", 2, "all") == \
+        sum(p.numel() for p in theirs.parameters() if p.requires_grad)
