@@ -78,6 +78,12 @@ LONG_TRIALS: dict[str, tuple[str, ...]] = {
         "tests/acceptance/test_rope_scaling_cli.py::"
         "test_dynamic_from_the_recipe_trains_merges_and_loads_in_transformers",
         "tests/compat/test_ref_model_adapters_example.py",
+        "tests/model/test_peft_moe_targets.py::"
+        "test_a_strings_lora_on_fused_experts_computes_pefts_outputs[deepseek_v3]",
+        "tests/model/test_peft_moe_targets.py::"
+        "test_a_strings_lora_on_fused_experts_computes_pefts_outputs[glm4_moe]",
+        "tests/model/test_peft_moe_targets.py::"
+        "test_a_strings_lora_on_fused_experts_computes_pefts_outputs[mixtral]",
         "tests/train/test_checkpoint_resume.py::test_interrupted_and_resumed_run_equals_uninterrupted_bitwise"
         "[full-pure-bf16-adafactor]",
     ),

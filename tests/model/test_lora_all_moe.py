@@ -1,5 +1,5 @@
-"""lora_target: all on every MoE family (and a dense control, and Gemma 3's image-text wrapper) adapts what LLaMA-Factory 0.9.5 + PEFT 0.21 adapt on
-transformers 5.24's model.
+"""lora_target: all on every MoE family (and a dense control, and Gemma 3's image-text wrapper) adapts what
+LLaMA-Factory 0.9.5 + PEFT 0.21 adapt on transformers 5.24's model.
 
 Golden facts, from their source and from PEFT's get_peft_model on the tiny transformers model itself:
 LLaMA-Factory's adapter.py:205-206 expands `all` by find_all_linear_modules (model/model_utils/misc.py:28-52,

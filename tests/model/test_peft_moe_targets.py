@@ -3,7 +3,11 @@
 Golden values: transformers 5.24's own model of each family's config (its named_modules / named_parameters, built on
 the meta device) and PEFT 0.21's own _resolve_string_target_modules on it; a pattern PEFT raises on (get_peft_model:
 "is not supported", "should not contain an empty string") is one UserError here; and for the families checked by hand
-before (Mixtral, gpt-oss, Qwen2-MoE, DeepSeek-V3), the modules get_peft_model itself makes LoRA layers of. The CLI
+before (Mixtral, gpt-oss, Qwen2-MoE, DeepSeek-V3), the modules get_peft_model itself makes LoRA layers of; where a
+string reaches the fused experts (Qwen3-MoE, Mixtral, GLM-4.5, DeepSeek-V3), the outputs: PEFT's logits with its
+adapter (B drawn) against ours with the adapter loaded onto per-expert Linears, transformers' on our merge, and each
+merged fused expert tensor against W + B_e @ A_e * alpha / r computed by hand (gpt-oss: no string reaches its
+experts in PEFT, and lora_target refuses them here, so there is no update to compare). The CLI
 path (export of PEFT-written adapters, against PEFT's merge_and_unload) is
 tests/acceptance/test_peft_regex_targets_moe_cli.py."""
 from __future__ import annotations
@@ -188,3 +192,79 @@ def test_a_string_adapts_the_modules_get_peft_model_adapts(tmp_path, family):
         want = peft_adapted(transformers.AutoModelForCausalLM.from_config(config), pattern)  # ParamWrapper needs data
         assert ours_adapted(tmp_path, pattern) == want, pattern
         assert want == "raises" or want, pattern
+
+
+# (family, a string that reaches the routed experts): LoRA on transformers 5's fused experts (one 3-D gate_up_proj /
+# down_proj per block, PEFT's ParamWrapper) against ours on the per-expert Linears; qwen3_moe everyday, the rest slow
+FUSED_CASES = [("qwen3_moe", "all-linear"), ("mixtral", r".*\.mlp\.experts\.(w1|w2|w3)"),
+               ("glm4_moe", "all-linear"), ("deepseek_v3", r".*\.mlp\.experts\.(gate_proj|up_proj|down_proj)")]
+
+
+def expert_delta(tensors: dict, wrapper: str, experts: int, scale: float) -> torch.Tensor:
+    """PEFT 0.21's ParamWrapper update of a fused (experts, out, in) parameter, by hand from the adapter file
+    (tuners/lora/layer.py get_delta_weight): lora_A (experts * r, in) holds each expert's A, lora_B (out, r * experts)
+    its B with the expert index fastest; expert e's update is B_e @ A_e * scale."""
+    a, b = tensors[f"{wrapper}.lora_A.weight"], tensors[f"{wrapper}.lora_B.weight"]
+    a, b = a.reshape(experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, experts)
+    return torch.stack([b[:, :, e] @ a[e] for e in range(experts)]) * scale
+
+
+@pytest.mark.parametrize("family, pattern", FUSED_CASES, ids=[f for f, _ in FUSED_CASES])
+def test_a_strings_lora_on_fused_experts_computes_pefts_outputs(tmp_path, family, pattern):
+    """A PEFT-written adapter with a string target_modules that reaches the routed experts (its B drawn, not zero) on
+    a tiny checkpoint transformers wrote: ours, which keeps each expert's gate / up / down as its own Linear, loads it
+    and computes PEFT's logits (PEFT's LoRA sits on the fused 3-D tensors); merged and saved, transformers loads it
+    with those logits again, and each fused expert tensor it reads is the base's plus B_e @ A_e * alpha / r, computed
+    here from the adapter file (gate_up_proj: PEFT's rank and alpha doubled, so the same alpha / r)."""
+    from safetensors.torch import load_file
+
+    from pipeline.model.lora import load_adapter, merge_lora
+    from pipeline.model.weights import load_model, save_hf
+    from tests.acceptance.harness import random_model
+
+    cls, keys = CONFIGS[family]
+    config = getattr(transformers, cls)(**{**SMALL, **keys})
+    model_class = type(transformers.AutoModelForCausalLM.from_config(config))
+    random_model(model_class, config).save_pretrained(tmp_path / "base")
+    base = model_class.from_pretrained(tmp_path / "base").eval()
+    fused = {n: p.detach().clone() for n, p in base.named_parameters() if n.endswith(("gate_up_proj", "down_proj"))
+             and ".experts." in n}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=pattern)).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    theirs.save_pretrained(tmp_path / "adapter")
+    x = torch.randint(0, SMALL["vocab_size"], (2, 16), generator=gen)
+    with torch.no_grad():
+        want = theirs(input_ids=x).logits
+
+    ours = load_model(tmp_path / "base").eval()
+    with torch.no_grad():
+        plain = ours(x)
+        load_adapter(ours, tmp_path / "adapter")
+        got = ours(x)
+    assert (want - plain).abs().max() > 1e-2  # the adapter changes the output
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    merge_lora(ours)
+    save_hf(ours, tmp_path / "merged")
+    merged = model_class.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=x).logits, want, atol=1e-4, rtol=0)
+
+    tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    after = dict(merged.named_parameters())
+    experts = config.num_local_experts if hasattr(config, "num_local_experts") else \
+        getattr(config, "n_routed_experts", None) or config.num_experts
+    checked = 0
+    for name, before in fused.items():  # the gate_up_proj wrapper is nested inside down_proj's (base_layer)
+        block, part = name.rsplit(".", 1)
+        wrapper = f"base_model.model.{block}" + (".base_layer" if part == "gate_up_proj" else "")
+        if f"{wrapper}.lora_A.weight" in tensors:
+            delta = expert_delta(tensors, wrapper, experts, scale=4 / 2)
+            assert torch.allclose(after[name], before + delta, atol=1e-5, rtol=0), name
+            checked += 1
+    assert checked == 2 * sum(".experts.down_proj" in n for n in fused), sorted(fused)
