@@ -25,13 +25,14 @@ A message's content is a string, or OpenAI's list of parts (`[{"type": "text", "
 send it): its text parts joined by "\n", as vLLM joins them for a template that takes strings, so both render the
 same prompt; a part that is not text raises. A missing or None content (transformers drops None keys) is "".
 
-Function calling, for a template with a tool format (pipeline.data.tools; the macros: chat_template_tools),
-renders as training renders the equivalent LLaMA-Factory sharegpt row (a `tools` column, function_call and
-observation turns): `tools=` (a list, even empty, is the row's tools column: "[]" opens the system block, empty, as LLaMA-Factory's
-`if system or tools` does, glm4_moe's too, where GLM-4.5's own template takes tools=[] as none) adds its tool text to the system prompt; an assistant
-message's `tool_calls` are the function_call turn, written after the message's text (a thought or words before the
-call, as LLaMA-Factory keeps them in front); a "tool" message is the observation turn, on the prompt's side like a
-user turn (the last prompt, user or tool, is the one a reasoning template's rules call last).
+Function calling, for a template with a tool format (pipeline.data.tools; the macros: chat_template_tools), renders
+as training renders the equivalent LLaMA-Factory sharegpt row (a `tools` column, function_call and observation
+turns): `tools=` (a list, even empty, is the row's tools column: "[]" opens the system block, empty, as
+LLaMA-Factory's `if system or tools` does, glm4_moe's too, where GLM-4.5's own template takes tools=[] as none) adds
+its tool text to the system prompt; an assistant message's `tool_calls` are the function_call turn, written after
+the message's text (a thought or words before the call, as LLaMA-Factory keeps them in front); a "tool" message is
+the observation turn, on the prompt's side like a user turn (the last prompt, user or tool, is the one a reasoning
+template's rules call last).
 A template without a tool format (alpaca) refuses all three, and every template refuses turns out of training's
 order (several tool results go in one tool message: training's observation turn is one), rather than render a
 prompt the model was not trained on.
