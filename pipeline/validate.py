@@ -36,11 +36,14 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     if missing:
         print(missing + (" (token lengths are left out)" if untokenized else ""))
     elif untokenized:
-        from pipeline.model.hub import cache_dir, cached_suggestion
+        from pipeline.model.hub import cache_dir, cached_suggestion, offline
 
         model = str(r["model_name_or_path"])
+        how = (f"HF_HUB_OFFLINE=1 here, so train will refuse it: `hf download {model}` on a machine with network into "
+               "this cache, or unset HF_HUB_OFFLINE" if offline()  # train downloads nothing then (model.hub)
+               else "a hub id is downloaded by train, or beforehand with `hf download`")
         print(f"note: token lengths need the tokenizer of {model}, which is not on this machine yet "
-              f"(a hub id is downloaded by train, or beforehand with `hf download`){cached_suggestion(model, cache_dir())}")
+              f"({how}){cached_suggestion(model, cache_dir())}")
     return 0
 
 

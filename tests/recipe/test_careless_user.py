@@ -180,7 +180,9 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path, as_typed=False)
     out = pipeline("validate", recipe, "model_name_or_path=Org/Name", cwd=tmp_path,
                    env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
-    assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
+    # the tests run with HF_HUB_OFFLINE=1 (cli_env), where train downloads nothing: the note said it would
+    assert ("(HF_HUB_OFFLINE=1 here, so train will refuse it: `hf download Org/Name` on a machine with network into this"
+            " cache, or unset HF_HUB_OFFLINE)") in out and "does not exist" not in out, out
     # a Qwen/ folder beside the recipe (another model fetched by hand): a cached Qwen/Qwen3-0.6B is what train loads,
     # no note; it said 'does not exist ... train reports it missing here before it tries the hub: fix the path'
     (tmp_path / "Qwen" / "Qwen2.5-0.5B").mkdir(parents=True)
