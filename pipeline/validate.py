@@ -36,11 +36,14 @@ def run(r: Resolved, args: argparse.Namespace | None = None) -> int:
     if missing:
         print(missing + (" (token lengths are left out)" if untokenized else ""))
     elif untokenized:
-        from pipeline.model.hub import cache_dir, cached_suggestion
+        from pipeline.model.hub import cache_dir, cached_suggestion, offline
 
         model = str(r["model_name_or_path"])
+        how = (f"HF_HUB_OFFLINE=1 here, so train will refuse it: `hf download {model}` on a machine with network into "
+               "this cache, or unset HF_HUB_OFFLINE" if offline()  # train downloads nothing then (model.hub)
+               else "a hub id is downloaded by train, or beforehand with `hf download`")
         print(f"note: token lengths need the tokenizer of {model}, which is not on this machine yet "
-              f"(a hub id is downloaded by train, or beforehand with `hf download`){cached_suggestion(model, cache_dir())}")
+              f"({how}){cached_suggestion(model, cache_dir())}")
     return 0
 
 
@@ -99,8 +102,7 @@ def missing_model_note(r: Resolved) -> str:
     if model in PRESETS or (is_hub_id(model) and (not looks_local(model) or cached(model))) or path.exists() or \
             producer(r.recipe_path, model):
         return ""
-    shown = os.path.dirname(model) or "."
-    hint = did_you_mean(path.name, checkpoints_beside(model), show=lambda name: os.path.join(shown, name))
+    hint = near_model(model)
     if not hint and model.startswith("./") and is_hub_id(model[2:]):
         hint = f" (a hub id is written without './': {model[2:]})"
     under = f"it reads as a local path (under {model.split('/')[0]}/)"  # saves/, models/: never asked of the hub
@@ -124,9 +126,17 @@ def cached(model: str) -> bool:
     return True
 
 
-def checkpoints_beside(model: str) -> list[str]:
-    """The names of the folders next to a missing model path that hold a config.json: the only plausible
-    did-you-means (any folder there was one, compared as a whole path: a model under /tmp got 'did you mean
-    /tmp/.../tmp')."""
-    parent = Path(model).expanduser().parent
-    return [p.name for p in parent.iterdir() if (p / "config.json").is_file()] if parent.is_dir() else []
+def near_model(model: str) -> str:
+    """' (did you mean X?)' for a missing model path, or '': X is a folder holding a config.json one folder name away,
+    at the first folder of the path that is not there: a sibling of the model folder ('models/gpt' -> 'models/gpt2'),
+    or an ancestor's ('saves/dmeo_pt/model' -> 'saves/demo_pt/model', the README's demo with one slip). Only names
+    are compared, never whole paths (a model under /tmp got 'did you mean /tmp/.../tmp'), and only model folders
+    are offered."""
+    parts = model.split("/")
+    parts[0] = parts[0] or "/"  # an absolute path keeps its root
+    missing = next((i for i in range(1, len(parts) + 1) if not Path(*parts[:i]).expanduser().exists()), None)
+    if missing is None:
+        return ""
+    head, rest = Path(*parts[:missing - 1]).expanduser() if missing > 1 else Path("."), parts[missing:]
+    names = [p.name for p in head.iterdir() if (p.joinpath(*rest) / "config.json").is_file()] if head.is_dir() else []
+    return did_you_mean(parts[missing - 1], names, show=lambda name: os.path.join(*parts[:missing - 1], name, *rest))

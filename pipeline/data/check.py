@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
-from pipeline.data.load import build_problem, edited, make_data, read_rows_hashed, split_parts
+from pipeline.data.load import build_problems, edited, make_data, read_rows_hashed, split_parts
 from pipeline.data.markup import typed_markup_warnings
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.problems import Problems
@@ -164,7 +164,7 @@ def check_built(data: DataArgs) -> Checked:
     from pipeline.data.model_tokenizer import available_tokenizer
 
     specs = all_specs(data)
-    stale = [p for p in (build_problem(data, s.name) for s in specs) if p]
+    stale = build_problems(data, (s.name for s in specs))
     if stale:
         raise UserError(stale)
     problems = Problems()

@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
@@ -28,9 +28,26 @@ T = TypeVar("T")
 _read: dict[tuple, tuple[list[Any], str]] | None = None  # read_once's rows and digests, while one is open
 
 
-def make_data(data: DataArgs | None = None) -> str:
+def make_data(data: DataArgs | None = None, several: bool = False) -> str:
     """What to do about data that is not the recipe's build: rebuild(data), or let train and eval build it."""
-    return f"run {rebuild(data)}, or set overwrite_cache: true so that train and eval rebuild it themselves"
+    return f"run {rebuild(data)}, or set overwrite_cache: true so that train and eval rebuild {'them' if several else 'it'} themselves"
+
+
+def not_built(data: DataArgs, names: list[str]) -> str:
+    """One message for the recipe's datasets that were never built: a train typed before `make data` is one mistake
+    with one fix, said once (not once per dataset); it names the first one's folder and every name."""
+    first = built_dir(data.dataset_dir, names[0])
+    others = f", and neither are {', '.join(repr(n) for n in names[1:])}" if names[1:] else ""
+    return f"{first}: dataset '{names[0]}' is not built{others}; {make_data(data, several=bool(others))}"
+
+
+def build_problems(data: DataArgs, names: Iterable[str]) -> list[str]:
+    """Why the builds of `names` cannot be used with this recipe, one line per dataset (build_problem), except that
+    the datasets not built at all share one line (not_built)."""
+    names = list(dict.fromkeys(names))
+    unbuilt = [n for n in names if not (built_dir(data.dataset_dir, n) / "manifest.json").is_file()]
+    problems = [p for n in names if n not in unbuilt and (p := build_problem(data, n))]
+    return ([not_built(data, unbuilt)] if unbuilt else []) + problems
 
 
 def build_problem(data: DataArgs, name: str) -> str | None:
@@ -41,7 +58,7 @@ def build_problem(data: DataArgs, name: str) -> str | None:
     if manifest is None or not all(isinstance(manifest.get(k), dict) for k in ("build_keys", "splits")):
         if (directory / "manifest.json").is_file():
             return f"{directory}/manifest.json: damaged (not a JSON object as the build writes it); {fix}"
-        return f"{directory}: dataset '{name}' is not built; {fix}"
+        return not_built(data, [name])
     wanted = build_keys(data)
     changed = [f"{k} {manifest.get('build_keys', {}).get(k)!r} -> {v!r}" for k, v in wanted.items()
                if manifest.get("build_keys", {}).get(k) != v]
@@ -109,7 +126,7 @@ def split_parts(data: DataArgs, split: str) -> list[tuple[str, Path]]:
         parts = [(name, s) for name in eval_names for s in (("val",) if name in train_names else SPLITS)]
     else:
         parts = [(name, "val") for name in train_names]
-    problems = [p for p in dict.fromkeys(build_problem(data, name) for name, _ in parts) if p]
+    problems = build_problems(data, (name for name, _ in parts))
     if problems:
         raise UserError(problems)
     return [(name, built_dir(data.dataset_dir, name) / f"{s}.json") for name, s in parts]

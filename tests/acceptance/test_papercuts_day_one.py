@@ -2,8 +2,8 @@
 
 - `train` of an epoch-based recipe (num_train_epochs, no max_steps) before `make data`: the steps cannot be counted,
   and train does not build (DESIGN.md: `make data` / `python -m pipeline build` builds; train builds only with
-  LLaMA-Factory's overwrite_cache: true). One line naming the dataset that is not built and the commands that build
-  it for this recipe, exit 2, nothing written. Failed before: the line said `make data` (python -m pipeline build
+  LLaMA-Factory's overwrite_cache: true). One line naming the datasets that are not built and the commands that build
+  them for this recipe, exit 2, nothing written (it was one line per dataset: three for README's demo_sft). Failed before: the line said `make data` (python -m pipeline build
   RECIPE), and a bare `make data` builds the Makefile's default recipe, not r.yaml.
 - `train --dry-run` with an output_dir the real run could not write: the dry run writes only to a temporary folder,
   so it reports as usual (exit 0) and names the folder in ONE warning line, the refusal the real run would stop
@@ -34,12 +34,17 @@ def files(workdir: Path) -> list[Path]:
 
 
 def test_an_epoch_recipe_trained_before_its_data_is_built_says_what_builds_it(workdir, hf_checkpoint):
+    """Two datasets, as the demo's three: one mistake (no build yet), one line naming both (it was a line each)."""
+    registry = json.loads((workdir / "data" / "dataset_info.json").read_text(encoding="utf-8"))
+    (workdir / "data" / "dataset_info.json").write_text(json.dumps({**registry, "tiny_sft_b": registry["tiny_sft"]}),
+                                                        encoding="utf-8")
     write_recipe(workdir / "r.yaml", model_name_or_path=str(hf_checkpoint("gpt2")), dataset_dir="data",
-                 output_dir="saves/r", max_steps=None, num_train_epochs=2)
+                 dataset="tiny_sft,tiny_sft_b", output_dir="saves/r", max_steps=None, num_train_epochs=2)
     err = refused("train", "r.yaml", cwd=workdir)
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        "error: data/build/tiny_sft: dataset 'tiny_sft' is not built; run `python -m pipeline build r.yaml`, or set "
-        "overwrite_cache: true so that train and eval rebuild it themselves"], err  # no Makefile here: no make form
+        "error: data/build/tiny_sft: dataset 'tiny_sft' is not built, and neither are 'tiny_sft_b'; run `python -m "
+        "pipeline build r.yaml`, or set overwrite_cache: true so that train and eval rebuild them themselves"], err
+    # no Makefile here: no make form
     assert sorted(p.name for p in workdir.iterdir()) == ["data", "r.yaml"]  # no saves/, no build
 
 

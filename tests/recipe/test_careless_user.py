@@ -155,7 +155,8 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     one produces, gets a note saying train will refuse it, with the close name; `org/name` stays a hub id. The close
     name is a checkpoint folder (a config.json) or nothing: any folder there was suggested (models/tmp for
     models/tmq: under /tmp, 'did you mean /tmp/.../tmp'). A name shaped like org/name whose first folder is here
-    (models/gpt) is a local path too (pipeline.model.hub.looks_local)."""
+    (models/gpt) is a local path too (pipeline.model.hub.looks_local). The slip may be in a folder above the model's
+    (modles/gpt2): the name there is compared, the path suggested (pipeline.validate.near_model)."""
     write_data(tmp_path / "data")
     (tmp_path / "Qwen").mkdir()  # a folder of that first name: Qwen/... may still be a hub id
     (tmp_path / "models" / "gpt2").mkdir(parents=True)
@@ -168,6 +169,8 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     for model, hint, what in ((typo, f" (did you mean '{tmp_path / 'models' / 'gpt2'}'?)", path),
                               (str(tmp_path / "models" / "tmq"), "", path),
                               ("./models/gpt", " (did you mean './models/gpt2'?)", path),
+                              # the slip in a folder above the model's (README's saves/dmeo_pt/model): no hint before
+                              ("./modles/gpt2", " (did you mean './models/gpt2'?)", path),
                               ("./Qwen/Qwen3-0.6B", " (a hub id is written without './': Qwen/Qwen3-0.6B)", path),
                               ("models/gpt", " (did you mean 'models/gpt2'?)",  # the hub is never asked for it
                                "it reads as a local path (under models/), so train will refuse it"),
@@ -180,7 +183,9 @@ def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     assert "directory" in refused("train", recipe, f"model_name_or_path={typo}", cwd=tmp_path, as_typed=False)
     out = pipeline("validate", recipe, "model_name_or_path=Org/Name", cwd=tmp_path,
                    env=cli_env(HF_HUB_CACHE=str(tmp_path / "hub"))).stdout
-    assert "a hub id is downloaded by train" in out and "does not exist" not in out, out
+    # the tests run with HF_HUB_OFFLINE=1 (cli_env), where train downloads nothing: the note said it would
+    assert ("(HF_HUB_OFFLINE=1 here, so train will refuse it: `hf download Org/Name` on a machine with network into this"
+            " cache, or unset HF_HUB_OFFLINE)") in out and "does not exist" not in out, out
     # a Qwen/ folder beside the recipe (another model fetched by hand): a cached Qwen/Qwen3-0.6B is what train loads,
     # no note; it said 'does not exist ... train reports it missing here before it tries the hub: fix the path'
     (tmp_path / "Qwen" / "Qwen2.5-0.5B").mkdir(parents=True)
