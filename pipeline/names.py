@@ -106,6 +106,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # LLaMA-Factory's V_HEAD_SAFE_WEIGHTS_NAME: a reward model's value head beside its causal LM (pipeline.model.reward_folder)
 V_HEAD_WEIGHTS = "value_head.safetensors"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # a run's checkpoint-<step>/ (pipeline.train.checkpoint writes it)
+# The folders a run writes in its output_dir that another recipe can start from (pipeline.runtime.layout.RunLayout's
+# adapter / model / merged / eval), besides its checkpoint-<step>/: read by the recipe layer, which imports no runtime
+RUN_FOLDERS = ("adapter", "model", "merged", "eval")
 PEFT_PREFIX = "base_model.model."
 VOCAB_ROWS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")  # one row per token id (PEFT's names)
 

@@ -102,7 +102,7 @@ def missing_model_note(r: Resolved) -> str:
     if model in PRESETS or (is_hub_id(model) and (not looks_local(model) or cached(model))) or path.exists() or \
             producer(r.recipe_path, model):
         return ""
-    hint = near_model(model)
+    hint = near_model(model) or near_run_folder(r.recipe_path, model)
     if not hint and model.startswith("./") and is_hub_id(model[2:]):
         hint = f" (a hub id is written without './': {model[2:]})"
     under = f"it reads as a local path (under {model.split('/')[0]}/)"  # saves/, models/: never asked of the hub
@@ -124,6 +124,20 @@ def cached(model: str) -> bool:
     except UserError:
         return False
     return True
+
+
+def near_run_folder(recipe_path: Path, model: str) -> str:
+    """' (did you mean X?)' for a path one slip from a folder that a run in scope writes in its output_dir
+    (saves/demo_pt/modle -> saves/demo_pt/model before the demo's pt has run, when near_model finds no folder on
+    disk), or ''."""
+    from pipeline.names import RUN_FOLDERS
+    from pipeline.recipe.siblings import producer
+
+    parent, name = os.path.split(model.rstrip("/"))
+    if not parent:
+        return ""
+    written = [folder for folder in RUN_FOLDERS if producer(recipe_path, os.path.join(parent, folder))]
+    return did_you_mean(name, written, show=lambda folder: os.path.join(parent, folder))
 
 
 def near_model(model: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.errors import UserError
-from pipeline.names import CHECKPOINT_NAME, PREFERENCE_STAGES, split_names
+from pipeline.names import CHECKPOINT_NAME, PREFERENCE_STAGES, RUN_FOLDERS, split_names
 from pipeline.recipe.load import load_chain, shown_here
 from pipeline.recipe.started import RESOLVED_FILE
 
@@ -139,6 +139,14 @@ def _writes(recipe: Path) -> list[tuple[str, str]]:
     return found
 
 
+def _run_writes(path: str, out: str) -> bool:
+    """Whether `path`, inside the output_dir `out`, is a folder a run writes there: out itself, one of RUN_FOLDERS or
+    a checkpoint-<step>/ (or inside them). Any other name is not made by the run (saves/demo_pt/modle, one slip from
+    the demo's saves/demo_pt/model): make chained it to the run, validate called it produced, and train refused it."""
+    rel = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(out))).parts
+    return not rel or rel == (".",) or rel[0] in RUN_FOLDERS or bool(CHECKPOINT_NAME.fullmatch(rel[0]))
+
+
 def run_checkpoint(path: str, recipe: Path) -> int | None:
     """The step of the checkpoint-<step> folder of the run `recipe` trains (its output_dir's) that `path` is or lies
     in (checkpoint-<step>/adapter); None for another path."""
@@ -220,7 +228,7 @@ def producers(recipe_path: Path, path: str) -> list[tuple[Path, str]]:
     best: list[tuple[int, Path, str]] = []
     for other in _recipes(recipe_path):
         for folder, goal in _writes(other):
-            if _inside(path, folder):
+            if _inside(path, folder) and (goal != "train" or _run_writes(path, folder)):
                 depth = len(os.path.abspath(folder))
                 if best and depth > best[0][0]:
                     best = []

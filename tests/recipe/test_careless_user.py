@@ -149,6 +149,39 @@ def test_a_llamafactory_merge_recipe_given_to_train_names_export(tmp_path):
         "--prompt TEXT for one answer"], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "infer.yaml", recipe.name]
 
+def test_a_slip_in_a_run_folder_name_is_not_the_runs_and_gets_its_name(tmp_path):
+    """saves/up/modle, one slip from the folder the recipe up.yaml's full run writes (saves/up/model), counted as
+    produced by that run because it lies in its output_dir: validate said nothing, make would have trained up.yaml
+    for it, and train then refused the path. A run writes adapter/, model/, merged/, eval/ and checkpoint-<step>/
+    there (pipeline.runtime.layout); any other name is nobody's, and the note names the close one before the run has
+    written it (pipeline.validate.near_run_folder)."""
+    from pipeline.names import RUN_FOLDERS
+    from pipeline.recipe.siblings import producer
+    from pipeline.runtime.layout import RunLayout
+
+    layout = RunLayout.of("o")
+    assert {p.name for p in (layout.adapter, layout.model, layout.merged, layout.eval)} == set(RUN_FOLDERS)
+    write_data(tmp_path / "data")
+    up = write_recipe(tmp_path / "up.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/up",
+                      finetuning_type="full")
+    recipe = write_recipe(tmp_path / "r.yaml", model_name_or_path="saves/up/model", dataset_dir="data",
+                          output_dir="saves/r")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for path, made in (("saves/up/model", True), ("saves/up", True), ("saves/up/checkpoint-2/model", True),
+                           ("saves/up/merged", True), ("saves/up/modle", False), ("saves/up/notes/model", False)):
+            found = producer(recipe, path)
+            assert (found[0].name if found else None) == (up.name if made else None), path
+    finally:
+        os.chdir(cwd)
+    pipeline("build", recipe, cwd=tmp_path)
+    assert "does not exist" not in pipeline("validate", recipe, cwd=tmp_path).stdout
+    out = pipeline("validate", recipe, "model_name_or_path=saves/up/modle", cwd=tmp_path).stdout
+    assert ("note: model_name_or_path: directory 'saves/up/modle' does not exist (did you mean 'saves/up/model'?), "
+            "and no recipe in its folder or under the working directory produces it") in out, out
+
+
 def test_validate_does_not_call_a_missing_local_path_a_hub_id(tmp_path):
     """A misspelled model folder passed validate with a note calling it a hub id that train downloads; train then
     refused it. A path (/, ./, ../, ~, or more than org/name) that is not there, and that no recipe next to this
