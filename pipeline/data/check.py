@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, all_specs, built_dir, read_manifest
+from pipeline.data.built import MANIFEST
 from pipeline.data.load import build_problems, edited, make_data, read_rows_hashed, split_parts
 from pipeline.data.markup import typed_markup_warnings
 from pipeline.data.origins import Origin, built_origins
@@ -160,13 +161,80 @@ class Checked:
 
 
 def check_built(data: DataArgs) -> Checked:
-    """Validate every built split the recipe uses; UserError listing all problems, else the summary and warnings."""
-    from pipeline.data.model_tokenizer import available_tokenizer
+    """Validate every built split the recipe uses; UserError listing all problems, else the summary and warnings.
+    A pass is kept beside the build (pipeline.data.kept, kind `check`) and read back by the next validate of the same
+    built files, settings, tokenizer and code, which then reads no row; a build no longer current (its raw sources
+    changed: build_problem) is asked every time, and a failure is never kept: its messages come each time."""
+    from pipeline.data.kept import keep, made_key, read
 
     specs = all_specs(data)
     stale = build_problems(data, (s.name for s in specs))
     if stale:
         raise UserError(stale)
+    key = made_key(lambda: check_key(data, specs))  # before the rows are read: a file replaced meanwhile misses
+    found = None if key is None else read(data.dataset_dir, "check", key)
+    if found is not None and (kept := _kept_checked(found)) is not None:
+        return kept
+    checked = _check_rows(data, specs)
+    if key is not None:
+        keep(data.dataset_dir, "check", key, {"summary": checked.summary, "warnings": checked.warnings})
+    return checked
+
+
+def check_key(data: DataArgs, specs: Sequence[Any]) -> dict[str, Any]:
+    """Everything check_built's result depends on (pipeline.data.kept's key): every built file it reads (the splits
+    by the manifest's sha256, the manifest and origins.json by their own), the raw files' names its warnings show,
+    the recipe's data keys (the form: the schema; the template and cutoff_len: the token lengths), the tokenizer,
+    the code and the schemas."""
+    from pipeline.data.kept import FORMAT, code_digest, file_entry, settings, tokenizer_identity
+    from pipeline.data.load import sha256_once
+    from pipeline.data.model_tokenizer import available_tokenizer
+    from pipeline.data.origins import ORIGINS
+
+    files = []
+    for spec in specs:
+        directory = built_dir(data.dataset_dir, spec.name)
+        recorded = (read_manifest(directory) or {}).get("files") or {}
+        for name in (*(f"{split}.json" for split in SPLITS), MANIFEST, ORIGINS):
+            path = directory / name
+            if path.is_file():
+                sha256 = (recorded.get(name) or {}).get("sha256") if name.endswith(SPLITS_JSON) else sha256_once(path)
+                files.append(file_entry(spec.name, path, sha256))
+    tokenizer = available_tokenizer(data)
+    return {"format": FORMAT, "kind": "check", "code": code_digest(), "files": files,
+            "sources": [[spec.name, list(spec.shown)] for spec in specs], "data": settings(data),
+            "tokenizer": None if tokenizer is None else tokenizer_identity(tokenizer)}
+
+
+SPLITS_JSON = tuple(f"{split}.json" for split in SPLITS)
+SUMMARY_FIELDS = {"dataset": str, "split": str, "file": str, "rows": int, "tokens_min": int, "tokens_mean": float,
+                  "tokens_max": int, "over_cutoff_len": int, "sampled": int}
+NULLABLE = frozenset(SUMMARY_FIELDS) - {"dataset", "split", "file", "rows"}
+
+
+def _kept_checked(record: dict[str, Any]) -> Checked | None:
+    """The Checked a kept record holds; None unless it has the shape check_built gives (format_summary reads it)."""
+    summary, warnings = record.get("summary"), record.get("warnings")
+    if not isinstance(summary, list) or not isinstance(warnings, list) or \
+            not all(isinstance(line, str) for line in warnings) or not all(map(_summary_row, summary)):
+        return None
+    return Checked(summary, warnings)
+
+
+def _summary_row(row: Any) -> bool:
+    if not isinstance(row, dict) or set(row) != set(SUMMARY_FIELDS):
+        return False
+    for name, value in row.items():
+        kind = (int, float) if SUMMARY_FIELDS[name] is float else SUMMARY_FIELDS[name]
+        if not (value is None and name in NULLABLE or isinstance(value, kind) and not isinstance(value, bool)):
+            return False
+    return True
+
+
+def _check_rows(data: DataArgs, specs: Sequence[Any]) -> Checked:
+    """check_built's checks of every row and its summary, on a current build."""
+    from pipeline.data.model_tokenizer import available_tokenizer
+
     problems = Problems()
     changed: list[str] = []
     loaded: list[tuple[str, str, Path, list, list[Origin]]] = []

@@ -76,8 +76,9 @@ def _file_version(path: Path) -> tuple:
     return str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino
 
 
-def _source_hash(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - a per-process cache
-    """sha256 of a raw source, hashed once per process while its size, mtime and inode stay the same."""
+def sha256_once(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - a per-process cache
+    """sha256 of a file (a raw source, a tokenizer's file), hashed once per process while its size, mtime and inode
+    stay the same: a command asks the same file's digest several times (pipeline.data.kept's keys)."""
     key = _file_version(path)
     if key not in _memo:
         _memo[key] = sha256_file(path)
@@ -97,7 +98,7 @@ def sources_changed(data: DataArgs, name: str, manifest: Mapping[str, Any]) -> s
     then = {s.get("path"): s.get("sha256") for s in manifest.get("sources", []) if isinstance(s, dict)}
     now = {source_name(p, dataset_dir): p for p in spec.files}
     changed = [f"{dataset_dir / rel} {'is new' if rel not in then else 'was edited'}" for rel, path in now.items()
-               if then.get(rel) != _source_hash(path)]
+               if then.get(rel) != sha256_once(path)]
     changed += [f"{dataset_dir / rel} is gone" for rel in then if rel not in now]
     if manifest.get("entry") != spec.entry:
         changed.append(f"the entry of '{name}' in the dataset registry changed")

@@ -132,7 +132,7 @@ def real_run_problem(output_dir: str, at: str, occupied: str | None = None) -> s
 
 def run(r: Any, train: Any) -> int:
     """`train --dry-run`: train(r) redirected to a scratch folder, stopped after one step, then the report."""
-    from pipeline.data.counts import nothing_kept
+    from pipeline.data.kept import nothing_kept
     from pipeline.runtime.log import LOG_FILE, read_log
     from pipeline.train import checkpoint
 

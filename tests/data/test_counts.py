@@ -10,7 +10,8 @@ import pytest
 from pipeline.data import tokenize
 from pipeline.data.build import build
 from pipeline.data.built import built_dir
-from pipeline.data.counts import FOLDER, cached_count, count_key, keep_tally
+from pipeline.data.counts import cached_count, count_key, keep_tally
+from pipeline.data.kept import FOLDER
 from pipeline.data.loaders import count_items
 from pipeline.data.tokenizer import Tokenizer
 from pipeline.recipe.args import data_args
@@ -137,3 +138,54 @@ def test_a_changed_top_level_tokenizer_model_misses(make_recipe, tmp_path, encod
     tokenize._cache.clear()
     assert cached_count(data_args(r), "train") is None
     assert count_items(data_args(r), "train") == 6  # range(0, 42, 8)
+
+
+def test_keeping_a_count_removes_those_of_an_older_build_and_keeps_the_most_recent(book, monkeypatch):
+    """counts/ holds one file per setting tried: those whose built files changed since (they can never be read again)
+    go when the next count is kept, and of the rest the CAP most recently kept stay; a removal that fails (another
+    process removed the file first, a folder not ours) fails nothing. Failed before: every file stayed."""
+    from pipeline.data import kept
+
+    data = data_args(book)
+    count_items(data, "train")
+    (older,) = kept_files(data)
+    train = built_dir(data.dataset_dir, "book") / "train.json"
+    info = os.stat(train)
+    os.utime(train, ns=(info.st_atime_ns, info.st_mtime_ns + 1))  # touched after the build: that count never hits
+    count_items(data, "train")
+    (current,) = kept_files(data)
+    assert current != older and json.loads(current.read_text(encoding="utf-8"))["items"] == 12
+
+    monkeypatch.setattr(kept, "CAP", 2)
+    seen = {current}
+    os.utime(current, ns=(0, info.st_mtime_ns))
+    for i, cutoff_len in enumerate((10, 11)):  # two more settings, each kept later (mtimes set: a clock tick is coarse)
+        count_items(data_args(dict(book, cutoff_len=cutoff_len)), "train")
+        (new,) = set(kept_files(data)) - seen
+        os.utime(new, ns=(0, info.st_mtime_ns + 10 ** 9 * (i + 1)))
+        seen.add(new)
+    assert len(kept_files(data)) == 2 and current not in kept_files(data)  # the oldest of three went
+    # range(0, 90, 10) and range(0, 89, 11): 9 windows each
+    assert [json.loads(p.read_text(encoding="utf-8"))["items"] for p in kept_files(data)] == [9, 9]
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert count_items(data_args(dict(book, cutoff_len=12)), "train") == 8  # range(0, 88, 12): kept, none removed
+    assert len(kept_files(data)) == 3
+
+
+def test_a_loader_over_a_read_only_dataset_folder_keeps_nothing_and_says_nothing(book, monkeypatch, capsys):
+    """train's loaders (make_loader) over a dataset folder mounted read-only: the run goes on as without the cache."""
+    import errno
+
+    from pipeline import io
+    from pipeline.data.loaders import make_loader
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io, "atomic_write", read_only)
+    assert make_loader(data_args(book), "train", say_workers=False).num_examples == 12
+    assert kept_files(data_args(book)) == [] and capsys.readouterr() == ("", "")

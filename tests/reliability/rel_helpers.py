@@ -77,7 +77,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def data_snapshot(root: Path) -> dict[str, str]:
     """snapshot of a data folder without the step counts kept beside its builds (pipeline.data.counts): a cache whose
     file names hold the built files' inode and mtime, which differ between two folders of the same data."""
-    from pipeline.data.counts import FOLDER
+    from pipeline.data.kept import FOLDER
 
     return {rel: value for rel, value in snapshot(root).items() if FOLDER not in Path(rel).parts[2:3]}
 
