@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError, did_you_mean, print_errors
-from pipeline.launched import first_rank
+from pipeline.launched import first_rank, job_of, stray_rank
 
 # command -> (module, function, one-line help). Each function takes (Resolved, argparse.Namespace).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -103,16 +103,24 @@ def steps(command: str, r: Any, args: argparse.Namespace) -> list[str]:
 
 
 def lock_targets(command: str, r: Any, dry_run: bool = False) -> list[tuple[Path, str]]:
+    """The directories this process locks while `command` runs (pipeline.lock): those the job writes
+    (written_dirs), train's output_dir on rank 0 alone, which holds it for every rank."""
+    if command == "train" and not first_rank():
+        return []
+    return written_dirs(command, r, dry_run)
+
+
+def written_dirs(command: str, r: Any, dry_run: bool = False) -> list[tuple[Path, str]]:
     """The directories `command` writes that no other run may write meanwhile (pipeline.lock), each with where
-    its name came from: train's output_dir (rank 0 holds it for every rank), merge's merged/ or export_dir, the
-    datasets a build writes. `train --dry-run` writes only to a temporary folder of its own: none (it says what the
-    real run would meet in output_dir itself, pipeline.train.dryrun.real_run_problem)."""
+    its name came from: train's output_dir, merge's merged/ or export_dir, the datasets a build writes. `train
+    --dry-run` writes only to a temporary folder of its own: none (it says what the real run would meet in
+    output_dir itself, pipeline.train.dryrun.real_run_problem)."""
     from pipeline.train.checkpoint import where
 
     if command == "train" and dry_run:
         return []
     if command == "train":
-        return [(Path(r["output_dir"]), where(r, "output_dir"))] if first_rank() else []
+        return [(Path(r["output_dir"]), where(r, "output_dir"))]
     if command in ("merge", "export"):
         if r.get("export_dir"):
             return [(Path(r["export_dir"]), where(r, "export_dir"))]
@@ -131,13 +139,17 @@ def refuse_before_build(command: str, r: Any, args: argparse.Namespace) -> None:
     and no data is asked first, without writing anything, so that a refused run leaves the built data as it was
     (it was rebuilt, then the run refused). train: pipeline.train.run.check_start, the list train asks itself; eval:
     pipeline.evaluate.run.check_start (nothing trained to evaluate, the benchmark's own). The lock on what the
-    command writes (lock_targets) is asked first, without taking it (pipeline.lock.in_use, unwritable): when another
-    run holds it, that is what the user needs to hear, not that run's files in output_dir; the lock itself is taken
-    only around the command, after the build, so a refusal here leaves no lock behind."""
+    command writes is asked first, without taking it (pipeline.lock.in_use, unwritable): when another run holds it,
+    that is what the user needs to hear, not that run's files in output_dir; the lock itself is taken only around
+    the command, after the build, so a refusal here leaves no lock behind. Every rank asks it of the job's folders
+    (written_dirs), not only rank 0, which takes train's lock: each then refuses with the same message, which
+    print_errors says once, where rank 1 went on to say that output_dir was not empty beside rank 0's refusal. A lock
+    its own rank 0 took meanwhile (through the build already, waiting for the ranks to meet) is the job's
+    (pipeline.launched.job_of), not another run's."""
     from pipeline.lock import in_use, unwritable
 
-    for target, at in lock_targets(command, r, getattr(args, "dry_run", False)):
-        held = in_use(target, at)
+    for target, at in written_dirs(command, r, getattr(args, "dry_run", False)):
+        held = in_use(target, at, job_of())
         if held is not None:
             raise UserError(held)
         refusal = unwritable(target, at)
@@ -236,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     misplaced = misplaced_options(parser, args, sys.argv[1:] if argv is None else argv)
     if misplaced:
         parser.error(misplaced)
+    if stray_rank(args.command):  # one process, rank 0 of one, whatever RANK a shell or a pod kept (see there)
+        del os.environ["RANK"]
     try:
         from pipeline.recipe import resolve
 
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             # every other command writes into its folders: one it may not write is refused now, before the model
             # loads (a build may only read an up-to-date dataset in a read-only place)
             with holding(lock_targets(command, resolved, getattr(args, "dry_run", False)), what, wait,
-                         writes=command != "build"):
+                         writes=command != "build", job=job_of()):
                 code = getattr(importlib.import_module(module_name), func_name)(resolved, args)
             if code:
                 break

@@ -164,13 +164,15 @@ def _in_use(target: Path, at: str | None, path: Path) -> str:
             f"that run to finish (or stop it), or choose another directory. The lock is {path}")
 
 
-def in_use(target: str | Path, at: str | None = None) -> str | None:
+def in_use(target: str | Path, at: str | None = None, job: str | None = None) -> str | None:
     """The refusal `exclusive(target)` would give because another live run holds the lock, found without taking it:
-    for `train --dry-run`, which must not block the real run (pipeline.train.dryrun.real_run_problem). No lock file:
-    nobody holds it (a holder removes it on release). One there is a live holder's or one a killed run left:
-    a shared lock asked for without waiting tells which, and is let go at once; the file is opened read-only, never
-    created. A real run that tries the lock in that instant tries again (exclusive: _lock_within), so the probe never
-    makes it refuse to start. None: free."""
+    for `train --dry-run`, which must not block the real run (pipeline.train.dryrun.real_run_problem), and for every
+    rank's look before overwrite_cache's build (pipeline.__main__.refuse_before_build). No lock file: nobody holds it
+    (a holder removes it on release). One there is a live holder's or one a killed run left: a shared lock asked for
+    without waiting tells which, and is let go at once; the file is opened read-only, never created. A real run that
+    tries the lock in that instant tries again (exclusive: _lock_within), so the probe never makes it refuse to start.
+    `job`: this process's job (pipeline.launched.job_of); a holder that wrote the same is its own rank 0, which took
+    the lock first, not another run. None: free, or this job's."""
     path = lock_path(target)
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -180,11 +182,25 @@ def in_use(target: str | Path, at: str | None = None) -> str | None:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return _in_use(Path(target), at, path)
+            return None if job is not None and _holder_job(path) == job else _in_use(Path(target), at, path)
         return None
     finally:
         os.close(fd)  # closing lets go of the shared lock, when it was granted
     return None
+
+
+def _holder_job(path: Path) -> str | None:
+    """The job the holder of the lock file `path` wrote (exclusive's `job`), read again for up to PROBE_PATIENCE
+    while the holder has locked it but not yet written its name; None: none."""
+    deadline = time.monotonic() + PROBE_PATIENCE
+    while True:
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+            return info.get("job") if isinstance(info, dict) else None
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(_RETRY_EVERY)
 
 
 def _probe_unseen(folder: Path) -> None:
@@ -254,14 +270,16 @@ def _never_taken(fd: int | None, path: Path, created: list[Path]) -> None:
 
 @contextlib.contextmanager
 def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool = False,
-              writes: bool = False) -> Iterator[Path]:
+              writes: bool = False, job: str | None = None) -> Iterator[Path]:
     """Hold the lock on `target` (a directory, existing or not) for the block; UserError when another live run
     holds it. `what` is the command in words (`train recipes/x.yaml`), written for whoever comes second;
     `at` says where `target` came from (`recipes/x.yaml:7: output_dir`). wait=True waits for the holder instead
     (saying so once): for work that is the same whoever does it, such as a rebuild that the other ranks of a job
     or a `make data` in another terminal may be doing already. writes=True: the command writes into `target`
     (train's output_dir, merge's and export's folders), so an existing one this user may not write is refused
-    here too; a build may only read an up-to-date dataset in a read-only place."""
+    here too; a build may only read an up-to-date dataset in a read-only place. job: the job this process is a rank
+    of (pipeline.launched.job_of), written beside its name so that the job's other ranks know the lock for their own
+    (in_use)."""
     target = Path(target)
     path = lock_path(target)
     if writes and target.is_dir():
@@ -308,7 +326,7 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
         raise
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **({"job": job} if job else {})}
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))
         yield path
@@ -318,10 +336,12 @@ def exclusive(target: str | Path, what: str, at: str | None = None, wait: bool =
 
 
 @contextlib.contextmanager
-def holding(targets: Iterable[tuple[Path, str]], what: str, wait: bool = False, writes: bool = False) -> Iterator[None]:
+def holding(targets: Iterable[tuple[Path, str]], what: str, wait: bool = False, writes: bool = False,
+            job: str | None = None) -> Iterator[None]:
     """The locks on every (directory, where its name came from) of `targets`, for the duration of the block
-    (`pipeline.__main__.lock_targets` says which directories each command writes); wait, writes: see exclusive."""
+    (`pipeline.__main__.written_dirs` says which directories each command writes); wait, writes, job: see
+    exclusive."""
     with contextlib.ExitStack() as stack:
         for target, at in sorted(set(targets)):
-            stack.enter_context(exclusive(target, what, at, wait, writes))
+            stack.enter_context(exclusive(target, what, at, wait, writes, job))
         yield

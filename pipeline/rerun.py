@@ -23,7 +23,7 @@ import shlex
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from pipeline.launched import Launch, launch_of
+from pipeline.launched import RANKED, Launch, launch_of
 
 # make goals whose pipeline command is another, or takes flags: its name, then the flags the Makefile gives it after
 # the recipe
@@ -36,7 +36,7 @@ RETRAIN = "--retrain-finished"
 # the goals the Makefile starts through its launcher on NPROC ranks ($(LAUNCH)): a message about a run on several
 # ranks gives these with that rank count (run_this's `ranks`), launched as this run was where it ran on as many
 # (pipeline.launched: its hostfile or nodes); the other commands run in one process
-LAUNCHED = ("train", "dry-run", "eval")
+LAUNCHED = (*RANKED, *(goal for goal, (command, *_) in COMMANDS.items() if command in RANKED))
 # the Makefile's variables that give one goal's command one option, after the recipe and ARGS (ARGS reach every stage
 # of a goal's chain, which refuses the option): variable -> (goal, option)
 MAKE_VARIABLES = {"NUM": ("inspect", "--num"), "PROMPT": ("chat", "--prompt")}
@@ -64,7 +64,7 @@ def run_this(goal: str, recipe: str | None, overrides: Sequence[str] = (), folde
     finished: a finished run of the recipe is in its output_dir, which the python -m form of train trains again with
     RETRAIN (make's does so itself). Where `ranks` are this run's and pipeline.launch started it
     (pipeline.launched.launch_of), both forms launch it as it was (its options: MASTER_PORT, its hostfile, or its
-    nodes, then "on every node, with its NODE_RANK"), the python -m form alone where make has no variable for an
+    nodes as node 0 types them, then the other nodes' NODE_RANK), the python -m form alone where make has no variable for an
     option; a run on several nodes started otherwise is run "as you launched this run"."""
     typed = python_form(goal, recipe, overrides, ranks=ranks, env=env, variables=variables, finished=finished)
     where = launch_note(goal, ranks)

@@ -191,9 +191,12 @@ def rank() -> int:
 
 
 def world_size() -> int:
+    """The job's number of ranks: torch.distributed's once the ranks have met, before that the launcher's WORLD_SIZE
+    (1 for a plain process), as rank() answers: before, it said 1 on every rank of a launched job until init, beside
+    a rank() of 1 (a rank 1 of 1)."""
     import torch.distributed as tdist
 
-    return tdist.get_world_size() if tdist.is_initialized() else 1
+    return tdist.get_world_size() if tdist.is_initialized() else int(os.environ.get("WORLD_SIZE") or 1)
 
 
 def is_main() -> bool:

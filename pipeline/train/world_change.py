@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.data.args import data_form
+from pipeline.launched import launch_of
 from pipeline.rerun import key_of, run_this
 from pipeline.runtime import deepspeed_compat
 
@@ -67,10 +68,15 @@ class WorldChange:
         return f"this job has {self.after[0]} rank(s) but {path} was trained on {self.saved_world}"
 
     def fixes(self, path: Path) -> str:
-        """The closing of every refusal of this change: what a user can do instead."""
+        """The closing of every refusal of this change: what a user can do instead. The resume is launched as this
+        run was, with the checkpoint's rank count (rerun.run_this, pipeline.launched.launch_of: a run on several
+        nodes is told its own nodes' command, `make train NPROC=4 NNODES=2 ...`); a run on one node is told that
+        count on one node, or on several (NPROC x NNODES)."""
         was = self.saved_world
-        return (f"resume with {was} rank(s) ({self.resume or run_this('train', None, ranks=was)}, or NPROC x NNODES "
-                f"= {was}), or start a new run from {path}/adapter or {path}/model")
+        launch = launch_of(was)
+        nodes = "" if launch is not None and launch.spans_nodes() else f", or NPROC x NNODES = {was}"
+        return (f"resume with {was} rank(s) ({self.resume or run_this('train', None, ranks=was)}{nodes}), or start a "
+                f"new run from {path}/adapter or {path}/model")
 
     def refusal(self, path: Path, why: str) -> str:
         """The message refusing to resume `path` on this change's rank count, for the reason `why`."""

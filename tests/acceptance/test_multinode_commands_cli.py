@@ -1,5 +1,5 @@
 """The command a message gives for a run on several nodes launches the job the user launched (pipeline.launched):
-its hostfile, or its nodes with "on every node, with its NODE_RANK"; and where that launch is unknown, no
+its hostfile, or its nodes as node 0 types them, with the other nodes' NODE_RANK; and where that launch is unknown, no
 single-node command but "as you launched this run". Driven as typed under the environment each launch gives the
 ranks (WORLD_SIZE, DeepSpeed's LOCAL_SIZE and the variable pipeline.launch exports, set here by hand: no second host
 is needed), from the pt recipe whose held-out document gives no window at cutoff_len (validate says train's
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,12 +36,14 @@ def pt_recipe(workdir):
 
 
 @pytest.mark.parametrize("launch, command", [
-    # make train NPROC=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501, on the second node
+    # make train NPROC=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501, on the second node: the
+    # command as node 0 types it, the other node's NODE_RANK in words (it was this node's NODE_RANK=1, then "on every
+    # node, with its NODE_RANK (0 on MASTER_ADDR)": right on this node alone)
     ("--nnodes%202%20--node_rank%201%20--master_addr%2010.0.0.1%20--master_port%2029501%20--num_gpus%201",
-     "`make train NPROC=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501 RECIPE=pt.yaml "
-     f"ARGS=val_size=0` ({BUILD}python -m pipeline.launch --nnodes 2 --node_rank 1 --master_addr 10.0.0.1 "
-     "--master_port 29501 --num_gpus 1 --module pipeline train pt.yaml val_size=0) on every node, with its NODE_RANK "
-     "(0 on MASTER_ADDR)"),
+     "`make train NPROC=1 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29501 RECIPE=pt.yaml "
+     f"ARGS=val_size=0` ({BUILD}python -m pipeline.launch --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 "
+     "--master_port 29501 --num_gpus 1 --module pipeline train pt.yaml val_size=0) on node 0 (MASTER_ADDR 10.0.0.1), "
+     "and the same with NODE_RANK=1 (--node_rank 1) on the other node"),
     # make train NPROC=1 HOSTFILE=hosts (two hosts over ssh)
     ("--hostfile%20hosts%20--num_gpus%201",
      "`make train NPROC=1 HOSTFILE=hosts RECIPE=pt.yaml ARGS=val_size=0` "
@@ -119,3 +122,50 @@ def test_eval_of_an_empty_val_split_names_the_eval_on_the_runs_ranks(workdir):
         "error: the val split is empty: nothing to evaluate; set val_size > 0, e.g. `make eval NPROC=2 RECIPE=r.yaml "
         "ARGS=val_size=0.1` (python -m pipeline build r.yaml val_size=0.1 && python -m pipeline.launch --num_gpus 2 "
         "--module pipeline eval r.yaml val_size=0.1), or name an eval_dataset"], err
+
+
+NO_SSH_2X2 = "--nnodes%202%20--node_rank%201%20--master_addr%2010.0.0.1%20--num_gpus%202"  # on its second node
+
+
+@pytest.mark.parametrize("launch, local, resume", [
+    # 2 nodes x 2 ranks, the checkpoint of 2 ranks: 1 a node, typed as node 0 does (it said `make train NPROC=2`,
+    # two ranks on one machine, "or NPROC x NNODES = 2")
+    (NO_SSH_2X2, "2", "`make train NPROC=1 NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 RECIPE=r.yaml` (python -m "
+                      "pipeline.launch --nnodes 2 --node_rank 0 --master_addr 10.0.0.1 --num_gpus 1 --module pipeline "
+                      "train r.yaml) on node 0 (MASTER_ADDR 10.0.0.1), and the same with NODE_RANK=1 (--node_rank 1) "
+                      "on the other node"),
+    # the hostfile's 2 hosts x 2 ranks
+    ("--hostfile%20hosts%20--num_gpus%202", "2", "`make train NPROC=1 HOSTFILE=hosts RECIPE=r.yaml` (python -m "
+                                                 "pipeline.launch --hostfile hosts --num_gpus 1 --module pipeline train "
+                                                 "r.yaml)"),
+    # launched without pipeline.launch: the count, and the launch as the user makes it
+    (None, "2", "`python -m pipeline train r.yaml`, launched on 2 ranks as you launched this run (its nodes, its "
+                "launcher)"),
+    # one node of 4 ranks: NPROC=2 there, or on several nodes
+    ("--num_gpus%204", "4", "`make train NPROC=2 RECIPE=r.yaml` (python -m pipeline.launch --num_gpus 2 --module "
+                            "pipeline train r.yaml), or NPROC x NNODES = 2"),
+])
+def test_a_checkpoint_of_another_rank_count_is_resumed_on_this_runs_nodes(workdir, monkeypatch, launch, local,
+                                                                            resume):
+    """A job of 4 ranks resuming a checkpoint written by 2 (its global batch changed, so refused: world_change) is
+    told the resume on 2 ranks launched as this job was, in the environment a rank of each launch has."""
+    from pipeline.recipe import resolve
+    from pipeline.train.world_change import problems, world_change
+
+    link_makefile(workdir)
+    write_recipe(workdir / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
+                 per_device_train_batch_size=1, gradient_accumulation_steps=1)
+    monkeypatch.chdir(workdir)
+    environ = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_SIZE": local,
+               **({} if launch is None else {"PYTHON_PIPELINE_LAUNCH": launch})}
+    for name in ("PYTHON_PIPELINE_LAUNCH", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    r = resolve("r.yaml", command="train")
+    change = world_change({"world_size": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1},
+                          (4, 1, 1), r)
+    [said] = problems(change, Path("saves/r/checkpoint-2"), 0, stage="sft", asft=False, group_by_length=False,
+                      offload_optimizer="none")
+    assert said.endswith(f"or resume with 2 rank(s) ({resume}), or start a new run from saves/r/checkpoint-2/adapter "
+                         "or saves/r/checkpoint-2/model"), said

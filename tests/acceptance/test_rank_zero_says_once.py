@@ -24,10 +24,13 @@ def test_rank_before_the_ranks_meet_is_the_launchers(monkeypatch: pytest.MonkeyP
     # before the ranks meet (an earlier in-process run of this test worker may have left a group of one set up)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setenv("RANK", "1")
-    assert (dist.rank(), dist.is_main(), first_rank()) == (1, False, False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    # rank 1 of 2, the launcher's, as torch.distributed will say (world_size said 1 before init: rank 1 of 1)
+    assert (dist.rank(), dist.world_size(), dist.is_main(), first_rank()) == (1, 2, False, False)
     note("model: said by rank 0 alone")
     monkeypatch.delenv("RANK")  # a plain process: rank 0 of one
-    assert (dist.rank(), dist.is_main(), first_rank()) == (0, True, True)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert (dist.rank(), dist.world_size(), dist.is_main(), first_rank()) == (0, 1, True, True)
     note("model: said by rank 0 alone")
     assert capsys.readouterr().err == "model: said by rank 0 alone\n"
 
