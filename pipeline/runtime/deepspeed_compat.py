@@ -559,13 +559,16 @@ def validate_config(config: dict[str, Any], world_size: int = 1) -> None:
     """Run DeepSpeed's own config models over a config; raises pydantic.ValidationError on a bad key or value.
     `world_size`: the ranks of the run the config is for. DeepSpeedConfig checks train_batch_size against micro
     batch x accumulation x the world size of deepspeed.comm, which is 1 before the ranks meet (overwrite_cache's
-    checks before the build, pipeline.train.run.check_start): there it checks one rank's share of the batch."""
+    checks before the build, pipeline.train.run.check_start), or that of a group a process set up earlier for
+    something else (an in-process run before): there it checks that world's share of the batch."""
     guard()
     from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if world_size > 1 and not comm.is_initialized() and isinstance(config.get("train_batch_size"), int):
-        config = {**config, "train_batch_size": config["train_batch_size"] // world_size}
+    seen = comm.get_world_size() if comm.is_initialized() else 1
+    batch = config.get("train_batch_size")
+    if world_size != seen and isinstance(batch, int) and batch % world_size == 0:  # else no share: refused as given
+        config = {**config, "train_batch_size": config["train_batch_size"] // world_size * seen}
     DeepSpeedConfig(config)
 
 

@@ -433,6 +433,25 @@ def test_gathered_for_generation_uses_deepspeeds_unwrap():
             pass
 
 
+def test_validate_config_checks_the_batch_of_the_runs_world_whatever_group_this_process_holds(monkeypatch):
+    """check_start asks DeepSpeed's config check before the ranks meet, where DeepSpeedConfig divides the batch by
+    deepspeed.comm's world: 1 with no group, or that of a group of one an earlier in-process run left set up (a test
+    worker: test_ranks_before_they_meet failed there with 'train_batch_size 4 != 2 x 1 x 1'). A 2-rank run's batch
+    of 4 (2 per rank, no accumulation) passes either way; a wrong one is still refused."""
+    from deepspeed import comm
+
+    config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}
+    compat.validate_config(config, world_size=2)
+    monkeypatch.setattr(comm, "is_initialized", lambda: True)
+    monkeypatch.setattr(comm, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(comm, "get_rank", lambda group=None: 0)
+    compat.validate_config(config, world_size=2)
+    with pytest.raises(AssertionError, match="train_batch_size"):
+        compat.validate_config({**config, "train_batch_size": 6}, world_size=2)
+    with pytest.raises(AssertionError, match="train_batch_size"):  # 5 is no 2 ranks' batch (it read 5 // 2 = 2 x 1)
+        compat.validate_config({**config, "train_batch_size": 5}, world_size=2)
+
+
 def test_validate_config_and_section_keys():
     compat.validate_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}})
     with pytest.raises(pydantic.ValidationError) as err:
