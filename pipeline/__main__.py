@@ -181,6 +181,27 @@ def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return ""
 
 
+def key_as_option(parser: argparse.ArgumentParser, argv: list[str]) -> str:
+    """A recipe key typed as an option (`--max_steps 2`, `--do_predict`): llamafactory-cli's argv form, which
+    HfArgumentParser reads, where overrides here are key=value (as llamafactory-cli takes them after a YAML). argparse
+    alone says "unrecognized arguments" without the form to type; "" when no option names a recipe key."""
+    from pipeline.recipe.spec import properties
+
+    options = {name for action in parser._actions for name in action.option_strings}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        key = flag[2:].replace("-", "_")
+        if not flag.startswith("--") or flag in options or key not in properties():
+            continue
+        if not eq:  # HfArgumentParser's `--key value`, or a bare boolean flag that means true
+            taken = i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]
+            value = argv[i + 1] if taken else "true"
+            arg = f"{arg} {value}" if taken else arg
+        return (f"{arg}: recipe keys are given as key=value after the recipe (as in `llamafactory-cli train x.yaml "
+                f"{key}={value}`), not as options: write {key}={value}")
+    return ""
+
+
 def make_variable_hint(option: str, value: object, args: argparse.Namespace) -> str:
     """Where the Makefile passes `option` from a variable of its own (rerun.MAKE_VARIABLES: `make inspect ARGS='--num
     5'` gave it to deps, build and validate too, which refused it), the command with the user's recipe, overrides and
@@ -239,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if given and given[0] in TOOLS:
         return run_tool(given[0], given[1:])
     parser = build_parser()
+    if as_option := key_as_option(parser, given):
+        parser.error(as_option)
     args = parser.parse_intermixed_args(argv)  # flags may sit among key=value overrides
     if args.command is not None and args.command not in COMMANDS:
         unknown_command(parser, args.command)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.acceptance.harness import pipeline, write_hf_checkpoint
+from tests.acceptance.harness import pipeline, refused, write_hf_checkpoint
 from tests.compat.conftest import LF_DATA
 
 EXAMPLES = Path(__file__).with_name("lf_examples")
@@ -546,3 +546,28 @@ def test_a_qwen_recipe_without_template_hears_that_alpaca_formats_its_data(tmp_p
     for quiet in (["template=alpaca"], ["model_name_or_path=tiny"]):
         assert "notice: template" not in pipeline("plan", "r.yaml", *quiet, cwd=tmp_path, expect=None,
                                                   as_typed=False).stderr
+
+
+def test_a_recipe_key_typed_as_an_option_is_told_the_key_value_form(tmp_path):
+    """llamafactory-cli takes a recipe's keys as options in its argv form (`--max_steps 2`, HfArgumentParser) and as
+    key=value after a YAML; here overrides are key=value only, and argparse alone said "unrecognized arguments"."""
+    work = lf_checkout(tmp_path, "tiny")
+    recipe = "examples/train_lora/qwen3_lora_sft.yaml"
+    stderr = refused("train", recipe, "--max_steps", "2", "max_samples=16", cwd=work)
+    assert "--max_steps 2: recipe keys are given as key=value after the recipe" in stderr
+    assert "write max_steps=2" in stderr and "unrecognized" not in stderr
+    for typed, write in ((["--learning_rate=1e-5"], "learning_rate=1e-5"), (["--do_predict"], "do_predict=true"),
+                         (["--lora-rank", "16"], "lora_rank=16")):
+        stderr = refused("validate", recipe, *typed, cwd=work, as_typed=False)
+        assert f"write {write}" in stderr, stderr
+    assert "unrecognized arguments: --fast" in refused("validate", recipe, "--fast", cwd=work, as_typed=False)
+    assert not (work / "saves").exists() and not (work / "data/build").exists()
+
+
+def test_identity_placeholders_are_trained_as_written_as_in_llama_factory(tmp_path):
+    """LLaMA-Factory fills nothing into identity.json's {{name}} / {{author}} (its user edits the file, as
+    docs/coming-from-llama-factory.md tells ours to); the build keeps them as written."""
+    work = lf_checkout(tmp_path, "tiny")
+    pipeline("build", tiny_recipe(work, dataset="identity", val_size=0), cwd=work, as_typed=False)
+    built = (work / "data/build/identity/train.json").read_text("utf-8")
+    assert built.count("{{name}}") == built.count("{{author}}") == 8  # our fixture's rows, counted by hand
