@@ -559,13 +559,16 @@ def validate_config(config: dict[str, Any], world_size: int = 1) -> None:
     """Run DeepSpeed's own config models over a config; raises pydantic.ValidationError on a bad key or value.
     `world_size`: the ranks of the run the config is for. DeepSpeedConfig checks train_batch_size against micro
     batch x accumulation x the world size of deepspeed.comm, which is 1 before the ranks meet (overwrite_cache's
-    checks before the build, pipeline.train.run.check_start): there it checks one rank's share of the batch."""
+    checks before the build, pipeline.train.run.check_start), or another process group's where one process met
+    others before (a test process whose one-rank train initialised it): there it checks the share of the batch of
+    the ranks deepspeed.comm has."""
     guard()
     from deepspeed import comm
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    if world_size > 1 and not comm.is_initialized() and isinstance(config.get("train_batch_size"), int):
-        config = {**config, "train_batch_size": config["train_batch_size"] // world_size}
+    met = comm.get_world_size() if comm.is_initialized() else 1
+    if world_size != met and isinstance(config.get("train_batch_size"), int):
+        config = {**config, "train_batch_size": config["train_batch_size"] * met // world_size}
     DeepSpeedConfig(config)
 
 
