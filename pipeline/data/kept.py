@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
-from pipeline.data.built import built_dir
+from pipeline.data.built import built_dir, file_stamp
 from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.launched import first_rank
@@ -77,10 +77,6 @@ def file_entry(dataset: str, path: Path, sha256: str | None) -> list[Any]:
     info = path.stat()
     return [dataset, path.name, sha256, *file_stamp(info)]
 
-
-def file_stamp(info: os.stat_result) -> tuple[int, int, int, int]:
-    """What changes when a file is written, replaced or edited in place (its mtime set back too: the ctime)."""
-    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns
 
 
 def tokenizer_identity(tokenizer: Any) -> list[Any]:

@@ -18,8 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
-from pipeline.data.built import training_splits
-from pipeline.data.kept import file_stamp
+from pipeline.data.built import file_stamp, training_splits
 from pipeline.data.mix import mixed, parse_probs
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.registry import dataset_names
@@ -72,7 +71,7 @@ def build_problem(data: DataArgs, name: str) -> str | None:
 
 
 def _file_version(path: Path) -> tuple:
-    """A file as it is now: its resolved path and pipeline.data.kept.file_stamp (a rewrite changes one of them)."""
+    """A file as it is now: its resolved path and built.file_stamp (a rewrite changes one of them)."""
     return str(path.resolve()), *file_stamp(path.stat())
 
 
