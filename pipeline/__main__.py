@@ -145,11 +145,13 @@ def refuse_before_build(command: str, r: Any, args: argparse.Namespace) -> None:
     (written_dirs), not only rank 0, which takes train's lock: each then refuses with the same message, which
     print_errors says once, where rank 1 went on to say that output_dir was not empty beside rank 0's refusal. A lock
     its own rank 0 took meanwhile (through the build already, waiting for the ranks to meet) is the job's
-    (pipeline.launched.job_of), not another run's."""
+    (pipeline.launched.job_of), not another run's; rank 0 itself takes it only later, so a lock it finds is another
+    run's even where it names the same job (a second DeepSpeed launch on this machine's default MASTER_PORT)."""
     from pipeline.lock import in_use, unwritable
 
+    job = None if first_rank() else job_of()
     for target, at in written_dirs(command, r, getattr(args, "dry_run", False)):
-        held = in_use(target, at, job_of())
+        held = in_use(target, at, job)
         if held is not None:
             raise UserError(held)
         refusal = unwritable(target, at)

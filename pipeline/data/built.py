@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,8 @@ def held_out(val_size: float, n: int) -> int:
     if count is not None:
         return min(count, n)
     return math.ceil(val_size * n - 1e-9)
+
+
+def file_stamp(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is written, replaced or edited in place (its mtime set back too: the ctime)."""
+    return info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns

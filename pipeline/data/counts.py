@@ -9,7 +9,7 @@ written atomically by whoever tokenized the split (count_examples, and every loa
 train's and eval's included), and read back only when its key is the one the recipe gives now. Beside the count, the
 rows the length policy dropped (validate's note says them, as train does). The key is
 everything the count depends on:
-- the split's built files: the manifest's sha256 of each (a rebuild) and its size, mtime and inode (an edit after
+- the split's built files: the manifest's sha256 of each (a rebuild) and its built.file_stamp (an edit after
   the build, which the tokenizing path refuses: a changed file misses, and the refusal comes from there);
 - the tokenizer: its name, the sha256 of every file it was read from (tokenizer_files.READ_FILES), its added
   tokens and its EOS / PAD / BOS ids (pt_separator);

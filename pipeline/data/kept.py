@@ -7,7 +7,8 @@ Each result is one small JSON file, `<dataset_dir>/build/<the first dataset>/cou
 (kind: the split of a count, `check` for validate's verdict), holding its key beside it, written atomically
 (pipeline.io) and read back only when its key is the one the command gives now. Every key holds:
 - files: the built files the result was computed from, each as [dataset, file name, sha256 (the manifest's, or the
-  file's own), size, mtime_ns, inode]: a rebuild or an edit after the build misses;
+  file's own), size, mtime_ns, inode, ctime_ns]: a rebuild or an edit after the build misses, an edit in place to
+  the same size with its mtime set back too (the ctime, which no user sets, moves on every write);
 - code: the sha256 of SOURCES (every source whose change could change a result) and the versions of LIBRARIES, so
   an upgrade that tokenizes or checks differently misses.
 A command writes a result once: not again when this process read or wrote the same record, or the file on disk
@@ -30,12 +31,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.data.args import NOT_A_KEY, DataArgs
-from pipeline.data.built import built_dir
+from pipeline.data.built import built_dir, file_stamp
 from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.launched import first_rank
 
-FORMAT = 2
+FORMAT = 3  # 3: a file's ctime in its key
 FOLDER = "counts"
 CAP = 64  # kept results per build folder whose built files are current (one per setting tried)
 # Every source a kept result depends on, as globs under pipeline/: the data library (templates, the tokenizers and
@@ -74,7 +75,8 @@ def code_digest() -> str:
 def file_entry(dataset: str, path: Path, sha256: str | None) -> list[Any]:
     """A built file as a key holds it (see the module's docstring)."""
     info = path.stat()
-    return [dataset, path.name, sha256, info.st_size, info.st_mtime_ns, info.st_ino]
+    return [dataset, path.name, sha256, *file_stamp(info)]
+
 
 
 def tokenizer_identity(tokenizer: Any) -> list[Any]:
@@ -202,7 +204,7 @@ def prune(folder: Path, dataset_dir: str | Path, written: Path | None = None) ->
 
 
 def _current(path: Path, dataset_dir: str | Path) -> bool:
-    """Whether every built file of the result kept in `path` is as it was (size, mtime, inode). OSError: cannot say."""
+    """Whether every built file of the result kept in `path` is as it was (file_stamp). OSError: cannot say."""
     with open(path, encoding="utf-8") as handle:
         try:
             files = json.load(handle)["key"]["files"]
@@ -211,10 +213,9 @@ def _current(path: Path, dataset_dir: str | Path) -> bool:
             return False
 
 
-def _unchanged(dataset_dir: str | Path, dataset: str, name: str, sha256: Any, size: int, mtime_ns: int,
-               inode: int) -> bool:
+def _unchanged(dataset_dir: str | Path, dataset: str, name: str, sha256: Any, *stamp: int) -> bool:
     try:
         info = (built_dir(dataset_dir, dataset) / name).stat()
     except FileNotFoundError:
         return False
-    return (info.st_size, info.st_mtime_ns, info.st_ino) == (size, mtime_ns, inode)
+    return file_stamp(info) == stamp

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from pipeline.data.args import DataArgs, rebuild
 from pipeline.data.build import SPLITS, build_keys, built_dir, read_manifest, sha256_file
-from pipeline.data.built import training_splits
+from pipeline.data.built import file_stamp, training_splits
 from pipeline.data.mix import mixed, parse_probs
 from pipeline.data.origins import Origin, built_origins
 from pipeline.data.registry import dataset_names
@@ -71,14 +71,13 @@ def build_problem(data: DataArgs, name: str) -> str | None:
 
 
 def _file_version(path: Path) -> tuple:
-    """A file as it is now: its resolved path, size, mtime and inode (a rewrite changes one of them)."""
-    info = path.stat()
-    return str(path.resolve()), info.st_size, info.st_mtime_ns, info.st_ino
+    """A file as it is now: its resolved path and built.file_stamp (a rewrite changes one of them)."""
+    return str(path.resolve()), *file_stamp(path.stat())
 
 
 def sha256_once(path: Path, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - a per-process cache
-    """sha256 of a file (a raw source, a tokenizer's file), hashed once per process while its size, mtime and inode
-    stay the same: a command asks the same file's digest several times (pipeline.data.kept's keys)."""
+    """sha256 of a file (a raw source, a tokenizer's file), hashed once per process while its file_stamp stays the
+    same: a command asks the same file's digest several times (pipeline.data.kept's keys)."""
     key = _file_version(path)
     if key not in _memo:
         _memo[key] = sha256_file(path)
@@ -159,7 +158,7 @@ def read_rows(path: Path, data: DataArgs | None, verify: bool = True) -> list[An
 
 @contextlib.contextmanager
 def read_once() -> Iterator[None]:
-    """Within: each built file is read and parsed once (while its size, mtime and inode stay the same), and every
+    """Within: each built file is read and parsed once (while its file_stamp stays the same), and every
     later reader gets the same rows, which readers never modify. For `inspect`, whose samples, length-policy counts,
     pt document lengths and markup warnings all read the same splits. Outside, nothing is kept: train holds its
     tokenized splits, and the rows beside them would double its host memory for a large dataset."""

@@ -80,3 +80,28 @@ def test_every_rank_refuses_an_output_dir_another_run_holds_with_rank_0s_message
     (workdir / "saves" / "r" / "notes.txt").unlink()
     with exclusive(workdir / "saves" / "r", "python -m pipeline train r.yaml", job="10.0.0.1:29511"):
         refuse_before_build("train", resolve("r.yaml", command="train"), args)
+
+
+def test_rank_0_refuses_a_lock_of_another_job_on_the_same_master_port(workdir: Path, monkeypatch):
+    """Two DeepSpeed launches on one machine, both on its default MASTER_PORT (or the same one set by hand): the
+    first trains in saves/r, holding its lock with the job name both share (this host/127.0.0.1:29500). The second
+    job's rank 0 never finds its own job's lock there (it takes it itself, after the build): it refuses with the
+    lock's message. Before, it took the first job's lock for its own and went on to overwrite_cache's build of the
+    data the first job trains on."""
+    from pipeline.__main__ import refuse_before_build
+    from pipeline.launched import job_of
+    from pipeline.recipe import resolve
+
+    write_recipe(workdir / "r.yaml", model_name_or_path="tiny", dataset_dir="data", output_dir="saves/r",
+                 overwrite_cache=True)
+    monkeypatch.chdir(workdir)
+    same_port = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29500"}
+    for name, value in same_port.items():
+        monkeypatch.setenv(name, value)
+    args = argparse.Namespace(dry_run=False, retrain_finished=False)
+    with exclusive(workdir / "saves" / "r", "python -m pipeline train r.yaml", job=job_of()):
+        with pytest.raises(UserError) as refused:
+            refuse_before_build("train", resolve("r.yaml", command="train"), args)
+    [message] = refused.value.messages
+    assert "saves/r is in use by `python -m pipeline train r.yaml` (pid " in message, message
