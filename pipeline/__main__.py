@@ -186,14 +186,22 @@ def misplaced_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
 def key_as_option(parser: argparse.ArgumentParser, argv: list[str]) -> str:
     """A recipe key typed as an option (`--max_steps 2`, `--do_predict`): llamafactory-cli's argv form, which
     HfArgumentParser reads, where overrides here are key=value (as llamafactory-cli takes them after a YAML). argparse
-    alone says "unrecognized arguments" without the form to type; "" when no option names a recipe key."""
-    from pipeline.recipe.spec import properties
-
+    alone says "unrecognized arguments" without the form to type; "" when no option names a recipe key. The recipe's
+    schema is read only for an option the parser lacks: a Python without the pipeline's packages (no yaml) is told
+    which environment to run in further on, not given a traceback here (test_newcomer_first_hour)."""
     options = {name for action in parser._actions for name in action.option_strings}
-    for i, arg in enumerate(argv):
+    unknown = [i for i, arg in enumerate(argv) if arg.startswith("--") and arg.partition("=")[0] not in options]
+    if not unknown:
+        return ""
+    try:
+        from pipeline.recipe.spec import properties
+    except ImportError:  # argparse's own message, after the environment's
+        return ""
+    for i in unknown:
+        arg = argv[i]
         flag, eq, value = arg.partition("=")
         key = flag[2:].replace("-", "_")
-        if not flag.startswith("--") or flag in options or key not in properties():
+        if key not in properties():
             continue
         if not eq:  # HfArgumentParser's `--key value`, or a bare boolean flag that means true
             taken = i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]
