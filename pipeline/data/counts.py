@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.data.args import DataArgs
-from pipeline.data.kept import FORMAT, code_digest, file_entry, keep, read, settings, tokenizer_identity
+from pipeline.data.kept import FORMAT, Key, code_digest, file_entry, keep, made_key, read, settings, tokenizer_identity
 from pipeline.data.built import read_manifest
 
 
@@ -52,10 +52,18 @@ def count_key(data: DataArgs, split: str) -> dict[str, Any]:
             "data": settings(data)}
 
 
-def cached_tally(data: DataArgs, split: str) -> dict[str, Any] | None:
+def key_before_reading(data: DataArgs, split: str) -> dict[str, Any] | None:
+    """count_key, made before the split is read and tokenized, to keep the count under: a key made after (as it was)
+    holds the files a `build` in another process may have swapped in meanwhile, and would file the old files' count
+    under the new ones. None when it cannot be made (no build, a stale one: the loader says why)."""
+    return made_key(lambda: count_key(data, split))
+
+
+def cached_tally(data: DataArgs, split: str, key: Key | None = None) -> dict[str, Any] | None:
     """The kept tally of `split` (pipeline.data.loaders.tally: its items, and but for pt its rows and the rows the
-    length policy dropped, by reason) under the recipe's settings now; None when none is kept for them."""
-    kept = read(data.dataset_dir, split, lambda: count_key(data, split))
+    length policy dropped, by reason) under the recipe's settings now; None when none is kept for them. `key`: the
+    count_key when the caller made it already (key_before_reading)."""
+    kept = read(data.dataset_dir, split, key if key is not None else lambda: count_key(data, split))
     if kept is None:
         return None
     tally = {name: kept.get(name) for name in ("items", "rows", "dropped") if name in kept}
@@ -77,8 +85,10 @@ def cached_count(data: DataArgs, split: str) -> int | None:
     return None if tally is None else tally["items"]
 
 
-def keep_tally(data: DataArgs, split: str, tally: dict[str, Any]) -> None:
-    """Keep `split`'s tally, as just counted by tokenizing it, for later plan and validate calls (pipeline.data.kept
-    .keep: rank 0 only, once per command, never inside nothing_kept(); a folder that cannot be written keeps nothing,
+def keep_tally(data: DataArgs, split: str, tally: dict[str, Any], key: dict[str, Any] | None) -> None:
+    """Keep `split`'s tally, as just counted by tokenizing it, under `key`, the count_key made before the split was
+    read (key_before_reading; None: nothing is kept), for later plan and validate calls (pipeline.data.kept.keep:
+    rank 0 only, once per command, never inside nothing_kept(); a folder that cannot be written keeps nothing,
     silently)."""
-    keep(data.dataset_dir, split, lambda: count_key(data, split), tally)
+    if key is not None:
+        keep(data.dataset_dir, split, key, tally)

@@ -390,12 +390,13 @@ def make_loader(data: DataArgs, split: str, *, say_workers: bool = True, **kwarg
     order every epoch (LLaMA-Factory's sequential sampler), whatever the caller asked. say_workers: False for a
     loader never iterated (validate's length pass) or one whose workers' notice train said already (eval in make's
     chain): say_worker_count."""
+    from pipeline.data.counts import keep_tally, key_before_reading
+
     if split == "train" and data.disable_shuffling:
         kwargs["shuffle"] = False
+    key = key_before_reading(data, split) if first_rank() else None  # rank 0 alone keeps it
     loader = (pair_loader if data.paired else pt_loader if data.form == "pt" else sft_loader)(data, split, **kwargs)
-    from pipeline.data.counts import keep_tally
-
-    keep_tally(data, split, tokenized_tally(data, split))  # what plan and validate count next (pipeline.data.counts)
+    keep_tally(data, split, tokenized_tally(data, split), key)  # what plan and validate count next (pipeline.data.counts)
     loader.num_workers = int(data.dataloader_num_workers or 0)
     if say_workers:
         say_worker_count(loader.num_workers)
@@ -462,13 +463,14 @@ def tally(data: DataArgs, split: str) -> dict[str, Any]:
     """count_items and, but for pt, the rows the split held and those the length policy dropped, by reason
     (dropped_note's words): kept next to the build when these settings were counted before (pipeline.data.counts),
     else counted by tokenizing the split, and kept."""
-    from pipeline.data.counts import cached_tally, keep_tally
+    from pipeline.data.counts import cached_tally, keep_tally, key_before_reading
 
-    kept = cached_tally(data, split)
+    key = key_before_reading(data, split)
+    kept = cached_tally(data, split, key) if key is not None else None
     if kept is not None:
         return kept
     counted = tokenized_tally(data, split)
-    keep_tally(data, split, counted)
+    keep_tally(data, split, counted, key)
     return counted
 
 

@@ -77,13 +77,34 @@ def test_an_edited_build_or_another_tokenizer_misses(book, encodes):
     assert cached_count(data, "train") is None
 
 
+def test_a_count_is_kept_under_the_files_it_read_not_those_a_build_swapped_in_meanwhile(book, monkeypatch):
+    """The key a count is kept under is made before the split is tokenized: made after (as it was), it held the files
+    a `make data` in another terminal wrote meanwhile, so the old files' count was read back for the new ones (a
+    wrong exact step count). Here the build's train.json is written again while the split is counted (its stamp
+    moves on); the count kept must not answer for the file as it is now."""
+    from pipeline.data import loaders
+
+    data = data_args(book)
+    train = built_dir(data.dataset_dir, "book") / "train.json"
+    counted = loaders.tokenized_tally
+
+    def rebuilt_meanwhile(data, split):
+        found = counted(data, split)
+        train.write_bytes(train.read_bytes())  # the same rows, written again: a new ctime and mtime
+        return found
+
+    monkeypatch.setattr(loaders, "tokenized_tally", rebuilt_meanwhile)
+    assert loaders.tally(data, "train")["items"] == 12
+    assert len(kept_files(data)) == 1 and cached_count(data, "train") is None
+
+
 def test_a_kept_count_of_another_key_or_rank_is_never_read(book, monkeypatch):
     data = data_args(book)
     monkeypatch.setenv("RANK", "1")
-    keep_tally(data, "train", {"items": 12})  # the other ranks count the same: only rank 0 writes
+    keep_tally(data, "train", {"items": 12}, count_key(data, "train"))  # the other ranks count the same: only rank 0 writes
     assert kept_files(data) == []
     monkeypatch.setenv("RANK", "0")
-    keep_tally(data, "train", {"items": 12})
+    keep_tally(data, "train", {"items": 12}, count_key(data, "train"))
     (path,) = kept_files(data)
     kept = json.loads(path.read_text(encoding="utf-8"))
     assert kept == {"items": 12, "key": count_key(data, "train")}
